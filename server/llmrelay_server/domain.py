@@ -1,0 +1,372 @@
+"""The gateway's own vocabulary: chats, options, answers, usage, providers and errors.
+
+Free of gRPC and HTTP on purpose: the servicer translates protobuf into these types, the router and the backends
+speak only these, so each layer can be tested without the others.
+
+Exceptions::
+
+    LLMRelayError
+    ├── InvalidRequestError          the caller's request is wrong (names the fields)
+    ├── ModelNotFoundError           no backend serves the model
+    ├── TokenizerUnavailableError    the encoding's file is not installed
+    ├── UpstreamError                one backend failed one attempt (kind says how)
+    ├── AllBackendsFailedError       the chain is exhausted (carries the attempts)
+    ├── DeadlineExceededError        the caller's deadline ran out (carries the attempts)
+    └── StreamInterruptedError       a stream failed after its first chunk was sent
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+
+class Role(enum.StrEnum):
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+    TOOL = "tool"
+
+
+class FinishReason(enum.StrEnum):
+    UNKNOWN = "unknown"
+    STOP = "stop"
+    LENGTH = "length"
+    TOOL_CALLS = "tool_calls"
+    CONTENT_FILTER = "content_filter"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call the model asks the caller to make; arguments are JSON text as the model wrote it."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: Role
+    content: str = ""
+    name: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    reasoning: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    """A function the model may call; parameters is a JSON Schema object."""
+
+    name: str
+    description: str | None = None
+    parameters: Mapping[str, Any] | None = None
+    strict: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JsonSchemaFormat:
+    name: str
+    schema: Mapping[str, Any]
+    description: str | None = None
+    strict: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+ToolChoiceMode = Literal["none", "auto", "required"]
+
+
+@dataclass(frozen=True, slots=True)
+class NamedToolChoice:
+    """The one function the model must call."""
+
+    name: str
+
+
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionOptions:
+    """Sampling and output options; None (or empty) means unset, and unset options are not sent upstream."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoiceMode | NamedToolChoice | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    parallel_tool_calls: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    """What the caller asked for; model None means the default chain, exact_model forbids substitution."""
+
+    messages: tuple[Message, ...]
+    model: str | None = None
+    options: CompletionOptions = field(default_factory=CompletionOptions)
+    exact_model: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool = False
+    reasoning_tokens: int | None = None
+    cached_prompt_tokens: int | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class AttemptOutcome(enum.StrEnum):
+    SUCCEEDED = "succeeded"
+    UNREACHABLE = "unreachable"
+    TIMEOUT = "timeout"
+    RATE_LIMITED = "rate_limited"
+    SERVER_ERROR = "server_error"
+    AUTH_FAILED = "auth_failed"
+    MODEL_NOT_FOUND = "model_not_found"
+    REJECTED = "rejected"
+    SKIPPED = "skipped"
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    backend: str
+    model: str
+    outcome: AttemptOutcome
+    duration_s: float
+    upstream_status: int | None = None
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionResponse:
+    id: str
+    backend: str
+    model: str
+    message: Message
+    finish_reason: FinishReason
+    usage: TokenUsage
+    attempts: tuple[Attempt, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionChunk:
+    """One piece of a streamed answer. The last chunk of a stream has finish_reason and usage set."""
+
+    id: str
+    backend: str
+    model: str
+    content: str | None = None
+    reasoning: str | None = None
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    finish_reason: FinishReason | None = None
+    usage: TokenUsage | None = None
+    attempts: tuple[Attempt, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCount:
+    tokens: int
+    model: str
+    encoding: str
+    estimated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BackendHealth:
+    name: str
+    kind: str
+    base_url: str
+    default_model: str
+    reachable: bool
+    models: tuple[str, ...] = ()
+    latency_s: float | None = None
+    last_error: str | None = None
+    checked_at: float | None = None
+    """Unix time of the probe."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    """One upstream as configured. api_key never appears in repr, so it cannot leak into a log line."""
+
+    name: str
+    kind: str
+    base_url: str
+    default_model: str
+    api_key: str | None = field(default=None, repr=False)
+    models: tuple[str, ...] = ()
+    """Models this backend is known to serve beyond its default (matched before asking upstream)."""
+    fallback: bool = True
+    """Whether the backend may take over requests that named another backend's model."""
+    context_window: int | None = None
+    """The largest prompt the backend's model takes, when known; used to skip a backend a prompt cannot fit."""
+
+
+class LLMProvider(Protocol):
+    """One upstream. Implementations raise UpstreamError for every upstream failure, never foreign exceptions."""
+
+    @property
+    def spec(self) -> BackendSpec: ...
+
+    async def complete(
+        self, model: str, request: CompletionRequest, *, timeout_s: float | None
+    ) -> CompletionResponse: ...
+
+    def stream(
+        self, model: str, request: CompletionRequest, *, timeout_s: float | None
+    ) -> AsyncIterator[CompletionChunk]: ...
+
+    async def count_tokens(self, model: str, messages: Sequence[Message], tools: Sequence[Tool]) -> TokenCount | None:
+        """The backend's own exact count, or None when it cannot tokenize (the caller then uses tiktoken)."""
+        ...
+
+    async def health(self) -> BackendHealth: ...
+
+    async def aclose(self) -> None: ...
+
+
+ProviderConstructor = Callable[[BackendSpec], LLMProvider]
+
+
+class ProviderFactory:
+    """Builds providers from specs by their kind; the kinds are registered explicitly at assembly."""
+
+    def __init__(self, constructors: Mapping[str, ProviderConstructor]) -> None:
+        self._constructors = dict(constructors)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(self._constructors)
+
+    def create(self, spec: BackendSpec) -> LLMProvider:
+        try:
+            constructor = self._constructors[spec.kind]
+        except KeyError:
+            known = ", ".join(sorted(self._constructors))
+            raise ValueError(f"backend {spec.name!r}: unknown kind {spec.kind!r} (known: {known})") from None
+        return constructor(spec)
+
+
+# --- errors ---------------------------------------------------------------------------------------------------
+
+
+class LLMRelayError(Exception):
+    """The root of the gateway's errors; only the servicer turns them into gRPC statuses."""
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class InvalidRequestError(LLMRelayError):
+    def __init__(self, violations: Sequence[FieldViolation]) -> None:
+        self.violations = tuple(violations)
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations))
+
+
+class ModelNotFoundError(LLMRelayError):
+    def __init__(self, model: str, served: Sequence[str]) -> None:
+        self.model = model
+        self.served = tuple(served)
+        super().__init__(f"no backend serves model {model!r}; served: {', '.join(self.served) or 'none'}")
+
+
+class TokenizerUnavailableError(LLMRelayError):
+    def __init__(self, encoding: str, detail: str) -> None:
+        self.encoding = encoding
+        super().__init__(f"tokenizer encoding {encoding!r} is not available: {detail}")
+
+
+class UpstreamErrorKind(enum.StrEnum):
+    """How an attempt failed, which decides what the router does next."""
+
+    UNREACHABLE = "unreachable"  # retry, then next backend
+    TIMEOUT = "timeout"  # retry, then next backend
+    RATE_LIMITED = "rate_limited"  # retry after Retry-After, then next backend
+    SERVER_ERROR = "server_error"  # retry, then next backend
+    BAD_RESPONSE = "bad_response"  # the upstream answered garbage: next backend
+    AUTH_FAILED = "auth_failed"  # our own key refused: next backend
+    MODEL_NOT_FOUND = "model_not_found"  # next backend
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # next backend, if it has a longer context
+    REJECTED = "rejected"  # the request itself is wrong: back to the caller at once
+
+    @property
+    def attempt_outcome(self) -> AttemptOutcome:
+        if self is UpstreamErrorKind.BAD_RESPONSE:
+            return AttemptOutcome.SERVER_ERROR
+        return AttemptOutcome(self.value)
+
+
+class UpstreamError(LLMRelayError):
+    def __init__(
+        self,
+        kind: UpstreamErrorKind,
+        backend: str,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        self.kind = kind
+        self.backend = backend
+        self.message = message
+        self.status = status
+        self.retry_after_s = retry_after_s
+        super().__init__(f"{backend}: {message}")
+
+
+class _AttemptsError(LLMRelayError):
+    def __init__(self, message: str, attempts: Sequence[Attempt]) -> None:
+        self.attempts = tuple(attempts)
+        super().__init__(message)
+
+    @property
+    def last_upstream_error(self) -> UpstreamError | None:
+        cause = self.__cause__
+        return cause if isinstance(cause, UpstreamError) else None
+
+
+class AllBackendsFailedError(_AttemptsError):
+    """Every backend that could serve failed; __cause__ is the last UpstreamError."""
+
+
+class DeadlineExceededError(_AttemptsError):
+    """The caller's deadline ran out before an answer was complete."""
+
+
+class StreamInterruptedError(LLMRelayError):
+    def __init__(self, backend: str, cause: UpstreamError) -> None:
+        self.backend = backend
+        self.cause = cause
+        super().__init__(f"the stream from {backend} failed after it had started: {cause.message}")
