@@ -18,7 +18,7 @@ Exceptions::
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -243,7 +243,7 @@ class LLMProvider(Protocol):
 
     def stream(
         self, model: str, request: CompletionRequest, *, timeout_s: float | None
-    ) -> AsyncIterator[CompletionChunk]: ...
+    ) -> AsyncGenerator[CompletionChunk, None]: ...
 
     async def count_tokens(self, model: str, messages: Sequence[Message], tools: Sequence[Tool]) -> TokenCount | None:
         """The backend's own exact count, or None when it cannot tokenize (the caller then uses tiktoken)."""

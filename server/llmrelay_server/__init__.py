@@ -1,0 +1,1 @@
+"""llmrelay's gateway: contract -> servicer -> router -> backends -> tokenizer and usage ledger."""

@@ -1,0 +1,3 @@
+from llmrelay_server.cli import main
+
+main()

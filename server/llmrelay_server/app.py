@@ -1,0 +1,98 @@
+"""Assembly: configuration -> tokenizer, ledger, backends, router -> gRPC services; and an orderly shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from llmrelay import v1 as pb
+
+from llmrelay_server.backends import provider_factory
+from llmrelay_server.config import GatewayConfig
+from llmrelay_server.domain import LLMProvider
+from llmrelay_server.health import SERVICE_NAME, HealthMonitor
+from llmrelay_server.router import Router
+from llmrelay_server.servicer import LLMServicer
+from llmrelay_server.tokens import TokenCounter
+from llmrelay_server.usage import UsageLedger
+
+log = logging.getLogger("llmrelay_server")
+NO_BACKEND_HINT = (
+    "no backend is reachable: set OPENAI_API_KEY, or start Ollama (`ollama serve`, then `ollama pull gpt-oss:20b`), "
+    "or run `make demo` for a tiny local model"
+)
+
+
+@dataclass
+class Gateway:
+    """A running gateway; `port` is the bound port (useful when listening on port 0)."""
+
+    server: grpc.aio.Server
+    port: int
+    router: Router
+    monitor: HealthMonitor
+    ledger: UsageLedger
+    providers: list[LLMProvider]
+    grace_period_s: float
+
+    async def stop(self, grace_period_s: float | None = None) -> None:
+        """Health to NOT_SERVING, refuse new calls, let calls in flight finish within the grace, then close all."""
+        try:
+            await self.monitor.stop()
+            await self.server.stop(self.grace_period_s if grace_period_s is None else grace_period_s)
+        finally:
+            await asyncio.gather(*(p.aclose() for p in self.providers))
+            await self.ledger.aclose()
+
+
+async def start_gateway(config: GatewayConfig) -> Gateway:
+    counter = TokenCounter()
+    ledger = UsageLedger(config.server.usage_db)
+    await ledger.start()
+    factory = provider_factory(counter)
+    providers = [factory.create(spec) for spec in config.backends]
+    router = Router(providers, config=config.router, counter=counter, ledger=ledger, aliases=config.aliases)
+    limit = config.server.max_message_bytes
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    )
+    health_servicer = health.aio.HealthServicer()
+    monitor = HealthMonitor(router, health_servicer, config.server.health_interval_s)
+    pb.add_LLMServiceServicer_to_server(LLMServicer(router, monitor, ledger), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    services = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(services, server)
+    port = server.add_insecure_port(config.server.listen)
+    await server.start()
+    await monitor.start()
+    return Gateway(server, port, router, monitor, ledger, providers, config.server.grace_period_s)
+
+
+async def serve(config: GatewayConfig) -> None:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+    gateway = await start_gateway(config)
+    host = config.server.listen.rpartition(":")[0]
+    log.info("listening on %s:%d", host, gateway.port)
+    for backend in gateway.router.backends:
+        log.info(
+            "backend %s: %s (%s, model %s)",
+            backend.name,
+            backend.provider.spec.base_url,
+            backend.provider.spec.kind,
+            backend.provider.spec.default_model,
+        )
+    if not gateway.monitor.serving:
+        log.warning(NO_BACKEND_HINT)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutting down: finishing calls in flight (up to %g s)", gateway.grace_period_s)
+    await gateway.stop()
+    log.info("stopped")

@@ -1,0 +1,15 @@
+"""The upstream kinds the gateway speaks to, one module each, and the factory that builds them from specs."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from llmrelay_server.backends.ollama import OllamaProvider
+from llmrelay_server.backends.openai_compat import OpenAICompatibleProvider, OpenAIProvider
+from llmrelay_server.domain import ProviderFactory
+from llmrelay_server.tokens import TokenCounter
+
+
+def provider_factory(counter: TokenCounter) -> ProviderFactory:
+    kinds = (OpenAIProvider, OllamaProvider, OpenAICompatibleProvider)
+    return ProviderFactory({cls.kind: partial(cls, counter=counter) for cls in kinds})

@@ -1,0 +1,29 @@
+"""What Ollama adds to the OpenAI-compatible backend: its native version and model-list endpoints for health."""
+
+from __future__ import annotations
+
+import time
+from typing import ClassVar
+
+import httpx2
+
+from llmrelay_server.backends.openai_compat import HEALTH_TIMEOUT_S, OpenAICompatibleProvider
+from llmrelay_server.domain import BackendHealth
+
+
+class OllamaProvider(OpenAICompatibleProvider):
+    kind: ClassVar[str] = "ollama"
+
+    async def health(self) -> BackendHealth:
+        # Ollama's native API lives beside /v1: /api/version proves it is Ollama, /api/tags lists pulled models.
+        root = self.spec.base_url.removesuffix("/").removesuffix("/v1")
+        started = time.monotonic()
+        try:
+            version = await self._http.get(f"{root}/api/version", timeout=HEALTH_TIMEOUT_S)
+            version.raise_for_status()
+            tags = await self._http.get(f"{root}/api/tags", timeout=HEALTH_TIMEOUT_S)
+            tags.raise_for_status()
+            models = tuple(str(m["name"]) for m in tags.json().get("models", []))
+        except (httpx2.HTTPError, ValueError, KeyError, AttributeError, TypeError) as exc:
+            return self._health(started, reachable=False, error=f"{root}: {type(exc).__name__}: {exc}"[:300])
+        return self._health(started, reachable=True, models=models)

@@ -1,0 +1,269 @@
+"""One backend for every OpenAI-compatible upstream: the OpenAI API, Ollama's /v1, llama.cpp, vLLM, ...
+
+Each backend owns one `openai.AsyncOpenAI` over one HTTP connection pool, made at start and closed at shutdown. The
+SDK does the HTTP (auth, headers, errors by status); the answers are parsed by `wire`. Every failure leaves this
+module as an UpstreamError whose kind tells the router what to do next.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any, ClassVar
+
+import httpx2
+import openai
+
+from llmrelay_server.backends import wire
+from llmrelay_server.domain import (
+    BackendHealth,
+    BackendSpec,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    FinishReason,
+    Message,
+    TokenCount,
+    TokenUsage,
+    Tool,
+    UpstreamError,
+    UpstreamErrorKind,
+)
+from llmrelay_server.tokens import TokenCounter
+
+# Sized for hundreds of concurrent streams per backend; connections are kept for reuse between agent steps.
+POOL_LIMITS = httpx2.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=60.0)
+CONNECT_TIMEOUT_S = 5.0
+HEALTH_TIMEOUT_S = 5.0
+_CONTEXT_LENGTH = re.compile(r"context[ _](length|window|size)|maximum context|too many tokens", re.IGNORECASE)
+_SECRET_LIKE = re.compile(r"\b(sk|key|token)-[A-Za-z0-9_\-]{6,}")
+
+
+class OpenAICompatibleProvider:
+    """An LLMProvider over any server that speaks OpenAI's /chat/completions."""
+
+    kind: ClassVar[str] = "openai_compatible"
+    # OpenAI's reasoning models refuse max_tokens; most other servers know only max_tokens.
+    max_tokens_field: ClassVar[str] = "max_tokens"
+
+    def __init__(self, spec: BackendSpec, *, counter: TokenCounter) -> None:
+        self._spec = spec
+        self._counter = counter
+        self._http = openai.DefaultAsyncHttpxClient(limits=POOL_LIMITS)
+        self._client = openai.AsyncOpenAI(
+            # Local servers take any key; the SDK insists on one.
+            api_key=spec.api_key or "unused",
+            base_url=spec.base_url,
+            max_retries=0,  # the router retries, with the caller's deadline in mind
+            http_client=self._http,
+        )
+        self._completions = self._client.chat.completions
+
+    @property
+    def spec(self) -> BackendSpec:
+        return self._spec
+
+    async def complete(self, model: str, request: CompletionRequest, *, timeout_s: float | None) -> CompletionResponse:
+        body = wire.request_body(model, request, max_tokens_field=self.max_tokens_field)
+        try:
+            raw = await self._completions.with_raw_response.create(**body, timeout=self._timeout(timeout_s))
+            data = wire.decode_json(raw.content)
+            choice = wire.first_choice(data, "message")
+            assert choice is not None
+            message = wire.message_from_choice(choice)
+        except openai.APIError as exc:
+            raise self._upstream_error(exc) from exc
+        except wire.MalformedAnswerError as exc:
+            raise self._bad_answer(str(exc)) from exc
+        usage = wire.usage_from(data) or self._estimate_usage(model, request, message.content, message.reasoning)
+        return CompletionResponse(
+            id=str(data.get("id") or ""),
+            backend=self._spec.name,
+            model=self._served_model(data, model),
+            message=message,
+            finish_reason=wire.finish_reason(choice.get("finish_reason")),
+            usage=usage,
+        )
+
+    async def stream(
+        self, model: str, request: CompletionRequest, *, timeout_s: float | None
+    ) -> AsyncGenerator[CompletionChunk, None]:
+        body = wire.request_body(model, request, max_tokens_field=self.max_tokens_field)
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        completion_id, served_model = "", model
+        finish: FinishReason | None = None
+        usage: TokenUsage | None = None
+        content: list[str] = []
+        reasoning: list[str] = []
+        try:
+            async with self._completions.with_streaming_response.create(
+                **body, timeout=self._timeout(timeout_s)
+            ) as response:
+                async for line in response.iter_lines():
+                    payload = wire.sse_data(line)
+                    if payload is None:
+                        continue
+                    if payload == wire.DONE:
+                        break
+                    data = wire.decode_json(payload.encode())
+                    choice = wire.first_choice(data, "delta")
+                    completion_id = completion_id or str(data.get("id") or "")
+                    served_model = self._served_model(data, served_model)
+                    usage = wire.usage_from(data) or usage
+                    if choice is None:
+                        continue
+                    if choice.get("finish_reason") is not None:
+                        finish = wire.finish_reason(choice["finish_reason"])
+                    delta = choice.get("delta") or {}
+                    chunk = CompletionChunk(
+                        id=completion_id,
+                        backend=self._spec.name,
+                        model=served_model,
+                        content=delta.get("content") or None,
+                        reasoning=wire.reasoning_text(delta) or None,
+                        tool_calls=wire.tool_call_deltas(delta),
+                    )
+                    if chunk.content or chunk.reasoning or chunk.tool_calls:
+                        content.append(chunk.content or "")
+                        reasoning.append(chunk.reasoning or "")
+                        yield chunk
+                else:
+                    raise wire.MalformedAnswerError("the stream ended before [DONE]")
+        except openai.APIError as exc:
+            raise self._upstream_error(exc) from exc
+        except wire.MalformedAnswerError as exc:
+            raise self._bad_answer(str(exc)) from exc
+        except httpx2.HTTPError as exc:
+            # Errors while reading a stream's body come from the HTTP client itself, not through the SDK.
+            kind = (
+                UpstreamErrorKind.TIMEOUT if isinstance(exc, httpx2.TimeoutException) else UpstreamErrorKind.UNREACHABLE
+            )
+            raise UpstreamError(kind, self._spec.name, f"the stream failed: {type(exc).__name__}") from exc
+        if usage is None:
+            usage = self._estimate_usage(model, request, "".join(content), "".join(reasoning) or None)
+        yield CompletionChunk(
+            id=completion_id,
+            backend=self._spec.name,
+            model=served_model,
+            finish_reason=finish or FinishReason.UNKNOWN,
+            usage=usage,
+        )
+
+    async def count_tokens(self, model: str, messages: Sequence[Message], tools: Sequence[Tool]) -> TokenCount | None:
+        return None
+
+    async def health(self) -> BackendHealth:
+        started = time.monotonic()
+        try:
+            models = await self._list_models()
+        except (openai.APIError, httpx2.HTTPError, ValueError) as exc:
+            return self._health(started, reachable=False, error=self._describe(exc))
+        return self._health(started, reachable=True, models=models)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def _list_models(self) -> tuple[str, ...]:
+        page = await self._client.models.list(timeout=HEALTH_TIMEOUT_S)
+        return tuple(m.id for m in page.data)
+
+    def _health(
+        self, started: float, *, reachable: bool, models: tuple[str, ...] = (), error: str | None = None
+    ) -> BackendHealth:
+        return BackendHealth(
+            name=self._spec.name,
+            kind=self.kind,
+            base_url=self._spec.base_url,
+            default_model=self._spec.default_model,
+            reachable=reachable,
+            models=models,
+            latency_s=time.monotonic() - started,
+            last_error=error,
+            checked_at=time.time(),
+        )
+
+    def _timeout(self, timeout_s: float | None) -> httpx2.Timeout:
+        # The read timeout bounds the wait for each piece of the answer, so a stalled upstream is noticed.
+        return httpx2.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s or CONNECT_TIMEOUT_S))
+
+    def _served_model(self, data: Any, fallback: str) -> str:
+        model = data.get("model") if isinstance(data, dict) else None
+        return model if isinstance(model, str) and model else fallback
+
+    def _estimate_usage(
+        self, model: str, request: CompletionRequest, content: str, reasoning: str | None
+    ) -> TokenUsage:
+        prompt = self._counter.count_chat(model, request.messages, request.options.tools).tokens
+        completion = self._counter.count_text(model, content + (reasoning or "")).tokens
+        return TokenUsage(prompt_tokens=prompt, completion_tokens=completion, estimated=True)
+
+    def _bad_answer(self, detail: str) -> UpstreamError:
+        return UpstreamError(UpstreamErrorKind.BAD_RESPONSE, self._spec.name, f"malformed answer: {detail}")
+
+    def _upstream_error(self, exc: openai.APIError) -> UpstreamError:
+        name = self._spec.name
+        if isinstance(exc, openai.APITimeoutError):
+            return UpstreamError(UpstreamErrorKind.TIMEOUT, name, "the upstream did not answer in time")
+        if isinstance(exc, openai.APIConnectionError):
+            return UpstreamError(UpstreamErrorKind.UNREACHABLE, name, f"cannot reach {self._spec.base_url}")
+        if isinstance(exc, openai.APIStatusError):
+            status = exc.status_code
+            message = f"HTTP {status}: {self._redact(exc.message)}"
+            kind = _kind_of_status(status, exc)
+            retry_after = _retry_after_s(exc.response.headers) if kind is UpstreamErrorKind.RATE_LIMITED else None
+            if kind is UpstreamErrorKind.SERVER_ERROR and status == 503:
+                retry_after = _retry_after_s(exc.response.headers)
+            return UpstreamError(kind, name, message, status=status, retry_after_s=retry_after)
+        return UpstreamError(UpstreamErrorKind.BAD_RESPONSE, name, f"malformed answer: {self._redact(exc.message)}")
+
+    def _describe(self, exc: Exception) -> str:
+        if isinstance(exc, openai.APIError):
+            return self._upstream_error(exc).message
+        return f"{type(exc).__name__}: {self._redact(str(exc))}"
+
+    def _redact(self, text: str) -> str:
+        # Upstreams quote keys back in their errors ("Incorrect API key provided: sk-..."); never pass one on.
+        if self._spec.api_key:
+            text = text.replace(self._spec.api_key, "[redacted]")
+        return _SECRET_LIKE.sub("[redacted]", text)[:500]
+
+
+def _kind_of_status(status: int, exc: openai.APIStatusError) -> UpstreamErrorKind:
+    if status == 429:
+        return UpstreamErrorKind.RATE_LIMITED
+    if status in (401, 403):
+        return UpstreamErrorKind.AUTH_FAILED
+    if status == 404:
+        return UpstreamErrorKind.MODEL_NOT_FOUND
+    if status == 408:
+        return UpstreamErrorKind.TIMEOUT
+    if status in (400, 413, 422):
+        if exc.code == "context_length_exceeded" or _CONTEXT_LENGTH.search(exc.message or ""):
+            return UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED
+        return UpstreamErrorKind.REJECTED
+    return UpstreamErrorKind.SERVER_ERROR
+
+
+def _retry_after_s(headers: httpx2.Headers) -> float | None:
+    """Retry-After in seconds: OpenAI's retry-after-ms, then the standard header as seconds or an HTTP date."""
+    for header, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(header)
+        if value is None:
+            continue
+        try:
+            return max(0.0, float(value) * scale)
+        except ValueError:
+            parsed = email.utils.parsedate_to_datetime(value) if header == "retry-after" else None
+            if parsed is not None:
+                return max(0.0, parsed.timestamp() - time.time())
+    return None
+
+
+class OpenAIProvider(OpenAICompatibleProvider):
+    """The OpenAI API itself."""
+
+    kind: ClassVar[str] = "openai"
+    max_tokens_field: ClassVar[str] = "max_completion_tokens"

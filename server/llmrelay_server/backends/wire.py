@@ -1,0 +1,232 @@
+"""The OpenAI chat-completions wire format: domain types to request JSON, and answers (JSON or SSE) back.
+
+Pure functions, no I/O. The gateway parses answers itself rather than through the SDK's models: it must read fields
+that servers add (`reasoning` from Ollama, `reasoning_content` from others), it must turn any malformed answer into a
+definite error, and it skips building objects it would throw away on the hot path.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Final
+
+from llmrelay_server.domain import (
+    CompletionOptions,
+    CompletionRequest,
+    FinishReason,
+    Message,
+    NamedToolChoice,
+    Role,
+    TokenUsage,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+)
+
+DONE: Final = "[DONE]"
+
+_FINISH_REASONS: Final[Mapping[str | None, FinishReason]] = {
+    "stop": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "tool_calls": FinishReason.TOOL_CALLS,
+    "function_call": FinishReason.TOOL_CALLS,
+    "content_filter": FinishReason.CONTENT_FILTER,
+}
+
+
+class MalformedAnswerError(ValueError):
+    """The upstream's answer is not a valid chat completion."""
+
+
+def request_body(model: str, request: CompletionRequest, *, max_tokens_field: str) -> dict[str, Any]:
+    """The JSON body for /chat/completions; options the caller left unset are left out."""
+    body: dict[str, Any] = {"model": model, "messages": [_message_json(m) for m in request.messages]}
+    body.update(_options_json(request.options, max_tokens_field))
+    return body
+
+
+def _message_json(message: Message) -> dict[str, Any]:
+    item: dict[str, Any] = {"role": message.role.value, "content": message.content}
+    if message.name is not None:
+        item["name"] = message.name
+    if message.tool_calls:
+        item["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        item["tool_call_id"] = message.tool_call_id
+    return item
+
+
+def _tool_json(tool: Tool) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description is not None:
+        function["description"] = tool.description
+    if tool.parameters is not None:
+        function["parameters"] = tool.parameters
+    if tool.strict is not None:
+        function["strict"] = tool.strict
+    return {"type": "function", "function": function}
+
+
+def _options_json(options: CompletionOptions, max_tokens_field: str) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "parallel_tool_calls"):
+        value = getattr(options, name)
+        if value is not None:
+            body[name] = value
+    if options.max_tokens is not None:
+        body[max_tokens_field] = options.max_tokens
+    if options.stop:
+        body["stop"] = list(options.stop)
+    if options.tools:
+        body["tools"] = [_tool_json(t) for t in options.tools]
+    if isinstance(options.tool_choice, NamedToolChoice):
+        body["tool_choice"] = {"type": "function", "function": {"name": options.tool_choice.name}}
+    elif options.tool_choice is not None:
+        body["tool_choice"] = options.tool_choice
+    if options.reasoning_effort is not None:
+        body["reasoning_effort"] = options.reasoning_effort
+    if (fmt := options.response_format) is not None:
+        if fmt.json_schema is None:
+            body["response_format"] = {"type": fmt.type}
+        else:
+            schema: dict[str, Any] = {"name": fmt.json_schema.name, "schema": fmt.json_schema.schema}
+            if fmt.json_schema.description is not None:
+                schema["description"] = fmt.json_schema.description
+            if fmt.json_schema.strict is not None:
+                schema["strict"] = fmt.json_schema.strict
+            body["response_format"] = {"type": fmt.type, "json_schema": schema}
+    return body
+
+
+def decode_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        preview = raw[:80].decode("utf-8", "replace")
+        raise MalformedAnswerError(f"the answer is not JSON (it starts with {preview!r})") from exc
+
+
+def finish_reason(value: Any) -> FinishReason:
+    return _FINISH_REASONS.get(value, FinishReason.UNKNOWN)
+
+
+def first_choice(data: Any, key: str) -> Mapping[str, Any] | None:
+    """The first choice's `key` object (message or delta); None for a chunk without choices (the usage chunk)."""
+    if not isinstance(data, Mapping):
+        raise MalformedAnswerError(f"expected a JSON object, got {type(data).__name__}")
+    choices = data.get("choices")
+    if choices is None and key == "delta":
+        return None
+    if not isinstance(choices, list):
+        raise MalformedAnswerError("the answer has no `choices` list")
+    if not choices:
+        if key == "delta":
+            return None
+        raise MalformedAnswerError("the answer's `choices` list is empty")
+    choice = choices[0]
+    if not isinstance(choice, Mapping) or not isinstance(choice.get(key, {}), Mapping):
+        raise MalformedAnswerError(f"the answer's first choice has no `{key}` object")
+    return choice
+
+
+def message_from_choice(choice: Mapping[str, Any]) -> Message:
+    message = choice.get("message")
+    if not isinstance(message, Mapping):
+        raise MalformedAnswerError("the answer's first choice has no `message` object")
+    calls = message.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise MalformedAnswerError("`tool_calls` is not a list")
+    return Message(
+        role=Role.ASSISTANT,
+        content=_text(message.get("content"), "content"),
+        tool_calls=tuple(_tool_call(c) for c in calls),
+        reasoning=reasoning_text(message),
+    )
+
+
+def _tool_call(value: Any) -> ToolCall:
+    if not isinstance(value, Mapping) or not isinstance(value.get("function"), Mapping):
+        raise MalformedAnswerError("a tool call has no `function` object")
+    function = value["function"]
+    arguments = function.get("arguments", "")
+    if not isinstance(arguments, str):
+        # Some servers (Ollama's native API) send arguments as an object; the contract carries JSON text.
+        arguments = json.dumps(arguments)
+    return ToolCall(
+        id=_text(value.get("id"), "tool_calls.id"), name=_text(function.get("name"), "name"), arguments=arguments
+    )
+
+
+def reasoning_text(obj: Mapping[str, Any]) -> str | None:
+    # Ollama sends gpt-oss reasoning as `reasoning`; llama.cpp, vLLM and DeepSeek as `reasoning_content`.
+    value = obj.get("reasoning")
+    if value is None:
+        value = obj.get("reasoning_content")
+    return value if isinstance(value, str) else None
+
+
+def _text(value: Any, where: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise MalformedAnswerError(f"`{where}` is not a string")
+    return value
+
+
+def usage_from(data: Mapping[str, Any]) -> TokenUsage | None:
+    usage = data.get("usage")
+    if not isinstance(usage, Mapping):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    details = usage.get("completion_tokens_details")
+    prompt_details = usage.get("prompt_tokens_details")
+    return TokenUsage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        reasoning_tokens=_int_field(details, "reasoning_tokens"),
+        cached_prompt_tokens=_int_field(prompt_details, "cached_tokens"),
+    )
+
+
+def _int_field(obj: Any, key: str) -> int | None:
+    value = obj.get(key) if isinstance(obj, Mapping) else None
+    return value if isinstance(value, int) else None
+
+
+def tool_call_deltas(delta: Mapping[str, Any]) -> tuple[ToolCallDelta, ...]:
+    calls = delta.get("tool_calls")
+    if not calls:
+        return ()
+    if not isinstance(calls, list):
+        raise MalformedAnswerError("`tool_calls` in a stream delta is not a list")
+    result = []
+    for position, call in enumerate(calls):
+        if not isinstance(call, Mapping):
+            raise MalformedAnswerError("a tool-call delta is not an object")
+        function = call.get("function") or {}
+        index = call.get("index", position)
+        arguments = function.get("arguments")
+        if arguments is not None and not isinstance(arguments, str):
+            arguments = json.dumps(arguments)
+        result.append(
+            ToolCallDelta(
+                index=index if isinstance(index, int) else position,
+                id=call.get("id"),
+                name=function.get("name"),
+                arguments=arguments,
+            )
+        )
+    return tuple(result)
+
+
+def sse_data(line: str) -> str | None:
+    """The payload of an SSE `data:` line; None for comments, blank lines and other fields."""
+    if not line.startswith("data:"):
+        return None
+    return line[5:].lstrip(" ")

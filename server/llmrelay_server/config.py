@@ -1,0 +1,326 @@
+"""Configuration: defaults, then an optional YAML file, then environment variables (each overrides the one before).
+
+Validated once at start; a ConfigError names the field and the fix, and never shows a secret's value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from llmrelay_server.domain import BackendSpec
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_OPENAI_MODEL = "gpt-4o"
+DEFAULT_OLLAMA_HOST = "http://localhost:11434"
+DEFAULT_OLLAMA_MODEL = "gpt-oss:20b"
+BACKEND_KINDS = ("openai", "ollama", "openai_compatible", "llamacpp")
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message names the field and says how to fix it."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    max_retries: int = 2
+    """Retries on the same backend after a retryable failure, before the next backend takes over."""
+    initial_backoff_s: float = 0.2
+    """The first backoff; it doubles with each retry, with full jitter."""
+    max_backoff_s: float = 2.0
+    """The cap of one backoff."""
+    max_retry_after_s: float = 10.0
+    """The longest upstream Retry-After honoured; a longer one moves to the next backend instead."""
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitConfig:
+    failure_threshold: int = 5
+    """Consecutive failed attempts after which a backend is skipped."""
+    cooldown_s: float = 30.0
+    """How long an open circuit skips the backend before one probe call is let through."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    circuit: CircuitConfig = field(default_factory=CircuitConfig)
+    request_timeout_s: float = 300.0
+    """The bound on a whole call when the caller sets no deadline."""
+    stream_idle_timeout_s: float = 60.0
+    """A stream that sends nothing for this long is ended with UNAVAILABLE."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: str = DEFAULT_LISTEN
+    """HOST:PORT to serve gRPC on."""
+    grace_period_s: float = 10.0
+    """On SIGTERM, how long calls in flight may take to finish."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """The largest request accepted; larger ones get RESOURCE_EXHAUSTED."""
+    usage_db: str = "llmrelay-usage.db"
+    """The SQLite file of the usage ledger (":memory:" keeps it in memory)."""
+    health_interval_s: float = 15.0
+    """How often the backends are probed in the background."""
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    backends: tuple[BackendSpec, ...] = ()
+    """In routing order."""
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    """Model names the caller may use for another model, e.g. {"fast": "ollama/gpt-oss:20b"}."""
+
+
+# The YAML shapes of the backends, before they become BackendSpecs.
+@dataclass(frozen=True, slots=True)
+class _BackendSection:
+    base_url: str | None = None
+    model: str | None = None
+    api_key: str | None = None
+    models: tuple[str, ...] = ()
+    fallback: bool = True
+    context_window: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _ExtraBackendSection:
+    name: str
+    kind: str
+    base_url: str
+    model: str
+    api_key: str | None = None
+    models: tuple[str, ...] = ()
+    fallback: bool = True
+    context_window: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _LLMSection:
+    openai: _BackendSection | None = None
+    ollama: _BackendSection | None = None
+    backends: tuple[_ExtraBackendSection, ...] = ()
+    order: tuple[str, ...] = ()
+    aliases: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _FileSection:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    llm: _LLMSection = field(default_factory=_LLMSection)
+
+
+def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = None) -> GatewayConfig:
+    """Reads the file (path, else $LLMRELAY_CONFIG, else none) and the environment into a validated config."""
+    env = os.environ if env is None else env
+    path = path or env.get("LLMRELAY_CONFIG") or None
+    document = _read_yaml(Path(path), env) if path else {}
+    section = _build(_FileSection, document, "")
+    server = section.server
+    if env.get("LLMRELAY_LISTEN"):
+        server = dataclasses.replace(server, listen=env["LLMRELAY_LISTEN"])
+    if env.get("LLMRELAY_USAGE_DB"):
+        server = dataclasses.replace(server, usage_db=env["LLMRELAY_USAGE_DB"])
+    _check_listen(server.listen, "server.listen")
+    _check_positive(server, "server")
+    _check_positive(section.router, "router")
+    _check_positive(section.router.retry, "router.retry", allow_zero=("max_retries",))
+    _check_positive(section.router.circuit, "router.circuit")
+    backends = _backends(section.llm, env)
+    aliases = dict(section.llm.aliases)
+    names = {b.name for b in backends}
+    for alias, target in aliases.items():
+        qualifier = target.split("/", 1)[0] if "/" in target else None
+        if qualifier is not None and qualifier in BACKEND_KINDS and qualifier not in names:
+            raise ConfigError(f"llm.aliases.{alias}: points at backend {qualifier!r}, which is not configured")
+    return GatewayConfig(server=server, router=section.router, backends=backends, aliases=aliases)
+
+
+def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ...]:
+    specs: dict[str, BackendSpec] = {}
+    openai = llm.openai or _BackendSection()
+    api_key = env.get("OPENAI_API_KEY") or openai.api_key
+    # No key, no OpenAI: the default chain is then Ollama alone, as a local-first setup expects.
+    if api_key:
+        base_url = env.get("OPENAI_BASE_URL") or openai.base_url or DEFAULT_OPENAI_BASE_URL
+        model = env.get("LLMRELAY_OPENAI_MODEL") or openai.model or DEFAULT_OPENAI_MODEL
+        specs["openai"] = _spec("openai", "openai", base_url, model, api_key, openai, "llm.openai")
+    ollama = llm.ollama or _BackendSection()
+    if env.get("OLLAMA_HOST"):
+        base_url = ollama_base_url(env["OLLAMA_HOST"])
+    else:
+        base_url = ollama.base_url or ollama_base_url(DEFAULT_OLLAMA_HOST)
+    model = env.get("LLMRELAY_OLLAMA_MODEL") or ollama.model or DEFAULT_OLLAMA_MODEL
+    specs["ollama"] = _spec("ollama", "ollama", base_url, model, ollama.api_key, ollama, "llm.ollama")
+    for index, extra in enumerate(llm.backends):
+        where = f"llm.backends[{index}]"
+        if extra.kind not in BACKEND_KINDS:
+            raise ConfigError(f"{where}.kind: {extra.kind!r} is not one of {', '.join(BACKEND_KINDS)}")
+        if extra.name in specs or not re.fullmatch(r"[a-z][a-z0-9_-]*", extra.name):
+            raise ConfigError(f"{where}.name: {extra.name!r} must be unique and match [a-z][a-z0-9_-]*")
+        section = _BackendSection(models=extra.models, fallback=extra.fallback, context_window=extra.context_window)
+        spec = _spec(extra.name, extra.kind, extra.base_url, extra.model, extra.api_key, section, where)
+        specs[extra.name] = spec
+    order = llm.order or tuple(specs)
+    for index, name in enumerate(order):
+        if name not in specs:
+            raise ConfigError(f"llm.order[{index}]: {name!r} is not a configured backend ({', '.join(specs)})")
+    return tuple(specs[name] for name in order)
+
+
+def _spec(
+    name: str, kind: str, base_url: str, model: str, api_key: str | None, section: _BackendSection, where: str
+) -> BackendSpec:
+    url = urlsplit(base_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"{where}.base_url: {base_url!r} is not an http(s) URL; write e.g. http://localhost:8080/v1")
+    if not model:
+        raise ConfigError(f"{where}.model: empty; name the model this backend serves by default")
+    return BackendSpec(
+        name=name,
+        kind=kind,
+        base_url=base_url.rstrip("/"),
+        default_model=model,
+        api_key=api_key or None,
+        models=section.models,
+        fallback=section.fallback,
+        context_window=section.context_window,
+    )
+
+
+def ollama_base_url(host: str) -> str:
+    """OLLAMA_HOST as Ollama reads it ("host", "host:port", ":port", a URL) -> the /v1 base URL."""
+    if "://" not in host:
+        host = "http://" + host
+    url = urlsplit(host)
+    hostname = url.hostname or "127.0.0.1"
+    # 0.0.0.0 is where Ollama listens, not an address to connect to.
+    if hostname in ("0.0.0.0", "::"):
+        hostname = "127.0.0.1"
+    if ":" in hostname:
+        hostname = f"[{hostname}]"
+    try:
+        port = url.port or 11434
+    except ValueError as exc:
+        raise ConfigError(f"OLLAMA_HOST: {host!r} has an invalid port") from exc
+    return f"{url.scheme}://{hostname}:{port}/v1"
+
+
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _read_yaml(path: Path, env: Mapping[str, str]) -> Mapping[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot be read ({exc.strerror}); check the --config path") from exc
+    # Interpolate before parsing so that ${VAR} works in any scalar; values come from env, ${VAR:-default} too.
+    text = _INTERPOLATION.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), text)
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
+    if document is None:
+        return {}
+    if not isinstance(document, Mapping):
+        raise ConfigError(f"config file {path}: the top level must be a mapping (server, router, llm)")
+    return document
+
+
+T = TypeVar("T")
+
+
+def _build(cls: type[T], value: Any, where: str) -> T:
+    """Builds a config dataclass from YAML data, naming the exact field of any mistake."""
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(value).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, item in value.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise ConfigError(f"{path}: unknown field; known fields here: {', '.join(fields)}")
+        kwargs[key] = _convert(hints[key], item, path)
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where}.{missing[0]}: required")
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)  # type: ignore[arg-type]
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {_shown(value, where)}")
+        return tuple(_convert(args[0], item, f"{where}[{i}]") for i, item in enumerate(value))
+    if origin in (Mapping, dict) or hint is Mapping:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {_shown(value, where)}")
+        return {str(k): _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {_shown(value, where)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected a whole number, got {_shown(value, where)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {_shown(value, where)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected text, got {_shown(value, where)}")
+        return str(value)
+    raise TypeError(f"unsupported config type {hint!r} at {where}")
+
+
+def _shown(value: Any, where: str) -> str:
+    # A mistyped secret must not end up in a log line.
+    if "key" in where.lower() or "secret" in where.lower() or "token" in where.lower():
+        return f"a {type(value).__name__}"
+    return repr(value)
+
+
+def _check_listen(listen: str, where: str) -> None:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: {listen!r} is not HOST:PORT; write e.g. 127.0.0.1:50051")
+
+
+def _check_positive(section: Any, where: str, allow_zero: tuple[str, ...] = ()) -> None:
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if value < 0 or (value == 0 and f.name not in allow_zero):
+                raise ConfigError(f"{where}.{f.name}: must be {'>= 0' if f.name in allow_zero else '> 0'}")

@@ -1,0 +1,363 @@
+"""Protobuf <-> domain types, with the validation of every request field on the way in.
+
+Validation collects every violation (not just the first), so a caller fixes a request in one round trip.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, Final
+
+from google.protobuf import json_format
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+from llmrelay import v1 as pb
+
+from llmrelay_server.domain import (
+    Attempt,
+    AttemptOutcome,
+    BackendHealth,
+    CompletionChunk,
+    CompletionOptions,
+    CompletionRequest,
+    CompletionResponse,
+    FieldViolation,
+    FinishReason,
+    InvalidRequestError,
+    JsonSchemaFormat,
+    Message,
+    NamedToolChoice,
+    ReasoningEffort,
+    ResponseFormat,
+    Role,
+    TokenUsage,
+    Tool,
+    ToolCall,
+    ToolChoiceMode,
+)
+
+MAX_MESSAGES: Final = 10_000
+MAX_MODEL_NAME: Final = 256
+MAX_TOKENS_LIMIT: Final = 10_000_000
+MAX_STOP_SEQUENCES: Final = 4
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+_ROLES: Final[Mapping[int, Role]] = {
+    pb.ROLE_SYSTEM: Role.SYSTEM,
+    pb.ROLE_USER: Role.USER,
+    pb.ROLE_ASSISTANT: Role.ASSISTANT,
+    pb.ROLE_TOOL: Role.TOOL,
+}
+_ROLES_OUT: Final = {role: number for number, role in _ROLES.items()}
+_EFFORTS: Final[Mapping[int, ReasoningEffort]] = {
+    pb.REASONING_EFFORT_NONE: "none",
+    pb.REASONING_EFFORT_MINIMAL: "minimal",
+    pb.REASONING_EFFORT_LOW: "low",
+    pb.REASONING_EFFORT_MEDIUM: "medium",
+    pb.REASONING_EFFORT_HIGH: "high",
+}
+_TOOL_CHOICES: Final[Mapping[int, ToolChoiceMode]] = {
+    pb.TOOL_CHOICE_MODE_NONE: "none",
+    pb.TOOL_CHOICE_MODE_AUTO: "auto",
+    pb.TOOL_CHOICE_MODE_REQUIRED: "required",
+}
+_FORMATS: Final[Mapping[int, Any]] = {
+    pb.RESPONSE_FORMAT_TYPE_TEXT: "text",
+    pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT: "json_object",
+    pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA: "json_schema",
+}
+_FINISH_REASONS_OUT: Final = {
+    FinishReason.UNKNOWN: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
+    FinishReason.CONTENT_FILTER: pb.FINISH_REASON_CONTENT_FILTER,
+}
+_OUTCOMES_OUT: Final = {
+    outcome: pb.AttemptOutcome.Value(f"ATTEMPT_OUTCOME_{outcome.name}") for outcome in AttemptOutcome
+}
+
+
+class _Violations:
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append(FieldViolation(field, description))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise InvalidRequestError(self.items)
+
+
+# --- requests -------------------------------------------------------------------------------------------------
+
+
+def completion_request(request: pb.CompleteRequest | pb.StreamCompleteRequest) -> CompletionRequest:
+    errors = _Violations()
+    model = request.model if request.HasField("model") else None
+    if model is not None and not 0 < len(model) <= MAX_MODEL_NAME:
+        errors.add("model", f"must be 1 to {MAX_MODEL_NAME} characters, or unset for the default chain")
+    messages = _messages(request.messages, errors, "messages")
+    options = _options(request.options, errors) if request.HasField("options") else CompletionOptions()
+    errors.raise_if_any()
+    return CompletionRequest(messages=messages, model=model, options=options, exact_model=request.exact_model)
+
+
+def count_request(
+    request: pb.CountTokensRequest,
+) -> tuple[str | None, tuple[Message, ...], tuple[Tool, ...], str | None]:
+    errors = _Violations()
+    model = request.model if request.HasField("model") else None
+    text = request.text if request.HasField("text") else None
+    if text is not None and request.messages:
+        errors.add("text", "give either text or messages, not both")
+    messages = _messages(request.messages, errors, "messages") if text is None else ()
+    tools = tuple(_tool(t, errors, f"tools[{i}]") for i, t in enumerate(request.tools))
+    errors.raise_if_any()
+    return model, messages, tools, text
+
+
+def _messages(items: Any, errors: _Violations, where: str) -> tuple[Message, ...]:
+    if not items:
+        errors.add(where, "at least one message is required")
+        return ()
+    if len(items) > MAX_MESSAGES:
+        errors.add(where, f"at most {MAX_MESSAGES} messages are accepted")
+        return ()
+    return tuple(_message(m, errors, f"{where}[{i}]") for i, m in enumerate(items))
+
+
+def _message(message: pb.Message, errors: _Violations, where: str) -> Message:
+    role = _ROLES.get(message.role)
+    if role is None:
+        errors.add(f"{where}.role", "must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL")
+        role = Role.USER
+    if role is Role.TOOL and not message.tool_call_id:
+        errors.add(f"{where}.tool_call_id", "a tool message must name the tool call it answers")
+    if message.tool_calls and role is not Role.ASSISTANT:
+        errors.add(f"{where}.tool_calls", "only assistant messages carry tool calls")
+    if not message.content and not message.tool_calls:
+        errors.add(f"{where}.content", "must not be empty")
+    calls = []
+    for i, call in enumerate(message.tool_calls):
+        if not call.id:
+            errors.add(f"{where}.tool_calls[{i}].id", "must not be empty")
+        if not _NAME.fullmatch(call.function.name):
+            errors.add(f"{where}.tool_calls[{i}].function.name", "must be 1-64 letters, digits, '_' or '-'")
+        calls.append(ToolCall(id=call.id, name=call.function.name, arguments=call.function.arguments))
+    return Message(
+        role=role,
+        content=message.content,
+        name=message.name if message.HasField("name") else None,
+        tool_calls=tuple(calls),
+        tool_call_id=message.tool_call_id if message.HasField("tool_call_id") else None,
+    )
+
+
+def _options(options: pb.CompletionOptions, errors: _Violations) -> CompletionOptions:
+    def number(name: str, low: float, high: float) -> float | None:
+        if not options.HasField(name):  # type: ignore[arg-type]
+            return None
+        value = float(getattr(options, name))
+        if not (math.isfinite(value) and low <= value <= high):
+            errors.add(f"options.{name}", f"must be between {low:g} and {high:g}")
+        return value
+
+    max_tokens = options.max_tokens if options.HasField("max_tokens") else None
+    if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        errors.add("options.max_tokens", f"must be between 1 and {MAX_TOKENS_LIMIT}")
+    if len(options.stop) > MAX_STOP_SEQUENCES or any(not s for s in options.stop):
+        errors.add("options.stop", f"at most {MAX_STOP_SEQUENCES} sequences, none empty")
+    tools = tuple(_tool(t, errors, f"options.tools[{i}]") for i, t in enumerate(options.tools))
+    return CompletionOptions(
+        temperature=number("temperature", 0.0, 2.0),
+        top_p=number("top_p", 0.0, 1.0),
+        max_tokens=max_tokens,
+        stop=tuple(options.stop),
+        seed=options.seed if options.HasField("seed") else None,
+        response_format=_response_format(options, errors) if options.HasField("response_format") else None,
+        tools=tools,
+        tool_choice=_tool_choice(options, {t.name for t in tools}, errors),
+        reasoning_effort=_enum(options.reasoning_effort, _EFFORTS, "options.reasoning_effort", errors),
+        presence_penalty=number("presence_penalty", -2.0, 2.0),
+        frequency_penalty=number("frequency_penalty", -2.0, 2.0),
+        parallel_tool_calls=options.parallel_tool_calls if options.HasField("parallel_tool_calls") else None,
+    )
+
+
+def _enum(value: int, known: Mapping[int, Any], where: str, errors: _Violations) -> Any:
+    if value == 0:
+        return None
+    if value not in known:
+        errors.add(where, f"unknown value {value}")
+    return known.get(value)
+
+
+def _tool(tool: pb.Tool, errors: _Violations, where: str) -> Tool:
+    function = tool.function
+    if not _NAME.fullmatch(function.name):
+        errors.add(f"{where}.function.name", "must be 1-64 letters, digits, '_' or '-'")
+    parameters = _struct(function.parameters) if function.HasField("parameters") else None
+    if parameters is not None and parameters.get("type", "object") != "object":
+        errors.add(f"{where}.function.parameters", 'must be a JSON Schema of "type": "object"')
+    return Tool(
+        name=function.name,
+        description=function.description if function.HasField("description") else None,
+        parameters=parameters,
+        strict=function.strict if function.HasField("strict") else None,
+    )
+
+
+def _tool_choice(
+    options: pb.CompletionOptions, declared: set[str], errors: _Violations
+) -> ToolChoiceMode | NamedToolChoice | None:
+    if not options.HasField("tool_choice"):
+        return None
+    choice = options.tool_choice
+    if choice.WhichOneof("choice") == "function_name":
+        if choice.function_name not in declared:
+            errors.add("options.tool_choice.function_name", "must name one of options.tools")
+        return NamedToolChoice(choice.function_name)
+    mode: ToolChoiceMode | None = _enum(choice.mode, _TOOL_CHOICES, "options.tool_choice.mode", errors)
+    if mode == "required" and not declared:
+        errors.add("options.tool_choice.mode", "REQUIRED needs at least one tool in options.tools")
+    return mode
+
+
+def _response_format(options: pb.CompletionOptions, errors: _Violations) -> ResponseFormat | None:
+    fmt = options.response_format
+    kind = _enum(fmt.type, _FORMATS, "options.response_format.type", errors)
+    if kind is None:
+        return None
+    if kind != "json_schema":
+        return ResponseFormat(type=kind)
+    schema = fmt.json_schema
+    if not _NAME.fullmatch(schema.name):
+        errors.add("options.response_format.json_schema.name", "must be 1-64 letters, digits, '_' or '-'")
+    if not schema.HasField("schema"):
+        errors.add("options.response_format.json_schema.schema", "required for RESPONSE_FORMAT_TYPE_JSON_SCHEMA")
+    return ResponseFormat(
+        type="json_schema",
+        json_schema=JsonSchemaFormat(
+            name=schema.name,
+            schema=_struct(schema.schema),
+            description=schema.description if schema.HasField("description") else None,
+            strict=schema.strict if schema.HasField("strict") else None,
+        ),
+    )
+
+
+def _struct(value: Any) -> dict[str, Any]:
+    result: dict[str, Any] = json_format.MessageToDict(value)
+    return result
+
+
+# --- answers --------------------------------------------------------------------------------------------------
+
+
+def usage_pb(usage: TokenUsage) -> pb.Usage:
+    message = pb.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+        estimated=usage.estimated,
+    )
+    if usage.reasoning_tokens is not None:
+        message.reasoning_tokens = usage.reasoning_tokens
+    if usage.cached_prompt_tokens is not None:
+        message.cached_prompt_tokens = usage.cached_prompt_tokens
+    return message
+
+
+def attempt_pb(attempt: Attempt) -> pb.Attempt:
+    message = pb.Attempt(
+        backend=attempt.backend,
+        model=attempt.model,
+        outcome=_OUTCOMES_OUT[attempt.outcome],
+        duration=_duration(attempt.duration_s),
+        error=attempt.error,
+    )
+    if attempt.upstream_status is not None:
+        message.upstream_status = attempt.upstream_status
+    return message
+
+
+def complete_response(response: CompletionResponse) -> pb.CompleteResponse:
+    message = response.message
+    out = pb.Message(
+        role=_ROLES_OUT[message.role],
+        content=message.content,
+        tool_calls=[
+            pb.ToolCall(id=c.id, function=pb.FunctionCall(name=c.name, arguments=c.arguments))
+            for c in message.tool_calls
+        ],
+    )
+    if message.reasoning is not None:
+        out.reasoning = message.reasoning
+    return pb.CompleteResponse(
+        id=response.id,
+        backend=response.backend,
+        model=response.model,
+        message=out,
+        finish_reason=_FINISH_REASONS_OUT[response.finish_reason],
+        usage=usage_pb(response.usage),
+        attempts=[attempt_pb(a) for a in response.attempts],
+    )
+
+
+def stream_response(chunk: CompletionChunk) -> pb.StreamCompleteResponse:
+    delta = pb.MessageDelta(
+        tool_calls=[_tool_call_delta(d.index, d.id, d.name, d.arguments) for d in chunk.tool_calls],
+    )
+    if chunk.content is not None:
+        delta.content = chunk.content
+    if chunk.reasoning is not None:
+        delta.reasoning = chunk.reasoning
+    message = pb.StreamCompleteResponse(id=chunk.id, backend=chunk.backend, model=chunk.model, delta=delta)
+    if chunk.finish_reason is not None:
+        message.finish_reason = _FINISH_REASONS_OUT[chunk.finish_reason]
+    if chunk.usage is not None:
+        message.usage.CopyFrom(usage_pb(chunk.usage))
+        message.attempts.extend(attempt_pb(a) for a in chunk.attempts)
+    return message
+
+
+def _tool_call_delta(index: int, call_id: str | None, name: str | None, arguments: str | None) -> pb.ToolCallDelta:
+    delta = pb.ToolCallDelta(index=index)
+    if call_id is not None:
+        delta.id = call_id
+    if name is not None:
+        delta.name = name
+    if arguments is not None:
+        delta.arguments = arguments
+    return delta
+
+
+def backend_health_pb(health: BackendHealth, circuit_state: str) -> pb.BackendHealth:
+    message = pb.BackendHealth(
+        name=health.name,
+        kind=health.kind,
+        base_url=health.base_url,
+        reachable=health.reachable,
+        models=list(health.models),
+        circuit_state=pb.CircuitState.Value(f"CIRCUIT_STATE_{circuit_state.upper()}"),
+        default_model=health.default_model,
+    )
+    if health.latency_s is not None:
+        message.latency.CopyFrom(_duration(health.latency_s))
+    if health.last_error is not None:
+        message.last_error = health.last_error
+    if health.checked_at is not None:
+        checked_at = Timestamp()
+        checked_at.FromNanoseconds(int(health.checked_at * 1e9))
+        message.checked_at.CopyFrom(checked_at)
+    return message
+
+
+def _duration(seconds: float) -> Duration:
+    duration = Duration()
+    duration.FromNanoseconds(int(seconds * 1e9))
+    return duration

@@ -1,0 +1,80 @@
+"""Backend probes, feeding both the Health RPC and the standard grpc.health.v1 service.
+
+The overall status ("") is SERVING while the gateway accepts calls; the status of llmrelay.v1.LLMService is SERVING
+when at least one backend is reachable with its circuit not open, so a load balancer can route around a gateway
+whose upstreams are all down while Kubernetes still sees a live process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from grpc_health.v1 import health, health_pb2
+
+from llmrelay_server.domain import BackendHealth
+from llmrelay_server.router import Backend, CircuitState, Router
+
+SERVICE_NAME = "llmrelay.v1.LLMService"
+log = logging.getLogger(__name__)
+
+
+class HealthMonitor:
+    def __init__(self, router: Router, servicer: health.aio.HealthServicer, interval_s: float) -> None:
+        self._backends = router.backends
+        self._servicer = servicer
+        self._interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.probe()
+        self._task = asyncio.create_task(self._probe_forever(), name="llmrelay-health-probes")
+
+    async def stop(self) -> None:
+        """Everything NOT_SERVING, so that probes see the shutdown before the port closes."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._servicer.enter_graceful_shutdown()
+
+    async def probe(self) -> list[tuple[BackendHealth, CircuitState]]:
+        results = await asyncio.gather(*(b.provider.health() for b in self._backends))
+        for backend, result in zip(self._backends, results, strict=True):
+            if backend.health is None or backend.health.reachable != result.reachable:
+                log.info("backend %s is %s", backend.name, "reachable" if result.reachable else "unreachable")
+            backend.health = result
+        await self._publish()
+        return self.report()
+
+    def report(self) -> list[tuple[BackendHealth, CircuitState]]:
+        return [(b.health or _never_probed(b), b.circuit.state) for b in self._backends]
+
+    @property
+    def serving(self) -> bool:
+        return any(_usable(b) for b in self._backends)
+
+    async def _publish(self) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if self.serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self._servicer.set(SERVICE_NAME, status)
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self.probe()
+            except Exception:
+                log.exception("health probe failed")
+
+
+def _usable(backend: Backend) -> bool:
+    return backend.health is not None and backend.health.reachable and backend.circuit.state is not CircuitState.OPEN
+
+
+def _never_probed(backend: Backend) -> BackendHealth:
+    spec = backend.provider.spec
+    return BackendHealth(
+        name=spec.name, kind=spec.kind, base_url=spec.base_url, default_model=spec.default_model, reachable=False
+    )

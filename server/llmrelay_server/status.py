@@ -1,0 +1,151 @@
+"""Domain errors -> gRPC statuses with google.rpc details (AIP-193). The one place the mapping is decided.
+
+| error                                   | code                | ErrorInfo.reason        | more details  |
+|-----------------------------------------|---------------------|-------------------------|---------------|
+| invalid request field                   | INVALID_ARGUMENT    | INVALID_REQUEST         | BadRequest    |
+| upstream rejected the request (400)     | INVALID_ARGUMENT    | UPSTREAM_REJECTED       |               |
+| prompt too long for every backend       | INVALID_ARGUMENT    | CONTEXT_LENGTH_EXCEEDED |               |
+| no backend serves the model             | NOT_FOUND           | MODEL_NOT_FOUND         |               |
+| upstream rate limit (every attempt)     | RESOURCE_EXHAUSTED  | UPSTREAM_RATE_LIMITED   | RetryInfo     |
+| our own upstream credentials refused    | FAILED_PRECONDITION | UPSTREAM_AUTH_FAILED    |               |
+| tokenizer encoding not installed        | FAILED_PRECONDITION | TOKENIZER_UNAVAILABLE   |               |
+| every backend down or broken            | UNAVAILABLE         | BACKENDS_UNAVAILABLE    | RetryInfo     |
+| upstream answers are malformed          | UNAVAILABLE         | UPSTREAM_BAD_RESPONSE   |               |
+| the caller's deadline ran out           | DEADLINE_EXCEEDED   | DEADLINE_EXCEEDED       |               |
+| a stream failed after it started        | ABORTED             | STREAM_INTERRUPTED      |               |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from llmrelay_server.domain import (
+    AllBackendsFailedError,
+    AttemptOutcome,
+    DeadlineExceededError,
+    InvalidRequestError,
+    LLMRelayError,
+    ModelNotFoundError,
+    StreamInterruptedError,
+    TokenizerUnavailableError,
+    UpstreamError,
+    UpstreamErrorKind,
+)
+
+DOMAIN: Final = "llmrelay.dev"
+STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
+DEFAULT_RETRY_DELAY_S: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class RpcFailure:
+    code: grpc.StatusCode
+    message: str
+    details: bytes
+    """A serialized google.rpc.Status, sent as the grpc-status-details-bin trailer."""
+
+    @property
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        return ((STATUS_DETAILS_KEY, self.details),)
+
+
+def rpc_failure(error: LLMRelayError) -> RpcFailure:
+    code, reason, metadata, extra = _classify(error)
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
+    message = str(error)
+    status = status_pb2.Status(code=code.value[0], message=message, details=[_pack(info), *map(_pack, extra)])
+    return RpcFailure(code, message, status.SerializeToString())
+
+
+def _classify(
+    error: LLMRelayError,
+) -> tuple[grpc.StatusCode, str, dict[str, str], list[error_details_pb2.RetryInfo | error_details_pb2.BadRequest]]:
+    if isinstance(error, InvalidRequestError):
+        violations = [
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in error.violations
+        ]
+        return (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_REQUEST",
+            {},
+            [error_details_pb2.BadRequest(field_violations=violations)],
+        )
+    if isinstance(error, ModelNotFoundError):
+        return (
+            grpc.StatusCode.NOT_FOUND,
+            "MODEL_NOT_FOUND",
+            {"model": error.model, "served": ",".join(error.served)},
+            [],
+        )
+    if isinstance(error, TokenizerUnavailableError):
+        return grpc.StatusCode.FAILED_PRECONDITION, "TOKENIZER_UNAVAILABLE", {"encoding": error.encoding}, []
+    if isinstance(error, UpstreamError):
+        return _upstream(error, grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE")
+    if isinstance(error, StreamInterruptedError):
+        _, _, metadata, _ = _upstream(error.cause, grpc.StatusCode.ABORTED, "")
+        return grpc.StatusCode.ABORTED, "STREAM_INTERRUPTED", metadata, []
+    if isinstance(error, DeadlineExceededError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", _attempts(error), []
+    if isinstance(error, AllBackendsFailedError):
+        return _exhausted(error)
+    return grpc.StatusCode.INTERNAL, "ERROR_REASON_UNSPECIFIED", {}, []
+
+
+def _exhausted(
+    error: AllBackendsFailedError,
+) -> tuple[grpc.StatusCode, str, dict[str, str], list[error_details_pb2.RetryInfo | error_details_pb2.BadRequest]]:
+    metadata = _attempts(error)
+    outcomes = {a.outcome for a in error.attempts if a.outcome is not AttemptOutcome.SKIPPED}
+    last = error.last_upstream_error
+    if last is not None and len(outcomes) == 1:
+        # One cause everywhere names the problem better than "unavailable" would.
+        code, reason, upstream_metadata, extra = _upstream(last, grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE")
+        return code, reason, {**metadata, **upstream_metadata}, extra
+    return grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE", metadata, [_retry_info(DEFAULT_RETRY_DELAY_S)]
+
+
+def _upstream(
+    error: UpstreamError, default_code: grpc.StatusCode, default_reason: str
+) -> tuple[grpc.StatusCode, str, dict[str, str], list[error_details_pb2.RetryInfo | error_details_pb2.BadRequest]]:
+    metadata = {"backend": error.backend}
+    if error.status is not None:
+        metadata["upstream_status"] = str(error.status)
+    kind = error.kind
+    if kind is UpstreamErrorKind.REJECTED:
+        return grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED", metadata, []
+    if kind is UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED:
+        return grpc.StatusCode.INVALID_ARGUMENT, "CONTEXT_LENGTH_EXCEEDED", metadata, []
+    if kind is UpstreamErrorKind.MODEL_NOT_FOUND:
+        return grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", metadata, []
+    if kind is UpstreamErrorKind.AUTH_FAILED:
+        return grpc.StatusCode.FAILED_PRECONDITION, "UPSTREAM_AUTH_FAILED", metadata, []
+    if kind is UpstreamErrorKind.RATE_LIMITED:
+        delay = error.retry_after_s if error.retry_after_s is not None else DEFAULT_RETRY_DELAY_S
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED", metadata, [_retry_info(delay)]
+    if kind is UpstreamErrorKind.BAD_RESPONSE:
+        return default_code, "UPSTREAM_BAD_RESPONSE", metadata, []
+    return default_code, default_reason, metadata, [_retry_info(error.retry_after_s or DEFAULT_RETRY_DELAY_S)]
+
+
+def _attempts(error: AllBackendsFailedError | DeadlineExceededError) -> dict[str, str]:
+    return {"attempts": ",".join(f"{a.backend}:{a.outcome.value}" for a in error.attempts)}
+
+
+def _retry_info(delay_s: float) -> error_details_pb2.RetryInfo:
+    info = error_details_pb2.RetryInfo()
+    info.retry_delay.FromNanoseconds(int(delay_s * 1e9))
+    return info
+
+
+def _pack(
+    message: error_details_pb2.ErrorInfo | error_details_pb2.RetryInfo | error_details_pb2.BadRequest,
+) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed

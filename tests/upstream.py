@@ -1,0 +1,329 @@
+"""A loopback OpenAI-compatible server with fault switches, for tests and benchmarks.
+
+It speaks real HTTP/1.1 on a real socket, so the gateway's `openai` client is exercised as in production. Answers
+are deterministic: the content is "echo: " + the last user message, streamed as one chunk per word.
+
+Faults are queued; each chat request takes the next one. A fault is a dict:
+    {"status": 503, "retry_after": 2, "body": "..."}  an HTTP error (JSON error body unless "body" is given)
+    {"stall_s": 5}                                     wait before answering (notices a client that leaves)
+    {"drop": true}                                     close the connection without answering
+    {"body": "<html>", "content_type": "text/html"}    a 200 with this raw body
+    {"stream_cut_after": 2}                            a stream that ends after N chunks, without [DONE]
+    {"stream_garbage": true}                           a stream with a line that is not JSON
+    {"trickle_s": 1.0}                                 a stream that sends one chunk per trickle_s seconds
+    {"no_usage": true}                                 leave usage out (like older Ollama streams)
+    {"reasoning": "thinking..."}                       add reasoning text (as Ollama's `reasoning` field)
+    {"tool_call": {"name": "f", "arguments": "{}"}}    answer with a tool call
+
+Run standalone: python tests/upstream.py --listen 127.0.0.1:PORT [--model NAME ...] [--ollama]
+Control API (standalone use, e.g. from Go or Node tests):
+    POST /_control/faults (JSON list) appends faults; DELETE /_control/faults clears them;
+    GET /_control/requests lists the chat request bodies received.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+Fault = dict[str, Any]
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body or b"null")
+
+
+@dataclass
+class FakeUpstream:
+    models: Sequence[str] = ("tiny",)
+    ollama: bool = False
+    host: str = "127.0.0.1"
+    port: int = 0
+    faults: deque[Fault] = field(default_factory=deque)
+    chat_requests: list[dict[str, Any]] = field(default_factory=list)
+    client_disconnects: list[float] = field(default_factory=list)
+    """Monotonic times at which a client left while a stalled answer was pending."""
+    open_connections: int = 0
+    _server: asyncio.Server | None = None
+    _handlers: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    async def start(self) -> FakeUpstream:
+        self._server = await asyncio.start_server(self._on_connection, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._handlers):
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+            await self._server.wait_closed()
+            self._server = None
+
+    def inject(self, *faults: Fault) -> None:
+        self.faults.extend(faults)
+
+    def reset(self) -> None:
+        self.faults.clear()
+        self.chat_requests.clear()
+        self.client_disconnects.clear()
+
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self.open_connections += 1
+        try:
+            while (request := await _read_request(reader)) is not None:
+                if not await self._dispatch(request, reader, writer):
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.open_connections -= 1
+            self._handlers.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _dispatch(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Answers one request; False closes the connection."""
+        route = (request.method, request.path.split("?")[0])
+        if route == ("POST", "/v1/chat/completions"):
+            return await self._chat(request, reader, writer)
+        if route == ("GET", "/v1/models"):
+            data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models]
+            return await _send_json(writer, 200, {"object": "list", "data": data})
+        if self.ollama and route == ("GET", "/api/version"):
+            return await _send_json(writer, 200, {"version": "0.0.0-fake"})
+        if self.ollama and route == ("GET", "/api/tags"):
+            return await _send_json(writer, 200, {"models": [{"name": m, "model": m} for m in self.models]})
+        if route == ("POST", "/_control/faults"):
+            self.inject(*request.json())
+            return await _send_json(writer, 200, {"queued": len(self.faults)})
+        if route == ("DELETE", "/_control/faults"):
+            self.faults.clear()
+            return await _send_json(writer, 200, {"queued": 0})
+        if route == ("GET", "/_control/requests"):
+            return await _send_json(writer, 200, self.chat_requests)
+        return await _send_json(writer, 404, {"error": {"message": f"no route {request.path}", "type": "not_found"}})
+
+    async def _chat(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        body = request.json()
+        self.chat_requests.append(body)
+        fault = self.faults.popleft() if self.faults else {}
+        if "stall_s" in fault and not await self._stall(fault["stall_s"], reader):
+            return False
+        if fault.get("drop"):
+            return False
+        if "status" in fault:
+            headers = {"Retry-After": str(fault["retry_after"])} if "retry_after" in fault else {}
+            error = {"error": {"message": f"fake upstream fault {fault['status']}", "type": "fault", "code": None}}
+            if "body" in fault:
+                return await _send(writer, fault["status"], fault["body"].encode(), "application/json", headers)
+            return await _send_json(writer, fault["status"], error, headers)
+        if "body" in fault:
+            return await _send(writer, 200, fault["body"].encode(), fault.get("content_type", "application/json"))
+        model = body.get("model", self.models[0])
+        if model not in self.models:
+            error = {"error": {"message": f"model '{model}' not found", "type": "not_found_error", "code": None}}
+            return await _send_json(writer, 404, error)
+        answer = _answer(body, fault)
+        if body.get("stream"):
+            await self._stream(writer, answer, body, fault)
+            return False
+        return await _send_json(writer, 200, answer.completion())
+
+    async def _stall(self, seconds: float, reader: asyncio.StreamReader) -> bool:
+        """Waits, but notices at once when the client closes the connection; False when it did."""
+        try:
+            data = await asyncio.wait_for(reader.read(1), timeout=seconds)
+        except TimeoutError:
+            return True
+        if not data:
+            self.client_disconnects.append(time.monotonic())
+            return False
+        return True
+
+    async def _stream(self, writer: asyncio.StreamWriter, answer: _Answer, body: dict[str, Any], fault: Fault) -> None:
+        # Connection: close and no length: the stream ends when the connection does, as many servers do it.
+        head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+        writer.write(head.encode())
+        chunks = answer.chunks(include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
+        cut_after = fault.get("stream_cut_after")
+        for index, chunk in enumerate(chunks):
+            if cut_after is not None and index >= cut_after:
+                await writer.drain()
+                return
+            if fault.get("stream_garbage") and index == 1:
+                writer.write(b"data: {not json at all\n\n")
+            writer.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            await writer.drain()
+            if "trickle_s" in fault:
+                await asyncio.sleep(fault["trickle_s"])
+        writer.write(b"data: [DONE]\n\n")
+        await writer.drain()
+
+
+@dataclass
+class _Answer:
+    id: str
+    model: str
+    content: str
+    reasoning: str | None
+    tool_call: dict[str, str] | None
+    prompt_tokens: int
+    usage: bool
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.content.split()) + len((self.reasoning or "").split())
+
+    def usage_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+    def completion(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.reasoning is not None:
+            message["reasoning"] = self.reasoning
+        if self.tool_call is not None:
+            message["tool_calls"] = [{"id": "call_1", "type": "function", "function": self.tool_call}]
+        result: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": 0,
+            "model": self.model,
+            "choices": [{"index": 0, "message": message, "finish_reason": self._finish_reason()}],
+        }
+        if self.usage:
+            result["usage"] = self.usage_dict()
+        return result
+
+    def chunks(self, include_usage: bool) -> list[dict[str, Any]]:
+        deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+        if self.reasoning is not None:
+            deltas += [{"reasoning": piece} for piece in _pieces(self.reasoning)]
+        deltas += [{"content": piece} for piece in _pieces(self.content)]
+        if self.tool_call is not None:
+            name, arguments = self.tool_call["name"], self.tool_call["arguments"]
+            head = {"index": 0, "id": "call_1", "type": "function", "function": {"name": name, "arguments": ""}}
+            deltas.append({"tool_calls": [head]})
+            deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": p}}]} for p in _halves(arguments)]
+        chunks = [self._chunk(delta, None) for delta in deltas]
+        chunks.append(self._chunk({}, self._finish_reason()))
+        if include_usage and self.usage:
+            chunks.append({**self._chunk({}, None), "choices": [], "usage": self.usage_dict()})
+        return chunks
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": self.model,
+            "choices": [choice],
+        }
+
+    def _finish_reason(self) -> str:
+        return "tool_calls" if self.tool_call is not None else "stop"
+
+
+def _pieces(text: str) -> list[str]:
+    words = text.split(" ")
+    return [word if i == 0 else " " + word for i, word in enumerate(words)]
+
+
+def _halves(text: str) -> list[str]:
+    middle = len(text) // 2
+    return [part for part in (text[:middle], text[middle:]) if part]
+
+
+def _answer(body: dict[str, Any], fault: Fault) -> _Answer:
+    messages = body.get("messages") or []
+    last_user = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
+    prompt_words = sum(len(str(m.get("content") or "").split()) for m in messages)
+    return _Answer(
+        id=f"chatcmpl-fake-{len(messages)}",
+        model=body.get("model", ""),
+        content=f"echo: {last_user}",
+        reasoning=fault.get("reasoning"),
+        tool_call=fault.get("tool_call"),
+        prompt_tokens=prompt_words + 3 * len(messages),
+        usage=not fault.get("no_usage"),
+    )
+
+
+async def _read_request(reader: asyncio.StreamReader) -> Request | None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return None
+    lines = head.decode("latin-1").split("\r\n")
+    method, path, _ = lines[0].split(" ", 2)
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)}
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return Request(method, path, headers, body)
+
+
+async def _send_json(
+    writer: asyncio.StreamWriter, status: int, payload: Any, headers: dict[str, str] | None = None
+) -> bool:
+    return await _send(writer, status, json.dumps(payload).encode(), "application/json", headers)
+
+
+async def _send(
+    writer: asyncio.StreamWriter, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
+) -> bool:
+    lines = [f"HTTP/1.1 {status} X", f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+    await writer.drain()
+    return True
+
+
+async def _serve(host: str, port: int, models: Sequence[str], ollama: bool) -> None:
+    upstream = await FakeUpstream(models=models, ollama=ollama, host=host, port=port).start()
+    print(f"upstream listening on http://{host}:{upstream.port}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await upstream.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A loopback OpenAI-compatible server with fault switches.")
+    parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0 picks a free one)")
+    parser.add_argument("--model", action="append", help="a model to serve (repeatable; default: tiny)")
+    parser.add_argument("--ollama", action="store_true", help="also serve Ollama's /api/version and /api/tags")
+    args = parser.parse_args()
+    host, _, port = args.listen.rpartition(":")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(host, int(port), args.model or ["tiny"], args.ollama))
+
+
+if __name__ == "__main__":
+    main()
