@@ -27,11 +27,9 @@ REQUIRED_VERSIONS = {"grpcio-tools": "1.85.1", "mypy-protobuf": "5.1.0"}
 INIT_TEXT = '''"""Generated stubs of the llmrelay.v1 contract. DO NOT EDIT: run `make proto`."""
 
 from llmrelay.v1.llmrelay_pb2 import *  # noqa: F403
-from llmrelay.v1.llmrelay_pb2_grpc import (  # noqa: F401
-    LLMServiceServicer,
-    LLMServiceStub,
-    add_LLMServiceServicer_to_server,
-)
+from llmrelay.v1.llmrelay_pb2_grpc import LLMServiceServicer as LLMServiceServicer
+from llmrelay.v1.llmrelay_pb2_grpc import LLMServiceStub as LLMServiceStub
+from llmrelay.v1.llmrelay_pb2_grpc import add_LLMServiceServicer_to_server as add_LLMServiceServicer_to_server
 '''
 
 
@@ -70,7 +68,9 @@ def write_init(package_dir: Path) -> None:
 
 
 def generated_files(root: Path) -> list[Path]:
-    return sorted(p.relative_to(root) for p in (root / PACKAGE).rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    return sorted(
+        p.relative_to(root) for p in (root / PACKAGE).rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    )
 
 
 def main() -> None:

@@ -321,6 +321,7 @@ def _check_listen(listen: str, where: str) -> None:
 def _check_positive(section: Any, where: str, allow_zero: tuple[str, ...] = ()) -> None:
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            if value < 0 or (value == 0 and f.name not in allow_zero):
-                raise ConfigError(f"{where}.{f.name}: must be {'>= 0' if f.name in allow_zero else '> 0'}")
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        if value < 0 or (value == 0 and f.name not in allow_zero):
+            raise ConfigError(f"{where}.{f.name}: must be {'>= 0' if f.name in allow_zero else '> 0'}")

@@ -44,13 +44,13 @@ MAX_TOKENS_LIMIT: Final = 10_000_000
 MAX_STOP_SEQUENCES: Final = 4
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
-_ROLES: Final[Mapping[int, Role]] = {
+_ROLES: Final[Mapping[pb.Role.ValueType, Role]] = {
     pb.ROLE_SYSTEM: Role.SYSTEM,
     pb.ROLE_USER: Role.USER,
     pb.ROLE_ASSISTANT: Role.ASSISTANT,
     pb.ROLE_TOOL: Role.TOOL,
 }
-_ROLES_OUT: Final = {role: number for number, role in _ROLES.items()}
+_ROLES_OUT: Final[Mapping[Role, pb.Role.ValueType]] = {role: number for number, role in _ROLES.items()}
 _EFFORTS: Final[Mapping[int, ReasoningEffort]] = {
     pb.REASONING_EFFORT_NONE: "none",
     pb.REASONING_EFFORT_MINIMAL: "minimal",

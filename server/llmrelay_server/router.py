@@ -142,7 +142,7 @@ class Backoff:
         if retry_after_s is not None:
             return retry_after_s if retry_after_s <= self.config.max_retry_after_s else None
         cap = min(self.config.max_backoff_s, self.config.initial_backoff_s * 2**retry)
-        return self.rng() * cap
+        return float(self.rng() * cap)
 
 
 @dataclass
@@ -211,8 +211,8 @@ class Router:
     def resolve(self, model: str | None, *, exact: bool) -> list[Route]:
         """The routes a request may take, in order; ModelNotFoundError when nothing serves the model."""
         if model is None:
-            first, *others = self.backends
-            return [Route(first, first.provider.spec.default_model)] + self._fallbacks(exclude=first)
+            first = self.backends[0]
+            return [Route(first, first.provider.spec.default_model), *self._fallbacks(exclude=first)]
         model = self._aliases.get(model, model)
         qualifier, _, bare = model.partition("/")
         if bare and qualifier in self._by_name:

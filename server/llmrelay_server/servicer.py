@@ -6,7 +6,7 @@ import hashlib
 import logging
 import re
 from collections.abc import AsyncIterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 from llmrelay import v1 as pb
@@ -107,7 +107,7 @@ class LLMServicer(pb.LLMServiceServicer):
         )
 
 
-def caller_identity(context: grpc.aio.ServicerContext[object, object]) -> str:
+def caller_identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """Who to bill: the caller's own tag, else a fingerprint of its bearer token (never the token), else anonymous."""
     metadata = dict(context.invocation_metadata() or ())
     tag = metadata.get(CALLER_HEADER)
@@ -123,7 +123,7 @@ def caller_identity(context: grpc.aio.ServicerContext[object, object]) -> str:
     return "anonymous"
 
 
-async def _abort(context: grpc.aio.ServicerContext[object, object], rpc: str, error: LLMRelayError) -> NoReturn:
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], rpc: str, error: LLMRelayError) -> NoReturn:
     failure = rpc_failure(error)
     log.info("%s failed: %s: %s", rpc, failure.code.name, failure.message)
     await context.abort(failure.code, failure.message, trailing_metadata=failure.trailing_metadata)

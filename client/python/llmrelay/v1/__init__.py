@@ -1,8 +1,6 @@
 """Generated stubs of the llmrelay.v1 contract. DO NOT EDIT: run `make proto`."""
 
 from llmrelay.v1.llmrelay_pb2 import *  # noqa: F403
-from llmrelay.v1.llmrelay_pb2_grpc import (  # noqa: F401
-    LLMServiceServicer,
-    LLMServiceStub,
-    add_LLMServiceServicer_to_server,
-)
+from llmrelay.v1.llmrelay_pb2_grpc import LLMServiceServicer as LLMServiceServicer
+from llmrelay.v1.llmrelay_pb2_grpc import LLMServiceStub as LLMServiceStub
+from llmrelay.v1.llmrelay_pb2_grpc import add_LLMServiceServicer_to_server as add_LLMServiceServicer_to_server
