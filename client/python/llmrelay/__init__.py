@@ -1,0 +1,39 @@
+"""llmrelay: the Python SDK of the llmrelay gateway.
+
+    from llmrelay import Client
+    with Client("127.0.0.1:50051") as client:
+        print(client.complete([{"role": "user", "content": "Hello"}]).message.content)
+
+The generated messages are in `llmrelay.v1`; errors are `LLMRelayError` subclasses with google.rpc details decoded.
+"""
+
+from llmrelay._client import DEFAULT_TARGET, AsyncClient, Client, message
+from llmrelay._errors import (
+    AbortedError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    FieldViolation,
+    InvalidArgumentError,
+    LLMRelayError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+    error_from_rpc,
+)
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "AbortedError",
+    "AsyncClient",
+    "Client",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "FieldViolation",
+    "InvalidArgumentError",
+    "LLMRelayError",
+    "NotFoundError",
+    "ResourceExhaustedError",
+    "UnavailableError",
+    "error_from_rpc",
+    "message",
+]

@@ -1,0 +1,302 @@
+"""The seed's cases end to end: a real gRPC channel, the real gateway, real HTTP upstreams on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from llmrelay import v1 as pb
+from support import OPENAI_TEST_KEY, chat, details, stream_chat, two_backends, user
+from upstream import FakeUpstream
+
+
+async def test_completion_is_served_by_the_first_backend(stub: pb.LLMServiceStub, primary: FakeUpstream) -> None:
+    answer = await stub.Complete(chat("what is two plus two"), timeout=5)
+    assert answer.message.content == "echo: what is two plus two"
+    assert answer.message.role == pb.ROLE_ASSISTANT
+    assert (answer.backend, answer.model) == ("openai", "gpt-test")
+    assert answer.finish_reason == pb.FINISH_REASON_STOP
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens > 0
+    assert not answer.usage.estimated
+    assert [a.outcome for a in answer.attempts] == [pb.ATTEMPT_OUTCOME_SUCCEEDED]
+    assert len(primary.chat_requests) == 1
+
+
+async def test_stream_concatenates_to_the_unary_answer(stub: pb.LLMServiceStub) -> None:
+    unary = await stub.Complete(chat("one two three four"), timeout=5)
+    chunks = [c async for c in stub.StreamComplete(stream_chat("one two three four"), timeout=5)]
+    assert len(chunks) > 2, "the answer must arrive in pieces"
+    assert "".join(c.delta.content for c in chunks) == unary.message.content
+    last = chunks[-1]
+    assert last.finish_reason == pb.FINISH_REASON_STOP
+    assert last.usage.total_tokens == unary.usage.total_tokens
+    assert all(c.finish_reason == pb.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
+    assert {c.backend for c in chunks} == {"openai"}
+    assert [a.outcome for a in last.attempts] == [pb.ATTEMPT_OUTCOME_SUCCEEDED]
+
+
+async def test_fallback_to_local_when_the_primary_is_down(
+    stub: pb.LLMServiceStub, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    primary.inject({"drop": True}, {"drop": True})
+    answer = await stub.Complete(chat("still there?"), timeout=5)
+    assert (answer.backend, answer.model) == ("ollama", "tiny")
+    assert answer.message.content == "echo: still there?"
+    outcomes = [(a.backend, a.outcome) for a in answer.attempts]
+    assert outcomes == [
+        ("openai", pb.ATTEMPT_OUTCOME_UNREACHABLE),
+        ("openai", pb.ATTEMPT_OUTCOME_UNREACHABLE),
+        ("ollama", pb.ATTEMPT_OUTCOME_SUCCEEDED),
+    ]
+    assert local.chat_requests[0]["model"] == "tiny", "the model is mapped to the fallback's own"
+
+
+async def test_fallback_in_the_other_direction(gateway_factory, primary: FakeUpstream, local: FakeUpstream) -> None:
+    gateway = await gateway_factory(_ollama_first(primary, local))
+    local.inject({"status": 503}, {"status": 503})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        answer = await pb.LLMServiceStub(channel).Complete(chat("hi"), timeout=5)
+    assert answer.backend == "openai"
+    assert [a.upstream_status for a in answer.attempts[:2]] == [503, 503]
+
+
+def _ollama_first(primary: FakeUpstream, local: FakeUpstream) -> str:
+    return f"""
+llm:
+  openai: {{api_key: "{OPENAI_TEST_KEY}", base_url: "{primary.base_url}", model: gpt-test}}
+  ollama: {{base_url: "{local.base_url}", model: tiny}}
+  order: [ollama, openai]
+router:
+  retry: {{max_retries: 1, initial_backoff_s: 0.01}}
+"""
+
+
+async def test_streaming_falls_back_before_the_first_chunk(stub: pb.LLMServiceStub, primary: FakeUpstream) -> None:
+    primary.inject({"status": 502}, {"status": 502})
+    chunks = [c async for c in stub.StreamComplete(stream_chat("a b c"), timeout=5)]
+    assert {c.backend for c in chunks} == {"ollama"}
+    assert "".join(c.delta.content for c in chunks) == "echo: a b c"
+
+
+async def test_network_failures_of_every_backend_give_unavailable_with_what_was_tried(
+    stub: pb.LLMServiceStub, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    primary.inject({"drop": True}, {"drop": True})
+    local.inject({"drop": True}, {"drop": True})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat(), timeout=5)
+    error = caught.value
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "openai" in error.details() and "ollama" in error.details()
+    info = details(error)["ErrorInfo"]
+    assert (info.reason, info.domain) == ("BACKENDS_UNAVAILABLE", "llmrelay.dev")
+    assert info.metadata["attempts"] == "openai:unreachable,openai:unreachable,ollama:unreachable,ollama:unreachable"
+    assert details(error)["RetryInfo"].retry_delay.ToNanoseconds() > 0
+    # The server goes on serving.
+    assert (await stub.Complete(chat(), timeout=5)).backend == "openai"
+
+
+async def test_concurrent_requests_to_different_backends(
+    stub: pb.LLMServiceStub, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    requests = [chat(f"question {i}", model="ollama/tiny" if i % 2 else "gpt-test") for i in range(40)]
+    answers = await asyncio.gather(*(stub.Complete(r, timeout=10) for r in requests))
+    for i, answer in enumerate(answers):
+        assert answer.message.content == f"echo: question {i}"
+        assert answer.backend == ("ollama" if i % 2 else "openai")
+    assert (len(primary.chat_requests), len(local.chat_requests)) == (20, 20)
+
+
+async def test_every_option_set_reaches_the_upstream_and_nothing_unset(
+    stub: pb.LLMServiceStub, primary: FakeUpstream
+) -> None:
+    parameters = struct_pb2.Struct()
+    parameters.update({"type": "object", "properties": {"city": {"type": "string"}}})
+    schema = struct_pb2.Struct()
+    schema.update({"type": "object"})
+    options = pb.CompletionOptions(
+        temperature=0.0,  # zero is a value, not "unset"
+        top_p=0.5,
+        max_tokens=64,
+        stop=["END"],
+        seed=7,
+        response_format=pb.ResponseFormat(
+            type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=pb.JsonSchema(name="answer", schema=schema)
+        ),
+        tools=[pb.Tool(function=pb.FunctionDefinition(name="weather", description="d", parameters=parameters))],
+        tool_choice=pb.ToolChoice(function_name="weather"),
+        reasoning_effort=pb.REASONING_EFFORT_LOW,
+        presence_penalty=0.1,
+        frequency_penalty=-0.1,
+        parallel_tool_calls=False,
+    )
+    await stub.Complete(pb.CompleteRequest(messages=[user("x")], options=options), timeout=5)
+    sent = primary.chat_requests[0]
+    assert sent["temperature"] == 0.0
+    assert sent["top_p"] == 0.5
+    assert sent["max_completion_tokens"] == 64, "OpenAI's reasoning models take max_completion_tokens"
+    assert sent["stop"] == ["END"]
+    assert sent["seed"] == 7
+    assert sent["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": {"type": "object"}},
+    }
+    assert sent["tools"][0]["function"]["parameters"]["properties"] == {"city": {"type": "string"}}
+    assert sent["tool_choice"] == {"type": "function", "function": {"name": "weather"}}
+    assert sent["reasoning_effort"] == "low"
+    assert (sent["presence_penalty"], sent["frequency_penalty"], sent["parallel_tool_calls"]) == (0.1, -0.1, False)
+
+    primary.reset()
+    await stub.Complete(chat("bare"), timeout=5)
+    assert set(primary.chat_requests[0]) == {"model", "messages"}
+
+
+async def test_ollama_gets_max_tokens_and_reasoning_comes_back(stub: pb.LLMServiceStub, local: FakeUpstream) -> None:
+    local.inject({"reasoning": "let me think"})
+    options = pb.CompletionOptions(max_tokens=5)
+    answer = await stub.Complete(chat("hm", model="ollama/tiny", options=options), timeout=5)
+    assert local.chat_requests[0]["max_tokens"] == 5
+    assert answer.message.reasoning == "let me think"
+
+
+async def test_tool_calls_round_trip(stub: pb.LLMServiceStub, primary: FakeUpstream) -> None:
+    primary.inject({"tool_call": {"name": "weather", "arguments": '{"city": "Oslo"}'}})
+    answer = await stub.Complete(chat("weather in Oslo?"), timeout=5)
+    assert answer.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    call = answer.message.tool_calls[0]
+    assert (call.id, call.function.name, call.function.arguments) == ("call_1", "weather", '{"city": "Oslo"}')
+
+    primary.inject({"tool_call": {"name": "weather", "arguments": '{"city": "Oslo"}'}})
+    chunks = [c async for c in stub.StreamComplete(stream_chat("weather in Oslo?"), timeout=5)]
+    fragments = [d for c in chunks for d in c.delta.tool_calls]
+    assert fragments[0].name == "weather" and fragments[0].id == "call_1"
+    assert "".join(d.arguments for d in fragments) == '{"city": "Oslo"}'
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_TOOL_CALLS
+
+    conversation = [
+        user("weather in Oslo?"),
+        pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call]),
+        pb.Message(role=pb.ROLE_TOOL, content="sunny", tool_call_id="call_1"),
+    ]
+    await stub.Complete(pb.CompleteRequest(messages=conversation), timeout=5)
+    sent = primary.chat_requests[-1]["messages"]
+    assert sent[1]["tool_calls"][0]["function"] == {"name": "weather", "arguments": '{"city": "Oslo"}'}
+    assert sent[2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (pb.CompleteRequest(), "messages"),
+        (pb.CompleteRequest(messages=[pb.Message(content="no role")]), "messages[0].role"),
+        (pb.CompleteRequest(messages=[pb.Message(role=99, content="x")]), "messages[0].role"),
+        (pb.CompleteRequest(messages=[user("")]), "messages[0].content"),
+        (chat(options=pb.CompletionOptions(max_tokens=-1)), "options.max_tokens"),
+        (chat(options=pb.CompletionOptions(temperature=7)), "options.temperature"),
+        (
+            chat(options=pb.CompletionOptions(tool_choice=pb.ToolChoice(function_name="nope"))),
+            "options.tool_choice.function_name",
+        ),
+        (pb.CompleteRequest(messages=[pb.Message(role=pb.ROLE_TOOL, content="r")]), "messages[0].tool_call_id"),
+    ],
+)
+async def test_invalid_requests_name_the_field(
+    stub: pb.LLMServiceStub, primary: FakeUpstream, request_: pb.CompleteRequest, field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(request_, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in caught.value.details()
+    violations = details(caught.value)["BadRequest"].field_violations
+    assert field in [v.field for v in violations]
+    assert details(caught.value)["ErrorInfo"].reason == "INVALID_REQUEST"
+    assert primary.chat_requests == [], "an invalid request never reaches an upstream"
+
+
+async def test_unknown_model_is_not_found_listing_what_is_served(stub: pb.LLMServiceStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat(model="no-such-model"), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    info = details(caught.value)["ErrorInfo"]
+    assert info.reason == "MODEL_NOT_FOUND"
+    assert info.metadata["served"] == "openai/gpt-test,ollama/tiny"
+    assert "openai/gpt-test" in caught.value.details()
+
+
+async def test_model_resolution_forms(stub: pb.LLMServiceStub, primary: FakeUpstream, local: FakeUpstream) -> None:
+    assert (await stub.Complete(chat(model="tiny"), timeout=5)).backend == "ollama"
+    assert (await stub.Complete(chat(model="ollama/tiny"), timeout=5)).backend == "ollama"
+    # A model the probe discovered on the upstream (its /v1/models), not only the configured default.
+    answer = await stub.Complete(chat(model="gpt-test-mini"), timeout=5)
+    assert (answer.backend, answer.model) == ("openai", "gpt-test-mini")
+
+
+async def test_exact_model_forbids_substitution(stub: pb.LLMServiceStub, primary: FakeUpstream) -> None:
+    primary.inject({"status": 500}, {"status": 500})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat(model="gpt-test", exact_model=True), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "ollama" not in details(caught.value)["ErrorInfo"].metadata["attempts"]
+
+
+async def test_aliases(gateway_factory, primary: FakeUpstream, local: FakeUpstream) -> None:
+    gateway = await gateway_factory(
+        two_backends(primary, local).replace("  ollama:", '  aliases: {fast: "ollama/tiny"}\n  ollama:')
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        answer = await pb.LLMServiceStub(channel).Complete(chat(model="fast"), timeout=5)
+    assert (answer.backend, answer.model) == ("ollama", "tiny")
+
+
+async def test_standard_health_and_reflection(channel: grpc.aio.Channel, local: FakeUpstream) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "llmrelay.v1.LLMService"):
+        response = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    responses = [r async for r in reflection.ServerReflectionInfo(iter([request]), timeout=5)]
+    services = {s.name for s in responses[0].list_services_response.service}
+    assert {"llmrelay.v1.LLMService", "grpc.health.v1.Health"} <= services
+
+
+async def test_health_rpc_reports_every_backend(stub: pb.LLMServiceStub) -> None:
+    report = await stub.Health(pb.HealthRequest(probe=True), timeout=5)
+    assert report.serving
+    by_name = {b.name: b for b in report.backends}
+    assert list(by_name) == ["openai", "ollama"]
+    assert by_name["ollama"].kind == "ollama" and list(by_name["ollama"].models) == ["tiny"]
+    assert list(by_name["openai"].models) == ["gpt-test", "gpt-test-mini"]
+    assert all(b.reachable and b.circuit_state == pb.CIRCUIT_STATE_CLOSED for b in report.backends)
+    assert all(b.latency.ToNanoseconds() > 0 for b in report.backends)
+
+
+async def test_health_reports_an_unreachable_backend(gateway_factory, local: FakeUpstream) -> None:
+    gateway = await gateway_factory(f"""
+llm:
+  ollama: {{base_url: "{local.base_url}", model: tiny}}
+  backends:
+    - {{name: dead, kind: openai_compatible, base_url: "http://127.0.0.1:9/v1", model: m}}
+""")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        report = await pb.LLMServiceStub(channel).Health(pb.HealthRequest(probe=True), timeout=10)
+    dead = next(b for b in report.backends if b.name == "dead")
+    assert not dead.reachable and dead.last_error
+    assert report.serving, "one reachable backend is enough to serve"
+
+
+async def test_no_secret_is_echoed(stub: pb.LLMServiceStub, primary: FakeUpstream) -> None:
+    primary.inject(
+        *[{"status": 401, "body": f'{{"error": {{"message": "Incorrect API key provided: {OPENAI_TEST_KEY}"}}}}'}]
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat(model="gpt-test", exact_model=True), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert details(caught.value)["ErrorInfo"].reason == "UPSTREAM_AUTH_FAILED"
+    assert OPENAI_TEST_KEY not in caught.value.details()
+    assert OPENAI_TEST_KEY not in str(details(caught.value))
