@@ -18,10 +18,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/llmrelay-server $(ARGS)
 
-proto: $(STAMP)
+proto: $(STAMP) tools
 	$(BIN)/python scripts/gen_protos.py
 
-proto-check: $(STAMP)
+proto-check: $(STAMP) tools
 	$(BIN)/python scripts/gen_protos.py --check
 
 lint: $(STAMP)
@@ -41,3 +41,19 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Go and TypeScript clients (client/go, client/node) and the standard gRPC probes.
+.PHONY: tools test-go test-node test-probes
+
+# The pinned Go tools (protoc plugins, grpc-health-probe, grpcurl) and client/node's npm deps, cached outside the repo.
+tools:
+	bash scripts/install_tools.sh
+
+test-go: $(STAMP) tools
+	cd client/go && go test -count=1 ./...
+
+test-node: $(STAMP) tools
+	cd client/node && npm test
+
+test-probes: $(STAMP) tools
+	bash client/probes_test.sh
