@@ -98,6 +98,9 @@ class FakeUpstream:
                     break
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            # stop() cancels handlers; asyncio's stream machinery logs a cancelled handler as an error, so end quietly.
+            pass
         finally:
             self.open_connections -= 1
             self._handlers.discard(task)

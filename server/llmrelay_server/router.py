@@ -272,11 +272,17 @@ class Router:
     async def count_tokens(
         self, model: str | None, messages: Sequence[Message], tools: Sequence[Tool], text: str | None
     ) -> TokenCount:
-        route = self.resolve(model, exact=True)[0]
+        """A backend's own exact count where it has a tokenizer; else tiktoken, for any model name (counting is offline
+        and an agent may budget for a model this gateway does not route to)."""
+        try:
+            route: Route | None = self.resolve(model, exact=True)[0]
+        except ModelNotFoundError:
+            route = None
+        name = route.model if route is not None else str(model)
         if text is not None:
-            return self._counter.count_text(route.model, text)
-        exact = await route.backend.provider.count_tokens(route.model, messages, tools)
-        return exact or self._counter.count_chat(route.model, messages, tools)
+            return self._counter.count_text(name, text)
+        exact = await route.backend.provider.count_tokens(name, messages, tools) if route is not None else None
+        return exact or self._counter.count_chat(name, messages, tools)
 
     async def _open_stream(
         self, route: Route, request: CompletionRequest, timeout_s: float

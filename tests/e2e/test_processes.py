@@ -1,0 +1,207 @@
+"""The console commands as a user runs them: `llmrelay-server` in its own process, `llmrelay` at a terminal."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from llmrelay import AsyncClient, Client, InvalidArgumentError, UnavailableError
+from llmrelay import v1 as pb
+from support import OPENAI_TEST_KEY, stream_chat
+from upstream import FakeUpstream
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OLLAMA_", "LLMRELAY_"))}
+    return {**env, **extra}
+
+
+class ServerProcess:
+    def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
+        self.process = process
+        self.port = port
+        self.log: list[str] = []
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def wait_listening(self) -> None:
+        assert self.process.stderr is not None
+        async with asyncio.timeout(20):
+            while True:
+                line = (await self.process.stderr.readline()).decode()
+                if not line:
+                    raise AssertionError("llmrelay-server exited early:\n" + "".join(self.log))
+                self.log.append(line)
+                if "listening on" in line:
+                    return
+
+
+async def read_all(stream: grpc.aio.UnaryStreamCall) -> list[pb.StreamCompleteResponse]:
+    chunks = []
+    while (chunk := await stream.read()) is not grpc.aio.EOF:
+        chunks.append(chunk)
+    return chunks
+
+
+@pytest.fixture
+async def server(tmp_path: Path, local: FakeUpstream) -> AsyncIterator[ServerProcess]:
+    port = free_port()
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(
+        f'server: {{grace_period_s: 5, usage_db: "{tmp_path}/usage.db"}}\nrouter: {{retry: {{max_retries: 0}}}}\n'
+    )
+    process = await asyncio.create_subprocess_exec(
+        BIN / "llmrelay-server",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--config",
+        str(config),
+        env=clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1"), LLMRELAY_OLLAMA_MODEL="tiny"),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    server = ServerProcess(process, port)
+    try:
+        await server.wait_listening()
+        yield server
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_sigterm_drains_calls_in_flight_and_exits_zero(server: ServerProcess, local: FakeUpstream) -> None:
+    local.inject({"trickle_s": 0.3})
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        assert (
+            await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        ).status == health_pb2.HealthCheckResponse.SERVING
+        stream = pb.LLMServiceStub(channel).StreamComplete(stream_chat("one two three four five"), timeout=20)
+        first = await stream.read()
+        assert first.backend == "ollama"
+        server.process.send_signal(signal.SIGTERM)
+        # New calls are refused while the stream in flight goes on to its end.
+        with pytest.raises(grpc.aio.AioRpcError):
+            for _ in range(50):
+                await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                await asyncio.sleep(0.05)
+        rest = await read_all(stream)
+    text = first.delta.content + "".join(c.delta.content for c in rest)
+    assert text == "echo: one two three four five"
+    assert rest[-1].finish_reason == pb.FINISH_REASON_STOP
+    assert await asyncio.wait_for(server.process.wait(), 10) == 0
+
+
+async def test_health_goes_not_serving_during_shutdown(server: ServerProcess, local: FakeUpstream) -> None:
+    local.inject({"trickle_s": 0.5})
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stream = pb.LLMServiceStub(channel).StreamComplete(stream_chat("a b c d"), timeout=20)
+        await stream.read()
+        # A second channel watches health, as a load balancer's would.
+        async with grpc.aio.insecure_channel(server.target) as watcher:
+            watch = health_pb2_grpc.HealthStub(watcher).Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            server.process.send_signal(signal.SIGTERM)
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await read_all(stream)
+    assert await asyncio.wait_for(server.process.wait(), 10) == 0
+
+
+def use_blocking_client(target: str) -> None:
+    with Client(target, caller="sdk-test") as client:
+        answer = client.complete([{"role": "user", "content": "sync hello"}], max_tokens=20, temperature=0.2)
+        assert answer.message.content == "echo: sync hello"
+        pieces = [c.delta.content for c in client.stream([{"role": "user", "content": "a b c"}])]
+        assert "".join(pieces) == "echo: a b c"
+        assert client.count_tokens(text="hello world").token_count > 0
+        assert client.health().backends[0].name == "ollama"
+        with pytest.raises(InvalidArgumentError) as caught:
+            client.complete([])
+        assert [v.field for v in caught.value.field_violations] == ["messages"]
+        assert caught.value.reason == "INVALID_REQUEST"
+        records = client.get_usage(pb.GetUsageRequest(caller="sdk-test")).records
+        assert sum(r.requests for r in records) == 2
+
+
+async def test_python_sdk_against_the_server_process(server: ServerProcess) -> None:
+    # The blocking client runs in a thread: the loopback upstream shares this test's event loop.
+    await asyncio.to_thread(use_blocking_client, server.target)
+
+    async with AsyncClient(server.target) as aclient:
+        answer = await aclient.complete([{"role": "user", "content": "async hello"}])
+        assert answer.message.content == "echo: async hello"
+        pieces = [c.delta.content async for c in aclient.stream([{"role": "user", "content": "x y"}])]
+        assert "".join(pieces) == "echo: x y"
+
+
+async def test_sdk_raises_unavailable_with_retry_info(server: ServerProcess, local: FakeUpstream) -> None:
+    local.inject({"status": 503})
+    async with AsyncClient(server.target) as client:
+        with pytest.raises(UnavailableError) as caught:
+            await client.complete([{"role": "user", "content": "x"}])
+    assert caught.value.reason == "BACKENDS_UNAVAILABLE"
+    assert caught.value.retry_delay_s is not None and caught.value.retry_delay_s > 0
+
+
+async def test_cli_streams_tokens_and_counts(server: ServerProcess) -> None:
+    process = await asyncio.create_subprocess_exec(
+        BIN / "llmrelay",
+        "--target",
+        server.target,
+        "stream",
+        "hello from the terminal",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 0, err.decode()
+    assert out.decode().strip() == "echo: hello from the terminal"
+    assert "ollama/tiny" in err.decode() and "stop" in err.decode()
+
+    process = await asyncio.create_subprocess_exec(
+        BIN / "llmrelay",
+        "--target",
+        server.target,
+        "tokens",
+        "hello world",
+        "--model",
+        "gpt-4o",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 20)
+    assert out.decode().strip() == "2 tokens (gpt-4o, o200k_base, exact)"
+
+
+async def test_bad_configuration_fails_at_start_naming_the_field(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text('llm:\n  openai: {api_key: "${OPENAI_API_KEY}", base_url: "ftp://nowhere"}\n')
+    process = await asyncio.create_subprocess_exec(
+        BIN / "llmrelay-server",
+        "--config",
+        str(config),
+        env=clean_env(OPENAI_API_KEY=OPENAI_TEST_KEY),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode != 0
+    message = err.decode()
+    assert "llm.openai.base_url" in message and "ftp://nowhere" in message
+    assert OPENAI_TEST_KEY not in message
