@@ -181,7 +181,8 @@ class FakeUpstream:
                 writer.write(b"data: {not json at all\n\n")
             writer.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
             await writer.drain()
-            if "trickle_s" in fault:
+            # The role-only first chunk goes out at once, so a trickle starts after real content has been sent.
+            if "trickle_s" in fault and index > 0:
                 await asyncio.sleep(fault["trickle_s"])
         writer.write(b"data: [DONE]\n\n")
         await writer.drain()

@@ -58,6 +58,7 @@ RETRYABLE = frozenset(
 NOT_THE_BACKENDS_FAULT = frozenset({UpstreamErrorKind.REJECTED, UpstreamErrorKind.MODEL_NOT_FOUND})
 # Below this much time left, an attempt cannot get an answer; starting one only wastes the upstream's work.
 MIN_ATTEMPT_S = 0.05
+DEADLINE_MARGIN_S = 0.05
 
 
 class CircuitState(enum.StrEnum):
@@ -234,7 +235,12 @@ class Router:
     def deadline(self, timeout_s: float | None) -> float:
         """The absolute (event-loop clock) deadline for a call with `timeout_s` left, or the configured bound."""
         bound = self._config.request_timeout_s
-        return asyncio.get_running_loop().time() + min(timeout_s if timeout_s is not None else bound, bound)
+        if timeout_s is None:
+            return asyncio.get_running_loop().time() + bound
+        # Finish a little before the caller's own deadline, so that our status (with the attempts) reaches it
+        # rather than its client library's bare DEADLINE_EXCEEDED.
+        margin = min(DEADLINE_MARGIN_S, timeout_s / 10)
+        return asyncio.get_running_loop().time() + min(timeout_s - margin, bound)
 
     # --- calls ------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,388 @@
+"""The fault matrix: every fault we can inject on loopback, end to end, unary and streaming.
+
+Each row: the faults queued on the primary (openai) and the fallback (ollama) upstream, the expected gRPC status
+(OK or a code with its ErrorInfo reason), the expected attempt outcomes, and the calls each upstream received. The
+router here retries once per backend (two attempts each).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+from llmrelay import v1 as pb
+from support import FAST_ROUTER, chat, details, stream_chat, two_backends
+from upstream import FakeUpstream
+
+O = pb.AttemptOutcome
+HTML = {"body": "<html><body>502 Bad Gateway</body></html>", "content_type": "text/html"}
+NOT_JSON = {"body": '{"id": "x", "choices": [', "content_type": "application/json"}
+NO_CHOICES = {"body": '{"id": "x", "object": "chat.completion"}'}
+TOO_LONG = {"status": 400, "body": '{"error": {"message": "This model\'s maximum context length is 8192 tokens"}}'}
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    primary: list[dict[str, Any]]
+    local: list[dict[str, Any]] = field(default_factory=list)
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    reason: str = ""
+    outcomes: tuple[int, ...] = ()
+    calls: tuple[int, int] = (1, 0)
+    served_by: str = "openai"
+    exact_model: bool = False
+
+
+UNARY_ROWS = [
+    Row("ok", [], outcomes=(O.ATTEMPT_OUTCOME_SUCCEEDED,)),
+    Row(
+        "503 retried then ok",
+        [{"status": 503}],
+        outcomes=(O.ATTEMPT_OUTCOME_SERVER_ERROR, O.ATTEMPT_OUTCOME_SUCCEEDED),
+        calls=(2, 0),
+    ),
+    Row(
+        "503 twice falls back",
+        [{"status": 503}] * 2,
+        served_by="ollama",
+        calls=(2, 1),
+        outcomes=(O.ATTEMPT_OUTCOME_SERVER_ERROR, O.ATTEMPT_OUTCOME_SERVER_ERROR, O.ATTEMPT_OUTCOME_SUCCEEDED),
+    ),
+    Row(
+        "500/502/504 fall back",
+        [{"status": 500}, {"status": 504}],
+        served_by="ollama",
+        calls=(2, 1),
+        outcomes=(O.ATTEMPT_OUTCOME_SERVER_ERROR, O.ATTEMPT_OUTCOME_SERVER_ERROR, O.ATTEMPT_OUTCOME_SUCCEEDED),
+    ),
+    Row(
+        "408 is a timeout, retried",
+        [{"status": 408}],
+        calls=(2, 0),
+        outcomes=(O.ATTEMPT_OUTCOME_TIMEOUT, O.ATTEMPT_OUTCOME_SUCCEEDED),
+    ),
+    Row(
+        "429 with a short Retry-After is retried",
+        [{"status": 429, "retry_after": 0}],
+        calls=(2, 0),
+        outcomes=(O.ATTEMPT_OUTCOME_RATE_LIMITED, O.ATTEMPT_OUTCOME_SUCCEEDED),
+    ),
+    Row(
+        "429 with a long Retry-After moves on at once",
+        [{"status": 429, "retry_after": 3600}],
+        served_by="ollama",
+        calls=(1, 1),
+        outcomes=(O.ATTEMPT_OUTCOME_RATE_LIMITED, O.ATTEMPT_OUTCOME_SUCCEEDED),
+    ),
+    Row(
+        "connection dropped twice falls back",
+        [{"drop": True}] * 2,
+        served_by="ollama",
+        calls=(2, 1),
+        outcomes=(O.ATTEMPT_OUTCOME_UNREACHABLE, O.ATTEMPT_OUTCOME_UNREACHABLE, O.ATTEMPT_OUTCOME_SUCCEEDED),
+    ),
+    Row(
+        "401 of our key: next backend, no retry",
+        [{"status": 401}],
+        served_by="ollama",
+        calls=(1, 1),
+        outcomes=(O.ATTEMPT_OUTCOME_AUTH_FAILED, O.ATTEMPT_OUTCOME_SUCCEEDED),
+    ),
+    Row(
+        "403 likewise",
+        [{"status": 403}],
+        served_by="ollama",
+        calls=(1, 1),
+        outcomes=(O.ATTEMPT_OUTCOME_AUTH_FAILED, O.ATTEMPT_OUTCOME_SUCCEEDED),
+    ),
+    Row(
+        "404 model missing: next backend",
+        [{"status": 404}],
+        served_by="ollama",
+        calls=(1, 1),
+        outcomes=(O.ATTEMPT_OUTCOME_MODEL_NOT_FOUND, O.ATTEMPT_OUTCOME_SUCCEEDED),
+    ),
+    Row(
+        "context length: next backend",
+        [TOO_LONG],
+        served_by="ollama",
+        calls=(1, 1),
+        outcomes=(O.ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED, O.ATTEMPT_OUTCOME_SUCCEEDED),
+    ),
+    Row(
+        "400 is the caller's fault: no retry, no fallback",
+        [{"status": 400}],
+        code=grpc.StatusCode.INVALID_ARGUMENT,
+        reason="UPSTREAM_REJECTED",
+        calls=(1, 0),
+    ),
+    Row("422 likewise", [{"status": 422}], code=grpc.StatusCode.INVALID_ARGUMENT, reason="UPSTREAM_REJECTED"),
+    Row(
+        "200 with HTML",
+        [HTML],
+        served_by="ollama",
+        calls=(1, 1),
+        outcomes=(O.ATTEMPT_OUTCOME_SERVER_ERROR, O.ATTEMPT_OUTCOME_SUCCEEDED),
+    ),
+    Row(
+        "malformed JSON",
+        [NOT_JSON],
+        served_by="ollama",
+        calls=(1, 1),
+        outcomes=(O.ATTEMPT_OUTCOME_SERVER_ERROR, O.ATTEMPT_OUTCOME_SUCCEEDED),
+    ),
+    Row(
+        "missing choices",
+        [NO_CHOICES],
+        served_by="ollama",
+        calls=(1, 1),
+        outcomes=(O.ATTEMPT_OUTCOME_SERVER_ERROR, O.ATTEMPT_OUTCOME_SUCCEEDED),
+    ),
+    Row(
+        "rate limited everywhere",
+        [{"status": 429, "retry_after": 0}] * 2,
+        [{"status": 429, "retry_after": 0}] * 2,
+        code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+        reason="UPSTREAM_RATE_LIMITED",
+        calls=(2, 2),
+    ),
+    Row(
+        "our keys refused everywhere",
+        [{"status": 401}],
+        [{"status": 403}],
+        code=grpc.StatusCode.FAILED_PRECONDITION,
+        reason="UPSTREAM_AUTH_FAILED",
+        calls=(1, 1),
+    ),
+    Row(
+        "garbage everywhere",
+        [HTML],
+        [NOT_JSON],
+        code=grpc.StatusCode.UNAVAILABLE,
+        reason="UPSTREAM_BAD_RESPONSE",
+        calls=(1, 1),
+    ),
+    Row(
+        "down everywhere",
+        [{"drop": True}] * 2,
+        [{"status": 503}] * 2,
+        code=grpc.StatusCode.UNAVAILABLE,
+        reason="BACKENDS_UNAVAILABLE",
+        calls=(2, 2),
+    ),
+    Row(
+        "exact model: no fallback",
+        [{"status": 503}] * 2,
+        code=grpc.StatusCode.UNAVAILABLE,
+        reason="BACKENDS_UNAVAILABLE",
+        calls=(2, 0),
+        exact_model=True,
+    ),
+]
+
+
+async def call_unary(stub: pb.LLMServiceStub, row: Row) -> tuple[grpc.StatusCode, Any]:
+    try:
+        answer = await stub.Complete(chat("x y", model="gpt-test", exact_model=row.exact_model), timeout=10)
+    except grpc.aio.AioRpcError as error:
+        return error.code(), error
+    return grpc.StatusCode.OK, answer
+
+
+async def call_stream(stub: pb.LLMServiceStub, row: Row) -> tuple[grpc.StatusCode, Any]:
+    chunks: list[pb.StreamCompleteResponse] = []
+    try:
+        async for chunk in stub.StreamComplete(
+            stream_chat("x y", model="gpt-test", exact_model=row.exact_model), timeout=10
+        ):
+            chunks.append(chunk)
+    except grpc.aio.AioRpcError as error:
+        return error.code(), error
+    last = chunks[-1]
+    merged = pb.CompleteResponse(backend=last.backend, attempts=last.attempts)
+    merged.message.content = "".join(c.delta.content for c in chunks)
+    return grpc.StatusCode.OK, merged
+
+
+@pytest.mark.parametrize("call", [call_unary, call_stream], ids=["unary", "stream"])
+@pytest.mark.parametrize("row", UNARY_ROWS, ids=[r.name for r in UNARY_ROWS])
+async def test_fault_matrix(
+    stub: pb.LLMServiceStub, primary: FakeUpstream, local: FakeUpstream, row: Row, call: Any
+) -> None:
+    primary.inject(*row.primary)
+    local.inject(*row.local)
+    code, result = await call(stub, row)
+    assert code == row.code, getattr(result, "details", lambda: result)()
+    if code == grpc.StatusCode.OK:
+        assert result.backend == row.served_by
+        assert result.message.content == "echo: x y", "a complete answer from one backend"
+        assert tuple(a.outcome for a in result.attempts) == row.outcomes
+    else:
+        info = details(result)["ErrorInfo"]
+        assert info.reason == row.reason
+        if (
+            code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+            and row.reason != "UPSTREAM_BAD_RESPONSE"
+        ):
+            assert "RetryInfo" in details(result)
+    assert (len(primary.chat_requests), len(local.chat_requests)) == row.calls
+
+
+async def test_streams_fail_definitely_after_the_first_chunk(
+    stub: pb.LLMServiceStub, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    for fault in ({"stream_cut_after": 3}, {"trickle_s": 3}):
+        primary.reset()
+        local.reset()
+        primary.inject(fault)
+        received: list[str] = []
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for chunk in stub.StreamComplete(stream_chat("one two three four"), timeout=10):
+                received.append(chunk.delta.content)
+        assert caught.value.code() == grpc.StatusCode.ABORTED, fault
+        info = details(caught.value)["ErrorInfo"]
+        assert (info.reason, info.metadata["backend"]) == ("STREAM_INTERRUPTED", "openai")
+        assert received and "".join(received) != "echo: one two three four", "never a silent truncation"
+        assert local.chat_requests == [], "never text of two backends mixed"
+
+
+async def test_garbage_before_the_first_chunk_still_falls_back(stub: pb.LLMServiceStub, primary: FakeUpstream) -> None:
+    primary.inject({"stream_garbage": True})
+    chunks = [c async for c in stub.StreamComplete(stream_chat("a b"), timeout=10)]
+    assert {c.backend for c in chunks} == {"ollama"}
+    assert chunks[-1].attempts[0].outcome == O.ATTEMPT_OUTCOME_SERVER_ERROR
+
+
+async def test_stream_without_upstream_usage_is_counted_and_flagged(
+    stub: pb.LLMServiceStub, primary: FakeUpstream
+) -> None:
+    primary.inject({"no_usage": True})
+    chunks = [c async for c in stub.StreamComplete(stream_chat("count me please"), timeout=10)]
+    usage = chunks[-1].usage
+    assert usage.estimated
+    assert usage.prompt_tokens > 0 and usage.completion_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+async def test_deadline_bounds_everything(stub: pb.LLMServiceStub, primary: FakeUpstream, local: FakeUpstream) -> None:
+    primary.inject({"stall_s": 5})
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat(), timeout=0.8)
+    assert time.monotonic() - started < 1.5
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    info = details(caught.value)["ErrorInfo"]
+    assert info.reason == "DEADLINE_EXCEEDED"
+    assert info.metadata["attempts"] == "openai:timeout"
+    assert local.chat_requests == [], "no fallback starts that cannot finish in time"
+
+
+async def test_no_retry_starts_after_the_deadline(stub: pb.LLMServiceStub, primary: FakeUpstream) -> None:
+    primary.inject({"status": 429, "retry_after": 2})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat(model="gpt-test", exact_model=True), timeout=0.5)
+    # Waiting 2 s for a retry cannot fit in 0.5 s: the gateway answers at once with what it knows.
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details(caught.value)["RetryInfo"].retry_delay.seconds == 2
+    assert len(primary.chat_requests) == 1
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+async def test_cancellation_closes_the_upstream_request_at_once(
+    stub: pb.LLMServiceStub, primary: FakeUpstream, streaming: bool
+) -> None:
+    primary.inject({"stall_s": 10})
+    call = stub.StreamComplete(stream_chat(), timeout=20) if streaming else stub.Complete(chat(), timeout=20)
+    while not primary.chat_requests:
+        await asyncio.sleep(0.01)
+    cancelled_at = time.monotonic()
+    call.cancel()
+    while not primary.client_disconnects and time.monotonic() - cancelled_at < 2:
+        await asyncio.sleep(0.005)
+    assert primary.client_disconnects, "the upstream never saw the connection close"
+    assert primary.client_disconnects[0] - cancelled_at < 0.1
+
+
+async def test_circuit_opens_skips_and_recovers(
+    gateway_factory: Any, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    router = FAST_ROUTER.replace("failure_threshold: 50, cooldown_s: 30", "failure_threshold: 2, cooldown_s: 0.3")
+    gateway = await gateway_factory(two_backends(primary, local, router))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+        primary.inject({"status": 500}, {"status": 500})
+        assert (await stub.Complete(chat(), timeout=5)).backend == "ollama"
+        health = await stub.Health(pb.HealthRequest(), timeout=5)
+        assert health.backends[0].circuit_state == pb.CIRCUIT_STATE_OPEN
+        # While open, the primary is skipped without a call.
+        answer = await stub.Complete(chat(), timeout=5)
+        assert answer.attempts[0].outcome == O.ATTEMPT_OUTCOME_SKIPPED and len(primary.chat_requests) == 2
+        await asyncio.sleep(0.35)
+        health = await stub.Health(pb.HealthRequest(), timeout=5)
+        assert health.backends[0].circuit_state == pb.CIRCUIT_STATE_HALF_OPEN
+        # One probe call goes through; its success closes the circuit.
+        assert (await stub.Complete(chat(), timeout=5)).backend == "openai"
+        health = await stub.Health(pb.HealthRequest(), timeout=5)
+        assert health.backends[0].circuit_state == pb.CIRCUIT_STATE_CLOSED
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_load_with_random_faults_ends_every_call_definitely_and_leaks_nothing(
+    gateway_factory: Any, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    faults = [
+        {},
+        {},
+        {},
+        {"status": 503},
+        {"status": 429, "retry_after": 0},
+        {"drop": True},
+        {"stream_cut_after": 3},
+        HTML,
+        {"stall_s": 0.3},
+    ]
+    rng = random.Random(7)
+    primary.inject(*(rng.choice(faults) for _ in range(400)))
+    local.inject(*(rng.choice(faults) for _ in range(400)))
+    await asyncio.sleep(0)
+    fds_before, tasks_before = open_fds(), len(asyncio.all_tasks())
+    gateway = await gateway_factory(two_backends(primary, local))
+
+    async def one_stream(stub: pb.LLMServiceStub, i: int) -> grpc.StatusCode:
+        text = f"stream number {i}"
+        chunks = []
+        try:
+            async for chunk in stub.StreamComplete(stream_chat(text), timeout=20):
+                chunks.append(chunk)
+        except grpc.aio.AioRpcError as error:
+            assert error.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.ABORTED,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            )
+            assert details(error)["ErrorInfo"].reason
+            return error.code()
+        assert "".join(c.delta.content for c in chunks) == f"echo: {text}", "a successful stream is complete"
+        assert chunks[-1].usage.total_tokens > 0
+        return grpc.StatusCode.OK
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+        codes = await asyncio.gather(*(one_stream(stub, i) for i in range(200)))
+    assert codes.count(grpc.StatusCode.OK) > 100
+    await gateway.stop(0)
+    primary.faults.clear()
+    local.faults.clear()
+    await asyncio.sleep(0.2)
+    assert len(asyncio.all_tasks()) <= tasks_before, "tasks left behind"
+    assert open_fds() <= fds_before + 2, "sockets or files left open"
