@@ -1,0 +1,370 @@
+// Package gatewaytest runs the real llmrelay gateway in front of the repo's fake OpenAI upstream
+// (tests/upstream.py), both as subprocesses on loopback, for the end-to-end tests of the Go client.
+//
+// It needs the repo's Python environment (`make setup`): the gateway is .venv/bin/llmrelay-server.
+package gatewaytest
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+)
+
+// StartTimeout bounds how long a subprocess may take to say it is listening.
+const StartTimeout = 60 * time.Second
+
+// ErrNoRepo means the tests do not run inside the llmrelay repo, so there is no gateway to start.
+var ErrNoRepo = errors.New("gatewaytest: not inside the llmrelay repo (no proto/llmrelay/v1/llmrelay.proto above)")
+
+// RepoRoot finds the repo from the working directory upwards.
+func RepoRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "proto", "llmrelay", "v1", "llmrelay.proto")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", ErrNoRepo
+		}
+		dir = parent
+	}
+}
+
+// venvBin is a program of the repo's Python environment; LLMRELAY_VENV overrides where that is.
+func venvBin(root, name string) (string, error) {
+	venv := os.Getenv("LLMRELAY_VENV")
+	if venv == "" {
+		venv = filepath.Join(root, ".venv")
+	}
+	path := filepath.Join(venv, "bin", name)
+	if _, err := os.Stat(path); err != nil {
+		return "", fmt.Errorf("gatewaytest: %s is missing; run `make setup` at the repo root: %w", path, err)
+	}
+	return path, nil
+}
+
+// process is a subprocess whose output is kept, for the error messages of failed tests.
+type process struct {
+	name string
+	cmd  *exec.Cmd
+	out  *syncBuffer
+	done chan struct{}
+	err  error // the result of Wait, once done is closed
+}
+
+// syncBuffer collects output lines, and hands the first line matching a pattern to whoever waits for it.
+type syncBuffer struct {
+	mu    sync.Mutex
+	buf   bytes.Buffer
+	ready chan string
+	match *regexp.Regexp
+}
+
+func (b *syncBuffer) scan(r io.Reader) {
+	scanner := bufio.NewScanner(r)
+	for scanner.Scan() {
+		line := scanner.Text()
+		b.mu.Lock()
+		b.buf.WriteString(line + "\n")
+		b.mu.Unlock()
+		if m := b.match.FindStringSubmatch(line); m != nil && b.ready != nil {
+			b.ready <- m[1]
+			b.ready = nil
+		}
+	}
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// start runs the command and waits for the line matching ready on its output; it returns the first group.
+func start(name string, cmd *exec.Cmd, ready *regexp.Regexp, stdout bool) (*process, string, error) {
+	out := &syncBuffer{ready: make(chan string, 1), match: ready}
+	var pipe io.ReadCloser
+	var err error
+	if stdout {
+		pipe, err = cmd.StdoutPipe()
+		cmd.Stderr = os.Stderr
+	} else {
+		pipe, err = cmd.StderrPipe()
+	}
+	if err != nil {
+		return nil, "", err
+	}
+	setProcAttr(cmd)
+	if err := cmd.Start(); err != nil {
+		return nil, "", fmt.Errorf("gatewaytest: start %s: %w", name, err)
+	}
+	p := &process{name: name, cmd: cmd, out: out, done: make(chan struct{})}
+	readReady := out.ready
+	go func() {
+		out.scan(pipe)
+		p.err = cmd.Wait()
+		close(p.done)
+	}()
+	select {
+	case value := <-readReady:
+		return p, value, nil
+	case <-p.done:
+		return nil, "", fmt.Errorf("gatewaytest: %s exited before it was ready (%v):\n%s", name, p.err, out)
+	case <-time.After(StartTimeout):
+		_ = cmd.Process.Kill()
+		<-p.done
+		return nil, "", fmt.Errorf("gatewaytest: %s was not ready within %s:\n%s", name, StartTimeout, out)
+	}
+}
+
+// stop sends SIGTERM and waits up to timeout, then kills. It returns the exit code (-1 when killed).
+func (p *process) stop(timeout time.Duration) int {
+	select {
+	case <-p.done:
+		return p.cmd.ProcessState.ExitCode()
+	default:
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(timeout):
+		_ = p.cmd.Process.Kill()
+		<-p.done
+	}
+	return p.cmd.ProcessState.ExitCode()
+}
+
+// Upstream is the fake OpenAI-compatible server (tests/upstream.py), also serving Ollama's probe endpoints.
+type Upstream struct {
+	// URL is its base, "http://127.0.0.1:PORT".
+	URL  string
+	proc *process
+}
+
+// StartUpstream starts the fake upstream on a free loopback port.
+func StartUpstream() (*Upstream, error) {
+	root, err := RepoRoot()
+	if err != nil {
+		return nil, err
+	}
+	python, err := venvBin(root, "python")
+	if err != nil {
+		return nil, err
+	}
+	// --ollama: the gateway's "ollama" backend probes /api/version, which only then answers.
+	cmd := exec.Command(python, filepath.Join(root, "tests", "upstream.py"), "--listen", "127.0.0.1:0", "--ollama")
+	proc, url, err := start("upstream", cmd, regexp.MustCompile(`upstream listening on (http://\S+)`), true)
+	if err != nil {
+		return nil, err
+	}
+	return &Upstream{URL: url, proc: proc}, nil
+}
+
+// Close stops the upstream.
+func (u *Upstream) Close() {
+	u.proc.stop(5 * time.Second)
+}
+
+// Fault is one fault of the upstream: {"status": 429, "retry_after": 3}, {"stall_s": 5}, {"drop": true}, ...
+type Fault map[string]any
+
+// AddFaults queues faults: each later chat request takes the next one.
+func (u *Upstream) AddFaults(faults ...Fault) error {
+	body, err := json.Marshal(faults)
+	if err != nil {
+		return err
+	}
+	return u.control(http.MethodPost, body, nil)
+}
+
+// ClearFaults drops the queued faults.
+func (u *Upstream) ClearFaults() error {
+	return u.control(http.MethodDelete, nil, nil)
+}
+
+// Requests lists the chat request bodies the upstream received.
+func (u *Upstream) Requests() ([]map[string]any, error) {
+	var requests []map[string]any
+	err := u.call(http.MethodGet, "/_control/requests", nil, &requests)
+	return requests, err
+}
+
+func (u *Upstream) control(method string, body []byte, out any) error {
+	return u.call(method, "/_control/faults", body, out)
+}
+
+func (u *Upstream) call(method, path string, body []byte, out any) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, method, u.URL+path, bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode/100 != 2 {
+		return fmt.Errorf("gatewaytest: %s %s: HTTP %d: %s", method, path, resp.StatusCode, data)
+	}
+	if out != nil {
+		return json.Unmarshal(data, out)
+	}
+	return nil
+}
+
+// Gateway is the real gateway (.venv/bin/llmrelay-server) with one "ollama" backend.
+type Gateway struct {
+	// Addr is where it serves gRPC, "127.0.0.1:PORT".
+	Addr string
+	proc *process
+}
+
+// StartGateway starts the gateway on a free loopback port, with one backend at baseURL (".../v1"), no retries.
+func StartGateway(baseURL string) (*Gateway, error) {
+	root, err := RepoRoot()
+	if err != nil {
+		return nil, err
+	}
+	server, err := venvBin(root, "llmrelay-server")
+	if err != nil {
+		return nil, err
+	}
+	dir, err := os.MkdirTemp("", "llmrelay-gateway-")
+	if err != nil {
+		return nil, err
+	}
+	config := filepath.Join(dir, "config.yaml")
+	yaml := fmt.Sprintf("llm:\n  ollama: {base_url: %q, model: \"tiny\"}\nrouter: {retry: {max_retries: 0}}\n", baseURL)
+	if err := os.WriteFile(config, []byte(yaml), 0o600); err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(server, "--listen", "127.0.0.1:0", "--config", config)
+	cmd.Dir = dir
+	cmd.Env = gatewayEnv()
+	proc, addr, err := start("gateway", cmd, regexp.MustCompile(`listening on (127\.0\.0\.1:\d+)`), false)
+	if err != nil {
+		return nil, err
+	}
+	g := &Gateway{Addr: addr, proc: proc}
+	if err := g.waitServing(); err != nil {
+		g.Stop(5 * time.Second)
+		return nil, err
+	}
+	return g, nil
+}
+
+// waitServing waits until grpc.health.v1 says SERVING: the gateway answers calls, and handles SIGTERM.
+func (g *Gateway) waitServing() error {
+	conn, err := grpc.NewClient(g.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	health := healthpb.NewHealthClient(conn)
+	deadline := time.Now().Add(StartTimeout)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		resp, err := health.Check(ctx, &healthpb.HealthCheckRequest{})
+		cancel()
+		if err == nil && resp.GetStatus() == healthpb.HealthCheckResponse_SERVING {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("gatewaytest: the gateway at %s is not SERVING (%v, %v):\n%s", g.Addr, resp, err, g.Log())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// gatewayEnv is this process's environment with only the test config deciding the backends.
+func gatewayEnv() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if strings.HasPrefix(kv, "OLLAMA_HOST=") || strings.HasPrefix(kv, "OPENAI_API_KEY=") ||
+			strings.HasPrefix(kv, "LLMRELAY_") {
+			continue
+		}
+		env = append(env, kv)
+	}
+	return append(env, "OPENAI_API_KEY=")
+}
+
+// Signal sends a signal to the gateway (SIGTERM starts its graceful shutdown).
+func (g *Gateway) Signal(sig os.Signal) error {
+	return g.proc.cmd.Process.Signal(sig)
+}
+
+// Stop sends SIGTERM, waits for the gateway to exit (killing it after timeout), and returns its exit code.
+func (g *Gateway) Stop(timeout time.Duration) int {
+	return g.proc.stop(timeout)
+}
+
+// Log is what the gateway logged so far.
+func (g *Gateway) Log() string {
+	return g.proc.out.String()
+}
+
+// Env is an upstream with a gateway in front of it.
+type Env struct {
+	Upstream *Upstream
+	Gateway  *Gateway
+}
+
+// Start starts an upstream and a gateway in front of it.
+func Start() (*Env, error) {
+	upstream, err := StartUpstream()
+	if err != nil {
+		return nil, err
+	}
+	gateway, err := StartGateway(upstream.URL + "/v1")
+	if err != nil {
+		upstream.Close()
+		return nil, err
+	}
+	return &Env{Upstream: upstream, Gateway: gateway}, nil
+}
+
+// Close stops both.
+func (e *Env) Close() {
+	e.Gateway.Stop(15 * time.Second)
+	e.Upstream.Close()
+}
+
+// DeadAddr is a loopback address where nothing listens (a port that was free a moment ago).
+func DeadAddr() (string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	addr := l.Addr().String()
+	return addr, l.Close()
+}

@@ -1,0 +1,227 @@
+// Package llmrelay is the Go client of the llmrelay gateway: one gRPC contract (llmrelay.v1) for chat completions
+// over many LLM backends.
+//
+//	client, err := llmrelay.Dial("127.0.0.1:50051", llmrelay.WithInsecure())
+//	if err != nil { ... }
+//	defer client.Close()
+//	stream, err := client.Stream(ctx, &llmrelayv1.StreamCompleteRequest{
+//		Messages: []*llmrelayv1.Message{llmrelay.User("Hello")},
+//	})
+//	for {
+//		chunk, err := stream.Recv()
+//		if err == io.EOF { break }
+//		if err != nil { ... }
+//		fmt.Print(chunk.GetDelta().GetContent())
+//	}
+//
+// Deadlines come from the context of each call; a call whose context has none gets the client's default timeout
+// (WithTimeout). Failed calls return an *Error, which carries the google.rpc details of the status (ErrorInfo,
+// RetryInfo, BadRequest) and still works with status.Code and status.FromError.
+package llmrelay
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+
+	llmrelayv1 "github.com/llmrelay/llmrelay/client/go/llmrelay/v1"
+)
+
+// DefaultTimeout bounds a call whose context has no deadline, unless WithTimeout says otherwise.
+const DefaultTimeout = 120 * time.Second
+
+// CallerHeader is the metadata key that names the caller in the gateway's usage ledger.
+const CallerHeader = "x-llmrelay-caller"
+
+// Client calls one gateway over one gRPC channel. It is safe for concurrent use; Close it when done.
+type Client struct {
+	conn    *grpc.ClientConn
+	rpc     llmrelayv1.LLMServiceClient
+	timeout time.Duration
+	headers []string // alternating keys and values, sent with every call
+}
+
+type options struct {
+	creds       credentials.TransportCredentials
+	timeout     time.Duration
+	headers     []string
+	dialOptions []grpc.DialOption
+}
+
+// Option configures Dial.
+type Option func(*options)
+
+// WithInsecure connects in plaintext, for a gateway on loopback or inside a trusted network.
+func WithInsecure() Option {
+	return func(o *options) { o.creds = insecure.NewCredentials() }
+}
+
+// WithTLS connects over TLS with the given configuration (nil: the system's root certificates). TLS with the
+// system's roots is also what Dial does without WithInsecure or WithTLS.
+func WithTLS(config *tls.Config) Option {
+	return func(o *options) { o.creds = credentials.NewTLS(config) }
+}
+
+// WithTransportCredentials connects with any gRPC transport credentials (mutual TLS, ALTS, ...).
+func WithTransportCredentials(creds credentials.TransportCredentials) Option {
+	return func(o *options) { o.creds = creds }
+}
+
+// WithTimeout sets the deadline of calls whose context has none (DefaultTimeout by default; 0 for none).
+func WithTimeout(d time.Duration) Option {
+	return func(o *options) { o.timeout = d }
+}
+
+// WithCaller names the caller in the gateway's usage ledger (the x-llmrelay-caller metadata).
+func WithCaller(name string) Option {
+	return WithHeader(CallerHeader, name)
+}
+
+// WithHeader sends a metadata entry with every call (for example "authorization", "Bearer KEY").
+func WithHeader(key, value string) Option {
+	return func(o *options) { o.headers = append(o.headers, key, value) }
+}
+
+// WithDialOptions passes options through to grpc.NewClient (interceptors, keepalive, a custom resolver, ...).
+func WithDialOptions(opts ...grpc.DialOption) Option {
+	return func(o *options) { o.dialOptions = append(o.dialOptions, opts...) }
+}
+
+// Dial creates a client for the gateway at target ("host:port", or any gRPC target such as "dns:///host:port").
+// Like grpc.NewClient, it does not wait for the connection: the first call connects.
+func Dial(target string, opts ...Option) (*Client, error) {
+	o := options{timeout: DefaultTimeout}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if o.creds == nil {
+		o.creds = credentials.NewTLS(nil)
+	}
+	dialOptions := append([]grpc.DialOption{grpc.WithTransportCredentials(o.creds)}, o.dialOptions...)
+	conn, err := grpc.NewClient(target, dialOptions...)
+	if err != nil {
+		return nil, err
+	}
+	return &Client{conn: conn, rpc: llmrelayv1.NewLLMServiceClient(conn), timeout: o.timeout, headers: o.headers}, nil
+}
+
+// Close closes the channel; calls in flight fail with CANCELED.
+func (c *Client) Close() error {
+	return c.conn.Close()
+}
+
+// Conn is the underlying channel, for other services on the same gateway (grpc.health.v1, say).
+func (c *Client) Conn() *grpc.ClientConn {
+	return c.conn
+}
+
+// Stub is the generated client, for anything this package does not wrap.
+func (c *Client) Stub() llmrelayv1.LLMServiceClient {
+	return c.rpc
+}
+
+// callContext adds the client's headers, and its default deadline when ctx has none.
+func (c *Client) callContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	if len(c.headers) > 0 {
+		ctx = metadata.AppendToOutgoingContext(ctx, c.headers...)
+	}
+	if _, ok := ctx.Deadline(); !ok && c.timeout > 0 {
+		return context.WithTimeout(ctx, c.timeout)
+	}
+	return context.WithCancel(ctx)
+}
+
+// Complete asks for one assistant message.
+func (c *Client) Complete(ctx context.Context, req *llmrelayv1.CompleteRequest, opts ...grpc.CallOption) (*llmrelayv1.CompleteResponse, error) {
+	ctx, cancel := c.callContext(ctx)
+	defer cancel()
+	resp, err := c.rpc.Complete(ctx, req, opts...)
+	return resp, wrapError(err)
+}
+
+// Stream asks for one assistant message as a stream of deltas. Read it with Recv until io.EOF; the last message
+// carries the finish reason and usage. Close a stream that you stop reading early, so the gateway stops too.
+func (c *Client) Stream(ctx context.Context, req *llmrelayv1.StreamCompleteRequest, opts ...grpc.CallOption) (*Stream, error) {
+	ctx, cancel := c.callContext(ctx)
+	stream, err := c.rpc.StreamComplete(ctx, req, opts...)
+	if err != nil {
+		cancel()
+		return nil, wrapError(err)
+	}
+	return &Stream{stream: stream, cancel: cancel}, nil
+}
+
+// CountTokens counts the tokens of a chat or a text for a model, offline.
+func (c *Client) CountTokens(ctx context.Context, req *llmrelayv1.CountTokensRequest, opts ...grpc.CallOption) (*llmrelayv1.CountTokensResponse, error) {
+	ctx, cancel := c.callContext(ctx)
+	defer cancel()
+	resp, err := c.rpc.CountTokens(ctx, req, opts...)
+	return resp, wrapError(err)
+}
+
+// Health reports the state of every backend (probe: check them now rather than report the last probe).
+func (c *Client) Health(ctx context.Context, probe bool, opts ...grpc.CallOption) (*llmrelayv1.HealthResponse, error) {
+	ctx, cancel := c.callContext(ctx)
+	defer cancel()
+	resp, err := c.rpc.Health(ctx, &llmrelayv1.HealthRequest{Probe: probe}, opts...)
+	return resp, wrapError(err)
+}
+
+// GetUsage reads the usage ledger: token totals per backend, model and caller.
+func (c *Client) GetUsage(ctx context.Context, req *llmrelayv1.GetUsageRequest, opts ...grpc.CallOption) (*llmrelayv1.GetUsageResponse, error) {
+	ctx, cancel := c.callContext(ctx)
+	defer cancel()
+	resp, err := c.rpc.GetUsage(ctx, req, opts...)
+	return resp, wrapError(err)
+}
+
+// Stream is one streamed completion.
+type Stream struct {
+	stream grpc.ServerStreamingClient[llmrelayv1.StreamCompleteResponse]
+	cancel context.CancelFunc
+}
+
+// Recv returns the next message, io.EOF after the last one, or an *Error when the call failed.
+func (s *Stream) Recv() (*llmrelayv1.StreamCompleteResponse, error) {
+	msg, err := s.stream.Recv()
+	if err != nil {
+		s.cancel()
+		if errors.Is(err, io.EOF) {
+			return nil, io.EOF
+		}
+		return nil, wrapError(err)
+	}
+	return msg, nil
+}
+
+// Header is the response metadata the gateway sent before the first message.
+func (s *Stream) Header() (metadata.MD, error) {
+	return s.stream.Header()
+}
+
+// Close ends the call; the gateway stops asking the upstream for more. Safe to call more than once.
+func (s *Stream) Close() {
+	s.cancel()
+}
+
+// System is a system message: instructions that frame the conversation.
+func System(content string) *llmrelayv1.Message {
+	return &llmrelayv1.Message{Role: llmrelayv1.Role_ROLE_SYSTEM, Content: content}
+}
+
+// User is a user message.
+func User(content string) *llmrelayv1.Message {
+	return &llmrelayv1.Message{Role: llmrelayv1.Role_ROLE_USER, Content: content}
+}
+
+// Assistant is an assistant message, for earlier turns of the chat.
+func Assistant(content string) *llmrelayv1.Message {
+	return &llmrelayv1.Message{Role: llmrelayv1.Role_ROLE_ASSISTANT, Content: content}
+}

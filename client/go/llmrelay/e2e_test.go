@@ -1,0 +1,350 @@
+package llmrelay_test
+
+// End-to-end tests: the real gateway (.venv/bin/llmrelay-server) in front of the fake OpenAI upstream
+// (tests/upstream.py), both subprocesses on loopback, called through this package.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/llmrelay/llmrelay/client/go/internal/gatewaytest"
+	"github.com/llmrelay/llmrelay/client/go/llmrelay"
+	llmrelayv1 "github.com/llmrelay/llmrelay/client/go/llmrelay/v1"
+)
+
+var env *gatewaytest.Env
+
+func TestMain(m *testing.M) {
+	os.Exit(run(m))
+}
+
+func run(m *testing.M) int {
+	var err error
+	env, err = gatewaytest.Start()
+	if errors.Is(err, gatewaytest.ErrNoRepo) {
+		fmt.Println("skipping the end-to-end tests:", err)
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer env.Close()
+	return m.Run()
+}
+
+// setup clears the upstream's faults and dials the shared gateway.
+func setup(t *testing.T, opts ...llmrelay.Option) *llmrelay.Client {
+	t.Helper()
+	if err := env.Upstream.ClearFaults(); err != nil {
+		t.Fatal(err)
+	}
+	return dial(t, env.Gateway.Addr, opts...)
+}
+
+func dial(t *testing.T, addr string, opts ...llmrelay.Option) *llmrelay.Client {
+	t.Helper()
+	client, err := llmrelay.Dial(addr, append([]llmrelay.Option{llmrelay.WithInsecure()}, opts...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = client.Close() })
+	return client
+}
+
+func testContext(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func chat(text string) []*llmrelayv1.Message {
+	return []*llmrelayv1.Message{llmrelay.System("Be brief."), llmrelay.User(text)}
+}
+
+// mustFail asserts that err is an *Error with the code, and returns it.
+func mustFail(t *testing.T, err error, code codes.Code) *llmrelay.Error {
+	t.Helper()
+	if err == nil {
+		t.Fatalf("the call succeeded; want %s", code)
+	}
+	var e *llmrelay.Error
+	if !errors.As(err, &e) {
+		t.Fatalf("error %T %v is not an *llmrelay.Error", err, err)
+	}
+	if e.Code != code || status.Code(err) != code {
+		t.Fatalf("code %s (status.Code: %s), want %s: %v", e.Code, status.Code(err), code, err)
+	}
+	return e
+}
+
+// collect reads a stream to its end.
+func collect(t *testing.T, stream *llmrelay.Stream) ([]*llmrelayv1.StreamCompleteResponse, error) {
+	t.Helper()
+	var chunks []*llmrelayv1.StreamCompleteResponse
+	for {
+		chunk, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			return chunks, nil
+		}
+		if err != nil {
+			return chunks, err
+		}
+		chunks = append(chunks, chunk)
+	}
+}
+
+func TestComplete(t *testing.T) {
+	client := setup(t)
+	resp, err := client.Complete(testContext(t), &llmrelayv1.CompleteRequest{Messages: chat("hello from Go")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := resp.GetMessage().GetContent(), "echo: hello from Go"; got != want {
+		t.Errorf("content %q, want %q", got, want)
+	}
+	if resp.GetMessage().GetRole() != llmrelayv1.Role_ROLE_ASSISTANT {
+		t.Errorf("role %s", resp.GetMessage().GetRole())
+	}
+	if resp.GetBackend() != "ollama" || resp.GetModel() != "tiny" {
+		t.Errorf("answered by %s/%s, want ollama/tiny", resp.GetBackend(), resp.GetModel())
+	}
+	if resp.GetFinishReason() != llmrelayv1.FinishReason_FINISH_REASON_STOP {
+		t.Errorf("finish reason %s", resp.GetFinishReason())
+	}
+	if resp.GetUsage().GetTotalTokens() <= 0 {
+		t.Errorf("usage %v", resp.GetUsage())
+	}
+	attempts := resp.GetAttempts()
+	if len(attempts) == 0 || attempts[len(attempts)-1].GetOutcome() != llmrelayv1.AttemptOutcome_ATTEMPT_OUTCOME_SUCCEEDED {
+		t.Errorf("attempts %v", attempts)
+	}
+}
+
+func TestStreamMatchesComplete(t *testing.T) {
+	client := setup(t)
+	ctx := testContext(t)
+	prompt := "stream these several words one by one"
+	unary, err := client.Complete(ctx, &llmrelayv1.CompleteRequest{Messages: chat(prompt)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream, err := client.Stream(ctx, &llmrelayv1.StreamCompleteRequest{Messages: chat(prompt)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stream.Close()
+	chunks, err := collect(t, stream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(chunks) < 3 {
+		t.Fatalf("%d chunks; want the answer in several", len(chunks))
+	}
+	var text strings.Builder
+	for i, chunk := range chunks {
+		text.WriteString(chunk.GetDelta().GetContent())
+		if chunk.GetId() != chunks[0].GetId() || chunk.GetBackend() != "ollama" {
+			t.Errorf("chunk %d: id %q backend %q; want the same id throughout, backend ollama", i, chunk.GetId(), chunk.GetBackend())
+		}
+		last := i == len(chunks)-1
+		if (chunk.GetFinishReason() != llmrelayv1.FinishReason_FINISH_REASON_UNSPECIFIED) != last {
+			t.Errorf("chunk %d of %d has finish reason %s; want it on the last only", i, len(chunks), chunk.GetFinishReason())
+		}
+	}
+	if got, want := text.String(), unary.GetMessage().GetContent(); got != want {
+		t.Errorf("streamed %q, unary %q", got, want)
+	}
+	last := chunks[len(chunks)-1]
+	if last.GetFinishReason() != llmrelayv1.FinishReason_FINISH_REASON_STOP || last.GetUsage().GetTotalTokens() <= 0 {
+		t.Errorf("last chunk: finish %s usage %v", last.GetFinishReason(), last.GetUsage())
+	}
+}
+
+func TestCountTokens(t *testing.T) {
+	client := setup(t)
+	ctx := testContext(t)
+	text := "The quick brown fox jumps over the lazy dog."
+	byText, err := client.CountTokens(ctx, &llmrelayv1.CountTokensRequest{Text: &text})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if byText.GetTokenCount() < 5 || byText.GetEncoding() == "" {
+		t.Errorf("text: %v", byText)
+	}
+	byChat, err := client.CountTokens(ctx, &llmrelayv1.CountTokensRequest{Messages: chat(text)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if byChat.GetTokenCount() <= byText.GetTokenCount() {
+		t.Errorf("chat counted %d tokens, its text alone %d; want the chat's overhead on top", byChat.GetTokenCount(),
+			byText.GetTokenCount())
+	}
+}
+
+func TestHealth(t *testing.T) {
+	client := setup(t)
+	resp, err := client.Health(testContext(t), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !resp.GetServing() || len(resp.GetBackends()) != 1 {
+		t.Fatalf("health %v", resp)
+	}
+	backend := resp.GetBackends()[0]
+	if backend.GetName() != "ollama" || !backend.GetReachable() || backend.GetDefaultModel() != "tiny" {
+		t.Errorf("backend %v", backend)
+	}
+	if backend.GetCircuitState() != llmrelayv1.CircuitState_CIRCUIT_STATE_CLOSED {
+		t.Errorf("circuit %s", backend.GetCircuitState())
+	}
+}
+
+func TestRateLimitedCarriesErrorInfoAndRetryInfo(t *testing.T) {
+	client := setup(t)
+	if err := env.Upstream.AddFaults(gatewaytest.Fault{"status": 429, "retry_after": 3}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := client.Complete(testContext(t), &llmrelayv1.CompleteRequest{Messages: chat("too many")})
+	e := mustFail(t, err, codes.ResourceExhausted)
+	if e.Reason() != "UPSTREAM_RATE_LIMITED" || e.ErrorReason() != llmrelayv1.ErrorReason_ERROR_REASON_UPSTREAM_RATE_LIMITED {
+		t.Errorf("reason %q (%s), want UPSTREAM_RATE_LIMITED", e.Reason(), e.ErrorReason())
+	}
+	if e.ErrorInfo.GetDomain() != llmrelay.Domain {
+		t.Errorf("domain %q", e.ErrorInfo.GetDomain())
+	}
+	delay, ok := e.RetryDelay()
+	if !ok || delay < 2500*time.Millisecond || delay > 3500*time.Millisecond {
+		t.Errorf("retry delay %s (present: %t), want about the upstream's Retry-After, 3s", delay, ok)
+	}
+}
+
+func TestStreamRateLimitedCarriesErrorInfoAndRetryInfo(t *testing.T) {
+	client := setup(t)
+	if err := env.Upstream.AddFaults(gatewaytest.Fault{"status": 429, "retry_after": 2}); err != nil {
+		t.Fatal(err)
+	}
+	stream, err := client.Stream(testContext(t), &llmrelayv1.StreamCompleteRequest{Messages: chat("too many")})
+	if err == nil {
+		defer stream.Close()
+		_, err = collect(t, stream)
+	}
+	e := mustFail(t, err, codes.ResourceExhausted)
+	if e.Reason() != "UPSTREAM_RATE_LIMITED" {
+		t.Errorf("reason %q", e.Reason())
+	}
+	if delay, ok := e.RetryDelay(); !ok || delay < 1500*time.Millisecond || delay > 2500*time.Millisecond {
+		t.Errorf("retry delay %s (present: %t), want about 2s", delay, ok)
+	}
+}
+
+func TestInvalidRequestNamesTheField(t *testing.T) {
+	client := setup(t)
+	_, err := client.Complete(testContext(t), &llmrelayv1.CompleteRequest{})
+	e := mustFail(t, err, codes.InvalidArgument)
+	if e.Reason() != "INVALID_REQUEST" {
+		t.Errorf("reason %q", e.Reason())
+	}
+	var fields []string
+	for _, v := range e.FieldViolations() {
+		fields = append(fields, v.GetField())
+	}
+	if len(fields) == 0 || fields[0] != "messages" {
+		t.Errorf("field violations %v, want one on messages", e.FieldViolations())
+	}
+}
+
+func TestDeadlineWhileUpstreamStalls(t *testing.T) {
+	client := setup(t)
+	if err := env.Upstream.AddFaults(gatewaytest.Fault{"stall_s": 5}, gatewaytest.Fault{"stall_s": 5}); err != nil {
+		t.Fatal(err)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	began := time.Now()
+	_, err := client.Complete(ctx, &llmrelayv1.CompleteRequest{Messages: chat("slow")})
+	mustFail(t, err, codes.DeadlineExceeded)
+	if took := time.Since(began); took > 3*time.Second {
+		t.Errorf("the call took %s with a 1s deadline", took)
+	}
+
+	ctx, cancel = context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	began = time.Now()
+	stream, err := client.Stream(ctx, &llmrelayv1.StreamCompleteRequest{Messages: chat("slow")})
+	if err == nil {
+		defer stream.Close()
+		_, err = collect(t, stream)
+	}
+	mustFail(t, err, codes.DeadlineExceeded)
+	if took := time.Since(began); took > 3*time.Second {
+		t.Errorf("the stream took %s with a 1s deadline", took)
+	}
+}
+
+func TestDefaultTimeoutAppliesWithoutDeadline(t *testing.T) {
+	client := setup(t, llmrelay.WithTimeout(time.Second))
+	if err := env.Upstream.AddFaults(gatewaytest.Fault{"stall_s": 5}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := client.Complete(context.Background(), &llmrelayv1.CompleteRequest{Messages: chat("slow")})
+	mustFail(t, err, codes.DeadlineExceeded)
+}
+
+func TestDeadBackendIsUnavailable(t *testing.T) {
+	dead, err := gatewaytest.DeadAddr()
+	if err != nil {
+		t.Fatal(err)
+	}
+	gateway, err := gatewaytest.StartGateway("http://" + dead + "/v1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gateway.Stop(15 * time.Second)
+	client := dial(t, gateway.Addr)
+	_, err = client.Complete(testContext(t), &llmrelayv1.CompleteRequest{Messages: chat("anyone?")})
+	e := mustFail(t, err, codes.Unavailable)
+	if e.Reason() != "BACKENDS_UNAVAILABLE" {
+		t.Errorf("reason %q, want BACKENDS_UNAVAILABLE", e.Reason())
+	}
+	if _, ok := e.RetryDelay(); !ok {
+		t.Logf("no RetryInfo with BACKENDS_UNAVAILABLE (allowed)")
+	}
+}
+
+func TestCallerIsRecordedInUsage(t *testing.T) {
+	client := setup(t, llmrelay.WithCaller("go-e2e"))
+	ctx := testContext(t)
+	if _, err := client.Complete(ctx, &llmrelayv1.CompleteRequest{Messages: chat("count me")}); err != nil {
+		t.Fatal(err)
+	}
+	caller := "go-e2e"
+	usage, err := client.GetUsage(ctx, &llmrelayv1.GetUsageRequest{Caller: &caller})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(usage.GetRecords()) != 1 || usage.GetRecords()[0].GetRequests() < 1 {
+		t.Errorf("usage of caller go-e2e: %v", usage.GetRecords())
+	}
+}
+
+func TestGatewayStopsCleanlyOnSIGTERM(t *testing.T) {
+	upstream := env.Upstream.URL + "/v1"
+	gateway, err := gatewaytest.StartGateway(upstream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code := gateway.Stop(15 * time.Second); code != 0 {
+		t.Errorf("exit code %d after SIGTERM, want 0; log:\n%s", code, gateway.Log())
+	}
+}

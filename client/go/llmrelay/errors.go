@@ -1,0 +1,116 @@
+package llmrelay
+
+import (
+	"fmt"
+	"time"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	llmrelayv1 "github.com/llmrelay/llmrelay/client/go/llmrelay/v1"
+)
+
+// Domain is the ErrorInfo domain of the gateway's own errors.
+const Domain = "llmrelay.dev"
+
+// Error is a failed call: its gRPC status, with the google.rpc details the gateway attached decoded.
+//
+//	var e *llmrelay.Error
+//	if errors.As(err, &e) && e.Reason() == "UPSTREAM_RATE_LIMITED" {
+//		delay, _ := e.RetryDelay()
+//		time.Sleep(delay)
+//	}
+type Error struct {
+	// Code is the gRPC status code.
+	Code codes.Code
+	// Message is the status message, for people.
+	Message string
+	// ErrorInfo says why the call failed (Reason is one of llmrelay.v1's ErrorReason names); nil when absent.
+	ErrorInfo *errdetails.ErrorInfo
+	// RetryInfo says when a retry can help; nil when a retry cannot help.
+	RetryInfo *errdetails.RetryInfo
+	// BadRequest names the invalid fields of the request; nil unless the request was invalid.
+	BadRequest *errdetails.BadRequest
+
+	status *status.Status
+}
+
+// ParseError reads err's gRPC status and its details. It returns nil when err is nil or carries no gRPC status
+// (the errors of this package's calls always do; so do those of the generated stubs).
+func ParseError(err error) *Error {
+	if err == nil {
+		return nil
+	}
+	if e, ok := err.(*Error); ok {
+		return e
+	}
+	st, ok := status.FromError(err)
+	if !ok {
+		return nil
+	}
+	e := &Error{Code: st.Code(), Message: st.Message(), status: st}
+	for _, detail := range st.Details() {
+		switch d := detail.(type) {
+		case *errdetails.ErrorInfo:
+			e.ErrorInfo = d
+		case *errdetails.RetryInfo:
+			e.RetryInfo = d
+		case *errdetails.BadRequest:
+			e.BadRequest = d
+		}
+	}
+	return e
+}
+
+// wrapError turns a call's error into an *Error, leaving nil and non-status errors as they are.
+func wrapError(err error) error {
+	if e := ParseError(err); e != nil {
+		return e
+	}
+	return err
+}
+
+// Error describes the failure as "CODE (REASON): message".
+func (e *Error) Error() string {
+	if reason := e.Reason(); reason != "" {
+		return fmt.Sprintf("llmrelay: %s (%s): %s", e.Code, reason, e.Message)
+	}
+	return fmt.Sprintf("llmrelay: %s: %s", e.Code, e.Message)
+}
+
+// GRPCStatus lets status.FromError and status.Code read the original status.
+func (e *Error) GRPCStatus() *status.Status {
+	return e.status
+}
+
+// Reason is the ErrorInfo reason, such as "UPSTREAM_RATE_LIMITED"; "" without ErrorInfo from the gateway.
+func (e *Error) Reason() string {
+	if e.ErrorInfo == nil || e.ErrorInfo.GetDomain() != Domain {
+		return ""
+	}
+	return e.ErrorInfo.GetReason()
+}
+
+// ErrorReason is Reason as the contract's enum (ERROR_REASON_UNSPECIFIED when absent or unknown to this version).
+func (e *Error) ErrorReason() llmrelayv1.ErrorReason {
+	return llmrelayv1.ErrorReason(llmrelayv1.ErrorReason_value["ERROR_REASON_"+e.Reason()])
+}
+
+// Metadata is the ErrorInfo metadata (what was tried, the upstream's status, ...); nil without ErrorInfo.
+func (e *Error) Metadata() map[string]string {
+	return e.ErrorInfo.GetMetadata()
+}
+
+// RetryDelay is how long to wait before a retry, and whether the gateway said that a retry can help at all.
+func (e *Error) RetryDelay() (time.Duration, bool) {
+	if e.RetryInfo == nil {
+		return 0, false
+	}
+	return e.RetryInfo.GetRetryDelay().AsDuration(), true
+}
+
+// FieldViolations lists the invalid fields of the request, by field path ("messages", "options.temperature").
+func (e *Error) FieldViolations() []*errdetails.BadRequest_FieldViolation {
+	return e.BadRequest.GetFieldViolations()
+}
