@@ -23,7 +23,6 @@ from pathlib import Path
 
 import grpc
 import openai
-
 from llmrelay import v1 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,9 +63,7 @@ class Run:
         return statistics.quantiles(self.latencies_s, n=100)[98] * 1000
 
 
-async def measure(
-    call: Callable[[], Awaitable[None]], requests: int, concurrency: int, pids: dict[str, int]
-) -> Run:
+async def measure(call: Callable[[], Awaitable[None]], requests: int, concurrency: int, pids: dict[str, int]) -> Run:
     for _ in range(50):  # warm-up: connections, caches, first-call imports
         await call()
     latencies: list[float] = []
@@ -107,8 +104,9 @@ async def main() -> None:
     args = parser.parse_args()
 
     upstream_port, gateway_port = free_port(), free_port()
-    upstream = start([sys.executable, str(ROOT / "tests" / "upstream.py"), "--listen", f"127.0.0.1:{upstream_port}"],
-                     "listening")
+    upstream = start(
+        [sys.executable, str(ROOT / "tests" / "upstream.py"), "--listen", f"127.0.0.1:{upstream_port}"], "listening"
+    )
     with tempfile.TemporaryDirectory() as scratch:
         config = Path(scratch) / "bench.yaml"
         config.write_text(
@@ -116,8 +114,11 @@ async def main() -> None:
             f'llm:\n  ollama: {{base_url: "http://127.0.0.1:{upstream_port}/v1", model: tiny}}\n'
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OLLAMA_", "LLMRELAY_"))}
-        gateway = start([str(BIN / "llmrelay-server"), "--listen", f"127.0.0.1:{gateway_port}",
-                         "--config", str(config)], "listening on", env)
+        gateway = start(
+            [str(BIN / "llmrelay-server"), "--listen", f"127.0.0.1:{gateway_port}", "--config", str(config)],
+            "listening on",
+            env,
+        )
         try:
             await asyncio.sleep(1.0)
             await report(upstream, gateway, upstream_port, gateway_port, args.requests, args.concurrency)
@@ -128,8 +129,12 @@ async def main() -> None:
 
 
 async def report(
-    upstream: subprocess.Popen[str], gateway: subprocess.Popen[str], upstream_port: int, gateway_port: int,
-    requests: int, concurrency: int,
+    upstream: subprocess.Popen[str],
+    gateway: subprocess.Popen[str],
+    upstream_port: int,
+    gateway_port: int,
+    requests: int,
+    concurrency: int,
 ) -> None:
     messages = [{"role": "user", "content": "benchmark the gateway please"}]
     direct = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{upstream_port}/v1", api_key="bench", max_retries=0)
@@ -157,27 +162,36 @@ async def report(
     print(f"llmrelay bench: {requests} requests, concurrency {concurrency}, loopback upstream in its own process\n")
     print(f"{'path':<22}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'gateway CPU/req':>18}{'upstream CPU/req':>18}")
     results: dict[str, Run] = {}
-    for name, call in (("direct unary", direct_unary), ("gateway unary", gateway_unary),
-                       ("direct stream", direct_stream), ("gateway stream", gateway_stream)):
+    for name, call in (
+        ("direct unary", direct_unary),
+        ("gateway unary", gateway_unary),
+        ("direct stream", direct_stream),
+        ("gateway stream", gateway_stream),
+    ):
         run = await measure(call, requests, concurrency, pids)
         results[name] = run
-        print(f"{name:<22}{run.p50_ms:>9.2f}{run.p99_ms:>9.2f}{requests / run.wall_s:>9.0f}"
-              f"{run.cpu_s['gateway'] / requests * 1000:>15.3f} ms{run.cpu_s['upstream'] / requests * 1000:>15.3f} ms")
+        print(
+            f"{name:<22}{run.p50_ms:>9.2f}{run.p99_ms:>9.2f}{requests / run.wall_s:>9.0f}"
+            f"{run.cpu_s['gateway'] / requests * 1000:>15.3f} ms{run.cpu_s['upstream'] / requests * 1000:>15.3f} ms"
+        )
     rss_loaded = rss_mib(gateway.pid)
     print("\nratios, gateway / direct (same upstream, same run):")
     for kind in ("unary", "stream"):
         via, direct_run = results[f"gateway {kind}"], results[f"direct {kind}"]
-        print(f"  {kind:<7} p50 latency x{via.p50_ms / direct_run.p50_ms:.2f}   throughput x{direct_run.wall_s / via.wall_s:.2f}"
-              f"   gateway CPU per request = {via.cpu_s['gateway'] / via.cpu_s['upstream']:.2f}x the upstream's own")
+        latency = via.p50_ms / direct_run.p50_ms
+        throughput = direct_run.wall_s / via.wall_s
+        cpu = via.cpu_s["gateway"] / via.cpu_s["upstream"]
+        print(
+            f"  {kind:<7} p50 latency x{latency:.2f}   throughput x{throughput:.2f}   CPU x{cpu:.2f} upstream's"
+        )
     print(f"\ngateway memory: {rss_idle:.0f} MiB idle, {rss_loaded:.0f} MiB after the runs")
     await channel.close()
     await direct.close()
 
+
+if __name__ == "__main__":
+    asyncio.run(main())
     tokens = ROOT / "bench" / "bench_tokens.py"
     if tokens.exists():
         print()
         subprocess.run([sys.executable, str(tokens)], check=True)
-
-
-if __name__ == "__main__":
-    asyncio.run(main())

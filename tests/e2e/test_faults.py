@@ -20,7 +20,7 @@ from llmrelay import v1 as pb
 from support import FAST_ROUTER, chat, details, stream_chat, two_backends
 from upstream import FakeUpstream
 
-O = pb.AttemptOutcome
+Outcome = pb.AttemptOutcome
 HTML = {"body": "<html><body>502 Bad Gateway</body></html>", "content_type": "text/html"}
 NOT_JSON = {"body": '{"id": "x", "choices": [', "content_type": "application/json"}
 NO_CHOICES = {"body": '{"id": "x", "object": "chat.completion"}'}
@@ -41,11 +41,11 @@ class Row:
 
 
 UNARY_ROWS = [
-    Row("ok", [], outcomes=(O.ATTEMPT_OUTCOME_SUCCEEDED,)),
+    Row("ok", [], outcomes=(Outcome.ATTEMPT_OUTCOME_SUCCEEDED,)),
     Row(
         "503 retried then ok",
         [{"status": 503}],
-        outcomes=(O.ATTEMPT_OUTCOME_SERVER_ERROR, O.ATTEMPT_OUTCOME_SUCCEEDED),
+        outcomes=(Outcome.ATTEMPT_OUTCOME_SERVER_ERROR, Outcome.ATTEMPT_OUTCOME_SUCCEEDED),
         calls=(2, 0),
     ),
     Row(
@@ -53,68 +53,80 @@ UNARY_ROWS = [
         [{"status": 503}] * 2,
         served_by="ollama",
         calls=(2, 1),
-        outcomes=(O.ATTEMPT_OUTCOME_SERVER_ERROR, O.ATTEMPT_OUTCOME_SERVER_ERROR, O.ATTEMPT_OUTCOME_SUCCEEDED),
+        outcomes=(
+            Outcome.ATTEMPT_OUTCOME_SERVER_ERROR,
+            Outcome.ATTEMPT_OUTCOME_SERVER_ERROR,
+            Outcome.ATTEMPT_OUTCOME_SUCCEEDED,
+        ),
     ),
     Row(
         "500/502/504 fall back",
         [{"status": 500}, {"status": 504}],
         served_by="ollama",
         calls=(2, 1),
-        outcomes=(O.ATTEMPT_OUTCOME_SERVER_ERROR, O.ATTEMPT_OUTCOME_SERVER_ERROR, O.ATTEMPT_OUTCOME_SUCCEEDED),
+        outcomes=(
+            Outcome.ATTEMPT_OUTCOME_SERVER_ERROR,
+            Outcome.ATTEMPT_OUTCOME_SERVER_ERROR,
+            Outcome.ATTEMPT_OUTCOME_SUCCEEDED,
+        ),
     ),
     Row(
         "408 is a timeout, retried",
         [{"status": 408}],
         calls=(2, 0),
-        outcomes=(O.ATTEMPT_OUTCOME_TIMEOUT, O.ATTEMPT_OUTCOME_SUCCEEDED),
+        outcomes=(Outcome.ATTEMPT_OUTCOME_TIMEOUT, Outcome.ATTEMPT_OUTCOME_SUCCEEDED),
     ),
     Row(
         "429 with a short Retry-After is retried",
         [{"status": 429, "retry_after": 0}],
         calls=(2, 0),
-        outcomes=(O.ATTEMPT_OUTCOME_RATE_LIMITED, O.ATTEMPT_OUTCOME_SUCCEEDED),
+        outcomes=(Outcome.ATTEMPT_OUTCOME_RATE_LIMITED, Outcome.ATTEMPT_OUTCOME_SUCCEEDED),
     ),
     Row(
         "429 with a long Retry-After moves on at once",
         [{"status": 429, "retry_after": 3600}],
         served_by="ollama",
         calls=(1, 1),
-        outcomes=(O.ATTEMPT_OUTCOME_RATE_LIMITED, O.ATTEMPT_OUTCOME_SUCCEEDED),
+        outcomes=(Outcome.ATTEMPT_OUTCOME_RATE_LIMITED, Outcome.ATTEMPT_OUTCOME_SUCCEEDED),
     ),
     Row(
         "connection dropped twice falls back",
         [{"drop": True}] * 2,
         served_by="ollama",
         calls=(2, 1),
-        outcomes=(O.ATTEMPT_OUTCOME_UNREACHABLE, O.ATTEMPT_OUTCOME_UNREACHABLE, O.ATTEMPT_OUTCOME_SUCCEEDED),
+        outcomes=(
+            Outcome.ATTEMPT_OUTCOME_UNREACHABLE,
+            Outcome.ATTEMPT_OUTCOME_UNREACHABLE,
+            Outcome.ATTEMPT_OUTCOME_SUCCEEDED,
+        ),
     ),
     Row(
         "401 of our key: next backend, no retry",
         [{"status": 401}],
         served_by="ollama",
         calls=(1, 1),
-        outcomes=(O.ATTEMPT_OUTCOME_AUTH_FAILED, O.ATTEMPT_OUTCOME_SUCCEEDED),
+        outcomes=(Outcome.ATTEMPT_OUTCOME_AUTH_FAILED, Outcome.ATTEMPT_OUTCOME_SUCCEEDED),
     ),
     Row(
         "403 likewise",
         [{"status": 403}],
         served_by="ollama",
         calls=(1, 1),
-        outcomes=(O.ATTEMPT_OUTCOME_AUTH_FAILED, O.ATTEMPT_OUTCOME_SUCCEEDED),
+        outcomes=(Outcome.ATTEMPT_OUTCOME_AUTH_FAILED, Outcome.ATTEMPT_OUTCOME_SUCCEEDED),
     ),
     Row(
         "404 model missing: next backend",
         [{"status": 404}],
         served_by="ollama",
         calls=(1, 1),
-        outcomes=(O.ATTEMPT_OUTCOME_MODEL_NOT_FOUND, O.ATTEMPT_OUTCOME_SUCCEEDED),
+        outcomes=(Outcome.ATTEMPT_OUTCOME_MODEL_NOT_FOUND, Outcome.ATTEMPT_OUTCOME_SUCCEEDED),
     ),
     Row(
         "context length: next backend",
         [TOO_LONG],
         served_by="ollama",
         calls=(1, 1),
-        outcomes=(O.ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED, O.ATTEMPT_OUTCOME_SUCCEEDED),
+        outcomes=(Outcome.ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED, Outcome.ATTEMPT_OUTCOME_SUCCEEDED),
     ),
     Row(
         "400 is the caller's fault: no retry, no fallback",
@@ -129,21 +141,21 @@ UNARY_ROWS = [
         [HTML],
         served_by="ollama",
         calls=(1, 1),
-        outcomes=(O.ATTEMPT_OUTCOME_SERVER_ERROR, O.ATTEMPT_OUTCOME_SUCCEEDED),
+        outcomes=(Outcome.ATTEMPT_OUTCOME_SERVER_ERROR, Outcome.ATTEMPT_OUTCOME_SUCCEEDED),
     ),
     Row(
         "malformed JSON",
         [NOT_JSON],
         served_by="ollama",
         calls=(1, 1),
-        outcomes=(O.ATTEMPT_OUTCOME_SERVER_ERROR, O.ATTEMPT_OUTCOME_SUCCEEDED),
+        outcomes=(Outcome.ATTEMPT_OUTCOME_SERVER_ERROR, Outcome.ATTEMPT_OUTCOME_SUCCEEDED),
     ),
     Row(
         "missing choices",
         [NO_CHOICES],
         served_by="ollama",
         calls=(1, 1),
-        outcomes=(O.ATTEMPT_OUTCOME_SERVER_ERROR, O.ATTEMPT_OUTCOME_SUCCEEDED),
+        outcomes=(Outcome.ATTEMPT_OUTCOME_SERVER_ERROR, Outcome.ATTEMPT_OUTCOME_SUCCEEDED),
     ),
     Row(
         "rate limited everywhere",
@@ -257,7 +269,7 @@ async def test_garbage_before_the_first_chunk_still_falls_back(stub: pb.LLMServi
     primary.inject({"stream_garbage": True})
     chunks = [c async for c in stub.StreamComplete(stream_chat("a b"), timeout=10)]
     assert {c.backend for c in chunks} == {"ollama"}
-    assert chunks[-1].attempts[0].outcome == O.ATTEMPT_OUTCOME_SERVER_ERROR
+    assert chunks[-1].attempts[0].outcome == Outcome.ATTEMPT_OUTCOME_SERVER_ERROR
 
 
 async def test_stream_without_upstream_usage_is_counted_and_flagged(
@@ -294,18 +306,23 @@ async def test_no_retry_starts_after_the_deadline(stub: pb.LLMServiceStub, prima
     assert len(primary.chat_requests) == 1
 
 
+async def wait_until(condition: Any, within_s: float) -> None:
+    """Polls: the upstream's state is plain data, with no event to wait on."""
+    deadline = time.monotonic() + within_s
+    while not condition() and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.005)
+
+
 @pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
 async def test_cancellation_closes_the_upstream_request_at_once(
     stub: pb.LLMServiceStub, primary: FakeUpstream, streaming: bool
 ) -> None:
     primary.inject({"stall_s": 10})
     call = stub.StreamComplete(stream_chat(), timeout=20) if streaming else stub.Complete(chat(), timeout=20)
-    while not primary.chat_requests:
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: bool(primary.chat_requests), within_s=5)
     cancelled_at = time.monotonic()
     call.cancel()
-    while not primary.client_disconnects and time.monotonic() - cancelled_at < 2:
-        await asyncio.sleep(0.005)
+    await wait_until(lambda: bool(primary.client_disconnects), within_s=2)
     assert primary.client_disconnects, "the upstream never saw the connection close"
     assert primary.client_disconnects[0] - cancelled_at < 0.1
 
@@ -323,7 +340,7 @@ async def test_circuit_opens_skips_and_recovers(
         assert health.backends[0].circuit_state == pb.CIRCUIT_STATE_OPEN
         # While open, the primary is skipped without a call.
         answer = await stub.Complete(chat(), timeout=5)
-        assert answer.attempts[0].outcome == O.ATTEMPT_OUTCOME_SKIPPED and len(primary.chat_requests) == 2
+        assert answer.attempts[0].outcome == Outcome.ATTEMPT_OUTCOME_SKIPPED and len(primary.chat_requests) == 2
         await asyncio.sleep(0.35)
         health = await stub.Health(pb.HealthRequest(), timeout=5)
         assert health.backends[0].circuit_state == pb.CIRCUIT_STATE_HALF_OPEN
