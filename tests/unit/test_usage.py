@@ -1,0 +1,328 @@
+"""The usage ledger: exact totals, time windows, no I/O on record, and what survives a stop or a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from llmrelay_server.domain import TokenUsage
+from llmrelay_server.usage import UsageLedger, UsageTotals
+
+T0 = 1_700_000_040.0  # the start of a minute bucket
+
+
+@pytest.fixture
+async def ledger() -> AsyncIterator[UsageLedger]:
+    ledger = UsageLedger(":memory:")
+    yield ledger
+    await ledger.aclose()
+
+
+def rows_on_disk(path: Path) -> list[tuple[object, ...]]:
+    with sqlite3.connect(path) as connection:
+        return connection.execute(
+            "SELECT * FROM usage_buckets ORDER BY backend, model, caller, bucket_start"
+        ).fetchall()
+
+
+async def test_totals_per_backend_model_and_caller(ledger: UsageLedger) -> None:
+    ledger.record("ollama", "gpt-oss:20b", "alice", TokenUsage(100, 20), at=T0)
+    ledger.record("ollama", "gpt-oss:20b", "alice", TokenUsage(50, 10, estimated=True), at=T0 + 30)
+    ledger.record("ollama", "gpt-oss:20b", "bob", TokenUsage(7, 3), at=T0)
+    ledger.record("openai", "gpt-4o", "alice", TokenUsage(1_000, 500), at=T0 + 600)
+
+    totals = await ledger.query()
+
+    assert totals == [
+        UsageTotals("openai", "gpt-4o", "alice", 1, 1_000, 500, 1_500, 0),
+        UsageTotals("ollama", "gpt-oss:20b", "alice", 2, 150, 30, 180, 1),
+        UsageTotals("ollama", "gpt-oss:20b", "bob", 1, 7, 3, 10, 0),
+    ]
+
+
+async def test_filters(ledger: UsageLedger) -> None:
+    for backend, model, caller in [("a", "m1", "x"), ("a", "m2", "y"), ("b", "m1", "x")]:
+        ledger.record(backend, model, caller, TokenUsage(10, 1), at=T0)
+    await ledger.flush()
+    ledger.record("a", "m1", "x", TokenUsage(5, 0), at=T0)  # stays buffered: queries must see it too
+
+    assert [t.total_tokens for t in await ledger.query(backend="a", model="m1", caller="x")] == [16]
+    assert {(t.backend, t.model) for t in await ledger.query(model="m1")} == {("a", "m1"), ("b", "m1")}
+    assert {(t.backend, t.caller) for t in await ledger.query(caller="y")} == {("a", "y")}
+    assert await ledger.query(backend="nobody") == []
+
+
+async def test_time_window_selects_whole_buckets_in_half_open_range() -> None:
+    ledger = UsageLedger(":memory:", bucket_s=60)
+    ledger.record("b", "m", "c", TokenUsage(1, 0), at=T0 - 1)  # the bucket before
+    ledger.record("b", "m", "c", TokenUsage(10, 0), at=T0)  # bucket T0
+    ledger.record("b", "m", "c", TokenUsage(100, 0), at=T0 + 59.9)  # still bucket T0
+    ledger.record("b", "m", "c", TokenUsage(1_000, 0), at=T0 + 60)  # bucket T0 + 60
+    await ledger.flush()
+    ledger.record("b", "m", "c", TokenUsage(10_000, 0), at=T0 + 61)  # buffered, bucket T0 + 60
+
+    async def prompt_tokens(start: float | None = None, end: float | None = None) -> int:
+        return sum(t.prompt_tokens for t in await ledger.query(start=start, end=end))
+
+    assert await prompt_tokens(start=T0, end=T0 + 60) == 110
+    assert await prompt_tokens(start=T0 + 60) == 11_000
+    assert await prompt_tokens(end=T0) == 1
+    assert await prompt_tokens(start=T0 + 1, end=T0 + 120) == 11_000  # bucket T0 starts before the window
+    assert await prompt_tokens() == 11_111
+    await ledger.aclose()
+
+
+async def test_record_does_no_io_and_flush_writes(tmp_path: Path) -> None:
+    path = tmp_path / "usage.sqlite3"
+    ledger = UsageLedger(path)
+    ledger.record("b", "m", "c", TokenUsage(3, 4), at=T0)
+
+    assert rows_on_disk(path) == []
+    assert (await ledger.query())[0].total_tokens == 7
+
+    await ledger.flush()
+
+    assert rows_on_disk(path) == [("b", "m", "c", int(T0), 1, 3, 4, 7, 0)]
+    assert (await ledger.query())[0].total_tokens == 7  # flushed rows are not counted twice
+    await ledger.aclose()
+
+
+async def test_background_flush_writes_within_the_interval(tmp_path: Path) -> None:
+    path = tmp_path / "usage.sqlite3"
+    ledger = UsageLedger(path, flush_interval_s=0.05)
+    await ledger.start()
+    ledger.record("b", "m", "c", TokenUsage(3, 4), at=T0)
+
+    await asyncio.sleep(0.3)
+
+    assert rows_on_disk(path) == [("b", "m", "c", int(T0), 1, 3, 4, 7, 0)]
+    await ledger.aclose()
+
+
+async def test_aclose_writes_everything_and_a_new_ledger_reads_it(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "dirs" / "usage.sqlite3"
+    ledger = UsageLedger(path, flush_interval_s=60)
+    await ledger.start()
+    for _ in range(25):
+        ledger.record("b", "m", "c", TokenUsage(4, 2, estimated=True))
+
+    await ledger.aclose()
+    reopened = UsageLedger(path)
+
+    assert await reopened.query() == [UsageTotals("b", "m", "c", 25, 100, 50, 150, 25)]
+    await reopened.aclose()
+
+
+async def test_database_is_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "usage.sqlite3"
+    ledger = UsageLedger(path)
+
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    await ledger.aclose()
+
+
+async def test_record_after_close_is_refused() -> None:
+    ledger = UsageLedger(":memory:")
+    await ledger.aclose()
+
+    with pytest.raises(RuntimeError, match="closed"):
+        ledger.record("b", "m", "c", TokenUsage(1, 1))
+
+
+async def test_failed_flush_keeps_the_records_for_the_next_one(
+    ledger: UsageLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+    real_write = ledger._write
+    monkeypatch.setattr(ledger, "_write", lambda pending: (_ for _ in ()).throw(sqlite3.OperationalError("full")))
+
+    with pytest.raises(sqlite3.OperationalError):
+        await ledger.flush()
+    assert [t.total_tokens for t in await ledger.query()] == [15]
+
+    monkeypatch.setattr(ledger, "_write", real_write)
+    ledger.record("b", "m", "c", TokenUsage(1, 0), at=T0)
+    await ledger.flush()
+
+    assert await ledger.query() == [UsageTotals("b", "m", "c", 2, 11, 5, 16, 0)]
+
+
+async def test_concurrent_recording_adds_up_exactly(tmp_path: Path) -> None:
+    ledger = UsageLedger(tmp_path / "usage.sqlite3", flush_interval_s=0.005)
+    await ledger.start()
+    callers, per_caller = 50, 40
+
+    async def agent(number: int) -> None:
+        rng = random.Random(number)
+        for i in range(per_caller):
+            ledger.record("b", "m", f"caller-{number % 5}", TokenUsage(number, i, estimated=i % 4 == 0))
+            await asyncio.sleep(rng.random() / 1_000)
+            if i % 10 == 0:
+                await ledger.query()
+
+    await asyncio.gather(*(agent(n) for n in range(callers)))
+    live = await ledger.query()
+    await ledger.aclose()
+
+    expected_prompt = sum(n * per_caller for n in range(callers))
+    expected_completion = callers * sum(range(per_caller))
+    for totals in (live, await _reopen_and_query(tmp_path / "usage.sqlite3")):
+        assert sum(t.requests for t in totals) == callers * per_caller
+        assert sum(t.prompt_tokens for t in totals) == expected_prompt
+        assert sum(t.completion_tokens for t in totals) == expected_completion
+        assert sum(t.estimated_requests for t in totals) == callers * per_caller // 4
+        assert len(totals) == 5
+
+
+async def test_recording_from_threads_adds_up_exactly(ledger: UsageLedger) -> None:
+    await ledger.start()
+    threads, per_thread = 8, 2_000
+    barrier = threading.Barrier(threads)
+    loop = asyncio.get_running_loop()
+    finished = [loop.create_future() for _ in range(threads)]
+
+    def record_many(done: asyncio.Future[None]) -> None:
+        barrier.wait()
+        for _ in range(per_thread):
+            ledger.record("b", "m", "c", TokenUsage(2, 1))
+        loop.call_soon_threadsafe(done.set_result, None)
+
+    # Plain threads, not to_thread: the default executor may have fewer workers than the barrier needs.
+    for done in finished:
+        threading.Thread(target=record_many, args=(done,)).start()
+    await asyncio.gather(*finished)  # the loop stays free for the background flush meanwhile
+
+    assert await ledger.query() == [
+        UsageTotals("b", "m", "c", threads * per_thread, 2 * threads * per_thread, threads * per_thread, 48_000, 0)
+    ]
+
+
+async def _reopen_and_query(path: Path) -> list[UsageTotals]:
+    ledger = UsageLedger(path)
+    try:
+        return await ledger.query()
+    finally:
+        await ledger.aclose()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    records=st.lists(
+        st.tuples(
+            st.sampled_from(["ollama", "openai"]),
+            st.sampled_from(["m1", "m2"]),
+            st.sampled_from(["alice", "bob", "anonymous"]),
+            st.integers(0, 10_000),
+            st.integers(0, 10_000),
+            st.booleans(),
+            st.floats(T0, T0 + 3_600),
+            st.booleans(),  # flush after this record
+        ),
+        max_size=40,
+    ),
+    window=st.tuples(st.floats(T0, T0 + 3_600), st.floats(0, 3_600)),
+)
+def test_totals_equal_the_sums_of_what_was_recorded(
+    records: list[tuple[str, str, str, int, int, bool, float, bool]], window: tuple[float, float]
+) -> None:
+    start, length = window
+    end = start + length
+
+    async def scenario() -> list[UsageTotals]:
+        ledger = UsageLedger(":memory:")
+        for backend, model, caller, prompt, completion, estimated, at, flush in records:
+            ledger.record(backend, model, caller, TokenUsage(prompt, completion, estimated), at=at)
+            if flush:
+                await ledger.flush()
+        totals = await ledger.query(start=start, end=end)
+        await ledger.aclose()
+        return totals
+
+    totals = asyncio.run(scenario())
+
+    expected: dict[tuple[str, str, str], list[int]] = {}
+    for backend, model, caller, prompt, completion, estimated, at, _ in records:
+        if start <= (at // 60) * 60 < end:
+            sums = expected.setdefault((backend, model, caller), [0, 0, 0, 0, 0])
+            for index, value in enumerate((1, prompt, completion, prompt + completion, int(estimated))):
+                sums[index] += value
+    assert {(t.backend, t.model, t.caller): [*_counts(t)] for t in totals} == expected
+    assert [t.total_tokens for t in totals] == sorted((t.total_tokens for t in totals), reverse=True)
+
+
+def _counts(totals: UsageTotals) -> tuple[int, ...]:
+    return (
+        totals.requests,
+        totals.prompt_tokens,
+        totals.completion_tokens,
+        totals.total_tokens,
+        totals.estimated_requests,
+    )
+
+
+# A process that records, says so, keeps recording after a signal from the test, and waits to be killed.
+_CRASHING_RECORDER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from llmrelay_server.domain import TokenUsage
+    from llmrelay_server.usage import UsageLedger
+
+    async def main() -> None:
+        ledger = UsageLedger(sys.argv[1], flush_interval_s=float(sys.argv[2]))
+        await ledger.start()
+        for _ in range(100):
+            ledger.record("b", "m", "c", TokenUsage(10, 5))
+        print("recorded", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+        for _ in range(50):
+            ledger.record("b", "m", "c", TokenUsage(10, 5))
+        print("late", flush=True)
+        await asyncio.sleep(3600)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_kill_9_loses_at_most_the_last_flush_interval(tmp_path: Path) -> None:
+    path = tmp_path / "usage.sqlite3"
+    interval = 0.2
+    child = subprocess.Popen(  # noqa: ASYNC220 - started once; the waits on it below are off the loop
+        [sys.executable, "-c", _CRASHING_RECORDER, str(path), str(interval)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 30) == "recorded\n"
+        # One interval for the flush to come round, and as much again for its write: then the batch is durable.
+        await asyncio.sleep(2 * interval)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 30) == "late\n"
+        child.send_signal(signal.SIGKILL)  # at once: the late batch is inside the last flush interval
+    finally:
+        child.kill()
+        child.wait()
+
+    totals = await _reopen_and_query(path)
+
+    assert child.returncode == -signal.SIGKILL
+    # The first batch was recorded more than a flush interval before the kill: all of it is there. The late batch
+    # is all there or not at all, since a flush is one transaction.
+    assert len(totals) == 1
+    assert totals[0].requests in (100, 150)
+    assert (totals[0].prompt_tokens, totals[0].completion_tokens) == (10 * totals[0].requests, 5 * totals[0].requests)
