@@ -205,3 +205,31 @@ async def test_bad_configuration_fails_at_start_naming_the_field(tmp_path: Path)
     message = err.decode()
     assert "llm.openai.base_url" in message and "ftp://nowhere" in message
     assert OPENAI_TEST_KEY not in message
+
+
+async def test_sigterm_loses_no_usage(server: ServerProcess, tmp_path: Path, local: FakeUpstream) -> None:
+    async with AsyncClient(server.target, caller="durable") as client:
+        answers = [await client.complete([{"role": "user", "content": f"n {i}"}]) for i in range(25)]
+    server.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(server.process.wait(), 10) == 0
+    # A new gateway on the same ledger file reads back every token.
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        BIN / "llmrelay-server",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--config",
+        str(tmp_path / "llmrelay.yaml"),
+        env=clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1"), LLMRELAY_OLLAMA_MODEL="tiny"),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    restarted = ServerProcess(process, port)
+    try:
+        await restarted.wait_listening()
+        async with AsyncClient(restarted.target) as client:
+            records = (await client.get_usage(pb.GetUsageRequest(caller="durable"))).records
+    finally:
+        process.terminate()
+        await process.wait()
+    assert sum(r.requests for r in records) == 25
+    assert sum(r.total_tokens for r in records) == sum(a.usage.total_tokens for a in answers)

@@ -1,0 +1,66 @@
+"""Usage on every answer, attributed to the backend that served, and kept in the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from llmrelay import v1 as pb
+from support import chat, details, stream_chat
+from upstream import FakeUpstream
+
+
+async def totals(stub: pb.LLMServiceStub, **filters: str) -> dict[tuple[str, str, str], pb.UsageRecord]:
+    records = (await stub.GetUsage(pb.GetUsageRequest(**filters), timeout=5)).records
+    return {(r.backend, r.model, r.caller): r for r in records}
+
+
+async def test_usage_after_fallback_is_attributed_to_the_backend_that_served(
+    stub: pb.LLMServiceStub, primary: FakeUpstream
+) -> None:
+    primary.inject({"status": 503}, {"status": 503})
+    answer = await stub.Complete(chat("who pays"), timeout=5, metadata=(("x-llmrelay-caller", "agent-7"),))
+    assert answer.backend == "ollama"
+    ledger = await totals(stub)
+    assert list(ledger) == [("ollama", "tiny", "agent-7")]
+    record = ledger["ollama", "tiny", "agent-7"]
+    assert (record.requests, record.total_tokens) == (1, answer.usage.total_tokens)
+
+
+async def test_concurrent_requests_add_up_exactly(stub: pb.LLMServiceStub) -> None:
+    callers = [f"caller-{i % 3}" for i in range(60)]
+    answers = await asyncio.gather(
+        *(
+            stub.Complete(chat(f"q {i} " * (i % 7 + 1)), timeout=10, metadata=(("x-llmrelay-caller", c),))
+            for i, c in enumerate(callers)
+        )
+    )
+    streamed = [
+        c
+        async for c in stub.StreamComplete(
+            stream_chat("streamed too"), timeout=5, metadata=(("x-llmrelay-caller", "caller-0"),)
+        )
+    ]
+    ledger = await totals(stub)
+    for caller in ("caller-0", "caller-1", "caller-2"):
+        expected = sum(a.usage.total_tokens for a, c in zip(answers, callers, strict=True) if c == caller)
+        expected += streamed[-1].usage.total_tokens if caller == "caller-0" else 0
+        record = ledger["openai", "gpt-test", caller]
+        assert record.total_tokens == expected
+        assert record.prompt_tokens + record.completion_tokens == record.total_tokens
+    assert sum(r.requests for r in ledger.values()) == 61
+    assert list((await totals(stub, caller="caller-1")).keys()) == [("openai", "gpt-test", "caller-1")]
+
+
+async def test_caller_from_a_bearer_token_is_a_fingerprint_never_the_token(stub: pb.LLMServiceStub) -> None:
+    await stub.Complete(chat(), timeout=5, metadata=(("authorization", "Bearer sk-caller-secret-123456"),))
+    (caller,) = {key[2] for key in await totals(stub)}
+    assert caller.startswith("key-") and "secret" not in caller
+
+
+async def test_malformed_caller_metadata_is_invalid_argument(stub: pb.LLMServiceStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat(), timeout=5, metadata=(("x-llmrelay-caller", "no spaces allowed"),))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details(caught.value)["BadRequest"].field_violations[0].field == "metadata.x-llmrelay-caller"
