@@ -11,6 +11,8 @@ Faults are queued; each chat request takes the next one. A fault is a dict:
     {"stream_cut_after": 2}                            a stream that ends after N chunks, without [DONE]
     {"stream_garbage": true}                           a stream with a line that is not JSON
     {"trickle_s": 1.0}                                 a stream that sends one chunk per trickle_s seconds
+    {"byte_trickle_s": 0.5}                            a stream that sends one byte per byte_trickle_s seconds
+    {"huge_content": 5_000_000}                        an answer whose content has this many characters
     {"no_usage": true}                                 leave usage out (like older Ollama streams)
     {"reasoning": "thinking..."}                       add reasoning text (as Ollama's `reasoning` field)
     {"tool_call": {"name": "f", "arguments": "{}"}}    answer with a tool call
@@ -179,8 +181,13 @@ class FakeUpstream:
                 return
             if fault.get("stream_garbage") and index == 1:
                 writer.write(b"data: {not json at all\n\n")
-            writer.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-            await writer.drain()
+            event = b"data: " + json.dumps(chunk).encode() + b"\n\n"
+            pieces = [event[i : i + 1] for i in range(len(event))] if "byte_trickle_s" in fault else [event]
+            for piece in pieces:
+                writer.write(piece)
+                await writer.drain()
+                if "byte_trickle_s" in fault:
+                    await asyncio.sleep(fault["byte_trickle_s"])
             # The role-only first chunk goes out at once, so a trickle starts after real content has been sent.
             if "trickle_s" in fault and index > 0:
                 await asyncio.sleep(fault["trickle_s"])
@@ -256,6 +263,13 @@ class _Answer:
         return "tool_calls" if self.tool_call is not None else "stop"
 
 
+def _huge(size: int) -> str:
+    """`size` characters in words of 10,000, so that a stream sends them in pieces as a real server would."""
+    word = "x" * 9_999
+    text = " ".join([word] * (size // 10_000 + 1))
+    return text[:size]
+
+
 def _pieces(text: str) -> list[str]:
     words = text.split(" ")
     return [word if i == 0 else " " + word for i, word in enumerate(words)]
@@ -270,10 +284,11 @@ def _answer(body: dict[str, Any], fault: Fault) -> _Answer:
     messages = body.get("messages") or []
     last_user = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
     prompt_words = sum(len(str(m.get("content") or "").split()) for m in messages)
+    content = _huge(fault["huge_content"]) if "huge_content" in fault else f"echo: {last_user}"
     return _Answer(
         id=f"chatcmpl-fake-{len(messages)}",
         model=body.get("model", ""),
-        content=f"echo: {last_user}",
+        content=content,
         reasoning=fault.get("reasoning"),
         tool_call=fault.get("tool_call"),
         prompt_tokens=prompt_words + 3 * len(messages),

@@ -63,7 +63,7 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
     )
     health_servicer = health.aio.HealthServicer()
     monitor = HealthMonitor(router, health_servicer, config.server.health_interval_s)
-    pb.add_LLMServiceServicer_to_server(LLMServicer(router, monitor, ledger), server)
+    pb.add_LLMServiceServicer_to_server(LLMServicer(router, monitor, ledger, limit), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(services, server)

@@ -9,6 +9,7 @@ Exceptions::
     ├── InvalidRequestError          the caller's request is wrong (names the fields)
     ├── ModelNotFoundError           no backend serves the model
     ├── TokenizerUnavailableError    the encoding's file is not installed
+    ├── AnswerTooLargeError          the answer exceeds the message size limit
     ├── UpstreamError                one backend failed one attempt (kind says how)
     ├── AllBackendsFailedError       the chain is exhausted (carries the attempts)
     ├── DeadlineExceededError        the caller's deadline ran out (carries the attempts)
@@ -306,6 +307,16 @@ class TokenizerUnavailableError(LLMRelayError):
     def __init__(self, encoding: str, detail: str) -> None:
         self.encoding = encoding
         super().__init__(f"tokenizer encoding {encoding!r} is not available: {detail}")
+
+
+class AnswerTooLargeError(LLMRelayError):
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"the answer is {size} bytes, over the gateway's {limit}-byte message limit; "
+            "use StreamComplete, or a lower max_tokens"
+        )
 
 
 class UpstreamErrorKind(enum.StrEnum):

@@ -12,7 +12,7 @@ import grpc
 from llmrelay import v1 as pb
 
 from llmrelay_server import convert
-from llmrelay_server.domain import FieldViolation, InvalidRequestError, LLMRelayError
+from llmrelay_server.domain import AnswerTooLargeError, FieldViolation, InvalidRequestError, LLMRelayError
 from llmrelay_server.health import HealthMonitor
 from llmrelay_server.router import Router
 from llmrelay_server.status import rpc_failure
@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 class LLMServicer(pb.LLMServiceServicer):
-    def __init__(self, router: Router, monitor: HealthMonitor, ledger: UsageLedger) -> None:
+    def __init__(self, router: Router, monitor: HealthMonitor, ledger: UsageLedger, max_message_bytes: int) -> None:
+        self._max_message_bytes = max_message_bytes
         self._router = router
         self._monitor = monitor
         self._ledger = ledger
@@ -38,9 +39,13 @@ class LLMServicer(pb.LLMServiceServicer):
                 deadline=self._router.deadline(context.time_remaining()),
                 caller=caller_identity(context),
             )
+            answer = convert.complete_response(response)
+            # Sent as is, an oversized answer would fail inside gRPC with a bare status and a server error log.
+            if (size := answer.ByteSize()) > self._max_message_bytes:
+                raise AnswerTooLargeError(size, self._max_message_bytes)
         except LLMRelayError as error:
             await _abort(context, "Complete", error)
-        return convert.complete_response(response)
+        return answer
 
     async def StreamComplete(
         self,

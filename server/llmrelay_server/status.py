@@ -11,6 +11,7 @@
 | tokenizer encoding not installed        | FAILED_PRECONDITION | TOKENIZER_UNAVAILABLE   |               |
 | every backend down or broken            | UNAVAILABLE         | BACKENDS_UNAVAILABLE    | RetryInfo     |
 | upstream answers are malformed          | UNAVAILABLE         | UPSTREAM_BAD_RESPONSE   |               |
+| the answer is over the message limit    | RESOURCE_EXHAUSTED  | ANSWER_TOO_LARGE        |               |
 | the caller's deadline ran out           | DEADLINE_EXCEEDED   | DEADLINE_EXCEEDED       |               |
 | a stream failed after it started        | ABORTED             | STREAM_INTERRUPTED      |               |
 """
@@ -26,6 +27,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from llmrelay_server.domain import (
     AllBackendsFailedError,
+    AnswerTooLargeError,
     AttemptOutcome,
     DeadlineExceededError,
     InvalidRequestError,
@@ -83,6 +85,9 @@ def _classify(
             {"model": error.model, "served": ",".join(error.served)},
             [],
         )
+    if isinstance(error, AnswerTooLargeError):
+        metadata = {"size": str(error.size), "limit": str(error.limit)}
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "ANSWER_TOO_LARGE", metadata, []
     if isinstance(error, TokenizerUnavailableError):
         return grpc.StatusCode.FAILED_PRECONDITION, "TOKENIZER_UNAVAILABLE", {"encoding": error.encoding}, []
     if isinstance(error, UpstreamError):

@@ -403,3 +403,36 @@ async def test_load_with_random_faults_ends_every_call_definitely_and_leaks_noth
     await asyncio.sleep(0.2)
     assert len(asyncio.all_tasks()) <= tasks_before, "tasks left behind"
     assert open_fds() <= fds_before + 2, "sockets or files left open"
+
+
+async def test_a_stream_trickling_bytes_ends_at_the_deadline(stub: pb.LLMServiceStub, primary: FakeUpstream) -> None:
+    primary.inject({"byte_trickle_s": 0.01})
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stub.StreamComplete(stream_chat("slow answer"), timeout=1.5):
+            pass
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert details(caught.value)["ErrorInfo"].reason == "DEADLINE_EXCEEDED"
+    assert time.monotonic() - started < 2.5
+
+
+async def test_an_enormous_answer_gets_a_definite_status(stub: pb.LLMServiceStub, primary: FakeUpstream) -> None:
+    primary.inject({"huge_content": 6_000_000})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat(model="gpt-test", exact_model=True), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details(caught.value)["ErrorInfo"].reason == "ANSWER_TOO_LARGE"
+    assert "StreamComplete" in caught.value.details()
+    # Streamed, the same answer arrives in pieces, each within the message limit.
+    primary.inject({"huge_content": 6_000_000})
+    chunks = [c async for c in stub.StreamComplete(stream_chat(), timeout=10)]
+    assert sum(len(c.delta.content) for c in chunks) == 6_000_000
+    assert (await stub.Complete(chat(), timeout=5)).message.content == "echo: hello gateway"
+
+
+async def test_an_oversized_request_is_resource_exhausted(stub: pb.LLMServiceStub, primary: FakeUpstream) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat("x" * (5 * 1024 * 1024)), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert primary.chat_requests == []
+    assert (await stub.Complete(chat(), timeout=5)).backend == "openai"

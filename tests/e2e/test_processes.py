@@ -233,3 +233,20 @@ async def test_sigterm_loses_no_usage(server: ServerProcess, tmp_path: Path, loc
         await process.wait()
     assert sum(r.requests for r in records) == 25
     assert sum(r.total_tokens for r in records) == sum(a.usage.total_tokens for a in answers)
+
+
+async def test_graceful_shutdown_under_load(server: ServerProcess, local: FakeUpstream) -> None:
+    local.inject(*[{"trickle_s": 0.2}] * 40)
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = pb.LLMServiceStub(channel)
+        streams = [stub.StreamComplete(stream_chat(f"load {i} a b c"), timeout=30) for i in range(40)]
+        firsts = await asyncio.gather(*(s.read() for s in streams))
+        server.process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Complete(pb.CompleteRequest(messages=stream_chat().messages), timeout=5)
+        rests = await asyncio.gather(*(read_all(s) for s in streams))
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    for i, (first, rest) in enumerate(zip(firsts, rests, strict=True)):
+        assert first.delta.content + "".join(c.delta.content for c in rest) == f"echo: load {i} a b c"
+    assert await asyncio.wait_for(server.process.wait(), 10) == 0

@@ -269,6 +269,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The tokenizer encoding for the model is not installed."""
     ERROR_REASON_CONTEXT_LENGTH_EXCEEDED: _ErrorReason.ValueType  # 11
     """The prompt does not fit the context window of any backend that was tried."""
+    ERROR_REASON_ANSWER_TOO_LARGE: _ErrorReason.ValueType  # 12
+    """The answer is larger than the gateway's message size limit; StreamComplete delivers it in pieces."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The reason in the google.rpc.ErrorInfo of a failed call (as its name without the ERROR_REASON_ prefix)."""
@@ -297,6 +299,8 @@ ERROR_REASON_TOKENIZER_UNAVAILABLE: ErrorReason.ValueType  # 10
 """The tokenizer encoding for the model is not installed."""
 ERROR_REASON_CONTEXT_LENGTH_EXCEEDED: ErrorReason.ValueType  # 11
 """The prompt does not fit the context window of any backend that was tried."""
+ERROR_REASON_ANSWER_TOO_LARGE: ErrorReason.ValueType  # 12
+"""The answer is larger than the gateway's message size limit; StreamComplete delivers it in pieces."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 class _CircuitState:

@@ -439,6 +439,8 @@ export enum ErrorReason {
   ERROR_REASON_TOKENIZER_UNAVAILABLE = 10,
   /** ERROR_REASON_CONTEXT_LENGTH_EXCEEDED - The prompt does not fit the context window of any backend that was tried. */
   ERROR_REASON_CONTEXT_LENGTH_EXCEEDED = 11,
+  /** ERROR_REASON_ANSWER_TOO_LARGE - The answer is larger than the gateway's message size limit; StreamComplete delivers it in pieces. */
+  ERROR_REASON_ANSWER_TOO_LARGE = 12,
   UNRECOGNIZED = -1,
 }
 
@@ -480,6 +482,9 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 11:
     case "ERROR_REASON_CONTEXT_LENGTH_EXCEEDED":
       return ErrorReason.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED;
+    case 12:
+    case "ERROR_REASON_ANSWER_TOO_LARGE":
+      return ErrorReason.ERROR_REASON_ANSWER_TOO_LARGE;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -513,6 +518,8 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_TOKENIZER_UNAVAILABLE";
     case ErrorReason.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED:
       return "ERROR_REASON_CONTEXT_LENGTH_EXCEEDED";
+    case ErrorReason.ERROR_REASON_ANSWER_TOO_LARGE:
+      return "ERROR_REASON_ANSWER_TOO_LARGE";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
