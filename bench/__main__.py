@@ -181,9 +181,7 @@ async def report(
         latency = via.p50_ms / direct_run.p50_ms
         throughput = direct_run.wall_s / via.wall_s
         cpu = via.cpu_s["gateway"] / via.cpu_s["upstream"]
-        print(
-            f"  {kind:<7} p50 latency x{latency:.2f}   throughput x{throughput:.2f}   CPU x{cpu:.2f} upstream's"
-        )
+        print(f"  {kind:<7} p50 latency x{latency:.2f}   throughput x{throughput:.2f}   CPU x{cpu:.2f} upstream's")
     print(f"\ngateway memory: {rss_idle:.0f} MiB idle, {rss_loaded:.0f} MiB after the runs")
     await channel.close()
     await direct.close()
