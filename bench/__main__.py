@@ -147,7 +147,7 @@ async def report(
         await direct.chat.completions.create(model="tiny", messages=messages)  # type: ignore[arg-type]
 
     async def direct_stream() -> None:
-        async for _ in await direct.chat.completions.create(model="tiny", messages=messages, stream=True):  # type: ignore[arg-type]
+        async for _ in await direct.chat.completions.create(model="tiny", messages=messages, stream=True):  # type: ignore[arg-type, union-attr]
             pass
 
     async def gateway_unary() -> None:

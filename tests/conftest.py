@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway, start_gateway
 from llmrelay_server.config import load_config
-from support import two_backends
+from support import GatewayFactory, two_backends
 from upstream import FakeUpstream
-
-GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 
 @pytest.fixture(scope="session")
@@ -78,5 +72,5 @@ async def channel(gateway: Gateway) -> AsyncIterator[grpc.aio.Channel]:
 
 
 @pytest.fixture
-def stub(channel: grpc.aio.Channel) -> pb.LLMServiceStub:
+def stub(channel: grpc.aio.Channel) -> pb.LLMServiceAsyncStub:
     return pb.LLMServiceStub(channel)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 from llmrelay import v1 as pb
+from llmrelay_server.app import Gateway
 from upstream import FakeUpstream
+
+GatewayFactory = Callable[..., Awaitable[Gateway]]
+"""Starts a gateway from YAML text (see the gateway_factory fixture)."""
 
 OPENAI_TEST_KEY = "sk-test-0123456789abcdef"
 # Fast policy for tests: one retry with a tiny backoff, a circuit that does not trip across a test's faults.

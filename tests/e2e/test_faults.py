@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import pytest
 from llmrelay import v1 as pb
-from support import FAST_ROUTER, chat, details, stream_chat, two_backends
+from support import FAST_ROUTER, GatewayFactory, chat, details, stream_chat, two_backends
 from upstream import FakeUpstream
 
 Outcome = pb.AttemptOutcome
@@ -200,7 +200,7 @@ UNARY_ROWS = [
 ]
 
 
-async def call_unary(stub: pb.LLMServiceStub, row: Row) -> tuple[grpc.StatusCode, Any]:
+async def call_unary(stub: pb.LLMServiceAsyncStub, row: Row) -> tuple[grpc.StatusCode, Any]:
     try:
         answer = await stub.Complete(chat("x y", model="gpt-test", exact_model=row.exact_model), timeout=10)
     except grpc.aio.AioRpcError as error:
@@ -208,7 +208,7 @@ async def call_unary(stub: pb.LLMServiceStub, row: Row) -> tuple[grpc.StatusCode
     return grpc.StatusCode.OK, answer
 
 
-async def call_stream(stub: pb.LLMServiceStub, row: Row) -> tuple[grpc.StatusCode, Any]:
+async def call_stream(stub: pb.LLMServiceAsyncStub, row: Row) -> tuple[grpc.StatusCode, Any]:
     chunks: list[pb.StreamCompleteResponse] = []
     try:
         async for chunk in stub.StreamComplete(
@@ -226,7 +226,7 @@ async def call_stream(stub: pb.LLMServiceStub, row: Row) -> tuple[grpc.StatusCod
 @pytest.mark.parametrize("call", [call_unary, call_stream], ids=["unary", "stream"])
 @pytest.mark.parametrize("row", UNARY_ROWS, ids=[r.name for r in UNARY_ROWS])
 async def test_fault_matrix(
-    stub: pb.LLMServiceStub, primary: FakeUpstream, local: FakeUpstream, row: Row, call: Any
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream, row: Row, call: Any
 ) -> None:
     primary.inject(*row.primary)
     local.inject(*row.local)
@@ -248,7 +248,7 @@ async def test_fault_matrix(
 
 
 async def test_streams_fail_definitely_after_the_first_chunk(
-    stub: pb.LLMServiceStub, primary: FakeUpstream, local: FakeUpstream
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
     for fault in ({"stream_cut_after": 3}, {"trickle_s": 3}):
         primary.reset()
@@ -265,7 +265,9 @@ async def test_streams_fail_definitely_after_the_first_chunk(
         assert local.chat_requests == [], "never text of two backends mixed"
 
 
-async def test_garbage_before_the_first_chunk_still_falls_back(stub: pb.LLMServiceStub, primary: FakeUpstream) -> None:
+async def test_garbage_before_the_first_chunk_still_falls_back(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
     primary.inject({"stream_garbage": True})
     chunks = [c async for c in stub.StreamComplete(stream_chat("a b"), timeout=10)]
     assert {c.backend for c in chunks} == {"ollama"}
@@ -273,7 +275,7 @@ async def test_garbage_before_the_first_chunk_still_falls_back(stub: pb.LLMServi
 
 
 async def test_stream_without_upstream_usage_is_counted_and_flagged(
-    stub: pb.LLMServiceStub, primary: FakeUpstream
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
 ) -> None:
     primary.inject({"no_usage": True})
     chunks = [c async for c in stub.StreamComplete(stream_chat("count me please"), timeout=10)]
@@ -283,7 +285,9 @@ async def test_stream_without_upstream_usage_is_counted_and_flagged(
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
-async def test_deadline_bounds_everything(stub: pb.LLMServiceStub, primary: FakeUpstream, local: FakeUpstream) -> None:
+async def test_deadline_bounds_everything(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream
+) -> None:
     primary.inject({"stall_s": 5})
     started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -296,7 +300,7 @@ async def test_deadline_bounds_everything(stub: pb.LLMServiceStub, primary: Fake
     assert local.chat_requests == [], "no fallback starts that cannot finish in time"
 
 
-async def test_no_retry_starts_after_the_deadline(stub: pb.LLMServiceStub, primary: FakeUpstream) -> None:
+async def test_no_retry_starts_after_the_deadline(stub: pb.LLMServiceAsyncStub, primary: FakeUpstream) -> None:
     primary.inject({"status": 429, "retry_after": 2})
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.Complete(chat(model="gpt-test", exact_model=True), timeout=0.5)
@@ -315,7 +319,7 @@ async def wait_until(condition: Any, within_s: float) -> None:
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
 async def test_cancellation_closes_the_upstream_request_at_once(
-    stub: pb.LLMServiceStub, primary: FakeUpstream, streaming: bool
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, streaming: bool
 ) -> None:
     primary.inject({"stall_s": 10})
     call = stub.StreamComplete(stream_chat(), timeout=20) if streaming else stub.Complete(chat(), timeout=20)
@@ -328,7 +332,7 @@ async def test_cancellation_closes_the_upstream_request_at_once(
 
 
 async def test_circuit_opens_skips_and_recovers(
-    gateway_factory: Any, primary: FakeUpstream, local: FakeUpstream
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
     router = FAST_ROUTER.replace("failure_threshold: 50, cooldown_s: 30", "failure_threshold: 2, cooldown_s: 0.3")
     gateway = await gateway_factory(two_backends(primary, local, router))
@@ -355,9 +359,9 @@ def open_fds() -> int:
 
 
 async def test_load_with_random_faults_ends_every_call_definitely_and_leaks_nothing(
-    gateway_factory: Any, primary: FakeUpstream, local: FakeUpstream
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
-    faults = [
+    faults: list[dict[str, Any]] = [
         {},
         {},
         {},
@@ -375,7 +379,7 @@ async def test_load_with_random_faults_ends_every_call_definitely_and_leaks_noth
     fds_before, tasks_before = open_fds(), len(asyncio.all_tasks())
     gateway = await gateway_factory(two_backends(primary, local))
 
-    async def one_stream(stub: pb.LLMServiceStub, i: int) -> grpc.StatusCode:
+    async def one_stream(stub: pb.LLMServiceAsyncStub, i: int) -> grpc.StatusCode:
         text = f"stream number {i}"
         chunks = []
         try:
@@ -405,7 +409,9 @@ async def test_load_with_random_faults_ends_every_call_definitely_and_leaks_noth
     assert open_fds() <= fds_before + 2, "sockets or files left open"
 
 
-async def test_a_stream_trickling_bytes_ends_at_the_deadline(stub: pb.LLMServiceStub, primary: FakeUpstream) -> None:
+async def test_a_stream_trickling_bytes_ends_at_the_deadline(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
     primary.inject({"byte_trickle_s": 0.01})
     started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -416,13 +422,13 @@ async def test_a_stream_trickling_bytes_ends_at_the_deadline(stub: pb.LLMService
     assert time.monotonic() - started < 2.5
 
 
-async def test_an_enormous_answer_gets_a_definite_status(stub: pb.LLMServiceStub, primary: FakeUpstream) -> None:
+async def test_an_enormous_answer_gets_a_definite_status(stub: pb.LLMServiceAsyncStub, primary: FakeUpstream) -> None:
     primary.inject({"huge_content": 6_000_000})
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.Complete(chat(model="gpt-test", exact_model=True), timeout=10)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert details(caught.value)["ErrorInfo"].reason == "ANSWER_TOO_LARGE"
-    assert "StreamComplete" in caught.value.details()
+    assert "StreamComplete" in str(caught.value.details())
     # Streamed, the same answer arrives in pieces, each within the message limit.
     primary.inject({"huge_content": 6_000_000})
     chunks = [c async for c in stub.StreamComplete(stream_chat(), timeout=10)]
@@ -430,7 +436,7 @@ async def test_an_enormous_answer_gets_a_definite_status(stub: pb.LLMServiceStub
     assert (await stub.Complete(chat(), timeout=5)).message.content == "echo: hello gateway"
 
 
-async def test_an_oversized_request_is_resource_exhausted(stub: pb.LLMServiceStub, primary: FakeUpstream) -> None:
+async def test_an_oversized_request_is_resource_exhausted(stub: pb.LLMServiceAsyncStub, primary: FakeUpstream) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.Complete(chat("x" * (5 * 1024 * 1024)), timeout=10)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

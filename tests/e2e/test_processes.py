@@ -9,6 +9,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -54,7 +55,8 @@ class ServerProcess:
                     return
 
 
-async def read_all(stream: grpc.aio.UnaryStreamCall) -> list[pb.StreamCompleteResponse]:
+async def read_all(stream: Any) -> list[pb.StreamCompleteResponse]:
+    """Reads a stream to its end with read() (a call cannot mix read() and async iteration)."""
     chunks = []
     while (chunk := await stream.read()) is not grpc.aio.EOF:
         chunks.append(chunk)
@@ -95,7 +97,7 @@ async def test_sigterm_drains_calls_in_flight_and_exits_zero(server: ServerProce
             await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
         ).status == health_pb2.HealthCheckResponse.SERVING
         stream = pb.LLMServiceStub(channel).StreamComplete(stream_chat("one two three four five"), timeout=20)
-        first = await stream.read()
+        first = cast(pb.StreamCompleteResponse, await stream.read())
         assert first.backend == "ollama"
         server.process.send_signal(signal.SIGTERM)
         # New calls are refused while the stream in flight goes on to its end.
@@ -240,7 +242,7 @@ async def test_graceful_shutdown_under_load(server: ServerProcess, local: FakeUp
     async with grpc.aio.insecure_channel(server.target) as channel:
         stub = pb.LLMServiceStub(channel)
         streams = [stub.StreamComplete(stream_chat(f"load {i} a b c"), timeout=30) for i in range(40)]
-        firsts = await asyncio.gather(*(s.read() for s in streams))
+        firsts = [cast(pb.StreamCompleteResponse, f) for f in await asyncio.gather(*(s.read() for s in streams))]
         server.process.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.3)
         with pytest.raises(grpc.aio.AioRpcError) as refused:

@@ -11,13 +11,13 @@ from support import chat, details, stream_chat
 from upstream import FakeUpstream
 
 
-async def totals(stub: pb.LLMServiceStub, **filters: str) -> dict[tuple[str, str, str], pb.UsageRecord]:
-    records = (await stub.GetUsage(pb.GetUsageRequest(**filters), timeout=5)).records
+async def totals(stub: pb.LLMServiceAsyncStub, caller: str | None = None) -> dict[tuple[str, str, str], pb.UsageRecord]:
+    records = (await stub.GetUsage(pb.GetUsageRequest(caller=caller), timeout=5)).records
     return {(r.backend, r.model, r.caller): r for r in records}
 
 
 async def test_usage_after_fallback_is_attributed_to_the_backend_that_served(
-    stub: pb.LLMServiceStub, primary: FakeUpstream
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
 ) -> None:
     primary.inject({"status": 503}, {"status": 503})
     answer = await stub.Complete(chat("who pays"), timeout=5, metadata=(("x-llmrelay-caller", "agent-7"),))
@@ -28,7 +28,7 @@ async def test_usage_after_fallback_is_attributed_to_the_backend_that_served(
     assert (record.requests, record.total_tokens) == (1, answer.usage.total_tokens)
 
 
-async def test_concurrent_requests_add_up_exactly(stub: pb.LLMServiceStub) -> None:
+async def test_concurrent_requests_add_up_exactly(stub: pb.LLMServiceAsyncStub) -> None:
     callers = [f"caller-{i % 3}" for i in range(60)]
     answers = await asyncio.gather(
         *(
@@ -53,13 +53,13 @@ async def test_concurrent_requests_add_up_exactly(stub: pb.LLMServiceStub) -> No
     assert list((await totals(stub, caller="caller-1")).keys()) == [("openai", "gpt-test", "caller-1")]
 
 
-async def test_caller_from_a_bearer_token_is_a_fingerprint_never_the_token(stub: pb.LLMServiceStub) -> None:
+async def test_caller_from_a_bearer_token_is_a_fingerprint_never_the_token(stub: pb.LLMServiceAsyncStub) -> None:
     await stub.Complete(chat(), timeout=5, metadata=(("authorization", "Bearer sk-caller-secret-123456"),))
     (caller,) = {key[2] for key in await totals(stub)}
     assert caller.startswith("key-") and "secret" not in caller
 
 
-async def test_malformed_caller_metadata_is_invalid_argument(stub: pb.LLMServiceStub) -> None:
+async def test_malformed_caller_metadata_is_invalid_argument(stub: pb.LLMServiceAsyncStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.Complete(chat(), timeout=5, metadata=(("x-llmrelay-caller", "no spaces allowed"),))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
