@@ -91,9 +91,10 @@ def _stream(client: Client, args: argparse.Namespace) -> None:
         if chunk.delta.content:
             print(chunk.delta.content, end="", flush=True)
         if chunk.HasField("usage"):
+            print()  # end the answer's line on stdout, so the summary on stderr stands apart
             usage = chunk.usage
             print(
-                f"\n[{chunk.backend}/{chunk.model}, {_FINISH[chunk.finish_reason]}, "
+                f"[{chunk.backend}/{chunk.model}, {_FINISH[chunk.finish_reason]}, "
                 f"{usage.prompt_tokens}+{usage.completion_tokens} tokens{' (estimated)' if usage.estimated else ''}]",
                 file=sys.stderr,
             )
