@@ -1,0 +1,164 @@
+"""Self-test of the real model servers the integration tests run: llama.cpp and Ollama.
+
+Both serve the generated tiny model on loopback and are driven with the real openai SDK,
+so a change in either server's OpenAI surface shows up here before it confuses a gateway
+test. The Ollama tests are skipped when no Ollama binary has been built
+(scripts/build_ollama.sh, or LLMRELAY_OLLAMA_BIN pointing at one).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2
+import openai
+import pytest
+
+from .servers import DEFAULT_OLLAMA_BINARY, OLLAMA_VERSION, OllamaHandle, ServerHandle, start_llama_server, start_ollama
+from .tiny_gguf import write_tiny_gguf
+
+pytestmark = pytest.mark.integration
+
+MESSAGES: list[openai.types.chat.ChatCompletionMessageParam] = [{"role": "user", "content": "say the people had water"}]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model: Path) -> Iterator[ServerHandle]:
+    with start_llama_server(tiny_model, alias="tiny") as server:
+        yield server
+
+
+def _ollama_binary() -> Path:
+    """The Ollama binary to test, or a skip: building one takes minutes, so no test does."""
+    binary = Path(os.environ.get("LLMRELAY_OLLAMA_BIN", DEFAULT_OLLAMA_BINARY))
+    if not os.access(binary, os.X_OK):
+        pytest.skip(f"no Ollama binary at {binary}: build it with scripts/build_ollama.sh (about 5 min on 2 cores)")
+    return binary
+
+
+@pytest.fixture(scope="module")
+def ollama(tiny_model: Path) -> Iterator[OllamaHandle]:
+    with start_ollama(_ollama_binary(), tiny_model) as server:
+        yield server
+
+
+def _client(server: ServerHandle) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=30.0)
+
+
+def _check_non_streaming(server: ServerHandle, model: str) -> None:
+    completion = _client(server).chat.completions.create(model=model, messages=MESSAGES, max_tokens=8)
+
+    choice = completion.choices[0]
+    # The tiny model never samples EOS by default, so only the limit ends the reply.
+    assert choice.finish_reason == "length"
+    assert choice.message.role == "assistant"
+    assert choice.message.content
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == 8
+    assert completion.usage.prompt_tokens > 0
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + 8
+
+
+def _check_streaming(server: ServerHandle, model: str) -> None:
+    chunks = list(
+        _client(server).chat.completions.create(
+            model=model, messages=MESSAGES, max_tokens=8, stream=True, stream_options={"include_usage": True}
+        )
+    )
+
+    *content_chunks, last = chunks
+    text = "".join(c.choices[0].delta.content or "" for c in content_chunks if c.choices)
+    finish_reasons = [c.choices[0].finish_reason for c in content_chunks if c.choices and c.choices[0].finish_reason]
+    assert text.strip()
+    assert finish_reasons == ["length"]
+    # OpenAI's shape: usage rides alone on a final chunk with no choices.
+    assert last.choices == []
+    assert last.usage is not None
+    assert last.usage.completion_tokens == 8
+    assert last.usage.prompt_tokens > 0
+    assert all(c.usage is None for c in content_chunks)
+
+
+def test_llama_chat_completion(llama: ServerHandle) -> None:
+    _check_non_streaming(llama, "tiny")
+
+
+def test_llama_chat_completion_stream_reports_usage_last(llama: ServerHandle) -> None:
+    _check_streaming(llama, "tiny")
+
+
+def test_llama_tokenize_counts_whole_words(llama: ServerHandle) -> None:
+    response = httpx2.post(f"{llama.base_url}/tokenize", json={"content": "the people had water"}, timeout=30.0)
+
+    response.raise_for_status()
+    tokens = response.json()["tokens"]
+    # One token per vocabulary word, and no BOS: /tokenize adds special tokens only on request.
+    assert len(tokens) == 4
+    assert all(isinstance(t, int) for t in tokens)
+
+
+def test_llama_lists_the_alias(llama: ServerHandle) -> None:
+    models = _client(llama).models.list()
+
+    assert [m.id for m in models.data] == ["tiny"]
+
+
+def test_eos_boost_ends_replies_by_stop(tmp_path: Path) -> None:
+    model = write_tiny_gguf(tmp_path / "eager.gguf", eos_boost=20.0)
+    with start_llama_server(model, alias="eager") as server:
+        completion = _client(server).chat.completions.create(model="eager", messages=MESSAGES, max_tokens=8)
+
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens <= 1
+
+
+def test_tiny_gguf_is_deterministic(tmp_path: Path) -> None:
+    first = write_tiny_gguf(tmp_path / "a.gguf", seed=3).read_bytes()
+    second = write_tiny_gguf(tmp_path / "b.gguf", seed=3).read_bytes()
+    other_seed = write_tiny_gguf(tmp_path / "c.gguf", seed=4).read_bytes()
+
+    assert first == second
+    assert first != other_seed
+
+
+def test_llama_server_stops_cleanly_on_sigterm(tiny_model: Path) -> None:
+    with start_llama_server(tiny_model) as server:
+        server.stop()
+
+        assert server.process.returncode == 0, server.log()
+        assert "llama_server: stopped" in server.log()
+
+
+def test_ollama_chat_completion(ollama: OllamaHandle) -> None:
+    _check_non_streaming(ollama, ollama.model)
+
+
+def test_ollama_chat_completion_stream_reports_usage_last(ollama: OllamaHandle) -> None:
+    _check_streaming(ollama, ollama.model)
+
+
+def test_ollama_native_endpoints(ollama: OllamaHandle) -> None:
+    version = httpx2.get(f"{ollama.base_url}/api/version", timeout=30.0).json()
+    tags = httpx2.get(f"{ollama.base_url}/api/tags", timeout=30.0).json()
+
+    assert version == {"version": OLLAMA_VERSION.removeprefix("v")}
+    assert [m["name"] for m in tags["models"]] == [ollama.model]
+    assert tags["models"][0]["details"]["family"] == "llama"
+
+
+def test_ollama_stops_cleanly_on_sigterm(tiny_model: Path) -> None:
+    with start_ollama(_ollama_binary(), tiny_model) as server:
+        # A loaded model means a runner child process that serve must take down too.
+        _check_non_streaming(server, server.model)
+        server.stop()
+
+        assert server.process.returncode == 0, server.log()
