@@ -1,0 +1,204 @@
+/**
+ * The llmrelay client: one gRPC channel to the gateway, promise methods, `stream()` as an async iterator.
+ */
+import {
+  ChannelCredentials,
+  Metadata,
+  type CallOptions as GrpcCallOptions,
+  type ChannelOptions,
+  type ClientUnaryCall,
+  type ServiceError,
+} from "@grpc/grpc-js";
+
+import {
+  CompleteRequest,
+  CountTokensRequest,
+  GetUsageRequest,
+  HealthRequest,
+  LLMServiceClient,
+  Role,
+  StreamCompleteRequest,
+  type CompleteResponse,
+  type CountTokensResponse,
+  type DeepPartial,
+  type GetUsageResponse,
+  type HealthResponse,
+  type Message,
+  type StreamCompleteResponse,
+} from "./gen/llmrelay/v1/llmrelay";
+import { toError } from "./errors";
+
+/** Where a gateway listens by default. */
+export const DEFAULT_TARGET = "127.0.0.1:50051";
+/** The deadline of a call that sets none, unless ClientOptions.timeoutMs says otherwise. */
+export const DEFAULT_TIMEOUT_MS = 120_000;
+/** The metadata key that names the caller in the gateway's usage ledger. */
+export const CALLER_HEADER = "x-llmrelay-caller";
+
+/** A request as plain values: every field optional, as for `CompleteRequest.fromPartial`. */
+export type CompleteInput = DeepPartial<CompleteRequest>;
+export type StreamInput = DeepPartial<StreamCompleteRequest>;
+export type CountTokensInput = DeepPartial<CountTokensRequest>;
+export type GetUsageInput = DeepPartial<GetUsageRequest>;
+export type MessageInput = DeepPartial<Message>;
+
+export interface ClientOptions {
+  /** Connect in plaintext, for a gateway on loopback or inside a trusted network. Default: TLS. */
+  insecure?: boolean;
+  /** Channel credentials (TLS with your CA, mutual TLS, ...). Default: TLS with the system's roots. */
+  credentials?: ChannelCredentials;
+  /** Deadline of calls that set none, in milliseconds; 0 for none. Default: DEFAULT_TIMEOUT_MS. */
+  timeoutMs?: number;
+  /** Names the caller in the gateway's usage ledger (the x-llmrelay-caller metadata). */
+  caller?: string;
+  /** Metadata sent with every call (for example `{ authorization: "Bearer KEY" }`). */
+  metadata?: Record<string, string>;
+  /** Options of the gRPC channel ("grpc.keepalive_time_ms", ...). */
+  channelOptions?: ChannelOptions;
+}
+
+export interface CallOptions {
+  /** Deadline of this call, in milliseconds from now; overrides the client's timeoutMs. */
+  timeoutMs?: number;
+  /** Deadline of this call as a point in time; overrides timeoutMs. */
+  deadline?: Date;
+  /** Cancels the call (it then fails with CANCELLED). */
+  signal?: AbortSignal;
+  /** Metadata for this call, on top of the client's. */
+  metadata?: Record<string, string>;
+}
+
+/** A system message: instructions that frame the conversation. */
+export function system(content: string): MessageInput {
+  return { role: Role.ROLE_SYSTEM, content };
+}
+
+/** A user message. */
+export function user(content: string): MessageInput {
+  return { role: Role.ROLE_USER, content };
+}
+
+/** An assistant message, for earlier turns of the chat. */
+export function assistant(content: string): MessageInput {
+  return { role: Role.ROLE_ASSISTANT, content };
+}
+
+type UnaryMethod<Req, Res> = (
+  request: Req,
+  metadata: Metadata,
+  options: Partial<GrpcCallOptions>,
+  callback: (error: ServiceError | null, response: Res) => void,
+) => ClientUnaryCall;
+
+/**
+ * A client of one gateway. Failed calls reject with (and streams throw) an LLMRelayError, which carries the
+ * ErrorInfo reason, RetryInfo delay and BadRequest field violations of the status.
+ *
+ * ```ts
+ * const client = new Client("127.0.0.1:50051", { insecure: true });
+ * for await (const chunk of client.stream({ messages: [user("Hello")] })) {
+ *   process.stdout.write(chunk.delta?.content ?? "");
+ * }
+ * client.close();
+ * ```
+ */
+export class Client {
+  /** The generated @grpc/grpc-js client, for anything this class does not wrap. */
+  readonly raw: LLMServiceClient;
+  private readonly timeoutMs: number;
+  private readonly headers: Record<string, string>;
+
+  constructor(target: string = DEFAULT_TARGET, options: ClientOptions = {}) {
+    const credentials =
+      options.credentials ?? (options.insecure ? ChannelCredentials.createInsecure() : ChannelCredentials.createSsl());
+    this.raw = new LLMServiceClient(target, credentials, options.channelOptions);
+    this.timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+    this.headers = { ...options.metadata, ...(options.caller ? { [CALLER_HEADER]: options.caller } : {}) };
+  }
+
+  /** Answers a chat with one assistant message. */
+  complete(request: CompleteInput, options?: CallOptions): Promise<CompleteResponse> {
+    return this.unary(this.raw.complete, CompleteRequest.fromPartial(request), options);
+  }
+
+  /**
+   * Answers a chat as a stream of deltas; the last message carries the finish reason and usage. Breaking out of
+   * the loop early cancels the call, so the gateway stops asking the upstream.
+   */
+  async *stream(request: StreamInput, options?: CallOptions): AsyncGenerator<StreamCompleteResponse, void, undefined> {
+    const call = this.raw.streamComplete(
+      StreamCompleteRequest.fromPartial(request),
+      this.metadata(options),
+      this.callOptions(options),
+    );
+    const abort = () => call.cancel();
+    options?.signal?.addEventListener("abort", abort, { once: true });
+    try {
+      for await (const chunk of call) {
+        yield chunk as StreamCompleteResponse;
+      }
+    } catch (err) {
+      throw toError(err);
+    } finally {
+      options?.signal?.removeEventListener("abort", abort);
+      call.on("error", () => {}); // the CANCELLED of an early exit is nobody's error
+      call.cancel();
+    }
+  }
+
+  /** Counts the tokens of a chat or a text for a model, offline. */
+  countTokens(request: CountTokensInput, options?: CallOptions): Promise<CountTokensResponse> {
+    return this.unary(this.raw.countTokens, CountTokensRequest.fromPartial(request), options);
+  }
+
+  /** Reports the state of every backend; with probe, checks them now instead of reporting the last probe. */
+  health(probe = false, options?: CallOptions): Promise<HealthResponse> {
+    return this.unary(this.raw.health, HealthRequest.fromPartial({ probe }), options);
+  }
+
+  /** Reads the usage ledger: token totals per backend, model and caller. */
+  getUsage(request: GetUsageInput = {}, options?: CallOptions): Promise<GetUsageResponse> {
+    return this.unary(this.raw.getUsage, GetUsageRequest.fromPartial(request), options);
+  }
+
+  /** Closes the channel; calls in flight fail with CANCELLED. */
+  close(): void {
+    this.raw.close();
+  }
+
+  private unary<Req, Res>(method: UnaryMethod<Req, Res>, request: Req, options?: CallOptions): Promise<Res> {
+    return new Promise<Res>((resolve, reject) => {
+      const signal = options?.signal;
+      if (signal?.aborted) {
+        reject(signal.reason);
+        return;
+      }
+      const abort = () => call.cancel();
+      const call = method.call(this.raw, request, this.metadata(options), this.callOptions(options), (err, res) => {
+        signal?.removeEventListener("abort", abort);
+        if (err) {
+          reject(toError(err));
+        } else {
+          resolve(res);
+        }
+      });
+      signal?.addEventListener("abort", abort, { once: true });
+    });
+  }
+
+  private metadata(options?: CallOptions): Metadata {
+    const metadata = new Metadata();
+    for (const [key, value] of Object.entries({ ...this.headers, ...options?.metadata })) {
+      metadata.set(key, value);
+    }
+    return metadata;
+  }
+
+  private callOptions(options?: CallOptions): Partial<GrpcCallOptions> {
+    if (options?.deadline) {
+      return { deadline: options.deadline };
+    }
+    const timeoutMs = options?.timeoutMs ?? this.timeoutMs;
+    return timeoutMs > 0 ? { deadline: Date.now() + timeoutMs } : {};
+  }
+}

@@ -1,0 +1,129 @@
+/**
+ * Failed calls: the gRPC status with the google.rpc details the gateway attaches (AIP-193), decoded from the
+ * `grpc-status-details-bin` trailer: ErrorInfo (why), RetryInfo (when a retry can help), BadRequest (which fields).
+ */
+import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
+
+import { BadRequest, ErrorInfo, RetryInfo } from "./gen/google/rpc/error_details";
+import { Status } from "./gen/google/rpc/status";
+import { ErrorReason, errorReasonFromJSON } from "./gen/llmrelay/v1/llmrelay";
+
+/** The ErrorInfo domain of the gateway's own errors. */
+export const DOMAIN = "llmrelay.dev";
+
+/** The trailer that carries a google.rpc.Status with the details. */
+export const STATUS_DETAILS_KEY = "grpc-status-details-bin";
+
+const TYPE_PREFIX = "type.googleapis.com/";
+
+/** One invalid field of a request. */
+export interface FieldViolation {
+  /** The field's path, such as "messages" or "options.temperature". */
+  field: string;
+  description: string;
+}
+
+/** A failed call. `reason` is the ErrorInfo reason, such as "UPSTREAM_RATE_LIMITED". */
+export class LLMRelayError extends Error {
+  override readonly name = "LLMRelayError";
+  /** The gRPC status code (see `status` of @grpc/grpc-js). */
+  readonly code: status;
+  /** The status message, for people. */
+  readonly details: string;
+  /** The ErrorInfo, when the status has one. */
+  readonly errorInfo: ErrorInfo | undefined;
+  /** The RetryInfo: present when a retry can help. */
+  readonly retryInfo: RetryInfo | undefined;
+  /** The BadRequest, when the request was invalid. */
+  readonly badRequest: BadRequest | undefined;
+  /** The response metadata (trailers) of the call. */
+  readonly metadata: Metadata;
+
+  constructor(
+    code: status,
+    details: string,
+    extra: { errorInfo?: ErrorInfo; retryInfo?: RetryInfo; badRequest?: BadRequest; metadata?: Metadata } = {},
+  ) {
+    const reason = extra.errorInfo?.domain === DOMAIN ? extra.errorInfo.reason : "";
+    super(`${status[code] ?? code}${reason ? ` (${reason})` : ""}: ${details}`);
+    this.code = code;
+    this.details = details;
+    this.errorInfo = extra.errorInfo;
+    this.retryInfo = extra.retryInfo;
+    this.badRequest = extra.badRequest;
+    this.metadata = extra.metadata ?? new Metadata();
+  }
+
+  /** The status code's name, such as "RESOURCE_EXHAUSTED". */
+  get codeName(): string {
+    return status[this.code] ?? String(this.code);
+  }
+
+  /** The ErrorInfo reason, such as "UPSTREAM_RATE_LIMITED"; "" without an ErrorInfo from the gateway. */
+  get reason(): string {
+    return this.errorInfo?.domain === DOMAIN ? this.errorInfo.reason : "";
+  }
+
+  /** The reason as the contract's enum (ERROR_REASON_UNSPECIFIED when absent or unknown to this version). */
+  get errorReason(): ErrorReason {
+    const value = errorReasonFromJSON(`ERROR_REASON_${this.reason || "UNSPECIFIED"}`);
+    return value === ErrorReason.UNRECOGNIZED ? ErrorReason.ERROR_REASON_UNSPECIFIED : value;
+  }
+
+  /** The ErrorInfo metadata: what was tried, the upstream's status, ... */
+  get errorMetadata(): Record<string, string> {
+    return this.errorInfo?.metadata ?? {};
+  }
+
+  /** How long to wait before a retry, in milliseconds; undefined when a retry cannot help. */
+  get retryDelayMs(): number | undefined {
+    const delay = this.retryInfo?.retryDelay;
+    return delay === undefined ? undefined : delay.seconds * 1000 + delay.nanos / 1e6;
+  }
+
+  /** The invalid fields of the request. */
+  get fieldViolations(): FieldViolation[] {
+    return (this.badRequest?.fieldViolations ?? []).map((v) => ({ field: v.field, description: v.description }));
+  }
+}
+
+function isServiceError(err: unknown): err is ServiceError {
+  return (
+    err instanceof Error &&
+    typeof (err as Partial<ServiceError>).code === "number" &&
+    (err as Partial<ServiceError>).metadata instanceof Metadata
+  );
+}
+
+/**
+ * Reads a failed call's status and its details. Returns undefined when `err` is not a gRPC error (an error of this
+ * package's calls is already an LLMRelayError and comes back as it is).
+ */
+export function parseError(err: unknown): LLMRelayError | undefined {
+  if (err instanceof LLMRelayError) {
+    return err;
+  }
+  if (!isServiceError(err)) {
+    return undefined;
+  }
+  const extra: ConstructorParameters<typeof LLMRelayError>[2] = { metadata: err.metadata };
+  const raw = err.metadata.get(STATUS_DETAILS_KEY)[0];
+  if (raw instanceof Buffer) {
+    for (const any of Status.decode(raw).details) {
+      const type = any.typeUrl.startsWith(TYPE_PREFIX) ? any.typeUrl.slice(TYPE_PREFIX.length) : any.typeUrl;
+      if (type === "google.rpc.ErrorInfo") {
+        extra.errorInfo = ErrorInfo.decode(any.value);
+      } else if (type === "google.rpc.RetryInfo") {
+        extra.retryInfo = RetryInfo.decode(any.value);
+      } else if (type === "google.rpc.BadRequest") {
+        extra.badRequest = BadRequest.decode(any.value);
+      }
+    }
+  }
+  return new LLMRelayError(err.code, err.details, extra);
+}
+
+/** `parseError(err)`, or `err` itself when it is no gRPC error. */
+export function toError(err: unknown): unknown {
+  return parseError(err) ?? err;
+}

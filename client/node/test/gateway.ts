@@ -1,0 +1,242 @@
+/**
+ * Runs the real llmrelay gateway in front of the repo's fake OpenAI upstream (tests/upstream.py), both as
+ * subprocesses on loopback, for the end-to-end tests. Needs the repo's Python environment (`make setup`).
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { existsSync, mkdtempSync, writeFileSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
+import { createInterface } from "node:readline";
+
+import { Client } from "../src";
+
+/** How long a subprocess may take to say it is listening. */
+export const START_TIMEOUT_MS = 60_000;
+
+export function repoRoot(): string {
+  let dir = __dirname;
+  for (;;) {
+    if (existsSync(join(dir, "proto", "llmrelay", "v1", "llmrelay.proto"))) {
+      return dir;
+    }
+    const parent = dirname(dir);
+    if (parent === dir) {
+      throw new Error("not inside the llmrelay repo (no proto/llmrelay/v1/llmrelay.proto above)");
+    }
+    dir = parent;
+  }
+}
+
+function venvBin(name: string): string {
+  const venv = process.env.LLMRELAY_VENV ?? join(repoRoot(), ".venv");
+  const path = join(venv, "bin", name);
+  if (!existsSync(path)) {
+    throw new Error(`${path} is missing; run \`make setup\` at the repo root`);
+  }
+  return path;
+}
+
+const running = new Set<ChildProcess>();
+process.on("exit", () => {
+  for (const child of running) {
+    child.kill("SIGKILL");
+  }
+});
+
+/** A subprocess whose output is kept for the messages of failed tests. */
+class Proc {
+  readonly output: string[] = [];
+  readonly exited: Promise<number | null>;
+
+  constructor(
+    readonly name: string,
+    readonly child: ChildProcess,
+  ) {
+    running.add(child);
+    this.exited = new Promise((resolve) => {
+      child.on("exit", (code, signal) => {
+        running.delete(child);
+        resolve(signal ? null : code);
+      });
+    });
+  }
+
+  /** Waits for a line of the stream that matches; returns the pattern's first group. */
+  waitFor(stream: NodeJS.ReadableStream, pattern: RegExp): Promise<string> {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.child.kill("SIGKILL");
+        reject(new Error(`${this.name} was not ready within ${START_TIMEOUT_MS} ms:\n${this.log()}`));
+      }, START_TIMEOUT_MS);
+      let found = false;
+      createInterface({ input: stream }).on("line", (line) => {
+        this.output.push(line);
+        const match = pattern.exec(line);
+        if (match && !found) {
+          found = true;
+          clearTimeout(timer);
+          resolve(match[1]!);
+        }
+      });
+      void this.exited.then((code) => {
+        clearTimeout(timer);
+        if (!found) {
+          reject(new Error(`${this.name} exited (${code}) before it was ready:\n${this.log()}`));
+        }
+      });
+    });
+  }
+
+  log(): string {
+    return this.output.join("\n");
+  }
+
+  /** SIGTERM, then SIGKILL after timeoutMs; resolves to the exit code (null when killed by a signal). */
+  async stop(timeoutMs = 15_000): Promise<number | null> {
+    if (this.child.exitCode !== null || this.child.signalCode !== null) {
+      return this.exited;
+    }
+    this.child.kill("SIGTERM");
+    const timer = setTimeout(() => this.child.kill("SIGKILL"), timeoutMs);
+    const code = await this.exited;
+    clearTimeout(timer);
+    return code;
+  }
+}
+
+/** One fault of the upstream: {status: 429, retry_after: 3}, {stall_s: 5}, {drop: true}, ... */
+export type Fault = Record<string, unknown>;
+
+/** The fake OpenAI-compatible upstream, also serving Ollama's probe endpoints. */
+export class Upstream {
+  private constructor(
+    /** Its base, "http://127.0.0.1:PORT". */
+    readonly url: string,
+    private readonly proc: Proc,
+  ) {}
+
+  static async start(): Promise<Upstream> {
+    const script = join(repoRoot(), "tests", "upstream.py");
+    // --ollama: the gateway's "ollama" backend probes /api/version, which only then answers.
+    const child = spawn(venvBin("python"), [script, "--listen", "127.0.0.1:0", "--ollama"], {
+      stdio: ["ignore", "pipe", "inherit"],
+    });
+    const proc = new Proc("upstream", child);
+    const url = await proc.waitFor(child.stdout!, /upstream listening on (http:\/\/\S+)/);
+    return new Upstream(url, proc);
+  }
+
+  /** Queues faults: each later chat request takes the next one. */
+  async addFaults(...faults: Fault[]): Promise<void> {
+    await this.control("POST", "/_control/faults", faults);
+  }
+
+  async clearFaults(): Promise<void> {
+    await this.control("DELETE", "/_control/faults");
+  }
+
+  /** The chat request bodies the upstream received. */
+  async requests(): Promise<Record<string, unknown>[]> {
+    return (await this.control("GET", "/_control/requests")) as Record<string, unknown>[];
+  }
+
+  async stop(): Promise<void> {
+    await this.proc.stop(5_000);
+  }
+
+  private async control(method: string, path: string, body?: unknown): Promise<unknown> {
+    const response = await fetch(this.url + path, {
+      method,
+      headers: { "content-type": "application/json" },
+      body: body === undefined ? undefined : JSON.stringify(body),
+      signal: AbortSignal.timeout(10_000),
+    });
+    const text = await response.text();
+    if (!response.ok) {
+      throw new Error(`${method} ${path}: HTTP ${response.status}: ${text}`);
+    }
+    return text ? JSON.parse(text) : undefined;
+  }
+}
+
+/** The real gateway (.venv/bin/llmrelay-server) with one "ollama" backend at baseUrl, no retries. */
+export class Gateway {
+  private constructor(
+    /** Where it serves gRPC, "127.0.0.1:PORT". */
+    readonly addr: string,
+    private readonly proc: Proc,
+  ) {}
+
+  static async start(baseUrl: string): Promise<Gateway> {
+    const dir = mkdtempSync(join(tmpdir(), "llmrelay-gateway-"));
+    const config = join(dir, "config.yaml");
+    writeFileSync(
+      config,
+      `llm:\n  ollama: {base_url: ${JSON.stringify(baseUrl)}, model: "tiny"}\nrouter: {retry: {max_retries: 0}}\n`,
+    );
+    const env: NodeJS.ProcessEnv = { ...process.env, OPENAI_API_KEY: "" };
+    delete env.OLLAMA_HOST;
+    for (const key of Object.keys(env).filter((k) => k.startsWith("LLMRELAY_"))) {
+      delete env[key];
+    }
+    const child = spawn(venvBin("llmrelay-server"), ["--listen", "127.0.0.1:0", "--config", config], {
+      cwd: dir,
+      env,
+      stdio: ["ignore", "inherit", "pipe"],
+    });
+    const proc = new Proc("gateway", child);
+    const addr = await proc.waitFor(child.stderr!, /listening on (127\.0\.0\.1:\d+)/);
+    const gateway = new Gateway(addr, proc);
+    await gateway.waitServing();
+    return gateway;
+  }
+
+  /** Waits until a call goes through: the gateway answers, and handles SIGTERM. */
+  private async waitServing(): Promise<void> {
+    const client = new Client(this.addr, { insecure: true, timeoutMs: 2_000 });
+    const deadline = Date.now() + START_TIMEOUT_MS;
+    try {
+      for (;;) {
+        try {
+          await client.health();
+          return;
+        } catch (err) {
+          if (Date.now() > deadline) {
+            throw new Error(`the gateway at ${this.addr} does not answer (${String(err)}):\n${this.log()}`);
+          }
+          await new Promise((resolve) => setTimeout(resolve, 100));
+        }
+      }
+    } finally {
+      client.close();
+    }
+  }
+
+  /** SIGTERM; resolves to the exit code (null when killed by a signal). */
+  stop(timeoutMs = 15_000): Promise<number | null> {
+    return this.proc.stop(timeoutMs);
+  }
+
+  log(): string {
+    return this.proc.log();
+  }
+}
+
+/** A loopback address where nothing listens (a port that was free a moment ago). */
+export function deadAddr(): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const address = server.address();
+      server.close(() => {
+        if (address === null || typeof address === "string") {
+          reject(new Error("no port"));
+        } else {
+          resolve(`127.0.0.1:${address.port}`);
+        }
+      });
+    });
+  });
+}
