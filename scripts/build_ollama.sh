@@ -38,22 +38,22 @@ for header in nlohmann/json.hpp nlohmann/json_fwd.hpp stb/stb_image.h; do
         die "C++ header <$header> not found: install it with 'apt-get install -y nlohmann-json3-dev libstb-dev'"
 done
 
-MODULE="github.com/ollama/ollama@$OLLAMA_VERSION"
-echo "build_ollama.sh: downloading $MODULE from the Go module proxy" >&2
-MOD_DIR="$(go mod download -json "$MODULE" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
-[[ -n "$MOD_DIR" && -d "$MOD_DIR" ]] || die "go mod download $MODULE gave no source directory"
-
-# The module cache is read-only and go build writes nothing there, but building from a
-# private copy keeps a half-finished build from ever being mistaken for a cached one.
 WORK_DIR="$(mktemp -d)"
 trap 'chmod -R u+w "$WORK_DIR" 2>/dev/null; rm -rf "$WORK_DIR"' EXIT
+
+MODULE="github.com/ollama/ollama@$OLLAMA_VERSION"
+echo "build_ollama.sh: downloading $MODULE from the Go module proxy" >&2
+# From an empty directory, so a go.mod around the caller's working directory plays no part.
+MOD_DIR="$(cd "$WORK_DIR" && go mod download -json "$MODULE" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+[[ -n "$MOD_DIR" && -d "$MOD_DIR" ]] || die "go mod download $MODULE gave no source directory"
+
+# The module cache is read-only, so the build needs a writable copy to add the stub below.
 cp -r "$MOD_DIR/." "$WORK_DIR/src"
 chmod -R u+w "$WORK_DIR/src"
 
-VENDOR_DIR="$WORK_DIR/src/llama/llama.cpp/vendor"
-[[ -e "$VENDOR_DIR/miniaudio/miniaudio.h" ]] || {
-    mkdir -p "$VENDOR_DIR/miniaudio"
-    cat >"$VENDOR_DIR/miniaudio/miniaudio.h" <<'STUB'
+MINIAUDIO_DIR="$WORK_DIR/src/llama/llama.cpp/vendor/miniaudio"
+mkdir -p "$MINIAUDIO_DIR"
+cat >"$MINIAUDIO_DIR/miniaudio.h" <<'STUB'
 /* Stand-in for miniaudio, written by llmrelay's scripts/build_ollama.sh: only
  * mtmd-helper.cpp includes it, to decode audio attachments. Every decode fails, so
  * audio input is rejected as undecodable; text and images are unaffected. */
@@ -84,7 +84,6 @@ static inline ma_result ma_decoder_read_pcm_frames(ma_decoder *, void *, ma_uint
 }
 static inline ma_result ma_decoder_uninit(ma_decoder *) { return MA_SUCCESS; }
 STUB
-}
 
 echo "build_ollama.sh: compiling Ollama $OLLAMA_VERSION (cgo builds ggml; several minutes on 2 cores)" >&2
 start=$SECONDS

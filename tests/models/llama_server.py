@@ -14,6 +14,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
+import xllamacpp  # type: ignore[import-untyped]  # compiled extension without stubs
+
 READY_PREFIX = "llama_server: listening on "
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
@@ -33,12 +35,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
 
-    # Block the stop signals before xllamacpp starts any thread: threads inherit the mask,
-    # so a signal waits for sigwait() below instead of landing in a native thread, where
-    # SIGTERM's default action kills the process without tearing the server down.
-    # xllamacpp starts threads as soon as it is imported, hence the late import.
+    # Block the stop signals before xllamacpp.Server starts its threads: they inherit the
+    # mask, so a signal waits for sigwait() below instead of landing in a native thread,
+    # where SIGTERM's default action would kill the process without tearing the server down.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    import xllamacpp  # type: ignore[import-untyped]  # compiled extension without stubs
 
     params = xllamacpp.CommonParams()
     params.model.path = args.model

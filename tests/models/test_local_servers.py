@@ -19,8 +19,6 @@ import pytest
 from .servers import DEFAULT_OLLAMA_BINARY, OLLAMA_VERSION, OllamaHandle, ServerHandle, start_llama_server, start_ollama
 from .tiny_gguf import write_tiny_gguf
 
-pytestmark = pytest.mark.integration
-
 MESSAGES: list[openai.types.chat.ChatCompletionMessageParam] = [{"role": "user", "content": "say the people had water"}]
 
 
@@ -87,14 +85,17 @@ def _check_streaming(server: ServerHandle, model: str) -> None:
     assert all(c.usage is None for c in content_chunks)
 
 
+@pytest.mark.integration
 def test_llama_chat_completion(llama: ServerHandle) -> None:
     _check_non_streaming(llama, "tiny")
 
 
+@pytest.mark.integration
 def test_llama_chat_completion_stream_reports_usage_last(llama: ServerHandle) -> None:
     _check_streaming(llama, "tiny")
 
 
+@pytest.mark.integration
 def test_llama_tokenize_counts_whole_words(llama: ServerHandle) -> None:
     response = httpx2.post(f"{llama.base_url}/tokenize", json={"content": "the people had water"}, timeout=30.0)
 
@@ -105,12 +106,14 @@ def test_llama_tokenize_counts_whole_words(llama: ServerHandle) -> None:
     assert all(isinstance(t, int) for t in tokens)
 
 
+@pytest.mark.integration
 def test_llama_lists_the_alias(llama: ServerHandle) -> None:
     models = _client(llama).models.list()
 
     assert [m.id for m in models.data] == ["tiny"]
 
 
+@pytest.mark.integration
 def test_eos_boost_ends_replies_by_stop(tmp_path: Path) -> None:
     model = write_tiny_gguf(tmp_path / "eager.gguf", eos_boost=20.0)
     with start_llama_server(model, alias="eager") as server:
@@ -121,6 +124,7 @@ def test_eos_boost_ends_replies_by_stop(tmp_path: Path) -> None:
     assert completion.usage.completion_tokens <= 1
 
 
+# Not an integration test: no server, and fast enough for `make test-fast`.
 def test_tiny_gguf_is_deterministic(tmp_path: Path) -> None:
     first = write_tiny_gguf(tmp_path / "a.gguf", seed=3).read_bytes()
     second = write_tiny_gguf(tmp_path / "b.gguf", seed=3).read_bytes()
@@ -130,6 +134,7 @@ def test_tiny_gguf_is_deterministic(tmp_path: Path) -> None:
     assert first != other_seed
 
 
+@pytest.mark.integration
 def test_llama_server_stops_cleanly_on_sigterm(tiny_model: Path) -> None:
     with start_llama_server(tiny_model) as server:
         server.stop()
@@ -138,14 +143,17 @@ def test_llama_server_stops_cleanly_on_sigterm(tiny_model: Path) -> None:
         assert "llama_server: stopped" in server.log()
 
 
+@pytest.mark.integration
 def test_ollama_chat_completion(ollama: OllamaHandle) -> None:
     _check_non_streaming(ollama, ollama.model)
 
 
+@pytest.mark.integration
 def test_ollama_chat_completion_stream_reports_usage_last(ollama: OllamaHandle) -> None:
     _check_streaming(ollama, ollama.model)
 
 
+@pytest.mark.integration
 def test_ollama_native_endpoints(ollama: OllamaHandle) -> None:
     version = httpx2.get(f"{ollama.base_url}/api/version", timeout=30.0).json()
     tags = httpx2.get(f"{ollama.base_url}/api/tags", timeout=30.0).json()
@@ -155,6 +163,7 @@ def test_ollama_native_endpoints(ollama: OllamaHandle) -> None:
     assert tags["models"][0]["details"]["family"] == "llama"
 
 
+@pytest.mark.integration
 def test_ollama_stops_cleanly_on_sigterm(tiny_model: Path) -> None:
     with start_ollama(_ollama_binary(), tiny_model) as server:
         # A loaded model means a runner child process that serve must take down too.
