@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from llmrelay_server.backends.llamacpp import LlamaCppProvider
 from llmrelay_server.backends.ollama import OllamaProvider
 from llmrelay_server.backends.openai_compat import OpenAICompatibleProvider, OpenAIProvider
 from llmrelay_server.domain import ProviderFactory
@@ -11,5 +12,5 @@ from llmrelay_server.tokens import TokenCounter
 
 
 def provider_factory(counter: TokenCounter) -> ProviderFactory:
-    kinds = (OpenAIProvider, OllamaProvider, OpenAICompatibleProvider)
+    kinds = (OpenAIProvider, OllamaProvider, LlamaCppProvider, OpenAICompatibleProvider)
     return ProviderFactory({cls.kind: partial(cls, counter=counter) for cls in kinds})
