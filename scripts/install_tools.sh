@@ -54,7 +54,7 @@ install_go_tools() {
         fi
         echo "install_tools: go install $tool"
         # The tools' own go.mod files choose their dependencies; the Go toolchain already here builds them.
-        GOBIN="$GOBIN_DIR" GOTOOLCHAIN=local GOFLAGS=-mod=mod go install "$tool"
+        GOBIN="$GOBIN_DIR" GOTOOLCHAIN=local go install "$tool"
     done
 }
 
