@@ -56,7 +56,7 @@ async def gateway_factory(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
 
     yield start
     for gateway in started:
-        await gateway.stop(0)
+        await gateway.stop(grace_period_s=0, drain_s=0)
 
 
 @pytest.fixture

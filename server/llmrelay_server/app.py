@@ -38,12 +38,17 @@ class Gateway:
     monitor: HealthMonitor
     ledger: UsageLedger
     providers: list[LLMProvider]
+    servicer: LLMServicer
+    drain_s: float
     grace_period_s: float
 
-    async def stop(self, grace_period_s: float | None = None) -> None:
-        """Health to NOT_SERVING, refuse new calls, let calls in flight finish within the grace, then close all."""
+    async def stop(self, grace_period_s: float | None = None, drain_s: float | None = None) -> None:
+        """Health to NOT_SERVING and new calls refused for the drain time, then calls in flight get the grace period
+        to finish, then everything closes."""
         try:
             await self.monitor.stop()
+            self.servicer.start_draining()
+            await asyncio.sleep(self.drain_s if drain_s is None else drain_s)
             await self.server.stop(self.grace_period_s if grace_period_s is None else grace_period_s)
         finally:
             await asyncio.gather(*(p.aclose() for p in self.providers))
@@ -63,18 +68,34 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
     )
     health_servicer = health.aio.HealthServicer()
     monitor = HealthMonitor(router, health_servicer, config.server.health_interval_s)
-    pb.add_LLMServiceServicer_to_server(LLMServicer(router, monitor, ledger, limit), server)
+    servicer = LLMServicer(router, monitor, ledger, limit)
+    pb.add_LLMServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(services, server)
     port = server.add_insecure_port(config.server.listen)
     await server.start()
     await monitor.start()
-    return Gateway(server, port, router, monitor, ledger, providers, config.server.grace_period_s)
+    return Gateway(
+        server,
+        port,
+        router,
+        monitor,
+        ledger,
+        providers,
+        servicer,
+        drain_s=config.server.drain_s,
+        grace_period_s=config.server.grace_period_s,
+    )
 
 
 async def serve(config: GatewayConfig) -> None:
     """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+    # Handlers first: a signal that comes the moment the port opens must still mean a graceful stop.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     gateway = await start_gateway(config)
     host = config.server.listen.rpartition(":")[0]
     log.info("listening on %s:%d", host, gateway.port)
@@ -88,11 +109,11 @@ async def serve(config: GatewayConfig) -> None:
         )
     if not gateway.monitor.serving:
         log.warning(NO_BACKEND_HINT)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
-    log.info("shutting down: finishing calls in flight (up to %g s)", gateway.grace_period_s)
+    log.info(
+        "shutting down: NOT_SERVING for %g s, then up to %g s for calls in flight",
+        gateway.drain_s,
+        gateway.grace_period_s,
+    )
     await gateway.stop()
     log.info("stopped")

@@ -66,8 +66,11 @@ class RouterConfig:
 class ServerConfig:
     listen: str = DEFAULT_LISTEN
     """HOST:PORT to serve gRPC on."""
+    drain_s: float = 1.0
+    """On SIGTERM, how long health shows NOT_SERVING (and new calls get UNAVAILABLE) before the port closes,
+    so that load balancers and probes see the shutdown and stop sending calls."""
     grace_period_s: float = 10.0
-    """On SIGTERM, how long calls in flight may take to finish."""
+    """Then, how long calls in flight may take to finish."""
     max_message_bytes: int = 4 * 1024 * 1024
     """The largest request accepted; larger ones get RESOURCE_EXHAUSTED."""
     usage_db: str = "llmrelay-usage.db"
@@ -137,7 +140,7 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     if env.get("LLMRELAY_USAGE_DB"):
         server = dataclasses.replace(server, usage_db=env["LLMRELAY_USAGE_DB"])
     _check_listen(server.listen, "server.listen")
-    _check_positive(server, "server")
+    _check_positive(server, "server", allow_zero=("drain_s",))
     _check_positive(section.router, "router")
     _check_positive(section.router.retry, "router.retry", allow_zero=("max_retries",))
     _check_positive(section.router.circuit, "router.circuit")

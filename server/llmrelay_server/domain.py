@@ -10,6 +10,7 @@ Exceptions::
     ├── ModelNotFoundError           no backend serves the model
     ├── TokenizerUnavailableError    the encoding's file is not installed
     ├── AnswerTooLargeError          the answer exceeds the message size limit
+    ├── ShuttingDownError            the gateway is draining and takes no new calls
     ├── UpstreamError                one backend failed one attempt (kind says how)
     ├── AllBackendsFailedError       the chain is exhausted (carries the attempts)
     ├── DeadlineExceededError        the caller's deadline ran out (carries the attempts)
@@ -317,6 +318,11 @@ class AnswerTooLargeError(LLMRelayError):
             f"the answer is {size} bytes, over the gateway's {limit}-byte message limit; "
             "use StreamComplete, or a lower max_tokens"
         )
+
+
+class ShuttingDownError(LLMRelayError):
+    def __init__(self) -> None:
+        super().__init__("the gateway is shutting down and takes no new calls; retry, on another instance")
 
 
 class UpstreamErrorKind(enum.StrEnum):

@@ -12,7 +12,13 @@ import grpc
 from llmrelay import v1 as pb
 
 from llmrelay_server import convert
-from llmrelay_server.domain import AnswerTooLargeError, FieldViolation, InvalidRequestError, LLMRelayError
+from llmrelay_server.domain import (
+    AnswerTooLargeError,
+    FieldViolation,
+    InvalidRequestError,
+    LLMRelayError,
+    ShuttingDownError,
+)
 from llmrelay_server.health import HealthMonitor
 from llmrelay_server.router import Router
 from llmrelay_server.status import rpc_failure
@@ -26,14 +32,24 @@ log = logging.getLogger(__name__)
 class LLMServicer(pb.LLMServiceServicer):
     def __init__(self, router: Router, monitor: HealthMonitor, ledger: UsageLedger, max_message_bytes: int) -> None:
         self._max_message_bytes = max_message_bytes
+        self._draining = False
         self._router = router
         self._monitor = monitor
         self._ledger = ledger
+
+    def start_draining(self) -> None:
+        """From now on, new model calls get UNAVAILABLE; calls in flight go on."""
+        self._draining = True
+
+    def _check_accepting(self) -> None:
+        if self._draining:
+            raise ShuttingDownError()
 
     async def Complete(
         self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext[pb.CompleteRequest, pb.CompleteResponse]
     ) -> pb.CompleteResponse:
         try:
+            self._check_accepting()
             response = await self._router.complete(
                 convert.completion_request(request),
                 deadline=self._router.deadline(context.time_remaining()),
@@ -53,6 +69,7 @@ class LLMServicer(pb.LLMServiceServicer):
         context: grpc.aio.ServicerContext[pb.StreamCompleteRequest, pb.StreamCompleteResponse],
     ) -> AsyncIterator[pb.StreamCompleteResponse]:
         try:
+            self._check_accepting()
             chunks = self._router.stream(
                 convert.completion_request(request),
                 deadline=self._router.deadline(context.time_remaining()),

@@ -12,6 +12,7 @@
 | every backend down or broken            | UNAVAILABLE         | BACKENDS_UNAVAILABLE    | RetryInfo     |
 | upstream answers are malformed          | UNAVAILABLE         | UPSTREAM_BAD_RESPONSE   |               |
 | the answer is over the message limit    | RESOURCE_EXHAUSTED  | ANSWER_TOO_LARGE        |               |
+| the gateway is shutting down            | UNAVAILABLE         | SHUTTING_DOWN           | RetryInfo     |
 | the caller's deadline ran out           | DEADLINE_EXCEEDED   | DEADLINE_EXCEEDED       |               |
 | a stream failed after it started        | ABORTED             | STREAM_INTERRUPTED      |               |
 """
@@ -33,6 +34,7 @@ from llmrelay_server.domain import (
     InvalidRequestError,
     LLMRelayError,
     ModelNotFoundError,
+    ShuttingDownError,
     StreamInterruptedError,
     TokenizerUnavailableError,
     UpstreamError,
@@ -88,6 +90,8 @@ def _classify(
     if isinstance(error, AnswerTooLargeError):
         metadata = {"size": str(error.size), "limit": str(error.limit)}
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "ANSWER_TOO_LARGE", metadata, []
+    if isinstance(error, ShuttingDownError):
+        return grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", {}, [_retry_info(DEFAULT_RETRY_DELAY_S)]
     if isinstance(error, TokenizerUnavailableError):
         return grpc.StatusCode.FAILED_PRECONDITION, "TOKENIZER_UNAVAILABLE", {"encoding": error.encoding}, []
     if isinstance(error, UpstreamError):

@@ -401,7 +401,7 @@ async def test_load_with_random_faults_ends_every_call_definitely_and_leaks_noth
         stub = pb.LLMServiceStub(channel)
         codes = await asyncio.gather(*(one_stream(stub, i) for i in range(200)))
     assert codes.count(grpc.StatusCode.OK) > 100
-    await gateway.stop(0)
+    await gateway.stop(grace_period_s=0, drain_s=0)
     primary.faults.clear()
     local.faults.clear()
     await asyncio.sleep(0.2)

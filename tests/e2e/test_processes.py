@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import AsyncClient, Client, InvalidArgumentError, UnavailableError
 from llmrelay import v1 as pb
-from support import OPENAI_TEST_KEY, stream_chat
+from support import OPENAI_TEST_KEY, details, stream_chat
 from upstream import FakeUpstream
 
 BIN = Path(sys.executable).parent
@@ -100,11 +100,15 @@ async def test_sigterm_drains_calls_in_flight_and_exits_zero(server: ServerProce
         first = cast(pb.StreamCompleteResponse, await stream.read())
         assert first.backend == "ollama"
         server.process.send_signal(signal.SIGTERM)
-        # New calls are refused while the stream in flight goes on to its end.
-        with pytest.raises(grpc.aio.AioRpcError):
-            for _ in range(50):
-                await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                await asyncio.sleep(0.05)
+        # Health says NOT_SERVING at once, and new calls are refused, while the stream in flight goes on.
+        status = health_pb2.HealthCheckResponse.SERVING
+        while status == health_pb2.HealthCheckResponse.SERVING:
+            status = (await health.Check(health_pb2.HealthCheckRequest(), timeout=1)).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await pb.LLMServiceStub(channel).Complete(pb.CompleteRequest(messages=stream_chat().messages), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert details(refused.value)["ErrorInfo"].reason == "SHUTTING_DOWN"
         rest = await read_all(stream)
     text = first.delta.content + "".join(c.delta.content for c in rest)
     assert text == "echo: one two three four five"

@@ -446,6 +446,8 @@ const (
 	ErrorReason_ERROR_REASON_CONTEXT_LENGTH_EXCEEDED ErrorReason = 11
 	// The answer is larger than the gateway's message size limit; StreamComplete delivers it in pieces.
 	ErrorReason_ERROR_REASON_ANSWER_TOO_LARGE ErrorReason = 12
+	// The gateway is shutting down and takes no new calls; RetryInfo says when to try again (another instance).
+	ErrorReason_ERROR_REASON_SHUTTING_DOWN ErrorReason = 13
 )
 
 // Enum value maps for ErrorReason.
@@ -464,6 +466,7 @@ var (
 		10: "ERROR_REASON_TOKENIZER_UNAVAILABLE",
 		11: "ERROR_REASON_CONTEXT_LENGTH_EXCEEDED",
 		12: "ERROR_REASON_ANSWER_TOO_LARGE",
+		13: "ERROR_REASON_SHUTTING_DOWN",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":             0,
@@ -479,6 +482,7 @@ var (
 		"ERROR_REASON_TOKENIZER_UNAVAILABLE":   10,
 		"ERROR_REASON_CONTEXT_LENGTH_EXCEEDED": 11,
 		"ERROR_REASON_ANSWER_TOO_LARGE":        12,
+		"ERROR_REASON_SHUTTING_DOWN":           13,
 	}
 )
 
@@ -2760,7 +2764,7 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\x18ATTEMPT_OUTCOME_REJECTED\x10\b\x12\x1b\n" +
 	"\x17ATTEMPT_OUTCOME_SKIPPED\x10\t\x12+\n" +
 	"'ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED\x10\n" +
-	"*\xef\x03\n" +
+	"*\x8f\x04\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12 \n" +
 	"\x1cERROR_REASON_INVALID_REQUEST\x10\x01\x12 \n" +
@@ -2775,7 +2779,8 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\"ERROR_REASON_TOKENIZER_UNAVAILABLE\x10\n" +
 	"\x12(\n" +
 	"$ERROR_REASON_CONTEXT_LENGTH_EXCEEDED\x10\v\x12!\n" +
-	"\x1dERROR_REASON_ANSWER_TOO_LARGE\x10\f*|\n" +
+	"\x1dERROR_REASON_ANSWER_TOO_LARGE\x10\f\x12\x1e\n" +
+	"\x1aERROR_REASON_SHUTTING_DOWN\x10\r*|\n" +
 	"\fCircuitState\x12\x1d\n" +
 	"\x19CIRCUIT_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14CIRCUIT_STATE_CLOSED\x10\x01\x12\x16\n" +

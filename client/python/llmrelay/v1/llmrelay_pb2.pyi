@@ -271,6 +271,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The prompt does not fit the context window of any backend that was tried."""
     ERROR_REASON_ANSWER_TOO_LARGE: _ErrorReason.ValueType  # 12
     """The answer is larger than the gateway's message size limit; StreamComplete delivers it in pieces."""
+    ERROR_REASON_SHUTTING_DOWN: _ErrorReason.ValueType  # 13
+    """The gateway is shutting down and takes no new calls; RetryInfo says when to try again (another instance)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The reason in the google.rpc.ErrorInfo of a failed call (as its name without the ERROR_REASON_ prefix)."""
@@ -301,6 +303,8 @@ ERROR_REASON_CONTEXT_LENGTH_EXCEEDED: ErrorReason.ValueType  # 11
 """The prompt does not fit the context window of any backend that was tried."""
 ERROR_REASON_ANSWER_TOO_LARGE: ErrorReason.ValueType  # 12
 """The answer is larger than the gateway's message size limit; StreamComplete delivers it in pieces."""
+ERROR_REASON_SHUTTING_DOWN: ErrorReason.ValueType  # 13
+"""The gateway is shutting down and takes no new calls; RetryInfo says when to try again (another instance)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 class _CircuitState:

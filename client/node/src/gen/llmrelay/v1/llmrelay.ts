@@ -441,6 +441,8 @@ export enum ErrorReason {
   ERROR_REASON_CONTEXT_LENGTH_EXCEEDED = 11,
   /** ERROR_REASON_ANSWER_TOO_LARGE - The answer is larger than the gateway's message size limit; StreamComplete delivers it in pieces. */
   ERROR_REASON_ANSWER_TOO_LARGE = 12,
+  /** ERROR_REASON_SHUTTING_DOWN - The gateway is shutting down and takes no new calls; RetryInfo says when to try again (another instance). */
+  ERROR_REASON_SHUTTING_DOWN = 13,
   UNRECOGNIZED = -1,
 }
 
@@ -485,6 +487,9 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 12:
     case "ERROR_REASON_ANSWER_TOO_LARGE":
       return ErrorReason.ERROR_REASON_ANSWER_TOO_LARGE;
+    case 13:
+    case "ERROR_REASON_SHUTTING_DOWN":
+      return ErrorReason.ERROR_REASON_SHUTTING_DOWN;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -520,6 +525,8 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_CONTEXT_LENGTH_EXCEEDED";
     case ErrorReason.ERROR_REASON_ANSWER_TOO_LARGE:
       return "ERROR_REASON_ANSWER_TOO_LARGE";
+    case ErrorReason.ERROR_REASON_SHUTTING_DOWN:
+      return "ERROR_REASON_SHUTTING_DOWN";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
