@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast proto proto-check lint bench clean
+.PHONY: setup run demo test test-python test-fast proto proto-check lint bench bench-litellm ollama clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/llmrelay-server $(ARGS)
 
+# The gateway in front of a real llama.cpp server with a tiny generated model: tokens stream within a minute.
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py $(ARGS)
+
 proto: $(STAMP) tools
 	$(BIN)/python scripts/gen_protos.py
 
@@ -30,14 +34,26 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: proto-check
+# Everything: the Python suite with its integration tier (real llama.cpp and Ollama), then the Go and TypeScript
+# clients and the standard probes against the real gateway.
+test: test-python test-go test-node test-probes
+
+test-python: proto-check ollama
 	$(BIN)/pytest -q
+
+# The integration tier's Ollama, built once from its Go module and cached outside the repo (minutes, the first time).
+ollama:
+	bash scripts/build_ollama.sh >/dev/null
 
 test-fast: proto-check
 	$(BIN)/pytest -q -m 'not integration'
 
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(ARGS)
+
+# llmrelay against LiteLLM's proxy on the same upstream, in one run; installs a pinned LiteLLM once, outside the repo.
+bench-litellm: $(STAMP)
+	$(BIN)/python -m bench.litellm_compare $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -33,10 +33,17 @@ command -v g++ >/dev/null || die "g++ not found: cgo needs a C++ compiler to bui
 # Ollama module arrives without llama.cpp/vendor/{nlohmann,stb,miniaudio}. Debian
 # packages the first two under /usr/include (on the compiler's default path); miniaudio
 # only decodes audio input, which the tests never send, so a stub stands in for it.
-for header in nlohmann/json.hpp nlohmann/json_fwd.hpp stb/stb_image.h; do
-    echo "#include <$header>" | g++ -std=c++17 -fsyntax-only -x c++ - 2>/dev/null ||
-        die "C++ header <$header> not found: install it with 'apt-get install -y nlohmann-json3-dev libstb-dev'"
-done
+headers_present() {
+    local header
+    for header in nlohmann/json.hpp nlohmann/json_fwd.hpp stb/stb_image.h; do
+        echo "#include <$header>" | g++ -std=c++17 -fsyntax-only -x c++ - 2>/dev/null || return 1
+    done
+}
+if ! headers_present && [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    echo "build_ollama.sh: installing the C++ headers llama.cpp vendors (nlohmann-json3-dev, libstb-dev)" >&2
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nlohmann-json3-dev libstb-dev >&2
+fi
+headers_present || die "C++ headers nlohmann/json.hpp or stb/stb_image.h not found: install them with 'apt-get install -y nlohmann-json3-dev libstb-dev'"
 
 WORK_DIR="$(mktemp -d)"
 trap 'chmod -R u+w "$WORK_DIR" 2>/dev/null; rm -rf "$WORK_DIR"' EXIT
