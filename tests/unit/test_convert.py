@@ -1,0 +1,773 @@
+"""Protobuf <-> domain: request validation (every violation, with its field path) and answers back to protobuf."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import pytest
+from google.protobuf import struct_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from llmrelay import v1 as pb
+from llmrelay_server import convert
+from llmrelay_server.domain import (
+    Attempt,
+    AttemptOutcome,
+    CompletionChunk,
+    CompletionOptions,
+    CompletionRequest,
+    CompletionResponse,
+    FinishReason,
+    InvalidRequestError,
+    JsonSchemaFormat,
+    Message,
+    NamedToolChoice,
+    ResponseFormat,
+    Role,
+    TokenUsage,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_upstreams() -> None:
+    """Overrides the root conftest's autouse fixture: these tests need no loopback upstreams."""
+
+
+def struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    result = struct_pb2.Struct()
+    result.update(value)
+    return result
+
+
+def user(content: str = "hi") -> pb.Message:
+    return pb.Message(role=pb.ROLE_USER, content=content)
+
+
+def tool(name: str, parameters: dict[str, Any] | None = None) -> pb.Tool:
+    function = pb.FunctionDefinition(name=name)
+    if parameters is not None:
+        function.parameters.CopyFrom(struct(parameters))
+    return pb.Tool(function=function)
+
+
+def fields_of(request: pb.CompleteRequest) -> list[str]:
+    with pytest.raises(InvalidRequestError) as caught:
+        convert.completion_request(request)
+    assert str(caught.value) == "; ".join(f"{v.field}: {v.description}" for v in caught.value.violations)
+    return sorted(v.field for v in caught.value.violations)
+
+
+# --- valid requests -------------------------------------------------------------------------------------------------
+
+
+def test_a_minimal_request() -> None:
+    request = convert.completion_request(pb.CompleteRequest(messages=[user()]))
+    assert request == CompletionRequest(messages=(Message(Role.USER, "hi"),))
+    assert request.model is None
+    assert request.exact_model is False
+    assert request.options == CompletionOptions()
+
+
+def test_empty_options_are_all_unset() -> None:
+    request = convert.completion_request(pb.CompleteRequest(messages=[user()], options=pb.CompletionOptions()))
+    assert request.options == CompletionOptions()
+    assert all(getattr(request.options, f) is None for f in ("temperature", "top_p", "max_tokens", "seed"))
+    assert request.options.tool_choice is None
+    assert request.options.response_format is None
+    assert request.options.reasoning_effort is None
+
+
+def test_every_field_maps_to_the_domain() -> None:
+    parameters = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
+    request = pb.CompleteRequest(
+        model="ollama/gpt-oss:20b",
+        exact_model=True,
+        messages=[
+            pb.Message(role=pb.ROLE_SYSTEM, content="be brief"),
+            pb.Message(role=pb.ROLE_USER, content="weather?", name="alice"),
+            pb.Message(
+                role=pb.ROLE_ASSISTANT,
+                tool_calls=[pb.ToolCall(id="call_1", function=pb.FunctionCall(name="get_weather", arguments="{}"))],
+            ),
+            pb.Message(role=pb.ROLE_TOOL, content="-3", tool_call_id="call_1"),
+        ],
+        options=pb.CompletionOptions(
+            temperature=0.0,
+            top_p=0.0,
+            max_tokens=1,
+            stop=["\n", "END"],
+            seed=0,
+            response_format=pb.ResponseFormat(
+                type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+                json_schema=pb.JsonSchema(name="answer", description="d", schema=struct(schema), strict=False),
+            ),
+            tools=[
+                pb.Tool(
+                    function=pb.FunctionDefinition(
+                        name="get_weather", description="by city", parameters=struct(parameters), strict=True
+                    )
+                ),
+                tool("now"),
+            ],
+            tool_choice=pb.ToolChoice(function_name="get_weather"),
+            reasoning_effort=pb.REASONING_EFFORT_NONE,
+            presence_penalty=0.0,
+            frequency_penalty=-2.0,
+            parallel_tool_calls=False,
+        ),
+    )
+
+    assert convert.completion_request(request) == CompletionRequest(
+        model="ollama/gpt-oss:20b",
+        exact_model=True,
+        messages=(
+            Message(Role.SYSTEM, "be brief"),
+            Message(Role.USER, "weather?", name="alice"),
+            Message(Role.ASSISTANT, "", tool_calls=(ToolCall("call_1", "get_weather", "{}"),)),
+            Message(Role.TOOL, "-3", tool_call_id="call_1"),
+        ),
+        options=CompletionOptions(
+            temperature=0.0,
+            top_p=0.0,
+            max_tokens=1,
+            stop=("\n", "END"),
+            seed=0,
+            response_format=ResponseFormat("json_schema", JsonSchemaFormat("answer", schema, "d", strict=False)),
+            tools=(Tool("get_weather", "by city", parameters, strict=True), Tool("now")),
+            tool_choice=NamedToolChoice("get_weather"),
+            reasoning_effort="none",
+            presence_penalty=0.0,
+            frequency_penalty=-2.0,
+            parallel_tool_calls=False,
+        ),
+    )
+
+
+def test_zero_values_are_set_not_unset() -> None:
+    options = convert.completion_request(
+        pb.CompleteRequest(
+            messages=[user()],
+            options=pb.CompletionOptions(
+                temperature=0.0, top_p=0.0, seed=0, presence_penalty=0.0, frequency_penalty=0.0
+            ),
+        )
+    ).options
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        value = getattr(options, name)
+        assert value == 0.0 and value is not None, name
+        assert isinstance(value, float)
+    assert options.seed == 0
+
+
+def test_the_stream_request_converts_alike() -> None:
+    request = pb.StreamCompleteRequest(
+        model="m", exact_model=True, messages=[user()], options=pb.CompletionOptions(max_tokens=5)
+    )
+    assert convert.completion_request(request) == CompletionRequest(
+        messages=(Message(Role.USER, "hi"),), model="m", exact_model=True, options=CompletionOptions(max_tokens=5)
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "attribute", "expected"),
+    [
+        (pb.CompletionOptions(temperature=2.0), "temperature", 2.0),
+        (pb.CompletionOptions(top_p=1.0), "top_p", 1.0),
+        (pb.CompletionOptions(presence_penalty=-2.0), "presence_penalty", -2.0),
+        (pb.CompletionOptions(frequency_penalty=2.0), "frequency_penalty", 2.0),
+        (pb.CompletionOptions(max_tokens=10_000_000), "max_tokens", 10_000_000),
+        (pb.CompletionOptions(stop=["a", "b", "c", "d"]), "stop", ("a", "b", "c", "d")),
+        (pb.CompletionOptions(seed=-(2**63)), "seed", -(2**63)),
+        (pb.CompletionOptions(tools=[tool("x" * 64)]), "tools", (Tool("x" * 64),)),
+        (pb.CompletionOptions(tools=[tool("a-b_C9")]), "tools", (Tool("a-b_C9"),)),
+        (pb.CompletionOptions(tools=[tool("f", {})]), "tools", (Tool("f", parameters={}),)),
+        (pb.CompletionOptions(tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_UNSPECIFIED)), "tool_choice", None),
+        (pb.CompletionOptions(tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_NONE)), "tool_choice", "none"),
+        (pb.CompletionOptions(tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_AUTO)), "tool_choice", "auto"),
+        (
+            pb.CompletionOptions(tools=[tool("f")], tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED)),
+            "tool_choice",
+            "required",
+        ),
+        (pb.CompletionOptions(reasoning_effort=pb.REASONING_EFFORT_HIGH), "reasoning_effort", "high"),
+        (pb.CompletionOptions(reasoning_effort=pb.REASONING_EFFORT_MINIMAL), "reasoning_effort", "minimal"),
+        (
+            pb.CompletionOptions(response_format=pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_TEXT)),
+            "response_format",
+            ResponseFormat("text"),
+        ),
+        (
+            pb.CompletionOptions(response_format=pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT)),
+            "response_format",
+            ResponseFormat("json_object"),
+        ),
+        (pb.CompletionOptions(response_format=pb.ResponseFormat()), "response_format", None),
+        (pb.CompletionOptions(parallel_tool_calls=True), "parallel_tool_calls", True),
+    ],
+)
+def test_options_at_their_bounds(options: pb.CompletionOptions, attribute: str, expected: Any) -> None:
+    request = convert.completion_request(pb.CompleteRequest(messages=[user()], options=options))
+    assert getattr(request.options, attribute) == expected
+
+
+def test_a_model_name_of_256_characters_is_accepted() -> None:
+    assert convert.completion_request(pb.CompleteRequest(model="m" * 256, messages=[user()])).model == "m" * 256
+
+
+# --- invalid requests -----------------------------------------------------------------------------------------------
+
+OPTS = pb.CompletionOptions
+
+
+@pytest.mark.parametrize(
+    ("request_", "fields"),
+    [
+        (pb.CompleteRequest(), ["messages"]),
+        (pb.CompleteRequest(model="", messages=[user()]), ["model"]),
+        (pb.CompleteRequest(model="m" * 257, messages=[user()]), ["model"]),
+        (pb.CompleteRequest(messages=[pb.Message(content="x")]), ["messages[0].role"]),
+        (
+            pb.CompleteRequest(messages=[user(), pb.Message(role=pb.Role.ValueType(99), content="x")]),
+            ["messages[1].role"],
+        ),
+        (pb.CompleteRequest(messages=[user("")]), ["messages[0].content"]),
+        (pb.CompleteRequest(messages=[pb.Message(role=pb.ROLE_TOOL, content="42")]), ["messages[0].tool_call_id"]),
+        (
+            pb.CompleteRequest(
+                messages=[
+                    pb.Message(
+                        role=pb.ROLE_USER,
+                        content="x",
+                        tool_calls=[pb.ToolCall(id="c", function=pb.FunctionCall(name="f"))],
+                    )
+                ]
+            ),
+            ["messages[0].tool_calls"],
+        ),
+        (
+            pb.CompleteRequest(
+                messages=[
+                    user(),
+                    pb.Message(
+                        role=pb.ROLE_ASSISTANT,
+                        tool_calls=[
+                            pb.ToolCall(id="ok", function=pb.FunctionCall(name="fine")),
+                            pb.ToolCall(id="", function=pb.FunctionCall(name="bad name")),
+                        ],
+                    ),
+                ]
+            ),
+            ["messages[1].tool_calls[1].function.name", "messages[1].tool_calls[1].id"],
+        ),
+        (pb.CompleteRequest(messages=[user()], options=OPTS(temperature=2.0001)), ["options.temperature"]),
+        (pb.CompleteRequest(messages=[user()], options=OPTS(temperature=-0.1)), ["options.temperature"]),
+        (pb.CompleteRequest(messages=[user()], options=OPTS(temperature=math.nan)), ["options.temperature"]),
+        (pb.CompleteRequest(messages=[user()], options=OPTS(temperature=math.inf)), ["options.temperature"]),
+        (pb.CompleteRequest(messages=[user()], options=OPTS(top_p=1.5)), ["options.top_p"]),
+        (pb.CompleteRequest(messages=[user()], options=OPTS(top_p=-math.inf)), ["options.top_p"]),
+        (pb.CompleteRequest(messages=[user()], options=OPTS(presence_penalty=2.5)), ["options.presence_penalty"]),
+        (pb.CompleteRequest(messages=[user()], options=OPTS(frequency_penalty=-2.5)), ["options.frequency_penalty"]),
+        (
+            pb.CompleteRequest(messages=[user()], options=OPTS(frequency_penalty=math.nan)),
+            ["options.frequency_penalty"],
+        ),
+        (pb.CompleteRequest(messages=[user()], options=OPTS(max_tokens=0)), ["options.max_tokens"]),
+        (pb.CompleteRequest(messages=[user()], options=OPTS(max_tokens=-1)), ["options.max_tokens"]),
+        (pb.CompleteRequest(messages=[user()], options=OPTS(max_tokens=10_000_001)), ["options.max_tokens"]),
+        (pb.CompleteRequest(messages=[user()], options=OPTS(stop=["a", "b", "c", "d", "e"])), ["options.stop"]),
+        (pb.CompleteRequest(messages=[user()], options=OPTS(stop=["a", ""])), ["options.stop"]),
+        (pb.CompleteRequest(messages=[user()], options=OPTS(tools=[tool("")])), ["options.tools[0].function.name"]),
+        (
+            pb.CompleteRequest(messages=[user()], options=OPTS(tools=[tool("x" * 65)])),
+            ["options.tools[0].function.name"],
+        ),
+        (
+            pb.CompleteRequest(messages=[user()], options=OPTS(tools=[tool("ok"), tool("get.weather")])),
+            ["options.tools[1].function.name"],
+        ),
+        (
+            pb.CompleteRequest(messages=[user()], options=OPTS(tools=[tool("f", {"type": "string"})])),
+            ["options.tools[0].function.parameters"],
+        ),
+        (
+            pb.CompleteRequest(
+                messages=[user()], options=OPTS(tools=[tool("f")], tool_choice=pb.ToolChoice(function_name="g"))
+            ),
+            ["options.tool_choice.function_name"],
+        ),
+        (
+            pb.CompleteRequest(messages=[user()], options=OPTS(tool_choice=pb.ToolChoice(function_name=""))),
+            ["options.tool_choice.function_name"],
+        ),
+        (
+            pb.CompleteRequest(
+                messages=[user()], options=OPTS(tool_choice=pb.ToolChoice(mode=pb.ToolChoiceMode.ValueType(99)))
+            ),
+            ["options.tool_choice.mode"],
+        ),
+        (
+            pb.CompleteRequest(
+                messages=[user()], options=OPTS(tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED))
+            ),
+            ["options.tool_choice.mode"],
+        ),
+        (
+            pb.CompleteRequest(messages=[user()], options=OPTS(reasoning_effort=pb.ReasoningEffort.ValueType(6))),
+            ["options.reasoning_effort"],
+        ),
+        (
+            pb.CompleteRequest(
+                messages=[user()],
+                options=OPTS(response_format=pb.ResponseFormat(type=pb.ResponseFormatType.ValueType(9))),
+            ),
+            ["options.response_format.type"],
+        ),
+        (
+            pb.CompleteRequest(
+                messages=[user()],
+                options=OPTS(response_format=pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA)),
+            ),
+            ["options.response_format.json_schema.name", "options.response_format.json_schema.schema"],
+        ),
+        # several at once: every violation is reported, not just the first
+        (
+            pb.CompleteRequest(
+                model="",
+                messages=[pb.Message(role=pb.ROLE_TOOL), pb.Message(role=pb.Role.ValueType(7), content="x")],
+                options=OPTS(
+                    temperature=3,
+                    top_p=-1,
+                    max_tokens=0,
+                    stop=[""],
+                    tools=[tool("bad name")],
+                    tool_choice=pb.ToolChoice(function_name="missing"),
+                    reasoning_effort=pb.ReasoningEffort.ValueType(42),
+                    presence_penalty=9,
+                    frequency_penalty=-9,
+                    response_format=pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA),
+                ),
+            ),
+            [
+                "messages[0].content",
+                "messages[0].tool_call_id",
+                "messages[1].role",
+                "model",
+                "options.frequency_penalty",
+                "options.max_tokens",
+                "options.presence_penalty",
+                "options.reasoning_effort",
+                "options.response_format.json_schema.name",
+                "options.response_format.json_schema.schema",
+                "options.stop",
+                "options.temperature",
+                "options.tool_choice.function_name",
+                "options.tools[0].function.name",
+                "options.top_p",
+            ],
+        ),
+    ],
+)
+def test_invalid_requests_name_every_field(request_: pb.CompleteRequest, fields: list[str]) -> None:
+    assert fields_of(request_) == sorted(fields)
+    stream = pb.StreamCompleteRequest()
+    stream.ParseFromString(request_.SerializeToString())  # same field numbers: the stream request fails alike
+    with pytest.raises(InvalidRequestError) as caught:
+        convert.completion_request(stream)
+    assert sorted(v.field for v in caught.value.violations) == sorted(fields)
+
+
+def test_too_many_messages() -> None:
+    request = pb.CompleteRequest(messages=[user()] * (convert.MAX_MESSAGES + 1))
+    assert fields_of(request) == ["messages"]
+
+
+@pytest.mark.xfail(
+    reason="convert._struct: json_format.MessageToDict raises ValueError for a non-finite number in a Struct; "
+    "it escapes completion_request instead of becoming an InvalidRequestError",
+    strict=True,
+)
+@pytest.mark.parametrize("number", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("where", ["tool", "schema"])
+def test_a_non_finite_number_in_a_schema_is_an_invalid_request(number: float, where: str) -> None:
+    bad = {"type": "object", "properties": {"n": {"type": "number", "maximum": number}}}
+    options = (
+        OPTS(tools=[tool("f", bad)])
+        if where == "tool"
+        else OPTS(
+            response_format=pb.ResponseFormat(
+                type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=pb.JsonSchema(name="s", schema=struct(bad))
+            )
+        )
+    )
+    with pytest.raises(InvalidRequestError):
+        convert.completion_request(pb.CompleteRequest(messages=[user()], options=options))
+
+
+# --- count requests -------------------------------------------------------------------------------------------------
+
+
+def test_count_a_text() -> None:
+    assert convert.count_request(pb.CountTokensRequest(model="gpt-4o", text="hello")) == ("gpt-4o", (), (), "hello")
+    assert convert.count_request(pb.CountTokensRequest(text="")) == (None, (), (), "")
+
+
+def test_count_a_chat_with_tools() -> None:
+    request = pb.CountTokensRequest(messages=[user("q")], tools=[tool("f", {"type": "object"})])
+    assert convert.count_request(request) == (
+        None,
+        (Message(Role.USER, "q"),),
+        (Tool("f", parameters={"type": "object"}),),
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_", "fields"),
+    [
+        (pb.CountTokensRequest(), ["messages"]),
+        (pb.CountTokensRequest(text="x", messages=[user()]), ["text"]),
+        (pb.CountTokensRequest(messages=[pb.Message(content="x")]), ["messages[0].role"]),
+        (pb.CountTokensRequest(messages=[user()], tools=[tool("a b"), tool("f", {"type": "array"})]),
+         ["tools[0].function.name", "tools[1].function.parameters"]),
+        (pb.CountTokensRequest(text="x", tools=[tool("")]), ["tools[0].function.name"]),
+    ],
+)  # fmt: skip
+def test_invalid_count_requests(request_: pb.CountTokensRequest, fields: list[str]) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        convert.count_request(request_)
+    assert sorted(v.field for v in caught.value.violations) == sorted(fields)
+
+
+# --- property: valid within bounds, or InvalidRequestError, nothing else --------------------------------------------
+
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def mostly(valid: st.SearchStrategy[Any], wild: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """A valid value nine times in ten, else anything of the type: most requests pass, each check is still hit."""
+    return st.integers(0, 9).flatmap(lambda n: wild if n == 0 else valid)
+
+
+texts = st.text(max_size=20)
+names = mostly(st.from_regex(NAME, fullmatch=True), st.text(max_size=70))
+contents = mostly(st.text(min_size=1, max_size=20), st.just(""))
+any_number = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -1e308, 5e-324, -0.0, 2.0000001, -2.0000001]),
+)
+
+
+def numbers(low: float, high: float) -> st.SearchStrategy[Any]:
+    return mostly(st.floats(min_value=low, max_value=high), any_number)
+
+
+int32 = st.integers(-(2**31), 2**31 - 1)
+any_enum: st.SearchStrategy[Any] = st.integers(-3, 9)  # unknown numbers included
+finite_json = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=8,
+)
+
+
+@st.composite
+def tool_calls(draw: st.DrawFn) -> pb.ToolCall:
+    call_id = draw(mostly(st.text(min_size=1, max_size=8), st.just("")))
+    return pb.ToolCall(id=call_id, function=pb.FunctionCall(name=draw(names), arguments=draw(texts)))
+
+
+@st.composite
+def messages(draw: st.DrawFn) -> pb.Message:
+    role = draw(mostly(st.sampled_from([pb.ROLE_SYSTEM, pb.ROLE_USER, pb.ROLE_ASSISTANT, pb.ROLE_TOOL]), any_enum))
+    message = pb.Message(role=role, content=draw(contents))
+    if draw(mostly(st.just(role == pb.ROLE_ASSISTANT), st.booleans())):
+        message.tool_calls.extend(draw(mostly(st.lists(tool_calls(), min_size=1, max_size=2), st.just([]))))
+        if draw(st.booleans()):
+            message.content = ""  # an assistant message may carry tool calls only
+    if draw(st.booleans()):
+        message.name = draw(texts)
+    if draw(mostly(st.just(role == pb.ROLE_TOOL), st.booleans())):
+        message.tool_call_id = draw(mostly(st.text(min_size=1, max_size=8), st.just("")))
+    return message
+
+
+@st.composite
+def tools(draw: st.DrawFn) -> pb.Tool:
+    result = tool(draw(names))
+    if draw(st.booleans()):
+        parameters = draw(st.dictionaries(st.sampled_from(["properties", "required", "x"]), finite_json, max_size=2))
+        if draw(st.booleans()):
+            parameters["type"] = draw(mostly(st.just("object"), st.sampled_from(["string", "array", "null"])))
+        result.function.parameters.CopyFrom(struct(parameters))
+    if draw(st.booleans()):
+        result.function.description = draw(texts)
+    if draw(st.booleans()):
+        result.function.strict = draw(st.booleans())
+    return result
+
+
+@st.composite
+def options(draw: st.DrawFn) -> pb.CompletionOptions:
+    result = pb.CompletionOptions(
+        stop=draw(mostly(st.lists(st.text(min_size=1, max_size=5), max_size=4), st.lists(texts, max_size=6))),
+        tools=draw(st.lists(tools(), max_size=3)),
+        reasoning_effort=draw(mostly(st.integers(0, 5), any_enum)),
+    )
+    for name, low, high in [
+        ("temperature", 0.0, 2.0),
+        ("top_p", 0.0, 1.0),
+        ("presence_penalty", -2.0, 2.0),
+        ("frequency_penalty", -2.0, 2.0),
+    ]:
+        if draw(st.booleans()):
+            setattr(result, name, draw(numbers(low, high)))
+    if draw(st.booleans()):
+        result.max_tokens = draw(mostly(st.integers(1, convert.MAX_TOKENS_LIMIT), int32 | st.integers(-1, 1)))
+    if draw(st.booleans()):
+        result.seed = draw(st.integers(-(2**63), 2**63 - 1))
+    if draw(st.booleans()):
+        result.parallel_tool_calls = draw(st.booleans())
+    choice = draw(st.sampled_from(["unset", "mode", "name"]))
+    if choice == "mode":
+        result.tool_choice.mode = draw(mostly(st.integers(0, 3 if result.tools else 2), any_enum))
+    elif choice == "name":
+        declared = [t.function.name for t in result.tools]
+        result.tool_choice.function_name = draw(mostly(st.sampled_from(declared), names) if declared else names)
+    if draw(st.booleans()):
+        result.response_format.type = draw(mostly(st.integers(0, 3), any_enum))
+        if draw(mostly(st.just(result.response_format.type == pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA), st.booleans())):
+            result.response_format.json_schema.name = draw(names)
+            if draw(mostly(st.just(True), st.booleans())):
+                schema = draw(st.dictionaries(st.text(max_size=5), finite_json, max_size=3))
+                result.response_format.json_schema.schema.CopyFrom(struct(schema))
+    return result
+
+
+@st.composite
+def complete_requests(draw: st.DrawFn) -> pb.CompleteRequest:
+    request = pb.CompleteRequest(
+        messages=draw(mostly(st.lists(messages(), min_size=1, max_size=3), st.lists(messages(), max_size=1))),
+        exact_model=draw(st.booleans()),
+    )
+    if draw(st.booleans()):
+        request.model = draw(
+            mostly(st.text(min_size=1, max_size=30), st.just("") | st.text(min_size=250, max_size=260))
+        )
+    if draw(st.integers(0, 3)):
+        request.options.CopyFrom(draw(options()))
+    return request
+
+
+def within(value: float | None, low: float, high: float) -> bool:
+    return value is None or (math.isfinite(value) and low <= value <= high)
+
+
+def assert_within_bounds(result: CompletionRequest) -> None:
+    assert result.model is None or 1 <= len(result.model) <= convert.MAX_MODEL_NAME
+    assert 1 <= len(result.messages) <= convert.MAX_MESSAGES
+    for message in result.messages:
+        assert isinstance(message.role, Role)
+        assert message.content or message.tool_calls
+        assert message.role is Role.ASSISTANT or not message.tool_calls
+        assert message.role is not Role.TOOL or message.tool_call_id
+        for call in message.tool_calls:
+            assert call.id and NAME.fullmatch(call.name)
+    o = result.options
+    assert within(o.temperature, 0.0, 2.0)
+    assert within(o.top_p, 0.0, 1.0)
+    assert within(o.presence_penalty, -2.0, 2.0)
+    assert within(o.frequency_penalty, -2.0, 2.0)
+    assert o.max_tokens is None or 1 <= o.max_tokens <= convert.MAX_TOKENS_LIMIT
+    assert len(o.stop) <= convert.MAX_STOP_SEQUENCES and all(o.stop)
+    declared = {t.name for t in o.tools}
+    for t in o.tools:
+        assert NAME.fullmatch(t.name)
+        assert t.parameters is None or t.parameters.get("type", "object") == "object"
+    assert o.tool_choice in (None, "none", "auto", "required") or (
+        isinstance(o.tool_choice, NamedToolChoice) and o.tool_choice.name in declared
+    )
+    assert o.tool_choice != "required" or declared
+    assert o.reasoning_effort in (None, "none", "minimal", "low", "medium", "high")
+    fmt = o.response_format
+    assert fmt is None or fmt.type in ("text", "json_object", "json_schema")
+    if fmt is not None and fmt.type == "json_schema":
+        assert fmt.json_schema is not None and NAME.fullmatch(fmt.json_schema.name)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(request=complete_requests())
+def test_any_request_is_valid_within_bounds_or_an_invalid_request(request: pb.CompleteRequest) -> None:
+    try:
+        result = convert.completion_request(request)
+    except InvalidRequestError as error:
+        assert error.violations
+        for violation in error.violations:
+            assert violation.field and violation.description
+        return
+    assert_within_bounds(result)
+
+
+# --- answers to protobuf --------------------------------------------------------------------------------------------
+
+ATTEMPTS = (
+    Attempt("openai", "gpt-4o", AttemptOutcome.RATE_LIMITED, 0.25, upstream_status=429, error="HTTP 429: slow down"),
+    Attempt("ollama", "gpt-oss:20b", AttemptOutcome.SUCCEEDED, 1.5),
+)
+
+
+def roundtrip(message: Any) -> Any:
+    return type(message).FromString(message.SerializeToString())
+
+
+def test_complete_response_with_everything() -> None:
+    response = CompletionResponse(
+        id="chatcmpl-1",
+        backend="ollama",
+        model="gpt-oss:20b",
+        message=Message(Role.ASSISTANT, "", tool_calls=(ToolCall("call_1", "f", '{"a":1}'),), reasoning="thinking"),
+        finish_reason=FinishReason.TOOL_CALLS,
+        usage=TokenUsage(120, 30, estimated=True, reasoning_tokens=0, cached_prompt_tokens=64),
+        attempts=ATTEMPTS,
+    )
+
+    out = roundtrip(convert.complete_response(response))
+
+    assert (out.id, out.backend, out.model) == ("chatcmpl-1", "ollama", "gpt-oss:20b")
+    assert out.message.role == pb.ROLE_ASSISTANT
+    assert out.message.content == ""
+    assert out.message.HasField("reasoning") and out.message.reasoning == "thinking"
+    assert [(c.id, c.function.name, c.function.arguments) for c in out.message.tool_calls] == [
+        ("call_1", "f", '{"a":1}')
+    ]
+    assert out.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (120, 30, 150)
+    assert out.usage.estimated is True
+    assert out.usage.HasField("reasoning_tokens") and out.usage.reasoning_tokens == 0  # zero, yet present
+    assert out.usage.HasField("cached_prompt_tokens") and out.usage.cached_prompt_tokens == 64
+    first, second = out.attempts
+    assert (first.backend, first.model, first.outcome, first.error) == (
+        "openai",
+        "gpt-4o",
+        pb.ATTEMPT_OUTCOME_RATE_LIMITED,
+        "HTTP 429: slow down",
+    )
+    assert first.HasField("upstream_status") and first.upstream_status == 429
+    assert first.duration.ToNanoseconds() == 250_000_000
+    assert second.outcome == pb.ATTEMPT_OUTCOME_SUCCEEDED
+    assert not second.HasField("upstream_status")
+    assert (second.duration.seconds, second.duration.nanos) == (1, 500_000_000)
+    assert second.error == ""
+
+
+def test_complete_response_leaves_unknown_optionals_unset() -> None:
+    response = CompletionResponse(
+        id="x",
+        backend="b",
+        model="m",
+        message=Message(Role.ASSISTANT, "Hello"),
+        finish_reason=FinishReason.UNKNOWN,
+        usage=TokenUsage(1, 2),
+    )
+    out = roundtrip(convert.complete_response(response))
+    assert out.message.content == "Hello"
+    assert not out.message.HasField("reasoning")
+    assert not out.message.HasField("name")
+    assert not out.usage.HasField("reasoning_tokens")
+    assert not out.usage.HasField("cached_prompt_tokens")
+    assert out.usage.estimated is False
+    assert out.usage.total_tokens == 3
+    assert out.finish_reason == pb.FINISH_REASON_UNSPECIFIED
+    assert list(out.attempts) == []
+
+
+@pytest.mark.parametrize(
+    ("reason", "number"),
+    [
+        (FinishReason.UNKNOWN, pb.FINISH_REASON_UNSPECIFIED),
+        (FinishReason.STOP, pb.FINISH_REASON_STOP),
+        (FinishReason.LENGTH, pb.FINISH_REASON_LENGTH),
+        (FinishReason.TOOL_CALLS, pb.FINISH_REASON_TOOL_CALLS),
+        (FinishReason.CONTENT_FILTER, pb.FINISH_REASON_CONTENT_FILTER),
+    ],
+)
+def test_finish_reasons(reason: FinishReason, number: int) -> None:
+    response = CompletionResponse("x", "b", "m", Message(Role.ASSISTANT, "a"), reason, TokenUsage(0, 0))
+    assert convert.complete_response(response).finish_reason == number
+
+
+@pytest.mark.parametrize("outcome", list(AttemptOutcome))
+def test_every_attempt_outcome_has_its_protobuf_name(outcome: AttemptOutcome) -> None:
+    message = convert.attempt_pb(Attempt("b", "m", outcome, 0.0))
+    assert pb.AttemptOutcome.Name(message.outcome) == f"ATTEMPT_OUTCOME_{outcome.name}"
+
+
+def test_a_content_chunk() -> None:
+    out = roundtrip(convert.stream_response(CompletionChunk(id="c", backend="ollama", model="m", content="He")))
+    assert (out.id, out.backend, out.model) == ("c", "ollama", "m")
+    assert out.delta.HasField("content") and out.delta.content == "He"
+    assert not out.delta.HasField("reasoning")
+    assert list(out.delta.tool_calls) == []
+    assert out.finish_reason == pb.FINISH_REASON_UNSPECIFIED
+    assert not out.HasField("usage")
+    assert list(out.attempts) == []
+
+
+def test_an_empty_string_is_present_not_unset() -> None:
+    out = roundtrip(convert.stream_response(CompletionChunk(id="c", backend="b", model="m", content="", reasoning="")))
+    assert out.delta.HasField("content")
+    assert out.delta.HasField("reasoning")
+
+
+def test_a_reasoning_and_tool_call_chunk() -> None:
+    chunk = CompletionChunk(
+        id="c",
+        backend="b",
+        model="m",
+        reasoning="hmm",
+        tool_calls=(
+            ToolCallDelta(index=0, id="call_1", name="f", arguments=""),
+            ToolCallDelta(index=1, arguments='{"a"'),
+        ),
+    )
+    out = roundtrip(convert.stream_response(chunk))
+    assert not out.delta.HasField("content")
+    assert out.delta.reasoning == "hmm"
+    first, second = out.delta.tool_calls
+    assert (first.index, first.id, first.name, first.arguments) == (0, "call_1", "f", "")
+    assert first.HasField("arguments")  # an empty fragment is still a fragment
+    assert second.index == 1 and second.arguments == '{"a"'
+    assert not second.HasField("id") and not second.HasField("name")
+
+
+def test_the_last_chunk_carries_finish_usage_and_attempts() -> None:
+    chunk = CompletionChunk(
+        id="c",
+        backend="ollama",
+        model="m",
+        finish_reason=FinishReason.STOP,
+        usage=TokenUsage(10, 5, reasoning_tokens=2),
+        attempts=ATTEMPTS,
+    )
+    out = roundtrip(convert.stream_response(chunk))
+    assert out.finish_reason == pb.FINISH_REASON_STOP
+    assert out.HasField("usage")
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (10, 5, 15)
+    assert out.usage.reasoning_tokens == 2 and not out.usage.HasField("cached_prompt_tokens")
+    assert [(a.backend, a.outcome) for a in out.attempts] == [
+        ("openai", pb.ATTEMPT_OUTCOME_RATE_LIMITED),
+        ("ollama", pb.ATTEMPT_OUTCOME_SUCCEEDED),
+    ]
+    assert [a.duration.ToNanoseconds() for a in out.attempts] == [250_000_000, 1_500_000_000]
+    assert not out.delta.HasField("content")
+
+
+def test_a_finish_without_usage_has_no_usage() -> None:
+    out = convert.stream_response(CompletionChunk(id="c", backend="b", model="m", finish_reason=FinishReason.LENGTH))
+    assert out.finish_reason == pb.FINISH_REASON_LENGTH
+    assert not out.HasField("usage")

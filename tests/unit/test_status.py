@@ -1,0 +1,362 @@
+"""status.rpc_failure: every domain error's gRPC code and google.rpc details, decoded from the bytes that are sent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from llmrelay import v1 as pb
+from llmrelay_server import status
+from llmrelay_server.domain import (
+    AllBackendsFailedError,
+    AnswerTooLargeError,
+    Attempt,
+    AttemptOutcome,
+    DeadlineExceededError,
+    FieldViolation,
+    InvalidRequestError,
+    LLMRelayError,
+    ModelNotFoundError,
+    ShuttingDownError,
+    StreamInterruptedError,
+    TokenizerUnavailableError,
+    UpstreamError,
+    UpstreamErrorKind,
+)
+
+K = UpstreamErrorKind
+OUT = AttemptOutcome
+C = grpc.StatusCode
+
+
+@pytest.fixture(autouse=True)
+def _fresh_upstreams() -> None:
+    """Overrides the root conftest's autouse fixture: these tests need no loopback upstreams."""
+
+
+@dataclass
+class Decoded:
+    status: status_pb2.Status
+    info: error_details_pb2.ErrorInfo
+    retry_delay_s: float | None
+    bad_request: error_details_pb2.BadRequest | None
+
+
+def decode(failure: status.RpcFailure) -> Decoded:
+    """Reads the details as a client would: from the grpc-status-details-bin bytes alone."""
+    (key, details), *rest = failure.trailing_metadata
+    assert (key, rest) == ("grpc-status-details-bin", [])
+    assert details == failure.details
+    message = status_pb2.Status.FromString(details)
+    info = error_details_pb2.ErrorInfo()
+    assert message.details[0].Unpack(info), "ErrorInfo comes first"
+    retry_delay_s: float | None = None
+    bad_request: error_details_pb2.BadRequest | None = None
+    for packed in message.details[1:]:
+        if packed.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            assert retry_delay_s is None, "at most one RetryInfo"
+            retry = error_details_pb2.RetryInfo()
+            packed.Unpack(retry)
+            retry_delay_s = retry.retry_delay.ToNanoseconds() / 1e9
+        elif packed.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            assert bad_request is None, "at most one BadRequest"
+            bad_request = error_details_pb2.BadRequest()
+            packed.Unpack(bad_request)
+        else:
+            pytest.fail(f"unexpected detail {packed.type_url}")
+    return Decoded(message, info, retry_delay_s, bad_request)
+
+
+def failure_of(error: LLMRelayError) -> tuple[status.RpcFailure, Decoded]:
+    failure = status.rpc_failure(error)
+    decoded = decode(failure)
+    assert decoded.status.code == failure.code.value[0]
+    assert decoded.status.message == failure.message == str(error)
+    assert decoded.info.domain == "llmrelay.dev"
+    return failure, decoded
+
+
+def upstream(
+    kind: UpstreamErrorKind, backend: str = "openai", *, status: int | None = None, retry_after_s: float | None = None
+) -> UpstreamError:
+    return UpstreamError(kind, backend, f"{kind.value} happened", status=status, retry_after_s=retry_after_s)
+
+
+def exhausted(attempts: list[Attempt], last: UpstreamError | None) -> AllBackendsFailedError:
+    error = AllBackendsFailedError("every backend failed", attempts)
+    error.__cause__ = last
+    return error
+
+
+def attempt(backend: str, outcome: AttemptOutcome, status_code: int | None = None) -> Attempt:
+    return Attempt(backend, "m", outcome, 0.1, upstream_status=status_code)
+
+
+# --- one case per row of the module's table, and more --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "reason", "metadata", "retry_delay_s"),
+    [
+        # no backend serves the model
+        (
+            ModelNotFoundError("claude-9", ["openai/gpt-4o", "ollama/gpt-oss:20b", "fast"]),
+            C.NOT_FOUND,
+            "MODEL_NOT_FOUND",
+            {"model": "claude-9", "served": "openai/gpt-4o,ollama/gpt-oss:20b,fast"},
+            None,
+        ),
+        (ModelNotFoundError("x", []), C.NOT_FOUND, "MODEL_NOT_FOUND", {"model": "x", "served": ""}, None),
+        # tokenizer encoding not installed
+        (
+            TokenizerUnavailableError("o200k_base", "file missing"),
+            C.FAILED_PRECONDITION,
+            "TOKENIZER_UNAVAILABLE",
+            {"encoding": "o200k_base"},
+            None,
+        ),
+        # the answer is over the message limit
+        (
+            AnswerTooLargeError(5_000_000, 4_194_304),
+            C.RESOURCE_EXHAUSTED,
+            "ANSWER_TOO_LARGE",
+            {"size": "5000000", "limit": "4194304"},
+            None,
+        ),
+        # upstream rejected the request (400): straight from the router, not wrapped
+        (
+            upstream(K.REJECTED, status=400),
+            C.INVALID_ARGUMENT,
+            "UPSTREAM_REJECTED",
+            {"backend": "openai", "upstream_status": "400"},
+            None,
+        ),
+        # single upstream errors of every other kind
+        (
+            upstream(K.CONTEXT_LENGTH_EXCEEDED, status=400),
+            C.INVALID_ARGUMENT,
+            "CONTEXT_LENGTH_EXCEEDED",
+            {"backend": "openai", "upstream_status": "400"},
+            None,
+        ),
+        (upstream(K.MODEL_NOT_FOUND, status=404), C.NOT_FOUND, "MODEL_NOT_FOUND",
+         {"backend": "openai", "upstream_status": "404"}, None),
+        (upstream(K.AUTH_FAILED, status=401), C.FAILED_PRECONDITION, "UPSTREAM_AUTH_FAILED",
+         {"backend": "openai", "upstream_status": "401"}, None),
+        (upstream(K.RATE_LIMITED, status=429, retry_after_s=2.5), C.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED",
+         {"backend": "openai", "upstream_status": "429"}, 2.5),
+        (upstream(K.RATE_LIMITED, status=429), C.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED",
+         {"backend": "openai", "upstream_status": "429"}, 1.0),
+        (upstream(K.UNREACHABLE, "ollama"), C.UNAVAILABLE, "BACKENDS_UNAVAILABLE", {"backend": "ollama"}, 1.0),
+        (upstream(K.TIMEOUT), C.UNAVAILABLE, "BACKENDS_UNAVAILABLE", {"backend": "openai"}, 1.0),
+        (upstream(K.SERVER_ERROR, status=503, retry_after_s=7.0), C.UNAVAILABLE, "BACKENDS_UNAVAILABLE",
+         {"backend": "openai", "upstream_status": "503"}, 7.0),
+        (upstream(K.BAD_RESPONSE), C.UNAVAILABLE, "UPSTREAM_BAD_RESPONSE", {"backend": "openai"}, None),
+        # a stream failed after it started: ABORTED whatever the cause, and no RetryInfo
+        (
+            StreamInterruptedError("ollama", upstream(K.TIMEOUT, "ollama")),
+            C.ABORTED,
+            "STREAM_INTERRUPTED",
+            {"backend": "ollama"},
+            None,
+        ),
+        (
+            StreamInterruptedError("openai", upstream(K.RATE_LIMITED, status=429, retry_after_s=3.0)),
+            C.ABORTED,
+            "STREAM_INTERRUPTED",
+            {"backend": "openai", "upstream_status": "429"},
+            None,
+        ),
+        # the caller's deadline ran out
+        (
+            DeadlineExceededError("late", [attempt("openai", OUT.TIMEOUT), attempt("ollama", OUT.SKIPPED)]),
+            C.DEADLINE_EXCEEDED,
+            "DEADLINE_EXCEEDED",
+            {"attempts": "openai:timeout,ollama:skipped"},
+            None,
+        ),
+        (DeadlineExceededError("late", []), C.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", {"attempts": ""}, None),
+        # every backend down or broken, for different reasons
+        (
+            exhausted(
+                [attempt("openai", OUT.SERVER_ERROR, 500), attempt("ollama", OUT.UNREACHABLE)],
+                upstream(K.UNREACHABLE, "ollama"),
+            ),
+            C.UNAVAILABLE,
+            "BACKENDS_UNAVAILABLE",
+            {"attempts": "openai:server_error,ollama:unreachable"},
+            1.0,
+        ),
+        (
+            exhausted([attempt("openai", OUT.RATE_LIMITED, 429), attempt("ollama", OUT.TIMEOUT)],
+                      upstream(K.TIMEOUT, "ollama")),
+            C.UNAVAILABLE,
+            "BACKENDS_UNAVAILABLE",
+            {"attempts": "openai:rate_limited,ollama:timeout"},
+            1.0,
+        ),
+        # every circuit open: nothing was tried, nothing caused it
+        (
+            exhausted([attempt("openai", OUT.SKIPPED), attempt("ollama", OUT.SKIPPED)], None),
+            C.UNAVAILABLE,
+            "BACKENDS_UNAVAILABLE",
+            {"attempts": "openai:skipped,ollama:skipped"},
+            1.0,
+        ),
+        # one cause everywhere is named as such
+        (
+            exhausted(
+                [attempt("openai", OUT.RATE_LIMITED, 429), attempt("ollama", OUT.RATE_LIMITED, 429)],
+                upstream(K.RATE_LIMITED, "ollama", status=429, retry_after_s=4.0),
+            ),
+            C.RESOURCE_EXHAUSTED,
+            "UPSTREAM_RATE_LIMITED",
+            {"attempts": "openai:rate_limited,ollama:rate_limited", "backend": "ollama", "upstream_status": "429"},
+            4.0,
+        ),
+        (
+            exhausted([attempt("openai", OUT.AUTH_FAILED, 401)], upstream(K.AUTH_FAILED, status=401)),
+            C.FAILED_PRECONDITION,
+            "UPSTREAM_AUTH_FAILED",
+            {"attempts": "openai:auth_failed", "backend": "openai", "upstream_status": "401"},
+            None,
+        ),
+        (
+            exhausted(
+                [
+                    attempt("openai", OUT.CONTEXT_LENGTH_EXCEEDED, 400),
+                    attempt("ollama", OUT.CONTEXT_LENGTH_EXCEEDED, 400),
+                ],
+                upstream(K.CONTEXT_LENGTH_EXCEEDED, "ollama", status=400),
+            ),
+            C.INVALID_ARGUMENT,
+            "CONTEXT_LENGTH_EXCEEDED",
+            {"attempts": "openai:context_length_exceeded,ollama:context_length_exceeded", "backend": "ollama",
+             "upstream_status": "400"},
+            None,
+        ),
+        (
+            exhausted([attempt("openai", OUT.MODEL_NOT_FOUND, 404)], upstream(K.MODEL_NOT_FOUND, status=404)),
+            C.NOT_FOUND,
+            "MODEL_NOT_FOUND",
+            {"attempts": "openai:model_not_found", "backend": "openai", "upstream_status": "404"},
+            None,
+        ),
+        (
+            exhausted(
+                [attempt("openai", OUT.SERVER_ERROR), attempt("ollama", OUT.SERVER_ERROR)],
+                upstream(K.BAD_RESPONSE, "ollama"),
+            ),
+            C.UNAVAILABLE,
+            "UPSTREAM_BAD_RESPONSE",
+            {"attempts": "openai:server_error,ollama:server_error", "backend": "ollama"},
+            None,
+        ),
+        (
+            exhausted([attempt("ollama", OUT.UNREACHABLE)] * 3, upstream(K.UNREACHABLE, "ollama")),
+            C.UNAVAILABLE,
+            "BACKENDS_UNAVAILABLE",
+            {"attempts": "ollama:unreachable,ollama:unreachable,ollama:unreachable", "backend": "ollama"},
+            1.0,
+        ),
+        # skipped backends do not hide a single cause
+        (
+            exhausted(
+                [attempt("openai", OUT.SKIPPED), attempt("ollama", OUT.RATE_LIMITED, 429)],
+                upstream(K.RATE_LIMITED, "ollama", status=429, retry_after_s=0.5),
+            ),
+            C.RESOURCE_EXHAUSTED,
+            "UPSTREAM_RATE_LIMITED",
+            {"attempts": "openai:skipped,ollama:rate_limited", "backend": "ollama", "upstream_status": "429"},
+            0.5,
+        ),
+        # anything else is an internal error
+        (LLMRelayError("surprise"), C.INTERNAL, "ERROR_REASON_UNSPECIFIED", {}, None),
+    ],
+)  # fmt: skip
+def test_rpc_failure(
+    error: LLMRelayError, code: grpc.StatusCode, reason: str, metadata: dict[str, str], retry_delay_s: float | None
+) -> None:
+    failure, decoded = failure_of(error)
+
+    assert failure.code is code
+    assert decoded.info.reason == reason
+    assert dict(decoded.info.metadata) == metadata
+    assert decoded.retry_delay_s == (pytest.approx(retry_delay_s) if retry_delay_s is not None else None)
+    assert decoded.bad_request is None
+
+
+def test_an_invalid_request_lists_every_field_violation() -> None:
+    error = InvalidRequestError(
+        [
+            FieldViolation("messages[0].content", "must not be empty"),
+            FieldViolation("options.temperature", "must be between 0 and 2"),
+        ]
+    )
+
+    failure, decoded = failure_of(error)
+
+    assert failure.code is C.INVALID_ARGUMENT
+    assert decoded.info.reason == "INVALID_REQUEST"
+    assert dict(decoded.info.metadata) == {}
+    assert decoded.retry_delay_s is None
+    assert decoded.bad_request is not None
+    assert [(v.field, v.description) for v in decoded.bad_request.field_violations] == [
+        ("messages[0].content", "must not be empty"),
+        ("options.temperature", "must be between 0 and 2"),
+    ]
+    assert failure.message == "messages[0].content: must not be empty; options.temperature: must be between 0 and 2"
+
+
+def test_retry_delays_keep_their_fraction() -> None:
+    details = status_pb2.Status.FromString(status.rpc_failure(upstream(K.RATE_LIMITED, retry_after_s=1.25)).details)
+    retry = error_details_pb2.RetryInfo()
+    assert details.details[1].Unpack(retry)
+    assert (retry.retry_delay.seconds, retry.retry_delay.nanos) == (1, 250_000_000)
+
+
+def test_a_rate_limit_of_zero_seconds_is_sent_as_zero() -> None:
+    _, decoded = failure_of(upstream(K.RATE_LIMITED, retry_after_s=0.0))
+    assert decoded.retry_delay_s == 0.0
+
+
+def test_the_status_message_is_the_errors_text() -> None:
+    error = ModelNotFoundError("claude-9", ["ollama/gpt-oss:20b"])
+    failure = status.rpc_failure(error)
+    assert failure.message == "no backend serves model 'claude-9'; served: ollama/gpt-oss:20b"
+
+
+REASONS_BY_ERROR = [
+    InvalidRequestError([FieldViolation("f", "d")]),
+    ModelNotFoundError("m", []),
+    TokenizerUnavailableError("e", "d"),
+    AnswerTooLargeError(2, 1),
+    StreamInterruptedError("b", upstream(K.TIMEOUT)),
+    DeadlineExceededError("late", []),
+    exhausted([attempt("a", OUT.TIMEOUT), attempt("b", OUT.UNREACHABLE)], upstream(K.UNREACHABLE)),
+    *[upstream(kind) for kind in UpstreamErrorKind],
+    ShuttingDownError(),
+]
+
+
+@pytest.mark.parametrize("error", REASONS_BY_ERROR, ids=lambda e: type(e).__name__)
+def test_every_reason_is_one_the_contract_names(error: LLMRelayError) -> None:
+    _, decoded = failure_of(error)
+    assert f"ERROR_REASON_{decoded.info.reason}" in pb.ErrorReason.keys()  # noqa: SIM118 (an EnumTypeWrapper)
+
+
+def test_every_contract_reason_is_produced() -> None:
+    produced = {decode(status.rpc_failure(e)).info.reason for e in REASONS_BY_ERROR}
+    named = {name.removeprefix("ERROR_REASON_") for name in pb.ErrorReason.keys()} - {"UNSPECIFIED"}  # noqa: SIM118
+    assert named <= produced
+
+
+def test_shutting_down_is_unavailable_with_retry_info() -> None:
+    failure, decoded = failure_of(ShuttingDownError())
+    assert failure.code is C.UNAVAILABLE
+    assert decoded.info.reason == "SHUTTING_DOWN"
+    assert dict(decoded.info.metadata) == {}
+    assert decoded.retry_delay_s == 1.0
+    assert decoded.bad_request is None
