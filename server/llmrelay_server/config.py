@@ -6,6 +6,7 @@ Validated once at start; a ConfigError names the field and the fix, and never sh
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -183,6 +184,8 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
     for index, name in enumerate(order):
         if name not in specs:
             raise ConfigError(f"llm.order[{index}]: {name!r} is not a configured backend ({', '.join(specs)})")
+        if name in order[:index]:
+            raise ConfigError(f"llm.order[{index}]: {name!r} is already in the order; name each backend once")
     return tuple(specs[name] for name in order)
 
 
@@ -190,8 +193,14 @@ def _spec(
     name: str, kind: str, base_url: str, model: str, api_key: str | None, section: _BackendSection, where: str
 ) -> BackendSpec:
     url = urlsplit(base_url)
+    try:
+        url.port  # noqa: B018 (reading it validates it)
+    except ValueError:
+        url = urlsplit("")
     if url.scheme not in ("http", "https") or not url.hostname:
         raise ConfigError(f"{where}.base_url: {base_url!r} is not an http(s) URL; write e.g. http://localhost:8080/v1")
+    if section.context_window is not None and section.context_window <= 0:
+        raise ConfigError(f"{where}.context_window: must be > 0 (tokens), or left out when unknown")
     if not model:
         raise ConfigError(f"{where}.model: empty; name the model this backend serves by default")
     return BackendSpec(
@@ -207,10 +216,21 @@ def _spec(
 
 
 def ollama_base_url(host: str) -> str:
-    """OLLAMA_HOST as Ollama reads it ("host", "host:port", ":port", a URL) -> the /v1 base URL."""
-    if "://" not in host:
-        host = "http://" + host
-    url = urlsplit(host)
+    """OLLAMA_HOST as Ollama reads it -> the /v1 base URL.
+
+    Like Ollama: spaces and quotes are trimmed; no scheme means http and port 11434; a scheme without a port means
+    that scheme's port (80, 443); a bare IPv6 address is allowed; an empty host means localhost.
+    """
+    host = host.strip().strip("\"'").strip()
+    scheme, separator, rest = host.partition("://")
+    if not separator:
+        scheme, rest = "http", host
+        default_port = 11434
+    else:
+        default_port = 443 if scheme == "https" else 80
+    if rest.count(":") > 1 and not rest.startswith("["):
+        rest = f"[{rest}]"  # a bare IPv6 address, with no port
+    url = urlsplit(f"{scheme}://{rest}")
     hostname = url.hostname or "127.0.0.1"
     # 0.0.0.0 is where Ollama listens, not an address to connect to.
     if hostname in ("0.0.0.0", "::"):
@@ -218,10 +238,10 @@ def ollama_base_url(host: str) -> str:
     if ":" in hostname:
         hostname = f"[{hostname}]"
     try:
-        port = url.port or 11434
+        port = url.port or default_port
     except ValueError as exc:
         raise ConfigError(f"OLLAMA_HOST: {host!r} has an invalid port") from exc
-    return f"{url.scheme}://{hostname}:{port}/v1"
+    return f"{scheme}://{hostname}:{port}/v1"
 
 
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -232,8 +252,6 @@ def _read_yaml(path: Path, env: Mapping[str, str]) -> Mapping[str, Any]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"config file {path}: cannot be read ({exc.strerror}); check the --config path") from exc
-    # Interpolate before parsing so that ${VAR} works in any scalar; values come from env, ${VAR:-default} too.
-    text = _INTERPOLATION.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), text)
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -242,7 +260,21 @@ def _read_yaml(path: Path, env: Mapping[str, str]) -> Mapping[str, Any]:
         return {}
     if not isinstance(document, Mapping):
         raise ConfigError(f"config file {path}: the top level must be a mapping (server, router, llm)")
-    return document
+    # After parsing, not before: a value from the environment (a key, say) is taken literally, whatever characters
+    # it has, and can never show up in a YAML syntax error.
+    interpolated: Mapping[str, Any] = _interpolate(document, env)
+    return interpolated
+
+
+def _interpolate(value: Any, env: Mapping[str, str]) -> Any:
+    """${VAR} and ${VAR:-default} in every string of the document, from the environment."""
+    if isinstance(value, str):
+        return _INTERPOLATION.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
+    if isinstance(value, Mapping):
+        return {k: _interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env) for v in value]
+    return value
 
 
 T = TypeVar("T")
@@ -293,6 +325,9 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {_shown(value, where)}")
         return value
+    if hint in (int, float) and isinstance(value, str):
+        # A number written as ${VAR} arrives as text.
+        value = _number(value, hint, where)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected a whole number, got {_shown(value, where)}")
@@ -306,6 +341,13 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected text, got {_shown(value, where)}")
         return str(value)
     raise TypeError(f"unsupported config type {hint!r} at {where}")
+
+
+def _number(text: str, hint: type[int] | type[float], where: str) -> int | float | str:
+    try:
+        return hint(text.strip())
+    except ValueError:
+        return text
 
 
 def _shown(value: Any, where: str) -> str:
@@ -326,5 +368,6 @@ def _check_positive(section: Any, where: str, allow_zero: tuple[str, ...] = ()) 
         value = getattr(section, f.name)
         if not isinstance(value, int | float) or isinstance(value, bool):
             continue
-        if value < 0 or (value == 0 and f.name not in allow_zero):
-            raise ConfigError(f"{where}.{f.name}: must be {'>= 0' if f.name in allow_zero else '> 0'}")
+        if not math.isfinite(value) or value < 0 or (value == 0 and f.name not in allow_zero):
+            bound = ">= 0" if f.name in allow_zero else "> 0"
+            raise ConfigError(f"{where}.{f.name}: must be a finite number {bound}")

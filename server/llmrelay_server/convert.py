@@ -200,7 +200,11 @@ def _tool(tool: pb.Tool, errors: _Violations, where: str) -> Tool:
     function = tool.function
     if not _NAME.fullmatch(function.name):
         errors.add(f"{where}.function.name", "must be 1-64 letters, digits, '_' or '-'")
-    parameters = _struct(function.parameters) if function.HasField("parameters") else None
+    parameters = (
+        _struct(function.parameters, f"{where}.function.parameters", errors)
+        if function.HasField("parameters")
+        else None
+    )
     if parameters is not None and parameters.get("type", "object") != "object":
         errors.add(f"{where}.function.parameters", 'must be a JSON Schema of "type": "object"')
     return Tool(
@@ -243,15 +247,20 @@ def _response_format(options: pb.CompletionOptions, errors: _Violations) -> Resp
         type="json_schema",
         json_schema=JsonSchemaFormat(
             name=schema.name,
-            schema=_struct(schema.schema),
+            schema=_struct(schema.schema, "options.response_format.json_schema.schema", errors),
             description=schema.description if schema.HasField("description") else None,
             strict=schema.strict if schema.HasField("strict") else None,
         ),
     )
 
 
-def _struct(value: Any) -> dict[str, Any]:
-    result: dict[str, Any] = json_format.MessageToDict(value)
+def _struct(value: Any, where: str, errors: _Violations) -> dict[str, Any]:
+    try:
+        result: dict[str, Any] = json_format.MessageToDict(value)
+    except ValueError:
+        # NaN and infinities have no JSON form, so no upstream could be sent this schema.
+        errors.add(where, "must be valid JSON: no NaN or infinite numbers")
+        return {}
     return result
 
 

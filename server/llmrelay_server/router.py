@@ -121,8 +121,12 @@ class Backend:
     def serves(self, model: str) -> bool:
         spec = self.provider.spec
         known = (spec.default_model, *spec.models, *(self.health.models if self.health else ()))
-        # Ollama lists untagged models as NAME:latest.
-        return model in known or f"{model}:latest" in known
+        # Ollama treats NAME and NAME:latest as one model.
+        return _untagged(model) in {_untagged(name) for name in known}
+
+
+def _untagged(model: str) -> str:
+    return model.removesuffix(":latest")
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +217,8 @@ class Router:
         """The routes a request may take, in order; ModelNotFoundError when nothing serves the model."""
         if model is None:
             first = self.backends[0]
-            return [Route(first, first.provider.spec.default_model), *self._fallbacks(exclude=first)]
+            default = Route(first, first.provider.spec.default_model)
+            return [default] if exact else [default, *self._fallbacks(exclude=first)]
         model = self._aliases.get(model, model)
         qualifier, _, bare = model.partition("/")
         if bare and qualifier in self._by_name:

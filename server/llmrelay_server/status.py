@@ -139,7 +139,8 @@ def _upstream(
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED", metadata, [_retry_info(delay)]
     if kind is UpstreamErrorKind.BAD_RESPONSE:
         return default_code, "UPSTREAM_BAD_RESPONSE", metadata, []
-    return default_code, default_reason, metadata, [_retry_info(error.retry_after_s or DEFAULT_RETRY_DELAY_S)]
+    delay = error.retry_after_s if error.retry_after_s is not None else DEFAULT_RETRY_DELAY_S
+    return default_code, default_reason, metadata, [_retry_info(delay)]
 
 
 def _attempts(error: AllBackendsFailedError | DeadlineExceededError) -> dict[str, str]:

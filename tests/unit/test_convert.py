@@ -387,11 +387,6 @@ def test_too_many_messages() -> None:
     assert fields_of(request) == ["messages"]
 
 
-@pytest.mark.xfail(
-    reason="convert._struct: json_format.MessageToDict raises ValueError for a non-finite number in a Struct; "
-    "it escapes completion_request instead of becoming an InvalidRequestError",
-    strict=True,
-)
 @pytest.mark.parametrize("number", [math.inf, -math.inf, math.nan])
 @pytest.mark.parametrize("where", ["tool", "schema"])
 def test_a_non_finite_number_in_a_schema_is_an_invalid_request(number: float, where: str) -> None:

@@ -329,11 +329,6 @@ def test_an_untagged_name_matches_ollamas_latest_tag() -> None:
         r.resolve("llama", exact=True)
 
 
-@pytest.mark.xfail(
-    reason="Backend.serves adds ':latest' to the request only, never strips it: "
-    "default_model 'llama3' does not serve 'llama3:latest', though Ollama treats them as one model",
-    strict=True,
-)
 def test_an_explicit_latest_tag_matches_an_untagged_name() -> None:
     r = router(OPENAI, spec("ollama", "llama3"))
     assert routes(r, "llama3:latest", exact=True) == [("ollama", "llama3:latest")]

@@ -122,7 +122,7 @@ class OpenAICompatibleProvider:
                         id=completion_id,
                         backend=self._spec.name,
                         model=served_model,
-                        content=delta.get("content") or None,
+                        content=wire.delta_text(delta, "content"),
                         reasoning=wire.reasoning_text(delta) or None,
                         tool_calls=wire.tool_call_deltas(delta),
                     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 from llmrelay_server.domain import (
     CompletionOptions,
@@ -25,6 +25,7 @@ from llmrelay_server.domain import (
 )
 
 DONE: Final = "[DONE]"
+MAX_TOOL_CALLS: Final = 1024
 
 _FINISH_REASONS: Final[Mapping[str | None, FinishReason]] = {
     "stop": FinishReason.STOP,
@@ -105,13 +106,13 @@ def _options_json(options: CompletionOptions, max_tokens_field: str) -> dict[str
 def decode_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         preview = raw[:80].decode("utf-8", "replace")
         raise MalformedAnswerError(f"the answer is not JSON (it starts with {preview!r})") from exc
 
 
 def finish_reason(value: Any) -> FinishReason:
-    return _FINISH_REASONS.get(value, FinishReason.UNKNOWN)
+    return _FINISH_REASONS.get(value, FinishReason.UNKNOWN) if isinstance(value, str) else FinishReason.UNKNOWN
 
 
 def first_choice(data: Any, key: str) -> Mapping[str, Any] | None:
@@ -166,6 +167,7 @@ def reasoning_text(obj: Mapping[str, Any]) -> str | None:
     value = obj.get("reasoning")
     if value is None:
         value = obj.get("reasoning_content")
+    # A side channel: something that is not text is dropped rather than failing the whole answer.
     return value if isinstance(value, str) else None
 
 
@@ -182,7 +184,7 @@ def usage_from(data: Mapping[str, Any]) -> TokenUsage | None:
     if not isinstance(usage, Mapping):
         return None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if not isinstance(prompt, int) or not isinstance(completion, int):
+    if not _count(prompt) or not _count(completion):
         return None
     details = usage.get("completion_tokens_details")
     prompt_details = usage.get("prompt_tokens_details")
@@ -196,7 +198,12 @@ def usage_from(data: Mapping[str, Any]) -> TokenUsage | None:
 
 def _int_field(obj: Any, key: str) -> int | None:
     value = obj.get(key) if isinstance(obj, Mapping) else None
-    return value if isinstance(value, int) else None
+    return value if _count(value) else None
+
+
+def _count(value: Any) -> TypeGuard[int]:
+    """A plausible token count: a whole number that fits the contract's int32 (not a bool, not negative)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31
 
 
 def tool_call_deltas(delta: Mapping[str, Any]) -> tuple[ToolCallDelta, ...]:
@@ -207,22 +214,35 @@ def tool_call_deltas(delta: Mapping[str, Any]) -> tuple[ToolCallDelta, ...]:
         raise MalformedAnswerError("`tool_calls` in a stream delta is not a list")
     result = []
     for position, call in enumerate(calls):
-        if not isinstance(call, Mapping):
-            raise MalformedAnswerError("a tool-call delta is not an object")
-        function = call.get("function") or {}
+        function = (call.get("function") or {}) if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping):
+            raise MalformedAnswerError("a tool-call delta is not an object with a `function` object")
         index = call.get("index", position)
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_TOOL_CALLS:
+            raise MalformedAnswerError(f"a tool-call delta's `index` is not a number from 0 to {MAX_TOOL_CALLS - 1}")
         arguments = function.get("arguments")
         if arguments is not None and not isinstance(arguments, str):
             arguments = json.dumps(arguments)
         result.append(
             ToolCallDelta(
-                index=index if isinstance(index, int) else position,
-                id=call.get("id"),
-                name=function.get("name"),
+                index=index,
+                id=_optional_text(call.get("id"), "tool_calls.id"),
+                name=_optional_text(function.get("name"), "tool_calls.function.name"),
                 arguments=arguments,
             )
         )
     return tuple(result)
+
+
+def delta_text(delta: Mapping[str, Any], key: str) -> str | None:
+    """A text field of a stream delta: None when absent or empty, an error when not text."""
+    return _optional_text(delta.get(key), key) or None
+
+
+def _optional_text(value: Any, where: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise MalformedAnswerError(f"`{where}` is not a string")
 
 
 def sse_data(line: str) -> str | None:
