@@ -28,8 +28,10 @@ proto: $(STAMP) tools
 proto-check: $(STAMP) tools
 	$(BIN)/python scripts/gen_protos.py --check
 
+# buf breaking compares the contract in the work tree with the one on main: no change may break a client.
 lint: $(STAMP)
 	$(BIN)/buf lint
+	$(BIN)/buf breaking --against '.git#branch=main'
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
