@@ -97,6 +97,18 @@ def start(args: list[str], ready: str, env: dict[str, str] | None = None) -> sub
     raise SystemExit(f"bench: {args[0]} did not start")
 
 
+def start_gateway(scratch: Path, upstream_port: int, gateway_port: int) -> subprocess.Popen[str]:
+    """`llmrelay-server` in front of the loopback upstream, with no configuration from the environment."""
+    config = scratch / "llmrelay.yaml"
+    config.write_text(
+        f'server: {{usage_db: "{scratch}/usage.db"}}\n'
+        f'llm:\n  ollama: {{base_url: "http://127.0.0.1:{upstream_port}/v1", model: tiny}}\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OLLAMA_", "LLMRELAY_"))}
+    command = [str(BIN / "llmrelay-server"), "--listen", f"127.0.0.1:{gateway_port}", "--config", str(config)]
+    return start(command, "listening on", env)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--requests", type=int, default=2000)
@@ -108,17 +120,7 @@ async def main() -> None:
         [sys.executable, str(ROOT / "tests" / "upstream.py"), "--listen", f"127.0.0.1:{upstream_port}"], "listening"
     )
     with tempfile.TemporaryDirectory() as scratch:
-        config = Path(scratch) / "bench.yaml"
-        config.write_text(
-            f'server: {{usage_db: "{scratch}/usage.db"}}\n'
-            f'llm:\n  ollama: {{base_url: "http://127.0.0.1:{upstream_port}/v1", model: tiny}}\n'
-        )
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OLLAMA_", "LLMRELAY_"))}
-        gateway = start(
-            [str(BIN / "llmrelay-server"), "--listen", f"127.0.0.1:{gateway_port}", "--config", str(config)],
-            "listening on",
-            env,
-        )
+        gateway = start_gateway(Path(scratch), upstream_port, gateway_port)
         try:
             await asyncio.sleep(1.0)
             await report(upstream, gateway, upstream_port, gateway_port, args.requests, args.concurrency)

@@ -1,5 +1,8 @@
 """CPU cost of TokenCounter.count_chat on a ~4,000-token chat, against encoding the same texts alone.
 
+Two cases: a chat seen for the first time (no message counted before), and an agent's next step (the same history,
+counted at the previous step, plus one new user message).
+
 Run: python bench/bench_tokens.py [iterations]
 """
 
@@ -76,23 +79,29 @@ def encode_texts(counter: TokenCounter, model: str, messages: Sequence[Message])
 
 
 def main(iterations: int) -> None:
-    counter = TokenCounter()
     print(f"count_chat, mean CPU time over {iterations} iterations (time.process_time)")
-    print(_ROW.format("model", "encoding", "messages", "tokens", "count_chat", "encode only", "overhead"))
+    print(_ROW.format("model", "encoding", "messages", "tokens", "first time", "agent step", "encode only"))
     for model in _MODELS:
-        messages = build_chat(counter, model)
-        count = counter.count_chat(model, messages, [_WEATHER_TOOL])
-        counting = mean_cpu_seconds(functools.partial(counter.count_chat, model, messages, [_WEATHER_TOOL]), iterations)
-        encoding = mean_cpu_seconds(encode_texts(counter, model, messages), iterations)
+        uncached = TokenCounter(message_cache_size=0)
+        messages = build_chat(uncached, model)
+        count = uncached.count_chat(model, messages, [_WEATHER_TOOL])
+        first_time = mean_cpu_seconds(
+            functools.partial(uncached.count_chat, model, messages, [_WEATHER_TOOL]), iterations
+        )
+        cached = TokenCounter()
+        cached.count_chat(model, messages, [_WEATHER_TOOL])
+        step = [*messages, Message(Role.USER, f"And now? {_PROSE}")]
+        agent_step = mean_cpu_seconds(functools.partial(cached.count_chat, model, step, [_WEATHER_TOOL]), iterations)
+        encoding = mean_cpu_seconds(encode_texts(uncached, model, messages), iterations)
         print(
             _ROW.format(
                 model,
                 count.encoding,
                 len(messages),
                 count.tokens,
-                f"{counting * 1e6:.1f} µs",
+                f"{first_time * 1e6:.1f} µs",
+                f"{agent_step * 1e6:.1f} µs",
                 f"{encoding * 1e6:.1f} µs",
-                f"{(counting - encoding) * 1e6:.1f} µs",
             )
         )
 

@@ -40,7 +40,7 @@ import grpc
 import openai
 from llmrelay import v1 as pb
 
-from bench.__main__ import BIN, ROOT, Run, free_port, measure, rss_mib, start
+from bench.__main__ import ROOT, Run, free_port, measure, rss_mib, start, start_gateway
 
 # Pinned: LiteLLM's PyPI releases were hijacked twice (1.82.7/1.82.8 in March 2026, 1.107.0 in October 2026).
 # 1.105.1 predates the second incident and is the version Homebrew pins by hash. Change it deliberately.
@@ -261,17 +261,7 @@ def main() -> None:
         master_key = f"sk-{secrets.token_hex(16)}"
         litellm, litellm_log = start_litellm(venv, scratch, upstream_port, litellm_port, master_key)
         running.callback(stop_group, litellm)
-        config = scratch / "llmrelay.yaml"
-        config.write_text(
-            f'server: {{usage_db: "{scratch}/usage.db"}}\n'
-            f'llm:\n  ollama: {{base_url: "http://127.0.0.1:{upstream_port}/v1", model: tiny}}\n'
-        )
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OLLAMA_", "LLMRELAY_"))}
-        gateway = start(
-            [str(BIN / "llmrelay-server"), "--listen", f"127.0.0.1:{gateway_port}", "--config", str(config)],
-            "listening on",
-            env,
-        )
+        gateway = start_gateway(scratch, upstream_port, gateway_port)
         running.callback(stop, gateway)
         started = time.monotonic()
         wait_http(f"http://127.0.0.1:{litellm_port}/health/liveliness", litellm, litellm_log, LITELLM_STARTUP_S)

@@ -356,13 +356,17 @@ class TokenCounter:
     """Counts tokens offline. Encodings load on first use, once, whichever thread asks first; then counting is pure.
 
     search_dirs replaces the default search (default_search_dirs()), mainly for tests and unusual layouts.
+
+    An agent resends its whole history at every step, so each message's count is kept (message_cache_size messages,
+    least recently used out): a step then costs the encoding of its new messages only.
     """
 
-    def __init__(self, search_dirs: Sequence[Path] | None = None) -> None:
+    def __init__(self, search_dirs: Sequence[Path] | None = None, *, message_cache_size: int = 2048) -> None:
         self._search_dirs = tuple(default_search_dirs() if search_dirs is None else search_dirs)
         self._encodings: dict[str, tiktoken.Encoding] = {}
         self._ranks: dict[str, dict[bytes, int]] = {}
         self._load_lock = threading.Lock()
+        self._message_tokens = functools.lru_cache(maxsize=message_cache_size)(self._count_message)
 
     def count_text(self, model: str, text: str) -> TokenCount:
         encoding_name, exact = encoding_for_model(model)
@@ -376,7 +380,7 @@ class TokenCounter:
         encode = self._encoding(encoding_name).encode_ordinary
         tokens, formula_covers_all = _REPLY_PRIMING, True
         for message in messages:
-            message_tokens, covered = _message_tokens(encode, message)
+            message_tokens, covered = self._message_tokens(encoding_name, message)
             tokens, formula_covers_all = tokens + message_tokens, formula_covers_all and covered
         costs = _CL100K_TOOL_COSTS if encoding_name == CL100K_BASE else _O200K_TOOL_COSTS
         tool_tokens, covered = _tools_tokens(encode, tools, costs)
@@ -384,6 +388,9 @@ class TokenCounter:
         # which the ChatML-style formula cannot know: the encoding is exact, the chat count is not.
         exact = exact and formula_covers_all and covered and encoding_name != O200K_HARMONY
         return TokenCount(tokens=tokens + tool_tokens, model=model, encoding=encoding_name, estimated=not exact)
+
+    def _count_message(self, encoding_name: str, message: Message) -> tuple[int, bool]:
+        return _message_tokens(self._encoding(encoding_name).encode_ordinary, message)
 
     def _encoding(self, name: str) -> tiktoken.Encoding:
         encoding = self._encodings.get(name)

@@ -462,3 +462,16 @@ def test_counting_adds_well_under_a_millisecond_to_encoding(counter: TokenCounte
     counting = (time.process_time() - started) / rounds
 
     assert counting - encode_only < 0.001
+
+
+def test_message_counts_are_cached_by_value_and_agree_with_uncached_counting() -> None:
+    cached, uncached = TokenCounter(), TokenCounter(message_cache_size=0)
+    history = [Message(Role.SYSTEM, "be brief"), Message(Role.USER, "what is the weather in Oslo?")]
+    first = cached.count_chat("gpt-4o", history)
+    step = [*history, Message(Role.ASSISTANT, "sunny"), Message(Role.USER, "and tomorrow?")]
+    assert cached.count_chat("gpt-4o", step) == uncached.count_chat("gpt-4o", step)
+    assert cached.count_chat("gpt-4o", step).tokens > first.tokens
+    # The same text under another encoding is its own entry, not the cached o200k figure.
+    assert cached.count_chat("gpt-4", step) == uncached.count_chat("gpt-4", step)
+    edited = [*history[:1], Message(Role.USER, "what is the weather in Bergen and in Oslo?")]
+    assert cached.count_chat("gpt-4o", edited) == uncached.count_chat("gpt-4o", edited) != first

@@ -78,12 +78,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 def _complete(client: Client, args: argparse.Namespace) -> None:
     answer = client.complete(_chat(args), model=args.model, exact_model=args.exact_model, **_options(args))
     print(answer.message.content)
-    usage = answer.usage
-    print(
-        f"[{answer.backend}/{answer.model}, {_FINISH[answer.finish_reason]}, "
-        f"{usage.prompt_tokens}+{usage.completion_tokens} tokens{' (estimated)' if usage.estimated else ''}]",
-        file=sys.stderr,
-    )
+    print(_summary(answer.backend, answer.model, answer.finish_reason, answer.usage), file=sys.stderr)
 
 
 def _stream(client: Client, args: argparse.Namespace) -> None:
@@ -92,12 +87,13 @@ def _stream(client: Client, args: argparse.Namespace) -> None:
             print(chunk.delta.content, end="", flush=True)
         if chunk.HasField("usage"):
             print()  # end the answer's line on stdout, so the summary on stderr stands apart
-            usage = chunk.usage
-            print(
-                f"[{chunk.backend}/{chunk.model}, {_FINISH[chunk.finish_reason]}, "
-                f"{usage.prompt_tokens}+{usage.completion_tokens} tokens{' (estimated)' if usage.estimated else ''}]",
-                file=sys.stderr,
-            )
+            print(_summary(chunk.backend, chunk.model, chunk.finish_reason, chunk.usage), file=sys.stderr)
+
+
+def _summary(backend: str, model: str, finish_reason: pb.FinishReason.ValueType, usage: pb.Usage) -> str:
+    estimated = " (estimated)" if usage.estimated else ""
+    tokens = f"{usage.prompt_tokens}+{usage.completion_tokens} tokens{estimated}"
+    return f"[{backend}/{model}, {_FINISH[finish_reason]}, {tokens}]"
 
 
 def _tokens(client: Client, args: argparse.Namespace) -> None:
