@@ -17,6 +17,8 @@ from llmrelay_server.domain import BackendHealth
 from llmrelay_server.router import Backend, CircuitState, Router
 
 SERVICE_NAME = "llmrelay.v1.LLMService"
+# Circuits open and cool down between probes; their state is read this often (no network) and published on change.
+STATE_CHECK_S = 0.25
 log = logging.getLogger(__name__)
 
 
@@ -26,11 +28,12 @@ class HealthMonitor:
         self._servicer = servicer
         self._interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
+        self._published: bool | None = None
 
     async def start(self) -> None:
         await self._servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.probe()
-        self._task = asyncio.create_task(self._probe_forever(), name="llmrelay-health-probes")
+        self._task = asyncio.create_task(self._watch(), name="llmrelay-health")
 
     async def stop(self) -> None:
         """Everything NOT_SERVING, so that probes see the shutdown before the port closes."""
@@ -57,16 +60,26 @@ class HealthMonitor:
         return any(_usable(b) for b in self._backends)
 
     async def _publish(self) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if self.serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        serving = self.serving
+        if serving != self._published and self._published is not None:
+            log.warning("%s is %s", SERVICE_NAME, "SERVING" if serving else "NOT_SERVING: no backend is usable")
+        self._published = serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         await self._servicer.set(SERVICE_NAME, status)
 
-    async def _probe_forever(self) -> None:
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_probe = loop.time() + self._interval_s
         while True:
-            await asyncio.sleep(self._interval_s)
+            await asyncio.sleep(STATE_CHECK_S)
             try:
-                await self.probe()
+                if loop.time() >= next_probe:
+                    next_probe = loop.time() + self._interval_s
+                    await self.probe()
+                elif self.serving != self._published:
+                    await self._publish()
             except Exception:
-                log.exception("health probe failed")
+                log.exception("health check failed")
 
 
 def _usable(backend: Backend) -> bool:

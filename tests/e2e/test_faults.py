@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import v1 as pb
 from support import FAST_ROUTER, GatewayFactory, chat, details, stream_chat, two_backends
 from upstream import FakeUpstream
@@ -352,6 +353,28 @@ async def test_circuit_opens_skips_and_recovers(
         assert (await stub.Complete(chat(), timeout=5)).backend == "openai"
         health = await stub.Health(pb.HealthRequest(), timeout=5)
         assert health.backends[0].circuit_state == pb.CIRCUIT_STATE_CLOSED
+
+
+async def test_standard_health_follows_the_circuits(gateway_factory: GatewayFactory, local: FakeUpstream) -> None:
+    gateway = await gateway_factory(f"""
+llm:
+  ollama: {{base_url: "{local.base_url}", model: tiny}}
+router:
+  retry: {{max_retries: 0}}
+  circuit: {{failure_threshold: 1, cooldown_s: 1}}
+""")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="llmrelay.v1.LLMService"), timeout=10)
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        local.inject({"status": 500})
+        with pytest.raises(grpc.aio.AioRpcError):
+            await pb.LLMServiceStub(channel).Complete(chat(), timeout=5)
+        # The one backend's circuit is open: nothing can serve, and the standard service says so without a probe.
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # After the cool-down a probe call may go through again.
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
 
 
 def open_fds() -> int:
