@@ -157,6 +157,12 @@ class _Chain:
     deadline: float
     attempts: list[Attempt] = field(default_factory=list)
     last_error: UpstreamError | None = None
+    too_long_for: int = 0
+    """The largest known context window the prompt did not fit; a backend with no larger one is not tried."""
+
+    def may_fit(self, route: Route) -> bool:
+        window = route.backend.provider.spec.context_window
+        return window is None or window > self.too_long_for
 
     def remaining_s(self) -> float:
         return self.deadline - asyncio.get_running_loop().time()
@@ -345,6 +351,14 @@ class Router:
         """Runs `call` on one route with retries; its result, or None to move on to the next route."""
         circuit = route.backend.circuit
         loop = asyncio.get_running_loop()
+        if not chain.may_fit(route):
+            too_long = UpstreamError(
+                UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED,
+                route.backend.name,
+                f"not tried: its context window is no larger than {chain.too_long_for} tokens, which was too small",
+            )
+            chain.record(route, AttemptOutcome.CONTEXT_LENGTH_EXCEEDED, loop.time(), too_long)
+            return None
         for retry in range(self._config.retry.max_retries + 1):
             if not circuit.allow():
                 chain.record(route, AttemptOutcome.SKIPPED, loop.time(), None)
@@ -363,9 +377,9 @@ class Router:
                 chain.record(route, AttemptOutcome.TIMEOUT, started, timeout)
                 raise chain.deadline_exceeded() from None
             except UpstreamError as exc:
-                if not exc.backend:
-                    exc.backend = route.backend.name
                 chain.record(route, exc.kind.attempt_outcome, started, exc)
+                if exc.kind is UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED:
+                    chain.too_long_for = max(chain.too_long_for, route.backend.provider.spec.context_window or 0)
                 if exc.kind in NOT_THE_BACKENDS_FAULT:
                     circuit.probing = False
                 else:

@@ -465,3 +465,26 @@ async def test_an_oversized_request_is_resource_exhausted(stub: pb.LLMServiceAsy
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert primary.chat_requests == []
     assert (await stub.Complete(chat(), timeout=5)).backend == "openai"
+
+
+async def test_a_prompt_too_long_goes_only_to_a_backend_with_a_larger_context(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    gateway = await gateway_factory(f"""
+llm:
+  openai: {{api_key: "sk-test-key-123456", base_url: "{primary.base_url}", model: gpt-test, context_window: 8192}}
+  backends:
+    - {{name: small, kind: openai_compatible, base_url: "{local.base_url}", model: tiny, context_window: 4096}}
+    - {{name: big, kind: openai_compatible, base_url: "{local.base_url}", model: tiny, context_window: 131072}}
+  order: [openai, small, big]
+""")
+    primary.inject(TOO_LONG)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        answer = await pb.LLMServiceStub(channel).Complete(chat("a very long prompt"), timeout=5)
+    assert answer.backend == "big"
+    assert [(a.backend, a.outcome) for a in answer.attempts] == [
+        ("openai", Outcome.ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED),
+        ("small", Outcome.ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED),
+        ("big", Outcome.ATTEMPT_OUTCOME_SUCCEEDED),
+    ]
+    assert len(local.chat_requests) == 1, "the smaller backend was not asked"
