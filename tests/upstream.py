@@ -154,8 +154,7 @@ class FakeUpstream:
             return await _send_json(writer, 404, error)
         answer = _answer(body, fault)
         if body.get("stream"):
-            await self._stream(writer, answer, body, fault)
-            return False
+            return await self._stream(writer, answer, body, fault)
         return await _send_json(writer, 200, answer.completion())
 
     async def _stall(self, seconds: float, reader: asyncio.StreamReader) -> bool:
@@ -169,30 +168,30 @@ class FakeUpstream:
             return False
         return True
 
-    async def _stream(self, writer: asyncio.StreamWriter, answer: _Answer, body: dict[str, Any], fault: Fault) -> None:
-        # Connection: close and no length: the stream ends when the connection does, as many servers do it.
-        head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
-        writer.write(head.encode())
+    async def _stream(self, writer: asyncio.StreamWriter, answer: _Answer, body: dict[str, Any], fault: Fault) -> bool:
+        """Server-sent events in chunked transfer encoding, the connection kept alive as real servers do;
+        False (close the connection) when the fault cuts the stream."""
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
         chunks = answer.chunks(include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
         cut_after = fault.get("stream_cut_after")
         for index, chunk in enumerate(chunks):
             if cut_after is not None and index >= cut_after:
                 await writer.drain()
-                return
+                return False
             if fault.get("stream_garbage") and index == 1:
-                writer.write(b"data: {not json at all\n\n")
+                await _send_chunk(writer, b"data: {not json at all\n\n")
             event = b"data: " + json.dumps(chunk).encode() + b"\n\n"
             pieces = [event[i : i + 1] for i in range(len(event))] if "byte_trickle_s" in fault else [event]
             for piece in pieces:
-                writer.write(piece)
-                await writer.drain()
+                await _send_chunk(writer, piece)
                 if "byte_trickle_s" in fault:
                     await asyncio.sleep(fault["byte_trickle_s"])
             # The role-only first chunk goes out at once, so a trickle starts after real content has been sent.
             if "trickle_s" in fault and index > 0:
                 await asyncio.sleep(fault["trickle_s"])
-        writer.write(b"data: [DONE]\n\n")
-        await writer.drain()
+        await _send_chunk(writer, b"data: [DONE]\n\n")
+        await _send_chunk(writer, b"")  # the last chunk: the response is complete, the connection stays
+        return True
 
 
 @dataclass
@@ -322,6 +321,11 @@ async def _send(
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
     await writer.drain()
     return True
+
+
+async def _send_chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
+    writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+    await writer.drain()
 
 
 async def _serve(host: str, port: int, models: Sequence[str], ollama: bool) -> None:
