@@ -8,6 +8,7 @@ module as an UpstreamError whose kind tells the router what to do next.
 from __future__ import annotations
 
 import email.utils
+import json
 import re
 import time
 from collections.abc import AsyncGenerator, Sequence
@@ -61,6 +62,11 @@ class OpenAICompatibleProvider:
             max_retries=0,  # the router retries, with the caller's deadline in mind
             http_client=self._http,
         )
+        # What the SDK would compute again for every request, computed once: the URL, and its headers (user agent,
+        # platform, auth) as the SDK builds them for this client.
+        self._completions_url = f"{str(self._client.base_url).rstrip('/')}/chat/completions"
+        headers = {**self._client.default_headers, **self._client.auth_headers}
+        self._headers = {name: value for name, value in headers.items() if isinstance(value, str)}
 
     @property
     def spec(self) -> BackendSpec:
@@ -189,15 +195,30 @@ class OpenAICompatibleProvider:
         )
 
     async def _post(self, body: dict[str, Any], timeout_s: float | None, *, stream: bool) -> httpx2.Response:
-        # The SDK's typed `create` re-walks the whole request to transform it (most of a millisecond per call);
-        # `wire` already built the exact JSON, so post it through the same client: auth, headers and errors alike.
-        response: httpx2.Response = await self._client.post(
-            "/chat/completions",
-            body=body,
-            cast_to=httpx2.Response,
-            options={"timeout": self._timeout(timeout_s)},
-            stream=stream,
+        """Sends the JSON `wire` built through the SDK's HTTP client, with the SDK's headers, prepared once.
+
+        The SDK's own request path rebuilds the URL, headers and options on every call: a quarter of the gateway's
+        CPU per request (`make bench`). Errors still come out as the SDK's exception types.
+        """
+        request = self._http.build_request(
+            "POST",
+            self._completions_url,
+            content=json.dumps(body).encode(),
+            headers=self._headers,
+            timeout=self._timeout(timeout_s),
         )
+        try:
+            response = await self._http.send(request, stream=stream)
+        except httpx2.TimeoutException as exc:
+            raise openai.APITimeoutError(request=request) from exc
+        except httpx2.TransportError as exc:
+            raise openai.APIConnectionError(request=request) from exc
+        if response.is_error:
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+            raise _status_error(response)
         return response
 
     def _timeout(self, timeout_s: float | None) -> httpx2.Timeout:
@@ -244,6 +265,18 @@ class OpenAICompatibleProvider:
         if self._spec.api_key:
             text = text.replace(self._spec.api_key, "[redacted]")
         return _SECRET_LIKE.sub("[redacted]", text)[:500]
+
+
+def _status_error(response: httpx2.Response) -> openai.APIStatusError:
+    """The SDK's error for an HTTP error answer, with the upstream's own message when it gave one."""
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = response.text
+    error = body.get("error") if isinstance(body, dict) else None
+    detail = error.get("message") if isinstance(error, dict) else error if isinstance(error, str) else None
+    message = detail if isinstance(detail, str) and detail else str(body)[:200] or response.reason_phrase
+    return openai.APIStatusError(message, response=response, body=error if isinstance(error, dict) else body)
 
 
 def _connection_lost(exc: BaseException) -> bool:
