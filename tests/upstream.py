@@ -17,6 +17,8 @@ Faults are queued; each chat request takes the next one. A fault is a dict:
     {"reasoning": "thinking..."}                       add reasoning text (as Ollama's `reasoning` field)
     {"tool_call": {"name": "f", "arguments": "{}"}}    answer with a tool call
 
+With `vllm=True` it also serves vLLM's POST /tokenize (chat form), counting the prompt as its usage does.
+
 Run standalone: python tests/upstream.py --listen 127.0.0.1:PORT [--model NAME ...] [--ollama]
 Control API (standalone use, e.g. from Go or Node tests):
     POST /_control/faults (JSON list) appends faults; DELETE /_control/faults clears them;
@@ -53,10 +55,12 @@ class Request:
 class FakeUpstream:
     models: Sequence[str] = ("tiny",)
     ollama: bool = False
+    vllm: bool = False
     host: str = "127.0.0.1"
     port: int = 0
     faults: deque[Fault] = field(default_factory=deque)
     chat_requests: list[dict[str, Any]] = field(default_factory=list)
+    tokenize_requests: list[dict[str, Any]] = field(default_factory=list)
     client_disconnects: list[float] = field(default_factory=list)
     """Monotonic times at which a client left while a stalled answer was pending."""
     open_connections: int = 0
@@ -87,6 +91,7 @@ class FakeUpstream:
     def reset(self) -> None:
         self.faults.clear()
         self.chat_requests.clear()
+        self.tokenize_requests.clear()
         self.client_disconnects.clear()
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -122,6 +127,8 @@ class FakeUpstream:
             return await _send_json(writer, 200, {"version": "0.0.0-fake"})
         if self.ollama and route == ("GET", "/api/tags"):
             return await _send_json(writer, 200, {"models": [{"name": m, "model": m} for m in self.models]})
+        if self.vllm and route == ("POST", "/tokenize"):
+            return await self._tokenize(request, writer)
         if route == ("POST", "/_control/faults"):
             self.inject(*request.json())
             return await _send_json(writer, 200, {"queued": len(self.faults)})
@@ -156,6 +163,15 @@ class FakeUpstream:
         if body.get("stream"):
             return await self._stream(writer, answer, body, fault)
         return await _send_json(writer, 200, answer.completion())
+
+    async def _tokenize(self, request: Request, writer: asyncio.StreamWriter) -> bool:
+        body = request.json()
+        self.tokenize_requests.append(body)
+        if body.get("model") not in self.models or not isinstance(body.get("messages"), list):
+            error = {"error": {"message": "model and messages are required", "type": "BadRequestError", "code": 400}}
+            return await _send_json(writer, 400, error)
+        count = _prompt_tokens(body)
+        return await _send_json(writer, 200, {"count": count, "max_model_len": 8192, "tokens": list(range(count))})
 
     async def _stall(self, seconds: float, reader: asyncio.StreamReader) -> bool:
         """Waits, but notices at once when the client closes the connection; False when it did."""
@@ -282,7 +298,6 @@ def _halves(text: str) -> list[str]:
 def _answer(body: dict[str, Any], fault: Fault) -> _Answer:
     messages = body.get("messages") or []
     last_user = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
-    prompt_words = sum(len(str(m.get("content") or "").split()) for m in messages)
     content = _huge(fault["huge_content"]) if "huge_content" in fault else f"echo: {last_user}"
     return _Answer(
         id=f"chatcmpl-fake-{len(messages)}",
@@ -290,9 +305,17 @@ def _answer(body: dict[str, Any], fault: Fault) -> _Answer:
         content=content,
         reasoning=fault.get("reasoning"),
         tool_call=fault.get("tool_call"),
-        prompt_tokens=prompt_words + 3 * len(messages),
+        prompt_tokens=_prompt_tokens(body),
         usage=not fault.get("no_usage"),
     )
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    """A stand-in tokenizer: a token per word of content and of the tools' JSON, three per message."""
+    messages = body.get("messages") or []
+    words = sum(len(str(m.get("content") or "").split()) for m in messages)
+    tools = body.get("tools")
+    return words + 3 * len(messages) + (len(json.dumps(tools).split()) if tools else 0)
 
 
 async def _read_request(reader: asyncio.StreamReader) -> Request | None:

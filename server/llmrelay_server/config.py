@@ -26,7 +26,7 @@ DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_OPENAI_MODEL = "gpt-4o"
 DEFAULT_OLLAMA_HOST = "http://localhost:11434"
 DEFAULT_OLLAMA_MODEL = "gpt-oss:20b"
-BACKEND_KINDS = ("openai", "ollama", "openai_compatible", "llamacpp")
+BACKEND_KINDS = ("openai", "ollama", "openai_compatible", "llamacpp", "vllm")
 
 
 class ConfigError(ValueError):

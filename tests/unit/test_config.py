@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 from llmrelay_server import config
+from llmrelay_server.backends import provider_factory
 from llmrelay_server.config import ConfigError, load_config
 from llmrelay_server.domain import BackendSpec
+from llmrelay_server.tokens import TokenCounter
 
 
 @pytest.fixture(autouse=True)
@@ -355,6 +357,10 @@ llm:
         ),
     )
     assert cfg.aliases == {"fast": "ollama/gpt-oss:20b", "smart": "local/qwen", "plain": "some-model"}
+
+
+def test_the_kinds_configuration_accepts_are_the_kinds_the_gateway_can_build() -> None:
+    assert sorted(provider_factory(TokenCounter()).kinds) == sorted(config.BACKEND_KINDS)
 
 
 def test_without_order_the_extras_follow_openai_and_ollama(tmp_path: Path) -> None:

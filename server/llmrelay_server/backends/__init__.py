@@ -7,10 +7,11 @@ from functools import partial
 from llmrelay_server.backends.llamacpp import LlamaCppProvider
 from llmrelay_server.backends.ollama import OllamaProvider
 from llmrelay_server.backends.openai_compat import OpenAICompatibleProvider, OpenAIProvider
+from llmrelay_server.backends.vllm import VllmProvider
 from llmrelay_server.domain import ProviderFactory
 from llmrelay_server.tokens import TokenCounter
 
 
 def provider_factory(counter: TokenCounter) -> ProviderFactory:
-    kinds = (OpenAIProvider, OllamaProvider, LlamaCppProvider, OpenAICompatibleProvider)
+    kinds = (OpenAIProvider, OllamaProvider, LlamaCppProvider, VllmProvider, OpenAICompatibleProvider)
     return ProviderFactory({cls.kind: partial(cls, counter=counter) for cls in kinds})

@@ -16,7 +16,7 @@ class OllamaProvider(OpenAICompatibleProvider):
 
     async def health(self) -> BackendHealth:
         # Ollama's native API lives beside /v1: /api/version proves it is Ollama, /api/tags lists pulled models.
-        root = self.spec.base_url.removesuffix("/").removesuffix("/v1")
+        root = self._root_url
         started = time.monotonic()
         try:
             version = await self._http.get(f"{root}/api/version", timeout=HEALTH_TIMEOUT_S)

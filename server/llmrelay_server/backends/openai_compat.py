@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncGenerator, Sequence
@@ -34,6 +35,8 @@ from llmrelay_server.domain import (
     UpstreamErrorKind,
 )
 from llmrelay_server.tokens import TokenCounter
+
+log = logging.getLogger(__name__)
 
 # Sized for hundreds of concurrent streams per backend; connections are kept for reuse between agent steps.
 # The SDK's aiohttp transport (openai[aiohttp]) costs a third less CPU per request than its default httpx2 one.
@@ -67,6 +70,8 @@ class OpenAICompatibleProvider:
         self._completions_url = f"{str(self._client.base_url).rstrip('/')}/chat/completions"
         headers = {**self._client.default_headers, **self._client.auth_headers}
         self._headers = {name: value for name, value in headers.items() if isinstance(value, str)}
+        # Servers keep their own endpoints (tokenizers, native APIs) beside /v1, at the root.
+        self._root_url = spec.base_url.rstrip("/").removesuffix("/v1")
 
     @property
     def spec(self) -> BackendSpec:
@@ -162,7 +167,27 @@ class OpenAICompatibleProvider:
         )
 
     async def count_tokens(self, model: str, messages: Sequence[Message], tools: Sequence[Tool]) -> TokenCount | None:
+        """The prompt's length as the server itself counts it; None, so the gateway estimates, when it cannot say."""
+        try:
+            tokens = await self._server_token_count(model, messages, tools)
+        except (httpx2.HTTPError, ValueError, KeyError, TypeError) as exc:
+            log.warning("backend %s could not count tokens (%s); estimating instead", self._spec.name, exc)
+            return None
+        if tokens is None:
+            return None
+        return TokenCount(tokens=tokens, model=model, encoding=f"backend:{self._spec.name}", estimated=False)
+
+    async def _server_token_count(self, model: str, messages: Sequence[Message], tools: Sequence[Tool]) -> int | None:
+        """Overridden by the kinds of server that can tokenize a chat; a plain OpenAI-compatible one cannot."""
         return None
+
+    async def _post_json(self, path: str, body: dict[str, Any]) -> Any:
+        """A small call to one of the server's own endpoints (not on the completion path)."""
+        response = await self._http.post(
+            f"{self._root_url}{path}", json=body, headers=self._headers, timeout=HEALTH_TIMEOUT_S
+        )
+        response.raise_for_status()
+        return response.json()
 
     async def health(self) -> BackendHealth:
         started = time.monotonic()

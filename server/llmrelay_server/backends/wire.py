@@ -8,7 +8,7 @@ definite error, and it skips building objects it would throw away on the hot pat
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final, TypeGuard
 
 from llmrelay_server.domain import (
@@ -42,8 +42,17 @@ class MalformedAnswerError(ValueError):
 
 def request_body(model: str, request: CompletionRequest, *, max_tokens_field: str) -> dict[str, Any]:
     """The JSON body for /chat/completions; options the caller left unset are left out."""
-    body: dict[str, Any] = {"model": model, "messages": [_message_json(m) for m in request.messages]}
+    body = prompt_body(model, request.messages, request.options.tools)
     body.update(_options_json(request.options, max_tokens_field))
+    return body
+
+
+def prompt_body(model: str, messages: Sequence[Message], tools: Sequence[Tool]) -> dict[str, Any]:
+    """What makes the prompt, in the chat-completions shape: the body servers' templating and tokenizing endpoints
+    take (llama.cpp's /apply-template, vLLM's /tokenize)."""
+    body: dict[str, Any] = {"model": model, "messages": [_message_json(m) for m in messages]}
+    if tools:
+        body["tools"] = [_tool_json(t) for t in tools]
     return body
 
 
@@ -82,8 +91,6 @@ def _options_json(options: CompletionOptions, max_tokens_field: str) -> dict[str
         body[max_tokens_field] = options.max_tokens
     if options.stop:
         body["stop"] = list(options.stop)
-    if options.tools:
-        body["tools"] = [_tool_json(t) for t in options.tools]
     if isinstance(options.tool_choice, NamedToolChoice):
         body["tool_choice"] = {"type": "function", "function": {"name": options.tool_choice.name}}
     elif options.tool_choice is not None:
