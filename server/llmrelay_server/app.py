@@ -14,7 +14,6 @@ from llmrelay import v1 as pb
 
 from llmrelay_server.backends import provider_factory
 from llmrelay_server.config import GatewayConfig
-from llmrelay_server.domain import LLMProvider
 from llmrelay_server.health import SERVICE_NAME, HealthMonitor
 from llmrelay_server.router import Router
 from llmrelay_server.servicer import LLMServicer
@@ -37,7 +36,6 @@ class Gateway:
     router: Router
     monitor: HealthMonitor
     ledger: UsageLedger
-    providers: list[LLMProvider]
     servicer: LLMServicer
     drain_s: float
     grace_period_s: float
@@ -51,7 +49,7 @@ class Gateway:
             await asyncio.sleep(self.drain_s if drain_s is None else drain_s)
             await self.server.stop(self.grace_period_s if grace_period_s is None else grace_period_s)
         finally:
-            await asyncio.gather(*(p.aclose() for p in self.providers))
+            await asyncio.gather(*(backend.provider.aclose() for backend in self.router.backends))
             await self.ledger.aclose()
 
 
@@ -82,7 +80,6 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
         router,
         monitor,
         ledger,
-        providers,
         servicer,
         drain_s=config.server.drain_s,
         grace_period_s=config.server.grace_period_s,

@@ -177,9 +177,7 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
             raise ConfigError(f"{where}.kind: {extra.kind!r} is not one of {', '.join(BACKEND_KINDS)}")
         if extra.name in specs or not re.fullmatch(r"[a-z][a-z0-9_-]*", extra.name):
             raise ConfigError(f"{where}.name: {extra.name!r} must be unique and match [a-z][a-z0-9_-]*")
-        section = _BackendSection(models=extra.models, fallback=extra.fallback, context_window=extra.context_window)
-        spec = _spec(extra.name, extra.kind, extra.base_url, extra.model, extra.api_key, section, where)
-        specs[extra.name] = spec
+        specs[extra.name] = _spec(extra.name, extra.kind, extra.base_url, extra.model, extra.api_key, extra, where)
     order = llm.order or tuple(specs)
     for index, name in enumerate(order):
         if name not in specs:
@@ -190,8 +188,15 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
 
 
 def _spec(
-    name: str, kind: str, base_url: str, model: str, api_key: str | None, section: _BackendSection, where: str
+    name: str,
+    kind: str,
+    base_url: str,
+    model: str,
+    api_key: str | None,
+    section: _BackendSection | _ExtraBackendSection,
+    where: str,
 ) -> BackendSpec:
+    """A backend from its resolved name, kind, URL, model and key, and the section's routing fields."""
     url = urlsplit(base_url)
     try:
         url.port  # noqa: B018 (reading it validates it)

@@ -35,6 +35,7 @@ from llmrelay_server.domain import (
     TokenUsage,
     Tool,
     ToolCall,
+    ToolCallDelta,
     ToolChoiceMode,
 )
 
@@ -319,7 +320,7 @@ def complete_response(response: CompletionResponse) -> pb.CompleteResponse:
 
 def stream_response(chunk: CompletionChunk) -> pb.StreamCompleteResponse:
     delta = pb.MessageDelta(
-        tool_calls=[_tool_call_delta(d.index, d.id, d.name, d.arguments) for d in chunk.tool_calls],
+        tool_calls=[_tool_call_delta(d) for d in chunk.tool_calls],
     )
     if chunk.content is not None:
         delta.content = chunk.content
@@ -334,14 +335,14 @@ def stream_response(chunk: CompletionChunk) -> pb.StreamCompleteResponse:
     return message
 
 
-def _tool_call_delta(index: int, call_id: str | None, name: str | None, arguments: str | None) -> pb.ToolCallDelta:
-    delta = pb.ToolCallDelta(index=index)
-    if call_id is not None:
-        delta.id = call_id
-    if name is not None:
-        delta.name = name
-    if arguments is not None:
-        delta.arguments = arguments
+def _tool_call_delta(fragment: ToolCallDelta) -> pb.ToolCallDelta:
+    delta = pb.ToolCallDelta(index=fragment.index)
+    if fragment.id is not None:
+        delta.id = fragment.id
+    if fragment.name is not None:
+        delta.name = fragment.name
+    if fragment.arguments is not None:
+        delta.arguments = fragment.arguments
     return delta
 
 

@@ -96,6 +96,11 @@ class CircuitBreaker:
             return True
         return False
 
+    def release(self) -> None:
+        """The call let through ended without a verdict on the backend (the caller left, the deadline ran out, the
+        request was at fault): the next call may probe instead."""
+        self.probing = False
+
     def record_success(self) -> None:
         self.failures, self.opened_at, self.probing = 0, None, False
 
@@ -106,23 +111,34 @@ class CircuitBreaker:
         self.probing = False
 
 
-@dataclass
 class Backend:
     """A provider with what the gateway has learned about it."""
 
-    provider: LLMProvider
-    circuit: CircuitBreaker
-    health: BackendHealth | None = None
+    def __init__(self, provider: LLMProvider, circuit: CircuitBreaker) -> None:
+        self.provider = provider
+        self.circuit = circuit
+        self.name = provider.spec.name
+        self._health: BackendHealth | None = None
+        self._served = self._models_served()
 
     @property
-    def name(self) -> str:
-        return self.provider.spec.name
+    def health(self) -> BackendHealth | None:
+        return self._health
+
+    @health.setter
+    def health(self, health: BackendHealth | None) -> None:
+        # The models served change only with a probe; every request asks, so the answer is kept ready.
+        self._health = health
+        self._served = self._models_served()
 
     def serves(self, model: str) -> bool:
+        return _untagged(model) in self._served
+
+    def _models_served(self) -> frozenset[str]:
         spec = self.provider.spec
-        known = (spec.default_model, *spec.models, *(self.health.models if self.health else ()))
+        known = (spec.default_model, *spec.models, *(self._health.models if self._health else ()))
         # Ollama treats NAME and NAME:latest as one model.
-        return _untagged(model) in {_untagged(name) for name in known}
+        return frozenset(_untagged(name) for name in known)
 
 
 def _untagged(model: str) -> str:
@@ -365,14 +381,14 @@ class Router:
                 return None
             remaining = chain.remaining_s()
             if remaining < MIN_ATTEMPT_S:
-                circuit.probing = False
+                circuit.release()
                 raise chain.deadline_exceeded()
             started = loop.time()
             try:
                 async with asyncio.timeout_at(chain.deadline):
                     result = await call(route, remaining)
             except TimeoutError:
-                circuit.probing = False
+                circuit.release()
                 timeout = UpstreamError(UpstreamErrorKind.TIMEOUT, route.backend.name, "the deadline ran out")
                 chain.record(route, AttemptOutcome.TIMEOUT, started, timeout)
                 raise chain.deadline_exceeded() from None
@@ -381,7 +397,7 @@ class Router:
                 if exc.kind is UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED:
                     chain.too_long_for = max(chain.too_long_for, route.backend.provider.spec.context_window or 0)
                 if exc.kind in NOT_THE_BACKENDS_FAULT:
-                    circuit.probing = False
+                    circuit.release()
                 else:
                     circuit.record_failure()
                 if exc.kind is UpstreamErrorKind.REJECTED:
@@ -394,7 +410,7 @@ class Router:
                 await self._sleep(delay)
                 continue
             except BaseException:
-                circuit.probing = False
+                circuit.release()
                 raise
             circuit.record_success()
             chain.record(route, AttemptOutcome.SUCCEEDED, started, None)

@@ -20,7 +20,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeAlias
 
 import grpc
 from google.protobuf import any_pb2
@@ -45,6 +45,10 @@ DOMAIN: Final = "llmrelay.dev"
 STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
 DEFAULT_RETRY_DELAY_S: Final = 1.0
 
+_Detail: TypeAlias = error_details_pb2.RetryInfo | error_details_pb2.BadRequest
+# A classification: the code, ErrorInfo's reason and metadata, and the details that follow ErrorInfo.
+_Classified: TypeAlias = tuple[grpc.StatusCode, str, dict[str, str], list[_Detail]]
+
 
 @dataclass(frozen=True, slots=True)
 class RpcFailure:
@@ -66,9 +70,7 @@ def rpc_failure(error: LLMRelayError) -> RpcFailure:
     return RpcFailure(code, message, status.SerializeToString())
 
 
-def _classify(
-    error: LLMRelayError,
-) -> tuple[grpc.StatusCode, str, dict[str, str], list[error_details_pb2.RetryInfo | error_details_pb2.BadRequest]]:
+def _classify(error: LLMRelayError) -> _Classified:
     if isinstance(error, InvalidRequestError):
         violations = [
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
@@ -97,8 +99,7 @@ def _classify(
     if isinstance(error, UpstreamError):
         return _upstream(error, grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE")
     if isinstance(error, StreamInterruptedError):
-        _, _, metadata, _ = _upstream(error.cause, grpc.StatusCode.ABORTED, "")
-        return grpc.StatusCode.ABORTED, "STREAM_INTERRUPTED", metadata, []
+        return grpc.StatusCode.ABORTED, "STREAM_INTERRUPTED", _upstream_metadata(error.cause), []
     if isinstance(error, DeadlineExceededError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", _attempts(error), []
     if isinstance(error, AllBackendsFailedError):
@@ -106,9 +107,7 @@ def _classify(
     return grpc.StatusCode.INTERNAL, "ERROR_REASON_UNSPECIFIED", {}, []
 
 
-def _exhausted(
-    error: AllBackendsFailedError,
-) -> tuple[grpc.StatusCode, str, dict[str, str], list[error_details_pb2.RetryInfo | error_details_pb2.BadRequest]]:
+def _exhausted(error: AllBackendsFailedError) -> _Classified:
     metadata = _attempts(error)
     outcomes = {a.outcome for a in error.attempts if a.outcome is not AttemptOutcome.SKIPPED}
     last = error.last_upstream_error
@@ -119,12 +118,8 @@ def _exhausted(
     return grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE", metadata, [_retry_info(DEFAULT_RETRY_DELAY_S)]
 
 
-def _upstream(
-    error: UpstreamError, default_code: grpc.StatusCode, default_reason: str
-) -> tuple[grpc.StatusCode, str, dict[str, str], list[error_details_pb2.RetryInfo | error_details_pb2.BadRequest]]:
-    metadata = {"backend": error.backend}
-    if error.status is not None:
-        metadata["upstream_status"] = str(error.status)
+def _upstream(error: UpstreamError, default_code: grpc.StatusCode, default_reason: str) -> _Classified:
+    metadata = _upstream_metadata(error)
     kind = error.kind
     if kind is UpstreamErrorKind.REJECTED:
         return grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED", metadata, []
@@ -134,13 +129,19 @@ def _upstream(
         return grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", metadata, []
     if kind is UpstreamErrorKind.AUTH_FAILED:
         return grpc.StatusCode.FAILED_PRECONDITION, "UPSTREAM_AUTH_FAILED", metadata, []
-    if kind is UpstreamErrorKind.RATE_LIMITED:
-        delay = error.retry_after_s if error.retry_after_s is not None else DEFAULT_RETRY_DELAY_S
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED", metadata, [_retry_info(delay)]
     if kind is UpstreamErrorKind.BAD_RESPONSE:
         return default_code, "UPSTREAM_BAD_RESPONSE", metadata, []
-    delay = error.retry_after_s if error.retry_after_s is not None else DEFAULT_RETRY_DELAY_S
-    return default_code, default_reason, metadata, [_retry_info(delay)]
+    retry = _retry_info(error.retry_after_s if error.retry_after_s is not None else DEFAULT_RETRY_DELAY_S)
+    if kind is UpstreamErrorKind.RATE_LIMITED:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED", metadata, [retry]
+    return default_code, default_reason, metadata, [retry]
+
+
+def _upstream_metadata(error: UpstreamError) -> dict[str, str]:
+    metadata = {"backend": error.backend}
+    if error.status is not None:
+        metadata["upstream_status"] = str(error.status)
+    return metadata
 
 
 def _attempts(error: AllBackendsFailedError | DeadlineExceededError) -> dict[str, str]:
@@ -153,9 +154,7 @@ def _retry_info(delay_s: float) -> error_details_pb2.RetryInfo:
     return info
 
 
-def _pack(
-    message: error_details_pb2.ErrorInfo | error_details_pb2.RetryInfo | error_details_pb2.BadRequest,
-) -> any_pb2.Any:
+def _pack(message: error_details_pb2.ErrorInfo | _Detail) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed

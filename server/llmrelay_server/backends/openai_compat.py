@@ -277,9 +277,9 @@ class OpenAICompatibleProvider:
             status = exc.status_code
             message = f"HTTP {status}: {self._redact(exc.message)}"
             kind = _kind_of_status(status, exc)
-            retry_after = _retry_after_s(exc.response.headers) if kind is UpstreamErrorKind.RATE_LIMITED else None
-            if kind is UpstreamErrorKind.SERVER_ERROR and status == 503:
-                retry_after = _retry_after_s(exc.response.headers)
+            # Retry-After means something on a rate limit and on 503 (overloaded); elsewhere it is not a promise.
+            asks_to_wait = kind is UpstreamErrorKind.RATE_LIMITED or status == 503
+            retry_after = _retry_after_s(exc.response.headers) if asks_to_wait else None
             return UpstreamError(kind, name, message, status=status, retry_after_s=retry_after)
         return UpstreamError(UpstreamErrorKind.BAD_RESPONSE, name, f"malformed answer: {self._redact(exc.message)}")
 

@@ -160,13 +160,16 @@ def _tool_call(value: Any) -> ToolCall:
     if not isinstance(value, Mapping) or not isinstance(value.get("function"), Mapping):
         raise MalformedAnswerError("a tool call has no `function` object")
     function = value["function"]
-    arguments = function.get("arguments", "")
-    if not isinstance(arguments, str):
-        # Some servers (Ollama's native API) send arguments as an object; the contract carries JSON text.
-        arguments = json.dumps(arguments)
     return ToolCall(
-        id=_text(value.get("id"), "tool_calls.id"), name=_text(function.get("name"), "name"), arguments=arguments
+        id=_text(value.get("id"), "tool_calls.id"),
+        name=_text(function.get("name"), "name"),
+        arguments=_arguments_text(function.get("arguments", "")),
     )
+
+
+def _arguments_text(arguments: Any) -> str:
+    # Some servers (Ollama's native API) send arguments as an object; the contract carries JSON text.
+    return arguments if isinstance(arguments, str) else json.dumps(arguments)
 
 
 def reasoning_text(obj: Mapping[str, Any]) -> str | None:
@@ -228,14 +231,12 @@ def tool_call_deltas(delta: Mapping[str, Any]) -> tuple[ToolCallDelta, ...]:
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_TOOL_CALLS:
             raise MalformedAnswerError(f"a tool-call delta's `index` is not a number from 0 to {MAX_TOOL_CALLS - 1}")
         arguments = function.get("arguments")
-        if arguments is not None and not isinstance(arguments, str):
-            arguments = json.dumps(arguments)
         result.append(
             ToolCallDelta(
                 index=index,
                 id=_optional_text(call.get("id"), "tool_calls.id"),
                 name=_optional_text(function.get("name"), "tool_calls.function.name"),
-                arguments=arguments,
+                arguments=None if arguments is None else _arguments_text(arguments),
             )
         )
     return tuple(result)
