@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Final, TypeAlias
+from contextlib import contextmanager
+from typing import Any, Final, TypeAlias, TypeVar
 
 import grpc
 import grpc.aio
@@ -15,15 +16,14 @@ DEFAULT_TARGET: Final = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S: Final = 120.0
 CALLER_HEADER: Final = "x-llmrelay-caller"
 
+# "user" for ROLE_USER, and so on: read from the contract, so a role added there is accepted here.
 _ROLES: Final[Mapping[str, pb.Role.ValueType]] = {
-    "system": pb.ROLE_SYSTEM,
-    "user": pb.ROLE_USER,
-    "assistant": pb.ROLE_ASSISTANT,
-    "tool": pb.ROLE_TOOL,
+    name.removeprefix("ROLE_").lower(): value for name, value in pb.Role.items() if value != pb.ROLE_UNSPECIFIED
 }
 
 MessageLike: TypeAlias = "pb.Message | Mapping[str, Any]"
 Metadata: TypeAlias = Sequence[tuple[str, str]]
+_CompletionRequest = TypeVar("_CompletionRequest", pb.CompleteRequest, pb.StreamCompleteRequest)
 
 
 def message(role: str, content: str, **fields: Any) -> pb.Message:
@@ -38,22 +38,36 @@ def _messages(messages: Iterable[MessageLike]) -> list[pb.Message]:
     return [m if isinstance(m, pb.Message) else message(**m) for m in messages]
 
 
-def _completion_fields(
-    messages: Iterable[MessageLike], model: str | None, exact_model: bool, options: Mapping[str, Any]
-) -> dict[str, Any]:
-    """The fields CompleteRequest and StreamCompleteRequest share; options are CompletionOptions' field names."""
-    fields: dict[str, Any] = {"messages": _messages(messages), "exact_model": exact_model}
-    if model is not None:
-        fields["model"] = model
-    if options:
-        fields["options"] = pb.CompletionOptions(**options)
-    return fields
+def _completion_request(
+    request_type: type[_CompletionRequest],
+    messages: Iterable[MessageLike],
+    model: str | None,
+    exact_model: bool,
+    options: Mapping[str, Any],
+) -> _CompletionRequest:
+    """A CompleteRequest or StreamCompleteRequest (same fields); options are CompletionOptions' field names."""
+    # None leaves a field unset: no model means the default chain, no options the backend's defaults.
+    return request_type(
+        messages=_messages(messages),
+        model=model,
+        exact_model=exact_model,
+        options=pb.CompletionOptions(**options) if options else None,
+    )
 
 
 def _count_request(
     messages: Iterable[MessageLike] | None, text: str | None, model: str | None, tools: Sequence[pb.Tool]
 ) -> pb.CountTokensRequest:
     return pb.CountTokensRequest(model=model, messages=_messages(messages or ()), tools=list(tools), text=text)
+
+
+@contextmanager
+def _sdk_errors() -> Iterator[None]:
+    """Raises the SDK's error, with the details decoded, for a failed call inside the block."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise error_from_rpc(exc) from exc
 
 
 class _Base:
@@ -101,11 +115,9 @@ class Client(_Base):
         metadata: Metadata | None = None,
         **options: Any,
     ) -> pb.CompleteResponse:
-        request = pb.CompleteRequest(**_completion_fields(messages, model, exact_model, options))
-        try:
+        request = _completion_request(pb.CompleteRequest, messages, model, exact_model, options)
+        with _sdk_errors():
             return self._stub.Complete(request, **self._call_options(timeout, metadata))
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
 
     def stream(
         self,
@@ -117,12 +129,11 @@ class Client(_Base):
         metadata: Metadata | None = None,
         **options: Any,
     ) -> Iterator[pb.StreamCompleteResponse]:
-        request = pb.StreamCompleteRequest(**_completion_fields(messages, model, exact_model, options))
+        request = _completion_request(pb.StreamCompleteRequest, messages, model, exact_model, options)
         call = self._stub.StreamComplete(request, **self._call_options(timeout, metadata))
         try:
-            yield from call
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
+            with _sdk_errors():
+                yield from call
         finally:
             call.cancel()  # a consumer that stops early must not leave the upstream generating
 
@@ -137,18 +148,14 @@ class Client(_Base):
         metadata: Metadata | None = None,
     ) -> pb.CountTokensResponse:
         request = _count_request(messages, text, model, tools)
-        try:
+        with _sdk_errors():
             return self._stub.CountTokens(request, **self._call_options(timeout, metadata))
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
 
     def health(
         self, *, probe: bool = False, timeout: float | None = None, metadata: Metadata | None = None
     ) -> pb.HealthResponse:
-        try:
+        with _sdk_errors():
             return self._stub.Health(pb.HealthRequest(probe=probe), **self._call_options(timeout, metadata))
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
 
     def get_usage(
         self,
@@ -157,10 +164,8 @@ class Client(_Base):
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> pb.GetUsageResponse:
-        try:
+        with _sdk_errors():
             return self._stub.GetUsage(request or pb.GetUsageRequest(), **self._call_options(timeout, metadata))
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
 
     def close(self) -> None:
         self._channel.close()
@@ -207,11 +212,9 @@ class AsyncClient(_Base):
         metadata: Metadata | None = None,
         **options: Any,
     ) -> pb.CompleteResponse:
-        request = pb.CompleteRequest(**_completion_fields(messages, model, exact_model, options))
-        try:
+        request = _completion_request(pb.CompleteRequest, messages, model, exact_model, options)
+        with _sdk_errors():
             return await self._stub.Complete(request, **self._call_options(timeout, metadata))
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
 
     async def stream(
         self,
@@ -223,13 +226,12 @@ class AsyncClient(_Base):
         metadata: Metadata | None = None,
         **options: Any,
     ) -> AsyncIterator[pb.StreamCompleteResponse]:
-        request = pb.StreamCompleteRequest(**_completion_fields(messages, model, exact_model, options))
-        call: Any = self._stub.StreamComplete(request, **self._call_options(timeout, metadata))
+        request = _completion_request(pb.StreamCompleteRequest, messages, model, exact_model, options)
+        call = self._stub.StreamComplete(request, **self._call_options(timeout, metadata))
         try:
-            async for chunk in call:
-                yield chunk
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
+            with _sdk_errors():
+                async for chunk in call:
+                    yield chunk
         finally:
             call.cancel()
 
@@ -244,18 +246,14 @@ class AsyncClient(_Base):
         metadata: Metadata | None = None,
     ) -> pb.CountTokensResponse:
         request = _count_request(messages, text, model, tools)
-        try:
+        with _sdk_errors():
             return await self._stub.CountTokens(request, **self._call_options(timeout, metadata))
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
 
     async def health(
         self, *, probe: bool = False, timeout: float | None = None, metadata: Metadata | None = None
     ) -> pb.HealthResponse:
-        try:
+        with _sdk_errors():
             return await self._stub.Health(pb.HealthRequest(probe=probe), **self._call_options(timeout, metadata))
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
 
     async def get_usage(
         self,
@@ -264,10 +262,8 @@ class AsyncClient(_Base):
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> pb.GetUsageResponse:
-        try:
+        with _sdk_errors():
             return await self._stub.GetUsage(request or pb.GetUsageRequest(), **self._call_options(timeout, metadata))
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
 
     async def close(self) -> None:
         await self._channel.close()

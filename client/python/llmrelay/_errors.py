@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final, cast
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import status_pb2
+from google.rpc.error_details_pb2 import BadRequest, ErrorInfo, RetryInfo
 
 STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
 
@@ -84,27 +85,23 @@ _BY_CODE: Final[Mapping[grpc.StatusCode, type[LLMRelayError]]] = {
 
 def error_from_rpc(error: grpc.RpcError) -> LLMRelayError:
     """The SDK's error for a failed call, with ErrorInfo, RetryInfo and BadRequest read from the status details."""
-    # Both the blocking and the asyncio errors are also grpc.Call, which carries the status.
-    call: Any = error
-    code: grpc.StatusCode = call.code()
-    message: str = call.details() or ""
+    # grpc.RpcError declares no accessors: the blocking errors are also grpc.Call, and grpc.aio.AioRpcError has the
+    # same code(), details() and trailing_metadata().
+    call = cast(grpc.Call, error)
+    code = call.code()
+    message = call.details() or ""
     raw = next((value for key, value in call.trailing_metadata() or () if key == STATUS_DETAILS_KEY), None)
     reason, metadata, retry_delay_s = None, {}, None
     violations: tuple[FieldViolation, ...] = ()
     if isinstance(raw, bytes):
-        status = status_pb2.Status.FromString(raw)
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
+        for detail in status_pb2.Status.FromString(raw).details:
+            # Unpack fills the message and returns True only when the detail is of that type.
+            info, retry, bad = ErrorInfo(), RetryInfo(), BadRequest()
+            if detail.Unpack(info):
                 reason, metadata = info.reason, dict(info.metadata)
-            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                retry = error_details_pb2.RetryInfo()
-                detail.Unpack(retry)
+            elif detail.Unpack(retry):
                 retry_delay_s = retry.retry_delay.ToNanoseconds() / 1e9
-            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
+            elif detail.Unpack(bad):
                 violations = tuple(FieldViolation(v.field, v.description) for v in bad.field_violations)
     cls = _BY_CODE.get(code, LLMRelayError)
     return cls(

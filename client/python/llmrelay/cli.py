@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from llmrelay import v1 as pb
-from llmrelay._client import DEFAULT_TARGET, Client, message
+from llmrelay._client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, Client, message
 from llmrelay._errors import LLMRelayError
 
 _FINISH = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in pb.FinishReason.items()}
@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmrelay", description="Talk to an llmrelay gateway.")
     parser.add_argument("--target", default=os.environ.get("LLMRELAY_TARGET", DEFAULT_TARGET), help="HOST:PORT")
-    parser.add_argument("--timeout", type=float, default=120.0, help="deadline of the call in seconds")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="deadline of the call in seconds")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     for name, run, text in (("complete", _complete, "one answer"), ("stream", _stream, "stream tokens as they come")):
