@@ -73,7 +73,8 @@ start_gateway() { # start_gateway NAME BASE_URL: sets GATEWAY (127.0.0.1:PORT) a
     printf 'llm:\n  ollama: {base_url: "%s", model: "tiny"}\nrouter: {retry: {max_retries: 0}}\n' "$base_url" \
         >"$WORK/$name.yaml"
     (
-        cd "$WORK" && unset OLLAMA_HOST && OPENAI_API_KEY="" exec "$VENV/bin/llmrelay-server" \
+        # Only the test config decides the backends, as in the Go and TypeScript harnesses.
+        cd "$WORK" && unset OLLAMA_HOST "${!LLMRELAY_@}" && OPENAI_API_KEY="" exec "$VENV/bin/llmrelay-server" \
             --listen 127.0.0.1:0 --config "$WORK/$name.yaml" 2>"$WORK/$name.log"
     ) &
     GATEWAY_PID=$!
@@ -111,6 +112,10 @@ request = urllib.request.Request(base + path, method=method, data=body and body.
                                  headers={"Content-Type": "application/json"})
 print(urllib.request.urlopen(request, timeout=10).read().decode())
 EOF
+}
+
+request_count() { # how many chat requests the upstream has received
+    control GET /_control/requests | "$PYTHON" -c 'import json, sys; print(len(json.load(sys.stdin)))'
 }
 
 expect_output() { # expect_output WANT COMMAND...: the command succeeds and its output contains WANT
@@ -179,14 +184,13 @@ wait "$GATEWAY_PID" 2>/dev/null
 start_gateway draining "$UPSTREAM/v1"
 control DELETE /_control/faults >/dev/null
 control POST /_control/faults '[{"stall_s": 4}]' >/dev/null
-before="$(control GET /_control/requests | "$PYTHON" -c 'import json, sys; print(len(json.load(sys.stdin)))')"
+before="$(request_count)"
 "$GRPCURL" -plaintext -max-time 30 -d '{"messages": [{"role": "ROLE_USER", "content": "in flight"}]}' \
     "$GATEWAY" llmrelay.v1.LLMService/StreamComplete >"$WORK/inflight.json" 2>&1 &
 INFLIGHT_PID=$!
 PIDS+=("$INFLIGHT_PID")
 for ((i = 0; i < 100; i++)); do # the call has reached the (stalling) upstream
-    now="$(control GET /_control/requests | "$PYTHON" -c 'import json, sys; print(len(json.load(sys.stdin)))')"
-    [[ "$now" -gt "$before" ]] && break
+    [[ "$(request_count)" -gt "$before" ]] && break
     sleep 0.1
 done
 kill -TERM "$GATEWAY_PID"

@@ -22,8 +22,6 @@ package llmrelay
 import (
 	"context"
 	"crypto/tls"
-	"errors"
-	"io"
 	"time"
 
 	"google.golang.org/grpc"
@@ -193,10 +191,7 @@ func (s *Stream) Recv() (*llmrelayv1.StreamCompleteResponse, error) {
 	msg, err := s.stream.Recv()
 	if err != nil {
 		s.cancel()
-		if errors.Is(err, io.EOF) {
-			return nil, io.EOF
-		}
-		return nil, wrapError(err)
+		return nil, wrapError(err) // io.EOF carries no status, so wrapError returns it as it is
 	}
 	return msg, nil
 }

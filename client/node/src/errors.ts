@@ -16,6 +16,16 @@ export const STATUS_DETAILS_KEY = "grpc-status-details-bin";
 
 const TYPE_PREFIX = "type.googleapis.com/";
 
+/** The name of a status code, such as "RESOURCE_EXHAUSTED". */
+function codeName(code: status): string {
+  return status[code] ?? String(code);
+}
+
+/** The ErrorInfo reason when the gateway set it, else "". */
+function gatewayReason(errorInfo: ErrorInfo | undefined): string {
+  return errorInfo?.domain === DOMAIN ? errorInfo.reason : "";
+}
+
 /** One invalid field of a request. */
 export interface FieldViolation {
   /** The field's path, such as "messages" or "options.temperature". */
@@ -44,8 +54,8 @@ export class LLMRelayError extends Error {
     details: string,
     extra: { errorInfo?: ErrorInfo; retryInfo?: RetryInfo; badRequest?: BadRequest; metadata?: Metadata } = {},
   ) {
-    const reason = extra.errorInfo?.domain === DOMAIN ? extra.errorInfo.reason : "";
-    super(`${status[code] ?? code}${reason ? ` (${reason})` : ""}: ${details}`);
+    const reason = gatewayReason(extra.errorInfo);
+    super(`${codeName(code)}${reason ? ` (${reason})` : ""}: ${details}`);
     this.code = code;
     this.details = details;
     this.errorInfo = extra.errorInfo;
@@ -56,12 +66,12 @@ export class LLMRelayError extends Error {
 
   /** The status code's name, such as "RESOURCE_EXHAUSTED". */
   get codeName(): string {
-    return status[this.code] ?? String(this.code);
+    return codeName(this.code);
   }
 
   /** The ErrorInfo reason, such as "UPSTREAM_RATE_LIMITED"; "" without an ErrorInfo from the gateway. */
   get reason(): string {
-    return this.errorInfo?.domain === DOMAIN ? this.errorInfo.reason : "";
+    return gatewayReason(this.errorInfo);
   }
 
   /** The reason as the contract's enum (ERROR_REASON_UNSPECIFIED when absent or unknown to this version). */

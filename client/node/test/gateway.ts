@@ -3,7 +3,7 @@
  * subprocesses on loopback, for the end-to-end tests. Needs the repo's Python environment (`make setup`).
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
@@ -92,11 +92,11 @@ class Proc {
     return this.output.join("\n");
   }
 
-  /** SIGTERM, then SIGKILL after timeoutMs; resolves to the exit code (null when killed by a signal). */
+  /**
+   * SIGTERM (a no-op once it has exited), then SIGKILL after timeoutMs; resolves to the exit code (null when killed
+   * by a signal).
+   */
   async stop(timeoutMs = 15_000): Promise<number | null> {
-    if (this.child.exitCode !== null || this.child.signalCode !== null) {
-      return this.exited;
-    }
     this.child.kill("SIGTERM");
     const timer = setTimeout(() => this.child.kill("SIGKILL"), timeoutMs);
     const code = await this.exited;
@@ -128,24 +128,21 @@ export class Upstream {
   }
 
   /** Queues faults: each later chat request takes the next one. */
-  async addFaults(...faults: Fault[]): Promise<void> {
-    await this.control("POST", "/_control/faults", faults);
+  addFaults(...faults: Fault[]): Promise<void> {
+    return this.faults("POST", faults);
   }
 
-  async clearFaults(): Promise<void> {
-    await this.control("DELETE", "/_control/faults");
-  }
-
-  /** The chat request bodies the upstream received. */
-  async requests(): Promise<Record<string, unknown>[]> {
-    return (await this.control("GET", "/_control/requests")) as Record<string, unknown>[];
+  clearFaults(): Promise<void> {
+    return this.faults("DELETE");
   }
 
   async stop(): Promise<void> {
     await this.proc.stop(5_000);
   }
 
-  private async control(method: string, path: string, body?: unknown): Promise<unknown> {
+  /** Calls the upstream's fault queue, /_control/faults. */
+  private async faults(method: string, body?: Fault[]): Promise<void> {
+    const path = "/_control/faults";
     const response = await fetch(this.url + path, {
       method,
       headers: { "content-type": "application/json" },
@@ -156,7 +153,6 @@ export class Upstream {
     if (!response.ok) {
       throw new Error(`${method} ${path}: HTTP ${response.status}: ${text}`);
     }
-    return text ? JSON.parse(text) : undefined;
   }
 }
 
@@ -166,6 +162,8 @@ export class Gateway {
     /** Where it serves gRPC, "127.0.0.1:PORT". */
     readonly addr: string,
     private readonly proc: Proc,
+    /** Its config and usage ledger, removed by stop(). */
+    private readonly dir: string,
   ) {}
 
   static async start(baseUrl: string): Promise<Gateway> {
@@ -186,10 +184,15 @@ export class Gateway {
       stdio: ["ignore", "inherit", "pipe"],
     });
     const proc = new Proc("gateway", child);
-    const addr = await proc.waitFor(child.stderr!, /listening on (127\.0\.0\.1:\d+)/);
-    const gateway = new Gateway(addr, proc);
-    await gateway.waitServing();
-    return gateway;
+    try {
+      const gateway = new Gateway(await proc.waitFor(child.stderr!, /listening on (127\.0\.0\.1:\d+)/), proc, dir);
+      await gateway.waitServing();
+      return gateway;
+    } catch (err) {
+      await proc.stop(5_000);
+      rmSync(dir, { recursive: true, force: true });
+      throw err;
+    }
   }
 
   /** Waits until a call goes through: the gateway answers, and handles SIGTERM. */
@@ -213,9 +216,11 @@ export class Gateway {
     }
   }
 
-  /** SIGTERM; resolves to the exit code (null when killed by a signal). */
-  stop(timeoutMs = 15_000): Promise<number | null> {
-    return this.proc.stop(timeoutMs);
+  /** SIGTERM, then removes its directory; resolves to the exit code (null when killed by a signal). */
+  async stop(timeoutMs = 15_000): Promise<number | null> {
+    const code = await this.proc.stop(timeoutMs);
+    rmSync(this.dir, { recursive: true, force: true });
+    return code;
   }
 
   log(): string {

@@ -74,24 +74,23 @@ type process struct {
 	err  error // the result of Wait, once done is closed
 }
 
-// syncBuffer collects output lines, and hands the first line matching a pattern to whoever waits for it.
+// syncBuffer collects output lines, for reading while they come.
 type syncBuffer struct {
-	mu    sync.Mutex
-	buf   bytes.Buffer
-	ready chan string
-	match *regexp.Regexp
+	mu  sync.Mutex
+	buf bytes.Buffer
 }
 
-func (b *syncBuffer) scan(r io.Reader) {
+// scan collects r's lines, and sends the first group of the first line matching match to ready.
+func (b *syncBuffer) scan(r io.Reader, match *regexp.Regexp, ready chan<- string) {
 	scanner := bufio.NewScanner(r)
 	for scanner.Scan() {
 		line := scanner.Text()
 		b.mu.Lock()
 		b.buf.WriteString(line + "\n")
 		b.mu.Unlock()
-		if m := b.match.FindStringSubmatch(line); m != nil && b.ready != nil {
-			b.ready <- m[1]
-			b.ready = nil
+		if m := match.FindStringSubmatch(line); m != nil && ready != nil {
+			ready <- m[1]
+			ready = nil
 		}
 	}
 }
@@ -104,7 +103,7 @@ func (b *syncBuffer) String() string {
 
 // start runs the command and waits for the line matching ready on its output; it returns the first group.
 func start(name string, cmd *exec.Cmd, ready *regexp.Regexp, stdout bool) (*process, string, error) {
-	out := &syncBuffer{ready: make(chan string, 1), match: ready}
+	out := &syncBuffer{}
 	var pipe io.ReadCloser
 	var err error
 	if stdout {
@@ -121,9 +120,9 @@ func start(name string, cmd *exec.Cmd, ready *regexp.Regexp, stdout bool) (*proc
 		return nil, "", fmt.Errorf("gatewaytest: start %s: %w", name, err)
 	}
 	p := &process{name: name, cmd: cmd, out: out, done: make(chan struct{})}
-	readReady := out.ready
+	readReady := make(chan string, 1)
 	go func() {
-		out.scan(pipe)
+		out.scan(pipe, ready, readReady)
 		p.err = cmd.Wait()
 		close(p.done)
 	}()
@@ -139,13 +138,9 @@ func start(name string, cmd *exec.Cmd, ready *regexp.Regexp, stdout bool) (*proc
 	}
 }
 
-// stop sends SIGTERM and waits up to timeout, then kills. It returns the exit code (-1 when killed).
+// stop sends SIGTERM (a no-op once it has exited) and waits up to timeout, then kills. It returns the exit code (-1
+// when killed).
 func (p *process) stop(timeout time.Duration) int {
-	select {
-	case <-p.done:
-		return p.cmd.ProcessState.ExitCode()
-	default:
-	}
 	_ = p.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-p.done:
@@ -196,26 +191,17 @@ func (u *Upstream) AddFaults(faults ...Fault) error {
 	if err != nil {
 		return err
 	}
-	return u.control(http.MethodPost, body, nil)
+	return u.faults(http.MethodPost, body)
 }
 
 // ClearFaults drops the queued faults.
 func (u *Upstream) ClearFaults() error {
-	return u.control(http.MethodDelete, nil, nil)
+	return u.faults(http.MethodDelete, nil)
 }
 
-// Requests lists the chat request bodies the upstream received.
-func (u *Upstream) Requests() ([]map[string]any, error) {
-	var requests []map[string]any
-	err := u.call(http.MethodGet, "/_control/requests", nil, &requests)
-	return requests, err
-}
-
-func (u *Upstream) control(method string, body []byte, out any) error {
-	return u.call(method, "/_control/faults", body, out)
-}
-
-func (u *Upstream) call(method, path string, body []byte, out any) error {
+// faults calls the upstream's fault queue, /_control/faults.
+func (u *Upstream) faults(method string, body []byte) error {
+	const path = "/_control/faults"
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, method, u.URL+path, bytes.NewReader(body))
@@ -235,9 +221,6 @@ func (u *Upstream) call(method, path string, body []byte, out any) error {
 	if resp.StatusCode/100 != 2 {
 		return fmt.Errorf("gatewaytest: %s %s: HTTP %d: %s", method, path, resp.StatusCode, data)
 	}
-	if out != nil {
-		return json.Unmarshal(data, out)
-	}
 	return nil
 }
 
@@ -246,6 +229,7 @@ type Gateway struct {
 	// Addr is where it serves gRPC, "127.0.0.1:PORT".
 	Addr string
 	proc *process
+	dir  string // its config and usage ledger, removed by Stop
 }
 
 // StartGateway starts the gateway on a free loopback port, with one backend at baseURL (".../v1"), no retries.
@@ -265,6 +249,7 @@ func StartGateway(baseURL string) (*Gateway, error) {
 	config := filepath.Join(dir, "config.yaml")
 	yaml := fmt.Sprintf("llm:\n  ollama: {base_url: %q, model: \"tiny\"}\nrouter: {retry: {max_retries: 0}}\n", baseURL)
 	if err := os.WriteFile(config, []byte(yaml), 0o600); err != nil {
+		_ = os.RemoveAll(dir)
 		return nil, err
 	}
 	cmd := exec.Command(server, "--listen", "127.0.0.1:0", "--config", config)
@@ -272,9 +257,10 @@ func StartGateway(baseURL string) (*Gateway, error) {
 	cmd.Env = gatewayEnv()
 	proc, addr, err := start("gateway", cmd, regexp.MustCompile(`listening on (127\.0\.0\.1:\d+)`), false)
 	if err != nil {
+		_ = os.RemoveAll(dir)
 		return nil, err
 	}
-	g := &Gateway{Addr: addr, proc: proc}
+	g := &Gateway{Addr: addr, proc: proc, dir: dir}
 	if err := g.waitServing(); err != nil {
 		g.Stop(5 * time.Second)
 		return nil, err
@@ -318,14 +304,12 @@ func gatewayEnv() []string {
 	return append(env, "OPENAI_API_KEY=")
 }
 
-// Signal sends a signal to the gateway (SIGTERM starts its graceful shutdown).
-func (g *Gateway) Signal(sig os.Signal) error {
-	return g.proc.cmd.Process.Signal(sig)
-}
-
-// Stop sends SIGTERM, waits for the gateway to exit (killing it after timeout), and returns its exit code.
+// Stop sends SIGTERM, waits for the gateway to exit (killing it after timeout), removes its directory, and returns
+// its exit code.
 func (g *Gateway) Stop(timeout time.Duration) int {
-	return g.proc.stop(timeout)
+	code := g.proc.stop(timeout)
+	_ = os.RemoveAll(g.dir)
+	return code
 }
 
 // Log is what the gateway logged so far.
