@@ -126,6 +126,7 @@ export class Client {
    * the loop early cancels the call, so the gateway stops asking the upstream.
    */
   async *stream(request: StreamInput, options?: CallOptions): AsyncGenerator<StreamCompleteResponse, void, undefined> {
+    options?.signal?.throwIfAborted(); // as unary calls do: an aborted signal starts nothing
     const call = this.raw.streamComplete(
       StreamCompleteRequest.fromPartial(request),
       this.metadata(options),

@@ -190,6 +190,16 @@ describe("llmrelay gateway, from TypeScript", { concurrency: false }, () => {
     await mustFail(call, status.CANCELLED);
   });
 
+  test("a signal aborted before the call starts neither a unary call nor a stream", async () => {
+    const controller = new AbortController();
+    const reason = new Error("the agent gave up");
+    controller.abort(reason);
+    const client = connect();
+    await assert.rejects(client.complete({ messages: chat("never sent") }, { signal: controller.signal }), reason);
+    const chunks = client.stream({ messages: chat("never sent") }, { signal: controller.signal });
+    await assert.rejects(chunks.next(), reason);
+  });
+
   test("a backend at a dead port is UNAVAILABLE with BACKENDS_UNAVAILABLE", async () => {
     const dead = await Gateway.start(`http://${await deadAddr()}/v1`);
     try {
