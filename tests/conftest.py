@@ -1,8 +1,10 @@
-"""Fixtures: loopback upstreams, a real gateway on an ephemeral port, and stubs over a real gRPC channel."""
+"""Fixtures: loopback upstreams, a real gateway on an ephemeral port, stubs over a real gRPC channel, and the real
+model servers of the integration tier."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -10,36 +12,38 @@ import pytest
 from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway, start_gateway
 from llmrelay_server.config import load_config
-from support import GatewayFactory, two_backends
+from models.servers import DEFAULT_OLLAMA_BINARY, OllamaHandle, ServerHandle, start_llama_server, start_ollama
+from models.tiny_gguf import write_tiny_gguf
+from support import GatewayFactory, StubFactory, two_backends
 from upstream import FakeUpstream
 
 
 @pytest.fixture(scope="session")
-async def primary() -> AsyncIterator[FakeUpstream]:
-    """Stands in for the OpenAI API."""
+async def openai_upstream() -> AsyncIterator[FakeUpstream]:
     upstream = await FakeUpstream(models=("gpt-test", "gpt-test-mini")).start()
     yield upstream
     await upstream.stop()
 
 
 @pytest.fixture(scope="session")
-async def local() -> AsyncIterator[FakeUpstream]:
-    """Stands in for Ollama, native endpoints included."""
+async def ollama_upstream() -> AsyncIterator[FakeUpstream]:
     upstream = await FakeUpstream(models=("tiny",), ollama=True).start()
     yield upstream
     await upstream.stop()
 
 
-@pytest.fixture(autouse=True)
-def _fresh_upstreams(primary: FakeUpstream, local: FakeUpstream) -> None:
-    primary.reset()
-    local.reset()
+@pytest.fixture
+def primary(openai_upstream: FakeUpstream) -> FakeUpstream:
+    """Stands in for the OpenAI API; no faults queued and no requests recorded when the test starts."""
+    openai_upstream.reset()
+    return openai_upstream
 
 
-def write_config(directory: Path, yaml_text: str) -> Path:
-    path = directory / "llmrelay.yaml"
-    path.write_text(yaml_text)
-    return path
+@pytest.fixture
+def local(ollama_upstream: FakeUpstream) -> FakeUpstream:
+    """Stands in for Ollama, native endpoints included; fresh as `primary` is."""
+    ollama_upstream.reset()
+    return ollama_upstream
 
 
 @pytest.fixture
@@ -49,14 +53,30 @@ async def gateway_factory(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
 
     async def start(yaml_text: str, env: dict[str, str] | None = None) -> Gateway:
         server = f'server: {{listen: "127.0.0.1:0", usage_db: "{tmp_path / "usage.db"}", grace_period_s: 2}}\n'
-        config = load_config(env or {}, write_config(tmp_path, server + yaml_text))
-        gateway = await start_gateway(config)
+        path = tmp_path / "llmrelay.yaml"
+        path.write_text(server + yaml_text)
+        gateway = await start_gateway(load_config(env or {}, path))
         started.append(gateway)
         return gateway
 
     yield start
     for gateway in started:
         await gateway.stop(grace_period_s=0, drain_s=0)
+
+
+@pytest.fixture
+async def stub_for(gateway_factory: GatewayFactory) -> AsyncIterator[StubFactory]:
+    """Starts a gateway as gateway_factory does and returns a stub over a channel to it; closes the channels after."""
+    channels: list[grpc.aio.Channel] = []
+
+    async def connect(yaml_text: str, env: dict[str, str] | None = None) -> pb.LLMServiceAsyncStub:
+        gateway = await gateway_factory(yaml_text, env)
+        channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}"))
+        return pb.LLMServiceStub(channels[-1])
+
+    yield connect
+    for channel in channels:
+        await channel.close()
 
 
 @pytest.fixture
@@ -74,3 +94,37 @@ async def channel(gateway: Gateway) -> AsyncIterator[grpc.aio.Channel]:
 @pytest.fixture
 def stub(channel: grpc.aio.Channel) -> pb.LLMServiceAsyncStub:
     return pb.LLMServiceStub(channel)
+
+
+# --- real model servers (tests/models): llama.cpp and Ollama serving a generated tiny model ------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def llama(tiny_model: Path) -> Iterator[ServerHandle]:
+    with start_llama_server(tiny_model, alias="tiny", parallel=4) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def ollama_binary() -> Path:
+    """The Ollama binary scripts/build_ollama.sh builds (or LLMRELAY_OLLAMA_BIN). Without one, a test that needs it
+    is skipped with the reason on a developer's machine, and fails in CI (CI is set): the tier never passes by not
+    running."""
+    binary = Path(os.environ.get("LLMRELAY_OLLAMA_BIN", DEFAULT_OLLAMA_BINARY))
+    if not os.access(binary, os.X_OK):
+        reason = f"no Ollama binary at {binary}: build it with scripts/build_ollama.sh (about 5 min on 2 cores)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return binary
+
+
+@pytest.fixture(scope="session")
+def ollama(ollama_binary: Path, tiny_model: Path) -> Iterator[OllamaHandle]:
+    with start_ollama(ollama_binary, tiny_model) as server:
+        yield server

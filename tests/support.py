@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway
@@ -13,6 +14,8 @@ from upstream import FakeUpstream
 
 GatewayFactory = Callable[..., Awaitable[Gateway]]
 """Starts a gateway from YAML text (see the gateway_factory fixture)."""
+StubFactory = Callable[..., Awaitable["pb.LLMServiceAsyncStub"]]  # the async stub type exists in the stubs only
+"""Starts a gateway from YAML text and returns a stub over a channel to it (see the stub_for fixture)."""
 
 OPENAI_TEST_KEY = "sk-test-0123456789abcdef"
 # Fast policy for tests: one retry with a tiny backoff, a circuit that does not trip across a test's faults.
@@ -32,7 +35,7 @@ llm:
 {extra}"""
 
 
-def user(text: str) -> pb.Message:
+def user(text: str = "hi") -> pb.Message:
     return pb.Message(role=pb.ROLE_USER, content=text)
 
 
@@ -42,6 +45,20 @@ def chat(text: str = "hello gateway", **fields: Any) -> pb.CompleteRequest:
 
 def stream_chat(text: str = "hello gateway", **fields: Any) -> pb.StreamCompleteRequest:
     return pb.StreamCompleteRequest(messages=[user(text)], **fields)
+
+
+def struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    result = struct_pb2.Struct()
+    result.update(value)
+    return result
+
+
+def tool(name: str, parameters: dict[str, Any] | None = None, *, description: str | None = None) -> pb.Tool:
+    """A function tool; parameters and description are left unset unless given."""
+    function = pb.FunctionDefinition(name=name, description=description)
+    if parameters is not None:
+        function.parameters.CopyFrom(struct(parameters))
+    return pb.Tool(function=function)
 
 
 def details(error: grpc.aio.AioRpcError) -> dict[str, Any]:

@@ -63,7 +63,6 @@ class FakeUpstream:
     tokenize_requests: list[dict[str, Any]] = field(default_factory=list)
     client_disconnects: list[float] = field(default_factory=list)
     """Monotonic times at which a client left while a stalled answer was pending."""
-    open_connections: int = 0
     _server: asyncio.Server | None = None
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -98,7 +97,6 @@ class FakeUpstream:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
-        self.open_connections += 1
         try:
             while (request := await _read_request(reader)) is not None:
                 if not await self._dispatch(request, reader, writer):
@@ -109,7 +107,6 @@ class FakeUpstream:
             # stop() cancels handlers; asyncio's stream machinery logs a cancelled handler as an error, so end quietly.
             pass
         finally:
-            self.open_connections -= 1
             self._handlers.discard(task)
             writer.close()
             with contextlib.suppress(Exception):

@@ -18,7 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import v1 as pb
-from support import FAST_ROUTER, GatewayFactory, chat, details, stream_chat, two_backends
+from support import FAST_ROUTER, GatewayFactory, StubFactory, chat, details, stream_chat, two_backends
 from upstream import FakeUpstream
 
 Outcome = pb.AttemptOutcome
@@ -41,94 +41,43 @@ class Row:
     exact_model: bool = False
 
 
-UNARY_ROWS = [
+def retried(name: str, fault: dict[str, Any], outcome: int) -> Row:
+    """The first attempt fails, the retry on the same backend succeeds."""
+    return Row(name, [fault], calls=(2, 0), outcomes=(outcome, Outcome.ATTEMPT_OUTCOME_SUCCEEDED))
+
+
+def moves_on(name: str, fault: dict[str, Any], outcome: int) -> Row:
+    """The primary's one attempt fails without a retry; the fallback serves."""
+    return Row(name, [fault], served_by="ollama", calls=(1, 1), outcomes=(outcome, Outcome.ATTEMPT_OUTCOME_SUCCEEDED))
+
+
+def falls_back(name: str, faults: list[dict[str, Any]], outcome: int) -> Row:
+    """Both attempts at the primary fail alike; the fallback serves."""
+    outcomes = (outcome, outcome, Outcome.ATTEMPT_OUTCOME_SUCCEEDED)
+    return Row(name, faults, served_by="ollama", calls=(2, 1), outcomes=outcomes)
+
+
+ROWS = [
     Row("ok", [], outcomes=(Outcome.ATTEMPT_OUTCOME_SUCCEEDED,)),
-    Row(
-        "503 retried then ok",
-        [{"status": 503}],
-        outcomes=(Outcome.ATTEMPT_OUTCOME_SERVER_ERROR, Outcome.ATTEMPT_OUTCOME_SUCCEEDED),
-        calls=(2, 0),
-    ),
-    Row(
-        "503 twice falls back",
-        [{"status": 503}] * 2,
-        served_by="ollama",
-        calls=(2, 1),
-        outcomes=(
-            Outcome.ATTEMPT_OUTCOME_SERVER_ERROR,
-            Outcome.ATTEMPT_OUTCOME_SERVER_ERROR,
-            Outcome.ATTEMPT_OUTCOME_SUCCEEDED,
-        ),
-    ),
-    Row(
-        "500/502/504 fall back",
-        [{"status": 500}, {"status": 504}],
-        served_by="ollama",
-        calls=(2, 1),
-        outcomes=(
-            Outcome.ATTEMPT_OUTCOME_SERVER_ERROR,
-            Outcome.ATTEMPT_OUTCOME_SERVER_ERROR,
-            Outcome.ATTEMPT_OUTCOME_SUCCEEDED,
-        ),
-    ),
-    Row(
-        "408 is a timeout, retried",
-        [{"status": 408}],
-        calls=(2, 0),
-        outcomes=(Outcome.ATTEMPT_OUTCOME_TIMEOUT, Outcome.ATTEMPT_OUTCOME_SUCCEEDED),
-    ),
-    Row(
+    retried("503 retried then ok", {"status": 503}, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
+    falls_back("503 twice falls back", [{"status": 503}] * 2, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
+    falls_back("500/502/504 fall back", [{"status": 500}, {"status": 504}], Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
+    retried("408 is a timeout, retried", {"status": 408}, Outcome.ATTEMPT_OUTCOME_TIMEOUT),
+    retried(
         "429 with a short Retry-After is retried",
-        [{"status": 429, "retry_after": 0}],
-        calls=(2, 0),
-        outcomes=(Outcome.ATTEMPT_OUTCOME_RATE_LIMITED, Outcome.ATTEMPT_OUTCOME_SUCCEEDED),
+        {"status": 429, "retry_after": 0},
+        Outcome.ATTEMPT_OUTCOME_RATE_LIMITED,
     ),
-    Row(
+    moves_on(
         "429 with a long Retry-After moves on at once",
-        [{"status": 429, "retry_after": 3600}],
-        served_by="ollama",
-        calls=(1, 1),
-        outcomes=(Outcome.ATTEMPT_OUTCOME_RATE_LIMITED, Outcome.ATTEMPT_OUTCOME_SUCCEEDED),
+        {"status": 429, "retry_after": 3600},
+        Outcome.ATTEMPT_OUTCOME_RATE_LIMITED,
     ),
-    Row(
-        "connection dropped twice falls back",
-        [{"drop": True}] * 2,
-        served_by="ollama",
-        calls=(2, 1),
-        outcomes=(
-            Outcome.ATTEMPT_OUTCOME_UNREACHABLE,
-            Outcome.ATTEMPT_OUTCOME_UNREACHABLE,
-            Outcome.ATTEMPT_OUTCOME_SUCCEEDED,
-        ),
-    ),
-    Row(
-        "401 of our key: next backend, no retry",
-        [{"status": 401}],
-        served_by="ollama",
-        calls=(1, 1),
-        outcomes=(Outcome.ATTEMPT_OUTCOME_AUTH_FAILED, Outcome.ATTEMPT_OUTCOME_SUCCEEDED),
-    ),
-    Row(
-        "403 likewise",
-        [{"status": 403}],
-        served_by="ollama",
-        calls=(1, 1),
-        outcomes=(Outcome.ATTEMPT_OUTCOME_AUTH_FAILED, Outcome.ATTEMPT_OUTCOME_SUCCEEDED),
-    ),
-    Row(
-        "404 model missing: next backend",
-        [{"status": 404}],
-        served_by="ollama",
-        calls=(1, 1),
-        outcomes=(Outcome.ATTEMPT_OUTCOME_MODEL_NOT_FOUND, Outcome.ATTEMPT_OUTCOME_SUCCEEDED),
-    ),
-    Row(
-        "context length: next backend",
-        [TOO_LONG],
-        served_by="ollama",
-        calls=(1, 1),
-        outcomes=(Outcome.ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED, Outcome.ATTEMPT_OUTCOME_SUCCEEDED),
-    ),
+    falls_back("connection dropped twice falls back", [{"drop": True}] * 2, Outcome.ATTEMPT_OUTCOME_UNREACHABLE),
+    moves_on("401 of our key: next backend, no retry", {"status": 401}, Outcome.ATTEMPT_OUTCOME_AUTH_FAILED),
+    moves_on("403 likewise", {"status": 403}, Outcome.ATTEMPT_OUTCOME_AUTH_FAILED),
+    moves_on("404 model missing: next backend", {"status": 404}, Outcome.ATTEMPT_OUTCOME_MODEL_NOT_FOUND),
+    moves_on("context length: next backend", TOO_LONG, Outcome.ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED),
     Row(
         "400 is the caller's fault: no retry, no fallback",
         [{"status": 400}],
@@ -137,27 +86,9 @@ UNARY_ROWS = [
         calls=(1, 0),
     ),
     Row("422 likewise", [{"status": 422}], code=grpc.StatusCode.INVALID_ARGUMENT, reason="UPSTREAM_REJECTED"),
-    Row(
-        "200 with HTML",
-        [HTML],
-        served_by="ollama",
-        calls=(1, 1),
-        outcomes=(Outcome.ATTEMPT_OUTCOME_SERVER_ERROR, Outcome.ATTEMPT_OUTCOME_SUCCEEDED),
-    ),
-    Row(
-        "malformed JSON",
-        [NOT_JSON],
-        served_by="ollama",
-        calls=(1, 1),
-        outcomes=(Outcome.ATTEMPT_OUTCOME_SERVER_ERROR, Outcome.ATTEMPT_OUTCOME_SUCCEEDED),
-    ),
-    Row(
-        "missing choices",
-        [NO_CHOICES],
-        served_by="ollama",
-        calls=(1, 1),
-        outcomes=(Outcome.ATTEMPT_OUTCOME_SERVER_ERROR, Outcome.ATTEMPT_OUTCOME_SUCCEEDED),
-    ),
+    moves_on("200 with HTML", HTML, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
+    moves_on("malformed JSON", NOT_JSON, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
+    moves_on("missing choices", NO_CHOICES, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
     Row(
         "rate limited everywhere",
         [{"status": 429, "retry_after": 0}] * 2,
@@ -225,7 +156,7 @@ async def call_stream(stub: pb.LLMServiceAsyncStub, row: Row) -> tuple[grpc.Stat
 
 
 @pytest.mark.parametrize("call", [call_unary, call_stream], ids=["unary", "stream"])
-@pytest.mark.parametrize("row", UNARY_ROWS, ids=[r.name for r in UNARY_ROWS])
+@pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
 async def test_fault_matrix(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream, row: Row, call: Any
 ) -> None:
@@ -248,22 +179,20 @@ async def test_fault_matrix(
     assert (len(primary.chat_requests), len(local.chat_requests)) == row.calls
 
 
+@pytest.mark.parametrize("fault", [{"stream_cut_after": 3}, {"trickle_s": 3}], ids=["cut", "stalled"])
 async def test_streams_fail_definitely_after_the_first_chunk(
-    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream, fault: dict[str, Any]
 ) -> None:
-    for fault in ({"stream_cut_after": 3}, {"trickle_s": 3}):
-        primary.reset()
-        local.reset()
-        primary.inject(fault)
-        received: list[str] = []
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            async for chunk in stub.StreamComplete(stream_chat("one two three four"), timeout=10):
-                received.append(chunk.delta.content)
-        assert caught.value.code() == grpc.StatusCode.ABORTED, fault
-        info = details(caught.value)["ErrorInfo"]
-        assert (info.reason, info.metadata["backend"]) == ("STREAM_INTERRUPTED", "openai")
-        assert received and "".join(received) != "echo: one two three four", "never a silent truncation"
-        assert local.chat_requests == [], "never text of two backends mixed"
+    primary.inject(fault)
+    received: list[str] = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for chunk in stub.StreamComplete(stream_chat("one two three four"), timeout=10):
+            received.append(chunk.delta.content)
+    assert caught.value.code() == grpc.StatusCode.ABORTED
+    info = details(caught.value)["ErrorInfo"]
+    assert (info.reason, info.metadata["backend"]) == ("STREAM_INTERRUPTED", "openai")
+    assert received and "".join(received) != "echo: one two three four", "never a silent truncation"
+    assert local.chat_requests == [], "never text of two backends mixed"
 
 
 async def test_garbage_before_the_first_chunk_still_falls_back(
@@ -333,26 +262,24 @@ async def test_cancellation_closes_the_upstream_request_at_once(
 
 
 async def test_circuit_opens_skips_and_recovers(
-    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
     router = FAST_ROUTER.replace("failure_threshold: 50, cooldown_s: 30", "failure_threshold: 2, cooldown_s: 0.3")
-    gateway = await gateway_factory(two_backends(primary, local, router))
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
-        stub = pb.LLMServiceStub(channel)
-        primary.inject({"status": 500}, {"status": 500})
-        assert (await stub.Complete(chat(), timeout=5)).backend == "ollama"
-        health = await stub.Health(pb.HealthRequest(), timeout=5)
-        assert health.backends[0].circuit_state == pb.CIRCUIT_STATE_OPEN
-        # While open, the primary is skipped without a call.
-        answer = await stub.Complete(chat(), timeout=5)
-        assert answer.attempts[0].outcome == Outcome.ATTEMPT_OUTCOME_SKIPPED and len(primary.chat_requests) == 2
-        await asyncio.sleep(0.35)
-        health = await stub.Health(pb.HealthRequest(), timeout=5)
-        assert health.backends[0].circuit_state == pb.CIRCUIT_STATE_HALF_OPEN
-        # One probe call goes through; its success closes the circuit.
-        assert (await stub.Complete(chat(), timeout=5)).backend == "openai"
-        health = await stub.Health(pb.HealthRequest(), timeout=5)
-        assert health.backends[0].circuit_state == pb.CIRCUIT_STATE_CLOSED
+    stub = await stub_for(two_backends(primary, local, router))
+    primary.inject({"status": 500}, {"status": 500})
+    assert (await stub.Complete(chat(), timeout=5)).backend == "ollama"
+    health = await stub.Health(pb.HealthRequest(), timeout=5)
+    assert health.backends[0].circuit_state == pb.CIRCUIT_STATE_OPEN
+    # While open, the primary is skipped without a call.
+    answer = await stub.Complete(chat(), timeout=5)
+    assert answer.attempts[0].outcome == Outcome.ATTEMPT_OUTCOME_SKIPPED and len(primary.chat_requests) == 2
+    await asyncio.sleep(0.35)
+    health = await stub.Health(pb.HealthRequest(), timeout=5)
+    assert health.backends[0].circuit_state == pb.CIRCUIT_STATE_HALF_OPEN
+    # One probe call goes through; its success closes the circuit.
+    assert (await stub.Complete(chat(), timeout=5)).backend == "openai"
+    health = await stub.Health(pb.HealthRequest(), timeout=5)
+    assert health.backends[0].circuit_state == pb.CIRCUIT_STATE_CLOSED
 
 
 async def test_standard_health_follows_the_circuits(gateway_factory: GatewayFactory, local: FakeUpstream) -> None:
@@ -468,9 +395,9 @@ async def test_an_oversized_request_is_resource_exhausted(stub: pb.LLMServiceAsy
 
 
 async def test_a_prompt_too_long_goes_only_to_a_backend_with_a_larger_context(
-    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
-    gateway = await gateway_factory(f"""
+    stub = await stub_for(f"""
 llm:
   openai: {{api_key: "sk-test-key-123456", base_url: "{primary.base_url}", model: gpt-test, context_window: 8192}}
   backends:
@@ -479,8 +406,7 @@ llm:
   order: [openai, small, big]
 """)
     primary.inject(TOO_LONG)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
-        answer = await pb.LLMServiceStub(channel).Complete(chat("a very long prompt"), timeout=5)
+    answer = await stub.Complete(chat("a very long prompt"), timeout=5)
     assert answer.backend == "big"
     assert [(a.backend, a.outcome) for a in answer.attempts] == [
         ("openai", Outcome.ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED),

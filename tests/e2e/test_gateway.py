@@ -7,11 +7,10 @@ from typing import cast
 
 import grpc
 import pytest
-from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from llmrelay import v1 as pb
-from support import OPENAI_TEST_KEY, GatewayFactory, chat, details, stream_chat, two_backends, user
+from support import OPENAI_TEST_KEY, StubFactory, chat, details, stream_chat, struct, tool, two_backends, user
 from upstream import FakeUpstream
 
 
@@ -57,12 +56,11 @@ async def test_fallback_to_local_when_the_primary_is_down(
 
 
 async def test_fallback_in_the_other_direction(
-    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
-    gateway = await gateway_factory(_ollama_first(primary, local))
+    stub = await stub_for(_ollama_first(primary, local))
     local.inject({"status": 503}, {"status": 503})
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
-        answer = await pb.LLMServiceStub(channel).Complete(chat("hi"), timeout=5)
+    answer = await stub.Complete(chat("hi"), timeout=5)
     assert answer.backend == "openai"
     assert [a.upstream_status for a in answer.attempts[:2]] == [503, 503]
 
@@ -117,10 +115,6 @@ async def test_concurrent_requests_to_different_backends(
 async def test_every_option_set_reaches_the_upstream_and_nothing_unset(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
 ) -> None:
-    parameters = struct_pb2.Struct()
-    parameters.update({"type": "object", "properties": {"city": {"type": "string"}}})
-    schema = struct_pb2.Struct()
-    schema.update({"type": "object"})
     options = pb.CompletionOptions(
         temperature=0.0,  # zero is a value, not "unset"
         top_p=0.5,
@@ -128,16 +122,17 @@ async def test_every_option_set_reaches_the_upstream_and_nothing_unset(
         stop=["END"],
         seed=7,
         response_format=pb.ResponseFormat(
-            type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=pb.JsonSchema(name="answer", schema=schema)
+            type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+            json_schema=pb.JsonSchema(name="answer", schema=struct({"type": "object"})),
         ),
-        tools=[pb.Tool(function=pb.FunctionDefinition(name="weather", description="d", parameters=parameters))],
+        tools=[tool("weather", {"type": "object", "properties": {"city": {"type": "string"}}}, description="d")],
         tool_choice=pb.ToolChoice(function_name="weather"),
         reasoning_effort=pb.REASONING_EFFORT_LOW,
         presence_penalty=0.1,
         frequency_penalty=-0.1,
         parallel_tool_calls=False,
     )
-    await stub.Complete(pb.CompleteRequest(messages=[user("x")], options=options), timeout=5)
+    await stub.Complete(chat("x", options=options), timeout=5)
     sent = primary.chat_requests[0]
     assert sent["temperature"] == 0.0
     assert sent["top_p"] == 0.5
@@ -232,7 +227,7 @@ async def test_unknown_model_is_not_found_listing_what_is_served(stub: pb.LLMSer
     assert "openai/gpt-test" in str(caught.value.details())
 
 
-async def test_model_resolution_forms(stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream) -> None:
+async def test_model_resolution_forms(stub: pb.LLMServiceAsyncStub) -> None:
     assert (await stub.Complete(chat(model="tiny"), timeout=5)).backend == "ollama"
     assert (await stub.Complete(chat(model="ollama/tiny"), timeout=5)).backend == "ollama"
     # A model the probe discovered on the upstream (its /v1/models), not only the configured default.
@@ -248,16 +243,15 @@ async def test_exact_model_forbids_substitution(stub: pb.LLMServiceAsyncStub, pr
     assert "ollama" not in details(caught.value)["ErrorInfo"].metadata["attempts"]
 
 
-async def test_aliases(gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream) -> None:
-    gateway = await gateway_factory(
+async def test_aliases(stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream) -> None:
+    stub = await stub_for(
         two_backends(primary, local).replace("  ollama:", '  aliases: {fast: "ollama/tiny"}\n  ollama:')
     )
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
-        answer = await pb.LLMServiceStub(channel).Complete(chat(model="fast"), timeout=5)
+    answer = await stub.Complete(chat(model="fast"), timeout=5)
     assert (answer.backend, answer.model) == ("ollama", "tiny")
 
 
-async def test_standard_health_and_reflection(channel: grpc.aio.Channel, local: FakeUpstream) -> None:
+async def test_standard_health_and_reflection(channel: grpc.aio.Channel) -> None:
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "llmrelay.v1.LLMService"):
         response = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
@@ -281,15 +275,14 @@ async def test_health_rpc_reports_every_backend(stub: pb.LLMServiceAsyncStub) ->
     assert all(b.latency.ToNanoseconds() > 0 for b in report.backends)
 
 
-async def test_health_reports_an_unreachable_backend(gateway_factory: GatewayFactory, local: FakeUpstream) -> None:
-    gateway = await gateway_factory(f"""
+async def test_health_reports_an_unreachable_backend(stub_for: StubFactory, local: FakeUpstream) -> None:
+    stub = await stub_for(f"""
 llm:
   ollama: {{base_url: "{local.base_url}", model: tiny}}
   backends:
     - {{name: dead, kind: openai_compatible, base_url: "http://127.0.0.1:9/v1", model: m}}
 """)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
-        report = await pb.LLMServiceStub(channel).Health(pb.HealthRequest(probe=True), timeout=10)
+    report = await stub.Health(pb.HealthRequest(probe=True), timeout=10)
     dead = next(b for b in report.backends if b.name == "dead")
     assert not dead.reachable and dead.last_error
     assert report.serving, "one reachable backend is enough to serve"
@@ -297,7 +290,7 @@ llm:
 
 async def test_no_secret_is_echoed(stub: pb.LLMServiceAsyncStub, primary: FakeUpstream) -> None:
     primary.inject(
-        *[{"status": 401, "body": f'{{"error": {{"message": "Incorrect API key provided: {OPENAI_TEST_KEY}"}}}}'}]
+        {"status": 401, "body": f'{{"error": {{"message": "Incorrect API key provided: {OPENAI_TEST_KEY}"}}}}'}
     )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.Complete(chat(model="gpt-test", exact_model=True), timeout=5)

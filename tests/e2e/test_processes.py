@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import AsyncClient, Client, InvalidArgumentError, UnavailableError
 from llmrelay import v1 as pb
-from support import OPENAI_TEST_KEY, details, stream_chat
+from support import OPENAI_TEST_KEY, chat, details, stream_chat
 from upstream import FakeUpstream
 
 BIN = Path(sys.executable).parent
@@ -63,13 +63,9 @@ async def read_all(stream: Any) -> list[pb.StreamCompleteResponse]:
     return chunks
 
 
-@pytest.fixture
-async def server(tmp_path: Path, local: FakeUpstream) -> AsyncIterator[ServerProcess]:
+async def start_server(config: Path, local: FakeUpstream) -> ServerProcess:
+    """`llmrelay-server` on a free port, configured by `config` and the environment of a loopback Ollama alone."""
     port = free_port()
-    config = tmp_path / "llmrelay.yaml"
-    config.write_text(
-        f'server: {{grace_period_s: 5, usage_db: "{tmp_path}/usage.db"}}\nrouter: {{retry: {{max_retries: 0}}}}\n'
-    )
     process = await asyncio.create_subprocess_exec(
         BIN / "llmrelay-server",
         "--listen",
@@ -79,14 +75,23 @@ async def server(tmp_path: Path, local: FakeUpstream) -> AsyncIterator[ServerPro
         env=clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1"), LLMRELAY_OLLAMA_MODEL="tiny"),
         stderr=asyncio.subprocess.PIPE,
     )
-    server = ServerProcess(process, port)
+    return ServerProcess(process, port)
+
+
+@pytest.fixture
+async def server(tmp_path: Path, local: FakeUpstream) -> AsyncIterator[ServerProcess]:
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(
+        f'server: {{grace_period_s: 5, usage_db: "{tmp_path}/usage.db"}}\nrouter: {{retry: {{max_retries: 0}}}}\n'
+    )
+    server = await start_server(config, local)
     try:
         await server.wait_listening()
         yield server
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        if server.process.returncode is None:
+            server.process.kill()
+            await server.process.wait()
 
 
 async def test_sigterm_drains_calls_in_flight_and_exits_zero(server: ServerProcess, local: FakeUpstream) -> None:
@@ -106,7 +111,7 @@ async def test_sigterm_drains_calls_in_flight_and_exits_zero(server: ServerProce
             status = (await health.Check(health_pb2.HealthCheckRequest(), timeout=1)).status
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await pb.LLMServiceStub(channel).Complete(pb.CompleteRequest(messages=stream_chat().messages), timeout=5)
+            await pb.LLMServiceStub(channel).Complete(chat(), timeout=5)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert details(refused.value)["ErrorInfo"].reason == "SHUTTING_DOWN"
         rest = await read_all(stream)
@@ -219,24 +224,14 @@ async def test_sigterm_loses_no_usage(server: ServerProcess, tmp_path: Path, loc
     server.process.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(server.process.wait(), 10) == 0
     # A new gateway on the same ledger file reads back every token.
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        BIN / "llmrelay-server",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--config",
-        str(tmp_path / "llmrelay.yaml"),
-        env=clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1"), LLMRELAY_OLLAMA_MODEL="tiny"),
-        stderr=asyncio.subprocess.PIPE,
-    )
-    restarted = ServerProcess(process, port)
+    restarted = await start_server(tmp_path / "llmrelay.yaml", local)
     try:
         await restarted.wait_listening()
         async with AsyncClient(restarted.target) as client:
             records = (await client.get_usage(pb.GetUsageRequest(caller="durable"))).records
     finally:
-        process.terminate()
-        await process.wait()
+        restarted.process.terminate()
+        await restarted.process.wait()
     assert sum(r.requests for r in records) == 25
     assert sum(r.total_tokens for r in records) == sum(a.usage.total_tokens for a in answers)
 
@@ -250,7 +245,7 @@ async def test_graceful_shutdown_under_load(server: ServerProcess, local: FakeUp
         server.process.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.3)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await stub.Complete(pb.CompleteRequest(messages=stream_chat().messages), timeout=5)
+            await stub.Complete(chat(), timeout=5)
         rests = await asyncio.gather(*(read_all(s) for s in streams))
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     for i, (first, rest) in enumerate(zip(firsts, rests, strict=True)):

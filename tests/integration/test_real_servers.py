@@ -1,23 +1,19 @@
 """The gateway in front of real model servers: llama.cpp's server and Ollama, serving a tiny generated model.
 
-These prove the protocol as the servers speak it, not as our loopback fake understands it. The Ollama tests need a
-binary built by scripts/build_ollama.sh (`make test` builds it): without one they are skipped with the reason on a
-developer's machine, and fail in CI (CI is set), so that the tier never passes by not running.
+These prove the protocol as the servers speak it, not as our loopback fake understands it. The servers are the
+session fixtures of tests/conftest.py; the Ollama tests need a binary built by scripts/build_ollama.sh (`make test`
+builds it): without one they are skipped with the reason on a developer's machine, and fail in CI (CI is set), so
+that the tier never passes by not running.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
 
-import grpc
 import pytest
 from llmrelay import v1 as pb
-from models.servers import DEFAULT_OLLAMA_BINARY, OllamaHandle, ServerHandle, start_llama_server, start_ollama
-from models.tiny_gguf import write_tiny_gguf
-from support import GatewayFactory, user
+from models.servers import OllamaHandle, ServerHandle
+from support import StubFactory, user
 
 pytestmark = pytest.mark.integration
 
@@ -25,51 +21,11 @@ GREEDY = pb.CompletionOptions(temperature=0.0, seed=1, max_tokens=12)
 DEAD_URL = "http://127.0.0.1:9/v1"  # the discard port: nothing listens there
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf")
-
-
-@pytest.fixture(scope="session")
-def llama(tiny_model: Path) -> Iterator[ServerHandle]:
-    with start_llama_server(tiny_model, alias="tiny", parallel=4) as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def ollama(tiny_model: Path) -> Iterator[OllamaHandle]:
-    binary = Path(os.environ.get("LLMRELAY_OLLAMA_BIN", DEFAULT_OLLAMA_BINARY))
-    if not os.access(binary, os.X_OK):
-        reason = f"no Ollama binary at {binary}: build it with scripts/build_ollama.sh"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    with start_ollama(binary, tiny_model) as server:
-        yield server
-
-
 def backends_yaml(*entries: tuple[str, str, str, str]) -> str:
     """(name, kind, base_url, model) per backend, in routing order; the built-in openai/ollama are left out."""
     lines = [f'    - {{name: {n}, kind: {k}, base_url: "{u}", model: "{m}"}}' for n, k, u, m in entries]
     names = ", ".join(entry[0] for entry in entries)
     return "llm:\n  backends:\n" + "\n".join(lines) + f"\n  order: [{names}]\n"
-
-
-Connect = Callable[[str], Awaitable["pb.LLMServiceAsyncStub"]]
-
-
-@pytest.fixture
-async def stub_for(gateway_factory: GatewayFactory) -> AsyncIterator[Connect]:
-    channels: list[grpc.aio.Channel] = []
-
-    async def connect(yaml_text: str) -> pb.LLMServiceAsyncStub:
-        gateway = await gateway_factory(yaml_text)
-        channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}"))
-        return pb.LLMServiceStub(channels[-1])
-
-    yield connect
-    for channel in channels:
-        await channel.close()
 
 
 def llama_backend(llama: ServerHandle) -> tuple[str, str, str, str]:
@@ -94,7 +50,7 @@ async def complete_and_stream(
     return answer, "".join(c.delta.content for c in chunks), chunks[-1]
 
 
-async def test_llama_cpp_unary_and_streaming(stub_for: Connect, llama: ServerHandle) -> None:
+async def test_llama_cpp_unary_and_streaming(stub_for: StubFactory, llama: ServerHandle) -> None:
     stub = await stub_for(backends_yaml(llama_backend(llama)))
     answer, streamed, last = await complete_and_stream(stub, "tiny")
     assert answer.backend == "local"
@@ -107,7 +63,7 @@ async def test_llama_cpp_unary_and_streaming(stub_for: Connect, llama: ServerHan
     assert not last.usage.estimated, "llama.cpp reports usage in the stream's last chunk"
 
 
-async def test_ollama_unary_streaming_and_native_health(stub_for: Connect, ollama: OllamaHandle) -> None:
+async def test_ollama_unary_streaming_and_native_health(stub_for: StubFactory, ollama: OllamaHandle) -> None:
     stub = await stub_for(backends_yaml(ollama_backend(ollama)))
     answer, streamed, last = await complete_and_stream(stub, "ollama_real/tiny")
     assert answer.backend == "ollama_real" and answer.message.content
@@ -123,7 +79,7 @@ async def test_ollama_unary_streaming_and_native_health(stub_for: Connect, ollam
     ).backend == "ollama_real"
 
 
-async def test_primary_down_falls_back_to_local(stub_for: Connect, llama: ServerHandle) -> None:
+async def test_primary_down_falls_back_to_local(stub_for: StubFactory, llama: ServerHandle) -> None:
     stub = await stub_for(backends_yaml(("primary", "openai_compatible", DEAD_URL, "gpt-test"), llama_backend(llama)))
     answer = await stub.Complete(pb.CompleteRequest(messages=[user("hello")], options=GREEDY), timeout=60)
     assert (answer.backend, answer.model) == ("local", "tiny")
@@ -131,9 +87,7 @@ async def test_primary_down_falls_back_to_local(stub_for: Connect, llama: Server
     assert {a.backend for a in answer.attempts} == {"primary", "local"}
 
 
-async def test_local_down_falls_back_to_the_other_backend(
-    stub_for: Connect, llama: ServerHandle, ollama: OllamaHandle
-) -> None:
+async def test_local_down_falls_back_to_the_other_backend(stub_for: StubFactory, ollama: OllamaHandle) -> None:
     dead_local = ("local_down", "llamacpp", DEAD_URL, "tiny")
     stub = await stub_for(backends_yaml(dead_local, ollama_backend(ollama)))
     answer = await stub.Complete(pb.CompleteRequest(messages=[user("hello")], options=GREEDY), timeout=60)
@@ -148,7 +102,7 @@ async def test_local_down_falls_back_to_the_other_backend(
 
 
 async def test_usage_is_attributed_across_providers_and_concurrent_calls_add_up(
-    stub_for: Connect, llama: ServerHandle, ollama: OllamaHandle
+    stub_for: StubFactory, llama: ServerHandle, ollama: OllamaHandle
 ) -> None:
     stub = await stub_for(backends_yaml(llama_backend(llama), ollama_backend(ollama)))
     requests = [
@@ -169,7 +123,7 @@ async def test_usage_is_attributed_across_providers_and_concurrent_calls_add_up(
 
 
 async def test_count_tokens_is_exact_through_llama_cpp_and_matches_its_prompt_tokens(
-    stub_for: Connect, llama: ServerHandle
+    stub_for: StubFactory, llama: ServerHandle
 ) -> None:
     stub = await stub_for(backends_yaml(llama_backend(llama)))
     chat = [pb.Message(role=pb.ROLE_SYSTEM, content="you are water"), user("the people had water")]
@@ -179,7 +133,7 @@ async def test_count_tokens_is_exact_through_llama_cpp_and_matches_its_prompt_to
     assert count.token_count == answer.usage.prompt_tokens
 
 
-async def test_seed_case_gpt_oss_on_a_local_ollama(gateway_factory: GatewayFactory) -> None:
+async def test_seed_case_gpt_oss_on_a_local_ollama(stub_for: StubFactory) -> None:
     """The seed's own case, as written: gpt-oss:20b on localhost:11434, where a workstation runs a real Ollama."""
     import httpx2
 
@@ -189,9 +143,8 @@ async def test_seed_case_gpt_oss_on_a_local_ollama(gateway_factory: GatewayFacto
         pytest.skip("no Ollama answers on localhost:11434")
     if not any(m.get("name") in ("gpt-oss:20b",) for m in tags.get("models", [])):
         pytest.skip("the Ollama on localhost:11434 has no gpt-oss:20b (ollama pull gpt-oss:20b)")
-    gateway = await gateway_factory("", {"OLLAMA_HOST": "localhost:11434"})
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
-        answer = await pb.LLMServiceStub(channel).Complete(
-            pb.CompleteRequest(model="gpt-oss:20b", messages=[user("Say hello in one word.")]), timeout=300
-        )
+    stub = await stub_for("", {"OLLAMA_HOST": "localhost:11434"})
+    answer = await stub.Complete(
+        pb.CompleteRequest(model="gpt-oss:20b", messages=[user("Say hello in one word.")]), timeout=300
+    )
     assert answer.backend == "ollama" and answer.message.content

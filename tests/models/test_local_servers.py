@@ -2,49 +2,23 @@
 
 Both serve the generated tiny model on loopback and are driven with the real openai SDK,
 so a change in either server's OpenAI surface shows up here before it confuses a gateway
-test. The Ollama tests are skipped when no Ollama binary has been built
-(scripts/build_ollama.sh, or LLMRELAY_OLLAMA_BIN pointing at one).
+test. The servers are the session fixtures of tests/conftest.py, shared with the integration
+tests; without an Ollama binary (scripts/build_ollama.sh, or LLMRELAY_OLLAMA_BIN pointing at
+one) the Ollama tests are skipped, and fail in CI.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2
 import openai
 import pytest
 
-from .servers import DEFAULT_OLLAMA_BINARY, OLLAMA_VERSION, OllamaHandle, ServerHandle, start_llama_server, start_ollama
+from .servers import OLLAMA_VERSION, OllamaHandle, ServerHandle, start_llama_server, start_ollama
 from .tiny_gguf import write_tiny_gguf
 
 MESSAGES: list[openai.types.chat.ChatCompletionMessageParam] = [{"role": "user", "content": "say the people had water"}]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf")
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_model: Path) -> Iterator[ServerHandle]:
-    with start_llama_server(tiny_model, alias="tiny") as server:
-        yield server
-
-
-def _ollama_binary() -> Path:
-    """The Ollama binary to test, or a skip: building one takes minutes, so no test does."""
-    binary = Path(os.environ.get("LLMRELAY_OLLAMA_BIN", DEFAULT_OLLAMA_BINARY))
-    if not os.access(binary, os.X_OK):
-        pytest.skip(f"no Ollama binary at {binary}: build it with scripts/build_ollama.sh (about 5 min on 2 cores)")
-    return binary
-
-
-@pytest.fixture(scope="module")
-def ollama(tiny_model: Path) -> Iterator[OllamaHandle]:
-    with start_ollama(_ollama_binary(), tiny_model) as server:
-        yield server
 
 
 def _client(server: ServerHandle) -> openai.OpenAI:
@@ -164,8 +138,8 @@ def test_ollama_native_endpoints(ollama: OllamaHandle) -> None:
 
 
 @pytest.mark.integration
-def test_ollama_stops_cleanly_on_sigterm(tiny_model: Path) -> None:
-    with start_ollama(_ollama_binary(), tiny_model) as server:
+def test_ollama_stops_cleanly_on_sigterm(ollama_binary: Path, tiny_model: Path) -> None:
+    with start_ollama(ollama_binary, tiny_model) as server:
         # A loaded model means a runner child process that serve must take down too.
         _check_non_streaming(server, server.model)
         server.stop()

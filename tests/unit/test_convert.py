@@ -7,7 +7,6 @@ import re
 from typing import Any
 
 import pytest
-from google.protobuf import struct_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from llmrelay import v1 as pb
@@ -31,28 +30,7 @@ from llmrelay_server.domain import (
     ToolCall,
     ToolCallDelta,
 )
-
-
-@pytest.fixture(autouse=True)
-def _fresh_upstreams() -> None:
-    """Overrides the root conftest's autouse fixture: these tests need no loopback upstreams."""
-
-
-def struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    result = struct_pb2.Struct()
-    result.update(value)
-    return result
-
-
-def user(content: str = "hi") -> pb.Message:
-    return pb.Message(role=pb.ROLE_USER, content=content)
-
-
-def tool(name: str, parameters: dict[str, Any] | None = None) -> pb.Tool:
-    function = pb.FunctionDefinition(name=name)
-    if parameters is not None:
-        function.parameters.CopyFrom(struct(parameters))
-    return pb.Tool(function=function)
+from support import chat, struct, tool, user
 
 
 def fields_of(request: pb.CompleteRequest) -> list[str]:
@@ -74,7 +52,7 @@ def test_a_minimal_request() -> None:
 
 
 def test_empty_options_are_all_unset() -> None:
-    request = convert.completion_request(pb.CompleteRequest(messages=[user()], options=pb.CompletionOptions()))
+    request = convert.completion_request(chat(options=pb.CompletionOptions()))
     assert request.options == CompletionOptions()
     assert all(getattr(request.options, f) is None for f in ("temperature", "top_p", "max_tokens", "seed"))
     assert request.options.tool_choice is None
@@ -151,11 +129,10 @@ def test_every_field_maps_to_the_domain() -> None:
 
 def test_zero_values_are_set_not_unset() -> None:
     options = convert.completion_request(
-        pb.CompleteRequest(
-            messages=[user()],
+        chat(
             options=pb.CompletionOptions(
                 temperature=0.0, top_p=0.0, seed=0, presence_penalty=0.0, frequency_penalty=0.0
-            ),
+            )
         )
     ).options
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
@@ -212,7 +189,7 @@ def test_the_stream_request_converts_alike() -> None:
     ],
 )
 def test_options_at_their_bounds(options: pb.CompletionOptions, attribute: str, expected: Any) -> None:
-    request = convert.completion_request(pb.CompleteRequest(messages=[user()], options=options))
+    request = convert.completion_request(chat(options=options))
     assert getattr(request.options, attribute) == expected
 
 
@@ -265,74 +242,62 @@ OPTS = pb.CompletionOptions
             ),
             ["messages[1].tool_calls[1].function.name", "messages[1].tool_calls[1].id"],
         ),
-        (pb.CompleteRequest(messages=[user()], options=OPTS(temperature=2.0001)), ["options.temperature"]),
-        (pb.CompleteRequest(messages=[user()], options=OPTS(temperature=-0.1)), ["options.temperature"]),
-        (pb.CompleteRequest(messages=[user()], options=OPTS(temperature=math.nan)), ["options.temperature"]),
-        (pb.CompleteRequest(messages=[user()], options=OPTS(temperature=math.inf)), ["options.temperature"]),
-        (pb.CompleteRequest(messages=[user()], options=OPTS(top_p=1.5)), ["options.top_p"]),
-        (pb.CompleteRequest(messages=[user()], options=OPTS(top_p=-math.inf)), ["options.top_p"]),
-        (pb.CompleteRequest(messages=[user()], options=OPTS(presence_penalty=2.5)), ["options.presence_penalty"]),
-        (pb.CompleteRequest(messages=[user()], options=OPTS(frequency_penalty=-2.5)), ["options.frequency_penalty"]),
+        (chat(options=OPTS(temperature=2.0001)), ["options.temperature"]),
+        (chat(options=OPTS(temperature=-0.1)), ["options.temperature"]),
+        (chat(options=OPTS(temperature=math.nan)), ["options.temperature"]),
+        (chat(options=OPTS(temperature=math.inf)), ["options.temperature"]),
+        (chat(options=OPTS(top_p=1.5)), ["options.top_p"]),
+        (chat(options=OPTS(top_p=-math.inf)), ["options.top_p"]),
+        (chat(options=OPTS(presence_penalty=2.5)), ["options.presence_penalty"]),
+        (chat(options=OPTS(frequency_penalty=-2.5)), ["options.frequency_penalty"]),
         (
-            pb.CompleteRequest(messages=[user()], options=OPTS(frequency_penalty=math.nan)),
+            chat(options=OPTS(frequency_penalty=math.nan)),
             ["options.frequency_penalty"],
         ),
-        (pb.CompleteRequest(messages=[user()], options=OPTS(max_tokens=0)), ["options.max_tokens"]),
-        (pb.CompleteRequest(messages=[user()], options=OPTS(max_tokens=-1)), ["options.max_tokens"]),
-        (pb.CompleteRequest(messages=[user()], options=OPTS(max_tokens=10_000_001)), ["options.max_tokens"]),
-        (pb.CompleteRequest(messages=[user()], options=OPTS(stop=["a", "b", "c", "d", "e"])), ["options.stop"]),
-        (pb.CompleteRequest(messages=[user()], options=OPTS(stop=["a", ""])), ["options.stop"]),
-        (pb.CompleteRequest(messages=[user()], options=OPTS(tools=[tool("")])), ["options.tools[0].function.name"]),
+        (chat(options=OPTS(max_tokens=0)), ["options.max_tokens"]),
+        (chat(options=OPTS(max_tokens=-1)), ["options.max_tokens"]),
+        (chat(options=OPTS(max_tokens=10_000_001)), ["options.max_tokens"]),
+        (chat(options=OPTS(stop=["a", "b", "c", "d", "e"])), ["options.stop"]),
+        (chat(options=OPTS(stop=["a", ""])), ["options.stop"]),
+        (chat(options=OPTS(tools=[tool("")])), ["options.tools[0].function.name"]),
         (
-            pb.CompleteRequest(messages=[user()], options=OPTS(tools=[tool("x" * 65)])),
+            chat(options=OPTS(tools=[tool("x" * 65)])),
             ["options.tools[0].function.name"],
         ),
         (
-            pb.CompleteRequest(messages=[user()], options=OPTS(tools=[tool("ok"), tool("get.weather")])),
+            chat(options=OPTS(tools=[tool("ok"), tool("get.weather")])),
             ["options.tools[1].function.name"],
         ),
         (
-            pb.CompleteRequest(messages=[user()], options=OPTS(tools=[tool("f", {"type": "string"})])),
+            chat(options=OPTS(tools=[tool("f", {"type": "string"})])),
             ["options.tools[0].function.parameters"],
         ),
         (
-            pb.CompleteRequest(
-                messages=[user()], options=OPTS(tools=[tool("f")], tool_choice=pb.ToolChoice(function_name="g"))
-            ),
+            chat(options=OPTS(tools=[tool("f")], tool_choice=pb.ToolChoice(function_name="g"))),
             ["options.tool_choice.function_name"],
         ),
         (
-            pb.CompleteRequest(messages=[user()], options=OPTS(tool_choice=pb.ToolChoice(function_name=""))),
+            chat(options=OPTS(tool_choice=pb.ToolChoice(function_name=""))),
             ["options.tool_choice.function_name"],
         ),
         (
-            pb.CompleteRequest(
-                messages=[user()], options=OPTS(tool_choice=pb.ToolChoice(mode=pb.ToolChoiceMode.ValueType(99)))
-            ),
+            chat(options=OPTS(tool_choice=pb.ToolChoice(mode=pb.ToolChoiceMode.ValueType(99)))),
             ["options.tool_choice.mode"],
         ),
         (
-            pb.CompleteRequest(
-                messages=[user()], options=OPTS(tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED))
-            ),
+            chat(options=OPTS(tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED))),
             ["options.tool_choice.mode"],
         ),
         (
-            pb.CompleteRequest(messages=[user()], options=OPTS(reasoning_effort=pb.ReasoningEffort.ValueType(6))),
+            chat(options=OPTS(reasoning_effort=pb.ReasoningEffort.ValueType(6))),
             ["options.reasoning_effort"],
         ),
         (
-            pb.CompleteRequest(
-                messages=[user()],
-                options=OPTS(response_format=pb.ResponseFormat(type=pb.ResponseFormatType.ValueType(9))),
-            ),
+            chat(options=OPTS(response_format=pb.ResponseFormat(type=pb.ResponseFormatType.ValueType(9)))),
             ["options.response_format.type"],
         ),
         (
-            pb.CompleteRequest(
-                messages=[user()],
-                options=OPTS(response_format=pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA)),
-            ),
+            chat(options=OPTS(response_format=pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA))),
             ["options.response_format.json_schema.name", "options.response_format.json_schema.schema"],
         ),
         # several at once: every violation is reported, not just the first
@@ -401,7 +366,7 @@ def test_a_non_finite_number_in_a_schema_is_an_invalid_request(number: float, wh
         )
     )
     with pytest.raises(InvalidRequestError):
-        convert.completion_request(pb.CompleteRequest(messages=[user()], options=options))
+        convert.completion_request(chat(options=options))
 
 
 # --- count requests -------------------------------------------------------------------------------------------------

@@ -12,12 +12,6 @@ from llmrelay_server.config import CircuitConfig, RetryConfig, RouterConfig
 from llmrelay_server.domain import BackendHealth, BackendSpec, LLMProvider, ModelNotFoundError
 from llmrelay_server.router import Backoff, CircuitBreaker, CircuitState, Router
 
-
-@pytest.fixture(autouse=True)
-def _fresh_upstreams() -> None:
-    """Overrides the root conftest's autouse fixture: these tests need no loopback upstreams."""
-
-
 # --- Backoff --------------------------------------------------------------------------------------------------------
 
 RETRY = RetryConfig(max_retries=9, initial_backoff_s=0.2, max_backoff_s=2.0, max_retry_after_s=10.0)

@@ -31,11 +31,6 @@ OUT = AttemptOutcome
 C = grpc.StatusCode
 
 
-@pytest.fixture(autouse=True)
-def _fresh_upstreams() -> None:
-    """Overrides the root conftest's autouse fixture: these tests need no loopback upstreams."""
-
-
 @dataclass
 class Decoded:
     status: status_pb2.Status

@@ -344,9 +344,7 @@ def test_loads_from_tiktoken_cache_dir_named_by_url_hash(
     assert no_network == []
 
 
-def test_default_search_puts_operator_dirs_before_the_bundled_files(
-    monkeypatch: pytest.MonkeyPatch, bundled_dir: Path
-) -> None:
+def test_default_search_puts_operator_dirs_before_the_bundled_files(bundled_dir: Path) -> None:
     environ = {"LLMRELAY_TIKTOKEN_DIR": "/srv/tiktoken", "TIKTOKEN_CACHE_DIR": "/var/cache/tiktoken"}
 
     assert default_search_dirs(environ) == (Path("/srv/tiktoken"), Path("/var/cache/tiktoken"), bundled_dir)

@@ -118,10 +118,8 @@ async def test_aclose_writes_everything_and_a_new_ledger_reads_it(tmp_path: Path
         ledger.record("b", "m", "c", TokenUsage(4, 2, estimated=True))
 
     await ledger.aclose()
-    reopened = UsageLedger(path)
 
-    assert await reopened.query() == [UsageTotals("b", "m", "c", 25, 100, 50, 150, 25)]
-    await reopened.aclose()
+    assert await _reopen_and_query(path) == [UsageTotals("b", "m", "c", 25, 100, 50, 150, 25)]
 
 
 async def test_database_is_in_wal_mode(tmp_path: Path) -> None:

@@ -25,17 +25,13 @@ from llmrelay_server.domain import (
     ToolCallDelta,
 )
 
-
-@pytest.fixture(autouse=True)
-def _fresh_upstreams() -> None:
-    """Overrides the root conftest's autouse fixture: these tests need no loopback upstreams."""
-
-
 USER_HI = (Message(Role.USER, "hi"),)
 
 
-def body(options: CompletionOptions | None = None, *, field: str = "max_tokens", **kwargs: Any) -> dict[str, Any]:
-    request = CompletionRequest(messages=kwargs.pop("messages", USER_HI), options=options or CompletionOptions())
+def body(
+    options: CompletionOptions | None = None, *, field: str = "max_tokens", messages: tuple[Message, ...] = USER_HI
+) -> dict[str, Any]:
+    request = CompletionRequest(messages=messages, options=options or CompletionOptions())
     result = wire.request_body("m", request, max_tokens_field=field)
     json.dumps(result, allow_nan=False)  # the body must be plain JSON
     return result
@@ -357,15 +353,13 @@ def test_first_choice_of_stream_chunks() -> None:
         ("eos", FinishReason.UNKNOWN),
         (None, FinishReason.UNKNOWN),
         (3, FinishReason.UNKNOWN),
+        ([], FinishReason.UNKNOWN),
+        ({}, FinishReason.UNKNOWN),
+        (["stop"], FinishReason.UNKNOWN),
     ],
 )
 def test_finish_reason(value: Any, expected: FinishReason) -> None:
     assert wire.finish_reason(value) is expected
-
-
-@pytest.mark.parametrize("value", [[], {}, ["stop"]])
-def test_finish_reason_of_garbage_is_unknown(value: Any) -> None:
-    assert wire.finish_reason(value) is FinishReason.UNKNOWN
 
 
 def test_usage_with_details() -> None:
@@ -453,16 +447,25 @@ def test_no_tool_call_deltas(delta: dict[str, Any]) -> None:
     assert wire.tool_call_deltas(delta) == ()
 
 
-@pytest.mark.parametrize("calls", [{"index": 0}, "x", 5, [None], [["x"]], ["x"]])
+@pytest.mark.parametrize(
+    "calls",
+    [
+        {"index": 0},
+        "x",
+        5,
+        [None],
+        [["x"]],
+        ["x"],
+        # a call whose function is not an object
+        [{"index": 0, "function": "f"}],
+        [{"index": 0, "function": ["f"]}],
+        [{"index": 0, "function": 1}],
+        [{"index": 0, "function": True}],
+    ],
+)
 def test_malformed_tool_call_deltas(calls: Any) -> None:
     with pytest.raises(wire.MalformedAnswerError):
         wire.tool_call_deltas({"tool_calls": calls})
-
-
-@pytest.mark.parametrize("function", ["f", ["f"], 1, True])
-def test_a_tool_call_delta_whose_function_is_not_an_object_is_malformed(function: Any) -> None:
-    with pytest.raises(wire.MalformedAnswerError):
-        wire.tool_call_deltas({"tool_calls": [{"index": 0, "function": function}]})
 
 
 @pytest.mark.parametrize(
