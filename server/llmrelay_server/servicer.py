@@ -147,6 +147,6 @@ def caller_identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], rpc: str, error: LLMRelayError) -> NoReturn:
     failure = rpc_failure(error)
-    log.info("%s failed: %s: %s", rpc, failure.code.name, failure.message)
-    await context.abort(failure.code, failure.message, trailing_metadata=failure.trailing_metadata)
+    log.info("%s failed: %s: %s", rpc, failure.code.name, failure.details)
+    await context.abort_with_status(failure)
     raise AssertionError("abort returns only by raising")

@@ -19,12 +19,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Final, TypeAlias
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from llmrelay_server.domain import (
     AllBackendsFailedError,
@@ -42,7 +42,6 @@ from llmrelay_server.domain import (
 )
 
 DOMAIN: Final = "llmrelay.dev"
-STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
 DEFAULT_RETRY_DELAY_S: Final = 1.0
 
 _Detail: TypeAlias = error_details_pb2.RetryInfo | error_details_pb2.BadRequest
@@ -50,24 +49,13 @@ _Detail: TypeAlias = error_details_pb2.RetryInfo | error_details_pb2.BadRequest
 _Classified: TypeAlias = tuple[grpc.StatusCode, str, dict[str, str], list[_Detail]]
 
 
-@dataclass(frozen=True, slots=True)
-class RpcFailure:
-    code: grpc.StatusCode
-    message: str
-    details: bytes
-    """A serialized google.rpc.Status, sent as the grpc-status-details-bin trailer."""
-
-    @property
-    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
-        return ((STATUS_DETAILS_KEY, self.details),)
-
-
-def rpc_failure(error: LLMRelayError) -> RpcFailure:
+def rpc_failure(error: LLMRelayError) -> grpc.Status:
+    """The status to abort a call with: code, the error's text, and the google.rpc.Status in the details trailer."""
     code, reason, metadata, extra = _classify(error)
     info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
-    message = str(error)
-    status = status_pb2.Status(code=code.value[0], message=message, details=[_pack(info), *map(_pack, extra)])
-    return RpcFailure(code, message, status.SerializeToString())
+    status = status_pb2.Status(code=code.value[0], message=str(error), details=[_pack(info), *map(_pack, extra)])
+    converted: grpc.Status = rpc_status.to_status(status)
+    return converted
 
 
 def _classify(error: LLMRelayError) -> _Classified:

@@ -39,11 +39,10 @@ class Decoded:
     bad_request: error_details_pb2.BadRequest | None
 
 
-def decode(failure: status.RpcFailure) -> Decoded:
+def decode(failure: grpc.Status) -> Decoded:
     """Reads the details as a client would: from the grpc-status-details-bin bytes alone."""
     (key, details), *rest = failure.trailing_metadata
     assert (key, rest) == ("grpc-status-details-bin", [])
-    assert details == failure.details
     message = status_pb2.Status.FromString(details)
     info = error_details_pb2.ErrorInfo()
     assert message.details[0].Unpack(info), "ErrorInfo comes first"
@@ -64,11 +63,11 @@ def decode(failure: status.RpcFailure) -> Decoded:
     return Decoded(message, info, retry_delay_s, bad_request)
 
 
-def failure_of(error: LLMRelayError) -> tuple[status.RpcFailure, Decoded]:
+def failure_of(error: LLMRelayError) -> tuple[grpc.Status, Decoded]:
     failure = status.rpc_failure(error)
     decoded = decode(failure)
     assert decoded.status.code == failure.code.value[0]
-    assert decoded.status.message == failure.message == str(error)
+    assert decoded.status.message == failure.details == str(error)
     assert decoded.info.domain == "llmrelay.dev"
     return failure, decoded
 
@@ -302,11 +301,11 @@ def test_an_invalid_request_lists_every_field_violation() -> None:
         ("messages[0].content", "must not be empty"),
         ("options.temperature", "must be between 0 and 2"),
     ]
-    assert failure.message == "messages[0].content: must not be empty; options.temperature: must be between 0 and 2"
+    assert failure.details == "messages[0].content: must not be empty; options.temperature: must be between 0 and 2"
 
 
 def test_retry_delays_keep_their_fraction() -> None:
-    details = status_pb2.Status.FromString(status.rpc_failure(upstream(K.RATE_LIMITED, retry_after_s=1.25)).details)
+    details = decode(status.rpc_failure(upstream(K.RATE_LIMITED, retry_after_s=1.25))).status
     retry = error_details_pb2.RetryInfo()
     assert details.details[1].Unpack(retry)
     assert (retry.retry_delay.seconds, retry.retry_delay.nanos) == (1, 250_000_000)
@@ -320,7 +319,7 @@ def test_a_rate_limit_of_zero_seconds_is_sent_as_zero() -> None:
 def test_the_status_message_is_the_errors_text() -> None:
     error = ModelNotFoundError("claude-9", ["ollama/gpt-oss:20b"])
     failure = status.rpc_failure(error)
-    assert failure.message == "no backend serves model 'claude-9'; served: ollama/gpt-oss:20b"
+    assert failure.details == "no backend serves model 'claude-9'; served: ollama/gpt-oss:20b"
 
 
 REASONS_BY_ERROR = [
