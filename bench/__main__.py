@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import socket
 import statistics
@@ -17,17 +18,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import openai
 from llmrelay import v1 as pb
+from openai.types.chat import ChatCompletionMessageParam
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+STOP_S = 15
+KINDS = ("unary", "stream")
+PROMPT = "benchmark the gateway please"
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": PROMPT}]
+
+Call = Callable[[], Awaitable[None]]
 
 
 def free_port() -> int:
@@ -62,8 +70,17 @@ class Run:
     def p99_ms(self) -> float:
         return statistics.quantiles(self.latencies_s, n=100)[98] * 1000
 
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies_s) / self.wall_s
 
-async def measure(call: Callable[[], Awaitable[None]], requests: int, concurrency: int, pids: dict[str, int]) -> Run:
+    def cpu_ms(self, server: str) -> float:
+        """The server's CPU time per request, in milliseconds."""
+        return self.cpu_s[server] / len(self.latencies_s) * 1000
+
+
+async def measure(call: Call, requests: int, concurrency: int, pids: Mapping[str, Sequence[int]]) -> Run:
+    """Times `requests` calls, `concurrency` at a time; each server's CPU is summed over its processes `pids`."""
     for _ in range(50):  # warm-up: connections, caches, first-call imports
         await call()
     latencies: list[float] = []
@@ -75,12 +92,60 @@ async def measure(call: Callable[[], Awaitable[None]], requests: int, concurrenc
             await call()
             latencies.append(time.perf_counter() - started)
 
-    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    def cpu() -> dict[str, float]:
+        return {name: sum(map(cpu_seconds, processes)) for name, processes in pids.items()}
+
+    cpu_before = cpu()
     started = time.perf_counter()
     await asyncio.gather(*(timed() for _ in range(requests)))
     wall = time.perf_counter() - started
-    cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
-    return Run(latencies, wall, cpu)
+    cpu_after = cpu()
+    return Run(latencies, wall, {name: cpu_after[name] - cpu_before[name] for name in pids})
+
+
+def sdk_calls(client: openai.AsyncOpenAI) -> dict[str, Call]:
+    """A unary and a streaming chat completion through the openai SDK, each checking that an answer came."""
+
+    async def unary() -> None:
+        answer = await client.chat.completions.create(model="tiny", messages=MESSAGES)
+        assert answer.choices[0].message.content, answer
+
+    async def stream() -> None:
+        chunks = 0
+        async for _ in await client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True):
+            chunks += 1
+        assert chunks > 1, chunks
+
+    return {"unary": unary, "stream": stream}
+
+
+def gateway_calls(stub: pb.LLMServiceAsyncStub) -> dict[str, Call]:
+    """The same chat, unary and streaming, through llmrelay's gRPC contract."""
+    request = pb.CompleteRequest(model="tiny", messages=[pb.Message(role=pb.ROLE_USER, content=PROMPT)])
+    stream_request = pb.StreamCompleteRequest(model=request.model, messages=request.messages)
+
+    async def unary() -> None:
+        await stub.Complete(request, timeout=10)
+
+    async def stream() -> None:
+        async for _ in stub.StreamComplete(stream_request, timeout=10):
+            pass
+
+    return {"unary": unary, "stream": stream}
+
+
+def print_header() -> None:
+    print(f"{'path':<18}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'gateway CPU/req':>18}{'upstream CPU/req':>18}")
+
+
+def print_row(name: str, run: Run, gateway: str | None) -> None:
+    """One path's figures; `gateway` is the server whose CPU the path costs (None: no gateway's)."""
+    gateway_cpu = f"{run.cpu_ms(gateway):>15.3f} ms" if gateway else f"{'-':>18}"
+    print(
+        f"{name:<18}{run.p50_ms:>9.2f}{run.p99_ms:>9.2f}{run.throughput:>9.0f}{gateway_cpu}"
+        f"{run.cpu_ms('upstream'):>15.3f} ms",
+        flush=True,
+    )
 
 
 def start(args: list[str], ready: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -95,6 +160,21 @@ def start(args: list[str], ready: str, env: dict[str, str] | None = None) -> sub
             break
     process.kill()
     raise SystemExit(f"bench: {args[0]} did not start")
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    process.terminate()
+    try:
+        process.wait(STOP_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
+def start_upstream(port: int) -> subprocess.Popen[str]:
+    """The loopback fake OpenAI upstream (tests/upstream.py)."""
+    listen = f"127.0.0.1:{port}"
+    return start([sys.executable, str(ROOT / "tests" / "upstream.py"), "--listen", listen], "upstream listening on")
 
 
 def start_gateway(scratch: Path, upstream_port: int, gateway_port: int) -> subprocess.Popen[str]:
@@ -116,69 +196,34 @@ async def main() -> None:
     args = parser.parse_args()
 
     upstream_port, gateway_port = free_port(), free_port()
-    upstream = start(
-        [sys.executable, str(ROOT / "tests" / "upstream.py"), "--listen", f"127.0.0.1:{upstream_port}"], "listening"
-    )
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as running:
+        upstream = start_upstream(upstream_port)
+        running.callback(stop, upstream)
         gateway = start_gateway(Path(scratch), upstream_port, gateway_port)
-        try:
-            await asyncio.sleep(1.0)
-            await report(upstream, gateway, upstream_port, gateway_port, args.requests, args.concurrency)
-        finally:
-            for process in (gateway, upstream):
-                process.terminate()
-                process.wait(10)
+        running.callback(stop, gateway)
+        await asyncio.sleep(1.0)
+        await report(upstream.pid, gateway.pid, upstream_port, gateway_port, args.requests, args.concurrency)
 
 
 async def report(
-    upstream: subprocess.Popen[str],
-    gateway: subprocess.Popen[str],
-    upstream_port: int,
-    gateway_port: int,
-    requests: int,
-    concurrency: int,
+    upstream_pid: int, gateway_pid: int, upstream_port: int, gateway_port: int, requests: int, concurrency: int
 ) -> None:
-    messages = [{"role": "user", "content": "benchmark the gateway please"}]
     direct = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{upstream_port}/v1", api_key="bench", max_retries=0)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway_port}")
-    stub = pb.LLMServiceStub(channel)
-    request = pb.CompleteRequest(model="tiny", messages=[pb.Message(role=pb.ROLE_USER, content=messages[0]["content"])])
-    stream_request = pb.StreamCompleteRequest(model=request.model, messages=request.messages)
-
-    async def direct_unary() -> None:
-        await direct.chat.completions.create(model="tiny", messages=messages)  # type: ignore[arg-type]
-
-    async def direct_stream() -> None:
-        async for _ in await direct.chat.completions.create(model="tiny", messages=messages, stream=True):  # type: ignore[arg-type, union-attr]
-            pass
-
-    async def gateway_unary() -> None:
-        await stub.Complete(request, timeout=10)
-
-    async def gateway_stream() -> None:
-        async for _ in stub.StreamComplete(stream_request, timeout=10):
-            pass
-
-    pids = {"upstream": upstream.pid, "gateway": gateway.pid}
-    rss_idle = rss_mib(gateway.pid)
+    paths = {"direct": sdk_calls(direct), "gateway": gateway_calls(pb.LLMServiceStub(channel))}
+    pids = {"upstream": [upstream_pid], "gateway": [gateway_pid]}
+    rss_idle = rss_mib(gateway_pid)
     print(f"llmrelay bench: {requests} requests, concurrency {concurrency}, loopback upstream in its own process\n")
-    print(f"{'path':<22}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'gateway CPU/req':>18}{'upstream CPU/req':>18}")
+    print_header()
     results: dict[str, Run] = {}
-    for name, call in (
-        ("direct unary", direct_unary),
-        ("gateway unary", gateway_unary),
-        ("direct stream", direct_stream),
-        ("gateway stream", gateway_stream),
-    ):
-        run = await measure(call, requests, concurrency, pids)
-        results[name] = run
-        print(
-            f"{name:<22}{run.p50_ms:>9.2f}{run.p99_ms:>9.2f}{requests / run.wall_s:>9.0f}"
-            f"{run.cpu_s['gateway'] / requests * 1000:>15.3f} ms{run.cpu_s['upstream'] / requests * 1000:>15.3f} ms"
-        )
-    rss_loaded = rss_mib(gateway.pid)
+    for kind in KINDS:
+        for path, calls in paths.items():
+            name = f"{path} {kind}"
+            results[name] = await measure(calls[kind], requests, concurrency, pids)
+            print_row(name, results[name], "gateway")
+    rss_loaded = rss_mib(gateway_pid)
     print("\nratios, gateway / direct (same upstream, same run):")
-    for kind in ("unary", "stream"):
+    for kind in KINDS:
         via, direct_run = results[f"gateway {kind}"], results[f"direct {kind}"]
         latency = via.p50_ms / direct_run.p50_ms
         throughput = direct_run.wall_s / via.wall_s
@@ -191,7 +236,5 @@ async def report(
 
 if __name__ == "__main__":
     asyncio.run(main())
-    tokens = ROOT / "bench" / "bench_tokens.py"
-    if tokens.exists():
-        print()
-        subprocess.run([sys.executable, str(tokens)], check=True)
+    print()
+    subprocess.run([sys.executable, str(ROOT / "bench" / "bench_tokens.py")], check=True)

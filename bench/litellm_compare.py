@@ -32,7 +32,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +39,22 @@ import grpc
 import openai
 from llmrelay import v1 as pb
 
-from bench.__main__ import ROOT, Run, free_port, measure, rss_mib, start, start_gateway
+from bench.__main__ import (
+    KINDS,
+    STOP_S,
+    Call,
+    Run,
+    free_port,
+    gateway_calls,
+    measure,
+    print_header,
+    print_row,
+    rss_mib,
+    sdk_calls,
+    start_gateway,
+    start_upstream,
+    stop,
+)
 
 # Pinned: LiteLLM's PyPI releases were hijacked twice (1.82.7/1.82.8 in March 2026, 1.107.0 in October 2026).
 # 1.105.1 predates the second incident and is the version Homebrew pins by hash. Change it deliberately.
@@ -51,7 +65,6 @@ ALLOWED_PTH = {"distutils-precedence.pth"}
 # The bar: under a millisecond of server CPU per request, and a tenth of LiteLLM's or less.
 BAR_CPU_MS, BAR_RATIO = 1.0, 0.1
 LITELLM_STARTUP_S = 180  # a cold LiteLLM import on 2 cores takes a while
-STOP_S = 15
 
 LITELLM_CONFIG = """\
 model_list:
@@ -226,15 +239,6 @@ def stop_group(process: subprocess.Popen[bytes]) -> None:
             time.sleep(0.1)
 
 
-def stop(process: subprocess.Popen[str]) -> None:
-    process.terminate()
-    try:
-        process.wait(STOP_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(5)
-
-
 def log_problems(log: Path) -> list[str]:
     words = ("warning", "error", "exception", "traceback", "timeout", "connect")
     return [line for line in log.read_text(errors="replace").splitlines() if any(w in line.lower() for w in words)]
@@ -253,10 +257,7 @@ def main() -> None:
     upstream_port, gateway_port, litellm_port = free_port(), free_port(), free_port()
     with tempfile.TemporaryDirectory() as scratch_name, contextlib.ExitStack() as running:
         scratch = Path(scratch_name)
-        upstream = start(
-            [sys.executable, str(ROOT / "tests" / "upstream.py"), "--listen", f"127.0.0.1:{upstream_port}"],
-            "upstream listening on",
-        )
+        upstream = start_upstream(upstream_port)
         running.callback(stop, upstream)
         master_key = f"sk-{secrets.token_hex(16)}"
         litellm, litellm_log = start_litellm(venv, scratch, upstream_port, litellm_port, master_key)
@@ -283,27 +284,19 @@ class Servers:
     litellm_port: int
     litellm_key: str
 
-    def pids(self) -> dict[str, int]:
-        """Each process to read CPU from; LiteLLM's tree as litellm, litellm/<pid>... (summed by `cpu`)."""
-        tree = descendants(self.litellm)
-        return {"upstream": self.upstream, "llmrelay": self.gateway} | {
-            "litellm" if pid == self.litellm else f"litellm/{pid}": pid for pid in tree
-        }
+    def pids(self) -> dict[str, list[int]]:
+        """The processes of each server to read CPU from: LiteLLM's whole tree."""
+        return {"upstream": [self.upstream], "llmrelay": [self.gateway], "litellm": descendants(self.litellm)}
 
     def litellm_rss_mib(self) -> float:
         return sum(rss_mib(pid) for pid in descendants(self.litellm))
-
-
-def cpu(run: Run, server: str) -> float:
-    """CPU seconds of one server over a run, its process tree summed."""
-    return sum(seconds for name, seconds in run.cpu_s.items() if name.split("/")[0] == server)
 
 
 def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
-async def warm_up(call: Callable[[], Awaitable[None]], calls: int, concurrency: int) -> None:
+async def warm_up(call: Call, calls: int, concurrency: int) -> None:
     """At the run's concurrency, so every pool (client's, gateway's to the upstream) has grown to it before the timed
     run, and lazy imports are done; `measure` then adds its own sequential warm-up."""
     semaphore = asyncio.Semaphore(concurrency)
@@ -316,84 +309,54 @@ async def warm_up(call: Callable[[], Awaitable[None]], calls: int, concurrency: 
 
 
 async def report(servers: Servers, requests: int, concurrency: int, litellm_version: str) -> None:
-    messages = [{"role": "user", "content": "benchmark the gateway please"}]
     direct = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{servers.upstream_port}/v1", api_key="bench", max_retries=0)
     litellm = openai.AsyncOpenAI(
         base_url=f"http://127.0.0.1:{servers.litellm_port}/v1", api_key=servers.litellm_key, max_retries=0, timeout=30
     )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{servers.gateway_port}")
-    stub = pb.LLMServiceStub(channel)
-    request = pb.CompleteRequest(model="tiny", messages=[pb.Message(role=pb.ROLE_USER, content=messages[0]["content"])])
-    stream_request = pb.StreamCompleteRequest(model=request.model, messages=request.messages)
-
-    def sdk_unary(client: openai.AsyncOpenAI) -> Callable[[], Awaitable[None]]:
-        async def call() -> None:
-            answer = await client.chat.completions.create(model="tiny", messages=messages)  # type: ignore[arg-type]
-            assert answer.choices[0].message.content, answer
-
-        return call
-
-    def sdk_stream(client: openai.AsyncOpenAI) -> Callable[[], Awaitable[None]]:
-        async def call() -> None:
-            chunks = 0
-            async for _ in await client.chat.completions.create(model="tiny", messages=messages, stream=True):  # type: ignore[arg-type, union-attr]
-                chunks += 1
-            assert chunks > 1, chunks
-
-        return call
-
-    async def llmrelay_unary() -> None:
-        await stub.Complete(request, timeout=10)
-
-    async def llmrelay_stream() -> None:
-        async for _ in stub.StreamComplete(stream_request, timeout=10):
-            pass
-
-    # Which server's CPU a path costs (direct: none besides the upstream).
-    paths: list[tuple[str, str, Callable[[], Awaitable[None]]]] = [
-        ("direct unary", "", sdk_unary(direct)),
-        ("litellm unary", "litellm", sdk_unary(litellm)),
-        ("llmrelay unary", "llmrelay", llmrelay_unary),
-        ("direct stream", "", sdk_stream(direct)),
-        ("litellm stream", "litellm", sdk_stream(litellm)),
-        ("llmrelay stream", "llmrelay", llmrelay_stream),
-    ]
+    # Each path is named after the server it goes through, whose CPU it costs besides the upstream's (direct: none).
+    paths = {
+        "direct": sdk_calls(direct),
+        "litellm": sdk_calls(litellm),
+        "llmrelay": gateway_calls(pb.LLMServiceStub(channel)),
+    }
     idle = {"llmrelay": rss_mib(servers.gateway), "litellm": servers.litellm_rss_mib()}
     print(
         f"\nllmrelay vs LiteLLM {litellm_version} proxy: {requests} requests, concurrency {concurrency}, "
         f"loopback upstream, each server in its own process, {os.cpu_count()} cores\n"
     )
-    print(f"{'path':<18}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'gateway CPU/req':>18}{'upstream CPU/req':>18}")
+    print_header()
     results: dict[str, Run] = {}
-    for name, server, call in paths:
-        await warm_up(call, requests // 5, concurrency)
-        run = await measure(call, requests, concurrency, servers.pids())
-        results[name] = run
-        gateway_cpu = f"{cpu(run, server) / requests * 1000:>15.3f} ms" if server else f"{'-':>18}"
-        print(
-            f"{name:<18}{run.p50_ms:>9.2f}{run.p99_ms:>9.2f}{requests / run.wall_s:>9.0f}{gateway_cpu}"
-            f"{cpu(run, 'upstream') / requests * 1000:>15.3f} ms",
-            flush=True,
-        )
+    for kind in KINDS:
+        for path, calls in paths.items():
+            name = f"{path} {kind}"
+            await warm_up(calls[kind], requests // 5, concurrency)
+            results[name] = await measure(calls[kind], requests, concurrency, servers.pids())
+            print_row(name, results[name], None if path == "direct" else path)
     loaded = {"llmrelay": rss_mib(servers.gateway), "litellm": servers.litellm_rss_mib()}
 
+    # Server CPU per request, llmrelay's and LiteLLM's, of each kind.
+    cpu_ms = {
+        kind: (results[f"llmrelay {kind}"].cpu_ms("llmrelay"), results[f"litellm {kind}"].cpu_ms("litellm"))
+        for kind in KINDS
+    }
     print("\nllmrelay / LiteLLM (below 1 is llmrelay ahead; throughput is LiteLLM's wall time over llmrelay's):")
-    for kind in ("unary", "stream"):
+    for kind in KINDS:
         ours, theirs = results[f"llmrelay {kind}"], results[f"litellm {kind}"]
+        ours_ms, theirs_ms = cpu_ms[kind]
         print(
             f"  {kind:<7} p50 x{ours.p50_ms / theirs.p50_ms:.2f}   p99 x{ours.p99_ms / theirs.p99_ms:.2f}   "
             f"throughput x{theirs.wall_s / ours.wall_s:.2f}   "
-            f"server CPU/req x{ratio(cpu(ours, 'llmrelay'), cpu(theirs, 'litellm')):.3f} "
-            f"({cpu(ours, 'llmrelay') / requests * 1000:.3f} ms vs {cpu(theirs, 'litellm') / requests * 1000:.3f} ms)"
+            f"server CPU/req x{ratio(ours_ms, theirs_ms):.3f} ({ours_ms:.3f} ms vs {theirs_ms:.3f} ms)"
         )
     print(f"\nthe bar (server CPU/req under {BAR_CPU_MS:g} ms and at most x{BAR_RATIO:g} LiteLLM's):")
-    for kind in ("unary", "stream"):
-        ours_ms = cpu(results[f"llmrelay {kind}"], "llmrelay") / requests * 1000
-        share = ratio(ours_ms, cpu(results[f"litellm {kind}"], "litellm") / requests * 1000)
+    for kind in KINDS:
+        ours_ms, theirs_ms = cpu_ms[kind]
+        share = ratio(ours_ms, theirs_ms)
         verdict = "met" if ours_ms < BAR_CPU_MS and share <= BAR_RATIO else "NOT met"
         print(f"  {kind:<7} {verdict}: {ours_ms:.3f} ms, x{share:.3f} LiteLLM's")
     print("\neach / direct (same upstream, same run):")
-    for kind in ("unary", "stream"):
+    for kind in KINDS:
         base = results[f"direct {kind}"]
         for server in ("litellm", "llmrelay"):
             run = results[f"{server} {kind}"]
