@@ -21,11 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from llmrelay import Client, UnavailableError  # noqa: E402
-from models.servers import start_llama_server  # noqa: E402
+from models.servers import CACHE_ROOT, start_llama_server  # noqa: E402
 from models.tiny_gguf import write_tiny_gguf  # noqa: E402
 
 BIN = Path(sys.executable).parent
-CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmrelay" / "demo"
+CACHE = CACHE_ROOT / "demo"
 
 
 def wait_until_serving(target: str, within_s: float = 30.0) -> None:

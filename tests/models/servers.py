@@ -32,11 +32,11 @@ from .llama_server import READY_PREFIX
 
 LLAMA_SERVER_SCRIPT: Final = Path(__file__).with_name("llama_server.py")
 OLLAMA_VERSION: Final = "v0.17.4"
-# Where scripts/build_ollama.sh puts the binary (it reads the same variables).
-_CACHE_ROOT: Final = Path(
+# The project's cache, as scripts/build_ollama.sh and install_tools.sh read it: the Ollama binary, the demo's model.
+CACHE_ROOT: Final = Path(
     os.environ.get("LLMRELAY_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmrelay"
 )
-DEFAULT_OLLAMA_BINARY: Final = _CACHE_ROOT / f"ollama-{OLLAMA_VERSION}" / "ollama"
+DEFAULT_OLLAMA_BINARY: Final = CACHE_ROOT / f"ollama-{OLLAMA_VERSION}" / "ollama"
 
 STARTUP_TIMEOUT_S: Final = 60.0
 STOP_TIMEOUT_S: Final = 10.0
