@@ -27,6 +27,10 @@ NO_BACKEND_HINT = (
 )
 
 
+class ListenError(RuntimeError):
+    """The gateway cannot serve on its address (in use by another process, or not an address of this machine)."""
+
+
 @dataclass
 class Gateway:
     """A running gateway; `port` is the bound port (useful when listening on port 0)."""
@@ -54,16 +58,29 @@ class Gateway:
 
 
 async def start_gateway(config: GatewayConfig) -> Gateway:
+    limit = config.server.max_message_bytes
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            # gRPC shares a port between servers by default: a second gateway started by mistake would silently
+            # take half of the first one's calls. Bound first, so a taken port stops us before anything starts.
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    try:
+        port = server.add_insecure_port(config.server.listen)
+    except RuntimeError as exc:
+        raise ListenError(
+            f"cannot listen on {config.server.listen}: the address is in use (another llmrelay-server?) or not an"
+            " address of this machine; choose another with --listen or LLMRELAY_LISTEN"
+        ) from exc
     counter = TokenCounter()
     ledger = UsageLedger(config.server.usage_db)
     await ledger.start()
     factory = provider_factory(counter)
     providers = [factory.create(spec) for spec in config.backends]
     router = Router(providers, config=config.router, counter=counter, ledger=ledger, aliases=config.aliases)
-    limit = config.server.max_message_bytes
-    server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
-    )
     health_servicer = health.aio.HealthServicer()
     monitor = HealthMonitor(router, health_servicer, config.server.health_interval_s)
     servicer = LLMServicer(router, monitor, ledger, limit)
@@ -71,7 +88,6 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(services, server)
-    port = server.add_insecure_port(config.server.listen)
     await server.start()
     await monitor.start()
     return Gateway(

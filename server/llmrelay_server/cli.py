@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from llmrelay_server.app import serve
+from llmrelay_server.app import ListenError, serve
 from llmrelay_server.config import ConfigError, load_config
 
 
@@ -27,7 +27,10 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(env, path=args.config)
     except ConfigError as exc:
         sys.exit(f"llmrelay-server: configuration error: {exc}")
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except ListenError as exc:
+        sys.exit(f"llmrelay-server: {exc}")
 
 
 if __name__ == "__main__":

@@ -218,6 +218,30 @@ async def test_bad_configuration_fails_at_start_naming_the_field(tmp_path: Path)
     assert OPENAI_TEST_KEY not in message
 
 
+async def test_a_second_server_on_a_taken_port_fails_instead_of_sharing_it(
+    server: ServerProcess, tmp_path: Path, local: FakeUpstream
+) -> None:
+    second = await asyncio.create_subprocess_exec(
+        BIN / "llmrelay-server",
+        "--listen",
+        server.target,
+        env=clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1"), LLMRELAY_USAGE_DB=str(tmp_path / "second.db")),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, err = await asyncio.wait_for(second.communicate(), 20)
+    finally:
+        if second.returncode is None:
+            second.kill()
+            await second.wait()
+    assert second.returncode == 1
+    assert f"cannot listen on {server.target}" in err.decode()
+    # Every call still reaches the first server, which keeps serving.
+    async with AsyncClient(server.target) as client:
+        answers = [await client.complete([{"role": "user", "content": f"still here {i}"}]) for i in range(5)]
+    assert [a.message.content for a in answers] == [f"echo: still here {i}" for i in range(5)]
+
+
 async def test_sigterm_loses_no_usage(server: ServerProcess, tmp_path: Path, local: FakeUpstream) -> None:
     async with AsyncClient(server.target, caller="durable") as client:
         answers = [await client.complete([{"role": "user", "content": f"n {i}"}]) for i in range(25)]
