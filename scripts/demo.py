@@ -9,6 +9,7 @@ Usage: python scripts/demo.py [--listen HOST:PORT]   (Ctrl-C stops everything)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -28,17 +29,18 @@ BIN = Path(sys.executable).parent
 CACHE = CACHE_ROOT / "demo"
 
 
-def wait_until_serving(target: str, within_s: float = 30.0) -> None:
+def wait_until_serving(target: str, gateway: subprocess.Popen[bytes], backend_url: str, within_s: float = 30.0) -> None:
+    """Until the gateway answers, and it is ours: another one already on the address must not stand in for it."""
     deadline = time.monotonic() + within_s
     with Client(target, timeout=2) as client:
-        while True:
-            try:
-                client.health()
-                return
-            except UnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        while gateway.poll() is None:
+            with contextlib.suppress(UnavailableError):
+                if any(backend.base_url == backend_url for backend in client.health().backends):
+                    return
+            if time.monotonic() > deadline:
+                raise SystemExit(f"demo: the gateway did not answer on {target} within {within_s:g} s")
+            time.sleep(0.1)
+    raise SystemExit("demo: the gateway stopped at start; its message is above")
 
 
 def main() -> None:
@@ -62,7 +64,7 @@ def main() -> None:
             env=env,
         )
         try:
-            wait_until_serving(args.listen)
+            wait_until_serving(args.listen, gateway, f"{llama.base_url}/v1")
             cli = [str(BIN / "llmrelay"), "--target", args.listen]
             subprocess.run([*cli, "health"], check=True, timeout=30)
             print("\n$ llmrelay stream 'Tell me about the water' --max-tokens 40")
