@@ -84,4 +84,6 @@ def main() -> None:
 if __name__ == "__main__":
     # SIGTERM stops the demo as Ctrl-C does, through the finally blocks, so no server is left behind.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Our lines and the CLI's must come out in order when the output is a file or a pipe, not only a terminal.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     main()
