@@ -20,6 +20,7 @@ import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import groupby
 from typing import TypeVar
 
 from llmrelay_server.config import CircuitConfig, RetryConfig, RouterConfig
@@ -202,7 +203,12 @@ class _Chain:
         return DeadlineExceededError(f"the deadline ran out; tried: {tried}", self.attempts)
 
     def exhausted(self) -> AllBackendsFailedError:
-        tried = "; ".join(f"{a.backend}/{a.model}: {a.error or a.outcome.value}" for a in self.attempts)
+        # Retries of one backend usually fail alike: each cause is told once, with how many attempts met it.
+        causes = groupby(f"{a.backend}/{a.model}: {a.error or a.outcome.value}" for a in self.attempts)
+        tried = "; ".join(
+            cause if count == 1 else f"{cause} ({count} attempts)"
+            for cause, count in ((cause, len(list(same))) for cause, same in causes)
+        )
         error = AllBackendsFailedError(f"every backend failed: {tried}", self.attempts)
         error.__cause__ = self.last_error
         return error

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from llmrelay_server.config import CircuitConfig, RetryConfig, RouterConfig
-from llmrelay_server.domain import BackendHealth, BackendSpec, LLMProvider, ModelNotFoundError
-from llmrelay_server.router import Backoff, CircuitBreaker, CircuitState, Router
+from llmrelay_server.domain import Attempt, AttemptOutcome, BackendHealth, BackendSpec, LLMProvider, ModelNotFoundError
+from llmrelay_server.router import Backoff, CircuitBreaker, CircuitState, Router, _Chain
 
 # --- Backoff --------------------------------------------------------------------------------------------------------
 
@@ -379,3 +379,16 @@ def test_an_unknown_model_lists_what_is_served() -> None:
 def test_names_that_are_not_served(model: str) -> None:
     with pytest.raises(ModelNotFoundError):
         router(OPENAI, OLLAMA).resolve(model, exact=False)
+
+
+def test_an_exhausted_chain_tells_each_cause_once_with_its_number_of_attempts() -> None:
+    refused = Attempt("ollama", "gpt-oss:20b", AttemptOutcome.UNREACHABLE, 0.01, error="cannot reach http://h/v1")
+    busy = Attempt("openai", "gpt-4o", AttemptOutcome.SERVER_ERROR, 0.02, upstream_status=503, error="HTTP 503: busy")
+    skipped = Attempt("local", "tiny", AttemptOutcome.SKIPPED, 0.0)
+    chain = _Chain(deadline=0.0, attempts=[refused, refused, refused, busy, skipped, refused])
+    error = chain.exhausted()
+    assert str(error) == (
+        "every backend failed: ollama/gpt-oss:20b: cannot reach http://h/v1 (3 attempts); openai/gpt-4o: HTTP 503:"
+        " busy; local/tiny: skipped; ollama/gpt-oss:20b: cannot reach http://h/v1"
+    )
+    assert len(error.attempts) == 6, "the details keep every attempt"
