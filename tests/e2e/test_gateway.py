@@ -281,10 +281,14 @@ llm:
   ollama: {{base_url: "{local.base_url}", model: tiny}}
   backends:
     - {{name: dead, kind: openai_compatible, base_url: "http://127.0.0.1:9/v1", model: m}}
+    - {{name: dead_ollama, kind: ollama, base_url: "http://127.0.0.1:9/v1", model: m}}
 """)
     report = await stub.Health(pb.HealthRequest(probe=True), timeout=10)
-    dead = next(b for b in report.backends if b.name == "dead")
-    assert not dead.reachable and dead.last_error
+    for name in ("dead", "dead_ollama"):
+        dead = next(b for b in report.backends if b.name == name)
+        assert not dead.reachable and "127.0.0.1:9" in dead.last_error
+        # A refused connection is not reported as a timeout (the aiohttp transport calls it one).
+        assert "Timeout" not in dead.last_error, dead.last_error
     assert report.serving, "one reachable backend is enough to serve"
 
 

@@ -25,5 +25,5 @@ class OllamaProvider(OpenAICompatibleProvider):
             tags.raise_for_status()
             models = tuple(str(m["name"]) for m in tags.json().get("models", []))
         except (httpx2.HTTPError, ValueError, KeyError, AttributeError, TypeError) as exc:
-            return self._health(started, reachable=False, error=f"{root}: {type(exc).__name__}: {exc}"[:300])
+            return self._health(started, reachable=False, error=f"{root}: {self._describe(exc)}")
         return self._health(started, reachable=True, models=models)

@@ -284,9 +284,11 @@ class OpenAICompatibleProvider:
         return UpstreamError(UpstreamErrorKind.BAD_RESPONSE, name, f"malformed answer: {self._redact(exc.message)}")
 
     def _describe(self, exc: Exception) -> str:
+        """A probe's failure, for Health: what went wrong, never a secret."""
         if isinstance(exc, openai.APIError):
             return self._upstream_error(exc).message
-        return f"{type(exc).__name__}: {self._redact(str(exc))}"
+        lost = isinstance(exc, httpx2.TimeoutException) and _connection_lost(exc)
+        return f"{'ConnectError' if lost else type(exc).__name__}: {self._redact(str(exc))}"
 
     def _redact(self, text: str) -> str:
         # Upstreams quote keys back in their errors ("Incorrect API key provided: sk-..."); never pass one on.
