@@ -101,16 +101,14 @@ class _BackendSection:
     context_window: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class _ExtraBackendSection:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _ExtraBackendSection(_BackendSection):
+    """A backend beyond openai and ollama: it has no defaults to fall back on, so it names all of them."""
+
     name: str
     kind: str
     base_url: str
     model: str
-    api_key: str | None = None
-    models: tuple[str, ...] = ()
-    fallback: bool = True
-    context_window: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +191,7 @@ def _spec(
     base_url: str,
     model: str,
     api_key: str | None,
-    section: _BackendSection | _ExtraBackendSection,
+    section: _BackendSection,
     where: str,
 ) -> BackendSpec:
     """A backend from its resolved name, kind, URL, model and key, and the section's routing fields."""
