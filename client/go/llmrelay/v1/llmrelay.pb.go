@@ -357,6 +357,9 @@ const (
 	AttemptOutcome_ATTEMPT_OUTCOME_SKIPPED AttemptOutcome = 9
 	// The prompt does not fit the backend's context window.
 	AttemptOutcome_ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED AttemptOutcome = 10
+	// The backend's stream broke after it had started: cut, stalled past the idle limit, a malformed event, or an
+	// error event from the upstream.
+	AttemptOutcome_ATTEMPT_OUTCOME_INTERRUPTED AttemptOutcome = 11
 )
 
 // Enum value maps for AttemptOutcome.
@@ -373,6 +376,7 @@ var (
 		8:  "ATTEMPT_OUTCOME_REJECTED",
 		9:  "ATTEMPT_OUTCOME_SKIPPED",
 		10: "ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED",
+		11: "ATTEMPT_OUTCOME_INTERRUPTED",
 	}
 	AttemptOutcome_value = map[string]int32{
 		"ATTEMPT_OUTCOME_UNSPECIFIED":             0,
@@ -386,6 +390,7 @@ var (
 		"ATTEMPT_OUTCOME_REJECTED":                8,
 		"ATTEMPT_OUTCOME_SKIPPED":                 9,
 		"ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED": 10,
+		"ATTEMPT_OUTCOME_INTERRUPTED":             11,
 	}
 )
 
@@ -414,6 +419,61 @@ func (x AttemptOutcome) Number() protoreflect.EnumNumber {
 // Deprecated: Use AttemptOutcome.Descriptor instead.
 func (AttemptOutcome) EnumDescriptor() ([]byte, []int) {
 	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{5}
+}
+
+// What the gateway does when a stream breaks after its first delta reached the caller.
+type InterruptPolicy int32
+
+const (
+	// Not set: INTERRUPT_POLICY_ABORT.
+	InterruptPolicy_INTERRUPT_POLICY_UNSPECIFIED InterruptPolicy = 0
+	// End the stream with ABORTED (ErrorInfo STREAM_INTERRUPTED): the deltas already sent are not a complete answer.
+	InterruptPolicy_INTERRUPT_POLICY_ABORT InterruptPolicy = 1
+	// When time remains, run the request again on the next route (the same retry and fallback policy, within the
+	// same deadline), after one message whose `restart` is set: every delta after it replaces every delta before it.
+	// When no route is left or no time, the stream ends with ABORTED as under INTERRUPT_POLICY_ABORT.
+	InterruptPolicy_INTERRUPT_POLICY_RESTART InterruptPolicy = 2
+)
+
+// Enum value maps for InterruptPolicy.
+var (
+	InterruptPolicy_name = map[int32]string{
+		0: "INTERRUPT_POLICY_UNSPECIFIED",
+		1: "INTERRUPT_POLICY_ABORT",
+		2: "INTERRUPT_POLICY_RESTART",
+	}
+	InterruptPolicy_value = map[string]int32{
+		"INTERRUPT_POLICY_UNSPECIFIED": 0,
+		"INTERRUPT_POLICY_ABORT":       1,
+		"INTERRUPT_POLICY_RESTART":     2,
+	}
+)
+
+func (x InterruptPolicy) Enum() *InterruptPolicy {
+	p := new(InterruptPolicy)
+	*p = x
+	return p
+}
+
+func (x InterruptPolicy) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (InterruptPolicy) Descriptor() protoreflect.EnumDescriptor {
+	return file_llmrelay_v1_llmrelay_proto_enumTypes[6].Descriptor()
+}
+
+func (InterruptPolicy) Type() protoreflect.EnumType {
+	return &file_llmrelay_v1_llmrelay_proto_enumTypes[6]
+}
+
+func (x InterruptPolicy) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use InterruptPolicy.Descriptor instead.
+func (InterruptPolicy) EnumDescriptor() ([]byte, []int) {
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{6}
 }
 
 // The reason in the google.rpc.ErrorInfo of a failed call (as its name without the ERROR_REASON_ prefix).
@@ -446,7 +506,8 @@ const (
 	ErrorReason_ERROR_REASON_CONTEXT_LENGTH_EXCEEDED ErrorReason = 11
 	// The answer is larger than the gateway's message size limit; StreamComplete delivers it in pieces.
 	ErrorReason_ERROR_REASON_ANSWER_TOO_LARGE ErrorReason = 12
-	// The gateway is shutting down and takes no new calls; RetryInfo says when to try again (another instance).
+	// The gateway is shutting down and takes no new calls; RetryInfo says when to try again (another instance). A
+	// stream cut by the shutdown ends with ABORTED and this reason.
 	ErrorReason_ERROR_REASON_SHUTTING_DOWN ErrorReason = 13
 )
 
@@ -497,11 +558,11 @@ func (x ErrorReason) String() string {
 }
 
 func (ErrorReason) Descriptor() protoreflect.EnumDescriptor {
-	return file_llmrelay_v1_llmrelay_proto_enumTypes[6].Descriptor()
+	return file_llmrelay_v1_llmrelay_proto_enumTypes[7].Descriptor()
 }
 
 func (ErrorReason) Type() protoreflect.EnumType {
-	return &file_llmrelay_v1_llmrelay_proto_enumTypes[6]
+	return &file_llmrelay_v1_llmrelay_proto_enumTypes[7]
 }
 
 func (x ErrorReason) Number() protoreflect.EnumNumber {
@@ -510,7 +571,7 @@ func (x ErrorReason) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ErrorReason.Descriptor instead.
 func (ErrorReason) EnumDescriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{6}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{7}
 }
 
 // The state of a backend's circuit breaker.
@@ -554,11 +615,11 @@ func (x CircuitState) String() string {
 }
 
 func (CircuitState) Descriptor() protoreflect.EnumDescriptor {
-	return file_llmrelay_v1_llmrelay_proto_enumTypes[7].Descriptor()
+	return file_llmrelay_v1_llmrelay_proto_enumTypes[8].Descriptor()
 }
 
 func (CircuitState) Type() protoreflect.EnumType {
-	return &file_llmrelay_v1_llmrelay_proto_enumTypes[7]
+	return &file_llmrelay_v1_llmrelay_proto_enumTypes[8]
 }
 
 func (x CircuitState) Number() protoreflect.EnumNumber {
@@ -567,7 +628,7 @@ func (x CircuitState) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use CircuitState.Descriptor instead.
 func (CircuitState) EnumDescriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{7}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{8}
 }
 
 // A call of a function that the model asks the caller to make.
@@ -1616,7 +1677,9 @@ type StreamCompleteRequest struct {
 	// Sampling and output options.
 	Options *CompletionOptions `protobuf:"bytes,3,opt,name=options,proto3" json:"options,omitempty"`
 	// When true, only the named model may answer: no fallback to another backend's model.
-	ExactModel    bool `protobuf:"varint,4,opt,name=exact_model,json=exactModel,proto3" json:"exact_model,omitempty"`
+	ExactModel bool `protobuf:"varint,4,opt,name=exact_model,json=exactModel,proto3" json:"exact_model,omitempty"`
+	// What to do when the stream breaks after it has started; unset means INTERRUPT_POLICY_ABORT.
+	OnInterrupt   InterruptPolicy `protobuf:"varint,5,opt,name=on_interrupt,json=onInterrupt,proto3,enum=llmrelay.v1.InterruptPolicy" json:"on_interrupt,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1679,6 +1742,88 @@ func (x *StreamCompleteRequest) GetExactModel() bool {
 	return false
 }
 
+func (x *StreamCompleteRequest) GetOnInterrupt() InterruptPolicy {
+	if x != nil {
+		return x.OnInterrupt
+	}
+	return InterruptPolicy_INTERRUPT_POLICY_UNSPECIFIED
+}
+
+// The gateway starts the answer over: the stream of the attempt before broke after it had started, and the request
+// runs again on the next route (only for requests with on_interrupt = INTERRUPT_POLICY_RESTART). A client discards
+// every delta it received before this message.
+type StreamRestart struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Why the broken attempt's stream ended, for people.
+	Reason string `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
+	// The configured name of the backend whose stream broke.
+	Backend string `protobuf:"bytes,2,opt,name=backend,proto3" json:"backend,omitempty"`
+	// Every attempt so far, in order, the broken one last.
+	Attempts []*Attempt `protobuf:"bytes,3,rep,name=attempts,proto3" json:"attempts,omitempty"`
+	// What the broken attempt consumed, counted by the gateway (estimated); billed, and included in the final usage.
+	Usage         *Usage `protobuf:"bytes,4,opt,name=usage,proto3" json:"usage,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamRestart) Reset() {
+	*x = StreamRestart{}
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamRestart) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamRestart) ProtoMessage() {}
+
+func (x *StreamRestart) ProtoReflect() protoreflect.Message {
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamRestart.ProtoReflect.Descriptor instead.
+func (*StreamRestart) Descriptor() ([]byte, []int) {
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *StreamRestart) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *StreamRestart) GetBackend() string {
+	if x != nil {
+		return x.Backend
+	}
+	return ""
+}
+
+func (x *StreamRestart) GetAttempts() []*Attempt {
+	if x != nil {
+		return x.Attempts
+	}
+	return nil
+}
+
+func (x *StreamRestart) GetUsage() *Usage {
+	if x != nil {
+		return x.Usage
+	}
+	return nil
+}
+
 // A fragment of a tool call in a stream; fragments with the same index make one call.
 type ToolCallDelta struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1696,7 +1841,7 @@ type ToolCallDelta struct {
 
 func (x *ToolCallDelta) Reset() {
 	*x = ToolCallDelta{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[14]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1708,7 +1853,7 @@ func (x *ToolCallDelta) String() string {
 func (*ToolCallDelta) ProtoMessage() {}
 
 func (x *ToolCallDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[14]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1721,7 +1866,7 @@ func (x *ToolCallDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCallDelta.ProtoReflect.Descriptor instead.
 func (*ToolCallDelta) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{14}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ToolCallDelta) GetIndex() int32 {
@@ -1767,7 +1912,7 @@ type MessageDelta struct {
 
 func (x *MessageDelta) Reset() {
 	*x = MessageDelta{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[15]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1779,7 +1924,7 @@ func (x *MessageDelta) String() string {
 func (*MessageDelta) ProtoMessage() {}
 
 func (x *MessageDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[15]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1792,7 +1937,7 @@ func (x *MessageDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MessageDelta.ProtoReflect.Descriptor instead.
 func (*MessageDelta) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{15}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *MessageDelta) GetContent() string {
@@ -1817,30 +1962,35 @@ func (x *MessageDelta) GetToolCalls() []*ToolCallDelta {
 }
 
 // One message of a stream. Concatenating the deltas gives the message Complete would return; the last message
-// has finish_reason, usage and attempts set.
+// has finish_reason, usage and attempts set. A message with `restart` set (only when the request asked for
+// INTERRUPT_POLICY_RESTART) starts the answer over: the deltas after it replace every delta before it.
 type StreamCompleteResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The upstream's id for this completion, the same in every message of the stream.
+	// The upstream's id for this completion, the same in every message of the stream (since the last restart).
 	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	// The configured name of the backend that answers, the same in every message of the stream.
+	// The configured name of the backend that answers, the same in every message of the stream (since the last
+	// restart).
 	Backend string `protobuf:"bytes,2,opt,name=backend,proto3" json:"backend,omitempty"`
-	// The upstream model that answers, the same in every message of the stream.
+	// The upstream model that answers, the same in every message of the stream (since the last restart).
 	Model string `protobuf:"bytes,3,opt,name=model,proto3" json:"model,omitempty"`
 	// A piece of the message; empty in the last message.
 	Delta *MessageDelta `protobuf:"bytes,4,opt,name=delta,proto3" json:"delta,omitempty"`
 	// Why the model stopped; set only in the last message.
 	FinishReason FinishReason `protobuf:"varint,5,opt,name=finish_reason,json=finishReason,proto3,enum=llmrelay.v1.FinishReason" json:"finish_reason,omitempty"`
-	// Token usage; set only in the last message.
+	// Token usage; set only in the last message. It covers every attempt that consumed tokens, the broken attempts
+	// before a restart included.
 	Usage *Usage `protobuf:"bytes,6,opt,name=usage,proto3" json:"usage,omitempty"`
 	// Every attempt made, in order; set only in the last message.
-	Attempts      []*Attempt `protobuf:"bytes,7,rep,name=attempts,proto3" json:"attempts,omitempty"`
+	Attempts []*Attempt `protobuf:"bytes,7,rep,name=attempts,proto3" json:"attempts,omitempty"`
+	// Set, alone, in the message that starts the answer over after a broken stream.
+	Restart       *StreamRestart `protobuf:"bytes,8,opt,name=restart,proto3" json:"restart,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StreamCompleteResponse) Reset() {
 	*x = StreamCompleteResponse{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[16]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1852,7 +2002,7 @@ func (x *StreamCompleteResponse) String() string {
 func (*StreamCompleteResponse) ProtoMessage() {}
 
 func (x *StreamCompleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[16]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1865,7 +2015,7 @@ func (x *StreamCompleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamCompleteResponse.ProtoReflect.Descriptor instead.
 func (*StreamCompleteResponse) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{16}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *StreamCompleteResponse) GetId() string {
@@ -1917,6 +2067,13 @@ func (x *StreamCompleteResponse) GetAttempts() []*Attempt {
 	return nil
 }
 
+func (x *StreamCompleteResponse) GetRestart() *StreamRestart {
+	if x != nil {
+		return x.Restart
+	}
+	return nil
+}
+
 // A request to count tokens: either a chat (messages, and tools when given) or a plain text.
 type CountTokensRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1934,7 +2091,7 @@ type CountTokensRequest struct {
 
 func (x *CountTokensRequest) Reset() {
 	*x = CountTokensRequest{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[17]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1946,7 +2103,7 @@ func (x *CountTokensRequest) String() string {
 func (*CountTokensRequest) ProtoMessage() {}
 
 func (x *CountTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[17]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1959,7 +2116,7 @@ func (x *CountTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CountTokensRequest.ProtoReflect.Descriptor instead.
 func (*CountTokensRequest) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{17}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *CountTokensRequest) GetModel() string {
@@ -2007,7 +2164,7 @@ type CountTokensResponse struct {
 
 func (x *CountTokensResponse) Reset() {
 	*x = CountTokensResponse{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[18]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2019,7 +2176,7 @@ func (x *CountTokensResponse) String() string {
 func (*CountTokensResponse) ProtoMessage() {}
 
 func (x *CountTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[18]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2032,7 +2189,7 @@ func (x *CountTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CountTokensResponse.ProtoReflect.Descriptor instead.
 func (*CountTokensResponse) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{18}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *CountTokensResponse) GetTokenCount() int32 {
@@ -2074,7 +2231,7 @@ type HealthRequest struct {
 
 func (x *HealthRequest) Reset() {
 	*x = HealthRequest{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[19]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2086,7 +2243,7 @@ func (x *HealthRequest) String() string {
 func (*HealthRequest) ProtoMessage() {}
 
 func (x *HealthRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[19]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2099,7 +2256,7 @@ func (x *HealthRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthRequest.ProtoReflect.Descriptor instead.
 func (*HealthRequest) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{19}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *HealthRequest) GetProbe() bool {
@@ -2138,7 +2295,7 @@ type BackendHealth struct {
 
 func (x *BackendHealth) Reset() {
 	*x = BackendHealth{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[20]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2150,7 +2307,7 @@ func (x *BackendHealth) String() string {
 func (*BackendHealth) ProtoMessage() {}
 
 func (x *BackendHealth) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[20]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2163,7 +2320,7 @@ func (x *BackendHealth) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackendHealth.ProtoReflect.Descriptor instead.
 func (*BackendHealth) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{20}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *BackendHealth) GetName() string {
@@ -2249,7 +2406,7 @@ type HealthResponse struct {
 
 func (x *HealthResponse) Reset() {
 	*x = HealthResponse{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[21]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2261,7 +2418,7 @@ func (x *HealthResponse) String() string {
 func (*HealthResponse) ProtoMessage() {}
 
 func (x *HealthResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[21]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2274,7 +2431,7 @@ func (x *HealthResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthResponse.ProtoReflect.Descriptor instead.
 func (*HealthResponse) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{21}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *HealthResponse) GetServing() bool {
@@ -2310,7 +2467,7 @@ type GetUsageRequest struct {
 
 func (x *GetUsageRequest) Reset() {
 	*x = GetUsageRequest{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[22]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2322,7 +2479,7 @@ func (x *GetUsageRequest) String() string {
 func (*GetUsageRequest) ProtoMessage() {}
 
 func (x *GetUsageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[22]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2335,7 +2492,7 @@ func (x *GetUsageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUsageRequest.ProtoReflect.Descriptor instead.
 func (*GetUsageRequest) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{22}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *GetUsageRequest) GetBackend() string {
@@ -2392,13 +2549,15 @@ type UsageRecord struct {
 	TotalTokens int64 `protobuf:"varint,7,opt,name=total_tokens,json=totalTokens,proto3" json:"total_tokens,omitempty"`
 	// Of requests, those whose usage was estimated by the gateway.
 	EstimatedRequests int64 `protobuf:"varint,8,opt,name=estimated_requests,json=estimatedRequests,proto3" json:"estimated_requests,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// Of requests, streams that broke after they had started: what they consumed is billed (and estimated).
+	InterruptedRequests int64 `protobuf:"varint,9,opt,name=interrupted_requests,json=interruptedRequests,proto3" json:"interrupted_requests,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *UsageRecord) Reset() {
 	*x = UsageRecord{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[23]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2410,7 +2569,7 @@ func (x *UsageRecord) String() string {
 func (*UsageRecord) ProtoMessage() {}
 
 func (x *UsageRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[23]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2423,7 +2582,7 @@ func (x *UsageRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UsageRecord.ProtoReflect.Descriptor instead.
 func (*UsageRecord) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{23}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *UsageRecord) GetBackend() string {
@@ -2482,6 +2641,13 @@ func (x *UsageRecord) GetEstimatedRequests() int64 {
 	return 0
 }
 
+func (x *UsageRecord) GetInterruptedRequests() int64 {
+	if x != nil {
+		return x.InterruptedRequests
+	}
+	return 0
+}
+
 // Usage totals matching a request.
 type GetUsageResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2493,7 +2659,7 @@ type GetUsageResponse struct {
 
 func (x *GetUsageResponse) Reset() {
 	*x = GetUsageResponse{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[24]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2505,7 +2671,7 @@ func (x *GetUsageResponse) String() string {
 func (*GetUsageResponse) ProtoMessage() {}
 
 func (x *GetUsageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[24]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2518,7 +2684,7 @@ func (x *GetUsageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUsageResponse.ProtoReflect.Descriptor instead.
 func (*GetUsageResponse) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{24}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *GetUsageResponse) GetRecords() []*UsageRecord {
@@ -2634,14 +2800,20 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\amessage\x18\x04 \x01(\v2\x14.llmrelay.v1.MessageR\amessage\x12>\n" +
 	"\rfinish_reason\x18\x05 \x01(\x0e2\x19.llmrelay.v1.FinishReasonR\ffinishReason\x12(\n" +
 	"\x05usage\x18\x06 \x01(\v2\x12.llmrelay.v1.UsageR\x05usage\x120\n" +
-	"\battempts\x18\a \x03(\v2\x14.llmrelay.v1.AttemptR\battempts\"\xc9\x01\n" +
+	"\battempts\x18\a \x03(\v2\x14.llmrelay.v1.AttemptR\battempts\"\x8a\x02\n" +
 	"\x15StreamCompleteRequest\x12\x19\n" +
 	"\x05model\x18\x01 \x01(\tH\x00R\x05model\x88\x01\x01\x120\n" +
 	"\bmessages\x18\x02 \x03(\v2\x14.llmrelay.v1.MessageR\bmessages\x128\n" +
 	"\aoptions\x18\x03 \x01(\v2\x1e.llmrelay.v1.CompletionOptionsR\aoptions\x12\x1f\n" +
 	"\vexact_model\x18\x04 \x01(\bR\n" +
-	"exactModelB\b\n" +
-	"\x06_model\"\x94\x01\n" +
+	"exactModel\x12?\n" +
+	"\fon_interrupt\x18\x05 \x01(\x0e2\x1c.llmrelay.v1.InterruptPolicyR\vonInterruptB\b\n" +
+	"\x06_model\"\x9d\x01\n" +
+	"\rStreamRestart\x12\x16\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\x12\x18\n" +
+	"\abackend\x18\x02 \x01(\tR\abackend\x120\n" +
+	"\battempts\x18\x03 \x03(\v2\x14.llmrelay.v1.AttemptR\battempts\x12(\n" +
+	"\x05usage\x18\x04 \x01(\v2\x12.llmrelay.v1.UsageR\x05usage\"\x94\x01\n" +
 	"\rToolCallDelta\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x13\n" +
 	"\x02id\x18\x02 \x01(\tH\x00R\x02id\x88\x01\x01\x12\x17\n" +
@@ -2659,7 +2831,7 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\n" +
 	"\b_contentB\f\n" +
 	"\n" +
-	"_reasoning\"\xa5\x02\n" +
+	"_reasoning\"\xdb\x02\n" +
 	"\x16StreamCompleteResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\abackend\x18\x02 \x01(\tR\abackend\x12\x14\n" +
@@ -2667,7 +2839,8 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\x05delta\x18\x04 \x01(\v2\x19.llmrelay.v1.MessageDeltaR\x05delta\x12>\n" +
 	"\rfinish_reason\x18\x05 \x01(\x0e2\x19.llmrelay.v1.FinishReasonR\ffinishReason\x12(\n" +
 	"\x05usage\x18\x06 \x01(\v2\x12.llmrelay.v1.UsageR\x05usage\x120\n" +
-	"\battempts\x18\a \x03(\v2\x14.llmrelay.v1.AttemptR\battempts\"\xb6\x01\n" +
+	"\battempts\x18\a \x03(\v2\x14.llmrelay.v1.AttemptR\battempts\x124\n" +
+	"\arestart\x18\b \x01(\v2\x1a.llmrelay.v1.StreamRestartR\arestart\"\xb6\x01\n" +
 	"\x12CountTokensRequest\x12\x19\n" +
 	"\x05model\x18\x01 \x01(\tH\x00R\x05model\x88\x01\x01\x120\n" +
 	"\bmessages\x18\x02 \x03(\v2\x14.llmrelay.v1.MessageR\bmessages\x12'\n" +
@@ -2711,7 +2884,7 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\n" +
 	"\b_backendB\b\n" +
 	"\x06_modelB\t\n" +
-	"\a_caller\"\x95\x02\n" +
+	"\a_caller\"\xc8\x02\n" +
 	"\vUsageRecord\x12\x18\n" +
 	"\abackend\x18\x01 \x01(\tR\abackend\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12\x16\n" +
@@ -2720,7 +2893,8 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\rprompt_tokens\x18\x05 \x01(\x03R\fpromptTokens\x12+\n" +
 	"\x11completion_tokens\x18\x06 \x01(\x03R\x10completionTokens\x12!\n" +
 	"\ftotal_tokens\x18\a \x01(\x03R\vtotalTokens\x12-\n" +
-	"\x12estimated_requests\x18\b \x01(\x03R\x11estimatedRequests\"F\n" +
+	"\x12estimated_requests\x18\b \x01(\x03R\x11estimatedRequests\x121\n" +
+	"\x14interrupted_requests\x18\t \x01(\x03R\x13interruptedRequests\"F\n" +
 	"\x10GetUsageResponse\x122\n" +
 	"\arecords\x18\x01 \x03(\v2\x18.llmrelay.v1.UsageRecordR\arecords*_\n" +
 	"\x04Role\x12\x14\n" +
@@ -2751,7 +2925,7 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\x18REASONING_EFFORT_MINIMAL\x10\x02\x12\x18\n" +
 	"\x14REASONING_EFFORT_LOW\x10\x03\x12\x1b\n" +
 	"\x17REASONING_EFFORT_MEDIUM\x10\x04\x12\x19\n" +
-	"\x15REASONING_EFFORT_HIGH\x10\x05*\x80\x03\n" +
+	"\x15REASONING_EFFORT_HIGH\x10\x05*\xa1\x03\n" +
 	"\x0eAttemptOutcome\x12\x1f\n" +
 	"\x1bATTEMPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19ATTEMPT_OUTCOME_SUCCEEDED\x10\x01\x12\x1f\n" +
@@ -2764,7 +2938,12 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\x18ATTEMPT_OUTCOME_REJECTED\x10\b\x12\x1b\n" +
 	"\x17ATTEMPT_OUTCOME_SKIPPED\x10\t\x12+\n" +
 	"'ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED\x10\n" +
-	"*\x8f\x04\n" +
+	"\x12\x1f\n" +
+	"\x1bATTEMPT_OUTCOME_INTERRUPTED\x10\v*m\n" +
+	"\x0fInterruptPolicy\x12 \n" +
+	"\x1cINTERRUPT_POLICY_UNSPECIFIED\x10\x00\x12\x1a\n" +
+	"\x16INTERRUPT_POLICY_ABORT\x10\x01\x12\x1c\n" +
+	"\x18INTERRUPT_POLICY_RESTART\x10\x02*\x8f\x04\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12 \n" +
 	"\x1cERROR_REASON_INVALID_REQUEST\x10\x01\x12 \n" +
@@ -2807,8 +2986,8 @@ func file_llmrelay_v1_llmrelay_proto_rawDescGZIP() []byte {
 	return file_llmrelay_v1_llmrelay_proto_rawDescData
 }
 
-var file_llmrelay_v1_llmrelay_proto_enumTypes = make([]protoimpl.EnumInfo, 8)
-var file_llmrelay_v1_llmrelay_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
+var file_llmrelay_v1_llmrelay_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
+var file_llmrelay_v1_llmrelay_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_llmrelay_v1_llmrelay_proto_goTypes = []any{
 	(Role)(0),                      // 0: llmrelay.v1.Role
 	(FinishReason)(0),              // 1: llmrelay.v1.FinishReason
@@ -2816,90 +2995,96 @@ var file_llmrelay_v1_llmrelay_proto_goTypes = []any{
 	(ResponseFormatType)(0),        // 3: llmrelay.v1.ResponseFormatType
 	(ReasoningEffort)(0),           // 4: llmrelay.v1.ReasoningEffort
 	(AttemptOutcome)(0),            // 5: llmrelay.v1.AttemptOutcome
-	(ErrorReason)(0),               // 6: llmrelay.v1.ErrorReason
-	(CircuitState)(0),              // 7: llmrelay.v1.CircuitState
-	(*FunctionCall)(nil),           // 8: llmrelay.v1.FunctionCall
-	(*ToolCall)(nil),               // 9: llmrelay.v1.ToolCall
-	(*Message)(nil),                // 10: llmrelay.v1.Message
-	(*FunctionDefinition)(nil),     // 11: llmrelay.v1.FunctionDefinition
-	(*Tool)(nil),                   // 12: llmrelay.v1.Tool
-	(*ToolChoice)(nil),             // 13: llmrelay.v1.ToolChoice
-	(*JsonSchema)(nil),             // 14: llmrelay.v1.JsonSchema
-	(*ResponseFormat)(nil),         // 15: llmrelay.v1.ResponseFormat
-	(*CompletionOptions)(nil),      // 16: llmrelay.v1.CompletionOptions
-	(*Usage)(nil),                  // 17: llmrelay.v1.Usage
-	(*Attempt)(nil),                // 18: llmrelay.v1.Attempt
-	(*CompleteRequest)(nil),        // 19: llmrelay.v1.CompleteRequest
-	(*CompleteResponse)(nil),       // 20: llmrelay.v1.CompleteResponse
-	(*StreamCompleteRequest)(nil),  // 21: llmrelay.v1.StreamCompleteRequest
-	(*ToolCallDelta)(nil),          // 22: llmrelay.v1.ToolCallDelta
-	(*MessageDelta)(nil),           // 23: llmrelay.v1.MessageDelta
-	(*StreamCompleteResponse)(nil), // 24: llmrelay.v1.StreamCompleteResponse
-	(*CountTokensRequest)(nil),     // 25: llmrelay.v1.CountTokensRequest
-	(*CountTokensResponse)(nil),    // 26: llmrelay.v1.CountTokensResponse
-	(*HealthRequest)(nil),          // 27: llmrelay.v1.HealthRequest
-	(*BackendHealth)(nil),          // 28: llmrelay.v1.BackendHealth
-	(*HealthResponse)(nil),         // 29: llmrelay.v1.HealthResponse
-	(*GetUsageRequest)(nil),        // 30: llmrelay.v1.GetUsageRequest
-	(*UsageRecord)(nil),            // 31: llmrelay.v1.UsageRecord
-	(*GetUsageResponse)(nil),       // 32: llmrelay.v1.GetUsageResponse
-	(*structpb.Struct)(nil),        // 33: google.protobuf.Struct
-	(*durationpb.Duration)(nil),    // 34: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),  // 35: google.protobuf.Timestamp
+	(InterruptPolicy)(0),           // 6: llmrelay.v1.InterruptPolicy
+	(ErrorReason)(0),               // 7: llmrelay.v1.ErrorReason
+	(CircuitState)(0),              // 8: llmrelay.v1.CircuitState
+	(*FunctionCall)(nil),           // 9: llmrelay.v1.FunctionCall
+	(*ToolCall)(nil),               // 10: llmrelay.v1.ToolCall
+	(*Message)(nil),                // 11: llmrelay.v1.Message
+	(*FunctionDefinition)(nil),     // 12: llmrelay.v1.FunctionDefinition
+	(*Tool)(nil),                   // 13: llmrelay.v1.Tool
+	(*ToolChoice)(nil),             // 14: llmrelay.v1.ToolChoice
+	(*JsonSchema)(nil),             // 15: llmrelay.v1.JsonSchema
+	(*ResponseFormat)(nil),         // 16: llmrelay.v1.ResponseFormat
+	(*CompletionOptions)(nil),      // 17: llmrelay.v1.CompletionOptions
+	(*Usage)(nil),                  // 18: llmrelay.v1.Usage
+	(*Attempt)(nil),                // 19: llmrelay.v1.Attempt
+	(*CompleteRequest)(nil),        // 20: llmrelay.v1.CompleteRequest
+	(*CompleteResponse)(nil),       // 21: llmrelay.v1.CompleteResponse
+	(*StreamCompleteRequest)(nil),  // 22: llmrelay.v1.StreamCompleteRequest
+	(*StreamRestart)(nil),          // 23: llmrelay.v1.StreamRestart
+	(*ToolCallDelta)(nil),          // 24: llmrelay.v1.ToolCallDelta
+	(*MessageDelta)(nil),           // 25: llmrelay.v1.MessageDelta
+	(*StreamCompleteResponse)(nil), // 26: llmrelay.v1.StreamCompleteResponse
+	(*CountTokensRequest)(nil),     // 27: llmrelay.v1.CountTokensRequest
+	(*CountTokensResponse)(nil),    // 28: llmrelay.v1.CountTokensResponse
+	(*HealthRequest)(nil),          // 29: llmrelay.v1.HealthRequest
+	(*BackendHealth)(nil),          // 30: llmrelay.v1.BackendHealth
+	(*HealthResponse)(nil),         // 31: llmrelay.v1.HealthResponse
+	(*GetUsageRequest)(nil),        // 32: llmrelay.v1.GetUsageRequest
+	(*UsageRecord)(nil),            // 33: llmrelay.v1.UsageRecord
+	(*GetUsageResponse)(nil),       // 34: llmrelay.v1.GetUsageResponse
+	(*structpb.Struct)(nil),        // 35: google.protobuf.Struct
+	(*durationpb.Duration)(nil),    // 36: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),  // 37: google.protobuf.Timestamp
 }
 var file_llmrelay_v1_llmrelay_proto_depIdxs = []int32{
-	8,  // 0: llmrelay.v1.ToolCall.function:type_name -> llmrelay.v1.FunctionCall
+	9,  // 0: llmrelay.v1.ToolCall.function:type_name -> llmrelay.v1.FunctionCall
 	0,  // 1: llmrelay.v1.Message.role:type_name -> llmrelay.v1.Role
-	9,  // 2: llmrelay.v1.Message.tool_calls:type_name -> llmrelay.v1.ToolCall
-	33, // 3: llmrelay.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
-	11, // 4: llmrelay.v1.Tool.function:type_name -> llmrelay.v1.FunctionDefinition
+	10, // 2: llmrelay.v1.Message.tool_calls:type_name -> llmrelay.v1.ToolCall
+	35, // 3: llmrelay.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
+	12, // 4: llmrelay.v1.Tool.function:type_name -> llmrelay.v1.FunctionDefinition
 	2,  // 5: llmrelay.v1.ToolChoice.mode:type_name -> llmrelay.v1.ToolChoiceMode
-	33, // 6: llmrelay.v1.JsonSchema.schema:type_name -> google.protobuf.Struct
+	35, // 6: llmrelay.v1.JsonSchema.schema:type_name -> google.protobuf.Struct
 	3,  // 7: llmrelay.v1.ResponseFormat.type:type_name -> llmrelay.v1.ResponseFormatType
-	14, // 8: llmrelay.v1.ResponseFormat.json_schema:type_name -> llmrelay.v1.JsonSchema
-	15, // 9: llmrelay.v1.CompletionOptions.response_format:type_name -> llmrelay.v1.ResponseFormat
-	12, // 10: llmrelay.v1.CompletionOptions.tools:type_name -> llmrelay.v1.Tool
-	13, // 11: llmrelay.v1.CompletionOptions.tool_choice:type_name -> llmrelay.v1.ToolChoice
+	15, // 8: llmrelay.v1.ResponseFormat.json_schema:type_name -> llmrelay.v1.JsonSchema
+	16, // 9: llmrelay.v1.CompletionOptions.response_format:type_name -> llmrelay.v1.ResponseFormat
+	13, // 10: llmrelay.v1.CompletionOptions.tools:type_name -> llmrelay.v1.Tool
+	14, // 11: llmrelay.v1.CompletionOptions.tool_choice:type_name -> llmrelay.v1.ToolChoice
 	4,  // 12: llmrelay.v1.CompletionOptions.reasoning_effort:type_name -> llmrelay.v1.ReasoningEffort
 	5,  // 13: llmrelay.v1.Attempt.outcome:type_name -> llmrelay.v1.AttemptOutcome
-	34, // 14: llmrelay.v1.Attempt.duration:type_name -> google.protobuf.Duration
-	10, // 15: llmrelay.v1.CompleteRequest.messages:type_name -> llmrelay.v1.Message
-	16, // 16: llmrelay.v1.CompleteRequest.options:type_name -> llmrelay.v1.CompletionOptions
-	10, // 17: llmrelay.v1.CompleteResponse.message:type_name -> llmrelay.v1.Message
+	36, // 14: llmrelay.v1.Attempt.duration:type_name -> google.protobuf.Duration
+	11, // 15: llmrelay.v1.CompleteRequest.messages:type_name -> llmrelay.v1.Message
+	17, // 16: llmrelay.v1.CompleteRequest.options:type_name -> llmrelay.v1.CompletionOptions
+	11, // 17: llmrelay.v1.CompleteResponse.message:type_name -> llmrelay.v1.Message
 	1,  // 18: llmrelay.v1.CompleteResponse.finish_reason:type_name -> llmrelay.v1.FinishReason
-	17, // 19: llmrelay.v1.CompleteResponse.usage:type_name -> llmrelay.v1.Usage
-	18, // 20: llmrelay.v1.CompleteResponse.attempts:type_name -> llmrelay.v1.Attempt
-	10, // 21: llmrelay.v1.StreamCompleteRequest.messages:type_name -> llmrelay.v1.Message
-	16, // 22: llmrelay.v1.StreamCompleteRequest.options:type_name -> llmrelay.v1.CompletionOptions
-	22, // 23: llmrelay.v1.MessageDelta.tool_calls:type_name -> llmrelay.v1.ToolCallDelta
-	23, // 24: llmrelay.v1.StreamCompleteResponse.delta:type_name -> llmrelay.v1.MessageDelta
-	1,  // 25: llmrelay.v1.StreamCompleteResponse.finish_reason:type_name -> llmrelay.v1.FinishReason
-	17, // 26: llmrelay.v1.StreamCompleteResponse.usage:type_name -> llmrelay.v1.Usage
-	18, // 27: llmrelay.v1.StreamCompleteResponse.attempts:type_name -> llmrelay.v1.Attempt
-	10, // 28: llmrelay.v1.CountTokensRequest.messages:type_name -> llmrelay.v1.Message
-	12, // 29: llmrelay.v1.CountTokensRequest.tools:type_name -> llmrelay.v1.Tool
-	34, // 30: llmrelay.v1.BackendHealth.latency:type_name -> google.protobuf.Duration
-	35, // 31: llmrelay.v1.BackendHealth.checked_at:type_name -> google.protobuf.Timestamp
-	7,  // 32: llmrelay.v1.BackendHealth.circuit_state:type_name -> llmrelay.v1.CircuitState
-	28, // 33: llmrelay.v1.HealthResponse.backends:type_name -> llmrelay.v1.BackendHealth
-	35, // 34: llmrelay.v1.GetUsageRequest.start_time:type_name -> google.protobuf.Timestamp
-	35, // 35: llmrelay.v1.GetUsageRequest.end_time:type_name -> google.protobuf.Timestamp
-	31, // 36: llmrelay.v1.GetUsageResponse.records:type_name -> llmrelay.v1.UsageRecord
-	19, // 37: llmrelay.v1.LLMService.Complete:input_type -> llmrelay.v1.CompleteRequest
-	21, // 38: llmrelay.v1.LLMService.StreamComplete:input_type -> llmrelay.v1.StreamCompleteRequest
-	25, // 39: llmrelay.v1.LLMService.CountTokens:input_type -> llmrelay.v1.CountTokensRequest
-	27, // 40: llmrelay.v1.LLMService.Health:input_type -> llmrelay.v1.HealthRequest
-	30, // 41: llmrelay.v1.LLMService.GetUsage:input_type -> llmrelay.v1.GetUsageRequest
-	20, // 42: llmrelay.v1.LLMService.Complete:output_type -> llmrelay.v1.CompleteResponse
-	24, // 43: llmrelay.v1.LLMService.StreamComplete:output_type -> llmrelay.v1.StreamCompleteResponse
-	26, // 44: llmrelay.v1.LLMService.CountTokens:output_type -> llmrelay.v1.CountTokensResponse
-	29, // 45: llmrelay.v1.LLMService.Health:output_type -> llmrelay.v1.HealthResponse
-	32, // 46: llmrelay.v1.LLMService.GetUsage:output_type -> llmrelay.v1.GetUsageResponse
-	42, // [42:47] is the sub-list for method output_type
-	37, // [37:42] is the sub-list for method input_type
-	37, // [37:37] is the sub-list for extension type_name
-	37, // [37:37] is the sub-list for extension extendee
-	0,  // [0:37] is the sub-list for field type_name
+	18, // 19: llmrelay.v1.CompleteResponse.usage:type_name -> llmrelay.v1.Usage
+	19, // 20: llmrelay.v1.CompleteResponse.attempts:type_name -> llmrelay.v1.Attempt
+	11, // 21: llmrelay.v1.StreamCompleteRequest.messages:type_name -> llmrelay.v1.Message
+	17, // 22: llmrelay.v1.StreamCompleteRequest.options:type_name -> llmrelay.v1.CompletionOptions
+	6,  // 23: llmrelay.v1.StreamCompleteRequest.on_interrupt:type_name -> llmrelay.v1.InterruptPolicy
+	19, // 24: llmrelay.v1.StreamRestart.attempts:type_name -> llmrelay.v1.Attempt
+	18, // 25: llmrelay.v1.StreamRestart.usage:type_name -> llmrelay.v1.Usage
+	24, // 26: llmrelay.v1.MessageDelta.tool_calls:type_name -> llmrelay.v1.ToolCallDelta
+	25, // 27: llmrelay.v1.StreamCompleteResponse.delta:type_name -> llmrelay.v1.MessageDelta
+	1,  // 28: llmrelay.v1.StreamCompleteResponse.finish_reason:type_name -> llmrelay.v1.FinishReason
+	18, // 29: llmrelay.v1.StreamCompleteResponse.usage:type_name -> llmrelay.v1.Usage
+	19, // 30: llmrelay.v1.StreamCompleteResponse.attempts:type_name -> llmrelay.v1.Attempt
+	23, // 31: llmrelay.v1.StreamCompleteResponse.restart:type_name -> llmrelay.v1.StreamRestart
+	11, // 32: llmrelay.v1.CountTokensRequest.messages:type_name -> llmrelay.v1.Message
+	13, // 33: llmrelay.v1.CountTokensRequest.tools:type_name -> llmrelay.v1.Tool
+	36, // 34: llmrelay.v1.BackendHealth.latency:type_name -> google.protobuf.Duration
+	37, // 35: llmrelay.v1.BackendHealth.checked_at:type_name -> google.protobuf.Timestamp
+	8,  // 36: llmrelay.v1.BackendHealth.circuit_state:type_name -> llmrelay.v1.CircuitState
+	30, // 37: llmrelay.v1.HealthResponse.backends:type_name -> llmrelay.v1.BackendHealth
+	37, // 38: llmrelay.v1.GetUsageRequest.start_time:type_name -> google.protobuf.Timestamp
+	37, // 39: llmrelay.v1.GetUsageRequest.end_time:type_name -> google.protobuf.Timestamp
+	33, // 40: llmrelay.v1.GetUsageResponse.records:type_name -> llmrelay.v1.UsageRecord
+	20, // 41: llmrelay.v1.LLMService.Complete:input_type -> llmrelay.v1.CompleteRequest
+	22, // 42: llmrelay.v1.LLMService.StreamComplete:input_type -> llmrelay.v1.StreamCompleteRequest
+	27, // 43: llmrelay.v1.LLMService.CountTokens:input_type -> llmrelay.v1.CountTokensRequest
+	29, // 44: llmrelay.v1.LLMService.Health:input_type -> llmrelay.v1.HealthRequest
+	32, // 45: llmrelay.v1.LLMService.GetUsage:input_type -> llmrelay.v1.GetUsageRequest
+	21, // 46: llmrelay.v1.LLMService.Complete:output_type -> llmrelay.v1.CompleteResponse
+	26, // 47: llmrelay.v1.LLMService.StreamComplete:output_type -> llmrelay.v1.StreamCompleteResponse
+	28, // 48: llmrelay.v1.LLMService.CountTokens:output_type -> llmrelay.v1.CountTokensResponse
+	31, // 49: llmrelay.v1.LLMService.Health:output_type -> llmrelay.v1.HealthResponse
+	34, // 50: llmrelay.v1.LLMService.GetUsage:output_type -> llmrelay.v1.GetUsageResponse
+	46, // [46:51] is the sub-list for method output_type
+	41, // [41:46] is the sub-list for method input_type
+	41, // [41:41] is the sub-list for extension type_name
+	41, // [41:41] is the sub-list for extension extendee
+	0,  // [0:41] is the sub-list for field type_name
 }
 
 func init() { file_llmrelay_v1_llmrelay_proto_init() }
@@ -2919,18 +3104,18 @@ func file_llmrelay_v1_llmrelay_proto_init() {
 	file_llmrelay_v1_llmrelay_proto_msgTypes[10].OneofWrappers = []any{}
 	file_llmrelay_v1_llmrelay_proto_msgTypes[11].OneofWrappers = []any{}
 	file_llmrelay_v1_llmrelay_proto_msgTypes[13].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[14].OneofWrappers = []any{}
 	file_llmrelay_v1_llmrelay_proto_msgTypes[15].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[17].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[20].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[22].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[16].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[18].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[21].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[23].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_llmrelay_v1_llmrelay_proto_rawDesc), len(file_llmrelay_v1_llmrelay_proto_rawDesc)),
-			NumEnums:      8,
-			NumMessages:   25,
+			NumEnums:      9,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

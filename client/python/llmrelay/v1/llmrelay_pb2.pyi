@@ -211,6 +211,10 @@ class _AttemptOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Attemp
     """The backend was skipped because its circuit breaker is open after repeated failures."""
     ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED: _AttemptOutcome.ValueType  # 10
     """The prompt does not fit the backend's context window."""
+    ATTEMPT_OUTCOME_INTERRUPTED: _AttemptOutcome.ValueType  # 11
+    """The backend's stream broke after it had started: cut, stalled past the idle limit, a malformed event, or an
+    error event from the upstream.
+    """
 
 class AttemptOutcome(_AttemptOutcome, metaclass=_AttemptOutcomeEnumTypeWrapper):
     """What came of one attempt to get an answer from one backend."""
@@ -237,7 +241,41 @@ ATTEMPT_OUTCOME_SKIPPED: AttemptOutcome.ValueType  # 9
 """The backend was skipped because its circuit breaker is open after repeated failures."""
 ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED: AttemptOutcome.ValueType  # 10
 """The prompt does not fit the backend's context window."""
+ATTEMPT_OUTCOME_INTERRUPTED: AttemptOutcome.ValueType  # 11
+"""The backend's stream broke after it had started: cut, stalled past the idle limit, a malformed event, or an
+error event from the upstream.
+"""
 Global___AttemptOutcome: _TypeAlias = AttemptOutcome  # noqa: Y015
+
+class _InterruptPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InterruptPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InterruptPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INTERRUPT_POLICY_UNSPECIFIED: _InterruptPolicy.ValueType  # 0
+    """Not set: INTERRUPT_POLICY_ABORT."""
+    INTERRUPT_POLICY_ABORT: _InterruptPolicy.ValueType  # 1
+    """End the stream with ABORTED (ErrorInfo STREAM_INTERRUPTED): the deltas already sent are not a complete answer."""
+    INTERRUPT_POLICY_RESTART: _InterruptPolicy.ValueType  # 2
+    """When time remains, run the request again on the next route (the same retry and fallback policy, within the
+    same deadline), after one message whose `restart` is set: every delta after it replaces every delta before it.
+    When no route is left or no time, the stream ends with ABORTED as under INTERRUPT_POLICY_ABORT.
+    """
+
+class InterruptPolicy(_InterruptPolicy, metaclass=_InterruptPolicyEnumTypeWrapper):
+    """What the gateway does when a stream breaks after its first delta reached the caller."""
+
+INTERRUPT_POLICY_UNSPECIFIED: InterruptPolicy.ValueType  # 0
+"""Not set: INTERRUPT_POLICY_ABORT."""
+INTERRUPT_POLICY_ABORT: InterruptPolicy.ValueType  # 1
+"""End the stream with ABORTED (ErrorInfo STREAM_INTERRUPTED): the deltas already sent are not a complete answer."""
+INTERRUPT_POLICY_RESTART: InterruptPolicy.ValueType  # 2
+"""When time remains, run the request again on the next route (the same retry and fallback policy, within the
+same deadline), after one message whose `restart` is set: every delta after it replaces every delta before it.
+When no route is left or no time, the stream ends with ABORTED as under INTERRUPT_POLICY_ABORT.
+"""
+Global___InterruptPolicy: _TypeAlias = InterruptPolicy  # noqa: Y015
 
 class _ErrorReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -272,7 +310,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_ANSWER_TOO_LARGE: _ErrorReason.ValueType  # 12
     """The answer is larger than the gateway's message size limit; StreamComplete delivers it in pieces."""
     ERROR_REASON_SHUTTING_DOWN: _ErrorReason.ValueType  # 13
-    """The gateway is shutting down and takes no new calls; RetryInfo says when to try again (another instance)."""
+    """The gateway is shutting down and takes no new calls; RetryInfo says when to try again (another instance). A
+    stream cut by the shutdown ends with ABORTED and this reason.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The reason in the google.rpc.ErrorInfo of a failed call (as its name without the ERROR_REASON_ prefix)."""
@@ -304,7 +344,9 @@ ERROR_REASON_CONTEXT_LENGTH_EXCEEDED: ErrorReason.ValueType  # 11
 ERROR_REASON_ANSWER_TOO_LARGE: ErrorReason.ValueType  # 12
 """The answer is larger than the gateway's message size limit; StreamComplete delivers it in pieces."""
 ERROR_REASON_SHUTTING_DOWN: ErrorReason.ValueType  # 13
-"""The gateway is shutting down and takes no new calls; RetryInfo says when to try again (another instance)."""
+"""The gateway is shutting down and takes no new calls; RetryInfo says when to try again (another instance). A
+stream cut by the shutdown ends with ABORTED and this reason.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 class _CircuitState:
@@ -910,10 +952,13 @@ class StreamCompleteRequest(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     EXACT_MODEL_FIELD_NUMBER: _builtins.int
+    ON_INTERRUPT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model, as in CompleteRequest.model."""
     exact_model: _builtins.bool
     """When true, only the named model may answer: no fallback to another backend's model."""
+    on_interrupt: Global___InterruptPolicy.ValueType
+    """What to do when the stream breaks after it has started; unset means INTERRUPT_POLICY_ABORT."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
         """The chat so far; at least one message."""
@@ -929,16 +974,58 @@ class StreamCompleteRequest(_message.Message):
         messages: _abc.Iterable[Global___Message] | None = ...,
         options: Global___CompletionOptions | None = ...,
         exact_model: _builtins.bool = ...,
+        on_interrupt: Global___InterruptPolicy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_model", b"_model", "model", b"model", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_model", b"_model", "exact_model", b"exact_model", "messages", b"messages", "model", b"model", "options", b"options"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_model", b"_model", "exact_model", b"exact_model", "messages", b"messages", "model", b"model", "on_interrupt", b"on_interrupt", "options", b"options"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__model: _TypeAlias = _typing.Literal["model"]  # noqa: Y015
     _WhichOneofArgType__model: _TypeAlias = _typing.Literal["_model", b"_model"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__model) -> _WhichOneofReturnType__model | None: ...
 
 Global___StreamCompleteRequest: _TypeAlias = StreamCompleteRequest  # noqa: Y015
+
+@_typing.final
+class StreamRestart(_message.Message):
+    """The gateway starts the answer over: the stream of the attempt before broke after it had started, and the request
+    runs again on the next route (only for requests with on_interrupt = INTERRUPT_POLICY_RESTART). A client discards
+    every delta it received before this message.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why the broken attempt's stream ended, for people."""
+    backend: _builtins.str
+    """The configured name of the backend whose stream broke."""
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]:
+        """Every attempt so far, in order, the broken one last."""
+
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """What the broken attempt consumed, counted by the gateway (estimated); billed, and included in the final usage."""
+
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        backend: _builtins.str = ...,
+        attempts: _abc.Iterable[Global___Attempt] | None = ...,
+        usage: Global___Usage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "backend", b"backend", "reason", b"reason", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamRestart: _TypeAlias = StreamRestart  # noqa: Y015
 
 @_typing.final
 class ToolCallDelta(_message.Message):
@@ -1027,7 +1114,8 @@ Global___MessageDelta: _TypeAlias = MessageDelta  # noqa: Y015
 @_typing.final
 class StreamCompleteResponse(_message.Message):
     """One message of a stream. Concatenating the deltas gives the message Complete would return; the last message
-    has finish_reason, usage and attempts set.
+    has finish_reason, usage and attempts set. A message with `restart` set (only when the request asked for
+    INTERRUPT_POLICY_RESTART) starts the answer over: the deltas after it replace every delta before it.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1039,12 +1127,15 @@ class StreamCompleteResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    RESTART_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """The upstream's id for this completion, the same in every message of the stream."""
+    """The upstream's id for this completion, the same in every message of the stream (since the last restart)."""
     backend: _builtins.str
-    """The configured name of the backend that answers, the same in every message of the stream."""
+    """The configured name of the backend that answers, the same in every message of the stream (since the last
+    restart).
+    """
     model: _builtins.str
-    """The upstream model that answers, the same in every message of the stream."""
+    """The upstream model that answers, the same in every message of the stream (since the last restart)."""
     finish_reason: Global___FinishReason.ValueType
     """Why the model stopped; set only in the last message."""
     @_builtins.property
@@ -1053,11 +1144,17 @@ class StreamCompleteResponse(_message.Message):
 
     @_builtins.property
     def usage(self) -> Global___Usage:
-        """Token usage; set only in the last message."""
+        """Token usage; set only in the last message. It covers every attempt that consumed tokens, the broken attempts
+        before a restart included.
+        """
 
     @_builtins.property
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]:
         """Every attempt made, in order; set only in the last message."""
+
+    @_builtins.property
+    def restart(self) -> Global___StreamRestart:
+        """Set, alone, in the message that starts the answer over after a broken stream."""
 
     def __init__(
         self,
@@ -1069,10 +1166,11 @@ class StreamCompleteResponse(_message.Message):
         finish_reason: Global___FinishReason.ValueType = ...,
         usage: Global___Usage | None = ...,
         attempts: _abc.Iterable[Global___Attempt] | None = ...,
+        restart: Global___StreamRestart | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "restart", b"restart", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "backend", b"backend", "delta", b"delta", "finish_reason", b"finish_reason", "id", b"id", "model", b"model", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "backend", b"backend", "delta", b"delta", "finish_reason", b"finish_reason", "id", b"id", "model", b"model", "restart", b"restart", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1340,6 +1438,7 @@ class UsageRecord(_message.Message):
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
     ESTIMATED_REQUESTS_FIELD_NUMBER: _builtins.int
+    INTERRUPTED_REQUESTS_FIELD_NUMBER: _builtins.int
     backend: _builtins.str
     """The backend that served."""
     model: _builtins.str
@@ -1356,6 +1455,8 @@ class UsageRecord(_message.Message):
     """Total tokens."""
     estimated_requests: _builtins.int
     """Of requests, those whose usage was estimated by the gateway."""
+    interrupted_requests: _builtins.int
+    """Of requests, streams that broke after they had started: what they consumed is billed (and estimated)."""
     def __init__(
         self,
         *,
@@ -1367,10 +1468,11 @@ class UsageRecord(_message.Message):
         completion_tokens: _builtins.int = ...,
         total_tokens: _builtins.int = ...,
         estimated_requests: _builtins.int = ...,
+        interrupted_requests: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "caller", b"caller", "completion_tokens", b"completion_tokens", "estimated_requests", b"estimated_requests", "model", b"model", "prompt_tokens", b"prompt_tokens", "requests", b"requests", "total_tokens", b"total_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "caller", b"caller", "completion_tokens", b"completion_tokens", "estimated_requests", b"estimated_requests", "interrupted_requests", b"interrupted_requests", "model", b"model", "prompt_tokens", b"prompt_tokens", "requests", b"requests", "total_tokens", b"total_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -338,6 +338,11 @@ export enum AttemptOutcome {
   ATTEMPT_OUTCOME_SKIPPED = 9,
   /** ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED - The prompt does not fit the backend's context window. */
   ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED = 10,
+  /**
+   * ATTEMPT_OUTCOME_INTERRUPTED - The backend's stream broke after it had started: cut, stalled past the idle limit, a malformed event, or an
+   * error event from the upstream.
+   */
+  ATTEMPT_OUTCOME_INTERRUPTED = 11,
   UNRECOGNIZED = -1,
 }
 
@@ -376,6 +381,9 @@ export function attemptOutcomeFromJSON(object: any): AttemptOutcome {
     case 10:
     case "ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED":
       return AttemptOutcome.ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED;
+    case 11:
+    case "ATTEMPT_OUTCOME_INTERRUPTED":
+      return AttemptOutcome.ATTEMPT_OUTCOME_INTERRUPTED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -407,7 +415,56 @@ export function attemptOutcomeToJSON(object: AttemptOutcome): string {
       return "ATTEMPT_OUTCOME_SKIPPED";
     case AttemptOutcome.ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED:
       return "ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED";
+    case AttemptOutcome.ATTEMPT_OUTCOME_INTERRUPTED:
+      return "ATTEMPT_OUTCOME_INTERRUPTED";
     case AttemptOutcome.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** What the gateway does when a stream breaks after its first delta reached the caller. */
+export enum InterruptPolicy {
+  /** INTERRUPT_POLICY_UNSPECIFIED - Not set: INTERRUPT_POLICY_ABORT. */
+  INTERRUPT_POLICY_UNSPECIFIED = 0,
+  /** INTERRUPT_POLICY_ABORT - End the stream with ABORTED (ErrorInfo STREAM_INTERRUPTED): the deltas already sent are not a complete answer. */
+  INTERRUPT_POLICY_ABORT = 1,
+  /**
+   * INTERRUPT_POLICY_RESTART - When time remains, run the request again on the next route (the same retry and fallback policy, within the
+   * same deadline), after one message whose `restart` is set: every delta after it replaces every delta before it.
+   * When no route is left or no time, the stream ends with ABORTED as under INTERRUPT_POLICY_ABORT.
+   */
+  INTERRUPT_POLICY_RESTART = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function interruptPolicyFromJSON(object: any): InterruptPolicy {
+  switch (object) {
+    case 0:
+    case "INTERRUPT_POLICY_UNSPECIFIED":
+      return InterruptPolicy.INTERRUPT_POLICY_UNSPECIFIED;
+    case 1:
+    case "INTERRUPT_POLICY_ABORT":
+      return InterruptPolicy.INTERRUPT_POLICY_ABORT;
+    case 2:
+    case "INTERRUPT_POLICY_RESTART":
+      return InterruptPolicy.INTERRUPT_POLICY_RESTART;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return InterruptPolicy.UNRECOGNIZED;
+  }
+}
+
+export function interruptPolicyToJSON(object: InterruptPolicy): string {
+  switch (object) {
+    case InterruptPolicy.INTERRUPT_POLICY_UNSPECIFIED:
+      return "INTERRUPT_POLICY_UNSPECIFIED";
+    case InterruptPolicy.INTERRUPT_POLICY_ABORT:
+      return "INTERRUPT_POLICY_ABORT";
+    case InterruptPolicy.INTERRUPT_POLICY_RESTART:
+      return "INTERRUPT_POLICY_RESTART";
+    case InterruptPolicy.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
   }
@@ -441,7 +498,10 @@ export enum ErrorReason {
   ERROR_REASON_CONTEXT_LENGTH_EXCEEDED = 11,
   /** ERROR_REASON_ANSWER_TOO_LARGE - The answer is larger than the gateway's message size limit; StreamComplete delivers it in pieces. */
   ERROR_REASON_ANSWER_TOO_LARGE = 12,
-  /** ERROR_REASON_SHUTTING_DOWN - The gateway is shutting down and takes no new calls; RetryInfo says when to try again (another instance). */
+  /**
+   * ERROR_REASON_SHUTTING_DOWN - The gateway is shutting down and takes no new calls; RetryInfo says when to try again (another instance). A
+   * stream cut by the shutdown ends with ABORTED and this reason.
+   */
   ERROR_REASON_SHUTTING_DOWN = 13,
   UNRECOGNIZED = -1,
 }
@@ -812,6 +872,24 @@ export interface StreamCompleteRequest {
     | undefined;
   /** When true, only the named model may answer: no fallback to another backend's model. */
   exactModel: boolean;
+  /** What to do when the stream breaks after it has started; unset means INTERRUPT_POLICY_ABORT. */
+  onInterrupt: InterruptPolicy;
+}
+
+/**
+ * The gateway starts the answer over: the stream of the attempt before broke after it had started, and the request
+ * runs again on the next route (only for requests with on_interrupt = INTERRUPT_POLICY_RESTART). A client discards
+ * every delta it received before this message.
+ */
+export interface StreamRestart {
+  /** Why the broken attempt's stream ended, for people. */
+  reason: string;
+  /** The configured name of the backend whose stream broke. */
+  backend: string;
+  /** Every attempt so far, in order, the broken one last. */
+  attempts: Attempt[];
+  /** What the broken attempt consumed, counted by the gateway (estimated); billed, and included in the final usage. */
+  usage: Usage | undefined;
 }
 
 /** A fragment of a tool call in a stream; fragments with the same index make one call. */
@@ -846,14 +924,18 @@ export interface MessageDelta {
 
 /**
  * One message of a stream. Concatenating the deltas gives the message Complete would return; the last message
- * has finish_reason, usage and attempts set.
+ * has finish_reason, usage and attempts set. A message with `restart` set (only when the request asked for
+ * INTERRUPT_POLICY_RESTART) starts the answer over: the deltas after it replace every delta before it.
  */
 export interface StreamCompleteResponse {
-  /** The upstream's id for this completion, the same in every message of the stream. */
+  /** The upstream's id for this completion, the same in every message of the stream (since the last restart). */
   id: string;
-  /** The configured name of the backend that answers, the same in every message of the stream. */
+  /**
+   * The configured name of the backend that answers, the same in every message of the stream (since the last
+   * restart).
+   */
   backend: string;
-  /** The upstream model that answers, the same in every message of the stream. */
+  /** The upstream model that answers, the same in every message of the stream (since the last restart). */
   model: string;
   /** A piece of the message; empty in the last message. */
   delta:
@@ -861,12 +943,17 @@ export interface StreamCompleteResponse {
     | undefined;
   /** Why the model stopped; set only in the last message. */
   finishReason: FinishReason;
-  /** Token usage; set only in the last message. */
+  /**
+   * Token usage; set only in the last message. It covers every attempt that consumed tokens, the broken attempts
+   * before a restart included.
+   */
   usage:
     | Usage
     | undefined;
   /** Every attempt made, in order; set only in the last message. */
   attempts: Attempt[];
+  /** Set, alone, in the message that starts the answer over after a broken stream. */
+  restart: StreamRestart | undefined;
 }
 
 /** A request to count tokens: either a chat (messages, and tools when given) or a plain text. */
@@ -979,6 +1066,8 @@ export interface UsageRecord {
   totalTokens: number;
   /** Of requests, those whose usage was estimated by the gateway. */
   estimatedRequests: number;
+  /** Of requests, streams that broke after they had started: what they consumed is billed (and estimated). */
+  interruptedRequests: number;
 }
 
 /** Usage totals matching a request. */
@@ -2719,7 +2808,7 @@ export const CompleteResponse: MessageFns<CompleteResponse> = {
 };
 
 function createBaseStreamCompleteRequest(): StreamCompleteRequest {
-  return { model: undefined, messages: [], options: undefined, exactModel: false };
+  return { model: undefined, messages: [], options: undefined, exactModel: false, onInterrupt: 0 };
 }
 
 export const StreamCompleteRequest: MessageFns<StreamCompleteRequest> = {
@@ -2735,6 +2824,9 @@ export const StreamCompleteRequest: MessageFns<StreamCompleteRequest> = {
     }
     if (message.exactModel !== false) {
       writer.uint32(32).bool(message.exactModel);
+    }
+    if (message.onInterrupt !== 0) {
+      writer.uint32(40).int32(message.onInterrupt);
     }
     return writer;
   },
@@ -2784,6 +2876,14 @@ export const StreamCompleteRequest: MessageFns<StreamCompleteRequest> = {
             message.exactModel = reader.bool();
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.onInterrupt = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2806,6 +2906,11 @@ export const StreamCompleteRequest: MessageFns<StreamCompleteRequest> = {
         : isSet(object.exact_model)
         ? globalThis.Boolean(object.exact_model)
         : false,
+      onInterrupt: isSet(object.onInterrupt)
+        ? interruptPolicyFromJSON(object.onInterrupt)
+        : isSet(object.on_interrupt)
+        ? interruptPolicyFromJSON(object.on_interrupt)
+        : 0,
     };
   },
 
@@ -2823,6 +2928,9 @@ export const StreamCompleteRequest: MessageFns<StreamCompleteRequest> = {
     if (message.exactModel !== false) {
       obj.exactModel = message.exactModel;
     }
+    if (message.onInterrupt !== 0) {
+      obj.onInterrupt = interruptPolicyToJSON(message.onInterrupt);
+    }
     return obj;
   },
 
@@ -2837,6 +2945,124 @@ export const StreamCompleteRequest: MessageFns<StreamCompleteRequest> = {
       ? CompletionOptions.fromPartial(object.options)
       : undefined;
     message.exactModel = object.exactModel ?? false;
+    message.onInterrupt = object.onInterrupt ?? 0;
+    return message;
+  },
+};
+
+function createBaseStreamRestart(): StreamRestart {
+  return { reason: "", backend: "", attempts: [], usage: undefined };
+}
+
+export const StreamRestart: MessageFns<StreamRestart> = {
+  encode(message: StreamRestart, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.reason !== "") {
+      writer.uint32(10).string(message.reason);
+    }
+    if (message.backend !== "") {
+      writer.uint32(18).string(message.backend);
+    }
+    for (const v of message.attempts) {
+      Attempt.encode(v!, writer.uint32(26).fork()).join();
+    }
+    if (message.usage !== undefined) {
+      Usage.encode(message.usage, writer.uint32(34).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StreamRestart {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStreamRestart();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.backend = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.attempts.push(Attempt.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.usage = Usage.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StreamRestart {
+    return {
+      reason: isSet(object.reason) ? globalThis.String(object.reason) : "",
+      backend: isSet(object.backend) ? globalThis.String(object.backend) : "",
+      attempts: globalThis.Array.isArray(object?.attempts) ? object.attempts.map((e: any) => Attempt.fromJSON(e)) : [],
+      usage: isSet(object.usage) ? Usage.fromJSON(object.usage) : undefined,
+    };
+  },
+
+  toJSON(message: StreamRestart): unknown {
+    const obj: any = {};
+    if (message.reason !== "") {
+      obj.reason = message.reason;
+    }
+    if (message.backend !== "") {
+      obj.backend = message.backend;
+    }
+    if (message.attempts?.length) {
+      obj.attempts = message.attempts.map((e) => Attempt.toJSON(e));
+    }
+    if (message.usage !== undefined) {
+      obj.usage = Usage.toJSON(message.usage);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<StreamRestart>, I>>(base?: I): StreamRestart {
+    return StreamRestart.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<StreamRestart>, I>>(object: I): StreamRestart {
+    const message = createBaseStreamRestart();
+    message.reason = object.reason ?? "";
+    message.backend = object.backend ?? "";
+    message.attempts = object.attempts?.map((e) => Attempt.fromPartial(e)) || [];
+    message.usage = (object.usage !== undefined && object.usage !== null) ? Usage.fromPartial(object.usage) : undefined;
     return message;
   },
 };
@@ -3064,7 +3290,16 @@ export const MessageDelta: MessageFns<MessageDelta> = {
 };
 
 function createBaseStreamCompleteResponse(): StreamCompleteResponse {
-  return { id: "", backend: "", model: "", delta: undefined, finishReason: 0, usage: undefined, attempts: [] };
+  return {
+    id: "",
+    backend: "",
+    model: "",
+    delta: undefined,
+    finishReason: 0,
+    usage: undefined,
+    attempts: [],
+    restart: undefined,
+  };
 }
 
 export const StreamCompleteResponse: MessageFns<StreamCompleteResponse> = {
@@ -3089,6 +3324,9 @@ export const StreamCompleteResponse: MessageFns<StreamCompleteResponse> = {
     }
     for (const v of message.attempts) {
       Attempt.encode(v!, writer.uint32(58).fork()).join();
+    }
+    if (message.restart !== undefined) {
+      StreamRestart.encode(message.restart, writer.uint32(66).fork()).join();
     }
     return writer;
   },
@@ -3162,6 +3400,14 @@ export const StreamCompleteResponse: MessageFns<StreamCompleteResponse> = {
             message.attempts.push(Attempt.decode(reader, reader.uint32()));
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.restart = StreamRestart.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3187,6 +3433,7 @@ export const StreamCompleteResponse: MessageFns<StreamCompleteResponse> = {
         : 0,
       usage: isSet(object.usage) ? Usage.fromJSON(object.usage) : undefined,
       attempts: globalThis.Array.isArray(object?.attempts) ? object.attempts.map((e: any) => Attempt.fromJSON(e)) : [],
+      restart: isSet(object.restart) ? StreamRestart.fromJSON(object.restart) : undefined,
     };
   },
 
@@ -3213,6 +3460,9 @@ export const StreamCompleteResponse: MessageFns<StreamCompleteResponse> = {
     if (message.attempts?.length) {
       obj.attempts = message.attempts.map((e) => Attempt.toJSON(e));
     }
+    if (message.restart !== undefined) {
+      obj.restart = StreamRestart.toJSON(message.restart);
+    }
     return obj;
   },
 
@@ -3230,6 +3480,9 @@ export const StreamCompleteResponse: MessageFns<StreamCompleteResponse> = {
     message.finishReason = object.finishReason ?? 0;
     message.usage = (object.usage !== undefined && object.usage !== null) ? Usage.fromPartial(object.usage) : undefined;
     message.attempts = object.attempts?.map((e) => Attempt.fromPartial(e)) || [];
+    message.restart = (object.restart !== undefined && object.restart !== null)
+      ? StreamRestart.fromPartial(object.restart)
+      : undefined;
     return message;
   },
 };
@@ -4023,6 +4276,7 @@ function createBaseUsageRecord(): UsageRecord {
     completionTokens: 0,
     totalTokens: 0,
     estimatedRequests: 0,
+    interruptedRequests: 0,
   };
 }
 
@@ -4051,6 +4305,9 @@ export const UsageRecord: MessageFns<UsageRecord> = {
     }
     if (message.estimatedRequests !== 0) {
       writer.uint32(64).int64(message.estimatedRequests);
+    }
+    if (message.interruptedRequests !== 0) {
+      writer.uint32(72).int64(message.interruptedRequests);
     }
     return writer;
   },
@@ -4132,6 +4389,14 @@ export const UsageRecord: MessageFns<UsageRecord> = {
             message.estimatedRequests = longToNumber(reader.int64());
             continue;
           }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.interruptedRequests = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4170,6 +4435,11 @@ export const UsageRecord: MessageFns<UsageRecord> = {
         : isSet(object.estimated_requests)
         ? globalThis.Number(object.estimated_requests)
         : 0,
+      interruptedRequests: isSet(object.interruptedRequests)
+        ? globalThis.Number(object.interruptedRequests)
+        : isSet(object.interrupted_requests)
+        ? globalThis.Number(object.interrupted_requests)
+        : 0,
     };
   },
 
@@ -4199,6 +4469,9 @@ export const UsageRecord: MessageFns<UsageRecord> = {
     if (message.estimatedRequests !== 0) {
       obj.estimatedRequests = Math.round(message.estimatedRequests);
     }
+    if (message.interruptedRequests !== 0) {
+      obj.interruptedRequests = Math.round(message.interruptedRequests);
+    }
     return obj;
   },
 
@@ -4215,6 +4488,7 @@ export const UsageRecord: MessageFns<UsageRecord> = {
     message.completionTokens = object.completionTokens ?? 0;
     message.totalTokens = object.totalTokens ?? 0;
     message.estimatedRequests = object.estimatedRequests ?? 0;
+    message.interruptedRequests = object.interruptedRequests ?? 0;
     return message;
   },
 };
