@@ -16,6 +16,12 @@ Faults are queued; each chat request takes the next one. A fault is a dict:
     {"no_usage": true}                                 leave usage out (like older Ollama streams)
     {"reasoning": "thinking..."}                       add reasoning text (as Ollama's `reasoning` field)
     {"tool_call": {"name": "f", "arguments": "{}"}}    answer with a tool call
+    {"two_choices": true}                              also answer a second choice (index 1), as n=2 would
+    {"no_choices": true}                               a stream whose events carry no `choices`
+    {"error_event_after": 2}                           a stream that sends an in-band error event after N chunks
+    {"no_done": true}                                  a stream that ends after its finish reason, without [DONE]
+    {"no_finish": true}                                a stream with no finish reason (then [DONE])
+    {"one_delta": true}                                the whole content in one stream delta
 
 With `vllm=True` it also serves vLLM's POST /tokenize (chat form), counting the prompt as its usage does.
 
@@ -185,12 +191,16 @@ class FakeUpstream:
         """Server-sent events in chunked transfer encoding, the connection kept alive as real servers do;
         False (close the connection) when the fault cuts the stream."""
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
-        chunks = answer.chunks(include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
+        chunks = answer.chunks(include_usage=bool((body.get("stream_options") or {}).get("include_usage")), fault=fault)
         cut_after = fault.get("stream_cut_after")
         for index, chunk in enumerate(chunks):
             if cut_after is not None and index >= cut_after:
                 await writer.drain()
                 return False
+            if index == fault.get("error_event_after"):
+                error = {"error": {"object": "error", "message": "generation failed", "type": "InternalServerError"}}
+                await _send_chunk(writer, b"data: " + json.dumps(error).encode() + b"\n\n")
+                break
             if fault.get("stream_garbage") and index == 1:
                 await _send_chunk(writer, b"data: {not json at all\n\n")
             event = b"data: " + json.dumps(chunk).encode() + b"\n\n"
@@ -202,7 +212,8 @@ class FakeUpstream:
             # The role-only first chunk goes out at once, so a trickle starts after real content has been sent.
             if "trickle_s" in fault and index > 0:
                 await asyncio.sleep(fault["trickle_s"])
-        await _send_chunk(writer, b"data: [DONE]\n\n")
+        if not fault.get("no_done"):
+            await _send_chunk(writer, b"data: [DONE]\n\n")
         await _send_chunk(writer, b"")  # the last chunk: the response is complete, the connection stays
         return True
 
@@ -216,6 +227,7 @@ class _Answer:
     tool_call: dict[str, str] | None
     prompt_tokens: int
     usage: bool
+    two_choices: bool = False
 
     @property
     def completion_tokens(self) -> int:
@@ -241,22 +253,32 @@ class _Answer:
             "model": self.model,
             "choices": [{"index": 0, "message": message, "finish_reason": self._finish_reason()}],
         }
+        if self.two_choices:
+            other = {"index": 1, "message": {"role": "assistant", "content": "other"}, "finish_reason": "stop"}
+            result["choices"].insert(0, other)
         if self.usage:
             result["usage"] = self.usage_dict()
         return result
 
-    def chunks(self, include_usage: bool) -> list[dict[str, Any]]:
+    def chunks(self, include_usage: bool, fault: Fault) -> list[dict[str, Any]]:
         deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
         if self.reasoning is not None:
             deltas += [{"reasoning": piece} for piece in _pieces(self.reasoning)]
-        deltas += [{"content": piece} for piece in _pieces(self.content)]
+        deltas += [
+            {"content": piece} for piece in ([self.content] if fault.get("one_delta") else _pieces(self.content))
+        ]
         if self.tool_call is not None:
             name, arguments = self.tool_call["name"], self.tool_call["arguments"]
             head = {"index": 0, "id": "call_1", "type": "function", "function": {"name": name, "arguments": ""}}
             deltas.append({"tool_calls": [head]})
             deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": p}}]} for p in _halves(arguments)]
         chunks = [self._chunk(delta, None) for delta in deltas]
-        chunks.append(self._chunk({}, self._finish_reason()))
+        if not fault.get("no_finish"):
+            chunks.append(self._chunk({}, self._finish_reason()))
+        if self.two_choices:
+            chunks[1:1] = [{**self._chunk({}, None), "choices": [{"index": 1, "delta": {"content": "other "}}]}] * 2
+        if fault.get("no_choices"):
+            chunks = [{key: value for key, value in chunk.items() if key != "choices"} for chunk in chunks]
         if include_usage and self.usage:
             chunks.append({**self._chunk({}, None), "choices": [], "usage": self.usage_dict()})
         return chunks
@@ -304,6 +326,7 @@ def _answer(body: dict[str, Any], fault: Fault) -> _Answer:
         tool_call=fault.get("tool_call"),
         prompt_tokens=_prompt_tokens(body),
         usage=not fault.get("no_usage"),
+        two_choices=bool(fault.get("two_choices")),
     )
 
 

@@ -27,6 +27,10 @@ NO_BACKEND_HINT = (
 )
 
 
+# After the grace period, how long calls still running have to send the gateway's status before gRPC cuts them.
+INTERRUPT_S = 0.5
+
+
 class ListenError(RuntimeError):
     """The gateway cannot serve on its address (in use by another process, or not an address of this machine)."""
 
@@ -46,13 +50,21 @@ class Gateway:
 
     async def stop(self, grace_period_s: float | None = None, drain_s: float | None = None) -> None:
         """Health to NOT_SERVING and new calls refused for the drain time, then calls in flight get the grace period
-        to finish, then everything closes."""
+        to finish, then those still running end with SHUTTING_DOWN, then everything closes."""
+        grace_s = self.grace_period_s if grace_period_s is None else grace_period_s
         try:
             await self.monitor.stop()
             self.servicer.start_draining()
             await asyncio.sleep(self.drain_s if drain_s is None else drain_s)
-            await self.server.stop(self.grace_period_s if grace_period_s is None else grace_period_s)
+            # gRPC itself would cancel what is left at the end of the grace period with a bare status; the servicer
+            # ends those calls first with its own, and gRPC's cut comes only after that.
+            stopping = asyncio.ensure_future(self.server.stop(grace_s + INTERRUPT_S))
+            await asyncio.wait({stopping}, timeout=grace_s)
+            if not stopping.done():
+                await self.servicer.interrupt_calls(wait_s=INTERRUPT_S)
+            await stopping
         finally:
+            self.router.lag.stop()
             await asyncio.gather(*(backend.provider.aclose() for backend in self.router.backends))
             await self.ledger.aclose()
 
@@ -90,6 +102,7 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
     reflection.enable_server_reflection(services, server)
     await server.start()
     await monitor.start()
+    router.lag.start()
     return Gateway(
         server,
         port,

@@ -59,8 +59,11 @@ class RouterConfig:
     circuit: CircuitConfig = field(default_factory=CircuitConfig)
     request_timeout_s: float = 300.0
     """The bound on a whole call when the caller sets no deadline."""
+    first_chunk_timeout_s: float = 15.0
+    """How long a backend that took a request may stay silent before its first chunk (a stream) or its answer
+    (Complete): past it the attempt counts as a failure of the backend and the next route is tried at once."""
     stream_idle_timeout_s: float = 60.0
-    """A stream that sends nothing for this long is ended with UNAVAILABLE."""
+    """A stream that sends nothing for this long after it started has broken (ABORTED, or restarted)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,6 +69,11 @@ _FORMATS: Final[Mapping[int, Any]] = {
     pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT: "json_object",
     pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA: "json_schema",
 }
+# Whether to restart a broken stream, by policy; unset means abort.
+_INTERRUPT_POLICIES: Final[Mapping[int, bool]] = {
+    pb.INTERRUPT_POLICY_ABORT: False,
+    pb.INTERRUPT_POLICY_RESTART: True,
+}
 _FINISH_REASONS_OUT: Final = {
     FinishReason.UNKNOWN: pb.FINISH_REASON_UNSPECIFIED,
     FinishReason.STOP: pb.FINISH_REASON_STOP,
@@ -103,8 +108,17 @@ def completion_request(request: pb.CompleteRequest | pb.StreamCompleteRequest) -
         errors.add("model", f"must be 1 to {MAX_MODEL_NAME} characters, or unset for the default chain")
     messages = _messages(request.messages, errors, "messages")
     options = _options(request.options, errors) if request.HasField("options") else CompletionOptions()
+    restart = isinstance(request, pb.StreamCompleteRequest) and _enum(
+        request.on_interrupt, _INTERRUPT_POLICIES, "on_interrupt", errors
+    )
     errors.raise_if_any()
-    return CompletionRequest(messages=messages, model=model, options=options, exact_model=request.exact_model)
+    return CompletionRequest(
+        messages=messages,
+        model=model,
+        options=options,
+        exact_model=request.exact_model,
+        restart_on_interrupt=bool(restart),
+    )
 
 
 def count_request(
@@ -319,6 +333,14 @@ def complete_response(response: CompletionResponse) -> pb.CompleteResponse:
 
 
 def stream_response(chunk: CompletionChunk) -> pb.StreamCompleteResponse:
+    if (restart := chunk.restart) is not None:
+        marker = pb.StreamRestart(
+            reason=restart.reason,
+            backend=restart.backend,
+            attempts=[attempt_pb(a) for a in restart.attempts],
+            usage=usage_pb(restart.usage),
+        )
+        return pb.StreamCompleteResponse(restart=marker)
     delta = pb.MessageDelta(
         tool_calls=[_tool_call_delta(d) for d in chunk.tool_calls],
     )

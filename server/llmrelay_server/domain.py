@@ -10,11 +10,11 @@ Exceptions::
     ├── ModelNotFoundError           no backend serves the model
     ├── TokenizerUnavailableError    the encoding's file is not installed
     ├── AnswerTooLargeError          the answer exceeds the message size limit
-    ├── ShuttingDownError            the gateway is draining and takes no new calls
+    ├── ShuttingDownError            the gateway is draining: no new calls, and calls past the grace period end
     ├── UpstreamError                one backend failed one attempt (kind says how)
     ├── AllBackendsFailedError       the chain is exhausted (carries the attempts)
     ├── DeadlineExceededError        the caller's deadline ran out (carries the attempts)
-    └── StreamInterruptedError       a stream failed after its first chunk was sent
+    └── StreamInterruptedError       a stream failed after its first chunk was sent (carries the attempts)
 """
 
 from __future__ import annotations
@@ -122,6 +122,8 @@ class CompletionRequest:
     model: str | None = None
     options: CompletionOptions = field(default_factory=CompletionOptions)
     exact_model: bool = False
+    restart_on_interrupt: bool = False
+    """A stream that breaks after it started runs again on the next route, after a restart marker."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +138,20 @@ class TokenUsage:
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        """The usage of two attempts together: estimated if either was."""
+        return TokenUsage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            estimated=self.estimated or other.estimated,
+            reasoning_tokens=_sum_known(self.reasoning_tokens, other.reasoning_tokens),
+            cached_prompt_tokens=_sum_known(self.cached_prompt_tokens, other.cached_prompt_tokens),
+        )
+
+
+def _sum_known(a: int | None, b: int | None) -> int | None:
+    return None if a is None and b is None else (a or 0) + (b or 0)
+
 
 class AttemptOutcome(enum.StrEnum):
     SUCCEEDED = "succeeded"
@@ -148,6 +164,7 @@ class AttemptOutcome(enum.StrEnum):
     REJECTED = "rejected"
     SKIPPED = "skipped"
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+    INTERRUPTED = "interrupted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +197,20 @@ class ToolCallDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamRestart:
+    """The answer starts over: the stream of the attempt before broke after it had started."""
+
+    reason: str
+    backend: str
+    attempts: tuple[Attempt, ...]
+    usage: TokenUsage
+    """What the broken attempt consumed (billed)."""
+
+
+@dataclass(frozen=True, slots=True)
 class CompletionChunk:
-    """One piece of a streamed answer. The last chunk of a stream has finish_reason and usage set."""
+    """One piece of a streamed answer. The last chunk of a stream has finish_reason and usage set; a chunk with
+    `restart` set carries nothing else and starts the answer over."""
 
     id: str
     backend: str
@@ -192,6 +221,7 @@ class CompletionChunk:
     finish_reason: FinishReason | None = None
     usage: TokenUsage | None = None
     attempts: tuple[Attempt, ...] = ()
+    restart: StreamRestart | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,8 +351,13 @@ class AnswerTooLargeError(LLMRelayError):
 
 
 class ShuttingDownError(LLMRelayError):
-    def __init__(self) -> None:
-        super().__init__("the gateway is shutting down and takes no new calls; retry, on another instance")
+    def __init__(self, *, stream_started: bool = False, in_flight: bool = False) -> None:
+        self.stream_started = stream_started
+        if in_flight:
+            message = "the gateway shut down before the call could finish (its grace period ended)"
+        else:
+            message = "the gateway is shutting down and takes no new calls"
+        super().__init__(f"{message}; retry, on another instance")
 
 
 class UpstreamErrorKind(enum.StrEnum):
@@ -337,11 +372,14 @@ class UpstreamErrorKind(enum.StrEnum):
     MODEL_NOT_FOUND = "model_not_found"  # next backend
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # next backend, if it has a longer context
     REJECTED = "rejected"  # the request itself is wrong: back to the caller at once
+    SILENT = "silent"  # took the request, then sent nothing within the first-chunk limit: next backend at once
 
     @property
     def attempt_outcome(self) -> AttemptOutcome:
         if self is UpstreamErrorKind.BAD_RESPONSE:
             return AttemptOutcome.SERVER_ERROR
+        if self is UpstreamErrorKind.SILENT:
+            return AttemptOutcome.TIMEOUT
         return AttemptOutcome(self.value)
 
 
@@ -377,13 +415,22 @@ class _AttemptsError(LLMRelayError):
 class AllBackendsFailedError(_AttemptsError):
     """Every backend that could serve failed; __cause__ is the last UpstreamError."""
 
+    def __init__(self, message: str, attempts: Sequence[Attempt], *, retry_after_s: float | None = None) -> None:
+        super().__init__(message, attempts)
+        self.retry_after_s = retry_after_s
+        """The soonest a backend may serve again, where known (a Retry-After, a circuit's cool-down)."""
+
 
 class DeadlineExceededError(_AttemptsError):
     """The caller's deadline ran out before an answer was complete."""
 
 
-class StreamInterruptedError(LLMRelayError):
-    def __init__(self, backend: str, cause: UpstreamError) -> None:
-        self.backend = backend
+class StreamInterruptedError(_AttemptsError):
+    """A stream broke after its first chunk reached the caller, and no restart could finish it."""
+
+    def __init__(self, cause: UpstreamError, attempts: Sequence[Attempt] = (), *, after: str = "") -> None:
+        self.backend = cause.backend
         self.cause = cause
-        super().__init__(f"the stream from {backend} failed after it had started: {cause.message}")
+        super().__init__(
+            f"the stream from {cause.backend} failed after it had started: {cause.message}{after}", attempts
+        )

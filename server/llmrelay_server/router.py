@@ -9,7 +9,9 @@ Policy, in one place:
   invalid goes back to the caller at once.
 - Nothing starts that cannot finish before the deadline; every attempt's upstream timeout is the time left.
 - A backend failing `failure_threshold` times in a row is skipped for `cooldown_s`, then one probe call is let in.
-- A stream falls back only before its first chunk is sent; after that a failure ends it with StreamInterruptedError.
+- Each attempt has its own limits inside the deadline: connect, first chunk (or answer), between chunks.
+- A stream falls back only before its first chunk is sent; after that a failure ends it with StreamInterruptedError,
+  or, when the caller asked for it, starts the answer over on the next route after a restart marker.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import groupby
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from llmrelay_server.config import CircuitConfig, RetryConfig, RouterConfig
 from llmrelay_server.domain import (
@@ -37,7 +39,9 @@ from llmrelay_server.domain import (
     Message,
     ModelNotFoundError,
     StreamInterruptedError,
+    StreamRestart,
     TokenCount,
+    TokenUsage,
     Tool,
     UpstreamError,
     UpstreamErrorKind,
@@ -58,8 +62,10 @@ RETRYABLE = frozenset(
 # Failures that say nothing about the backend's health, so they do not trip its circuit.
 NOT_THE_BACKENDS_FAULT = frozenset({UpstreamErrorKind.REJECTED, UpstreamErrorKind.MODEL_NOT_FOUND})
 # Below this much time left, an attempt cannot get an answer; starting one only wastes the upstream's work.
-MIN_ATTEMPT_S = 0.05
+MIN_ATTEMPT_S = 0.01
 DEADLINE_MARGIN_S = 0.05
+# An attempt silent this long until the caller's deadline has told something about the backend.
+SILENCE_VERDICT_S = 1.0
 
 
 class CircuitState(enum.StrEnum):
@@ -119,6 +125,8 @@ class Backend:
         self.provider = provider
         self.circuit = circuit
         self.name = provider.spec.name
+        self.last_failure: UpstreamError | None = None
+        """The last failure that counted against the circuit: what a skipped attempt reports."""
         self._health: BackendHealth | None = None
         self._served = self._models_served()
 
@@ -131,6 +139,10 @@ class Backend:
         # The models served change only with a probe; every request asks, so the answer is kept ready.
         self._health = health
         self._served = self._models_served()
+
+    def count_failure(self, error: UpstreamError) -> None:
+        self.circuit.record_failure()
+        self.last_failure = error
 
     def serves(self, model: str) -> bool:
         return _untagged(model) in self._served
@@ -176,6 +188,12 @@ class _Chain:
     last_error: UpstreamError | None = None
     too_long_for: int = 0
     """The largest known context window the prompt did not fit; a backend with no larger one is not tried."""
+    opened_at: float = 0.0
+    """When the last successful attempt got its answer (a stream: its first chunk)."""
+    hints: list[float] = field(default_factory=list)
+    """When failed or skipped backends may serve again, where they said (Retry-After, a circuit's cool-down)."""
+    unhinted: bool = False
+    """Some failure came without such a hint."""
 
     def may_fit(self, route: Route) -> bool:
         window = route.backend.provider.spec.context_window
@@ -197,6 +215,27 @@ class _Chain:
         )
         if error is not None:
             self.last_error = error
+            if error.retry_after_s is None:
+                self.unhinted = True
+            else:
+                self.hints.append(error.retry_after_s)
+
+    def skip(self, route: Route) -> None:
+        """The route's circuit is open: recorded with why, and when it may be tried again."""
+        circuit = route.backend.circuit
+        last = route.backend.last_failure
+        cause = f"; last failure: {last.message}" if last is not None else ""
+        skipped = UpstreamError(
+            UpstreamErrorKind.UNREACHABLE,
+            route.backend.name,
+            f"skipped: its circuit is open for {circuit.retry_after_s():.1f} s more after repeated failures{cause}",
+            status=last.status if last is not None else None,
+            retry_after_s=circuit.retry_after_s(),
+        )
+        # A real failure before it names the problem better than the skip does.
+        last_error = self.last_error
+        self.record(route, AttemptOutcome.SKIPPED, asyncio.get_running_loop().time(), skipped)
+        self.last_error = last_error or skipped
 
     def deadline_exceeded(self) -> DeadlineExceededError:
         tried = ", ".join(f"{a.backend} ({a.outcome.value})" for a in self.attempts) or "nothing"
@@ -209,9 +248,39 @@ class _Chain:
             cause if count == 1 else f"{cause} ({count} attempts)"
             for cause, count in ((cause, len(list(same))) for cause, same in causes)
         )
-        error = AllBackendsFailedError(f"every backend failed: {tried}", self.attempts)
+        # The soonest another try may help: known only when every failure said when.
+        retry_after_s = min(self.hints) if self.hints and not self.unhinted else None
+        error = AllBackendsFailedError(f"every backend failed: {tried}", self.attempts, retry_after_s=retry_after_s)
         error.__cause__ = self.last_error
         return error
+
+
+class LoopLag:
+    """How late the event loop runs its timers lately: a busy process must end calls earlier to answer in time.
+
+    One timer callback every `PERIOD_S` (no task); the figure jumps up with a late tick and decays by half a tick.
+    """
+
+    PERIOD_S: Final = 0.1
+
+    def __init__(self) -> None:
+        self.lag_s = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._handle = loop.call_at(loop.time() + self.PERIOD_S, self._tick, loop.time() + self.PERIOD_S)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self, expected: float) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self.lag_s = max(now - expected, self.lag_s / 2)
+        self._handle = loop.call_at(now + self.PERIOD_S, self._tick, now + self.PERIOD_S)
 
 
 class Router:
@@ -227,6 +296,7 @@ class Router:
         rng: Callable[[], float] = random.random,
     ) -> None:
         self.backends = tuple(Backend(p, CircuitBreaker(config.circuit)) for p in providers)
+        self.lag = LoopLag()
         self._by_name = {b.name: b for b in self.backends}
         self._config = config
         self._counter = counter
@@ -267,13 +337,14 @@ class Router:
 
     def deadline(self, timeout_s: float | None) -> float:
         """The absolute (event-loop clock) deadline for a call with `timeout_s` left, or the configured bound."""
+        now = asyncio.get_running_loop().time()
         bound = self._config.request_timeout_s
         if timeout_s is None:
-            return asyncio.get_running_loop().time() + bound
+            return now + bound
         # Finish a little before the caller's own deadline, so that our status (with the attempts) reaches it
-        # rather than its client library's bare DEADLINE_EXCEEDED.
-        margin = min(DEADLINE_MARGIN_S, timeout_s / 10)
-        return asyncio.get_running_loop().time() + min(timeout_s - margin, bound)
+        # rather than its client library's bare DEADLINE_EXCEEDED; the busier the loop, the earlier.
+        margin = min(DEADLINE_MARGIN_S + 2 * self.lag.lag_s, timeout_s / 10)
+        return now + min(timeout_s - margin, bound)
 
     # --- calls ------------------------------------------------------------------------------------------------
 
@@ -291,22 +362,67 @@ class Router:
     async def stream(
         self, request: CompletionRequest, *, deadline: float, caller: str
     ) -> AsyncIterator[CompletionChunk]:
+        """The answer's chunks; after the first chunk a broken stream either ends with StreamInterruptedError or,
+        when the request asks for it and time remains, starts over on the next route after a restart chunk."""
         chain = _Chain(deadline)
-        for route in self.resolve(request.model, exact=request.exact_model):
+        consumed: TokenUsage | None = None  # by broken attempts, billed and added to the final usage
+        broken: StreamInterruptedError | None = None
+        routes = self.resolve(request.model, exact=request.exact_model)
+        for index, route in enumerate(routes):
             opened = await self._try_route(chain, route, lambda r, t: self._open_stream(r, request, t))
             if opened is None:
                 continue
             first, upstream = opened
+            started = chain.attempts[-1]
+            received: list[str] = []  # the text sent on, to bill it if the stream breaks
             try:
                 async for chunk in self._rest_of_stream(chain, route, first, upstream):
                     if chunk.usage is not None:
                         self._ledger.record(chunk.backend, chunk.model, caller, chunk.usage)
-                        chunk = replace(chunk, attempts=tuple(chain.attempts))
+                        usage = chunk.usage if consumed is None else consumed + chunk.usage
+                        chunk = replace(chunk, usage=usage, attempts=tuple(chain.attempts))
+                    else:
+                        received += (chunk.content or "", chunk.reasoning or "")
+                        received += (call.arguments or "" for call in chunk.tool_calls)
                     yield chunk
+                return
+            except UpstreamError as exc:
+                # The attempt that had started is recorded as broken, not as the success it first looked like.
+                chain.attempts[-1] = replace(
+                    started,
+                    outcome=AttemptOutcome.INTERRUPTED,
+                    duration_s=started.duration_s + asyncio.get_running_loop().time() - chain.opened_at,
+                    upstream_status=exc.status,
+                    error=exc.message,
+                )
+                chain.last_error = exc
+                partial = self._partial_usage(route.model, request, "".join(received))
+                self._ledger.record(route.backend.name, route.model, caller, partial, interrupted=True)
+                consumed = partial if consumed is None else consumed + partial
+                broken = StreamInterruptedError(exc, chain.attempts)
+                # A restart needs a route left, and at least as long as the broken attempt took to get where it broke.
+                restart = request.restart_on_interrupt and index + 1 < len(routes)
+                if not restart or chain.remaining_s() < chain.attempts[-1].duration_s:
+                    raise broken from exc
+                yield CompletionChunk(
+                    id="",
+                    backend=route.backend.name,
+                    model=route.model,
+                    restart=StreamRestart(str(broken), route.backend.name, tuple(chain.attempts), partial),
+                )
             finally:
                 await upstream.aclose()
-            return
+        if broken is not None:
+            # Text was sent and no restart finished it: the stream as a whole was interrupted.
+            raise StreamInterruptedError(broken.cause, chain.attempts, after="; no restart could finish it")
         raise chain.exhausted()
+
+    def _partial_usage(self, model: str, request: CompletionRequest, text: str) -> TokenUsage:
+        """What a broken stream consumed: the prompt, and the text it had sent, counted by the gateway."""
+        prompt = self._counter.count_chat(model, request.messages, request.options.tools).tokens
+        return TokenUsage(
+            prompt_tokens=prompt, completion_tokens=self._counter.count_text(model, text).tokens, estimated=True
+        )
 
     async def count_tokens(
         self, model: str | None, messages: Sequence[Message], tools: Sequence[Tool], text: str | None
@@ -328,19 +444,10 @@ class Router:
     ) -> tuple[CompletionChunk, AsyncGenerator[CompletionChunk, None]]:
         """Starts a stream and waits for its first chunk: until then, a failure may still fall back."""
         upstream = route.backend.provider.stream(route.model, request, timeout_s=None)
-        idle_s = self._config.stream_idle_timeout_s
         try:
-            async with asyncio.timeout(min(timeout_s, idle_s)):
-                return await anext(upstream), upstream
+            return await anext(upstream), upstream
         except StopAsyncIteration as exc:
             raise UpstreamError(UpstreamErrorKind.BAD_RESPONSE, route.backend.name, "the stream was empty") from exc
-        except TimeoutError as exc:
-            await upstream.aclose()
-            if timeout_s < idle_s:
-                raise
-            raise UpstreamError(
-                UpstreamErrorKind.TIMEOUT, route.backend.name, f"no first chunk in {idle_s:g} s"
-            ) from exc
         except BaseException:
             await upstream.aclose()
             raise
@@ -348,6 +455,7 @@ class Router:
     async def _rest_of_stream(
         self, chain: _Chain, route: Route, first: CompletionChunk, upstream: AsyncIterator[CompletionChunk]
     ) -> AsyncIterator[CompletionChunk]:
+        """The chunks after the first, each within the idle limit; a broken stream raises its UpstreamError."""
         yield first
         idle_s = self._config.stream_idle_timeout_s
         loop = asyncio.get_running_loop()
@@ -362,15 +470,19 @@ class Router:
                 if loop.time() >= chain.deadline:
                     raise chain.deadline_exceeded() from None
                 stalled = UpstreamError(UpstreamErrorKind.TIMEOUT, route.backend.name, f"no data for {idle_s:g} s")
-                route.backend.circuit.record_failure()
-                raise StreamInterruptedError(route.backend.name, stalled) from None
+                route.backend.count_failure(stalled)
+                raise stalled from None
             except UpstreamError as exc:
-                route.backend.circuit.record_failure()
-                raise StreamInterruptedError(route.backend.name, exc) from exc
+                route.backend.count_failure(exc)
+                raise
             yield chunk
 
     async def _try_route(self, chain: _Chain, route: Route, call: Callable[[Route, float], Awaitable[T]]) -> T | None:
-        """Runs `call` on one route with retries; its result, or None to move on to the next route."""
+        """Runs `call` on one route with retries; its result, or None to move on to the next route.
+
+        Each attempt waits for its answer (a stream: its first chunk) at most `first_chunk_timeout_s`: a backend that
+        took the request and stays silent is failing, and retrying it would only multiply the wait.
+        """
         circuit = route.backend.circuit
         loop = asyncio.get_running_loop()
         if not chain.may_fit(route):
@@ -381,31 +493,38 @@ class Router:
             )
             chain.record(route, AttemptOutcome.CONTEXT_LENGTH_EXCEEDED, loop.time(), too_long)
             return None
+        first_chunk_s = self._config.first_chunk_timeout_s
         for retry in range(self._config.retry.max_retries + 1):
             if not circuit.allow():
-                chain.record(route, AttemptOutcome.SKIPPED, loop.time(), None)
+                chain.skip(route)
                 return None
             remaining = chain.remaining_s()
             if remaining < MIN_ATTEMPT_S:
                 circuit.release()
                 raise chain.deadline_exceeded()
             started = loop.time()
+            silent_after = started + first_chunk_s
             try:
-                async with asyncio.timeout_at(chain.deadline):
+                async with asyncio.timeout_at(min(chain.deadline, silent_after)):
                     result = await call(route, remaining)
             except TimeoutError:
-                circuit.release()
+                if loop.time() < chain.deadline:
+                    silent = UpstreamError(
+                        UpstreamErrorKind.SILENT, route.backend.name, f"no answer within {first_chunk_s:g} s"
+                    )
+                    self._failed(chain, route, started, silent)
+                    return None
                 timeout = UpstreamError(UpstreamErrorKind.TIMEOUT, route.backend.name, "the deadline ran out")
                 chain.record(route, AttemptOutcome.TIMEOUT, started, timeout)
+                # Silence until the caller's deadline counts against the backend (else a backend that takes calls
+                # and never answers would hold every call forever); a deadline too short to tell says nothing.
+                if loop.time() - started >= SILENCE_VERDICT_S:
+                    route.backend.count_failure(timeout)
+                else:
+                    circuit.release()
                 raise chain.deadline_exceeded() from None
             except UpstreamError as exc:
-                chain.record(route, exc.kind.attempt_outcome, started, exc)
-                if exc.kind is UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED:
-                    chain.too_long_for = max(chain.too_long_for, route.backend.provider.spec.context_window or 0)
-                if exc.kind in NOT_THE_BACKENDS_FAULT:
-                    circuit.release()
-                else:
-                    circuit.record_failure()
+                self._failed(chain, route, started, exc)
                 if exc.kind is UpstreamErrorKind.REJECTED:
                     raise
                 if exc.kind not in RETRYABLE or retry == self._config.retry.max_retries:
@@ -420,5 +539,17 @@ class Router:
                 raise
             circuit.record_success()
             chain.record(route, AttemptOutcome.SUCCEEDED, started, None)
+            chain.opened_at = loop.time()
             return result
         return None
+
+    @staticmethod
+    def _failed(chain: _Chain, route: Route, started: float, error: UpstreamError) -> None:
+        """Records a failed attempt, and counts it against the backend unless the failure says nothing of it."""
+        chain.record(route, error.kind.attempt_outcome, started, error)
+        if error.kind is UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED:
+            chain.too_long_for = max(chain.too_long_for, route.backend.provider.spec.context_window or 0)
+        if error.kind in NOT_THE_BACKENDS_FAULT:
+            route.backend.circuit.release()
+        else:
+            route.backend.count_failure(error)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from typing import Any, Final, NoReturn
 
 import grpc
 from llmrelay import v1 as pb
@@ -14,10 +17,12 @@ from llmrelay import v1 as pb
 from llmrelay_server import convert
 from llmrelay_server.domain import (
     AnswerTooLargeError,
+    CompletionChunk,
     FieldViolation,
     InvalidRequestError,
     LLMRelayError,
     ShuttingDownError,
+    ToolCallDelta,
 )
 from llmrelay_server.health import HealthMonitor
 from llmrelay_server.router import Router
@@ -25,6 +30,8 @@ from llmrelay_server.status import rpc_failure
 from llmrelay_server.usage import UsageLedger
 
 CALLER_HEADER = "x-llmrelay-caller"
+# Room in a stream message for everything but its text (ids, names, usage, attempts).
+MESSAGE_HEADROOM_BYTES: Final = 64 * 1024
 _CALLER = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
 log = logging.getLogger(__name__)
 
@@ -32,7 +39,12 @@ log = logging.getLogger(__name__)
 class LLMServicer(pb.LLMServiceServicer):
     def __init__(self, router: Router, monitor: HealthMonitor, ledger: UsageLedger, max_message_bytes: int) -> None:
         self._max_message_bytes = max_message_bytes
+        # A delta with more characters than this may be over the message limit (4 bytes a character at most, and
+        # room for the rest of the message): it is sent in pieces.
+        self._max_delta_chars = max(1, (max_message_bytes - MESSAGE_HEADROOM_BYTES) // 4)
         self._draining = False
+        self._interrupting = False
+        self._calls: set[asyncio.Task[Any]] = set()
         self._router = router
         self._monitor = monitor
         self._ledger = ledger
@@ -41,26 +53,49 @@ class LLMServicer(pb.LLMServiceServicer):
         """From now on, new model calls get UNAVAILABLE; calls in flight go on."""
         self._draining = True
 
-    def _check_accepting(self) -> None:
+    async def interrupt_calls(self, wait_s: float) -> None:
+        """The grace period is over: model calls still running end now with the gateway's own status (SHUTTING_DOWN:
+        UNAVAILABLE, or ABORTED for a stream that has sent text) rather than gRPC's bare cancellation."""
+        self._interrupting = True
+        calls = list(self._calls)
+        for call in calls:
+            call.cancel()
+        if calls:
+            await asyncio.wait(calls, timeout=wait_s)
+
+    @contextlib.contextmanager
+    def _model_call(self) -> Iterator[None]:
+        """Admits a model call (not while draining) and keeps it where a shutdown can interrupt it."""
         if self._draining:
             raise ShuttingDownError()
+        task = asyncio.current_task()
+        assert task is not None
+        self._calls.add(task)
+        try:
+            yield
+        finally:
+            self._calls.discard(task)
 
     async def Complete(
         self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext[pb.CompleteRequest, pb.CompleteResponse]
     ) -> pb.CompleteResponse:
         try:
-            self._check_accepting()
-            response = await self._router.complete(
-                convert.completion_request(request),
-                deadline=self._router.deadline(context.time_remaining()),
-                caller=caller_identity(context),
-            )
+            with self._model_call():
+                response = await self._router.complete(
+                    convert.completion_request(request),
+                    deadline=self._router.deadline(context.time_remaining()),
+                    caller=caller_identity(context),
+                )
             answer = convert.complete_response(response)
             # Sent as is, an oversized answer would fail inside gRPC with a bare status and a server error log.
             if (size := answer.ByteSize()) > self._max_message_bytes:
                 raise AnswerTooLargeError(size, self._max_message_bytes)
         except LLMRelayError as error:
             await _abort(context, "Complete", error)
+        except asyncio.CancelledError:
+            if not self._interrupting:
+                raise
+            await _abort(context, "Complete", ShuttingDownError(in_flight=True))
         return answer
 
     async def StreamComplete(
@@ -68,17 +103,27 @@ class LLMServicer(pb.LLMServiceServicer):
         request: pb.StreamCompleteRequest,
         context: grpc.aio.ServicerContext[pb.StreamCompleteRequest, pb.StreamCompleteResponse],
     ) -> AsyncIterator[pb.StreamCompleteResponse]:
+        started = False
         try:
-            self._check_accepting()
-            chunks = self._router.stream(
-                convert.completion_request(request),
-                deadline=self._router.deadline(context.time_remaining()),
-                caller=caller_identity(context),
-            )
-            async for chunk in chunks:
-                yield convert.stream_response(chunk)
+            with self._model_call():
+                chunks = self._router.stream(
+                    convert.completion_request(request),
+                    deadline=self._router.deadline(context.time_remaining()),
+                    caller=caller_identity(context),
+                )
+                async for chunk in chunks:
+                    started = True
+                    if _text_length(chunk) <= self._max_delta_chars:
+                        yield convert.stream_response(chunk)
+                    else:
+                        for piece in _split(chunk, self._max_delta_chars):
+                            yield convert.stream_response(piece)
         except LLMRelayError as error:
             await _abort(context, "StreamComplete", error)
+        except asyncio.CancelledError:
+            if not self._interrupting:
+                raise
+            await _abort(context, "StreamComplete", ShuttingDownError(stream_started=started, in_flight=True))
 
     async def CountTokens(
         self,
@@ -143,6 +188,29 @@ def caller_identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     if isinstance(authorization, str) and authorization:
         return "key-" + hashlib.sha256(authorization.encode()).hexdigest()[:12]
     return "anonymous"
+
+
+def _text_length(chunk: CompletionChunk) -> int:
+    length = len(chunk.content or "") + len(chunk.reasoning or "")
+    return length + sum(len(call.arguments or "") for call in chunk.tool_calls) if chunk.tool_calls else length
+
+
+def _split(chunk: CompletionChunk, max_chars: int) -> list[CompletionChunk]:
+    """A chunk too large for one message as several, each within `max_chars` of text; together the same deltas."""
+    bare = replace(chunk, content=None, reasoning=None, tool_calls=(), finish_reason=None, usage=None)
+    pieces = [replace(bare, content=part) for part in _parts(chunk.content, max_chars)]
+    pieces += [replace(bare, reasoning=part) for part in _parts(chunk.reasoning, max_chars)]
+    for call in chunk.tool_calls:
+        parts: list[str | None] = [*_parts(call.arguments, max_chars)] or [call.arguments]
+        pieces.append(replace(bare, tool_calls=(replace(call, arguments=parts[0]),)))
+        pieces += [replace(bare, tool_calls=(ToolCallDelta(index=call.index, arguments=part),)) for part in parts[1:]]
+    # The end of the answer, if this chunk carried it, stays on the last piece.
+    pieces[-1] = replace(pieces[-1], finish_reason=chunk.finish_reason, usage=chunk.usage, attempts=chunk.attempts)
+    return pieces
+
+
+def _parts(text: str | None, size: int) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)] if text else []
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], rpc: str, error: LLMRelayError) -> NoReturn:

@@ -13,6 +13,7 @@
 | upstream answers are malformed          | UNAVAILABLE         | UPSTREAM_BAD_RESPONSE   |               |
 | the answer is over the message limit    | RESOURCE_EXHAUSTED  | ANSWER_TOO_LARGE        |               |
 | the gateway is shutting down            | UNAVAILABLE         | SHUTTING_DOWN           | RetryInfo     |
+| ... and ended a stream that had started | ABORTED             | SHUTTING_DOWN           | RetryInfo     |
 | the caller's deadline ran out           | DEADLINE_EXCEEDED   | DEADLINE_EXCEEDED       |               |
 | a stream failed after it started        | ABORTED             | STREAM_INTERRUPTED      |               |
 """
@@ -81,13 +82,16 @@ def _classify(error: LLMRelayError) -> _Classified:
         metadata = {"size": str(error.size), "limit": str(error.limit)}
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "ANSWER_TOO_LARGE", metadata, []
     if isinstance(error, ShuttingDownError):
-        return grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", {}, [_retry_info(DEFAULT_RETRY_DELAY_S)]
+        # A stream that has sent text cannot simply be retried by a client: ABORTED says so.
+        code = grpc.StatusCode.ABORTED if error.stream_started else grpc.StatusCode.UNAVAILABLE
+        return code, "SHUTTING_DOWN", {}, [_retry_info(DEFAULT_RETRY_DELAY_S)]
     if isinstance(error, TokenizerUnavailableError):
         return grpc.StatusCode.FAILED_PRECONDITION, "TOKENIZER_UNAVAILABLE", {"encoding": error.encoding}, []
     if isinstance(error, UpstreamError):
         return _upstream(error, grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE")
     if isinstance(error, StreamInterruptedError):
-        return grpc.StatusCode.ABORTED, "STREAM_INTERRUPTED", _upstream_metadata(error.cause), []
+        metadata = {**_attempts(error), **_upstream_metadata(error.cause)}
+        return grpc.StatusCode.ABORTED, "STREAM_INTERRUPTED", metadata, []
     if isinstance(error, DeadlineExceededError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", _attempts(error), []
     if isinstance(error, AllBackendsFailedError):
@@ -99,11 +103,12 @@ def _exhausted(error: AllBackendsFailedError) -> _Classified:
     metadata = _attempts(error)
     outcomes = {a.outcome for a in error.attempts if a.outcome is not AttemptOutcome.SKIPPED}
     last = error.last_upstream_error
-    if last is not None and len(outcomes) == 1:
-        # One cause everywhere names the problem better than "unavailable" would.
+    if last is not None and len(outcomes) <= 1:
+        # One cause everywhere (or only open circuits) names the problem better than "unavailable" would.
         code, reason, upstream_metadata, extra = _upstream(last, grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE")
         return code, reason, {**metadata, **upstream_metadata}, extra
-    return grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE", metadata, [_retry_info(DEFAULT_RETRY_DELAY_S)]
+    delay_s = DEFAULT_RETRY_DELAY_S if error.retry_after_s is None else error.retry_after_s
+    return grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE", metadata, [_retry_info(delay_s)]
 
 
 def _upstream(error: UpstreamError, default_code: grpc.StatusCode, default_reason: str) -> _Classified:
@@ -132,7 +137,7 @@ def _upstream_metadata(error: UpstreamError) -> dict[str, str]:
     return metadata
 
 
-def _attempts(error: AllBackendsFailedError | DeadlineExceededError) -> dict[str, str]:
+def _attempts(error: AllBackendsFailedError | DeadlineExceededError | StreamInterruptedError) -> dict[str, str]:
     return {"attempts": ",".join(f"{a.backend}:{a.outcome.value}" for a in error.attempts)}
 
 

@@ -43,21 +43,26 @@ CREATE TABLE IF NOT EXISTS usage_buckets (
     completion_tokens INTEGER NOT NULL,
     total_tokens INTEGER NOT NULL,
     estimated_requests INTEGER NOT NULL,
+    interrupted_requests INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (backend, model, caller, bucket_start)
 ) WITHOUT ROWID
 """
 
 _UPSERT: Final = """
 INSERT INTO usage_buckets (backend, model, caller, bucket_start,
-                           requests, prompt_tokens, completion_tokens, total_tokens, estimated_requests)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                           requests, prompt_tokens, completion_tokens, total_tokens, estimated_requests,
+                           interrupted_requests)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (backend, model, caller, bucket_start) DO UPDATE SET
     requests = requests + excluded.requests,
     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
     completion_tokens = completion_tokens + excluded.completion_tokens,
     total_tokens = total_tokens + excluded.total_tokens,
-    estimated_requests = estimated_requests + excluded.estimated_requests
+    estimated_requests = estimated_requests + excluded.estimated_requests,
+    interrupted_requests = interrupted_requests + excluded.interrupted_requests
 """
+# Columns added since the first schema: a database made before them gets them at start, with zeros.
+_ADDED_COLUMNS: Final = {"interrupted_requests": "INTEGER NOT NULL DEFAULT 0"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +77,11 @@ class UsageTotals:
     completion_tokens: int
     total_tokens: int
     estimated_requests: int
+    interrupted_requests: int = 0
 
 
-# (backend, model, caller, bucket_start) -> [requests, prompt_tokens, completion_tokens, total_tokens, estimated]
+# (backend, model, caller, bucket_start) -> [requests, prompt_tokens, completion_tokens, total_tokens, estimated,
+#                                            interrupted]
 _BucketKey = tuple[str, str, str, int]
 _TotalsKey = tuple[str, str, str]
 _Buffer = dict[_BucketKey, list[int]]
@@ -149,13 +156,30 @@ class UsageLedger:
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
 
-    def record(self, backend: str, model: str, caller: str, usage: TokenUsage, at: float | None = None) -> None:
-        """Add one answer's usage; at is its Unix time (now by default). Never blocks on I/O."""
+    def record(
+        self,
+        backend: str,
+        model: str,
+        caller: str,
+        usage: TokenUsage,
+        at: float | None = None,
+        *,
+        interrupted: bool = False,
+    ) -> None:
+        """Add one answer's usage (interrupted: a stream that broke after it started, billed for what it consumed);
+        at is its Unix time (now by default). Never blocks on I/O."""
         if self._closed:
             raise RuntimeError("the usage ledger is closed")
         moment = time.time() if at is None else at
         key = (backend, model, caller, int(moment // self._bucket_s) * self._bucket_s)
-        counts = (1, usage.prompt_tokens, usage.completion_tokens, usage.total_tokens, int(usage.estimated))
+        counts = (
+            1,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.total_tokens,
+            int(usage.estimated),
+            int(interrupted),
+        )
         with self._buffer_lock:
             _add_into(self._buffer, key, counts)
 
@@ -240,7 +264,8 @@ class UsageLedger:
         where, values = selection.sql_where()
         cursor = self._connection.execute(
             "SELECT backend, model, caller, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens),"
-            f" SUM(total_tokens), SUM(estimated_requests) FROM usage_buckets{where} GROUP BY backend, model, caller",
+            " SUM(total_tokens), SUM(estimated_requests), SUM(interrupted_requests)"
+            f" FROM usage_buckets{where} GROUP BY backend, model, caller",
             values,
         )
         return {(row[0], row[1], row[2]): list(row[3:]) for row in cursor}
@@ -257,5 +282,9 @@ def _open_database(path: Path | str) -> sqlite3.Connection:
     connection.execute("PRAGMA synchronous=NORMAL")
     connection.execute("PRAGMA busy_timeout=5000")
     connection.execute(_SCHEMA)
+    present = {row[1] for row in connection.execute("PRAGMA table_info(usage_buckets)")}
+    for column, declaration in _ADDED_COLUMNS.items():
+        if column not in present:
+            connection.execute(f"ALTER TABLE usage_buckets ADD COLUMN {column} {declaration}")
     connection.commit()
     return connection

@@ -150,17 +150,17 @@ def attempt(backend: str, outcome: AttemptOutcome, status_code: int | None = Non
         (upstream(K.BAD_RESPONSE), C.UNAVAILABLE, "UPSTREAM_BAD_RESPONSE", {"backend": "openai"}, None),
         # a stream failed after it started: ABORTED whatever the cause, and no RetryInfo
         (
-            StreamInterruptedError("ollama", upstream(K.TIMEOUT, "ollama")),
+            StreamInterruptedError(upstream(K.TIMEOUT, "ollama"), [attempt("ollama", OUT.INTERRUPTED)]),
             C.ABORTED,
             "STREAM_INTERRUPTED",
-            {"backend": "ollama"},
+            {"backend": "ollama", "attempts": "ollama:interrupted"},
             None,
         ),
         (
-            StreamInterruptedError("openai", upstream(K.RATE_LIMITED, status=429, retry_after_s=3.0)),
+            StreamInterruptedError(upstream(K.RATE_LIMITED, status=429, retry_after_s=3.0)),
             C.ABORTED,
             "STREAM_INTERRUPTED",
-            {"backend": "openai", "upstream_status": "429"},
+            {"backend": "openai", "upstream_status": "429", "attempts": ""},
             None,
         ),
         # the caller's deadline ran out
@@ -327,7 +327,7 @@ REASONS_BY_ERROR = [
     ModelNotFoundError("m", []),
     TokenizerUnavailableError("e", "d"),
     AnswerTooLargeError(2, 1),
-    StreamInterruptedError("b", upstream(K.TIMEOUT)),
+    StreamInterruptedError(upstream(K.TIMEOUT, "b")),
     DeadlineExceededError("late", []),
     exhausted([attempt("a", OUT.TIMEOUT), attempt("b", OUT.UNREACHABLE)], upstream(K.UNREACHABLE)),
     *[upstream(kind) for kind in UpstreamErrorKind],

@@ -305,7 +305,7 @@ def test_no_tool_calls(calls: Any) -> None:
         ("text", "expected a JSON object"),
         ({}, "no `choices` list"),
         ({"choices": {"0": {}}}, "no `choices` list"),
-        ({"choices": []}, "`choices` list is empty"),
+        ({"choices": []}, "no choice with index 0"),
         ({"choices": ["x"]}, "no `message` object"),
         ({"choices": [{"message": "x"}]}, "no `message` object"),
         ({"choices": [{"delta": {}}]}, "no `message` object"),
@@ -340,6 +340,35 @@ def test_first_choice_of_stream_chunks() -> None:
         wire.first_choice({"choices": [{"delta": "x"}]}, "delta")
     with pytest.raises(wire.MalformedAnswerError):
         wire.first_choice({"choices": "x"}, "delta")
+
+
+def test_only_choice_zero_is_read() -> None:
+    """The gateway asks for one choice: an upstream that sends more never gets two texts merged."""
+    second, first = {"index": 1, "delta": {"content": "B"}}, {"index": 0, "delta": {"content": "A"}}
+    assert wire.first_choice({"choices": [second, first]}, "delta") == first
+    assert wire.first_choice({"choices": [second]}, "delta") is None
+    message = {"choices": [{"index": 1, "message": {"content": "B"}}, {"index": 0, "message": {"content": "A"}}]}
+    assert wire.first_choice(message, "message") == message["choices"][1]
+    with pytest.raises(wire.MalformedAnswerError, match="index 0"):
+        wire.first_choice({"choices": [{"index": 1, "message": {"content": "B"}}]}, "message")
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        ({"choices": []}, None),
+        ({"error": {"message": "boom", "code": 500}}, wire.ErrorEvent("boom", 500, None)),
+        (
+            {"error": {"message": "slow down", "code": "rate_limit_exceeded"}},
+            wire.ErrorEvent("slow down", None, "rate_limit_exceeded"),
+        ),
+        ({"error": {"code": 99}}, wire.ErrorEvent("the upstream sent an error event", None, None)),
+        ({"error": {"message": "x", "code": True}}, wire.ErrorEvent("x", None, None)),
+        ({"error": "overloaded"}, wire.ErrorEvent("overloaded", None, None)),
+    ],
+)
+def test_error_events(event: dict[str, Any], expected: wire.ErrorEvent | None) -> None:
+    assert wire.error_event(event) == expected
 
 
 @pytest.mark.parametrize(

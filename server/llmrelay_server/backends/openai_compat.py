@@ -7,9 +7,11 @@ module as an UpstreamError whose kind tells the router what to do next.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncGenerator, Sequence
@@ -121,6 +123,8 @@ class OpenAICompatibleProvider:
                     if payload == wire.DONE:
                         break
                     data = wire.decode_json(payload.encode())
+                    if isinstance(data, dict) and (event := wire.error_event(data)) is not None:
+                        raise self._error_event(event)
                     choice = wire.first_choice(data, "delta")
                     completion_id = completion_id or str(data.get("id") or "")
                     served_model = self._served_model(data, served_model)
@@ -142,8 +146,10 @@ class OpenAICompatibleProvider:
                         content.append(chunk.content or "")
                         reasoning.append(chunk.reasoning or "")
                         yield chunk
-                else:
-                    raise wire.MalformedAnswerError("the stream ended before [DONE]")
+                # Without [DONE] the answer is still whole when a finish reason came (some servers end there);
+                # without a finish reason it is a cut stream, whatever else arrived.
+                if finish is None:
+                    raise wire.MalformedAnswerError("the stream ended without a finish reason")
             finally:
                 # Closing at once matters: on cancellation the upstream must see the connection go.
                 await response.aclose()
@@ -276,12 +282,18 @@ class OpenAICompatibleProvider:
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
             message = f"HTTP {status}: {self._redact(exc.message)}"
-            kind = _kind_of_status(status, exc)
+            kind = _kind_of_status(status, exc.code, exc.message)
             # Retry-After means something on a rate limit and on 503 (overloaded); elsewhere it is not a promise.
             asks_to_wait = kind is UpstreamErrorKind.RATE_LIMITED or status == 503
             retry_after = _retry_after_s(exc.response.headers) if asks_to_wait else None
             return UpstreamError(kind, name, message, status=status, retry_after_s=retry_after)
         return UpstreamError(UpstreamErrorKind.BAD_RESPONSE, name, f"malformed answer: {self._redact(exc.message)}")
+
+    def _error_event(self, event: wire.ErrorEvent) -> UpstreamError:
+        status = event.status
+        message = f"error event{f' (HTTP {status})' if status else ''}: {self._redact(event.message)}"
+        kind = UpstreamErrorKind.SERVER_ERROR if status is None else _kind_of_status(status, event.code, event.message)
+        return UpstreamError(kind, self._spec.name, message, status=status)
 
     def _describe(self, exc: Exception) -> str:
         """A probe's failure, for Health: what went wrong, never a secret."""
@@ -322,7 +334,7 @@ def _connection_lost(exc: BaseException) -> bool:
     return False
 
 
-def _kind_of_status(status: int, exc: openai.APIStatusError) -> UpstreamErrorKind:
+def _kind_of_status(status: int, code: str | None, message: str | None) -> UpstreamErrorKind:
     if status == 429:
         return UpstreamErrorKind.RATE_LIMITED
     if status in (401, 403):
@@ -332,7 +344,7 @@ def _kind_of_status(status: int, exc: openai.APIStatusError) -> UpstreamErrorKin
     if status == 408:
         return UpstreamErrorKind.TIMEOUT
     if status in (400, 413, 422):
-        if exc.code == "context_length_exceeded" or _CONTEXT_LENGTH.search(exc.message or ""):
+        if code == "context_length_exceeded" or _CONTEXT_LENGTH.search(message or ""):
             return UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED
         return UpstreamErrorKind.REJECTED
     return UpstreamErrorKind.SERVER_ERROR
@@ -344,13 +356,32 @@ def _retry_after_s(headers: httpx2.Headers) -> float | None:
         value = headers.get(header)
         if value is None:
             continue
-        try:
-            return max(0.0, float(value) * scale)
-        except ValueError:
-            parsed = email.utils.parsedate_to_datetime(value) if header == "retry-after" else None
-            if parsed is not None:
-                return max(0.0, parsed.timestamp() - time.time())
+        seconds = _seconds_or_date(value) if header == "retry-after" else _number(value)
+        if seconds is not None:
+            return max(0.0, seconds * scale)
     return None
+
+
+def _seconds_or_date(value: str) -> float | None:
+    """Retry-After's seconds or HTTP date as seconds from now; None for anything else (ignored, never fatal)."""
+    seconds = _number(value)
+    if seconds is not None:
+        return seconds
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if moment.tzinfo is None:  # HTTP dates are GMT
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.timestamp() - time.time()
+
+
+def _number(value: str) -> float | None:
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 class OpenAIProvider(OpenAICompatibleProvider):

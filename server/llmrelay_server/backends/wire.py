@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any, Final, TypeGuard
+from typing import Any, Final, NamedTuple, TypeGuard
 
 from llmrelay_server.domain import (
     CompletionOptions,
@@ -123,7 +123,8 @@ def finish_reason(value: Any) -> FinishReason:
 
 
 def first_choice(data: Any, key: str) -> Mapping[str, Any] | None:
-    """The first choice's `key` object (message or delta); None for a chunk without choices (the usage chunk)."""
+    """Choice 0's `key` object (message or delta); None for a stream chunk without it (the usage chunk, or a chunk
+    of another choice: the gateway asks for one, and never merges the text of two)."""
     if not isinstance(data, Mapping):
         raise MalformedAnswerError(f"expected a JSON object, got {type(data).__name__}")
     choices = data.get("choices")
@@ -131,14 +132,39 @@ def first_choice(data: Any, key: str) -> Mapping[str, Any] | None:
         return None
     if not isinstance(choices, list):
         raise MalformedAnswerError("the answer has no `choices` list")
-    if not choices:
+    choice = next((c for c in choices if not isinstance(c, Mapping) or c.get("index", 0) == 0), None)
+    if choice is None:
         if key == "delta":
             return None
-        raise MalformedAnswerError("the answer's `choices` list is empty")
-    choice = choices[0]
+        raise MalformedAnswerError("the answer has no choice with index 0")
     if not isinstance(choice, Mapping) or not isinstance(choice.get(key, {}), Mapping):
         raise MalformedAnswerError(f"the answer's first choice has no `{key}` object")
     return choice
+
+
+class ErrorEvent(NamedTuple):
+    """An error the upstream reported inside a stream."""
+
+    message: str
+    status: int | None
+    """An HTTP status, where the event gives one as its code (vLLM does)."""
+    code: str | None
+
+
+def error_event(data: Mapping[str, Any]) -> ErrorEvent | None:
+    """An in-band error (`data: {"error": {...}}`, as vLLM and OpenAI send when generation fails mid-way), or None
+    when the event is not one."""
+    error = data.get("error")
+    if error is None:
+        return None
+    if not isinstance(error, Mapping):
+        return ErrorEvent(str(error)[:200], None, None)
+    message, code = error.get("message"), error.get("code")
+    return ErrorEvent(
+        message if isinstance(message, str) and message else "the upstream sent an error event",
+        code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600 else None,
+        code if isinstance(code, str) else None,
+    )
 
 
 def message_from_choice(choice: Mapping[str, Any]) -> Message:

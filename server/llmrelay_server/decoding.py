@@ -1,0 +1,104 @@
+"""LLMService's registration on the gRPC server, with requests that cannot be decoded answered INVALID_ARGUMENT.
+
+gRPC's asyncio server decodes each request before the servicer sees it, and a decoding failure (bytes that are not
+the message, invalid UTF-8 in a string, nesting beyond protobuf's depth limit) escapes it as an unexpected exception:
+the caller gets UNKNOWN with Python's exception text, and the log a traceback per call. Here every method's
+deserializer catches the failure and hands its handler an `_Undecodable` in place of the request, which the handler
+answers with the INVALID_REQUEST status every other invalid request gets. A decodable request pays one function call.
+
+The methods come from the service's descriptor, as the generated add_LLMServiceServicer_to_server's do, so an RPC
+added to the contract is registered here without an edit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeAlias
+
+import grpc
+from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
+from llmrelay import v1 as pb
+
+from llmrelay_server.domain import FieldViolation, InvalidRequestError
+from llmrelay_server.status import rpc_failure
+
+log = logging.getLogger(__name__)
+
+_Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+_UnaryBehavior: TypeAlias = Callable[[Any, _Context], Awaitable[Message]]
+_StreamBehavior: TypeAlias = Callable[[Any, _Context], AsyncGenerator[Message, None]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Undecodable:
+    """What a handler receives in place of a request whose bytes did not decode."""
+
+    reason: str
+
+
+def add_llm_service(servicer: pb.LLMServiceServicer, server: grpc.aio.Server) -> None:
+    """Registers LLMService as the generated add_LLMServiceServicer_to_server does, with the decoding guard."""
+    service = pb.DESCRIPTOR.services_by_name["LLMService"]
+    handlers = {method.name: _handler(method, getattr(servicer, method.name)) for method in service.methods}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _handler(method: MethodDescriptor, behavior: Any) -> grpc.RpcMethodHandler[Any, Any]:
+    if method.client_streaming:
+        raise TypeError(f"{method.full_name}: requests that stream are not supported")
+    decode = _decoder(GetMessageClass(method.input_type))
+    encode = GetMessageClass(method.output_type).SerializeToString
+    if method.server_streaming:
+        return grpc.unary_stream_rpc_method_handler(
+            _guarded_stream(method.name, behavior), request_deserializer=decode, response_serializer=encode
+        )
+    return grpc.unary_unary_rpc_method_handler(
+        _guarded_unary(method.name, behavior), request_deserializer=decode, response_serializer=encode
+    )
+
+
+def _decoder(message_type: type[Message]) -> Callable[[bytes], Message | _Undecodable]:
+    parse = message_type.FromString
+
+    def decode(data: bytes) -> Message | _Undecodable:
+        try:
+            return parse(data)
+        except DecodeError as error:
+            return _Undecodable(f"the request cannot be decoded: {error}")
+
+    return decode
+
+
+def _guarded_unary(rpc: str, behavior: _UnaryBehavior) -> _UnaryBehavior:
+    async def handle(request: Any, context: _Context) -> Message:
+        if type(request) is _Undecodable:
+            await _refuse(context, rpc, request)
+        return await behavior(request, context)
+
+    return handle
+
+
+def _guarded_stream(rpc: str, behavior: _StreamBehavior) -> Callable[[Any, _Context], AsyncIterator[Message]]:
+    # gRPC iterates what an async generator function returns (any other function it would run in a thread), so the
+    # answers pass through this generator; closing it closes the servicer's, as if gRPC held that one.
+    async def handle(request: Any, context: _Context) -> AsyncIterator[Message]:
+        if type(request) is _Undecodable:
+            await _refuse(context, rpc, request)
+        async with contextlib.aclosing(behavior(request, context)) as answers:
+            async for answer in answers:
+                yield answer
+
+    return handle
+
+
+async def _refuse(context: _Context, rpc: str, request: _Undecodable) -> NoReturn:
+    failure = rpc_failure(InvalidRequestError([FieldViolation("", request.reason)]))
+    log.info("%s failed: %s: %s", rpc, failure.code.name, failure.details)
+    await context.abort_with_status(failure)
+    raise AssertionError("abort returns only by raising")
