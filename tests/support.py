@@ -23,6 +23,7 @@ FAST_ROUTER = """
 router:
   retry: {max_retries: 1, initial_backoff_s: 0.01, max_backoff_s: 0.02}
   circuit: {failure_threshold: 50, cooldown_s: 30}
+  first_chunk_timeout_s: 1
   stream_idle_timeout_s: 2
 """
 

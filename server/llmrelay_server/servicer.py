@@ -168,6 +168,7 @@ class LLMServicer(pb.LLMServiceServicer):
                     completion_tokens=t.completion_tokens,
                     total_tokens=t.total_tokens,
                     estimated_requests=t.estimated_requests,
+                    interrupted_requests=t.interrupted_requests,
                 )
                 for t in totals
             ]

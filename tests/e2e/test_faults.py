@@ -68,6 +68,16 @@ ROWS = [
         {"status": 429, "retry_after": 0},
         Outcome.ATTEMPT_OUTCOME_RATE_LIMITED,
     ),
+    retried(
+        "Retry-After that is no number nor date is ignored",
+        {"status": 503, "retry_after": "soon"},
+        Outcome.ATTEMPT_OUTCOME_SERVER_ERROR,
+    ),
+    retried("likewise on 429", {"status": 429, "retry_after": "soon"}, Outcome.ATTEMPT_OUTCOME_RATE_LIMITED),
+    moves_on(
+        "silent past the first-chunk limit: next backend, no retry", {"stall_s": 3}, Outcome.ATTEMPT_OUTCOME_TIMEOUT
+    ),
+    Row("two choices: only index 0 is read", [{"two_choices": True}], outcomes=(Outcome.ATTEMPT_OUTCOME_SUCCEEDED,)),
     moves_on(
         "429 with a long Retry-After moves on at once",
         {"status": 429, "retry_after": 3600},
@@ -89,6 +99,11 @@ ROWS = [
     moves_on("200 with HTML", HTML, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
     moves_on("malformed JSON", NOT_JSON, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
     moves_on("missing choices", NO_CHOICES, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
+    moves_on(
+        "only another choice",
+        {"body": '{"choices": [{"index": 1, "message": {"content": "x"}}]}'},
+        Outcome.ATTEMPT_OUTCOME_SERVER_ERROR,
+    ),
     Row(
         "rate limited everywhere",
         [{"status": 429, "retry_after": 0}] * 2,
@@ -179,7 +194,33 @@ async def test_fault_matrix(
     assert (len(primary.chat_requests), len(local.chat_requests)) == row.calls
 
 
-@pytest.mark.parametrize("fault", [{"stream_cut_after": 3}, {"trickle_s": 3}], ids=["cut", "stalled"])
+STREAM_ROWS = [
+    Row("events without choices are no answer", [{"no_choices": True}], served_by="ollama", calls=(1, 1),
+        outcomes=(Outcome.ATTEMPT_OUTCOME_SERVER_ERROR, Outcome.ATTEMPT_OUTCOME_SUCCEEDED)),
+    Row("no finish reason is a cut stream", [{"no_finish": True}], code=grpc.StatusCode.ABORTED,
+        reason="STREAM_INTERRUPTED"),
+    Row("an error event before the first chunk is retried", [{"error_event_after": 0}], calls=(2, 0),
+        outcomes=(Outcome.ATTEMPT_OUTCOME_SERVER_ERROR, Outcome.ATTEMPT_OUTCOME_SUCCEEDED)),
+    Row("finish reason and usage without [DONE] is whole", [{"no_done": True}],
+        outcomes=(Outcome.ATTEMPT_OUTCOME_SUCCEEDED,)),
+    Row("error events everywhere", [{"error_event_after": 0}] * 2, [{"error_event_after": 0}] * 2,
+        code=grpc.StatusCode.UNAVAILABLE, reason="BACKENDS_UNAVAILABLE", calls=(2, 2)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("row", STREAM_ROWS, ids=[r.name for r in STREAM_ROWS])
+async def test_stream_fault_matrix(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream, row: Row
+) -> None:
+    """Faults only a stream can have: never an empty answer that ends OK."""
+    await test_fault_matrix(stub, primary, local, row, call_stream)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [{"stream_cut_after": 3}, {"trickle_s": 3}, {"error_event_after": 3}],
+    ids=["cut", "stalled", "error event"],
+)
 async def test_streams_fail_definitely_after_the_first_chunk(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream, fault: dict[str, Any]
 ) -> None:
@@ -191,6 +232,7 @@ async def test_streams_fail_definitely_after_the_first_chunk(
     assert caught.value.code() == grpc.StatusCode.ABORTED
     info = details(caught.value)["ErrorInfo"]
     assert (info.reason, info.metadata["backend"]) == ("STREAM_INTERRUPTED", "openai")
+    assert info.metadata["attempts"] == "openai:interrupted"
     assert received and "".join(received) != "echo: one two three four", "never a silent truncation"
     assert local.chat_requests == [], "never text of two backends mixed"
 
@@ -360,8 +402,10 @@ async def test_load_with_random_faults_ends_every_call_definitely_and_leaks_noth
 
 
 async def test_a_stream_trickling_bytes_ends_at_the_deadline(
-    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
+    # Its first event takes longer than a second to arrive: within the first-chunk limit here, not the deadline.
+    stub = await stub_for(two_backends(primary, local, FAST_ROUTER.replace("first_chunk_timeout_s: 1", "")))
     primary.inject({"byte_trickle_s": 0.01})
     started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -384,6 +428,78 @@ async def test_an_enormous_answer_gets_a_definite_status(stub: pb.LLMServiceAsyn
     chunks = [c async for c in stub.StreamComplete(stream_chat(), timeout=10)]
     assert sum(len(c.delta.content) for c in chunks) == 6_000_000
     assert (await stub.Complete(chat(), timeout=5)).message.content == "echo: hello gateway"
+
+
+async def test_one_delta_over_the_message_limit_is_sent_in_pieces(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    primary.inject({"huge_content": 6_000_000, "one_delta": True})
+    chunks = [c async for c in stub.StreamComplete(stream_chat(), timeout=10)]
+    assert len(chunks) > 3, "the one delta arrives in several messages"
+    assert sum(len(c.delta.content) for c in chunks) == 6_000_000
+    assert all(c.ByteSize() <= 4 * 1024 * 1024 for c in chunks)
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP and chunks[-1].usage.total_tokens > 0
+    assert "Traceback" not in caplog.text
+
+
+async def test_an_open_circuit_says_when_to_come_back(stub_for: StubFactory, local: FakeUpstream) -> None:
+    stub = await stub_for(f"""
+llm:
+  ollama: {{base_url: "{local.base_url}", model: tiny}}
+router:
+  retry: {{max_retries: 0}}
+  circuit: {{failure_threshold: 1, cooldown_s: 30}}
+""")
+    local.inject({"status": 503})
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.Complete(chat(), timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat(), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    found = details(caught.value)
+    assert dict(found["ErrorInfo"].metadata) == {
+        "attempts": "ollama:skipped",
+        "backend": "ollama",
+        "upstream_status": "503",
+    }
+    assert 29 <= found["RetryInfo"].retry_delay.seconds <= 30, "the cool-down left, not a guess"
+    assert len(local.chat_requests) == 1
+
+
+async def test_a_silent_primary_does_not_hold_every_call_until_its_deadline(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """It takes calls and never answers; its health probe passes; callers' deadlines are shorter than the first-chunk
+    limit. Each call it holds to the deadline counts against it, so its circuit opens and the fallback serves."""
+    router = FAST_ROUTER.replace("failure_threshold: 50", "failure_threshold: 2").replace(
+        "first_chunk_timeout_s: 1", "first_chunk_timeout_s: 15"
+    )
+    stub = await stub_for(two_backends(primary, local, router))
+    primary.inject({"stall_s": 30}, {"stall_s": 30})
+    for _ in range(2):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Complete(chat(), timeout=1.3)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    answer = await stub.Complete(chat(), timeout=1.3)
+    assert answer.backend == "ollama"
+    assert [a.outcome for a in answer.attempts] == [Outcome.ATTEMPT_OUTCOME_SKIPPED, Outcome.ATTEMPT_OUTCOME_SUCCEEDED]
+    assert len(primary.chat_requests) == 2
+
+
+@pytest.mark.parametrize("timeout_s", [0.005, 0.01, 0.02, 0.05])
+async def test_tiny_deadlines_get_the_gateways_own_status(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, timeout_s: float
+) -> None:
+    primary.inject({"stall_s": 1})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat(model="gpt-test", exact_model=True), timeout=timeout_s)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert details(caught.value)["ErrorInfo"].reason == "DEADLINE_EXCEEDED"
+
+
+async def test_a_50ms_deadline_is_enough_to_try(stub: pb.LLMServiceAsyncStub, primary: FakeUpstream) -> None:
+    answer = await stub.Complete(chat(), timeout=0.05)
+    assert answer.backend == "openai"
 
 
 async def test_an_oversized_request_is_resource_exhausted(stub: pb.LLMServiceAsyncStub, primary: FakeUpstream) -> None:

@@ -14,6 +14,17 @@
 //		fmt.Print(chunk.GetDelta().GetContent())
 //	}
 //
+// Collect reads such a stream to its end and returns the whole answer as Complete would, with the gateway asked to
+// start over on the next backend when an upstream's stream breaks midway (on_interrupt = INTERRUPT_POLICY_RESTART):
+//
+//	answer, err := client.Collect(ctx, req, func(chunk *llmrelayv1.StreamCompleteResponse) {
+//		fmt.Print(chunk.GetDelta().GetContent()) // as it comes
+//	})
+//
+// On a raw Stream whose request asked for INTERRUPT_POLICY_RESTART, a message with chunk.GetRestart() != nil is
+// the restart marker: every delta received before it is void, the deltas after it are the whole answer. Assembler
+// folds a stream's messages into the answer, markers included, for callers that read the stream themselves.
+//
 // Deadlines come from the context of each call; a call whose context has none gets the client's default timeout
 // (WithTimeout). Failed calls return an *Error, which carries the google.rpc details of the status (ErrorInfo,
 // RetryInfo, BadRequest) and still works with status.Code and status.FromError.
@@ -146,6 +157,11 @@ func (c *Client) Complete(ctx context.Context, req *llmrelayv1.CompleteRequest, 
 
 // Stream asks for one assistant message as a stream of deltas. Read it with Recv until io.EOF; the last message
 // carries the finish reason and usage. Close a stream that you stop reading early, so the gateway stops too.
+//
+// With req.OnInterrupt = INTERRUPT_POLICY_RESTART, a message whose GetRestart() is not nil (and nothing else set)
+// means the upstream's stream broke and the gateway starts the answer over on the next backend: discard every delta
+// received before it. Under the default policy such a break ends the stream with ABORTED (STREAM_INTERRUPTED).
+// Collect does all this and returns the whole answer.
 func (c *Client) Stream(ctx context.Context, req *llmrelayv1.StreamCompleteRequest, opts ...grpc.CallOption) (*Stream, error) {
 	ctx, cancel := c.callContext(ctx)
 	stream, err := c.rpc.StreamComplete(ctx, req, opts...)

@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -21,7 +22,15 @@ import (
 	llmrelayv1 "github.com/llmrelay/llmrelay/client/go/llmrelay/v1"
 )
 
-var env *gatewaytest.Env
+var env *gatewaytest.Env // nil outside the repo: the end-to-end tests skip, the unit tests run
+
+// fallback is a second gateway in front of env's upstream, with two backends ("ollama", then
+// gatewaytest.FallbackBackend), started by the first test that needs it.
+var fallback struct {
+	once    sync.Once
+	gateway *gatewaytest.Gateway
+	err     error
+}
 
 func TestMain(m *testing.M) {
 	os.Exit(run(m))
@@ -32,23 +41,53 @@ func run(m *testing.M) int {
 	env, err = gatewaytest.Start()
 	if errors.Is(err, gatewaytest.ErrNoRepo) {
 		fmt.Println("skipping the end-to-end tests:", err)
-		return 0
+		env = nil
+		return m.Run()
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
 	defer env.Close()
+	defer func() {
+		if fallback.gateway != nil {
+			fallback.gateway.Stop(15 * time.Second)
+		}
+	}()
 	return m.Run()
+}
+
+// needGateway skips an end-to-end test when there is no gateway to start.
+func needGateway(t *testing.T) {
+	t.Helper()
+	if env == nil {
+		t.Skip("not inside the llmrelay repo: no gateway to test against")
+	}
 }
 
 // setup clears the upstream's faults and dials the shared gateway.
 func setup(t *testing.T, opts ...llmrelay.Option) *llmrelay.Client {
 	t.Helper()
+	needGateway(t)
 	if err := env.Upstream.ClearFaults(); err != nil {
 		t.Fatal(err)
 	}
 	return dial(t, env.Gateway.Addr, opts...)
+}
+
+// setupFallback clears the upstream's faults and dials the gateway with two backends, both in front of env's
+// upstream: a fault queued there is taken by the first backend's request, and the next backend's is clean.
+func setupFallback(t *testing.T, opts ...llmrelay.Option) *llmrelay.Client {
+	t.Helper()
+	setup(t)
+	fallback.once.Do(func() {
+		url := env.Upstream.URL + "/v1"
+		fallback.gateway, fallback.err = gatewaytest.StartGatewayWithFallback(url, url)
+	})
+	if fallback.err != nil {
+		t.Fatal(fallback.err)
+	}
+	return dial(t, fallback.gateway.Addr, opts...)
 }
 
 func dial(t *testing.T, addr string, opts ...llmrelay.Option) *llmrelay.Client {
@@ -302,6 +341,7 @@ func TestDefaultTimeoutAppliesWithoutDeadline(t *testing.T) {
 }
 
 func TestDeadBackendIsUnavailable(t *testing.T) {
+	needGateway(t)
 	dead, err := gatewaytest.DeadAddr()
 	if err != nil {
 		t.Fatal(err)
@@ -339,6 +379,7 @@ func TestCallerIsRecordedInUsage(t *testing.T) {
 }
 
 func TestGatewayStopsCleanlyOnSIGTERM(t *testing.T) {
+	needGateway(t)
 	upstream := env.Upstream.URL + "/v1"
 	gateway, err := gatewaytest.StartGateway(upstream)
 	if err != nil {
@@ -346,5 +387,189 @@ func TestGatewayStopsCleanlyOnSIGTERM(t *testing.T) {
 	}
 	if code := gateway.Stop(15 * time.Second); code != 0 {
 		t.Errorf("exit code %d after SIGTERM, want 0; log:\n%s", code, gateway.Log())
+	}
+}
+
+func TestCollectMatchesComplete(t *testing.T) {
+	client := setup(t)
+	ctx := testContext(t)
+	prompt := "collect these several words into one answer"
+	unary, err := client.Complete(ctx, &llmrelayv1.CompleteRequest{Messages: chat(prompt)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var printed strings.Builder
+	collected, err := client.Collect(ctx, &llmrelayv1.StreamCompleteRequest{Messages: chat(prompt)},
+		func(chunk *llmrelayv1.StreamCompleteResponse) {
+			if chunk.GetRestart() != nil {
+				t.Errorf("restart marker %v in a stream that did not break", chunk.GetRestart())
+			}
+			printed.WriteString(chunk.GetDelta().GetContent())
+		})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, want := collected.GetMessage(), unary.GetMessage()
+	if got.GetContent() != want.GetContent() || got.GetRole() != llmrelayv1.Role_ROLE_ASSISTANT {
+		t.Errorf("collected %s %q, Complete %s %q", got.GetRole(), got.GetContent(), want.GetRole(), want.GetContent())
+	}
+	if printed.String() != got.GetContent() {
+		t.Errorf("onChunk saw %q, the answer is %q", printed.String(), got.GetContent())
+	}
+	if collected.GetBackend() != unary.GetBackend() || collected.GetModel() != unary.GetModel() ||
+		collected.GetFinishReason() != unary.GetFinishReason() {
+		t.Errorf("collected from %s/%s (%s), Complete from %s/%s (%s)", collected.GetBackend(), collected.GetModel(),
+			collected.GetFinishReason(), unary.GetBackend(), unary.GetModel(), unary.GetFinishReason())
+	}
+	if collected.GetId() == "" || collected.GetUsage().GetTotalTokens() <= 0 || len(collected.GetAttempts()) != 1 {
+		t.Errorf("id %q usage %v attempts %v", collected.GetId(), collected.GetUsage(), collected.GetAttempts())
+	}
+}
+
+// cutPrompt is long enough that a stream cut after 3 upstream chunks has sent part of the answer, not all of it.
+const cutPrompt = "recover from a stream cut in the middle of these words"
+
+func TestCollectRestartsOnTheFallbackAfterACut(t *testing.T) {
+	client := setupFallback(t)
+	if err := env.Upstream.AddFaults(gatewaytest.Fault{"stream_cut_after": 3}); err != nil {
+		t.Fatal(err)
+	}
+	var markers int
+	var printed strings.Builder
+	answer, err := client.Collect(testContext(t), &llmrelayv1.StreamCompleteRequest{Messages: chat(cutPrompt)},
+		func(chunk *llmrelayv1.StreamCompleteResponse) {
+			if chunk.GetRestart() != nil {
+				markers++
+				printed.Reset() // what was printed before the marker is void
+			}
+			printed.WriteString(chunk.GetDelta().GetContent())
+		})
+	if err != nil {
+		t.Fatalf("%v\ngateway log:\n%s", err, fallback.gateway.Log())
+	}
+	want := "echo: " + cutPrompt
+	if got := answer.GetMessage().GetContent(); got != want {
+		t.Errorf("content %q, want exactly the fallback's answer %q", got, want)
+	}
+	if markers != 1 || printed.String() != want {
+		t.Errorf("onChunk saw %d restart markers and %q after the last; want 1 and %q", markers, printed.String(), want)
+	}
+	if answer.GetBackend() != gatewaytest.FallbackBackend {
+		t.Errorf("backend %q, want %q", answer.GetBackend(), gatewaytest.FallbackBackend)
+	}
+	if answer.GetFinishReason() != llmrelayv1.FinishReason_FINISH_REASON_STOP {
+		t.Errorf("finish reason %s", answer.GetFinishReason())
+	}
+	attempts := answer.GetAttempts()
+	if len(attempts) < 2 || attempts[0].GetBackend() != "ollama" ||
+		attempts[0].GetOutcome() != llmrelayv1.AttemptOutcome_ATTEMPT_OUTCOME_INTERRUPTED ||
+		attempts[len(attempts)-1].GetBackend() != gatewaytest.FallbackBackend ||
+		attempts[len(attempts)-1].GetOutcome() != llmrelayv1.AttemptOutcome_ATTEMPT_OUTCOME_SUCCEEDED {
+		t.Errorf("attempts %v; want ollama INTERRUPTED first, %s SUCCEEDED last", attempts, gatewaytest.FallbackBackend)
+	}
+	if answer.GetUsage().GetTotalTokens() <= 0 {
+		t.Errorf("usage %v", answer.GetUsage())
+	}
+}
+
+func TestStreamRestartMarkerAfterACut(t *testing.T) {
+	client := setupFallback(t)
+	if err := env.Upstream.AddFaults(gatewaytest.Fault{"stream_cut_after": 3}); err != nil {
+		t.Fatal(err)
+	}
+	stream, err := client.Stream(testContext(t), &llmrelayv1.StreamCompleteRequest{
+		Messages:    chat(cutPrompt),
+		OnInterrupt: llmrelayv1.InterruptPolicy_INTERRUPT_POLICY_RESTART,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stream.Close()
+	chunks, err := collect(t, stream)
+	if err != nil {
+		t.Fatalf("%v\ngateway log:\n%s", err, fallback.gateway.Log())
+	}
+	marker := -1
+	for i, chunk := range chunks {
+		if chunk.GetRestart() == nil {
+			continue
+		}
+		if marker >= 0 {
+			t.Fatalf("restart markers at %d and %d; want exactly one", marker, i)
+		}
+		marker = i
+	}
+	if marker < 0 {
+		t.Fatalf("no restart marker in %d chunks", len(chunks))
+	}
+	restart := chunks[marker]
+	if restart.GetDelta() != nil || restart.GetBackend() != "" || restart.GetUsage() != nil || restart.GetFinishReason() != 0 {
+		t.Errorf("the marker carries more than restart: %v", restart)
+	}
+	if r := restart.GetRestart(); r.GetBackend() != "ollama" || r.GetReason() == "" || len(r.GetAttempts()) == 0 ||
+		r.GetAttempts()[len(r.GetAttempts())-1].GetOutcome() != llmrelayv1.AttemptOutcome_ATTEMPT_OUTCOME_INTERRUPTED {
+		t.Errorf("marker %v; want backend ollama, a reason, the broken attempt last and INTERRUPTED", r)
+	}
+	var before, after strings.Builder
+	for _, chunk := range chunks[:marker] {
+		before.WriteString(chunk.GetDelta().GetContent())
+	}
+	for _, chunk := range chunks[marker+1:] {
+		after.WriteString(chunk.GetDelta().GetContent())
+		if chunk.GetBackend() != gatewaytest.FallbackBackend {
+			t.Errorf("after the marker, a chunk from %q", chunk.GetBackend())
+		}
+	}
+	want := "echo: " + cutPrompt
+	if before.Len() == 0 || before.Len() >= len(want) || !strings.HasPrefix(want, before.String()) {
+		t.Errorf("before the marker %q; want a part of %q", before.String(), want)
+	}
+	if after.String() != want {
+		t.Errorf("after the marker %q, want %q", after.String(), want)
+	}
+	last := chunks[len(chunks)-1]
+	if last.GetUsage().GetTotalTokens() <= restart.GetRestart().GetUsage().GetTotalTokens() {
+		t.Errorf("final usage %v, the broken attempt's %v; want the final to cover both", last.GetUsage(),
+			restart.GetRestart().GetUsage())
+	}
+}
+
+func TestStreamCutAbortsByDefault(t *testing.T) {
+	client := setupFallback(t)
+	if err := env.Upstream.AddFaults(gatewaytest.Fault{"stream_cut_after": 3}); err != nil {
+		t.Fatal(err)
+	}
+	stream, err := client.Stream(testContext(t), &llmrelayv1.StreamCompleteRequest{Messages: chat(cutPrompt)})
+	var chunks []*llmrelayv1.StreamCompleteResponse
+	if err == nil {
+		defer stream.Close()
+		chunks, err = collect(t, stream)
+	}
+	e := mustFail(t, err, codes.Aborted)
+	if e.Reason() != "STREAM_INTERRUPTED" || e.ErrorReason() != llmrelayv1.ErrorReason_ERROR_REASON_STREAM_INTERRUPTED {
+		t.Errorf("reason %q, want STREAM_INTERRUPTED", e.Reason())
+	}
+	for _, chunk := range chunks {
+		if chunk.GetRestart() != nil {
+			t.Errorf("a restart marker without on_interrupt RESTART: %v", chunk)
+		}
+	}
+	if len(chunks) == 0 {
+		t.Errorf("no chunk before the cut; want the part the upstream sent")
+	}
+}
+
+func TestCollectWithAbortPolicyFails(t *testing.T) {
+	client := setupFallback(t)
+	if err := env.Upstream.AddFaults(gatewaytest.Fault{"stream_cut_after": 3}); err != nil {
+		t.Fatal(err)
+	}
+	answer, err := client.Collect(testContext(t), &llmrelayv1.StreamCompleteRequest{
+		Messages:    chat(cutPrompt),
+		OnInterrupt: llmrelayv1.InterruptPolicy_INTERRUPT_POLICY_ABORT,
+	}, nil)
+	e := mustFail(t, err, codes.Aborted)
+	if e.Reason() != "STREAM_INTERRUPTED" || answer != nil {
+		t.Errorf("reason %q, answer %v; want STREAM_INTERRUPTED and none", e.Reason(), answer)
 	}
 }

@@ -1,5 +1,6 @@
 /**
- * Streams one completion from an llmrelay gateway and prints the tokens as they come.
+ * Streams one completion from an llmrelay gateway and prints the tokens as they come, starting over when a
+ * backend's stream breaks midway.
  *
  *   npm run build && node dist/examples/complete.js "Why is the sky blue?"
  *
@@ -12,12 +13,17 @@ async function main(): Promise<void> {
   const prompt = process.argv.slice(2).join(" ") || "Say hello in five words.";
   const client = new Client(target, { insecure: true, caller: "example-node" });
   try {
-    for await (const chunk of client.stream({ messages: [user(prompt)] }, { timeoutMs: 60_000 })) {
-      process.stdout.write(chunk.delta?.content ?? "");
-      if (chunk.usage) {
-        process.stdout.write(`\n[${chunk.model} via ${chunk.backend}: ${chunk.usage.totalTokens} tokens]\n`);
-      }
-    }
+    // collect() prints the pieces as they come and resolves to the whole answer; if a backend's stream breaks
+    // midway, the gateway starts over on the next backend (onRestart), and the answer is that backend's alone.
+    const answer = await client.collect(
+      { messages: [user(prompt)] },
+      {
+        timeoutMs: 60_000,
+        onDelta: (chunk) => process.stdout.write(chunk.delta?.content ?? ""),
+        onRestart: (restart) => console.log(`\n[${restart.backend} broke off: ${restart.reason}; starting over]`),
+      },
+    );
+    process.stdout.write(`\n[${answer.model} via ${answer.backend}: ${answer.usage?.totalTokens ?? 0} tokens]\n`);
   } catch (err) {
     if (err instanceof LLMRelayError) {
       // What the gateway said: the reason, and when a retry can help.

@@ -15,6 +15,7 @@ import {
   CountTokensRequest,
   GetUsageRequest,
   HealthRequest,
+  InterruptPolicy,
   LLMServiceClient,
   Role,
   StreamCompleteRequest,
@@ -25,7 +26,9 @@ import {
   type HealthResponse,
   type Message,
   type StreamCompleteResponse,
+  type StreamRestart,
 } from "./gen/llmrelay/v1/llmrelay";
+import { StreamAssembler, hasDelta, isRestart } from "./assemble";
 import { toError } from "./errors";
 
 /** Where a gateway listens by default. */
@@ -66,6 +69,19 @@ export interface CallOptions {
   signal?: AbortSignal;
   /** Metadata for this call, on top of the client's. */
   metadata?: Record<string, string>;
+}
+
+export interface CollectOptions extends CallOptions {
+  /**
+   * Called with each stream message that carries a piece of the answer (content, reasoning or a tool call
+   * fragment), as it arrives: for printing the answer as it comes.
+   */
+  onDelta?: (chunk: StreamCompleteResponse) => void;
+  /**
+   * Called when the gateway starts the answer over on another backend: every piece onDelta was given before is
+   * void (erase what you printed).
+   */
+  onRestart?: (restart: StreamRestart) => void;
 }
 
 /** A system message: instructions that frame the conversation. */
@@ -124,6 +140,10 @@ export class Client {
   /**
    * Answers a chat as a stream of deltas; the last message carries the finish reason and usage. Breaking out of
    * the loop early cancels the call, so the gateway stops asking the upstream.
+   *
+   * With `onInterrupt: InterruptPolicy.INTERRUPT_POLICY_RESTART`, a stream that breaks after it started may go on
+   * on the next backend: the gateway then sends one message with only `restart` set (`isRestart(chunk)`), and the
+   * deltas after it replace every delta before it. `collect()` handles this for you.
    */
   async *stream(request: StreamInput, options?: CallOptions): AsyncGenerator<StreamCompleteResponse, void, undefined> {
     options?.signal?.throwIfAborted(); // as unary calls do: an aborted signal starts nothing
@@ -145,6 +165,28 @@ export class Client {
       call.on("error", () => {}); // the CANCELLED of an early exit is nobody's error
       call.cancel();
     }
+  }
+
+  /**
+   * Streams the answer and resolves to it whole, as complete() would give it: the content, reasoning and tool
+   * calls assembled from the deltas (see StreamAssembler), with the finish reason, usage and attempts of the last
+   * message. The request asks for INTERRUPT_POLICY_RESTART unless it sets onInterrupt, so a stream that breaks
+   * midway starts over on the next backend and the answer is that backend's alone. `onDelta` sees the pieces as
+   * they come, `onRestart` each start-over. Rejects with an LLMRelayError, as stream() throws.
+   */
+  async collect(request: StreamInput, options: CollectOptions = {}): Promise<CompleteResponse> {
+    const { onDelta, onRestart, ...callOptions } = options;
+    const assembler = new StreamAssembler();
+    const input = { ...request, onInterrupt: request.onInterrupt ?? InterruptPolicy.INTERRUPT_POLICY_RESTART };
+    for await (const chunk of this.stream(input, callOptions)) {
+      assembler.add(chunk);
+      if (isRestart(chunk)) {
+        onRestart?.(chunk.restart);
+      } else if (hasDelta(chunk)) {
+        onDelta?.(chunk);
+      }
+    }
+    return assembler.result();
   }
 
   /** Counts the tokens of a chat or a text for a model, offline. */

@@ -9,12 +9,14 @@ export {
   user,
   type CallOptions,
   type ClientOptions,
+  type CollectOptions,
   type CompleteInput,
   type CountTokensInput,
   type GetUsageInput,
   type MessageInput,
   type StreamInput,
 } from "./client";
+export { StreamAssembler, assemble, hasDelta, isRestart, type RestartChunk } from "./assemble";
 export { DOMAIN, LLMRelayError, STATUS_DETAILS_KEY, parseError, type FieldViolation } from "./errors";
 export * from "./gen/llmrelay/v1/llmrelay";
 export { BadRequest, ErrorInfo, RetryInfo } from "./gen/google/rpc/error_details";

@@ -14,8 +14,10 @@ import {
   DOMAIN,
   ErrorReason,
   FinishReason,
+  InterruptPolicy,
   LLMRelayError,
   Role,
+  isRestart,
   parseError,
   system,
   user,
@@ -23,6 +25,7 @@ import {
   type MessageInput,
   type StreamCompleteResponse,
   type StreamInput,
+  type StreamRestart,
 } from "../src";
 import { Gateway, Upstream, deadAddr } from "./gateway";
 
@@ -221,5 +224,138 @@ describe("llmrelay gateway, from TypeScript", { concurrency: false }, () => {
   test("the gateway exits 0 on SIGTERM", async () => {
     const other = await Gateway.start(`${upstream.url}/v1`);
     assert.equal(await other.stop(), 0, other.log());
+  });
+});
+
+describe("collect", { concurrency: false }, () => {
+  beforeEach(async () => {
+    await upstream.clearFaults();
+  });
+
+  test("collect gives what complete gives, and onDelta sees every piece", async () => {
+    const client = connect();
+    const prompt = "collect these words for me";
+    const unary = await client.complete({ messages: chat(prompt) });
+    const pieces: string[] = [];
+    const restarts: StreamRestart[] = [];
+    const answer = await client.collect(
+      { messages: chat(prompt) },
+      { onDelta: (chunk) => pieces.push(chunk.delta?.content ?? ""), onRestart: (r) => restarts.push(r) },
+    );
+    assert.equal(answer.message?.content, unary.message?.content);
+    assert.equal(answer.message?.role, Role.ROLE_ASSISTANT);
+    assert.deepEqual(answer.message?.toolCalls, []);
+    assert.equal(answer.backend, unary.backend);
+    assert.equal(answer.model, unary.model);
+    assert.equal(answer.finishReason, unary.finishReason);
+    assert.ok((answer.usage?.totalTokens ?? 0) > 0);
+    assert.equal(answer.attempts.at(-1)?.outcome, AttemptOutcome.ATTEMPT_OUTCOME_SUCCEEDED);
+    assert.ok(pieces.length >= 3, `${pieces.length} pieces; want the answer in several`);
+    assert.equal(pieces.join(""), unary.message?.content);
+    assert.deepEqual(restarts, []);
+  });
+
+  test("collect assembles reasoning and a tool call", async () => {
+    await upstream.addFaults({ reasoning: "thinking it over", tool_call: { name: "lookup", arguments: '{"q":"x"}' } });
+    const answer = await connect().collect({ messages: chat("use the tool") });
+    assert.equal(answer.message?.reasoning, "thinking it over");
+    const call = { id: "call_1", function: { name: "lookup", arguments: '{"q":"x"}' } };
+    assert.deepEqual(answer.message?.toolCalls, [call]);
+    assert.equal(answer.finishReason, FinishReason.FINISH_REASON_TOOL_CALLS);
+  });
+
+  test("collect rejects with an LLMRelayError", async () => {
+    await upstream.addFaults({ status: 429, retry_after: 2 });
+    const err = await mustFail(connect().collect({ messages: chat("too many") }), status.RESOURCE_EXHAUSTED);
+    assert.equal(err.reason, "UPSTREAM_RATE_LIMITED");
+  });
+});
+
+/** Mid-stream recovery: a gateway whose "ollama" backend falls back to "fallback", both on the fake upstream. */
+describe("a stream cut midway, with a fallback backend", { concurrency: false }, () => {
+  let twoBackends: Gateway;
+  // The first chat request (to "ollama") gets 3 SSE chunks (the role, "echo:", one word), then the cut.
+  const cut = { stream_cut_after: 3 };
+  const prompt = "tell me something long enough to be cut";
+
+  before(async () => {
+    twoBackends = await Gateway.start(`${upstream.url}/v1`, { fallbackUrl: `${upstream.url}/v1` });
+  });
+
+  after(async () => {
+    await twoBackends?.stop();
+  });
+
+  beforeEach(async () => {
+    await upstream.clearFaults();
+  });
+
+  test("collect gives exactly the fallback's whole answer", async () => {
+    await upstream.addFaults(cut);
+    const pieces: string[] = [];
+    const restarts: StreamRestart[] = [];
+    const answer = await connect(twoBackends.addr).collect(
+      { messages: chat(prompt) },
+      {
+        onDelta: (chunk) => pieces.push(`${chunk.backend}:${chunk.delta?.content ?? ""}`),
+        onRestart: (restart) => restarts.push(restart),
+      },
+    );
+    assert.equal(answer.message?.content, `echo: ${prompt}`);
+    assert.equal(answer.backend, "fallback");
+    assert.equal(answer.model, "tiny");
+    assert.equal(answer.finishReason, FinishReason.FINISH_REASON_STOP);
+    assert.equal(answer.attempts[0]?.backend, "ollama");
+    assert.equal(answer.attempts[0]?.outcome, AttemptOutcome.ATTEMPT_OUTCOME_INTERRUPTED);
+    assert.equal(answer.attempts.at(-1)?.backend, "fallback");
+    assert.equal(answer.attempts.at(-1)?.outcome, AttemptOutcome.ATTEMPT_OUTCOME_SUCCEEDED);
+    assert.ok(answer.usage !== undefined, "no usage");
+    assert.ok(answer.usage.totalTokens > 0);
+    // The final usage covers the broken attempt too.
+    assert.ok(answer.usage.totalTokens > (restarts[0]?.usage?.totalTokens ?? 0), JSON.stringify(answer.usage));
+    assert.equal(restarts.length, 1);
+    assert.equal(restarts[0]!.backend, "ollama");
+    // onDelta saw the broken attempt's pieces first, then the whole answer of the fallback.
+    assert.ok(pieces[0]?.startsWith("ollama:"), JSON.stringify(pieces));
+    assert.equal(
+      pieces
+        .filter((p) => p.startsWith("fallback:"))
+        .map((p) => p.slice("fallback:".length))
+        .join(""),
+      `echo: ${prompt}`,
+    );
+  });
+
+  test("the raw stream with RESTART yields exactly one restart marker, and the whole answer after it", async () => {
+    await upstream.addFaults(cut);
+    const request = { messages: chat(prompt), onInterrupt: InterruptPolicy.INTERRUPT_POLICY_RESTART };
+    const chunks = await collect(connect(twoBackends.addr), request);
+    const markers = chunks.filter(isRestart);
+    assert.equal(markers.length, 1, JSON.stringify(chunks));
+    const at = chunks.indexOf(markers[0]!);
+    assert.ok(at > 0, "the marker comes after the first deltas");
+    const marker = markers[0]!;
+    assert.equal(marker.restart.backend, "ollama");
+    assert.equal(marker.restart.attempts.at(-1)?.outcome, AttemptOutcome.ATTEMPT_OUTCOME_INTERRUPTED);
+    assert.equal(marker.delta, undefined, "the marker carries only restart");
+    assert.equal(marker.finishReason, FinishReason.FINISH_REASON_UNSPECIFIED);
+    assert.ok(chunks.slice(0, at).every((c) => c.backend === "ollama"));
+    const rest = chunks.slice(at + 1);
+    assert.ok(rest.every((c) => c.backend === "fallback"));
+    assert.equal(rest.map((c) => c.delta?.content ?? "").join(""), `echo: ${prompt}`);
+    assert.equal(rest.at(-1)?.finishReason, FinishReason.FINISH_REASON_STOP);
+  });
+
+  test("by default (ABORT) a cut stream still ends with ABORTED, STREAM_INTERRUPTED", async () => {
+    await upstream.addFaults(cut);
+    let err = await mustFail(collect(connect(twoBackends.addr), { messages: chat(prompt) }), status.ABORTED);
+    assert.equal(err.reason, "STREAM_INTERRUPTED");
+    assert.equal(err.errorReason, ErrorReason.ERROR_REASON_STREAM_INTERRUPTED);
+    // collect() asks for RESTART only when the request says nothing (on the one-backend gateway: ollama's circuit
+    // on the other stays closed).
+    await upstream.addFaults(cut);
+    const abort = { messages: chat(prompt), onInterrupt: InterruptPolicy.INTERRUPT_POLICY_ABORT };
+    err = await mustFail(connect().collect(abort), status.ABORTED);
+    assert.equal(err.reason, "STREAM_INTERRUPTED");
   });
 });

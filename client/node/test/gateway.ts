@@ -156,7 +156,18 @@ export class Upstream {
   }
 }
 
-/** The real gateway (.venv/bin/llmrelay-server) with one "ollama" backend at baseUrl, no retries. */
+export interface GatewayOptions {
+  /**
+   * A second backend, "fallback" (kind openai_compatible, model "tiny"), at this base URL: after "ollama" in the
+   * routing order, so that it takes over what "ollama" fails.
+   */
+  fallbackUrl?: string;
+}
+
+/**
+ * The real gateway (.venv/bin/llmrelay-server) with one "ollama" backend at baseUrl (and a "fallback" one when
+ * options.fallbackUrl is set), no retries.
+ */
 export class Gateway {
   private constructor(
     /** Where it serves gRPC, "127.0.0.1:PORT". */
@@ -166,13 +177,16 @@ export class Gateway {
     private readonly dir: string,
   ) {}
 
-  static async start(baseUrl: string): Promise<Gateway> {
+  static async start(baseUrl: string, options: GatewayOptions = {}): Promise<Gateway> {
     const dir = mkdtempSync(join(tmpdir(), "llmrelay-gateway-"));
     const config = join(dir, "config.yaml");
-    writeFileSync(
-      config,
-      `llm:\n  ollama: {base_url: ${JSON.stringify(baseUrl)}, model: "tiny"}\nrouter: {retry: {max_retries: 0}}\n`,
-    );
+    const lines = ["llm:", `  ollama: {base_url: ${JSON.stringify(baseUrl)}, model: "tiny"}`];
+    if (options.fallbackUrl) {
+      const url = JSON.stringify(options.fallbackUrl);
+      lines.push("  backends:", `    - {name: fallback, kind: openai_compatible, base_url: ${url}, model: "tiny"}`);
+    }
+    lines.push("router: {retry: {max_retries: 0}}", "");
+    writeFileSync(config, lines.join("\n"));
     const env: NodeJS.ProcessEnv = { ...process.env, OPENAI_API_KEY: "" };
     delete env.OLLAMA_HOST;
     for (const key of Object.keys(env).filter((k) => k.startsWith("LLMRELAY_"))) {

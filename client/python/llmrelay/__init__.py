@@ -7,7 +7,8 @@
 The generated messages are in `llmrelay.v1`; errors are `LLMRelayError` subclasses with google.rpc details decoded.
 """
 
-from llmrelay._client import DEFAULT_TARGET, AsyncClient, Client, message
+from llmrelay._assemble import StreamAssembler
+from llmrelay._client import DEFAULT_TARGET, AsyncClient, Client, OnInterrupt, message
 from llmrelay._errors import (
     AbortedError,
     DeadlineExceededError,
@@ -32,7 +33,9 @@ __all__ = [
     "InvalidArgumentError",
     "LLMRelayError",
     "NotFoundError",
+    "OnInterrupt",
     "ResourceExhaustedError",
+    "StreamAssembler",
     "UnavailableError",
     "error_from_rpc",
     "message",

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Final, TypeAlias, TypeVar
+from typing import Any, Final, Literal, TypeAlias, TypeVar
 
 import grpc
 import grpc.aio
 
 from llmrelay import v1 as pb
+from llmrelay._assemble import StreamAssembler
 from llmrelay._errors import error_from_rpc
 
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
@@ -23,6 +24,14 @@ _ROLES: Final[Mapping[str, pb.Role.ValueType]] = {
 
 MessageLike: TypeAlias = "pb.Message | Mapping[str, Any]"
 Metadata: TypeAlias = Sequence[tuple[str, str]]
+OnInterrupt: TypeAlias = Literal["abort", "restart"]
+"""What the gateway does when a stream breaks after it started: end it (ABORTED), or start the answer over on the
+next backend after a message whose `restart` is set."""
+DeltaCallback: TypeAlias = Callable[["pb.StreamCompleteResponse"], object]
+_INTERRUPT_POLICIES: Final[Mapping[OnInterrupt, pb.InterruptPolicy.ValueType]] = {
+    "abort": pb.INTERRUPT_POLICY_ABORT,
+    "restart": pb.INTERRUPT_POLICY_RESTART,
+}
 _CompletionRequest = TypeVar("_CompletionRequest", pb.CompleteRequest, pb.StreamCompleteRequest)
 
 
@@ -53,6 +62,19 @@ def _completion_request(
         exact_model=exact_model,
         options=pb.CompletionOptions(**options) if options else None,
     )
+
+
+def _stream_request(
+    messages: Iterable[MessageLike],
+    model: str | None,
+    exact_model: bool,
+    on_interrupt: OnInterrupt | None,
+    options: Mapping[str, Any],
+) -> pb.StreamCompleteRequest:
+    request = _completion_request(pb.StreamCompleteRequest, messages, model, exact_model, options)
+    if on_interrupt is not None:
+        request.on_interrupt = _INTERRUPT_POLICIES[on_interrupt]
+    return request
 
 
 def _count_request(
@@ -125,17 +147,44 @@ class Client(_Base):
         *,
         model: str | None = None,
         exact_model: bool = False,
+        on_interrupt: OnInterrupt | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
         **options: Any,
     ) -> Iterator[pb.StreamCompleteResponse]:
-        request = _completion_request(pb.StreamCompleteRequest, messages, model, exact_model, options)
+        """The answer's messages as they come. With on_interrupt="restart", a message whose `restart` is set
+        (`chunk.HasField("restart")`, a `pb.StreamRestart`) means: drop every delta before it."""
+        request = _stream_request(messages, model, exact_model, on_interrupt, options)
         call = self._stub.StreamComplete(request, **self._call_options(timeout, metadata))
         try:
             with _sdk_errors():
                 yield from call
         finally:
             call.cancel()  # a consumer that stops early must not leave the upstream generating
+
+    def collect(
+        self,
+        messages: Iterable[MessageLike],
+        *,
+        on_delta: DeltaCallback | None = None,
+        model: str | None = None,
+        exact_model: bool = False,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        **options: Any,
+    ) -> pb.CompleteResponse:
+        """Streams the answer and returns it whole, as Complete would: a broken stream is restarted on the next
+        backend, and only the final attempt's answer is returned. on_delta sees each message as it comes (print
+        as it arrives; a message with `restart` set says to start over)."""
+        assembler = StreamAssembler()
+        for chunk in self.stream(
+            messages, model=model, exact_model=exact_model, on_interrupt="restart", timeout=timeout,
+            metadata=metadata, **options,
+        ):  # fmt: skip
+            assembler.add(chunk)
+            if on_delta is not None:
+                on_delta(chunk)
+        return assembler.result()
 
     def count_tokens(
         self,
@@ -222,11 +271,13 @@ class AsyncClient(_Base):
         *,
         model: str | None = None,
         exact_model: bool = False,
+        on_interrupt: OnInterrupt | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
         **options: Any,
     ) -> AsyncIterator[pb.StreamCompleteResponse]:
-        request = _completion_request(pb.StreamCompleteRequest, messages, model, exact_model, options)
+        """As Client.stream."""
+        request = _stream_request(messages, model, exact_model, on_interrupt, options)
         call = self._stub.StreamComplete(request, **self._call_options(timeout, metadata))
         try:
             with _sdk_errors():
@@ -234,6 +285,28 @@ class AsyncClient(_Base):
                     yield chunk
         finally:
             call.cancel()
+
+    async def collect(
+        self,
+        messages: Iterable[MessageLike],
+        *,
+        on_delta: DeltaCallback | None = None,
+        model: str | None = None,
+        exact_model: bool = False,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        **options: Any,
+    ) -> pb.CompleteResponse:
+        """As Client.collect."""
+        assembler = StreamAssembler()
+        async for chunk in self.stream(
+            messages, model=model, exact_model=exact_model, on_interrupt="restart", timeout=timeout,
+            metadata=metadata, **options,
+        ):  # fmt: skip
+            assembler.add(chunk)
+            if on_delta is not None:
+                on_delta(chunk)
+        return assembler.result()
 
     async def count_tokens(
         self,

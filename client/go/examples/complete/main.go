@@ -1,14 +1,13 @@
-// Command complete streams one completion from an llmrelay gateway and prints the tokens as they come.
+// Command complete streams one completion from an llmrelay gateway and prints the tokens as they come; when an
+// upstream's stream breaks midway, the gateway starts the answer over on the next backend and the program says so.
 //
 //	go run ./examples/complete -target 127.0.0.1:50051 "Why is the sky blue?"
 package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"log"
 	"os"
 	"strings"
@@ -40,25 +39,19 @@ func main() {
 	if *model != "" {
 		req.Model = model
 	}
-	stream, err := client.Stream(ctx, req)
+	// Collect asks the gateway to start over on the next backend if a stream breaks midway (a restart marker), and
+	// returns the whole answer; the callback prints the tokens as they come.
+	answer, err := client.Collect(ctx, req, func(chunk *llmrelayv1.StreamCompleteResponse) {
+		if restart := chunk.GetRestart(); restart != nil {
+			fmt.Printf("\n[%s broke off (%s); starting over]\n", restart.GetBackend(), restart.GetReason())
+		}
+		fmt.Print(chunk.GetDelta().GetContent())
+	})
 	if err != nil {
 		fail(err)
 	}
-	defer stream.Close()
-	for {
-		chunk, err := stream.Recv()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			fail(err)
-		}
-		fmt.Print(chunk.GetDelta().GetContent())
-		if usage := chunk.GetUsage(); usage != nil {
-			fmt.Printf("\n[%s via %s: %d tokens, %s]\n", chunk.GetModel(), chunk.GetBackend(), usage.GetTotalTokens(),
-				chunk.GetFinishReason())
-		}
-	}
+	fmt.Printf("\n[%s via %s: %d tokens, %s]\n", answer.GetModel(), answer.GetBackend(),
+		answer.GetUsage().GetTotalTokens(), answer.GetFinishReason())
 }
 
 // fail prints what the gateway said: the reason, and when a retry can help.

@@ -224,7 +224,8 @@ func (u *Upstream) faults(method string, body []byte) error {
 	return nil
 }
 
-// Gateway is the real gateway (.venv/bin/llmrelay-server) with one "ollama" backend.
+// Gateway is the real gateway (.venv/bin/llmrelay-server) with one "ollama" backend, and with StartGatewayWithFallback
+// a second one, FallbackBackend.
 type Gateway struct {
 	// Addr is where it serves gRPC, "127.0.0.1:PORT".
 	Addr string
@@ -232,8 +233,25 @@ type Gateway struct {
 	dir  string // its config and usage ledger, removed by Stop
 }
 
+// FallbackBackend is the name of the second backend of a gateway started by StartGatewayWithFallback.
+const FallbackBackend = "fallback"
+
 // StartGateway starts the gateway on a free loopback port, with one backend at baseURL (".../v1"), no retries.
 func StartGateway(baseURL string) (*Gateway, error) {
+	return startGateway(fmt.Sprintf("llm:\n  ollama: {base_url: %q, model: \"tiny\"}\nrouter: {retry: {max_retries: 0}}\n", baseURL))
+}
+
+// StartGatewayWithFallback starts the gateway like StartGateway, with a second backend after "ollama" in the routing
+// order: FallbackBackend, of kind openai_compatible, at fallbackURL (".../v1"; the same upstream as baseURL will do,
+// since each chat request takes the next queued fault whichever backend sends it).
+func StartGatewayWithFallback(baseURL, fallbackURL string) (*Gateway, error) {
+	return startGateway(fmt.Sprintf("llm:\n  ollama: {base_url: %q, model: \"tiny\"}\n"+
+		"  backends:\n    - {name: %s, kind: openai_compatible, base_url: %q, model: \"tiny\"}\n"+
+		"router: {retry: {max_retries: 0}}\n", baseURL, FallbackBackend, fallbackURL))
+}
+
+// startGateway starts the gateway on a free loopback port with the YAML config.
+func startGateway(yaml string) (*Gateway, error) {
 	root, err := RepoRoot()
 	if err != nil {
 		return nil, err
@@ -247,7 +265,6 @@ func StartGateway(baseURL string) (*Gateway, error) {
 		return nil, err
 	}
 	config := filepath.Join(dir, "config.yaml")
-	yaml := fmt.Sprintf("llm:\n  ollama: {base_url: %q, model: \"tiny\"}\nrouter: {retry: {max_retries: 0}}\n", baseURL)
 	if err := os.WriteFile(config, []byte(yaml), 0o600); err != nil {
 		_ = os.RemoveAll(dir)
 		return nil, err

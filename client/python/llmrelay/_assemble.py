@@ -1,0 +1,81 @@
+"""A stream's messages folded into the answer Complete would return, restart markers applied."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llmrelay import v1 as pb
+
+
+@dataclass
+class _ToolCall:
+    id: str = ""
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+
+class StreamAssembler:
+    """Feed it every message of a StreamComplete, in order; `result()` is the whole answer.
+
+    A message with `restart` set starts the answer over (the gateway restarts a broken stream on another backend
+    when the request asked for INTERRUPT_POLICY_RESTART): everything before it is dropped. Tool calls are put
+    together from their fragments by index.
+
+    >>> assembler = StreamAssembler()
+    >>> for chunk in client.stream(...):
+    ...     assembler.add(chunk)
+    >>> answer = assembler.result()
+    """
+
+    def __init__(self) -> None:
+        self.restarts: list[pb.StreamRestart] = []
+        """The restart markers seen, in order (each says why an attempt broke)."""
+        self._reset()
+
+    def _reset(self) -> None:
+        self._content: list[str] = []
+        self._reasoning: list[str] = []
+        self._tool_calls: dict[int, _ToolCall] = {}
+        self._last: pb.StreamCompleteResponse | None = None
+
+    def add(self, chunk: pb.StreamCompleteResponse) -> None:
+        if chunk.HasField("restart"):
+            self.restarts.append(chunk.restart)
+            self._reset()
+            return
+        delta = chunk.delta
+        if delta.HasField("content"):
+            self._content.append(delta.content)
+        if delta.HasField("reasoning"):
+            self._reasoning.append(delta.reasoning)
+        for fragment in delta.tool_calls:
+            call = self._tool_calls.setdefault(fragment.index, _ToolCall())
+            call.id = call.id or fragment.id
+            call.name = call.name or fragment.name
+            call.arguments.append(fragment.arguments)
+        self._last = chunk
+
+    def result(self) -> pb.CompleteResponse:
+        """The answer so far; complete once the stream has ended without an error."""
+        message = pb.Message(
+            role=pb.ROLE_ASSISTANT,
+            content="".join(self._content),
+            tool_calls=[
+                pb.ToolCall(id=call.id, function=pb.FunctionCall(name=call.name, arguments="".join(call.arguments)))
+                for _, call in sorted(self._tool_calls.items())
+            ],
+        )
+        if self._reasoning:
+            message.reasoning = "".join(self._reasoning)
+        last = self._last
+        if last is None:
+            return pb.CompleteResponse(message=message)
+        return pb.CompleteResponse(
+            id=last.id,
+            backend=last.backend,
+            model=last.model,
+            message=message,
+            finish_reason=last.finish_reason,
+            usage=last.usage if last.HasField("usage") else None,
+            attempts=last.attempts,
+        )
