@@ -275,3 +275,43 @@ async def test_graceful_shutdown_under_load(server: ServerProcess, local: FakeUp
     for i, (first, rest) in enumerate(zip(firsts, rests, strict=True)):
         assert first.delta.content + "".join(c.delta.content for c in rest) == f"echo: load {i} a b c"
     assert await asyncio.wait_for(server.process.wait(), 10) == 0
+
+
+async def test_calls_still_running_when_the_grace_period_ends_get_the_gateways_status(
+    tmp_path: Path, local: FakeUpstream
+) -> None:
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(f'server: {{drain_s: 0.2, grace_period_s: 1, usage_db: "{tmp_path}/usage.db"}}\n')
+    server = await start_server(config, local)
+    try:
+        await server.wait_listening()
+        local.inject({"trickle_s": 0.5}, {"stall_s": 30})
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = pb.LLMServiceStub(channel)
+            stream = stub.StreamComplete(stream_chat("a long answer " * 10), timeout=30)
+            await stream.read()  # it has started
+            unary = asyncio.ensure_future(stub.Complete(chat(), timeout=30))
+            await wait_until_requests(local, 2)
+            server.process.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                await read_all(stream)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await unary
+        # A stream that has sent text cannot simply be retried: ABORTED; the unary call can: UNAVAILABLE.
+        for error, code in ((cut.value, grpc.StatusCode.ABORTED), (refused.value, grpc.StatusCode.UNAVAILABLE)):
+            assert error.code() == code, error.details()
+            found = details(error)
+            assert found["ErrorInfo"].reason == "SHUTTING_DOWN"
+            assert "RetryInfo" in found
+        assert await asyncio.wait_for(server.process.wait(), 10) == 0
+    finally:
+        if server.process.returncode is None:
+            server.process.kill()
+            await server.process.wait()
+    assert "Traceback" not in "".join(server.log) + (await server.process.stderr.read()).decode()  # type: ignore[union-attr]
+
+
+async def wait_until_requests(upstream: FakeUpstream, count: int) -> None:
+    async with asyncio.timeout(5):
+        while len(upstream.chat_requests) < count:  # noqa: ASYNC110 (plain data, no event to wait on)
+            await asyncio.sleep(0.01)
