@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run demo test test-python test-fast proto proto-check lint bench bench-litellm ollama clean
+.PHONY: setup run demo test test-python test-fast soak proto proto-check lint bench bench-litellm ollama clean
 
 setup: $(STAMP)
 
@@ -48,7 +48,12 @@ ollama:
 	bash scripts/build_ollama.sh >/dev/null
 
 test-fast: proto-check
-	$(BIN)/pytest -q -m 'not integration'
+	$(BIN)/pytest -q -m 'not integration and not soak'
+
+# The soak test for longer than `make test` runs it: concurrent calls under random faults (SOAK_S seconds).
+SOAK_S ?= 60
+soak: $(STAMP)
+	LLMRELAY_SOAK_S=$(SOAK_S) $(BIN)/pytest -q -s -m soak
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(ARGS)

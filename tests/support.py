@@ -1,8 +1,14 @@
-"""Helpers shared by the tests: configuration snippets, messages, and reading rich error details."""
+"""Helpers shared by the tests: configuration snippets, messages, reading rich error details, and the gateway as
+its own process."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import socket
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -74,3 +80,78 @@ def details(error: grpc.aio.AioRpcError) -> dict[str, Any]:
                 packed.Unpack(message)
                 found[cls.__name__] = message
     return found
+
+
+# --- the gateway as its own process, as a user runs it -----------------------------------------------------------
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OLLAMA_", "LLMRELAY_"))}
+    return {**env, **extra}
+
+
+class ServerProcess:
+    def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
+        self.process = process
+        self.port = port
+        self.log: list[str] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def wait_listening(self) -> None:
+        """Until the server says it listens; its log is read on from then, so a full pipe never blocks it."""
+        async with asyncio.timeout(20):
+            while "listening on" not in (line := await self._readline()):
+                if not line:
+                    raise AssertionError("llmrelay-server exited early:\n" + "".join(self.log))
+        self._reader = asyncio.create_task(self._read_to_end())
+
+    async def output(self) -> str:
+        """Everything the server logged, once it has exited."""
+        if self._reader is not None:
+            await self._reader
+        return "".join(self.log)
+
+    async def _readline(self) -> str:
+        assert self.process.stderr is not None
+        line = (await self.process.stderr.readline()).decode()
+        self.log.append(line)
+        return line
+
+    async def _read_to_end(self) -> None:
+        while await self._readline():
+            pass
+
+
+async def read_all(stream: Any) -> list[pb.StreamCompleteResponse]:
+    """Reads a stream to its end with read() (a call cannot mix read() and async iteration)."""
+    chunks = []
+    while (chunk := await stream.read()) is not grpc.aio.EOF:
+        chunks.append(chunk)
+    return chunks
+
+
+async def start_server(config: Path, local: FakeUpstream) -> ServerProcess:
+    """`llmrelay-server` on a free port, configured by `config` and the environment of a loopback Ollama alone."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        BIN / "llmrelay-server",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--config",
+        str(config),
+        env=clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1"), LLMRELAY_OLLAMA_MODEL="tiny"),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    return ServerProcess(process, port)

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Fault = dict[str, Any]
+_PROBES = {("GET", "/v1/models"), ("GET", "/api/version"), ("GET", "/api/tags")}
 
 
 @dataclass
@@ -69,6 +70,10 @@ class FakeUpstream:
     tokenize_requests: list[dict[str, Any]] = field(default_factory=list)
     client_disconnects: list[float] = field(default_factory=list)
     """Monotonic times at which a client left while a stalled answer was pending."""
+    probe_requests: list[str] = field(default_factory=list)
+    """The paths of the health probes received: /v1/models, and Ollama's /api/version and /api/tags."""
+    probe_delay_s: float = 0.0
+    """How long each probe waits before it is answered, as a slow upstream's would."""
     _server: asyncio.Server | None = None
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -98,6 +103,8 @@ class FakeUpstream:
         self.chat_requests.clear()
         self.tokenize_requests.clear()
         self.client_disconnects.clear()
+        self.probe_requests.clear()
+        self.probe_delay_s = 0.0
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -121,6 +128,10 @@ class FakeUpstream:
     async def _dispatch(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Answers one request; False closes the connection."""
         route = (request.method, request.path.split("?")[0])
+        if route in _PROBES:
+            self.probe_requests.append(route[1])
+            if self.probe_delay_s:
+                await asyncio.sleep(self.probe_delay_s)
         if route == ("POST", "/v1/chat/completions"):
             return await self._chat(request, reader, writer)
         if route == ("GET", "/v1/models"):

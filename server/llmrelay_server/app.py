@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from llmrelay import v1 as pb
 
 from llmrelay_server.backends import provider_factory
 from llmrelay_server.config import GatewayConfig
+from llmrelay_server.decoding import add_llm_service
 from llmrelay_server.health import SERVICE_NAME, HealthMonitor
 from llmrelay_server.router import Router
 from llmrelay_server.servicer import LLMServicer
@@ -88,6 +88,7 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
             " address of this machine; choose another with --listen or LLMRELAY_LISTEN"
         ) from exc
     counter = TokenCounter()
+    await counter.warm_up(spec.default_model for spec in config.backends)
     ledger = UsageLedger(config.server.usage_db)
     await ledger.start()
     factory = provider_factory(counter)
@@ -96,7 +97,7 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
     health_servicer = health.aio.HealthServicer()
     monitor = HealthMonitor(router, health_servicer, config.server.health_interval_s)
     servicer = LLMServicer(router, monitor, ledger, limit)
-    pb.add_LLMServiceServicer_to_server(servicer, server)
+    add_llm_service(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(services, server)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
@@ -133,6 +133,39 @@ def count_request(
     tools = tuple(_tool(t, errors, f"tools[{i}]") for i, t in enumerate(request.tools))
     errors.raise_if_any()
     return model, messages, tools, text
+
+
+class UsageQuery(NamedTuple):
+    """GetUsage's filters and time window (Unix seconds), in the order UsageLedger.query takes them."""
+
+    backend: str | None
+    model: str | None
+    caller: str | None
+    start: float | None
+    end: float | None
+
+
+def usage_query(request: pb.GetUsageRequest) -> UsageQuery:
+    errors = _Violations()
+    start = _instant(request.start_time, "start_time", errors) if request.HasField("start_time") else None
+    end = _instant(request.end_time, "end_time", errors) if request.HasField("end_time") else None
+    errors.raise_if_any()
+    return UsageQuery(
+        backend=request.backend if request.HasField("backend") else None,
+        model=request.model if request.HasField("model") else None,
+        caller=request.caller if request.HasField("caller") else None,
+        start=start,
+        end=end,
+    )
+
+
+def _instant(timestamp: Timestamp, where: str, errors: _Violations) -> float | None:
+    """Unix seconds; a Timestamp outside the range RFC 3339 can express (protobuf checks it) is a violation."""
+    try:
+        return timestamp.ToNanoseconds() / 1e9
+    except ValueError:
+        errors.add(where, "must be a valid Timestamp: from 0001-01-01 to 9999-12-31, nanos from 0 to 999999999")
+        return None
 
 
 def _messages(items: Any, errors: _Violations, where: str) -> tuple[Message, ...]:

@@ -4,7 +4,7 @@ gRPC's asyncio server decodes each request before the servicer sees it, and a de
 the message, invalid UTF-8 in a string, nesting beyond protobuf's depth limit) escapes it as an unexpected exception:
 the caller gets UNKNOWN with Python's exception text, and the log a traceback per call. Here every method's
 deserializer catches the failure and hands its handler an `_Undecodable` in place of the request, which the handler
-answers with the INVALID_REQUEST status every other invalid request gets. A decodable request pays one function call.
+answers with the INVALID_REQUEST status every other invalid request gets. A decodable request pays a function call.
 
 The methods come from the service's descriptor, as the generated add_LLMServiceServicer_to_server's do, so an RPC
 added to the contract is registered here without an edit.
@@ -39,6 +39,16 @@ class _Undecodable:
     """What a handler receives in place of a request whose bytes did not decode."""
 
     reason: str
+
+
+class _UndecodableRequestError(InvalidRequestError):
+    """The request as a whole is at fault: its one violation names no field, and its message is the reason alone."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__([FieldViolation("", reason)])
+
+    def __str__(self) -> str:
+        return self.violations[0].description
 
 
 def add_llm_service(servicer: pb.LLMServiceServicer, server: grpc.aio.Server) -> None:
@@ -85,8 +95,9 @@ def _guarded_unary(rpc: str, behavior: _UnaryBehavior) -> _UnaryBehavior:
 
 
 def _guarded_stream(rpc: str, behavior: _StreamBehavior) -> Callable[[Any, _Context], AsyncIterator[Message]]:
-    # gRPC iterates what an async generator function returns (any other function it would run in a thread), so the
-    # answers pass through this generator; closing it closes the servicer's, as if gRPC held that one.
+    # gRPC streams asynchronously only from an async generator function (from any other it expects a plain
+    # iterator), so the answers pass through this one: a generator step each, some 70 ns. Closing it closes the
+    # servicer's, as when gRPC held that one itself.
     async def handle(request: Any, context: _Context) -> AsyncIterator[Message]:
         if type(request) is _Undecodable:
             await _refuse(context, rpc, request)
@@ -98,7 +109,7 @@ def _guarded_stream(rpc: str, behavior: _StreamBehavior) -> Callable[[Any, _Cont
 
 
 async def _refuse(context: _Context, rpc: str, request: _Undecodable) -> NoReturn:
-    failure = rpc_failure(InvalidRequestError([FieldViolation("", request.reason)]))
+    failure = rpc_failure(_UndecodableRequestError(request.reason))
     log.info("%s failed: %s: %s", rpc, failure.code.name, failure.details)
     await context.abort_with_status(failure)
     raise AssertionError("abort returns only by raising")

@@ -29,6 +29,8 @@ class HealthMonitor:
         self._interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
         self._published: bool | None = None
+        # The probe in flight per backend (by name): whoever asks while it runs waits for it instead of sending another.
+        self._probes: dict[str, asyncio.Task[None]] = {}
 
     async def start(self) -> None:
         await self._servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -44,13 +46,27 @@ class HealthMonitor:
         await self._servicer.enter_graceful_shutdown()
 
     async def probe(self) -> list[tuple[BackendHealth, CircuitState]]:
-        results = await asyncio.gather(*(b.provider.health() for b in self._backends))
-        for backend, result in zip(self._backends, results, strict=True):
-            if backend.health is None or backend.health.reachable != result.reachable:
-                log.info("backend %s is %s", backend.name, "reachable" if result.reachable else "unreachable")
-            backend.health = result
+        """Probes every backend now. A backend's probe already in flight is joined, not repeated: a hundred callers
+        asking at once, and the background probes among them, send each upstream one probe."""
+        # Shielded: a caller that leaves (its deadline, a cancel) must not cancel the probe the others are waiting for.
+        await asyncio.gather(*(asyncio.shield(self._probe_once(b)) for b in self._backends))
         await self._publish()
         return self.report()
+
+    def _probe_once(self, backend: Backend) -> asyncio.Task[None]:
+        probe = self._probes.get(backend.name)
+        if probe is None:
+            probe = self._probes[backend.name] = asyncio.create_task(
+                self._probe(backend), name=f"llmrelay-probe-{backend.name}"
+            )
+            probe.add_done_callback(lambda _: self._probes.pop(backend.name))
+        return probe
+
+    async def _probe(self, backend: Backend) -> None:
+        result = await backend.provider.health()
+        if backend.health is None or backend.health.reachable != result.reachable:
+            log.info("backend %s is %s", backend.name, "reachable" if result.reachable else "unreachable")
+        backend.health = result
 
     def report(self) -> list[tuple[BackendHealth, CircuitState]]:
         return [(b.health or _never_probed(b), b.circuit.state) for b in self._backends]

@@ -435,9 +435,9 @@ class Router:
             route = None
         name = route.model if route is not None else str(model)
         if text is not None:
-            return self._counter.count_text(name, text)
+            return await self._counter.count_text_async(name, text)
         exact = await route.backend.provider.count_tokens(name, messages, tools) if route is not None else None
-        return exact or self._counter.count_chat(name, messages, tools)
+        return exact or await self._counter.count_chat_async(name, messages, tools)
 
     async def _open_stream(
         self, route: Route, request: CompletionRequest, timeout_s: float

@@ -150,13 +150,11 @@ class LLMServicer(pb.LLMServiceServicer):
     async def GetUsage(
         self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext[pb.GetUsageRequest, pb.GetUsageResponse]
     ) -> pb.GetUsageResponse:
-        totals = await self._ledger.query(
-            backend=request.backend if request.HasField("backend") else None,
-            model=request.model if request.HasField("model") else None,
-            caller=request.caller if request.HasField("caller") else None,
-            start=request.start_time.ToNanoseconds() / 1e9 if request.HasField("start_time") else None,
-            end=request.end_time.ToNanoseconds() / 1e9 if request.HasField("end_time") else None,
-        )
+        try:
+            query = convert.usage_query(request)
+        except LLMRelayError as error:
+            await _abort(context, "GetUsage", error)
+        totals = await self._ledger.query(*query)
         return pb.GetUsageResponse(
             records=[
                 pb.UsageRecord(

@@ -16,10 +16,14 @@ Chat counts follow OpenAI's cookbook "How to count tokens with tiktoken"
 framing each message, 1 more for a name, 3 priming the reply, and, for tools, its per-function formula. Where the
 cookbook publishes nothing (tool calls in messages, tool_call_id, schemas its formula does not model, gpt-oss's
 harmony chat format, unknown models), the count is a stable estimate and says so with ``estimated=True``.
+
+Counting a few megabytes takes the better part of a second. The ``*_async`` methods count a long text or chat in a
+thread (tiktoken releases the GIL while it encodes), so the event loop goes on serving other calls meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import gzip
@@ -31,7 +35,7 @@ import os
 import re
 import threading
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -289,6 +293,39 @@ def _tools_tokens(encode: _Encode, tools: Sequence[Tool], costs: _ToolCosts) -> 
     return tokens, exact
 
 
+def _longer_than(limit: int, pieces: Iterable[str]) -> bool:
+    """Whether the pieces add up to more than `limit` characters, reading only as many as it takes to know."""
+    total = 0
+    for piece in pieces:
+        total += len(piece)
+        if total > limit:
+            return True
+    return False
+
+
+def _chat_pieces(messages: Sequence[Message], tools: Sequence[Tool]) -> Iterator[str]:
+    """Every text a chat count encodes; their length is the count's cost."""
+    for message in messages:
+        yield from (message.content, message.name or "", message.tool_call_id or "")
+        for call in message.tool_calls:
+            yield from (call.id, call.name, call.arguments)
+    for tool in tools:
+        yield from (tool.name, tool.description or "")
+        yield from _json_pieces(tool.parameters)
+
+
+def _json_pieces(value: object) -> Iterator[str]:
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            yield str(key)
+            yield from _json_pieces(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _json_pieces(item)
+    else:
+        yield _as_text(value)
+
+
 # --- loading -----------------------------------------------------------------------------------------------------
 
 _GZIP_MAGIC: Final = b"\x1f\x8b"
@@ -352,8 +389,43 @@ def _load_ranks(ranks_file: _RanksFile, search_dirs: Sequence[Path]) -> dict[byt
     )
 
 
+# Built encodings are immutable and cost most of a second to build, so a process builds each once per search path
+# and every counter shares it: a gateway restarted in process, and the test suite's hundred gateways, pay nothing.
+_encodings: dict[tuple[str, tuple[Path, ...]], tiktoken.Encoding] = {}
+_ranks: dict[tuple[str, tuple[Path, ...]], dict[bytes, int]] = {}
+_load_lock = threading.Lock()
+
+
+def _shared_encoding(name: str, search_dirs: tuple[Path, ...]) -> tiktoken.Encoding:
+    encoding = _encodings.get((name, search_dirs))
+    if encoding is None:
+        with _load_lock:
+            encoding = _encodings.get((name, search_dirs))
+            if encoding is None:
+                encoding = _encodings[name, search_dirs] = _build_encoding(name, search_dirs)
+    return encoding
+
+
+def _build_encoding(name: str, search_dirs: tuple[Path, ...]) -> tiktoken.Encoding:
+    spec = _ENCODING_SPECS[name]
+    ranks = _ranks.get((spec.ranks.name, search_dirs))
+    if ranks is None:
+        # tiktoken.Encoding keeps the ranks anyway, so sharing them between o200k_base and o200k_harmony is free.
+        ranks = _ranks[spec.ranks.name, search_dirs] = _load_ranks(spec.ranks, search_dirs)
+    return tiktoken.Encoding(
+        name, pat_str=spec.pattern, mergeable_ranks=ranks, special_tokens=dict(spec.special_tokens)
+    )
+
+
+# Up to this many characters a count stays on the event loop: a few milliseconds of encoding at worst (random text
+# encodes at about 8 MB/s), and the common small count does not pay for a thread and a wait for a slot.
+INLINE_CHARS: Final = 64 * 1024
+# Long counts running at once; more wait their turn rather than take the threads the loop's other work needs.
+MAX_PARALLEL_COUNTS: Final = 2
+
+
 class TokenCounter:
-    """Counts tokens offline. Encodings load on first use, once, whichever thread asks first; then counting is pure.
+    """Counts tokens offline. Encodings load on first use or at warm_up(), once per process; then counting is pure.
 
     search_dirs replaces the default search (default_search_dirs()), mainly for tests and unusual layouts.
 
@@ -361,12 +433,26 @@ class TokenCounter:
     least recently used out): a step then costs the encoding of its new messages only.
     """
 
-    def __init__(self, search_dirs: Sequence[Path] | None = None, *, message_cache_size: int = 2048) -> None:
+    def __init__(
+        self,
+        search_dirs: Sequence[Path] | None = None,
+        *,
+        message_cache_size: int = 2048,
+        inline_chars: int = INLINE_CHARS,
+        max_parallel: int = MAX_PARALLEL_COUNTS,
+    ) -> None:
         self._search_dirs = tuple(default_search_dirs() if search_dirs is None else search_dirs)
         self._encodings: dict[str, tiktoken.Encoding] = {}
-        self._ranks: dict[str, dict[bytes, int]] = {}
-        self._load_lock = threading.Lock()
         self._message_tokens = functools.lru_cache(maxsize=message_cache_size)(self._count_message)
+        self._inline_chars = inline_chars
+        self._slots = asyncio.Semaphore(max_parallel)
+
+    async def warm_up(self, models: Iterable[str]) -> None:
+        """Loads the encodings of these models (the backends' own) now, in a thread, so that no call on the request
+        path waits for one to load (o200k_base takes half a second). Each encoding costs tens of MiB, so the others
+        load on first use, in a thread too (count_*_async). One that cannot load is logged and left to fail the
+        calls that need it, as it would anyway."""
+        await asyncio.to_thread(self._load, {encoding_for_model(model)[0] for model in models})
 
     def count_text(self, model: str, text: str) -> TokenCount:
         encoding_name, exact = encoding_for_model(model)
@@ -389,24 +475,43 @@ class TokenCounter:
         exact = exact and formula_covers_all and covered and encoding_name != O200K_HARMONY
         return TokenCount(tokens=tokens + tool_tokens, model=model, encoding=encoding_name, estimated=not exact)
 
+    async def count_text_async(self, model: str, text: str) -> TokenCount:
+        """count_text, in a thread when the text is long enough to hold up the event loop, or its encoding has yet to
+        load."""
+        if len(text) <= self._inline_chars and self._loaded(model):
+            return self.count_text(model, text)
+        return await self._in_thread(functools.partial(self.count_text, model, text))
+
+    async def count_chat_async(self, model: str, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> TokenCount:
+        """count_chat, in a thread when the chat is long enough to hold up the event loop."""
+        if self._loaded(model) and not _longer_than(self._inline_chars, _chat_pieces(messages, tools)):
+            return self.count_chat(model, messages, tools)
+        return await self._in_thread(functools.partial(self.count_chat, model, messages, tools))
+
+    async def _in_thread(self, count: Callable[[], TokenCount]) -> TokenCount:
+        await self._slots.acquire()
+        counting = asyncio.get_running_loop().run_in_executor(None, count)
+        # A thread cannot be stopped, so its slot stays taken until the count ends, even when the caller has left:
+        # callers that give up and ask again cannot pile up threads.
+        counting.add_done_callback(lambda _: self._slots.release())
+        return await asyncio.shield(counting)
+
+    def _loaded(self, model: str) -> bool:
+        return encoding_for_model(model)[0] in self._encodings
+
+    def _load(self, names: Iterable[str]) -> None:
+        for name in names:
+            try:
+                self._encoding(name)
+            except TokenizerUnavailableError as error:
+                _log.warning("%s", error)
+
     def _count_message(self, encoding_name: str, message: Message) -> tuple[int, bool]:
         return _message_tokens(self._encoding(encoding_name).encode_ordinary, message)
 
     def _encoding(self, name: str) -> tiktoken.Encoding:
+        # Kept here too: the shared lookup hashes the search path, ten times the cost of this one.
         encoding = self._encodings.get(name)
         if encoding is None:
-            with self._load_lock:
-                encoding = self._encodings.get(name)
-                if encoding is None:
-                    encoding = self._encodings[name] = self._build_encoding(name)
+            encoding = self._encodings[name] = _shared_encoding(name, self._search_dirs)
         return encoding
-
-    def _build_encoding(self, name: str) -> tiktoken.Encoding:
-        spec = _ENCODING_SPECS[name]
-        ranks = self._ranks.get(spec.ranks.name)
-        if ranks is None:
-            # tiktoken.Encoding keeps the ranks anyway, so sharing them between o200k_base and o200k_harmony is free.
-            ranks = self._ranks[spec.ranks.name] = _load_ranks(spec.ranks, self._search_dirs)
-        return tiktoken.Encoding(
-            name, pat_str=spec.pattern, mergeable_ranks=ranks, special_tokens=dict(spec.special_tokens)
-        )

@@ -3,79 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import AsyncClient, Client, InvalidArgumentError, UnavailableError
 from llmrelay import v1 as pb
-from support import OPENAI_TEST_KEY, chat, details, stream_chat
+from support import BIN, OPENAI_TEST_KEY, ServerProcess, chat, clean_env, details, read_all, start_server, stream_chat
 from upstream import FakeUpstream
-
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OLLAMA_", "LLMRELAY_"))}
-    return {**env, **extra}
-
-
-class ServerProcess:
-    def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
-        self.process = process
-        self.port = port
-        self.log: list[str] = []
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def wait_listening(self) -> None:
-        assert self.process.stderr is not None
-        async with asyncio.timeout(20):
-            while True:
-                line = (await self.process.stderr.readline()).decode()
-                if not line:
-                    raise AssertionError("llmrelay-server exited early:\n" + "".join(self.log))
-                self.log.append(line)
-                if "listening on" in line:
-                    return
-
-
-async def read_all(stream: Any) -> list[pb.StreamCompleteResponse]:
-    """Reads a stream to its end with read() (a call cannot mix read() and async iteration)."""
-    chunks = []
-    while (chunk := await stream.read()) is not grpc.aio.EOF:
-        chunks.append(chunk)
-    return chunks
-
-
-async def start_server(config: Path, local: FakeUpstream) -> ServerProcess:
-    """`llmrelay-server` on a free port, configured by `config` and the environment of a loopback Ollama alone."""
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        BIN / "llmrelay-server",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--config",
-        str(config),
-        env=clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1"), LLMRELAY_OLLAMA_MODEL="tiny"),
-        stderr=asyncio.subprocess.PIPE,
-    )
-    return ServerProcess(process, port)
 
 
 @pytest.fixture
@@ -308,7 +247,7 @@ async def test_calls_still_running_when_the_grace_period_ends_get_the_gateways_s
         if server.process.returncode is None:
             server.process.kill()
             await server.process.wait()
-    assert "Traceback" not in "".join(server.log) + (await server.process.stderr.read()).decode()  # type: ignore[union-attr]
+    assert "Traceback" not in await server.output()
 
 
 async def wait_until_requests(upstream: FakeUpstream, count: int) -> None:

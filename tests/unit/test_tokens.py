@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import socket
@@ -18,7 +19,7 @@ import tiktoken_ext.openai_public as openai_public  # type: ignore[import-untype
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from llmrelay_server import tokens
-from llmrelay_server.domain import Message, Role, TokenizerUnavailableError, Tool, ToolCall
+from llmrelay_server.domain import Message, Role, TokenCount, TokenizerUnavailableError, Tool, ToolCall
 from llmrelay_server.tokens import TokenCounter, default_search_dirs, encoding_for_model
 
 # The worked examples below, and the counts they must give, are from OpenAI's cookbook "How to count tokens with
@@ -415,7 +416,7 @@ def test_loads_with_the_network_blocked(no_network: list[object]) -> None:
     assert no_network == []
 
 
-def test_encodings_load_once_across_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_encodings_load_once_across_threads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, bundled_dir: Path) -> None:
     loads: list[str] = []
     real_load = tokens._load_ranks
 
@@ -424,7 +425,8 @@ def test_encodings_load_once_across_threads(monkeypatch: pytest.MonkeyPatch) -> 
         return real_load(ranks_file, search_dirs)
 
     monkeypatch.setattr(tokens, "_load_ranks", counting_load)
-    counter = TokenCounter()
+    # A search path no counter has used, so that this process has not loaded its encodings yet.
+    counter = TokenCounter(search_dirs=[tmp_path, bundled_dir])
     start = threading.Barrier(8)
     results: list[int] = []
 
@@ -473,3 +475,117 @@ def test_message_counts_are_cached_by_value_and_agree_with_uncached_counting() -
     assert cached.count_chat("gpt-4", step) == uncached.count_chat("gpt-4", step)
     edited = [*history[:1], Message(Role.USER, "what is the weather in Bergen and in Oslo?")]
     assert cached.count_chat("gpt-4o", edited) == uncached.count_chat("gpt-4o", edited) != first
+
+
+# --- warm-up and counting off the event loop ----------------------------------------------------------------------
+
+
+async def test_warm_up_loads_the_models_encodings_in_a_thread_so_no_count_loads_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, bundled_dir: Path
+) -> None:
+    loading_threads: list[int] = []
+    real_load = tokens._load_ranks
+
+    def recording_load(ranks_file: Any, search_dirs: Any) -> dict[bytes, int]:
+        loading_threads.append(threading.get_ident())
+        return real_load(ranks_file, search_dirs)
+
+    monkeypatch.setattr(tokens, "_load_ranks", recording_load)
+    # A search path no counter has used, so that this process has not loaded its encodings yet.
+    counter = TokenCounter(search_dirs=[tmp_path, bundled_dir])
+
+    await counter.warm_up(["gpt-4", "gpt-4o", "gpt-oss:20b"])
+    monkeypatch.setattr(tokens, "_load_ranks", lambda *_: pytest.fail("an encoding loaded after the warm-up"))
+    counts = [counter.count_chat(model, COOKBOOK_CHAT).tokens for model in ("gpt-4", "gpt-4o", "gpt-oss:20b")]
+
+    assert counts == [129, 124, 124]
+    assert len(loading_threads) == 2 and threading.get_ident() not in loading_threads
+
+
+async def test_warm_up_without_encoding_files_logs_why_and_counting_still_says_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    counter = TokenCounter(search_dirs=[tmp_path])
+
+    await counter.warm_up(["gpt-4o"])
+
+    assert {r.levelname for r in caplog.records} == {"WARNING"}
+    assert "no verified copy of o200k_base.tiktoken" in caplog.text
+    with pytest.raises(TokenizerUnavailableError):
+        await counter.count_text_async("gpt-4o", "hello")
+
+
+def record_threads(monkeypatch: pytest.MonkeyPatch, counter: TokenCounter, method: str) -> list[int]:
+    """The threads `method` of `counter` runs in, call by call."""
+    threads: list[int] = []
+    real = getattr(counter, method)
+
+    def recording(*args: Any) -> Any:
+        threads.append(threading.get_ident())
+        return real(*args)
+
+    monkeypatch.setattr(counter, method, recording)
+    return threads
+
+
+async def test_long_texts_are_counted_in_a_thread_and_short_ones_on_the_loop(
+    monkeypatch: pytest.MonkeyPatch, counter: TokenCounter
+) -> None:
+    limited = TokenCounter(inline_chars=100)
+    await limited.warm_up(["gpt-4o"])  # an encoding yet to load is loaded in a thread, whatever the length
+    threads = record_threads(monkeypatch, limited, "count_text")
+    short, long = "tiktoken is great!", "tiktoken is great! " * 6
+
+    assert await limited.count_text_async("gpt-4o", short) == counter.count_text("gpt-4o", short)
+    assert await limited.count_text_async("gpt-4o", long) == counter.count_text("gpt-4o", long)
+    assert threads[0] == threading.get_ident() != threads[1]
+
+
+@pytest.mark.parametrize(
+    ("messages", "tools"),
+    [
+        ([Message(Role.USER, "x" * 60), Message(Role.ASSISTANT, "y" * 60)], []),
+        ([Message(Role.ASSISTANT, "", tool_calls=(ToolCall("call_1", "f", '{"q": "' + "z" * 120 + '"}'),))], []),
+        (COOKBOOK_CHAT[:1], [Tool("f", parameters={"type": "object", "properties": {"q": {"enum": ["w" * 120]}}})]),
+    ],
+    ids=["messages", "tool-call-arguments", "tool-schema"],
+)
+async def test_long_chats_are_counted_in_a_thread_whatever_makes_them_long(
+    monkeypatch: pytest.MonkeyPatch, counter: TokenCounter, messages: list[Message], tools: list[Tool]
+) -> None:
+    limited = TokenCounter(inline_chars=100)
+    await limited.warm_up(["gpt-4o"])
+    threads = record_threads(monkeypatch, limited, "count_chat")
+    short = [Message(Role.USER, "hello")]
+
+    assert await limited.count_chat_async("gpt-4o", short) == counter.count_chat("gpt-4o", short)
+    assert await limited.count_chat_async("gpt-4o", messages, tools) == counter.count_chat("gpt-4o", messages, tools)
+    assert threads[0] == threading.get_ident() != threads[1]
+
+
+async def test_long_counts_take_at_most_max_parallel_threads_even_when_callers_leave(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    limited = TokenCounter(inline_chars=0, max_parallel=1)
+    running, most_running, lock, started = [0], [0], threading.Lock(), threading.Event()
+
+    def slow_count(model: str, text: str) -> TokenCount:
+        with lock:
+            running[0] += 1
+            most_running[0] = max(most_running[0], running[0])
+        started.set()
+        time.sleep(0.1)
+        with lock:
+            running[0] -= 1
+        return TokenCount(tokens=len(text), model=model, encoding="slow", estimated=True)
+
+    monkeypatch.setattr(limited, "count_text", slow_count)
+    left = asyncio.create_task(limited.count_text_async("gpt-4o", "left"))
+    assert await asyncio.to_thread(started.wait, 5)
+    left.cancel()
+
+    results = await asyncio.gather(*(limited.count_text_async("gpt-4o", "x" * i) for i in range(1, 4)))
+
+    assert [result.tokens for result in results] == [1, 2, 3]
+    # The count whose caller left kept its thread, and its slot, until it ended.
+    assert most_running[0] == 1

@@ -1,0 +1,156 @@
+"""Requests the gateway cannot decode or read: INVALID_ARGUMENT with the usual details, no traceback, and the gateway
+goes on serving."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+from google.protobuf.descriptor import Descriptor
+from google.protobuf.timestamp_pb2 import Timestamp
+from llmrelay import v1 as pb
+from support import chat, details
+
+SERVICE = pb.DESCRIPTOR.services_by_name["LLMService"]
+GARBAGE = b"\xff\xff\xff\xff\xff\xff\xff\xff"
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def length_delimited(number: int, payload: bytes) -> bytes:
+    """One field of the protobuf wire format whose value is bytes, a string or a message."""
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def number(message: Descriptor, field: str) -> int:
+    return int(message.fields_by_name[field].number)
+
+
+def nested_struct(depth: int) -> bytes:
+    """A google.protobuf.Struct holding `depth` Structs one inside the other: {"a": {"a": ...}}. Python's protobuf
+    refuses to build a message that deep, so it is written in the wire format by hand."""
+    entry = struct_pb2.Struct.FieldsEntry.DESCRIPTOR
+    struct = b""
+    for _ in range(depth):
+        inner = length_delimited(number(struct_pb2.Value.DESCRIPTOR, "struct_value"), struct)
+        struct = length_delimited(
+            number(struct_pb2.Struct.DESCRIPTOR, "fields"),
+            length_delimited(number(entry, "key"), b"a") + length_delimited(number(entry, "value"), inner),
+        )
+    return struct
+
+
+def complete_with_deep_tool_parameters(depth: int) -> bytes:
+    """A valid request whose options.tools[0].function.parameters is nested_struct(depth)."""
+    function = length_delimited(number(pb.FunctionDefinition.DESCRIPTOR, "name"), b"f") + length_delimited(
+        number(pb.FunctionDefinition.DESCRIPTOR, "parameters"), nested_struct(depth)
+    )
+    tool = length_delimited(number(pb.Tool.DESCRIPTOR, "function"), function)
+    options = length_delimited(
+        number(pb.CompleteRequest.DESCRIPTOR, "options"),
+        length_delimited(number(pb.CompletionOptions.DESCRIPTOR, "tools"), tool),
+    )
+    # The wire format concatenates: a valid request followed by more fields is one request with both.
+    return bytes(chat().SerializeToString()) + options
+
+
+def count_with_invalid_utf8() -> bytes:
+    return bytes(pb.CountTokensRequest(model="gpt-4o").SerializeToString()) + length_delimited(
+        number(pb.CountTokensRequest.DESCRIPTOR, "text"), b"caf\xc3 au lait"
+    )
+
+
+def assert_invalid_request(error: grpc.aio.AioRpcError) -> None:
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    info = details(error)["ErrorInfo"]
+    assert (info.domain, info.reason) == ("llmrelay.dev", "INVALID_REQUEST")
+    assert details(error)["BadRequest"].field_violations
+    assert "Traceback" not in str(error.details()) and "Unexpected" not in str(error.details())
+
+
+def assert_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert "Traceback" not in caplog.text
+
+
+async def call_raw(channel: grpc.aio.Channel, method: str, payload: bytes) -> list[bytes]:
+    """Sends bytes as the request, as a client with another idea of the contract (or none) would; the answers."""
+    path = f"/{SERVICE.full_name}/{method}"
+    if SERVICE.methods_by_name[method].server_streaming:
+        stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(path)
+        return [answer async for answer in stream(payload, timeout=5)]
+    unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(path)
+    return [await unary(payload, timeout=5)]
+
+
+@pytest.mark.parametrize("method", [m.name for m in SERVICE.methods])
+async def test_bytes_that_are_no_request_are_invalid_argument(
+    channel: grpc.aio.Channel, stub: pb.LLMServiceAsyncStub, caplog: pytest.LogCaptureFixture, method: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call_raw(channel, method, GARBAGE)
+
+    assert_invalid_request(caught.value)
+    assert str(caught.value.details()).startswith("the request cannot be decoded: ")
+    assert_quiet(caplog)
+    assert (await stub.Complete(chat(), timeout=5)).message.content == "echo: hello gateway"
+
+
+@pytest.mark.parametrize(
+    ("method", "payload"),
+    [
+        ("CountTokens", count_with_invalid_utf8()),
+        ("Complete", complete_with_deep_tool_parameters(100)),
+        ("StreamComplete", complete_with_deep_tool_parameters(100)),
+    ],
+    ids=["invalid-utf8", "struct-100-deep", "struct-100-deep-stream"],
+)
+async def test_requests_protobuf_cannot_decode_are_invalid_argument(
+    channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture, method: str, payload: bytes
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call_raw(channel, method, payload)
+
+    assert_invalid_request(caught.value)
+    assert str(caught.value.details()).startswith("the request cannot be decoded: ")
+    assert_quiet(caplog)
+
+
+async def test_a_request_as_deep_as_protobuf_decodes_is_served(channel: grpc.aio.Channel) -> None:
+    """The refusal is protobuf's depth limit, not the gateway's: a little less deep decodes and is answered."""
+    (raw,) = await call_raw(channel, "Complete", complete_with_deep_tool_parameters(30))
+
+    assert pb.CompleteResponse.FromString(raw).message.content == "echo: hello gateway"
+
+
+@pytest.mark.parametrize(
+    ("request_", "fields"),
+    [
+        (pb.GetUsageRequest(start_time=Timestamp(seconds=10**12)), ["start_time"]),
+        (pb.GetUsageRequest(end_time=Timestamp(seconds=0, nanos=-1)), ["end_time"]),
+        (
+            pb.GetUsageRequest(start_time=Timestamp(nanos=10**9), end_time=Timestamp(seconds=-(10**12))),
+            ["start_time", "end_time"],
+        ),
+    ],
+    ids=["seconds-beyond-9999", "negative-nanos", "both"],
+)
+async def test_get_usage_with_a_timestamp_out_of_range_names_the_field(
+    stub: pb.LLMServiceAsyncStub, caplog: pytest.LogCaptureFixture, request_: pb.GetUsageRequest, fields: list[str]
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetUsage(request_, timeout=5)
+
+    assert_invalid_request(caught.value)
+    assert [v.field for v in details(caught.value)["BadRequest"].field_violations] == fields
+    assert_quiet(caplog)
+    assert isinstance(await stub.GetUsage(pb.GetUsageRequest(), timeout=5), pb.GetUsageResponse)

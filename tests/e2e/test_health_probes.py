@@ -1,0 +1,47 @@
+"""Health(probe=true) from many callers at once: each upstream gets one probe, and every caller the whole answer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from llmrelay import v1 as pb
+from upstream import FakeUpstream
+
+CALLERS = 100
+IMPATIENT = 10
+
+
+async def probe(stub: pb.LLMServiceAsyncStub, timeout: float) -> pb.HealthResponse | grpc.StatusCode:
+    try:
+        response: pb.HealthResponse = await stub.Health(pb.HealthRequest(probe=True), timeout=timeout)
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return response
+
+
+async def test_concurrent_probes_send_each_upstream_one_probe(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    # Slow probes, so that every caller arrives while the first probe is still out.
+    primary.probe_delay_s = local.probe_delay_s = 0.3
+    primary.probe_requests.clear()  # the gateway's own probe at start
+    local.probe_requests.clear()
+
+    # The first callers give up before the probe ends: the probe the others wait for must go on without them.
+    answers = await asyncio.gather(
+        *(probe(stub, timeout=0.1) for _ in range(IMPATIENT)),
+        *(probe(stub, timeout=10) for _ in range(CALLERS - IMPATIENT)),
+    )
+
+    assert answers[:IMPATIENT] == [grpc.StatusCode.DEADLINE_EXCEEDED] * IMPATIENT
+    reports = answers[IMPATIENT:]
+    for report in reports:
+        assert isinstance(report, pb.HealthResponse) and report.serving
+        by_name = {b.name: b for b in report.backends}
+        assert list(by_name) == ["openai", "ollama"]
+        assert list(by_name["openai"].models) == ["gpt-test", "gpt-test-mini"]
+        assert list(by_name["ollama"].models) == ["tiny"]
+        assert all(b.reachable and b.latency.ToNanoseconds() > 0 for b in report.backends)
+    assert 1 <= primary.probe_requests.count("/v1/models") <= 2, primary.probe_requests
+    assert 1 <= local.probe_requests.count("/api/tags") <= 2, local.probe_requests
