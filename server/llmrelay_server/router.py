@@ -375,10 +375,12 @@ class Router:
             first, upstream = opened
             started = chain.attempts[-1]
             received: list[str] = []  # the text sent on, to bill it if the stream breaks
+            billed = False
             try:
                 async for chunk in self._rest_of_stream(chain, route, first, upstream):
                     if chunk.usage is not None:
                         self._ledger.record(chunk.backend, chunk.model, caller, chunk.usage)
+                        billed = True
                         usage = chunk.usage if consumed is None else consumed + chunk.usage
                         chunk = replace(chunk, usage=usage, attempts=tuple(chain.attempts))
                     else:
@@ -396,8 +398,8 @@ class Router:
                     error=exc.message,
                 )
                 chain.last_error = exc
-                partial = self._partial_usage(route.model, request, "".join(received))
-                self._ledger.record(route.backend.name, route.model, caller, partial, interrupted=True)
+                partial = self._bill_partial(route, request, caller, received)
+                billed = True
                 consumed = partial if consumed is None else consumed + partial
                 broken = StreamInterruptedError(exc, chain.attempts)
                 # A restart needs a route left, and at least as long as the broken attempt took to get where it broke.
@@ -411,18 +413,26 @@ class Router:
                     restart=StreamRestart(str(broken), route.backend.name, tuple(chain.attempts), partial),
                 )
             finally:
+                # The caller left, or the deadline ran out, mid-stream: what was generated was still consumed.
+                if not billed:
+                    self._bill_partial(route, request, caller, received)
                 await upstream.aclose()
         if broken is not None:
             # Text was sent and no restart finished it: the stream as a whole was interrupted.
             raise StreamInterruptedError(broken.cause, chain.attempts, after="; no restart could finish it")
         raise chain.exhausted()
 
-    def _partial_usage(self, model: str, request: CompletionRequest, text: str) -> TokenUsage:
-        """What a broken stream consumed: the prompt, and the text it had sent, counted by the gateway."""
-        prompt = self._counter.count_chat(model, request.messages, request.options.tools).tokens
-        return TokenUsage(
-            prompt_tokens=prompt, completion_tokens=self._counter.count_text(model, text).tokens, estimated=True
+    def _bill_partial(self, route: Route, request: CompletionRequest, caller: str, received: list[str]) -> TokenUsage:
+        """What a stream that ended early consumed (the prompt, and the text it had sent, counted by the gateway),
+        recorded in the ledger as interrupted."""
+        model = route.model
+        usage = TokenUsage(
+            prompt_tokens=self._counter.count_chat(model, request.messages, request.options.tools).tokens,
+            completion_tokens=self._counter.count_text(model, "".join(received)).tokens,
+            estimated=True,
         )
+        self._ledger.record(route.backend.name, model, caller, usage, interrupted=True)
+        return usage
 
     async def count_tokens(
         self, model: str | None, messages: Sequence[Message], tools: Sequence[Tool], text: str | None

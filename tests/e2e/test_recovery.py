@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -202,3 +203,20 @@ def test_the_assembler_puts_tool_calls_together_and_starts_over_at_a_marker() ->
         ("c2", "g", '{"y": 2}'),
     ]
     assert (answer.backend, answer.finish_reason, answer.usage.total_tokens) == ("b", pb.FINISH_REASON_TOOL_CALLS, 9)
+
+
+async def test_a_stream_the_caller_leaves_is_billed_for_what_it_consumed(
+    gateway: Gateway, stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    primary.inject({"trickle_s": 0.5})
+    call = stub.StreamComplete(stream_chat(PROMPT), timeout=10)
+    await call.read()
+    await call.read()
+    call.cancel()
+    for _ in range(100):  # the gateway sees the cancellation a moment later
+        records = (await stub.GetUsage(pb.GetUsageRequest(backend="openai"), timeout=5)).records
+        if records:
+            break
+        await asyncio.sleep(0.02)
+    assert [(r.requests, r.interrupted_requests, r.estimated_requests) for r in records] == [(1, 1, 1)]
+    assert records[0].completion_tokens > 0 and records[0].prompt_tokens > 0

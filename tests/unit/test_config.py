@@ -85,6 +85,7 @@ server:
   health_interval_s: 0.5
 router:
   request_timeout_s: 12
+  first_chunk_timeout_s: 4
   stream_idle_timeout_s: 7.5
   retry: {max_retries: 0, initial_backoff_s: 0.01, max_backoff_s: 0.5, max_retry_after_s: 3}
   circuit: {failure_threshold: 2, cooldown_s: 1}
@@ -103,6 +104,7 @@ router:
         retry=config.RetryConfig(max_retries=0, initial_backoff_s=0.01, max_backoff_s=0.5, max_retry_after_s=3.0),
         circuit=config.CircuitConfig(failure_threshold=2, cooldown_s=1.0),
         request_timeout_s=12.0,
+        first_chunk_timeout_s=4.0,
         stream_idle_timeout_s=7.5,
     )
     assert isinstance(cfg.server.grace_period_s, float)  # a YAML int for a float field becomes a float
@@ -405,6 +407,7 @@ ONE_EXTRA = "llm:\n  backends:\n    - {name: local, kind: llamacpp, base_url: 'h
         ("server: {health_interval_s: -0.5}\n", {}, "server.health_interval_s"),
         ("router: {request_timeout_s: 0}\n", {}, "router.request_timeout_s"),
         ("router: {stream_idle_timeout_s: -3}\n", {}, "router.stream_idle_timeout_s"),
+        ("router: {first_chunk_timeout_s: 0}\n", {}, "router.first_chunk_timeout_s"),
         ("router: {retry: {max_retries: -1}}\n", {}, "router.retry.max_retries"),
         ("router: {retry: {initial_backoff_s: 0}}\n", {}, "router.retry.initial_backoff_s"),
         ("router: {retry: {max_backoff_s: -2}}\n", {}, "router.retry.max_backoff_s"),
