@@ -13,7 +13,6 @@ added to the contract is registered here without an edit.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeAlias
@@ -25,9 +24,7 @@ from google.protobuf.message_factory import GetMessageClass
 from llmrelay import v1 as pb
 
 from llmrelay_server.domain import FieldViolation, InvalidRequestError
-from llmrelay_server.status import rpc_failure
-
-log = logging.getLogger(__name__)
+from llmrelay_server.status import abort
 
 _Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 _UnaryBehavior: TypeAlias = Callable[[Any, _Context], Awaitable[Message]]
@@ -109,7 +106,4 @@ def _guarded_stream(rpc: str, behavior: _StreamBehavior) -> Callable[[Any, _Cont
 
 
 async def _refuse(context: _Context, rpc: str, request: _Undecodable) -> NoReturn:
-    failure = rpc_failure(_UndecodableRequestError(request.reason))
-    log.info("%s failed: %s: %s", rpc, failure.code.name, failure.details)
-    await context.abort_with_status(failure)
-    raise AssertionError("abort returns only by raising")
+    await abort(context, rpc, _UndecodableRequestError(request.reason))

@@ -209,8 +209,9 @@ class StreamRestart:
 
 @dataclass(frozen=True, slots=True)
 class CompletionChunk:
-    """One piece of a streamed answer. The last chunk of a stream has finish_reason and usage set; a chunk with
-    `restart` set carries nothing else and starts the answer over."""
+    """One piece of a streamed answer. The last chunk of a stream has finish_reason set, and usage (a provider leaves
+    it unset when the upstream reported none: the router estimates it); a chunk with `restart` set carries nothing
+    else and starts the answer over."""
 
     id: str
     backend: str

@@ -154,6 +154,16 @@ class Backend:
         return frozenset(_untagged(name) for name in known)
 
 
+def _collect_text(chunk: CompletionChunk, received: list[str]) -> None:
+    if chunk.content:
+        received.append(chunk.content)
+    if chunk.reasoning:
+        received.append(chunk.reasoning)
+    for call in chunk.tool_calls:
+        if call.arguments:
+            received.append(call.arguments)
+
+
 def _untagged(model: str) -> str:
     return model.removesuffix(":latest")
 
@@ -374,18 +384,19 @@ class Router:
                 continue
             first, upstream = opened
             started = chain.attempts[-1]
-            received: list[str] = []  # the text sent on, to bill it if the stream breaks
+            # The text sent on: what the gateway counts when the upstream reports no usage, or the stream breaks.
+            received: list[str] = []
             billed = False
             try:
                 async for chunk in self._rest_of_stream(chain, route, first, upstream):
-                    if chunk.usage is not None:
-                        self._ledger.record(chunk.backend, chunk.model, caller, chunk.usage)
+                    if chunk.finish_reason is not None:  # the last chunk
+                        usage = chunk.usage or self._counter.estimate_usage(route.model, request, received)
+                        self._ledger.record(chunk.backend, chunk.model, caller, usage)
                         billed = True
-                        usage = chunk.usage if consumed is None else consumed + chunk.usage
-                        chunk = replace(chunk, usage=usage, attempts=tuple(chain.attempts))
+                        total = usage if consumed is None else consumed + usage
+                        chunk = replace(chunk, usage=total, attempts=tuple(chain.attempts))
                     else:
-                        received += (chunk.content or "", chunk.reasoning or "")
-                        received += (call.arguments or "" for call in chunk.tool_calls)
+                        _collect_text(chunk, received)
                     yield chunk
                 return
             except UpstreamError as exc:
@@ -423,15 +434,9 @@ class Router:
         raise chain.exhausted()
 
     def _bill_partial(self, route: Route, request: CompletionRequest, caller: str, received: list[str]) -> TokenUsage:
-        """What a stream that ended early consumed (the prompt, and the text it had sent, counted by the gateway),
-        recorded in the ledger as interrupted."""
-        model = route.model
-        usage = TokenUsage(
-            prompt_tokens=self._counter.count_chat(model, request.messages, request.options.tools).tokens,
-            completion_tokens=self._counter.count_text(model, "".join(received)).tokens,
-            estimated=True,
-        )
-        self._ledger.record(route.backend.name, model, caller, usage, interrupted=True)
+        """What a stream that ended early consumed, counted by the gateway, recorded in the ledger as interrupted."""
+        usage = self._counter.estimate_usage(route.model, request, received)
+        self._ledger.record(route.backend.name, route.model, caller, usage, interrupted=True)
         return usage
 
     async def count_tokens(

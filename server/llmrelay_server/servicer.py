@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import logging
 import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
 import grpc
 from llmrelay import v1 as pb
@@ -26,14 +25,13 @@ from llmrelay_server.domain import (
 )
 from llmrelay_server.health import HealthMonitor
 from llmrelay_server.router import Router
-from llmrelay_server.status import rpc_failure
+from llmrelay_server.status import abort
 from llmrelay_server.usage import UsageLedger
 
 CALLER_HEADER = "x-llmrelay-caller"
 # Room in a stream message for everything but its text (ids, names, usage, attempts).
 MESSAGE_HEADROOM_BYTES: Final = 64 * 1024
 _CALLER = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
-log = logging.getLogger(__name__)
 
 
 class LLMServicer(pb.LLMServiceServicer):
@@ -91,11 +89,11 @@ class LLMServicer(pb.LLMServiceServicer):
             if (size := answer.ByteSize()) > self._max_message_bytes:
                 raise AnswerTooLargeError(size, self._max_message_bytes)
         except LLMRelayError as error:
-            await _abort(context, "Complete", error)
+            await abort(context, "Complete", error)
         except asyncio.CancelledError:
             if not self._interrupting:
                 raise
-            await _abort(context, "Complete", ShuttingDownError(in_flight=True))
+            await abort(context, "Complete", ShuttingDownError(in_flight=True))
         return answer
 
     async def StreamComplete(
@@ -119,11 +117,11 @@ class LLMServicer(pb.LLMServiceServicer):
                         for piece in _split(chunk, self._max_delta_chars):
                             yield convert.stream_response(piece)
         except LLMRelayError as error:
-            await _abort(context, "StreamComplete", error)
+            await abort(context, "StreamComplete", error)
         except asyncio.CancelledError:
             if not self._interrupting:
                 raise
-            await _abort(context, "StreamComplete", ShuttingDownError(stream_started=started, in_flight=True))
+            await abort(context, "StreamComplete", ShuttingDownError(stream_started=started, in_flight=True))
 
     async def CountTokens(
         self,
@@ -133,7 +131,7 @@ class LLMServicer(pb.LLMServiceServicer):
         try:
             count = await self._router.count_tokens(*convert.count_request(request))
         except LLMRelayError as error:
-            await _abort(context, "CountTokens", error)
+            await abort(context, "CountTokens", error)
         return pb.CountTokensResponse(
             token_count=count.tokens, model=count.model, encoding=count.encoding, estimated=count.estimated
         )
@@ -153,7 +151,7 @@ class LLMServicer(pb.LLMServiceServicer):
         try:
             query = convert.usage_query(request)
         except LLMRelayError as error:
-            await _abort(context, "GetUsage", error)
+            await abort(context, "GetUsage", error)
         totals = await self._ledger.query(*query)
         return pb.GetUsageResponse(
             records=[
@@ -210,10 +208,3 @@ def _split(chunk: CompletionChunk, max_chars: int) -> list[CompletionChunk]:
 
 def _parts(text: str | None, size: int) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)] if text else []
-
-
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], rpc: str, error: LLMRelayError) -> NoReturn:
-    failure = rpc_failure(error)
-    log.info("%s failed: %s: %s", rpc, failure.code.name, failure.details)
-    await context.abort_with_status(failure)
-    raise AssertionError("abort returns only by raising")

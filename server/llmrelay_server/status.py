@@ -20,7 +20,8 @@
 
 from __future__ import annotations
 
-from typing import Final, TypeAlias
+import logging
+from typing import Any, Final, NoReturn, TypeAlias
 
 import grpc
 from google.protobuf import any_pb2
@@ -48,6 +49,18 @@ DEFAULT_RETRY_DELAY_S: Final = 1.0
 _Detail: TypeAlias = error_details_pb2.RetryInfo | error_details_pb2.BadRequest
 # A classification: the code, ErrorInfo's reason and metadata, and the details that follow ErrorInfo.
 _Classified: TypeAlias = tuple[grpc.StatusCode, str, dict[str, str], list[_Detail]]
+
+
+log = logging.getLogger(__name__)
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], rpc: str, error: LLMRelayError) -> NoReturn:
+    """Ends the call with the error's status; a caller's mistake or an upstream's failure is one log line, never a
+    traceback."""
+    failure = rpc_failure(error)
+    log.info("%s failed: %s: %s", rpc, failure.code.name, failure.details)
+    await context.abort_with_status(failure)
+    raise AssertionError("abort returns only by raising")
 
 
 def rpc_failure(error: LLMRelayError) -> grpc.Status:

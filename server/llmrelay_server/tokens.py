@@ -42,7 +42,7 @@ from typing import Final
 
 import tiktoken
 
-from llmrelay_server.domain import Message, TokenCount, TokenizerUnavailableError, Tool
+from llmrelay_server.domain import CompletionRequest, Message, TokenCount, TokenizerUnavailableError, TokenUsage, Tool
 
 __all__ = ["TokenCounter", "default_search_dirs", "encoding_for_model"]
 
@@ -474,6 +474,15 @@ class TokenCounter:
         # which the ChatML-style formula cannot know: the encoding is exact, the chat count is not.
         exact = exact and formula_covers_all and covered and encoding_name != O200K_HARMONY
         return TokenCount(tokens=tokens + tool_tokens, model=model, encoding=encoding_name, estimated=not exact)
+
+    def estimate_usage(self, model: str, request: CompletionRequest, answer: Sequence[str]) -> TokenUsage:
+        """The usage of an answer whose upstream did not report it (or broke off): the prompt, and the text of the
+        answer (content, reasoning, tool-call arguments) as far as it came."""
+        return TokenUsage(
+            prompt_tokens=self.count_chat(model, request.messages, request.options.tools).tokens,
+            completion_tokens=self.count_text(model, "".join(answer)).tokens,
+            estimated=True,
+        )
 
     async def count_text_async(self, model: str, text: str) -> TokenCount:
         """count_text, in a thread when the text is long enough to hold up the event loop, or its encoding has yet to

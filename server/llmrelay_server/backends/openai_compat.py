@@ -92,7 +92,9 @@ class OpenAICompatibleProvider:
             raise self._upstream_error(exc) from exc
         except wire.MalformedAnswerError as exc:
             raise self._bad_answer(str(exc)) from exc
-        usage = wire.usage_from(data) or self._estimate_usage(model, request, message.content, message.reasoning)
+        usage = wire.usage_from(data) or self._counter.estimate_usage(
+            model, request, [message.content, message.reasoning or "", *(call.arguments for call in message.tool_calls)]
+        )
         return CompletionResponse(
             id=str(data.get("id") or ""),
             backend=self._spec.name,
@@ -111,8 +113,6 @@ class OpenAICompatibleProvider:
         completion_id, served_model = "", model
         finish: FinishReason | None = None
         usage: TokenUsage | None = None
-        content: list[str] = []
-        reasoning: list[str] = []
         try:
             response = await self._post(body, timeout_s, stream=True)
             try:
@@ -143,13 +143,7 @@ class OpenAICompatibleProvider:
                         tool_calls=wire.tool_call_deltas(delta),
                     )
                     if chunk.content or chunk.reasoning or chunk.tool_calls:
-                        content.append(chunk.content or "")
-                        reasoning.append(chunk.reasoning or "")
                         yield chunk
-                # Without [DONE] the answer is still whole when a finish reason came (some servers end there);
-                # without a finish reason it is a cut stream, whatever else arrived.
-                if finish is None:
-                    raise wire.MalformedAnswerError("the stream ended without a finish reason")
             finally:
                 # Closing at once matters: on cancellation the upstream must see the connection go.
                 await response.aclose()
@@ -163,14 +157,13 @@ class OpenAICompatibleProvider:
                 UpstreamErrorKind.TIMEOUT if isinstance(exc, httpx2.TimeoutException) else UpstreamErrorKind.UNREACHABLE
             )
             raise UpstreamError(kind, self._spec.name, f"the stream failed: {type(exc).__name__}") from exc
-        if usage is None:
-            usage = self._estimate_usage(model, request, "".join(content), "".join(reasoning) or None)
+        # Without [DONE] the answer is still whole when a finish reason came (some servers end there); without a
+        # finish reason it is a cut stream, whatever else arrived.
+        if finish is None:
+            raise self._bad_answer("the stream ended without a finish reason")
+        # Usage stays unset when the upstream sent none: the router, which has the text, estimates it.
         yield CompletionChunk(
-            id=completion_id,
-            backend=self._spec.name,
-            model=served_model,
-            finish_reason=finish or FinishReason.UNKNOWN,
-            usage=usage,
+            id=completion_id, backend=self._spec.name, model=served_model, finish_reason=finish, usage=usage
         )
 
     async def count_tokens(self, model: str, messages: Sequence[Message], tools: Sequence[Tool]) -> TokenCount | None:
@@ -262,13 +255,6 @@ class OpenAICompatibleProvider:
     def _served_model(self, data: Any, fallback: str) -> str:
         model = data.get("model") if isinstance(data, dict) else None
         return model if isinstance(model, str) and model else fallback
-
-    def _estimate_usage(
-        self, model: str, request: CompletionRequest, content: str, reasoning: str | None
-    ) -> TokenUsage:
-        prompt = self._counter.count_chat(model, request.messages, request.options.tools).tokens
-        completion = self._counter.count_text(model, content + (reasoning or "")).tokens
-        return TokenUsage(prompt_tokens=prompt, completion_tokens=completion, estimated=True)
 
     def _bad_answer(self, detail: str) -> UpstreamError:
         return UpstreamError(UpstreamErrorKind.BAD_RESPONSE, self._spec.name, f"malformed answer: {detail}")
