@@ -67,6 +67,8 @@ class FakeUpstream:
     port: int = 0
     faults: deque[Fault] = field(default_factory=deque)
     chat_requests: list[dict[str, Any]] = field(default_factory=list)
+    chat_times: list[float] = field(default_factory=list)
+    """Monotonic times at which the chat requests arrived."""
     tokenize_requests: list[dict[str, Any]] = field(default_factory=list)
     client_disconnects: list[float] = field(default_factory=list)
     """Monotonic times at which a client left while a stalled answer was pending."""
@@ -101,6 +103,7 @@ class FakeUpstream:
     def reset(self) -> None:
         self.faults.clear()
         self.chat_requests.clear()
+        self.chat_times.clear()
         self.tokenize_requests.clear()
         self.client_disconnects.clear()
         self.probe_requests.clear()
@@ -156,6 +159,7 @@ class FakeUpstream:
     async def _chat(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         body = request.json()
         self.chat_requests.append(body)
+        self.chat_times.append(time.monotonic())
         fault = self.faults.popleft() if self.faults else {}
         if "stall_s" in fault and not await self._stall(fault["stall_s"], reader):
             return False

@@ -8,10 +8,11 @@ router here retries once per backend (two attempts each).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -39,6 +40,12 @@ class Row:
     calls: tuple[int, int] = (1, 0)
     served_by: str = "openai"
     exact_model: bool = False
+    wait_s: float = 0.0
+    """The longest the gateway should leave the upstreams without a request between two attempts: the policy's
+    backoff (0.02 s here) unless an attempt waits out a limit."""
+
+    def with_wait(self, wait_s: float) -> Row:
+        return replace(self, wait_s=wait_s)
 
 
 def retried(name: str, fault: dict[str, Any], outcome: int) -> Row:
@@ -76,7 +83,7 @@ ROWS = [
     retried("likewise on 429", {"status": 429, "retry_after": "soon"}, Outcome.ATTEMPT_OUTCOME_RATE_LIMITED),
     moves_on(
         "silent past the first-chunk limit: next backend, no retry", {"stall_s": 3}, Outcome.ATTEMPT_OUTCOME_TIMEOUT
-    ),
+    ).with_wait(1.0),
     Row("two choices: only index 0 is read", [{"two_choices": True}], outcomes=(Outcome.ATTEMPT_OUTCOME_SUCCEEDED,)),
     moves_on(
         "429 with a long Retry-After moves on at once",
@@ -192,6 +199,12 @@ async def test_fault_matrix(
         ):
             assert "RetryInfo" in details(result)
     assert (len(primary.chat_requests), len(local.chat_requests)) == row.calls
+    # What the upstreams saw between attempts: the backoff, or the limit an attempt waited out, and nothing more.
+    arrivals = sorted(primary.chat_times + local.chat_times)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
+    assert max(gaps, default=0.0) < row.wait_s + 0.3, f"the upstreams waited {max(gaps):.2f} s between attempts"
+    if row.wait_s:
+        assert max(gaps) >= row.wait_s - 0.05, "an attempt was cut short of its limit"
 
 
 STREAM_ROWS = [
