@@ -67,6 +67,69 @@ class RouterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TLSConfig:
+    cert_file: str
+    """The PEM certificate (chain) the gateway presents. Re-read when it changes on disk: new connections use it."""
+    key_file: str
+    """The PEM private key of cert_file."""
+    client_ca_file: str | None = None
+    """A PEM CA bundle; when set, every client must present a certificate it signed (mutual TLS)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Limits of one caller key, or of the whole gateway (server.limits); unset means unlimited."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    """Prompt plus completion tokens; a request reserves its prompt and max_tokens at admission."""
+    concurrent_streams: int | None = None
+    budget_usd_per_day: float | None = None
+    """Spend per UTC day, at the price table's rates."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallerKey:
+    """A key callers present as `authorization: Bearer KEY`. Only its SHA-256 is configured, never the key."""
+
+    name: str
+    """The caller's identity in the ledger, logs and metrics."""
+    sha256: str
+    """The SHA-256 of the whole key text, in hex (`llmrelay-server keys new NAME` prints it)."""
+    models: tuple[str, ...] = ()
+    """Glob patterns of the model names it may request ("ollama/*", "gpt-4o*"); empty: every model."""
+    limits: Limits = field(default_factory=Limits)
+
+
+# Probes and tools must reach these without a key.
+DEFAULT_OPEN_SERVICES = (
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "llmrelay.v1.LLMService/Health",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    keys: tuple[CallerKey, ...] = ()
+    """With no keys (here and in keys_file), calls are open to anyone who can reach the port."""
+    keys_file: str | None = None
+    """A YAML file with more keys (`keys: [...]`), kept apart from the rest; re-read on change or SIGHUP."""
+    open_services: tuple[str, ...] = DEFAULT_OPEN_SERVICES
+    """Services ("pkg.Service") or methods ("pkg.Service/Method") callers reach without a key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per million tokens."""
+
+    prompt: float
+    completion: float
+    cached_prompt: float | None = None
+    """Prompt tokens served from the upstream's cache; unset: the prompt rate."""
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     listen: str = DEFAULT_LISTEN
     """HOST:PORT to serve gRPC on."""
@@ -81,6 +144,14 @@ class ServerConfig:
     """The SQLite file of the usage ledger (":memory:" keeps it in memory)."""
     health_interval_s: float = 15.0
     """How often the backends are probed in the background."""
+    tls: TLSConfig | None = None
+    """Unset: plaintext (fine on loopback; a warning elsewhere)."""
+    limits: Limits = field(default_factory=Limits)
+    """Limits of the whole gateway, over every caller."""
+    max_concurrent_rpcs: int | None = None
+    """gRPC's own bound on calls in progress; more are refused with RESOURCE_EXHAUSTED."""
+    reserve_completion_tokens: int = 1024
+    """What a request without max_tokens reserves for its answer against tokens-per-minute limits."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +162,11 @@ class GatewayConfig:
     """In routing order."""
     aliases: Mapping[str, str] = field(default_factory=dict)
     """Model names the caller may use for another model, e.g. {"fast": "ollama/gpt-oss:20b"}."""
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    pricing: Mapping[str, Price] = field(default_factory=dict)
+    """Prices by model pattern ("gpt-4o", "gpt-4o-2024-*", "ollama/*"), over the shipped table."""
+    unknown_price: Price = field(default_factory=lambda: Price(prompt=5.0, completion=15.0))
+    """The rate budgets count for a model with no known price on a paid backend."""
 
 
 # The YAML shapes of the backends, before they become BackendSpecs.
@@ -128,6 +204,14 @@ class _FileSection:
     server: ServerConfig = field(default_factory=ServerConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     llm: _LLMSection = field(default_factory=_LLMSection)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    pricing: Mapping[str, Price] = field(default_factory=dict)
+    unknown_price: Price | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _KeysFile:
+    keys: tuple[CallerKey, ...] = ()
 
 
 def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = None) -> GatewayConfig:
@@ -146,6 +230,19 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     _check_positive(section.router, "router")
     _check_positive(section.router.retry, "router.retry", allow_zero=("max_retries",))
     _check_positive(section.router.circuit, "router.circuit")
+    _check_positive(server.limits, "server.limits")
+    if server.max_concurrent_rpcs is not None and server.max_concurrent_rpcs <= 0:
+        raise ConfigError("server.max_concurrent_rpcs: must be > 0, or left out for no bound")
+    auth = section.auth
+    if env.get("LLMRELAY_KEYS_FILE"):
+        auth = dataclasses.replace(auth, keys_file=env["LLMRELAY_KEYS_FILE"])
+    _check_keys(auth.keys, "auth.keys")
+    if auth.keys_file:
+        load_keys_file(auth.keys_file)  # a broken keys file stops the start, as a broken config does
+    for pattern, price in section.pricing.items():
+        _check_positive(price, f"pricing.{pattern}", allow_zero=("prompt", "completion", "cached_prompt"))
+    unknown_price = section.unknown_price or Price(prompt=5.0, completion=15.0)
+    _check_positive(unknown_price, "unknown_price", allow_zero=("prompt", "completion", "cached_prompt"))
     backends = _backends(section.llm, env)
     aliases = dict(section.llm.aliases)
     names = {b.name for b in backends}
@@ -153,7 +250,43 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
         qualifier = target.split("/", 1)[0] if "/" in target else None
         if qualifier is not None and qualifier in BACKEND_KINDS and qualifier not in names:
             raise ConfigError(f"llm.aliases.{alias}: points at backend {qualifier!r}, which is not configured")
-    return GatewayConfig(server=server, router=section.router, backends=backends, aliases=aliases)
+    return GatewayConfig(
+        server=server,
+        router=section.router,
+        backends=backends,
+        aliases=aliases,
+        auth=auth,
+        pricing=dict(section.pricing),
+        unknown_price=unknown_price,
+    )
+
+
+def load_keys_file(path: str | Path) -> tuple[CallerKey, ...]:
+    """The keys of a keys file (`keys: [...]`, as auth.keys); ConfigError naming the field on any mistake."""
+    where = f"keys file {path}"
+    document = _read_yaml(Path(path), os.environ)
+    keys = _build(_KeysFile, document, "").keys
+    _check_keys(keys, f"{where}: keys")
+    return keys
+
+
+_KEY_NAME = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_keys(keys: tuple[CallerKey, ...], where: str) -> None:
+    names: set[str] = set()
+    for index, key in enumerate(keys):
+        at = f"{where}[{index}]"
+        if not _KEY_NAME.fullmatch(key.name) or key.name in names:
+            raise ConfigError(f"{at}.name: {key.name!r} must be unique, 1-128 of letters, digits and ._:@/-")
+        names.add(key.name)
+        if not _SHA256.fullmatch(key.sha256):
+            raise ConfigError(
+                f"{at}.sha256: must be the 64 lowercase hex digits of the key's SHA-256"
+                " (`llmrelay-server keys new NAME` prints one); never the key itself"
+            )
+        _check_positive(key.limits, f"{at}.limits")
 
 
 def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ...]:

@@ -509,6 +509,18 @@ const (
 	// The gateway is shutting down and takes no new calls; RetryInfo says when to try again (another instance). A
 	// stream cut by the shutdown ends with ABORTED and this reason.
 	ErrorReason_ERROR_REASON_SHUTTING_DOWN ErrorReason = 13
+	// UNAUTHENTICATED: the call carries no `authorization: Bearer KEY` metadata, or a key the gateway does not know.
+	ErrorReason_ERROR_REASON_UNAUTHENTICATED ErrorReason = 14
+	// PERMISSION_DENIED: the caller's key may not use the requested model; the metadata names the key and the model.
+	ErrorReason_ERROR_REASON_MODEL_NOT_ALLOWED ErrorReason = 15
+	// RESOURCE_EXHAUSTED: the requests-per-minute limit; QuotaFailure says whose, RetryInfo when a request fits again.
+	ErrorReason_ERROR_REASON_REQUESTS_PER_MINUTE_EXCEEDED ErrorReason = 16
+	// RESOURCE_EXHAUSTED: the tokens-per-minute limit (prompt plus completion, reserved at admission).
+	ErrorReason_ERROR_REASON_TOKENS_PER_MINUTE_EXCEEDED ErrorReason = 17
+	// RESOURCE_EXHAUSTED: the limit of streams open at once.
+	ErrorReason_ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED ErrorReason = 18
+	// RESOURCE_EXHAUSTED: the spend budget of the day (UTC); RetryInfo says when the day ends.
+	ErrorReason_ERROR_REASON_BUDGET_EXCEEDED ErrorReason = 19
 )
 
 // Enum value maps for ErrorReason.
@@ -528,22 +540,34 @@ var (
 		11: "ERROR_REASON_CONTEXT_LENGTH_EXCEEDED",
 		12: "ERROR_REASON_ANSWER_TOO_LARGE",
 		13: "ERROR_REASON_SHUTTING_DOWN",
+		14: "ERROR_REASON_UNAUTHENTICATED",
+		15: "ERROR_REASON_MODEL_NOT_ALLOWED",
+		16: "ERROR_REASON_REQUESTS_PER_MINUTE_EXCEEDED",
+		17: "ERROR_REASON_TOKENS_PER_MINUTE_EXCEEDED",
+		18: "ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED",
+		19: "ERROR_REASON_BUDGET_EXCEEDED",
 	}
 	ErrorReason_value = map[string]int32{
-		"ERROR_REASON_UNSPECIFIED":             0,
-		"ERROR_REASON_INVALID_REQUEST":         1,
-		"ERROR_REASON_MODEL_NOT_FOUND":         2,
-		"ERROR_REASON_BACKENDS_UNAVAILABLE":    3,
-		"ERROR_REASON_UPSTREAM_RATE_LIMITED":   4,
-		"ERROR_REASON_UPSTREAM_AUTH_FAILED":    5,
-		"ERROR_REASON_UPSTREAM_REJECTED":       6,
-		"ERROR_REASON_DEADLINE_EXCEEDED":       7,
-		"ERROR_REASON_UPSTREAM_BAD_RESPONSE":   8,
-		"ERROR_REASON_STREAM_INTERRUPTED":      9,
-		"ERROR_REASON_TOKENIZER_UNAVAILABLE":   10,
-		"ERROR_REASON_CONTEXT_LENGTH_EXCEEDED": 11,
-		"ERROR_REASON_ANSWER_TOO_LARGE":        12,
-		"ERROR_REASON_SHUTTING_DOWN":           13,
+		"ERROR_REASON_UNSPECIFIED":                  0,
+		"ERROR_REASON_INVALID_REQUEST":              1,
+		"ERROR_REASON_MODEL_NOT_FOUND":              2,
+		"ERROR_REASON_BACKENDS_UNAVAILABLE":         3,
+		"ERROR_REASON_UPSTREAM_RATE_LIMITED":        4,
+		"ERROR_REASON_UPSTREAM_AUTH_FAILED":         5,
+		"ERROR_REASON_UPSTREAM_REJECTED":            6,
+		"ERROR_REASON_DEADLINE_EXCEEDED":            7,
+		"ERROR_REASON_UPSTREAM_BAD_RESPONSE":        8,
+		"ERROR_REASON_STREAM_INTERRUPTED":           9,
+		"ERROR_REASON_TOKENIZER_UNAVAILABLE":        10,
+		"ERROR_REASON_CONTEXT_LENGTH_EXCEEDED":      11,
+		"ERROR_REASON_ANSWER_TOO_LARGE":             12,
+		"ERROR_REASON_SHUTTING_DOWN":                13,
+		"ERROR_REASON_UNAUTHENTICATED":              14,
+		"ERROR_REASON_MODEL_NOT_ALLOWED":            15,
+		"ERROR_REASON_REQUESTS_PER_MINUTE_EXCEEDED": 16,
+		"ERROR_REASON_TOKENS_PER_MINUTE_EXCEEDED":   17,
+		"ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED":  18,
+		"ERROR_REASON_BUDGET_EXCEEDED":              19,
 	}
 )
 
@@ -1326,8 +1350,10 @@ type Usage struct {
 	ReasoningTokens *int32 `protobuf:"varint,5,opt,name=reasoning_tokens,json=reasoningTokens,proto3,oneof" json:"reasoning_tokens,omitempty"`
 	// Of prompt_tokens, those served from the upstream's prompt cache, where the upstream reports them.
 	CachedPromptTokens *int32 `protobuf:"varint,6,opt,name=cached_prompt_tokens,json=cachedPromptTokens,proto3,oneof" json:"cached_prompt_tokens,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// What these tokens cost.
+	Cost          *Cost `protobuf:"bytes,7,opt,name=cost,proto3" json:"cost,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Usage) Reset() {
@@ -1402,6 +1428,78 @@ func (x *Usage) GetCachedPromptTokens() int32 {
 	return 0
 }
 
+func (x *Usage) GetCost() *Cost {
+	if x != nil {
+		return x.Cost
+	}
+	return nil
+}
+
+// An amount of money spent on tokens, in US dollars.
+type Cost struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The amount in millionths of a US dollar (micro-USD): 1 USD is 1000000.
+	UsdMicros int64 `protobuf:"varint,1,opt,name=usd_micros,json=usdMicros,proto3" json:"usd_micros,omitempty"`
+	// True when the amount is not exact: the tokens were counted by the gateway, or the model has no known price.
+	Estimated bool `protobuf:"varint,2,opt,name=estimated,proto3" json:"estimated,omitempty"`
+	// True when the model has no known price on a paid backend: usd_micros is then the configured default rate's
+	// figure, which budgets count, and not a price the upstream bills.
+	PriceUnknown  bool `protobuf:"varint,3,opt,name=price_unknown,json=priceUnknown,proto3" json:"price_unknown,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Cost) Reset() {
+	*x = Cost{}
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Cost) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Cost) ProtoMessage() {}
+
+func (x *Cost) ProtoReflect() protoreflect.Message {
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Cost.ProtoReflect.Descriptor instead.
+func (*Cost) Descriptor() ([]byte, []int) {
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *Cost) GetUsdMicros() int64 {
+	if x != nil {
+		return x.UsdMicros
+	}
+	return 0
+}
+
+func (x *Cost) GetEstimated() bool {
+	if x != nil {
+		return x.Estimated
+	}
+	return false
+}
+
+func (x *Cost) GetPriceUnknown() bool {
+	if x != nil {
+		return x.PriceUnknown
+	}
+	return false
+}
+
 // One attempt to get the answer from one backend.
 type Attempt struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1423,7 +1521,7 @@ type Attempt struct {
 
 func (x *Attempt) Reset() {
 	*x = Attempt{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[10]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1435,7 +1533,7 @@ func (x *Attempt) String() string {
 func (*Attempt) ProtoMessage() {}
 
 func (x *Attempt) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[10]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1448,7 +1546,7 @@ func (x *Attempt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Attempt.ProtoReflect.Descriptor instead.
 func (*Attempt) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{10}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Attempt) GetBackend() string {
@@ -1511,7 +1609,7 @@ type CompleteRequest struct {
 
 func (x *CompleteRequest) Reset() {
 	*x = CompleteRequest{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[11]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1523,7 +1621,7 @@ func (x *CompleteRequest) String() string {
 func (*CompleteRequest) ProtoMessage() {}
 
 func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[11]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1536,7 +1634,7 @@ func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteRequest.ProtoReflect.Descriptor instead.
 func (*CompleteRequest) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{11}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *CompleteRequest) GetModel() string {
@@ -1590,7 +1688,7 @@ type CompleteResponse struct {
 
 func (x *CompleteResponse) Reset() {
 	*x = CompleteResponse{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[12]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1602,7 +1700,7 @@ func (x *CompleteResponse) String() string {
 func (*CompleteResponse) ProtoMessage() {}
 
 func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[12]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1615,7 +1713,7 @@ func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteResponse.ProtoReflect.Descriptor instead.
 func (*CompleteResponse) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{12}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *CompleteResponse) GetId() string {
@@ -1686,7 +1784,7 @@ type StreamCompleteRequest struct {
 
 func (x *StreamCompleteRequest) Reset() {
 	*x = StreamCompleteRequest{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[13]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1698,7 +1796,7 @@ func (x *StreamCompleteRequest) String() string {
 func (*StreamCompleteRequest) ProtoMessage() {}
 
 func (x *StreamCompleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[13]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1711,7 +1809,7 @@ func (x *StreamCompleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamCompleteRequest.ProtoReflect.Descriptor instead.
 func (*StreamCompleteRequest) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{13}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *StreamCompleteRequest) GetModel() string {
@@ -1768,7 +1866,7 @@ type StreamRestart struct {
 
 func (x *StreamRestart) Reset() {
 	*x = StreamRestart{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[14]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1780,7 +1878,7 @@ func (x *StreamRestart) String() string {
 func (*StreamRestart) ProtoMessage() {}
 
 func (x *StreamRestart) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[14]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1793,7 +1891,7 @@ func (x *StreamRestart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamRestart.ProtoReflect.Descriptor instead.
 func (*StreamRestart) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{14}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *StreamRestart) GetReason() string {
@@ -1841,7 +1939,7 @@ type ToolCallDelta struct {
 
 func (x *ToolCallDelta) Reset() {
 	*x = ToolCallDelta{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[15]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1853,7 +1951,7 @@ func (x *ToolCallDelta) String() string {
 func (*ToolCallDelta) ProtoMessage() {}
 
 func (x *ToolCallDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[15]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1866,7 +1964,7 @@ func (x *ToolCallDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCallDelta.ProtoReflect.Descriptor instead.
 func (*ToolCallDelta) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{15}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ToolCallDelta) GetIndex() int32 {
@@ -1912,7 +2010,7 @@ type MessageDelta struct {
 
 func (x *MessageDelta) Reset() {
 	*x = MessageDelta{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[16]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1924,7 +2022,7 @@ func (x *MessageDelta) String() string {
 func (*MessageDelta) ProtoMessage() {}
 
 func (x *MessageDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[16]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1937,7 +2035,7 @@ func (x *MessageDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MessageDelta.ProtoReflect.Descriptor instead.
 func (*MessageDelta) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{16}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *MessageDelta) GetContent() string {
@@ -1990,7 +2088,7 @@ type StreamCompleteResponse struct {
 
 func (x *StreamCompleteResponse) Reset() {
 	*x = StreamCompleteResponse{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[17]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2002,7 +2100,7 @@ func (x *StreamCompleteResponse) String() string {
 func (*StreamCompleteResponse) ProtoMessage() {}
 
 func (x *StreamCompleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[17]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2015,7 +2113,7 @@ func (x *StreamCompleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamCompleteResponse.ProtoReflect.Descriptor instead.
 func (*StreamCompleteResponse) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{17}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *StreamCompleteResponse) GetId() string {
@@ -2091,7 +2189,7 @@ type CountTokensRequest struct {
 
 func (x *CountTokensRequest) Reset() {
 	*x = CountTokensRequest{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[18]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2103,7 +2201,7 @@ func (x *CountTokensRequest) String() string {
 func (*CountTokensRequest) ProtoMessage() {}
 
 func (x *CountTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[18]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2116,7 +2214,7 @@ func (x *CountTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CountTokensRequest.ProtoReflect.Descriptor instead.
 func (*CountTokensRequest) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{18}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *CountTokensRequest) GetModel() string {
@@ -2164,7 +2262,7 @@ type CountTokensResponse struct {
 
 func (x *CountTokensResponse) Reset() {
 	*x = CountTokensResponse{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[19]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2176,7 +2274,7 @@ func (x *CountTokensResponse) String() string {
 func (*CountTokensResponse) ProtoMessage() {}
 
 func (x *CountTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[19]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2189,7 +2287,7 @@ func (x *CountTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CountTokensResponse.ProtoReflect.Descriptor instead.
 func (*CountTokensResponse) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{19}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *CountTokensResponse) GetTokenCount() int32 {
@@ -2231,7 +2329,7 @@ type HealthRequest struct {
 
 func (x *HealthRequest) Reset() {
 	*x = HealthRequest{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[20]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2243,7 +2341,7 @@ func (x *HealthRequest) String() string {
 func (*HealthRequest) ProtoMessage() {}
 
 func (x *HealthRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[20]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2256,7 +2354,7 @@ func (x *HealthRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthRequest.ProtoReflect.Descriptor instead.
 func (*HealthRequest) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{20}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *HealthRequest) GetProbe() bool {
@@ -2295,7 +2393,7 @@ type BackendHealth struct {
 
 func (x *BackendHealth) Reset() {
 	*x = BackendHealth{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[21]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2307,7 +2405,7 @@ func (x *BackendHealth) String() string {
 func (*BackendHealth) ProtoMessage() {}
 
 func (x *BackendHealth) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[21]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2320,7 +2418,7 @@ func (x *BackendHealth) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackendHealth.ProtoReflect.Descriptor instead.
 func (*BackendHealth) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{21}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *BackendHealth) GetName() string {
@@ -2406,7 +2504,7 @@ type HealthResponse struct {
 
 func (x *HealthResponse) Reset() {
 	*x = HealthResponse{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[22]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2418,7 +2516,7 @@ func (x *HealthResponse) String() string {
 func (*HealthResponse) ProtoMessage() {}
 
 func (x *HealthResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[22]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2431,7 +2529,7 @@ func (x *HealthResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthResponse.ProtoReflect.Descriptor instead.
 func (*HealthResponse) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{22}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *HealthResponse) GetServing() bool {
@@ -2467,7 +2565,7 @@ type GetUsageRequest struct {
 
 func (x *GetUsageRequest) Reset() {
 	*x = GetUsageRequest{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[23]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2479,7 +2577,7 @@ func (x *GetUsageRequest) String() string {
 func (*GetUsageRequest) ProtoMessage() {}
 
 func (x *GetUsageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[23]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2492,7 +2590,7 @@ func (x *GetUsageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUsageRequest.ProtoReflect.Descriptor instead.
 func (*GetUsageRequest) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{23}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *GetUsageRequest) GetBackend() string {
@@ -2551,13 +2649,15 @@ type UsageRecord struct {
 	EstimatedRequests int64 `protobuf:"varint,8,opt,name=estimated_requests,json=estimatedRequests,proto3" json:"estimated_requests,omitempty"`
 	// Of requests, streams that broke after they had started: what they consumed is billed (and estimated).
 	InterruptedRequests int64 `protobuf:"varint,9,opt,name=interrupted_requests,json=interruptedRequests,proto3" json:"interrupted_requests,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// What the requests cost.
+	Cost          *Cost `protobuf:"bytes,10,opt,name=cost,proto3" json:"cost,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *UsageRecord) Reset() {
 	*x = UsageRecord{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[24]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2569,7 +2669,7 @@ func (x *UsageRecord) String() string {
 func (*UsageRecord) ProtoMessage() {}
 
 func (x *UsageRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[24]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2582,7 +2682,7 @@ func (x *UsageRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UsageRecord.ProtoReflect.Descriptor instead.
 func (*UsageRecord) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{24}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *UsageRecord) GetBackend() string {
@@ -2648,6 +2748,13 @@ func (x *UsageRecord) GetInterruptedRequests() int64 {
 	return 0
 }
 
+func (x *UsageRecord) GetCost() *Cost {
+	if x != nil {
+		return x.Cost
+	}
+	return nil
+}
+
 // Usage totals matching a request.
 type GetUsageResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2659,7 +2766,7 @@ type GetUsageResponse struct {
 
 func (x *GetUsageResponse) Reset() {
 	*x = GetUsageResponse{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[25]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2671,7 +2778,7 @@ func (x *GetUsageResponse) String() string {
 func (*GetUsageResponse) ProtoMessage() {}
 
 func (x *GetUsageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[25]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2684,7 +2791,7 @@ func (x *GetUsageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUsageResponse.ProtoReflect.Descriptor instead.
 func (*GetUsageResponse) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{25}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *GetUsageResponse) GetRecords() []*UsageRecord {
@@ -2768,16 +2875,22 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\x05_seedB\x13\n" +
 	"\x11_presence_penaltyB\x14\n" +
 	"\x12_frequency_penaltyB\x16\n" +
-	"\x14_parallel_tool_calls\"\xaf\x02\n" +
+	"\x14_parallel_tool_calls\"\xd6\x02\n" +
 	"\x05Usage\x12#\n" +
 	"\rprompt_tokens\x18\x01 \x01(\x05R\fpromptTokens\x12+\n" +
 	"\x11completion_tokens\x18\x02 \x01(\x05R\x10completionTokens\x12!\n" +
 	"\ftotal_tokens\x18\x03 \x01(\x05R\vtotalTokens\x12\x1c\n" +
 	"\testimated\x18\x04 \x01(\bR\testimated\x12.\n" +
 	"\x10reasoning_tokens\x18\x05 \x01(\x05H\x00R\x0freasoningTokens\x88\x01\x01\x125\n" +
-	"\x14cached_prompt_tokens\x18\x06 \x01(\x05H\x01R\x12cachedPromptTokens\x88\x01\x01B\x13\n" +
+	"\x14cached_prompt_tokens\x18\x06 \x01(\x05H\x01R\x12cachedPromptTokens\x88\x01\x01\x12%\n" +
+	"\x04cost\x18\a \x01(\v2\x11.llmrelay.v1.CostR\x04costB\x13\n" +
 	"\x11_reasoning_tokensB\x17\n" +
-	"\x15_cached_prompt_tokens\"\xff\x01\n" +
+	"\x15_cached_prompt_tokens\"h\n" +
+	"\x04Cost\x12\x1d\n" +
+	"\n" +
+	"usd_micros\x18\x01 \x01(\x03R\tusdMicros\x12\x1c\n" +
+	"\testimated\x18\x02 \x01(\bR\testimated\x12#\n" +
+	"\rprice_unknown\x18\x03 \x01(\bR\fpriceUnknown\"\xff\x01\n" +
 	"\aAttempt\x12\x18\n" +
 	"\abackend\x18\x01 \x01(\tR\abackend\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x125\n" +
@@ -2884,7 +2997,7 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\n" +
 	"\b_backendB\b\n" +
 	"\x06_modelB\t\n" +
-	"\a_caller\"\xc8\x02\n" +
+	"\a_caller\"\xef\x02\n" +
 	"\vUsageRecord\x12\x18\n" +
 	"\abackend\x18\x01 \x01(\tR\abackend\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12\x16\n" +
@@ -2894,7 +3007,9 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\x11completion_tokens\x18\x06 \x01(\x03R\x10completionTokens\x12!\n" +
 	"\ftotal_tokens\x18\a \x01(\x03R\vtotalTokens\x12-\n" +
 	"\x12estimated_requests\x18\b \x01(\x03R\x11estimatedRequests\x121\n" +
-	"\x14interrupted_requests\x18\t \x01(\x03R\x13interruptedRequests\"F\n" +
+	"\x14interrupted_requests\x18\t \x01(\x03R\x13interruptedRequests\x12%\n" +
+	"\x04cost\x18\n" +
+	" \x01(\v2\x11.llmrelay.v1.CostR\x04cost\"F\n" +
 	"\x10GetUsageResponse\x122\n" +
 	"\arecords\x18\x01 \x03(\v2\x18.llmrelay.v1.UsageRecordR\arecords*_\n" +
 	"\x04Role\x12\x14\n" +
@@ -2943,7 +3058,7 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\x0fInterruptPolicy\x12 \n" +
 	"\x1cINTERRUPT_POLICY_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16INTERRUPT_POLICY_ABORT\x10\x01\x12\x1c\n" +
-	"\x18INTERRUPT_POLICY_RESTART\x10\x02*\x8f\x04\n" +
+	"\x18INTERRUPT_POLICY_RESTART\x10\x02*\x81\x06\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12 \n" +
 	"\x1cERROR_REASON_INVALID_REQUEST\x10\x01\x12 \n" +
@@ -2959,7 +3074,13 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\x12(\n" +
 	"$ERROR_REASON_CONTEXT_LENGTH_EXCEEDED\x10\v\x12!\n" +
 	"\x1dERROR_REASON_ANSWER_TOO_LARGE\x10\f\x12\x1e\n" +
-	"\x1aERROR_REASON_SHUTTING_DOWN\x10\r*|\n" +
+	"\x1aERROR_REASON_SHUTTING_DOWN\x10\r\x12 \n" +
+	"\x1cERROR_REASON_UNAUTHENTICATED\x10\x0e\x12\"\n" +
+	"\x1eERROR_REASON_MODEL_NOT_ALLOWED\x10\x0f\x12-\n" +
+	")ERROR_REASON_REQUESTS_PER_MINUTE_EXCEEDED\x10\x10\x12+\n" +
+	"'ERROR_REASON_TOKENS_PER_MINUTE_EXCEEDED\x10\x11\x12,\n" +
+	"(ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED\x10\x12\x12 \n" +
+	"\x1cERROR_REASON_BUDGET_EXCEEDED\x10\x13*|\n" +
 	"\fCircuitState\x12\x1d\n" +
 	"\x19CIRCUIT_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14CIRCUIT_STATE_CLOSED\x10\x01\x12\x16\n" +
@@ -2987,7 +3108,7 @@ func file_llmrelay_v1_llmrelay_proto_rawDescGZIP() []byte {
 }
 
 var file_llmrelay_v1_llmrelay_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
-var file_llmrelay_v1_llmrelay_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_llmrelay_v1_llmrelay_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_llmrelay_v1_llmrelay_proto_goTypes = []any{
 	(Role)(0),                      // 0: llmrelay.v1.Role
 	(FinishReason)(0),              // 1: llmrelay.v1.FinishReason
@@ -3008,83 +3129,86 @@ var file_llmrelay_v1_llmrelay_proto_goTypes = []any{
 	(*ResponseFormat)(nil),         // 16: llmrelay.v1.ResponseFormat
 	(*CompletionOptions)(nil),      // 17: llmrelay.v1.CompletionOptions
 	(*Usage)(nil),                  // 18: llmrelay.v1.Usage
-	(*Attempt)(nil),                // 19: llmrelay.v1.Attempt
-	(*CompleteRequest)(nil),        // 20: llmrelay.v1.CompleteRequest
-	(*CompleteResponse)(nil),       // 21: llmrelay.v1.CompleteResponse
-	(*StreamCompleteRequest)(nil),  // 22: llmrelay.v1.StreamCompleteRequest
-	(*StreamRestart)(nil),          // 23: llmrelay.v1.StreamRestart
-	(*ToolCallDelta)(nil),          // 24: llmrelay.v1.ToolCallDelta
-	(*MessageDelta)(nil),           // 25: llmrelay.v1.MessageDelta
-	(*StreamCompleteResponse)(nil), // 26: llmrelay.v1.StreamCompleteResponse
-	(*CountTokensRequest)(nil),     // 27: llmrelay.v1.CountTokensRequest
-	(*CountTokensResponse)(nil),    // 28: llmrelay.v1.CountTokensResponse
-	(*HealthRequest)(nil),          // 29: llmrelay.v1.HealthRequest
-	(*BackendHealth)(nil),          // 30: llmrelay.v1.BackendHealth
-	(*HealthResponse)(nil),         // 31: llmrelay.v1.HealthResponse
-	(*GetUsageRequest)(nil),        // 32: llmrelay.v1.GetUsageRequest
-	(*UsageRecord)(nil),            // 33: llmrelay.v1.UsageRecord
-	(*GetUsageResponse)(nil),       // 34: llmrelay.v1.GetUsageResponse
-	(*structpb.Struct)(nil),        // 35: google.protobuf.Struct
-	(*durationpb.Duration)(nil),    // 36: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),  // 37: google.protobuf.Timestamp
+	(*Cost)(nil),                   // 19: llmrelay.v1.Cost
+	(*Attempt)(nil),                // 20: llmrelay.v1.Attempt
+	(*CompleteRequest)(nil),        // 21: llmrelay.v1.CompleteRequest
+	(*CompleteResponse)(nil),       // 22: llmrelay.v1.CompleteResponse
+	(*StreamCompleteRequest)(nil),  // 23: llmrelay.v1.StreamCompleteRequest
+	(*StreamRestart)(nil),          // 24: llmrelay.v1.StreamRestart
+	(*ToolCallDelta)(nil),          // 25: llmrelay.v1.ToolCallDelta
+	(*MessageDelta)(nil),           // 26: llmrelay.v1.MessageDelta
+	(*StreamCompleteResponse)(nil), // 27: llmrelay.v1.StreamCompleteResponse
+	(*CountTokensRequest)(nil),     // 28: llmrelay.v1.CountTokensRequest
+	(*CountTokensResponse)(nil),    // 29: llmrelay.v1.CountTokensResponse
+	(*HealthRequest)(nil),          // 30: llmrelay.v1.HealthRequest
+	(*BackendHealth)(nil),          // 31: llmrelay.v1.BackendHealth
+	(*HealthResponse)(nil),         // 32: llmrelay.v1.HealthResponse
+	(*GetUsageRequest)(nil),        // 33: llmrelay.v1.GetUsageRequest
+	(*UsageRecord)(nil),            // 34: llmrelay.v1.UsageRecord
+	(*GetUsageResponse)(nil),       // 35: llmrelay.v1.GetUsageResponse
+	(*structpb.Struct)(nil),        // 36: google.protobuf.Struct
+	(*durationpb.Duration)(nil),    // 37: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),  // 38: google.protobuf.Timestamp
 }
 var file_llmrelay_v1_llmrelay_proto_depIdxs = []int32{
 	9,  // 0: llmrelay.v1.ToolCall.function:type_name -> llmrelay.v1.FunctionCall
 	0,  // 1: llmrelay.v1.Message.role:type_name -> llmrelay.v1.Role
 	10, // 2: llmrelay.v1.Message.tool_calls:type_name -> llmrelay.v1.ToolCall
-	35, // 3: llmrelay.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
+	36, // 3: llmrelay.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
 	12, // 4: llmrelay.v1.Tool.function:type_name -> llmrelay.v1.FunctionDefinition
 	2,  // 5: llmrelay.v1.ToolChoice.mode:type_name -> llmrelay.v1.ToolChoiceMode
-	35, // 6: llmrelay.v1.JsonSchema.schema:type_name -> google.protobuf.Struct
+	36, // 6: llmrelay.v1.JsonSchema.schema:type_name -> google.protobuf.Struct
 	3,  // 7: llmrelay.v1.ResponseFormat.type:type_name -> llmrelay.v1.ResponseFormatType
 	15, // 8: llmrelay.v1.ResponseFormat.json_schema:type_name -> llmrelay.v1.JsonSchema
 	16, // 9: llmrelay.v1.CompletionOptions.response_format:type_name -> llmrelay.v1.ResponseFormat
 	13, // 10: llmrelay.v1.CompletionOptions.tools:type_name -> llmrelay.v1.Tool
 	14, // 11: llmrelay.v1.CompletionOptions.tool_choice:type_name -> llmrelay.v1.ToolChoice
 	4,  // 12: llmrelay.v1.CompletionOptions.reasoning_effort:type_name -> llmrelay.v1.ReasoningEffort
-	5,  // 13: llmrelay.v1.Attempt.outcome:type_name -> llmrelay.v1.AttemptOutcome
-	36, // 14: llmrelay.v1.Attempt.duration:type_name -> google.protobuf.Duration
-	11, // 15: llmrelay.v1.CompleteRequest.messages:type_name -> llmrelay.v1.Message
-	17, // 16: llmrelay.v1.CompleteRequest.options:type_name -> llmrelay.v1.CompletionOptions
-	11, // 17: llmrelay.v1.CompleteResponse.message:type_name -> llmrelay.v1.Message
-	1,  // 18: llmrelay.v1.CompleteResponse.finish_reason:type_name -> llmrelay.v1.FinishReason
-	18, // 19: llmrelay.v1.CompleteResponse.usage:type_name -> llmrelay.v1.Usage
-	19, // 20: llmrelay.v1.CompleteResponse.attempts:type_name -> llmrelay.v1.Attempt
-	11, // 21: llmrelay.v1.StreamCompleteRequest.messages:type_name -> llmrelay.v1.Message
-	17, // 22: llmrelay.v1.StreamCompleteRequest.options:type_name -> llmrelay.v1.CompletionOptions
-	6,  // 23: llmrelay.v1.StreamCompleteRequest.on_interrupt:type_name -> llmrelay.v1.InterruptPolicy
-	19, // 24: llmrelay.v1.StreamRestart.attempts:type_name -> llmrelay.v1.Attempt
-	18, // 25: llmrelay.v1.StreamRestart.usage:type_name -> llmrelay.v1.Usage
-	24, // 26: llmrelay.v1.MessageDelta.tool_calls:type_name -> llmrelay.v1.ToolCallDelta
-	25, // 27: llmrelay.v1.StreamCompleteResponse.delta:type_name -> llmrelay.v1.MessageDelta
-	1,  // 28: llmrelay.v1.StreamCompleteResponse.finish_reason:type_name -> llmrelay.v1.FinishReason
-	18, // 29: llmrelay.v1.StreamCompleteResponse.usage:type_name -> llmrelay.v1.Usage
-	19, // 30: llmrelay.v1.StreamCompleteResponse.attempts:type_name -> llmrelay.v1.Attempt
-	23, // 31: llmrelay.v1.StreamCompleteResponse.restart:type_name -> llmrelay.v1.StreamRestart
-	11, // 32: llmrelay.v1.CountTokensRequest.messages:type_name -> llmrelay.v1.Message
-	13, // 33: llmrelay.v1.CountTokensRequest.tools:type_name -> llmrelay.v1.Tool
-	36, // 34: llmrelay.v1.BackendHealth.latency:type_name -> google.protobuf.Duration
-	37, // 35: llmrelay.v1.BackendHealth.checked_at:type_name -> google.protobuf.Timestamp
-	8,  // 36: llmrelay.v1.BackendHealth.circuit_state:type_name -> llmrelay.v1.CircuitState
-	30, // 37: llmrelay.v1.HealthResponse.backends:type_name -> llmrelay.v1.BackendHealth
-	37, // 38: llmrelay.v1.GetUsageRequest.start_time:type_name -> google.protobuf.Timestamp
-	37, // 39: llmrelay.v1.GetUsageRequest.end_time:type_name -> google.protobuf.Timestamp
-	33, // 40: llmrelay.v1.GetUsageResponse.records:type_name -> llmrelay.v1.UsageRecord
-	20, // 41: llmrelay.v1.LLMService.Complete:input_type -> llmrelay.v1.CompleteRequest
-	22, // 42: llmrelay.v1.LLMService.StreamComplete:input_type -> llmrelay.v1.StreamCompleteRequest
-	27, // 43: llmrelay.v1.LLMService.CountTokens:input_type -> llmrelay.v1.CountTokensRequest
-	29, // 44: llmrelay.v1.LLMService.Health:input_type -> llmrelay.v1.HealthRequest
-	32, // 45: llmrelay.v1.LLMService.GetUsage:input_type -> llmrelay.v1.GetUsageRequest
-	21, // 46: llmrelay.v1.LLMService.Complete:output_type -> llmrelay.v1.CompleteResponse
-	26, // 47: llmrelay.v1.LLMService.StreamComplete:output_type -> llmrelay.v1.StreamCompleteResponse
-	28, // 48: llmrelay.v1.LLMService.CountTokens:output_type -> llmrelay.v1.CountTokensResponse
-	31, // 49: llmrelay.v1.LLMService.Health:output_type -> llmrelay.v1.HealthResponse
-	34, // 50: llmrelay.v1.LLMService.GetUsage:output_type -> llmrelay.v1.GetUsageResponse
-	46, // [46:51] is the sub-list for method output_type
-	41, // [41:46] is the sub-list for method input_type
-	41, // [41:41] is the sub-list for extension type_name
-	41, // [41:41] is the sub-list for extension extendee
-	0,  // [0:41] is the sub-list for field type_name
+	19, // 13: llmrelay.v1.Usage.cost:type_name -> llmrelay.v1.Cost
+	5,  // 14: llmrelay.v1.Attempt.outcome:type_name -> llmrelay.v1.AttemptOutcome
+	37, // 15: llmrelay.v1.Attempt.duration:type_name -> google.protobuf.Duration
+	11, // 16: llmrelay.v1.CompleteRequest.messages:type_name -> llmrelay.v1.Message
+	17, // 17: llmrelay.v1.CompleteRequest.options:type_name -> llmrelay.v1.CompletionOptions
+	11, // 18: llmrelay.v1.CompleteResponse.message:type_name -> llmrelay.v1.Message
+	1,  // 19: llmrelay.v1.CompleteResponse.finish_reason:type_name -> llmrelay.v1.FinishReason
+	18, // 20: llmrelay.v1.CompleteResponse.usage:type_name -> llmrelay.v1.Usage
+	20, // 21: llmrelay.v1.CompleteResponse.attempts:type_name -> llmrelay.v1.Attempt
+	11, // 22: llmrelay.v1.StreamCompleteRequest.messages:type_name -> llmrelay.v1.Message
+	17, // 23: llmrelay.v1.StreamCompleteRequest.options:type_name -> llmrelay.v1.CompletionOptions
+	6,  // 24: llmrelay.v1.StreamCompleteRequest.on_interrupt:type_name -> llmrelay.v1.InterruptPolicy
+	20, // 25: llmrelay.v1.StreamRestart.attempts:type_name -> llmrelay.v1.Attempt
+	18, // 26: llmrelay.v1.StreamRestart.usage:type_name -> llmrelay.v1.Usage
+	25, // 27: llmrelay.v1.MessageDelta.tool_calls:type_name -> llmrelay.v1.ToolCallDelta
+	26, // 28: llmrelay.v1.StreamCompleteResponse.delta:type_name -> llmrelay.v1.MessageDelta
+	1,  // 29: llmrelay.v1.StreamCompleteResponse.finish_reason:type_name -> llmrelay.v1.FinishReason
+	18, // 30: llmrelay.v1.StreamCompleteResponse.usage:type_name -> llmrelay.v1.Usage
+	20, // 31: llmrelay.v1.StreamCompleteResponse.attempts:type_name -> llmrelay.v1.Attempt
+	24, // 32: llmrelay.v1.StreamCompleteResponse.restart:type_name -> llmrelay.v1.StreamRestart
+	11, // 33: llmrelay.v1.CountTokensRequest.messages:type_name -> llmrelay.v1.Message
+	13, // 34: llmrelay.v1.CountTokensRequest.tools:type_name -> llmrelay.v1.Tool
+	37, // 35: llmrelay.v1.BackendHealth.latency:type_name -> google.protobuf.Duration
+	38, // 36: llmrelay.v1.BackendHealth.checked_at:type_name -> google.protobuf.Timestamp
+	8,  // 37: llmrelay.v1.BackendHealth.circuit_state:type_name -> llmrelay.v1.CircuitState
+	31, // 38: llmrelay.v1.HealthResponse.backends:type_name -> llmrelay.v1.BackendHealth
+	38, // 39: llmrelay.v1.GetUsageRequest.start_time:type_name -> google.protobuf.Timestamp
+	38, // 40: llmrelay.v1.GetUsageRequest.end_time:type_name -> google.protobuf.Timestamp
+	19, // 41: llmrelay.v1.UsageRecord.cost:type_name -> llmrelay.v1.Cost
+	34, // 42: llmrelay.v1.GetUsageResponse.records:type_name -> llmrelay.v1.UsageRecord
+	21, // 43: llmrelay.v1.LLMService.Complete:input_type -> llmrelay.v1.CompleteRequest
+	23, // 44: llmrelay.v1.LLMService.StreamComplete:input_type -> llmrelay.v1.StreamCompleteRequest
+	28, // 45: llmrelay.v1.LLMService.CountTokens:input_type -> llmrelay.v1.CountTokensRequest
+	30, // 46: llmrelay.v1.LLMService.Health:input_type -> llmrelay.v1.HealthRequest
+	33, // 47: llmrelay.v1.LLMService.GetUsage:input_type -> llmrelay.v1.GetUsageRequest
+	22, // 48: llmrelay.v1.LLMService.Complete:output_type -> llmrelay.v1.CompleteResponse
+	27, // 49: llmrelay.v1.LLMService.StreamComplete:output_type -> llmrelay.v1.StreamCompleteResponse
+	29, // 50: llmrelay.v1.LLMService.CountTokens:output_type -> llmrelay.v1.CountTokensResponse
+	32, // 51: llmrelay.v1.LLMService.Health:output_type -> llmrelay.v1.HealthResponse
+	35, // 52: llmrelay.v1.LLMService.GetUsage:output_type -> llmrelay.v1.GetUsageResponse
+	48, // [48:53] is the sub-list for method output_type
+	43, // [43:48] is the sub-list for method input_type
+	43, // [43:43] is the sub-list for extension type_name
+	43, // [43:43] is the sub-list for extension extendee
+	0,  // [0:43] is the sub-list for field type_name
 }
 
 func init() { file_llmrelay_v1_llmrelay_proto_init() }
@@ -3101,21 +3225,21 @@ func file_llmrelay_v1_llmrelay_proto_init() {
 	file_llmrelay_v1_llmrelay_proto_msgTypes[6].OneofWrappers = []any{}
 	file_llmrelay_v1_llmrelay_proto_msgTypes[8].OneofWrappers = []any{}
 	file_llmrelay_v1_llmrelay_proto_msgTypes[9].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[10].OneofWrappers = []any{}
 	file_llmrelay_v1_llmrelay_proto_msgTypes[11].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[13].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[15].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[12].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[14].OneofWrappers = []any{}
 	file_llmrelay_v1_llmrelay_proto_msgTypes[16].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[18].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[21].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[23].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[17].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[19].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[22].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[24].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_llmrelay_v1_llmrelay_proto_rawDesc), len(file_llmrelay_v1_llmrelay_proto_rawDesc)),
 			NumEnums:      9,
-			NumMessages:   26,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

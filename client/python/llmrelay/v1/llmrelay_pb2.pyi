@@ -313,6 +313,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The gateway is shutting down and takes no new calls; RetryInfo says when to try again (another instance). A
     stream cut by the shutdown ends with ABORTED and this reason.
     """
+    ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 14
+    """UNAUTHENTICATED: the call carries no `authorization: Bearer KEY` metadata, or a key the gateway does not know."""
+    ERROR_REASON_MODEL_NOT_ALLOWED: _ErrorReason.ValueType  # 15
+    """PERMISSION_DENIED: the caller's key may not use the requested model; the metadata names the key and the model."""
+    ERROR_REASON_REQUESTS_PER_MINUTE_EXCEEDED: _ErrorReason.ValueType  # 16
+    """RESOURCE_EXHAUSTED: the requests-per-minute limit; QuotaFailure says whose, RetryInfo when a request fits again."""
+    ERROR_REASON_TOKENS_PER_MINUTE_EXCEEDED: _ErrorReason.ValueType  # 17
+    """RESOURCE_EXHAUSTED: the tokens-per-minute limit (prompt plus completion, reserved at admission)."""
+    ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED: _ErrorReason.ValueType  # 18
+    """RESOURCE_EXHAUSTED: the limit of streams open at once."""
+    ERROR_REASON_BUDGET_EXCEEDED: _ErrorReason.ValueType  # 19
+    """RESOURCE_EXHAUSTED: the spend budget of the day (UTC); RetryInfo says when the day ends."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The reason in the google.rpc.ErrorInfo of a failed call (as its name without the ERROR_REASON_ prefix)."""
@@ -347,6 +359,18 @@ ERROR_REASON_SHUTTING_DOWN: ErrorReason.ValueType  # 13
 """The gateway is shutting down and takes no new calls; RetryInfo says when to try again (another instance). A
 stream cut by the shutdown ends with ABORTED and this reason.
 """
+ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 14
+"""UNAUTHENTICATED: the call carries no `authorization: Bearer KEY` metadata, or a key the gateway does not know."""
+ERROR_REASON_MODEL_NOT_ALLOWED: ErrorReason.ValueType  # 15
+"""PERMISSION_DENIED: the caller's key may not use the requested model; the metadata names the key and the model."""
+ERROR_REASON_REQUESTS_PER_MINUTE_EXCEEDED: ErrorReason.ValueType  # 16
+"""RESOURCE_EXHAUSTED: the requests-per-minute limit; QuotaFailure says whose, RetryInfo when a request fits again."""
+ERROR_REASON_TOKENS_PER_MINUTE_EXCEEDED: ErrorReason.ValueType  # 17
+"""RESOURCE_EXHAUSTED: the tokens-per-minute limit (prompt plus completion, reserved at admission)."""
+ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED: ErrorReason.ValueType  # 18
+"""RESOURCE_EXHAUSTED: the limit of streams open at once."""
+ERROR_REASON_BUDGET_EXCEEDED: ErrorReason.ValueType  # 19
+"""RESOURCE_EXHAUSTED: the spend budget of the day (UTC); RetryInfo says when the day ends."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 class _CircuitState:
@@ -765,6 +789,7 @@ class Usage(_message.Message):
     ESTIMATED_FIELD_NUMBER: _builtins.int
     REASONING_TOKENS_FIELD_NUMBER: _builtins.int
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
     """Tokens in the prompt."""
     completion_tokens: _builtins.int
@@ -777,6 +802,10 @@ class Usage(_message.Message):
     """Of completion_tokens, those spent on reasoning, where the upstream reports them."""
     cached_prompt_tokens: _builtins.int
     """Of prompt_tokens, those served from the upstream's prompt cache, where the upstream reports them."""
+    @_builtins.property
+    def cost(self) -> Global___Cost:
+        """What these tokens cost."""
+
     def __init__(
         self,
         *,
@@ -786,10 +815,11 @@ class Usage(_message.Message):
         estimated: _builtins.bool = ...,
         reasoning_tokens: _builtins.int | None = ...,
         cached_prompt_tokens: _builtins.int | None = ...,
+        cost: Global___Cost | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_cached_prompt_tokens", b"_cached_prompt_tokens", "_reasoning_tokens", b"_reasoning_tokens", "cached_prompt_tokens", b"cached_prompt_tokens", "reasoning_tokens", b"reasoning_tokens"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cached_prompt_tokens", b"_cached_prompt_tokens", "_reasoning_tokens", b"_reasoning_tokens", "cached_prompt_tokens", b"cached_prompt_tokens", "cost", b"cost", "reasoning_tokens", b"reasoning_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cached_prompt_tokens", b"_cached_prompt_tokens", "_reasoning_tokens", b"_reasoning_tokens", "cached_prompt_tokens", b"cached_prompt_tokens", "completion_tokens", b"completion_tokens", "estimated", b"estimated", "prompt_tokens", b"prompt_tokens", "reasoning_tokens", b"reasoning_tokens", "total_tokens", b"total_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cached_prompt_tokens", b"_cached_prompt_tokens", "_reasoning_tokens", b"_reasoning_tokens", "cached_prompt_tokens", b"cached_prompt_tokens", "completion_tokens", b"completion_tokens", "cost", b"cost", "estimated", b"estimated", "prompt_tokens", b"prompt_tokens", "reasoning_tokens", b"reasoning_tokens", "total_tokens", b"total_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cached_prompt_tokens: _TypeAlias = _typing.Literal["cached_prompt_tokens"]  # noqa: Y015
     _WhichOneofArgType__cached_prompt_tokens: _TypeAlias = _typing.Literal["_cached_prompt_tokens", b"_cached_prompt_tokens"]  # noqa: Y015
@@ -801,6 +831,38 @@ class Usage(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__reasoning_tokens) -> _WhichOneofReturnType__reasoning_tokens | None: ...
 
 Global___Usage: _TypeAlias = Usage  # noqa: Y015
+
+@_typing.final
+class Cost(_message.Message):
+    """An amount of money spent on tokens, in US dollars."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USD_MICROS_FIELD_NUMBER: _builtins.int
+    ESTIMATED_FIELD_NUMBER: _builtins.int
+    PRICE_UNKNOWN_FIELD_NUMBER: _builtins.int
+    usd_micros: _builtins.int
+    """The amount in millionths of a US dollar (micro-USD): 1 USD is 1000000."""
+    estimated: _builtins.bool
+    """True when the amount is not exact: the tokens were counted by the gateway, or the model has no known price."""
+    price_unknown: _builtins.bool
+    """True when the model has no known price on a paid backend: usd_micros is then the configured default rate's
+    figure, which budgets count, and not a price the upstream bills.
+    """
+    def __init__(
+        self,
+        *,
+        usd_micros: _builtins.int = ...,
+        estimated: _builtins.bool = ...,
+        price_unknown: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated", b"estimated", "price_unknown", b"price_unknown", "usd_micros", b"usd_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Cost: _TypeAlias = Cost  # noqa: Y015
 
 @_typing.final
 class Attempt(_message.Message):
@@ -1439,6 +1501,7 @@ class UsageRecord(_message.Message):
     TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
     ESTIMATED_REQUESTS_FIELD_NUMBER: _builtins.int
     INTERRUPTED_REQUESTS_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
     backend: _builtins.str
     """The backend that served."""
     model: _builtins.str
@@ -1457,6 +1520,10 @@ class UsageRecord(_message.Message):
     """Of requests, those whose usage was estimated by the gateway."""
     interrupted_requests: _builtins.int
     """Of requests, streams that broke after they had started: what they consumed is billed (and estimated)."""
+    @_builtins.property
+    def cost(self) -> Global___Cost:
+        """What the requests cost."""
+
     def __init__(
         self,
         *,
@@ -1469,10 +1536,11 @@ class UsageRecord(_message.Message):
         total_tokens: _builtins.int = ...,
         estimated_requests: _builtins.int = ...,
         interrupted_requests: _builtins.int = ...,
+        cost: Global___Cost | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "caller", b"caller", "completion_tokens", b"completion_tokens", "estimated_requests", b"estimated_requests", "interrupted_requests", b"interrupted_requests", "model", b"model", "prompt_tokens", b"prompt_tokens", "requests", b"requests", "total_tokens", b"total_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "caller", b"caller", "completion_tokens", b"completion_tokens", "cost", b"cost", "estimated_requests", b"estimated_requests", "interrupted_requests", b"interrupted_requests", "model", b"model", "prompt_tokens", b"prompt_tokens", "requests", b"requests", "total_tokens", b"total_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -503,6 +503,18 @@ export enum ErrorReason {
    * stream cut by the shutdown ends with ABORTED and this reason.
    */
   ERROR_REASON_SHUTTING_DOWN = 13,
+  /** ERROR_REASON_UNAUTHENTICATED - UNAUTHENTICATED: the call carries no `authorization: Bearer KEY` metadata, or a key the gateway does not know. */
+  ERROR_REASON_UNAUTHENTICATED = 14,
+  /** ERROR_REASON_MODEL_NOT_ALLOWED - PERMISSION_DENIED: the caller's key may not use the requested model; the metadata names the key and the model. */
+  ERROR_REASON_MODEL_NOT_ALLOWED = 15,
+  /** ERROR_REASON_REQUESTS_PER_MINUTE_EXCEEDED - RESOURCE_EXHAUSTED: the requests-per-minute limit; QuotaFailure says whose, RetryInfo when a request fits again. */
+  ERROR_REASON_REQUESTS_PER_MINUTE_EXCEEDED = 16,
+  /** ERROR_REASON_TOKENS_PER_MINUTE_EXCEEDED - RESOURCE_EXHAUSTED: the tokens-per-minute limit (prompt plus completion, reserved at admission). */
+  ERROR_REASON_TOKENS_PER_MINUTE_EXCEEDED = 17,
+  /** ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED - RESOURCE_EXHAUSTED: the limit of streams open at once. */
+  ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED = 18,
+  /** ERROR_REASON_BUDGET_EXCEEDED - RESOURCE_EXHAUSTED: the spend budget of the day (UTC); RetryInfo says when the day ends. */
+  ERROR_REASON_BUDGET_EXCEEDED = 19,
   UNRECOGNIZED = -1,
 }
 
@@ -550,6 +562,24 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 13:
     case "ERROR_REASON_SHUTTING_DOWN":
       return ErrorReason.ERROR_REASON_SHUTTING_DOWN;
+    case 14:
+    case "ERROR_REASON_UNAUTHENTICATED":
+      return ErrorReason.ERROR_REASON_UNAUTHENTICATED;
+    case 15:
+    case "ERROR_REASON_MODEL_NOT_ALLOWED":
+      return ErrorReason.ERROR_REASON_MODEL_NOT_ALLOWED;
+    case 16:
+    case "ERROR_REASON_REQUESTS_PER_MINUTE_EXCEEDED":
+      return ErrorReason.ERROR_REASON_REQUESTS_PER_MINUTE_EXCEEDED;
+    case 17:
+    case "ERROR_REASON_TOKENS_PER_MINUTE_EXCEEDED":
+      return ErrorReason.ERROR_REASON_TOKENS_PER_MINUTE_EXCEEDED;
+    case 18:
+    case "ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED":
+      return ErrorReason.ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED;
+    case 19:
+    case "ERROR_REASON_BUDGET_EXCEEDED":
+      return ErrorReason.ERROR_REASON_BUDGET_EXCEEDED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -587,6 +617,18 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_ANSWER_TOO_LARGE";
     case ErrorReason.ERROR_REASON_SHUTTING_DOWN:
       return "ERROR_REASON_SHUTTING_DOWN";
+    case ErrorReason.ERROR_REASON_UNAUTHENTICATED:
+      return "ERROR_REASON_UNAUTHENTICATED";
+    case ErrorReason.ERROR_REASON_MODEL_NOT_ALLOWED:
+      return "ERROR_REASON_MODEL_NOT_ALLOWED";
+    case ErrorReason.ERROR_REASON_REQUESTS_PER_MINUTE_EXCEEDED:
+      return "ERROR_REASON_REQUESTS_PER_MINUTE_EXCEEDED";
+    case ErrorReason.ERROR_REASON_TOKENS_PER_MINUTE_EXCEEDED:
+      return "ERROR_REASON_TOKENS_PER_MINUTE_EXCEEDED";
+    case ErrorReason.ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED:
+      return "ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED";
+    case ErrorReason.ERROR_REASON_BUDGET_EXCEEDED:
+      return "ERROR_REASON_BUDGET_EXCEEDED";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -794,7 +836,24 @@ export interface Usage {
     | number
     | undefined;
   /** Of prompt_tokens, those served from the upstream's prompt cache, where the upstream reports them. */
-  cachedPromptTokens?: number | undefined;
+  cachedPromptTokens?:
+    | number
+    | undefined;
+  /** What these tokens cost. */
+  cost: Cost | undefined;
+}
+
+/** An amount of money spent on tokens, in US dollars. */
+export interface Cost {
+  /** The amount in millionths of a US dollar (micro-USD): 1 USD is 1000000. */
+  usdMicros: number;
+  /** True when the amount is not exact: the tokens were counted by the gateway, or the model has no known price. */
+  estimated: boolean;
+  /**
+   * True when the model has no known price on a paid backend: usd_micros is then the configured default rate's
+   * figure, which budgets count, and not a price the upstream bills.
+   */
+  priceUnknown: boolean;
 }
 
 /** One attempt to get the answer from one backend. */
@@ -1068,6 +1127,8 @@ export interface UsageRecord {
   estimatedRequests: number;
   /** Of requests, streams that broke after they had started: what they consumed is billed (and estimated). */
   interruptedRequests: number;
+  /** What the requests cost. */
+  cost: Cost | undefined;
 }
 
 /** Usage totals matching a request. */
@@ -2190,6 +2251,7 @@ function createBaseUsage(): Usage {
     estimated: false,
     reasoningTokens: undefined,
     cachedPromptTokens: undefined,
+    cost: undefined,
   };
 }
 
@@ -2212,6 +2274,9 @@ export const Usage: MessageFns<Usage> = {
     }
     if (message.cachedPromptTokens !== undefined) {
       writer.uint32(48).int32(message.cachedPromptTokens);
+    }
+    if (message.cost !== undefined) {
+      Cost.encode(message.cost, writer.uint32(58).fork()).join();
     }
     return writer;
   },
@@ -2277,6 +2342,14 @@ export const Usage: MessageFns<Usage> = {
             message.cachedPromptTokens = reader.int32();
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.cost = Cost.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2317,6 +2390,7 @@ export const Usage: MessageFns<Usage> = {
         : isSet(object.cached_prompt_tokens)
         ? globalThis.Number(object.cached_prompt_tokens)
         : undefined,
+      cost: isSet(object.cost) ? Cost.fromJSON(object.cost) : undefined,
     };
   },
 
@@ -2340,6 +2414,9 @@ export const Usage: MessageFns<Usage> = {
     if (message.cachedPromptTokens !== undefined) {
       obj.cachedPromptTokens = Math.round(message.cachedPromptTokens);
     }
+    if (message.cost !== undefined) {
+      obj.cost = Cost.toJSON(message.cost);
+    }
     return obj;
   },
 
@@ -2354,6 +2431,116 @@ export const Usage: MessageFns<Usage> = {
     message.estimated = object.estimated ?? false;
     message.reasoningTokens = object.reasoningTokens ?? undefined;
     message.cachedPromptTokens = object.cachedPromptTokens ?? undefined;
+    message.cost = (object.cost !== undefined && object.cost !== null) ? Cost.fromPartial(object.cost) : undefined;
+    return message;
+  },
+};
+
+function createBaseCost(): Cost {
+  return { usdMicros: 0, estimated: false, priceUnknown: false };
+}
+
+export const Cost: MessageFns<Cost> = {
+  encode(message: Cost, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.usdMicros !== 0) {
+      writer.uint32(8).int64(message.usdMicros);
+    }
+    if (message.estimated !== false) {
+      writer.uint32(16).bool(message.estimated);
+    }
+    if (message.priceUnknown !== false) {
+      writer.uint32(24).bool(message.priceUnknown);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Cost {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCost();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.usdMicros = longToNumber(reader.int64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.estimated = reader.bool();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.priceUnknown = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Cost {
+    return {
+      usdMicros: isSet(object.usdMicros)
+        ? globalThis.Number(object.usdMicros)
+        : isSet(object.usd_micros)
+        ? globalThis.Number(object.usd_micros)
+        : 0,
+      estimated: isSet(object.estimated) ? globalThis.Boolean(object.estimated) : false,
+      priceUnknown: isSet(object.priceUnknown)
+        ? globalThis.Boolean(object.priceUnknown)
+        : isSet(object.price_unknown)
+        ? globalThis.Boolean(object.price_unknown)
+        : false,
+    };
+  },
+
+  toJSON(message: Cost): unknown {
+    const obj: any = {};
+    if (message.usdMicros !== 0) {
+      obj.usdMicros = Math.round(message.usdMicros);
+    }
+    if (message.estimated !== false) {
+      obj.estimated = message.estimated;
+    }
+    if (message.priceUnknown !== false) {
+      obj.priceUnknown = message.priceUnknown;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<Cost>, I>>(base?: I): Cost {
+    return Cost.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Cost>, I>>(object: I): Cost {
+    const message = createBaseCost();
+    message.usdMicros = object.usdMicros ?? 0;
+    message.estimated = object.estimated ?? false;
+    message.priceUnknown = object.priceUnknown ?? false;
     return message;
   },
 };
@@ -4277,6 +4464,7 @@ function createBaseUsageRecord(): UsageRecord {
     totalTokens: 0,
     estimatedRequests: 0,
     interruptedRequests: 0,
+    cost: undefined,
   };
 }
 
@@ -4308,6 +4496,9 @@ export const UsageRecord: MessageFns<UsageRecord> = {
     }
     if (message.interruptedRequests !== 0) {
       writer.uint32(72).int64(message.interruptedRequests);
+    }
+    if (message.cost !== undefined) {
+      Cost.encode(message.cost, writer.uint32(82).fork()).join();
     }
     return writer;
   },
@@ -4397,6 +4588,14 @@ export const UsageRecord: MessageFns<UsageRecord> = {
             message.interruptedRequests = longToNumber(reader.int64());
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.cost = Cost.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4440,6 +4639,7 @@ export const UsageRecord: MessageFns<UsageRecord> = {
         : isSet(object.interrupted_requests)
         ? globalThis.Number(object.interrupted_requests)
         : 0,
+      cost: isSet(object.cost) ? Cost.fromJSON(object.cost) : undefined,
     };
   },
 
@@ -4472,6 +4672,9 @@ export const UsageRecord: MessageFns<UsageRecord> = {
     if (message.interruptedRequests !== 0) {
       obj.interruptedRequests = Math.round(message.interruptedRequests);
     }
+    if (message.cost !== undefined) {
+      obj.cost = Cost.toJSON(message.cost);
+    }
     return obj;
   },
 
@@ -4489,6 +4692,7 @@ export const UsageRecord: MessageFns<UsageRecord> = {
     message.totalTokens = object.totalTokens ?? 0;
     message.estimatedRequests = object.estimatedRequests ?? 0;
     message.interruptedRequests = object.interruptedRequests ?? 0;
+    message.cost = (object.cost !== undefined && object.cost !== null) ? Cost.fromPartial(object.cost) : undefined;
     return message;
   },
 };
