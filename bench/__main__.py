@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import os
 import socket
 import statistics
@@ -119,16 +120,16 @@ def sdk_calls(client: openai.AsyncOpenAI) -> dict[str, Call]:
     return {"unary": unary, "stream": stream}
 
 
-def gateway_calls(stub: pb.LLMServiceAsyncStub) -> dict[str, Call]:
+def gateway_calls(stub: pb.LLMServiceAsyncStub, metadata: Sequence[tuple[str, str]] = ()) -> dict[str, Call]:
     """The same chat, unary and streaming, through llmrelay's gRPC contract."""
     request = pb.CompleteRequest(model="tiny", messages=[pb.Message(role=pb.ROLE_USER, content=PROMPT)])
     stream_request = pb.StreamCompleteRequest(model=request.model, messages=request.messages)
 
     async def unary() -> None:
-        await stub.Complete(request, timeout=10)
+        await stub.Complete(request, timeout=10, metadata=metadata)
 
     async def stream() -> None:
-        async for _ in stub.StreamComplete(stream_request, timeout=10):
+        async for _ in stub.StreamComplete(stream_request, timeout=10, metadata=metadata):
             pass
 
     return {"unary": unary, "stream": stream}
@@ -177,12 +178,29 @@ def start_upstream(port: int) -> subprocess.Popen[str]:
     return start([sys.executable, str(ROOT / "tests" / "upstream.py"), "--listen", listen], "upstream listening on")
 
 
-def start_gateway(scratch: Path, upstream_port: int, gateway_port: int) -> subprocess.Popen[str]:
-    """`llmrelay-server` in front of the loopback upstream, with no configuration from the environment."""
-    config = scratch / "llmrelay.yaml"
+# The gateway with callers authenticated and limited: one key, every kind of limit, none of them reached.
+BENCH_KEY = "llmr-bench-0123456789abcdefghijklmnopq"
+KEYED = f"""
+auth:
+  keys:
+    - name: bench
+      sha256: "{hashlib.sha256(BENCH_KEY.encode()).hexdigest()}"
+      models: ["tiny", "ollama/*"]
+      limits: {{requests_per_minute: 10000000, tokens_per_minute: 1000000000, concurrent_streams: 1000,
+               budget_usd_per_day: 1000000}}
+"""
+
+
+def start_gateway(
+    scratch: Path, upstream_port: int, gateway_port: int, name: str = "gateway", extra: str = ""
+) -> subprocess.Popen[str]:
+    """`llmrelay-server` in front of the loopback upstream, with no configuration from the environment; `extra` adds
+    to its YAML (with keys, gateway-wide limits come too, so that both interceptors' work is measured)."""
+    config = scratch / f"{name}.yaml"
+    limits = ", limits: {requests_per_minute: 100000000}" if extra else ""
     config.write_text(
-        f'server: {{usage_db: "{scratch}/usage.db"}}\n'
-        f'llm:\n  ollama: {{base_url: "http://127.0.0.1:{upstream_port}/v1", model: tiny}}\n'
+        f'server: {{usage_db: "{scratch}/{name}.db"{limits}}}\n'
+        f'llm:\n  ollama: {{base_url: "http://127.0.0.1:{upstream_port}/v1", model: tiny}}\n{extra}'
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OLLAMA_", "LLMRELAY_"))}
     command = [str(BIN / "llmrelay-server"), "--listen", f"127.0.0.1:{gateway_port}", "--config", str(config)]
@@ -195,23 +213,29 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
 
-    upstream_port, gateway_port = free_port(), free_port()
+    upstream_port, gateway_port, keyed_port = free_port(), free_port(), free_port()
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as running:
         upstream = start_upstream(upstream_port)
         running.callback(stop, upstream)
-        gateway = start_gateway(Path(scratch), upstream_port, gateway_port)
+        gateway = start_gateway(Path(scratch), upstream_port, gateway_port, "open")
         running.callback(stop, gateway)
+        keyed = start_gateway(Path(scratch), upstream_port, keyed_port, "keyed", KEYED)
+        running.callback(stop, keyed)
         await asyncio.sleep(1.0)
-        await report(upstream.pid, gateway.pid, upstream_port, gateway_port, args.requests, args.concurrency)
+        ports = {"upstream": upstream_port, "gateway": gateway_port, "keyed": keyed_port}
+        pids = {"upstream": upstream.pid, "gateway": gateway.pid, "keyed": keyed.pid}
+        await report(pids, ports, args.requests, args.concurrency)
 
 
-async def report(
-    upstream_pid: int, gateway_pid: int, upstream_port: int, gateway_port: int, requests: int, concurrency: int
-) -> None:
-    direct = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{upstream_port}/v1", api_key="bench", max_retries=0)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway_port}")
-    paths = {"direct": sdk_calls(direct), "gateway": gateway_calls(pb.LLMServiceStub(channel))}
-    pids = {"upstream": [upstream_pid], "gateway": [gateway_pid]}
+async def report(pids_by_name: Mapping[str, int], ports: Mapping[str, int], requests: int, concurrency: int) -> None:
+    direct = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{ports['upstream']}/v1", api_key="bench", max_retries=0)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{ports['gateway']}")
+    keyed_channel = grpc.aio.insecure_channel(f"127.0.0.1:{ports['keyed']}")
+    keyed_calls = gateway_calls(pb.LLMServiceStub(keyed_channel), [("authorization", f"Bearer {BENCH_KEY}")])
+    paths = {"direct": sdk_calls(direct), "gateway": gateway_calls(pb.LLMServiceStub(channel)), "keyed": keyed_calls}
+    servers = {"direct": None, "gateway": "gateway", "keyed": "keyed"}
+    pids = {name: [pid] for name, pid in pids_by_name.items()}
+    gateway_pid = pids_by_name["gateway"]
     rss_idle = rss_mib(gateway_pid)
     print(f"llmrelay bench: {requests} requests, concurrency {concurrency}, loopback upstream in its own process\n")
     print_header()
@@ -220,7 +244,7 @@ async def report(
         for path, calls in paths.items():
             name = f"{path} {kind}"
             results[name] = await measure(calls[kind], requests, concurrency, pids)
-            print_row(name, results[name], "gateway")
+            print_row(name, results[name], servers[path])
     rss_loaded = rss_mib(gateway_pid)
     print("\nratios, gateway / direct (same upstream, same run):")
     for kind in KINDS:
@@ -229,7 +253,12 @@ async def report(
         throughput = direct_run.wall_s / via.wall_s
         cpu = via.cpu_s["gateway"] / via.cpu_s["upstream"]
         print(f"  {kind:<7} p50 latency x{latency:.2f}   throughput x{throughput:.2f}   CPU x{cpu:.2f} upstream's")
+    print("\ncost of auth + limits (a key with every kind of limit, and gateway limits), same run:")
+    for kind in KINDS:
+        extra_us = (results[f"keyed {kind}"].cpu_ms("keyed") - results[f"gateway {kind}"].cpu_ms("gateway")) * 1000
+        print(f"  {kind:<7} {extra_us:+.0f} us gateway CPU per call")
     print(f"\ngateway memory: {rss_idle:.0f} MiB idle, {rss_loaded:.0f} MiB after the runs")
+    await keyed_channel.close()
     await channel.close()
     await direct.close()
 

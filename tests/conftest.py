@@ -51,8 +51,10 @@ async def gateway_factory(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
     """Starts gateways from YAML (server.listen and usage_db are filled in); stops them all afterwards."""
     started: list[Gateway] = []
 
-    async def start(yaml_text: str, env: dict[str, str] | None = None) -> Gateway:
-        server = f'server: {{listen: "127.0.0.1:0", usage_db: "{tmp_path / "usage.db"}", grace_period_s: 2}}\n'
+    async def start(yaml_text: str, env: dict[str, str] | None = None, server: str = "") -> Gateway:
+        """`server` adds fields to the server section ("limits: {requests_per_minute: 5}")."""
+        extra = f", {server}" if server else ""
+        server = f'server: {{listen: "127.0.0.1:0", usage_db: "{tmp_path / "usage.db"}", grace_period_s: 2{extra}}}\n'
         path = tmp_path / "llmrelay.yaml"
         path.write_text(server + yaml_text)
         gateway = await start_gateway(load_config(env or {}, path))
@@ -69,8 +71,8 @@ async def stub_for(gateway_factory: GatewayFactory) -> AsyncIterator[StubFactory
     """Starts a gateway as gateway_factory does and returns a stub over a channel to it; closes the channels after."""
     channels: list[grpc.aio.Channel] = []
 
-    async def connect(yaml_text: str, env: dict[str, str] | None = None) -> pb.LLMServiceAsyncStub:
-        gateway = await gateway_factory(yaml_text, env)
+    async def connect(yaml_text: str, env: dict[str, str] | None = None, server: str = "") -> pb.LLMServiceAsyncStub:
+        gateway = await gateway_factory(yaml_text, env, server)
         channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}"))
         return pb.LLMServiceStub(channels[-1])
 

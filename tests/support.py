@@ -69,12 +69,17 @@ def tool(name: str, parameters: dict[str, Any] | None = None, *, description: st
 
 
 def details(error: grpc.aio.AioRpcError) -> dict[str, Any]:
-    """The google.rpc details of a failed call: ErrorInfo, RetryInfo and BadRequest, by type name."""
+    """The google.rpc details of a failed call: ErrorInfo, RetryInfo, BadRequest and QuotaFailure, by type name."""
     raw = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
     assert isinstance(raw, bytes), f"no status details on {error.code()}: {error.details()}"
     found: dict[str, Any] = {}
     for packed in status_pb2.Status.FromString(raw).details:
-        for cls in (error_details_pb2.ErrorInfo, error_details_pb2.RetryInfo, error_details_pb2.BadRequest):
+        for cls in (
+            error_details_pb2.ErrorInfo,
+            error_details_pb2.RetryInfo,
+            error_details_pb2.BadRequest,
+            error_details_pb2.QuotaFailure,
+        ):
             if packed.Is(cls.DESCRIPTOR):
                 message = cls()
                 packed.Unpack(message)

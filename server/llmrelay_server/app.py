@@ -11,12 +11,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from llmrelay_server.auth import AuthInterceptor, KeyRing
 from llmrelay_server.backends import provider_factory
 from llmrelay_server.config import GatewayConfig
 from llmrelay_server.decoding import add_llm_service
 from llmrelay_server.health import SERVICE_NAME, HealthMonitor
+from llmrelay_server.limits import InProcessLimiter, LimitsInterceptor
+from llmrelay_server.limits import applies as _limited
+from llmrelay_server.pricing import PriceTable
 from llmrelay_server.router import Router
 from llmrelay_server.servicer import LLMServicer
+from llmrelay_server.tls import exposure_warnings, protection, server_credentials
 from llmrelay_server.tokens import TokenCounter
 from llmrelay_server.usage import UsageLedger
 
@@ -45,6 +50,7 @@ class Gateway:
     monitor: HealthMonitor
     ledger: UsageLedger
     servicer: LLMServicer
+    keys: KeyRing
     drain_s: float
     grace_period_s: float
 
@@ -65,35 +71,56 @@ class Gateway:
             await stopping
         finally:
             self.router.lag.stop()
+            await self.keys.stop()
             await asyncio.gather(*(backend.provider.aclose() for backend in self.router.backends))
             await self.ledger.aclose()
 
 
 async def start_gateway(config: GatewayConfig) -> Gateway:
     limit = config.server.max_message_bytes
+    tls = config.server.tls
+    # Before the port opens: a certificate that cannot be used stops the start (ConfigError naming the field).
+    credentials = server_credentials(tls) if tls is not None else None
+    keys = KeyRing(config.auth)  # likewise a keys file that cannot be read
+    counter = TokenCounter()
+    ledger = UsageLedger(config.server.usage_db)
+    factory = provider_factory(counter)
+    providers = [factory.create(spec) for spec in config.backends]
+    router = Router(
+        providers,
+        config=config.router,
+        counter=counter,
+        ledger=ledger,
+        prices=PriceTable(config.pricing, config.unknown_price),
+        aliases=config.aliases,
+    )
     server = grpc.aio.server(
+        interceptors=_interceptors(config, keys, counter, router),
+        maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             # gRPC shares a port between servers by default: a second gateway started by mistake would silently
             # take half of the first one's calls. Bound first, so a taken port stops us before anything starts.
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     try:
-        port = server.add_insecure_port(config.server.listen)
+        if credentials is None:
+            port = server.add_insecure_port(config.server.listen)
+        else:
+            port = server.add_secure_port(config.server.listen, credentials)
     except RuntimeError as exc:
+        await asyncio.gather(*(provider.aclose() for provider in providers))
+        await ledger.aclose()
         raise ListenError(
             f"cannot listen on {config.server.listen}: the address is in use (another llmrelay-server?) or not an"
             " address of this machine; choose another with --listen or LLMRELAY_LISTEN"
         ) from exc
-    counter = TokenCounter()
+    for warning in exposure_warnings(f"{config.server.listen.rpartition(':')[0]}:{port}", tls, config.auth):
+        log.warning(warning)
     await counter.warm_up(spec.default_model for spec in config.backends)
-    ledger = UsageLedger(config.server.usage_db)
     await ledger.start()
-    factory = provider_factory(counter)
-    providers = [factory.create(spec) for spec in config.backends]
-    router = Router(providers, config=config.router, counter=counter, ledger=ledger, aliases=config.aliases)
     health_servicer = health.aio.HealthServicer()
     monitor = HealthMonitor(router, health_servicer, config.server.health_interval_s)
     servicer = LLMServicer(router, monitor, ledger, limit)
@@ -104,6 +131,7 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
     await server.start()
     await monitor.start()
     router.lag.start()
+    keys.start()
     return Gateway(
         server,
         port,
@@ -111,9 +139,32 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
         monitor,
         ledger,
         servicer,
+        keys,
         drain_s=config.server.drain_s,
         grace_period_s=config.server.grace_period_s,
     )
+
+
+def _interceptors(
+    config: GatewayConfig, keys: KeyRing, counter: TokenCounter, router: Router
+) -> list[grpc.aio.ServerInterceptor]:
+    """Who is calling, then within what limits; none when neither is configured, so an open gateway pays nothing."""
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if keys.enabled:
+        interceptors.append(AuthInterceptor(keys, config.auth.open_services))
+    configured = (config.server.limits, *(key.limits for key in config.auth.keys))
+    # A keys file may bring limits at any time.
+    if config.auth.keys_file or any(_limited(limits) for limits in configured):
+        interceptors.append(
+            LimitsInterceptor(
+                InProcessLimiter(),
+                config.server.limits,
+                counter,
+                router.estimate_usd_micros,
+                config.server.reserve_completion_tokens,
+            )
+        )
+    return interceptors
 
 
 async def serve(config: GatewayConfig) -> None:
@@ -124,8 +175,9 @@ async def serve(config: GatewayConfig) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     gateway = await start_gateway(config)
+    loop.add_signal_handler(signal.SIGHUP, gateway.keys.reload)
     host = config.server.listen.rpartition(":")[0]
-    log.info("listening on %s:%d", host, gateway.port)
+    log.info("listening on %s:%d (%s)", host, gateway.port, protection(config.server.tls))
     for backend in gateway.router.backends:
         log.info(
             "backend %s: %s (%s, model %s)",

@@ -9,11 +9,19 @@ import os
 import sys
 
 from llmrelay_server.app import ListenError, serve
-from llmrelay_server.config import ConfigError, load_config
+from llmrelay_server.auth import new_key
+from llmrelay_server.config import ConfigError, check_key_name, load_config
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="llmrelay-server", description="The llmrelay gRPC gateway.")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:
+        keys(argv[1:])
+        return
+    parser = argparse.ArgumentParser(
+        prog="llmrelay-server",
+        description="The llmrelay gRPC gateway. `llmrelay-server keys new NAME` makes a caller key.",
+    )
     parser.add_argument("--listen", metavar="HOST:PORT", help="where to serve gRPC (env LLMRELAY_LISTEN)")
     parser.add_argument("--config", metavar="FILE", help="a YAML configuration file (env LLMRELAY_CONFIG)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -31,6 +39,31 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(serve(config))
     except ListenError as exc:
         sys.exit(f"llmrelay-server: {exc}")
+    except ConfigError as exc:  # what is checked as it is read: a certificate, the keys file
+        sys.exit(f"llmrelay-server: configuration error: {exc}")
+
+
+def keys(argv: list[str]) -> None:
+    """`keys new NAME`: a new random key, printed once, and the configuration entry that admits it (its hash)."""
+    parser = argparse.ArgumentParser(prog="llmrelay-server keys", description="Caller keys.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    new = commands.add_parser("new", help="make a key for a caller; prints it once, with its configuration entry")
+    new.add_argument("name", help="the caller's name in the ledger and logs (letters, digits and ._:@/-)")
+    args = parser.parse_args(argv)
+    try:
+        check_key_name(args.name)
+    except ConfigError as exc:
+        sys.exit(f"llmrelay-server keys: {exc}")
+    key, sha256 = new_key()
+    print(f"""# The key for {args.name}, shown this once: give it to the caller (as `authorization: Bearer KEY`).
+# The gateway keeps only its SHA-256; a lost key is replaced, not recovered.
+{key}
+
+# Add this entry to auth.keys in the configuration, or to the keys file (LLMRELAY_KEYS_FILE):
+  - name: {args.name}
+    sha256: "{sha256}"
+    # models: ["ollama/*"]           # optional: the model patterns it may use
+    # limits: {{requests_per_minute: 600, tokens_per_minute: 200000, budget_usd_per_day: 50}}""")
 
 
 if __name__ == "__main__":

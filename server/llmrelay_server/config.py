@@ -274,12 +274,18 @@ _KEY_NAME = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+def check_key_name(name: str, where: str = "name") -> None:
+    if not _KEY_NAME.fullmatch(name):
+        raise ConfigError(f"{where}: {name!r} must be 1-128 of letters, digits and ._:@/-")
+
+
 def _check_keys(keys: tuple[CallerKey, ...], where: str) -> None:
     names: set[str] = set()
     for index, key in enumerate(keys):
         at = f"{where}[{index}]"
-        if not _KEY_NAME.fullmatch(key.name) or key.name in names:
-            raise ConfigError(f"{at}.name: {key.name!r} must be unique, 1-128 of letters, digits and ._:@/-")
+        check_key_name(key.name, f"{at}.name")
+        if key.name in names:
+            raise ConfigError(f"{at}.name: {key.name!r} is already the name of another key; names must be unique")
         names.add(key.name)
         if not _SHA256.fullmatch(key.sha256):
             raise ConfigError(

@@ -23,6 +23,7 @@ from llmrelay_server.domain import (
     CompletionOptions,
     CompletionRequest,
     CompletionResponse,
+    Cost,
     FieldViolation,
     FinishReason,
     InvalidRequestError,
@@ -38,6 +39,7 @@ from llmrelay_server.domain import (
     ToolCallDelta,
     ToolChoiceMode,
 )
+from llmrelay_server.usage import UsageTotals
 
 MAX_MESSAGES: Final = 10_000
 MAX_MODEL_NAME: Final = 256
@@ -326,7 +328,35 @@ def usage_pb(usage: TokenUsage) -> pb.Usage:
         message.reasoning_tokens = usage.reasoning_tokens
     if usage.cached_prompt_tokens is not None:
         message.cached_prompt_tokens = usage.cached_prompt_tokens
+    if usage.cost is not None:
+        message.cost.CopyFrom(cost_pb(usage.cost))
     return message
+
+
+def cost_pb(cost: Cost) -> pb.Cost:
+    return pb.Cost(usd_micros=cost.usd_micros, estimated=cost.estimated, price_unknown=cost.price_unknown)
+
+
+def usage_record_pb(totals: UsageTotals) -> pb.UsageRecord:
+    return pb.UsageRecord(
+        backend=totals.backend,
+        model=totals.model,
+        caller=totals.caller,
+        requests=totals.requests,
+        prompt_tokens=totals.prompt_tokens,
+        completion_tokens=totals.completion_tokens,
+        total_tokens=totals.total_tokens,
+        estimated_requests=totals.estimated_requests,
+        interrupted_requests=totals.interrupted_requests,
+        # The flags of a total say whether any request in it was estimated, or unpriced.
+        cost=cost_pb(
+            Cost(
+                usd_micros=totals.cost_usd_micros,
+                estimated=totals.cost_estimated_requests > 0,
+                price_unknown=totals.price_unknown_requests > 0,
+            )
+        ),
+    )
 
 
 def attempt_pb(attempt: Attempt) -> pb.Attempt:

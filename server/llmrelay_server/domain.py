@@ -11,6 +11,9 @@ Exceptions::
     ├── TokenizerUnavailableError    the encoding's file is not installed
     ├── AnswerTooLargeError          the answer exceeds the message size limit
     ├── ShuttingDownError            the gateway is draining: no new calls, and calls past the grace period end
+    ├── UnauthenticatedError         no caller key, or an unknown one
+    ├── ModelNotAllowedError         the caller's key may not use the model
+    ├── LimitExceededError           a caller's or the gateway's limit is reached (names which)
     ├── UpstreamError                one backend failed one attempt (kind says how)
     ├── AllBackendsFailedError       the chain is exhausted (carries the attempts)
     ├── DeadlineExceededError        the caller's deadline ran out (carries the attempts)
@@ -127,25 +130,46 @@ class CompletionRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class Cost:
+    """What tokens cost, in millionths of a US dollar: integers, so that totals over many answers stay exact."""
+
+    usd_micros: int
+    estimated: bool = False
+    """Not exact: the gateway counted the tokens, or the model has no known price."""
+    price_unknown: bool = False
+    """A paid backend's model with no known price: usd_micros is at the configured default rate."""
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(
+            usd_micros=self.usd_micros + other.usd_micros,
+            estimated=self.estimated or other.estimated,
+            price_unknown=self.price_unknown or other.price_unknown,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class TokenUsage:
     prompt_tokens: int
     completion_tokens: int
     estimated: bool = False
     reasoning_tokens: int | None = None
     cached_prompt_tokens: int | None = None
+    cost: Cost | None = None
+    """Set by the router, which knows the prices; a provider leaves it unset."""
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
     def __add__(self, other: TokenUsage) -> TokenUsage:
-        """The usage of two attempts together: estimated if either was."""
+        """The usage of two attempts together: estimated if either was; costs add up, an unset one counting as none."""
         return TokenUsage(
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
             estimated=self.estimated or other.estimated,
             reasoning_tokens=_sum_known(self.reasoning_tokens, other.reasoning_tokens),
             cached_prompt_tokens=_sum_known(self.cached_prompt_tokens, other.cached_prompt_tokens),
+            cost=other.cost if self.cost is None else self.cost if other.cost is None else self.cost + other.cost,
         )
 
 
@@ -359,6 +383,36 @@ class ShuttingDownError(LLMRelayError):
         else:
             message = "the gateway is shutting down and takes no new calls"
         super().__init__(f"{message}; retry, on another instance")
+
+
+class UnauthenticatedError(LLMRelayError):
+    """The call has no key, or a key the gateway does not know."""
+
+
+class ModelNotAllowedError(LLMRelayError):
+    def __init__(self, caller: str, model: str) -> None:
+        self.caller = caller
+        self.model = model
+        super().__init__(f"the key {caller!r} may not use model {model!r}; ask for a model its patterns allow")
+
+
+class LimitKind(enum.StrEnum):
+    """What a limit counts; the value is its ErrorInfo reason."""
+
+    REQUESTS_PER_MINUTE = "REQUESTS_PER_MINUTE_EXCEEDED"
+    TOKENS_PER_MINUTE = "TOKENS_PER_MINUTE_EXCEEDED"
+    CONCURRENT_STREAMS = "CONCURRENT_STREAMS_EXCEEDED"
+    BUDGET_PER_DAY = "BUDGET_EXCEEDED"
+
+
+class LimitExceededError(LLMRelayError):
+    def __init__(self, kind: LimitKind, subject: str, description: str, retry_after_s: float) -> None:
+        self.kind = kind
+        self.subject = subject
+        """Whose limit: "key:NAME", or "gateway"."""
+        self.description = description
+        self.retry_after_s = retry_after_s
+        super().__init__(f"{subject}: {description}; retry in {retry_after_s:.1f} s")
 
 
 class UpstreamErrorKind(enum.StrEnum):

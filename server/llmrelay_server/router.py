@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from itertools import groupby
 from typing import Final, TypeVar
 
+from llmrelay_server import metering
 from llmrelay_server.config import CircuitConfig, RetryConfig, RouterConfig
 from llmrelay_server.domain import (
     AllBackendsFailedError,
@@ -37,6 +38,7 @@ from llmrelay_server.domain import (
     DeadlineExceededError,
     LLMProvider,
     Message,
+    ModelNotAllowedError,
     ModelNotFoundError,
     StreamInterruptedError,
     StreamRestart,
@@ -46,10 +48,13 @@ from llmrelay_server.domain import (
     UpstreamError,
     UpstreamErrorKind,
 )
+from llmrelay_server.pricing import PriceTable
 from llmrelay_server.tokens import TokenCounter
 from llmrelay_server.usage import UsageLedger
 
 T = TypeVar("T")
+ModelFilter = Callable[[str], bool]
+"""Whether the caller may have a model ("gpt-4o", or backend-qualified "ollama/tiny") answer."""
 
 RETRYABLE = frozenset(
     {
@@ -301,6 +306,7 @@ class Router:
         config: RouterConfig,
         counter: TokenCounter,
         ledger: UsageLedger,
+        prices: PriceTable,
         aliases: Mapping[str, str] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
@@ -311,6 +317,7 @@ class Router:
         self._config = config
         self._counter = counter
         self._ledger = ledger
+        self._prices = prices
         self._aliases = dict(aliases or {})
         self._sleep = sleep
         self._backoff = Backoff(config.retry, rng)
@@ -338,6 +345,18 @@ class Router:
             primary = Route(owner, model)
         return [primary] if exact else [primary, *self._fallbacks(exclude=primary.backend)]
 
+    def _routes(self, request: CompletionRequest, caller: str, may_use: ModelFilter | None) -> list[Route]:
+        """The request's routes that the caller may use ("backend/model" or the model name matches): a caller asking
+        for a model it may not use is refused, and one limited to some models is never served by another through a
+        fallback (with no model named, the default chain is the models it may use)."""
+        routes = self.resolve(request.model, exact=request.exact_model)
+        if may_use is None:
+            return routes
+        allowed = [r for r in routes if may_use(f"{r.backend.name}/{r.model}") or may_use(r.model)]
+        if not allowed or (request.model is not None and allowed[0] is not routes[0]):
+            raise ModelNotAllowedError(caller, request.model or f"{routes[0].backend.name}/{routes[0].model}")
+        return allowed
+
     def _fallbacks(self, *, exclude: Backend) -> list[Route]:
         return [
             Route(b, b.provider.spec.default_model)
@@ -358,26 +377,29 @@ class Router:
 
     # --- calls ------------------------------------------------------------------------------------------------
 
-    async def complete(self, request: CompletionRequest, *, deadline: float, caller: str) -> CompletionResponse:
+    async def complete(
+        self, request: CompletionRequest, *, deadline: float, caller: str, may_use: ModelFilter | None = None
+    ) -> CompletionResponse:
         chain = _Chain(deadline)
-        for route in self.resolve(request.model, exact=request.exact_model):
+        for route in self._routes(request, caller, may_use):
             response = await self._try_route(
                 chain, route, lambda r, t: r.backend.provider.complete(r.model, request, timeout_s=t)
             )
             if response is not None:
-                self._ledger.record(response.backend, response.model, caller, response.usage)
-                return replace(response, attempts=tuple(chain.attempts))
+                usage = self._priced(route, response.model, response.usage)
+                self._bill(response.backend, response.model, caller, usage)
+                return replace(response, usage=usage, attempts=tuple(chain.attempts))
         raise chain.exhausted()
 
     async def stream(
-        self, request: CompletionRequest, *, deadline: float, caller: str
+        self, request: CompletionRequest, *, deadline: float, caller: str, may_use: ModelFilter | None = None
     ) -> AsyncIterator[CompletionChunk]:
         """The answer's chunks; after the first chunk a broken stream either ends with StreamInterruptedError or,
         when the request asks for it and time remains, starts over on the next route after a restart chunk."""
         chain = _Chain(deadline)
         consumed: TokenUsage | None = None  # by broken attempts, billed and added to the final usage
         broken: StreamInterruptedError | None = None
-        routes = self.resolve(request.model, exact=request.exact_model)
+        routes = self._routes(request, caller, may_use)
         for index, route in enumerate(routes):
             opened = await self._try_route(chain, route, lambda r, t: self._open_stream(r, request, t))
             if opened is None:
@@ -391,7 +413,8 @@ class Router:
                 async for chunk in self._rest_of_stream(chain, route, first, upstream):
                     if chunk.finish_reason is not None:  # the last chunk
                         usage = chunk.usage or self._counter.estimate_usage(route.model, request, received)
-                        self._ledger.record(chunk.backend, chunk.model, caller, usage)
+                        usage = self._priced(route, chunk.model, usage)
+                        self._bill(chunk.backend, chunk.model, caller, usage)
                         billed = True
                         total = usage if consumed is None else consumed + usage
                         chunk = replace(chunk, usage=total, attempts=tuple(chain.attempts))
@@ -435,9 +458,28 @@ class Router:
 
     def _bill_partial(self, route: Route, request: CompletionRequest, caller: str, received: list[str]) -> TokenUsage:
         """What a stream that ended early consumed, counted by the gateway, recorded in the ledger as interrupted."""
-        usage = self._counter.estimate_usage(route.model, request, received)
-        self._ledger.record(route.backend.name, route.model, caller, usage, interrupted=True)
+        usage = self._priced(route, route.model, self._counter.estimate_usage(route.model, request, received))
+        self._bill(route.backend.name, route.model, caller, usage, interrupted=True)
         return usage
+
+    def _bill(self, backend: str, model: str, caller: str, usage: TokenUsage, *, interrupted: bool = False) -> None:
+        """The one place usage is billed: the ledger, and the call's meter (which its limits settle with)."""
+        self._ledger.record(backend, model, caller, usage, interrupted=interrupted)
+        metering.charge(usage)
+
+    def estimate_usd_micros(self, model: str | None, prompt_tokens: int, completion_tokens: int) -> int:
+        """What a request for `model` may cost, at the price of the route that would serve it first: what a budget
+        reserves before the call."""
+        try:
+            route = self.resolve(model, exact=True)[0]
+        except ModelNotFoundError:
+            return 0  # refused by the call itself, before any upstream is asked
+        rate = self._prices.rate(route.backend.provider.spec, route.model)
+        return rate.estimate_usd_micros(prompt_tokens, completion_tokens)
+
+    def _priced(self, route: Route, model: str, usage: TokenUsage) -> TokenUsage:
+        """The usage with its cost, at the price of the model that answered (an upstream names its dated snapshot)."""
+        return replace(usage, cost=self._prices.rate(route.backend.provider.spec, model).cost(usage))
 
     async def count_tokens(
         self, model: str | None, messages: Sequence[Message], tools: Sequence[Tool], text: str | None

@@ -14,6 +14,7 @@ import grpc
 from llmrelay import v1 as pb
 
 from llmrelay_server import convert
+from llmrelay_server.auth import current_caller
 from llmrelay_server.domain import (
     AnswerTooLargeError,
     CompletionChunk,
@@ -79,10 +80,12 @@ class LLMServicer(pb.LLMServiceServicer):
     ) -> pb.CompleteResponse:
         try:
             with self._model_call():
+                caller = current_caller.get()
                 response = await self._router.complete(
                     convert.completion_request(request),
                     deadline=self._router.deadline(context.time_remaining()),
                     caller=caller_identity(context),
+                    may_use=caller.may_use if caller is not None else None,
                 )
             answer = convert.complete_response(response)
             # Sent as is, an oversized answer would fail inside gRPC with a bare status and a server error log.
@@ -104,10 +107,12 @@ class LLMServicer(pb.LLMServiceServicer):
         started = False
         try:
             with self._model_call():
+                caller = current_caller.get()
                 chunks = self._router.stream(
                     convert.completion_request(request),
                     deadline=self._router.deadline(context.time_remaining()),
                     caller=caller_identity(context),
+                    may_use=caller.may_use if caller is not None else None,
                 )
                 async for chunk in chunks:
                     started = True
@@ -153,26 +158,14 @@ class LLMServicer(pb.LLMServiceServicer):
         except LLMRelayError as error:
             await abort(context, "GetUsage", error)
         totals = await self._ledger.query(*query)
-        return pb.GetUsageResponse(
-            records=[
-                pb.UsageRecord(
-                    backend=t.backend,
-                    model=t.model,
-                    caller=t.caller,
-                    requests=t.requests,
-                    prompt_tokens=t.prompt_tokens,
-                    completion_tokens=t.completion_tokens,
-                    total_tokens=t.total_tokens,
-                    estimated_requests=t.estimated_requests,
-                    interrupted_requests=t.interrupted_requests,
-                )
-                for t in totals
-            ]
-        )
+        return pb.GetUsageResponse(records=[convert.usage_record_pb(t) for t in totals])
 
 
 def caller_identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    """Who to bill: the caller's own tag, else a fingerprint of its bearer token (never the token), else anonymous."""
+    """Who to bill: the key's name when keys are on (a keyed caller cannot bill itself as someone else); else the
+    caller's own tag, else a fingerprint of its bearer token (never the token), else anonymous."""
+    if (caller := current_caller.get()) is not None:
+        return caller.name
     metadata = dict(context.invocation_metadata() or ())
     tag = metadata.get(CALLER_HEADER)
     if tag is not None:

@@ -16,6 +16,9 @@
 | ... and ended a stream that had started | ABORTED             | SHUTTING_DOWN           | RetryInfo     |
 | the caller's deadline ran out           | DEADLINE_EXCEEDED   | DEADLINE_EXCEEDED       |               |
 | a stream failed after it started        | ABORTED             | STREAM_INTERRUPTED      |               |
+| no caller key, or an unknown one        | UNAUTHENTICATED     | UNAUTHENTICATED         |               |
+| the key may not use the model           | PERMISSION_DENIED   | MODEL_NOT_ALLOWED       |               |
+| a caller's or the gateway's limit       | RESOURCE_EXHAUSTED  | <LIMIT>_EXCEEDED        | QuotaFailure, RetryInfo |
 """
 
 from __future__ import annotations
@@ -34,11 +37,14 @@ from llmrelay_server.domain import (
     AttemptOutcome,
     DeadlineExceededError,
     InvalidRequestError,
+    LimitExceededError,
     LLMRelayError,
+    ModelNotAllowedError,
     ModelNotFoundError,
     ShuttingDownError,
     StreamInterruptedError,
     TokenizerUnavailableError,
+    UnauthenticatedError,
     UpstreamError,
     UpstreamErrorKind,
 )
@@ -46,7 +52,7 @@ from llmrelay_server.domain import (
 DOMAIN: Final = "llmrelay.dev"
 DEFAULT_RETRY_DELAY_S: Final = 1.0
 
-_Detail: TypeAlias = error_details_pb2.RetryInfo | error_details_pb2.BadRequest
+_Detail: TypeAlias = error_details_pb2.RetryInfo | error_details_pb2.BadRequest | error_details_pb2.QuotaFailure
 # A classification: the code, ErrorInfo's reason and metadata, and the details that follow ErrorInfo.
 _Classified: TypeAlias = tuple[grpc.StatusCode, str, dict[str, str], list[_Detail]]
 
@@ -84,6 +90,17 @@ def _classify(error: LLMRelayError) -> _Classified:
             {},
             [error_details_pb2.BadRequest(field_violations=violations)],
         )
+    if isinstance(error, UnauthenticatedError):
+        return grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", {}, []
+    if isinstance(error, ModelNotAllowedError):
+        metadata = {"caller": error.caller, "model": error.model}
+        return grpc.StatusCode.PERMISSION_DENIED, "MODEL_NOT_ALLOWED", metadata, []
+    if isinstance(error, LimitExceededError):
+        quota = error_details_pb2.QuotaFailure(
+            violations=[error_details_pb2.QuotaFailure.Violation(subject=error.subject, description=error.description)]
+        )
+        metadata = {"subject": error.subject}
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, error.kind.value, metadata, [quota, _retry_info(error.retry_after_s)]
     if isinstance(error, ModelNotFoundError):
         return (
             grpc.StatusCode.NOT_FOUND,

@@ -1,4 +1,4 @@
-"""The usage ledger: token totals per backend, model and caller, in time buckets, kept in SQLite.
+"""The usage ledger: token and cost totals per backend, model and caller, in time buckets, kept in SQLite.
 
 Recording happens on the request path, so it only adds to an in-memory buffer; a background task writes the
 buffer to SQLite every ``flush_interval_s`` (in a worker thread, one transaction per flush). ``aclose()`` writes
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TypeVar
 
-from llmrelay_server.domain import TokenUsage
+from llmrelay_server.domain import Cost, TokenUsage
 
 __all__ = ["UsageLedger", "UsageTotals"]
 
@@ -44,6 +44,9 @@ CREATE TABLE IF NOT EXISTS usage_buckets (
     total_tokens INTEGER NOT NULL,
     estimated_requests INTEGER NOT NULL,
     interrupted_requests INTEGER NOT NULL DEFAULT 0,
+    cost_usd_micros INTEGER NOT NULL DEFAULT 0,
+    cost_estimated_requests INTEGER NOT NULL DEFAULT 0,
+    price_unknown_requests INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (backend, model, caller, bucket_start)
 ) WITHOUT ROWID
 """
@@ -51,18 +54,24 @@ CREATE TABLE IF NOT EXISTS usage_buckets (
 _UPSERT: Final = """
 INSERT INTO usage_buckets (backend, model, caller, bucket_start,
                            requests, prompt_tokens, completion_tokens, total_tokens, estimated_requests,
-                           interrupted_requests)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                           interrupted_requests, cost_usd_micros, cost_estimated_requests, price_unknown_requests)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (backend, model, caller, bucket_start) DO UPDATE SET
     requests = requests + excluded.requests,
     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
     completion_tokens = completion_tokens + excluded.completion_tokens,
     total_tokens = total_tokens + excluded.total_tokens,
     estimated_requests = estimated_requests + excluded.estimated_requests,
-    interrupted_requests = interrupted_requests + excluded.interrupted_requests
+    interrupted_requests = interrupted_requests + excluded.interrupted_requests,
+    cost_usd_micros = cost_usd_micros + excluded.cost_usd_micros,
+    cost_estimated_requests = cost_estimated_requests + excluded.cost_estimated_requests,
+    price_unknown_requests = price_unknown_requests + excluded.price_unknown_requests
 """
 # Columns added since the first schema: a database made before them gets them at start, with zeros.
-_ADDED_COLUMNS: Final = {"interrupted_requests": "INTEGER NOT NULL DEFAULT 0"}
+_ADDED_COLUMNS: Final = {
+    column: "INTEGER NOT NULL DEFAULT 0"
+    for column in ("interrupted_requests", "cost_usd_micros", "cost_estimated_requests", "price_unknown_requests")
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +87,16 @@ class UsageTotals:
     total_tokens: int
     estimated_requests: int
     interrupted_requests: int = 0
+    cost_usd_micros: int = 0
+    """What the requests cost, in millionths of a US dollar."""
+    cost_estimated_requests: int = 0
+    """Of requests, those whose cost is not exact: the tokens were estimated, or the price unknown."""
+    price_unknown_requests: int = 0
+    """Of requests, those on a paid backend whose model has no known price (at the default rate)."""
 
 
 # (backend, model, caller, bucket_start) -> [requests, prompt_tokens, completion_tokens, total_tokens, estimated,
-#                                            interrupted]
+#                                            interrupted, cost_usd_micros, cost_estimated, price_unknown]
 _BucketKey = tuple[str, str, str, int]
 _TotalsKey = tuple[str, str, str]
 _Buffer = dict[_BucketKey, list[int]]
@@ -166,12 +181,13 @@ class UsageLedger:
         *,
         interrupted: bool = False,
     ) -> None:
-        """Add one answer's usage (interrupted: a stream that broke after it started, billed for what it consumed);
-        at is its Unix time (now by default). Never blocks on I/O."""
+        """Add one answer's usage and its cost, if priced (interrupted: a stream that broke after it started, billed for
+        what it consumed); at is its Unix time (now by default). Never blocks on I/O."""
         if self._closed:
             raise RuntimeError("the usage ledger is closed")
         moment = time.time() if at is None else at
         key = (backend, model, caller, int(moment // self._bucket_s) * self._bucket_s)
+        cost = usage.cost or Cost(0)
         counts = (
             1,
             usage.prompt_tokens,
@@ -179,6 +195,9 @@ class UsageLedger:
             usage.total_tokens,
             int(usage.estimated),
             int(interrupted),
+            cost.usd_micros,
+            int(cost.estimated),
+            int(cost.price_unknown),
         )
         with self._buffer_lock:
             _add_into(self._buffer, key, counts)
@@ -264,7 +283,8 @@ class UsageLedger:
         where, values = selection.sql_where()
         cursor = self._connection.execute(
             "SELECT backend, model, caller, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens),"
-            " SUM(total_tokens), SUM(estimated_requests), SUM(interrupted_requests)"
+            " SUM(total_tokens), SUM(estimated_requests), SUM(interrupted_requests), SUM(cost_usd_micros),"
+            " SUM(cost_estimated_requests), SUM(price_unknown_requests)"
             f" FROM usage_buckets{where} GROUP BY backend, model, caller",
             values,
         )

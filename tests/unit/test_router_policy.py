@@ -8,8 +8,9 @@ from typing import cast
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from llmrelay_server.config import CircuitConfig, RetryConfig, RouterConfig
+from llmrelay_server.config import CircuitConfig, Price, RetryConfig, RouterConfig
 from llmrelay_server.domain import Attempt, AttemptOutcome, BackendHealth, BackendSpec, LLMProvider, ModelNotFoundError
+from llmrelay_server.pricing import PriceTable
 from llmrelay_server.router import Backoff, CircuitBreaker, CircuitState, Router, _Chain
 
 # --- Backoff --------------------------------------------------------------------------------------------------------
@@ -233,6 +234,7 @@ def router(*specs: BackendSpec, aliases: dict[str, str] | None = None) -> Router
         config=RouterConfig(),
         counter=None,  # type: ignore[arg-type]
         ledger=None,  # type: ignore[arg-type]
+        prices=PriceTable({}, Price(prompt=5.0, completion=15.0)),
         aliases=aliases,
     )
 

@@ -17,11 +17,15 @@ from llmrelay_server.domain import (
     DeadlineExceededError,
     FieldViolation,
     InvalidRequestError,
+    LimitExceededError,
+    LimitKind,
     LLMRelayError,
+    ModelNotAllowedError,
     ModelNotFoundError,
     ShuttingDownError,
     StreamInterruptedError,
     TokenizerUnavailableError,
+    UnauthenticatedError,
     UpstreamError,
     UpstreamErrorKind,
 )
@@ -37,6 +41,7 @@ class Decoded:
     info: error_details_pb2.ErrorInfo
     retry_delay_s: float | None
     bad_request: error_details_pb2.BadRequest | None
+    quota_failure: error_details_pb2.QuotaFailure | None = None
 
 
 def decode(failure: grpc.Status) -> Decoded:
@@ -48,6 +53,7 @@ def decode(failure: grpc.Status) -> Decoded:
     assert message.details[0].Unpack(info), "ErrorInfo comes first"
     retry_delay_s: float | None = None
     bad_request: error_details_pb2.BadRequest | None = None
+    quota_failure: error_details_pb2.QuotaFailure | None = None
     for packed in message.details[1:]:
         if packed.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             assert retry_delay_s is None, "at most one RetryInfo"
@@ -58,9 +64,13 @@ def decode(failure: grpc.Status) -> Decoded:
             assert bad_request is None, "at most one BadRequest"
             bad_request = error_details_pb2.BadRequest()
             packed.Unpack(bad_request)
+        elif packed.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            assert quota_failure is None, "at most one QuotaFailure"
+            quota_failure = error_details_pb2.QuotaFailure()
+            packed.Unpack(quota_failure)
         else:
             pytest.fail(f"unexpected detail {packed.type_url}")
-    return Decoded(message, info, retry_delay_s, bad_request)
+    return Decoded(message, info, retry_delay_s, bad_request, quota_failure)
 
 
 def failure_of(error: LLMRelayError) -> tuple[grpc.Status, Decoded]:
@@ -332,7 +342,34 @@ REASONS_BY_ERROR = [
     exhausted([attempt("a", OUT.TIMEOUT), attempt("b", OUT.UNREACHABLE)], upstream(K.UNREACHABLE)),
     *[upstream(kind) for kind in UpstreamErrorKind],
     ShuttingDownError(),
+    UnauthenticatedError("no key"),
+    ModelNotAllowedError("research", "gpt-4o"),
+    *[LimitExceededError(kind, "key:research", "over", 3.0) for kind in LimitKind],
 ]
+
+
+@pytest.mark.parametrize("kind", list(LimitKind))
+def test_a_limit_is_resource_exhausted_naming_whose_limit_and_when(kind: LimitKind) -> None:
+    failure, decoded = failure_of(LimitExceededError(kind, "gateway", "6 requests per minute", 12.5))
+    assert failure.code is C.RESOURCE_EXHAUSTED
+    assert (decoded.info.reason, dict(decoded.info.metadata)) == (kind.value, {"subject": "gateway"})
+    assert decoded.retry_delay_s == 12.5
+    assert decoded.quota_failure is not None
+    assert [(v.subject, v.description) for v in decoded.quota_failure.violations] == [
+        ("gateway", "6 requests per minute")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "reason"),
+    [
+        (UnauthenticatedError("no key"), C.UNAUTHENTICATED, "UNAUTHENTICATED"),
+        (ModelNotAllowedError("research", "gpt-4o"), C.PERMISSION_DENIED, "MODEL_NOT_ALLOWED"),
+    ],
+)
+def test_who_may_call_what(error: LLMRelayError, code: grpc.StatusCode, reason: str) -> None:
+    failure, decoded = failure_of(error)
+    assert (failure.code, decoded.info.reason) == (code, reason)
 
 
 @pytest.mark.parametrize("error", REASONS_BY_ERROR, ids=lambda e: type(e).__name__)

@@ -93,7 +93,7 @@ async def test_record_does_no_io_and_flush_writes(tmp_path: Path) -> None:
 
     await ledger.flush()
 
-    assert rows_on_disk(path) == [("b", "m", "c", int(T0), 1, 3, 4, 7, 0, 0)]
+    assert rows_on_disk(path) == [("b", "m", "c", int(T0), 1, 3, 4, 7, 0, 0, 0, 0, 0)]
     assert (await ledger.query())[0].total_tokens == 7  # flushed rows are not counted twice
     await ledger.aclose()
 
@@ -106,7 +106,7 @@ async def test_background_flush_writes_within_the_interval(tmp_path: Path) -> No
 
     await asyncio.sleep(0.3)
 
-    assert rows_on_disk(path) == [("b", "m", "c", int(T0), 1, 3, 4, 7, 0, 0)]
+    assert rows_on_disk(path) == [("b", "m", "c", int(T0), 1, 3, 4, 7, 0, 0, 0, 0, 0)]
     await ledger.aclose()
 
 

@@ -122,14 +122,26 @@ def _health(client: Client, args: argparse.Namespace) -> None:
 def _usage(client: Client, args: argparse.Namespace) -> None:
     request = pb.GetUsageRequest(backend=args.backend, model=args.model, caller=args.caller)
     records = client.get_usage(request).records
-    header = ("backend", "model", "caller", "requests", "prompt", "completion", "total")
+    header = ("backend", "model", "caller", "requests", "prompt", "completion", "total", "cost (USD)")
     rows = [
-        (r.backend, r.model, r.caller, r.requests, r.prompt_tokens, r.completion_tokens, r.total_tokens)
+        (r.backend, r.model, r.caller, r.requests, r.prompt_tokens, r.completion_tokens, r.total_tokens, _usd(r.cost))
         for r in records
     ]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    if any(r.cost.estimated for r in records):
+        print("~ estimated: the gateway counted tokens, or the model has no known price")
+    if any(r.cost.price_unknown for r in records):
+        print("(no price): counted at the gateway's unknown_price rate; the upstream's bill may differ")
+
+
+def _usd(cost: pb.Cost) -> str:
+    """Micro-dollars as dollars to the last digit, from the integer (a float would round large totals)."""
+    dollars, micros = divmod(cost.usd_micros, 1_000_000)
+    mark = "~" if cost.estimated else ""
+    unknown = " (no price)" if cost.price_unknown else ""
+    return f"{mark}{dollars}.{micros:06d}{unknown}"
 
 
 if __name__ == "__main__":

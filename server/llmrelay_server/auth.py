@@ -1,0 +1,193 @@
+"""Who is calling: caller keys checked by a server interceptor, for unary and streaming calls alike.
+
+Keys are configured by their SHA-256 only (`auth.keys`, and `auth.keys_file` kept apart and re-read when it changes
+or on SIGHUP). A call presents `authorization: Bearer KEY`; the interceptor hashes it and looks the hash up. The
+lookup compares digests, not keys: its timing tells nothing about any key, and the hash is compared once more in
+constant time. With no keys configured, calls are open, as before. A known key's caller is put in the call's
+context (`current_caller`), where the servicer takes the identity to bill and the router the models allowed.
+
+A key is never logged, echoed or kept: only its digest is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import fnmatch
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import grpc
+
+from llmrelay_server.config import AuthConfig, CallerKey, ConfigError, load_keys_file
+from llmrelay_server.domain import LLMRelayError, UnauthenticatedError
+from llmrelay_server.status import rpc_failure
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "llmr-"
+# How often the keys file's modification time is looked at: a key revoked on disk stops working within this.
+KEYS_FILE_CHECK_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """A caller the gateway knows by its key."""
+
+    key: CallerKey
+
+    @property
+    def name(self) -> str:
+        return self.key.name
+
+    def may_use(self, model: str) -> bool:
+        """Whether the key may have `model` ("gpt-4o", or backend-qualified "ollama/tiny") answer."""
+        return not self.key.models or any(fnmatch.fnmatchcase(model, pattern) for pattern in self.key.models)
+
+
+current_caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("llmrelay_caller", default=None)
+"""The authenticated caller of the call in progress; None when keys are off or the service is open."""
+
+
+def new_key() -> tuple[str, str]:
+    """A new random key and its SHA-256 in hex."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    return key, digest(key)
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyRing:
+    """The keys in force: the configuration's, and the keys file's as last read."""
+
+    def __init__(self, config: AuthConfig) -> None:
+        self._configured = config.keys
+        self._file = Path(config.keys_file) if config.keys_file else None
+        self._file_stamp = self._stamp() if self._file else None
+        self._by_digest = _by_digest(self._configured + (load_keys_file(self._file) if self._file else ()))
+        self._watcher: asyncio.Task[None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether calls need a key: some key is configured, or a keys file is (even one emptied for now)."""
+        return bool(self._configured) or self._file is not None
+
+    def find(self, key: str) -> CallerKey | None:
+        wanted = digest(key)
+        found = self._by_digest.get(wanted)
+        return found if found is not None and hmac.compare_digest(found.sha256, wanted) else None
+
+    def reload(self) -> None:
+        """Reads the keys file again; a broken file keeps the keys in force and says why."""
+        if self._file is None:
+            return
+        self._file_stamp = self._stamp()
+        try:
+            keys = load_keys_file(self._file)
+        except ConfigError as error:
+            log.warning("keys file not reloaded, the keys in force stay: %s", error)
+            return
+        self._by_digest = _by_digest(self._configured + keys)
+        log.info("keys file %s reloaded: %d keys in force", self._file, len(self._by_digest))
+
+    def start(self) -> None:
+        """Watches the keys file for changes (and SIGHUP, where the process has a main loop to take it)."""
+        if self._file is None:
+            return
+        self._watcher = asyncio.create_task(self._watch(), name="llmrelay-keys-file")
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(KEYS_FILE_CHECK_S)
+            if self._stamp() != self._file_stamp:
+                self.reload()
+
+    def _stamp(self) -> tuple[float, int] | None:
+        assert self._file is not None
+        try:
+            info = os.stat(self._file)
+        except OSError:
+            return None
+        return info.st_mtime, info.st_size
+
+
+def _by_digest(keys: Sequence[CallerKey]) -> dict[str, CallerKey]:
+    names = [key.name for key in keys]
+    for name in {name for name in names if names.count(name) > 1}:
+        log.warning("key %r is configured twice (in the config and the keys file); both digests are in force", name)
+    return {key.sha256: key for key in keys}
+
+
+# The stubs make these generic; at run time they are not, so the aliases are strings.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Admits calls with a known key (or to an open service) and names their caller; refuses the rest."""
+
+    def __init__(self, keys: KeyRing, open_services: Sequence[str]) -> None:
+        self._keys = keys
+        self._open = frozenset(open_services)
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        method = handler_call_details.method  # "/package.Service/Method"
+        if not self._keys.enabled or method[1:].rpartition("/")[0] in self._open or method[1:] in self._open:
+            return await continuation(handler_call_details)
+        key = self._keys.find(_bearer(handler_call_details.invocation_metadata) or "")
+        if key is None:
+            handler = await continuation(handler_call_details)
+            why = _why_not(handler_call_details.invocation_metadata)
+            return _refusing(handler, UnauthenticatedError(why)) if handler is not None else None
+        # Before the interceptors after this one run: they (limits) and the servicer read who is calling.
+        current_caller.set(Caller(key))
+        return await continuation(handler_call_details)
+
+
+def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    for name, value in metadata or ():
+        if name == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else None
+    return None
+
+
+def _why_not(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    if not any(name == "authorization" for name, _ in metadata or ()):
+        return "no key: send the metadata `authorization: Bearer KEY`"
+    return "the key is not valid here (unknown, revoked, or not `Bearer KEY`)"
+
+
+def _refusing(handler: Handler, error: LLMRelayError) -> Handler:
+    """A handler of the same shape that ends the call with the error's status, the request unread."""
+    failure = rpc_failure(error)
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        log.info("%s refused: %s", context.peer(), failure.details)
+        await context.abort_with_status(failure)
+
+    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await refuse(request, context)
+        yield  # an async generator, as gRPC expects of a streaming handler
+
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            refuse_stream, handler.request_deserializer, handler.response_serializer
+        )
+    return grpc.unary_unary_rpc_method_handler(refuse, handler.request_deserializer, handler.response_serializer)

@@ -1,0 +1,178 @@
+"""What answers cost: a table of USD per million tokens by model pattern, and the exact micro-dollar arithmetic.
+
+A model on a backend is priced by the first of these that knows it:
+
+1. the operator's `pricing` (config), its most specific pattern that matches;
+2. free, on a local backend (kinds ollama, llamacpp, vllm): its tokens cost the machine, not a bill per token;
+3. the shipped table of OpenAI's list prices (OPENAI_PRICES), its most specific pattern that matches;
+4. the configured `unknown_price`, flagged price_unknown: a paid backend's model whose price nobody told the gateway
+   still costs something, and budgets must count it.
+
+Patterns are shell globs (`*`, `?`, `[...]`), matched case-sensitively against the model name and against
+"backend/model" (so "ollama/*" and "openai/gpt-4o" work). The most specific pattern wins: a plain name over any glob,
+then the glob with more literal characters, then the one written first; so "gpt-4o-mini-2024-07-18" is priced by
+"gpt-4o-mini-*" rather than "gpt-4o-*".
+
+Prices are taken as the decimals they are written as (0.15 is 15/100, not the float nearest to it) and a cost is
+computed exactly in fractions of a micro-dollar, then rounded once, half up, to whole micro-dollars.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Final
+
+from llmrelay_server.config import Price
+from llmrelay_server.domain import BackendSpec, Cost, TokenUsage
+
+__all__ = ["LOCAL_KINDS", "OPENAI_PRICES", "PriceTable", "Rate"]
+
+LOCAL_KINDS: Final = frozenset({"ollama", "llamacpp", "vllm"})
+"""Backend kinds whose tokens are free unless `pricing` says otherwise; every other kind is paid."""
+
+# USD per million tokens (prompt, completion, cached prompt), as published by OpenAI (openai.com/api/pricing) for
+# the standard tier, figures as of August 2025. They were written down from knowledge of that page, not fetched
+# when this table was made (the build has no network): check them against the page, and correct or extend them
+# with `pricing:` in the configuration, which wins over this table.
+_OPENAI_LIST: Final[Mapping[str, Price]] = {
+    "gpt-5": Price(prompt=1.25, completion=10.0, cached_prompt=0.125),
+    "gpt-5-mini": Price(prompt=0.25, completion=2.0, cached_prompt=0.025),
+    "gpt-5-nano": Price(prompt=0.05, completion=0.4, cached_prompt=0.005),
+    "gpt-5-chat-latest": Price(prompt=1.25, completion=10.0, cached_prompt=0.125),
+    "gpt-4.1": Price(prompt=2.0, completion=8.0, cached_prompt=0.5),
+    "gpt-4.1-mini": Price(prompt=0.4, completion=1.6, cached_prompt=0.1),
+    "gpt-4.1-nano": Price(prompt=0.1, completion=0.4, cached_prompt=0.025),
+    "gpt-4o": Price(prompt=2.5, completion=10.0, cached_prompt=1.25),
+    "gpt-4o-mini": Price(prompt=0.15, completion=0.6, cached_prompt=0.075),
+    "chatgpt-4o-latest": Price(prompt=5.0, completion=15.0),
+    "o1": Price(prompt=15.0, completion=60.0, cached_prompt=7.5),
+    "o1-mini": Price(prompt=1.1, completion=4.4, cached_prompt=0.55),
+    "o1-pro": Price(prompt=150.0, completion=600.0),
+    "o3": Price(prompt=2.0, completion=8.0, cached_prompt=0.5),
+    "o3-mini": Price(prompt=1.1, completion=4.4, cached_prompt=0.55),
+    "o3-pro": Price(prompt=20.0, completion=80.0),
+    "o4-mini": Price(prompt=1.1, completion=4.4, cached_prompt=0.275),
+    "gpt-4-turbo": Price(prompt=10.0, completion=30.0),
+    "gpt-4": Price(prompt=30.0, completion=60.0),
+    "gpt-3.5-turbo": Price(prompt=0.5, completion=1.5),
+}
+# OpenAI's answers name the dated snapshot that served ("gpt-4o-2024-08-06" for "gpt-4o"), older models in the short
+# form ("gpt-4-0613"). Only a date is matched after the name, so that variants with other prices
+# ("gpt-4o-realtime-preview", "o3-deep-research") are not priced as their base model but as unknown.
+_DATED: Final = ("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]", "[0-9][0-9][0-9][0-9]")
+OPENAI_PRICES: Final[Mapping[str, Price]] = {
+    **{f"{name}{suffix}": price for name, price in _OPENAI_LIST.items() for suffix in ("", *(f"-{d}" for d in _DATED))},
+    # The first gpt-4o snapshot kept its launch price.
+    "gpt-4o-2024-05-13": Price(prompt=5.0, completion=15.0),
+}
+
+
+def _exact(usd_per_million: float) -> Fraction:
+    # The shortest repr of a float is the decimal it was written as in the YAML or above.
+    return Fraction(repr(usd_per_million))
+
+
+def _round_half_up(micros: Fraction) -> int:
+    return math.floor(micros + Fraction(1, 2))  # amounts are never negative, so floor(x + 1/2) is half up
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """The prices of one model on one backend. USD per million tokens is micro-USD per token, so the fields are both."""
+
+    prompt: Fraction
+    completion: Fraction
+    cached_prompt: Fraction
+    unknown: bool = False
+    """No price is known for the model on a paid backend: these are the configured default rate's."""
+
+    @classmethod
+    def of(cls, price: Price, *, unknown: bool = False) -> Rate:
+        prompt = _exact(price.prompt)
+        cached = prompt if price.cached_prompt is None else _exact(price.cached_prompt)
+        return cls(prompt=prompt, completion=_exact(price.completion), cached_prompt=cached, unknown=unknown)
+
+    def cost(self, usage: TokenUsage) -> Cost:
+        """One answer's (or one attempt's) cost: cached prompt tokens at the cached rate, the rest of the prompt at the
+        prompt rate; estimated when the tokens were, or the price is unknown."""
+        # An upstream reporting more cached tokens than prompt tokens is wrong; bill no prompt token twice or below 0.
+        cached = min(usage.cached_prompt_tokens or 0, usage.prompt_tokens)
+        micros = (
+            cached * self.cached_prompt
+            + (usage.prompt_tokens - cached) * self.prompt
+            + usage.completion_tokens * self.completion
+        )
+        return Cost(
+            usd_micros=_round_half_up(micros),
+            estimated=usage.estimated or self.unknown,
+            price_unknown=self.unknown,
+        )
+
+    def estimate_usd_micros(self, prompt_tokens: int, completion_tokens: int) -> int:
+        """What a request may cost before it runs (no cache assumed), e.g. to reserve against a budget."""
+        return _round_half_up(prompt_tokens * self.prompt + completion_tokens * self.completion)
+
+
+FREE: Final = Rate(prompt=Fraction(0), completion=Fraction(0), cached_prompt=Fraction(0))
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def _literals(pattern: str) -> int:
+    """How many characters of a name a pattern pins down: all but its wildcards and character sets."""
+    return len(re.sub(r"\[[^]]*\]|[*?]", "", pattern))
+
+
+class _Patterns:
+    """Rates by pattern, searched most specific first."""
+
+    def __init__(self, prices: Mapping[str, Price]) -> None:
+        self._plain = {pattern: Rate.of(price) for pattern, price in prices.items() if not _is_glob(pattern)}
+        globs = [(pattern, Rate.of(price)) for pattern, price in prices.items() if _is_glob(pattern)]
+        globs.sort(key=lambda item: -_literals(item[0]))  # a stable sort: the one written first wins a tie
+        self._globs = tuple((re.compile(fnmatch.translate(pattern)), rate) for pattern, rate in globs)
+
+    def match(self, qualified: str, model: str) -> Rate | None:
+        # "backend/model" written out pins down more than the model alone.
+        for name in (qualified, model):
+            if (rate := self._plain.get(name)) is not None:
+                return rate
+        for regex, rate in self._globs:
+            if regex.match(qualified) or regex.match(model):
+                return rate
+        return None
+
+
+_SHIPPED: Final = _Patterns(OPENAI_PRICES)
+
+
+class PriceTable:
+    """The rate of any model on any backend: the operator's prices over the shipped ones (see the module doc)."""
+
+    def __init__(self, overrides: Mapping[str, Price], unknown: Price) -> None:
+        self._overrides = _Patterns(overrides)
+        self._unknown = Rate.of(unknown, unknown=True)
+        # Every answer asks; the answer only changes with the configuration. Bounded, as callers may name any model
+        # on a backend ("openai/anything").
+        self._lookup = functools.lru_cache(maxsize=1024)(self._find)
+
+    def rate(self, spec: BackendSpec, model: str) -> Rate:
+        return self._lookup(spec.name, spec.kind, model)
+
+    def _find(self, backend: str, kind: str, model: str) -> Rate:
+        qualified = f"{backend}/{model}"
+        rate = self._overrides.match(qualified, model)
+        if rate is not None:
+            return rate
+        if kind in LOCAL_KINDS:
+            return FREE
+        rate = _SHIPPED.match(qualified, model)
+        return self._unknown if rate is None else rate

@@ -1,0 +1,183 @@
+"""TLS and mutual TLS on the listener, with gRPC's own credentials; certificates rotated on disk are picked up by new
+connections without a restart. And the warnings for a listener that others can reach unprotected."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import ssl
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from llmrelay_server.config import AuthConfig, ConfigError, TLSConfig
+
+log = logging.getLogger("llmrelay_server.tls")
+
+CHECK_INTERVAL_S = 1.0
+"""How often, at most, the files are looked at again (a stat each) when a new connection comes."""
+
+# What tells a changed file: a rewrite in place changes mtime/ctime (and often the size), a rename or a Kubernetes
+# secret's symlink swap changes the inode. None: the file could not be looked at (it is being replaced).
+_Signature = tuple[tuple[int, int, int, int, int] | None, ...]
+
+
+def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:
+    """Credentials for add_secure_port; ConfigError naming the field when a file cannot be read or parsed."""
+    return _CertificateReloader(tls).credentials()
+
+
+def protection(tls: TLSConfig | None) -> str:
+    """How the listener is protected, in words for the start-up log."""
+    if tls is None:
+        return "plaintext"
+    return "mutual TLS" if tls.client_ca_file else "TLS"
+
+
+def exposure_warnings(address: str, tls: TLSConfig | None, auth: AuthConfig) -> list[str]:
+    """One line for each thing a listener off loopback exposes, with the fix; none on loopback."""
+    host = address.rpartition(":")[0]
+    if _is_loopback(host):
+        return []
+    warnings = []
+    if tls is None:
+        warnings.append(
+            f"NOT SECURE: serving on {address} without TLS: prompts, answers and caller keys cross the network in"
+            " plaintext; set server.tls (cert_file, key_file) or listen on 127.0.0.1"
+        )
+    # Under mutual TLS only holders of a client certificate get in, so no keys is not an open door.
+    if not auth.keys and not auth.keys_file and (tls is None or not tls.client_ca_file):
+        warnings.append(
+            f"NOT SECURE: serving on {address} with no caller keys: anyone who can reach the port can call the models"
+            " on this gateway's upstream credentials; set auth.keys or auth.keys_file, or listen on 127.0.0.1"
+        )
+    return warnings
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+class _CertificateReloader:
+    """Holds the certificate configuration gRPC serves and hands it a new one when the files change."""
+
+    def __init__(self, tls: TLSConfig) -> None:
+        self._tls = tls
+        self._paths = tuple(Path(p) for p in (tls.cert_file, tls.key_file, tls.client_ca_file) if p)
+        # Looked at before reading: a change made while reading shows up as a new signature at the next check.
+        self._seen = _signature(self._paths)
+        self._initial = _load(tls)
+        self._next_check = time.monotonic() + CHECK_INTERVAL_S
+        self._lock = threading.Lock()
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self._initial,
+            # The stubs say the fetcher must return a configuration; gRPC takes None as "keep the current one".
+            self._fetch,  # type: ignore[arg-type]
+            require_client_authentication=bool(self._tls.client_ca_file),
+        )
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """gRPC calls this before every TLS handshake, on one of its own threads: at most a stat per file a second,
+        and a read only when they changed."""
+        now = time.monotonic()
+        # Handshakes on other threads while one checks go on with the current certificate rather than wait.
+        if now < self._next_check or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            self._next_check = now + CHECK_INTERVAL_S
+            signature = _signature(self._paths)
+            if signature == self._seen:
+                return None
+            self._seen = signature
+            try:
+                configuration = _load(self._tls)
+            except ConfigError as exc:
+                log.warning("TLS certificate not reloaded; new connections keep the previous one: %s", exc)
+                return None
+            log.info("TLS certificate reloaded from %s; new connections use it", self._tls.cert_file)
+            return configuration
+        finally:
+            self._lock.release()
+
+
+def _signature(paths: tuple[Path, ...]) -> _Signature:
+    found: list[tuple[int, int, int, int, int] | None] = []
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            found.append(None)
+        else:
+            found.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(found)
+
+
+def _load(tls: TLSConfig) -> grpc.ServerCertificateConfiguration:
+    """Reads and checks the files; gRPC itself would only find a bad one at the first handshake, failing them all.
+    Messages name the field and the path, never the files' contents."""
+    cert = _read(tls.cert_file, "server.tls.cert_file")
+    _check_certificates(cert, tls.cert_file, "server.tls.cert_file")
+    key = _read(tls.key_file, "server.tls.key_file")
+    client_ca = None
+    if tls.client_ca_file:
+        client_ca = _read(tls.client_ca_file, "server.tls.client_ca_file")
+        _check_certificates(client_ca, tls.client_ca_file, "server.tls.client_ca_file")
+    _check_key(tls)
+    # The check read the files again: both reads must agree, or the key checked is not the one gRPC would get (a
+    # rotation half done: the new certificate written, the old key still there).
+    if (cert, key) != (_read(tls.cert_file, "server.tls.cert_file"), _read(tls.key_file, "server.tls.key_file")):
+        raise ConfigError("server.tls: cert_file or key_file changed while being read; they are read again later")
+    return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
+
+
+def _read(path: str, where: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{where}: {path} cannot be read ({exc.strerror})") from None
+
+
+def _check_certificates(pem: bytes, path: str, where: str) -> None:
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cadata=pem.decode("ascii"))
+    except (ValueError, ssl.SSLError):  # not ASCII (DER, say), no certificate, or a broken one
+        raise ConfigError(f"{where}: {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)") from None
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _ask_password() -> bytes:
+    raise _EncryptedKey
+
+
+def _check_key(tls: TLSConfig) -> None:
+    """The key parses and belongs to the certificate; OpenSSL checks both from the files, as gRPC will."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(tls.cert_file, tls.key_file, password=_ask_password)
+    except _EncryptedKey:
+        raise ConfigError(
+            f"server.tls.key_file: {tls.key_file} is encrypted; gRPC needs an unencrypted PEM key (protect the file"
+            " by its permissions instead)"
+        ) from None
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            problem = f"is not the key of the certificate in server.tls.cert_file ({tls.cert_file})"
+        elif exc.reason:  # OpenSSL's name for the problem (a key too weak, say), never the key itself
+            problem = f"cannot be used with server.tls.cert_file: {exc.reason}"
+        else:
+            problem = "holds no PEM private key (-----BEGIN PRIVATE KEY-----)"
+        raise ConfigError(f"server.tls.key_file: {tls.key_file} {problem}") from None
+    except OSError as exc:
+        raise ConfigError(f"server.tls.key_file: {tls.key_file} cannot be read ({exc.strerror})") from None

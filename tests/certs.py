@@ -1,0 +1,90 @@
+"""Certificates for the TLS tests, made on the spot with `cryptography`: certificate authorities, and the server and
+client certificates they sign."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+# P-256: a key in a millisecond, where RSA takes tens.
+_CURVE = ec.SECP256R1()
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A certificate and its private key, in PEM."""
+
+    cert: bytes
+    key: bytes
+
+    def write(self, cert_file: Path, key_file: Path) -> None:
+        cert_file.write_bytes(self.cert)
+        key_file.write_bytes(self.key)
+
+
+class Authority:
+    """A self-signed CA that issues server certificates for localhost / 127.0.0.1 and client certificates."""
+
+    def __init__(self, name: str) -> None:
+        self._key = ec.generate_private_key(_CURVE)
+        self._name = _name(name)
+        ca = _builder(self._name, self._name, self._key.public_key())
+        ca = ca.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        ca = ca.add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        self.cert = ca.sign(self._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    def server(self) -> Issued:
+        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        return self._issue("llmrelay test server", ExtendedKeyUsageOID.SERVER_AUTH, names)
+
+    def client(self, name: str = "llmrelay test client") -> Issued:
+        return self._issue(name, ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName("client.test")])
+
+    def _issue(self, name: str, usage: x509.ObjectIdentifier, names: list[x509.GeneralName]) -> Issued:
+        key = ec.generate_private_key(_CURVE)
+        cert = _builder(_name(name), self._name, key.public_key())
+        cert = cert.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        cert = cert.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        cert = cert.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        pem = cert.sign(self._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+        encoded = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        return Issued(pem, encoded)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))  # a clock a little behind still accepts it
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )

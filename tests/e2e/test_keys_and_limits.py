@@ -1,0 +1,275 @@
+"""Callers authenticated by key and held to their limits and the gateway's, through a real gRPC channel: exact counts
+whatever the interleaving of many concurrent callers, and refusals before any upstream is asked."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from llmrelay import v1 as pb
+from llmrelay_server.app import Gateway
+from llmrelay_server.domain import Message, Role
+from llmrelay_server.tokens import TokenCounter
+from support import FAST_ROUTER, GatewayFactory, chat, details, stream_chat, two_backends
+from upstream import FakeUpstream
+
+RESEARCH_KEY = "llmr-research-0123456789abcdefghij"
+LOCAL_KEY = "llmr-local-only-0123456789abcdefgh"
+OTHER_KEY = "llmr-other-0123456789abcdefghijklm"
+
+
+def sha256(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def keys_yaml(*entries: str) -> str:
+    return "auth:\n  keys:\n" + "".join(f"    - {entry}\n" for entry in entries)
+
+
+def key_entry(name: str, key: str, extra: str = "") -> str:
+    return f'{{name: {name}, sha256: "{sha256(key)}"{", " + extra if extra else ""}}}'
+
+
+def bearer(key: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {key}")]
+
+
+async def start(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, auth: str, server: str = ""
+) -> tuple[Gateway, grpc.aio.Channel, pb.LLMServiceAsyncStub]:
+    gateway = await gateway_factory(two_backends(primary, local) + auth, server=server)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")
+    return gateway, channel, pb.LLMServiceStub(channel)
+
+
+@pytest.fixture
+async def keyed(gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream) -> Any:
+    auth = keys_yaml(key_entry("research", RESEARCH_KEY), key_entry("local-only", LOCAL_KEY, 'models: ["ollama/*"]'))
+    _, channel, stub = await start(gateway_factory, primary, local, auth)
+    yield channel, stub
+    await channel.close()
+
+
+# --- who gets in ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [[], bearer(OTHER_KEY), [("authorization", f"Basic {RESEARCH_KEY}")], [("authorization", "Bearer ")]],
+    ids=["no key", "unknown key", "not bearer", "empty"],
+)
+async def test_a_call_without_a_known_key_is_unauthenticated(
+    keyed: Any, primary: FakeUpstream, metadata: list[tuple[str, str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    _, stub = keyed
+    for call in (
+        lambda: stub.Complete(chat(), metadata=metadata, timeout=5),
+        lambda: read(stub.StreamComplete(stream_chat(), metadata=metadata, timeout=5)),
+        lambda: stub.CountTokens(pb.CountTokensRequest(text="hi"), metadata=metadata, timeout=5),
+        lambda: stub.GetUsage(pb.GetUsageRequest(), metadata=metadata, timeout=5),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call()
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert details(caught.value)["ErrorInfo"].reason == "UNAUTHENTICATED"
+        assert RESEARCH_KEY not in (caught.value.details() or "") and OTHER_KEY not in (caught.value.details() or "")
+    assert primary.chat_requests == [], "refused before any upstream is asked"
+    assert RESEARCH_KEY not in caplog.text and OTHER_KEY not in caplog.text, "no key in the log"
+    assert "Traceback" not in caplog.text
+
+
+async def read(call: Any) -> list[pb.StreamCompleteResponse]:
+    return [chunk async for chunk in call]
+
+
+async def test_probes_reach_the_open_services_without_a_key(keyed: Any) -> None:
+    channel, stub = keyed
+    assert (await stub.Health(pb.HealthRequest(), timeout=5)).backends
+    status = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_keyed_caller_is_billed_as_its_key_whatever_it_claims(keyed: Any, primary: FakeUpstream) -> None:
+    _, stub = keyed
+    metadata = [*bearer(RESEARCH_KEY), ("x-llmrelay-caller", "someone-else")]
+    assert (await stub.Complete(chat(), metadata=metadata, timeout=5)).backend == "openai"
+    chunks = await read(stub.StreamComplete(stream_chat(), metadata=metadata, timeout=5))
+    assert chunks[-1].usage.total_tokens > 0
+    records = (await stub.GetUsage(pb.GetUsageRequest(), metadata=bearer(RESEARCH_KEY), timeout=5)).records
+    assert {r.caller for r in records} == {"research"}
+    assert sum(r.requests for r in records) == 2
+
+
+async def test_a_key_limited_to_some_models_gets_no_other_even_by_fallback(
+    keyed: Any, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    _, stub = keyed
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat(model="gpt-test"), metadata=bearer(LOCAL_KEY), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    info = details(caught.value)["ErrorInfo"]
+    assert (info.reason, info.metadata["caller"], info.metadata["model"]) == (
+        "MODEL_NOT_ALLOWED",
+        "local-only",
+        "gpt-test",
+    )
+    # The default chain starts at openai: this key is served by the one backend it may use.
+    assert (await stub.Complete(chat(), metadata=bearer(LOCAL_KEY), timeout=5)).backend == "ollama"
+    # When that backend fails, the fallback it may not use is not tried.
+    local.inject({"status": 503}, {"status": 503})
+    with pytest.raises(grpc.aio.AioRpcError) as down:
+        await stub.Complete(chat("tiny"), metadata=bearer(LOCAL_KEY), timeout=5)
+    assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert primary.chat_requests == []
+
+
+async def test_the_keys_file_is_reread_when_it_changes(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, tmp_path: Path
+) -> None:
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(f"keys: [{key_entry('research', RESEARCH_KEY)}]\n")
+    _, channel, stub = await start(gateway_factory, primary, local, f'auth: {{keys_file: "{keys_file}"}}\n')
+    async with channel:
+        assert (await stub.Complete(chat(), metadata=bearer(RESEARCH_KEY), timeout=5)).backend == "openai"
+        keys_file.write_text(f"keys: [{key_entry('other', OTHER_KEY)}]\n")  # research's key revoked, other's added
+        for _ in range(60):
+            try:
+                await stub.Complete(chat(), metadata=bearer(OTHER_KEY), timeout=5)
+                break
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.1)
+        with pytest.raises(grpc.aio.AioRpcError) as revoked:
+            await stub.Complete(chat(), metadata=bearer(RESEARCH_KEY), timeout=5)
+        assert revoked.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        keys_file.write_text("keys: [{name: broken}]\n")  # a broken file keeps the keys in force
+        await asyncio.sleep(1.5)
+        assert (await stub.Complete(chat(), metadata=bearer(OTHER_KEY), timeout=5)).backend == "openai"
+
+
+# --- limits -----------------------------------------------------------------------------------------------------
+
+
+async def concurrently(count: int, call: Any) -> list[Any]:
+    async def one() -> Any:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as error:
+            return error
+
+    return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+def refusals(results: Sequence[Any], reason: str, subject: str) -> int:
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    for error in refused:
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+        found = details(error)
+        assert found["ErrorInfo"].reason == reason
+        assert found["QuotaFailure"].violations[0].subject == subject
+        assert found["RetryInfo"].retry_delay.ToNanoseconds() > 0
+    return len(refused)
+
+
+async def test_requests_per_minute_admit_exactly_the_limit(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    auth = keys_yaml(key_entry("research", RESEARCH_KEY, "limits: {requests_per_minute: 5}"))
+    _, channel, stub = await start(gateway_factory, primary, local, auth)
+    async with channel:
+        results = await concurrently(20, lambda: stub.Complete(chat(), metadata=bearer(RESEARCH_KEY), timeout=5))
+    assert refusals(results, "REQUESTS_PER_MINUTE_EXCEEDED", "key:research") == 15
+    assert len(primary.chat_requests) == 5, "refused calls never reach an upstream"
+
+
+async def test_retries_and_fallbacks_count_once(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    auth = keys_yaml(key_entry("research", RESEARCH_KEY, "limits: {requests_per_minute: 2}"))
+    _, channel, stub = await start(gateway_factory, primary, local, auth)
+    primary.inject({"status": 503}, {"status": 503})
+    async with channel:
+        assert (await stub.Complete(chat(), metadata=bearer(RESEARCH_KEY), timeout=5)).backend == "ollama"
+        assert (await stub.Complete(chat(), metadata=bearer(RESEARCH_KEY), timeout=5)).backend == "openai"
+        with pytest.raises(grpc.aio.AioRpcError) as third:
+            await stub.Complete(chat(), metadata=bearer(RESEARCH_KEY), timeout=5)
+    assert third.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_tokens_per_minute_are_reserved_before_they_are_spent(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    request = chat("count these words", model="gpt-test", options=pb.CompletionOptions(max_tokens=50))
+    messages = (Message(Role.USER, "count these words"),)
+    reserved = TokenCounter().count_chat("gpt-test", messages).tokens + 50
+    auth = keys_yaml(key_entry("research", RESEARCH_KEY, f"limits: {{tokens_per_minute: {3 * reserved + 1}}}"))
+    _, channel, stub = await start(gateway_factory, primary, local, auth)
+    primary.inject(*[{"stall_s": 0.3}] * 10)  # all are admitted or refused before any answer settles its tokens
+    async with channel:
+        results = await concurrently(10, lambda: stub.Complete(request, metadata=bearer(RESEARCH_KEY), timeout=5))
+    assert refusals(results, "TOKENS_PER_MINUTE_EXCEEDED", "key:research") == 7
+    assert len(primary.chat_requests) == 3
+
+
+async def test_concurrent_streams_are_limited_and_freed(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    auth = keys_yaml(key_entry("research", RESEARCH_KEY, "limits: {concurrent_streams: 2}"))
+    _, channel, stub = await start(gateway_factory, primary, local, auth)
+    primary.inject(*[{"trickle_s": 0.2}] * 6)
+    async with channel:
+        results = await concurrently(
+            6, lambda: read(stub.StreamComplete(stream_chat("a b c"), metadata=bearer(RESEARCH_KEY), timeout=10))
+        )
+        assert refusals(results, "CONCURRENT_STREAMS_EXCEEDED", "key:research") == 4
+        # The slots are free again once the streams ended.
+        again = await concurrently(
+            2, lambda: read(stub.StreamComplete(stream_chat(), metadata=bearer(RESEARCH_KEY), timeout=10))
+        )
+    assert refusals(again, "CONCURRENT_STREAMS_EXCEEDED", "key:research") == 0
+
+
+async def test_a_daily_budget_admits_exactly_what_it_pays_for(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    # Completions only are priced, and max_tokens is what the upstream answers ("echo: x y", 3 tokens): a call
+    # reserves exactly what it costs, so the count is exact whatever the interleaving. 3 tokens at 1000 USD per
+    # million are 3000 micro-USD; 0.0135 USD pay for 4 of them.
+    auth = keys_yaml(key_entry("research", RESEARCH_KEY, "limits: {budget_usd_per_day: 0.0135}"))
+    auth += 'pricing: {"gpt-test": {prompt: 0, completion: 1000}}\n'
+    _, channel, stub = await start(gateway_factory, primary, local, auth)
+    request = chat("x y", model="gpt-test", exact_model=True, options=pb.CompletionOptions(max_tokens=3))
+    async with channel:
+        results = await concurrently(10, lambda: stub.Complete(request, metadata=bearer(RESEARCH_KEY), timeout=5))
+        assert refusals(results, "BUDGET_EXCEEDED", "key:research") == 6
+        answers = [r for r in results if not isinstance(r, grpc.aio.AioRpcError)]
+        assert [a.usage.cost.usd_micros for a in answers] == [3000] * 4
+        records = (await stub.GetUsage(pb.GetUsageRequest(), metadata=bearer(RESEARCH_KEY), timeout=5)).records
+    assert sum(r.cost.usd_micros for r in records) == 12_000
+
+
+async def test_gateway_limits_hold_over_every_caller(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    auth = keys_yaml(key_entry("research", RESEARCH_KEY), key_entry("other", OTHER_KEY))
+    _, channel, stub = await start(gateway_factory, primary, local, auth, server="limits: {requests_per_minute: 6}")
+    async with channel:
+        results = await concurrently(
+            10, lambda: stub.Complete(chat(), metadata=bearer(RESEARCH_KEY), timeout=5)
+        ) + await concurrently(10, lambda: stub.Complete(chat(), metadata=bearer(OTHER_KEY), timeout=5))
+    assert refusals(results, "REQUESTS_PER_MINUTE_EXCEEDED", "gateway") == 14
+
+
+async def test_without_keys_calls_stay_open_and_gateway_limits_still_hold(
+    stub_for: Any, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    stub = await stub_for(two_backends(primary, local, FAST_ROUTER), server="limits: {requests_per_minute: 3}")
+    results = await concurrently(8, lambda: stub.Complete(chat(), timeout=5))
+    assert refusals(results, "REQUESTS_PER_MINUTE_EXCEEDED", "gateway") == 5

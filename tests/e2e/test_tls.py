@@ -1,0 +1,268 @@
+"""TLS and mutual TLS on the listener, end to end: real gRPC channels and certificates made in the test; rotation on
+disk without a restart; the start-up errors and the warnings of an exposed listener."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from certs import Authority, Issued
+from llmrelay import v1 as pb
+from llmrelay_server.app import Gateway, ListenError, start_gateway
+from llmrelay_server.config import AuthConfig, ConfigError, TLSConfig, load_config
+from llmrelay_server.tls import exposure_warnings
+from support import GatewayFactory, chat, two_backends
+from upstream import FakeUpstream
+
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+
+
+@dataclass(frozen=True)
+class Files:
+    """Where the gateway's certificate, key and client CA live."""
+
+    cert: Path
+    key: Path
+    client_ca: Path
+
+    def section(self, *, mutual: bool = False) -> str:
+        client_ca = f', client_ca_file: "{self.client_ca}"' if mutual else ""
+        return f'{{cert_file: "{self.cert}", key_file: "{self.key}"{client_ca}}}'
+
+
+TLSGatewayFactory = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Files:
+    return Files(tmp_path / "server.pem", tmp_path / "server.key", tmp_path / "clients.pem")
+
+
+@pytest.fixture
+async def tls_gateway(tmp_path: Path, primary: FakeUpstream, local: FakeUpstream) -> AsyncIterator[TLSGatewayFactory]:
+    """Starts gateways over the two fake upstreams with the given server.tls section. gateway_factory writes a server
+    section of its own, and a YAML file has one."""
+    started: list[Gateway] = []
+
+    async def start(tls: str, listen: str = "127.0.0.1:0") -> Gateway:
+        path = tmp_path / "tls.yaml"
+        server = f'server: {{listen: "{listen}", usage_db: ":memory:", grace_period_s: 2, tls: {tls}}}\n'
+        path.write_text(server + two_backends(primary, local))
+        gateway = await start_gateway(load_config({}, path))
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        await gateway.stop(grace_period_s=0, drain_s=0)
+
+
+def secure(port: int, root: bytes, client: Issued | None = None) -> grpc.aio.Channel:
+    """A channel that trusts `root` (and presents `client`) over a connection of its own: gRPC would otherwise share
+    one between channels to the same address, and a test of new connections would reuse an old one."""
+    key, cert = (client.key, client.cert) if client else (None, None)
+    credentials = grpc.ssl_channel_credentials(root, key, cert)
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    return grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials, options=options)
+
+
+async def health(channel: grpc.aio.Channel) -> pb.HealthResponse:
+    return await pb.LLMServiceStub(channel).Health(pb.HealthRequest(), timeout=5)
+
+
+async def refused(channel: grpc.aio.Channel) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await health(channel)
+    return caught.value.code()
+
+
+async def until_served(port: int, root: bytes, within_s: float = 5.0) -> None:
+    """Until a new connection trusting `root` gets an answer: the gateway looks at its files once a second."""
+    async with asyncio.timeout(within_s):
+        while True:
+            async with secure(port, root) as channel:
+                try:
+                    await health(channel)
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != UNAVAILABLE:
+                        raise
+            await asyncio.sleep(0.1)
+
+
+async def test_tls_serves_clients_that_trust_its_ca(tls_gateway: TLSGatewayFactory, files: Files) -> None:
+    ca = Authority("llmrelay test CA")
+    ca.server().write(files.cert, files.key)
+    gateway = await tls_gateway(files.section())
+    async with secure(gateway.port, ca.cert) as channel:
+        assert (await health(channel)).backends
+        answer = await pb.LLMServiceStub(channel).Complete(chat("over TLS"), timeout=5)
+        assert answer.message.content == "echo: over TLS"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as plaintext:
+        assert await refused(plaintext) == UNAVAILABLE
+    async with secure(gateway.port, Authority("another CA").cert) as untrusting:
+        assert await refused(untrusting) == UNAVAILABLE
+
+
+async def test_mutual_tls_requires_a_certificate_from_the_client_ca(
+    tls_gateway: TLSGatewayFactory, files: Files
+) -> None:
+    servers, clients = Authority("server CA"), Authority("client CA")
+    servers.server().write(files.cert, files.key)
+    files.client_ca.write_bytes(clients.cert)
+    gateway = await tls_gateway(files.section(mutual=True))
+    async with secure(gateway.port, servers.cert, clients.client()) as channel:
+        answer = await pb.LLMServiceStub(channel).Complete(chat("mutual"), timeout=5)
+        assert answer.message.content == "echo: mutual"
+    async with secure(gateway.port, servers.cert) as anonymous:
+        assert await refused(anonymous) == UNAVAILABLE
+    async with secure(gateway.port, servers.cert, Authority("rogue CA").client()) as stranger:
+        assert await refused(stranger) == UNAVAILABLE
+
+
+async def test_a_rotated_certificate_serves_new_connections_without_a_restart(
+    tls_gateway: TLSGatewayFactory, files: Files
+) -> None:
+    old, new = Authority("old CA"), Authority("new CA")
+    old.server().write(files.cert, files.key)
+    gateway = await tls_gateway(files.section())
+    async with secure(gateway.port, old.cert) as before:
+        await health(before)
+        new.server().write(files.cert, files.key)
+        await until_served(gateway.port, new.cert)
+        async with secure(gateway.port, old.cert) as stale:
+            assert await refused(stale) == UNAVAILABLE
+        # The connection made before the rotation goes on: only new connections see the new certificate.
+        await health(before)
+
+
+async def test_a_broken_rotation_keeps_the_old_certificate(
+    tls_gateway: TLSGatewayFactory, files: Files, caplog: pytest.LogCaptureFixture
+) -> None:
+    ca = Authority("llmrelay test CA")
+    ca.server().write(files.cert, files.key)
+    gateway = await tls_gateway(files.section())
+    # A key pasted where the certificate belongs: refused, and its text never shows in the log.
+    pasted = Authority("llmrelay test CA").server().key
+    files.cert.write_bytes(pasted)
+    async with asyncio.timeout(5):
+        while "not reloaded" not in caplog.text:
+            async with secure(gateway.port, ca.cert) as channel:
+                await health(channel)
+            await asyncio.sleep(0.1)
+    assert "server.tls.cert_file" in caplog.text and "keep the previous one" in caplog.text
+    assert pasted.decode().splitlines()[1] not in caplog.text
+    async with secure(gateway.port, ca.cert) as channel:
+        await health(channel)
+    # Once the files are whole again, they are taken.
+    new = Authority("new CA")
+    new.server().write(files.cert, files.key)
+    await until_served(gateway.port, new.cert)
+
+
+def _missing_cert(files: Files, ca: Authority) -> None:
+    files.cert.unlink()
+
+
+def _directory_as_key(files: Files, ca: Authority) -> None:
+    files.key.unlink()
+    files.key.mkdir()
+
+
+def _key_as_cert(files: Files, ca: Authority) -> None:
+    files.cert.write_bytes(files.key.read_bytes())
+
+
+def _garbage_key(files: Files, ca: Authority) -> None:
+    files.key.write_text("not a key\n")
+
+
+def _another_certificates_key(files: Files, ca: Authority) -> None:
+    files.key.write_bytes(ca.server().key)
+
+
+def _garbage_client_ca(files: Files, ca: Authority) -> None:
+    files.client_ca.write_bytes(b"\x30\x82\x01\x0a binary, not PEM")
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        (_missing_cert, r"server\.tls\.cert_file: \S+server\.pem cannot be read \(No such file or directory\)"),
+        (_directory_as_key, r"server\.tls\.key_file: \S+server\.key cannot be read \(Is a directory\)"),
+        (_key_as_cert, r"server\.tls\.cert_file: \S+server\.pem holds no PEM certificate"),
+        (_garbage_key, r"server\.tls\.key_file: \S+server\.key holds no PEM private key"),
+        (_another_certificates_key, r"server\.tls\.key_file: \S+ is not the key of the certificate in server\.tls"),
+        (_garbage_client_ca, r"server\.tls\.client_ca_file: \S+clients\.pem holds no PEM certificate"),
+    ],
+)
+async def test_an_unusable_file_stops_the_start_naming_the_field(
+    tls_gateway: TLSGatewayFactory, files: Files, breakage: Callable[[Files, Authority], None], message: str
+) -> None:
+    ca = Authority("llmrelay test CA")
+    ca.server().write(files.cert, files.key)
+    files.client_ca.write_bytes(ca.cert)
+    key = files.key.read_bytes()
+    breakage(files, ca)
+    with pytest.raises(ConfigError, match=message) as caught:
+        await tls_gateway(files.section(mutual=True))
+    assert key.decode().splitlines()[1] not in str(caught.value)
+
+
+async def test_a_taken_port_fails_with_tls_as_without(tls_gateway: TLSGatewayFactory, files: Files) -> None:
+    Authority("llmrelay test CA").server().write(files.cert, files.key)
+    first = await tls_gateway(files.section())
+    with pytest.raises(ListenError, match="in use"):
+        await tls_gateway(files.section(), listen=f"127.0.0.1:{first.port}")
+
+
+def _insecure(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "NOT SECURE" in r.getMessage()]
+
+
+async def test_a_listener_off_loopback_without_tls_or_keys_warns(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = await gateway_factory(two_backends(primary, local), {"LLMRELAY_LISTEN": "0.0.0.0:0"})
+    plaintext, open_door = _insecure(caplog)
+    assert f"0.0.0.0:{gateway.port} without TLS" in plaintext and "set server.tls" in plaintext
+    assert f"0.0.0.0:{gateway.port} with no caller keys" in open_door and "auth.keys" in open_door
+
+
+async def test_a_loopback_listener_does_not_warn(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    await gateway_factory(two_backends(primary, local))
+    assert _insecure(caplog) == []
+
+
+TLS = TLSConfig(cert_file="server.pem", key_file="server.key")
+MUTUAL = TLSConfig(cert_file="server.pem", key_file="server.key", client_ca_file="clients.pem")
+OPEN = AuthConfig()
+
+
+@pytest.mark.parametrize(
+    ("address", "tls", "auth", "exposed"),
+    [
+        ("127.0.0.1:50051", None, OPEN, []),
+        ("127.0.0.2:50051", None, OPEN, []),
+        ("[::1]:50051", None, OPEN, []),
+        ("localhost:50051", None, OPEN, []),
+        ("0.0.0.0:50051", None, OPEN, ["without TLS", "no caller keys"]),
+        ("[::]:50051", None, OPEN, ["without TLS", "no caller keys"]),
+        ("gateway.internal:50051", None, OPEN, ["without TLS", "no caller keys"]),
+        ("10.0.0.5:50051", TLS, OPEN, ["no caller keys"]),
+        ("10.0.0.5:50051", TLS, AuthConfig(keys_file="keys.yaml"), []),
+        ("10.0.0.5:50051", None, AuthConfig(keys_file="keys.yaml"), ["without TLS"]),
+        # Client certificates keep out whoever has none.
+        ("10.0.0.5:50051", MUTUAL, OPEN, []),
+    ],
+)
+def test_what_a_listener_exposes(address: str, tls: TLSConfig | None, auth: AuthConfig, exposed: list[str]) -> None:
+    warnings = exposure_warnings(address, tls, auth)
+    assert [phrase for w in warnings for phrase in ("without TLS", "no caller keys") if phrase in w] == exposed

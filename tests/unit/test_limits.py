@@ -1,0 +1,95 @@
+"""The in-process limiter's arithmetic, on a clock the test moves: windows, reservations, settling, refusals."""
+
+from __future__ import annotations
+
+import pytest
+from llmrelay_server.config import Limits
+from llmrelay_server.domain import LimitExceededError, LimitKind
+from llmrelay_server.limits import Ask, InProcessLimiter
+
+DAY = 86_400.0
+
+
+class Clock:
+    def __init__(self, now: float = 10 * DAY + 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ask(limits: Limits, *, subject: str = "key:a", tokens: int = 0, usd: int = 0, stream: bool = False) -> Ask:
+    return Ask(subject, limits, tokens, usd, stream)
+
+
+async def refused(limiter: InProcessLimiter, *asks: Ask) -> LimitExceededError:
+    with pytest.raises(LimitExceededError) as caught:
+        await limiter.reserve(asks)
+    return caught.value
+
+
+async def test_requests_per_minute_slide_with_the_clock() -> None:
+    clock = Clock()
+    limiter = InProcessLimiter(clock)
+    limits = Limits(requests_per_minute=2)
+    await limiter.reserve([ask(limits)])
+    clock.now += 20
+    await limiter.reserve([ask(limits)])
+    error = await refused(limiter, ask(limits))
+    assert (error.kind, error.subject) == (LimitKind.REQUESTS_PER_MINUTE, "key:a")
+    assert error.retry_after_s == pytest.approx(40.0), "when the first request leaves the window"
+    clock.now += 40
+    await limiter.reserve([ask(limits)])
+
+
+async def test_tokens_are_reserved_then_settled_to_what_was_billed() -> None:
+    clock = Clock()
+    limiter = InProcessLimiter(clock)
+    limits = Limits(tokens_per_minute=1000)
+    first = await limiter.reserve([ask(limits, tokens=600)])
+    assert (await refused(limiter, ask(limits, tokens=500))).kind is LimitKind.TOKENS_PER_MINUTE
+    await limiter.settle(first, tokens=100, usd_micros=0)  # the answer was short: 500 tokens free again
+    await limiter.reserve([ask(limits, tokens=900)])
+    error = await refused(limiter, ask(limits, tokens=100))
+    assert error.retry_after_s == pytest.approx(60.0), "the first entry leaves after its minute"
+
+
+async def test_a_request_larger_than_the_limit_is_told_a_minute() -> None:
+    limiter = InProcessLimiter(Clock())
+    error = await refused(limiter, ask(Limits(tokens_per_minute=10), tokens=11))
+    assert error.retry_after_s == 60.0 and "reserves 11" in error.description
+
+
+async def test_stream_slots_free_when_settled() -> None:
+    limiter = InProcessLimiter(Clock())
+    limits = Limits(concurrent_streams=1)
+    stream = await limiter.reserve([ask(limits, stream=True)])
+    await limiter.reserve([ask(limits)])  # a unary call takes no stream slot
+    assert (await refused(limiter, ask(limits, stream=True))).kind is LimitKind.CONCURRENT_STREAMS
+    await limiter.settle(stream, tokens=0, usd_micros=0)
+    await limiter.reserve([ask(limits, stream=True)])
+
+
+async def test_a_budget_is_per_utc_day() -> None:
+    clock = Clock(10 * DAY + DAY - 30)  # 30 s before midnight UTC
+    limiter = InProcessLimiter(clock)
+    limits = Limits(budget_usd_per_day=0.01)  # 10,000 micro-USD
+    call = await limiter.reserve([ask(limits, usd=8_000)])
+    await limiter.settle(call, tokens=0, usd_micros=6_000)
+    await limiter.reserve([ask(limits, usd=4_000)])
+    error = await refused(limiter, ask(limits, usd=1))
+    assert error.kind is LimitKind.BUDGET_PER_DAY and error.retry_after_s == pytest.approx(30.0)
+    clock.now += 31
+    await limiter.reserve([ask(limits, usd=10_000)])
+
+
+async def test_all_or_nothing_across_subjects() -> None:
+    limiter = InProcessLimiter(Clock())
+    key, gateway = Limits(requests_per_minute=5), Limits(requests_per_minute=1)
+    await limiter.reserve([ask(key), ask(gateway, subject="gateway")])
+    error = await refused(limiter, ask(key), ask(gateway, subject="gateway"))
+    assert error.subject == "gateway"
+    # The key's count did not move for the refused call: four more fit under its own limit.
+    for _ in range(4):
+        await limiter.reserve([ask(key)])
+    assert (await refused(limiter, ask(key))).subject == "key:a"

@@ -1,0 +1,241 @@
+"""The price table: which pattern prices a model, local backends free, unknown prices counted, exact micro-dollars."""
+
+from __future__ import annotations
+
+import sqlite3
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from llmrelay_server.config import Price
+from llmrelay_server.domain import BackendSpec, Cost, TokenUsage
+from llmrelay_server.pricing import OPENAI_PRICES, PriceTable, Rate
+from llmrelay_server.usage import UsageLedger
+
+UNKNOWN = Price(prompt=5.0, completion=15.0)
+
+
+def backend(kind: str, name: str | None = None) -> BackendSpec:
+    return BackendSpec(name=name or kind, kind=kind, base_url="http://upstream/v1", default_model="m")
+
+
+OPENAI = backend("openai")
+SHIPPED = PriceTable({}, UNKNOWN)
+
+
+def micros(table: PriceTable, spec: BackendSpec, model: str, prompt: int = 1_000_000, completion: int = 0) -> int:
+    return table.rate(spec, model).cost(TokenUsage(prompt, completion)).usd_micros
+
+
+@pytest.mark.parametrize(
+    ("model", "as_"),
+    [
+        ("gpt-4o-2024-08-06", "gpt-4o"),
+        ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
+        ("gpt-4.1-2025-04-14", "gpt-4.1"),
+        ("gpt-4.1-nano-2025-04-14", "gpt-4.1-nano"),
+        ("o3-2025-04-16", "o3"),
+        ("o4-mini-2025-04-16", "o4-mini"),
+        ("gpt-5-2025-08-07", "gpt-5"),
+        ("gpt-5-mini-2025-08-07", "gpt-5-mini"),
+        ("gpt-4-0613", "gpt-4"),
+    ],
+)
+def test_a_dated_snapshot_is_priced_as_its_model(model: str, as_: str) -> None:
+    assert SHIPPED.rate(OPENAI, model) == SHIPPED.rate(OPENAI, as_)
+    assert not SHIPPED.rate(OPENAI, model).unknown
+
+
+def test_shipped_list_prices() -> None:
+    assert OPENAI_PRICES["gpt-4o"] == Price(prompt=2.5, completion=10.0, cached_prompt=1.25)
+    assert micros(SHIPPED, OPENAI, "gpt-4o", prompt=1_000_000, completion=1_000_000) == 12_500_000
+    assert micros(SHIPPED, OPENAI, "gpt-4o-mini", prompt=1_000_000, completion=1_000_000) == 750_000
+    assert micros(SHIPPED, OPENAI, "gpt-5-nano", prompt=1_000_000, completion=1_000_000) == 450_000
+
+
+def test_a_named_snapshot_beats_the_date_pattern() -> None:
+    # The first gpt-4o snapshot kept its launch price.
+    assert micros(SHIPPED, OPENAI, "gpt-4o-2024-05-13") == 5_000_000
+    assert micros(SHIPPED, OPENAI, "gpt-4o-2024-11-20") == 2_500_000
+
+
+def test_variants_with_other_prices_are_not_taken_for_their_base_model() -> None:
+    for model in ("gpt-4o-realtime-preview", "o3-deep-research", "gpt-4o-mini-search-preview"):
+        assert SHIPPED.rate(OPENAI, model).unknown, model
+
+
+def test_the_most_specific_pattern_wins_whatever_the_order() -> None:
+    for prices in (
+        {"gpt-*": Price(1.0, 1.0), "gpt-4o*": Price(2.0, 2.0), "gpt-4o-mini*": Price(3.0, 3.0)},
+        {"gpt-4o-mini*": Price(3.0, 3.0), "gpt-4o*": Price(2.0, 2.0), "gpt-*": Price(1.0, 1.0)},
+    ):
+        table = PriceTable(prices, UNKNOWN)
+        assert micros(table, OPENAI, "gpt-4o-mini-2024-07-18") == 3_000_000
+        assert micros(table, OPENAI, "gpt-4o-2024-08-06") == 2_000_000
+        assert micros(table, OPENAI, "gpt-3.5-turbo") == 1_000_000
+
+
+def test_a_plain_name_beats_any_glob_and_backend_model_beats_the_name() -> None:
+    table = PriceTable(
+        {"openai/*": Price(1.0, 1.0), "gpt-x": Price(2.0, 2.0), "openai/gpt-x": Price(3.0, 3.0)},
+        UNKNOWN,
+    )
+    assert micros(table, OPENAI, "gpt-x") == 3_000_000
+    assert micros(table, backend("openai_compatible", "azure"), "gpt-x") == 2_000_000
+    assert micros(table, OPENAI, "gpt-y") == 1_000_000
+
+
+def test_equally_specific_globs_the_first_written_wins() -> None:
+    table = PriceTable({"openai/*": Price(1.0, 1.0), "gpt-*": Price(2.0, 2.0)}, UNKNOWN)
+    assert micros(table, OPENAI, "gpt-4o") == 1_000_000
+
+
+def test_backend_model_patterns() -> None:
+    table = PriceTable({"ollama/*": Price(prompt=0.5, completion=1.0), "gpu/Qwen/*": Price(0.2, 0.2)}, UNKNOWN)
+    assert micros(table, backend("ollama"), "gpt-oss:20b") == 500_000
+    assert micros(table, backend("vllm", "gpu"), "Qwen/Qwen2.5-7B") == 200_000
+    # A model name may itself hold a slash (a vLLM model), and patterns match it as the name too.
+    assert micros(PriceTable({"Qwen/*": Price(0.3, 0.3)}, UNKNOWN), backend("vllm"), "Qwen/Qwen2.5-7B") == 300_000
+
+
+def test_yaml_overrides_beat_the_shipped_prices_and_add_models() -> None:
+    table = PriceTable({"gpt-4o*": Price(prompt=1.0, completion=2.0), "my-model": Price(0.7, 0.7)}, UNKNOWN)
+    # Even a glob of the operator's beats the shipped exact entry: the operator's figures are the ones they pay.
+    assert micros(table, OPENAI, "gpt-4o") == 1_000_000
+    assert micros(table, OPENAI, "gpt-4o-mini") == 1_000_000
+    assert micros(table, OPENAI, "my-model") == 700_000
+    assert micros(table, OPENAI, "gpt-4.1") == 2_000_000  # the rest of the shipped table stands
+
+
+@pytest.mark.parametrize("kind", ["ollama", "llamacpp", "vllm"])
+def test_local_backends_are_free_whatever_the_model(kind: str) -> None:
+    for model in ("gpt-oss:20b", "gpt-4o", "anything"):
+        rate = SHIPPED.rate(backend(kind), model)
+        assert not rate.unknown
+        assert rate.cost(TokenUsage(10_000, 10_000)) == Cost(0)
+
+
+def test_a_price_in_yaml_makes_a_local_backend_paid() -> None:
+    table = PriceTable({"ollama/*": Price(prompt=0.1, completion=0.1)}, UNKNOWN)
+    assert micros(table, backend("ollama"), "tiny") == 100_000
+    assert micros(table, backend("vllm"), "tiny") == 0
+
+
+@pytest.mark.parametrize("kind", ["openai", "openai_compatible"])
+def test_an_unknown_model_on_a_paid_backend_is_flagged_and_counted_at_the_default_rate(kind: str) -> None:
+    rate = SHIPPED.rate(backend(kind), "mystery-model")
+    assert rate.unknown
+    cost = rate.cost(TokenUsage(prompt_tokens=1_000, completion_tokens=100))
+    # 1000 * 5.0 + 100 * 15.0 micro-USD: budgets count it, though no upstream bills this figure.
+    assert cost == Cost(usd_micros=6_500, estimated=True, price_unknown=True)
+
+
+def test_exact_micro_dollars_with_cached_prompt_tokens() -> None:
+    rate = Rate.of(Price(prompt=2.5, completion=10.0, cached_prompt=1.25))
+    usage = TokenUsage(prompt_tokens=1_234, completion_tokens=567, cached_prompt_tokens=1_000)
+    # 1000 cached * 1.25 + 234 * 2.5 + 567 * 10 = 1250 + 585 + 5670
+    assert rate.cost(usage) == Cost(usd_micros=7_505)
+
+
+def test_cached_tokens_at_the_prompt_rate_when_no_cached_rate_is_set() -> None:
+    rate = Rate.of(Price(prompt=3.0, completion=0.0))
+    assert rate.cost(TokenUsage(100, 0, cached_prompt_tokens=40)).usd_micros == 300
+
+
+def test_decimal_prices_are_exact_and_rounded_once_half_up() -> None:
+    # 0.15 and 0.075 are not exact as binary floats; summed as floats these would drift.
+    rate = Rate.of(Price(prompt=0.15, completion=0.6, cached_prompt=0.075))
+    assert rate.prompt == Fraction(3, 20)
+    assert rate.cost(TokenUsage(prompt_tokens=10, completion_tokens=0)).usd_micros == 2  # 1.5 -> 2
+    assert rate.cost(TokenUsage(prompt_tokens=3, completion_tokens=0)).usd_micros == 0  # 0.45 -> 0
+    # 0.075 * 2 + 0.15 * 1 + 0.6 * 1 = 0.9, rounded once (per part it would be 0 + 0 + 1 = 1).
+    assert rate.cost(TokenUsage(prompt_tokens=3, completion_tokens=1, cached_prompt_tokens=2)).usd_micros == 1
+    assert rate.cost(TokenUsage(prompt_tokens=1, completion_tokens=0, cached_prompt_tokens=1)).usd_micros == 0
+    assert rate.cost(TokenUsage(prompt_tokens=7, completion_tokens=0, cached_prompt_tokens=6)).usd_micros == 1
+
+
+def test_cached_tokens_never_exceed_the_prompt() -> None:
+    rate = Rate.of(Price(prompt=2.0, completion=0.0, cached_prompt=1.0))
+    assert rate.cost(TokenUsage(prompt_tokens=10, completion_tokens=0, cached_prompt_tokens=50)).usd_micros == 10
+
+
+@given(
+    prompt=st.integers(0, 10**9),
+    completion=st.integers(0, 10**9),
+    prompt_price=st.integers(0, 10**6),
+    completion_price=st.integers(0, 10**6),
+)
+def test_cost_is_the_exact_product_rounded_half_up(
+    prompt: int, completion: int, prompt_price: int, completion_price: int
+) -> None:
+    # Prices in thousandths of a dollar per million tokens, written as decimals as in YAML.
+    rate = Rate.of(Price(prompt=prompt_price / 1000, completion=completion_price / 1000))
+    exact = Fraction(prompt * prompt_price + completion * completion_price, 1000)
+    expected = int(exact) + (1 if exact - int(exact) >= Fraction(1, 2) else 0)
+    assert rate.cost(TokenUsage(prompt, completion)).usd_micros == expected
+    assert rate.estimate_usd_micros(prompt, completion) == expected
+
+
+def test_estimated_tokens_give_an_estimated_cost() -> None:
+    rate = SHIPPED.rate(OPENAI, "gpt-4o")
+    assert rate.cost(TokenUsage(10, 10, estimated=True)) == Cost(usd_micros=125, estimated=True)
+    assert rate.cost(TokenUsage(10, 10)) == Cost(usd_micros=125)
+
+
+def test_estimate_for_admission() -> None:
+    assert SHIPPED.rate(OPENAI, "gpt-4.1").estimate_usd_micros(1_000, 500) == 6_000  # 1000 * 2 + 500 * 8
+    assert SHIPPED.rate(backend("ollama"), "gpt-oss:20b").estimate_usd_micros(1_000, 500) == 0
+    assert SHIPPED.rate(OPENAI, "mystery").estimate_usd_micros(1_000, 500) == 12_500  # the default rate
+
+
+def test_adding_costs() -> None:
+    assert Cost(5) + Cost(7, estimated=True) == Cost(12, estimated=True)
+    assert Cost(1, price_unknown=True, estimated=True) + Cost(2) == Cost(3, estimated=True, price_unknown=True)
+    priced = TokenUsage(10, 5, cost=Cost(100))
+    unpriced = TokenUsage(1, 1)
+    assert (priced + unpriced).cost == Cost(100)
+    assert (unpriced + priced).cost == Cost(100)
+    assert (unpriced + unpriced).cost is None
+    assert (priced + TokenUsage(2, 2, estimated=True, cost=Cost(9, estimated=True))).cost == Cost(109, estimated=True)
+
+
+# --- the ledger keeps what answers cost -------------------------------------------------------------------------
+
+
+async def test_the_ledger_sums_costs_and_counts_estimated_and_unpriced_requests(tmp_path: Path) -> None:
+    ledger = UsageLedger(tmp_path / "usage.db")
+    ledger.record("openai", "gpt-4o", "c", TokenUsage(10, 5, cost=Cost(1_000)))
+    ledger.record("openai", "gpt-4o", "c", TokenUsage(10, 5, estimated=True, cost=Cost(700, estimated=True)))
+    await ledger.flush()
+    ledger.record("openai", "gpt-4o", "c", TokenUsage(1, 1, cost=Cost(33, estimated=True, price_unknown=True)))
+    ledger.record("openai", "gpt-4o", "c", TokenUsage(1, 1))  # unpriced: no cost to add
+    (totals,) = await ledger.query()  # flushed and buffered records alike
+    await ledger.aclose()
+    assert (totals.requests, totals.cost_usd_micros) == (4, 1_733)
+    assert (totals.cost_estimated_requests, totals.price_unknown_requests) == (2, 1)
+
+
+async def test_a_ledger_from_before_costs_gets_the_columns_with_zeros(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute(
+            "CREATE TABLE usage_buckets (backend TEXT NOT NULL, model TEXT NOT NULL, caller TEXT NOT NULL,"
+            " bucket_start INTEGER NOT NULL, requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,"
+            " completion_tokens INTEGER NOT NULL, total_tokens INTEGER NOT NULL, estimated_requests INTEGER NOT NULL,"
+            " PRIMARY KEY (backend, model, caller, bucket_start)) WITHOUT ROWID"
+        )
+        connection.execute("INSERT INTO usage_buckets VALUES ('openai', 'gpt-4o', 'c', 0, 2, 20, 10, 30, 0)")
+    connection.close()
+    ledger = UsageLedger(path)
+    ledger.record("openai", "gpt-4o", "c", TokenUsage(10, 5, cost=Cost(125)), at=0)
+    await ledger.flush()
+    (totals,) = await ledger.query()
+    await ledger.aclose()
+    assert (totals.requests, totals.total_tokens, totals.cost_usd_micros, totals.interrupted_requests) == (
+        3,
+        45,
+        125,
+        0,
+    )
