@@ -11,7 +11,7 @@ from typing import cast
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from llmrelay import AsyncClient, Client, InvalidArgumentError, UnavailableError
+from llmrelay import AsyncClient, Client, InvalidArgumentError, UnauthenticatedError, UnavailableError
 from llmrelay import v1 as pb
 from support import BIN, OPENAI_TEST_KEY, ServerProcess, chat, clean_env, details, read_all, start_server, stream_chat
 from upstream import FakeUpstream
@@ -254,3 +254,36 @@ async def wait_until_requests(upstream: FakeUpstream, count: int) -> None:
     async with asyncio.timeout(5):
         while len(upstream.chat_requests) < count:  # noqa: ASYNC110 (plain data, no event to wait on)
             await asyncio.sleep(0.01)
+
+
+async def test_a_key_made_by_keys_new_admits_its_caller_and_sighup_rereads_the_keys_file(
+    tmp_path: Path, local: FakeUpstream
+) -> None:
+    made = await asyncio.create_subprocess_exec(
+        BIN / "llmrelay-server", "keys", "new", "team-a", stdout=asyncio.subprocess.PIPE, env=clean_env()
+    )
+    printed = (await made.communicate())[0].decode()
+    key = next(line for line in printed.splitlines() if line.startswith("llmr-"))
+    entry = printed[printed.index("  - name: team-a") :]
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text("keys:\n" + entry)
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(f'server: {{usage_db: "{tmp_path}/usage.db"}}\nauth: {{keys_file: "{keys_file}"}}\n')
+    server = await start_server(config, local)
+    try:
+        await server.wait_listening()
+        async with AsyncClient(server.target, metadata=[("authorization", f"Bearer {key}")]) as client:
+            assert (await client.complete([{"role": "user", "content": "hi"}])).message.content == "echo: hi"
+            assert [r.caller for r in (await client.get_usage()).records] == ["team-a"]
+            keys_file.write_text("keys: []\n")
+            server.process.send_signal(signal.SIGHUP)  # re-read now, not at the next look at the file
+            with pytest.raises(UnauthenticatedError):
+                for _ in range(20):  # the signal arrives a moment later
+                    await client.complete([{"role": "user", "content": "hi"}])
+                    await asyncio.sleep(0.02)
+        assert server.process.returncode is None, "SIGHUP reloads, it does not stop the gateway"
+    finally:
+        server.process.terminate()
+        await server.process.wait()
+    log = await server.output()
+    assert key not in log and "Traceback" not in log

@@ -7,7 +7,9 @@ LLMRelayError
 ├── FailedPreconditionError    the gateway's own configuration needs an operator
 ├── UnavailableError           every backend is down; retry after retry_delay
 ├── DeadlineExceededError      the deadline ran out
-└── AbortedError               a stream broke after it started; retry the whole call
+├── AbortedError               a stream broke after it started; retry the whole call
+├── UnauthenticatedError       no caller key, or one the gateway does not know
+└── PermissionDeniedError      the caller's key may not use the model
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ class NotFoundError(LLMRelayError): ...
 class ResourceExhaustedError(LLMRelayError): ...
 
 
+class UnauthenticatedError(LLMRelayError): ...
+
+
+class PermissionDeniedError(LLMRelayError): ...
+
+
 class FailedPreconditionError(LLMRelayError): ...
 
 
@@ -80,6 +88,8 @@ _BY_CODE: Final[Mapping[grpc.StatusCode, type[LLMRelayError]]] = {
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.ABORTED: AbortedError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 
