@@ -273,3 +273,18 @@ async def test_without_keys_calls_stay_open_and_gateway_limits_still_hold(
     stub = await stub_for(two_backends(primary, local, FAST_ROUTER), server="limits: {requests_per_minute: 3}")
     results = await concurrently(8, lambda: stub.Complete(chat(), timeout=5))
     assert refusals(results, "REQUESTS_PER_MINUTE_EXCEEDED", "gateway") == 5
+
+
+async def test_max_concurrent_rpcs_bounds_the_calls_in_progress(
+    stub_for: Any, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    stub = await stub_for(two_backends(primary, local), server="max_concurrent_rpcs: 1")
+    primary.inject({"stall_s": 0.5})
+    first = asyncio.ensure_future(stub.Complete(chat(), timeout=5))
+    await asyncio.sleep(0.2)  # in progress at the upstream
+    with pytest.raises(grpc.aio.AioRpcError) as second:
+        await stub.Complete(chat(), timeout=5)
+    # gRPC's own refusal: its status carries no details of ours.
+    assert second.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (await first).backend == "openai"
+    assert (await stub.Complete(chat(), timeout=5)).backend == "openai", "the slot is free again"
