@@ -86,6 +86,9 @@ class _Window:
             self.requests.popleft()
         while self.tokens and self.tokens[0][0] <= now - WINDOW_S:
             self.token_sum -= self.tokens.popleft()[1]
+        if len(self.spend) > 2:  # today's, and yesterday's for calls that began before midnight and settle after
+            for day in [day for day in self.spend if day < _utc_day(now) - 1]:
+                del self.spend[day]
 
 
 class InProcessLimiter:
