@@ -18,6 +18,7 @@ from llmrelay_server.decoding import add_llm_service
 from llmrelay_server.health import SERVICE_NAME, HealthMonitor
 from llmrelay_server.limits import InProcessLimiter, LimitsInterceptor
 from llmrelay_server.limits import applies as _limited
+from llmrelay_server.metrics import LabelValues, Metrics, MetricsInterceptor
 from llmrelay_server.pricing import PriceTable
 from llmrelay_server.router import Router
 from llmrelay_server.servicer import LLMServicer
@@ -51,6 +52,7 @@ class Gateway:
     ledger: UsageLedger
     servicer: LLMServicer
     keys: KeyRing
+    metrics: Metrics | None
     drain_s: float
     grace_period_s: float
 
@@ -72,6 +74,8 @@ class Gateway:
         finally:
             self.router.lag.stop()
             await self.keys.stop()
+            if self.metrics is not None:
+                self.metrics.stop()
             await asyncio.gather(*(backend.provider.aclose() for backend in self.router.backends))
             await self.ledger.aclose()
 
@@ -94,8 +98,9 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
         prices=PriceTable(config.pricing, config.unknown_price),
         aliases=config.aliases,
     )
+    metrics = _metrics(config, keys, router, ledger) if config.server.metrics_listen else None
     server = grpc.aio.server(
-        interceptors=_interceptors(config, keys, counter, router),
+        interceptors=_interceptors(config, keys, counter, router, metrics),
         maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", limit),
@@ -128,6 +133,14 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(services, server)
+    if metrics is not None and (listen := config.server.metrics_listen) is not None:
+        try:
+            metrics_port = metrics.serve(listen)
+        except OSError as exc:
+            await asyncio.gather(*(provider.aclose() for provider in providers))
+            await ledger.aclose()
+            raise ListenError(f"cannot serve metrics on {listen}: {exc.strerror}") from exc
+        log.info("metrics on http://%s:%d/metrics", listen.rpartition(":")[0], metrics_port)
     await server.start()
     await monitor.start()
     router.lag.start()
@@ -140,16 +153,27 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
         ledger,
         servicer,
         keys,
+        metrics,
         drain_s=config.server.drain_s,
         grace_period_s=config.server.grace_period_s,
     )
 
 
+def _metrics(config: GatewayConfig, keys: KeyRing, router: Router, ledger: UsageLedger) -> Metrics:
+    labels = LabelValues(config.backends, config.aliases, keys.names)
+    return Metrics(
+        labels,
+        circuits=lambda: [(backend.name, backend.circuit.state.value) for backend in router.backends],
+        ledger_state=lambda: (ledger.queue_depth(), ledger.write_failures),
+    )
+
+
 def _interceptors(
-    config: GatewayConfig, keys: KeyRing, counter: TokenCounter, router: Router
+    config: GatewayConfig, keys: KeyRing, counter: TokenCounter, router: Router, metrics: Metrics | None
 ) -> list[grpc.aio.ServerInterceptor]:
-    """Who is calling, then within what limits; none when neither is configured, so an open gateway pays nothing."""
-    interceptors: list[grpc.aio.ServerInterceptor] = []
+    """What each call did (outermost, so refusals count too), who is calling, then within what limits; none of them
+    when nothing is configured, so a plain gateway pays nothing."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)] if metrics is not None else []
     if keys.enabled:
         interceptors.append(AuthInterceptor(keys, config.auth.open_services))
     configured = (config.server.limits, *(key.limits for key in config.auth.keys))

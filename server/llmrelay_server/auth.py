@@ -73,13 +73,17 @@ class KeyRing:
         self._configured = config.keys
         self._file = Path(config.keys_file) if config.keys_file else None
         self._file_stamp = self._stamp() if self._file else None
-        self._by_digest = _by_digest(self._configured + (load_keys_file(self._file) if self._file else ()))
+        self._set(self._configured + (load_keys_file(self._file) if self._file else ()))
         self._watcher: asyncio.Task[None] | None = None
 
     @property
     def enabled(self) -> bool:
         """Whether calls need a key: some key is configured, or a keys file is (even one emptied for now)."""
         return bool(self._configured) or self._file is not None
+
+    def names(self) -> frozenset[str]:
+        """The names of the keys in force."""
+        return self._names
 
     def find(self, key: str) -> CallerKey | None:
         wanted = digest(key)
@@ -96,7 +100,7 @@ class KeyRing:
         except ConfigError as error:
             log.warning("keys file not reloaded, the keys in force stay: %s", error)
             return
-        self._by_digest = _by_digest(self._configured + keys)
+        self._set(self._configured + keys)
         log.info("keys file %s reloaded: %d keys in force", self._file, len(self._by_digest))
 
     def start(self) -> None:
@@ -115,6 +119,10 @@ class KeyRing:
             await asyncio.sleep(KEYS_FILE_CHECK_S)
             if self._stamp() != self._file_stamp:
                 self.reload()
+
+    def _set(self, keys: Sequence[CallerKey]) -> None:
+        self._by_digest = _by_digest(keys)
+        self._names = frozenset(key.name for key in keys)
 
     def _stamp(self) -> tuple[float, int] | None:
         assert self._file is not None

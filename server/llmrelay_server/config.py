@@ -152,6 +152,8 @@ class ServerConfig:
     """gRPC's own bound on calls in progress; more are refused with RESOURCE_EXHAUSTED."""
     reserve_completion_tokens: int = 1024
     """What a request without max_tokens reserves for its answer against tokens-per-minute limits."""
+    metrics_listen: str | None = None
+    """HOST:PORT to serve Prometheus metrics on (path /metrics); unset: no metrics endpoint."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +228,8 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     if env.get("LLMRELAY_USAGE_DB"):
         server = dataclasses.replace(server, usage_db=env["LLMRELAY_USAGE_DB"])
     _check_listen(server.listen, "server.listen")
+    if server.metrics_listen is not None:
+        _check_listen(server.metrics_listen, "server.metrics_listen")
     _check_positive(server, "server", allow_zero=("drain_s",))
     _check_positive(section.router, "router")
     _check_positive(section.router.retry, "router.retry", allow_zero=("max_retries",))

@@ -26,7 +26,7 @@ from llmrelay_server import convert
 from llmrelay_server.auth import Continuation, Handler, current_caller
 from llmrelay_server.config import Limits
 from llmrelay_server.domain import InvalidRequestError, LimitExceededError, LimitKind
-from llmrelay_server.metering import Meter, current_meter
+from llmrelay_server.metering import open_meter
 from llmrelay_server.status import abort
 from llmrelay_server.tokens import TokenCounter
 
@@ -221,8 +221,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
     def _limited_unary(self, behavior: Any, subjects: list[tuple[str, Limits]]) -> Any:
         async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             reservation = await self._admit(request, subjects, context, stream=False)
-            meter = Meter()
-            current_meter.set(meter)
+            meter = open_meter()
             try:
                 return await behavior(request, context)
             finally:
@@ -233,8 +232,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
     def _limited_stream(self, behavior: Any, subjects: list[tuple[str, Limits]]) -> Any:
         async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             reservation = await self._admit(request, subjects, context, stream=True)
-            meter = Meter()
-            current_meter.set(meter)
+            meter = open_meter()
             try:
                 async for answer in behavior(request, context):
                     yield answer

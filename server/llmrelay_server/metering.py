@@ -1,16 +1,25 @@
-"""What the call in progress has been billed: the router charges it where it bills the ledger, the limits settle
-with it when the call ends.
+"""What the call in progress did, as the router saw it: what it billed, which attempts it made, how soon the first
+chunk came. The router writes it where it bills the ledger and records attempts; the interceptors read it when the
+call ends (limits settle with what was billed, metrics count attempts, tokens and the gateway's own time).
 
 A context variable, like a trace context: the layers that bill need not know who listens, and a call that nobody
-meters (no limits configured) pays one lookup.
+meters pays one lookup.
 """
 
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from llmrelay_server.domain import TokenUsage
+from llmrelay_server.domain import Attempt, TokenUsage
+
+
+@dataclass(frozen=True, slots=True)
+class Billed:
+    backend: str
+    model: str
+    caller: str
+    usage: TokenUsage
 
 
 @dataclass(slots=True)
@@ -18,15 +27,43 @@ class Meter:
     tokens: int = 0
     """Prompt plus completion tokens billed."""
     usd_micros: int = 0
+    billed: list[Billed] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
+    """Every attempt of the call, as the router records them (the router's own list, so it is always current)."""
+    first_chunk_s: float | None = None
+    """A stream's time from the call's start to its first chunk from an upstream."""
 
 
 current_meter: contextvars.ContextVar[Meter | None] = contextvars.ContextVar("llmrelay_meter", default=None)
 
 
-def charge(usage: TokenUsage) -> None:
+def open_meter() -> Meter:
+    """The call's meter: the one an outer interceptor opened, or a new one."""
+    meter = current_meter.get()
+    if meter is None:
+        meter = Meter()
+        current_meter.set(meter)
+    return meter
+
+
+def charge(backend: str, model: str, caller: str, usage: TokenUsage) -> None:
     """Adds billed usage to the call's meter, if the call has one."""
     meter = current_meter.get()
     if meter is not None:
         meter.tokens += usage.total_tokens
         if usage.cost is not None:
             meter.usd_micros += usage.cost.usd_micros
+        meter.billed.append(Billed(backend, model, caller, usage))
+
+
+def attempts(recorded: list[Attempt]) -> None:
+    """The call's attempts are this list (the router's, appended to as it goes)."""
+    meter = current_meter.get()
+    if meter is not None:
+        meter.attempts = recorded
+
+
+def first_chunk(seconds: float) -> None:
+    meter = current_meter.get()
+    if meter is not None and meter.first_chunk_s is None:
+        meter.first_chunk_s = seconds

@@ -381,6 +381,7 @@ class Router:
         self, request: CompletionRequest, *, deadline: float, caller: str, may_use: ModelFilter | None = None
     ) -> CompletionResponse:
         chain = _Chain(deadline)
+        metering.attempts(chain.attempts)
         for route in self._routes(request, caller, may_use):
             response = await self._try_route(
                 chain, route, lambda r, t: r.backend.provider.complete(r.model, request, timeout_s=t)
@@ -397,6 +398,8 @@ class Router:
         """The answer's chunks; after the first chunk a broken stream either ends with StreamInterruptedError or,
         when the request asks for it and time remains, starts over on the next route after a restart chunk."""
         chain = _Chain(deadline)
+        metering.attempts(chain.attempts)
+        called_at = asyncio.get_running_loop().time()
         consumed: TokenUsage | None = None  # by broken attempts, billed and added to the final usage
         broken: StreamInterruptedError | None = None
         routes = self._routes(request, caller, may_use)
@@ -405,6 +408,7 @@ class Router:
             if opened is None:
                 continue
             first, upstream = opened
+            metering.first_chunk(chain.opened_at - called_at)
             started = chain.attempts[-1]
             # The text sent on: what the gateway counts when the upstream reports no usage, or the stream breaks.
             received: list[str] = []
@@ -465,7 +469,7 @@ class Router:
     def _bill(self, backend: str, model: str, caller: str, usage: TokenUsage, *, interrupted: bool = False) -> None:
         """The one place usage is billed: the ledger, and the call's meter (which its limits settle with)."""
         self._ledger.record(backend, model, caller, usage, interrupted=interrupted)
-        metering.charge(usage)
+        metering.charge(backend, model, caller, usage)
 
     def estimate_usd_micros(self, model: str | None, prompt_tokens: int, completion_tokens: int) -> int:
         """What a request for `model` may cost, at the price of the route that would serve it first: what a budget

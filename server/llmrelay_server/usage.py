@@ -170,6 +170,8 @@ class UsageLedger:
         self._stopping = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
+        self.write_failures = 0
+        """Writes that failed (their rows went back to the buffer, for the next write)."""
 
     def record(
         self,
@@ -201,6 +203,10 @@ class UsageLedger:
         )
         with self._buffer_lock:
             _add_into(self._buffer, key, counts)
+
+    def queue_depth(self) -> int:
+        """Rows recorded and not yet written."""
+        return len(self._buffer)
 
     async def start(self) -> None:
         """Start flushing the buffer every flush_interval_s."""
@@ -262,6 +268,7 @@ class UsageLedger:
                 await self.flush()
             except Exception:
                 # The records are back in the buffer; the next flush retries them.
+                self.write_failures += 1
                 _log.exception("writing the usage ledger failed; will retry")
 
     def _take_buffer(self) -> _Buffer:

@@ -1,0 +1,310 @@
+"""Prometheus metrics, served on `server.metrics_listen` at /metrics, counted by one server interceptor.
+
+The gRPC server's metrics keep the names and labels of grpc-ecosystem's go-grpc-prometheus, so existing dashboards
+work: `grpc_server_started_total`, `grpc_server_handled_total{grpc_code}`, `grpc_server_msg_received_total`,
+`grpc_server_msg_sent_total`, `grpc_server_handling_seconds`. The gateway's own are `llmrelay_*`, and the OpenTelemetry
+GenAI conventions as its Prometheus exporter names them (`gen_ai_client_token_usage`,
+`gen_ai_server_time_to_first_token_seconds`). The interceptor reads what the router did from the call's meter
+(`metering`) when the call ends: its attempts, what it billed, its first chunk.
+
+Label values come from the configuration only (backend names, key names, the configured models and aliases): any
+other model a caller or an upstream names is counted as `other`, so no caller can grow the number of series.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from itertools import pairwise
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from llmrelay_server.auth import Continuation, Handler
+from llmrelay_server.domain import AttemptOutcome, BackendSpec
+from llmrelay_server.metering import Meter, open_meter
+
+OTHER = "other"
+# The gateway's own time per call is small; the default buckets (5 ms up) would put it all in the first.
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+# As the GenAI semantic conventions advise for gen_ai.client.token.usage and gen_ai.server.time_to_first_token.
+TOKEN_BUCKETS = tuple(float(4**n) for n in range(14))
+FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+_FAILURES = frozenset(AttemptOutcome) - {AttemptOutcome.SUCCEEDED, AttemptOutcome.SKIPPED}
+_CIRCUIT_STATES = ("closed", "open", "half_open")
+
+
+class LabelValues:
+    """The closed sets label values are drawn from."""
+
+    def __init__(self, backends: Iterable[BackendSpec], aliases: Iterable[str], callers: Callable[[], Iterable[str]]):
+        models: set[str] = set(aliases)
+        for spec in backends:
+            for model in (spec.default_model, *spec.models):
+                models.update((model, f"{spec.name}/{model}"))
+        self._models = frozenset(models)
+        self._callers = callers
+
+    def model(self, name: str | None) -> str:
+        if name is None:
+            return "default"
+        return name if name in self._models else OTHER
+
+    def caller(self, name: str) -> str:
+        return name if name == "anonymous" or name in self._callers() else OTHER
+
+
+class Metrics:
+    """The gateway's metrics, in a registry of their own (one gateway, one registry)."""
+
+    def __init__(
+        self,
+        labels: LabelValues,
+        circuits: Callable[[], Iterable[tuple[str, str]]],
+        ledger_state: Callable[[], tuple[int, int]],
+    ) -> None:
+        self.labels = labels
+        self.registry = CollectorRegistry(auto_describe=True)
+        grpc_labels = ["grpc_type", "grpc_service", "grpc_method"]
+        r = self.registry
+        self.started = Counter("grpc_server_started", "RPCs started on the server.", grpc_labels, registry=r)
+        self.handled = Counter(
+            "grpc_server_handled", "RPCs completed on the server, by status.", [*grpc_labels, "grpc_code"], registry=r
+        )
+        self.received = Counter("grpc_server_msg_received", "Messages received by the server.", grpc_labels, registry=r)
+        self.sent = Counter("grpc_server_msg_sent", "Messages sent by the server.", grpc_labels, registry=r)
+        self.handling = Histogram(
+            "grpc_server_handling_seconds", "Time from an RPC's start to its end.", grpc_labels, registry=r
+        )
+        self.attempts = Counter(
+            "llmrelay_upstream_attempts", "Attempts at an upstream, by outcome.", ["backend", "outcome"], registry=r
+        )
+        self.attempt_seconds = Histogram(
+            "llmrelay_upstream_attempt_seconds", "Time an attempt at an upstream took.", ["backend"], registry=r
+        )
+        self.first_chunk = Histogram(
+            "llmrelay_upstream_time_to_first_chunk_seconds",
+            "Time from a stream's start to its first chunk from an upstream.",
+            ["backend"],
+            buckets=FIRST_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "llmrelay_tokens", "Tokens billed, by kind.", ["backend", "model", "caller", "kind"], registry=r
+        )
+        self.cost = Counter(
+            "llmrelay_cost_usd", "What answers cost, in USD.", ["backend", "model", "caller"], registry=r
+        )
+        self.retries = Counter(
+            "llmrelay_retries",
+            "Attempts repeated on the same backend, by the failure before.",
+            ["backend", "reason"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "llmrelay_fallbacks",
+            "Moves to another backend, by the failure of the one left.",
+            ["backend", "reason"],
+            registry=r,
+        )
+        self.restarts = Counter(
+            "llmrelay_stream_restarts", "Streams that broke after they started, by backend.", ["backend"], registry=r
+        )
+        self.open_streams = Gauge("llmrelay_open_streams", "StreamComplete calls in progress.", registry=r)
+        self.overhead = Histogram(
+            "llmrelay_gateway_overhead_seconds",
+            "A call's time not spent waiting for an upstream: the gateway's own cost.",
+            ["grpc_method"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.gen_ai_tokens = Histogram(
+            "gen_ai_client_token_usage",
+            "Tokens per operation (OpenTelemetry gen_ai.client.token.usage).",
+            ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_response_model", "gen_ai_token_type"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.gen_ai_first_token = Histogram(
+            "gen_ai_server_time_to_first_token_seconds",
+            "Time to the first token of a stream (OpenTelemetry gen_ai.server.time_to_first_token).",
+            ["gen_ai_operation_name", "gen_ai_request_model"],
+            buckets=FIRST_TOKEN_BUCKETS,
+            registry=r,
+        )
+        r.register(_StateCollector(circuits, ledger_state))
+        self._server: Any = None
+        self.port: int | None = None
+        """Where /metrics is served, once serve() bound it."""
+
+    def serve(self, listen: str) -> int:
+        """Serves /metrics on HOST:PORT in a thread of its own; the port it bound."""
+        host, _, port = listen.rpartition(":")
+        self._server, _thread = start_http_server(int(port), host.strip("[]"), registry=self.registry)
+        self.port = int(self._server.server_port)
+        return self.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def observe_call(self, rpc: str, meter: Meter, elapsed_s: float, request_model: str | None) -> None:
+        """What the router did for one call, from its meter."""
+        upstream_s = 0.0
+        for attempt in meter.attempts:
+            self.attempts.labels(attempt.backend, attempt.outcome.value).inc()
+            if attempt.outcome is not AttemptOutcome.SKIPPED:
+                self.attempt_seconds.labels(attempt.backend).observe(attempt.duration_s)
+                upstream_s += attempt.duration_s
+            if attempt.outcome is AttemptOutcome.INTERRUPTED:
+                self.restarts.labels(attempt.backend).inc()
+        for before, after in pairwise(meter.attempts):
+            if before.outcome in _FAILURES:
+                moved = self.retries if after.backend == before.backend else self.fallbacks
+                moved.labels(before.backend, before.outcome.value).inc()
+        self.overhead.labels(rpc).observe(max(0.0, elapsed_s - upstream_s))
+        requested = self.labels.model(request_model)
+        if meter.first_chunk_s is not None and meter.attempts:
+            served = next((a for a in reversed(meter.attempts) if a.outcome is AttemptOutcome.SUCCEEDED), None)
+            if served is not None:
+                self.first_chunk.labels(served.backend).observe(meter.first_chunk_s)
+                self.gen_ai_first_token.labels("chat", requested).observe(meter.first_chunk_s)
+        for billed in meter.billed:
+            model, caller, usage = self.labels.model(billed.model), self.labels.caller(billed.caller), billed.usage
+            for kind, count in (
+                ("prompt", usage.prompt_tokens),
+                ("completion", usage.completion_tokens),
+                ("cached", usage.cached_prompt_tokens or 0),
+                ("reasoning", usage.reasoning_tokens or 0),
+            ):
+                if count:
+                    self.tokens.labels(billed.backend, model, caller, kind).inc(count)
+            self.gen_ai_tokens.labels("chat", requested, model, "input").observe(usage.prompt_tokens)
+            self.gen_ai_tokens.labels("chat", requested, model, "output").observe(usage.completion_tokens)
+            if usage.cost is not None:
+                self.cost.labels(billed.backend, model, caller).inc(usage.cost.usd_micros / 1_000_000)
+
+
+class _StateCollector(Collector):
+    """Read at each scrape: the circuits' states and the ledger's queue."""
+
+    def __init__(self, circuits: Callable[[], Iterable[tuple[str, str]]], ledger: Callable[[], tuple[int, int]]):
+        self._circuits = circuits
+        self._ledger = ledger
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        circuit = GaugeMetricFamily(
+            "llmrelay_circuit_state", "1 for the state each backend's circuit is in.", labels=["backend", "state"]
+        )
+        for backend, state in self._circuits():
+            for name in _CIRCUIT_STATES:
+                circuit.add_metric([backend, name], 1.0 if name == state else 0.0)
+        yield circuit
+        depth, failures = self._ledger()
+        yield GaugeMetricFamily("llmrelay_ledger_queue_depth", "Usage rows not yet written.", value=depth)
+        yield CounterMetricFamily(
+            "llmrelay_ledger_write_failures", "Failed writes of the usage ledger (rows kept, retried).", value=failures
+        )
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every RPC (the outermost interceptor, so refusals count too) and, for model calls, what the router did."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._methods: dict[str, tuple[str, str]] = {}
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, _, method = handler_call_details.method[1:].rpartition("/")
+        if handler.unary_stream is not None:
+            labels = ("server_stream", service, method)
+            return grpc.unary_stream_rpc_method_handler(
+                self._observed_stream(handler.unary_stream, labels),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_unary is not None:
+            labels = ("unary", service, method)
+            return grpc.unary_unary_rpc_method_handler(
+                self._observed_unary(handler.unary_unary, labels),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return handler  # no RPC of ours streams requests
+
+    def _observed_unary(self, behavior: Any, labels: tuple[str, str, str]) -> Any:
+        metrics = self._metrics
+
+        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            metrics.started.labels(*labels).inc()
+            metrics.received.labels(*labels).inc()
+            meter = open_meter()
+            code = grpc.StatusCode.OK
+            try:
+                answer = await behavior(request, context)
+                metrics.sent.labels(*labels).inc()
+                return answer
+            except BaseException as error:
+                code = _code(context, error)
+                raise
+            finally:
+                self._end(labels, code, started, meter, request)
+
+        return observed
+
+    def _observed_stream(self, behavior: Any, labels: tuple[str, str, str]) -> Any:
+        metrics = self._metrics
+
+        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            metrics.started.labels(*labels).inc()
+            metrics.received.labels(*labels).inc()
+            metrics.open_streams.inc()
+            meter = open_meter()
+            code = grpc.StatusCode.OK
+            sent = metrics.sent.labels(*labels)
+            try:
+                async for answer in behavior(request, context):
+                    sent.inc()
+                    yield answer
+            except BaseException as error:
+                code = _code(context, error)
+                raise
+            finally:
+                metrics.open_streams.dec()
+                self._end(labels, code, started, meter, request)
+
+        return observed
+
+    def _end(
+        self, labels: tuple[str, str, str], code: grpc.StatusCode, started: float, meter: Meter, request: Any
+    ) -> None:
+        elapsed = time.perf_counter() - started
+        self._metrics.handled.labels(*labels, code.name).inc()
+        self._metrics.handling.labels(*labels).observe(elapsed)
+        if meter.attempts:  # a model call that reached the router
+            model = request.model if request.HasField("model") else None
+            self._metrics.observe_call(labels[2], meter, elapsed, model)
+
+
+def _code(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> grpc.StatusCode:
+    """The status a failed call ended with: the one it aborted with, else CANCELLED or UNKNOWN."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
+        return code
+    return (
+        grpc.StatusCode.CANCELLED
+        if isinstance(error, asyncio.CancelledError | GeneratorExit)
+        else grpc.StatusCode.UNKNOWN
+    )

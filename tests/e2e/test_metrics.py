@@ -1,0 +1,109 @@
+"""Prometheus metrics scraped from /metrics after a known sequence of calls: every counter and histogram count
+matches the sequence exactly, in the names existing dashboards use."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from typing import Any
+
+import grpc
+import pytest
+from llmrelay import v1 as pb
+from llmrelay_server.domain import BackendSpec
+from llmrelay_server.metrics import LabelValues
+from prometheus_client.parser import text_string_to_metric_families
+from support import GatewayFactory, chat, stream_chat, two_backends
+from upstream import FakeUpstream
+
+COMPLETE = {"grpc_type": "unary", "grpc_service": "llmrelay.v1.LLMService", "grpc_method": "Complete"}
+STREAM = {"grpc_type": "server_stream", "grpc_service": "llmrelay.v1.LLMService", "grpc_method": "StreamComplete"}
+
+
+async def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    def fetch() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+    samples = {}
+    for family in text_string_to_metric_families(await asyncio.to_thread(fetch)):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def test_metrics_count_a_known_sequence_exactly(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    gateway = await gateway_factory(two_backends(primary, local), server='metrics_listen: "127.0.0.1:0"')
+    assert gateway.metrics is not None and gateway.metrics.port is not None
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+        answers = [await stub.Complete(chat(), timeout=5) for _ in range(2)]  # served at once
+        primary.inject({"status": 503}, {"status": 503})
+        answers.append(await stub.Complete(chat(), timeout=5))  # a retry, then a fallback
+        primary.inject({"status": 503}, {"status": 503})
+        local.inject({"status": 503}, {"status": 503})
+        with pytest.raises(grpc.aio.AioRpcError):  # everything down
+            await stub.Complete(chat(), timeout=5)
+        chunks = [c async for c in stub.StreamComplete(stream_chat(), timeout=5)]
+        await stub.Health(pb.HealthRequest(), timeout=5)
+    samples = await scrape(gateway.metrics.port)
+
+    assert value(samples, "grpc_server_started_total", **COMPLETE) == 4
+    assert value(samples, "grpc_server_handled_total", **COMPLETE, grpc_code="OK") == 3
+    assert value(samples, "grpc_server_handled_total", **COMPLETE, grpc_code="UNAVAILABLE") == 1
+    assert value(samples, "grpc_server_handling_seconds_count", **COMPLETE) == 4
+    assert value(samples, "grpc_server_msg_sent_total", **COMPLETE) == 3
+    assert value(samples, "grpc_server_handled_total", **STREAM, grpc_code="OK") == 1
+    assert value(samples, "grpc_server_msg_sent_total", **STREAM) == len(chunks)
+    assert value(samples, "grpc_server_handled_total", **{**COMPLETE, "grpc_method": "Health"}, grpc_code="OK") == 1
+
+    attempts = "llmrelay_upstream_attempts_total"
+    assert value(samples, attempts, backend="openai", outcome="succeeded") == 3  # two unary calls and the stream
+    assert value(samples, attempts, backend="openai", outcome="server_error") == 4
+    assert value(samples, attempts, backend="ollama", outcome="succeeded") == 1
+    assert value(samples, attempts, backend="ollama", outcome="server_error") == 2
+    assert value(samples, "llmrelay_upstream_attempt_seconds_count", backend="openai") == 7
+    assert value(samples, "llmrelay_retries_total", backend="openai", reason="server_error") == 2
+    assert value(samples, "llmrelay_retries_total", backend="ollama", reason="server_error") == 1
+    assert value(samples, "llmrelay_fallbacks_total", backend="openai", reason="server_error") == 2
+    assert value(samples, "llmrelay_gateway_overhead_seconds_count", grpc_method="Complete") == 4
+    assert value(samples, "llmrelay_upstream_time_to_first_chunk_seconds_count", backend="openai") == 1
+    assert value(samples, "gen_ai_server_time_to_first_token_seconds_count",
+                 gen_ai_operation_name="chat", gen_ai_request_model="default") == 1  # fmt: skip
+
+    by_backend = {"openai": 0, "ollama": 0}
+    for answer in answers:
+        by_backend[answer.backend] += answer.usage.prompt_tokens
+    by_backend["openai"] += chunks[-1].usage.prompt_tokens
+    for backend, model in (("openai", "gpt-test"), ("ollama", "tiny")):
+        tokens = value(
+            samples, "llmrelay_tokens_total", backend=backend, model=model, caller="anonymous", kind="prompt"
+        )
+        assert tokens == by_backend[backend]
+    assert value(samples, "llmrelay_circuit_state", backend="openai", state="closed") == 1
+    assert value(samples, "llmrelay_circuit_state", backend="openai", state="open") == 0
+    assert value(samples, "llmrelay_open_streams") == 0
+    assert ("llmrelay_ledger_queue_depth", frozenset()) in samples
+
+
+def test_label_values_come_from_the_configuration_only() -> None:
+    specs = [BackendSpec("openai", "openai", "http://x/v1", "gpt-4o", models=("gpt-4o-mini",))]
+    labels = LabelValues(specs, ["fast"], lambda: frozenset({"research"}))
+    assert [labels.model(m) for m in ("gpt-4o", "openai/gpt-4o-mini", "fast", None, "anything-a-caller-says")] == [
+        "gpt-4o",
+        "openai/gpt-4o-mini",
+        "fast",
+        "default",
+        "other",
+    ]
+    assert [labels.caller(c) for c in ("research", "anonymous", "x-llmrelay-caller-made-up")] == [
+        "research",
+        "anonymous",
+        "other",
+    ]
