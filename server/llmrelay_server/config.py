@@ -154,6 +154,12 @@ class ServerConfig:
     """What a request without max_tokens reserves for its answer against tokens-per-minute limits."""
     metrics_listen: str | None = None
     """HOST:PORT to serve Prometheus metrics on (path /metrics); unset: no metrics endpoint."""
+    log_format: str = "text"
+    """The one line per call, and every other log line: "text" for people, "json" for log pipelines."""
+    log_content: bool = False
+    """Whether prompts and answers may appear in logs and traces; off, nothing a caller wrote is recorded."""
+    tracing: bool = False
+    """OpenTelemetry traces (the `llmrelay[otel]` extra), exported as the standard OTEL_* variables say."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +236,8 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     _check_listen(server.listen, "server.listen")
     if server.metrics_listen is not None:
         _check_listen(server.metrics_listen, "server.metrics_listen")
+    if server.log_format not in ("text", "json"):
+        raise ConfigError(f"server.log_format: {server.log_format!r} is not text or json")
     _check_positive(server, "server", allow_zero=("drain_s",))
     _check_positive(section.router, "router")
     _check_positive(section.router.retry, "router.retry", allow_zero=("max_retries",))

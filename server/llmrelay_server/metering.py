@@ -32,6 +32,8 @@ class Meter:
     """Every attempt of the call, as the router records them (the router's own list, so it is always current)."""
     first_chunk_s: float | None = None
     """A stream's time from the call's start to its first chunk from an upstream."""
+    upstream_headers: dict[str, str] = field(default_factory=dict)
+    """Headers every upstream request of the call carries (a trace context's traceparent)."""
 
 
 current_meter: contextvars.ContextVar[Meter | None] = contextvars.ContextVar("llmrelay_meter", default=None)
@@ -61,6 +63,12 @@ def attempts(recorded: list[Attempt]) -> None:
     meter = current_meter.get()
     if meter is not None:
         meter.attempts = recorded
+
+
+def upstream_headers() -> dict[str, str] | None:
+    """The headers the call's upstream requests must carry, if any."""
+    meter = current_meter.get()
+    return meter.upstream_headers if meter is not None and meter.upstream_headers else None
 
 
 def first_chunk(seconds: float) -> None:

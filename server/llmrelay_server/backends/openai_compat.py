@@ -21,6 +21,7 @@ import aiohttp
 import httpx2
 import openai
 
+from llmrelay_server import metering
 from llmrelay_server.backends import wire
 from llmrelay_server.domain import (
     BackendHealth,
@@ -226,11 +227,15 @@ class OpenAICompatibleProvider:
         every call: a third of the gateway's CPU per request (`make bench`). Errors still come out as the SDK's
         exception types.
         """
+        headers = self._headers
+        if (extra := metering.upstream_headers()) is not None:
+            headers = httpx2.Headers(headers)
+            headers.update(extra)
         request = httpx2.Request(
             "POST",
             self._completions_url,
             content=json.dumps(body).encode(),
-            headers=self._headers,
+            headers=headers,
             cookies=self._http.cookies,  # those upstreams set, as the client would send them back
             extensions={"timeout": self._timeout(timeout_s).as_dict()},
         )
