@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -156,6 +157,8 @@ def start(args: list[str], ready: str, env: dict[str, str] | None = None) -> sub
     while time.monotonic() < deadline:
         line = process.stdout.readline()
         if ready in line:
+            # Read on, or a process that logs every call would block once the pipe is full.
+            threading.Thread(target=process.stdout.read, daemon=True).start()
             return process
         if not line and process.poll() is not None:
             break
@@ -178,29 +181,48 @@ def start_upstream(port: int) -> subprocess.Popen[str]:
     return start([sys.executable, str(ROOT / "tests" / "upstream.py"), "--listen", listen], "upstream listening on")
 
 
-# The gateway with callers authenticated and limited: one key, every kind of limit, none of them reached.
 BENCH_KEY = "llmr-bench-0123456789abcdefghijklmnopq"
-KEYED = f"""
-auth:
+
+
+@dataclass(frozen=True)
+class Feature:
+    """A gateway with some features on, measured against the plain one in the same run."""
+
+    description: str
+    server: str = ""
+    """More fields of the server section."""
+    extra: str = ""
+    """More YAML sections."""
+    metadata: tuple[tuple[str, str], ...] = ()
+
+
+FEATURES = {
+    "keyed": Feature(
+        "auth + limits (a key with every kind of limit, and gateway limits)",
+        server="limits: {requests_per_minute: 100000000}",
+        extra=f"""auth:
   keys:
     - name: bench
       sha256: "{hashlib.sha256(BENCH_KEY.encode()).hexdigest()}"
       models: ["tiny", "ollama/*"]
       limits: {{requests_per_minute: 10000000, tokens_per_minute: 1000000000, concurrent_streams: 1000,
                budget_usd_per_day: 1000000}}
-"""
+""",
+        metadata=(("authorization", f"Bearer {BENCH_KEY}"),),
+    ),
+    "observed": Feature("metrics + a JSON log line per call", server='metrics_listen: "127.0.0.1:0", log_format: json'),
+}
 
 
 def start_gateway(
-    scratch: Path, upstream_port: int, gateway_port: int, name: str = "gateway", extra: str = ""
+    scratch: Path, upstream_port: int, gateway_port: int, name: str = "gateway", feature: Feature = Feature("plain")
 ) -> subprocess.Popen[str]:
-    """`llmrelay-server` in front of the loopback upstream, with no configuration from the environment; `extra` adds
-    to its YAML (with keys, gateway-wide limits come too, so that both interceptors' work is measured)."""
+    """`llmrelay-server` in front of the loopback upstream, with no configuration from the environment."""
     config = scratch / f"{name}.yaml"
-    limits = ", limits: {requests_per_minute: 100000000}" if extra else ""
+    server = f", {feature.server}" if feature.server else ""
     config.write_text(
-        f'server: {{usage_db: "{scratch}/{name}.db"{limits}}}\n'
-        f'llm:\n  ollama: {{base_url: "http://127.0.0.1:{upstream_port}/v1", model: tiny}}\n{extra}'
+        f'server: {{usage_db: "{scratch}/{name}.db"{server}}}\n'
+        f'llm:\n  ollama: {{base_url: "http://127.0.0.1:{upstream_port}/v1", model: tiny}}\n{feature.extra}'
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OLLAMA_", "LLMRELAY_"))}
     command = [str(BIN / "llmrelay-server"), "--listen", f"127.0.0.1:{gateway_port}", "--config", str(config)]
@@ -213,27 +235,26 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
 
-    upstream_port, gateway_port, keyed_port = free_port(), free_port(), free_port()
+    ports = {name: free_port() for name in ("upstream", "gateway", *FEATURES)}
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as running:
-        upstream = start_upstream(upstream_port)
+        upstream = start_upstream(ports["upstream"])
         running.callback(stop, upstream)
-        gateway = start_gateway(Path(scratch), upstream_port, gateway_port, "open")
-        running.callback(stop, gateway)
-        keyed = start_gateway(Path(scratch), upstream_port, keyed_port, "keyed", KEYED)
-        running.callback(stop, keyed)
+        pids = {"upstream": upstream.pid}
+        for name, feature in {"gateway": Feature("plain"), **FEATURES}.items():
+            gateway = start_gateway(Path(scratch), ports["upstream"], ports[name], name, feature)
+            running.callback(stop, gateway)
+            pids[name] = gateway.pid
         await asyncio.sleep(1.0)
-        ports = {"upstream": upstream_port, "gateway": gateway_port, "keyed": keyed_port}
-        pids = {"upstream": upstream.pid, "gateway": gateway.pid, "keyed": keyed.pid}
         await report(pids, ports, args.requests, args.concurrency)
 
 
 async def report(pids_by_name: Mapping[str, int], ports: Mapping[str, int], requests: int, concurrency: int) -> None:
     direct = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{ports['upstream']}/v1", api_key="bench", max_retries=0)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{ports['gateway']}")
-    keyed_channel = grpc.aio.insecure_channel(f"127.0.0.1:{ports['keyed']}")
-    keyed_calls = gateway_calls(pb.LLMServiceStub(keyed_channel), [("authorization", f"Bearer {BENCH_KEY}")])
-    paths = {"direct": sdk_calls(direct), "gateway": gateway_calls(pb.LLMServiceStub(channel)), "keyed": keyed_calls}
-    servers = {"direct": None, "gateway": "gateway", "keyed": "keyed"}
+    channels = {name: grpc.aio.insecure_channel(f"127.0.0.1:{ports[name]}") for name in ("gateway", *FEATURES)}
+    paths = {"direct": sdk_calls(direct), "gateway": gateway_calls(pb.LLMServiceStub(channels["gateway"]))}
+    for name, feature in FEATURES.items():
+        paths[name] = gateway_calls(pb.LLMServiceStub(channels[name]), feature.metadata)
+    servers = {"direct": None, "gateway": "gateway", **{name: name for name in FEATURES}}
     pids = {name: [pid] for name, pid in pids_by_name.items()}
     gateway_pid = pids_by_name["gateway"]
     rss_idle = rss_mib(gateway_pid)
@@ -253,13 +274,14 @@ async def report(pids_by_name: Mapping[str, int], ports: Mapping[str, int], requ
         throughput = direct_run.wall_s / via.wall_s
         cpu = via.cpu_s["gateway"] / via.cpu_s["upstream"]
         print(f"  {kind:<7} p50 latency x{latency:.2f}   throughput x{throughput:.2f}   CPU x{cpu:.2f} upstream's")
-    print("\ncost of auth + limits (a key with every kind of limit, and gateway limits), same run:")
-    for kind in KINDS:
-        extra_us = (results[f"keyed {kind}"].cpu_ms("keyed") - results[f"gateway {kind}"].cpu_ms("gateway")) * 1000
-        print(f"  {kind:<7} {extra_us:+.0f} us gateway CPU per call")
+    for name, feature in FEATURES.items():
+        print(f"\ncost of {feature.description}, against the plain gateway, same run:")
+        for kind in KINDS:
+            extra_us = (results[f"{name} {kind}"].cpu_ms(name) - results[f"gateway {kind}"].cpu_ms("gateway")) * 1000
+            print(f"  {kind:<7} {extra_us:+.0f} us gateway CPU per call")
     print(f"\ngateway memory: {rss_idle:.0f} MiB idle, {rss_loaded:.0f} MiB after the runs")
-    await keyed_channel.close()
-    await channel.close()
+    for channel in channels.values():
+        await channel.close()
     await direct.close()
 
 
