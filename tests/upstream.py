@@ -67,6 +67,8 @@ class FakeUpstream:
     port: int = 0
     faults: deque[Fault] = field(default_factory=deque)
     chat_requests: list[dict[str, Any]] = field(default_factory=list)
+    chat_headers: list[dict[str, str]] = field(default_factory=list)
+    """The chat requests' headers (names in lower case), in the order of chat_requests."""
     chat_times: list[float] = field(default_factory=list)
     """Monotonic times at which the chat requests arrived."""
     tokenize_requests: list[dict[str, Any]] = field(default_factory=list)
@@ -103,6 +105,7 @@ class FakeUpstream:
     def reset(self) -> None:
         self.faults.clear()
         self.chat_requests.clear()
+        self.chat_headers.clear()
         self.chat_times.clear()
         self.tokenize_requests.clear()
         self.client_disconnects.clear()
@@ -159,6 +162,7 @@ class FakeUpstream:
     async def _chat(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         body = request.json()
         self.chat_requests.append(body)
+        self.chat_headers.append(request.headers)
         self.chat_times.append(time.monotonic())
         fault = self.faults.popleft() if self.faults else {}
         if "stall_s" in fault and not await self._stall(fault["stall_s"], reader):

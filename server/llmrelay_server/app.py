@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -13,7 +14,8 @@ from grpc_reflection.v1alpha import reflection
 
 from llmrelay_server.auth import AuthInterceptor, KeyRing
 from llmrelay_server.backends import provider_factory
-from llmrelay_server.config import GatewayConfig
+from llmrelay_server.calllog import CallLogInterceptor, use_log_format
+from llmrelay_server.config import ConfigError, GatewayConfig
 from llmrelay_server.decoding import add_llm_service
 from llmrelay_server.health import SERVICE_NAME, HealthMonitor
 from llmrelay_server.limits import InProcessLimiter, LimitsInterceptor
@@ -25,6 +27,9 @@ from llmrelay_server.servicer import LLMServicer
 from llmrelay_server.tls import exposure_warnings, protection, server_credentials
 from llmrelay_server.tokens import TokenCounter
 from llmrelay_server.usage import UsageLedger
+
+if TYPE_CHECKING:
+    from llmrelay_server.tracing import Tracing
 
 log = logging.getLogger("llmrelay_server")
 NO_BACKEND_HINT = (
@@ -55,6 +60,7 @@ class Gateway:
     metrics: Metrics | None
     drain_s: float
     grace_period_s: float
+    tracing: Tracing | None = None
 
     async def stop(self, grace_period_s: float | None = None, drain_s: float | None = None) -> None:
         """Health to NOT_SERVING and new calls refused for the drain time, then calls in flight get the grace period
@@ -78,6 +84,8 @@ class Gateway:
                 self.metrics.stop()
             await asyncio.gather(*(backend.provider.aclose() for backend in self.router.backends))
             await self.ledger.aclose()
+            if self.tracing is not None:
+                await self.tracing.stop()  # the last spans exported
 
 
 async def start_gateway(config: GatewayConfig) -> Gateway:
@@ -86,6 +94,7 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
     # Before the port opens: a certificate that cannot be used stops the start (ConfigError naming the field).
     credentials = server_credentials(tls) if tls is not None else None
     keys = KeyRing(config.auth)  # likewise a keys file that cannot be read
+    tracing = _tracing(config)  # and tracing without its extra
     counter = TokenCounter()
     ledger = UsageLedger(config.server.usage_db)
     factory = provider_factory(counter)
@@ -100,7 +109,7 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
     )
     metrics = _metrics(config, keys, router, ledger) if config.server.metrics_listen else None
     server = grpc.aio.server(
-        interceptors=_interceptors(config, keys, counter, router, metrics),
+        interceptors=_interceptors(config, keys, counter, router, metrics, tracing),
         maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", limit),
@@ -156,6 +165,7 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
         metrics,
         drain_s=config.server.drain_s,
         grace_period_s=config.server.grace_period_s,
+        tracing=tracing,
     )
 
 
@@ -168,12 +178,35 @@ def _metrics(config: GatewayConfig, keys: KeyRing, router: Router, ledger: Usage
     )
 
 
+def _tracing(config: GatewayConfig) -> Tracing | None:
+    if not config.server.tracing:
+        return None
+    try:
+        from llmrelay_server.tracing import Tracing
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("opentelemetry"):
+            raise
+        raise ConfigError(
+            "server.tracing is on but OpenTelemetry is not installed: pip install 'llmrelay[otel]'"
+        ) from exc
+    return Tracing(config)
+
+
 def _interceptors(
-    config: GatewayConfig, keys: KeyRing, counter: TokenCounter, router: Router, metrics: Metrics | None
+    config: GatewayConfig,
+    keys: KeyRing,
+    counter: TokenCounter,
+    router: Router,
+    metrics: Metrics | None,
+    tracing: Tracing | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:
-    """What each call did (outermost, so refusals count too), who is calling, then within what limits; none of them
-    when nothing is configured, so a plain gateway pays nothing."""
+    """What each call did (outermost, so refusals count too), its request id and log line, who is calling, then
+    within what limits; metrics, keys and limits only when configured, so a plain gateway pays for the log alone."""
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)] if metrics is not None else []
+    # A request id and one log line for every call, refusals included.
+    interceptors.append(CallLogInterceptor(config.server.log_content))
+    if tracing is not None:  # a span per call, continuing the caller's trace
+        interceptors.append(tracing.interceptor)
     if keys.enabled:
         interceptors.append(AuthInterceptor(keys, config.auth.open_services))
     configured = (config.server.limits, *(key.limits for key in config.auth.keys))
@@ -193,6 +226,7 @@ def _interceptors(
 
 async def serve(config: GatewayConfig) -> None:
     """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+    use_log_format(config.server.log_format)
     # Handlers first: a signal that comes the moment the port opens must still mean a graceful stop.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -13,7 +13,7 @@ other model a caller or an upstream names is counted as `other`, so no caller ca
 
 from __future__ import annotations
 
-import asyncio
+import inspect
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from itertools import pairwise
@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from llmrelay_server.auth import Continuation, Handler
 from llmrelay_server.domain import AttemptOutcome, BackendSpec
 from llmrelay_server.metering import Meter, open_meter
+from llmrelay_server.status import ended_with
 
 OTHER = "other"
 # The gateway's own time per call is small; the default buckets (5 ms up) would put it all in the first.
@@ -256,7 +257,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 metrics.sent.labels(*labels).inc()
                 return answer
             except BaseException as error:
-                code = _code(context, error)
+                code = ended_with(context, error)
                 raise
             finally:
                 self._end(labels, code, started, meter, request)
@@ -264,6 +265,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         return observed
 
     def _observed_stream(self, behavior: Any, labels: tuple[str, str, str]) -> Any:
+        if not inspect.isasyncgenfunction(behavior):
+            # A stream written with context.write (grpc.health.v1's Watch): its messages pass by us, uncounted.
+            return self._observed_unary(behavior, labels)
         metrics = self._metrics
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
@@ -279,7 +283,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     sent.inc()
                     yield answer
             except BaseException as error:
-                code = _code(context, error)
+                code = ended_with(context, error)
                 raise
             finally:
                 metrics.open_streams.dec()
@@ -296,15 +300,3 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if meter.attempts:  # a model call that reached the router
             model = request.model if request.HasField("model") else None
             self._metrics.observe_call(labels[2], meter, elapsed, model)
-
-
-def _code(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> grpc.StatusCode:
-    """The status a failed call ended with: the one it aborted with, else CANCELLED or UNKNOWN."""
-    code = context.code()
-    if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
-        return code
-    return (
-        grpc.StatusCode.CANCELLED
-        if isinstance(error, asyncio.CancelledError | GeneratorExit)
-        else grpc.StatusCode.UNKNOWN
-    )

@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Final, NoReturn, TypeAlias
 
@@ -67,6 +68,16 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], rpc: str, error: LL
     log.info("%s failed: %s: %s", rpc, failure.code.name, failure.details)
     await context.abort_with_status(failure)
     raise AssertionError("abort returns only by raising")
+
+
+def ended_with(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> grpc.StatusCode:
+    """The status a call that raised ended with: the one it aborted with, else CANCELLED (the caller left, or the
+    stream was closed) or UNKNOWN."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
+        return code
+    cancelled = isinstance(error, asyncio.CancelledError | GeneratorExit)
+    return grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.UNKNOWN
 
 
 def rpc_failure(error: LLMRelayError) -> grpc.Status:

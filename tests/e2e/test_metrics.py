@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import v1 as pb
 from llmrelay_server.domain import BackendSpec
 from llmrelay_server.metrics import LabelValues
@@ -107,3 +108,16 @@ def test_label_values_come_from_the_configuration_only() -> None:
         "anonymous",
         "other",
     ]
+
+
+async def test_the_standard_health_watch_works_with_every_interceptor_on(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """Watch streams with context.write, not as an async generator: the interceptors must pass it through."""
+    gateway = await gateway_factory(
+        two_backends(primary, local), server='metrics_listen: "127.0.0.1:0", log_format: json, tracing: true'
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()

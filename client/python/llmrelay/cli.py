@@ -1,10 +1,17 @@
-"""`llmrelay`: the gateway from a terminal (complete, stream, tokens, health, usage)."""
+"""`llmrelay`: the gateway from a terminal (complete, stream, tokens, health, usage, stats)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import re
 import sys
+import time
+import urllib.error
+import urllib.request
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,10 +20,15 @@ from llmrelay._client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, Client, message
 from llmrelay._errors import LLMRelayError
 
 _FINISH = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in pb.FinishReason.items()}
+DEFAULT_METRICS = "http://127.0.0.1:9464/metrics"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.run is _stats:  # reads the metrics endpoint, not the gRPC service
+        with contextlib.suppress(KeyboardInterrupt):
+            _stats(args)
+        return
     try:
         with Client(args.target, timeout=args.timeout) as client:
             args.run(client, args)
@@ -62,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--model")
     usage.add_argument("--caller")
     usage.set_defaults(run=_usage)
+
+    stats = commands.add_parser("stats", help="a live view of the gateway from its metrics endpoint")
+    stats.add_argument(
+        "--metrics",
+        default=os.environ.get("LLMRELAY_METRICS", DEFAULT_METRICS),
+        help=f"the gateway's /metrics URL (its server.metrics_listen; default {DEFAULT_METRICS})",
+    )
+    stats.add_argument("--interval", type=float, default=2.0, help="seconds between samples")
+    stats.add_argument("--once", action="store_true", help="print the totals since the gateway started, and exit")
+    stats.set_defaults(run=_stats)
     return parser
 
 
@@ -142,6 +164,125 @@ def _usd(cost: pb.Cost) -> str:
     mark = "~" if cost.estimated else ""
     unknown = " (no price)" if cost.price_unknown else ""
     return f"{mark}{dollars}.{micros:06d}{unknown}"
+
+
+# --- stats: the Prometheus text format, read with no dependency beyond the standard library ------------------------
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+_SERVICE = "llmrelay.v1.LLMService"
+
+
+def scrape(url: str) -> Samples:
+    """The samples of one scrape of a /metrics endpoint."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        sys.exit(f"llmrelay: cannot read {url}: {reason} (is the gateway's server.metrics_listen set?)")
+    return parse_metrics(text)
+
+
+def parse_metrics(text: str) -> Samples:
+    samples: Samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and (match := _SAMPLE.match(line)):
+            name, labels, value = match.groups()
+            pairs = frozenset((k, v.replace('\\"', '"').replace("\\\\", "\\")) for k, v in _LABEL.findall(labels or ""))
+            samples[(name, pairs)] = float(value)
+    return samples
+
+
+def _sum_by(samples: Samples, name: str, label: str, **match: str) -> dict[str, float]:
+    totals: dict[str, float] = defaultdict(float)
+    for (sample, labels), value in samples.items():
+        pairs = dict(labels)
+        if sample == name and all(pairs.get(k) == v for k, v in match.items()):
+            totals[pairs.get(label, "")] += value
+    return totals
+
+
+def _quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """As Prometheus's histogram_quantile: linear within the bucket the rank falls in."""
+    bounds = sorted(buckets)
+    if not bounds or (total := buckets[bounds[-1]]) <= 0:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound in bounds:
+        if buckets[bound] >= rank:
+            if math.isinf(bound):
+                return lower
+            return lower + (bound - lower) * (rank - below) / max(buckets[bound] - below, 1e-12)
+        lower, below = bound, buckets[bound]
+    return lower
+
+
+def _buckets(samples: Samples, method: str) -> dict[float, float]:
+    buckets: dict[float, float] = defaultdict(float)
+    for (name, labels), value in samples.items():
+        pairs = dict(labels)
+        wanted = pairs.get("grpc_method") == method and pairs.get("grpc_service") == _SERVICE
+        if name == "grpc_server_handling_seconds_bucket" and wanted:
+            buckets[float(pairs["le"])] += value
+    return buckets
+
+
+def _delta(after: dict[Any, float], before: dict[Any, float]) -> dict[Any, float]:
+    return {key: value - before.get(key, 0.0) for key, value in after.items()}
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def render_stats(after: Samples, before: Samples | None = None, seconds: float = 0.0) -> str:
+    """What happened between two scrapes, per second; with no `before`, the totals since the gateway started."""
+    rate = before is not None and seconds > 0
+    base: Samples = before or {}
+    per, digits, unit = (seconds, 1, "/s") if rate else (1.0, 0, "")
+
+    def change(name: str, label: str, **match: str) -> dict[str, float]:
+        return _delta(_sum_by(after, name, label, **match), _sum_by(base, name, label, **match))
+
+    def number(value: float, width: int = 10) -> str:
+        return f"{value / per:>{width}.{digits}f}"
+
+    calls = change("grpc_server_handled_total", "grpc_method", grpc_service=_SERVICE)
+    ok = change("grpc_server_handled_total", "grpc_method", grpc_service=_SERVICE, grpc_code="OK")
+    title = f"over the last {seconds:.1f} s" if rate else "since the gateway started"
+    lines = [f"llmrelay {title}", f"{'method':<16}{'calls' + unit:>10}{'errors' + unit:>10}{'p50':>10}{'p99':>10}"]
+    for method in sorted(calls):
+        buckets = _delta(_buckets(after, method), _buckets(base, method))
+        p50, p99 = _duration(_quantile(0.5, buckets)), _duration(_quantile(0.99, buckets))
+        lines.append(
+            f"{method:<16}{number(calls[method])}{number(calls[method] - ok.get(method, 0.0))}{p50:>10}{p99:>10}"
+        )
+    tokens = "llmrelay_tokens_total"
+    prompt, completion = change(tokens, "backend", kind="prompt"), change(tokens, "backend", kind="completion")
+    lines.append(f"{'backend':<16}{'tokens' + unit:>10}{'prompt':>10}{'completion':>12}")
+    for backend, total in sorted(change(tokens, "backend").items()):
+        lines.append(
+            f"{backend:<16}{number(total)}{number(prompt.get(backend, 0.0))}{number(completion.get(backend, 0.0), 12)}"
+        )
+    lines.append(f"open streams: {after.get(('llmrelay_open_streams', frozenset()), 0.0):.0f}")
+    return "\n".join(lines)
+
+
+def _stats(args: argparse.Namespace) -> None:
+    before, at = scrape(args.metrics), time.monotonic()
+    if args.once:
+        print(render_stats(before))
+        return
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+    while True:
+        time.sleep(args.interval)
+        after, now = scrape(args.metrics), time.monotonic()
+        print(clear + render_stats(after, before, now - at), flush=True)
+        before, at = after, now
 
 
 if __name__ == "__main__":

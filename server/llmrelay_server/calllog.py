@@ -1,0 +1,249 @@
+"""One structured log line per call, from a server interceptor, and the JSON log format.
+
+The line (logger `llmrelay_server.calls`, INFO) says who called what and what the router did, read from the call's
+meter (`metering`) when the call ends: the request id, the caller, the RPC, the model asked and the one that
+answered, the backend, every attempt as `backend:outcome`, the status, the tokens billed, the cost, and the call's
+time, its time to the first chunk and the gateway's own share of it (the call's time less its attempts').
+
+The request id is the caller's `x-request-id` when it sends a sane one (1-128 characters of letters, digits and
+`._:@/+=-`), else a new one; it goes back to the caller in the response's initial metadata, sent before anything
+else, so a failed call carries it too.
+
+Never a key, and no prompt or answer: with `server.log_content` set, the last user message is added (`prompt`).
+With `server.log_format: json` every log line of the process is one JSON object (`JsonFormatter`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+from llmrelay import v1 as pb
+
+from llmrelay_server.auth import Continuation, Handler
+from llmrelay_server.domain import AttemptOutcome, LLMRelayError
+from llmrelay_server.metering import Meter, open_meter
+from llmrelay_server.servicer import caller_identity
+from llmrelay_server.status import ended_with
+
+log = logging.getLogger("llmrelay_server.calls")
+
+REQUEST_ID = "x-request-id"
+_SANE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+_PLAIN = re.compile(r"[A-Za-z0-9._:@/+=-]*")
+MAX_FIELD_CHARS = 128
+"""Caller-given strings in the line (a model name) are cut to this."""
+MAX_CONTENT_CHARS = 2000
+_ROLE_USER = pb.ROLE_USER
+
+
+def request_id(metadata: Any) -> str:
+    """The caller's x-request-id when it is sane, else a new one."""
+    for name, value in metadata or ():
+        if name == REQUEST_ID:
+            if isinstance(value, str) and _SANE_ID.fullmatch(value):
+                return value
+            break
+    return uuid.uuid4().hex
+
+
+class CallLogInterceptor(grpc.aio.ServerInterceptor):
+    """Gives every call a request id (returned in the initial metadata) and logs one line when it ends."""
+
+    def __init__(self, log_content: bool = False) -> None:
+        self._log_content = log_content
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        rpc = handler_call_details.method[1:]
+        rid = request_id(handler_call_details.invocation_metadata)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._logged_stream(handler.unary_stream, rpc, rid),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._logged_unary(handler.unary_unary, rpc, rid),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return handler  # no RPC of ours streams requests
+
+    def _logged_unary(self, behavior: Any, rpc: str, rid: str) -> Any:
+        async def logged(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            meter = open_meter()
+            code = grpc.StatusCode.OK
+            try:
+                await context.send_initial_metadata(((REQUEST_ID, rid),))
+                return await behavior(request, context)
+            except BaseException as error:
+                code = ended_with(context, error)
+                raise
+            finally:
+                self._end(rid, rpc, code, started, meter, request, context)
+
+        return logged
+
+    def _logged_stream(self, behavior: Any, rpc: str, rid: str) -> Any:
+        if not inspect.isasyncgenfunction(behavior):  # a stream written with context.write (grpc.health.v1 Watch)
+            return self._logged_unary(behavior, rpc, rid)
+
+        async def logged(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            meter = open_meter()
+            code = grpc.StatusCode.OK
+            try:
+                await context.send_initial_metadata(((REQUEST_ID, rid),))
+                async for answer in behavior(request, context):
+                    yield answer
+            except BaseException as error:
+                code = ended_with(context, error)
+                raise
+            finally:
+                self._end(rid, rpc, code, started, meter, request, context)
+
+        return logged
+
+    def _end(
+        self,
+        rid: str,
+        rpc: str,
+        code: grpc.StatusCode,
+        started: float,
+        meter: Meter,
+        request: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        total_s = time.perf_counter() - started
+        fields = call_fields(rid, rpc, code, total_s, meter, request, _caller(context))
+        if self._log_content and (prompt := _last_user_message(request)) is not None:
+            fields["prompt"] = prompt[:MAX_CONTENT_CHARS]
+        log.info("%s", CallLine(fields), extra={"call": fields})
+
+
+def call_fields(
+    rid: str, rpc: str, code: grpc.StatusCode, total_s: float, meter: Meter, request: Any, caller: str
+) -> dict[str, Any]:
+    """The line's fields, in the order they are written."""
+    served = next((a for a in reversed(meter.attempts) if a.outcome is AttemptOutcome.SUCCEEDED), None)
+    upstream_s = sum(a.duration_s for a in meter.attempts if a.outcome is not AttemptOutcome.SKIPPED)
+    prompt_tokens = sum(b.usage.prompt_tokens for b in meter.billed)
+    completion_tokens = sum(b.usage.completion_tokens for b in meter.billed)
+    return {
+        "request_id": rid,
+        "caller": caller,
+        "rpc": rpc,
+        "model": _asked_model(request),
+        "served_model": served.model if served is not None else None,
+        "backend": served.backend if served is not None else None,
+        "attempts": [f"{a.backend}:{a.outcome.value}" for a in meter.attempts],
+        "code": code.name,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "cost_usd": meter.usd_micros / 1_000_000,
+        "duration_ms": round(total_s * 1000, 3),
+        "first_chunk_ms": round(meter.first_chunk_s * 1000, 3) if meter.first_chunk_s is not None else None,
+        "overhead_ms": round(max(0.0, total_s - upstream_s) * 1000, 3),
+    }
+
+
+class CallLine:
+    """The call's line for people (key=value), made only when a handler writes it."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return "call " + " ".join(f"{name}={_text(value)}" for name, value in self.fields.items())
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ",".join(_text(item) for item in value) or "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    text = str(value)
+    # Anything a caller wrote (a model name) could break the line: quoted, escaped, unless plainly safe.
+    return text if _PLAIN.fullmatch(text) else json.dumps(text)
+
+
+def _caller(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    try:
+        return caller_identity(context)
+    except LLMRelayError:  # a malformed x-llmrelay-caller: the call was refused for it
+        return "invalid"
+
+
+def _asked_model(request: Any) -> str | None:
+    if not isinstance(request, Message):  # a request that did not decode
+        return None
+    try:
+        if not request.HasField("model"):
+            return "default"
+    except ValueError:  # an RPC whose request names no model
+        return None
+    return str(getattr(request, "model", ""))[:MAX_FIELD_CHARS]
+
+
+def _last_user_message(request: Any) -> str | None:
+    for message in reversed(getattr(request, "messages", ()) if isinstance(request, Message) else ()):
+        if message.role == _ROLE_USER:
+            return str(message.content)
+    return None
+
+
+class JsonFormatter(logging.Formatter):
+    """Each record as one JSON object: time, level, logger, message; a call line's fields; an exception's text."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+        }
+        call = getattr(record, "call", None)
+        if isinstance(call, dict):
+            entry["msg"] = "call"
+            entry.update(call)
+        else:
+            entry["msg"] = record.getMessage()
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exc"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def use_log_format(log_format: str) -> None:
+    """With "json", every handler of the root logger writes JSON (one set up at INFO if there is none)."""
+    if log_format != "json":
+        return
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO)
+    for handler in root.handlers:
+        handler.setFormatter(JsonFormatter())

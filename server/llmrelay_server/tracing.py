@@ -1,0 +1,304 @@
+"""OpenTelemetry traces (the `llmrelay[otel]` extra), on when `server.tracing` is set.
+
+One server span per RPC, named as gRPC's conventions name it ("llmrelay.v1.LLMService/Complete"), continuing the
+caller's trace context (W3C `traceparent` / `tracestate` in the call's metadata); under it, one client span per
+upstream attempt with the GenAI semantic conventions' attributes, and events on the RPC span for retries, fallbacks
+and stream restarts. Every upstream request of the call carries the RPC span's `traceparent` (`Meter.upstream_headers`).
+
+Like the metrics, the interceptor reads what the router did from the call's meter (`metering`) when the call ends, so
+the router knows nothing of tracing: the attempt spans are made then, laid out from the call's start by their
+durations in order (the short backoff between two attempts is not recorded; a later attempt shows a little early).
+
+Spans go by OTLP in batches, over HTTP (`http/protobuf`, the specification's default) or gRPC as
+OTEL_EXPORTER_OTLP_PROTOCOL says, to OTEL_EXPORTER_OTLP_ENDPOINT; the SDK reads the other OTEL_* variables (service
+name, resource attributes, sampler, headers, batch sizes). Prompts and answers are recorded only when
+`server.log_content` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from itertools import pairwise
+from typing import Any
+
+import grpc
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.util.types import AttributeValue
+
+from llmrelay_server.auth import Continuation, Handler
+from llmrelay_server.config import ConfigError, GatewayConfig
+from llmrelay_server.domain import Attempt, AttemptOutcome, BackendSpec
+from llmrelay_server.metering import Billed, Meter, open_meter
+from llmrelay_server.status import ended_with
+
+_MODEL_CALLS = frozenset({"llmrelay.v1.LLMService/Complete", "llmrelay.v1.LLMService/StreamComplete"})
+_FAILURES = frozenset(AttemptOutcome) - {AttemptOutcome.SUCCEEDED, AttemptOutcome.SKIPPED}
+_BILLED = frozenset({AttemptOutcome.SUCCEEDED, AttemptOutcome.INTERRUPTED})
+# The codes that are the server's own failure, as OpenTelemetry's RPC conventions set a server span's status.
+_SERVER_ERRORS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+Attributes = dict[str, AttributeValue]
+
+
+def exporting_provider() -> TracerProvider:
+    """A provider that exports by OTLP through a BatchSpanProcessor, as the OTEL_* variables say."""
+    resource = Resource.create()
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: "llmrelay"}))
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(BatchSpanProcessor(_otlp_exporter()))
+    return provider
+
+
+def _otlp_exporter() -> SpanExporter:
+    protocol = (
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    )
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GRPCExporter
+
+        return GRPCExporter()
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPExporter
+
+        return HTTPExporter()
+    raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} is not supported (grpc or http/protobuf)")
+
+
+provider_factory: Callable[[], TracerProvider] = exporting_provider
+"""What the gateway builds its tracer provider with (tests put one with an in-memory exporter here)."""
+
+
+class Tracing:
+    """The gateway's own tracer provider (the global one is left alone) and the interceptor that traces calls."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.provider = provider_factory()
+        tracer = self.provider.get_tracer("llmrelay_server")
+        self.interceptor = TracingInterceptor(tracer, config.backends, log_content=config.server.log_content)
+
+    async def stop(self) -> None:
+        """Exports the spans still queued, then stops (in a thread: the exporter's last flush blocks)."""
+        await asyncio.to_thread(self.provider.shutdown)
+
+
+class TracingInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, tracer: trace.Tracer, backends: Iterable[BackendSpec], *, log_content: bool) -> None:
+        self._tracer = tracer
+        self._kinds = {spec.name: spec.kind for spec in backends}
+        self._log_content = log_content
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        name = handler_call_details.method[1:]
+        metadata = handler_call_details.invocation_metadata
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._traced_stream(handler.unary_stream, name, metadata),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._traced_unary(handler.unary_unary, name, metadata),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return handler  # no RPC of ours streams requests (reflection does; it is not traced)
+
+    def _traced_unary(self, behavior: Any, name: str, metadata: Any) -> Any:
+        async def traced(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            call = _Call(self, name, metadata, request)
+            try:
+                answer = await behavior(request, context)
+                call.answered(answer)
+                return answer
+            except BaseException as error:
+                call.code = ended_with(context, error)
+                raise
+            finally:
+                call.end(streamed=False)
+
+        return traced
+
+    def _traced_stream(self, behavior: Any, name: str, metadata: Any) -> Any:
+        if not inspect.isasyncgenfunction(behavior):  # a stream written with context.write (grpc.health.v1 Watch)
+            return self._traced_unary(behavior, name, metadata)
+
+        async def traced(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            call = _Call(self, name, metadata, request)
+            try:
+                async for answer in behavior(request, context):
+                    call.streamed(answer)
+                    yield answer
+            except BaseException as error:
+                call.code = ended_with(context, error)
+                raise
+            finally:
+                call.end(streamed=True)
+
+        return traced
+
+
+class _Call:
+    """One traced RPC: its span from the start, the attempt spans and events from its meter at the end."""
+
+    def __init__(self, interceptor: TracingInterceptor, name: str, metadata: Any, request: Any) -> None:
+        self._i = interceptor
+        self.model_call = name in _MODEL_CALLS
+        service, _, method = name.rpartition("/")
+        attributes: Attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+        if self.model_call:
+            attributes["gen_ai.operation.name"] = "chat"
+            if request.HasField("model"):
+                attributes["gen_ai.request.model"] = request.model
+            if interceptor._log_content:
+                attributes["gen_ai.input.messages"] = json.dumps([_message(m) for m in request.messages])
+        carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
+        self.started = time.time_ns()
+        self.span = interceptor._tracer.start_span(
+            name, propagate.extract(carrier), SpanKind.SERVER, attributes, start_time=self.started
+        )
+        self.meter: Meter = open_meter()
+        # Upstream requests continue the trace from this span (and carry nothing else of the caller's context).
+        propagate.inject(self.meter.upstream_headers, trace.set_span_in_context(self.span))
+        self.code = grpc.StatusCode.OK
+        self._last: Any = None  # the answer, or the stream's last message
+        self._text: list[str] = []  # a stream's text since its last restart, kept only when content may be recorded
+
+    def answered(self, answer: Any) -> None:
+        if self.model_call:
+            self._last = answer
+            if self._i._log_content:
+                self._text = [answer.message.content]
+
+    def streamed(self, chunk: Any) -> None:
+        if not self.model_call:
+            return
+        if chunk.finish_reason:
+            self._last = chunk
+        if self._i._log_content:
+            if chunk.HasField("restart"):
+                self._text.clear()
+            elif chunk.delta.HasField("content"):
+                self._text.append(chunk.delta.content)
+
+    def end(self, *, streamed: bool) -> None:
+        ended = time.time_ns()
+        span = self.span
+        span.set_attribute("rpc.grpc.status_code", self.code.value[0])
+        if self.code in _SERVER_ERRORS:
+            span.set_status(Status(StatusCode.ERROR, self.code.name))
+            span.set_attribute("error.type", self.code.name)
+        if self._last is not None:
+            span.set_attribute("gen_ai.response.id", self._last.id)
+            span.set_attribute("gen_ai.response.finish_reasons", [_finish_reason(self._last)])
+        if self._i._log_content and self._last is not None:
+            output = {"role": "assistant", "parts": [{"type": "text", "content": "".join(self._text)}]}
+            span.set_attribute("gen_ai.output.messages", json.dumps([output]))
+        if self.meter.attempts:
+            self._attempts(self.meter.attempts, ended, streamed)
+        span.end(end_time=ended)
+
+    def _attempts(self, attempts: list[Attempt], ended: int, streamed: bool) -> None:
+        span, tracer = self.span, self._i._tracer
+        parent = trace.set_span_in_context(span)
+        unmatched = list(self.meter.billed)
+        cursor = self.started
+        ends: list[int] = []
+        for index, attempt in enumerate(attempts):
+            start = min(cursor, ended)
+            end = min(start + int(attempt.duration_s * 1e9), ended)
+            if streamed and index == len(attempts) - 1 and attempt.outcome is AttemptOutcome.SUCCEEDED:
+                end = ended  # the attempt's duration is its time to the first chunk; its stream went on to the end
+            cursor = end
+            ends.append(end)
+            attributes = self._attempt_attributes(attempt, _take(unmatched, attempt))
+            child = tracer.start_span(f"chat {attempt.model}", parent, SpanKind.CLIENT, attributes, start_time=start)
+            if attempt.outcome in _FAILURES:
+                child.set_status(Status(StatusCode.ERROR, attempt.error or attempt.outcome.value))
+            child.end(end_time=end)
+        for (before, after), at in zip(pairwise(attempts), ends, strict=False):
+            if before.outcome not in _FAILURES:
+                continue
+            if before.outcome is AttemptOutcome.INTERRUPTED:
+                event = "llmrelay.stream_restart"
+            else:
+                event = "llmrelay.retry" if after.backend == before.backend else "llmrelay.fallback"
+            details: Attributes = {
+                "llmrelay.backend": before.backend,
+                "llmrelay.next_backend": after.backend,
+                "llmrelay.reason": before.outcome.value,
+            }
+            span.add_event(event, details, timestamp=at)
+        served = next((a for a in reversed(attempts) if a.outcome is AttemptOutcome.SUCCEEDED), None)
+        if served is not None:
+            span.set_attribute("llmrelay.backend", served.backend)
+        span.set_attribute("llmrelay.attempts", len(attempts))
+        if self.meter.billed:
+            span.set_attribute("gen_ai.response.model", self.meter.billed[-1].model)
+            span.set_attribute("gen_ai.usage.input_tokens", sum(b.usage.prompt_tokens for b in self.meter.billed))
+            span.set_attribute("gen_ai.usage.output_tokens", sum(b.usage.completion_tokens for b in self.meter.billed))
+
+    def _attempt_attributes(self, attempt: Attempt, billed: Billed | None) -> Attributes:
+        attributes: Attributes = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.request.model": attempt.model,
+            "llmrelay.backend": attempt.backend,
+            "llmrelay.outcome": attempt.outcome.value,
+        }
+        if (kind := self._i._kinds.get(attempt.backend)) is not None:
+            attributes["gen_ai.provider.name"] = kind
+            attributes["gen_ai.system"] = kind
+        if attempt.upstream_status is not None:
+            attributes["http.response.status_code"] = attempt.upstream_status
+        if attempt.outcome in _FAILURES:
+            attributes["error.type"] = attempt.outcome.value
+        if billed is not None:
+            attributes["gen_ai.response.model"] = billed.model
+            attributes["gen_ai.usage.input_tokens"] = billed.usage.prompt_tokens
+            attributes["gen_ai.usage.output_tokens"] = billed.usage.completion_tokens
+        return attributes
+
+
+def _take(billed: list[Billed], attempt: Attempt) -> Billed | None:
+    """What the attempt billed: the first not yet matched of its backend (the router bills attempts in order)."""
+    if attempt.outcome not in _BILLED:
+        return None
+    for index, entry in enumerate(billed):
+        if entry.backend == attempt.backend:
+            return billed.pop(index)
+    return None
+
+
+def _message(message: Any) -> dict[str, Any]:
+    role = message.DESCRIPTOR.fields_by_name["role"].enum_type.values_by_number[message.role].name
+    return {"role": role.removeprefix("ROLE_").lower(), "parts": [{"type": "text", "content": message.content}]}
+
+
+def _finish_reason(answer: Any) -> str:
+    field = answer.DESCRIPTOR.fields_by_name["finish_reason"]
+    return str(field.enum_type.values_by_number[answer.finish_reason].name).removeprefix("FINISH_REASON_").lower()

@@ -1,0 +1,158 @@
+"""The one log line per call: matched to its call by the request id the caller sees, with what the router did, in
+JSON when asked; never a key or a prompt."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from llmrelay import v1 as pb
+from llmrelay_server.calllog import JsonFormatter, request_id
+from support import GatewayFactory, chat, read_all, start_server, stream_chat, two_backends
+from upstream import FakeUpstream
+
+CALLS = "llmrelay_server.calls"
+SECRET_PROMPT = "the secret plan is purple-walrus-42"
+KEY = "llmr-logged-0123456789abcdefghijklmn"
+COMPLETE = "llmrelay.v1.LLMService/Complete"
+
+
+def keyed(name: str, key: str) -> str:
+    return f'auth:\n  keys:\n    - {{name: {name}, sha256: "{hashlib.sha256(key.encode()).hexdigest()}"}}\n'
+
+
+def bearer(key: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {key}")]
+
+
+def lines(caplog: pytest.LogCaptureFixture) -> dict[str, dict[str, Any]]:
+    """The call lines as their JSON form parses, by request id."""
+    formatter = JsonFormatter()
+    found = {}
+    for record in caplog.records:
+        if record.name == CALLS:
+            entry = json.loads(formatter.format(record))
+            found[entry["request_id"]] = entry
+    return found
+
+
+def rid_of(metadata: Any) -> str:
+    values = [value for name, value in metadata or () if name == "x-request-id"]
+    assert len(values) == 1, metadata
+    return str(values[0])
+
+
+async def test_each_call_has_one_line_matched_by_its_request_id(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=CALLS)
+    auth = keyed("research", KEY)
+    gateway = await gateway_factory(two_backends(primary, local) + auth, server="log_format: json")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+        call = stub.Complete(chat(SECRET_PROMPT), timeout=5, metadata=[*bearer(KEY), ("x-request-id", "req-ok.1")])
+        answer = await call
+        assert rid_of(await call.initial_metadata()) == "req-ok.1"
+
+        primary.inject({"status": 503}, {"status": 503})  # a retry, then the fallback
+        call = stub.Complete(chat(SECRET_PROMPT), timeout=5, metadata=bearer(KEY))
+        fallback = await call
+        generated = rid_of(await call.initial_metadata())
+        assert len(generated) == 32 and generated != "req-ok.1"
+
+        primary.inject({"status": 503}, {"status": 503})
+        local.inject({"status": 503}, {"status": 503})
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await stub.Complete(chat(SECRET_PROMPT), timeout=5, metadata=[*bearer(KEY), ("x-request-id", "req-fail")])
+        assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert rid_of(failure.value.initial_metadata()) == "req-fail"
+
+        stream = stub.StreamComplete(
+            stream_chat(SECRET_PROMPT), timeout=5, metadata=[*bearer(KEY), ("x-request-id", "req-stream")]
+        )
+        assert rid_of(await stream.initial_metadata()) == "req-stream"
+        chunks = await read_all(stream)
+
+        with pytest.raises(grpc.aio.AioRpcError) as refused:  # a wrong key: refused, logged, and the key nowhere
+            await stub.Complete(chat(SECRET_PROMPT), timeout=5, metadata=[*bearer(KEY + "x"), ("x-request-id", "no")])
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    found = lines(caplog)
+    ok = found["req-ok.1"]
+    assert ok["msg"] == "call" and ok["level"] == "INFO" and ok["logger"] == CALLS
+    assert ok["caller"] == "research" and ok["rpc"] == COMPLETE and ok["code"] == "OK"
+    assert (ok["model"], ok["served_model"], ok["backend"]) == ("default", answer.model, "openai")
+    assert ok["attempts"] == ["openai:succeeded"]
+    usage = answer.usage
+    assert (ok["prompt_tokens"], ok["completion_tokens"]) == (usage.prompt_tokens, usage.completion_tokens)
+    assert ok["cost_usd"] == pytest.approx(answer.usage.cost.usd_micros / 1e6)
+    assert ok["duration_ms"] >= ok["overhead_ms"] >= 0 and ok["first_chunk_ms"] is None
+
+    moved = found[generated]
+    assert moved["attempts"] == ["openai:server_error", "openai:server_error", "ollama:succeeded"]
+    assert (moved["backend"], moved["served_model"], moved["code"]) == ("ollama", fallback.model, "OK")
+    assert moved["completion_tokens"] == fallback.usage.completion_tokens
+
+    failed = found["req-fail"]
+    assert failed["code"] == "UNAVAILABLE" and failed["backend"] is None and failed["served_model"] is None
+    assert failed["attempts"] == ["openai:server_error"] * 2 + ["ollama:server_error"] * 2
+    assert failed["prompt_tokens"] == failed["completion_tokens"] == 0
+
+    streamed = found["req-stream"]
+    assert streamed["rpc"] == "llmrelay.v1.LLMService/StreamComplete" and streamed["code"] == "OK"
+    assert streamed["attempts"] == ["openai:succeeded"] and streamed["first_chunk_ms"] > 0
+    assert streamed["completion_tokens"] == chunks[-1].usage.completion_tokens
+
+    assert found["no"]["code"] == "UNAUTHENTICATED" and found["no"]["attempts"] == []
+    assert len(found) == 5
+
+    everything = caplog.text + "".join(JsonFormatter().format(r) for r in caplog.records)
+    assert KEY not in everything and SECRET_PROMPT not in everything and "purple" not in everything
+
+
+async def test_content_is_logged_only_when_configured(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=CALLS)
+    gateway = await gateway_factory(two_backends(primary, local), server="log_content: true")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        await pb.LLMServiceStub(channel).Complete(
+            chat(SECRET_PROMPT), timeout=5, metadata=[("x-request-id", "with-content"), ("x-llmrelay-caller", "me")]
+        )
+    entry = lines(caplog)["with-content"]
+    assert entry["prompt"] == SECRET_PROMPT and entry["caller"] == "me"
+    # The text form: one line, key=value.
+    text = next(r.getMessage() for r in caplog.records if r.name == CALLS)
+    assert text.startswith("call request_id=with-content caller=me ") and "\n" not in text
+
+
+def test_only_a_sane_request_id_is_taken() -> None:
+    assert request_id([("x-request-id", "abc-123_x.y:z")]) == "abc-123_x.y:z"
+    for bad in ("", "has space", "a" * 129, "new\nline", "ünïcode"):
+        generated = request_id([("x-request-id", bad)])
+        assert generated != bad and len(generated) == 32
+    assert len(request_id(None)) == 32
+
+
+async def test_the_server_logs_only_json_when_asked(tmp_path: Path, local: FakeUpstream) -> None:
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(f'server: {{usage_db: "{tmp_path / "usage.db"}", log_format: json, drain_s: 0}}\n')
+    server = await start_server(config, local)
+    await server.wait_listening()
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        await pb.LLMServiceStub(channel).Complete(chat(SECRET_PROMPT), timeout=5, metadata=[("x-request-id", "p1")])
+    server.process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(20):
+        await server.process.wait()
+        output = await server.output()
+    entries = [json.loads(line) for line in output.splitlines() if line.strip()]  # every line is JSON
+    assert any(e.get("request_id") == "p1" and e["code"] == "OK" for e in entries)
+    assert any("listening on" in e["msg"] for e in entries)
+    assert SECRET_PROMPT not in output

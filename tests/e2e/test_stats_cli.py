@@ -1,0 +1,72 @@
+"""`llmrelay stats` against a running gateway's metrics endpoint: the totals with --once, and the rates between two
+scrapes with calls in between."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import grpc
+import pytest
+from llmrelay import v1 as pb
+from llmrelay.cli import _quantile, main, parse_metrics, render_stats, scrape
+from support import GatewayFactory, chat, stream_chat, two_backends
+from upstream import FakeUpstream
+
+
+def row(text: str, first: str) -> list[str]:
+    found = [line.split() for line in text.splitlines() if line.split()[:1] == [first]]
+    assert len(found) == 1, text
+    return found[0]
+
+
+async def test_stats_shows_calls_latency_and_tokens(
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    gateway = await gateway_factory(two_backends(primary, local), server='metrics_listen: "127.0.0.1:0"')
+    assert gateway.metrics is not None
+    url = f"http://127.0.0.1:{gateway.metrics.port}/metrics"
+    before = await asyncio.to_thread(scrape, url)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+        answers = [await stub.Complete(chat(), timeout=5) for _ in range(3)]
+        chunks = [chunk async for chunk in stub.StreamComplete(stream_chat(), timeout=5)]
+    after = await asyncio.to_thread(scrape, url)
+
+    live = render_stats(after, before, seconds=2.0)
+    assert "over the last 2.0 s" in live
+    complete = row(live, "Complete")
+    assert complete[1:3] == ["1.5", "0.0"]  # 3 calls in 2 s, none failed
+    assert complete[3] != "-" and complete[5] != "-"  # p50, p99
+    tokens = sum(a.usage.total_tokens for a in answers) + chunks[-1].usage.total_tokens
+    assert row(live, "openai")[1] == f"{tokens / 2:.1f}"
+    assert row(live, "StreamComplete")[1] == "0.5"
+
+    await asyncio.to_thread(main, ["stats", "--metrics", url, "--once"])
+    totals = capsys.readouterr().out
+    assert "since the gateway started" in totals
+    assert row(totals, "Complete")[1:3] == ["3", "0"]
+    assert row(totals, "openai")[1] == str(tokens)
+    assert re.search(r"^open streams: 0$", totals, re.MULTILINE)
+
+
+def test_stats_says_when_there_is_no_endpoint() -> None:
+    with pytest.raises(SystemExit, match=re.escape("cannot read http://127.0.0.1:9/metrics")):
+        main(["stats", "--metrics", "http://127.0.0.1:9/metrics", "--once"])
+
+
+def test_the_text_format_and_quantiles() -> None:
+    samples = parse_metrics(
+        '# HELP x_total A.\n# TYPE x_total counter\nx_total{a="b \\"q\\"",c="d"} 3.0\nup 1\n'
+        'h_bucket{le="0.1"} 5\nh_bucket{le="1.0"} 10\nh_bucket{le="+Inf"} 10\n'
+    )
+    assert samples[("x_total", frozenset({("a", 'b "q"'), ("c", "d")}))] == 3.0
+    assert samples[("up", frozenset())] == 1.0
+    buckets = {0.1: 5.0, 1.0: 10.0, float("inf"): 10.0}
+    assert _quantile(0.5, buckets) == pytest.approx(0.1)
+    assert _quantile(0.75, buckets) == pytest.approx(0.55)
+    assert _quantile(0.99, {0.1: 0.0, float("inf"): 4.0}) == 0.1
+    assert _quantile(0.5, {}) is None

@@ -1,0 +1,264 @@
+"""OpenTelemetry traces (server.tracing): a server span per RPC with a client span per upstream attempt, the GenAI
+attributes, retry / fallback / restart events, the caller's trace continued up to the upstream's request, and the
+spans received over real OTLP/gRPC by a receiver on loopback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import AsyncIterator, Iterator
+from itertools import pairwise
+from typing import Any
+
+import grpc
+import pytest
+from llmrelay import v1 as pb
+from llmrelay_server import tracing
+from llmrelay_server.config import ConfigError
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from support import GatewayFactory, chat, read_all, stream_chat, two_backends
+from upstream import FakeUpstream
+
+TRACING = "tracing: true"
+COMPLETE = "llmrelay.v1.LLMService/Complete"
+STREAM = "llmrelay.v1.LLMService/StreamComplete"
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+PARENT_ID = "b7ad6b7169203331"
+
+
+@pytest.fixture
+def exported(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    """The gateway's spans, kept in memory as each ends."""
+    exporter = InMemorySpanExporter()
+
+    def provider() -> TracerProvider:
+        made = TracerProvider()
+        made.add_span_processor(SimpleSpanProcessor(exporter))
+        return made
+
+    monkeypatch.setattr(tracing, "provider_factory", provider)
+    yield exporter
+
+
+async def connect(gateway_factory: GatewayFactory, yaml_text: str, server: str = TRACING) -> AsyncIterator[Any]:
+    gateway = await gateway_factory(yaml_text, server=server)
+    assert gateway.tracing is not None
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        yield pb.LLMServiceStub(channel)
+
+
+def rpc_span(exporter: InMemorySpanExporter, name: str) -> tuple[ReadableSpan, list[ReadableSpan]]:
+    """The one span of the RPC named `name`, and its children in the order they started."""
+    spans = exporter.get_finished_spans()
+    [server] = [span for span in spans if span.name == name]
+    assert server.context is not None
+    children = [span for span in spans if span.parent is not None and span.parent.span_id == server.context.span_id]
+    return server, sorted(children, key=lambda span: span.start_time or 0)
+
+
+async def test_a_call_is_a_server_span_with_a_client_span_per_attempt(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, exported: InMemorySpanExporter
+) -> None:
+    async for stub in connect(gateway_factory, two_backends(primary, local)):
+        answer = await stub.Complete(chat(), timeout=5)
+    server, [attempt] = rpc_span(exported, COMPLETE)
+
+    assert server.kind is SpanKind.SERVER and server.parent is None
+    assert server.attributes is not None and attempt.attributes is not None
+    assert dict(server.attributes) == {
+        "rpc.system": "grpc",
+        "rpc.service": "llmrelay.v1.LLMService",
+        "rpc.method": "Complete",
+        "rpc.grpc.status_code": 0,
+        "gen_ai.operation.name": "chat",
+        "gen_ai.response.id": answer.id,
+        "gen_ai.response.finish_reasons": ("stop",),
+        "gen_ai.response.model": "gpt-test",
+        "gen_ai.usage.input_tokens": answer.usage.prompt_tokens,
+        "gen_ai.usage.output_tokens": answer.usage.completion_tokens,
+        "llmrelay.backend": "openai",
+        "llmrelay.attempts": 1,
+    }
+    assert attempt.name == "chat gpt-test" and attempt.kind is SpanKind.CLIENT
+    assert dict(attempt.attributes) == {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": "gpt-test",
+        "gen_ai.response.model": "gpt-test",
+        "gen_ai.provider.name": "openai",
+        "gen_ai.system": "openai",
+        "gen_ai.usage.input_tokens": answer.usage.prompt_tokens,
+        "gen_ai.usage.output_tokens": answer.usage.completion_tokens,
+        "llmrelay.backend": "openai",
+        "llmrelay.outcome": "succeeded",
+    }
+    assert server.start_time is not None and server.end_time is not None
+    assert attempt.start_time is not None and attempt.end_time is not None
+    assert server.start_time <= attempt.start_time <= attempt.end_time <= server.end_time
+    assert attempt.context is not None and server.context is not None
+    assert attempt.context.trace_id == server.context.trace_id
+    # Content is recorded only when server.log_content allows it.
+    assert not any("messages" in key for span in (server, attempt) for key in span.attributes or {})
+
+
+async def test_retries_and_fallbacks_are_attempt_spans_and_events(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, exported: InMemorySpanExporter
+) -> None:
+    primary.inject({"status": 503}, {"status": 503})
+    async for stub in connect(gateway_factory, two_backends(primary, local)):
+        answer = await stub.Complete(chat(), timeout=5)
+    assert answer.backend == "ollama"
+    server, attempts = rpc_span(exported, COMPLETE)
+
+    assert [(a.name, dict(a.attributes or {})["llmrelay.outcome"]) for a in attempts] == [
+        ("chat gpt-test", "server_error"),
+        ("chat gpt-test", "server_error"),
+        ("chat tiny", "succeeded"),
+    ]
+    for failed in attempts[:2]:
+        assert failed.status.status_code is StatusCode.ERROR
+        assert dict(failed.attributes or {})["http.response.status_code"] == 503
+        assert dict(failed.attributes or {})["error.type"] == "server_error"
+    assert attempts[2].status.status_code is StatusCode.UNSET
+    assert dict(attempts[2].attributes or {})["gen_ai.provider.name"] == "ollama"
+    for before, after in pairwise(attempts):
+        assert (before.end_time or 0) <= (after.start_time or 0)
+    moves = [(event.name, dict(event.attributes or {})) for event in server.events]
+    reason = {"llmrelay.reason": "server_error"}
+    assert moves == [
+        ("llmrelay.retry", {"llmrelay.backend": "openai", "llmrelay.next_backend": "openai", **reason}),
+        ("llmrelay.fallback", {"llmrelay.backend": "openai", "llmrelay.next_backend": "ollama", **reason}),
+    ]
+    assert dict(server.attributes or {})["llmrelay.backend"] == "ollama"
+    assert server.status.status_code is StatusCode.UNSET
+
+    # Everything down: the RPC span is an error with the call's status.
+    primary.inject({"status": 503}, {"status": 503})
+    local.inject({"status": 503}, {"status": 503})
+    exported.clear()
+    async for stub in connect(gateway_factory, two_backends(primary, local)):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Complete(chat(), timeout=5)
+    server, attempts = rpc_span(exported, COMPLETE)
+    assert len(attempts) == 4 and server.status.status_code is StatusCode.ERROR
+    assert dict(server.attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+
+
+async def test_a_stream_and_its_restart(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, exported: InMemorySpanExporter
+) -> None:
+    async for stub in connect(gateway_factory, two_backends(primary, local)):
+        chunks = await read_all(stub.StreamComplete(stream_chat(), timeout=5))
+        server, [attempt] = rpc_span(exported, STREAM)
+        assert dict(server.attributes or {})["gen_ai.usage.output_tokens"] == chunks[-1].usage.completion_tokens
+        assert dict(server.attributes or {})["gen_ai.response.finish_reasons"] == ("stop",)
+        assert dict(attempt.attributes or {})["llmrelay.outcome"] == "succeeded"
+        assert attempt.end_time == server.end_time  # the attempt's stream lasted as long as the call
+
+        exported.clear()
+        primary.inject({"stream_cut_after": 3})
+        request = stream_chat(on_interrupt=pb.INTERRUPT_POLICY_RESTART)
+        chunks = await read_all(stub.StreamComplete(request, timeout=5))
+    assert sum(chunk.HasField("restart") for chunk in chunks) == 1
+    server, attempts = rpc_span(exported, STREAM)
+    assert [dict(a.attributes or {})["llmrelay.outcome"] for a in attempts] == ["interrupted", "succeeded"]
+    assert [event.name for event in server.events] == ["llmrelay.stream_restart"]
+    # Both attempts consumed tokens: the call's usage is their sum.
+    usage = [dict(a.attributes or {})["gen_ai.usage.input_tokens"] for a in attempts]
+    assert dict(server.attributes or {})["gen_ai.usage.input_tokens"] == sum(usage)  # type: ignore[arg-type]
+
+
+async def test_the_callers_trace_is_continued_up_to_the_upstream(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, exported: InMemorySpanExporter
+) -> None:
+    metadata = (("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01"), ("tracestate", "vendor=opaque"))
+    async for stub in connect(gateway_factory, two_backends(primary, local)):
+        await stub.Complete(chat(), timeout=5, metadata=metadata)
+    server, [attempt] = rpc_span(exported, COMPLETE)
+
+    assert server.context is not None and server.parent is not None and attempt.context is not None
+    assert f"{server.context.trace_id:032x}" == TRACE_ID == f"{attempt.context.trace_id:032x}"
+    assert f"{server.parent.span_id:016x}" == PARENT_ID and server.parent.is_remote
+    [headers] = primary.chat_headers
+    version, trace_id, parent_id, flags = headers["traceparent"].split("-")
+    assert (version, trace_id, parent_id, flags) == ("00", TRACE_ID, f"{server.context.span_id:016x}", "01")
+    assert headers["tracestate"] == "vendor=opaque"
+
+
+async def test_content_is_recorded_only_when_allowed(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, exported: InMemorySpanExporter
+) -> None:
+    async for stub in connect(gateway_factory, two_backends(primary, local), server=f"{TRACING}, log_content: true"):
+        await stub.Complete(chat("tell me"), timeout=5)
+    server, _ = rpc_span(exported, COMPLETE)
+    attributes = dict(server.attributes or {})
+    prompt = [{"role": "user", "parts": [{"type": "text", "content": "tell me"}]}]
+    assert json.loads(str(attributes["gen_ai.input.messages"])) == prompt
+    assert "echo: tell me" in str(attributes["gen_ai.output.messages"])
+
+
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace receiver: keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    async def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+async def test_spans_arrive_over_otlp(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    receiver = Receiver()
+    server = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        monkeypatch.setenv("OTEL_SERVICE_NAME", "llmrelay-under-test")
+        primary.inject({"status": 503})
+        gateway = await gateway_factory(two_backends(primary, local), server=TRACING)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            await pb.LLMServiceStub(channel).Complete(chat(), timeout=5)
+        await gateway.stop(grace_period_s=0, drain_s=0)  # flushes the batch
+    finally:
+        await server.stop(0)
+
+    spans = {}
+    for request in receiver.requests:
+        for resource_spans in request.resource_spans:
+            service = {a.key: a.value.string_value for a in resource_spans.resource.attributes}["service.name"]
+            assert service == "llmrelay-under-test"
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    spans[span.span_id] = span
+    [rpc] = [span for span in spans.values() if span.name == COMPLETE]
+    attempts = [span for span in spans.values() if span.parent_span_id == rpc.span_id]
+    assert sorted(span.name for span in attempts) == ["chat gpt-test", "chat gpt-test"]
+    assert {span.trace_id for span in attempts} == {rpc.trace_id} and rpc.parent_span_id == b""
+    assert [event.name for event in rpc.events] == ["llmrelay.retry"]
+
+
+async def test_tracing_without_the_extra_stops_the_start(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "opentelemetry", None)
+    monkeypatch.delitem(sys.modules, "llmrelay_server.tracing")
+    with pytest.raises(ConfigError, match=r"pip install 'llmrelay\[otel\]'"):
+        await gateway_factory(two_backends(primary, local), server=TRACING)
+
+
+async def test_no_tracing_no_interceptor(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    gateway = await gateway_factory(two_backends(primary, local))
+    assert gateway.tracing is None  # and so no tracing interceptor (see app._interceptors)
