@@ -28,7 +28,7 @@ import grpc
 
 from llmrelay_server.config import AuthConfig, CallerKey, ConfigError, load_keys_file
 from llmrelay_server.domain import LLMRelayError, UnauthenticatedError
-from llmrelay_server.status import rpc_failure
+from llmrelay_server.status import abort
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +184,9 @@ def _why_not(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
 
 def _refusing(handler: Handler, error: LLMRelayError) -> Handler:
     """A handler of the same shape that ends the call with the error's status, the request unread."""
-    failure = rpc_failure(error)
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        log.info("%s refused: %s", context.peer(), failure.details)
-        await context.abort_with_status(failure)
+        await abort(context, f"call from {context.peer()}", error)
 
     async def refuse_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await refuse(request, context)

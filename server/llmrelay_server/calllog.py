@@ -6,8 +6,8 @@ answered, the backend, every attempt as `backend:outcome`, the status, the token
 time, its time to the first chunk and the gateway's own share of it (the call's time less its attempts').
 
 The request id is the caller's `x-request-id` when it sends a sane one (1-128 characters of letters, digits and
-`._:@/+=-`), else a new one; it goes back to the caller in the response's initial metadata, sent before anything
-else, so a failed call carries it too.
+`._:@/+=-`), else a new one; it goes back to the caller in the response's trailing metadata, failed calls included
+(status.abort keeps it). Trailers cost nothing more: initial metadata of its own would be one more write per call.
 
 Never a key, and no prompt or answer: with `server.log_content` set, the last user message is added (`prompt`).
 With `server.log_format: json` every log line of the process is one JSON object (`JsonFormatter`).
@@ -57,7 +57,7 @@ def request_id(metadata: Any) -> str:
 
 
 class CallLogInterceptor(grpc.aio.ServerInterceptor):
-    """Gives every call a request id (returned in the initial metadata) and logs one line when it ends."""
+    """Gives every call a request id (returned in the trailing metadata) and logs one line when it ends."""
 
     def __init__(self, log_content: bool = False) -> None:
         self._log_content = log_content
@@ -90,7 +90,7 @@ class CallLogInterceptor(grpc.aio.ServerInterceptor):
             meter = open_meter()
             code = grpc.StatusCode.OK
             try:
-                await context.send_initial_metadata(((REQUEST_ID, rid),))
+                context.set_trailing_metadata(((REQUEST_ID, rid),))
                 return await behavior(request, context)
             except BaseException as error:
                 code = ended_with(context, error)
@@ -109,7 +109,7 @@ class CallLogInterceptor(grpc.aio.ServerInterceptor):
             meter = open_meter()
             code = grpc.StatusCode.OK
             try:
-                await context.send_initial_metadata(((REQUEST_ID, rid),))
+                context.set_trailing_metadata(((REQUEST_ID, rid),))
                 async for answer in behavior(request, context):
                     yield answer
             except BaseException as error:

@@ -66,7 +66,9 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], rpc: str, error: LL
     traceback."""
     failure = rpc_failure(error)
     log.info("%s failed: %s: %s", rpc, failure.code.name, failure.details)
-    await context.abort_with_status(failure)
+    # What the call had set to send back already (its request id) goes with the status's details.
+    sent = tuple(context.trailing_metadata() or ())
+    await context.abort(failure.code, failure.details, (*sent, *failure.trailing_metadata))
     raise AssertionError("abort returns only by raising")
 
 

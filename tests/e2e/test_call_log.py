@@ -59,12 +59,12 @@ async def test_each_call_has_one_line_matched_by_its_request_id(
         stub = pb.LLMServiceStub(channel)
         call = stub.Complete(chat(SECRET_PROMPT), timeout=5, metadata=[*bearer(KEY), ("x-request-id", "req-ok.1")])
         answer = await call
-        assert rid_of(await call.initial_metadata()) == "req-ok.1"
+        assert rid_of(await call.trailing_metadata()) == "req-ok.1"
 
         primary.inject({"status": 503}, {"status": 503})  # a retry, then the fallback
         call = stub.Complete(chat(SECRET_PROMPT), timeout=5, metadata=bearer(KEY))
         fallback = await call
-        generated = rid_of(await call.initial_metadata())
+        generated = rid_of(await call.trailing_metadata())
         assert len(generated) == 32 and generated != "req-ok.1"
 
         primary.inject({"status": 503}, {"status": 503})
@@ -72,13 +72,13 @@ async def test_each_call_has_one_line_matched_by_its_request_id(
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             await stub.Complete(chat(SECRET_PROMPT), timeout=5, metadata=[*bearer(KEY), ("x-request-id", "req-fail")])
         assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert rid_of(failure.value.initial_metadata()) == "req-fail"
+        assert rid_of(failure.value.trailing_metadata()) == "req-fail"
 
         stream = stub.StreamComplete(
             stream_chat(SECRET_PROMPT), timeout=5, metadata=[*bearer(KEY), ("x-request-id", "req-stream")]
         )
-        assert rid_of(await stream.initial_metadata()) == "req-stream"
         chunks = await read_all(stream)
+        assert rid_of(await stream.trailing_metadata()) == "req-stream"
 
         with pytest.raises(grpc.aio.AioRpcError) as refused:  # a wrong key: refused, logged, and the key nowhere
             await stub.Complete(chat(SECRET_PROMPT), timeout=5, metadata=[*bearer(KEY + "x"), ("x-request-id", "no")])
