@@ -15,13 +15,11 @@ With `server.log_format: json` every log line of the process is one JSON object 
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,11 +27,10 @@ import grpc
 from google.protobuf.message import Message
 from llmrelay import v1 as pb
 
-from llmrelay_server.auth import Continuation, Handler
 from llmrelay_server.domain import AttemptOutcome, LLMRelayError
 from llmrelay_server.metering import Meter, open_meter
+from llmrelay_server.observing import Context, ObservingInterceptor, Start
 from llmrelay_server.servicer import caller_identity
-from llmrelay_server.status import ended_with
 
 log = logging.getLogger("llmrelay_server.calls")
 
@@ -56,69 +53,15 @@ def request_id(metadata: Any) -> str:
     return uuid.uuid4().hex
 
 
-class CallLogInterceptor(grpc.aio.ServerInterceptor):
+class CallLogInterceptor(ObservingInterceptor):
     """Gives every call a request id (returned in the trailing metadata) and logs one line when it ends."""
 
     def __init__(self, log_content: bool = False) -> None:
         self._log_content = log_content
 
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        rpc = handler_call_details.method[1:]
-        rid = request_id(handler_call_details.invocation_metadata)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._logged_stream(handler.unary_stream, rpc, rid),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._logged_unary(handler.unary_unary, rpc, rid),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        return handler  # no RPC of ours streams requests
-
-    def _logged_unary(self, behavior: Any, rpc: str, rid: str) -> Any:
-        async def logged(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            started = time.perf_counter()
-            meter = open_meter()
-            code = grpc.StatusCode.OK
-            try:
-                context.set_trailing_metadata(((REQUEST_ID, rid),))
-                return await behavior(request, context)
-            except BaseException as error:
-                code = ended_with(context, error)
-                raise
-            finally:
-                self._end(rid, rpc, code, started, meter, request, context)
-
-        return logged
-
-    def _logged_stream(self, behavior: Any, rpc: str, rid: str) -> Any:
-        if not inspect.isasyncgenfunction(behavior):  # a stream written with context.write (grpc.health.v1 Watch)
-            return self._logged_unary(behavior, rpc, rid)
-
-        async def logged(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            started = time.perf_counter()
-            meter = open_meter()
-            code = grpc.StatusCode.OK
-            try:
-                context.set_trailing_metadata(((REQUEST_ID, rid),))
-                async for answer in behavior(request, context):
-                    yield answer
-            except BaseException as error:
-                code = ended_with(context, error)
-                raise
-            finally:
-                self._end(rid, rpc, code, started, meter, request, context)
-
-        return logged
+    def observe(self, details: grpc.HandlerCallDetails, streaming: bool) -> Start:
+        rpc, rid = details.method[1:], request_id(details.invocation_metadata)
+        return lambda request, context: _LoggedCall(self, rpc, rid, request, context)
 
     def _end(
         self,
@@ -137,6 +80,22 @@ class CallLogInterceptor(grpc.aio.ServerInterceptor):
         if self._log_content and (prompt := _last_user_message(request)) is not None:
             fields["prompt"] = prompt[:MAX_CONTENT_CHARS]
         log.info("%s", CallLine(fields), extra={"call": fields})
+
+
+class _LoggedCall:
+    __slots__ = ("_context", "_interceptor", "_meter", "_request", "_rid", "_rpc", "_started")
+
+    def __init__(self, interceptor: CallLogInterceptor, rpc: str, rid: str, request: Any, context: Context) -> None:
+        self._started = time.perf_counter()
+        self._interceptor, self._rpc, self._rid, self._request, self._context = interceptor, rpc, rid, request, context
+        self._meter = open_meter()
+        context.set_trailing_metadata(((REQUEST_ID, rid),))
+
+    def sent(self, message: Any) -> None:
+        pass
+
+    def end(self, code: grpc.StatusCode) -> None:
+        self._interceptor._end(self._rid, self._rpc, code, self._started, self._meter, self._request, self._context)
 
 
 def call_fields(

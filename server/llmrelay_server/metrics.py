@@ -13,9 +13,8 @@ other model a caller or an upstream names is counted as `other`, so no caller ca
 
 from __future__ import annotations
 
-import inspect
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import pairwise
 from typing import Any
 
@@ -24,10 +23,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from llmrelay_server.auth import Continuation, Handler
 from llmrelay_server.domain import AttemptOutcome, BackendSpec
 from llmrelay_server.metering import Meter, open_meter
-from llmrelay_server.status import ended_with
+from llmrelay_server.observing import ObservingInterceptor, Start
 
 OTHER = "other"
 # The gateway's own time per call is small; the default buckets (5 ms up) would put it all in the first.
@@ -213,90 +211,41 @@ class _StateCollector(Collector):
         )
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
+class MetricsInterceptor(ObservingInterceptor):
     """Counts every RPC (the outermost interceptor, so refusals count too) and, for model calls, what the router did."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._methods: dict[str, tuple[str, str]] = {}
 
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        service, _, method = handler_call_details.method[1:].rpartition("/")
-        if handler.unary_stream is not None:
-            labels = ("server_stream", service, method)
-            return grpc.unary_stream_rpc_method_handler(
-                self._observed_stream(handler.unary_stream, labels),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_unary is not None:
-            labels = ("unary", service, method)
-            return grpc.unary_unary_rpc_method_handler(
-                self._observed_unary(handler.unary_unary, labels),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        return handler  # no RPC of ours streams requests
+    def observe(self, details: grpc.HandlerCallDetails, streaming: bool) -> Start:
+        service, _, method = details.method[1:].rpartition("/")
+        labels = ("server_stream" if streaming else "unary", service, method)
+        return lambda request, context: _CountedCall(self._metrics, labels, streaming, request)
 
-    def _observed_unary(self, behavior: Any, labels: tuple[str, str, str]) -> Any:
-        metrics = self._metrics
 
-        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            started = time.perf_counter()
-            metrics.started.labels(*labels).inc()
-            metrics.received.labels(*labels).inc()
-            meter = open_meter()
-            code = grpc.StatusCode.OK
-            try:
-                answer = await behavior(request, context)
-                metrics.sent.labels(*labels).inc()
-                return answer
-            except BaseException as error:
-                code = ended_with(context, error)
-                raise
-            finally:
-                self._end(labels, code, started, meter, request)
+class _CountedCall:
+    __slots__ = ("_labels", "_meter", "_metrics", "_request", "_sent", "_started", "_streaming")
 
-        return observed
-
-    def _observed_stream(self, behavior: Any, labels: tuple[str, str, str]) -> Any:
-        if not inspect.isasyncgenfunction(behavior):
-            # A stream written with context.write (grpc.health.v1's Watch): its messages pass by us, uncounted.
-            return self._observed_unary(behavior, labels)
-        metrics = self._metrics
-
-        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            started = time.perf_counter()
-            metrics.started.labels(*labels).inc()
-            metrics.received.labels(*labels).inc()
+    def __init__(self, metrics: Metrics, labels: tuple[str, str, str], streaming: bool, request: Any) -> None:
+        self._started = time.perf_counter()
+        self._metrics, self._labels, self._streaming, self._request = metrics, labels, streaming, request
+        metrics.started.labels(*labels).inc()
+        metrics.received.labels(*labels).inc()
+        if streaming:
             metrics.open_streams.inc()
-            meter = open_meter()
-            code = grpc.StatusCode.OK
-            sent = metrics.sent.labels(*labels)
-            try:
-                async for answer in behavior(request, context):
-                    sent.inc()
-                    yield answer
-            except BaseException as error:
-                code = ended_with(context, error)
-                raise
-            finally:
-                metrics.open_streams.dec()
-                self._end(labels, code, started, meter, request)
+        self._sent = metrics.sent.labels(*labels)
+        self._meter = open_meter()
 
-        return observed
+    def sent(self, message: Any) -> None:
+        self._sent.inc()
 
-    def _end(
-        self, labels: tuple[str, str, str], code: grpc.StatusCode, started: float, meter: Meter, request: Any
-    ) -> None:
-        elapsed = time.perf_counter() - started
-        self._metrics.handled.labels(*labels, code.name).inc()
-        self._metrics.handling.labels(*labels).observe(elapsed)
-        if meter.attempts:  # a model call that reached the router
-            model = request.model if request.HasField("model") else None
-            self._metrics.observe_call(labels[2], meter, elapsed, model)
+    def end(self, code: grpc.StatusCode) -> None:
+        elapsed = time.perf_counter() - self._started
+        metrics, labels = self._metrics, self._labels
+        if self._streaming:
+            metrics.open_streams.dec()
+        metrics.handled.labels(*labels, code.name).inc()
+        metrics.handling.labels(*labels).observe(elapsed)
+        if self._meter.attempts:  # a model call that reached the router
+            model = self._request.model if self._request.HasField("model") else None
+            metrics.observe_call(labels[2], self._meter, elapsed, model)

@@ -18,11 +18,10 @@ name, resource attributes, sampler, headers, batch sizes). Prompts and answers a
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from itertools import pairwise
 from typing import Any
 
@@ -34,11 +33,10 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
-from llmrelay_server.auth import Continuation, Handler
 from llmrelay_server.config import ConfigError, GatewayConfig
 from llmrelay_server.domain import Attempt, AttemptOutcome, BackendSpec
 from llmrelay_server.metering import Billed, Meter, open_meter
-from llmrelay_server.status import ended_with
+from llmrelay_server.observing import ObservingInterceptor, Start
 
 _MODEL_CALLS = frozenset({"llmrelay.v1.LLMService/Complete", "llmrelay.v1.LLMService/StreamComplete"})
 _FAILURES = frozenset(AttemptOutcome) - {AttemptOutcome.SUCCEEDED, AttemptOutcome.SKIPPED}
@@ -101,73 +99,25 @@ class Tracing:
         await asyncio.to_thread(self.provider.shutdown)
 
 
-class TracingInterceptor(grpc.aio.ServerInterceptor):
+class TracingInterceptor(ObservingInterceptor):
     def __init__(self, tracer: trace.Tracer, backends: Iterable[BackendSpec], *, log_content: bool) -> None:
         self._tracer = tracer
         self._kinds = {spec.name: spec.kind for spec in backends}
         self._log_content = log_content
 
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        name = handler_call_details.method[1:]
-        metadata = handler_call_details.invocation_metadata
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._traced_stream(handler.unary_stream, name, metadata),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._traced_unary(handler.unary_unary, name, metadata),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        return handler  # no RPC of ours streams requests (reflection does; it is not traced)
-
-    def _traced_unary(self, behavior: Any, name: str, metadata: Any) -> Any:
-        async def traced(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            call = _Call(self, name, metadata, request)
-            try:
-                answer = await behavior(request, context)
-                call.answered(answer)
-                return answer
-            except BaseException as error:
-                call.code = ended_with(context, error)
-                raise
-            finally:
-                call.end(streamed=False)
-
-        return traced
-
-    def _traced_stream(self, behavior: Any, name: str, metadata: Any) -> Any:
-        if not inspect.isasyncgenfunction(behavior):  # a stream written with context.write (grpc.health.v1 Watch)
-            return self._traced_unary(behavior, name, metadata)
-
-        async def traced(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            call = _Call(self, name, metadata, request)
-            try:
-                async for answer in behavior(request, context):
-                    call.streamed(answer)
-                    yield answer
-            except BaseException as error:
-                call.code = ended_with(context, error)
-                raise
-            finally:
-                call.end(streamed=True)
-
-        return traced
+    def observe(self, details: grpc.HandlerCallDetails, streaming: bool) -> Start:
+        name, metadata = details.method[1:], details.invocation_metadata
+        return lambda request, context: _Call(self, name, metadata, request, streaming)
 
 
 class _Call:
     """One traced RPC: its span from the start, the attempt spans and events from its meter at the end."""
 
-    def __init__(self, interceptor: TracingInterceptor, name: str, metadata: Any, request: Any) -> None:
+    def __init__(
+        self, interceptor: TracingInterceptor, name: str, metadata: Any, request: Any, streaming: bool
+    ) -> None:
         self._i = interceptor
+        self.streaming = streaming
         self.model_call = name in _MODEL_CALLS
         service, _, method = name.rpartition("/")
         attributes: Attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
@@ -189,13 +139,19 @@ class _Call:
         self._last: Any = None  # the answer, or the stream's last message
         self._text: list[str] = []  # a stream's text since its last restart, kept only when content may be recorded
 
-    def answered(self, answer: Any) -> None:
+    def sent(self, message: Any) -> None:
+        if self.streaming:
+            self._streamed(message)
+        else:
+            self._answered(message)
+
+    def _answered(self, answer: Any) -> None:
         if self.model_call:
             self._last = answer
             if self._i._log_content:
                 self._text = [answer.message.content]
 
-    def streamed(self, chunk: Any) -> None:
+    def _streamed(self, chunk: Any) -> None:
         if not self.model_call:
             return
         if chunk.finish_reason:
@@ -206,7 +162,8 @@ class _Call:
             elif chunk.delta.HasField("content"):
                 self._text.append(chunk.delta.content)
 
-    def end(self, *, streamed: bool) -> None:
+    def end(self, code: grpc.StatusCode) -> None:
+        self.code = code
         ended = time.time_ns()
         span = self.span
         span.set_attribute("rpc.grpc.status_code", self.code.value[0])
@@ -220,7 +177,7 @@ class _Call:
             output = {"role": "assistant", "parts": [{"type": "text", "content": "".join(self._text)}]}
             span.set_attribute("gen_ai.output.messages", json.dumps([output]))
         if self.meter.attempts:
-            self._attempts(self.meter.attempts, ended, streamed)
+            self._attempts(self.meter.attempts, ended, self.streaming)
         span.end(end_time=ended)
 
     def _attempts(self, attempts: list[Attempt], ended: int, streamed: bool) -> None:
