@@ -1,7 +1,9 @@
 """`make bench`: the gateway's cost measured against the direct call to the same upstream, in the same run.
 
 The loopback upstream and the gateway each run in their own process, so the gateway's CPU time is read from its own
-/proc entry. Figures are ratios to the direct call (these machines are noisy), plus the gateway's CPU per request.
+/proc entry. Figures are ratios to the direct call (these machines are noisy), plus the gateway's CPU per request. Gateways with
+features on (keys and limits; the call log; metrics; traces) run beside the plain one (no call log), the paths taking
+turns in rounds; a feature's cost is its extra gateway CPU per call, the median over the rounds.
 
 Usage: python -m bench [--requests N] [--concurrency C]
 """
@@ -11,7 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hashlib
+import operator
 import os
 import socket
 import statistics
@@ -21,18 +25,22 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import openai
 from llmrelay import v1 as pb
 from openai.types.chat import ChatCompletionMessageParam
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 STOP_S = 15
+ROUNDS = 5
 KINDS = ("unary", "stream")
 PROMPT = "benchmark the gateway please"
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": PROMPT}]
@@ -80,10 +88,16 @@ class Run:
         """The server's CPU time per request, in milliseconds."""
         return self.cpu_s[server] / len(self.latencies_s) * 1000
 
+    def __add__(self, other: Run) -> Run:
+        cpu = {name: self.cpu_s[name] + other.cpu_s[name] for name in self.cpu_s}
+        return Run(self.latencies_s + other.latencies_s, self.wall_s + other.wall_s, cpu)
 
-async def measure(call: Call, requests: int, concurrency: int, pids: Mapping[str, Sequence[int]]) -> Run:
+
+async def measure(
+    call: Call, requests: int, concurrency: int, pids: Mapping[str, Sequence[int]], warm_up: bool = False
+) -> Run:
     """Times `requests` calls, `concurrency` at a time; each server's CPU is summed over its processes `pids`."""
-    for _ in range(50):  # warm-up: connections, caches, first-call imports
+    for _ in range(50 if warm_up else 0):  # connections, caches, first-call imports
         await call()
     latencies: list[float] = []
     semaphore = asyncio.Semaphore(concurrency)
@@ -194,8 +208,13 @@ class Feature:
     extra: str = ""
     """More YAML sections."""
     metadata: tuple[tuple[str, str], ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    """More environment: where traces go."""
 
 
+PLAIN = Feature("plain", server="log_calls: false")
+OBSERVED = 'metrics_listen: "127.0.0.1:0", log_format: json'
+OTLP_PORT = free_port()
 FEATURES = {
     "keyed": Feature(
         "auth + limits (a key with every kind of limit, and gateway limits)",
@@ -210,8 +229,29 @@ FEATURES = {
 """,
         metadata=(("authorization", f"Bearer {BENCH_KEY}"),),
     ),
-    "observed": Feature("metrics + a JSON log line per call", server='metrics_listen: "127.0.0.1:0", log_format: json'),
+    "logged": Feature("a text log line per call (the default)", server="log_calls: true"),
+    "observed": Feature("metrics + a JSON log line per call", server=OBSERVED),
+    "traced": Feature(
+        "metrics + a JSON log line + a trace per call (OTLP/gRPC to a receiver in the bench)",
+        server=f"{OBSERVED}, tracing: true",
+        env=(("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{OTLP_PORT}"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")),
+    ),
 }
+
+
+class _TraceSink(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC receiver that takes the traced gateway's spans and drops them."""
+
+    def Export(self, request: Any, context: Any) -> trace_service_pb2.ExportTraceServiceResponse:
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def start_trace_sink() -> grpc.Server:
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceSink(), server)  # type: ignore[no-untyped-call]
+    server.add_insecure_port(f"127.0.0.1:{OTLP_PORT}")
+    server.start()
+    return server
 
 
 def start_gateway(
@@ -224,7 +264,8 @@ def start_gateway(
         f'server: {{usage_db: "{scratch}/{name}.db"{server}}}\n'
         f'llm:\n  ollama: {{base_url: "http://127.0.0.1:{upstream_port}/v1", model: tiny}}\n{feature.extra}'
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OLLAMA_", "LLMRELAY_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OLLAMA_", "LLMRELAY_", "OTEL_"))}
+    env.update(feature.env)
     command = [str(BIN / "llmrelay-server"), "--listen", f"127.0.0.1:{gateway_port}", "--config", str(config)]
     return start(command, "listening on", env)
 
@@ -240,7 +281,9 @@ async def main() -> None:
         upstream = start_upstream(ports["upstream"])
         running.callback(stop, upstream)
         pids = {"upstream": upstream.pid}
-        for name, feature in {"gateway": Feature("plain"), **FEATURES}.items():
+        sink = start_trace_sink()
+        running.callback(sink.stop, None)
+        for name, feature in {"gateway": PLAIN, **FEATURES}.items():
             gateway = start_gateway(Path(scratch), ports["upstream"], ports[name], name, feature)
             running.callback(stop, gateway)
             pids[name] = gateway.pid
@@ -261,10 +304,17 @@ async def report(pids_by_name: Mapping[str, int], ports: Mapping[str, int], requ
     print(f"llmrelay bench: {requests} requests, concurrency {concurrency}, loopback upstream in its own process\n")
     print_header()
     results: dict[str, Run] = {}
+    # Paths take turns, a slice of the requests each per round, so that the machine's slow minutes fall on all of
+    # them; a feature's cost is the median over rounds of its difference with the plain gateway in the same round.
+    rounds: dict[str, list[Run]] = {}
     for kind in KINDS:
-        for path, calls in paths.items():
+        for round_ in range(ROUNDS):
+            for path, calls in paths.items():
+                run = await measure(calls[kind], requests // ROUNDS, concurrency, pids, warm_up=round_ == 0)
+                rounds.setdefault(f"{path} {kind}", []).append(run)
+        for path in paths:
             name = f"{path} {kind}"
-            results[name] = await measure(calls[kind], requests, concurrency, pids)
+            results[name] = functools.reduce(operator.add, rounds[name])
             print_row(name, results[name], servers[path])
     rss_loaded = rss_mib(gateway_pid)
     print("\nratios, gateway / direct (same upstream, same run):")
@@ -277,8 +327,12 @@ async def report(pids_by_name: Mapping[str, int], ports: Mapping[str, int], requ
     for name, feature in FEATURES.items():
         print(f"\ncost of {feature.description}, against the plain gateway, same run:")
         for kind in KINDS:
-            extra_us = (results[f"{name} {kind}"].cpu_ms(name) - results[f"gateway {kind}"].cpu_ms("gateway")) * 1000
-            print(f"  {kind:<7} {extra_us:+.0f} us gateway CPU per call")
+            pairs = zip(rounds[f"{name} {kind}"], rounds[f"gateway {kind}"], strict=True)
+            extra_us = sorted((run.cpu_ms(name) - plain.cpu_ms("gateway")) * 1000 for run, plain in pairs)
+            print(
+                f"  {kind:<7} {statistics.median(extra_us):+.0f} us gateway CPU per call"
+                f"   (rounds: {extra_us[0]:+.0f} .. {extra_us[-1]:+.0f})"
+            )
     print(f"\ngateway memory: {rss_idle:.0f} MiB idle, {rss_loaded:.0f} MiB after the runs")
     for channel in channels.values():
         await channel.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from dataclasses import dataclass
@@ -14,12 +15,13 @@ from grpc_reflection.v1alpha import reflection
 
 from llmrelay_server.auth import AuthInterceptor, KeyRing
 from llmrelay_server.backends import provider_factory
-from llmrelay_server.calllog import CallLogInterceptor, use_log_format
+from llmrelay_server.calllog import CallLogInterceptor
 from llmrelay_server.config import ConfigError, GatewayConfig
 from llmrelay_server.decoding import add_llm_service
 from llmrelay_server.health import SERVICE_NAME, HealthMonitor
 from llmrelay_server.limits import InProcessLimiter, LimitsInterceptor
 from llmrelay_server.limits import applies as _limited
+from llmrelay_server.logs import use_log_format
 from llmrelay_server.metrics import LabelValues, Metrics, MetricsInterceptor
 from llmrelay_server.pricing import PriceTable
 from llmrelay_server.router import Router
@@ -201,10 +203,10 @@ def _interceptors(
     tracing: Tracing | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:
     """What each call did (outermost, so refusals count too), its request id and log line, who is calling, then
-    within what limits; metrics, keys and limits only when configured, so a plain gateway pays for the log alone."""
+    within what limits; each only when configured (the call log is on unless turned off)."""
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)] if metrics is not None else []
-    # A request id and one log line for every call, refusals included.
-    interceptors.append(CallLogInterceptor(config.server.log_content))
+    if config.server.log_calls:  # a request id and one log line for every call, refusals included
+        interceptors.append(CallLogInterceptor(config.server.log_content))
     if tracing is not None:  # a span per call, continuing the caller's trace
         interceptors.append(tracing.interceptor)
     if keys.enabled:
@@ -246,6 +248,9 @@ async def serve(config: GatewayConfig) -> None:
         )
     if not gateway.monitor.serving:
         log.warning(NO_BACKEND_HINT)
+    # What start made (modules, encodings, configuration) lives as long as the process: frozen, it is no longer
+    # walked by every full garbage collection, which calls' garbage sets off (about 50 us a call on `make bench`).
+    gc.freeze()
     await stop.wait()
     log.info(
         "shutting down: NOT_SERVING for %g s, then up to %g s for calls in flight",

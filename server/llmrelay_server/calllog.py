@@ -10,17 +10,16 @@ The request id is the caller's `x-request-id` when it sends a sane one (1-128 ch
 (status.abort keeps it). Trailers cost nothing more: initial metadata of its own would be one more write per call.
 
 Never a key, and no prompt or answer: with `server.log_content` set, the last user message is added (`prompt`).
-With `server.log_format: json` every log line of the process is one JSON object (`JsonFormatter`).
+How the lines are written (text or JSON, batched) is `logs`'s business.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
-import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -50,7 +49,7 @@ def request_id(metadata: Any) -> str:
             if isinstance(value, str) and _SANE_ID.fullmatch(value):
                 return value
             break
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 class CallLogInterceptor(ObservingInterceptor):
@@ -113,7 +112,7 @@ def call_fields(
         "model": _asked_model(request),
         "served_model": served.model if served is not None else None,
         "backend": served.backend if served is not None else None,
-        "attempts": [f"{a.backend}:{a.outcome.value}" for a in meter.attempts],
+        "attempts": [a.backend + ":" + a.outcome for a in meter.attempts],
         "code": code.name,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -137,15 +136,16 @@ class CallLine:
 
 
 def _text(value: Any) -> str:
+    if isinstance(value, str):
+        # Anything a caller wrote (a model name) could break the line: quoted, escaped, unless plainly safe.
+        return value if _PLAIN.fullmatch(value) else json.dumps(value)
     if value is None:
         return "-"
-    if isinstance(value, list):
-        return ",".join(_text(item) for item in value) or "-"
     if isinstance(value, float):
         return f"{value:g}"
-    text = str(value)
-    # Anything a caller wrote (a model name) could break the line: quoted, escaped, unless plainly safe.
-    return text if _PLAIN.fullmatch(text) else json.dumps(text)
+    if isinstance(value, list):
+        return ",".join(map(_text, value)) or "-"
+    return str(value)
 
 
 def _caller(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -171,38 +171,3 @@ def _last_user_message(request: Any) -> str | None:
         if message.role == _ROLE_USER:
             return str(message.content)
     return None
-
-
-class JsonFormatter(logging.Formatter):
-    """Each record as one JSON object: time, level, logger, message; a call line's fields; an exception's text."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-        }
-        call = getattr(record, "call", None)
-        if isinstance(call, dict):
-            entry["msg"] = "call"
-            entry.update(call)
-        else:
-            entry["msg"] = record.getMessage()
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        elif record.exc_text:
-            entry["exc"] = record.exc_text
-        if record.stack_info:
-            entry["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
-
-
-def use_log_format(log_format: str) -> None:
-    """With "json", every handler of the root logger writes JSON (one set up at INFO if there is none)."""
-    if log_format != "json":
-        return
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(level=logging.INFO)
-    for handler in root.handlers:
-        handler.setFormatter(JsonFormatter())

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from llmrelay_server import logs
 from llmrelay_server.app import ListenError, serve
 from llmrelay_server.auth import new_key
 from llmrelay_server.config import ConfigError, check_key_name, load_config
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", metavar="FILE", help="a YAML configuration file (env LLMRELAY_CONFIG)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level)
     # The HTTP client logs every request at INFO; that is noise on every agent step.
     logging.getLogger("httpx2").setLevel(logging.WARNING)
     try:

@@ -154,6 +154,8 @@ class ServerConfig:
     """What a request without max_tokens reserves for its answer against tokens-per-minute limits."""
     metrics_listen: str | None = None
     """HOST:PORT to serve Prometheus metrics on (path /metrics); unset: no metrics endpoint."""
+    log_calls: bool = True
+    """One log line per call (with its request id, returned as x-request-id); off, only warnings and errors."""
     log_format: str = "text"
     """The one line per call, and every other log line: "text" for people, "json" for log pipelines."""
     log_content: bool = False

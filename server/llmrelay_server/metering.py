@@ -32,6 +32,8 @@ class Meter:
     """Every attempt of the call, as the router records them (the router's own list, so it is always current)."""
     first_chunk_s: float | None = None
     """A stream's time from the call's start to its first chunk from an upstream."""
+    caller: str | None = None
+    """Who the call bills, once the servicer has read it from the call (`servicer.caller_identity`)."""
     upstream_headers: dict[str, str] = field(default_factory=dict)
     """Headers every upstream request of the call carries (a trace context's traceparent)."""
 

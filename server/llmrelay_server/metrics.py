@@ -14,7 +14,7 @@ other model a caller or an upstream names is counted as `other`, so no caller ca
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import pairwise
 from typing import Any
 
@@ -57,6 +57,38 @@ class LabelValues:
         return name if name == "anonymous" or name in self._callers() else OTHER
 
 
+class _Children:
+    """A labelled metric's children, kept by their label values: prometheus-client's labels() takes a lock and checks
+    and converts every value (about 1 us), and a call touches a dozen; the values come from a closed set."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Counter | Histogram) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
+def _counter(name: str, documentation: str, labels: Sequence[str], *, registry: CollectorRegistry) -> _Children:
+    return _Children(Counter(name, documentation, labels, registry=registry))
+
+
+def _histogram(
+    name: str,
+    documentation: str,
+    labels: Sequence[str],
+    *,
+    registry: CollectorRegistry,
+    buckets: Sequence[float] = Histogram.DEFAULT_BUCKETS,
+) -> _Children:
+    return _Children(Histogram(name, documentation, labels, buckets=buckets, registry=registry))
+
+
 class Metrics:
     """The gateway's metrics, in a registry of their own (one gateway, one registry)."""
 
@@ -70,65 +102,67 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         grpc_labels = ["grpc_type", "grpc_service", "grpc_method"]
         r = self.registry
-        self.started = Counter("grpc_server_started", "RPCs started on the server.", grpc_labels, registry=r)
-        self.handled = Counter(
+        self.started = _counter("grpc_server_started", "RPCs started on the server.", grpc_labels, registry=r)
+        self.handled = _counter(
             "grpc_server_handled", "RPCs completed on the server, by status.", [*grpc_labels, "grpc_code"], registry=r
         )
-        self.received = Counter("grpc_server_msg_received", "Messages received by the server.", grpc_labels, registry=r)
-        self.sent = Counter("grpc_server_msg_sent", "Messages sent by the server.", grpc_labels, registry=r)
-        self.handling = Histogram(
+        self.received = _counter(
+            "grpc_server_msg_received", "Messages received by the server.", grpc_labels, registry=r
+        )
+        self.sent = _counter("grpc_server_msg_sent", "Messages sent by the server.", grpc_labels, registry=r)
+        self.handling = _histogram(
             "grpc_server_handling_seconds", "Time from an RPC's start to its end.", grpc_labels, registry=r
         )
-        self.attempts = Counter(
+        self.attempts = _counter(
             "llmrelay_upstream_attempts", "Attempts at an upstream, by outcome.", ["backend", "outcome"], registry=r
         )
-        self.attempt_seconds = Histogram(
+        self.attempt_seconds = _histogram(
             "llmrelay_upstream_attempt_seconds", "Time an attempt at an upstream took.", ["backend"], registry=r
         )
-        self.first_chunk = Histogram(
+        self.first_chunk = _histogram(
             "llmrelay_upstream_time_to_first_chunk_seconds",
             "Time from a stream's start to its first chunk from an upstream.",
             ["backend"],
             buckets=FIRST_TOKEN_BUCKETS,
             registry=r,
         )
-        self.tokens = Counter(
+        self.tokens = _counter(
             "llmrelay_tokens", "Tokens billed, by kind.", ["backend", "model", "caller", "kind"], registry=r
         )
-        self.cost = Counter(
+        self.cost = _counter(
             "llmrelay_cost_usd", "What answers cost, in USD.", ["backend", "model", "caller"], registry=r
         )
-        self.retries = Counter(
+        self.retries = _counter(
             "llmrelay_retries",
             "Attempts repeated on the same backend, by the failure before.",
             ["backend", "reason"],
             registry=r,
         )
-        self.fallbacks = Counter(
+        self.fallbacks = _counter(
             "llmrelay_fallbacks",
             "Moves to another backend, by the failure of the one left.",
             ["backend", "reason"],
             registry=r,
         )
-        self.restarts = Counter(
+        self.restarts = _counter(
             "llmrelay_stream_restarts", "Streams that broke after they started, by backend.", ["backend"], registry=r
         )
         self.open_streams = Gauge("llmrelay_open_streams", "StreamComplete calls in progress.", registry=r)
-        self.overhead = Histogram(
+        self.overhead = _histogram(
             "llmrelay_gateway_overhead_seconds",
             "A call's time not spent waiting for an upstream: the gateway's own cost.",
             ["grpc_method"],
             buckets=OVERHEAD_BUCKETS,
             registry=r,
         )
-        self.gen_ai_tokens = Histogram(
+        self.gen_ai_tokens = _histogram(
             "gen_ai_client_token_usage",
             "Tokens per operation (OpenTelemetry gen_ai.client.token.usage).",
             ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_response_model", "gen_ai_token_type"],
             buckets=TOKEN_BUCKETS,
             registry=r,
         )
-        self.gen_ai_first_token = Histogram(
+        self.gen_ai_first_token = _histogram(
             "gen_ai_server_time_to_first_token_seconds",
             "Time to the first token of a stream (OpenTelemetry gen_ai.server.time_to_first_token).",
             ["gen_ai_operation_name", "gen_ai_request_model"],
@@ -156,23 +190,23 @@ class Metrics:
         """What the router did for one call, from its meter."""
         upstream_s = 0.0
         for attempt in meter.attempts:
-            self.attempts.labels(attempt.backend, attempt.outcome.value).inc()
+            self.attempts(attempt.backend, attempt.outcome.value).inc()
             if attempt.outcome is not AttemptOutcome.SKIPPED:
-                self.attempt_seconds.labels(attempt.backend).observe(attempt.duration_s)
+                self.attempt_seconds(attempt.backend).observe(attempt.duration_s)
                 upstream_s += attempt.duration_s
             if attempt.outcome is AttemptOutcome.INTERRUPTED:
-                self.restarts.labels(attempt.backend).inc()
+                self.restarts(attempt.backend).inc()
         for before, after in pairwise(meter.attempts):
             if before.outcome in _FAILURES:
                 moved = self.retries if after.backend == before.backend else self.fallbacks
-                moved.labels(before.backend, before.outcome.value).inc()
-        self.overhead.labels(rpc).observe(max(0.0, elapsed_s - upstream_s))
+                moved(before.backend, before.outcome.value).inc()
+        self.overhead(rpc).observe(max(0.0, elapsed_s - upstream_s))
         requested = self.labels.model(request_model)
         if meter.first_chunk_s is not None and meter.attempts:
             served = next((a for a in reversed(meter.attempts) if a.outcome is AttemptOutcome.SUCCEEDED), None)
             if served is not None:
-                self.first_chunk.labels(served.backend).observe(meter.first_chunk_s)
-                self.gen_ai_first_token.labels("chat", requested).observe(meter.first_chunk_s)
+                self.first_chunk(served.backend).observe(meter.first_chunk_s)
+                self.gen_ai_first_token("chat", requested).observe(meter.first_chunk_s)
         for billed in meter.billed:
             model, caller, usage = self.labels.model(billed.model), self.labels.caller(billed.caller), billed.usage
             for kind, count in (
@@ -182,11 +216,11 @@ class Metrics:
                 ("reasoning", usage.reasoning_tokens or 0),
             ):
                 if count:
-                    self.tokens.labels(billed.backend, model, caller, kind).inc(count)
-            self.gen_ai_tokens.labels("chat", requested, model, "input").observe(usage.prompt_tokens)
-            self.gen_ai_tokens.labels("chat", requested, model, "output").observe(usage.completion_tokens)
+                    self.tokens(billed.backend, model, caller, kind).inc(count)
+            self.gen_ai_tokens("chat", requested, model, "input").observe(usage.prompt_tokens)
+            self.gen_ai_tokens("chat", requested, model, "output").observe(usage.completion_tokens)
             if usage.cost is not None:
-                self.cost.labels(billed.backend, model, caller).inc(usage.cost.usd_micros / 1_000_000)
+                self.cost(billed.backend, model, caller).inc(usage.cost.usd_micros / 1_000_000)
 
 
 class _StateCollector(Collector):
@@ -216,10 +250,14 @@ class MetricsInterceptor(ObservingInterceptor):
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        self._labels: dict[str, tuple[str, str, str]] = {}
+        """By method path: the methods served, a closed set."""
 
     def observe(self, details: grpc.HandlerCallDetails, streaming: bool) -> Start:
-        service, _, method = details.method[1:].rpartition("/")
-        labels = ("server_stream" if streaming else "unary", service, method)
+        labels = self._labels.get(details.method)
+        if labels is None:
+            service, _, method = details.method[1:].rpartition("/")
+            labels = self._labels[details.method] = ("server_stream" if streaming else "unary", service, method)
         return lambda request, context: _CountedCall(self._metrics, labels, streaming, request)
 
 
@@ -229,11 +267,11 @@ class _CountedCall:
     def __init__(self, metrics: Metrics, labels: tuple[str, str, str], streaming: bool, request: Any) -> None:
         self._started = time.perf_counter()
         self._metrics, self._labels, self._streaming, self._request = metrics, labels, streaming, request
-        metrics.started.labels(*labels).inc()
-        metrics.received.labels(*labels).inc()
+        metrics.started(*labels).inc()
+        metrics.received(*labels).inc()
         if streaming:
             metrics.open_streams.inc()
-        self._sent = metrics.sent.labels(*labels)
+        self._sent = metrics.sent(*labels)
         self._meter = open_meter()
 
     def sent(self, message: Any) -> None:
@@ -244,8 +282,8 @@ class _CountedCall:
         metrics, labels = self._metrics, self._labels
         if self._streaming:
             metrics.open_streams.dec()
-        metrics.handled.labels(*labels, code.name).inc()
-        metrics.handling.labels(*labels).observe(elapsed)
+        metrics.handled(*labels, code.name).inc()
+        metrics.handling(*labels).observe(elapsed)
         if self._meter.attempts:  # a model call that reached the router
             model = self._request.model if self._request.HasField("model") else None
             metrics.observe_call(labels[2], self._meter, elapsed, model)

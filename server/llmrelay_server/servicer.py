@@ -25,6 +25,7 @@ from llmrelay_server.domain import (
     ToolCallDelta,
 )
 from llmrelay_server.health import HealthMonitor
+from llmrelay_server.metering import current_meter
 from llmrelay_server.router import Router
 from llmrelay_server.status import abort
 from llmrelay_server.usage import UsageLedger
@@ -166,6 +167,15 @@ def caller_identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     caller's own tag, else a fingerprint of its bearer token (never the token), else anonymous."""
     if (caller := current_caller.get()) is not None:
         return caller.name
+    meter = current_meter.get()
+    if meter is None:
+        return _identity(context)
+    if meter.caller is None:  # read once a call: the call log asks again at the end
+        meter.caller = _identity(context)
+    return meter.caller
+
+
+def _identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     metadata = dict(context.invocation_metadata() or ())
     tag = metadata.get(CALLER_HEADER)
     if tag is not None:

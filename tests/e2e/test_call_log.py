@@ -14,7 +14,8 @@ from typing import Any
 import grpc
 import pytest
 from llmrelay import v1 as pb
-from llmrelay_server.calllog import JsonFormatter, request_id
+from llmrelay_server.calllog import request_id
+from llmrelay_server.logs import JsonFormatter
 from support import GatewayFactory, chat, read_all, start_server, stream_chat, two_backends
 from upstream import FakeUpstream
 
@@ -156,3 +157,34 @@ async def test_the_server_logs_only_json_when_asked(tmp_path: Path, local: FakeU
     assert any(e.get("request_id") == "p1" and e["code"] == "OK" for e in entries)
     assert any("listening on" in e["msg"] for e in entries)
     assert SECRET_PROMPT not in output
+
+
+async def test_no_line_and_no_request_id_when_turned_off(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=CALLS)
+    gateway = await gateway_factory(two_backends(primary, local), server="log_calls: false")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        call = pb.LLMServiceStub(channel).Complete(chat(), timeout=5, metadata=[("x-request-id", "unlogged")])
+        assert (await call).model
+        assert not [value for name, value in await call.trailing_metadata() or () if name == "x-request-id"]
+    assert not [record for record in caplog.records if record.name == CALLS]
+
+
+async def test_the_servers_lines_come_out_while_it_runs(tmp_path: Path, local: FakeUpstream) -> None:
+    """The log is written in batches, but a batch waits a moment, not for more lines or for the exit."""
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(f'server: {{usage_db: "{tmp_path / "usage.db"}", drain_s: 0}}\n')
+    server = await start_server(config, local)
+    await server.wait_listening()
+    try:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            await pb.LLMServiceStub(channel).Complete(chat(), timeout=5, metadata=[("x-request-id", "live-1")])
+        async with asyncio.timeout(2):
+            while not any("call request_id=live-1 " in line for line in server.log):  # noqa: ASYNC110 (read by its task)
+                await asyncio.sleep(0.01)
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            await server.process.wait()
+    assert "stopped" in (await server.output()).splitlines()[-1]  # the last lines are flushed at the exit
