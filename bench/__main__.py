@@ -1,9 +1,9 @@
 """`make bench`: the gateway's cost measured against the direct call to the same upstream, in the same run.
 
 The loopback upstream and the gateway each run in their own process, so the gateway's CPU time is read from its own
-/proc entry. Figures are ratios to the direct call (these machines are noisy), plus the gateway's CPU per request. Gateways with
-features on (keys and limits; the call log; metrics; traces) run beside the plain one (no call log), the paths taking
-turns in rounds; a feature's cost is its extra gateway CPU per call, the median over the rounds.
+/proc entry. Figures are ratios to the direct call (these machines are noisy), plus the gateway's CPU per request.
+Gateways with features on (keys and limits; the call log; metrics; traces) run beside the plain one (no call log),
+the paths taking turns in rounds; a feature's cost is its extra gateway CPU per call, the median over the rounds.
 
 Usage: python -m bench [--requests N] [--concurrency C]
 """

@@ -20,7 +20,6 @@ from llmrelay_server.config import ConfigError, GatewayConfig
 from llmrelay_server.decoding import add_llm_service
 from llmrelay_server.health import SERVICE_NAME, HealthMonitor
 from llmrelay_server.limits import InProcessLimiter, LimitsInterceptor
-from llmrelay_server.limits import applies as _limited
 from llmrelay_server.logs import use_log_format
 from llmrelay_server.metrics import LabelValues, Metrics, MetricsInterceptor
 from llmrelay_server.pricing import PriceTable
@@ -213,7 +212,7 @@ def _interceptors(
         interceptors.append(AuthInterceptor(keys, config.auth.open_services))
     configured = (config.server.limits, *(key.limits for key in config.auth.keys))
     # A keys file may bring limits at any time.
-    if config.auth.keys_file or any(_limited(limits) for limits in configured):
+    if config.auth.keys_file or any(limits.any_set() for limits in configured):
         interceptors.append(
             LimitsInterceptor(
                 InProcessLimiter(),

@@ -87,6 +87,9 @@ class Limits:
     budget_usd_per_day: float | None = None
     """Spend per UTC day, at the price table's rates."""
 
+    def any_set(self) -> bool:
+        return any(value is not None for value in dataclasses.astuple(self))
+
 
 @dataclass(frozen=True, slots=True)
 class CallerKey:
@@ -140,8 +143,17 @@ class ServerConfig:
     """Then, how long calls in flight may take to finish."""
     max_message_bytes: int = 4 * 1024 * 1024
     """The largest request accepted; larger ones get RESOURCE_EXHAUSTED."""
+    workers: int = 1
+    """Server processes sharing the port (SO_REUSEPORT), under one supervising process; more than one needs
+    state.redis_url when any limit is set (each process would otherwise enforce the limits alone)."""
     usage_db: str = "llmrelay-usage.db"
-    """The SQLite file of the usage ledger (":memory:" keeps it in memory)."""
+    """The usage ledger: a SQLite file (":memory:" keeps it in memory), or a PostgreSQL URL
+    ("postgresql://user:password@host:5432/db"; libpq's PG* variables fill in what it leaves out)."""
+    usage_journal_dir: str | None = None
+    """Where each process journals its usage records on disk until the ledger has them (a process killed, a database
+    down); unset: beside a SQLite file (FILE.journal), or ./llmrelay-usage.journal for PostgreSQL."""
+    usage_journal_max_bytes: int = 256 * 1024 * 1024
+    """The most one process's journal holds while the database is down; past it, records are dropped and counted."""
     health_interval_s: float = 15.0
     """How often the backends are probed in the background."""
     tls: TLSConfig | None = None
@@ -165,6 +177,20 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StateConfig:
+    """Where the state that gateways share lives: limits and budgets."""
+
+    redis_url: str | None = None
+    """redis:// (or rediss:// for TLS, unix:// for a socket), with user and password when the server asks for them:
+    every gateway naming the same Redis or Valkey enforces one set of limits; unset: limits kept in this process."""
+    on_unavailable: str = "allow"
+    """When Redis cannot be reached: "allow" admits calls without counting them until it is back; "deny" refuses
+    them with UNAVAILABLE."""
+    timeout_s: float = 0.5
+    """How long one check-and-reserve may wait for Redis before Redis counts as unreachable."""
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -177,6 +203,7 @@ class GatewayConfig:
     """Prices by model pattern ("gpt-4o", "gpt-4o-2024-*", "ollama/*"), over the shipped table."""
     unknown_price: Price = field(default_factory=lambda: Price(prompt=5.0, completion=15.0))
     """The rate budgets count for a model with no known price on a paid backend."""
+    state: StateConfig = field(default_factory=StateConfig)
 
 
 # The YAML shapes of the backends, before they become BackendSpecs.
@@ -217,6 +244,7 @@ class _FileSection:
     auth: AuthConfig = field(default_factory=AuthConfig)
     pricing: Mapping[str, Price] = field(default_factory=dict)
     unknown_price: Price | None = None
+    state: StateConfig = field(default_factory=StateConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +263,13 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
         server = dataclasses.replace(server, listen=env["LLMRELAY_LISTEN"])
     if env.get("LLMRELAY_USAGE_DB"):
         server = dataclasses.replace(server, usage_db=env["LLMRELAY_USAGE_DB"])
+    if env.get("LLMRELAY_WORKERS"):
+        server = dataclasses.replace(server, workers=_workers(env["LLMRELAY_WORKERS"], "LLMRELAY_WORKERS"))
+    state = section.state
+    if env.get("LLMRELAY_REDIS_URL"):
+        state = dataclasses.replace(state, redis_url=env["LLMRELAY_REDIS_URL"])
+    _check_state(state)
+    _check_usage_db(server.usage_db)
     _check_listen(server.listen, "server.listen")
     if server.metrics_listen is not None:
         _check_listen(server.metrics_listen, "server.metrics_listen")
@@ -264,7 +299,17 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
         qualifier = target.split("/", 1)[0] if "/" in target else None
         if qualifier is not None and qualifier in BACKEND_KINDS and qualifier not in names:
             raise ConfigError(f"llm.aliases.{alias}: points at backend {qualifier!r}, which is not configured")
+    configured = (server.limits, *(key.limits for key in auth.keys))
+    keyed_limits = (
+        (*configured, *(key.limits for key in load_keys_file(auth.keys_file))) if auth.keys_file else configured
+    )
+    if server.workers > 1 and state.redis_url is None and any(limits.any_set() for limits in keyed_limits):
+        raise ConfigError(
+            f"server.workers: {server.workers} processes would each enforce the limits alone (up to {server.workers}"
+            " times each limit); set state.redis_url to share them, or run one worker"
+        )
     return GatewayConfig(
+        state=state,
         server=server,
         router=section.router,
         backends=backends,
@@ -273,6 +318,35 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
         pricing=dict(section.pricing),
         unknown_price=unknown_price,
     )
+
+
+def is_postgresql(usage_db: str) -> bool:
+    return usage_db.startswith(("postgresql://", "postgres://"))
+
+
+def _check_usage_db(usage_db: str) -> None:
+    if "://" in usage_db and not is_postgresql(usage_db):
+        scheme = usage_db.split("://", 1)[0]
+        raise ConfigError(
+            f"server.usage_db: {scheme}:// is not a ledger this gateway knows; give a SQLite file path or a"
+            " postgresql:// URL"
+        )
+
+
+def _check_state(state: StateConfig) -> None:
+    if state.on_unavailable not in ("allow", "deny"):
+        raise ConfigError(f"state.on_unavailable: {state.on_unavailable!r} is not allow or deny")
+    _check_positive(state, "state")
+    if state.redis_url is not None and urlsplit(state.redis_url).scheme not in ("redis", "rediss", "unix"):
+        # The URL may hold a password: only its scheme is shown.
+        scheme = urlsplit(state.redis_url).scheme or "(none)"
+        raise ConfigError(f"state.redis_url: scheme {scheme} is not redis://, rediss:// or unix://")
+
+
+def _workers(text: str, where: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"{where}: {text!r} is not a number of processes >= 1")
+    return int(text)
 
 
 def load_keys_file(path: str | Path) -> tuple[CallerKey, ...]:

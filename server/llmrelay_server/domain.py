@@ -177,6 +177,25 @@ def _sum_known(a: int | None, b: int | None) -> int | None:
     return None if a is None and b is None else (a or 0) + (b or 0)
 
 
+class StoreRole(enum.StrEnum):
+    USAGE_LEDGER = "usage_ledger"
+    LIMITS = "limits"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreHealth:
+    """A store the gateway keeps state in, as this process last used it."""
+
+    role: StoreRole
+    kind: str
+    """"sqlite", "postgresql", "redis" or "in_process"."""
+    available: bool
+    description: str = ""
+    """Why it is unavailable, in words a person can act on; never a password."""
+    pending_records: int = 0
+    """Usage records in this process's journal on disk, waiting for the ledger."""
+
+
 class AttemptOutcome(enum.StrEnum):
     SUCCEEDED = "succeeded"
     UNREACHABLE = "unreachable"

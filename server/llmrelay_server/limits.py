@@ -169,13 +169,6 @@ def _until_next_day(now: float) -> float:
     return (_utc_day(now) + 1) * 86_400 - now
 
 
-def applies(limits: Limits) -> bool:
-    """Whether any limit is set."""
-    return any(value is not None for value in (
-        limits.requests_per_minute, limits.tokens_per_minute, limits.concurrent_streams, limits.budget_usd_per_day
-    ))  # fmt: skip
-
-
 class LimitsInterceptor(grpc.aio.ServerInterceptor):
     """Admits each Complete and StreamComplete within the caller's limits and the gateway's, settles it at its end."""
 
@@ -188,7 +181,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         reserve_completion_tokens: int,
     ) -> None:
         self._limiter = limiter
-        self._gateway = gateway if applies(gateway) else None
+        self._gateway = gateway if gateway.any_set() else None
         self._counter = counter
         self._estimate_usd_micros = estimate_usd_micros
         self._reserve_completion_tokens = reserve_completion_tokens
@@ -201,7 +194,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or method not in (_COMPLETE, _STREAM):
             return handler
         caller = current_caller.get()
-        subjects = [(f"key:{caller.name}", caller.key.limits)] if caller and applies(caller.key.limits) else []
+        subjects = [(f"key:{caller.name}", caller.key.limits)] if caller and caller.key.limits.any_set() else []
         if self._gateway is not None:
             subjects.append((GATEWAY, self._gateway))
         if not subjects:

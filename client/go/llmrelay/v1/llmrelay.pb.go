@@ -655,6 +655,59 @@ func (CircuitState) EnumDescriptor() ([]byte, []int) {
 	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{8}
 }
 
+// What the gateway keeps in a store.
+type StoreRole int32
+
+const (
+	// Not set.
+	StoreRole_STORE_ROLE_UNSPECIFIED StoreRole = 0
+	// The usage ledger (server.usage_db).
+	StoreRole_STORE_ROLE_USAGE_LEDGER StoreRole = 1
+	// Limits and budgets (kept in the process, or shared in Redis: state.redis_url).
+	StoreRole_STORE_ROLE_LIMITS StoreRole = 2
+)
+
+// Enum value maps for StoreRole.
+var (
+	StoreRole_name = map[int32]string{
+		0: "STORE_ROLE_UNSPECIFIED",
+		1: "STORE_ROLE_USAGE_LEDGER",
+		2: "STORE_ROLE_LIMITS",
+	}
+	StoreRole_value = map[string]int32{
+		"STORE_ROLE_UNSPECIFIED":  0,
+		"STORE_ROLE_USAGE_LEDGER": 1,
+		"STORE_ROLE_LIMITS":       2,
+	}
+)
+
+func (x StoreRole) Enum() *StoreRole {
+	p := new(StoreRole)
+	*p = x
+	return p
+}
+
+func (x StoreRole) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (StoreRole) Descriptor() protoreflect.EnumDescriptor {
+	return file_llmrelay_v1_llmrelay_proto_enumTypes[9].Descriptor()
+}
+
+func (StoreRole) Type() protoreflect.EnumType {
+	return &file_llmrelay_v1_llmrelay_proto_enumTypes[9]
+}
+
+func (x StoreRole) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use StoreRole.Descriptor instead.
+func (StoreRole) EnumDescriptor() ([]byte, []int) {
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{9}
+}
+
 // A call of a function that the model asks the caller to make.
 type FunctionCall struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2491,20 +2544,105 @@ func (x *BackendHealth) GetDefaultModel() string {
 	return ""
 }
 
+// The health of one store the gateway keeps state in, as this gateway process last used it.
+type StoreHealth struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What it keeps.
+	Role StoreRole `protobuf:"varint,1,opt,name=role,proto3,enum=llmrelay.v1.StoreRole" json:"role,omitempty"`
+	// The kind of store: "sqlite", "postgresql", "redis" or "in_process".
+	Kind string `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
+	// Whether the last use of it succeeded.
+	Available bool `protobuf:"varint,3,opt,name=available,proto3" json:"available,omitempty"`
+	// Why it is unavailable, in words (never a password); empty when available.
+	Description string `protobuf:"bytes,4,opt,name=description,proto3" json:"description,omitempty"`
+	// Usage records kept in this process's journal on disk until the ledger takes them; 0 for limits.
+	PendingRecords int64 `protobuf:"varint,5,opt,name=pending_records,json=pendingRecords,proto3" json:"pending_records,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *StoreHealth) Reset() {
+	*x = StoreHealth{}
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StoreHealth) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StoreHealth) ProtoMessage() {}
+
+func (x *StoreHealth) ProtoReflect() protoreflect.Message {
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StoreHealth.ProtoReflect.Descriptor instead.
+func (*StoreHealth) Descriptor() ([]byte, []int) {
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *StoreHealth) GetRole() StoreRole {
+	if x != nil {
+		return x.Role
+	}
+	return StoreRole_STORE_ROLE_UNSPECIFIED
+}
+
+func (x *StoreHealth) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *StoreHealth) GetAvailable() bool {
+	if x != nil {
+		return x.Available
+	}
+	return false
+}
+
+func (x *StoreHealth) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+func (x *StoreHealth) GetPendingRecords() int64 {
+	if x != nil {
+		return x.PendingRecords
+	}
+	return 0
+}
+
 // The gateway's health.
 type HealthResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// True when at least one backend is reachable and its circuit is not open.
 	Serving bool `protobuf:"varint,1,opt,name=serving,proto3" json:"serving,omitempty"`
 	// One entry per backend, in the routing order.
-	Backends      []*BackendHealth `protobuf:"bytes,2,rep,name=backends,proto3" json:"backends,omitempty"`
+	Backends []*BackendHealth `protobuf:"bytes,2,rep,name=backends,proto3" json:"backends,omitempty"`
+	// The stores this gateway process keeps state in. They do not change `serving`: while one is unavailable the
+	// gateway goes on (usage records wait in the journal; limits follow state.on_unavailable).
+	Stores        []*StoreHealth `protobuf:"bytes,3,rep,name=stores,proto3" json:"stores,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *HealthResponse) Reset() {
 	*x = HealthResponse{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[23]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2516,7 +2654,7 @@ func (x *HealthResponse) String() string {
 func (*HealthResponse) ProtoMessage() {}
 
 func (x *HealthResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[23]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2529,7 +2667,7 @@ func (x *HealthResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthResponse.ProtoReflect.Descriptor instead.
 func (*HealthResponse) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{23}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *HealthResponse) GetServing() bool {
@@ -2542,6 +2680,13 @@ func (x *HealthResponse) GetServing() bool {
 func (x *HealthResponse) GetBackends() []*BackendHealth {
 	if x != nil {
 		return x.Backends
+	}
+	return nil
+}
+
+func (x *HealthResponse) GetStores() []*StoreHealth {
+	if x != nil {
+		return x.Stores
 	}
 	return nil
 }
@@ -2565,7 +2710,7 @@ type GetUsageRequest struct {
 
 func (x *GetUsageRequest) Reset() {
 	*x = GetUsageRequest{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[24]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2577,7 +2722,7 @@ func (x *GetUsageRequest) String() string {
 func (*GetUsageRequest) ProtoMessage() {}
 
 func (x *GetUsageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[24]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2590,7 +2735,7 @@ func (x *GetUsageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUsageRequest.ProtoReflect.Descriptor instead.
 func (*GetUsageRequest) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{24}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *GetUsageRequest) GetBackend() string {
@@ -2657,7 +2802,7 @@ type UsageRecord struct {
 
 func (x *UsageRecord) Reset() {
 	*x = UsageRecord{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[25]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2669,7 +2814,7 @@ func (x *UsageRecord) String() string {
 func (*UsageRecord) ProtoMessage() {}
 
 func (x *UsageRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[25]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2682,7 +2827,7 @@ func (x *UsageRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UsageRecord.ProtoReflect.Descriptor instead.
 func (*UsageRecord) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{25}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *UsageRecord) GetBackend() string {
@@ -2766,7 +2911,7 @@ type GetUsageResponse struct {
 
 func (x *GetUsageResponse) Reset() {
 	*x = GetUsageResponse{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[26]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2778,7 +2923,7 @@ func (x *GetUsageResponse) String() string {
 func (*GetUsageResponse) ProtoMessage() {}
 
 func (x *GetUsageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[26]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2791,7 +2936,7 @@ func (x *GetUsageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUsageResponse.ProtoReflect.Descriptor instead.
 func (*GetUsageResponse) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{26}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *GetUsageResponse) GetRecords() []*UsageRecord {
@@ -2983,10 +3128,17 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\rcircuit_state\x18\t \x01(\x0e2\x19.llmrelay.v1.CircuitStateR\fcircuitState\x12#\n" +
 	"\rdefault_model\x18\n" +
 	" \x01(\tR\fdefaultModelB\r\n" +
-	"\v_last_error\"b\n" +
+	"\v_last_error\"\xb6\x01\n" +
+	"\vStoreHealth\x12*\n" +
+	"\x04role\x18\x01 \x01(\x0e2\x16.llmrelay.v1.StoreRoleR\x04role\x12\x12\n" +
+	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x1c\n" +
+	"\tavailable\x18\x03 \x01(\bR\tavailable\x12 \n" +
+	"\vdescription\x18\x04 \x01(\tR\vdescription\x12'\n" +
+	"\x0fpending_records\x18\x05 \x01(\x03R\x0ependingRecords\"\x94\x01\n" +
 	"\x0eHealthResponse\x12\x18\n" +
 	"\aserving\x18\x01 \x01(\bR\aserving\x126\n" +
-	"\bbackends\x18\x02 \x03(\v2\x1a.llmrelay.v1.BackendHealthR\bbackends\"\xfb\x01\n" +
+	"\bbackends\x18\x02 \x03(\v2\x1a.llmrelay.v1.BackendHealthR\bbackends\x120\n" +
+	"\x06stores\x18\x03 \x03(\v2\x18.llmrelay.v1.StoreHealthR\x06stores\"\xfb\x01\n" +
 	"\x0fGetUsageRequest\x12\x1d\n" +
 	"\abackend\x18\x01 \x01(\tH\x00R\abackend\x88\x01\x01\x12\x19\n" +
 	"\x05model\x18\x02 \x01(\tH\x01R\x05model\x88\x01\x01\x12\x1b\n" +
@@ -3085,7 +3237,11 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\x19CIRCUIT_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14CIRCUIT_STATE_CLOSED\x10\x01\x12\x16\n" +
 	"\x12CIRCUIT_STATE_OPEN\x10\x02\x12\x1b\n" +
-	"\x17CIRCUIT_STATE_HALF_OPEN\x10\x032\x90\x03\n" +
+	"\x17CIRCUIT_STATE_HALF_OPEN\x10\x03*[\n" +
+	"\tStoreRole\x12\x1a\n" +
+	"\x16STORE_ROLE_UNSPECIFIED\x10\x00\x12\x1b\n" +
+	"\x17STORE_ROLE_USAGE_LEDGER\x10\x01\x12\x15\n" +
+	"\x11STORE_ROLE_LIMITS\x10\x022\x90\x03\n" +
 	"\n" +
 	"LLMService\x12G\n" +
 	"\bComplete\x12\x1c.llmrelay.v1.CompleteRequest\x1a\x1d.llmrelay.v1.CompleteResponse\x12[\n" +
@@ -3107,8 +3263,8 @@ func file_llmrelay_v1_llmrelay_proto_rawDescGZIP() []byte {
 	return file_llmrelay_v1_llmrelay_proto_rawDescData
 }
 
-var file_llmrelay_v1_llmrelay_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
-var file_llmrelay_v1_llmrelay_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_llmrelay_v1_llmrelay_proto_enumTypes = make([]protoimpl.EnumInfo, 10)
+var file_llmrelay_v1_llmrelay_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
 var file_llmrelay_v1_llmrelay_proto_goTypes = []any{
 	(Role)(0),                      // 0: llmrelay.v1.Role
 	(FinishReason)(0),              // 1: llmrelay.v1.FinishReason
@@ -3119,96 +3275,100 @@ var file_llmrelay_v1_llmrelay_proto_goTypes = []any{
 	(InterruptPolicy)(0),           // 6: llmrelay.v1.InterruptPolicy
 	(ErrorReason)(0),               // 7: llmrelay.v1.ErrorReason
 	(CircuitState)(0),              // 8: llmrelay.v1.CircuitState
-	(*FunctionCall)(nil),           // 9: llmrelay.v1.FunctionCall
-	(*ToolCall)(nil),               // 10: llmrelay.v1.ToolCall
-	(*Message)(nil),                // 11: llmrelay.v1.Message
-	(*FunctionDefinition)(nil),     // 12: llmrelay.v1.FunctionDefinition
-	(*Tool)(nil),                   // 13: llmrelay.v1.Tool
-	(*ToolChoice)(nil),             // 14: llmrelay.v1.ToolChoice
-	(*JsonSchema)(nil),             // 15: llmrelay.v1.JsonSchema
-	(*ResponseFormat)(nil),         // 16: llmrelay.v1.ResponseFormat
-	(*CompletionOptions)(nil),      // 17: llmrelay.v1.CompletionOptions
-	(*Usage)(nil),                  // 18: llmrelay.v1.Usage
-	(*Cost)(nil),                   // 19: llmrelay.v1.Cost
-	(*Attempt)(nil),                // 20: llmrelay.v1.Attempt
-	(*CompleteRequest)(nil),        // 21: llmrelay.v1.CompleteRequest
-	(*CompleteResponse)(nil),       // 22: llmrelay.v1.CompleteResponse
-	(*StreamCompleteRequest)(nil),  // 23: llmrelay.v1.StreamCompleteRequest
-	(*StreamRestart)(nil),          // 24: llmrelay.v1.StreamRestart
-	(*ToolCallDelta)(nil),          // 25: llmrelay.v1.ToolCallDelta
-	(*MessageDelta)(nil),           // 26: llmrelay.v1.MessageDelta
-	(*StreamCompleteResponse)(nil), // 27: llmrelay.v1.StreamCompleteResponse
-	(*CountTokensRequest)(nil),     // 28: llmrelay.v1.CountTokensRequest
-	(*CountTokensResponse)(nil),    // 29: llmrelay.v1.CountTokensResponse
-	(*HealthRequest)(nil),          // 30: llmrelay.v1.HealthRequest
-	(*BackendHealth)(nil),          // 31: llmrelay.v1.BackendHealth
-	(*HealthResponse)(nil),         // 32: llmrelay.v1.HealthResponse
-	(*GetUsageRequest)(nil),        // 33: llmrelay.v1.GetUsageRequest
-	(*UsageRecord)(nil),            // 34: llmrelay.v1.UsageRecord
-	(*GetUsageResponse)(nil),       // 35: llmrelay.v1.GetUsageResponse
-	(*structpb.Struct)(nil),        // 36: google.protobuf.Struct
-	(*durationpb.Duration)(nil),    // 37: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),  // 38: google.protobuf.Timestamp
+	(StoreRole)(0),                 // 9: llmrelay.v1.StoreRole
+	(*FunctionCall)(nil),           // 10: llmrelay.v1.FunctionCall
+	(*ToolCall)(nil),               // 11: llmrelay.v1.ToolCall
+	(*Message)(nil),                // 12: llmrelay.v1.Message
+	(*FunctionDefinition)(nil),     // 13: llmrelay.v1.FunctionDefinition
+	(*Tool)(nil),                   // 14: llmrelay.v1.Tool
+	(*ToolChoice)(nil),             // 15: llmrelay.v1.ToolChoice
+	(*JsonSchema)(nil),             // 16: llmrelay.v1.JsonSchema
+	(*ResponseFormat)(nil),         // 17: llmrelay.v1.ResponseFormat
+	(*CompletionOptions)(nil),      // 18: llmrelay.v1.CompletionOptions
+	(*Usage)(nil),                  // 19: llmrelay.v1.Usage
+	(*Cost)(nil),                   // 20: llmrelay.v1.Cost
+	(*Attempt)(nil),                // 21: llmrelay.v1.Attempt
+	(*CompleteRequest)(nil),        // 22: llmrelay.v1.CompleteRequest
+	(*CompleteResponse)(nil),       // 23: llmrelay.v1.CompleteResponse
+	(*StreamCompleteRequest)(nil),  // 24: llmrelay.v1.StreamCompleteRequest
+	(*StreamRestart)(nil),          // 25: llmrelay.v1.StreamRestart
+	(*ToolCallDelta)(nil),          // 26: llmrelay.v1.ToolCallDelta
+	(*MessageDelta)(nil),           // 27: llmrelay.v1.MessageDelta
+	(*StreamCompleteResponse)(nil), // 28: llmrelay.v1.StreamCompleteResponse
+	(*CountTokensRequest)(nil),     // 29: llmrelay.v1.CountTokensRequest
+	(*CountTokensResponse)(nil),    // 30: llmrelay.v1.CountTokensResponse
+	(*HealthRequest)(nil),          // 31: llmrelay.v1.HealthRequest
+	(*BackendHealth)(nil),          // 32: llmrelay.v1.BackendHealth
+	(*StoreHealth)(nil),            // 33: llmrelay.v1.StoreHealth
+	(*HealthResponse)(nil),         // 34: llmrelay.v1.HealthResponse
+	(*GetUsageRequest)(nil),        // 35: llmrelay.v1.GetUsageRequest
+	(*UsageRecord)(nil),            // 36: llmrelay.v1.UsageRecord
+	(*GetUsageResponse)(nil),       // 37: llmrelay.v1.GetUsageResponse
+	(*structpb.Struct)(nil),        // 38: google.protobuf.Struct
+	(*durationpb.Duration)(nil),    // 39: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),  // 40: google.protobuf.Timestamp
 }
 var file_llmrelay_v1_llmrelay_proto_depIdxs = []int32{
-	9,  // 0: llmrelay.v1.ToolCall.function:type_name -> llmrelay.v1.FunctionCall
+	10, // 0: llmrelay.v1.ToolCall.function:type_name -> llmrelay.v1.FunctionCall
 	0,  // 1: llmrelay.v1.Message.role:type_name -> llmrelay.v1.Role
-	10, // 2: llmrelay.v1.Message.tool_calls:type_name -> llmrelay.v1.ToolCall
-	36, // 3: llmrelay.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
-	12, // 4: llmrelay.v1.Tool.function:type_name -> llmrelay.v1.FunctionDefinition
+	11, // 2: llmrelay.v1.Message.tool_calls:type_name -> llmrelay.v1.ToolCall
+	38, // 3: llmrelay.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
+	13, // 4: llmrelay.v1.Tool.function:type_name -> llmrelay.v1.FunctionDefinition
 	2,  // 5: llmrelay.v1.ToolChoice.mode:type_name -> llmrelay.v1.ToolChoiceMode
-	36, // 6: llmrelay.v1.JsonSchema.schema:type_name -> google.protobuf.Struct
+	38, // 6: llmrelay.v1.JsonSchema.schema:type_name -> google.protobuf.Struct
 	3,  // 7: llmrelay.v1.ResponseFormat.type:type_name -> llmrelay.v1.ResponseFormatType
-	15, // 8: llmrelay.v1.ResponseFormat.json_schema:type_name -> llmrelay.v1.JsonSchema
-	16, // 9: llmrelay.v1.CompletionOptions.response_format:type_name -> llmrelay.v1.ResponseFormat
-	13, // 10: llmrelay.v1.CompletionOptions.tools:type_name -> llmrelay.v1.Tool
-	14, // 11: llmrelay.v1.CompletionOptions.tool_choice:type_name -> llmrelay.v1.ToolChoice
+	16, // 8: llmrelay.v1.ResponseFormat.json_schema:type_name -> llmrelay.v1.JsonSchema
+	17, // 9: llmrelay.v1.CompletionOptions.response_format:type_name -> llmrelay.v1.ResponseFormat
+	14, // 10: llmrelay.v1.CompletionOptions.tools:type_name -> llmrelay.v1.Tool
+	15, // 11: llmrelay.v1.CompletionOptions.tool_choice:type_name -> llmrelay.v1.ToolChoice
 	4,  // 12: llmrelay.v1.CompletionOptions.reasoning_effort:type_name -> llmrelay.v1.ReasoningEffort
-	19, // 13: llmrelay.v1.Usage.cost:type_name -> llmrelay.v1.Cost
+	20, // 13: llmrelay.v1.Usage.cost:type_name -> llmrelay.v1.Cost
 	5,  // 14: llmrelay.v1.Attempt.outcome:type_name -> llmrelay.v1.AttemptOutcome
-	37, // 15: llmrelay.v1.Attempt.duration:type_name -> google.protobuf.Duration
-	11, // 16: llmrelay.v1.CompleteRequest.messages:type_name -> llmrelay.v1.Message
-	17, // 17: llmrelay.v1.CompleteRequest.options:type_name -> llmrelay.v1.CompletionOptions
-	11, // 18: llmrelay.v1.CompleteResponse.message:type_name -> llmrelay.v1.Message
+	39, // 15: llmrelay.v1.Attempt.duration:type_name -> google.protobuf.Duration
+	12, // 16: llmrelay.v1.CompleteRequest.messages:type_name -> llmrelay.v1.Message
+	18, // 17: llmrelay.v1.CompleteRequest.options:type_name -> llmrelay.v1.CompletionOptions
+	12, // 18: llmrelay.v1.CompleteResponse.message:type_name -> llmrelay.v1.Message
 	1,  // 19: llmrelay.v1.CompleteResponse.finish_reason:type_name -> llmrelay.v1.FinishReason
-	18, // 20: llmrelay.v1.CompleteResponse.usage:type_name -> llmrelay.v1.Usage
-	20, // 21: llmrelay.v1.CompleteResponse.attempts:type_name -> llmrelay.v1.Attempt
-	11, // 22: llmrelay.v1.StreamCompleteRequest.messages:type_name -> llmrelay.v1.Message
-	17, // 23: llmrelay.v1.StreamCompleteRequest.options:type_name -> llmrelay.v1.CompletionOptions
+	19, // 20: llmrelay.v1.CompleteResponse.usage:type_name -> llmrelay.v1.Usage
+	21, // 21: llmrelay.v1.CompleteResponse.attempts:type_name -> llmrelay.v1.Attempt
+	12, // 22: llmrelay.v1.StreamCompleteRequest.messages:type_name -> llmrelay.v1.Message
+	18, // 23: llmrelay.v1.StreamCompleteRequest.options:type_name -> llmrelay.v1.CompletionOptions
 	6,  // 24: llmrelay.v1.StreamCompleteRequest.on_interrupt:type_name -> llmrelay.v1.InterruptPolicy
-	20, // 25: llmrelay.v1.StreamRestart.attempts:type_name -> llmrelay.v1.Attempt
-	18, // 26: llmrelay.v1.StreamRestart.usage:type_name -> llmrelay.v1.Usage
-	25, // 27: llmrelay.v1.MessageDelta.tool_calls:type_name -> llmrelay.v1.ToolCallDelta
-	26, // 28: llmrelay.v1.StreamCompleteResponse.delta:type_name -> llmrelay.v1.MessageDelta
+	21, // 25: llmrelay.v1.StreamRestart.attempts:type_name -> llmrelay.v1.Attempt
+	19, // 26: llmrelay.v1.StreamRestart.usage:type_name -> llmrelay.v1.Usage
+	26, // 27: llmrelay.v1.MessageDelta.tool_calls:type_name -> llmrelay.v1.ToolCallDelta
+	27, // 28: llmrelay.v1.StreamCompleteResponse.delta:type_name -> llmrelay.v1.MessageDelta
 	1,  // 29: llmrelay.v1.StreamCompleteResponse.finish_reason:type_name -> llmrelay.v1.FinishReason
-	18, // 30: llmrelay.v1.StreamCompleteResponse.usage:type_name -> llmrelay.v1.Usage
-	20, // 31: llmrelay.v1.StreamCompleteResponse.attempts:type_name -> llmrelay.v1.Attempt
-	24, // 32: llmrelay.v1.StreamCompleteResponse.restart:type_name -> llmrelay.v1.StreamRestart
-	11, // 33: llmrelay.v1.CountTokensRequest.messages:type_name -> llmrelay.v1.Message
-	13, // 34: llmrelay.v1.CountTokensRequest.tools:type_name -> llmrelay.v1.Tool
-	37, // 35: llmrelay.v1.BackendHealth.latency:type_name -> google.protobuf.Duration
-	38, // 36: llmrelay.v1.BackendHealth.checked_at:type_name -> google.protobuf.Timestamp
+	19, // 30: llmrelay.v1.StreamCompleteResponse.usage:type_name -> llmrelay.v1.Usage
+	21, // 31: llmrelay.v1.StreamCompleteResponse.attempts:type_name -> llmrelay.v1.Attempt
+	25, // 32: llmrelay.v1.StreamCompleteResponse.restart:type_name -> llmrelay.v1.StreamRestart
+	12, // 33: llmrelay.v1.CountTokensRequest.messages:type_name -> llmrelay.v1.Message
+	14, // 34: llmrelay.v1.CountTokensRequest.tools:type_name -> llmrelay.v1.Tool
+	39, // 35: llmrelay.v1.BackendHealth.latency:type_name -> google.protobuf.Duration
+	40, // 36: llmrelay.v1.BackendHealth.checked_at:type_name -> google.protobuf.Timestamp
 	8,  // 37: llmrelay.v1.BackendHealth.circuit_state:type_name -> llmrelay.v1.CircuitState
-	31, // 38: llmrelay.v1.HealthResponse.backends:type_name -> llmrelay.v1.BackendHealth
-	38, // 39: llmrelay.v1.GetUsageRequest.start_time:type_name -> google.protobuf.Timestamp
-	38, // 40: llmrelay.v1.GetUsageRequest.end_time:type_name -> google.protobuf.Timestamp
-	19, // 41: llmrelay.v1.UsageRecord.cost:type_name -> llmrelay.v1.Cost
-	34, // 42: llmrelay.v1.GetUsageResponse.records:type_name -> llmrelay.v1.UsageRecord
-	21, // 43: llmrelay.v1.LLMService.Complete:input_type -> llmrelay.v1.CompleteRequest
-	23, // 44: llmrelay.v1.LLMService.StreamComplete:input_type -> llmrelay.v1.StreamCompleteRequest
-	28, // 45: llmrelay.v1.LLMService.CountTokens:input_type -> llmrelay.v1.CountTokensRequest
-	30, // 46: llmrelay.v1.LLMService.Health:input_type -> llmrelay.v1.HealthRequest
-	33, // 47: llmrelay.v1.LLMService.GetUsage:input_type -> llmrelay.v1.GetUsageRequest
-	22, // 48: llmrelay.v1.LLMService.Complete:output_type -> llmrelay.v1.CompleteResponse
-	27, // 49: llmrelay.v1.LLMService.StreamComplete:output_type -> llmrelay.v1.StreamCompleteResponse
-	29, // 50: llmrelay.v1.LLMService.CountTokens:output_type -> llmrelay.v1.CountTokensResponse
-	32, // 51: llmrelay.v1.LLMService.Health:output_type -> llmrelay.v1.HealthResponse
-	35, // 52: llmrelay.v1.LLMService.GetUsage:output_type -> llmrelay.v1.GetUsageResponse
-	48, // [48:53] is the sub-list for method output_type
-	43, // [43:48] is the sub-list for method input_type
-	43, // [43:43] is the sub-list for extension type_name
-	43, // [43:43] is the sub-list for extension extendee
-	0,  // [0:43] is the sub-list for field type_name
+	9,  // 38: llmrelay.v1.StoreHealth.role:type_name -> llmrelay.v1.StoreRole
+	32, // 39: llmrelay.v1.HealthResponse.backends:type_name -> llmrelay.v1.BackendHealth
+	33, // 40: llmrelay.v1.HealthResponse.stores:type_name -> llmrelay.v1.StoreHealth
+	40, // 41: llmrelay.v1.GetUsageRequest.start_time:type_name -> google.protobuf.Timestamp
+	40, // 42: llmrelay.v1.GetUsageRequest.end_time:type_name -> google.protobuf.Timestamp
+	20, // 43: llmrelay.v1.UsageRecord.cost:type_name -> llmrelay.v1.Cost
+	36, // 44: llmrelay.v1.GetUsageResponse.records:type_name -> llmrelay.v1.UsageRecord
+	22, // 45: llmrelay.v1.LLMService.Complete:input_type -> llmrelay.v1.CompleteRequest
+	24, // 46: llmrelay.v1.LLMService.StreamComplete:input_type -> llmrelay.v1.StreamCompleteRequest
+	29, // 47: llmrelay.v1.LLMService.CountTokens:input_type -> llmrelay.v1.CountTokensRequest
+	31, // 48: llmrelay.v1.LLMService.Health:input_type -> llmrelay.v1.HealthRequest
+	35, // 49: llmrelay.v1.LLMService.GetUsage:input_type -> llmrelay.v1.GetUsageRequest
+	23, // 50: llmrelay.v1.LLMService.Complete:output_type -> llmrelay.v1.CompleteResponse
+	28, // 51: llmrelay.v1.LLMService.StreamComplete:output_type -> llmrelay.v1.StreamCompleteResponse
+	30, // 52: llmrelay.v1.LLMService.CountTokens:output_type -> llmrelay.v1.CountTokensResponse
+	34, // 53: llmrelay.v1.LLMService.Health:output_type -> llmrelay.v1.HealthResponse
+	37, // 54: llmrelay.v1.LLMService.GetUsage:output_type -> llmrelay.v1.GetUsageResponse
+	50, // [50:55] is the sub-list for method output_type
+	45, // [45:50] is the sub-list for method input_type
+	45, // [45:45] is the sub-list for extension type_name
+	45, // [45:45] is the sub-list for extension extendee
+	0,  // [0:45] is the sub-list for field type_name
 }
 
 func init() { file_llmrelay_v1_llmrelay_proto_init() }
@@ -3232,14 +3392,14 @@ func file_llmrelay_v1_llmrelay_proto_init() {
 	file_llmrelay_v1_llmrelay_proto_msgTypes[17].OneofWrappers = []any{}
 	file_llmrelay_v1_llmrelay_proto_msgTypes[19].OneofWrappers = []any{}
 	file_llmrelay_v1_llmrelay_proto_msgTypes[22].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[24].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[25].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_llmrelay_v1_llmrelay_proto_rawDesc), len(file_llmrelay_v1_llmrelay_proto_rawDesc)),
-			NumEnums:      9,
-			NumMessages:   27,
+			NumEnums:      10,
+			NumMessages:   28,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

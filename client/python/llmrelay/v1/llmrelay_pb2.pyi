@@ -401,6 +401,30 @@ CIRCUIT_STATE_HALF_OPEN: CircuitState.ValueType  # 3
 """The cool-down has ended; the next call is a probe."""
 Global___CircuitState: _TypeAlias = CircuitState  # noqa: Y015
 
+class _StoreRole:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StoreRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StoreRole.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STORE_ROLE_UNSPECIFIED: _StoreRole.ValueType  # 0
+    """Not set."""
+    STORE_ROLE_USAGE_LEDGER: _StoreRole.ValueType  # 1
+    """The usage ledger (server.usage_db)."""
+    STORE_ROLE_LIMITS: _StoreRole.ValueType  # 2
+    """Limits and budgets (kept in the process, or shared in Redis: state.redis_url)."""
+
+class StoreRole(_StoreRole, metaclass=_StoreRoleEnumTypeWrapper):
+    """What the gateway keeps in a store."""
+
+STORE_ROLE_UNSPECIFIED: StoreRole.ValueType  # 0
+"""Not set."""
+STORE_ROLE_USAGE_LEDGER: StoreRole.ValueType  # 1
+"""The usage ledger (server.usage_db)."""
+STORE_ROLE_LIMITS: StoreRole.ValueType  # 2
+"""Limits and budgets (kept in the process, or shared in Redis: state.redis_url)."""
+Global___StoreRole: _TypeAlias = StoreRole  # noqa: Y015
+
 @_typing.final
 class FunctionCall(_message.Message):
     """A call of a function that the model asks the caller to make."""
@@ -1406,6 +1430,44 @@ class BackendHealth(_message.Message):
 Global___BackendHealth: _TypeAlias = BackendHealth  # noqa: Y015
 
 @_typing.final
+class StoreHealth(_message.Message):
+    """The health of one store the gateway keeps state in, as this gateway process last used it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PENDING_RECORDS_FIELD_NUMBER: _builtins.int
+    role: Global___StoreRole.ValueType
+    """What it keeps."""
+    kind: _builtins.str
+    """The kind of store: "sqlite", "postgresql", "redis" or "in_process"."""
+    available: _builtins.bool
+    """Whether the last use of it succeeded."""
+    description: _builtins.str
+    """Why it is unavailable, in words (never a password); empty when available."""
+    pending_records: _builtins.int
+    """Usage records kept in this process's journal on disk until the ledger takes them; 0 for limits."""
+    def __init__(
+        self,
+        *,
+        role: Global___StoreRole.ValueType = ...,
+        kind: _builtins.str = ...,
+        available: _builtins.bool = ...,
+        description: _builtins.str = ...,
+        pending_records: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "description", b"description", "kind", b"kind", "pending_records", b"pending_records", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoreHealth: _TypeAlias = StoreHealth  # noqa: Y015
+
+@_typing.final
 class HealthResponse(_message.Message):
     """The gateway's health."""
 
@@ -1413,21 +1475,29 @@ class HealthResponse(_message.Message):
 
     SERVING_FIELD_NUMBER: _builtins.int
     BACKENDS_FIELD_NUMBER: _builtins.int
+    STORES_FIELD_NUMBER: _builtins.int
     serving: _builtins.bool
     """True when at least one backend is reachable and its circuit is not open."""
     @_builtins.property
     def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___BackendHealth]:
         """One entry per backend, in the routing order."""
 
+    @_builtins.property
+    def stores(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoreHealth]:
+        """The stores this gateway process keeps state in. They do not change `serving`: while one is unavailable the
+        gateway goes on (usage records wait in the journal; limits follow state.on_unavailable).
+        """
+
     def __init__(
         self,
         *,
         serving: _builtins.bool = ...,
         backends: _abc.Iterable[Global___BackendHealth] | None = ...,
+        stores: _abc.Iterable[Global___StoreHealth] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "serving", b"serving"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "serving", b"serving", "stores", b"stores"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

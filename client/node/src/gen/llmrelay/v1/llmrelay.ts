@@ -685,6 +685,49 @@ export function circuitStateToJSON(object: CircuitState): string {
   }
 }
 
+/** What the gateway keeps in a store. */
+export enum StoreRole {
+  /** STORE_ROLE_UNSPECIFIED - Not set. */
+  STORE_ROLE_UNSPECIFIED = 0,
+  /** STORE_ROLE_USAGE_LEDGER - The usage ledger (server.usage_db). */
+  STORE_ROLE_USAGE_LEDGER = 1,
+  /** STORE_ROLE_LIMITS - Limits and budgets (kept in the process, or shared in Redis: state.redis_url). */
+  STORE_ROLE_LIMITS = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function storeRoleFromJSON(object: any): StoreRole {
+  switch (object) {
+    case 0:
+    case "STORE_ROLE_UNSPECIFIED":
+      return StoreRole.STORE_ROLE_UNSPECIFIED;
+    case 1:
+    case "STORE_ROLE_USAGE_LEDGER":
+      return StoreRole.STORE_ROLE_USAGE_LEDGER;
+    case 2:
+    case "STORE_ROLE_LIMITS":
+      return StoreRole.STORE_ROLE_LIMITS;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return StoreRole.UNRECOGNIZED;
+  }
+}
+
+export function storeRoleToJSON(object: StoreRole): string {
+  switch (object) {
+    case StoreRole.STORE_ROLE_UNSPECIFIED:
+      return "STORE_ROLE_UNSPECIFIED";
+    case StoreRole.STORE_ROLE_USAGE_LEDGER:
+      return "STORE_ROLE_USAGE_LEDGER";
+    case StoreRole.STORE_ROLE_LIMITS:
+      return "STORE_ROLE_LIMITS";
+    case StoreRole.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** A call of a function that the model asks the caller to make. */
 export interface FunctionCall {
   /** The function's name, as declared in the request's tools. */
@@ -1077,12 +1120,31 @@ export interface BackendHealth {
   defaultModel: string;
 }
 
+/** The health of one store the gateway keeps state in, as this gateway process last used it. */
+export interface StoreHealth {
+  /** What it keeps. */
+  role: StoreRole;
+  /** The kind of store: "sqlite", "postgresql", "redis" or "in_process". */
+  kind: string;
+  /** Whether the last use of it succeeded. */
+  available: boolean;
+  /** Why it is unavailable, in words (never a password); empty when available. */
+  description: string;
+  /** Usage records kept in this process's journal on disk until the ledger takes them; 0 for limits. */
+  pendingRecords: number;
+}
+
 /** The gateway's health. */
 export interface HealthResponse {
   /** True when at least one backend is reachable and its circuit is not open. */
   serving: boolean;
   /** One entry per backend, in the routing order. */
   backends: BackendHealth[];
+  /**
+   * The stores this gateway process keeps state in. They do not change `serving`: while one is unavailable the
+   * gateway goes on (usage records wait in the journal; limits follow state.on_unavailable).
+   */
+  stores: StoreHealth[];
 }
 
 /** A request to read the usage ledger. Unset filters match everything. */
@@ -4225,8 +4287,145 @@ export const BackendHealth: MessageFns<BackendHealth> = {
   },
 };
 
+function createBaseStoreHealth(): StoreHealth {
+  return { role: 0, kind: "", available: false, description: "", pendingRecords: 0 };
+}
+
+export const StoreHealth: MessageFns<StoreHealth> = {
+  encode(message: StoreHealth, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.role !== 0) {
+      writer.uint32(8).int32(message.role);
+    }
+    if (message.kind !== "") {
+      writer.uint32(18).string(message.kind);
+    }
+    if (message.available !== false) {
+      writer.uint32(24).bool(message.available);
+    }
+    if (message.description !== "") {
+      writer.uint32(34).string(message.description);
+    }
+    if (message.pendingRecords !== 0) {
+      writer.uint32(40).int64(message.pendingRecords);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StoreHealth {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStoreHealth();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.role = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.kind = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.available = reader.bool();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.description = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.pendingRecords = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StoreHealth {
+    return {
+      role: isSet(object.role) ? storeRoleFromJSON(object.role) : 0,
+      kind: isSet(object.kind) ? globalThis.String(object.kind) : "",
+      available: isSet(object.available) ? globalThis.Boolean(object.available) : false,
+      description: isSet(object.description) ? globalThis.String(object.description) : "",
+      pendingRecords: isSet(object.pendingRecords)
+        ? globalThis.Number(object.pendingRecords)
+        : isSet(object.pending_records)
+        ? globalThis.Number(object.pending_records)
+        : 0,
+    };
+  },
+
+  toJSON(message: StoreHealth): unknown {
+    const obj: any = {};
+    if (message.role !== 0) {
+      obj.role = storeRoleToJSON(message.role);
+    }
+    if (message.kind !== "") {
+      obj.kind = message.kind;
+    }
+    if (message.available !== false) {
+      obj.available = message.available;
+    }
+    if (message.description !== "") {
+      obj.description = message.description;
+    }
+    if (message.pendingRecords !== 0) {
+      obj.pendingRecords = Math.round(message.pendingRecords);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<StoreHealth>, I>>(base?: I): StoreHealth {
+    return StoreHealth.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<StoreHealth>, I>>(object: I): StoreHealth {
+    const message = createBaseStoreHealth();
+    message.role = object.role ?? 0;
+    message.kind = object.kind ?? "";
+    message.available = object.available ?? false;
+    message.description = object.description ?? "";
+    message.pendingRecords = object.pendingRecords ?? 0;
+    return message;
+  },
+};
+
 function createBaseHealthResponse(): HealthResponse {
-  return { serving: false, backends: [] };
+  return { serving: false, backends: [], stores: [] };
 }
 
 export const HealthResponse: MessageFns<HealthResponse> = {
@@ -4236,6 +4435,9 @@ export const HealthResponse: MessageFns<HealthResponse> = {
     }
     for (const v of message.backends) {
       BackendHealth.encode(v!, writer.uint32(18).fork()).join();
+    }
+    for (const v of message.stores) {
+      StoreHealth.encode(v!, writer.uint32(26).fork()).join();
     }
     return writer;
   },
@@ -4269,6 +4471,14 @@ export const HealthResponse: MessageFns<HealthResponse> = {
             message.backends.push(BackendHealth.decode(reader, reader.uint32()));
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.stores.push(StoreHealth.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4287,6 +4497,7 @@ export const HealthResponse: MessageFns<HealthResponse> = {
       backends: globalThis.Array.isArray(object?.backends)
         ? object.backends.map((e: any) => BackendHealth.fromJSON(e))
         : [],
+      stores: globalThis.Array.isArray(object?.stores) ? object.stores.map((e: any) => StoreHealth.fromJSON(e)) : [],
     };
   },
 
@@ -4298,6 +4509,9 @@ export const HealthResponse: MessageFns<HealthResponse> = {
     if (message.backends?.length) {
       obj.backends = message.backends.map((e) => BackendHealth.toJSON(e));
     }
+    if (message.stores?.length) {
+      obj.stores = message.stores.map((e) => StoreHealth.toJSON(e));
+    }
     return obj;
   },
 
@@ -4308,6 +4522,7 @@ export const HealthResponse: MessageFns<HealthResponse> = {
     const message = createBaseHealthResponse();
     message.serving = object.serving ?? false;
     message.backends = object.backends?.map((e) => BackendHealth.fromPartial(e)) || [];
+    message.stores = object.stores?.map((e) => StoreHealth.fromPartial(e)) || [];
     return message;
   },
 };
