@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run demo test test-python test-fast soak proto proto-check lint bench bench-litellm ollama clean
+.PHONY: setup run demo test test-python test-fast soak proto proto-check lint bench bench-litellm ollama services clean
 
 setup: $(STAMP)
 
@@ -40,14 +40,18 @@ lint: $(STAMP)
 # clients and the standard probes against the real gateway.
 test: test-python test-go test-node test-probes
 
-test-python: proto-check ollama
+test-python: proto-check ollama services
 	$(BIN)/pytest -q
+
+# Debian's redis-server and postgresql, whose binaries the tests start on ephemeral ports (installed when missing).
+services:
+	bash scripts/install_services.sh
 
 # The integration tier's Ollama, built once from its Go module and cached outside the repo (minutes, the first time).
 ollama:
 	bash scripts/build_ollama.sh >/dev/null
 
-test-fast: proto-check
+test-fast: proto-check services
 	$(BIN)/pytest -q -m 'not integration and not soak'
 
 # The soak test for longer than `make test` runs it: concurrent calls under random faults (SOAK_S seconds).

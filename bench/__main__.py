@@ -5,7 +5,7 @@ The loopback upstream and the gateway each run in their own process, so the gate
 Gateways with features on (keys and limits; the call log; metrics; traces) run beside the plain one (no call log),
 the paths taking turns in rounds; a feature's cost is its extra gateway CPU per call, the median over the rounds.
 
-Usage: python -m bench [--requests N] [--concurrency C]
+Usage: python -m bench [--requests N] [--concurrency C] [--workers]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import itertools
 import operator
 import os
 import socket
@@ -210,6 +211,8 @@ class Feature:
     metadata: tuple[tuple[str, str], ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     """More environment: where traces go."""
+    flags: tuple[str, ...] = ()
+    """More command-line flags."""
 
 
 PLAIN = Feature("plain", server="log_calls: false")
@@ -255,7 +258,7 @@ def start_trace_sink() -> grpc.Server:
 
 
 def start_gateway(
-    scratch: Path, upstream_port: int, gateway_port: int, name: str = "gateway", feature: Feature = Feature("plain")
+    scratch: Path, upstream_port: int, gateway_port: int, name: str = "gateway", feature: Feature = PLAIN
 ) -> subprocess.Popen[str]:
     """`llmrelay-server` in front of the loopback upstream, with no configuration from the environment."""
     config = scratch / f"{name}.yaml"
@@ -267,14 +270,73 @@ def start_gateway(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OLLAMA_", "LLMRELAY_", "OTEL_"))}
     env.update(feature.env)
     command = [str(BIN / "llmrelay-server"), "--listen", f"127.0.0.1:{gateway_port}", "--config", str(config)]
-    return start(command, "listening on", env)
+    several = "--workers" in feature.flags and feature.flags[feature.flags.index("--workers") + 1] != "1"
+    ready = "workers)" if several else "listening on"  # a supervisor says so once all its workers serve
+    return start([*command, *feature.flags], ready, env)
+
+
+def process_tree(pid: int) -> list[int]:
+    """A process and its descendants (a supervisor and its workers)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *(descendant for child in children for descendant in process_tree(int(child)))]
+
+
+WORKER_COUNTS = (1, 2)
+
+
+async def scale(requests: int, concurrency: int) -> None:
+    """`--workers`: calls/s of one gateway with 1 and then 2 worker processes, on as many connections as workers
+    times four (the kernel spreads connections, not calls), against the same upstream, taking turns in rounds."""
+    names = {workers: f"{workers} worker{'s' if workers > 1 else ''}" for workers in WORKER_COUNTS}
+    ports = {name: free_port() for name in ("upstream", *names.values())}
+    with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as running:
+        upstream = start_upstream(ports["upstream"])
+        running.callback(stop, upstream)
+        pids = {"upstream": [upstream.pid]}
+        for workers, name in names.items():
+            feature = Feature(name, server="log_calls: false", flags=("--workers", str(workers)))
+            gateway = start_gateway(Path(scratch), ports["upstream"], ports[name], name.replace(" ", "-"), feature)
+            running.callback(stop, gateway)
+            pids[name] = process_tree(gateway.pid)
+        await asyncio.sleep(1.0)
+        print(f"llmrelay bench --workers: {requests} unary calls, concurrency {concurrency}, on {os.cpu_count()} CPUs")
+        print("(the bench client and the upstream share those CPUs with the gateway)\n")
+        print_header()
+        runs: dict[str, list[Run]] = {name: [] for name in names.values()}
+        channels: list[grpc.aio.Channel] = []
+        calls: dict[str, Call] = {}
+        for workers, name in names.items():
+            options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own for each channel
+            own = [grpc.aio.insecure_channel(f"127.0.0.1:{ports[name]}", options=options) for _ in range(4 * workers)]
+            channels += own
+            calls[name] = _round_robin([gateway_calls(pb.LLMServiceStub(channel))["unary"] for channel in own])
+        for round_ in range(ROUNDS):
+            for name in names.values():
+                runs[name].append(
+                    await measure(calls[name], requests // ROUNDS, concurrency, pids, warm_up=round_ == 0)
+                )
+        for name in names.values():
+            print_row(name, functools.reduce(operator.add, runs[name]), name)
+        one, two = (functools.reduce(operator.add, runs[names[workers]]) for workers in WORKER_COUNTS)
+        print(f"\n2 workers / 1 worker: calls/s x{two.throughput / one.throughput:.2f}")
+        for channel in channels:
+            await channel.close()
+
+
+def _round_robin(calls: Sequence[Call]) -> Call:
+    turns = itertools.cycle(calls)
+    return lambda: next(turns)()
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--workers", action="store_true", help="calls/s with 1 and 2 worker processes instead")
     args = parser.parse_args()
+    if args.workers:
+        await scale(args.requests, max(args.concurrency, 64))
+        return
 
     ports = {name: free_port() for name in ("upstream", "gateway", *FEATURES)}
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as running:
@@ -341,5 +403,6 @@ async def report(pids_by_name: Mapping[str, int], ports: Mapping[str, int], requ
 
 if __name__ == "__main__":
     asyncio.run(main())
-    print()
-    subprocess.run([sys.executable, str(ROOT / "bench" / "bench_tokens.py")], check=True)
+    if "--workers" not in sys.argv:
+        print()
+        subprocess.run([sys.executable, str(ROOT / "bench" / "bench_tokens.py")], check=True)

@@ -1,9 +1,10 @@
-"""Fixtures: loopback upstreams, a real gateway on an ephemeral port, stubs over a real gRPC channel, and the real
-model servers of the integration tier."""
+"""Fixtures: loopback upstreams, a real gateway on an ephemeral port, stubs over a real gRPC channel, a real Redis,
+and the real model servers of the integration tier."""
 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from llmrelay_server.app import Gateway, start_gateway
 from llmrelay_server.config import load_config
 from models.servers import DEFAULT_OLLAMA_BINARY, OllamaHandle, ServerHandle, start_llama_server, start_ollama
 from models.tiny_gguf import write_tiny_gguf
+from postgres_server import PostgresServer, PostgresTemplate
+from redis_server import RedisServer
 from support import GatewayFactory, StubFactory, two_backends
 from upstream import FakeUpstream
 
@@ -96,6 +99,37 @@ async def channel(gateway: Gateway) -> AsyncIterator[grpc.aio.Channel]:
 @pytest.fixture
 def stub(channel: grpc.aio.Channel) -> pb.LLMServiceAsyncStub:
     return pb.LLMServiceStub(channel)
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A real redis-server of the test's own (tests/redis_server.py); where none is installed the test fails, saying
+    how to install one."""
+    async with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_template() -> Iterator[PostgresTemplate]:
+    """An initialised PostgreSQL data directory, copied by each server (initdb once a session)."""
+    template = PostgresTemplate()  # no binaries: fails, saying to apt-get install postgresql
+    yield template
+    template.remove()
+
+
+@pytest.fixture(scope="module")
+def postgres(postgres_template: PostgresTemplate) -> Iterator[PostgresServer]:
+    """A real PostgreSQL shared by a module's tests (tests/postgres_server.py); each takes a database of its own."""
+    server = PostgresServer(postgres_template)
+    server.start()
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+def database_url(postgres: PostgresServer) -> str:
+    """A new database of the shared server, for one test."""
+    return postgres.create_database(f"test_{uuid.uuid4().hex[:12]}")
 
 
 # --- real model servers (tests/models): llama.cpp and Ollama serving a generated tiny model ------------------------

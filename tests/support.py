@@ -122,6 +122,15 @@ class ServerProcess:
                     raise AssertionError("llmrelay-server exited early:\n" + "".join(self.log))
         self._reader = asyncio.create_task(self._read_to_end())
 
+    async def wait_for_line(self, text: str, within_s: float = 20) -> str:
+        """The first line of the log (read so far, or to come) that holds `text`."""
+        async with asyncio.timeout(within_s):
+            while True:
+                for line in self.log:
+                    if text in line:
+                        return line
+                await asyncio.sleep(0.02)
+
     async def output(self) -> str:
         """Everything the server logged, once it has exited."""
         if self._reader is not None:
@@ -147,15 +156,17 @@ async def read_all(stream: Any) -> list[pb.StreamCompleteResponse]:
     return chunks
 
 
-async def start_server(config: Path, local: FakeUpstream) -> ServerProcess:
-    """`llmrelay-server` on a free port, configured by `config` and the environment of a loopback Ollama alone."""
-    port = free_port()
+async def start_server(config: Path, local: FakeUpstream, *flags: str, port: int | None = None) -> ServerProcess:
+    """`llmrelay-server` on a free port (or `port`), configured by `config`, more `flags`, and the environment of a
+    loopback Ollama alone."""
+    port = free_port() if port is None else port
     process = await asyncio.create_subprocess_exec(
         BIN / "llmrelay-server",
         "--listen",
         f"127.0.0.1:{port}",
         "--config",
         str(config),
+        *flags,
         env=clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1"), LLMRELAY_OLLAMA_MODEL="tiny"),
         stderr=asyncio.subprocess.PIPE,
     )

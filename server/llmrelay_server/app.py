@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import signal
@@ -18,16 +19,18 @@ from llmrelay_server.backends import provider_factory
 from llmrelay_server.calllog import CallLogInterceptor
 from llmrelay_server.config import ConfigError, GatewayConfig
 from llmrelay_server.decoding import add_llm_service
+from llmrelay_server.domain import StoreHealth
 from llmrelay_server.health import SERVICE_NAME, HealthMonitor
-from llmrelay_server.limits import InProcessLimiter, LimitsInterceptor
+from llmrelay_server.limits import InProcessLimiter, Limiter, LimitsInterceptor, RedisLimiter
 from llmrelay_server.logs import use_log_format
-from llmrelay_server.metrics import LabelValues, Metrics, MetricsInterceptor
+from llmrelay_server.metrics import LabelValues, Metrics, MetricsInterceptor, StateReading
 from llmrelay_server.pricing import PriceTable
 from llmrelay_server.router import Router
 from llmrelay_server.servicer import LLMServicer
 from llmrelay_server.tls import exposure_warnings, protection, server_credentials
 from llmrelay_server.tokens import TokenCounter
 from llmrelay_server.usage import UsageLedger
+from llmrelay_server.workers import ListenError, WorkerRole, in_use_message
 
 if TYPE_CHECKING:
     from llmrelay_server.tracing import Tracing
@@ -41,10 +44,6 @@ NO_BACKEND_HINT = (
 
 # After the grace period, how long calls still running have to send the gateway's status before gRPC cuts them.
 INTERRUPT_S = 0.5
-
-
-class ListenError(RuntimeError):
-    """The gateway cannot serve on its address (in use by another process, or not an address of this machine)."""
 
 
 @dataclass
@@ -62,6 +61,7 @@ class Gateway:
     drain_s: float
     grace_period_s: float
     tracing: Tracing | None = None
+    limiter: Limiter | None = None
 
     async def stop(self, grace_period_s: float | None = None, drain_s: float | None = None) -> None:
         """Health to NOT_SERVING and new calls refused for the drain time, then calls in flight get the grace period
@@ -81,6 +81,8 @@ class Gateway:
         finally:
             self.router.lag.stop()
             await self.keys.stop()
+            if self.limiter is not None:
+                await self.limiter.aclose()
             if self.metrics is not None:
                 self.metrics.stop()
             await asyncio.gather(*(backend.provider.aclose() for backend in self.router.backends))
@@ -89,7 +91,8 @@ class Gateway:
                 await self.tracing.stop()  # the last spans exported
 
 
-async def start_gateway(config: GatewayConfig) -> Gateway:
+async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> Gateway:
+    """Starts a gateway; `reuse_port` when it is one of several workers sharing the port (`workers`)."""
     limit = config.server.max_message_bytes
     tls = config.server.tls
     # Before the port opens: a certificate that cannot be used stops the start (ConfigError naming the field).
@@ -97,7 +100,11 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
     keys = KeyRing(config.auth)  # likewise a keys file that cannot be read
     tracing = _tracing(config)  # and tracing without its extra
     counter = TokenCounter()
-    ledger = UsageLedger(config.server.usage_db)
+    ledger = UsageLedger(
+        config.server.usage_db,
+        journal_dir=config.server.usage_journal_dir,
+        journal_max_bytes=config.server.usage_journal_max_bytes,
+    )
     factory = provider_factory(counter)
     providers = [factory.create(spec) for spec in config.backends]
     router = Router(
@@ -108,16 +115,18 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
         prices=PriceTable(config.pricing, config.unknown_price),
         aliases=config.aliases,
     )
-    metrics = _metrics(config, keys, router, ledger) if config.server.metrics_listen else None
+    limiter = _limiter(config)
+    metrics = _metrics(config, keys, router, ledger, limiter) if config.server.metrics_listen else None
     server = grpc.aio.server(
-        interceptors=_interceptors(config, keys, counter, router, metrics, tracing),
+        interceptors=_interceptors(config, keys, counter, router, metrics, tracing, limiter),
         maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             # gRPC shares a port between servers by default: a second gateway started by mistake would silently
             # take half of the first one's calls. Bound first, so a taken port stops us before anything starts.
-            ("grpc.so_reuseport", 0),
+            # Workers do share it: their supervisor has checked that no other process holds it.
+            ("grpc.so_reuseport", int(reuse_port)),
         ],
     )
     try:
@@ -128,17 +137,14 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
     except RuntimeError as exc:
         await asyncio.gather(*(provider.aclose() for provider in providers))
         await ledger.aclose()
-        raise ListenError(
-            f"cannot listen on {config.server.listen}: the address is in use (another llmrelay-server?) or not an"
-            " address of this machine; choose another with --listen or LLMRELAY_LISTEN"
-        ) from exc
+        raise ListenError(in_use_message(config.server.listen)) from exc
     for warning in exposure_warnings(f"{config.server.listen.rpartition(':')[0]}:{port}", tls, config.auth):
         log.warning(warning)
     await counter.warm_up(spec.default_model for spec in config.backends)
     await ledger.start()
     health_servicer = health.aio.HealthServicer()
     monitor = HealthMonitor(router, health_servicer, config.server.health_interval_s)
-    servicer = LLMServicer(router, monitor, ledger, limit)
+    servicer = LLMServicer(router, monitor, ledger, limit, stores=lambda: _stores(ledger, limiter))
     add_llm_service(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
@@ -151,6 +157,8 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
             await ledger.aclose()
             raise ListenError(f"cannot serve metrics on {listen}: {exc.strerror}") from exc
         log.info("metrics on http://%s:%d/metrics", listen.rpartition(":")[0], metrics_port)
+    if limiter is not None:
+        await limiter.start()
     await server.start()
     await monitor.start()
     router.lag.start()
@@ -167,16 +175,34 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
         drain_s=config.server.drain_s,
         grace_period_s=config.server.grace_period_s,
         tracing=tracing,
+        limiter=limiter,
     )
 
 
-def _metrics(config: GatewayConfig, keys: KeyRing, router: Router, ledger: UsageLedger) -> Metrics:
+def _metrics(
+    config: GatewayConfig, keys: KeyRing, router: Router, ledger: UsageLedger, limiter: Limiter | None
+) -> Metrics:
     labels = LabelValues(config.backends, config.aliases, keys.names)
+
+    def state() -> StateReading:
+        return StateReading(
+            stores=_stores(ledger, limiter),
+            ledger_queue_depth=ledger.queue_depth(),
+            ledger_write_failures=ledger.write_failures,
+            ledger_dropped_records=ledger.dropped_records,
+            limits_calls_while_unavailable=limiter.calls_while_unavailable if limiter is not None else 0,
+        )
+
     return Metrics(
         labels,
         circuits=lambda: [(backend.name, backend.circuit.state.value) for backend in router.backends],
-        ledger_state=lambda: (ledger.queue_depth(), ledger.write_failures),
+        state=state,
     )
+
+
+def _stores(ledger: UsageLedger, limiter: Limiter | None) -> list[StoreHealth]:
+    """The stores this process keeps state in, for the Health RPC and the metrics."""
+    return [ledger.health(), *([limiter.health()] if limiter is not None else [])]
 
 
 def _tracing(config: GatewayConfig) -> Tracing | None:
@@ -193,6 +219,20 @@ def _tracing(config: GatewayConfig) -> Tracing | None:
     return Tracing(config)
 
 
+def _limiter(config: GatewayConfig) -> Limiter | None:
+    """Where the limits are kept: in Redis when state.redis_url names one (every gateway naming it shares them),
+    else in this process; none without limits to keep."""
+    configured = (config.server.limits, *(key.limits for key in config.auth.keys))
+    # A keys file may bring limits at any time.
+    if not config.auth.keys_file and not any(limits.any_set() for limits in configured):
+        return None
+    state = config.state
+    if state.redis_url is None:
+        return InProcessLimiter()
+    refuse = state.on_unavailable == "deny"
+    return RedisLimiter(state.redis_url, refuse_when_unavailable=refuse, timeout_s=state.timeout_s)
+
+
 def _interceptors(
     config: GatewayConfig,
     keys: KeyRing,
@@ -200,6 +240,7 @@ def _interceptors(
     router: Router,
     metrics: Metrics | None,
     tracing: Tracing | None = None,
+    limiter: Limiter | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:
     """What each call did (outermost, so refusals count too), its request id and log line, who is calling, then
     within what limits; each only when configured (the call log is on unless turned off)."""
@@ -210,12 +251,10 @@ def _interceptors(
         interceptors.append(tracing.interceptor)
     if keys.enabled:
         interceptors.append(AuthInterceptor(keys, config.auth.open_services))
-    configured = (config.server.limits, *(key.limits for key in config.auth.keys))
-    # A keys file may bring limits at any time.
-    if config.auth.keys_file or any(limits.any_set() for limits in configured):
+    if limiter is not None:
         interceptors.append(
             LimitsInterceptor(
-                InProcessLimiter(),
+                limiter,
                 config.server.limits,
                 counter,
                 router.estimate_usd_micros,
@@ -225,15 +264,18 @@ def _interceptors(
     return interceptors
 
 
-async def serve(config: GatewayConfig) -> None:
-    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> None:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully; as one of a supervisor's workers when `worker`."""
     use_log_format(config.server.log_format)
+    if worker is not None and config.server.metrics_listen is not None:
+        # The supervisor serves metrics_listen, gathering each worker's from a loopback port of its own.
+        config = dataclasses.replace(config, server=dataclasses.replace(config.server, metrics_listen="127.0.0.1:0"))
     # Handlers first: a signal that comes the moment the port opens must still mean a graceful stop.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    gateway = await start_gateway(config)
+    gateway = await start_gateway(config, reuse_port=worker is not None)
     loop.add_signal_handler(signal.SIGHUP, gateway.keys.reload)
     host = config.server.listen.rpartition(":")[0]
     log.info("listening on %s:%d (%s)", host, gateway.port, protection(config.server.tls))
@@ -250,7 +292,12 @@ async def serve(config: GatewayConfig) -> None:
     # What start made (modules, encodings, configuration) lives as long as the process: frozen, it is no longer
     # walked by every full garbage collection, which calls' garbage sets off (about 50 us a call on `make bench`).
     gc.freeze()
+    if worker is not None:
+        worker.announce(gateway.metrics.port if gateway.metrics is not None else None)
+        watching = asyncio.create_task(worker.watch_supervisor(stop))
     await stop.wait()
+    if worker is not None:
+        watching.cancel()
     log.info(
         "shutting down: NOT_SERVING for %g s, then up to %g s for calls in flight",
         gateway.drain_s,

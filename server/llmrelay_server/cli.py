@@ -7,11 +7,13 @@ import asyncio
 import logging
 import os
 import sys
+from pathlib import Path
 
 from llmrelay_server import logs
-from llmrelay_server.app import ListenError, serve
+from llmrelay_server.app import serve
 from llmrelay_server.auth import new_key
 from llmrelay_server.config import ConfigError, check_key_name, load_config
+from llmrelay_server.workers import ListenError, Supervisor, WorkerRole
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,22 +28,44 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--listen", metavar="HOST:PORT", help="where to serve gRPC (env LLMRELAY_LISTEN)")
     parser.add_argument("--config", metavar="FILE", help="a YAML configuration file (env LLMRELAY_CONFIG)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--workers",
+        type=_processes,
+        metavar="N",
+        help="server processes sharing the port (env LLMRELAY_WORKERS; default 1)",
+    )
+    # Set by the supervisor of several workers on the command lines of its workers.
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    logs.configure(args.log_level)
+    logs.configure(args.log_level, worker=args.worker)
     # The HTTP client logs every request at INFO; that is noise on every agent step.
     logging.getLogger("httpx2").setLevel(logging.WARNING)
     try:
         # A flag is the most specific setting, so it overrides the environment as well as the file.
         env = {**os.environ, **({"LLMRELAY_LISTEN": args.listen} if args.listen else {})}
+        if args.workers is not None:
+            env["LLMRELAY_WORKERS"] = str(args.workers)
         config = load_config(env, path=args.config)
     except ConfigError as exc:
         sys.exit(f"llmrelay-server: configuration error: {exc}")
     try:
-        asyncio.run(serve(config))
+        if args.worker is not None:
+            asyncio.run(serve(config, WorkerRole(args.worker, args.worker_dir)))
+        elif config.server.workers > 1:
+            sys.exit(asyncio.run(Supervisor(config, argv).run()))
+        else:
+            asyncio.run(serve(config))
     except ListenError as exc:
         sys.exit(f"llmrelay-server: {exc}")
     except ConfigError as exc:  # what is checked as it is read: a certificate, the keys file
         sys.exit(f"llmrelay-server: configuration error: {exc}")
+
+
+def _processes(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes >= 1")
+    return int(text)
 
 
 def keys(argv: list[str]) -> None:

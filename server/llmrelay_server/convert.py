@@ -33,6 +33,7 @@ from llmrelay_server.domain import (
     ReasoningEffort,
     ResponseFormat,
     Role,
+    StoreHealth,
     TokenUsage,
     Tool,
     ToolCall,
@@ -450,6 +451,16 @@ def backend_health_pb(health: BackendHealth, circuit_state: str) -> pb.BackendHe
         checked_at.FromNanoseconds(int(health.checked_at * 1e9))
         message.checked_at.CopyFrom(checked_at)
     return message
+
+
+def store_health_pb(store: StoreHealth) -> pb.StoreHealth:
+    return pb.StoreHealth(
+        role=pb.StoreRole.Value(f"STORE_ROLE_{store.role.name}"),
+        kind=store.kind,
+        available=store.available,
+        description=store.description,
+        pending_records=store.pending_records,
+    )
 
 
 def _duration(seconds: float) -> Duration:

@@ -14,6 +14,8 @@ Exceptions::
     ├── UnauthenticatedError         no caller key, or an unknown one
     ├── ModelNotAllowedError         the caller's key may not use the model
     ├── LimitExceededError           a caller's or the gateway's limit is reached (names which)
+    ├── LimitsUnavailableError       the limits' shared store is unreachable and calls are refused meanwhile
+    ├── UsageUnavailableError        the usage ledger's database cannot be read now
     ├── UpstreamError                one backend failed one attempt (kind says how)
     ├── AllBackendsFailedError       the chain is exhausted (carries the attempts)
     ├── DeadlineExceededError        the caller's deadline ran out (carries the attempts)
@@ -432,6 +434,29 @@ class LimitExceededError(LLMRelayError):
         self.description = description
         self.retry_after_s = retry_after_s
         super().__init__(f"{subject}: {description}; retry in {retry_after_s:.1f} s")
+
+
+class LimitsUnavailableError(LLMRelayError):
+    """The store the gateways share their limits in cannot be reached, and state.on_unavailable is deny: a call
+    that cannot be counted is refused rather than admitted past the limits."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            "the gateway cannot check this call against its limits (their store is unreachable) and refuses calls"
+            f" until it is back; retry in {retry_after_s:.1f} s"
+        )
+
+
+class UsageUnavailableError(LLMRelayError):
+    """The usage ledger's database cannot be read now (usage goes on being recorded, in the journal on disk)."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            "the usage ledger's database cannot be read now; usage is still recorded and will be there once it is"
+            f" back; retry in {retry_after_s:.0f} s"
+        )
 
 
 class UpstreamErrorKind(enum.StrEnum):

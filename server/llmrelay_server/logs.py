@@ -1,10 +1,13 @@
 """The process's log: text for people or one JSON object per line, written to standard error in batches.
 
-A gateway logs a line per call; one write to standard error per line costs more than the rest of the log line
-together (a system call, and a wake-up of whatever reads the pipe: about 25 us a call). So `llmrelay-server` writes
-its log through a buffer that is flushed by a thread of its own a moment (`FLUSH_DELAY_S`) after the first line
-of a batch, at once for warnings and errors, and at exit. A process killed with SIGKILL loses at most that moment's
-lines; a crash's traceback, written by Python itself, is not delayed.
+A gateway logs a line per call; one write to standard error per line costs more than formatting it (a system call,
+and a wake-up of whatever reads the pipe). So `llmrelay-server` keeps formatted lines and writes them together, by
+a thread of its own, a moment (`FLUSH_DELAY_S`) after the first line of a batch; warnings and errors at once; the
+rest at exit. A process killed with SIGKILL loses at most that moment's lines; a crash's traceback, written by
+Python itself, is not delayed. Each write holds whole lines and at most PIPE_BUF bytes (one line longer than that
+alone), so that the lines of several workers sharing one pipe never interleave inside a line.
+
+A worker of a multi-process gateway (`workers`) marks its lines: `[worker N]` in text, "worker": N in JSON.
 """
 
 from __future__ import annotations
@@ -12,27 +15,32 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import sys
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import Any
 
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FLUSH_DELAY_S = 0.02
 """How long a line may wait for others to share its write: short enough to read a log live."""
-BUFFER_BYTES = 1 << 16
+
+_worker: int | None = None
+"""This process's worker number, in a multi-process gateway."""
 
 
-def configure(level: str | int) -> None:
-    """Log to standard error at `level`, in text, through a `BatchingStreamHandler`."""
-    # Its own block-buffered stream on standard error's file: sys.stderr writes through at every line.
-    stream = open(  # noqa: SIM115 (the handler owns it and closes it at exit)
-        os.dup(sys.stderr.fileno()), "w", buffering=BUFFER_BYTES, encoding="utf-8", errors="backslashreplace"
-    )
-    handler = BatchingStreamHandler(stream)
-    handler.setFormatter(TextFormatter(TEXT_FORMAT))
+def text_format(worker: int | None = None) -> str:
+    where = f" [worker {worker}]" if worker is not None else ""
+    return f"%(asctime)s %(levelname)s{where} %(name)s: %(message)s"
+
+
+def configure(level: str | int, worker: int | None = None) -> None:
+    """Log to standard error at `level`, in text, through a `BatchingHandler`."""
+    global _worker
+    _worker = worker
+    handler = BatchingHandler(os.dup(sys.stderr.fileno()))
+    handler.setFormatter(TextFormatter(text_format(worker)))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     # What no format of ours shows, not looked up for every record (the logging HOWTO's "Optimization"): the
     # calling frame's file and line, the thread, the process.
@@ -48,40 +56,61 @@ def use_log_format(log_format: str) -> None:
     if not root.handlers:
         logging.basicConfig(level=logging.INFO)
     for handler in root.handlers:
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(_worker))
 
 
-class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A stream handler whose stream is flushed by a thread, `FLUSH_DELAY_S` after the first unflushed line."""
+class BatchingHandler(logging.Handler):
+    """Writes formatted lines to a file descriptor together, `FLUSH_DELAY_S` after the first unwritten one."""
 
-    def __init__(self, stream: IO[str]) -> None:
-        super().__init__(stream)
-        self._unflushed = threading.Event()
-        threading.Thread(target=self._flush_after_delay, name="llmrelay-log-flush", daemon=True).start()
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._lines: list[bytes] = []
+        self._unwritten = threading.Event()
+        threading.Thread(target=self._write_after_delay, name="llmrelay-log-writer", daemon=True).start()
+
+    def emit(self, record: logging.LogRecord) -> None:  # called under the handler's lock
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self._lines.append(f"{line}\n".encode("utf-8", "backslashreplace"))
+        if record.levelno >= logging.WARNING:
+            self.flush()
+        elif not self._unwritten.is_set():
+            self._unwritten.set()
 
     def flush(self) -> None:
-        """Called after each record: the thread flushes soon, with whatever else has come by then."""
-        if not self._unflushed.is_set():
-            self._unflushed.set()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        super().emit(record)
-        if record.levelno >= logging.WARNING:
-            self.flush_now()
-
-    def flush_now(self) -> None:
-        self._unflushed.clear()
-        super().flush()
+        with self.lock:  # type: ignore[union-attr]  # Handler.createLock made it
+            self._unwritten.clear()
+            lines, self._lines = self._lines, []
+            chunk = b""
+            for line in lines:
+                if chunk and len(chunk) + len(line) > select.PIPE_BUF:
+                    self._write(chunk)
+                    chunk = b""
+                chunk += line
+            if chunk:
+                self._write(chunk)
 
     def close(self) -> None:
-        self.flush_now()
+        self.flush()
+        os.close(self._fd)
         super().close()
 
-    def _flush_after_delay(self) -> None:
+    def _write(self, data: bytes) -> None:
+        try:
+            while data:
+                data = data[os.write(self._fd, data) :]
+        except OSError:
+            pass  # standard error is gone: there is nowhere left to say so
+
+    def _write_after_delay(self) -> None:
         while True:
-            self._unflushed.wait()
+            self._unwritten.wait()
             time.sleep(FLUSH_DELAY_S)
-            self.flush_now()
+            self.flush()
 
 
 class _SecondCache:
@@ -116,8 +145,9 @@ class TextFormatter(logging.Formatter):
 class JsonFormatter(logging.Formatter):
     """Each record as one JSON object: time (UTC), level, logger, message; a call line's fields; an exception's text."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker: int | None = None) -> None:
         super().__init__()
+        self._worker = worker
         self._seconds = _SecondCache(lambda second: datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
 
     def format(self, record: logging.LogRecord) -> str:
@@ -126,6 +156,8 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
         }
+        if self._worker is not None:
+            entry["worker"] = self._worker
         call = getattr(record, "call", None)
         if isinstance(call, dict):
             entry["msg"] = "call"

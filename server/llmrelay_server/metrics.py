@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
@@ -23,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from llmrelay_server.domain import AttemptOutcome, BackendSpec
+from llmrelay_server.domain import AttemptOutcome, BackendSpec, StoreHealth
 from llmrelay_server.metering import Meter, open_meter
 from llmrelay_server.observing import ObservingInterceptor, Start
 
@@ -96,7 +97,7 @@ class Metrics:
         self,
         labels: LabelValues,
         circuits: Callable[[], Iterable[tuple[str, str]]],
-        ledger_state: Callable[[], tuple[int, int]],
+        state: Callable[[], StateReading],
     ) -> None:
         self.labels = labels
         self.registry = CollectorRegistry(auto_describe=True)
@@ -169,7 +170,7 @@ class Metrics:
             buckets=FIRST_TOKEN_BUCKETS,
             registry=r,
         )
-        r.register(_StateCollector(circuits, ledger_state))
+        r.register(_StateCollector(circuits, state))
         self._server: Any = None
         self.port: int | None = None
         """Where /metrics is served, once serve() bound it."""
@@ -223,12 +224,23 @@ class Metrics:
                 self.cost(billed.backend, model, caller).inc(usage.cost.usd_micros / 1_000_000)
 
 
-class _StateCollector(Collector):
-    """Read at each scrape: the circuits' states and the ledger's queue."""
+@dataclass(frozen=True, slots=True)
+class StateReading:
+    """The stores' state at a scrape."""
 
-    def __init__(self, circuits: Callable[[], Iterable[tuple[str, str]]], ledger: Callable[[], tuple[int, int]]):
+    stores: list[StoreHealth]
+    ledger_queue_depth: int
+    ledger_write_failures: int
+    ledger_dropped_records: int
+    limits_calls_while_unavailable: int
+
+
+class _StateCollector(Collector):
+    """Read at each scrape: the circuits' states, the stores' availability, the ledger's queue."""
+
+    def __init__(self, circuits: Callable[[], Iterable[tuple[str, str]]], state: Callable[[], StateReading]):
         self._circuits = circuits
-        self._ledger = ledger
+        self._state = state
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         circuit = GaugeMetricFamily(
@@ -238,10 +250,34 @@ class _StateCollector(Collector):
             for name in _CIRCUIT_STATES:
                 circuit.add_metric([backend, name], 1.0 if name == state else 0.0)
         yield circuit
-        depth, failures = self._ledger()
-        yield GaugeMetricFamily("llmrelay_ledger_queue_depth", "Usage rows not yet written.", value=depth)
+        reading = self._state()
+        available = GaugeMetricFamily(
+            "llmrelay_store_available",
+            "1 while the store works (the usage ledger's database; the limits' Redis), else 0.",
+            labels=["role", "kind"],
+        )
+        for store in reading.stores:
+            available.add_metric([store.role.value, store.kind], float(store.available))
+        yield available
+        yield GaugeMetricFamily(
+            "llmrelay_ledger_queue_depth",
+            "Usage records not yet in the ledger's database (in memory or journaled on disk).",
+            value=reading.ledger_queue_depth,
+        )
         yield CounterMetricFamily(
-            "llmrelay_ledger_write_failures", "Failed writes of the usage ledger (rows kept, retried).", value=failures
+            "llmrelay_ledger_write_failures",
+            "Failed writes of the usage ledger (records kept, retried).",
+            value=reading.ledger_write_failures,
+        )
+        yield CounterMetricFamily(
+            "llmrelay_ledger_dropped_records",
+            "Usage records dropped because the journal was full while the database was down.",
+            value=reading.ledger_dropped_records,
+        )
+        yield CounterMetricFamily(
+            "llmrelay_limits_unavailable_calls",
+            "Calls admitted uncounted or refused while the limits' store (Redis) was unreachable.",
+            value=reading.limits_calls_while_unavailable,
         )
 
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from typing import Any, Final
 
@@ -22,6 +22,7 @@ from llmrelay_server.domain import (
     InvalidRequestError,
     LLMRelayError,
     ShuttingDownError,
+    StoreHealth,
     ToolCallDelta,
 )
 from llmrelay_server.health import HealthMonitor
@@ -37,7 +38,15 @@ _CALLER = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
 
 
 class LLMServicer(pb.LLMServiceServicer):
-    def __init__(self, router: Router, monitor: HealthMonitor, ledger: UsageLedger, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        router: Router,
+        monitor: HealthMonitor,
+        ledger: UsageLedger,
+        max_message_bytes: int,
+        stores: Callable[[], list[StoreHealth]] = list,
+    ) -> None:
+        self._stores = stores
         self._max_message_bytes = max_message_bytes
         # A delta with more characters than this may be over the message limit (4 bytes a character at most, and
         # room for the rest of the message): it is sent in pieces.
@@ -149,16 +158,16 @@ class LLMServicer(pb.LLMServiceServicer):
         return pb.HealthResponse(
             serving=self._monitor.serving,
             backends=[convert.backend_health_pb(health, state.value) for health, state in report],
+            stores=[convert.store_health_pb(store) for store in self._stores()],
         )
 
     async def GetUsage(
         self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext[pb.GetUsageRequest, pb.GetUsageResponse]
     ) -> pb.GetUsageResponse:
         try:
-            query = convert.usage_query(request)
+            totals = await self._ledger.query(*convert.usage_query(request))
         except LLMRelayError as error:
             await abort(context, "GetUsage", error)
-        totals = await self._ledger.query(*query)
         return pb.GetUsageResponse(records=[convert.usage_record_pb(t) for t in totals])
 
 

@@ -19,6 +19,8 @@
 | no caller key, or an unknown one        | UNAUTHENTICATED     | UNAUTHENTICATED         |               |
 | the key may not use the model           | PERMISSION_DENIED   | MODEL_NOT_ALLOWED       |               |
 | a caller's or the gateway's limit       | RESOURCE_EXHAUSTED  | <LIMIT>_EXCEEDED        | QuotaFailure, RetryInfo |
+| limits' store unreachable, policy deny  | UNAVAILABLE         | LIMITS_UNAVAILABLE      | RetryInfo     |
+| usage ledger's database unreachable     | UNAVAILABLE         | USAGE_UNAVAILABLE       | RetryInfo     |
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from llmrelay_server.domain import (
     DeadlineExceededError,
     InvalidRequestError,
     LimitExceededError,
+    LimitsUnavailableError,
     LLMRelayError,
     ModelNotAllowedError,
     ModelNotFoundError,
@@ -48,6 +51,7 @@ from llmrelay_server.domain import (
     UnauthenticatedError,
     UpstreamError,
     UpstreamErrorKind,
+    UsageUnavailableError,
 )
 
 DOMAIN: Final = "llmrelay.dev"
@@ -114,6 +118,10 @@ def _classify(error: LLMRelayError) -> _Classified:
         )
         metadata = {"subject": error.subject}
         return grpc.StatusCode.RESOURCE_EXHAUSTED, error.kind.value, metadata, [quota, _retry_info(error.retry_after_s)]
+    if isinstance(error, LimitsUnavailableError):
+        return grpc.StatusCode.UNAVAILABLE, "LIMITS_UNAVAILABLE", {}, [_retry_info(error.retry_after_s)]
+    if isinstance(error, UsageUnavailableError):
+        return grpc.StatusCode.UNAVAILABLE, "USAGE_UNAVAILABLE", {}, [_retry_info(error.retry_after_s)]
     if isinstance(error, ModelNotFoundError):
         return (
             grpc.StatusCode.NOT_FOUND,

@@ -13,9 +13,10 @@ import grpc
 import pytest
 from certs import Authority, Issued
 from llmrelay import v1 as pb
-from llmrelay_server.app import Gateway, ListenError, start_gateway
+from llmrelay_server.app import Gateway, start_gateway
 from llmrelay_server.config import AuthConfig, ConfigError, TLSConfig, load_config
 from llmrelay_server.tls import exposure_warnings
+from llmrelay_server.workers import ListenError
 from support import GatewayFactory, chat, two_backends
 from upstream import FakeUpstream
 

@@ -1,14 +1,17 @@
-"""The process log's formatters (cached timestamps read as logging's own) and its batching handler."""
+"""The process log's formatters (cached timestamps read as logging's own) and its batching handler, on a real pipe."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
+import os
+import select
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
-from llmrelay_server.logs import FLUSH_DELAY_S, TEXT_FORMAT, BatchingStreamHandler, JsonFormatter, TextFormatter
+import pytest
+from llmrelay_server.logs import FLUSH_DELAY_S, BatchingHandler, JsonFormatter, TextFormatter, text_format
 
 
 def record(created: float, level: int = logging.INFO, message: str = "hello") -> logging.LogRecord:
@@ -18,36 +21,79 @@ def record(created: float, level: int = logging.INFO, message: str = "hello") ->
 
 
 def test_timestamps_read_as_loggings_own() -> None:
-    text, json_ = TextFormatter(TEXT_FORMAT), JsonFormatter()
+    text, json_ = TextFormatter(text_format()), JsonFormatter()
     for created in (1_700_000_000.0, 1_700_000_000.999, 1_700_000_001.5, 1_700_000_000.25):  # and back a second
         made = record(created)
-        assert text.format(made) == logging.Formatter(TEXT_FORMAT).format(made)
+        assert text.format(made) == logging.Formatter(text_format()).format(made)
         expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
         assert json.loads(json_.format(made))["ts"] == expected
 
 
-class Stream(io.StringIO):
-    def __init__(self) -> None:
-        super().__init__()
-        self.flushed = ""
-
-    def flush(self) -> None:
-        self.flushed = self.getvalue()
+def test_a_workers_lines_say_which() -> None:
+    made = record(1_700_000_000.0)
+    assert " INFO [worker 3] llmrelay_server: hello" in TextFormatter(text_format(3)).format(made)
+    assert json.loads(JsonFormatter(3).format(made))["worker"] == 3
+    assert "worker" not in json.loads(JsonFormatter().format(made))
 
 
-def test_lines_wait_a_moment_warnings_none() -> None:
-    stream = Stream()
-    handler = BatchingStreamHandler(stream)
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, BatchingHandler]]:
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    handler = BatchingHandler(write_end)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    yield read_end, handler
+    os.close(read_end)
+
+
+def drain(fd: int) -> bytes:
+    data = b""
+    while True:
+        try:
+            read = os.read(fd, 1 << 16)
+        except BlockingIOError:  # nothing more for now
+            return data
+        if not read:  # the write end is closed
+            return data
+        data += read
+
+
+def test_lines_wait_a_moment_warnings_none(pipe: tuple[int, BatchingHandler]) -> None:
+    read_end, handler = pipe
     handler.handle(record(time.time(), message="first"))
     handler.handle(record(time.time(), message="second"))
-    assert stream.flushed == ""  # written, not yet flushed
-    deadline = time.monotonic() + 1
-    while "second" not in stream.flushed and time.monotonic() < deadline:
+    assert drain(read_end) == b""  # kept, not yet written
+    deadline, written = time.monotonic() + 1, b""
+    while b"second" not in written and time.monotonic() < deadline:
         time.sleep(FLUSH_DELAY_S / 4)
-    assert stream.flushed == "INFO first\nINFO second\n"
+        written += drain(read_end)
+    assert written == b"INFO first\nINFO second\n"
     handler.handle(record(time.time(), logging.WARNING, "at once"))
-    assert stream.flushed.endswith("WARNING at once\n")
+    assert drain(read_end) == b"WARNING at once\n"
     handler.handle(record(time.time(), message="last"))
     handler.close()
-    assert stream.flushed.endswith("INFO last\n")
+    assert drain(read_end) == b"INFO last\n"
+
+
+def test_each_write_is_whole_lines_within_pipe_buf(
+    pipe: tuple[int, BatchingHandler], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writers sharing a pipe interleave only between writes: no write may end inside a line or pass PIPE_BUF."""
+    read_end, handler = pipe
+    lines = [f"line {n} " + "x" * (n * 37 % 700) for n in range(60)] + ["long " + "y" * (select.PIPE_BUF * 2)]
+    for line in lines:
+        handler.handle(record(time.time(), message=line))
+    writes: list[bytes] = []
+    real_write = os.write
+
+    def recorded(fd: int, data: bytes) -> int:
+        writes.append(bytes(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", recorded)  # only to see the handler's write boundaries
+    handler.flush()
+    monkeypatch.undo()
+    assert b"".join(writes) == b"".join(f"INFO {line}\n".encode() for line in lines)
+    assert all(write.endswith(b"\n") for write in writes)
+    assert all(len(write) <= select.PIPE_BUF for write in writes[:-1]) and len(writes) > 2
+    assert drain(read_end).count(b"\n") == len(lines)

@@ -19,6 +19,7 @@ from llmrelay_server.domain import (
     InvalidRequestError,
     LimitExceededError,
     LimitKind,
+    LimitsUnavailableError,
     LLMRelayError,
     ModelNotAllowedError,
     ModelNotFoundError,
@@ -28,6 +29,7 @@ from llmrelay_server.domain import (
     UnauthenticatedError,
     UpstreamError,
     UpstreamErrorKind,
+    UsageUnavailableError,
 )
 
 K = UpstreamErrorKind
@@ -345,6 +347,8 @@ REASONS_BY_ERROR = [
     UnauthenticatedError("no key"),
     ModelNotAllowedError("research", "gpt-4o"),
     *[LimitExceededError(kind, "key:research", "over", 3.0) for kind in LimitKind],
+    LimitsUnavailableError(1.0),
+    UsageUnavailableError(5.0),
 ]
 
 
@@ -382,6 +386,16 @@ def test_every_contract_reason_is_produced() -> None:
     produced = {decode(status.rpc_failure(e)).info.reason for e in REASONS_BY_ERROR}
     named = {name.removeprefix("ERROR_REASON_") for name in pb.ErrorReason.keys()} - {"UNSPECIFIED"}  # noqa: SIM118
     assert named <= produced
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [(LimitsUnavailableError(1.5), "LIMITS_UNAVAILABLE"), (UsageUnavailableError(1.5), "USAGE_UNAVAILABLE")],
+)
+def test_a_store_out_of_reach_is_unavailable_with_retry_info(error: LLMRelayError, reason: str) -> None:
+    failure, decoded = failure_of(error)
+    assert (failure.code, decoded.info.reason, dict(decoded.info.metadata)) == (C.UNAVAILABLE, reason, {})
+    assert decoded.retry_delay_s == 1.5
 
 
 def test_shutting_down_is_unavailable_with_retry_info() -> None:

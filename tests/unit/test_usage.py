@@ -1,8 +1,10 @@
-"""The usage ledger: exact totals, time windows, no I/O on record, and what survives a stop or a crash."""
+"""The usage ledger: exact totals, time windows, no database I/O on record, and what survives a stop or a crash."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
 import signal
 import sqlite3
@@ -10,14 +12,15 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from llmrelay_server.domain import TokenUsage
-from llmrelay_server.usage import UsageLedger, UsageTotals
+from llmrelay_server.usage import LedgerUnavailableError, UsageLedger, UsageTotals
+from llmrelay_server.usage.sqlite import SQLiteStore
 
 T0 = 1_700_000_040.0  # the start of a minute bucket
 
@@ -30,10 +33,43 @@ async def ledger() -> AsyncIterator[UsageLedger]:
 
 
 def rows_on_disk(path: Path) -> list[tuple[object, ...]]:
-    with sqlite3.connect(path) as connection:
+    with contextlib.closing(sqlite3.connect(path)) as connection:
         return connection.execute(
             "SELECT * FROM usage_buckets ORDER BY backend, model, caller, bucket_start"
         ).fetchall()
+
+
+def requests_on_disk(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        (requests,) = connection.execute("SELECT COALESCE(SUM(requests), 0) FROM usage_buckets").fetchone()
+    return int(requests)
+
+
+def journal_lines(path: Path) -> list[bytes]:
+    """The lines in the journal beside a SQLite ledger, all files together."""
+    lines = []
+    for batch in sorted(Path(f"{path}.journal").glob("*.jsonl")):
+        with contextlib.suppress(FileNotFoundError):  # written and deleted meanwhile
+            lines += batch.read_bytes().splitlines()
+    return lines
+
+
+@contextlib.contextmanager
+def write_locked(path: Path) -> Iterator[None]:
+    """Another connection holds the database's write lock (as another process writing would): writes wait, reads
+    go on (WAL)."""
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        connection.execute("BEGIN EXCLUSIVE")
+        yield
+    finally:
+        connection.close()
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110 (files and a database, no event to wait on)
+            await asyncio.sleep(0.01)
 
 
 async def test_totals_per_backend_model_and_caller(ledger: UsageLedger) -> None:
@@ -83,17 +119,19 @@ async def test_time_window_selects_whole_buckets_in_half_open_range() -> None:
     await ledger.aclose()
 
 
-async def test_record_does_no_io_and_flush_writes(tmp_path: Path) -> None:
+async def test_record_writes_the_journal_not_the_database_and_flush_writes_the_database(tmp_path: Path) -> None:
     path = tmp_path / "usage.sqlite3"
     ledger = UsageLedger(path)
     ledger.record("b", "m", "c", TokenUsage(3, 4), at=T0)
 
     assert rows_on_disk(path) == []
+    assert journal_lines(path) == [b'["b","m","c",1700000040,1,3,4,0,0,0,0,0]']
     assert (await ledger.query())[0].total_tokens == 7
 
     await ledger.flush()
 
-    assert rows_on_disk(path) == [("b", "m", "c", int(T0), 1, 3, 4, 7, 0, 0, 0, 0, 0)]
+    assert rows_on_disk(path) == [("b", "m", "c", int(T0), 1, 3, 4, 0, 0, 0, 0, 0)]
+    assert journal_lines(path) == []  # the batch's file is deleted once the database has it
     assert (await ledger.query())[0].total_tokens == 7  # flushed rows are not counted twice
     await ledger.aclose()
 
@@ -106,7 +144,7 @@ async def test_background_flush_writes_within_the_interval(tmp_path: Path) -> No
 
     await asyncio.sleep(0.3)
 
-    assert rows_on_disk(path) == [("b", "m", "c", int(T0), 1, 3, 4, 7, 0, 0, 0, 0, 0)]
+    assert rows_on_disk(path) == [("b", "m", "c", int(T0), 1, 3, 4, 0, 0, 0, 0, 0)]
     await ledger.aclose()
 
 
@@ -139,22 +177,29 @@ async def test_record_after_close_is_refused() -> None:
         ledger.record("b", "m", "c", TokenUsage(1, 1))
 
 
-async def test_failed_flush_keeps_the_records_for_the_next_one(
-    ledger: UsageLedger, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.parametrize("journaled", [True, False], ids=["journal", "memory-only"])
+async def test_failed_flush_keeps_the_records_for_the_next_one(tmp_path: Path, journaled: bool) -> None:
+    path = tmp_path / "usage.sqlite3"
+    ledger = UsageLedger(
+        SQLiteStore(path, busy_timeout_s=0.05), journal_dir=tmp_path / "journal" if journaled else None
+    )
     ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
-    real_write = ledger._write
-    monkeypatch.setattr(ledger, "_write", lambda pending: (_ for _ in ()).throw(sqlite3.OperationalError("full")))
 
-    with pytest.raises(sqlite3.OperationalError):
-        await ledger.flush()
-    assert [t.total_tokens for t in await ledger.query()] == [15]
-
-    monkeypatch.setattr(ledger, "_write", real_write)
-    ledger.record("b", "m", "c", TokenUsage(1, 0), at=T0)
+    with write_locked(path):
+        with pytest.raises(LedgerUnavailableError, match=f"SQLite {path}: database is locked"):
+            await ledger.flush()
+        assert [t.total_tokens for t in await ledger.query()] == [15]
+        health = ledger.health()
+        assert (health.kind, health.available, health.pending_records) == ("sqlite", False, int(journaled))
+        assert "database is locked" in health.description
+        ledger.record("b", "m", "c", TokenUsage(1, 0), at=T0)
+        assert [t.total_tokens for t in await ledger.query()] == [16]
     await ledger.flush()
 
     assert await ledger.query() == [UsageTotals("b", "m", "c", 2, 11, 5, 16, 0)]
+    assert rows_on_disk(path) == [("b", "m", "c", int(T0), 2, 11, 5, 0, 0, 0, 0, 0)]
+    assert (ledger.write_failures, ledger.queue_depth(), ledger.health().available) == (1, 0, True)
+    await ledger.aclose()
 
 
 async def test_concurrent_recording_adds_up_exactly(tmp_path: Path) -> None:
@@ -270,7 +315,7 @@ def _counts(totals: UsageTotals) -> tuple[int, ...]:
     )
 
 
-# A process that records, says so, keeps recording after a signal from the test, and waits to be killed.
+# A process that records, says so, keeps recording after a word from the test, and waits to be killed.
 _CRASHING_RECORDER = textwrap.dedent(
     """
     import asyncio, sys
@@ -294,7 +339,7 @@ _CRASHING_RECORDER = textwrap.dedent(
 )
 
 
-async def test_kill_9_loses_at_most_the_last_flush_interval(tmp_path: Path) -> None:
+async def test_kill_9_loses_nothing_the_next_ledger_replays_the_journal(tmp_path: Path) -> None:
     path = tmp_path / "usage.sqlite3"
     interval = 0.2
     child = subprocess.Popen(  # noqa: ASYNC220 - started once; the waits on it below are off the loop
@@ -306,8 +351,7 @@ async def test_kill_9_loses_at_most_the_last_flush_interval(tmp_path: Path) -> N
     assert child.stdin is not None and child.stdout is not None
     try:
         assert await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 30) == "recorded\n"
-        # One interval for the flush to come round, and as much again for its write: then the batch is durable.
-        await asyncio.sleep(2 * interval)
+        await wait_until(lambda: requests_on_disk(path) == 100)  # the background flush wrote the first batch
         child.stdin.write("go\n")
         child.stdin.flush()
         assert await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 30) == "late\n"
@@ -316,11 +360,18 @@ async def test_kill_9_loses_at_most_the_last_flush_interval(tmp_path: Path) -> N
         child.kill()
         child.wait()
 
-    totals = await _reopen_and_query(path)
-
     assert child.returncode == -signal.SIGKILL
-    # The first batch was recorded more than a flush interval before the kill: all of it is there. The late batch
-    # is all there or not at all, since a flush is one transaction.
-    assert len(totals) == 1
-    assert totals[0].requests in (100, 150)
-    assert (totals[0].prompt_tokens, totals[0].completion_tokens) == (10 * totals[0].requests, 5 * totals[0].requests)
+    everything = [UsageTotals("b", "m", "c", 150, 1_500, 750, 2_250, 0)]
+    # The first batch is in the database, the late one in the dead process's journal: a query counts both.
+    assert requests_on_disk(path) == 100
+    assert len(journal_lines(path)) == 50
+    assert await _reopen_and_query(path) == everything
+
+    # A started ledger claims the journal, writes it and deletes it.
+    ledger = UsageLedger(path)
+    await ledger.start()
+    await wait_until(lambda: not journal_lines(path))
+    assert await ledger.query() == everything
+    await ledger.aclose()
+    assert requests_on_disk(path) == 150
+    assert os.listdir(f"{path}.journal") == []  # no batch file left, and no lock file of a dead process

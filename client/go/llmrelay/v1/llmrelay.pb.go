@@ -521,6 +521,12 @@ const (
 	ErrorReason_ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED ErrorReason = 18
 	// RESOURCE_EXHAUSTED: the spend budget of the day (UTC); RetryInfo says when the day ends.
 	ErrorReason_ERROR_REASON_BUDGET_EXCEEDED ErrorReason = 19
+	// UNAVAILABLE: the store the gateways share their limits in (state.redis_url) cannot be reached, and the gateway
+	// refuses calls it cannot count (state.on_unavailable: deny); RetryInfo says when to try again.
+	ErrorReason_ERROR_REASON_LIMITS_UNAVAILABLE ErrorReason = 20
+	// UNAVAILABLE: the usage ledger's database cannot be read now (GetUsage); usage goes on being recorded, in the
+	// journal on disk until the database is back; RetryInfo says when to try again.
+	ErrorReason_ERROR_REASON_USAGE_UNAVAILABLE ErrorReason = 21
 )
 
 // Enum value maps for ErrorReason.
@@ -546,6 +552,8 @@ var (
 		17: "ERROR_REASON_TOKENS_PER_MINUTE_EXCEEDED",
 		18: "ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED",
 		19: "ERROR_REASON_BUDGET_EXCEEDED",
+		20: "ERROR_REASON_LIMITS_UNAVAILABLE",
+		21: "ERROR_REASON_USAGE_UNAVAILABLE",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":                  0,
@@ -568,6 +576,8 @@ var (
 		"ERROR_REASON_TOKENS_PER_MINUTE_EXCEEDED":   17,
 		"ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED":  18,
 		"ERROR_REASON_BUDGET_EXCEEDED":              19,
+		"ERROR_REASON_LIMITS_UNAVAILABLE":           20,
+		"ERROR_REASON_USAGE_UNAVAILABLE":            21,
 	}
 )
 
@@ -3210,7 +3220,7 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\x0fInterruptPolicy\x12 \n" +
 	"\x1cINTERRUPT_POLICY_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16INTERRUPT_POLICY_ABORT\x10\x01\x12\x1c\n" +
-	"\x18INTERRUPT_POLICY_RESTART\x10\x02*\x81\x06\n" +
+	"\x18INTERRUPT_POLICY_RESTART\x10\x02*\xca\x06\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12 \n" +
 	"\x1cERROR_REASON_INVALID_REQUEST\x10\x01\x12 \n" +
@@ -3232,7 +3242,9 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	")ERROR_REASON_REQUESTS_PER_MINUTE_EXCEEDED\x10\x10\x12+\n" +
 	"'ERROR_REASON_TOKENS_PER_MINUTE_EXCEEDED\x10\x11\x12,\n" +
 	"(ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED\x10\x12\x12 \n" +
-	"\x1cERROR_REASON_BUDGET_EXCEEDED\x10\x13*|\n" +
+	"\x1cERROR_REASON_BUDGET_EXCEEDED\x10\x13\x12#\n" +
+	"\x1fERROR_REASON_LIMITS_UNAVAILABLE\x10\x14\x12\"\n" +
+	"\x1eERROR_REASON_USAGE_UNAVAILABLE\x10\x15*|\n" +
 	"\fCircuitState\x12\x1d\n" +
 	"\x19CIRCUIT_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14CIRCUIT_STATE_CLOSED\x10\x01\x12\x16\n" +

@@ -325,6 +325,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """RESOURCE_EXHAUSTED: the limit of streams open at once."""
     ERROR_REASON_BUDGET_EXCEEDED: _ErrorReason.ValueType  # 19
     """RESOURCE_EXHAUSTED: the spend budget of the day (UTC); RetryInfo says when the day ends."""
+    ERROR_REASON_LIMITS_UNAVAILABLE: _ErrorReason.ValueType  # 20
+    """UNAVAILABLE: the store the gateways share their limits in (state.redis_url) cannot be reached, and the gateway
+    refuses calls it cannot count (state.on_unavailable: deny); RetryInfo says when to try again.
+    """
+    ERROR_REASON_USAGE_UNAVAILABLE: _ErrorReason.ValueType  # 21
+    """UNAVAILABLE: the usage ledger's database cannot be read now (GetUsage); usage goes on being recorded, in the
+    journal on disk until the database is back; RetryInfo says when to try again.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The reason in the google.rpc.ErrorInfo of a failed call (as its name without the ERROR_REASON_ prefix)."""
@@ -371,6 +379,14 @@ ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED: ErrorReason.ValueType  # 18
 """RESOURCE_EXHAUSTED: the limit of streams open at once."""
 ERROR_REASON_BUDGET_EXCEEDED: ErrorReason.ValueType  # 19
 """RESOURCE_EXHAUSTED: the spend budget of the day (UTC); RetryInfo says when the day ends."""
+ERROR_REASON_LIMITS_UNAVAILABLE: ErrorReason.ValueType  # 20
+"""UNAVAILABLE: the store the gateways share their limits in (state.redis_url) cannot be reached, and the gateway
+refuses calls it cannot count (state.on_unavailable: deny); RetryInfo says when to try again.
+"""
+ERROR_REASON_USAGE_UNAVAILABLE: ErrorReason.ValueType  # 21
+"""UNAVAILABLE: the usage ledger's database cannot be read now (GetUsage); usage goes on being recorded, in the
+journal on disk until the database is back; RetryInfo says when to try again.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 class _CircuitState:

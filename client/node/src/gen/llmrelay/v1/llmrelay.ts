@@ -515,6 +515,16 @@ export enum ErrorReason {
   ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED = 18,
   /** ERROR_REASON_BUDGET_EXCEEDED - RESOURCE_EXHAUSTED: the spend budget of the day (UTC); RetryInfo says when the day ends. */
   ERROR_REASON_BUDGET_EXCEEDED = 19,
+  /**
+   * ERROR_REASON_LIMITS_UNAVAILABLE - UNAVAILABLE: the store the gateways share their limits in (state.redis_url) cannot be reached, and the gateway
+   * refuses calls it cannot count (state.on_unavailable: deny); RetryInfo says when to try again.
+   */
+  ERROR_REASON_LIMITS_UNAVAILABLE = 20,
+  /**
+   * ERROR_REASON_USAGE_UNAVAILABLE - UNAVAILABLE: the usage ledger's database cannot be read now (GetUsage); usage goes on being recorded, in the
+   * journal on disk until the database is back; RetryInfo says when to try again.
+   */
+  ERROR_REASON_USAGE_UNAVAILABLE = 21,
   UNRECOGNIZED = -1,
 }
 
@@ -580,6 +590,12 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 19:
     case "ERROR_REASON_BUDGET_EXCEEDED":
       return ErrorReason.ERROR_REASON_BUDGET_EXCEEDED;
+    case 20:
+    case "ERROR_REASON_LIMITS_UNAVAILABLE":
+      return ErrorReason.ERROR_REASON_LIMITS_UNAVAILABLE;
+    case 21:
+    case "ERROR_REASON_USAGE_UNAVAILABLE":
+      return ErrorReason.ERROR_REASON_USAGE_UNAVAILABLE;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -629,6 +645,10 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED";
     case ErrorReason.ERROR_REASON_BUDGET_EXCEEDED:
       return "ERROR_REASON_BUDGET_EXCEEDED";
+    case ErrorReason.ERROR_REASON_LIMITS_UNAVAILABLE:
+      return "ERROR_REASON_LIMITS_UNAVAILABLE";
+    case ErrorReason.ERROR_REASON_USAGE_UNAVAILABLE:
+      return "ERROR_REASON_USAGE_UNAVAILABLE";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";

@@ -1,0 +1,117 @@
+"""Limits kept in this process: exact for one gateway process, and what every gateway has unless state.redis_url
+names a Redis to share them through."""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from llmrelay_server.domain import LimitKind, StoreHealth, StoreRole
+from llmrelay_server.limits.interface import STREAM_RETRY_S, WINDOW_S, Ask, Reservation, budget_usd_micros, refusal
+
+
+@dataclass(slots=True)
+class _Window:
+    """One subject's use: requests and tokens of the last minute, streams open, spend per UTC day."""
+
+    requests: collections.deque[float] = field(default_factory=collections.deque)
+    tokens: collections.deque[list[float]] = field(default_factory=collections.deque)
+    """[time, tokens] entries; settle() corrects an entry's tokens in place."""
+    token_sum: float = 0
+    streams: int = 0
+    spend: dict[int, int] = field(default_factory=dict)
+    """UTC day number -> micro-USD."""
+
+    def expire(self, now: float) -> None:
+        while self.requests and self.requests[0] <= now - WINDOW_S:
+            self.requests.popleft()
+        while self.tokens and self.tokens[0][0] <= now - WINDOW_S:
+            self.token_sum -= self.tokens.popleft()[1]
+        if len(self.spend) > 2:  # today's, and yesterday's for calls that began before midnight and settle after
+            for day in [day for day in self.spend if day < _utc_day(now) - 1]:
+                del self.spend[day]
+
+
+class InProcessLimiter:
+    """Limits kept in this process. Exact under any number of concurrent calls: reserve() never awaits, so on one
+    event loop no other call can come between its checks and its updates."""
+
+    calls_while_unavailable: Final = 0
+    """The process's memory is never out of reach."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._windows: dict[str, _Window] = {}
+
+    async def start(self) -> None:
+        """Nothing to open: the state is this object's."""
+
+    async def reserve(self, asks: Sequence[Ask]) -> Reservation:
+        now = self._clock()
+        day = _utc_day(now)
+        windows = [self._windows.setdefault(ask.subject, _Window()) for ask in asks]
+        for ask, window in zip(asks, windows, strict=True):
+            window.expire(now)
+            _check(ask, window, now, day)
+        reservation = Reservation(asks, now)
+        for ask, window in zip(asks, windows, strict=True):
+            window.requests.append(now)
+            entry = [now, float(ask.tokens)]
+            window.tokens.append(entry)
+            window.token_sum += ask.tokens
+            window.streams += ask.stream
+            window.spend[day] = window.spend.get(day, 0) + ask.usd_micros
+            reservation.holds.append(entry)
+        return reservation
+
+    async def settle(self, reservation: Reservation, tokens: int, usd_micros: int) -> None:
+        day = _utc_day(reservation.at)
+        for ask, entry in zip(reservation.asks, reservation.holds, strict=True):
+            window = self._windows[ask.subject]
+            if entry[0] > self._clock() - WINDOW_S:  # still counted this minute
+                window.token_sum += tokens - entry[1]
+                entry[1] = tokens
+            window.streams -= ask.stream
+            window.spend[day] = window.spend.get(day, 0) + usd_micros - ask.usd_micros
+
+    def health(self) -> StoreHealth:
+        return StoreHealth(StoreRole.LIMITS, "in_process", available=True)
+
+    async def aclose(self) -> None:
+        """Nothing to close: the state goes with this object."""
+
+
+def _check(ask: Ask, window: _Window, now: float, day: int) -> None:
+    limits = ask.limits
+    if limits.requests_per_minute is not None and len(window.requests) + 1 > limits.requests_per_minute:
+        wait = window.requests[0] + WINDOW_S - now if window.requests else WINDOW_S
+        raise refusal(LimitKind.REQUESTS_PER_MINUTE, ask, wait)
+    if limits.tokens_per_minute is not None and window.token_sum + ask.tokens > limits.tokens_per_minute:
+        wait = _tokens_free_in(window, ask.tokens, limits.tokens_per_minute, now)
+        raise refusal(LimitKind.TOKENS_PER_MINUTE, ask, wait)
+    if ask.stream and limits.concurrent_streams is not None and window.streams + 1 > limits.concurrent_streams:
+        raise refusal(LimitKind.CONCURRENT_STREAMS, ask, STREAM_RETRY_S)
+    budget = budget_usd_micros(limits)
+    if budget is not None and window.spend.get(day, 0) + ask.usd_micros > budget:
+        raise refusal(LimitKind.BUDGET_PER_DAY, ask, _until_next_day(now))
+
+
+def _tokens_free_in(window: _Window, wanted: int, limit: int, now: float) -> float:
+    """How long until the tokens of the last minute leave room for `wanted`; a minute if they never will."""
+    used = window.token_sum
+    for at, tokens in window.tokens:
+        used -= tokens
+        if used + wanted <= limit:
+            return max(0.0, at + WINDOW_S - now)
+    return WINDOW_S
+
+
+def _utc_day(moment: float) -> int:
+    return int(moment // 86_400)
+
+
+def _until_next_day(now: float) -> float:
+    return (_utc_day(now) + 1) * 86_400 - now

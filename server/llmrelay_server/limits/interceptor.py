@@ -1,0 +1,117 @@
+"""The limits interceptor: admits each model call within its caller's limits and the gateway's before any upstream
+is asked, and settles the reservation with what the call was billed when it ends."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from llmrelay import v1 as pb
+
+from llmrelay_server import convert
+from llmrelay_server.auth import Continuation, Handler, current_caller
+from llmrelay_server.config import Limits
+from llmrelay_server.domain import InvalidRequestError, LimitExceededError, LimitsUnavailableError
+from llmrelay_server.limits.interface import GATEWAY, Ask, Limiter, Reservation
+from llmrelay_server.metering import open_meter
+from llmrelay_server.status import abort
+from llmrelay_server.tokens import TokenCounter
+
+_COMPLETE = "/llmrelay.v1.LLMService/Complete"
+_STREAM = "/llmrelay.v1.LLMService/StreamComplete"
+
+
+class LimitsInterceptor(grpc.aio.ServerInterceptor):
+    """Admits each Complete and StreamComplete within the caller's limits and the gateway's, settles it at its end."""
+
+    def __init__(
+        self,
+        limiter: Limiter,
+        gateway: Limits,
+        counter: TokenCounter,
+        estimate_usd_micros: Callable[[str | None, int, int], int],
+        reserve_completion_tokens: int,
+    ) -> None:
+        self._limiter = limiter
+        self._gateway = gateway if gateway.any_set() else None
+        self._counter = counter
+        self._estimate_usd_micros = estimate_usd_micros
+        self._reserve_completion_tokens = reserve_completion_tokens
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method not in (_COMPLETE, _STREAM):
+            return handler
+        caller = current_caller.get()
+        subjects = [(f"key:{caller.name}", caller.key.limits)] if caller and caller.key.limits.any_set() else []
+        if self._gateway is not None:
+            subjects.append((GATEWAY, self._gateway))
+        if not subjects:
+            return handler
+        if method == _STREAM:
+            return grpc.unary_stream_rpc_method_handler(
+                self._limited_stream(handler.unary_stream, subjects),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return grpc.unary_unary_rpc_method_handler(
+            self._limited_unary(handler.unary_unary, subjects),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+
+    def _limited_unary(self, behavior: Any, subjects: list[tuple[str, Limits]]) -> Any:
+        async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            reservation = await self._admit(request, subjects, context, stream=False)
+            meter = open_meter()
+            try:
+                return await behavior(request, context)
+            finally:
+                await self._limiter.settle(reservation, meter.tokens, meter.usd_micros)
+
+        return limited
+
+    def _limited_stream(self, behavior: Any, subjects: list[tuple[str, Limits]]) -> Any:
+        async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            reservation = await self._admit(request, subjects, context, stream=True)
+            meter = open_meter()
+            try:
+                async for answer in behavior(request, context):
+                    yield answer
+            finally:
+                await self._limiter.settle(reservation, meter.tokens, meter.usd_micros)
+
+        return limited
+
+    async def _admit(
+        self,
+        request: pb.CompleteRequest | pb.StreamCompleteRequest,
+        subjects: list[tuple[str, Limits]],
+        context: grpc.aio.ServicerContext[Any, Any],
+        *,
+        stream: bool,
+    ) -> Reservation:
+        tokens = usd_micros = 0
+        if any(limits.tokens_per_minute is not None or limits.budget_usd_per_day is not None for _, limits in subjects):
+            tokens, usd_micros = await self._estimate(request)
+        asks = [Ask(subject, limits, tokens, usd_micros, stream) for subject, limits in subjects]
+        try:
+            return await self._limiter.reserve(asks)
+        except (LimitExceededError, LimitsUnavailableError) as error:
+            await abort(context, "StreamComplete" if stream else "Complete", error)
+
+    async def _estimate(self, request: pb.CompleteRequest | pb.StreamCompleteRequest) -> tuple[int, int]:
+        """The tokens and cost to reserve: the prompt as counted offline, and the most the answer may take."""
+        try:
+            parsed = convert.completion_request(request)
+        except InvalidRequestError:
+            return 0, 0  # the servicer refuses it before any upstream is asked
+        completion = parsed.options.max_tokens or self._reserve_completion_tokens
+        prompt = (
+            await self._counter.count_chat_async(parsed.model or "", parsed.messages, parsed.options.tools)
+        ).tokens
+        return prompt + completion, self._estimate_usd_micros(parsed.model, prompt, completion)

@@ -1,0 +1,458 @@
+"""Limits kept in Redis (or Valkey), shared by every gateway that names the same one (state.redis_url).
+
+One call, one round trip: a Lua script checks every limit of every subject of the call and then counts it in all of
+them, or in none. Redis runs a script alone, so N gateways admit exactly what one would. The script reads Redis's
+own clock (TIME), so gateways whose clocks disagree still share one minute and one UTC day.
+
+Per subject, under `llmrelay:limits:SUBJECT:`, only for the limits it has (so a limit a keys file adds counts from
+then on). The subject "gateway" (server.limits) is one over every gateway sharing the Redis, as a caller's key is.
+
+- `requests`, `tokens`: hashes of per-second buckets (the Unix second -> requests, tokens). A bucket counts while it
+  is one of the last 61 seconds, so the window is 60 to 61 s: never shorter than a minute, and at most one second
+  longer. Buckets rather than a sorted set of calls: a check reads at most 61 fields whatever the rate, and the
+  memory of a subject is bounded, where a set would hold every call of the last minute (and its tokens beside it).
+- `streams`: a sorted set of the open streams' leases, scored by when they expire (Redis's clock, ms). The gateway
+  serving a stream renews the leases of all its open streams in one script call every third of a lease
+  (`STREAM_LEASE_S`); a gateway that dies (kill -9, a lost host) stops renewing, so its slots free at most
+  `STREAM_LEASE_S` after its last renewal. A renewal never brings back a lease that is gone (settled, or lapsed).
+- `spend`: a hash, UTC day -> micro-USD; today's and yesterday's are kept (a call that began before midnight
+  settles after it).
+
+Every key expires when it is left alone (two minutes; two lease lengths; two days), so nothing grows forever.
+
+When Redis cannot be reached (refused, reset, slower than state.timeout_s, a password it refuses), the gateway goes
+on per state.on_unavailable: "allow" admits calls without counting them, "deny" refuses them with UNAVAILABLE. It
+then leaves Redis alone, probing it every `PROBE_INTERVAL_S` in the background, so calls do not each wait out the
+timeout, and uses it again as soon as a probe succeeds: one WARNING when it goes, one INFO when it is back. What
+Redis lost meanwhile (a restart without persistence) starts again from zero. The URL's password never appears in a
+log line, an error or `health()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from llmrelay_server.domain import LimitKind, LimitsUnavailableError, StoreHealth, StoreRole
+from llmrelay_server.limits.interface import STREAM_RETRY_S, Ask, Reservation, budget_usd_micros, refusal
+
+KEY_PREFIX: Final = "llmrelay:limits:"
+STREAM_LEASE_S: Final = 15.0
+"""How long a stream slot outlives the last renewal by the gateway serving the stream."""
+PROBE_INTERVAL_S: Final = 1.0
+"""While Redis is unreachable: how often it is probed, and the retry delay of calls refused meanwhile."""
+MAX_CONNECTIONS: Final = 64
+"""Commands in flight to Redis at once: a burst of calls queues for a connection (within state.timeout_s) instead of
+opening hundreds of connections, each with its handshake (TLS, AUTH), at the moment Redis is busiest."""
+
+_UNREACHABLE: Final = (RedisError, OSError)  # OSError covers TimeoutError, which asyncio.timeout raises
+# The limits in the order the script checks them (its codes are 1-based positions here), as InProcessLimiter does.
+_KINDS: Final = (
+    LimitKind.REQUESTS_PER_MINUTE,
+    LimitKind.TOKENS_PER_MINUTE,
+    LimitKind.CONCURRENT_STREAMS,
+    LimitKind.BUDGET_PER_DAY,
+)
+
+_RESERVE: Final = """
+-- KEYS: 4 per subject: requests, tokens, streams, spend.
+-- ARGV[1]: the call's lease ('' for none), ARGV[2]: the lease's length in ms; then 7 per subject: its requests per
+-- minute, tokens per minute, streams at once and budget in micro-USD ('' for each it does not limit), the tokens
+-- and micro-USD the call asks, and '1' for a stream.
+-- Returns {0, seconds, microseconds} of Redis's clock when the call is counted in every subject; else, counting it
+-- nowhere, {1, subject, limit, ms until it may fit} for the first limit it would pass (limit: 1 requests, 2 tokens,
+-- 3 streams, 4 budget).
+local clock = redis.call('TIME')
+local second = tonumber(clock[1])
+local now = second + tonumber(clock[2]) / 1000000
+local now_ms = second * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local day = math.floor(second / 86400)
+local lease, lease_ms = ARGV[1], tonumber(ARGV[2])
+
+local function arg(subject, position)
+  return ARGV[2 + (subject - 1) * 7 + position]
+end
+
+local function limit(subject, position)
+  local value = arg(subject, position)
+  if value == '' then return nil end
+  return tonumber(value)
+end
+
+-- The buckets of the last 61 seconds, oldest first, and their sum; older buckets are deleted.
+local function window(key)
+  local flat = redis.call('HGETALL', key)
+  local buckets, sum, stale = {}, 0, {}
+  for i = 1, #flat, 2 do
+    local at, amount = tonumber(flat[i]), tonumber(flat[i + 1])
+    if at < second - 60 then
+      stale[#stale + 1] = flat[i]
+    else
+      buckets[#buckets + 1] = {at, amount}
+      sum = sum + amount
+    end
+  end
+  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+  table.sort(buckets, function(a, b) return a[1] < b[1] end)
+  return buckets, sum
+end
+
+-- Ms until enough buckets have left (61 s after their second began) for `wanted` to fit; a minute if it never will.
+local function free_in(buckets, sum, wanted, most)
+  for _, bucket in ipairs(buckets) do
+    sum = sum - bucket[2]
+    if sum + wanted <= most then return math.max(0, math.ceil((bucket[1] + 61 - now) * 1000)) end
+  end
+  return 60000
+end
+
+local subjects = #KEYS / 4
+for s = 1, subjects do
+  local keys = (s - 1) * 4
+  local requests, tokens, streams, budget = limit(s, 1), limit(s, 2), limit(s, 3), limit(s, 4)
+  if requests then
+    local buckets, used = window(KEYS[keys + 1])
+    if used + 1 > requests then return {1, s, 1, free_in(buckets, used, 1, requests)} end
+  end
+  if tokens then
+    local wanted = tonumber(arg(s, 5))
+    local buckets, used = window(KEYS[keys + 2])
+    if used + wanted > tokens then return {1, s, 2, free_in(buckets, used, wanted, tokens)} end
+  end
+  if streams and arg(s, 7) == '1' then
+    redis.call('ZREMRANGEBYSCORE', KEYS[keys + 3], '-inf', now_ms)
+    if redis.call('ZCARD', KEYS[keys + 3]) + 1 > streams then return {1, s, 3, 0} end
+  end
+  if budget then
+    local spent = tonumber(redis.call('HGET', KEYS[keys + 4], day) or '0')
+    if spent + tonumber(arg(s, 6)) > budget then
+      return {1, s, 4, math.ceil(((day + 1) * 86400 - now) * 1000)}
+    end
+  end
+end
+
+for s = 1, subjects do
+  local keys = (s - 1) * 4
+  if limit(s, 1) then
+    redis.call('HINCRBY', KEYS[keys + 1], second, 1)
+    redis.call('EXPIRE', KEYS[keys + 1], 120)
+  end
+  if limit(s, 2) then
+    redis.call('HINCRBY', KEYS[keys + 2], second, arg(s, 5))
+    redis.call('EXPIRE', KEYS[keys + 2], 120)
+  end
+  if limit(s, 3) and arg(s, 7) == '1' then
+    redis.call('ZADD', KEYS[keys + 3], now_ms + lease_ms, lease)
+    redis.call('PEXPIRE', KEYS[keys + 3], 2 * lease_ms)
+  end
+  if limit(s, 4) then
+    redis.call('HINCRBY', KEYS[keys + 4], day, arg(s, 6))
+    redis.call('EXPIRE', KEYS[keys + 4], 2 * 86400)
+    for _, kept in ipairs(redis.call('HKEYS', KEYS[keys + 4])) do
+      if tonumber(kept) < day - 1 then redis.call('HDEL', KEYS[keys + 4], kept) end
+    end
+  end
+end
+return {0, clock[1], clock[2]}
+"""
+
+_SETTLE: Final = """
+-- ARGV[1]: the second the call was counted in, ARGV[2]: its UTC day, ARGV[3]: its lease; then 2 per key: what to do
+-- ('tokens' or 'spend', and the correction to what was reserved; or 'lease', and '').
+-- A correction whose bucket or day is no longer kept has nothing left to correct; one that would take a count below
+-- zero (Redis lost the reservation, in a restart, and counted others since) leaves zero.
+local second = tonumber(redis.call('TIME')[1])
+local counted, day, lease = ARGV[1], ARGV[2], ARGV[3]
+
+local function correct(key, field, amount)
+  if redis.call('HEXISTS', key, field) == 1 and redis.call('HINCRBY', key, field, amount) < 0 then
+    redis.call('HSET', key, field, 0)
+  end
+end
+
+for i, key in ipairs(KEYS) do
+  local action, amount = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
+  if action == 'tokens' then
+    if tonumber(counted) >= second - 60 then correct(key, counted, amount) end
+  elseif action == 'spend' then
+    correct(key, day, amount)
+  else
+    redis.call('ZREM', key, lease)
+  end
+end
+return 0
+"""
+
+_RENEW: Final = """
+-- KEYS: streams sets; ARGV[1]: the lease's length in ms, ARGV[1 + i]: a lease in KEYS[i], extended if it is there.
+local clock = redis.call('TIME')
+local expiry = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000) + tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, 'XX', expiry, ARGV[1 + i])
+  redis.call('PEXPIRE', key, 2 * tonumber(ARGV[1]))
+end
+return 0
+"""
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class _Hold:
+    """Where a reservation was counted, for settle()."""
+
+    second: int
+    day: int
+    lease: str
+    lease_keys: tuple[str, ...]
+    """The streams sets holding the lease; empty for a call that takes no stream slot."""
+
+
+class RedisLimiter:
+    """Limits kept in Redis: exact over every gateway sharing it, as each call's check-and-reserve is one script."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        refuse_when_unavailable: bool = False,
+        timeout_s: float = 0.5,
+        stream_lease_s: float = STREAM_LEASE_S,
+        probe_interval_s: float = PROBE_INTERVAL_S,
+    ) -> None:
+        self._where = _redacted(url)
+        self._secrets = _secrets(url)
+        self._refuse = refuse_when_unavailable
+        self._timeout_s = timeout_s
+        self._lease_ms = round(stream_lease_s * 1000)
+        self._probe_interval_s = probe_interval_s
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+        )
+        self._client: Redis = Redis.from_pool(pool)
+        self._reserve_script = self._client.register_script(_RESERVE)
+        self._settle_script = self._client.register_script(_SETTLE)
+        self._renew_script = self._client.register_script(_RENEW)
+        # Leases are named by limiter (one per gateway process) and call, so no two gateways ever name one alike.
+        owner = uuid.uuid4().hex
+        self._lease_names = (f"{owner}:{n}" for n in itertools.count())
+        self._leases: dict[str, tuple[str, ...]] = {}
+        """The open streams' leases, to renew, and the streams sets holding each."""
+        self._available = True
+        self._unreachable_because = ""
+        self._calls_while_unavailable = 0
+        self._renewing: asyncio.Task[None] | None = None
+        self._probing: asyncio.Task[None] | None = None
+
+    @property
+    def available(self) -> bool:
+        """Whether calls are counted in Redis now (false from a failure until a probe reaches it again)."""
+        return self._available
+
+    @property
+    def calls_while_unavailable(self) -> int:
+        return self._calls_while_unavailable
+
+    async def start(self) -> None:
+        self._renewing = asyncio.create_task(self._renew_leases(), name="llmrelay-limits-lease-renewal")
+        try:
+            await self._within_timeout(self._client.ping)
+        except _UNREACHABLE as error:
+            self._went_unreachable(error)
+        else:
+            log.info("limits: shared through Redis at %s", self._where)
+
+    async def reserve(self, asks: Sequence[Ask]) -> Reservation:
+        if not self._available:
+            return self._uncounted(asks)
+        stream_keys = tuple(
+            _keys(ask.subject)[2] for ask in asks if ask.stream and ask.limits.concurrent_streams is not None
+        )
+        lease = next(self._lease_names) if stream_keys else ""
+        keys: list[str] = []
+        args: list[str | int] = [lease, self._lease_ms]
+        for ask in asks:
+            keys += _keys(ask.subject)
+            limits = ask.limits
+            args += [
+                _unlimited_if_none(limits.requests_per_minute),
+                _unlimited_if_none(limits.tokens_per_minute),
+                _unlimited_if_none(limits.concurrent_streams),
+                _unlimited_if_none(budget_usd_micros(limits)),
+                ask.tokens,
+                ask.usd_micros,
+                int(ask.stream),
+            ]
+        try:
+            answer = await self._run(self._reserve_script, keys, args)
+        except _UNREACHABLE as error:
+            self._went_unreachable(error)
+            return self._uncounted(asks)
+        if answer[0] == 1:
+            _, subject, code, retry_ms = answer
+            kind = _KINDS[code - 1]
+            retry_after_s = STREAM_RETRY_S if kind is LimitKind.CONCURRENT_STREAMS else retry_ms / 1000
+            raise refusal(kind, asks[subject - 1], retry_after_s)
+        second, micros = int(answer[1]), int(answer[2])
+        if stream_keys:
+            self._leases[lease] = stream_keys
+        return Reservation(asks, second + micros / 1e6, [_Hold(second, second // 86_400, lease, stream_keys)])
+
+    async def settle(self, reservation: Reservation, tokens: int, usd_micros: int) -> None:
+        if not reservation.holds:
+            return  # admitted uncounted while Redis was unreachable: nothing to correct
+        hold: _Hold = reservation.holds[0]
+        self._leases.pop(hold.lease, None)
+        keys: list[str] = []
+        args: list[str | int] = [hold.second, hold.day, hold.lease]
+        for ask in reservation.asks:
+            _, tokens_key, _, spend_key = _keys(ask.subject)
+            if ask.limits.tokens_per_minute is not None and tokens != ask.tokens:
+                keys.append(tokens_key)
+                args += ["tokens", tokens - ask.tokens]
+            if ask.limits.budget_usd_per_day is not None and usd_micros != ask.usd_micros:
+                keys.append(spend_key)
+                args += ["spend", usd_micros - ask.usd_micros]
+        for key in hold.lease_keys:
+            keys.append(key)
+            args += ["lease", ""]
+        # While Redis is unreachable the corrections are lost, and the lease lapses by itself.
+        if not keys or not self._available:
+            return
+        try:
+            await self._run(self._settle_script, keys, args)
+        except _UNREACHABLE as error:
+            self._went_unreachable(error)
+
+    def health(self) -> StoreHealth:
+        if self._available:
+            return StoreHealth(StoreRole.LIMITS, "redis", available=True)
+        description = f"{self._where} cannot be reached ({self._unreachable_because}); calls are {self._policy}"
+        return StoreHealth(StoreRole.LIMITS, "redis", available=False, description=description)
+
+    async def aclose(self) -> None:
+        """Stops renewing and probing, and closes the connections. The leases of streams still open lapse by
+        themselves; a gateway closes its limiter only after its calls have ended."""
+        for task in (self._renewing, self._probing):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self._client.aclose()
+
+    @property
+    def _policy(self) -> str:
+        """What happens to calls while Redis is unreachable (state.on_unavailable)."""
+        return f"{'refused' if self._refuse else 'admitted without being counted'} until it is back"
+
+    def _uncounted(self, asks: Sequence[Ask]) -> Reservation:
+        self._calls_while_unavailable += 1
+        if self._refuse:
+            raise LimitsUnavailableError(self._probe_interval_s)
+        return Reservation(asks, time.time())
+
+    async def _run(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
+        return await self._within_timeout(lambda: script(keys, args))
+
+    async def _within_timeout(self, command: Callable[[], Awaitable[_T]]) -> _T:
+        """The command's answer, or TimeoutError after state.timeout_s, connecting and queuing for a connection
+        included."""
+        async with asyncio.timeout(self._timeout_s):
+            return await command()
+
+    def _went_unreachable(self, error: BaseException) -> None:
+        if not self._available:
+            return
+        self._available = False
+        self._unreachable_because = self._reason(error)
+        log.warning(
+            "limits: Redis at %s cannot be reached (%s): calls are %s",
+            self._where,
+            self._unreachable_because,
+            self._policy,
+        )
+        self._probing = asyncio.create_task(self._probe(), name="llmrelay-limits-redis-probe")
+
+    async def _probe(self) -> None:
+        while True:
+            await asyncio.sleep(self._probe_interval_s)
+            try:
+                await self._within_timeout(self._client.ping)
+            except _UNREACHABLE as error:
+                self._unreachable_because = self._reason(error)
+                continue
+            # Connections left idle in the pool since before the outage may lead to a Redis that is gone (its
+            # restart closed them): new ones reach the one that answered.
+            await self._client.connection_pool.disconnect(inuse_connections=False)
+            self._available = True
+            log.info("limits: Redis at %s is reachable again: limits are enforced", self._where)
+            return
+
+    async def _renew_leases(self) -> None:
+        """Every third of a lease, extends the leases of this gateway's open streams, all in one script call."""
+        while True:
+            await asyncio.sleep(self._lease_ms / 3000)
+            if not self._leases or not self._available:
+                continue
+            keys = [key for lease_keys in self._leases.values() for key in lease_keys]
+            leases = [lease for lease, lease_keys in self._leases.items() for _ in lease_keys]
+            try:
+                await self._run(self._renew_script, keys, [self._lease_ms, *leases])
+            except _UNREACHABLE as error:
+                self._went_unreachable(error)
+
+    def _reason(self, error: BaseException) -> str:
+        """What went wrong, in words, without the password (a driver's message might quote what it was given)."""
+        text = str(error) or type(error).__name__
+        if isinstance(error, TimeoutError):
+            text = f"no answer within {self._timeout_s:g} s"
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+def _keys(subject: str) -> tuple[str, str, str, str]:
+    """The subject's requests, tokens, streams and spend keys."""
+    prefix = f"{KEY_PREFIX}{subject}:"
+    return f"{prefix}requests", f"{prefix}tokens", f"{prefix}streams", f"{prefix}spend"
+
+
+def _unlimited_if_none(limit: int | None) -> str | int:
+    return "" if limit is None else limit
+
+
+def _redacted(url: str) -> str:
+    """The URL with its password (in the authority, or unix://'s `password=` parameter) replaced by ***."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    query = "&".join(
+        "password=***" if pair.partition("=")[0] == "password" else pair for pair in parts.query.split("&") if pair
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _secrets(url: str) -> tuple[str, ...]:
+    """The URL's passwords, as written and decoded, to scrub from any text that might quote them."""
+    parts = urlsplit(url)
+    written = [parts.password or ""]
+    written += [pair.partition("=")[2] for pair in parts.query.split("&") if pair.partition("=")[0] == "password"]
+    return tuple({form for secret in written if secret for form in (secret, unquote(secret))})

@@ -1,0 +1,205 @@
+"""The usage journal on disk: each process's records, one line each, until the database has them.
+
+A directory holds the journals of every process that shares it (the workers of one gateway, gateways on one host).
+A journal is named by its process: ``<pid>-<random>``. Its lock file ``<journal>.lock`` is locked (``flock``,
+exclusive) under a temporary name and only then given its own, before any of its batch files
+``<journal>.<number>.jsonl`` exists; it stays locked while the process lives, and the kernel releases the lock when
+the process dies, however it dies. Whoever then takes that lock owns the journal's files, and holds the lock until
+it has written them all to the database and deleted them (then the lock file too); a process that gives up before
+(the database down) just releases it, for the next one. One lock per process rather than one per file: an outage
+does not cost a descriptor per batch. (A lock file removed by hand from under a live process would let another
+claim its files: don't.)
+
+Batch files are never renamed: a batch's number is in its name from its first line, so a reader listing the
+directory sees each file once, under one name, and can tell from the database which batches it already counts.
+
+A line is a JSON array: backend, model, caller, bucket_start, then the counts in `COUNT_COLUMNS` order. A line
+without its newline (a process killed in the middle of a write, or a reader that came during one) is not read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import json
+import logging
+import os
+import secrets
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from llmrelay_server.usage.store import COUNT_COLUMNS, BatchId, BucketKey, Buckets, add_into
+
+_log = logging.getLogger(__name__)
+
+_LOCK_SUFFIX: Final = ".lock"
+_BATCH_SUFFIX: Final = ".jsonl"
+_FILE_MODE: Final = 0o600  # who called what, and what it cost
+
+
+# bucket_start and the counts, after the names.
+_NUMBERS_FORMAT: Final = b",%d" * (1 + len(COUNT_COLUMNS)) + b"]\n"
+
+
+@functools.lru_cache(maxsize=4096)
+def _names_prefix(backend: str, model: str, caller: str) -> bytes:
+    """The start of every line of one backend, model and caller, JSON-escaped once: record() is on the request path,
+    and json.dumps of the whole line would take most of its time."""
+    return json.dumps([backend, model, caller], separators=(",", ":"))[:-1].encode()
+
+
+def encode(key: BucketKey, counts: tuple[int, ...]) -> bytes:
+    """One record as its journal line."""
+    backend, model, caller, bucket_start = key
+    return _names_prefix(backend, model, caller) + _NUMBERS_FORMAT % (bucket_start, *counts)
+
+
+def read_batch(path: Path) -> tuple[Buckets, int]:
+    """A batch file's complete lines, added up per bucket, and how many records they are. A line that is not a
+    record is logged and left out (the file was damaged; the rest still counts)."""
+    buckets: Buckets = {}
+    records = damaged = 0
+    with path.open("rb") as file:
+        for line in file:
+            if not line.endswith(b"\n"):
+                break  # being written, or cut by a crash
+            if (parsed := _parse(line)) is None:
+                damaged += 1
+                continue
+            add_into(buckets, *parsed)
+            records += 1
+    if damaged:
+        _log.error("usage journal %s: %d damaged lines left out", path, damaged)
+    return buckets, records
+
+
+def _parse(line: bytes) -> tuple[BucketKey, list[int]] | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    if not (
+        isinstance(row, list)
+        and len(row) == 4 + len(COUNT_COLUMNS)
+        and all(isinstance(name, str) for name in row[:3])
+        and all(isinstance(number, int) for number in row[3:])
+    ):
+        return None
+    return (row[0], row[1], row[2], row[3]), row[4:]
+
+
+def _count_records(path: Path) -> tuple[int, int]:
+    """How many complete lines a batch file holds (without parsing them), and its size."""
+    records = size = 0
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            records += chunk.count(b"\n")
+            size += len(chunk)
+    return records, size
+
+
+def batch_files(directory: Path) -> list[tuple[BatchId, Path]]:
+    """Every batch file in the directory, by journal and then number."""
+    found = [(batch, directory / name) for name in os.listdir(directory) if (batch := _batch_of(name)) is not None]
+    found.sort(key=lambda item: (item[0].journal, item[0].number))
+    return found
+
+
+def _batch_of(name: str) -> BatchId | None:
+    if not name.endswith(_BATCH_SUFFIX):
+        return None
+    journal, _, number = name.removesuffix(_BATCH_SUFFIX).rpartition(".")
+    return BatchId(journal, int(number)) if journal and number.isdigit() else None
+
+
+@dataclass(eq=False)
+class Orphan:
+    """The journal of a process that died, claimed: its lock is held here until its batches are in the database."""
+
+    journal: str
+    lock_path: Path
+    lock_fd: int
+    batches: list[tuple[BatchId, Path, int, int]] = field(default_factory=list)
+    """(batch, file, records, bytes) of each batch file with records, oldest first."""
+
+    def release(self, *, drained: bool) -> None:
+        """Lets go of the journal; drained, its batches are all written and deleted, so its lock file goes too."""
+        if drained:
+            with contextlib.suppress(FileNotFoundError):
+                self.lock_path.unlink()
+        os.close(self.lock_fd)
+
+
+class Journal:
+    """This process's journal in a directory that other processes may share."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.id = f"{os.getpid()}-{secrets.token_hex(4)}"
+        # Locked under a name no other process looks at, then given its own: a process that finds this journal's
+        # lock file (or a batch file, made after it) finds it locked.
+        making = directory / f"{self.id}.locking"
+        self._lock_fd = os.open(making, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        os.rename(making, self._lock_path(self.id))
+
+    def create_batch(self, number: int) -> tuple[Path, int]:
+        """A new, empty batch file of this journal and a descriptor that appends to it."""
+        path = self.directory / f"{self.id}.{number}{_BATCH_SUFFIX}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+        return path, os.open(path, flags, _FILE_MODE)
+
+    def claim_orphans(self, held: Collection[str]) -> list[Orphan]:
+        """The journals in the directory that no live process holds (held: those this process holds already), each
+        locked and with its batch files read for their size; batch files without a record are deleted."""
+        names = os.listdir(self.directory)
+        journals = {name.removesuffix(_LOCK_SUFFIX) for name in names if name.endswith(_LOCK_SUFFIX)}
+        journals |= {batch.journal for name in names if (batch := _batch_of(name)) is not None}
+        orphans = []
+        for journal in sorted(journals - {self.id, *held}):
+            if (orphan := self._claim(journal)) is not None:
+                orphans.append(orphan)
+        return orphans
+
+    def close(self, *, drained: bool) -> None:
+        """Releases this journal; drained (no batch file left), its lock file goes too."""
+        if drained:
+            with contextlib.suppress(FileNotFoundError):
+                self._lock_path(self.id).unlink()
+        os.close(self._lock_fd)
+
+    def _claim(self, journal: str) -> Orphan | None:
+        lock_path = self._lock_path(journal)
+        # O_CREAT: batch files whose lock file is gone (removed by hand) are claimed all the same.
+        try:
+            lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        except OSError as exc:
+            _log.error("usage journal %s: cannot open %s: %s", self.directory, lock_path.name, exc.strerror)
+            return None
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)  # its process is alive
+            return None
+        orphan = Orphan(journal, lock_path, lock_fd)
+        # Listed again under the lock: another process may have drained the journal since the listing above.
+        for batch, path in self._files_of(journal):
+            try:
+                records, size = _count_records(path)
+            except FileNotFoundError:
+                continue
+            if records:
+                orphan.batches.append((batch, path, records, size))
+            else:
+                path.unlink(missing_ok=True)
+        return orphan
+
+    def _files_of(self, journal: str) -> Iterator[tuple[BatchId, Path]]:
+        return ((batch, path) for batch, path in batch_files(self.directory) if batch.journal == journal)
+
+    def _lock_path(self, journal: str) -> Path:
+        return self.directory / f"{journal}{_LOCK_SUFFIX}"

@@ -1,0 +1,497 @@
+"""The usage ledger: records on the request path, a journal on disk, and batches written to a database behind.
+
+``record()`` does two things before it returns, under one lock: it appends the record as a line to this process's
+active batch file (one ``os.write`` to a descriptor opened with O_APPEND: a process killed with SIGKILL right after
+loses nothing, the line is in the kernel's page cache), and adds it to that batch's counts in memory. Every
+``flush_interval_s`` a background task seals the batch (under the same lock, the next record goes to a new file with
+the next number) and writes its counts to the database in one transaction that also records the batch's number
+(`store`), then deletes the file. A batch written twice (a crash between the commit and the deletion, replayed
+later) is added once.
+
+When a write fails the batch stays on disk, and memory is let go: the counts of every batch waiting are dropped (the
+files have them), and until a write succeeds records only go to the active file, which is not sealed meanwhile (one
+file per outage, not one per flush interval). The waiting batches are retried oldest first every flush interval;
+when the database is back they are read from their files and written, and the ledger is available again by itself.
+Past ``journal_max_bytes`` of files held by this process, new records are dropped: counted (``dropped_records``)
+and logged once until the journal has room again.
+
+A process that dies (kill -9, a crash) leaves its journal, whole: the kernel writes its page cache out after the
+process is gone. (The lines are not fsynced: a power loss can still take the newest ones.) Any ledger on the same
+directory claims it when it starts and every `_MAINTENANCE_INTERVAL_S` while the database is reachable (`journal`
+says how ownership works), writes its batches and deletes them.
+
+``query()`` adds to the database's totals every batch not yet in them: those in this process's memory, and every
+batch file in the directory (other processes', and this one's while the database is down). It reads the journal
+first and the database second, in one snapshot with the last batch number written of each journal, so a batch
+written in between is counted once, from the database. During an outage of the database a query fails
+(`LedgerUnavailableError`): the totals it holds are out of reach.
+
+Without a journal (a ":memory:" ledger) records are only in memory, and a failed write keeps them there.
+
+Rows are per (backend, model, caller, bucket_start); a bucket is ``bucket_s`` seconds (a minute by default) aligned
+to the Unix epoch, and a query's window selects whole buckets: those whose start lies in [start, end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final
+
+from llmrelay_server.config import ServerConfig, is_postgresql
+from llmrelay_server.domain import Cost, StoreHealth, StoreRole, TokenUsage, UsageUnavailableError
+from llmrelay_server.usage.journal import Journal, Orphan, batch_files, encode, read_batch
+from llmrelay_server.usage.postgresql import PostgreSQLStore
+from llmrelay_server.usage.sqlite import MEMORY, SQLiteStore
+from llmrelay_server.usage.store import (
+    BatchId,
+    Buckets,
+    LedgerStore,
+    LedgerUnavailableError,
+    Selection,
+    Totals,
+    add_into,
+)
+
+QUERY_RETRY_S = 5.0
+"""What a usage query refused for an unreachable database tells the caller to wait (PostgreSQL's reconnect pace)."""
+_log = logging.getLogger(__name__)
+
+_MAINTENANCE_INTERVAL_S: Final = 5.0
+"""How often the ledger claims the journals of dead processes, and checks an idle database."""
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotals:
+    """The usage of one backend, model and caller over a query's window."""
+
+    backend: str
+    model: str
+    caller: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    estimated_requests: int
+    interrupted_requests: int = 0
+    cost_usd_micros: int = 0
+    """What the requests cost, in millionths of a US dollar."""
+    cost_estimated_requests: int = 0
+    """Of requests, those whose cost is not exact: the tokens were estimated, or the price unknown."""
+    price_unknown_requests: int = 0
+    """Of requests, those on a paid backend whose model has no known price (at the default rate)."""
+
+
+def default_journal_dir(usage_db: str) -> Path | None:
+    """Beside a SQLite file; in the working directory for PostgreSQL; none for a ledger in memory."""
+    if is_postgresql(usage_db):
+        return Path("llmrelay-usage.journal")
+    return None if usage_db == MEMORY else Path(f"{usage_db}.journal")
+
+
+def open_store(usage_db: str) -> LedgerStore:
+    """The store server.usage_db names: a PostgreSQL URL, else a SQLite path (or ":memory:")."""
+    return PostgreSQLStore(usage_db) if is_postgresql(usage_db) else SQLiteStore(usage_db)
+
+
+@dataclass(eq=False, slots=True)
+class _Batch:
+    id: BatchId
+    path: Path | None
+    """None: no journal, the batch is in memory only."""
+    fd: int | None
+    """Open (for appending) while this is the process's active batch."""
+    buckets: Buckets | None
+    """None: on disk only (let go of while the database is down, or claimed from a dead process)."""
+    records: int = 0
+    size: int = 0
+    """Bytes on disk."""
+    orphan: Orphan | None = None
+    """The dead process's journal this batch was claimed from."""
+
+
+class UsageLedger:
+    """Token usage per backend, model and caller, journaled on the request path and written to a database behind.
+
+    Lifecycle: construct (opens or creates a SQLite database; a PostgreSQL one at the first use), ``await start()``,
+    ``record(...)`` from any coroutine or thread, ``await query(...)`` whenever, ``await aclose()`` at shutdown.
+    """
+
+    def __init__(
+        self,
+        database: Path | str | LedgerStore,
+        *,
+        journal_dir: Path | str | None = None,
+        journal_max_bytes: int = ServerConfig().usage_journal_max_bytes,
+        flush_interval_s: float = 0.5,
+        bucket_s: int = 60,
+    ) -> None:
+        """database: a SQLite path, ":memory:", a PostgreSQL URL, or a store. journal_dir: unset, the default for a
+        path or URL (`default_journal_dir`), and no journal for a store given as such."""
+        if flush_interval_s <= 0 or bucket_s <= 0 or journal_max_bytes <= 0:
+            raise ValueError("flush_interval_s, bucket_s and journal_max_bytes must be positive")
+        self._flush_interval_s = flush_interval_s
+        self._bucket_s = bucket_s
+        self._max_bytes = journal_max_bytes
+        if isinstance(database, str | Path):
+            self._store = open_store(str(database))
+            directory = default_journal_dir(str(database)) if journal_dir is None else Path(journal_dir)
+        else:
+            self._store = database
+            directory = None if journal_dir is None else Path(journal_dir)
+        self._journal = Journal(directory) if directory is not None else None
+        self._journal_id = self._journal.id if self._journal is not None else f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._unavailable: tuple[float, str] | None = None
+        """Since when and why the last write (or check) failed; None: it succeeded."""
+        # record() may run on any thread: the line, the counts and the swap of the active batch go together.
+        self._lock = threading.Lock()
+        self._next_number = 1
+        self._active = self._new_batch()
+        self._pending: deque[_Batch] = deque()
+        """Sealed (or claimed) and not yet written, oldest first."""
+        self._orphans: list[Orphan] = []
+        self._bytes = 0
+        """On disk in the batches this process holds."""
+        self._unwritten = 0
+        """Records not yet in the database."""
+        self._flushing = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._dropping = False
+        self.write_failures = 0
+        """Writes that failed (their batches stay in the journal, retried)."""
+        self.dropped_records = 0
+        """Records not kept: the journal was full (or could not be written)."""
+
+    def record(
+        self,
+        backend: str,
+        model: str,
+        caller: str,
+        usage: TokenUsage,
+        at: float | None = None,
+        *,
+        interrupted: bool = False,
+    ) -> None:
+        """Add one answer's usage and its cost, if priced (interrupted: a stream that broke after it started, billed for
+        what it consumed); at is its Unix time (now by default). One write to the page cache, no waiting on a disk."""
+        moment = time.time() if at is None else at
+        key = (backend, model, caller, int(moment // self._bucket_s) * self._bucket_s)
+        cost = usage.cost or Cost(0)
+        counts = (
+            1,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            int(usage.estimated),
+            int(interrupted),
+            cost.usd_micros,
+            int(cost.estimated),
+            int(cost.price_unknown),
+        )
+        line = encode(key, counts) if self._journal is not None else b""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the usage ledger is closed")
+            batch = self._active
+            if batch.fd is not None and not self._append(batch, line):
+                return
+            batch.records += 1
+            self._unwritten += 1
+            if batch.buckets is not None:
+                add_into(batch.buckets, key, counts)
+
+    def queue_depth(self) -> int:
+        """Records not yet in the database (in the journal, or in memory without one)."""
+        return self._unwritten
+
+    def health(self) -> StoreHealth:
+        journaled = self._unwritten if self._journal is not None else 0
+        parts = []
+        if self._unavailable is not None:
+            since, error = self._unavailable
+            parts.append(f"unavailable since {datetime.fromtimestamp(since, UTC):%Y-%m-%d %H:%M:%S} UTC: {error}")
+        else:
+            parts.append(self._store.description)
+        if journaled and self._journal is not None:
+            parts.append(f"{journaled} records wait in the journal {self._journal.directory}")
+        if self.dropped_records:
+            parts.append(f"{self.dropped_records} records dropped, the journal full")
+        return StoreHealth(
+            role=StoreRole.USAGE_LEDGER,
+            kind=self._store.kind,
+            available=self._unavailable is None,
+            description="; ".join(parts),
+            pending_records=journaled,
+        )
+
+    async def start(self) -> None:
+        """Start the background work: claiming dead processes' journals, and writing batches every flush interval."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="usage-ledger")
+
+    async def flush(self) -> None:
+        """Write every batch waiting, oldest first, then the records of the active one; each batch in one transaction.
+        On failure (LedgerUnavailableError) what is not written stays in the journal (in memory without one)."""
+        async with self._flushing:
+            sealed = False
+            while True:
+                with self._lock:
+                    if not self._pending:
+                        if sealed or not self._seal():
+                            return
+                        sealed = True
+                    batch = self._pending[0]
+                await self._write(batch)
+
+    async def aclose(self) -> None:
+        """Stop the background work, write everything recorded, and close the journal and the database. What cannot
+        be written (the database down) stays in the journal, for the next ledger on this directory."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stopping.set()
+        try:
+            if self._task is not None:
+                await self._task
+            try:
+                await self.flush()
+            except LedgerUnavailableError as error:
+                where = f"in the journal {self._journal.directory}" if self._journal is not None else "lost"
+                _log.error("usage ledger: %d records not written at shutdown (%s): %s", self._unwritten, where, error)
+        finally:
+            self._close_journal()
+            await self._store.aclose()
+
+    async def query(
+        self,
+        backend: str | None = None,
+        model: str | None = None,
+        caller: str | None = None,
+        start: float | None = None,
+        end: float | None = None,
+    ) -> list[UsageTotals]:
+        """Totals per backend, model and caller, largest total first; records not yet written are included.
+        UsageUnavailableError when the database cannot be read (the caller is told to come back, not where it is)."""
+        selection = Selection(backend, model, caller, start, end)
+        batches: dict[BatchId, Totals] = {}
+        with self._lock:
+            for batch in (*self._pending, self._active):
+                if batch.buckets is not None and batch.records:
+                    selection.add_matching(batches.setdefault(batch.id, {}), batch.buckets.items())
+        if self._journal is not None:
+            batches.update(await asyncio.to_thread(_read_journal, self._journal.directory, selection, set(batches)))
+        try:
+            snapshot = await self._store.read(selection, {batch.journal for batch in batches})
+        except LedgerUnavailableError as error:
+            _log.warning("usage ledger: cannot answer a usage query: %s", error)
+            raise UsageUnavailableError(QUERY_RETRY_S) from error
+        totals = snapshot.totals
+        for batch_id, batch_totals in batches.items():
+            if not snapshot.has(batch_id):
+                for key, counts in batch_totals.items():
+                    add_into(totals, key, counts)
+        records = [
+            UsageTotals(row_backend, row_model, row_caller, requests, prompt, completion, prompt + completion, *rest)
+            for (row_backend, row_model, row_caller), (requests, prompt, completion, *rest) in totals.items()
+        ]
+        records.sort(key=lambda r: (-r.total_tokens, r.backend, r.model, r.caller))
+        return records
+
+    # --- the background work --------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_maintenance = loop.time()
+        while not self._stopping.is_set():
+            if loop.time() >= next_maintenance:
+                next_maintenance = loop.time() + _MAINTENANCE_INTERVAL_S
+                try:
+                    await self._maintain()
+                except Exception:
+                    _log.exception("usage ledger: claiming the journals of dead processes failed; will retry")
+            try:
+                await self.flush()
+            except LedgerUnavailableError:
+                pass  # logged when the outage began; retried at the next flush
+            except Exception:
+                _log.exception("usage ledger: writing failed; will retry")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=self._flush_interval_s)
+
+    async def _maintain(self) -> None:
+        """Checks an idle database (so health tells, and a new one gets its schema before the first write), then, if
+        it is reachable, claims the journals of dead processes for the flushes to write."""
+        if not self._pending and not self._active.records:
+            try:
+                await self._store.check()
+            except LedgerUnavailableError as error:
+                self._became_unavailable(error)
+            else:
+                self._became_available()
+        if self._journal is None or self._unavailable is not None:
+            return
+        held = {orphan.journal for orphan in self._orphans}
+        for orphan in await asyncio.to_thread(self._journal.claim_orphans, held):
+            if not orphan.batches:
+                orphan.release(drained=True)
+                continue
+            _log.warning(
+                "usage ledger: claimed the journal %s of a process that stopped before writing it: %d records in"
+                " %d batches",
+                orphan.journal,
+                sum(records for _, _, records, _ in orphan.batches),
+                len(orphan.batches),
+            )
+            with self._lock:
+                self._orphans.append(orphan)
+                for batch_id, path, records, size in orphan.batches:
+                    self._pending.append(_Batch(batch_id, path, None, None, records, size, orphan))
+                    self._bytes += size
+                    self._unwritten += records
+
+    def _seal(self) -> bool:
+        """Under the lock: the active batch, if it has records, goes to the pending ones; the next record starts a new
+        one. False if there was nothing to seal, or no new file could be made (the batch stays active)."""
+        sealed = self._active
+        if not sealed.records:
+            return False
+        try:
+            self._active = self._new_batch()
+        except OSError as exc:
+            _log.error("usage ledger: cannot start a new journal file (%s); will retry", exc.strerror)
+            return False
+        if sealed.fd is not None:
+            os.close(sealed.fd)
+            sealed.fd = None
+        self._pending.append(sealed)
+        return True
+
+    def _new_batch(self) -> _Batch:
+        number, self._next_number = self._next_number, self._next_number + 1
+        batch_id = BatchId(self._journal_id, number)
+        if self._journal is None:
+            return _Batch(batch_id, None, None, {})
+        path, fd = self._journal.create_batch(number)
+        # While the database is down, the counts are left to the file.
+        return _Batch(batch_id, path, fd, {} if self._unavailable is None else None)
+
+    async def _write(self, batch: _Batch) -> None:
+        buckets = batch.buckets
+        if buckets is None:
+            assert batch.path is not None  # only a journaled batch lets go of its counts
+            try:
+                buckets = (await asyncio.to_thread(read_batch, batch.path))[0]
+            except FileNotFoundError:
+                # Removed by hand: written as empty, so that the batches after it are not held up for ever.
+                _log.error(
+                    "usage ledger: the journal file %s is gone; its %d records are lost", batch.path, batch.records
+                )
+                buckets = {}
+        try:
+            if not await self._store.apply(batch.id, buckets):
+                _log.info("usage ledger: batch %d of %s was written before; skipped", batch.id.number, batch.id.journal)
+        except LedgerUnavailableError as error:
+            self.write_failures += 1
+            self._became_unavailable(error)
+            raise
+        if batch.path is not None:
+            batch.path.unlink(missing_ok=True)
+        with self._lock:
+            self._pending.popleft()
+            self._bytes -= batch.size
+            self._unwritten -= batch.records
+            if self._dropping and self._bytes < self._max_bytes:
+                self._dropping = False
+                _log.warning("usage ledger: the journal has room again; %d records dropped", self.dropped_records)
+            drained = batch.orphan is not None and all(pending.orphan is not batch.orphan for pending in self._pending)
+        if drained and batch.orphan is not None:
+            batch.orphan.release(drained=True)
+            self._orphans.remove(batch.orphan)
+        self._became_available()
+
+    def _became_unavailable(self, error: LedgerUnavailableError) -> None:
+        if self._unavailable is None:
+            where = f"kept in the journal {self._journal.directory}" if self._journal is not None else "kept in memory"
+            _log.error("usage ledger unavailable: %s; records are %s until it is back", error, where)
+        self._unavailable = (time.time(), str(error))
+        if self._journal is not None:
+            with self._lock:  # let go of what the files hold
+                for batch in (*self._pending, self._active):
+                    batch.buckets = None
+
+    def _became_available(self) -> None:
+        if self._unavailable is not None:
+            since, _ = self._unavailable
+            _log.warning("usage ledger available again after %.0f s: %s", time.time() - since, self._store.description)
+            self._unavailable = None
+
+    def _append(self, batch: _Batch, line: bytes) -> bool:
+        """Under the lock: the line at the end of the active batch's file; False (the record dropped) if the journal is
+        full or the write failed."""
+        assert batch.fd is not None
+        if self._bytes + len(line) > self._max_bytes:
+            self._drop(f"the journal holds its limit of {self._max_bytes} bytes")
+            return False
+        try:
+            written = os.write(batch.fd, line)
+        except OSError as exc:
+            written, reason = 0, exc.strerror
+        else:
+            reason = "a short write"
+        if written != len(line):
+            with contextlib.suppress(OSError):  # a part of a line would spoil the next one
+                os.ftruncate(batch.fd, batch.size)
+            self._drop(f"the journal cannot be written ({reason})")
+            return False
+        batch.size += written
+        self._bytes += written
+        return True
+
+    def _drop(self, why: str) -> None:
+        self.dropped_records += 1
+        if not self._dropping:
+            self._dropping = True
+            _log.error(
+                "usage ledger: dropping usage records (counted in dropped_records): %s, until the database %s",
+                why,
+                "is back and takes the backlog" if self._unavailable is not None else "has written the backlog",
+            )
+
+    def _close_journal(self) -> None:
+        with self._lock:
+            active = self._active
+            if active.fd is not None:
+                os.close(active.fd)
+                active.fd = None
+                if not active.records and active.path is not None:
+                    active.path.unlink(missing_ok=True)
+            drained = not self._pending and not active.records
+        for orphan in self._orphans:
+            orphan.release(drained=False)
+        if self._journal is not None:
+            self._journal.close(drained=drained)
+
+
+def _read_journal(directory: Path, selection: Selection, known: set[BatchId]) -> dict[BatchId, Totals]:
+    """The totals the selection takes from each batch file in the directory, but those of known batches."""
+    found: dict[BatchId, Totals] = {}
+    for batch, path in batch_files(directory):
+        if batch in known:
+            continue
+        try:
+            buckets, _ = read_batch(path)
+        except FileNotFoundError:
+            continue  # written and deleted since the listing: the database has it
+        selection.add_matching(found.setdefault(batch, {}), buckets.items())
+    return found

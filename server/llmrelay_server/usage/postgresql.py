@@ -1,0 +1,197 @@
+"""The ledger in PostgreSQL, which gateways on several hosts share, through a psycopg connection pool.
+
+The pool opens at the first use, not at construction, and does not wait for its first connection: a gateway starts
+while the database is down (its records wait in the journal). Each connection is checked as the pool hands it out,
+so one that a restart of the database broke is replaced instead of failing a write; a pool that gave up
+reconnecting (`_RECONNECT_S`) tries again at the next write, so the ledger recovers by itself when the database
+returns.
+
+The schema is made by numbered migrations, each recorded in ``schema_version``, in one transaction that first takes
+a transaction-level advisory lock: gateways starting together wait for the first one's migration and then find it
+done.
+
+The URL may carry a password (in its user part, or as ``?password=``): it never appears in a description, a log line
+or an error message of this module (`without_password`, and errors are scrubbed of it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
+from typing import Final
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool
+
+from llmrelay_server.usage.store import (
+    COUNT_COLUMNS,
+    BatchId,
+    Buckets,
+    LedgerUnavailableError,
+    Selection,
+    Snapshot,
+)
+
+_MAX_CONNECTIONS: Final = 4
+"""The background writer, and queries (GetUsage) beside it."""
+_WAIT_S: Final = 5.0
+"""How long a write or query waits for a connection before the database counts as unavailable."""
+_RECONNECT_S: Final = 10.0
+"""How long the pool retries a lost connection in the background (with backoff) before leaving it to the next
+write; short, so that the backoff never grows far past the moment the database returns."""
+_MIGRATION_LOCK: Final = 0x6C6C_6D72_656C_6179
+"""The advisory lock key of the ledger's migrations ("llmrelay" in ASCII)."""
+
+_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        "CREATE TABLE usage_buckets (backend TEXT NOT NULL, model TEXT NOT NULL, caller TEXT NOT NULL,"
+        " bucket_start BIGINT NOT NULL, "
+        + ", ".join(f"{column} BIGINT NOT NULL" for column in COUNT_COLUMNS)
+        + ", PRIMARY KEY (backend, model, caller, bucket_start))",
+        "CREATE TABLE applied_batches (journal TEXT PRIMARY KEY, last_batch BIGINT NOT NULL)",
+    ),
+)
+"""Migration n runs _MIGRATIONS[n - 1]'s statements; append, never change one that has shipped."""
+
+_UPSERT: Final = (
+    f"INSERT INTO usage_buckets (backend, model, caller, bucket_start, {', '.join(COUNT_COLUMNS)})"
+    f" VALUES ({', '.join(['%s'] * (4 + len(COUNT_COLUMNS)))})"
+    " ON CONFLICT (backend, model, caller, bucket_start) DO UPDATE SET "
+    + ", ".join(f"{column} = usage_buckets.{column} + excluded.{column}" for column in COUNT_COLUMNS)
+)
+# Changes a row (rowcount 1) only for a batch later than the journal's last one written.
+_MARK_APPLIED: Final = (
+    "INSERT INTO applied_batches (journal, last_batch) VALUES (%s, %s)"
+    " ON CONFLICT (journal) DO UPDATE SET last_batch = excluded.last_batch"
+    " WHERE applied_batches.last_batch < excluded.last_batch"
+)
+_SUMS: Final = ", ".join(f"SUM({column})::BIGINT" for column in COUNT_COLUMNS)
+
+
+def without_password(url: str) -> str:
+    """The URL as it may be shown: no password in the user part or the query."""
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    netloc = f"{userinfo.partition(':')[0]}@{hosts}" if at else hosts
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "password"])
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _passwords(url: str) -> set[str]:
+    """Every spelling of the URL's password that an error message could carry."""
+    parts = urlsplit(url)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    found = {userinfo.partition(":")[2]} if at else set()
+    found |= {v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k == "password"}
+    found |= {unquote(password) for password in found}
+    return {password for password in found if password}
+
+
+class PostgreSQLStore:
+    """A `LedgerStore` in PostgreSQL (a postgresql:// or postgres:// URL; libpq's PG* variables fill in the rest)."""
+
+    def __init__(self, url: str) -> None:
+        self._description = f"PostgreSQL {without_password(url)}"
+        self._passwords = _passwords(url)
+        self._pool = AsyncConnectionPool(
+            url,
+            min_size=1,
+            max_size=_MAX_CONNECTIONS,
+            open=False,
+            name="llmrelay-usage-ledger",
+            timeout=_WAIT_S,
+            reconnect_timeout=_RECONNECT_S,
+            check=AsyncConnectionPool.check_connection,
+            kwargs={"connect_timeout": round(_WAIT_S)},
+        )
+        self._opened = False
+        self._migrated = False
+        self._preparing = asyncio.Lock()  # one opening and one migration per process
+
+    @property
+    def kind(self) -> str:
+        return "postgresql"
+
+    @property
+    def description(self) -> str:
+        return self._description
+
+    async def check(self) -> None:
+        async with self._connection() as connection:
+            await connection.execute("SELECT 1")
+
+    async def apply(self, batch: BatchId, buckets: Buckets) -> bool:
+        async with self._connection() as connection, connection.transaction():
+            marked = await connection.execute(_MARK_APPLIED, (batch.journal, batch.number))
+            if marked.rowcount == 0:
+                return False  # committing changes nothing
+            async with connection.cursor() as cursor:
+                await cursor.executemany(_UPSERT, [(*key, *counts) for key, counts in buckets.items()])
+        return True
+
+    async def read(self, selection: Selection, journals: Collection[str]) -> Snapshot:
+        where, values = selection.sql_where("%s")
+        async with self._connection() as connection, connection.transaction():
+            # One snapshot for both reads: the batches a query counts from journal files are known to be in the
+            # totals, or not, as of the same moment.
+            await connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            rows = await (
+                await connection.execute(
+                    f"SELECT backend, model, caller, {_SUMS} FROM usage_buckets{where} GROUP BY backend, model, caller",
+                    values,
+                )
+            ).fetchall()
+            last_batches = await (
+                await connection.execute(
+                    "SELECT journal, last_batch FROM applied_batches WHERE journal = ANY(%s)", (list(journals),)
+                )
+            ).fetchall()
+        return Snapshot({(row[0], row[1], row[2]): list(row[3:]) for row in rows}, dict(last_batches))
+
+    async def aclose(self) -> None:
+        await self._pool.close()
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[TupleRow]]:
+        """A connection from the pool, the schema migrated; every psycopg failure becomes LedgerUnavailableError."""
+        try:
+            async with self._preparing:
+                if not self._opened:
+                    await self._pool.open(wait=False)
+                    self._opened = True
+                if not self._migrated:
+                    async with self._pool.connection() as connection:
+                        await _migrate(connection)
+                    self._migrated = True
+            async with self._pool.connection() as connection:
+                yield connection
+        except psycopg.Error as exc:
+            raise LedgerUnavailableError(f"{self._description}: {self._scrubbed(str(exc))}") from exc
+
+    def _scrubbed(self, message: str) -> str:
+        for password in self._passwords:
+            message = message.replace(password, "***")
+        return message
+
+
+async def _migrate(connection: psycopg.AsyncConnection[TupleRow]) -> None:
+    async with connection.transaction():
+        await connection.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        await connection.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version"
+            " (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        row = await (await connection.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version")).fetchone()
+        current = int(row[0]) if row is not None else 0
+        if current > len(_MIGRATIONS):
+            raise LedgerUnavailableError(
+                f"the usage ledger's schema is version {current}, newer than this gateway knows"
+                f" ({len(_MIGRATIONS)}): run the newer llmrelay-server"
+            )
+        for version in range(current + 1, len(_MIGRATIONS) + 1):
+            for statement in _MIGRATIONS[version - 1]:
+                await connection.execute(statement)
+            await connection.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))

@@ -1,0 +1,210 @@
+"""The ledger in a SQLite file (or in memory): one connection, used by one worker thread at a time.
+
+Several processes may share the file (the workers of a gateway): it is in WAL mode, so readers never wait for a
+writer; a write takes the file's write lock at its start (BEGIN IMMEDIATE), waiting up to ``busy_timeout_s`` for
+another process's write, and if that is not enough it fails like any other write: the batch stays in the journal
+for the next try.
+
+The schema is made by numbered migrations, each recorded in ``schema_version``, under the write lock, so that
+processes starting together on a new file do not race. A file made before ``schema_version`` existed starts at
+migration 1, which brings its table to the form the first versions left it in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Final, TypeVar
+
+from llmrelay_server.usage.store import (
+    COUNT_COLUMNS,
+    BatchId,
+    Buckets,
+    LedgerUnavailableError,
+    Selection,
+    Snapshot,
+)
+
+MEMORY: Final = ":memory:"
+
+_T = TypeVar("_T")
+
+# As the first versions made it; the four columns after estimated_requests came later, with zeros for old rows.
+_FIRST_TABLE: Final = """
+CREATE TABLE IF NOT EXISTS usage_buckets (
+    backend TEXT NOT NULL,
+    model TEXT NOT NULL,
+    caller TEXT NOT NULL,
+    bucket_start INTEGER NOT NULL,
+    requests INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    total_tokens INTEGER NOT NULL,
+    estimated_requests INTEGER NOT NULL,
+    PRIMARY KEY (backend, model, caller, bucket_start)
+) WITHOUT ROWID
+"""
+_LATER_COLUMNS: Final = ("interrupted_requests", "cost_usd_micros", "cost_estimated_requests", "price_unknown_requests")
+
+
+def _first_table(connection: sqlite3.Connection) -> None:
+    """The table as the versions before migrations left it: made if missing, its later columns added if missing."""
+    connection.execute(_FIRST_TABLE)
+    present = {row[1] for row in connection.execute("PRAGMA table_info(usage_buckets)")}
+    for column in _LATER_COLUMNS:
+        if column not in present:
+            connection.execute(f"ALTER TABLE usage_buckets ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+
+
+def _drop_total_tokens(connection: sqlite3.Connection) -> None:
+    """Total tokens are prompt + completion: a stored copy can only disagree."""
+    if sqlite3.sqlite_version_info < (3, 35):
+        raise LedgerUnavailableError(
+            f"the usage ledger needs SQLite 3.35 or later (DROP COLUMN); this Python has {sqlite3.sqlite_version}"
+        )
+    connection.execute("ALTER TABLE usage_buckets DROP COLUMN total_tokens")
+
+
+def _applied_batches(connection: sqlite3.Connection) -> None:
+    connection.execute(
+        "CREATE TABLE applied_batches (journal TEXT PRIMARY KEY, last_batch INTEGER NOT NULL) WITHOUT ROWID"
+    )
+
+
+_MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
+    _first_table,
+    _drop_total_tokens,
+    _applied_batches,
+)
+"""Migration n is _MIGRATIONS[n - 1]; append, never change one that has shipped."""
+
+_UPSERT: Final = (
+    f"INSERT INTO usage_buckets (backend, model, caller, bucket_start, {', '.join(COUNT_COLUMNS)})"
+    f" VALUES ({', '.join('?' * (4 + len(COUNT_COLUMNS)))})"
+    " ON CONFLICT (backend, model, caller, bucket_start) DO UPDATE SET "
+    + ", ".join(f"{column} = usage_buckets.{column} + excluded.{column}" for column in COUNT_COLUMNS)
+)
+# Changes a row (rowcount 1) only for a batch later than the journal's last one written.
+_MARK_APPLIED: Final = (
+    "INSERT INTO applied_batches (journal, last_batch) VALUES (?, ?)"
+    " ON CONFLICT (journal) DO UPDATE SET last_batch = excluded.last_batch"
+    " WHERE applied_batches.last_batch < excluded.last_batch"
+)
+_SUMS: Final = ", ".join(f"SUM({column})" for column in COUNT_COLUMNS)
+
+
+class SQLiteStore:
+    """A `LedgerStore` in a SQLite file, opened (made, migrated) at construction; ":memory:" keeps it in memory."""
+
+    def __init__(self, path: Path | str, *, busy_timeout_s: float = 5.0) -> None:
+        self._path = str(path)
+        try:
+            self._connection = _open(self._path, busy_timeout_s)
+        except sqlite3.Error as exc:
+            raise LedgerUnavailableError(f"{self.description}: {exc}") from exc
+        # Held across each use of the one connection, which must not serve two threads (or transactions) at once.
+        self._lock = asyncio.Lock()
+
+    @property
+    def kind(self) -> str:
+        return "sqlite"
+
+    @property
+    def description(self) -> str:
+        return "SQLite in memory" if self._path == MEMORY else f"SQLite {self._path}"
+
+    async def check(self) -> None:
+        await self._run(lambda: self._connection.execute("SELECT 1 FROM applied_batches LIMIT 1").fetchall())
+
+    async def apply(self, batch: BatchId, buckets: Buckets) -> bool:
+        return await self._run(lambda: self._apply(batch, buckets))
+
+    async def read(self, selection: Selection, journals: Collection[str]) -> Snapshot:
+        return await self._run(lambda: self._read(selection, journals))
+
+    async def aclose(self) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self._connection.close)
+
+    async def _run(self, work: Callable[[], _T]) -> _T:
+        async with self._lock:
+            try:
+                return await asyncio.to_thread(work)
+            except sqlite3.Error as exc:
+                raise LedgerUnavailableError(f"{self.description}: {exc}") from exc
+
+    def _apply(self, batch: BatchId, buckets: Buckets) -> bool:
+        connection = self._connection
+        # IMMEDIATE: the write lock now, waiting busy_timeout for it, rather than a failure at the first write when
+        # another process wrote since this transaction's snapshot.
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            if connection.execute(_MARK_APPLIED, (batch.journal, batch.number)).rowcount == 0:
+                connection.rollback()
+                return False
+            connection.executemany(_UPSERT, [(*key, *counts) for key, counts in buckets.items()])
+            connection.commit()
+        except BaseException:
+            connection.rollback()
+            raise
+        return True
+
+    def _read(self, selection: Selection, journals: Collection[str]) -> Snapshot:
+        where, values = selection.sql_where("?")
+        connection = self._connection
+        connection.execute("BEGIN")  # one snapshot for both reads (WAL)
+        try:
+            rows = connection.execute(
+                f"SELECT backend, model, caller, {_SUMS} FROM usage_buckets{where} GROUP BY backend, model, caller",
+                values,
+            ).fetchall()
+            last_batches = connection.execute(
+                "SELECT journal, last_batch FROM applied_batches WHERE journal IN (SELECT value FROM json_each(?))",
+                (json.dumps(list(journals)),),
+            ).fetchall()
+        finally:
+            connection.rollback()
+        return Snapshot({(row[0], row[1], row[2]): list(row[3:]) for row in rows}, dict(last_batches))
+
+
+def _open(path: str, busy_timeout_s: float) -> sqlite3.Connection:
+    if path != MEMORY:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # isolation_level None: transactions only where this module begins them.
+    connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        connection.execute(f"PRAGMA busy_timeout={round(busy_timeout_s * 1000)}")
+        connection.execute("PRAGMA journal_mode=WAL")
+        # In WAL mode NORMAL survives a process crash (committed transactions are in the WAL); only power loss can
+        # undo the newest ones, which is not worth an fsync per flush.
+        connection.execute("PRAGMA synchronous=NORMAL")
+        _migrate(connection)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _migrate(connection: sqlite3.Connection) -> None:
+    connection.execute("BEGIN IMMEDIATE")  # the write lock: one process migrates, the others then find it done
+    try:
+        connection.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version"
+            " (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
+        )
+        (current,) = connection.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()
+        if current > len(_MIGRATIONS):
+            raise LedgerUnavailableError(
+                f"the usage ledger's schema is version {current}, newer than this gateway knows"
+                f" ({len(_MIGRATIONS)}): run the newer llmrelay-server, or give this one a ledger of its own"
+            )
+        for version in range(current + 1, len(_MIGRATIONS) + 1):
+            _MIGRATIONS[version - 1](connection)
+            connection.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+        connection.commit()
+    except BaseException:
+        connection.rollback()
+        raise

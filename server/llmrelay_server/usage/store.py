@@ -1,0 +1,144 @@
+"""What the ledger asks of a database (`LedgerStore`), and the rows and filters both stores share.
+
+A store keeps two tables: ``usage_buckets``, the counts per (backend, model, caller, bucket_start), and
+``applied_batches``, which for each journal (one per process, see `journal`) holds the number of the last batch
+written. A batch is written in one transaction together with its number, and only if the number is higher than the
+one stored: a batch replayed after a crash between its commit and the deletion of its file changes nothing, and a
+query can tell which batches of the journal files it read are already in the totals it read. One row per process
+rather than one per batch (two a second under load, for ever) works because a journal's batches are always written
+in the order of their numbers, by the one process that holds the journal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Final, Protocol, TypeVar
+
+COUNT_COLUMNS: Final = (
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "estimated_requests",
+    "interrupted_requests",
+    "cost_usd_micros",
+    "cost_estimated_requests",
+    "price_unknown_requests",
+)
+"""What a bucket counts, in this order wherever counts are a list; total tokens are prompt + completion."""
+
+BucketKey = tuple[str, str, str, int]
+"""(backend, model, caller, bucket_start)"""
+TotalsKey = tuple[str, str, str]
+"""(backend, model, caller)"""
+Buckets = dict[BucketKey, list[int]]
+Totals = dict[TotalsKey, list[int]]
+
+
+class LedgerUnavailableError(RuntimeError):
+    """The ledger's database cannot be read or written now; the message names it (never with its password)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchId:
+    """A batch of usage records: the journal (process) that recorded it and its number there, counting up from 1."""
+
+    journal: str
+    number: int
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a query reads from the database at one moment: the totals, and the last batch written of each journal
+    asked about (absent: none written)."""
+
+    totals: Totals
+    last_batches: Mapping[str, int]
+
+    def has(self, batch: BatchId) -> bool:
+        return batch.number <= self.last_batches.get(batch.journal, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """A query's filters; the window selects whole buckets, those whose start lies in [start, end)."""
+
+    backend: str | None = None
+    model: str | None = None
+    caller: str | None = None
+    start: float | None = None
+    end: float | None = None
+
+    def matches(self, key: BucketKey) -> bool:
+        backend, model, caller, bucket_start = key
+        return (
+            self.backend in (None, backend)
+            and self.model in (None, model)
+            and self.caller in (None, caller)
+            and (self.start is None or bucket_start >= self.start)
+            and (self.end is None or bucket_start < self.end)
+        )
+
+    def add_matching(self, totals: Totals, buckets: Iterable[tuple[BucketKey, Iterable[int]]]) -> None:
+        """Adds the buckets this selection takes to totals per (backend, model, caller)."""
+        for key, counts in buckets:
+            if self.matches(key):
+                add_into(totals, key[:3], counts)
+
+    def sql_where(self, placeholder: str) -> tuple[str, list[object]]:
+        """The WHERE clause (empty without filters) and its values, with the driver's placeholder ("?" or "%s")."""
+        clauses: list[str] = []
+        values: list[object] = []
+        for column, value in (("backend", self.backend), ("model", self.model), ("caller", self.caller)):
+            if value is not None:
+                clauses.append(f"{column} = {placeholder}")
+                values.append(value)
+        if self.start is not None:
+            clauses.append(f"bucket_start >= {placeholder}")
+            values.append(self.start)
+        if self.end is not None:
+            clauses.append(f"bucket_start < {placeholder}")
+            values.append(self.end)
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), values
+
+
+_Key = TypeVar("_Key", bound=Hashable)
+
+
+def add_into(target: dict[_Key, list[int]], key: _Key, counts: Iterable[int]) -> None:
+    current = target.get(key)
+    if current is None:
+        target[key] = list(counts)
+    else:
+        for index, count in enumerate(counts):
+            current[index] += count
+
+
+class LedgerStore(Protocol):
+    """A database the ledger writes batches to and reads totals from. Every failure to reach or use it is a
+    `LedgerUnavailableError`; the ledger keeps the batch in its journal and tries again."""
+
+    @property
+    def kind(self) -> str:
+        """Either "sqlite" or "postgresql"."""
+        ...
+
+    @property
+    def description(self) -> str:
+        """Which database, for people (logs, health): a path, or a URL without its password."""
+        ...
+
+    async def check(self) -> None:
+        """Reaches the database (creating or migrating its schema on the first success), or raises."""
+        ...
+
+    async def apply(self, batch: BatchId, buckets: Buckets) -> bool:
+        """Adds the batch's counts into the bucket rows and records its number, in one transaction; False (and
+        nothing changed) if this batch or a later one of its journal was written before."""
+        ...
+
+    async def read(self, selection: Selection, journals: Collection[str]) -> Snapshot:
+        """The totals the selection takes and the last batch written of each of journals, from one snapshot."""
+        ...
+
+    async def aclose(self) -> None: ...

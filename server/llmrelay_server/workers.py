@@ -1,0 +1,302 @@
+"""`server.workers` > 1: one supervising process and N gateway processes sharing the gRPC port.
+
+The supervisor makes no gRPC object. It checks that the port is free (a bind without SO_REUSEPORT fails while any
+process holds it, so a second gateway on a taken port still stops with ListenError), then keeps it reserved with a
+bound, never-listening SO_REUSEPORT socket, and starts each worker as a fresh `llmrelay-server` process: exec, not
+fork, so that no worker inherits gRPC's threads or polling state (grpc's multiprocessing example forks before any
+gRPC object exists for the same reason). The workers listen on the port with SO_REUSEPORT, and the kernel spreads
+the connections among them.
+
+- A worker that dies is restarted, after a back-off when it keeps dying soon after its start, and logged.
+- SIGTERM or SIGINT: sent on to every worker; each drains and finishes its calls (drain_s, then grace_period_s) and
+  the supervisor exits when all have. SIGHUP (reload the keys file) is sent on too.
+- A worker whose supervisor is gone stops by itself: it watches its parent (`WorkerRole.watch_supervisor`).
+- Metrics: each worker serves its own on a loopback port, which it writes into the run directory with its pid once
+  it serves; the supervisor serves `server.metrics_listen`, gathering every worker's at each scrape with a `worker`
+  label, beside its own (`llmrelay_workers`, `llmrelay_worker_restarts_total`).
+- State: the usage ledger is shared through its database (each worker journals its own records); limits need
+  state.redis_url (the configuration refuses several workers with limits and no Redis); health and circuit breakers
+  are each worker's own, as Envoy's outlier detection is each host's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from llmrelay_server.config import GatewayConfig
+from llmrelay_server.logs import use_log_format
+
+log = logging.getLogger("llmrelay_server.workers")
+
+# A worker that dies sooner than this after its start is restarted after a growing pause, not at once.
+STEADY_S = 10.0
+MAX_RESTART_DELAY_S = 30.0
+# Beyond a worker's own drain and grace period, how long it may take to exit before it is killed.
+EXIT_MARGIN_S = 10.0
+PARENT_CHECK_S = 1.0
+SCRAPE_TIMEOUT_S = 2.0
+
+
+class ListenError(RuntimeError):
+    """The gateway cannot serve on its address (in use by another process, or not an address of this machine)."""
+
+
+def in_use_message(listen: str) -> str:
+    return (
+        f"cannot listen on {listen}: the address is in use (another llmrelay-server?) or not an address of this"
+        " machine; choose another with --listen or LLMRELAY_LISTEN"
+    )
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """What a worker process knows of its supervisor: its number and the run directory they share."""
+
+    index: int
+    run_dir: Path
+
+    def announce(self, metrics_port: int | None) -> None:
+        """Tells the supervisor that this worker serves, and where its metrics are."""
+        announcement = self.run_dir / f"worker-{self.index}.json"
+        scratch = announcement.with_suffix(".tmp")
+        scratch.write_text(json.dumps({"pid": os.getpid(), "metrics_port": metrics_port}))
+        scratch.replace(announcement)  # whole or not at all, for a supervisor reading it at any moment
+
+    async def watch_supervisor(self, stop: asyncio.Event) -> None:
+        """Stops this worker gracefully when its supervisor is gone (killed, and the worker adopted by init)."""
+        supervisor = os.getppid()
+        while not stop.is_set():
+            await asyncio.sleep(PARENT_CHECK_S)
+            if os.getppid() != supervisor:
+                log.warning("the supervisor (pid %d) is gone: stopping", supervisor)
+                stop.set()
+
+
+def reserve_port(listen: str) -> socket.socket:
+    """Checks that no process holds HOST:PORT, then holds it (bound, never listening, SO_REUSEPORT) for the workers.
+
+    Port 0 reserves a free port: the returned socket's port is the one the workers are given.
+    """
+    host, _, port = listen.rpartition(":")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise ListenError(in_use_message(listen)) from exc
+    try:
+        if int(port) != 0:
+            # Without SO_REUSEPORT this bind fails while any socket holds the port: another gateway's workers too.
+            with socket.socket(family, kind, proto) as probe:
+                probe.bind(address)
+        reservation = socket.socket(family, kind, proto)
+        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reservation.bind(address)
+    except OSError as exc:
+        raise ListenError(in_use_message(listen)) from exc
+    return reservation
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: asyncio.subprocess.Process | None = None
+    started_at: float = 0.0
+    restart_delay_s: float = 0.0
+    waiter: asyncio.Task[None] | None = None
+    """Puts the worker on the supervisor's exits when its process ends."""
+
+
+class Supervisor:
+    """Starts `config.server.workers` gateway processes on one port and keeps them running until told to stop."""
+
+    def __init__(self, config: GatewayConfig, argv: list[str]) -> None:
+        self._config = config
+        self._argv = argv
+        self._stop = asyncio.Event()
+        self._exits: asyncio.Queue[_Worker] = asyncio.Queue()
+        self._registry = CollectorRegistry(auto_describe=True)
+        self._running = Gauge("llmrelay_workers", "Worker processes running.", registry=self._registry)
+        self._restarts = Counter(
+            "llmrelay_worker_restarts", "Worker processes restarted after they died.", registry=self._registry
+        )
+
+    async def run(self) -> int:
+        """Serves until SIGTERM or SIGINT; the exit status (a worker's, when the workers could not start)."""
+        server = self._config.server
+        use_log_format(server.log_format)
+        reservation = reserve_port(server.listen)
+        host, port = server.listen.rpartition(":")[0], reservation.getsockname()[1]
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        with reservation, tempfile.TemporaryDirectory(prefix="llmrelay-workers-") as scratch:
+            run_dir = Path(scratch)
+            workers = [_Worker(index) for index in range(1, server.workers + 1)]
+            loop.add_signal_handler(signal.SIGHUP, self._signal_all, workers, signal.SIGHUP)
+            metrics_server = self._serve_metrics(run_dir)
+            try:
+                for worker in workers:
+                    await self._start(worker, run_dir, f"{host}:{port}")
+                failed = await self._until_all_serve(workers, run_dir)
+                if failed is not None:
+                    return failed
+                log.info("listening on %s:%d (%d workers)", host, port, len(workers))
+                await self._keep_running(workers, run_dir, f"{host}:{port}")
+                log.info("shutting down: stopping %d workers", len(workers))
+            finally:
+                await self._stop_all(workers)
+                if metrics_server is not None:
+                    metrics_server.shutdown()
+                    metrics_server.server_close()
+        log.info("stopped")
+        return 0
+
+    def _serve_metrics(self, run_dir: Path) -> WSGIServer | None:
+        listen = self._config.server.metrics_listen
+        if listen is None:
+            return None
+        self._registry.register(_WorkersMetrics(run_dir))
+        host, _, port = listen.rpartition(":")
+        try:
+            server, _thread = start_http_server(int(port), host.strip("[]"), registry=self._registry)
+        except OSError as exc:
+            raise ListenError(f"cannot serve metrics on {listen}: {exc.strerror}") from exc
+        log.info("metrics of all workers on http://%s:%d/metrics", host, server.server_port)
+        return server
+
+    async def _start(self, worker: _Worker, run_dir: Path, listen: str) -> None:
+        (run_dir / f"worker-{worker.index}.json").unlink(missing_ok=True)
+        # The same command line, made a worker: the later flags win over the earlier ones.
+        command = [sys.executable, "-m", "llmrelay_server", *self._argv, "--listen", listen, "--workers", "1"]
+        command += ["--worker", str(worker.index), "--worker-dir", str(run_dir)]
+        worker.process = await asyncio.create_subprocess_exec(*command)
+        worker.started_at = time.monotonic()
+        self._running.inc()
+        worker.waiter = asyncio.create_task(self._wait_exit(worker, worker.process))
+
+    async def _wait_exit(self, worker: _Worker, process: asyncio.subprocess.Process) -> None:
+        await process.wait()
+        self._running.dec()
+        await self._exits.put(worker)
+
+    async def _until_all_serve(self, workers: list[_Worker], run_dir: Path) -> int | None:
+        """Waits until every worker has announced itself; the exit status of the first that exits before, if any."""
+        while not all((run_dir / f"worker-{worker.index}.json").exists() for worker in workers):
+            if not self._exits.empty():
+                worker = self._exits.get_nowait()
+                assert worker.process is not None
+                status = _status(worker.process.returncode)
+                log.error("worker %d exited as it started (%s); stopping", worker.index, status)
+                return worker.process.returncode or 1
+            if self._stop.is_set():
+                return 0
+            await asyncio.sleep(0.05)
+        return None
+
+    async def _keep_running(self, workers: list[_Worker], run_dir: Path, listen: str) -> None:
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            while True:
+                exited = asyncio.ensure_future(self._exits.get())
+                await asyncio.wait({stopping, exited}, return_when=asyncio.FIRST_COMPLETED)
+                if stopping.done():
+                    exited.cancel()
+                    return
+                worker = exited.result()
+                assert worker.process is not None
+                lived_s = time.monotonic() - worker.started_at
+                worker.restart_delay_s = (
+                    min(MAX_RESTART_DELAY_S, max(1.0, worker.restart_delay_s * 2)) if lived_s < STEADY_S else 0.0
+                )
+                log.warning(
+                    "worker %d (pid %d) exited with %s after %.1f s; restarting it%s",
+                    worker.index,
+                    worker.process.pid,
+                    _status(worker.process.returncode),
+                    lived_s,
+                    f" in {worker.restart_delay_s:g} s" if worker.restart_delay_s else "",
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(stopping), worker.restart_delay_s)
+                if stopping.done():
+                    return
+                self._restarts.inc()
+                await self._start(worker, run_dir, listen)
+        finally:
+            stopping.cancel()
+
+    def _signal_all(self, workers: list[_Worker], signum: int) -> None:
+        for worker in workers:
+            if worker.process is not None and worker.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.send_signal(signum)
+
+    async def _stop_all(self, workers: list[_Worker]) -> None:
+        """SIGTERM to every worker; each drains and finishes its calls; one that outlasts all that is killed."""
+        self._signal_all(workers, signal.SIGTERM)
+        server = self._config.server
+        within_s = server.drain_s + server.grace_period_s + EXIT_MARGIN_S
+        for worker in workers:
+            if worker.process is None:
+                continue
+            try:
+                await asyncio.wait_for(worker.process.wait(), within_s)
+            except TimeoutError:
+                log.error("worker %d did not stop within %g s: killing it", worker.index, within_s)
+                worker.process.kill()
+                await worker.process.wait()
+
+
+def _status(returncode: int | None) -> str:
+    if returncode is not None and returncode < 0:
+        return f"signal {signal.Signals(-returncode).name}"
+    return f"status {returncode}"
+
+
+class _WorkersMetrics(Collector):
+    """Every running worker's metrics, read from its own endpoint at each scrape, each sample labelled `worker`."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self._run_dir = run_dir
+
+    def describe(self) -> list[Metric]:
+        return []  # the families are the workers', known only when they are read
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for announcement in sorted(self._run_dir.glob("worker-*.json")):
+            worker = announcement.stem.removeprefix("worker-")
+            with contextlib.suppress(OSError, ValueError):  # a worker restarting or gone: absent from this scrape
+                port = json.loads(announcement.read_text())["metrics_port"]
+                url = f"http://127.0.0.1:{port}/metrics"
+                with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as answer:
+                    text = answer.read().decode()
+                for family in text_string_to_metric_families(text):
+                    merged = families.setdefault(
+                        family.name, Metric(family.name, family.documentation, family.type, family.unit)
+                    )
+                    for sample in family.samples:
+                        merged.add_sample(
+                            sample.name, {**sample.labels, "worker": worker}, sample.value, sample.timestamp
+                        )
+        yield from families.values()

@@ -1,0 +1,535 @@
+"""Limits shared through a real Redis: several limiters (as N gateways would be) and several real gateways on one
+Redis admit exactly the limit between them; stream slots of a gateway that dies free within a lease; Redis taken
+away under load leaves the gateways serving per state.on_unavailable, and they use it again when it is back."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import redis.asyncio
+from llmrelay import v1 as pb
+from llmrelay_server.app import Gateway
+from llmrelay_server.config import Limits
+from llmrelay_server.domain import LimitExceededError, LimitKind, LimitsUnavailableError, StoreRole
+from llmrelay_server.limits import Ask, RedisLimiter, Reservation
+from redis_server import RedisServer
+from support import GatewayFactory, chat, details, stream_chat, two_backends
+from upstream import FakeUpstream
+
+SUBJECT = "key:research"
+KEY = "llmr-research-0123456789abcdefghij"
+LimiterFactory = Callable[..., Awaitable[RedisLimiter]]
+
+
+@pytest.fixture
+async def limiter_for(redis_server: RedisServer) -> AsyncIterator[LimiterFactory]:
+    """Starts RedisLimiters on the test's Redis (or another URL), as N gateways would; closes them afterwards."""
+    made: list[RedisLimiter] = []
+
+    async def make(url: str | None = None, **options: Any) -> RedisLimiter:
+        limiter = RedisLimiter(url or redis_server.url, **options)
+        await limiter.start()
+        made.append(limiter)
+        return limiter
+
+    yield make
+    for limiter in made:
+        await limiter.aclose()
+
+
+def ask(limits: Limits, *, subject: str = SUBJECT, tokens: int = 0, usd: int = 0, stream: bool = False) -> Ask:
+    return Ask(subject, limits, tokens, usd, stream)
+
+
+async def at_once(
+    limiters: Sequence[RedisLimiter], count: int, *asks: Ask
+) -> tuple[list[Reservation], list[LimitExceededError]]:
+    """`count` reserve() calls at the same time, spread over the limiters in turn: the admitted and the refused."""
+
+    async def one(limiter: RedisLimiter) -> Reservation | LimitExceededError:
+        try:
+            return await limiter.reserve(asks)
+        except LimitExceededError as error:
+            return error
+
+    results = await asyncio.gather(*(one(limiters[n % len(limiters)]) for n in range(count)))
+    return [r for r in results if isinstance(r, Reservation)], [r for r in results if isinstance(r, LimitExceededError)]
+
+
+async def refused(reserving: Awaitable[Reservation]) -> LimitExceededError:
+    with pytest.raises(LimitExceededError) as caught:
+        await reserving
+    return caught.value
+
+
+async def until(condition: Callable[[], bool], within_s: float = 5.0) -> float:
+    """Waits for the condition; returns how long it took."""
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    while not condition():
+        assert loop.time() - began < within_s, f"not within {within_s} s"
+        await asyncio.sleep(0.02)
+    return loop.time() - began
+
+
+# --- exact over many limiters -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("limits", "tokens", "usd", "stream", "admitted", "kind"),
+    [
+        (Limits(requests_per_minute=50), 0, 0, False, 50, LimitKind.REQUESTS_PER_MINUTE),
+        (Limits(tokens_per_minute=1000), 7, 0, False, 142, LimitKind.TOKENS_PER_MINUTE),
+        (Limits(concurrent_streams=5), 0, 0, True, 5, LimitKind.CONCURRENT_STREAMS),
+        (Limits(budget_usd_per_day=0.01), 0, 300, False, 33, LimitKind.BUDGET_PER_DAY),
+    ],
+    ids=["requests", "tokens", "streams", "budget"],
+)
+async def test_many_limiters_admit_exactly_the_limit_between_them(
+    limiter_for: LimiterFactory,
+    limits: Limits,
+    tokens: int,
+    usd: int,
+    stream: bool,
+    admitted: int,
+    kind: LimitKind,
+) -> None:
+    limiters = [await limiter_for() for _ in range(3)]
+    ok, refusals = await at_once(limiters, 300, ask(limits, tokens=tokens, usd=usd, stream=stream))
+    assert len(ok) == admitted
+    assert {(error.kind, error.subject) for error in refusals} == {(kind, SUBJECT)}
+    assert all(error.retry_after_s > 0 for error in refusals)
+
+
+async def test_settling_corrects_tokens_and_spend_exactly(limiter_for: LimiterFactory) -> None:
+    limiters = [await limiter_for() for _ in range(3)]
+    tokens = ask(Limits(tokens_per_minute=1000), subject="key:tokens", tokens=7)
+    ok, _ = await at_once(limiters, 300, tokens)
+    assert len(ok) == 142  # 994 tokens reserved
+    await asyncio.gather(*(limiters[n % 3].settle(r, tokens=3, usd_micros=0) for n, r in enumerate(ok)))
+    ok, _ = await at_once(limiters, 300, tokens)
+    assert len(ok) == (1000 - 142 * 3) // 7, "what the settled calls did not use is free again, to the token"
+
+    spend = ask(Limits(budget_usd_per_day=0.01), subject="key:spend", usd=300)
+    ok, _ = await at_once(limiters, 300, spend)
+    assert len(ok) == 33  # 9,900 of 10,000 micro-USD
+    await asyncio.gather(*(limiters[n % 3].settle(r, tokens=0, usd_micros=100) for n, r in enumerate(ok)))
+    ok, _ = await at_once(limiters, 300, spend)
+    assert len(ok) == (10_000 - 33 * 100) // 300
+
+
+async def test_stream_slots_free_when_settled(limiter_for: LimiterFactory) -> None:
+    limiters = [await limiter_for() for _ in range(3)]
+    stream = ask(Limits(concurrent_streams=5), stream=True)
+    ok, _ = await at_once(limiters, 100, stream)
+    assert len(ok) == 5
+    await limiters[0].reserve([ask(Limits(concurrent_streams=5))])  # a unary call takes no stream slot
+    await asyncio.gather(*(limiters[1].settle(r, tokens=0, usd_micros=0) for r in ok[:2]))
+    again, _ = await at_once(limiters, 100, stream)
+    assert len(again) == 2
+
+
+async def test_all_or_nothing_across_subjects(limiter_for: LimiterFactory) -> None:
+    limiter = await limiter_for()
+    key, gateway = Limits(requests_per_minute=5), Limits(requests_per_minute=1)
+    await limiter.reserve([ask(key), ask(gateway, subject="gateway")])
+    error = await refused(limiter.reserve([ask(key), ask(gateway, subject="gateway")]))
+    assert error.subject == "gateway"
+    # The key's count did not move for the refused call: four more fit under its own limit.
+    for _ in range(4):
+        await limiter.reserve([ask(key)])
+    assert (await refused(limiter.reserve([ask(key)]))).subject == SUBJECT
+
+
+async def test_retry_delays_say_when_a_call_fits_again(limiter_for: LimiterFactory, redis_server: RedisServer) -> None:
+    limiter = await limiter_for()
+    requests = Limits(requests_per_minute=2)
+    await limiter.reserve([ask(requests)])
+    await limiter.reserve([ask(requests)])
+    error = await refused(limiter.reserve([ask(requests)]))
+    # The window is 60 to 61 s (per-second buckets): the first request's second leaves it 61 s after it began.
+    assert 59.9 < error.retry_after_s <= 61.0
+    too_big = await refused(limiter.reserve([ask(Limits(tokens_per_minute=10), tokens=11)]))
+    assert too_big.retry_after_s == 60.0 and "reserves 11" in too_big.description
+    streams = Limits(concurrent_streams=1)
+    await limiter.reserve([ask(streams, stream=True)])
+    assert (await refused(limiter.reserve([ask(streams, stream=True)]))).retry_after_s == 1.0
+    budget = await refused(limiter.reserve([ask(Limits(budget_usd_per_day=0.001), usd=1001)]))
+    client = redis.asyncio.from_url(redis_server.url)
+    seconds, micros = await client.time()
+    await client.aclose()
+    now = seconds + micros / 1e6
+    assert budget.retry_after_s == pytest.approx((now // 86_400 + 1) * 86_400 - now, abs=1.0), "until UTC midnight"
+
+
+async def test_buckets_older_than_the_window_neither_count_nor_stay(
+    limiter_for: LimiterFactory, redis_server: RedisServer
+) -> None:
+    limiter = await limiter_for()
+    client = redis.asyncio.from_url(redis_server.url, decode_responses=True)
+    second, _ = await client.time()
+    key = f"llmrelay:limits:{SUBJECT}:requests"
+    await client.hset(key, mapping={str(second - 61): 100, str(second - 59): 2})
+    limits = Limits(requests_per_minute=3)
+    await limiter.reserve([ask(limits)])  # 2 in the window, this one makes 3
+    assert (await refused(limiter.reserve([ask(limits)]))).kind is LimitKind.REQUESTS_PER_MINUTE
+    assert str(second - 61) not in await client.hkeys(key), "a bucket out of the window is deleted"
+    await client.aclose()
+
+
+async def test_a_settle_after_redis_lost_its_reservation_takes_nothing_from_the_others(
+    limiter_for: LimiterFactory, redis_server: RedisServer
+) -> None:
+    limiter = await limiter_for()
+    limits = Limits(tokens_per_minute=100)
+    lost = await limiter.reserve([ask(limits, tokens=60)])
+    client = redis.asyncio.from_url(redis_server.url)
+    await client.flushall()  # as a restart without persistence would
+    _, micros = await client.time()
+    await asyncio.sleep(1.01 - micros / 1e6)  # into the next second: the next reservation has a bucket of its own
+    await client.aclose()
+    await limiter.reserve([ask(limits, tokens=50)])
+    await limiter.settle(lost, tokens=0, usd_micros=0)
+    ok, _ = await at_once([limiter], 10, ask(limits, tokens=10))
+    assert len(ok) == 5, "the 50 tokens counted since still count; the lost 60 are not taken off them"
+
+
+async def test_every_key_expires_when_left_alone(limiter_for: LimiterFactory, redis_server: RedisServer) -> None:
+    limiter = await limiter_for()
+    everything = Limits(requests_per_minute=9, tokens_per_minute=900, concurrent_streams=9, budget_usd_per_day=1)
+    await limiter.reserve(
+        [ask(everything, tokens=5, usd=5, stream=True), ask(Limits(requests_per_minute=9), subject="gateway")]
+    )
+    client = redis.asyncio.from_url(redis_server.url, decode_responses=True)
+    keys = [key async for key in client.scan_iter("llmrelay:limits:*")]
+    ttls = {key: await client.ttl(key) for key in keys}
+    await client.aclose()
+    assert len(keys) == 5  # the key's four, and the gateway's requests (the one limit it has)
+    assert all(ttl > 0 for ttl in ttls.values()), ttls
+
+
+# --- stream leases --------------------------------------------------------------------------------------------
+
+# A gateway's limiter in a process of its own, holding two stream slots until it is killed.
+HOLDER = """
+import asyncio, sys
+from llmrelay_server.config import Limits
+from llmrelay_server.limits import Ask, RedisLimiter
+
+async def hold() -> None:
+    limiter = RedisLimiter(sys.argv[1], stream_lease_s=float(sys.argv[2]))
+    await limiter.start()
+    for _ in range(2):
+        await limiter.reserve([Ask("key:research", Limits(concurrent_streams=2), 0, 0, True)])
+    print("holding", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(hold())
+"""
+
+
+async def test_stream_slots_of_a_killed_gateway_free_within_a_lease(
+    limiter_for: LimiterFactory, redis_server: RedisServer
+) -> None:
+    lease_s = 1.0
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLDER, redis_server.url, str(lease_s), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert holder.stdout is not None
+        assert await asyncio.wait_for(holder.stdout.readline(), 30) == b"holding\n"
+        other = await limiter_for()
+        stream = [ask(Limits(concurrent_streams=2), stream=True)]
+        await asyncio.sleep(3 * lease_s)  # the holder renews its leases: its slots outlive their first lease
+        assert (await refused(other.reserve(stream))).kind is LimitKind.CONCURRENT_STREAMS
+    finally:
+        holder.kill()
+        await holder.wait()
+    loop = asyncio.get_running_loop()
+    killed_at = loop.time()
+    while True:
+        try:
+            await other.reserve(stream)
+            break
+        except LimitExceededError:
+            assert loop.time() - killed_at < lease_s + 0.5, "a dead gateway's slots free within a lease"
+            await asyncio.sleep(0.02)
+
+
+async def test_a_closed_limiter_stops_renewing_and_its_slots_lapse(limiter_for: LimiterFactory) -> None:
+    holder = await limiter_for(stream_lease_s=0.6)
+    other = await limiter_for()
+    stream = [ask(Limits(concurrent_streams=1), stream=True)]
+    await holder.reserve(stream)
+    await asyncio.sleep(1.5)  # longer than two leases: renewed
+    assert (await refused(other.reserve(stream))).kind is LimitKind.CONCURRENT_STREAMS
+    await holder.aclose()  # gone without settling
+    await asyncio.sleep(0.7)
+    await other.reserve(stream)
+
+
+# --- Redis unavailable ------------------------------------------------------------------------------------------
+
+WARNINGS = "llmrelay_server.limits.redis"
+
+
+def records(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == WARNINGS and r.levelno == level]
+
+
+async def test_redis_down_under_load_admits_uncounted_then_limits_return_with_it(
+    limiter_for: LimiterFactory, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=WARNINGS)
+    limiters = [await limiter_for(timeout_s=0.3, probe_interval_s=0.1) for _ in range(2)]
+    everything = Limits(requests_per_minute=100_000, tokens_per_minute=10**9, concurrent_streams=1000)
+    unexpected: list[BaseException] = []
+    calls = 0
+
+    async def load(limiter: RedisLimiter, stop: asyncio.Event) -> None:
+        nonlocal calls
+        while not stop.is_set():
+            try:
+                reservation = await limiter.reserve([ask(everything, tokens=10, stream=True)])
+                await asyncio.sleep(0.005)
+                await limiter.settle(reservation, tokens=5, usd_micros=0)
+                calls += 1
+            except Exception as error:  # any error at all is a failure of the limiter
+                unexpected.append(error)
+                return
+
+    stop = asyncio.Event()
+    workers = [asyncio.ensure_future(load(limiters[n % 2], stop)) for n in range(20)]
+    await asyncio.sleep(0.3)
+    await redis_server.stop()
+    await until(lambda: not any(limiter.available for limiter in limiters))
+    before = calls
+    await asyncio.sleep(0.3)
+    assert calls > before, "calls go on while Redis is down"
+    assert all(limiter.calls_while_unavailable > 0 for limiter in limiters)
+    health = limiters[0].health()
+    assert (health.role, health.kind, health.available) == (StoreRole.LIMITS, "redis", False)
+    assert "cannot be reached" in health.description and "admitted without being counted" in health.description
+    await redis_server.start()
+    await until(lambda: all(limiter.available for limiter in limiters))
+    await asyncio.sleep(0.2)
+    stop.set()
+    await asyncio.gather(*workers)
+    assert unexpected == []
+    assert len(records(caplog, logging.WARNING)) == 2, "one warning per limiter when Redis went, not one per call"
+    assert len(records(caplog, logging.INFO)) == 2 + 2, "started, and back: once each per limiter"
+    assert limiters[0].health().available and limiters[0].health().description == ""
+    # Limits hold again (Redis came back empty: counting starts over).
+    limits = Limits(requests_per_minute=3)
+    ok, refusals = await at_once(limiters, 10, ask(limits, subject="key:after"))
+    assert (len(ok), len(refusals)) == (3, 7)
+
+
+async def test_calls_do_not_each_wait_out_the_timeout_while_redis_is_down(
+    limiter_for: LimiterFactory, redis_server: RedisServer
+) -> None:
+    limiter = await limiter_for(timeout_s=0.5, probe_interval_s=0.2)
+    limits = [ask(Limits(requests_per_minute=1000))]
+    await limiter.reserve(limits)
+    redis_server.pause()  # nothing answers, connections stay open: each command would wait out the timeout
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await limiter.reserve(limits)
+    assert 0.45 < loop.time() - began < 1.0, "the first call finds Redis gone after the timeout"
+    began = loop.time()
+    for _ in range(100):
+        await limiter.reserve(limits)
+    assert loop.time() - began < 0.1, "the next ones skip Redis"
+    redis_server.resume()
+    await until(lambda: limiter.available)
+    await limiter.reserve(limits)
+
+
+async def test_deny_refuses_with_a_retry_delay_while_redis_is_down(
+    limiter_for: LimiterFactory, redis_server: RedisServer
+) -> None:
+    limiter = await limiter_for(refuse_when_unavailable=True, timeout_s=0.3, probe_interval_s=0.1)
+    limits = [ask(Limits(requests_per_minute=2))]
+    counted = await limiter.reserve(limits)
+    await redis_server.stop()
+    for attempt in range(3):
+        with pytest.raises(LimitsUnavailableError) as caught:
+            await limiter.reserve(limits)
+        assert caught.value.retry_after_s == 0.1
+        assert limiter.calls_while_unavailable == attempt + 1
+    await limiter.settle(counted, tokens=0, usd_micros=0)  # lost while Redis is down, and no error
+    assert "refused until it is back" in limiter.health().description
+    await redis_server.start()
+    await until(lambda: limiter.available)
+    await limiter.reserve(limits)
+    await limiter.reserve(limits)
+    assert (await refused(limiter.reserve(limits))).kind is LimitKind.REQUESTS_PER_MINUTE
+
+
+async def test_the_password_never_shows(
+    limiter_for: LimiterFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    password = "s3cret-Pa55word"
+    async with RedisServer(tmp_path / "locked", password=password) as server:
+        right = await limiter_for(server.url, timeout_s=0.3, probe_interval_s=0.1)
+        await right.reserve([ask(Limits(requests_per_minute=5))])
+        assert right.available
+        # A password Redis refuses makes it unreachable too, and the refusal does not quote it.
+        wrong_password = "wr0ng-Pa55word"
+        wrong = await limiter_for(
+            server.url.replace(password, wrong_password), refuse_when_unavailable=True, probe_interval_s=0.1
+        )
+        assert not wrong.available
+        with pytest.raises(LimitsUnavailableError) as caught:
+            await wrong.reserve([ask(Limits(requests_per_minute=5))])
+        await server.stop()
+        await right.reserve([ask(Limits(requests_per_minute=5))])  # admitted, uncounted
+        assert not right.available
+        unix = await limiter_for(f"unix://{tmp_path}/none.sock?db=0&password={password}", timeout_s=0.3)
+    shown = [
+        caplog.text,
+        str(caught.value),
+        *(limiter.health().description for limiter in (right, wrong, unix)),
+    ]
+    assert f"redis://:***@127.0.0.1:{server.port}/0" in right.health().description
+    assert "password=***" in unix.health().description
+    for text in shown:
+        assert password not in text and wrong_password not in text, text
+
+
+# --- gateways sharing one Redis ------------------------------------------------------------------------------------
+
+
+def config(primary: FakeUpstream, local: FakeUpstream, redis_server: RedisServer, limits: str, **state: str) -> str:
+    """Two backends, the research key with these limits, and the limits kept in the test's Redis."""
+    sha256 = hashlib.sha256(KEY.encode()).hexdigest()
+    options = "".join(f", {name}: {value}" for name, value in state.items())
+    return (
+        two_backends(primary, local)
+        + f'auth: {{keys: [{{name: research, sha256: "{sha256}", limits: {{{limits}}}}}]}}\n'
+        + f'state: {{redis_url: "{redis_server.url}", timeout_s: 0.3{options}}}\n'
+    )
+
+
+AUTHORIZED = [("authorization", f"Bearer {KEY}")]
+
+
+Started = tuple[list[Gateway], list[Any]]
+"""Gateways, and a stub to each."""
+
+
+@pytest.fixture
+async def start_gateways(gateway_factory: GatewayFactory) -> AsyncIterator[Callable[..., Awaitable[Started]]]:
+    """Starts `count` gateways from one YAML, with a stub to each; closes the channels afterwards."""
+    channels: list[grpc.aio.Channel] = []
+
+    async def start(count: int, yaml_text: str) -> Started:
+        gateways = [await gateway_factory(yaml_text) for _ in range(count)]
+        channels.extend(grpc.aio.insecure_channel(f"127.0.0.1:{g.port}") for g in gateways)
+        return gateways, [pb.LLMServiceStub(channel) for channel in channels[-count:]]
+
+    yield start
+    for channel in channels:
+        await channel.close()
+
+
+async def spread(stubs: Sequence[Any], count: int, call: Callable[[Any], Awaitable[Any]]) -> list[Any]:
+    """`count` calls at once, spread over the gateways in turn; each an answer or the error it ended with."""
+
+    async def one(stub: Any) -> Any:
+        try:
+            return await call(stub)
+        except grpc.aio.AioRpcError as error:
+            return error
+
+    return list(await asyncio.gather(*(one(stubs[n % len(stubs)]) for n in range(count))))
+
+
+def refusals_of(results: Sequence[Any], reason: str) -> int:
+    """How many were refused; each must be RESOURCE_EXHAUSTED naming the research key's limit, with a retry delay."""
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    for error in refused:
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+        found = details(error)
+        assert (found["ErrorInfo"].reason, found["QuotaFailure"].violations[0].subject) == (reason, SUBJECT)
+        assert found["RetryInfo"].retry_delay.ToNanoseconds() > 0
+    return len(refused)
+
+
+async def read(call: Any) -> list[pb.StreamCompleteResponse]:
+    return [chunk async for chunk in call]
+
+
+async def test_gateways_sharing_redis_admit_exactly_the_limit_between_them(
+    start_gateways: Any, primary: FakeUpstream, local: FakeUpstream, redis_server: RedisServer
+) -> None:
+    _, stubs = await start_gateways(3, config(primary, local, redis_server, "requests_per_minute: 7"))
+    results = await spread(stubs, 30, lambda stub: stub.Complete(chat(), metadata=AUTHORIZED, timeout=5))
+    assert refusals_of(results, "REQUESTS_PER_MINUTE_EXCEEDED") == 23
+    assert len(primary.chat_requests) == 7, "refused calls never reach an upstream"
+
+
+async def test_stream_slots_are_shared_by_the_gateways(
+    start_gateways: Any, primary: FakeUpstream, local: FakeUpstream, redis_server: RedisServer
+) -> None:
+    _, stubs = await start_gateways(2, config(primary, local, redis_server, "concurrent_streams: 2"))
+    primary.inject(*[{"trickle_s": 0.2}] * 6)
+    streams = await spread(
+        stubs, 6, lambda stub: read(stub.StreamComplete(stream_chat("a b c"), metadata=AUTHORIZED, timeout=10))
+    )
+    assert refusals_of(streams, "CONCURRENT_STREAMS_EXCEEDED") == 4
+    again = await spread(
+        stubs, 2, lambda stub: read(stub.StreamComplete(stream_chat(), metadata=AUTHORIZED, timeout=10))
+    )
+    assert refusals_of(again, "CONCURRENT_STREAMS_EXCEEDED") == 0, "the slots are free again once the streams ended"
+
+
+async def test_a_daily_budget_shared_by_the_gateways_admits_exactly_what_it_pays_for(
+    start_gateways: Any, primary: FakeUpstream, local: FakeUpstream, redis_server: RedisServer
+) -> None:
+    # As in test_keys_and_limits: each call reserves exactly what it costs (3000 micro-USD); 0.0135 USD pay for 4.
+    yaml_text = config(primary, local, redis_server, "budget_usd_per_day: 0.0135")
+    _, stubs = await start_gateways(3, yaml_text + 'pricing: {"gpt-test": {prompt: 0, completion: 1000}}\n')
+    request = chat("x y", model="gpt-test", exact_model=True, options=pb.CompletionOptions(max_tokens=3))
+    results = await spread(stubs, 12, lambda stub: stub.Complete(request, metadata=AUTHORIZED, timeout=5))
+    assert refusals_of(results, "BUDGET_EXCEEDED") == 8
+
+
+async def test_gateways_go_on_per_policy_while_redis_is_down_and_limit_again_when_it_is_back(
+    start_gateways: Any, primary: FakeUpstream, local: FakeUpstream, redis_server: RedisServer
+) -> None:
+    limits = "requests_per_minute: 30"
+    allowing, to_allowing = await start_gateways(
+        2, config(primary, local, redis_server, limits, on_unavailable="allow")
+    )
+    denying, to_denying = await start_gateways(2, config(primary, local, redis_server, limits, on_unavailable="deny"))
+    gateways, stubs = allowing + denying, to_allowing + to_denying
+
+    async def complete(stub: Any) -> Any:
+        return await stub.Complete(chat(), metadata=AUTHORIZED, timeout=5)
+
+    assert all(isinstance(answer, pb.CompleteResponse) for answer in await spread(stubs, 4, complete))
+    await redis_server.stop()
+    admitted = await spread(to_allowing, 40, complete)
+    assert all(isinstance(answer, pb.CompleteResponse) for answer in admitted), "allow: served, past the limit"
+    for error in await spread(to_denying, 20, complete):
+        assert isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.UNAVAILABLE
+        found = details(error)
+        assert found["ErrorInfo"].reason == "LIMITS_UNAVAILABLE"
+        assert found["RetryInfo"].retry_delay.ToNanoseconds() > 0
+    for gateway in gateways:
+        assert gateway.limiter is not None and not gateway.limiter.health().available
+    await redis_server.start()
+    await until(lambda: all(g.limiter is not None and g.limiter.health().available for g in gateways))
+    # Redis came back empty: the minute's count starts over, over all four gateways at once.
+    results = await spread(stubs, 40, complete)
+    assert refusals_of(results, "REQUESTS_PER_MINUTE_EXCEEDED") == 10

@@ -1,0 +1,271 @@
+"""The usage ledger in a real PostgreSQL (tests/postgres_server.py): exact totals, GetUsage through a gateway, an
+outage under load, and a process killed with SIGKILL whose journal another one replays."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import textwrap
+import threading
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+import pytest
+from llmrelay import v1 as pb
+from llmrelay_server.domain import Cost, StoreHealth, StoreRole, TokenUsage, UsageUnavailableError
+from llmrelay_server.usage import LedgerUnavailableError, UsageLedger, UsageTotals
+from postgres_server import PostgresServer, PostgresTemplate
+from support import StubFactory, chat, two_backends
+from upstream import FakeUpstream
+
+T0 = 1_700_000_040.0  # the start of a minute bucket
+PASSWORD = "pw-never-shown-4711"  # trust authentication lets any password in; none may appear anywhere
+
+
+def sql(url: str, query: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(url) as connection:
+        return connection.execute(query).fetchall()
+
+
+def journaled_lines(directory: Path) -> int:
+    lines = 0
+    for batch in directory.glob("*.jsonl"):
+        with contextlib.suppress(FileNotFoundError):  # written and deleted meanwhile
+            lines += batch.read_bytes().count(b"\n")
+    return lines
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110 (a ledger's state, no event to wait on)
+            await asyncio.sleep(0.02)
+
+
+async def test_records_round_trip_with_exact_totals(database_url: str, tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    ledger = UsageLedger(database_url, journal_dir=journal)
+    ledger.record("openai", "gpt-4o", "alice", TokenUsage(100, 20, cost=Cost(1_000)), at=T0)
+    ledger.record("openai", "gpt-4o", "alice", TokenUsage(50, 10, estimated=True, cost=Cost(7, estimated=True)), at=T0)
+    ledger.record("openai", "gpt-4o", "alice", TokenUsage(1, 1, cost=Cost(3, price_unknown=True)), at=T0 + 60)
+    ledger.record("ollama", "tiny", "bob", TokenUsage(7, 3), at=T0, interrupted=True)
+    await ledger.flush()
+    ledger.record("ollama", "tiny", "bob", TokenUsage(2, 2), at=T0 + 120)  # stays in the journal: counted too
+
+    assert await ledger.query() == [
+        UsageTotals("openai", "gpt-4o", "alice", 3, 151, 31, 182, 1, 0, 1_010, 1, 1),
+        UsageTotals("ollama", "tiny", "bob", 2, 9, 5, 14, 0, 1, 0, 0, 0),
+    ]
+    assert [t.requests for t in await ledger.query(caller="alice", start=T0 + 60)] == [1]
+    assert await ledger.query(backend="ollama", end=T0 + 120) == [
+        UsageTotals("ollama", "tiny", "bob", 1, 7, 3, 10, 0, 1)
+    ]
+    assert ledger.health() == StoreHealth(
+        StoreRole.USAGE_LEDGER,
+        "postgresql",
+        available=True,
+        description=f"{ledger.health().description.split(';')[0]}; 1 records wait in the journal {journal}",
+        pending_records=1,
+    )
+    await ledger.aclose()
+
+    assert sql(database_url, "SELECT SUM(requests), SUM(prompt_tokens), SUM(cost_usd_micros) FROM usage_buckets") == [
+        (5, 160, 1_010)
+    ]
+    assert sql(database_url, "SELECT version FROM schema_version") == [(1,)]
+    assert list(journal.iterdir()) == []
+
+
+async def test_concurrent_records_from_threads_and_coroutines_add_up_exactly(database_url: str, tmp_path: Path) -> None:
+    ledger = UsageLedger(database_url, journal_dir=tmp_path / "journal", flush_interval_s=0.01)
+    await ledger.start()
+    threads, coroutines, each = 6, 30, 500
+    loop = asyncio.get_running_loop()
+
+    def in_a_thread(number: int, done: asyncio.Future[None]) -> None:
+        for i in range(each):
+            ledger.record("b", "m", f"thread-{number % 2}", TokenUsage(number, i % 7))
+        loop.call_soon_threadsafe(done.set_result, None)
+
+    async def in_a_coroutine(number: int) -> None:
+        for i in range(each):
+            ledger.record("b", "m", "coroutine", TokenUsage(1, 1, estimated=i % 5 == 0))
+            if i % 50 == 0:
+                await asyncio.sleep(0)
+                await ledger.query()  # reads amid the writes
+
+    # Plain threads, not to_thread: the default executor also runs the ledger's own reads of the journal.
+    done = [loop.create_future() for _ in range(threads)]
+    for number, future in enumerate(done):
+        threading.Thread(target=in_a_thread, args=(number, future)).start()
+    await asyncio.gather(*done, *(in_a_coroutine(n) for n in range(coroutines)))
+    live = await ledger.query()
+    await ledger.aclose()
+    reopened = UsageLedger(database_url, journal_dir=tmp_path / "journal")
+    written = await reopened.query()
+    await reopened.aclose()
+
+    per_thread_completion = sum(i % 7 for i in range(each))
+    expected = {
+        "coroutine": (coroutines * each, coroutines * each, coroutines * each, coroutines * each // 5),
+        "thread-0": (3 * each, (0 + 2 + 4) * each, 3 * per_thread_completion, 0),
+        "thread-1": (3 * each, (1 + 3 + 5) * each, 3 * per_thread_completion, 0),
+    }
+    for totals in (live, written):
+        assert {t.caller: (t.requests, t.prompt_tokens, t.completion_tokens, t.estimated_requests) for t in totals} == (
+            expected
+        )
+
+
+async def test_ledgers_starting_together_make_the_schema_once(database_url: str, tmp_path: Path) -> None:
+    ledgers = [UsageLedger(database_url, journal_dir=tmp_path / "journal") for _ in range(6)]
+    try:
+        # Six pools, six migrations trying at once: the advisory lock lets one make the schema.
+        assert await asyncio.gather(*(ledger.query() for ledger in ledgers)) == [[]] * 6
+    finally:
+        await asyncio.gather(*(ledger.aclose() for ledger in ledgers))
+    assert sql(database_url, "SELECT version FROM schema_version") == [(1,)]
+
+
+async def test_get_usage_through_a_gateway_on_postgresql(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream, database_url: str, tmp_path: Path
+) -> None:
+    stub = await stub_for(
+        two_backends(primary, local),
+        env={"LLMRELAY_USAGE_DB": database_url},
+        server=f'usage_journal_dir: "{tmp_path / "journal"}"',
+    )
+    answers = await asyncio.gather(
+        *(stub.Complete(chat(f"q {i}"), timeout=10, metadata=(("x-llmrelay-caller", "pg-agent"),)) for i in range(12))
+    )
+
+    (record,) = (await stub.GetUsage(pb.GetUsageRequest(caller="pg-agent"), timeout=5)).records
+    assert (record.backend, record.requests) == ("openai", 12)
+    assert record.total_tokens == sum(a.usage.total_tokens for a in answers)
+    # The background flush puts them in the database, where GetUsage keeps finding them.
+    await wait_until(lambda: sql(database_url, "SELECT SUM(requests) FROM usage_buckets") == [(12,)])
+    (again,) = (await stub.GetUsage(pb.GetUsageRequest(caller="pg-agent"), timeout=5)).records
+    assert again == record
+
+
+async def test_postgresql_stopped_mid_load_loses_nothing_and_memory_stays_bounded(
+    postgres_template: PostgresTemplate, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = PostgresServer(postgres_template)  # its own: this test stops it
+    server.start()
+    journal = tmp_path / "journal"
+    try:
+        server.create_database("ledger")
+        ledger = UsageLedger(server.url("ledger", PASSWORD), journal_dir=journal, flush_interval_s=0.05)
+        await ledger.start()
+        recorded = 0
+        loading = True
+        seen: list[StoreHealth] = []
+
+        async def load() -> None:
+            """A steady stream of records, each in a bucket of its own; the ledger's health noted as it goes."""
+            nonlocal recorded
+            while loading:
+                for _ in range(20):
+                    ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0 + 60 * recorded)
+                    recorded += 1
+                seen.append(ledger.health())
+                await asyncio.sleep(0.002)
+
+        loader = asyncio.create_task(load())
+        await wait_until(lambda: recorded > 2_000)
+        server.stop()
+        await wait_until(lambda: not ledger.health().available)
+        with pytest.raises(UsageUnavailableError) as refused:  # GetUsage's UNAVAILABLE, with RetryInfo
+            await ledger.query()
+        assert isinstance(refused.value.__cause__, LedgerUnavailableError)
+
+        # Memory: a burst of records with a key each goes to the journal on disk, not to memory.
+        journaled_before = journaled_lines(journal)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(30_000):
+                ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0 + 60 * recorded)
+                recorded += 1
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert grown < 512 * 1024, f"{grown} bytes of memory for 30000 records during the outage"
+        assert journaled_lines(journal) >= journaled_before + 30_000
+        outage = ledger.health()
+        assert outage.pending_records == ledger.queue_depth() > 30_000
+
+        server.start()
+        await wait_until(lambda: ledger.health().available and ledger.queue_depth() < 100)
+        loading = False
+        await loader
+        await ledger.flush()
+
+        assert await ledger.query() == [
+            UsageTotals("b", "m", "c", recorded, 10 * recorded, 5 * recorded, 15 * recorded, 0)
+        ]
+        assert sql(server.url("ledger"), "SELECT SUM(requests), COUNT(*) FROM usage_buckets") == [(recorded, recorded)]
+        assert journaled_lines(journal) == 0
+        availability = [health.available for health in seen]
+        assert availability[0] and not all(availability) and availability[-1]
+        await ledger.aclose()
+    finally:
+        server.remove()
+
+    assert "unavailable since" in outage.description and str(journal) in outage.description
+    shown = [caplog.text, str(refused.value), *(health.description for health in seen), outage.description]
+    assert not any(PASSWORD in text for text in shown)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and "usage" in r.name]
+    assert len(errors) == 1 and errors[0].startswith("usage ledger unavailable"), errors
+
+
+# Records, says so, and waits to be killed; its ledger never writes (the flush interval is an hour).
+_RECORDER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from llmrelay_server.domain import TokenUsage
+    from llmrelay_server.usage import UsageLedger
+
+    async def main() -> None:
+        ledger = UsageLedger(sys.argv[1], journal_dir=sys.argv[2], flush_interval_s=3600)
+        for i in range(int(sys.argv[3])):
+            ledger.record("b", "m", f"c{i % 2}", TokenUsage(3, 1))
+        print("recorded", flush=True)
+        await asyncio.sleep(3600)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_a_process_killed_with_sigkill_is_replayed_by_the_next_ledger(database_url: str, tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _RECORDER, database_url, str(journal), "1001", stdout=asyncio.subprocess.PIPE
+    )
+    assert child.stdout is not None
+    try:
+        assert await asyncio.wait_for(child.stdout.readline(), 30) == b"recorded\n"
+    finally:
+        child.kill()  # SIGKILL, with every record still in its journal only
+        await child.wait()
+    everything = [
+        UsageTotals("b", "m", "c0", 501, 1_503, 501, 2_004, 0),
+        UsageTotals("b", "m", "c1", 500, 1_500, 500, 2_000, 0),
+    ]
+
+    ledger = UsageLedger(database_url, journal_dir=journal)
+    assert await ledger.query() == everything  # the dead process's journal, read
+    await ledger.start()  # claims it, writes it, deletes it
+    await wait_until(lambda: journaled_lines(journal) == 0)
+    assert await ledger.query() == everything
+    await ledger.aclose()
+    assert sql(database_url, "SELECT caller, SUM(requests) FROM usage_buckets GROUP BY caller ORDER BY caller") == [
+        ("c0", 501),
+        ("c1", 500),
+    ]
+    assert list(journal.iterdir()) == []

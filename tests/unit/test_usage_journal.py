@@ -1,0 +1,318 @@
+"""The ledger's journal and its SQLite store with real processes: a batch replayed after a crash counts once, the
+journal's bound, databases from before migrations, and several processes on one file."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sqlite3
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from llmrelay_server.domain import TokenUsage
+from llmrelay_server.usage import UsageLedger, UsageTotals
+
+T0 = 1_700_000_040.0  # the start of a minute bucket
+CALLERS = ("caller-0", "caller-1", "caller-2")
+
+# A process with a ledger that does what the test writes to it, a line at a time, and answers "done" to each.
+_RECORDER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from llmrelay_server.domain import TokenUsage
+    from llmrelay_server.usage import UsageLedger
+
+    async def main() -> None:
+        ledger = UsageLedger(sys.argv[1], flush_interval_s=float(sys.argv[2]))
+        if sys.argv[3] == "start":
+            await ledger.start()
+        print("ready", flush=True)
+        while command := (await asyncio.to_thread(sys.stdin.readline)).split():
+            if command[0] == "record":
+                for i in range(int(command[1])):
+                    ledger.record("b", "m", f"caller-{i % 3}", TokenUsage(10, 5))
+                    if i % 100 == 0:
+                        await asyncio.sleep(0)  # the background flush runs amid the records
+            elif command[0] == "flush":
+                await ledger.flush()
+            elif command[0] == "close":
+                await ledger.aclose()
+            print("done", flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+class Recorder:
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    async def ready(self) -> None:
+        assert self.process.stdout is not None
+        line = await asyncio.wait_for(self.process.stdout.readline(), 30)
+        assert line == b"ready\n", f"the recorder did not start: {line!r}"
+
+    async def send(self, command: str) -> None:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(f"{command}\n".encode())
+        await self.process.stdin.drain()
+        assert await asyncio.wait_for(self.process.stdout.readline(), 60) == b"done\n"
+
+
+@contextlib.asynccontextmanager
+async def recorder(path: Path, *, flush_interval_s: float, start: bool) -> AsyncIterator[Recorder]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _RECORDER,
+        str(path),
+        str(flush_interval_s),
+        "start" if start else "wait",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        yield Recorder(process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+def expected(records: int) -> list[UsageTotals]:
+    """What the recorder's `record N` adds up to (the callers take turns)."""
+    per_caller = [records // 3 + (1 if index < records % 3 else 0) for index in range(3)]
+    totals = [
+        UsageTotals("b", "m", caller, n, 10 * n, 5 * n, 15 * n, 0)
+        for caller, n in zip(CALLERS, per_caller, strict=True)
+    ]
+    return sorted(totals, key=lambda t: (-t.total_tokens, t.caller))
+
+
+def requests_on_disk(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        (requests,) = connection.execute("SELECT COALESCE(SUM(requests), 0) FROM usage_buckets").fetchone()
+    return int(requests)
+
+
+def batch_files(path: Path) -> list[Path]:
+    return sorted(Path(f"{path}.journal").glob("*.jsonl"))
+
+
+def journaled_bytes(path: Path) -> int:
+    total = 0
+    for batch in batch_files(path):
+        with contextlib.suppress(FileNotFoundError):  # written and deleted meanwhile
+            total += batch.stat().st_size
+    return total
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110 (files and a database, no event to wait on)
+            await asyncio.sleep(0.01)
+
+
+async def query_once(path: Path) -> list[UsageTotals]:
+    ledger = UsageLedger(path)
+    try:
+        return await ledger.query()
+    finally:
+        await ledger.aclose()
+
+
+async def test_a_batch_whose_file_outlived_its_commit_is_replayed_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "usage.sqlite3"
+    async with recorder(path, flush_interval_s=3600, start=False) as child:
+        await child.ready()
+        await child.send("record 90")
+        kept = {batch: batch.read_bytes() for batch in batch_files(path)}
+        await child.send("flush")
+        assert requests_on_disk(path) == 90
+        assert not any(batch.exists() for batch in kept)
+        # As if the process had died between the commit and the deletion of the file.
+        for batch, content in kept.items():
+            batch.write_bytes(content)
+        child.process.kill()
+
+    # The database already has the batch the file holds: a query counts it once.
+    assert await query_once(path) == expected(90)
+
+    caplog.set_level(logging.INFO, logger="llmrelay_server.usage")
+    ledger = UsageLedger(path)
+    await ledger.start()
+    await wait_until(lambda: journaled_bytes(path) == 0)
+    assert await ledger.query() == expected(90)
+    await ledger.aclose()
+    assert requests_on_disk(path) == 90
+    assert "was written before; skipped" in caplog.text
+
+
+async def test_past_the_journal_bound_records_are_dropped_counted_and_logged_once_per_outage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "usage.sqlite3"
+    probe = UsageLedger(tmp_path / "probe.sqlite3")
+    probe.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+    line_bytes = batch_files(tmp_path / "probe.sqlite3")[0].stat().st_size
+    await probe.aclose()
+    ledger = UsageLedger(path, journal_max_bytes=20 * line_bytes)
+
+    for _ in range(100):
+        ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+
+    assert ledger.dropped_records == 80
+    assert journaled_bytes(path) == 20 * line_bytes
+    assert ledger.queue_depth() == ledger.health().pending_records == 20
+    assert "80 records dropped" in ledger.health().description
+    errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "dropping usage records" in errors[0].getMessage()
+
+    await ledger.flush()  # the backlog written: room again
+    for _ in range(30):
+        ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+
+    assert ledger.dropped_records == 90  # 20 kept, 10 more dropped: a second outage of the journal, logged again
+    assert len([record for record in caplog.records if record.levelno >= logging.ERROR]) == 2
+    assert await ledger.query() == [UsageTotals("b", "m", "c", 40, 400, 200, 600, 0)]
+    await ledger.aclose()
+
+
+# The table as the first versions made it, and as the last version before migrations left it.
+_FIRST_TABLE = (
+    "CREATE TABLE usage_buckets (backend TEXT NOT NULL, model TEXT NOT NULL, caller TEXT NOT NULL,"
+    " bucket_start INTEGER NOT NULL, requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,"
+    " completion_tokens INTEGER NOT NULL, total_tokens INTEGER NOT NULL, estimated_requests INTEGER NOT NULL,"
+    " PRIMARY KEY (backend, model, caller, bucket_start)) WITHOUT ROWID"
+)
+_LAST_UNVERSIONED_TABLE = _FIRST_TABLE.replace(
+    ", PRIMARY KEY",
+    ", interrupted_requests INTEGER NOT NULL DEFAULT 0, cost_usd_micros INTEGER NOT NULL DEFAULT 0,"
+    " cost_estimated_requests INTEGER NOT NULL DEFAULT 0, price_unknown_requests INTEGER NOT NULL DEFAULT 0,"
+    " PRIMARY KEY",
+)
+
+
+@pytest.mark.parametrize(
+    ("table", "rows", "old_totals"),
+    [
+        (
+            _FIRST_TABLE,
+            [("openai", "gpt-4o", "c", 0, 2, 20, 10, 30, 1), ("ollama", "tiny", "c", 60, 1, 5, 5, 10, 0)],
+            [
+                UsageTotals("openai", "gpt-4o", "c", 2, 20, 10, 30, 1),
+                UsageTotals("ollama", "tiny", "c", 1, 5, 5, 10, 0),
+            ],
+        ),
+        (
+            _LAST_UNVERSIONED_TABLE,
+            [
+                ("openai", "gpt-4o", "c", 0, 2, 20, 10, 30, 1, 1, 700, 1, 0),
+                ("ollama", "tiny", "c", 60, 1, 5, 5, 10, 0, 0, 0, 0, 0),
+            ],
+            [
+                UsageTotals("openai", "gpt-4o", "c", 2, 20, 10, 30, 1, 1, 700, 1, 0),
+                UsageTotals("ollama", "tiny", "c", 1, 5, 5, 10, 0),
+            ],
+        ),
+    ],
+    ids=["first-schema", "before-migrations"],
+)
+async def test_a_database_from_before_migrations_is_migrated_with_its_rows(
+    tmp_path: Path, table: str, rows: list[tuple[object, ...]], old_totals: list[UsageTotals]
+) -> None:
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute(table)
+        connection.executemany(f"INSERT INTO usage_buckets VALUES ({', '.join('?' * len(rows[0]))})", rows)
+
+    ledger = UsageLedger(path)
+    assert await ledger.query() == old_totals
+    ledger.record("openai", "gpt-4o", "c", TokenUsage(1, 2), at=30)  # into the old row's bucket
+    await ledger.flush()
+    await ledger.aclose()
+
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        columns = [row[1] for row in connection.execute("PRAGMA table_info(usage_buckets)")]
+        versions = [row[0] for row in connection.execute("SELECT version FROM schema_version ORDER BY version")]
+        (row,) = connection.execute(
+            "SELECT requests, prompt_tokens, completion_tokens FROM usage_buckets WHERE model = 'gpt-4o'"
+        ).fetchall()
+    assert "total_tokens" not in columns
+    assert versions == [1, 2, 3]
+    assert row == (3, 21, 12)
+    # Opened again, nothing is migrated twice.
+    reopened = await query_once(path)
+    assert reopened[0] == UsageTotals("openai", "gpt-4o", "c", 3, 21, 12, 33, *_after_estimated(old_totals[0]))
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        assert connection.execute("SELECT COUNT(*) FROM schema_version").fetchone() == (3,)
+
+
+def _after_estimated(totals: UsageTotals) -> tuple[int, ...]:
+    return (
+        totals.estimated_requests,
+        totals.interrupted_requests,
+        totals.cost_usd_micros,
+        totals.cost_estimated_requests,
+        totals.price_unknown_requests,
+    )
+
+
+async def test_two_processes_writing_one_sqlite_file_keep_exact_totals(tmp_path: Path) -> None:
+    path = tmp_path / "usage.sqlite3"  # new: both processes make its schema at the same moment
+    async with (
+        recorder(path, flush_interval_s=0.005, start=True) as first,
+        recorder(path, flush_interval_s=0.005, start=True) as second,
+    ):
+        await asyncio.gather(first.ready(), second.ready())
+        await asyncio.gather(first.send("record 3000"), second.send("record 3000"))
+        # Meanwhile both keep moving their batches from the journal into the database; a third process's view
+        # (the database and every journal in the directory) is exact all along.
+        observer = UsageLedger(path)
+        for _ in range(25):
+            assert await observer.query() == expected(6000)
+            await asyncio.sleep(0.005)
+        await asyncio.gather(first.send("close"), second.send("close"))
+        assert await observer.query() == expected(6000)
+        await observer.aclose()
+    assert requests_on_disk(path) == 6000
+    assert batch_files(path) == []
+
+
+@pytest.mark.parametrize("name", ['a "quoted" name', "two\nlines", "naïve — ünïcode ✓", "back\\slash", "]", ""])
+async def test_any_name_survives_the_journal(tmp_path: Path, name: str) -> None:
+    path = tmp_path / "usage.sqlite3"
+    writer = UsageLedger(path)
+    writer.record(name, f"{name}-model", "c", TokenUsage(4, 2), at=T0)
+
+    # Another ledger on the directory reads the record from the writer's journal file.
+    assert await query_once(path) == [UsageTotals(name, f"{name}-model", "c", 1, 4, 2, 6, 0)]
+    await writer.aclose()
+    assert await query_once(path) == [UsageTotals(name, f"{name}-model", "c", 1, 4, 2, 6, 0)]
+
+
+async def test_a_damaged_journal_is_replayed_but_its_damaged_lines(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "usage.sqlite3"
+    journal = Path(f"{path}.journal")
+    os.mkdir(journal)
+    (journal / "999-deadbeef.lock").touch()  # a process that died: nobody holds the lock
+    good = b'["b","m","c",1700000040,1,10,5,0,0,0,0,0]\n'
+    (journal / "999-deadbeef.1.jsonl").write_bytes(good + b"not json\n" + b'["b","m"]\n' + good + good[:20])
+
+    ledger = UsageLedger(path)
+    await ledger.start()
+    await wait_until(lambda: requests_on_disk(path) == 2)
+    await ledger.aclose()
+
+    assert os.listdir(journal) == []  # the batch written, the dead journal's lock file gone
+    assert "999-deadbeef.1.jsonl: 2 damaged lines left out" in caplog.text
