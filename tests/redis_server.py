@@ -10,6 +10,7 @@ import asyncio
 import os
 import shutil
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
@@ -19,6 +20,15 @@ from redis.exceptions import RedisError
 from support import free_port
 
 READY_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """The PEM files of a Redis that serves TLS only."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
 
 
 class RedisServerMissingError(RuntimeError):
@@ -39,9 +49,10 @@ def redis_server_binary() -> Path:
 class RedisServer:
     """`async with RedisServer(folder) as server:` runs one; `server.url` reaches it (with its password, if any)."""
 
-    def __init__(self, folder: Path, password: str | None = None) -> None:
+    def __init__(self, folder: Path, password: str | None = None, tls: ServerTLS | None = None) -> None:
         self.folder = folder
         self.password = password
+        self.tls = tls
         self.port = free_port()  # free now; bound a moment later (a collision stops the start, loudly)
         self._binary = redis_server_binary()
         self._process: asyncio.subprocess.Process | None = None
@@ -49,12 +60,20 @@ class RedisServer:
     @property
     def url(self) -> str:
         credentials = f":{quote(self.password, safe='')}@" if self.password else ""
+        if self.tls is not None:  # TLS only, the server verified against the test's CA (redis-py's URL options)
+            return f"rediss://{credentials}127.0.0.1:{self.port}/0?ssl_ca_certs={quote(str(self.tls.ca_file))}"
         return f"redis://{credentials}127.0.0.1:{self.port}/0"
 
     async def start(self) -> RedisServer:
         """Starts it on its port and returns once it answers PING."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        if self.tls is None:
+            args += ["--port", str(self.port)]
+        else:
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            args += ["--tls-cert-file", str(self.tls.cert_file), "--tls-key-file", str(self.tls.key_file)]
+            args += ["--tls-ca-cert-file", str(self.tls.ca_file)]
         args += ["--dir", str(self.folder), "--logfile", str(self.folder / "redis.log")]
         if self.password:
             args += ["--requirepass", self.password]

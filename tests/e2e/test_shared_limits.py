@@ -15,12 +15,13 @@ from typing import Any
 import grpc
 import pytest
 import redis.asyncio
+from certs import Authority
 from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway
 from llmrelay_server.config import Limits
 from llmrelay_server.domain import LimitExceededError, LimitKind, LimitsUnavailableError, StoreRole
 from llmrelay_server.limits import Ask, RedisLimiter, Reservation
-from redis_server import RedisServer
+from redis_server import RedisServer, ServerTLS
 from support import GatewayFactory, chat, details, stream_chat, two_backends
 from upstream import FakeUpstream
 
@@ -404,6 +405,28 @@ async def test_the_password_never_shows(
     assert "password=***" in unix.health().description
     for text in shown:
         assert password not in text and wrong_password not in text, text
+
+
+async def test_a_redis_over_tls_with_a_password(limiter_for: LimiterFactory, tmp_path: Path) -> None:
+    """rediss:// with the server verified against a CA, and AUTH: as a managed Redis is reached."""
+    authority, folder = Authority("redis test CA"), tmp_path / "tls"
+    folder.mkdir()
+    tls = ServerTLS(folder / "redis.crt", folder / "redis.key", folder / "ca.pem")
+    authority.server().write(tls.cert_file, tls.key_file)
+    tls.ca_file.write_bytes(authority.cert)
+    async with RedisServer(tmp_path / "tls-redis", password="tls-Pa55", tls=tls) as server:
+        limiter = await limiter_for(server.url)
+        limits = Limits(requests_per_minute=2)
+        await limiter.reserve([ask(limits)])
+        await limiter.reserve([ask(limits)])
+        assert (await refused(limiter.reserve([ask(limits)]))).kind is LimitKind.REQUESTS_PER_MINUTE
+        assert limiter.available and limiter.health().description == ""
+        # Another CA's certificate is refused: the connection is verified, not merely encrypted.
+        other = Authority("another CA")
+        (folder / "other.pem").write_bytes(other.cert)
+        untrusting = await limiter_for(server.url.replace(str(tls.ca_file), str(folder / "other.pem")), timeout_s=0.5)
+        await untrusting.reserve([ask(limits)])  # allow: admitted, uncounted
+        assert not untrusting.available and "certificate" in untrusting.health().description
 
 
 # --- gateways sharing one Redis ------------------------------------------------------------------------------------

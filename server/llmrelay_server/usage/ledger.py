@@ -24,7 +24,7 @@ says how ownership works), writes its batches and deletes them.
 batch file in the directory (other processes', and this one's while the database is down). It reads the journal
 first and the database second, in one snapshot with the last batch number written of each journal, so a batch
 written in between is counted once, from the database. During an outage of the database a query fails
-(`LedgerUnavailableError`): the totals it holds are out of reach.
+(`UsageUnavailableError`, GetUsage's UNAVAILABLE): the totals it holds are out of reach.
 
 Without a journal (a ":memory:" ledger) records are only in memory, and a failed write keeps them there.
 
