@@ -101,10 +101,18 @@ def call_fields(
     rid: str, rpc: str, code: grpc.StatusCode, total_s: float, meter: Meter, request: Any, caller: str
 ) -> dict[str, Any]:
     """The line's fields, in the order they are written."""
-    served = next((a for a in reversed(meter.attempts) if a.outcome is AttemptOutcome.SUCCEEDED), None)
-    upstream_s = sum(a.duration_s for a in meter.attempts if a.outcome is not AttemptOutcome.SKIPPED)
-    prompt_tokens = sum(b.usage.prompt_tokens for b in meter.billed)
-    completion_tokens = sum(b.usage.completion_tokens for b in meter.billed)
+    # One pass over each list: this runs for every call.
+    served, upstream_s, attempts = None, 0.0, []
+    for attempt in meter.attempts:
+        attempts.append(attempt.backend + ":" + attempt.outcome)
+        if attempt.outcome is AttemptOutcome.SUCCEEDED:
+            served = attempt
+        if attempt.outcome is not AttemptOutcome.SKIPPED:
+            upstream_s += attempt.duration_s
+    prompt_tokens = completion_tokens = 0
+    for billed in meter.billed:
+        prompt_tokens += billed.usage.prompt_tokens
+        completion_tokens += billed.usage.completion_tokens
     return {
         "request_id": rid,
         "caller": caller,
@@ -112,7 +120,7 @@ def call_fields(
         "model": _asked_model(request),
         "served_model": served.model if served is not None else None,
         "backend": served.backend if served is not None else None,
-        "attempts": [a.backend + ":" + a.outcome for a in meter.attempts],
+        "attempts": attempts,
         "code": code.name,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
