@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from anthropic_upstream import FakeAnthropic
 from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway, start_gateway
 from llmrelay_server.config import load_config
@@ -35,11 +36,29 @@ async def ollama_upstream() -> AsyncIterator[FakeUpstream]:
     await upstream.stop()
 
 
+@pytest.fixture(scope="session")
+async def anthropic_upstream() -> AsyncIterator[FakeAnthropic]:
+    upstream = await FakeAnthropic(models=("claude-test", "claude-test-mini")).start()
+    yield upstream
+    await upstream.stop()
+
+
 @pytest.fixture
-def primary(openai_upstream: FakeUpstream) -> FakeUpstream:
-    """Stands in for the OpenAI API; no faults queued and no requests recorded when the test starts."""
-    openai_upstream.reset()
-    return openai_upstream
+def primary(
+    request: pytest.FixtureRequest, openai_upstream: FakeUpstream, anthropic_upstream: FakeAnthropic
+) -> FakeUpstream:
+    """Stands in for the OpenAI API, or for Anthropic's where a test parametrizes `primary` (indirect) with
+    "anthropic" (support.DIALECTS); no faults queued and no requests recorded when the test starts."""
+    upstream = anthropic_upstream if getattr(request, "param", "openai") == "anthropic" else openai_upstream
+    upstream.reset()
+    return upstream
+
+
+@pytest.fixture
+def claude(anthropic_upstream: FakeAnthropic) -> FakeAnthropic:
+    """Stands in for Anthropic's API beside `primary`; fresh as `primary` is."""
+    anthropic_upstream.reset()
+    return anthropic_upstream
 
 
 @pytest.fixture

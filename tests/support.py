@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct as binary
 import sys
+import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,9 @@ StubFactory = Callable[..., Awaitable["pb.LLMServiceAsyncStub"]]  # the async st
 """Starts a gateway from YAML text and returns a stub over a channel to it (see the stub_for fixture)."""
 
 OPENAI_TEST_KEY = "sk-test-0123456789abcdef"
+ANTHROPIC_TEST_KEY = "sk-ant-test-0123456789abcdef"
+DIALECTS = ("openai", "anthropic")
+"""The APIs a first backend may speak: parametrize `primary` (indirect) with them to run a test against each."""
 # Fast policy for tests: one retry with a tiny backoff, a circuit that does not trip across a test's faults.
 FAST_ROUTER = """
 router:
@@ -35,9 +40,12 @@ router:
 
 
 def two_backends(primary: FakeUpstream, local: FakeUpstream, extra: str = FAST_ROUTER) -> str:
+    """The primary as the backend of its dialect ("openai" or "anthropic", named so), with its first model; then
+    Ollama."""
+    key = ANTHROPIC_TEST_KEY if primary.dialect == "anthropic" else OPENAI_TEST_KEY
     return f"""
 llm:
-  openai: {{api_key: "{OPENAI_TEST_KEY}", base_url: "{primary.base_url}", model: gpt-test}}
+  {primary.dialect}: {{api_key: "{key}", base_url: "{primary.base_url}", model: {primary.models[0]}}}
   ollama: {{base_url: "{local.base_url}", model: tiny}}
 {extra}"""
 
@@ -66,6 +74,17 @@ def tool(name: str, parameters: dict[str, Any] | None = None, *, description: st
     if parameters is not None:
         function.parameters.CopyFrom(struct(parameters))
     return pb.Tool(function=function)
+
+
+def png(width: int, height: int) -> bytes:
+    """A valid PNG of this size: black, 8-bit greyscale (a few hundred bytes, however large)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return binary.pack(">I", len(data)) + kind + data + binary.pack(">I", zlib.crc32(kind + data))
+
+    rows = (b"\x00" + bytes(width)) * height  # each row: filter type 0, then its pixels
+    header = binary.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
 def details(error: grpc.aio.AioRpcError) -> dict[str, Any]:
@@ -99,7 +118,7 @@ def free_port() -> int:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OLLAMA_", "LLMRELAY_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "OLLAMA_", "LLMRELAY_"))}
     return {**env, **extra}
 
 

@@ -1,9 +1,11 @@
 """A loopback OpenAI-compatible server with fault switches, for tests and benchmarks.
 
 It speaks real HTTP/1.1 on a real socket, so the gateway's `openai` client is exercised as in production. Answers
-are deterministic: the content is "echo: " + the last user message, streamed as one chunk per word.
+are deterministic: the content is "echo: " + the last user message, streamed as one chunk per word; an embedding
+(POST /v1/embeddings, for `embedding_models`) is `embedding_vector(text, dimensions)`, in base64 or as numbers as
+`encoding_format` asks.
 
-Faults are queued; each chat request takes the next one. A fault is a dict:
+Faults are queued; each chat or embeddings request takes the next one. A fault is a dict:
     {"status": 503, "retry_after": 2, "body": "..."}  an HTTP error (JSON error body unless "body" is given)
     {"stall_s": 5}                                     wait before answering (notices a client that leaves)
     {"drop": true}                                     close the connection without answering
@@ -22,10 +24,12 @@ Faults are queued; each chat request takes the next one. A fault is a dict:
     {"no_done": true}                                  a stream that ends after its finish reason, without [DONE]
     {"no_finish": true}                                a stream with no finish reason (then [DONE])
     {"one_delta": true}                                the whole content in one stream delta
+    {"out_of_order": true}                             embeddings listed last input first (each with its index)
 
 With `vllm=True` it also serves vLLM's POST /tokenize (chat form), counting the prompt as its usage does.
 
 Run standalone: python tests/upstream.py --listen 127.0.0.1:PORT [--model NAME ...] [--ollama]
+(embedding model: embed-test)
 Control API (standalone use, e.g. from Go or Node tests):
     POST /_control/faults (JSON list) appends faults; DELETE /_control/faults clears them;
     GET /_control/requests lists the chat request bodies received.
@@ -35,15 +39,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
+import random
+import struct
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 Fault = dict[str, Any]
+EMBEDDING_DIMENSIONS = 1536
+"""The fake's vectors when a request asks for no `dimensions` (as many as text-embedding-3-small's)."""
 _PROBES = {("GET", "/v1/models"), ("GET", "/api/version"), ("GET", "/api/tags")}
 
 
@@ -60,18 +70,24 @@ class Request:
 
 @dataclass
 class FakeUpstream:
+    dialect: ClassVar[str] = "openai"
+    """The API it speaks, and the llm section (and so the backend's name) that support.two_backends configures."""
     models: Sequence[str] = ("tiny",)
+    embedding_models: Sequence[str] = ("embed-test",)
     ollama: bool = False
     vllm: bool = False
     host: str = "127.0.0.1"
     port: int = 0
     faults: deque[Fault] = field(default_factory=deque)
     chat_requests: list[dict[str, Any]] = field(default_factory=list)
+    chat_bodies: list[bytes] = field(default_factory=list)
+    """The chat requests' bodies as they came, byte for byte, in the order of chat_requests."""
     chat_headers: list[dict[str, str]] = field(default_factory=list)
     """The chat requests' headers (names in lower case), in the order of chat_requests."""
     chat_times: list[float] = field(default_factory=list)
     """Monotonic times at which the chat requests arrived."""
     tokenize_requests: list[dict[str, Any]] = field(default_factory=list)
+    embedding_requests: list[dict[str, Any]] = field(default_factory=list)
     client_disconnects: list[float] = field(default_factory=list)
     """Monotonic times at which a client left while a stalled answer was pending."""
     probe_requests: list[str] = field(default_factory=list)
@@ -105,9 +121,11 @@ class FakeUpstream:
     def reset(self) -> None:
         self.faults.clear()
         self.chat_requests.clear()
+        self.chat_bodies.clear()
         self.chat_headers.clear()
         self.chat_times.clear()
         self.tokenize_requests.clear()
+        self.embedding_requests.clear()
         self.client_disconnects.clear()
         self.probe_requests.clear()
         self.probe_delay_s = 0.0
@@ -140,6 +158,8 @@ class FakeUpstream:
                 await asyncio.sleep(self.probe_delay_s)
         if route == ("POST", "/v1/chat/completions"):
             return await self._chat(request, reader, writer)
+        if route == ("POST", "/v1/embeddings"):
+            return await self._embeddings(request, reader, writer)
         if route == ("GET", "/v1/models"):
             data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models]
             return await _send_json(writer, 200, {"object": "list", "data": data})
@@ -162,9 +182,24 @@ class FakeUpstream:
     async def _chat(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         body = request.json()
         self.chat_requests.append(body)
+        self.chat_bodies.append(request.body)
         self.chat_headers.append(request.headers)
         self.chat_times.append(time.monotonic())
         fault = self.faults.popleft() if self.faults else {}
+        if (faulted := await self._fault(fault, reader, writer)) is not None:
+            return faulted
+        model = body.get("model", self.models[0])
+        if model not in self.models:
+            error = {"error": {"message": f"model '{model}' not found", "type": "not_found_error", "code": None}}
+            return await _send_json(writer, 404, error)
+        answer = _answer(body, fault)
+        if body.get("stream"):
+            return await self._stream(writer, answer, body, fault)
+        return await _send_json(writer, 200, answer.completion())
+
+    async def _fault(self, fault: Fault, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool | None:
+        """Answers as a fault of any request says (after a stall, if it has one): what _dispatch returns, or None when
+        the request is still to be answered."""
         if "stall_s" in fault and not await self._stall(fault["stall_s"], reader):
             return False
         if fault.get("drop"):
@@ -177,14 +212,36 @@ class FakeUpstream:
             return await _send_json(writer, fault["status"], error, headers)
         if "body" in fault:
             return await _send(writer, 200, fault["body"].encode(), fault.get("content_type", "application/json"))
-        model = body.get("model", self.models[0])
-        if model not in self.models:
+        return None
+
+    async def _embeddings(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        body = request.json()
+        self.embedding_requests.append(body)
+        fault = self.faults.popleft() if self.faults else {}
+        if (faulted := await self._fault(fault, reader, writer)) is not None:
+            return faulted
+        model = body.get("model")
+        if model not in self.embedding_models:
             error = {"error": {"message": f"model '{model}' not found", "type": "not_found_error", "code": None}}
             return await _send_json(writer, 404, error)
-        answer = _answer(body, fault)
-        if body.get("stream"):
-            return await self._stream(writer, answer, body, fault)
-        return await _send_json(writer, 200, answer.completion())
+        inputs = body.get("input")
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        dimensions = body.get("dimensions", EMBEDDING_DIMENSIONS)
+        data = []
+        for index, text in enumerate(inputs):
+            vector = embedding_vector(text, dimensions)
+            if body.get("encoding_format") == "base64":
+                embedding: Any = base64.b64encode(vector).decode()
+            else:
+                embedding = list(struct.unpack(f"<{dimensions}f", vector))
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        if fault.get("out_of_order"):
+            data.reverse()
+        answer: dict[str, Any] = {"object": "list", "data": data, "model": model}
+        if not fault.get("no_usage"):
+            tokens = sum(len(text.split()) for text in inputs)
+            answer["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return await _send_json(writer, 200, answer)
 
     async def _tokenize(self, request: Request, writer: asyncio.StreamWriter) -> bool:
         body = request.json()
@@ -316,6 +373,13 @@ class _Answer:
         return "tool_calls" if self.tool_call is not None else "stop"
 
 
+def embedding_vector(text: str, dimensions: int = EMBEDDING_DIMENSIONS) -> bytes:
+    """The fake's vector for a text: `dimensions` little-endian 32-bit floats in [-1, 1), drawn from a generator seeded
+    by the text (the same in every process)."""
+    rng = random.Random(hashlib.sha256(text.encode()).digest())
+    return struct.pack(f"<{dimensions}f", *(rng.uniform(-1.0, 1.0) for _ in range(dimensions)))
+
+
 def _huge(size: int) -> str:
     """`size` characters in words of 10,000, so that a stream sends them in pieces as a real server would."""
     word = "x" * 9_999
@@ -335,7 +399,7 @@ def _halves(text: str) -> list[str]:
 
 def _answer(body: dict[str, Any], fault: Fault) -> _Answer:
     messages = body.get("messages") or []
-    last_user = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
+    last_user = next((_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
     content = _huge(fault["huge_content"]) if "huge_content" in fault else f"echo: {last_user}"
     return _Answer(
         id=f"chatcmpl-fake-{len(messages)}",
@@ -349,10 +413,17 @@ def _answer(body: dict[str, Any], fault: Fault) -> _Answer:
     )
 
 
+def _text(content: Any) -> str:
+    """A message's text: its content, or the text of its content parts (images say nothing)."""
+    if isinstance(content, list):
+        return " ".join(part.get("text", "") for part in content if part.get("type") == "text")
+    return content or ""
+
+
 def _prompt_tokens(body: dict[str, Any]) -> int:
     """A stand-in tokenizer: a token per word of content and of the tools' JSON, three per message."""
     messages = body.get("messages") or []
-    words = sum(len(str(m.get("content") or "").split()) for m in messages)
+    words = sum(len(_text(m.get("content")).split()) for m in messages)
     tools = body.get("tools")
     return words + 3 * len(messages) + (len(json.dumps(tools).split()) if tools else 0)
 

@@ -144,7 +144,14 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
     await ledger.start()
     health_servicer = health.aio.HealthServicer()
     monitor = HealthMonitor(router, health_servicer, config.server.health_interval_s)
-    servicer = LLMServicer(router, monitor, ledger, limit, stores=lambda: _stores(ledger, limiter))
+    servicer = LLMServicer(
+        router,
+        monitor,
+        ledger,
+        limit,
+        stores=lambda: _stores(ledger, limiter),
+        max_image_bytes=config.server.max_image_bytes,
+    )
     add_llm_service(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
@@ -259,6 +266,7 @@ def _interceptors(
                 counter,
                 router.estimate_usd_micros,
                 config.server.reserve_completion_tokens,
+                router.estimate_embedding_usd_micros,
             )
         )
     return interceptors

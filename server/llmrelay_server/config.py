@@ -26,7 +26,9 @@ DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_OPENAI_MODEL = "gpt-4o"
 DEFAULT_OLLAMA_HOST = "http://localhost:11434"
 DEFAULT_OLLAMA_MODEL = "gpt-oss:20b"
-BACKEND_KINDS = ("openai", "ollama", "openai_compatible", "llamacpp", "vllm")
+DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com"
+DEFAULT_ANTHROPIC_MODEL = "claude-sonnet-5"
+BACKEND_KINDS = ("openai", "anthropic", "ollama", "openai_compatible", "llamacpp", "vllm")
 
 
 class ConfigError(ValueError):
@@ -143,6 +145,9 @@ class ServerConfig:
     """Then, how long calls in flight may take to finish."""
     max_message_bytes: int = 4 * 1024 * 1024
     """The largest request accepted; larger ones get RESOURCE_EXHAUSTED."""
+    max_image_bytes: int = 20 * 1024 * 1024
+    """The largest image a message may carry as bytes; larger ones get INVALID_ARGUMENT. The whole request is also
+    bound by max_message_bytes, which gRPC checks first: raise both to accept images over 4 MiB."""
     workers: int = 1
     """Server processes sharing the port (SO_REUSEPORT), under one supervising process; more than one needs
     state.redis_url when any limit is set (each process would otherwise enforce the limits alone)."""
@@ -215,11 +220,15 @@ class _BackendSection:
     models: tuple[str, ...] = ()
     fallback: bool = True
     context_window: int | None = None
+    max_tokens: int | None = None
+    """The answer's length limit when a request sets none; the anthropic kind only (its API requires one)."""
+    embedding_model: str | None = None
+    embedding_models: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _ExtraBackendSection(_BackendSection):
-    """A backend beyond openai and ollama: it has no defaults to fall back on, so it names all of them."""
+    """A backend beyond openai, anthropic and ollama: it has no defaults to fall back on, so it names all of them."""
 
     name: str
     kind: str
@@ -230,6 +239,7 @@ class _ExtraBackendSection(_BackendSection):
 @dataclass(frozen=True, slots=True)
 class _LLMSection:
     openai: _BackendSection | None = None
+    anthropic: _BackendSection | None = None
     ollama: _BackendSection | None = None
     backends: tuple[_ExtraBackendSection, ...] = ()
     order: tuple[str, ...] = ()
@@ -392,6 +402,13 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
         base_url = env.get("OPENAI_BASE_URL") or openai.base_url or DEFAULT_OPENAI_BASE_URL
         model = env.get("LLMRELAY_OPENAI_MODEL") or openai.model or DEFAULT_OPENAI_MODEL
         specs["openai"] = _spec("openai", "openai", base_url, model, api_key, openai, "llm.openai")
+    anthropic = llm.anthropic or _BackendSection()
+    api_key = env.get("ANTHROPIC_API_KEY") or anthropic.api_key
+    # Likewise: Anthropic joins the chain, after OpenAI, only with a key.
+    if api_key:
+        base_url = env.get("ANTHROPIC_BASE_URL") or anthropic.base_url or DEFAULT_ANTHROPIC_BASE_URL
+        model = env.get("LLMRELAY_ANTHROPIC_MODEL") or anthropic.model or DEFAULT_ANTHROPIC_MODEL
+        specs["anthropic"] = _spec("anthropic", "anthropic", base_url, model, api_key, anthropic, "llm.anthropic")
     ollama = llm.ollama or _BackendSection()
     if env.get("OLLAMA_HOST"):
         base_url = ollama_base_url(env["OLLAMA_HOST"])
@@ -436,6 +453,19 @@ def _spec(
         raise ConfigError(f"{where}.context_window: must be > 0 (tokens), or left out when unknown")
     if not model:
         raise ConfigError(f"{where}.model: empty; name the model this backend serves by default")
+    if section.max_tokens is not None and kind != "anthropic":
+        raise ConfigError(f"{where}.max_tokens: only an anthropic backend takes a default max_tokens; leave it out")
+    if section.max_tokens is not None and section.max_tokens <= 0:
+        raise ConfigError(f"{where}.max_tokens: must be > 0 (tokens), or left out for the gateway's default")
+    if section.embedding_models and not section.embedding_model:
+        raise ConfigError(
+            f"{where}.embedding_models: the backend serves embeddings only with an embedding_model (the default one);"
+            " set that too"
+        )
+    if section.embedding_model == "":
+        raise ConfigError(f"{where}.embedding_model: empty; name the model, or leave the field out")
+    if "" in section.embedding_models:
+        raise ConfigError(f"{where}.embedding_models[{section.embedding_models.index('')}]: empty; name a model")
     return BackendSpec(
         name=name,
         kind=kind,
@@ -445,6 +475,9 @@ def _spec(
         models=section.models,
         fallback=section.fallback,
         context_window=section.context_window,
+        default_max_tokens=section.max_tokens,
+        embedding_model=section.embedding_model,
+        embedding_models=section.embedding_models,
     )
 
 

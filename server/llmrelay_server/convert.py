@@ -5,16 +5,19 @@ Validation collects every violation (not just the first), so a caller fixes a re
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
 from typing import Any, Final, NamedTuple
+from urllib.parse import urlsplit
 
 from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from llmrelay import v1 as pb
 
+from llmrelay_server import images
 from llmrelay_server.domain import (
     Attempt,
     AttemptOutcome,
@@ -23,17 +26,24 @@ from llmrelay_server.domain import (
     CompletionOptions,
     CompletionRequest,
     CompletionResponse,
+    ContentPart,
     Cost,
+    EmbeddingRequest,
+    EmbeddingResponse,
     FieldViolation,
     FinishReason,
+    ImageDetail,
+    ImagePart,
     InvalidRequestError,
     JsonSchemaFormat,
+    JsonText,
     Message,
     NamedToolChoice,
     ReasoningEffort,
     ResponseFormat,
     Role,
     StoreHealth,
+    TextPart,
     TokenUsage,
     Tool,
     ToolCall,
@@ -46,6 +56,11 @@ MAX_MESSAGES: Final = 10_000
 MAX_MODEL_NAME: Final = 256
 MAX_TOKENS_LIMIT: Final = 10_000_000
 MAX_STOP_SEQUENCES: Final = 4
+MAX_EMBEDDING_INPUTS: Final = 2048
+"""OpenAI's own bound on the inputs of one embedding request."""
+MAX_DIMENSIONS: Final = 65_536
+MAX_REPORTED_INPUTS: Final = 10
+"""Empty inputs named one by one, at most: a violation each would outgrow the status's metadata."""
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 _ROLES: Final[Mapping[pb.Role.ValueType, Role]] = {
@@ -71,6 +86,19 @@ _FORMATS: Final[Mapping[int, Any]] = {
     pb.RESPONSE_FORMAT_TYPE_TEXT: "text",
     pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT: "json_object",
     pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA: "json_schema",
+}
+_IMAGE_DETAILS: Final[Mapping[int, ImageDetail]] = {
+    pb.IMAGE_DETAIL_AUTO: ImageDetail.AUTO,
+    pb.IMAGE_DETAIL_LOW: ImageDetail.LOW,
+    pb.IMAGE_DETAIL_HIGH: ImageDetail.HIGH,
+}
+_JSON_KINDS: Final[Mapping[type, str]] = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "true or false",
+    type(None): "null",
 }
 # Whether to restart a broken stream, by policy; unset means abort.
 _INTERRUPT_POLICIES: Final[Mapping[int, bool]] = {
@@ -104,12 +132,16 @@ class _Violations:
 # --- requests -------------------------------------------------------------------------------------------------
 
 
-def completion_request(request: pb.CompleteRequest | pb.StreamCompleteRequest) -> CompletionRequest:
+def completion_request(
+    request: pb.CompleteRequest | pb.StreamCompleteRequest, *, max_image_bytes: int | None = None
+) -> CompletionRequest:
+    """The request in domain terms. max_image_bytes bounds an image's bytes (server.max_image_bytes); None bounds
+    nothing, for a caller that only estimates and must not refuse what the servicer accepts."""
     errors = _Violations()
     model = request.model if request.HasField("model") else None
     if model is not None and not 0 < len(model) <= MAX_MODEL_NAME:
         errors.add("model", f"must be 1 to {MAX_MODEL_NAME} characters, or unset for the default chain")
-    messages = _messages(request.messages, errors, "messages")
+    messages = _messages(request.messages, errors, "messages", max_image_bytes)
     options = _options(request.options, errors) if request.HasField("options") else CompletionOptions()
     restart = isinstance(request, pb.StreamCompleteRequest) and _enum(
         request.on_interrupt, _INTERRUPT_POLICIES, "on_interrupt", errors
@@ -125,14 +157,14 @@ def completion_request(request: pb.CompleteRequest | pb.StreamCompleteRequest) -
 
 
 def count_request(
-    request: pb.CountTokensRequest,
+    request: pb.CountTokensRequest, *, max_image_bytes: int | None = None
 ) -> tuple[str | None, tuple[Message, ...], tuple[Tool, ...], str | None]:
     errors = _Violations()
     model = request.model if request.HasField("model") else None
     text = request.text if request.HasField("text") else None
     if text is not None and request.messages:
         errors.add("text", "give either text or messages, not both")
-    messages = _messages(request.messages, errors, "messages") if text is None else ()
+    messages = _messages(request.messages, errors, "messages", max_image_bytes) if text is None else ()
     tools = tuple(_tool(t, errors, f"tools[{i}]") for i, t in enumerate(request.tools))
     errors.raise_if_any()
     return model, messages, tools, text
@@ -162,6 +194,29 @@ def usage_query(request: pb.GetUsageRequest) -> UsageQuery:
     )
 
 
+def embedding_request(request: pb.EmbedRequest) -> EmbeddingRequest:
+    errors = _Violations()
+    model = request.model if request.HasField("model") else None
+    if model is not None and not 0 < len(model) <= MAX_MODEL_NAME:
+        errors.add("model", f"must be 1 to {MAX_MODEL_NAME} characters, or unset for the default embedding model")
+    inputs = tuple(request.inputs)
+    if not inputs:
+        errors.add("inputs", "at least one text is required")
+    elif len(inputs) > MAX_EMBEDDING_INPUTS:
+        errors.add("inputs", f"at most {MAX_EMBEDDING_INPUTS} texts a request; send the rest in another")
+    else:
+        empty = [i for i, text in enumerate(inputs) if not text]
+        for i in empty[:MAX_REPORTED_INPUTS]:
+            errors.add(f"inputs[{i}]", "must not be empty")
+        if len(empty) > MAX_REPORTED_INPUTS:
+            errors.add("inputs", f"{len(empty) - MAX_REPORTED_INPUTS} more are empty")
+    dimensions = request.dimensions if request.HasField("dimensions") else None
+    if dimensions is not None and not 1 <= dimensions <= MAX_DIMENSIONS:
+        errors.add("dimensions", f"must be between 1 and {MAX_DIMENSIONS}, or unset for the model's own")
+    errors.raise_if_any()
+    return EmbeddingRequest(inputs=inputs, model=model, dimensions=dimensions)
+
+
 def _instant(timestamp: Timestamp, where: str, errors: _Violations) -> float | None:
     """Unix seconds; a Timestamp outside the range RFC 3339 can express (protobuf checks it) is a violation."""
     try:
@@ -171,17 +226,17 @@ def _instant(timestamp: Timestamp, where: str, errors: _Violations) -> float | N
         return None
 
 
-def _messages(items: Any, errors: _Violations, where: str) -> tuple[Message, ...]:
+def _messages(items: Any, errors: _Violations, where: str, max_image_bytes: int | None) -> tuple[Message, ...]:
     if not items:
         errors.add(where, "at least one message is required")
         return ()
     if len(items) > MAX_MESSAGES:
         errors.add(where, f"at most {MAX_MESSAGES} messages are accepted")
         return ()
-    return tuple(_message(m, errors, f"{where}[{i}]") for i, m in enumerate(items))
+    return tuple(_message(m, errors, f"{where}[{i}]", max_image_bytes) for i, m in enumerate(items))
 
 
-def _message(message: pb.Message, errors: _Violations, where: str) -> Message:
+def _message(message: pb.Message, errors: _Violations, where: str, max_image_bytes: int | None) -> Message:
     role = _ROLES.get(message.role)
     if role is None:
         errors.add(f"{where}.role", "must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL")
@@ -190,8 +245,13 @@ def _message(message: pb.Message, errors: _Violations, where: str) -> Message:
         errors.add(f"{where}.tool_call_id", "a tool message must name the tool call it answers")
     if message.tool_calls and role is not Role.ASSISTANT:
         errors.add(f"{where}.tool_calls", "only assistant messages carry tool calls")
-    if not message.content and not message.tool_calls:
+    if message.content and message.parts:
+        errors.add(f"{where}.parts", "give either content or parts, not both")
+    if not message.content and not message.tool_calls and not message.parts:
         errors.add(f"{where}.content", "must not be empty")
+    parts = tuple(
+        _part(part, role, errors, f"{where}.parts[{i}]", max_image_bytes) for i, part in enumerate(message.parts)
+    )
     calls = []
     for i, call in enumerate(message.tool_calls):
         if not call.id:
@@ -205,7 +265,59 @@ def _message(message: pb.Message, errors: _Violations, where: str) -> Message:
         name=message.name if message.HasField("name") else None,
         tool_calls=tuple(calls),
         tool_call_id=message.tool_call_id if message.HasField("tool_call_id") else None,
+        parts=parts,
+        # Sent back with its signature: Anthropic takes an earlier turn's thinking only whole and unchanged.
+        reasoning=message.reasoning if message.HasField("reasoning") else None,
+        reasoning_signature=message.reasoning_signature if message.HasField("reasoning_signature") else None,
     )
+
+
+def _part(
+    part: pb.ContentPart, role: Role, errors: _Violations, where: str, max_image_bytes: int | None
+) -> ContentPart:
+    kind = part.WhichOneof("part")
+    if kind == "text":
+        return TextPart(part.text)
+    if kind is None:
+        errors.add(where, "must hold text or an image")
+        return TextPart("")
+    if role is not Role.USER:
+        # OpenAI's chat format takes images in user messages only: system, assistant and tool content is text.
+        errors.add(f"{where}.image", "images are accepted in user messages only")
+    return _image(part.image, errors, f"{where}.image", max_image_bytes)
+
+
+def _image(image: pb.ImagePart, errors: _Violations, where: str, max_image_bytes: int | None) -> ImagePart:
+    detail = _enum(image.detail, _IMAGE_DETAILS, f"{where}.detail", errors)
+    source = image.WhichOneof("source")
+    if source is None:
+        errors.add(where, "give the image's url, or its bytes in data")
+        return ImagePart(detail=detail)
+    if source == "url":
+        # A data: URL is refused rather than unpacked: bytes go in `data`, where their size and format are checked
+        # and their dimensions read for CountTokens; the upstream gets them as a data: URL all the same.
+        url = urlsplit(image.url)
+        if url.scheme == "data":
+            errors.add(f"{where}.url", "a data: URL is not accepted: send the image's bytes in data instead")
+        elif url.scheme not in ("http", "https") or not url.netloc:
+            errors.add(f"{where}.url", "must be an http:// or https:// URL the upstream can fetch")
+        return ImagePart(url=image.url, detail=detail)
+    data = image.data
+    if max_image_bytes is not None and len(data) > max_image_bytes:
+        errors.add(
+            f"{where}.data",
+            f"is {len(data)} bytes, over the gateway's limit of {max_image_bytes} (server.max_image_bytes): send a"
+            " smaller image, or its URL",
+        )
+    found = images.media_type(data)
+    if image.media_type and image.media_type not in images.MEDIA_TYPES:
+        errors.add(f"{where}.media_type", f"must be one of {', '.join(images.MEDIA_TYPES)}, or unset")
+    elif found is None:
+        errors.add(f"{where}.data", "is not a PNG, JPEG, GIF or WebP image (by its first bytes)")
+    elif image.media_type and found != image.media_type:
+        errors.add(f"{where}.data", f"is {found} data, but media_type says {image.media_type}")
+    # Unset, the media type is the one the bytes' signature says.
+    return ImagePart(data=data, media_type=image.media_type or found, detail=detail)
 
 
 def _options(options: pb.CompletionOptions, errors: _Violations) -> CompletionOptions:
@@ -251,13 +363,17 @@ def _tool(tool: pb.Tool, errors: _Violations, where: str) -> Tool:
     function = tool.function
     if not _NAME.fullmatch(function.name):
         errors.add(f"{where}.function.name", "must be 1-64 letters, digits, '_' or '-'")
-    parameters = (
-        _struct(function.parameters, f"{where}.function.parameters", errors)
-        if function.HasField("parameters")
-        else None
-    )
-    if parameters is not None and parameters.get("type", "object") != "object":
-        errors.add(f"{where}.function.parameters", 'must be a JSON Schema of "type": "object"')
+    parameters: Mapping[str, Any] | JsonText | None = None
+    if function.HasField("parameters_json"):  # the text wins over the deprecated Struct
+        field = f"{where}.function.parameters_json"
+        parameters, schema = _json_text(function.parameters_json, field, errors)
+    elif function.HasField("parameters"):
+        field = f"{where}.function.parameters"
+        parameters = schema = _struct(function.parameters, field, errors)
+    else:
+        field, schema = "", {}
+    if schema.get("type", "object") != "object":
+        errors.add(field, 'must be a JSON Schema of "type": "object"')
     return Tool(
         name=function.name,
         description=function.description if function.HasField("description") else None,
@@ -290,19 +406,46 @@ def _response_format(options: pb.CompletionOptions, errors: _Violations) -> Resp
     if kind != "json_schema":
         return ResponseFormat(type=kind)
     schema = fmt.json_schema
+    where = "options.response_format.json_schema"
     if not _NAME.fullmatch(schema.name):
-        errors.add("options.response_format.json_schema.name", "must be 1-64 letters, digits, '_' or '-'")
-    if not schema.HasField("schema"):
-        errors.add("options.response_format.json_schema.schema", "required for RESPONSE_FORMAT_TYPE_JSON_SCHEMA")
+        errors.add(f"{where}.name", "must be 1-64 letters, digits, '_' or '-'")
+    value: Mapping[str, Any] | JsonText
+    if schema.HasField("schema_json"):  # the text wins over the deprecated Struct
+        value = _json_text(schema.schema_json, f"{where}.schema_json", errors)[0]
+    else:
+        if not schema.HasField("schema"):
+            errors.add(f"{where}.schema_json", "required for RESPONSE_FORMAT_TYPE_JSON_SCHEMA")
+        value = _struct(schema.schema, f"{where}.schema", errors)
     return ResponseFormat(
         type="json_schema",
         json_schema=JsonSchemaFormat(
             name=schema.name,
-            schema=_struct(schema.schema, "options.response_format.json_schema.schema", errors),
+            schema=value,
             description=schema.description if schema.HasField("description") else None,
             strict=schema.strict if schema.HasField("strict") else None,
         ),
     )
+
+
+def _json_text(text: str, where: str, errors: _Violations) -> tuple[JsonText, Mapping[str, Any]]:
+    """The caller's text, to be sent upstream as written, and the JSON object it says (empty when it is none)."""
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except ValueError as exc:  # json.JSONDecodeError among them, with the line and column of the mistake
+        errors.add(where, f"must be the JSON text of an object: {exc}")
+        return JsonText(text), {}
+    except RecursionError:
+        errors.add(where, "must be the JSON text of an object, nested less deeply")
+        return JsonText(text), {}
+    if not isinstance(value, dict):
+        errors.add(where, f"must be the JSON text of an object, not of {_JSON_KINDS[type(value)]}")
+        return JsonText(text), {}
+    return JsonText(text), value
+
+
+def _no_constant(name: str) -> Any:
+    # Python's json reads NaN and Infinity, which are not JSON: no upstream would take them.
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _struct(value: Any, where: str, errors: _Violations) -> dict[str, Any]:
@@ -385,6 +528,8 @@ def complete_response(response: CompletionResponse) -> pb.CompleteResponse:
     )
     if message.reasoning is not None:
         out.reasoning = message.reasoning
+    if message.reasoning_signature is not None:
+        out.reasoning_signature = message.reasoning_signature
     return pb.CompleteResponse(
         id=response.id,
         backend=response.backend,
@@ -412,6 +557,8 @@ def stream_response(chunk: CompletionChunk) -> pb.StreamCompleteResponse:
         delta.content = chunk.content
     if chunk.reasoning is not None:
         delta.reasoning = chunk.reasoning
+    if chunk.reasoning_signature is not None:
+        delta.reasoning_signature = chunk.reasoning_signature
     message = pb.StreamCompleteResponse(id=chunk.id, backend=chunk.backend, model=chunk.model, delta=delta)
     if chunk.finish_reason is not None:
         message.finish_reason = _FINISH_REASONS_OUT[chunk.finish_reason]
@@ -419,6 +566,44 @@ def stream_response(chunk: CompletionChunk) -> pb.StreamCompleteResponse:
         message.usage.CopyFrom(usage_pb(chunk.usage))
         message.attempts.extend(attempt_pb(a) for a in chunk.attempts)
     return message
+
+
+def embed_response(response: EmbeddingResponse) -> pb.EmbedResponse:
+    usage = response.usage
+    message = pb.EmbedResponse(
+        model=response.model,
+        backend=response.backend,
+        usage=pb.EmbedUsage(prompt_tokens=usage.prompt_tokens, estimated=usage.estimated),
+        attempts=[attempt_pb(a) for a in response.attempts],
+    )
+    if usage.cost is not None:
+        message.usage.cost.CopyFrom(cost_pb(usage.cost))
+    # A vector's little-endian floats are already the packed encoding of Embedding.values: the embeddings are
+    # parsed in as encoded fields, one copy of the bytes, where extend() would make a Python float per dimension.
+    message.MergeFromString(b"".join(map(_embedding_field, response.vectors)))
+    return message
+
+
+def _embedding_field(vector: bytes) -> bytes:
+    values = _VALUES_TAG + _varint(len(vector)) + vector
+    return _EMBEDDINGS_TAG + _varint(len(values)) + values
+
+
+def _length_delimited_tag(field: Any) -> bytes:
+    return _varint(field.number << 3 | 2)
+
+
+def _varint(value: int) -> bytes:
+    encoded = bytearray()
+    while value > 0x7F:
+        encoded.append(value & 0x7F | 0x80)
+        value >>= 7
+    encoded.append(value)
+    return bytes(encoded)
+
+
+_EMBEDDINGS_TAG: Final = _length_delimited_tag(pb.EmbedResponse.DESCRIPTOR.fields_by_name["embeddings"])
+_VALUES_TAG: Final = _length_delimited_tag(pb.Embedding.DESCRIPTOR.fields_by_name["values"])
 
 
 def _tool_call_delta(fragment: ToolCallDelta) -> pb.ToolCallDelta:

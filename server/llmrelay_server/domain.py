@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 
 class Role(enum.StrEnum):
@@ -55,13 +55,50 @@ class ToolCall:
 
 
 @dataclass(frozen=True, slots=True)
+class JsonText:
+    """A JSON object as the caller wrote it, checked to be one where it came in: upstreams that take JSON get these
+    bytes unchanged (a protobuf Struct would have made every integer a double)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class TextPart:
+    text: str
+
+
+class ImageDetail(enum.StrEnum):
+    AUTO = "auto"
+    LOW = "low"
+    HIGH = "high"
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePart:
+    """An image by URL, or its bytes with their media type (image/png, image/jpeg, image/gif, image/webp)."""
+
+    url: str | None = None
+    data: bytes | None = None
+    media_type: str | None = None
+    detail: ImageDetail | None = None
+
+
+ContentPart = TextPart | ImagePart
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     role: Role
     content: str = ""
+    """The text; a message with `parts` has none."""
     name: str | None = None
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
     reasoning: str | None = None
+    parts: tuple[ContentPart, ...] = ()
+    """The content as text and image parts, instead of `content`."""
+    reasoning_signature: str | None = None
+    """The upstream's signature of `reasoning` (Anthropic's thinking blocks), sent back with it unchanged."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +107,14 @@ class Tool:
 
     name: str
     description: str | None = None
-    parameters: Mapping[str, Any] | None = None
+    parameters: Mapping[str, Any] | JsonText | None = None
     strict: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class JsonSchemaFormat:
     name: str
-    schema: Mapping[str, Any]
+    schema: Mapping[str, Any] | JsonText
     description: str | None = None
     strict: bool | None = None
 
@@ -220,6 +257,8 @@ class Attempt:
     duration_s: float
     upstream_status: int | None = None
     error: str = ""
+    started_at: float | None = None
+    """When it began, in Unix time (for traces); None where it never reached a backend (a skipped route)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +307,30 @@ class CompletionChunk:
     usage: TokenUsage | None = None
     attempts: tuple[Attempt, ...] = ()
     restart: StreamRestart | None = None
+    reasoning_signature: str | None = None
+    """On the last chunk: the upstream's signature of the reasoning (Message.reasoning_signature)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    """Texts to turn into vectors; model None means the first backend's default embedding model."""
+
+    inputs: tuple[str, ...]
+    model: str | None = None
+    dimensions: int | None = None
+    """Shorter vectors, from a model that can shorten them (OpenAI's text-embedding-3)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingResponse:
+    backend: str
+    model: str
+    vectors: tuple[bytes, ...]
+    """One per input, in the inputs' order, as little-endian 32-bit floats: the layout of OpenAI's base64 answer and
+    of protobuf's packed floats alike, so a vector goes from upstream to caller with no Python object per dimension."""
+    usage: TokenUsage
+    """Prompt tokens only; an embedding has no completion."""
+    attempts: tuple[Attempt, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +370,17 @@ class BackendSpec:
     """Whether the backend may take over requests that named another backend's model."""
     context_window: int | None = None
     """The largest prompt the backend's model takes, when known; used to skip a backend a prompt cannot fit."""
+    default_max_tokens: int | None = None
+    """The answer's length limit sent when a request sets none, for upstreams that require one (Anthropic's)."""
+    embedding_model: str | None = None
+    """The embedding model an Embed that names none gets here; None: the backend serves no embeddings."""
+    embedding_models: tuple[str, ...] = ()
+    """More embedding models the backend serves, for Embed calls that name them."""
+
+    @property
+    def all_embedding_models(self) -> tuple[str, ...]:
+        """Every embedding model configured, the default first; none when the backend serves no embeddings."""
+        return (self.embedding_model, *self.embedding_models) if self.embedding_model else ()
 
 
 class LLMProvider(Protocol):
@@ -330,6 +404,13 @@ class LLMProvider(Protocol):
     async def health(self) -> BackendHealth: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class EmbeddingProvider(LLMProvider, Protocol):
+    """An upstream that also turns texts into vectors (not every kind can)."""
+
+    async def embed(self, model: str, request: EmbeddingRequest, *, timeout_s: float | None) -> EmbeddingResponse: ...
 
 
 ProviderConstructor = Callable[[BackendSpec], LLMProvider]
@@ -387,13 +468,10 @@ class TokenizerUnavailableError(LLMRelayError):
 
 
 class AnswerTooLargeError(LLMRelayError):
-    def __init__(self, size: int, limit: int) -> None:
+    def __init__(self, size: int, limit: int, remedy: str = "use StreamComplete, or a lower max_tokens") -> None:
         self.size = size
         self.limit = limit
-        super().__init__(
-            f"the answer is {size} bytes, over the gateway's {limit}-byte message limit; "
-            "use StreamComplete, or a lower max_tokens"
-        )
+        super().__init__(f"the answer is {size} bytes, over the gateway's {limit}-byte message limit; {remedy}")
 
 
 class ShuttingDownError(LLMRelayError):

@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 
 from llmrelay_server.domain import AttemptOutcome, BackendSpec, StoreHealth
 from llmrelay_server.metering import Meter, open_meter
-from llmrelay_server.observing import ObservingInterceptor, Start
+from llmrelay_server.observing import GEN_AI_OPERATIONS, ObservingInterceptor, Start
 
 OTHER = "other"
 # The gateway's own time per call is small; the default buckets (5 ms up) would put it all in the first.
@@ -44,7 +44,7 @@ class LabelValues:
     def __init__(self, backends: Iterable[BackendSpec], aliases: Iterable[str], callers: Callable[[], Iterable[str]]):
         models: set[str] = set(aliases)
         for spec in backends:
-            for model in (spec.default_model, *spec.models):
+            for model in (spec.default_model, *spec.models, *spec.all_embedding_models):
                 models.update((model, f"{spec.name}/{model}"))
         self._models = frozenset(models)
         self._callers = callers
@@ -187,8 +187,8 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
 
-    def observe_call(self, rpc: str, meter: Meter, elapsed_s: float, request_model: str | None) -> None:
-        """What the router did for one call, from its meter."""
+    def observe_call(self, rpc: str, meter: Meter, elapsed_s: float, request_model: str | None, operation: str) -> None:
+        """What the router did for one call (a GenAI `operation`), from its meter."""
         upstream_s = 0.0
         for attempt in meter.attempts:
             self.attempts(attempt.backend, attempt.outcome.value).inc()
@@ -218,8 +218,9 @@ class Metrics:
             ):
                 if count:
                     self.tokens(billed.backend, model, caller, kind).inc(count)
-            self.gen_ai_tokens("chat", requested, model, "input").observe(usage.prompt_tokens)
-            self.gen_ai_tokens("chat", requested, model, "output").observe(usage.completion_tokens)
+            self.gen_ai_tokens(operation, requested, model, "input").observe(usage.prompt_tokens)
+            if operation == "chat":  # an embedding outputs vectors, not tokens
+                self.gen_ai_tokens(operation, requested, model, "output").observe(usage.completion_tokens)
             if usage.cost is not None:
                 self.cost(billed.backend, model, caller).inc(usage.cost.usd_micros / 1_000_000)
 
@@ -294,15 +295,19 @@ class MetricsInterceptor(ObservingInterceptor):
         if labels is None:
             service, _, method = details.method[1:].rpartition("/")
             labels = self._labels[details.method] = ("server_stream" if streaming else "unary", service, method)
-        return lambda request, context: _CountedCall(self._metrics, labels, streaming, request)
+        operation = GEN_AI_OPERATIONS.get(details.method, "chat")
+        return lambda request, context: _CountedCall(self._metrics, labels, streaming, request, operation)
 
 
 class _CountedCall:
-    __slots__ = ("_labels", "_meter", "_metrics", "_request", "_sent", "_started", "_streaming")
+    __slots__ = ("_labels", "_meter", "_metrics", "_operation", "_request", "_sent", "_started", "_streaming")
 
-    def __init__(self, metrics: Metrics, labels: tuple[str, str, str], streaming: bool, request: Any) -> None:
+    def __init__(
+        self, metrics: Metrics, labels: tuple[str, str, str], streaming: bool, request: Any, operation: str
+    ) -> None:
         self._started = time.perf_counter()
         self._metrics, self._labels, self._streaming, self._request = metrics, labels, streaming, request
+        self._operation = operation
         metrics.started(*labels).inc()
         metrics.received(*labels).inc()
         if streaming:
@@ -322,4 +327,4 @@ class _CountedCall:
         metrics.handling(*labels).observe(elapsed)
         if self._meter.attempts:  # a model call that reached the router
             model = self._request.model if self._request.HasField("model") else None
-            metrics.observe_call(labels[2], self._meter, elapsed, model)
+            metrics.observe_call(labels[2], self._meter, elapsed, model, self._operation)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import abc
 import inspect
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, Final, Protocol
 
 import grpc
 
@@ -18,6 +18,13 @@ from llmrelay_server.auth import Continuation, Handler
 from llmrelay_server.status import ended_with
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+GEN_AI_OPERATIONS: Final[Mapping[str, str]] = {
+    "/llmrelay.v1.LLMService/Complete": "chat",
+    "/llmrelay.v1.LLMService/StreamComplete": "chat",
+    "/llmrelay.v1.LLMService/Embed": "embeddings",
+}
+"""The model calls by method path, with their GenAI operation (gen_ai.operation.name) for metrics and traces."""
 
 
 class CallObserver(Protocol):

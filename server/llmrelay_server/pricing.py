@@ -61,6 +61,10 @@ _OPENAI_LIST: Final[Mapping[str, Price]] = {
     "gpt-4-turbo": Price(prompt=10.0, completion=30.0),
     "gpt-4": Price(prompt=30.0, completion=60.0),
     "gpt-3.5-turbo": Price(prompt=0.5, completion=1.5),
+    # Embedding models: their inputs are prompt tokens, and they complete nothing.
+    "text-embedding-3-small": Price(prompt=0.02, completion=0.0),
+    "text-embedding-3-large": Price(prompt=0.13, completion=0.0),
+    "text-embedding-ada-002": Price(prompt=0.1, completion=0.0),
 }
 # OpenAI's answers name the dated snapshot that served ("gpt-4o-2024-08-06" for "gpt-4o"), older models in the short
 # form ("gpt-4-0613"). Only a date is matched after the name, so that variants with other prices

@@ -12,6 +12,8 @@ Policy, in one place:
 - Each attempt has its own limits inside the deadline: connect, first chunk (or answer), between chunks.
 - A stream falls back only before its first chunk is sent; after that a failure ends it with StreamInterruptedError,
   or, when the caller asked for it, starts the answer over on the next route after a restart marker.
+- An embedding request never goes to another model (vectors of different models cannot be compared): its routes are
+  the backends that serve its one model, in routing order, each with the same retries.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from itertools import groupby
 from typing import Final, TypeVar
 
 from llmrelay_server import metering
-from llmrelay_server.config import CircuitConfig, RetryConfig, RouterConfig
+from llmrelay_server.config import CircuitConfig, ConfigError, RetryConfig, RouterConfig
 from llmrelay_server.domain import (
     AllBackendsFailedError,
     Attempt,
@@ -36,6 +38,9 @@ from llmrelay_server.domain import (
     CompletionRequest,
     CompletionResponse,
     DeadlineExceededError,
+    EmbeddingProvider,
+    EmbeddingRequest,
+    EmbeddingResponse,
     LLMProvider,
     Message,
     ModelNotAllowedError,
@@ -132,6 +137,8 @@ class Backend:
         self.name = provider.spec.name
         self.last_failure: UpstreamError | None = None
         """The last failure that counted against the circuit: what a skipped attempt reports."""
+        # Asked once: an isinstance against a protocol looks up each of its members.
+        self.embedder = provider if isinstance(provider, EmbeddingProvider) else None
         self._health: BackendHealth | None = None
         self._served = self._models_served()
 
@@ -152,6 +159,9 @@ class Backend:
     def serves(self, model: str) -> bool:
         return _untagged(model) in self._served
 
+    def embeds(self, model: str) -> bool:
+        return any(_untagged(model) == _untagged(name) for name in self.provider.spec.all_embedding_models)
+
     def _models_served(self) -> frozenset[str]:
         spec = self.provider.spec
         known = (spec.default_model, *spec.models, *(self._health.models if self._health else ()))
@@ -171,6 +181,24 @@ def _collect_text(chunk: CompletionChunk, received: list[str]) -> None:
 
 def _untagged(model: str) -> str:
     return model.removesuffix(":latest")
+
+
+def _allowed(routes: list[Route], model: str | None, caller: str, may_use: ModelFilter | None) -> list[Route]:
+    """The routes that the caller may use ("backend/model" or the model name matches): a caller asking for a model it
+    may not use is refused, and one limited to some models is never served by another through a fallback (with no
+    model named, the default chain is the models it may use)."""
+    if may_use is None:
+        return routes
+    allowed = [r for r in routes if may_use(f"{r.backend.name}/{r.model}") or may_use(r.model)]
+    if not allowed or (model is not None and allowed[0] is not routes[0]):
+        raise ModelNotAllowedError(caller, model or f"{routes[0].backend.name}/{routes[0].model}")
+    return allowed
+
+
+async def _embed(route: Route, request: EmbeddingRequest, timeout_s: float) -> EmbeddingResponse:
+    embedder = route.backend.embedder
+    assert embedder is not None, "embedding routes lead to embedders only (checked at start)"
+    return await embedder.embed(route.model, request, timeout_s=timeout_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,14 +246,16 @@ class _Chain:
         return self.deadline - asyncio.get_running_loop().time()
 
     def record(self, route: Route, outcome: AttemptOutcome, started: float, error: UpstreamError | None) -> None:
+        duration_s = max(0.0, asyncio.get_running_loop().time() - started)
         self.attempts.append(
             Attempt(
                 backend=route.backend.name,
                 model=route.model,
                 outcome=outcome,
-                duration_s=max(0.0, asyncio.get_running_loop().time() - started),
+                duration_s=duration_s,
                 upstream_status=error.status if error else None,
                 error=error.message if error else "",
+                started_at=time.time() - duration_s,
             )
         )
         if error is not None:
@@ -312,6 +342,12 @@ class Router:
         rng: Callable[[], float] = random.random,
     ) -> None:
         self.backends = tuple(Backend(p, CircuitBreaker(config.circuit)) for p in providers)
+        for backend in self.backends:
+            spec = backend.provider.spec
+            if spec.embedding_model and backend.embedder is None:
+                raise ConfigError(
+                    f"backend {spec.name!r}: a {spec.kind} backend cannot serve embeddings; remove its embedding_model"
+                )
         self.lag = LoopLag()
         self._by_name = {b.name: b for b in self.backends}
         self._config = config
@@ -346,16 +382,27 @@ class Router:
         return [primary] if exact else [primary, *self._fallbacks(exclude=primary.backend)]
 
     def _routes(self, request: CompletionRequest, caller: str, may_use: ModelFilter | None) -> list[Route]:
-        """The request's routes that the caller may use ("backend/model" or the model name matches): a caller asking
-        for a model it may not use is refused, and one limited to some models is never served by another through a
-        fallback (with no model named, the default chain is the models it may use)."""
-        routes = self.resolve(request.model, exact=request.exact_model)
-        if may_use is None:
-            return routes
-        allowed = [r for r in routes if may_use(f"{r.backend.name}/{r.model}") or may_use(r.model)]
-        if not allowed or (request.model is not None and allowed[0] is not routes[0]):
-            raise ModelNotAllowedError(caller, request.model or f"{routes[0].backend.name}/{routes[0].model}")
-        return allowed
+        return _allowed(self.resolve(request.model, exact=request.exact_model), request.model, caller, may_use)
+
+    def embedding_routes(self, model: str | None) -> list[Route]:
+        """Where an embedding request for `model` may go, in order: a backend-qualified name's backend alone, else
+        every backend configured with the model (unset: the first backend's default embedding model); never
+        another model. ModelNotFoundError when no backend embeds with it."""
+        embedders = [b for b in self.backends if b.provider.spec.embedding_model]
+        if model is None:
+            if not embedders:
+                raise ModelNotFoundError("(the default embedding model)", ())
+            model = embedders[0].provider.spec.all_embedding_models[0]
+        model = self._aliases.get(model, model)
+        qualifier, _, bare = model.partition("/")
+        if bare and qualifier in self._by_name and self._by_name[qualifier].provider.spec.embedding_model:
+            # As for chat, a backend named by the caller is asked for any model: it may serve more than configured.
+            return [Route(self._by_name[qualifier], bare)]
+        routes = [Route(b, model) for b in embedders if b.embeds(model)]
+        if not routes:
+            served = [f"{b.name}/{name}" for b in embedders for name in b.provider.spec.all_embedding_models]
+            raise ModelNotFoundError(model, served)
+        return routes
 
     def _fallbacks(self, *, exclude: Backend) -> list[Route]:
         return [
@@ -460,6 +507,19 @@ class Router:
             raise StreamInterruptedError(broken.cause, chain.attempts, after="; no restart could finish it")
         raise chain.exhausted()
 
+    async def embed(
+        self, request: EmbeddingRequest, *, deadline: float, caller: str, may_use: ModelFilter | None = None
+    ) -> EmbeddingResponse:
+        chain = _Chain(deadline)
+        metering.attempts(chain.attempts)
+        for route in _allowed(self.embedding_routes(request.model), request.model, caller, may_use):
+            response = await self._try_route(chain, route, lambda r, t: _embed(r, request, t))
+            if response is not None:
+                usage = self._priced(route, response.model, response.usage)
+                self._bill(response.backend, response.model, caller, usage)
+                return replace(response, usage=usage, attempts=tuple(chain.attempts))
+        raise chain.exhausted()
+
     def _bill_partial(self, route: Route, request: CompletionRequest, caller: str, received: list[str]) -> TokenUsage:
         """What a stream that ended early consumed, counted by the gateway, recorded in the ledger as interrupted."""
         usage = self._priced(route, route.model, self._counter.estimate_usage(route.model, request, received))
@@ -474,8 +534,15 @@ class Router:
     def estimate_usd_micros(self, model: str | None, prompt_tokens: int, completion_tokens: int) -> int:
         """What a request for `model` may cost, at the price of the route that would serve it first: what a budget
         reserves before the call."""
+        return self._estimate(lambda: self.resolve(model, exact=True), prompt_tokens, completion_tokens)
+
+    def estimate_embedding_usd_micros(self, model: str | None, prompt_tokens: int) -> int:
+        """As estimate_usd_micros, for an embedding request."""
+        return self._estimate(lambda: self.embedding_routes(model), prompt_tokens, 0)
+
+    def _estimate(self, routes: Callable[[], list[Route]], prompt_tokens: int, completion_tokens: int) -> int:
         try:
-            route = self.resolve(model, exact=True)[0]
+            route = routes()[0]
         except ModelNotFoundError:
             return 0  # refused by the call itself, before any upstream is asked
         rate = self._prices.rate(route.backend.provider.spec, route.model)

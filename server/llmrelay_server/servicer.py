@@ -45,9 +45,12 @@ class LLMServicer(pb.LLMServiceServicer):
         ledger: UsageLedger,
         max_message_bytes: int,
         stores: Callable[[], list[StoreHealth]] = list,
+        *,
+        max_image_bytes: int,
     ) -> None:
         self._stores = stores
         self._max_message_bytes = max_message_bytes
+        self._max_image_bytes = max_image_bytes
         # A delta with more characters than this may be over the message limit (4 bytes a character at most, and
         # room for the rest of the message): it is sent in pieces.
         self._max_delta_chars = max(1, (max_message_bytes - MESSAGE_HEADROOM_BYTES) // 4)
@@ -92,7 +95,7 @@ class LLMServicer(pb.LLMServiceServicer):
             with self._model_call():
                 caller = current_caller.get()
                 response = await self._router.complete(
-                    convert.completion_request(request),
+                    convert.completion_request(request, max_image_bytes=self._max_image_bytes),
                     deadline=self._router.deadline(context.time_remaining()),
                     caller=caller_identity(context),
                     may_use=caller.may_use if caller is not None else None,
@@ -119,7 +122,7 @@ class LLMServicer(pb.LLMServiceServicer):
             with self._model_call():
                 caller = current_caller.get()
                 chunks = self._router.stream(
-                    convert.completion_request(request),
+                    convert.completion_request(request, max_image_bytes=self._max_image_bytes),
                     deadline=self._router.deadline(context.time_remaining()),
                     caller=caller_identity(context),
                     may_use=caller.may_use if caller is not None else None,
@@ -144,7 +147,9 @@ class LLMServicer(pb.LLMServiceServicer):
         context: grpc.aio.ServicerContext[pb.CountTokensRequest, pb.CountTokensResponse],
     ) -> pb.CountTokensResponse:
         try:
-            count = await self._router.count_tokens(*convert.count_request(request))
+            count = await self._router.count_tokens(
+                *convert.count_request(request, max_image_bytes=self._max_image_bytes)
+            )
         except LLMRelayError as error:
             await abort(context, "CountTokens", error)
         return pb.CountTokensResponse(
@@ -169,6 +174,30 @@ class LLMServicer(pb.LLMServiceServicer):
         except LLMRelayError as error:
             await abort(context, "GetUsage", error)
         return pb.GetUsageResponse(records=[convert.usage_record_pb(t) for t in totals])
+
+    async def Embed(
+        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[pb.EmbedRequest, pb.EmbedResponse]
+    ) -> pb.EmbedResponse:
+        try:
+            with self._model_call():
+                caller = current_caller.get()
+                response = await self._router.embed(
+                    convert.embedding_request(request),
+                    deadline=self._router.deadline(context.time_remaining()),
+                    caller=caller_identity(context),
+                    may_use=caller.may_use if caller is not None else None,
+                )
+            answer = convert.embed_response(response)
+            if (size := answer.ByteSize()) > self._max_message_bytes:
+                remedy = "send fewer inputs a call, or ask for fewer dimensions"
+                raise AnswerTooLargeError(size, self._max_message_bytes, remedy)
+        except LLMRelayError as error:
+            await abort(context, "Embed", error)
+        except asyncio.CancelledError:
+            if not self._interrupting:
+                raise
+            await abort(context, "Embed", ShuttingDownError(in_flight=True))
+        return answer
 
 
 def caller_identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:

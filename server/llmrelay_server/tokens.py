@@ -15,7 +15,8 @@ Chat counts follow OpenAI's cookbook "How to count tokens with tiktoken"
 (https://github.com/openai/openai-cookbook/blob/main/examples/How_to_count_tokens_with_tiktoken.ipynb): 3 tokens
 framing each message, 1 more for a name, 3 priming the reply, and, for tools, its per-function formula. Where the
 cookbook publishes nothing (tool calls in messages, tool_call_id, schemas its formula does not model, gpt-oss's
-harmony chat format, unknown models), the count is a stable estimate and says so with ``estimated=True``.
+harmony chat format, unknown models), the count is a stable estimate and says so with ``estimated=True``. Images
+are counted by the size their header gives, as OpenAI's vision guide says (see _image_tokens).
 
 Counting a few megabytes takes the better part of a second. The ``*_async`` methods count a long text or chat in a
 thread (tiktoken releases the GIL while it encodes), so the event loop goes on serving other calls meanwhile.
@@ -36,13 +37,25 @@ import re
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import tiktoken
 
-from llmrelay_server.domain import CompletionRequest, Message, TokenCount, TokenizerUnavailableError, TokenUsage, Tool
+from llmrelay_server import images
+from llmrelay_server.domain import (
+    CompletionRequest,
+    ImageDetail,
+    ImagePart,
+    JsonText,
+    Message,
+    TextPart,
+    TokenCount,
+    TokenizerUnavailableError,
+    TokenUsage,
+    Tool,
+)
 
 __all__ = ["TokenCounter", "default_search_dirs", "encoding_for_model"]
 
@@ -229,6 +242,7 @@ def _message_tokens(encode: _Encode, message: Message) -> tuple[int, bool]:
     The reasoning text is left out: chat APIs drop earlier turns' reasoning, so the upstream never bills it.
     """
     tokens = _TOKENS_PER_MESSAGE + len(encode(message.role.value)) + len(encode(message.content))
+    tokens += sum(len(encode(part.text)) for part in message.parts if isinstance(part, TextPart))
     if message.name is not None:
         tokens += len(encode(message.name)) + _TOKENS_PER_NAME
     if message.tool_call_id is not None:
@@ -236,6 +250,56 @@ def _message_tokens(encode: _Encode, message: Message) -> tuple[int, bool]:
     for call in message.tool_calls:
         tokens += _TOKENS_PER_TOOL_CALL + len(encode(call.id)) + len(encode(call.name)) + len(encode(call.arguments))
     return tokens, message.tool_call_id is None and not message.tool_calls
+
+
+# OpenAI's vision guide, "Calculating costs" (https://platform.openai.com/docs/guides/images-vision): at low detail
+# an image costs 85 tokens; at high detail it is scaled to fit in 2048x2048, then down until its shorter side is
+# 768px, and costs 85 plus 170 for each 512px tile it takes to cover it. Those are the figures of gpt-4o, gpt-4.1,
+# gpt-4.5 and gpt-4-turbo; other models (gpt-4o-mini, the o-series, those priced by 32px patches, local ones) are
+# counted by them too, as an estimate.
+_IMAGE_BASE_TOKENS: Final = 85
+_IMAGE_TILE_TOKENS: Final = 170
+_IMAGE_TILE_PX: Final = 512
+_IMAGE_FIT_PX: Final = 2048
+_IMAGE_SHORT_SIDE_PX: Final = 768
+# The most tiles a scaled image can take (2048x768: 4 by 2), for an image whose size is not known.
+_IMAGE_MAX_TILES: Final = 8
+_TILE_PRICED_MODELS: Final = re.compile(
+    r"(chatgpt-4o|gpt-4o|gpt-4\.1|gpt-4\.5|gpt-4-turbo)(-preview|-latest)?(-\d{4}-\d{2}-\d{2})?"
+)
+
+
+def _high_detail_tokens(width: int, height: int) -> int:
+    # Scaled in whole pixels, and never up: a small image costs the tiles of its own size.
+    if (longest := max(width, height)) > _IMAGE_FIT_PX:
+        width, height = max(1, width * _IMAGE_FIT_PX // longest), max(1, height * _IMAGE_FIT_PX // longest)
+    if (shortest := min(width, height)) > _IMAGE_SHORT_SIDE_PX:
+        width, height = width * _IMAGE_SHORT_SIDE_PX // shortest, height * _IMAGE_SHORT_SIDE_PX // shortest
+    tiles = -(-width // _IMAGE_TILE_PX) * -(-height // _IMAGE_TILE_PX)
+    return _IMAGE_BASE_TOKENS + _IMAGE_TILE_TOKENS * tiles
+
+
+def _image_tokens(image: ImagePart, priced_by_tiles: bool) -> tuple[int, bool]:
+    """An image's tokens, and whether they are what the model is billed.
+
+    Unset or AUTO, the detail is the upstream's choice: counted as high, the most it can cost. An image whose size
+    is not known (a URL, or bytes whose header cannot be read) is counted at high detail as the largest image costs,
+    so that a reservation against a token limit is never short.
+    """
+    if image.detail is ImageDetail.LOW:
+        return _IMAGE_BASE_TOKENS, priced_by_tiles
+    size = images.dimensions(image.data) if image.data is not None else None
+    if size is None:
+        return _IMAGE_BASE_TOKENS + _IMAGE_TILE_TOKENS * _IMAGE_MAX_TILES, False
+    return _high_detail_tokens(*size), priced_by_tiles and image.detail is ImageDetail.HIGH
+
+
+def _without_images(message: Message) -> Message:
+    """The message as its text is counted: the count of each is cached by the message, and one that kept its images
+    would keep their bytes alive in the cache, and hash them at every lookup."""
+    if not any(isinstance(part, ImagePart) for part in message.parts):
+        return message
+    return replace(message, parts=tuple(part for part in message.parts if isinstance(part, TextPart)))
 
 
 def _enum_tokens(encode: _Encode, enum: object, costs: _ToolCosts) -> tuple[int, bool]:
@@ -268,7 +332,7 @@ def _tool_tokens(encode: _Encode, tool: Tool, costs: _ToolCosts) -> tuple[int, b
     description = tool.description or ""
     tokens = costs.func_init + len(encode(f"{tool.name}:{description.removesuffix('.')}"))
     exact = tool.description is not None
-    parameters = tool.parameters or {}
+    parameters = _schema(tool.parameters)
     properties = parameters.get("properties") or {}
     if not isinstance(properties, Mapping):
         return tokens + len(encode(_compact_json(parameters))), False
@@ -281,6 +345,15 @@ def _tool_tokens(encode: _Encode, tool: Tool, costs: _ToolCosts) -> tuple[int, b
     if extras:
         tokens, exact = tokens + len(encode(_compact_json(extras))), False
     return tokens, exact
+
+
+def _schema(parameters: Mapping[str, Any] | JsonText | None) -> Mapping[str, Any]:
+    """A tool's parameters as a mapping, the caller's JSON text parsed once (the request's conversion checked that
+    it is an object): the same schema counts the same whichever form it came in."""
+    if isinstance(parameters, JsonText):
+        parsed: Mapping[str, Any] = json.loads(parameters.text)
+        return parsed
+    return parameters or {}
 
 
 def _tools_tokens(encode: _Encode, tools: Sequence[Tool], costs: _ToolCosts) -> tuple[int, bool]:
@@ -307,11 +380,15 @@ def _chat_pieces(messages: Sequence[Message], tools: Sequence[Tool]) -> Iterator
     """Every text a chat count encodes; their length is the count's cost."""
     for message in messages:
         yield from (message.content, message.name or "", message.tool_call_id or "")
+        yield from (part.text for part in message.parts if isinstance(part, TextPart))
         for call in message.tool_calls:
             yield from (call.id, call.name, call.arguments)
     for tool in tools:
         yield from (tool.name, tool.description or "")
-        yield from _json_pieces(tool.parameters)
+        if isinstance(tool.parameters, JsonText):
+            yield tool.parameters.text
+        else:
+            yield from _json_pieces(tool.parameters)
 
 
 def _json_pieces(value: object) -> Iterator[str]:
@@ -465,9 +542,14 @@ class TokenCounter:
         # Text never carries special tokens into the count: the API treats "<|endoftext|>" in content as plain text.
         encode = self._encoding(encoding_name).encode_ordinary
         tokens, formula_covers_all = _REPLY_PRIMING, True
+        priced_by_tiles = _TILE_PRICED_MODELS.fullmatch(_base_model_name(model)) is not None
         for message in messages:
-            message_tokens, covered = self._message_tokens(encoding_name, message)
+            message_tokens, covered = self._message_tokens(encoding_name, _without_images(message))
             tokens, formula_covers_all = tokens + message_tokens, formula_covers_all and covered
+            for part in message.parts:
+                if isinstance(part, ImagePart):
+                    part_tokens, covered = _image_tokens(part, priced_by_tiles)
+                    tokens, formula_covers_all = tokens + part_tokens, formula_covers_all and covered
         costs = _CL100K_TOOL_COSTS if encoding_name == CL100K_BASE else _O200K_TOOL_COSTS
         tool_tokens, covered = _tools_tokens(encode, tools, costs)
         # gpt-oss servers render the harmony format with a system preamble of their own (date, reasoning level),
@@ -490,6 +572,14 @@ class TokenCounter:
         if len(text) <= self._inline_chars and self._loaded(model):
             return self.count_text(model, text)
         return await self._in_thread(functools.partial(self.count_text, model, text))
+
+    async def count_texts_async(self, model: str, texts: Sequence[str]) -> TokenCount:
+        """The tokens of several texts, each counted on its own (as an embedding request's inputs are), added up."""
+        encoding_name, exact = encoding_for_model(model)
+        tokens = 0
+        for text in texts:
+            tokens += (await self.count_text_async(model, text)).tokens
+        return TokenCount(tokens=tokens, model=model, encoding=encoding_name, estimated=not exact)
 
     async def count_chat_async(self, model: str, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> TokenCount:
         """count_chat, in a thread when the chat is long enough to hold up the event loop."""

@@ -6,8 +6,8 @@ upstream attempt with the GenAI semantic conventions' attributes, and events on 
 and stream restarts. Every upstream request of the call carries the RPC span's `traceparent` (`Meter.upstream_headers`).
 
 Like the metrics, the interceptor reads what the router did from the call's meter (`metering`) when the call ends, so
-the router knows nothing of tracing: the attempt spans are made then, laid out from the call's start by their
-durations in order (the short backoff between two attempts is not recorded; a later attempt shows a little early).
+the router knows nothing of tracing: the attempt spans are made then, from when each attempt began and how long it
+took, as the router recorded them.
 
 Spans go by OTLP in batches, over HTTP (`http/protobuf`, the specification's default) or gRPC as
 OTEL_EXPORTER_OTLP_PROTOCOL says, to OTEL_EXPORTER_OTLP_ENDPOINT; the SDK reads the other OTEL_* variables (service
@@ -36,9 +36,8 @@ from opentelemetry.util.types import AttributeValue
 from llmrelay_server.config import ConfigError, GatewayConfig
 from llmrelay_server.domain import Attempt, AttemptOutcome, BackendSpec
 from llmrelay_server.metering import Billed, Meter, open_meter
-from llmrelay_server.observing import ObservingInterceptor, Start
+from llmrelay_server.observing import GEN_AI_OPERATIONS, ObservingInterceptor, Start
 
-_MODEL_CALLS = frozenset({"llmrelay.v1.LLMService/Complete", "llmrelay.v1.LLMService/StreamComplete"})
 _FAILURES = frozenset(AttemptOutcome) - {AttemptOutcome.SUCCEEDED, AttemptOutcome.SKIPPED}
 _BILLED = frozenset({AttemptOutcome.SUCCEEDED, AttemptOutcome.INTERRUPTED})
 # The codes that are the server's own failure, as OpenTelemetry's RPC conventions set a server span's status.
@@ -118,14 +117,15 @@ class _Call:
     ) -> None:
         self._i = interceptor
         self.streaming = streaming
-        self.model_call = name in _MODEL_CALLS
+        self.operation = GEN_AI_OPERATIONS.get(f"/{name}")
+        self.model_call = self.operation is not None
         service, _, method = name.rpartition("/")
         attributes: Attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
-        if self.model_call:
-            attributes["gen_ai.operation.name"] = "chat"
+        if self.operation is not None:
+            attributes["gen_ai.operation.name"] = self.operation
             if request.HasField("model"):
                 attributes["gen_ai.request.model"] = request.model
-            if interceptor._log_content:
+            if interceptor._log_content and self.operation == "chat":
                 attributes["gen_ai.input.messages"] = json.dumps([_message(m) for m in request.messages])
         carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
         self.started = time.time_ns()
@@ -146,7 +146,7 @@ class _Call:
             self._answered(message)
 
     def _answered(self, answer: Any) -> None:
-        if self.model_call:
+        if self.operation == "chat":  # an embedding has no answer id, finish reason or text
             self._last = answer
             if self._i._log_content:
                 self._text = [answer.message.content]
@@ -187,14 +187,17 @@ class _Call:
         cursor = self.started
         ends: list[int] = []
         for index, attempt in enumerate(attempts):
-            start = min(cursor, ended)
+            # Where the router noted when the attempt began; else (a skipped route) right after the one before.
+            begun = int(attempt.started_at * 1e9) if attempt.started_at is not None else cursor
+            start = min(max(begun, self.started), ended)
             end = min(start + int(attempt.duration_s * 1e9), ended)
             if streamed and index == len(attempts) - 1 and attempt.outcome is AttemptOutcome.SUCCEEDED:
                 end = ended  # the attempt's duration is its time to the first chunk; its stream went on to the end
             cursor = end
             ends.append(end)
             attributes = self._attempt_attributes(attempt, _take(unmatched, attempt))
-            child = tracer.start_span(f"chat {attempt.model}", parent, SpanKind.CLIENT, attributes, start_time=start)
+            name = f"{self.operation} {attempt.model}"
+            child = tracer.start_span(name, parent, SpanKind.CLIENT, attributes, start_time=start)
             if attempt.outcome in _FAILURES:
                 child.set_status(Status(StatusCode.ERROR, attempt.error or attempt.outcome.value))
             child.end(end_time=end)
@@ -222,7 +225,7 @@ class _Call:
 
     def _attempt_attributes(self, attempt: Attempt, billed: Billed | None) -> Attributes:
         attributes: Attributes = {
-            "gen_ai.operation.name": "chat",
+            "gen_ai.operation.name": self.operation or "chat",
             "gen_ai.request.model": attempt.model,
             "llmrelay.backend": attempt.backend,
             "llmrelay.outcome": attempt.outcome.value,

@@ -19,7 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import v1 as pb
-from support import FAST_ROUTER, GatewayFactory, StubFactory, chat, details, stream_chat, two_backends
+from support import DIALECTS, FAST_ROUTER, GatewayFactory, StubFactory, chat, details, stream_chat, two_backends
 from upstream import FakeUpstream
 
 Outcome = pb.AttemptOutcome
@@ -27,6 +27,8 @@ HTML = {"body": "<html><body>502 Bad Gateway</body></html>", "content_type": "te
 NOT_JSON = {"body": '{"id": "x", "choices": [', "content_type": "application/json"}
 NO_CHOICES = {"body": '{"id": "x", "object": "chat.completion"}'}
 TOO_LONG = {"status": 400, "body": '{"error": {"message": "This model\'s maximum context length is 8192 tokens"}}'}
+PRIMARY = "primary"
+"""A row's served_by for the primary backend, whichever dialect it speaks (named after it: openai, anthropic)."""
 
 
 @dataclass(frozen=True)
@@ -38,14 +40,19 @@ class Row:
     reason: str = ""
     outcomes: tuple[int, ...] = ()
     calls: tuple[int, int] = (1, 0)
-    served_by: str = "openai"
+    served_by: str = PRIMARY
     exact_model: bool = False
+    only: str | None = None
+    """The one dialect of the primary the row is about (its faults are that API's), if it is about one."""
     wait_s: float = 0.0
     """The longest the gateway should leave the upstreams without a request between two attempts: the policy's
     backoff (0.02 s here) unless an attempt waits out a limit."""
 
     def with_wait(self, wait_s: float) -> Row:
         return replace(self, wait_s=wait_s)
+
+    def of(self, dialect: str) -> Row:
+        return replace(self, only=dialect)
 
 
 def retried(name: str, fault: dict[str, Any], outcome: int) -> Row:
@@ -84,7 +91,12 @@ ROWS = [
     moves_on(
         "silent past the first-chunk limit: next backend, no retry", {"stall_s": 3}, Outcome.ATTEMPT_OUTCOME_TIMEOUT
     ).with_wait(1.0),
-    Row("two choices: only index 0 is read", [{"two_choices": True}], outcomes=(Outcome.ATTEMPT_OUTCOME_SUCCEEDED,)),
+    Row(
+        "two choices: only index 0 is read",
+        [{"two_choices": True}],
+        outcomes=(Outcome.ATTEMPT_OUTCOME_SUCCEEDED,),
+        only="openai",
+    ),
     moves_on(
         "429 with a long Retry-After moves on at once",
         {"status": 429, "retry_after": 3600},
@@ -94,7 +106,32 @@ ROWS = [
     moves_on("401 of our key: next backend, no retry", {"status": 401}, Outcome.ATTEMPT_OUTCOME_AUTH_FAILED),
     moves_on("403 likewise", {"status": 403}, Outcome.ATTEMPT_OUTCOME_AUTH_FAILED),
     moves_on("404 model missing: next backend", {"status": 404}, Outcome.ATTEMPT_OUTCOME_MODEL_NOT_FOUND),
-    moves_on("context length: next backend", TOO_LONG, Outcome.ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED),
+    moves_on("context length: next backend", TOO_LONG, Outcome.ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED).of("openai"),
+    moves_on(
+        "prompt is too long: next backend",
+        {"status": 400, "message": "prompt is too long: 208656 tokens > 200000 maximum"},
+        Outcome.ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED,
+    ).of("anthropic"),
+    retried("529 overloaded retried then ok", {"status": 529}, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR).of("anthropic"),
+    falls_back("529 twice falls back", [{"status": 529}] * 2, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR).of("anthropic"),
+    retried(
+        "529 with a short retry-after is retried",
+        {"status": 529, "retry_after": 0},
+        Outcome.ATTEMPT_OUTCOME_SERVER_ERROR,
+    ).of("anthropic"),
+    moves_on(
+        "529 with a long retry-after moves on at once",
+        {"status": 529, "retry_after": 3600},
+        Outcome.ATTEMPT_OUTCOME_SERVER_ERROR,
+    ).of("anthropic"),
+    moves_on(
+        "a spend limit reached: next backend, no retry",
+        {"status": 429, "error_code": "enforced_spend_limit_reached"},
+        Outcome.ATTEMPT_OUTCOME_AUTH_FAILED,
+    ).of("anthropic"),
+    moves_on("402 billing: next backend, no retry", {"status": 402}, Outcome.ATTEMPT_OUTCOME_AUTH_FAILED).of(
+        "anthropic"
+    ),
     Row(
         "400 is the caller's fault: no retry, no fallback",
         [{"status": 400}],
@@ -103,14 +140,18 @@ ROWS = [
         calls=(1, 0),
     ),
     Row("422 likewise", [{"status": 422}], code=grpc.StatusCode.INVALID_ARGUMENT, reason="UPSTREAM_REJECTED"),
+    Row("413 likewise", [{"status": 413}], code=grpc.StatusCode.INVALID_ARGUMENT, reason="UPSTREAM_REJECTED"),
     moves_on("200 with HTML", HTML, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
     moves_on("malformed JSON", NOT_JSON, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
-    moves_on("missing choices", NO_CHOICES, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
+    moves_on("missing choices", NO_CHOICES, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR).of("openai"),
     moves_on(
         "only another choice",
         {"body": '{"choices": [{"index": 1, "message": {"content": "x"}}]}'},
         Outcome.ATTEMPT_OUTCOME_SERVER_ERROR,
-    ),
+    ).of("openai"),
+    moves_on(
+        "content that is no list", {"body": '{"id": "x", "content": "x"}'}, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR
+    ).of("anthropic"),
     Row(
         "rate limited everywhere",
         [{"status": 429, "retry_after": 0}] * 2,
@@ -154,9 +195,15 @@ ROWS = [
 ]
 
 
+def cases(rows: list[Row]) -> list[Any]:
+    """Each row with each dialect of the primary that it applies to, as (primary, row) parameters."""
+    return [pytest.param(d, r, id=f"{d}-{r.name}") for r in rows for d in DIALECTS if r.only in (None, d)]
+
+
 async def call_unary(stub: pb.LLMServiceAsyncStub, row: Row) -> tuple[grpc.StatusCode, Any]:
+    # No model named: the primary's default, whichever it is.
     try:
-        answer = await stub.Complete(chat("x y", model="gpt-test", exact_model=row.exact_model), timeout=10)
+        answer = await stub.Complete(chat("x y", exact_model=row.exact_model), timeout=10)
     except grpc.aio.AioRpcError as error:
         return error.code(), error
     return grpc.StatusCode.OK, answer
@@ -165,9 +212,7 @@ async def call_unary(stub: pb.LLMServiceAsyncStub, row: Row) -> tuple[grpc.Statu
 async def call_stream(stub: pb.LLMServiceAsyncStub, row: Row) -> tuple[grpc.StatusCode, Any]:
     chunks: list[pb.StreamCompleteResponse] = []
     try:
-        async for chunk in stub.StreamComplete(
-            stream_chat("x y", model="gpt-test", exact_model=row.exact_model), timeout=10
-        ):
+        async for chunk in stub.StreamComplete(stream_chat("x y", exact_model=row.exact_model), timeout=10):
             chunks.append(chunk)
     except grpc.aio.AioRpcError as error:
         return error.code(), error
@@ -178,7 +223,7 @@ async def call_stream(stub: pb.LLMServiceAsyncStub, row: Row) -> tuple[grpc.Stat
 
 
 @pytest.mark.parametrize("call", [call_unary, call_stream], ids=["unary", "stream"])
-@pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
+@pytest.mark.parametrize(("primary", "row"), cases(ROWS), indirect=["primary"])
 async def test_fault_matrix(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream, row: Row, call: Any
 ) -> None:
@@ -187,7 +232,7 @@ async def test_fault_matrix(
     code, result = await call(stub, row)
     assert code == row.code, getattr(result, "details", lambda: result)()
     if code == grpc.StatusCode.OK:
-        assert result.backend == row.served_by
+        assert result.backend == (primary.dialect if row.served_by == PRIMARY else row.served_by)
         assert result.message.content == "echo: x y", "a complete answer from one backend"
         assert tuple(a.outcome for a in result.attempts) == row.outcomes
     else:
@@ -209,19 +254,22 @@ async def test_fault_matrix(
 
 STREAM_ROWS = [
     Row("events without choices are no answer", [{"no_choices": True}], served_by="ollama", calls=(1, 1),
-        outcomes=(Outcome.ATTEMPT_OUTCOME_SERVER_ERROR, Outcome.ATTEMPT_OUTCOME_SUCCEEDED)),
+        outcomes=(Outcome.ATTEMPT_OUTCOME_SERVER_ERROR, Outcome.ATTEMPT_OUTCOME_SUCCEEDED), only="openai"),
     Row("no finish reason is a cut stream", [{"no_finish": True}], code=grpc.StatusCode.ABORTED,
         reason="STREAM_INTERRUPTED"),
     Row("an error event before the first chunk is retried", [{"error_event_after": 0}], calls=(2, 0),
         outcomes=(Outcome.ATTEMPT_OUTCOME_SERVER_ERROR, Outcome.ATTEMPT_OUTCOME_SUCCEEDED)),
     Row("finish reason and usage without [DONE] is whole", [{"no_done": True}],
-        outcomes=(Outcome.ATTEMPT_OUTCOME_SUCCEEDED,)),
+        outcomes=(Outcome.ATTEMPT_OUTCOME_SUCCEEDED,), only="openai"),
+    Row("a rate_limit_error event before the first chunk is retried",
+        [{"error_event_after": 0, "error_type": "rate_limit_error"}], calls=(2, 0),
+        outcomes=(Outcome.ATTEMPT_OUTCOME_RATE_LIMITED, Outcome.ATTEMPT_OUTCOME_SUCCEEDED), only="anthropic"),
     Row("error events everywhere", [{"error_event_after": 0}] * 2, [{"error_event_after": 0}] * 2,
         code=grpc.StatusCode.UNAVAILABLE, reason="BACKENDS_UNAVAILABLE", calls=(2, 2)),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("row", STREAM_ROWS, ids=[r.name for r in STREAM_ROWS])
+@pytest.mark.parametrize(("primary", "row"), cases(STREAM_ROWS), indirect=["primary"])
 async def test_stream_fault_matrix(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream, row: Row
 ) -> None:
@@ -234,6 +282,7 @@ async def test_stream_fault_matrix(
     [{"stream_cut_after": 3}, {"trickle_s": 3}, {"error_event_after": 3}],
     ids=["cut", "stalled", "error event"],
 )
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
 async def test_streams_fail_definitely_after_the_first_chunk(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream, fault: dict[str, Any]
 ) -> None:
@@ -244,12 +293,13 @@ async def test_streams_fail_definitely_after_the_first_chunk(
             received.append(chunk.delta.content)
     assert caught.value.code() == grpc.StatusCode.ABORTED
     info = details(caught.value)["ErrorInfo"]
-    assert (info.reason, info.metadata["backend"]) == ("STREAM_INTERRUPTED", "openai")
-    assert info.metadata["attempts"] == "openai:interrupted"
+    assert (info.reason, info.metadata["backend"]) == ("STREAM_INTERRUPTED", primary.dialect)
+    assert info.metadata["attempts"] == f"{primary.dialect}:interrupted"
     assert received and "".join(received) != "echo: one two three four", "never a silent truncation"
     assert local.chat_requests == [], "never text of two backends mixed"
 
 
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
 async def test_garbage_before_the_first_chunk_still_falls_back(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
 ) -> None:
@@ -270,6 +320,7 @@ async def test_stream_without_upstream_usage_is_counted_and_flagged(
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
 async def test_deadline_bounds_everything(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
@@ -281,14 +332,15 @@ async def test_deadline_bounds_everything(
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     info = details(caught.value)["ErrorInfo"]
     assert info.reason == "DEADLINE_EXCEEDED"
-    assert info.metadata["attempts"] == "openai:timeout"
+    assert info.metadata["attempts"] == f"{primary.dialect}:timeout"
     assert local.chat_requests == [], "no fallback starts that cannot finish in time"
 
 
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
 async def test_no_retry_starts_after_the_deadline(stub: pb.LLMServiceAsyncStub, primary: FakeUpstream) -> None:
     primary.inject({"status": 429, "retry_after": 2})
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.Complete(chat(model="gpt-test", exact_model=True), timeout=0.5)
+        await stub.Complete(chat(model=primary.models[0], exact_model=True), timeout=0.5)
     # Waiting 2 s for a retry cannot fit in 0.5 s: the gateway answers at once with what it knows.
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert details(caught.value)["RetryInfo"].retry_delay.seconds == 2
@@ -303,6 +355,7 @@ async def wait_until(condition: Any, within_s: float) -> None:
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
 async def test_cancellation_closes_the_upstream_request_at_once(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, streaming: bool
 ) -> None:
@@ -429,10 +482,11 @@ async def test_a_stream_trickling_bytes_ends_at_the_deadline(
     assert time.monotonic() - started < 2.5
 
 
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
 async def test_an_enormous_answer_gets_a_definite_status(stub: pb.LLMServiceAsyncStub, primary: FakeUpstream) -> None:
     primary.inject({"huge_content": 6_000_000})
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.Complete(chat(model="gpt-test", exact_model=True), timeout=10)
+        await stub.Complete(chat(model=primary.models[0], exact_model=True), timeout=10)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert details(caught.value)["ErrorInfo"].reason == "ANSWER_TOO_LARGE"
     assert "StreamComplete" in str(caught.value.details())

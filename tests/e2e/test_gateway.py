@@ -10,15 +10,27 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from llmrelay import v1 as pb
-from support import OPENAI_TEST_KEY, StubFactory, chat, details, stream_chat, struct, tool, two_backends, user
+from support import (
+    DIALECTS,
+    OPENAI_TEST_KEY,
+    StubFactory,
+    chat,
+    details,
+    stream_chat,
+    struct,
+    tool,
+    two_backends,
+    user,
+)
 from upstream import FakeUpstream
 
 
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
 async def test_completion_is_served_by_the_first_backend(stub: pb.LLMServiceAsyncStub, primary: FakeUpstream) -> None:
     answer = await stub.Complete(chat("what is two plus two"), timeout=5)
     assert answer.message.content == "echo: what is two plus two"
     assert answer.message.role == pb.ROLE_ASSISTANT
-    assert (answer.backend, answer.model) == ("openai", "gpt-test")
+    assert (answer.backend, answer.model) == (primary.dialect, primary.models[0])
     assert answer.finish_reason == pb.FINISH_REASON_STOP
     assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens > 0
     assert not answer.usage.estimated
@@ -26,7 +38,8 @@ async def test_completion_is_served_by_the_first_backend(stub: pb.LLMServiceAsyn
     assert len(primary.chat_requests) == 1
 
 
-async def test_stream_concatenates_to_the_unary_answer(stub: pb.LLMServiceAsyncStub) -> None:
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
+async def test_stream_concatenates_to_the_unary_answer(stub: pb.LLMServiceAsyncStub, primary: FakeUpstream) -> None:
     unary = await stub.Complete(chat("one two three four"), timeout=5)
     chunks = [c async for c in stub.StreamComplete(stream_chat("one two three four"), timeout=5)]
     assert len(chunks) > 2, "the answer must arrive in pieces"
@@ -35,10 +48,11 @@ async def test_stream_concatenates_to_the_unary_answer(stub: pb.LLMServiceAsyncS
     assert last.finish_reason == pb.FINISH_REASON_STOP
     assert last.usage.total_tokens == unary.usage.total_tokens
     assert all(c.finish_reason == pb.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
-    assert {c.backend for c in chunks} == {"openai"}
+    assert {c.backend for c in chunks} == {primary.dialect}
     assert [a.outcome for a in last.attempts] == [pb.ATTEMPT_OUTCOME_SUCCEEDED]
 
 
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
 async def test_fallback_to_local_when_the_primary_is_down(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
@@ -48,8 +62,8 @@ async def test_fallback_to_local_when_the_primary_is_down(
     assert answer.message.content == "echo: still there?"
     outcomes = [(a.backend, a.outcome) for a in answer.attempts]
     assert outcomes == [
-        ("openai", pb.ATTEMPT_OUTCOME_UNREACHABLE),
-        ("openai", pb.ATTEMPT_OUTCOME_UNREACHABLE),
+        (primary.dialect, pb.ATTEMPT_OUTCOME_UNREACHABLE),
+        (primary.dialect, pb.ATTEMPT_OUTCOME_UNREACHABLE),
         ("ollama", pb.ATTEMPT_OUTCOME_SUCCEEDED),
     ]
     assert local.chat_requests[0]["model"] == "tiny", "the model is mapped to the fallback's own"
@@ -76,6 +90,7 @@ router:
 """
 
 
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
 async def test_streaming_falls_back_before_the_first_chunk(stub: pb.LLMServiceAsyncStub, primary: FakeUpstream) -> None:
     primary.inject({"status": 502}, {"status": 502})
     chunks = [c async for c in stub.StreamComplete(stream_chat("a b c"), timeout=5)]

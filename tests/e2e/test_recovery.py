@@ -12,7 +12,7 @@ import pytest
 from llmrelay import AbortedError, AsyncClient, StreamAssembler
 from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway
-from support import details, stream_chat
+from support import DIALECTS, details, stream_chat
 from upstream import FakeUpstream
 
 Outcome = pb.AttemptOutcome
@@ -30,6 +30,7 @@ async def read(stub: pb.LLMServiceAsyncStub, **fields: Any) -> list[pb.StreamCom
 
 
 @pytest.mark.parametrize("fault", BREAKS.values(), ids=BREAKS.keys())
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
 async def test_a_broken_stream_restarts_on_the_fallback_behind_one_marker(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream, fault: dict[str, Any]
 ) -> None:
@@ -38,10 +39,10 @@ async def test_a_broken_stream_restarts_on_the_fallback_behind_one_marker(
     markers = [i for i, c in enumerate(chunks) if c.HasField("restart")]
     assert len(markers) == 1
     before, marker, after = chunks[: markers[0]], chunks[markers[0]], chunks[markers[0] + 1 :]
-    assert {c.backend for c in before} == {"openai"} and {c.backend for c in after} == {"ollama"}
+    assert {c.backend for c in before} == {primary.dialect} and {c.backend for c in after} == {"ollama"}
     assert "".join(c.delta.content for c in before) != f"echo: {PROMPT}", "the broken attempt had only a part"
     assert "".join(c.delta.content for c in after) == f"echo: {PROMPT}", "the fallback's whole answer"
-    assert marker.restart.backend == "openai"
+    assert marker.restart.backend == primary.dialect
     assert [a.outcome for a in marker.restart.attempts] == [Outcome.ATTEMPT_OUTCOME_INTERRUPTED]
     assert marker.restart.usage.estimated and marker.restart.usage.completion_tokens > 0
     final = chunks[-1]
@@ -116,6 +117,7 @@ async def test_an_unknown_policy_is_an_invalid_request(stub: pb.LLMServiceAsyncS
     assert [v.field for v in details(caught.value)["BadRequest"].field_violations] == ["on_interrupt"]
 
 
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
 async def test_the_broken_attempt_is_billed_and_flagged_in_the_ledger(
     gateway: Gateway, stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
 ) -> None:
@@ -123,7 +125,7 @@ async def test_the_broken_attempt_is_billed_and_flagged_in_the_ledger(
     chunks = await read(stub, on_interrupt=RESTART)
     marker = next(c.restart for c in chunks if c.HasField("restart"))
     records = {r.backend: r for r in (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records}
-    broken = records["openai"]
+    broken = records[primary.dialect]
     assert (broken.requests, broken.interrupted_requests, broken.estimated_requests) == (1, 1, 1)
     assert broken.prompt_tokens == marker.usage.prompt_tokens
     assert broken.completion_tokens == marker.usage.completion_tokens

@@ -126,6 +126,9 @@ async def test_retries_and_fallbacks_are_attempt_spans_and_events(
     assert dict(attempts[2].attributes or {})["gen_ai.provider.name"] == "ollama"
     for before, after in pairwise(attempts):
         assert (before.end_time or 0) <= (after.start_time or 0)
+    # Each span starts when its attempt did (backoff included), as the upstreams saw the requests come.
+    retried = (attempts[1].start_time or 0) - (attempts[0].start_time or 0)
+    assert abs(retried / 1e9 - (primary.chat_times[1] - primary.chat_times[0])) < 0.005
     moves = [(event.name, dict(event.attributes or {})) for event in server.events]
     reason = {"llmrelay.reason": "server_error"}
     assert moves == [

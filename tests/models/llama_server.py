@@ -29,6 +29,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ctx-size", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parallel", type=int, default=1, help="concurrent request slots, each with ctx-size")
+    parser.add_argument(
+        "--embedding", action="store_true", help="also serve /v1/embeddings, one mean-pooled vector per input"
+    )
     return parser.parse_args(argv)
 
 
@@ -52,6 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     params.cpuparams_batch.n_threads = args.threads
     # Renders the GGUF's own chat template, as llama-server --jinja does.
     params.use_jinja = True
+    if args.embedding:
+        # Without embedding mode llama.cpp answers /v1/embeddings with 501. A causal model names no pooling of its
+        # own, and without one the server makes a vector per token, which its OpenAI endpoint refuses: mean pooling
+        # gives one vector per input, as an embedding model's would.
+        params.embedding = True
+        params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
 
     # Returns once the model is loaded and the socket listens.
     server = xllamacpp.Server(params)

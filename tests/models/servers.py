@@ -153,11 +153,18 @@ def _process(argv: list[str], env: dict[str, str], log_path: Path) -> Iterator[s
 
 @contextlib.contextmanager
 def start_llama_server(
-    model_path: Path, alias: str = "tiny", *, ctx_size: int = 512, threads: int = 2, parallel: int = 1
+    model_path: Path,
+    alias: str = "tiny",
+    *,
+    ctx_size: int = 512,
+    threads: int = 2,
+    parallel: int = 1,
+    embedding: bool = False,
 ) -> Iterator[ServerHandle]:
     """Serve `model_path` with llama.cpp (via xllamacpp) on a free loopback port.
 
-    Requests name the model `alias`. Yields once GET /health answers 200.
+    Requests name the model `alias`. With `embedding`, /v1/embeddings answers too (mean pooling). Yields once GET
+    /health answers 200.
     """
     with tempfile.TemporaryDirectory(prefix="llmrelay-llama-") as tmp:
         log_path = Path(tmp) / "llama_server.log"
@@ -168,6 +175,7 @@ def start_llama_server(
             *("--host", "127.0.0.1", "--port", "0"),
             *("--alias", alias),
             *("--ctx-size", str(ctx_size), "--threads", str(threads), "--parallel", str(parallel)),
+            *(["--embedding"] if embedding else []),
         ]
         with _process(argv, dict(os.environ), log_path) as process:
             base_url = _wait_for_url(process, log_path, _LLAMA_READY, "llama_server.py")

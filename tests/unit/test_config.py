@@ -51,6 +51,42 @@ def test_defaults_with_key_put_openai_first(tmp_path: Path) -> None:
     assert cfg.backends[1].api_key is None
 
 
+def test_an_anthropic_key_puts_anthropic_after_openai(tmp_path: Path) -> None:
+    cfg = load(tmp_path, None, {"ANTHROPIC_API_KEY": "sk-ant", "OPENAI_API_KEY": "sk-test"})
+    assert [b.name for b in cfg.backends] == ["openai", "anthropic", "ollama"]
+    anthropic = cfg.backends[1]
+    assert (anthropic.kind, anthropic.base_url, anthropic.default_model, anthropic.api_key) == (
+        "anthropic",
+        "https://api.anthropic.com",
+        "claude-sonnet-5",
+        "sk-ant",
+    )
+    assert anthropic.default_max_tokens is None, "the backend's own default applies"
+    assert [b.name for b in load(tmp_path, None, {"ANTHROPIC_API_KEY": "sk-ant"}).backends] == ["anthropic", "ollama"]
+
+
+def test_the_anthropic_section_and_its_environment(tmp_path: Path) -> None:
+    text = 'llm:\n  anthropic: {api_key: "${ANTHROPIC_API_KEY}", base_url: "http://file", model: f, max_tokens: 8192}\n'
+    spec = load(tmp_path, text, {"ANTHROPIC_API_KEY": "k"}).backends[0]
+    assert (spec.name, spec.base_url, spec.default_model, spec.default_max_tokens) == (
+        "anthropic",
+        "http://file",
+        "f",
+        8192,
+    )
+    env = {"ANTHROPIC_API_KEY": "k", "ANTHROPIC_BASE_URL": "http://env/", "LLMRELAY_ANTHROPIC_MODEL": "e"}
+    spec = load(tmp_path, text, env).backends[0]
+    assert (spec.base_url, spec.default_model, spec.api_key) == ("http://env", "e", "k")
+    # Without a key the section configures no backend, as OpenAI's does not.
+    assert [b.name for b in load(tmp_path, text).backends] == ["ollama"]
+
+
+def test_an_anthropic_backend_among_the_extras(tmp_path: Path) -> None:
+    extra = "{name: claude, kind: anthropic, base_url: 'http://proxy', model: c, api_key: k, max_tokens: 50}"
+    spec = load(tmp_path, f"llm:\n  backends: [{extra}]\n").backends[1]
+    assert (spec.name, spec.kind, spec.default_max_tokens, spec.api_key) == ("claude", "anthropic", 50, "k")
+
+
 def test_an_empty_key_counts_as_no_key(tmp_path: Path) -> None:
     assert [b.name for b in load(tmp_path, None, {"OPENAI_API_KEY": ""}).backends] == ["ollama"]
 
@@ -441,7 +477,12 @@ ONE_EXTRA = "llm:\n  backends:\n    - {name: local, kind: llamacpp, base_url: 'h
         ("llm: {ollama: {context_window: 0}}\n", {}, "llm.ollama.context_window"),
         (ONE_EXTRA % "context_window: -1", {}, "llm.backends[0].context_window"),
         # extra backends: kind, names, required fields, empty model
-        (ONE_EXTRA.replace("llamacpp", "anthropic") % "fallback: true", {}, "llm.backends[0].kind"),
+        (ONE_EXTRA.replace("llamacpp", "gemini") % "fallback: true", {}, "llm.backends[0].kind"),
+        # max_tokens: an anthropic backend's only, and positive
+        (ONE_EXTRA % "max_tokens: 100", {}, "llm.backends[0].max_tokens"),
+        ("llm: {openai: {max_tokens: 100}}\n", {"OPENAI_API_KEY": "k"}, "llm.openai.max_tokens"),
+        ("llm: {anthropic: {max_tokens: 0}}\n", {"ANTHROPIC_API_KEY": "k"}, "llm.anthropic.max_tokens"),
+        (None, {"ANTHROPIC_API_KEY": "k", "ANTHROPIC_BASE_URL": "nope"}, "llm.anthropic.base_url"),
         (
             "llm: {backends: [{name: ollama, kind: ollama, base_url: 'http://h', model: m}]}\n",
             {},

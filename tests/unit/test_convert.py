@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -19,18 +22,25 @@ from llmrelay_server.domain import (
     CompletionRequest,
     CompletionResponse,
     FinishReason,
+    ImageDetail,
+    ImagePart,
     InvalidRequestError,
     JsonSchemaFormat,
+    JsonText,
     Message,
     NamedToolChoice,
     ResponseFormat,
     Role,
+    TextPart,
     TokenUsage,
     Tool,
     ToolCall,
     ToolCallDelta,
 )
-from support import chat, struct, tool, user
+from llmrelay_server.images import MEDIA_TYPES
+from support import chat, png, struct, tool, user
+
+PNG_1X1 = png(1, 1)
 
 
 def fields_of(request: pb.CompleteRequest) -> list[str]:
@@ -298,7 +308,7 @@ OPTS = pb.CompletionOptions
         ),
         (
             chat(options=OPTS(response_format=pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA))),
-            ["options.response_format.json_schema.name", "options.response_format.json_schema.schema"],
+            ["options.response_format.json_schema.name", "options.response_format.json_schema.schema_json"],
         ),
         # several at once: every violation is reported, not just the first
         (
@@ -328,7 +338,7 @@ OPTS = pb.CompletionOptions
                 "options.presence_penalty",
                 "options.reasoning_effort",
                 "options.response_format.json_schema.name",
-                "options.response_format.json_schema.schema",
+                "options.response_format.json_schema.schema_json",
                 "options.stop",
                 "options.temperature",
                 "options.tool_choice.function_name",
@@ -404,6 +414,178 @@ def test_invalid_count_requests(request_: pb.CountTokensRequest, fields: list[st
     assert sorted(v.field for v in caught.value.violations) == sorted(fields)
 
 
+# --- JSON text ------------------------------------------------------------------------------------------------------
+
+SCHEMA_TEXT = '{"type": "object",  "properties": {"n": {"type": "integer", "maximum": 1152921504606846977}}}'
+
+
+def text_tool(name: str, parameters_json: str) -> pb.Tool:
+    return pb.Tool(function=pb.FunctionDefinition(name=name, parameters_json=parameters_json))
+
+
+def json_schema_format(**fields: Any) -> pb.ResponseFormat:
+    return pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=pb.JsonSchema(**fields))
+
+
+def test_json_text_is_carried_as_written() -> None:
+    options = OPTS(
+        tools=[text_tool("f", SCHEMA_TEXT)],
+        response_format=json_schema_format(name="s", schema_json="{}"),
+    )
+    request = convert.completion_request(chat(options=options))
+    assert request.options.tools == (Tool("f", parameters=JsonText(SCHEMA_TEXT)),)
+    assert request.options.response_format == ResponseFormat("json_schema", JsonSchemaFormat("s", JsonText("{}")))
+
+
+def test_json_text_wins_over_the_struct() -> None:
+    both = text_tool("f", SCHEMA_TEXT)
+    both.function.parameters.CopyFrom(struct({"type": "object"}))
+    options = OPTS(
+        tools=[both],
+        response_format=json_schema_format(name="s", schema=struct({"a": 1}), schema_json='{"b": 2}'),
+    )
+    request = convert.completion_request(chat(options=options))
+    assert request.options.tools[0].parameters == JsonText(SCHEMA_TEXT)
+    assert request.options.response_format is not None and request.options.response_format.json_schema is not None
+    assert request.options.response_format.json_schema.schema == JsonText('{"b": 2}')
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("", "must be the JSON text of an object: Expecting value: line 1 column 1 (char 0)"),
+        (
+            '{"type": "object",}',
+            "must be the JSON text of an object: Expecting property name enclosed in double quotes",
+        ),
+        ("[1, 2]", "must be the JSON text of an object, not of an array"),
+        ('"{}"', "must be the JSON text of an object, not of a string"),
+        ("null", "must be the JSON text of an object, not of null"),
+        ('{"maximum": NaN}', "must be the JSON text of an object: NaN is not a JSON number"),
+        ('{"maximum": -Infinity}', "must be the JSON text of an object: -Infinity is not a JSON number"),
+        ("[" * 100_000 + "]" * 100_000, "must be the JSON text of an object, nested less deeply"),
+    ],
+)
+def test_json_text_that_is_no_object_is_refused_saying_why(text: str, says: str) -> None:
+    request = chat(
+        options=OPTS(tools=[text_tool("f", text)], response_format=json_schema_format(name="s", schema_json=text))
+    )
+    with pytest.raises(InvalidRequestError) as caught:
+        convert.completion_request(request)
+    assert [(v.field, v.description.startswith(says)) for v in caught.value.violations] == [
+        ("options.tools[0].function.parameters_json", True),
+        ("options.response_format.json_schema.schema_json", True),
+    ]
+
+
+def test_tool_parameters_as_text_must_be_an_object_schema() -> None:
+    request = chat(options=OPTS(tools=[text_tool("f", '{"type": "string"}')]))
+    with pytest.raises(InvalidRequestError) as caught:
+        convert.completion_request(request)
+    assert [(v.field, v.description) for v in caught.value.violations] == [
+        ("options.tools[0].function.parameters_json", 'must be a JSON Schema of "type": "object"')
+    ]
+
+
+def test_a_count_request_names_the_tool_whose_text_is_wrong() -> None:
+    tools = [text_tool("a", "{}"), tool("b", {"type": "object"}), text_tool("c", "[]")]
+    with pytest.raises(InvalidRequestError) as caught:
+        convert.count_request(pb.CountTokensRequest(messages=[user()], tools=tools))
+    assert [v.field for v in caught.value.violations] == ["tools[2].function.parameters_json"]
+
+
+# --- content parts --------------------------------------------------------------------------------------------------
+
+
+def image(**fields: Any) -> pb.ContentPart:
+    return pb.ContentPart(image=pb.ImagePart(**fields))
+
+
+def parts_message(*parts: pb.ContentPart, role: pb.Role.ValueType = pb.ROLE_USER, **fields: Any) -> pb.CompleteRequest:
+    return pb.CompleteRequest(messages=[pb.Message(role=role, parts=parts, **fields)])
+
+
+def test_parts_map_to_the_domain() -> None:
+    request = parts_message(
+        pb.ContentPart(text="what is in these?"),
+        image(url="https://example.com/cat.png", detail=pb.IMAGE_DETAIL_LOW),
+        image(data=PNG_1X1, media_type="image/png", detail=pb.IMAGE_DETAIL_HIGH),
+        image(data=PNG_1X1),  # the media type is read from the bytes
+    )
+    (message,) = convert.completion_request(request, max_image_bytes=len(PNG_1X1)).messages
+    assert message == Message(
+        Role.USER,
+        parts=(
+            TextPart("what is in these?"),
+            ImagePart(url="https://example.com/cat.png", detail=ImageDetail.LOW),
+            ImagePart(data=PNG_1X1, media_type="image/png", detail=ImageDetail.HIGH),
+            ImagePart(data=PNG_1X1, media_type="image/png"),
+        ),
+    )
+
+
+def test_text_parts_are_accepted_in_every_role() -> None:
+    for role in (pb.ROLE_SYSTEM, pb.ROLE_ASSISTANT):
+        (message,) = convert.completion_request(parts_message(pb.ContentPart(text="t"), role=role)).messages
+        assert message.parts == (TextPart("t"),)
+    tool_answer = parts_message(pb.ContentPart(text="21C"), role=pb.ROLE_TOOL, tool_call_id="call_1")
+    assert convert.completion_request(tool_answer).messages[0].parts == (TextPart("21C"),)
+
+
+@pytest.mark.parametrize(
+    ("request_", "fields"),
+    [
+        (parts_message(pb.ContentPart(text="t"), content="also content"), ["messages[0].parts"]),
+        (parts_message(pb.ContentPart()), ["messages[0].parts[0]"]),
+        (parts_message(image(detail=pb.IMAGE_DETAIL_LOW)), ["messages[0].parts[0].image"]),
+        (parts_message(pb.ContentPart(text="t"), image(url="ftp://x/a.png")), ["messages[0].parts[1].image.url"]),
+        (parts_message(image(url="example.com/a.png")), ["messages[0].parts[0].image.url"]),
+        (parts_message(image(url="data:image/png;base64,AAAA")), ["messages[0].parts[0].image.url"]),
+        (parts_message(image(data=PNG_1X1, media_type="image/bmp")), ["messages[0].parts[0].image.media_type"]),
+        (parts_message(image(data=PNG_1X1, media_type="image/jpeg")), ["messages[0].parts[0].image.data"]),
+        (parts_message(image(data=b"<svg/>")), ["messages[0].parts[0].image.data"]),
+        (parts_message(image(data=b"")), ["messages[0].parts[0].image.data"]),
+        (parts_message(image(url="https://example.com/a.png", detail=9)), ["messages[0].parts[0].image.detail"]),
+        (parts_message(image(url="https://example.com/a.png"), role=pb.ROLE_SYSTEM), ["messages[0].parts[0].image"]),
+        (parts_message(image(url="https://example.com/a.png"), role=pb.ROLE_ASSISTANT), ["messages[0].parts[0].image"]),
+    ],
+)  # fmt: skip
+def test_invalid_parts_name_the_part(request_: pb.CompleteRequest, fields: list[str]) -> None:
+    assert fields_of(request_) == sorted(fields)
+
+
+def test_image_bytes_over_the_limit_are_refused() -> None:
+    request = parts_message(pb.ContentPart(text="t"), image(data=PNG_1X1))
+    with pytest.raises(InvalidRequestError) as caught:
+        convert.completion_request(request, max_image_bytes=len(PNG_1X1) - 1)
+    (violation,) = caught.value.violations
+    assert violation.field == "messages[0].parts[1].image.data"
+    assert f"is {len(PNG_1X1)} bytes, over the gateway's limit of {len(PNG_1X1) - 1}" in violation.description
+    with pytest.raises(InvalidRequestError):
+        convert.count_request(pb.CountTokensRequest(messages=request.messages), max_image_bytes=len(PNG_1X1) - 1)
+    # Unbounded, for the limits' estimate, which must never refuse what the servicer accepts.
+    assert convert.completion_request(request).messages[0].parts[1] == ImagePart(data=PNG_1X1, media_type="image/png")
+
+
+def test_the_reasoning_signature_goes_both_ways() -> None:
+    turn = pb.Message(role=pb.ROLE_ASSISTANT, content="4", reasoning_signature="sig==")
+    request = convert.completion_request(pb.CompleteRequest(messages=[user(), turn]))
+    assert request.messages[1].reasoning_signature == "sig=="
+    answer = CompletionResponse(
+        id="1",
+        backend="b",
+        model="m",
+        message=Message(Role.ASSISTANT, "4", reasoning="2+2", reasoning_signature="sig=="),
+        finish_reason=FinishReason.STOP,
+        usage=TokenUsage(1, 1),
+    )
+    out = roundtrip(convert.complete_response(answer)).message
+    assert (out.reasoning, out.reasoning_signature) == ("2+2", "sig==")
+    assert not roundtrip(
+        convert.complete_response(replace(answer, message=Message(Role.ASSISTANT, "4")))
+    ).message.HasField("reasoning_signature")
+
+
 # --- property: valid within bounds, or InvalidRequestError, nothing else --------------------------------------------
 
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -443,9 +625,29 @@ def tool_calls(draw: st.DrawFn) -> pb.ToolCall:
 
 
 @st.composite
+def content_parts(draw: st.DrawFn) -> pb.ContentPart:
+    kind = draw(st.sampled_from(["text", "url", "data", "none"]))
+    if kind == "text":
+        return pb.ContentPart(text=draw(texts))
+    if kind == "none":
+        return pb.ContentPart()
+    image = pb.ImagePart(detail=draw(mostly(st.integers(0, 3), any_enum)))
+    if kind == "url":
+        image.url = draw(mostly(st.just("https://example.com/cat.png"), st.sampled_from(["", "ftp://x/y", "data:,"])))
+    else:
+        image.data = draw(mostly(st.sampled_from([PNG_1X1, b"GIF89a\x01\x00\x01\x00"]), st.binary(max_size=12)))
+        image.media_type = draw(mostly(st.sampled_from(["", "image/png", "image/gif"]), st.text(max_size=12)))
+    return pb.ContentPart(image=image)
+
+
+@st.composite
 def messages(draw: st.DrawFn) -> pb.Message:
     role = draw(mostly(st.sampled_from([pb.ROLE_SYSTEM, pb.ROLE_USER, pb.ROLE_ASSISTANT, pb.ROLE_TOOL]), any_enum))
     message = pb.Message(role=role, content=draw(contents))
+    if draw(st.integers(0, 3)) == 0:
+        message.parts.extend(draw(st.lists(content_parts(), min_size=1, max_size=3)))
+        if draw(mostly(st.just(True), st.booleans())):
+            message.content = ""  # parts replace the content
     if draw(mostly(st.just(role == pb.ROLE_ASSISTANT), st.booleans())):
         message.tool_calls.extend(draw(mostly(st.lists(tool_calls(), min_size=1, max_size=2), st.just([]))))
         if draw(st.booleans()):
@@ -464,7 +666,11 @@ def tools(draw: st.DrawFn) -> pb.Tool:
         parameters = draw(st.dictionaries(st.sampled_from(["properties", "required", "x"]), finite_json, max_size=2))
         if draw(st.booleans()):
             parameters["type"] = draw(mostly(st.just("object"), st.sampled_from(["string", "array", "null"])))
-        result.function.parameters.CopyFrom(struct(parameters))
+        if draw(st.booleans()):
+            result.function.parameters.CopyFrom(struct(parameters))
+        else:
+            wild = st.sampled_from(["", "[]", "1", "{", '{"a": NaN}']) | st.text(max_size=8)
+            result.function.parameters_json = draw(mostly(st.just(json.dumps(parameters)), wild))
     if draw(st.booleans()):
         result.function.description = draw(texts)
     if draw(st.booleans()):
@@ -505,7 +711,10 @@ def options(draw: st.DrawFn) -> pb.CompletionOptions:
             result.response_format.json_schema.name = draw(names)
             if draw(mostly(st.just(True), st.booleans())):
                 schema = draw(st.dictionaries(st.text(max_size=5), finite_json, max_size=3))
-                result.response_format.json_schema.schema.CopyFrom(struct(schema))
+                if draw(st.booleans()):
+                    result.response_format.json_schema.schema.CopyFrom(struct(schema))
+                else:
+                    result.response_format.json_schema.schema_json = draw(mostly(st.just(json.dumps(schema)), texts))
     return result
 
 
@@ -533,7 +742,12 @@ def assert_within_bounds(result: CompletionRequest) -> None:
     assert 1 <= len(result.messages) <= convert.MAX_MESSAGES
     for message in result.messages:
         assert isinstance(message.role, Role)
-        assert message.content or message.tool_calls
+        assert message.content or message.tool_calls or message.parts
+        assert not (message.content and message.parts)
+        for part in message.parts:
+            if isinstance(part, ImagePart):
+                assert message.role is Role.USER
+                assert (part.url or "").startswith(("http://", "https://")) or part.media_type in MEDIA_TYPES
         assert message.role is Role.ASSISTANT or not message.tool_calls
         assert message.role is not Role.TOOL or message.tool_call_id
         for call in message.tool_calls:
@@ -548,7 +762,8 @@ def assert_within_bounds(result: CompletionRequest) -> None:
     declared = {t.name for t in o.tools}
     for t in o.tools:
         assert NAME.fullmatch(t.name)
-        assert t.parameters is None or t.parameters.get("type", "object") == "object"
+        parameters = json.loads(t.parameters.text) if isinstance(t.parameters, JsonText) else t.parameters
+        assert parameters is None or parameters.get("type", "object") == "object"
     assert o.tool_choice in (None, "none", "auto", "required") or (
         isinstance(o.tool_choice, NamedToolChoice) and o.tool_choice.name in declared
     )
@@ -558,6 +773,8 @@ def assert_within_bounds(result: CompletionRequest) -> None:
     assert fmt is None or fmt.type in ("text", "json_object", "json_schema")
     if fmt is not None and fmt.type == "json_schema":
         assert fmt.json_schema is not None and NAME.fullmatch(fmt.json_schema.name)
+        schema = fmt.json_schema.schema
+        assert isinstance(json.loads(schema.text) if isinstance(schema, JsonText) else schema, Mapping)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,20 @@ import tiktoken_ext.openai_public as openai_public  # type: ignore[import-untype
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from llmrelay_server import tokens
-from llmrelay_server.domain import Message, Role, TokenCount, TokenizerUnavailableError, Tool, ToolCall
+from llmrelay_server.domain import (
+    ImageDetail,
+    ImagePart,
+    JsonText,
+    Message,
+    Role,
+    TextPart,
+    TokenCount,
+    TokenizerUnavailableError,
+    Tool,
+    ToolCall,
+)
 from llmrelay_server.tokens import TokenCounter, default_search_dirs, encoding_for_model
+from support import png
 
 # The worked examples below, and the counts they must give, are from OpenAI's cookbook "How to count tokens with
 # tiktoken", examples/How_to_count_tokens_with_tiktoken.ipynb in github.com/openai/openai-cookbook at commit
@@ -42,21 +56,22 @@ COOKBOOK_CHAT = (
     Message(Role.USER, "This late pivot means we don't have time to boil the ocean for the client deliverable."),
 )
 
+COOKBOOK_WEATHER_PARAMETERS: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+        "unit": {
+            "type": "string",
+            "description": "The unit of temperature to return",
+            "enum": ["celsius", "fahrenheit"],
+        },
+    },
+    "required": ["location"],
+}
 COOKBOOK_WEATHER_TOOL = Tool(
     name="get_current_weather",
     description="Get the current weather in a given location",
-    parameters={
-        "type": "object",
-        "properties": {
-            "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
-            "unit": {
-                "type": "string",
-                "description": "The unit of temperature to return",
-                "enum": ["celsius", "fahrenheit"],
-            },
-        },
-        "required": ["location"],
-    },
+    parameters=COOKBOOK_WEATHER_PARAMETERS,
 )
 
 COOKBOOK_WEATHER_CHAT = (
@@ -268,9 +283,9 @@ def test_schema_beyond_the_formula_is_counted_and_estimated(counter: TokenCounte
         name="get_current_weather",
         description="Get the current weather in a given location",
         parameters={
-            **dict(COOKBOOK_WEATHER_TOOL.parameters or {}),
+            **COOKBOOK_WEATHER_PARAMETERS,
             "properties": {
-                **dict((COOKBOOK_WEATHER_TOOL.parameters or {})["properties"]),
+                **COOKBOOK_WEATHER_PARAMETERS["properties"],
                 "days": {"type": "array", "description": "Days to forecast", "items": {"type": "integer"}},
             },
         },
@@ -309,6 +324,81 @@ def test_messages_add_up(counter: TokenCounter, first: str, second: str, name: s
     # The reply priming (3) is counted once per chat, everything else once per message.
     assert both == counter.count_chat("gpt-4o", [a]).tokens + counter.count_chat("gpt-4o", [b]).tokens - 3
     assert counter.count_chat("gpt-4o", []).tokens == 3
+
+
+def test_a_schema_as_json_text_counts_as_the_same_schema_as_a_mapping(counter: TokenCounter) -> None:
+    as_text = replace(COOKBOOK_WEATHER_TOOL, parameters=JsonText(json.dumps(COOKBOOK_WEATHER_PARAMETERS, indent=2)))
+
+    for model in ("gpt-4o", "gpt-4"):
+        text_count = counter.count_chat(model, COOKBOOK_WEATHER_CHAT, [as_text])
+        assert text_count == counter.count_chat(model, COOKBOOK_WEATHER_CHAT, [COOKBOOK_WEATHER_TOOL])
+    assert not text_count.estimated
+
+
+# --- images: OpenAI's vision guide, "Calculating costs" (platform.openai.com/docs/guides/images-vision) ------------
+
+QUESTION = Message(Role.USER, "What is in this image?")
+
+
+def with_image(image: ImagePart) -> Message:
+    return Message(Role.USER, parts=(TextPart("What is in this image?"), image))
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "detail", "expected_tokens"),
+    [
+        (1024, 1024, ImageDetail.LOW, 85),  # any size at low detail
+        (4096, 8192, ImageDetail.LOW, 85),
+        # The guide's worked examples: 1024x1024 is scaled to 768x768, four tiles; 2048x4096 to 1024x2048, then to
+        # 768x1536, six tiles.
+        (1024, 1024, ImageDetail.HIGH, 85 + 170 * 4),
+        (2048, 4096, ImageDetail.HIGH, 85 + 170 * 6),
+        (128, 64, ImageDetail.HIGH, 85 + 170 * 1),  # small images are not scaled up
+        (513, 512, ImageDetail.HIGH, 85 + 170 * 2),
+        (4096, 1024, ImageDetail.HIGH, 85 + 170 * 4 * 1),  # 2048x512
+    ],
+)
+def test_an_image_of_known_size_counts_as_openai_documents(
+    counter: TokenCounter, width: int, height: int, detail: ImageDetail, expected_tokens: int
+) -> None:
+    image = ImagePart(data=png(width, height), media_type="image/png", detail=detail)
+
+    count = counter.count_chat("gpt-4o", [with_image(image)])
+
+    assert count.tokens == counter.count_chat("gpt-4o", [QUESTION]).tokens + expected_tokens
+    assert not count.estimated
+
+
+@pytest.mark.parametrize(
+    ("model", "image"),
+    [
+        ("gpt-4o", ImagePart(url="https://example.com/cat.png", detail=ImageDetail.HIGH)),  # size unknown
+        ("gpt-4o", ImagePart(data=b"\x89PNG\r\n\x1a\n", media_type="image/png")),  # a header cut short
+        ("gpt-4o", ImagePart(data=png(64, 64), media_type="image/png")),  # AUTO: the upstream picks the detail
+        ("gpt-4o-mini", ImagePart(data=png(64, 64), media_type="image/png", detail=ImageDetail.HIGH)),
+        ("o3", ImagePart(url="https://example.com/cat.png", detail=ImageDetail.LOW)),
+    ],
+)
+def test_an_image_the_formula_cannot_price_exactly_is_estimated(
+    counter: TokenCounter, model: str, image: ImagePart
+) -> None:
+    count = counter.count_chat(model, [with_image(image)])
+
+    assert count.estimated
+    assert count.tokens > counter.count_chat(model, [QUESTION]).tokens
+
+
+def test_an_image_of_unknown_size_counts_as_the_largest_image_would(counter: TokenCounter) -> None:
+    url = counter.count_chat("gpt-4o", [with_image(ImagePart(url="https://example.com/cat.png"))])
+    largest = counter.count_chat("gpt-4o", [with_image(ImagePart(data=png(2048, 768), detail=ImageDetail.HIGH))])
+
+    assert url.tokens == largest.tokens == counter.count_chat("gpt-4o", [QUESTION]).tokens + 85 + 170 * 8
+
+
+def test_an_image_url_at_low_detail_is_exact_whatever_its_size(counter: TokenCounter) -> None:
+    count = counter.count_chat("gpt-4o", [with_image(ImagePart(url="https://x.test/a.png", detail=ImageDetail.LOW))])
+
+    assert (count.tokens, count.estimated) == (counter.count_chat("gpt-4o", [QUESTION]).tokens + 85, False)
 
 
 # --- loading: verified, offline, once ------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
+import secrets
 from typing import Any
 
 import pytest
@@ -14,16 +16,21 @@ from llmrelay_server.domain import (
     CompletionOptions,
     CompletionRequest,
     FinishReason,
+    ImageDetail,
+    ImagePart,
     JsonSchemaFormat,
+    JsonText,
     Message,
     NamedToolChoice,
     ResponseFormat,
     Role,
+    TextPart,
     TokenUsage,
     Tool,
     ToolCall,
     ToolCallDelta,
 )
+from support import png
 
 USER_HI = (Message(Role.USER, "hi"),)
 
@@ -207,6 +214,75 @@ def test_messages_with_tool_calls_names_and_tool_results() -> None:
 def test_the_model_is_the_routes_model() -> None:
     request = CompletionRequest(messages=USER_HI, model="alias-the-caller-used")
     assert wire.request_body("real-model", request, max_tokens_field="max_tokens")["model"] == "real-model"
+
+
+def test_images_and_text_become_content_parts() -> None:
+    image = png(2, 2)
+    messages = (
+        Message(Role.SYSTEM, parts=(TextPart("be brief"),)),
+        Message(
+            Role.USER,
+            parts=(
+                TextPart("what are these?"),
+                ImagePart(url="https://example.com/cat.png"),
+                ImagePart(data=image, media_type="image/png", detail=ImageDetail.LOW),
+            ),
+        ),
+    )
+    assert body(messages=messages)["messages"] == [
+        {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what are these?"},
+                {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+                {
+                    "type": "image_url",
+                    "image_url": {"url": f"data:image/png;base64,{base64.b64encode(image).decode()}", "detail": "low"},
+                },
+            ],
+        },
+    ]
+
+
+# --- encoding -------------------------------------------------------------------------------------------------------
+
+SCHEMA_TEXT = (
+    '{ "type":"object", "properties": {"n": {"type": "integer", "maxItems": 3, "default": 1152921504606846977}}}'
+)
+
+
+def test_json_text_is_written_as_the_caller_wrote_it() -> None:
+    options = CompletionOptions(
+        tools=(Tool("f", parameters=JsonText(SCHEMA_TEXT)), Tool("g", parameters={"type": "object"})),
+        response_format=ResponseFormat("json_schema", JsonSchemaFormat("s", JsonText('{"b" :\n 2.0}'))),
+    )
+    request = CompletionRequest(messages=USER_HI, options=options)
+    raw = wire.encode(wire.request_body("m", request, max_tokens_field="max_tokens"))
+    assert f'"parameters": {SCHEMA_TEXT}'.encode() in raw
+    assert b'"schema": {"b" :\n 2.0}' in raw
+    sent = json.loads(raw)
+    assert sent["tools"][0]["function"]["parameters"]["properties"]["n"]["default"] == 2**60 + 1
+    assert sent["tools"][1]["function"]["parameters"] == {"type": "object"}
+
+
+def test_a_body_without_json_text_is_plain_json() -> None:
+    plain = {"model": "m", "messages": [{"role": "user", "content": 'h\u00e9 "quoted"'}], "n": 1.5}
+    assert wire.encode(plain) == json.dumps(plain).encode()
+
+
+def test_a_placeholder_in_the_callers_own_text_does_not_confuse_the_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first marker drawn is one the caller's message happens to hold: the body is written again with the next.
+    markers = iter(["a" * 32, "b" * 32])
+    monkeypatch.setattr(secrets, "token_hex", lambda _: next(markers))
+    body = {"messages": [{"content": "a" * 32}], "schema": JsonText('{"x": 1}')}
+    assert json.loads(wire.encode(body)) == {"messages": [{"content": "a" * 32}], "schema": {"x": 1}}
+    assert next(markers, None) is None, "the body was written twice"
+
+
+def test_anything_else_that_is_not_json_is_still_an_error() -> None:
+    with pytest.raises(TypeError, match="bytes is not JSON serializable"):
+        wire.encode({"x": b"raw"})
 
 
 # --- answers --------------------------------------------------------------------------------------------------------

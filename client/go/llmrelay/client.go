@@ -188,6 +188,16 @@ func (c *Client) Health(ctx context.Context, probe bool, opts ...grpc.CallOption
 	return resp, wrapError(err)
 }
 
+// Embed turns texts into vectors, one per input in the order of req.Inputs (GetEmbeddings()[i].GetValues()), all from
+// one embedding model: req.Model (or "backend/model"), else the gateway's default embedding model. The gateway may
+// retry, or ask another backend serving the same model, but never another model.
+func (c *Client) Embed(ctx context.Context, req *llmrelayv1.EmbedRequest, opts ...grpc.CallOption) (*llmrelayv1.EmbedResponse, error) {
+	ctx, cancel := c.callContext(ctx)
+	defer cancel()
+	resp, err := c.rpc.Embed(ctx, req, opts...)
+	return resp, wrapError(err)
+}
+
 // GetUsage reads the usage ledger: token totals per backend, model and caller.
 func (c *Client) GetUsage(ctx context.Context, req *llmrelayv1.GetUsageRequest, opts ...grpc.CallOption) (*llmrelayv1.GetUsageResponse, error) {
 	ctx, cancel := c.callContext(ctx)

@@ -65,6 +65,7 @@ type Assembler struct {
 	id, backend, model string
 	content, reasoning strings.Builder
 	hasReasoning       bool
+	signature          *string
 	toolCalls          map[int32]*llmrelayv1.ToolCall
 	finishReason       llmrelayv1.FinishReason
 	usage              *llmrelayv1.Usage
@@ -95,6 +96,9 @@ func (a *Assembler) Add(chunk *llmrelayv1.StreamCompleteResponse) {
 	if delta != nil && delta.Reasoning != nil {
 		a.hasReasoning = true
 		a.reasoning.WriteString(delta.GetReasoning())
+	}
+	if delta != nil && delta.ReasoningSignature != nil {
+		a.signature = proto.String(delta.GetReasoningSignature())
 	}
 	for _, fragment := range delta.GetToolCalls() {
 		if a.toolCalls == nil {
@@ -137,6 +141,7 @@ func (a *Assembler) Result() *llmrelayv1.CompleteResponse {
 	if a.hasReasoning {
 		message.Reasoning = proto.String(a.reasoning.String())
 	}
+	message.ReasoningSignature = a.signature
 	for _, index := range slices.Sorted(maps.Keys(a.toolCalls)) {
 		message.ToolCalls = append(message.ToolCalls, proto.CloneOf(a.toolCalls[index]))
 	}

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -227,6 +228,60 @@ func TestCountTokens(t *testing.T) {
 	if byChat.GetTokenCount() <= byText.GetTokenCount() {
 		t.Errorf("chat counted %d tokens, its text alone %d; want the chat's overhead on top", byChat.GetTokenCount(),
 			byText.GetTokenCount())
+	}
+}
+
+func TestEmbed(t *testing.T) {
+	client := setup(t)
+	ctx := testContext(t)
+	texts := []string{"first text", "second text", "third text"}
+	resp, err := client.Embed(ctx, &llmrelayv1.EmbedRequest{Inputs: texts})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.GetBackend() != "ollama" || resp.GetModel() != gatewaytest.EmbeddingModel {
+		t.Errorf("embedded by %s/%s, want ollama/%s", resp.GetBackend(), resp.GetModel(), gatewaytest.EmbeddingModel)
+	}
+	if got := len(resp.GetEmbeddings()); got != len(texts) {
+		t.Fatalf("%d vectors for %d texts", got, len(texts))
+	}
+	if resp.GetUsage().GetPromptTokens() != 6 || resp.GetUsage().GetEstimated() {
+		t.Errorf("usage %v, want 6 tokens as the upstream counted them", resp.GetUsage())
+	}
+	// Vectors in input order: each text's vector is the one it gets on its own (the fake's are a function of the text).
+	for i, text := range texts {
+		alone, err := client.Embed(ctx, &llmrelayv1.EmbedRequest{Inputs: []string{text}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, want := resp.GetEmbeddings()[i].GetValues(), alone.GetEmbeddings()[0].GetValues()
+		if len(got) != 1536 || !slices.Equal(got, want) {
+			t.Errorf("vector %d: %d dimensions, equal to its text's own: %t", i, len(got), slices.Equal(got, want))
+		}
+	}
+	dimensions := int32(8)
+	short, err := client.Embed(ctx, &llmrelayv1.EmbedRequest{Inputs: texts[:1], Dimensions: &dimensions})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := len(short.GetEmbeddings()[0].GetValues()); got != 8 {
+		t.Errorf("%d dimensions, want 8", got)
+	}
+}
+
+func TestEmbedErrors(t *testing.T) {
+	client := setup(t)
+	ctx := testContext(t)
+	_, err := client.Embed(ctx, &llmrelayv1.EmbedRequest{})
+	e := mustFail(t, err, codes.InvalidArgument)
+	if v := e.FieldViolations(); len(v) != 1 || v[0].GetField() != "inputs" {
+		t.Errorf("field violations %v, want one on inputs", v)
+	}
+	model := "no-such-embedding-model"
+	_, err = client.Embed(ctx, &llmrelayv1.EmbedRequest{Inputs: []string{"x"}, Model: &model})
+	e = mustFail(t, err, codes.NotFound)
+	if e.ErrorReason() != llmrelayv1.ErrorReason_ERROR_REASON_MODEL_NOT_FOUND {
+		t.Errorf("reason %q, want MODEL_NOT_FOUND", e.Reason())
 	}
 }
 

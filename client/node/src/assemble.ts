@@ -48,6 +48,7 @@ export class StreamAssembler {
   private model = "";
   private content = "";
   private reasoning: string | undefined;
+  private reasoningSignature: string | undefined;
   private toolCalls = new Map<number, ToolCall>();
   private finishReason = FinishReason.FINISH_REASON_UNSPECIFIED;
   private usage: Usage | undefined;
@@ -58,7 +59,7 @@ export class StreamAssembler {
     if (isRestart(chunk)) {
       this.restarts.push(chunk.restart);
       this.id = this.backend = this.model = this.content = "";
-      this.reasoning = undefined;
+      this.reasoning = this.reasoningSignature = undefined;
       this.toolCalls = new Map();
       this.finishReason = FinishReason.FINISH_REASON_UNSPECIFIED;
       this.usage = undefined;
@@ -74,6 +75,7 @@ export class StreamAssembler {
       if (delta.reasoning !== undefined) {
         this.reasoning = (this.reasoning ?? "") + delta.reasoning;
       }
+      this.reasoningSignature = delta.reasoningSignature ?? this.reasoningSignature;
       for (const fragment of delta.toolCalls) {
         let call = this.toolCalls.get(fragment.index);
         if (!call) {
@@ -112,7 +114,9 @@ export class StreamAssembler {
         role: Role.ROLE_ASSISTANT,
         content: this.content,
         toolCalls,
+        parts: [],
         ...(this.reasoning !== undefined ? { reasoning: this.reasoning } : {}),
+        ...(this.reasoningSignature !== undefined ? { reasoningSignature: this.reasoningSignature } : {}),
       },
       finishReason: this.finishReason,
       usage: this.usage,

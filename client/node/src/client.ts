@@ -13,6 +13,7 @@ import {
 import {
   CompleteRequest,
   CountTokensRequest,
+  EmbedRequest,
   GetUsageRequest,
   HealthRequest,
   InterruptPolicy,
@@ -22,6 +23,7 @@ import {
   type CompleteResponse,
   type CountTokensResponse,
   type DeepPartial,
+  type EmbedResponse,
   type GetUsageResponse,
   type HealthResponse,
   type Message,
@@ -29,6 +31,7 @@ import {
   type StreamRestart,
 } from "./gen/llmrelay/v1/llmrelay";
 import { StreamAssembler, hasDelta, isRestart } from "./assemble";
+import { textTools, withJsonText } from "./content";
 import { toError } from "./errors";
 
 /** Where a gateway listens by default. */
@@ -42,6 +45,7 @@ export const CALLER_HEADER = "x-llmrelay-caller";
 export type CompleteInput = DeepPartial<CompleteRequest>;
 export type StreamInput = DeepPartial<StreamCompleteRequest>;
 export type CountTokensInput = DeepPartial<CountTokensRequest>;
+export type EmbedInput = DeepPartial<EmbedRequest>;
 export type GetUsageInput = DeepPartial<GetUsageRequest>;
 export type MessageInput = DeepPartial<Message>;
 
@@ -134,7 +138,8 @@ export class Client {
 
   /** Answers a chat with one assistant message. */
   complete(request: CompleteInput, options?: CallOptions): Promise<CompleteResponse> {
-    return this.unary(this.raw.complete, CompleteRequest.fromPartial(request), options);
+    const input = { ...request, options: withJsonText(request.options) };
+    return this.unary(this.raw.complete, CompleteRequest.fromPartial(input), options);
   }
 
   /**
@@ -148,7 +153,7 @@ export class Client {
   async *stream(request: StreamInput, options?: CallOptions): AsyncGenerator<StreamCompleteResponse, void, undefined> {
     options?.signal?.throwIfAborted(); // as unary calls do: an aborted signal starts nothing
     const call = this.raw.streamComplete(
-      StreamCompleteRequest.fromPartial(request),
+      StreamCompleteRequest.fromPartial({ ...request, options: withJsonText(request.options) }),
       this.metadata(options),
       this.callOptions(options),
     );
@@ -191,7 +196,17 @@ export class Client {
 
   /** Counts the tokens of a chat or a text for a model, offline. */
   countTokens(request: CountTokensInput, options?: CallOptions): Promise<CountTokensResponse> {
-    return this.unary(this.raw.countTokens, CountTokensRequest.fromPartial(request), options);
+    const input = { ...request, tools: textTools(request.tools) };
+    return this.unary(this.raw.countTokens, CountTokensRequest.fromPartial(input), options);
+  }
+
+  /**
+   * Turns texts into vectors, one per input in the order of `inputs` (`embeddings[i].values`), all from one
+   * embedding model: `model` (or "backend/model"), else the gateway's default embedding model. The gateway may retry,
+   * or ask another backend serving the same model, but never another model.
+   */
+  embed(request: EmbedInput, options?: CallOptions): Promise<EmbedResponse> {
+    return this.unary(this.raw.embed, EmbedRequest.fromPartial(request), options);
   }
 
   /** Reports the state of every backend; with probe, checks them now instead of reporting the last probe. */

@@ -86,6 +86,7 @@ describe("StreamAssembler", () => {
           { id: "call_a", function: { name: "weather", arguments: '{"city":"Paris"}' } },
           { id: "call_b", function: { name: "time", arguments: '{"tz":"UTC"}' } },
         ],
+        parts: [],
       },
       finishReason: FinishReason.FINISH_REASON_TOOL_CALLS,
       usage: final.usage,
@@ -102,7 +103,7 @@ describe("StreamAssembler", () => {
     assembler.add(restart);
     assert.deepEqual(assembler.restarts, [restart.restart]);
     const reset = assembler.result();
-    assert.deepEqual(reset.message, { role: Role.ROLE_ASSISTANT, content: "", toolCalls: [] });
+    assert.deepEqual(reset.message, { role: Role.ROLE_ASSISTANT, content: "", toolCalls: [], parts: [] });
     assert.equal(reset.backend, "");
     for (const c of [...fresh, final]) {
       assembler.add(c);
@@ -118,7 +119,7 @@ describe("StreamAssembler", () => {
       chunk({ ...head, delta: { content: " hi" } }),
       chunk({ ...head, finishReason: FinishReason.FINISH_REASON_STOP }),
     ]);
-    assert.deepEqual(answer.message, { role: Role.ROLE_ASSISTANT, content: "echo: hi", toolCalls: [] });
+    assert.deepEqual(answer.message, { role: Role.ROLE_ASSISTANT, content: "echo: hi", toolCalls: [], parts: [] });
     assert.equal(answer.finishReason, FinishReason.FINISH_REASON_STOP);
     assert.equal(answer.usage, undefined);
     assert.deepEqual(answer.attempts, []);

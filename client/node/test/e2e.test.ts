@@ -27,7 +27,7 @@ import {
   type StreamInput,
   type StreamRestart,
 } from "../src";
-import { Gateway, Upstream, deadAddr } from "./gateway";
+import { EMBEDDING_MODEL, Gateway, Upstream, deadAddr } from "./gateway";
 
 let upstream: Upstream;
 let gateway: Gateway;
@@ -131,6 +131,33 @@ describe("llmrelay gateway, from TypeScript", { concurrency: false }, () => {
     assert.ok(byText.encoding !== "");
     const byChat = await client.countTokens({ messages: chat(text) });
     assert.ok(byChat.tokenCount > byText.tokenCount, "a chat counts its format's overhead on top");
+  });
+
+  test("embed gives a vector per input, in order, from the embedding model", async () => {
+    const client = connect();
+    const texts = ["first text", "second text", "third text"];
+    const answer = await client.embed({ inputs: texts });
+    assert.equal(answer.backend, "ollama");
+    assert.equal(answer.model, EMBEDDING_MODEL);
+    assert.equal(answer.usage?.promptTokens, 6);
+    assert.equal(answer.usage?.estimated, false);
+    assert.equal(answer.embeddings.length, texts.length);
+    // Each text's vector is the one it gets on its own (the fake upstream's are a function of the text).
+    for (const [i, text] of texts.entries()) {
+      const alone = await client.embed({ inputs: [text] });
+      assert.equal(answer.embeddings[i]!.values.length, 1536);
+      assert.deepEqual(answer.embeddings[i]!.values, alone.embeddings[0]!.values, `vector ${i}`);
+    }
+    const short = await client.embed({ inputs: texts.slice(0, 1), dimensions: 8 });
+    assert.equal(short.embeddings[0]!.values.length, 8);
+  });
+
+  test("embed with no inputs is INVALID_ARGUMENT on inputs; an unknown model NOT_FOUND", async () => {
+    const client = connect();
+    const invalid = await mustFail(client.embed({ inputs: [] }), status.INVALID_ARGUMENT);
+    assert.deepEqual(invalid.fieldViolations.map((v) => v.field), ["inputs"]);
+    const missing = await mustFail(client.embed({ inputs: ["x"], model: "no-such-model" }), status.NOT_FOUND);
+    assert.equal(missing.errorReason, ErrorReason.ERROR_REASON_MODEL_NOT_FOUND);
   });
 
   test("health", async () => {

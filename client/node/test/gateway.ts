@@ -13,6 +13,8 @@ import { Client } from "../src";
 
 /** How long a subprocess may take to say it is listening. */
 export const START_TIMEOUT_MS = 60_000;
+/** The embedding model of the gateway's "ollama" backend (the fake upstream's). */
+export const EMBEDDING_MODEL = "embed-test";
 
 export function repoRoot(): string {
   let dir = __dirname;
@@ -136,6 +138,15 @@ export class Upstream {
     return this.faults("DELETE");
   }
 
+  /**
+   * The chat request bodies received so far, oldest first, as the JSON text of a list: numbers read as the upstream
+   * read them (JSON.parse would make 3.0 and 3 alike).
+   */
+  async requests(): Promise<string> {
+    const response = await fetch(`${this.url}/_control/requests`, { signal: AbortSignal.timeout(10_000) });
+    return response.text();
+  }
+
   async stop(): Promise<void> {
     await this.proc.stop(5_000);
   }
@@ -180,7 +191,8 @@ export class Gateway {
   static async start(baseUrl: string, options: GatewayOptions = {}): Promise<Gateway> {
     const dir = mkdtempSync(join(tmpdir(), "llmrelay-gateway-"));
     const config = join(dir, "config.yaml");
-    const lines = ["llm:", `  ollama: {base_url: ${JSON.stringify(baseUrl)}, model: "tiny"}`];
+    const ollama = `{base_url: ${JSON.stringify(baseUrl)}, model: "tiny", embedding_model: ${EMBEDDING_MODEL}}`;
+    const lines = ["llm:", `  ollama: ${ollama}`];
     if (options.fallbackUrl) {
       const url = JSON.stringify(options.fallbackUrl);
       lines.push("  backends:", `    - {name: fallback, kind: openai_compatible, base_url: ${url}, model: "tiny"}`);

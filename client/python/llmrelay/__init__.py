@@ -8,7 +8,18 @@ The generated messages are in `llmrelay.v1`; errors are `LLMRelayError` subclass
 """
 
 from llmrelay._assemble import StreamAssembler
-from llmrelay._client import DEFAULT_TARGET, AsyncClient, Client, OnInterrupt, message
+from llmrelay._client import (
+    DEFAULT_TARGET,
+    AsyncClient,
+    Client,
+    ImageDetail,
+    OnInterrupt,
+    image,
+    json_schema,
+    message,
+    tool,
+    user_message,
+)
 from llmrelay._errors import (
     AbortedError,
     DeadlineExceededError,
@@ -32,6 +43,7 @@ __all__ = [
     "DeadlineExceededError",
     "FailedPreconditionError",
     "FieldViolation",
+    "ImageDetail",
     "InvalidArgumentError",
     "LLMRelayError",
     "NotFoundError",
@@ -42,5 +54,9 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "error_from_rpc",
+    "image",
+    "json_schema",
     "message",
+    "tool",
+    "user_message",
 ]

@@ -35,6 +35,7 @@ class StreamAssembler:
     def _reset(self) -> None:
         self._content: list[str] = []
         self._reasoning: list[str] = []
+        self._signature: str | None = None
         self._tool_calls: dict[int, _ToolCall] = {}
         self._last: pb.StreamCompleteResponse | None = None
 
@@ -48,6 +49,8 @@ class StreamAssembler:
             self._content.append(delta.content)
         if delta.HasField("reasoning"):
             self._reasoning.append(delta.reasoning)
+        if delta.HasField("reasoning_signature"):
+            self._signature = delta.reasoning_signature
         for fragment in delta.tool_calls:
             call = self._tool_calls.setdefault(fragment.index, _ToolCall())
             call.id = call.id or fragment.id
@@ -67,6 +70,8 @@ class StreamAssembler:
         )
         if self._reasoning:
             message.reasoning = "".join(self._reasoning)
+        if self._signature is not None:
+            message.reasoning_signature = self._signature
         last = self._last
         if last is None:
             return pb.CompleteResponse(message=message)

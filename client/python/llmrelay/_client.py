@@ -1,7 +1,9 @@
-"""Client and AsyncClient: one channel each, every method with the same keyword tail (timeout, metadata)."""
+"""Client and AsyncClient: one channel each, every method with the same keyword tail (timeout, metadata); builders
+for messages, images, tools and response formats."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Final, Literal, TypeAlias, TypeVar
@@ -43,6 +45,89 @@ def message(role: str, content: str, **fields: Any) -> pb.Message:
         raise ValueError(f"unknown role {role!r}; use one of {', '.join(_ROLES)}") from None
 
 
+ImageDetail: TypeAlias = Literal["auto", "low", "high"]
+"""How closely the model looks at an image (OpenAI's `detail`): "low" costs the fewest tokens."""
+_IMAGE_DETAILS: Final[Mapping[ImageDetail, pb.ImageDetail.ValueType]] = {
+    "auto": pb.IMAGE_DETAIL_AUTO,
+    "low": pb.IMAGE_DETAIL_LOW,
+    "high": pb.IMAGE_DETAIL_HIGH,
+}
+
+
+def image(source: bytes | str, *, media_type: str | None = None, detail: ImageDetail | None = None) -> pb.ContentPart:
+    """An image for user_message: its bytes (PNG, JPEG, GIF or WebP; the gateway reads which from the bytes unless
+    media_type says), or an http(s) URL the upstream fetches."""
+    part = (
+        pb.ImagePart(url=source) if isinstance(source, str) else pb.ImagePart(data=source, media_type=media_type or "")
+    )
+    if detail is not None:
+        part.detail = _IMAGE_DETAILS[detail]
+    return pb.ContentPart(image=part)
+
+
+def user_message(*content: str | pb.ContentPart) -> pb.Message:
+    """A user message of texts and images, in order: user_message("What is in this?", image(png_bytes))."""
+    parts = [pb.ContentPart(text=item) if isinstance(item, str) else item for item in content]
+    return pb.Message(role=pb.ROLE_USER, parts=parts)
+
+
+def tool(
+    name: str,
+    parameters: Mapping[str, Any] | str | None = None,
+    *,
+    description: str | None = None,
+    strict: bool | None = None,
+) -> pb.Tool:
+    """A function the model may call; parameters is its JSON Schema, as a dict or as JSON text."""
+    function = pb.FunctionDefinition(name=name, description=description, strict=strict)
+    if parameters is not None:
+        function.parameters_json = _json_text(parameters)
+    return pb.Tool(function=function)
+
+
+def json_schema(
+    name: str, schema: Mapping[str, Any] | str, *, description: str | None = None, strict: bool | None = None
+) -> pb.ResponseFormat:
+    """The response format of an answer that is JSON following the schema (a dict, or JSON text)."""
+    return pb.ResponseFormat(
+        type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+        json_schema=pb.JsonSchema(name=name, schema_json=_json_text(schema), description=description, strict=strict),
+    )
+
+
+def _json_text(schema: Mapping[str, Any] | str) -> str:
+    # Schemas travel as JSON text, which the upstream gets as written: the deprecated Struct fields would turn every
+    # integer into a double (`maxItems: 3` into 3.0) and lose large ones.
+    return schema if isinstance(schema, str) else json.dumps(schema)
+
+
+def _options(options: Mapping[str, Any]) -> pb.CompletionOptions:
+    """CompletionOptions from keyword options; tools and a response format given as dicts send their schemas as
+    JSON text, as tool() and json_schema() do."""
+    fields = dict(options)
+    if "tools" in fields:
+        fields["tools"] = [_text_tool(t) if isinstance(t, Mapping) else t for t in fields["tools"]]
+    if isinstance(fields.get("response_format"), Mapping):
+        fields["response_format"] = _text_response_format(fields["response_format"])
+    return pb.CompletionOptions(**fields)
+
+
+def _text_tool(value: Mapping[str, Any]) -> pb.Tool:
+    function = dict(value.get("function") or {})
+    if isinstance(function.get("parameters"), Mapping):
+        function["parameters_json"] = _json_text(function.pop("parameters"))
+    return pb.Tool(function=pb.FunctionDefinition(**function))
+
+
+def _text_response_format(value: Mapping[str, Any]) -> pb.ResponseFormat:
+    fields = dict(value)
+    schema = dict(fields.get("json_schema") or {})
+    if isinstance(schema.get("schema"), Mapping):
+        schema["schema_json"] = _json_text(schema.pop("schema"))
+        fields["json_schema"] = schema
+    return pb.ResponseFormat(**fields)
+
+
 def _messages(messages: Iterable[MessageLike]) -> list[pb.Message]:
     return [m if isinstance(m, pb.Message) else message(**m) for m in messages]
 
@@ -60,7 +145,7 @@ def _completion_request(
         messages=_messages(messages),
         model=model,
         exact_model=exact_model,
-        options=pb.CompletionOptions(**options) if options else None,
+        options=_options(options) if options else None,
     )
 
 
@@ -75,6 +160,12 @@ def _stream_request(
     if on_interrupt is not None:
         request.on_interrupt = _INTERRUPT_POLICIES[on_interrupt]
     return request
+
+
+def _embed_request(inputs: str | Iterable[str], model: str | None, dimensions: int | None) -> pb.EmbedRequest:
+    # A lone string is one text, not a sequence of one-character texts.
+    texts = [inputs] if isinstance(inputs, str) else list(inputs)
+    return pb.EmbedRequest(inputs=texts, model=model, dimensions=dimensions)
 
 
 def _count_request(
@@ -200,6 +291,21 @@ class Client(_Base):
         with _sdk_errors():
             return self._stub.CountTokens(request, **self._call_options(timeout, metadata))
 
+    def embed(
+        self,
+        inputs: str | Iterable[str],
+        *,
+        model: str | None = None,
+        dimensions: int | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> pb.EmbedResponse:
+        """One vector per input, in order (`response.embeddings[i].values`), all from one embedding model: the
+        model named (or "backend/model"), else the gateway's default embedding model."""
+        request = _embed_request(inputs, model, dimensions)
+        with _sdk_errors():
+            return self._stub.Embed(request, **self._call_options(timeout, metadata))
+
     def health(
         self, *, probe: bool = False, timeout: float | None = None, metadata: Metadata | None = None
     ) -> pb.HealthResponse:
@@ -321,6 +427,20 @@ class AsyncClient(_Base):
         request = _count_request(messages, text, model, tools)
         with _sdk_errors():
             return await self._stub.CountTokens(request, **self._call_options(timeout, metadata))
+
+    async def embed(
+        self,
+        inputs: str | Iterable[str],
+        *,
+        model: str | None = None,
+        dimensions: int | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> pb.EmbedResponse:
+        """As Client.embed."""
+        request = _embed_request(inputs, model, dimensions)
+        with _sdk_errors():
+            return await self._stub.Embed(request, **self._call_options(timeout, metadata))
 
     async def health(
         self, *, probe: bool = False, timeout: float | None = None, metadata: Metadata | None = None

@@ -1,9 +1,10 @@
-"""`llmrelay`: the gateway from a terminal (complete, stream, tokens, health, usage, stats)."""
+"""`llmrelay`: the gateway from a terminal (complete, stream, embed, tokens, health, usage, stats)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import re
@@ -58,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--temperature", type=float)
         command.add_argument("--exact-model", action="store_true", help="no fallback to another model")
         command.set_defaults(run=run)
+
+    embed = commands.add_parser("embed", help="the vectors of texts, one JSON array a line, in order")
+    embed.add_argument("texts", nargs="+", metavar="text")
+    embed.add_argument("--model", help="an embedding model, backend/model or alias (default: the gateway's)")
+    embed.add_argument("--dimensions", type=int, help="shorter vectors, where the model can make them")
+    embed.set_defaults(run=_embed)
 
     tokens = commands.add_parser("tokens", help="count the tokens of a text or a one-message chat")
     tokens.add_argument("text")
@@ -116,6 +123,16 @@ def _summary(backend: str, model: str, finish_reason: pb.FinishReason.ValueType,
     estimated = " (estimated)" if usage.estimated else ""
     tokens = f"{usage.prompt_tokens}+{usage.completion_tokens} tokens{estimated}"
     return f"[{backend}/{model}, {_FINISH[finish_reason]}, {tokens}]"
+
+
+def _embed(client: Client, args: argparse.Namespace) -> None:
+    answer = client.embed(args.texts, model=args.model, dimensions=args.dimensions)
+    for embedding in answer.embeddings:
+        print(json.dumps(list(embedding.values)))
+    dimensions = len(answer.embeddings[0].values) if answer.embeddings else 0
+    estimated = " (estimated)" if answer.usage.estimated else ""
+    summary = f"{len(answer.embeddings)} x {dimensions} dimensions, {answer.usage.prompt_tokens} tokens{estimated}"
+    print(f"[{answer.backend}/{answer.model}, {summary}]", file=sys.stderr)
 
 
 def _tokens(client: Client, args: argparse.Namespace) -> None:

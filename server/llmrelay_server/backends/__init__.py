@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from llmrelay_server.backends.anthropic import AnthropicProvider
 from llmrelay_server.backends.llamacpp import LlamaCppProvider
 from llmrelay_server.backends.ollama import OllamaProvider
 from llmrelay_server.backends.openai_compat import OpenAICompatibleProvider, OpenAIProvider
@@ -13,5 +14,12 @@ from llmrelay_server.tokens import TokenCounter
 
 
 def provider_factory(counter: TokenCounter) -> ProviderFactory:
-    kinds = (OpenAIProvider, OllamaProvider, LlamaCppProvider, VllmProvider, OpenAICompatibleProvider)
+    kinds = (
+        OpenAIProvider,
+        AnthropicProvider,
+        OllamaProvider,
+        LlamaCppProvider,
+        VllmProvider,
+        OpenAICompatibleProvider,
+    )
     return ProviderFactory({cls.kind: partial(cls, counter=counter) for cls in kinds})

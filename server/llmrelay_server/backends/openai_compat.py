@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import email.utils
-import json
 import logging
 import math
 import re
@@ -29,6 +28,8 @@ from llmrelay_server.domain import (
     CompletionChunk,
     CompletionRequest,
     CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
     FinishReason,
     Message,
     TokenCount,
@@ -51,7 +52,8 @@ _SECRET_LIKE = re.compile(r"\b(sk|key|token)-[A-Za-z0-9_\-]{6,}")
 
 
 class OpenAICompatibleProvider:
-    """An LLMProvider over any server that speaks OpenAI's /chat/completions."""
+    """An LLMProvider over any server that speaks OpenAI's /chat/completions, and an EmbeddingProvider over its
+    /embeddings."""
 
     kind: ClassVar[str] = "openai_compatible"
     # OpenAI's reasoning models refuse max_tokens; most other servers know only max_tokens.
@@ -71,6 +73,7 @@ class OpenAICompatibleProvider:
         # What the SDK and its HTTP client would parse and merge again for every request, done once: the URL, and
         # the headers (the HTTP client's, then the SDK's user agent, platform and auth) as they would merge them.
         self._completions_url = httpx2.URL(f"{str(self._client.base_url).rstrip('/')}/chat/completions")
+        self._embeddings_url = httpx2.URL(f"{str(self._client.base_url).rstrip('/')}/embeddings")
         sdk_headers = {**self._client.default_headers, **self._client.auth_headers}
         self._headers = httpx2.Headers(self._http.headers)
         self._headers.update({name: value for name, value in sdk_headers.items() if isinstance(value, str)})
@@ -167,6 +170,24 @@ class OpenAICompatibleProvider:
             id=completion_id, backend=self._spec.name, model=served_model, finish_reason=finish, usage=usage
         )
 
+    async def embed(self, model: str, request: EmbeddingRequest, *, timeout_s: float | None) -> EmbeddingResponse:
+        body = wire.embedding_body(model, request)
+        try:
+            response = await self._post(body, timeout_s, stream=False, url=self._embeddings_url)
+            data = wire.decode_json(response.content)
+            vectors = wire.embedding_vectors(data, len(request.inputs))
+        except openai.APIError as exc:
+            raise self._upstream_error(exc) from exc
+        except wire.MalformedAnswerError as exc:
+            raise self._bad_answer(str(exc)) from exc
+        usage = wire.embedding_usage_from(data)
+        if usage is None:
+            counted = await self._counter.count_texts_async(model, request.inputs)
+            usage = TokenUsage(prompt_tokens=counted.tokens, completion_tokens=0, estimated=True)
+        return EmbeddingResponse(
+            backend=self._spec.name, model=self._served_model(data, model), vectors=vectors, usage=usage
+        )
+
     async def count_tokens(self, model: str, messages: Sequence[Message], tools: Sequence[Tool]) -> TokenCount | None:
         """The prompt's length as the server itself counts it; None, so the gateway estimates, when it cannot say."""
         try:
@@ -185,7 +206,7 @@ class OpenAICompatibleProvider:
     async def _post_json(self, path: str, body: dict[str, Any]) -> Any:
         """A small call to one of the server's own endpoints (not on the completion path)."""
         response = await self._http.post(
-            f"{self._root_url}{path}", json=body, headers=self._headers, timeout=HEALTH_TIMEOUT_S
+            f"{self._root_url}{path}", content=wire.encode(body), headers=self._headers, timeout=HEALTH_TIMEOUT_S
         )
         response.raise_for_status()
         return response.json()
@@ -220,8 +241,11 @@ class OpenAICompatibleProvider:
             checked_at=time.time(),
         )
 
-    async def _post(self, body: dict[str, Any], timeout_s: float | None, *, stream: bool) -> httpx2.Response:
-        """Sends the JSON `wire` built through the SDK's HTTP client, with the SDK's headers, prepared once.
+    async def _post(
+        self, body: dict[str, Any], timeout_s: float | None, *, stream: bool, url: httpx2.URL | None = None
+    ) -> httpx2.Response:
+        """Sends the JSON `wire` built through the SDK's HTTP client, with the SDK's headers, prepared once, to
+        /chat/completions or `url`.
 
         The SDK's own request path, and the HTTP client's request builder, parse and merge the same URL and headers on
         every call: a third of the gateway's CPU per request (`make bench`). Errors still come out as the SDK's
@@ -233,8 +257,8 @@ class OpenAICompatibleProvider:
             headers.update(extra)
         request = httpx2.Request(
             "POST",
-            self._completions_url,
-            content=json.dumps(body).encode(),
+            url or self._completions_url,
+            content=wire.encode(body),
             headers=headers,
             cookies=self._http.cookies,  # those upstreams set, as the client would send them back
             extensions={"timeout": self._timeout(timeout_s).as_dict()},

@@ -1,4 +1,5 @@
-"""The OpenAI chat-completions wire format: domain types to request JSON, and answers (JSON or SSE) back.
+"""The OpenAI chat-completions and embeddings wire formats: domain types to request JSON, and answers (JSON or SSE)
+back.
 
 Pure functions, no I/O. The gateway parses answers itself rather than through the SDK's models: it must read fields
 that servers add (`reasoning` from Ollama, `reasoning_content` from others), it must turn any malformed answer into a
@@ -7,17 +8,27 @@ definite error, and it skips building objects it would throw away on the hot pat
 
 from __future__ import annotations
 
+import base64
+import binascii
+import functools
+import itertools
 import json
+import secrets
+import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, NamedTuple, TypeGuard
 
 from llmrelay_server.domain import (
     CompletionOptions,
     CompletionRequest,
+    ContentPart,
+    EmbeddingRequest,
     FinishReason,
+    JsonText,
     Message,
     NamedToolChoice,
     Role,
+    TextPart,
     TokenUsage,
     Tool,
     ToolCall,
@@ -56,8 +67,36 @@ def prompt_body(model: str, messages: Sequence[Message], tools: Sequence[Tool]) 
     return body
 
 
+def encode(body: Mapping[str, Any]) -> bytes:
+    """A request body as JSON, where each JsonText (the caller's tool parameters and response schemas) is written
+    exactly as the caller wrote it: a number stays as it was typed, however large, and so does every space.
+
+    json.dumps writes a placeholder string for each JsonText, then the texts replace them, in the order they were
+    written. The placeholder is random, so nothing else in the body is one except by a 1-in-2**128 chance; a body
+    where the count shows one (more placeholders than texts) is written again with another.
+    """
+    while True:
+        marker = secrets.token_hex(16)
+        texts: list[str] = []
+        written = json.dumps(body, default=functools.partial(_placeholder, texts, marker))
+        if not texts:
+            return written.encode()
+        pieces = written.split(f'"{marker}"')
+        if len(pieces) == len(texts) + 1:
+            return "".join(itertools.chain.from_iterable(zip(pieces, [*texts, ""], strict=True))).encode()
+
+
+def _placeholder(texts: list[str], marker: str, value: object) -> str:
+    """json.dumps's `default`: the marker in a JsonText's place, its text kept in `texts`; anything else is no JSON."""
+    if not isinstance(value, JsonText):
+        raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+    texts.append(value.text)
+    return marker
+
+
 def _message_json(message: Message) -> dict[str, Any]:
-    item: dict[str, Any] = {"role": message.role.value, "content": message.content}
+    content: str | list[dict[str, Any]] = [_part_json(p) for p in message.parts] if message.parts else message.content
+    item: dict[str, Any] = {"role": message.role.value, "content": content}
     if message.name is not None:
         item["name"] = message.name
     if message.tool_calls:
@@ -68,6 +107,19 @@ def _message_json(message: Message) -> dict[str, Any]:
     if message.tool_call_id is not None:
         item["tool_call_id"] = message.tool_call_id
     return item
+
+
+def _part_json(part: ContentPart) -> dict[str, Any]:
+    if isinstance(part, TextPart):
+        return {"type": "text", "text": part.text}
+    if part.data is not None:
+        url = f"data:{part.media_type};base64,{base64.b64encode(part.data).decode('ascii')}"
+    else:
+        url = part.url or ""
+    image: dict[str, Any] = {"url": url}
+    if part.detail is not None:
+        image["detail"] = part.detail.value
+    return {"type": "image_url", "image_url": image}
 
 
 def _tool_json(tool: Tool) -> dict[str, Any]:
@@ -284,3 +336,58 @@ def sse_data(line: str) -> str | None:
     if not line.startswith("data:"):
         return None
     return line[5:].lstrip(" ")
+
+
+# --- embeddings -----------------------------------------------------------------------------------------------
+
+
+def embedding_body(model: str, request: EmbeddingRequest) -> dict[str, Any]:
+    """The JSON body for /embeddings. Vectors are asked for in base64: 4 bytes a dimension (a third of their decimal
+    text), and bytes that need no Python float per dimension to become the caller's packed floats."""
+    body: dict[str, Any] = {"model": model, "input": list(request.inputs), "encoding_format": "base64"}
+    if request.dimensions is not None:
+        body["dimensions"] = request.dimensions
+    return body
+
+
+def embedding_vectors(data: Any, count: int) -> tuple[bytes, ...]:
+    """The `count` vectors of an /embeddings answer, in the inputs' order (each item's `index`; the list's own order
+    is not promised), as little-endian 32-bit floats: from base64, or from numbers where a server ignores
+    encoding_format."""
+    items = data.get("data") if isinstance(data, Mapping) else None
+    if not isinstance(items, list) or len(items) != count:
+        raise MalformedAnswerError(f"`data` does not hold one embedding for each of the {count} inputs")
+    by_index: dict[int, bytes] = {}
+    for item in items:
+        index = item.get("index") if isinstance(item, Mapping) else None
+        if not _count(index) or index >= count or index in by_index:
+            raise MalformedAnswerError("an embedding's `index` is missing, out of range or repeated")
+        by_index[index] = _vector(item.get("embedding"))
+    vectors = tuple(by_index[index] for index in range(count))  # `count` distinct indexes below `count`: all there
+    if len({len(vector) for vector in vectors}) != 1:
+        raise MalformedAnswerError("the embeddings differ in their number of dimensions")
+    return vectors
+
+
+def _vector(value: Any) -> bytes:
+    if isinstance(value, str):
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except binascii.Error as exc:
+            raise MalformedAnswerError("an embedding is not valid base64") from exc
+    elif isinstance(value, list):
+        try:
+            raw = struct.pack(f"<{len(value)}f", *value)
+        except (struct.error, OverflowError) as exc:
+            raise MalformedAnswerError("an embedding holds something other than 32-bit floats") from exc
+    else:
+        raise MalformedAnswerError("an embedding is neither base64 text nor a list of numbers")
+    if not raw or len(raw) % 4:
+        raise MalformedAnswerError("an embedding is not a whole number of 32-bit floats")
+    return raw
+
+
+def embedding_usage_from(data: Mapping[str, Any]) -> TokenUsage | None:
+    usage = data.get("usage")
+    prompt = usage.get("prompt_tokens") if isinstance(usage, Mapping) else None
+    return TokenUsage(prompt_tokens=prompt, completion_tokens=0) if _count(prompt) else None

@@ -1,5 +1,8 @@
 """The limits interceptor: admits each model call within its caller's limits and the gateway's before any upstream
-is asked, and settles the reservation with what the call was billed when it ends."""
+is asked, and settles the reservation with what the call was billed when it ends.
+
+Model calls are Complete, StreamComplete and Embed: an embedding request is billed for its inputs as a chat is for its
+prompt, so it counts against requests and tokens per minute and spends the daily budget like one."""
 
 from __future__ import annotations
 
@@ -20,10 +23,11 @@ from llmrelay_server.tokens import TokenCounter
 
 _COMPLETE = "/llmrelay.v1.LLMService/Complete"
 _STREAM = "/llmrelay.v1.LLMService/StreamComplete"
+_EMBED = "/llmrelay.v1.LLMService/Embed"
 
 
 class LimitsInterceptor(grpc.aio.ServerInterceptor):
-    """Admits each Complete and StreamComplete within the caller's limits and the gateway's, settles it at its end."""
+    """Admits each model call within the caller's limits and the gateway's, settles it at its end."""
 
     def __init__(
         self,
@@ -32,19 +36,21 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         counter: TokenCounter,
         estimate_usd_micros: Callable[[str | None, int, int], int],
         reserve_completion_tokens: int,
+        estimate_embedding_usd_micros: Callable[[str | None, int], int],
     ) -> None:
         self._limiter = limiter
         self._gateway = gateway if gateway.any_set() else None
         self._counter = counter
         self._estimate_usd_micros = estimate_usd_micros
         self._reserve_completion_tokens = reserve_completion_tokens
+        self._estimate_embedding_usd_micros = estimate_embedding_usd_micros
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method not in (_COMPLETE, _STREAM):
+        if handler is None or method not in (_COMPLETE, _STREAM, _EMBED):
             return handler
         caller = current_caller.get()
         subjects = [(f"key:{caller.name}", caller.key.limits)] if caller and caller.key.limits.any_set() else []
@@ -59,14 +65,14 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
                 handler.response_serializer,
             )
         return grpc.unary_unary_rpc_method_handler(
-            self._limited_unary(handler.unary_unary, subjects),
+            self._limited_unary(handler.unary_unary, subjects, method.rpartition("/")[2]),
             handler.request_deserializer,
             handler.response_serializer,
         )
 
-    def _limited_unary(self, behavior: Any, subjects: list[tuple[str, Limits]]) -> Any:
+    def _limited_unary(self, behavior: Any, subjects: list[tuple[str, Limits]], rpc: str) -> Any:
         async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            reservation = await self._admit(request, subjects, context, stream=False)
+            reservation = await self._admit(request, subjects, context, rpc, stream=False)
             meter = open_meter()
             try:
                 return await behavior(request, context)
@@ -77,7 +83,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
 
     def _limited_stream(self, behavior: Any, subjects: list[tuple[str, Limits]]) -> Any:
         async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            reservation = await self._admit(request, subjects, context, stream=True)
+            reservation = await self._admit(request, subjects, context, "StreamComplete", stream=True)
             meter = open_meter()
             try:
                 async for answer in behavior(request, context):
@@ -89,20 +95,24 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
 
     async def _admit(
         self,
-        request: pb.CompleteRequest | pb.StreamCompleteRequest,
+        request: pb.CompleteRequest | pb.StreamCompleteRequest | pb.EmbedRequest,
         subjects: list[tuple[str, Limits]],
         context: grpc.aio.ServicerContext[Any, Any],
+        rpc: str,
         *,
         stream: bool,
     ) -> Reservation:
         tokens = usd_micros = 0
         if any(limits.tokens_per_minute is not None or limits.budget_usd_per_day is not None for _, limits in subjects):
-            tokens, usd_micros = await self._estimate(request)
+            if isinstance(request, pb.EmbedRequest):
+                tokens, usd_micros = await self._estimate_embedding(request)
+            else:
+                tokens, usd_micros = await self._estimate(request)
         asks = [Ask(subject, limits, tokens, usd_micros, stream) for subject, limits in subjects]
         try:
             return await self._limiter.reserve(asks)
         except (LimitExceededError, LimitsUnavailableError) as error:
-            await abort(context, "StreamComplete" if stream else "Complete", error)
+            await abort(context, rpc, error)
 
     async def _estimate(self, request: pb.CompleteRequest | pb.StreamCompleteRequest) -> tuple[int, int]:
         """The tokens and cost to reserve: the prompt as counted offline, and the most the answer may take."""
@@ -115,3 +125,12 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
             await self._counter.count_chat_async(parsed.model or "", parsed.messages, parsed.options.tools)
         ).tokens
         return prompt + completion, self._estimate_usd_micros(parsed.model, prompt, completion)
+
+    async def _estimate_embedding(self, request: pb.EmbedRequest) -> tuple[int, int]:
+        """The tokens and cost to reserve: the inputs as counted offline (an embedding answers with no tokens)."""
+        try:
+            parsed = convert.embedding_request(request)
+        except InvalidRequestError:
+            return 0, 0
+        tokens = (await self._counter.count_texts_async(parsed.model or "", parsed.inputs)).tokens
+        return tokens, self._estimate_embedding_usd_micros(parsed.model, tokens)

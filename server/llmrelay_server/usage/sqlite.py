@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Final, TypeVar
@@ -177,7 +178,7 @@ def _open(path: str, busy_timeout_s: float) -> sqlite3.Connection:
     connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     try:
         connection.execute(f"PRAGMA busy_timeout={round(busy_timeout_s * 1000)}")
-        connection.execute("PRAGMA journal_mode=WAL")
+        _use_wal(connection, busy_timeout_s)
         # In WAL mode NORMAL survives a process crash (committed transactions are in the WAL); only power loss can
         # undo the newest ones, which is not worth an fsync per flush.
         connection.execute("PRAGMA synchronous=NORMAL")
@@ -186,6 +187,20 @@ def _open(path: str, busy_timeout_s: float) -> sqlite3.Connection:
         connection.close()
         raise
     return connection
+
+
+def _use_wal(connection: sqlite3.Connection, busy_timeout_s: float) -> None:
+    """WAL mode, waiting for it as for any lock: SQLite answers "database is locked" at once, without its busy
+    handler, when another process is switching a new file to WAL at the same moment (workers starting together)."""
+    deadline = time.monotonic() + busy_timeout_s
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _migrate(connection: sqlite3.Connection) -> None:

@@ -199,6 +199,27 @@ func (u *Upstream) ClearFaults() error {
 	return u.faults(http.MethodDelete, nil)
 }
 
+// Requests are the chat request bodies the upstream has received, oldest first, as it read them: decode them with
+// json.Decoder.UseNumber to see each number as the upstream got it (3, not 3.0).
+func (u *Upstream) Requests() ([]json.RawMessage, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.URL+"/_control/requests", nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	var requests []json.RawMessage
+	if err := json.NewDecoder(resp.Body).Decode(&requests); err != nil {
+		return nil, fmt.Errorf("gatewaytest: GET /_control/requests: %w", err)
+	}
+	return requests, nil
+}
+
 // faults calls the upstream's fault queue, /_control/faults.
 func (u *Upstream) faults(method string, body []byte) error {
 	const path = "/_control/faults"
@@ -236,9 +257,13 @@ type Gateway struct {
 // FallbackBackend is the name of the second backend of a gateway started by StartGatewayWithFallback.
 const FallbackBackend = "fallback"
 
+// EmbeddingModel is the embedding model of the gateway's "ollama" backend (the fake upstream's).
+const EmbeddingModel = "embed-test"
+
 // StartGateway starts the gateway on a free loopback port, with one backend at baseURL (".../v1"), no retries.
 func StartGateway(baseURL string) (*Gateway, error) {
-	return startGateway(fmt.Sprintf("llm:\n  ollama: {base_url: %q, model: \"tiny\"}\nrouter: {retry: {max_retries: 0}}\n", baseURL))
+	return startGateway(fmt.Sprintf("llm:\n  ollama: {base_url: %q, model: \"tiny\", embedding_model: %q}\n"+
+		"router: {retry: {max_retries: 0}}\n", baseURL, EmbeddingModel))
 }
 
 // StartGatewayWithFallback starts the gateway like StartGateway, with a second backend after "ollama" in the routing

@@ -608,6 +608,63 @@ func (ErrorReason) EnumDescriptor() ([]byte, []int) {
 	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{7}
 }
 
+// How closely a model looks at an image, where the upstream lets the caller choose (OpenAI's `detail`).
+type ImageDetail int32
+
+const (
+	// Not set: the upstream's default.
+	ImageDetail_IMAGE_DETAIL_UNSPECIFIED ImageDetail = 0
+	// The upstream picks.
+	ImageDetail_IMAGE_DETAIL_AUTO ImageDetail = 1
+	// A low-resolution look, fewer tokens.
+	ImageDetail_IMAGE_DETAIL_LOW ImageDetail = 2
+	// A high-resolution look, more tokens.
+	ImageDetail_IMAGE_DETAIL_HIGH ImageDetail = 3
+)
+
+// Enum value maps for ImageDetail.
+var (
+	ImageDetail_name = map[int32]string{
+		0: "IMAGE_DETAIL_UNSPECIFIED",
+		1: "IMAGE_DETAIL_AUTO",
+		2: "IMAGE_DETAIL_LOW",
+		3: "IMAGE_DETAIL_HIGH",
+	}
+	ImageDetail_value = map[string]int32{
+		"IMAGE_DETAIL_UNSPECIFIED": 0,
+		"IMAGE_DETAIL_AUTO":        1,
+		"IMAGE_DETAIL_LOW":         2,
+		"IMAGE_DETAIL_HIGH":        3,
+	}
+)
+
+func (x ImageDetail) Enum() *ImageDetail {
+	p := new(ImageDetail)
+	*p = x
+	return p
+}
+
+func (x ImageDetail) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ImageDetail) Descriptor() protoreflect.EnumDescriptor {
+	return file_llmrelay_v1_llmrelay_proto_enumTypes[8].Descriptor()
+}
+
+func (ImageDetail) Type() protoreflect.EnumType {
+	return &file_llmrelay_v1_llmrelay_proto_enumTypes[8]
+}
+
+func (x ImageDetail) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ImageDetail.Descriptor instead.
+func (ImageDetail) EnumDescriptor() ([]byte, []int) {
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{8}
+}
+
 // The state of a backend's circuit breaker.
 type CircuitState int32
 
@@ -649,11 +706,11 @@ func (x CircuitState) String() string {
 }
 
 func (CircuitState) Descriptor() protoreflect.EnumDescriptor {
-	return file_llmrelay_v1_llmrelay_proto_enumTypes[8].Descriptor()
+	return file_llmrelay_v1_llmrelay_proto_enumTypes[9].Descriptor()
 }
 
 func (CircuitState) Type() protoreflect.EnumType {
-	return &file_llmrelay_v1_llmrelay_proto_enumTypes[8]
+	return &file_llmrelay_v1_llmrelay_proto_enumTypes[9]
 }
 
 func (x CircuitState) Number() protoreflect.EnumNumber {
@@ -662,7 +719,7 @@ func (x CircuitState) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use CircuitState.Descriptor instead.
 func (CircuitState) EnumDescriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{8}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{9}
 }
 
 // What the gateway keeps in a store.
@@ -702,11 +759,11 @@ func (x StoreRole) String() string {
 }
 
 func (StoreRole) Descriptor() protoreflect.EnumDescriptor {
-	return file_llmrelay_v1_llmrelay_proto_enumTypes[9].Descriptor()
+	return file_llmrelay_v1_llmrelay_proto_enumTypes[10].Descriptor()
 }
 
 func (StoreRole) Type() protoreflect.EnumType {
-	return &file_llmrelay_v1_llmrelay_proto_enumTypes[9]
+	return &file_llmrelay_v1_llmrelay_proto_enumTypes[10]
 }
 
 func (x StoreRole) Number() protoreflect.EnumNumber {
@@ -715,7 +772,7 @@ func (x StoreRole) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use StoreRole.Descriptor instead.
 func (StoreRole) EnumDescriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{9}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{10}
 }
 
 // A call of a function that the model asks the caller to make.
@@ -833,7 +890,8 @@ type Message struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Who wrote the message.
 	Role Role `protobuf:"varint,1,opt,name=role,proto3,enum=llmrelay.v1.Role" json:"role,omitempty"`
-	// The text of the message; may be empty for an assistant message that only calls tools.
+	// The text of the message; may be empty for an assistant message that only calls tools. A message has either
+	// content or parts, not both.
 	Content string `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
 	// An optional name for the author, to tell participants of the same role apart.
 	Name *string `protobuf:"bytes,3,opt,name=name,proto3,oneof" json:"name,omitempty"`
@@ -842,9 +900,14 @@ type Message struct {
 	// The id of the tool call this message answers (tool messages only).
 	ToolCallId *string `protobuf:"bytes,5,opt,name=tool_call_id,json=toolCallId,proto3,oneof" json:"tool_call_id,omitempty"`
 	// The model's reasoning text, where the model gives one (assistant messages in answers).
-	Reasoning     *string `protobuf:"bytes,6,opt,name=reasoning,proto3,oneof" json:"reasoning,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Reasoning *string `protobuf:"bytes,6,opt,name=reasoning,proto3,oneof" json:"reasoning,omitempty"`
+	// The content as parts: text and images (user messages; text parts elsewhere). Instead of `content`, not with it.
+	Parts []*ContentPart `protobuf:"bytes,7,rep,name=parts,proto3" json:"parts,omitempty"`
+	// The upstream's opaque signature of the reasoning (Anthropic's thinking blocks), to send back unchanged with the
+	// assistant message in the next turn of a conversation, as the upstream requires.
+	ReasoningSignature *string `protobuf:"bytes,8,opt,name=reasoning_signature,json=reasoningSignature,proto3,oneof" json:"reasoning_signature,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *Message) Reset() {
@@ -919,6 +982,212 @@ func (x *Message) GetReasoning() string {
 	return ""
 }
 
+func (x *Message) GetParts() []*ContentPart {
+	if x != nil {
+		return x.Parts
+	}
+	return nil
+}
+
+func (x *Message) GetReasoningSignature() string {
+	if x != nil && x.ReasoningSignature != nil {
+		return *x.ReasoningSignature
+	}
+	return ""
+}
+
+// One part of a message's content.
+type ContentPart struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The part.
+	//
+	// Types that are valid to be assigned to Part:
+	//
+	//	*ContentPart_Text
+	//	*ContentPart_Image
+	Part          isContentPart_Part `protobuf_oneof:"part"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ContentPart) Reset() {
+	*x = ContentPart{}
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ContentPart) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ContentPart) ProtoMessage() {}
+
+func (x *ContentPart) ProtoReflect() protoreflect.Message {
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ContentPart.ProtoReflect.Descriptor instead.
+func (*ContentPart) Descriptor() ([]byte, []int) {
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *ContentPart) GetPart() isContentPart_Part {
+	if x != nil {
+		return x.Part
+	}
+	return nil
+}
+
+func (x *ContentPart) GetText() string {
+	if x != nil {
+		if x, ok := x.Part.(*ContentPart_Text); ok {
+			return x.Text
+		}
+	}
+	return ""
+}
+
+func (x *ContentPart) GetImage() *ImagePart {
+	if x != nil {
+		if x, ok := x.Part.(*ContentPart_Image); ok {
+			return x.Image
+		}
+	}
+	return nil
+}
+
+type isContentPart_Part interface {
+	isContentPart_Part()
+}
+
+type ContentPart_Text struct {
+	// Text.
+	Text string `protobuf:"bytes,1,opt,name=text,proto3,oneof"`
+}
+
+type ContentPart_Image struct {
+	// An image.
+	Image *ImagePart `protobuf:"bytes,2,opt,name=image,proto3,oneof"`
+}
+
+func (*ContentPart_Text) isContentPart_Part() {}
+
+func (*ContentPart_Image) isContentPart_Part() {}
+
+// An image in a message: by URL, or its bytes with their media type.
+type ImagePart struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Where the image is.
+	//
+	// Types that are valid to be assigned to Source:
+	//
+	//	*ImagePart_Url
+	//	*ImagePart_Data
+	Source isImagePart_Source `protobuf_oneof:"source"`
+	// The media type of `data`: image/png, image/jpeg, image/gif or image/webp. Ignored for a URL.
+	MediaType string `protobuf:"bytes,3,opt,name=media_type,json=mediaType,proto3" json:"media_type,omitempty"`
+	// How closely to look.
+	Detail        ImageDetail `protobuf:"varint,4,opt,name=detail,proto3,enum=llmrelay.v1.ImageDetail" json:"detail,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImagePart) Reset() {
+	*x = ImagePart{}
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImagePart) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImagePart) ProtoMessage() {}
+
+func (x *ImagePart) ProtoReflect() protoreflect.Message {
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImagePart.ProtoReflect.Descriptor instead.
+func (*ImagePart) Descriptor() ([]byte, []int) {
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *ImagePart) GetSource() isImagePart_Source {
+	if x != nil {
+		return x.Source
+	}
+	return nil
+}
+
+func (x *ImagePart) GetUrl() string {
+	if x != nil {
+		if x, ok := x.Source.(*ImagePart_Url); ok {
+			return x.Url
+		}
+	}
+	return ""
+}
+
+func (x *ImagePart) GetData() []byte {
+	if x != nil {
+		if x, ok := x.Source.(*ImagePart_Data); ok {
+			return x.Data
+		}
+	}
+	return nil
+}
+
+func (x *ImagePart) GetMediaType() string {
+	if x != nil {
+		return x.MediaType
+	}
+	return ""
+}
+
+func (x *ImagePart) GetDetail() ImageDetail {
+	if x != nil {
+		return x.Detail
+	}
+	return ImageDetail_IMAGE_DETAIL_UNSPECIFIED
+}
+
+type isImagePart_Source interface {
+	isImagePart_Source()
+}
+
+type ImagePart_Url struct {
+	// An http(s) URL the upstream fetches.
+	Url string `protobuf:"bytes,1,opt,name=url,proto3,oneof"`
+}
+
+type ImagePart_Data struct {
+	// The image's bytes (at most the gateway's image size limit).
+	Data []byte `protobuf:"bytes,2,opt,name=data,proto3,oneof"`
+}
+
+func (*ImagePart_Url) isImagePart_Source() {}
+
+func (*ImagePart_Data) isImagePart_Source() {}
+
 // A function the model may call.
 type FunctionDefinition struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -926,17 +1195,21 @@ type FunctionDefinition struct {
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// What the function does, for the model to decide when to call it.
 	Description *string `protobuf:"bytes,2,opt,name=description,proto3,oneof" json:"description,omitempty"`
-	// The parameters as a JSON Schema object.
+	// Deprecated: use parameters_json. The parameters as a JSON Schema object; Struct turns every number into a
+	// double (a schema's `maxItems: 3` arrives as 3.0) and loses large integers.
 	Parameters *structpb.Struct `protobuf:"bytes,3,opt,name=parameters,proto3" json:"parameters,omitempty"`
 	// Whether the model must follow the schema exactly (where the upstream supports it).
-	Strict        *bool `protobuf:"varint,4,opt,name=strict,proto3,oneof" json:"strict,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Strict *bool `protobuf:"varint,4,opt,name=strict,proto3,oneof" json:"strict,omitempty"`
+	// The parameters as a JSON Schema object, in JSON text: checked to be a JSON object, then sent to the upstream
+	// exactly as written. Takes precedence over `parameters`.
+	ParametersJson *string `protobuf:"bytes,5,opt,name=parameters_json,json=parametersJson,proto3,oneof" json:"parameters_json,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *FunctionDefinition) Reset() {
 	*x = FunctionDefinition{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[3]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -948,7 +1221,7 @@ func (x *FunctionDefinition) String() string {
 func (*FunctionDefinition) ProtoMessage() {}
 
 func (x *FunctionDefinition) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[3]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -961,7 +1234,7 @@ func (x *FunctionDefinition) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FunctionDefinition.ProtoReflect.Descriptor instead.
 func (*FunctionDefinition) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{3}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *FunctionDefinition) GetName() string {
@@ -992,6 +1265,13 @@ func (x *FunctionDefinition) GetStrict() bool {
 	return false
 }
 
+func (x *FunctionDefinition) GetParametersJson() string {
+	if x != nil && x.ParametersJson != nil {
+		return *x.ParametersJson
+	}
+	return ""
+}
+
 // A tool the model may use. Only functions exist today.
 type Tool struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1003,7 +1283,7 @@ type Tool struct {
 
 func (x *Tool) Reset() {
 	*x = Tool{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[4]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1015,7 +1295,7 @@ func (x *Tool) String() string {
 func (*Tool) ProtoMessage() {}
 
 func (x *Tool) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[4]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1028,7 +1308,7 @@ func (x *Tool) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tool.ProtoReflect.Descriptor instead.
 func (*Tool) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{4}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Tool) GetFunction() *FunctionDefinition {
@@ -1054,7 +1334,7 @@ type ToolChoice struct {
 
 func (x *ToolChoice) Reset() {
 	*x = ToolChoice{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[5]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1066,7 +1346,7 @@ func (x *ToolChoice) String() string {
 func (*ToolChoice) ProtoMessage() {}
 
 func (x *ToolChoice) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[5]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1079,7 +1359,7 @@ func (x *ToolChoice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolChoice.ProtoReflect.Descriptor instead.
 func (*ToolChoice) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{5}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ToolChoice) GetChoice() isToolChoice_Choice {
@@ -1132,17 +1412,20 @@ type JsonSchema struct {
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// What the answer is for.
 	Description *string `protobuf:"bytes,2,opt,name=description,proto3,oneof" json:"description,omitempty"`
-	// The JSON Schema.
+	// Deprecated: use schema_json. The JSON Schema; Struct turns every number into a double and loses large integers.
 	Schema *structpb.Struct `protobuf:"bytes,3,opt,name=schema,proto3" json:"schema,omitempty"`
 	// Whether the model must follow the schema exactly.
-	Strict        *bool `protobuf:"varint,4,opt,name=strict,proto3,oneof" json:"strict,omitempty"`
+	Strict *bool `protobuf:"varint,4,opt,name=strict,proto3,oneof" json:"strict,omitempty"`
+	// The JSON Schema in JSON text: checked to be a JSON object, then sent to the upstream exactly as written. Takes
+	// precedence over `schema`.
+	SchemaJson    *string `protobuf:"bytes,5,opt,name=schema_json,json=schemaJson,proto3,oneof" json:"schema_json,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *JsonSchema) Reset() {
 	*x = JsonSchema{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[6]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1154,7 +1437,7 @@ func (x *JsonSchema) String() string {
 func (*JsonSchema) ProtoMessage() {}
 
 func (x *JsonSchema) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[6]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1167,7 +1450,7 @@ func (x *JsonSchema) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JsonSchema.ProtoReflect.Descriptor instead.
 func (*JsonSchema) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{6}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *JsonSchema) GetName() string {
@@ -1198,6 +1481,13 @@ func (x *JsonSchema) GetStrict() bool {
 	return false
 }
 
+func (x *JsonSchema) GetSchemaJson() string {
+	if x != nil && x.SchemaJson != nil {
+		return *x.SchemaJson
+	}
+	return ""
+}
+
 // The shape of the answer.
 type ResponseFormat struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1211,7 +1501,7 @@ type ResponseFormat struct {
 
 func (x *ResponseFormat) Reset() {
 	*x = ResponseFormat{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[7]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1223,7 +1513,7 @@ func (x *ResponseFormat) String() string {
 func (*ResponseFormat) ProtoMessage() {}
 
 func (x *ResponseFormat) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[7]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1236,7 +1526,7 @@ func (x *ResponseFormat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResponseFormat.ProtoReflect.Descriptor instead.
 func (*ResponseFormat) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{7}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ResponseFormat) GetType() ResponseFormatType {
@@ -1286,7 +1576,7 @@ type CompletionOptions struct {
 
 func (x *CompletionOptions) Reset() {
 	*x = CompletionOptions{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[8]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1298,7 +1588,7 @@ func (x *CompletionOptions) String() string {
 func (*CompletionOptions) ProtoMessage() {}
 
 func (x *CompletionOptions) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[8]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1311,7 +1601,7 @@ func (x *CompletionOptions) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompletionOptions.ProtoReflect.Descriptor instead.
 func (*CompletionOptions) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{8}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CompletionOptions) GetTemperature() float64 {
@@ -1421,7 +1711,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[9]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1433,7 +1723,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[9]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1446,7 +1736,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{9}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Usage) GetPromptTokens() int32 {
@@ -1514,7 +1804,7 @@ type Cost struct {
 
 func (x *Cost) Reset() {
 	*x = Cost{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[10]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1526,7 +1816,7 @@ func (x *Cost) String() string {
 func (*Cost) ProtoMessage() {}
 
 func (x *Cost) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[10]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1539,7 +1829,7 @@ func (x *Cost) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Cost.ProtoReflect.Descriptor instead.
 func (*Cost) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{10}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Cost) GetUsdMicros() int64 {
@@ -1584,7 +1874,7 @@ type Attempt struct {
 
 func (x *Attempt) Reset() {
 	*x = Attempt{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[11]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1596,7 +1886,7 @@ func (x *Attempt) String() string {
 func (*Attempt) ProtoMessage() {}
 
 func (x *Attempt) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[11]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1609,7 +1899,7 @@ func (x *Attempt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Attempt.ProtoReflect.Descriptor instead.
 func (*Attempt) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{11}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Attempt) GetBackend() string {
@@ -1672,7 +1962,7 @@ type CompleteRequest struct {
 
 func (x *CompleteRequest) Reset() {
 	*x = CompleteRequest{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[12]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1684,7 +1974,7 @@ func (x *CompleteRequest) String() string {
 func (*CompleteRequest) ProtoMessage() {}
 
 func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[12]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1697,7 +1987,7 @@ func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteRequest.ProtoReflect.Descriptor instead.
 func (*CompleteRequest) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{12}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *CompleteRequest) GetModel() string {
@@ -1751,7 +2041,7 @@ type CompleteResponse struct {
 
 func (x *CompleteResponse) Reset() {
 	*x = CompleteResponse{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[13]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1763,7 +2053,7 @@ func (x *CompleteResponse) String() string {
 func (*CompleteResponse) ProtoMessage() {}
 
 func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[13]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1776,7 +2066,7 @@ func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteResponse.ProtoReflect.Descriptor instead.
 func (*CompleteResponse) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{13}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *CompleteResponse) GetId() string {
@@ -1847,7 +2137,7 @@ type StreamCompleteRequest struct {
 
 func (x *StreamCompleteRequest) Reset() {
 	*x = StreamCompleteRequest{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[14]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1859,7 +2149,7 @@ func (x *StreamCompleteRequest) String() string {
 func (*StreamCompleteRequest) ProtoMessage() {}
 
 func (x *StreamCompleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[14]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1872,7 +2162,7 @@ func (x *StreamCompleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamCompleteRequest.ProtoReflect.Descriptor instead.
 func (*StreamCompleteRequest) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{14}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *StreamCompleteRequest) GetModel() string {
@@ -1929,7 +2219,7 @@ type StreamRestart struct {
 
 func (x *StreamRestart) Reset() {
 	*x = StreamRestart{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[15]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1941,7 +2231,7 @@ func (x *StreamRestart) String() string {
 func (*StreamRestart) ProtoMessage() {}
 
 func (x *StreamRestart) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[15]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1954,7 +2244,7 @@ func (x *StreamRestart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamRestart.ProtoReflect.Descriptor instead.
 func (*StreamRestart) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{15}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *StreamRestart) GetReason() string {
@@ -2002,7 +2292,7 @@ type ToolCallDelta struct {
 
 func (x *ToolCallDelta) Reset() {
 	*x = ToolCallDelta{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[16]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2014,7 +2304,7 @@ func (x *ToolCallDelta) String() string {
 func (*ToolCallDelta) ProtoMessage() {}
 
 func (x *ToolCallDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[16]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2027,7 +2317,7 @@ func (x *ToolCallDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCallDelta.ProtoReflect.Descriptor instead.
 func (*ToolCallDelta) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{16}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ToolCallDelta) GetIndex() int32 {
@@ -2066,14 +2356,17 @@ type MessageDelta struct {
 	// A piece of the reasoning text.
 	Reasoning *string `protobuf:"bytes,2,opt,name=reasoning,proto3,oneof" json:"reasoning,omitempty"`
 	// Pieces of tool calls.
-	ToolCalls     []*ToolCallDelta `protobuf:"bytes,3,rep,name=tool_calls,json=toolCalls,proto3" json:"tool_calls,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	ToolCalls []*ToolCallDelta `protobuf:"bytes,3,rep,name=tool_calls,json=toolCalls,proto3" json:"tool_calls,omitempty"`
+	// The upstream's signature of the whole reasoning (Message.reasoning_signature), on the last message of the stream,
+	// when the upstream signs it (Anthropic's thinking blocks).
+	ReasoningSignature *string `protobuf:"bytes,4,opt,name=reasoning_signature,json=reasoningSignature,proto3,oneof" json:"reasoning_signature,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *MessageDelta) Reset() {
 	*x = MessageDelta{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[17]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2085,7 +2378,7 @@ func (x *MessageDelta) String() string {
 func (*MessageDelta) ProtoMessage() {}
 
 func (x *MessageDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[17]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2098,7 +2391,7 @@ func (x *MessageDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MessageDelta.ProtoReflect.Descriptor instead.
 func (*MessageDelta) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{17}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *MessageDelta) GetContent() string {
@@ -2120,6 +2413,13 @@ func (x *MessageDelta) GetToolCalls() []*ToolCallDelta {
 		return x.ToolCalls
 	}
 	return nil
+}
+
+func (x *MessageDelta) GetReasoningSignature() string {
+	if x != nil && x.ReasoningSignature != nil {
+		return *x.ReasoningSignature
+	}
+	return ""
 }
 
 // One message of a stream. Concatenating the deltas gives the message Complete would return; the last message
@@ -2151,7 +2451,7 @@ type StreamCompleteResponse struct {
 
 func (x *StreamCompleteResponse) Reset() {
 	*x = StreamCompleteResponse{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[18]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2163,7 +2463,7 @@ func (x *StreamCompleteResponse) String() string {
 func (*StreamCompleteResponse) ProtoMessage() {}
 
 func (x *StreamCompleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[18]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2176,7 +2476,7 @@ func (x *StreamCompleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamCompleteResponse.ProtoReflect.Descriptor instead.
 func (*StreamCompleteResponse) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{18}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *StreamCompleteResponse) GetId() string {
@@ -2252,7 +2552,7 @@ type CountTokensRequest struct {
 
 func (x *CountTokensRequest) Reset() {
 	*x = CountTokensRequest{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[19]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2264,7 +2564,7 @@ func (x *CountTokensRequest) String() string {
 func (*CountTokensRequest) ProtoMessage() {}
 
 func (x *CountTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[19]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2277,7 +2577,7 @@ func (x *CountTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CountTokensRequest.ProtoReflect.Descriptor instead.
 func (*CountTokensRequest) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{19}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *CountTokensRequest) GetModel() string {
@@ -2325,7 +2625,7 @@ type CountTokensResponse struct {
 
 func (x *CountTokensResponse) Reset() {
 	*x = CountTokensResponse{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[20]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2337,7 +2637,7 @@ func (x *CountTokensResponse) String() string {
 func (*CountTokensResponse) ProtoMessage() {}
 
 func (x *CountTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[20]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2350,7 +2650,7 @@ func (x *CountTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CountTokensResponse.ProtoReflect.Descriptor instead.
 func (*CountTokensResponse) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{20}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *CountTokensResponse) GetTokenCount() int32 {
@@ -2392,7 +2692,7 @@ type HealthRequest struct {
 
 func (x *HealthRequest) Reset() {
 	*x = HealthRequest{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[21]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2404,7 +2704,7 @@ func (x *HealthRequest) String() string {
 func (*HealthRequest) ProtoMessage() {}
 
 func (x *HealthRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[21]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2417,7 +2717,7 @@ func (x *HealthRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthRequest.ProtoReflect.Descriptor instead.
 func (*HealthRequest) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{21}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *HealthRequest) GetProbe() bool {
@@ -2456,7 +2756,7 @@ type BackendHealth struct {
 
 func (x *BackendHealth) Reset() {
 	*x = BackendHealth{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[22]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2468,7 +2768,7 @@ func (x *BackendHealth) String() string {
 func (*BackendHealth) ProtoMessage() {}
 
 func (x *BackendHealth) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[22]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2481,7 +2781,7 @@ func (x *BackendHealth) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackendHealth.ProtoReflect.Descriptor instead.
 func (*BackendHealth) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{22}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *BackendHealth) GetName() string {
@@ -2573,7 +2873,7 @@ type StoreHealth struct {
 
 func (x *StoreHealth) Reset() {
 	*x = StoreHealth{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[23]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2585,7 +2885,7 @@ func (x *StoreHealth) String() string {
 func (*StoreHealth) ProtoMessage() {}
 
 func (x *StoreHealth) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[23]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2598,7 +2898,7 @@ func (x *StoreHealth) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoreHealth.ProtoReflect.Descriptor instead.
 func (*StoreHealth) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{23}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *StoreHealth) GetRole() StoreRole {
@@ -2652,7 +2952,7 @@ type HealthResponse struct {
 
 func (x *HealthResponse) Reset() {
 	*x = HealthResponse{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[24]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2664,7 +2964,7 @@ func (x *HealthResponse) String() string {
 func (*HealthResponse) ProtoMessage() {}
 
 func (x *HealthResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[24]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2677,7 +2977,7 @@ func (x *HealthResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthResponse.ProtoReflect.Descriptor instead.
 func (*HealthResponse) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{24}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *HealthResponse) GetServing() bool {
@@ -2720,7 +3020,7 @@ type GetUsageRequest struct {
 
 func (x *GetUsageRequest) Reset() {
 	*x = GetUsageRequest{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[25]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2732,7 +3032,7 @@ func (x *GetUsageRequest) String() string {
 func (*GetUsageRequest) ProtoMessage() {}
 
 func (x *GetUsageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[25]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2745,7 +3045,7 @@ func (x *GetUsageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUsageRequest.ProtoReflect.Descriptor instead.
 func (*GetUsageRequest) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{25}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *GetUsageRequest) GetBackend() string {
@@ -2812,7 +3112,7 @@ type UsageRecord struct {
 
 func (x *UsageRecord) Reset() {
 	*x = UsageRecord{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[26]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2824,7 +3124,7 @@ func (x *UsageRecord) String() string {
 func (*UsageRecord) ProtoMessage() {}
 
 func (x *UsageRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[26]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2837,7 +3137,7 @@ func (x *UsageRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UsageRecord.ProtoReflect.Descriptor instead.
 func (*UsageRecord) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{26}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *UsageRecord) GetBackend() string {
@@ -2921,7 +3221,7 @@ type GetUsageResponse struct {
 
 func (x *GetUsageResponse) Reset() {
 	*x = GetUsageResponse{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[27]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2933,7 +3233,7 @@ func (x *GetUsageResponse) String() string {
 func (*GetUsageResponse) ProtoMessage() {}
 
 func (x *GetUsageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[27]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2946,12 +3246,269 @@ func (x *GetUsageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUsageResponse.ProtoReflect.Descriptor instead.
 func (*GetUsageResponse) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{27}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *GetUsageResponse) GetRecords() []*UsageRecord {
 	if x != nil {
 		return x.Records
+	}
+	return nil
+}
+
+// A request for embeddings.
+type EmbedRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The texts to embed, at least one; each gets a vector, in the same order.
+	Inputs []string `protobuf:"bytes,1,rep,name=inputs,proto3" json:"inputs,omitempty"`
+	// The embedding model (a backend-qualified name like "ollama/nomic-embed-text" picks the backend); unset: the
+	// first backend's configured embedding model.
+	Model *string `protobuf:"bytes,2,opt,name=model,proto3,oneof" json:"model,omitempty"`
+	// The number of dimensions wanted, for models that can shorten their vectors (OpenAI's text-embedding-3).
+	Dimensions    *int32 `protobuf:"varint,3,opt,name=dimensions,proto3,oneof" json:"dimensions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EmbedRequest) Reset() {
+	*x = EmbedRequest{}
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EmbedRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EmbedRequest) ProtoMessage() {}
+
+func (x *EmbedRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EmbedRequest.ProtoReflect.Descriptor instead.
+func (*EmbedRequest) Descriptor() ([]byte, []int) {
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *EmbedRequest) GetInputs() []string {
+	if x != nil {
+		return x.Inputs
+	}
+	return nil
+}
+
+func (x *EmbedRequest) GetModel() string {
+	if x != nil && x.Model != nil {
+		return *x.Model
+	}
+	return ""
+}
+
+func (x *EmbedRequest) GetDimensions() int32 {
+	if x != nil && x.Dimensions != nil {
+		return *x.Dimensions
+	}
+	return 0
+}
+
+// One input's vector.
+type Embedding struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The vector (packed on the wire: 4 bytes a dimension).
+	Values        []float32 `protobuf:"fixed32,1,rep,packed,name=values,proto3" json:"values,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Embedding) Reset() {
+	*x = Embedding{}
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Embedding) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Embedding) ProtoMessage() {}
+
+func (x *Embedding) ProtoReflect() protoreflect.Message {
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Embedding.ProtoReflect.Descriptor instead.
+func (*Embedding) Descriptor() ([]byte, []int) {
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *Embedding) GetValues() []float32 {
+	if x != nil {
+		return x.Values
+	}
+	return nil
+}
+
+// Token counts of an embedding request.
+type EmbedUsage struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Tokens in the inputs.
+	PromptTokens int32 `protobuf:"varint,1,opt,name=prompt_tokens,json=promptTokens,proto3" json:"prompt_tokens,omitempty"`
+	// True when the gateway counted them itself because the upstream did not report them.
+	Estimated bool `protobuf:"varint,2,opt,name=estimated,proto3" json:"estimated,omitempty"`
+	// What these tokens cost.
+	Cost          *Cost `protobuf:"bytes,3,opt,name=cost,proto3" json:"cost,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EmbedUsage) Reset() {
+	*x = EmbedUsage{}
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EmbedUsage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EmbedUsage) ProtoMessage() {}
+
+func (x *EmbedUsage) ProtoReflect() protoreflect.Message {
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EmbedUsage.ProtoReflect.Descriptor instead.
+func (*EmbedUsage) Descriptor() ([]byte, []int) {
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *EmbedUsage) GetPromptTokens() int32 {
+	if x != nil {
+		return x.PromptTokens
+	}
+	return 0
+}
+
+func (x *EmbedUsage) GetEstimated() bool {
+	if x != nil {
+		return x.Estimated
+	}
+	return false
+}
+
+func (x *EmbedUsage) GetCost() *Cost {
+	if x != nil {
+		return x.Cost
+	}
+	return nil
+}
+
+// The embeddings of a request's inputs.
+type EmbedResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One vector per input, in the order of the inputs.
+	Embeddings []*Embedding `protobuf:"bytes,1,rep,name=embeddings,proto3" json:"embeddings,omitempty"`
+	// The model that embedded them, as the upstream names it.
+	Model string `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
+	// The configured name of the backend that served.
+	Backend string `protobuf:"bytes,3,opt,name=backend,proto3" json:"backend,omitempty"`
+	// Token counts.
+	Usage *EmbedUsage `protobuf:"bytes,4,opt,name=usage,proto3" json:"usage,omitempty"`
+	// Every attempt made, in order.
+	Attempts      []*Attempt `protobuf:"bytes,5,rep,name=attempts,proto3" json:"attempts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EmbedResponse) Reset() {
+	*x = EmbedResponse{}
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EmbedResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EmbedResponse) ProtoMessage() {}
+
+func (x *EmbedResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EmbedResponse.ProtoReflect.Descriptor instead.
+func (*EmbedResponse) Descriptor() ([]byte, []int) {
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *EmbedResponse) GetEmbeddings() []*Embedding {
+	if x != nil {
+		return x.Embeddings
+	}
+	return nil
+}
+
+func (x *EmbedResponse) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *EmbedResponse) GetBackend() string {
+	if x != nil {
+		return x.Backend
+	}
+	return ""
+}
+
+func (x *EmbedResponse) GetUsage() *EmbedUsage {
+	if x != nil {
+		return x.Usage
+	}
+	return nil
+}
+
+func (x *EmbedResponse) GetAttempts() []*Attempt {
+	if x != nil {
+		return x.Attempts
 	}
 	return nil
 }
@@ -2966,7 +3523,7 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\targuments\x18\x02 \x01(\tR\targuments\"Q\n" +
 	"\bToolCall\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x125\n" +
-	"\bfunction\x18\x02 \x01(\v2\x19.llmrelay.v1.FunctionCallR\bfunction\"\x8b\x02\n" +
+	"\bfunction\x18\x02 \x01(\v2\x19.llmrelay.v1.FunctionCallR\bfunction\"\x89\x03\n" +
 	"\aMessage\x12%\n" +
 	"\x04role\x18\x01 \x01(\x0e2\x11.llmrelay.v1.RoleR\x04role\x12\x18\n" +
 	"\acontent\x18\x02 \x01(\tR\acontent\x12\x17\n" +
@@ -2975,35 +3532,54 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"tool_calls\x18\x04 \x03(\v2\x15.llmrelay.v1.ToolCallR\ttoolCalls\x12%\n" +
 	"\ftool_call_id\x18\x05 \x01(\tH\x01R\n" +
 	"toolCallId\x88\x01\x01\x12!\n" +
-	"\treasoning\x18\x06 \x01(\tH\x02R\treasoning\x88\x01\x01B\a\n" +
+	"\treasoning\x18\x06 \x01(\tH\x02R\treasoning\x88\x01\x01\x12.\n" +
+	"\x05parts\x18\a \x03(\v2\x18.llmrelay.v1.ContentPartR\x05parts\x124\n" +
+	"\x13reasoning_signature\x18\b \x01(\tH\x03R\x12reasoningSignature\x88\x01\x01B\a\n" +
 	"\x05_nameB\x0f\n" +
 	"\r_tool_call_idB\f\n" +
 	"\n" +
-	"_reasoning\"\xc0\x01\n" +
+	"_reasoningB\x16\n" +
+	"\x14_reasoning_signature\"[\n" +
+	"\vContentPart\x12\x14\n" +
+	"\x04text\x18\x01 \x01(\tH\x00R\x04text\x12.\n" +
+	"\x05image\x18\x02 \x01(\v2\x16.llmrelay.v1.ImagePartH\x00R\x05imageB\x06\n" +
+	"\x04part\"\x90\x01\n" +
+	"\tImagePart\x12\x12\n" +
+	"\x03url\x18\x01 \x01(\tH\x00R\x03url\x12\x14\n" +
+	"\x04data\x18\x02 \x01(\fH\x00R\x04data\x12\x1d\n" +
+	"\n" +
+	"media_type\x18\x03 \x01(\tR\tmediaType\x120\n" +
+	"\x06detail\x18\x04 \x01(\x0e2\x18.llmrelay.v1.ImageDetailR\x06detailB\b\n" +
+	"\x06source\"\x82\x02\n" +
 	"\x12FunctionDefinition\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
 	"\vdescription\x18\x02 \x01(\tH\x00R\vdescription\x88\x01\x01\x127\n" +
 	"\n" +
 	"parameters\x18\x03 \x01(\v2\x17.google.protobuf.StructR\n" +
 	"parameters\x12\x1b\n" +
-	"\x06strict\x18\x04 \x01(\bH\x01R\x06strict\x88\x01\x01B\x0e\n" +
+	"\x06strict\x18\x04 \x01(\bH\x01R\x06strict\x88\x01\x01\x12,\n" +
+	"\x0fparameters_json\x18\x05 \x01(\tH\x02R\x0eparametersJson\x88\x01\x01B\x0e\n" +
 	"\f_descriptionB\t\n" +
-	"\a_strict\"C\n" +
+	"\a_strictB\x12\n" +
+	"\x10_parameters_json\"C\n" +
 	"\x04Tool\x12;\n" +
 	"\bfunction\x18\x01 \x01(\v2\x1f.llmrelay.v1.FunctionDefinitionR\bfunction\"p\n" +
 	"\n" +
 	"ToolChoice\x121\n" +
 	"\x04mode\x18\x01 \x01(\x0e2\x1b.llmrelay.v1.ToolChoiceModeH\x00R\x04mode\x12%\n" +
 	"\rfunction_name\x18\x02 \x01(\tH\x00R\ffunctionNameB\b\n" +
-	"\x06choice\"\xb0\x01\n" +
+	"\x06choice\"\xe6\x01\n" +
 	"\n" +
 	"JsonSchema\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
 	"\vdescription\x18\x02 \x01(\tH\x00R\vdescription\x88\x01\x01\x12/\n" +
 	"\x06schema\x18\x03 \x01(\v2\x17.google.protobuf.StructR\x06schema\x12\x1b\n" +
-	"\x06strict\x18\x04 \x01(\bH\x01R\x06strict\x88\x01\x01B\x0e\n" +
+	"\x06strict\x18\x04 \x01(\bH\x01R\x06strict\x88\x01\x01\x12$\n" +
+	"\vschema_json\x18\x05 \x01(\tH\x02R\n" +
+	"schemaJson\x88\x01\x01B\x0e\n" +
 	"\f_descriptionB\t\n" +
-	"\a_strict\"\x7f\n" +
+	"\a_strictB\x0e\n" +
+	"\f_schema_json\"\x7f\n" +
 	"\x0eResponseFormat\x123\n" +
 	"\x04type\x18\x01 \x01(\x0e2\x1f.llmrelay.v1.ResponseFormatTypeR\x04type\x128\n" +
 	"\vjson_schema\x18\x02 \x01(\v2\x17.llmrelay.v1.JsonSchemaR\n" +
@@ -3090,16 +3666,18 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\x03_idB\a\n" +
 	"\x05_nameB\f\n" +
 	"\n" +
-	"_arguments\"\xa5\x01\n" +
+	"_arguments\"\xf3\x01\n" +
 	"\fMessageDelta\x12\x1d\n" +
 	"\acontent\x18\x01 \x01(\tH\x00R\acontent\x88\x01\x01\x12!\n" +
 	"\treasoning\x18\x02 \x01(\tH\x01R\treasoning\x88\x01\x01\x129\n" +
 	"\n" +
-	"tool_calls\x18\x03 \x03(\v2\x1a.llmrelay.v1.ToolCallDeltaR\ttoolCallsB\n" +
+	"tool_calls\x18\x03 \x03(\v2\x1a.llmrelay.v1.ToolCallDeltaR\ttoolCalls\x124\n" +
+	"\x13reasoning_signature\x18\x04 \x01(\tH\x02R\x12reasoningSignature\x88\x01\x01B\n" +
 	"\n" +
 	"\b_contentB\f\n" +
 	"\n" +
-	"_reasoning\"\xdb\x02\n" +
+	"_reasoningB\x16\n" +
+	"\x14_reasoning_signature\"\xdb\x02\n" +
 	"\x16StreamCompleteResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\abackend\x18\x02 \x01(\tR\abackend\x12\x14\n" +
@@ -3173,7 +3751,30 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\x04cost\x18\n" +
 	" \x01(\v2\x11.llmrelay.v1.CostR\x04cost\"F\n" +
 	"\x10GetUsageResponse\x122\n" +
-	"\arecords\x18\x01 \x03(\v2\x18.llmrelay.v1.UsageRecordR\arecords*_\n" +
+	"\arecords\x18\x01 \x03(\v2\x18.llmrelay.v1.UsageRecordR\arecords\"\x7f\n" +
+	"\fEmbedRequest\x12\x16\n" +
+	"\x06inputs\x18\x01 \x03(\tR\x06inputs\x12\x19\n" +
+	"\x05model\x18\x02 \x01(\tH\x00R\x05model\x88\x01\x01\x12#\n" +
+	"\n" +
+	"dimensions\x18\x03 \x01(\x05H\x01R\n" +
+	"dimensions\x88\x01\x01B\b\n" +
+	"\x06_modelB\r\n" +
+	"\v_dimensions\"#\n" +
+	"\tEmbedding\x12\x16\n" +
+	"\x06values\x18\x01 \x03(\x02R\x06values\"v\n" +
+	"\n" +
+	"EmbedUsage\x12#\n" +
+	"\rprompt_tokens\x18\x01 \x01(\x05R\fpromptTokens\x12\x1c\n" +
+	"\testimated\x18\x02 \x01(\bR\testimated\x12%\n" +
+	"\x04cost\x18\x03 \x01(\v2\x11.llmrelay.v1.CostR\x04cost\"\xd8\x01\n" +
+	"\rEmbedResponse\x126\n" +
+	"\n" +
+	"embeddings\x18\x01 \x03(\v2\x16.llmrelay.v1.EmbeddingR\n" +
+	"embeddings\x12\x14\n" +
+	"\x05model\x18\x02 \x01(\tR\x05model\x12\x18\n" +
+	"\abackend\x18\x03 \x01(\tR\abackend\x12-\n" +
+	"\x05usage\x18\x04 \x01(\v2\x17.llmrelay.v1.EmbedUsageR\x05usage\x120\n" +
+	"\battempts\x18\x05 \x03(\v2\x14.llmrelay.v1.AttemptR\battempts*_\n" +
 	"\x04Role\x12\x14\n" +
 	"\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n" +
 	"\vROLE_SYSTEM\x10\x01\x12\r\n" +
@@ -3244,7 +3845,12 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"(ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED\x10\x12\x12 \n" +
 	"\x1cERROR_REASON_BUDGET_EXCEEDED\x10\x13\x12#\n" +
 	"\x1fERROR_REASON_LIMITS_UNAVAILABLE\x10\x14\x12\"\n" +
-	"\x1eERROR_REASON_USAGE_UNAVAILABLE\x10\x15*|\n" +
+	"\x1eERROR_REASON_USAGE_UNAVAILABLE\x10\x15*o\n" +
+	"\vImageDetail\x12\x1c\n" +
+	"\x18IMAGE_DETAIL_UNSPECIFIED\x10\x00\x12\x15\n" +
+	"\x11IMAGE_DETAIL_AUTO\x10\x01\x12\x14\n" +
+	"\x10IMAGE_DETAIL_LOW\x10\x02\x12\x15\n" +
+	"\x11IMAGE_DETAIL_HIGH\x10\x03*|\n" +
 	"\fCircuitState\x12\x1d\n" +
 	"\x19CIRCUIT_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14CIRCUIT_STATE_CLOSED\x10\x01\x12\x16\n" +
@@ -3253,14 +3859,15 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\tStoreRole\x12\x1a\n" +
 	"\x16STORE_ROLE_UNSPECIFIED\x10\x00\x12\x1b\n" +
 	"\x17STORE_ROLE_USAGE_LEDGER\x10\x01\x12\x15\n" +
-	"\x11STORE_ROLE_LIMITS\x10\x022\x90\x03\n" +
+	"\x11STORE_ROLE_LIMITS\x10\x022\xd0\x03\n" +
 	"\n" +
 	"LLMService\x12G\n" +
 	"\bComplete\x12\x1c.llmrelay.v1.CompleteRequest\x1a\x1d.llmrelay.v1.CompleteResponse\x12[\n" +
 	"\x0eStreamComplete\x12\".llmrelay.v1.StreamCompleteRequest\x1a#.llmrelay.v1.StreamCompleteResponse0\x01\x12P\n" +
 	"\vCountTokens\x12\x1f.llmrelay.v1.CountTokensRequest\x1a .llmrelay.v1.CountTokensResponse\x12A\n" +
 	"\x06Health\x12\x1a.llmrelay.v1.HealthRequest\x1a\x1b.llmrelay.v1.HealthResponse\x12G\n" +
-	"\bGetUsage\x12\x1c.llmrelay.v1.GetUsageRequest\x1a\x1d.llmrelay.v1.GetUsageResponseBR\n" +
+	"\bGetUsage\x12\x1c.llmrelay.v1.GetUsageRequest\x1a\x1d.llmrelay.v1.GetUsageResponse\x12>\n" +
+	"\x05Embed\x12\x19.llmrelay.v1.EmbedRequest\x1a\x1a.llmrelay.v1.EmbedResponseBR\n" +
 	"\x0fdev.llmrelay.v1P\x01Z=github.com/llmrelay/llmrelay/client/go/llmrelay/v1;llmrelayv1b\x06proto3"
 
 var (
@@ -3275,8 +3882,8 @@ func file_llmrelay_v1_llmrelay_proto_rawDescGZIP() []byte {
 	return file_llmrelay_v1_llmrelay_proto_rawDescData
 }
 
-var file_llmrelay_v1_llmrelay_proto_enumTypes = make([]protoimpl.EnumInfo, 10)
-var file_llmrelay_v1_llmrelay_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
+var file_llmrelay_v1_llmrelay_proto_enumTypes = make([]protoimpl.EnumInfo, 11)
+var file_llmrelay_v1_llmrelay_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
 var file_llmrelay_v1_llmrelay_proto_goTypes = []any{
 	(Role)(0),                      // 0: llmrelay.v1.Role
 	(FinishReason)(0),              // 1: llmrelay.v1.FinishReason
@@ -3286,101 +3893,117 @@ var file_llmrelay_v1_llmrelay_proto_goTypes = []any{
 	(AttemptOutcome)(0),            // 5: llmrelay.v1.AttemptOutcome
 	(InterruptPolicy)(0),           // 6: llmrelay.v1.InterruptPolicy
 	(ErrorReason)(0),               // 7: llmrelay.v1.ErrorReason
-	(CircuitState)(0),              // 8: llmrelay.v1.CircuitState
-	(StoreRole)(0),                 // 9: llmrelay.v1.StoreRole
-	(*FunctionCall)(nil),           // 10: llmrelay.v1.FunctionCall
-	(*ToolCall)(nil),               // 11: llmrelay.v1.ToolCall
-	(*Message)(nil),                // 12: llmrelay.v1.Message
-	(*FunctionDefinition)(nil),     // 13: llmrelay.v1.FunctionDefinition
-	(*Tool)(nil),                   // 14: llmrelay.v1.Tool
-	(*ToolChoice)(nil),             // 15: llmrelay.v1.ToolChoice
-	(*JsonSchema)(nil),             // 16: llmrelay.v1.JsonSchema
-	(*ResponseFormat)(nil),         // 17: llmrelay.v1.ResponseFormat
-	(*CompletionOptions)(nil),      // 18: llmrelay.v1.CompletionOptions
-	(*Usage)(nil),                  // 19: llmrelay.v1.Usage
-	(*Cost)(nil),                   // 20: llmrelay.v1.Cost
-	(*Attempt)(nil),                // 21: llmrelay.v1.Attempt
-	(*CompleteRequest)(nil),        // 22: llmrelay.v1.CompleteRequest
-	(*CompleteResponse)(nil),       // 23: llmrelay.v1.CompleteResponse
-	(*StreamCompleteRequest)(nil),  // 24: llmrelay.v1.StreamCompleteRequest
-	(*StreamRestart)(nil),          // 25: llmrelay.v1.StreamRestart
-	(*ToolCallDelta)(nil),          // 26: llmrelay.v1.ToolCallDelta
-	(*MessageDelta)(nil),           // 27: llmrelay.v1.MessageDelta
-	(*StreamCompleteResponse)(nil), // 28: llmrelay.v1.StreamCompleteResponse
-	(*CountTokensRequest)(nil),     // 29: llmrelay.v1.CountTokensRequest
-	(*CountTokensResponse)(nil),    // 30: llmrelay.v1.CountTokensResponse
-	(*HealthRequest)(nil),          // 31: llmrelay.v1.HealthRequest
-	(*BackendHealth)(nil),          // 32: llmrelay.v1.BackendHealth
-	(*StoreHealth)(nil),            // 33: llmrelay.v1.StoreHealth
-	(*HealthResponse)(nil),         // 34: llmrelay.v1.HealthResponse
-	(*GetUsageRequest)(nil),        // 35: llmrelay.v1.GetUsageRequest
-	(*UsageRecord)(nil),            // 36: llmrelay.v1.UsageRecord
-	(*GetUsageResponse)(nil),       // 37: llmrelay.v1.GetUsageResponse
-	(*structpb.Struct)(nil),        // 38: google.protobuf.Struct
-	(*durationpb.Duration)(nil),    // 39: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),  // 40: google.protobuf.Timestamp
+	(ImageDetail)(0),               // 8: llmrelay.v1.ImageDetail
+	(CircuitState)(0),              // 9: llmrelay.v1.CircuitState
+	(StoreRole)(0),                 // 10: llmrelay.v1.StoreRole
+	(*FunctionCall)(nil),           // 11: llmrelay.v1.FunctionCall
+	(*ToolCall)(nil),               // 12: llmrelay.v1.ToolCall
+	(*Message)(nil),                // 13: llmrelay.v1.Message
+	(*ContentPart)(nil),            // 14: llmrelay.v1.ContentPart
+	(*ImagePart)(nil),              // 15: llmrelay.v1.ImagePart
+	(*FunctionDefinition)(nil),     // 16: llmrelay.v1.FunctionDefinition
+	(*Tool)(nil),                   // 17: llmrelay.v1.Tool
+	(*ToolChoice)(nil),             // 18: llmrelay.v1.ToolChoice
+	(*JsonSchema)(nil),             // 19: llmrelay.v1.JsonSchema
+	(*ResponseFormat)(nil),         // 20: llmrelay.v1.ResponseFormat
+	(*CompletionOptions)(nil),      // 21: llmrelay.v1.CompletionOptions
+	(*Usage)(nil),                  // 22: llmrelay.v1.Usage
+	(*Cost)(nil),                   // 23: llmrelay.v1.Cost
+	(*Attempt)(nil),                // 24: llmrelay.v1.Attempt
+	(*CompleteRequest)(nil),        // 25: llmrelay.v1.CompleteRequest
+	(*CompleteResponse)(nil),       // 26: llmrelay.v1.CompleteResponse
+	(*StreamCompleteRequest)(nil),  // 27: llmrelay.v1.StreamCompleteRequest
+	(*StreamRestart)(nil),          // 28: llmrelay.v1.StreamRestart
+	(*ToolCallDelta)(nil),          // 29: llmrelay.v1.ToolCallDelta
+	(*MessageDelta)(nil),           // 30: llmrelay.v1.MessageDelta
+	(*StreamCompleteResponse)(nil), // 31: llmrelay.v1.StreamCompleteResponse
+	(*CountTokensRequest)(nil),     // 32: llmrelay.v1.CountTokensRequest
+	(*CountTokensResponse)(nil),    // 33: llmrelay.v1.CountTokensResponse
+	(*HealthRequest)(nil),          // 34: llmrelay.v1.HealthRequest
+	(*BackendHealth)(nil),          // 35: llmrelay.v1.BackendHealth
+	(*StoreHealth)(nil),            // 36: llmrelay.v1.StoreHealth
+	(*HealthResponse)(nil),         // 37: llmrelay.v1.HealthResponse
+	(*GetUsageRequest)(nil),        // 38: llmrelay.v1.GetUsageRequest
+	(*UsageRecord)(nil),            // 39: llmrelay.v1.UsageRecord
+	(*GetUsageResponse)(nil),       // 40: llmrelay.v1.GetUsageResponse
+	(*EmbedRequest)(nil),           // 41: llmrelay.v1.EmbedRequest
+	(*Embedding)(nil),              // 42: llmrelay.v1.Embedding
+	(*EmbedUsage)(nil),             // 43: llmrelay.v1.EmbedUsage
+	(*EmbedResponse)(nil),          // 44: llmrelay.v1.EmbedResponse
+	(*structpb.Struct)(nil),        // 45: google.protobuf.Struct
+	(*durationpb.Duration)(nil),    // 46: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),  // 47: google.protobuf.Timestamp
 }
 var file_llmrelay_v1_llmrelay_proto_depIdxs = []int32{
-	10, // 0: llmrelay.v1.ToolCall.function:type_name -> llmrelay.v1.FunctionCall
+	11, // 0: llmrelay.v1.ToolCall.function:type_name -> llmrelay.v1.FunctionCall
 	0,  // 1: llmrelay.v1.Message.role:type_name -> llmrelay.v1.Role
-	11, // 2: llmrelay.v1.Message.tool_calls:type_name -> llmrelay.v1.ToolCall
-	38, // 3: llmrelay.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
-	13, // 4: llmrelay.v1.Tool.function:type_name -> llmrelay.v1.FunctionDefinition
-	2,  // 5: llmrelay.v1.ToolChoice.mode:type_name -> llmrelay.v1.ToolChoiceMode
-	38, // 6: llmrelay.v1.JsonSchema.schema:type_name -> google.protobuf.Struct
-	3,  // 7: llmrelay.v1.ResponseFormat.type:type_name -> llmrelay.v1.ResponseFormatType
-	16, // 8: llmrelay.v1.ResponseFormat.json_schema:type_name -> llmrelay.v1.JsonSchema
-	17, // 9: llmrelay.v1.CompletionOptions.response_format:type_name -> llmrelay.v1.ResponseFormat
-	14, // 10: llmrelay.v1.CompletionOptions.tools:type_name -> llmrelay.v1.Tool
-	15, // 11: llmrelay.v1.CompletionOptions.tool_choice:type_name -> llmrelay.v1.ToolChoice
-	4,  // 12: llmrelay.v1.CompletionOptions.reasoning_effort:type_name -> llmrelay.v1.ReasoningEffort
-	20, // 13: llmrelay.v1.Usage.cost:type_name -> llmrelay.v1.Cost
-	5,  // 14: llmrelay.v1.Attempt.outcome:type_name -> llmrelay.v1.AttemptOutcome
-	39, // 15: llmrelay.v1.Attempt.duration:type_name -> google.protobuf.Duration
-	12, // 16: llmrelay.v1.CompleteRequest.messages:type_name -> llmrelay.v1.Message
-	18, // 17: llmrelay.v1.CompleteRequest.options:type_name -> llmrelay.v1.CompletionOptions
-	12, // 18: llmrelay.v1.CompleteResponse.message:type_name -> llmrelay.v1.Message
-	1,  // 19: llmrelay.v1.CompleteResponse.finish_reason:type_name -> llmrelay.v1.FinishReason
-	19, // 20: llmrelay.v1.CompleteResponse.usage:type_name -> llmrelay.v1.Usage
-	21, // 21: llmrelay.v1.CompleteResponse.attempts:type_name -> llmrelay.v1.Attempt
-	12, // 22: llmrelay.v1.StreamCompleteRequest.messages:type_name -> llmrelay.v1.Message
-	18, // 23: llmrelay.v1.StreamCompleteRequest.options:type_name -> llmrelay.v1.CompletionOptions
-	6,  // 24: llmrelay.v1.StreamCompleteRequest.on_interrupt:type_name -> llmrelay.v1.InterruptPolicy
-	21, // 25: llmrelay.v1.StreamRestart.attempts:type_name -> llmrelay.v1.Attempt
-	19, // 26: llmrelay.v1.StreamRestart.usage:type_name -> llmrelay.v1.Usage
-	26, // 27: llmrelay.v1.MessageDelta.tool_calls:type_name -> llmrelay.v1.ToolCallDelta
-	27, // 28: llmrelay.v1.StreamCompleteResponse.delta:type_name -> llmrelay.v1.MessageDelta
-	1,  // 29: llmrelay.v1.StreamCompleteResponse.finish_reason:type_name -> llmrelay.v1.FinishReason
-	19, // 30: llmrelay.v1.StreamCompleteResponse.usage:type_name -> llmrelay.v1.Usage
-	21, // 31: llmrelay.v1.StreamCompleteResponse.attempts:type_name -> llmrelay.v1.Attempt
-	25, // 32: llmrelay.v1.StreamCompleteResponse.restart:type_name -> llmrelay.v1.StreamRestart
-	12, // 33: llmrelay.v1.CountTokensRequest.messages:type_name -> llmrelay.v1.Message
-	14, // 34: llmrelay.v1.CountTokensRequest.tools:type_name -> llmrelay.v1.Tool
-	39, // 35: llmrelay.v1.BackendHealth.latency:type_name -> google.protobuf.Duration
-	40, // 36: llmrelay.v1.BackendHealth.checked_at:type_name -> google.protobuf.Timestamp
-	8,  // 37: llmrelay.v1.BackendHealth.circuit_state:type_name -> llmrelay.v1.CircuitState
-	9,  // 38: llmrelay.v1.StoreHealth.role:type_name -> llmrelay.v1.StoreRole
-	32, // 39: llmrelay.v1.HealthResponse.backends:type_name -> llmrelay.v1.BackendHealth
-	33, // 40: llmrelay.v1.HealthResponse.stores:type_name -> llmrelay.v1.StoreHealth
-	40, // 41: llmrelay.v1.GetUsageRequest.start_time:type_name -> google.protobuf.Timestamp
-	40, // 42: llmrelay.v1.GetUsageRequest.end_time:type_name -> google.protobuf.Timestamp
-	20, // 43: llmrelay.v1.UsageRecord.cost:type_name -> llmrelay.v1.Cost
-	36, // 44: llmrelay.v1.GetUsageResponse.records:type_name -> llmrelay.v1.UsageRecord
-	22, // 45: llmrelay.v1.LLMService.Complete:input_type -> llmrelay.v1.CompleteRequest
-	24, // 46: llmrelay.v1.LLMService.StreamComplete:input_type -> llmrelay.v1.StreamCompleteRequest
-	29, // 47: llmrelay.v1.LLMService.CountTokens:input_type -> llmrelay.v1.CountTokensRequest
-	31, // 48: llmrelay.v1.LLMService.Health:input_type -> llmrelay.v1.HealthRequest
-	35, // 49: llmrelay.v1.LLMService.GetUsage:input_type -> llmrelay.v1.GetUsageRequest
-	23, // 50: llmrelay.v1.LLMService.Complete:output_type -> llmrelay.v1.CompleteResponse
-	28, // 51: llmrelay.v1.LLMService.StreamComplete:output_type -> llmrelay.v1.StreamCompleteResponse
-	30, // 52: llmrelay.v1.LLMService.CountTokens:output_type -> llmrelay.v1.CountTokensResponse
-	34, // 53: llmrelay.v1.LLMService.Health:output_type -> llmrelay.v1.HealthResponse
-	37, // 54: llmrelay.v1.LLMService.GetUsage:output_type -> llmrelay.v1.GetUsageResponse
-	50, // [50:55] is the sub-list for method output_type
-	45, // [45:50] is the sub-list for method input_type
-	45, // [45:45] is the sub-list for extension type_name
-	45, // [45:45] is the sub-list for extension extendee
-	0,  // [0:45] is the sub-list for field type_name
+	12, // 2: llmrelay.v1.Message.tool_calls:type_name -> llmrelay.v1.ToolCall
+	14, // 3: llmrelay.v1.Message.parts:type_name -> llmrelay.v1.ContentPart
+	15, // 4: llmrelay.v1.ContentPart.image:type_name -> llmrelay.v1.ImagePart
+	8,  // 5: llmrelay.v1.ImagePart.detail:type_name -> llmrelay.v1.ImageDetail
+	45, // 6: llmrelay.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
+	16, // 7: llmrelay.v1.Tool.function:type_name -> llmrelay.v1.FunctionDefinition
+	2,  // 8: llmrelay.v1.ToolChoice.mode:type_name -> llmrelay.v1.ToolChoiceMode
+	45, // 9: llmrelay.v1.JsonSchema.schema:type_name -> google.protobuf.Struct
+	3,  // 10: llmrelay.v1.ResponseFormat.type:type_name -> llmrelay.v1.ResponseFormatType
+	19, // 11: llmrelay.v1.ResponseFormat.json_schema:type_name -> llmrelay.v1.JsonSchema
+	20, // 12: llmrelay.v1.CompletionOptions.response_format:type_name -> llmrelay.v1.ResponseFormat
+	17, // 13: llmrelay.v1.CompletionOptions.tools:type_name -> llmrelay.v1.Tool
+	18, // 14: llmrelay.v1.CompletionOptions.tool_choice:type_name -> llmrelay.v1.ToolChoice
+	4,  // 15: llmrelay.v1.CompletionOptions.reasoning_effort:type_name -> llmrelay.v1.ReasoningEffort
+	23, // 16: llmrelay.v1.Usage.cost:type_name -> llmrelay.v1.Cost
+	5,  // 17: llmrelay.v1.Attempt.outcome:type_name -> llmrelay.v1.AttemptOutcome
+	46, // 18: llmrelay.v1.Attempt.duration:type_name -> google.protobuf.Duration
+	13, // 19: llmrelay.v1.CompleteRequest.messages:type_name -> llmrelay.v1.Message
+	21, // 20: llmrelay.v1.CompleteRequest.options:type_name -> llmrelay.v1.CompletionOptions
+	13, // 21: llmrelay.v1.CompleteResponse.message:type_name -> llmrelay.v1.Message
+	1,  // 22: llmrelay.v1.CompleteResponse.finish_reason:type_name -> llmrelay.v1.FinishReason
+	22, // 23: llmrelay.v1.CompleteResponse.usage:type_name -> llmrelay.v1.Usage
+	24, // 24: llmrelay.v1.CompleteResponse.attempts:type_name -> llmrelay.v1.Attempt
+	13, // 25: llmrelay.v1.StreamCompleteRequest.messages:type_name -> llmrelay.v1.Message
+	21, // 26: llmrelay.v1.StreamCompleteRequest.options:type_name -> llmrelay.v1.CompletionOptions
+	6,  // 27: llmrelay.v1.StreamCompleteRequest.on_interrupt:type_name -> llmrelay.v1.InterruptPolicy
+	24, // 28: llmrelay.v1.StreamRestart.attempts:type_name -> llmrelay.v1.Attempt
+	22, // 29: llmrelay.v1.StreamRestart.usage:type_name -> llmrelay.v1.Usage
+	29, // 30: llmrelay.v1.MessageDelta.tool_calls:type_name -> llmrelay.v1.ToolCallDelta
+	30, // 31: llmrelay.v1.StreamCompleteResponse.delta:type_name -> llmrelay.v1.MessageDelta
+	1,  // 32: llmrelay.v1.StreamCompleteResponse.finish_reason:type_name -> llmrelay.v1.FinishReason
+	22, // 33: llmrelay.v1.StreamCompleteResponse.usage:type_name -> llmrelay.v1.Usage
+	24, // 34: llmrelay.v1.StreamCompleteResponse.attempts:type_name -> llmrelay.v1.Attempt
+	28, // 35: llmrelay.v1.StreamCompleteResponse.restart:type_name -> llmrelay.v1.StreamRestart
+	13, // 36: llmrelay.v1.CountTokensRequest.messages:type_name -> llmrelay.v1.Message
+	17, // 37: llmrelay.v1.CountTokensRequest.tools:type_name -> llmrelay.v1.Tool
+	46, // 38: llmrelay.v1.BackendHealth.latency:type_name -> google.protobuf.Duration
+	47, // 39: llmrelay.v1.BackendHealth.checked_at:type_name -> google.protobuf.Timestamp
+	9,  // 40: llmrelay.v1.BackendHealth.circuit_state:type_name -> llmrelay.v1.CircuitState
+	10, // 41: llmrelay.v1.StoreHealth.role:type_name -> llmrelay.v1.StoreRole
+	35, // 42: llmrelay.v1.HealthResponse.backends:type_name -> llmrelay.v1.BackendHealth
+	36, // 43: llmrelay.v1.HealthResponse.stores:type_name -> llmrelay.v1.StoreHealth
+	47, // 44: llmrelay.v1.GetUsageRequest.start_time:type_name -> google.protobuf.Timestamp
+	47, // 45: llmrelay.v1.GetUsageRequest.end_time:type_name -> google.protobuf.Timestamp
+	23, // 46: llmrelay.v1.UsageRecord.cost:type_name -> llmrelay.v1.Cost
+	39, // 47: llmrelay.v1.GetUsageResponse.records:type_name -> llmrelay.v1.UsageRecord
+	23, // 48: llmrelay.v1.EmbedUsage.cost:type_name -> llmrelay.v1.Cost
+	42, // 49: llmrelay.v1.EmbedResponse.embeddings:type_name -> llmrelay.v1.Embedding
+	43, // 50: llmrelay.v1.EmbedResponse.usage:type_name -> llmrelay.v1.EmbedUsage
+	24, // 51: llmrelay.v1.EmbedResponse.attempts:type_name -> llmrelay.v1.Attempt
+	25, // 52: llmrelay.v1.LLMService.Complete:input_type -> llmrelay.v1.CompleteRequest
+	27, // 53: llmrelay.v1.LLMService.StreamComplete:input_type -> llmrelay.v1.StreamCompleteRequest
+	32, // 54: llmrelay.v1.LLMService.CountTokens:input_type -> llmrelay.v1.CountTokensRequest
+	34, // 55: llmrelay.v1.LLMService.Health:input_type -> llmrelay.v1.HealthRequest
+	38, // 56: llmrelay.v1.LLMService.GetUsage:input_type -> llmrelay.v1.GetUsageRequest
+	41, // 57: llmrelay.v1.LLMService.Embed:input_type -> llmrelay.v1.EmbedRequest
+	26, // 58: llmrelay.v1.LLMService.Complete:output_type -> llmrelay.v1.CompleteResponse
+	31, // 59: llmrelay.v1.LLMService.StreamComplete:output_type -> llmrelay.v1.StreamCompleteResponse
+	33, // 60: llmrelay.v1.LLMService.CountTokens:output_type -> llmrelay.v1.CountTokensResponse
+	37, // 61: llmrelay.v1.LLMService.Health:output_type -> llmrelay.v1.HealthResponse
+	40, // 62: llmrelay.v1.LLMService.GetUsage:output_type -> llmrelay.v1.GetUsageResponse
+	44, // 63: llmrelay.v1.LLMService.Embed:output_type -> llmrelay.v1.EmbedResponse
+	58, // [58:64] is the sub-list for method output_type
+	52, // [52:58] is the sub-list for method input_type
+	52, // [52:52] is the sub-list for extension type_name
+	52, // [52:52] is the sub-list for extension extendee
+	0,  // [0:52] is the sub-list for field type_name
 }
 
 func init() { file_llmrelay_v1_llmrelay_proto_init() }
@@ -3389,29 +4012,38 @@ func file_llmrelay_v1_llmrelay_proto_init() {
 		return
 	}
 	file_llmrelay_v1_llmrelay_proto_msgTypes[2].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[3].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[5].OneofWrappers = []any{
+	file_llmrelay_v1_llmrelay_proto_msgTypes[3].OneofWrappers = []any{
+		(*ContentPart_Text)(nil),
+		(*ContentPart_Image)(nil),
+	}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[4].OneofWrappers = []any{
+		(*ImagePart_Url)(nil),
+		(*ImagePart_Data)(nil),
+	}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[5].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[7].OneofWrappers = []any{
 		(*ToolChoice_Mode)(nil),
 		(*ToolChoice_FunctionName)(nil),
 	}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[6].OneofWrappers = []any{}
 	file_llmrelay_v1_llmrelay_proto_msgTypes[8].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[9].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[10].OneofWrappers = []any{}
 	file_llmrelay_v1_llmrelay_proto_msgTypes[11].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[12].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[13].OneofWrappers = []any{}
 	file_llmrelay_v1_llmrelay_proto_msgTypes[14].OneofWrappers = []any{}
 	file_llmrelay_v1_llmrelay_proto_msgTypes[16].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[17].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[18].OneofWrappers = []any{}
 	file_llmrelay_v1_llmrelay_proto_msgTypes[19].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[22].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[25].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[21].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[24].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[27].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[30].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_llmrelay_v1_llmrelay_proto_rawDesc), len(file_llmrelay_v1_llmrelay_proto_rawDesc)),
-			NumEnums:      10,
-			NumMessages:   28,
+			NumEnums:      11,
+			NumMessages:   34,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

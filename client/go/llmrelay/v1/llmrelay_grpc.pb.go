@@ -30,6 +30,7 @@ const (
 	LLMService_CountTokens_FullMethodName    = "/llmrelay.v1.LLMService/CountTokens"
 	LLMService_Health_FullMethodName         = "/llmrelay.v1.LLMService/Health"
 	LLMService_GetUsage_FullMethodName       = "/llmrelay.v1.LLMService/GetUsage"
+	LLMService_Embed_FullMethodName          = "/llmrelay.v1.LLMService/Embed"
 )
 
 // LLMServiceClient is the client API for LLMService service.
@@ -48,6 +49,9 @@ type LLMServiceClient interface {
 	Health(ctx context.Context, in *HealthRequest, opts ...grpc.CallOption) (*HealthResponse, error)
 	// GetUsage reads the usage ledger: token totals per backend, model and caller.
 	GetUsage(ctx context.Context, in *GetUsageRequest, opts ...grpc.CallOption) (*GetUsageResponse, error)
+	// Embed turns texts into vectors with an embedding model. It never falls back to another model (vectors of
+	// different models are not comparable); it may retry, or go to another backend serving the same model.
+	Embed(ctx context.Context, in *EmbedRequest, opts ...grpc.CallOption) (*EmbedResponse, error)
 }
 
 type lLMServiceClient struct {
@@ -117,6 +121,16 @@ func (c *lLMServiceClient) GetUsage(ctx context.Context, in *GetUsageRequest, op
 	return out, nil
 }
 
+func (c *lLMServiceClient) Embed(ctx context.Context, in *EmbedRequest, opts ...grpc.CallOption) (*EmbedResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(EmbedResponse)
+	err := c.cc.Invoke(ctx, LLMService_Embed_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // LLMServiceServer is the server API for LLMService service.
 // All implementations must embed UnimplementedLLMServiceServer
 // for forward compatibility.
@@ -133,6 +147,9 @@ type LLMServiceServer interface {
 	Health(context.Context, *HealthRequest) (*HealthResponse, error)
 	// GetUsage reads the usage ledger: token totals per backend, model and caller.
 	GetUsage(context.Context, *GetUsageRequest) (*GetUsageResponse, error)
+	// Embed turns texts into vectors with an embedding model. It never falls back to another model (vectors of
+	// different models are not comparable); it may retry, or go to another backend serving the same model.
+	Embed(context.Context, *EmbedRequest) (*EmbedResponse, error)
 	mustEmbedUnimplementedLLMServiceServer()
 }
 
@@ -157,6 +174,9 @@ func (UnimplementedLLMServiceServer) Health(context.Context, *HealthRequest) (*H
 }
 func (UnimplementedLLMServiceServer) GetUsage(context.Context, *GetUsageRequest) (*GetUsageResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetUsage not implemented")
+}
+func (UnimplementedLLMServiceServer) Embed(context.Context, *EmbedRequest) (*EmbedResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Embed not implemented")
 }
 func (UnimplementedLLMServiceServer) mustEmbedUnimplementedLLMServiceServer() {}
 func (UnimplementedLLMServiceServer) testEmbeddedByValue()                    {}
@@ -262,6 +282,24 @@ func _LLMService_GetUsage_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _LLMService_Embed_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(EmbedRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LLMServiceServer).Embed(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LLMService_Embed_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LLMServiceServer).Embed(ctx, req.(*EmbedRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // LLMService_ServiceDesc is the grpc.ServiceDesc for LLMService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -284,6 +322,10 @@ var LLMService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetUsage",
 			Handler:    _LLMService_GetUsage_Handler,
+		},
+		{
+			MethodName: "Embed",
+			Handler:    _LLMService_Embed_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -389,6 +389,34 @@ journal on disk until the database is back; RetryInfo says when to try again.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
+class _ImageDetail:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ImageDetailEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ImageDetail.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    IMAGE_DETAIL_UNSPECIFIED: _ImageDetail.ValueType  # 0
+    """Not set: the upstream's default."""
+    IMAGE_DETAIL_AUTO: _ImageDetail.ValueType  # 1
+    """The upstream picks."""
+    IMAGE_DETAIL_LOW: _ImageDetail.ValueType  # 2
+    """A low-resolution look, fewer tokens."""
+    IMAGE_DETAIL_HIGH: _ImageDetail.ValueType  # 3
+    """A high-resolution look, more tokens."""
+
+class ImageDetail(_ImageDetail, metaclass=_ImageDetailEnumTypeWrapper):
+    """How closely a model looks at an image, where the upstream lets the caller choose (OpenAI's `detail`)."""
+
+IMAGE_DETAIL_UNSPECIFIED: ImageDetail.ValueType  # 0
+"""Not set: the upstream's default."""
+IMAGE_DETAIL_AUTO: ImageDetail.ValueType  # 1
+"""The upstream picks."""
+IMAGE_DETAIL_LOW: ImageDetail.ValueType  # 2
+"""A low-resolution look, fewer tokens."""
+IMAGE_DETAIL_HIGH: ImageDetail.ValueType  # 3
+"""A high-resolution look, more tokens."""
+Global___ImageDetail: _TypeAlias = ImageDetail  # noqa: Y015
+
 class _CircuitState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -507,19 +535,31 @@ class Message(_message.Message):
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
     TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     REASONING_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
+    REASONING_SIGNATURE_FIELD_NUMBER: _builtins.int
     role: Global___Role.ValueType
     """Who wrote the message."""
     content: _builtins.str
-    """The text of the message; may be empty for an assistant message that only calls tools."""
+    """The text of the message; may be empty for an assistant message that only calls tools. A message has either
+    content or parts, not both.
+    """
     name: _builtins.str
     """An optional name for the author, to tell participants of the same role apart."""
     tool_call_id: _builtins.str
     """The id of the tool call this message answers (tool messages only)."""
     reasoning: _builtins.str
     """The model's reasoning text, where the model gives one (assistant messages in answers)."""
+    reasoning_signature: _builtins.str
+    """The upstream's opaque signature of the reasoning (Anthropic's thinking blocks), to send back unchanged with the
+    assistant message in the next turn of a conversation, as the upstream requires.
+    """
     @_builtins.property
     def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
         """The tools the assistant called (assistant messages only)."""
+
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContentPart]:
+        """The content as parts: text and images (user messages; text parts elsewhere). Instead of `content`, not with it."""
 
     def __init__(
         self,
@@ -530,15 +570,19 @@ class Message(_message.Message):
         tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
         tool_call_id: _builtins.str | None = ...,
         reasoning: _builtins.str | None = ...,
+        parts: _abc.Iterable[Global___ContentPart] | None = ...,
+        reasoning_signature: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_name", b"_name", "_reasoning", b"_reasoning", "_tool_call_id", b"_tool_call_id", "name", b"name", "reasoning", b"reasoning", "tool_call_id", b"tool_call_id"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_name", b"_name", "_reasoning", b"_reasoning", "_reasoning_signature", b"_reasoning_signature", "_tool_call_id", b"_tool_call_id", "name", b"name", "reasoning", b"reasoning", "reasoning_signature", b"reasoning_signature", "tool_call_id", b"tool_call_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_name", b"_name", "_reasoning", b"_reasoning", "_tool_call_id", b"_tool_call_id", "content", b"content", "name", b"name", "reasoning", b"reasoning", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_name", b"_name", "_reasoning", b"_reasoning", "_reasoning_signature", b"_reasoning_signature", "_tool_call_id", b"_tool_call_id", "content", b"content", "name", b"name", "parts", b"parts", "reasoning", b"reasoning", "reasoning_signature", b"reasoning_signature", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__name: _TypeAlias = _typing.Literal["name"]  # noqa: Y015
     _WhichOneofArgType__name: _TypeAlias = _typing.Literal["_name", b"_name"]  # noqa: Y015
     _WhichOneofReturnType__reasoning: _TypeAlias = _typing.Literal["reasoning"]  # noqa: Y015
     _WhichOneofArgType__reasoning: _TypeAlias = _typing.Literal["_reasoning", b"_reasoning"]  # noqa: Y015
+    _WhichOneofReturnType__reasoning_signature: _TypeAlias = _typing.Literal["reasoning_signature"]  # noqa: Y015
+    _WhichOneofArgType__reasoning_signature: _TypeAlias = _typing.Literal["_reasoning_signature", b"_reasoning_signature"]  # noqa: Y015
     _WhichOneofReturnType__tool_call_id: _TypeAlias = _typing.Literal["tool_call_id"]  # noqa: Y015
     _WhichOneofArgType__tool_call_id: _TypeAlias = _typing.Literal["_tool_call_id", b"_tool_call_id"]  # noqa: Y015
     @_typing.overload
@@ -546,9 +590,77 @@ class Message(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__reasoning) -> _WhichOneofReturnType__reasoning | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reasoning_signature) -> _WhichOneofReturnType__reasoning_signature | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__tool_call_id) -> _WhichOneofReturnType__tool_call_id | None: ...
 
 Global___Message: _TypeAlias = Message  # noqa: Y015
+
+@_typing.final
+class ContentPart(_message.Message):
+    """One part of a message's content."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """Text."""
+    @_builtins.property
+    def image(self) -> Global___ImagePart:
+        """An image."""
+
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        image: Global___ImagePart | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "part", b"part", "text", b"text"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "part", b"part", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["text", "image"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___ContentPart: _TypeAlias = ContentPart  # noqa: Y015
+
+@_typing.final
+class ImagePart(_message.Message):
+    """An image in a message: by URL, or its bytes with their media type."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    MEDIA_TYPE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """An http(s) URL the upstream fetches."""
+    data: _builtins.bytes
+    """The image's bytes (at most the gateway's image size limit)."""
+    media_type: _builtins.str
+    """The media type of `data`: image/png, image/jpeg, image/gif or image/webp. Ignored for a URL."""
+    detail: Global___ImageDetail.ValueType
+    """How closely to look."""
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        media_type: _builtins.str = ...,
+        detail: Global___ImageDetail.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "source", b"source", "url", b"url"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "detail", b"detail", "media_type", b"media_type", "source", b"source", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["url", "data"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___ImagePart: _TypeAlias = ImagePart  # noqa: Y015
 
 @_typing.final
 class FunctionDefinition(_message.Message):
@@ -560,15 +672,22 @@ class FunctionDefinition(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     STRICT_FIELD_NUMBER: _builtins.int
+    PARAMETERS_JSON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The function's name: letters, digits, underscores and dashes, at most 64."""
     description: _builtins.str
     """What the function does, for the model to decide when to call it."""
     strict: _builtins.bool
     """Whether the model must follow the schema exactly (where the upstream supports it)."""
+    parameters_json: _builtins.str
+    """The parameters as a JSON Schema object, in JSON text: checked to be a JSON object, then sent to the upstream
+    exactly as written. Takes precedence over `parameters`.
+    """
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
-        """The parameters as a JSON Schema object."""
+        """Deprecated: use parameters_json. The parameters as a JSON Schema object; Struct turns every number into a
+        double (a schema's `maxItems: 3` arrives as 3.0) and loses large integers.
+        """
 
     def __init__(
         self,
@@ -577,17 +696,22 @@ class FunctionDefinition(_message.Message):
         description: _builtins.str | None = ...,
         parameters: _struct_pb2.Struct | None = ...,
         strict: _builtins.bool | None = ...,
+        parameters_json: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "_strict", b"_strict", "description", b"description", "parameters", b"parameters", "strict", b"strict"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "_parameters_json", b"_parameters_json", "_strict", b"_strict", "description", b"description", "parameters", b"parameters", "parameters_json", b"parameters_json", "strict", b"strict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "_strict", b"_strict", "description", b"description", "name", b"name", "parameters", b"parameters", "strict", b"strict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "_parameters_json", b"_parameters_json", "_strict", b"_strict", "description", b"description", "name", b"name", "parameters", b"parameters", "parameters_json", b"parameters_json", "strict", b"strict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__description: _TypeAlias = _typing.Literal["description"]  # noqa: Y015
     _WhichOneofArgType__description: _TypeAlias = _typing.Literal["_description", b"_description"]  # noqa: Y015
+    _WhichOneofReturnType__parameters_json: _TypeAlias = _typing.Literal["parameters_json"]  # noqa: Y015
+    _WhichOneofArgType__parameters_json: _TypeAlias = _typing.Literal["_parameters_json", b"_parameters_json"]  # noqa: Y015
     _WhichOneofReturnType__strict: _TypeAlias = _typing.Literal["strict"]  # noqa: Y015
     _WhichOneofArgType__strict: _TypeAlias = _typing.Literal["_strict", b"_strict"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__description) -> _WhichOneofReturnType__description | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__parameters_json) -> _WhichOneofReturnType__parameters_json | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__strict) -> _WhichOneofReturnType__strict | None: ...
 
@@ -655,15 +779,20 @@ class JsonSchema(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     SCHEMA_FIELD_NUMBER: _builtins.int
     STRICT_FIELD_NUMBER: _builtins.int
+    SCHEMA_JSON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The schema's name: letters, digits, underscores and dashes, at most 64."""
     description: _builtins.str
     """What the answer is for."""
     strict: _builtins.bool
     """Whether the model must follow the schema exactly."""
+    schema_json: _builtins.str
+    """The JSON Schema in JSON text: checked to be a JSON object, then sent to the upstream exactly as written. Takes
+    precedence over `schema`.
+    """
     @_builtins.property
     def schema(self) -> _struct_pb2.Struct:
-        """The JSON Schema."""
+        """Deprecated: use schema_json. The JSON Schema; Struct turns every number into a double and loses large integers."""
 
     def __init__(
         self,
@@ -672,17 +801,22 @@ class JsonSchema(_message.Message):
         description: _builtins.str | None = ...,
         schema: _struct_pb2.Struct | None = ...,
         strict: _builtins.bool | None = ...,
+        schema_json: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "_strict", b"_strict", "description", b"description", "schema", b"schema", "strict", b"strict"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "_schema_json", b"_schema_json", "_strict", b"_strict", "description", b"description", "schema", b"schema", "schema_json", b"schema_json", "strict", b"strict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "_strict", b"_strict", "description", b"description", "name", b"name", "schema", b"schema", "strict", b"strict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "_schema_json", b"_schema_json", "_strict", b"_strict", "description", b"description", "name", b"name", "schema", b"schema", "schema_json", b"schema_json", "strict", b"strict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__description: _TypeAlias = _typing.Literal["description"]  # noqa: Y015
     _WhichOneofArgType__description: _TypeAlias = _typing.Literal["_description", b"_description"]  # noqa: Y015
+    _WhichOneofReturnType__schema_json: _TypeAlias = _typing.Literal["schema_json"]  # noqa: Y015
+    _WhichOneofArgType__schema_json: _TypeAlias = _typing.Literal["_schema_json", b"_schema_json"]  # noqa: Y015
     _WhichOneofReturnType__strict: _TypeAlias = _typing.Literal["strict"]  # noqa: Y015
     _WhichOneofArgType__strict: _TypeAlias = _typing.Literal["_strict", b"_strict"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__description) -> _WhichOneofReturnType__description | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__schema_json) -> _WhichOneofReturnType__schema_json | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__strict) -> _WhichOneofReturnType__strict | None: ...
 
@@ -1183,10 +1317,15 @@ class MessageDelta(_message.Message):
     CONTENT_FIELD_NUMBER: _builtins.int
     REASONING_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    REASONING_SIGNATURE_FIELD_NUMBER: _builtins.int
     content: _builtins.str
     """A piece of the content."""
     reasoning: _builtins.str
     """A piece of the reasoning text."""
+    reasoning_signature: _builtins.str
+    """The upstream's signature of the whole reasoning (Message.reasoning_signature), on the last message of the stream,
+    when the upstream signs it (Anthropic's thinking blocks).
+    """
     @_builtins.property
     def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCallDelta]:
         """Pieces of tool calls."""
@@ -1197,19 +1336,24 @@ class MessageDelta(_message.Message):
         content: _builtins.str | None = ...,
         reasoning: _builtins.str | None = ...,
         tool_calls: _abc.Iterable[Global___ToolCallDelta] | None = ...,
+        reasoning_signature: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_content", b"_content", "_reasoning", b"_reasoning", "content", b"content", "reasoning", b"reasoning"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_content", b"_content", "_reasoning", b"_reasoning", "_reasoning_signature", b"_reasoning_signature", "content", b"content", "reasoning", b"reasoning", "reasoning_signature", b"reasoning_signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_content", b"_content", "_reasoning", b"_reasoning", "content", b"content", "reasoning", b"reasoning", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_content", b"_content", "_reasoning", b"_reasoning", "_reasoning_signature", b"_reasoning_signature", "content", b"content", "reasoning", b"reasoning", "reasoning_signature", b"reasoning_signature", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__content: _TypeAlias = _typing.Literal["content"]  # noqa: Y015
     _WhichOneofArgType__content: _TypeAlias = _typing.Literal["_content", b"_content"]  # noqa: Y015
     _WhichOneofReturnType__reasoning: _TypeAlias = _typing.Literal["reasoning"]  # noqa: Y015
     _WhichOneofArgType__reasoning: _TypeAlias = _typing.Literal["_reasoning", b"_reasoning"]  # noqa: Y015
+    _WhichOneofReturnType__reasoning_signature: _TypeAlias = _typing.Literal["reasoning_signature"]  # noqa: Y015
+    _WhichOneofArgType__reasoning_signature: _TypeAlias = _typing.Literal["_reasoning_signature", b"_reasoning_signature"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__content) -> _WhichOneofReturnType__content | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__reasoning) -> _WhichOneofReturnType__reasoning | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reasoning_signature) -> _WhichOneofReturnType__reasoning_signature | None: ...
 
 Global___MessageDelta: _TypeAlias = MessageDelta  # noqa: Y015
 
@@ -1655,3 +1799,144 @@ class GetUsageResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetUsageResponse: _TypeAlias = GetUsageResponse  # noqa: Y015
+
+@_typing.final
+class EmbedRequest(_message.Message):
+    """A request for embeddings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUTS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The embedding model (a backend-qualified name like "ollama/nomic-embed-text" picks the backend); unset: the
+    first backend's configured embedding model.
+    """
+    dimensions: _builtins.int
+    """The number of dimensions wanted, for models that can shorten their vectors (OpenAI's text-embedding-3)."""
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The texts to embed, at least one; each gets a vector, in the same order."""
+
+    def __init__(
+        self,
+        *,
+        inputs: _abc.Iterable[_builtins.str] | None = ...,
+        model: _builtins.str | None = ...,
+        dimensions: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_model", b"_model", "dimensions", b"dimensions", "model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_model", b"_model", "dimensions", b"dimensions", "inputs", b"inputs", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__dimensions: _TypeAlias = _typing.Literal["dimensions"]  # noqa: Y015
+    _WhichOneofArgType__dimensions: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions"]  # noqa: Y015
+    _WhichOneofReturnType__model: _TypeAlias = _typing.Literal["model"]  # noqa: Y015
+    _WhichOneofArgType__model: _TypeAlias = _typing.Literal["_model", b"_model"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dimensions) -> _WhichOneofReturnType__dimensions | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__model) -> _WhichOneofReturnType__model | None: ...
+
+Global___EmbedRequest: _TypeAlias = EmbedRequest  # noqa: Y015
+
+@_typing.final
+class Embedding(_message.Message):
+    """One input's vector."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The vector (packed on the wire: 4 bytes a dimension)."""
+
+    def __init__(
+        self,
+        *,
+        values: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Embedding: _TypeAlias = Embedding  # noqa: Y015
+
+@_typing.final
+class EmbedUsage(_message.Message):
+    """Token counts of an embedding request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    ESTIMATED_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    prompt_tokens: _builtins.int
+    """Tokens in the inputs."""
+    estimated: _builtins.bool
+    """True when the gateway counted them itself because the upstream did not report them."""
+    @_builtins.property
+    def cost(self) -> Global___Cost:
+        """What these tokens cost."""
+
+    def __init__(
+        self,
+        *,
+        prompt_tokens: _builtins.int = ...,
+        estimated: _builtins.bool = ...,
+        cost: Global___Cost | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "estimated", b"estimated", "prompt_tokens", b"prompt_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbedUsage: _TypeAlias = EmbedUsage  # noqa: Y015
+
+@_typing.final
+class EmbedResponse(_message.Message):
+    """The embeddings of a request's inputs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model that embedded them, as the upstream names it."""
+    backend: _builtins.str
+    """The configured name of the backend that served."""
+    @_builtins.property
+    def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]:
+        """One vector per input, in the order of the inputs."""
+
+    @_builtins.property
+    def usage(self) -> Global___EmbedUsage:
+        """Token counts."""
+
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]:
+        """Every attempt made, in order."""
+
+    def __init__(
+        self,
+        *,
+        embeddings: _abc.Iterable[Global___Embedding] | None = ...,
+        model: _builtins.str = ...,
+        backend: _builtins.str = ...,
+        usage: Global___EmbedUsage | None = ...,
+        attempts: _abc.Iterable[Global___Attempt] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "backend", b"backend", "embeddings", b"embeddings", "model", b"model", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbedResponse: _TypeAlias = EmbedResponse  # noqa: Y015

@@ -60,6 +60,11 @@ class LLMServiceStub:
                 request_serializer=llmrelay_dot_v1_dot_llmrelay__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=llmrelay_dot_v1_dot_llmrelay__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/llmrelay.v1.LLMService/Embed',
+                request_serializer=llmrelay_dot_v1_dot_llmrelay__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=llmrelay_dot_v1_dot_llmrelay__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class LLMServiceServicer:
@@ -101,6 +106,14 @@ class LLMServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embed turns texts into vectors with an embedding model. It never falls back to another model (vectors of
+        different models are not comparable); it may retry, or go to another backend serving the same model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LLMServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +141,11 @@ def add_LLMServiceServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=llmrelay_dot_v1_dot_llmrelay__pb2.GetUsageRequest.FromString,
                     response_serializer=llmrelay_dot_v1_dot_llmrelay__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=llmrelay_dot_v1_dot_llmrelay__pb2.EmbedRequest.FromString,
+                    response_serializer=llmrelay_dot_v1_dot_llmrelay__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +284,33 @@ class LLMService:
             '/llmrelay.v1.LLMService/GetUsage',
             llmrelay_dot_v1_dot_llmrelay__pb2.GetUsageRequest.SerializeToString,
             llmrelay_dot_v1_dot_llmrelay__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmrelay.v1.LLMService/Embed',
+            llmrelay_dot_v1_dot_llmrelay__pb2.EmbedRequest.SerializeToString,
+            llmrelay_dot_v1_dot_llmrelay__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,10 @@ class LLMServiceStub:
     """Health reports the state of every backend."""
     GetUsage: _grpc.UnaryUnaryMultiCallable[_llmrelay_pb2.GetUsageRequest, _llmrelay_pb2.GetUsageResponse]
     """GetUsage reads the usage ledger: token totals per backend, model and caller."""
+    Embed: _grpc.UnaryUnaryMultiCallable[_llmrelay_pb2.EmbedRequest, _llmrelay_pb2.EmbedResponse]
+    """Embed turns texts into vectors with an embedding model. It never falls back to another model (vectors of
+    different models are not comparable); it may retry, or go to another backend serving the same model.
+    """
 
 @_typing.type_check_only
 class LLMServiceAsyncStub(LLMServiceStub):
@@ -64,6 +68,10 @@ class LLMServiceAsyncStub(LLMServiceStub):
     """Health reports the state of every backend."""
     GetUsage: _aio.UnaryUnaryMultiCallable[_llmrelay_pb2.GetUsageRequest, _llmrelay_pb2.GetUsageResponse]  # type: ignore[assignment]
     """GetUsage reads the usage ledger: token totals per backend, model and caller."""
+    Embed: _aio.UnaryUnaryMultiCallable[_llmrelay_pb2.EmbedRequest, _llmrelay_pb2.EmbedResponse]  # type: ignore[assignment]
+    """Embed turns texts into vectors with an embedding model. It never falls back to another model (vectors of
+    different models are not comparable); it may retry, or go to another backend serving the same model.
+    """
 
 class LLMServiceServicer(metaclass=_abc_1.ABCMeta):
     """LLMService routes chat completions to the configured backends, with fallback between them."""
@@ -107,5 +115,15 @@ class LLMServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_llmrelay_pb2.GetUsageResponse, _abc.Awaitable[_llmrelay_pb2.GetUsageResponse]]:
         """GetUsage reads the usage ledger: token totals per backend, model and caller."""
+
+    @_abc_1.abstractmethod
+    def Embed(
+        self,
+        request: _llmrelay_pb2.EmbedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_llmrelay_pb2.EmbedResponse, _abc.Awaitable[_llmrelay_pb2.EmbedResponse]]:
+        """Embed turns texts into vectors with an embedding model. It never falls back to another model (vectors of
+        different models are not comparable); it may retry, or go to another backend serving the same model.
+        """
 
 def add_LLMServiceServicer_to_server(servicer: LLMServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

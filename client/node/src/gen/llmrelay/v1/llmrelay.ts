@@ -655,6 +655,56 @@ export function errorReasonToJSON(object: ErrorReason): string {
   }
 }
 
+/** How closely a model looks at an image, where the upstream lets the caller choose (OpenAI's `detail`). */
+export enum ImageDetail {
+  /** IMAGE_DETAIL_UNSPECIFIED - Not set: the upstream's default. */
+  IMAGE_DETAIL_UNSPECIFIED = 0,
+  /** IMAGE_DETAIL_AUTO - The upstream picks. */
+  IMAGE_DETAIL_AUTO = 1,
+  /** IMAGE_DETAIL_LOW - A low-resolution look, fewer tokens. */
+  IMAGE_DETAIL_LOW = 2,
+  /** IMAGE_DETAIL_HIGH - A high-resolution look, more tokens. */
+  IMAGE_DETAIL_HIGH = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function imageDetailFromJSON(object: any): ImageDetail {
+  switch (object) {
+    case 0:
+    case "IMAGE_DETAIL_UNSPECIFIED":
+      return ImageDetail.IMAGE_DETAIL_UNSPECIFIED;
+    case 1:
+    case "IMAGE_DETAIL_AUTO":
+      return ImageDetail.IMAGE_DETAIL_AUTO;
+    case 2:
+    case "IMAGE_DETAIL_LOW":
+      return ImageDetail.IMAGE_DETAIL_LOW;
+    case 3:
+    case "IMAGE_DETAIL_HIGH":
+      return ImageDetail.IMAGE_DETAIL_HIGH;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ImageDetail.UNRECOGNIZED;
+  }
+}
+
+export function imageDetailToJSON(object: ImageDetail): string {
+  switch (object) {
+    case ImageDetail.IMAGE_DETAIL_UNSPECIFIED:
+      return "IMAGE_DETAIL_UNSPECIFIED";
+    case ImageDetail.IMAGE_DETAIL_AUTO:
+      return "IMAGE_DETAIL_AUTO";
+    case ImageDetail.IMAGE_DETAIL_LOW:
+      return "IMAGE_DETAIL_LOW";
+    case ImageDetail.IMAGE_DETAIL_HIGH:
+      return "IMAGE_DETAIL_HIGH";
+    case ImageDetail.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** The state of a backend's circuit breaker. */
 export enum CircuitState {
   /** CIRCUIT_STATE_UNSPECIFIED - Not set. */
@@ -768,7 +818,10 @@ export interface ToolCall {
 export interface Message {
   /** Who wrote the message. */
   role: Role;
-  /** The text of the message; may be empty for an assistant message that only calls tools. */
+  /**
+   * The text of the message; may be empty for an assistant message that only calls tools. A message has either
+   * content or parts, not both.
+   */
   content: string;
   /** An optional name for the author, to tell participants of the same role apart. */
   name?:
@@ -781,7 +834,42 @@ export interface Message {
     | string
     | undefined;
   /** The model's reasoning text, where the model gives one (assistant messages in answers). */
-  reasoning?: string | undefined;
+  reasoning?:
+    | string
+    | undefined;
+  /** The content as parts: text and images (user messages; text parts elsewhere). Instead of `content`, not with it. */
+  parts: ContentPart[];
+  /**
+   * The upstream's opaque signature of the reasoning (Anthropic's thinking blocks), to send back unchanged with the
+   * assistant message in the next turn of a conversation, as the upstream requires.
+   */
+  reasoningSignature?: string | undefined;
+}
+
+/** One part of a message's content. */
+export interface ContentPart {
+  /** Text. */
+  text?:
+    | string
+    | undefined;
+  /** An image. */
+  image?: ImagePart | undefined;
+}
+
+/** An image in a message: by URL, or its bytes with their media type. */
+export interface ImagePart {
+  /** An http(s) URL the upstream fetches. */
+  url?:
+    | string
+    | undefined;
+  /** The image's bytes (at most the gateway's image size limit). */
+  data?:
+    | Buffer
+    | undefined;
+  /** The media type of `data`: image/png, image/jpeg, image/gif or image/webp. Ignored for a URL. */
+  mediaType: string;
+  /** How closely to look. */
+  detail: ImageDetail;
 }
 
 /** A function the model may call. */
@@ -792,12 +880,22 @@ export interface FunctionDefinition {
   description?:
     | string
     | undefined;
-  /** The parameters as a JSON Schema object. */
+  /**
+   * Deprecated: use parameters_json. The parameters as a JSON Schema object; Struct turns every number into a
+   * double (a schema's `maxItems: 3` arrives as 3.0) and loses large integers.
+   */
   parameters:
     | { [key: string]: any }
     | undefined;
   /** Whether the model must follow the schema exactly (where the upstream supports it). */
-  strict?: boolean | undefined;
+  strict?:
+    | boolean
+    | undefined;
+  /**
+   * The parameters as a JSON Schema object, in JSON text: checked to be a JSON object, then sent to the upstream
+   * exactly as written. Takes precedence over `parameters`.
+   */
+  parametersJson?: string | undefined;
 }
 
 /** A tool the model may use. Only functions exist today. */
@@ -824,12 +922,19 @@ export interface JsonSchema {
   description?:
     | string
     | undefined;
-  /** The JSON Schema. */
+  /** Deprecated: use schema_json. The JSON Schema; Struct turns every number into a double and loses large integers. */
   schema:
     | { [key: string]: any }
     | undefined;
   /** Whether the model must follow the schema exactly. */
-  strict?: boolean | undefined;
+  strict?:
+    | boolean
+    | undefined;
+  /**
+   * The JSON Schema in JSON text: checked to be a JSON object, then sent to the upstream exactly as written. Takes
+   * precedence over `schema`.
+   */
+  schemaJson?: string | undefined;
 }
 
 /** The shape of the answer. */
@@ -1042,6 +1147,11 @@ export interface MessageDelta {
     | undefined;
   /** Pieces of tool calls. */
   toolCalls: ToolCallDelta[];
+  /**
+   * The upstream's signature of the whole reasoning (Message.reasoning_signature), on the last message of the stream,
+   * when the upstream signs it (Anthropic's thinking blocks).
+   */
+  reasoningSignature?: string | undefined;
 }
 
 /**
@@ -1219,6 +1329,53 @@ export interface GetUsageResponse {
   records: UsageRecord[];
 }
 
+/** A request for embeddings. */
+export interface EmbedRequest {
+  /** The texts to embed, at least one; each gets a vector, in the same order. */
+  inputs: string[];
+  /**
+   * The embedding model (a backend-qualified name like "ollama/nomic-embed-text" picks the backend); unset: the
+   * first backend's configured embedding model.
+   */
+  model?:
+    | string
+    | undefined;
+  /** The number of dimensions wanted, for models that can shorten their vectors (OpenAI's text-embedding-3). */
+  dimensions?: number | undefined;
+}
+
+/** One input's vector. */
+export interface Embedding {
+  /** The vector (packed on the wire: 4 bytes a dimension). */
+  values: number[];
+}
+
+/** Token counts of an embedding request. */
+export interface EmbedUsage {
+  /** Tokens in the inputs. */
+  promptTokens: number;
+  /** True when the gateway counted them itself because the upstream did not report them. */
+  estimated: boolean;
+  /** What these tokens cost. */
+  cost: Cost | undefined;
+}
+
+/** The embeddings of a request's inputs. */
+export interface EmbedResponse {
+  /** One vector per input, in the order of the inputs. */
+  embeddings: Embedding[];
+  /** The model that embedded them, as the upstream names it. */
+  model: string;
+  /** The configured name of the backend that served. */
+  backend: string;
+  /** Token counts. */
+  usage:
+    | EmbedUsage
+    | undefined;
+  /** Every attempt made, in order. */
+  attempts: Attempt[];
+}
+
 function createBaseFunctionCall(): FunctionCall {
   return { name: "", arguments: "" };
 }
@@ -1392,7 +1549,16 @@ export const ToolCall: MessageFns<ToolCall> = {
 };
 
 function createBaseMessage(): Message {
-  return { role: 0, content: "", name: undefined, toolCalls: [], toolCallId: undefined, reasoning: undefined };
+  return {
+    role: 0,
+    content: "",
+    name: undefined,
+    toolCalls: [],
+    toolCallId: undefined,
+    reasoning: undefined,
+    parts: [],
+    reasoningSignature: undefined,
+  };
 }
 
 export const Message: MessageFns<Message> = {
@@ -1414,6 +1580,12 @@ export const Message: MessageFns<Message> = {
     }
     if (message.reasoning !== undefined) {
       writer.uint32(50).string(message.reasoning);
+    }
+    for (const v of message.parts) {
+      ContentPart.encode(v!, writer.uint32(58).fork()).join();
+    }
+    if (message.reasoningSignature !== undefined) {
+      writer.uint32(66).string(message.reasoningSignature);
     }
     return writer;
   },
@@ -1479,6 +1651,22 @@ export const Message: MessageFns<Message> = {
             message.reasoning = reader.string();
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.parts.push(ContentPart.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.reasoningSignature = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1507,6 +1695,12 @@ export const Message: MessageFns<Message> = {
         ? globalThis.String(object.tool_call_id)
         : undefined,
       reasoning: isSet(object.reasoning) ? globalThis.String(object.reasoning) : undefined,
+      parts: globalThis.Array.isArray(object?.parts) ? object.parts.map((e: any) => ContentPart.fromJSON(e)) : [],
+      reasoningSignature: isSet(object.reasoningSignature)
+        ? globalThis.String(object.reasoningSignature)
+        : isSet(object.reasoning_signature)
+        ? globalThis.String(object.reasoning_signature)
+        : undefined,
     };
   },
 
@@ -1530,6 +1724,12 @@ export const Message: MessageFns<Message> = {
     if (message.reasoning !== undefined) {
       obj.reasoning = message.reasoning;
     }
+    if (message.parts?.length) {
+      obj.parts = message.parts.map((e) => ContentPart.toJSON(e));
+    }
+    if (message.reasoningSignature !== undefined) {
+      obj.reasoningSignature = message.reasoningSignature;
+    }
     return obj;
   },
 
@@ -1544,12 +1744,222 @@ export const Message: MessageFns<Message> = {
     message.toolCalls = object.toolCalls?.map((e) => ToolCall.fromPartial(e)) || [];
     message.toolCallId = object.toolCallId ?? undefined;
     message.reasoning = object.reasoning ?? undefined;
+    message.parts = object.parts?.map((e) => ContentPart.fromPartial(e)) || [];
+    message.reasoningSignature = object.reasoningSignature ?? undefined;
+    return message;
+  },
+};
+
+function createBaseContentPart(): ContentPart {
+  return { text: undefined, image: undefined };
+}
+
+export const ContentPart: MessageFns<ContentPart> = {
+  encode(message: ContentPart, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.text !== undefined) {
+      writer.uint32(10).string(message.text);
+    }
+    if (message.image !== undefined) {
+      ImagePart.encode(message.image, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ContentPart {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseContentPart();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.text = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.image = ImagePart.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ContentPart {
+    return {
+      text: isSet(object.text) ? globalThis.String(object.text) : undefined,
+      image: isSet(object.image) ? ImagePart.fromJSON(object.image) : undefined,
+    };
+  },
+
+  toJSON(message: ContentPart): unknown {
+    const obj: any = {};
+    if (message.text !== undefined) {
+      obj.text = message.text;
+    }
+    if (message.image !== undefined) {
+      obj.image = ImagePart.toJSON(message.image);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ContentPart>, I>>(base?: I): ContentPart {
+    return ContentPart.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ContentPart>, I>>(object: I): ContentPart {
+    const message = createBaseContentPart();
+    message.text = object.text ?? undefined;
+    message.image = (object.image !== undefined && object.image !== null)
+      ? ImagePart.fromPartial(object.image)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseImagePart(): ImagePart {
+  return { url: undefined, data: undefined, mediaType: "", detail: 0 };
+}
+
+export const ImagePart: MessageFns<ImagePart> = {
+  encode(message: ImagePart, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.url !== undefined) {
+      writer.uint32(10).string(message.url);
+    }
+    if (message.data !== undefined) {
+      writer.uint32(18).bytes(message.data);
+    }
+    if (message.mediaType !== "") {
+      writer.uint32(26).string(message.mediaType);
+    }
+    if (message.detail !== 0) {
+      writer.uint32(32).int32(message.detail);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImagePart {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImagePart();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.url = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.data = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.mediaType = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.detail = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ImagePart {
+    return {
+      url: isSet(object.url) ? globalThis.String(object.url) : undefined,
+      data: isSet(object.data) ? Buffer.from(bytesFromBase64(object.data)) : undefined,
+      mediaType: isSet(object.mediaType)
+        ? globalThis.String(object.mediaType)
+        : isSet(object.media_type)
+        ? globalThis.String(object.media_type)
+        : "",
+      detail: isSet(object.detail) ? imageDetailFromJSON(object.detail) : 0,
+    };
+  },
+
+  toJSON(message: ImagePart): unknown {
+    const obj: any = {};
+    if (message.url !== undefined) {
+      obj.url = message.url;
+    }
+    if (message.data !== undefined) {
+      obj.data = base64FromBytes(message.data);
+    }
+    if (message.mediaType !== "") {
+      obj.mediaType = message.mediaType;
+    }
+    if (message.detail !== 0) {
+      obj.detail = imageDetailToJSON(message.detail);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ImagePart>, I>>(base?: I): ImagePart {
+    return ImagePart.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ImagePart>, I>>(object: I): ImagePart {
+    const message = createBaseImagePart();
+    message.url = object.url ?? undefined;
+    message.data = object.data ?? undefined;
+    message.mediaType = object.mediaType ?? "";
+    message.detail = object.detail ?? 0;
     return message;
   },
 };
 
 function createBaseFunctionDefinition(): FunctionDefinition {
-  return { name: "", description: undefined, parameters: undefined, strict: undefined };
+  return { name: "", description: undefined, parameters: undefined, strict: undefined, parametersJson: undefined };
 }
 
 export const FunctionDefinition: MessageFns<FunctionDefinition> = {
@@ -1565,6 +1975,9 @@ export const FunctionDefinition: MessageFns<FunctionDefinition> = {
     }
     if (message.strict !== undefined) {
       writer.uint32(32).bool(message.strict);
+    }
+    if (message.parametersJson !== undefined) {
+      writer.uint32(42).string(message.parametersJson);
     }
     return writer;
   },
@@ -1614,6 +2027,14 @@ export const FunctionDefinition: MessageFns<FunctionDefinition> = {
             message.strict = reader.bool();
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.parametersJson = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1632,6 +2053,11 @@ export const FunctionDefinition: MessageFns<FunctionDefinition> = {
       description: isSet(object.description) ? globalThis.String(object.description) : undefined,
       parameters: isObject(object.parameters) ? object.parameters : undefined,
       strict: isSet(object.strict) ? globalThis.Boolean(object.strict) : undefined,
+      parametersJson: isSet(object.parametersJson)
+        ? globalThis.String(object.parametersJson)
+        : isSet(object.parameters_json)
+        ? globalThis.String(object.parameters_json)
+        : undefined,
     };
   },
 
@@ -1649,6 +2075,9 @@ export const FunctionDefinition: MessageFns<FunctionDefinition> = {
     if (message.strict !== undefined) {
       obj.strict = message.strict;
     }
+    if (message.parametersJson !== undefined) {
+      obj.parametersJson = message.parametersJson;
+    }
     return obj;
   },
 
@@ -1661,6 +2090,7 @@ export const FunctionDefinition: MessageFns<FunctionDefinition> = {
     message.description = object.description ?? undefined;
     message.parameters = object.parameters ?? undefined;
     message.strict = object.strict ?? undefined;
+    message.parametersJson = object.parametersJson ?? undefined;
     return message;
   },
 };
@@ -1824,7 +2254,7 @@ export const ToolChoice: MessageFns<ToolChoice> = {
 };
 
 function createBaseJsonSchema(): JsonSchema {
-  return { name: "", description: undefined, schema: undefined, strict: undefined };
+  return { name: "", description: undefined, schema: undefined, strict: undefined, schemaJson: undefined };
 }
 
 export const JsonSchema: MessageFns<JsonSchema> = {
@@ -1840,6 +2270,9 @@ export const JsonSchema: MessageFns<JsonSchema> = {
     }
     if (message.strict !== undefined) {
       writer.uint32(32).bool(message.strict);
+    }
+    if (message.schemaJson !== undefined) {
+      writer.uint32(42).string(message.schemaJson);
     }
     return writer;
   },
@@ -1889,6 +2322,14 @@ export const JsonSchema: MessageFns<JsonSchema> = {
             message.strict = reader.bool();
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.schemaJson = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1907,6 +2348,11 @@ export const JsonSchema: MessageFns<JsonSchema> = {
       description: isSet(object.description) ? globalThis.String(object.description) : undefined,
       schema: isObject(object.schema) ? object.schema : undefined,
       strict: isSet(object.strict) ? globalThis.Boolean(object.strict) : undefined,
+      schemaJson: isSet(object.schemaJson)
+        ? globalThis.String(object.schemaJson)
+        : isSet(object.schema_json)
+        ? globalThis.String(object.schema_json)
+        : undefined,
     };
   },
 
@@ -1924,6 +2370,9 @@ export const JsonSchema: MessageFns<JsonSchema> = {
     if (message.strict !== undefined) {
       obj.strict = message.strict;
     }
+    if (message.schemaJson !== undefined) {
+      obj.schemaJson = message.schemaJson;
+    }
     return obj;
   },
 
@@ -1936,6 +2385,7 @@ export const JsonSchema: MessageFns<JsonSchema> = {
     message.description = object.description ?? undefined;
     message.schema = object.schema ?? undefined;
     message.strict = object.strict ?? undefined;
+    message.schemaJson = object.schemaJson ?? undefined;
     return message;
   },
 };
@@ -3454,7 +3904,7 @@ export const ToolCallDelta: MessageFns<ToolCallDelta> = {
 };
 
 function createBaseMessageDelta(): MessageDelta {
-  return { content: undefined, reasoning: undefined, toolCalls: [] };
+  return { content: undefined, reasoning: undefined, toolCalls: [], reasoningSignature: undefined };
 }
 
 export const MessageDelta: MessageFns<MessageDelta> = {
@@ -3467,6 +3917,9 @@ export const MessageDelta: MessageFns<MessageDelta> = {
     }
     for (const v of message.toolCalls) {
       ToolCallDelta.encode(v!, writer.uint32(26).fork()).join();
+    }
+    if (message.reasoningSignature !== undefined) {
+      writer.uint32(34).string(message.reasoningSignature);
     }
     return writer;
   },
@@ -3508,6 +3961,14 @@ export const MessageDelta: MessageFns<MessageDelta> = {
             message.toolCalls.push(ToolCallDelta.decode(reader, reader.uint32()));
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.reasoningSignature = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3529,6 +3990,11 @@ export const MessageDelta: MessageFns<MessageDelta> = {
         : globalThis.Array.isArray(object?.tool_calls)
         ? object.tool_calls.map((e: any) => ToolCallDelta.fromJSON(e))
         : [],
+      reasoningSignature: isSet(object.reasoningSignature)
+        ? globalThis.String(object.reasoningSignature)
+        : isSet(object.reasoning_signature)
+        ? globalThis.String(object.reasoning_signature)
+        : undefined,
     };
   },
 
@@ -3543,6 +4009,9 @@ export const MessageDelta: MessageFns<MessageDelta> = {
     if (message.toolCalls?.length) {
       obj.toolCalls = message.toolCalls.map((e) => ToolCallDelta.toJSON(e));
     }
+    if (message.reasoningSignature !== undefined) {
+      obj.reasoningSignature = message.reasoningSignature;
+    }
     return obj;
   },
 
@@ -3554,6 +4023,7 @@ export const MessageDelta: MessageFns<MessageDelta> = {
     message.content = object.content ?? undefined;
     message.reasoning = object.reasoning ?? undefined;
     message.toolCalls = object.toolCalls?.map((e) => ToolCallDelta.fromPartial(e)) || [];
+    message.reasoningSignature = object.reasoningSignature ?? undefined;
     return message;
   },
 };
@@ -5001,6 +5471,432 @@ export const GetUsageResponse: MessageFns<GetUsageResponse> = {
   },
 };
 
+function createBaseEmbedRequest(): EmbedRequest {
+  return { inputs: [], model: undefined, dimensions: undefined };
+}
+
+export const EmbedRequest: MessageFns<EmbedRequest> = {
+  encode(message: EmbedRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.inputs) {
+      writer.uint32(10).string(v!);
+    }
+    if (message.model !== undefined) {
+      writer.uint32(18).string(message.model);
+    }
+    if (message.dimensions !== undefined) {
+      writer.uint32(24).int32(message.dimensions);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): EmbedRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseEmbedRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.inputs.push(reader.string());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.model = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.dimensions = reader.int32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): EmbedRequest {
+    return {
+      inputs: globalThis.Array.isArray(object?.inputs) ? object.inputs.map((e: any) => globalThis.String(e)) : [],
+      model: isSet(object.model) ? globalThis.String(object.model) : undefined,
+      dimensions: isSet(object.dimensions) ? globalThis.Number(object.dimensions) : undefined,
+    };
+  },
+
+  toJSON(message: EmbedRequest): unknown {
+    const obj: any = {};
+    if (message.inputs?.length) {
+      obj.inputs = message.inputs;
+    }
+    if (message.model !== undefined) {
+      obj.model = message.model;
+    }
+    if (message.dimensions !== undefined) {
+      obj.dimensions = Math.round(message.dimensions);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<EmbedRequest>, I>>(base?: I): EmbedRequest {
+    return EmbedRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<EmbedRequest>, I>>(object: I): EmbedRequest {
+    const message = createBaseEmbedRequest();
+    message.inputs = object.inputs?.map((e) => e) || [];
+    message.model = object.model ?? undefined;
+    message.dimensions = object.dimensions ?? undefined;
+    return message;
+  },
+};
+
+function createBaseEmbedding(): Embedding {
+  return { values: [] };
+}
+
+export const Embedding: MessageFns<Embedding> = {
+  encode(message: Embedding, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.values.length !== 0) {
+      writer.uint32(10).fork();
+      for (const v of message.values) {
+        writer.float(v);
+      }
+      writer.join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Embedding {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseEmbedding();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag === 13) {
+              message.values.push(reader.float());
+
+              continue;
+            }
+
+            if (tag === 10) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.values.push(reader.float());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Embedding {
+    return {
+      values: globalThis.Array.isArray(object?.values) ? object.values.map((e: any) => globalThis.Number(e)) : [],
+    };
+  },
+
+  toJSON(message: Embedding): unknown {
+    const obj: any = {};
+    if (message.values?.length) {
+      obj.values = message.values.map((e) => floatToJson(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<Embedding>, I>>(base?: I): Embedding {
+    return Embedding.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Embedding>, I>>(object: I): Embedding {
+    const message = createBaseEmbedding();
+    message.values = object.values?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBaseEmbedUsage(): EmbedUsage {
+  return { promptTokens: 0, estimated: false, cost: undefined };
+}
+
+export const EmbedUsage: MessageFns<EmbedUsage> = {
+  encode(message: EmbedUsage, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.promptTokens !== 0) {
+      writer.uint32(8).int32(message.promptTokens);
+    }
+    if (message.estimated !== false) {
+      writer.uint32(16).bool(message.estimated);
+    }
+    if (message.cost !== undefined) {
+      Cost.encode(message.cost, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): EmbedUsage {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseEmbedUsage();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.promptTokens = reader.int32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.estimated = reader.bool();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.cost = Cost.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): EmbedUsage {
+    return {
+      promptTokens: isSet(object.promptTokens)
+        ? globalThis.Number(object.promptTokens)
+        : isSet(object.prompt_tokens)
+        ? globalThis.Number(object.prompt_tokens)
+        : 0,
+      estimated: isSet(object.estimated) ? globalThis.Boolean(object.estimated) : false,
+      cost: isSet(object.cost) ? Cost.fromJSON(object.cost) : undefined,
+    };
+  },
+
+  toJSON(message: EmbedUsage): unknown {
+    const obj: any = {};
+    if (message.promptTokens !== 0) {
+      obj.promptTokens = Math.round(message.promptTokens);
+    }
+    if (message.estimated !== false) {
+      obj.estimated = message.estimated;
+    }
+    if (message.cost !== undefined) {
+      obj.cost = Cost.toJSON(message.cost);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<EmbedUsage>, I>>(base?: I): EmbedUsage {
+    return EmbedUsage.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<EmbedUsage>, I>>(object: I): EmbedUsage {
+    const message = createBaseEmbedUsage();
+    message.promptTokens = object.promptTokens ?? 0;
+    message.estimated = object.estimated ?? false;
+    message.cost = (object.cost !== undefined && object.cost !== null) ? Cost.fromPartial(object.cost) : undefined;
+    return message;
+  },
+};
+
+function createBaseEmbedResponse(): EmbedResponse {
+  return { embeddings: [], model: "", backend: "", usage: undefined, attempts: [] };
+}
+
+export const EmbedResponse: MessageFns<EmbedResponse> = {
+  encode(message: EmbedResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.embeddings) {
+      Embedding.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.model !== "") {
+      writer.uint32(18).string(message.model);
+    }
+    if (message.backend !== "") {
+      writer.uint32(26).string(message.backend);
+    }
+    if (message.usage !== undefined) {
+      EmbedUsage.encode(message.usage, writer.uint32(34).fork()).join();
+    }
+    for (const v of message.attempts) {
+      Attempt.encode(v!, writer.uint32(42).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): EmbedResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseEmbedResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.embeddings.push(Embedding.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.model = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.backend = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.usage = EmbedUsage.decode(reader, reader.uint32());
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.attempts.push(Attempt.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): EmbedResponse {
+    return {
+      embeddings: globalThis.Array.isArray(object?.embeddings)
+        ? object.embeddings.map((e: any) => Embedding.fromJSON(e))
+        : [],
+      model: isSet(object.model) ? globalThis.String(object.model) : "",
+      backend: isSet(object.backend) ? globalThis.String(object.backend) : "",
+      usage: isSet(object.usage) ? EmbedUsage.fromJSON(object.usage) : undefined,
+      attempts: globalThis.Array.isArray(object?.attempts) ? object.attempts.map((e: any) => Attempt.fromJSON(e)) : [],
+    };
+  },
+
+  toJSON(message: EmbedResponse): unknown {
+    const obj: any = {};
+    if (message.embeddings?.length) {
+      obj.embeddings = message.embeddings.map((e) => Embedding.toJSON(e));
+    }
+    if (message.model !== "") {
+      obj.model = message.model;
+    }
+    if (message.backend !== "") {
+      obj.backend = message.backend;
+    }
+    if (message.usage !== undefined) {
+      obj.usage = EmbedUsage.toJSON(message.usage);
+    }
+    if (message.attempts?.length) {
+      obj.attempts = message.attempts.map((e) => Attempt.toJSON(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<EmbedResponse>, I>>(base?: I): EmbedResponse {
+    return EmbedResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<EmbedResponse>, I>>(object: I): EmbedResponse {
+    const message = createBaseEmbedResponse();
+    message.embeddings = object.embeddings?.map((e) => Embedding.fromPartial(e)) || [];
+    message.model = object.model ?? "";
+    message.backend = object.backend ?? "";
+    message.usage = (object.usage !== undefined && object.usage !== null)
+      ? EmbedUsage.fromPartial(object.usage)
+      : undefined;
+    message.attempts = object.attempts?.map((e) => Attempt.fromPartial(e)) || [];
+    return message;
+  },
+};
+
 /** LLMService routes chat completions to the configured backends, with fallback between them. */
 export type LLMServiceService = typeof LLMServiceService;
 export const LLMServiceService = {
@@ -5056,6 +5952,19 @@ export const LLMServiceService = {
     responseSerialize: (value: GetUsageResponse): Buffer => Buffer.from(GetUsageResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): GetUsageResponse => GetUsageResponse.decode(value),
   },
+  /**
+   * Embed turns texts into vectors with an embedding model. It never falls back to another model (vectors of
+   * different models are not comparable); it may retry, or go to another backend serving the same model.
+   */
+  embed: {
+    path: "/llmrelay.v1.LLMService/Embed" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: EmbedRequest): Buffer => Buffer.from(EmbedRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): EmbedRequest => EmbedRequest.decode(value),
+    responseSerialize: (value: EmbedResponse): Buffer => Buffer.from(EmbedResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): EmbedResponse => EmbedResponse.decode(value),
+  },
 } as const;
 
 export interface LLMServiceServer extends UntypedServiceImplementation {
@@ -5069,6 +5978,11 @@ export interface LLMServiceServer extends UntypedServiceImplementation {
   health: handleUnaryCall<HealthRequest, HealthResponse>;
   /** GetUsage reads the usage ledger: token totals per backend, model and caller. */
   getUsage: handleUnaryCall<GetUsageRequest, GetUsageResponse>;
+  /**
+   * Embed turns texts into vectors with an embedding model. It never falls back to another model (vectors of
+   * different models are not comparable); it may retry, or go to another backend serving the same model.
+   */
+  embed: handleUnaryCall<EmbedRequest, EmbedResponse>;
 }
 
 export interface LLMServiceClient extends Client {
@@ -5146,6 +6060,25 @@ export interface LLMServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: GetUsageResponse) => void,
   ): ClientUnaryCall;
+  /**
+   * Embed turns texts into vectors with an embedding model. It never falls back to another model (vectors of
+   * different models are not comparable); it may retry, or go to another backend serving the same model.
+   */
+  embed(
+    request: EmbedRequest,
+    callback: (error: ServiceError | null, response: EmbedResponse) => void,
+  ): ClientUnaryCall;
+  embed(
+    request: EmbedRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: EmbedResponse) => void,
+  ): ClientUnaryCall;
+  embed(
+    request: EmbedRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: EmbedResponse) => void,
+  ): ClientUnaryCall;
 }
 
 export const LLMServiceClient = makeGenericClientConstructor(
@@ -5156,6 +6089,14 @@ export const LLMServiceClient = makeGenericClientConstructor(
   service: typeof LLMServiceService;
   serviceName: string;
 };
+
+function bytesFromBase64(b64: string): Uint8Array {
+  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+}
+
+function base64FromBytes(arr: Uint8Array): string {
+  return globalThis.Buffer.from(arr).toString("base64");
+}
 
 function floatToJson(value: number | null | undefined): number | string | null | undefined {
   return typeof value === "number" && !globalThis.Number.isFinite(value) ? globalThis.String(value) : value;

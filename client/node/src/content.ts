@@ -1,0 +1,99 @@
+/**
+ * Builders for what goes into a request beyond plain text: tools and JSON schemas (sent as JSON text), and images.
+ */
+import {
+  ResponseFormatType,
+  Role,
+  type CompletionOptions,
+  type ContentPart,
+  type DeepPartial,
+  type ImageDetail,
+  type ResponseFormat,
+  type Tool,
+} from "./gen/llmrelay/v1/llmrelay";
+import type { MessageInput } from "./client";
+
+export type ToolInput = DeepPartial<Tool>;
+export type ResponseFormatInput = DeepPartial<ResponseFormat>;
+export type ContentPartInput = DeepPartial<ContentPart>;
+
+export interface SchemaOptions {
+  /** What the function does, or what the answer is for. */
+  description?: string;
+  /** Whether the model must follow the schema exactly (where the upstream supports it). */
+  strict?: boolean;
+}
+
+export interface ImageOptions {
+  /** image/png, image/jpeg, image/gif or image/webp; unset, the gateway reads it from the bytes. */
+  mediaType?: string;
+  /** How closely the model looks: ImageDetail.IMAGE_DETAIL_LOW costs the fewest tokens. */
+  detail?: ImageDetail;
+}
+
+/**
+ * A function the model may call; `parameters` is its JSON Schema, as an object or as JSON text. It is sent as JSON
+ * text (`parametersJson`), which the upstream gets as written.
+ */
+export function functionTool(name: string, parameters?: object | string, options: SchemaOptions = {}): ToolInput {
+  const schema = parameters === undefined ? {} : { parametersJson: jsonText(parameters) };
+  return { function: { name, ...options, ...schema } };
+}
+
+/** The response format of an answer that is JSON following `schema` (an object, or JSON text). */
+export function jsonSchema(name: string, schema: object | string, options: SchemaOptions = {}): ResponseFormatInput {
+  return {
+    type: ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+    jsonSchema: { name, ...options, schemaJson: jsonText(schema) },
+  };
+}
+
+/** An image for userMessage: its bytes (PNG, JPEG, GIF or WebP), or an http(s) URL the upstream fetches. */
+export function image(source: Uint8Array | string, options: ImageOptions = {}): ContentPartInput {
+  const { mediaType, detail } = options;
+  const where =
+    typeof source === "string"
+      ? { url: source }
+      : { data: Buffer.from(source.buffer, source.byteOffset, source.byteLength), mediaType };
+  return { image: { ...where, detail } };
+}
+
+/** A user message of texts and images, in order: `userMessage("What is in this?", image(png))`. */
+export function userMessage(...content: (string | ContentPartInput)[]): MessageInput {
+  return { role: Role.ROLE_USER, parts: content.map((item) => (typeof item === "string" ? { text: item } : item)) };
+}
+
+/**
+ * The options, every schema given as an object turned into JSON text (`parametersJson`, `schemaJson`): the
+ * deprecated Struct fields it would otherwise fill turn integers into doubles (`maxItems: 3` into 3.0).
+ */
+export function withJsonText(
+  options: DeepPartial<CompletionOptions> | undefined,
+): DeepPartial<CompletionOptions> | undefined {
+  return options && { ...options, tools: textTools(options.tools), responseFormat: textFormat(options.responseFormat) };
+}
+
+/** The tools, parameters given as an object turned into JSON text. */
+export function textTools(tools: ToolInput[] | undefined): ToolInput[] | undefined {
+  return tools?.map((tool) => {
+    const fn = tool.function;
+    if (fn?.parameters === undefined || fn.parametersJson !== undefined) {
+      return tool;
+    }
+    const { parameters, ...rest } = fn;
+    return { ...tool, function: { ...rest, parametersJson: jsonText(parameters) } };
+  });
+}
+
+function textFormat(format: ResponseFormatInput | undefined): ResponseFormatInput | undefined {
+  const schema = format?.jsonSchema;
+  if (schema?.schema === undefined || schema.schemaJson !== undefined) {
+    return format;
+  }
+  const { schema: value, ...rest } = schema;
+  return { ...format, jsonSchema: { ...rest, schemaJson: jsonText(value) } };
+}
+
+function jsonText(schema: object | string): string {
+  return typeof schema === "string" ? schema : JSON.stringify(schema);
+}

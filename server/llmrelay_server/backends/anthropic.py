@@ -1,0 +1,320 @@
+"""Anthropic's Messages API as a backend: /v1/messages, /v1/messages/count_tokens and /v1/models.
+
+As the OpenAI-compatible backend does (docs/architecture.md, "The SDK configures, `wire` does the JSON"), each backend
+owns one `anthropic.AsyncAnthropic` over one HTTP connection pool: the SDK settles the URL, auth and headers, the
+completion path posts the JSON `anthropic_wire` built through the SDK's HTTP client, and answers are parsed by
+`anthropic_wire`. The SDK's own calls serve the paths off the hot one: token counts and the models list. Every
+failure leaves this module as an UpstreamError whose kind tells the router what to do next.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any, ClassVar
+
+import anthropic
+import httpx2
+from anthropic.types import ModelInfo
+
+from llmrelay_server import metering
+from llmrelay_server.backends import anthropic_wire, wire
+from llmrelay_server.backends.openai_compat import (
+    _SECRET_LIKE,
+    CONNECT_TIMEOUT_S,
+    HEALTH_TIMEOUT_S,
+    POOL_LIMITS,
+    _connection_lost,
+    _kind_of_status,
+    _retry_after_s,
+)
+from llmrelay_server.domain import (
+    BackendHealth,
+    BackendSpec,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    FinishReason,
+    Message,
+    TokenCount,
+    Tool,
+    UpstreamError,
+    UpstreamErrorKind,
+)
+from llmrelay_server.tokens import TokenCounter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 4096
+"""The answer's length limit when neither the request nor the backend's `max_tokens` sets one (the API needs one)."""
+# "prompt is too long: 208656 tokens > 200000 maximum", an invalid_request_error.
+_PROMPT_TOO_LONG = re.compile(r"prompt is too long", re.IGNORECASE)
+
+
+class AnthropicProvider:
+    """An LLMProvider over Anthropic's Messages API (or a server that speaks it)."""
+
+    kind: ClassVar[str] = "anthropic"
+
+    def __init__(self, spec: BackendSpec, *, counter: TokenCounter) -> None:
+        self._spec = spec
+        self._counter = counter
+        self._max_tokens = spec.default_max_tokens or DEFAULT_MAX_TOKENS
+        self._http = anthropic.DefaultAioHttpClient(limits=POOL_LIMITS)
+        self._client = anthropic.AsyncAnthropic(
+            # An explicit key also keeps the SDK from looking for credentials in the environment and profile files.
+            api_key=spec.api_key or "unused",
+            # The SDK adds /v1 to its paths; a base URL written with it works too.
+            base_url=spec.base_url.removesuffix("/v1"),
+            max_retries=0,  # the router retries, with the caller's deadline in mind
+            http_client=self._http,
+            # The gateway's own spans cover its calls (tracing.py); the SDK's would add one per health probe.
+            open_telemetry=False,
+        )
+        # Prepared once, as the SDK would merge them on every request: the HTTP client's headers, then the SDK's
+        # (API version, user agent, platform) and its auth.
+        self._messages_url = httpx2.URL(f"{str(self._client.base_url).rstrip('/')}/v1/messages")
+        sdk_headers = {**self._client.default_headers, **self._client.auth_headers}
+        self._headers = httpx2.Headers(self._http.headers)
+        self._headers.update({name: value for name, value in sdk_headers.items() if isinstance(value, str)})
+        self._adaptive_thinking: frozenset[str] = frozenset()
+        """The models that take reasoning as adaptive thinking and no budget, as the last probe's list said."""
+
+    @property
+    def spec(self) -> BackendSpec:
+        return self._spec
+
+    async def complete(self, model: str, request: CompletionRequest, *, timeout_s: float | None) -> CompletionResponse:
+        body = self._body(model, request)
+        try:
+            response = await self._post(body, timeout_s, stream=False)
+            answer = anthropic_wire.answer_from(wire.decode_json(response.content))
+        except anthropic.APIError as exc:
+            raise self._upstream_error(exc) from exc
+        except wire.MalformedAnswerError as exc:
+            raise self._bad_answer(str(exc)) from exc
+        message = answer.message
+        usage = answer.usage or self._counter.estimate_usage(
+            model, request, [message.content, message.reasoning or "", *(call.arguments for call in message.tool_calls)]
+        )
+        return CompletionResponse(
+            id=answer.id,
+            backend=self._spec.name,
+            model=answer.model or model,
+            message=message,
+            finish_reason=answer.finish_reason,
+            usage=usage,
+        )
+
+    async def stream(
+        self, model: str, request: CompletionRequest, *, timeout_s: float | None
+    ) -> AsyncGenerator[CompletionChunk, None]:
+        body = self._body(model, request)
+        body["stream"] = True
+        state = anthropic_wire.StreamState()
+        try:
+            response = await self._post(body, timeout_s, stream=True)
+            try:
+                async for line in response.aiter_lines():
+                    # The `event:` lines repeat the type each `data:` object carries: the data alone is read.
+                    payload = wire.sse_data(line)
+                    if payload is None:
+                        continue
+                    data = wire.decode_json(payload.encode())
+                    if (event := anthropic_wire.error_event(data)) is not None:
+                        raise self._error_event(event)
+                    delta = state.event(data)
+                    if state.stopped:
+                        break
+                    if delta is not None and (delta.content or delta.reasoning or delta.tool_calls):
+                        yield CompletionChunk(
+                            id=state.id,
+                            backend=self._spec.name,
+                            model=state.model or model,
+                            content=delta.content,
+                            reasoning=delta.reasoning,
+                            tool_calls=delta.tool_calls,
+                        )
+            finally:
+                # Closing at once matters: on cancellation the upstream must see the connection go.
+                await response.aclose()
+        except anthropic.APIError as exc:
+            raise self._upstream_error(exc) from exc
+        except wire.MalformedAnswerError as exc:
+            raise self._bad_answer(str(exc)) from exc
+        except httpx2.HTTPError as exc:
+            # Errors while reading a stream's body come from the HTTP client itself, not through the SDK.
+            kind = (
+                UpstreamErrorKind.TIMEOUT if isinstance(exc, httpx2.TimeoutException) else UpstreamErrorKind.UNREACHABLE
+            )
+            raise UpstreamError(kind, self._spec.name, f"the stream failed: {type(exc).__name__}") from exc
+        # Only message_stop makes an answer whole: whatever came before it, a stream without one was cut.
+        if not state.stopped:
+            raise self._bad_answer("the stream ended without message_stop")
+        yield CompletionChunk(
+            id=state.id,
+            backend=self._spec.name,
+            model=state.model or model,
+            finish_reason=state.finish_reason or FinishReason.UNKNOWN,
+            usage=state.usage,
+            reasoning_signature=state.reasoning_signature,
+        )
+
+    async def count_tokens(self, model: str, messages: Sequence[Message], tools: Sequence[Tool]) -> TokenCount | None:
+        """The prompt's length as the API counts it (/v1/messages/count_tokens); None, so that the gateway estimates,
+        when it cannot say."""
+        try:
+            body = anthropic_wire.prompt_body(model, messages, tools)
+            counted = await self._client.messages.count_tokens(**body, timeout=HEALTH_TIMEOUT_S)
+            tokens = getattr(counted, "input_tokens", None)  # the SDK does not validate answers: checked below
+        except (anthropic.APIError, anthropic_wire.UnmappableRequestError) as exc:
+            reason = self._upstream_error(exc).message if isinstance(exc, anthropic.APIError) else str(exc)
+            log.warning("backend %s could not count tokens (%s); estimating instead", self._spec.name, reason)
+            return None
+        if not wire._count(tokens):
+            log.warning("backend %s counted %r tokens; estimating instead", self._spec.name, tokens)
+            return None
+        return TokenCount(tokens=tokens, model=model, encoding=f"backend:{self._spec.name}", estimated=False)
+
+    async def health(self) -> BackendHealth:
+        started = time.monotonic()
+        try:
+            models = [m async for m in self._client.models.list(limit=1000, timeout=HEALTH_TIMEOUT_S)]
+        except (anthropic.APIError, ValueError) as exc:
+            return self._health(started, reachable=False, error=self._describe(exc))
+        self._adaptive_thinking = frozenset(m.id for m in models if _takes_no_budget(m))
+        return self._health(started, reachable=True, models=tuple(m.id for m in models))
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    def _body(self, model: str, request: CompletionRequest) -> dict[str, Any]:
+        try:
+            return anthropic_wire.request_body(
+                model,
+                request,
+                default_max_tokens=self._max_tokens,
+                adaptive_thinking=model in self._adaptive_thinking,
+            )
+        except anthropic_wire.UnmappableRequestError as exc:
+            raise UpstreamError(UpstreamErrorKind.REJECTED, self._spec.name, str(exc)) from exc
+
+    async def _post(self, body: dict[str, Any], timeout_s: float | None, *, stream: bool) -> httpx2.Response:
+        """Sends the JSON `anthropic_wire` built through the SDK's HTTP client with the SDK's headers, prepared once
+        (the SDK's own request path rebuilds them on every call); errors come out as the SDK's exception types."""
+        headers = self._headers
+        if (extra := metering.upstream_headers()) is not None:
+            headers = httpx2.Headers(headers)
+            headers.update(extra)
+        # The read timeout bounds the wait for each piece of the answer, so a stalled upstream is noticed.
+        timeout = httpx2.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s or CONNECT_TIMEOUT_S))
+        request = httpx2.Request(
+            "POST",
+            self._messages_url,
+            content=json.dumps(body).encode(),
+            headers=headers,
+            cookies=self._http.cookies,  # those upstreams set, as the client would send them back
+            extensions={"timeout": timeout.as_dict()},
+        )
+        try:
+            response = await self._http.send(request, stream=stream)
+        except httpx2.TimeoutException as exc:
+            raise anthropic.APITimeoutError(request=request) from exc
+        except httpx2.TransportError as exc:
+            raise anthropic.APIConnectionError(request=request) from exc
+        if response.is_error:
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+            raise _status_error(response)
+        return response
+
+    def _health(
+        self, started: float, *, reachable: bool, models: tuple[str, ...] = (), error: str | None = None
+    ) -> BackendHealth:
+        return BackendHealth(
+            name=self._spec.name,
+            kind=self.kind,
+            base_url=self._spec.base_url,
+            default_model=self._spec.default_model,
+            reachable=reachable,
+            models=models,
+            latency_s=time.monotonic() - started,
+            last_error=error,
+            checked_at=time.time(),
+        )
+
+    def _bad_answer(self, detail: str) -> UpstreamError:
+        return UpstreamError(UpstreamErrorKind.BAD_RESPONSE, self._spec.name, f"malformed answer: {detail}")
+
+    def _upstream_error(self, exc: anthropic.APIError) -> UpstreamError:
+        name = self._spec.name
+        if isinstance(exc, anthropic.APITimeoutError) and not _connection_lost(exc):
+            return UpstreamError(UpstreamErrorKind.TIMEOUT, name, "the upstream did not answer in time")
+        if isinstance(exc, anthropic.APIConnectionError):
+            return UpstreamError(UpstreamErrorKind.UNREACHABLE, name, f"cannot reach {self._spec.base_url}")
+        if isinstance(exc, anthropic.APIStatusError):
+            status = exc.status_code
+            detail = exc.api_message or exc.message
+            kind = _kind(status, exc.type, exc.error_code, detail)
+            # Retry-After means something on a rate limit and when the API is overloaded (503, 529).
+            asks_to_wait = kind is UpstreamErrorKind.RATE_LIMITED or status in (503, 529)
+            retry_after = _retry_after_s(exc.response.headers) if asks_to_wait else None
+            message = f"HTTP {status}: {self._redact(detail)}"
+            return UpstreamError(kind, name, message, status=status, retry_after_s=retry_after)
+        return self._bad_answer(self._redact(exc.message))
+
+    def _error_event(self, event: wire.ErrorEvent) -> UpstreamError:
+        """An error event fails the stream (an overloaded_error is a 529 that came late); it is never an end."""
+        status = event.status
+        message = f"error event ({event.code or 'untyped'}): {self._redact(event.message)}"
+        kind = UpstreamErrorKind.SERVER_ERROR if status is None else _kind(status, event.code, None, event.message)
+        return UpstreamError(kind, self._spec.name, message, status=status)
+
+    def _describe(self, exc: Exception) -> str:
+        """A probe's failure, for Health: what went wrong, never a secret."""
+        if isinstance(exc, anthropic.APIError):
+            return self._upstream_error(exc).message
+        return f"{type(exc).__name__}: {self._redact(str(exc))}"
+
+    def _redact(self, text: str) -> str:
+        if self._spec.api_key:
+            text = text.replace(self._spec.api_key, "[redacted]")
+        return _SECRET_LIKE.sub("[redacted]", text)[:500]
+
+
+def _kind(status: int, error_type: str | None, error_code: str | None, message: str | None) -> UpstreamErrorKind:
+    """The kind of an Anthropic error, from its HTTP status (or the one its type comes with), type and code."""
+    # Our account cannot pay (billing, a spend limit reached): another backend may serve, retrying cannot help.
+    if error_type == "billing_error" or status == 402 or (error_code or "").endswith("spend_limit_reached"):
+        return UpstreamErrorKind.AUTH_FAILED
+    if status in (400, 413) and _PROMPT_TOO_LONG.search(message or ""):
+        return UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED
+    # 529 (overloaded) is a server error as the OpenAI path has it: retried, then the next backend.
+    return _kind_of_status(status, error_code, message)
+
+
+def _status_error(response: httpx2.Response) -> anthropic.APIStatusError:
+    """The SDK's error for an HTTP error answer (`{"type": "error", "error": {"type", "message"}}`)."""
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = response.text
+    error = body.get("error") if isinstance(body, dict) else None
+    detail = error.get("message") if isinstance(error, dict) else None
+    message = detail if isinstance(detail, str) and detail else str(body)[:200] or response.reason_phrase
+    return anthropic.APIStatusError(message, response=response, body=body)
+
+
+def _takes_no_budget(model: ModelInfo) -> bool:
+    """Whether the model's listed capabilities say it takes adaptive thinking and refuses a budget_tokens."""
+    # Read as far as listed: a compatible server may list less than the API documents, or nothing (then the budget,
+    # which every thinking model once took).
+    types = getattr(getattr(model.capabilities, "thinking", None), "types", None)
+    adaptive = getattr(getattr(types, "adaptive", None), "supported", False)
+    enabled = getattr(getattr(types, "enabled", None), "supported", True)
+    return adaptive is True and enabled is False

@@ -1,0 +1,446 @@
+"""Anthropic's Messages API wire format: domain types to request JSON, and answers (JSON or SSE events) back.
+
+Pure functions, no I/O, as `wire` is for OpenAI's format (whose error type and SSE helpers this module shares).
+docs/openai-anthropic.md sets the two formats side by side, with what cannot be mapped and what is done then.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, NamedTuple
+
+from llmrelay_server.backends.wire import MAX_TOOL_CALLS, ErrorEvent, MalformedAnswerError, _count, _int_field, _text
+from llmrelay_server.domain import (
+    CompletionOptions,
+    CompletionRequest,
+    FinishReason,
+    ImagePart,
+    JsonText,
+    Message,
+    NamedToolChoice,
+    ReasoningEffort,
+    Role,
+    TextPart,
+    TokenUsage,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+)
+
+MIN_THINKING_BUDGET: Final = 1024
+"""The smallest budget_tokens the API takes."""
+# reasoning_effort as extended thinking's budget_tokens: the API's minimum for "minimal", then 4k, 8k and 16k tokens,
+# well below the 32k past which, Anthropic notes, a model rarely uses its whole budget. Thinking counts toward
+# max_tokens.
+THINKING_BUDGETS: Final[Mapping[ReasoningEffort, int]] = {"minimal": 1024, "low": 4096, "medium": 8192, "high": 16384}
+# ... and as adaptive thinking's effort, for the models whose capabilities say they take no budget (newer ones
+# reject budget_tokens); the API has no effort below "low".
+ADAPTIVE_EFFORTS: Final[Mapping[ReasoningEffort, str]] = {
+    "minimal": "low",
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+}
+
+_FINISH_REASONS: Final[Mapping[str, FinishReason]] = {
+    "end_turn": FinishReason.STOP,
+    "stop_sequence": FinishReason.STOP,
+    "max_tokens": FinishReason.LENGTH,
+    # The prompt and the answer filled the model's context window: the answer was cut, as by max_tokens.
+    "model_context_window_exceeded": FinishReason.LENGTH,
+    "tool_use": FinishReason.TOOL_CALLS,
+    "refusal": FinishReason.CONTENT_FILTER,
+    # pause_turn (a server tool's long turn, which the gateway never asks for) and any reason added later: UNKNOWN.
+}
+
+ERROR_STATUSES: Final[Mapping[str, int]] = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
+"""Anthropic's error types with the HTTP status each comes with: an error event inside a stream has only its type."""
+
+
+class UnmappableRequestError(ValueError):
+    """The request holds something the Messages API cannot take; the message names the field."""
+
+
+# --- requests -------------------------------------------------------------------------------------------------------
+
+
+def request_body(
+    model: str, request: CompletionRequest, *, default_max_tokens: int, adaptive_thinking: bool
+) -> dict[str, Any]:
+    """The JSON body for /v1/messages. `adaptive_thinking`: the model takes reasoning_effort as adaptive thinking's
+    effort rather than as a budget. Options the API has no parameter for are left out (docs/openai-anthropic.md)."""
+    options = request.options
+    body = prompt_body(model, request.messages, options.tools)
+    body["max_tokens"] = default_max_tokens if options.max_tokens is None else options.max_tokens
+    output: dict[str, Any] = {}
+    effort = options.reasoning_effort
+    # Thinking cannot be combined with a forced tool choice: the tool call the caller demands wins.
+    forced = options.tool_choice == "required" or isinstance(options.tool_choice, NamedToolChoice)
+    if effort is not None and effort != "none" and not forced:
+        if adaptive_thinking:
+            body["thinking"] = {"type": "adaptive"}
+            output["effort"] = ADAPTIVE_EFFORTS[effort]
+        else:
+            budget = THINKING_BUDGETS[effort]
+            if options.max_tokens is None:
+                # The answer keeps its default room; the thinking gets its budget on top.
+                body["max_tokens"] = default_max_tokens + budget
+            else:
+                # The caller's max_tokens bounds thinking and answer together, as OpenAI's does for reasoning models.
+                budget = min(budget, options.max_tokens - 1)
+            if budget >= MIN_THINKING_BUDGET:
+                body["thinking"] = {"type": "enabled", "budget_tokens": budget}
+    if options.stop:
+        body["stop_sequences"] = list(options.stop)
+    if (choice := _tool_choice(options)) is not None:
+        body["tool_choice"] = choice
+    fmt = options.response_format
+    if fmt is not None and fmt.json_schema is not None:
+        output["format"] = {"type": "json_schema", "schema": _schema(fmt.json_schema.schema)}
+    if output:
+        body["output_config"] = output
+    return body
+
+
+def prompt_body(model: str, messages: Sequence[Message], tools: Sequence[Tool]) -> dict[str, Any]:
+    """What makes the prompt: model, system, messages and tools; also the body of /v1/messages/count_tokens."""
+    system: list[dict[str, Any]] = []
+    turns: list[dict[str, Any]] = []
+    for index, message in enumerate(messages):
+        if message.role is Role.SYSTEM:
+            # The API has one system prompt, beside the turns: every system message goes there, in order.
+            system += _content_blocks(message)
+            continue
+        if message.role is Role.ASSISTANT:
+            role, blocks = "assistant", _assistant_blocks(message, f"messages[{index}]")
+        elif message.role is Role.TOOL:
+            role, blocks = "user", [_tool_result(message)]
+        else:
+            role, blocks = "user", _content_blocks(message)
+        if not blocks:
+            continue  # the API refuses empty turns; an empty message says nothing
+        if turns and turns[-1]["role"] == role:
+            # The API wants user and assistant turns to alternate: tool results and the text after them are one turn.
+            turns[-1]["content"].extend(blocks)
+        else:
+            turns.append({"role": role, "content": blocks})
+    body: dict[str, Any] = {"model": model, "messages": turns}
+    if system:
+        body["system"] = system
+    if tools:
+        body["tools"] = [_tool(t) for t in tools]
+    return body
+
+
+def _content_blocks(message: Message) -> list[dict[str, Any]]:
+    if not message.parts:
+        return [{"type": "text", "text": message.content}] if message.content else []
+    blocks: list[dict[str, Any]] = []
+    for part in message.parts:
+        if isinstance(part, TextPart):
+            if part.text:
+                blocks.append({"type": "text", "text": part.text})
+        else:
+            blocks.append(_image(part))
+    return blocks
+
+
+def _image(part: ImagePart) -> dict[str, Any]:
+    # `detail` has no counterpart: Anthropic sizes images itself.
+    if part.url is not None:
+        return {"type": "image", "source": {"type": "url", "url": part.url}}
+    data = base64.b64encode(part.data or b"").decode("ascii")
+    return {"type": "image", "source": {"type": "base64", "media_type": part.media_type, "data": data}}
+
+
+def _assistant_blocks(message: Message, where: str) -> list[dict[str, Any]]:
+    blocks: list[dict[str, Any]] = []
+    # A thinking block goes back first and unchanged, with its signature; reasoning without one (another upstream's)
+    # cannot be sent back as thinking and is left out.
+    if (signature := message.reasoning_signature) is not None:
+        blocks.append({"type": "thinking", "thinking": message.reasoning or "", "signature": signature})
+    blocks += _content_blocks(message)
+    for position, call in enumerate(message.tool_calls):
+        arguments = _arguments(call.arguments, f"{where}.tool_calls[{position}].function.arguments")
+        blocks.append({"type": "tool_use", "id": call.id, "name": call.name, "input": arguments})
+    return blocks
+
+
+def _arguments(text: str, where: str) -> Any:
+    if not text.strip():
+        return {}  # a call with no arguments, as some models write it
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise UnmappableRequestError(f"{where}: Anthropic takes a tool call's arguments only as a JSON object")
+    return value
+
+
+def _tool_result(message: Message) -> dict[str, Any]:
+    result: dict[str, Any] = {"type": "tool_result", "tool_use_id": message.tool_call_id or ""}
+    if content := _content_blocks(message):
+        result["content"] = content
+    return result
+
+
+def _tool(tool: Tool) -> dict[str, Any]:
+    item: dict[str, Any] = {"name": tool.name, "input_schema": _schema(tool.parameters)}
+    if tool.description is not None:
+        item["description"] = tool.description
+    if tool.strict is not None:
+        item["strict"] = tool.strict
+    return item
+
+
+def _schema(schema: Mapping[str, Any] | JsonText | None) -> Any:
+    if schema is None:
+        return {"type": "object"}  # a function without parameters; the API requires a schema
+    if isinstance(schema, JsonText):
+        return json.loads(schema.text)  # checked to be an object where it came in; integers stay integers
+    return schema
+
+
+def _tool_choice(options: CompletionOptions) -> dict[str, Any] | None:
+    choice = options.tool_choice
+    if choice == "none":
+        return {"type": "none"}
+    if isinstance(choice, NamedToolChoice):
+        result: dict[str, Any] = {"type": "tool", "name": choice.name}
+    elif choice == "required":
+        result = {"type": "any"}
+    elif choice == "auto" or options.parallel_tool_calls is False:
+        result = {"type": "auto"}
+    else:
+        return None
+    if options.parallel_tool_calls is False:
+        result["disable_parallel_tool_use"] = True
+    return result
+
+
+# --- answers ---------------------------------------------------------------------------------------------------------
+
+
+class Answer(NamedTuple):
+    id: str
+    model: str
+    message: Message
+    finish_reason: FinishReason
+    usage: TokenUsage | None
+    """None when the upstream reported none it could be trusted with (the caller estimates)."""
+
+
+def answer_from(data: Any) -> Answer:
+    """A /v1/messages answer; MalformedAnswerError when it is not one."""
+    if not isinstance(data, Mapping):
+        raise MalformedAnswerError(f"expected a JSON object, got {type(data).__name__}")
+    content = data.get("content")
+    if not isinstance(content, list):
+        raise MalformedAnswerError("the answer has no `content` list")
+    texts: list[str] = []
+    thoughts: list[str] = []
+    signatures: list[str] = []
+    calls: list[ToolCall] = []
+    for block in content:
+        if not isinstance(block, Mapping):
+            raise MalformedAnswerError("a content block is not an object")
+        kind = block.get("type")
+        if kind == "text":
+            texts.append(_text(block.get("text"), "text"))
+        elif kind == "thinking":
+            thoughts.append(_text(block.get("thinking"), "thinking"))
+            signatures.append(_text(block.get("signature"), "signature"))
+        elif kind == "tool_use":
+            calls.append(_tool_call(block))
+        # Other blocks (redacted thinking, server tools' blocks) have no place in the contract and are left out.
+    message = Message(
+        role=Role.ASSISTANT,
+        content="".join(texts),
+        tool_calls=tuple(calls),
+        reasoning="".join(thoughts) if thoughts else None,
+        # One signature signs one block: the contract carries one, so several blocks cannot be sent back.
+        reasoning_signature=signatures[0] if len(signatures) == 1 else None,
+    )
+    return Answer(
+        id=_text(data.get("id"), "id"),
+        model=_text(data.get("model"), "model"),
+        message=message,
+        finish_reason=finish_reason(data.get("stop_reason")),
+        usage=usage_from(data.get("usage")),
+    )
+
+
+def _tool_call(block: Mapping[str, Any]) -> ToolCall:
+    arguments = block.get("input", {})
+    if not isinstance(arguments, Mapping):
+        raise MalformedAnswerError("a tool_use block's `input` is not an object")
+    return ToolCall(
+        id=_text(block.get("id"), "tool_use.id"),
+        name=_text(block.get("name"), "tool_use.name"),
+        arguments=json.dumps(arguments),
+    )
+
+
+def finish_reason(value: Any) -> FinishReason:
+    return _FINISH_REASONS.get(value, FinishReason.UNKNOWN) if isinstance(value, str) else FinishReason.UNKNOWN
+
+
+def usage_from(usage: Any) -> TokenUsage | None:
+    """The contract's usage: the prompt is the input tokens after the last cache breakpoint plus those written to and
+    read from the cache (Anthropic counts the three apart); the cached part is the tokens read from the cache."""
+    if not isinstance(usage, Mapping):
+        return None
+    fresh, output = usage.get("input_tokens"), usage.get("output_tokens")
+    if not _count(fresh) or not _count(output):
+        return None
+    written = _int_field(usage, "cache_creation_input_tokens")
+    read = _int_field(usage, "cache_read_input_tokens")
+    return TokenUsage(
+        prompt_tokens=fresh + (written or 0) + (read or 0),
+        completion_tokens=output,
+        reasoning_tokens=_int_field(usage.get("output_tokens_details"), "thinking_tokens"),
+        cached_prompt_tokens=read,
+    )
+
+
+def error_event(data: Any) -> ErrorEvent | None:
+    """An `error` event (`{"type": "error", "error": {"type": ..., "message": ...}}`), or None for any other."""
+    if not isinstance(data, Mapping) or data.get("type") != "error":
+        return None
+    error = data.get("error")
+    kind = error.get("type") if isinstance(error, Mapping) else None
+    message = error.get("message") if isinstance(error, Mapping) else None
+    return ErrorEvent(
+        message if isinstance(message, str) and message else "the upstream sent an error event",
+        ERROR_STATUSES.get(kind) if isinstance(kind, str) else None,
+        kind if isinstance(kind, str) else None,
+    )
+
+
+class StreamDelta(NamedTuple):
+    content: str | None = None
+    reasoning: str | None = None
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+
+
+@dataclass
+class StreamState:
+    """What a stream's events have said so far. `event` reads one and returns what it adds to the answer."""
+
+    id: str = ""
+    model: str = ""
+    finish_reason: FinishReason | None = None
+    stopped: bool = False
+    """message_stop came: the answer is whole."""
+    _usage: dict[str, Any] = field(default_factory=dict)
+    _tools: dict[int, int] = field(default_factory=dict)
+    """Content block index -> the tool call's index in the contract (the calls are numbered on their own)."""
+    _argued: set[int] = field(default_factory=set)
+    """The tool_use blocks some argument text arrived for."""
+    _signatures: list[str] = field(default_factory=list)
+    """The thinking blocks' signatures (signature_delta), in order."""
+
+    @property
+    def reasoning_signature(self) -> str | None:
+        """The answer's signature, for its last chunk: as the unary answer has it, only when one block was signed."""
+        return self._signatures[0] if len(self._signatures) == 1 else None
+
+    @property
+    def usage(self) -> TokenUsage | None:
+        return usage_from(self._usage)
+
+    def event(self, data: Any) -> StreamDelta | None:
+        if not isinstance(data, Mapping):
+            raise MalformedAnswerError(f"expected a JSON object, got {type(data).__name__}")
+        kind = data.get("type")
+        if kind == "message_start":
+            message = _object(data, "message")
+            self.id = _text(message.get("id"), "id")
+            self.model = _text(message.get("model"), "model")
+            self._add_usage(message.get("usage"))
+        elif kind == "content_block_start":
+            return self._block_start(_index(data), _object(data, "content_block"))
+        elif kind == "content_block_delta":
+            return self._block_delta(_index(data), _object(data, "delta"))
+        elif kind == "content_block_stop":
+            index = _index(data)
+            if index in self._tools and index not in self._argued:
+                # No argument text came: the call takes none, written as the unary answer writes it.
+                return StreamDelta(tool_calls=(ToolCallDelta(self._tools[index], arguments="{}"),))
+        elif kind == "message_delta":
+            delta = _object(data, "delta")
+            if delta.get("stop_reason") is not None:
+                self.finish_reason = finish_reason(delta["stop_reason"])
+            # Its counts are cumulative: they replace those of message_start.
+            self._add_usage(data.get("usage"))
+        elif kind == "message_stop":
+            self.stopped = True
+        # ping, and event types added later (the API says to expect new ones): nothing for the answer.
+        return None
+
+    def _block_start(self, index: int, block: Mapping[str, Any]) -> StreamDelta | None:
+        kind = block.get("type")
+        if kind == "tool_use":
+            if index not in self._tools and len(self._tools) >= MAX_TOOL_CALLS:
+                raise MalformedAnswerError(f"more than {MAX_TOOL_CALLS} tool calls")
+            position = self._tools.setdefault(index, len(self._tools))
+            call_id, name = _text(block.get("id"), "tool_use.id"), _text(block.get("name"), "tool_use.name")
+            return StreamDelta(tool_calls=(ToolCallDelta(position, id=call_id, name=name, arguments=""),))
+        if kind == "text":
+            return StreamDelta(content=_text(block.get("text"), "text") or None)
+        if kind == "thinking":
+            return StreamDelta(reasoning=_text(block.get("thinking"), "thinking") or None)
+        return None
+
+    def _block_delta(self, index: int, delta: Mapping[str, Any]) -> StreamDelta | None:
+        kind = delta.get("type")
+        if kind == "text_delta":
+            return StreamDelta(content=_text(delta.get("text"), "text") or None)
+        if kind == "thinking_delta":
+            return StreamDelta(reasoning=_text(delta.get("thinking"), "thinking") or None)
+        if kind == "input_json_delta":
+            if index not in self._tools:
+                raise MalformedAnswerError("an input_json_delta for a block that is not a tool_use")
+            partial = _text(delta.get("partial_json"), "partial_json")
+            if not partial:
+                return None
+            self._argued.add(index)
+            return StreamDelta(tool_calls=(ToolCallDelta(self._tools[index], arguments=partial),))
+        if kind == "signature_delta":
+            # Sent with the last chunk, once it is known whether the answer had one signed block (or several).
+            self._signatures.append(_text(delta.get("signature"), "signature"))
+        # citations_delta: nothing the contract carries.
+        return None
+
+    def _add_usage(self, usage: Any) -> None:
+        if isinstance(usage, Mapping):
+            self._usage.update((key, value) for key, value in usage.items() if value is not None)
+
+
+def _object(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = data.get(key)
+    if not isinstance(value, Mapping):
+        raise MalformedAnswerError(f"a {data.get('type')} event has no `{key}` object")
+    return value
+
+
+def _index(data: Mapping[str, Any]) -> int:
+    index = data.get("index")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 2**31:
+        raise MalformedAnswerError(f"a {data.get('type')} event has no valid `index`")
+    return index

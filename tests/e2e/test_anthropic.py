@@ -1,0 +1,446 @@
+"""The anthropic backend end to end: what the Messages API gets for each part of the contract, what comes back, and
+fallback across the two dialects. The cases both dialects share (unary, streaming, the fault matrix, deadlines,
+cancellation, restarts) run against it by parametrization in test_gateway, test_faults and test_recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from typing import Any
+
+import grpc
+import pytest
+from anthropic_upstream import FakeAnthropic
+from llmrelay import StreamAssembler
+from llmrelay import v1 as pb
+from support import ANTHROPIC_TEST_KEY, OPENAI_TEST_KEY, StubFactory, chat, details, png, stream_chat, tool, user
+from upstream import FakeUpstream
+
+# Integers a Struct would make doubles, and one no double holds: the schema must reach Anthropic as written.
+SCHEMA_TEXT = (
+    '{"type": "object", "properties": {"n": {"type": "integer", "maximum": 1152921504606846977, "minimum": 3}}}'
+)
+WEATHER = tool("weather", {"type": "object", "properties": {"city": {"type": "string"}}}, description="today's weather")
+OSLO = {"name": "weather", "arguments": '{"city": "Oslo"}'}
+
+
+@pytest.fixture
+async def stub(stub_for: StubFactory, claude: FakeAnthropic, local: FakeUpstream) -> pb.LLMServiceAsyncStub:
+    """Anthropic first (the anthropic section, as with ANTHROPIC_API_KEY), Ollama as fallback."""
+    return await stub_for(anthropic_first(claude, local))
+
+
+def anthropic_first(claude: FakeAnthropic, local: FakeUpstream, extra: str = "") -> str:
+    return f"""
+llm:
+  anthropic: {{api_key: "{ANTHROPIC_TEST_KEY}", base_url: "{claude.base_url}", model: claude-test{extra}}}
+  ollama: {{base_url: "{local.base_url}", model: tiny}}
+router:
+  retry: {{max_retries: 1, initial_backoff_s: 0.01, max_backoff_s: 0.02}}
+"""
+
+
+def both(primary: FakeUpstream, claude: FakeAnthropic, order: str) -> str:
+    """OpenAI and Anthropic, in `order`."""
+    return f"""
+llm:
+  openai: {{api_key: "{OPENAI_TEST_KEY}", base_url: "{primary.base_url}", model: gpt-test}}
+  anthropic: {{api_key: "{ANTHROPIC_TEST_KEY}", base_url: "{claude.base_url}", model: claude-test}}
+  order: [{order}]
+router:
+  retry: {{max_retries: 1, initial_backoff_s: 0.01, max_backoff_s: 0.02}}
+"""
+
+
+async def streamed(stub: pb.LLMServiceAsyncStub, request: pb.StreamCompleteRequest) -> list[pb.StreamCompleteResponse]:
+    return [c async for c in stub.StreamComplete(request, timeout=5)]
+
+
+async def test_every_part_of_the_request_reaches_the_messages_api(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
+) -> None:
+    conversation = [
+        pb.Message(role=pb.ROLE_SYSTEM, content="be brief"),
+        user("first"),
+        user("second"),
+        pb.Message(role=pb.ROLE_ASSISTANT, content="ok"),
+        pb.Message(role=pb.ROLE_SYSTEM, content="and kind"),
+        user("third"),
+    ]
+    options = pb.CompletionOptions(
+        temperature=0.5,
+        top_p=0.5,
+        seed=7,
+        presence_penalty=0.1,
+        max_tokens=64,
+        stop=["END"],
+        tools=[pb.Tool(function=pb.FunctionDefinition(name="count", description="d", parameters_json=SCHEMA_TEXT))],
+        tool_choice=pb.ToolChoice(function_name="count"),
+        parallel_tool_calls=False,
+        response_format=pb.ResponseFormat(
+            type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=pb.JsonSchema(name="n", schema_json=SCHEMA_TEXT)
+        ),
+        reasoning_effort=pb.REASONING_EFFORT_HIGH,
+    )
+    answer = await stub.Complete(pb.CompleteRequest(messages=conversation, options=options), timeout=5)
+    assert (answer.backend, answer.model, answer.message.content) == ("anthropic", "claude-test", "echo: third")
+
+    (sent,) = claude.chat_requests
+    assert sent["system"] == [{"type": "text", "text": "be brief"}, {"type": "text", "text": "and kind"}]
+    assert sent["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
+        {"role": "user", "content": [{"type": "text", "text": "third"}]},
+    ]
+    schema = json.loads(SCHEMA_TEXT)
+    assert sent["tools"] == [{"name": "count", "description": "d", "input_schema": schema}]
+    assert sent["tools"][0]["input_schema"]["properties"]["n"]["maximum"] == 2**60 + 1
+    assert sent["tool_choice"] == {"type": "tool", "name": "count", "disable_parallel_tool_use": True}
+    assert sent["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
+    assert (sent["max_tokens"], sent["stop_sequences"]) == (64, ["END"])
+    # No sampling parameters in this API version, and no thinking with a forced tool call.
+    assert not {"temperature", "top_p", "seed", "presence_penalty", "thinking"} & set(sent)
+    headers = claude.chat_headers[0]
+    assert headers["authorization"] == f"Bearer {ANTHROPIC_TEST_KEY}" and headers["anthropic-version"]
+    assert claude.invalid_requests == []
+
+    claude.reset()
+    await stub.Complete(chat("bare"), timeout=5)
+    assert claude.chat_requests[0] == {
+        "model": "claude-test",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "bare"}]}],
+        "max_tokens": 4096,
+    }
+
+
+async def test_the_backends_max_tokens_is_the_default(
+    stub_for: StubFactory, claude: FakeAnthropic, local: FakeUpstream
+) -> None:
+    stub = await stub_for(anthropic_first(claude, local, extra=", max_tokens: 100"))
+    await stub.Complete(chat(), timeout=5)
+    await stub.Complete(chat(options=pb.CompletionOptions(max_tokens=7)), timeout=5)
+    assert [r["max_tokens"] for r in claude.chat_requests] == [100, 7]
+
+
+@pytest.mark.parametrize(
+    ("mode", "sent"),
+    [
+        (pb.TOOL_CHOICE_MODE_AUTO, {"type": "auto"}),
+        (pb.TOOL_CHOICE_MODE_NONE, {"type": "none"}),
+        (pb.TOOL_CHOICE_MODE_REQUIRED, {"type": "any"}),
+    ],
+)
+async def test_tool_choice_modes(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, mode: pb.ToolChoiceMode.ValueType, sent: dict[str, Any]
+) -> None:
+    options = pb.CompletionOptions(tools=[WEATHER], tool_choice=pb.ToolChoice(mode=mode))
+    await stub.Complete(chat(options=options), timeout=5)
+    assert claude.chat_requests[0]["tool_choice"] == sent
+
+
+async def test_tool_calls_round_trip(stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic) -> None:
+    claude.inject({"tool_call": OSLO})
+    answer = await stub.Complete(chat("weather in Oslo?", options=pb.CompletionOptions(tools=[WEATHER])), timeout=5)
+    assert answer.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    call = answer.message.tool_calls[0]
+    assert (call.id, call.function.name, json.loads(call.function.arguments)) == (
+        "toolu_1",
+        "weather",
+        {"city": "Oslo"},
+    )
+
+    claude.inject({"tool_call": OSLO})
+    chunks = await streamed(stub, stream_chat("weather in Oslo?", options=pb.CompletionOptions(tools=[WEATHER])))
+    fragments = [d for c in chunks for d in c.delta.tool_calls]
+    assert (fragments[0].id, fragments[0].name, fragments[0].index) == ("toolu_1", "weather", 0)
+    assert "".join(d.arguments for d in fragments) == call.function.arguments, "the stream says what Complete says"
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_TOOL_CALLS
+
+    conversation = [
+        user("weather in Oslo?"),
+        pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call]),
+        pb.Message(role=pb.ROLE_TOOL, content="sunny", tool_call_id="toolu_1"),
+        user("and tomorrow?"),
+    ]
+    await stub.Complete(pb.CompleteRequest(messages=conversation), timeout=5)
+    assert claude.chat_requests[-1]["messages"][1:] == [
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Oslo"}}],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "sunny"}]},
+                {"type": "text", "text": "and tomorrow?"},
+            ],
+        },
+    ]
+    assert claude.invalid_requests == []
+
+
+async def test_a_call_without_arguments_streams_an_empty_object(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
+) -> None:
+    claude.inject({"tool_call": {"name": "now", "arguments": "{}"}})
+    chunks = await streamed(stub, stream_chat("time?", options=pb.CompletionOptions(tools=[tool("now")])))
+    assert "".join(d.arguments for c in chunks for d in c.delta.tool_calls) == "{}"
+    assert claude.chat_requests[0]["tools"] == [{"name": "now", "input_schema": {"type": "object"}}]
+
+
+async def test_tool_arguments_that_are_no_json_object_are_the_callers_error(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
+) -> None:
+    call = pb.ToolCall(id="c1", function=pb.FunctionCall(name="f", arguments="[1, 2]"))
+    conversation = [user("x"), pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call]), user("y")]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(pb.CompleteRequest(messages=conversation, model="claude-test", exact_model=True), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "messages[1].tool_calls[0].function.arguments" in str(caught.value.details())
+    assert claude.chat_requests == []
+
+
+async def test_reasoning_and_its_signature_round_trip(stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic) -> None:
+    options = pb.CompletionOptions(reasoning_effort=pb.REASONING_EFFORT_LOW)
+    claude.inject({"reasoning": "let me think", "signature": "sig-abc"})
+    answer = await stub.Complete(chat("why?", options=options), timeout=5)
+    sent = claude.chat_requests[0]
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 4096}
+    assert sent["max_tokens"] == 4096 + 4096, "the answer keeps its default room beside the budget"
+    assert (answer.message.reasoning, answer.message.reasoning_signature) == ("let me think", "sig-abc")
+    assert answer.message.content == "echo: why?" and answer.usage.reasoning_tokens == 3
+
+    conversation = [user("why?"), answer.message, user("and then?")]
+    await stub.Complete(pb.CompleteRequest(messages=conversation, options=options), timeout=5)
+    assert claude.chat_requests[-1]["messages"][1]["content"] == [
+        {"type": "thinking", "thinking": "let me think", "signature": "sig-abc"},
+        {"type": "text", "text": "echo: why?"},
+    ]
+
+    claude.inject({"reasoning": "let me think", "signature": "sig-streamed"})
+    chunks = await streamed(stub, stream_chat("why?", options=options))
+    assert "".join(c.delta.reasoning for c in chunks) == "let me think"
+    assert "".join(c.delta.content for c in chunks) == "echo: why?"
+    # The signature comes with the last message, and the SDK's collector keeps it for the next turn.
+    assert [c.delta.reasoning_signature for c in chunks if c.delta.HasField("reasoning_signature")] == ["sig-streamed"]
+    assert chunks[-1].delta.reasoning_signature == "sig-streamed"
+    assembler = StreamAssembler()
+    for chunk in chunks:
+        assembler.add(chunk)
+    assert assembler.result().message.reasoning_signature == "sig-streamed"
+    assert claude.invalid_requests == []
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "effort", "thinking"),
+    [
+        (2000, pb.REASONING_EFFORT_HIGH, {"type": "enabled", "budget_tokens": 1999}),
+        (1024, pb.REASONING_EFFORT_MINIMAL, None),
+        (None, pb.REASONING_EFFORT_NONE, None),
+    ],
+    ids=["within the callers max_tokens", "no room for the minimum budget", "none"],
+)
+async def test_the_thinking_budget_fits_the_callers_max_tokens(
+    stub: pb.LLMServiceAsyncStub,
+    claude: FakeAnthropic,
+    max_tokens: int | None,
+    effort: pb.ReasoningEffort.ValueType,
+    thinking: dict[str, Any] | None,
+) -> None:
+    await stub.Complete(chat(options=pb.CompletionOptions(max_tokens=max_tokens, reasoning_effort=effort)), timeout=5)
+    sent = claude.chat_requests[0]
+    assert sent.get("thinking") == thinking
+    assert sent["max_tokens"] == (max_tokens or 4096)
+
+
+async def test_a_model_that_takes_no_budget_gets_adaptive_thinking(
+    stub_for: StubFactory, claude: FakeAnthropic, local: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(claude, "adaptive_models", ("claude-test-mini",))
+    stub = await stub_for(anthropic_first(claude, local))  # its first probe reads the models' capabilities
+    options = pb.CompletionOptions(reasoning_effort=pb.REASONING_EFFORT_MEDIUM)
+    await stub.Complete(chat(model="claude-test-mini", options=options), timeout=5)
+    await stub.Complete(chat(model="claude-test", options=options), timeout=5)
+    adaptive, budget = claude.chat_requests
+    assert (adaptive["thinking"], adaptive["output_config"], adaptive["max_tokens"]) == (
+        {"type": "adaptive"},
+        {"effort": "medium"},
+        4096,
+    )
+    assert budget["thinking"] == {"type": "enabled", "budget_tokens": 8192}
+
+
+async def test_images_reach_the_messages_api_as_image_blocks(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
+) -> None:
+    image = png(2, 2)
+    parts = [
+        pb.ContentPart(text="what is this?"),
+        pb.ContentPart(image=pb.ImagePart(url="https://example.com/cat.png", detail=pb.IMAGE_DETAIL_HIGH)),
+        pb.ContentPart(image=pb.ImagePart(data=image, media_type="image/png")),
+    ]
+    answer = await stub.Complete(pb.CompleteRequest(messages=[pb.Message(role=pb.ROLE_USER, parts=parts)]), timeout=5)
+    assert answer.backend == "anthropic"
+    assert claude.chat_requests[0]["messages"][0]["content"] == [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}},
+        {
+            "type": "image",
+            "source": {"type": "base64", "media_type": "image/png", "data": base64.b64encode(image).decode()},
+        },
+    ]
+    assert claude.invalid_requests == []
+
+
+@pytest.mark.parametrize(
+    ("stop_reason", "finish"),
+    [
+        ("end_turn", pb.FINISH_REASON_STOP),
+        ("stop_sequence", pb.FINISH_REASON_STOP),
+        ("max_tokens", pb.FINISH_REASON_LENGTH),
+        ("model_context_window_exceeded", pb.FINISH_REASON_LENGTH),
+        ("refusal", pb.FINISH_REASON_CONTENT_FILTER),
+        ("pause_turn", pb.FINISH_REASON_UNSPECIFIED),
+    ],
+)
+async def test_stop_reasons_become_finish_reasons(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, stop_reason: str, finish: pb.FinishReason.ValueType
+) -> None:
+    claude.inject({"stop_reason": stop_reason}, {"stop_reason": stop_reason})
+    assert (await stub.Complete(chat(), timeout=5)).finish_reason == finish
+    assert (await streamed(stub, stream_chat()))[-1].finish_reason == finish
+
+
+async def test_cache_writes_and_reads_count_as_prompt_tokens(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
+) -> None:
+    claude.inject({}, {"cache": {"creation": 5, "read": 7}}, {"cache": {"creation": 5, "read": 7}})
+    plain = (await stub.Complete(chat("same prompt"), timeout=5)).usage
+    cached = (await stub.Complete(chat("same prompt"), timeout=5)).usage
+    final = (await streamed(stub, stream_chat("same prompt")))[-1].usage
+    assert not plain.HasField("cached_prompt_tokens")
+    assert cached.prompt_tokens == plain.prompt_tokens + 5 + 7
+    assert cached.cached_prompt_tokens == 7 and not cached.estimated
+    assert (final.prompt_tokens, final.cached_prompt_tokens, final.completion_tokens) == (
+        cached.prompt_tokens,
+        7,
+        cached.completion_tokens,
+    )
+
+
+async def test_count_tokens_is_the_apis_own_count(stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic) -> None:
+    conversation = [pb.Message(role=pb.ROLE_SYSTEM, content="you forecast"), user("weather in Oslo tomorrow?")]
+    count = await stub.CountTokens(
+        pb.CountTokensRequest(model="anthropic/claude-test", messages=conversation, tools=[WEATHER]), timeout=5
+    )
+    options = pb.CompletionOptions(tools=[WEATHER])
+    answer = await stub.Complete(pb.CompleteRequest(messages=conversation, options=options), timeout=5)
+    assert (count.encoding, count.estimated, count.model) == ("backend:anthropic", False, "claude-test")
+    assert count.token_count == answer.usage.prompt_tokens
+    (asked,) = claude.count_requests
+    sent = claude.chat_requests[0]
+    assert {key: asked[key] for key in ("model", "system", "messages", "tools")} == {
+        key: sent[key] for key in ("model", "system", "messages", "tools")
+    }
+    assert claude.invalid_requests == []
+
+
+async def test_count_tokens_is_estimated_when_the_api_cannot_count(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
+) -> None:
+    claude.count_faults.append({"status": 500})
+    count = await stub.CountTokens(
+        pb.CountTokensRequest(model="claude-test", messages=[user("hello there")]), timeout=5
+    )
+    assert count.estimated and count.encoding != "backend:anthropic" and count.token_count > 0
+    assert len(claude.count_requests) == 1
+
+
+async def test_openai_falls_back_to_anthropic_and_back(
+    stub_for: StubFactory, primary: FakeUpstream, claude: FakeAnthropic
+) -> None:
+    stub = await stub_for(both(primary, claude, "openai, anthropic"))
+    primary.inject({"status": 503}, {"status": 503}, {"drop": True}, {"drop": True})
+    answer = await stub.Complete(chat("across dialects"), timeout=5)
+    assert (answer.backend, answer.model, answer.message.content) == (
+        "anthropic",
+        "claude-test",
+        "echo: across dialects",
+    )
+    assert [(a.backend, a.outcome) for a in answer.attempts] == [
+        ("openai", pb.ATTEMPT_OUTCOME_SERVER_ERROR),
+        ("openai", pb.ATTEMPT_OUTCOME_SERVER_ERROR),
+        ("anthropic", pb.ATTEMPT_OUTCOME_SUCCEEDED),
+    ]
+    chunks = await streamed(stub, stream_chat("across dialects"))
+    assert {c.backend for c in chunks} == {"anthropic"}
+    assert "".join(c.delta.content for c in chunks) == "echo: across dialects"
+
+    stub = await stub_for(both(primary, claude, "anthropic, openai"))
+    claude.inject({"status": 529}, {"status": 529}, {"error_event_after": 0}, {"error_event_after": 0})
+    answer = await stub.Complete(chat("and back"), timeout=5)
+    assert (answer.backend, answer.model, answer.message.content) == ("openai", "gpt-test", "echo: and back")
+    assert [(a.backend, a.upstream_status) for a in answer.attempts[:2]] == [("anthropic", 529), ("anthropic", 529)]
+    chunks = await streamed(stub, stream_chat("and back"))
+    assert {c.backend for c in chunks} == {"openai"}
+    assert [a.outcome for a in chunks[-1].attempts] == [
+        pb.ATTEMPT_OUTCOME_SERVER_ERROR,
+        pb.ATTEMPT_OUTCOME_SERVER_ERROR,
+        pb.ATTEMPT_OUTCOME_SUCCEEDED,
+    ]
+
+
+async def test_a_caller_leaving_mid_stream_closes_the_upstream_connection(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
+) -> None:
+    claude.inject({"trickle_s": 0.1})
+    call = stub.StreamComplete(stream_chat("one two three four five six seven eight"), timeout=10)
+    first = await call.read()
+    assert isinstance(first, pb.StreamCompleteResponse) and first.backend == "anthropic"
+    cancelled_at = time.monotonic()
+    call.cancel()
+    for _ in range(100):  # the upstream notices at its next write, a trickle later
+        if claude.client_disconnects:
+            break
+        await asyncio.sleep(0.01)
+    assert claude.client_disconnects, "the upstream never saw the connection close"
+    assert claude.client_disconnects[0] - cancelled_at < 0.5
+
+
+async def test_health_lists_the_apis_models(stub_for: StubFactory, claude: FakeAnthropic, local: FakeUpstream) -> None:
+    stub = await stub_for(f"""
+llm:
+  anthropic: {{api_key: "{ANTHROPIC_TEST_KEY}", base_url: "{claude.base_url}", model: claude-test}}
+  backends:
+    - {{name: dead, kind: anthropic, base_url: "http://127.0.0.1:9", model: claude-test, api_key: k}}
+  ollama: {{base_url: "{local.base_url}", model: tiny}}
+""")
+    report = await stub.Health(pb.HealthRequest(probe=True), timeout=10)
+    by_name = {b.name: b for b in report.backends}
+    assert list(by_name) == ["anthropic", "ollama", "dead"]
+    live = by_name["anthropic"]
+    assert (live.kind, live.reachable, list(live.models)) == ("anthropic", True, ["claude-test", "claude-test-mini"])
+    dead = by_name["dead"]
+    assert not dead.reachable and "127.0.0.1:9" in dead.last_error
+    assert "/v1/models" in claude.probe_requests
+    # A model the probe discovered is served without naming the backend.
+    assert (await stub.Complete(chat(model="claude-test-mini"), timeout=5)).model == "claude-test-mini"
+
+
+async def test_an_upstream_error_keeps_its_message_and_never_a_key(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
+) -> None:
+    claude.inject({"status": 400, "message": "messages: roles must alternate"})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat(), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "roles must alternate" in str(caught.value.details())
+
+    claude.inject({"status": 401, "message": f"invalid x-api-key: {ANTHROPIC_TEST_KEY}"})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat(model="claude-test", exact_model=True), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert details(caught.value)["ErrorInfo"].reason == "UPSTREAM_AUTH_FAILED"
+    assert ANTHROPIC_TEST_KEY not in str(caught.value.details())

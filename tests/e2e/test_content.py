@@ -1,0 +1,259 @@
+"""Exact JSON schemas and images, end to end: what the caller sends is what the upstream gets."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import llmrelay
+import pytest
+from llmrelay import AsyncClient
+from llmrelay import v1 as pb
+from support import GatewayFactory, StubFactory, details, png, struct, two_backends, user
+from upstream import FakeUpstream
+
+# Integers a Struct would turn into doubles (3.0), one no double holds (2**60 + 1), nested arrays, and spacing of
+# the caller's own: every byte must reach the upstream as written.
+SCHEMA_TEXT = (
+    '{"type": "object",\n "properties": {"tags": {"type": "array", "maxItems": 3,'
+    ' "items": {"type": "array", "items": {"type": "integer", "default": 10}}},'
+    ' "id": {"type": "integer", "maximum": 1152921504606846977}},  "required": ["tags"]}'
+)
+JSON_SCHEMA = pb.CompletionOptions(
+    tools=[pb.Tool(function=pb.FunctionDefinition(name="tag", parameters_json=SCHEMA_TEXT))],
+    response_format=pb.ResponseFormat(
+        type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=pb.JsonSchema(name="tags", schema_json=SCHEMA_TEXT)
+    ),
+)
+CAT_URL = "https://example.com/cat.png"
+
+
+@pytest.fixture
+async def stub(stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream) -> pb.LLMServiceAsyncStub:
+    return await stub_for(two_backends(primary, local), server="max_image_bytes: 2000")
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_json_schemas_reach_the_upstream_byte_for_byte(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, streamed: bool
+) -> None:
+    messages = [user("tag this")]
+    if streamed:
+        _ = [c async for c in stub.StreamComplete(pb.StreamCompleteRequest(messages=messages, options=JSON_SCHEMA))]
+    else:
+        await stub.Complete(pb.CompleteRequest(messages=messages, options=JSON_SCHEMA), timeout=5)
+
+    (raw,) = primary.chat_bodies
+    assert f'"parameters": {SCHEMA_TEXT}'.encode() in raw
+    assert f'"schema": {SCHEMA_TEXT}'.encode() in raw
+    sent = json.loads(raw)["tools"][0]["function"]["parameters"]
+    assert sent["properties"]["id"]["maximum"] == 2**60 + 1
+    assert isinstance(sent["properties"]["tags"]["maxItems"], int)
+
+
+async def test_the_struct_form_still_works(stub: pb.LLMServiceAsyncStub, primary: FakeUpstream) -> None:
+    parameters = {"type": "object", "properties": {"tags": {"type": "array", "maxItems": 3}}}
+    tool = pb.Tool(function=pb.FunctionDefinition(name="tag", parameters=struct(parameters)))
+    schema = pb.JsonSchema(name="tags", schema=struct(parameters))
+    options = pb.CompletionOptions(
+        tools=[tool], response_format=pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=schema)
+    )
+
+    answer = await stub.Complete(pb.CompleteRequest(messages=[user("tag this")], options=options), timeout=5)
+
+    assert answer.message.content == "echo: tag this"
+    (sent,) = primary.chat_requests
+    # Equal as JSON, though a Struct has made 3 the double 3.0: the loss the text form avoids.
+    assert sent["tools"][0]["function"]["parameters"] == parameters
+    assert sent["response_format"]["json_schema"]["schema"] == parameters
+
+
+async def test_images_reach_the_upstream_as_image_url_parts(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    image = png(16, 8)
+    message = pb.Message(
+        role=pb.ROLE_USER,
+        parts=[
+            pb.ContentPart(text="what is in these?"),
+            pb.ContentPart(image=pb.ImagePart(url=CAT_URL, detail=pb.IMAGE_DETAIL_HIGH)),
+            pb.ContentPart(image=pb.ImagePart(data=image, media_type="image/png", detail=pb.IMAGE_DETAIL_LOW)),
+            pb.ContentPart(image=pb.ImagePart(data=image)),
+        ],
+    )
+
+    answer = await stub.Complete(pb.CompleteRequest(messages=[message]), timeout=5)
+
+    assert answer.message.content == "echo: what is in these?"
+    data_url = f"data:image/png;base64,{base64.b64encode(image).decode()}"
+    assert primary.chat_requests[0]["messages"] == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what is in these?"},
+                {"type": "image_url", "image_url": {"url": CAT_URL, "detail": "high"}},
+                {"type": "image_url", "image_url": {"url": data_url, "detail": "low"}},
+                {"type": "image_url", "image_url": {"url": data_url}},
+            ],
+        }
+    ]
+
+
+def image_message(*images: pb.ImagePart, role: pb.Role.ValueType = pb.ROLE_USER, content: str = "") -> pb.Message:
+    parts = [pb.ContentPart(text="look"), *(pb.ContentPart(image=image) for image in images)]
+    return pb.Message(role=role, content=content, parts=parts)
+
+
+@pytest.mark.parametrize(
+    ("message", "field"),
+    [
+        (image_message(content="and content too"), "messages[0].parts"),
+        (image_message(pb.ImagePart(media_type="image/png")), "messages[0].parts[1].image"),
+        (image_message(pb.ImagePart(url="file:///etc/passwd")), "messages[0].parts[1].image.url"),
+        (image_message(pb.ImagePart(url="data:image/png;base64,iVBORw0KGgo=")), "messages[0].parts[1].image.url"),
+        (image_message(pb.ImagePart(data=png(4096, 4096))), "messages[0].parts[1].image.data"),  # over 2000 bytes
+        (image_message(pb.ImagePart(data=png(1, 1), media_type="image/tiff")), "messages[0].parts[1].image.media_type"),
+        (image_message(pb.ImagePart(data=b"not an image")), "messages[0].parts[1].image.data"),
+        (image_message(pb.ImagePart(url=CAT_URL), role=pb.ROLE_ASSISTANT), "messages[0].parts[1].image"),
+    ],
+)
+@pytest.mark.parametrize("rpc", ["Complete", "StreamComplete", "CountTokens"])
+async def test_an_invalid_image_is_invalid_argument_naming_the_part(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, message: pb.Message, field: str, rpc: str
+) -> None:
+    requests: dict[str, Any] = {
+        "Complete": pb.CompleteRequest,
+        "StreamComplete": pb.StreamCompleteRequest,
+        "CountTokens": pb.CountTokensRequest,
+    }
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        call = getattr(stub, rpc)(requests[rpc](messages=[message]), timeout=5)
+        _ = [c async for c in call] if rpc == "StreamComplete" else await call
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in details(caught.value)["BadRequest"].field_violations] == [field]
+    assert not primary.chat_requests
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [('{"type": "object"', "tools[0].function.parameters_json"), ("[]", "tools[0].function.parameters_json")],
+)
+async def test_json_text_that_is_no_object_is_invalid_argument(
+    stub: pb.LLMServiceAsyncStub, text: str, field: str
+) -> None:
+    tool = pb.Tool(function=pb.FunctionDefinition(name="tag", parameters_json=text))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CountTokens(pb.CountTokensRequest(messages=[user()], tools=[tool]), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    (violation,) = details(caught.value)["BadRequest"].field_violations
+    assert violation.field == field and "JSON text of an object" in violation.description
+
+
+@pytest.mark.parametrize(
+    ("detail", "image_tokens"),
+    # OpenAI's vision guide: 85 at low detail; at high, a 1024x1024 image is scaled to 768x768, 4 tiles of 170.
+    [(pb.IMAGE_DETAIL_LOW, 85), (pb.IMAGE_DETAIL_HIGH, 85 + 4 * 170)],
+)
+async def test_count_tokens_prices_an_image_by_its_size(
+    stub_for: StubFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    detail: pb.ImageDetail.ValueType,
+    image_tokens: int,
+) -> None:
+    stub = await stub_for(two_backends(primary, local))
+    image = pb.ImagePart(data=png(1024, 1024), media_type="image/png", detail=detail)
+    text = await stub.CountTokens(pb.CountTokensRequest(model="gpt-4o", messages=[user("look")]), timeout=5)
+
+    count = await stub.CountTokens(pb.CountTokensRequest(model="gpt-4o", messages=[image_message(image)]), timeout=5)
+
+    assert (count.token_count, count.estimated) == (text.token_count + image_tokens, False)
+
+
+async def test_count_tokens_of_an_image_by_url_is_estimated(stub: pb.LLMServiceAsyncStub) -> None:
+    message = image_message(pb.ImagePart(url=CAT_URL, detail=pb.IMAGE_DETAIL_HIGH))
+
+    count = await stub.CountTokens(pb.CountTokensRequest(model="gpt-4o", messages=[message]), timeout=5)
+
+    assert count.estimated and count.token_count > 85
+
+
+async def test_a_servers_tokenizer_gets_the_json_text_too(stub_for: StubFactory) -> None:
+    vllm = await FakeUpstream(models=("qwen",), vllm=True).start()
+    try:
+        stub = await stub_for(
+            f"llm:\n  backends: [{{name: gpu, kind: vllm, base_url: '{vllm.base_url}', model: qwen}}]\n"
+        )
+        request = pb.CountTokensRequest(model="gpu/qwen", messages=[user()], tools=JSON_SCHEMA.tools)
+
+        count = await stub.CountTokens(request, timeout=5)
+
+        assert (count.encoding, count.estimated) == ("backend:gpu", False)
+        (asked,) = vllm.tokenize_requests
+        assert asked["tools"][0]["function"]["parameters"] == json.loads(SCHEMA_TEXT)
+    finally:
+        await vllm.stop()
+
+
+# --- the Python SDK -------------------------------------------------------------------------------------------------
+
+SCHEMA = json.loads(SCHEMA_TEXT)
+
+
+@pytest.fixture
+async def client(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> AsyncIterator[AsyncClient]:
+    gateway = await gateway_factory(two_backends(primary, local))
+    async with AsyncClient(f"127.0.0.1:{gateway.port}") as client:
+        yield client
+
+
+async def test_the_sdk_builders_send_schemas_as_json_text(client: AsyncClient, primary: FakeUpstream) -> None:
+    await client.complete(
+        [user("tag this")],
+        tools=[llmrelay.tool("tag", SCHEMA, description="tags it"), llmrelay.tool("raw", SCHEMA_TEXT)],
+        response_format=llmrelay.json_schema("tags", SCHEMA, strict=True),
+    )
+
+    (raw,) = primary.chat_bodies
+    assert f'"parameters": {json.dumps(SCHEMA)}'.encode() in raw
+    assert f'"parameters": {SCHEMA_TEXT}'.encode() in raw
+    assert f'"schema": {json.dumps(SCHEMA)}'.encode() in raw
+
+
+async def test_the_sdks_dict_options_send_schemas_as_json_text(client: AsyncClient, primary: FakeUpstream) -> None:
+    await client.complete(
+        [{"role": "user", "content": "tag this"}],
+        tools=[{"function": {"name": "tag", "parameters": SCHEMA}}],
+        response_format={
+            "type": pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+            "json_schema": {"name": "tags", "schema": SCHEMA},
+        },
+    )
+
+    (raw,) = primary.chat_bodies
+    assert f'"parameters": {json.dumps(SCHEMA)}'.encode() in raw  # 3 stays 3, and 2**60 + 1 stays exact
+    assert f'"schema": {json.dumps(SCHEMA)}'.encode() in raw
+
+
+async def test_the_sdk_sends_images_from_bytes_and_urls(client: AsyncClient, primary: FakeUpstream) -> None:
+    image = png(4, 4)
+    message = llmrelay.user_message(
+        "compare", llmrelay.image(image, detail="low"), llmrelay.image(CAT_URL, detail="high")
+    )
+
+    answer = await client.complete([message])
+
+    assert answer.message.content == "echo: compare"
+    assert primary.chat_requests[0]["messages"][0]["content"] == [
+        {"type": "text", "text": "compare"},
+        {
+            "type": "image_url",
+            "image_url": {"url": f"data:image/png;base64,{base64.b64encode(image).decode()}", "detail": "low"},
+        },
+        {"type": "image_url", "image_url": {"url": CAT_URL, "detail": "high"}},
+    ]

@@ -1,0 +1,370 @@
+"""Embed through a real gateway and gRPC channel in front of loopback upstreams: vectors exact and in order, one
+model only (retries and other backends of the same model, never another model), errors, billing, limits, the call
+log and metrics, and the Python SDK and CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import AsyncIterator, Sequence
+from hashlib import sha256
+
+import grpc
+import pytest
+from e2e import test_tracing
+from e2e.test_call_log import CALLS, lines, rid_of
+from e2e.test_metrics import scrape, value
+from e2e.test_tracing import connect, rpc_span
+from llmrelay import AsyncClient, Client, InvalidArgumentError, NotFoundError
+from llmrelay import v1 as pb
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from support import BIN, FAST_ROUTER, OPENAI_TEST_KEY, GatewayFactory, StubFactory, details
+from upstream import EMBEDDING_DIMENSIONS, FakeUpstream, embedding_vector
+
+DEFAULT = "embedding_model: embed-test"
+exported = test_tracing.exported  # the fixture of the gateway's spans, here by its name
+
+
+def embedding_backends(primary: FakeUpstream, local: FakeUpstream, openai: str = "", ollama: str = "") -> str:
+    """The seed's two backends, OpenAI first, with the embedding fields given for each ("embedding_model: x")."""
+    openai, ollama = (f", {fields}" if fields else "" for fields in (openai, ollama))
+    return f"""
+llm:
+  openai: {{api_key: "{OPENAI_TEST_KEY}", base_url: "{primary.base_url}", model: gpt-test{openai}}}
+  ollama: {{base_url: "{local.base_url}", model: tiny{ollama}}}
+{FAST_ROUTER}"""
+
+
+def values(embedding: pb.Embedding) -> bytes:
+    """A vector as the upstream's little-endian floats (the float32 values are widened exactly, so this is exact)."""
+    return struct.pack(f"<{len(embedding.values)}f", *embedding.values)
+
+
+def outcomes(answer: pb.EmbedResponse) -> list[tuple[str, int]]:
+    return [(a.backend, a.outcome) for a in answer.attempts]
+
+
+def reason(error: grpc.aio.AioRpcError) -> str:
+    return str(details(error)["ErrorInfo"].reason)
+
+
+def fields(error: grpc.aio.AioRpcError) -> list[str]:
+    return [v.field for v in details(error)["BadRequest"].field_violations]
+
+
+@pytest.fixture
+async def priced() -> AsyncIterator[FakeUpstream]:
+    """An OpenAI stand-in serving an embedding model the shipped price table knows."""
+    upstream = await FakeUpstream(models=("gpt-test",), embedding_models=("text-embedding-3-small",)).start()
+    yield upstream
+    await upstream.stop()
+
+
+async def test_a_batch_of_100_vectors_of_1536_dimensions_round_trips_exactly(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    stub = await stub_for(embedding_backends(primary, local, openai=DEFAULT))
+    texts = [f"text number {i} about the water" for i in range(100)]
+    answer = await stub.Embed(pb.EmbedRequest(inputs=texts), timeout=30)
+    assert (answer.backend, answer.model) == ("openai", "embed-test")
+    assert [values(e) for e in answer.embeddings] == [embedding_vector(t) for t in texts]
+    assert {len(e.values) for e in answer.embeddings} == {EMBEDDING_DIMENSIONS}
+    # Packed: 4 bytes a dimension and a few a vector (unpacked floats would take 5 bytes each).
+    assert answer.ByteSize() < 100 * (4 * EMBEDDING_DIMENSIONS + 8) + 1024
+    (sent,) = primary.embedding_requests
+    assert sent == {"model": "embed-test", "input": texts, "encoding_format": "base64"}
+    assert (answer.usage.prompt_tokens, answer.usage.estimated) == (6 * 100, False)
+    assert outcomes(answer) == [("openai", pb.ATTEMPT_OUTCOME_SUCCEEDED)]
+
+
+async def test_vectors_come_back_in_input_order_whatever_order_the_upstream_lists_them_in(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    stub = await stub_for(embedding_backends(primary, local, openai=DEFAULT))
+    primary.inject({"out_of_order": True})
+    texts = ["first", "second", "third"]
+    answer = await stub.Embed(pb.EmbedRequest(inputs=texts, dimensions=8), timeout=10)
+    assert [values(e) for e in answer.embeddings] == [embedding_vector(t, 8) for t in texts]
+    assert primary.embedding_requests[0]["dimensions"] == 8
+
+
+async def test_no_model_means_the_first_backend_that_has_an_embedding_model(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    stub = await stub_for(embedding_backends(primary, local, ollama=DEFAULT))
+    answer = await stub.Embed(pb.EmbedRequest(inputs=["hello"]), timeout=10)
+    assert (answer.backend, answer.model) == ("ollama", "embed-test")
+    assert primary.embedding_requests == []
+
+
+async def test_a_backend_qualified_model_picks_the_backend(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    stub = await stub_for(embedding_backends(primary, local, openai=DEFAULT, ollama=DEFAULT))
+    answer = await stub.Embed(pb.EmbedRequest(inputs=["hello"], model="ollama/embed-test"), timeout=10)
+    assert answer.backend == "ollama"
+    assert primary.embedding_requests == []
+
+
+async def test_a_failing_backend_is_retried_then_another_backend_of_the_same_model_serves(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    stub = await stub_for(embedding_backends(primary, local, openai=DEFAULT, ollama=DEFAULT))
+    primary.inject({"status": 503}, {"status": 503})
+    answer = await stub.Embed(pb.EmbedRequest(inputs=["hello"], model="embed-test"), timeout=10)
+    assert answer.backend == "ollama"
+    assert values(answer.embeddings[0]) == embedding_vector("hello")
+    assert outcomes(answer) == [
+        ("openai", pb.ATTEMPT_OUTCOME_SERVER_ERROR),
+        ("openai", pb.ATTEMPT_OUTCOME_SERVER_ERROR),
+        ("ollama", pb.ATTEMPT_OUTCOME_SUCCEEDED),
+    ]
+    assert [r["model"] for r in local.embedding_requests] == ["embed-test"]
+
+
+async def test_a_retry_on_the_same_backend_can_cure_a_failure(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    stub = await stub_for(embedding_backends(primary, local, openai=DEFAULT, ollama=DEFAULT))
+    primary.inject({"status": 429, "retry_after": 0})
+    answer = await stub.Embed(pb.EmbedRequest(inputs=["hello"]), timeout=10)
+    assert outcomes(answer) == [("openai", pb.ATTEMPT_OUTCOME_RATE_LIMITED), ("openai", pb.ATTEMPT_OUTCOME_SUCCEEDED)]
+
+
+async def test_an_embedding_never_falls_back_to_another_model(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    stub = await stub_for(embedding_backends(primary, local, openai=DEFAULT, ollama="embedding_model: embed-other"))
+    primary.inject({"status": 503}, {"status": 503})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Embed(pb.EmbedRequest(inputs=["hello"]), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert reason(caught.value) == "BACKENDS_UNAVAILABLE"
+    assert local.embedding_requests == [] and local.chat_requests == []
+
+
+async def test_invalid_requests_name_their_fields(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    stub = await stub_for(embedding_backends(primary, local, openai=DEFAULT))
+    for request, named in (
+        (pb.EmbedRequest(), ["inputs"]),
+        (pb.EmbedRequest(inputs=["a", "", "c"], dimensions=0), ["inputs[1]", "dimensions"]),
+        (pb.EmbedRequest(inputs=["a"], model=""), ["model"]),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Embed(request, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert fields(caught.value) == named
+    assert primary.embedding_requests == []
+
+
+async def test_an_unknown_embedding_model_is_not_found(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    stub = await stub_for(embedding_backends(primary, local, openai=DEFAULT))
+    # Not configured anywhere; a model of a backend with no embeddings; one its backend does not have upstream.
+    for model in ("nope", "ollama/embed-test", "openai/nope"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Embed(pb.EmbedRequest(inputs=["a"], model=model), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND, model
+        assert reason(caught.value) == "MODEL_NOT_FOUND"
+    assert [r["model"] for r in primary.embedding_requests] == ["nope"]
+    assert local.embedding_requests == []
+
+
+async def test_a_gateway_without_embedding_models_says_so(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    stub = await stub_for(embedding_backends(primary, local))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Embed(pb.EmbedRequest(inputs=["a"]), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert reason(caught.value) == "MODEL_NOT_FOUND"
+
+
+@pytest.mark.parametrize(
+    ("fault", "code", "why"),
+    [
+        ({"status": 400}, grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED"),
+        ({"status": 401}, grpc.StatusCode.FAILED_PRECONDITION, "UPSTREAM_AUTH_FAILED"),
+        ({"body": '{"data": "no vectors"}'}, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_BAD_RESPONSE"),
+    ],
+)
+async def test_upstream_failures_map_as_for_chat(
+    stub_for: StubFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    fault: dict[str, object],
+    code: grpc.StatusCode,
+    why: str,
+) -> None:
+    stub = await stub_for(embedding_backends(primary, local, openai=DEFAULT))
+    primary.inject(fault)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Embed(pb.EmbedRequest(inputs=["a"]), timeout=10)
+    assert (caught.value.code(), reason(caught.value)) == (code, why)
+
+
+async def test_an_answer_over_the_message_limit_says_how_to_make_it_fit(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    stub = await stub_for(embedding_backends(primary, local, openai=DEFAULT), server="max_message_bytes: 65536")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Embed(pb.EmbedRequest(inputs=[f"text {i}" for i in range(20)]), timeout=10)  # 20 x 6 KiB
+    assert (caught.value.code(), reason(caught.value)) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "ANSWER_TOO_LARGE")
+    assert "send fewer inputs a call, or ask for fewer dimensions" in str(caught.value.details())
+
+
+async def test_a_key_limited_to_some_models_embeds_only_with_those(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    key = "llmr-embedder-0123456789abcdefghijklmn"
+    digest = sha256(key.encode()).hexdigest()
+    auth = f'auth:\n  keys:\n    - {{name: local-only, sha256: "{digest}", models: ["ollama/*"]}}\n'
+    stub = await stub_for(embedding_backends(primary, local, openai=DEFAULT, ollama=DEFAULT) + auth)
+    bearer = [("authorization", f"Bearer {key}")]
+    # No model: the default embedding model, on the backends this key may use.
+    answer = await stub.Embed(pb.EmbedRequest(inputs=["a"]), timeout=10, metadata=bearer)
+    assert (answer.backend, outcomes(answer)) == ("ollama", [("ollama", pb.ATTEMPT_OUTCOME_SUCCEEDED)])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Embed(pb.EmbedRequest(inputs=["a"], model="openai/embed-test"), timeout=10, metadata=bearer)
+    assert (caught.value.code(), reason(caught.value)) == (grpc.StatusCode.PERMISSION_DENIED, "MODEL_NOT_ALLOWED")
+    assert primary.embedding_requests == []
+
+
+async def test_usage_is_billed_priced_and_counted_when_the_upstream_reports_none(
+    stub_for: StubFactory, priced: FakeUpstream, local: FakeUpstream
+) -> None:
+    stub = await stub_for(embedding_backends(priced, local, openai="embedding_model: text-embedding-3-small"))
+    answer = await stub.Embed(pb.EmbedRequest(inputs=["water " * 500, "people " * 500]), timeout=10)
+    # text-embedding-3-small: 0.02 USD per million tokens, 0.02 micro-USD a token.
+    assert (answer.usage.prompt_tokens, answer.usage.cost.usd_micros) == (1000, 20)
+    assert not answer.usage.cost.estimated and not answer.usage.cost.price_unknown
+    priced.inject({"no_usage": True})
+    counted = await stub.Embed(pb.EmbedRequest(inputs=["the people had water"]), timeout=10)
+    assert counted.usage.estimated and counted.usage.prompt_tokens == 4  # by text-embedding-3-small's cl100k_base
+    (record,) = (await stub.GetUsage(pb.GetUsageRequest(), timeout=10)).records
+    assert (record.backend, record.model, record.requests) == ("openai", "text-embedding-3-small", 2)
+    assert (record.prompt_tokens, record.completion_tokens, record.estimated_requests) == (1004, 0, 1)
+
+
+@pytest.mark.parametrize(
+    ("limits", "refused"),
+    [
+        ("{requests_per_minute: 2}", "REQUESTS_PER_MINUTE_EXCEEDED"),
+        ("{tokens_per_minute: 2500}", "TOKENS_PER_MINUTE_EXCEEDED"),
+        ("{budget_usd_per_day: 0.00005}", "BUDGET_EXCEEDED"),
+    ],
+)
+async def test_embed_counts_against_requests_tokens_and_budget(
+    stub_for: StubFactory, priced: FakeUpstream, local: FakeUpstream, limits: str, refused: str
+) -> None:
+    yaml = embedding_backends(priced, local, openai="embedding_model: text-embedding-3-small")
+    stub = await stub_for(yaml, server=f"limits: {limits}")
+    request = pb.EmbedRequest(inputs=["water " * 500, "people " * 500])  # 1,000 tokens, 20 micro-USD
+    for _ in range(2):
+        await stub.Embed(request, timeout=10)
+    # The third would be past each limit: a request too many, 3,000 tokens in a minute, 60 micro-USD in a day.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Embed(request, timeout=10)
+    assert (caught.value.code(), reason(caught.value)) == (grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
+    assert len(priced.embedding_requests) == 2
+
+
+async def test_the_call_log_and_metrics_see_embed(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=CALLS)
+    yaml = embedding_backends(primary, local, openai=DEFAULT)
+    gateway = await gateway_factory(yaml, server='metrics_listen: "127.0.0.1:0"')
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+        call = stub.Embed(pb.EmbedRequest(inputs=["a b c"]), timeout=10)
+        await call
+        named = stub.Embed(pb.EmbedRequest(inputs=["d e"], model="openai/embed-test"), timeout=10)
+        await named
+    found = lines(caplog)
+    default, qualified = found[rid_of(await call.trailing_metadata())], found[rid_of(await named.trailing_metadata())]
+    assert (default["rpc"], default["model"], default["served_model"]) == (
+        "llmrelay.v1.LLMService/Embed",
+        "default",
+        "embed-test",
+    )
+    assert (default["backend"], default["prompt_tokens"], default["completion_tokens"]) == ("openai", 3, 0)
+    assert (qualified["model"], qualified["prompt_tokens"]) == ("openai/embed-test", 2)
+    assert gateway.metrics is not None and gateway.metrics.port is not None
+    samples = await scrape(gateway.metrics.port)
+    embed = {"grpc_type": "unary", "grpc_service": "llmrelay.v1.LLMService", "grpc_method": "Embed"}
+    assert value(samples, "grpc_server_handled_total", **embed, grpc_code="OK") == 2
+    tokens = value(
+        samples, "llmrelay_tokens_total", backend="openai", model="embed-test", caller="anonymous", kind="prompt"
+    )
+    assert tokens == 5
+    histogram = "gen_ai_client_token_usage_count"
+    labels = {
+        "gen_ai_operation_name": "embeddings",
+        "gen_ai_response_model": "embed-test",
+        "gen_ai_token_type": "input",
+    }
+    assert value(samples, histogram, **labels, gen_ai_request_model="default") == 1
+    assert value(samples, histogram, **labels, gen_ai_request_model="openai/embed-test") == 1
+    assert value(samples, histogram, **{**labels, "gen_ai_token_type": "output"}, gen_ai_request_model="default") == 0
+
+
+def embed_blocking(target: str, texts: Sequence[str]) -> None:
+    with Client(target) as client:
+        answer = client.embed(texts, dimensions=4)
+        assert [values(e) for e in answer.embeddings] == [embedding_vector(t, 4) for t in texts]
+        assert len(client.embed("one text, not a sequence of letters").embeddings) == 1
+        with pytest.raises(InvalidArgumentError) as caught:
+            client.embed([])
+        assert [v.field for v in caught.value.field_violations] == ["inputs"]
+
+
+async def test_the_python_sdk_and_cli_embed(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    gateway = await gateway_factory(embedding_backends(primary, local, ollama=DEFAULT))
+    target = f"127.0.0.1:{gateway.port}"
+    # The blocking client runs in a thread: the gateway and the loopback upstreams share this test's event loop.
+    await asyncio.to_thread(embed_blocking, target, ["alpha", "beta"])
+    async with AsyncClient(target) as client:
+        answer = await client.embed(["gamma"], model="ollama/embed-test")
+        assert (answer.backend, values(answer.embeddings[0])) == ("ollama", embedding_vector("gamma"))
+        with pytest.raises(NotFoundError):
+            await client.embed(["gamma"], model="no-such-model")
+
+    process = await asyncio.create_subprocess_exec(
+        BIN / "llmrelay",
+        *("--target", target, "embed", "first text", "second text", "--dimensions", "3"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 0, err.decode()
+    printed = [[float(x) for x in line.strip("[]").split(",")] for line in out.decode().splitlines()]
+    assert [struct.pack("<3f", *vector) for vector in printed] == [
+        embedding_vector(t, 3) for t in ("first text", "second text")
+    ]
+    assert err.decode().strip() == "[ollama/embed-test, 2 x 3 dimensions, 4 tokens]"
+
+
+async def test_a_trace_shows_the_embeddings_operation_and_its_attempts(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, exported: InMemorySpanExporter
+) -> None:
+    primary.inject({"status": 503})
+    yaml = embedding_backends(primary, local, openai=DEFAULT)
+    async for stub in connect(gateway_factory, yaml):
+        await stub.Embed(pb.EmbedRequest(inputs=["a b c"]), timeout=10)
+    server, attempts = rpc_span(exported, "llmrelay.v1.LLMService/Embed")
+    assert server.attributes is not None
+    assert server.attributes["gen_ai.operation.name"] == "embeddings"
+    assert server.attributes["gen_ai.usage.input_tokens"] == 3
+    assert "gen_ai.response.id" not in server.attributes
+    assert [span.name for span in attempts] == ["embeddings embed-test"] * 2
+    assert [span.attributes["llmrelay.outcome"] for span in attempts if span.attributes] == [
+        "server_error",
+        "succeeded",
+    ]

@@ -1,0 +1,540 @@
+"""Anthropic's Messages format: request bodies, answers and stream events, and the error kinds of the backend."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import pytest
+from anthropic.types import ModelInfo
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from llmrelay_server.backends import anthropic_wire as aw
+from llmrelay_server.backends.anthropic import _kind, _takes_no_budget
+from llmrelay_server.backends.wire import ErrorEvent, MalformedAnswerError
+from llmrelay_server.domain import (
+    CompletionOptions,
+    CompletionRequest,
+    FinishReason,
+    ImagePart,
+    JsonSchemaFormat,
+    JsonText,
+    Message,
+    NamedToolChoice,
+    ReasoningEffort,
+    ResponseFormat,
+    Role,
+    TextPart,
+    TokenUsage,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoiceMode,
+    UpstreamErrorKind,
+)
+
+HI = (Message(Role.USER, "hi"),)
+ADAPTIVE = "adaptive"
+
+
+def body(
+    options: CompletionOptions | None = None, *, messages: tuple[Message, ...] = HI, thinking: str = "budget"
+) -> dict[str, Any]:
+    request = CompletionRequest(messages=messages, options=options or CompletionOptions())
+    result = aw.request_body("m", request, default_max_tokens=1000, adaptive_thinking=thinking == ADAPTIVE)
+    json.dumps(result, allow_nan=False)  # the body must be plain JSON
+    return result
+
+
+def text(value: str) -> dict[str, str]:
+    return {"type": "text", "text": value}
+
+
+# --- request bodies -------------------------------------------------------------------------------------------------
+
+
+def test_a_bare_request_has_the_default_max_tokens() -> None:
+    assert body() == {"model": "m", "messages": [{"role": "user", "content": [text("hi")]}], "max_tokens": 1000}
+
+
+def test_options_the_api_has_no_parameter_for_are_left_out() -> None:
+    options = CompletionOptions(
+        temperature=0.5, top_p=0.9, seed=1, presence_penalty=1.0, frequency_penalty=1.0, max_tokens=0
+    )
+    assert set(body(options)) == {"model", "messages", "max_tokens"}
+    assert body(options)["max_tokens"] == 0
+
+
+def test_system_messages_go_to_system_and_turns_alternate() -> None:
+    messages = (
+        Message(Role.SYSTEM, "one"),
+        Message(Role.USER, "a"),
+        Message(Role.USER, "b"),
+        Message(Role.ASSISTANT, ""),  # empty: left out, so the user turns around it are one
+        Message(Role.SYSTEM, "two"),
+        Message(Role.USER, "c"),
+        Message(Role.ASSISTANT, "d"),
+    )
+    result = body(messages=messages)
+    assert result["system"] == [text("one"), text("two")]
+    assert result["messages"] == [
+        {"role": "user", "content": [text("a"), text("b"), text("c")]},
+        {"role": "assistant", "content": [text("d")]},
+    ]
+
+
+def test_tool_calls_and_results() -> None:
+    messages = (
+        Message(Role.USER, "go"),
+        Message(
+            Role.ASSISTANT,
+            "calling",
+            tool_calls=(ToolCall("t1", "f", '{"n": 1, "big": 1152921504606846977}'), ToolCall("t2", "g", "")),
+        ),
+        Message(Role.TOOL, "r1", tool_call_id="t1"),
+        Message(Role.TOOL, "", tool_call_id="t2"),
+    )
+    assert body(messages=messages)["messages"][1:] == [
+        {
+            "role": "assistant",
+            "content": [
+                text("calling"),
+                {"type": "tool_use", "id": "t1", "name": "f", "input": {"n": 1, "big": 2**60 + 1}},
+                {"type": "tool_use", "id": "t2", "name": "g", "input": {}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "t1", "content": [text("r1")]},
+                {"type": "tool_result", "tool_use_id": "t2"},
+            ],
+        },
+    ]
+
+
+@pytest.mark.parametrize("arguments", ["[1]", "not json", "3", "null"])
+def test_arguments_that_are_no_json_object_cannot_be_sent(arguments: str) -> None:
+    messages = (Message(Role.USER, "go"), Message(Role.ASSISTANT, tool_calls=(ToolCall("t", "f", arguments),)))
+    with pytest.raises(aw.UnmappableRequestError, match=r"messages\[1\]\.tool_calls\[0\]\.function\.arguments"):
+        body(messages=messages)
+
+
+def test_reasoning_goes_back_only_with_its_signature() -> None:
+    signed = Message(Role.ASSISTANT, "a", reasoning="r", reasoning_signature="s")
+    unsigned = Message(Role.ASSISTANT, "b", reasoning="another upstream's")
+    redacted = Message(Role.ASSISTANT, "c", reasoning_signature="s2")  # thinking shown as omitted: no text
+    turns = [t["content"] for t in body(messages=(*HI, signed, *HI, unsigned, *HI, redacted))["messages"][1::2]]
+    assert turns == [
+        [{"type": "thinking", "thinking": "r", "signature": "s"}, text("a")],
+        [text("b")],
+        [{"type": "thinking", "thinking": "", "signature": "s2"}, text("c")],
+    ]
+
+
+def test_images_and_text_parts() -> None:
+    parts = (
+        TextPart("look"),
+        TextPart(""),
+        ImagePart(url="https://x/y.png"),
+        ImagePart(data=b"\x89PNG", media_type="image/png"),
+    )
+    assert body(messages=(Message(Role.USER, parts=parts),))["messages"][0]["content"] == [
+        text("look"),
+        {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw=="}},
+    ]
+
+
+def test_tools_and_their_schemas() -> None:
+    schema = '{"type": "object", "properties": {"n": {"type": "integer", "maxItems": 3}}}'
+    tools = (Tool("a", "does a", JsonText(schema), strict=True), Tool("b", parameters={"type": "object"}), Tool("c"))
+    assert body(CompletionOptions(tools=tools))["tools"] == [
+        {"name": "a", "input_schema": json.loads(schema), "description": "does a", "strict": True},
+        {"name": "b", "input_schema": {"type": "object"}},
+        {"name": "c", "input_schema": {"type": "object"}},
+    ]
+    assert isinstance(
+        body(CompletionOptions(tools=tools))["tools"][0]["input_schema"]["properties"]["n"]["maxItems"], int
+    )
+
+
+@pytest.mark.parametrize(
+    ("choice", "parallel", "sent"),
+    [
+        (None, None, None),
+        ("auto", None, {"type": "auto"}),
+        ("none", None, {"type": "none"}),
+        ("none", False, {"type": "none"}),
+        ("required", None, {"type": "any"}),
+        (NamedToolChoice("f"), None, {"type": "tool", "name": "f"}),
+        (None, False, {"type": "auto", "disable_parallel_tool_use": True}),
+        ("required", False, {"type": "any", "disable_parallel_tool_use": True}),
+        (NamedToolChoice("f"), False, {"type": "tool", "name": "f", "disable_parallel_tool_use": True}),
+        (None, True, None),
+    ],
+)
+def test_tool_choice(
+    choice: ToolChoiceMode | NamedToolChoice | None, parallel: bool | None, sent: dict[str, Any] | None
+) -> None:
+    result = body(CompletionOptions(tools=(Tool("f"),), tool_choice=choice, parallel_tool_calls=parallel))
+    assert result.get("tool_choice") == sent
+
+
+@pytest.mark.parametrize(
+    ("effort", "max_tokens", "thinking", "sent_max_tokens"),
+    [
+        ("minimal", None, {"type": "enabled", "budget_tokens": 1024}, 1000 + 1024),
+        ("low", None, {"type": "enabled", "budget_tokens": 4096}, 1000 + 4096),
+        ("medium", None, {"type": "enabled", "budget_tokens": 8192}, 1000 + 8192),
+        ("high", None, {"type": "enabled", "budget_tokens": 16384}, 1000 + 16384),
+        ("high", 20000, {"type": "enabled", "budget_tokens": 16384}, 20000),
+        ("high", 5000, {"type": "enabled", "budget_tokens": 4999}, 5000),
+        ("low", 1025, {"type": "enabled", "budget_tokens": 1024}, 1025),
+        ("low", 1024, None, 1024),
+        ("none", None, None, 1000),
+    ],
+)
+def test_reasoning_effort_as_a_thinking_budget(
+    effort: ReasoningEffort, max_tokens: int | None, thinking: dict[str, Any] | None, sent_max_tokens: int
+) -> None:
+    result = body(CompletionOptions(reasoning_effort=effort, max_tokens=max_tokens))
+    assert (result.get("thinking"), result["max_tokens"]) == (thinking, sent_max_tokens)
+
+
+@pytest.mark.parametrize(
+    ("effort", "sent"), [("minimal", "low"), ("low", "low"), ("medium", "medium"), ("high", "high")]
+)
+def test_reasoning_effort_as_adaptive_thinking(effort: ReasoningEffort, sent: str) -> None:
+    result = body(CompletionOptions(reasoning_effort=effort), thinking=ADAPTIVE)
+    assert (result["thinking"], result["output_config"], result["max_tokens"]) == (
+        {"type": "adaptive"},
+        {"effort": sent},
+        1000,
+    )
+
+
+@pytest.mark.parametrize("choice", ["required", NamedToolChoice("f")])
+def test_a_forced_tool_call_goes_without_thinking(choice: ToolChoiceMode | NamedToolChoice) -> None:
+    options = CompletionOptions(tools=(Tool("f"),), tool_choice=choice, reasoning_effort="high")
+    assert "thinking" not in body(options) and "thinking" not in body(options, thinking=ADAPTIVE)
+
+
+def test_response_formats() -> None:
+    schema = JsonSchemaFormat("s", JsonText('{"type": "object", "properties": {"a": {"minimum": 1}}}'), "d", True)
+    assert body(CompletionOptions(response_format=ResponseFormat("json_schema", schema)))["output_config"] == {
+        "format": {"type": "json_schema", "schema": {"type": "object", "properties": {"a": {"minimum": 1}}}}
+    }
+    # JSON without a schema has no counterpart: left out, as plain text is.
+    for kind in ("json_object", "text"):
+        assert "output_config" not in body(CompletionOptions(response_format=ResponseFormat(kind)))
+    both = CompletionOptions(response_format=ResponseFormat("json_schema", schema), reasoning_effort="low")
+    assert set(body(both, thinking=ADAPTIVE)["output_config"]) == {"effort", "format"}
+
+
+def test_the_prompt_body_is_what_count_tokens_takes() -> None:
+    messages = (Message(Role.SYSTEM, "s"), Message(Role.USER, "u"))
+    assert aw.prompt_body("m", messages, (Tool("f"),)) == {
+        "model": "m",
+        "messages": [{"role": "user", "content": [text("u")]}],
+        "system": [text("s")],
+        "tools": [{"name": "f", "input_schema": {"type": "object"}}],
+    }
+
+
+# --- answers --------------------------------------------------------------------------------------------------------
+
+
+def message(*content: Any, **fields: Any) -> dict[str, Any]:
+    usage = {"input_tokens": 10, "output_tokens": 5}
+    return {"id": "msg_1", "model": "m-1", "content": list(content), "stop_reason": "end_turn", "usage": usage} | fields
+
+
+def test_an_answer_with_every_kind_of_block() -> None:
+    answer = aw.answer_from(
+        message(
+            {"type": "thinking", "thinking": "hm", "signature": "sig"},
+            {"type": "redacted_thinking", "data": "opaque"},
+            text("one "),
+            {"type": "tool_use", "id": "t1", "name": "f", "input": {"n": 1}},
+            text("two"),
+            stop_reason="tool_use",
+        )
+    )
+    assert (answer.id, answer.model, answer.finish_reason) == ("msg_1", "m-1", FinishReason.TOOL_CALLS)
+    assert answer.message == Message(
+        Role.ASSISTANT,
+        "one two",
+        tool_calls=(ToolCall("t1", "f", '{"n": 1}'),),
+        reasoning="hm",
+        reasoning_signature="sig",
+    )
+    assert answer.usage == TokenUsage(prompt_tokens=10, completion_tokens=5)
+
+
+def test_several_thinking_blocks_have_no_signature_to_send_back() -> None:
+    thinking = [{"type": "thinking", "thinking": t, "signature": t} for t in ("a", "b")]
+    answer = aw.answer_from(message(*thinking))
+    assert (answer.message.reasoning, answer.message.reasoning_signature) == ("ab", None)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        [],
+        {"content": "x"},
+        {"content": ["x"]},
+        {"content": [{"type": "text", "text": 3}]},
+        {"content": [{"type": "tool_use", "id": "t", "name": "f", "input": [1]}]},
+        {"content": [], "id": 7},
+    ],
+)
+def test_malformed_answers(data: Any) -> None:
+    with pytest.raises(MalformedAnswerError):
+        aw.answer_from(data)
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        ({"input_tokens": 3, "output_tokens": 4}, TokenUsage(3, 4)),
+        (
+            {"input_tokens": 3, "output_tokens": 4, "cache_creation_input_tokens": 5, "cache_read_input_tokens": 7},
+            TokenUsage(3 + 5 + 7, 4, cached_prompt_tokens=7),
+        ),
+        (
+            {"input_tokens": 3, "output_tokens": 4, "cache_read_input_tokens": 0},
+            TokenUsage(3, 4, cached_prompt_tokens=0),
+        ),
+        (
+            {"input_tokens": 3, "output_tokens": 9, "output_tokens_details": {"thinking_tokens": 6}},
+            TokenUsage(3, 9, reasoning_tokens=6),
+        ),
+        ({"input_tokens": 3}, None),
+        ({"input_tokens": -1, "output_tokens": 4}, None),
+        ({"input_tokens": True, "output_tokens": 4}, None),
+        ("usage", None),
+    ],
+)
+def test_usage(usage: Any, expected: TokenUsage | None) -> None:
+    assert aw.usage_from(usage) == expected
+
+
+@pytest.mark.parametrize(
+    ("reason", "finish"),
+    [
+        ("end_turn", FinishReason.STOP),
+        ("stop_sequence", FinishReason.STOP),
+        ("max_tokens", FinishReason.LENGTH),
+        ("model_context_window_exceeded", FinishReason.LENGTH),
+        ("tool_use", FinishReason.TOOL_CALLS),
+        ("refusal", FinishReason.CONTENT_FILTER),
+        ("pause_turn", FinishReason.UNKNOWN),
+        ("something new", FinishReason.UNKNOWN),
+        (None, FinishReason.UNKNOWN),
+    ],
+)
+def test_finish_reasons(reason: str | None, finish: FinishReason) -> None:
+    assert aw.finish_reason(reason) == finish
+
+
+@pytest.mark.parametrize(
+    ("data", "event"),
+    [
+        (
+            {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+            ErrorEvent("Overloaded", 529, "overloaded_error"),
+        ),
+        (
+            {"type": "error", "error": {"type": "new_error"}},
+            ErrorEvent("the upstream sent an error event", None, "new_error"),
+        ),
+        ({"type": "error"}, ErrorEvent("the upstream sent an error event", None, None)),
+        ({"type": "ping"}, None),
+        ("error", None),
+    ],
+)
+def test_error_events(data: Any, event: ErrorEvent | None) -> None:
+    assert aw.error_event(data) == event
+
+
+# --- stream events --------------------------------------------------------------------------------------------------
+
+
+def events(*content_blocks: tuple[dict[str, Any], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    start = {
+        "id": "msg_1",
+        "model": "m-1",
+        "usage": {"input_tokens": 10, "output_tokens": 1, "cache_read_input_tokens": 2},
+    }
+    result: list[dict[str, Any]] = [{"type": "message_start", "message": start}, {"type": "ping"}]
+    for index, (block, deltas) in enumerate(content_blocks):
+        result.append({"type": "content_block_start", "index": index, "content_block": block})
+        result += [{"type": "content_block_delta", "index": index, "delta": d} for d in deltas]
+        result.append({"type": "content_block_stop", "index": index})
+    result.append({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}})
+    result.append({"type": "some_event_added_later"})
+    result.append({"type": "message_stop"})
+    return result
+
+
+def test_a_stream_of_every_kind_of_block() -> None:
+    state = aw.StreamState()
+    deltas = [
+        state.event(e)
+        for e in events(
+            (
+                {"type": "thinking", "thinking": ""},
+                [{"type": "thinking_delta", "thinking": "hm"}, {"type": "signature_delta", "signature": "s"}],
+            ),
+            (
+                {"type": "text", "text": ""},
+                [{"type": "text_delta", "text": "hi"}, {"type": "citations_delta", "citation": {}}],
+            ),
+            (
+                {"type": "tool_use", "id": "t1", "name": "f", "input": {}},
+                [
+                    {"type": "input_json_delta", "partial_json": ""},
+                    {"type": "input_json_delta", "partial_json": '{"n": 1}'},
+                ],
+            ),
+            ({"type": "tool_use", "id": "t2", "name": "g", "input": {}}, []),
+        )
+    ]
+    assert [d for d in deltas if d is not None and d != aw.StreamDelta()] == [
+        aw.StreamDelta(reasoning="hm"),
+        aw.StreamDelta(content="hi"),
+        aw.StreamDelta(tool_calls=(ToolCallDelta(0, id="t1", name="f", arguments=""),)),
+        aw.StreamDelta(tool_calls=(ToolCallDelta(0, arguments='{"n": 1}'),)),
+        aw.StreamDelta(tool_calls=(ToolCallDelta(1, id="t2", name="g", arguments=""),)),
+        aw.StreamDelta(tool_calls=(ToolCallDelta(1, arguments="{}"),)),
+    ]
+    assert (state.id, state.model, state.finish_reason, state.stopped) == (
+        "msg_1",
+        "m-1",
+        FinishReason.TOOL_CALLS,
+        True,
+    )
+    # message_delta's output count replaces message_start's; the cache read it did not repeat stays.
+    assert state.usage == TokenUsage(prompt_tokens=12, completion_tokens=9, cached_prompt_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"type": "message_start"},
+        {"type": "content_block_start", "content_block": {"type": "text"}},
+        {"type": "content_block_start", "index": -1, "content_block": {"type": "text"}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "{"}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": 1}},
+        {"type": "message_delta"},
+        ["message_stop"],
+    ],
+)
+def test_malformed_stream_events(event: Any) -> None:
+    with pytest.raises(MalformedAnswerError):
+        aw.StreamState().event(event)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=10,
+)
+event_types = st.sampled_from(
+    ["message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta", "error"]
+)
+block_types = st.sampled_from(["text", "thinking", "tool_use", "text_delta", "input_json_delta", "thinking_delta"])
+loose_events = st.fixed_dictionaries(
+    {"type": event_types},
+    optional={
+        "index": st.integers(-1, 3) | json_values,
+        "message": st.fixed_dictionaries({}, optional={"id": json_values, "usage": json_values}) | json_values,
+        "content_block": st.fixed_dictionaries({"type": block_types}, optional={"text": json_values}) | json_values,
+        "delta": st.fixed_dictionaries(
+            {"type": block_types},
+            optional={"text": json_values, "partial_json": json_values, "stop_reason": json_values},
+        )
+        | json_values,
+        "usage": json_values,
+        "error": json_values,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(stream=st.lists(loose_events | json_values, max_size=8))
+def test_any_events_raise_only_malformed_answer(stream: list[Any]) -> None:
+    state = aw.StreamState()
+    with contextlib.suppress(MalformedAnswerError):
+        for data in stream:
+            aw.error_event(data)
+            state.event(data)
+    assert state.usage is None or isinstance(state.usage, TokenUsage)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.fixed_dictionaries({"content": st.lists(json_values, max_size=3)}, optional={"usage": json_values})
+    | json_values
+)
+def test_any_json_as_an_answer_raises_only_malformed_answer(data: Any) -> None:
+    with contextlib.suppress(MalformedAnswerError):
+        aw.answer_from(data)
+
+
+# --- error kinds ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "error_type", "code", "message", "kind"),
+    [
+        (400, "invalid_request_error", None, "messages: roles must alternate", UpstreamErrorKind.REJECTED),
+        (
+            400,
+            "invalid_request_error",
+            None,
+            "prompt is too long: 208656 tokens > 200000 maximum",
+            UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED,
+        ),
+        (
+            413,
+            "request_too_large",
+            None,
+            "Request exceeds the maximum allowed number of bytes",
+            UpstreamErrorKind.REJECTED,
+        ),
+        (401, "authentication_error", None, "invalid x-api-key", UpstreamErrorKind.AUTH_FAILED),
+        (403, "permission_error", None, "", UpstreamErrorKind.AUTH_FAILED),
+        (402, "billing_error", None, "", UpstreamErrorKind.AUTH_FAILED),
+        (429, "rate_limit_error", "enforced_spend_limit_reached", "", UpstreamErrorKind.AUTH_FAILED),
+        (429, "rate_limit_error", None, "", UpstreamErrorKind.RATE_LIMITED),
+        (404, "not_found_error", None, "model: x", UpstreamErrorKind.MODEL_NOT_FOUND),
+        (500, "api_error", None, "", UpstreamErrorKind.SERVER_ERROR),
+        (504, "timeout_error", None, "", UpstreamErrorKind.SERVER_ERROR),
+        (529, "overloaded_error", None, "Overloaded", UpstreamErrorKind.SERVER_ERROR),
+    ],
+)
+def test_error_kinds(status: int, error_type: str, code: str | None, message: str, kind: UpstreamErrorKind) -> None:
+    assert _kind(status, error_type, code, message) is kind
+
+
+YES, NO = {"supported": True}, {"supported": False}
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "adaptive"),
+    [
+        ({"thinking": {"supported": True, "types": {"adaptive": YES, "enabled": NO}}}, True),
+        ({"thinking": {"supported": True, "types": {"adaptive": YES, "enabled": YES}}}, False),
+        ({"thinking": {"supported": True, "types": {"adaptive": NO, "enabled": YES}}}, False),
+        # Listed in part, or not at all (a compatible server): the budget.
+        ({"thinking": {"supported": True}}, False),
+        ({}, False),
+        (None, False),
+    ],
+)
+def test_the_models_that_take_no_budget(capabilities: dict[str, Any] | None, adaptive: bool) -> None:
+    # As the SDK builds a page of /v1/models: without validation, so with whatever the server listed.
+    assert _takes_no_budget(ModelInfo.construct(id="m", capabilities=capabilities)) is adaptive
