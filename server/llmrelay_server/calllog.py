@@ -177,5 +177,6 @@ def _asked_model(request: Any) -> str | None:
 def _last_user_message(request: Any) -> str | None:
     for message in reversed(getattr(request, "messages", ()) if isinstance(request, Message) else ()):
         if message.role == _ROLE_USER:
-            return str(message.content)
+            # Of a message in parts, its text (an image's bytes never go to a log).
+            return "\n".join(part.text for part in message.parts if part.HasField("text")) or str(message.content)
     return None

@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import hashlib
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import grpc
+from google.protobuf.message import Message as ProtoMessage
 from llmrelay import v1 as pb
 
 from llmrelay_server import convert
@@ -34,6 +35,9 @@ from llmrelay_server.usage import UsageLedger
 CALLER_HEADER = "x-llmrelay-caller"
 # Room in a stream message for everything but its text (ids, names, usage, attempts).
 MESSAGE_HEADROOM_BYTES: Final = 64 * 1024
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+_Answer = TypeVar("_Answer", bound=ProtoMessage)
 _CALLER = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
 
 
@@ -91,26 +95,13 @@ class LLMServicer(pb.LLMServiceServicer):
     async def Complete(
         self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext[pb.CompleteRequest, pb.CompleteResponse]
     ) -> pb.CompleteResponse:
-        try:
-            with self._model_call():
-                caller = current_caller.get()
-                response = await self._router.complete(
-                    convert.completion_request(request, max_image_bytes=self._max_image_bytes),
-                    deadline=self._router.deadline(context.time_remaining()),
-                    caller=caller_identity(context),
-                    may_use=caller.may_use if caller is not None else None,
-                )
-            answer = convert.complete_response(response)
-            # Sent as is, an oversized answer would fail inside gRPC with a bare status and a server error log.
-            if (size := answer.ByteSize()) > self._max_message_bytes:
-                raise AnswerTooLargeError(size, self._max_message_bytes)
-        except LLMRelayError as error:
-            await abort(context, "Complete", error)
-        except asyncio.CancelledError:
-            if not self._interrupting:
-                raise
-            await abort(context, "Complete", ShuttingDownError(in_flight=True))
-        return answer
+        return await self._answer(
+            context,
+            "Complete",
+            lambda: convert.completion_request(request, max_image_bytes=self._max_image_bytes),
+            self._router.complete,
+            convert.complete_response,
+        )
 
     async def StreamComplete(
         self,
@@ -178,25 +169,45 @@ class LLMServicer(pb.LLMServiceServicer):
     async def Embed(
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[pb.EmbedRequest, pb.EmbedResponse]
     ) -> pb.EmbedResponse:
+        return await self._answer(
+            context,
+            "Embed",
+            lambda: convert.embedding_request(request),
+            self._router.embed,
+            convert.embed_response,
+            remedy="send fewer inputs a call, or ask for fewer dimensions",
+        )
+
+    async def _answer(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        rpc: str,
+        parse: Callable[[], _Request],
+        route: Callable[..., Awaitable[_Response]],
+        to_pb: Callable[[_Response], _Answer],
+        remedy: str | None = None,
+    ) -> _Answer:
+        """One model call answered at once (Complete, Embed): the request parsed, routed within the caller's deadline
+        as the caller may, and converted back; every failure the gateway's own status."""
         try:
             with self._model_call():
                 caller = current_caller.get()
-                response = await self._router.embed(
-                    convert.embedding_request(request),
+                response = await route(
+                    parse(),
                     deadline=self._router.deadline(context.time_remaining()),
                     caller=caller_identity(context),
                     may_use=caller.may_use if caller is not None else None,
                 )
-            answer = convert.embed_response(response)
+            answer = to_pb(response)
+            # Sent as is, an oversized answer would fail inside gRPC with a bare status and a server error log.
             if (size := answer.ByteSize()) > self._max_message_bytes:
-                remedy = "send fewer inputs a call, or ask for fewer dimensions"
-                raise AnswerTooLargeError(size, self._max_message_bytes, remedy)
+                raise AnswerTooLargeError(size, self._max_message_bytes, *((remedy,) if remedy else ()))
         except LLMRelayError as error:
-            await abort(context, "Embed", error)
+            await abort(context, rpc, error)
         except asyncio.CancelledError:
             if not self._interrupting:
                 raise
-            await abort(context, "Embed", ShuttingDownError(in_flight=True))
+            await abort(context, rpc, ShuttingDownError(in_flight=True))
         return answer
 
 

@@ -256,7 +256,18 @@ def _take(billed: list[Billed], attempt: Attempt) -> Billed | None:
 
 def _message(message: Any) -> dict[str, Any]:
     role = message.DESCRIPTOR.fields_by_name["role"].enum_type.values_by_number[message.role].name
-    return {"role": role.removeprefix("ROLE_").lower(), "parts": [{"type": "text", "content": message.content}]}
+    parts = [_part(part) for part in message.parts] or [{"type": "text", "content": message.content}]
+    return {"role": role.removeprefix("ROLE_").lower(), "parts": parts}
+
+
+def _part(part: Any) -> dict[str, Any]:
+    """A content part as the GenAI conventions write it; an image by its URL, or by its type alone (no bytes)."""
+    if part.WhichOneof("part") == "text":
+        return {"type": "text", "content": part.text}
+    image = part.image
+    if image.WhichOneof("source") == "url":
+        return {"type": "uri", "modality": "image", "uri": image.url}
+    return {"type": "blob", "modality": "image", "mime_type": image.media_type}
 
 
 def _finish_reason(answer: Any) -> str:

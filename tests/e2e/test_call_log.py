@@ -16,7 +16,7 @@ import pytest
 from llmrelay import v1 as pb
 from llmrelay_server.calllog import request_id
 from llmrelay_server.logs import JsonFormatter
-from support import GatewayFactory, chat, read_all, start_server, stream_chat, two_backends
+from support import GatewayFactory, chat, png, read_all, start_server, stream_chat, two_backends
 from upstream import FakeUpstream
 
 CALLS = "llmrelay_server.calls"
@@ -127,8 +127,15 @@ async def test_content_is_logged_only_when_configured(
         await pb.LLMServiceStub(channel).Complete(
             chat(SECRET_PROMPT), timeout=5, metadata=[("x-request-id", "with-content"), ("x-llmrelay-caller", "me")]
         )
+        parts = [pb.ContentPart(text=SECRET_PROMPT), pb.ContentPart(image=pb.ImagePart(data=png(4, 4)))]
+        await pb.LLMServiceStub(channel).Complete(
+            pb.CompleteRequest(messages=[pb.Message(role=pb.ROLE_USER, parts=parts)]),
+            timeout=5,
+            metadata=[("x-request-id", "in-parts")],
+        )
     entry = lines(caplog)["with-content"]
     assert entry["prompt"] == SECRET_PROMPT and entry["caller"] == "me"
+    assert lines(caplog)["in-parts"]["prompt"] == SECRET_PROMPT  # the text of the parts; never an image's bytes
     # The text form: one line, key=value.
     text = next(r.getMessage() for r in caplog.records if r.name == CALLS)
     assert text.startswith("call request_id=with-content caller=me ") and "\n" not in text

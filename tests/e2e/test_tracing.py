@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
-from support import GatewayFactory, chat, read_all, stream_chat, two_backends
+from support import GatewayFactory, chat, png, read_all, stream_chat, two_backends
 from upstream import FakeUpstream
 
 TRACING = "tracing: true"
@@ -53,11 +53,19 @@ async def connect(gateway_factory: GatewayFactory, yaml_text: str, server: str =
 
 def rpc_span(exporter: InMemorySpanExporter, name: str) -> tuple[ReadableSpan, list[ReadableSpan]]:
     """The one span of the RPC named `name`, and its children in the order they started."""
+    [call] = rpc_spans(exporter, name)
+    return call
+
+
+def rpc_spans(exporter: InMemorySpanExporter, name: str) -> list[tuple[ReadableSpan, list[ReadableSpan]]]:
+    """Each span of the RPC named `name`, in the order they started, with its children in the order they started."""
     spans = exporter.get_finished_spans()
-    [server] = [span for span in spans if span.name == name]
-    assert server.context is not None
-    children = [span for span in spans if span.parent is not None and span.parent.span_id == server.context.span_id]
-    return server, sorted(children, key=lambda span: span.start_time or 0)
+    calls = []
+    for server in sorted((span for span in spans if span.name == name), key=lambda span: span.start_time or 0):
+        assert server.context is not None
+        children = [s for s in spans if s.parent is not None and s.parent.span_id == server.context.span_id]
+        calls.append((server, sorted(children, key=lambda span: span.start_time or 0)))
+    return calls
 
 
 async def test_a_call_is_a_server_span_with_a_client_span_per_attempt(
@@ -194,13 +202,31 @@ async def test_the_callers_trace_is_continued_up_to_the_upstream(
 async def test_content_is_recorded_only_when_allowed(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, exported: InMemorySpanExporter
 ) -> None:
+    image = png(8, 8)
+    parts = [
+        pb.ContentPart(text="what is this?"),
+        pb.ContentPart(image=pb.ImagePart(data=image, media_type="image/png")),
+        pb.ContentPart(image=pb.ImagePart(url="https://example.com/cat.png")),
+    ]
     async for stub in connect(gateway_factory, two_backends(primary, local), server=f"{TRACING}, log_content: true"):
         await stub.Complete(chat("tell me"), timeout=5)
-    server, _ = rpc_span(exported, COMPLETE)
+        await stub.Complete(pb.CompleteRequest(messages=[pb.Message(role=pb.ROLE_USER, parts=parts)]), timeout=5)
+    (server, _), (with_parts, _) = rpc_spans(exported, COMPLETE)
     attributes = dict(server.attributes or {})
     prompt = [{"role": "user", "parts": [{"type": "text", "content": "tell me"}]}]
     assert json.loads(str(attributes["gen_ai.input.messages"])) == prompt
     assert "echo: tell me" in str(attributes["gen_ai.output.messages"])
+    # Parts as the conventions write them: an image by its URL, or by its type alone, never its bytes.
+    assert json.loads(str(dict(with_parts.attributes or {})["gen_ai.input.messages"])) == [
+        {
+            "role": "user",
+            "parts": [
+                {"type": "text", "content": "what is this?"},
+                {"type": "blob", "modality": "image", "mime_type": "image/png"},
+                {"type": "uri", "modality": "image", "uri": "https://example.com/cat.png"},
+            ],
+        }
+    ]
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):

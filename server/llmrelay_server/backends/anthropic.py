@@ -9,7 +9,6 @@ failure leaves this module as an UpstreamError whose kind tells the router what 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -20,16 +19,18 @@ import anthropic
 import httpx2
 from anthropic.types import ModelInfo
 
-from llmrelay_server import metering
 from llmrelay_server.backends import anthropic_wire, wire
-from llmrelay_server.backends.openai_compat import (
-    _SECRET_LIKE,
-    CONNECT_TIMEOUT_S,
+from llmrelay_server.backends.upstream_http import (
     HEALTH_TIMEOUT_S,
     POOL_LIMITS,
-    _connection_lost,
-    _kind_of_status,
-    _retry_after_s,
+    SDKErrors,
+    connection_lost,
+    health_record,
+    kind_of_status,
+    post,
+    prepared_headers,
+    redact,
+    retry_after_s,
 )
 from llmrelay_server.domain import (
     BackendHealth,
@@ -77,9 +78,7 @@ class AnthropicProvider:
         # Prepared once, as the SDK would merge them on every request: the HTTP client's headers, then the SDK's
         # (API version, user agent, platform) and its auth.
         self._messages_url = httpx2.URL(f"{str(self._client.base_url).rstrip('/')}/v1/messages")
-        sdk_headers = {**self._client.default_headers, **self._client.auth_headers}
-        self._headers = httpx2.Headers(self._http.headers)
-        self._headers.update({name: value for name, value in sdk_headers.items() if isinstance(value, str)})
+        self._headers = prepared_headers(self._http.headers, self._client.default_headers, self._client.auth_headers)
         self._adaptive_thinking: frozenset[str] = frozenset()
         """The models that take reasoning as adaptive thinking and no budget, as the last probe's list said."""
 
@@ -203,57 +202,23 @@ class AnthropicProvider:
             raise UpstreamError(UpstreamErrorKind.REJECTED, self._spec.name, str(exc)) from exc
 
     async def _post(self, body: dict[str, Any], timeout_s: float | None, *, stream: bool) -> httpx2.Response:
-        """Sends the JSON `anthropic_wire` built through the SDK's HTTP client with the SDK's headers, prepared once
-        (the SDK's own request path rebuilds them on every call); errors come out as the SDK's exception types."""
-        headers = self._headers
-        if (extra := metering.upstream_headers()) is not None:
-            headers = httpx2.Headers(headers)
-            headers.update(extra)
-        # The read timeout bounds the wait for each piece of the answer, so a stalled upstream is noticed.
-        timeout = httpx2.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s or CONNECT_TIMEOUT_S))
-        request = httpx2.Request(
-            "POST",
-            self._messages_url,
-            content=json.dumps(body).encode(),
-            headers=headers,
-            cookies=self._http.cookies,  # those upstreams set, as the client would send them back
-            extensions={"timeout": timeout.as_dict()},
+        """Sends the JSON `anthropic_wire` built to /v1/messages."""
+        content = wire.encode(body)
+        return await post(
+            self._http, self._messages_url, content, self._headers, timeout_s, stream=stream, errors=_ERRORS
         )
-        try:
-            response = await self._http.send(request, stream=stream)
-        except httpx2.TimeoutException as exc:
-            raise anthropic.APITimeoutError(request=request) from exc
-        except httpx2.TransportError as exc:
-            raise anthropic.APIConnectionError(request=request) from exc
-        if response.is_error:
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
-            raise _status_error(response)
-        return response
 
     def _health(
         self, started: float, *, reachable: bool, models: tuple[str, ...] = (), error: str | None = None
     ) -> BackendHealth:
-        return BackendHealth(
-            name=self._spec.name,
-            kind=self.kind,
-            base_url=self._spec.base_url,
-            default_model=self._spec.default_model,
-            reachable=reachable,
-            models=models,
-            latency_s=time.monotonic() - started,
-            last_error=error,
-            checked_at=time.time(),
-        )
+        return health_record(self._spec, self.kind, started, reachable=reachable, models=models, error=error)
 
     def _bad_answer(self, detail: str) -> UpstreamError:
         return UpstreamError(UpstreamErrorKind.BAD_RESPONSE, self._spec.name, f"malformed answer: {detail}")
 
     def _upstream_error(self, exc: anthropic.APIError) -> UpstreamError:
         name = self._spec.name
-        if isinstance(exc, anthropic.APITimeoutError) and not _connection_lost(exc):
+        if isinstance(exc, anthropic.APITimeoutError) and not connection_lost(exc):
             return UpstreamError(UpstreamErrorKind.TIMEOUT, name, "the upstream did not answer in time")
         if isinstance(exc, anthropic.APIConnectionError):
             return UpstreamError(UpstreamErrorKind.UNREACHABLE, name, f"cannot reach {self._spec.base_url}")
@@ -263,7 +228,7 @@ class AnthropicProvider:
             kind = _kind(status, exc.type, exc.error_code, detail)
             # Retry-After means something on a rate limit and when the API is overloaded (503, 529).
             asks_to_wait = kind is UpstreamErrorKind.RATE_LIMITED or status in (503, 529)
-            retry_after = _retry_after_s(exc.response.headers) if asks_to_wait else None
+            retry_after = retry_after_s(exc.response.headers) if asks_to_wait else None
             message = f"HTTP {status}: {self._redact(detail)}"
             return UpstreamError(kind, name, message, status=status, retry_after_s=retry_after)
         return self._bad_answer(self._redact(exc.message))
@@ -282,9 +247,7 @@ class AnthropicProvider:
         return f"{type(exc).__name__}: {self._redact(str(exc))}"
 
     def _redact(self, text: str) -> str:
-        if self._spec.api_key:
-            text = text.replace(self._spec.api_key, "[redacted]")
-        return _SECRET_LIKE.sub("[redacted]", text)[:500]
+        return redact(text, self._spec.api_key)
 
 
 def _kind(status: int, error_type: str | None, error_code: str | None, message: str | None) -> UpstreamErrorKind:
@@ -295,7 +258,7 @@ def _kind(status: int, error_type: str | None, error_code: str | None, message: 
     if status in (400, 413) and _PROMPT_TOO_LONG.search(message or ""):
         return UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED
     # 529 (overloaded) is a server error as the OpenAI path has it: retried, then the next backend.
-    return _kind_of_status(status, error_code, message)
+    return kind_of_status(status, error_code, message)
 
 
 def _status_error(response: httpx2.Response) -> anthropic.APIStatusError:
@@ -318,3 +281,6 @@ def _takes_no_budget(model: ModelInfo) -> bool:
     adaptive = getattr(getattr(types, "adaptive", None), "supported", False)
     enabled = getattr(getattr(types, "enabled", None), "supported", True)
     return adaptive is True and enabled is False
+
+
+_ERRORS = SDKErrors(anthropic.APITimeoutError, anthropic.APIConnectionError, _status_error)

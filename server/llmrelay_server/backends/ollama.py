@@ -7,7 +7,8 @@ from typing import ClassVar
 
 import httpx2
 
-from llmrelay_server.backends.openai_compat import HEALTH_TIMEOUT_S, OpenAICompatibleProvider
+from llmrelay_server.backends.openai_compat import OpenAICompatibleProvider
+from llmrelay_server.backends.upstream_http import HEALTH_TIMEOUT_S
 from llmrelay_server.domain import BackendHealth
 
 

@@ -7,21 +7,27 @@ module as an UpstreamError whose kind tells the router what to do next.
 
 from __future__ import annotations
 
-import datetime
-import email.utils
 import logging
-import math
-import re
 import time
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any, ClassVar
 
-import aiohttp
 import httpx2
 import openai
 
-from llmrelay_server import metering
 from llmrelay_server.backends import wire
+from llmrelay_server.backends.upstream_http import (
+    HEALTH_TIMEOUT_S,
+    POOL_LIMITS,
+    SDKErrors,
+    connection_lost,
+    health_record,
+    kind_of_status,
+    post,
+    prepared_headers,
+    redact,
+    retry_after_s,
+)
 from llmrelay_server.domain import (
     BackendHealth,
     BackendSpec,
@@ -41,14 +47,6 @@ from llmrelay_server.domain import (
 from llmrelay_server.tokens import TokenCounter
 
 log = logging.getLogger(__name__)
-
-# Sized for hundreds of concurrent streams per backend; connections are kept for reuse between agent steps.
-# The SDK's aiohttp transport (openai[aiohttp]) costs a third less CPU per request than its default httpx2 one.
-POOL_LIMITS = httpx2.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=60.0)
-CONNECT_TIMEOUT_S = 5.0
-HEALTH_TIMEOUT_S = 5.0
-_CONTEXT_LENGTH = re.compile(r"context[ _](length|window|size)|maximum context|too many tokens", re.IGNORECASE)
-_SECRET_LIKE = re.compile(r"\b(sk|key|token)-[A-Za-z0-9_\-]{6,}")
 
 
 class OpenAICompatibleProvider:
@@ -74,9 +72,7 @@ class OpenAICompatibleProvider:
         # the headers (the HTTP client's, then the SDK's user agent, platform and auth) as they would merge them.
         self._completions_url = httpx2.URL(f"{str(self._client.base_url).rstrip('/')}/chat/completions")
         self._embeddings_url = httpx2.URL(f"{str(self._client.base_url).rstrip('/')}/embeddings")
-        sdk_headers = {**self._client.default_headers, **self._client.auth_headers}
-        self._headers = httpx2.Headers(self._http.headers)
-        self._headers.update({name: value for name, value in sdk_headers.items() if isinstance(value, str)})
+        self._headers = prepared_headers(self._http.headers, self._client.default_headers, self._client.auth_headers)
         # Servers keep their own endpoints (tokenizers, native APIs) beside /v1, at the root.
         self._root_url = spec.base_url.rstrip("/").removesuffix("/v1")
 
@@ -229,57 +225,16 @@ class OpenAICompatibleProvider:
     def _health(
         self, started: float, *, reachable: bool, models: tuple[str, ...] = (), error: str | None = None
     ) -> BackendHealth:
-        return BackendHealth(
-            name=self._spec.name,
-            kind=self.kind,
-            base_url=self._spec.base_url,
-            default_model=self._spec.default_model,
-            reachable=reachable,
-            models=models,
-            latency_s=time.monotonic() - started,
-            last_error=error,
-            checked_at=time.time(),
-        )
+        return health_record(self._spec, self.kind, started, reachable=reachable, models=models, error=error)
 
     async def _post(
         self, body: dict[str, Any], timeout_s: float | None, *, stream: bool, url: httpx2.URL | None = None
     ) -> httpx2.Response:
-        """Sends the JSON `wire` built through the SDK's HTTP client, with the SDK's headers, prepared once, to
-        /chat/completions or `url`.
-
-        The SDK's own request path, and the HTTP client's request builder, parse and merge the same URL and headers on
-        every call: a third of the gateway's CPU per request (`make bench`). Errors still come out as the SDK's
-        exception types.
-        """
-        headers = self._headers
-        if (extra := metering.upstream_headers()) is not None:
-            headers = httpx2.Headers(headers)
-            headers.update(extra)
-        request = httpx2.Request(
-            "POST",
-            url or self._completions_url,
-            content=wire.encode(body),
-            headers=headers,
-            cookies=self._http.cookies,  # those upstreams set, as the client would send them back
-            extensions={"timeout": self._timeout(timeout_s).as_dict()},
+        """Sends the JSON `wire` built (the caller's JSON text spliced in unchanged) to /chat/completions or `url`."""
+        content = wire.encode(body)
+        return await post(
+            self._http, url or self._completions_url, content, self._headers, timeout_s, stream=stream, errors=_ERRORS
         )
-        try:
-            response = await self._http.send(request, stream=stream)
-        except httpx2.TimeoutException as exc:
-            raise openai.APITimeoutError(request=request) from exc
-        except httpx2.TransportError as exc:
-            raise openai.APIConnectionError(request=request) from exc
-        if response.is_error:
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
-            raise _status_error(response)
-        return response
-
-    def _timeout(self, timeout_s: float | None) -> httpx2.Timeout:
-        # The read timeout bounds the wait for each piece of the answer, so a stalled upstream is noticed.
-        return httpx2.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s or CONNECT_TIMEOUT_S))
 
     def _served_model(self, data: Any, fallback: str) -> str:
         model = data.get("model") if isinstance(data, dict) else None
@@ -290,38 +245,35 @@ class OpenAICompatibleProvider:
 
     def _upstream_error(self, exc: openai.APIError) -> UpstreamError:
         name = self._spec.name
-        if isinstance(exc, openai.APITimeoutError) and not _connection_lost(exc):
+        if isinstance(exc, openai.APITimeoutError) and not connection_lost(exc):
             return UpstreamError(UpstreamErrorKind.TIMEOUT, name, "the upstream did not answer in time")
         if isinstance(exc, openai.APIConnectionError):
             return UpstreamError(UpstreamErrorKind.UNREACHABLE, name, f"cannot reach {self._spec.base_url}")
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
             message = f"HTTP {status}: {self._redact(exc.message)}"
-            kind = _kind_of_status(status, exc.code, exc.message)
+            kind = kind_of_status(status, exc.code, exc.message)
             # Retry-After means something on a rate limit and on 503 (overloaded); elsewhere it is not a promise.
             asks_to_wait = kind is UpstreamErrorKind.RATE_LIMITED or status == 503
-            retry_after = _retry_after_s(exc.response.headers) if asks_to_wait else None
+            retry_after = retry_after_s(exc.response.headers) if asks_to_wait else None
             return UpstreamError(kind, name, message, status=status, retry_after_s=retry_after)
         return UpstreamError(UpstreamErrorKind.BAD_RESPONSE, name, f"malformed answer: {self._redact(exc.message)}")
 
     def _error_event(self, event: wire.ErrorEvent) -> UpstreamError:
         status = event.status
         message = f"error event{f' (HTTP {status})' if status else ''}: {self._redact(event.message)}"
-        kind = UpstreamErrorKind.SERVER_ERROR if status is None else _kind_of_status(status, event.code, event.message)
+        kind = UpstreamErrorKind.SERVER_ERROR if status is None else kind_of_status(status, event.code, event.message)
         return UpstreamError(kind, self._spec.name, message, status=status)
 
     def _describe(self, exc: Exception) -> str:
         """A probe's failure, for Health: what went wrong, never a secret."""
         if isinstance(exc, openai.APIError):
             return self._upstream_error(exc).message
-        lost = isinstance(exc, httpx2.TimeoutException) and _connection_lost(exc)
+        lost = isinstance(exc, httpx2.TimeoutException) and connection_lost(exc)
         return f"{'ConnectError' if lost else type(exc).__name__}: {self._redact(str(exc))}"
 
     def _redact(self, text: str) -> str:
-        # Upstreams quote keys back in their errors ("Incorrect API key provided: sk-..."); never pass one on.
-        if self._spec.api_key:
-            text = text.replace(self._spec.api_key, "[redacted]")
-        return _SECRET_LIKE.sub("[redacted]", text)[:500]
+        return redact(text, self._spec.api_key)
 
 
 def _status_error(response: httpx2.Response) -> openai.APIStatusError:
@@ -336,71 +288,11 @@ def _status_error(response: httpx2.Response) -> openai.APIStatusError:
     return openai.APIStatusError(message, response=response, body=error if isinstance(error, dict) else body)
 
 
-def _connection_lost(exc: BaseException) -> bool:
-    """Whether a "timeout" is really a refused or dropped connection.
-
-    The SDK's aiohttp transport reports every aiohttp connection error as a connect timeout; the cause says which.
-    """
-    cause = exc.__cause__
-    while cause is not None:
-        if isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(cause, aiohttp.ServerTimeoutError):
-            return True
-        cause = cause.__cause__
-    return False
-
-
-def _kind_of_status(status: int, code: str | None, message: str | None) -> UpstreamErrorKind:
-    if status == 429:
-        return UpstreamErrorKind.RATE_LIMITED
-    if status in (401, 403):
-        return UpstreamErrorKind.AUTH_FAILED
-    if status == 404:
-        return UpstreamErrorKind.MODEL_NOT_FOUND
-    if status == 408:
-        return UpstreamErrorKind.TIMEOUT
-    if status in (400, 413, 422):
-        if code == "context_length_exceeded" or _CONTEXT_LENGTH.search(message or ""):
-            return UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED
-        return UpstreamErrorKind.REJECTED
-    return UpstreamErrorKind.SERVER_ERROR
-
-
-def _retry_after_s(headers: httpx2.Headers) -> float | None:
-    """Retry-After in seconds: OpenAI's retry-after-ms, then the standard header as seconds or an HTTP date."""
-    for header, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(header)
-        if value is None:
-            continue
-        seconds = _seconds_or_date(value) if header == "retry-after" else _number(value)
-        if seconds is not None:
-            return max(0.0, seconds * scale)
-    return None
-
-
-def _seconds_or_date(value: str) -> float | None:
-    """Retry-After's seconds or HTTP date as seconds from now; None for anything else (ignored, never fatal)."""
-    seconds = _number(value)
-    if seconds is not None:
-        return seconds
-    try:
-        moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if moment.tzinfo is None:  # HTTP dates are GMT
-        moment = moment.replace(tzinfo=datetime.UTC)
-    return moment.timestamp() - time.time()
-
-
-def _number(value: str) -> float | None:
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if math.isfinite(number) else None
-
-
 class OpenAIProvider(OpenAICompatibleProvider):
     """The OpenAI API itself."""
 
     kind: ClassVar[str] = "openai"
     max_tokens_field: ClassVar[str] = "max_completion_tokens"
+
+
+_ERRORS = SDKErrors(openai.APITimeoutError, openai.APIConnectionError, _status_error)
