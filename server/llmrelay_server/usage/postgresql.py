@@ -33,6 +33,8 @@ from llmrelay_server.usage.store import (
     LedgerUnavailableError,
     Selection,
     Snapshot,
+    mark_applied_statement,
+    upsert_statement,
 )
 
 _MAX_CONNECTIONS: Final = 4
@@ -56,18 +58,8 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
 )
 """Migration n runs _MIGRATIONS[n - 1]'s statements; append, never change one that has shipped."""
 
-_UPSERT: Final = (
-    f"INSERT INTO usage_buckets (backend, model, caller, bucket_start, {', '.join(COUNT_COLUMNS)})"
-    f" VALUES ({', '.join(['%s'] * (4 + len(COUNT_COLUMNS)))})"
-    " ON CONFLICT (backend, model, caller, bucket_start) DO UPDATE SET "
-    + ", ".join(f"{column} = usage_buckets.{column} + excluded.{column}" for column in COUNT_COLUMNS)
-)
-# Changes a row (rowcount 1) only for a batch later than the journal's last one written.
-_MARK_APPLIED: Final = (
-    "INSERT INTO applied_batches (journal, last_batch) VALUES (%s, %s)"
-    " ON CONFLICT (journal) DO UPDATE SET last_batch = excluded.last_batch"
-    " WHERE applied_batches.last_batch < excluded.last_batch"
-)
+_UPSERT: Final = upsert_statement("%s")
+_MARK_APPLIED: Final = mark_applied_statement("%s")
 _SUMS: Final = ", ".join(f"SUM({column})::BIGINT" for column in COUNT_COLUMNS)
 
 

@@ -27,6 +27,8 @@ from llmrelay_server.usage.store import (
     LedgerUnavailableError,
     Selection,
     Snapshot,
+    mark_applied_statement,
+    upsert_statement,
 )
 
 MEMORY: Final = ":memory:"
@@ -82,18 +84,8 @@ _MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
 )
 """Migration n is _MIGRATIONS[n - 1]; append, never change one that has shipped."""
 
-_UPSERT: Final = (
-    f"INSERT INTO usage_buckets (backend, model, caller, bucket_start, {', '.join(COUNT_COLUMNS)})"
-    f" VALUES ({', '.join('?' * (4 + len(COUNT_COLUMNS)))})"
-    " ON CONFLICT (backend, model, caller, bucket_start) DO UPDATE SET "
-    + ", ".join(f"{column} = usage_buckets.{column} + excluded.{column}" for column in COUNT_COLUMNS)
-)
-# Changes a row (rowcount 1) only for a batch later than the journal's last one written.
-_MARK_APPLIED: Final = (
-    "INSERT INTO applied_batches (journal, last_batch) VALUES (?, ?)"
-    " ON CONFLICT (journal) DO UPDATE SET last_batch = excluded.last_batch"
-    " WHERE applied_batches.last_batch < excluded.last_batch"
-)
+_UPSERT: Final = upsert_statement("?")
+_MARK_APPLIED: Final = mark_applied_statement("?")
 _SUMS: Final = ", ".join(f"SUM({column})" for column in COUNT_COLUMNS)
 
 

@@ -27,6 +27,27 @@ COUNT_COLUMNS: Final = (
 )
 """What a bucket counts, in this order wherever counts are a list; total tokens are prompt + completion."""
 
+
+def upsert_statement(placeholder: str) -> str:
+    """The statement that adds a batch's counts into their bucket rows, in the driver's placeholder style."""
+    return (
+        f"INSERT INTO usage_buckets (backend, model, caller, bucket_start, {', '.join(COUNT_COLUMNS)})"
+        f" VALUES ({', '.join([placeholder] * (4 + len(COUNT_COLUMNS)))})"
+        " ON CONFLICT (backend, model, caller, bucket_start) DO UPDATE SET "
+        + ", ".join(f"{column} = usage_buckets.{column} + excluded.{column}" for column in COUNT_COLUMNS)
+    )
+
+
+def mark_applied_statement(placeholder: str) -> str:
+    """The statement that records a journal's batch as written: it changes a row (rowcount 1) only for a batch later
+    than the journal's last one, so a batch replayed is recognised and not added twice."""
+    return (
+        f"INSERT INTO applied_batches (journal, last_batch) VALUES ({placeholder}, {placeholder})"
+        " ON CONFLICT (journal) DO UPDATE SET last_batch = excluded.last_batch"
+        " WHERE applied_batches.last_batch < excluded.last_batch"
+    )
+
+
 BucketKey = tuple[str, str, str, int]
 """(backend, model, caller, bucket_start)"""
 TotalsKey = tuple[str, str, str]
