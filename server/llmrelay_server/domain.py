@@ -455,10 +455,11 @@ class InvalidRequestError(LLMRelayError):
 
 
 class ModelNotFoundError(LLMRelayError):
-    def __init__(self, model: str, served: Sequence[str]) -> None:
+    def __init__(self, model: str, served: Sequence[str], remedy: str = "") -> None:
         self.model = model
         self.served = tuple(served)
-        super().__init__(f"no backend serves model {model!r}; served: {', '.join(self.served) or 'none'}")
+        detail = f"; {remedy}" if remedy else ""
+        super().__init__(f"no backend serves model {model!r}; served: {', '.join(self.served) or 'none'}{detail}")
 
 
 class TokenizerUnavailableError(LLMRelayError):

@@ -391,7 +391,8 @@ class Router:
         embedders = [b for b in self.backends if b.provider.spec.embedding_model]
         if model is None:
             if not embedders:
-                raise ModelNotFoundError("(the default embedding model)", ())
+                remedy = "this gateway has no embedding model: set embedding_model on a backend"
+                raise ModelNotFoundError("(the default embedding model)", (), remedy)
             model = embedders[0].provider.spec.all_embedding_models[0]
         model = self._aliases.get(model, model)
         qualifier, _, bare = model.partition("/")
