@@ -138,7 +138,8 @@ class ServerProcess:
         async with asyncio.timeout(20):
             while "listening on" not in (line := await self._readline()):
                 if not line:
-                    raise AssertionError("llmrelay-server exited early:\n" + "".join(self.log))
+                    status = await self.process.wait()
+                    raise AssertionError(f"llmrelay-server exited early (status {status}):\n" + "".join(self.log))
         self._reader = asyncio.create_task(self._read_to_end())
 
     async def wait_for_line(self, text: str, within_s: float = 20) -> str:

@@ -105,10 +105,13 @@ def reserve_port(listen: str) -> socket.socket:
         raise ListenError(in_use_message(listen)) from exc
     try:
         if int(port) != 0:
-            # Without SO_REUSEPORT this bind fails while any socket holds the port: another gateway's workers too.
+            # Without SO_REUSEPORT this bind fails while any socket listens on the port: another gateway's workers
+            # too. SO_REUSEADDR, as gRPC sets it, lets it pass connections of an earlier server still in TIME_WAIT.
             with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind(address)
         reservation = socket.socket(family, kind, proto)
+        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         reservation.bind(address)
     except OSError as exc:
