@@ -21,7 +21,7 @@ from llmrelay_server.config import ConfigError, GatewayConfig
 from llmrelay_server.decoding import add_llm_service
 from llmrelay_server.domain import StoreHealth
 from llmrelay_server.health import SERVICE_NAME, HealthMonitor
-from llmrelay_server.limits import InProcessLimiter, Limiter, LimitsInterceptor, RedisLimiter
+from llmrelay_server.limits import InProcessLimiter, Limiter, LimitsInterceptor
 from llmrelay_server.logs import use_log_format
 from llmrelay_server.metrics import LabelValues, Metrics, MetricsInterceptor, StateReading
 from llmrelay_server.pricing import PriceTable
@@ -237,6 +237,8 @@ def _limiter(config: GatewayConfig) -> Limiter | None:
     if state.redis_url is None:
         return InProcessLimiter()
     refuse = state.on_unavailable == "deny"
+    from llmrelay_server.limits.redis import RedisLimiter  # redis-py, only where Redis is configured
+
     return RedisLimiter(state.redis_url, refuse_when_unavailable=refuse, timeout_s=state.timeout_s)
 
 

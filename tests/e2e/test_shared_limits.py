@@ -20,7 +20,8 @@ from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway
 from llmrelay_server.config import Limits
 from llmrelay_server.domain import LimitExceededError, LimitKind, LimitsUnavailableError, StoreRole
-from llmrelay_server.limits import Ask, RedisLimiter, Reservation
+from llmrelay_server.limits import Ask, Reservation
+from llmrelay_server.limits.redis import RedisLimiter
 from redis_server import RedisServer, ServerTLS
 from support import GatewayFactory, chat, details, stream_chat, two_backends
 from upstream import FakeUpstream
@@ -223,7 +224,8 @@ async def test_every_key_expires_when_left_alone(limiter_for: LimiterFactory, re
 HOLDER = """
 import asyncio, sys
 from llmrelay_server.config import Limits
-from llmrelay_server.limits import Ask, RedisLimiter
+from llmrelay_server.limits import Ask
+from llmrelay_server.limits.redis import RedisLimiter
 
 async def hold() -> None:
     limiter = RedisLimiter(sys.argv[1], stream_lease_s=float(sys.argv[2]))

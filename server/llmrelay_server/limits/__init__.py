@@ -8,14 +8,13 @@ and the cost of that at the requested model's price. When the call ends, the res
 call was billed (`metering`): an answer's real usage, a broken stream's part, nothing for a call that failed.
 
 The limiter's state sits behind `Limiter` (`interface`): `InProcessLimiter` (`in_process`) keeps it in this process;
-`RedisLimiter` (`redis`) keeps it in Redis, where one script reserves all of a call's subjects at once, so N gateways
-enforce one limit.
+`RedisLimiter` (`redis`, imported where Redis is configured) keeps it in Redis, where one script reserves all of a
+call's subjects at once, so N gateways enforce one limit.
 """
 
 from llmrelay_server.limits.in_process import InProcessLimiter
 from llmrelay_server.limits.interceptor import LimitsInterceptor
 from llmrelay_server.limits.interface import GATEWAY, STREAM_RETRY_S, WINDOW_S, Ask, Limiter, Reservation
-from llmrelay_server.limits.redis import RedisLimiter
 
 __all__ = [
     "GATEWAY",
@@ -25,6 +24,5 @@ __all__ = [
     "InProcessLimiter",
     "Limiter",
     "LimitsInterceptor",
-    "RedisLimiter",
     "Reservation",
 ]

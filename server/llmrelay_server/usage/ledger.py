@@ -50,7 +50,6 @@ from typing import Final
 from llmrelay_server.config import ServerConfig, is_postgresql
 from llmrelay_server.domain import Cost, StoreHealth, StoreRole, TokenUsage, UsageUnavailableError
 from llmrelay_server.usage.journal import Journal, Orphan, batch_files, encode, read_batch
-from llmrelay_server.usage.postgresql import PostgreSQLStore
 from llmrelay_server.usage.sqlite import MEMORY, SQLiteStore
 from llmrelay_server.usage.store import (
     BatchId,
@@ -100,7 +99,11 @@ def default_journal_dir(usage_db: str) -> Path | None:
 
 def open_store(usage_db: str) -> LedgerStore:
     """The store server.usage_db names: a PostgreSQL URL, else a SQLite path (or ":memory:")."""
-    return PostgreSQLStore(usage_db) if is_postgresql(usage_db) else SQLiteStore(usage_db)
+    if is_postgresql(usage_db):
+        from llmrelay_server.usage.postgresql import PostgreSQLStore  # psycopg, only where PostgreSQL is configured
+
+        return PostgreSQLStore(usage_db)
+    return SQLiteStore(usage_db)
 
 
 @dataclass(eq=False, slots=True)
