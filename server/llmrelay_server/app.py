@@ -269,6 +269,7 @@ def _interceptors(
                 router.estimate_usd_micros,
                 config.server.reserve_completion_tokens,
                 router.estimate_embedding_usd_micros,
+                config.server.max_image_bytes,
             )
         )
     return interceptors

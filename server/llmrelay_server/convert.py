@@ -5,6 +5,7 @@ Validation collects every violation (not just the first), so a caller fixes a re
 
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 import re
@@ -132,11 +133,28 @@ class _Violations:
 # --- requests -------------------------------------------------------------------------------------------------
 
 
+# The call's request as last parsed, with the bound it was parsed under: the limits interceptor parses it to reserve
+# its tokens, and the servicer then takes that one rather than parsing the same request again.
+_parsed: contextvars.ContextVar[tuple[object, int | None, CompletionRequest] | None] = contextvars.ContextVar(
+    "llmrelay_parsed_request", default=None
+)
+
+
 def completion_request(
     request: pb.CompleteRequest | pb.StreamCompleteRequest, *, max_image_bytes: int | None = None
 ) -> CompletionRequest:
     """The request in domain terms. max_image_bytes bounds an image's bytes (server.max_image_bytes); None bounds
-    nothing, for a caller that only estimates and must not refuse what the servicer accepts."""
+    nothing. Parsed once a call: asked again for the same request and bound, the first answer is given."""
+    if (parsed := _parsed.get()) is not None and parsed[0] is request and parsed[1] == max_image_bytes:
+        return parsed[2]
+    completion = _completion_request(request, max_image_bytes)
+    _parsed.set((request, max_image_bytes, completion))
+    return completion
+
+
+def _completion_request(
+    request: pb.CompleteRequest | pb.StreamCompleteRequest, max_image_bytes: int | None
+) -> CompletionRequest:
     errors = _Violations()
     model = request.model if request.HasField("model") else None
     if model is not None and not 0 < len(model) <= MAX_MODEL_NAME:

@@ -14,10 +14,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import v1 as pb
+from llmrelay_server import convert
 from llmrelay_server.app import Gateway
 from llmrelay_server.domain import Message, Role
 from llmrelay_server.tokens import TokenCounter
-from support import FAST_ROUTER, GatewayFactory, chat, details, stream_chat, two_backends
+from support import FAST_ROUTER, GatewayFactory, chat, details, png, stream_chat, two_backends
 from upstream import FakeUpstream
 
 RESEARCH_KEY = "llmr-research-0123456789abcdefghij"
@@ -288,3 +289,32 @@ async def test_max_concurrent_rpcs_bounds_the_calls_in_progress(
     assert second.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert (await first).backend == "openai"
     assert (await stub.Complete(chat(), timeout=5)).backend == "openai", "the slot is free again"
+
+
+async def test_a_limited_call_is_parsed_once_and_an_oversized_image_still_refused(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limits reserve a request's tokens from its parse; the servicer takes that parse rather than repeating it,
+    and what the servicer refuses (an image over server.max_image_bytes) is refused all the same."""
+    parses: list[object] = []
+    parse = convert._completion_request
+
+    def counted(request: Any, max_image_bytes: int | None) -> Any:
+        parses.append(request)
+        return parse(request, max_image_bytes)
+
+    monkeypatch.setattr(convert, "_completion_request", counted)
+    auth = keys_yaml(key_entry("research", RESEARCH_KEY, "limits: {tokens_per_minute: 1000000}"))
+    gateway = await gateway_factory(two_backends(primary, local) + auth, server="max_image_bytes: 100")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+        await stub.Complete(chat("once"), metadata=bearer(RESEARCH_KEY), timeout=5)
+        assert len(parses) == 1
+        chunks = [chunk async for chunk in stub.StreamComplete(stream_chat("once"), metadata=bearer(RESEARCH_KEY))]
+        assert chunks[-1].usage.completion_tokens > 0 and len(parses) == 2
+        big = pb.ContentPart(image=pb.ImagePart(data=png(64, 64) + b"\0" * 200, media_type="image/png"))
+        request = pb.CompleteRequest(messages=[pb.Message(role=pb.ROLE_USER, parts=[big])])
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Complete(request, metadata=bearer(RESEARCH_KEY), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "messages[0].parts[0].image.data" in str(details(refused.value)["BadRequest"])

@@ -37,7 +37,9 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         estimate_usd_micros: Callable[[str | None, int, int], int],
         reserve_completion_tokens: int,
         estimate_embedding_usd_micros: Callable[[str | None, int], int],
+        max_image_bytes: int | None = None,
     ) -> None:
+        self._max_image_bytes = max_image_bytes
         self._limiter = limiter
         self._gateway = gateway if gateway.any_set() else None
         self._counter = counter
@@ -117,7 +119,8 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
     async def _estimate(self, request: pb.CompleteRequest | pb.StreamCompleteRequest) -> tuple[int, int]:
         """The tokens and cost to reserve: the prompt as counted offline, and the most the answer may take."""
         try:
-            parsed = convert.completion_request(request)
+            # Under the servicer's own bound, so that the servicer takes this parse and does not repeat it.
+            parsed = convert.completion_request(request, max_image_bytes=self._max_image_bytes)
         except InvalidRequestError:
             return 0, 0  # the servicer refuses it before any upstream is asked
         completion = parsed.options.max_tokens or self._reserve_completion_tokens
