@@ -18,6 +18,9 @@ Faults are queued; each chat or embeddings request takes the next one. A fault i
     {"no_usage": true}                                 leave usage out (like older Ollama streams)
     {"reasoning": "thinking..."}                       add reasoning text (as Ollama's `reasoning` field)
     {"tool_call": {"name": "f", "arguments": "{}"}}    answer with a tool call
+    {"tool_calls": [{"name": "f", ...}, ...]}          answer with several tool calls (ids call_1, call_2, ...)
+    {"echo_tools": true}                               answer "tools: " + the tool results since the last user
+                                                       message, each as "name=content", joined by "; "
     {"two_choices": true}                              also answer a second choice (index 1), as n=2 would
     {"no_choices": true}                               a stream whose events carry no `choices`
     {"error_event_after": 2}                           a stream that sends an in-band error event after N chunks
@@ -300,7 +303,7 @@ class _Answer:
     model: str
     content: str
     reasoning: str | None
-    tool_call: dict[str, str] | None
+    tool_calls: list[dict[str, str]]
     prompt_tokens: int
     usage: bool
     two_choices: bool = False
@@ -320,8 +323,10 @@ class _Answer:
         message: dict[str, Any] = {"role": "assistant", "content": self.content}
         if self.reasoning is not None:
             message["reasoning"] = self.reasoning
-        if self.tool_call is not None:
-            message["tool_calls"] = [{"id": "call_1", "type": "function", "function": self.tool_call}]
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": f"call_{i + 1}", "type": "function", "function": call} for i, call in enumerate(self.tool_calls)
+            ]
         result: dict[str, Any] = {
             "id": self.id,
             "object": "chat.completion",
@@ -343,11 +348,11 @@ class _Answer:
         deltas += [
             {"content": piece} for piece in ([self.content] if fault.get("one_delta") else _pieces(self.content))
         ]
-        if self.tool_call is not None:
-            name, arguments = self.tool_call["name"], self.tool_call["arguments"]
-            head = {"index": 0, "id": "call_1", "type": "function", "function": {"name": name, "arguments": ""}}
+        for i, call in enumerate(self.tool_calls):
+            name, arguments = call["name"], call["arguments"]
+            head = {"index": i, "id": f"call_{i + 1}", "type": "function", "function": {"name": name, "arguments": ""}}
             deltas.append({"tool_calls": [head]})
-            deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": p}}]} for p in _halves(arguments)]
+            deltas += [{"tool_calls": [{"index": i, "function": {"arguments": p}}]} for p in _halves(arguments)]
         chunks = [self._chunk(delta, None) for delta in deltas]
         if not fault.get("no_finish"):
             chunks.append(self._chunk({}, self._finish_reason()))
@@ -370,7 +375,7 @@ class _Answer:
         }
 
     def _finish_reason(self) -> str:
-        return "tool_calls" if self.tool_call is not None else "stop"
+        return "tool_calls" if self.tool_calls else "stop"
 
 
 def embedding_vector(text: str, dimensions: int = EMBEDDING_DIMENSIONS) -> bytes:
@@ -400,17 +405,33 @@ def _halves(text: str) -> list[str]:
 def _answer(body: dict[str, Any], fault: Fault) -> _Answer:
     messages = body.get("messages") or []
     last_user = next((_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
-    content = _huge(fault["huge_content"]) if "huge_content" in fault else f"echo: {last_user}"
+    if "huge_content" in fault:
+        content = _huge(fault["huge_content"])
+    elif fault.get("echo_tools"):
+        content = "tools: " + "; ".join(_tool_results(messages))
+    else:
+        content = f"echo: {last_user}"
     return _Answer(
         id=f"chatcmpl-fake-{len(messages)}",
         model=body.get("model", ""),
         content=content,
         reasoning=fault.get("reasoning"),
-        tool_call=fault.get("tool_call"),
+        tool_calls=[fault["tool_call"]] if "tool_call" in fault else list(fault.get("tool_calls", ())),
         prompt_tokens=_prompt_tokens(body),
         usage=not fault.get("no_usage"),
         two_choices=bool(fault.get("two_choices")),
     )
+
+
+def _tool_results(messages: list[dict[str, Any]]) -> list[str]:
+    """The tool results after the last user message, as "name=content", the name found by the call id."""
+    start = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1) + 1
+    names = {call["id"]: call["function"]["name"] for m in messages[start:] for call in m.get("tool_calls") or ()}
+    return [
+        f"{names.get(m.get('tool_call_id'), '?')}={_text(m.get('content'))}"
+        for m in messages[start:]
+        if m.get("role") == "tool"
+    ]
 
 
 def _text(content: Any) -> str:

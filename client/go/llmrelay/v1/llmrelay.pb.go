@@ -1944,6 +1944,54 @@ func (x *Attempt) GetError() string {
 	return ""
 }
 
+// The attempts of a failed call, oldest first, as a detail of its status (google.rpc.Status.details) beside the
+// ErrorInfo: set when the call reached the router (BACKENDS_UNAVAILABLE, DEADLINE_EXCEEDED, STREAM_INTERRUPTED and
+// the upstream reasons).
+type AttemptHistory struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Every attempt, the skipped ones included.
+	Attempts      []*Attempt `protobuf:"bytes,1,rep,name=attempts,proto3" json:"attempts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AttemptHistory) Reset() {
+	*x = AttemptHistory{}
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AttemptHistory) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AttemptHistory) ProtoMessage() {}
+
+func (x *AttemptHistory) ProtoReflect() protoreflect.Message {
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AttemptHistory.ProtoReflect.Descriptor instead.
+func (*AttemptHistory) Descriptor() ([]byte, []int) {
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *AttemptHistory) GetAttempts() []*Attempt {
+	if x != nil {
+		return x.Attempts
+	}
+	return nil
+}
+
 // A request for one assistant message.
 type CompleteRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1962,7 +2010,7 @@ type CompleteRequest struct {
 
 func (x *CompleteRequest) Reset() {
 	*x = CompleteRequest{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[14]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1974,7 +2022,7 @@ func (x *CompleteRequest) String() string {
 func (*CompleteRequest) ProtoMessage() {}
 
 func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[14]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1987,7 +2035,7 @@ func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteRequest.ProtoReflect.Descriptor instead.
 func (*CompleteRequest) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{14}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *CompleteRequest) GetModel() string {
@@ -2041,7 +2089,7 @@ type CompleteResponse struct {
 
 func (x *CompleteResponse) Reset() {
 	*x = CompleteResponse{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[15]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2053,7 +2101,7 @@ func (x *CompleteResponse) String() string {
 func (*CompleteResponse) ProtoMessage() {}
 
 func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[15]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2066,7 +2114,7 @@ func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteResponse.ProtoReflect.Descriptor instead.
 func (*CompleteResponse) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{15}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CompleteResponse) GetId() string {
@@ -2137,7 +2185,7 @@ type StreamCompleteRequest struct {
 
 func (x *StreamCompleteRequest) Reset() {
 	*x = StreamCompleteRequest{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[16]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2149,7 +2197,7 @@ func (x *StreamCompleteRequest) String() string {
 func (*StreamCompleteRequest) ProtoMessage() {}
 
 func (x *StreamCompleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[16]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2162,7 +2210,7 @@ func (x *StreamCompleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamCompleteRequest.ProtoReflect.Descriptor instead.
 func (*StreamCompleteRequest) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{16}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *StreamCompleteRequest) GetModel() string {
@@ -2219,7 +2267,7 @@ type StreamRestart struct {
 
 func (x *StreamRestart) Reset() {
 	*x = StreamRestart{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[17]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2231,7 +2279,7 @@ func (x *StreamRestart) String() string {
 func (*StreamRestart) ProtoMessage() {}
 
 func (x *StreamRestart) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[17]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2244,7 +2292,7 @@ func (x *StreamRestart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamRestart.ProtoReflect.Descriptor instead.
 func (*StreamRestart) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{17}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *StreamRestart) GetReason() string {
@@ -2292,7 +2340,7 @@ type ToolCallDelta struct {
 
 func (x *ToolCallDelta) Reset() {
 	*x = ToolCallDelta{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[18]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2304,7 +2352,7 @@ func (x *ToolCallDelta) String() string {
 func (*ToolCallDelta) ProtoMessage() {}
 
 func (x *ToolCallDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[18]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2317,7 +2365,7 @@ func (x *ToolCallDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCallDelta.ProtoReflect.Descriptor instead.
 func (*ToolCallDelta) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{18}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ToolCallDelta) GetIndex() int32 {
@@ -2366,7 +2414,7 @@ type MessageDelta struct {
 
 func (x *MessageDelta) Reset() {
 	*x = MessageDelta{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[19]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2378,7 +2426,7 @@ func (x *MessageDelta) String() string {
 func (*MessageDelta) ProtoMessage() {}
 
 func (x *MessageDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[19]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2391,7 +2439,7 @@ func (x *MessageDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MessageDelta.ProtoReflect.Descriptor instead.
 func (*MessageDelta) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{19}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *MessageDelta) GetContent() string {
@@ -2451,7 +2499,7 @@ type StreamCompleteResponse struct {
 
 func (x *StreamCompleteResponse) Reset() {
 	*x = StreamCompleteResponse{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[20]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2463,7 +2511,7 @@ func (x *StreamCompleteResponse) String() string {
 func (*StreamCompleteResponse) ProtoMessage() {}
 
 func (x *StreamCompleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[20]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2476,7 +2524,7 @@ func (x *StreamCompleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamCompleteResponse.ProtoReflect.Descriptor instead.
 func (*StreamCompleteResponse) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{20}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *StreamCompleteResponse) GetId() string {
@@ -2552,7 +2600,7 @@ type CountTokensRequest struct {
 
 func (x *CountTokensRequest) Reset() {
 	*x = CountTokensRequest{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[21]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2564,7 +2612,7 @@ func (x *CountTokensRequest) String() string {
 func (*CountTokensRequest) ProtoMessage() {}
 
 func (x *CountTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[21]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2577,7 +2625,7 @@ func (x *CountTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CountTokensRequest.ProtoReflect.Descriptor instead.
 func (*CountTokensRequest) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{21}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *CountTokensRequest) GetModel() string {
@@ -2625,7 +2673,7 @@ type CountTokensResponse struct {
 
 func (x *CountTokensResponse) Reset() {
 	*x = CountTokensResponse{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[22]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2637,7 +2685,7 @@ func (x *CountTokensResponse) String() string {
 func (*CountTokensResponse) ProtoMessage() {}
 
 func (x *CountTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[22]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2650,7 +2698,7 @@ func (x *CountTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CountTokensResponse.ProtoReflect.Descriptor instead.
 func (*CountTokensResponse) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{22}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CountTokensResponse) GetTokenCount() int32 {
@@ -2692,7 +2740,7 @@ type HealthRequest struct {
 
 func (x *HealthRequest) Reset() {
 	*x = HealthRequest{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[23]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2704,7 +2752,7 @@ func (x *HealthRequest) String() string {
 func (*HealthRequest) ProtoMessage() {}
 
 func (x *HealthRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[23]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2717,7 +2765,7 @@ func (x *HealthRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthRequest.ProtoReflect.Descriptor instead.
 func (*HealthRequest) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{23}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *HealthRequest) GetProbe() bool {
@@ -2756,7 +2804,7 @@ type BackendHealth struct {
 
 func (x *BackendHealth) Reset() {
 	*x = BackendHealth{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[24]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2768,7 +2816,7 @@ func (x *BackendHealth) String() string {
 func (*BackendHealth) ProtoMessage() {}
 
 func (x *BackendHealth) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[24]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2781,7 +2829,7 @@ func (x *BackendHealth) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BackendHealth.ProtoReflect.Descriptor instead.
 func (*BackendHealth) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{24}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *BackendHealth) GetName() string {
@@ -2873,7 +2921,7 @@ type StoreHealth struct {
 
 func (x *StoreHealth) Reset() {
 	*x = StoreHealth{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[25]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2885,7 +2933,7 @@ func (x *StoreHealth) String() string {
 func (*StoreHealth) ProtoMessage() {}
 
 func (x *StoreHealth) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[25]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2898,7 +2946,7 @@ func (x *StoreHealth) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoreHealth.ProtoReflect.Descriptor instead.
 func (*StoreHealth) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{25}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *StoreHealth) GetRole() StoreRole {
@@ -2952,7 +3000,7 @@ type HealthResponse struct {
 
 func (x *HealthResponse) Reset() {
 	*x = HealthResponse{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[26]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2964,7 +3012,7 @@ func (x *HealthResponse) String() string {
 func (*HealthResponse) ProtoMessage() {}
 
 func (x *HealthResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[26]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2977,7 +3025,7 @@ func (x *HealthResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthResponse.ProtoReflect.Descriptor instead.
 func (*HealthResponse) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{26}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *HealthResponse) GetServing() bool {
@@ -3020,7 +3068,7 @@ type GetUsageRequest struct {
 
 func (x *GetUsageRequest) Reset() {
 	*x = GetUsageRequest{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[27]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3032,7 +3080,7 @@ func (x *GetUsageRequest) String() string {
 func (*GetUsageRequest) ProtoMessage() {}
 
 func (x *GetUsageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[27]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3045,7 +3093,7 @@ func (x *GetUsageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUsageRequest.ProtoReflect.Descriptor instead.
 func (*GetUsageRequest) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{27}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *GetUsageRequest) GetBackend() string {
@@ -3112,7 +3160,7 @@ type UsageRecord struct {
 
 func (x *UsageRecord) Reset() {
 	*x = UsageRecord{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[28]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3124,7 +3172,7 @@ func (x *UsageRecord) String() string {
 func (*UsageRecord) ProtoMessage() {}
 
 func (x *UsageRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[28]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3137,7 +3185,7 @@ func (x *UsageRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UsageRecord.ProtoReflect.Descriptor instead.
 func (*UsageRecord) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{28}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *UsageRecord) GetBackend() string {
@@ -3221,7 +3269,7 @@ type GetUsageResponse struct {
 
 func (x *GetUsageResponse) Reset() {
 	*x = GetUsageResponse{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[29]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3233,7 +3281,7 @@ func (x *GetUsageResponse) String() string {
 func (*GetUsageResponse) ProtoMessage() {}
 
 func (x *GetUsageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[29]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3246,7 +3294,7 @@ func (x *GetUsageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUsageResponse.ProtoReflect.Descriptor instead.
 func (*GetUsageResponse) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{29}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *GetUsageResponse) GetRecords() []*UsageRecord {
@@ -3272,7 +3320,7 @@ type EmbedRequest struct {
 
 func (x *EmbedRequest) Reset() {
 	*x = EmbedRequest{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[30]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3284,7 +3332,7 @@ func (x *EmbedRequest) String() string {
 func (*EmbedRequest) ProtoMessage() {}
 
 func (x *EmbedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[30]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3297,7 +3345,7 @@ func (x *EmbedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EmbedRequest.ProtoReflect.Descriptor instead.
 func (*EmbedRequest) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{30}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *EmbedRequest) GetInputs() []string {
@@ -3332,7 +3380,7 @@ type Embedding struct {
 
 func (x *Embedding) Reset() {
 	*x = Embedding{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[31]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3344,7 +3392,7 @@ func (x *Embedding) String() string {
 func (*Embedding) ProtoMessage() {}
 
 func (x *Embedding) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[31]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3357,7 +3405,7 @@ func (x *Embedding) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Embedding.ProtoReflect.Descriptor instead.
 func (*Embedding) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{31}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *Embedding) GetValues() []float32 {
@@ -3382,7 +3430,7 @@ type EmbedUsage struct {
 
 func (x *EmbedUsage) Reset() {
 	*x = EmbedUsage{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[32]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3394,7 +3442,7 @@ func (x *EmbedUsage) String() string {
 func (*EmbedUsage) ProtoMessage() {}
 
 func (x *EmbedUsage) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[32]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3407,7 +3455,7 @@ func (x *EmbedUsage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EmbedUsage.ProtoReflect.Descriptor instead.
 func (*EmbedUsage) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{32}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *EmbedUsage) GetPromptTokens() int32 {
@@ -3450,7 +3498,7 @@ type EmbedResponse struct {
 
 func (x *EmbedResponse) Reset() {
 	*x = EmbedResponse{}
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[33]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3462,7 +3510,7 @@ func (x *EmbedResponse) String() string {
 func (*EmbedResponse) ProtoMessage() {}
 
 func (x *EmbedResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[33]
+	mi := &file_llmrelay_v1_llmrelay_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3475,7 +3523,7 @@ func (x *EmbedResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EmbedResponse.ProtoReflect.Descriptor instead.
 func (*EmbedResponse) Descriptor() ([]byte, []int) {
-	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{33}
+	return file_llmrelay_v1_llmrelay_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *EmbedResponse) GetEmbeddings() []*Embedding {
@@ -3629,7 +3677,9 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\bduration\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\bduration\x12,\n" +
 	"\x0fupstream_status\x18\x05 \x01(\x05H\x00R\x0eupstreamStatus\x88\x01\x01\x12\x14\n" +
 	"\x05error\x18\x06 \x01(\tR\x05errorB\x12\n" +
-	"\x10_upstream_status\"\xc3\x01\n" +
+	"\x10_upstream_status\"B\n" +
+	"\x0eAttemptHistory\x120\n" +
+	"\battempts\x18\x01 \x03(\v2\x14.llmrelay.v1.AttemptR\battempts\"\xc3\x01\n" +
 	"\x0fCompleteRequest\x12\x19\n" +
 	"\x05model\x18\x01 \x01(\tH\x00R\x05model\x88\x01\x01\x120\n" +
 	"\bmessages\x18\x02 \x03(\v2\x14.llmrelay.v1.MessageR\bmessages\x128\n" +
@@ -3867,8 +3917,8 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\vCountTokens\x12\x1f.llmrelay.v1.CountTokensRequest\x1a .llmrelay.v1.CountTokensResponse\x12A\n" +
 	"\x06Health\x12\x1a.llmrelay.v1.HealthRequest\x1a\x1b.llmrelay.v1.HealthResponse\x12G\n" +
 	"\bGetUsage\x12\x1c.llmrelay.v1.GetUsageRequest\x1a\x1d.llmrelay.v1.GetUsageResponse\x12>\n" +
-	"\x05Embed\x12\x19.llmrelay.v1.EmbedRequest\x1a\x1a.llmrelay.v1.EmbedResponseBR\n" +
-	"\x0fdev.llmrelay.v1P\x01Z=github.com/llmrelay/llmrelay/client/go/llmrelay/v1;llmrelayv1b\x06proto3"
+	"\x05Embed\x12\x19.llmrelay.v1.EmbedRequest\x1a\x1a.llmrelay.v1.EmbedResponseB\x93\x01\n" +
+	"\x0fdev.llmrelay.v1B\rLlmrelayProtoP\x01Z=github.com/llmrelay/llmrelay/client/go/llmrelay/v1;llmrelayv1\xa2\x02\x04LLMR\xaa\x02\vLlmrelay.V1\xca\x02\vLlmrelay\\V1\xea\x02\fLlmrelay::V1b\x06proto3"
 
 var (
 	file_llmrelay_v1_llmrelay_proto_rawDescOnce sync.Once
@@ -3883,7 +3933,7 @@ func file_llmrelay_v1_llmrelay_proto_rawDescGZIP() []byte {
 }
 
 var file_llmrelay_v1_llmrelay_proto_enumTypes = make([]protoimpl.EnumInfo, 11)
-var file_llmrelay_v1_llmrelay_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
+var file_llmrelay_v1_llmrelay_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
 var file_llmrelay_v1_llmrelay_proto_goTypes = []any{
 	(Role)(0),                      // 0: llmrelay.v1.Role
 	(FinishReason)(0),              // 1: llmrelay.v1.FinishReason
@@ -3910,29 +3960,30 @@ var file_llmrelay_v1_llmrelay_proto_goTypes = []any{
 	(*Usage)(nil),                  // 22: llmrelay.v1.Usage
 	(*Cost)(nil),                   // 23: llmrelay.v1.Cost
 	(*Attempt)(nil),                // 24: llmrelay.v1.Attempt
-	(*CompleteRequest)(nil),        // 25: llmrelay.v1.CompleteRequest
-	(*CompleteResponse)(nil),       // 26: llmrelay.v1.CompleteResponse
-	(*StreamCompleteRequest)(nil),  // 27: llmrelay.v1.StreamCompleteRequest
-	(*StreamRestart)(nil),          // 28: llmrelay.v1.StreamRestart
-	(*ToolCallDelta)(nil),          // 29: llmrelay.v1.ToolCallDelta
-	(*MessageDelta)(nil),           // 30: llmrelay.v1.MessageDelta
-	(*StreamCompleteResponse)(nil), // 31: llmrelay.v1.StreamCompleteResponse
-	(*CountTokensRequest)(nil),     // 32: llmrelay.v1.CountTokensRequest
-	(*CountTokensResponse)(nil),    // 33: llmrelay.v1.CountTokensResponse
-	(*HealthRequest)(nil),          // 34: llmrelay.v1.HealthRequest
-	(*BackendHealth)(nil),          // 35: llmrelay.v1.BackendHealth
-	(*StoreHealth)(nil),            // 36: llmrelay.v1.StoreHealth
-	(*HealthResponse)(nil),         // 37: llmrelay.v1.HealthResponse
-	(*GetUsageRequest)(nil),        // 38: llmrelay.v1.GetUsageRequest
-	(*UsageRecord)(nil),            // 39: llmrelay.v1.UsageRecord
-	(*GetUsageResponse)(nil),       // 40: llmrelay.v1.GetUsageResponse
-	(*EmbedRequest)(nil),           // 41: llmrelay.v1.EmbedRequest
-	(*Embedding)(nil),              // 42: llmrelay.v1.Embedding
-	(*EmbedUsage)(nil),             // 43: llmrelay.v1.EmbedUsage
-	(*EmbedResponse)(nil),          // 44: llmrelay.v1.EmbedResponse
-	(*structpb.Struct)(nil),        // 45: google.protobuf.Struct
-	(*durationpb.Duration)(nil),    // 46: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),  // 47: google.protobuf.Timestamp
+	(*AttemptHistory)(nil),         // 25: llmrelay.v1.AttemptHistory
+	(*CompleteRequest)(nil),        // 26: llmrelay.v1.CompleteRequest
+	(*CompleteResponse)(nil),       // 27: llmrelay.v1.CompleteResponse
+	(*StreamCompleteRequest)(nil),  // 28: llmrelay.v1.StreamCompleteRequest
+	(*StreamRestart)(nil),          // 29: llmrelay.v1.StreamRestart
+	(*ToolCallDelta)(nil),          // 30: llmrelay.v1.ToolCallDelta
+	(*MessageDelta)(nil),           // 31: llmrelay.v1.MessageDelta
+	(*StreamCompleteResponse)(nil), // 32: llmrelay.v1.StreamCompleteResponse
+	(*CountTokensRequest)(nil),     // 33: llmrelay.v1.CountTokensRequest
+	(*CountTokensResponse)(nil),    // 34: llmrelay.v1.CountTokensResponse
+	(*HealthRequest)(nil),          // 35: llmrelay.v1.HealthRequest
+	(*BackendHealth)(nil),          // 36: llmrelay.v1.BackendHealth
+	(*StoreHealth)(nil),            // 37: llmrelay.v1.StoreHealth
+	(*HealthResponse)(nil),         // 38: llmrelay.v1.HealthResponse
+	(*GetUsageRequest)(nil),        // 39: llmrelay.v1.GetUsageRequest
+	(*UsageRecord)(nil),            // 40: llmrelay.v1.UsageRecord
+	(*GetUsageResponse)(nil),       // 41: llmrelay.v1.GetUsageResponse
+	(*EmbedRequest)(nil),           // 42: llmrelay.v1.EmbedRequest
+	(*Embedding)(nil),              // 43: llmrelay.v1.Embedding
+	(*EmbedUsage)(nil),             // 44: llmrelay.v1.EmbedUsage
+	(*EmbedResponse)(nil),          // 45: llmrelay.v1.EmbedResponse
+	(*structpb.Struct)(nil),        // 46: google.protobuf.Struct
+	(*durationpb.Duration)(nil),    // 47: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),  // 48: google.protobuf.Timestamp
 }
 var file_llmrelay_v1_llmrelay_proto_depIdxs = []int32{
 	11, // 0: llmrelay.v1.ToolCall.function:type_name -> llmrelay.v1.FunctionCall
@@ -3941,10 +3992,10 @@ var file_llmrelay_v1_llmrelay_proto_depIdxs = []int32{
 	14, // 3: llmrelay.v1.Message.parts:type_name -> llmrelay.v1.ContentPart
 	15, // 4: llmrelay.v1.ContentPart.image:type_name -> llmrelay.v1.ImagePart
 	8,  // 5: llmrelay.v1.ImagePart.detail:type_name -> llmrelay.v1.ImageDetail
-	45, // 6: llmrelay.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
+	46, // 6: llmrelay.v1.FunctionDefinition.parameters:type_name -> google.protobuf.Struct
 	16, // 7: llmrelay.v1.Tool.function:type_name -> llmrelay.v1.FunctionDefinition
 	2,  // 8: llmrelay.v1.ToolChoice.mode:type_name -> llmrelay.v1.ToolChoiceMode
-	45, // 9: llmrelay.v1.JsonSchema.schema:type_name -> google.protobuf.Struct
+	46, // 9: llmrelay.v1.JsonSchema.schema:type_name -> google.protobuf.Struct
 	3,  // 10: llmrelay.v1.ResponseFormat.type:type_name -> llmrelay.v1.ResponseFormatType
 	19, // 11: llmrelay.v1.ResponseFormat.json_schema:type_name -> llmrelay.v1.JsonSchema
 	20, // 12: llmrelay.v1.CompletionOptions.response_format:type_name -> llmrelay.v1.ResponseFormat
@@ -3953,57 +4004,58 @@ var file_llmrelay_v1_llmrelay_proto_depIdxs = []int32{
 	4,  // 15: llmrelay.v1.CompletionOptions.reasoning_effort:type_name -> llmrelay.v1.ReasoningEffort
 	23, // 16: llmrelay.v1.Usage.cost:type_name -> llmrelay.v1.Cost
 	5,  // 17: llmrelay.v1.Attempt.outcome:type_name -> llmrelay.v1.AttemptOutcome
-	46, // 18: llmrelay.v1.Attempt.duration:type_name -> google.protobuf.Duration
-	13, // 19: llmrelay.v1.CompleteRequest.messages:type_name -> llmrelay.v1.Message
-	21, // 20: llmrelay.v1.CompleteRequest.options:type_name -> llmrelay.v1.CompletionOptions
-	13, // 21: llmrelay.v1.CompleteResponse.message:type_name -> llmrelay.v1.Message
-	1,  // 22: llmrelay.v1.CompleteResponse.finish_reason:type_name -> llmrelay.v1.FinishReason
-	22, // 23: llmrelay.v1.CompleteResponse.usage:type_name -> llmrelay.v1.Usage
-	24, // 24: llmrelay.v1.CompleteResponse.attempts:type_name -> llmrelay.v1.Attempt
-	13, // 25: llmrelay.v1.StreamCompleteRequest.messages:type_name -> llmrelay.v1.Message
-	21, // 26: llmrelay.v1.StreamCompleteRequest.options:type_name -> llmrelay.v1.CompletionOptions
-	6,  // 27: llmrelay.v1.StreamCompleteRequest.on_interrupt:type_name -> llmrelay.v1.InterruptPolicy
-	24, // 28: llmrelay.v1.StreamRestart.attempts:type_name -> llmrelay.v1.Attempt
-	22, // 29: llmrelay.v1.StreamRestart.usage:type_name -> llmrelay.v1.Usage
-	29, // 30: llmrelay.v1.MessageDelta.tool_calls:type_name -> llmrelay.v1.ToolCallDelta
-	30, // 31: llmrelay.v1.StreamCompleteResponse.delta:type_name -> llmrelay.v1.MessageDelta
-	1,  // 32: llmrelay.v1.StreamCompleteResponse.finish_reason:type_name -> llmrelay.v1.FinishReason
-	22, // 33: llmrelay.v1.StreamCompleteResponse.usage:type_name -> llmrelay.v1.Usage
-	24, // 34: llmrelay.v1.StreamCompleteResponse.attempts:type_name -> llmrelay.v1.Attempt
-	28, // 35: llmrelay.v1.StreamCompleteResponse.restart:type_name -> llmrelay.v1.StreamRestart
-	13, // 36: llmrelay.v1.CountTokensRequest.messages:type_name -> llmrelay.v1.Message
-	17, // 37: llmrelay.v1.CountTokensRequest.tools:type_name -> llmrelay.v1.Tool
-	46, // 38: llmrelay.v1.BackendHealth.latency:type_name -> google.protobuf.Duration
-	47, // 39: llmrelay.v1.BackendHealth.checked_at:type_name -> google.protobuf.Timestamp
-	9,  // 40: llmrelay.v1.BackendHealth.circuit_state:type_name -> llmrelay.v1.CircuitState
-	10, // 41: llmrelay.v1.StoreHealth.role:type_name -> llmrelay.v1.StoreRole
-	35, // 42: llmrelay.v1.HealthResponse.backends:type_name -> llmrelay.v1.BackendHealth
-	36, // 43: llmrelay.v1.HealthResponse.stores:type_name -> llmrelay.v1.StoreHealth
-	47, // 44: llmrelay.v1.GetUsageRequest.start_time:type_name -> google.protobuf.Timestamp
-	47, // 45: llmrelay.v1.GetUsageRequest.end_time:type_name -> google.protobuf.Timestamp
-	23, // 46: llmrelay.v1.UsageRecord.cost:type_name -> llmrelay.v1.Cost
-	39, // 47: llmrelay.v1.GetUsageResponse.records:type_name -> llmrelay.v1.UsageRecord
-	23, // 48: llmrelay.v1.EmbedUsage.cost:type_name -> llmrelay.v1.Cost
-	42, // 49: llmrelay.v1.EmbedResponse.embeddings:type_name -> llmrelay.v1.Embedding
-	43, // 50: llmrelay.v1.EmbedResponse.usage:type_name -> llmrelay.v1.EmbedUsage
-	24, // 51: llmrelay.v1.EmbedResponse.attempts:type_name -> llmrelay.v1.Attempt
-	25, // 52: llmrelay.v1.LLMService.Complete:input_type -> llmrelay.v1.CompleteRequest
-	27, // 53: llmrelay.v1.LLMService.StreamComplete:input_type -> llmrelay.v1.StreamCompleteRequest
-	32, // 54: llmrelay.v1.LLMService.CountTokens:input_type -> llmrelay.v1.CountTokensRequest
-	34, // 55: llmrelay.v1.LLMService.Health:input_type -> llmrelay.v1.HealthRequest
-	38, // 56: llmrelay.v1.LLMService.GetUsage:input_type -> llmrelay.v1.GetUsageRequest
-	41, // 57: llmrelay.v1.LLMService.Embed:input_type -> llmrelay.v1.EmbedRequest
-	26, // 58: llmrelay.v1.LLMService.Complete:output_type -> llmrelay.v1.CompleteResponse
-	31, // 59: llmrelay.v1.LLMService.StreamComplete:output_type -> llmrelay.v1.StreamCompleteResponse
-	33, // 60: llmrelay.v1.LLMService.CountTokens:output_type -> llmrelay.v1.CountTokensResponse
-	37, // 61: llmrelay.v1.LLMService.Health:output_type -> llmrelay.v1.HealthResponse
-	40, // 62: llmrelay.v1.LLMService.GetUsage:output_type -> llmrelay.v1.GetUsageResponse
-	44, // 63: llmrelay.v1.LLMService.Embed:output_type -> llmrelay.v1.EmbedResponse
-	58, // [58:64] is the sub-list for method output_type
-	52, // [52:58] is the sub-list for method input_type
-	52, // [52:52] is the sub-list for extension type_name
-	52, // [52:52] is the sub-list for extension extendee
-	0,  // [0:52] is the sub-list for field type_name
+	47, // 18: llmrelay.v1.Attempt.duration:type_name -> google.protobuf.Duration
+	24, // 19: llmrelay.v1.AttemptHistory.attempts:type_name -> llmrelay.v1.Attempt
+	13, // 20: llmrelay.v1.CompleteRequest.messages:type_name -> llmrelay.v1.Message
+	21, // 21: llmrelay.v1.CompleteRequest.options:type_name -> llmrelay.v1.CompletionOptions
+	13, // 22: llmrelay.v1.CompleteResponse.message:type_name -> llmrelay.v1.Message
+	1,  // 23: llmrelay.v1.CompleteResponse.finish_reason:type_name -> llmrelay.v1.FinishReason
+	22, // 24: llmrelay.v1.CompleteResponse.usage:type_name -> llmrelay.v1.Usage
+	24, // 25: llmrelay.v1.CompleteResponse.attempts:type_name -> llmrelay.v1.Attempt
+	13, // 26: llmrelay.v1.StreamCompleteRequest.messages:type_name -> llmrelay.v1.Message
+	21, // 27: llmrelay.v1.StreamCompleteRequest.options:type_name -> llmrelay.v1.CompletionOptions
+	6,  // 28: llmrelay.v1.StreamCompleteRequest.on_interrupt:type_name -> llmrelay.v1.InterruptPolicy
+	24, // 29: llmrelay.v1.StreamRestart.attempts:type_name -> llmrelay.v1.Attempt
+	22, // 30: llmrelay.v1.StreamRestart.usage:type_name -> llmrelay.v1.Usage
+	30, // 31: llmrelay.v1.MessageDelta.tool_calls:type_name -> llmrelay.v1.ToolCallDelta
+	31, // 32: llmrelay.v1.StreamCompleteResponse.delta:type_name -> llmrelay.v1.MessageDelta
+	1,  // 33: llmrelay.v1.StreamCompleteResponse.finish_reason:type_name -> llmrelay.v1.FinishReason
+	22, // 34: llmrelay.v1.StreamCompleteResponse.usage:type_name -> llmrelay.v1.Usage
+	24, // 35: llmrelay.v1.StreamCompleteResponse.attempts:type_name -> llmrelay.v1.Attempt
+	29, // 36: llmrelay.v1.StreamCompleteResponse.restart:type_name -> llmrelay.v1.StreamRestart
+	13, // 37: llmrelay.v1.CountTokensRequest.messages:type_name -> llmrelay.v1.Message
+	17, // 38: llmrelay.v1.CountTokensRequest.tools:type_name -> llmrelay.v1.Tool
+	47, // 39: llmrelay.v1.BackendHealth.latency:type_name -> google.protobuf.Duration
+	48, // 40: llmrelay.v1.BackendHealth.checked_at:type_name -> google.protobuf.Timestamp
+	9,  // 41: llmrelay.v1.BackendHealth.circuit_state:type_name -> llmrelay.v1.CircuitState
+	10, // 42: llmrelay.v1.StoreHealth.role:type_name -> llmrelay.v1.StoreRole
+	36, // 43: llmrelay.v1.HealthResponse.backends:type_name -> llmrelay.v1.BackendHealth
+	37, // 44: llmrelay.v1.HealthResponse.stores:type_name -> llmrelay.v1.StoreHealth
+	48, // 45: llmrelay.v1.GetUsageRequest.start_time:type_name -> google.protobuf.Timestamp
+	48, // 46: llmrelay.v1.GetUsageRequest.end_time:type_name -> google.protobuf.Timestamp
+	23, // 47: llmrelay.v1.UsageRecord.cost:type_name -> llmrelay.v1.Cost
+	40, // 48: llmrelay.v1.GetUsageResponse.records:type_name -> llmrelay.v1.UsageRecord
+	23, // 49: llmrelay.v1.EmbedUsage.cost:type_name -> llmrelay.v1.Cost
+	43, // 50: llmrelay.v1.EmbedResponse.embeddings:type_name -> llmrelay.v1.Embedding
+	44, // 51: llmrelay.v1.EmbedResponse.usage:type_name -> llmrelay.v1.EmbedUsage
+	24, // 52: llmrelay.v1.EmbedResponse.attempts:type_name -> llmrelay.v1.Attempt
+	26, // 53: llmrelay.v1.LLMService.Complete:input_type -> llmrelay.v1.CompleteRequest
+	28, // 54: llmrelay.v1.LLMService.StreamComplete:input_type -> llmrelay.v1.StreamCompleteRequest
+	33, // 55: llmrelay.v1.LLMService.CountTokens:input_type -> llmrelay.v1.CountTokensRequest
+	35, // 56: llmrelay.v1.LLMService.Health:input_type -> llmrelay.v1.HealthRequest
+	39, // 57: llmrelay.v1.LLMService.GetUsage:input_type -> llmrelay.v1.GetUsageRequest
+	42, // 58: llmrelay.v1.LLMService.Embed:input_type -> llmrelay.v1.EmbedRequest
+	27, // 59: llmrelay.v1.LLMService.Complete:output_type -> llmrelay.v1.CompleteResponse
+	32, // 60: llmrelay.v1.LLMService.StreamComplete:output_type -> llmrelay.v1.StreamCompleteResponse
+	34, // 61: llmrelay.v1.LLMService.CountTokens:output_type -> llmrelay.v1.CountTokensResponse
+	38, // 62: llmrelay.v1.LLMService.Health:output_type -> llmrelay.v1.HealthResponse
+	41, // 63: llmrelay.v1.LLMService.GetUsage:output_type -> llmrelay.v1.GetUsageResponse
+	45, // 64: llmrelay.v1.LLMService.Embed:output_type -> llmrelay.v1.EmbedResponse
+	59, // [59:65] is the sub-list for method output_type
+	53, // [53:59] is the sub-list for method input_type
+	53, // [53:53] is the sub-list for extension type_name
+	53, // [53:53] is the sub-list for extension extendee
+	0,  // [0:53] is the sub-list for field type_name
 }
 
 func init() { file_llmrelay_v1_llmrelay_proto_init() }
@@ -4029,21 +4081,21 @@ func file_llmrelay_v1_llmrelay_proto_init() {
 	file_llmrelay_v1_llmrelay_proto_msgTypes[10].OneofWrappers = []any{}
 	file_llmrelay_v1_llmrelay_proto_msgTypes[11].OneofWrappers = []any{}
 	file_llmrelay_v1_llmrelay_proto_msgTypes[13].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[14].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[16].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[18].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[15].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[17].OneofWrappers = []any{}
 	file_llmrelay_v1_llmrelay_proto_msgTypes[19].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[21].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[24].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[27].OneofWrappers = []any{}
-	file_llmrelay_v1_llmrelay_proto_msgTypes[30].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[20].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[22].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[25].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[28].OneofWrappers = []any{}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[31].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_llmrelay_v1_llmrelay_proto_rawDesc), len(file_llmrelay_v1_llmrelay_proto_rawDesc)),
 			NumEnums:      11,
-			NumMessages:   34,
+			NumMessages:   35,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -1085,6 +1085,33 @@ class Attempt(_message.Message):
 Global___Attempt: _TypeAlias = Attempt  # noqa: Y015
 
 @_typing.final
+class AttemptHistory(_message.Message):
+    """The attempts of a failed call, oldest first, as a detail of its status (google.rpc.Status.details) beside the
+    ErrorInfo: set when the call reached the router (BACKENDS_UNAVAILABLE, DEADLINE_EXCEEDED, STREAM_INTERRUPTED and
+    the upstream reasons).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]:
+        """Every attempt, the skipped ones included."""
+
+    def __init__(
+        self,
+        *,
+        attempts: _abc.Iterable[Global___Attempt] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttemptHistory: _TypeAlias = AttemptHistory  # noqa: Y015
+
+@_typing.final
 class CompleteRequest(_message.Message):
     """A request for one assistant message."""
 

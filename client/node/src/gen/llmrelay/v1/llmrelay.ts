@@ -1044,6 +1044,16 @@ export interface Attempt {
   error: string;
 }
 
+/**
+ * The attempts of a failed call, oldest first, as a detail of its status (google.rpc.Status.details) beside the
+ * ErrorInfo: set when the call reached the router (BACKENDS_UNAVAILABLE, DEADLINE_EXCEEDED, STREAM_INTERRUPTED and
+ * the upstream reasons).
+ */
+export interface AttemptHistory {
+  /** Every attempt, the skipped ones included. */
+  attempts: Attempt[];
+}
+
 /** A request for one assistant message. */
 export interface CompleteRequest {
   /**
@@ -3228,6 +3238,75 @@ export const Attempt: MessageFns<Attempt> = {
       : undefined;
     message.upstreamStatus = object.upstreamStatus ?? undefined;
     message.error = object.error ?? "";
+    return message;
+  },
+};
+
+function createBaseAttemptHistory(): AttemptHistory {
+  return { attempts: [] };
+}
+
+export const AttemptHistory: MessageFns<AttemptHistory> = {
+  encode(message: AttemptHistory, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.attempts) {
+      Attempt.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AttemptHistory {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAttemptHistory();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.attempts.push(Attempt.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AttemptHistory {
+    return {
+      attempts: globalThis.Array.isArray(object?.attempts) ? object.attempts.map((e: any) => Attempt.fromJSON(e)) : [],
+    };
+  },
+
+  toJSON(message: AttemptHistory): unknown {
+    const obj: any = {};
+    if (message.attempts?.length) {
+      obj.attempts = message.attempts.map((e) => Attempt.toJSON(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<AttemptHistory>, I>>(base?: I): AttemptHistory {
+    return AttemptHistory.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<AttemptHistory>, I>>(object: I): AttemptHistory {
+    const message = createBaseAttemptHistory();
+    message.attempts = object.attempts?.map((e) => Attempt.fromPartial(e)) || [];
     return message;
   },
 };
