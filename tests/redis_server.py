@@ -16,8 +16,8 @@ from types import TracebackType
 from urllib.parse import quote
 
 import redis.asyncio
+from harness import free_port
 from redis.exceptions import RedisError
-from support import free_port
 
 READY_TIMEOUT_S = 10.0
 

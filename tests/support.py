@@ -3,11 +3,7 @@ its own process."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import socket
 import struct as binary
-import sys
 import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,6 +12,7 @@ from typing import Any
 import grpc
 from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2, status_pb2
+from harness import GatewayProcess, clean_env, spawn_gateway
 from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway
 from upstream import FakeUpstream
@@ -106,68 +103,6 @@ def details(error: grpc.aio.AioRpcError) -> dict[str, Any]:
     return found
 
 
-# --- the gateway as its own process, as a user runs it -----------------------------------------------------------
-
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "OLLAMA_", "LLMRELAY_"))}
-    return {**env, **extra}
-
-
-class ServerProcess:
-    def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
-        self.process = process
-        self.port = port
-        self.log: list[str] = []
-        self._reader: asyncio.Task[None] | None = None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def wait_listening(self) -> None:
-        """Until the server says it listens; its log is read on from then, so a full pipe never blocks it."""
-        async with asyncio.timeout(20):
-            while "listening on" not in (line := await self._readline()):
-                if not line:
-                    status = await self.process.wait()
-                    raise AssertionError(f"llmrelay-server exited early (status {status}):\n" + "".join(self.log))
-        self._reader = asyncio.create_task(self._read_to_end())
-
-    async def wait_for_line(self, text: str, within_s: float = 20) -> str:
-        """The first line of the log (read so far, or to come) that holds `text`."""
-        async with asyncio.timeout(within_s):
-            while True:
-                for line in self.log:
-                    if text in line:
-                        return line
-                await asyncio.sleep(0.02)
-
-    async def output(self) -> str:
-        """Everything the server logged, once it has exited."""
-        if self._reader is not None:
-            await self._reader
-        return "".join(self.log)
-
-    async def _readline(self) -> str:
-        assert self.process.stderr is not None
-        line = (await self.process.stderr.readline()).decode()
-        self.log.append(line)
-        return line
-
-    async def _read_to_end(self) -> None:
-        while await self._readline():
-            pass
-
-
 async def read_all(stream: Any) -> list[pb.StreamCompleteResponse]:
     """Reads a stream to its end with read() (a call cannot mix read() and async iteration)."""
     chunks = []
@@ -176,18 +111,8 @@ async def read_all(stream: Any) -> list[pb.StreamCompleteResponse]:
     return chunks
 
 
-async def start_server(config: Path, local: FakeUpstream, *flags: str, port: int | None = None) -> ServerProcess:
+async def start_server(config: Path, local: FakeUpstream, *flags: str, port: int | None = None) -> GatewayProcess:
     """`llmrelay-server` on a free port (or `port`), configured by `config`, more `flags`, and the environment of a
     loopback Ollama alone."""
-    port = free_port() if port is None else port
-    process = await asyncio.create_subprocess_exec(
-        BIN / "llmrelay-server",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--config",
-        str(config),
-        *flags,
-        env=clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1"), LLMRELAY_OLLAMA_MODEL="tiny"),
-        stderr=asyncio.subprocess.PIPE,
-    )
-    return ServerProcess(process, port)
+    env = clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1"), LLMRELAY_OLLAMA_MODEL="tiny")
+    return await spawn_gateway(config, *flags, port=port, env=env)

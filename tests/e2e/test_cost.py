@@ -7,9 +7,10 @@ import asyncio
 from fractions import Fraction
 
 import grpc
+from harness import BIN
 from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway
-from support import BIN, FAST_ROUTER, OPENAI_TEST_KEY, GatewayFactory, StubFactory, chat, stream_chat, two_backends
+from support import FAST_ROUTER, OPENAI_TEST_KEY, GatewayFactory, StubFactory, chat, stream_chat, two_backends
 from upstream import FakeUpstream
 
 # USD per million tokens, i.e. micro-USD per token.

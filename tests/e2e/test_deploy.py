@@ -24,11 +24,12 @@ import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import BIN, clean_env
 from llmrelay import v1 as pb
 from llmrelay_server.config import GatewayConfig, is_postgresql, load_config
 from llmrelay_server.health import SERVICE_NAME
 from prometheus_client.parser import text_string_to_metric_families
-from support import BIN, GatewayFactory, chat, clean_env, stream_chat, two_backends
+from support import GatewayFactory, chat, stream_chat, two_backends
 from upstream import FakeUpstream
 
 DEPLOY = Path(__file__).parents[2] / "deploy"

@@ -16,10 +16,11 @@ from e2e import test_tracing
 from e2e.test_call_log import CALLS, lines, rid_of
 from e2e.test_metrics import scrape, value
 from e2e.test_tracing import connect, rpc_span
+from harness import BIN
 from llmrelay import AsyncClient, Client, InvalidArgumentError, NotFoundError
 from llmrelay import v1 as pb
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from support import BIN, FAST_ROUTER, OPENAI_TEST_KEY, GatewayFactory, StubFactory, details
+from support import FAST_ROUTER, OPENAI_TEST_KEY, GatewayFactory, StubFactory, details
 from upstream import EMBEDDING_DIMENSIONS, FakeUpstream, embedding_vector
 
 DEFAULT = "embedding_model: embed-test"

@@ -11,14 +11,15 @@ from typing import cast
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import BIN, GatewayProcess, clean_env
 from llmrelay import AsyncClient, Client, InvalidArgumentError, UnauthenticatedError, UnavailableError
 from llmrelay import v1 as pb
-from support import BIN, OPENAI_TEST_KEY, ServerProcess, chat, clean_env, details, read_all, start_server, stream_chat
+from support import OPENAI_TEST_KEY, chat, details, read_all, start_server, stream_chat
 from upstream import FakeUpstream
 
 
 @pytest.fixture
-async def server(tmp_path: Path, local: FakeUpstream) -> AsyncIterator[ServerProcess]:
+async def server(tmp_path: Path, local: FakeUpstream) -> AsyncIterator[GatewayProcess]:
     config = tmp_path / "llmrelay.yaml"
     config.write_text(
         f'server: {{grace_period_s: 5, usage_db: "{tmp_path}/usage.db"}}\nrouter: {{retry: {{max_retries: 0}}}}\n'
@@ -33,7 +34,7 @@ async def server(tmp_path: Path, local: FakeUpstream) -> AsyncIterator[ServerPro
             await server.process.wait()
 
 
-async def test_sigterm_drains_calls_in_flight_and_exits_zero(server: ServerProcess, local: FakeUpstream) -> None:
+async def test_sigterm_drains_calls_in_flight_and_exits_zero(server: GatewayProcess, local: FakeUpstream) -> None:
     local.inject({"trickle_s": 0.3})
     async with grpc.aio.insecure_channel(server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -60,7 +61,7 @@ async def test_sigterm_drains_calls_in_flight_and_exits_zero(server: ServerProce
     assert await asyncio.wait_for(server.process.wait(), 10) == 0
 
 
-async def test_health_goes_not_serving_during_shutdown(server: ServerProcess, local: FakeUpstream) -> None:
+async def test_health_goes_not_serving_during_shutdown(server: GatewayProcess, local: FakeUpstream) -> None:
     local.inject({"trickle_s": 0.5})
     async with grpc.aio.insecure_channel(server.target) as channel:
         stream = pb.LLMServiceStub(channel).StreamComplete(stream_chat("a b c d"), timeout=20)
@@ -91,7 +92,7 @@ def use_blocking_client(target: str) -> None:
         assert sum(r.requests for r in records) == 2
 
 
-async def test_python_sdk_against_the_server_process(server: ServerProcess) -> None:
+async def test_python_sdk_against_the_server_process(server: GatewayProcess) -> None:
     # The blocking client runs in a thread: the loopback upstream shares this test's event loop.
     await asyncio.to_thread(use_blocking_client, server.target)
 
@@ -102,7 +103,7 @@ async def test_python_sdk_against_the_server_process(server: ServerProcess) -> N
         assert "".join(pieces) == "echo: x y"
 
 
-async def test_sdk_raises_unavailable_with_retry_info(server: ServerProcess, local: FakeUpstream) -> None:
+async def test_sdk_raises_unavailable_with_retry_info(server: GatewayProcess, local: FakeUpstream) -> None:
     local.inject({"status": 503})
     async with AsyncClient(server.target) as client:
         with pytest.raises(UnavailableError) as caught:
@@ -111,7 +112,7 @@ async def test_sdk_raises_unavailable_with_retry_info(server: ServerProcess, loc
     assert caught.value.retry_delay_s is not None and caught.value.retry_delay_s > 0
 
 
-async def test_cli_streams_tokens_and_counts(server: ServerProcess) -> None:
+async def test_cli_streams_tokens_and_counts(server: GatewayProcess) -> None:
     process = await asyncio.create_subprocess_exec(
         BIN / "llmrelay",
         "--target",
@@ -158,7 +159,7 @@ async def test_bad_configuration_fails_at_start_naming_the_field(tmp_path: Path)
 
 
 async def test_a_second_server_on_a_taken_port_fails_instead_of_sharing_it(
-    server: ServerProcess, tmp_path: Path, local: FakeUpstream
+    server: GatewayProcess, tmp_path: Path, local: FakeUpstream
 ) -> None:
     second = await asyncio.create_subprocess_exec(
         BIN / "llmrelay-server",
@@ -181,7 +182,7 @@ async def test_a_second_server_on_a_taken_port_fails_instead_of_sharing_it(
     assert [a.message.content for a in answers] == [f"echo: still here {i}" for i in range(5)]
 
 
-async def test_sigterm_loses_no_usage(server: ServerProcess, tmp_path: Path, local: FakeUpstream) -> None:
+async def test_sigterm_loses_no_usage(server: GatewayProcess, tmp_path: Path, local: FakeUpstream) -> None:
     async with AsyncClient(server.target, caller="durable") as client:
         answers = [await client.complete([{"role": "user", "content": f"n {i}"}]) for i in range(25)]
     server.process.send_signal(signal.SIGTERM)
@@ -199,7 +200,7 @@ async def test_sigterm_loses_no_usage(server: ServerProcess, tmp_path: Path, loc
     assert sum(r.total_tokens for r in records) == sum(a.usage.total_tokens for a in answers)
 
 
-async def test_graceful_shutdown_under_load(server: ServerProcess, local: FakeUpstream) -> None:
+async def test_graceful_shutdown_under_load(server: GatewayProcess, local: FakeUpstream) -> None:
     local.inject(*[{"trickle_s": 0.2}] * 40)
     async with grpc.aio.insecure_channel(server.target) as channel:
         stub = pb.LLMServiceStub(channel)

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from harness import GatewayProcess
 from llmrelay import v1 as pb
 from postgres_server import PostgresServer, PostgresTemplate
 from redis_server import RedisServer
-from support import ServerProcess, chat, details, start_server
+from support import chat, details, start_server
 from upstream import FakeUpstream
 
 REPLICAS = 3
@@ -58,7 +59,7 @@ def config(tmp_path: Path, redis_url: str, database_url: str, on_unavailable: st
 
 @dataclass
 class Replicas:
-    processes: list[ServerProcess]
+    processes: list[GatewayProcess]
     channels: list[grpc.aio.Channel]
 
     @property

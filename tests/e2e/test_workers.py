@@ -15,9 +15,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from harness import GatewayProcess, free_port
 from llmrelay import v1 as pb
 from prometheus_client.parser import text_string_to_metric_families
-from support import ServerProcess, chat, free_port, read_all, start_server, stream_chat
+from support import chat, read_all, start_server, stream_chat
 from upstream import FakeUpstream
 
 COMPLETE = "llmrelay.v1.LLMService/Complete"
@@ -35,7 +36,7 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-async def start_workers(tmp_path: Path, local: FakeUpstream, workers: int = 2, server: str = "") -> ServerProcess:
+async def start_workers(tmp_path: Path, local: FakeUpstream, workers: int = 2, server: str = "") -> GatewayProcess:
     config = tmp_path / "llmrelay.yaml"
     config.write_text(
         f'server: {{usage_db: "{tmp_path / "usage.db"}", drain_s: 0, grace_period_s: 5, log_format: json{server}}}\n'
@@ -46,7 +47,7 @@ async def start_workers(tmp_path: Path, local: FakeUpstream, workers: int = 2, s
     return gateway
 
 
-async def stop(gateway: ServerProcess) -> int:
+async def stop(gateway: GatewayProcess) -> int:
     gateway.process.send_signal(signal.SIGTERM)
     async with asyncio.timeout(30):
         return await gateway.process.wait()

@@ -1,0 +1,72 @@
+"""The harness as a command, as the Go and TypeScript tests run it: it says where the gateway is once it serves, the
+gateway answers through the fake upstream, and it stops cleanly when its stdin ends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+from harness import FALLBACK_BACKEND
+from llmrelay import v1 as pb
+from support import chat
+
+HARNESS = Path(__file__).resolve().parent.parent / "harness.py"
+
+
+async def start(*flags: str) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(HARNESS),
+        *flags,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    async with asyncio.timeout(60):
+        line = await process.stdout.readline()
+    assert line, f"the harness exited without saying where the gateway is (status {await process.wait()})"
+    return process, json.loads(line)
+
+
+async def stop(process: asyncio.subprocess.Process) -> int:
+    assert process.stdin is not None
+    process.stdin.close()
+    async with asyncio.timeout(30):
+        return await process.wait()
+
+
+async def test_the_command_serves_a_gateway_until_its_stdin_ends() -> None:
+    process, where = await start("--fallback")
+    try:
+        assert where["fallback_backend"] == FALLBACK_BACKEND and where["ca_file"] is None
+        async with grpc.aio.insecure_channel(where["target"]) as channel:
+            answer = await pb.LLMServiceStub(channel).Complete(chat("hello harness"), timeout=10)
+        assert answer.message.content == "echo: hello harness"
+        assert answer.backend == "ollama"
+    finally:
+        status = await stop(process)
+    assert status == 0
+    async with grpc.aio.insecure_channel(where["target"]) as channel:
+        gone = pb.LLMServiceStub(channel).Health(pb.HealthRequest(), timeout=2)
+        try:
+            await gone
+            raise AssertionError("the gateway still answers after the harness stopped")
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_the_command_serves_tls_with_its_ca() -> None:
+    process, where = await start("--tls")
+    try:
+        root = await asyncio.to_thread(Path(where["ca_file"]).read_bytes)
+        credentials = grpc.ssl_channel_credentials(root)
+        async with grpc.aio.secure_channel(where["target"], credentials) as channel:
+            answer = await pb.LLMServiceStub(channel).Complete(chat("over tls"), timeout=10)
+        assert answer.message.content == "echo: over tls"
+    finally:
+        assert await stop(process) == 0

@@ -1,0 +1,267 @@
+"""The one harness that starts a real gateway and its upstreams: for the Python tests, the bench, the demo, and, as a
+command, for the Go and TypeScript tests.
+
+In Python, `spawn_gateway` starts `llmrelay-server` as its own process, as a user runs it, and `GatewayProcess`
+watches it (its log, its exit). As a command it starts the loopback fake upstream (tests/upstream.py) and a gateway
+in front of it, then prints where they are:
+
+    python tests/harness.py [--fallback] [--tls] [--retries N]
+
+- The gateway has one backend, "ollama" (chat model "tiny", embedding model "embed-test"), at the fake upstream, with
+  no retries (or N); with --fallback a second one, "fallback" (openai_compatible, model "tiny", the same upstream),
+  after it. With --tls it serves TLS with a certificate for localhost and 127.0.0.1 from a CA made for the run.
+- Once the gateway is SERVING, one line of JSON goes to stdout: {"target", "upstream", "fallback_backend",
+  "embedding_model", "ca_file", "gateway_pid"}. The upstream's control API (POST and DELETE /_control/faults, GET
+  /_control/requests) is at "upstream".
+- The gateway's log goes to stderr as it comes.
+- It runs until stdin reaches its end, or SIGTERM or SIGINT, then stops the gateway and the upstream and exits 0; if
+  the gateway stops by itself first, it says so and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TextIO
+
+import grpc
+import grpc.aio
+from certs import Authority
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from upstream import FakeUpstream
+
+BIN = Path(sys.executable).parent
+"""The Python environment's programs: llmrelay-server, llmrelay."""
+START_TIMEOUT_S = 30.0
+"""How long a gateway may take to listen, and then to serve."""
+STOP_TIMEOUT_S = 15.0
+"""How long a gateway may take to stop after SIGTERM before it is killed."""
+EMBEDDING_MODEL = "embed-test"
+"""The fake upstream's embedding model, which the command's "ollama" backend serves."""
+FALLBACK_BACKEND = "fallback"
+_CONFIG_ENV_PREFIXES = ("OPENAI_", "ANTHROPIC_", "OLLAMA_", "LLMRELAY_", "OTEL_")
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without the variables that configure a gateway, plus `extra`: the configuration
+    file alone decides what a started gateway does."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_CONFIG_ENV_PREFIXES)}
+    return {**env, **extra}
+
+
+class GatewayProcess:
+    """A running `llmrelay-server` and everything it has logged (it logs to stderr)."""
+
+    def __init__(self, process: asyncio.subprocess.Process, port: int, echo: TextIO | None = None) -> None:
+        self.process = process
+        self.port = port
+        self.log: list[str] = []
+        self._echo = echo
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def wait_listening(self, within_s: float = START_TIMEOUT_S) -> None:
+        """Until the server says it listens; its log is read on from then, so a full pipe never blocks it."""
+        async with asyncio.timeout(within_s):
+            while "listening on" not in (line := await self._readline()):
+                if not line:
+                    status = await self.process.wait()
+                    raise AssertionError(f"llmrelay-server exited early (status {status}):\n" + "".join(self.log))
+        self._reader = asyncio.create_task(self._read_to_end())
+
+    async def wait_serving(self, credentials: grpc.ChannelCredentials | None = None) -> None:
+        """Until grpc.health.v1 says SERVING: the gateway answers calls (and handles SIGTERM)."""
+        target = self.target
+        channel = grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
+        async with channel, asyncio.timeout(START_TIMEOUT_S):
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if self.process.returncode is not None:
+                    raise AssertionError(f"llmrelay-server exited (status {self.process.returncode}):\n{self.text()}")
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                await asyncio.sleep(0.05)
+
+    async def wait_for_line(self, text: str, within_s: float = 20) -> str:
+        """The first line of the log (read so far, or to come) that holds `text`."""
+        async with asyncio.timeout(within_s):
+            while True:
+                for line in self.log:
+                    if text in line:
+                        return line
+                await asyncio.sleep(0.02)
+
+    async def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
+        """SIGTERM, then SIGKILL after `timeout_s`; the exit status."""
+        if self.process.returncode is None:
+            self.process.terminate()
+            try:
+                await asyncio.wait_for(self.process.wait(), timeout_s)
+            except TimeoutError:
+                self.process.kill()
+        return await self.process.wait()
+
+    def text(self) -> str:
+        """What the server has logged so far."""
+        return "".join(self.log)
+
+    async def output(self) -> str:
+        """Everything the server logged, once it has exited."""
+        if self._reader is not None:
+            await self._reader
+        return self.text()
+
+    async def _readline(self) -> str:
+        assert self.process.stderr is not None
+        line = (await self.process.stderr.readline()).decode()
+        self.log.append(line)
+        if self._echo is not None and line:
+            self._echo.write(line)
+            self._echo.flush()
+        return line
+
+    async def _read_to_end(self) -> None:
+        while await self._readline():
+            pass
+
+
+async def spawn_gateway(
+    config: Path,
+    *flags: str,
+    port: int | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    echo: TextIO | None = None,
+) -> GatewayProcess:
+    """`llmrelay-server` on 127.0.0.1 at a free port (or `port`), configured by `config` and `flags`, in `env` (by
+    default clean_env(): nothing but the file configures it). It has not necessarily started to listen yet: see
+    GatewayProcess.wait_listening."""
+    port = free_port() if port is None else port
+    process = await asyncio.create_subprocess_exec(
+        BIN / "llmrelay-server",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--config",
+        str(config),
+        *flags,
+        env=dict(env) if env is not None else clean_env(),
+        cwd=cwd,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    return GatewayProcess(process, port, echo)
+
+
+def gateway_config(upstream_url: str, scratch: Path, *, fallback: bool, retries: int, tls: str | None) -> str:
+    """The command's gateway: "ollama" at the fake upstream (and "fallback" after it), its ledger in `scratch`."""
+    tls_field = f", tls: {tls}" if tls else ""
+    ledger = f'usage_db: "{scratch / "usage.db"}", usage_journal_dir: "{scratch / "journal"}"'
+    lines = [
+        f"server: {{{ledger}, drain_s: 0{tls_field}}}",
+        "llm:",
+        f'  ollama: {{base_url: "{upstream_url}/v1", model: tiny, embedding_model: {EMBEDDING_MODEL}}}',
+    ]
+    if fallback:
+        lines += [
+            "  backends:",
+            f'    - {{name: {FALLBACK_BACKEND}, kind: openai_compatible, base_url: "{upstream_url}/v1", model: tiny}}',
+        ]
+    lines.append(f"router: {{retry: {{max_retries: {retries}}}}}")
+    return "\n".join(lines) + "\n"
+
+
+async def _until_stopped(gateway: GatewayProcess) -> bool:
+    """Until stdin ends, SIGTERM or SIGINT comes (True), or the gateway exits by itself (False)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    # A daemon thread reads stdin: it works whatever stdin is (a pipe, a file, /dev/null), and it does not hold up
+    # the exit when a signal stops the harness first.
+    def read_stdin() -> None:
+        sys.stdin.buffer.read()
+        loop.call_soon_threadsafe(stop.set)
+
+    threading.Thread(target=read_stdin, name="stdin", daemon=True).start()
+    stopped, exited = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(gateway.process.wait())
+    await asyncio.wait({stopped, exited}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    return not exited.done()
+
+
+async def run_command(args: argparse.Namespace) -> int:
+    upstream = await FakeUpstream(models=("tiny",), ollama=True).start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="llmrelay-harness-") as folder:
+            scratch = Path(folder)
+            tls, ca_file, credentials = None, None, None
+            if args.tls:
+                authority = Authority("llmrelay harness CA")
+                authority.server().write(scratch / "server.pem", scratch / "server.key")
+                ca_file = scratch / "ca.pem"
+                ca_file.write_bytes(authority.cert)
+                tls = f'{{cert_file: "{scratch / "server.pem"}", key_file: "{scratch / "server.key"}"}}'
+                credentials = grpc.ssl_channel_credentials(authority.cert)
+            config = scratch / "llmrelay.yaml"
+            upstream_url = upstream.base_url.removesuffix("/v1")
+            config.write_text(
+                gateway_config(upstream_url, scratch, fallback=args.fallback, retries=args.retries, tls=tls)
+            )
+            gateway = await spawn_gateway(config, cwd=scratch, echo=sys.stderr)
+            try:
+                await gateway.wait_listening()
+                await gateway.wait_serving(credentials)
+                where = {
+                    "target": gateway.target,
+                    "upstream": upstream_url,
+                    "fallback_backend": FALLBACK_BACKEND if args.fallback else None,
+                    "embedding_model": EMBEDDING_MODEL,
+                    "ca_file": str(ca_file) if ca_file else None,
+                    "gateway_pid": gateway.process.pid,
+                }
+                print(json.dumps(where), flush=True)
+                if not await _until_stopped(gateway):
+                    print(
+                        f"harness: the gateway exited by itself (status {gateway.process.returncode})", file=sys.stderr
+                    )
+                    return 1
+            finally:
+                await gateway.stop()
+                await gateway.output()
+    finally:
+        await upstream.stop()
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--fallback", action="store_true", help='a second backend, "fallback", after "ollama"')
+    parser.add_argument("--tls", action="store_true", help="serve TLS with a certificate from a CA made for the run")
+    parser.add_argument("--retries", type=int, default=0, help="the router's max_retries (default 0)")
+    sys.exit(asyncio.run(run_command(parser.parse_args())))
+
+
+if __name__ == "__main__":
+    main()
