@@ -9,38 +9,57 @@ Usage: python scripts/demo.py [--listen HOST:PORT]   (Ctrl-C stops everything)
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
-import os
 import signal
-import subprocess
+import socket
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from llmrelay import Client, UnavailableError  # noqa: E402
+from harness import BIN, spawn_gateway  # noqa: E402
 from models.servers import CACHE_ROOT, start_llama_server  # noqa: E402
 from models.tiny_gguf import write_tiny_gguf  # noqa: E402
 
-BIN = Path(sys.executable).parent
 CACHE = CACHE_ROOT / "demo"
 
 
-def wait_until_serving(target: str, gateway: subprocess.Popen[bytes], backend_url: str, within_s: float = 30.0) -> None:
-    """Until the gateway answers, and it is ours: another one already on the address must not stand in for it."""
-    deadline = time.monotonic() + within_s
-    with Client(target, timeout=2) as client:
-        while gateway.poll() is None:
-            with contextlib.suppress(UnavailableError):
-                if any(backend.base_url == backend_url for backend in client.health().backends):
-                    return
-            if time.monotonic() > deadline:
-                raise SystemExit(f"demo: the gateway did not answer on {target} within {within_s:g} s")
-            time.sleep(0.1)
-    raise SystemExit("demo: the gateway stopped at start; its message is above")
+async def serve(listen: str, config: Path) -> None:
+    """The gateway on `listen` (its warnings on stderr), a first streamed answer through the CLI, then serving until
+    Ctrl-C."""
+    host, _, port = listen.rpartition(":")
+    if host != "127.0.0.1":
+        raise SystemExit(f"demo: --listen must be 127.0.0.1:PORT, not {listen}")
+    # Another gateway already there would answer in our stead: say so rather than demonstrate someone else's.
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, int(port)))
+        except OSError as exc:
+            raise SystemExit(f"demo: cannot listen on {listen} ({exc.strerror}); pick another with --listen") from None
+    gateway = await spawn_gateway(config, "--log-level", "WARNING", port=int(port), echo=sys.stderr)
+    try:
+        await gateway.wait_serving()
+        cli = [str(BIN / "llmrelay"), "--target", listen]
+        await run(*cli, "health")
+        print("\n$ llmrelay stream 'Tell me about the water' --max-tokens 40")
+        await run(*cli, "stream", "Tell me about the water", "--max-tokens", "40")
+        print(f"\nThe gateway serves on {listen} in front of llama.cpp. Try:")
+        print(f"  {BIN / 'llmrelay'} --target {listen} stream 'hello there'")
+        print(f"  {BIN / 'llmrelay'} --target {listen} tokens 'hello there' --model local/tiny --chat")
+        print("Ctrl-C stops the demo.")
+        await gateway.process.wait()
+        raise SystemExit(f"demo: the gateway stopped (status {gateway.process.returncode}); its log is above")
+    finally:
+        await gateway.stop()
+
+
+async def run(*command: str) -> None:
+    process = await asyncio.create_subprocess_exec(*command)
+    if await asyncio.wait_for(process.wait(), 60) != 0:
+        raise SystemExit(f"demo: {' '.join(command)} failed")
 
 
 def main() -> None:
@@ -58,27 +77,8 @@ def main() -> None:
             f'  backends: [{{name: local, kind: llamacpp, base_url: "{llama.base_url}/v1", model: tiny}}]\n'
             "  order: [local]\n"
         )
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OLLAMA_", "LLMRELAY_"))}
-        gateway = subprocess.Popen(
-            [BIN / "llmrelay-server", "--listen", args.listen, "--config", str(config), "--log-level", "WARNING"],
-            env=env,
-        )
-        try:
-            wait_until_serving(args.listen, gateway, f"{llama.base_url}/v1")
-            cli = [str(BIN / "llmrelay"), "--target", args.listen]
-            subprocess.run([*cli, "health"], check=True, timeout=30)
-            print("\n$ llmrelay stream 'Tell me about the water' --max-tokens 40")
-            subprocess.run([*cli, "stream", "Tell me about the water", "--max-tokens", "40"], check=True, timeout=60)
-            print(f"\nThe gateway serves on {args.listen} in front of llama.cpp ({llama.base_url}). Try:")
-            print(f"  {BIN / 'llmrelay'} --target {args.listen} stream 'hello there'")
-            print(f"  {BIN / 'llmrelay'} --target {args.listen} tokens 'hello there' --model local/tiny --chat")
-            print("Ctrl-C stops the demo.")
-            signal.pause()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            gateway.send_signal(signal.SIGTERM)
-            gateway.wait(15)
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(args.listen, config))
 
 
 if __name__ == "__main__":

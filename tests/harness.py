@@ -90,7 +90,10 @@ class GatewayProcess:
         self._reader = asyncio.create_task(self._read_to_end())
 
     async def wait_serving(self, credentials: grpc.ChannelCredentials | None = None) -> None:
-        """Until grpc.health.v1 says SERVING: the gateway answers calls (and handles SIGTERM)."""
+        """Until grpc.health.v1 says SERVING: the gateway answers calls (and handles SIGTERM). Its log is read on from
+        here if wait_listening did not start to (a gateway logging at WARNING never says it listens)."""
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read_to_end())
         target = self.target
         channel = grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
         async with channel, asyncio.timeout(START_TIMEOUT_S):
