@@ -576,6 +576,9 @@ class UpstreamError(LLMRelayError):
         self.message = message
         self.status = status
         self.retry_after_s = retry_after_s
+        self.attempts: tuple[Attempt, ...] | None = None
+        """The call's attempts when this error ends the call (a rejected request goes back to the caller at once);
+        None while it is one attempt's failure."""
         super().__init__(f"{backend}: {message}")
 
 

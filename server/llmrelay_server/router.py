@@ -655,6 +655,7 @@ class Router:
             except UpstreamError as exc:
                 self._failed(chain, route, started, exc)
                 if exc.kind is UpstreamErrorKind.REJECTED:
+                    exc.attempts = tuple(chain.attempts)  # it ends the call: the caller's status lists what was tried
                     raise
                 if exc.kind not in RETRYABLE or retry == self._config.retry.max_retries:
                     return None

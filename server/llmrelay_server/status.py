@@ -21,22 +21,33 @@
 | a caller's or the gateway's limit       | RESOURCE_EXHAUSTED  | <LIMIT>_EXCEEDED        | QuotaFailure, RetryInfo |
 | limits' store unreachable, policy deny  | UNAVAILABLE         | LIMITS_UNAVAILABLE      | RetryInfo     |
 | usage ledger's database unreachable     | UNAVAILABLE         | USAGE_UNAVAILABLE       | RetryInfo     |
+
+A call that reached the router and failed (the attempts rows, and UPSTREAM_REJECTED) also lists what it tried: as
+ErrorInfo's "attempts" metadata (`backend:outcome,...`, kept for older clients) and as an AttemptHistory detail.
+Wherever RetryInfo goes, the trailer `grpc-retry-pushback-ms` (gRFC A6) carries the same delay, so that a client
+channel's retry policy waits as long as the gateway asks, with no code of the caller's in the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Final, NoReturn, TypeAlias
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message as ProtoMessage
 from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
+from llmrelay import v1 as pb
 
+from llmrelay_server.convert import attempt_pb
 from llmrelay_server.domain import (
     AllBackendsFailedError,
     AnswerTooLargeError,
+    Attempt,
     AttemptOutcome,
     DeadlineExceededError,
     InvalidRequestError,
@@ -56,8 +67,13 @@ from llmrelay_server.domain import (
 
 DOMAIN: Final = "llmrelay.dev"
 DEFAULT_RETRY_DELAY_S: Final = 1.0
+STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
+PUSHBACK_KEY: Final = "grpc-retry-pushback-ms"
+"""gRFC A6: a client channel's retry policy waits this many milliseconds before its next attempt."""
 
-_Detail: TypeAlias = error_details_pb2.RetryInfo | error_details_pb2.BadRequest | error_details_pb2.QuotaFailure
+_Detail: TypeAlias = (
+    error_details_pb2.RetryInfo | error_details_pb2.BadRequest | error_details_pb2.QuotaFailure | pb.AttemptHistory
+)
 # A classification: the code, ErrorInfo's reason and metadata, and the details that follow ErrorInfo.
 _Classified: TypeAlias = tuple[grpc.StatusCode, str, dict[str, str], list[_Detail]]
 
@@ -86,13 +102,40 @@ def ended_with(context: grpc.aio.ServicerContext[Any, Any], error: BaseException
     return grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.UNKNOWN
 
 
-def rpc_failure(error: LLMRelayError) -> grpc.Status:
-    """The status to abort a call with: code, the error's text, and the google.rpc.Status in the details trailer."""
+@dataclass(frozen=True, slots=True)
+class Failure(grpc.Status):
+    """A status to abort a call with (grpc.Status's fields)."""
+
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+def rpc_failure(error: LLMRelayError) -> Failure:
+    """The status to abort a call with: code, the error's text, the google.rpc.Status in the details trailer (ErrorInfo
+    first, then the other details, AttemptHistory last), and the pushback trailer beside a RetryInfo."""
     code, reason, metadata, extra = _classify(error)
+    attempts = _routed_attempts(error)
+    if attempts is not None:
+        metadata["attempts"] = ",".join(f"{a.backend}:{a.outcome.value}" for a in attempts)
+        extra.append(pb.AttemptHistory(attempts=[attempt_pb(a) for a in attempts]))
     info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
     status = status_pb2.Status(code=code.value[0], message=str(error), details=[_pack(info), *map(_pack, extra)])
-    converted: grpc.Status = rpc_status.to_status(status)
-    return converted
+    trailers: tuple[tuple[str, str | bytes], ...] = ((STATUS_DETAILS_KEY, status.SerializeToString()),)
+    retry = next((detail for detail in extra if isinstance(detail, error_details_pb2.RetryInfo)), None)
+    if retry is not None:
+        # Whole milliseconds, rounded up: a client that comes back early would only be refused again.
+        trailers += ((PUSHBACK_KEY, str(math.ceil(retry.retry_delay.ToNanoseconds() / 1e6))),)
+    return Failure(code, str(error), trailers)
+
+
+def _routed_attempts(error: LLMRelayError) -> Sequence[Attempt] | None:
+    """The attempts of a call that reached the router and ended with this error; None for any other error."""
+    if isinstance(error, AllBackendsFailedError | DeadlineExceededError | StreamInterruptedError):
+        return error.attempts
+    if isinstance(error, UpstreamError):
+        return error.attempts
+    return None
 
 
 def _classify(error: LLMRelayError) -> _Classified:
@@ -141,25 +184,22 @@ def _classify(error: LLMRelayError) -> _Classified:
     if isinstance(error, UpstreamError):
         return _upstream(error, grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE")
     if isinstance(error, StreamInterruptedError):
-        metadata = {**_attempts(error), **_upstream_metadata(error.cause)}
-        return grpc.StatusCode.ABORTED, "STREAM_INTERRUPTED", metadata, []
+        return grpc.StatusCode.ABORTED, "STREAM_INTERRUPTED", _upstream_metadata(error.cause), []
     if isinstance(error, DeadlineExceededError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", _attempts(error), []
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", {}, []
     if isinstance(error, AllBackendsFailedError):
         return _exhausted(error)
     return grpc.StatusCode.INTERNAL, "ERROR_REASON_UNSPECIFIED", {}, []
 
 
 def _exhausted(error: AllBackendsFailedError) -> _Classified:
-    metadata = _attempts(error)
     outcomes = {a.outcome for a in error.attempts if a.outcome is not AttemptOutcome.SKIPPED}
     last = error.last_upstream_error
     if last is not None and len(outcomes) <= 1:
         # One cause everywhere (or only open circuits) names the problem better than "unavailable" would.
-        code, reason, upstream_metadata, extra = _upstream(last, grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE")
-        return code, reason, {**metadata, **upstream_metadata}, extra
+        return _upstream(last, grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE")
     delay_s = DEFAULT_RETRY_DELAY_S if error.retry_after_s is None else error.retry_after_s
-    return grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE", metadata, [_retry_info(delay_s)]
+    return grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE", {}, [_retry_info(delay_s)]
 
 
 def _upstream(error: UpstreamError, default_code: grpc.StatusCode, default_reason: str) -> _Classified:
@@ -188,17 +228,13 @@ def _upstream_metadata(error: UpstreamError) -> dict[str, str]:
     return metadata
 
 
-def _attempts(error: AllBackendsFailedError | DeadlineExceededError | StreamInterruptedError) -> dict[str, str]:
-    return {"attempts": ",".join(f"{a.backend}:{a.outcome.value}" for a in error.attempts)}
-
-
 def _retry_info(delay_s: float) -> error_details_pb2.RetryInfo:
     info = error_details_pb2.RetryInfo()
     info.retry_delay.FromNanoseconds(int(delay_s * 1e9))
     return info
 
 
-def _pack(message: error_details_pb2.ErrorInfo | _Detail) -> any_pb2.Any:
+def _pack(message: ProtoMessage) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed

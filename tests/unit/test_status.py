@@ -44,19 +44,26 @@ class Decoded:
     retry_delay_s: float | None
     bad_request: error_details_pb2.BadRequest | None
     quota_failure: error_details_pb2.QuotaFailure | None = None
+    attempt_history: pb.AttemptHistory | None = None
+    pushback_ms: str | None = None
 
 
 def decode(failure: grpc.Status) -> Decoded:
-    """Reads the details as a client would: from the grpc-status-details-bin bytes alone."""
+    """Reads the details as a client would: from the grpc-status-details-bin bytes, and the pushback trailer."""
     (key, details), *rest = failure.trailing_metadata
-    assert (key, rest) == ("grpc-status-details-bin", [])
+    assert key == "grpc-status-details-bin"
+    pushback = dict(rest).pop("grpc-retry-pushback-ms", None)
+    assert len(rest) == (pushback is not None), f"unexpected trailers {rest}"
+    assert pushback is None or isinstance(pushback, str)
     message = status_pb2.Status.FromString(details)
     info = error_details_pb2.ErrorInfo()
     assert message.details[0].Unpack(info), "ErrorInfo comes first"
     retry_delay_s: float | None = None
     bad_request: error_details_pb2.BadRequest | None = None
     quota_failure: error_details_pb2.QuotaFailure | None = None
+    attempt_history: pb.AttemptHistory | None = None
     for packed in message.details[1:]:
+        assert attempt_history is None, "AttemptHistory comes last"
         if packed.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             assert retry_delay_s is None, "at most one RetryInfo"
             retry = error_details_pb2.RetryInfo()
@@ -70,9 +77,23 @@ def decode(failure: grpc.Status) -> Decoded:
             assert quota_failure is None, "at most one QuotaFailure"
             quota_failure = error_details_pb2.QuotaFailure()
             packed.Unpack(quota_failure)
+        elif packed.Is(pb.AttemptHistory.DESCRIPTOR):
+            attempt_history = pb.AttemptHistory()
+            packed.Unpack(attempt_history)
         else:
             pytest.fail(f"unexpected detail {packed.type_url}")
-    return Decoded(message, info, retry_delay_s, bad_request, quota_failure)
+    # The pushback goes with RetryInfo, and only with it.
+    assert (pushback is None) == (retry_delay_s is None), (pushback, retry_delay_s)
+    # The typed attempts and the metadata string say the same, and come together.
+    assert (attempt_history is None) == ("attempts" not in info.metadata)
+    if attempt_history is not None:
+        outcomes = {value: name for name, value in pb.AttemptOutcome.items()}
+        listed = [
+            f"{a.backend}:{outcomes[a.outcome].removeprefix('ATTEMPT_OUTCOME_').lower()}"
+            for a in attempt_history.attempts
+        ]
+        assert ",".join(listed) == info.metadata["attempts"]
+    return Decoded(message, info, retry_delay_s, bad_request, quota_failure, attempt_history, pushback)
 
 
 def failure_of(error: LLMRelayError) -> tuple[grpc.Status, Decoded]:
@@ -326,6 +347,69 @@ def test_retry_delays_keep_their_fraction() -> None:
 def test_a_rate_limit_of_zero_seconds_is_sent_as_zero() -> None:
     _, decoded = failure_of(upstream(K.RATE_LIMITED, retry_after_s=0.0))
     assert decoded.retry_delay_s == 0.0
+    assert decoded.pushback_ms == "0"
+
+
+@pytest.mark.parametrize(
+    ("error", "pushback_ms"),
+    [
+        (upstream(K.SERVER_ERROR, status=503, retry_after_s=1.0), "1000"),
+        (upstream(K.RATE_LIMITED, retry_after_s=1.25), "1250"),
+        (LimitExceededError(LimitKind.REQUESTS_PER_MINUTE, "gateway", "over", 0.0004), "1"),  # rounded up, not to 0
+        (ShuttingDownError(), "1000"),
+        (exhausted([attempt("a", OUT.TIMEOUT), attempt("b", OUT.UNREACHABLE)], upstream(K.UNREACHABLE)), "1000"),
+    ],
+)
+def test_retry_info_goes_with_the_same_delay_as_pushback_in_whole_milliseconds(
+    error: LLMRelayError, pushback_ms: str
+) -> None:
+    _, decoded = failure_of(error)
+    assert decoded.pushback_ms == pushback_ms
+
+
+def test_the_attempt_history_holds_each_attempt_as_the_response_would() -> None:
+    attempts = [
+        Attempt("openai", "gpt-4o", OUT.SERVER_ERROR, 0.25, upstream_status=503, error="HTTP 503"),
+        Attempt("ollama", "tiny", OUT.SKIPPED, 0.0),
+    ]
+    _, decoded = failure_of(exhausted(attempts, upstream(K.SERVER_ERROR, "openai", status=503)))
+
+    assert decoded.attempt_history is not None
+    first, second = decoded.attempt_history.attempts
+    assert (first.backend, first.model, first.outcome, first.upstream_status, first.error) == (
+        "openai",
+        "gpt-4o",
+        pb.ATTEMPT_OUTCOME_SERVER_ERROR,
+        503,
+        "HTTP 503",
+    )
+    assert first.duration.ToMilliseconds() == 250
+    assert (second.backend, second.outcome, second.HasField("upstream_status")) == (
+        "ollama",
+        pb.ATTEMPT_OUTCOME_SKIPPED,
+        False,
+    )
+
+
+def test_a_rejection_that_ends_a_call_lists_its_attempts() -> None:
+    rejected = upstream(K.REJECTED, "ollama", status=400)
+    rejected.attempts = (attempt("openai", OUT.TIMEOUT), attempt("ollama", OUT.REJECTED, 400))
+
+    failure, decoded = failure_of(rejected)
+
+    assert (failure.code, decoded.info.reason) == (C.INVALID_ARGUMENT, "UPSTREAM_REJECTED")
+    assert decoded.info.metadata["attempts"] == "openai:timeout,ollama:rejected"
+    assert decoded.attempt_history is not None and len(decoded.attempt_history.attempts) == 2
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ModelNotFoundError("m", []), ShuttingDownError(), UnauthenticatedError("no key"), upstream(K.REJECTED)],
+    ids=lambda e: type(e).__name__,
+)
+def test_a_call_that_never_reached_the_router_has_no_attempt_history(error: LLMRelayError) -> None:
+    _, decoded = failure_of(error)
+    assert decoded.attempt_history is None
 
 
 def test_the_status_message_is_the_errors_text() -> None:

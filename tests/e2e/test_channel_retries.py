@@ -1,0 +1,126 @@
+"""Retries by the caller's own gRPC channel, as the client service config declares them
+(proto/llmrelay/v1/llmrelay_grpc_service_config.json, SERVICE_CONFIG_JSON): no code of the caller's in the loop.
+
+A channel replays a call only while it has received no response headers. A Complete that fails, and a StreamComplete
+that fails before its first message, end as a trailers-only response, so the channel may retry them; it waits as
+long as the gateway's `grpc-retry-pushback-ms` says (gRFC A6). A stream that has delivered a message is never
+replayed, whatever the policy.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import pytest
+from llmrelay import v1 as pb
+from llmrelay.v1.service_config import SERVICE_CONFIG_JSON
+from support import OPENAI_TEST_KEY, GatewayFactory, chat, read_all, stream_chat
+from upstream import FakeUpstream
+
+PUSHBACK_S = 1
+# The policy's own first backoff is at most 0.25 s: a retry this much later than the failure waited for the pushback.
+AT_LEAST_S = 0.9
+# Generous, for a loaded machine.
+AT_MOST_S = 10.0
+
+
+def one_backend(primary: FakeUpstream) -> str:
+    """The primary alone, tried once a call: the gateway's answer to a failure is the caller's channel's business."""
+    return f"""
+llm:
+  openai: {{api_key: "{OPENAI_TEST_KEY}", base_url: "{primary.base_url}", model: {primary.models[0]}}}
+router:
+  retry: {{max_retries: 0}}
+  circuit: {{failure_threshold: 50, cooldown_s: 30}}
+"""
+
+
+def service_config_retrying(*codes: str) -> str:
+    """The SDKs' service config, with more status codes retryable."""
+    config = json.loads(SERVICE_CONFIG_JSON)
+    for method in config["methodConfig"]:
+        method["retryPolicy"]["retryableStatusCodes"] += codes
+    return json.dumps(config)
+
+
+@pytest.fixture
+async def retrying_channel(
+    gateway_factory: GatewayFactory, primary: FakeUpstream
+) -> AsyncIterator[Callable[[str], grpc.aio.Channel]]:
+    """Opens channels with a given service config to a gateway in front of the primary alone."""
+    gateway = await gateway_factory(one_backend(primary))
+    channels: list[grpc.aio.Channel] = []
+
+    def open_channel(service_config: str) -> grpc.aio.Channel:
+        options = [("grpc.service_config", service_config)]
+        channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}", options=options))
+        return channels[-1]
+
+    yield open_channel
+    for channel in channels:
+        await channel.close()
+
+
+async def complete(stub: pb.LLMServiceAsyncStub) -> str:
+    answer: pb.CompleteResponse = await stub.Complete(chat("hello retries"), timeout=20)
+    return answer.message.content
+
+
+async def stream(stub: pb.LLMServiceAsyncStub) -> str:
+    chunks = await read_all(stub.StreamComplete(stream_chat("hello retries"), timeout=20))
+    return "".join(chunk.delta.content for chunk in chunks)
+
+
+@pytest.mark.parametrize("call", [complete, stream], ids=["Complete", "StreamComplete"])
+async def test_the_channel_retries_a_failure_after_the_gateways_pushback(
+    retrying_channel: Callable[[str], grpc.aio.Channel], primary: FakeUpstream, call: Callable[..., Any]
+) -> None:
+    stub = pb.LLMServiceStub(retrying_channel(SERVICE_CONFIG_JSON))
+    # The gateway answers the caller UNAVAILABLE, RetryInfo 1 s and pushback 1000 ms; the upstream serves the retry.
+    primary.inject({"status": 503, "retry_after": PUSHBACK_S})
+
+    content = await call(stub)
+
+    assert content == "echo: hello retries"
+    assert len(primary.chat_requests) == 2, "the channel made a second attempt, and only one"
+    waited_s = primary.chat_times[1] - primary.chat_times[0]
+    assert AT_LEAST_S <= waited_s <= AT_MOST_S, f"the retry came {waited_s:.3f} s after the failure"
+
+
+async def test_without_a_retry_policy_the_caller_sees_the_failure_and_its_pushback(
+    retrying_channel: Callable[[str], grpc.aio.Channel], primary: FakeUpstream
+) -> None:
+    stub = pb.LLMServiceStub(retrying_channel(json.dumps({"methodConfig": []})))
+    primary.inject({"status": 503, "retry_after": PUSHBACK_S})
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await complete(stub)
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert dict(caught.value.trailing_metadata() or ())["grpc-retry-pushback-ms"] == "1000"
+    assert len(primary.chat_requests) == 1
+
+
+@pytest.mark.parametrize(
+    "service_config",
+    [SERVICE_CONFIG_JSON, service_config_retrying("ABORTED")],
+    ids=["the SDKs' policy", "a policy that would retry ABORTED"],
+)
+async def test_a_stream_that_delivered_a_message_is_never_replayed(
+    retrying_channel: Callable[[str], grpc.aio.Channel], primary: FakeUpstream, service_config: str
+) -> None:
+    stub = pb.LLMServiceStub(retrying_channel(service_config))
+    primary.inject({"stream_cut_after": 3})
+    received: list[pb.StreamCompleteResponse] = []
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for chunk in stub.StreamComplete(stream_chat("one two three four"), timeout=20):
+            received.append(chunk)
+
+    # The first message committed the call: even a policy that lists ABORTED does not replay it.
+    assert caught.value.code() == grpc.StatusCode.ABORTED
+    assert received and "".join(c.delta.content for c in received) != "echo: one two three four"
+    assert len(primary.chat_requests) == 1
