@@ -1,0 +1,109 @@
+"""The error contract as a client reads it from the wire: AttemptHistory beside ErrorInfo for every failed call that
+reached the router (the same attempts as ErrorInfo's "attempts" metadata), and the pushback trailer beside RetryInfo."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from llmrelay import v1 as pb
+from support import chat, stream_chat
+from upstream import FakeUpstream
+
+Outcome = pb.AttemptOutcome
+
+
+def decoded(error: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInfo, pb.AttemptHistory | None, str | None]:
+    """ErrorInfo, the AttemptHistory if any, and the pushback trailer if any, decoded as any client would."""
+    trailers = dict(error.trailing_metadata() or ())
+    raw = trailers["grpc-status-details-bin"]
+    assert isinstance(raw, bytes)
+    info = error_details_pb2.ErrorInfo()
+    history: pb.AttemptHistory | None = None
+    for packed in status_pb2.Status.FromString(raw).details:
+        if packed.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            packed.Unpack(info)
+        elif packed.Is(pb.AttemptHistory.DESCRIPTOR):
+            history = pb.AttemptHistory()
+            packed.Unpack(history)
+    pushback = trailers.get("grpc-retry-pushback-ms")
+    assert pushback is None or isinstance(pushback, str)
+    return info, history, pushback
+
+
+def listed(history: pb.AttemptHistory) -> list[tuple[str, int, int | None]]:
+    return [
+        (a.backend, a.outcome, a.upstream_status if a.HasField("upstream_status") else None) for a in history.attempts
+    ]
+
+
+async def failure_of(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value
+
+
+async def test_every_backend_down_lists_each_attempt_with_pushback(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    primary.inject({"status": 503}, {"status": 503})
+    local.inject({"status": 502}, {"status": 502})
+
+    error = await failure_of(stub.Complete(chat(), timeout=10))
+
+    info, history, pushback = decoded(error)
+    assert (error.code(), info.reason) == (grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE")
+    assert history is not None
+    assert listed(history) == [
+        ("openai", Outcome.ATTEMPT_OUTCOME_SERVER_ERROR, 503),
+        ("openai", Outcome.ATTEMPT_OUTCOME_SERVER_ERROR, 503),
+        ("ollama", Outcome.ATTEMPT_OUTCOME_SERVER_ERROR, 502),
+        ("ollama", Outcome.ATTEMPT_OUTCOME_SERVER_ERROR, 502),
+    ]
+    assert info.metadata["attempts"] == ",".join(["openai:server_error"] * 2 + ["ollama:server_error"] * 2)
+    assert all(a.model and a.error and a.duration.ToNanoseconds() > 0 for a in history.attempts)
+    assert pushback == "1000"  # no upstream said when: the default delay, as in RetryInfo
+
+
+async def test_a_rejected_request_lists_its_attempt_and_no_pushback(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    primary.inject({"status": 400})
+
+    error = await failure_of(stub.Complete(chat(), timeout=10))
+
+    info, history, pushback = decoded(error)
+    assert (error.code(), info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED")
+    assert history is not None and listed(history) == [("openai", Outcome.ATTEMPT_OUTCOME_REJECTED, 400)]
+    assert info.metadata["attempts"] == "openai:rejected"
+    assert pushback is None
+
+
+async def test_an_interrupted_stream_lists_the_broken_attempt(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    primary.inject({"stream_cut_after": 3})
+
+    async def read() -> None:
+        async for _ in stub.StreamComplete(stream_chat("one two three four"), timeout=10):
+            pass
+
+    error = await failure_of(read())
+
+    info, history, pushback = decoded(error)
+    assert (error.code(), info.reason) == (grpc.StatusCode.ABORTED, "STREAM_INTERRUPTED")
+    assert history is not None and listed(history) == [("openai", Outcome.ATTEMPT_OUTCOME_INTERRUPTED, None)]
+    assert pushback is None
+
+
+async def test_a_call_refused_before_the_router_has_no_attempt_history(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    error = await failure_of(stub.Complete(pb.CompleteRequest(), timeout=10))
+
+    info, history, pushback = decoded(error)
+    assert (error.code(), info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
+    assert (history, pushback, "attempts" in info.metadata) == (None, None, False)
+    assert primary.chat_requests == []
