@@ -7,12 +7,12 @@ import dataclasses
 import gc
 import logging
 import signal
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmrelay_server.auth import AuthInterceptor, KeyRing
 from llmrelay_server.backends import provider_factory
@@ -20,11 +20,12 @@ from llmrelay_server.calllog import CallLogInterceptor
 from llmrelay_server.config import ConfigError, GatewayConfig
 from llmrelay_server.decoding import add_llm_service
 from llmrelay_server.domain import StoreHealth
-from llmrelay_server.health import SERVICE_NAME, HealthMonitor
+from llmrelay_server.health import SERVICE_NAME, HealthMonitor, HealthServicer
 from llmrelay_server.limits import InProcessLimiter, Limiter, LimitsInterceptor
 from llmrelay_server.logs import use_log_format
 from llmrelay_server.metrics import LabelValues, Metrics, MetricsInterceptor, StateReading
 from llmrelay_server.pricing import PriceTable
+from llmrelay_server.reflection import enable_reflection
 from llmrelay_server.router import Router
 from llmrelay_server.servicer import LLMServicer
 from llmrelay_server.tls import exposure_warnings, protection, server_credentials
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from llmrelay_server.tracing import Tracing
 
 log = logging.getLogger("llmrelay_server")
+T = TypeVar("T")
 NO_BACKEND_HINT = (
     "no backend is reachable: set OPENAI_API_KEY, or start Ollama (`ollama serve`, then `ollama pull gpt-oss:20b`), "
     "or run `make demo` for a tiny local model"
@@ -142,7 +144,7 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
         log.warning(warning)
     await counter.warm_up(spec.default_model for spec in config.backends)
     await ledger.start()
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     monitor = HealthMonitor(router, health_servicer, config.server.health_interval_s)
     servicer = LLMServicer(
         router,
@@ -154,8 +156,7 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
     )
     add_llm_service(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    services = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(services, server)
+    enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     if metrics is not None and (listen := config.server.metrics_listen) is not None:
         try:
             metrics_port = metrics.serve(listen)
@@ -273,6 +274,19 @@ def _interceptors(
             )
         )
     return interceptors
+
+
+def run(main: Coroutine[Any, Any, T], event_loop: str) -> T:
+    """Runs `main` to its end on the configured event loop (server.event_loop): uvloop, or Python's own where uvloop
+    is not installed or the configuration says "asyncio". grpc.aio runs on either; uvloop's is the faster."""
+    if event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("server.event_loop: uvloop is not installed; running on asyncio's own loop")
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
 
 
 async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> None:

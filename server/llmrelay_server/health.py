@@ -1,8 +1,12 @@
 """Backend probes, feeding both the Health RPC and the standard grpc.health.v1 service.
 
-The overall status ("") is SERVING while the gateway accepts calls; the status of llmrelay.v1.LLMService is SERVING
-when at least one backend is reachable with its circuit not open, so a load balancer can route around a gateway
-whose upstreams are all down while Kubernetes still sees a live process.
+grpc.health.v1 answers for two names, and List lists both:
+
+- "" is liveness: SERVING from the start while the process accepts calls, whatever its upstreams do; NOT_SERVING
+  only once a graceful shutdown begins. A failing liveness probe means restart the process.
+- llmrelay.v1.LLMService is readiness: SERVING while at least one backend is reachable with its circuit not open,
+  NOT_SERVING otherwise and from the start of a graceful shutdown. A load balancer routes around a gateway whose
+  upstreams are all down while Kubernetes still sees a live process.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
+import grpc
 from grpc_health.v1 import health, health_pb2
 
 from llmrelay_server.domain import BackendHealth
@@ -20,6 +26,22 @@ SERVICE_NAME = "llmrelay.v1.LLMService"
 # Circuits open and cool down between probes; their state is read this often (no network) and published on change.
 STATE_CHECK_S = 0.25
 log = logging.getLogger(__name__)
+
+
+class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpcio-health-checking is untyped
+    """grpcio-health-checking's servicer, with List: its stubs route Health/List (and reflection lists it), but its
+    servicer leaves it UNIMPLEMENTED."""
+
+    async def List(
+        self,
+        request: health_pb2.HealthListRequest,
+        context: grpc.aio.ServicerContext[health_pb2.HealthListRequest, health_pb2.HealthListResponse],
+    ) -> health_pb2.HealthListResponse:
+        # The statuses Check answers from (the base class keeps them, shutdown's NOT_SERVING included).
+        statuses: dict[str, Any] = self._server_status
+        return health_pb2.HealthListResponse(
+            statuses={name: health_pb2.HealthCheckResponse(status=status) for name, status in statuses.items()}
+        )
 
 
 class HealthMonitor:

@@ -1,0 +1,67 @@
+"""Server reflection under both names tools ask for: grpc.reflection.v1 (grpcurl and grpc-java ask for it first) and
+grpc.reflection.v1alpha (older tools).
+
+grpcio-reflection ships only v1alpha (grpc/grpc#38576). v1 is the same protocol: the same messages, with the same
+field numbers, under another package. So one servicer answers both: the v1 method decodes its requests as the
+v1alpha messages they are on the wire, and the v1 file's descriptor (v1alpha's, renamed) joins the default pool, so
+that reflection describes the v1 service as it does every other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+
+V1_SERVICE_NAME: Final = "grpc.reflection.v1.ServerReflection"
+V1ALPHA_SERVICE_NAME: Final[str] = reflection.SERVICE_NAME
+_V1_PACKAGE: Final = "grpc.reflection.v1"
+_V1_FILE: Final = "grpc/reflection/v1/reflection.proto"
+
+
+def enable_reflection(services: Sequence[str], server: grpc.aio.Server) -> None:
+    """Serves reflection v1 and v1alpha on `server`, listing `services` and the two reflection services."""
+    _add_v1_file(descriptor_pool.Default())
+    servicer = reflection.aio.ReflectionServicer((*services, V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME))
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1_method = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(V1_SERVICE_NAME, {"ServerReflectionInfo": v1_method}),)
+    )
+
+
+def _add_v1_file(pool: descriptor_pool.DescriptorPool) -> None:
+    """grpc/reflection/v1/reflection.proto, made from v1alpha's descriptor (once a process: gateways share the pool)."""
+    try:
+        pool.FindFileByName(_V1_FILE)
+        return
+    except KeyError:
+        pass
+    v1alpha_package = reflection_pb2.DESCRIPTOR.package
+    file = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(file)
+    file.name, file.package = _V1_FILE, _V1_PACKAGE
+    file.options.Clear()  # v1's own options, as its .proto declares them
+    file.options.go_package = "google.golang.org/grpc/reflection/grpc_reflection_v1"
+    file.options.java_multiple_files = True
+    file.options.java_package = "io.grpc.reflection.v1"
+    file.options.java_outer_classname = "ServerReflectionProto"
+
+    def renamed(type_name: str) -> str:
+        return type_name.replace(f".{v1alpha_package}.", f".{_V1_PACKAGE}.", 1)
+
+    for message in file.message_type:
+        for field in message.field:
+            if field.HasField("type_name"):  # messages' and enums' fields; setting it on a scalar's would be invalid
+                field.type_name = renamed(field.type_name)
+    for service in file.service:
+        for method in service.method:
+            method.input_type, method.output_type = renamed(method.input_type), renamed(method.output_type)
+    pool.AddSerializedFile(file.SerializeToString())

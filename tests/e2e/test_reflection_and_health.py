@@ -1,0 +1,112 @@
+"""Server reflection under both names (grpc.reflection.v1 and v1alpha), and grpc.health.v1: Check, and List, for the
+two names it answers: "" (liveness) and llmrelay.v1.LLMService (readiness)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
+from llmrelay_server.app import Gateway
+from support import GatewayFactory, two_backends
+from upstream import FakeUpstream
+
+REFLECTION_SERVICES = ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection")
+SERVED = {"llmrelay.v1.LLMService", "grpc.health.v1.Health", *REFLECTION_SERVICES}
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def reflect(
+    channel: grpc.aio.Channel, service: str, request: reflection_pb2.ServerReflectionRequest
+) -> reflection_pb2.ServerReflectionResponse:
+    """One reflection request to `service`. v1's messages are v1alpha's on the wire (same fields, same numbers), so
+    v1alpha's classes read both."""
+    call = channel.stream_stream(
+        f"/{service}/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+
+    async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+        yield request
+
+    responses = [response async for response in call(requests(), timeout=5)]
+    assert len(responses) == 1
+    response: reflection_pb2.ServerReflectionResponse = responses[0]
+    return response
+
+
+@pytest.mark.parametrize("service", REFLECTION_SERVICES)
+async def test_reflection_lists_the_services(channel: grpc.aio.Channel, service: str) -> None:
+    response = await reflect(channel, service, reflection_pb2.ServerReflectionRequest(list_services=""))
+    assert {s.name for s in response.list_services_response.service} == SERVED
+
+
+@pytest.mark.parametrize("service", REFLECTION_SERVICES)
+@pytest.mark.parametrize(
+    ("symbol", "method"),
+    [
+        ("llmrelay.v1.LLMService", "StreamComplete"),
+        ("grpc.health.v1.Health", "List"),
+        ("grpc.reflection.v1.ServerReflection", "ServerReflectionInfo"),
+    ],
+)
+async def test_reflection_describes_every_service_it_lists(
+    channel: grpc.aio.Channel, service: str, symbol: str, method: str
+) -> None:
+    response = await reflect(channel, service, reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol))
+
+    assert not response.HasField("error_response"), response.error_response.error_message
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in response.file_descriptor_response.file_descriptor_proto
+    ]
+    package, name = symbol.rsplit(".", 1)
+    described = {(f.package, s.name): [m.name for m in s.method] for f in files for s in f.service}
+    assert method in described[(package, name)]
+
+
+async def test_health_list_reports_liveness_and_readiness(channel: grpc.aio.Channel) -> None:
+    response = await health_pb2_grpc.HealthStub(channel).List(health_pb2.HealthListRequest(), timeout=5)
+    statuses = {name: status.status for name, status in response.statuses.items()}
+    assert statuses == {"": SERVING, "llmrelay.v1.LLMService": SERVING}
+
+
+async def test_without_a_usable_backend_the_gateway_is_live_but_not_ready(gateway_factory: GatewayFactory) -> None:
+    gateway = await gateway_factory('llm:\n  ollama: {base_url: "http://127.0.0.1:9/v1", model: tiny}\n')
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        listed = await health.List(health_pb2.HealthListRequest(), timeout=5)
+        checked = {
+            name: (await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)).status
+            for name in ("", "llmrelay.v1.LLMService")
+        }
+
+    assert {name: status.status for name, status in listed.statuses.items()} == checked
+    assert checked == {"": SERVING, "llmrelay.v1.LLMService": NOT_SERVING}
+
+
+async def test_a_graceful_shutdown_lists_everything_not_serving(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    gateway: Gateway = await gateway_factory(two_backends(primary, local))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        await health.List(health_pb2.HealthListRequest(), timeout=5)  # connected: the drain refuses no connection
+        stopping = asyncio.create_task(gateway.stop(grace_period_s=0, drain_s=2))
+        try:
+            for _ in range(100):  # within the drain time, on a loaded machine too
+                listed = await health.List(health_pb2.HealthListRequest(), timeout=5)
+                statuses = {name: status.status for name, status in listed.statuses.items()}
+                if SERVING not in statuses.values():
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            await stopping
+
+    assert statuses == {"": NOT_SERVING, "llmrelay.v1.LLMService": NOT_SERVING}
