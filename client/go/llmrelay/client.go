@@ -1,7 +1,7 @@
 // Package llmrelay is the Go client of the llmrelay gateway: one gRPC contract (llmrelay.v1) for chat completions
 // over many LLM backends.
 //
-//	client, err := llmrelay.Dial("127.0.0.1:50051", llmrelay.WithInsecure())
+//	client, err := llmrelay.Dial("127.0.0.1:50051") // plaintext: a loopback target
 //	if err != nil { ... }
 //	defer client.Close()
 //	stream, err := client.Stream(ctx, &llmrelayv1.StreamCompleteRequest{
@@ -26,8 +26,14 @@
 // folds a stream's messages into the answer, markers included, for callers that read the stream themselves.
 //
 // Deadlines come from the context of each call; a call whose context has none gets the client's default timeout
-// (WithTimeout). Failed calls return an *Error, which carries the google.rpc details of the status (ErrorInfo,
-// RetryInfo, BadRequest) and still works with status.Code and status.FromError.
+// (WithTimeout), unless its context says it wants none (WithoutDeadline). Failed calls return an *Error, which carries
+// the google.rpc details of the status (ErrorInfo, RetryInfo, BadRequest) and still works with status.Code and
+// status.FromError. The channel itself retries a call that failed with UNAVAILABLE before it got an answer (the
+// service config llmrelayv1.ServiceConfigJSON, which WithServiceConfig replaces), waiting as long as the gateway's
+// grpc-retry-pushback-ms says.
+//
+// RunTools and Agent run the tool loop of an agent (call the model, run the tools it asks for, call again), and a
+// Conversation keeps a chat's messages within a token budget.
 package llmrelay
 
 import (
@@ -36,6 +42,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
@@ -55,25 +62,33 @@ type Client struct {
 	rpc     llmrelayv1.LLMServiceClient
 	timeout time.Duration
 	headers []string // alternating keys and values, sent with every call
+	// securityHint says which transport security Dial chose by itself and how to choose another; "" when the caller
+	// chose. It completes the message of a call that could not reach the gateway.
+	securityHint string
 }
 
 type options struct {
-	creds       credentials.TransportCredentials
-	timeout     time.Duration
-	headers     []string
-	dialOptions []grpc.DialOption
+	creds              credentials.TransportCredentials
+	timeout            time.Duration
+	headers            []string
+	serviceConfig      string
+	unaryInterceptors  []grpc.UnaryClientInterceptor
+	streamInterceptors []grpc.StreamClientInterceptor
+	dialOptions        []grpc.DialOption
 }
 
 // Option configures Dial.
 type Option func(*options)
 
-// WithInsecure connects in plaintext, for a gateway on loopback or inside a trusted network.
+// WithInsecure connects in plaintext, for a gateway inside a trusted network (Dial does so by itself only for a
+// loopback target: see IsLoopbackTarget).
 func WithInsecure() Option {
 	return func(o *options) { o.creds = insecure.NewCredentials() }
 }
 
-// WithTLS connects over TLS with the given configuration (nil: the system's root certificates). TLS with the
-// system's roots is also what Dial does without WithInsecure or WithTLS.
+// WithTLS connects over TLS with the given configuration (nil: the system's root certificates): RootCAs for a private
+// CA, Certificates for a client certificate (TLSConfig reads both from PEM files). TLS with the system's roots is
+// what Dial does by itself for a target that is not loopback; WithTLS also asks for TLS to a loopback one.
 func WithTLS(config *tls.Config) Option {
 	return func(o *options) { o.creds = credentials.NewTLS(config) }
 }
@@ -83,7 +98,8 @@ func WithTransportCredentials(creds credentials.TransportCredentials) Option {
 	return func(o *options) { o.creds = creds }
 }
 
-// WithTimeout sets the deadline of calls whose context has none (DefaultTimeout by default; 0 for none).
+// WithTimeout sets the deadline of calls whose context has none (DefaultTimeout by default; 0 for none). A single
+// call goes without one through WithoutDeadline.
 func WithTimeout(d time.Duration) Option {
 	return func(o *options) { o.timeout = d }
 }
@@ -98,27 +114,81 @@ func WithHeader(key, value string) Option {
 	return func(o *options) { o.headers = append(o.headers, key, value) }
 }
 
-// WithDialOptions passes options through to grpc.NewClient (interceptors, keepalive, a custom resolver, ...).
+// WithServiceConfig replaces the channel's default service config, llmrelayv1.ServiceConfigJSON (retry UNAVAILABLE
+// up to three attempts with backoff, honouring the gateway's grpc-retry-pushback-ms), with serviceConfigJSON; ""
+// installs none, so nothing is retried. A service config from the name resolver (DNS TXT records) still takes
+// precedence over either, as in grpc.WithDefaultServiceConfig.
+func WithServiceConfig(serviceConfigJSON string) Option {
+	return func(o *options) { o.serviceConfig = serviceConfigJSON }
+}
+
+// WithUnaryInterceptors adds interceptors to the unary calls (Complete, CountTokens, Embed, Health, GetUsage), the
+// first one outermost, after any earlier WithUnaryInterceptors.
+func WithUnaryInterceptors(interceptors ...grpc.UnaryClientInterceptor) Option {
+	return func(o *options) { o.unaryInterceptors = append(o.unaryInterceptors, interceptors...) }
+}
+
+// WithStreamInterceptors adds interceptors to the streaming calls (Stream, Collect), the first one outermost.
+func WithStreamInterceptors(interceptors ...grpc.StreamClientInterceptor) Option {
+	return func(o *options) { o.streamInterceptors = append(o.streamInterceptors, interceptors...) }
+}
+
+// WithDialOptions passes options through to grpc.NewClient (keepalive, a custom resolver, ...), after this package's
+// own, so that they win where both set the same thing.
 func WithDialOptions(opts ...grpc.DialOption) Option {
 	return func(o *options) { o.dialOptions = append(o.dialOptions, opts...) }
 }
 
 // Dial creates a client for the gateway at target ("host:port", or any gRPC target such as "dns:///host:port").
-// Like grpc.NewClient, it does not wait for the connection: the first call connects.
+// Without WithInsecure, WithTLS or WithTransportCredentials, it connects in plaintext to a loopback target
+// (IsLoopbackTarget) and over TLS with the system's roots to any other. Like grpc.NewClient, it does not wait for
+// the connection: the first call connects.
 func Dial(target string, opts ...Option) (*Client, error) {
-	o := options{timeout: DefaultTimeout}
+	o := options{timeout: DefaultTimeout, serviceConfig: llmrelayv1.ServiceConfigJSON}
 	for _, opt := range opts {
 		opt(&o)
 	}
+	var securityHint string
 	if o.creds == nil {
-		o.creds = credentials.NewTLS(nil)
+		if IsLoopbackTarget(target) {
+			o.creds = insecure.NewCredentials()
+			securityHint = "the client connected in plaintext, its default for a loopback target; " +
+				"for a gateway that serves TLS, dial with llmrelay.WithTLS"
+		} else {
+			o.creds = credentials.NewTLS(nil)
+			securityHint = "the client connected over TLS with the system's roots, its default for a target that is " +
+				"not loopback; for a plaintext gateway dial with llmrelay.WithInsecure, for a private CA with llmrelay.WithTLS"
+		}
 	}
-	dialOptions := append([]grpc.DialOption{grpc.WithTransportCredentials(o.creds)}, o.dialOptions...)
-	conn, err := grpc.NewClient(target, dialOptions...)
+	dialOptions := []grpc.DialOption{
+		grpc.WithTransportCredentials(o.creds),
+		grpc.WithChainUnaryInterceptor(o.unaryInterceptors...),
+		grpc.WithChainStreamInterceptor(o.streamInterceptors...),
+	}
+	if o.serviceConfig != "" {
+		dialOptions = append(dialOptions, grpc.WithDefaultServiceConfig(o.serviceConfig))
+	}
+	conn, err := grpc.NewClient(target, append(dialOptions, o.dialOptions...)...)
 	if err != nil {
 		return nil, err
 	}
-	return &Client{conn: conn, rpc: llmrelayv1.NewLLMServiceClient(conn), timeout: o.timeout, headers: o.headers}, nil
+	return &Client{
+		conn:         conn,
+		rpc:          llmrelayv1.NewLLMServiceClient(conn),
+		timeout:      o.timeout,
+		headers:      o.headers,
+		securityHint: securityHint,
+	}, nil
+}
+
+// noDeadlineKey marks a context whose call is to go without the client's default deadline.
+type noDeadlineKey struct{}
+
+// WithoutDeadline returns a context whose calls go without a deadline: the client adds none where ctx has none
+// (a deadline ctx has, or a child of it sets, still applies). For a stream the caller reads as long as it likes;
+// end it with Close or by cancelling ctx.
+func WithoutDeadline(ctx context.Context) context.Context {
+	return context.WithValue(ctx, noDeadlineKey{}, true)
 }
 
 // Close closes the channel; calls in flight fail with CANCELED.
@@ -141,10 +211,25 @@ func (c *Client) callContext(ctx context.Context) (context.Context, context.Canc
 	if len(c.headers) > 0 {
 		ctx = metadata.AppendToOutgoingContext(ctx, c.headers...)
 	}
-	if _, ok := ctx.Deadline(); !ok && c.timeout > 0 {
+	if _, ok := ctx.Deadline(); !ok && c.timeout > 0 && ctx.Value(noDeadlineKey{}) == nil {
 		return context.WithTimeout(ctx, c.timeout)
 	}
 	return context.WithCancel(ctx)
+}
+
+// wrapError turns a call's error into an *Error, leaving nil and non-status errors as they are. When the call could
+// not reach the gateway (UNAVAILABLE without the gateway's ErrorInfo) and Dial chose the transport security by
+// itself, the message also says what Dial chose and how to choose otherwise: the usual cause is a gateway that
+// speaks the other one.
+func (c *Client) wrapError(err error) error {
+	e := ParseError(err)
+	if e == nil {
+		return err
+	}
+	if c.securityHint != "" && e.Code == codes.Unavailable && e.ErrorInfo == nil {
+		e.Message += " (" + c.securityHint + ")"
+	}
+	return e
 }
 
 // Complete asks for one assistant message.
@@ -152,7 +237,7 @@ func (c *Client) Complete(ctx context.Context, req *llmrelayv1.CompleteRequest, 
 	ctx, cancel := c.callContext(ctx)
 	defer cancel()
 	resp, err := c.rpc.Complete(ctx, req, opts...)
-	return resp, wrapError(err)
+	return resp, c.wrapError(err)
 }
 
 // Stream asks for one assistant message as a stream of deltas. Read it with Recv until io.EOF; the last message
@@ -167,9 +252,9 @@ func (c *Client) Stream(ctx context.Context, req *llmrelayv1.StreamCompleteReque
 	stream, err := c.rpc.StreamComplete(ctx, req, opts...)
 	if err != nil {
 		cancel()
-		return nil, wrapError(err)
+		return nil, c.wrapError(err)
 	}
-	return &Stream{stream: stream, cancel: cancel}, nil
+	return &Stream{stream: stream, cancel: cancel, client: c}, nil
 }
 
 // CountTokens counts the tokens of a chat or a text for a model, offline.
@@ -177,7 +262,7 @@ func (c *Client) CountTokens(ctx context.Context, req *llmrelayv1.CountTokensReq
 	ctx, cancel := c.callContext(ctx)
 	defer cancel()
 	resp, err := c.rpc.CountTokens(ctx, req, opts...)
-	return resp, wrapError(err)
+	return resp, c.wrapError(err)
 }
 
 // Health reports the state of every backend (probe: check them now rather than report the last probe).
@@ -185,7 +270,7 @@ func (c *Client) Health(ctx context.Context, probe bool, opts ...grpc.CallOption
 	ctx, cancel := c.callContext(ctx)
 	defer cancel()
 	resp, err := c.rpc.Health(ctx, &llmrelayv1.HealthRequest{Probe: probe}, opts...)
-	return resp, wrapError(err)
+	return resp, c.wrapError(err)
 }
 
 // Embed turns texts into vectors, one per input in the order of req.Inputs (GetEmbeddings()[i].GetValues()), all from
@@ -195,7 +280,7 @@ func (c *Client) Embed(ctx context.Context, req *llmrelayv1.EmbedRequest, opts .
 	ctx, cancel := c.callContext(ctx)
 	defer cancel()
 	resp, err := c.rpc.Embed(ctx, req, opts...)
-	return resp, wrapError(err)
+	return resp, c.wrapError(err)
 }
 
 // GetUsage reads the usage ledger: token totals per backend, model and caller.
@@ -203,13 +288,14 @@ func (c *Client) GetUsage(ctx context.Context, req *llmrelayv1.GetUsageRequest, 
 	ctx, cancel := c.callContext(ctx)
 	defer cancel()
 	resp, err := c.rpc.GetUsage(ctx, req, opts...)
-	return resp, wrapError(err)
+	return resp, c.wrapError(err)
 }
 
 // Stream is one streamed completion.
 type Stream struct {
 	stream grpc.ServerStreamingClient[llmrelayv1.StreamCompleteResponse]
 	cancel context.CancelFunc
+	client *Client
 }
 
 // Recv returns the next message, io.EOF after the last one, or an *Error when the call failed.
@@ -217,7 +303,7 @@ func (s *Stream) Recv() (*llmrelayv1.StreamCompleteResponse, error) {
 	msg, err := s.stream.Recv()
 	if err != nil {
 		s.cancel()
-		return nil, wrapError(err) // io.EOF carries no status, so wrapError returns it as it is
+		return nil, s.client.wrapError(err) // io.EOF carries no status, so wrapError returns it as it is
 	}
 	return msg, nil
 }

@@ -3,6 +3,7 @@ package llmrelay
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"maps"
 	"slices"
@@ -51,6 +52,18 @@ func (c *Client) Collect(ctx context.Context, req *llmrelayv1.StreamCompleteRequ
 		if onChunk != nil {
 			onChunk(chunk)
 		}
+	}
+}
+
+// PrintTo is an onChunk for Collect (and Agent.OnChunk) that writes the answer's content to w as it comes, and at a
+// restart marker a line that says the answer starts over (what was written before it is void).
+func PrintTo(w io.Writer) func(*llmrelayv1.StreamCompleteResponse) {
+	return func(chunk *llmrelayv1.StreamCompleteResponse) {
+		if restart := chunk.GetRestart(); restart != nil {
+			fmt.Fprintf(w, "\n[%s broke off (%s); starting over]\n", restart.GetBackend(), restart.GetReason())
+			return
+		}
+		_, _ = io.WriteString(w, chunk.GetDelta().GetContent())
 	}
 }
 

@@ -63,14 +63,6 @@ func ParseError(err error) *Error {
 	return e
 }
 
-// wrapError turns a call's error into an *Error, leaving nil and non-status errors as they are.
-func wrapError(err error) error {
-	if e := ParseError(err); e != nil {
-		return e
-	}
-	return err
-}
-
 // Error describes the failure as "CODE (REASON): message".
 func (e *Error) Error() string {
 	if reason := e.Reason(); reason != "" {

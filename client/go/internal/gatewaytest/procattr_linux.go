@@ -5,7 +5,8 @@ import (
 	"syscall"
 )
 
-// setProcAttr makes the subprocess die with the test binary, so a killed test run leaves no server behind.
+// setProcAttr sends the harness SIGTERM when the test binary dies, so a killed test run leaves no gateway behind:
+// the harness stops its gateway and upstream on SIGTERM.
 func setProcAttr(cmd *exec.Cmd) {
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 }

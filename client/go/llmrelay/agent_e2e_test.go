@@ -1,0 +1,439 @@
+package llmrelay_test
+
+// End-to-end tests of the agent helpers (Collect, the tool loop, Conversation), of the channel's retries and of the
+// transport security rule, against the harness's real gateway and loopback upstream.
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/llmrelay/llmrelay/client/go/internal/gatewaytest"
+	"github.com/llmrelay/llmrelay/client/go/llmrelay"
+	llmrelayv1 "github.com/llmrelay/llmrelay/client/go/llmrelay/v1"
+)
+
+func TestCollectMatchesComplete(t *testing.T) {
+	twoCalls := gatewaytest.Fault{"tool_calls": []map[string]string{
+		{"name": "get_weather", "arguments": `{"city": "Paris", "unit": "celsius"}`},
+		{"name": "add", "arguments": `{"a": 2, "b": 3}`},
+	}}
+	cases := []struct {
+		name  string
+		fault gatewaytest.Fault // queued for each of the two calls; nil for none
+	}{
+		{"content", nil},
+		{"reasoning", gatewaytest.Fault{"reasoning": "thinking it over first"}},
+		{"tool calls", twoCalls},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			client := setup(t)
+			ctx := testContext(t)
+			if c.fault != nil {
+				if err := env.Upstream.AddFaults(c.fault, c.fault); err != nil {
+					t.Fatal(err)
+				}
+			}
+			prompt := "collect these several words into one answer"
+			unary, err := client.Complete(ctx, &llmrelayv1.CompleteRequest{Messages: chat(prompt)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var printed strings.Builder
+			collected, err := client.Collect(ctx, &llmrelayv1.StreamCompleteRequest{Messages: chat(prompt)},
+				llmrelay.PrintTo(&printed))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !proto.Equal(collected.GetMessage(), unary.GetMessage()) {
+				t.Errorf("collected message %v\nComplete's %v", collected.GetMessage(), unary.GetMessage())
+			}
+			if printed.String() != collected.GetMessage().GetContent() {
+				t.Errorf("printed %q as it came, the answer is %q", printed.String(), collected.GetMessage().GetContent())
+			}
+			if collected.GetId() != unary.GetId() || collected.GetBackend() != unary.GetBackend() ||
+				collected.GetModel() != unary.GetModel() || collected.GetFinishReason() != unary.GetFinishReason() {
+				t.Errorf("collected %s from %s/%s (%s), Complete %s from %s/%s (%s)", collected.GetId(),
+					collected.GetBackend(), collected.GetModel(), collected.GetFinishReason(), unary.GetId(),
+					unary.GetBackend(), unary.GetModel(), unary.GetFinishReason())
+			}
+			if !proto.Equal(collected.GetUsage(), unary.GetUsage()) || collected.GetUsage().GetTotalTokens() <= 0 {
+				t.Errorf("collected usage %v, Complete's %v", collected.GetUsage(), unary.GetUsage())
+			}
+			if got, want := attemptSummary(collected.GetAttempts()), attemptSummary(unary.GetAttempts()); got != want {
+				t.Errorf("collected attempts %s, Complete's %s", got, want)
+			}
+		})
+	}
+}
+
+// attemptSummary is each attempt's backend and outcome, what two calls answered alike share (not their timing).
+func attemptSummary(attempts []*llmrelayv1.Attempt) string {
+	var parts []string
+	for _, attempt := range attempts {
+		parts = append(parts, attempt.GetBackend()+":"+attempt.GetOutcome().String())
+	}
+	return strings.Join(parts, ",")
+}
+
+type weatherArgs struct {
+	City string `json:"city" description:"The city, e.g. Paris"`
+	Unit string `json:"unit,omitempty" enum:"celsius,fahrenheit"`
+}
+
+type sumArgs struct {
+	A int `json:"a"`
+	B int `json:"b"`
+}
+
+// agentTools are a weather tool (typed, a string result) and an adder (typed, a struct result).
+func agentTools(t *testing.T) []llmrelay.Tool {
+	weather := mustTool(t)(llmrelay.NewTool("get_weather", "The weather now in a city",
+		func(_ context.Context, args weatherArgs) (string, error) {
+			return "sunny in " + args.City, nil
+		}))
+	add := mustTool(t)(llmrelay.NewTool("add", "Adds two integers", func(_ context.Context, args sumArgs) (sum, error) {
+		return sum{args.A + args.B}, nil
+	}))
+	return []llmrelay.Tool{weather, add}
+}
+
+// usageRecorder is a unary interceptor that keeps the usage of each Complete answer.
+type usageRecorder struct {
+	mu     sync.Mutex
+	usages []*llmrelayv1.Usage
+}
+
+func (r *usageRecorder) intercept(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn,
+	invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	err := invoker(ctx, method, req, reply, cc, opts...)
+	if answer, ok := reply.(*llmrelayv1.CompleteResponse); ok && err == nil {
+		r.mu.Lock()
+		r.usages = append(r.usages, answer.GetUsage())
+		r.mu.Unlock()
+	}
+	return err
+}
+
+func TestAgentRunsTwoToolsOverSeveralSteps(t *testing.T) {
+	for _, streaming := range []bool{false, true} {
+		t.Run(fmt.Sprintf("streaming=%t", streaming), func(t *testing.T) {
+			var recorder usageRecorder
+			client := setup(t, llmrelay.WithUnaryInterceptors(recorder.intercept))
+			if err := env.Upstream.AddFaults(
+				gatewaytest.Fault{"tool_calls": []map[string]string{
+					{"name": "get_weather", "arguments": `{"city": "Paris"}`},
+					{"name": "add", "arguments": `{"a": 2, "b": 3}`},
+				}},
+				// The fake numbers each answer's calls from call_1, so this one calls the tool step one's call_1 did.
+				gatewaytest.Fault{"tool_calls": []map[string]string{{"name": "get_weather", "arguments": `{"city": "Oslo"}`}}},
+				gatewaytest.Fault{"echo_tools": true},
+			); err != nil {
+				t.Fatal(err)
+			}
+			before, err := env.Upstream.Requests()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var printed strings.Builder
+			var toolCalls []string
+			agent := &llmrelay.Agent{
+				Client: client,
+				Tools:  agentTools(t),
+				OnToolResult: func(call *llmrelayv1.ToolCall, result *llmrelayv1.Message) {
+					toolCalls = append(toolCalls, call.GetFunction().GetName()+"->"+result.GetContent())
+				},
+			}
+			if streaming {
+				agent.OnChunk = llmrelay.PrintTo(&printed)
+			}
+			conversation := llmrelay.NewConversation(chat("What is the weather in Paris and Oslo, and 2+3?")...)
+			result, err := agent.Run(testContext(t), conversation)
+			if err != nil {
+				t.Fatalf("%v\ngateway log:\n%s", err, env.Log())
+			}
+
+			want := `tools: get_weather=sunny in Paris; add={"sum":5}; get_weather=sunny in Oslo`
+			if got := result.Answer.GetMessage().GetContent(); got != want {
+				t.Errorf("final answer %q, want %q", got, want)
+			}
+			if streaming && !strings.HasSuffix(printed.String(), want) {
+				t.Errorf("printed %q as it came; want it to end with the final answer", printed.String())
+			}
+			if got := strings.Join(toolCalls, " | "); got !=
+				`get_weather->sunny in Paris | add->{"sum":5} | get_weather->sunny in Oslo` {
+				t.Errorf("tool calls seen: %s", got)
+			}
+			if result.Steps != 3 || len(result.Attempts) != 3 {
+				t.Errorf("%d steps, %d attempts; want 3 of each", result.Steps, len(result.Attempts))
+			}
+			// system, user; assistant with two calls, two results; assistant with one call, one result; the answer.
+			roles := []llmrelayv1.Role{llmrelayv1.Role_ROLE_SYSTEM, llmrelayv1.Role_ROLE_USER,
+				llmrelayv1.Role_ROLE_ASSISTANT, llmrelayv1.Role_ROLE_TOOL, llmrelayv1.Role_ROLE_TOOL,
+				llmrelayv1.Role_ROLE_ASSISTANT, llmrelayv1.Role_ROLE_TOOL, llmrelayv1.Role_ROLE_ASSISTANT}
+			if len(conversation.Messages) != len(roles) || len(result.Messages) != len(roles)-2 {
+				t.Fatalf("%d messages in the conversation, %d added by the run; want %d and %d",
+					len(conversation.Messages), len(result.Messages), len(roles), len(roles)-2)
+			}
+			for i, message := range conversation.Messages {
+				if message.GetRole() != roles[i] {
+					t.Errorf("message %d is %s, want %s", i, message.GetRole(), roles[i])
+				}
+			}
+			if id := conversation.Messages[4].GetToolCallId(); id != "call_2" {
+				t.Errorf("the second tool result answers %q, want call_2", id)
+			}
+
+			after, err := env.Upstream.Requests()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(after)-len(before) != 3 {
+				t.Fatalf("the upstream got %d requests, want 3", len(after)-len(before))
+			}
+			var last struct {
+				Tools []struct {
+					Function struct{ Name string } `json:"function"`
+				} `json:"tools"`
+			}
+			if err := json.Unmarshal(after[len(after)-1], &last); err != nil {
+				t.Fatal(err)
+			}
+			if len(last.Tools) != 2 || last.Tools[0].Function.Name != "get_weather" || last.Tools[1].Function.Name != "add" {
+				t.Errorf("the last request offered %+v; want get_weather and add", last.Tools)
+			}
+
+			if !streaming {
+				var want *llmrelayv1.Usage
+				for _, usage := range recorder.usages {
+					want = addUsage(want, usage)
+				}
+				if len(recorder.usages) != 3 || !proto.Equal(result.Usage, want) {
+					t.Errorf("usage %v; the %d steps' summed: %v", result.Usage, len(recorder.usages), want)
+				}
+			} else if result.Usage.GetPromptTokens() <= result.Answer.GetUsage().GetPromptTokens() {
+				t.Errorf("usage %v, the last step's %v: want the sum of the three", result.Usage, result.Answer.GetUsage())
+			}
+		})
+	}
+}
+
+// addUsage sums the token counts the fake upstream reports (it reports no cost or cache figures).
+func addUsage(total, usage *llmrelayv1.Usage) *llmrelayv1.Usage {
+	if total == nil {
+		return proto.CloneOf(usage)
+	}
+	return &llmrelayv1.Usage{
+		PromptTokens:     total.GetPromptTokens() + usage.GetPromptTokens(),
+		CompletionTokens: total.GetCompletionTokens() + usage.GetCompletionTokens(),
+		TotalTokens:      total.GetTotalTokens() + usage.GetTotalTokens(),
+		Estimated:        total.GetEstimated() || usage.GetEstimated(),
+		Cost:             usage.GetCost(),
+	}
+}
+
+func TestAgentToolFailuresBecomeResults(t *testing.T) {
+	client := setup(t)
+	failing := mustTool(t)(llmrelay.NewTool("lookup", "", func(context.Context, struct{}) (string, error) {
+		return "", errors.New("the index is offline")
+	}))
+	if err := env.Upstream.AddFaults(
+		gatewaytest.Fault{"tool_calls": []map[string]string{
+			{"name": "lookup", "arguments": "{}"},
+			{"name": "translate", "arguments": "{}"},
+			{"name": "get_weather", "arguments": `{"town": "Paris"}`},
+		}},
+		gatewaytest.Fault{"echo_tools": true},
+	); err != nil {
+		t.Fatal(err)
+	}
+	agent := &llmrelay.Agent{Client: client, Tools: append(agentTools(t), failing)}
+	result, err := agent.Run(testContext(t), llmrelay.NewConversation(chat("look it up")...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	answer := result.Answer.GetMessage().GetContent()
+	for _, want := range []string{
+		`lookup=error: tool "lookup" failed: the index is offline`,
+		`translate=error: there is no tool "translate"; the tools are: add, get_weather, lookup`,
+		`get_weather=error: tool "get_weather" cannot take the arguments {"town": "Paris"}`,
+	} {
+		if !strings.Contains(answer, want) {
+			t.Errorf("final answer %q; want it to hold %q", answer, want)
+		}
+	}
+}
+
+func TestAgentStopsAtItsStepLimit(t *testing.T) {
+	client := setup(t)
+	again := gatewaytest.Fault{"tool_calls": []map[string]string{{"name": "add", "arguments": `{"a": 1, "b": 1}`}}}
+	if err := env.Upstream.AddFaults(again, again, again); err != nil {
+		t.Fatal(err)
+	}
+	conversation := llmrelay.NewConversation(chat("count forever")...)
+	agent := &llmrelay.Agent{Client: client, Tools: agentTools(t), MaxSteps: 2}
+	_, err := agent.Run(testContext(t), conversation)
+	var limit *llmrelay.StepLimitError
+	if !errors.As(err, &limit) {
+		t.Fatalf("error %v, want a *StepLimitError", err)
+	}
+	if limit.MaxSteps != 2 || limit.Result.Steps != 2 || limit.Result.Usage.GetTotalTokens() <= 0 {
+		t.Errorf("limit %d, %d steps, usage %v", limit.MaxSteps, limit.Result.Steps, limit.Result.Usage)
+	}
+	last := conversation.Messages[len(conversation.Messages)-1]
+	if last.GetRole() != llmrelayv1.Role_ROLE_TOOL || last.GetContent() != `{"sum":2}` {
+		t.Errorf("the conversation ends with %v; want the last step's tool result, to go on from", last)
+	}
+}
+
+func TestConversationFitsItsTokenBudget(t *testing.T) {
+	client := setup(t)
+	ctx := testContext(t)
+	turn := func(question, answer string) []*llmrelayv1.Message {
+		return []*llmrelayv1.Message{llmrelay.User(question), llmrelay.Assistant(answer)}
+	}
+	conversation := llmrelay.NewConversation(llmrelay.System("Be brief."))
+	conversation.Add(turn("the first question, with quite a few words in it", "the first answer, also long-winded")...)
+	conversation.Add(turn("the second question, with quite a few words in it", "the second answer, long-winded too")...)
+	conversation.Add(llmrelay.User("the last question"))
+	all, err := conversation.CountTokens(ctx, client)
+	if err != nil {
+		t.Fatal(err)
+	}
+	last := llmrelay.NewConversation(llmrelay.System("Be brief."), llmrelay.User("the last question"))
+	minimum, err := last.CountTokens(ctx, client)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if minimum >= all {
+		t.Fatalf("the last turn alone counts %d tokens, the whole chat %d", minimum, all)
+	}
+
+	conversation.TokenBudget = minimum
+	dropped, err := conversation.Fit(ctx, client)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if dropped != 4 || !proto.Equal(&llmrelayv1.CompleteRequest{Messages: conversation.Messages},
+		&llmrelayv1.CompleteRequest{Messages: last.Messages}) {
+		t.Errorf("dropped %d messages, left %v; want the two old turns gone, the system message and last question kept",
+			dropped, conversation.Messages)
+	}
+
+	conversation.TokenBudget = minimum - 1
+	_, err = conversation.Fit(ctx, client)
+	var over *llmrelay.BudgetError
+	if !errors.As(err, &over) || over.Tokens != minimum || over.Budget != minimum-1 {
+		t.Errorf("error %v, want a *BudgetError of %d tokens over %d", err, minimum, minimum-1)
+	}
+}
+
+func TestWithoutDeadlineOutlastsTheDefaultTimeout(t *testing.T) {
+	client := setup(t, llmrelay.WithTimeout(500*time.Millisecond))
+	if err := env.Upstream.AddFaults(gatewaytest.Fault{"stall_s": 1.5}); err != nil {
+		t.Fatal(err)
+	}
+	answer, err := client.Complete(llmrelay.WithoutDeadline(context.Background()),
+		&llmrelayv1.CompleteRequest{Messages: chat("take your time")})
+	if err != nil {
+		t.Fatalf("a call without a deadline failed: %v", err)
+	}
+	if answer.GetMessage().GetContent() != "echo: take your time" {
+		t.Errorf("answer %q", answer.GetMessage().GetContent())
+	}
+}
+
+func TestChannelRetriesAfterThePushback(t *testing.T) {
+	cases := []struct {
+		name string
+		call func(client *llmrelay.Client, ctx context.Context) (string, error)
+	}{
+		{"Complete", func(client *llmrelay.Client, ctx context.Context) (string, error) {
+			answer, err := client.Complete(ctx, &llmrelayv1.CompleteRequest{Messages: chat("try again")})
+			return answer.GetMessage().GetContent(), err
+		}},
+		{"Collect", func(client *llmrelay.Client, ctx context.Context) (string, error) {
+			answer, err := client.Collect(ctx, &llmrelayv1.StreamCompleteRequest{Messages: chat("try again")}, nil)
+			return answer.GetMessage().GetContent(), err
+		}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			client := setup(t) // the default service config: the channel retries UNAVAILABLE
+			if err := env.Upstream.AddFaults(gatewaytest.Fault{"status": 503, "retry_after": 1}); err != nil {
+				t.Fatal(err)
+			}
+			before, err := env.Upstream.Requests()
+			if err != nil {
+				t.Fatal(err)
+			}
+			began := time.Now()
+			content, err := c.call(client, testContext(t))
+			took := time.Since(began)
+			if err != nil {
+				t.Fatalf("the call failed: %v; want the channel to retry it", err)
+			}
+			after, err := env.Upstream.Requests()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if content != "echo: try again" || len(after)-len(before) != 2 {
+				t.Errorf("answer %q after %d upstream requests; want the echo after 2", content, len(after)-len(before))
+			}
+			// The gateway's grpc-retry-pushback-ms (the upstream's Retry-After, 1s) sets the wait, not the service
+			// config's backoff (at most 0.25s before the second attempt).
+			if took < 900*time.Millisecond {
+				t.Errorf("the retry came after %s; want the gateway's pushback, about 1s, honoured", took)
+			}
+		})
+	}
+}
+
+func TestTransportSecurityRule(t *testing.T) {
+	gateway := tlsGateway.start(t)
+	ctx := testContext(t)
+	config, err := llmrelay.TLSConfig(gateway.CAFile, "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := gateway.Target[strings.LastIndex(gateway.Target, ":")+1:]
+	for _, target := range []string{gateway.Target, "localhost:" + port, "dns:///localhost:" + port} {
+		client := dial(t, target, llmrelay.WithTLS(config))
+		answer, err := client.Complete(ctx, &llmrelayv1.CompleteRequest{Messages: chat("over TLS")})
+		if err != nil {
+			t.Errorf("%s over TLS with the CA: %v", target, err)
+			continue
+		}
+		if answer.GetMessage().GetContent() != "echo: over TLS" {
+			t.Errorf("%s: answer %q", target, answer.GetMessage().GetContent())
+		}
+	}
+
+	// By default a loopback target gets plaintext, which a TLS gateway does not speak: the error says so.
+	_, err = dial(t, gateway.Target).Complete(ctx, &llmrelayv1.CompleteRequest{Messages: chat("in plaintext")})
+	e := mustFail(t, err, codes.Unavailable)
+	t.Logf("a default client to a TLS gateway on loopback: %v", e)
+	for _, want := range []string{"plaintext", "loopback", "llmrelay.WithTLS"} {
+		if !strings.Contains(e.Error(), want) {
+			t.Errorf("error %q; want it to say %q", e.Error(), want)
+		}
+	}
+
+	// TLS with the system's roots does not trust the harness's CA.
+	_, err = dial(t, gateway.Target, llmrelay.WithTLS(nil)).Complete(ctx,
+		&llmrelayv1.CompleteRequest{Messages: chat("unverified")})
+	e = mustFail(t, err, codes.Unavailable)
+	if !strings.Contains(e.Error(), "certificate") || strings.Contains(e.Error(), "plaintext") {
+		t.Errorf("error %q; want the certificate's failure, without a hint: the caller chose TLS", e.Error())
+	}
+}

@@ -1,0 +1,106 @@
+package llmrelay
+
+import (
+	"context"
+	"fmt"
+
+	llmrelayv1 "github.com/llmrelay/llmrelay/client/go/llmrelay/v1"
+)
+
+// Conversation holds the messages of a chat, for the next request, and keeps them within a token budget: Fit drops
+// the oldest turns (a user message and every message up to the next user message: the answers, tool calls and their
+// results together) until the chat, counted by the gateway's CountTokens, fits. System messages are never dropped,
+// nor the last turn. Agent.Run appends each answer and tool result to it, and fits it before each step. It is not
+// safe for concurrent use.
+type Conversation struct {
+	// Messages is the chat so far, oldest first.
+	Messages []*llmrelayv1.Message
+	// TokenBudget, when above 0, is how many prompt tokens the chat may take (the model's context window less the
+	// room the answer needs).
+	TokenBudget int
+	// Model is the model whose tokenizer counts: the model the requests name ("" for the gateway's default chain).
+	Model string
+}
+
+// NewConversation is a conversation that starts with the messages (System, User, ...).
+func NewConversation(messages ...*llmrelayv1.Message) *Conversation {
+	return &Conversation{Messages: messages}
+}
+
+// Add appends messages: the user's next one, an answer (resp.GetMessage()), tool results.
+func (c *Conversation) Add(messages ...*llmrelayv1.Message) {
+	c.Messages = append(c.Messages, messages...)
+}
+
+// CountTokens counts the chat's prompt tokens for c.Model through the gateway (CountTokens), with the definitions of
+// the tools the request will offer, which count too.
+func (c *Conversation) CountTokens(ctx context.Context, client *Client, tools ...*llmrelayv1.Tool) (int, error) {
+	req := &llmrelayv1.CountTokensRequest{Messages: c.Messages, Tools: tools}
+	if c.Model != "" {
+		req.Model = &c.Model
+	}
+	resp, err := client.CountTokens(ctx, req)
+	if err != nil {
+		return 0, err
+	}
+	return int(resp.GetTokenCount()), nil
+}
+
+// BudgetError is a conversation that does not fit its token budget even with only its system messages and last turn.
+type BudgetError struct {
+	// Tokens is what the chat takes with nothing more to drop; Budget is Conversation.TokenBudget.
+	Tokens, Budget int
+}
+
+func (e *BudgetError) Error() string {
+	return fmt.Sprintf("llmrelay: the conversation takes %d tokens with only its system messages and last turn, over "+
+		"its budget of %d: shorten them, or raise Conversation.TokenBudget if the model's context window allows", e.Tokens,
+		e.Budget)
+}
+
+// Fit drops the oldest turns until the chat (with the tools' definitions) takes at most TokenBudget tokens, and
+// returns how many messages it dropped; a *BudgetError when even the system messages and the last turn take more.
+// Without a budget (TokenBudget 0) it does nothing.
+func (c *Conversation) Fit(ctx context.Context, client *Client, tools ...*llmrelayv1.Tool) (int, error) {
+	if c.TokenBudget <= 0 {
+		return 0, nil
+	}
+	dropped := 0
+	for {
+		tokens, err := c.CountTokens(ctx, client, tools...)
+		if err != nil {
+			return dropped, err
+		}
+		if tokens <= c.TokenBudget {
+			return dropped, nil
+		}
+		oldest := oldestTurn(c.Messages)
+		if oldest == nil {
+			return dropped, &BudgetError{Tokens: tokens, Budget: c.TokenBudget}
+		}
+		kept := make([]*llmrelayv1.Message, 0, len(c.Messages))
+		for i, message := range c.Messages {
+			if !oldest[i] {
+				kept = append(kept, message)
+			}
+		}
+		dropped += len(c.Messages) - len(kept)
+		c.Messages = kept
+	}
+}
+
+// oldestTurn is the positions of the first turn's messages (the non-system messages before the second user message
+// among them), or nil when there is only one turn: the last is never dropped.
+func oldestTurn(messages []*llmrelayv1.Message) map[int]bool {
+	turn := map[int]bool{}
+	for i, message := range messages {
+		if message.GetRole() == llmrelayv1.Role_ROLE_SYSTEM {
+			continue
+		}
+		if message.GetRole() == llmrelayv1.Role_ROLE_USER && len(turn) > 0 {
+			return turn
+		}
+		turn[i] = true
+	}
+	return nil
+}

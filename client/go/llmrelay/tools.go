@@ -1,0 +1,189 @@
+package llmrelay
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"reflect"
+	"slices"
+	"strings"
+	"sync"
+
+	llmrelayv1 "github.com/llmrelay/llmrelay/client/go/llmrelay/v1"
+)
+
+// Tool is a function the model may call, with its definition for the request (FunctionTool's) and the handler that
+// runs it. Make one with NewTool (its schema from a struct) or NewRawTool (its schema given).
+type Tool struct {
+	definition *llmrelayv1.Tool
+	// handler runs the call with its arguments as the model wrote them, and returns the tool message's content.
+	handler func(ctx context.Context, arguments json.RawMessage) (string, error)
+}
+
+// argumentsError is arguments a tool cannot take, which the model is told as such.
+type argumentsError struct{ err error }
+
+func (e argumentsError) Error() string { return e.err.Error() }
+
+// NewTool makes a tool of a typed handler: the model's arguments are decoded into Args, a struct whose JSON Schema
+// (SchemaOf) the model gets as the tool's parameters, and the handler's result becomes the tool message: a string as
+// it is, anything else encoded by encoding/json. Arguments that are not JSON, lack a required property or name an
+// unknown one never reach the handler: the model gets a tool result that says what was wrong, as it does for an
+// error the handler returns or a panic.
+//
+//	type Weather struct {
+//		City string `json:"city" description:"The city, e.g. Paris"`
+//	}
+//	weather, err := llmrelay.NewTool("get_weather", "The weather now in a city",
+//		func(ctx context.Context, args Weather) (string, error) { return "sunny in " + args.City, nil })
+func NewTool[Args, Result any](name, description string, handler func(context.Context, Args) (Result, error)) (Tool, error) {
+	t := reflect.TypeFor[Args]()
+	parameters, required, err := structSchemaFor(t)
+	if err != nil {
+		return Tool{}, fmt.Errorf("llmrelay: tool %q: the schema of %s: %w", name, t, err)
+	}
+	definition, err := FunctionTool(name, description, parameters)
+	if err != nil {
+		return Tool{}, err
+	}
+	run := func(ctx context.Context, arguments json.RawMessage) (string, error) {
+		args, err := decodeArguments[Args](arguments, required)
+		if err != nil {
+			return "", argumentsError{err}
+		}
+		result, err := handler(ctx, args)
+		if err != nil {
+			return "", err
+		}
+		return resultText(result)
+	}
+	return Tool{definition: definition, handler: run}, nil
+}
+
+// NewRawTool makes a tool of a handler that reads the arguments itself, as the JSON text the model wrote ("{}" when
+// it wrote none), with parameters its JSON Schema as JSON text (nil for none); the handler's string is the tool
+// message. An error or a panic becomes a tool result that says so.
+func NewRawTool(name, description string, parameters json.RawMessage,
+	handler func(ctx context.Context, arguments json.RawMessage) (string, error)) (Tool, error) {
+	if parameters != nil && !json.Valid(parameters) {
+		return Tool{}, fmt.Errorf("llmrelay: tool %q: the parameters are not JSON: %s", name, parameters)
+	}
+	var schema any
+	if parameters != nil {
+		schema = parameters
+	}
+	definition, err := FunctionTool(name, description, schema)
+	if err != nil {
+		return Tool{}, err
+	}
+	return Tool{definition: definition, handler: func(ctx context.Context, arguments json.RawMessage) (string, error) {
+		if len(bytes.TrimSpace(arguments)) == 0 {
+			arguments = json.RawMessage("{}")
+		}
+		if !json.Valid(arguments) {
+			return "", argumentsError{fmt.Errorf("not JSON: %s", arguments)}
+		}
+		return handler(ctx, arguments)
+	}}, nil
+}
+
+// Name is the tool's function name.
+func (t Tool) Name() string {
+	return t.definition.GetFunction().GetName()
+}
+
+// Definition is the tool as a request lists it (CompletionOptions.Tools).
+func (t Tool) Definition() *llmrelayv1.Tool {
+	return t.definition
+}
+
+// ToolResult is the tool message that answers the tool call callID with content.
+func ToolResult(callID, content string) *llmrelayv1.Message {
+	return &llmrelayv1.Message{Role: llmrelayv1.Role_ROLE_TOOL, Content: content, ToolCallId: &callID}
+}
+
+// RunToolCalls runs the tool calls of an assistant message, all at once, each in its own goroutine with ctx, and
+// returns their tool messages in the order of the calls once all have returned. It never fails: a call of a tool
+// not in tools, arguments the tool cannot take, and a handler that returns an error or panics each become a tool
+// result that says so ("error: ..."), for the model to read and correct.
+func RunToolCalls(ctx context.Context, tools []Tool, calls []*llmrelayv1.ToolCall) []*llmrelayv1.Message {
+	byName := make(map[string]Tool, len(tools))
+	for _, tool := range tools {
+		byName[tool.Name()] = tool
+	}
+	results := make([]*llmrelayv1.Message, len(calls))
+	var running sync.WaitGroup
+	for i, call := range calls {
+		running.Go(func() {
+			results[i] = ToolResult(call.GetId(), runToolCall(ctx, byName, call.GetFunction()))
+		})
+	}
+	running.Wait()
+	return results
+}
+
+// runToolCall runs one call and returns the content of its tool message.
+func runToolCall(ctx context.Context, tools map[string]Tool, call *llmrelayv1.FunctionCall) (content string) {
+	name := call.GetName()
+	tool, ok := tools[name]
+	if !ok {
+		return fmt.Sprintf("error: there is no tool %q; the tools are: %s", name,
+			strings.Join(slices.Sorted(maps.Keys(tools)), ", "))
+	}
+	defer func() {
+		if recovered := recover(); recovered != nil {
+			content = fmt.Sprintf("error: tool %q failed: it panicked: %v", name, recovered)
+		}
+	}()
+	result, err := tool.handler(ctx, json.RawMessage(call.GetArguments()))
+	var invalid argumentsError
+	switch {
+	case errors.As(err, &invalid):
+		return fmt.Sprintf("error: tool %q cannot take the arguments %s: %v", name, call.GetArguments(), invalid.err)
+	case err != nil:
+		return fmt.Sprintf("error: tool %q failed: %v", name, err)
+	}
+	return result
+}
+
+// decodeArguments decodes a call's arguments into Args, refusing text that is not JSON, an unknown property, and an
+// object without a required one ("" counts as {}).
+func decodeArguments[Args any](arguments json.RawMessage, required []string) (Args, error) {
+	var args Args
+	if len(bytes.TrimSpace(arguments)) == 0 {
+		arguments = json.RawMessage("{}")
+	}
+	var present map[string]json.RawMessage
+	if err := json.Unmarshal(arguments, &present); err != nil {
+		return args, fmt.Errorf("not a JSON object: %w", err)
+	}
+	for _, name := range required {
+		if _, ok := present[name]; !ok {
+			return args, fmt.Errorf("the required property %q is missing", name)
+		}
+	}
+	decoder := json.NewDecoder(bytes.NewReader(arguments))
+	decoder.DisallowUnknownFields()
+	if err := decoder.Decode(&args); err != nil {
+		return args, err
+	}
+	return args, nil
+}
+
+// resultText is a handler's result as the tool message's content: a string as it is, anything else as JSON.
+func resultText(result any) (string, error) {
+	switch r := result.(type) {
+	case string:
+		return r, nil
+	case json.RawMessage:
+		return string(r), nil
+	}
+	text, err := json.Marshal(result)
+	if err != nil {
+		return "", fmt.Errorf("its result cannot be encoded as JSON: %w", err)
+	}
+	return string(text), nil
+}

@@ -1,0 +1,175 @@
+package llmrelay_test
+
+// Unit tests of tools: NewTool's definition and argument checks, and RunToolCalls (parallel, errors and panics as
+// results, the context passed on). No server.
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/llmrelay/llmrelay/client/go/llmrelay"
+	llmrelayv1 "github.com/llmrelay/llmrelay/client/go/llmrelay/v1"
+)
+
+type addArgs struct {
+	A int `json:"a"`
+	B int `json:"b"`
+}
+
+type sum struct {
+	Sum int `json:"sum"`
+}
+
+// mustTool fails the test unless a tool was made: mustTool(t)(llmrelay.NewTool(...)).
+func mustTool(t *testing.T) func(llmrelay.Tool, error) llmrelay.Tool {
+	return func(tool llmrelay.Tool, err error) llmrelay.Tool {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tool
+	}
+}
+
+func call(id, name, arguments string) *llmrelayv1.ToolCall {
+	return &llmrelayv1.ToolCall{Id: id, Function: &llmrelayv1.FunctionCall{Name: name, Arguments: arguments}}
+}
+
+func addTool(t *testing.T) llmrelay.Tool {
+	return mustTool(t)(llmrelay.NewTool("add", "Adds two integers", func(_ context.Context, args addArgs) (sum, error) {
+		return sum{args.A + args.B}, nil
+	}))
+}
+
+func TestNewToolDefinition(t *testing.T) {
+	definition := addTool(t).Definition().GetFunction()
+	if definition.GetName() != "add" || definition.GetDescription() != "Adds two integers" {
+		t.Errorf("definition %v", definition)
+	}
+	schema, err := llmrelay.SchemaOf[addArgs]()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if definition.GetParametersJson() != string(schema) {
+		t.Errorf("parameters %s, want SchemaOf's %s", definition.GetParametersJson(), schema)
+	}
+	if _, err := llmrelay.NewTool("bad", "", func(context.Context, []string) (string, error) { return "", nil }); err == nil ||
+		!strings.Contains(err.Error(), `tool "bad"`) {
+		t.Errorf("a tool of []string arguments: %v; want an error naming the tool", err)
+	}
+	if _, err := llmrelay.NewRawTool("bad", "", json.RawMessage(`{"type":`), nil); err == nil {
+		t.Error("a tool whose schema is not JSON was made")
+	}
+}
+
+func TestRunToolCallsAnswersEachCallInOrder(t *testing.T) {
+	echo := mustTool(t)(llmrelay.NewRawTool("echo", "", nil, func(_ context.Context, arguments json.RawMessage) (string, error) {
+		return string(arguments), nil
+	}))
+	results := llmrelay.RunToolCalls(context.Background(), []llmrelay.Tool{addTool(t), echo}, []*llmrelayv1.ToolCall{
+		call("call_1", "add", `{"a": 2, "b": 3}`),
+		call("call_2", "echo", ""),
+		call("call_3", "add", `{"a": 1, "b": -1}`),
+	})
+	want := []struct{ id, content string }{{"call_1", `{"sum":5}`}, {"call_2", "{}"}, {"call_3", `{"sum":0}`}}
+	if len(results) != len(want) {
+		t.Fatalf("%d results for %d calls", len(results), len(want))
+	}
+	for i, result := range results {
+		if result.GetRole() != llmrelayv1.Role_ROLE_TOOL || result.GetToolCallId() != want[i].id ||
+			result.GetContent() != want[i].content {
+			t.Errorf("result %d: %s %q %q; want tool %q %q", i, result.GetRole(), result.GetToolCallId(),
+				result.GetContent(), want[i].id, want[i].content)
+		}
+	}
+}
+
+func TestRunToolCallsTurnsFailuresIntoResults(t *testing.T) {
+	failing := mustTool(t)(llmrelay.NewTool("fail", "", func(context.Context, struct{}) (string, error) {
+		return "", errors.New("the disk is full")
+	}))
+	panicking := mustTool(t)(llmrelay.NewTool("panic", "", func(context.Context, struct{}) (string, error) {
+		panic("index out of range")
+	}))
+	unencodable := mustTool(t)(llmrelay.NewTool("nan", "", func(context.Context, struct{}) (float64, error) {
+		return float64(0) / zero(), nil
+	}))
+	tools := []llmrelay.Tool{addTool(t), failing, panicking, unencodable}
+	cases := []struct {
+		call *llmrelayv1.ToolCall
+		want []string
+	}{
+		{call("1", "fail", "{}"), []string{`error: tool "fail" failed: the disk is full`}},
+		{call("2", "panic", ""), []string{`error: tool "panic" failed: it panicked: index out of range`}},
+		{call("3", "nan", "{}"), []string{`error: tool "nan" failed`, "cannot be encoded as JSON"}},
+		{call("4", "subtract", "{}"), []string{`error: there is no tool "subtract"`, "add, fail, nan, panic"}},
+		{call("5", "add", `{"a": 1, "b":`), []string{`error: tool "add" cannot take the arguments`, "not a JSON object"}},
+		{call("6", "add", `{"a": 1}`), []string{`the required property "b" is missing`}},
+		{call("7", "add", `{"a": 1, "b": 2, "c": 3}`), []string{`unknown field "c"`}},
+		{call("8", "add", `{"a": "one", "b": 2}`), []string{`cannot take the arguments {"a": "one", "b": 2}`}},
+		{call("9", "add", `[1, 2]`), []string{"not a JSON object"}},
+	}
+	var calls []*llmrelayv1.ToolCall
+	for _, c := range cases {
+		calls = append(calls, c.call)
+	}
+	results := llmrelay.RunToolCalls(context.Background(), tools, calls)
+	for i, c := range cases {
+		for _, want := range c.want {
+			if !strings.Contains(results[i].GetContent(), want) {
+				t.Errorf("call %s to %q: result %q, want it to say %q", c.call.GetId(), c.call.GetFunction().GetName(),
+					results[i].GetContent(), want)
+			}
+		}
+		if results[i].GetToolCallId() != c.call.GetId() {
+			t.Errorf("result %d answers %q, want %q", i, results[i].GetToolCallId(), c.call.GetId())
+		}
+	}
+}
+
+func zero() float64 { return 0 }
+
+func TestRunToolCallsRunsThemAtOnce(t *testing.T) {
+	// Each call waits for the other to start: run one after the other, they would wait out the deadline.
+	started := make(chan struct{}, 2)
+	rendezvous := mustTool(t)(llmrelay.NewTool("rendezvous", "", func(ctx context.Context, _ struct{}) (string, error) {
+		started <- struct{}{}
+		deadline := time.After(10 * time.Second)
+		for len(started) < 2 {
+			select {
+			case <-deadline:
+				return "", errors.New("alone: the other call did not start")
+			case <-time.After(time.Millisecond):
+			}
+		}
+		return "met", nil
+	}))
+	results := llmrelay.RunToolCalls(context.Background(), []llmrelay.Tool{rendezvous},
+		[]*llmrelayv1.ToolCall{call("1", "rendezvous", "{}"), call("2", "rendezvous", "{}")})
+	for i, result := range results {
+		if result.GetContent() != "met" {
+			t.Errorf("call %d: %q", i, result.GetContent())
+		}
+	}
+}
+
+func TestRunToolCallsPassesTheContext(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	waiting := mustTool(t)(llmrelay.NewTool("wait", "", func(ctx context.Context, _ struct{}) (string, error) {
+		cancel()
+		select {
+		case <-ctx.Done():
+			return "", ctx.Err()
+		case <-time.After(10 * time.Second):
+			return "not cancelled", nil
+		}
+	}))
+	results := llmrelay.RunToolCalls(ctx, []llmrelay.Tool{waiting}, []*llmrelayv1.ToolCall{call("1", "wait", "{}")})
+	if got := results[0].GetContent(); got != `error: tool "wait" failed: context canceled` {
+		t.Errorf("result %q, want the cancellation", got)
+	}
+}
