@@ -3,9 +3,26 @@
 isort:skip_file
 The llmrelay contract: one gRPC API for chat completions over many LLM backends.
 
-Failures are reported as gRPC statuses carrying google.rpc details (AIP-193): an ErrorInfo whose reason is
-one of the ErrorReason names below (domain "llmrelay.dev"), RetryInfo when a later retry can help, and
-BadRequest field violations for invalid input. No response message carries an error field.
+Errors. No response message carries an error field: a failed call ends with a gRPC status whose
+google.rpc.Status (AIP-193, in the `grpc-status-details-bin` trailer; grpcio-status, status.FromError,
+@grpc/grpc-js's metadata and the like decode it) carries these details:
+
+- ErrorInfo, always, first: `reason` is an ErrorReason's name without its ERROR_REASON_ prefix, `domain` is
+  "llmrelay.dev", and `metadata` holds the keys each ErrorReason below lists (string values).
+- RetryInfo where a retry later can help, with the delay to wait. Beside it, the trailing metadata
+  `grpc-retry-pushback-ms` (gRFC A6) carries the same delay in whole milliseconds (rounded up), so that a client
+  channel whose retry policy covers the status code waits as the gateway asks. The policy the SDKs install
+  (llmrelay_grpc_service_config.json) retries UNAVAILABLE only; a failed call, and a stream that failed before
+  its first message, end with no response headers (trailers only), so the channel may replay them. A stream that
+  has delivered a message is never replayed (and fails with ABORTED).
+- BadRequest for an invalid request (INVALID_REQUEST): one field violation per wrong field.
+- QuotaFailure for a caller's or the gateway's limit (the <LIMIT>_EXCEEDED reasons): whose limit, and which.
+- AttemptHistory (this package's, last) for every failed call that reached the backends: each attempt, as
+  CompleteResponse.attempts lists them on success. ErrorInfo's metadata "attempts" says the same as
+  `backend:outcome` pairs joined by commas (outcome: an AttemptOutcome name in lower case, without its prefix),
+  kept for clients that read only ErrorInfo.
+
+The status message is the error in words, for people; programs read the code and the details.
 """
 
 from collections import abc as _abc
@@ -284,108 +301,187 @@ class _ErrorReason:
 class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReason.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     ERROR_REASON_UNSPECIFIED: _ErrorReason.ValueType  # 0
-    """Not set."""
+    """Not set; INTERNAL: an error the gateway did not expect (a bug); no metadata."""
     ERROR_REASON_INVALID_REQUEST: _ErrorReason.ValueType  # 1
-    """The request is invalid; BadRequest names the fields."""
+    """INVALID_ARGUMENT: the request is invalid (or could not be decoded); no metadata; BadRequest names the fields."""
     ERROR_REASON_MODEL_NOT_FOUND: _ErrorReason.ValueType  # 2
-    """No backend serves the requested model; the metadata lists what is served."""
+    """NOT_FOUND: no backend serves the requested model; metadata `model` (as asked) and `served` (each backend's
+    "backend/default-model" and the configured aliases, comma-separated). Routed, when every backend tried
+    answered HTTP 404 for it: metadata `backend`, `upstream_status`, `attempts`, and an AttemptHistory.
+    """
     ERROR_REASON_BACKENDS_UNAVAILABLE: _ErrorReason.ValueType  # 3
-    """Every backend that could answer failed; the metadata says what was tried."""
+    """UNAVAILABLE, routed: every backend that could answer failed (unreachable, timed out, HTTP 5xx, or skipped for
+    an open circuit); metadata `attempts`, and `backend` and `upstream_status` when one cause failed them all;
+    RetryInfo (and pushback): the soonest a backend may serve again where the upstreams said, else 1 s;
+    AttemptHistory.
+    """
     ERROR_REASON_UPSTREAM_RATE_LIMITED: _ErrorReason.ValueType  # 4
-    """The upstream rate limit was hit; RetryInfo says when to try again."""
+    """RESOURCE_EXHAUSTED, routed: every backend tried refused for its rate limit (HTTP 429); metadata `backend`,
+    `upstream_status`, `attempts`; RetryInfo (and pushback): the upstream's Retry-After, else 1 s; AttemptHistory.
+    """
     ERROR_REASON_UPSTREAM_AUTH_FAILED: _ErrorReason.ValueType  # 5
-    """The upstream refused the gateway's own credentials: an operator must fix the configuration."""
+    """FAILED_PRECONDITION, routed: the upstream refused the gateway's own credentials (HTTP 401/403), an operator
+    must fix the configuration; metadata `backend`, `upstream_status`, `attempts`; AttemptHistory.
+    """
     ERROR_REASON_UPSTREAM_REJECTED: _ErrorReason.ValueType  # 6
-    """The upstream rejected the request as invalid."""
+    """INVALID_ARGUMENT, routed: the upstream rejected the request as invalid (HTTP 400/413/422), so no other backend
+    was tried; metadata `backend`, `upstream_status`, `attempts`; AttemptHistory.
+    """
     ERROR_REASON_DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 7
-    """The caller's deadline ran out before an answer was complete."""
+    """DEADLINE_EXCEEDED, routed: the caller's deadline ran out before an answer was complete (the gateway answers a
+    little before it, so that this status, with the attempts, arrives); metadata `attempts`; AttemptHistory.
+    """
     ERROR_REASON_UPSTREAM_BAD_RESPONSE: _ErrorReason.ValueType  # 8
-    """The upstream answered with something that is not a valid completion."""
+    """UNAVAILABLE, routed: every backend tried answered with something that is not a valid completion; metadata
+    `backend`, `upstream_status` (when it had one), `attempts`; AttemptHistory. No RetryInfo: the same request is
+    likely to meet the same answer.
+    """
     ERROR_REASON_STREAM_INTERRUPTED: _ErrorReason.ValueType  # 9
-    """A stream failed after it had started; the part already sent is not a complete answer."""
+    """ABORTED, routed: a stream failed after it had started; the part already sent is not a complete answer;
+    metadata `backend` (whose stream broke), `upstream_status` (when it had one), `attempts`; AttemptHistory.
+    """
     ERROR_REASON_TOKENIZER_UNAVAILABLE: _ErrorReason.ValueType  # 10
-    """The tokenizer encoding for the model is not installed."""
+    """FAILED_PRECONDITION: the tokenizer encoding for the model is not installed; metadata `encoding`."""
     ERROR_REASON_CONTEXT_LENGTH_EXCEEDED: _ErrorReason.ValueType  # 11
-    """The prompt does not fit the context window of any backend that was tried."""
+    """INVALID_ARGUMENT, routed: the prompt does not fit the context window of any backend that was tried; metadata
+    `backend`, `upstream_status` (when an upstream said so), `attempts`; AttemptHistory.
+    """
     ERROR_REASON_ANSWER_TOO_LARGE: _ErrorReason.ValueType  # 12
-    """The answer is larger than the gateway's message size limit; StreamComplete delivers it in pieces."""
+    """RESOURCE_EXHAUSTED: the answer is larger than the gateway's message size limit; StreamComplete delivers it in
+    pieces; metadata `size` and `limit` (bytes).
+    """
     ERROR_REASON_SHUTTING_DOWN: _ErrorReason.ValueType  # 13
-    """The gateway is shutting down and takes no new calls; RetryInfo says when to try again (another instance). A
-    stream cut by the shutdown ends with ABORTED and this reason.
+    """UNAVAILABLE: the gateway is shutting down and takes no new calls, or its grace period ended before the call
+    finished; no metadata; RetryInfo (and pushback), 1 s: retry, on another instance. A stream cut by the shutdown
+    after it had sent a message ends with ABORTED and this reason.
     """
     ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 14
-    """UNAUTHENTICATED: the call carries no `authorization: Bearer KEY` metadata, or a key the gateway does not know."""
+    """UNAUTHENTICATED: the call carries no `authorization: Bearer KEY` metadata, or a key the gateway does not know;
+    no metadata.
+    """
     ERROR_REASON_MODEL_NOT_ALLOWED: _ErrorReason.ValueType  # 15
-    """PERMISSION_DENIED: the caller's key may not use the requested model; the metadata names the key and the model."""
+    """PERMISSION_DENIED: the caller's key may not use the requested model; metadata `caller` (the key's name) and
+    `model`.
+    """
     ERROR_REASON_REQUESTS_PER_MINUTE_EXCEEDED: _ErrorReason.ValueType  # 16
-    """RESOURCE_EXHAUSTED: the requests-per-minute limit; QuotaFailure says whose, RetryInfo when a request fits again."""
+    """RESOURCE_EXHAUSTED: the requests-per-minute limit; metadata `subject` (whose limit: "key:NAME" or "gateway");
+    QuotaFailure (the subject and the limit in words); RetryInfo (and pushback): when a request fits again.
+    """
     ERROR_REASON_TOKENS_PER_MINUTE_EXCEEDED: _ErrorReason.ValueType  # 17
-    """RESOURCE_EXHAUSTED: the tokens-per-minute limit (prompt plus completion, reserved at admission)."""
+    """RESOURCE_EXHAUSTED: the tokens-per-minute limit (prompt plus completion, reserved at admission); metadata
+    `subject`; QuotaFailure; RetryInfo (and pushback): when the request's tokens fit again.
+    """
     ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED: _ErrorReason.ValueType  # 18
-    """RESOURCE_EXHAUSTED: the limit of streams open at once."""
+    """RESOURCE_EXHAUSTED: the limit of streams open at once; metadata `subject`; QuotaFailure; RetryInfo (and
+    pushback).
+    """
     ERROR_REASON_BUDGET_EXCEEDED: _ErrorReason.ValueType  # 19
-    """RESOURCE_EXHAUSTED: the spend budget of the day (UTC); RetryInfo says when the day ends."""
+    """RESOURCE_EXHAUSTED: the spend budget of the day (UTC); metadata `subject`; QuotaFailure; RetryInfo (and
+    pushback): when the day ends.
+    """
     ERROR_REASON_LIMITS_UNAVAILABLE: _ErrorReason.ValueType  # 20
     """UNAVAILABLE: the store the gateways share their limits in (state.redis_url) cannot be reached, and the gateway
-    refuses calls it cannot count (state.on_unavailable: deny); RetryInfo says when to try again.
+    refuses calls it cannot count (state.on_unavailable: deny); no metadata; RetryInfo (and pushback).
     """
     ERROR_REASON_USAGE_UNAVAILABLE: _ErrorReason.ValueType  # 21
     """UNAVAILABLE: the usage ledger's database cannot be read now (GetUsage); usage goes on being recorded, in the
-    journal on disk until the database is back; RetryInfo says when to try again.
+    journal on disk until the database is back; no metadata; RetryInfo (and pushback).
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
-    """The reason in the google.rpc.ErrorInfo of a failed call (as its name without the ERROR_REASON_ prefix)."""
+    """The reason in the google.rpc.ErrorInfo of a failed call (as its name without the ERROR_REASON_ prefix). Each
+    value says the gRPC code it comes with, the ErrorInfo metadata keys it sets, and the other details. "Routed"
+    marks the reasons of calls that reached the backends: their metadata has `attempts` and their details end with
+    an AttemptHistory. `backend` is the configured name of the backend whose failure decided the reason, and
+    `upstream_status` its HTTP status, when it answered with one.
+    """
 
 ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
-"""Not set."""
+"""Not set; INTERNAL: an error the gateway did not expect (a bug); no metadata."""
 ERROR_REASON_INVALID_REQUEST: ErrorReason.ValueType  # 1
-"""The request is invalid; BadRequest names the fields."""
+"""INVALID_ARGUMENT: the request is invalid (or could not be decoded); no metadata; BadRequest names the fields."""
 ERROR_REASON_MODEL_NOT_FOUND: ErrorReason.ValueType  # 2
-"""No backend serves the requested model; the metadata lists what is served."""
+"""NOT_FOUND: no backend serves the requested model; metadata `model` (as asked) and `served` (each backend's
+"backend/default-model" and the configured aliases, comma-separated). Routed, when every backend tried
+answered HTTP 404 for it: metadata `backend`, `upstream_status`, `attempts`, and an AttemptHistory.
+"""
 ERROR_REASON_BACKENDS_UNAVAILABLE: ErrorReason.ValueType  # 3
-"""Every backend that could answer failed; the metadata says what was tried."""
+"""UNAVAILABLE, routed: every backend that could answer failed (unreachable, timed out, HTTP 5xx, or skipped for
+an open circuit); metadata `attempts`, and `backend` and `upstream_status` when one cause failed them all;
+RetryInfo (and pushback): the soonest a backend may serve again where the upstreams said, else 1 s;
+AttemptHistory.
+"""
 ERROR_REASON_UPSTREAM_RATE_LIMITED: ErrorReason.ValueType  # 4
-"""The upstream rate limit was hit; RetryInfo says when to try again."""
+"""RESOURCE_EXHAUSTED, routed: every backend tried refused for its rate limit (HTTP 429); metadata `backend`,
+`upstream_status`, `attempts`; RetryInfo (and pushback): the upstream's Retry-After, else 1 s; AttemptHistory.
+"""
 ERROR_REASON_UPSTREAM_AUTH_FAILED: ErrorReason.ValueType  # 5
-"""The upstream refused the gateway's own credentials: an operator must fix the configuration."""
+"""FAILED_PRECONDITION, routed: the upstream refused the gateway's own credentials (HTTP 401/403), an operator
+must fix the configuration; metadata `backend`, `upstream_status`, `attempts`; AttemptHistory.
+"""
 ERROR_REASON_UPSTREAM_REJECTED: ErrorReason.ValueType  # 6
-"""The upstream rejected the request as invalid."""
+"""INVALID_ARGUMENT, routed: the upstream rejected the request as invalid (HTTP 400/413/422), so no other backend
+was tried; metadata `backend`, `upstream_status`, `attempts`; AttemptHistory.
+"""
 ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 7
-"""The caller's deadline ran out before an answer was complete."""
+"""DEADLINE_EXCEEDED, routed: the caller's deadline ran out before an answer was complete (the gateway answers a
+little before it, so that this status, with the attempts, arrives); metadata `attempts`; AttemptHistory.
+"""
 ERROR_REASON_UPSTREAM_BAD_RESPONSE: ErrorReason.ValueType  # 8
-"""The upstream answered with something that is not a valid completion."""
+"""UNAVAILABLE, routed: every backend tried answered with something that is not a valid completion; metadata
+`backend`, `upstream_status` (when it had one), `attempts`; AttemptHistory. No RetryInfo: the same request is
+likely to meet the same answer.
+"""
 ERROR_REASON_STREAM_INTERRUPTED: ErrorReason.ValueType  # 9
-"""A stream failed after it had started; the part already sent is not a complete answer."""
+"""ABORTED, routed: a stream failed after it had started; the part already sent is not a complete answer;
+metadata `backend` (whose stream broke), `upstream_status` (when it had one), `attempts`; AttemptHistory.
+"""
 ERROR_REASON_TOKENIZER_UNAVAILABLE: ErrorReason.ValueType  # 10
-"""The tokenizer encoding for the model is not installed."""
+"""FAILED_PRECONDITION: the tokenizer encoding for the model is not installed; metadata `encoding`."""
 ERROR_REASON_CONTEXT_LENGTH_EXCEEDED: ErrorReason.ValueType  # 11
-"""The prompt does not fit the context window of any backend that was tried."""
+"""INVALID_ARGUMENT, routed: the prompt does not fit the context window of any backend that was tried; metadata
+`backend`, `upstream_status` (when an upstream said so), `attempts`; AttemptHistory.
+"""
 ERROR_REASON_ANSWER_TOO_LARGE: ErrorReason.ValueType  # 12
-"""The answer is larger than the gateway's message size limit; StreamComplete delivers it in pieces."""
+"""RESOURCE_EXHAUSTED: the answer is larger than the gateway's message size limit; StreamComplete delivers it in
+pieces; metadata `size` and `limit` (bytes).
+"""
 ERROR_REASON_SHUTTING_DOWN: ErrorReason.ValueType  # 13
-"""The gateway is shutting down and takes no new calls; RetryInfo says when to try again (another instance). A
-stream cut by the shutdown ends with ABORTED and this reason.
+"""UNAVAILABLE: the gateway is shutting down and takes no new calls, or its grace period ended before the call
+finished; no metadata; RetryInfo (and pushback), 1 s: retry, on another instance. A stream cut by the shutdown
+after it had sent a message ends with ABORTED and this reason.
 """
 ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 14
-"""UNAUTHENTICATED: the call carries no `authorization: Bearer KEY` metadata, or a key the gateway does not know."""
+"""UNAUTHENTICATED: the call carries no `authorization: Bearer KEY` metadata, or a key the gateway does not know;
+no metadata.
+"""
 ERROR_REASON_MODEL_NOT_ALLOWED: ErrorReason.ValueType  # 15
-"""PERMISSION_DENIED: the caller's key may not use the requested model; the metadata names the key and the model."""
+"""PERMISSION_DENIED: the caller's key may not use the requested model; metadata `caller` (the key's name) and
+`model`.
+"""
 ERROR_REASON_REQUESTS_PER_MINUTE_EXCEEDED: ErrorReason.ValueType  # 16
-"""RESOURCE_EXHAUSTED: the requests-per-minute limit; QuotaFailure says whose, RetryInfo when a request fits again."""
+"""RESOURCE_EXHAUSTED: the requests-per-minute limit; metadata `subject` (whose limit: "key:NAME" or "gateway");
+QuotaFailure (the subject and the limit in words); RetryInfo (and pushback): when a request fits again.
+"""
 ERROR_REASON_TOKENS_PER_MINUTE_EXCEEDED: ErrorReason.ValueType  # 17
-"""RESOURCE_EXHAUSTED: the tokens-per-minute limit (prompt plus completion, reserved at admission)."""
+"""RESOURCE_EXHAUSTED: the tokens-per-minute limit (prompt plus completion, reserved at admission); metadata
+`subject`; QuotaFailure; RetryInfo (and pushback): when the request's tokens fit again.
+"""
 ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED: ErrorReason.ValueType  # 18
-"""RESOURCE_EXHAUSTED: the limit of streams open at once."""
+"""RESOURCE_EXHAUSTED: the limit of streams open at once; metadata `subject`; QuotaFailure; RetryInfo (and
+pushback).
+"""
 ERROR_REASON_BUDGET_EXCEEDED: ErrorReason.ValueType  # 19
-"""RESOURCE_EXHAUSTED: the spend budget of the day (UTC); RetryInfo says when the day ends."""
+"""RESOURCE_EXHAUSTED: the spend budget of the day (UTC); metadata `subject`; QuotaFailure; RetryInfo (and
+pushback): when the day ends.
+"""
 ERROR_REASON_LIMITS_UNAVAILABLE: ErrorReason.ValueType  # 20
 """UNAVAILABLE: the store the gateways share their limits in (state.redis_url) cannot be reached, and the gateway
-refuses calls it cannot count (state.on_unavailable: deny); RetryInfo says when to try again.
+refuses calls it cannot count (state.on_unavailable: deny); no metadata; RetryInfo (and pushback).
 """
 ERROR_REASON_USAGE_UNAVAILABLE: ErrorReason.ValueType  # 21
 """UNAVAILABLE: the usage ledger's database cannot be read now (GetUsage); usage goes on being recorded, in the
-journal on disk until the database is back; RetryInfo says when to try again.
+journal on disk until the database is back; no metadata; RetryInfo (and pushback).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
@@ -1086,9 +1182,10 @@ Global___Attempt: _TypeAlias = Attempt  # noqa: Y015
 
 @_typing.final
 class AttemptHistory(_message.Message):
-    """The attempts of a failed call, oldest first, as a detail of its status (google.rpc.Status.details) beside the
-    ErrorInfo: set when the call reached the router (BACKENDS_UNAVAILABLE, DEADLINE_EXCEEDED, STREAM_INTERRUPTED and
-    the upstream reasons).
+    """The attempts of a failed call, oldest first, as the last detail of its status (google.rpc.Status.details) after
+    the ErrorInfo: set for every call that reached the backends (the reasons marked "routed" in ErrorReason), and
+    the same attempts as ErrorInfo's metadata "attempts". Calls refused before (an invalid request, a limit, a
+    shutdown, a key) have none.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -3,9 +3,26 @@
 isort:skip_file
 The llmrelay contract: one gRPC API for chat completions over many LLM backends.
 
-Failures are reported as gRPC statuses carrying google.rpc details (AIP-193): an ErrorInfo whose reason is
-one of the ErrorReason names below (domain "llmrelay.dev"), RetryInfo when a later retry can help, and
-BadRequest field violations for invalid input. No response message carries an error field.
+Errors. No response message carries an error field: a failed call ends with a gRPC status whose
+google.rpc.Status (AIP-193, in the `grpc-status-details-bin` trailer; grpcio-status, status.FromError,
+@grpc/grpc-js's metadata and the like decode it) carries these details:
+
+- ErrorInfo, always, first: `reason` is an ErrorReason's name without its ERROR_REASON_ prefix, `domain` is
+  "llmrelay.dev", and `metadata` holds the keys each ErrorReason below lists (string values).
+- RetryInfo where a retry later can help, with the delay to wait. Beside it, the trailing metadata
+  `grpc-retry-pushback-ms` (gRFC A6) carries the same delay in whole milliseconds (rounded up), so that a client
+  channel whose retry policy covers the status code waits as the gateway asks. The policy the SDKs install
+  (llmrelay_grpc_service_config.json) retries UNAVAILABLE only; a failed call, and a stream that failed before
+  its first message, end with no response headers (trailers only), so the channel may replay them. A stream that
+  has delivered a message is never replayed (and fails with ABORTED).
+- BadRequest for an invalid request (INVALID_REQUEST): one field violation per wrong field.
+- QuotaFailure for a caller's or the gateway's limit (the <LIMIT>_EXCEEDED reasons): whose limit, and which.
+- AttemptHistory (this package's, last) for every failed call that reached the backends: each attempt, as
+  CompleteResponse.attempts lists them on success. ErrorInfo's metadata "attempts" says the same as
+  `backend:outcome` pairs joined by commas (outcome: an AttemptOutcome name in lower case, without its prefix),
+  kept for clients that read only ErrorInfo.
+
+The status message is the error in words, for people; programs read the code and the details.
 """
 
 from collections import abc as _abc
