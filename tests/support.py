@@ -11,8 +11,8 @@ from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
-from google.rpc import error_details_pb2, status_pb2
 from harness import GatewayProcess, clean_env, spawn_gateway
+from llmrelay import error_details
 from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway
 from upstream import FakeUpstream
@@ -85,22 +85,11 @@ def png(width: int, height: int) -> bytes:
 
 
 def details(error: grpc.aio.AioRpcError) -> dict[str, Any]:
-    """The google.rpc details of a failed call: ErrorInfo, RetryInfo, BadRequest and QuotaFailure, by type name."""
-    raw = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
-    assert isinstance(raw, bytes), f"no status details on {error.code()}: {error.details()}"
-    found: dict[str, Any] = {}
-    for packed in status_pb2.Status.FromString(raw).details:
-        for cls in (
-            error_details_pb2.ErrorInfo,
-            error_details_pb2.RetryInfo,
-            error_details_pb2.BadRequest,
-            error_details_pb2.QuotaFailure,
-        ):
-            if packed.Is(cls.DESCRIPTOR):
-                message = cls()
-                packed.Unpack(message)
-                found[cls.__name__] = message
-    return found
+    """The google.rpc details of a failed call, by type name (ErrorInfo, RetryInfo, BadRequest, QuotaFailure,
+    AttemptHistory), as the SDK's decoder reads them."""
+    decoded = error_details(error)
+    assert decoded is not None, f"no status details on {error.code()}: {error.details()}"
+    return {type(message).__name__: message for message in decoded.messages()}
 
 
 async def read_all(stream: Any) -> list[pb.StreamCompleteResponse]:

@@ -105,7 +105,8 @@ async def test_python_sdk_against_the_server_process(server: GatewayProcess) -> 
 
 async def test_sdk_raises_unavailable_with_retry_info(server: GatewayProcess, local: FakeUpstream) -> None:
     local.inject({"status": 503})
-    async with AsyncClient(server.target) as client:
+    # No service config: the channel would retry UNAVAILABLE itself, and the error the SDK raises is under test here.
+    async with AsyncClient(server.target, service_config=None) as client:
         with pytest.raises(UnavailableError) as caught:
             await client.complete([{"role": "user", "content": "x"}])
     assert caught.value.reason == "BACKENDS_UNAVAILABLE"

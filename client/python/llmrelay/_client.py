@@ -3,46 +3,51 @@ for messages, images, tools and response formats."""
 
 from __future__ import annotations
 
-import json
+import asyncio
+import enum
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Final, Literal, TypeAlias, TypeVar
+from typing import Any, Final, Literal, TypeAlias, TypeVar, Unpack
 
 import grpc
 import grpc.aio
 
 from llmrelay import v1 as pb
+from llmrelay._agent import DEFAULT_MAX_STEPS, Answer, Conversation, Tools, _Steps
 from llmrelay._assemble import StreamAssembler
+from llmrelay._channel import DEFAULT_SERVICE_CONFIG, ChannelOptions, ChannelSettings, ServiceConfig
 from llmrelay._errors import error_from_rpc
+from llmrelay._messages import MessageLike, as_messages
+from llmrelay._options import CompletionOptions, RunToolsOptions, completion_options, json_text
 
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S: Final = 120.0
 CALLER_HEADER: Final = "x-llmrelay-caller"
 
-# "user" for ROLE_USER, and so on: read from the contract, so a role added there is accepted here.
-_ROLES: Final[Mapping[str, pb.Role.ValueType]] = {
-    name.removeprefix("ROLE_").lower(): value for name, value in pb.Role.items() if value != pb.ROLE_UNSPECIFIED
-}
 
-MessageLike: TypeAlias = "pb.Message | Mapping[str, Any]"
+class _ClientDefault(enum.Enum):
+    USE_CLIENT_DEFAULT = "USE_CLIENT_DEFAULT"
+
+
+USE_CLIENT_DEFAULT: Final = _ClientDefault.USE_CLIENT_DEFAULT
+"""A call's `timeout` when not given: the client's. None is no deadline; a number, seconds."""
+Timeout: TypeAlias = "float | Literal[_ClientDefault.USE_CLIENT_DEFAULT] | None"
+
 Metadata: TypeAlias = Sequence[tuple[str, str]]
 OnInterrupt: TypeAlias = Literal["abort", "restart"]
 """What the gateway does when a stream breaks after it started: end it (ABORTED), or start the answer over on the
 next backend after a message whose `restart` is set."""
 DeltaCallback: TypeAlias = Callable[["pb.StreamCompleteResponse"], object]
+SyncInterceptor: TypeAlias = (
+    "grpc.UnaryUnaryClientInterceptor | grpc.UnaryStreamClientInterceptor | grpc.StreamUnaryClientInterceptor"
+    " | grpc.StreamStreamClientInterceptor"
+)
 _INTERRUPT_POLICIES: Final[Mapping[OnInterrupt, pb.InterruptPolicy.ValueType]] = {
     "abort": pb.INTERRUPT_POLICY_ABORT,
     "restart": pb.INTERRUPT_POLICY_RESTART,
 }
 _CompletionRequest = TypeVar("_CompletionRequest", pb.CompleteRequest, pb.StreamCompleteRequest)
-
-
-def message(role: str, content: str, **fields: Any) -> pb.Message:
-    """A chat message from plain values: message("user", "Hello")."""
-    try:
-        return pb.Message(role=_ROLES[role], content=content, **fields)
-    except KeyError:
-        raise ValueError(f"unknown role {role!r}; use one of {', '.join(_ROLES)}") from None
 
 
 ImageDetail: TypeAlias = Literal["auto", "low", "high"]
@@ -81,7 +86,7 @@ def tool(
     """A function the model may call; parameters is its JSON Schema, as a dict or as JSON text."""
     function = pb.FunctionDefinition(name=name, description=description, strict=strict)
     if parameters is not None:
-        function.parameters_json = _json_text(parameters)
+        function.parameters_json = json_text(parameters)
     return pb.Tool(function=function)
 
 
@@ -91,45 +96,8 @@ def json_schema(
     """The response format of an answer that is JSON following the schema (a dict, or JSON text)."""
     return pb.ResponseFormat(
         type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
-        json_schema=pb.JsonSchema(name=name, schema_json=_json_text(schema), description=description, strict=strict),
+        json_schema=pb.JsonSchema(name=name, schema_json=json_text(schema), description=description, strict=strict),
     )
-
-
-def _json_text(schema: Mapping[str, Any] | str) -> str:
-    # Schemas travel as JSON text, which the upstream gets as written: the deprecated Struct fields would turn every
-    # integer into a double (`maxItems: 3` into 3.0) and lose large ones.
-    return schema if isinstance(schema, str) else json.dumps(schema)
-
-
-def _options(options: Mapping[str, Any]) -> pb.CompletionOptions:
-    """CompletionOptions from keyword options; tools and a response format given as dicts send their schemas as
-    JSON text, as tool() and json_schema() do."""
-    fields = dict(options)
-    if "tools" in fields:
-        fields["tools"] = [_text_tool(t) if isinstance(t, Mapping) else t for t in fields["tools"]]
-    if isinstance(fields.get("response_format"), Mapping):
-        fields["response_format"] = _text_response_format(fields["response_format"])
-    return pb.CompletionOptions(**fields)
-
-
-def _text_tool(value: Mapping[str, Any]) -> pb.Tool:
-    function = dict(value.get("function") or {})
-    if isinstance(function.get("parameters"), Mapping):
-        function["parameters_json"] = _json_text(function.pop("parameters"))
-    return pb.Tool(function=pb.FunctionDefinition(**function))
-
-
-def _text_response_format(value: Mapping[str, Any]) -> pb.ResponseFormat:
-    fields = dict(value)
-    schema = dict(fields.get("json_schema") or {})
-    if isinstance(schema.get("schema"), Mapping):
-        schema["schema_json"] = _json_text(schema.pop("schema"))
-        fields["json_schema"] = schema
-    return pb.ResponseFormat(**fields)
-
-
-def _messages(messages: Iterable[MessageLike]) -> list[pb.Message]:
-    return [m if isinstance(m, pb.Message) else message(**m) for m in messages]
 
 
 def _completion_request(
@@ -137,15 +105,12 @@ def _completion_request(
     messages: Iterable[MessageLike],
     model: str | None,
     exact_model: bool,
-    options: Mapping[str, Any],
+    options: CompletionOptions,
 ) -> _CompletionRequest:
-    """A CompleteRequest or StreamCompleteRequest (same fields); options are CompletionOptions' field names."""
+    """A CompleteRequest or StreamCompleteRequest (same fields)."""
     # None leaves a field unset: no model means the default chain, no options the backend's defaults.
     return request_type(
-        messages=_messages(messages),
-        model=model,
-        exact_model=exact_model,
-        options=_options(options) if options else None,
+        messages=as_messages(messages), model=model, exact_model=exact_model, options=completion_options(options)
     )
 
 
@@ -154,7 +119,7 @@ def _stream_request(
     model: str | None,
     exact_model: bool,
     on_interrupt: OnInterrupt | None,
-    options: Mapping[str, Any],
+    options: CompletionOptions,
 ) -> pb.StreamCompleteRequest:
     request = _completion_request(pb.StreamCompleteRequest, messages, model, exact_model, options)
     if on_interrupt is not None:
@@ -171,7 +136,12 @@ def _embed_request(inputs: str | Iterable[str], model: str | None, dimensions: i
 def _count_request(
     messages: Iterable[MessageLike] | None, text: str | None, model: str | None, tools: Sequence[pb.Tool]
 ) -> pb.CountTokensRequest:
-    return pb.CountTokensRequest(model=model, messages=_messages(messages or ()), tools=list(tools), text=text)
+    return pb.CountTokensRequest(model=model, messages=as_messages(messages or ()), tools=list(tools), text=text)
+
+
+def _conversation(messages: Iterable[MessageLike] | Conversation) -> Conversation:
+    # A Conversation given is appended to; a list given is copied, and left as it was.
+    return messages if isinstance(messages, Conversation) else Conversation(messages)
 
 
 @contextmanager
@@ -184,14 +154,35 @@ def _sdk_errors() -> Iterator[None]:
 
 
 class _Base:
-    def __init__(self, target: str, timeout: float | None, metadata: Metadata, caller: str | None) -> None:
+    def __init__(
+        self,
+        target: str,
+        settings: ChannelSettings,
+        own_channel: bool,
+        timeout: float | None,
+        metadata: Metadata,
+        caller: str | None,
+    ) -> None:
+        if own_channel and settings != ChannelSettings():
+            raise ValueError(
+                "channel= is a channel made already: leave tls, certificates, credentials, service_config and "
+                "options unset with it (interceptors still apply)"
+            )
         self.target = target
+        self.channel_options = [] if own_channel else settings.channel_options()
+        """The options the client made its channel with (the service config first)."""
+        self._credentials = None if own_channel else settings.credentials_for(target)
         self._timeout = timeout
         self._metadata = tuple(metadata) + (((CALLER_HEADER, caller),) if caller else ())
 
-    def _call_options(self, timeout: float | None, metadata: Metadata | None) -> dict[str, Any]:
+    @property
+    def uses_tls(self) -> bool:
+        """Whether the client made a TLS channel (False for a channel= given)."""
+        return self._credentials is not None
+
+    def _call_options(self, timeout: Timeout, metadata: Metadata | None) -> dict[str, Any]:
         return {
-            "timeout": self._timeout if timeout is None else timeout,
+            "timeout": self._timeout if isinstance(timeout, _ClientDefault) else timeout,
             "metadata": self._metadata + tuple(metadata or ()),
         }
 
@@ -201,21 +192,52 @@ class Client(_Base):
 
     >>> with Client("127.0.0.1:50051") as client:
     ...     answer = client.complete([{"role": "user", "content": "Hi"}], max_tokens=50)
+
+    target: the gateway, "host:port" or any gRPC target ("dns:///host:port", "unix:/path").
+    tls: whether to use TLS; unset, the TLS rule decides: plaintext only to a loopback target (127.0.0.0/8, ::1,
+        localhost, unix:), TLS with the system's roots otherwise.
+    root_certificates, private_key, certificate_chain: PEM bytes: the roots to trust instead of the system's, and a
+        client certificate for mutual TLS; any of them means TLS.
+    credentials: grpc.ChannelCredentials of your own (TLS), instead of the certificates.
+    service_config: the channel's gRPC service config (JSON text or a dict); by default the contract's retry policy
+        (UNAVAILABLE retried by the channel itself, at most three attempts, backoff, the gateway's pushback
+        honoured); None for none.
+    options: more channel options, e.g. [("grpc.max_receive_message_length", 64 << 20)]; they win over the above.
+    interceptors: client interceptors, outermost first.
+    channel: a channel made already (e.g. grpc_testing's), instead of one from the arguments above.
+    timeout: each call's deadline in seconds, unless the call says otherwise; None for no deadline.
+    metadata: sent with every call (e.g. [("authorization", "Bearer KEY")]).
+    caller: who is calling, for usage records (the x-llmrelay-caller header).
     """
 
     def __init__(
         self,
         target: str = DEFAULT_TARGET,
         *,
+        tls: bool | None = None,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        service_config: ServiceConfig = DEFAULT_SERVICE_CONFIG,
+        options: ChannelOptions = (),
+        interceptors: Sequence[SyncInterceptor] = (),
+        channel: grpc.Channel | None = None,
         timeout: float | None = DEFAULT_TIMEOUT_S,
         metadata: Metadata = (),
         caller: str | None = None,
     ) -> None:
-        super().__init__(target, timeout, metadata, caller)
-        self._channel = (
-            grpc.secure_channel(target, credentials) if credentials is not None else grpc.insecure_channel(target)
+        settings = ChannelSettings(
+            tls, root_certificates, private_key, certificate_chain, credentials, service_config, options
         )
+        super().__init__(target, settings, channel is not None, timeout, metadata, caller)
+        if channel is None:
+            channel = (
+                grpc.secure_channel(target, self._credentials, self.channel_options)
+                if self._credentials is not None
+                else grpc.insecure_channel(target, self.channel_options)
+            )
+        self._channel = grpc.intercept_channel(channel, *interceptors) if interceptors else channel
         self._stub = pb.LLMServiceStub(self._channel)
 
     def complete(
@@ -224,10 +246,12 @@ class Client(_Base):
         *,
         model: str | None = None,
         exact_model: bool = False,
-        timeout: float | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
         metadata: Metadata | None = None,
-        **options: Any,
+        **options: Unpack[CompletionOptions],
     ) -> pb.CompleteResponse:
+        """One answer. model: a model, "backend/model" or an alias (unset: the default chain); exact_model: no
+        fallback to another model; options: see CompletionOptions."""
         request = _completion_request(pb.CompleteRequest, messages, model, exact_model, options)
         with _sdk_errors():
             return self._stub.Complete(request, **self._call_options(timeout, metadata))
@@ -239,9 +263,9 @@ class Client(_Base):
         model: str | None = None,
         exact_model: bool = False,
         on_interrupt: OnInterrupt | None = None,
-        timeout: float | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
         metadata: Metadata | None = None,
-        **options: Any,
+        **options: Unpack[CompletionOptions],
     ) -> Iterator[pb.StreamCompleteResponse]:
         """The answer's messages as they come. With on_interrupt="restart", a message whose `restart` is set
         (`chunk.HasField("restart")`, a `pb.StreamRestart`) means: drop every delta before it."""
@@ -260,9 +284,9 @@ class Client(_Base):
         on_delta: DeltaCallback | None = None,
         model: str | None = None,
         exact_model: bool = False,
-        timeout: float | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
         metadata: Metadata | None = None,
-        **options: Any,
+        **options: Unpack[CompletionOptions],
     ) -> pb.CompleteResponse:
         """Streams the answer and returns it whole, as Complete would: a broken stream is restarted on the next
         backend, and only the final attempt's answer is returned. on_delta sees each message as it comes (print
@@ -277,6 +301,71 @@ class Client(_Base):
                 on_delta(chunk)
         return assembler.result()
 
+    def run_tools(
+        self,
+        messages: Iterable[MessageLike] | Conversation,
+        tools: Tools,
+        *,
+        max_steps: int = DEFAULT_MAX_STEPS,
+        on_delta: DeltaCallback | None = None,
+        model: str | None = None,
+        exact_model: bool = False,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+        metadata: Metadata | None = None,
+        **options: Unpack[RunToolsOptions],
+    ) -> Answer:
+        """The agent loop: asks the model, runs the tools it calls (several at once in threads), appends their
+        results and asks again, until it answers without tool calls. A tool that raises, an unknown tool and
+        arguments that are not valid JSON become tool results that say so. With on_delta each call streams
+        (collect) and on_delta sees its messages as they come; timeout is each call's.
+
+        A Conversation given is appended to, and fitted to its budget before each call; a list is left as it was.
+        When the model still asks for tools after max_steps calls, their results are appended and StepLimitError
+        is raised, its `answer` holding everything so far."""
+        conversation = _conversation(messages)
+        steps = _Steps(conversation.messages, max_steps)
+        definitions = tools.definitions()
+        call_options: CompletionOptions = {**options, "tools": definitions}
+        while True:
+            self.fit(conversation, model=model, tools=definitions, timeout=timeout, metadata=metadata)
+            if on_delta is not None:
+                response = self.collect(
+                    conversation.messages, on_delta=on_delta, model=model, exact_model=exact_model, timeout=timeout,
+                    metadata=metadata, **call_options,
+                )  # fmt: skip
+            else:
+                response = self.complete(
+                    conversation.messages, model=model, exact_model=exact_model, timeout=timeout, metadata=metadata,
+                    **call_options,
+                )  # fmt: skip
+            calls = steps.record(response)
+            if not calls:
+                return steps.answer()
+            with ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="llmrelay-tool") as pool:
+                steps.add_results(pool.map(tools.run, calls))
+
+    def fit(
+        self,
+        conversation: Conversation,
+        *,
+        model: str | None = None,
+        tools: Sequence[pb.Tool] = (),
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+        metadata: Metadata | None = None,
+    ) -> int | None:
+        """Drops the conversation's oldest turns until it fits its budget_tokens, counting with CountTokens (the
+        tools count too); returns the count, or None for a conversation without a budget (nothing is counted).
+        model: whose tokenizer counts, when the conversation names none."""
+        if conversation.budget_tokens is None:
+            return None
+        while True:
+            count = self.count_tokens(
+                conversation.messages, model=conversation.model or model, tools=tools, timeout=timeout,
+                metadata=metadata,
+            )  # fmt: skip
+            if conversation.fits(count.token_count):
+                return count.token_count
+
     def count_tokens(
         self,
         messages: Iterable[MessageLike] | None = None,
@@ -284,7 +373,7 @@ class Client(_Base):
         text: str | None = None,
         model: str | None = None,
         tools: Sequence[pb.Tool] = (),
-        timeout: float | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
         metadata: Metadata | None = None,
     ) -> pb.CountTokensResponse:
         request = _count_request(messages, text, model, tools)
@@ -297,7 +386,7 @@ class Client(_Base):
         *,
         model: str | None = None,
         dimensions: int | None = None,
-        timeout: float | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
         metadata: Metadata | None = None,
     ) -> pb.EmbedResponse:
         """One vector per input, in order (`response.embeddings[i].values`), all from one embedding model: the
@@ -307,7 +396,7 @@ class Client(_Base):
             return self._stub.Embed(request, **self._call_options(timeout, metadata))
 
     def health(
-        self, *, probe: bool = False, timeout: float | None = None, metadata: Metadata | None = None
+        self, *, probe: bool = False, timeout: Timeout = USE_CLIENT_DEFAULT, metadata: Metadata | None = None
     ) -> pb.HealthResponse:
         with _sdk_errors():
             return self._stub.Health(pb.HealthRequest(probe=probe), **self._call_options(timeout, metadata))
@@ -316,7 +405,7 @@ class Client(_Base):
         self,
         request: pb.GetUsageRequest | None = None,
         *,
-        timeout: float | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
         metadata: Metadata | None = None,
     ) -> pb.GetUsageResponse:
         with _sdk_errors():
@@ -338,23 +427,40 @@ class AsyncClient(_Base):
     >>> async with AsyncClient() as client:
     ...     async for chunk in client.stream([{"role": "user", "content": "Hi"}]):
     ...         print(chunk.delta.content, end="")
+
+    The arguments are Client's; interceptors are grpc.aio.ClientInterceptor.
     """
 
     def __init__(
         self,
         target: str = DEFAULT_TARGET,
         *,
+        tls: bool | None = None,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        service_config: ServiceConfig = DEFAULT_SERVICE_CONFIG,
+        options: ChannelOptions = (),
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        channel: grpc.aio.Channel | None = None,
         timeout: float | None = DEFAULT_TIMEOUT_S,
         metadata: Metadata = (),
         caller: str | None = None,
     ) -> None:
-        super().__init__(target, timeout, metadata, caller)
-        self._channel = (
-            grpc.aio.secure_channel(target, credentials)
-            if credentials is not None
-            else grpc.aio.insecure_channel(target)
+        settings = ChannelSettings(
+            tls, root_certificates, private_key, certificate_chain, credentials, service_config, options
         )
+        super().__init__(target, settings, channel is not None, timeout, metadata, caller)
+        if channel is not None and interceptors:
+            raise ValueError("grpc.aio takes interceptors when a channel is made: give them to the channel= you made")
+        if channel is None:
+            channel = (
+                grpc.aio.secure_channel(target, self._credentials, self.channel_options, interceptors=interceptors)
+                if self._credentials is not None
+                else grpc.aio.insecure_channel(target, self.channel_options, interceptors=interceptors)
+            )
+        self._channel = channel
         self._stub = pb.LLMServiceStub(self._channel)
 
     async def complete(
@@ -363,10 +469,11 @@ class AsyncClient(_Base):
         *,
         model: str | None = None,
         exact_model: bool = False,
-        timeout: float | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
         metadata: Metadata | None = None,
-        **options: Any,
+        **options: Unpack[CompletionOptions],
     ) -> pb.CompleteResponse:
+        """As Client.complete."""
         request = _completion_request(pb.CompleteRequest, messages, model, exact_model, options)
         with _sdk_errors():
             return await self._stub.Complete(request, **self._call_options(timeout, metadata))
@@ -378,9 +485,9 @@ class AsyncClient(_Base):
         model: str | None = None,
         exact_model: bool = False,
         on_interrupt: OnInterrupt | None = None,
-        timeout: float | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
         metadata: Metadata | None = None,
-        **options: Any,
+        **options: Unpack[CompletionOptions],
     ) -> AsyncIterator[pb.StreamCompleteResponse]:
         """As Client.stream."""
         request = _stream_request(messages, model, exact_model, on_interrupt, options)
@@ -399,9 +506,9 @@ class AsyncClient(_Base):
         on_delta: DeltaCallback | None = None,
         model: str | None = None,
         exact_model: bool = False,
-        timeout: float | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
         metadata: Metadata | None = None,
-        **options: Any,
+        **options: Unpack[CompletionOptions],
     ) -> pb.CompleteResponse:
         """As Client.collect."""
         assembler = StreamAssembler()
@@ -414,6 +521,61 @@ class AsyncClient(_Base):
                 on_delta(chunk)
         return assembler.result()
 
+    async def run_tools(
+        self,
+        messages: Iterable[MessageLike] | Conversation,
+        tools: Tools,
+        *,
+        max_steps: int = DEFAULT_MAX_STEPS,
+        on_delta: DeltaCallback | None = None,
+        model: str | None = None,
+        exact_model: bool = False,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+        metadata: Metadata | None = None,
+        **options: Unpack[RunToolsOptions],
+    ) -> Answer:
+        """As Client.run_tools; several tool calls run at once with asyncio.gather (plain functions in threads)."""
+        conversation = _conversation(messages)
+        steps = _Steps(conversation.messages, max_steps)
+        definitions = tools.definitions()
+        call_options: CompletionOptions = {**options, "tools": definitions}
+        while True:
+            await self.fit(conversation, model=model, tools=definitions, timeout=timeout, metadata=metadata)
+            if on_delta is not None:
+                response = await self.collect(
+                    conversation.messages, on_delta=on_delta, model=model, exact_model=exact_model, timeout=timeout,
+                    metadata=metadata, **call_options,
+                )  # fmt: skip
+            else:
+                response = await self.complete(
+                    conversation.messages, model=model, exact_model=exact_model, timeout=timeout, metadata=metadata,
+                    **call_options,
+                )  # fmt: skip
+            calls = steps.record(response)
+            if not calls:
+                return steps.answer()
+            steps.add_results(await asyncio.gather(*(tools.arun(call) for call in calls)))
+
+    async def fit(
+        self,
+        conversation: Conversation,
+        *,
+        model: str | None = None,
+        tools: Sequence[pb.Tool] = (),
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+        metadata: Metadata | None = None,
+    ) -> int | None:
+        """As Client.fit."""
+        if conversation.budget_tokens is None:
+            return None
+        while True:
+            count = await self.count_tokens(
+                conversation.messages, model=conversation.model or model, tools=tools, timeout=timeout,
+                metadata=metadata,
+            )  # fmt: skip
+            if conversation.fits(count.token_count):
+                return count.token_count
+
     async def count_tokens(
         self,
         messages: Iterable[MessageLike] | None = None,
@@ -421,7 +583,7 @@ class AsyncClient(_Base):
         text: str | None = None,
         model: str | None = None,
         tools: Sequence[pb.Tool] = (),
-        timeout: float | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
         metadata: Metadata | None = None,
     ) -> pb.CountTokensResponse:
         request = _count_request(messages, text, model, tools)
@@ -434,7 +596,7 @@ class AsyncClient(_Base):
         *,
         model: str | None = None,
         dimensions: int | None = None,
-        timeout: float | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
         metadata: Metadata | None = None,
     ) -> pb.EmbedResponse:
         """As Client.embed."""
@@ -443,7 +605,7 @@ class AsyncClient(_Base):
             return await self._stub.Embed(request, **self._call_options(timeout, metadata))
 
     async def health(
-        self, *, probe: bool = False, timeout: float | None = None, metadata: Metadata | None = None
+        self, *, probe: bool = False, timeout: Timeout = USE_CLIENT_DEFAULT, metadata: Metadata | None = None
     ) -> pb.HealthResponse:
         with _sdk_errors():
             return await self._stub.Health(pb.HealthRequest(probe=probe), **self._call_options(timeout, metadata))
@@ -452,7 +614,7 @@ class AsyncClient(_Base):
         self,
         request: pb.GetUsageRequest | None = None,
         *,
-        timeout: float | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
         metadata: Metadata | None = None,
     ) -> pb.GetUsageResponse:
         with _sdk_errors():

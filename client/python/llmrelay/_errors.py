@@ -3,54 +3,173 @@
 LLMRelayError
 ├── InvalidArgumentError       the request is wrong; field_violations say where
 ├── NotFoundError              no backend serves the model
-├── ResourceExhaustedError     rate limited (retry_delay) or the request is too large
+├── ResourceExhaustedError     rate limited (retry_delay_s) or the request is too large
 ├── FailedPreconditionError    the gateway's own configuration needs an operator
-├── UnavailableError           every backend is down; retry after retry_delay
+├── UnavailableError           every backend is down; retry after retry_delay_s
 ├── DeadlineExceededError      the deadline ran out
 ├── AbortedError               a stream broke after it started; retry the whole call
 ├── UnauthenticatedError       no caller key, or one the gateway does not know
 └── PermissionDeniedError      the caller's key may not use the model
+
+`ErrorDetails` is the one decoder of the google.rpc details the gateway sends (the SDK's errors, the CLI and the
+project's tests all read them through it): `error_details(rpc_error)` or `ErrorDetails.decode(status_bytes)`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import Final, TypeVar, cast
 
 import grpc
+from google.protobuf.message import Message
 from google.rpc import status_pb2
-from google.rpc.error_details_pb2 import BadRequest, ErrorInfo, RetryInfo
+from google.rpc.error_details_pb2 import BadRequest, ErrorInfo, QuotaFailure, RetryInfo
+
+from llmrelay import v1 as pb
 
 STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
+"""The trailing metadata key that carries a google.rpc.Status, details included (grpcio-status's)."""
+_Detail = TypeVar("_Detail", bound=Message)
 
 
 @dataclass(frozen=True, slots=True)
 class FieldViolation:
+    """A field of the request that is wrong (BadRequest), and why."""
+
     field: str
     description: str
 
 
-class LLMRelayError(Exception):
-    """A failed call. `reason` is the ErrorInfo reason (e.g. "UPSTREAM_RATE_LIMITED"), `metadata` its metadata."""
+@dataclass(frozen=True, slots=True)
+class QuotaViolation:
+    """A quota the call ran into (QuotaFailure): whose, and what."""
 
-    def __init__(
-        self,
-        code: grpc.StatusCode,
-        message: str,
-        *,
-        reason: str | None = None,
-        metadata: Mapping[str, str] | None = None,
-        retry_delay_s: float | None = None,
-        field_violations: tuple[FieldViolation, ...] = (),
-    ) -> None:
+    subject: str
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorDetails:
+    """The google.rpc details of a failed call, each as its message (None when the status has none of that type),
+    with typed readings of them as properties."""
+
+    error_info: ErrorInfo | None = None
+    retry_info: RetryInfo | None = None
+    bad_request: BadRequest | None = None
+    quota_failure: QuotaFailure | None = None
+    attempt_history: pb.AttemptHistory | None = None
+
+    @classmethod
+    def decode(cls, status: bytes) -> ErrorDetails:
+        """The details of a serialized google.rpc.Status (the `grpc-status-details-bin` trailer); details of other
+        types are left out."""
+        unpacked: list[Message] = []
+        for packed in status_pb2.Status.FromString(status).details:
+            known = next((t for t in _DETAIL_TYPES if packed.Is(t.DESCRIPTOR)), None)
+            if known is not None:
+                message = known()
+                packed.Unpack(message)
+                unpacked.append(message)
+
+        def first(message_type: type[_Detail]) -> _Detail | None:
+            return next((m for m in unpacked if isinstance(m, message_type)), None)
+
+        return cls(
+            error_info=first(ErrorInfo),
+            retry_info=first(RetryInfo),
+            bad_request=first(BadRequest),
+            quota_failure=first(QuotaFailure),
+            attempt_history=first(pb.AttemptHistory),
+        )
+
+    def messages(self) -> list[Message]:
+        """The details present, in the order of the fields."""
+        found = (self.error_info, self.retry_info, self.bad_request, self.quota_failure, self.attempt_history)
+        return [message for message in found if message is not None]
+
+    @property
+    def reason(self) -> str | None:
+        """ErrorInfo's reason (an llmrelay.v1.ErrorReason name without the prefix, e.g. "UPSTREAM_RATE_LIMITED")."""
+        return self.error_info.reason if self.error_info is not None else None
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """ErrorInfo's metadata (the keys each reason sets are listed in the contract beside the reason)."""
+        return dict(self.error_info.metadata) if self.error_info is not None else {}
+
+    @property
+    def retry_delay_s(self) -> float | None:
+        """RetryInfo's delay in seconds: when a retry may succeed."""
+        if self.retry_info is None:
+            return None
+        return float(self.retry_info.retry_delay.ToNanoseconds()) / 1e9
+
+    @property
+    def field_violations(self) -> tuple[FieldViolation, ...]:
+        """BadRequest's violations, in order."""
+        if self.bad_request is None:
+            return ()
+        return tuple(FieldViolation(v.field, v.description) for v in self.bad_request.field_violations)
+
+    @property
+    def quota_violations(self) -> tuple[QuotaViolation, ...]:
+        """QuotaFailure's violations, in order."""
+        if self.quota_failure is None:
+            return ()
+        return tuple(QuotaViolation(v.subject, v.description) for v in self.quota_failure.violations)
+
+    @property
+    def attempts(self) -> tuple[pb.Attempt, ...]:
+        """The attempts of a routed call that failed (AttemptHistory), oldest first."""
+        return tuple(self.attempt_history.attempts) if self.attempt_history is not None else ()
+
+
+_DETAIL_TYPES: Final = (ErrorInfo, RetryInfo, BadRequest, QuotaFailure, pb.AttemptHistory)
+
+
+def error_details(error: grpc.RpcError) -> ErrorDetails | None:
+    """The decoded details of a failed call (blocking or asyncio), or None when its status carries none."""
+    # grpc.RpcError declares no accessors: the blocking errors are also grpc.Call, and grpc.aio.AioRpcError has the
+    # same trailing_metadata().
+    trailers = cast(grpc.Call, error).trailing_metadata() or ()
+    raw = next((value for key, value in trailers if key == STATUS_DETAILS_KEY), None)
+    return ErrorDetails.decode(raw) if isinstance(raw, bytes) else None
+
+
+class LLMRelayError(Exception):
+    """A failed call: its gRPC `code` and `message`, and its google.rpc `details` with typed shortcuts (`reason`,
+    `metadata`, `retry_delay_s`, `field_violations`, `quota_violations`, `attempts`)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, details: ErrorDetails | None = None) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
-        self.reason = reason
-        self.metadata = dict(metadata or {})
-        self.retry_delay_s = retry_delay_s
-        self.field_violations = field_violations
+        self.details = details or ErrorDetails()
+
+    @property
+    def reason(self) -> str | None:
+        return self.details.reason
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.details.metadata
+
+    @property
+    def retry_delay_s(self) -> float | None:
+        return self.details.retry_delay_s
+
+    @property
+    def field_violations(self) -> tuple[FieldViolation, ...]:
+        return self.details.field_violations
+
+    @property
+    def quota_violations(self) -> tuple[QuotaViolation, ...]:
+        return self.details.quota_violations
+
+    @property
+    def attempts(self) -> tuple[pb.Attempt, ...]:
+        return self.details.attempts
 
 
 class InvalidArgumentError(LLMRelayError): ...
@@ -94,26 +213,7 @@ _BY_CODE: Final[Mapping[grpc.StatusCode, type[LLMRelayError]]] = {
 
 
 def error_from_rpc(error: grpc.RpcError) -> LLMRelayError:
-    """The SDK's error for a failed call, with ErrorInfo, RetryInfo and BadRequest read from the status details."""
-    # grpc.RpcError declares no accessors: the blocking errors are also grpc.Call, and grpc.aio.AioRpcError has the
-    # same code(), details() and trailing_metadata().
+    """The SDK's error for a failed call, of the class for its code, with its details decoded."""
     call = cast(grpc.Call, error)
     code = call.code()
-    message = call.details() or ""
-    raw = next((value for key, value in call.trailing_metadata() or () if key == STATUS_DETAILS_KEY), None)
-    reason, metadata, retry_delay_s = None, {}, None
-    violations: tuple[FieldViolation, ...] = ()
-    if isinstance(raw, bytes):
-        for detail in status_pb2.Status.FromString(raw).details:
-            # Unpack fills the message and returns True only when the detail is of that type.
-            info, retry, bad = ErrorInfo(), RetryInfo(), BadRequest()
-            if detail.Unpack(info):
-                reason, metadata = info.reason, dict(info.metadata)
-            elif detail.Unpack(retry):
-                retry_delay_s = retry.retry_delay.ToNanoseconds() / 1e9
-            elif detail.Unpack(bad):
-                violations = tuple(FieldViolation(v.field, v.description) for v in bad.field_violations)
-    cls = _BY_CODE.get(code, LLMRelayError)
-    return cls(
-        code, message, reason=reason, metadata=metadata, retry_delay_s=retry_delay_s, field_violations=violations
-    )
+    return _BY_CODE.get(code, LLMRelayError)(code, call.details() or "", error_details(error))

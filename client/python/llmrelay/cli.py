@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from llmrelay import v1 as pb
-from llmrelay._client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, Client, message
+from llmrelay._client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, Client
 from llmrelay._errors import LLMRelayError
+from llmrelay._messages import message
 
 _FINISH = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in pb.FinishReason.items()}
 DEFAULT_METRICS = "http://127.0.0.1:9464/metrics"

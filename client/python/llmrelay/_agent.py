@@ -1,0 +1,492 @@
+"""Agent helpers: tools made from Python functions (`Tools`), what the tool loop ends with (`Answer`), and a
+`Conversation` that keeps to a token budget. The loop itself is Client.run_tools and AsyncClient.run_tools; what
+they share (the bookkeeping of the steps) is `_Steps` here."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import json
+import types
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import (
+    Annotated,
+    Any,
+    Final,
+    Literal,
+    TypeVar,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+    is_typeddict,
+    overload,
+)
+
+from llmrelay import v1 as pb
+from llmrelay._messages import MessageLike, as_messages
+
+DEFAULT_MAX_STEPS: Final = 10
+"""The calls to the model run_tools makes at most, unless told otherwise."""
+
+ToolFunction = TypeVar("ToolFunction", bound=Callable[..., Any])
+
+
+class StepLimitError(Exception):
+    """run_tools reached max_steps and the model still asked for tools. `answer` holds everything so far: the
+    messages (the last tool calls answered, so the conversation can go on), the usage and the attempts."""
+
+    def __init__(self, answer: Answer, max_steps: int) -> None:
+        super().__init__(
+            f"the model still asked for tools after {max_steps} calls (max_steps); raise max_steps, or go on from "
+            "the error's .answer.messages"
+        )
+        self.answer = answer
+        self.max_steps = max_steps
+
+
+class ContextBudgetError(Exception):
+    """A conversation does not fit its token budget even with only its system messages and its last turn."""
+
+    def __init__(self, tokens: int, budget_tokens: int) -> None:
+        super().__init__(
+            f"the conversation needs {tokens} tokens with only its system messages and its last turn, over its "
+            f"budget of {budget_tokens}: shorten the last message or the system prompt, or raise budget_tokens"
+        )
+        self.tokens = tokens
+        self.budget_tokens = budget_tokens
+
+
+@dataclass
+class Answer:
+    """What run_tools ends with: the last call's answer, and the sums over every call it made."""
+
+    response: pb.CompleteResponse
+    """The last call's answer (its message has no tool calls)."""
+    messages: list[pb.Message]
+    """The whole conversation: the messages given, then each assistant message and the tool results it asked for."""
+    steps: int
+    """How many calls to the model were made."""
+    usage: pb.Usage = field(default_factory=pb.Usage)
+    """The usage of every call, summed (cost included; `estimated` when any call's was)."""
+    attempts: list[pb.Attempt] = field(default_factory=list)
+    """Every attempt of every call, in order."""
+
+    @property
+    def message(self) -> pb.Message:
+        return self.response.message
+
+    @property
+    def content(self) -> str:
+        return self.response.message.content
+
+    @property
+    def finish_reason(self) -> pb.FinishReason.ValueType:
+        return self.response.finish_reason
+
+    @property
+    def backend(self) -> str:
+        return self.response.backend
+
+
+# --- tools ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegisteredTool:
+    """A function the model may call, with the JSON Schema of its arguments."""
+
+    name: str
+    function: Callable[..., Any]
+    parameters: Mapping[str, Any]
+    description: str | None = None
+    strict: bool | None = None
+    derived: bool = False
+    """Whether the schema was derived from the type hints (then arguments are converted back to dataclasses)."""
+
+    def definition(self) -> pb.Tool:
+        return pb.Tool(
+            function=pb.FunctionDefinition(
+                name=self.name,
+                description=self.description,
+                strict=self.strict,
+                parameters_json=json.dumps(self.parameters),
+            )
+        )
+
+
+class Tools:
+    """The functions a model may call, by name. Each function's JSON Schema comes from its type hints (str, int,
+    float, bool, list[...], dict, Literal, Optional, a TypedDict or a dataclass; Annotated[T, "text"] describes a
+    parameter) and its docstring describes it; or give `parameters` (a JSON Schema) yourself. Functions may be plain
+    or async.
+
+    >>> tools = Tools()
+    >>> @tools.register
+    ... def weather(city: str, unit: Literal["c", "f"] = "c") -> str:
+    ...     '''The weather in a city now.'''
+    ...     return f"18 degrees {unit} in {city}"
+    >>> answer = client.run_tools([user_message("Weather in Oslo?")], tools)
+    """
+
+    def __init__(self, *functions: Callable[..., Any]) -> None:
+        self._tools: dict[str, RegisteredTool] = {}
+        for function in functions:
+            self.register(function)
+
+    @overload
+    def register(self, function: ToolFunction, /) -> ToolFunction: ...
+
+    @overload
+    def register(
+        self,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        strict: bool | None = None,
+    ) -> Callable[[ToolFunction], ToolFunction]: ...
+
+    def register(
+        self,
+        function: Callable[..., Any] | None = None,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        strict: bool | None = None,
+    ) -> Any:
+        """Adds a function, as `@tools.register`, `@tools.register(name=..., parameters=...)` or
+        `tools.register(f)`; returns it unchanged. name: the function's name by default; description: its
+        docstring by default."""
+
+        def add(function: Callable[..., Any]) -> Callable[..., Any]:
+            tool_name = name or function.__name__
+            if tool_name in self._tools:
+                raise ValueError(f"a tool named {tool_name!r} is registered already")
+            self._tools[tool_name] = RegisteredTool(
+                name=tool_name,
+                function=function,
+                parameters=parameters if parameters is not None else parameters_schema(function),
+                description=description if description is not None else inspect.getdoc(function),
+                strict=strict,
+                derived=parameters is None,
+            )
+            return function
+
+        return add(function) if function is not None else add
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._tools)
+
+    def __len__(self) -> int:
+        return len(self._tools)
+
+    def __getitem__(self, name: str) -> RegisteredTool:
+        return self._tools[name]
+
+    def definitions(self) -> list[pb.Tool]:
+        """The tools as the request's `tools` option."""
+        return [tool.definition() for tool in self._tools.values()]
+
+    def run(self, call: pb.ToolCall) -> pb.Message:
+        """The tool message answering a call: the function's result, or what went wrong (an unknown tool, arguments
+        that are not JSON or do not fit, the exception the function raised). An async function runs in an event loop
+        of its own (asyncio.run), so call this outside of one, as Client.run_tools does from its threads."""
+        prepared = self._prepare(call)
+        if isinstance(prepared, str):
+            return tool_result(call, prepared)
+        tool, arguments = prepared
+        try:
+            result = tool.function(**arguments)
+            if inspect.isawaitable(result):
+                result = asyncio.run(_awaited(result))
+        except Exception as exc:  # a tool's failure is the model's to read, not the loop's end
+            return tool_result(call, _failure(exc))
+        return tool_result(call, _result_text(result))
+
+    async def arun(self, call: pb.ToolCall) -> pb.Message:
+        """As run, from an event loop: async functions are awaited, plain ones run in a thread (asyncio.to_thread)
+        so a blocking tool does not stop the loop."""
+        prepared = self._prepare(call)
+        if isinstance(prepared, str):
+            return tool_result(call, prepared)
+        tool, arguments = prepared
+        try:
+            if inspect.iscoroutinefunction(tool.function):
+                result = await tool.function(**arguments)
+            else:
+                result = await asyncio.to_thread(tool.function, **arguments)
+                if inspect.isawaitable(result):
+                    result = await result
+        except Exception as exc:
+            return tool_result(call, _failure(exc))
+        return tool_result(call, _result_text(result))
+
+    def _prepare(self, call: pb.ToolCall) -> tuple[RegisteredTool, dict[str, Any]] | str:
+        """The tool and its keyword arguments, or the error text of a call that cannot run."""
+        name = call.function.name
+        tool = self._tools.get(name)
+        if tool is None:
+            return f"error: unknown tool {name!r}; the tools are: {', '.join(self._tools) or 'none'}"
+        try:
+            arguments = json.loads(call.function.arguments or "{}")
+        except json.JSONDecodeError as exc:
+            return f"error: the arguments of {name!r} are not valid JSON ({exc})"
+        if not isinstance(arguments, dict):
+            return f"error: the arguments of {name!r} must be a JSON object, not {type(arguments).__name__}"
+        try:
+            bound = inspect.signature(tool.function).bind(**arguments)
+        except TypeError as exc:
+            return f"error: invalid arguments for {name!r}: {exc}"
+        if tool.derived:
+            hints = get_type_hints(tool.function, include_extras=True)
+            return tool, {key: _from_json(hints[key], value) for key, value in bound.arguments.items()}
+        return tool, dict(bound.arguments)
+
+
+def tool_result(call: pb.ToolCall, content: str) -> pb.Message:
+    """The tool message that answers a call."""
+    return pb.Message(role=pb.ROLE_TOOL, content=content, tool_call_id=call.id, name=call.function.name)
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def _failure(exc: Exception) -> str:
+    return f"error: {type(exc).__name__}: {exc}"
+
+
+def _result_text(result: Any) -> str:
+    """A tool's result as the tool message's content: text as it is, anything else as JSON."""
+    if isinstance(result, str):
+        return result
+    return json.dumps(result, default=_jsonable)
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return str(value)
+
+
+# --- JSON Schemas from type hints ----------------------------------------------------------------------------------
+
+
+def parameters_schema(function: Callable[..., Any]) -> dict[str, Any]:
+    """The JSON Schema of a function's keyword arguments, from its type hints; required: those without a default."""
+    hints = get_type_hints(function, include_extras=True)
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    for name, parameter in inspect.signature(function).parameters.items():
+        if parameter.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            raise TypeError(f"tool {function.__name__}: *{name} has no JSON Schema; give parameters= instead")
+        if name not in hints:
+            raise TypeError(f"tool {function.__name__}: parameter {name!r} needs a type hint (or give parameters=)")
+        properties[name] = json_schema_of(hints[name])
+        if parameter.default is inspect.Parameter.empty:
+            required.append(name)
+    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+
+
+_SCALARS: Final[Mapping[Any, str]] = {str: "string", bool: "boolean", int: "integer", float: "number"}
+
+
+def json_schema_of(hint: Any) -> dict[str, Any]:
+    """The JSON Schema of a type hint (see Tools for the types understood)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Annotated:
+        schema = json_schema_of(args[0])
+        texts = [a for a in args[1:] if isinstance(a, str)]
+        return {**schema, "description": " ".join(texts)} if texts else schema
+    if hint in _SCALARS:
+        return {"type": _SCALARS[hint]}
+    if hint is type(None):
+        return {"type": "null"}
+    if origin in (Union, types.UnionType):
+        return {"anyOf": [json_schema_of(arg) for arg in args]}
+    if origin is Literal:
+        kinds = {_SCALARS.get(type(value)) for value in args}
+        if len(kinds) == 1 and None not in kinds:
+            return {"type": kinds.pop(), "enum": list(args)}
+        return {"enum": list(args)}
+    if hint in (list, tuple) or origin in (list, tuple, Sequence):
+        return {"type": "array", "items": json_schema_of(args[0])} if args else {"type": "array"}
+    if hint is dict or origin in (dict, Mapping):
+        return {"type": "object"}
+    if is_typeddict(hint):
+        fields = get_type_hints(hint, include_extras=True)
+        required = [name for name in fields if name in hint.__required_keys__]
+        return _object_schema(hint, fields, required)
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        fields = get_type_hints(hint, include_extras=True)
+        required = [
+            f.name
+            for f in dataclasses.fields(hint)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        return _object_schema(hint, {f.name: fields[f.name] for f in dataclasses.fields(hint)}, required)
+    raise TypeError(
+        f"no JSON Schema for {hint!r}: use str, int, float, bool, list[...], dict, Literal, Optional, a TypedDict or "
+        "a dataclass, or give the tool's parameters= yourself"
+    )
+
+
+def _object_schema(cls: type, fields: Mapping[str, Any], required: list[str]) -> dict[str, Any]:
+    schema: dict[str, Any] = {
+        "type": "object",
+        "properties": {name: json_schema_of(hint) for name, hint in fields.items()},
+        "required": required,
+        "additionalProperties": False,
+    }
+    if cls.__doc__ and not cls.__doc__.startswith(f"{cls.__name__}("):  # not the dataclass's generated signature
+        schema["description"] = inspect.cleandoc(cls.__doc__)
+    return schema
+
+
+def _from_json(hint: Any, value: Any) -> Any:
+    """A JSON value as the type hint asks: dataclasses built from objects (nested too), ints as floats for float."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Annotated:
+        return _from_json(args[0], value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type) and isinstance(value, dict):
+        fields = get_type_hints(hint, include_extras=True)
+        return hint(**{key: _from_json(fields[key], item) if key in fields else item for key, item in value.items()})
+    if origin in (list, Sequence) and args and isinstance(value, list):
+        return [_from_json(args[0], item) for item in value]
+    if origin in (Union, types.UnionType) and value is not None:
+        # The first member the value converts to something else than itself (a dataclass from an object), else as is.
+        for arg in args:
+            if arg is not type(None) and (converted := _from_json(arg, value)) is not value:
+                return converted
+    return value
+
+
+# --- the loop's bookkeeping ----------------------------------------------------------------------------------------
+
+
+class _Steps:
+    """The state of one run_tools: the messages so far, each answer's usage and attempts summed, the step limit."""
+
+    def __init__(self, messages: list[pb.Message], max_steps: int) -> None:
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, not {max_steps}")
+        self.messages = messages
+        self.max_steps = max_steps
+        self._steps = 0
+        self._usage = pb.Usage()
+        self._attempts: list[pb.Attempt] = []
+        self._last = pb.CompleteResponse()
+
+    def record(self, response: pb.CompleteResponse) -> list[pb.ToolCall]:
+        """Adds one call's answer; returns the tool calls to run (none: the loop is done)."""
+        self._steps += 1
+        self._last = response
+        self.messages.append(response.message)
+        if response.HasField("usage"):
+            add_usage(self._usage, response.usage)
+        self._attempts.extend(response.attempts)
+        return list(response.message.tool_calls)
+
+    def add_results(self, results: Iterable[pb.Message]) -> None:
+        """Adds the tool results of the last answer; raises StepLimitError when no call may follow."""
+        self.messages.extend(results)
+        if self._steps >= self.max_steps:
+            raise StepLimitError(self.answer(), self.max_steps)
+
+    def answer(self) -> Answer:
+        return Answer(
+            response=self._last,
+            messages=self.messages,
+            steps=self._steps,
+            usage=self._usage,
+            attempts=list(self._attempts),
+        )
+
+
+def add_usage(total: pb.Usage, usage: pb.Usage) -> None:
+    """Adds one answer's usage to a total: tokens and cost summed, `estimated` and `price_unknown` when any was."""
+    total.prompt_tokens += usage.prompt_tokens
+    total.completion_tokens += usage.completion_tokens
+    total.total_tokens += usage.total_tokens
+    total.estimated = total.estimated or usage.estimated
+    if usage.HasField("reasoning_tokens"):
+        total.reasoning_tokens = total.reasoning_tokens + usage.reasoning_tokens
+    if usage.HasField("cached_prompt_tokens"):
+        total.cached_prompt_tokens = total.cached_prompt_tokens + usage.cached_prompt_tokens
+    total.cost.usd_micros += usage.cost.usd_micros
+    total.cost.estimated = total.cost.estimated or usage.cost.estimated
+    total.cost.price_unknown = total.cost.price_unknown or usage.cost.price_unknown
+
+
+# --- the conversation ----------------------------------------------------------------------------------------------
+
+
+class Conversation:
+    """The messages of a chat, kept for the next call: add to it, pass it to run_tools (which appends the answers
+    and tool results to it), and with a `budget_tokens` let the client fit it (client.fit(conversation), which
+    run_tools does before each call): the oldest turns go first, counted by the gateway's CountTokens.
+
+    A turn is a user message and everything after it up to the next user message, so an assistant's tool calls
+    always go with their results. System messages stay, and so does the last turn.
+
+    budget_tokens: the most tokens the messages may take, e.g. the model's context window less the answer's
+    max_tokens. model: the model whose tokenizer counts (the default chain's first model when unset).
+    """
+
+    def __init__(
+        self,
+        messages: Iterable[MessageLike] = (),
+        *,
+        budget_tokens: int | None = None,
+        model: str | None = None,
+    ) -> None:
+        self.messages: list[pb.Message] = as_messages(messages)
+        self.budget_tokens = budget_tokens
+        self.model = model
+        self.tokens: int | None = None
+        """The count of the last fit, or None before any."""
+
+    def add(self, *messages: MessageLike) -> None:
+        """Appends messages: pb.Message, or dicts of their fields ({"role": "user", "content": "Hi"})."""
+        self.messages.extend(as_messages(messages))
+
+    def add_answer(self, response: pb.CompleteResponse) -> None:
+        """Appends the assistant message of an answer (Complete's or collect's)."""
+        self.messages.append(response.message)
+
+    def add_tool_results(self, results: Iterable[pb.Message]) -> None:
+        self.messages.extend(results)
+
+    def turns(self) -> list[list[pb.Message]]:
+        """The non-system messages, in turns (see the class)."""
+        return [[self.messages[i] for i in turn] for turn in self._turn_indices()]
+
+    def _turn_indices(self) -> list[list[int]]:
+        turns: list[list[int]] = []
+        for index, message in enumerate(self.messages):
+            if message.role == pb.ROLE_SYSTEM:
+                continue
+            if message.role == pb.ROLE_USER or not turns:
+                turns.append([])
+            turns[-1].append(index)
+        return turns
+
+    def fits(self, tokens: int) -> bool:
+        """Given the conversation's token count, whether it fits; if not, drops the oldest turn (count again), or
+        raises ContextBudgetError when only the system messages and the last turn are left."""
+        self.tokens = tokens
+        if self.budget_tokens is None or tokens <= self.budget_tokens:
+            return True
+        turns = self._turn_indices()
+        if len(turns) <= 1:
+            raise ContextBudgetError(tokens, self.budget_tokens)
+        oldest = set(turns[0])
+        self.messages[:] = [message for index, message in enumerate(self.messages) if index not in oldest]
+        return False

@@ -1,0 +1,109 @@
+"""How a client reaches the gateway: the TLS rule, the credentials, and the channel options (the default service
+config with its retry policy first, the caller's own after)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias
+
+import grpc
+
+from llmrelay.v1.service_config import SERVICE_CONFIG_JSON
+
+ChannelOptions: TypeAlias = Sequence[tuple[str, Any]]
+ServiceConfig: TypeAlias = str | Mapping[str, Any] | None
+"""A gRPC service config as JSON text or a dict; None for none (no retries by the channel)."""
+SERVICE_CONFIG_OPTION: Final = "grpc.service_config"
+DEFAULT_SERVICE_CONFIG: Final = SERVICE_CONFIG_JSON
+"""The service config a client's channel gets unless told otherwise: the contract's retry policy (UNAVAILABLE only,
+three attempts at most, exponential backoff, the server's grpc-retry-pushback-ms honoured)."""
+
+# "dns:///host:port", "dns://resolver/host:port", "ipv4:1.2.3.4:5", "ipv6:[::1]:5": the scheme (and authority) ahead
+# of the address; a bare "host:port" has none.
+_SCHEME: Final = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*):(?://[^/]*/)?(?P<rest>.*)$", re.IGNORECASE)
+_LOCAL_SCHEMES: Final = frozenset({"unix", "unix-abstract"})
+
+
+def is_loopback_target(target: str) -> bool:
+    """Whether a gRPC target names this machine: 127.0.0.0/8, ::1, "localhost" (any port, with or without a scheme
+    such as "dns:///"), or a Unix socket ("unix:", "unix-abstract:")."""
+    address = target.strip()
+    if (match := _SCHEME.match(address)) and not _looks_like_host_port(address):
+        if match["scheme"].lower() in _LOCAL_SCHEMES:
+            return True
+        address = match["rest"]
+    host = _host(address)
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _looks_like_host_port(address: str) -> bool:
+    # "localhost:50051" also matches the scheme pattern ("localhost" as the scheme): a port after the colon, and no
+    # "//", says it is a host and a port instead.
+    return re.fullmatch(r"[^:/]+:\d+", address) is not None
+
+
+def _host(address: str) -> str:
+    """The host of "host", "host:port", "[v6]:port", or a bare IPv6 address."""
+    if address.startswith("["):
+        return address[1 : address.find("]")] if "]" in address else address
+    if address.count(":") > 1:  # a bare IPv6 address, no port
+        return address
+    return address.rsplit(":", 1)[0] if ":" in address else address
+
+
+def uses_tls(target: str, tls: bool | None) -> bool:
+    """The TLS rule of the three SDKs: as `tls` says when set; otherwise plaintext only to a loopback target."""
+    return tls if tls is not None else not is_loopback_target(target)
+
+
+@dataclass(frozen=True)
+class ChannelSettings:
+    """How a client makes its channel (see Client for each field)."""
+
+    tls: bool | None = None
+    root_certificates: bytes | None = None
+    private_key: bytes | None = None
+    certificate_chain: bytes | None = None
+    credentials: grpc.ChannelCredentials | None = None
+    service_config: ServiceConfig = DEFAULT_SERVICE_CONFIG
+    options: ChannelOptions = ()
+
+    def credentials_for(self, target: str) -> grpc.ChannelCredentials | None:
+        """The channel credentials to reach `target` (None: plaintext). Certificates or credentials given imply
+        TLS; without them the TLS rule decides, and TLS trusts the system's roots."""
+        certificates = (self.root_certificates, self.private_key, self.certificate_chain)
+        given = any(c is not None for c in certificates)
+        if (self.private_key is None) != (self.certificate_chain is None):
+            raise ValueError("a client certificate needs both private_key and certificate_chain (PEM bytes)")
+        if self.credentials is not None and given:
+            raise ValueError("give either credentials or the certificates they would be made of, not both")
+        if self.tls is False and (given or self.credentials is not None):
+            raise ValueError("tls=False with certificates or credentials: leave tls unset to use them, or drop them")
+        if self.credentials is not None:
+            return self.credentials
+        if not uses_tls(target, True if given else self.tls):
+            return None
+        return grpc.ssl_channel_credentials(*certificates)
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        return channel_options(self.service_config, self.options)
+
+
+def channel_options(service_config: ServiceConfig, options: ChannelOptions) -> list[tuple[str, Any]]:
+    """The channel's options: the service config (JSON text or a dict; None for none), then the caller's options,
+    which win where they set the same key."""
+    merged: dict[str, Any] = {}
+    if service_config is not None:
+        text = service_config if isinstance(service_config, str) else json.dumps(service_config)
+        merged[SERVICE_CONFIG_OPTION] = text
+    merged.update(options)
+    return list(merged.items())

@@ -1,0 +1,122 @@
+"""The completion options as typed keyword arguments (every field of llmrelay.v1.CompletionOptions), and their
+conversion to the message."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, Literal, TypeAlias, TypedDict
+
+from llmrelay import v1 as pb
+
+ToolChoice: TypeAlias = "Literal['none', 'auto', 'required'] | str | pb.ToolChoice"
+"""A mode ("none": no tool; "auto": the model decides; "required": at least one tool), any other text: the name of
+the one function the model must call."""
+ReasoningEffort: TypeAlias = Literal["none", "minimal", "low", "medium", "high"]
+"""How hard a reasoning model thinks."""
+ToolLike: TypeAlias = "pb.Tool | Mapping[str, Any]"
+ResponseFormatLike: TypeAlias = "pb.ResponseFormat | Mapping[str, Any]"
+
+
+class RunToolsOptions(TypedDict, total=False):
+    """The completion options but `tools`, as keywords of run_tools (which takes its tools as a Tools)."""
+
+    temperature: float
+    """Sampling temperature, from 0 to 2."""
+    top_p: float
+    """Nucleus sampling mass, from 0 to 1."""
+    max_tokens: int
+    """The most tokens the answer may have; at least 1."""
+    stop: Sequence[str]
+    """Up to 4 sequences at which the model stops."""
+    seed: int
+    """A seed for deterministic sampling, where the upstream supports it."""
+    response_format: ResponseFormatLike
+    """The shape of the answer: json_schema(...), a pb.ResponseFormat, or its fields as a dict."""
+    tool_choice: ToolChoice
+    """Which tool the model may or must call: "none", "auto", "required", or a function's name."""
+    reasoning_effort: ReasoningEffort
+    """How hard a reasoning model thinks: "none", "minimal", "low", "medium" or "high"."""
+    presence_penalty: float
+    """Penalty for tokens already present, from -2 to 2."""
+    frequency_penalty: float
+    """Penalty for tokens by their frequency so far, from -2 to 2."""
+    parallel_tool_calls: bool
+    """Whether the model may call several tools in one turn."""
+
+
+class CompletionOptions(RunToolsOptions, total=False):
+    """Sampling and output options (every field of llmrelay.v1.CompletionOptions), as keywords of complete(),
+    stream() and collect(); those left out are not sent, and the upstream's defaults apply. Named as in OpenAI's chat
+    completions."""
+
+    tools: Sequence[ToolLike]
+    """The tools the model may call: tool(...), Tools.definitions(), pb.Tool, or a dict of its fields."""
+
+
+OPTION_NAMES: Final = CompletionOptions.__optional_keys__
+_TOOL_CHOICE_MODES: Final[Mapping[str, pb.ToolChoiceMode.ValueType]] = {
+    "none": pb.TOOL_CHOICE_MODE_NONE,
+    "auto": pb.TOOL_CHOICE_MODE_AUTO,
+    "required": pb.TOOL_CHOICE_MODE_REQUIRED,
+}
+# "low" for REASONING_EFFORT_LOW, and so on: read from the contract.
+_REASONING_EFFORTS: Final[Mapping[str, pb.ReasoningEffort.ValueType]] = {
+    name.removeprefix("REASONING_EFFORT_").lower(): value
+    for name, value in pb.ReasoningEffort.items()
+    if value != pb.REASONING_EFFORT_UNSPECIFIED
+}
+
+
+def completion_options(options: CompletionOptions) -> pb.CompletionOptions | None:
+    """The message of the options given (None when none is: the backend's defaults)."""
+    if not options:
+        return None
+    fields: dict[str, Any] = dict(options)
+    unknown = sorted(set(fields) - OPTION_NAMES)
+    if unknown:
+        known = ", ".join(sorted(OPTION_NAMES))
+        raise TypeError(f"unknown completion option(s) {', '.join(unknown)}; the options are: {known}")
+    if "tools" in fields:
+        fields["tools"] = [_text_tool(t) if isinstance(t, Mapping) else t for t in fields["tools"]]
+    if isinstance(fields.get("response_format"), Mapping):
+        fields["response_format"] = _text_response_format(fields["response_format"])
+    if isinstance(choice := fields.get("tool_choice"), str):
+        fields["tool_choice"] = _tool_choice(choice)
+    if isinstance(effort := fields.get("reasoning_effort"), str):
+        fields["reasoning_effort"] = _reasoning_effort(effort)
+    return pb.CompletionOptions(**fields)
+
+
+def _tool_choice(choice: str) -> pb.ToolChoice:
+    mode = _TOOL_CHOICE_MODES.get(choice)
+    return pb.ToolChoice(mode=mode) if mode is not None else pb.ToolChoice(function_name=choice)
+
+
+def _reasoning_effort(effort: str) -> pb.ReasoningEffort.ValueType:
+    try:
+        return _REASONING_EFFORTS[effort]
+    except KeyError:
+        raise ValueError(f"unknown reasoning_effort {effort!r}; use one of {', '.join(_REASONING_EFFORTS)}") from None
+
+
+def json_text(schema: Mapping[str, Any] | str) -> str:
+    # Schemas travel as JSON text, which the upstream gets as written: the deprecated Struct fields would turn every
+    # integer into a double (`maxItems: 3` into 3.0) and lose large ones.
+    return schema if isinstance(schema, str) else json.dumps(schema)
+
+
+def _text_tool(value: Mapping[str, Any]) -> pb.Tool:
+    function = dict(value.get("function") or {})
+    if isinstance(function.get("parameters"), Mapping):
+        function["parameters_json"] = json_text(function.pop("parameters"))
+    return pb.Tool(function=pb.FunctionDefinition(**function))
+
+
+def _text_response_format(value: Mapping[str, Any]) -> pb.ResponseFormat:
+    fields = dict(value)
+    schema = dict(fields.get("json_schema") or {})
+    if isinstance(schema.get("schema"), Mapping):
+        schema["schema_json"] = json_text(schema.pop("schema"))
+        fields["json_schema"] = schema
+    return pb.ResponseFormat(**fields)
