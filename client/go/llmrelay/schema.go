@@ -159,7 +159,8 @@ func addFields(t reflect.Type, properties map[string]any, required *[]string, vi
 			property["enum"] = values
 		}
 		properties[name] = property
-		if options := strings.Split(flags, ","); !slices.Contains(options, "omitempty") && !slices.Contains(options, "omitzero") {
+		options := strings.Split(flags, ",")
+		if !slices.Contains(options, "omitempty") && !slices.Contains(options, "omitzero") {
 			*required = append(*required, name)
 		}
 	}

@@ -18,7 +18,8 @@ import (
 )
 
 func main() {
-	target := flag.String("target", "127.0.0.1:50051", "the gateway's host:port")
+	target := flag.String("target", "127.0.0.1:50051",
+		"the gateway's host:port (plaintext to a loopback target, TLS otherwise)")
 	model := flag.String("model", "", "the model (empty: the gateway's default chain)")
 	timeout := flag.Duration("timeout", 60*time.Second, "deadline of the whole call")
 	flag.Parse()
@@ -27,7 +28,7 @@ func main() {
 		prompt = "Say hello in five words."
 	}
 
-	client, err := llmrelay.Dial(*target, llmrelay.WithInsecure(), llmrelay.WithCaller("example-go"))
+	client, err := llmrelay.Dial(*target, llmrelay.WithCaller("example-go")) // plaintext to loopback, TLS otherwise
 	if err != nil {
 		log.Fatal(err)
 	}
