@@ -38,7 +38,7 @@ lint: $(STAMP)
 
 # Everything: the Python suite with its integration tier (real llama.cpp and Ollama), then the Go and TypeScript
 # clients and the standard probes against the real gateway.
-test: test-python test-go test-node test-probes
+test: test-python test-go test-go-module test-node test-probes
 
 test-python: proto-check ollama services
 	$(BIN)/pytest -q
@@ -70,7 +70,7 @@ clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
 # Go and TypeScript clients (client/go, client/node) and the standard gRPC probes.
-.PHONY: tools test-go test-node test-probes
+.PHONY: tools test-go test-go-module test-node test-probes
 
 # The pinned Go tools (protoc plugins, grpc-health-probe, grpcurl) and client/node's npm deps, cached outside the repo.
 tools:
@@ -78,6 +78,11 @@ tools:
 
 test-go: $(STAMP) tools
 	cd client/go && go test -count=1 ./...
+
+# The Go module as a user gets it: a module outside the repo requires it through client/go/README.md's recipe (a
+# replace directive), builds, and calls a real gateway.
+test-go-module: $(STAMP)
+	bash scripts/check_go_module.sh
 
 test-node: $(STAMP) tools
 	cd client/node && npm test
