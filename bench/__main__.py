@@ -1,23 +1,37 @@
-"""`make bench`: the gateway's cost measured against the direct call to the same upstream, in the same run.
+"""`make bench`: what the gateway adds to a call, against the direct HTTP call and against the floor of Python gRPC.
 
-The loopback upstream and the gateway each run in their own process, so the gateway's CPU time is read from its own
-/proc entry. Figures are ratios to the direct call (these machines are noisy), plus the gateway's CPU per request.
-Gateways with features on (keys and limits; the call log; metrics; traces) run beside the plain one (no call log),
-the paths taking turns in rounds; a feature's cost is its extra gateway CPU per call, the median over the rounds.
+Four paths to the same answers, measured in one run, taking turns in rounds so that the machine's slow moments fall
+on all of them:
+- direct: the loopback upstream called over raw HTTP/1.1 keep-alive connections (bench/direct.py), a load generator
+  as cheap as the gRPC one;
+- floor: a plain grpc.aio server answering the same messages from memory (bench/floor.py): what any Python gRPC
+  server costs;
+- gateway: llmrelay-server in front of the upstream, with no call log;
+- everything: the gateway with auth, limits, metrics and a JSON log line per call.
+Each server runs in its own process, so its CPU time is read from /proc. Per path, unary calls and streams of 8
+chunks, one caller and 16 at once: latency added to the direct call's (p50, p99), server CPU per call as a multiple
+of the floor's, calls/s, time to first chunk; then chunks/s of a 1,000-chunk stream, the gateway's memory with 1,000
+streams open, and its idle upstream connections after that burst. The figures go to bench/results/ as JSON and a
+PNG chart; the table printed is the README's.
 
-Usage: python -m bench [--requests N] [--concurrency C] [--workers]
+Usage: python -m bench [--quick] [--requests N] [--rounds R] [--loop asyncio|uvloop] [--workers]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import datetime
 import functools
 import hashlib
 import itertools
+import json
 import operator
 import os
+import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -26,27 +40,35 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-import openai
 from llmrelay import v1 as pb
-from openai.types.chat import ChatCompletionMessageParam
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from bench.direct import DirectClient
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 BIN = Path(sys.executable).parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 STOP_S = 15
-ROUNDS = 5
+MODEL = "tiny"
+UNARY_PROMPT = "benchmark the gateway please"
+# The upstream answers "echo: " + the prompt, a chunk per word: 8 chunks, and 1,000.
+STREAM_PROMPT = "benchmark the gateway with a short stream"
+LONG_PROMPT = " ".join(f"w{i}" for i in range(999))
+HOLD_PROMPT = "hold"
+CONCURRENCIES = (1, 16)
 KINDS = ("unary", "stream")
-PROMPT = "benchmark the gateway please"
-MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": PROMPT}]
+PATHS = ("direct", "floor", "gateway", "everything")
+OPEN_STREAMS = 1000
+HOLD_TRICKLE_S = 2.0
+"""How long the upstream waits between the chunks of each of the open streams: long enough for all to open."""
 
-Call = Callable[[], Awaitable[None]]
+Call = Callable[[], Awaitable[float]]
+"""A call checked for its answer; it returns the time.perf_counter() of its first chunk (unary: of its answer)."""
 
 
 def free_port() -> int:
@@ -67,9 +89,31 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def established_to(pid: int, port: int) -> int:
+    """How many TCP connections process `pid` holds open to local port `port` (its upstream connections)."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    inodes = set()
+    for fd in fd_dir.iterdir():
+        with contextlib.suppress(OSError):
+            if (target := os.readlink(fd)).startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+            if remote_port == port and fields[3] == "01" and fields[9] in inodes:  # 01: ESTABLISHED
+                count += 1
+    return count
+
+
+# --- measuring ------------------------------------------------------------------------------------------------
+
+
 @dataclass
 class Run:
     latencies_s: list[float]
+    first_chunk_s: list[float]
     wall_s: float
     cpu_s: dict[str, float]
 
@@ -82,16 +126,25 @@ class Run:
         return statistics.quantiles(self.latencies_s, n=100)[98] * 1000
 
     @property
+    def first_chunk_p50_ms(self) -> float:
+        return statistics.median(self.first_chunk_s) * 1000
+
+    @property
     def throughput(self) -> float:
         return len(self.latencies_s) / self.wall_s
 
     def cpu_ms(self, server: str) -> float:
-        """The server's CPU time per request, in milliseconds."""
+        """The server's CPU time per call, in milliseconds."""
         return self.cpu_s[server] / len(self.latencies_s) * 1000
 
     def __add__(self, other: Run) -> Run:
         cpu = {name: self.cpu_s[name] + other.cpu_s[name] for name in self.cpu_s}
-        return Run(self.latencies_s + other.latencies_s, self.wall_s + other.wall_s, cpu)
+        return Run(
+            self.latencies_s + other.latencies_s,
+            self.first_chunk_s + other.first_chunk_s,
+            self.wall_s + other.wall_s,
+            cpu,
+        )
 
 
 async def measure(
@@ -101,13 +154,15 @@ async def measure(
     for _ in range(50 if warm_up else 0):  # connections, caches, first-call imports
         await call()
     latencies: list[float] = []
+    first_chunks: list[float] = []
     semaphore = asyncio.Semaphore(concurrency)
 
     async def timed() -> None:
         async with semaphore:
             started = time.perf_counter()
-            await call()
+            first = await call()
             latencies.append(time.perf_counter() - started)
+            first_chunks.append(first - started)
 
     def cpu() -> dict[str, float]:
         return {name: sum(map(cpu_seconds, processes)) for name, processes in pids.items()}
@@ -117,56 +172,86 @@ async def measure(
     await asyncio.gather(*(timed() for _ in range(requests)))
     wall = time.perf_counter() - started
     cpu_after = cpu()
-    return Run(latencies, wall, {name: cpu_after[name] - cpu_before[name] for name in pids})
+    return Run(latencies, first_chunks, wall, {name: cpu_after[name] - cpu_before[name] for name in pids})
 
 
-def sdk_calls(client: openai.AsyncOpenAI) -> dict[str, Call]:
-    """A unary and a streaming chat completion through the openai SDK, each checking that an answer came."""
+def direct_calls(client: DirectClient) -> dict[str, Call]:
+    """Unary, 8-chunk and 1,000-chunk chat completions over plain HTTP, each checking that the answer came whole."""
+    unary_body = client.body(UNARY_PROMPT, stream=False)
 
-    async def unary() -> None:
-        answer = await client.chat.completions.create(model="tiny", messages=MESSAGES)
-        assert answer.choices[0].message.content, answer
+    async def unary() -> float:
+        answer = await client.complete(unary_body)
+        assert b'"content"' in answer, answer
+        return time.perf_counter()
 
-    async def stream() -> None:
-        chunks = 0
-        async for _ in await client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True):
-            chunks += 1
-        assert chunks > 1, chunks
+    def stream_of(prompt: str) -> Call:
+        body = client.body(prompt, stream=True)
+        words = len(prompt.split()) + 1
 
-    return {"unary": unary, "stream": stream}
+        async def stream() -> float:
+            texts, first = await client.stream(body)
+            assert texts == words, (texts, words)
+            return first
 
+        return stream
 
-def gateway_calls(stub: pb.LLMServiceAsyncStub, metadata: Sequence[tuple[str, str]] = ()) -> dict[str, Call]:
-    """The same chat, unary and streaming, through llmrelay's gRPC contract."""
-    request = pb.CompleteRequest(model="tiny", messages=[pb.Message(role=pb.ROLE_USER, content=PROMPT)])
-    stream_request = pb.StreamCompleteRequest(model=request.model, messages=request.messages)
-
-    async def unary() -> None:
-        await stub.Complete(request, timeout=10, metadata=metadata)
-
-    async def stream() -> None:
-        async for _ in stub.StreamComplete(stream_request, timeout=10, metadata=metadata):
-            pass
-
-    return {"unary": unary, "stream": stream}
+    return {"unary": unary, "stream": stream_of(STREAM_PROMPT), "long": stream_of(LONG_PROMPT)}
 
 
-def print_header() -> None:
-    print(f"{'path':<18}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'gateway CPU/req':>18}{'upstream CPU/req':>18}")
+def grpc_calls(stub: pb.LLMServiceAsyncStub, metadata: Sequence[tuple[str, str]] = ()) -> dict[str, Call]:
+    """The same chats through llmrelay's gRPC contract (the gateway's, or the floor's)."""
+
+    def messages(prompt: str) -> list[pb.Message]:
+        return [pb.Message(role=pb.ROLE_USER, content=prompt)]
+
+    request = pb.CompleteRequest(model=MODEL, messages=messages(UNARY_PROMPT))
+
+    async def unary() -> float:
+        answer = await stub.Complete(request, timeout=10, metadata=metadata)
+        assert answer.message.content, answer
+        return time.perf_counter()
+
+    def stream_of(prompt: str) -> Call:
+        stream_request = pb.StreamCompleteRequest(model=MODEL, messages=messages(prompt))
+        words = len(prompt.split()) + 1
+
+        async def stream() -> float:
+            first = 0.0
+            texts = 0
+            async for message in stub.StreamComplete(stream_request, timeout=30, metadata=metadata):
+                if message.delta.content:
+                    texts += 1
+                    first = first or time.perf_counter()
+            assert texts == words, (texts, words)
+            return first
+
+        return stream
+
+    return {"unary": unary, "stream": stream_of(STREAM_PROMPT), "long": stream_of(LONG_PROMPT)}
 
 
-def print_row(name: str, run: Run, gateway: str | None) -> None:
-    """One path's figures; `gateway` is the server whose CPU the path costs (None: no gateway's)."""
-    gateway_cpu = f"{run.cpu_ms(gateway):>15.3f} ms" if gateway else f"{'-':>18}"
-    print(
-        f"{name:<18}{run.p50_ms:>9.2f}{run.p99_ms:>9.2f}{run.throughput:>9.0f}{gateway_cpu}"
-        f"{run.cpu_ms('upstream'):>15.3f} ms",
-        flush=True,
-    )
+async def recorded_answers(stub: pb.LLMServiceAsyncStub) -> dict[str, Any]:
+    """The gateway's answers to the bench's prompts, for the floor to send the same messages."""
+
+    def encoded(message: Any) -> str:
+        return base64.b64encode(message.SerializeToString()).decode()
+
+    def messages(prompt: str) -> list[pb.Message]:
+        return [pb.Message(role=pb.ROLE_USER, content=prompt)]
+
+    answer = await stub.Complete(pb.CompleteRequest(model=MODEL, messages=messages(UNARY_PROMPT)), timeout=10)
+    streams = {}
+    for prompt in (STREAM_PROMPT, LONG_PROMPT):
+        request = pb.StreamCompleteRequest(model=MODEL, messages=messages(prompt))
+        streams[prompt] = [encoded(message) async for message in stub.StreamComplete(request, timeout=30)]
+    return {"complete": {UNARY_PROMPT: encoded(answer)}, "stream": streams}
+
+
+# --- processes: everything the bench starts and stops ---------------------------------------------------------
 
 
 def start(args: list[str], ready: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     assert process.stdout is not None
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -178,7 +263,7 @@ def start(args: list[str], ready: str, env: dict[str, str] | None = None) -> sub
         if not line and process.poll() is not None:
             break
     process.kill()
-    raise SystemExit(f"bench: {args[0]} did not start")
+    raise SystemExit(f"bench: {' '.join(args[:3])} did not start")
 
 
 def stop(process: subprocess.Popen[str]) -> None:
@@ -196,12 +281,18 @@ def start_upstream(port: int) -> subprocess.Popen[str]:
     return start([sys.executable, str(ROOT / "tests" / "upstream.py"), "--listen", listen], "upstream listening on")
 
 
+def start_floor(port: int, answers: Path, loop: str) -> subprocess.Popen[str]:
+    listen = f"127.0.0.1:{port}"
+    command = [sys.executable, "-m", "bench.floor", "--listen", listen, "--answers", str(answers), "--loop", loop]
+    return start(command, "floor listening on")
+
+
 BENCH_KEY = "llmr-bench-0123456789abcdefghijklmnopq"
 
 
 @dataclass(frozen=True)
 class Feature:
-    """A gateway with some features on, measured against the plain one in the same run."""
+    """A gateway with some features on."""
 
     description: str
     server: str = ""
@@ -210,62 +301,42 @@ class Feature:
     """More YAML sections."""
     metadata: tuple[tuple[str, str], ...] = ()
     env: tuple[tuple[str, str], ...] = ()
-    """More environment: where traces go."""
+    """More environment."""
     flags: tuple[str, ...] = ()
     """More command-line flags."""
 
 
 PLAIN = Feature("plain", server="log_calls: false")
-OBSERVED = 'metrics_listen: "127.0.0.1:0", log_format: json'
-OTLP_PORT = free_port()
-FEATURES = {
-    "keyed": Feature(
-        "auth + limits (a key with every kind of limit, and gateway limits)",
-        server="limits: {requests_per_minute: 100000000}",
-        extra=f"""auth:
+KEYS = f"""auth:
   keys:
     - name: bench
       sha256: "{hashlib.sha256(BENCH_KEY.encode()).hexdigest()}"
       models: ["tiny", "ollama/*"]
       limits: {{requests_per_minute: 10000000, tokens_per_minute: 1000000000, concurrent_streams: 1000,
                budget_usd_per_day: 1000000}}
-""",
-        metadata=(("authorization", f"Bearer {BENCH_KEY}"),),
-    ),
-    "logged": Feature("a text log line per call (the default)", server="log_calls: true"),
-    "observed": Feature("metrics + a JSON log line per call", server=OBSERVED),
-    "traced": Feature(
-        "metrics + a JSON log line + a trace per call (OTLP/gRPC to a receiver in the bench)",
-        server=f"{OBSERVED}, tracing: true",
-        env=(("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{OTLP_PORT}"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")),
-    ),
-}
-
-
-class _TraceSink(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP/gRPC receiver that takes the traced gateway's spans and drops them."""
-
-    def Export(self, request: Any, context: Any) -> trace_service_pb2.ExportTraceServiceResponse:
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-
-def start_trace_sink() -> grpc.Server:
-    server = grpc.server(ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceSink(), server)  # type: ignore[no-untyped-call]
-    server.add_insecure_port(f"127.0.0.1:{OTLP_PORT}")
-    server.start()
-    return server
+"""
+EVERYTHING = Feature(
+    "auth + limits (a key with every kind of limit, and gateway limits) + metrics + a JSON log line per call",
+    server='limits: {requests_per_minute: 100000000}, metrics_listen: "127.0.0.1:0", log_format: json',
+    extra=KEYS,
+    metadata=(("authorization", f"Bearer {BENCH_KEY}"),),
+)
 
 
 def start_gateway(
-    scratch: Path, upstream_port: int, gateway_port: int, name: str = "gateway", feature: Feature = PLAIN
+    scratch: Path,
+    upstream_port: int,
+    gateway_port: int,
+    name: str = "gateway",
+    feature: Feature = PLAIN,
+    loop: str | None = None,
 ) -> subprocess.Popen[str]:
     """`llmrelay-server` in front of the loopback upstream, with no configuration from the environment."""
     config = scratch / f"{name}.yaml"
-    server = f", {feature.server}" if feature.server else ""
+    server = "".join(f", {more}" for more in (feature.server, f"event_loop: {loop}" if loop else "") if more)
     config.write_text(
         f'server: {{usage_db: "{scratch}/{name}.db"{server}}}\n'
-        f'llm:\n  ollama: {{base_url: "http://127.0.0.1:{upstream_port}/v1", model: tiny}}\n{feature.extra}'
+        f'llm:\n  ollama: {{base_url: "http://127.0.0.1:{upstream_port}/v1", model: {MODEL}}}\n{feature.extra}'
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OLLAMA_", "LLMRELAY_", "OTEL_"))}
     env.update(feature.env)
@@ -281,10 +352,26 @@ def process_tree(pid: int) -> list[int]:
     return [pid, *(descendant for child in children for descendant in process_tree(int(child)))]
 
 
+# --- --workers ------------------------------------------------------------------------------------------------
+
 WORKER_COUNTS = (1, 2)
 
 
-async def scale(requests: int, concurrency: int) -> None:
+def print_header() -> None:
+    print(f"{'path':<18}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'gateway CPU/req':>18}{'upstream CPU/req':>18}")
+
+
+def print_row(name: str, run: Run, gateway: str | None) -> None:
+    """One path's figures; `gateway` is the server whose CPU the path costs (None: no gateway's)."""
+    gateway_cpu = f"{run.cpu_ms(gateway):>15.3f} ms" if gateway else f"{'-':>18}"
+    print(
+        f"{name:<18}{run.p50_ms:>9.2f}{run.p99_ms:>9.2f}{run.throughput:>9.0f}{gateway_cpu}"
+        f"{run.cpu_ms('upstream'):>15.3f} ms",
+        flush=True,
+    )
+
+
+async def scale(requests: int, concurrency: int, rounds: int) -> None:
     """`--workers`: calls/s of one gateway with 1 and then 2 worker processes, on as many connections as workers
     times four (the kernel spreads connections, not calls), against the same upstream, taking turns in rounds."""
     names = {workers: f"{workers} worker{'s' if workers > 1 else ''}" for workers in WORKER_COUNTS}
@@ -309,12 +396,10 @@ async def scale(requests: int, concurrency: int) -> None:
             options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own for each channel
             own = [grpc.aio.insecure_channel(f"127.0.0.1:{ports[name]}", options=options) for _ in range(4 * workers)]
             channels += own
-            calls[name] = _round_robin([gateway_calls(pb.LLMServiceStub(channel))["unary"] for channel in own])
-        for round_ in range(ROUNDS):
+            calls[name] = _round_robin([grpc_calls(pb.LLMServiceStub(channel))["unary"] for channel in own])
+        for round_ in range(rounds):
             for name in names.values():
-                runs[name].append(
-                    await measure(calls[name], requests // ROUNDS, concurrency, pids, warm_up=round_ == 0)
-                )
+                runs[name].append(await measure(calls[name], requests // rounds, concurrency, pids, round_ == 0))
         for name in names.values():
             print_row(name, functools.reduce(operator.add, runs[name]), name)
         one, two = (functools.reduce(operator.add, runs[names[workers]]) for workers in WORKER_COUNTS)
@@ -328,81 +413,339 @@ def _round_robin(calls: Sequence[Call]) -> Call:
     return lambda: next(turns)()
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--workers", action="store_true", help="calls/s with 1 and 2 worker processes instead")
-    args = parser.parse_args()
-    if args.workers:
-        await scale(args.requests, max(args.concurrency, 64))
-        return
+# --- the paths compared ---------------------------------------------------------------------------------------
 
-    ports = {name: free_port() for name in ("upstream", "gateway", *FEATURES)}
-    with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as running:
+
+@dataclass
+class Settings:
+    requests: int
+    """Calls per path, kind and concurrency, over all rounds."""
+    rounds: int
+    long_streams: int
+    """1,000-chunk streams per path, over all rounds."""
+    open_streams: int
+    loop: str
+
+
+@dataclass
+class Row:
+    """One path's figures for one kind of call at one concurrency."""
+
+    path: str
+    kind: str
+    concurrency: int
+    p50_ms: float
+    p99_ms: float
+    added_p50_ms: float
+    added_p99_ms: float
+    calls_per_s: float
+    server_cpu_ms_per_call: float
+    cpu_x_floor: float
+    first_chunk_p50_ms: float
+    added_first_chunk_ms: float
+
+
+@dataclass
+class Results:
+    settings: Settings
+    started_at: str
+    command: str
+    machine: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+    long_stream: dict[str, dict[str, float]] = field(default_factory=dict)
+    memory: dict[str, float] = field(default_factory=dict)
+    upstream_pool: dict[str, int] = field(default_factory=dict)
+
+
+async def compare(settings: Settings, results: Results) -> None:
+    ports = {name: free_port() for name in ("upstream", "floor", "gateway", "everything")}
+    with tempfile.TemporaryDirectory() as scratch_dir, contextlib.ExitStack() as running:
+        scratch = Path(scratch_dir)
         upstream = start_upstream(ports["upstream"])
         running.callback(stop, upstream)
-        pids = {"upstream": upstream.pid}
-        sink = start_trace_sink()
-        running.callback(sink.stop, None)
-        for name, feature in {"gateway": PLAIN, **FEATURES}.items():
-            gateway = start_gateway(Path(scratch), ports["upstream"], ports[name], name, feature)
-            running.callback(stop, gateway)
-            pids[name] = gateway.pid
-        await asyncio.sleep(1.0)
-        await report(pids, ports, args.requests, args.concurrency)
+        gateways = {}
+        for name, feature in (("gateway", PLAIN), ("everything", EVERYTHING)):
+            gateways[name] = start_gateway(scratch, ports["upstream"], ports[name], name, feature, settings.loop)
+            running.callback(stop, gateways[name])
+        channels = {name: grpc.aio.insecure_channel(f"127.0.0.1:{ports[name]}") for name in ("gateway", "everything")}
+        answers = scratch / "answers.json"
+        answers.write_text(json.dumps(await recorded_answers(pb.LLMServiceStub(channels["gateway"]))))
+        floor = start_floor(ports["floor"], answers, settings.loop)
+        running.callback(stop, floor)
+        channels["floor"] = grpc.aio.insecure_channel(f"127.0.0.1:{ports['floor']}")
+        direct = DirectClient("127.0.0.1", ports["upstream"], MODEL)
+        paths = {
+            "direct": direct_calls(direct),
+            "floor": grpc_calls(pb.LLMServiceStub(channels["floor"])),
+            "gateway": grpc_calls(pb.LLMServiceStub(channels["gateway"])),
+            "everything": grpc_calls(pb.LLMServiceStub(channels["everything"]), EVERYTHING.metadata),
+        }
+        # Whose CPU each path costs: the direct call's is the upstream's alone.
+        server_of = {"direct": "upstream", "floor": "floor", "gateway": "gateway", "everything": "everything"}
+        pids = {"upstream": [upstream.pid], "floor": [floor.pid], **{n: [g.pid] for n, g in gateways.items()}}
+        await asyncio.sleep(0.5)
+        rss_idle = rss_mib(gateways["gateway"].pid)
+        print(
+            f"llmrelay bench: {settings.requests} calls per path, kind and concurrency in {settings.rounds} rounds;"
+            f" {settings.loop} event loop; {os.cpu_count()} CPUs shared by the load generator, the upstream and the"
+            " servers\n",
+            flush=True,
+        )
+        await matrix(settings, paths, pids, server_of, results)
+        await long_streams(settings, paths, pids, server_of, results)
+        await direct.aclose()
+        await open_streams(settings, channels["gateway"], gateways["gateway"].pid, ports["upstream"], rss_idle, results)
+        for channel in channels.values():
+            await channel.close()
 
 
-async def report(pids_by_name: Mapping[str, int], ports: Mapping[str, int], requests: int, concurrency: int) -> None:
-    direct = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{ports['upstream']}/v1", api_key="bench", max_retries=0)
-    channels = {name: grpc.aio.insecure_channel(f"127.0.0.1:{ports[name]}") for name in ("gateway", *FEATURES)}
-    paths = {"direct": sdk_calls(direct), "gateway": gateway_calls(pb.LLMServiceStub(channels["gateway"]))}
-    for name, feature in FEATURES.items():
-        paths[name] = gateway_calls(pb.LLMServiceStub(channels[name]), feature.metadata)
-    servers = {"direct": None, "gateway": "gateway", **{name: name for name in FEATURES}}
-    pids = {name: [pid] for name, pid in pids_by_name.items()}
-    gateway_pid = pids_by_name["gateway"]
-    rss_idle = rss_mib(gateway_pid)
-    print(f"llmrelay bench: {requests} requests, concurrency {concurrency}, loopback upstream in its own process\n")
-    print_header()
-    results: dict[str, Run] = {}
-    # Paths take turns, a slice of the requests each per round, so that the machine's slow minutes fall on all of
-    # them; a feature's cost is the median over rounds of its difference with the plain gateway in the same round.
-    rounds: dict[str, list[Run]] = {}
-    for kind in KINDS:
-        for round_ in range(ROUNDS):
+async def matrix(
+    settings: Settings,
+    paths: Mapping[str, Mapping[str, Call]],
+    pids: Mapping[str, Sequence[int]],
+    server_of: Mapping[str, str],
+    results: Results,
+) -> None:
+    """Every path, unary and stream, one caller and 16, taking turns a slice of the calls at a time."""
+    for kind, concurrency in itertools.product(KINDS, CONCURRENCIES):
+        rounds: dict[str, list[Run]] = {path: [] for path in paths}
+        for round_ in range(settings.rounds):
             for path, calls in paths.items():
-                run = await measure(calls[kind], requests // ROUNDS, concurrency, pids, warm_up=round_ == 0)
-                rounds.setdefault(f"{path} {kind}", []).append(run)
-        for path in paths:
-            name = f"{path} {kind}"
-            results[name] = functools.reduce(operator.add, rounds[name])
-            print_row(name, results[name], servers[path])
-    rss_loaded = rss_mib(gateway_pid)
-    print("\nratios, gateway / direct (same upstream, same run):")
-    for kind in KINDS:
-        via, direct_run = results[f"gateway {kind}"], results[f"direct {kind}"]
-        latency = via.p50_ms / direct_run.p50_ms
-        throughput = direct_run.wall_s / via.wall_s
-        cpu = via.cpu_s["gateway"] / via.cpu_s["upstream"]
-        print(f"  {kind:<7} p50 latency x{latency:.2f}   throughput x{throughput:.2f}   CPU x{cpu:.2f} upstream's")
-    for name, feature in FEATURES.items():
-        print(f"\ncost of {feature.description}, against the plain gateway, same run:")
-        for kind in KINDS:
-            pairs = zip(rounds[f"{name} {kind}"], rounds[f"gateway {kind}"], strict=True)
-            extra_us = sorted((run.cpu_ms(name) - plain.cpu_ms("gateway")) * 1000 for run, plain in pairs)
-            print(
-                f"  {kind:<7} {statistics.median(extra_us):+.0f} us gateway CPU per call"
-                f"   (rounds: {extra_us[0]:+.0f} .. {extra_us[-1]:+.0f})"
+                run = await measure(calls[kind], settings.requests // settings.rounds, concurrency, pids, round_ == 0)
+                rounds[path].append(run)
+        runs = {path: functools.reduce(operator.add, rounds[path]) for path in paths}
+        direct, floor_cpu = runs["direct"], runs["floor"].cpu_ms("floor")
+        for path, run in runs.items():
+            cpu = run.cpu_ms(server_of[path])
+            results.rows.append(
+                Row(
+                    path=path,
+                    kind=kind,
+                    concurrency=concurrency,
+                    p50_ms=run.p50_ms,
+                    p99_ms=run.p99_ms,
+                    added_p50_ms=run.p50_ms - direct.p50_ms,
+                    added_p99_ms=run.p99_ms - direct.p99_ms,
+                    calls_per_s=run.throughput,
+                    server_cpu_ms_per_call=cpu,
+                    cpu_x_floor=cpu / floor_cpu,
+                    first_chunk_p50_ms=run.first_chunk_p50_ms,
+                    added_first_chunk_ms=run.first_chunk_p50_ms - direct.first_chunk_p50_ms,
+                )
             )
-    print(f"\ngateway memory: {rss_idle:.0f} MiB idle, {rss_loaded:.0f} MiB after the runs")
-    for channel in channels.values():
-        await channel.close()
-    await direct.close()
+            print_path_row(results.rows[-1])
+
+
+async def long_streams(
+    settings: Settings,
+    paths: Mapping[str, Mapping[str, Call]],
+    pids: Mapping[str, Sequence[int]],
+    server_of: Mapping[str, str],
+    results: Results,
+) -> None:
+    """Streams of 1,000 chunks, one at a time: chunks/s, and chunks per second of the server's CPU (per core)."""
+    chunks = len(LONG_PROMPT.split()) + 1
+    rounds: dict[str, list[Run]] = {path: [] for path in paths}
+    for _ in range(settings.rounds):
+        for path, calls in paths.items():
+            count = max(1, settings.long_streams // settings.rounds)
+            rounds[path].append(await measure(calls["long"], count, 1, pids, warm_up=False))
+    print(f"\n{'1,000-chunk stream':<22}{'chunks/s':>10}{'chunks per server CPU s':>26}{'x floor':>9}")
+    for path in paths:
+        run = functools.reduce(operator.add, rounds[path])
+        total = chunks * len(run.latencies_s)
+        per_cpu_s = total / max(run.cpu_s[server_of[path]], 1 / CLOCK_TICKS)
+        results.long_stream[path] = {"chunks_per_s": total / run.wall_s, "chunks_per_server_cpu_s": per_cpu_s}
+    floor = results.long_stream["floor"]["chunks_per_server_cpu_s"]
+    for path, figures in results.long_stream.items():
+        figures["cpu_x_floor"] = figures["chunks_per_server_cpu_s"] / floor
+        print(
+            f"{path:<22}{figures['chunks_per_s']:>10.0f}{figures['chunks_per_server_cpu_s']:>26.0f}"
+            f"{figures['cpu_x_floor']:>9.2f}"
+        )
+
+
+async def open_streams(
+    settings: Settings,
+    channel: grpc.aio.Channel,
+    gateway_pid: int,
+    upstream_port: int,
+    rss_idle: float,
+    results: Results,
+) -> None:
+    """A burst of streams held open at once: the gateway's memory with all of them open, and the upstream
+    connections it keeps idle once they are over (the pool keeps at most its configured number)."""
+    async with DirectControl(upstream_port) as control:
+        await control.queue_faults([{"trickle_s": HOLD_TRICKLE_S}] * settings.open_streams)
+    stub = pb.LLMServiceStub(channel)
+    request = pb.StreamCompleteRequest(model=MODEL, messages=[pb.Message(role=pb.ROLE_USER, content=HOLD_PROMPT)])
+    opened = 0
+    all_open = asyncio.Event()
+
+    async def held() -> None:
+        nonlocal opened
+        first = True
+        async for _ in stub.StreamComplete(request, timeout=60):
+            if first:
+                first = False
+                opened += 1
+                if opened == settings.open_streams:
+                    all_open.set()
+
+    rss_before = rss_mib(gateway_pid)
+    streams = asyncio.gather(*(held() for _ in range(settings.open_streams)))
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(all_open.wait(), timeout=HOLD_TRICKLE_S)
+    rss_open = rss_mib(gateway_pid)
+    await streams
+    await asyncio.sleep(0.5)
+    idle = established_to(gateway_pid, upstream_port)
+    results.memory = {
+        "rss_idle_mib": rss_idle,
+        "rss_before_burst_mib": rss_before,
+        "rss_open_mib": rss_open,
+        "open_streams": opened,
+        "above_idle_mib": rss_open - rss_idle,
+    }
+    results.upstream_pool = {"streams": settings.open_streams, "idle_connections_after": idle}
+    print(
+        f"\ngateway memory: {rss_idle:.0f} MiB idle, {rss_open:.0f} MiB with {opened} streams open"
+        f" (+{rss_open - rss_idle:.0f} MiB); {idle} idle upstream connections after the burst"
+    )
+
+
+class DirectControl:
+    """The loopback upstream's control API (faults), over one HTTP connection."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def __aenter__(self) -> DirectControl:
+        self._connection = await asyncio.open_connection("127.0.0.1", self._port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._connection is not None
+        self._connection[1].close()
+
+    async def queue_faults(self, faults: list[dict[str, Any]]) -> None:
+        assert self._connection is not None
+        reader, writer = self._connection
+        body = json.dumps(faults).encode()
+        writer.write(
+            f"POST /_control/faults HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = next(
+            int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+        )
+        await reader.readexactly(length)
+
+
+def print_path_row(row: Row) -> None:
+    if row.path == "direct":
+        print(
+            f"\n{row.kind} x{row.concurrency}: {'path':<12}{'p50 ms':>8}{'p99 ms':>8}{'+p50':>8}{'+p99':>8}"
+            f"{'calls/s':>9}{'CPU ms/call':>13}{'x floor':>9}{'+1st chunk':>12}"
+        )
+    print(
+        f"{'':<{len(row.kind) + 5}}{row.path:<12}{row.p50_ms:>8.2f}{row.p99_ms:>8.2f}{row.added_p50_ms:>8.2f}"
+        f"{row.added_p99_ms:>8.2f}{row.calls_per_s:>9.0f}{row.server_cpu_ms_per_call:>13.3f}{row.cpu_x_floor:>9.2f}"
+        f"{row.added_first_chunk_ms:>12.2f}",
+        flush=True,
+    )
+
+
+def markdown(results: Results) -> str:
+    """The README's table: per path, kind and concurrency; then the long stream, memory and the pool."""
+    lines = [
+        "| path | call | callers | added p50 ms | added p99 ms | calls/s | server CPU/call | x floor"
+        " | added 1st chunk ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results.rows:
+        if row.path == "direct":
+            added = f"({row.p50_ms:.2f} ms) | ({row.p99_ms:.2f} ms)"
+        else:
+            added = f"{row.added_p50_ms:+.2f} | {row.added_p99_ms:+.2f}"
+        first = f"{row.added_first_chunk_ms:+.2f}" if row.kind == "stream" and row.path != "direct" else "-"
+        lines.append(
+            f"| {row.path} | {row.kind} | {row.concurrency} | {added} | {row.calls_per_s:.0f} |"
+            f" {row.server_cpu_ms_per_call:.3f} ms | {row.cpu_x_floor:.2f} | {first} |"
+        )
+    lines += ["", "| 1,000-chunk stream | chunks/s | chunks per server CPU s | x floor |", "|---|---|---|---|"]
+    for path, figures in results.long_stream.items():
+        lines.append(
+            f"| {path} | {figures['chunks_per_s']:.0f} | {figures['chunks_per_server_cpu_s']:.0f} |"
+            f" {figures['cpu_x_floor']:.2f} |"
+        )
+    memory, pool = results.memory, results.upstream_pool
+    lines += [
+        "",
+        f"Gateway memory with {memory['open_streams']:.0f} streams open: {memory['above_idle_mib']:+.0f} MiB above"
+        f" idle ({memory['rss_idle_mib']:.0f} MiB); idle upstream connections after that burst:"
+        f" {pool['idle_connections_after']}.",
+    ]
+    return "\n".join(lines)
+
+
+def save(results: Results) -> Path:
+    """bench/results/<time>.json and .png, copied to latest.json and latest.png (the ones committed)."""
+    RESULTS.mkdir(exist_ok=True)
+    stamp = results.started_at.replace(":", "").replace("-", "")
+    path = RESULTS / f"{stamp}.json"
+    path.write_text(json.dumps(asdict(results), indent=2) + "\n")
+    from bench.chart import draw
+
+    chart = draw(results.rows, RESULTS / f"{stamp}.png")
+    shutil.copyfile(path, RESULTS / "latest.json")
+    shutil.copyfile(chart, RESULTS / "latest.png")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="fewer calls and streams: about a minute, rougher")
+    parser.add_argument("--requests", type=int, help="calls per path, kind and concurrency (default 1000; quick 300)")
+    parser.add_argument("--rounds", type=int, help="turns the paths take (default 5; quick 3)")
+    parser.add_argument(
+        "--loop", choices=("asyncio", "uvloop"), help="the servers' event loop (default: the gateway's)"
+    )
+    parser.add_argument("--workers", action="store_true", help="calls/s with 1 and 2 worker processes instead")
+    args = parser.parse_args()
+    rounds = args.rounds or (3 if args.quick else 5)
+    requests = args.requests or (300 if args.quick else 1000)
+    if args.workers:
+        asyncio.run(scale(requests, 64, rounds))
+        return
+    settings = Settings(
+        requests=requests,
+        rounds=rounds,
+        long_streams=rounds * (1 if args.quick else 3),
+        open_streams=OPEN_STREAMS,
+        loop=args.loop or default_loop(),
+    )
+    results = Results(
+        settings=settings,
+        started_at=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        command=" ".join(["python -m bench", *sys.argv[1:]]),
+        machine={"cpus": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()},
+    )
+    asyncio.run(compare(settings, results))
+    print("\n" + markdown(results))
+    print(f"\nwritten: {save(results).relative_to(ROOT)} (and latest.json, latest.png)")
+
+
+def default_loop() -> str:
+    """The gateway's default event loop: uvloop where it is installed."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
-    if "--workers" not in sys.argv:
-        print()
-        subprocess.run([sys.executable, str(ROOT / "bench" / "bench_tokens.py")], check=True)
+    main()

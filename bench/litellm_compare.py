@@ -38,23 +38,46 @@ from pathlib import Path
 import grpc
 import openai
 from llmrelay import v1 as pb
+from openai.types.chat import ChatCompletionMessageParam
 
 from bench.__main__ import (
     KINDS,
     STOP_S,
+    UNARY_PROMPT,
     Call,
     Run,
     free_port,
-    gateway_calls,
+    grpc_calls,
     measure,
     print_header,
     print_row,
     rss_mib,
-    sdk_calls,
     start_gateway,
     start_upstream,
     stop,
 )
+
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": UNARY_PROMPT}]
+
+
+def sdk_calls(client: openai.AsyncOpenAI) -> dict[str, Call]:
+    """A unary and a streaming chat completion through the openai SDK (what LiteLLM's callers use), each checking
+    that an answer came."""
+
+    async def unary() -> float:
+        answer = await client.chat.completions.create(model="tiny", messages=MESSAGES)
+        assert answer.choices[0].message.content, answer
+        return time.perf_counter()
+
+    async def stream() -> float:
+        first = 0.0
+        async for _ in await client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True):
+            first = first or time.perf_counter()
+        assert first, "no chunk came"
+        return first
+
+    return {"unary": unary, "stream": stream}
+
 
 # Pinned: LiteLLM's PyPI releases were hijacked twice (1.82.7/1.82.8 in March 2026, 1.107.0 in October 2026).
 # 1.105.1 predates the second incident and is the version Homebrew pins by hash. Change it deliberately.
@@ -318,7 +341,7 @@ async def report(servers: Servers, requests: int, concurrency: int, litellm_vers
     paths = {
         "direct": sdk_calls(direct),
         "litellm": sdk_calls(litellm),
-        "llmrelay": gateway_calls(pb.LLMServiceStub(channel)),
+        "llmrelay": grpc_calls(pb.LLMServiceStub(channel)),
     }
     idle = {"llmrelay": rss_mib(servers.gateway), "litellm": servers.litellm_rss_mib()}
     print(

@@ -1,0 +1,75 @@
+"""The floor of `make bench`: a plain grpc.aio server of the same contract answering from memory.
+
+No interceptors, no router, no upstream: Complete and StreamComplete answer with messages parsed once at start,
+chosen by the request's last message. The answers are the gateway's own, recorded by the bench in the same run, so
+that both servers send the same messages of the same sizes; whatever the gateway costs above this server is its
+own. It runs on the event loop the gateway runs on (`--loop`), so that the loop is not counted as the gateway's gain.
+
+Usage: python -m bench.floor --listen HOST:PORT --answers FILE [--loop asyncio|uvloop]
+(FILE: JSON {"complete": {prompt: base64 CompleteResponse}, "stream": {prompt: [base64 StreamCompleteResponse]}})
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from llmrelay import v1 as pb
+
+
+class FloorServicer(pb.LLMServiceServicer):
+    def __init__(self, answers: dict[str, Any]) -> None:
+        self._complete = {
+            prompt: pb.CompleteResponse.FromString(base64.b64decode(data))
+            for prompt, data in answers["complete"].items()
+        }
+        self._stream = {
+            prompt: [pb.StreamCompleteResponse.FromString(base64.b64decode(data)) for data in messages]
+            for prompt, messages in answers["stream"].items()
+        }
+
+    async def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
+        return self._complete[request.messages[-1].content]
+
+    async def StreamComplete(self, request: pb.StreamCompleteRequest, context: Any) -> AsyncIterator[Any]:
+        for message in self._stream[request.messages[-1].content]:
+            yield message
+
+    async def _unimplemented(self, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the floor answers Complete and StreamComplete only")
+
+    CountTokens = Embed = GetUsage = Health = _unimplemented
+
+
+async def serve(listen: str, answers: dict[str, Any]) -> None:
+    server = grpc.aio.server()
+    pb.add_LLMServiceServicer_to_server(FloorServicer(answers), server)
+    server.add_insecure_port(listen)
+    await server.start()
+    print(f"floor listening on {listen}", flush=True)
+    await server.wait_for_termination()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--listen", required=True)
+    parser.add_argument("--answers", type=Path, required=True)
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    args = parser.parse_args()
+    answers = json.loads(args.answers.read_text())
+    if args.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(serve(args.listen, answers))
+    else:
+        asyncio.run(serve(args.listen, answers))
+
+
+if __name__ == "__main__":
+    main()
