@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The standard gRPC tools against the real gateway (`make test-probes`): grpc-health-probe checks grpc.health.v1
 # (SERVING while running, NOT_SERVING once SIGTERM starts the graceful shutdown), and grpcurl lists the services
-# through reflection and calls llmrelay.v1.LLMService/StreamComplete from JSON.
+# through reflection (v1, which it asks for first, and v1alpha), calls grpc.health.v1.Health/List, and calls
+# llmrelay.v1.LLMService/StreamComplete from JSON.
 #
 # The gateway (.venv/bin/llmrelay-server) runs in front of the fake OpenAI upstream (tests/upstream.py), both on
 # loopback ports they pick themselves. The tools are the pinned ones of scripts/install_tools.sh (`make tools`).
@@ -68,10 +69,10 @@ start_upstream() { # sets UPSTREAM (http://127.0.0.1:PORT)
     UPSTREAM="$(wait_line "$WORK/upstream.log" 'upstream listening on (http://[^[:space:]]+)' $!)" || exit 1
 }
 
-start_gateway() { # start_gateway NAME BASE_URL: sets GATEWAY (127.0.0.1:PORT) and GATEWAY_PID
+start_gateway() { # start_gateway NAME BASE_URL [YAML]: sets GATEWAY (127.0.0.1:PORT) and GATEWAY_PID
     local name="$1" base_url="$2" i
-    printf 'llm:\n  ollama: {base_url: "%s", model: "tiny"}\nrouter: {retry: {max_retries: 0}}\n' "$base_url" \
-        >"$WORK/$name.yaml"
+    printf 'llm:\n  ollama: {base_url: "%s", model: "tiny"}\nrouter: {retry: {max_retries: 0}}\n%s\n' "$base_url" \
+        "${3:-}" >"$WORK/$name.yaml"
     (
         # Only the test config decides the backends, as in the Go and TypeScript harnesses.
         cd "$WORK" && unset OLLAMA_HOST "${!LLMRELAY_@}" && OPENAI_API_KEY="" exec "$VENV/bin/llmrelay-server" \
@@ -147,6 +148,14 @@ check "grpcurl list: llmrelay.v1.LLMService" expect_output "llmrelay.v1.LLMServi
 check "grpcurl list: grpc.health.v1.Health" expect_output "grpc.health.v1.Health" "$GRPCURL" -plaintext "$GATEWAY" list
 check "grpcurl describe: StreamComplete" expect_output "rpc StreamComplete" \
     "$GRPCURL" -plaintext "$GATEWAY" describe llmrelay.v1.LLMService
+list_both_reflections() {
+    "$GRPCURL" -plaintext "$GATEWAY" list >"$WORK/list.txt" 2>&1 || { cat "$WORK/list.txt"; return 1; }
+    grep -qx 'grpc.reflection.v1.ServerReflection' "$WORK/list.txt" &&
+        grep -qx 'grpc.reflection.v1alpha.ServerReflection' "$WORK/list.txt" || { cat "$WORK/list.txt"; return 1; }
+}
+check "grpcurl list: reflection v1 and v1alpha" list_both_reflections
+check "grpcurl: grpc.health.v1.Health/List lists liveness and readiness" \
+    expect_output '"llmrelay.v1.LLMService": {' "$GRPCURL" -plaintext "$GATEWAY" grpc.health.v1.Health/List
 
 stream_from_json() {
     "$GRPCURL" -plaintext -d '{"messages": [{"role": "ROLE_USER", "content": "hello from grpcurl"}]}' \
@@ -169,6 +178,37 @@ rate_limited_details() {
         grep -q '"@type": "type.googleapis.com/google.rpc.RetryInfo"' "$WORK/error.json"
 }
 check "grpcurl: a 429 upstream shows ErrorInfo and RetryInfo" rate_limited_details
+
+# --- reflection v1: grpcurl asks for it first, and for v1alpha only where v1 is UNIMPLEMENTED. Behind keys that
+# leave v1 open and not v1alpha, grpcurl lists and describes only if it went through v1. ---
+NO_KEY="$(printf '%064d' 0)" # a key's SHA-256 that no key has: every call needs one, except the open services
+start_gateway reflection_v1 "$UPSTREAM/v1" "auth: {keys: [{name: probe, sha256: \"$NO_KEY\"}], \
+open_services: [grpc.health.v1.Health, grpc.reflection.v1.ServerReflection]}"
+check "grpcurl list goes through reflection v1 (v1alpha needs a key here)" \
+    expect_output "llmrelay.v1.LLMService" "$GRPCURL" -plaintext "$GATEWAY" list
+check "grpcurl describe goes through reflection v1" expect_output "rpc Complete" \
+    "$GRPCURL" -plaintext "$GATEWAY" describe llmrelay.v1.LLMService
+v1alpha_needs_a_key() { # the control: v1alpha is really closed on this gateway
+    local out
+    out="$("$PYTHON" - "$GATEWAY" 2>&1 <<'EOF'
+import sys
+
+import grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+with grpc.insecure_channel(sys.argv[1]) as channel:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    try:
+        list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+    except grpc.RpcError as error:
+        print(error.code().name)
+EOF
+)"
+    [[ "$out" == "UNAUTHENTICATED" ]] || { echo "v1alpha without a key: '$out'"; return 1; }
+}
+check "reflection v1alpha needs a key on that gateway" v1alpha_needs_a_key
+kill -TERM "$GATEWAY_PID"
+wait "$GATEWAY_PID" 2>/dev/null
 
 # --- a gateway whose only backend is down: the process is SERVING, llmrelay.v1.LLMService is not ---
 DEAD_PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
