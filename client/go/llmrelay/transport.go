@@ -11,33 +11,49 @@ import (
 )
 
 // IsLoopbackTarget says whether a gRPC target names only this machine: a host in 127.0.0.0/8, ::1 or "localhost"
-// (with or without a port, bare or after dns:, dns:///, dns://AUTHORITY/ or passthrough:///), or a Unix socket
-// (unix:, unix-abstract:). Dial connects to such a target in plaintext by default, and to any other over TLS with
-// the system's roots: traffic that never leaves the machine needs no TLS, traffic that does must not go without it.
-// Anything this function cannot read (another resolver's scheme, a malformed address) is not loopback.
+// (with or without a port, bare or after dns:, dns:///, dns://AUTHORITY/ or passthrough:///, and every address of an
+// ipv4: or ipv6: list), or a Unix socket (unix:, unix-abstract:). Dial connects to such a target in plaintext by
+// default, and to any other over TLS with the system's roots: traffic that never leaves the machine needs no TLS,
+// traffic that does must not go without it. The Python and TypeScript SDKs apply the same rule. Anything this
+// function cannot read (another resolver's scheme, a malformed address) is not loopback.
 func IsLoopbackTarget(target string) bool {
-	endpoint := target
-	if scheme, rest, ok := strings.Cut(target, ":"); ok {
-		switch strings.ToLower(scheme) {
-		case "unix", "unix-abstract":
-			return true
-		case "dns", "passthrough":
-			endpoint = rest
-			if after, ok := strings.CutPrefix(rest, "//"); ok {
-				// dns://AUTHORITY/HOST:PORT: the authority is the DNS server to ask, the endpoint what is asked for.
-				_, endpoint, ok = strings.Cut(after, "/")
-				if !ok {
-					return false
-				}
+	scheme, rest, hasScheme := strings.Cut(target, ":")
+	if !hasScheme {
+		return isLoopbackHost(hostOf(target))
+	}
+	switch strings.ToLower(scheme) {
+	case "unix", "unix-abstract":
+		return true
+	case "ipv4", "ipv6":
+		for _, address := range strings.Split(rest, ",") {
+			if !isLoopbackHost(hostOf(address)) {
+				return false
 			}
 		}
+		return true
+	case "dns", "passthrough":
+		if after, ok := strings.CutPrefix(rest, "//"); ok {
+			// dns://AUTHORITY/HOST:PORT: the authority is the DNS server to ask, the endpoint what is asked for.
+			_, endpoint, ok := strings.Cut(after, "/")
+			return ok && isLoopbackHost(hostOf(endpoint))
+		}
+		return isLoopbackHost(hostOf(rest))
 	}
-	host := endpoint
-	if h, _, err := net.SplitHostPort(endpoint); err == nil {
-		host = h
+	// No scheme grpc-go resolves: "localhost:50051" and "[::1]:50051" read as a host and a port.
+	return isLoopbackHost(hostOf(target))
+}
+
+// hostOf is the host of "host", "host:port", "[v6]" or "[v6]:port"; a bare IPv6 address ("::1") stays whole.
+func hostOf(address string) string {
+	if host, _, err := net.SplitHostPort(address); err == nil {
+		return host
 	}
-	host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
-	if strings.EqualFold(host, "localhost") {
+	return strings.TrimSuffix(strings.TrimPrefix(address, "["), "]")
+}
+
+// isLoopbackHost says whether host is "localhost" (a trailing dot allowed) or a loopback address.
+func isLoopbackHost(host string) bool {
+	if strings.EqualFold(strings.TrimSuffix(host, "."), "localhost") {
 		return true
 	}
 	addr, err := netip.ParseAddr(host)

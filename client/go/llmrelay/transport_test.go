@@ -35,6 +35,10 @@ func TestIsLoopbackTarget(t *testing.T) {
 		{"unix:/tmp/llmrelay.sock", true},
 		{"unix:///tmp/llmrelay.sock", true},
 		{"unix-abstract:llmrelay", true},
+		{"localhost.:50051", true},
+		{"ipv4:127.0.0.1:50051,127.0.0.2:50052", true},
+		{"ipv6:[::1]:50051", true},
+		{"ipv4:127.0.0.1:50051,10.0.0.1:50051", false}, // one address leaves the machine
 		{"gateway.example.com:443", false},
 		{"dns:///gateway.example.com:443", false},
 		{"dns://127.0.0.1/gateway.example.com:443", false}, // a local DNS server, a remote gateway
