@@ -3,10 +3,10 @@
  * fragments, and a restart marker (InterruptPolicy RESTART) discarding everything before it. Pure, no I/O.
  */
 import {
+  CompleteResponse,
   FinishReason,
   Role,
   type Attempt,
-  type CompleteResponse,
   type StreamCompleteResponse,
   type StreamRestart,
   type ToolCall,
@@ -100,13 +100,11 @@ export class StreamAssembler {
   /**
    * The answer so far (the whole answer once the stream has ended): an assistant message with the content,
    * reasoning and tool calls (ordered by index) since the last restart, and the last message's finish reason,
-   * usage and attempts.
+   * usage and attempts. Built as the generated decoder builds complete()'s answer, so the two compare equal.
    */
   result(): CompleteResponse {
-    const toolCalls = [...this.toolCalls.entries()]
-      .sort(([a], [b]) => a - b)
-      .map(([, call]) => ({ id: call.id, function: { ...call.function! } }));
-    return {
+    const toolCalls = [...this.toolCalls.entries()].sort(([a], [b]) => a - b).map(([, call]) => call);
+    return CompleteResponse.fromPartial({
       id: this.id,
       backend: this.backend,
       model: this.model,
@@ -114,14 +112,13 @@ export class StreamAssembler {
         role: Role.ROLE_ASSISTANT,
         content: this.content,
         toolCalls,
-        parts: [],
-        ...(this.reasoning !== undefined ? { reasoning: this.reasoning } : {}),
-        ...(this.reasoningSignature !== undefined ? { reasoningSignature: this.reasoningSignature } : {}),
+        reasoning: this.reasoning,
+        reasoningSignature: this.reasoningSignature,
       },
       finishReason: this.finishReason,
       usage: this.usage,
       attempts: this.attempts,
-    };
+    });
   }
 }
 

@@ -2,11 +2,13 @@
  * The llmrelay client: one gRPC channel to the gateway, promise methods, `stream()` as an async iterator.
  */
 import {
-  ChannelCredentials,
   Metadata,
+  status,
   type CallOptions as GrpcCallOptions,
+  type ChannelCredentials,
   type ChannelOptions,
   type ClientUnaryCall,
+  type Interceptor,
   type ServiceError,
 } from "@grpc/grpc-js";
 
@@ -30,9 +32,11 @@ import {
   type StreamCompleteResponse,
   type StreamRestart,
 } from "./gen/llmrelay/v1/llmrelay";
+import { SERVICE_CONFIG_JSON } from "./gen/llmrelay/v1/service_config";
 import { StreamAssembler, hasDelta, isRestart } from "./assemble";
 import { textTools, withJsonText } from "./content";
-import { toError } from "./errors";
+import { LLMRelayError, toError } from "./errors";
+import { channelCredentials, chooseTransport, type TlsOptions, type Transport } from "./tls";
 
 /** Where a gateway listens by default. */
 export const DEFAULT_TARGET = "127.0.0.1:50051";
@@ -50,23 +54,37 @@ export type GetUsageInput = DeepPartial<GetUsageRequest>;
 export type MessageInput = DeepPartial<Message>;
 
 export interface ClientOptions {
-  /** Connect in plaintext, for a gateway on loopback or inside a trusted network. Default: TLS. */
+  /**
+   * true: plaintext (a gateway inside a trusted network); false: TLS even to a loopback target. Default: plaintext
+   * to loopback targets (127.0.0.0/8, ::1, localhost, unix:), TLS with the system's roots to any other.
+   */
   insecure?: boolean;
-  /** Channel credentials (TLS with your CA, mutual TLS, ...). Default: TLS with the system's roots. */
+  /** TLS with your CA (rootCerts), or mutual TLS (privateKey and certChain), as PEM. */
+  tls?: TlsOptions;
+  /** Channel credentials built by you; they override insecure and tls. */
   credentials?: ChannelCredentials;
-  /** Deadline of calls that set none, in milliseconds; 0 for none. Default: DEFAULT_TIMEOUT_MS. */
-  timeoutMs?: number;
+  /**
+   * Deadline of calls that set none, in milliseconds; null for no deadline (a call may then wait forever).
+   * Default: DEFAULT_TIMEOUT_MS.
+   */
+  timeoutMs?: number | null;
   /** Names the caller in the gateway's usage ledger (the x-llmrelay-caller metadata). */
   caller?: string;
   /** Metadata sent with every call (for example `{ authorization: "Bearer KEY" }`). */
   metadata?: Record<string, string>;
-  /** Options of the gRPC channel ("grpc.keepalive_time_ms", ...). */
+  /**
+   * Options of the gRPC channel ("grpc.keepalive_time_ms", ...). "grpc.service_config" defaults to
+   * SERVICE_CONFIG_JSON, the contract's retry policy (UNAVAILABLE, three attempts, backoff, the gateway's
+   * grpc-retry-pushback-ms honoured): give your own to change it, or "grpc.enable_retries": 0 to retry nothing.
+   */
   channelOptions?: ChannelOptions;
+  /** Client interceptors of @grpc/grpc-js, run on every call in this order. */
+  interceptors?: Interceptor[];
 }
 
 export interface CallOptions {
-  /** Deadline of this call, in milliseconds from now; overrides the client's timeoutMs. */
-  timeoutMs?: number;
+  /** Deadline of this call, in milliseconds from now, or null for none; overrides the client's timeoutMs. */
+  timeoutMs?: number | null;
   /** Deadline of this call as a point in time; overrides timeoutMs. */
   deadline?: Date;
   /** Cancels the call (it then fails with CANCELLED). */
@@ -115,7 +133,7 @@ type UnaryMethod<Req, Res> = (
  * ErrorInfo reason, RetryInfo delay and BadRequest field violations of the status.
  *
  * ```ts
- * const client = new Client("127.0.0.1:50051", { insecure: true });
+ * const client = new Client("127.0.0.1:50051"); // loopback: plaintext; any other host: TLS
  * for await (const chunk of client.stream({ messages: [user("Hello")] })) {
  *   process.stdout.write(chunk.delta?.content ?? "");
  * }
@@ -125,14 +143,22 @@ type UnaryMethod<Req, Res> = (
 export class Client {
   /** The generated @grpc/grpc-js client, for anything this class does not wrap. */
   readonly raw: LLMServiceClient;
-  private readonly timeoutMs: number;
+  /** How the channel reaches the gateway; undefined when ClientOptions.credentials decided. */
+  readonly transport: Transport | undefined;
+  private readonly timeoutMs: number | null;
   private readonly headers: Record<string, string>;
 
-  constructor(target: string = DEFAULT_TARGET, options: ClientOptions = {}) {
-    const credentials =
-      options.credentials ?? (options.insecure ? ChannelCredentials.createInsecure() : ChannelCredentials.createSsl());
-    this.raw = new LLMServiceClient(target, credentials, options.channelOptions);
-    this.timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+  constructor(
+    readonly target: string = DEFAULT_TARGET,
+    options: ClientOptions = {},
+  ) {
+    this.transport = options.credentials ? undefined : chooseTransport(target, options);
+    this.raw = new LLMServiceClient(target, channelCredentials(target, options), {
+      "grpc.service_config": SERVICE_CONFIG_JSON,
+      ...options.channelOptions,
+      interceptors: options.interceptors,
+    });
+    this.timeoutMs = options.timeoutMs === undefined ? DEFAULT_TIMEOUT_MS : options.timeoutMs;
     this.headers = { ...options.metadata, ...(options.caller ? { [CALLER_HEADER]: options.caller } : {}) };
   }
 
@@ -164,7 +190,7 @@ export class Client {
         yield chunk as StreamCompleteResponse;
       }
     } catch (err) {
-      throw toError(err);
+      throw this.explain(toError(err));
     } finally {
       options?.signal?.removeEventListener("abort", abort);
       call.on("error", () => {}); // the CANCELLED of an early exit is nobody's error
@@ -235,7 +261,7 @@ export class Client {
       const call = method.call(this.raw, request, this.metadata(options), this.callOptions(options), (err, res) => {
         signal?.removeEventListener("abort", abort);
         if (err) {
-          reject(toError(err));
+          reject(this.explain(toError(err)));
         } else {
           resolve(res);
         }
@@ -256,7 +282,32 @@ export class Client {
     if (options?.deadline) {
       return { deadline: options.deadline };
     }
-    const timeoutMs = options?.timeoutMs ?? this.timeoutMs;
-    return timeoutMs > 0 ? { deadline: Date.now() + timeoutMs } : {};
+    const timeoutMs = options?.timeoutMs === undefined ? this.timeoutMs : options.timeoutMs;
+    if (timeoutMs === null) {
+      return {};
+    }
+    if (!(timeoutMs > 0)) {
+      throw new RangeError(`timeoutMs is ${timeoutMs}: give a positive number of milliseconds, or null for no deadline`);
+    }
+    return { deadline: Date.now() + timeoutMs };
+  }
+
+  /**
+   * Adds to a failure to connect in plaintext what to try: a gateway that serves TLS drops a plaintext client with
+   * no word of TLS in the status.
+   */
+  private explain(err: unknown): unknown {
+    if (
+      this.transport === "plaintext" &&
+      err instanceof LLMRelayError &&
+      err.code === status.UNAVAILABLE &&
+      err.errorInfo === undefined
+    ) {
+      return err.withHint(
+        `this client connects to ${this.target} in plaintext (the default for loopback targets); if the ` +
+          "gateway serves TLS, pass { tls: { rootCerts } } or { insecure: false }",
+      );
+    }
+    return err;
   }
 }

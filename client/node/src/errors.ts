@@ -1,12 +1,13 @@
 /**
  * Failed calls: the gRPC status with the google.rpc details the gateway attaches (AIP-193), decoded from the
- * `grpc-status-details-bin` trailer: ErrorInfo (why), RetryInfo (when a retry can help), BadRequest (which fields).
+ * `grpc-status-details-bin` trailer: ErrorInfo (why), RetryInfo (when a retry can help), BadRequest (which fields),
+ * AttemptHistory (what the gateway tried).
  */
 import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
 
 import { BadRequest, ErrorInfo, RetryInfo } from "./gen/google/rpc/error_details";
 import { Status } from "./gen/google/rpc/status";
-import { ErrorReason, errorReasonFromJSON } from "./gen/llmrelay/v1/llmrelay";
+import { AttemptHistory, ErrorReason, errorReasonFromJSON, type Attempt } from "./gen/llmrelay/v1/llmrelay";
 
 /** The ErrorInfo domain of the gateway's own errors. */
 export const DOMAIN = "llmrelay.dev";
@@ -33,6 +34,17 @@ export interface FieldViolation {
   description: string;
 }
 
+/** What a status carries beside its code and message. */
+interface ErrorExtra {
+  errorInfo?: ErrorInfo;
+  retryInfo?: RetryInfo;
+  badRequest?: BadRequest;
+  attempts?: Attempt[];
+  metadata?: Metadata;
+  /** What to try, added to the message (not from the gateway). */
+  hint?: string;
+}
+
 /** A failed call. `reason` is the ErrorInfo reason, such as "UPSTREAM_RATE_LIMITED". */
 export class LLMRelayError extends Error {
   override readonly name = "LLMRelayError";
@@ -46,22 +58,30 @@ export class LLMRelayError extends Error {
   readonly retryInfo: RetryInfo | undefined;
   /** The BadRequest, when the request was invalid. */
   readonly badRequest: BadRequest | undefined;
+  /** The attempts of a routed call that failed (the AttemptHistory detail), in order; [] without one. */
+  readonly attempts: Attempt[];
   /** The response metadata (trailers) of the call. */
   readonly metadata: Metadata;
 
   constructor(
     code: status,
     details: string,
-    extra: { errorInfo?: ErrorInfo; retryInfo?: RetryInfo; badRequest?: BadRequest; metadata?: Metadata } = {},
+    private readonly extra: ErrorExtra = {},
   ) {
     const reason = gatewayReason(extra.errorInfo);
-    super(`${codeName(code)}${reason ? ` (${reason})` : ""}: ${details}`);
+    super(`${codeName(code)}${reason ? ` (${reason})` : ""}: ${details}${extra.hint ? ` (${extra.hint})` : ""}`);
     this.code = code;
     this.details = details;
     this.errorInfo = extra.errorInfo;
     this.retryInfo = extra.retryInfo;
     this.badRequest = extra.badRequest;
+    this.attempts = extra.attempts ?? [];
     this.metadata = extra.metadata ?? new Metadata();
+  }
+
+  /** The same error, its message ending with what a person may try. */
+  withHint(hint: string): LLMRelayError {
+    return new LLMRelayError(this.code, this.details, { ...this.extra, hint });
   }
 
   /** The status code's name, such as "RESOURCE_EXHAUSTED". */
@@ -116,7 +136,7 @@ export function parseError(err: unknown): LLMRelayError | undefined {
   if (!isServiceError(err)) {
     return undefined;
   }
-  const extra: ConstructorParameters<typeof LLMRelayError>[2] = { metadata: err.metadata };
+  const extra: ErrorExtra = { metadata: err.metadata };
   const raw = err.metadata.get(STATUS_DETAILS_KEY)[0];
   if (raw instanceof Buffer) {
     for (const any of Status.decode(raw).details) {
@@ -127,6 +147,8 @@ export function parseError(err: unknown): LLMRelayError | undefined {
         extra.retryInfo = RetryInfo.decode(any.value);
       } else if (type === "google.rpc.BadRequest") {
         extra.badRequest = BadRequest.decode(any.value);
+      } else if (type === "llmrelay.v1.AttemptHistory") {
+        extra.attempts = AttemptHistory.decode(any.value).attempts;
       }
     }
   }

@@ -29,7 +29,46 @@ export {
   type SchemaOptions,
   type ToolInput,
 } from "./content";
+export {
+  Agent,
+  DEFAULT_MAX_STEPS,
+  MaxStepsError,
+  addUsage,
+  tool,
+  type AgentOptions,
+  type AgentResult,
+  type AgentTool,
+  type RunOptions,
+  type ToolContext,
+  type ToolSpec,
+} from "./agent";
+export {
+  BudgetExceededError,
+  Conversation,
+  toolMessage,
+  type ConversationOptions,
+  type FitResult,
+} from "./conversation";
+export { s, type Infer, type JsonSchemaObject, type Schema } from "./schema";
+export {
+  chooseTransport,
+  isLoopbackTarget,
+  type TlsOptions,
+  type Transport,
+  type TransportOptions,
+} from "./tls";
 export { DOMAIN, LLMRelayError, STATUS_DETAILS_KEY, parseError, type FieldViolation } from "./errors";
 export * from "./gen/llmrelay/v1/llmrelay";
 export { BadRequest, ErrorInfo, RetryInfo } from "./gen/google/rpc/error_details";
 export { Status } from "./gen/google/rpc/status";
+export { SERVICE_CONFIG_JSON } from "./gen/llmrelay/v1/service_config";
+// What callers of this package need from @grpc/grpc-js without depending on it themselves: the status codes an
+// LLMRelayError's code is one of, its trailers, and what ClientOptions takes.
+export {
+  ChannelCredentials,
+  InterceptingCall,
+  Metadata,
+  status,
+  type ChannelOptions,
+  type Interceptor,
+} from "@grpc/grpc-js";

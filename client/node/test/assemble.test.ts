@@ -4,7 +4,9 @@ import { describe, test } from "node:test";
 
 import {
   AttemptOutcome,
+  CompleteResponse,
   FinishReason,
+  Message,
   Role,
   StreamAssembler,
   StreamCompleteResponse,
@@ -74,7 +76,8 @@ const final = chunk({
 describe("StreamAssembler", () => {
   test("folds content, reasoning and interleaved tool call fragments", () => {
     const answer = assemble([...fresh, final]);
-    assert.deepEqual(answer, {
+    // Built as the decoder builds a CompleteResponse (every optional field present), so that it equals complete()'s.
+    assert.deepEqual(answer, CompleteResponse.fromPartial({
       id: "chatcmpl-2",
       backend: "fallback",
       model: "tiny",
@@ -91,7 +94,7 @@ describe("StreamAssembler", () => {
       finishReason: FinishReason.FINISH_REASON_TOOL_CALLS,
       usage: final.usage,
       attempts: final.attempts,
-    });
+    }));
   });
 
   test("a restart marker discards everything before it", () => {
@@ -103,7 +106,7 @@ describe("StreamAssembler", () => {
     assembler.add(restart);
     assert.deepEqual(assembler.restarts, [restart.restart]);
     const reset = assembler.result();
-    assert.deepEqual(reset.message, { role: Role.ROLE_ASSISTANT, content: "", toolCalls: [], parts: [] });
+    assert.deepEqual(reset.message, Message.fromPartial({ role: Role.ROLE_ASSISTANT }));
     assert.equal(reset.backend, "");
     for (const c of [...fresh, final]) {
       assembler.add(c);
@@ -119,7 +122,7 @@ describe("StreamAssembler", () => {
       chunk({ ...head, delta: { content: " hi" } }),
       chunk({ ...head, finishReason: FinishReason.FINISH_REASON_STOP }),
     ]);
-    assert.deepEqual(answer.message, { role: Role.ROLE_ASSISTANT, content: "echo: hi", toolCalls: [], parts: [] });
+    assert.deepEqual(answer.message, Message.fromPartial({ role: Role.ROLE_ASSISTANT, content: "echo: hi" }));
     assert.equal(answer.finishReason, FinishReason.FINISH_REASON_STOP);
     assert.equal(answer.usage, undefined);
     assert.deepEqual(answer.attempts, []);

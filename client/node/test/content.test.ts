@@ -20,7 +20,7 @@ import {
   user,
   userMessage,
 } from "../src";
-import { Gateway, Upstream } from "./gateway";
+import { Gateway, type Upstream } from "./gateway";
 
 const CAT_URL = "https://example.com/cat.png";
 const SCHEMA = {
@@ -36,15 +36,14 @@ let gateway: Gateway;
 let client: Client;
 
 before(async () => {
-  upstream = await Upstream.start();
-  gateway = await Gateway.start(`${upstream.url}/v1`);
-  client = new Client(gateway.addr, { insecure: true, timeoutMs: 30_000 });
+  gateway = await Gateway.start();
+  upstream = gateway.upstream;
+  client = new Client(gateway.addr, { timeoutMs: 30_000 });
 });
 
 after(async () => {
   client?.close();
   await gateway?.stop();
-  await upstream?.stop();
 });
 
 /** The last chat request the upstream received: its JSON text, and what it says. */

@@ -1,0 +1,273 @@
+/**
+ * The agent loop: tools the model may call (a function with its JSON Schema), and an Agent that calls the model,
+ * runs the tool calls it asks for in parallel, appends their results, and calls again until the model answers
+ * without tool calls or the step limit is reached.
+ */
+import {
+  type Attempt,
+  type CompleteResponse,
+  type CompletionOptions,
+  type DeepPartial,
+  type ToolCall,
+  type Usage,
+} from "./gen/llmrelay/v1/llmrelay";
+import type { CallOptions, Client, CollectOptions, MessageInput } from "./client";
+import { functionTool, type ToolInput } from "./content";
+import { Conversation, toolMessage } from "./conversation";
+import { isSchema, type Schema } from "./schema";
+
+/** What a tool's function gets beside its arguments. */
+export interface ToolContext {
+  /** The call the model made (its id, name and arguments as JSON text). */
+  call: ToolCall;
+  /** Aborted when the run is: a tool that waits on I/O should pass it on. */
+  signal: AbortSignal | undefined;
+}
+
+/** A function the model may call. */
+export interface AgentTool<Args = unknown> {
+  readonly name: string;
+  /** What the model is told the tool does. */
+  readonly description: string | undefined;
+  /** The tool's definition in a request. */
+  readonly definition: ToolInput;
+  /** Runs the function; the result goes to the model as text (a string as it is, anything else as JSON). */
+  run(args: Args, context: ToolContext): unknown;
+}
+
+export interface ToolSpec<Args> {
+  /** The name the model calls it by: letters, digits, _ and -. */
+  name: string;
+  /** What it does and when to use it, for the model. */
+  description?: string;
+  /** Its arguments: a schema from `s` (which types `run`'s arguments), or a JSON Schema as an object or text. */
+  parameters: Schema<Args, boolean> | object | string;
+  /** Whether the model must follow the schema exactly (where the upstream supports it). */
+  strict?: boolean;
+  /** The function: its result (or the promise's) goes back to the model; what it throws, too, as an error text. */
+  run: (args: Args, context: ToolContext) => unknown;
+}
+
+/**
+ * A tool from its name, description, parameters and function.
+ *
+ * ```ts
+ * const weather = tool({
+ *   name: "get_weather",
+ *   description: "The weather in a city now",
+ *   parameters: s.object({ city: s.string() }),
+ *   run: async ({ city }) => ({ city, celsius: 21 }),
+ * });
+ * ```
+ */
+export function tool<Args = Record<string, unknown>>(spec: ToolSpec<Args>): AgentTool<Args> {
+  const parameters = isSchema(spec.parameters) ? spec.parameters.json : spec.parameters;
+  return {
+    name: spec.name,
+    description: spec.description,
+    definition: functionTool(spec.name, parameters, { description: spec.description, strict: spec.strict }),
+    run: spec.run,
+  };
+}
+
+/** The loop stopped at the step limit while the model still asked for tools. */
+export class MaxStepsError extends Error {
+  override readonly name = "MaxStepsError";
+
+  constructor(
+    /** What the run did, up to the answer that asked for more tools (not run, not in messages). */
+    readonly result: AgentResult,
+  ) {
+    super(
+      `the model still asked for tools (${toolNames(result.answer)}) after ${result.steps} steps, the limit; raise ` +
+        "maxSteps, or tell the model to answer sooner",
+    );
+  }
+}
+
+export interface AgentOptions {
+  /** The tools the model may call; their names must differ. */
+  tools: AgentTool<never>[];
+  /** The most model calls in one run. Default: DEFAULT_MAX_STEPS. */
+  maxSteps?: number;
+  /** The model ("backend/model" or a model name); unset, the gateway's default. */
+  model?: string;
+  /** Options of every request (temperature, maxTokens, toolChoice, ...); the tools are added to them. */
+  options?: DeepPartial<CompletionOptions>;
+}
+
+export interface RunOptions extends CallOptions {
+  /** Streams each step's answer and gets its pieces as they come (see Client.collect); unset, calls complete. */
+  onDelta?: CollectOptions["onDelta"];
+  /** With onDelta: a stream that started over on another backend (see Client.collect). */
+  onRestart?: CollectOptions["onRestart"];
+  /** Called after each step with its answer and the tool messages its calls gave (none on the last step). */
+  onStep?: (answer: CompleteResponse, toolMessages: MessageInput[]) => void;
+}
+
+/** What a run gives. */
+export interface AgentResult {
+  /** The last step's answer: with no tool calls when the run ended normally. */
+  answer: CompleteResponse;
+  /** The model calls made. */
+  steps: number;
+  /** The usage of every step, summed. */
+  usage: Usage;
+  /** The attempts of every step, in order. */
+  attempts: Attempt[];
+  /** The conversation, with every answer and tool result of the run appended. */
+  conversation: Conversation;
+}
+
+/** The step limit of a run when AgentOptions sets none. */
+export const DEFAULT_MAX_STEPS = 10;
+
+/**
+ * A model with tools.
+ *
+ * ```ts
+ * const agent = new Agent(client, { tools: [weather, clock] });
+ * const { answer } = await agent.run([user("What is the weather in Paris, and what time is it there?")]);
+ * console.log(answer.message?.content);
+ * ```
+ */
+export class Agent {
+  private readonly tools: Map<string, AgentTool<never>>;
+  private readonly maxSteps: number;
+
+  constructor(
+    readonly client: Client,
+    readonly options: AgentOptions,
+  ) {
+    this.tools = new Map();
+    for (const t of options.tools) {
+      if (this.tools.has(t.name)) {
+        throw new Error(`two tools are named "${t.name}"; each tool needs a name of its own`);
+      }
+      this.tools.set(t.name, t);
+    }
+    this.maxSteps = options.maxSteps ?? DEFAULT_MAX_STEPS;
+    if (!Number.isInteger(this.maxSteps) || this.maxSteps < 1) {
+      throw new RangeError(`maxSteps is ${options.maxSteps}: give a whole number of at least 1`);
+    }
+  }
+
+  /**
+   * Runs the loop on a conversation (appended to as it goes; trimmed to its budget before each step when it has
+   * one) or on messages (copied). Resolves when the model answers without tool calls; rejects with MaxStepsError
+   * at the step limit, with an LLMRelayError when a call fails, and with the signal's reason when it aborts.
+   */
+  async run(input: Conversation | MessageInput[], options: RunOptions = {}): Promise<AgentResult> {
+    const { onDelta, onRestart, onStep, ...callOptions } = options;
+    const conversation = input instanceof Conversation ? input : new Conversation(input);
+    const definitions = [...this.tools.values()].map((t) => t.definition);
+    const requestOptions = { ...this.options.options, tools: [...(this.options.options?.tools ?? []), ...definitions] };
+    let usage = emptyUsage();
+    const attempts: Attempt[] = [];
+    for (let step = 1; ; step++) {
+      if (conversation.options.budgetTokens !== undefined) {
+        await conversation.fit(this.client, callOptions);
+      }
+      const request = { model: this.options.model, messages: conversation.messages, options: requestOptions };
+      const answer = onDelta
+        ? await this.client.collect(request, { ...callOptions, onDelta, onRestart })
+        : await this.client.complete(request, callOptions);
+      usage = addUsage(usage, answer.usage);
+      attempts.push(...answer.attempts);
+      const calls = answer.message?.toolCalls ?? [];
+      const result = { answer, steps: step, usage, attempts, conversation };
+      if (calls.length > 0 && step >= this.maxSteps) {
+        throw new MaxStepsError(result);
+      }
+      conversation.addAnswer(answer);
+      const toolMessages = await this.runCalls(calls, callOptions.signal);
+      conversation.add(...toolMessages);
+      onStep?.(answer, toolMessages);
+      if (calls.length === 0) {
+        return result;
+      }
+    }
+  }
+
+  /** Runs the calls at once; resolves to their tool messages in the calls' order, or rejects when signal aborts. */
+  private async runCalls(calls: ToolCall[], signal: AbortSignal | undefined): Promise<MessageInput[]> {
+    signal?.throwIfAborted();
+    const results = Promise.all(calls.map(async (call) => toolMessage(call, await this.runCall(call, signal))));
+    if (signal === undefined) {
+      return results;
+    }
+    let onAbort: (() => void) | undefined;
+    const aborted = new Promise<never>((_, reject) => {
+      onAbort = () => reject(signal.reason);
+      signal.addEventListener("abort", onAbort, { once: true });
+    });
+    try {
+      return await Promise.race([results, aborted]);
+    } finally {
+      signal.removeEventListener("abort", onAbort!);
+    }
+  }
+
+  /** One call's result as text for the model: the tool's, or what went wrong (unknown tool, bad JSON, a throw). */
+  private async runCall(call: ToolCall, signal: AbortSignal | undefined): Promise<string> {
+    const name = call.function?.name ?? "";
+    const found = this.tools.get(name);
+    if (found === undefined) {
+      return `error: there is no tool named "${name}"; the tools are: ${[...this.tools.keys()].join(", ")}`;
+    }
+    let args: unknown;
+    try {
+      const text = call.function?.arguments ?? "";
+      args = JSON.parse(text.trim() === "" ? "{}" : text);
+    } catch (err) {
+      return `error: the arguments of ${name} are not valid JSON (${errorText(err)}); call it again with a JSON object`;
+    }
+    try {
+      return resultText(await (found as AgentTool<unknown>).run(args, { call, signal }));
+    } catch (err) {
+      return `error: ${name} failed: ${errorText(err)}`;
+    }
+  }
+}
+
+function resultText(value: unknown): string {
+  return typeof value === "string" ? value : value === undefined ? "" : JSON.stringify(value);
+}
+
+function errorText(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
+
+function toolNames(answer: CompleteResponse): string {
+  return (answer.message?.toolCalls ?? []).map((call) => call.function?.name ?? "?").join(", ");
+}
+
+function emptyUsage(): Usage {
+  return { promptTokens: 0, completionTokens: 0, totalTokens: 0, estimated: false, cost: undefined };
+}
+
+/** The sum of two usages: token counts and costs added, estimated when either is. Pure. */
+export function addUsage(a: Usage, b: Usage | undefined): Usage {
+  if (b === undefined) {
+    return a;
+  }
+  const optional = (x: number | undefined, y: number | undefined) =>
+    x === undefined && y === undefined ? undefined : (x ?? 0) + (y ?? 0);
+  const cost =
+    a.cost === undefined || b.cost === undefined
+      ? (a.cost ?? b.cost)
+      : {
+          usdMicros: a.cost.usdMicros + b.cost.usdMicros,
+          estimated: a.cost.estimated || b.cost.estimated,
+          priceUnknown: a.cost.priceUnknown || b.cost.priceUnknown,
+        };
+  return {
+    promptTokens: a.promptTokens + b.promptTokens,
+    completionTokens: a.completionTokens + b.completionTokens,
+    totalTokens: a.totalTokens + b.totalTokens,
+    estimated: a.estimated || b.estimated,
+    reasoningTokens: optional(a.reasoningTokens, b.reasoningTokens),
+    cachedPromptTokens: optional(a.cachedPromptTokens, b.cachedPromptTokens),
+    cost,
+  };
+}

@@ -1,0 +1,150 @@
+/**
+ * A conversation: the messages of a chat as it grows, and a token budget (counted by the gateway's CountTokens)
+ * that it trims the oldest turns to fit.
+ */
+import { Role, type CompleteResponse, type ToolCall } from "./gen/llmrelay/v1/llmrelay";
+import type { CallOptions, Client, MessageInput } from "./client";
+import type { ToolInput } from "./content";
+
+export interface ConversationOptions {
+  /**
+   * The most tokens the messages may count, for example the model's context window less the room for its answer.
+   * Unset, fit() trims nothing.
+   */
+  budgetTokens?: number;
+  /** The model whose tokenizer counts ("backend/model" or a model name); unset, the gateway's default. */
+  model?: string;
+  /** Tools sent with every request: their definitions count too. */
+  tools?: ToolInput[];
+}
+
+/** What fit() did. */
+export interface FitResult {
+  /** The tokens the messages count now. */
+  tokenCount: number;
+  /** The messages it removed, oldest first. */
+  dropped: MessageInput[];
+}
+
+/** The last turn alone counts more tokens than the budget: trimming cannot make the conversation fit. */
+export class BudgetExceededError extends Error {
+  override readonly name = "BudgetExceededError";
+
+  constructor(
+    readonly tokenCount: number,
+    readonly budgetTokens: number,
+  ) {
+    super(
+      `the conversation counts ${tokenCount} tokens after dropping every turn but the last, over its budget of ` +
+        `${budgetTokens}; shorten the last turn or raise budgetTokens`,
+    );
+  }
+}
+
+/**
+ * The messages of a chat, in order. Turns are what fit() trims: a turn starts at a user message and holds the
+ * answers and tool results after it, so a tool call never loses its result; system messages stay.
+ *
+ * ```ts
+ * const chat = new Conversation([system("Be brief.")], { budgetTokens: 4_000 });
+ * chat.add(user("Hello"));
+ * await chat.fit(client);
+ * chat.addAnswer(await client.complete({ messages: chat.messages }));
+ * ```
+ */
+export class Conversation {
+  private readonly history: MessageInput[];
+
+  constructor(
+    messages: MessageInput[] = [],
+    readonly options: ConversationOptions = {},
+  ) {
+    this.history = [...messages];
+  }
+
+  /** The messages, oldest first (a copy). */
+  get messages(): MessageInput[] {
+    return [...this.history];
+  }
+
+  /** Appends messages. */
+  add(...messages: MessageInput[]): this {
+    this.history.push(...messages);
+    return this;
+  }
+
+  /** Appends an answer's assistant message (its content, reasoning and tool calls). */
+  addAnswer(answer: CompleteResponse): this {
+    if (answer.message === undefined) {
+      throw new Error(`the answer ${answer.id} has no message`);
+    }
+    return this.add(answer.message);
+  }
+
+  /** Appends the result of a tool call, as a tool message. */
+  addToolResult(call: ToolCall, content: string): this {
+    return this.add(toolMessage(call, content));
+  }
+
+  /** Counts the tokens of the messages (and the options' tools) for the options' model, through CountTokens. */
+  async countTokens(client: Client, callOptions?: CallOptions): Promise<number> {
+    const { model, tools } = this.options;
+    const answer = await client.countTokens({ model, tools, messages: this.history }, callOptions);
+    return answer.tokenCount;
+  }
+
+  /**
+   * Drops the oldest turns until the messages count at most budgetTokens; system messages and the last turn stay.
+   * Rejects with BudgetExceededError when the last turn alone is over the budget. One CountTokens call, and one
+   * more per dropped turn.
+   */
+  async fit(client: Client, callOptions?: CallOptions): Promise<FitResult> {
+    const budget = this.options.budgetTokens;
+    const dropped: MessageInput[] = [];
+    for (;;) {
+      const tokenCount = await this.countTokens(client, callOptions);
+      if (budget === undefined || tokenCount <= budget) {
+        return { tokenCount, dropped };
+      }
+      const oldest = turnsOf(this.history)[0];
+      if (oldest === undefined || oldest.end === this.history.length) {
+        throw new BudgetExceededError(tokenCount, budget);
+      }
+      const turn = this.history.slice(oldest.start, oldest.end);
+      this.history.splice(oldest.start, turn.length, ...turn.filter(isSystem));
+      dropped.push(...turn.filter((message) => !isSystem(message)));
+    }
+  }
+}
+
+/** A tool message that answers a call. */
+export function toolMessage(call: ToolCall, content: string): MessageInput {
+  return { role: Role.ROLE_TOOL, toolCallId: call.id, name: call.function?.name, content };
+}
+
+function isSystem(message: MessageInput): boolean {
+  return message.role === Role.ROLE_SYSTEM;
+}
+
+/** A half-open range of message indexes. */
+interface Turn {
+  start: number;
+  end: number;
+}
+
+/**
+ * The turns of a chat: each starts at a user message (the messages before the first user message that are not
+ * system messages make one turn of their own) and runs to the next user message. Pure.
+ */
+export function turnsOf(messages: readonly MessageInput[]): Turn[] {
+  const turns: Turn[] = [];
+  messages.forEach((message, i) => {
+    const current = turns.at(-1);
+    if (message.role === Role.ROLE_USER || (current === undefined && !isSystem(message))) {
+      turns.push({ start: i, end: i + 1 });
+    } else if (current !== undefined) {
+      current.end = i + 1;
+    }
+  });
+  return turns;
+}

@@ -1,0 +1,116 @@
+/**
+ * The transport rule all three SDKs share: plaintext by default only to a loopback target (127.0.0.0/8, ::1,
+ * localhost, unix sockets), TLS to anything else; explicit options override it. Pure, no I/O.
+ */
+import { ChannelCredentials } from "@grpc/grpc-js";
+
+/** TLS settings for a gateway with its own CA, or one that asks for a client certificate (mutual TLS). */
+export interface TlsOptions {
+  /** PEM of the CA(s) that signed the gateway's certificate. Default: the system's roots. */
+  rootCerts?: Buffer | string;
+  /** PEM of the client's private key, for mutual TLS (with certChain). */
+  privateKey?: Buffer | string;
+  /** PEM of the client's certificate chain, for mutual TLS (with privateKey). */
+  certChain?: Buffer | string;
+}
+
+/** How a client reaches the gateway. */
+export type Transport = "plaintext" | "tls";
+
+/** The options that choose the transport (a subset of ClientOptions). */
+export interface TransportOptions {
+  /** true: plaintext; false: TLS even to loopback. Default: plaintext to loopback targets only. */
+  insecure?: boolean;
+  /** TLS with these roots or client certificate. */
+  tls?: TlsOptions;
+  /** Credentials built by the caller: they decide, and the rest is ignored. */
+  credentials?: ChannelCredentials;
+}
+
+const SCHEME = /^([a-z][a-z0-9+.-]*):/i;
+
+/**
+ * Whether a gRPC target names only this machine: 127.0.0.0/8, ::1 or localhost (with or without a port, bare or
+ * after dns:, dns:///, dns://AUTHORITY/ or passthrough:///, and every address of an ipv4: or ipv6: list), or a unix
+ * socket (unix:, unix-abstract:). Anything else, another resolver's scheme included, is not loopback.
+ */
+export function isLoopbackTarget(target: string): boolean {
+  const scheme = SCHEME.exec(target)?.[1]?.toLowerCase();
+  if (scheme === "unix" || scheme === "unix-abstract") {
+    return true;
+  }
+  if (scheme === "ipv4" || scheme === "ipv6") {
+    const addresses = target.slice(scheme.length + 1).split(",");
+    return addresses.every((address) => isLoopbackHost(hostOf(address)));
+  }
+  if (scheme === "dns" || scheme === "passthrough") {
+    // dns:host:port, dns:///host:port, dns://authority/host:port: the authority is the DNS server to ask.
+    const rest = target.slice(scheme.length + 1);
+    if (!rest.startsWith("//")) {
+      return isLoopbackHost(hostOf(rest));
+    }
+    const slash = rest.indexOf("/", 2);
+    return slash >= 0 && isLoopbackHost(hostOf(rest.slice(slash + 1)));
+  }
+  // No scheme (host:port), or a scheme grpc-js would read as a host name ("localhost:50051" parses as one).
+  return isLoopbackHost(hostOf(target));
+}
+
+/** The host of "host", "host:port", "[v6]" or "[v6]:port"; a bare IPv6 address ("::1") stays whole. */
+function hostOf(address: string): string {
+  if (address.startsWith("[")) {
+    const end = address.indexOf("]");
+    return end < 0 ? address : address.slice(1, end);
+  }
+  const colons = address.split(":").length - 1;
+  return colons === 1 ? address.slice(0, address.indexOf(":")) : address;
+}
+
+function isLoopbackHost(host: string): boolean {
+  const name = host.toLowerCase().replace(/\.$/, "");
+  if (name === "localhost" || name === "::1" || name === "0:0:0:0:0:0:0:1") {
+    return true;
+  }
+  const octets = name.replace(/^::ffff:/, "").split(".");
+  return (
+    octets.length === 4 &&
+    octets[0] === "127" &&
+    octets.every((octet) => /^\d{1,3}$/.test(octet) && Number(octet) <= 255)
+  );
+}
+
+/**
+ * The transport for a target: what the options say (credentials, insecure, tls), else plaintext to loopback and
+ * TLS to anything else. Throws when the options contradict each other.
+ */
+export function chooseTransport(target: string, options: TransportOptions = {}): Transport {
+  if (options.insecure === true && options.tls !== undefined) {
+    throw new Error("ClientOptions: insecure: true and tls contradict each other; pass one of them");
+  }
+  if (options.insecure === true) {
+    return "plaintext";
+  }
+  if (options.insecure === false || options.tls !== undefined) {
+    return "tls";
+  }
+  return isLoopbackTarget(target) ? "plaintext" : "tls";
+}
+
+/** The channel credentials for a target (see chooseTransport). */
+export function channelCredentials(target: string, options: TransportOptions = {}): ChannelCredentials {
+  if (options.credentials) {
+    return options.credentials;
+  }
+  if (chooseTransport(target, options) === "plaintext") {
+    return ChannelCredentials.createInsecure();
+  }
+  const { rootCerts, privateKey, certChain } = options.tls ?? {};
+  if ((privateKey === undefined) !== (certChain === undefined)) {
+    throw new Error("ClientOptions.tls: mutual TLS needs both privateKey and certChain");
+  }
+  return ChannelCredentials.createSsl(pem(rootCerts), pem(privateKey), pem(certChain));
+}
+
+function pem(value: Buffer | string | undefined): Buffer | null {
+  return value === undefined ? null : Buffer.isBuffer(value) ? value : Buffer.from(value);
+}

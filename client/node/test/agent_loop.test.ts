@@ -1,0 +1,320 @@
+/**
+ * The agent loop and the conversation, end to end: the real gateway in front of the fake upstream (tests/harness.py),
+ * the upstream scripted to ask for tools and then to answer with their results.
+ */
+import assert from "node:assert/strict";
+import { after, before, beforeEach, describe, test } from "node:test";
+
+import {
+  Agent,
+  AttemptOutcome,
+  BudgetExceededError,
+  Client,
+  Conversation,
+  FinishReason,
+  MaxStepsError,
+  Role,
+  s,
+  system,
+  tool,
+  user,
+  type CompleteResponse,
+  type MessageInput,
+} from "../src";
+import { Gateway, type Upstream } from "./gateway";
+
+let gateway: Gateway;
+let upstream: Upstream;
+let client: Client;
+
+before(async () => {
+  gateway = await Gateway.start();
+  upstream = gateway.upstream;
+  client = new Client(gateway.addr, { timeoutMs: 30_000 });
+});
+
+after(async () => {
+  client?.close();
+  await gateway?.stop();
+});
+
+/**
+ * Resolves once `count` callers have arrived, so that tools which all wait on it finish only if they run at the same
+ * time; rejects after a while, saying they ran one at a time.
+ */
+function barrier(count: number): () => Promise<void> {
+  let arrived = 0;
+  let open!: () => void;
+  const opened = new Promise<void>((resolve) => (open = resolve));
+  return async () => {
+    arrived += 1;
+    if (arrived === count) {
+      open();
+    }
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`only ${arrived} of ${count} tools ran at once`)), 10_000);
+    });
+    try {
+      await Promise.race([opened, late]);
+    } finally {
+      clearTimeout(timer);
+    }
+  };
+}
+
+function weatherAndClock(together: () => Promise<void>) {
+  const weather = tool({
+    name: "get_weather",
+    description: "The weather in a city now",
+    parameters: s.object({ city: s.string().describe("The city, in English") }),
+    run: async ({ city }) => {
+      await together();
+      return { city, sky: "clear", celsius: city === "Paris" ? 21 : 25 };
+    },
+  });
+  const clock = tool({
+    name: "get_time",
+    description: "The local time in a city",
+    parameters: s.object({ city: s.string() }),
+    run: async ({ city }) => {
+      await together();
+      return `12:00 in ${city}`;
+    },
+  });
+  return [weather, clock];
+}
+
+describe("the agent loop", { concurrency: false }, () => {
+  beforeEach(async () => {
+    await upstream.clearFaults();
+  });
+
+  test("runs two tools in parallel over several steps, and answers with both tools' results", async () => {
+    await upstream.addFaults(
+      {
+        tool_calls: [
+          { name: "get_weather", arguments: '{"city":"Paris"}' },
+          { name: "get_time", arguments: '{"city":"Paris"}' },
+        ],
+      },
+      { tool_calls: [{ name: "get_weather", arguments: '{"city":"Rome"}' }] },
+      { echo_tools: true },
+    );
+    const before = await upstream.requestCount();
+    // The first step's two tools finish only together; the second step's one alone.
+    const rounds = [barrier(2), barrier(1)];
+    let round = 0;
+    const agent = new Agent(client, { tools: weatherAndClock(() => rounds[round]!()) });
+    const steps: CompleteResponse[] = [];
+    const result = await agent.run([system("Use the tools."), user("Weather and time in Paris, then Rome?")], {
+      onStep: (answer) => {
+        steps.push(answer);
+        round += 1;
+      },
+    });
+
+    assert.equal(result.steps, 3);
+    assert.equal(steps.length, 3);
+    assert.equal(await upstream.requestCount(), before + 3);
+    assert.equal(result.answer.finishReason, FinishReason.FINISH_REASON_STOP);
+    assert.equal(
+      result.answer.message?.content,
+      'tools: get_weather={"city":"Paris","sky":"clear","celsius":21}; get_time=12:00 in Paris; ' +
+        'get_weather={"city":"Rome","sky":"clear","celsius":25}',
+    );
+    // Usage and attempts summed over the steps.
+    const sum = (field: "promptTokens" | "completionTokens" | "totalTokens") =>
+      steps.reduce((total, step) => total + (step.usage?.[field] ?? 0), 0);
+    assert.ok(sum("totalTokens") > 0);
+    assert.equal(result.usage.promptTokens, sum("promptTokens"));
+    assert.equal(result.usage.completionTokens, sum("completionTokens"));
+    assert.equal(result.usage.totalTokens, sum("totalTokens"));
+    assert.equal(result.attempts.length, 3);
+    assert.ok(result.attempts.every((a) => a.outcome === AttemptOutcome.ATTEMPT_OUTCOME_SUCCEEDED));
+    // The conversation: the question, each answer, and the tool results after the answer that asked for them.
+    assert.deepEqual(
+      result.conversation.messages.map((m) => [m.role, m.toolCallId ?? m.toolCalls?.length ?? 0]),
+      [
+        [Role.ROLE_SYSTEM, 0],
+        [Role.ROLE_USER, 0],
+        [Role.ROLE_ASSISTANT, 2],
+        [Role.ROLE_TOOL, "call_1"],
+        [Role.ROLE_TOOL, "call_2"],
+        [Role.ROLE_ASSISTANT, 1],
+        [Role.ROLE_TOOL, "call_1"],
+        [Role.ROLE_ASSISTANT, 0],
+      ],
+    );
+    // The tools' definitions went with every request.
+    const requests = JSON.parse(await upstream.requests()) as { tools?: { function: { name: string } }[] }[];
+    for (const request of requests.slice(-3)) {
+      assert.deepEqual(
+        request.tools?.map((t) => t.function.name),
+        ["get_weather", "get_time"],
+      );
+    }
+  });
+
+  test("streams each step's answer to onDelta as it comes", async () => {
+    const calls = { tool_calls: [{ name: "get_time", arguments: '{"city":"Oslo"}' }] };
+    await upstream.addFaults(calls, { echo_tools: true });
+    const agent = new Agent(client, { tools: weatherAndClock(async () => {}) });
+    const pieces: string[] = [];
+    const steps: CompleteResponse[] = [];
+    const result = await agent.run([user("Time in Oslo?")], {
+      onDelta: (chunk) => pieces.push(chunk.delta?.content ?? ""),
+      onStep: (answer) => steps.push(answer),
+    });
+    assert.equal(result.steps, 2);
+    assert.equal(result.answer.message?.content, "tools: get_time=12:00 in Oslo");
+    assert.deepEqual(steps[0]?.message?.toolCalls.map((call) => call.function?.name), ["get_time"]);
+    // The fake upstream says "echo: <question>" beside its tool calls: every step's content came piece by piece.
+    assert.ok(pieces.length > 2, JSON.stringify(pieces));
+    assert.equal(pieces.join(""), steps.map((step) => step.message?.content).join(""));
+  });
+
+  test("a tool that throws, an unknown tool and arguments that are not JSON become tool results", async () => {
+    await upstream.addFaults(
+      {
+        tool_calls: [
+          { name: "explode", arguments: "{}" },
+          { name: "no_such_tool", arguments: "{}" },
+          { name: "get_weather", arguments: '{"city": "Par' },
+        ],
+      },
+      { echo_tools: true },
+    );
+    const explode = tool({
+      name: "explode",
+      parameters: s.object({}),
+      run: () => {
+        throw new Error("the sensor is down");
+      },
+    });
+    const agent = new Agent(client, { tools: [explode, ...weatherAndClock(async () => {})] });
+    const result = await agent.run([user("Try everything")]);
+    const parseError = (() => {
+      try {
+        JSON.parse('{"city": "Par');
+      } catch (err) {
+        return (err as Error).message;
+      }
+    })();
+    assert.equal(
+      result.answer.message?.content,
+      "tools: explode=error: explode failed: the sensor is down; " +
+        'no_such_tool=error: there is no tool named "no_such_tool"; the tools are: explode, get_weather, get_time; ' +
+        `get_weather=error: the arguments of get_weather are not valid JSON (${parseError}); call it again with a ` +
+        "JSON object",
+    );
+  });
+
+  test("stops at the step limit with a MaxStepsError that holds what the run did", async () => {
+    const again = { tool_calls: [{ name: "get_time", arguments: '{"city":"Lima"}' }] };
+    await upstream.addFaults(again, again, again);
+    const before = await upstream.requestCount();
+    const agent = new Agent(client, { tools: weatherAndClock(async () => {}), maxSteps: 2 });
+    await assert.rejects(agent.run([user("Loop forever")]), (err: unknown) => {
+      assert.ok(err instanceof MaxStepsError, String(err));
+      assert.match(err.message, /still asked for tools \(get_time\) after 2 steps/);
+      assert.equal(err.result.steps, 2);
+      assert.equal(err.result.attempts.length, 2);
+      assert.equal(err.result.answer.message?.toolCalls.length, 1);
+      // The conversation holds the first step and its result, not the second step's unanswered call.
+      assert.deepEqual(
+        err.result.conversation.messages.map((m) => m.role),
+        [Role.ROLE_USER, Role.ROLE_ASSISTANT, Role.ROLE_TOOL],
+      );
+      return true;
+    });
+    assert.equal(await upstream.requestCount(), before + 2);
+  });
+
+  test("an AbortSignal stops the run while a tool runs, and the tool sees it", async () => {
+    await upstream.addFaults({ tool_calls: [{ name: "wait", arguments: "{}" }] });
+    const before = await upstream.requestCount();
+    const controller = new AbortController();
+    let toolSawAbort = false;
+    const wait = tool({
+      name: "wait",
+      parameters: s.object({}),
+      run: (_, { signal }) =>
+        new Promise((resolve) => {
+          signal?.addEventListener("abort", () => {
+            toolSawAbort = true;
+            resolve("aborted");
+          });
+          controller.abort(new Error("the user gave up"));
+        }),
+    });
+    const agent = new Agent(client, { tools: [wait] });
+    await assert.rejects(agent.run([user("Wait")], { signal: controller.signal }), /the user gave up/);
+    assert.ok(toolSawAbort);
+    assert.equal(await upstream.requestCount(), before + 1, "no step after the abort");
+  });
+});
+
+describe("Conversation", { concurrency: false }, () => {
+  beforeEach(async () => {
+    await upstream.clearFaults();
+  });
+
+  const turns: MessageInput[][] = [
+    [user("The first question, which is rather long and takes a good many tokens to say in full.")],
+    [
+      user("The second question, which asks for a tool."),
+      { role: Role.ROLE_ASSISTANT, toolCalls: [{ id: "call_1", function: { name: "f", arguments: "{}" } }] },
+      { role: Role.ROLE_TOOL, toolCallId: "call_1", content: "the tool's result" },
+      { role: Role.ROLE_ASSISTANT, content: "The second answer." },
+    ],
+    [user("The last question.")],
+  ];
+
+  test("counts its tokens through CountTokens, and fit() drops the oldest turns to the budget", async () => {
+    const everything = new Conversation([system("Be brief."), ...turns.flat()]);
+    const all = await everything.countTokens(client);
+    const lastTwo = await new Conversation([system("Be brief."), ...turns[1]!, ...turns[2]!]).countTokens(client);
+    assert.ok(lastTwo < all, `${lastTwo} < ${all}`);
+
+    const trimmed = new Conversation([system("Be brief."), ...turns.flat()], { budgetTokens: lastTwo });
+    const fit = await trimmed.fit(client);
+    assert.equal(fit.tokenCount, lastTwo);
+    assert.deepEqual(fit.dropped, turns[0]);
+    assert.deepEqual(trimmed.messages, [system("Be brief."), ...turns[1]!, ...turns[2]!]);
+
+    // Within the budget, nothing goes.
+    const roomy = new Conversation([system("Be brief."), ...turns.flat()], { budgetTokens: all });
+    assert.deepEqual((await roomy.fit(client)).dropped, []);
+  });
+
+  test("fit() keeps the system messages and the last turn, and says when they alone are over the budget", async () => {
+    const tight = new Conversation([system("Be brief."), ...turns.flat()], { budgetTokens: 3 });
+    await assert.rejects(tight.fit(client), (err: unknown) => {
+      assert.ok(err instanceof BudgetExceededError, String(err));
+      assert.equal(err.budgetTokens, 3);
+      assert.ok(err.tokenCount > 3);
+      assert.match(err.message, /over its budget of 3/);
+      return true;
+    });
+    assert.deepEqual(tight.messages, [system("Be brief."), ...turns[2]!]);
+  });
+
+  test("an agent appends to the conversation it is given, trimmed to its budget before each step", async () => {
+    const history = [system("Be brief."), ...turns[0]!, { role: Role.ROLE_ASSISTANT, content: "The first answer." }];
+    const whole = new Conversation([...history, user("Time in Oslo?")]);
+    const lastTurn = await new Conversation([system("Be brief."), user("Time in Oslo?")]).countTokens(client);
+    assert.ok(lastTurn < (await whole.countTokens(client)));
+    // Room for the last turn and the step's tool call and result, not for the first turn.
+    const conversation = new Conversation([...history, user("Time in Oslo?")], { budgetTokens: lastTurn + 60 });
+    await upstream.addFaults({ tool_calls: [{ name: "get_time", arguments: '{"city":"Oslo"}' }] }, { echo_tools: true });
+    const result = await new Agent(client, { tools: weatherAndClock(async () => {}) }).run(conversation);
+    assert.equal(result.conversation, conversation);
+    assert.equal(result.answer.message?.content, "tools: get_time=12:00 in Oslo");
+    assert.deepEqual(
+      conversation.messages.map((m) => m.role),
+      [Role.ROLE_SYSTEM, Role.ROLE_USER, Role.ROLE_ASSISTANT, Role.ROLE_TOOL, Role.ROLE_ASSISTANT],
+    );
+    assert.equal(conversation.messages[1]?.content, "Time in Oslo?");
+  });
+});

@@ -1,0 +1,182 @@
+/**
+ * The channel, end to end: retries by the channel itself after the gateway's pushback (the contract's service
+ * config), interceptors, calls without a deadline, and the transport rule against a plaintext and a TLS gateway
+ * (tests/harness.py, with --tls for the latter).
+ */
+import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+import { after, before, beforeEach, describe, test } from "node:test";
+
+import {
+  Client,
+  InterceptingCall,
+  LLMRelayError,
+  SERVICE_CONFIG_JSON,
+  status,
+  user,
+  type ClientOptions,
+  type Interceptor,
+} from "../src";
+import { Gateway, type Upstream } from "./gateway";
+
+let gateway: Gateway;
+let upstream: Upstream;
+const clients: Client[] = [];
+
+function connect(addr: string, options: ClientOptions = {}): Client {
+  const client = new Client(addr, { timeoutMs: 30_000, ...options });
+  clients.push(client);
+  return client;
+}
+
+before(async () => {
+  gateway = await Gateway.start();
+  upstream = gateway.upstream;
+});
+
+after(async () => {
+  for (const client of clients) {
+    client.close();
+  }
+  await gateway?.stop();
+});
+
+/** The upstream's 503 with Retry-After 1: the gateway (no retries of its own) answers UNAVAILABLE, pushback 1000 ms. */
+const UNAVAILABLE_FOR_1_S = { status: 503, retry_after: 1 };
+/** The policy's first backoff is at most 0.25 s: a retry this much later waited for the pushback. */
+const WAITED_FOR_PUSHBACK_MS = 800;
+
+async function mustFail(promise: Promise<unknown>, code: status): Promise<LLMRelayError> {
+  const err = await promise.then(
+    () => assert.fail(`the call succeeded; want ${status[code]}`),
+    (caught: unknown) => caught,
+  );
+  assert.ok(err instanceof LLMRelayError, `not an LLMRelayError: ${String(err)}`);
+  assert.equal(err.code, code, err.message);
+  return err;
+}
+
+describe("retries by the channel", { concurrency: false }, () => {
+  beforeEach(async () => {
+    await upstream.clearFaults();
+  });
+
+  test("complete succeeds on the channel's retry after the gateway's pushback", async () => {
+    await upstream.addFaults(UNAVAILABLE_FOR_1_S);
+    const before = await upstream.requestCount();
+    const began = Date.now();
+    const answer = await connect(gateway.addr).complete({ messages: [user("once more")] });
+    const took = Date.now() - began;
+    assert.equal(answer.message?.content, "echo: once more");
+    assert.equal(await upstream.requestCount(), before + 2, "the upstream saw the failure and the retry");
+    assert.ok(took >= WAITED_FOR_PUSHBACK_MS, `the retry came ${took} ms after the call, before the 1 s pushback`);
+  });
+
+  test("a stream that has received nothing is retried too", async () => {
+    await upstream.addFaults(UNAVAILABLE_FOR_1_S);
+    const before = await upstream.requestCount();
+    const answer = await connect(gateway.addr).collect({ messages: [user("stream it")] });
+    assert.equal(answer.message?.content, "echo: stream it");
+    assert.equal(await upstream.requestCount(), before + 2);
+  });
+
+  test("with retries off the caller sees the failure, its RetryInfo and its pushback", async () => {
+    await upstream.addFaults(UNAVAILABLE_FOR_1_S, UNAVAILABLE_FOR_1_S);
+    const before = await upstream.requestCount();
+    const client = connect(gateway.addr, { channelOptions: { "grpc.enable_retries": 0 } });
+    const err = await mustFail(client.complete({ messages: [user("no retry")] }), status.UNAVAILABLE);
+    assert.equal(err.retryDelayMs, 1_000);
+    assert.deepEqual(err.metadata.get("grpc-retry-pushback-ms"), ["1000"]);
+    assert.equal(await upstream.requestCount(), before + 1);
+  });
+
+  test("a service config of the caller's replaces the default one", async () => {
+    const config = JSON.parse(SERVICE_CONFIG_JSON) as { methodConfig: { retryPolicy: { maxAttempts: number } }[] };
+    assert.equal(config.methodConfig[0]!.retryPolicy.maxAttempts, 3);
+    config.methodConfig[0]!.retryPolicy.maxAttempts = 2;
+    await upstream.addFaults(UNAVAILABLE_FOR_1_S, UNAVAILABLE_FOR_1_S, UNAVAILABLE_FOR_1_S);
+    const before = await upstream.requestCount();
+    const client = connect(gateway.addr, { channelOptions: { "grpc.service_config": JSON.stringify(config) } });
+    await mustFail(client.complete({ messages: [user("twice only")] }), status.UNAVAILABLE);
+    assert.equal(await upstream.requestCount(), before + 2);
+  });
+});
+
+describe("call options", { concurrency: false }, () => {
+  beforeEach(async () => {
+    await upstream.clearFaults();
+  });
+
+  test("interceptors run on every call", async () => {
+    const methods: string[] = [];
+    // Names the caller through metadata, as an auth interceptor would add a token.
+    const namesCaller: Interceptor = (options, nextCall) => {
+      methods.push(options.method_definition.path);
+      return new InterceptingCall(nextCall(options), {
+        start: (metadata, listener, next) => {
+          metadata.set("x-llmrelay-caller", "from-an-interceptor");
+          next(metadata, listener);
+        },
+      });
+    };
+    const client = connect(gateway.addr, { interceptors: [namesCaller] });
+    await client.complete({ messages: [user("who is calling?")] });
+    const usage = await client.getUsage({ caller: "from-an-interceptor" });
+    assert.equal(usage.records.length, 1, JSON.stringify(usage));
+    assert.deepEqual(methods, ["/llmrelay.v1.LLMService/Complete", "/llmrelay.v1.LLMService/GetUsage"]);
+  });
+
+  test("timeoutMs: null makes a call without a deadline; the client's default stays for the others", async () => {
+    await upstream.addFaults({ stall_s: 2 }, { stall_s: 2 });
+    const client = connect(gateway.addr, { timeoutMs: 1_000 });
+    const answer = await client.complete({ messages: [user("take your time")] }, { timeoutMs: null });
+    assert.equal(answer.message?.content, "echo: take your time");
+    await mustFail(client.complete({ messages: [user("too slow")] }), status.DEADLINE_EXCEEDED);
+  });
+
+  test("a timeoutMs that is no positive number is refused, saying what to give", async () => {
+    await assert.rejects(
+      connect(gateway.addr).complete({ messages: [user("x")] }, { timeoutMs: 0 }),
+      /timeoutMs is 0: give a positive number of milliseconds, or null for no deadline/,
+    );
+  });
+});
+
+describe("the transport rule against a TLS gateway on loopback", { concurrency: false }, () => {
+  let tlsGateway: Gateway;
+  let rootCerts: Buffer;
+  let port: string;
+
+  before(async () => {
+    tlsGateway = await Gateway.start({ tls: true });
+    rootCerts = readFileSync(tlsGateway.caFile);
+    port = tlsGateway.addr.split(":").at(-1)!;
+  });
+
+  after(async () => {
+    await tlsGateway?.stop();
+  });
+
+  test("TLS with the gateway's CA works, by address and by name", async () => {
+    for (const target of [`127.0.0.1:${port}`, `localhost:${port}`, `dns:///localhost:${port}`]) {
+      const client = connect(target, { tls: { rootCerts } });
+      assert.equal(client.transport, "tls");
+      const answer = await client.complete({ messages: [user(`over TLS to ${target}`)] });
+      assert.equal(answer.message?.content, `echo: over TLS to ${target}`);
+    }
+  });
+
+  test("a default client (plaintext to loopback) fails clearly, saying what to pass", async () => {
+    const client = connect(tlsGateway.addr, { timeoutMs: 10_000 });
+    assert.equal(client.transport, "plaintext");
+    const err = await mustFail(client.complete({ messages: [user("plaintext?")] }), status.UNAVAILABLE);
+    assert.match(err.message, /in plaintext \(the default for loopback targets\); if the gateway serves TLS, pass/);
+  });
+
+  test("TLS without the gateway's CA is refused", async () => {
+    const client = connect(tlsGateway.addr, { insecure: false, timeoutMs: 10_000 });
+    assert.equal(client.transport, "tls");
+    const err = await mustFail(client.complete({ messages: [user("who are you?")] }), status.UNAVAILABLE);
+    assert.doesNotMatch(err.message, /plaintext/);
+  });
+});
