@@ -32,8 +32,8 @@
 // service config llmrelayv1.ServiceConfigJSON, which WithServiceConfig replaces), waiting as long as the gateway's
 // grpc-retry-pushback-ms says.
 //
-// RunTools and Agent run the tool loop of an agent (call the model, run the tools it asks for, call again), and a
-// Conversation keeps a chat's messages within a token budget.
+// Agent runs the tool loop of an agent (call the model, run the tools it asks for, call again) with Tools made by
+// NewTool, and a Conversation keeps a chat's messages within a token budget.
 package llmrelay
 
 import (

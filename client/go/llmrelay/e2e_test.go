@@ -366,8 +366,8 @@ func TestInvalidRequestNamesTheField(t *testing.T) {
 	client := setup(t)
 	_, err := client.Complete(testContext(t), &llmrelayv1.CompleteRequest{})
 	e := mustFail(t, err, codes.InvalidArgument)
-	if e.Reason() != "INVALID_REQUEST" {
-		t.Errorf("reason %q", e.Reason())
+	if e.Reason() != "INVALID_REQUEST" || e.Attempts != nil {
+		t.Errorf("reason %q, attempts %v; want INVALID_REQUEST, refused before any attempt", e.Reason(), e.Attempts)
 	}
 	var fields []string
 	for _, v := range e.FieldViolations() {
@@ -425,6 +425,10 @@ func TestUnreachableBackendIsUnavailable(t *testing.T) {
 	e := mustFail(t, err, codes.Unavailable)
 	if e.Reason() != "BACKENDS_UNAVAILABLE" {
 		t.Errorf("reason %q, want BACKENDS_UNAVAILABLE", e.Reason())
+	}
+	if len(e.Attempts) != 1 || e.Attempts[0].GetBackend() != "ollama" ||
+		e.Attempts[0].GetOutcome() != llmrelayv1.AttemptOutcome_ATTEMPT_OUTCOME_UNREACHABLE {
+		t.Errorf("attempts %v; want the one to ollama, UNREACHABLE", e.Attempts)
 	}
 	if strings.Contains(e.Message, "plaintext") {
 		t.Errorf("message %q: an answer of the gateway's own, yet it speaks of the transport security", e.Message)

@@ -32,6 +32,9 @@ type Error struct {
 	RetryInfo *errdetails.RetryInfo
 	// BadRequest names the invalid fields of the request; nil unless the request was invalid.
 	BadRequest *errdetails.BadRequest
+	// Attempts are what the gateway tried before it gave up (its AttemptHistory detail): each backend, model and
+	// outcome, in order; nil for a call that failed before the router (an invalid request, say).
+	Attempts []*llmrelayv1.Attempt
 
 	status *status.Status
 }
@@ -58,6 +61,8 @@ func ParseError(err error) *Error {
 			e.RetryInfo = d
 		case *errdetails.BadRequest:
 			e.BadRequest = d
+		case *llmrelayv1.AttemptHistory:
+			e.Attempts = d.GetAttempts()
 		}
 	}
 	return e
