@@ -2,7 +2,7 @@
  * Streams one completion from an llmrelay gateway and prints the tokens as they come, starting over when a
  * backend's stream breaks midway.
  *
- *   npm run build && node dist/examples/complete.js "Why is the sky blue?"
+ *   npx tsc -p . && node build/examples/complete.js "Why is the sky blue?"
  *
  * In your own project, import from "@llmrelay/client" instead of "../src".
  */
@@ -11,7 +11,7 @@ import { Client, LLMRelayError, user } from "../src";
 async function main(): Promise<void> {
   const target = process.env.LLMRELAY_TARGET ?? "127.0.0.1:50051";
   const prompt = process.argv.slice(2).join(" ") || "Say hello in five words.";
-  const client = new Client(target, { insecure: true, caller: "example-node" });
+  const client = new Client(target, { caller: "example-node" }); // plaintext to loopback, TLS to any other host
   try {
     // collect() prints the pieces as they come and resolves to the whole answer; if a backend's stream breaks
     // midway, the gateway starts over on the next backend (onRestart), and the answer is that backend's alone.
