@@ -131,11 +131,8 @@ def rpc_failure(error: LLMRelayError) -> Failure:
 
 def _routed_attempts(error: LLMRelayError) -> Sequence[Attempt] | None:
     """The attempts of a call that reached the router and ended with this error; None for any other error."""
-    if isinstance(error, AllBackendsFailedError | DeadlineExceededError | StreamInterruptedError):
-        return error.attempts
-    if isinstance(error, UpstreamError):
-        return error.attempts
-    return None
+    routed = AllBackendsFailedError | DeadlineExceededError | StreamInterruptedError | UpstreamError
+    return error.attempts if isinstance(error, routed) else None
 
 
 def _classify(error: LLMRelayError) -> _Classified:
