@@ -30,7 +30,7 @@ type Agent struct {
 	Model string
 	// Options are each request's options (temperature, max tokens, tool choice, ...); not modified.
 	Options *llmrelayv1.CompletionOptions
-	// MaxSteps bounds the model calls of a run (0: DefaultMaxSteps).
+	// MaxSteps bounds the model calls of a run (0 or less: DefaultMaxSteps).
 	MaxSteps int
 	// OnChunk, when set, makes each step a stream read by Collect, and sees every message of it as it comes (to
 	// print the answer as it is written); without it each step is one Complete.
@@ -75,7 +75,7 @@ func (e *StepLimitError) Error() string {
 // context is ctx, so they can stop early).
 func (a *Agent) Run(ctx context.Context, conversation *Conversation) (*RunResult, error) {
 	maxSteps := a.MaxSteps
-	if maxSteps == 0 {
+	if maxSteps <= 0 {
 		maxSteps = DefaultMaxSteps
 	}
 	options := &llmrelayv1.CompletionOptions{}
