@@ -38,7 +38,7 @@ lint: $(STAMP)
 
 # Everything: the Python suite with its integration tier (real llama.cpp and Ollama), then the Go and TypeScript
 # clients and the standard probes against the real gateway.
-test: test-python test-go test-go-module test-node test-probes
+test: test-python test-go test-go-module test-node test-node-package test-probes
 
 test-python: proto-check ollama services
 	$(BIN)/pytest -q
@@ -70,7 +70,7 @@ clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
 # Go and TypeScript clients (client/go, client/node) and the standard gRPC probes.
-.PHONY: tools test-go test-go-module test-node test-probes
+.PHONY: tools test-go test-go-module test-node test-node-package test-probes
 
 # The pinned Go tools (protoc plugins, grpc-health-probe, grpcurl) and client/node's npm deps, cached outside the repo.
 tools:
@@ -86,6 +86,11 @@ test-go-module: $(STAMP)
 
 test-node: $(STAMP) tools
 	cd client/node && npm test
+
+# The npm package as a user gets it: packed, installed into an empty project outside the repo (dependencies from the
+# npm registry), and called from CommonJS, ES modules and TypeScript.
+test-node-package: $(STAMP) tools
+	bash client/node/scripts/check_package.sh
 
 test-probes: $(STAMP) tools
 	bash client/probes_test.sh
