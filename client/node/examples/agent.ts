@@ -7,7 +7,7 @@
  * Against `make demo`'s gateway (127.0.0.1:50051, a tiny random model) the model will likely answer without calling
  * a tool: the program still runs to the end. In your own project, import from "@llmrelay/client" instead of "../src".
  */
-import { Agent, Client, Conversation, LLMRelayError, MaxStepsError, s, system, tool, user } from "../src";
+import { Agent, Client, Conversation, LLMRelayError, StepLimitError, s, system, tool, user } from "../src";
 
 /** Made-up weather: a real agent would call a weather service here (and pass on `signal`). */
 const getWeather = tool({
@@ -51,7 +51,7 @@ async function main(): Promise<void> {
     const { steps, usage } = result;
     process.stdout.write(`\n[${steps} step(s), ${usage.totalTokens} tokens, via ${result.answer.backend}]\n`);
   } catch (err) {
-    if (err instanceof MaxStepsError) {
+    if (err instanceof StepLimitError) {
       console.error(`\n${err.message}`);
     } else if (err instanceof LLMRelayError) {
       console.error(`\nerror: ${err.message}`);

@@ -71,8 +71,8 @@ export function tool<Args = Record<string, unknown>>(spec: ToolSpec<Args>): Agen
 }
 
 /** The loop stopped at the step limit while the model still asked for tools. */
-export class MaxStepsError extends Error {
-  override readonly name = "MaxStepsError";
+export class StepLimitError extends Error {
+  override readonly name = "StepLimitError";
 
   constructor(
     /** What the run did, up to the answer that asked for more tools (not run, not in messages). */
@@ -154,12 +154,13 @@ export class Agent {
 
   /**
    * Runs the loop on a conversation (appended to as it goes; trimmed to its budget before each step when it has
-   * one) or on messages (copied). Resolves when the model answers without tool calls; rejects with MaxStepsError
+   * one) or on messages (copied). Resolves when the model answers without tool calls; rejects with StepLimitError
    * at the step limit, with an LLMRelayError when a call fails, and with the signal's reason when it aborts.
    */
   async run(input: Conversation | MessageInput[], options: RunOptions = {}): Promise<AgentResult> {
     const { onDelta, onRestart, onStep, ...callOptions } = options;
-    const conversation = input instanceof Conversation ? input : new Conversation(input);
+    // Not instanceof: a Conversation of this package's other build (CJS or ESM) is one too.
+    const conversation = Array.isArray(input) ? new Conversation(input) : input;
     const definitions = [...this.tools.values()].map((t) => t.definition);
     const requestOptions = { ...this.options.options, tools: [...(this.options.options?.tools ?? []), ...definitions] };
     let usage = emptyUsage();
@@ -177,7 +178,7 @@ export class Agent {
       const calls = answer.message?.toolCalls ?? [];
       const result = { answer, steps: step, usage, attempts, conversation };
       if (calls.length > 0 && step >= this.maxSteps) {
-        throw new MaxStepsError(result);
+        throw new StepLimitError(result);
       }
       conversation.addAnswer(answer);
       const toolMessages = await this.runCalls(calls, callOptions.signal);

@@ -27,8 +27,8 @@ export interface FitResult {
 }
 
 /** The last turn alone counts more tokens than the budget: trimming cannot make the conversation fit. */
-export class BudgetExceededError extends Error {
-  override readonly name = "BudgetExceededError";
+export class ContextBudgetError extends Error {
+  override readonly name = "ContextBudgetError";
 
   constructor(
     readonly tokenCount: number,
@@ -95,7 +95,7 @@ export class Conversation {
 
   /**
    * Drops the oldest turns until the messages count at most budgetTokens; system messages and the last turn stay.
-   * Rejects with BudgetExceededError when the last turn alone is over the budget. One CountTokens call, and one
+   * Rejects with ContextBudgetError when the last turn alone is over the budget. One CountTokens call, and one
    * more per dropped turn.
    */
   async fit(client: Client, callOptions?: CallOptions): Promise<FitResult> {
@@ -108,7 +108,7 @@ export class Conversation {
       }
       const oldest = turnsOf(this.history)[0];
       if (oldest === undefined || oldest.end === this.history.length) {
-        throw new BudgetExceededError(tokenCount, budget);
+        throw new ContextBudgetError(tokenCount, budget);
       }
       const turn = this.history.slice(oldest.start, oldest.end);
       this.history.splice(oldest.start, turn.length, ...turn.filter(isSystem));

@@ -32,7 +32,7 @@ export {
 export {
   Agent,
   DEFAULT_MAX_STEPS,
-  MaxStepsError,
+  StepLimitError,
   addUsage,
   tool,
   type AgentOptions,
@@ -43,7 +43,7 @@ export {
   type ToolSpec,
 } from "./agent";
 export {
-  BudgetExceededError,
+  ContextBudgetError,
   Conversation,
   toolMessage,
   type ConversationOptions,
