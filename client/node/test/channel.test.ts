@@ -8,6 +8,7 @@ import { readFileSync } from "node:fs";
 import { after, before, beforeEach, describe, test } from "node:test";
 
 import {
+  AttemptOutcome,
   Client,
   InterceptingCall,
   LLMRelayError,
@@ -87,6 +88,11 @@ describe("retries by the channel", { concurrency: false }, () => {
     const err = await mustFail(client.complete({ messages: [user("no retry")] }), status.UNAVAILABLE);
     assert.equal(err.retryDelayMs, 1_000);
     assert.deepEqual(err.metadata.get("grpc-retry-pushback-ms"), ["1000"]);
+    // The AttemptHistory detail: the one attempt on "ollama", with the upstream's status.
+    assert.deepEqual(
+      err.attempts.map((a) => [a.backend, a.outcome, a.upstreamStatus]),
+      [["ollama", AttemptOutcome.ATTEMPT_OUTCOME_SERVER_ERROR, 503]],
+    );
     assert.equal(await upstream.requestCount(), before + 1);
   });
 

@@ -194,6 +194,7 @@ describe("llmrelay gateway, from TypeScript", { concurrency: false }, () => {
     const err = await mustFail(connect().complete({ messages: [] }), status.INVALID_ARGUMENT);
     assert.equal(err.reason, "INVALID_REQUEST");
     assert.equal(err.fieldViolations[0]?.field, "messages");
+    assert.deepEqual(err.attempts, [], "a refused request tried no backend");
   });
 
   test("the deadline holds while the upstream stalls", async () => {
