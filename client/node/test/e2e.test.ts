@@ -41,6 +41,9 @@ function connect(addr: string = gateway.addr, options: ClientOptions = {}): Clie
   return client;
 }
 
+/** A stream fault of the upstream: one word every 20 ms, so that each reaches the gateway on its own. */
+const TRICKLE = { trickle_s: 0.02 };
+
 function chat(text: string): MessageInput[] {
   return [system("Be brief."), user(text)];
 }
@@ -97,6 +100,8 @@ describe("llmrelay gateway, from TypeScript", { concurrency: false }, () => {
   test("stream gives every chunk, and they add up to the unary answer", async () => {
     const client = connect();
     const prompt = "stream these several words one by one";
+    // The stream's words a moment apart: the gateway relays what arrives together as one message.
+    await upstream.addFaults({}, TRICKLE);
     const unary = await client.complete({ messages: chat(prompt) });
     const chunks = await collect(client, { messages: chat(prompt) });
     assert.ok(chunks.length >= 3, `${chunks.length} chunks; want the answer in several`);
@@ -250,6 +255,7 @@ describe("collect", { concurrency: false }, () => {
   test("collect gives what complete gives, and onDelta sees every piece", async () => {
     const client = connect();
     const prompt = "collect these words for me";
+    await upstream.addFaults({}, TRICKLE);
     const unary = await client.complete({ messages: chat(prompt) });
     const pieces: string[] = [];
     const restarts: StreamRestart[] = [];
