@@ -137,7 +137,16 @@ class Tools:
             self.register(function)
 
     @overload
-    def register(self, function: ToolFunction, /) -> ToolFunction: ...
+    def register(
+        self,
+        function: ToolFunction,
+        /,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        strict: bool | None = None,
+    ) -> ToolFunction: ...
 
     @overload
     def register(
@@ -239,13 +248,13 @@ class Tools:
         if not isinstance(arguments, dict):
             return f"error: the arguments of {name!r} must be a JSON object, not {type(arguments).__name__}"
         try:
-            bound = inspect.signature(tool.function).bind(**arguments)
+            inspect.signature(tool.function).bind(**arguments)
         except TypeError as exc:
             return f"error: invalid arguments for {name!r}: {exc}"
-        if tool.derived:
+        if tool.derived:  # every parameter is named and hinted
             hints = get_type_hints(tool.function, include_extras=True)
-            return tool, {key: _from_json(hints[key], value) for key, value in bound.arguments.items()}
-        return tool, dict(bound.arguments)
+            return tool, {key: _from_json(hints[key], value) for key, value in arguments.items()}
+        return tool, arguments
 
 
 def tool_result(call: pb.ToolCall, content: str) -> pb.Message:

@@ -1,0 +1,400 @@
+"""The blocking Client over a grpc_testing channel, without a server: the test plays the gateway, taking each call
+the client makes and answering it (calls block until answered, so the client runs in a thread). Requests as built,
+errors as decoded, deadlines and interceptors, the tool loop and the conversation's fitting."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import grpc
+import grpc_testing  # type: ignore[import-untyped]  # no type information shipped
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+from llmrelay import (
+    Answer,
+    Client,
+    ContextBudgetError,
+    Conversation,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    StepLimitError,
+    Tools,
+    UnavailableError,
+    json_schema,
+    message,
+)
+from llmrelay import v1 as pb
+from llmrelay.v1 import llmrelay_pb2
+
+SERVICE = llmrelay_pb2.DESCRIPTOR.services_by_name["LLMService"]
+
+
+class FakeGateway:
+    """The gateway's side of the test channel; `run` starts a client call in a thread, so the test can answer it."""
+
+    def __init__(self, channel: Any, pool: ThreadPoolExecutor) -> None:
+        self.channel = channel
+        self._pool = pool
+        self._calls: list[Future[Any]] = []
+        self.metadata: tuple[tuple[str, str], ...] = ()
+        """The invocation metadata of the last call taken."""
+
+    def run(self, call: Callable[[], T]) -> Future[T]:
+        future = self._pool.submit(call)
+        self._calls.append(future)
+        return future
+
+    def answer(self, method: str, response: Message) -> Any:
+        """Takes the next unary call of `method` and answers it; returns its request."""
+        request, rpc = self._take(self.channel.take_unary_unary, method)
+        rpc.terminate(response, (), grpc.StatusCode.OK, "")
+        return request
+
+    def fail(self, method: str, code: grpc.StatusCode, text: str, *details: Message) -> None:
+        """Takes the next unary call of `method` and fails it, with google.rpc details."""
+        _, rpc = self._take(self.channel.take_unary_unary, method)
+        status = status_pb2.Status(code=code.value[0], message=text)
+        for detail in details:
+            status.details.add().Pack(detail)
+        rpc.terminate(None, (("grpc-status-details-bin", status.SerializeToString()),), code, text)
+
+    def stream(self, chunks: Sequence[pb.StreamCompleteResponse]) -> pb.StreamCompleteRequest:
+        """Takes the next StreamComplete, sends the chunks and ends it; returns its request."""
+        request, rpc = self._take(self.channel.take_unary_stream, "StreamComplete")
+        for chunk in chunks:
+            rpc.send_response(chunk)
+        rpc.terminate((), grpc.StatusCode.OK, "")
+        return request  # type: ignore[no-any-return]
+
+    def _take(self, take: Callable[[Any], Any], method: str) -> tuple[Any, Any]:
+        """The next call of `method`; fails at once when the client's calls ended without making it (taking
+        blocks for good otherwise)."""
+        taken: Future[Any] = Future()
+        threading.Thread(target=lambda: taken.set_result(take(SERVICE.methods_by_name[method])), daemon=True).start()
+        deadline = time.monotonic() + 10
+        while not taken.done():
+            ended = [call for call in self._calls if call.done() and call.exception() is not None]
+            if ended:
+                raise AssertionError(f"the client ended before calling {method}") from ended[0].exception()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no call of {method} within 10 s")
+            time.sleep(0.01)
+        self.metadata, request, rpc = taken.result()
+        return request, rpc
+
+
+T = TypeVar("T")
+
+
+@pytest.fixture
+def testing_channel() -> Any:
+    return grpc_testing.channel([SERVICE], grpc_testing.strict_real_time())
+
+
+@pytest.fixture
+def gateway(testing_channel: Any) -> Iterator[FakeGateway]:
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="sdk-call") as pool:
+        yield FakeGateway(testing_channel, pool)
+
+
+@pytest.fixture
+def client(testing_channel: Any) -> Iterator[Client]:
+    with Client(channel=testing_channel, caller="unit") as client:
+        yield client
+
+
+def answer(content: str = "", *, tool_calls: Sequence[tuple[str, str, str]] = (), tokens: int = 0) -> Any:
+    """A CompleteResponse: content, tool calls as (id, name, arguments), usage of `tokens` prompt + 1."""
+    calls = [pb.ToolCall(id=i, function=pb.FunctionCall(name=n, arguments=a)) for i, n, a in tool_calls]
+    return pb.CompleteResponse(
+        backend="fake",
+        model="tiny",
+        message=pb.Message(role=pb.ROLE_ASSISTANT, content=content, tool_calls=calls),
+        finish_reason=pb.FINISH_REASON_TOOL_CALLS if calls else pb.FINISH_REASON_STOP,
+        usage=pb.Usage(prompt_tokens=tokens, completion_tokens=1, total_tokens=tokens + 1),
+        attempts=[pb.Attempt(backend="fake", model="tiny", outcome=pb.ATTEMPT_OUTCOME_SUCCEEDED)],
+    )
+
+
+def result(future: Future[Any]) -> Any:
+    return future.result(timeout=10)
+
+
+# --- requests ------------------------------------------------------------------------------------------------------
+
+
+def test_typed_options_build_the_request(
+    client: Client,
+    gateway: FakeGateway,
+) -> None:
+    call = gateway.run(
+        lambda: client.complete(
+            [{"role": "system", "content": "terse"}, message("user", "hi")],
+            model="tiny",
+            temperature=0.5,
+            max_tokens=7,
+            stop=["\n"],
+            seed=3,
+            tool_choice="weather",
+            reasoning_effort="low",
+            parallel_tool_calls=False,
+            tools=[{"function": {"name": "weather", "parameters": {"type": "object", "maxProperties": 3}}}],
+            response_format=json_schema("out", {"type": "object"}),
+        )
+    )
+    request = gateway.answer("Complete", answer("ok"))
+    assert result(call).message.content == "ok"
+    assert [m.role for m in request.messages] == [pb.ROLE_SYSTEM, pb.ROLE_USER]
+    assert request.model == "tiny"
+    options = request.options
+    assert (options.temperature, options.max_tokens, list(options.stop), options.seed) == (0.5, 7, ["\n"], 3)
+    assert options.tool_choice == pb.ToolChoice(function_name="weather")
+    assert options.reasoning_effort == pb.REASONING_EFFORT_LOW
+    assert options.HasField("parallel_tool_calls") and not options.parallel_tool_calls
+    assert json.loads(options.tools[0].function.parameters_json) == {"type": "object", "maxProperties": 3}
+    assert not options.HasField("top_p"), "an option not given is not sent"
+
+
+def test_no_options_send_none(
+    client: Client,
+    gateway: FakeGateway,
+) -> None:
+    call = gateway.run(lambda: client.complete([message("user", "hi")], tool_choice="required"))
+    assert gateway.answer("Complete", answer()).options.tool_choice.mode == pb.TOOL_CHOICE_MODE_REQUIRED
+    result(call)
+    call = gateway.run(lambda: client.complete([message("user", "hi")]))
+    assert not gateway.answer("Complete", answer()).HasField("options")
+    result(call)
+
+
+def test_an_unknown_option_is_refused_before_any_call(client: Client) -> None:
+    with pytest.raises(TypeError, match=r"unknown completion option.*max_tokenz"):
+        client.complete([message("user", "hi")], max_tokenz=5)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="unknown reasoning_effort"):
+        client.complete([message("user", "hi")], reasoning_effort="extreme")  # type: ignore[arg-type]
+
+
+def test_metadata_and_the_caller_travel_with_each_call(client: Client, gateway: FakeGateway) -> None:
+    call = gateway.run(lambda: client.health(metadata=[("authorization", "Bearer k")]))
+    gateway.answer("Health", pb.HealthResponse(serving=True))
+    assert result(call).serving
+    assert {("x-llmrelay-caller", "unit"), ("authorization", "Bearer k")} <= set(gateway.metadata)
+
+
+# --- errors --------------------------------------------------------------------------------------------------------
+
+
+def test_errors_carry_their_decoded_details(
+    client: Client,
+    gateway: FakeGateway,
+) -> None:
+    call = gateway.run(lambda: client.complete([message("user", "hi")]))
+    history = pb.AttemptHistory(
+        attempts=[pb.Attempt(backend="openai", outcome=pb.ATTEMPT_OUTCOME_SERVER_ERROR, upstream_status=503)]
+    )
+    gateway.fail(
+        "Complete",
+        grpc.StatusCode.UNAVAILABLE,
+        "every backend is down",
+        error_details_pb2.ErrorInfo(reason="BACKENDS_UNAVAILABLE", metadata={"attempts": "openai:unavailable"}),
+        error_details_pb2.RetryInfo(retry_delay=Duration(seconds=2, nanos=500_000_000)),
+        history,
+    )
+    with pytest.raises(UnavailableError) as caught:
+        result(call)
+    error = caught.value
+    assert (error.code, error.message) == (grpc.StatusCode.UNAVAILABLE, "every backend is down")
+    assert error.reason == "BACKENDS_UNAVAILABLE"
+    assert error.metadata == {"attempts": "openai:unavailable"}
+    assert error.retry_delay_s == 2.5
+    assert [(a.backend, a.upstream_status) for a in error.attempts] == [("openai", 503)]
+    assert error.details.attempt_history == history
+
+
+def test_bad_request_and_quota_failure(
+    client: Client,
+    gateway: FakeGateway,
+) -> None:
+    call = gateway.run(lambda: client.complete([message("user", "hi")]))
+    violation = error_details_pb2.BadRequest.FieldViolation(field="options.temperature", description="from 0 to 2")
+    gateway.fail(
+        "Complete", grpc.StatusCode.INVALID_ARGUMENT, "bad", error_details_pb2.BadRequest(field_violations=[violation])
+    )
+    with pytest.raises(InvalidArgumentError) as bad:
+        result(call)
+    assert [(v.field, v.description) for v in bad.value.field_violations] == [("options.temperature", "from 0 to 2")]
+
+    call = gateway.run(lambda: client.complete([message("user", "hi")]))
+    quota = error_details_pb2.QuotaFailure(violations=[{"subject": "caller:unit", "description": "60 per minute"}])
+    gateway.fail("Complete", grpc.StatusCode.RESOURCE_EXHAUSTED, "limited", quota)
+    with pytest.raises(ResourceExhaustedError) as limited:
+        result(call)
+    assert [(v.subject, v.description) for v in limited.value.quota_violations] == [("caller:unit", "60 per minute")]
+    assert limited.value.reason is None and limited.value.retry_delay_s is None and limited.value.attempts == ()
+
+
+# --- the tool loop -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Place:
+    city: str
+    country: str = "NO"
+
+
+def agent_tools(barrier: threading.Barrier) -> Tools:
+    tools = Tools()
+
+    @tools.register
+    def weather(place: Place, unit: Literal["c", "f"] = "c") -> str:
+        """The weather at a place now."""
+        barrier.wait()  # both calls of the first answer must run at once to pass
+        return f"18{unit} in {place.city}, {place.country}"
+
+    @tools.register
+    async def clock(zone: str) -> dict[str, str]:
+        """The time in a time zone."""
+        barrier.wait()
+        return {"zone": zone, "time": "12:00"}
+
+    @tools.register
+    def broken() -> str:
+        """Always fails."""
+        raise RuntimeError("the sensor is down")
+
+    return tools
+
+
+def test_run_tools_runs_calls_in_parallel_and_sums_usage(
+    client: Client,
+    gateway: FakeGateway,
+) -> None:
+    tools = agent_tools(threading.Barrier(2, timeout=5))
+    question = [message("user", "weather and time?")]
+    call = gateway.run(lambda: client.run_tools(question, tools, temperature=0))
+
+    first = gateway.answer(
+        "Complete",
+        answer(
+            tool_calls=[("a", "weather", '{"place": {"city": "Oslo"}}'), ("b", "clock", '{"zone": "UTC"}')], tokens=10
+        ),
+    )
+    assert {t.function.name for t in first.options.tools} == {"weather", "clock", "broken"}
+    assert first.options.temperature == 0
+    second = gateway.answer(
+        "Complete",
+        answer(tool_calls=[("c", "broken", "{}"), ("d", "nope", "{}"), ("e", "weather", "{not json")], tokens=20),
+    )
+    results = {m.tool_call_id: m.content for m in second.messages if m.role == pb.ROLE_TOOL}
+    assert results == {"a": "18c in Oslo, NO", "b": json.dumps({"zone": "UTC", "time": "12:00"})}
+    last = gateway.answer("Complete", answer("It is 18c and noon.", tokens=30))
+    outcomes = {m.tool_call_id: m.content for m in last.messages[-3:]}
+    assert outcomes["c"] == "error: RuntimeError: the sensor is down"
+    assert outcomes["d"].startswith("error: unknown tool 'nope'; the tools are: weather, clock, broken")
+    assert outcomes["e"].startswith("error: the arguments of 'weather' are not valid JSON")
+
+    done: Answer = result(call)
+    assert done.content == "It is 18c and noon." and done.steps == 3
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.total_tokens) == (60, 3, 63)
+    assert len(done.attempts) == 3
+    user, assistant, tool = pb.ROLE_USER, pb.ROLE_ASSISTANT, pb.ROLE_TOOL
+    expected = [user, assistant, tool, tool, assistant, tool, tool, tool, assistant]
+    assert [m.role for m in done.messages] == expected
+    assert len(question) == 1, "a list given is left as it was"
+
+
+def test_run_tools_streams_with_on_delta(
+    client: Client,
+    gateway: FakeGateway,
+) -> None:
+    tools = agent_tools(threading.Barrier(1))
+    seen: list[pb.StreamCompleteResponse] = []
+    call = gateway.run(lambda: client.run_tools([message("user", "w?")], tools, on_delta=seen.append))
+    fragment = pb.ToolCallDelta(
+        index=0, id="a", name="weather", arguments='{"place": {"city": "Rome", "country": "IT"}}'
+    )
+    request = gateway.stream(
+        [
+            pb.StreamCompleteResponse(
+                delta=pb.MessageDelta(tool_calls=[fragment]), finish_reason=pb.FINISH_REASON_TOOL_CALLS
+            )
+        ]
+    )
+    assert request.on_interrupt == pb.INTERRUPT_POLICY_RESTART
+    final = pb.StreamCompleteResponse(
+        delta=pb.MessageDelta(content="sunny"), finish_reason=pb.FINISH_REASON_STOP, usage=pb.Usage(total_tokens=5)
+    )
+    second = gateway.stream([final])
+    assert second.messages[-1].content == "18c in Rome, IT"
+    done: Answer = result(call)
+    assert done.content == "sunny" and done.steps == 2 and done.usage.total_tokens == 5
+    assert len(seen) == 2
+
+
+def test_the_step_limit_is_a_definite_error(
+    client: Client,
+    gateway: FakeGateway,
+) -> None:
+    tools = agent_tools(threading.Barrier(1))
+    call = gateway.run(lambda: client.run_tools([message("user", "loop")], tools, max_steps=2))
+    for step in range(2):
+        gateway.answer("Complete", answer(tool_calls=[(f"c{step}", "broken", "{}")], tokens=1))
+    with pytest.raises(StepLimitError, match="after 2 calls") as caught:
+        result(call)
+    partial = caught.value.answer
+    assert partial.steps == 2 and partial.usage.total_tokens == 4
+    assert partial.messages[-1].role == pb.ROLE_TOOL, "the last calls are answered, so the conversation can go on"
+
+
+# --- the conversation ----------------------------------------------------------------------------------------------
+
+
+def test_fit_drops_the_oldest_turns_keeping_tool_calls_with_their_results(
+    client: Client,
+    gateway: FakeGateway,
+) -> None:
+    conversation = Conversation([message("system", "be brief")], budget_tokens=100, model="tiny")
+    conversation.add(message("user", "one"))
+    conversation.add_answer(answer(tool_calls=[("a", "weather", "{}")]))
+    conversation.add_tool_results([pb.Message(role=pb.ROLE_TOOL, tool_call_id="a", content="18c")])
+    conversation.add_answer(answer("18c"))
+    conversation.add(message("user", "two"), message("assistant", "ok"), message("user", "three"))
+
+    fitted = gateway.run(lambda: client.fit(conversation))
+    first = gateway.answer("CountTokens", pb.CountTokensResponse(token_count=250))
+    assert first.model == "tiny" and len(first.messages) == 8
+    second = gateway.answer("CountTokens", pb.CountTokensResponse(token_count=150))
+    assert [m.content for m in second.messages] == ["be brief", "two", "ok", "three"], "turn one went whole"
+    third = gateway.answer("CountTokens", pb.CountTokensResponse(token_count=90))
+    assert [m.content for m in third.messages] == ["be brief", "three"]
+    assert result(fitted) == 90 and conversation.tokens == 90
+
+    over = gateway.run(lambda: client.fit(conversation))
+    gateway.answer("CountTokens", pb.CountTokensResponse(token_count=120))
+    with pytest.raises(ContextBudgetError, match=r"needs 120 tokens .* budget of 100"):
+        result(over)
+    assert [m.content for m in conversation.messages] == ["be brief", "three"], "the last turn stays"
+
+
+def test_run_tools_appends_to_a_conversation_and_fits_it_first(
+    client: Client,
+    gateway: FakeGateway,
+) -> None:
+    conversation = Conversation([message("user", "old"), message("assistant", "old answer")], budget_tokens=50)
+    conversation.add(message("user", "new"))
+    call = gateway.run(lambda: client.run_tools(conversation, agent_tools(threading.Barrier(1))))
+    counted = gateway.answer("CountTokens", pb.CountTokensResponse(token_count=60))
+    assert {t.function.name for t in counted.tools} == {"weather", "clock", "broken"}, "the tools count too"
+    gateway.answer("CountTokens", pb.CountTokensResponse(token_count=40))
+    request = gateway.answer("Complete", answer("done"))
+    assert [m.content for m in request.messages] == ["new"]
+    assert result(call).messages is conversation.messages
+    assert [m.content for m in conversation.messages] == ["new", "done"]

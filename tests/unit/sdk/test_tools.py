@@ -1,0 +1,189 @@
+"""Tools: JSON Schemas derived from type hints (a table), arguments converted back, results and failures as text;
+the conversation's turns."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, Optional, TypedDict
+
+import pytest
+from llmrelay import Conversation, Tools, json_schema_of, message, parameters_schema
+from llmrelay import v1 as pb
+
+
+class Filters(TypedDict, total=False):
+    """What to leave out."""
+
+    tags: list[str]
+
+
+class Required(TypedDict):
+    name: str
+
+
+@dataclass
+class Place:
+    """Where."""
+
+    city: str
+    country: str = "NO"
+    tags: list[str] = field(default_factory=list)
+
+
+@pytest.mark.parametrize(
+    ("hint", "schema"),
+    [
+        (str, {"type": "string"}),
+        (int, {"type": "integer"}),
+        (float, {"type": "number"}),
+        (bool, {"type": "boolean"}),
+        (list[int], {"type": "array", "items": {"type": "integer"}}),
+        (dict[str, Any], {"type": "object"}),
+        (Literal["c", "f"], {"type": "string", "enum": ["c", "f"]}),
+        (Literal[1, "x"], {"enum": [1, "x"]}),
+        (Optional[int], {"anyOf": [{"type": "integer"}, {"type": "null"}]}),  # noqa: UP045  # the old spelling too
+        (str | None, {"anyOf": [{"type": "string"}, {"type": "null"}]}),
+        (Annotated[str, "a city"], {"type": "string", "description": "a city"}),
+        (
+            Filters,
+            {
+                "type": "object",
+                "properties": {"tags": {"type": "array", "items": {"type": "string"}}},
+                "required": [],
+                "additionalProperties": False,
+                "description": "What to leave out.",
+            },
+        ),
+        (
+            Required,
+            {
+                "type": "object",
+                "properties": {"name": {"type": "string"}},
+                "required": ["name"],
+                "additionalProperties": False,
+            },
+        ),
+        (
+            Place,
+            {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "country": {"type": "string"},
+                    "tags": {"type": "array", "items": {"type": "string"}},
+                },
+                "required": ["city"],
+                "additionalProperties": False,
+                "description": "Where.",
+            },
+        ),
+    ],
+)
+def test_schemas_from_type_hints(hint: Any, schema: dict[str, Any]) -> None:
+    assert json_schema_of(hint) == schema
+
+
+def test_a_hint_without_a_schema_says_what_to_do() -> None:
+    with pytest.raises(TypeError, match=r"no JSON Schema for .*set.*give the tool's parameters="):
+        json_schema_of(set[int])
+
+    def untyped(x):  # type: ignore[no-untyped-def]
+        return x
+
+    with pytest.raises(TypeError, match="parameter 'x' needs a type hint"):
+        parameters_schema(untyped)
+
+
+def weather(place: Place, unit: Literal["c", "f"] = "c", days: float = 1.0) -> dict[str, Any]:
+    """The weather at a place."""
+    return {"place": place, "unit": unit, "days": days}
+
+
+def call(name: str, arguments: str) -> pb.ToolCall:
+    return pb.ToolCall(id="call_1", function=pb.FunctionCall(name=name, arguments=arguments))
+
+
+def test_a_registered_function_has_its_schema_and_docstring() -> None:
+    tools = Tools(weather)
+    (definition,) = tools.definitions()
+    assert definition.function.name == "weather"
+    assert definition.function.description == "The weather at a place."
+    parameters = json.loads(definition.function.parameters_json)
+    assert parameters["required"] == ["place"]
+    assert parameters["properties"]["unit"] == {"type": "string", "enum": ["c", "f"]}
+
+
+def test_arguments_are_converted_back_and_results_sent_as_json() -> None:
+    result = Tools(weather).run(call("weather", '{"place": {"city": "Oslo", "tags": ["x"]}, "days": 2}'))
+    assert (result.role, result.tool_call_id, result.name) == (pb.ROLE_TOOL, "call_1", "weather")
+    assert json.loads(result.content) == {
+        "place": {"city": "Oslo", "country": "NO", "tags": ["x"]},
+        "unit": "c",
+        "days": 2.0,
+    }
+
+
+def test_explicit_schemas_names_and_descriptions() -> None:
+    tools = Tools()
+    schema = {"type": "object", "properties": {"q": {"type": "string"}}}
+
+    @tools.register(name="search", description="Search the web.", parameters=schema, strict=True)
+    async def find(**arguments: Any) -> str:
+        return f"found {arguments['q']}"
+
+    (definition,) = tools.definitions()
+    assert (definition.function.name, definition.function.description, definition.function.strict) == (
+        "search",
+        "Search the web.",
+        True,
+    )
+    assert json.loads(definition.function.parameters_json) == schema
+    assert tools.run(call("search", '{"q": "llmrelay"}')).content == "found llmrelay"
+    assert asyncio.run(tools.arun(call("search", '{"q": "x"}'))).content == "found x"
+    with pytest.raises(ValueError, match="a tool named 'search' is registered already"):
+        tools.register(find, name="search")
+
+
+@pytest.mark.parametrize(
+    ("name", "arguments", "says"),
+    [
+        ("weather", '{"place": {"city": "Oslo"}, "unit": "k", "extra": 1}', "error: invalid arguments for 'weather'"),
+        ("weather", "[1, 2]", "error: the arguments of 'weather' must be a JSON object, not list"),
+        ("weather", '{"place": ', "error: the arguments of 'weather' are not valid JSON"),
+        ("forecast", "{}", "error: unknown tool 'forecast'; the tools are: weather, fail"),
+        ("fail", "{}", "error: ZeroDivisionError: division by zero"),
+    ],
+)
+def test_calls_that_cannot_run_become_results_that_say_why(name: str, arguments: str, says: str) -> None:
+    def fail() -> float:
+        return 1 / 0
+
+    tools = Tools(weather, fail)
+    assert tools.run(call(name, arguments)).content.startswith(says)
+    assert asyncio.run(tools.arun(call(name, arguments))).content.startswith(says)
+
+
+def test_turns_keep_tool_calls_with_their_results() -> None:
+    assistant_calls = pb.Message(
+        role=pb.ROLE_ASSISTANT, tool_calls=[pb.ToolCall(id="a", function=pb.FunctionCall(name="f"))]
+    )
+    conversation = Conversation(
+        [
+            message("system", "s"),
+            message("assistant", "greeting"),
+            message("user", "1"),
+            assistant_calls,
+            pb.Message(role=pb.ROLE_TOOL, tool_call_id="a", content="r"),
+            message("assistant", "a1"),
+            message("user", "2"),
+        ],
+        budget_tokens=10,
+    )
+    assert [[m.content for m in turn] for turn in conversation.turns()] == [["greeting"], ["1", "", "r", "a1"], ["2"]]
+    assert conversation.fits(10)
+    assert not conversation.fits(11)
+    assert [m.content for m in conversation.messages] == ["s", "1", "", "r", "a1", "2"]
+    assert not conversation.fits(11)
+    assert [m.content for m in conversation.messages] == ["s", "2"]
