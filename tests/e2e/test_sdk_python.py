@@ -1,0 +1,292 @@
+"""The Python SDK through a real gateway over the loopback upstreams: the collector equals Complete; the tool loop
+over several steps (the upstream scripted to call two tools, then one, then to answer with the results); a tool
+that raises; a conversation fitted through CountTokens; deadlines and interceptors on a real channel; a retry by the
+channel itself after the gateway's pushback; the TLS rule against a TLS gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import grpc
+import grpc.aio
+import pytest
+from certs import Authority
+from llmrelay import (
+    DEFAULT_TIMEOUT_S,
+    Answer,
+    AsyncClient,
+    Client,
+    Conversation,
+    Tools,
+    UnavailableError,
+    message,
+)
+from llmrelay import v1 as pb
+from llmrelay_server.app import Gateway
+from support import OPENAI_TEST_KEY, GatewayFactory
+from upstream import FakeUpstream
+
+QUESTION = [message("user", "What is the weather in Oslo, and the time there?")]
+# The upstream answers with tool calls numbered call_1, call_2... in each answer, and echo_tools names each result
+# by its call id: the second step calls the tool the first step's call_1 did, so the names stay right.
+THREE_STEPS = (
+    {"tool_calls": [
+        {"name": "weather", "arguments": '{"city": "Oslo"}'},
+        {"name": "clock", "arguments": '{"zone": "Europe/Oslo"}'},
+    ]},
+    {"tool_calls": [{"name": "weather", "arguments": '{"city": "Bergen", "unit": "f"}'}]},
+    {"echo_tools": True},
+)  # fmt: skip
+
+
+def target(gateway: Gateway) -> str:
+    return f"127.0.0.1:{gateway.port}"
+
+
+def agent_tools() -> Tools:
+    tools = Tools()
+
+    @tools.register
+    def weather(city: str, unit: Literal["c", "f"] = "c") -> str:
+        """The weather in a city now."""
+        return f"{city} 18{unit}"
+
+    @tools.register
+    async def clock(zone: str) -> dict[str, str]:
+        """The time in a time zone."""
+        await asyncio.sleep(0)
+        return {"zone": zone, "time": "12:00"}
+
+    @tools.register
+    def barometer(city: str) -> float:
+        """The air pressure in a city."""
+        raise RuntimeError(f"no barometer in {city}")
+
+    return tools
+
+
+def without_durations(response: pb.CompleteResponse) -> pb.CompleteResponse:
+    """The answer without its attempts' durations, which differ from call to call."""
+    copy = pb.CompleteResponse()
+    copy.CopyFrom(response)
+    for attempt in copy.attempts:
+        attempt.ClearField("duration")
+    return copy
+
+
+# --- the collector -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {},
+        {"reasoning": "thinking it over"},
+        {"tool_calls": [{"name": "weather", "arguments": '{"city": "Oslo"}'}, {"name": "clock", "arguments": "{}"}]},
+    ],
+    ids=["text", "reasoning", "tool-calls"],
+)
+async def test_the_collected_stream_equals_complete(
+    gateway: Gateway, primary: FakeUpstream, fault: dict[str, Any]
+) -> None:
+    options: dict[str, Any] = {"max_tokens": 50, "tools": agent_tools().definitions()}
+    async with AsyncClient(target(gateway)) as client:
+        primary.inject(fault, fault, fault)
+        completed = await client.complete(QUESTION, **options)
+        printed: list[str] = []
+        collected = await client.collect(QUESTION, on_delta=lambda c: printed.append(c.delta.content), **options)
+    blocking = await asyncio.to_thread(_collect_blocking, target(gateway), options)
+    assert without_durations(collected) == without_durations(completed)
+    assert without_durations(blocking) == without_durations(completed)
+    assert "".join(printed) == completed.message.content, "on_delta saw the answer as it came"
+    assert completed.usage.total_tokens > 0 and completed.backend == "openai"
+
+
+def _collect_blocking(address: str, options: dict[str, Any]) -> pb.CompleteResponse:
+    with Client(address) as client:
+        return client.collect(QUESTION, **options)
+
+
+# --- the tool loop -------------------------------------------------------------------------------------------------
+
+
+async def test_the_async_tool_loop_runs_two_tools_over_three_steps(gateway: Gateway, primary: FakeUpstream) -> None:
+    primary.inject(*THREE_STEPS)
+    async with AsyncClient(target(gateway), caller="agent-async") as client:
+        answer = await client.run_tools(QUESTION, agent_tools(), max_tokens=100)
+        usage = await client.get_usage(pb.GetUsageRequest(caller="agent-async"))
+    _assert_three_steps(answer, primary)
+    assert answer.usage.total_tokens == sum(r.total_tokens for r in usage.records), "usage summed over the steps"
+
+
+async def test_the_blocking_tool_loop_streams_as_it_comes(gateway: Gateway, primary: FakeUpstream) -> None:
+    primary.inject(*THREE_STEPS)
+    printed: list[pb.StreamCompleteResponse] = []
+
+    def run() -> Answer:
+        with Client(target(gateway), caller="agent-blocking") as client:
+            return client.run_tools(QUESTION, agent_tools(), on_delta=printed.append)
+
+    answer = await asyncio.to_thread(run)
+    _assert_three_steps(answer, primary)
+    assert answer.content in "".join(c.delta.content for c in printed), "the final answer was printed as it came"
+    assert all(request.get("stream") for request in primary.chat_requests)
+
+
+def _assert_three_steps(answer: Answer, primary: FakeUpstream) -> None:
+    assert answer.steps == 3 and len(primary.chat_requests) == 3
+    assert answer.content == (
+        'tools: weather=Oslo 18c; clock={"zone": "Europe/Oslo", "time": "12:00"}; weather=Bergen 18f'
+    )
+    assert answer.finish_reason == pb.FINISH_REASON_STOP and answer.backend == "openai"
+    assert len(answer.attempts) == 3 and all(a.outcome == pb.ATTEMPT_OUTCOME_SUCCEEDED for a in answer.attempts)
+    assert answer.usage.prompt_tokens > 0 and answer.usage.total_tokens == (
+        answer.usage.prompt_tokens + answer.usage.completion_tokens
+    )
+    roles = [m.role for m in answer.messages]
+    assert roles == [pb.ROLE_USER, pb.ROLE_ASSISTANT, pb.ROLE_TOOL, pb.ROLE_TOOL, pb.ROLE_ASSISTANT, pb.ROLE_TOOL,
+                     pb.ROLE_ASSISTANT]  # fmt: skip
+    sent_tools = {tool["function"]["name"] for tool in primary.chat_requests[0]["tools"]}
+    assert sent_tools == {"weather", "clock", "barometer"}
+
+
+async def test_a_tool_that_raises_becomes_a_result_that_says_so(gateway: Gateway, primary: FakeUpstream) -> None:
+    primary.inject({"tool_calls": [{"name": "barometer", "arguments": '{"city": "Oslo"}'}]}, {"echo_tools": True})
+    async with AsyncClient(target(gateway)) as client:
+        answer = await client.run_tools(QUESTION, agent_tools())
+    assert answer.content == "tools: barometer=error: RuntimeError: no barometer in Oslo"
+    assert answer.steps == 2
+
+
+async def test_a_conversation_is_fitted_through_count_tokens(gateway: Gateway, primary: FakeUpstream) -> None:
+    async with AsyncClient(target(gateway)) as client:
+        history = [message("system", "Be brief.")]
+        for turn in range(6):
+            history += [message("user", f"question {turn} " + "words " * 40), message("assistant", "an answer")]
+        conversation = Conversation(history, model="gpt-test")
+        whole = await client.count_tokens(conversation.messages, model="gpt-test")
+        conversation.budget_tokens = whole.token_count // 2
+        conversation.add(message("user", "the last question"))
+        answer = await client.run_tools(conversation, agent_tools())
+    assert conversation.tokens is not None and conversation.tokens <= conversation.budget_tokens
+    assert conversation.messages[0].content == "Be brief.", "the system message stays"
+    assert conversation.messages[-2:] == [message("user", "the last question"), answer.message]
+    sent = [m["content"] for m in primary.chat_requests[0]["messages"]]
+    assert "question 0 " not in " ".join(sent) and sent[-1] == "the last question"
+    assert len(sent) < len(history), "the oldest turns were dropped before the call"
+
+
+# --- deadlines, interceptors, retries ------------------------------------------------------------------------------
+
+
+class Recorder(grpc.UnaryUnaryClientInterceptor):
+    def __init__(self) -> None:
+        self.timeouts: list[float | None] = []
+
+    def intercept_unary_unary(self, continuation: Any, details: grpc.ClientCallDetails, request: Any) -> Any:
+        self.timeouts.append(details.timeout)
+        return continuation(details, request)
+
+
+class AsyncRecorder(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self) -> None:
+        self.timeouts: list[float | None] = []
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        self.timeouts.append(details.timeout)
+        return await continuation(details, request)
+
+
+async def test_deadlines_and_interceptors(gateway: Gateway) -> None:
+    recorder, async_recorder = Recorder(), AsyncRecorder()
+
+    def calls() -> None:
+        with Client(target(gateway), interceptors=[recorder]) as client:
+            client.health()
+            client.health(timeout=None)
+            client.health(timeout=5)
+
+    await asyncio.to_thread(calls)
+    async with AsyncClient(target(gateway), interceptors=[async_recorder], timeout=None) as client:
+        await client.health()
+        await client.health(timeout=7)
+    assert recorder.timeouts == [DEFAULT_TIMEOUT_S, None, 5]
+    assert async_recorder.timeouts == [None, 7], "the client's own default: no deadline"
+
+
+@pytest.fixture
+async def lone_backend(gateway_factory: GatewayFactory, primary: FakeUpstream) -> Gateway:
+    """One backend and no retries by the gateway: a 503 goes back to the caller, with the upstream's Retry-After."""
+    return await gateway_factory(f"""
+llm:
+  openai: {{api_key: "{OPENAI_TEST_KEY}", base_url: "{primary.base_url}", model: {primary.models[0]}}}
+router:
+  retry: {{max_retries: 0}}
+  circuit: {{failure_threshold: 50, cooldown_s: 30}}
+""")
+
+
+async def test_the_channel_retries_after_the_gateways_pushback(lone_backend: Gateway, primary: FakeUpstream) -> None:
+    primary.inject({"status": 503, "retry_after": 1})
+    async with AsyncClient(target(lone_backend)) as client:
+        started = time.monotonic()
+        answer = await client.complete(QUESTION)
+    assert answer.message.content.startswith("echo: ")
+    assert len(primary.chat_requests) == 2, "the second try went through the gateway to the upstream"
+    waited = primary.chat_times[1] - primary.chat_times[0]
+    assert waited >= 0.9, f"the retry came {waited:.2f} s after the first try, before the pushback's 1 s"
+    assert time.monotonic() - started < 30
+
+
+async def test_without_a_service_config_the_error_comes_back(lone_backend: Gateway, primary: FakeUpstream) -> None:
+    primary.inject({"status": 503, "retry_after": 1})
+    async with AsyncClient(target(lone_backend), service_config=None) as client:
+        with pytest.raises(UnavailableError) as caught:
+            await client.complete(QUESTION)
+    assert caught.value.retry_delay_s == 1 and len(primary.chat_requests) == 1
+
+
+# --- the TLS rule --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def tls_gateway(gateway_factory: GatewayFactory, primary: FakeUpstream, tmp_path: Path) -> tuple[Gateway, bytes]:
+    """A gateway serving TLS with a certificate for localhost and 127.0.0.1; and its CA's certificate."""
+    authority = Authority("llmrelay sdk test CA")
+    authority.server().write(tmp_path / "server.pem", tmp_path / "server.key")
+    tls = f'tls: {{cert_file: "{tmp_path / "server.pem"}", key_file: "{tmp_path / "server.key"}"}}'
+    config = f"""
+llm:
+  openai: {{api_key: "{OPENAI_TEST_KEY}", base_url: "{primary.base_url}", model: {primary.models[0]}}}
+"""
+    return await gateway_factory(config, server=tls), authority.cert
+
+
+async def test_tls_to_a_loopback_gateway_when_asked(tls_gateway: tuple[Gateway, bytes]) -> None:
+    gateway, ca = tls_gateway
+    # A channel of its own each: gRPC would otherwise share one connection between channels to the same address.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    for address in (f"localhost:{gateway.port}", f"dns:///127.0.0.1:{gateway.port}"):
+        async with AsyncClient(address, root_certificates=ca, options=options) as client:
+            assert client.uses_tls
+            assert (await client.health()).serving
+    async with AsyncClient(f"localhost:{gateway.port}", tls=True, options=options) as client:
+        with pytest.raises(UnavailableError):  # the system's roots do not know the test CA
+            await client.health(timeout=5)
+
+
+async def test_plaintext_by_default_to_loopback_fails_clearly_against_tls(tls_gateway: tuple[Gateway, bytes]) -> None:
+    gateway, _ = tls_gateway
+    async with AsyncClient(f"127.0.0.1:{gateway.port}", options=[("grpc.use_local_subchannel_pool", 1)]) as client:
+        assert not client.uses_tls
+        with pytest.raises(UnavailableError) as caught:
+            await client.health(timeout=5)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_tls_by_default_to_other_hosts() -> None:
+    with Client("llm.example.com:443") as remote, Client("llm.example.com:443", tls=False) as plain:
+        assert remote.uses_tls and not plain.uses_tls
