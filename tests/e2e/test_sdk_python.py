@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from asyncio.subprocess import PIPE
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ import grpc
 import grpc.aio
 import pytest
 from certs import Authority
+from harness import BIN
 from llmrelay import (
     DEFAULT_TIMEOUT_S,
     Answer,
@@ -290,3 +292,15 @@ async def test_plaintext_by_default_to_loopback_fails_clearly_against_tls(tls_ga
 def test_tls_by_default_to_other_hosts() -> None:
     with Client("llm.example.com:443") as remote, Client("llm.example.com:443", tls=False) as plain:
         assert remote.uses_tls and not plain.uses_tls
+
+
+async def test_the_cli_follows_the_rule_and_takes_a_ca(tls_gateway: tuple[Gateway, bytes], tmp_path: Path) -> None:
+    gateway, ca = tls_gateway
+    (tmp_path / "ca.pem").write_bytes(ca)
+    cli = [str(BIN / "llmrelay"), "--target", f"localhost:{gateway.port}", "--timeout", "10"]
+    trusted = await asyncio.create_subprocess_exec(*cli, "--ca-file", str(tmp_path / "ca.pem"), "health", stdout=PIPE)
+    out, _ = await asyncio.wait_for(trusted.communicate(), 30)
+    assert trusted.returncode == 0 and b"serving: yes" in out
+    plaintext = await asyncio.create_subprocess_exec(*cli, "health", stdout=PIPE, stderr=PIPE)
+    _, err = await asyncio.wait_for(plaintext.communicate(), 30)
+    assert plaintext.returncode == 1 and b"llmrelay: UNAVAILABLE" in err

@@ -14,12 +14,14 @@ import urllib.error
 import urllib.request
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from llmrelay import v1 as pb
 from llmrelay._client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, Client
 from llmrelay._errors import LLMRelayError
 from llmrelay._messages import message
+from llmrelay._options import CompletionOptions
 
 _FINISH = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in pb.FinishReason.items()}
 DEFAULT_METRICS = "http://127.0.0.1:9464/metrics"
@@ -32,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             _stats(args)
         return
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        root = args.ca_file.read_bytes() if args.ca_file else None
+        with Client(args.target, timeout=args.timeout, tls=args.tls, root_certificates=root) as client:
             args.run(client, args)
     except LLMRelayError as exc:
         details = f" (reason {exc.reason})" if exc.reason else ""
@@ -49,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmrelay", description="Talk to an llmrelay gateway.")
     parser.add_argument("--target", default=os.environ.get("LLMRELAY_TARGET", DEFAULT_TARGET), help="HOST:PORT")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="deadline of the call in seconds")
+    parser.add_argument(
+        "--tls",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="TLS or plaintext (default: plaintext only to a loopback target, TLS otherwise)",
+    )
+    parser.add_argument("--ca-file", type=Path, help="PEM roots to trust instead of the system's (implies TLS)")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     for name, run, text in (("complete", _complete, "one answer"), ("stream", _stream, "stream tokens as they come")):
@@ -100,9 +110,13 @@ def _chat(args: argparse.Namespace) -> list[pb.Message]:
     return [*system, message("user", args.prompt)]
 
 
-def _options(args: argparse.Namespace) -> dict[str, Any]:
-    options = {"max_tokens": args.max_tokens, "temperature": args.temperature}
-    return {k: v for k, v in options.items() if v is not None}
+def _options(args: argparse.Namespace) -> CompletionOptions:
+    options = CompletionOptions()
+    if args.max_tokens is not None:
+        options["max_tokens"] = args.max_tokens
+    if args.temperature is not None:
+        options["temperature"] = args.temperature
+    return options
 
 
 def _complete(client: Client, args: argparse.Namespace) -> None:
