@@ -487,9 +487,10 @@ class Conversation:
             turns[-1].append(index)
         return turns
 
-    def fits(self, tokens: int) -> bool:
-        """Given the conversation's token count, whether it fits; if not, drops the oldest turn (count again), or
-        raises ContextBudgetError when only the system messages and the last turn are left."""
+    def trim(self, tokens: int) -> bool:
+        """Given the conversation's token count: True when it fits the budget; otherwise drops the oldest turn and
+        returns False (count again), or raises ContextBudgetError when only the system messages and the last turn
+        are left. client.fit(conversation) runs it until it fits."""
         self.tokens = tokens
         if self.budget_tokens is None or tokens <= self.budget_tokens:
             return True

@@ -363,7 +363,7 @@ class Client(_Base):
                 conversation.messages, model=conversation.model or model, tools=tools, timeout=timeout,
                 metadata=metadata,
             )  # fmt: skip
-            if conversation.fits(count.token_count):
+            if conversation.trim(count.token_count):
                 return count.token_count
 
     def count_tokens(
@@ -573,7 +573,7 @@ class AsyncClient(_Base):
                 conversation.messages, model=conversation.model or model, tools=tools, timeout=timeout,
                 metadata=metadata,
             )  # fmt: skip
-            if conversation.fits(count.token_count):
+            if conversation.trim(count.token_count):
                 return count.token_count
 
     async def count_tokens(

@@ -182,8 +182,8 @@ def test_turns_keep_tool_calls_with_their_results() -> None:
         budget_tokens=10,
     )
     assert [[m.content for m in turn] for turn in conversation.turns()] == [["greeting"], ["1", "", "r", "a1"], ["2"]]
-    assert conversation.fits(10)
-    assert not conversation.fits(11)
+    assert conversation.trim(10)
+    assert not conversation.trim(11)
     assert [m.content for m in conversation.messages] == ["s", "1", "", "r", "a1", "2"]
-    assert not conversation.fits(11)
+    assert not conversation.trim(11)
     assert [m.content for m in conversation.messages] == ["s", "2"]
