@@ -17,8 +17,9 @@ Faults are queued; each chat or embeddings request takes the next one. A fault i
     {"huge_content": 5_000_000}                        an answer whose content has this many characters
     {"no_usage": true}                                 leave usage out (like older Ollama streams)
     {"reasoning": "thinking..."}                       add reasoning text (as Ollama's `reasoning` field)
-    {"tool_call": {"name": "f", "arguments": "{}"}}    answer with a tool call
-    {"tool_calls": [{"name": "f", ...}, ...]}          answer with several tool calls (ids call_1, call_2, ...)
+    {"tool_call": {"name": "f", "arguments": "{}"}}    answer with a tool call (id call_N_1, as below)
+    {"tool_calls": [{"name": "f", ...}, ...]}          answer with several tool calls (ids call_N_1, call_N_2, ...
+                                                       for a request of N messages: unique within a conversation)
     {"echo_tools": true}                               answer "tools: " + the tool results since the last user
                                                        message, each as "name=content", joined by "; "
     {"two_choices": true}                              also answer a second choice (index 1), as n=2 would
@@ -312,6 +313,10 @@ class _Answer:
     def completion_tokens(self) -> int:
         return len(self.content.split()) + len((self.reasoning or "").split())
 
+    def tool_call_id(self, index: int) -> str:
+        # Unique within a conversation, as a real API's are: the answer's id tells the turns apart.
+        return f"call_{self.id.rsplit('-', 1)[1]}_{index + 1}"
+
     def usage_dict(self) -> dict[str, int]:
         return {
             "prompt_tokens": self.prompt_tokens,
@@ -325,7 +330,8 @@ class _Answer:
             message["reasoning"] = self.reasoning
         if self.tool_calls:
             message["tool_calls"] = [
-                {"id": f"call_{i + 1}", "type": "function", "function": call} for i, call in enumerate(self.tool_calls)
+                {"id": self.tool_call_id(i), "type": "function", "function": call}
+                for i, call in enumerate(self.tool_calls)
             ]
         result: dict[str, Any] = {
             "id": self.id,
@@ -350,7 +356,12 @@ class _Answer:
         ]
         for i, call in enumerate(self.tool_calls):
             name, arguments = call["name"], call["arguments"]
-            head = {"index": i, "id": f"call_{i + 1}", "type": "function", "function": {"name": name, "arguments": ""}}
+            head = {
+                "index": i,
+                "id": self.tool_call_id(i),
+                "type": "function",
+                "function": {"name": name, "arguments": ""},
+            }
             deltas.append({"tool_calls": [head]})
             deltas += [{"tool_calls": [{"index": i, "function": {"arguments": p}}]} for p in _halves(arguments)]
         chunks = [self._chunk(delta, None) for delta in deltas]

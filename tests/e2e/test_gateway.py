@@ -41,6 +41,8 @@ async def test_completion_is_served_by_the_first_backend(stub: pb.LLMServiceAsyn
 @pytest.mark.parametrize("primary", DIALECTS, indirect=True)
 async def test_stream_concatenates_to_the_unary_answer(stub: pb.LLMServiceAsyncStub, primary: FakeUpstream) -> None:
     unary = await stub.Complete(chat("one two three four"), timeout=5)
+    # Words sent apart, so that the answer comes in pieces (the gateway joins pieces that arrive together).
+    primary.inject({"trickle_s": 0.01})
     chunks = [c async for c in stub.StreamComplete(stream_chat("one two three four"), timeout=5)]
     assert len(chunks) > 2, "the answer must arrive in pieces"
     assert "".join(c.delta.content for c in chunks) == unary.message.content
@@ -183,24 +185,24 @@ async def test_tool_calls_round_trip(stub: pb.LLMServiceAsyncStub, primary: Fake
     answer = await stub.Complete(chat("weather in Oslo?"), timeout=5)
     assert answer.finish_reason == pb.FINISH_REASON_TOOL_CALLS
     call = answer.message.tool_calls[0]
-    assert (call.id, call.function.name, call.function.arguments) == ("call_1", "weather", '{"city": "Oslo"}')
+    assert (call.id, call.function.name, call.function.arguments) == ("call_1_1", "weather", '{"city": "Oslo"}')
 
     primary.inject({"tool_call": {"name": "weather", "arguments": '{"city": "Oslo"}'}})
     chunks = [c async for c in stub.StreamComplete(stream_chat("weather in Oslo?"), timeout=5)]
     fragments = [d for c in chunks for d in c.delta.tool_calls]
-    assert fragments[0].name == "weather" and fragments[0].id == "call_1"
+    assert fragments[0].name == "weather" and fragments[0].id == "call_1_1"
     assert "".join(d.arguments for d in fragments) == '{"city": "Oslo"}'
     assert chunks[-1].finish_reason == pb.FINISH_REASON_TOOL_CALLS
 
     conversation = [
         user("weather in Oslo?"),
         pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call]),
-        pb.Message(role=pb.ROLE_TOOL, content="sunny", tool_call_id="call_1"),
+        pb.Message(role=pb.ROLE_TOOL, content="sunny", tool_call_id="call_1_1"),
     ]
     await stub.Complete(pb.CompleteRequest(messages=conversation), timeout=5)
     sent = primary.chat_requests[-1]["messages"]
     assert sent[1]["tool_calls"][0]["function"] == {"name": "weather", "arguments": '{"city": "Oslo"}'}
-    assert sent[2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}
+    assert sent[2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1_1"}
 
 
 @pytest.mark.parametrize(

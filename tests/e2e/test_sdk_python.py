@@ -32,8 +32,6 @@ from support import OPENAI_TEST_KEY, GatewayFactory
 from upstream import FakeUpstream
 
 QUESTION = [message("user", "What is the weather in Oslo, and the time there?")]
-# The upstream answers with tool calls numbered call_1, call_2... in each answer, and echo_tools names each result
-# by its call id: the second step calls the tool the first step's call_1 did, so the names stay right.
 THREE_STEPS = (
     {"tool_calls": [
         {"name": "weather", "arguments": '{"city": "Oslo"}'},

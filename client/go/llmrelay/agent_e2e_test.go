@@ -135,7 +135,6 @@ func TestAgentRunsTwoToolsOverSeveralSteps(t *testing.T) {
 					{"name": "get_weather", "arguments": `{"city": "Paris"}`},
 					{"name": "add", "arguments": `{"a": 2, "b": 3}`},
 				}},
-				// The fake numbers each answer's calls from call_1, so this one calls the tool step one's call_1 did.
 				gatewaytest.Fault{"tool_calls": []map[string]string{{"name": "get_weather", "arguments": `{"city": "Oslo"}`}}},
 				gatewaytest.Fault{"echo_tools": true},
 			); err != nil {
@@ -190,8 +189,8 @@ func TestAgentRunsTwoToolsOverSeveralSteps(t *testing.T) {
 					t.Errorf("message %d is %s, want %s", i, message.GetRole(), roles[i])
 				}
 			}
-			if id := conversation.Messages[4].GetToolCallId(); id != "call_2" {
-				t.Errorf("the second tool result answers %q, want call_2", id)
+			if id := conversation.Messages[4].GetToolCallId(); id != "call_2_2" {
+				t.Errorf("the second tool result answers %q, want call_2_2", id)
 			}
 
 			after, err := env.Upstream.Requests()

@@ -139,10 +139,10 @@ describe("the agent loop", { concurrency: false }, () => {
         [Role.ROLE_SYSTEM, 0],
         [Role.ROLE_USER, 0],
         [Role.ROLE_ASSISTANT, 2],
-        [Role.ROLE_TOOL, "call_1"],
-        [Role.ROLE_TOOL, "call_2"],
+        [Role.ROLE_TOOL, "call_2_1"],
+        [Role.ROLE_TOOL, "call_2_2"],
         [Role.ROLE_ASSISTANT, 1],
-        [Role.ROLE_TOOL, "call_1"],
+        [Role.ROLE_TOOL, "call_5_1"],
         [Role.ROLE_ASSISTANT, 0],
       ],
     );

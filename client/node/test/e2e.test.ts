@@ -301,10 +301,11 @@ describe("collect", { concurrency: false }, () => {
   });
 
   test("collect assembles reasoning and a tool call", async () => {
+    // The fake numbers a call by the messages it was asked with (here a system and a user message) and its place.
     await upstream.addFaults({ reasoning: "thinking it over", tool_call: { name: "lookup", arguments: '{"q":"x"}' } });
     const answer = await connect().collect({ messages: chat("use the tool") });
     assert.equal(answer.message?.reasoning, "thinking it over");
-    const call = { id: "call_1", function: { name: "lookup", arguments: '{"q":"x"}' } };
+    const call = { id: "call_2_1", function: { name: "lookup", arguments: '{"q":"x"}' } };
     assert.deepEqual(answer.message?.toolCalls, [call]);
     assert.equal(answer.finishReason, FinishReason.FINISH_REASON_TOOL_CALLS);
   });

@@ -29,14 +29,25 @@ _LOCAL_SCHEMES: Final = frozenset({"unix", "unix-abstract"})
 
 
 def is_loopback_target(target: str) -> bool:
-    """Whether a gRPC target names this machine: 127.0.0.0/8, ::1, "localhost" (any port, with or without a scheme
-    such as "dns:///"), or a Unix socket ("unix:", "unix-abstract:")."""
+    """Whether a gRPC target names this machine: 127.0.0.0/8, ::1, "localhost" (any port), by itself or behind the
+    "dns:" or "passthrough:" scheme; "ipv4:"/"ipv6:" lists of loopback addresses only; a Unix socket ("unix:",
+    "unix-abstract:"). A scheme other than these (xds:, a custom resolver) is not loopback: who knows where it
+    resolves. The Go and TypeScript SDKs decide alike."""
     address = target.strip()
-    if (match := _SCHEME.match(address)) and not _looks_like_host_port(address):
-        if match["scheme"].lower() in _LOCAL_SCHEMES:
-            return True
-        address = match["rest"]
-    host = _host(address)
+    match = _SCHEME.match(address)
+    if match is None or _looks_like_host_port(address):
+        return _is_loopback_host(_host(address))
+    scheme, rest = match["scheme"].lower(), match["rest"]
+    if scheme in _LOCAL_SCHEMES:
+        return True
+    if scheme in ("ipv4", "ipv6"):
+        return all(_is_loopback_host(_host(part)) for part in rest.split(","))
+    if scheme in ("dns", "passthrough"):
+        return _is_loopback_host(_host(rest))
+    return False
+
+
+def _is_loopback_host(host: str) -> bool:
     if host.lower().rstrip(".") == "localhost":
         return True
     try:

@@ -26,6 +26,8 @@ LOOPBACK = [
     "dns:localhost:50051",
     "ipv4:127.0.0.1:50051",
     "ipv6:[::1]:50051",
+    "ipv4:127.0.0.1:1,127.0.0.2:2",
+    "passthrough:///localhost:50051",
     "unix:/run/llmrelay.sock",
     "unix:///run/llmrelay.sock",
     "unix-abstract:llmrelay",
@@ -40,6 +42,8 @@ REMOTE = [
     "localhost.example.com:443",
     "ipv4:10.0.0.1:1,127.0.0.1:2",
     "xds:///llmrelay",
+    "xds:///localhost:50051",
+    "passthrough:///llm.example.com:443",
     "128.0.0.1:50051",
 ]
 
