@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 from pathlib import Path
 
 from llmrelay_server import logs
-from llmrelay_server.app import serve
+from llmrelay_server.app import run, serve
 from llmrelay_server.auth import new_key
 from llmrelay_server.config import ConfigError, check_key_name, load_config
 from llmrelay_server.workers import ListenError, Supervisor, WorkerRole
@@ -51,11 +50,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"llmrelay-server: configuration error: {exc}")
     try:
         if args.worker is not None:
-            asyncio.run(serve(config, WorkerRole(args.worker, args.worker_dir)))
+            run(serve(config, WorkerRole(args.worker, args.worker_dir)), config.server.event_loop)
         elif config.server.workers > 1:
-            sys.exit(asyncio.run(Supervisor(config, argv).run()))
+            sys.exit(run(Supervisor(config, argv).run(), config.server.event_loop))
         else:
-            asyncio.run(serve(config))
+            run(serve(config), config.server.event_loop)
     except ListenError as exc:
         sys.exit(f"llmrelay-server: {exc}")
     except ConfigError as exc:  # what is checked as it is read: a certificate, the keys file

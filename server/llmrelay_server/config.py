@@ -180,6 +180,9 @@ class ServerConfig:
     """Whether prompts and answers may appear in logs and traces; off, nothing a caller wrote is recorded."""
     tracing: bool = False
     """OpenTelemetry traces (the `llmrelay[otel]` extra), exported as the standard OTEL_* variables say."""
+    event_loop: str = "uvloop"
+    """The asyncio event loop: "uvloop" (faster: about a fifth more calls per second of CPU, `make bench`; the plain
+    loop where uvloop is not installed) or "asyncio" (Python's own)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +289,8 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
         _check_listen(server.metrics_listen, "server.metrics_listen")
     if server.log_format not in ("text", "json"):
         raise ConfigError(f"server.log_format: {server.log_format!r} is not text or json")
+    if server.event_loop not in ("uvloop", "asyncio"):
+        raise ConfigError(f"server.event_loop: {server.event_loop!r} is not uvloop or asyncio")
     _check_positive(server, "server", allow_zero=("drain_s",))
     _check_positive(section.router, "router")
     _check_positive(section.router.retry, "router.retry", allow_zero=("max_retries",))

@@ -423,6 +423,7 @@ ONE_EXTRA = "llm:\n  backends:\n    - {name: local, kind: llamacpp, base_url: 'h
         ("server: {grace_period_s: true}\n", {}, "server.grace_period_s"),
         ("server: {max_message_bytes: 1.5}\n", {}, "server.max_message_bytes"),
         ("server: {listen: [a]}\n", {}, "server.listen"),
+        ("server: {event_loop: trio}\n", {}, "server.event_loop"),
         ("router: {retry: {max_retries: 'two'}}\n", {}, "router.retry.max_retries"),
         ("router: {retry: {max_retries: false}}\n", {}, "router.retry.max_retries"),
         ("router: {circuit: 5}\n", {}, "router.circuit"),
