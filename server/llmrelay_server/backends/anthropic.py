@@ -22,11 +22,13 @@ from anthropic.types import ModelInfo
 from llmrelay_server.backends import anthropic_wire, wire
 from llmrelay_server.backends.upstream_http import (
     HEALTH_TIMEOUT_S,
-    POOL_LIMITS,
     SDKErrors,
+    coalesced,
     connection_lost,
     health_record,
+    http_client,
     kind_of_status,
+    line_batches,
     post,
     prepared_headers,
     redact,
@@ -64,7 +66,7 @@ class AnthropicProvider:
         self._spec = spec
         self._counter = counter
         self._max_tokens = spec.default_max_tokens or DEFAULT_MAX_TOKENS
-        self._http = anthropic.DefaultAioHttpClient(limits=POOL_LIMITS)
+        self._http = http_client(anthropic.DefaultAioHttpClient)
         self._client = anthropic.AsyncAnthropic(
             # An explicit key also keeps the SDK from looking for credentials in the environment and profile files.
             api_key=spec.api_key or "unused",
@@ -117,26 +119,38 @@ class AnthropicProvider:
         try:
             response = await self._post(body, timeout_s, stream=True)
             try:
-                async for line in response.aiter_lines():
-                    # The `event:` lines repeat the type each `data:` object carries: the data alone is read.
-                    payload = wire.sse_data(line)
-                    if payload is None:
-                        continue
-                    data = wire.decode_json(payload.encode())
-                    if (event := anthropic_wire.error_event(data)) is not None:
-                        raise self._error_event(event)
-                    delta = state.event(data)
+                async for lines in line_batches(response):
+                    arrived: list[CompletionChunk] = []
+                    try:
+                        for line in lines:
+                            # The `event:` lines repeat the type each `data:` object carries: the data alone is read.
+                            payload = wire.sse_data(line)
+                            if payload is None:
+                                continue
+                            data = wire.decode_json(payload.encode())
+                            if (event := anthropic_wire.error_event(data)) is not None:
+                                raise self._error_event(event)
+                            delta = state.event(data)
+                            if state.stopped:
+                                break
+                            if delta is not None and (delta.content or delta.reasoning or delta.tool_calls):
+                                chunk = CompletionChunk(
+                                    id=state.id,
+                                    backend=self._spec.name,
+                                    model=state.model or model,
+                                    content=delta.content,
+                                    reasoning=delta.reasoning,
+                                    tool_calls=delta.tool_calls,
+                                )
+                                arrived.append(chunk)
+                    except (UpstreamError, wire.MalformedAnswerError):
+                        for chunk in coalesced(arrived):  # the text before the failure is sent, as it came first
+                            yield chunk
+                        raise
+                    for chunk in coalesced(arrived):
+                        yield chunk
                     if state.stopped:
                         break
-                    if delta is not None and (delta.content or delta.reasoning or delta.tool_calls):
-                        yield CompletionChunk(
-                            id=state.id,
-                            backend=self._spec.name,
-                            model=state.model or model,
-                            content=delta.content,
-                            reasoning=delta.reasoning,
-                            tool_calls=delta.tool_calls,
-                        )
             finally:
                 # Closing at once matters: on cancellation the upstream must see the connection go.
                 await response.aclose()

@@ -18,11 +18,13 @@ import openai
 from llmrelay_server.backends import wire
 from llmrelay_server.backends.upstream_http import (
     HEALTH_TIMEOUT_S,
-    POOL_LIMITS,
     SDKErrors,
+    coalesced,
     connection_lost,
     health_record,
+    http_client,
     kind_of_status,
+    line_batches,
     post,
     prepared_headers,
     redact,
@@ -60,7 +62,7 @@ class OpenAICompatibleProvider:
     def __init__(self, spec: BackendSpec, *, counter: TokenCounter) -> None:
         self._spec = spec
         self._counter = counter
-        self._http = openai.DefaultAioHttpClient(limits=POOL_LIMITS)
+        self._http = http_client(openai.DefaultAioHttpClient)
         self._client = openai.AsyncOpenAI(
             # Local servers take any key; the SDK insists on one.
             api_key=spec.api_key or "unused",
@@ -116,34 +118,47 @@ class OpenAICompatibleProvider:
         try:
             response = await self._post(body, timeout_s, stream=True)
             try:
-                async for line in response.aiter_lines():
-                    payload = wire.sse_data(line)
-                    if payload is None:
-                        continue
-                    if payload == wire.DONE:
-                        break
-                    data = wire.decode_json(payload.encode())
-                    if isinstance(data, dict) and (event := wire.error_event(data)) is not None:
-                        raise self._error_event(event)
-                    choice = wire.first_choice(data, "delta")
-                    completion_id = completion_id or str(data.get("id") or "")
-                    served_model = self._served_model(data, served_model)
-                    usage = wire.usage_from(data) or usage
-                    if choice is None:
-                        continue
-                    if choice.get("finish_reason") is not None:
-                        finish = wire.finish_reason(choice["finish_reason"])
-                    delta = choice.get("delta") or {}
-                    chunk = CompletionChunk(
-                        id=completion_id,
-                        backend=self._spec.name,
-                        model=served_model,
-                        content=wire.delta_text(delta, "content"),
-                        reasoning=wire.reasoning_text(delta) or None,
-                        tool_calls=wire.tool_call_deltas(delta),
-                    )
-                    if chunk.content or chunk.reasoning or chunk.tool_calls:
+                done = False
+                async for lines in line_batches(response):
+                    arrived: list[CompletionChunk] = []
+                    try:
+                        for line in lines:
+                            payload = wire.sse_data(line)
+                            if payload is None:
+                                continue
+                            if payload == wire.DONE:
+                                done = True
+                                break
+                            data = wire.decode_json(payload.encode())
+                            if isinstance(data, dict) and (event := wire.error_event(data)) is not None:
+                                raise self._error_event(event)
+                            choice = wire.first_choice(data, "delta")
+                            completion_id = completion_id or str(data.get("id") or "")
+                            served_model = self._served_model(data, served_model)
+                            usage = wire.usage_from(data) or usage
+                            if choice is None:
+                                continue
+                            if choice.get("finish_reason") is not None:
+                                finish = wire.finish_reason(choice["finish_reason"])
+                            delta = choice.get("delta") or {}
+                            chunk = CompletionChunk(
+                                id=completion_id,
+                                backend=self._spec.name,
+                                model=served_model,
+                                content=wire.delta_text(delta, "content"),
+                                reasoning=wire.reasoning_text(delta) or None,
+                                tool_calls=wire.tool_call_deltas(delta),
+                            )
+                            if chunk.content or chunk.reasoning or chunk.tool_calls:
+                                arrived.append(chunk)
+                    except (UpstreamError, wire.MalformedAnswerError):
+                        for chunk in coalesced(arrived):  # the text before the failure is sent, as it came first
+                            yield chunk
+                        raise
+                    for chunk in coalesced(arrived):
                         yield chunk
+                    if done:
+                        break
             finally:
                 # Closing at once matters: on cancellation the upstream must see the connection go.
                 await response.aclose()
