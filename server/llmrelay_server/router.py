@@ -300,6 +300,57 @@ class _Chain:
         return error
 
 
+class _Watchdog:
+    """A stream's wait for its next chunk, ended with TimeoutError after `idle_s`, or at `deadline`: one timer for the
+    whole stream, made again only when it fires while a wait is still within its limit. (asyncio.timeout per chunk
+    would make and cancel a timer for every chunk.) Time the caller takes between waits does not count."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, idle_s: float, deadline: float) -> None:
+        self._loop = loop
+        self._idle_s = idle_s
+        self._deadline = deadline
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[object] | None = None
+        self._waiting_since: float | None = None
+        self._cancelling = 0
+        self._expired = False
+
+    def __enter__(self) -> None:
+        self._waiting_since = self._loop.time()
+        self._task = asyncio.current_task()
+        assert self._task is not None, "a stream is read by a task"
+        self._cancelling = self._task.cancelling()
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._due(self._waiting_since), self._check)
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _: object) -> None:
+        self._waiting_since = None
+        if self._expired:
+            self._expired = False
+            assert self._task is not None
+            if self._task.uncancel() <= self._cancelling and kind is asyncio.CancelledError:
+                raise TimeoutError from error
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _due(self, since: float) -> float:
+        return min(since + self._idle_s, self._deadline)
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._waiting_since is None:
+            return  # between waits: the next one sets the timer again
+        due = self._due(self._waiting_since)
+        if self._loop.time() < due:  # set for an earlier wait
+            self._timer = self._loop.call_at(due, self._check)
+        elif self._task is not None:
+            self._expired = True
+            self._task.cancel()
+
+
 class LoopLag:
     """How late the event loop runs its timers lately: a busy process must end calls earlier to answer in time.
 
@@ -588,23 +639,26 @@ class Router:
         yield first
         idle_s = self._config.stream_idle_timeout_s
         loop = asyncio.get_running_loop()
-        while True:
-            limit = min(loop.time() + idle_s, chain.deadline)
-            try:
-                async with asyncio.timeout_at(limit):
-                    chunk = await anext(upstream)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                if loop.time() >= chain.deadline:
-                    raise chain.deadline_exceeded() from None
-                stalled = UpstreamError(UpstreamErrorKind.TIMEOUT, route.backend.name, f"no data for {idle_s:g} s")
-                route.backend.count_failure(stalled)
-                raise stalled from None
-            except UpstreamError as exc:
-                route.backend.count_failure(exc)
-                raise
-            yield chunk
+        watchdog = _Watchdog(loop, idle_s, chain.deadline)
+        try:
+            while True:
+                try:
+                    with watchdog:
+                        chunk = await anext(upstream)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    if loop.time() >= chain.deadline:
+                        raise chain.deadline_exceeded() from None
+                    stalled = UpstreamError(UpstreamErrorKind.TIMEOUT, route.backend.name, f"no data for {idle_s:g} s")
+                    route.backend.count_failure(stalled)
+                    raise stalled from None
+                except UpstreamError as exc:
+                    route.backend.count_failure(exc)
+                    raise
+                yield chunk
+        finally:
+            watchdog.stop()
 
     async def _try_route(self, chain: _Chain, route: Route, call: Callable[[Route, float], Awaitable[T]]) -> T | None:
         """Runs `call` on one route with retries; its result, or None to move on to the next route.

@@ -3,6 +3,7 @@ together (waiting in the same read from the upstream) joined into one message.""
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -23,7 +24,7 @@ async def test_each_chunk_is_relayed_as_it_arrives(stub: pb.LLMServiceAsyncStub,
     assert "".join(text for _, text in arrivals) == "echo: one two three"
     # The upstream waits TRICKLE_S after each word: a gateway holding chunks back would deliver them close together.
     assert len(arrivals) == 4, arrivals
-    gaps = [later - earlier for (earlier, _), (later, _) in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [later - earlier for (earlier, _), (later, _) in itertools.pairwise(arrivals)]
     assert all(gap > TRICKLE_S / 2 for gap in gaps), gaps
 
 
