@@ -4,8 +4,8 @@ Four paths to the same answers, measured in one run, taking turns in rounds so t
 on all of them:
 - direct: the loopback upstream called over raw HTTP/1.1 keep-alive connections (bench/direct.py), a load generator
   as cheap as the gRPC one;
-- floor: a plain grpc.aio server answering the same messages from memory (bench/floor.py): what any Python gRPC
-  server costs;
+- floor: a plain grpc.aio server answering the gateway's messages from memory, a message per upstream chunk
+  (bench/floor.py): what any Python gRPC server costs;
 - gateway: llmrelay-server in front of the upstream, with no call log;
 - everything: the gateway with auth, limits, metrics and a JSON log line per call.
 Each server runs in its own process, so its CPU time is read from /proc. Per path, unary calls and streams of 8
@@ -213,16 +213,16 @@ def grpc_calls(stub: pb.LLMServiceAsyncStub, metadata: Sequence[tuple[str, str]]
 
     def stream_of(prompt: str) -> Call:
         stream_request = pb.StreamCompleteRequest(model=MODEL, messages=messages(prompt))
-        words = len(prompt.split()) + 1
+        answer = f"echo: {prompt}"
 
         async def stream() -> float:
             first = 0.0
-            texts = 0
+            texts = []
             async for message in stub.StreamComplete(stream_request, timeout=30, metadata=metadata):
                 if message.delta.content:
-                    texts += 1
+                    texts.append(message.delta.content)
                     first = first or time.perf_counter()
-            assert texts == words, (texts, words)
+            assert "".join(texts) == answer, texts
             return first
 
         return stream
@@ -243,8 +243,24 @@ async def recorded_answers(stub: pb.LLMServiceAsyncStub) -> dict[str, Any]:
     streams = {}
     for prompt in (STREAM_PROMPT, LONG_PROMPT):
         request = pb.StreamCompleteRequest(model=MODEL, messages=messages(prompt))
-        streams[prompt] = [encoded(message) async for message in stub.StreamComplete(request, timeout=30)]
+        recorded = [message async for message in stub.StreamComplete(request, timeout=30)]
+        streams[prompt] = [encoded(message) for message in a_message_per_chunk(recorded)]
     return {"complete": {UNARY_PROMPT: encoded(answer)}, "stream": streams}
+
+
+def a_message_per_chunk(stream: list[pb.StreamCompleteResponse]) -> list[pb.StreamCompleteResponse]:
+    """The gateway's stream as a message per upstream chunk (a word), then its last message: the floor sends every
+    chunk on its own, whereas the gateway joins the chunks that reach it together (the loopback upstream writes them
+    all at once)."""
+    *texts, last = stream
+    words = "".join(message.delta.content for message in texts).split(" ")
+    pieces = []
+    for index, word in enumerate(words):
+        piece = pb.StreamCompleteResponse()
+        piece.CopyFrom(texts[0])
+        piece.delta.content = word if index == 0 else f" {word}"
+        pieces.append(piece)
+    return [*pieces, last]
 
 
 # --- processes: everything the bench starts and stops ---------------------------------------------------------

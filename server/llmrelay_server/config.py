@@ -181,8 +181,8 @@ class ServerConfig:
     tracing: bool = False
     """OpenTelemetry traces (the `llmrelay[otel]` extra), exported as the standard OTEL_* variables say."""
     event_loop: str = "uvloop"
-    """The asyncio event loop: "uvloop" (faster: about a fifth more calls per second of CPU, `make bench`; the plain
-    loop where uvloop is not installed) or "asyncio" (Python's own)."""
+    """The asyncio event loop: "uvloop" (less CPU per call: `make bench` measured 10-25% off a plain grpc.aio
+    server's, 0-10% off the gateway's; Python's own loop where uvloop is not installed) or "asyncio"."""
 
 
 @dataclass(frozen=True, slots=True)
