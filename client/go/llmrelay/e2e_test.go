@@ -199,6 +199,10 @@ func TestStreamMatchesComplete(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Words sent apart, so that the answer comes in pieces (the gateway joins pieces that arrive together).
+	if err := env.Upstream.AddFaults(gatewaytest.Fault{"trickle_s": 0.01}); err != nil {
+		t.Fatal(err)
+	}
 	stream, err := client.Stream(ctx, &llmrelayv1.StreamCompleteRequest{Messages: chat(prompt)})
 	if err != nil {
 		t.Fatal(err)
