@@ -751,7 +751,8 @@ def main() -> None:
     )
     asyncio.run(compare(settings, results))
     print("\n" + markdown(results))
-    print(f"\nwritten: {save(results).relative_to(ROOT)} (and latest.json, latest.png)")
+    print(f"\nwritten: {save(results).relative_to(ROOT)} (and latest.json, latest.png)\n")
+    subprocess.run([sys.executable, str(ROOT / "bench" / "bench_tokens.py")], check=True)  # token counting's cost
 
 
 def default_loop() -> str:
