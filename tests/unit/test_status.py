@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from llmrelay import ErrorDetails
 from llmrelay import v1 as pb
 from llmrelay_server import status
 from llmrelay_server.domain import (
@@ -49,51 +50,41 @@ class Decoded:
 
 
 def decode(failure: grpc.Status) -> Decoded:
-    """Reads the details as a client would: from the grpc-status-details-bin bytes, and the pushback trailer."""
+    """Reads the details as a client would, through the SDK's decoder: from the grpc-status-details-bin bytes, and
+    the pushback trailer. Checks the contract's order too: ErrorInfo first, AttemptHistory last, one of each."""
     (key, details), *rest = failure.trailing_metadata
     assert key == "grpc-status-details-bin"
     pushback = dict(rest).pop("grpc-retry-pushback-ms", None)
     assert len(rest) == (pushback is not None), f"unexpected trailers {rest}"
     assert pushback is None or isinstance(pushback, str)
     message = status_pb2.Status.FromString(details)
-    info = error_details_pb2.ErrorInfo()
-    assert message.details[0].Unpack(info), "ErrorInfo comes first"
-    retry_delay_s: float | None = None
-    bad_request: error_details_pb2.BadRequest | None = None
-    quota_failure: error_details_pb2.QuotaFailure | None = None
-    attempt_history: pb.AttemptHistory | None = None
-    for packed in message.details[1:]:
-        assert attempt_history is None, "AttemptHistory comes last"
-        if packed.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            assert retry_delay_s is None, "at most one RetryInfo"
-            retry = error_details_pb2.RetryInfo()
-            packed.Unpack(retry)
-            retry_delay_s = retry.retry_delay.ToNanoseconds() / 1e9
-        elif packed.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            assert bad_request is None, "at most one BadRequest"
-            bad_request = error_details_pb2.BadRequest()
-            packed.Unpack(bad_request)
-        elif packed.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
-            assert quota_failure is None, "at most one QuotaFailure"
-            quota_failure = error_details_pb2.QuotaFailure()
-            packed.Unpack(quota_failure)
-        elif packed.Is(pb.AttemptHistory.DESCRIPTOR):
-            attempt_history = pb.AttemptHistory()
-            packed.Unpack(attempt_history)
-        else:
-            pytest.fail(f"unexpected detail {packed.type_url}")
+    types = [packed.type_url.rsplit("/", 1)[-1] for packed in message.details]
+    assert isinstance(details, bytes)
+    decoded = ErrorDetails.decode(details)
+    known = sorted(m.DESCRIPTOR.full_name for m in decoded.messages())
+    assert sorted(types) == known, f"unexpected or repeated details {types}"
+    assert types[0] == "google.rpc.ErrorInfo", "ErrorInfo comes first"
+    assert decoded.attempt_history is None or types[-1] == "llmrelay.v1.AttemptHistory", "AttemptHistory comes last"
+    assert decoded.error_info is not None
     # The pushback goes with RetryInfo, and only with it.
-    assert (pushback is None) == (retry_delay_s is None), (pushback, retry_delay_s)
+    assert (pushback is None) == (decoded.retry_delay_s is None), (pushback, decoded.retry_delay_s)
     # The typed attempts and the metadata string say the same, and come together.
-    assert (attempt_history is None) == ("attempts" not in info.metadata)
-    if attempt_history is not None:
+    assert (decoded.attempt_history is None) == ("attempts" not in decoded.metadata)
+    if decoded.attempt_history is not None:
         outcomes = {value: name for name, value in pb.AttemptOutcome.items()}
         listed = [
-            f"{a.backend}:{outcomes[a.outcome].removeprefix('ATTEMPT_OUTCOME_').lower()}"
-            for a in attempt_history.attempts
+            f"{a.backend}:{outcomes[a.outcome].removeprefix('ATTEMPT_OUTCOME_').lower()}" for a in decoded.attempts
         ]
-        assert ",".join(listed) == info.metadata["attempts"]
-    return Decoded(message, info, retry_delay_s, bad_request, quota_failure, attempt_history, pushback)
+        assert ",".join(listed) == decoded.metadata["attempts"]
+    return Decoded(
+        message,
+        decoded.error_info,
+        decoded.retry_delay_s,
+        decoded.bad_request,
+        decoded.quota_failure,
+        decoded.attempt_history,
+        pushback,
+    )
 
 
 def failure_of(error: LLMRelayError) -> tuple[grpc.Status, Decoded]:
