@@ -7,7 +7,8 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import error_details_pb2
+from llmrelay import error_details
 from llmrelay import v1 as pb
 from support import chat, stream_chat
 from upstream import FakeUpstream
@@ -16,21 +17,12 @@ Outcome = pb.AttemptOutcome
 
 
 def decoded(error: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInfo, pb.AttemptHistory | None, str | None]:
-    """ErrorInfo, the AttemptHistory if any, and the pushback trailer if any, decoded as any client would."""
-    trailers = dict(error.trailing_metadata() or ())
-    raw = trailers["grpc-status-details-bin"]
-    assert isinstance(raw, bytes)
-    info = error_details_pb2.ErrorInfo()
-    history: pb.AttemptHistory | None = None
-    for packed in status_pb2.Status.FromString(raw).details:
-        if packed.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            packed.Unpack(info)
-        elif packed.Is(pb.AttemptHistory.DESCRIPTOR):
-            history = pb.AttemptHistory()
-            packed.Unpack(history)
-    pushback = trailers.get("grpc-retry-pushback-ms")
+    """ErrorInfo, the AttemptHistory if any, and the pushback trailer if any, as the SDK's decoder reads them."""
+    details = error_details(error)
+    assert details is not None and details.error_info is not None
+    pushback = dict(error.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
     assert pushback is None or isinstance(pushback, str)
-    return info, history, pushback
+    return details.error_info, details.attempt_history, pushback
 
 
 def listed(history: pb.AttemptHistory) -> list[tuple[str, int, int | None]]:
