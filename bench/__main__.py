@@ -32,7 +32,6 @@ import operator
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from harness import GatewayProcess, clean_env, free_port, spawn_gateway
 from llmrelay import v1 as pb
 
 from bench.direct import DirectClient
@@ -69,12 +69,6 @@ HOLD_TRICKLE_S = 2.0
 
 Call = Callable[[], Awaitable[float]]
 """A call checked for its answer; it returns the time.perf_counter() of its first chunk (unary: of its answer)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -339,27 +333,27 @@ EVERYTHING = Feature(
 )
 
 
-def start_gateway(
+async def start_gateway(
     scratch: Path,
     upstream_port: int,
     gateway_port: int,
     name: str = "gateway",
     feature: Feature = PLAIN,
     loop: str | None = None,
-) -> subprocess.Popen[str]:
-    """`llmrelay-server` in front of the loopback upstream, with no configuration from the environment."""
+) -> GatewayProcess:
+    """`llmrelay-server` in front of the loopback upstream, with no configuration from the environment; once it
+    serves (all its workers, when it has several)."""
     config = scratch / f"{name}.yaml"
     server = "".join(f", {more}" for more in (feature.server, f"event_loop: {loop}" if loop else "") if more)
     config.write_text(
         f'server: {{usage_db: "{scratch}/{name}.db"{server}}}\n'
         f'llm:\n  ollama: {{base_url: "http://127.0.0.1:{upstream_port}/v1", model: {MODEL}}}\n{feature.extra}'
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OLLAMA_", "LLMRELAY_", "OTEL_"))}
-    env.update(feature.env)
-    command = [str(BIN / "llmrelay-server"), "--listen", f"127.0.0.1:{gateway_port}", "--config", str(config)]
-    several = "--workers" in feature.flags and feature.flags[feature.flags.index("--workers") + 1] != "1"
-    ready = "workers)" if several else "listening on"  # a supervisor says so once all its workers serve
-    return start([*command, *feature.flags], ready, env)
+    gateway = await spawn_gateway(config, *feature.flags, port=gateway_port, env=clean_env(**dict(feature.env)))
+    await gateway.wait_listening()
+    if "--workers" in feature.flags and feature.flags[feature.flags.index("--workers") + 1] != "1":
+        await gateway.wait_for_line("workers)")  # a supervisor says so once all its workers serve
+    return gateway
 
 
 def process_tree(pid: int) -> list[int]:
@@ -392,36 +386,42 @@ async def scale(requests: int, concurrency: int, rounds: int) -> None:
     times four (the kernel spreads connections, not calls), against the same upstream, taking turns in rounds."""
     names = {workers: f"{workers} worker{'s' if workers > 1 else ''}" for workers in WORKER_COUNTS}
     ports = {name: free_port() for name in ("upstream", *names.values())}
-    with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as running:
-        upstream = start_upstream(ports["upstream"])
-        running.callback(stop, upstream)
-        pids = {"upstream": [upstream.pid]}
-        for workers, name in names.items():
-            feature = Feature(name, server="log_calls: false", flags=("--workers", str(workers)))
-            gateway = start_gateway(Path(scratch), ports["upstream"], ports[name], name.replace(" ", "-"), feature)
-            running.callback(stop, gateway)
-            pids[name] = process_tree(gateway.pid)
-        await asyncio.sleep(1.0)
-        print(f"llmrelay bench --workers: {requests} unary calls, concurrency {concurrency}, on {os.cpu_count()} CPUs")
-        print("(the bench client and the upstream share those CPUs with the gateway)\n")
-        print_header()
-        runs: dict[str, list[Run]] = {name: [] for name in names.values()}
-        channels: list[grpc.aio.Channel] = []
-        calls: dict[str, Call] = {}
-        for workers, name in names.items():
-            options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own for each channel
-            own = [grpc.aio.insecure_channel(f"127.0.0.1:{ports[name]}", options=options) for _ in range(4 * workers)]
-            channels += own
-            calls[name] = _round_robin([grpc_calls(pb.LLMServiceStub(channel))["unary"] for channel in own])
-        for round_ in range(rounds):
+    with tempfile.TemporaryDirectory() as scratch_dir:
+        scratch = Path(scratch_dir)
+        async with contextlib.AsyncExitStack() as running:
+            upstream = start_upstream(ports["upstream"])
+            running.callback(stop, upstream)
+            pids = {"upstream": [upstream.pid]}
+            for workers, name in names.items():
+                feature = Feature(name, server="log_calls: false", flags=("--workers", str(workers)))
+                gateway = await start_gateway(scratch, ports["upstream"], ports[name], name.replace(" ", "-"), feature)
+                running.push_async_callback(gateway.stop)
+                pids[name] = process_tree(gateway.process.pid)
+            await asyncio.sleep(1.0)
+            print(
+                f"llmrelay bench --workers: {requests} unary calls, concurrency {concurrency}, on {os.cpu_count()} CPUs"
+            )
+            print("(the bench client and the upstream share those CPUs with the gateway)\n")
+            print_header()
+            runs: dict[str, list[Run]] = {name: [] for name in names.values()}
+            channels: list[grpc.aio.Channel] = []
+            calls: dict[str, Call] = {}
+            for workers, name in names.items():
+                options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own for each channel
+                own = [
+                    grpc.aio.insecure_channel(f"127.0.0.1:{ports[name]}", options=options) for _ in range(4 * workers)
+                ]
+                channels += own
+                calls[name] = _round_robin([grpc_calls(pb.LLMServiceStub(channel))["unary"] for channel in own])
+            for round_ in range(rounds):
+                for name in names.values():
+                    runs[name].append(await measure(calls[name], requests // rounds, concurrency, pids, round_ == 0))
             for name in names.values():
-                runs[name].append(await measure(calls[name], requests // rounds, concurrency, pids, round_ == 0))
-        for name in names.values():
-            print_row(name, functools.reduce(operator.add, runs[name]), name)
-        one, two = (functools.reduce(operator.add, runs[names[workers]]) for workers in WORKER_COUNTS)
-        print(f"\n2 workers / 1 worker: calls/s x{two.throughput / one.throughput:.2f}")
-        for channel in channels:
-            await channel.close()
+                print_row(name, functools.reduce(operator.add, runs[name]), name)
+            one, two = (functools.reduce(operator.add, runs[names[workers]]) for workers in WORKER_COUNTS)
+            print(f"\n2 workers / 1 worker: calls/s x{two.throughput / one.throughput:.2f}")
+            for channel in channels:
+                await channel.close()
 
 
 def _round_robin(calls: Sequence[Call]) -> Call:
@@ -475,44 +475,55 @@ class Results:
 
 async def compare(settings: Settings, results: Results) -> None:
     ports = {name: free_port() for name in ("upstream", "floor", "gateway", "everything")}
-    with tempfile.TemporaryDirectory() as scratch_dir, contextlib.ExitStack() as running:
+    with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
-        upstream = start_upstream(ports["upstream"])
-        running.callback(stop, upstream)
-        gateways = {}
-        for name, feature in (("gateway", PLAIN), ("everything", EVERYTHING)):
-            gateways[name] = start_gateway(scratch, ports["upstream"], ports[name], name, feature, settings.loop)
-            running.callback(stop, gateways[name])
-        channels = {name: grpc.aio.insecure_channel(f"127.0.0.1:{ports[name]}") for name in ("gateway", "everything")}
-        answers = scratch / "answers.json"
-        answers.write_text(json.dumps(await recorded_answers(pb.LLMServiceStub(channels["gateway"]))))
-        floor = start_floor(ports["floor"], answers, settings.loop)
-        running.callback(stop, floor)
-        channels["floor"] = grpc.aio.insecure_channel(f"127.0.0.1:{ports['floor']}")
-        direct = DirectClient("127.0.0.1", ports["upstream"], MODEL)
-        paths = {
-            "direct": direct_calls(direct),
-            "floor": grpc_calls(pb.LLMServiceStub(channels["floor"])),
-            "gateway": grpc_calls(pb.LLMServiceStub(channels["gateway"])),
-            "everything": grpc_calls(pb.LLMServiceStub(channels["everything"]), EVERYTHING.metadata),
-        }
-        # Whose CPU each path costs: the direct call's is the upstream's alone.
-        server_of = {"direct": "upstream", "floor": "floor", "gateway": "gateway", "everything": "everything"}
-        pids = {"upstream": [upstream.pid], "floor": [floor.pid], **{n: [g.pid] for n, g in gateways.items()}}
-        await asyncio.sleep(0.5)
-        rss_idle = rss_mib(gateways["gateway"].pid)
-        print(
-            f"llmrelay bench: {settings.requests} calls per path, kind and concurrency in {settings.rounds} rounds;"
-            f" {settings.loop} event loop; {os.cpu_count()} CPUs shared by the load generator, the upstream and the"
-            " servers\n",
-            flush=True,
-        )
-        await matrix(settings, paths, pids, server_of, results)
-        await long_streams(settings, paths, pids, server_of, results)
-        await direct.aclose()
-        await open_streams(settings, channels["gateway"], gateways["gateway"].pid, ports["upstream"], rss_idle, results)
-        for channel in channels.values():
-            await channel.close()
+        async with contextlib.AsyncExitStack() as running:
+            upstream = start_upstream(ports["upstream"])
+            running.callback(stop, upstream)
+            gateways = {}
+            for name, feature in (("gateway", PLAIN), ("everything", EVERYTHING)):
+                gateways[name] = await start_gateway(
+                    scratch, ports["upstream"], ports[name], name, feature, settings.loop
+                )
+                running.push_async_callback(gateways[name].stop)
+            channels = {
+                name: grpc.aio.insecure_channel(f"127.0.0.1:{ports[name]}") for name in ("gateway", "everything")
+            }
+            answers = scratch / "answers.json"
+            answers.write_text(json.dumps(await recorded_answers(pb.LLMServiceStub(channels["gateway"]))))
+            floor = start_floor(ports["floor"], answers, settings.loop)
+            running.callback(stop, floor)
+            channels["floor"] = grpc.aio.insecure_channel(f"127.0.0.1:{ports['floor']}")
+            direct = DirectClient("127.0.0.1", ports["upstream"], MODEL)
+            paths = {
+                "direct": direct_calls(direct),
+                "floor": grpc_calls(pb.LLMServiceStub(channels["floor"])),
+                "gateway": grpc_calls(pb.LLMServiceStub(channels["gateway"])),
+                "everything": grpc_calls(pb.LLMServiceStub(channels["everything"]), EVERYTHING.metadata),
+            }
+            # Whose CPU each path costs: the direct call's is the upstream's alone.
+            server_of = {"direct": "upstream", "floor": "floor", "gateway": "gateway", "everything": "everything"}
+            pids = {
+                "upstream": [upstream.pid],
+                "floor": [floor.pid],
+                **{n: [g.process.pid] for n, g in gateways.items()},
+            }
+            await asyncio.sleep(0.5)
+            rss_idle = rss_mib(gateways["gateway"].process.pid)
+            print(
+                f"llmrelay bench: {settings.requests} calls per path, kind and concurrency in {settings.rounds} rounds;"
+                f" {settings.loop} event loop; {os.cpu_count()} CPUs shared by the load generator, the upstream and the"
+                " servers\n",
+                flush=True,
+            )
+            await matrix(settings, paths, pids, server_of, results)
+            await long_streams(settings, paths, pids, server_of, results)
+            await direct.aclose()
+            await open_streams(
+                settings, channels["gateway"], gateways["gateway"].process.pid, ports["upstream"], rss_idle, results
+            )
+            for channel in channels.values():
+                await channel.close()
 
 
 async def matrix(

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import grpc
 import openai
+from harness import free_port
 from llmrelay import v1 as pb
 from openai.types.chat import ChatCompletionMessageParam
 
@@ -46,7 +47,6 @@ from bench.__main__ import (
     UNARY_PROMPT,
     Call,
     Run,
-    free_port,
     grpc_calls,
     measure,
     print_header,
@@ -285,16 +285,34 @@ def main() -> None:
         master_key = f"sk-{secrets.token_hex(16)}"
         litellm, litellm_log = start_litellm(venv, scratch, upstream_port, litellm_port, master_key)
         running.callback(stop_group, litellm)
-        gateway = start_gateway(scratch, upstream_port, gateway_port)
-        running.callback(stop, gateway)
         started = time.monotonic()
         wait_http(f"http://127.0.0.1:{litellm_port}/health/liveliness", litellm, litellm_log, LITELLM_STARTUP_S)
         print(f"litellm proxy ready in {time.monotonic() - started:.1f} s", flush=True)
-        servers = Servers(upstream.pid, gateway.pid, litellm.pid, upstream_port, gateway_port, litellm_port, master_key)
-        asyncio.run(report(servers, args.requests, args.concurrency, args.litellm_version))
+        ports = (upstream_port, gateway_port, litellm_port)
+        asyncio.run(report_with_gateway(scratch, upstream.pid, litellm.pid, ports, master_key, args))
         if problems := log_problems(litellm_log):
             print(f"\nLiteLLM logged {len(problems)} warning/error lines; the first ones:")
             print("\n".join(f"  {line[:200]}" for line in problems[:10]))
+
+
+async def report_with_gateway(
+    scratch: Path,
+    upstream_pid: int,
+    litellm_pid: int,
+    ports: tuple[int, int, int],
+    litellm_key: str,
+    args: argparse.Namespace,
+) -> None:
+    """The report, with llmrelay started (through the tests' harness) for it and stopped after; `ports` are the
+    upstream's, the gateway's and LiteLLM's."""
+    upstream_port, gateway_port, litellm_port = ports
+    gateway = await start_gateway(scratch, upstream_port, gateway_port)
+    try:
+        pid = gateway.process.pid
+        servers = Servers(upstream_pid, pid, litellm_pid, upstream_port, gateway_port, litellm_port, litellm_key)
+        await report(servers, args.requests, args.concurrency, args.litellm_version)
+    finally:
+        await gateway.stop()
 
 
 @dataclass

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import contextlib
 import json
 import os
@@ -146,8 +147,19 @@ class GatewayProcess:
         return line
 
     async def _read_to_end(self) -> None:
-        while await self._readline():
-            pass
+        # In blocks, not lines: a gateway that logs every call must not cost the process that reads it (the bench's
+        # load generator) a wake-up per line.
+        assert self.process.stderr is not None
+        decoder, partial = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
+        while data := await self.process.stderr.read(65536):
+            block = decoder.decode(data)
+            *lines, partial = (partial + block).split("\n")
+            self.log.extend(line + "\n" for line in lines)
+            if self._echo is not None:
+                self._echo.write(block)
+                self._echo.flush()
+        if partial := partial + decoder.decode(b"", final=True):
+            self.log.append(partial)
 
 
 async def spawn_gateway(
