@@ -22,6 +22,7 @@ from anthropic.types import ModelInfo
 from llmrelay_server.backends import anthropic_wire, wire
 from llmrelay_server.backends.upstream_http import (
     HEALTH_TIMEOUT_S,
+    Pool,
     SDKErrors,
     coalesced,
     connection_lost,
@@ -30,6 +31,7 @@ from llmrelay_server.backends.upstream_http import (
     kind_of_status,
     line_batches,
     post,
+    post_read,
     prepared_headers,
     redact,
     retry_after_s,
@@ -66,7 +68,8 @@ class AnthropicProvider:
         self._spec = spec
         self._counter = counter
         self._max_tokens = spec.default_max_tokens or DEFAULT_MAX_TOKENS
-        self._http = http_client(anthropic.DefaultAioHttpClient)
+        self._pool = Pool()
+        self._http = http_client(anthropic.DefaultAioHttpClient, self._pool)
         self._client = anthropic.AsyncAnthropic(
             # An explicit key also keeps the SDK from looking for credentials in the environment and profile files.
             api_key=spec.api_key or "unused",
@@ -79,8 +82,10 @@ class AnthropicProvider:
         )
         # Prepared once, as the SDK would merge them on every request: the HTTP client's headers, then the SDK's
         # (API version, user agent, platform) and its auth.
-        self._messages_url = httpx2.URL(f"{str(self._client.base_url).rstrip('/')}/v1/messages")
+        self._messages_target = f"{str(self._client.base_url).rstrip('/')}/v1/messages"
+        self._messages_url = httpx2.URL(self._messages_target)
         self._headers = prepared_headers(self._http.headers, self._client.default_headers, self._client.auth_headers)
+        self._plain_headers = dict(self._headers.items())  # as the SDK's transport hands them to aiohttp
         self._adaptive_thinking: frozenset[str] = frozenset()
         """The models that take reasoning as adaptive thinking and no budget, as the last probe's list said."""
 
@@ -91,8 +96,7 @@ class AnthropicProvider:
     async def complete(self, model: str, request: CompletionRequest, *, timeout_s: float | None) -> CompletionResponse:
         body = self._body(model, request)
         try:
-            response = await self._post(body, timeout_s, stream=False)
-            answer = anthropic_wire.answer_from(wire.decode_json(response.content))
+            answer = anthropic_wire.answer_from(wire.decode_json(await self._post_read(body, timeout_s)))
         except anthropic.APIError as exc:
             raise self._upstream_error(exc) from exc
         except wire.MalformedAnswerError as exc:
@@ -117,7 +121,7 @@ class AnthropicProvider:
         body["stream"] = True
         state = anthropic_wire.StreamState()
         try:
-            response = await self._post(body, timeout_s, stream=True)
+            response = await self._post(body, timeout_s)
             try:
                 async for lines in line_batches(response):
                     arrived: list[CompletionChunk] = []
@@ -203,6 +207,7 @@ class AnthropicProvider:
 
     async def aclose(self) -> None:
         await self._client.close()
+        await self._pool.aclose()
 
     def _body(self, model: str, request: CompletionRequest) -> dict[str, Any]:
         try:
@@ -215,11 +220,16 @@ class AnthropicProvider:
         except anthropic_wire.UnmappableRequestError as exc:
             raise UpstreamError(UpstreamErrorKind.REJECTED, self._spec.name, str(exc)) from exc
 
-    async def _post(self, body: dict[str, Any], timeout_s: float | None, *, stream: bool) -> httpx2.Response:
-        """Sends the JSON `anthropic_wire` built to /v1/messages."""
+    async def _post(self, body: dict[str, Any], timeout_s: float | None) -> httpx2.Response:
+        """Sends the JSON `anthropic_wire` built to /v1/messages, for a streamed answer."""
         content = wire.encode(body)
-        return await post(
-            self._http, self._messages_url, content, self._headers, timeout_s, stream=stream, errors=_ERRORS
+        return await post(self._http, self._messages_url, content, self._headers, timeout_s, errors=_ERRORS)
+
+    async def _post_read(self, body: dict[str, Any], timeout_s: float | None) -> bytes:
+        """Sends the JSON `anthropic_wire` built to /v1/messages and reads the answer whole."""
+        content = wire.encode(body)
+        return await post_read(
+            self._pool, self._messages_target, content, self._plain_headers, timeout_s, errors=_ERRORS
         )
 
     def _health(

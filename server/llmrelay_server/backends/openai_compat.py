@@ -18,6 +18,7 @@ import openai
 from llmrelay_server.backends import wire
 from llmrelay_server.backends.upstream_http import (
     HEALTH_TIMEOUT_S,
+    Pool,
     SDKErrors,
     coalesced,
     connection_lost,
@@ -26,6 +27,7 @@ from llmrelay_server.backends.upstream_http import (
     kind_of_status,
     line_batches,
     post,
+    post_read,
     prepared_headers,
     redact,
     retry_after_s,
@@ -62,7 +64,8 @@ class OpenAICompatibleProvider:
     def __init__(self, spec: BackendSpec, *, counter: TokenCounter) -> None:
         self._spec = spec
         self._counter = counter
-        self._http = http_client(openai.DefaultAioHttpClient)
+        self._pool = Pool()
+        self._http = http_client(openai.DefaultAioHttpClient, self._pool)
         self._client = openai.AsyncOpenAI(
             # Local servers take any key; the SDK insists on one.
             api_key=spec.api_key or "unused",
@@ -72,9 +75,11 @@ class OpenAICompatibleProvider:
         )
         # What the SDK and its HTTP client would parse and merge again for every request, done once: the URL, and
         # the headers (the HTTP client's, then the SDK's user agent, platform and auth) as they would merge them.
-        self._completions_url = httpx2.URL(f"{str(self._client.base_url).rstrip('/')}/chat/completions")
-        self._embeddings_url = httpx2.URL(f"{str(self._client.base_url).rstrip('/')}/embeddings")
+        self._completions_url = f"{str(self._client.base_url).rstrip('/')}/chat/completions"
+        self._embeddings_url = f"{str(self._client.base_url).rstrip('/')}/embeddings"
+        self._stream_url = httpx2.URL(self._completions_url)
         self._headers = prepared_headers(self._http.headers, self._client.default_headers, self._client.auth_headers)
+        self._plain_headers = dict(self._headers.items())  # as the SDK's transport hands them to aiohttp
         # Servers keep their own endpoints (tokenizers, native APIs) beside /v1, at the root.
         self._root_url = spec.base_url.rstrip("/").removesuffix("/v1")
 
@@ -85,8 +90,7 @@ class OpenAICompatibleProvider:
     async def complete(self, model: str, request: CompletionRequest, *, timeout_s: float | None) -> CompletionResponse:
         body = wire.request_body(model, request, max_tokens_field=self.max_tokens_field)
         try:
-            response = await self._post(body, timeout_s, stream=False)
-            data = wire.decode_json(response.content)
+            data = wire.decode_json(await self._post_read(body, timeout_s, self._completions_url))
             choice = wire.first_choice(data, "message")
             assert choice is not None
             message = wire.message_from_choice(choice)
@@ -116,7 +120,7 @@ class OpenAICompatibleProvider:
         finish: FinishReason | None = None
         usage: TokenUsage | None = None
         try:
-            response = await self._post(body, timeout_s, stream=True)
+            response = await self._post(body, timeout_s)
             try:
                 done = False
                 async for lines in line_batches(response):
@@ -184,8 +188,7 @@ class OpenAICompatibleProvider:
     async def embed(self, model: str, request: EmbeddingRequest, *, timeout_s: float | None) -> EmbeddingResponse:
         body = wire.embedding_body(model, request)
         try:
-            response = await self._post(body, timeout_s, stream=False, url=self._embeddings_url)
-            data = wire.decode_json(response.content)
+            data = wire.decode_json(await self._post_read(body, timeout_s, self._embeddings_url))
             vectors = wire.embedding_vectors(data, len(request.inputs))
         except openai.APIError as exc:
             raise self._upstream_error(exc) from exc
@@ -232,6 +235,7 @@ class OpenAICompatibleProvider:
 
     async def aclose(self) -> None:
         await self._client.close()
+        await self._pool.aclose()
 
     async def _list_models(self) -> tuple[str, ...]:
         page = await self._client.models.list(timeout=HEALTH_TIMEOUT_S)
@@ -242,14 +246,15 @@ class OpenAICompatibleProvider:
     ) -> BackendHealth:
         return health_record(self._spec, self.kind, started, reachable=reachable, models=models, error=error)
 
-    async def _post(
-        self, body: dict[str, Any], timeout_s: float | None, *, stream: bool, url: httpx2.URL | None = None
-    ) -> httpx2.Response:
-        """Sends the JSON `wire` built (the caller's JSON text spliced in unchanged) to /chat/completions or `url`."""
+    async def _post(self, body: dict[str, Any], timeout_s: float | None) -> httpx2.Response:
+        """Sends the JSON `wire` built (the caller's JSON text spliced in unchanged) to /chat/completions, for a
+        streamed answer."""
         content = wire.encode(body)
-        return await post(
-            self._http, url or self._completions_url, content, self._headers, timeout_s, stream=stream, errors=_ERRORS
-        )
+        return await post(self._http, self._stream_url, content, self._headers, timeout_s, errors=_ERRORS)
+
+    async def _post_read(self, body: dict[str, Any], timeout_s: float | None, url: str) -> bytes:
+        """Sends the JSON `wire` built to `url` and reads the answer whole."""
+        return await post_read(self._pool, url, wire.encode(body), self._plain_headers, timeout_s, errors=_ERRORS)
 
     def _served_model(self, data: Any, fallback: str) -> str:
         model = data.get("model") if isinstance(data, dict) else None
