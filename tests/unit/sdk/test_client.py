@@ -43,13 +43,13 @@ class FakeGateway:
     def __init__(self, channel: Any, pool: ThreadPoolExecutor) -> None:
         self.channel = channel
         self._pool = pool
-        self._calls: list[Future[Any]] = []
+        self._latest: Future[Any] | None = None
         self.metadata: tuple[tuple[str, str], ...] = ()
         """The invocation metadata of the last call taken."""
 
     def run(self, call: Callable[[], T]) -> Future[T]:
         future = self._pool.submit(call)
-        self._calls.append(future)
+        self._latest = future
         return future
 
     def answer(self, method: str, response: Message) -> Any:
@@ -75,15 +75,16 @@ class FakeGateway:
         return request  # type: ignore[no-any-return]
 
     def _take(self, take: Callable[[Any], Any], method: str) -> tuple[Any, Any]:
-        """The next call of `method`; fails at once when the client's calls ended without making it (taking
-        blocks for good otherwise)."""
+        """The next call of `method`; fails at once when the client's latest operation (the one expected to make
+        it: earlier ones may have failed on purpose) ended without making it (taking blocks for good otherwise)."""
         taken: Future[Any] = Future()
         threading.Thread(target=lambda: taken.set_result(take(SERVICE.methods_by_name[method])), daemon=True).start()
         deadline = time.monotonic() + 10
+        latest = self._latest
+        assert latest is not None, "run() the client's call first"
         while not taken.done():
-            ended = [call for call in self._calls if call.done() and call.exception() is not None]
-            if ended:
-                raise AssertionError(f"the client ended before calling {method}") from ended[0].exception()
+            if latest.done() and latest.exception() is not None:
+                raise AssertionError(f"the client ended before calling {method}") from latest.exception()
             if time.monotonic() > deadline:
                 raise AssertionError(f"no call of {method} within 10 s")
             time.sleep(0.01)
