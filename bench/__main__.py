@@ -535,12 +535,8 @@ async def matrix(
 ) -> None:
     """Every path, unary and stream, one caller and 16, taking turns a slice of the calls at a time."""
     for kind, concurrency in itertools.product(KINDS, CONCURRENCIES):
-        rounds: dict[str, list[Run]] = {path: [] for path in paths}
-        for round_ in range(settings.rounds):
-            for path, calls in paths.items():
-                run = await measure(calls[kind], settings.requests // settings.rounds, concurrency, pids, round_ == 0)
-                rounds[path].append(run)
-        runs = {path: functools.reduce(operator.add, rounds[path]) for path in paths}
+        count = settings.requests // settings.rounds
+        runs = await interleaved(paths, kind, count, concurrency, settings.rounds, pids, warm_up=True)
         direct, floor_cpu = runs["direct"], runs["floor"].cpu_ms("floor")
         for path, run in runs.items():
             cpu = run.cpu_ms(server_of[path])
@@ -563,6 +559,25 @@ async def matrix(
             print_path_row(results.rows[-1])
 
 
+async def interleaved(
+    paths: Mapping[str, Mapping[str, Call]],
+    kind: str,
+    count: int,
+    concurrency: int,
+    rounds: int,
+    pids: Mapping[str, Sequence[int]],
+    *,
+    warm_up: bool,
+) -> dict[str, Run]:
+    """`count` calls of `kind` on every path in turn, `rounds` times (the machine's drift falls on all paths alike),
+    each path's rounds added up; with `warm_up`, a warm-up before the first round."""
+    taken: dict[str, list[Run]] = {path: [] for path in paths}
+    for round_ in range(rounds):
+        for path, calls in paths.items():
+            taken[path].append(await measure(calls[kind], count, concurrency, pids, warm_up and round_ == 0))
+    return {path: functools.reduce(operator.add, runs) for path, runs in taken.items()}
+
+
 async def long_streams(
     settings: Settings,
     paths: Mapping[str, Mapping[str, Call]],
@@ -572,14 +587,10 @@ async def long_streams(
 ) -> None:
     """Streams of 1,000 chunks, one at a time: chunks/s, and chunks per second of the server's CPU (per core)."""
     chunks = len(LONG_PROMPT.split()) + 1
-    rounds: dict[str, list[Run]] = {path: [] for path in paths}
-    for _ in range(settings.rounds):
-        for path, calls in paths.items():
-            count = max(1, settings.long_streams // settings.rounds)
-            rounds[path].append(await measure(calls["long"], count, 1, pids, warm_up=False))
+    count = max(1, settings.long_streams // settings.rounds)
+    runs = await interleaved(paths, "long", count, 1, settings.rounds, pids, warm_up=False)
     print(f"\n{'1,000-chunk stream':<22}{'chunks/s':>10}{'chunks per server CPU s':>26}{'x floor':>9}")
-    for path in paths:
-        run = functools.reduce(operator.add, rounds[path])
+    for path, run in runs.items():
         total = chunks * len(run.latencies_s)
         per_cpu_s = total / max(run.cpu_s[server_of[path]], 1 / CLOCK_TICKS)
         results.long_stream[path] = {"chunks_per_s": total / run.wall_s, "chunks_per_server_cpu_s": per_cpu_s}
