@@ -22,6 +22,7 @@ from llmrelay_server.config import Limits
 from llmrelay_server.domain import LimitExceededError, LimitKind, LimitsUnavailableError, StoreRole
 from llmrelay_server.limits import Ask, Reservation
 from llmrelay_server.limits.redis import RedisLimiter
+from redis.asyncio.connection import AbstractConnection
 from redis_server import RedisServer, ServerTLS
 from support import GatewayFactory, chat, details, stream_chat, two_backends
 from upstream import FakeUpstream
@@ -334,6 +335,29 @@ async def test_redis_down_under_load_admits_uncounted_then_limits_return_with_it
     limits = Limits(requests_per_minute=3)
     ok, refusals = await at_once(limiters, 10, ask(limits, subject="key:after"))
     assert (len(ok), len(refusals)) == (3, 7)
+
+
+@pytest.mark.parametrize("leaked", [TypeError("'NoneType' object is not callable"), AttributeError("_add_writer")])
+async def test_a_transport_error_leaking_from_the_driver_counts_as_redis_unreachable(
+    limiter_for: LimiterFactory, monkeypatch: pytest.MonkeyPatch, leaked: Exception
+) -> None:
+    """redis-py lets these out when it writes to a connection the server has reset (redis/redis-py#4287): they mean
+    Redis went away, not that the call was wrong."""
+    limiter = await limiter_for(timeout_s=0.3, probe_interval_s=0.1)
+    real_send = AbstractConnection.send_packed_command
+
+    async def send_on_a_reset_connection(*args: Any, **kwargs: Any) -> None:
+        raise leaked
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", send_on_a_reset_connection)
+    reservation = await limiter.reserve([ask(Limits(requests_per_minute=1))])
+    assert not reservation.holds and not limiter.available
+    assert f"{type(leaked).__name__}: {leaked}" in limiter.health().description
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", real_send)
+    await until(lambda: limiter.available)  # the probe outlived the error, and found Redis
+    await limiter.reserve([ask(Limits(requests_per_minute=1), subject="key:after")])
+    await refused(limiter.reserve([ask(Limits(requests_per_minute=1), subject="key:after")]))
 
 
 async def test_calls_do_not_each_wait_out_the_timeout_while_redis_is_down(

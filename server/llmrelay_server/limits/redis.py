@@ -57,7 +57,10 @@ MAX_CONNECTIONS: Final = 64
 """Commands in flight to Redis at once: a burst of calls queues for a connection (within state.timeout_s) instead of
 opening hundreds of connections, each with its handshake (TLS, AUTH), at the moment Redis is busiest."""
 
-_UNREACHABLE: Final = (RedisError, OSError)  # OSError covers TimeoutError, which asyncio.timeout raises
+# OSError covers TimeoutError, which asyncio.timeout raises. TypeError and AttributeError: redis-py's asyncio client
+# lets the transport's own errors out when it writes to a connection the server has reset (redis/redis-py#4287), so a
+# Redis that went away must not become an UNKNOWN for the caller, nor end the probe that waits for its return.
+_UNREACHABLE: Final = (RedisError, OSError, TypeError, AttributeError)
 # The limits in the order the script checks them (its codes are 1-based positions here), as InProcessLimiter does.
 _KINDS: Final = (
     LimitKind.REQUESTS_PER_MINUTE,
@@ -421,7 +424,9 @@ class RedisLimiter:
     def _reason(self, error: BaseException) -> str:
         """What went wrong, in words, without the password (a driver's message might quote what it was given)."""
         text = str(error) or type(error).__name__
-        if isinstance(error, TimeoutError):
+        if isinstance(error, (TypeError, AttributeError)):
+            text = f"{type(error).__name__}: {text}"  # the driver's internals: the words alone would say little
+        elif isinstance(error, TimeoutError):
             text = f"no answer within {self._timeout_s:g} s"
         for secret in self._secrets:
             text = text.replace(secret, "***")
