@@ -2,17 +2,19 @@
 
 As the OpenAI-compatible backend does (docs/architecture.md, "The SDK configures, `wire` does the JSON"), each backend
 owns one `anthropic.AsyncAnthropic` over one HTTP connection pool: the SDK settles the URL, auth and headers, the
-completion path posts the JSON `anthropic_wire` built through the SDK's HTTP client, and answers are parsed by
+completion path posts the JSON `anthropic_wire` built on the aiohttp session under the SDK's HTTP client
+(`upstream_http`), and answers are parsed by
 `anthropic_wire`. The SDK's own calls serve the paths off the hot one: token counts and the models list. Every
 failure leaves this module as an UpstreamError whose kind tells the router what to do next.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, ClassVar
 
 import anthropic
@@ -29,9 +31,8 @@ from llmrelay_server.backends.upstream_http import (
     health_record,
     http_client,
     kind_of_status,
-    line_batches,
-    post,
     post_read,
+    post_stream,
     prepared_headers,
     redact,
     retry_after_s,
@@ -83,9 +84,8 @@ class AnthropicProvider:
         # Prepared once, as the SDK would merge them on every request: the HTTP client's headers, then the SDK's
         # (API version, user agent, platform) and its auth.
         self._messages_target = f"{str(self._client.base_url).rstrip('/')}/v1/messages"
-        self._messages_url = httpx2.URL(self._messages_target)
-        self._headers = prepared_headers(self._http.headers, self._client.default_headers, self._client.auth_headers)
-        self._plain_headers = dict(self._headers.items())  # as the SDK's transport hands them to aiohttp
+        headers = prepared_headers(self._http.headers, self._client.default_headers, self._client.auth_headers)
+        self._plain_headers = dict(headers.items())  # as the SDK's transport hands them to aiohttp
         self._adaptive_thinking: frozenset[str] = frozenset()
         """The models that take reasoning as adaptive thinking and no budget, as the last probe's list said."""
 
@@ -121,9 +121,8 @@ class AnthropicProvider:
         body["stream"] = True
         state = anthropic_wire.StreamState()
         try:
-            response = await self._post(body, timeout_s)
-            try:
-                async for lines in line_batches(response):
+            async with self._post_stream(body, timeout_s) as batches:
+                async for lines in batches:
                     arrived: list[CompletionChunk] = []
                     try:
                         for line in lines:
@@ -155,9 +154,6 @@ class AnthropicProvider:
                         yield chunk
                     if state.stopped:
                         break
-            finally:
-                # Closing at once matters: on cancellation the upstream must see the connection go.
-                await response.aclose()
         except anthropic.APIError as exc:
             raise self._upstream_error(exc) from exc
         except wire.MalformedAnswerError as exc:
@@ -220,10 +216,12 @@ class AnthropicProvider:
         except anthropic_wire.UnmappableRequestError as exc:
             raise UpstreamError(UpstreamErrorKind.REJECTED, self._spec.name, str(exc)) from exc
 
-    async def _post(self, body: dict[str, Any], timeout_s: float | None) -> httpx2.Response:
+    def _post_stream(
+        self, body: dict[str, Any], timeout_s: float | None
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[list[str]]]:
         """Sends the JSON `anthropic_wire` built to /v1/messages, for a streamed answer."""
         content = wire.encode(body)
-        return await post(self._http, self._messages_url, content, self._headers, timeout_s, errors=_ERRORS)
+        return post_stream(self._pool, self._messages_target, content, self._plain_headers, timeout_s, errors=_ERRORS)
 
     async def _post_read(self, body: dict[str, Any], timeout_s: float | None) -> bytes:
         """Sends the JSON `anthropic_wire` built to /v1/messages and reads the answer whole."""

@@ -7,9 +7,10 @@ module as an UpstreamError whose kind tells the router what to do next.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, ClassVar
 
 import httpx2
@@ -25,9 +26,8 @@ from llmrelay_server.backends.upstream_http import (
     health_record,
     http_client,
     kind_of_status,
-    line_batches,
-    post,
     post_read,
+    post_stream,
     prepared_headers,
     redact,
     retry_after_s,
@@ -77,7 +77,6 @@ class OpenAICompatibleProvider:
         # the headers (the HTTP client's, then the SDK's user agent, platform and auth) as they would merge them.
         self._completions_url = f"{str(self._client.base_url).rstrip('/')}/chat/completions"
         self._embeddings_url = f"{str(self._client.base_url).rstrip('/')}/embeddings"
-        self._stream_url = httpx2.URL(self._completions_url)
         self._headers = prepared_headers(self._http.headers, self._client.default_headers, self._client.auth_headers)
         self._plain_headers = dict(self._headers.items())  # as the SDK's transport hands them to aiohttp
         # Servers keep their own endpoints (tokenizers, native APIs) beside /v1, at the root.
@@ -120,10 +119,9 @@ class OpenAICompatibleProvider:
         finish: FinishReason | None = None
         usage: TokenUsage | None = None
         try:
-            response = await self._post(body, timeout_s)
-            try:
+            async with self._post_stream(body, timeout_s) as batches:
                 done = False
-                async for lines in line_batches(response):
+                async for lines in batches:
                     arrived: list[CompletionChunk] = []
                     try:
                         for line in lines:
@@ -163,9 +161,6 @@ class OpenAICompatibleProvider:
                         yield chunk
                     if done:
                         break
-            finally:
-                # Closing at once matters: on cancellation the upstream must see the connection go.
-                await response.aclose()
         except openai.APIError as exc:
             raise self._upstream_error(exc) from exc
         except wire.MalformedAnswerError as exc:
@@ -246,11 +241,13 @@ class OpenAICompatibleProvider:
     ) -> BackendHealth:
         return health_record(self._spec, self.kind, started, reachable=reachable, models=models, error=error)
 
-    async def _post(self, body: dict[str, Any], timeout_s: float | None) -> httpx2.Response:
+    def _post_stream(
+        self, body: dict[str, Any], timeout_s: float | None
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[list[str]]]:
         """Sends the JSON `wire` built (the caller's JSON text spliced in unchanged) to /chat/completions, for a
         streamed answer."""
         content = wire.encode(body)
-        return await post(self._http, self._stream_url, content, self._headers, timeout_s, errors=_ERRORS)
+        return post_stream(self._pool, self._completions_url, content, self._plain_headers, timeout_s, errors=_ERRORS)
 
     async def _post_read(self, body: dict[str, Any], timeout_s: float | None, url: str) -> bytes:
         """Sends the JSON `wire` built to `url` and reads the answer whole."""

@@ -4,20 +4,22 @@ records, and the redaction of secrets from upstream messages.
 
 Each provider keeps its SDK (openai, anthropic) for its HTTP client, auth headers and exception types, but sends
 the JSON its wire module built itself: the SDKs' request paths parse and merge the same URL and headers on every
-call, a third of the gateway's CPU per request (`make bench`). An answer read whole (`post_read`) goes straight to
-the aiohttp session under the SDK's HTTP client, the same pool: httpx2's request and response objects over it cost
-twice what aiohttp alone does (about 0.17 ms of CPU a call).
+call, a third of the gateway's CPU per request (`make bench`). Completions, whole (`post_read`) or streamed
+(`post_stream`), go straight to the aiohttp session under the SDK's HTTP client, the same pool: httpx2's request and
+response objects over it cost twice what aiohttp alone does (about 0.17 ms of CPU a call).
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import dataclasses
 import datetime
 import email.utils
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import aiohttp
@@ -37,6 +39,7 @@ HEALTH_TIMEOUT_S = 5.0
 _CONTEXT_LENGTH = re.compile(r"context[ _](length|window|size)|maximum context|too many tokens", re.IGNORECASE)
 _SECRET_LIKE = re.compile(r"\b(sk|key|token)-[A-Za-z0-9_\-]{6,}")
 _LINE_END = re.compile(r"\r\n|\r|\n")
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 
 class SDKErrors(NamedTuple):
@@ -112,94 +115,97 @@ def prepared_headers(client_headers: Mapping[str, str], *sdk_headers: Mapping[st
     return headers
 
 
-async def post(
-    http: httpx2.AsyncClient,
-    url: httpx2.URL,
-    content: bytes,
-    headers: httpx2.Headers,
-    timeout_s: float | None,
-    *,
-    errors: SDKErrors,
-) -> httpx2.Response:
-    """POSTs `content` (JSON) with the prepared headers and the call's own (a trace context) for a streamed answer,
-    returned unread; an error answer, a timeout or a lost connection comes out as the SDK's exception."""
-    if (extra := metering.upstream_headers()) is not None:
-        headers = httpx2.Headers(headers)
-        headers.update(extra)
-    request = httpx2.Request(
-        "POST",
-        url,
-        content=content,
-        headers=headers,
-        cookies=http.cookies,  # those upstreams set, as the client would send them back
-        extensions={"timeout": upstream_timeout(timeout_s).as_dict()},
-    )
-    try:
-        response = await http.send(request, stream=True)
-    except httpx2.TimeoutException as exc:
-        raise errors.timeout(request=request) from exc
-    except httpx2.TransportError as exc:
-        raise errors.connection(request=request) from exc
-    if response.is_error:
-        try:
-            await response.aread()
-        finally:
-            await response.aclose()
-        raise errors.status(response)
-    return response
-
-
 async def post_read(
     pool: Pool, url: str, content: bytes, headers: Mapping[str, str], timeout_s: float | None, *, errors: SDKErrors
 ) -> bytes:
-    """POSTs `content` (JSON) as `post` does and returns the answer's body, read whole; sent on the pool's aiohttp
-    session as the SDK's transport would send it (same timeouts, same errors, the same exception chain), without
-    httpx2's request and response objects around it."""
+    """POSTs `content` (JSON) and returns the answer's body, read whole."""
+    response = await _send(pool, url, content, headers, timeout_s, errors)
+    try:
+        with _as_sdk_errors(url, errors):
+            return await response.read()
+    finally:
+        response.release()
+
+
+@contextlib.asynccontextmanager
+async def post_stream(
+    pool: Pool, url: str, content: bytes, headers: Mapping[str, str], timeout_s: float | None, *, errors: SDKErrors
+) -> AsyncIterator[AsyncIterator[list[str]]]:
+    """POSTs `content` (JSON) for a streamed answer: its lines (SSE ends them with CRLF, LF or CR), a list for each
+    read from the network, the lines that were waiting together, which a provider relays as few chunks (`coalesced`),
+    never waiting for more. A failure while reading comes out as httpx2's (ReadTimeout, ReadError), as the SDK's
+    transport reports it. Leaving closes the connection at once unless the answer was read to its end, so that an
+    upstream sees a caller who went away."""
+    response = await _send(pool, url, content, headers, timeout_s, errors)
+    try:
+        yield _line_batches(response.content)
+    finally:
+        response.release()
+
+
+async def _send(
+    pool: Pool, url: str, content: bytes, headers: Mapping[str, str], timeout_s: float | None, errors: SDKErrors
+) -> aiohttp.ClientResponse:
+    """The answer, its status and headers read, sent on the pool's aiohttp session as the SDK's transport would send
+    it (same timeouts, same errors, the same exception chain) without httpx2's request and response objects around
+    it; the call's own headers (a trace context) added. An error answer, a timeout or a lost connection comes out as
+    the SDK's exception."""
     if (extra := metering.upstream_headers()) is not None:
         headers = {**headers, **extra}
     timeout = upstream_timeout(timeout_s)
+    with _as_sdk_errors(url, errors):
+        response = await pool.session().post(
+            url,
+            data=content,
+            headers=headers,
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(sock_connect=timeout.connect, sock_read=timeout.read, connect=timeout.pool),
+        )
+        if 400 <= response.status <= 599:
+            try:
+                body = await response.read()
+            finally:
+                response.release()
+            raise errors.status(
+                httpx2.Response(
+                    response.status,
+                    headers=response.raw_headers,
+                    content=body,
+                    request=httpx2.Request("POST", url, headers=headers),
+                    extensions={"reason_phrase": response.reason.encode()} if response.reason else {},
+                )
+            )
+    return response
+
+
+@contextlib.contextmanager
+def _as_sdk_errors(url: str, errors: SDKErrors) -> Iterator[None]:
     try:
         with map_aiohttp_exceptions():
-            async with pool.session().post(
-                url,
-                data=content,
-                headers=headers,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(
-                    sock_connect=timeout.connect, sock_read=timeout.read, connect=timeout.pool
-                ),
-            ) as response:
-                body = await response.read()
+            yield
     except httpx2.TimeoutException as exc:
         raise errors.timeout(request=httpx2.Request("POST", url)) from exc
     except httpx2.TransportError as exc:
         raise errors.connection(request=httpx2.Request("POST", url)) from exc
-    if 400 <= response.status <= 599:
-        raise errors.status(
-            httpx2.Response(
-                response.status,
-                headers=response.raw_headers,
-                content=body,
-                request=httpx2.Request("POST", url, headers=headers),
-                extensions={"reason_phrase": response.reason.encode()} if response.reason else {},
-            )
-        )
-    return body
 
 
-async def line_batches(response: httpx2.Response) -> AsyncIterator[list[str]]:
-    """A streamed answer's lines (SSE ends them with CRLF, LF or CR), a list for each read from the network: the lines
-    that were waiting together, which a provider relays as few chunks (`coalesced`), never waiting for more."""
+async def _line_batches(content: aiohttp.StreamReader) -> AsyncIterator[list[str]]:
+    decoder = _utf8_decoder(errors="replace")  # SSE is UTF-8 whatever the headers say
     pending: list[str] = []  # the start of a line that a later read ends (a long line takes many reads)
-    async for text in response.aiter_text():
+    while True:
+        with map_aiohttp_exceptions():
+            data = await content.readany()
+        text = decoder.decode(data, final=not data)
         lines = _LINE_END.split(text)
-        if len(lines) == 1:
+        if len(lines) > 1:
+            if pending:
+                lines[0] = "".join(pending) + lines[0]
+            pending = [last] if (last := lines.pop()) else []
+            yield lines
+        elif text:
             pending.append(text)
-            continue
-        if pending:
-            lines[0] = "".join(pending) + lines[0]
-        pending = [last] if (last := lines.pop()) else []
-        yield lines
+        if not data:
+            break
     if pending:
         yield ["".join(pending)]
 
