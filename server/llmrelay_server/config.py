@@ -90,7 +90,13 @@ class Limits:
     """Spend per UTC day, at the price table's rates."""
 
     def any_set(self) -> bool:
-        return any(value is not None for value in dataclasses.astuple(self))
+        # Asked on every model call: spelt out, as dataclasses.astuple deep-copies the fields each time.
+        return (
+            self.requests_per_minute is not None
+            or self.tokens_per_minute is not None
+            or self.concurrent_streams is not None
+            or self.budget_usd_per_day is not None
+        )
 
 
 @dataclass(frozen=True, slots=True)

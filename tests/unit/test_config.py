@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -625,3 +626,9 @@ def test_a_number_may_come_from_the_environment(tmp_path: Path) -> None:
         {"RETRIES": "4"},
     )
     assert (cfg.router.retry.max_retries, cfg.router.request_timeout_s) == (4, 12.5)
+
+
+@pytest.mark.parametrize("field", [field.name for field in dataclasses.fields(config.Limits)])
+def test_each_limit_alone_counts_as_a_limit_set(field: str) -> None:
+    assert not config.Limits().any_set()
+    assert config.Limits(**{field: 1}).any_set()
