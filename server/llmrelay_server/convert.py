@@ -9,7 +9,7 @@ import contextvars
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final, NamedTuple
 from urllib.parse import urlsplit
 
@@ -480,19 +480,26 @@ def _struct(value: Any, where: str, errors: _Violations) -> dict[str, Any]:
 
 
 def usage_pb(usage: TokenUsage) -> pb.Usage:
-    message = pb.Usage(
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        total_tokens=usage.total_tokens,
-        estimated=usage.estimated,
-    )
+    message = pb.Usage()
+    _fill_usage(message, usage)
+    return message
+
+
+def _fill_usage(message: pb.Usage, usage: TokenUsage) -> None:
+    """Sets the fields of a message in place: on the answer path, a submessage built apart and then passed in is
+    built twice (protobuf copies it), about twice the cost."""
+    message.prompt_tokens = usage.prompt_tokens
+    message.completion_tokens = usage.completion_tokens
+    message.total_tokens = usage.total_tokens
+    message.estimated = usage.estimated
     if usage.reasoning_tokens is not None:
         message.reasoning_tokens = usage.reasoning_tokens
     if usage.cached_prompt_tokens is not None:
         message.cached_prompt_tokens = usage.cached_prompt_tokens
-    if usage.cost is not None:
-        message.cost.CopyFrom(cost_pb(usage.cost))
-    return message
+    if (cost := usage.cost) is not None:
+        message.cost.usd_micros = cost.usd_micros
+        message.cost.estimated = cost.estimated
+        message.cost.price_unknown = cost.price_unknown
 
 
 def cost_pb(cost: Cost) -> pb.Cost:
@@ -522,41 +529,47 @@ def usage_record_pb(totals: UsageTotals) -> pb.UsageRecord:
 
 
 def attempt_pb(attempt: Attempt) -> pb.Attempt:
-    message = pb.Attempt(
-        backend=attempt.backend,
-        model=attempt.model,
-        outcome=_OUTCOMES_OUT[attempt.outcome],
-        duration=_duration(attempt.duration_s),
-        error=attempt.error,
-    )
-    if attempt.upstream_status is not None:
-        message.upstream_status = attempt.upstream_status
+    message = pb.Attempt()
+    _fill_attempt(message, attempt)
     return message
 
 
+def _add_attempts(field: Any, attempts: Sequence[Attempt]) -> None:
+    """Appends the attempts to a repeated Attempt field, each built in place (see _fill_usage)."""
+    for attempt in attempts:
+        _fill_attempt(field.add(), attempt)
+
+
+def _fill_attempt(message: pb.Attempt, attempt: Attempt) -> None:
+    message.backend = attempt.backend
+    message.model = attempt.model
+    message.outcome = _OUTCOMES_OUT[attempt.outcome]
+    message.duration.FromNanoseconds(int(attempt.duration_s * 1e9))
+    message.error = attempt.error
+    if attempt.upstream_status is not None:
+        message.upstream_status = attempt.upstream_status
+
+
 def complete_response(response: CompletionResponse) -> pb.CompleteResponse:
-    message = response.message
-    out = pb.Message(
-        role=_ROLES_OUT[message.role],
-        content=message.content,
-        tool_calls=[
-            pb.ToolCall(id=c.id, function=pb.FunctionCall(name=c.name, arguments=c.arguments))
-            for c in message.tool_calls
-        ],
+    answer = pb.CompleteResponse(
+        id=response.id,
+        backend=response.backend,
+        model=response.model,
+        finish_reason=_FINISH_REASONS_OUT[response.finish_reason],
     )
+    message, out = response.message, answer.message
+    out.role = _ROLES_OUT[message.role]
+    out.content = message.content
+    for call in message.tool_calls:
+        function = out.tool_calls.add(id=call.id).function
+        function.name, function.arguments = call.name, call.arguments
     if message.reasoning is not None:
         out.reasoning = message.reasoning
     if message.reasoning_signature is not None:
         out.reasoning_signature = message.reasoning_signature
-    return pb.CompleteResponse(
-        id=response.id,
-        backend=response.backend,
-        model=response.model,
-        message=out,
-        finish_reason=_FINISH_REASONS_OUT[response.finish_reason],
-        usage=usage_pb(response.usage),
-        attempts=[attempt_pb(a) for a in response.attempts],
-    )
+    _fill_usage(answer.usage, response.usage)
+    _add_attempts(answer.attempts, response.attempts)
+    return answer
 
 
 def stream_response(chunk: CompletionChunk) -> pb.StreamCompleteResponse:
@@ -581,8 +594,8 @@ def stream_response(chunk: CompletionChunk) -> pb.StreamCompleteResponse:
     if chunk.finish_reason is not None:
         message.finish_reason = _FINISH_REASONS_OUT[chunk.finish_reason]
     if chunk.usage is not None:
-        message.usage.CopyFrom(usage_pb(chunk.usage))
-        message.attempts.extend(attempt_pb(a) for a in chunk.attempts)
+        _fill_usage(message.usage, chunk.usage)
+        _add_attempts(message.attempts, chunk.attempts)
     return message
 
 
