@@ -691,7 +691,9 @@ class Router:
                 async with asyncio.timeout_at(min(chain.deadline, silent_after)):
                     result = await call(route, remaining)
             except TimeoutError:
-                if loop.time() < chain.deadline:
+                # Which of the two ends came first, by their times: the loop may fire a timer a little early, and a
+                # call that reached its deadline is not a silent backend.
+                if silent_after < chain.deadline:
                     silent = UpstreamError(
                         UpstreamErrorKind.SILENT, route.backend.name, f"no answer within {first_chunk_s:g} s"
                     )

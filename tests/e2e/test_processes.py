@@ -113,6 +113,21 @@ async def test_sdk_raises_unavailable_with_retry_info(server: GatewayProcess, lo
     assert caught.value.retry_delay_s is not None and caught.value.retry_delay_s > 0
 
 
+async def test_a_stalled_upstream_ends_each_call_at_its_deadline(server: GatewayProcess, local: FakeUpstream) -> None:
+    """The server's event loop (uvloop) may fire the deadline's timer a little early: that is still the deadline, not
+    a backend gone silent (which would answer UNAVAILABLE, and count against the backend)."""
+    calls = 20
+    local.inject(*[{"stall_s": 5}] * calls)
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = pb.LLMServiceStub(channel)
+        codes = []
+        for _ in range(calls):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Complete(chat(), timeout=0.2)
+            codes.append(caught.value.code())
+    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * calls
+
+
 async def test_cli_streams_tokens_and_counts(server: GatewayProcess) -> None:
     process = await asyncio.create_subprocess_exec(
         BIN / "llmrelay",
