@@ -84,7 +84,7 @@ log = logging.getLogger(__name__)
 async def abort(context: grpc.aio.ServicerContext[Any, Any], rpc: str, error: LLMRelayError) -> NoReturn:
     """Ends the call with the error's status; a caller's mistake or an upstream's failure is one log line, never a
     traceback."""
-    failure = rpc_failure(error)
+    failure = rpc_failure(error, context.time_remaining())
     log.info("%s failed: %s: %s", rpc, failure.code.name, failure.details)
     # What the call had set to send back already (its request id) goes with the status's details.
     sent = tuple(context.trailing_metadata() or ())
@@ -111,9 +111,13 @@ class Failure(grpc.Status):
     trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
-def rpc_failure(error: LLMRelayError) -> Failure:
+def rpc_failure(error: LLMRelayError, time_remaining_s: float | None = None) -> Failure:
     """The status to abort a call with: code, the error's text, the google.rpc.Status in the details trailer (ErrorInfo
-    first, then the other details, AttemptHistory last), and the pushback trailer beside a RetryInfo."""
+    first, then the other details, AttemptHistory last), and the pushback trailer beside a RetryInfo.
+
+    `time_remaining_s` is what is left of the call's deadline (None: it has none). A retry delay that outlasts it gets
+    a pushback of -1, which tells a client channel not to retry (gRFC A6): waiting it out would turn an answer that
+    says when to come back (a circuit open for 30 s) into a bare DEADLINE_EXCEEDED."""
     code, reason, metadata, extra = _classify(error)
     attempts = _routed_attempts(error)
     if attempts is not None:
@@ -125,7 +129,10 @@ def rpc_failure(error: LLMRelayError) -> Failure:
     retry = next((detail for detail in extra if isinstance(detail, error_details_pb2.RetryInfo)), None)
     if retry is not None:
         # Whole milliseconds, rounded up: a client that comes back early would only be refused again.
-        trailers += ((PUSHBACK_KEY, str(math.ceil(retry.retry_delay.ToNanoseconds() / 1e6))),)
+        pushback_ms = math.ceil(retry.retry_delay.ToNanoseconds() / 1e6)
+        if time_remaining_s is not None and pushback_ms >= time_remaining_s * 1000:
+            pushback_ms = -1
+        trailers += ((PUSHBACK_KEY, str(pushback_ms)),)
     return Failure(code, str(error), trailers)
 
 

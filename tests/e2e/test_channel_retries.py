@@ -17,7 +17,7 @@ import grpc
 import pytest
 from llmrelay import v1 as pb
 from llmrelay.v1.service_config import SERVICE_CONFIG_JSON
-from support import OPENAI_TEST_KEY, GatewayFactory, chat, read_all, stream_chat
+from support import OPENAI_TEST_KEY, GatewayFactory, chat, details, read_all, stream_chat
 from upstream import FakeUpstream
 
 PUSHBACK_S = 1
@@ -123,4 +123,21 @@ async def test_a_stream_that_delivered_a_message_is_never_replayed(
     # The first message committed the call: even a policy that lists ABORTED does not replay it.
     assert caught.value.code() == grpc.StatusCode.ABORTED
     assert received and "".join(c.delta.content for c in received) != "echo: one two three four"
+    assert len(primary.chat_requests) == 1
+
+
+async def test_a_pushback_longer_than_the_deadline_gives_the_caller_the_failure_not_a_timeout(
+    retrying_channel: Callable[[str], grpc.aio.Channel], primary: FakeUpstream
+) -> None:
+    stub = pb.LLMServiceStub(retrying_channel(SERVICE_CONFIG_JSON))
+    primary.inject({"status": 503, "retry_after": PUSHBACK_S})
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat("hello retries"), timeout=PUSHBACK_S / 2)
+
+    # Waiting out the delay for a retry would have ended the call DEADLINE_EXCEEDED, saying nothing of when to come
+    # back.
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert dict(caught.value.trailing_metadata() or ())["grpc-retry-pushback-ms"] == "-1"
+    assert details(caught.value)["RetryInfo"].retry_delay.ToMilliseconds() == PUSHBACK_S * 1000
     assert len(primary.chat_requests) == 1

@@ -358,6 +358,18 @@ def test_retry_info_goes_with_the_same_delay_as_pushback_in_whole_milliseconds(
     assert decoded.pushback_ms == pushback_ms
 
 
+@pytest.mark.parametrize(
+    ("time_remaining_s", "pushback_ms"), [(None, "30000"), (31.0, "30000"), (30.0, "-1"), (5.0, "-1")]
+)
+def test_a_delay_that_outlasts_the_callers_deadline_asks_the_channel_not_to_retry(
+    time_remaining_s: float | None, pushback_ms: str
+) -> None:
+    failure = status.rpc_failure(upstream(K.RATE_LIMITED, retry_after_s=30.0), time_remaining_s)
+    decoded = decode(failure)
+    assert decoded.pushback_ms == pushback_ms
+    assert decoded.retry_delay_s == 30.0  # the caller still learns when to come back
+
+
 def test_the_attempt_history_holds_each_attempt_as_the_response_would() -> None:
     attempts = [
         Attempt("openai", "gpt-4o", OUT.SERVER_ERROR, 0.25, upstream_status=503, error="HTTP 503"),

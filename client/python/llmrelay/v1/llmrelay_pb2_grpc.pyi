@@ -11,7 +11,9 @@ google.rpc.Status (AIP-193, in the `grpc-status-details-bin` trailer; grpcio-sta
   "llmrelay.dev", and `metadata` holds the keys each ErrorReason below lists (string values).
 - RetryInfo where a retry later can help, with the delay to wait. Beside it, the trailing metadata
   `grpc-retry-pushback-ms` (gRFC A6) carries the same delay in whole milliseconds (rounded up), so that a client
-  channel whose retry policy covers the status code waits as the gateway asks. The policy the SDKs install
+  channel whose retry policy covers the status code waits as the gateway asks; when the delay outlasts the call's
+  deadline the pushback is -1 instead, so that the channel does not retry and the caller gets this status, not
+  DEADLINE_EXCEEDED. The policy the SDKs install
   (llmrelay_grpc_service_config.json) retries UNAVAILABLE only; a failed call, and a stream that failed before
   its first message, end with no response headers (trailers only), so the channel may replay them. A stream that
   has delivered a message is never replayed (and fails with ABORTED).
