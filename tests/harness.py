@@ -8,8 +8,9 @@ in front of it, then prints where they are:
     python tests/harness.py [--fallback] [--tls] [--retries N]
 
 - The gateway has one backend, "ollama" (chat model "tiny", embedding model "embed-test"), at the fake upstream, with
-  no retries (or N); with --fallback a second one, "fallback" (openai_compatible, model "tiny", the same upstream),
-  after it. With --tls it serves TLS with a certificate for localhost and 127.0.0.1 from a CA made for the run.
+  no retries (or N) and a circuit that stays closed; with --fallback a second one, "fallback" (openai_compatible,
+  model "tiny", the same upstream), after it. With --tls it serves TLS with a certificate for localhost and 127.0.0.1
+  from a CA made for the run.
 - Once the gateway is SERVING, one line of JSON goes to stdout: {"target", "upstream", "fallback_backend",
   "embedding_model", "ca_file", "gateway_pid"}. The upstream's control API (POST and DELETE /_control/faults, GET
   /_control/requests) is at "upstream".
@@ -202,7 +203,9 @@ def gateway_config(upstream_url: str, scratch: Path, *, fallback: bool, retries:
             "  backends:",
             f'    - {{name: {FALLBACK_BACKEND}, kind: openai_compatible, base_url: "{upstream_url}/v1", model: tiny}}',
         ]
-    lines.append(f"router: {{retry: {{max_retries: {retries}}}}}")
+    # The SDKs' tests share one gateway and inject upstream failures test after test: a circuit that opened on
+    # earlier tests' failures would fail a later one for 30 s (the circuit's own tests are tests/e2e/test_faults.py).
+    lines.append(f"router: {{retry: {{max_retries: {retries}}}, circuit: {{failure_threshold: 1000}}}}")
     return "\n".join(lines) + "\n"
 
 
