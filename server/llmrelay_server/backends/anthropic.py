@@ -26,7 +26,6 @@ from llmrelay_server.backends.upstream_http import (
     HEALTH_TIMEOUT_S,
     Pool,
     SDKErrors,
-    coalesced,
     connection_lost,
     health_record,
     http_client,
@@ -35,6 +34,7 @@ from llmrelay_server.backends.upstream_http import (
     post_stream,
     prepared_headers,
     redact,
+    relayed,
     retry_after_s,
 )
 from llmrelay_server.domain import (
@@ -120,50 +120,35 @@ class AnthropicProvider:
         body = self._body(model, request)
         body["stream"] = True
         state = anthropic_wire.StreamState()
+
+        def chunk_of(line: str) -> CompletionChunk | None:
+            # The `event:` lines repeat the type each `data:` object carries: the data alone is read.
+            payload = wire.sse_data(line)
+            if payload is None:
+                return None
+            data = wire.decode_json(payload.encode())
+            if (event := anthropic_wire.error_event(data)) is not None:
+                raise self._error_event(event)
+            delta = state.event(data)
+            if delta is None:
+                return None
+            return CompletionChunk(
+                id=state.id,
+                backend=self._spec.name,
+                model=state.model or model,
+                content=delta.content,
+                reasoning=delta.reasoning,
+                tool_calls=delta.tool_calls,
+            )
+
         try:
             async with self._post_stream(body, timeout_s) as batches:
-                async for lines in batches:
-                    arrived: list[CompletionChunk] = []
-                    try:
-                        for line in lines:
-                            # The `event:` lines repeat the type each `data:` object carries: the data alone is read.
-                            payload = wire.sse_data(line)
-                            if payload is None:
-                                continue
-                            data = wire.decode_json(payload.encode())
-                            if (event := anthropic_wire.error_event(data)) is not None:
-                                raise self._error_event(event)
-                            delta = state.event(data)
-                            if state.stopped:
-                                break
-                            if delta is not None and (delta.content or delta.reasoning or delta.tool_calls):
-                                chunk = CompletionChunk(
-                                    id=state.id,
-                                    backend=self._spec.name,
-                                    model=state.model or model,
-                                    content=delta.content,
-                                    reasoning=delta.reasoning,
-                                    tool_calls=delta.tool_calls,
-                                )
-                                arrived.append(chunk)
-                    except (UpstreamError, wire.MalformedAnswerError):
-                        for chunk in coalesced(arrived):  # the text before the failure is sent, as it came first
-                            yield chunk
-                        raise
-                    for chunk in coalesced(arrived):
-                        yield chunk
-                    if state.stopped:
-                        break
+                async for chunk in relayed(batches, chunk_of, lambda: state.stopped, self._spec.name):
+                    yield chunk
         except anthropic.APIError as exc:
             raise self._upstream_error(exc) from exc
         except wire.MalformedAnswerError as exc:
             raise self._bad_answer(str(exc)) from exc
-        except httpx2.HTTPError as exc:
-            # Errors while reading a stream's body come from the HTTP client itself, not through the SDK.
-            kind = (
-                UpstreamErrorKind.TIMEOUT if isinstance(exc, httpx2.TimeoutException) else UpstreamErrorKind.UNREACHABLE
-            )
-            raise UpstreamError(kind, self._spec.name, f"the stream failed: {type(exc).__name__}") from exc
         # Only message_stop makes an answer whole: whatever came before it, a stream without one was cut.
         if not state.stopped:
             raise self._bad_answer("the stream ended without message_stop")

@@ -21,7 +21,6 @@ from llmrelay_server.backends.upstream_http import (
     HEALTH_TIMEOUT_S,
     Pool,
     SDKErrors,
-    coalesced,
     connection_lost,
     health_record,
     http_client,
@@ -30,6 +29,7 @@ from llmrelay_server.backends.upstream_http import (
     post_stream,
     prepared_headers,
     redact,
+    relayed,
     retry_after_s,
 )
 from llmrelay_server.domain import (
@@ -118,59 +118,45 @@ class OpenAICompatibleProvider:
         completion_id, served_model = "", model
         finish: FinishReason | None = None
         usage: TokenUsage | None = None
+        done = False
+
+        def chunk_of(line: str) -> CompletionChunk | None:
+            nonlocal completion_id, served_model, finish, usage, done
+            payload = wire.sse_data(line)
+            if payload is None:
+                return None
+            if payload == wire.DONE:
+                done = True
+                return None
+            data = wire.decode_json(payload.encode())
+            if isinstance(data, dict) and (event := wire.error_event(data)) is not None:
+                raise self._error_event(event)
+            choice = wire.first_choice(data, "delta")
+            completion_id = completion_id or str(data.get("id") or "")
+            served_model = self._served_model(data, served_model)
+            usage = wire.usage_from(data) or usage
+            if choice is None:
+                return None
+            if choice.get("finish_reason") is not None:
+                finish = wire.finish_reason(choice["finish_reason"])
+            delta = choice.get("delta") or {}
+            return CompletionChunk(
+                id=completion_id,
+                backend=self._spec.name,
+                model=served_model,
+                content=wire.delta_text(delta, "content"),
+                reasoning=wire.reasoning_text(delta) or None,
+                tool_calls=wire.tool_call_deltas(delta),
+            )
+
         try:
             async with self._post_stream(body, timeout_s) as batches:
-                done = False
-                async for lines in batches:
-                    arrived: list[CompletionChunk] = []
-                    try:
-                        for line in lines:
-                            payload = wire.sse_data(line)
-                            if payload is None:
-                                continue
-                            if payload == wire.DONE:
-                                done = True
-                                break
-                            data = wire.decode_json(payload.encode())
-                            if isinstance(data, dict) and (event := wire.error_event(data)) is not None:
-                                raise self._error_event(event)
-                            choice = wire.first_choice(data, "delta")
-                            completion_id = completion_id or str(data.get("id") or "")
-                            served_model = self._served_model(data, served_model)
-                            usage = wire.usage_from(data) or usage
-                            if choice is None:
-                                continue
-                            if choice.get("finish_reason") is not None:
-                                finish = wire.finish_reason(choice["finish_reason"])
-                            delta = choice.get("delta") or {}
-                            chunk = CompletionChunk(
-                                id=completion_id,
-                                backend=self._spec.name,
-                                model=served_model,
-                                content=wire.delta_text(delta, "content"),
-                                reasoning=wire.reasoning_text(delta) or None,
-                                tool_calls=wire.tool_call_deltas(delta),
-                            )
-                            if chunk.content or chunk.reasoning or chunk.tool_calls:
-                                arrived.append(chunk)
-                    except (UpstreamError, wire.MalformedAnswerError):
-                        for chunk in coalesced(arrived):  # the text before the failure is sent, as it came first
-                            yield chunk
-                        raise
-                    for chunk in coalesced(arrived):
-                        yield chunk
-                    if done:
-                        break
+                async for chunk in relayed(batches, chunk_of, lambda: done, self._spec.name):
+                    yield chunk
         except openai.APIError as exc:
             raise self._upstream_error(exc) from exc
         except wire.MalformedAnswerError as exc:
             raise self._bad_answer(str(exc)) from exc
-        except httpx2.HTTPError as exc:
-            # Errors while reading a stream's body come from the HTTP client itself, not through the SDK.
-            kind = (
-                UpstreamErrorKind.TIMEOUT if isinstance(exc, httpx2.TimeoutException) else UpstreamErrorKind.UNREACHABLE
-            )
-            raise UpstreamError(kind, self._spec.name, f"the stream failed: {type(exc).__name__}") from exc
         # Without [DONE] the answer is still whole when a finish reason came (some servers end there); without a
         # finish reason it is a cut stream, whatever else arrived.
         if finish is None:

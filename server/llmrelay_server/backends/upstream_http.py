@@ -28,7 +28,8 @@ from openai._vendor.httpx_aiohttp import AiohttpTransport
 from openai._vendor.httpx_aiohttp.transport import map_aiohttp_exceptions
 
 from llmrelay_server import metering
-from llmrelay_server.domain import BackendHealth, BackendSpec, CompletionChunk, UpstreamErrorKind
+from llmrelay_server.backends.wire import MalformedAnswerError
+from llmrelay_server.domain import BackendHealth, BackendSpec, CompletionChunk, UpstreamError, UpstreamErrorKind
 
 # Sized for hundreds of concurrent streams per backend; connections are kept for reuse between agent steps, at most
 # max_keepalive_connections of them once a burst is over (each idle one holds a socket here and a slot upstream).
@@ -132,10 +133,10 @@ async def post_stream(
     pool: Pool, url: str, content: bytes, headers: Mapping[str, str], timeout_s: float | None, *, errors: SDKErrors
 ) -> AsyncIterator[AsyncIterator[list[str]]]:
     """POSTs `content` (JSON) for a streamed answer: its lines (SSE ends them with CRLF, LF or CR), a list for each
-    read from the network, the lines that were waiting together, which a provider relays as few chunks (`coalesced`),
-    never waiting for more. A failure while reading comes out as httpx2's (ReadTimeout, ReadError), as the SDK's
-    transport reports it. Leaving closes the connection at once unless the answer was read to its end, so that an
-    upstream sees a caller who went away."""
+    read from the network, the lines that were waiting together, which `relayed` turns into as few chunks, never
+    waiting for more. A failure while reading comes out as httpx2's (ReadTimeout, ReadError), as the SDK's transport
+    reports it. Leaving closes the connection at once unless the answer was read to its end, so that an upstream
+    sees a caller who went away."""
     response = await _send(pool, url, content, headers, timeout_s, errors)
     try:
         yield _line_batches(response.content)
@@ -210,7 +211,40 @@ async def _line_batches(content: aiohttp.StreamReader) -> AsyncIterator[list[str
         yield ["".join(pending)]
 
 
-def coalesced(chunks: list[CompletionChunk]) -> list[CompletionChunk]:
+async def relayed(
+    batches: AsyncIterator[list[str]],
+    chunk_of: Callable[[str], CompletionChunk | None],
+    ended: Callable[[], bool],
+    backend: str,
+) -> AsyncIterator[CompletionChunk]:
+    """The chunks of a streamed answer (`post_stream`'s batches of lines), as the dialect's `chunk_of` reads each line
+    (None for a line without one), until `ended()` says the answer is whole; the line that ended it adds nothing.
+    Chunks that arrived together go out coalesced. When a line fails (an error event, a malformed one) the text that
+    came before it goes out first, then the failure; a failure of the HTTP read becomes an UpstreamError."""
+    try:
+        async for lines in batches:
+            arrived: list[CompletionChunk] = []
+            try:
+                for line in lines:
+                    chunk = chunk_of(line)
+                    if ended():
+                        break
+                    if chunk is not None and (chunk.content or chunk.reasoning or chunk.tool_calls):
+                        arrived.append(chunk)
+            except (UpstreamError, MalformedAnswerError):
+                for chunk in _coalesced(arrived):
+                    yield chunk
+                raise
+            for chunk in _coalesced(arrived):
+                yield chunk
+            if ended():
+                return
+    except httpx2.HTTPError as exc:
+        kind = UpstreamErrorKind.TIMEOUT if isinstance(exc, httpx2.TimeoutException) else UpstreamErrorKind.UNREACHABLE
+        raise UpstreamError(kind, backend, f"the stream failed: {type(exc).__name__}") from exc
+
+
+def _coalesced(chunks: list[CompletionChunk]) -> list[CompletionChunk]:
     """Chunks that arrived together, as few as their meaning allows: each run of text-only chunks as one (its content
     joined, its reasoning joined); a chunk with tool-call fragments as it is. A gRPC message per upstream event
     would cost a write each (a system call, most of a relayed chunk's cost) for text the caller gets no sooner."""
