@@ -3,7 +3,9 @@ and the real model servers of the integration tier."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,6 +22,15 @@ from postgres_server import PostgresServer, PostgresTemplate
 from redis_server import RedisServer
 from support import GatewayFactory, StubFactory, two_backends
 from upstream import FakeUpstream
+
+_EXIT_GRACE_S = 120
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Every test has run. A process that still has not exited after the grace (a thread or child that never ends)
+    prints every thread's stack and exits with 1, instead of holding CI until its timeout with nothing to go on."""
+    faulthandler.dump_traceback_later(_EXIT_GRACE_S, exit=True, file=sys.__stderr__ or 2)
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,13 @@ its own process."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import struct as binary
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import struct_pb2
@@ -16,6 +18,8 @@ from llmrelay import error_details
 from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway
 from upstream import FakeUpstream
+
+T = TypeVar("T")
 
 GatewayFactory = Callable[..., Awaitable[Gateway]]
 """Starts a gateway from YAML text (see the gateway_factory fixture)."""
@@ -90,6 +94,18 @@ def details(error: grpc.aio.AioRpcError) -> dict[str, Any]:
     decoded = error_details(error)
     assert decoded is not None, f"no status details on {error.code()}: {error.details()}"
     return {type(message).__name__: message for message in decoded.messages()}
+
+
+@contextlib.asynccontextmanager
+async def in_background(work: Coroutine[Any, Any, T]) -> AsyncIterator[asyncio.Task[T]]:
+    """The work as a task for the test to await; cancelled if the test fails first. The tests share one event loop,
+    so a load left running by a failed test would go on slowing every test after it."""
+    task = asyncio.create_task(work)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def read_all(stream: Any) -> list[pb.StreamCompleteResponse]:

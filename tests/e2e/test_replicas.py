@@ -20,7 +20,7 @@ from harness import GatewayProcess
 from llmrelay import v1 as pb
 from postgres_server import PostgresServer, PostgresTemplate
 from redis_server import RedisServer
-from support import chat, details, start_server
+from support import chat, details, in_background, start_server
 from upstream import FakeUpstream
 
 REPLICAS = 3
@@ -209,13 +209,13 @@ async def steady_load(
 async def test_a_replica_killed_under_load_loses_no_answered_call(replicas: Replicas) -> None:
     given: list[pb.CompleteResponse] = []
     stop = asyncio.Event()
-    load = asyncio.create_task(steady_load(replicas.stubs, given, stop))
-    await until(lambda: len(given) >= 60)
-    os.kill(replicas.processes[1].process.pid, signal.SIGKILL)  # its last answers are only in its journal
-    at_kill = len(given)
-    await until(lambda: len(given) >= at_kill + 60)  # the other two go on
-    stop.set()
-    failures = await load
+    async with in_background(steady_load(replicas.stubs, given, stop)) as load:
+        await until(lambda: len(given) >= 60)
+        os.kill(replicas.processes[1].process.pid, signal.SIGKILL)  # its last answers are only in its journal
+        at_kill = len(given)
+        await until(lambda: len(given) >= at_kill + 60)  # the other two go on
+        stop.set()
+        failures = await load
     assert all(where.startswith("1:") for where in failures), failures  # only the killed one's callers failed
     # The dead replica's journal is taken over by the others (they share the host's journal directory). A call it
     # had billed when it died may not have reached its caller: billed all the same, as the upstream did the work.
@@ -238,27 +238,28 @@ async def test_redis_stopped_under_load_the_chosen_policy_holds_and_limits_come_
         stubs = replicas.stubs
         given: list[pb.CompleteResponse] = []
         stop = asyncio.Event()
-        load = asyncio.create_task(steady_load(stubs[:2], given, stop))
-        await until(lambda: len(given) >= 20)
-        await redis_server.stop()
-        # Allow: the two go on serving, uncounted. Deny: the third refuses, saying why and when to retry.
-        at_stop = len(given)
-        await until(lambda: len(given) >= at_stop + 40)
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await stubs[2].Complete(chat(), timeout=10, metadata=bearer("load"))
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert details(refused.value)["ErrorInfo"].reason == "LIMITS_UNAVAILABLE"
-        assert details(refused.value)["RetryInfo"].retry_delay.ToTimedelta().total_seconds() > 0
-        for stub in stubs:
-            limits = await limits_store(stub)
-            assert (limits.kind, limits.available) == ("redis", False) and "cannot be reached" in limits.description
+        async with in_background(steady_load(stubs[:2], given, stop)) as load:
+            await until(lambda: len(given) >= 20)
+            await redis_server.stop()
+            # Allow: the two go on serving, uncounted. Deny: the third refuses, saying why and when to retry.
+            at_stop = len(given)
+            await until(lambda: len(given) >= at_stop + 40)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stubs[2].Complete(chat(), timeout=10, metadata=bearer("load"))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert details(refused.value)["ErrorInfo"].reason == "LIMITS_UNAVAILABLE"
+            assert details(refused.value)["RetryInfo"].retry_delay.ToTimedelta().total_seconds() > 0
+            for stub in stubs:
+                limits = await limits_store(stub)
+                assert (limits.kind, limits.available) == ("redis", False)
+                assert "cannot be reached" in limits.description
 
-        await redis_server.start()  # the same port, empty: counting starts again
-        for stub in stubs:
-            await eventually(functools.partial(limits_available, stub))
-        assert (await stubs[2].Complete(chat(), timeout=10, metadata=bearer("load"))).usage.total_tokens > 0
-        stop.set()
-        failures = await load
+            await redis_server.start()  # the same port, empty: counting starts again
+            for stub in stubs:
+                await eventually(functools.partial(limits_available, stub))
+            assert (await stubs[2].Complete(chat(), timeout=10, metadata=bearer("load"))).usage.total_tokens > 0
+            stop.set()
+            failures = await load
         # No call of the allowing replicas failed, before, during or after (their logs say why if one did).
         assert failures == Counter(), (failures, [p.text() for p in replicas.processes[:2]])
         rpm = await burst(stubs, "rpm", 30, local)
@@ -273,21 +274,21 @@ async def test_postgresql_stopped_under_load_loses_no_record(
 ) -> None:
     given: list[pb.CompleteResponse] = []
     stop = asyncio.Event()
-    load = asyncio.create_task(steady_load(replicas.stubs, given, stop))
-    await until(lambda: len(given) >= 30)
-    pg.stop()
-    at_stop = len(given)
-    await until(lambda: len(given) >= at_stop + 60)  # answers go on
-    await eventually(functools.partial(ledger_down, replicas.stubs[0]))  # at its next write
-    ledger = await ledger_store(replicas.stubs[0])
-    assert ledger.kind == "postgresql" and ledger.pending_records > 0 and "unavailable" in ledger.description
-    with pytest.raises(grpc.aio.AioRpcError) as unreadable:
-        await replicas.stubs[0].GetUsage(pb.GetUsageRequest(), timeout=15, metadata=bearer("load"))
-    assert unreadable.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert details(unreadable.value)["ErrorInfo"].reason == "USAGE_UNAVAILABLE"
-    pg.start()
-    stop.set()
-    assert await load == Counter()
+    async with in_background(steady_load(replicas.stubs, given, stop)) as load:
+        await until(lambda: len(given) >= 30)
+        pg.stop()
+        at_stop = len(given)
+        await until(lambda: len(given) >= at_stop + 60)  # answers go on
+        await eventually(functools.partial(ledger_down, replicas.stubs[0]))  # at its next write
+        ledger = await ledger_store(replicas.stubs[0])
+        assert ledger.kind == "postgresql" and ledger.pending_records > 0 and "unavailable" in ledger.description
+        with pytest.raises(grpc.aio.AioRpcError) as unreadable:
+            await replicas.stubs[0].GetUsage(pb.GetUsageRequest(), timeout=15, metadata=bearer("load"))
+        assert unreadable.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert details(unreadable.value)["ErrorInfo"].reason == "USAGE_UNAVAILABLE"
+        pg.start()
+        stop.set()
+        assert await load == Counter()
     expected = (len(given), sum(answer.usage.total_tokens for answer in given))
     await eventually(functools.partial(totals_are, replicas.stubs[2], expected))
     for stub in replicas.stubs:

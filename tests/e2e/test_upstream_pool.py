@@ -11,6 +11,7 @@ import httpx2
 import openai
 import pytest
 from llmrelay_server.backends.upstream_http import http_client
+from support import in_background
 from upstream import FakeUpstream
 
 BURST = 24
@@ -67,9 +68,8 @@ async def test_idle_connections_are_capped_after_a_burst_of_streams(upstream: Fa
                 peak = max(peak, connections_to(upstream.port))
                 await asyncio.sleep(0.05)
 
-        watching = asyncio.create_task(watch())
-        events = await asyncio.gather(*(stream() for _ in range(BURST)))
-        watching.cancel()
+        async with in_background(watch()):
+            events = await asyncio.gather(*(stream() for _ in range(BURST)))
         assert all(count > 2 for count in events), events
         assert peak > MAX_IDLE, f"the burst never needed more than {peak} connections"
         await asyncio.sleep(0.2)  # closed connections leave the table

@@ -19,7 +19,7 @@ from llmrelay import v1 as pb
 from llmrelay_server.domain import Cost, StoreHealth, StoreRole, TokenUsage, UsageUnavailableError
 from llmrelay_server.usage import LedgerUnavailableError, UsageLedger, UsageTotals
 from postgres_server import PostgresServer, PostgresTemplate
-from support import StubFactory, chat, two_backends
+from support import StubFactory, chat, in_background, two_backends
 from upstream import FakeUpstream
 
 T0 = 1_700_000_040.0  # the start of a minute bucket
@@ -157,9 +157,9 @@ async def test_postgresql_stopped_mid_load_loses_nothing_and_memory_stays_bounde
     server = PostgresServer(postgres_template)  # its own: this test stops it
     server.start()
     journal = tmp_path / "journal"
+    ledger = UsageLedger(server.url("ledger", PASSWORD), journal_dir=journal, flush_interval_s=0.05)  # connects later
     try:
         server.create_database("ledger")
-        ledger = UsageLedger(server.url("ledger", PASSWORD), journal_dir=journal, flush_interval_s=0.05)
         await ledger.start()
         recorded = 0
         loading = True
@@ -173,36 +173,41 @@ async def test_postgresql_stopped_mid_load_loses_nothing_and_memory_stays_bounde
                     ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0 + 60 * recorded)
                     recorded += 1
                 seen.append(ledger.health())
-                await asyncio.sleep(0.002)
+                await asyncio.sleep(0.01)
 
-        loader = asyncio.create_task(load())
-        await wait_until(lambda: recorded > 2_000)
-        server.stop()
-        await wait_until(lambda: not ledger.health().available)
-        with pytest.raises(UsageUnavailableError) as refused:  # GetUsage's UNAVAILABLE, with RetryInfo
-            await ledger.query()
-        assert isinstance(refused.value.__cause__, LedgerUnavailableError)
+        async with in_background(load()) as loader:
+            await wait_until(lambda: recorded > 2_000)
+            server.stop()
+            await wait_until(lambda: not ledger.health().available)
+            with pytest.raises(UsageUnavailableError) as refused:  # GetUsage's UNAVAILABLE, with RetryInfo
+                await ledger.query()
+            assert isinstance(refused.value.__cause__, LedgerUnavailableError)
 
-        # Memory: a burst of records with a key each goes to the journal on disk, not to memory.
-        journaled_before = journaled_lines(journal)
-        tracemalloc.start()
-        try:
-            before = tracemalloc.get_traced_memory()[0]
-            for _ in range(30_000):
-                ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0 + 60 * recorded)
-                recorded += 1
-            grown = tracemalloc.get_traced_memory()[0] - before
-        finally:
-            tracemalloc.stop()
-        assert grown < 512 * 1024, f"{grown} bytes of memory for 30000 records during the outage"
-        assert journaled_lines(journal) >= journaled_before + 30_000
-        outage = ledger.health()
-        assert outage.pending_records == ledger.queue_depth() > 30_000
+            # Memory: a burst of records with a key each goes to the journal on disk, not to memory.
+            journaled_before = journaled_lines(journal)
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                for _ in range(30_000):
+                    ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0 + 60 * recorded)
+                    recorded += 1
+                grown = tracemalloc.get_traced_memory()[0] - before
+            finally:
+                tracemalloc.stop()
+            assert grown < 512 * 1024, f"{grown} bytes of memory for 30000 records during the outage"
+            assert journaled_lines(journal) >= journaled_before + 30_000
+            outage = ledger.health()
+            assert outage.pending_records == ledger.queue_depth() > 30_000
 
-        server.start()
-        await wait_until(lambda: ledger.health().available and ledger.queue_depth() < 100)
-        loading = False
-        await loader
+            # The load goes on while the database returns and the ledger writes again; then it stops and everything
+            # drains (draining under a load without end would race the machine's speed).
+            server.start()
+            await wait_until(lambda: ledger.health().available)
+            written_again = recorded
+            await wait_until(lambda: recorded > written_again + 200)
+            loading = False
+            await loader
+        await wait_until(lambda: ledger.queue_depth() == 0, timeout_s=120)
         await ledger.flush()
 
         assert await ledger.query() == [
@@ -212,8 +217,8 @@ async def test_postgresql_stopped_mid_load_loses_nothing_and_memory_stays_bounde
         assert journaled_lines(journal) == 0
         availability = [health.available for health in seen]
         assert availability[0] and not all(availability) and availability[-1]
-        await ledger.aclose()
     finally:
+        await ledger.aclose()
         server.remove()
 
     assert "unavailable since" in outage.description and str(journal) in outage.description
