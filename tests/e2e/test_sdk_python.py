@@ -15,7 +15,7 @@ import grpc
 import grpc.aio
 import pytest
 from certs import Authority
-from harness import BIN
+from harness import BIN, free_port
 from llmrelay import (
     DEFAULT_TIMEOUT_S,
     Answer,
@@ -302,3 +302,14 @@ async def test_the_cli_follows_the_rule_and_takes_a_ca(tls_gateway: tuple[Gatewa
     plaintext = await asyncio.create_subprocess_exec(*cli, "health", stdout=PIPE, stderr=PIPE)
     _, err = await asyncio.wait_for(plaintext.communicate(), 30)
     assert plaintext.returncode == 1 and b"llmrelay: UNAVAILABLE" in err
+
+
+async def test_the_cli_health_exits_1_when_the_gateway_is_not_serving(gateway_factory: GatewayFactory) -> None:
+    closed = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    gateway = await gateway_factory(f'llm:\n  openai: {{api_key: "{OPENAI_TEST_KEY}", base_url: "{closed}"}}\n')
+    health = await asyncio.create_subprocess_exec(
+        str(BIN / "llmrelay"), "--target", f"127.0.0.1:{gateway.port}", "health", "--probe", stdout=PIPE, stderr=PIPE
+    )
+    out, err = await asyncio.wait_for(health.communicate(), 30)
+    assert (health.returncode, err) == (1, b"")
+    assert out.startswith(b"serving: no\n") and b"unreachable" in out

@@ -83,7 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     tokens.add_argument("--chat", action="store_true", help="count as a user message, with chat overhead")
     tokens.set_defaults(run=_tokens)
 
-    health = commands.add_parser("health", help="the backends' state")
+    health = commands.add_parser(
+        "health", help="the backends' state", epilog="Exits 1 when the gateway is not serving."
+    )
     health.add_argument("--probe", action="store_true", help="probe the backends now")
     health.set_defaults(run=_health)
 
@@ -171,6 +173,8 @@ def _health(client: Client, args: argparse.Namespace) -> None:
             print(f"{'':<12} models: {', '.join(backend.models[:10])}")
         if backend.HasField("last_error"):
             print(f"{'':<12} last error: {backend.last_error}")
+    if not report.serving:
+        sys.exit(1)
 
 
 def _usage(client: Client, args: argparse.Namespace) -> None:
