@@ -50,7 +50,7 @@ def config(tmp_path: Path, redis_url: str, database_url: str, on_unavailable: st
     path.write_text(
         f'server: {{usage_db: "{database_url}", usage_journal_dir: "{tmp_path / "journal"}", drain_s: 0,'
         " grace_period_s: 5, health_interval_s: 1}\n"
-        f'state: {{redis_url: "{redis_url}", on_unavailable: {on_unavailable}, timeout_s: 0.5}}\n'
+        f'state: {{redis_url: "{redis_url}", on_unavailable: {on_unavailable}, timeout_s: 5}}\n'
         f"auth:\n  keys:\n{keys}\n"
         f'pricing: {{"tiny": {PRICE}}}\n'
     )

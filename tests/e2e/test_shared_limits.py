@@ -30,6 +30,9 @@ from upstream import FakeUpstream
 SUBJECT = "key:research"
 KEY = "llmr-research-0123456789abcdefghij"
 LimiterFactory = Callable[..., Awaitable[RedisLimiter]]
+GENEROUS_TIMEOUT_S = 5.0
+"""Redis's time to answer in tests that count: past it, a limiter would admit calls uncounted (a stopped Redis refuses
+connections at once, so tests of an outage need no short timeout either)."""
 
 
 @pytest.fixture
@@ -38,7 +41,8 @@ async def limiter_for(redis_server: RedisServer) -> AsyncIterator[LimiterFactory
     made: list[RedisLimiter] = []
 
     async def make(url: str | None = None, **options: Any) -> RedisLimiter:
-        limiter = RedisLimiter(url or redis_server.url, **options)
+        # Tests of a Redis too slow to answer pass their own short timeout.
+        limiter = RedisLimiter(url or redis_server.url, **{"timeout_s": GENEROUS_TIMEOUT_S, **options})
         await limiter.start()
         made.append(limiter)
         return limiter
@@ -461,11 +465,11 @@ async def test_a_redis_over_tls_with_a_password(limiter_for: LimiterFactory, tmp
 def config(primary: FakeUpstream, local: FakeUpstream, redis_server: RedisServer, limits: str, **state: str) -> str:
     """Two backends, the research key with these limits, and the limits kept in the test's Redis."""
     sha256 = hashlib.sha256(KEY.encode()).hexdigest()
-    options = "".join(f", {name}: {value}" for name, value in state.items())
+    options = "".join(f", {name}: {value}" for name, value in {"timeout_s": GENEROUS_TIMEOUT_S, **state}.items())
     return (
         two_backends(primary, local)
         + f'auth: {{keys: [{{name: research, sha256: "{sha256}", limits: {{{limits}}}}}]}}\n'
-        + f'state: {{redis_url: "{redis_server.url}", timeout_s: 0.3{options}}}\n'
+        + f'state: {{redis_url: "{redis_server.url}"{options}}}\n'
     )
 
 
