@@ -249,6 +249,21 @@ async def test_without_a_service_config_the_error_comes_back(lone_backend: Gatew
     assert caught.value.retry_delay_s == 1 and len(primary.chat_requests) == 1
 
 
+@pytest.mark.parametrize(("flags", "status", "requests"), [((), 1, 1), (("--retry",), 0, 2)], ids=["once", "retry"])
+async def test_the_cli_fails_at_once_unless_told_to_retry(
+    lone_backend: Gateway, primary: FakeUpstream, flags: tuple[str, ...], status: int, requests: int
+) -> None:
+    primary.inject({"status": 503, "retry_after": 1})
+    cli = [str(BIN / "llmrelay"), "--target", target(lone_backend), *flags, "complete", "hi"]
+    complete = await asyncio.create_subprocess_exec(*cli, stdout=PIPE, stderr=PIPE)
+    out, err = await asyncio.wait_for(complete.communicate(), 30)
+    assert complete.returncode == status and len(primary.chat_requests) == requests
+    if status:
+        assert b"llmrelay: UNAVAILABLE" in err and b"retry after 1 s" in err
+    else:
+        assert out.startswith(b"echo: ")
+
+
 # --- the TLS rule --------------------------------------------------------------------------------------------------
 
 

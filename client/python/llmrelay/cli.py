@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llmrelay import v1 as pb
+from llmrelay._channel import DEFAULT_SERVICE_CONFIG
 from llmrelay._client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, Client
 from llmrelay._errors import LLMRelayError
 from llmrelay._messages import message
@@ -35,7 +36,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     try:
         root = args.ca_file.read_bytes() if args.ca_file else None
-        with Client(args.target, timeout=args.timeout, tls=args.tls, root_certificates=root) as client:
+        # From a terminal, an answer now (with when to come back) beats the SDK's default of waiting out a pushback
+        # in silence, which may be half a minute while a circuit is open.
+        retries = DEFAULT_SERVICE_CONFIG if args.retry else None
+        with Client(
+            args.target, timeout=args.timeout, tls=args.tls, root_certificates=root, service_config=retries
+        ) as client:
             args.run(client, args)
     except LLMRelayError as exc:
         details = f" (reason {exc.reason})" if exc.reason else ""
@@ -59,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
         help="TLS or plaintext (default: plaintext only to a loopback target, TLS otherwise)",
     )
     parser.add_argument("--ca-file", type=Path, help="PEM roots to trust instead of the system's (implies TLS)")
+    parser.add_argument(
+        "--retry",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="let the channel retry UNAVAILABLE after the gateway's pushback, waiting silently (default: fail at once"
+        " and say when to retry)",
+    )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     for name, run, text in (("complete", _complete, "one answer"), ("stream", _stream, "stream tokens as they come")):
