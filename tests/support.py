@@ -1,5 +1,5 @@
-"""Helpers shared by the tests: configuration snippets, messages, reading rich error details, and the gateway as
-its own process."""
+"""Helpers shared by the tests: configuration snippets, messages, reading rich error details, background work that a
+failed test does not leave running, and the gateway as its own process."""
 
 from __future__ import annotations
 
