@@ -479,12 +479,6 @@ def _struct(value: Any, where: str, errors: _Violations) -> dict[str, Any]:
 # --- answers --------------------------------------------------------------------------------------------------
 
 
-def usage_pb(usage: TokenUsage) -> pb.Usage:
-    message = pb.Usage()
-    _fill_usage(message, usage)
-    return message
-
-
 def _fill_usage(message: pb.Usage, usage: TokenUsage) -> None:
     """Sets the fields of a message in place: on the answer path, a submessage built apart and then passed in is
     built twice (protobuf copies it), about twice the cost."""
@@ -496,18 +490,18 @@ def _fill_usage(message: pb.Usage, usage: TokenUsage) -> None:
         message.reasoning_tokens = usage.reasoning_tokens
     if usage.cached_prompt_tokens is not None:
         message.cached_prompt_tokens = usage.cached_prompt_tokens
-    if (cost := usage.cost) is not None:
-        message.cost.usd_micros = cost.usd_micros
-        message.cost.estimated = cost.estimated
-        message.cost.price_unknown = cost.price_unknown
+    if usage.cost is not None:
+        _fill_cost(message.cost, usage.cost)
 
 
-def cost_pb(cost: Cost) -> pb.Cost:
-    return pb.Cost(usd_micros=cost.usd_micros, estimated=cost.estimated, price_unknown=cost.price_unknown)
+def _fill_cost(message: pb.Cost, cost: Cost) -> None:
+    message.usd_micros = cost.usd_micros
+    message.estimated = cost.estimated
+    message.price_unknown = cost.price_unknown
 
 
 def usage_record_pb(totals: UsageTotals) -> pb.UsageRecord:
-    return pb.UsageRecord(
+    record = pb.UsageRecord(
         backend=totals.backend,
         model=totals.model,
         caller=totals.caller,
@@ -517,15 +511,11 @@ def usage_record_pb(totals: UsageTotals) -> pb.UsageRecord:
         total_tokens=totals.total_tokens,
         estimated_requests=totals.estimated_requests,
         interrupted_requests=totals.interrupted_requests,
-        # The flags of a total say whether any request in it was estimated, or unpriced.
-        cost=cost_pb(
-            Cost(
-                usd_micros=totals.cost_usd_micros,
-                estimated=totals.cost_estimated_requests > 0,
-                price_unknown=totals.price_unknown_requests > 0,
-            )
-        ),
     )
+    # The flags of a total say whether any request in it was estimated, or unpriced.
+    cost = Cost(totals.cost_usd_micros, totals.cost_estimated_requests > 0, totals.price_unknown_requests > 0)
+    _fill_cost(record.cost, cost)
+    return record
 
 
 def attempt_pb(attempt: Attempt) -> pb.Attempt:
@@ -544,7 +534,7 @@ def _fill_attempt(message: pb.Attempt, attempt: Attempt) -> None:
     message.backend = attempt.backend
     message.model = attempt.model
     message.outcome = _OUTCOMES_OUT[attempt.outcome]
-    message.duration.FromNanoseconds(int(attempt.duration_s * 1e9))
+    message.duration.FromNanoseconds(_nanoseconds(attempt.duration_s))
     message.error = attempt.error
     if attempt.upstream_status is not None:
         message.upstream_status = attempt.upstream_status
@@ -574,13 +564,12 @@ def complete_response(response: CompletionResponse) -> pb.CompleteResponse:
 
 def stream_response(chunk: CompletionChunk) -> pb.StreamCompleteResponse:
     if (restart := chunk.restart) is not None:
-        marker = pb.StreamRestart(
-            reason=restart.reason,
-            backend=restart.backend,
-            attempts=[attempt_pb(a) for a in restart.attempts],
-            usage=usage_pb(restart.usage),
-        )
-        return pb.StreamCompleteResponse(restart=marker)
+        message = pb.StreamCompleteResponse()
+        marker = message.restart
+        marker.reason, marker.backend = restart.reason, restart.backend
+        _add_attempts(marker.attempts, restart.attempts)
+        _fill_usage(marker.usage, restart.usage)
+        return message
     delta = pb.MessageDelta(
         tool_calls=[_tool_call_delta(d) for d in chunk.tool_calls],
     )
@@ -605,10 +594,10 @@ def embed_response(response: EmbeddingResponse) -> pb.EmbedResponse:
         model=response.model,
         backend=response.backend,
         usage=pb.EmbedUsage(prompt_tokens=usage.prompt_tokens, estimated=usage.estimated),
-        attempts=[attempt_pb(a) for a in response.attempts],
     )
+    _add_attempts(message.attempts, response.attempts)
     if usage.cost is not None:
-        message.usage.cost.CopyFrom(cost_pb(usage.cost))
+        _fill_cost(message.usage.cost, usage.cost)
     # A vector's little-endian floats are already the packed encoding of Embedding.values: the embeddings are
     # parsed in as encoded fields, one copy of the bytes, where extend() would make a Python float per dimension.
     message.MergeFromString(b"".join(map(_embedding_field, response.vectors)))
@@ -681,5 +670,9 @@ def store_health_pb(store: StoreHealth) -> pb.StoreHealth:
 
 def _duration(seconds: float) -> Duration:
     duration = Duration()
-    duration.FromNanoseconds(int(seconds * 1e9))
+    duration.FromNanoseconds(_nanoseconds(seconds))
     return duration
+
+
+def _nanoseconds(seconds: float) -> int:
+    return int(seconds * 1e9)
