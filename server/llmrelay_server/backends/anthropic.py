@@ -24,6 +24,7 @@ from anthropic.types import ModelInfo
 from llmrelay_server.backends import anthropic_wire, wire
 from llmrelay_server.backends.upstream_http import (
     HEALTH_TIMEOUT_S,
+    Endpoint,
     Pool,
     SDKErrors,
     connection_lost,
@@ -83,9 +84,8 @@ class AnthropicProvider:
         )
         # Prepared once, as the SDK would merge them on every request: the HTTP client's headers, then the SDK's
         # (API version, user agent, platform) and its auth.
-        self._messages_target = f"{str(self._client.base_url).rstrip('/')}/v1/messages"
         headers = prepared_headers(self._http.headers, self._client.default_headers, self._client.auth_headers)
-        self._plain_headers = dict(headers.items())  # as the SDK's transport hands them to aiohttp
+        self._messages = Endpoint(self._pool, f"{str(self._client.base_url).rstrip('/')}/v1/messages", headers, _ERRORS)
         self._adaptive_thinking: frozenset[str] = frozenset()
         """The models that take reasoning as adaptive thinking and no budget, as the last probe's list said."""
 
@@ -206,14 +206,11 @@ class AnthropicProvider:
     ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[list[str]]]:
         """Sends the JSON `anthropic_wire` built to /v1/messages, for a streamed answer."""
         content = wire.encode(body)
-        return post_stream(self._pool, self._messages_target, content, self._plain_headers, timeout_s, errors=_ERRORS)
+        return post_stream(self._messages, content, timeout_s)
 
     async def _post_read(self, body: dict[str, Any], timeout_s: float | None) -> bytes:
         """Sends the JSON `anthropic_wire` built to /v1/messages and reads the answer whole."""
-        content = wire.encode(body)
-        return await post_read(
-            self._pool, self._messages_target, content, self._plain_headers, timeout_s, errors=_ERRORS
-        )
+        return await post_read(self._messages, wire.encode(body), timeout_s)
 
     def _health(
         self, started: float, *, reachable: bool, models: tuple[str, ...] = (), error: str | None = None

@@ -19,6 +19,7 @@ import openai
 from llmrelay_server.backends import wire
 from llmrelay_server.backends.upstream_http import (
     HEALTH_TIMEOUT_S,
+    Endpoint,
     Pool,
     SDKErrors,
     connection_lost,
@@ -75,10 +76,10 @@ class OpenAICompatibleProvider:
         )
         # What the SDK and its HTTP client would parse and merge again for every request, done once: the URL, and
         # the headers (the HTTP client's, then the SDK's user agent, platform and auth) as they would merge them.
-        self._completions_url = f"{str(self._client.base_url).rstrip('/')}/chat/completions"
-        self._embeddings_url = f"{str(self._client.base_url).rstrip('/')}/embeddings"
+        base_url = str(self._client.base_url).rstrip("/")
         self._headers = prepared_headers(self._http.headers, self._client.default_headers, self._client.auth_headers)
-        self._plain_headers = dict(self._headers.items())  # as the SDK's transport hands them to aiohttp
+        self._completions = Endpoint(self._pool, f"{base_url}/chat/completions", self._headers, _ERRORS)
+        self._embeddings = Endpoint(self._pool, f"{base_url}/embeddings", self._headers, _ERRORS)
         # Servers keep their own endpoints (tokenizers, native APIs) beside /v1, at the root.
         self._root_url = spec.base_url.rstrip("/").removesuffix("/v1")
 
@@ -89,7 +90,7 @@ class OpenAICompatibleProvider:
     async def complete(self, model: str, request: CompletionRequest, *, timeout_s: float | None) -> CompletionResponse:
         body = wire.request_body(model, request, max_tokens_field=self.max_tokens_field)
         try:
-            data = wire.decode_json(await self._post_read(body, timeout_s, self._completions_url))
+            data = wire.decode_json(await self._post_read(body, timeout_s, self._completions))
             choice = wire.first_choice(data, "message")
             assert choice is not None
             message = wire.message_from_choice(choice)
@@ -169,7 +170,7 @@ class OpenAICompatibleProvider:
     async def embed(self, model: str, request: EmbeddingRequest, *, timeout_s: float | None) -> EmbeddingResponse:
         body = wire.embedding_body(model, request)
         try:
-            data = wire.decode_json(await self._post_read(body, timeout_s, self._embeddings_url))
+            data = wire.decode_json(await self._post_read(body, timeout_s, self._embeddings))
             vectors = wire.embedding_vectors(data, len(request.inputs))
         except openai.APIError as exc:
             raise self._upstream_error(exc) from exc
@@ -233,11 +234,11 @@ class OpenAICompatibleProvider:
         """Sends the JSON `wire` built (the caller's JSON text spliced in unchanged) to /chat/completions, for a
         streamed answer."""
         content = wire.encode(body)
-        return post_stream(self._pool, self._completions_url, content, self._plain_headers, timeout_s, errors=_ERRORS)
+        return post_stream(self._completions, content, timeout_s)
 
-    async def _post_read(self, body: dict[str, Any], timeout_s: float | None, url: str) -> bytes:
-        """Sends the JSON `wire` built to `url` and reads the answer whole."""
-        return await post_read(self._pool, url, wire.encode(body), self._plain_headers, timeout_s, errors=_ERRORS)
+    async def _post_read(self, body: dict[str, Any], timeout_s: float | None, endpoint: Endpoint) -> bytes:
+        """Sends the JSON `wire` built to `endpoint` and reads the answer whole."""
+        return await post_read(endpoint, wire.encode(body), timeout_s)
 
     def _served_model(self, data: Any, fallback: str) -> str:
         model = data.get("model") if isinstance(data, dict) else None

@@ -19,13 +19,14 @@ import email.utils
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from typing import Any, NamedTuple
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, NamedTuple, NoReturn
 
 import aiohttp
 import httpx2
+from multidict import CIMultiDict, CIMultiDictProxy
 from openai._vendor.httpx_aiohttp import AiohttpTransport
-from openai._vendor.httpx_aiohttp.transport import map_aiohttp_exceptions
+from openai._vendor.httpx_aiohttp.transport import AIOHTTP_EXC_MAP, map_aiohttp_exceptions
 
 from llmrelay_server import metering
 from llmrelay_server.backends.wire import MalformedAnswerError
@@ -41,6 +42,9 @@ _CONTEXT_LENGTH = re.compile(r"context[ _](length|window|size)|maximum context|t
 _SECRET_LIKE = re.compile(r"\b(sk|key|token)-[A-Za-z0-9_\-]{6,}")
 _LINE_END = re.compile(r"\r\n|\r|\n")
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
+_NO_READ_TIMEOUT = aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT_S)
+_AIOHTTP_ERRORS: tuple[type[Exception], ...] = tuple(AIOHTTP_EXC_MAP)
+"""The aiohttp failures the SDK's transport turns into httpx2's."""
 
 
 class SDKErrors(NamedTuple):
@@ -116,86 +120,102 @@ def prepared_headers(client_headers: Mapping[str, str], *sdk_headers: Mapping[st
     return headers
 
 
-async def post_read(
-    pool: Pool, url: str, content: bytes, headers: Mapping[str, str], timeout_s: float | None, *, errors: SDKErrors
-) -> bytes:
+class Endpoint:
+    """One upstream URL that a provider POSTs JSON to, with all that does not change between its requests prepared
+    once: the pool, the headers (as aiohttp merges them without converting them again) and the SDK's exception
+    types."""
+
+    __slots__ = ("errors", "headers", "pool", "url")
+
+    def __init__(self, pool: Pool, url: str, headers: Mapping[str, str], errors: SDKErrors) -> None:
+        self.pool, self.url, self.errors = pool, url, errors
+        self.headers = CIMultiDictProxy(CIMultiDict(headers))
+
+
+async def post_read(endpoint: Endpoint, content: bytes, timeout_s: float | None) -> bytes:
     """POSTs `content` (JSON) and returns the answer's body, read whole."""
-    response = await _send(pool, url, content, headers, timeout_s, errors)
     try:
-        with _as_sdk_errors(url, errors):
+        response = await _send(endpoint, content, timeout_s)
+        try:
             return await response.read()
-    finally:
-        response.release()
+        finally:
+            response.release()
+    except _AIOHTTP_ERRORS as exc:
+        _raise_sdk_error(endpoint, exc)
 
 
 @contextlib.asynccontextmanager
 async def post_stream(
-    pool: Pool, url: str, content: bytes, headers: Mapping[str, str], timeout_s: float | None, *, errors: SDKErrors
+    endpoint: Endpoint, content: bytes, timeout_s: float | None
 ) -> AsyncIterator[AsyncIterator[list[str]]]:
     """POSTs `content` (JSON) for a streamed answer: its lines (SSE ends them with CRLF, LF or CR), a list for each
     read from the network, the lines that were waiting together, which `relayed` turns into as few chunks, never
     waiting for more. A failure while reading comes out as httpx2's (ReadTimeout, ReadError), as the SDK's transport
     reports it. Leaving closes the connection at once unless the answer was read to its end, so that an upstream
     sees a caller who went away."""
-    response = await _send(pool, url, content, headers, timeout_s, errors)
+    try:
+        response = await _send(endpoint, content, timeout_s)
+    except _AIOHTTP_ERRORS as exc:
+        _raise_sdk_error(endpoint, exc)
     try:
         yield _line_batches(response.content)
     finally:
         response.release()
 
 
-async def _send(
-    pool: Pool, url: str, content: bytes, headers: Mapping[str, str], timeout_s: float | None, errors: SDKErrors
-) -> aiohttp.ClientResponse:
+async def _send(endpoint: Endpoint, content: bytes, timeout_s: float | None) -> aiohttp.ClientResponse:
     """The answer, its status and headers read, sent on the pool's aiohttp session as the SDK's transport would send
-    it (same timeouts, same errors, the same exception chain) without httpx2's request and response objects around
-    it; the call's own headers (a trace context) added. An error answer, a timeout or a lost connection comes out as
-    the SDK's exception."""
+    it (same timeouts) without httpx2's request and response objects around it; the call's own headers (a trace
+    context) added. An error answer comes out as the SDK's exception; aiohttp's own failures are the caller's to
+    map (`_raise_sdk_error`), once for the whole request."""
+    headers: Mapping[str, str] = endpoint.headers
     if (extra := metering.upstream_headers()) is not None:
-        headers = {**headers, **extra}
-    timeout = upstream_timeout(timeout_s)
-    with _as_sdk_errors(url, errors):
-        response = await pool.session().post(
-            url,
-            data=content,
-            headers=headers,
-            allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(sock_connect=timeout.connect, sock_read=timeout.read, connect=timeout.pool),
-        )
-        if 400 <= response.status <= 599:
-            try:
-                body = await response.read()
-            finally:
-                response.release()
-            raise errors.status(
-                httpx2.Response(
-                    response.status,
-                    headers=response.raw_headers,
-                    content=body,
-                    request=httpx2.Request("POST", url, headers=headers),
-                    extensions={"reason_phrase": response.reason.encode()} if response.reason else {},
-                )
+        headers = CIMultiDict(headers)
+        headers.update(extra)
+    response = await endpoint.pool.session().post(
+        endpoint.url, data=content, headers=headers, allow_redirects=False, timeout=upstream_timeout(timeout_s)
+    )
+    if 400 <= response.status <= 599:
+        try:
+            body = await response.read()
+        finally:
+            response.release()
+        raise endpoint.errors.status(
+            httpx2.Response(
+                response.status,
+                headers=response.raw_headers,
+                content=body,
+                request=httpx2.Request("POST", endpoint.url, headers=dict(headers)),
+                extensions={"reason_phrase": response.reason.encode()} if response.reason else {},
             )
+        )
     return response
 
 
-@contextlib.contextmanager
-def _as_sdk_errors(url: str, errors: SDKErrors) -> Iterator[None]:
+def _raise_sdk_error(endpoint: Endpoint, error: Exception) -> NoReturn:
+    """aiohttp's failure as the SDK's transport reports it (httpx2's exception for it), then as the SDK's own: a
+    timeout, or a connection error; the chain of causes as the SDK's would have it."""
     try:
-        with map_aiohttp_exceptions():
-            yield
+        _raise_as_httpx(error)
     except httpx2.TimeoutException as exc:
-        raise errors.timeout(request=httpx2.Request("POST", url)) from exc
+        raise endpoint.errors.timeout(request=httpx2.Request("POST", endpoint.url)) from exc
     except httpx2.TransportError as exc:
-        raise errors.connection(request=httpx2.Request("POST", url)) from exc
+        raise endpoint.errors.connection(request=httpx2.Request("POST", endpoint.url)) from exc
+
+
+def _raise_as_httpx(error: Exception) -> NoReturn:
+    with map_aiohttp_exceptions():
+        raise error
 
 
 async def _line_batches(content: aiohttp.StreamReader) -> AsyncIterator[list[str]]:
     decoder = _utf8_decoder(errors="replace")  # SSE is UTF-8 whatever the headers say
     pending: list[str] = []  # the start of a line that a later read ends (a long line takes many reads)
     while True:
-        with map_aiohttp_exceptions():
+        try:
             data = await content.readany()
+        except _AIOHTTP_ERRORS as exc:
+            _raise_as_httpx(exc)
         text = decoder.decode(data, final=not data)
         lines = _LINE_END.split(text)
         if len(lines) > 1:
@@ -270,9 +290,12 @@ def _joined(run: list[CompletionChunk]) -> list[CompletionChunk]:
     return [dataclasses.replace(run[-1], content=content, reasoning=reasoning)]
 
 
-def upstream_timeout(timeout_s: float | None) -> httpx2.Timeout:
-    # The read timeout bounds the wait for each piece of the answer, so a stalled upstream is noticed.
-    return httpx2.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s or CONNECT_TIMEOUT_S))
+def upstream_timeout(timeout_s: float | None) -> aiohttp.ClientTimeout:
+    """What the SDK's transport makes of httpx2.Timeout(timeout_s, connect=...): the read timeout bounds the wait for
+    each piece of the answer, so that a stalled upstream is noticed; connecting takes at most CONNECT_TIMEOUT_S."""
+    if timeout_s is None:
+        return _NO_READ_TIMEOUT
+    return aiohttp.ClientTimeout(sock_connect=min(CONNECT_TIMEOUT_S, timeout_s), sock_read=timeout_s, connect=timeout_s)
 
 
 def health_record(
