@@ -260,10 +260,12 @@ def a_message_per_chunk(stream: list[pb.StreamCompleteResponse]) -> list[pb.Stre
 # --- processes: everything the bench starts and stops ---------------------------------------------------------
 
 
-def start(args: list[str], ready: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def start(
+    args: list[str], ready: str, env: dict[str, str] | None = None, within_s: float = 30
+) -> subprocess.Popen[str]:
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     assert process.stdout is not None
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         line = process.stdout.readline()
         if ready in line:
@@ -291,10 +293,13 @@ def start_upstream(port: int) -> subprocess.Popen[str]:
     return start([sys.executable, str(ROOT / "tests" / "upstream.py"), "--listen", listen], "upstream listening on")
 
 
-def start_floor(port: int, answers: Path, loop: str) -> subprocess.Popen[str]:
+def start_floor(
+    port: int, answers: Path, loop: str, under: Sequence[str] = (), within_s: float = 30
+) -> subprocess.Popen[str]:
+    """The floor (bench/floor.py) answering `answers`; run by `under` when given (valgrind)."""
     listen = f"127.0.0.1:{port}"
     command = [sys.executable, "-m", "bench.floor", "--listen", listen, "--answers", str(answers), "--loop", loop]
-    return start(command, "floor listening on")
+    return start([*under, *command], "floor listening on", within_s=within_s)
 
 
 BENCH_KEY = "llmr-bench-0123456789abcdefghijklmnopq"
@@ -340,17 +345,20 @@ async def start_gateway(
     name: str = "gateway",
     feature: Feature = PLAIN,
     loop: str | None = None,
+    under: Sequence[str] = (),
+    within_s: float = 30,
 ) -> GatewayProcess:
-    """`llmrelay-server` in front of the loopback upstream, with no configuration from the environment; once it
-    serves (all its workers, when it has several)."""
+    """`llmrelay-server` in front of the loopback upstream, with no configuration from the environment, run by `under`
+    when given (valgrind); once it serves (all its workers, when it has several)."""
     config = scratch / f"{name}.yaml"
     server = "".join(f", {more}" for more in (feature.server, f"event_loop: {loop}" if loop else "") if more)
     config.write_text(
         f'server: {{usage_db: "{scratch}/{name}.db"{server}}}\n'
         f'llm:\n  ollama: {{base_url: "http://127.0.0.1:{upstream_port}/v1", model: {MODEL}}}\n{feature.extra}'
     )
-    gateway = await spawn_gateway(config, *feature.flags, port=gateway_port, env=clean_env(**dict(feature.env)))
-    await gateway.wait_listening()
+    env = clean_env(**dict(feature.env))
+    gateway = await spawn_gateway(config, *feature.flags, port=gateway_port, env=env, under=under)
+    await gateway.wait_listening(within_s)
     if "--workers" in feature.flags and feature.flags[feature.flags.index("--workers") + 1] != "1":
         await gateway.wait_for_line("workers)")  # a supervisor says so once all its workers serve
     return gateway

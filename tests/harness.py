@@ -32,7 +32,7 @@ import socket
 import sys
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -170,12 +170,14 @@ async def spawn_gateway(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     echo: TextIO | None = None,
+    under: Sequence[str] = (),
 ) -> GatewayProcess:
     """`llmrelay-server` on 127.0.0.1 at a free port (or `port`), configured by `config` and `flags`, in `env` (by
-    default clean_env(): nothing but the file configures it). It has not necessarily started to listen yet: see
-    GatewayProcess.wait_listening."""
+    default clean_env(): nothing but the file configures it); run by `under` when given (valgrind). It has not
+    necessarily started to listen yet: see GatewayProcess.wait_listening."""
     port = free_port() if port is None else port
     process = await asyncio.create_subprocess_exec(
+        *under,
         BIN / "llmrelay-server",
         "--listen",
         f"127.0.0.1:{port}",

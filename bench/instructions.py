@@ -1,0 +1,156 @@
+"""`make bench-instructions`: the instructions each server executes per call, counted by valgrind (callgrind).
+
+CPU time on a shared machine moves by 10-30% from one run to the next (`make bench` takes turns in rounds for that
+reason); an instruction count moves by less than 0.1%, so it tells whether a change to the request path made it
+cheaper, by how much, and where, long before CPU time could. It is not time: a system call or a cache miss costs
+more than its instructions say, so `make bench` stays the measure of speed; this is the one to compare commits by.
+
+The same three servers as `make bench` (the floor, the plain gateway, the gateway with everything on), each run
+under callgrind in turn, in front of the same loopback upstream; per server and kind of call (unary, a stream of 8
+chunks), the instructions of every thread of the server process over `--calls` calls from 16 callers, counted after
+a warm-up, and their multiple of the floor's. The figures go to bench/results/instructions.json.
+
+Usage: python -m bench.instructions [--calls N] [--kinds unary,stream] [--paths floor,gateway,everything]
+(needs valgrind: apt-get install valgrind)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from harness import free_port
+from llmrelay import v1 as pb
+
+from bench.__main__ import (
+    EVERYTHING,
+    KINDS,
+    PLAIN,
+    RESULTS,
+    Feature,
+    grpc_calls,
+    recorded_answers,
+    start_floor,
+    start_gateway,
+    start_upstream,
+    stop,
+)
+
+PATHS = ("floor", "gateway", "everything")
+CALLERS = 16
+WARM_UP_CALLS = 200
+START_UNDER_VALGRIND_S = 300  # imports run some 50 times slower under callgrind
+
+
+async def count(path: str, kind: str, calls: int, upstream_port: int, answers: Path, scratch: Path) -> float:
+    """Instructions per call of one server, `calls` calls of `kind` counted after a warm-up."""
+    out = scratch / f"{path}-{kind}.callgrind"
+    under = ["valgrind", "--tool=callgrind", "--dump-instr=no", f"--callgrind-out-file={out}"]
+    port = free_port()
+    feature: Feature = EVERYTHING if path == "everything" else PLAIN
+    stop_server: Callable[[], Awaitable[Any]]
+    if path == "floor":
+        floor = start_floor(port, answers, "uvloop", under, START_UNDER_VALGRIND_S)
+        pid = floor.pid
+
+        async def stop_floor() -> None:
+            stop(floor)
+
+        stop_server = stop_floor
+    else:
+        gateway = await start_gateway(
+            scratch, upstream_port, port, path, feature, "uvloop", under, START_UNDER_VALGRIND_S
+        )
+        pid, stop_server = gateway.process.pid, gateway.stop
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = grpc_calls(pb.LLMServiceStub(channel), feature.metadata if path != "floor" else ())[kind]
+            await _calls(call, WARM_UP_CALLS, 4)
+            _control("--zero", pid)
+            await _calls(call, calls, CALLERS)
+            _control("--dump", pid)
+    finally:
+        await stop_server()
+    return _totals(Path(f"{out}.1")) / calls
+
+
+def _totals(dump: Path) -> int:
+    """The instructions in a callgrind dump (its part 1 here: what ran between the zeroing and the dump)."""
+    return next(int(line.split()[1]) for line in dump.read_text().splitlines() if line.startswith("totals:"))
+
+
+async def _calls(call: Callable[[], Awaitable[Any]], n: int, callers: int) -> None:
+    async def caller(share: int) -> None:
+        for _ in range(share):
+            await call()
+
+    await asyncio.gather(*(caller(n // callers + (i < n % callers)) for i in range(callers)))
+
+
+def _control(action: str, pid: int) -> None:
+    subprocess.run(["callgrind_control", action, str(pid)], check=True, capture_output=True)
+
+
+async def run(calls: int, kinds: list[str], paths: list[str]) -> dict[str, Any]:
+    upstream_port = free_port()
+    upstream = start_upstream(upstream_port)
+    rows: list[dict[str, Any]] = []
+    try:
+        with tempfile.TemporaryDirectory() as directory:
+            scratch = Path(directory)
+            # The floor answers with the gateway's own messages, recorded from a gateway run as usual.
+            recorder = await start_gateway(scratch, upstream_port, free_port(), "recorder")
+            async with grpc.aio.insecure_channel(recorder.target) as channel:
+                answers = await recorded_answers(pb.LLMServiceStub(channel))
+            await recorder.stop()
+            (scratch / "answers.json").write_text(json.dumps(answers))
+            for kind in kinds:
+                floor: float | None = None
+                for path in paths:
+                    per_call = await count(path, kind, calls, upstream_port, scratch / "answers.json", scratch)
+                    floor = per_call if path == "floor" else floor
+                    x_floor = per_call / floor if floor else None
+                    row = {"path": path, "kind": kind, "instructions_per_call": round(per_call), "x_floor": x_floor}
+                    rows.append(row)
+                    versus = f"{x_floor:5.2f}x the floor" if x_floor else ""
+                    print(f"{kind:6s} {path:10s} {per_call / 1000:8.0f}k instructions a call  {versus}", flush=True)
+    finally:
+        stop(upstream)
+    return {
+        "command": "python -m bench.instructions",
+        "started_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "calls": calls,
+        "callers": CALLERS,
+        "rows": rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=400, help="calls counted per server and kind (default 400)")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="of unary,stream (default both)")
+    parser.add_argument("--paths", default=",".join(PATHS), help="of floor,gateway,everything (default all three)")
+    args = parser.parse_args()
+    kinds, paths = args.kinds.split(","), args.paths.split(",")
+    if not set(kinds) <= set(KINDS) or not set(paths) <= set(PATHS):
+        parser.error(f"--kinds takes {','.join(KINDS)}; --paths takes {','.join(PATHS)}")
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        sys.exit("bench.instructions: valgrind is not installed (apt-get install valgrind)")
+    results = asyncio.run(run(args.calls, kinds, paths))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "instructions.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written: {RESULTS / 'instructions.json'}")
+
+
+if __name__ == "__main__":
+    main()
