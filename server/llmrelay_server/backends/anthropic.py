@@ -126,7 +126,7 @@ class AnthropicProvider:
             payload = wire.sse_data(line)
             if payload is None:
                 return None
-            data = wire.decode_json(payload.encode())
+            data = wire.decode_json(payload)
             if (event := anthropic_wire.error_event(data)) is not None:
                 raise self._error_event(event)
             delta = state.event(data)

@@ -247,7 +247,7 @@ class Answer(NamedTuple):
 
 def answer_from(data: Any) -> Answer:
     """A /v1/messages answer; MalformedAnswerError when it is not one."""
-    if not isinstance(data, Mapping):
+    if not isinstance(data, dict):
         raise MalformedAnswerError(f"expected a JSON object, got {type(data).__name__}")
     content = data.get("content")
     if not isinstance(content, list):
@@ -257,7 +257,7 @@ def answer_from(data: Any) -> Answer:
     signatures: list[str] = []
     calls: list[ToolCall] = []
     for block in content:
-        if not isinstance(block, Mapping):
+        if not isinstance(block, dict):
             raise MalformedAnswerError("a content block is not an object")
         kind = block.get("type")
         if kind == "text":
@@ -287,7 +287,7 @@ def answer_from(data: Any) -> Answer:
 
 def _tool_call(block: Mapping[str, Any]) -> ToolCall:
     arguments = block.get("input", {})
-    if not isinstance(arguments, Mapping):
+    if not isinstance(arguments, dict):
         raise MalformedAnswerError("a tool_use block's `input` is not an object")
     return ToolCall(
         id=_text(block.get("id"), "tool_use.id"),
@@ -303,7 +303,7 @@ def finish_reason(value: Any) -> FinishReason:
 def usage_from(usage: Any) -> TokenUsage | None:
     """The contract's usage: the prompt is the input tokens after the last cache breakpoint plus those written to and
     read from the cache (Anthropic counts the three apart); the cached part is the tokens read from the cache."""
-    if not isinstance(usage, Mapping):
+    if not isinstance(usage, dict):
         return None
     fresh, output = usage.get("input_tokens"), usage.get("output_tokens")
     if not _count(fresh) or not _count(output):
@@ -320,11 +320,11 @@ def usage_from(usage: Any) -> TokenUsage | None:
 
 def error_event(data: Any) -> ErrorEvent | None:
     """An `error` event (`{"type": "error", "error": {"type": ..., "message": ...}}`), or None for any other."""
-    if not isinstance(data, Mapping) or data.get("type") != "error":
+    if not isinstance(data, dict) or data.get("type") != "error":
         return None
     error = data.get("error")
-    kind = error.get("type") if isinstance(error, Mapping) else None
-    message = error.get("message") if isinstance(error, Mapping) else None
+    kind = error.get("type") if isinstance(error, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
     return ErrorEvent(
         message if isinstance(message, str) and message else "the upstream sent an error event",
         ERROR_STATUSES.get(kind) if isinstance(kind, str) else None,
@@ -365,7 +365,7 @@ class StreamState:
         return usage_from(self._usage)
 
     def event(self, data: Any) -> StreamDelta | None:
-        if not isinstance(data, Mapping):
+        if not isinstance(data, dict):
             raise MalformedAnswerError(f"expected a JSON object, got {type(data).__name__}")
         kind = data.get("type")
         if kind == "message_start":
@@ -428,13 +428,13 @@ class StreamState:
         return None
 
     def _add_usage(self, usage: Any) -> None:
-        if isinstance(usage, Mapping):
+        if isinstance(usage, dict):
             self._usage.update((key, value) for key, value in usage.items() if value is not None)
 
 
 def _object(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     value = data.get(key)
-    if not isinstance(value, Mapping):
+    if not isinstance(value, dict):
         raise MalformedAnswerError(f"a {data.get('type')} event has no `{key}` object")
     return value
 

@@ -129,7 +129,7 @@ class OpenAICompatibleProvider:
             if payload == wire.DONE:
                 done = True
                 return None
-            data = wire.decode_json(payload.encode())
+            data = wire.decode_json(payload)
             if isinstance(data, dict) and (event := wire.error_event(data)) is not None:
                 raise self._error_event(event)
             choice = wire.first_choice(data, "delta")

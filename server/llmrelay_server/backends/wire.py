@@ -162,11 +162,13 @@ def _options_json(options: CompletionOptions, max_tokens_field: str) -> dict[str
     return body
 
 
-def decode_json(raw: bytes) -> Any:
+def decode_json(raw: bytes | str) -> Any:
+    """An answer's JSON (a body, or a stream event's text). Its objects are dicts: the parsers here test for dict, a
+    check in C, where Mapping's would go through the ABC machinery for every object of every chunk."""
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:
-        preview = raw[:80].decode("utf-8", "replace")
+        preview = raw[:80] if isinstance(raw, str) else raw[:80].decode("utf-8", "replace")
         raise MalformedAnswerError(f"the answer is not JSON (it starts with {preview!r})") from exc
 
 
@@ -177,19 +179,19 @@ def finish_reason(value: Any) -> FinishReason:
 def first_choice(data: Any, key: str) -> Mapping[str, Any] | None:
     """Choice 0's `key` object (message or delta); None for a stream chunk without it (the usage chunk, or a chunk
     of another choice: the gateway asks for one, and never merges the text of two)."""
-    if not isinstance(data, Mapping):
+    if not isinstance(data, dict):
         raise MalformedAnswerError(f"expected a JSON object, got {type(data).__name__}")
     choices = data.get("choices")
     if choices is None and key == "delta":
         return None
     if not isinstance(choices, list):
         raise MalformedAnswerError("the answer has no `choices` list")
-    choice = next((c for c in choices if not isinstance(c, Mapping) or c.get("index", 0) == 0), None)
+    choice = next((c for c in choices if not isinstance(c, dict) or c.get("index", 0) == 0), None)
     if choice is None:
         if key == "delta":
             return None
         raise MalformedAnswerError("the answer has no choice with index 0")
-    if not isinstance(choice, Mapping) or not isinstance(choice.get(key, {}), Mapping):
+    if not isinstance(choice, dict) or not isinstance(choice.get(key, {}), dict):
         raise MalformedAnswerError(f"the answer's first choice has no `{key}` object")
     return choice
 
@@ -209,7 +211,7 @@ def error_event(data: Mapping[str, Any]) -> ErrorEvent | None:
     error = data.get("error")
     if error is None:
         return None
-    if not isinstance(error, Mapping):
+    if not isinstance(error, dict):
         return ErrorEvent(str(error)[:200], None, None)
     message, code = error.get("message"), error.get("code")
     return ErrorEvent(
@@ -221,7 +223,7 @@ def error_event(data: Mapping[str, Any]) -> ErrorEvent | None:
 
 def message_from_choice(choice: Mapping[str, Any]) -> Message:
     message = choice.get("message")
-    if not isinstance(message, Mapping):
+    if not isinstance(message, dict):
         raise MalformedAnswerError("the answer's first choice has no `message` object")
     calls = message.get("tool_calls") or []
     if not isinstance(calls, list):
@@ -235,7 +237,7 @@ def message_from_choice(choice: Mapping[str, Any]) -> Message:
 
 
 def _tool_call(value: Any) -> ToolCall:
-    if not isinstance(value, Mapping) or not isinstance(value.get("function"), Mapping):
+    if not isinstance(value, dict) or not isinstance(value.get("function"), dict):
         raise MalformedAnswerError("a tool call has no `function` object")
     function = value["function"]
     return ToolCall(
@@ -269,7 +271,7 @@ def _text(value: Any, where: str) -> str:
 
 def usage_from(data: Mapping[str, Any]) -> TokenUsage | None:
     usage = data.get("usage")
-    if not isinstance(usage, Mapping):
+    if not isinstance(usage, dict):
         return None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     if not _count(prompt) or not _count(completion):
@@ -285,7 +287,7 @@ def usage_from(data: Mapping[str, Any]) -> TokenUsage | None:
 
 
 def _int_field(obj: Any, key: str) -> int | None:
-    value = obj.get(key) if isinstance(obj, Mapping) else None
+    value = obj.get(key) if isinstance(obj, dict) else None
     return value if _count(value) else None
 
 
@@ -302,8 +304,8 @@ def tool_call_deltas(delta: Mapping[str, Any]) -> tuple[ToolCallDelta, ...]:
         raise MalformedAnswerError("`tool_calls` in a stream delta is not a list")
     result = []
     for position, call in enumerate(calls):
-        function = (call.get("function") or {}) if isinstance(call, Mapping) else None
-        if not isinstance(function, Mapping):
+        function = (call.get("function") or {}) if isinstance(call, dict) else None
+        if not isinstance(function, dict):
             raise MalformedAnswerError("a tool-call delta is not an object with a `function` object")
         index = call.get("index", position)
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_TOOL_CALLS:
@@ -354,12 +356,12 @@ def embedding_vectors(data: Any, count: int) -> tuple[bytes, ...]:
     """The `count` vectors of an /embeddings answer, in the inputs' order (each item's `index`; the list's own order
     is not promised), as little-endian 32-bit floats: from base64, or from numbers where a server ignores
     encoding_format."""
-    items = data.get("data") if isinstance(data, Mapping) else None
+    items = data.get("data") if isinstance(data, dict) else None
     if not isinstance(items, list) or len(items) != count:
         raise MalformedAnswerError(f"`data` does not hold one embedding for each of the {count} inputs")
     by_index: dict[int, bytes] = {}
     for item in items:
-        index = item.get("index") if isinstance(item, Mapping) else None
+        index = item.get("index") if isinstance(item, dict) else None
         if not _count(index) or index >= count or index in by_index:
             raise MalformedAnswerError("an embedding's `index` is missing, out of range or repeated")
         by_index[index] = _vector(item.get("embedding"))
@@ -389,5 +391,5 @@ def _vector(value: Any) -> bytes:
 
 def embedding_usage_from(data: Mapping[str, Any]) -> TokenUsage | None:
     usage = data.get("usage")
-    prompt = usage.get("prompt_tokens") if isinstance(usage, Mapping) else None
+    prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
     return TokenUsage(prompt_tokens=prompt, completion_tokens=0) if _count(prompt) else None
