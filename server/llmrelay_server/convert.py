@@ -570,16 +570,17 @@ def stream_response(chunk: CompletionChunk) -> pb.StreamCompleteResponse:
         _add_attempts(marker.attempts, restart.attempts)
         _fill_usage(marker.usage, restart.usage)
         return message
-    delta = pb.MessageDelta(
-        tool_calls=[_tool_call_delta(d) for d in chunk.tool_calls],
-    )
+    message = pb.StreamCompleteResponse(id=chunk.id, backend=chunk.backend, model=chunk.model)
+    delta = message.delta  # filled in place (a delta made apart would be copied in)
+    delta.SetInParent()  # present even when empty, as in the last message
     if chunk.content is not None:
         delta.content = chunk.content
     if chunk.reasoning is not None:
         delta.reasoning = chunk.reasoning
+    for fragment in chunk.tool_calls:
+        _fill_tool_call_delta(delta.tool_calls.add(), fragment)
     if chunk.reasoning_signature is not None:
         delta.reasoning_signature = chunk.reasoning_signature
-    message = pb.StreamCompleteResponse(id=chunk.id, backend=chunk.backend, model=chunk.model, delta=delta)
     if chunk.finish_reason is not None:
         message.finish_reason = _FINISH_REASONS_OUT[chunk.finish_reason]
     if chunk.usage is not None:
@@ -626,15 +627,14 @@ _EMBEDDINGS_TAG: Final = _length_delimited_tag(pb.EmbedResponse.DESCRIPTOR.field
 _VALUES_TAG: Final = _length_delimited_tag(pb.Embedding.DESCRIPTOR.fields_by_name["values"])
 
 
-def _tool_call_delta(fragment: ToolCallDelta) -> pb.ToolCallDelta:
-    delta = pb.ToolCallDelta(index=fragment.index)
+def _fill_tool_call_delta(delta: pb.ToolCallDelta, fragment: ToolCallDelta) -> None:
+    delta.index = fragment.index
     if fragment.id is not None:
         delta.id = fragment.id
     if fragment.name is not None:
         delta.name = fragment.name
     if fragment.arguments is not None:
         delta.arguments = fragment.arguments
-    return delta
 
 
 def backend_health_pb(health: BackendHealth, circuit_state: str) -> pb.BackendHealth:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import dataclasses
 import datetime
 import email.utils
 import math
@@ -246,6 +245,8 @@ async def relayed(
             arrived: list[CompletionChunk] = []
             try:
                 for line in lines:
+                    if not line:  # the blank line that ends each event: nothing to read
+                        continue
                     chunk = chunk_of(line)
                     if ended():
                         break
@@ -287,7 +288,9 @@ def _joined(run: list[CompletionChunk]) -> list[CompletionChunk]:
         return run
     content = "".join(chunk.content for chunk in run if chunk.content) or None
     reasoning = "".join(chunk.reasoning for chunk in run if chunk.reasoning) or None
-    return [dataclasses.replace(run[-1], content=content, reasoning=reasoning)]
+    # A relayed chunk carries text and names alone (the end of the answer is the provider's own last chunk).
+    last = run[-1]
+    return [CompletionChunk(id=last.id, backend=last.backend, model=last.model, content=content, reasoning=reasoning)]
 
 
 def upstream_timeout(timeout_s: float | None) -> aiohttp.ClientTimeout:
