@@ -23,6 +23,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+_JSON = json.JSONEncoder(ensure_ascii=False, default=str)
+"""Made once: json.dumps with any option set makes an encoder for every line."""
 FLUSH_DELAY_S = 0.02
 """How long a line may wait for others to share its write: short enough to read a log live."""
 
@@ -170,4 +172,4 @@ class JsonFormatter(logging.Formatter):
             entry["exc"] = record.exc_text
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        return _JSON.encode(entry)
