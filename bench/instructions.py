@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import shutil
@@ -58,29 +59,23 @@ async def count(path: str, kind: str, calls: int, upstream_port: int, answers: P
     under = ["valgrind", "--tool=callgrind", "--dump-instr=no", f"--callgrind-out-file={out}"]
     port = free_port()
     feature: Feature = EVERYTHING if path == "everything" else PLAIN
-    stop_server: Callable[[], Awaitable[Any]]
-    if path == "floor":
-        floor = start_floor(port, answers, "uvloop", under, START_UNDER_VALGRIND_S)
-        pid = floor.pid
-
-        async def stop_floor() -> None:
-            stop(floor)
-
-        stop_server = stop_floor
-    else:
-        gateway = await start_gateway(
-            scratch, upstream_port, port, path, feature, "uvloop", under, START_UNDER_VALGRIND_S
-        )
-        pid, stop_server = gateway.process.pid, gateway.stop
-    try:
+    async with contextlib.AsyncExitStack() as running:
+        if path == "floor":
+            floor = start_floor(port, answers, "uvloop", under, START_UNDER_VALGRIND_S)
+            pid = floor.pid
+            running.callback(stop, floor)
+        else:
+            gateway = await start_gateway(
+                scratch, upstream_port, port, path, feature, "uvloop", under, START_UNDER_VALGRIND_S
+            )
+            pid = gateway.process.pid
+            running.push_async_callback(gateway.stop)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = grpc_calls(pb.LLMServiceStub(channel), feature.metadata if path != "floor" else ())[kind]
+            call = grpc_calls(pb.LLMServiceStub(channel), feature.metadata)[kind]
             await _calls(call, WARM_UP_CALLS, 4)
             _control("--zero", pid)
             await _calls(call, calls, CALLERS)
             _control("--dump", pid)
-    finally:
-        await stop_server()
     return _totals(Path(f"{out}.1")) / calls
 
 
