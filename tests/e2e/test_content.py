@@ -47,8 +47,8 @@ async def test_json_schemas_reach_the_upstream_byte_for_byte(
         await stub.Complete(pb.CompleteRequest(messages=messages, options=JSON_SCHEMA), timeout=5)
 
     (raw,) = primary.chat_bodies
-    assert f'"parameters": {SCHEMA_TEXT}'.encode() in raw
-    assert f'"schema": {SCHEMA_TEXT}'.encode() in raw
+    assert f'"parameters":{SCHEMA_TEXT}'.encode() in raw
+    assert f'"schema":{SCHEMA_TEXT}'.encode() in raw
     sent = json.loads(raw)["tools"][0]["function"]["parameters"]
     assert sent["properties"]["id"]["maximum"] == 2**60 + 1
     assert isinstance(sent["properties"]["tags"]["maxItems"], int)
@@ -220,9 +220,9 @@ async def test_the_sdk_builders_send_schemas_as_json_text(client: AsyncClient, p
     )
 
     (raw,) = primary.chat_bodies
-    assert f'"parameters": {json.dumps(SCHEMA)}'.encode() in raw
-    assert f'"parameters": {SCHEMA_TEXT}'.encode() in raw
-    assert f'"schema": {json.dumps(SCHEMA)}'.encode() in raw
+    assert f'"parameters":{json.dumps(SCHEMA)}'.encode() in raw
+    assert f'"parameters":{SCHEMA_TEXT}'.encode() in raw
+    assert f'"schema":{json.dumps(SCHEMA)}'.encode() in raw
 
 
 async def test_the_sdks_dict_options_send_schemas_as_json_text(client: AsyncClient, primary: FakeUpstream) -> None:
@@ -236,8 +236,8 @@ async def test_the_sdks_dict_options_send_schemas_as_json_text(client: AsyncClie
     )
 
     (raw,) = primary.chat_bodies
-    assert f'"parameters": {json.dumps(SCHEMA)}'.encode() in raw  # 3 stays 3, and 2**60 + 1 stays exact
-    assert f'"schema": {json.dumps(SCHEMA)}'.encode() in raw
+    assert f'"parameters":{json.dumps(SCHEMA)}'.encode() in raw  # 3 stays 3, and 2**60 + 1 stays exact
+    assert f'"schema":{json.dumps(SCHEMA)}'.encode() in raw
 
 
 async def test_the_sdk_sends_images_from_bytes_and_urls(client: AsyncClient, primary: FakeUpstream) -> None:

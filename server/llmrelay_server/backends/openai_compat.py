@@ -140,14 +140,20 @@ class OpenAICompatibleProvider:
                 return None
             if choice.get("finish_reason") is not None:
                 finish = wire.finish_reason(choice["finish_reason"])
-            delta = choice.get("delta") or {}
+            delta = choice.get("delta")
+            if not delta:  # the finish reason's event, usually
+                return None
+            content, reasoning = wire.delta_text(delta, "content"), wire.reasoning_text(delta) or None
+            tool_calls = wire.tool_call_deltas(delta)
+            if content is None and reasoning is None and not tool_calls:  # the role's event: nothing to relay
+                return None
             return CompletionChunk(
                 id=completion_id,
                 backend=self._spec.name,
                 model=served_model,
-                content=wire.delta_text(delta, "content"),
-                reasoning=wire.reasoning_text(delta) or None,
-                tool_calls=wire.tool_call_deltas(delta),
+                content=content,
+                reasoning=reasoning,
+                tool_calls=tool_calls,
             )
 
         try:
