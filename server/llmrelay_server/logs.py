@@ -23,8 +23,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 _JSON = json.JSONEncoder(ensure_ascii=False, default=str)
-"""Made once: json.dumps with any option set makes an encoder for every line."""
+"""For the lines orjson refuses (text with a lone surrogate, as a file name decoded with surrogateescape can hold;
+an integer past 64 bits); made once: json.dumps with any option set makes an encoder for every line."""
 FLUSH_DELAY_S = 0.02
 """How long a line may wait for others to share its write: short enough to read a log live."""
 
@@ -172,4 +175,8 @@ class JsonFormatter(logging.Formatter):
             entry["exc"] = record.exc_text
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
-        return _JSON.encode(entry)
+        # orjson: a line per call, in about a tenth of the standard library's time (`make bench-instructions`).
+        try:
+            return orjson.dumps(entry, default=str).decode()
+        except orjson.JSONEncodeError:
+            return _JSON.encode(entry)

@@ -103,7 +103,7 @@ async def test_workers_share_the_port_the_ledger_and_the_metrics(tmp_path: Path,
     served = Counter(str(entry["worker"]) for entry in call_lines(output))
     assert served == Counter({worker: handled[worker] for worker in ("1", "2")})
     assert sorted(str(entry["request_id"]) for entry in call_lines(output)) == sorted(f"w-{n}" for n in range(40))
-    assert output.count('"msg": "stopped"') == 3  # each worker, then the supervisor
+    assert output.count('"msg":"stopped"') == 3  # each worker, then the supervisor
 
 
 async def test_a_worker_that_dies_is_restarted(tmp_path: Path, local: FakeUpstream) -> None:

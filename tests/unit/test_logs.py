@@ -36,6 +36,19 @@ def test_a_workers_lines_say_which() -> None:
     assert "worker" not in json.loads(JsonFormatter().format(made))
 
 
+def test_a_json_line_holds_any_text_and_any_field() -> None:
+    made = record(1_700_000_000.0, message='caf\u00e9 "quoted"\n')
+    made.call = {"model": "m\u00fc", "cost_usd": 0.25, "attempts": ["a:succeeded"], "first_chunk_ms": None}
+    assert json.loads(JsonFormatter().format(made))["model"] == "m\u00fc"
+    # What orjson refuses, the standard library writes: a file name's undecodable byte, an integer past 64 bits.
+    made = record(1_700_000_000.0, message=b"/tmp/\xff".decode("utf-8", "surrogateescape"))
+    assert JsonFormatter().format(made).endswith('"msg": "/tmp/\udcff"}')
+    made.call = {"tokens": 2**70, "where": object()}
+    line = json.loads(JsonFormatter().format(made))
+    assert line["tokens"] == 2**70
+    assert line["where"].startswith("<object object")
+
+
 @pytest.fixture
 def pipe() -> Iterator[tuple[int, BatchingHandler]]:
     read_end, write_end = os.pipe()
