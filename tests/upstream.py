@@ -28,6 +28,7 @@ Faults are queued; each chat or embeddings request takes the next one. A fault i
     {"no_done": true}                                  a stream that ends after its finish reason, without [DONE]
     {"no_finish": true}                                a stream with no finish reason (then [DONE])
     {"one_delta": true}                                the whole content in one stream delta
+    {"line_end": "\r\n"}                               a stream whose lines end with CRLF (or "\r": CR) for LF
     {"out_of_order": true}                             embeddings listed last input first (each with its index)
 
 With `vllm=True` it also serves vLLM's POST /tokenize (chat form), counting the prompt as its usage does.
@@ -273,18 +274,23 @@ class FakeUpstream:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
         chunks = answer.chunks(include_usage=bool((body.get("stream_options") or {}).get("include_usage")), fault=fault)
         cut_after = fault.get("stream_cut_after")
+        end = fault.get("line_end", "\n").encode()
+
+        def event(data: bytes) -> bytes:
+            return b"data: " + data + end + end
+
         for index, chunk in enumerate(chunks):
             if cut_after is not None and index >= cut_after:
                 await writer.drain()
                 return False
             if index == fault.get("error_event_after"):
                 error = {"error": {"object": "error", "message": "generation failed", "type": "InternalServerError"}}
-                await _send_chunk(writer, b"data: " + json.dumps(error).encode() + b"\n\n")
+                await _send_chunk(writer, event(json.dumps(error).encode()))
                 break
             if fault.get("stream_garbage") and index == 1:
-                await _send_chunk(writer, b"data: {not json at all\n\n")
-            event = b"data: " + json.dumps(chunk).encode() + b"\n\n"
-            pieces = [event[i : i + 1] for i in range(len(event))] if "byte_trickle_s" in fault else [event]
+                await _send_chunk(writer, event(b"{not json at all"))
+            written = event(json.dumps(chunk).encode())
+            pieces = [written[i : i + 1] for i in range(len(written))] if "byte_trickle_s" in fault else [written]
             for piece in pieces:
                 await _send_chunk(writer, piece)
                 if "byte_trickle_s" in fault:
@@ -293,7 +299,7 @@ class FakeUpstream:
             if "trickle_s" in fault and index > 0:
                 await asyncio.sleep(fault["trickle_s"])
         if not fault.get("no_done"):
-            await _send_chunk(writer, b"data: [DONE]\n\n")
+            await _send_chunk(writer, event(b"[DONE]"))
         await _send_chunk(writer, b"")  # the last chunk: the response is complete, the connection stays
         return True
 

@@ -36,3 +36,17 @@ async def test_chunks_that_arrive_together_are_joined(stub: pb.LLMServiceAsyncSt
     # The upstream writes its 301 events at once; they reach the gateway in a few reads, a message each.
     assert len(messages) < 50, len(messages)
     assert messages[-1].finish_reason == pb.FINISH_REASON_STOP and not messages[-1].delta.content
+
+
+@pytest.mark.parametrize("line_end", ["\r\n", "\r"])
+@pytest.mark.parametrize("trickled", [False, True], ids=["at-once", "a-byte-a-read"])
+async def test_lines_may_end_with_crlf_or_cr(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, line_end: str, trickled: bool
+) -> None:
+    # Trickled, a CRLF's two bytes reach the gateway in two reads: the CR ends the line, the LF adds no event.
+    primary.inject({"line_end": line_end, "one_delta": True, **({"byte_trickle_s": 0.002} if trickled else {})})
+    messages = [m async for m in stub.StreamComplete(stream_chat("one two three"), timeout=20)]
+    assert "".join(m.delta.content for m in messages) == "echo: one two three"
+    assert messages[-1].finish_reason == pb.FINISH_REASON_STOP
+    assert messages[-1].usage.completion_tokens > 0  # the usage event, read like the others
+    assert not messages[-1].usage.estimated
