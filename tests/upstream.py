@@ -274,7 +274,7 @@ class FakeUpstream:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
         chunks = answer.chunks(include_usage=bool((body.get("stream_options") or {}).get("include_usage")), fault=fault)
         cut_after = fault.get("stream_cut_after")
-        end = fault.get("line_end", "\n").encode()
+        end = str(fault.get("line_end", "\n")).encode()
 
         def event(data: bytes) -> bytes:
             return b"data: " + data + end + end
