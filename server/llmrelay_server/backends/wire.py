@@ -83,7 +83,7 @@ def encode(body: Mapping[str, Any]) -> bytes:
         written = orjson.dumps(body, default=found.placeholder, option=orjson.OPT_PASSTHROUGH_DATACLASS)
         if not found.texts:
             return written
-        pieces = written.split(b'"' + found.marker + b'"')
+        pieces = written.split(f'"{found.marker}"'.encode())
         if len(pieces) == len(found.texts) + 1:
             return b"".join(itertools.chain.from_iterable(zip(pieces, [*found.texts, b""], strict=True)))
 
@@ -94,7 +94,7 @@ class _JsonTexts:
     __slots__ = ("marker", "texts")
 
     def __init__(self) -> None:
-        self.marker = b""
+        self.marker = ""
         self.texts: list[bytes] = []
 
     def placeholder(self, value: object) -> str:
@@ -102,9 +102,9 @@ class _JsonTexts:
         if not isinstance(value, JsonText):
             raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
         if not self.marker:
-            self.marker = secrets.token_hex(16).encode()
+            self.marker = secrets.token_hex(16)
         self.texts.append(value.text.encode())
-        return self.marker.decode()
+        return self.marker
 
 
 def _message_json(message: Message) -> dict[str, Any]:
