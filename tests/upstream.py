@@ -28,7 +28,7 @@ Faults are queued; each chat or embeddings request takes the next one. A fault i
     {"no_done": true}                                  a stream that ends after its finish reason, without [DONE]
     {"no_finish": true}                                a stream with no finish reason (then [DONE])
     {"one_delta": true}                                the whole content in one stream delta
-    {"line_end": "\r\n"}                               a stream whose lines end with CRLF (or "\r": CR) for LF
+    {"line_end": "\\r\\n"}                             a stream whose lines end with CRLF (or "\\r": CR) for LF
     {"out_of_order": true}                             embeddings listed last input first (each with its index)
 
 With `vllm=True` it also serves vLLM's POST /tokenize (chat form), counting the prompt as its usage does.
