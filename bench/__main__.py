@@ -14,7 +14,7 @@ of the floor's, calls/s, time to first chunk; then chunks/s of a 1,000-chunk str
 streams open, and its idle upstream connections after that burst. The figures go to bench/results/ as JSON and a
 PNG chart; the table printed is the README's.
 
-Usage: python -m bench [--quick] [--requests N] [--rounds R] [--loop asyncio|uvloop] [--workers]
+Usage: python -m bench [--quick] [--requests N] [--rounds R] [--loop asyncio|uvloop] [--workers | --one-core]
 """
 
 from __future__ import annotations
@@ -437,6 +437,64 @@ def _round_robin(calls: Sequence[Call]) -> Call:
     return lambda: next(turns)()
 
 
+# --- --one-core -----------------------------------------------------------------------------------------------
+
+ONE_CORE_CALLERS = 16
+
+
+async def one_core(requests: int, rounds: int, loop: str) -> None:
+    """`--one-core`: unary calls/s from 16 callers to the floor, the plain gateway and everything on, each server held
+    to one CPU (taskset) while this load generator and the upstream run on the others: issue 17's calls/s on one
+    core, measured rather than derived from CPU per call. A server not near 100% busy was waiting for the load
+    generator, and its figure is only a lower bound."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 or shutil.which("taskset") is None:
+        raise SystemExit("bench --one-core: needs two CPUs and taskset (util-linux)")
+    server_cpu = cpus[-1]
+    os.sched_setaffinity(0, cpus[:-1])  # before any thread or child starts: the load generator and the upstream
+    held = ("taskset", "-c", str(server_cpu))
+    names = ("floor", "gateway", "everything")
+    ports = {name: free_port() for name in ("upstream", *names)}
+    with tempfile.TemporaryDirectory() as scratch_dir:
+        scratch = Path(scratch_dir)
+        async with contextlib.AsyncExitStack() as running:
+            upstream = start_upstream(ports["upstream"])
+            running.callback(stop, upstream)
+            pids = {"upstream": [upstream.pid]}
+            channels: dict[str, grpc.aio.Channel] = {}
+            for name, feature in (("gateway", PLAIN), ("everything", EVERYTHING)):
+                gateway = await start_gateway(scratch, ports["upstream"], ports[name], name, feature, loop, held)
+                running.push_async_callback(gateway.stop)
+                pids[name] = [gateway.process.pid]
+                channels[name] = grpc.aio.insecure_channel(f"127.0.0.1:{ports[name]}")
+            answers = scratch / "answers.json"
+            answers.write_text(json.dumps(await recorded_answers(pb.LLMServiceStub(channels["gateway"]))))
+            floor = start_floor(ports["floor"], answers, loop, held)
+            running.callback(stop, floor)
+            pids["floor"] = [floor.pid]
+            channels["floor"] = grpc.aio.insecure_channel(f"127.0.0.1:{ports['floor']}")
+            calls = {
+                name: grpc_calls(pb.LLMServiceStub(channels[name]), EVERYTHING.metadata if name == "everything" else ())
+                for name in names
+            }
+            print(
+                f"llmrelay bench --one-core: {requests} unary calls from {ONE_CORE_CALLERS} callers to each server,"
+                f" held to CPU {server_cpu}; the load generator and the upstream on CPUs {cpus[:-1]}; {loop} loop\n"
+            )
+            runs: dict[str, list[Run]] = {name: [] for name in names}
+            for round_ in range(rounds):
+                for name in names:
+                    run = await measure(calls[name]["unary"], requests // rounds, ONE_CORE_CALLERS, pids, round_ == 0)
+                    runs[name].append(run)
+            print(f"{'server':<12}{'calls/s':>9}{'CPU/call':>12}{'CPU busy':>10}")
+            for name in names:
+                run = functools.reduce(operator.add, runs[name])
+                busy = run.cpu_s[name] / run.wall_s
+                print(f"{name:<12}{run.throughput:>9.0f}{run.cpu_ms(name):>9.3f} ms{busy:>9.0%}", flush=True)
+            for channel in channels.values():
+                await channel.close()
+
+
 # --- the paths compared ---------------------------------------------------------------------------------------
 
 
@@ -760,11 +818,17 @@ def main() -> None:
         "--loop", choices=("asyncio", "uvloop"), help="the servers' event loop (default: the gateway's)"
     )
     parser.add_argument("--workers", action="store_true", help="calls/s with 1 and 2 worker processes instead")
+    parser.add_argument(
+        "--one-core", action="store_true", help="calls/s of each server held to one CPU instead (16 callers)"
+    )
     args = parser.parse_args()
     rounds = args.rounds or (3 if args.quick else 5)
     requests = args.requests or (300 if args.quick else 1000)
     if args.workers:
         asyncio.run(scale(requests, 64, rounds))
+        return
+    if args.one_core:
+        asyncio.run(one_core(requests, rounds, args.loop or default_loop()))
         return
     settings = Settings(
         requests=requests,
