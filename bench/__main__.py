@@ -38,10 +38,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from harness import GatewayProcess, clean_env, free_port, spawn_gateway
@@ -293,6 +293,30 @@ def start_upstream(port: int) -> subprocess.Popen[str]:
     return start([sys.executable, str(ROOT / "tests" / "upstream.py"), "--listen", listen], "upstream listening on")
 
 
+class Stage(NamedTuple):
+    """What a bench mode starts its servers in."""
+
+    scratch: Path
+    """A folder for their configurations and ledgers, removed afterwards."""
+    ports: dict[str, int]
+    """A free port for each server named, and for the upstream."""
+    running: contextlib.AsyncExitStack
+    """Stops what the mode starts, the upstream last."""
+    pids: dict[str, list[int]]
+    """Whose CPU to read, by name: the upstream's, and each server's as the mode adds it."""
+
+
+@contextlib.asynccontextmanager
+async def stage(*names: str) -> AsyncIterator[Stage]:
+    """The loopback upstream started, and free ports for the servers `names`."""
+    ports = {name: free_port() for name in ("upstream", *names)}
+    with tempfile.TemporaryDirectory() as scratch:
+        async with contextlib.AsyncExitStack() as running:
+            upstream = start_upstream(ports["upstream"])
+            running.callback(stop, upstream)
+            yield Stage(Path(scratch), ports, running, {"upstream": [upstream.pid]})
+
+
 def start_floor(
     port: int, answers: Path, loop: str, under: Sequence[str] = (), within_s: float = 30
 ) -> subprocess.Popen[str]:
@@ -393,43 +417,33 @@ async def scale(requests: int, concurrency: int, rounds: int) -> None:
     """`--workers`: calls/s of one gateway with 1 and then 2 worker processes, on as many connections as workers
     times four (the kernel spreads connections, not calls), against the same upstream, taking turns in rounds."""
     names = {workers: f"{workers} worker{'s' if workers > 1 else ''}" for workers in WORKER_COUNTS}
-    ports = {name: free_port() for name in ("upstream", *names.values())}
-    with tempfile.TemporaryDirectory() as scratch_dir:
-        scratch = Path(scratch_dir)
-        async with contextlib.AsyncExitStack() as running:
-            upstream = start_upstream(ports["upstream"])
-            running.callback(stop, upstream)
-            pids = {"upstream": [upstream.pid]}
-            for workers, name in names.items():
-                feature = Feature(name, server="log_calls: false", flags=("--workers", str(workers)))
-                gateway = await start_gateway(scratch, ports["upstream"], ports[name], name.replace(" ", "-"), feature)
-                running.push_async_callback(gateway.stop)
-                pids[name] = process_tree(gateway.process.pid)
-            await asyncio.sleep(1.0)
-            print(
-                f"llmrelay bench --workers: {requests} unary calls, concurrency {concurrency}, on {os.cpu_count()} CPUs"
-            )
-            print("(the bench client and the upstream share those CPUs with the gateway)\n")
-            print_header()
-            runs: dict[str, list[Run]] = {name: [] for name in names.values()}
-            channels: list[grpc.aio.Channel] = []
-            calls: dict[str, Call] = {}
-            for workers, name in names.items():
-                options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own for each channel
-                own = [
-                    grpc.aio.insecure_channel(f"127.0.0.1:{ports[name]}", options=options) for _ in range(4 * workers)
-                ]
-                channels += own
-                calls[name] = _round_robin([grpc_calls(pb.LLMServiceStub(channel))["unary"] for channel in own])
-            for round_ in range(rounds):
-                for name in names.values():
-                    runs[name].append(await measure(calls[name], requests // rounds, concurrency, pids, round_ == 0))
+    async with stage(*names.values()) as (scratch, ports, running, pids):
+        for workers, name in names.items():
+            feature = Feature(name, server="log_calls: false", flags=("--workers", str(workers)))
+            gateway = await start_gateway(scratch, ports["upstream"], ports[name], name.replace(" ", "-"), feature)
+            running.push_async_callback(gateway.stop)
+            pids[name] = process_tree(gateway.process.pid)
+        await asyncio.sleep(1.0)
+        print(f"llmrelay bench --workers: {requests} unary calls, concurrency {concurrency}, on {os.cpu_count()} CPUs")
+        print("(the bench client and the upstream share those CPUs with the gateway)\n")
+        print_header()
+        runs: dict[str, list[Run]] = {name: [] for name in names.values()}
+        channels: list[grpc.aio.Channel] = []
+        calls: dict[str, Call] = {}
+        for workers, name in names.items():
+            options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own for each channel
+            own = [grpc.aio.insecure_channel(f"127.0.0.1:{ports[name]}", options=options) for _ in range(4 * workers)]
+            channels += own
+            calls[name] = _round_robin([grpc_calls(pb.LLMServiceStub(channel))["unary"] for channel in own])
+        for round_ in range(rounds):
             for name in names.values():
-                print_row(name, functools.reduce(operator.add, runs[name]), name)
-            one, two = (functools.reduce(operator.add, runs[names[workers]]) for workers in WORKER_COUNTS)
-            print(f"\n2 workers / 1 worker: calls/s x{two.throughput / one.throughput:.2f}")
-            for channel in channels:
-                await channel.close()
+                runs[name].append(await measure(calls[name], requests // rounds, concurrency, pids, round_ == 0))
+        for name in names.values():
+            print_row(name, functools.reduce(operator.add, runs[name]), name)
+        one, two = (functools.reduce(operator.add, runs[names[workers]]) for workers in WORKER_COUNTS)
+        print(f"\n2 workers / 1 worker: calls/s x{two.throughput / one.throughput:.2f}")
+        for channel in channels:
+            await channel.close()
 
 
 def _round_robin(calls: Sequence[Call]) -> Call:
@@ -454,45 +468,39 @@ async def one_core(requests: int, rounds: int, loop: str) -> None:
     os.sched_setaffinity(0, cpus[:-1])  # before any thread or child starts: the load generator and the upstream
     held = ("taskset", "-c", str(server_cpu))
     names = ("floor", "gateway", "everything")
-    ports = {name: free_port() for name in ("upstream", *names)}
-    with tempfile.TemporaryDirectory() as scratch_dir:
-        scratch = Path(scratch_dir)
-        async with contextlib.AsyncExitStack() as running:
-            upstream = start_upstream(ports["upstream"])
-            running.callback(stop, upstream)
-            pids = {"upstream": [upstream.pid]}
-            channels: dict[str, grpc.aio.Channel] = {}
-            for name, feature in (("gateway", PLAIN), ("everything", EVERYTHING)):
-                gateway = await start_gateway(scratch, ports["upstream"], ports[name], name, feature, loop, held)
-                running.push_async_callback(gateway.stop)
-                pids[name] = [gateway.process.pid]
-                channels[name] = grpc.aio.insecure_channel(f"127.0.0.1:{ports[name]}")
-            answers = scratch / "answers.json"
-            answers.write_text(json.dumps(await recorded_answers(pb.LLMServiceStub(channels["gateway"]))))
-            floor = start_floor(ports["floor"], answers, loop, held)
-            running.callback(stop, floor)
-            pids["floor"] = [floor.pid]
-            channels["floor"] = grpc.aio.insecure_channel(f"127.0.0.1:{ports['floor']}")
-            calls = {
-                name: grpc_calls(pb.LLMServiceStub(channels[name]), EVERYTHING.metadata if name == "everything" else ())
-                for name in names
-            }
-            print(
-                f"llmrelay bench --one-core: {requests} unary calls from {ONE_CORE_CALLERS} callers to each server,"
-                f" held to CPU {server_cpu}; the load generator and the upstream on CPUs {cpus[:-1]}; {loop} loop\n"
-            )
-            runs: dict[str, list[Run]] = {name: [] for name in names}
-            for round_ in range(rounds):
-                for name in names:
-                    run = await measure(calls[name]["unary"], requests // rounds, ONE_CORE_CALLERS, pids, round_ == 0)
-                    runs[name].append(run)
-            print(f"{'server':<12}{'calls/s':>9}{'CPU/call':>12}{'CPU busy':>10}")
+    async with stage(*names) as (scratch, ports, running, pids):
+        channels: dict[str, grpc.aio.Channel] = {}
+        for name, feature in (("gateway", PLAIN), ("everything", EVERYTHING)):
+            gateway = await start_gateway(scratch, ports["upstream"], ports[name], name, feature, loop, held)
+            running.push_async_callback(gateway.stop)
+            pids[name] = [gateway.process.pid]
+            channels[name] = grpc.aio.insecure_channel(f"127.0.0.1:{ports[name]}")
+        answers = scratch / "answers.json"
+        answers.write_text(json.dumps(await recorded_answers(pb.LLMServiceStub(channels["gateway"]))))
+        floor = start_floor(ports["floor"], answers, loop, held)
+        running.callback(stop, floor)
+        pids["floor"] = [floor.pid]
+        channels["floor"] = grpc.aio.insecure_channel(f"127.0.0.1:{ports['floor']}")
+        calls = {
+            name: grpc_calls(pb.LLMServiceStub(channels[name]), EVERYTHING.metadata if name == "everything" else ())
+            for name in names
+        }
+        print(
+            f"llmrelay bench --one-core: {requests} unary calls from {ONE_CORE_CALLERS} callers to each server,"
+            f" held to CPU {server_cpu}; the load generator and the upstream on CPUs {cpus[:-1]}; {loop} loop\n"
+        )
+        runs: dict[str, list[Run]] = {name: [] for name in names}
+        for round_ in range(rounds):
             for name in names:
-                run = functools.reduce(operator.add, runs[name])
-                busy = run.cpu_s[name] / run.wall_s
-                print(f"{name:<12}{run.throughput:>9.0f}{run.cpu_ms(name):>9.3f} ms{busy:>9.0%}", flush=True)
-            for channel in channels.values():
-                await channel.close()
+                run = await measure(calls[name]["unary"], requests // rounds, ONE_CORE_CALLERS, pids, round_ == 0)
+                runs[name].append(run)
+        print(f"{'server':<12}{'calls/s':>9}{'CPU/call':>12}{'CPU busy':>10}")
+        for name in names:
+            run = functools.reduce(operator.add, runs[name])
+            busy = run.cpu_s[name] / run.wall_s
+            print(f"{name:<12}{run.throughput:>9.0f}{run.cpu_ms(name):>9.3f} ms{busy:>9.0%}", flush=True)
+        for channel in channels.values():
+            await channel.close()
 
 
 # --- the paths compared ---------------------------------------------------------------------------------------
@@ -540,56 +548,44 @@ class Results:
 
 
 async def compare(settings: Settings, results: Results) -> None:
-    ports = {name: free_port() for name in ("upstream", "floor", "gateway", "everything")}
-    with tempfile.TemporaryDirectory() as scratch_dir:
-        scratch = Path(scratch_dir)
-        async with contextlib.AsyncExitStack() as running:
-            upstream = start_upstream(ports["upstream"])
-            running.callback(stop, upstream)
-            gateways = {}
-            for name, feature in (("gateway", PLAIN), ("everything", EVERYTHING)):
-                gateways[name] = await start_gateway(
-                    scratch, ports["upstream"], ports[name], name, feature, settings.loop
-                )
-                running.push_async_callback(gateways[name].stop)
-            channels = {
-                name: grpc.aio.insecure_channel(f"127.0.0.1:{ports[name]}") for name in ("gateway", "everything")
-            }
-            answers = scratch / "answers.json"
-            answers.write_text(json.dumps(await recorded_answers(pb.LLMServiceStub(channels["gateway"]))))
-            floor = start_floor(ports["floor"], answers, settings.loop)
-            running.callback(stop, floor)
-            channels["floor"] = grpc.aio.insecure_channel(f"127.0.0.1:{ports['floor']}")
-            direct = DirectClient("127.0.0.1", ports["upstream"], MODEL)
-            paths = {
-                "direct": direct_calls(direct),
-                "floor": grpc_calls(pb.LLMServiceStub(channels["floor"])),
-                "gateway": grpc_calls(pb.LLMServiceStub(channels["gateway"])),
-                "everything": grpc_calls(pb.LLMServiceStub(channels["everything"]), EVERYTHING.metadata),
-            }
-            # Whose CPU each path costs: the direct call's is the upstream's alone.
-            server_of = {"direct": "upstream", "floor": "floor", "gateway": "gateway", "everything": "everything"}
-            pids = {
-                "upstream": [upstream.pid],
-                "floor": [floor.pid],
-                **{n: [g.process.pid] for n, g in gateways.items()},
-            }
-            await asyncio.sleep(0.5)
-            rss_idle = rss_mib(gateways["gateway"].process.pid)
-            print(
-                f"llmrelay bench: {settings.requests} calls per path, kind and concurrency in {settings.rounds} rounds;"
-                f" {settings.loop} event loop; {os.cpu_count()} CPUs shared by the load generator, the upstream and the"
-                " servers\n",
-                flush=True,
-            )
-            await matrix(settings, paths, pids, server_of, results)
-            await long_streams(settings, paths, pids, server_of, results)
-            await direct.aclose()
-            await open_streams(
-                settings, channels["gateway"], gateways["gateway"].process.pid, ports["upstream"], rss_idle, results
-            )
-            for channel in channels.values():
-                await channel.close()
+    async with stage("floor", "gateway", "everything") as (scratch, ports, running, pids):
+        gateways = {}
+        for name, feature in (("gateway", PLAIN), ("everything", EVERYTHING)):
+            gateways[name] = await start_gateway(scratch, ports["upstream"], ports[name], name, feature, settings.loop)
+            running.push_async_callback(gateways[name].stop)
+            pids[name] = [gateways[name].process.pid]
+        channels = {name: grpc.aio.insecure_channel(f"127.0.0.1:{ports[name]}") for name in ("gateway", "everything")}
+        answers = scratch / "answers.json"
+        answers.write_text(json.dumps(await recorded_answers(pb.LLMServiceStub(channels["gateway"]))))
+        floor = start_floor(ports["floor"], answers, settings.loop)
+        running.callback(stop, floor)
+        pids["floor"] = [floor.pid]
+        channels["floor"] = grpc.aio.insecure_channel(f"127.0.0.1:{ports['floor']}")
+        direct = DirectClient("127.0.0.1", ports["upstream"], MODEL)
+        paths = {
+            "direct": direct_calls(direct),
+            "floor": grpc_calls(pb.LLMServiceStub(channels["floor"])),
+            "gateway": grpc_calls(pb.LLMServiceStub(channels["gateway"])),
+            "everything": grpc_calls(pb.LLMServiceStub(channels["everything"]), EVERYTHING.metadata),
+        }
+        # Whose CPU each path costs: the direct call's is the upstream's alone.
+        server_of = {"direct": "upstream", "floor": "floor", "gateway": "gateway", "everything": "everything"}
+        await asyncio.sleep(0.5)
+        rss_idle = rss_mib(gateways["gateway"].process.pid)
+        print(
+            f"llmrelay bench: {settings.requests} calls per path, kind and concurrency in {settings.rounds} rounds;"
+            f" {settings.loop} event loop; {os.cpu_count()} CPUs shared by the load generator, the upstream and the"
+            " servers\n",
+            flush=True,
+        )
+        await matrix(settings, paths, pids, server_of, results)
+        await long_streams(settings, paths, pids, server_of, results)
+        await direct.aclose()
+        await open_streams(
+            settings, channels["gateway"], gateways["gateway"].process.pid, ports["upstream"], rss_idle, results
+        )
+        for channel in channels.values():
+            await channel.close()
 
 
 async def matrix(
