@@ -224,8 +224,9 @@ def grpc_calls(stub: pb.LLMServiceAsyncStub, metadata: Sequence[tuple[str, str]]
     return {"unary": unary, "stream": stream_of(STREAM_PROMPT), "long": stream_of(LONG_PROMPT)}
 
 
-async def recorded_answers(stub: pb.LLMServiceAsyncStub) -> dict[str, Any]:
-    """The gateway's answers to the bench's prompts, for the floor to send the same messages."""
+async def recorded_answers(stub: pb.LLMServiceAsyncStub, scratch: Path) -> Path:
+    """The gateway's answers to the bench's prompts, written to a file in `scratch` for the floor to send the same
+    messages."""
 
     def encoded(message: Any) -> str:
         return base64.b64encode(message.SerializeToString()).decode()
@@ -239,7 +240,9 @@ async def recorded_answers(stub: pb.LLMServiceAsyncStub) -> dict[str, Any]:
         request = pb.StreamCompleteRequest(model=MODEL, messages=messages(prompt))
         recorded = [message async for message in stub.StreamComplete(request, timeout=30)]
         streams[prompt] = [encoded(message) for message in a_message_per_chunk(recorded)]
-    return {"complete": {UNARY_PROMPT: encoded(answer)}, "stream": streams}
+    answers = scratch / "answers.json"
+    answers.write_text(json.dumps({"complete": {UNARY_PROMPT: encoded(answer)}, "stream": streams}))
+    return answers
 
 
 def a_message_per_chunk(stream: list[pb.StreamCompleteResponse]) -> list[pb.StreamCompleteResponse]:
@@ -320,7 +323,7 @@ async def stage(*names: str) -> AsyncIterator[Stage]:
 def start_floor(
     port: int, answers: Path, loop: str, under: Sequence[str] = (), within_s: float = 30
 ) -> subprocess.Popen[str]:
-    """The floor (bench/floor.py) answering `answers`; run by `under` when given (valgrind)."""
+    """The floor (bench/floor.py) answering `answers`; run by `under` when given (valgrind, taskset)."""
     listen = f"127.0.0.1:{port}"
     command = [sys.executable, "-m", "bench.floor", "--listen", listen, "--answers", str(answers), "--loop", loop]
     return start([*under, *command], "floor listening on", within_s=within_s)
@@ -373,7 +376,7 @@ async def start_gateway(
     within_s: float = 30,
 ) -> GatewayProcess:
     """`llmrelay-server` in front of the loopback upstream, with no configuration from the environment, run by `under`
-    when given (valgrind); once it serves (all its workers, when it has several)."""
+    when given (valgrind, taskset); once it serves (all its workers, when it has several)."""
     config = scratch / f"{name}.yaml"
     server = "".join(f", {more}" for more in (feature.server, f"event_loop: {loop}" if loop else "") if more)
     config.write_text(
@@ -392,6 +395,27 @@ def process_tree(pid: int) -> list[int]:
     """A process and its descendants (a supervisor and its workers)."""
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return [pid, *(descendant for child in children for descendant in process_tree(int(child)))]
+
+
+async def start_servers(staged: Stage, loop: str, under: Sequence[str] = ()) -> dict[str, grpc.aio.Channel]:
+    """The servers compared, on their staged ports, run by `under` when given (taskset): the gateway plain and with
+    everything on, then the floor answering with the gateway's own messages; a channel to each, closed on leaving."""
+    scratch, ports, running, pids = staged
+    channels = {}
+    for name, feature in (("gateway", PLAIN), ("everything", EVERYTHING)):
+        gateway = await start_gateway(scratch, ports["upstream"], ports[name], name, feature, loop, under)
+        running.push_async_callback(gateway.stop)
+        pids[name] = [gateway.process.pid]
+        channels[name] = grpc.aio.insecure_channel(f"127.0.0.1:{ports[name]}")
+        running.push_async_callback(channels[name].close)
+    floor = start_floor(
+        ports["floor"], await recorded_answers(pb.LLMServiceStub(channels["gateway"]), scratch), loop, under
+    )
+    running.callback(stop, floor)
+    pids["floor"] = [floor.pid]
+    channels["floor"] = grpc.aio.insecure_channel(f"127.0.0.1:{ports['floor']}")
+    running.push_async_callback(channels["floor"].close)
+    return channels
 
 
 # --- --workers ------------------------------------------------------------------------------------------------
@@ -468,19 +492,8 @@ async def one_core(requests: int, rounds: int, loop: str) -> None:
     os.sched_setaffinity(0, cpus[:-1])  # before any thread or child starts: the load generator and the upstream
     held = ("taskset", "-c", str(server_cpu))
     names = ("floor", "gateway", "everything")
-    async with stage(*names) as (scratch, ports, running, pids):
-        channels: dict[str, grpc.aio.Channel] = {}
-        for name, feature in (("gateway", PLAIN), ("everything", EVERYTHING)):
-            gateway = await start_gateway(scratch, ports["upstream"], ports[name], name, feature, loop, held)
-            running.push_async_callback(gateway.stop)
-            pids[name] = [gateway.process.pid]
-            channels[name] = grpc.aio.insecure_channel(f"127.0.0.1:{ports[name]}")
-        answers = scratch / "answers.json"
-        answers.write_text(json.dumps(await recorded_answers(pb.LLMServiceStub(channels["gateway"]))))
-        floor = start_floor(ports["floor"], answers, loop, held)
-        running.callback(stop, floor)
-        pids["floor"] = [floor.pid]
-        channels["floor"] = grpc.aio.insecure_channel(f"127.0.0.1:{ports['floor']}")
+    async with stage(*names) as staged:
+        channels = await start_servers(staged, loop, held)
         calls = {
             name: grpc_calls(pb.LLMServiceStub(channels[name]), EVERYTHING.metadata if name == "everything" else ())
             for name in names
@@ -492,15 +505,15 @@ async def one_core(requests: int, rounds: int, loop: str) -> None:
         runs: dict[str, list[Run]] = {name: [] for name in names}
         for round_ in range(rounds):
             for name in names:
-                run = await measure(calls[name]["unary"], requests // rounds, ONE_CORE_CALLERS, pids, round_ == 0)
+                run = await measure(
+                    calls[name]["unary"], requests // rounds, ONE_CORE_CALLERS, staged.pids, round_ == 0
+                )
                 runs[name].append(run)
         print(f"{'server':<12}{'calls/s':>9}{'CPU/call':>12}{'CPU busy':>10}")
         for name in names:
             run = functools.reduce(operator.add, runs[name])
             busy = run.cpu_s[name] / run.wall_s
             print(f"{name:<12}{run.throughput:>9.0f}{run.cpu_ms(name):>9.3f} ms{busy:>9.0%}", flush=True)
-        for channel in channels.values():
-            await channel.close()
 
 
 # --- the paths compared ---------------------------------------------------------------------------------------
@@ -548,19 +561,9 @@ class Results:
 
 
 async def compare(settings: Settings, results: Results) -> None:
-    async with stage("floor", "gateway", "everything") as (scratch, ports, running, pids):
-        gateways = {}
-        for name, feature in (("gateway", PLAIN), ("everything", EVERYTHING)):
-            gateways[name] = await start_gateway(scratch, ports["upstream"], ports[name], name, feature, settings.loop)
-            running.push_async_callback(gateways[name].stop)
-            pids[name] = [gateways[name].process.pid]
-        channels = {name: grpc.aio.insecure_channel(f"127.0.0.1:{ports[name]}") for name in ("gateway", "everything")}
-        answers = scratch / "answers.json"
-        answers.write_text(json.dumps(await recorded_answers(pb.LLMServiceStub(channels["gateway"]))))
-        floor = start_floor(ports["floor"], answers, settings.loop)
-        running.callback(stop, floor)
-        pids["floor"] = [floor.pid]
-        channels["floor"] = grpc.aio.insecure_channel(f"127.0.0.1:{ports['floor']}")
+    async with stage("floor", "gateway", "everything") as staged:
+        ports, pids = staged.ports, staged.pids
+        channels = await start_servers(staged, settings.loop)
         direct = DirectClient("127.0.0.1", ports["upstream"], MODEL)
         paths = {
             "direct": direct_calls(direct),
@@ -571,7 +574,7 @@ async def compare(settings: Settings, results: Results) -> None:
         # Whose CPU each path costs: the direct call's is the upstream's alone.
         server_of = {"direct": "upstream", "floor": "floor", "gateway": "gateway", "everything": "everything"}
         await asyncio.sleep(0.5)
-        rss_idle = rss_mib(gateways["gateway"].process.pid)
+        rss_idle = rss_mib(pids["gateway"][0])
         print(
             f"llmrelay bench: {settings.requests} calls per path, kind and concurrency in {settings.rounds} rounds;"
             f" {settings.loop} event loop; {os.cpu_count()} CPUs shared by the load generator, the upstream and the"
@@ -581,11 +584,7 @@ async def compare(settings: Settings, results: Results) -> None:
         await matrix(settings, paths, pids, server_of, results)
         await long_streams(settings, paths, pids, server_of, results)
         await direct.aclose()
-        await open_streams(
-            settings, channels["gateway"], gateways["gateway"].process.pid, ports["upstream"], rss_idle, results
-        )
-        for channel in channels.values():
-            await channel.close()
+        await open_streams(settings, channels["gateway"], pids["gateway"][0], ports["upstream"], rss_idle, results)
 
 
 async def matrix(

@@ -1,9 +1,11 @@
 """`make bench-instructions`: the instructions each server executes per call, counted by valgrind (callgrind).
 
 CPU time on a shared machine moves by 10-30% from one run to the next (`make bench` takes turns in rounds for that
-reason); an instruction count moves by less than 0.1%, so it tells whether a change to the request path made it
-cheaper, by how much, and where, long before CPU time could. It is not time: a system call or a cache miss costs
-more than its instructions say, so `make bench` stays the measure of speed; this is the one to compare commits by.
+reason); an instruction count moves by about 1% from run to run, so it tells whether a change to the request path
+made it cheaper, by how much, and where, long before CPU time could. Run nothing heavy beside it: a server given
+less CPU serves fewer calls per wake-up of its loop (a second callgrind run on the same two cores added 12-17% to
+the floor's count). It is not time: a system call or a cache miss costs more than its instructions say, so `make
+bench` stays the measure of speed; this is the one to compare commits by.
 
 The same three servers as `make bench` (the floor, the plain gateway, the gateway with everything on), each run
 under callgrind in turn, in front of the same loopback upstream; per server and kind of call (unary, a stream of 8
@@ -24,7 +26,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,9 @@ from bench.__main__ import (
     Feature,
     grpc_calls,
     recorded_answers,
+    stage,
     start_floor,
     start_gateway,
-    start_upstream,
     stop,
 )
 
@@ -97,30 +98,23 @@ def _control(action: str, pid: int) -> None:
 
 
 async def run(calls: int, kinds: list[str], paths: list[str]) -> dict[str, Any]:
-    upstream_port = free_port()
-    upstream = start_upstream(upstream_port)
     rows: list[dict[str, Any]] = []
-    try:
-        with tempfile.TemporaryDirectory() as directory:
-            scratch = Path(directory)
-            # The floor answers with the gateway's own messages, recorded from a gateway run as usual.
-            recorder = await start_gateway(scratch, upstream_port, free_port(), "recorder")
-            async with grpc.aio.insecure_channel(recorder.target) as channel:
-                answers = await recorded_answers(pb.LLMServiceStub(channel))
-            await recorder.stop()
-            (scratch / "answers.json").write_text(json.dumps(answers))
-            for kind in kinds:
-                floor: float | None = None
-                for path in paths:
-                    per_call = await count(path, kind, calls, upstream_port, scratch / "answers.json", scratch)
-                    floor = per_call if path == "floor" else floor
-                    x_floor = per_call / floor if floor else None
-                    row = {"path": path, "kind": kind, "instructions_per_call": round(per_call), "x_floor": x_floor}
-                    rows.append(row)
-                    versus = f"{x_floor:5.2f}x the floor" if x_floor else ""
-                    print(f"{kind:6s} {path:10s} {per_call / 1000:8.0f}k instructions a call  {versus}", flush=True)
-    finally:
-        stop(upstream)
+    async with stage("recorder") as (scratch, ports, _, _):
+        # The floor answers with the gateway's own messages, recorded from a gateway run as usual.
+        recorder = await start_gateway(scratch, ports["upstream"], ports["recorder"], "recorder")
+        async with grpc.aio.insecure_channel(recorder.target) as channel:
+            answers = await recorded_answers(pb.LLMServiceStub(channel), scratch)
+        await recorder.stop()
+        for kind in kinds:
+            floor: float | None = None
+            for path in paths:
+                per_call = await count(path, kind, calls, ports["upstream"], answers, scratch)
+                floor = per_call if path == "floor" else floor
+                x_floor = per_call / floor if floor else None
+                row = {"path": path, "kind": kind, "instructions_per_call": round(per_call), "x_floor": x_floor}
+                rows.append(row)
+                versus = f"{x_floor:5.2f}x the floor" if x_floor else ""
+                print(f"{kind:6s} {path:10s} {per_call / 1000:8.0f}k instructions a call  {versus}", flush=True)
     return {
         "command": "python -m bench.instructions",
         "started_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -173,8 +173,8 @@ async def spawn_gateway(
     under: Sequence[str] = (),
 ) -> GatewayProcess:
     """`llmrelay-server` on 127.0.0.1 at a free port (or `port`), configured by `config` and `flags`, in `env` (by
-    default clean_env(): nothing but the file configures it); run by `under` when given (valgrind). It has not
-    necessarily started to listen yet: see GatewayProcess.wait_listening."""
+    default clean_env(): nothing but the file configures it); run by `under` when given (valgrind, taskset). It has
+    not necessarily started to listen yet: see GatewayProcess.wait_listening."""
     port = free_port() if port is None else port
     process = await asyncio.create_subprocess_exec(
         *under,
