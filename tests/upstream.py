@@ -26,10 +26,12 @@ Faults are queued; each chat or embeddings request takes the next one. A fault i
     {"no_choices": true}                               a stream whose events carry no `choices`
     {"error_event_after": 2}                           a stream that sends an in-band error event after N chunks
     {"no_done": true}                                  a stream that ends after its finish reason, without [DONE]
+    {"cut_before_done": true}                          likewise, but the connection closes mid-body (no last chunk)
     {"no_finish": true}                                a stream with no finish reason (then [DONE])
     {"one_delta": true}                                the whole content in one stream delta
     {"line_end": "\\r\\n"}                             a stream whose lines end with CRLF (or "\\r": CR) for LF
     {"out_of_order": true}                             embeddings listed last input first (each with its index)
+    {"raw": "HTTP/1.1 abc\\r\\n\\r\\n"}                these bytes (latin-1) as the whole answer, then close
 
 With `vllm=True` it also serves vLLM's POST /tokenize (chat form), counting the prompt as its usage does.
 
@@ -209,6 +211,10 @@ class FakeUpstream:
             return False
         if fault.get("drop"):
             return False
+        if "raw" in fault:
+            writer.write(fault["raw"].encode("latin-1"))
+            await writer.drain()
+            return False
         if "status" in fault:
             headers = {"Retry-After": str(fault["retry_after"])} if "retry_after" in fault else {}
             error = {"error": {"message": f"fake upstream fault {fault['status']}", "type": "fault", "code": None}}
@@ -298,6 +304,9 @@ class FakeUpstream:
             # The role-only first chunk goes out at once, so a trickle starts after real content has been sent.
             if "trickle_s" in fault and index > 0:
                 await asyncio.sleep(fault["trickle_s"])
+        if fault.get("cut_before_done"):
+            await writer.drain()
+            return False
         if not fault.get("no_done"):
             await _send_chunk(writer, event(b"[DONE]"))
         await _send_chunk(writer, b"")  # the last chunk: the response is complete, the connection stays

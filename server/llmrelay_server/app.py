@@ -22,7 +22,7 @@ from llmrelay_server.decoding import add_llm_service
 from llmrelay_server.domain import StoreHealth
 from llmrelay_server.health import SERVICE_NAME, HealthMonitor, HealthServicer
 from llmrelay_server.limits import InProcessLimiter, Limiter, LimitsInterceptor
-from llmrelay_server.logs import use_log_format
+from llmrelay_server.logs import quiet_callers_gone, use_log_format
 from llmrelay_server.metrics import LabelValues, Metrics, MetricsInterceptor, StateReading
 from llmrelay_server.pricing import PriceTable
 from llmrelay_server.reflection import enable_reflection
@@ -97,6 +97,7 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
     """Starts a gateway; `reuse_port` when it is one of several workers sharing the port (`workers`)."""
     limit = config.server.max_message_bytes
     tls = config.server.tls
+    quiet_callers_gone()
     # Before the port opens: a certificate that cannot be used stops the start (ConfigError naming the field).
     credentials = server_credentials(tls) if tls is not None else None
     keys = KeyRing(config.auth)  # likewise a keys file that cannot be read

@@ -91,7 +91,8 @@ class KeyRing:
         return found if found is not None and hmac.compare_digest(found.sha256, wanted) else None
 
     def reload(self) -> None:
-        """Reads the keys file again; a broken file keeps the keys in force and says why."""
+        """Reads the keys file again; a broken file (an empty one too: see load_keys_file) keeps the keys in force
+        and says why, once per change of the file."""
         if self._file is None:
             return
         self._file_stamp = self._stamp()
@@ -101,7 +102,11 @@ class KeyRing:
             log.warning("keys file not reloaded, the keys in force stay: %s", error)
             return
         self._set(self._configured + keys)
-        log.info("keys file %s reloaded: %d keys in force", self._file, len(self._by_digest))
+        if not self._by_digest:
+            # Meant (`keys: []`) or not, every call that needs a key is refused from now on: an operator must hear.
+            log.warning("keys file %s reloaded: no keys in force, every call that needs a key is refused", self._file)
+        else:
+            log.info("keys file %s reloaded: %d keys in force", self._file, len(self._by_digest))
 
     def start(self) -> None:
         """Watches the keys file for changes (and SIGHUP, where the process has a main loop to take it)."""

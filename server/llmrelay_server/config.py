@@ -276,7 +276,10 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     """Reads the file (path, else $LLMRELAY_CONFIG, else none) and the environment into a validated config."""
     env = os.environ if env is None else env
     path = path or env.get("LLMRELAY_CONFIG") or None
-    document = _read_yaml(Path(path), env) if path else {}
+    document: Mapping[str, Any] = {}
+    if path:
+        where = f"config file {path}"
+        document = _read_yaml(Path(path), env, where, "check the --config path", " (server, router, llm)") or {}
     section = _build(_FileSection, document, "")
     server = section.server
     if env.get("LLMRELAY_LISTEN"):
@@ -372,10 +375,22 @@ def _workers(text: str, where: str) -> int:
 
 
 def load_keys_file(path: str | Path) -> tuple[CallerKey, ...]:
-    """The keys of a keys file (`keys: [...]`, as auth.keys); ConfigError naming the field on any mistake."""
+    """The keys of a keys file (`keys: [...]`, as auth.keys); ConfigError naming the field on any mistake.
+
+    The file must say `keys:`, as `keys: []` when it admits nobody. An empty file (or one of blanks and comments) is
+    a mistake, not a file without keys: it is what a reload sees of a file saved in place (truncated, then written)
+    between the two steps, and taking it at its word would revoke every key until the next look."""
     where = f"keys file {path}"
-    document = _read_yaml(Path(path), os.environ)
-    keys = _build(_KeysFile, document, "").keys
+    to_find_it = "check the path in auth.keys_file (or LLMRELAY_KEYS_FILE)"
+    document = _read_yaml(Path(path), os.environ, where, to_find_it, _KEYS_FILE_HOLDS)
+    if document is None:
+        raise ConfigError(f"{where}: empty; it must say `keys:` with the list of keys, `keys: []` to admit nobody")
+    if "keys" not in document:
+        raise ConfigError(f"{where}: the top level must be a mapping{_KEYS_FILE_HOLDS}")
+    try:
+        keys = _build(_KeysFile, document, "").keys
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None  # the field's path, in the file it is in
     _check_keys(keys, f"{where}: keys")
     return keys
 
@@ -525,19 +540,24 @@ def ollama_base_url(host: str) -> str:
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _read_yaml(path: Path, env: Mapping[str, str]) -> Mapping[str, Any]:
+_KEYS_FILE_HOLDS = " with `keys:`, the list of keys (`keys: []` to admit nobody)"
+
+
+def _read_yaml(path: Path, env: Mapping[str, str], where: str, to_find_it: str, holds: str) -> Mapping[str, Any] | None:
+    """The YAML mapping in the file, or None when it holds none (empty, blanks, comments); ConfigError saying `where`
+    on a mistake, `to_find_it` when the file cannot be read, and what its top level `holds` when it is no mapping."""
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"config file {path}: cannot be read ({exc.strerror}); check the --config path") from exc
+        raise ConfigError(f"{where}: cannot be read ({exc.strerror}); {to_find_it}") from exc
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
     if document is None:
-        return {}
+        return None
     if not isinstance(document, Mapping):
-        raise ConfigError(f"config file {path}: the top level must be a mapping (server, router, llm)")
+        raise ConfigError(f"{where}: the top level must be a mapping{holds}")
     # After parsing, not before: a value from the environment (a key, say) is taken literally, whatever characters
     # it has, and can never show up in a YAML syntax error.
     interpolated: Mapping[str, Any] = _interpolate(document, env)

@@ -6,7 +6,6 @@ Validation collects every violation (not just the first), so a caller fixes a re
 from __future__ import annotations
 
 import contextvars
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -50,6 +49,7 @@ from llmrelay_server.domain import (
     ToolCall,
     ToolCallDelta,
     ToolChoiceMode,
+    read_json,
 )
 from llmrelay_server.usage import UsageTotals
 
@@ -60,8 +60,6 @@ MAX_STOP_SEQUENCES: Final = 4
 MAX_EMBEDDING_INPUTS: Final = 2048
 """OpenAI's own bound on the inputs of one embedding request."""
 MAX_DIMENSIONS: Final = 65_536
-MAX_REPORTED_INPUTS: Final = 10
-"""Empty inputs named one by one, at most: a violation each would outgrow the status's metadata."""
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 _ROLES: Final[Mapping[pb.Role.ValueType, Role]] = {
@@ -156,9 +154,7 @@ def _completion_request(
     request: pb.CompleteRequest | pb.StreamCompleteRequest, max_image_bytes: int | None
 ) -> CompletionRequest:
     errors = _Violations()
-    model = request.model if request.HasField("model") else None
-    if model is not None and not 0 < len(model) <= MAX_MODEL_NAME:
-        errors.add("model", f"must be 1 to {MAX_MODEL_NAME} characters, or unset for the default chain")
+    model = _chain_model(request, errors)
     messages = _messages(request.messages, errors, "messages", max_image_bytes)
     options = _options(request.options, errors) if request.HasField("options") else CompletionOptions()
     restart = isinstance(request, pb.StreamCompleteRequest) and _enum(
@@ -174,11 +170,21 @@ def _completion_request(
     )
 
 
+def _chain_model(
+    request: pb.CompleteRequest | pb.StreamCompleteRequest | pb.CountTokensRequest, errors: _Violations
+) -> str | None:
+    """The model asked for, or None for the default chain's."""
+    model = request.model if request.HasField("model") else None
+    if model is not None and not 0 < len(model) <= MAX_MODEL_NAME:
+        errors.add("model", f"must be 1 to {MAX_MODEL_NAME} characters, or unset for the default chain")
+    return model
+
+
 def count_request(
     request: pb.CountTokensRequest, *, max_image_bytes: int | None = None
 ) -> tuple[str | None, tuple[Message, ...], tuple[Tool, ...], str | None]:
     errors = _Violations()
-    model = request.model if request.HasField("model") else None
+    model = _chain_model(request, errors)
     text = request.text if request.HasField("text") else None
     if text is not None and request.messages:
         errors.add("text", "give either text or messages, not both")
@@ -223,11 +229,9 @@ def embedding_request(request: pb.EmbedRequest) -> EmbeddingRequest:
     elif len(inputs) > MAX_EMBEDDING_INPUTS:
         errors.add("inputs", f"at most {MAX_EMBEDDING_INPUTS} texts a request; send the rest in another")
     else:
-        empty = [i for i, text in enumerate(inputs) if not text]
-        for i in empty[:MAX_REPORTED_INPUTS]:
-            errors.add(f"inputs[{i}]", "must not be empty")
-        if len(empty) > MAX_REPORTED_INPUTS:
-            errors.add("inputs", f"{len(empty) - MAX_REPORTED_INPUTS} more are empty")
+        for i, text in enumerate(inputs):
+            if not text:
+                errors.add(f"inputs[{i}]", "must not be empty")
     dimensions = request.dimensions if request.HasField("dimensions") else None
     if dimensions is not None and not 1 <= dimensions <= MAX_DIMENSIONS:
         errors.add("dimensions", f"must be between 1 and {MAX_DIMENSIONS}, or unset for the model's own")
@@ -265,8 +269,13 @@ def _message(message: pb.Message, errors: _Violations, where: str, max_image_byt
         errors.add(f"{where}.tool_calls", "only assistant messages carry tool calls")
     if message.content and message.parts:
         errors.add(f"{where}.parts", "give either content or parts, not both")
-    if not message.content and not message.tool_calls and not message.parts:
-        errors.add(f"{where}.content", "must not be empty")
+    # Parts of empty text alone say no more than empty content (and would leave Anthropic a turn without a block).
+    said = message.content or any(p.WhichOneof("part") != "text" or p.text for p in message.parts)
+    if not said and not message.tool_calls:
+        if message.parts:
+            errors.add(f"{where}.parts", "must not be empty: every part is empty text")
+        else:
+            errors.add(f"{where}.content", "must not be empty")
     parts = tuple(
         _part(part, role, errors, f"{where}.parts[{i}]", max_image_bytes) for i, part in enumerate(message.parts)
     )
@@ -448,7 +457,7 @@ def _response_format(options: pb.CompletionOptions, errors: _Violations) -> Resp
 def _json_text(text: str, where: str, errors: _Violations) -> tuple[JsonText, Mapping[str, Any]]:
     """The caller's text, to be sent upstream as written, and the JSON object it says (empty when it is none)."""
     try:
-        value = json.loads(text, parse_constant=_no_constant)
+        value = read_json(text)
     except ValueError as exc:  # json.JSONDecodeError among them, with the line and column of the mistake
         errors.add(where, f"must be the JSON text of an object: {exc}")
         return JsonText(text), {}
@@ -459,11 +468,6 @@ def _json_text(text: str, where: str, errors: _Violations) -> tuple[JsonText, Ma
         errors.add(where, f"must be the JSON text of an object, not of {_JSON_KINDS[type(value)]}")
         return JsonText(text), {}
     return JsonText(text), value
-
-
-def _no_constant(name: str) -> Any:
-    # Python's json reads NaN and Infinity, which are not JSON: no upstream would take them.
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def _struct(value: Any, where: str, errors: _Violations) -> dict[str, Any]:

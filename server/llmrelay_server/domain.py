@@ -25,6 +25,8 @@ Exceptions::
 from __future__ import annotations
 
 import enum
+import json
+import math
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -60,6 +62,28 @@ class JsonText:
     bytes unchanged (a protobuf Struct would have made every integer a double)."""
 
     text: str
+
+
+class NotFiniteError(ValueError):
+    """JSON text holds NaN, Infinity, or a number beyond a double's range."""
+
+
+def read_json(text: str) -> Any:
+    """The value of JSON text, as every JSON reader takes it: NaN and Infinity (not JSON, though Python's json reads
+    them) and numbers beyond a double's range (1e400: JSON, but readers make it infinity or null, or refuse the whole
+    request) raise NotFiniteError; other mistakes ValueError (json.JSONDecodeError), nesting too deep RecursionError."""
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+
+
+def _no_constant(name: str) -> Any:
+    raise NotFiniteError(f"{name} is not a JSON number")
+
+
+def _finite(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):
+        raise NotFiniteError(f"{literal} is beyond the range of a double")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,9 +473,44 @@ class FieldViolation:
 
 
 class InvalidRequestError(LLMRelayError):
+    """The request's every wrong field is in `violations`; its text, and the status a caller gets, report the first
+    few (`reported`, each cut short) and say how many more there were.
+
+    A status goes out in the trailers twice, as grpc-message and in grpc-status-details-bin, and gRPC refuses trailers
+    over 8 KiB (some of the time; every time over 16 KiB): a report of every violation of a long chat would turn the
+    INVALID_ARGUMENT into a RESOURCE_EXHAUSTED that names nothing.
+    """
+
+    MAX_REPORTED = 20
+    MAX_CHARS = 128
+    """Each reported field path and description is cut to this many characters (the gateway's own are shorter)."""
+    REPORTED_BYTES = 1024
+    """The UTF-8 bytes of the reported fields and descriptions together, at most. One violation always fits (2 x 128
+    characters of 4 bytes at most); repeated, percent- and base64-encoded, they make trailers of under 8 KiB whatever
+    the text, about 4 KiB when it is ASCII."""
+
     def __init__(self, violations: Sequence[FieldViolation]) -> None:
         self.violations = tuple(violations)
-        super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations))
+        self.reported = self._first(self.violations)
+        self.unreported = len(self.violations) - len(self.reported)
+        text = "; ".join(f"{v.field}: {v.description}" for v in self.reported)
+        super().__init__(f"{text}; ... and {self.unreported} more" if self.unreported else text)
+
+    @classmethod
+    def _first(cls, violations: Sequence[FieldViolation]) -> tuple[FieldViolation, ...]:
+        reported: list[FieldViolation] = []
+        size = 0
+        for violation in violations[: cls.MAX_REPORTED]:
+            cut = FieldViolation(cls._cut(violation.field), cls._cut(violation.description))
+            size += len(cut.field.encode(errors="surrogatepass")) + len(cut.description.encode(errors="surrogatepass"))
+            if size > cls.REPORTED_BYTES:
+                break
+            reported.append(cut)
+        return tuple(reported)
+
+    @classmethod
+    def _cut(cls, text: str) -> str:
+        return text if len(text) <= cls.MAX_CHARS else text[: cls.MAX_CHARS - 3] + "..."
 
 
 class ModelNotFoundError(LLMRelayError):
@@ -506,13 +565,15 @@ class LimitKind(enum.StrEnum):
 
 
 class LimitExceededError(LLMRelayError):
-    def __init__(self, kind: LimitKind, subject: str, description: str, retry_after_s: float) -> None:
+    def __init__(self, kind: LimitKind, subject: str, description: str, retry_after_s: float | None) -> None:
         self.kind = kind
         self.subject = subject
         """Whose limit: "key:NAME", or "gateway"."""
         self.description = description
         self.retry_after_s = retry_after_s
-        super().__init__(f"{subject}: {description}; retry in {retry_after_s:.1f} s")
+        """When the call would fit; None when it never will (it alone asks more than the limit), as no wait helps."""
+        retry = "" if retry_after_s is None else f"; retry in {retry_after_s:.1f} s"
+        super().__init__(f"{subject}: {description}{retry}")
 
 
 class LimitsUnavailableError(LLMRelayError):

@@ -8,6 +8,7 @@ so no imaging library is needed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Final
 
@@ -22,6 +23,12 @@ MEDIA_TYPES: Final = (PNG, JPEG, GIF, WEBP)
 _JPEG_FRAMES: Final = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # Markers without a length: TEM, the restart markers and start of image.
 _JPEG_BARE: Final = frozenset({0x01, *range(0xD0, 0xD9)})
+# A marker's 0xFF, with the fill bytes (0xFF too, any number of them) that may come before its code: matched in one
+# step, where a byte at a time would take the event loop half a second for a few MiB of them.
+_JPEG_MARKER_START: Final = re.compile(rb"\xff+")
+# The most segments walked to the frame header. Real files have a few (APP0/APP1, tables, ICC profile chunks) before
+# it; bytes made of tiny segments would otherwise cost a step of Python per 4 bytes.
+_JPEG_MAX_SEGMENTS: Final = 1024
 
 
 def media_type(data: bytes) -> str | None:
@@ -73,25 +80,27 @@ def _webp(data: bytes) -> tuple[int, int] | None:
 
 
 def _jpeg(data: bytes) -> tuple[int, int] | None:
-    # Segment by segment to the first start-of-frame, whose body is precision (1), height (2), width (2).
+    # Segment by segment to the first start-of-frame, whose body is precision (1), height (2), width (2). A
+    # segment's length counts itself, not the marker before it.
     position = 2
-    while position + 4 <= len(data):
-        if data[position] != 0xFF:
+    for _ in range(_JPEG_MAX_SEGMENTS):
+        marker_start = _JPEG_MARKER_START.match(data, position)
+        if marker_start is None:
             return None
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte before a marker
+        position = marker_start.end()  # at the marker's code
+        if position + 3 > len(data):  # the code and a length
+            return None
+        marker = data[position]
+        if marker in _JPEG_BARE:
             position += 1
             continue
-        if marker in _JPEG_BARE:
-            position += 2
-            continue
-        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        length = int.from_bytes(data[position + 1 : position + 3], "big")
         if marker in _JPEG_FRAMES:
-            frame = data[position + 4 : position + 9]
+            frame = data[position + 3 : position + 8]
             return (int.from_bytes(frame[3:5], "big"), int.from_bytes(frame[1:3], "big")) if len(frame) == 5 else None
         if marker == 0xDA or length < 2:  # image data before any frame header, or a broken length
             return None
-        position += 2 + length
+        position += 1 + length
     return None
 
 

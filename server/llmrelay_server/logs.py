@@ -53,6 +53,27 @@ def configure(level: str | int, worker: int | None = None) -> None:
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
+_GRPC_CORE_LOGGER = "grpc._cython.cygrpc"
+_CALLER_GONE = "ExecuteBatchError raised in core by servicer method"
+
+
+def quiet_callers_gone() -> None:
+    """Wherever a gateway runs (its own process, or a test's), gRPC's error for a caller gone is a debug line."""
+    logging.getLogger(_GRPC_CORE_LOGGER).addFilter(_caller_gone)  # once: a filter already there is not added again
+
+
+def _caller_gone(record: logging.LogRecord) -> bool:
+    """grpc.aio logs a message it could not send, because the caller left (cancelled, or its connection dropped) just
+    before, as an error with a traceback, unless it has seen the cancellation first: a race of its own. It is a
+    cancelled call, which the call log records as one: here a debug line, without the traceback."""
+    if not isinstance(record.msg, str) or not record.msg.startswith(_CALLER_GONE):
+        return True
+    record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+    record.exc_info = record.exc_text = None
+    record.msg = f"{record.msg}: the caller left while a message was on its way"
+    return logging.getLogger(_GRPC_CORE_LOGGER).isEnabledFor(logging.DEBUG)
+
+
 def use_log_format(log_format: str) -> None:
     """With "json", every handler of the root logger writes JSON (one set up at INFO if there is none)."""
     if log_format != "json":

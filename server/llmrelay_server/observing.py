@@ -8,6 +8,7 @@ including streams written with `context.write` (grpc.health.v1's Watch), whose m
 from __future__ import annotations
 
 import abc
+import contextlib
 import inspect
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Final, Protocol
@@ -87,9 +88,11 @@ def _stream(behavior: Any, start: Start) -> Any:
         call = start(request, context)
         code = grpc.StatusCode.OK
         try:
-            async for answer in behavior(request, context):
-                call.sent(answer)
-                yield answer
+            # Closed (the caller gone mid-write), it closes what it streams first: the call ends after what it billed.
+            async with contextlib.aclosing(behavior(request, context)) as answers:
+                async for answer in answers:
+                    call.sent(answer)
+                    yield answer
         except BaseException as error:
             code = ended_with(context, error)
             raise

@@ -19,6 +19,7 @@ Policy, in one place:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import random
 import time
@@ -76,6 +77,9 @@ MIN_ATTEMPT_S = 0.01
 DEADLINE_MARGIN_S = 0.05
 # An attempt silent this long until the caller's deadline has told something about the backend.
 SILENCE_VERDICT_S = 1.0
+# What a call skipped while another one probes a half-open circuit is told to wait: the probe's verdict comes within
+# its attempt's time, which the circuit does not know; a second paces a client's retries meanwhile.
+PROBE_WAIT_S = 1.0
 
 
 class CircuitState(enum.StrEnum):
@@ -101,7 +105,11 @@ class CircuitBreaker:
         return CircuitState.OPEN
 
     def retry_after_s(self) -> float:
-        return 0.0 if self.opened_at is None else max(0.0, self.opened_at + self.config.cooldown_s - self.clock())
+        """How long a skipped call should wait: the cool-down left, or while a probe is out, PROBE_WAIT_S."""
+        if self.opened_at is None:
+            return 0.0
+        left = self.opened_at + self.config.cooldown_s - self.clock()
+        return left if left > 0 else PROBE_WAIT_S
 
     def allow(self) -> bool:
         """True when a call may go through; in half-open state only one probe call at a time does."""
@@ -270,17 +278,34 @@ class _Chain:
         circuit = route.backend.circuit
         last = route.backend.last_failure
         cause = f"; last failure: {last.message}" if last is not None else ""
+        wait_s = circuit.retry_after_s()
+        if circuit.state is CircuitState.HALF_OPEN:
+            why = "another call is probing it after repeated failures"
+        else:
+            why = f"its circuit is open for {wait_s:.1f} s more after repeated failures"
         skipped = UpstreamError(
             UpstreamErrorKind.UNREACHABLE,
             route.backend.name,
-            f"skipped: its circuit is open for {circuit.retry_after_s():.1f} s more after repeated failures{cause}",
+            f"skipped: {why}{cause}",
             status=last.status if last is not None else None,
-            retry_after_s=circuit.retry_after_s(),
+            retry_after_s=wait_s,
         )
         # A real failure before it names the problem better than the skip does.
         last_error = self.last_error
         self.record(route, AttemptOutcome.SKIPPED, asyncio.get_running_loop().time(), skipped)
         self.last_error = last_error or skipped
+
+    def cut_short(self, outcome: AttemptOutcome, error: str, upstream_status: int | None = None) -> None:
+        """The stream of the last attempt, recorded as it opened, ended before its answer was whole: its outcome,
+        and its time from start to the cut."""
+        opened = self.attempts[-1]
+        self.attempts[-1] = replace(
+            opened,
+            outcome=outcome,
+            duration_s=opened.duration_s + asyncio.get_running_loop().time() - self.opened_at,
+            upstream_status=upstream_status,
+            error=error,
+        )
 
     def deadline_exceeded(self) -> DeadlineExceededError:
         tried = ", ".join(f"{a.backend} ({a.outcome.value})" for a in self.attempts) or "nothing"
@@ -493,7 +518,7 @@ class Router:
 
     async def stream(
         self, request: CompletionRequest, *, deadline: float, caller: str, may_use: ModelFilter | None = None
-    ) -> AsyncIterator[CompletionChunk]:
+    ) -> AsyncGenerator[CompletionChunk, None]:
         """The answer's chunks; after the first chunk a broken stream either ends with StreamInterruptedError or,
         when the request asks for it and time remains, starts over on the next route after a restart chunk."""
         chain = _Chain(deadline)
@@ -508,32 +533,26 @@ class Router:
                 continue
             first, upstream = opened
             metering.first_chunk(chain.opened_at - called_at)
-            started = chain.attempts[-1]
             # The text sent on: what the gateway counts when the upstream reports no usage, or the stream breaks.
             received: list[str] = []
             billed = False
             try:
-                async for chunk in self._rest_of_stream(chain, route, first, upstream):
-                    if chunk.finish_reason is not None:  # the last chunk
-                        usage = chunk.usage or self._counter.estimate_usage(route.model, request, received)
-                        usage = self._priced(route, chunk.model, usage)
-                        self._bill(chunk.backend, chunk.model, caller, usage)
-                        billed = True
-                        total = usage if consumed is None else consumed + usage
-                        chunk = replace(chunk, usage=total, attempts=tuple(chain.attempts))
-                    else:
-                        _collect_text(chunk, received)
-                    yield chunk
+                async with contextlib.aclosing(self._rest_of_stream(chain, route, first, upstream)) as chunks:
+                    async for chunk in chunks:
+                        if chunk.finish_reason is not None:  # the last chunk
+                            usage = chunk.usage or self._counter.estimate_usage(route.model, request, received)
+                            usage = self._priced(route, chunk.model, usage)
+                            self._bill(chunk.backend, chunk.model, caller, usage)
+                            billed = True
+                            total = usage if consumed is None else consumed + usage
+                            chunk = replace(chunk, usage=total, attempts=tuple(chain.attempts))
+                        else:
+                            _collect_text(chunk, received)
+                        yield chunk
                 return
             except UpstreamError as exc:
                 # The attempt that had started is recorded as broken, not as the success it first looked like.
-                chain.attempts[-1] = replace(
-                    started,
-                    outcome=AttemptOutcome.INTERRUPTED,
-                    duration_s=started.duration_s + asyncio.get_running_loop().time() - chain.opened_at,
-                    upstream_status=exc.status,
-                    error=exc.message,
-                )
+                chain.cut_short(AttemptOutcome.INTERRUPTED, exc.message, exc.status)
                 chain.last_error = exc
                 partial = self._bill_partial(route, request, caller, received)
                 billed = True
@@ -634,7 +653,7 @@ class Router:
 
     async def _rest_of_stream(
         self, chain: _Chain, route: Route, first: CompletionChunk, upstream: AsyncIterator[CompletionChunk]
-    ) -> AsyncIterator[CompletionChunk]:
+    ) -> AsyncGenerator[CompletionChunk, None]:
         """The chunks after the first, each within the idle limit; a broken stream raises its UpstreamError."""
         yield first
         idle_s = self._config.stream_idle_timeout_s
@@ -649,6 +668,7 @@ class Router:
                     return
                 except TimeoutError:
                     if loop.time() >= chain.deadline:
+                        chain.cut_short(AttemptOutcome.TIMEOUT, "the deadline ran out mid-stream")
                         raise chain.deadline_exceeded() from None
                     stalled = UpstreamError(UpstreamErrorKind.TIMEOUT, route.backend.name, f"no data for {idle_s:g} s")
                     route.backend.count_failure(stalled)

@@ -118,13 +118,15 @@ class LLMServicer(pb.LLMServiceServicer):
                     caller=caller_identity(context),
                     may_use=caller.may_use if caller is not None else None,
                 )
-                async for chunk in chunks:
-                    started = True
-                    if _text_length(chunk) <= self._max_delta_chars:
-                        yield convert.stream_response(chunk)
-                    else:
-                        for piece in _split(chunk, self._max_delta_chars):
-                            yield convert.stream_response(piece)
+                # Closed (the caller gone), this closes the router's stream at once, which bills what it consumed.
+                async with contextlib.aclosing(chunks):
+                    async for chunk in chunks:
+                        started = True
+                        if _text_length(chunk) <= self._max_delta_chars:
+                            yield convert.stream_response(chunk)
+                        else:
+                            for piece in _split(chunk, self._max_delta_chars):
+                                yield convert.stream_response(piece)
         except LLMRelayError as error:
             await abort(context, "StreamComplete", error)
         except asyncio.CancelledError:

@@ -19,6 +19,7 @@
 | no caller key, or an unknown one        | UNAUTHENTICATED     | UNAUTHENTICATED         |               |
 | the key may not use the model           | PERMISSION_DENIED   | MODEL_NOT_ALLOWED       |               |
 | a caller's or the gateway's limit       | RESOURCE_EXHAUSTED  | <LIMIT>_EXCEEDED        | QuotaFailure, RetryInfo |
+| ... a call larger than the limit itself | RESOURCE_EXHAUSTED  | <LIMIT>_EXCEEDED        | QuotaFailure  |
 | limits' store unreachable, policy deny  | UNAVAILABLE         | LIMITS_UNAVAILABLE      | RetryInfo     |
 | usage ledger's database unreachable     | UNAVAILABLE         | USAGE_UNAVAILABLE       | RetryInfo     |
 
@@ -144,9 +145,11 @@ def _routed_attempts(error: LLMRelayError) -> Sequence[Attempt] | None:
 
 def _classify(error: LLMRelayError) -> _Classified:
     if isinstance(error, InvalidRequestError):
+        # The reported violations only, as in the error's text, which says how many more there were: every one of a
+        # long chat's would outgrow what gRPC lets trailers carry.
         violations = [
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in error.violations
+            for v in error.reported
         ]
         return (
             grpc.StatusCode.INVALID_ARGUMENT,
@@ -164,7 +167,9 @@ def _classify(error: LLMRelayError) -> _Classified:
             violations=[error_details_pb2.QuotaFailure.Violation(subject=error.subject, description=error.description)]
         )
         metadata = {"subject": error.subject}
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, error.kind.value, metadata, [quota, _retry_info(error.retry_after_s)]
+        # No RetryInfo for a call larger than the limit itself: no wait would ever admit it.
+        retry = [] if error.retry_after_s is None else [_retry_info(error.retry_after_s)]
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, error.kind.value, metadata, [quota, *retry]
     if isinstance(error, LimitsUnavailableError):
         return grpc.StatusCode.UNAVAILABLE, "LIMITS_UNAVAILABLE", {}, [_retry_info(error.retry_after_s)]
     if isinstance(error, UsageUnavailableError):

@@ -36,6 +36,7 @@ import os
 import re
 import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -184,14 +185,25 @@ def _base_model_name(model: str) -> str:
     return name.split(":", 1)[0]
 
 
-@functools.lru_cache(maxsize=1024)
+# The longest model name whose encoding is cached: as long as a request's model may be. A longer one (from no request)
+# is looked up every time, so that the cache, keyed by the names it is given, holds 1024 short strings at most.
+_CACHED_MODEL_CHARS: Final = 256
+
+
 def encoding_for_model(model: str) -> tuple[str, bool]:
     """The tiktoken encoding for a model and whether it is the model's own (False: o200k_base as an estimate)."""
+    return _cached_encoding_for_model(model) if len(model) <= _CACHED_MODEL_CHARS else _encoding_for_model(model)
+
+
+def _encoding_for_model(model: str) -> tuple[str, bool]:
     name = _base_model_name(model)
     for family, encoding in _MODEL_FAMILIES:
         if family.fullmatch(name):
             return encoding, True
     return _FALLBACK_ENCODING, False
+
+
+_cached_encoding_for_model = functools.lru_cache(maxsize=1024)(_encoding_for_model)
 
 
 # --- chat format -------------------------------------------------------------------------------------------------
@@ -294,12 +306,53 @@ def _image_tokens(image: ImagePart, priced_by_tiles: bool) -> tuple[int, bool]:
     return _high_detail_tokens(*size), priced_by_tiles and image.detail is ImageDetail.HIGH
 
 
-def _without_images(message: Message) -> Message:
-    """The message as its text is counted: the count of each is cached by the message, and one that kept its images
-    would keep their bytes alive in the cache, and hash them at every lookup."""
-    if not any(isinstance(part, ImagePart) for part in message.parts):
+def _as_counted(message: Message) -> Message:
+    """The message as its text is counted, the key of its count in the cache: without its images (counted apart) and
+    its reasoning (never counted), which the key would keep alive, and hash at every lookup."""
+    if message.reasoning is None and message.reasoning_signature is None and not _has_image(message):
         return message
-    return replace(message, parts=tuple(part for part in message.parts if isinstance(part, TextPart)))
+    return replace(
+        message,
+        parts=tuple(part for part in message.parts if isinstance(part, TextPart)),
+        reasoning=None,
+        reasoning_signature=None,
+    )
+
+
+def _has_image(message: Message) -> bool:
+    return any(isinstance(part, ImagePart) for part in message.parts)
+
+
+def _digest(message: Message) -> bytes:
+    """What a message's count depends on, hashed: the key of a long message's count, 16 bytes in place of its text.
+    repr quotes and escapes each string, so two messages share a digest only when they count the same."""
+    texts = tuple(part.text for part in message.parts if isinstance(part, TextPart))
+    calls = tuple((call.id, call.name, call.arguments) for call in message.tool_calls)
+    counted = (message.role.value, message.content, message.name, message.tool_call_id, texts, calls)
+    return hashlib.blake2b(repr(counted).encode(), digest_size=16).digest()
+
+
+class _DigestCache:
+    """Counts by a digest of their message, least recently used out. Counts run in threads too, hence the lock."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._counts: OrderedDict[tuple[str, bytes], tuple[int, bool]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, bytes]) -> tuple[int, bool] | None:
+        with self._lock:
+            count = self._counts.get(key)
+            if count is not None:
+                self._counts.move_to_end(key)
+            return count
+
+    def put(self, key: tuple[str, bytes], count: tuple[int, bool]) -> None:
+        with self._lock:
+            self._counts[key] = count
+            self._counts.move_to_end(key)
+            while len(self._counts) > self._size:
+                self._counts.popitem(last=False)
 
 
 def _enum_tokens(encode: _Encode, enum: object, costs: _ToolCosts) -> tuple[int, bool]:
@@ -366,29 +419,44 @@ def _tools_tokens(encode: _Encode, tools: Sequence[Tool], costs: _ToolCosts) -> 
     return tokens, exact
 
 
-def _longer_than(limit: int, pieces: Iterable[str]) -> bool:
-    """Whether the pieces add up to more than `limit` characters, reading only as many as it takes to know."""
+def _longer_than(limit: int, sizes: Iterable[int]) -> bool:
+    """Whether the sizes add up to more than `limit`, reading only as many as it takes to know."""
     total = 0
-    for piece in pieces:
-        total += len(piece)
+    for size in sizes:
+        total += size
         if total > limit:
             return True
     return False
 
 
-def _chat_pieces(messages: Sequence[Message], tools: Sequence[Tool]) -> Iterator[str]:
-    """Every text a chat count encodes; their length is the count's cost."""
+def _chat_sizes(messages: Sequence[Message], tools: Sequence[Tool]) -> Iterator[int]:
+    """The length of every text a chat count encodes, and of every image whose header it reads: the count's cost (a
+    JPEG's header, walked segment by segment, can cost about as much a byte as text does to encode)."""
     for message in messages:
-        yield from (message.content, message.name or "", message.tool_call_id or "")
-        yield from (part.text for part in message.parts if isinstance(part, TextPart))
-        for call in message.tool_calls:
-            yield from (call.id, call.name, call.arguments)
+        yield _message_size(message)
+        yield from (len(part.data) for part in message.parts if isinstance(part, ImagePart) and part.data is not None)
     for tool in tools:
-        yield from (tool.name, tool.description or "")
+        yield len(tool.name) + len(tool.description or "")
         if isinstance(tool.parameters, JsonText):
-            yield tool.parameters.text
+            yield len(tool.parameters.text)
         else:
-            yield from _json_pieces(tool.parameters)
+            yield from map(len, _json_pieces(tool.parameters))
+
+
+# A part or a tool call costs a count a step of Python, about what 16 characters of text cost to encode; it costs a
+# cache that keeps the message about as much memory as 16 characters do.
+_ITEM_CHARS: Final = 16
+
+
+def _message_size(message: Message) -> int:
+    """What a message costs to count and to keep, in characters: those of the texts its count encodes, and
+    _ITEM_CHARS for each part and tool call (a message of many empty parts is no cheaper than one of text)."""
+    chars = len(message.content) + len(message.name or "") + len(message.tool_call_id or "")
+    if message.parts:
+        chars += sum(len(part.text) if isinstance(part, TextPart) else 0 for part in message.parts)
+    if message.tool_calls:
+        chars += sum(len(call.id) + len(call.name) + len(call.arguments) for call in message.tool_calls)
+    return chars + _ITEM_CHARS * (len(message.parts) + len(message.tool_calls))
 
 
 def _json_pieces(value: object) -> Iterator[str]:
@@ -499,6 +567,10 @@ def _build_encoding(name: str, search_dirs: tuple[Path, ...]) -> tiktoken.Encodi
 INLINE_CHARS: Final = 64 * 1024
 # Long counts running at once; more wait their turn rather than take the threads the loop's other work needs.
 MAX_PARALLEL_COUNTS: Final = 2
+# A message up to this size (_message_size) is its own key in the cache, the quickest lookup: 2048 of them hold some
+# MiB, 64 at the very most. A larger one is keyed by a digest of its text, so that the cache never keeps a caller's
+# megabytes, yet a long tool result that an agent resends at every step is encoded once.
+CACHED_BY_VALUE_CHARS: Final = 4096
 
 
 class TokenCounter:
@@ -506,8 +578,9 @@ class TokenCounter:
 
     search_dirs replaces the default search (default_search_dirs()), mainly for tests and unusual layouts.
 
-    An agent resends its whole history at every step, so each message's count is kept (message_cache_size messages,
-    least recently used out): a step then costs the encoding of its new messages only.
+    An agent resends its whole history at every step, so each message's count is kept (message_cache_size short
+    messages, and as many long ones, least recently used out): a step then costs the encoding of its new messages
+    only.
     """
 
     def __init__(
@@ -520,7 +593,8 @@ class TokenCounter:
     ) -> None:
         self._search_dirs = tuple(default_search_dirs() if search_dirs is None else search_dirs)
         self._encodings: dict[str, tiktoken.Encoding] = {}
-        self._message_tokens = functools.lru_cache(maxsize=message_cache_size)(self._count_message)
+        self._short_counts = functools.lru_cache(maxsize=message_cache_size)(self._count_message)
+        self._long_counts = _DigestCache(message_cache_size)
         self._inline_chars = inline_chars
         self._slots = asyncio.Semaphore(max_parallel)
 
@@ -544,7 +618,7 @@ class TokenCounter:
         tokens, formula_covers_all = _REPLY_PRIMING, True
         priced_by_tiles = _TILE_PRICED_MODELS.fullmatch(_base_model_name(model)) is not None
         for message in messages:
-            message_tokens, covered = self._message_tokens(encoding_name, _without_images(message))
+            message_tokens, covered = self._message_tokens(encoding_name, message)
             tokens, formula_covers_all = tokens + message_tokens, formula_covers_all and covered
             for part in message.parts:
                 if isinstance(part, ImagePart):
@@ -583,7 +657,7 @@ class TokenCounter:
 
     async def count_chat_async(self, model: str, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> TokenCount:
         """count_chat, in a thread when the chat is long enough to hold up the event loop."""
-        if self._loaded(model) and not _longer_than(self._inline_chars, _chat_pieces(messages, tools)):
+        if self._loaded(model) and not _longer_than(self._inline_chars, _chat_sizes(messages, tools)):
             return self.count_chat(model, messages, tools)
         return await self._in_thread(functools.partial(self.count_chat, model, messages, tools))
 
@@ -604,6 +678,17 @@ class TokenCounter:
                 self._encoding(name)
             except TokenizerUnavailableError as error:
                 _log.warning("%s", error)
+
+    def _message_tokens(self, encoding_name: str, message: Message) -> tuple[int, bool]:
+        """_message_tokens, from the cache when the message was counted before."""
+        if _message_size(message) <= CACHED_BY_VALUE_CHARS:
+            return self._short_counts(encoding_name, _as_counted(message))
+        key = encoding_name, _digest(message)
+        count = self._long_counts.get(key)
+        if count is None:
+            count = self._count_message(encoding_name, message)
+            self._long_counts.put(key, count)
+        return count
 
     def _count_message(self, encoding_name: str, message: Message) -> tuple[int, bool]:
         return _message_tokens(self._encoding(encoding_name).encode_ordinary, message)

@@ -444,3 +444,132 @@ async def test_an_upstream_error_keeps_its_message_and_never_a_key(
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert details(caught.value)["ErrorInfo"].reason == "UPSTREAM_AUTH_FAILED"
     assert ANTHROPIC_TEST_KEY not in str(caught.value.details())
+
+
+# Beyond what orjson writes: an integer no 64 bits hold, and nesting deeper than its 254 levels.
+DEEP = "[" * 300 + "]" * 300
+BIG_SCHEMA = (
+    '{"type": "object", "properties": {"n": {"type": "integer", "maximum": 123456789012345678901234567890}},'
+    f' "x": {DEEP}}}'
+)
+BIG_ARGUMENTS = f'{{"n": 123456789012345678901234567890,  "x": {DEEP}}}'
+
+
+def called_with(arguments: str) -> list[pb.Message]:
+    """A conversation whose assistant turn called `count` with these arguments, and the tool's result."""
+    call = pb.ToolCall(id="c1", function=pb.FunctionCall(name="count", arguments=arguments))
+    return [
+        user("count"),
+        pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call]),
+        pb.Message(role=pb.ROLE_TOOL, tool_call_id="c1", content="done"),
+    ]
+
+
+async def test_json_texts_reach_the_api_as_written_however_large_and_deep(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, caplog: pytest.LogCaptureFixture
+) -> None:
+    conversation = called_with(BIG_ARGUMENTS)
+    tools = [pb.Tool(function=pb.FunctionDefinition(name="count", parameters_json=BIG_SCHEMA))]
+    options = pb.CompletionOptions(
+        tools=tools,
+        response_format=pb.ResponseFormat(
+            type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=pb.JsonSchema(name="n", schema_json=BIG_SCHEMA)
+        ),
+    )
+    answer = await stub.Complete(pb.CompleteRequest(messages=conversation, options=options), timeout=5)
+    chunks = await streamed(stub, pb.StreamCompleteRequest(messages=conversation, options=options))
+    count = await stub.CountTokens(
+        pb.CountTokensRequest(model="claude-test", messages=conversation, tools=tools), timeout=5
+    )
+
+    assert (answer.backend, chunks[-1].backend) == ("anthropic", "anthropic")
+    assert len(claude.chat_bodies) == 2
+    for body in claude.chat_bodies:
+        assert f'"input_schema":{BIG_SCHEMA}'.encode() in body
+        assert f'"schema":{BIG_SCHEMA}'.encode() in body
+        assert f'"input":{BIG_ARGUMENTS}'.encode() in body
+    assert (count.encoding, count.estimated) == ("backend:anthropic", False)
+    (counted,) = claude.count_requests
+    assert counted["tools"][0]["input_schema"] == json.loads(BIG_SCHEMA)
+    assert counted["messages"][1]["content"] == [
+        {"type": "tool_use", "id": "c1", "name": "count", "input": json.loads(BIG_ARGUMENTS)}
+    ]
+    assert claude.invalid_requests == []
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("arguments", "says"),
+    [
+        ('{"n": NaN}', "NaN is not a JSON number"),
+        ('{"n": [1, -Infinity]}', "-Infinity is not a JSON number"),
+        ('{"n": 1e400}', "1e400 is beyond the range of a double"),
+    ],
+)
+async def test_tool_arguments_with_a_number_no_reader_takes_are_the_callers_error(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, caplog: pytest.LogCaptureFixture, arguments: str, says: str
+) -> None:
+    """Sent as written, they would fail the whole request upstream, or reach the model as null."""
+    conversation = called_with(arguments)
+    for call in (
+        stub.Complete(pb.CompleteRequest(messages=conversation), timeout=5),
+        streamed(stub, pb.StreamCompleteRequest(messages=conversation)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"messages[1].tool_calls[0].function.arguments: {says}" in str(caught.value.details())
+        assert details(caught.value)["ErrorInfo"].reason == "UPSTREAM_REJECTED"
+
+    # The API cannot count what it cannot be sent: the gateway estimates.
+    count = await stub.CountTokens(pb.CountTokensRequest(model="claude-test", messages=conversation), timeout=5)
+    assert count.estimated and count.token_count > 0
+    assert claude.chat_requests == [] and claude.count_requests == []
+    assert "Traceback" not in caplog.text
+
+
+async def test_a_schema_with_a_number_beyond_a_double_is_refused_before_counting(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, caplog: pytest.LogCaptureFixture
+) -> None:
+    tools = [pb.Tool(function=pb.FunctionDefinition(name="f", parameters_json='{"type": "object", "maximum": 1e400}'))]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CountTokens(pb.CountTokensRequest(model="claude-test", messages=[user()], tools=tools), timeout=5)
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    (violation,) = details(caught.value)["BadRequest"].field_violations
+    assert violation.field == "tools[0].function.parameters_json"
+    assert "1e400 is beyond the range of a double" in violation.description
+    assert claude.count_requests == []
+    assert "Traceback" not in caplog.text
+
+
+async def test_a_message_of_empty_text_parts_is_refused_as_empty_content_is(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
+) -> None:
+    empty = pb.Message(role=pb.ROLE_USER, parts=[pb.ContentPart(text=""), pb.ContentPart(text="")])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(pb.CompleteRequest(messages=[empty]), timeout=5)
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    violations = details(caught.value)["BadRequest"].field_violations
+    assert [(v.field, v.description) for v in violations] == [
+        ("messages[0].parts", "must not be empty: every part is empty text")
+    ]
+    assert claude.chat_requests == []
+
+
+async def test_system_messages_alone_are_refused_for_the_messages_api(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, local: FakeUpstream
+) -> None:
+    """The API takes no request without a user or assistant turn; the OpenAI format takes one, so Ollama serves it."""
+    system_only = [pb.Message(role=pb.ROLE_SYSTEM, content="be brief")]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(pb.CompleteRequest(messages=system_only), timeout=5)
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "messages: Anthropic needs a user or assistant message" in str(caught.value.details())
+    assert claude.chat_requests == []
+    answer = await stub.Complete(pb.CompleteRequest(messages=system_only, model="tiny"), timeout=5)
+    assert answer.backend == "ollama" and local.chat_requests[0]["messages"] == [
+        {"role": "system", "content": "be brief"}
+    ]

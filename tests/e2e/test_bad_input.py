@@ -154,3 +154,73 @@ async def test_get_usage_with_a_timestamp_out_of_range_names_the_field(
     assert [v.field for v in details(caught.value)["BadRequest"].field_violations] == fields
     assert_quiet(caplog)
     assert isinstance(await stub.GetUsage(pb.GetUsageRequest(), timeout=5), pb.GetUsageResponse)
+
+
+OVERFLOWING_SCHEMA = '{"type": "object", "properties": {"n": {"type": "number", "maximum": 1e400}}}'
+
+
+def overflowing(method: str) -> pb.CompleteRequest | pb.StreamCompleteRequest | pb.CountTokensRequest:
+    """A request whose tool schema (and, where there is one, response schema) holds 1e400, beyond a double."""
+    tools = [pb.Tool(function=pb.FunctionDefinition(name="f", parameters_json=OVERFLOWING_SCHEMA))]
+    if method == "CountTokens":
+        return pb.CountTokensRequest(model="gpt-4o", messages=chat().messages, tools=tools)
+    options = pb.CompletionOptions(
+        tools=tools,
+        response_format=pb.ResponseFormat(
+            type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+            json_schema=pb.JsonSchema(name="s", schema_json=OVERFLOWING_SCHEMA),
+        ),
+    )
+    if method == "StreamComplete":
+        return pb.StreamCompleteRequest(messages=chat().messages, options=options)
+    return pb.CompleteRequest(messages=chat().messages, options=options)
+
+
+@pytest.mark.parametrize(
+    ("method", "fields"),
+    [
+        (
+            "Complete",
+            ["options.tools[0].function.parameters_json", "options.response_format.json_schema.schema_json"],
+        ),
+        (
+            "StreamComplete",
+            ["options.tools[0].function.parameters_json", "options.response_format.json_schema.schema_json"],
+        ),
+        ("CountTokens", ["tools[0].function.parameters_json"]),
+    ],
+)
+async def test_a_json_schema_with_a_number_beyond_a_double_names_the_field(
+    channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture, method: str, fields: list[str]
+) -> None:
+    """1e400 is JSON text, but upstreams read it as infinity or null (or refuse the request): refused on every
+    backend, as NaN is."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call_raw(channel, method, bytes(overflowing(method).SerializeToString()))
+
+    assert_invalid_request(caught.value)
+    violations = details(caught.value)["BadRequest"].field_violations
+    assert [v.field for v in violations] == fields
+    assert all("1e400 is beyond the range of a double" in v.description for v in violations)
+    assert_quiet(caplog)
+
+
+@pytest.mark.parametrize("method", ["Complete", "StreamComplete", "CountTokens"])
+async def test_a_message_of_empty_text_parts_names_the_field(
+    channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture, method: str
+) -> None:
+    messages = [*chat().messages, pb.Message(role=pb.ROLE_USER, parts=[pb.ContentPart(text="")])]
+    request = {
+        "Complete": pb.CompleteRequest(messages=messages),
+        "StreamComplete": pb.StreamCompleteRequest(messages=messages),
+        "CountTokens": pb.CountTokensRequest(messages=messages),
+    }[method]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call_raw(channel, method, bytes(request.SerializeToString()))
+
+    assert_invalid_request(caught.value)
+    violations = details(caught.value)["BadRequest"].field_violations
+    assert [(v.field, v.description) for v in violations] == [
+        ("messages[1].parts", "must not be empty: every part is empty text")
+    ]
+    assert_quiet(caplog)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import random
 import time
@@ -27,6 +28,8 @@ HTML = {"body": "<html><body>502 Bad Gateway</body></html>", "content_type": "te
 NOT_JSON = {"body": '{"id": "x", "choices": [', "content_type": "application/json"}
 NO_CHOICES = {"body": '{"id": "x", "object": "chat.completion"}'}
 TOO_LONG = {"status": 400, "body": '{"error": {"message": "This model\'s maximum context length is 8192 tokens"}}'}
+BAD_HEADER = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nBad Header\x01: x\r\nContent-Length: 2\r\n\r\n{}"
+BAD_CHUNK = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n"
 PRIMARY = "primary"
 """A row's served_by for the primary backend, whichever dialect it speaks (named after it: openai, anthropic)."""
 
@@ -142,6 +145,9 @@ ROWS = [
     Row("422 likewise", [{"status": 422}], code=grpc.StatusCode.INVALID_ARGUMENT, reason="UPSTREAM_REJECTED"),
     Row("413 likewise", [{"status": 413}], code=grpc.StatusCode.INVALID_ARGUMENT, reason="UPSTREAM_REJECTED"),
     moves_on("200 with HTML", HTML, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
+    moves_on("not HTTP: a bad status line", {"raw": "HTTP/1.1 abc OK\r\n\r\n"}, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
+    moves_on("not HTTP: a bad header", {"raw": BAD_HEADER}, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
+    moves_on("not HTTP: a bad chunk size", {"raw": BAD_CHUNK}, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
     moves_on("malformed JSON", NOT_JSON, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
     moves_on("missing choices", NO_CHOICES, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR).of("openai"),
     moves_on(
@@ -261,6 +267,8 @@ STREAM_ROWS = [
         outcomes=(Outcome.ATTEMPT_OUTCOME_SERVER_ERROR, Outcome.ATTEMPT_OUTCOME_SUCCEEDED)),
     Row("finish reason and usage without [DONE] is whole", [{"no_done": True}],
         outcomes=(Outcome.ATTEMPT_OUTCOME_SUCCEEDED,), only="openai"),
+    Row("likewise when the connection breaks before [DONE]", [{"cut_before_done": True}],
+        outcomes=(Outcome.ATTEMPT_OUTCOME_SUCCEEDED,), only="openai"),
     Row("a rate_limit_error event before the first chunk is retried",
         [{"error_event_after": 0, "error_type": "rate_limit_error"}], calls=(2, 0),
         outcomes=(Outcome.ATTEMPT_OUTCOME_RATE_LIMITED, Outcome.ATTEMPT_OUTCOME_SUCCEEDED), only="anthropic"),
@@ -367,6 +375,41 @@ async def test_cancellation_closes_the_upstream_request_at_once(
     await wait_until(lambda: bool(primary.client_disconnects), within_s=2)
     assert primary.client_disconnects, "the upstream never saw the connection close"
     assert primary.client_disconnects[0] - cancelled_at < 0.1
+
+
+async def test_a_caller_that_stops_reading_then_leaves_is_billed_and_settled(
+    stub_for: StubFactory, local: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The gateway is stuck writing to a caller that stopped reading when the caller cancels: the write fails in gRPC,
+    outside the servicer. What the stream consumed still goes to the ledger and, before the limits settle, to the
+    call's meter: the next call of the minute is refused; and no error or traceback is logged for it."""
+    stub = await stub_for(
+        f'llm:\n  ollama: {{base_url: "{local.base_url}", model: tiny}}\n',
+        server="limits: {tokens_per_minute: 5000}, log_calls: true",
+    )
+    caplog.set_level(logging.INFO, logger="llmrelay_server.calls")
+    local.inject({"huge_content": 20_000_000, "no_usage": True})
+    call = stub.StreamComplete(stream_chat(options=pb.CompletionOptions(max_tokens=10)), timeout=30)
+    await call.read()
+    await asyncio.sleep(1.5)  # the gateway fills the flow-control window and waits to write
+    call.cancel()
+
+    async def billed() -> int:
+        records = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
+        return sum(r.completion_tokens for r in records)
+
+    async with asyncio.timeout(10):
+        while (tokens := await billed()) == 0:  # noqa: ASYNC110 (the ledger, no event to wait on)
+            await asyncio.sleep(0.1)
+    assert tokens > 5000, "the ledger has what the stream consumed"
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.Complete(chat(options=pb.CompletionOptions(max_tokens=10)), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details(refused.value)["ErrorInfo"].reason == "TOKENS_PER_MINUTE_EXCEEDED"
+    line = next(r for r in caplog.records if r.name == "llmrelay_server.calls" and "CANCELLED" in r.getMessage())
+    assert f"completion_tokens={tokens}" in line.getMessage(), "the call log has what was billed"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "Traceback" not in caplog.text
 
 
 async def test_circuit_opens_skips_and_recovers(
@@ -509,6 +552,28 @@ async def test_one_delta_over_the_message_limit_is_sent_in_pieces(
     assert "Traceback" not in caplog.text
 
 
+@pytest.mark.parametrize("retry_after", ["99999999999999999999999", "1e300"])
+async def test_a_retry_after_of_ages_is_taken_as_a_day(
+    stub_for: StubFactory, local: FakeUpstream, retry_after: str
+) -> None:
+    stub = await stub_for(f"""
+llm:
+  ollama: {{base_url: "{local.base_url}", model: tiny}}
+router:
+  retry: {{max_retries: 0}}
+""")
+    for status, code in ((503, grpc.StatusCode.UNAVAILABLE), (429, grpc.StatusCode.RESOURCE_EXHAUSTED)):
+        local.inject({"status": status, "retry_after": retry_after}, {"status": status, "retry_after": retry_after})
+        with pytest.raises(grpc.aio.AioRpcError) as unary:
+            await stub.Complete(chat(), timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as stream:
+            async for _ in stub.StreamComplete(stream_chat(), timeout=5):
+                pass
+        for caught in (unary, stream):
+            assert caught.value.code() == code, caught.value.details()
+            assert details(caught.value)["RetryInfo"].retry_delay.seconds == 86_400
+
+
 async def test_an_open_circuit_says_when_to_come_back(stub_for: StubFactory, local: FakeUpstream) -> None:
     stub = await stub_for(f"""
 llm:
@@ -531,6 +596,30 @@ router:
     }
     assert 29 <= found["RetryInfo"].retry_delay.seconds <= 30, "the cool-down left, not a guess"
     assert len(local.chat_requests) == 1
+
+
+async def test_a_call_skipped_while_a_probe_is_out_is_told_to_come_back_soon(
+    stub_for: StubFactory, local: FakeUpstream
+) -> None:
+    stub = await stub_for(f"""
+llm:
+  ollama: {{base_url: "{local.base_url}", model: tiny}}
+router:
+  retry: {{max_retries: 0}}
+  circuit: {{failure_threshold: 1, cooldown_s: 0.2}}
+""")
+    local.inject({"status": 503}, {"stall_s": 3})
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.Complete(chat(), timeout=5)
+    await asyncio.sleep(0.3)
+    probe = stub.Complete(chat(), timeout=10)  # half-open: it goes through, and the upstream holds it
+    await wait_until(lambda: len(local.chat_requests) == 2, within_s=5)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat(), timeout=5)
+    probe.cancel()
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "another call is probing it" in str(caught.value.details())
+    assert details(caught.value)["RetryInfo"].retry_delay.seconds == 1, "not 0 s: a client would retry at once"
 
 
 async def test_a_silent_primary_does_not_hold_every_call_until_its_deadline(

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import v1 as pb
 from llmrelay_server import convert
 from llmrelay_server.app import Gateway
+from llmrelay_server.auth import KEYS_FILE_CHECK_S
 from llmrelay_server.domain import Message, Role
 from llmrelay_server.tokens import TokenCounter
 from support import FAST_ROUTER, GatewayFactory, chat, details, png, stream_chat, two_backends
@@ -155,6 +156,66 @@ async def test_the_keys_file_is_reread_when_it_changes(
         assert (await stub.Complete(chat(), metadata=bearer(OTHER_KEY), timeout=5)).backend == "openai"
 
 
+async def logged(caplog: pytest.LogCaptureFixture, text: str, within_s: float = 5.0) -> None:
+    """Waits until the log has a line with this text."""
+    for _ in range(round(within_s / 0.05)):
+        if text in caplog.text:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not logged within {within_s} s: {text}")
+
+
+async def test_a_keys_file_saved_in_place_revokes_no_key_while_it_is_empty(
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="llmrelay_server.auth")
+    keys_file = tmp_path / "keys.yaml"
+    content = f"keys: [{key_entry('research', RESEARCH_KEY)}]\n"
+    keys_file.write_text(content)
+    _, channel, stub = await start(gateway_factory, primary, local, f'auth: {{keys_file: "{keys_file}"}}\n')
+
+    def complete() -> Any:
+        return stub.Complete(chat(), metadata=bearer(RESEARCH_KEY), timeout=5)
+
+    async with channel:
+        with keys_file.open("w") as saving:  # truncated, as an editor or a config tool saving in place does
+            await logged(caplog, "keys file")  # the gateway has read it empty (its first line of the keys)
+            results = await concurrently(10, complete)
+            assert [r for r in results if isinstance(r, grpc.aio.AioRpcError)] == [], "the keys in force stay"
+            await asyncio.sleep(1.5 * KEYS_FILE_CHECK_S)  # one more look at the file, still empty
+            saving.write(content)
+        await logged(caplog, "reloaded: 1 keys in force")
+        assert (await complete()).backend == "openai"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, "one warning for the empty file, not one per look"
+    assert "empty" in warnings[0] and "`keys: []` to admit nobody" in warnings[0]
+
+
+async def test_a_keys_file_that_admits_nobody_revokes_every_key_and_says_so(
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="llmrelay_server.auth")
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(f"keys: [{key_entry('research', RESEARCH_KEY)}]\n")
+    _, channel, stub = await start(gateway_factory, primary, local, f'auth: {{keys_file: "{keys_file}"}}\n')
+    async with channel:
+        assert (await stub.Complete(chat(), metadata=bearer(RESEARCH_KEY), timeout=5)).backend == "openai"
+        keys_file.write_text("keys: []\n")
+        await logged(caplog, "no keys in force")
+        with pytest.raises(grpc.aio.AioRpcError) as revoked:
+            await stub.Complete(chat(), metadata=bearer(RESEARCH_KEY), timeout=5)
+    assert revoked.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert [r.levelno for r in caplog.records if "no keys in force" in r.getMessage()] == [logging.WARNING]
+
+
 # --- limits -----------------------------------------------------------------------------------------------------
 
 
@@ -254,6 +315,53 @@ async def test_a_daily_budget_admits_exactly_what_it_pays_for(
         assert [a.usage.cost.usd_micros for a in answers] == [3000] * 4
         records = (await stub.GetUsage(pb.GetUsageRequest(), metadata=bearer(RESEARCH_KEY), timeout=5)).records
     assert sum(r.cost.usd_micros for r in records) == 12_000
+
+
+def never_fits(error: BaseException, reason: str, subject: str) -> str:
+    """The message of the refusal of a call larger than the limit itself, which says no time to retry in."""
+    assert isinstance(error, grpc.aio.AioRpcError), error
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+    found = details(error)
+    assert found["ErrorInfo"].reason == reason
+    assert found["QuotaFailure"].violations[0].subject == subject
+    assert "RetryInfo" not in found, "no wait would admit it"
+    assert "grpc-retry-pushback-ms" not in dict(error.trailing_metadata() or ())
+    return error.details() or ""
+
+
+async def test_a_request_larger_than_a_limit_is_told_what_to_change_not_when_to_retry(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    prompt = TokenCounter().count_chat("gpt-test", (Message(Role.USER, "hello gateway"),)).tokens
+    auth = keys_yaml(
+        key_entry("research", RESEARCH_KEY, "limits: {tokens_per_minute: 500}"),
+        key_entry("other", OTHER_KEY, "limits: {budget_usd_per_day: 0.01}"),
+    )
+    auth += 'pricing: {"gpt-test": {prompt: 1, completion: 1}}\n'  # 1 micro-USD a token: the budget is 10,000
+    _, channel, stub = await start(gateway_factory, primary, local, auth)
+    async with channel:
+        # Without max_tokens a request reserves reserve_completion_tokens (1,024) and its prompt: over 500 on a key
+        # that has spent nothing.
+        for call in (
+            lambda: stub.Complete(chat(model="gpt-test"), metadata=bearer(RESEARCH_KEY), timeout=5),
+            lambda: read(stub.StreamComplete(stream_chat(model="gpt-test"), metadata=bearer(RESEARCH_KEY), timeout=5)),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call()
+            message = never_fits(caught.value, "TOKENS_PER_MINUTE_EXCEEDED", "key:research")
+            assert f"reserves {prompt + 1024} tokens ({prompt} of prompt + 1024 for the answer" in message
+            assert f"set max_tokens to at most {500 - prompt}" in message
+        fitting = chat(model="gpt-test", options=pb.CompletionOptions(max_tokens=500 - prompt))
+        assert (await stub.Complete(fitting, metadata=bearer(RESEARCH_KEY), timeout=5)).backend == "openai"
+
+        over = chat(model="gpt-test", options=pb.CompletionOptions(max_tokens=20_000))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Complete(over, metadata=bearer(OTHER_KEY), timeout=5)
+        message = never_fits(caught.value, "BUDGET_EXCEEDED", "key:other")
+        assert f"alone reserves {(prompt + 20_000) / 1e6:g} USD" in message and "set a lower max_tokens" in message
+        fitting = chat(model="gpt-test", options=pb.CompletionOptions(max_tokens=3))
+        assert (await stub.Complete(fitting, metadata=bearer(OTHER_KEY), timeout=5)).backend == "openai"
+    assert len(primary.chat_requests) == 2, "refused before any upstream is asked"
 
 
 async def test_gateway_limits_hold_over_every_caller(

@@ -20,8 +20,8 @@ from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway
 from llmrelay_server.config import Limits
 from llmrelay_server.domain import LimitExceededError, LimitKind, LimitsUnavailableError, StoreRole
-from llmrelay_server.limits import Ask, Reservation
-from llmrelay_server.limits.redis import RedisLimiter
+from llmrelay_server.limits import Ask, InProcessLimiter, Reservation
+from llmrelay_server.limits.redis import KEY_PREFIX, RedisLimiter
 from redis.asyncio.connection import AbstractConnection
 from redis_server import RedisServer, ServerTLS
 from support import GatewayFactory, chat, details, stream_chat, two_backends
@@ -52,8 +52,10 @@ async def limiter_for(redis_server: RedisServer) -> AsyncIterator[LimiterFactory
         await limiter.aclose()
 
 
-def ask(limits: Limits, *, subject: str = SUBJECT, tokens: int = 0, usd: int = 0, stream: bool = False) -> Ask:
-    return Ask(subject, limits, tokens, usd, stream)
+def ask(
+    limits: Limits, *, subject: str = SUBJECT, tokens: int = 0, usd: int = 0, stream: bool = False, answer: int = 0
+) -> Ask:
+    return Ask(subject, limits, tokens, usd, stream, answer)
 
 
 async def at_once(
@@ -113,7 +115,7 @@ async def test_many_limiters_admit_exactly_the_limit_between_them(
     ok, refusals = await at_once(limiters, 300, ask(limits, tokens=tokens, usd=usd, stream=stream))
     assert len(ok) == admitted
     assert {(error.kind, error.subject) for error in refusals} == {(kind, SUBJECT)}
-    assert all(error.retry_after_s > 0 for error in refusals)
+    assert all(error.retry_after_s is not None and error.retry_after_s > 0 for error in refusals)
 
 
 async def test_settling_corrects_tokens_and_spend_exactly(limiter_for: LimiterFactory) -> None:
@@ -163,18 +165,50 @@ async def test_retry_delays_say_when_a_call_fits_again(limiter_for: LimiterFacto
     await limiter.reserve([ask(requests)])
     error = await refused(limiter.reserve([ask(requests)]))
     # The window is 60 to 61 s (per-second buckets): the first request's second leaves it 61 s after it began.
-    assert 59.9 < error.retry_after_s <= 61.0
-    too_big = await refused(limiter.reserve([ask(Limits(tokens_per_minute=10), tokens=11)]))
-    assert too_big.retry_after_s == 60.0 and "reserves 11" in too_big.description
+    assert error.retry_after_s is not None and 59.9 < error.retry_after_s <= 61.0
+    tokens = Limits(tokens_per_minute=10)
+    await limiter.reserve([ask(tokens, tokens=6)])
+    error = await refused(limiter.reserve([ask(tokens, tokens=5)]))
+    assert error.retry_after_s is not None and 59.9 < error.retry_after_s <= 61.0, "when the 6 tokens have left"
     streams = Limits(concurrent_streams=1)
     await limiter.reserve([ask(streams, stream=True)])
     assert (await refused(limiter.reserve([ask(streams, stream=True)]))).retry_after_s == 1.0
-    budget = await refused(limiter.reserve([ask(Limits(budget_usd_per_day=0.001), usd=1001)]))
+    spent = Limits(budget_usd_per_day=0.001)
+    await limiter.reserve([ask(spent, usd=600)])
+    budget = await refused(limiter.reserve([ask(spent, usd=401)]))
     client = redis.asyncio.from_url(redis_server.url)
     seconds, micros = await client.time()
     await client.aclose()
     now = seconds + micros / 1e6
     assert budget.retry_after_s == pytest.approx((now // 86_400 + 1) * 86_400 - now, abs=1.0), "until UTC midnight"
+
+
+async def test_a_request_larger_than_a_limit_is_refused_as_in_process_and_counted_nowhere(
+    limiter_for: LimiterFactory, redis_server: RedisServer
+) -> None:
+    shared, alone = await limiter_for(), InProcessLimiter()
+    unreachable = await limiter_for("redis://127.0.0.1:1", refuse_when_unavailable=True)
+    tokens, budget = Limits(tokens_per_minute=500), Limits(budget_usd_per_day=0.01)
+    for too_large in (
+        ask(tokens, tokens=1032, answer=1024),
+        ask(tokens, tokens=501),
+        ask(budget, tokens=20_008, usd=20_008, answer=20_000),
+    ):
+        expected = await refused(alone.reserve([too_large]))
+        assert expected.retry_after_s is None
+        # Unreachable or not, Redis has nothing to say about a call no count could admit.
+        for limiter in (shared, unreachable):
+            error = await refused(limiter.reserve([too_large]))
+            assert (error.kind, error.subject, error.description, error.retry_after_s) == (
+                expected.kind,
+                expected.subject,
+                expected.description,
+                None,
+            )
+    client = redis.asyncio.from_url(redis_server.url)
+    assert await client.keys(f"{KEY_PREFIX}*") == [], "counted nowhere"
+    await client.aclose()
+    await shared.reserve([ask(tokens, tokens=500), ask(budget, subject="key:other", usd=10_000)])
 
 
 async def test_buckets_older_than_the_window_neither_count_nor_stay(
@@ -555,6 +589,44 @@ async def test_a_daily_budget_shared_by_the_gateways_admits_exactly_what_it_pays
     request = chat("x y", model="gpt-test", exact_model=True, options=pb.CompletionOptions(max_tokens=3))
     results = await spread(stubs, 12, lambda stub: stub.Complete(request, metadata=AUTHORIZED, timeout=5))
     assert refusals_of(results, "BUDGET_EXCEEDED") == 8
+
+
+@pytest.mark.parametrize(
+    ("limits", "options", "reason", "advice"),
+    [
+        ("tokens_per_minute: 500", pb.CompletionOptions(), "TOKENS_PER_MINUTE_EXCEEDED", "set max_tokens to at most"),
+        (
+            "budget_usd_per_day: 0.01",
+            pb.CompletionOptions(max_tokens=20_000),
+            "BUDGET_EXCEEDED",
+            "set a lower max_tokens",
+        ),
+    ],
+    ids=["tokens", "budget"],
+)
+async def test_gateways_sharing_redis_tell_a_request_larger_than_a_limit_what_to_change(
+    start_gateways: Any,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    redis_server: RedisServer,
+    limits: str,
+    options: pb.CompletionOptions,
+    reason: str,
+    advice: str,
+) -> None:
+    # 1 micro-USD a token: the budget is 10,000; without max_tokens a request reserves 1,024 and its prompt.
+    yaml_text = config(primary, local, redis_server, limits) + 'pricing: {"gpt-test": {prompt: 1, completion: 1}}\n'
+    _, stubs = await start_gateways(2, yaml_text)
+    request = chat(model="gpt-test", options=options)
+    for error in await spread(stubs, 4, lambda stub: stub.Complete(request, metadata=AUTHORIZED, timeout=5)):
+        assert isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+        found = details(error)
+        assert (found["ErrorInfo"].reason, found["QuotaFailure"].violations[0].subject) == (reason, SUBJECT)
+        assert "RetryInfo" not in found and "grpc-retry-pushback-ms" not in dict(error.trailing_metadata() or ())
+        assert "so no retry can admit it" in (error.details() or "") and advice in (error.details() or "")
+    assert primary.chat_requests == []
+    fitting = chat(model="gpt-test", options=pb.CompletionOptions(max_tokens=3))
+    assert (await stubs[1].Complete(fitting, metadata=AUTHORIZED, timeout=5)).backend == "openai"
 
 
 async def test_gateways_go_on_per_policy_while_redis_is_down_and_limit_again_when_it_is_back(

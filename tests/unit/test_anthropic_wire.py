@@ -11,6 +11,7 @@ from anthropic.types import ModelInfo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from llmrelay_server.backends import anthropic_wire as aw
+from llmrelay_server.backends import wire
 from llmrelay_server.backends.anthropic import _kind, _takes_no_budget
 from llmrelay_server.backends.wire import ErrorEvent, MalformedAnswerError
 from llmrelay_server.domain import (
@@ -41,10 +42,17 @@ ADAPTIVE = "adaptive"
 def body(
     options: CompletionOptions | None = None, *, messages: tuple[Message, ...] = HI, thinking: str = "budget"
 ) -> dict[str, Any]:
-    request = CompletionRequest(messages=messages, options=options or CompletionOptions())
-    result = aw.request_body("m", request, default_max_tokens=1000, adaptive_thinking=thinking == ADAPTIVE)
-    json.dumps(result, allow_nan=False)  # the body must be plain JSON
+    """The body as the upstream reads it: written as the provider writes it, then parsed."""
+    result: dict[str, Any] = json.loads(sent(options, messages=messages, thinking=thinking))
     return result
+
+
+def sent(
+    options: CompletionOptions | None = None, *, messages: tuple[Message, ...] = HI, thinking: str = "budget"
+) -> bytes:
+    """The bytes the provider sends (its JSON texts spliced in as written)."""
+    request = CompletionRequest(messages=messages, options=options or CompletionOptions())
+    return wire.encode(aw.request_body("m", request, default_max_tokens=1000, adaptive_thinking=thinking == ADAPTIVE))
 
 
 def text(value: str) -> dict[str, str]:
@@ -121,6 +129,50 @@ def test_arguments_that_are_no_json_object_cannot_be_sent(arguments: str) -> Non
         body(messages=messages)
 
 
+def test_arguments_are_sent_as_written() -> None:
+    """However large their integers, deep their nesting or odd their spacing: the text is not rewritten."""
+    deep = "[" * 300 + "]" * 300  # beyond what orjson writes (254 levels)
+    arguments = '{"n" : 123456789012345678901234567890, "f": 1.50, "deep": ' + deep + "}"
+    messages = (Message(Role.USER, "go"), Message(Role.ASSISTANT, tool_calls=(ToolCall("t", "f", arguments),)))
+    assert f'"input":{arguments}'.encode() in sent(messages=messages)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "said"),
+    [
+        ('{"n": NaN}', "NaN is not a JSON number"),
+        ('{"n": [-Infinity]}', "-Infinity is not a JSON number"),
+        ('{"n": 1e400}', "1e400 is beyond the range of a double"),
+        ('{"n": {"m": -2E+999}}', "-2E+999 is beyond the range of a double"),
+    ],
+)
+def test_arguments_with_numbers_no_reader_takes_cannot_be_sent(arguments: str, said: str) -> None:
+    messages = (Message(Role.USER, "go"), Message(Role.ASSISTANT, tool_calls=(ToolCall("t", "f", arguments),)))
+    with pytest.raises(aw.UnmappableRequestError) as caught:
+        body(messages=messages)
+    assert str(caught.value) == f"messages[1].tool_calls[0].function.arguments: {said}"
+
+
+def test_arguments_nested_beyond_reading_cannot_be_sent() -> None:
+    arguments = '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    messages = (Message(Role.USER, "go"), Message(Role.ASSISTANT, tool_calls=(ToolCall("t", "f", arguments),)))
+    with pytest.raises(aw.UnmappableRequestError, match="nested too deeply"):
+        body(messages=messages)
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [(Message(Role.SYSTEM, "be brief"),), (Message(Role.SYSTEM, "a"), Message(Role.SYSTEM, "b"))],
+    ids=["one", "two"],
+)
+def test_system_messages_alone_cannot_be_sent(messages: tuple[Message, ...]) -> None:
+    """The API takes no request without a turn; the OpenAI format takes this conversation, so it passes validation."""
+    with pytest.raises(aw.UnmappableRequestError, match=r"^messages: "):
+        body(messages=messages)
+    with pytest.raises(aw.UnmappableRequestError, match=r"^messages: "):
+        aw.prompt_body("m", messages, ())
+
+
 def test_reasoning_goes_back_only_with_its_signature() -> None:
     signed = Message(Role.ASSISTANT, "a", reasoning="r", reasoning_signature="s")
     unsigned = Message(Role.ASSISTANT, "b", reasoning="another upstream's")
@@ -158,6 +210,16 @@ def test_tools_and_their_schemas() -> None:
     assert isinstance(
         body(CompletionOptions(tools=tools))["tools"][0]["input_schema"]["properties"]["n"]["maxItems"], int
     )
+
+
+def test_schemas_are_sent_as_written() -> None:
+    """As OpenAI's path sends them: integers no 64 bits hold, nesting deeper than orjson writes, spacing."""
+    schema = '{"type":  "object", "maximum": 123456789012345678901234567890, "x": ' + "[" * 300 + "]" * 300 + "}"
+    tools = (Tool("a", parameters=JsonText(schema)),)
+    response_format = ResponseFormat("json_schema", JsonSchemaFormat("s", JsonText(schema)))
+    written = sent(CompletionOptions(tools=tools, response_format=response_format))
+    assert f'"input_schema":{schema}'.encode() in written
+    assert f'"schema":{schema}'.encode() in written
 
 
 @pytest.mark.parametrize(

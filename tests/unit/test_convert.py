@@ -437,6 +437,15 @@ def test_json_text_is_carried_as_written() -> None:
     assert request.options.response_format == ResponseFormat("json_schema", JsonSchemaFormat("s", JsonText("{}")))
 
 
+def test_json_text_with_numbers_a_double_holds_is_accepted() -> None:
+    """Only numbers that overflow a double are refused: the largest one, and one that underflows to 0, pass."""
+    text = (
+        '{"type": "object", "maximum": 1.7976931348623157e308, "minimum": 1e-400, "n": 123456789012345678901234567890}'
+    )
+    request = convert.completion_request(chat(options=OPTS(tools=[text_tool("f", text)])))
+    assert request.options.tools[0].parameters == JsonText(text)
+
+
 def test_json_text_wins_over_the_struct() -> None:
     both = text_tool("f", SCHEMA_TEXT)
     both.function.parameters.CopyFrom(struct({"type": "object"}))
@@ -463,6 +472,8 @@ def test_json_text_wins_over_the_struct() -> None:
         ("null", "must be the JSON text of an object, not of null"),
         ('{"maximum": NaN}', "must be the JSON text of an object: NaN is not a JSON number"),
         ('{"maximum": -Infinity}', "must be the JSON text of an object: -Infinity is not a JSON number"),
+        ('{"maximum": 1e400}', "must be the JSON text of an object: 1e400 is beyond the range of a double"),
+        ('{"a": [{"b": -1.5E+309}]}', "must be the JSON text of an object: -1.5E+309 is beyond the range of a double"),
         ("[" * 100_000 + "]" * 100_000, "must be the JSON text of an object, nested less deeply"),
     ],
 )
@@ -532,11 +543,23 @@ def test_text_parts_are_accepted_in_every_role() -> None:
     assert convert.completion_request(tool_answer).messages[0].parts == (TextPart("21C"),)
 
 
+def test_an_empty_text_part_beside_something_said_is_accepted() -> None:
+    call = pb.ToolCall(id="c", function=pb.FunctionCall(name="f"))
+    for request in (
+        parts_message(pb.ContentPart(text=""), pb.ContentPart(text="t")),
+        parts_message(pb.ContentPart(text=""), image(url="https://example.com/a.png")),
+        parts_message(pb.ContentPart(text=""), role=pb.ROLE_ASSISTANT, tool_calls=[call]),
+    ):
+        assert convert.completion_request(request).messages[0].parts[0] == TextPart("")
+
+
 @pytest.mark.parametrize(
     ("request_", "fields"),
     [
         (parts_message(pb.ContentPart(text="t"), content="also content"), ["messages[0].parts"]),
         (parts_message(pb.ContentPart()), ["messages[0].parts[0]"]),
+        (parts_message(pb.ContentPart(text="")), ["messages[0].parts"]),
+        (parts_message(pb.ContentPart(text=""), pb.ContentPart(text="")), ["messages[0].parts"]),
         (parts_message(image(detail=pb.IMAGE_DETAIL_LOW)), ["messages[0].parts[0].image"]),
         (parts_message(pb.ContentPart(text="t"), image(url="ftp://x/a.png")), ["messages[0].parts[1].image.url"]),
         (parts_message(image(url="example.com/a.png")), ["messages[0].parts[0].image.url"]),

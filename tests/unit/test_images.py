@@ -80,3 +80,24 @@ def test_any_bytes_give_a_size_or_none_and_never_raise(signature: bytes, rest: b
     data = signature + rest
     size = images.dimensions(data)
     assert size is None or (size[0] > 0 and size[1] > 0 and images.media_type(data) is not None)
+
+
+MIB = 1024 * 1024
+# A segment of nothing (a comment, length 2): the smallest a segment can be.
+EMPTY_COMMENT = b"\xff\xfe\x00\x02"
+
+
+@pytest.mark.parametrize(
+    ("data", "size"),
+    [
+        (b"\xff\xd8" + b"\xff" * (4 * MIB), None),  # fill bytes to the end
+        (jpeg(640, 480)[:2] + b"\xff" * (4 * MIB) + jpeg(640, 480)[2:], (640, 480)),  # fill bytes before a marker
+        (b"\xff\xd8" + EMPTY_COMMENT * 1000 + jpeg(64, 48)[2:], (64, 48)),
+        # Tiny segments to the end: the walk stops after _JPEG_MAX_SEGMENTS of them rather than take one step for
+        # every 4 bytes.
+        (b"\xff\xd8" + EMPTY_COMMENT * MIB, None),
+    ],
+    ids=["fill-to-the-end", "fill-before-a-marker", "many-segments", "segments-to-the-end"],
+)
+def test_a_jpeg_header_is_read_in_a_bounded_walk(data: bytes, size: tuple[int, int] | None) -> None:
+    assert images.dimensions(data) == size

@@ -18,8 +18,10 @@ class Clock:
         return self.now
 
 
-def ask(limits: Limits, *, subject: str = "key:a", tokens: int = 0, usd: int = 0, stream: bool = False) -> Ask:
-    return Ask(subject, limits, tokens, usd, stream)
+def ask(
+    limits: Limits, *, subject: str = "key:a", tokens: int = 0, usd: int = 0, stream: bool = False, answer: int = 0
+) -> Ask:
+    return Ask(subject, limits, tokens, usd, stream, answer)
 
 
 async def refused(limiter: InProcessLimiter, *asks: Ask) -> LimitExceededError:
@@ -54,10 +56,50 @@ async def test_tokens_are_reserved_then_settled_to_what_was_billed() -> None:
     assert error.retry_after_s == pytest.approx(60.0), "the first entry leaves after its minute"
 
 
-async def test_a_request_larger_than_the_limit_is_told_a_minute() -> None:
+async def test_a_request_larger_than_the_limit_is_told_what_to_change_and_no_time_to_retry_in() -> None:
     limiter = InProcessLimiter(Clock())
-    error = await refused(limiter, ask(Limits(tokens_per_minute=10), tokens=11))
-    assert error.retry_after_s == 60.0 and "reserves 11" in error.description
+    tokens, budget = Limits(tokens_per_minute=500), Limits(budget_usd_per_day=0.01)
+    # Prompt 8 + 1024 for the answer: no wait would ever make room for it, on a window nothing was spent in.
+    error = await refused(limiter, ask(tokens, tokens=1032, answer=1024))
+    assert (error.kind, error.subject, error.retry_after_s) == (LimitKind.TOKENS_PER_MINUTE, "key:a", None)
+    assert "reserves 1032 tokens (8 of prompt + 1024 for the answer" in error.description
+    assert "set max_tokens to at most 492" in error.description and "retry in" not in str(error)
+    error = await refused(limiter, ask(budget, tokens=20_008, usd=20_008, answer=20_000))
+    assert (error.kind, error.retry_after_s) == (LimitKind.BUDGET_PER_DAY, None)
+    assert (
+        "alone reserves 0.020008 USD for 20008 tokens" in error.description and "lower max_tokens" in error.description
+    )
+    # Counted nowhere: the limits are whole for what does fit.
+    await limiter.reserve([ask(tokens, tokens=500), ask(budget, subject="key:b", usd=10_000)])
+
+
+@pytest.mark.parametrize(
+    ("the_ask", "remedy"),
+    [
+        (ask(Limits(tokens_per_minute=100), tokens=130, answer=10), "; shorten the prompt"),
+        (
+            ask(Limits(tokens_per_minute=100), tokens=101),
+            "(its inputs), so no retry can admit it; send fewer or shorter",
+        ),
+        (
+            ask(Limits(budget_usd_per_day=0.001), tokens=5, usd=1001),
+            "(its inputs), so no retry can admit it; send fewer",
+        ),
+    ],
+    ids=["prompt alone too long", "embedding", "embedding over budget"],
+)
+async def test_the_remedy_is_what_can_help(the_ask: Ask, remedy: str) -> None:
+    error = await refused(InProcessLimiter(Clock()), the_ask)
+    assert remedy in error.description and error.retry_after_s is None
+
+
+async def test_a_request_larger_than_the_limit_is_refused_as_such_before_what_was_spent() -> None:
+    limiter = InProcessLimiter(Clock())
+    limits = Limits(requests_per_minute=1, tokens_per_minute=100)
+    await limiter.reserve([ask(limits, tokens=10)])
+    # Requests are spent too, but waiting for them would only lead to the same refusal: the size is what to fix.
+    error = await refused(limiter, ask(limits, tokens=101))
+    assert (error.kind, error.retry_after_s) == (LimitKind.TOKENS_PER_MINUTE, None)
 
 
 async def test_stream_slots_free_when_settled() -> None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from llmrelay_server.config import CircuitConfig, Price, RetryConfig, RouterConfig
 from llmrelay_server.domain import Attempt, AttemptOutcome, BackendHealth, BackendSpec, LLMProvider, ModelNotFoundError
 from llmrelay_server.pricing import PriceTable
-from llmrelay_server.router import Backoff, CircuitBreaker, CircuitState, Router, _Chain
+from llmrelay_server.router import PROBE_WAIT_S, Backoff, CircuitBreaker, CircuitState, Router, _Chain
 
 # --- Backoff --------------------------------------------------------------------------------------------------------
 
@@ -143,9 +143,9 @@ def test_half_open_after_the_cooldown_lets_exactly_one_probe_through() -> None:
     clock.now += 30.0
 
     assert state(breaker) is CircuitState.HALF_OPEN
-    assert breaker.retry_after_s() == 0.0
     assert breaker.allow()  # the probe
     assert not breaker.allow()  # a concurrent call while the probe is out
+    assert breaker.retry_after_s() == PROBE_WAIT_S, "told to come back soon, not at once"
     assert not breaker.allow()
     clock.now += 1_000.0
     assert not breaker.allow()  # still one probe at a time, however long it takes

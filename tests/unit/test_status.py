@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 
 import grpc
@@ -326,6 +327,40 @@ def test_an_invalid_request_lists_every_field_violation() -> None:
         ("options.temperature", "must be between 0 and 2"),
     ]
     assert failure.details == "messages[0].content: must not be empty; options.temperature: must be between 0 and 2"
+
+
+def test_a_request_with_many_violations_reports_the_first_and_counts_the_rest() -> None:
+    error = InvalidRequestError([FieldViolation(f"messages[{i}].role", "must be ROLE_USER") for i in range(300)])
+
+    failure, decoded = failure_of(error)
+
+    assert decoded.bad_request is not None
+    reported = [v.field for v in decoded.bad_request.field_violations]
+    assert reported == [f"messages[{i}].role" for i in range(InvalidRequestError.MAX_REPORTED)]
+    assert failure.details.endswith(f"messages[19].role: must be ROLE_USER; ... and {300 - len(reported)} more")
+    assert dict(decoded.info.metadata) == {}
+
+
+@pytest.mark.parametrize("count", [1, 3, 300])
+@pytest.mark.parametrize(
+    ("char", "limit"), [("a", 4096), ("é", 8192), ("\U0001f600", 8192)], ids=["ascii", "2-byte", "4-byte"]
+)
+def test_long_violations_are_cut_and_the_trailers_stay_below_grpcs_limit(count: int, char: str, limit: int) -> None:
+    # gRPC refuses trailers over 8 KiB some of the time, and every time over 16 KiB.
+    violations = [FieldViolation(f"tools[{i}]." + char * 1000, char * 5000) for i in range(count)]
+
+    failure, decoded = failure_of(InvalidRequestError(violations))
+
+    assert decoded.bad_request is not None
+    first = decoded.bad_request.field_violations[0]
+    assert len(first.field) == len(first.description) == InvalidRequestError.MAX_CHARS
+    assert first.description.endswith(f"{char}...")
+    # On the wire: grpc-message percent-encodes every byte outside printable ASCII, and -bin trailers are base64.
+    message = sum(1 if 0x20 <= byte <= 0x7E and byte != 0x25 else 3 for byte in failure.details.encode())
+    (_, details_bin), *_ = failure.trailing_metadata
+    assert isinstance(details_bin, bytes)
+    assert message + len(base64.b64encode(details_bin)) < limit
+    assert failure.details.endswith("more") is (count > len(decoded.bad_request.field_violations))
 
 
 def test_retry_delays_keep_their_fraction() -> None:

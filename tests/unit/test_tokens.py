@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -538,14 +539,7 @@ def test_an_agents_next_step_encodes_only_its_new_messages(monkeypatch: pytest.M
     paragraph = "The gateway routes each request to a backend, counts its tokens and records the usage. " * 12
     history = [Message(Role.USER if i % 2 else Role.ASSISTANT, f"{i}: {paragraph}") for i in range(20)]
     counter.count_chat("gpt-4o", history)
-    encoding = counter._encoding("o200k_base")
-    real_encode, encoded = encoding.encode_ordinary, []
-
-    def recording_encode(text: str) -> list[int]:
-        encoded.append(text)
-        return real_encode(text)
-
-    monkeypatch.setattr(encoding, "encode_ordinary", recording_encode)
+    encoded = record_encodes(monkeypatch, counter)
     step = [*history, Message(Role.ASSISTANT, "sunny"), Message(Role.USER, "and tomorrow?")]
     count = counter.count_chat("gpt-4o", step)
 
@@ -564,6 +558,72 @@ def test_message_counts_are_cached_by_value_and_agree_with_uncached_counting() -
     assert cached.count_chat("gpt-4", step) == uncached.count_chat("gpt-4", step)
     edited = [*history[:1], Message(Role.USER, "what is the weather in Bergen and in Oslo?")]
     assert cached.count_chat("gpt-4o", edited) == uncached.count_chat("gpt-4o", edited) != first
+
+
+def test_a_long_message_is_encoded_once_and_the_cache_keeps_no_text_of_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    counter = TokenCounter()
+    long = Message(Role.TOOL, "21 degrees and sunny. " * 1000, tool_call_id="call_1")
+    held = sys.getrefcount(long)
+    first = counter.count_chat("gpt-4o", [long])
+    encoded = record_encodes(monkeypatch, counter)
+
+    again = counter.count_chat("gpt-4o", [replace(long, content="".join(["21 degrees and sunny. "] * 1000))])
+
+    kept = sys.getrefcount(long) - held  # outside the assert, whose rewriting holds what it reads
+    assert [text for text in encoded if text] == []
+    assert kept == 0
+    assert again == first == TokenCounter(message_cache_size=0).count_chat("gpt-4o", [long])
+    # Any change to what is counted is another entry.
+    counter.count_chat("gpt-4o", [replace(long, tool_call_id="call_2")])
+    assert "call_2" in encoded
+
+
+def test_the_cache_keeps_no_reasoning_and_no_image_bytes() -> None:
+    counter = TokenCounter()
+    reasoning, image = "".join(["Let me think. "] * 10), png(64, 64) + bytes(1000)
+    message = Message(Role.ASSISTANT, parts=(TextPart("a cat"), ImagePart(data=image)), reasoning=reasoning)
+    held = sys.getrefcount(reasoning), sys.getrefcount(image)
+
+    counter.count_chat("gpt-4o", [message])
+
+    kept = sys.getrefcount(reasoning), sys.getrefcount(image)
+    assert kept == held
+
+
+def test_a_model_name_longer_than_a_request_may_give_is_not_kept() -> None:
+    model = "gpt-4o-" + "x" * 10_000
+    held = sys.getrefcount(model)
+
+    encoding = encoding_for_model(model)
+    kept = sys.getrefcount(model) - held
+    assert encoding == ("o200k_base", True)
+    assert kept == 0
+
+
+def test_the_digest_cache_keeps_its_size_and_drops_the_least_recently_used() -> None:
+    cache = tokens._DigestCache(2)
+    a, b, c = ("o200k_base", b"a"), ("o200k_base", b"b"), ("o200k_base", b"c")
+    cache.put(a, (1, True))
+    cache.put(b, (2, True))
+    assert cache.get(a) == (1, True)  # a is now the most recently used
+
+    cache.put(c, (3, False))
+
+    assert [cache.get(key) for key in (a, b, c)] == [(1, True), None, (3, False)]
+    assert tokens._DigestCache(0).get(a) is None
+
+
+def record_encodes(monkeypatch: pytest.MonkeyPatch, counter: TokenCounter) -> list[str]:
+    """The texts o200k_base encodes for `counter` from now on."""
+    encoding = counter._encoding("o200k_base")
+    real_encode, encoded = encoding.encode_ordinary, []
+
+    def recording_encode(text: str) -> list[int]:
+        encoded.append(text)
+        return real_encode(text)
+
+    monkeypatch.setattr(encoding, "encode_ordinary", recording_encode)
+    return encoded
 
 
 # --- warm-up and counting off the event loop ----------------------------------------------------------------------
@@ -636,8 +696,11 @@ async def test_long_texts_are_counted_in_a_thread_and_short_ones_on_the_loop(
         ([Message(Role.USER, "x" * 60), Message(Role.ASSISTANT, "y" * 60)], []),
         ([Message(Role.ASSISTANT, "", tool_calls=(ToolCall("call_1", "f", '{"q": "' + "z" * 120 + '"}'),))], []),
         (COOKBOOK_CHAT[:1], [Tool("f", parameters={"type": "object", "properties": {"q": {"enum": ["w" * 120]}}})]),
+        # Bytes whose header is read (a JPEG's, segment by segment), and parts each a step to count, cost time too.
+        ([Message(Role.USER, parts=(TextPart("hi"), ImagePart(data=b"\xff\xd8" + b"\xff" * 200)))], []),
+        ([Message(Role.USER, parts=tuple(TextPart("a") for _ in range(10)))], []),
     ],
-    ids=["messages", "tool-call-arguments", "tool-schema"],
+    ids=["messages", "tool-call-arguments", "tool-schema", "image-bytes", "many-parts"],
 )
 async def test_long_chats_are_counted_in_a_thread_whatever_makes_them_long(
     monkeypatch: pytest.MonkeyPatch, counter: TokenCounter, messages: list[Message], tools: list[Tool]

@@ -309,7 +309,6 @@ def test_decode_json() -> None:
         b"",
         b"<html>502 Bad Gateway</html>",
         b'{"a": 1',
-        b"\xff\xfe\xfa",
         b"data: {}",
         # Python's own parser takes these; none is JSON, and a lone surrogate could not go out in a gRPC string.
         b'{"content": NaN}',
@@ -319,6 +318,13 @@ def test_decode_json() -> None:
 def test_decode_json_rejects_what_is_not_json(raw: bytes) -> None:
     with pytest.raises(wire.MalformedAnswerError, match="not JSON"):
         wire.decode_json(raw)
+
+
+def test_decode_json_says_which_byte_is_not_utf8() -> None:
+    with pytest.raises(wire.MalformedAnswerError, match=r"^the answer is not UTF-8 text \(byte 0 is b'\\xff'\)$"):
+        wire.decode_json(b"\xff\xfe\xfa")
+    with pytest.raises(wire.MalformedAnswerError, match=r"\(byte 30 is b'\\xe9'\)$"):
+        wire.decode_json(b'{"id": "x", "content": "a cafe\xe9"}')
 
 
 def test_decode_json_error_shows_only_a_preview() -> None:

@@ -3,9 +3,10 @@
 As the OpenAI-compatible backend does (docs/architecture.md, "The SDK configures, `wire` does the JSON"), each backend
 owns one `anthropic.AsyncAnthropic` over one HTTP connection pool: the SDK settles the URL, auth and headers, the
 completion path posts the JSON `anthropic_wire` built on the aiohttp session under the SDK's HTTP client
-(`upstream_http`), and answers are parsed by
-`anthropic_wire`. The SDK's own calls serve the paths off the hot one: token counts and the models list. Every
-failure leaves this module as an UpstreamError whose kind tells the router what to do next.
+(`upstream_http`), and answers are parsed by `anthropic_wire`. Token counts are posted the same way (`wire.encode`),
+so that the caller's JSON texts, tool schemas and tool-call arguments, reach the API as written; the SDK's own call
+serves the models list. Every failure leaves this module as an UpstreamError whose kind tells the router what to do
+next.
 """
 
 from __future__ import annotations
@@ -85,7 +86,9 @@ class AnthropicProvider:
         # Prepared once, as the SDK would merge them on every request: the HTTP client's headers, then the SDK's
         # (API version, user agent, platform) and its auth.
         headers = prepared_headers(self._http.headers, self._client.default_headers, self._client.auth_headers)
-        self._messages = Endpoint(self._pool, f"{str(self._client.base_url).rstrip('/')}/v1/messages", headers, _ERRORS)
+        messages_url = f"{str(self._client.base_url).rstrip('/')}/v1/messages"
+        self._messages = Endpoint(self._pool, messages_url, headers, _ERRORS)
+        self._count = Endpoint(self._pool, f"{messages_url}/count_tokens", headers, _ERRORS)
         self._adaptive_thinking: frozenset[str] = frozenset()
         """The models that take reasoning as adaptive thinking and no budget, as the last probe's list said."""
 
@@ -166,12 +169,12 @@ class AnthropicProvider:
         when it cannot say."""
         try:
             body = anthropic_wire.prompt_body(model, messages, tools)
-            counted = await self._client.messages.count_tokens(**body, timeout=HEALTH_TIMEOUT_S)
-            tokens = getattr(counted, "input_tokens", None)  # the SDK does not validate answers: checked below
-        except (anthropic.APIError, anthropic_wire.UnmappableRequestError) as exc:
+            counted = wire.decode_json(await post_read(self._count, wire.encode(body), HEALTH_TIMEOUT_S))
+        except (anthropic.APIError, anthropic_wire.UnmappableRequestError, wire.MalformedAnswerError) as exc:
             reason = self._upstream_error(exc).message if isinstance(exc, anthropic.APIError) else str(exc)
             log.warning("backend %s could not count tokens (%s); estimating instead", self._spec.name, reason)
             return None
+        tokens = counted.get("input_tokens") if isinstance(counted, dict) else None
         if not wire._count(tokens):
             log.warning("backend %s counted %r tokens; estimating instead", self._spec.name, tokens)
             return None

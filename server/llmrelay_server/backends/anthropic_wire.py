@@ -21,6 +21,7 @@ from llmrelay_server.domain import (
     JsonText,
     Message,
     NamedToolChoice,
+    NotFiniteError,
     ReasoningEffort,
     Role,
     TextPart,
@@ -28,6 +29,7 @@ from llmrelay_server.domain import (
     Tool,
     ToolCall,
     ToolCallDelta,
+    read_json,
 )
 
 MIN_THINKING_BUDGET: Final = 1024
@@ -117,7 +119,8 @@ def request_body(
 
 
 def prompt_body(model: str, messages: Sequence[Message], tools: Sequence[Tool]) -> dict[str, Any]:
-    """What makes the prompt: model, system, messages and tools; also the body of /v1/messages/count_tokens."""
+    """What makes the prompt: model, system, messages and tools; also the body of /v1/messages/count_tokens. The
+    caller's JSON texts in it are JsonTexts, for `wire.encode` to write as they came."""
     system: list[dict[str, Any]] = []
     turns: list[dict[str, Any]] = []
     for index, message in enumerate(messages):
@@ -138,6 +141,9 @@ def prompt_body(model: str, messages: Sequence[Message], tools: Sequence[Tool]) 
             turns[-1]["content"].extend(blocks)
         else:
             turns.append({"role": role, "content": blocks})
+    if not turns:
+        # The API answers 400 to a request without turns; the OpenAI format takes system messages alone.
+        raise UnmappableRequestError("messages: Anthropic needs a user or assistant message beside the system ones")
     body: dict[str, Any] = {"model": model, "messages": turns}
     if system:
         body["system"] = system
@@ -180,16 +186,22 @@ def _assistant_blocks(message: Message, where: str) -> list[dict[str, Any]]:
     return blocks
 
 
-def _arguments(text: str, where: str) -> Any:
+def _arguments(text: str, where: str) -> JsonText | dict[str, Any]:
+    """A tool call's arguments as a tool_use block's `input`: the caller's text, sent as written (`wire.encode`), once
+    read to be a JSON object that any JSON reader takes as the caller means it."""
     if not text.strip():
         return {}  # a call with no arguments, as some models write it
     try:
-        value = json.loads(text)
+        value = read_json(text)
+    except NotFiniteError as exc:
+        raise UnmappableRequestError(f"{where}: {exc}") from exc
     except ValueError:
         value = None
+    except RecursionError as exc:
+        raise UnmappableRequestError(f"{where}: nested too deeply for the gateway to read") from exc
     if not isinstance(value, dict):
         raise UnmappableRequestError(f"{where}: Anthropic takes a tool call's arguments only as a JSON object")
-    return value
+    return JsonText(text)
 
 
 def _tool_result(message: Message) -> dict[str, Any]:
@@ -208,11 +220,11 @@ def _tool(tool: Tool) -> dict[str, Any]:
     return item
 
 
-def _schema(schema: Mapping[str, Any] | JsonText | None) -> Any:
+def _schema(schema: Mapping[str, Any] | JsonText | None) -> Mapping[str, Any] | JsonText:
     if schema is None:
         return {"type": "object"}  # a function without parameters; the API requires a schema
-    if isinstance(schema, JsonText):
-        return json.loads(schema.text)  # checked to be an object where it came in; integers stay integers
+    # A JsonText, checked to be an object where it came in, is sent as written (`wire.encode`), as OpenAI's path sends
+    # it: however large its integers and deep its nesting.
     return schema
 
 

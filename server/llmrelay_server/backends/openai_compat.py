@@ -52,6 +52,7 @@ from llmrelay_server.domain import (
 from llmrelay_server.tokens import TokenCounter
 
 log = logging.getLogger(__name__)
+_CONNECTION_FAILURES = frozenset({UpstreamErrorKind.TIMEOUT, UpstreamErrorKind.UNREACHABLE})
 
 
 class OpenAICompatibleProvider:
@@ -164,6 +165,10 @@ class OpenAICompatibleProvider:
             raise self._upstream_error(exc) from exc
         except wire.MalformedAnswerError as exc:
             raise self._bad_answer(str(exc)) from exc
+        except UpstreamError as exc:
+            # The connection broke after the finish reason, before the usage or [DONE]: the answer is whole.
+            if finish is None or exc.kind not in _CONNECTION_FAILURES:
+                raise
         # Without [DONE] the answer is still whole when a finish reason came (some servers end there); without a
         # finish reason it is a cut stream, whatever else arrived.
         if finish is None:

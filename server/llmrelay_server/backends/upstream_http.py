@@ -42,8 +42,12 @@ _SECRET_LIKE = re.compile(r"\b(sk|key|token)-[A-Za-z0-9_\-]{6,}")
 _LINE_END = re.compile(r"\r\n|\r|\n")
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 _NO_READ_TIMEOUT = aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT_S)
-_AIOHTTP_ERRORS: tuple[type[Exception], ...] = tuple(AIOHTTP_EXC_MAP)
-"""The aiohttp failures the SDK's transport turns into httpx2's."""
+_AIOHTTP_ERRORS = (aiohttp.ClientError,)
+"""aiohttp's failures: the SDK's transport turns most into httpx2's (AIOHTTP_EXC_MAP); `_raise_as_httpx` the rest."""
+_MAPPED_ERRORS = tuple(AIOHTTP_EXC_MAP)
+MAX_RETRY_AFTER_S = 86_400.0
+"""The longest wait an upstream's Retry-After is taken at: beyond a day it says no more than "not soon" (and a
+RetryInfo holds at most about 10,000 years)."""
 
 
 class SDKErrors(NamedTuple):
@@ -203,6 +207,16 @@ def _raise_sdk_error(endpoint: Endpoint, error: Exception) -> NoReturn:
 
 
 def _raise_as_httpx(error: Exception) -> NoReturn:
+    """aiohttp's failure as httpx2's, as the SDK's transport maps it. An answer that is not HTTP (a bad status line,
+    header or chunk, which aiohttp reports as a ClientResponseError and the map leaves out) is a MalformedAnswerError:
+    the upstream is up but answers garbage, so the router moves on to the next backend. Anything else the map leaves
+    out is a lost connection, as the SDK itself reports a transport's unknown failure."""
+    if isinstance(error, aiohttp.ClientResponseError) and not isinstance(error, aiohttp.ClientHttpProxyError):
+        # llhttp's message spans lines, with a caret under the fault: one line of it is enough here.
+        said = " ".join(line.strip() for line in error.message.splitlines() if line.strip() not in ("", "^"))
+        raise MalformedAnswerError(f"not an HTTP answer: {said[:200]}") from error
+    if not isinstance(error, _MAPPED_ERRORS):
+        raise httpx2.ReadError(f"{type(error).__name__}: {error}"[:200]) from error
     with map_aiohttp_exceptions():
         raise error
 
@@ -371,7 +385,7 @@ def retry_after_s(headers: httpx2.Headers) -> float | None:
             continue
         seconds = _seconds_or_date(value) if header == "retry-after" else _number(value)
         if seconds is not None:
-            return max(0.0, seconds * scale)
+            return min(max(0.0, seconds * scale), MAX_RETRY_AFTER_S)
     return None
 
 

@@ -182,8 +182,16 @@ def decode_json(raw: bytes | str) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if isinstance(raw, bytes):
+            try:
+                raw.decode()
+            except UnicodeDecodeError as bad:  # which orjson reports as JSON it cannot read at character 0
+                byte = raw[bad.start : bad.start + 1]
+                raise MalformedAnswerError(f"the answer is not UTF-8 text (byte {bad.start} is {byte!r})") from exc
         preview = raw[:80] if isinstance(raw, str) else raw[:80].decode("utf-8", "replace")
-        raise MalformedAnswerError(f"the answer is not JSON (it starts with {preview!r})") from exc
+        raise MalformedAnswerError(
+            f"the answer is not JSON: {exc.msg} at character {exc.pos} (it starts with {preview!r})"
+        ) from exc
 
 
 def finish_reason(value: Any) -> FinishReason:

@@ -10,7 +10,15 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from llmrelay_server.domain import LimitKind, StoreHealth, StoreRole
-from llmrelay_server.limits.interface import STREAM_RETRY_S, WINDOW_S, Ask, Reservation, budget_usd_micros, refusal
+from llmrelay_server.limits.interface import (
+    STREAM_RETRY_S,
+    WINDOW_S,
+    Ask,
+    Reservation,
+    budget_usd_micros,
+    refusal,
+    refuse_oversized,
+)
 
 
 @dataclass(slots=True)
@@ -50,6 +58,7 @@ class InProcessLimiter:
         """Nothing to open: the state is this object's."""
 
     async def reserve(self, asks: Sequence[Ask]) -> Reservation:
+        refuse_oversized(asks)
         now = self._clock()
         day = _utc_day(now)
         windows = [self._windows.setdefault(ask.subject, _Window()) for ask in asks]
@@ -100,13 +109,13 @@ def _check(ask: Ask, window: _Window, now: float, day: int) -> None:
 
 
 def _tokens_free_in(window: _Window, wanted: int, limit: int, now: float) -> float:
-    """How long until the tokens of the last minute leave room for `wanted`; a minute if they never will."""
-    used = window.token_sum
-    for at, tokens in window.tokens:
+    """How long until the tokens of the last minute leave room for `wanted`: at the latest when the last of them
+    leaves, as `wanted` is at most `limit` (refuse_oversized turned larger asks away)."""
+    used, leaving, at = window.token_sum, iter(window.tokens), now - WINDOW_S
+    while used + wanted > limit:
+        at, tokens = next(leaving)
         used -= tokens
-        if used + wanted <= limit:
-            return max(0.0, at + WINDOW_S - now)
-    return WINDOW_S
+    return max(0.0, at + WINDOW_S - now)
 
 
 def _utc_day(moment: float) -> int:

@@ -6,6 +6,7 @@ prompt, so it counts against requests and tokens per minute and spends the daily
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -88,8 +89,10 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
             reservation = await self._admit(request, subjects, context, "StreamComplete", stream=True)
             meter = open_meter()
             try:
-                async for answer in behavior(request, context):
-                    yield answer
+                # Closed, it closes the stream first, so that it settles with what the stream billed as it ended.
+                async with contextlib.aclosing(behavior(request, context)) as answers:
+                    async for answer in answers:
+                        yield answer
             finally:
                 await self._limiter.settle(reservation, meter.tokens, meter.usd_micros)
 
@@ -104,30 +107,31 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         *,
         stream: bool,
     ) -> Reservation:
-        tokens = usd_micros = 0
+        tokens = answer_tokens = usd_micros = 0
         if any(limits.tokens_per_minute is not None or limits.budget_usd_per_day is not None for _, limits in subjects):
             if isinstance(request, pb.EmbedRequest):
                 tokens, usd_micros = await self._estimate_embedding(request)
             else:
-                tokens, usd_micros = await self._estimate(request)
-        asks = [Ask(subject, limits, tokens, usd_micros, stream) for subject, limits in subjects]
+                tokens, answer_tokens, usd_micros = await self._estimate(request)
+        asks = [Ask(subject, limits, tokens, usd_micros, stream, answer_tokens) for subject, limits in subjects]
         try:
             return await self._limiter.reserve(asks)
         except (LimitExceededError, LimitsUnavailableError) as error:
             await abort(context, rpc, error)
 
-    async def _estimate(self, request: pb.CompleteRequest | pb.StreamCompleteRequest) -> tuple[int, int]:
-        """The tokens and cost to reserve: the prompt as counted offline, and the most the answer may take."""
+    async def _estimate(self, request: pb.CompleteRequest | pb.StreamCompleteRequest) -> tuple[int, int, int]:
+        """The tokens to reserve (the prompt as counted offline, and the most the answer may take), those of them for
+        the answer, and their cost."""
         try:
             # Under the servicer's own bound, so that the servicer takes this parse and does not repeat it.
             parsed = convert.completion_request(request, max_image_bytes=self._max_image_bytes)
         except InvalidRequestError:
-            return 0, 0  # the servicer refuses it before any upstream is asked
+            return 0, 0, 0  # the servicer refuses it before any upstream is asked
         completion = parsed.options.max_tokens or self._reserve_completion_tokens
         prompt = (
             await self._counter.count_chat_async(parsed.model or "", parsed.messages, parsed.options.tools)
         ).tokens
-        return prompt + completion, self._estimate_usd_micros(parsed.model, prompt, completion)
+        return prompt + completion, completion, self._estimate_usd_micros(parsed.model, prompt, completion)
 
     async def _estimate_embedding(self, request: pb.EmbedRequest) -> tuple[int, int]:
         """The tokens and cost to reserve: the inputs as counted offline (an embedding answers with no tokens)."""

@@ -26,6 +26,9 @@ class Ask:
     tokens: int
     usd_micros: int
     stream: bool
+    answer_tokens: int = 0
+    """Of `tokens`, those reserved for the answer (the request's max_tokens, or server.reserve_completion_tokens);
+    the rest are the prompt's. 0 for an embedding, which answers with no tokens."""
 
 
 @dataclass(slots=True)
@@ -64,6 +67,50 @@ def budget_usd_micros(limits: Limits) -> int | None:
     """The daily budget in micro-USD, the integer unit spend is counted in."""
     budget = limits.budget_usd_per_day
     return None if budget is None else round(budget * 1_000_000)
+
+
+def refuse_oversized(asks: Sequence[Ask]) -> None:
+    """Raises the refusal of the first ask that alone reserves more tokens per minute or more of the daily budget
+    than its limit allows. Such a call could never be admitted, whatever was spent and however long it waited, so it
+    is refused before (and apart from) the count: with what to change in it, and no time to retry in."""
+    for ask in asks:
+        tokens_per_minute = ask.limits.tokens_per_minute
+        if tokens_per_minute is not None and ask.tokens > tokens_per_minute:
+            description = (
+                f"{tokens_per_minute} tokens per minute, and this request alone reserves {ask.tokens} tokens"
+                f" ({_breakdown(ask)}), so no retry can admit it; {_remedy(ask, tokens_per_minute)}"
+            )
+            raise LimitExceededError(LimitKind.TOKENS_PER_MINUTE, ask.subject, description, None)
+        budget = budget_usd_micros(ask.limits)
+        if budget is not None and ask.usd_micros > budget:
+            description = (
+                f"a budget of {ask.limits.budget_usd_per_day:g} USD per day (UTC), and this request alone reserves"
+                f" {ask.usd_micros / 1_000_000:g} USD for {ask.tokens} tokens ({_breakdown(ask)}), so no retry can"
+                f" admit it; {_remedy(ask, None)}"
+            )
+            raise LimitExceededError(LimitKind.BUDGET_PER_DAY, ask.subject, description, None)
+
+
+def _breakdown(ask: Ask) -> str:
+    """What the reserved tokens are made of."""
+    if not ask.answer_tokens:
+        return "its inputs"
+    return (
+        f"{ask.tokens - ask.answer_tokens} of prompt + {ask.answer_tokens} for the answer: its max_tokens, or the"
+        " gateway's reserve_completion_tokens when it sets none"
+    )
+
+
+def _remedy(ask: Ask, tokens_per_minute: int | None) -> str:
+    """What to change in the request for it to fit: with a tokens-per-minute limit, the largest max_tokens that does."""
+    if not ask.answer_tokens:
+        return "send fewer or shorter inputs"
+    prompt = ask.tokens - ask.answer_tokens
+    if tokens_per_minute is None:
+        return "set a lower max_tokens, or shorten the prompt"
+    if prompt >= tokens_per_minute:
+        return "shorten the prompt"
+    return f"set max_tokens to at most {tokens_per_minute - prompt}, or shorten the prompt"
 
 
 def refusal(kind: LimitKind, ask: Ask, retry_after_s: float) -> LimitExceededError:

@@ -46,7 +46,14 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from llmrelay_server.domain import LimitKind, LimitsUnavailableError, StoreHealth, StoreRole
-from llmrelay_server.limits.interface import STREAM_RETRY_S, Ask, Reservation, budget_usd_micros, refusal
+from llmrelay_server.limits.interface import (
+    STREAM_RETRY_S,
+    Ask,
+    Reservation,
+    budget_usd_micros,
+    refusal,
+    refuse_oversized,
+)
 
 KEY_PREFIX: Final = "llmrelay:limits:"
 STREAM_LEASE_S: Final = 15.0
@@ -112,13 +119,17 @@ local function window(key)
   return buckets, sum
 end
 
--- Ms until enough buckets have left (61 s after their second began) for `wanted` to fit; a minute if it never will.
+-- Ms until enough buckets have left (61 s after their second began) for `wanted` to fit: at the latest when the
+-- last has left, as `wanted` is at most `most` (the gateway refuses a call larger than a limit before it asks).
+-- Asked only when the buckets fill the room now, so there is one to wait for.
 local function free_in(buckets, sum, wanted, most)
+  local at
   for _, bucket in ipairs(buckets) do
+    at = bucket[1]
     sum = sum - bucket[2]
-    if sum + wanted <= most then return math.max(0, math.ceil((bucket[1] + 61 - now) * 1000)) end
+    if sum + wanted <= most then break end
   end
-  return 60000
+  return math.max(0, math.ceil((at + 61 - now) * 1000))
 end
 
 local subjects = #KEYS / 4
@@ -283,6 +294,8 @@ class RedisLimiter:
             log.info("limits: shared through Redis at %s", self._where)
 
     async def reserve(self, asks: Sequence[Ask]) -> Reservation:
+        # Before Redis is asked: a call larger than a limit is refused alike whether Redis is reachable or not.
+        refuse_oversized(asks)
         if not self._available:
             return self._uncounted(asks)
         stream_keys = tuple(

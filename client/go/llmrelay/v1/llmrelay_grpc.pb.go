@@ -14,7 +14,8 @@
 //   (llmrelay_grpc_service_config.json) retries UNAVAILABLE only; a failed call, and a stream that failed before
 //   its first message, end with no response headers (trailers only), so the channel may replay them. A stream that
 //   has delivered a message is never replayed (and fails with ABORTED).
-// - BadRequest for an invalid request (INVALID_REQUEST): one field violation per wrong field.
+// - BadRequest for an invalid request (INVALID_REQUEST): one field violation per wrong field, the first 20 at most
+//   (fewer where their text is long: the trailer stays a few KiB); the status message says how many more there are.
 // - QuotaFailure for a caller's or the gateway's limit (the <LIMIT>_EXCEEDED reasons): whose limit, and which.
 // - AttemptHistory (this package's, last) for every failed call that reached the backends: each attempt, as
 //   CompleteResponse.attempts lists them on success. ErrorInfo's metadata "attempts" says the same as

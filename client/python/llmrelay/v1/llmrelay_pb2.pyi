@@ -17,7 +17,8 @@ google.rpc.Status (AIP-193, in the `grpc-status-details-bin` trailer; grpcio-sta
   (llmrelay_grpc_service_config.json) retries UNAVAILABLE only; a failed call, and a stream that failed before
   its first message, end with no response headers (trailers only), so the channel may replay them. A stream that
   has delivered a message is never replayed (and fails with ABORTED).
-- BadRequest for an invalid request (INVALID_REQUEST): one field violation per wrong field.
+- BadRequest for an invalid request (INVALID_REQUEST): one field violation per wrong field, the first 20 at most
+  (fewer where their text is long: the trailer stays a few KiB); the status message says how many more there are.
 - QuotaFailure for a caller's or the gateway's limit (the <LIMIT>_EXCEEDED reasons): whose limit, and which.
 - AttemptHistory (this package's, last) for every failed call that reached the backends: each attempt, as
   CompleteResponse.attempts lists them on success. ErrorInfo's metadata "attempts" says the same as
@@ -371,7 +372,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_TOKENS_PER_MINUTE_EXCEEDED: _ErrorReason.ValueType  # 17
     """RESOURCE_EXHAUSTED: the tokens-per-minute limit (prompt plus completion, reserved at admission); metadata
-    `subject`; QuotaFailure; RetryInfo (and pushback): when the request's tokens fit again.
+    `subject`; QuotaFailure; RetryInfo (and pushback): when the request's tokens fit again. A request that alone
+    reserves more than the limit (its prompt plus max_tokens, or the gateway's reserve_completion_tokens when it
+    sets none) can never fit: it gets no RetryInfo, and the QuotaFailure says what it reserves and what to lower.
     """
     ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED: _ErrorReason.ValueType  # 18
     """RESOURCE_EXHAUSTED: the limit of streams open at once; metadata `subject`; QuotaFailure; RetryInfo (and
@@ -379,7 +382,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_BUDGET_EXCEEDED: _ErrorReason.ValueType  # 19
     """RESOURCE_EXHAUSTED: the spend budget of the day (UTC); metadata `subject`; QuotaFailure; RetryInfo (and
-    pushback): when the day ends.
+    pushback): when the day ends. A request whose reservation alone costs more than the whole budget can never
+    fit: it gets no RetryInfo, and the QuotaFailure says what it reserves and what to lower.
     """
     ERROR_REASON_LIMITS_UNAVAILABLE: _ErrorReason.ValueType  # 20
     """UNAVAILABLE: the store the gateways share their limits in (state.redis_url) cannot be reached, and the gateway
@@ -467,7 +471,9 @@ QuotaFailure (the subject and the limit in words); RetryInfo (and pushback): whe
 """
 ERROR_REASON_TOKENS_PER_MINUTE_EXCEEDED: ErrorReason.ValueType  # 17
 """RESOURCE_EXHAUSTED: the tokens-per-minute limit (prompt plus completion, reserved at admission); metadata
-`subject`; QuotaFailure; RetryInfo (and pushback): when the request's tokens fit again.
+`subject`; QuotaFailure; RetryInfo (and pushback): when the request's tokens fit again. A request that alone
+reserves more than the limit (its prompt plus max_tokens, or the gateway's reserve_completion_tokens when it
+sets none) can never fit: it gets no RetryInfo, and the QuotaFailure says what it reserves and what to lower.
 """
 ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED: ErrorReason.ValueType  # 18
 """RESOURCE_EXHAUSTED: the limit of streams open at once; metadata `subject`; QuotaFailure; RetryInfo (and
@@ -475,7 +481,8 @@ pushback).
 """
 ERROR_REASON_BUDGET_EXCEEDED: ErrorReason.ValueType  # 19
 """RESOURCE_EXHAUSTED: the spend budget of the day (UTC); metadata `subject`; QuotaFailure; RetryInfo (and
-pushback): when the day ends.
+pushback): when the day ends. A request whose reservation alone costs more than the whole budget can never
+fit: it gets no RetryInfo, and the QuotaFailure says what it reserves and what to lower.
 """
 ERROR_REASON_LIMITS_UNAVAILABLE: ErrorReason.ValueType  # 20
 """UNAVAILABLE: the store the gateways share their limits in (state.redis_url) cannot be reached, and the gateway
@@ -1808,11 +1815,16 @@ class GetUsageRequest(_message.Message):
     """Only this caller."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """Only usage at or after this time."""
+        """Only usage at or after this time. Usage is kept by the minute (UTC), and a window takes the minutes whose start
+        lies in [start_time, end_time): a call at 10:00:20 is in the minute 10:00:00, so it counts in a window from
+        10:00:00 but not in one from 10:00:10.
+        """
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """Only usage before this time."""
+        """Only usage before this time, by the minute as for start_time: the call at 10:00:20 counts in a window to 10:00:01
+        but not in one to 10:00:00.
+        """
 
     def __init__(
         self,

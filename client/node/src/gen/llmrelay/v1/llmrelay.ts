@@ -45,7 +45,8 @@ export const protobufFileName = "llmrelay/v1/llmrelay.proto";
  *   (llmrelay_grpc_service_config.json) retries UNAVAILABLE only; a failed call, and a stream that failed before
  *   its first message, end with no response headers (trailers only), so the channel may replay them. A stream that
  *   has delivered a message is never replayed (and fails with ABORTED).
- * - BadRequest for an invalid request (INVALID_REQUEST): one field violation per wrong field.
+ * - BadRequest for an invalid request (INVALID_REQUEST): one field violation per wrong field, the first 20 at most
+ *   (fewer where their text is long: the trailer stays a few KiB); the status message says how many more there are.
  * - QuotaFailure for a caller's or the gateway's limit (the <LIMIT>_EXCEEDED reasons): whose limit, and which.
  * - AttemptHistory (this package's, last) for every failed call that reached the backends: each attempt, as
  *   CompleteResponse.attempts lists them on success. ErrorInfo's metadata "attempts" says the same as
@@ -580,7 +581,9 @@ export enum ErrorReason {
   ERROR_REASON_REQUESTS_PER_MINUTE_EXCEEDED = 16,
   /**
    * ERROR_REASON_TOKENS_PER_MINUTE_EXCEEDED - RESOURCE_EXHAUSTED: the tokens-per-minute limit (prompt plus completion, reserved at admission); metadata
-   * `subject`; QuotaFailure; RetryInfo (and pushback): when the request's tokens fit again.
+   * `subject`; QuotaFailure; RetryInfo (and pushback): when the request's tokens fit again. A request that alone
+   * reserves more than the limit (its prompt plus max_tokens, or the gateway's reserve_completion_tokens when it
+   * sets none) can never fit: it gets no RetryInfo, and the QuotaFailure says what it reserves and what to lower.
    */
   ERROR_REASON_TOKENS_PER_MINUTE_EXCEEDED = 17,
   /**
@@ -590,7 +593,8 @@ export enum ErrorReason {
   ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED = 18,
   /**
    * ERROR_REASON_BUDGET_EXCEEDED - RESOURCE_EXHAUSTED: the spend budget of the day (UTC); metadata `subject`; QuotaFailure; RetryInfo (and
-   * pushback): when the day ends.
+   * pushback): when the day ends. A request whose reservation alone costs more than the whole budget can never
+   * fit: it gets no RetryInfo, and the QuotaFailure says what it reserves and what to lower.
    */
   ERROR_REASON_BUDGET_EXCEEDED = 19,
   /**
@@ -1380,11 +1384,18 @@ export interface GetUsageRequest {
   caller?:
     | string
     | undefined;
-  /** Only usage at or after this time. */
+  /**
+   * Only usage at or after this time. Usage is kept by the minute (UTC), and a window takes the minutes whose start
+   * lies in [start_time, end_time): a call at 10:00:20 is in the minute 10:00:00, so it counts in a window from
+   * 10:00:00 but not in one from 10:00:10.
+   */
   startTime:
     | Date
     | undefined;
-  /** Only usage before this time. */
+  /**
+   * Only usage before this time, by the minute as for start_time: the call at 10:00:20 counts in a window to 10:00:01
+   * but not in one to 10:00:00.
+   */
   endTime: Date | undefined;
 }
 

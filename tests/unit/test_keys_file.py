@@ -1,0 +1,56 @@
+"""Reading a keys file: what counts as a file of keys, what as a broken one, and what its errors advise."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from llmrelay_server.config import ConfigError, load_keys_file
+
+ENTRY = f'{{name: research, sha256: "{hashlib.sha256(b"llmr-research-key").hexdigest()}"}}'
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", "empty"),  # a file saved in place, read between its truncation and its writing
+        ("  \n\n", "empty"),
+        ("# every key revoked\n", "empty"),
+        ("keys:\n", "keys: expected a list"),
+        ("- " + ENTRY + "\n", "the top level must be a mapping with `keys:`"),
+        ("{}\n", "the top level must be a mapping with `keys:`"),
+        ("kei", "the top level must be a mapping with `keys:`"),  # cut short while written
+        ("keys: [" + ENTRY[:20], "not valid YAML"),
+    ],
+    ids=["empty", "blank", "comments", "keys without a list", "a bare list", "no keys field", "cut short", "cut YAML"],
+)
+def test_a_file_that_does_not_say_keys_is_broken(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_keys_file(path)
+    assert str(caught.value).startswith(f"keys file {path}: ") and expected in str(caught.value)
+
+
+def test_an_empty_file_says_how_to_admit_nobody(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text("")
+    with pytest.raises(ConfigError, match=r"`keys: \[\]` to admit nobody"):
+        load_keys_file(path)
+    path.write_text("keys: []\n")
+    assert load_keys_file(path) == ()
+
+
+def test_the_keys_of_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"# the research agents\nkeys:\n  - {ENTRY}\n")
+    assert [key.name for key in load_keys_file(path)] == ["research"]
+
+
+def test_a_missing_file_points_at_the_setting_that_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_keys_file(tmp_path / "absent.yaml")
+    message = str(caught.value)
+    assert "cannot be read" in message and "auth.keys_file (or LLMRELAY_KEYS_FILE)" in message
+    assert "--config" not in message
