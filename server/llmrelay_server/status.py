@@ -118,7 +118,8 @@ def rpc_failure(error: LLMRelayError, time_remaining_s: float | None = None) -> 
 
     `time_remaining_s` is what is left of the call's deadline (None: it has none). A retry delay that outlasts it gets
     a pushback of -1, which tells a client channel not to retry (gRFC A6): waiting it out would turn an answer that
-    says when to come back (a circuit open for 30 s) into a bare DEADLINE_EXCEEDED."""
+    says when to come back (a circuit open for 30 s) into a bare DEADLINE_EXCEEDED. So does an UNAVAILABLE without a
+    RetryInfo (every backend answered garbage): the SDKs' channels retry UNAVAILABLE, and would meet the same answer."""
     code, reason, metadata, extra = _classify(error)
     attempts = _routed_attempts(error)
     if attempts is not None:
@@ -134,6 +135,8 @@ def rpc_failure(error: LLMRelayError, time_remaining_s: float | None = None) -> 
         if time_remaining_s is not None and pushback_ms >= time_remaining_s * 1000:
             pushback_ms = -1
         trailers += ((PUSHBACK_KEY, str(pushback_ms)),)
+    elif code is grpc.StatusCode.UNAVAILABLE:
+        trailers += ((PUSHBACK_KEY, "-1"),)
     return Failure(code, str(error), trailers)
 
 

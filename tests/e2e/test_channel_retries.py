@@ -126,6 +126,26 @@ async def test_a_stream_that_delivered_a_message_is_never_replayed(
     assert len(primary.chat_requests) == 1
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["Complete", "StreamComplete"])
+async def test_a_bad_response_is_not_retried_by_the_channel(
+    retrying_channel: Callable[[str], grpc.aio.Channel], primary: FakeUpstream, streaming: bool
+) -> None:
+    stub = pb.LLMServiceStub(retrying_channel(SERVICE_CONFIG_JSON))
+    primary.inject(*[{"body": "<html>502 Bad Gateway</html>", "content_type": "text/html"}] * 3)
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        if streaming:  # the primary alone: the default chain's Ollama, unreachable here, would be another cause
+            await read_all(stub.StreamComplete(stream_chat("hello retries", exact_model=True), timeout=20))
+        else:
+            await stub.Complete(chat("hello retries", exact_model=True), timeout=20)
+
+    # UNAVAILABLE, which the policy retries, but without a RetryInfo: the same request would meet the same answer.
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert details(caught.value)["ErrorInfo"].reason == "UPSTREAM_BAD_RESPONSE", caught.value.details()
+    assert dict(caught.value.trailing_metadata() or ())["grpc-retry-pushback-ms"] == "-1"
+    assert len(primary.chat_requests) == 1
+
+
 async def test_a_pushback_longer_than_the_deadline_gives_the_caller_the_failure_not_a_timeout(
     retrying_channel: Callable[[str], grpc.aio.Channel], primary: FakeUpstream
 ) -> None:

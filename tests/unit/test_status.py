@@ -67,8 +67,11 @@ def decode(failure: grpc.Status) -> Decoded:
     assert types[0] == "google.rpc.ErrorInfo", "ErrorInfo comes first"
     assert decoded.attempt_history is None or types[-1] == "llmrelay.v1.AttemptHistory", "AttemptHistory comes last"
     assert decoded.error_info is not None
-    # The pushback goes with RetryInfo, and only with it.
-    assert (pushback is None) == (decoded.retry_delay_s is None), (pushback, decoded.retry_delay_s)
+    # The pushback goes with RetryInfo; an UNAVAILABLE without one gets -1, so that no channel retries it.
+    if failure.code is grpc.StatusCode.UNAVAILABLE and decoded.retry_delay_s is None:
+        assert pushback == "-1"
+    else:
+        assert (pushback is None) == (decoded.retry_delay_s is None), (pushback, decoded.retry_delay_s)
     # The typed attempts and the metadata string say the same, and come together.
     assert (decoded.attempt_history is None) == ("attempts" not in decoded.metadata)
     if decoded.attempt_history is not None:

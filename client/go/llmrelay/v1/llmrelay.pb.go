@@ -531,7 +531,7 @@ const (
 	ErrorReason_ERROR_REASON_DEADLINE_EXCEEDED ErrorReason = 7
 	// UNAVAILABLE, routed: every backend tried answered with something that is not a valid completion; metadata
 	// `backend`, `upstream_status` (when it had one), `attempts`; AttemptHistory. No RetryInfo: the same request is
-	// likely to meet the same answer.
+	// likely to meet the same answer; a pushback of -1, so that a channel whose policy retries UNAVAILABLE does not.
 	ErrorReason_ERROR_REASON_UPSTREAM_BAD_RESPONSE ErrorReason = 8
 	// ABORTED, routed: a stream failed after it had started; the part already sent is not a complete answer;
 	// metadata `backend` (whose stream broke), `upstream_status` (when it had one), `attempts`; AttemptHistory.

@@ -337,7 +337,7 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_UPSTREAM_BAD_RESPONSE: _ErrorReason.ValueType  # 8
     """UNAVAILABLE, routed: every backend tried answered with something that is not a valid completion; metadata
     `backend`, `upstream_status` (when it had one), `attempts`; AttemptHistory. No RetryInfo: the same request is
-    likely to meet the same answer.
+    likely to meet the same answer; a pushback of -1, so that a channel whose policy retries UNAVAILABLE does not.
     """
     ERROR_REASON_STREAM_INTERRUPTED: _ErrorReason.ValueType  # 9
     """ABORTED, routed: a stream failed after it had started; the part already sent is not a complete answer;
@@ -436,7 +436,7 @@ little before it, so that this status, with the attempts, arrives); metadata `at
 ERROR_REASON_UPSTREAM_BAD_RESPONSE: ErrorReason.ValueType  # 8
 """UNAVAILABLE, routed: every backend tried answered with something that is not a valid completion; metadata
 `backend`, `upstream_status` (when it had one), `attempts`; AttemptHistory. No RetryInfo: the same request is
-likely to meet the same answer.
+likely to meet the same answer; a pushback of -1, so that a channel whose policy retries UNAVAILABLE does not.
 """
 ERROR_REASON_STREAM_INTERRUPTED: ErrorReason.ValueType  # 9
 """ABORTED, routed: a stream failed after it had started; the part already sent is not a complete answer;

@@ -538,7 +538,7 @@ export enum ErrorReason {
   /**
    * ERROR_REASON_UPSTREAM_BAD_RESPONSE - UNAVAILABLE, routed: every backend tried answered with something that is not a valid completion; metadata
    * `backend`, `upstream_status` (when it had one), `attempts`; AttemptHistory. No RetryInfo: the same request is
-   * likely to meet the same answer.
+   * likely to meet the same answer; a pushback of -1, so that a channel whose policy retries UNAVAILABLE does not.
    */
   ERROR_REASON_UPSTREAM_BAD_RESPONSE = 8,
   /**
