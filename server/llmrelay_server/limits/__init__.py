@@ -5,8 +5,9 @@ limit that applies, at once or not at all (`Limiter.reserve`, the one atomic che
 with RESOURCE_EXHAUSTED naming the limit (ErrorInfo, QuotaFailure, RetryInfo) when one would be passed; a call
 that alone asks more than a limit allows gets no RetryInfo, as no wait would admit it, and is told what to change.
 Tokens are reserved before they are spent: the prompt's offline count plus its max_tokens (or
-`reserve_completion_tokens`), and the cost of that at the requested model's price. When the call ends, the reservation is settled with what the
-call was billed (`metering`): an answer's real usage, a broken stream's part, nothing for a call that failed.
+`reserve_completion_tokens`), and the cost of that at the requested model's price. When the call ends, the
+reservation is settled with what the call was billed (`metering`): an answer's real usage, a broken stream's part,
+nothing for a call that failed.
 
 The limiter's state sits behind `Limiter` (`interface`): `InProcessLimiter` (`in_process`) keeps it in this process;
 `RedisLimiter` (`redis`, imported where Redis is configured) keeps it in Redis, where one script reserves all of a
