@@ -30,7 +30,7 @@ from llmrelay_server.router import Router
 from llmrelay_server.servicer import LLMServicer
 from llmrelay_server.tls import exposure_warnings, protection, server_credentials
 from llmrelay_server.tokens import TokenCounter
-from llmrelay_server.usage import UsageLedger
+from llmrelay_server.usage import LedgerUnavailableError, UsageLedger
 from llmrelay_server.workers import ListenError, WorkerRole, in_use_message
 
 if TYPE_CHECKING:
@@ -73,6 +73,7 @@ class Gateway:
             await self.monitor.stop()
             self.servicer.start_draining()
             await asyncio.sleep(self.drain_s if drain_s is None else drain_s)
+            self.monitor.end_watches()
             # gRPC itself would cancel what is left at the end of the grace period with a bare status; the servicer
             # ends those calls first with its own, and gRPC's cut comes only after that.
             stopping = asyncio.ensure_future(self.server.stop(grace_s + INTERRUPT_S))
@@ -103,11 +104,16 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
     keys = KeyRing(config.auth)  # likewise a keys file that cannot be read
     tracing = _tracing(config)  # and tracing without its extra
     counter = TokenCounter()
-    ledger = UsageLedger(
-        config.server.usage_db,
-        journal_dir=config.server.usage_journal_dir,
-        journal_max_bytes=config.server.usage_journal_max_bytes,
-    )
+    try:
+        ledger = UsageLedger(
+            config.server.usage_db,
+            journal_dir=config.server.usage_journal_dir,
+            journal_max_bytes=config.server.usage_journal_max_bytes,
+        )
+    except LedgerUnavailableError as exc:  # a SQLite file that cannot be opened (a directory, no permission)
+        raise ConfigError(f"server.usage_db: {exc}") from exc
+    except OSError as exc:  # its journal's directory (a file in the way, no permission)
+        raise ConfigError(f"server.usage_db or usage_journal_dir: {exc.strerror}: {exc.filename}") from exc
     factory = provider_factory(counter)
     providers = [factory.create(spec) for spec in config.backends]
     router = Router(

@@ -307,6 +307,10 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     _check_positive(server.limits, "server.limits")
     if server.max_concurrent_rpcs is not None and server.max_concurrent_rpcs <= 0:
         raise ConfigError("server.max_concurrent_rpcs: must be > 0, or left out for no bound")
+    if server.max_message_bytes > MAX_MESSAGE_BYTES:
+        raise ConfigError(f"server.max_message_bytes: at most {MAX_MESSAGE_BYTES} (gRPC's bound, 2 GiB - 1)")
+    if server.workers > MAX_WORKERS:
+        raise ConfigError(f"server.workers: at most {MAX_WORKERS} processes (a few per CPU core serve best)")
     auth = section.auth
     if env.get("LLMRELAY_KEYS_FILE"):
         auth = dataclasses.replace(auth, keys_file=env["LLMRELAY_KEYS_FILE"])
@@ -349,6 +353,9 @@ def is_postgresql(usage_db: str) -> bool:
     return usage_db.startswith(("postgresql://", "postgres://"))
 
 
+_BARE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
 def _check_usage_db(usage_db: str) -> None:
     if "://" in usage_db and not is_postgresql(usage_db):
         scheme = usage_db.split("://", 1)[0]
@@ -356,16 +363,33 @@ def _check_usage_db(usage_db: str) -> None:
             f"server.usage_db: {scheme}:// is not a ledger this gateway knows; give a SQLite file path or a"
             " postgresql:// URL"
         )
+    if is_postgresql(usage_db) and _BARE_PERCENT.search(usage_db):
+        # libpq would refuse it, and psycopg's pool log its message, the password in it, at every try to connect.
+        raise ConfigError("server.usage_db: a % in the URL starts no %XX escape; write a % in the password as %25")
 
 
 def _check_state(state: StateConfig) -> None:
     if state.on_unavailable not in ("allow", "deny"):
         raise ConfigError(f"state.on_unavailable: {state.on_unavailable!r} is not allow or deny")
     _check_positive(state, "state")
-    if state.redis_url is not None and urlsplit(state.redis_url).scheme not in ("redis", "rediss", "unix"):
-        # The URL may hold a password: only its scheme is shown.
-        scheme = urlsplit(state.redis_url).scheme or "(none)"
-        raise ConfigError(f"state.redis_url: scheme {scheme} is not redis://, rediss:// or unix://")
+    if state.redis_url is None:
+        return
+    # The URL may hold a password: only its scheme, or what the parsers say of its form, is shown.
+    try:
+        scheme = urlsplit(state.redis_url).scheme
+        if scheme in ("redis", "rediss", "unix"):
+            from redis.connection import parse_url  # imported only where Redis is configured, as the limiter is
+
+            parse_url(state.redis_url)  # type: ignore[no-untyped-call]  # as the client will: the port, the options
+    except ValueError as exc:
+        raise ConfigError(f"state.redis_url: {exc}") from None
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"state.redis_url: scheme {scheme or '(none)'} is not redis://, rediss:// or unix://")
+
+
+MAX_MESSAGE_BYTES = 2**31 - 1
+MAX_WORKERS = 1024
+"""More processes than a machine has cores only share them; past this, a typo (100000) would fork until it fell."""
 
 
 def _workers(text: str, where: str) -> int:

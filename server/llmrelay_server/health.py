@@ -30,7 +30,36 @@ log = logging.getLogger(__name__)
 
 class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpcio-health-checking is untyped
     """grpcio-health-checking's servicer, with List: its stubs route Health/List (and reflection lists it), but its
-    servicer leaves it UNIMPLEMENTED."""
+    servicer leaves it UNIMPLEMENTED; and with Watch streams that a shutdown can end (`end_watches`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watches: set[asyncio.Task[Any]] = set()
+        self._ending = False
+
+    async def Watch(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.aio.ServicerContext[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse],
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._watches.add(task)
+        try:
+            await super().Watch(request, context)
+        except asyncio.CancelledError:
+            if not self._ending:
+                raise
+            task.uncancel()  # ended by end_watches: the stream ends OK, its last status NOT_SERVING
+        finally:
+            self._watches.discard(task)
+
+    def end_watches(self) -> None:
+        """Ends every Watch stream (each has sent NOT_SERVING by now): a watch lasts until its caller leaves, and the
+        server's stop would otherwise wait for it the whole grace period, as for a model call."""
+        self._ending = True
+        for task in self._watches:
+            task.cancel()
 
     async def List(
         self,
@@ -58,6 +87,11 @@ class HealthMonitor:
         await self._servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.probe()
         self._task = asyncio.create_task(self._watch(), name="llmrelay-health")
+
+    def end_watches(self) -> None:
+        """After the drain: the watchers have seen NOT_SERVING; their streams end."""
+        if isinstance(self._servicer, HealthServicer):
+            self._servicer.end_watches()
 
     async def stop(self) -> None:
         """Everything NOT_SERVING, so that probes see the shutdown before the port closes."""

@@ -29,6 +29,7 @@ from llmrelay_server.metering import Meter, open_meter
 from llmrelay_server.observing import GEN_AI_OPERATIONS, ObservingInterceptor, Start
 
 OTHER = "other"
+_STREAM_COMPLETE = "/llmrelay.v1.LLMService/StreamComplete"
 # The gateway's own time per call is small; the default buckets (5 ms up) would put it all in the first.
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 # As the GenAI semantic conventions advise for gen_ai.client.token.usage and gen_ai.server.time_to_first_token.
@@ -296,21 +297,23 @@ class MetricsInterceptor(ObservingInterceptor):
             service, _, method = details.method[1:].rpartition("/")
             labels = self._labels[details.method] = ("server_stream" if streaming else "unary", service, method)
         operation = GEN_AI_OPERATIONS.get(details.method, "chat")
-        return lambda request, context: _CountedCall(self._metrics, labels, streaming, request, operation)
+        # llmrelay_open_streams counts answers streamed: not the health service's watches.
+        completion_stream = details.method == _STREAM_COMPLETE
+        return lambda request, context: _CountedCall(self._metrics, labels, completion_stream, request, operation)
 
 
 class _CountedCall:
-    __slots__ = ("_labels", "_meter", "_metrics", "_operation", "_request", "_sent", "_started", "_streaming")
+    __slots__ = ("_completion_stream", "_labels", "_meter", "_metrics", "_operation", "_request", "_sent", "_started")
 
     def __init__(
-        self, metrics: Metrics, labels: tuple[str, str, str], streaming: bool, request: Any, operation: str
+        self, metrics: Metrics, labels: tuple[str, str, str], completion_stream: bool, request: Any, operation: str
     ) -> None:
         self._started = time.perf_counter()
-        self._metrics, self._labels, self._streaming, self._request = metrics, labels, streaming, request
-        self._operation = operation
+        self._metrics, self._labels, self._request = metrics, labels, request
+        self._completion_stream, self._operation = completion_stream, operation
         metrics.started(*labels).inc()
         metrics.received(*labels).inc()
-        if streaming:
+        if completion_stream:
             metrics.open_streams.inc()
         self._sent = metrics.sent(*labels)
         self._meter = open_meter()
@@ -321,7 +324,7 @@ class _CountedCall:
     def end(self, code: grpc.StatusCode) -> None:
         elapsed = time.perf_counter() - self._started
         metrics, labels = self._metrics, self._labels
-        if self._streaming:
+        if self._completion_stream:
             metrics.open_streams.dec()
         metrics.handled(*labels, code.name).inc()
         metrics.handling(*labels).observe(elapsed)

@@ -67,6 +67,11 @@ def in_use_message(listen: str) -> str:
     )
 
 
+def announcement(run_dir: Path, index: int) -> Path:
+    """Where worker `index` says that it serves (and where its metrics are): absent until it does."""
+    return run_dir / f"worker-{index}.json"
+
+
 @dataclass(frozen=True)
 class WorkerRole:
     """What a worker process knows of its supervisor: its number and the run directory they share."""
@@ -76,10 +81,10 @@ class WorkerRole:
 
     def announce(self, metrics_port: int | None) -> None:
         """Tells the supervisor that this worker serves, and where its metrics are."""
-        announcement = self.run_dir / f"worker-{self.index}.json"
-        scratch = announcement.with_suffix(".tmp")
+        announced = announcement(self.run_dir, self.index)
+        scratch = announced.with_suffix(".tmp")
         scratch.write_text(json.dumps({"pid": os.getpid(), "metrics_port": metrics_port}))
-        scratch.replace(announcement)  # whole or not at all, for a supervisor reading it at any moment
+        scratch.replace(announced)  # whole or not at all, for a supervisor reading it at any moment
 
     async def watch_supervisor(self, stop: asyncio.Event) -> None:
         """Stops this worker gracefully when its supervisor is gone (killed, and the worker adopted by init)."""
@@ -155,10 +160,12 @@ class Supervisor:
         with reservation, tempfile.TemporaryDirectory(prefix="llmrelay-workers-") as scratch:
             run_dir = Path(scratch)
             workers = [_Worker(index) for index in range(1, server.workers + 1)]
-            loop.add_signal_handler(signal.SIGHUP, self._signal_all, workers, signal.SIGHUP)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_all, workers, run_dir)
             metrics_server = self._serve_metrics(run_dir)
             try:
                 for worker in workers:
+                    if self._stop.is_set():  # SIGTERM while they start: those started are stopped below
+                        return 0
                     await self._start(worker, run_dir, f"{host}:{port}")
                 failed = await self._until_all_serve(workers, run_dir)
                 if failed is not None:
@@ -188,7 +195,7 @@ class Supervisor:
         return server
 
     async def _start(self, worker: _Worker, run_dir: Path, listen: str) -> None:
-        (run_dir / f"worker-{worker.index}.json").unlink(missing_ok=True)
+        announcement(run_dir, worker.index).unlink(missing_ok=True)
         # The same command line, made a worker: the later flags win over the earlier ones.
         command = [sys.executable, "-m", "llmrelay_server", *self._argv, "--listen", listen, "--workers", "1"]
         command += ["--worker", str(worker.index), "--worker-dir", str(run_dir)]
@@ -204,7 +211,7 @@ class Supervisor:
 
     async def _until_all_serve(self, workers: list[_Worker], run_dir: Path) -> int | None:
         """Waits until every worker has announced itself; the exit status of the first that exits before, if any."""
-        while not all((run_dir / f"worker-{worker.index}.json").exists() for worker in workers):
+        while not all(announcement(run_dir, worker.index).exists() for worker in workers):
             if not self._exits.empty():
                 worker = self._exits.get_nowait()
                 assert worker.process is not None
@@ -248,6 +255,11 @@ class Supervisor:
         finally:
             stopping.cancel()
 
+    def _reload_all(self, workers: list[_Worker], run_dir: Path) -> None:
+        """SIGHUP on to the workers that have announced themselves: one still starting (its signal handlers not yet
+        set) would die of it, and reads the keys file as it starts anyway."""
+        self._signal_all([w for w in workers if announcement(run_dir, w.index).exists()], signal.SIGHUP)
+
     def _signal_all(self, workers: list[_Worker], signum: int) -> None:
         for worker in workers:
             if worker.process is not None and worker.process.returncode is None:
@@ -287,10 +299,10 @@ class _WorkersMetrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         families: dict[str, Metric] = {}
-        for announcement in sorted(self._run_dir.glob("worker-*.json")):
-            worker = announcement.stem.removeprefix("worker-")
+        for announced in sorted(self._run_dir.glob("worker-*.json")):
+            worker = announced.stem.removeprefix("worker-")
             with contextlib.suppress(OSError, ValueError):  # a worker restarting or gone: absent from this scrape
-                port = json.loads(announcement.read_text())["metrics_port"]
+                port = json.loads(announced.read_text())["metrics_port"]
                 url = f"http://127.0.0.1:{port}/metrics"
                 with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as answer:
                     text = answer.read().decode()

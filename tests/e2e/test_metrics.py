@@ -120,4 +120,6 @@ async def test_the_standard_health_watch_works_with_every_interceptor_on(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)
         assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        assert gateway.metrics is not None and gateway.metrics.port is not None
+        assert value(await scrape(gateway.metrics.port), "llmrelay_open_streams") == 0, "a watch is no answer streamed"
         watch.cancel()

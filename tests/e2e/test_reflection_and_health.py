@@ -110,3 +110,23 @@ async def test_a_graceful_shutdown_lists_everything_not_serving(
             await stopping
 
     assert statuses == {"": NOT_SERVING, "llmrelay.v1.LLMService": NOT_SERVING}
+
+
+async def test_a_watch_does_not_hold_a_graceful_shutdown(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """A client's health watch lasts until the client leaves: the stop ends it after the drain (NOT_SERVING sent)
+    rather than wait for it the whole grace period."""
+    gateway: Gateway = await gateway_factory(two_backends(primary, local))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+        assert (await watch.read()).status == SERVING
+        started = asyncio.get_running_loop().time()
+        await gateway.stop(grace_period_s=30, drain_s=0.2)
+        stopped_s = asyncio.get_running_loop().time() - started
+        statuses = []
+        while (answer := await watch.read()) is not grpc.aio.EOF:
+            statuses.append(answer.status)
+        assert stopped_s < 10, f"the stop took {stopped_s:.1f} s: the watch held it"
+        assert statuses == [NOT_SERVING]
+        assert await watch.code() == grpc.StatusCode.OK

@@ -1,13 +1,17 @@
 """The Python SDK through a real gateway over the loopback upstreams: the collector equals Complete; the tool loop
 over several steps (the upstream scripted to call two tools, then one, then to answer with the results); a tool
 that raises; a conversation fitted through CountTokens; deadlines and interceptors on a real channel; a retry by the
-channel itself after the gateway's pushback; the TLS rule against a TLS gateway."""
+channel itself after the gateway's pushback; a call's metadata over the client's; a stream left in a `with` block
+cancelled at once; the TLS rule against a TLS gateway, and the hint when it fails."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 import time
 from asyncio.subprocess import PIPE
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,13 +26,14 @@ from llmrelay import (
     AsyncClient,
     Client,
     Conversation,
+    PermissionDeniedError,
     Tools,
     UnavailableError,
     message,
 )
 from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway
-from support import OPENAI_TEST_KEY, GatewayFactory
+from support import OPENAI_TEST_KEY, GatewayFactory, two_backends
 from upstream import FakeUpstream
 
 QUESTION = [message("user", "What is the weather in Oslo, and the time there?")]
@@ -264,6 +269,91 @@ async def test_the_cli_fails_at_once_unless_told_to_retry(
         assert out.startswith(b"echo: ")
 
 
+# --- metadata ------------------------------------------------------------------------------------------------------
+
+ALPHA_KEY = "llmr-alpha-0123456789abcdefghijklmn"
+BETA_KEY = "llmr-beta-0123456789abcdefghijklmno"
+
+
+def key_entry(name: str, key: str, extra: str = "") -> str:
+    return f'    - {{name: {name}, sha256: "{hashlib.sha256(key.encode()).hexdigest()}"{extra}}}\n'
+
+
+def bearer(key: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {key}")]
+
+
+async def test_a_calls_key_replaces_the_clients(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    # The gateway reads the first authorization header: the client's would win if both were sent.
+    keys = "auth:\n  keys:\n" + key_entry("alpha", ALPHA_KEY, ', models: ["nothing*"]') + key_entry("beta", BETA_KEY)
+    gateway = await gateway_factory(two_backends(primary, local) + keys)
+    async with AsyncClient(target(gateway), metadata=bearer(ALPHA_KEY)) as client:
+        with pytest.raises(PermissionDeniedError):
+            await client.complete(QUESTION)  # alpha may use no model
+        answer = await client.complete(QUESTION, metadata=bearer(BETA_KEY))
+        usage = await client.get_usage(metadata=bearer(BETA_KEY))
+    assert answer.message.content.startswith("echo: ")
+    assert [(r.caller, r.requests) for r in usage.records] == [("beta", 1)], "authorised and billed as beta"
+
+
+# --- streams kept in a variable ------------------------------------------------------------------------------------
+
+CALLS = "llmrelay_server.calls"
+"""The gateway's call log: one line per call as it ends, with its status code."""
+TEN_WORDS = [message("user", "one two three four five six seven eight nine ten")]
+
+
+def stream_codes(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The status codes of the StreamComplete calls the gateway has ended so far."""
+    calls = [getattr(r, "call", {}) for r in caplog.records if r.name == CALLS]
+    return [call["code"] for call in calls if call["rpc"] == "llmrelay.v1.LLMService/StreamComplete"]
+
+
+def seconds_until(condition: Callable[[], bool], within_s: float) -> float:
+    """How long the condition took to hold (polled; the gateway's log has no event to wait on); within_s if never."""
+    started = time.monotonic()
+    while not condition() and time.monotonic() - started < within_s:
+        time.sleep(0.005)
+    return time.monotonic() - started
+
+
+def _leave_a_blocking_stream(address: str, ended: Callable[[], bool]) -> tuple[float, list[pb.StreamCompleteResponse]]:
+    with Client(address) as client:  # open until the gateway has ended the call: closing it would cancel the call
+        with client.stream(TEN_WORDS) as stream:
+            next(stream)
+        return seconds_until(ended, 5), list(stream)
+
+
+async def _leave_an_async_stream(
+    address: str, ended: Callable[[], bool]
+) -> tuple[float, list[pb.StreamCompleteResponse]]:
+    async with AsyncClient(address) as client:
+        async with client.stream(TEN_WORDS) as stream:
+            await anext(stream)
+        return await asyncio.to_thread(seconds_until, ended, 5), [chunk async for chunk in stream]
+
+
+@pytest.mark.parametrize("blocking", [True, False], ids=["blocking", "asyncio"])
+async def test_leaving_the_with_block_of_a_stream_cancels_it_at_once(
+    gateway: Gateway, primary: FakeUpstream, caplog: pytest.LogCaptureFixture, blocking: bool
+) -> None:
+    caplog.set_level(logging.INFO, logger=CALLS)
+    primary.inject({"trickle_s": 1.0})  # a word a second: the answer would take ten
+
+    def ended() -> bool:
+        return bool(stream_codes(caplog))
+
+    if blocking:
+        waited, rest = await asyncio.to_thread(_leave_a_blocking_stream, target(gateway), ended)
+    else:
+        waited, rest = await _leave_an_async_stream(target(gateway), ended)
+    assert stream_codes(caplog) == ["CANCELLED"], "the gateway's stream ended when the block did"
+    assert waited < 1, f"the gateway ended the stream {waited:.2f} s after the block, not at once"
+    assert rest == [], "a closed stream has no more messages"
+
+
 # --- the TLS rule --------------------------------------------------------------------------------------------------
 
 
@@ -300,6 +390,14 @@ async def test_plaintext_by_default_to_loopback_fails_clearly_against_tls(tls_ga
         with pytest.raises(UnavailableError) as caught:
             await client.health(timeout=5)
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "in plaintext, its default for a loopback target" in caught.value.message, "what the client chose"
+    assert "tls=True" in str(caught.value), "and what to pass instead"
+    async with AsyncClient(
+        f"127.0.0.1:{gateway.port}", tls=False, options=[("grpc.use_local_subchannel_pool", 1)]
+    ) as client:
+        with pytest.raises(UnavailableError) as chosen:
+            await client.health(timeout=5)
+    assert "tls=True" not in chosen.value.message, "no hint where the caller chose"
 
 
 def test_tls_by_default_to_other_hosts() -> None:

@@ -70,3 +70,19 @@ def test_the_text_format_and_quantiles() -> None:
     assert _quantile(0.75, buckets) == pytest.approx(0.55)
     assert _quantile(0.99, {0.1: 0.0, float("inf"): 4.0}) == 0.1
     assert _quantile(0.5, {}) is None
+
+
+def test_behind_workers_the_streams_add_up_and_a_restarted_workers_counters_count_from_zero() -> None:
+    calls = 'grpc_server_handled_total{grpc_service="llmrelay.v1.LLMService",grpc_method="Complete",grpc_code="OK",'
+    before = parse_metrics(
+        f'{calls}worker="1"}} 100\n{calls}worker="2"}} 40\n'
+        'llmrelay_open_streams{worker="1"} 1\nllmrelay_open_streams{worker="2"} 0\n'
+    )
+    # Worker 2 died and came back: its counter starts again from zero, at 6.
+    after = parse_metrics(
+        f'{calls}worker="1"}} 110\n{calls}worker="2"}} 6\n'
+        'llmrelay_open_streams{worker="1"} 2\nllmrelay_open_streams{worker="2"} 4\n'
+    )
+    live = render_stats(after, before, seconds=2.0)
+    assert row(live, "Complete")[1:3] == ["8.0", "0.0"], live  # (10 + 6) calls in 2 s, never negative
+    assert re.search(r"^open streams: 6$", live, re.MULTILINE), live

@@ -12,6 +12,7 @@ import threading
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -274,3 +275,82 @@ async def test_a_process_killed_with_sigkill_is_replayed_by_the_next_ledger(data
         ("c1", 500),
     ]
     assert list(journal.iterdir()) == []
+
+
+class _FreezingProxy:
+    """A loopback TCP proxy in front of the database that can stop passing bytes on, its connections kept open: a
+    frozen server, or a network path that drops packets silently."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self._target = (parts.hostname or "127.0.0.1", parts.port or 5432)
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.url = url
+
+    async def __aenter__(self) -> _FreezingProxy:
+        self._server = await asyncio.start_server(self._pipe, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        parts = urlsplit(self.url)
+        self.url = urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{self._target[1]}", f":{port}")))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
+    async def _pipe(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection(*self._target)
+
+        async def copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await source.read(65536):
+                    await self._flowing.wait()
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        for task in (copy(client_reader, server_writer), copy(server_reader, client_writer)):
+            self._tasks.add(asyncio.create_task(task))
+
+
+async def test_a_database_that_stops_answering_is_unavailable_in_bounded_time(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neither a query nor the shutdown waits on it for as long as it stays silent; the records wait in the journal
+    and are written, once, when it answers again."""
+    monkeypatch.setattr("llmrelay_server.usage.postgresql.ANSWER_S", 1.0)
+    journal = tmp_path / "journal"
+    async with _FreezingProxy(database_url) as proxy:
+        ledger = UsageLedger(proxy.url, journal_dir=journal)
+        ledger.record("openai", "gpt-4o", "alice", TokenUsage(100, 20), at=T0)
+        await ledger.flush()
+        proxy.freeze()
+        ledger.record("openai", "gpt-4o", "alice", TokenUsage(1, 1), at=T0)
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        with pytest.raises(UsageUnavailableError):
+            await ledger.query()
+        # The bound, then psycopg's own try to cancel the query on the server (5 s, and 5 s to see it end).
+        assert loop.time() - asked < 15
+        closing = loop.time()
+        await ledger.aclose()
+        assert loop.time() - closing < 15
+        assert journaled_lines(journal) == 1, "the record not written waits in the journal"
+        proxy.thaw()
+    replay = UsageLedger(database_url, journal_dir=journal)  # as the next gateway on the directory
+    await replay.start()  # claims the journal the closed ledger left
+    await wait_until(lambda: sql(database_url, "SELECT SUM(requests) FROM usage_buckets") == [(2,)])
+    await replay.aclose()
+    assert sql(database_url, "SELECT SUM(requests), SUM(prompt_tokens) FROM usage_buckets") == [(2, 101)]

@@ -595,6 +595,24 @@ def test_a_mistyped_api_key_is_never_shown(tmp_path: Path, yaml_text: str, field
     assert "SUPERSECRET" not in repr(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("yaml_text", "said"),
+    [
+        ('state: {redis_url: "redis://:SUPERSECRET@127.0.0.1:notaport/0"}\n', "notaport"),
+        ('state: {redis_url: "redis://:SUPERSECRET@127.0.0.1:6379/0?socket_timeout=abc"}\n', "socket_timeout"),
+        ('state: {redis_url: "redis://:SUPERSECRET@[::1/0"}\n', "IPv6"),
+        ('server: {usage_db: "postgresql://app:50%off-SUPERSECRET@127.0.0.1/db"}\n', "%25"),
+    ],
+    ids=["redis port", "redis option", "redis host", "postgresql percent"],
+)
+def test_a_malformed_store_url_is_named_without_its_password(tmp_path: Path, yaml_text: str, said: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, yaml_text)
+    message = str(caught.value)
+    assert message.startswith(("state.redis_url:", "server.usage_db:")) and said in message, message
+    assert "SUPERSECRET" not in message
+
+
 def test_a_mistyped_non_secret_value_is_shown(tmp_path: Path) -> None:
     # The contrast that makes the test above meaningful: ordinary values are quoted to help the fix.
     with pytest.raises(ConfigError, match=r"^server\.grace_period_s: expected a number, got 'VISIBLE'"):

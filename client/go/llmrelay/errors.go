@@ -32,6 +32,10 @@ type Error struct {
 	RetryInfo *errdetails.RetryInfo
 	// BadRequest names the invalid fields of the request; nil unless the request was invalid.
 	BadRequest *errdetails.BadRequest
+	// QuotaFailure names the limit the call ran into (every <LIMIT>_EXCEEDED reason): whose ("key:NAME" or
+	// "gateway") and which; for a request that alone is larger than the limit, also what to change in it. Nil when
+	// absent.
+	QuotaFailure *errdetails.QuotaFailure
 	// Attempts are what the gateway tried before it gave up (its AttemptHistory detail): each backend, model and
 	// outcome, in order; nil for a call that failed before the router (an invalid request, say).
 	Attempts []*llmrelayv1.Attempt
@@ -61,6 +65,8 @@ func ParseError(err error) *Error {
 			e.RetryInfo = d
 		case *errdetails.BadRequest:
 			e.BadRequest = d
+		case *errdetails.QuotaFailure:
+			e.QuotaFailure = d
 		case *llmrelayv1.AttemptHistory:
 			e.Attempts = d.GetAttempts()
 		}
@@ -110,4 +116,10 @@ func (e *Error) RetryDelay() (time.Duration, bool) {
 // FieldViolations lists the invalid fields of the request, by field path ("messages", "options.temperature").
 func (e *Error) FieldViolations() []*errdetails.BadRequest_FieldViolation {
 	return e.BadRequest.GetFieldViolations()
+}
+
+// QuotaViolations lists the limits the call ran into: Subject is whose limit ("key:NAME", "gateway"), Description
+// which limit, and for a request that never fits what to change ("set max_tokens to at most N").
+func (e *Error) QuotaViolations() []*errdetails.QuotaFailure_Violation {
+	return e.QuotaFailure.GetViolations()
 }

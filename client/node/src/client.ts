@@ -201,14 +201,18 @@ export class Client {
   /**
    * Streams the answer and resolves to it whole, as complete() would give it: the content, reasoning and tool
    * calls assembled from the deltas (see StreamAssembler), with the finish reason, usage and attempts of the last
-   * message. The request asks for INTERRUPT_POLICY_RESTART unless it sets onInterrupt, so a stream that breaks
-   * midway starts over on the next backend and the answer is that backend's alone. `onDelta` sees the pieces as
+   * message. The request asks for INTERRUPT_POLICY_RESTART unless it sets another onInterrupt (unset and
+   * INTERRUPT_POLICY_UNSPECIFIED alike mean RESTART), so a stream that breaks midway starts over on the next backend
+   * and the answer is that backend's alone. `onDelta` sees the pieces as
    * they come, `onRestart` each start-over. Rejects with an LLMRelayError, as stream() throws.
    */
   async collect(request: StreamInput, options: CollectOptions = {}): Promise<CompleteResponse> {
     const { onDelta, onRestart, ...callOptions } = options;
     const assembler = new StreamAssembler();
-    const input = { ...request, onInterrupt: request.onInterrupt ?? InterruptPolicy.INTERRUPT_POLICY_RESTART };
+    // UNSPECIFIED (0) is the contract's "not set", and what StreamCompleteRequest.create() and fromPartial() fill in.
+    const unset =
+      request.onInterrupt === undefined || request.onInterrupt === InterruptPolicy.INTERRUPT_POLICY_UNSPECIFIED;
+    const input = { ...request, onInterrupt: unset ? InterruptPolicy.INTERRUPT_POLICY_RESTART : request.onInterrupt };
     for await (const chunk of this.stream(input, callOptions)) {
       assembler.add(chunk);
       if (isRestart(chunk)) {

@@ -1,11 +1,11 @@
 /**
  * Failed calls: the gRPC status with the google.rpc details the gateway attaches (AIP-193), decoded from the
  * `grpc-status-details-bin` trailer: ErrorInfo (why), RetryInfo (when a retry can help), BadRequest (which fields),
- * AttemptHistory (what the gateway tried).
+ * QuotaFailure (which limit), AttemptHistory (what the gateway tried).
  */
 import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
 
-import { BadRequest, ErrorInfo, RetryInfo } from "./gen/google/rpc/error_details";
+import { BadRequest, ErrorInfo, QuotaFailure, RetryInfo } from "./gen/google/rpc/error_details";
 import { Status } from "./gen/google/rpc/status";
 import { AttemptHistory, ErrorReason, errorReasonFromJSON, type Attempt } from "./gen/llmrelay/v1/llmrelay";
 
@@ -34,11 +34,20 @@ export interface FieldViolation {
   description: string;
 }
 
+/** One limit a call ran into. */
+export interface QuotaViolation {
+  /** Whose limit: "key:NAME" or "gateway". */
+  subject: string;
+  /** Which limit; for a request that alone is larger than it, also what to change ("set max_tokens to at most N"). */
+  description: string;
+}
+
 /** What a status carries beside its code and message. */
 interface ErrorExtra {
   errorInfo?: ErrorInfo;
   retryInfo?: RetryInfo;
   badRequest?: BadRequest;
+  quotaFailure?: QuotaFailure;
   attempts?: Attempt[];
   metadata?: Metadata;
   /** What to try, added to the message (not from the gateway). */
@@ -58,6 +67,8 @@ export class LLMRelayError extends Error {
   readonly retryInfo: RetryInfo | undefined;
   /** The BadRequest, when the request was invalid. */
   readonly badRequest: BadRequest | undefined;
+  /** The QuotaFailure, when the call ran into a limit (every <LIMIT>_EXCEEDED reason). */
+  readonly quotaFailure: QuotaFailure | undefined;
   /** The attempts of a routed call that failed (the AttemptHistory detail), in order; [] without one. */
   readonly attempts: Attempt[];
   /** The response metadata (trailers) of the call. */
@@ -75,6 +86,7 @@ export class LLMRelayError extends Error {
     this.errorInfo = extra.errorInfo;
     this.retryInfo = extra.retryInfo;
     this.badRequest = extra.badRequest;
+    this.quotaFailure = extra.quotaFailure;
     this.attempts = extra.attempts ?? [];
     this.metadata = extra.metadata ?? new Metadata();
   }
@@ -115,6 +127,11 @@ export class LLMRelayError extends Error {
   get fieldViolations(): FieldViolation[] {
     return (this.badRequest?.fieldViolations ?? []).map((v) => ({ field: v.field, description: v.description }));
   }
+
+  /** The limits the call ran into: whose, which, and for a request that never fits what to change. */
+  get quotaViolations(): QuotaViolation[] {
+    return (this.quotaFailure?.violations ?? []).map((v) => ({ subject: v.subject, description: v.description }));
+  }
 }
 
 function isServiceError(err: unknown): err is ServiceError {
@@ -147,6 +164,8 @@ export function parseError(err: unknown): LLMRelayError | undefined {
         extra.retryInfo = RetryInfo.decode(any.value);
       } else if (type === "google.rpc.BadRequest") {
         extra.badRequest = BadRequest.decode(any.value);
+      } else if (type === "google.rpc.QuotaFailure") {
+        extra.quotaFailure = QuotaFailure.decode(any.value);
       } else if (type === "llmrelay.v1.AttemptHistory") {
         extra.attempts = AttemptHistory.decode(any.value).attempts;
       }

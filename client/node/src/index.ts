@@ -57,9 +57,16 @@ export {
   type Transport,
   type TransportOptions,
 } from "./tls";
-export { DOMAIN, LLMRelayError, STATUS_DETAILS_KEY, parseError, type FieldViolation } from "./errors";
+export {
+  DOMAIN,
+  LLMRelayError,
+  STATUS_DETAILS_KEY,
+  parseError,
+  type FieldViolation,
+  type QuotaViolation,
+} from "./errors";
 export * from "./gen/llmrelay/v1/llmrelay";
-export { BadRequest, ErrorInfo, RetryInfo } from "./gen/google/rpc/error_details";
+export { BadRequest, ErrorInfo, QuotaFailure, RetryInfo } from "./gen/google/rpc/error_details";
 export { Status } from "./gen/google/rpc/status";
 export { SERVICE_CONFIG_JSON } from "./gen/llmrelay/v1/service_config";
 // What callers of this package need from @grpc/grpc-js without depending on it themselves: the status codes an

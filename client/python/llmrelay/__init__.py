@@ -66,6 +66,7 @@ from llmrelay._errors import (
 )
 from llmrelay._messages import MessageLike, message
 from llmrelay._options import CompletionOptions, ReasoningEffort, RunToolsOptions, ToolChoice
+from llmrelay._stream import AsyncStream, Stream
 
 __all__ = [
     "DEFAULT_MAX_STEPS",
@@ -76,6 +77,7 @@ __all__ = [
     "AbortedError",
     "Answer",
     "AsyncClient",
+    "AsyncStream",
     "Client",
     "CompletionOptions",
     "ContextBudgetError",
@@ -97,6 +99,7 @@ __all__ = [
     "ResourceExhaustedError",
     "RunToolsOptions",
     "StepLimitError",
+    "Stream",
     "StreamAssembler",
     "Timeout",
     "ToolChoice",

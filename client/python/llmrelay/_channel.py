@@ -108,6 +108,24 @@ class ChannelSettings:
     def channel_options(self) -> list[tuple[str, Any]]:
         return channel_options(self.service_config, self.options)
 
+    def security_hint(self, target: str) -> str | None:
+        """What the TLS rule chose for `target` and how to choose otherwise, for an error that says the gateway
+        could not be reached (its usual cause: a gateway that speaks the other one, which says nothing of TLS);
+        None when the caller chose. The Go and TypeScript SDKs add the same."""
+        certificates = (self.root_certificates, self.private_key, self.certificate_chain)
+        if self.tls is not None or self.credentials is not None or any(c is not None for c in certificates):
+            return None
+        if uses_tls(target, None):
+            return (
+                "the client connected over TLS with the system's roots, its default for a target that is not "
+                "loopback; for a plaintext gateway pass tls=False, for a private CA root_certificates=; the llmrelay "
+                "command takes --no-tls and --ca-file"
+            )
+        return (
+            "the client connected in plaintext, its default for a loopback target; for a gateway that serves TLS "
+            "pass tls=True, or root_certificates= for a private CA; the llmrelay command takes --tls and --ca-file"
+        )
+
 
 def channel_options(service_config: ServiceConfig, options: ChannelOptions) -> list[tuple[str, Any]]:
     """The channel's options: the service config (JSON text or a dict; None for none), then the caller's options,

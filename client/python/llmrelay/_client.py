@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Final, Literal, TypeAlias, TypeVar, Unpack
@@ -17,9 +17,10 @@ from llmrelay import v1 as pb
 from llmrelay._agent import DEFAULT_MAX_STEPS, Answer, Conversation, Tools, _Steps
 from llmrelay._assemble import StreamAssembler
 from llmrelay._channel import DEFAULT_SERVICE_CONFIG, ChannelOptions, ChannelSettings, ServiceConfig
-from llmrelay._errors import error_from_rpc
+from llmrelay._errors import LLMRelayError, error_from_rpc
 from llmrelay._messages import MessageLike, as_messages
 from llmrelay._options import CompletionOptions, RunToolsOptions, completion_options, json_text
+from llmrelay._stream import AsyncStream, Stream
 
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S: Final = 120.0
@@ -144,13 +145,12 @@ def _conversation(messages: Iterable[MessageLike] | Conversation) -> Conversatio
     return messages if isinstance(messages, Conversation) else Conversation(messages)
 
 
-@contextmanager
-def _sdk_errors() -> Iterator[None]:
-    """Raises the SDK's error, with the details decoded, for a failed call inside the block."""
-    try:
-        yield
-    except grpc.RpcError as exc:
-        raise error_from_rpc(exc) from exc
+def _merged_metadata(client: Metadata, call: Metadata) -> tuple[tuple[str, str], ...]:
+    """The client's metadata with the call's: a key the call sets replaces all the client's values for it, as in the
+    Go and TypeScript SDKs (the gateway reads the first `authorization` it gets, so both sent would mean the
+    client's). Keys compare in lower case, as gRPC sends them."""
+    replaced = {key.lower() for key, _ in call}
+    return (*(item for item in client if item[0].lower() not in replaced), *call)
 
 
 class _Base:
@@ -174,6 +174,7 @@ class _Base:
         self._credentials = None if own_channel else settings.credentials_for(target)
         self._timeout = timeout
         self._metadata = tuple(metadata) + (((CALLER_HEADER, caller),) if caller else ())
+        self._security_hint = None if own_channel else settings.security_hint(target)
 
     @property
     def uses_tls(self) -> bool:
@@ -183,8 +184,29 @@ class _Base:
     def _call_options(self, timeout: Timeout, metadata: Metadata | None) -> dict[str, Any]:
         return {
             "timeout": self._timeout if isinstance(timeout, _ClientDefault) else timeout,
-            "metadata": self._metadata + tuple(metadata or ()),
+            "metadata": _merged_metadata(self._metadata, metadata or ()),
         }
+
+    @contextmanager
+    def _sdk_errors(self) -> Iterator[None]:
+        """Raises the SDK's error, with the details decoded, for a failed call inside the block."""
+        try:
+            yield
+        except grpc.RpcError as exc:
+            raise self._error(exc) from exc
+
+    def _error(self, rpc_error: grpc.RpcError) -> LLMRelayError:
+        """The SDK's error for a failed call. When the gateway could not be reached (UNAVAILABLE without its
+        ErrorInfo) and the TLS rule chose the transport, the message also says what it chose and how to choose
+        otherwise: a TLS gateway drops a plaintext client with no word of TLS, and the other way round."""
+        error = error_from_rpc(rpc_error)
+        if (
+            self._security_hint is not None
+            and error.code == grpc.StatusCode.UNAVAILABLE
+            and error.details.error_info is None
+        ):
+            return type(error)(error.code, f"{error.message} ({self._security_hint})", error.details)
+        return error
 
 
 class Client(_Base):
@@ -206,7 +228,8 @@ class Client(_Base):
     interceptors: client interceptors, outermost first.
     channel: a channel made already (e.g. grpc_testing's), instead of one from the arguments above.
     timeout: each call's deadline in seconds, unless the call says otherwise; None for no deadline.
-    metadata: sent with every call (e.g. [("authorization", "Bearer KEY")]).
+    metadata: sent with every call (e.g. [("authorization", "Bearer KEY")]); a call's metadata= replaces it for
+        each key the call sets (and adds the rest).
     caller: who is calling, for usage records (the x-llmrelay-caller header).
     """
 
@@ -253,7 +276,7 @@ class Client(_Base):
         """One answer. model: a model, "backend/model" or an alias (unset: the default chain); exact_model: no
         fallback to another model; options: see CompletionOptions."""
         request = _completion_request(pb.CompleteRequest, messages, model, exact_model, options)
-        with _sdk_errors():
+        with self._sdk_errors():
             return self._stub.Complete(request, **self._call_options(timeout, metadata))
 
     def stream(
@@ -266,16 +289,24 @@ class Client(_Base):
         timeout: Timeout = USE_CLIENT_DEFAULT,
         metadata: Metadata | None = None,
         **options: Unpack[CompletionOptions],
-    ) -> Iterator[pb.StreamCompleteResponse]:
+    ) -> Stream:
         """The answer's messages as they come. With on_interrupt="restart", a message whose `restart` is set
-        (`chunk.HasField("restart")`, a `pb.StreamRestart`) means: drop every delta before it."""
+        (`chunk.HasField("restart")`, a `pb.StreamRestart`) means: drop every delta before it.
+
+        A loop over the call itself cancels it when the loop ends early; a stream kept in a variable is cancelled
+        by `with client.stream(...) as stream:` or stream.close() (see Stream)."""
         request = _stream_request(messages, model, exact_model, on_interrupt, options)
-        call = self._stub.StreamComplete(request, **self._call_options(timeout, metadata))
-        try:
-            with _sdk_errors():
-                yield from call
-        finally:
-            call.cancel()  # a consumer that stops early must not leave the upstream generating
+        call_options = self._call_options(timeout, metadata)
+
+        def chunks() -> Generator[pb.StreamCompleteResponse, None, None]:
+            call = self._stub.StreamComplete(request, **call_options)
+            try:
+                with self._sdk_errors():
+                    yield from call
+            finally:
+                call.cancel()  # a consumer that stops early must not leave the upstream generating
+
+        return Stream(chunks())
 
     def collect(
         self,
@@ -292,13 +323,14 @@ class Client(_Base):
         backend, and only the final attempt's answer is returned. on_delta sees each message as it comes (print
         as it arrives; a message with `restart` set says to start over)."""
         assembler = StreamAssembler()
-        for chunk in self.stream(
+        with self.stream(
             messages, model=model, exact_model=exact_model, on_interrupt="restart", timeout=timeout,
             metadata=metadata, **options,
-        ):  # fmt: skip
-            assembler.add(chunk)
-            if on_delta is not None:
-                on_delta(chunk)
+        ) as chunks:  # fmt: skip
+            for chunk in chunks:
+                assembler.add(chunk)
+                if on_delta is not None:
+                    on_delta(chunk)
         return assembler.result()
 
     def run_tools(
@@ -377,7 +409,7 @@ class Client(_Base):
         metadata: Metadata | None = None,
     ) -> pb.CountTokensResponse:
         request = _count_request(messages, text, model, tools)
-        with _sdk_errors():
+        with self._sdk_errors():
             return self._stub.CountTokens(request, **self._call_options(timeout, metadata))
 
     def embed(
@@ -392,13 +424,13 @@ class Client(_Base):
         """One vector per input, in order (`response.embeddings[i].values`), all from one embedding model: the
         model named (or "backend/model"), else the gateway's default embedding model."""
         request = _embed_request(inputs, model, dimensions)
-        with _sdk_errors():
+        with self._sdk_errors():
             return self._stub.Embed(request, **self._call_options(timeout, metadata))
 
     def health(
         self, *, probe: bool = False, timeout: Timeout = USE_CLIENT_DEFAULT, metadata: Metadata | None = None
     ) -> pb.HealthResponse:
-        with _sdk_errors():
+        with self._sdk_errors():
             return self._stub.Health(pb.HealthRequest(probe=probe), **self._call_options(timeout, metadata))
 
     def get_usage(
@@ -408,7 +440,7 @@ class Client(_Base):
         timeout: Timeout = USE_CLIENT_DEFAULT,
         metadata: Metadata | None = None,
     ) -> pb.GetUsageResponse:
-        with _sdk_errors():
+        with self._sdk_errors():
             return self._stub.GetUsage(request or pb.GetUsageRequest(), **self._call_options(timeout, metadata))
 
     def close(self) -> None:
@@ -475,10 +507,10 @@ class AsyncClient(_Base):
     ) -> pb.CompleteResponse:
         """As Client.complete."""
         request = _completion_request(pb.CompleteRequest, messages, model, exact_model, options)
-        with _sdk_errors():
+        with self._sdk_errors():
             return await self._stub.Complete(request, **self._call_options(timeout, metadata))
 
-    async def stream(
+    def stream(
         self,
         messages: Iterable[MessageLike],
         *,
@@ -488,16 +520,22 @@ class AsyncClient(_Base):
         timeout: Timeout = USE_CLIENT_DEFAULT,
         metadata: Metadata | None = None,
         **options: Unpack[CompletionOptions],
-    ) -> AsyncIterator[pb.StreamCompleteResponse]:
-        """As Client.stream."""
+    ) -> AsyncStream:
+        """As Client.stream: `async with client.stream(...) as stream:` or `await stream.aclose()` cancels a stream
+        kept in a variable."""
         request = _stream_request(messages, model, exact_model, on_interrupt, options)
-        call = self._stub.StreamComplete(request, **self._call_options(timeout, metadata))
-        try:
-            with _sdk_errors():
-                async for chunk in call:
-                    yield chunk
-        finally:
-            call.cancel()
+        call_options = self._call_options(timeout, metadata)
+
+        async def chunks() -> AsyncGenerator[pb.StreamCompleteResponse, None]:
+            call = self._stub.StreamComplete(request, **call_options)
+            try:
+                with self._sdk_errors():
+                    async for chunk in call:
+                        yield chunk
+            finally:
+                call.cancel()
+
+        return AsyncStream(chunks())
 
     async def collect(
         self,
@@ -512,13 +550,14 @@ class AsyncClient(_Base):
     ) -> pb.CompleteResponse:
         """As Client.collect."""
         assembler = StreamAssembler()
-        async for chunk in self.stream(
+        async with self.stream(
             messages, model=model, exact_model=exact_model, on_interrupt="restart", timeout=timeout,
             metadata=metadata, **options,
-        ):  # fmt: skip
-            assembler.add(chunk)
-            if on_delta is not None:
-                on_delta(chunk)
+        ) as chunks:  # fmt: skip
+            async for chunk in chunks:
+                assembler.add(chunk)
+                if on_delta is not None:
+                    on_delta(chunk)
         return assembler.result()
 
     async def run_tools(
@@ -587,7 +626,7 @@ class AsyncClient(_Base):
         metadata: Metadata | None = None,
     ) -> pb.CountTokensResponse:
         request = _count_request(messages, text, model, tools)
-        with _sdk_errors():
+        with self._sdk_errors():
             return await self._stub.CountTokens(request, **self._call_options(timeout, metadata))
 
     async def embed(
@@ -601,13 +640,13 @@ class AsyncClient(_Base):
     ) -> pb.EmbedResponse:
         """As Client.embed."""
         request = _embed_request(inputs, model, dimensions)
-        with _sdk_errors():
+        with self._sdk_errors():
             return await self._stub.Embed(request, **self._call_options(timeout, metadata))
 
     async def health(
         self, *, probe: bool = False, timeout: Timeout = USE_CLIENT_DEFAULT, metadata: Metadata | None = None
     ) -> pb.HealthResponse:
-        with _sdk_errors():
+        with self._sdk_errors():
             return await self._stub.Health(pb.HealthRequest(probe=probe), **self._call_options(timeout, metadata))
 
     async def get_usage(
@@ -617,7 +656,7 @@ class AsyncClient(_Base):
         timeout: Timeout = USE_CLIENT_DEFAULT,
         metadata: Metadata | None = None,
     ) -> pb.GetUsageResponse:
-        with _sdk_errors():
+        with self._sdk_errors():
             return await self._stub.GetUsage(request or pb.GetUsageRequest(), **self._call_options(timeout, metadata))
 
     async def close(self) -> None:

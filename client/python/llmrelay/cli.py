@@ -15,7 +15,6 @@ import urllib.request
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from llmrelay import v1 as pb
 from llmrelay._channel import DEFAULT_SERVICE_CONFIG
@@ -278,8 +277,12 @@ def _buckets(samples: Samples, method: str) -> dict[float, float]:
     return buckets
 
 
-def _delta(after: dict[Any, float], before: dict[Any, float]) -> dict[Any, float]:
-    return {key: value - before.get(key, 0.0) for key, value in after.items()}
+def _increase(after: Samples, before: Samples) -> Samples:
+    """Each series' growth between two scrapes, as Prometheus's rate() takes it: a counter lower than before was reset
+    (its worker restarted) and counts from zero."""
+    return {
+        key: value - before.get(key, 0.0) if value >= before.get(key, 0.0) else value for key, value in after.items()
+    }
 
 
 def _duration(seconds: float | None) -> str:
@@ -291,11 +294,11 @@ def _duration(seconds: float | None) -> str:
 def render_stats(after: Samples, before: Samples | None = None, seconds: float = 0.0) -> str:
     """What happened between two scrapes, per second; with no `before`, the totals since the gateway started."""
     rate = before is not None and seconds > 0
-    base: Samples = before or {}
+    grown = _increase(after, before or {})
     per, digits, unit = (seconds, 1, "/s") if rate else (1.0, 0, "")
 
     def change(name: str, label: str, **match: str) -> dict[str, float]:
-        return _delta(_sum_by(after, name, label, **match), _sum_by(base, name, label, **match))
+        return _sum_by(grown, name, label, **match)
 
     def number(value: float, width: int = 10) -> str:
         return f"{value / per:>{width}.{digits}f}"
@@ -305,7 +308,7 @@ def render_stats(after: Samples, before: Samples | None = None, seconds: float =
     title = f"over the last {seconds:.1f} s" if rate else "since the gateway started"
     lines = [f"llmrelay {title}", f"{'method':<16}{'calls' + unit:>10}{'errors' + unit:>10}{'p50':>10}{'p99':>10}"]
     for method in sorted(calls):
-        buckets = _delta(_buckets(after, method), _buckets(base, method))
+        buckets = _buckets(grown, method)
         p50, p99 = _duration(_quantile(0.5, buckets)), _duration(_quantile(0.99, buckets))
         lines.append(
             f"{method:<16}{number(calls[method])}{number(calls[method] - ok.get(method, 0.0))}{p50:>10}{p99:>10}"
@@ -317,7 +320,9 @@ def render_stats(after: Samples, before: Samples | None = None, seconds: float =
         lines.append(
             f"{backend:<16}{number(total)}{number(prompt.get(backend, 0.0))}{number(completion.get(backend, 0.0), 12)}"
         )
-    lines.append(f"open streams: {after.get(('llmrelay_open_streams', frozenset()), 0.0):.0f}")
+    # A gauge: summed over its series (one a worker, behind a supervisor).
+    open_streams = sum(value for (name, _), value in after.items() if name == "llmrelay_open_streams")
+    lines.append(f"open streams: {open_streams:.0f}")
     return "\n".join(lines)
 
 

@@ -41,6 +41,9 @@ _MAX_CONNECTIONS: Final = 4
 """The background writer, and queries (GetUsage) beside it."""
 _WAIT_S: Final = 5.0
 """How long a write or query waits for a connection before the database counts as unavailable."""
+ANSWER_S: Final = 10.0
+"""How long a write or a query may take in all: a database that stops answering (a frozen server, a network path that
+drops packets) would otherwise hold the writer, GetUsage and the shutdown for as long as it stays so."""
 _RECONNECT_S: Final = 10.0
 """How long the pool retries a lost connection in the background (with backoff) before leaving it to the next
 write; short, so that the backoff never grows far past the moment the database returns."""
@@ -112,11 +115,12 @@ class PostgreSQLStore:
         return self._description
 
     async def check(self) -> None:
-        async with self._connection() as connection:
+        async with self._answering(), self._connection() as connection:
             await connection.execute("SELECT 1")
 
     async def apply(self, batch: BatchId, buckets: Buckets) -> bool:
-        async with self._connection() as connection, connection.transaction():
+        # A write cut short by the bound may still have committed: the batch, retried, is marked applied already.
+        async with self._answering(), self._connection() as connection, connection.transaction():
             marked = await connection.execute(_MARK_APPLIED, (batch.journal, batch.number))
             if marked.rowcount == 0:
                 return False  # committing changes nothing
@@ -126,7 +130,7 @@ class PostgreSQLStore:
 
     async def read(self, selection: Selection, journals: Collection[str]) -> Snapshot:
         where, values = selection.sql_where("%s")
-        async with self._connection() as connection, connection.transaction():
+        async with self._answering(), self._connection() as connection, connection.transaction():
             # One snapshot for both reads: the batches a query counts from journal files are known to be in the
             # totals, or not, as of the same moment.
             await connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -145,6 +149,15 @@ class PostgreSQLStore:
 
     async def aclose(self) -> None:
         await self._pool.close()
+
+    @asynccontextmanager
+    async def _answering(self) -> AsyncIterator[None]:
+        """Bounds the work inside to ANSWER_S; past it, the database counts as unavailable."""
+        try:
+            async with asyncio.timeout(ANSWER_S):
+                yield
+        except TimeoutError as exc:
+            raise LedgerUnavailableError(f"{self._description}: no answer within {ANSWER_S:g} s") from exc
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[TupleRow]]:

@@ -190,6 +190,20 @@ def test_metadata_and_the_caller_travel_with_each_call(client: Client, gateway: 
     assert {("x-llmrelay-caller", "unit"), ("authorization", "Bearer k")} <= set(gateway.metadata)
 
 
+def test_a_calls_metadata_replaces_the_clients_key_by_key(testing_channel: Any, gateway: FakeGateway) -> None:
+    own = [("authorization", "Bearer client"), ("x-team", "a"), ("x-team", "b")]
+    with Client(channel=testing_channel, caller="unit", metadata=own) as client:
+        call = gateway.run(
+            lambda: client.health(metadata=[("authorization", "Bearer call"), ("x-llmrelay-caller", "c")])
+        )
+        gateway.answer("Health", pb.HealthResponse(serving=True))
+        result(call)
+    sent = [(key, value) for key, value in gateway.metadata if key in ("authorization", "x-team", "x-llmrelay-caller")]
+    assert sorted(sent) == [
+        ("authorization", "Bearer call"), ("x-llmrelay-caller", "c"), ("x-team", "a"), ("x-team", "b")
+    ]  # fmt: skip
+
+
 # --- errors --------------------------------------------------------------------------------------------------------
 
 

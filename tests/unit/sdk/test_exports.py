@@ -11,11 +11,11 @@ def test_the_public_names() -> None:
     assert sorted(llmrelay.__all__) == sorted(
         [
             "DEFAULT_MAX_STEPS", "DEFAULT_SERVICE_CONFIG", "DEFAULT_TARGET", "DEFAULT_TIMEOUT_S", "USE_CLIENT_DEFAULT",
-            "AbortedError", "Answer", "AsyncClient", "Client", "CompletionOptions", "ContextBudgetError",
+            "AbortedError", "Answer", "AsyncClient", "AsyncStream", "Client", "CompletionOptions", "ContextBudgetError",
             "Conversation", "DeadlineExceededError", "ErrorDetails", "FailedPreconditionError", "FieldViolation",
             "ImageDetail", "InvalidArgumentError", "LLMRelayError", "MessageLike", "NotFoundError", "OnInterrupt",
             "PermissionDeniedError", "QuotaViolation", "ReasoningEffort", "RegisteredTool", "ResourceExhaustedError",
-            "RunToolsOptions", "StepLimitError", "StreamAssembler", "Timeout", "ToolChoice", "Tools",
+            "RunToolsOptions", "StepLimitError", "Stream", "StreamAssembler", "Timeout", "ToolChoice", "Tools",
             "UnauthenticatedError", "UnavailableError", "error_details", "error_from_rpc", "image",
             "is_loopback_target", "json_schema", "json_schema_of", "message", "parameters_schema", "tool",
             "tool_result", "user_message", "uses_tls",
