@@ -5,12 +5,15 @@ In Python, `spawn_gateway` starts `llmrelay-server` as its own process, as a use
 watches it (its log, its exit). As a command it starts the loopback fake upstream (tests/upstream.py) and a gateway
 in front of it, then prints where they are:
 
-    python tests/harness.py [--fallback] [--tls] [--retries N]
+    python tests/harness.py [--fallback] [--tls] [--retries N] [--config-extra FILE]
 
 - The gateway has one backend, "ollama" (chat model "tiny", embedding model "embed-test"), at the fake upstream, with
   no retries (or N) and a circuit that stays closed; with --fallback a second one, "fallback" (openai_compatible,
   model "tiny", the same upstream), after it. With --tls it serves TLS with a certificate for localhost and 127.0.0.1
   from a CA made for the run.
+- The configuration it writes has the sections server, llm and router. --config-extra FILE appends FILE's YAML to it:
+  sections the harness does not write, such as auth (caller keys and their limits). FILE must not repeat the
+  harness's sections (a YAML mapping keeps only the last of a repeated key): the harness refuses one that does.
 - Once the gateway is SERVING, one line of JSON goes to stdout: {"target", "upstream", "fallback_backend",
   "embedding_model", "ca_file", "gateway_pid"}. The upstream's control API (POST and DELETE /_control/faults, GET
   /_control/requests) is at "upstream".
@@ -38,6 +41,7 @@ from typing import TextIO
 
 import grpc
 import grpc.aio
+import yaml
 from certs import Authority
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from upstream import FakeUpstream
@@ -51,6 +55,8 @@ STOP_TIMEOUT_S = 15.0
 EMBEDDING_MODEL = "embed-test"
 """The fake upstream's embedding model, which the command's "ollama" backend serves."""
 FALLBACK_BACKEND = "fallback"
+HARNESS_SECTIONS = frozenset({"server", "llm", "router"})
+"""The sections of the configuration the command writes, which --config-extra must not repeat."""
 _CONFIG_ENV_PREFIXES = ("OPENAI_", "ANTHROPIC_", "OLLAMA_", "LLMRELAY_", "OTEL_")
 
 
@@ -191,8 +197,11 @@ async def spawn_gateway(
     return GatewayProcess(process, port, echo)
 
 
-def gateway_config(upstream_url: str, scratch: Path, *, fallback: bool, retries: int, tls: str | None) -> str:
-    """The command's gateway: "ollama" at the fake upstream (and "fallback" after it), its ledger in `scratch`."""
+def gateway_config(
+    upstream_url: str, scratch: Path, *, fallback: bool, retries: int, tls: str | None, extra: str = ""
+) -> str:
+    """The command's gateway: "ollama" at the fake upstream (and "fallback" after it), its ledger in `scratch`, then
+    `extra` (YAML sections other than HARNESS_SECTIONS: see config_extra)."""
     tls_field = f", tls: {tls}" if tls else ""
     ledger = f'usage_db: "{scratch / "usage.db"}", usage_journal_dir: "{scratch / "journal"}"'
     lines = [
@@ -208,7 +217,27 @@ def gateway_config(upstream_url: str, scratch: Path, *, fallback: bool, retries:
     # The SDKs' tests share one gateway and inject upstream failures test after test: a circuit that opened on
     # earlier tests' failures would fail a later one for 30 s (the circuit's own tests are tests/e2e/test_faults.py).
     lines.append(f"router: {{retry: {{max_retries: {retries}}}, circuit: {{failure_threshold: 1000}}}}")
-    return "\n".join(lines) + "\n"
+    config = "\n".join(lines) + "\n"
+    if extra:
+        config += extra if extra.endswith("\n") else extra + "\n"
+    return config
+
+
+def config_extra(path: Path) -> str:
+    """The text of a --config-extra file: YAML sections to append to the command's configuration. ValueError when it
+    cannot be read, is not a YAML mapping, or repeats one of HARNESS_SECTIONS."""
+    try:
+        text = path.read_text()
+        document = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    if document is None:
+        return ""
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: not a YAML mapping of configuration sections")
+    if repeated := sorted(HARNESS_SECTIONS.intersection(document)):
+        raise ValueError(f"{path}: repeats the harness's own section(s) {', '.join(repeated)}")
+    return text
 
 
 async def _until_stopped(gateway: GatewayProcess) -> bool:
@@ -247,7 +276,9 @@ async def run_command(args: argparse.Namespace) -> int:
             config = scratch / "llmrelay.yaml"
             upstream_url = upstream.base_url.removesuffix("/v1")
             config.write_text(
-                gateway_config(upstream_url, scratch, fallback=args.fallback, retries=args.retries, tls=tls)
+                gateway_config(
+                    upstream_url, scratch, fallback=args.fallback, retries=args.retries, tls=tls, extra=args.extra
+                )
             )
             gateway = await spawn_gateway(config, cwd=scratch, echo=sys.stderr)
             try:
@@ -280,7 +311,19 @@ def main() -> None:
     parser.add_argument("--fallback", action="store_true", help='a second backend, "fallback", after "ollama"')
     parser.add_argument("--tls", action="store_true", help="serve TLS with a certificate from a CA made for the run")
     parser.add_argument("--retries", type=int, default=0, help="the router's max_retries (default 0)")
-    sys.exit(asyncio.run(run_command(parser.parse_args())))
+    parser.add_argument(
+        "--config-extra",
+        type=Path,
+        metavar="FILE",
+        help="YAML sections appended to the gateway's configuration, such as auth (caller keys and their limits); "
+        "not the harness's own: server, llm, router",
+    )
+    args = parser.parse_args()
+    try:
+        args.extra = config_extra(args.config_extra) if args.config_extra else ""
+    except ValueError as exc:
+        parser.error(f"--config-extra: {exc}")
+    sys.exit(asyncio.run(run_command(args)))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ package llmrelay_test
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -17,6 +18,7 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/llmrelay/llmrelay/client/go/internal/gatewaytest"
 	"github.com/llmrelay/llmrelay/client/go/llmrelay"
@@ -363,6 +365,48 @@ func TestStreamRateLimitedCarriesErrorInfoAndRetryInfo(t *testing.T) {
 	}
 	if delay, ok := e.RetryDelay(); !ok || delay < 1500*time.Millisecond || delay > 2500*time.Millisecond {
 		t.Errorf("retry delay %s (present: %t), want about 2s", delay, ok)
+	}
+}
+
+// startGateway runs a harness of the test's own with opts (ConfigExtra: sections added to its gateway's
+// configuration, such as caller keys and their limits), stopped after the test.
+func startGateway(t *testing.T, opts gatewaytest.Options) *gatewaytest.Gateway {
+	t.Helper()
+	needGateway(t)
+	gateway, err := gatewaytest.Start(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := gateway.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	return gateway
+}
+
+func TestQuotaFailureSaysWhatToChange(t *testing.T) {
+	const key = "llmr-go-quota-0123456789abcdefghij"
+	gateway := startGateway(t, gatewaytest.Options{ConfigExtra: fmt.Sprintf(`auth:
+  keys:
+    - {name: limited, sha256: "%x", limits: {tokens_per_minute: 1000}}
+`, sha256.Sum256([]byte(key)))})
+	client := dial(t, gateway.Target, llmrelay.WithHeader("authorization", "Bearer "+key))
+	// max_tokens alone reserves more than the key may use in a minute: no wait would admit the request.
+	_, err := client.Complete(testContext(t), &llmrelayv1.CompleteRequest{
+		Messages: chat("too big"), Options: &llmrelayv1.CompletionOptions{MaxTokens: proto.Int32(5000)},
+	})
+	e := mustFail(t, err, codes.ResourceExhausted)
+	if e.Reason() != "TOKENS_PER_MINUTE_EXCEEDED" {
+		t.Errorf("reason %q, want TOKENS_PER_MINUTE_EXCEEDED", e.Reason())
+	}
+	violations := e.QuotaViolations()
+	if len(violations) != 1 || violations[0].GetSubject() != "key:limited" ||
+		!strings.Contains(violations[0].GetDescription(), "set max_tokens to at most") {
+		t.Fatalf("quota violations %v, want one of key:limited saying which max_tokens fits", violations)
+	}
+	if delay, ok := e.RetryDelay(); ok {
+		t.Errorf("retry delay %s: a request that never fits has none", delay)
 	}
 }
 

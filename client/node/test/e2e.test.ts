@@ -3,6 +3,7 @@
  * loopback), called through this package's Client.
  */
 import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
 import { after, before, beforeEach, describe, test } from "node:test";
 
 import { status } from "@grpc/grpc-js";
@@ -17,6 +18,7 @@ import {
   InterruptPolicy,
   LLMRelayError,
   Role,
+  StreamCompleteRequest,
   functionTool,
   isRestart,
   parseError,
@@ -375,6 +377,16 @@ describe("a stream cut midway, with a fallback backend", { concurrency: false },
     );
   });
 
+  test("collect asks for restarts when onInterrupt is UNSPECIFIED, as fromPartial() fills it in", async () => {
+    await itsUpstream.addFaults(cut);
+    const request = StreamCompleteRequest.fromPartial({ messages: chat(prompt) });
+    assert.equal(request.onInterrupt, InterruptPolicy.INTERRUPT_POLICY_UNSPECIFIED);
+    const answer = await connect(twoBackends.addr).collect(request);
+    assert.equal(answer.message?.content, `echo: ${prompt}`);
+    assert.equal(answer.backend, "fallback");
+    assert.equal(answer.attempts[0]?.outcome, AttemptOutcome.ATTEMPT_OUTCOME_INTERRUPTED);
+  });
+
   test("the raw stream with RESTART yields exactly one restart marker, and the whole answer after it", async () => {
     await itsUpstream.addFaults(cut);
     const request = { messages: chat(prompt), onInterrupt: InterruptPolicy.INTERRUPT_POLICY_RESTART };
@@ -406,5 +418,34 @@ describe("a stream cut midway, with a fallback backend", { concurrency: false },
     const abort = { messages: chat(prompt), onInterrupt: InterruptPolicy.INTERRUPT_POLICY_ABORT };
     err = await mustFail(connect().collect(abort), status.ABORTED);
     assert.equal(err.reason, "STREAM_INTERRUPTED");
+  });
+});
+
+describe("a key's limits", { concurrency: false }, () => {
+  const key = "llmr-node-quota-0123456789abcdefghi";
+  let limited: Gateway;
+
+  before(async () => {
+    const sha256 = createHash("sha256").update(key).digest("hex");
+    limited = await Gateway.start({
+      configExtra: `auth:\n  keys:\n    - {name: limited, sha256: "${sha256}", limits: {tokens_per_minute: 1000}}\n`,
+    });
+  });
+
+  after(async () => {
+    await limited?.stop();
+  });
+
+  test("a request larger than the limit gets a QuotaFailure that says what to change", async () => {
+    const client = connect(limited.addr, { metadata: { authorization: `Bearer ${key}` } });
+    // max_tokens alone reserves more than the key may use in a minute: no wait would admit the request.
+    const request = { messages: chat("too big"), options: { maxTokens: 5_000 } };
+    const err = await mustFail(client.complete(request), status.RESOURCE_EXHAUSTED);
+    assert.equal(err.reason, "TOKENS_PER_MINUTE_EXCEEDED");
+    assert.equal(err.quotaFailure?.violations.length, 1);
+    const [violation] = err.quotaViolations;
+    assert.equal(violation?.subject, "key:limited");
+    assert.match(violation?.description ?? "", /set max_tokens to at most \d+/);
+    assert.equal(err.retryDelayMs, undefined, "a request that never fits has no RetryInfo");
   });
 });

@@ -4,7 +4,8 @@
  * (`make setup`).
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 
@@ -99,6 +100,11 @@ export interface GatewayOptions {
   tls?: boolean;
   /** The router's max_retries (default 0). */
   retries?: number;
+  /**
+   * YAML appended to the gateway's configuration (the harness's --config-extra): sections the harness does not write,
+   * such as auth with caller keys and their limits; never its own server, llm or router.
+   */
+  configExtra?: string;
 }
 
 /** What the harness prints once its gateway serves. */
@@ -126,6 +132,22 @@ export class Gateway {
     if (options.fallback) args.push("--fallback");
     if (options.tls) args.push("--tls");
     if (options.retries !== undefined) args.push("--retries", String(options.retries));
+    // The harness reads the file before it starts anything, so it can go once start() returns.
+    let scratch: string | undefined;
+    try {
+      if (options.configExtra !== undefined) {
+        scratch = mkdtempSync(join(tmpdir(), "llmrelay-harness-"));
+        const path = join(scratch, "config-extra.yaml");
+        writeFileSync(path, options.configExtra);
+        args.push("--config-extra", path);
+      }
+      return await Gateway.spawn(args);
+    } finally {
+      if (scratch !== undefined) rmSync(scratch, { recursive: true, force: true });
+    }
+  }
+
+  private static async spawn(args: string[]): Promise<Gateway> {
     // stdin a pipe: closing it stops the harness.
     const child = spawn(venvPython(), args, { stdio: ["pipe", "pipe", "pipe"] });
     running.add(child);

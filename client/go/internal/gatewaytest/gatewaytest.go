@@ -56,6 +56,9 @@ type Options struct {
 	TLS bool
 	// Retries is the router's max_retries (0: none).
 	Retries int
+	// ConfigExtra is YAML appended to the gateway's configuration (the harness's --config-extra): sections the
+	// harness does not write, such as auth with caller keys and their limits; never its own server, llm or router.
+	ConfigExtra string
 }
 
 // Gateway is a running harness: the gateway, and the upstream behind it.
@@ -110,6 +113,15 @@ func Start(opts Options) (*Gateway, error) {
 	if opts.TLS {
 		args = append(args, "--tls")
 	}
+	if opts.ConfigExtra != "" {
+		// The harness reads the file before it starts anything, so it can go once Start returns.
+		path, err := writeTemp(opts.ConfigExtra)
+		if err != nil {
+			return nil, err
+		}
+		defer func() { _ = os.Remove(path) }()
+		args = append(args, "--config-extra", path)
+	}
 	cmd := exec.Command(python, args...)
 	cmd.Dir = root
 	setProcAttr(cmd)
@@ -152,6 +164,23 @@ func Start(opts Options) (*Gateway, error) {
 		g.Close()
 		return nil, fmt.Errorf("gatewaytest: the harness's gateway did not serve within %s:\n%s", StartTimeout, g.Log())
 	}
+}
+
+// writeTemp writes text to a new temporary file and returns its path.
+func writeTemp(text string) (string, error) {
+	f, err := os.CreateTemp("", "llmrelay-gatewaytest-*.yaml")
+	if err != nil {
+		return "", err
+	}
+	_, err = f.WriteString(text)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		_ = os.Remove(f.Name())
+		return "", fmt.Errorf("gatewaytest: write %s: %w", f.Name(), err)
+	}
+	return f.Name(), nil
 }
 
 func deref(s *string) string {
