@@ -201,6 +201,17 @@ ROWS = [
 ]
 
 
+def local_alone(local: FakeUpstream, circuit: str = "{}") -> str:
+    """The local upstream as the one backend, tried once a call, with this circuit."""
+    return f"""
+llm:
+  ollama: {{base_url: "{local.base_url}", model: tiny}}
+router:
+  retry: {{max_retries: 0}}
+  circuit: {circuit}
+"""
+
+
 def cases(rows: list[Row]) -> list[Any]:
     """Each row with each dialect of the primary that it applies to, as (primary, row) parameters."""
     return [pytest.param(d, r, id=f"{d}-{r.name}") for r in rows for d in DIALECTS if r.only in (None, d)]
@@ -556,12 +567,7 @@ async def test_one_delta_over_the_message_limit_is_sent_in_pieces(
 async def test_a_retry_after_of_ages_is_taken_as_a_day(
     stub_for: StubFactory, local: FakeUpstream, retry_after: str
 ) -> None:
-    stub = await stub_for(f"""
-llm:
-  ollama: {{base_url: "{local.base_url}", model: tiny}}
-router:
-  retry: {{max_retries: 0}}
-""")
+    stub = await stub_for(local_alone(local))
     for status, code in ((503, grpc.StatusCode.UNAVAILABLE), (429, grpc.StatusCode.RESOURCE_EXHAUSTED)):
         local.inject({"status": status, "retry_after": retry_after}, {"status": status, "retry_after": retry_after})
         with pytest.raises(grpc.aio.AioRpcError) as unary:
@@ -575,13 +581,7 @@ router:
 
 
 async def test_an_open_circuit_says_when_to_come_back(stub_for: StubFactory, local: FakeUpstream) -> None:
-    stub = await stub_for(f"""
-llm:
-  ollama: {{base_url: "{local.base_url}", model: tiny}}
-router:
-  retry: {{max_retries: 0}}
-  circuit: {{failure_threshold: 1, cooldown_s: 30}}
-""")
+    stub = await stub_for(local_alone(local, circuit="{failure_threshold: 1, cooldown_s: 30}"))
     local.inject({"status": 503})
     with pytest.raises(grpc.aio.AioRpcError):
         await stub.Complete(chat(), timeout=5)
@@ -601,13 +601,7 @@ router:
 async def test_a_call_skipped_while_a_probe_is_out_is_told_to_come_back_soon(
     stub_for: StubFactory, local: FakeUpstream
 ) -> None:
-    stub = await stub_for(f"""
-llm:
-  ollama: {{base_url: "{local.base_url}", model: tiny}}
-router:
-  retry: {{max_retries: 0}}
-  circuit: {{failure_threshold: 1, cooldown_s: 0.2}}
-""")
+    stub = await stub_for(local_alone(local, circuit="{failure_threshold: 1, cooldown_s: 0.2}"))
     local.inject({"status": 503}, {"stall_s": 3})
     with pytest.raises(grpc.aio.AioRpcError):
         await stub.Complete(chat(), timeout=5)

@@ -8,7 +8,7 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import pytest
@@ -165,18 +165,35 @@ async def logged(caplog: pytest.LogCaptureFixture, text: str, within_s: float = 
     raise AssertionError(f"not logged within {within_s} s: {text}")
 
 
-async def test_a_keys_file_saved_in_place_revokes_no_key_while_it_is_empty(
+class KeyedByFile(NamedTuple):
+    keys_file: Path
+    content: str
+    """What the file said when the gateway started: the research key."""
+    channel: grpc.aio.Channel
+    stub: pb.LLMServiceAsyncStub
+
+
+@pytest.fixture
+async def keyed_by_file(
     gateway_factory: GatewayFactory,
     primary: FakeUpstream,
     local: FakeUpstream,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
-) -> None:
+) -> KeyedByFile:
+    """A gateway whose keys come from a keys file, which admits the research key; its log captured from INFO."""
     caplog.set_level(logging.INFO, logger="llmrelay_server.auth")
     keys_file = tmp_path / "keys.yaml"
     content = f"keys: [{key_entry('research', RESEARCH_KEY)}]\n"
-    keys_file.write_text(content)
+    await asyncio.to_thread(keys_file.write_text, content)
     _, channel, stub = await start(gateway_factory, primary, local, f'auth: {{keys_file: "{keys_file}"}}\n')
+    return KeyedByFile(keys_file, content, channel, stub)
+
+
+async def test_a_keys_file_saved_in_place_revokes_no_key_while_it_is_empty(
+    keyed_by_file: KeyedByFile, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys_file, content, channel, stub = keyed_by_file
 
     def complete() -> Any:
         return stub.Complete(chat(), metadata=bearer(RESEARCH_KEY), timeout=5)
@@ -196,16 +213,9 @@ async def test_a_keys_file_saved_in_place_revokes_no_key_while_it_is_empty(
 
 
 async def test_a_keys_file_that_admits_nobody_revokes_every_key_and_says_so(
-    gateway_factory: GatewayFactory,
-    primary: FakeUpstream,
-    local: FakeUpstream,
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
+    keyed_by_file: KeyedByFile, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="llmrelay_server.auth")
-    keys_file = tmp_path / "keys.yaml"
-    keys_file.write_text(f"keys: [{key_entry('research', RESEARCH_KEY)}]\n")
-    _, channel, stub = await start(gateway_factory, primary, local, f'auth: {{keys_file: "{keys_file}"}}\n')
+    keys_file, _, channel, stub = keyed_by_file
     async with channel:
         assert (await stub.Complete(chat(), metadata=bearer(RESEARCH_KEY), timeout=5)).backend == "openai"
         keys_file.write_text("keys: []\n")
