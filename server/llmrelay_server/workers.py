@@ -307,6 +307,11 @@ class _WorkersMetrics(Collector):
                 with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as answer:
                     text = answer.read().decode()
                 for family in text_string_to_metric_families(text):
+                    if family.type == "gauge" and family.name.endswith("_created"):
+                        # A counter's creation time, a gauge of its own in this format: exposed again beside the
+                        # counter, it would clash with the counter's own _created in OpenMetrics, Prometheus's
+                        # preferred format, and fail the whole scrape.
+                        continue
                     merged = families.setdefault(
                         family.name, Metric(family.name, family.documentation, family.type, family.unit)
                     )

@@ -17,6 +17,7 @@ import grpc
 import pytest
 from harness import GatewayProcess, free_port
 from llmrelay import v1 as pb
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 from support import chat, read_all, start_server, stream_chat
 from upstream import FakeUpstream
@@ -97,6 +98,14 @@ async def test_workers_share_the_port_the_ledger_and_the_metrics(tmp_path: Path,
                     workers_running = sample.value
         assert sum(handled.values()) == 40 and set(handled) == {"1", "2"}  # both served, and all are counted
         assert workers_running == 2
+        # What Prometheus asks for first, OpenMetrics, parses too.
+        asked = urllib.request.Request(
+            f"http://127.0.0.1:{metrics_port}/metrics",
+            headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+        )
+        open_metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(asked, timeout=5).read().decode())
+        names = {family.name for family in openmetrics_families(open_metrics)}
+        assert "grpc_server_handled" in names and not any(name.endswith("_created") for name in names)
     finally:
         assert await stop(gateway) == 0
     output = await gateway.output()
