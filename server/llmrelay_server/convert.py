@@ -188,6 +188,9 @@ def count_request(
     text = request.text if request.HasField("text") else None
     if text is not None and request.messages:
         errors.add("text", "give either text or messages, not both")
+    if text is not None and request.tools:
+        # A plain text is counted alone: tools are part of a chat's count, and silently left out they would not be.
+        errors.add("tools", "tools are counted with messages (a chat), not with a plain text")
     messages = _messages(request.messages, errors, "messages", max_image_bytes) if text is None else ()
     tools = tuple(_tool(t, errors, f"tools[{i}]") for i, t in enumerate(request.tools))
     errors.raise_if_any()

@@ -295,9 +295,9 @@ class _Chain:
         self.record(route, AttemptOutcome.SKIPPED, asyncio.get_running_loop().time(), skipped)
         self.last_error = last_error or skipped
 
-    def cut_short(self, outcome: AttemptOutcome, error: str, upstream_status: int | None = None) -> None:
-        """The stream of the last attempt, recorded as it opened, ended before its answer was whole: its outcome,
-        and its time from start to the cut."""
+    def stream_ended(self, outcome: AttemptOutcome, error: str = "", upstream_status: int | None = None) -> None:
+        """The stream of the last attempt, recorded when its first chunk came, ended (whole, or cut short): its
+        outcome, and its time from its start to its end, which the gateway's own share of the call is told from."""
         opened = self.attempts[-1]
         self.attempts[-1] = replace(
             opened,
@@ -544,6 +544,7 @@ class Router:
                             usage = self._priced(route, chunk.model, usage)
                             self._bill(chunk.backend, chunk.model, caller, usage)
                             billed = True
+                            chain.stream_ended(AttemptOutcome.SUCCEEDED)
                             total = usage if consumed is None else consumed + usage
                             chunk = replace(chunk, usage=total, attempts=tuple(chain.attempts))
                         else:
@@ -552,7 +553,7 @@ class Router:
                 return
             except UpstreamError as exc:
                 # The attempt that had started is recorded as broken, not as the success it first looked like.
-                chain.cut_short(AttemptOutcome.INTERRUPTED, exc.message, exc.status)
+                chain.stream_ended(AttemptOutcome.INTERRUPTED, exc.message, exc.status)
                 chain.last_error = exc
                 partial = self._bill_partial(route, request, caller, received)
                 billed = True
@@ -572,6 +573,8 @@ class Router:
                 # The caller left, or the deadline ran out, mid-stream: what was generated was still consumed.
                 if not billed:
                     self._bill_partial(route, request, caller, received)
+                    if chain.attempts[-1].outcome is AttemptOutcome.SUCCEEDED:  # the caller left: it streamed till now
+                        chain.stream_ended(AttemptOutcome.SUCCEEDED)
                 await upstream.aclose()
         if broken is not None:
             # Text was sent and no restart finished it: the stream as a whole was interrupted.
@@ -668,7 +671,7 @@ class Router:
                     return
                 except TimeoutError:
                     if loop.time() >= chain.deadline:
-                        chain.cut_short(AttemptOutcome.TIMEOUT, "the deadline ran out mid-stream")
+                        chain.stream_ended(AttemptOutcome.TIMEOUT, "the deadline ran out mid-stream")
                         raise chain.deadline_exceeded() from None
                     stalled = UpstreamError(UpstreamErrorKind.TIMEOUT, route.backend.name, f"no data for {idle_s:g} s")
                     route.backend.count_failure(stalled)

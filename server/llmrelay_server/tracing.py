@@ -192,7 +192,7 @@ class _Call:
             start = min(max(begun, self.started), ended)
             end = min(start + int(attempt.duration_s * 1e9), ended)
             if streamed and index == len(attempts) - 1 and attempt.outcome is AttemptOutcome.SUCCEEDED:
-                end = ended  # the attempt's duration is its time to the first chunk; its stream went on to the end
+                end = ended  # its stream went on to the end of the call
             cursor = end
             ends.append(end)
             attributes = self._attempt_attributes(attempt, _take(unmatched, attempt))

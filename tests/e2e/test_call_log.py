@@ -195,3 +195,37 @@ async def test_the_servers_lines_come_out_while_it_runs(tmp_path: Path, local: F
         async with asyncio.timeout(20):
             await server.process.wait()
     assert "stopped" in (await server.output()).splitlines()[-1]  # the last lines are flushed at the exit
+
+
+@pytest.mark.parametrize("leaves", [False, True], ids=["whole", "the caller leaves"])
+async def test_a_streams_time_waiting_for_its_upstream_is_not_the_gateways_own(
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    caplog: pytest.LogCaptureFixture,
+    leaves: bool,
+) -> None:
+    """A stream's attempt lasts until its stream ends, not until its first chunk: the call's overhead (its time less
+    its attempts') is the gateway's own, and its AttemptHistory says how long the upstream streamed."""
+    caplog.set_level(logging.INFO, logger=CALLS)
+    gateway = await gateway_factory(two_backends(primary, local))
+    primary.inject({"trickle_s": 0.3})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        call = pb.LLMServiceStub(channel).StreamComplete(
+            stream_chat("one two three"), timeout=10, metadata=[("x-request-id", "slow")]
+        )
+        if leaves:
+            await call.read()
+            await call.read()
+            await asyncio.sleep(0.35)
+            call.cancel()
+        else:
+            chunks = [chunk async for chunk in call]
+            assert chunks[-1].attempts[-1].duration.ToTimedelta().total_seconds() >= 0.6
+    for _ in range(100):  # the line comes as the call ends, after the caller has its status
+        if "slow" in lines(caplog):
+            break
+        await asyncio.sleep(0.02)
+    line = lines(caplog)["slow"]
+    assert line["duration_ms"] >= 600, line
+    assert line["overhead_ms"] < 200, line

@@ -405,7 +405,8 @@ def test_count_a_chat_with_tools() -> None:
         (pb.CountTokensRequest(messages=[pb.Message(content="x")]), ["messages[0].role"]),
         (pb.CountTokensRequest(messages=[user()], tools=[tool("a b"), tool("f", {"type": "array"})]),
          ["tools[0].function.name", "tools[1].function.parameters"]),
-        (pb.CountTokensRequest(text="x", tools=[tool("")]), ["tools[0].function.name"]),
+        (pb.CountTokensRequest(text="x", tools=[tool("f")]), ["tools"]),
+        (pb.CountTokensRequest(text="x", tools=[tool("")]), ["tools", "tools[0].function.name"]),
     ],
 )  # fmt: skip
 def test_invalid_count_requests(request_: pb.CountTokensRequest, fields: list[str]) -> None:
