@@ -74,7 +74,7 @@ class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpcio
 
 
 class HealthMonitor:
-    def __init__(self, router: Router, servicer: health.aio.HealthServicer, interval_s: float) -> None:
+    def __init__(self, router: Router, servicer: HealthServicer, interval_s: float) -> None:
         self._backends = router.backends
         self._servicer = servicer
         self._interval_s = interval_s
@@ -90,8 +90,7 @@ class HealthMonitor:
 
     def end_watches(self) -> None:
         """After the drain: the watchers have seen NOT_SERVING; their streams end."""
-        if isinstance(self._servicer, HealthServicer):
-            self._servicer.end_watches()
+        self._servicer.end_watches()
 
     async def stop(self) -> None:
         """Everything NOT_SERVING, so that probes see the shutdown before the port closes."""
