@@ -29,6 +29,8 @@ Faults are queued; each chat or embeddings request takes the next one. A fault i
     {"cut_before_done": true}                          likewise, but the connection closes mid-body (no last chunk)
     {"no_finish": true}                                a stream with no finish reason (then [DONE])
     {"one_delta": true}                                the whole content in one stream delta
+    {"ignore_stream": true}                            answer a stream request whole, as JSON (as servers that
+                                                       cannot stream do)
     {"line_end": "\\r\\n"}                             a stream whose lines end with CRLF (or "\\r": CR) for LF
     {"out_of_order": true}                             embeddings listed last input first (each with its index)
     {"raw": "HTTP/1.1 abc\\r\\n\\r\\n"}                these bytes (latin-1) as the whole answer, then close
@@ -200,7 +202,7 @@ class FakeUpstream:
             error = {"error": {"message": f"model '{model}' not found", "type": "not_found_error", "code": None}}
             return await _send_json(writer, 404, error)
         answer = _answer(body, fault)
-        if body.get("stream"):
+        if body.get("stream") and not fault.get("ignore_stream"):
             return await self._stream(writer, answer, body, fault)
         return await _send_json(writer, 200, answer.completion())
 

@@ -40,6 +40,8 @@ MAX_FIELD_CHARS = 128
 """Caller-given strings in the line (a model name) are cut to this."""
 MAX_CONTENT_CHARS = 2000
 _ROLE_USER = pb.ROLE_USER
+_ASKING_A_MODEL = (pb.CompleteRequest, pb.StreamCompleteRequest, pb.CountTokensRequest, pb.EmbedRequest)
+"""The requests whose `model` names the model to answer them, "default" when unset."""
 
 
 def request_id(metadata: Any) -> str:
@@ -164,14 +166,13 @@ def _caller(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 
 
 def _asked_model(request: Any) -> str | None:
-    if not isinstance(request, Message):  # a request that did not decode
+    # None for a request that did not decode, and for an RPC that asks no model for an answer: Health, the health and
+    # reflection services, and GetUsage, whose `model` only filters the ledger.
+    if not isinstance(request, _ASKING_A_MODEL):
         return None
-    try:
-        if not request.HasField("model"):
-            return "default"
-    except ValueError:  # an RPC whose request names no model
-        return None
-    return str(getattr(request, "model", ""))[:MAX_FIELD_CHARS]
+    if not request.HasField("model"):
+        return "default"
+    return request.model[:MAX_FIELD_CHARS]
 
 
 def _last_user_message(request: Any) -> str | None:

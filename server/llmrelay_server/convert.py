@@ -377,7 +377,8 @@ def _options(options: pb.CompletionOptions, errors: _Violations) -> CompletionOp
         reasoning_effort=_enum(options.reasoning_effort, _EFFORTS, "options.reasoning_effort", errors),
         presence_penalty=number("presence_penalty", -2.0, 2.0),
         frequency_penalty=number("frequency_penalty", -2.0, 2.0),
-        parallel_tool_calls=options.parallel_tool_calls if options.HasField("parallel_tool_calls") else None,
+        # Without tools it says nothing (an agent's loop may set it on every turn), and upstreams refuse it there.
+        parallel_tool_calls=options.parallel_tool_calls if tools and options.HasField("parallel_tool_calls") else None,
     )
 
 
@@ -418,23 +419,36 @@ def _tool_choice(
     if not options.HasField("tool_choice"):
         return None
     choice = options.tool_choice
+    # A tool choice without tools is refused here, in the caller's terms and whichever dialect the backend speaks:
+    # upstreams refuse it with a 400 that names no field of the contract.
     if choice.WhichOneof("choice") == "function_name":
-        if choice.function_name not in declared:
+        if not declared:
+            errors.add("options.tool_choice.function_name", "names a tool, but options.tools declares none")
+        elif choice.function_name not in declared:
             errors.add("options.tool_choice.function_name", "must name one of options.tools")
         return NamedToolChoice(choice.function_name)
     mode: ToolChoiceMode | None = _enum(choice.mode, _TOOL_CHOICES, "options.tool_choice.mode", errors)
-    if mode == "required" and not declared:
-        errors.add("options.tool_choice.mode", "REQUIRED needs at least one tool in options.tools")
+    if mode is not None and not declared:
+        name = pb.ToolChoiceMode.Name(choice.mode)
+        errors.add(
+            "options.tool_choice.mode",
+            f"{name} needs at least one tool in options.tools; without tools, leave it unset",
+        )
     return mode
 
 
 def _response_format(options: pb.CompletionOptions, errors: _Violations) -> ResponseFormat | None:
     fmt = options.response_format
     kind = _enum(fmt.type, _FORMATS, "options.response_format.type", errors)
-    if kind is None:
-        return None
     if kind != "json_schema":
-        return ResponseFormat(type=kind)
+        # With any other type (JSON_OBJECT above all) a schema would be dropped and the answer not held to it: refused,
+        # so that the caller knows.
+        if fmt.HasField("json_schema"):
+            errors.add(
+                "options.response_format.json_schema",
+                "a schema needs type RESPONSE_FORMAT_TYPE_JSON_SCHEMA: set that type, or leave json_schema unset",
+            )
+        return None if kind is None else ResponseFormat(type=kind)
     schema = fmt.json_schema
     where = "options.response_format.json_schema"
     if not _NAME.fullmatch(schema.name):

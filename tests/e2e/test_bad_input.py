@@ -11,7 +11,8 @@ from google.protobuf import struct_pb2
 from google.protobuf.descriptor import Descriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 from llmrelay import v1 as pb
-from support import chat, details
+from support import DIALECTS, chat, details, read_all, stream_chat, tool
+from upstream import FakeUpstream
 
 SERVICE = pb.DESCRIPTOR.services_by_name["LLMService"]
 GARBAGE = b"\xff\xff\xff\xff\xff\xff\xff\xff"
@@ -223,4 +224,118 @@ async def test_a_message_of_empty_text_parts_names_the_field(
     assert [(v.field, v.description) for v in violations] == [
         ("messages[1].parts", "must not be empty: every part is empty text")
     ]
+    assert_quiet(caplog)
+
+
+async def refused_everywhere(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, caplog: pytest.LogCaptureFixture, options: pb.CompletionOptions
+) -> list[tuple[str, str]]:
+    """The (field, description) violations of a request with these options, which Complete and StreamComplete both
+    refuse alike before any upstream sees it."""
+    with pytest.raises(grpc.aio.AioRpcError) as unary:
+        await stub.Complete(chat(options=options), timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError) as streamed:
+        await read_all(stub.StreamComplete(stream_chat(options=options), timeout=5))
+    found = []
+    for caught in (unary, streamed):
+        assert_invalid_request(caught.value)
+        found.append([(v.field, v.description) for v in details(caught.value)["BadRequest"].field_violations])
+    assert found[0] == found[1]
+    assert primary.chat_requests == []
+    assert_quiet(caplog)
+    return found[0]
+
+
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
+@pytest.mark.parametrize(
+    "kind", [pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT, pb.RESPONSE_FORMAT_TYPE_TEXT], ids=["json_object", "text"]
+)
+async def test_a_schema_with_a_type_other_than_json_schema_names_the_field(
+    stub: pb.LLMServiceAsyncStub,
+    primary: FakeUpstream,
+    caplog: pytest.LogCaptureFixture,
+    kind: pb.ResponseFormatType.ValueType,
+) -> None:
+    """Not dropped, which would leave the answer unchecked against a schema the caller believes in."""
+    schema = pb.JsonSchema(name="answer", schema_json='{"type": "object"}')
+    options = pb.CompletionOptions(response_format=pb.ResponseFormat(type=kind, json_schema=schema))
+
+    violations = await refused_everywhere(stub, primary, caplog, options)
+
+    assert violations == [
+        (
+            "options.response_format.json_schema",
+            "a schema needs type RESPONSE_FORMAT_TYPE_JSON_SCHEMA: set that type, or leave json_schema unset",
+        )
+    ]
+    options.response_format.type = pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA  # the same schema, as it should have come
+    assert (await stub.Complete(chat(options=options), timeout=5)).message.content == "echo: hello gateway"
+
+
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
+@pytest.mark.parametrize(
+    ("choice", "violation"),
+    [
+        (
+            pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_NONE),
+            (
+                "options.tool_choice.mode",
+                "TOOL_CHOICE_MODE_NONE needs at least one tool in options.tools; without tools, leave it unset",
+            ),
+        ),
+        (
+            pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_AUTO),
+            (
+                "options.tool_choice.mode",
+                "TOOL_CHOICE_MODE_AUTO needs at least one tool in options.tools; without tools, leave it unset",
+            ),
+        ),
+        (
+            pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED),
+            (
+                "options.tool_choice.mode",
+                "TOOL_CHOICE_MODE_REQUIRED needs at least one tool in options.tools; without tools, leave it unset",
+            ),
+        ),
+        (
+            pb.ToolChoice(function_name="weather"),
+            ("options.tool_choice.function_name", "names a tool, but options.tools declares none"),
+        ),
+    ],
+    ids=["none", "auto", "required", "named"],
+)
+async def test_a_tool_choice_without_tools_names_the_field(
+    stub: pb.LLMServiceAsyncStub,
+    primary: FakeUpstream,
+    caplog: pytest.LogCaptureFixture,
+    choice: pb.ToolChoice,
+    violation: tuple[str, str],
+) -> None:
+    """Refused by the gateway, in the contract's terms, whichever API the backend speaks: passed on, the upstream
+    would refuse it with a 400 that names no field of the contract."""
+    assert await refused_everywhere(stub, primary, caplog, pb.CompletionOptions(tool_choice=choice)) == [violation]
+
+
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
+async def test_a_tool_choice_naming_an_undeclared_tool_names_the_field(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    options = pb.CompletionOptions(tools=[tool("weather")], tool_choice=pb.ToolChoice(function_name="forecast"))
+
+    violations = await refused_everywhere(stub, primary, caplog, options)
+
+    assert violations == [("options.tool_choice.function_name", "must name one of options.tools")]
+
+
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
+async def test_parallel_tool_calls_without_tools_is_not_passed_on(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An agent's loop may set it on every turn, tools or none: without tools it means nothing, and upstreams refuse
+    it there (OpenAI with a 400; Anthropic takes it only inside a tool_choice, which would need tools)."""
+    answer = await stub.Complete(chat(options=pb.CompletionOptions(parallel_tool_calls=False)), timeout=5)
+
+    assert answer.backend == primary.dialect
+    sent = primary.chat_requests[-1]
+    assert "parallel_tool_calls" not in sent and "tool_choice" not in sent
     assert_quiet(caplog)

@@ -175,8 +175,16 @@ def test_the_stream_request_converts_alike() -> None:
         (pb.CompletionOptions(tools=[tool("a-b_C9")]), "tools", (Tool("a-b_C9"),)),
         (pb.CompletionOptions(tools=[tool("f", {})]), "tools", (Tool("f", parameters={}),)),
         (pb.CompletionOptions(tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_UNSPECIFIED)), "tool_choice", None),
-        (pb.CompletionOptions(tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_NONE)), "tool_choice", "none"),
-        (pb.CompletionOptions(tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_AUTO)), "tool_choice", "auto"),
+        (
+            pb.CompletionOptions(tools=[tool("f")], tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_NONE)),
+            "tool_choice",
+            "none",
+        ),
+        (
+            pb.CompletionOptions(tools=[tool("f")], tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_AUTO)),
+            "tool_choice",
+            "auto",
+        ),
         (
             pb.CompletionOptions(tools=[tool("f")], tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED)),
             "tool_choice",
@@ -195,7 +203,8 @@ def test_the_stream_request_converts_alike() -> None:
             ResponseFormat("json_object"),
         ),
         (pb.CompletionOptions(response_format=pb.ResponseFormat()), "response_format", None),
-        (pb.CompletionOptions(parallel_tool_calls=True), "parallel_tool_calls", True),
+        (pb.CompletionOptions(tools=[tool("f")], parallel_tool_calls=True), "parallel_tool_calls", True),
+        (pb.CompletionOptions(parallel_tool_calls=False), "parallel_tool_calls", None),
     ],
 )
 def test_options_at_their_bounds(options: pb.CompletionOptions, attribute: str, expected: Any) -> None:
@@ -297,6 +306,33 @@ OPTS = pb.CompletionOptions
         (
             chat(options=OPTS(tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED))),
             ["options.tool_choice.mode"],
+        ),
+        (
+            chat(options=OPTS(tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_NONE))),
+            ["options.tool_choice.mode"],
+        ),
+        (
+            chat(options=OPTS(tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_AUTO))),
+            ["options.tool_choice.mode"],
+        ),
+        (
+            chat(options=OPTS(tool_choice=pb.ToolChoice(function_name="f"))),
+            ["options.tool_choice.function_name"],
+        ),
+        (
+            chat(
+                options=OPTS(
+                    response_format=pb.ResponseFormat(
+                        type=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
+                        json_schema=pb.JsonSchema(name="s", schema_json='{"type": "object"}'),
+                    )
+                )
+            ),
+            ["options.response_format.json_schema"],
+        ),
+        (
+            chat(options=OPTS(response_format=pb.ResponseFormat(json_schema=pb.JsonSchema(name="s")))),
+            ["options.response_format.json_schema"],
         ),
         (
             chat(options=OPTS(reasoning_effort=pb.ReasoningEffort.ValueType(6))),
@@ -791,7 +827,7 @@ def assert_within_bounds(result: CompletionRequest) -> None:
     assert o.tool_choice in (None, "none", "auto", "required") or (
         isinstance(o.tool_choice, NamedToolChoice) and o.tool_choice.name in declared
     )
-    assert o.tool_choice != "required" or declared
+    assert o.tool_choice is None or declared
     assert o.reasoning_effort in (None, "none", "minimal", "low", "medium", "high")
     fmt = o.response_format
     assert fmt is None or fmt.type in ("text", "json_object", "json_schema")

@@ -145,8 +145,12 @@ class AnthropicProvider:
             )
 
         try:
-            async with self._post_stream(body, timeout_s) as batches:
-                async for chunk in relayed(batches, chunk_of, lambda: state.stopped, self._spec.name):
+            async with self._post_stream(body, timeout_s) as answer:
+                if isinstance(answer, bytes):
+                    for chunk in self._whole_stream(answer, model):
+                        yield chunk
+                    return
+                async for chunk in relayed(answer, chunk_of, lambda: state.stopped, self._spec.name):
                     yield chunk
         except anthropic.APIError as exc:
             raise self._upstream_error(exc) from exc
@@ -206,10 +210,19 @@ class AnthropicProvider:
 
     def _post_stream(
         self, body: dict[str, Any], timeout_s: float | None
-    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[list[str]]]:
-        """Sends the JSON `anthropic_wire` built to /v1/messages, for a streamed answer."""
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[list[str]] | bytes]:
+        """Sends the JSON `anthropic_wire` built to /v1/messages, for a streamed answer (or the whole one of a server
+        that ignored `stream`: `post_stream`)."""
         content = wire.encode(body)
         return post_stream(self._messages, content, timeout_s)
+
+    def _whole_stream(self, raw: bytes, model: str) -> list[CompletionChunk]:
+        """The chunks of a stream whose upstream answered whole, read as `complete` reads an answer; usage left unset
+        when it reported none, as a stream's is (the router estimates it)."""
+        answer = anthropic_wire.answer_from(wire.decode_json(raw))
+        return wire.whole_answer_chunks(
+            answer.id, self._spec.name, answer.model or model, answer.message, answer.finish_reason, answer.usage
+        )
 
     async def _post_read(self, body: dict[str, Any], timeout_s: float | None) -> bytes:
         """Sends the JSON `anthropic_wire` built to /v1/messages and reads the answer whole."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import httpx2
@@ -91,10 +91,7 @@ class OpenAICompatibleProvider:
     async def complete(self, model: str, request: CompletionRequest, *, timeout_s: float | None) -> CompletionResponse:
         body = wire.request_body(model, request, max_tokens_field=self.max_tokens_field)
         try:
-            data = wire.decode_json(await self._post_read(body, timeout_s, self._completions))
-            choice = wire.first_choice(data, "message")
-            assert choice is not None
-            message = wire.message_from_choice(choice)
+            data, choice, message = _chat_completion(await self._post_read(body, timeout_s, self._completions))
         except openai.APIError as exc:
             raise self._upstream_error(exc) from exc
         except wire.MalformedAnswerError as exc:
@@ -158,8 +155,12 @@ class OpenAICompatibleProvider:
             )
 
         try:
-            async with self._post_stream(body, timeout_s) as batches:
-                async for chunk in relayed(batches, chunk_of, lambda: done, self._spec.name):
+            async with self._post_stream(body, timeout_s) as answer:
+                if isinstance(answer, bytes):
+                    for chunk in self._whole_stream(answer, model):
+                        yield chunk
+                    return
+                async for chunk in relayed(answer, chunk_of, lambda: done, self._spec.name):
                     yield chunk
         except openai.APIError as exc:
             raise self._upstream_error(exc) from exc
@@ -241,15 +242,24 @@ class OpenAICompatibleProvider:
 
     def _post_stream(
         self, body: dict[str, Any], timeout_s: float | None
-    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[list[str]]]:
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[list[str]] | bytes]:
         """Sends the JSON `wire` built (the caller's JSON text spliced in unchanged) to /chat/completions, for a
-        streamed answer."""
+        streamed answer (or the whole one of an upstream that ignored `stream`: `post_stream`)."""
         content = wire.encode(body)
         return post_stream(self._completions, content, timeout_s)
 
     async def _post_read(self, body: dict[str, Any], timeout_s: float | None, endpoint: Endpoint) -> bytes:
         """Sends the JSON `wire` built to `endpoint` and reads the answer whole."""
         return await post_read(endpoint, wire.encode(body), timeout_s)
+
+    def _whole_stream(self, raw: bytes, model: str) -> list[CompletionChunk]:
+        """The chunks of a stream whose upstream answered whole, read as `complete` reads an answer; usage left unset
+        when it reported none, as a stream's is (the router estimates it)."""
+        data, choice, message = _chat_completion(raw)
+        finish = wire.finish_reason(choice.get("finish_reason"))
+        served = self._served_model(data, model)
+        completion_id = str(data.get("id") or "")
+        return wire.whole_answer_chunks(completion_id, self._spec.name, served, message, finish, wire.usage_from(data))
 
     def _served_model(self, data: Any, fallback: str) -> str:
         model = data.get("model") if isinstance(data, dict) else None
@@ -289,6 +299,14 @@ class OpenAICompatibleProvider:
 
     def _redact(self, text: str) -> str:
         return redact(text, self._spec.api_key)
+
+
+def _chat_completion(raw: bytes) -> tuple[Any, Mapping[str, Any], Message]:
+    """A chat completion's body, read whole: its JSON, its choice 0, and that choice's message."""
+    data = wire.decode_json(raw)
+    choice = wire.first_choice(data, "message")
+    assert choice is not None  # first_choice finds a message or raises
+    return data, choice, wire.message_from_choice(choice)
 
 
 def _status_error(response: httpx2.Response) -> openai.APIStatusError:

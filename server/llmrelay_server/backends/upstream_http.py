@@ -150,18 +150,29 @@ async def post_read(endpoint: Endpoint, content: bytes, timeout_s: float | None)
 @contextlib.asynccontextmanager
 async def post_stream(
     endpoint: Endpoint, content: bytes, timeout_s: float | None
-) -> AsyncIterator[AsyncIterator[list[str]]]:
+) -> AsyncIterator[AsyncIterator[list[str]] | bytes]:
     """POSTs `content` (JSON) for a streamed answer: its lines (SSE ends them with CRLF, LF or CR), a list for each
     read from the network, the lines that were waiting together, which `relayed` turns into as few chunks, never
     waiting for more. A failure while reading comes out as httpx2's (ReadTimeout, ReadError), as the SDK's transport
     reports it. Leaving closes the connection at once unless the answer was read to its end, so that an upstream
-    sees a caller who went away."""
+    sees a caller who went away.
+
+    An upstream that ignores `stream: true` answers whole, as JSON (Content-Type application/json): that body, read
+    whole (failures as `post_read`'s), for the provider to relay as a stream of one answer. It is a valid answer,
+    and the caller would rather have it than a failure."""
     try:
         response = await _send(endpoint, content, timeout_s)
     except _AIOHTTP_ERRORS as exc:
         _raise_sdk_error(endpoint, exc)
     try:
-        yield _line_batches(response.content)
+        if response.content_type == "application/json":
+            try:
+                whole = await response.read()
+            except _AIOHTTP_ERRORS as exc:
+                _raise_sdk_error(endpoint, exc)
+            yield whole
+        else:
+            yield _line_batches(response.content)
     finally:
         response.release()
 

@@ -20,6 +20,7 @@ from typing import Any, Final, NamedTuple, TypeGuard
 import orjson
 
 from llmrelay_server.domain import (
+    CompletionChunk,
     CompletionOptions,
     CompletionRequest,
     ContentPart,
@@ -357,6 +358,33 @@ def _optional_text(value: Any, where: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
     raise MalformedAnswerError(f"`{where}` is not a string")
+
+
+def whole_answer_chunks(
+    answer_id: str, backend: str, model: str, message: Message, finish: FinishReason, usage: TokenUsage | None
+) -> list[CompletionChunk]:
+    """An answer that came whole where a stream was asked for (an upstream that ignored `stream: true`), as the stream
+    it stands for: one chunk with its text, reasoning and tool calls (none when it has none), then the last one."""
+    last = CompletionChunk(
+        id=answer_id,
+        backend=backend,
+        model=model,
+        finish_reason=finish,
+        usage=usage,
+        reasoning_signature=message.reasoning_signature,
+    )
+    if not (message.content or message.reasoning or message.tool_calls):
+        return [last]
+    calls = tuple(ToolCallDelta(i, call.id, call.name, call.arguments) for i, call in enumerate(message.tool_calls))
+    content = CompletionChunk(
+        id=answer_id,
+        backend=backend,
+        model=model,
+        content=message.content or None,
+        reasoning=message.reasoning or None,
+        tool_calls=calls,
+    )
+    return [content, last]
 
 
 def sse_data(line: str) -> str | None:
