@@ -271,6 +271,7 @@ class AttemptOutcome(enum.StrEnum):
     SKIPPED = "skipped"
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
     INTERRUPTED = "interrupted"
+    CANCELLED = "cancelled"  # the call ended (the caller left, a shutdown) mid-attempt; a caller's deadline: TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,8 @@ class Meter:
     """Every attempt of the call, as the router records them (the router's own list, so it is always current)."""
     first_chunk_s: float | None = None
     """A stream's time from the call's start to its first chunk from an upstream."""
+    first_chunk_backend: str | None = None
+    """The backend that sent that chunk: after a restart, not the one that finished the answer."""
     caller: str | None = None
     """Who the call bills, once the servicer has read it from the call (`servicer.caller_identity`)."""
     upstream_headers: dict[str, str] = field(default_factory=dict)
@@ -73,7 +75,9 @@ def upstream_headers() -> dict[str, str] | None:
     return meter.upstream_headers if meter is not None and meter.upstream_headers else None
 
 
-def first_chunk(seconds: float) -> None:
+def first_chunk(seconds: float, backend: str) -> None:
+    """The first chunk the caller gets, `seconds` after the call began, from `backend`: later ones (a restart's) are
+    not its first."""
     meter = current_meter.get()
     if meter is not None and meter.first_chunk_s is None:
-        meter.first_chunk_s = seconds
+        meter.first_chunk_s, meter.first_chunk_backend = seconds, backend

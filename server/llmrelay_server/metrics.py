@@ -147,7 +147,10 @@ class Metrics:
             registry=r,
         )
         self.restarts = _counter(
-            "llmrelay_stream_restarts", "Streams that broke after they started, by backend.", ["backend"], registry=r
+            "llmrelay_stream_restarts",
+            "Streams that broke after they started and were started over on the next route, by the backend that broke.",
+            ["backend"],
+            registry=r,
         )
         self.open_streams = Gauge("llmrelay_open_streams", "StreamComplete calls in progress.", registry=r)
         self.overhead = _histogram(
@@ -196,19 +199,20 @@ class Metrics:
             if attempt.outcome is not AttemptOutcome.SKIPPED:
                 self.attempt_seconds(attempt.backend).observe(attempt.duration_s)
                 upstream_s += attempt.duration_s
-            if attempt.outcome is AttemptOutcome.INTERRUPTED:
-                self.restarts(attempt.backend).inc()
         for before, after in pairwise(meter.attempts):
-            if before.outcome in _FAILURES:
+            # An attempt after a broken stream is its restart (the router sent the marker): not a fallback. A stream
+            # that broke with nothing after it ended the call, and was no restart.
+            if before.outcome is AttemptOutcome.INTERRUPTED:
+                self.restarts(before.backend).inc()
+            elif before.outcome in _FAILURES:
                 moved = self.retries if after.backend == before.backend else self.fallbacks
                 moved(before.backend, before.outcome.value).inc()
         self.overhead(rpc).observe(max(0.0, elapsed_s - upstream_s))
         requested = self.labels.model(request_model)
-        if meter.first_chunk_s is not None and meter.attempts:
-            served = next((a for a in reversed(meter.attempts) if a.outcome is AttemptOutcome.SUCCEEDED), None)
-            if served is not None:
-                self.first_chunk(served.backend).observe(meter.first_chunk_s)
-                self.gen_ai_first_token("chat", requested).observe(meter.first_chunk_s)
+        if meter.first_chunk_s is not None and meter.first_chunk_backend is not None:
+            # Filed under the backend that sent the chunk, even when a restart on another one finished the answer.
+            self.first_chunk(meter.first_chunk_backend).observe(meter.first_chunk_s)
+            self.gen_ai_first_token("chat", requested).observe(meter.first_chunk_s)
         for billed in meter.billed:
             model, caller, usage = self.labels.model(billed.model), self.labels.caller(billed.caller), billed.usage
             for kind, count in (

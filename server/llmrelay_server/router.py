@@ -532,7 +532,7 @@ class Router:
             if opened is None:
                 continue
             first, upstream = opened
-            metering.first_chunk(chain.opened_at - called_at)
+            metering.first_chunk(chain.opened_at - called_at, route.backend.name)
             # The text sent on: what the gateway counts when the upstream reports no usage, or the stream breaks.
             received: list[str] = []
             billed = False
@@ -573,8 +573,14 @@ class Router:
                 # The caller left, or the deadline ran out, mid-stream: what was generated was still consumed.
                 if not billed:
                     self._bill_partial(route, request, caller, received)
-                    if chain.attempts[-1].outcome is AttemptOutcome.SUCCEEDED:  # the caller left: it streamed till now
-                        chain.stream_ended(AttemptOutcome.SUCCEEDED)
+                    # Still open: the call ended under it (the gateway's own deadline made it TIMEOUT already). As
+                    # for an attempt that had no answer yet (_try_route): past the deadline, gRPC's timer beat ours;
+                    # else the caller left, or a shutdown ended the call.
+                    if chain.attempts[-1].outcome is AttemptOutcome.SUCCEEDED:
+                        if chain.remaining_s() <= 0:
+                            chain.stream_ended(AttemptOutcome.TIMEOUT, "the deadline ran out mid-stream")
+                        else:
+                            chain.stream_ended(AttemptOutcome.CANCELLED)
                 await upstream.aclose()
         if broken is not None:
             # Text was sent and no restart finished it: the stream as a whole was interrupted.
@@ -605,22 +611,31 @@ class Router:
         self._ledger.record(backend, model, caller, usage, interrupted=interrupted)
         metering.charge(backend, model, caller, usage)
 
-    def estimate_usd_micros(self, model: str | None, prompt_tokens: int, completion_tokens: int) -> int:
-        """What a request for `model` may cost, at the price of the route that would serve it first: what a budget
-        reserves before the call."""
-        return self._estimate(lambda: self.resolve(model, exact=True), prompt_tokens, completion_tokens)
+    def estimate_usd_micros(self, request: CompletionRequest, prompt_tokens: int, completion_tokens: int) -> int:
+        """The most `request` may cost: what a budget reserves before the call, which settles at what it was billed.
+        Any route the request may take may answer it, so this is at the highest price among them, its fallbacks
+        included unless it asked for its model exactly: at the first route's price, callers that all fell back to a
+        dearer one would overspend the budget between them."""
+        return self._estimate(
+            lambda: self.resolve(request.model, exact=request.exact_model), prompt_tokens, completion_tokens
+        )
 
     def estimate_embedding_usd_micros(self, model: str | None, prompt_tokens: int) -> int:
-        """As estimate_usd_micros, for an embedding request."""
+        """As estimate_usd_micros, for an embedding request: at the highest price among the backends that embed
+        with its model."""
         return self._estimate(lambda: self.embedding_routes(model), prompt_tokens, 0)
 
     def _estimate(self, routes: Callable[[], list[Route]], prompt_tokens: int, completion_tokens: int) -> int:
         try:
-            route = routes()[0]
+            candidates = routes()
         except ModelNotFoundError:
             return 0  # refused by the call itself, before any upstream is asked
-        rate = self._prices.rate(route.backend.provider.spec, route.model)
-        return rate.estimate_usd_micros(prompt_tokens, completion_tokens)
+        return max(
+            self._prices.rate(route.backend.provider.spec, route.model).estimate_usd_micros(
+                prompt_tokens, completion_tokens
+            )
+            for route in candidates
+        )
 
     def _priced(self, route: Route, model: str, usage: TokenUsage) -> TokenUsage:
         """The usage with its cost, at the price of the model that answered (an upstream names its dated snapshot)."""
@@ -722,14 +737,7 @@ class Router:
                     )
                     self._failed(chain, route, started, silent)
                     return None
-                timeout = UpstreamError(UpstreamErrorKind.TIMEOUT, route.backend.name, "the deadline ran out")
-                chain.record(route, AttemptOutcome.TIMEOUT, started, timeout)
-                # Silence until the caller's deadline counts against the backend (else a backend that takes calls
-                # and never answers would hold every call forever); a deadline too short to tell says nothing.
-                if loop.time() - started >= SILENCE_VERDICT_S:
-                    route.backend.count_failure(timeout)
-                else:
-                    circuit.release()
+                self._deadline_passed(chain, route, started)
                 raise chain.deadline_exceeded() from None
             except UpstreamError as exc:
                 self._failed(chain, route, started, exc)
@@ -743,6 +751,16 @@ class Router:
                     return None
                 await self._sleep(delay)
                 continue
+            except asyncio.CancelledError:
+                # The call ended under the attempt. Past the deadline, gRPC's own timer beat the gateway's (a busy
+                # loop): the deadline's outcome as above. Else the caller left or the gateway is shutting down:
+                # recorded all the same, so that the call log, metrics and traces show what the call was waiting for.
+                if chain.remaining_s() <= 0:
+                    self._deadline_passed(chain, route, started)
+                else:
+                    chain.record(route, AttemptOutcome.CANCELLED, started, None)
+                    circuit.release()
+                raise
             except BaseException:
                 circuit.release()
                 raise
@@ -751,6 +769,18 @@ class Router:
             chain.opened_at = loop.time()
             return result
         return None
+
+    @staticmethod
+    def _deadline_passed(chain: _Chain, route: Route, started: float) -> None:
+        """Records an attempt the caller's deadline ended before its answer (or first chunk)."""
+        timeout = UpstreamError(UpstreamErrorKind.TIMEOUT, route.backend.name, "the deadline ran out")
+        chain.record(route, AttemptOutcome.TIMEOUT, started, timeout)
+        # Silence until the caller's deadline counts against the backend (else a backend that takes calls and never
+        # answers would hold every call forever); a deadline too short to tell says nothing.
+        if asyncio.get_running_loop().time() - started >= SILENCE_VERDICT_S:
+            route.backend.count_failure(timeout)
+        else:
+            route.backend.circuit.release()
 
     @staticmethod
     def _failed(chain: _Chain, route: Route, started: float, error: UpstreamError) -> None:

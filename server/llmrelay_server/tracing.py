@@ -38,8 +38,10 @@ from llmrelay_server.domain import Attempt, AttemptOutcome, BackendSpec
 from llmrelay_server.metering import Billed, Meter, open_meter
 from llmrelay_server.observing import GEN_AI_OPERATIONS, ObservingInterceptor, Start
 
-_FAILURES = frozenset(AttemptOutcome) - {AttemptOutcome.SUCCEEDED, AttemptOutcome.SKIPPED}
-_BILLED = frozenset({AttemptOutcome.SUCCEEDED, AttemptOutcome.INTERRUPTED})
+# A cancelled attempt is no error of the backend's (the caller left), as a CANCELLED RPC is none of the server's.
+_FAILURES = frozenset(AttemptOutcome) - {AttemptOutcome.SUCCEEDED, AttemptOutcome.SKIPPED, AttemptOutcome.CANCELLED}
+# A stream the caller left mid-way is billed for what it consumed.
+_BILLED = frozenset({AttemptOutcome.SUCCEEDED, AttemptOutcome.INTERRUPTED, AttemptOutcome.CANCELLED})
 # The codes that are the server's own failure, as OpenTelemetry's RPC conventions set a server span's status.
 _SERVER_ERRORS = frozenset(
     {
@@ -217,6 +219,8 @@ class _Call:
         served = next((a for a in reversed(attempts) if a.outcome is AttemptOutcome.SUCCEEDED), None)
         if served is not None:
             span.set_attribute("llmrelay.backend", served.backend)
+        elif self.meter.billed:  # a stream cut short names who served what it billed, as its call-log line does
+            span.set_attribute("llmrelay.backend", self.meter.billed[-1].backend)
         span.set_attribute("llmrelay.attempts", len(attempts))
         if self.meter.billed:
             span.set_attribute("gen_ai.response.model", self.meter.billed[-1].model)

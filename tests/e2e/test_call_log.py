@@ -229,3 +229,71 @@ async def test_a_streams_time_waiting_for_its_upstream_is_not_the_gateways_own(
     line = lines(caplog)["slow"]
     assert line["duration_ms"] >= 600, line
     assert line["overhead_ms"] < 200, line
+
+
+LEAVES = {
+    "unary": ({"stall_s": 10}, False),
+    "stream before its first chunk": ({"stall_s": 10}, True),
+    "stream mid-way": ({"trickle_s": 0.3}, True),
+}
+
+
+@pytest.mark.parametrize(("fault", "streaming"), LEAVES.values(), ids=LEAVES.keys())
+async def test_the_attempt_a_caller_leaves_is_logged_as_cancelled(
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    caplog: pytest.LogCaptureFixture,
+    fault: dict[str, Any],
+    streaming: bool,
+) -> None:
+    """The caller cancels while the upstream works: the line lists that attempt, its time is the upstream's and not
+    the gateway's own, and nothing is logged as an error."""
+    caplog.set_level(logging.INFO, logger=CALLS)
+    gateway = await gateway_factory(two_backends(primary, local))
+    primary.inject(fault)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+        metadata = [("x-request-id", "left")]
+        call: Any = (
+            stub.StreamComplete(stream_chat("one two three four"), timeout=10, metadata=metadata)
+            if streaming
+            else stub.Complete(chat(), timeout=10, metadata=metadata)
+        )
+        if "trickle_s" in fault:
+            await call.read()
+        else:
+            async with asyncio.timeout(5):
+                while not primary.chat_requests:  # noqa: ASYNC110 (the upstream's plain data, no event to wait on)
+                    await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)
+        call.cancel()
+        async with asyncio.timeout(5):
+            while "left" not in lines(caplog):  # noqa: ASYNC110 (the line comes as the gateway sees the call end)
+                await asyncio.sleep(0.02)
+    line = lines(caplog)["left"]
+    assert line["code"] == "CANCELLED"
+    assert line["attempts"] == ["openai:cancelled"]
+    # Part of a stream was served, and billed: the line names who served it.
+    assert line["backend"] == ("openai" if "trickle_s" in fault else None)
+    assert line["duration_ms"] >= 500 and line["overhead_ms"] < 200, line
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "Traceback" not in caplog.text
+
+
+async def test_a_line_names_no_model_for_an_rpc_that_asks_none(
+    stub: pb.LLMServiceAsyncStub, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GetUsage's `model` only filters the ledger, and Health has none: their lines name no model, where a call that
+    leaves its model unset asks for the default."""
+    caplog.set_level(logging.INFO, logger=CALLS)
+    await stub.GetUsage(pb.GetUsageRequest(), timeout=5, metadata=[("x-request-id", "usage")])
+    await stub.GetUsage(pb.GetUsageRequest(model="gpt-test"), timeout=5, metadata=[("x-request-id", "usage-of")])
+    await stub.Health(pb.HealthRequest(), timeout=5, metadata=[("x-request-id", "health")])
+    await stub.Complete(chat(), timeout=5, metadata=[("x-request-id", "complete")])
+
+    found = lines(caplog)
+    models = {rid: found[rid]["model"] for rid in ("usage", "usage-of", "health", "complete")}
+    assert models == {"usage": None, "usage-of": None, "health": None, "complete": "default"}
+    (text,) = [m for r in caplog.records if (m := r.getMessage()).startswith("call request_id=usage ")]
+    assert " model=- " in text, "the line for people says no model, as for every field without a value"

@@ -11,8 +11,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import v1 as pb
+from llmrelay_server import tracing
 from llmrelay_server.domain import BackendSpec
 from llmrelay_server.metrics import LabelValues
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 from prometheus_client.parser import text_string_to_metric_families
 from support import GatewayFactory, chat, stream_chat, two_backends
 from upstream import FakeUpstream
@@ -123,3 +128,120 @@ async def test_the_standard_health_watch_works_with_every_interceptor_on(
         assert gateway.metrics is not None and gateway.metrics.port is not None
         assert value(await scrape(gateway.metrics.port), "llmrelay_open_streams") == 0, "a watch is no answer streamed"
         watch.cancel()
+
+
+async def until_ended(port: int, method: dict[str, str], code: str) -> dict[Any, float]:
+    """The metrics once the gateway has counted a call of `method` ended with `code` (it sees the end after the
+    caller does)."""
+    async with asyncio.timeout(5):
+        while not value(samples := await scrape(port), "grpc_server_handled_total", **method, grpc_code=code):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    return samples
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+async def test_an_attempt_the_caller_leaves_counts_as_cancelled(
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+    streaming: bool,
+) -> None:
+    """The caller cancels while the upstream works on its answer: the attempt is counted, as cancelled (in the
+    metrics and in its trace span, which is no error: the backend did nothing wrong), and its time is the
+    upstream's, not the gateway's own."""
+    exporter = InMemorySpanExporter()
+
+    def provider() -> TracerProvider:
+        made = TracerProvider()
+        made.add_span_processor(SimpleSpanProcessor(exporter))
+        return made
+
+    monkeypatch.setattr(tracing, "provider_factory", provider)
+    gateway = await gateway_factory(two_backends(primary, local), server='metrics_listen: "127.0.0.1:0", tracing: true')
+    assert gateway.metrics is not None and gateway.metrics.port is not None
+    primary.inject({"stall_s": 10})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+        call: Any = stub.StreamComplete(stream_chat(), timeout=10) if streaming else stub.Complete(chat(), timeout=10)
+        async with asyncio.timeout(5):
+            while not primary.chat_requests:  # noqa: ASYNC110 (the upstream's plain data, no event to wait on)
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)
+        call.cancel()
+        samples = await until_ended(gateway.metrics.port, STREAM if streaming else COMPLETE, "CANCELLED")
+
+    attempts = "llmrelay_upstream_attempts_total"
+    assert value(samples, attempts, backend="openai", outcome="cancelled") == 1
+    assert sum(v for (name, _), v in samples.items() if name == attempts) == 1
+    assert value(samples, "llmrelay_upstream_attempt_seconds_count", backend="openai") == 1
+    assert value(samples, "llmrelay_upstream_attempt_seconds_sum", backend="openai") >= 0.5
+    method = "StreamComplete" if streaming else "Complete"
+    assert value(samples, "llmrelay_gateway_overhead_seconds_sum", grpc_method=method) < 0.2
+    [attempt] = [span for span in exporter.get_finished_spans() if span.name == "chat gpt-test"]
+    assert dict(attempt.attributes or {})["llmrelay.outcome"] == "cancelled"
+    assert attempt.status.status_code is StatusCode.UNSET
+
+
+async def test_only_a_stream_started_over_counts_as_a_restart(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """One stream breaks and is restarted on the fallback; another breaks and ends the call (no restart asked): one
+    restart, filed under the backend that broke."""
+    gateway = await gateway_factory(two_backends(primary, local), server='metrics_listen: "127.0.0.1:0"')
+    assert gateway.metrics is not None and gateway.metrics.port is not None
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+        primary.inject({"stream_cut_after": 2})
+        restarted = stream_chat("one two three four", on_interrupt=pb.INTERRUPT_POLICY_RESTART)
+        chunks = [c async for c in stub.StreamComplete(restarted, timeout=5)]
+        assert sum(c.HasField("restart") for c in chunks) == 1
+        primary.inject({"stream_cut_after": 2})
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stub.StreamComplete(stream_chat("one two three four"), timeout=5):
+                pass
+        assert caught.value.code() == grpc.StatusCode.ABORTED
+    samples = await scrape(gateway.metrics.port)
+
+    assert value(samples, "llmrelay_upstream_attempts_total", backend="openai", outcome="interrupted") == 2
+    assert value(samples, "llmrelay_stream_restarts_total", backend="openai") == 1
+    assert value(samples, "llmrelay_stream_restarts_total", backend="ollama") == 0
+
+
+async def test_a_restart_is_not_also_a_fallback(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    gateway = await gateway_factory(two_backends(primary, local), server='metrics_listen: "127.0.0.1:0"')
+    assert gateway.metrics is not None and gateway.metrics.port is not None
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        primary.inject({"stream_cut_after": 2})
+        restarted = stream_chat("one two three four", on_interrupt=pb.INTERRUPT_POLICY_RESTART)
+        chunks = [c async for c in pb.LLMServiceStub(channel).StreamComplete(restarted, timeout=5)]
+        assert [c.restart.backend for c in chunks if c.HasField("restart")] == ["openai"]
+        assert chunks[-1].backend == "ollama"
+    samples = await scrape(gateway.metrics.port)
+
+    assert value(samples, "llmrelay_stream_restarts_total", backend="openai") == 1
+    moves = [(name, dict(labels)) for (name, labels), v in samples.items() if v and name.startswith("llmrelay_f")]
+    assert moves == [], "a restart counts once, as a restart"
+
+
+async def test_the_first_chunk_after_a_restart_is_filed_under_the_backend_that_sent_it(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """The caller's first chunk came from the backend whose stream then broke: its time to first chunk is that
+    backend's, not the one that finished the answer after the restart."""
+    gateway = await gateway_factory(two_backends(primary, local), server='metrics_listen: "127.0.0.1:0"')
+    assert gateway.metrics is not None and gateway.metrics.port is not None
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        primary.inject({"stream_cut_after": 2})
+        restarted = stream_chat("one two three four", on_interrupt=pb.INTERRUPT_POLICY_RESTART)
+        chunks = [c async for c in pb.LLMServiceStub(channel).StreamComplete(restarted, timeout=5)]
+        assert chunks[0].backend == "openai" and chunks[-1].backend == "ollama"
+    samples = await scrape(gateway.metrics.port)
+
+    first_chunk = "llmrelay_upstream_time_to_first_chunk_seconds_count"
+    assert value(samples, first_chunk, backend="openai") == 1
+    assert value(samples, first_chunk, backend="ollama") == 0
+    assert value(samples, "gen_ai_server_time_to_first_token_seconds_count",
+                 gen_ai_operation_name="chat", gen_ai_request_model="default") == 1  # fmt: skip

@@ -182,6 +182,19 @@ async def test_a_stream_and_its_restart(
     assert dict(server.attributes or {})["gen_ai.usage.input_tokens"] == sum(usage)  # type: ignore[arg-type]
 
 
+async def test_a_stream_cut_short_names_the_backend_that_served_part_of_it(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, exported: InMemorySpanExporter
+) -> None:
+    """No attempt succeeded, but one served (and billed) part of the answer: the call's span says which."""
+    async for stub in connect(gateway_factory, two_backends(primary, local)):
+        primary.inject({"stream_cut_after": 3})
+        with pytest.raises(grpc.aio.AioRpcError):
+            await read_all(stub.StreamComplete(stream_chat(), timeout=5))
+    server, attempts = rpc_span(exported, STREAM)
+    assert [dict(a.attributes or {})["llmrelay.outcome"] for a in attempts] == ["interrupted"]
+    assert dict(server.attributes or {})["llmrelay.backend"] == "openai"
+
+
 async def test_the_callers_trace_is_continued_up_to_the_upstream(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, exported: InMemorySpanExporter
 ) -> None:

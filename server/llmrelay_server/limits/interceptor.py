@@ -16,7 +16,7 @@ from llmrelay import v1 as pb
 from llmrelay_server import convert
 from llmrelay_server.auth import Continuation, Handler, current_caller
 from llmrelay_server.config import Limits
-from llmrelay_server.domain import InvalidRequestError, LimitExceededError, LimitsUnavailableError
+from llmrelay_server.domain import CompletionRequest, InvalidRequestError, LimitExceededError, LimitsUnavailableError
 from llmrelay_server.limits.interface import GATEWAY, Ask, Limiter, Reservation
 from llmrelay_server.metering import open_meter
 from llmrelay_server.status import abort
@@ -35,7 +35,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         limiter: Limiter,
         gateway: Limits,
         counter: TokenCounter,
-        estimate_usd_micros: Callable[[str | None, int, int], int],
+        estimate_usd_micros: Callable[[CompletionRequest, int, int], int],
         reserve_completion_tokens: int,
         estimate_embedding_usd_micros: Callable[[str | None, int], int],
         max_image_bytes: int | None = None,
@@ -131,7 +131,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         prompt = (
             await self._counter.count_chat_async(parsed.model or "", parsed.messages, parsed.options.tools)
         ).tokens
-        return prompt + completion, completion, self._estimate_usd_micros(parsed.model, prompt, completion)
+        return prompt + completion, completion, self._estimate_usd_micros(parsed, prompt, completion)
 
     async def _estimate_embedding(self, request: pb.EmbedRequest) -> tuple[int, int]:
         """The tokens and cost to reserve: the inputs as counted offline (an embedding answers with no tokens)."""

@@ -20,6 +20,16 @@ then on). The subject "gateway" (server.limits) is one over every gateway sharin
 
 Every key expires when it is left alone (two minutes; two lease lengths; two days), so nothing grows forever.
 
+A reservation whose answer never reached the gateway (slower than state.timeout_s, a connection lost after the
+script was sent, a call cancelled while it waited) may still be counted by Redis later, when the script reaches it:
+counted for a call that was admitted uncounted or refused, it would never be settled, and would refuse others until
+it left its window (its spend, until the day's end). So every reservation has an id, and the script leaves a record
+under `llmrelay:limits:reservation:ID` of the second it counted in (for two minutes). The gateway sends an undo for
+each reservation it gave up on, as soon as Redis answers again; the undo works in either order. After the
+reservation, it takes back exactly what the record says was counted. Before it, it leaves a tombstone (ten minutes)
+that makes the late reservation count nothing. An undo that comes more than two minutes after its reservation ran
+finds no record and takes nothing back; by then the reservation's requests and tokens have left their window.
+
 When Redis cannot be reached (refused, reset, slower than state.timeout_s, a password it refuses), the gateway goes
 on per state.on_unavailable: "allow" admits calls without counting them, "deny" refuses them with UNAVAILABLE. It
 then leaves Redis alone, probing it every `PROBE_INTERVAL_S` in the background, so calls do not each wait out the
@@ -60,6 +70,8 @@ STREAM_LEASE_S: Final = 15.0
 """How long a stream slot outlives the last renewal by the gateway serving the stream."""
 PROBE_INTERVAL_S: Final = 1.0
 """While Redis is unreachable: how often it is probed, and the retry delay of calls refused meanwhile."""
+RECORD_PREFIX: Final = f"{KEY_PREFIX}reservation:"
+"""Per reservation: the second it was counted in (two minutes), or "undone" (a tombstone, ten minutes)."""
 MAX_CONNECTIONS: Final = 64
 """Commands in flight to Redis at once: a burst of calls queues for a connection (within state.timeout_s) instead of
 opening hundreds of connections, each with its handshake (TLS, AUTH), at the moment Redis is busiest."""
@@ -76,19 +88,14 @@ _KINDS: Final = (
     LimitKind.BUDGET_PER_DAY,
 )
 
-_RESERVE: Final = """
--- KEYS: 4 per subject: requests, tokens, streams, spend.
--- ARGV[1]: the call's lease ('' for none), ARGV[2]: the lease's length in ms; then 7 per subject: its requests per
--- minute, tokens per minute, streams at once and budget in micro-USD ('' for each it does not limit), the tokens
--- and micro-USD the call asks, and '1' for a stream.
--- Returns {0, seconds, microseconds} of Redis's clock when the call is counted in every subject; else, counting it
--- nowhere, {1, subject, limit, ms until it may fit} for the first limit it would pass (limit: 1 requests, 2 tokens,
--- 3 streams, 4 budget).
-local clock = redis.call('TIME')
-local second = tonumber(clock[1])
-local now = second + tonumber(clock[2]) / 1000000
-local now_ms = second * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local day = math.floor(second / 86400)
+# What the reserve and undo scripts both read: they are given the same keys and arguments.
+_RESERVATION: Final = """
+-- KEYS: 4 per subject: requests, tokens, streams, spend; last, the reservation's record.
+-- ARGV[1]: the reservation's id, also its stream lease, ARGV[2]: the lease's length in ms; then 7 per subject: its
+-- requests per minute, tokens per minute, streams at once and budget in micro-USD ('' for each it does not limit),
+-- the tokens and micro-USD the call asks, and '1' for a stream.
+local record = KEYS[#KEYS]
+local subjects = (#KEYS - 1) / 4
 local lease, lease_ms = ARGV[1], tonumber(ARGV[2])
 
 local function arg(subject, position)
@@ -100,6 +107,21 @@ local function limit(subject, position)
   if value == '' then return nil end
   return tonumber(value)
 end
+"""
+
+_RESERVE: Final = (
+    _RESERVATION
+    + """
+-- Returns {0, seconds, microseconds} of Redis's clock when the call is counted in every subject; else, counting it
+-- nowhere, {1, subject, limit, ms until it may fit} for the first limit it would pass (limit: 1 requests, 2 tokens,
+-- 3 streams, 4 budget); or {2} when the reservation has a record already: undone before it ran (its caller no longer
+-- waits for this answer), it counts nothing.
+if redis.call('EXISTS', record) == 1 then return {2} end
+local clock = redis.call('TIME')
+local second = tonumber(clock[1])
+local now = second + tonumber(clock[2]) / 1000000
+local now_ms = second * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local day = math.floor(second / 86400)
 
 -- The buckets of the last 61 seconds, oldest first, and their sum; older buckets are deleted.
 local function window(key)
@@ -132,7 +154,6 @@ local function free_in(buckets, sum, wanted, most)
   return math.max(0, math.ceil((at + 61 - now) * 1000))
 end
 
-local subjects = #KEYS / 4
 for s = 1, subjects do
   local keys = (s - 1) * 4
   local requests, tokens, streams, budget = limit(s, 1), limit(s, 2), limit(s, 3), limit(s, 4)
@@ -179,8 +200,40 @@ for s = 1, subjects do
     end
   end
 end
+-- Where it was counted, for an undo should the answer not reach the gateway.
+redis.call('SET', record, second, 'EX', 120)
 return {0, clock[1], clock[2]}
 """
+)
+
+_UNDO: Final = (
+    _RESERVATION
+    + """
+-- Takes back what the reservation counted, if it was counted, and leaves a tombstone so that it never counts (if it
+-- has not run yet) nor is taken back twice (an undo sent again).
+-- A count that is no longer kept (a bucket out of the window, a day gone) has nothing left to take back; one that
+-- would go below zero (Redis lost the reservation, in a restart, and counted others since) leaves zero.
+local counted = redis.call('GET', record)
+redis.call('SET', record, 'undone', 'EX', 600)
+if not counted or counted == 'undone' then return 0 end
+local day = math.floor(tonumber(counted) / 86400)
+
+local function take_back(key, field, amount)
+  if redis.call('HEXISTS', key, field) == 1 and redis.call('HINCRBY', key, field, -amount) < 0 then
+    redis.call('HSET', key, field, 0)
+  end
+end
+
+for s = 1, subjects do
+  local keys = (s - 1) * 4
+  if limit(s, 1) then take_back(KEYS[keys + 1], counted, 1) end
+  if limit(s, 2) then take_back(KEYS[keys + 2], counted, tonumber(arg(s, 5))) end
+  if limit(s, 3) and arg(s, 7) == '1' then redis.call('ZREM', KEYS[keys + 3], lease) end
+  if limit(s, 4) then take_back(KEYS[keys + 4], day, tonumber(arg(s, 6))) end
+end
+return 1
+"""
+)
 
 _SETTLE: Final = """
 -- ARGV[1]: the second the call was counted in, ARGV[2]: its UTC day, ARGV[3]: its lease; then 2 per key: what to do
@@ -264,11 +317,16 @@ class RedisLimiter:
         self._reserve_script = self._client.register_script(_RESERVE)
         self._settle_script = self._client.register_script(_SETTLE)
         self._renew_script = self._client.register_script(_RENEW)
-        # Leases are named by limiter (one per gateway process) and call, so no two gateways ever name one alike.
+        self._undo_script = self._client.register_script(_UNDO)
+        # Reservations (and so leases) are named by limiter (one per gateway process) and call, so no two gateways
+        # ever name one alike.
         owner = uuid.uuid4().hex
-        self._lease_names = (f"{owner}:{n}" for n in itertools.count())
+        self._reservation_ids = (f"{owner}:{n}" for n in itertools.count())
         self._leases: dict[str, tuple[str, ...]] = {}
         """The open streams' leases, to renew, and the streams sets holding each."""
+        self._undos: dict[str, tuple[list[str], list[str | int]]] = {}
+        """The reservations given up on before their answer came, by id: the keys and arguments of each, to undo."""
+        self._undoing: asyncio.Task[None] | None = None
         self._available = True
         self._unreachable_because = ""
         self._calls_while_unavailable = 0
@@ -301,9 +359,9 @@ class RedisLimiter:
         stream_keys = tuple(
             _keys(ask.subject)[2] for ask in asks if ask.stream and ask.limits.concurrent_streams is not None
         )
-        lease = next(self._lease_names) if stream_keys else ""
+        reservation_id = next(self._reservation_ids)  # also its stream lease's name
         keys: list[str] = []
-        args: list[str | int] = [lease, self._lease_ms]
+        args: list[str | int] = [reservation_id, self._lease_ms]
         for ask in asks:
             keys += _keys(ask.subject)
             limits = ask.limits
@@ -316,11 +374,17 @@ class RedisLimiter:
                 ask.usd_micros,
                 int(ask.stream),
             ]
+        keys.append(f"{RECORD_PREFIX}{reservation_id}")
         try:
             answer = await self._run(self._reserve_script, keys, args)
         except _UNREACHABLE as error:
+            # The script may have reached Redis, and run (or run later): what it counted is taken back.
             self._went_unreachable(error)
+            self._undo_later(reservation_id, keys, args)
             return self._uncounted(asks)
+        except asyncio.CancelledError:
+            self._undo_later(reservation_id, keys, args)  # the caller left: no one will settle what the script counted
+            raise
         if answer[0] == 1:
             _, subject, code, retry_ms = answer
             kind = _KINDS[code - 1]
@@ -328,8 +392,8 @@ class RedisLimiter:
             raise refusal(kind, asks[subject - 1], retry_after_s)
         second, micros = int(answer[1]), int(answer[2])
         if stream_keys:
-            self._leases[lease] = stream_keys
-        return Reservation(asks, second + micros / 1e6, [_Hold(second, second // 86_400, lease, stream_keys)])
+            self._leases[reservation_id] = stream_keys
+        return Reservation(asks, second + micros / 1e6, [_Hold(second, second // 86_400, reservation_id, stream_keys)])
 
     async def settle(self, reservation: Reservation, tokens: int, usd_micros: int) -> None:
         if not reservation.holds:
@@ -364,13 +428,25 @@ class RedisLimiter:
         return StoreHealth(StoreRole.LIMITS, "redis", available=False, description=description)
 
     async def aclose(self) -> None:
-        """Stops renewing and probing, and closes the connections. The leases of streams still open lapse by
-        themselves; a gateway closes its limiter only after its calls have ended."""
-        for task in (self._renewing, self._probing):
+        """Stops renewing and probing, makes a last try at the undos not sent yet, and closes the connections. The
+        leases of streams still open lapse by themselves; a gateway closes its limiter only after its calls have
+        ended."""
+        for task in (self._renewing, self._probing, self._undoing):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._undos:
+            try:
+                await self._send_undos()
+            except _UNREACHABLE as error:
+                log.warning(
+                    "limits: Redis at %s cannot be reached (%s): %d reservations Redis may have counted for calls"
+                    " that gave up waiting stay counted until they leave their window",
+                    self._where,
+                    self._reason(error),
+                    len(self._undos),
+                )
         await self._client.aclose()
 
     @property
@@ -392,6 +468,28 @@ class RedisLimiter:
         included."""
         async with asyncio.timeout(self._timeout_s):
             return await command()
+
+    def _undo_later(self, reservation_id: str, keys: list[str], args: list[str | int]) -> None:
+        """Has the reservation undone: now, in the background, while Redis is reachable; else by the probe that
+        finds it back, before calls are counted again."""
+        self._undos[reservation_id] = (keys, args)
+        if self._available and (self._undoing is None or self._undoing.done()):
+            self._undoing = asyncio.create_task(self._undo_in_background(), name="llmrelay-limits-undo")
+
+    async def _undo_in_background(self) -> None:
+        try:
+            await self._send_undos()
+        except _UNREACHABLE as error:
+            self._went_unreachable(error)  # the probe sends them when Redis is back
+
+    async def _send_undos(self) -> None:
+        """Sends the pending undos, one script call each, until none is left; raises at the first that fails,
+        leaving it and the rest pending. An undo sent twice (by the probe and the background task at once) takes
+        back nothing the second time."""
+        while self._undos:
+            reservation_id, (keys, args) = next(iter(self._undos.items()))
+            await self._run(self._undo_script, keys, args)
+            self._undos.pop(reservation_id, None)
 
     def _went_unreachable(self, error: BaseException) -> None:
         if not self._available:
@@ -417,6 +515,12 @@ class RedisLimiter:
             # Connections left idle in the pool since before the outage may lead to a Redis that is gone (its
             # restart closed them): new ones reach the one that answered.
             await self._client.connection_pool.disconnect(inuse_connections=False)
+            # What Redis counted for calls that gave up on it is taken back before new calls are counted against it.
+            try:
+                await self._send_undos()
+            except _UNREACHABLE as error:
+                self._unreachable_because = self._reason(error)
+                continue
             self._available = True
             log.info("limits: Redis at %s is reachable again: limits are enforced", self._where)
             return

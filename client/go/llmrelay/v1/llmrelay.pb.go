@@ -361,7 +361,9 @@ const (
 	AttemptOutcome_ATTEMPT_OUTCOME_SUCCEEDED AttemptOutcome = 1
 	// The backend could not be reached, or dropped the connection.
 	AttemptOutcome_ATTEMPT_OUTCOME_UNREACHABLE AttemptOutcome = 2
-	// The backend did not answer in time.
+	// The backend did not answer in time: not within the first-chunk limit, or not (a stream: not to its end) before
+	// the caller's deadline, whichever timer ended the attempt there (the gateway's own, set a little before it, or
+	// gRPC's).
 	AttemptOutcome_ATTEMPT_OUTCOME_TIMEOUT AttemptOutcome = 3
 	// The backend refused for its rate limit (HTTP 429).
 	AttemptOutcome_ATTEMPT_OUTCOME_RATE_LIMITED AttemptOutcome = 4
@@ -380,6 +382,10 @@ const (
 	// The backend's stream broke after it had started: cut, stalled past the idle limit, a malformed event, or an
 	// error event from the upstream.
 	AttemptOutcome_ATTEMPT_OUTCOME_INTERRUPTED AttemptOutcome = 11
+	// The call ended while the attempt was in progress, through no fault of the backend: the caller cancelled or went
+	// away (before the answer, or mid-stream), or the gateway ended the call as it shut down. No answer or status a
+	// caller gets lists it; the gateway's call log, metrics and traces do. A caller's deadline is TIMEOUT, not this.
+	AttemptOutcome_ATTEMPT_OUTCOME_CANCELLED AttemptOutcome = 12
 )
 
 // Enum value maps for AttemptOutcome.
@@ -397,6 +403,7 @@ var (
 		9:  "ATTEMPT_OUTCOME_SKIPPED",
 		10: "ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED",
 		11: "ATTEMPT_OUTCOME_INTERRUPTED",
+		12: "ATTEMPT_OUTCOME_CANCELLED",
 	}
 	AttemptOutcome_value = map[string]int32{
 		"ATTEMPT_OUTCOME_UNSPECIFIED":             0,
@@ -411,6 +418,7 @@ var (
 		"ATTEMPT_OUTCOME_SKIPPED":                 9,
 		"ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED": 10,
 		"ATTEMPT_OUTCOME_INTERRUPTED":             11,
+		"ATTEMPT_OUTCOME_CANCELLED":               12,
 	}
 )
 
@@ -3905,7 +3913,7 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\x18REASONING_EFFORT_MINIMAL\x10\x02\x12\x18\n" +
 	"\x14REASONING_EFFORT_LOW\x10\x03\x12\x1b\n" +
 	"\x17REASONING_EFFORT_MEDIUM\x10\x04\x12\x19\n" +
-	"\x15REASONING_EFFORT_HIGH\x10\x05*\xa1\x03\n" +
+	"\x15REASONING_EFFORT_HIGH\x10\x05*\xc0\x03\n" +
 	"\x0eAttemptOutcome\x12\x1f\n" +
 	"\x1bATTEMPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19ATTEMPT_OUTCOME_SUCCEEDED\x10\x01\x12\x1f\n" +
@@ -3919,7 +3927,8 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\x17ATTEMPT_OUTCOME_SKIPPED\x10\t\x12+\n" +
 	"'ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED\x10\n" +
 	"\x12\x1f\n" +
-	"\x1bATTEMPT_OUTCOME_INTERRUPTED\x10\v*m\n" +
+	"\x1bATTEMPT_OUTCOME_INTERRUPTED\x10\v\x12\x1d\n" +
+	"\x19ATTEMPT_OUTCOME_CANCELLED\x10\f*m\n" +
 	"\x0fInterruptPolicy\x12 \n" +
 	"\x1cINTERRUPT_POLICY_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16INTERRUPT_POLICY_ABORT\x10\x01\x12\x1c\n" +

@@ -216,7 +216,10 @@ class _AttemptOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Attemp
     ATTEMPT_OUTCOME_UNREACHABLE: _AttemptOutcome.ValueType  # 2
     """The backend could not be reached, or dropped the connection."""
     ATTEMPT_OUTCOME_TIMEOUT: _AttemptOutcome.ValueType  # 3
-    """The backend did not answer in time."""
+    """The backend did not answer in time: not within the first-chunk limit, or not (a stream: not to its end) before
+    the caller's deadline, whichever timer ended the attempt there (the gateway's own, set a little before it, or
+    gRPC's).
+    """
     ATTEMPT_OUTCOME_RATE_LIMITED: _AttemptOutcome.ValueType  # 4
     """The backend refused for its rate limit (HTTP 429)."""
     ATTEMPT_OUTCOME_SERVER_ERROR: _AttemptOutcome.ValueType  # 5
@@ -235,6 +238,11 @@ class _AttemptOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Attemp
     """The backend's stream broke after it had started: cut, stalled past the idle limit, a malformed event, or an
     error event from the upstream.
     """
+    ATTEMPT_OUTCOME_CANCELLED: _AttemptOutcome.ValueType  # 12
+    """The call ended while the attempt was in progress, through no fault of the backend: the caller cancelled or went
+    away (before the answer, or mid-stream), or the gateway ended the call as it shut down. No answer or status a
+    caller gets lists it; the gateway's call log, metrics and traces do. A caller's deadline is TIMEOUT, not this.
+    """
 
 class AttemptOutcome(_AttemptOutcome, metaclass=_AttemptOutcomeEnumTypeWrapper):
     """What came of one attempt to get an answer from one backend."""
@@ -246,7 +254,10 @@ ATTEMPT_OUTCOME_SUCCEEDED: AttemptOutcome.ValueType  # 1
 ATTEMPT_OUTCOME_UNREACHABLE: AttemptOutcome.ValueType  # 2
 """The backend could not be reached, or dropped the connection."""
 ATTEMPT_OUTCOME_TIMEOUT: AttemptOutcome.ValueType  # 3
-"""The backend did not answer in time."""
+"""The backend did not answer in time: not within the first-chunk limit, or not (a stream: not to its end) before
+the caller's deadline, whichever timer ended the attempt there (the gateway's own, set a little before it, or
+gRPC's).
+"""
 ATTEMPT_OUTCOME_RATE_LIMITED: AttemptOutcome.ValueType  # 4
 """The backend refused for its rate limit (HTTP 429)."""
 ATTEMPT_OUTCOME_SERVER_ERROR: AttemptOutcome.ValueType  # 5
@@ -264,6 +275,11 @@ ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED: AttemptOutcome.ValueType  # 10
 ATTEMPT_OUTCOME_INTERRUPTED: AttemptOutcome.ValueType  # 11
 """The backend's stream broke after it had started: cut, stalled past the idle limit, a malformed event, or an
 error event from the upstream.
+"""
+ATTEMPT_OUTCOME_CANCELLED: AttemptOutcome.ValueType  # 12
+"""The call ended while the attempt was in progress, through no fault of the backend: the caller cancelled or went
+away (before the answer, or mid-stream), or the gateway ended the call as it shut down. No answer or status a
+caller gets lists it; the gateway's call log, metrics and traces do. A caller's deadline is TIMEOUT, not this.
 """
 Global___AttemptOutcome: _TypeAlias = AttemptOutcome  # noqa: Y015
 

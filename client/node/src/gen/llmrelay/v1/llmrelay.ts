@@ -342,7 +342,11 @@ export enum AttemptOutcome {
   ATTEMPT_OUTCOME_SUCCEEDED = 1,
   /** ATTEMPT_OUTCOME_UNREACHABLE - The backend could not be reached, or dropped the connection. */
   ATTEMPT_OUTCOME_UNREACHABLE = 2,
-  /** ATTEMPT_OUTCOME_TIMEOUT - The backend did not answer in time. */
+  /**
+   * ATTEMPT_OUTCOME_TIMEOUT - The backend did not answer in time: not within the first-chunk limit, or not (a stream: not to its end) before
+   * the caller's deadline, whichever timer ended the attempt there (the gateway's own, set a little before it, or
+   * gRPC's).
+   */
   ATTEMPT_OUTCOME_TIMEOUT = 3,
   /** ATTEMPT_OUTCOME_RATE_LIMITED - The backend refused for its rate limit (HTTP 429). */
   ATTEMPT_OUTCOME_RATE_LIMITED = 4,
@@ -363,6 +367,12 @@ export enum AttemptOutcome {
    * error event from the upstream.
    */
   ATTEMPT_OUTCOME_INTERRUPTED = 11,
+  /**
+   * ATTEMPT_OUTCOME_CANCELLED - The call ended while the attempt was in progress, through no fault of the backend: the caller cancelled or went
+   * away (before the answer, or mid-stream), or the gateway ended the call as it shut down. No answer or status a
+   * caller gets lists it; the gateway's call log, metrics and traces do. A caller's deadline is TIMEOUT, not this.
+   */
+  ATTEMPT_OUTCOME_CANCELLED = 12,
   UNRECOGNIZED = -1,
 }
 
@@ -404,6 +414,9 @@ export function attemptOutcomeFromJSON(object: any): AttemptOutcome {
     case 11:
     case "ATTEMPT_OUTCOME_INTERRUPTED":
       return AttemptOutcome.ATTEMPT_OUTCOME_INTERRUPTED;
+    case 12:
+    case "ATTEMPT_OUTCOME_CANCELLED":
+      return AttemptOutcome.ATTEMPT_OUTCOME_CANCELLED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -437,6 +450,8 @@ export function attemptOutcomeToJSON(object: AttemptOutcome): string {
       return "ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED";
     case AttemptOutcome.ATTEMPT_OUTCOME_INTERRUPTED:
       return "ATTEMPT_OUTCOME_INTERRUPTED";
+    case AttemptOutcome.ATTEMPT_OUTCOME_CANCELLED:
+      return "ATTEMPT_OUTCOME_CANCELLED";
     case AttemptOutcome.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";

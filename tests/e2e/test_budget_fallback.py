@@ -1,0 +1,132 @@
+"""A daily budget is reserved at the highest price among the routes a call may take, through a real gRPC channel: many
+concurrent callers whose cheap first route fails and whose dearer fallback answers spend no more than the budget
+between them, and exactly as many are admitted as it pays for at the dearer price."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+from llmrelay import v1 as pb
+from llmrelay_server.tokens import TokenCounter
+from support import FAST_ROUTER, OPENAI_TEST_KEY, StubFactory, chat, details
+from upstream import FakeUpstream
+
+# USD per million tokens, i.e. micro-USD per token; only what the price is charged on counts, so that a call reserves
+# exactly what the dearer route bills (a chat's answer, an embedding's inputs) and the count is exact.
+CHEAP, DEAR = 1000, 3000
+CALLS_PAID_FOR = 4
+CALLS = 12
+"""Fired at once: at the cheap price the budget would admit them all."""
+
+
+@pytest.fixture
+async def dear() -> AsyncIterator[FakeUpstream]:
+    """The fallback's upstream, of its own: the faults queued for the first route's never reach it."""
+    upstream = await FakeUpstream(models=("gpt-dear",), embedding_models=("embed-test",)).start()
+    yield upstream
+    await upstream.stop()
+
+
+def config(primary: FakeUpstream, dear: FakeUpstream, local: FakeUpstream) -> str:
+    """openai (cheap, first), then the dear fallback, then Ollama; both paid backends embed with embed-test."""
+    return f"""
+llm:
+  openai: {{api_key: "{OPENAI_TEST_KEY}", base_url: "{primary.base_url}", model: gpt-test, embedding_model: embed-test}}
+  ollama: {{base_url: "{local.base_url}", model: tiny}}
+  backends:
+    - {{name: dear, kind: openai_compatible, base_url: "{dear.base_url}", model: gpt-dear, api_key: "{OPENAI_TEST_KEY}",
+       embedding_model: embed-test}}
+  order: [openai, dear, ollama]
+{FAST_ROUTER}
+pricing:
+  "gpt-test": {{prompt: 0, completion: {CHEAP}}}
+  "gpt-dear": {{prompt: 0, completion: {DEAR}}}
+  "openai/embed-test": {{prompt: {CHEAP}, completion: 0}}
+  "dear/embed-test": {{prompt: {DEAR}, completion: 0}}
+"""
+
+
+async def at_once(call: Callable[[], Awaitable[Any]]) -> tuple[list[Any], list[grpc.aio.AioRpcError]]:
+    """CALLS calls at the same time: the answers, and the refusals (each for the gateway's budget)."""
+
+    async def one() -> Any:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as error:
+            return error
+
+    results = await asyncio.gather(*(one() for _ in range(CALLS)))
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    for error in refused:
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+        found = details(error)
+        assert (found["ErrorInfo"].reason, found["QuotaFailure"].violations[0].subject) == (
+            "BUDGET_EXCEEDED",
+            "gateway",
+        )
+        assert found["RetryInfo"].retry_delay.ToNanoseconds() > 0, "a budget spent frees at midnight (UTC)"
+    return [r for r in results if not isinstance(r, grpc.aio.AioRpcError)], refused
+
+
+async def spent(stub: pb.LLMServiceAsyncStub) -> dict[str, int]:
+    """The ledger's cost per backend."""
+    records = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
+    totals: dict[str, int] = {}
+    for record in records:
+        totals[record.backend] = totals.get(record.backend, 0) + record.cost.usd_micros
+    return totals
+
+
+async def test_concurrent_chats_that_fall_back_to_a_dearer_route_spend_no_more_than_the_budget(
+    stub_for: StubFactory, primary: FakeUpstream, dear: FakeUpstream, local: FakeUpstream
+) -> None:
+    # "echo: x y" is 3 completion tokens, max_tokens too: 9,000 micro-USD at the dear price, 3,000 at the cheap one.
+    per_call = 3 * DEAR
+    budget = CALLS_PAID_FOR * per_call + per_call // 2
+    stub = await stub_for(config(primary, dear, local), server=f"limits: {{budget_usd_per_day: {budget / 1e6}}}")
+    primary.inject(*[{"status": 503}] * (2 * CALLS))  # the first route fails each attempt (and its retry)
+    request = chat("x y", model="gpt-test", options=pb.CompletionOptions(max_tokens=3))
+    answers, refused = await at_once(lambda: stub.Complete(request, timeout=10))
+    assert [(a.backend, a.usage.cost.usd_micros) for a in answers] == [("dear", per_call)] * CALLS_PAID_FOR
+    assert len(refused) == CALLS - CALLS_PAID_FOR
+    assert len(dear.chat_requests) == CALLS_PAID_FOR, "refused calls reach no upstream"
+    assert await spent(stub) == {"dear": CALLS_PAID_FOR * per_call}
+    assert CALLS_PAID_FOR * per_call <= budget
+
+
+async def test_concurrent_embeddings_that_fall_back_to_a_dearer_backend_spend_no_more_than_the_budget(
+    stub_for: StubFactory, primary: FakeUpstream, dear: FakeUpstream, local: FakeUpstream
+) -> None:
+    inputs = ["hello world", "good morning"]
+    # The fake upstream bills a token a word; the gateway reserves its own offline count: they agree here.
+    tokens = (await TokenCounter().count_texts_async("embed-test", inputs)).tokens
+    assert tokens == sum(len(text.split()) for text in inputs)
+    per_call = tokens * DEAR
+    budget = CALLS_PAID_FOR * per_call + per_call // 2
+    stub = await stub_for(config(primary, dear, local), server=f"limits: {{budget_usd_per_day: {budget / 1e6}}}")
+    primary.inject(*[{"status": 503}] * (2 * CALLS))
+    request = pb.EmbedRequest(model="embed-test", inputs=inputs)
+    answers, refused = await at_once(lambda: stub.Embed(request, timeout=10))
+    assert [(a.backend, a.usage.cost.usd_micros) for a in answers] == [("dear", per_call)] * CALLS_PAID_FOR
+    assert len(refused) == CALLS - CALLS_PAID_FOR
+    assert await spent(stub) == {"dear": CALLS_PAID_FOR * per_call}
+
+
+async def test_a_chat_that_may_not_fall_back_reserves_at_its_own_routes_price(
+    stub_for: StubFactory, primary: FakeUpstream, dear: FakeUpstream, local: FakeUpstream
+) -> None:
+    """exact_model forbids the dearer fallback: a budget that pays for every call at the cheap price admits them all,
+    where reserving at the fallback's price would have refused all but CALLS_PAID_FOR of them."""
+    per_call = 3 * CHEAP
+    stub = await stub_for(
+        config(primary, dear, local), server=f"limits: {{budget_usd_per_day: {CALLS * per_call / 1e6}}}"
+    )
+    request = chat("x y", model="gpt-test", options=pb.CompletionOptions(max_tokens=3))
+    request.exact_model = True
+    answers, refused = await at_once(lambda: stub.Complete(request, timeout=10))
+    assert (len(answers), refused) == (CALLS, [])
+    assert await spent(stub) == {"openai": CALLS * per_call}

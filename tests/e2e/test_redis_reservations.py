@@ -1,0 +1,363 @@
+"""A reservation whose answer never reached the gateway counts nothing in Redis, whenever Redis runs it: through a
+real gRPC channel to real gateways on a real Redis (frozen with SIGSTOP, or behind a proxy that holds the bytes of a
+command until after the gateway gave up on it), and the reserve and undo scripts in both orders.
+
+The gateway gives up on Redis (state.timeout_s) and admits the call uncounted (state.on_unavailable: allow), or the
+caller leaves while the gateway waits; Redis runs the script afterwards. Without an undo, what it counted would stay
+for the window (the spend, for the day) and refuse calls that fit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+import redis.asyncio
+from llmrelay import v1 as pb
+from llmrelay_server.app import Gateway
+from llmrelay_server.config import Limits
+from llmrelay_server.domain import LimitExceededError, LimitKind
+from llmrelay_server.limits import Ask
+from llmrelay_server.limits.redis import KEY_PREFIX, RECORD_PREFIX, RedisLimiter
+from redis_server import RedisServer
+from support import GatewayFactory, chat, details, two_backends
+from upstream import FakeUpstream
+
+SUBJECT = "key:research"
+KEY = "llmr-research-0123456789abcdefghij"
+AUTHORIZED = [("authorization", f"Bearer {KEY}")]
+SHORT_TIMEOUT_S = 0.3
+"""state.timeout_s: how long the gateway waits for Redis before it gives up on a reservation."""
+REQUESTS_PER_MINUTE = 3
+CALLS = "llmrelay_server.calls"
+"""The call log: a line when a call ends."""
+# Each call reserves 3 completion tokens at 1,000 micro-USD each (and bills what the upstream counts).
+LIMITS = f"requests_per_minute: {REQUESTS_PER_MINUTE}, tokens_per_minute: 100000, budget_usd_per_day: 1"
+PRICING = 'pricing: {"gpt-test": {prompt: 0, completion: 1000}}\n'
+REQUEST = chat("x y", model="gpt-test", exact_model=True, options=pb.CompletionOptions(max_tokens=3))
+
+
+@dataclass
+class _Link:
+    """One connection through the proxy."""
+
+    flowing: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set while what the client sends is passed on to Redis."""
+    client_left: asyncio.Event = field(default_factory=asyncio.Event)
+    closed_by_redis: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when Redis closed the connection (after its client left): it has run everything the client sent."""
+
+
+class HoldingProxy:
+    """A loopback TCP proxy in front of Redis that can hold what clients send without closing anything: a command
+    held is run by Redis only when released, which may be after its client gave up and left."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._holding = False
+        self._links: list[_Link] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self.url = ""
+
+    async def start(self) -> HoldingProxy:
+        self._server = await asyncio.start_server(self._pipe, "127.0.0.1", 0)
+        self.url = f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+        return self
+
+    def hold(self) -> None:
+        """Holds what clients send on every connection, and on the connections opened from now on."""
+        self._holding = True
+        for link in self._links:
+            link.flowing.clear()
+
+    def admit(self) -> None:
+        """Connections opened from now on pass what they carry; those held stay held."""
+        self._holding = False
+
+    async def release(self) -> None:
+        """Once the clients of the held connections have given up on them and left, passes on what they held, and
+        returns when Redis has run it all. Connections opened later are held or not as before."""
+        held = [link for link in self._links if not link.flowing.is_set()]
+        assert held, "nothing is held"
+        await asyncio.wait_for(asyncio.gather(*(link.client_left.wait() for link in held)), 10)
+        for link in held:
+            link.flowing.set()
+        await asyncio.wait_for(asyncio.gather(*(link.closed_by_redis.wait() for link in held)), 10)
+
+    async def aclose(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for link in self._links:
+            link.flowing.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _pipe(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self._port)
+        link = _Link()
+        if not self._holding:
+            link.flowing.set()
+        self._links.append(link)
+
+        sent: asyncio.Queue[bytes] = asyncio.Queue()  # b"" when the client has left
+
+        async def from_client() -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await client_reader.read(65536):
+                    sent.put_nowait(data)
+            link.client_left.set()
+            sent.put_nowait(b"")
+
+        async def to_redis() -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await sent.get():
+                    await link.flowing.wait()
+                    server_writer.write(data)
+                    await server_writer.drain()
+                await link.flowing.wait()  # what the client sent before it left is passed on first
+            server_writer.close()
+
+        async def to_client() -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await server_reader.read(65536):
+                    client_writer.write(data)
+                    await client_writer.drain()
+            link.closed_by_redis.set()
+            client_writer.close()
+
+        for copy in (from_client(), to_redis(), to_client()):
+            task = asyncio.create_task(copy)
+            self._tasks.add(task)
+
+
+@pytest.fixture
+async def proxy(redis_server: RedisServer) -> AsyncIterator[HoldingProxy]:
+    holding = await HoldingProxy(redis_server.port).start()
+    yield holding
+    await holding.aclose()
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What Redis counts for the research key."""
+
+    requests: int
+    tokens: int
+    spend: int
+    streams: int = 0
+
+
+async def counted(redis_server: RedisServer, subject: str = SUBJECT) -> Counts:
+    client = redis.asyncio.from_url(redis_server.url, decode_responses=True)
+    try:
+        prefix = f"{KEY_PREFIX}{subject}:"
+        requests, tokens, spend = [
+            sum(int(value) for value in await client.hvals(f"{prefix}{name}"))
+            for name in ("requests", "tokens", "spend")
+        ]
+        return Counts(requests, tokens, spend, await client.zcard(f"{prefix}streams"))
+    finally:
+        await client.aclose()
+
+
+async def records(redis_server: RedisServer) -> list[str]:
+    """The reservations' records in Redis: where each was counted, or "undone"."""
+    client = redis.asyncio.from_url(redis_server.url, decode_responses=True)
+    try:
+        return [str(await client.get(key)) async for key in client.scan_iter(f"{RECORD_PREFIX}*")]
+    finally:
+        await client.aclose()
+
+
+async def counting(redis_server: RedisServer, expected: Counts, within_s: float = 10.0) -> None:
+    """Waits until Redis counts what was expected and has undone a reservation (so that it no longer changes); past
+    the time, fails with what it counts."""
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    while not ("undone" in await records(redis_server) and await counted(redis_server) == expected):
+        if loop.time() - began > within_s:
+            assert await counted(redis_server) == expected
+            raise AssertionError(f"no reservation undone within {within_s} s")
+        await asyncio.sleep(0.02)
+
+
+async def until(condition: Callable[[], bool], within_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    while not condition():
+        assert loop.time() - began < within_s, f"not within {within_s} s"
+        await asyncio.sleep(0.02)
+
+
+def ask(tokens: int, usd: int, *, stream: bool = False) -> Ask:
+    limits = Limits(requests_per_minute=5, tokens_per_minute=1000, concurrent_streams=5, budget_usd_per_day=1)
+    return Ask(SUBJECT, limits, tokens, usd, stream)
+
+
+# --- the scripts, in both orders ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def limiter(proxy: HoldingProxy) -> AsyncIterator[RedisLimiter]:
+    """A limiter reaching Redis through the proxy, quick to give up on it and to find it back."""
+    made = RedisLimiter(proxy.url, timeout_s=SHORT_TIMEOUT_S, probe_interval_s=0.1)
+    await made.start()
+    yield made
+    await made.aclose()
+
+
+async def test_an_undo_after_the_late_reservation_takes_back_exactly_what_it_counted(
+    limiter: RedisLimiter, proxy: HoldingProxy, redis_server: RedisServer
+) -> None:
+    kept = await limiter.reserve([ask(10, 100, stream=True)])  # counted, and the connection to Redis opened
+    assert await counted(redis_server) == Counts(requests=1, tokens=10, spend=100, streams=1)
+    proxy.hold()
+    given_up = await limiter.reserve([ask(7, 70, stream=True)])
+    assert not given_up.holds and not limiter.available, "admitted uncounted, as Redis did not answer in time"
+    await proxy.release()  # the held reservation reaches Redis; the probe's new connections stay held
+    assert await counted(redis_server) == Counts(requests=2, tokens=17, spend=170, streams=2), "counted late"
+    proxy.admit()
+    await until(lambda: limiter.available)
+    assert await counted(redis_server) == Counts(requests=1, tokens=10, spend=100, streams=1), "and taken back"
+    assert sorted(await records(redis_server)) == sorted([str(kept.holds[0].second), "undone"])
+    await limiter.settle(kept, tokens=4, usd_micros=40)
+    assert await counted(redis_server) == Counts(requests=1, tokens=4, spend=40, streams=0)
+
+
+async def test_an_undo_before_the_late_reservation_makes_it_count_nothing(
+    limiter: RedisLimiter, proxy: HoldingProxy, redis_server: RedisServer
+) -> None:
+    await limiter.reserve([ask(10, 100, stream=True)])
+    proxy.hold()
+    given_up = await limiter.reserve([ask(7, 70, stream=True)])
+    assert not given_up.holds and not limiter.available
+    proxy.admit()  # the probe's new connections reach Redis, and the undo with them, before the reservation does
+    await until(lambda: limiter.available)  # which it is only once the undo has been sent
+    await proxy.release()
+    assert await counted(redis_server) == Counts(requests=1, tokens=10, spend=100, streams=1), "it counted nothing"
+    assert "undone" in await records(redis_server)
+    # Limits hold as before: four more requests fit in the minute (not three), and no fifth.
+    for _ in range(4):
+        await limiter.reserve([ask(1, 1)])
+    with pytest.raises(LimitExceededError) as caught:
+        await limiter.reserve([ask(1, 1)])
+    assert caught.value.kind is LimitKind.REQUESTS_PER_MINUTE
+
+
+# --- through gateways -----------------------------------------------------------------------------------------------
+
+
+def config(primary: FakeUpstream, local: FakeUpstream, redis_url: str, timeout_s: float = SHORT_TIMEOUT_S) -> str:
+    sha256 = hashlib.sha256(KEY.encode()).hexdigest()
+    return (
+        two_backends(primary, local)
+        + PRICING
+        + f'auth: {{keys: [{{name: research, sha256: "{sha256}", limits: {{{LIMITS}}}}}]}}\n'
+        + f'state: {{redis_url: "{redis_url}", timeout_s: {timeout_s}, on_unavailable: allow}}\n'
+    )
+
+
+@pytest.fixture
+async def start(gateway_factory: GatewayFactory) -> AsyncIterator[Callable[[str], Any]]:
+    """Starts a gateway from YAML; returns it and a stub over a channel to it."""
+    channels: list[grpc.aio.Channel] = []
+
+    async def started(yaml_text: str) -> tuple[Gateway, Any]:
+        gateway = await gateway_factory(yaml_text)
+        channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}"))
+        return gateway, pb.LLMServiceStub(channels[-1])
+
+    yield started
+    for channel in channels:
+        await channel.close()
+
+
+def available(gateway: Gateway) -> bool:
+    assert gateway.limiter is not None
+    return gateway.limiter.health().available
+
+
+async def admitted_of(stub: Any, count: int) -> int:
+    """`count` calls at once: how many were answered; the others must be refused by the requests-per-minute limit."""
+
+    async def one() -> bool:
+        try:
+            await stub.Complete(REQUEST, metadata=AUTHORIZED, timeout=10)
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+            assert details(error)["ErrorInfo"].reason == "REQUESTS_PER_MINUTE_EXCEEDED"
+            return False
+        return True
+
+    return sum(await asyncio.gather(*(one() for _ in range(count))))
+
+
+def billed(answer: pb.CompleteResponse, requests: int = 1) -> Counts:
+    """What Redis should count for these calls once they settled: what they were billed."""
+    return Counts(requests, answer.usage.total_tokens * requests, answer.usage.cost.usd_micros * requests)
+
+
+async def test_a_reservation_redis_runs_after_the_gateway_gave_up_is_taken_back(
+    start: Any, primary: FakeUpstream, local: FakeUpstream, redis_server: RedisServer
+) -> None:
+    gateway, stub = await start(config(primary, local, redis_server.url))
+    first = await stub.Complete(REQUEST, metadata=AUTHORIZED, timeout=10)
+    assert first.usage.cost.usd_micros > 0
+    assert await counted(redis_server) == billed(first)
+    redis_server.pause()  # the next reservation waits, unanswered, in Redis's socket
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    uncounted = await stub.Complete(REQUEST, metadata=AUTHORIZED, timeout=10)
+    assert uncounted.backend == "openai" and loop.time() - began >= SHORT_TIMEOUT_S, "admitted once it gave up"
+    assert not available(gateway)
+    redis_server.resume()  # Redis runs the reservation now, then answers the gateway's probe
+    await until(lambda: available(gateway))
+    assert await counted(redis_server) == billed(first), "the late reservation counts nothing"
+    assert "undone" in await records(redis_server)
+    # Exactly the rest of the minute is admitted: the call Redis counted late takes no one's place.
+    assert await admitted_of(stub, 2 * REQUESTS_PER_MINUTE) == REQUESTS_PER_MINUTE - 1
+
+
+async def test_a_reservation_that_reaches_redis_after_its_undo_counts_nothing(
+    start: Any, primary: FakeUpstream, local: FakeUpstream, redis_server: RedisServer, proxy: HoldingProxy
+) -> None:
+    gateway, stub = await start(config(primary, local, proxy.url))
+    first = await stub.Complete(REQUEST, metadata=AUTHORIZED, timeout=10)
+    proxy.hold()
+    assert (await stub.Complete(REQUEST, metadata=AUTHORIZED, timeout=10)).backend == "openai"
+    assert not available(gateway)
+    proxy.admit()  # the probe, and the undo after it, reach Redis on new connections
+    await until(lambda: available(gateway))  # which it is only once the undo has been sent
+    await proxy.release()  # only now does the reservation reach Redis
+    assert await counted(redis_server) == billed(first), "the late reservation counts nothing"
+    assert "undone" in await records(redis_server)
+    assert await admitted_of(stub, 2 * REQUESTS_PER_MINUTE) == REQUESTS_PER_MINUTE - 1
+
+
+async def test_a_reservation_whose_caller_left_while_redis_was_frozen_is_taken_back(
+    start: Any, primary: FakeUpstream, local: FakeUpstream, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=CALLS)
+    # Redis is given long enough that the gateway never gives up on it: the caller's deadline ends the call first.
+    gateway, stub = await start(config(primary, local, redis_server.url, timeout_s=5))
+    first = await stub.Complete(REQUEST, metadata=AUTHORIZED, timeout=10)
+    redis_server.pause()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(REQUEST, metadata=AUTHORIZED, timeout=0.5)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Redis must answer only once the gateway has ended the call too: an answer before would admit it (counted, then
+    # settled as a call that failed).
+    await until(lambda: len([r for r in caplog.records if r.name == CALLS]) == 2)
+    redis_server.resume()
+    await counting(redis_server, billed(first))
+    assert available(gateway), "the gateway never gave up on Redis: the undo went in the background"
+    assert len(primary.chat_requests) == 1, "the call that left never reached the upstream"
+    assert await admitted_of(stub, 2 * REQUESTS_PER_MINUTE) == REQUESTS_PER_MINUTE - 1

@@ -1,0 +1,76 @@
+"""An attempt the call ends under: cancelled when the caller leaves, a timeout when the caller's deadline passed (the
+outcome the gateway's own timer gives it), whichever timer ended the call; recorded either way."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import cast
+
+from llmrelay_server import metering
+from llmrelay_server.config import Price, RouterConfig
+from llmrelay_server.domain import (
+    AttemptOutcome,
+    BackendSpec,
+    CompletionRequest,
+    CompletionResponse,
+    LLMProvider,
+    Message,
+    Role,
+)
+from llmrelay_server.pricing import PriceTable
+from llmrelay_server.router import CircuitState, Router
+
+SPEC = BackendSpec(name="slow", kind="openai_compatible", base_url="http://slow/v1", default_model="m")
+REQUEST = CompletionRequest(messages=(Message(Role.USER, "hi"),))
+
+
+@dataclass
+class Holding:
+    """A provider that takes the request and never answers."""
+
+    spec: BackendSpec = SPEC
+    asked: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def complete(self, model: str, request: CompletionRequest, *, timeout_s: float) -> CompletionResponse:
+        self.asked.set()
+        await asyncio.Event().wait()
+        raise AssertionError("never answers")
+
+
+async def called(deadline_s: float) -> tuple[Router, Holding, metering.Meter, asyncio.Task[CompletionResponse]]:
+    """A call to a backend that holds it, once the backend has the request."""
+    provider = Holding()
+    router = Router(
+        [cast(LLMProvider, provider)],
+        config=RouterConfig(),
+        counter=None,  # type: ignore[arg-type]
+        ledger=None,  # type: ignore[arg-type]
+        prices=PriceTable({}, Price(prompt=5.0, completion=15.0)),
+    )
+    meter = metering.Meter()
+    metering.current_meter.set(meter)  # the task made below runs in a copy of this context: the same meter
+    deadline = asyncio.get_running_loop().time() + deadline_s
+    task = asyncio.create_task(router.complete(REQUEST, deadline=deadline, caller="someone"))
+    await provider.asked.wait()
+    return router, provider, meter, task
+
+
+async def test_the_attempt_a_caller_leaves_is_recorded_as_cancelled() -> None:
+    router, _, meter, task = await called(deadline_s=10)
+    task.cancel()
+    await asyncio.wait([task])
+    assert task.cancelled()
+    assert [a.outcome for a in meter.attempts] == [AttemptOutcome.CANCELLED]
+    assert router.backends[0].circuit.state is CircuitState.CLOSED and router.backends[0].circuit.failures == 0
+
+
+async def test_a_cancellation_after_the_deadline_is_the_deadlines_timeout() -> None:
+    """A loop too busy to run the gateway's timer in time: gRPC's cancellation at the caller's deadline comes first."""
+    _, _, meter, task = await called(deadline_s=0.05)
+    time.sleep(0.1)  # noqa: ASYNC251 (the busy loop: nothing else may run until the deadline has passed)
+    task.cancel()
+    await asyncio.wait([task])
+    assert task.cancelled()
+    assert [(a.outcome, a.error) for a in meter.attempts] == [(AttemptOutcome.TIMEOUT, "the deadline ran out")]
