@@ -108,6 +108,14 @@ async def in_background(work: Coroutine[Any, Any, T]) -> AsyncIterator[asyncio.T
         await asyncio.gather(task, return_exceptions=True)
 
 
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
+    """Polls until condition() holds, or fails with TimeoutError: for state with no event to wait on (files, a
+    database, another process)."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
 async def read_all(stream: Any) -> list[pb.StreamCompleteResponse]:
     """Reads a stream to its end with read() (a call cannot mix read() and async iteration)."""
     chunks = []
@@ -116,8 +124,10 @@ async def read_all(stream: Any) -> list[pb.StreamCompleteResponse]:
     return chunks
 
 
-async def start_server(config: Path, local: FakeUpstream, *flags: str, port: int | None = None) -> GatewayProcess:
+async def start_server(
+    config: Path, local: FakeUpstream, *flags: str, port: int | None = None, env: dict[str, str] | None = None
+) -> GatewayProcess:
     """`llmrelay-server` on a free port (or `port`), configured by `config`, more `flags`, and the environment of a
-    loopback Ollama alone."""
-    env = clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1"), LLMRELAY_OLLAMA_MODEL="tiny")
-    return await spawn_gateway(config, *flags, port=port, env=env)
+    loopback Ollama alone, more `env` (TMPDIR, say)."""
+    local_env = clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1"), LLMRELAY_OLLAMA_MODEL="tiny", **(env or {}))
+    return await spawn_gateway(config, *flags, port=port, env=local_env)

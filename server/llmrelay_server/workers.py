@@ -11,6 +11,9 @@ the connections among them.
 - SIGTERM or SIGINT: sent on to every worker; each drains and finishes its calls (drain_s, then grace_period_s) and
   the supervisor exits when all have. SIGHUP (reload the keys file) is sent on too.
 - A worker whose supervisor is gone stops by itself: it watches its parent (`WorkerRole.watch_supervisor`).
+- The run directory (`llmrelay-workers-*` in the temporary directory) is where the workers announce themselves.
+  The supervisor holds a lock on it that its workers inherit; a supervisor killed with SIGKILL leaves it behind, and
+  the next supervisor on the machine removes it once the killed one and every worker of it are gone.
 - Metrics: each worker serves its own on a loopback port, which it writes into the run directory with its pid once
   it serves; the supervisor serves `server.metrics_listen`, gathering every worker's at each scrape with a `worker`
   label, beside its own (`llmrelay_workers`, `llmrelay_worker_restarts_total`).
@@ -23,11 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -54,6 +60,9 @@ MAX_RESTART_DELAY_S = 30.0
 EXIT_MARGIN_S = 10.0
 PARENT_CHECK_S = 1.0
 SCRAPE_TIMEOUT_S = 2.0
+RUN_DIR_PREFIX = "llmrelay-workers-"
+"""A run directory's name: this, then a random part."""
+_RUN_LOCK = "supervisor.lock"
 
 
 class ListenError(RuntimeError):
@@ -147,6 +156,8 @@ class Supervisor:
         self._restarts = Counter(
             "llmrelay_worker_restarts", "Worker processes restarted after they died.", registry=self._registry
         )
+        self._inherited: tuple[int, ...] = ()
+        """What each worker inherits: the run directory's lock, so that it stays held until the last of them exits."""
 
     async def run(self) -> int:
         """Serves until SIGTERM or SIGINT; the exit status (a worker's, when the workers could not start)."""
@@ -157,8 +168,8 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
-        with reservation, tempfile.TemporaryDirectory(prefix="llmrelay-workers-") as scratch:
-            run_dir = Path(scratch)
+        with reservation, _run_directory() as (run_dir, lock):
+            self._inherited = (lock,)
             workers = [_Worker(index) for index in range(1, server.workers + 1)]
             loop.add_signal_handler(signal.SIGHUP, self._reload_all, workers, run_dir)
             metrics_server = self._serve_metrics(run_dir)
@@ -199,7 +210,7 @@ class Supervisor:
         # The same command line, made a worker: the later flags win over the earlier ones.
         command = [sys.executable, "-m", "llmrelay_server", *self._argv, "--listen", listen, "--workers", "1"]
         command += ["--worker", str(worker.index), "--worker-dir", str(run_dir)]
-        worker.process = await asyncio.create_subprocess_exec(*command)
+        worker.process = await asyncio.create_subprocess_exec(*command, pass_fds=self._inherited)
         worker.started_at = time.monotonic()
         self._running.inc()
         worker.waiter = asyncio.create_task(self._wait_exit(worker, worker.process))
@@ -280,6 +291,68 @@ class Supervisor:
                 log.error("worker %d did not stop within %g s: killing it", worker.index, within_s)
                 worker.process.kill()
                 await worker.process.wait()
+
+
+@contextlib.contextmanager
+def _run_directory() -> Iterator[tuple[Path, int]]:
+    """A new run directory, and the descriptor of the lock held on it; both removed at the end.
+
+    First removes the run directories that supervisors killed with SIGKILL left behind: each run has its own, and
+    without this they pile up in the temporary directory, one per killed supervisor.
+    """
+    parent = Path(tempfile.gettempdir())
+    _remove_stale_run_dirs(parent)
+    # Made under a name the removal passes over, and renamed once locked: a run directory is never seen unlocked
+    # while its supervisor lives.
+    making = Path(tempfile.mkdtemp(prefix=f".{RUN_DIR_PREFIX}", dir=parent))
+    lock = os.open(making / _RUN_LOCK, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            run_dir = making.rename(parent / making.name.removeprefix("."))
+        except OSError:
+            shutil.rmtree(making, ignore_errors=True)
+            raise
+        try:
+            yield run_dir, lock
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    finally:
+        os.close(lock)
+
+
+def _remove_stale_run_dirs(parent: Path) -> None:
+    """Removes the run directories in `parent` that no process holds any longer."""
+    for run_dir in parent.glob(f"{RUN_DIR_PREFIX}*"):
+        with contextlib.suppress(OSError):  # removed meanwhile by another supervisor starting, or not ours to read
+            if _remove_if_stale(run_dir):
+                log.info("removed %s, left by a supervisor that was killed", run_dir)
+
+
+def _remove_if_stale(run_dir: Path) -> bool:
+    """Removes the run directory if it is this user's and nothing holds its lock; whether it did.
+
+    The supervisor holds the lock from before the directory has its name, and its workers inherit it, so the kernel
+    releases it only once the supervisor and every worker of it have exited, however they ended: unlike a pid, it
+    cannot be mistaken for a process that came later or lives in another pid namespace (a container restarted on
+    the same /tmp volume).
+    """
+    info = run_dir.lstat()  # a symbolic link (anyone may make one in /tmp) is not a run directory
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        return False
+    try:
+        lock = os.open(run_dir / _RUN_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:  # not locked by its supervisor: an earlier version's, whose owner cannot be known
+        return False
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # its supervisor, or a worker of it, still runs
+        shutil.rmtree(run_dir)
+        return True
+    finally:
+        os.close(lock)
 
 
 def _status(returncode: int | None) -> str:

@@ -5,22 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import sys
 import textwrap
 import threading
 import tracemalloc
-from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import grpc
 import psycopg
 import pytest
 from llmrelay import v1 as pb
 from llmrelay_server.domain import Cost, StoreHealth, StoreRole, TokenUsage, UsageUnavailableError
 from llmrelay_server.usage import LedgerUnavailableError, UsageLedger, UsageTotals
 from postgres_server import PostgresServer, PostgresTemplate
-from support import StubFactory, chat, in_background, two_backends
+from support import StubFactory, chat, in_background, start_server, two_backends, wait_until
 from upstream import FakeUpstream
 
 T0 = 1_700_000_040.0  # the start of a minute bucket
@@ -38,12 +39,6 @@ def journaled_lines(directory: Path) -> int:
         with contextlib.suppress(FileNotFoundError):  # written and deleted meanwhile
             lines += batch.read_bytes().count(b"\n")
     return lines
-
-
-async def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not condition():  # noqa: ASYNC110 (a ledger's state, no event to wait on)
-            await asyncio.sleep(0.02)
 
 
 async def test_records_round_trip_with_exact_totals(database_url: str, tmp_path: Path) -> None:
@@ -354,3 +349,60 @@ async def test_a_database_that_stops_answering_is_unavailable_in_bounded_time(
     await wait_until(lambda: sql(database_url, "SELECT SUM(requests) FROM usage_buckets") == [(2,)])
     await replay.aclose()
     assert sql(database_url, "SELECT SUM(requests), SUM(prompt_tokens) FROM usage_buckets") == [(2, 101)]
+
+
+async def test_a_wrong_password_is_said_once_and_the_gateway_serves(
+    postgres_template: PostgresTemplate, tmp_path: Path, local: FakeUpstream
+) -> None:
+    """One ERROR line that says why (the password refused) and names the database, never the password; the calls
+    are answered and their records wait in the journal, as when the database is down."""
+    server = PostgresServer(postgres_template)  # its own: this test makes it ask for a password
+    server.start()
+    try:
+        server.create_database("ledger")
+        rules = server.data / "pg_hba.conf"
+        rules.write_text(f"host all writer 127.0.0.1/32 scram-sha-256\n{rules.read_text()}")  # the first rule that fits
+        with psycopg.connect(server.url(), autocommit=True) as connection:
+            connection.execute("CREATE ROLE writer LOGIN PASSWORD 'the-right-one'")
+            connection.execute("SELECT pg_reload_conf()")
+        url = f"postgresql://writer:{PASSWORD}@127.0.0.1:{server.port}/ledger"
+
+        def refused() -> bool:
+            try:
+                psycopg.connect(url, connect_timeout=2).close()
+            except psycopg.OperationalError as exc:
+                return "password authentication failed" in str(exc)
+            return False
+
+        await wait_until(refused)  # the server has read its new rules
+        journal = tmp_path / "journal"
+        config = tmp_path / "llmrelay.yaml"
+        config.write_text(
+            f'server: {{usage_db: "{url}", usage_journal_dir: "{journal}", drain_s: 0, log_format: json}}'
+        )
+        gateway = await start_server(config, local)
+        try:
+            await gateway.wait_serving()
+            async with grpc.aio.insecure_channel(gateway.target) as channel:
+                stub = pb.LLMServiceStub(channel)
+                for n in range(3):
+                    assert (await stub.Complete(chat(f"q {n}"), timeout=10)).backend == "ollama"
+                await gateway.wait_for_line("password authentication failed", within_s=30)
+                with pytest.raises(grpc.aio.AioRpcError) as refused_usage:
+                    await stub.GetUsage(pb.GetUsageRequest(), timeout=30)
+                assert refused_usage.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert journaled_lines(journal) == 3
+            before_stop = [json.loads(line) for line in gateway.log if line.startswith("{")]
+        finally:
+            await gateway.stop()
+    finally:
+        server.remove()
+
+    said = [entry for entry in before_stop if "password authentication failed" in entry["msg"]]
+    # Besides the GetUsage refused, which says why too: one line, the ledger's, for however long the pool retried.
+    lines = [entry for entry in said if "cannot answer a usage query" not in entry["msg"]]
+    assert len(lines) == 1, [entry["msg"] for entry in lines]
+    [error] = lines
+    assert error["level"] == "ERROR" and error["msg"].startswith("usage ledger unavailable: PostgreSQL postgresql://")
+    assert f"writer@127.0.0.1:{server.port}/ledger" in error["msg"] and str(journal) in error["msg"]
+    assert PASSWORD not in (await gateway.output())

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import sys
 import time
 import urllib.request
 from collections import Counter
@@ -37,12 +38,14 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-async def start_workers(tmp_path: Path, local: FakeUpstream, workers: int = 2, server: str = "") -> GatewayProcess:
+async def start_workers(
+    tmp_path: Path, local: FakeUpstream, workers: int = 2, server: str = "", env: dict[str, str] | None = None
+) -> GatewayProcess:
     config = tmp_path / "llmrelay.yaml"
     config.write_text(
         f'server: {{usage_db: "{tmp_path / "usage.db"}", drain_s: 0, grace_period_s: 5, log_format: json{server}}}\n'
     )
-    gateway = await start_server(config, local, "--workers", str(workers))
+    gateway = await start_server(config, local, "--workers", str(workers), env=env)
     await gateway.wait_listening()
     await gateway.wait_for_line(f"({workers} workers)")
     return gateway
@@ -175,6 +178,64 @@ async def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path, loca
     while any(alive(pid) for pid in workers) and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.1)
     assert not any(alive(pid) for pid in workers)
+
+
+def run_dir(gateway: GatewayProcess) -> Path:
+    """The supervisor's run directory, from its first worker's command line."""
+    argv = Path(f"/proc/{children(gateway.process.pid)[0]}/cmdline").read_bytes().decode().split("\0")
+    return Path(argv[argv.index("--worker-dir") + 1])
+
+
+# Holds the lock of a run directory, and says so.
+_LOCK_HOLDER = (
+    "import fcntl, os, sys, time; fcntl.flock(os.open(sys.argv[1], os.O_RDONLY), fcntl.LOCK_EX);"
+    " print(1); time.sleep(60)"
+)
+
+
+async def test_a_supervisor_killed_leaves_no_run_directory_behind(tmp_path: Path, local: FakeUpstream) -> None:
+    """The next supervisor removes a killed one's run directory, but never one whose supervisor or workers live."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    env = {"TMPDIR": str(temporary)}
+    # A run directory whose lock is still held, as by the workers of a supervisor killed alone, while they drain.
+    draining = temporary / "llmrelay-workers-draining"
+    draining.mkdir()
+    (draining / "supervisor.lock").touch()
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _LOCK_HOLDER, str(draining / "supervisor.lock"), stdout=asyncio.subprocess.PIPE
+    )
+    live = None
+    try:
+        assert holder.stdout is not None
+        assert await asyncio.wait_for(holder.stdout.readline(), 20) == b"1\n"
+        live = await start_workers(tmp_path, local, env=env)
+        killed = await start_workers(tmp_path, local, env=env)
+        live_dir, killed_dir = run_dir(live), run_dir(killed)
+        killed_workers = children(killed.process.pid)
+        for pid in (killed.process.pid, *killed_workers):
+            os.kill(pid, signal.SIGKILL)
+        await killed.process.wait()
+        async with asyncio.timeout(15):
+            while any(alive(pid) for pid in killed_workers):  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        assert killed_dir.is_dir()  # what a killed supervisor leaves
+
+        following = await start_workers(tmp_path, local, env=env)
+        try:
+            assert not killed_dir.exists()
+            assert f"removed {killed_dir}, left by a supervisor that was killed" in following.text()
+            assert live_dir.is_dir() and draining.is_dir()
+            assert len(await call_on_new_connections(following.target, 4)) == 4
+            assert len(await call_on_new_connections(live.target, 4)) == 4
+        finally:
+            assert await stop(following) == 0
+    finally:
+        holder.kill()
+        await holder.wait()
+        if live is not None:
+            assert await stop(live) == 0
+    assert [path.name for path in temporary.iterdir()] == [draining.name]  # the others' own, removed as they stopped
 
 
 @pytest.mark.parametrize("workers", ["0", "two"])

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from llmrelay_server.domain import TokenUsage
 from llmrelay_server.usage import LedgerUnavailableError, UsageLedger, UsageTotals
 from llmrelay_server.usage.sqlite import SQLiteStore
+from support import wait_until
 
 T0 = 1_700_000_040.0  # the start of a minute bucket
 
@@ -64,12 +65,6 @@ def write_locked(path: Path) -> Iterator[None]:
         yield
     finally:
         connection.close()
-
-
-async def wait_until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not condition():  # noqa: ASYNC110 (files and a database, no event to wait on)
-            await asyncio.sleep(0.01)
 
 
 async def test_totals_per_backend_model_and_caller(ledger: UsageLedger) -> None:

@@ -10,12 +10,13 @@ import os
 import sqlite3
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from llmrelay_server.domain import TokenUsage
 from llmrelay_server.usage import UsageLedger, UsageTotals
+from support import wait_until
 
 T0 = 1_700_000_040.0  # the start of a minute bucket
 CALLERS = ("caller-0", "caller-1", "caller-2")
@@ -111,12 +112,6 @@ def journaled_bytes(path: Path) -> int:
         with contextlib.suppress(FileNotFoundError):  # written and deleted meanwhile
             total += batch.stat().st_size
     return total
-
-
-async def wait_until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not condition():  # noqa: ASYNC110 (files and a database, no event to wait on)
-            await asyncio.sleep(0.01)
 
 
 async def query_once(path: Path) -> list[UsageTotals]:

@@ -12,19 +12,24 @@ done.
 
 The URL may carry a password (in its user part, or as ``?password=``): it never appears in a description, a log line
 or an error message of this module (`without_password`, and errors are scrubbed of it).
+
+When the pool has no connection to give, its error only says that it waited; the store's error says why instead, with
+the error of the pool's last attempt to connect (the server refused the password, say). The ledger logs that once per
+outage, so the pool's own warning at each attempt to connect, every second or two while it fails, is not logged.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Collection
+import logging
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
-from typing import Final
+from typing import Any, Final, Self
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg.rows import TupleRow
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from llmrelay_server.usage.store import (
     COUNT_COLUMNS,
@@ -61,6 +66,8 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
 )
 """Migration n runs _MIGRATIONS[n - 1]'s statements; append, never change one that has shipped."""
 
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # its warnings: see the module's docstring
+
 _UPSERT: Final = upsert_statement("%s")
 _MARK_APPLIED: Final = mark_applied_statement("%s")
 _SUMS: Final = ", ".join(f"SUM({column})::BIGINT" for column in COUNT_COLUMNS)
@@ -85,14 +92,34 @@ def _passwords(url: str) -> set[str]:
     return {password for password in found if password}
 
 
+def _reporting(report: Callable[[psycopg.Error | None], None]) -> type[psycopg.AsyncConnection[TupleRow]]:
+    """A connection class that reports how each attempt to connect ended: its error, or None."""
+
+    class Reporting(psycopg.AsyncConnection[TupleRow]):
+        @classmethod
+        async def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
+            try:
+                connection = await super().connect(conninfo, **kwargs)
+            except psycopg.Error as exc:
+                report(exc)
+                raise
+            report(None)
+            return connection
+
+    return Reporting
+
+
 class PostgreSQLStore:
     """A `LedgerStore` in PostgreSQL (a postgresql:// or postgres:// URL; libpq's PG* variables fill in the rest)."""
 
     def __init__(self, url: str) -> None:
         self._description = f"PostgreSQL {without_password(url)}"
         self._passwords = _passwords(url)
+        self._connect_error: psycopg.Error | None = None
+        """Why the pool's last attempt to connect failed; None once one succeeds."""
         self._pool = AsyncConnectionPool(
             url,
+            connection_class=_reporting(self._connect_ended),
             min_size=1,
             max_size=_MAX_CONNECTIONS,
             open=False,
@@ -174,12 +201,18 @@ class PostgreSQLStore:
             async with self._pool.connection() as connection:
                 yield connection
         except psycopg.Error as exc:
-            raise LedgerUnavailableError(f"{self._description}: {self._scrubbed(str(exc))}") from exc
+            # The pool's timeout only says that it waited; why it has no connection is its last attempt's error.
+            cause = self._connect_error if isinstance(exc, PoolTimeout) and self._connect_error is not None else exc
+            raise LedgerUnavailableError(f"{self._description}: {self._shown(str(cause))}") from exc
 
-    def _scrubbed(self, message: str) -> str:
+    def _connect_ended(self, error: psycopg.Error | None) -> None:
+        self._connect_error = error
+
+    def _shown(self, message: str) -> str:
+        """The message as it may be logged: without the password, on one line (libpq's may take several)."""
         for password in self._passwords:
             message = message.replace(password, "***")
-        return message
+        return " ".join(message.split())
 
 
 async def _migrate(connection: psycopg.AsyncConnection[TupleRow]) -> None:
