@@ -304,7 +304,7 @@ llm:
     for name in ("dead", "dead_ollama"):
         dead = next(b for b in report.backends if b.name == name)
         assert not dead.reachable and "127.0.0.1:9" in dead.last_error
-        # A refused connection is not reported as a timeout (the aiohttp transport calls it one).
+        # A refused connection is not reported as a timeout.
         assert "Timeout" not in dead.last_error, dead.last_error
     assert report.serving, "one reachable backend is enough to serve"
 

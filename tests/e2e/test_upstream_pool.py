@@ -46,7 +46,7 @@ def connections_to(port: int) -> int:
 
 
 async def test_idle_connections_are_capped_after_a_burst_of_streams(upstream: FakeUpstream) -> None:
-    client = http_client(openai.DefaultAioHttpClient, LIMITS)
+    client = http_client(openai.DefaultAsyncHttpxClient, LIMITS)
     # Each stream is held open a while (a chunk every 0.2 s), so that the burst needs a connection per stream.
     upstream.inject(*[{"trickle_s": 0.2}] * BURST)
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hold"}], "stream": True}

@@ -2,7 +2,7 @@
 
 As the OpenAI-compatible backend does (docs/architecture.md, "The SDK configures, `wire` does the JSON"), each backend
 owns one `anthropic.AsyncAnthropic` over one HTTP connection pool: the SDK settles the URL, auth and headers, the
-completion path posts the JSON `anthropic_wire` built on the aiohttp session under the SDK's HTTP client
+completion path posts the JSON `anthropic_wire` built on that pool, which the SDK's HTTP client sends through too
 (`upstream_http`), and answers are parsed by `anthropic_wire`. Token counts are posted the same way (`wire.encode`),
 so that the caller's JSON texts, tool schemas and tool-call arguments, reach the API as written; the SDK's own call
 serves the models list. Every failure leaves this module as an UpstreamError whose kind tells the router what to do
@@ -28,7 +28,6 @@ from llmrelay_server.backends.upstream_http import (
     Endpoint,
     Pool,
     SDKErrors,
-    connection_lost,
     health_record,
     http_client,
     kind_of_status,
@@ -72,7 +71,7 @@ class AnthropicProvider:
         self._counter = counter
         self._max_tokens = spec.default_max_tokens or DEFAULT_MAX_TOKENS
         self._pool = Pool()
-        self._http = http_client(anthropic.DefaultAioHttpClient, self._pool)
+        self._http = http_client(anthropic.DefaultAsyncHttpxClient, self._pool)
         self._client = anthropic.AsyncAnthropic(
             # An explicit key also keeps the SDK from looking for credentials in the environment and profile files.
             api_key=spec.api_key or "unused",
@@ -238,7 +237,7 @@ class AnthropicProvider:
 
     def _upstream_error(self, exc: anthropic.APIError) -> UpstreamError:
         name = self._spec.name
-        if isinstance(exc, anthropic.APITimeoutError) and not connection_lost(exc):
+        if isinstance(exc, anthropic.APITimeoutError):
             return UpstreamError(UpstreamErrorKind.TIMEOUT, name, "the upstream did not answer in time")
         if isinstance(exc, anthropic.APIConnectionError):
             return UpstreamError(UpstreamErrorKind.UNREACHABLE, name, f"cannot reach {self._spec.base_url}")

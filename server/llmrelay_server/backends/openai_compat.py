@@ -22,7 +22,6 @@ from llmrelay_server.backends.upstream_http import (
     Endpoint,
     Pool,
     SDKErrors,
-    connection_lost,
     health_record,
     http_client,
     kind_of_status,
@@ -67,7 +66,7 @@ class OpenAICompatibleProvider:
         self._spec = spec
         self._counter = counter
         self._pool = Pool()
-        self._http = http_client(openai.DefaultAioHttpClient, self._pool)
+        self._http = http_client(openai.DefaultAsyncHttpxClient, self._pool)
         self._client = openai.AsyncOpenAI(
             # Local servers take any key; the SDK insists on one.
             api_key=spec.api_key or "unused",
@@ -270,7 +269,7 @@ class OpenAICompatibleProvider:
 
     def _upstream_error(self, exc: openai.APIError) -> UpstreamError:
         name = self._spec.name
-        if isinstance(exc, openai.APITimeoutError) and not connection_lost(exc):
+        if isinstance(exc, openai.APITimeoutError):
             return UpstreamError(UpstreamErrorKind.TIMEOUT, name, "the upstream did not answer in time")
         if isinstance(exc, openai.APIConnectionError):
             return UpstreamError(UpstreamErrorKind.UNREACHABLE, name, f"cannot reach {self._spec.base_url}")
@@ -294,8 +293,7 @@ class OpenAICompatibleProvider:
         """A probe's failure, for Health: what went wrong, never a secret."""
         if isinstance(exc, openai.APIError):
             return self._upstream_error(exc).message
-        lost = isinstance(exc, httpx2.TimeoutException) and connection_lost(exc)
-        return f"{'ConnectError' if lost else type(exc).__name__}: {self._redact(str(exc))}"
+        return f"{type(exc).__name__}: {self._redact(str(exc))}"
 
     def _redact(self, text: str) -> str:
         return redact(text, self._spec.api_key)

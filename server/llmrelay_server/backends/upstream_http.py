@@ -1,50 +1,43 @@
-"""What every upstream dialect's provider shares: the HTTP pool's settings, requests sent with headers prepared once,
-the failure vocabulary (what a status means, Retry-After, a refused connection told from a timeout), health
-records, and the redaction of secrets from upstream messages.
+"""What every upstream dialect's provider shares: the HTTP pool, requests sent with their head prepared once, the
+failure vocabulary (what a status means, Retry-After), health records, and the redaction of secrets from upstream
+messages.
 
-Each provider keeps its SDK (openai, anthropic) for its HTTP client, auth headers and exception types, but sends
-the JSON its wire module built itself: the SDKs' request paths parse and merge the same URL and headers on every
-call, a third of the gateway's CPU per request (`make bench`). Completions, whole (`post_read`) or streamed
-(`post_stream`), go straight to the aiohttp session under the SDK's HTTP client, the same pool: httpx2's request and
-response objects over it cost twice what aiohttp alone does (about 0.17 ms of CPU a call).
+Each provider keeps its SDK (openai, anthropic) for its auth headers, exception types and its own small requests
+(listing models), but sends the JSON its wire module built itself: the SDKs' request paths parse and merge the same
+URL and headers on every call, a third of the gateway's CPU per request (`make bench`). Completions, whole
+(`post_read`) or streamed (`post_stream`), go straight to the backend's `http1.Http1Pool`, which the SDK's HTTP
+client sends through too (`http1.Http1Transport`): one pool per backend. aiohttp's client, which the SDKs offer,
+cost 3-4x the CPU of that pool a request (`make bench-instructions`: about 360k of the gateway's 1,375k
+instructions a unary call).
 """
 
 from __future__ import annotations
 
 import codecs
-import contextlib
 import datetime
 import email.utils
 import math
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any, NamedTuple, NoReturn
 
-import aiohttp
 import httpx2
-from multidict import CIMultiDict, CIMultiDictProxy
-from openai._vendor.httpx_aiohttp import AiohttpTransport
-from openai._vendor.httpx_aiohttp.transport import AIOHTTP_EXC_MAP, map_aiohttp_exceptions
 
 from llmrelay_server import metering
+from llmrelay_server.backends.http1 import Http1Pool, Http1Response, Http1Target, Http1Transport
 from llmrelay_server.backends.wire import MalformedAnswerError
 from llmrelay_server.domain import BackendHealth, BackendSpec, CompletionChunk, UpstreamError, UpstreamErrorKind
 
 # Sized for hundreds of concurrent streams per backend; connections are kept for reuse between agent steps, at most
 # max_keepalive_connections of them once a burst is over (each idle one holds a socket here and a slot upstream).
-# The SDKs' aiohttp transport costs a third less CPU per request than their default httpx2 one.
 POOL_LIMITS = httpx2.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=60.0)
-CONNECT_TIMEOUT_S = 5.0
 HEALTH_TIMEOUT_S = 5.0
 _CONTEXT_LENGTH = re.compile(r"context[ _](length|window|size)|maximum context|too many tokens", re.IGNORECASE)
 _SECRET_LIKE = re.compile(r"\b(sk|key|token)-[A-Za-z0-9_\-]{6,}")
 _LINE_END = re.compile(r"\r\n|\r|\n")
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
-_NO_READ_TIMEOUT = aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT_S)
-_AIOHTTP_ERRORS = (aiohttp.ClientError,)
-"""aiohttp's failures: the SDK's transport turns most into httpx2's (AIOHTTP_EXC_MAP); `_raise_as_httpx` the rest."""
-_MAPPED_ERRORS = tuple(AIOHTTP_EXC_MAP)
 MAX_RETRY_AFTER_S = 86_400.0
 """The longest wait an upstream's Retry-After is taken at: beyond a day it says no more than "not soon" (and a
 RetryInfo holds at most about 10,000 years)."""
@@ -61,57 +54,27 @@ class SDKErrors(NamedTuple):
     """The SDK's error for an HTTP error answer (read whole)."""
 
 
-class _IdleCappedConnector(aiohttp.TCPConnector):
-    """aiohttp's connector keeps every connection that comes back for reuse until keepalive_timeout: it has no bound
-    on idle connections, and the SDKs' aiohttp transport passes it max_connections alone (after a burst of 1,000
-    streams, about 960 stayed open with 256 configured). This one closes a connection coming back when `max_idle`
-    are already waiting."""
-
-    def __init__(self, *, max_idle: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._max_idle = max_idle
-
-    def _release(self, key: Any, protocol: Any, *, should_close: bool = False) -> None:
-        # _conns: the idle connections by host (one host per backend, so the sum is short).
-        full = sum(map(len, self._conns.values())) >= self._max_idle
-        super()._release(key, protocol, should_close=should_close or full)
-
-
 class Pool:
-    """One backend's aiohttp session over an idle-capped connector, made on first use inside the running loop: the
-    SDK's HTTP client (`http_client`) sends through it, and `post_read` too, so both share one connection pool that
-    honours `limits` whole: at most max_connections open, max_keepalive_connections of them idle, each idle one for
-    keepalive_expiry."""
+    """One backend's connections (`http1.Http1Pool`), shared by `post_read`, `post_stream` and the SDK's HTTP client
+    (`http_client`), so that `limits` hold whole: at most max_connections open, max_keepalive_connections of them
+    idle, each idle one for keepalive_expiry. TLS trusts what the SDK's own transport would (SSL_CERT_FILE too)."""
 
     def __init__(self, limits: httpx2.Limits = POOL_LIMITS) -> None:
         self.limits = limits
-        self._session: aiohttp.ClientSession | None = None
-
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = _IdleCappedConnector(
-                max_idle=self.limits.max_keepalive_connections or 0,
-                limit=self.limits.max_connections or 0,
-                keepalive_timeout=self.limits.keepalive_expiry,
-                ssl=httpx2.create_ssl_context(),  # the certificates the SDK's own transport trusts (SSL_CERT_FILE too)
-            )
-            # Cookies an upstream sets come back to it, an IP-addressed one too, as the SDK's client would send them.
-            self._session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.CookieJar(unsafe=True))
-        return self._session
+        self.http1 = Http1Pool(limits)
 
     async def aclose(self) -> None:
-        """Closes the pool (the SDK's client closes it too when it has sent through it; twice is harmless)."""
-        if self._session is not None:
-            await self._session.close()
+        """Closes the pool (the SDK's client closes it too when it is closed; twice is harmless)."""
+        await self.http1.aclose()
 
 
 def http_client(
     sdk_client: Callable[..., httpx2.AsyncClient], pool: Pool | httpx2.Limits = POOL_LIMITS
 ) -> httpx2.AsyncClient:
-    """The SDK's aiohttp-based HTTP client (`openai.DefaultAioHttpClient`, `anthropic.DefaultAioHttpClient`) over
-    `pool`, shared, or a pool of its own with these limits."""
+    """The SDK's HTTP client with its defaults (`openai.DefaultAsyncHttpxClient`,
+    `anthropic.DefaultAsyncHttpxClient`), sending through `pool`, shared, or a pool of its own with these limits."""
     pool = pool if isinstance(pool, Pool) else Pool(pool)
-    return sdk_client(limits=pool.limits, transport=AiohttpTransport(client=pool.session))
+    return sdk_client(limits=pool.limits, transport=Http1Transport(pool.http1))
 
 
 def prepared_headers(client_headers: Mapping[str, str], *sdk_headers: Mapping[str, Any]) -> httpx2.Headers:
@@ -125,121 +88,86 @@ def prepared_headers(client_headers: Mapping[str, str], *sdk_headers: Mapping[st
 
 class Endpoint:
     """One upstream URL that a provider POSTs JSON to, with all that does not change between its requests prepared
-    once: the pool, the headers (as aiohttp merges them without converting them again) and the SDK's exception
-    types."""
+    once: the pool, the request's head (`http1.Http1Target`) and the SDK's exception types."""
 
-    __slots__ = ("errors", "headers", "pool", "url")
+    __slots__ = ("errors", "pool", "target", "url")
 
     def __init__(self, pool: Pool, url: str, headers: Mapping[str, str], errors: SDKErrors) -> None:
         self.pool, self.url, self.errors = pool, url, errors
-        self.headers = CIMultiDictProxy(CIMultiDict(headers))
+        self.target = Http1Target(url, headers)
 
 
 async def post_read(endpoint: Endpoint, content: bytes, timeout_s: float | None) -> bytes:
     """POSTs `content` (JSON) and returns the answer's body, read whole."""
     try:
-        response = await _send(endpoint, content, timeout_s)
-        try:
-            return await response.read()
-        finally:
-            response.release()
-    except _AIOHTTP_ERRORS as exc:
+        return await (await _send(endpoint, content, timeout_s)).read()
+    except httpx2.TransportError as exc:
         _raise_sdk_error(endpoint, exc)
 
 
-@contextlib.asynccontextmanager
+@asynccontextmanager
 async def post_stream(
     endpoint: Endpoint, content: bytes, timeout_s: float | None
 ) -> AsyncIterator[AsyncIterator[list[str]] | bytes]:
     """POSTs `content` (JSON) for a streamed answer: its lines (SSE ends them with CRLF, LF or CR), a list for each
     read from the network, the lines that were waiting together, which `relayed` turns into as few chunks, never
-    waiting for more. A failure while reading comes out as httpx2's (ReadTimeout, ReadError), as the SDK's transport
-    reports it. Leaving closes the connection at once unless the answer was read to its end, so that an upstream
-    sees a caller who went away.
+    waiting for more. A failure while reading comes out as httpx2's (ReadTimeout, ReadError). Leaving closes the
+    connection at once unless the answer was read to its end, so that an upstream sees a caller who went away.
 
     An upstream that ignores `stream: true` answers whole, as JSON (Content-Type application/json): that body, read
     whole (failures as `post_read`'s), for the provider to relay as a stream of one answer. It is a valid answer,
     and the caller would rather have it than a failure."""
     try:
         response = await _send(endpoint, content, timeout_s)
-    except _AIOHTTP_ERRORS as exc:
+    except httpx2.TransportError as exc:
         _raise_sdk_error(endpoint, exc)
     try:
         if response.content_type == "application/json":
             try:
                 whole = await response.read()
-            except _AIOHTTP_ERRORS as exc:
+            except httpx2.TransportError as exc:
                 _raise_sdk_error(endpoint, exc)
             yield whole
         else:
-            yield _line_batches(response.content)
+            yield _line_batches(response)
     finally:
-        response.release()
+        response.close()
 
 
-async def _send(endpoint: Endpoint, content: bytes, timeout_s: float | None) -> aiohttp.ClientResponse:
-    """The answer, its status and headers read, sent on the pool's aiohttp session as the SDK's transport would send
-    it (same timeouts) without httpx2's request and response objects around it; the call's own headers (a trace
-    context) added. An error answer comes out as the SDK's exception; aiohttp's own failures are the caller's to
-    map (`_raise_sdk_error`), once for the whole request."""
-    headers: Mapping[str, str] = endpoint.headers
-    if (extra := metering.upstream_headers()) is not None:
-        headers = CIMultiDict(headers)
-        headers.update(extra)
-    response = await endpoint.pool.session().post(
-        endpoint.url, data=content, headers=headers, allow_redirects=False, timeout=upstream_timeout(timeout_s)
-    )
+async def _send(endpoint: Endpoint, content: bytes, timeout_s: float | None) -> Http1Response:
+    """The answer, its status and headers read; the call's own headers (a trace context) added. `timeout_s` bounds
+    the wait for each piece of the answer, as the SDK's read timeout does; connecting takes at most
+    `http1.CONNECT_TIMEOUT_S`. An error answer comes out as the SDK's exception; a failure to connect or read as
+    httpx2's, for the caller to map (`_raise_sdk_error`) once for the whole request."""
+    response = await endpoint.pool.http1.post(endpoint.target, content, timeout_s, metering.upstream_headers())
     if 400 <= response.status <= 599:
-        try:
-            body = await response.read()
-        finally:
-            response.release()
+        body = await response.read()
         raise endpoint.errors.status(
             httpx2.Response(
                 response.status,
-                headers=response.raw_headers,
+                headers=response.headers,
                 content=body,
-                request=httpx2.Request("POST", endpoint.url, headers=dict(headers)),
-                extensions={"reason_phrase": response.reason.encode()} if response.reason else {},
+                request=httpx2.Request("POST", endpoint.url),
+                extensions={"reason_phrase": response.reason.encode("latin-1")} if response.reason else {},
             )
         )
     return response
 
 
-def _raise_sdk_error(endpoint: Endpoint, error: Exception) -> NoReturn:
-    """aiohttp's failure as the SDK's transport reports it (httpx2's exception for it), then as the SDK's own: a
-    timeout, or a connection error; the chain of causes as the SDK's would have it."""
-    try:
-        _raise_as_httpx(error)
-    except httpx2.TimeoutException as exc:
-        raise endpoint.errors.timeout(request=httpx2.Request("POST", endpoint.url)) from exc
-    except httpx2.TransportError as exc:
-        raise endpoint.errors.connection(request=httpx2.Request("POST", endpoint.url)) from exc
+def _raise_sdk_error(endpoint: Endpoint, error: httpx2.TransportError) -> NoReturn:
+    """httpx2's failure as the SDK's own: a timeout, or a connection error, caused by it as the SDK's would be."""
+    request = httpx2.Request("POST", endpoint.url)
+    if isinstance(error, httpx2.TimeoutException):
+        raise endpoint.errors.timeout(request=request) from error
+    raise endpoint.errors.connection(request=request) from error
 
 
-def _raise_as_httpx(error: Exception) -> NoReturn:
-    """aiohttp's failure as httpx2's, as the SDK's transport maps it. An answer that is not HTTP (a bad status line,
-    header or chunk, which aiohttp reports as a ClientResponseError and the map leaves out) is a MalformedAnswerError:
-    the upstream is up but answers garbage, so the router moves on to the next backend. Anything else the map leaves
-    out is a lost connection, as the SDK itself reports a transport's unknown failure."""
-    if isinstance(error, aiohttp.ClientResponseError) and not isinstance(error, aiohttp.ClientHttpProxyError):
-        # llhttp's message spans lines, with a caret under the fault: one line of it is enough here.
-        said = " ".join(line.strip() for line in error.message.splitlines() if line.strip() not in ("", "^"))
-        raise MalformedAnswerError(f"not an HTTP answer: {said[:200]}") from error
-    if not isinstance(error, _MAPPED_ERRORS):
-        raise httpx2.ReadError(f"{type(error).__name__}: {error}"[:200]) from error
-    with map_aiohttp_exceptions():
-        raise error
-
-
-async def _line_batches(content: aiohttp.StreamReader) -> AsyncIterator[list[str]]:
+async def _line_batches(response: Http1Response) -> AsyncIterator[list[str]]:
     decoder = _utf8_decoder(errors="replace")  # SSE is UTF-8 whatever the headers say
     pending: list[str] = []  # the start of a line that a later read ends (a long line takes many reads)
+    pieces = aiter(response)
     while True:
-        try:
-            data = await content.readany()
-        except _AIOHTTP_ERRORS as exc:
-            _raise_as_httpx(exc)
+        data = await anext(pieces, b"")  # b"": the end of the answer (a piece is never empty)
         text = decoder.decode(data, final=not data)
         # Every server seen ends lines with LF alone, which str.split finds ten times faster than the expression.
         lines = _LINE_END.split(text) if "\r" in text else text.split("\n")
@@ -319,14 +247,6 @@ def _joined(run: list[CompletionChunk]) -> list[CompletionChunk]:
     return [CompletionChunk(id=last.id, backend=last.backend, model=last.model, content=content, reasoning=reasoning)]
 
 
-def upstream_timeout(timeout_s: float | None) -> aiohttp.ClientTimeout:
-    """What the SDK's transport makes of httpx2.Timeout(timeout_s, connect=...): the read timeout bounds the wait for
-    each piece of the answer, so that a stalled upstream is noticed; connecting takes at most CONNECT_TIMEOUT_S."""
-    if timeout_s is None:
-        return _NO_READ_TIMEOUT
-    return aiohttp.ClientTimeout(sock_connect=min(CONNECT_TIMEOUT_S, timeout_s), sock_read=timeout_s, connect=timeout_s)
-
-
 def health_record(
     spec: BackendSpec,
     kind: str,
@@ -356,19 +276,6 @@ def redact(text: str, api_key: str | None) -> str:
     if api_key:
         text = text.replace(api_key, "[redacted]")
     return _SECRET_LIKE.sub("[redacted]", text)[:500]
-
-
-def connection_lost(exc: BaseException) -> bool:
-    """Whether a "timeout" is really a refused or dropped connection.
-
-    The SDKs' aiohttp transport reports every aiohttp connection error as a connect timeout; the cause says which.
-    """
-    cause = exc.__cause__
-    while cause is not None:
-        if isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(cause, aiohttp.ServerTimeoutError):
-            return True
-        cause = cause.__cause__
-    return False
 
 
 def kind_of_status(status: int, code: str | None, message: str | None) -> UpstreamErrorKind:

@@ -1,0 +1,846 @@
+"""A small HTTP/1.1 keep-alive client for the gateway's hot path: POST a JSON body, read the answer whole or as it
+arrives, over a pool of connections per backend.
+
+Why it exists: measured with callgrind, aiohttp's ClientSession request and response path costs about 360k of the
+gateway's 1,375k instructions per unary call (issue 17); an asyncio.Protocol with httptools (llhttp, the parser
+uvicorn uses) sending the same POST costs about 20k. Everything that does not change between a backend's requests
+(request line, Host, the SDK's and the backend's headers) is encoded once (`Http1Target`); a request is one
+transport.write, the answer is parsed in C, and the body is handed over as the bytes that arrived.
+
+What it does not do, because the gateway's upstream calls need none of it: no redirects (an upstream that answers
+3xx gets that answer back, as `allow_redirects=False` does today), no proxies, no cookies (aiohttp's session keeps
+a cookie jar; nothing here stores or sends one), no HTTP/2, no Expect: 100-continue, no request streaming, no
+decoding but gzip and deflate (it never sends Accept-Encoding, and decodes those two if an upstream uses them anyway).
+
+Failures come out as httpx2's exceptions, as the SDKs' aiohttp transport reports aiohttp's, so that
+upstream_http's mapping to the SDK's errors applies unchanged:
+
+    nothing listening, unreachable, TLS refused   httpx2.ConnectError
+    connecting took longer than the connect timeout  httpx2.ConnectTimeout
+    no connection free within the connect timeout  httpx2.PoolTimeout
+    no byte of the answer within the read timeout  httpx2.ReadTimeout
+    closed before any byte of the answer           httpx2.RemoteProtocolError (the SDK's connection error)
+    closed or reset in the middle of the answer    httpx2.ReadError
+    not HTTP (status line, header, chunk, 101)     wire.MalformedAnswerError("not an HTTP answer: ...")
+    a gzip or deflate body that does not inflate   wire.MalformedAnswerError
+    the pool closed (aclose) under a request       httpx2.ConnectError (waiting) or httpx2.ReadError (reading)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import urllib.parse
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from typing import Final, cast
+
+import httptools
+import httpx2
+
+from llmrelay_server.backends.wire import MalformedAnswerError
+
+CONNECT_TIMEOUT_S: Final = 5.0
+"""The longest a new connection may take, and the longest a request waits for a free one (upstream_http's value:
+a call's connect timeout is min(CONNECT_TIMEOUT_S, its timeout))."""
+HIGH_WATER: Final = 64 * 1024
+"""Unread answer bytes beyond which a connection stops reading from its socket until they are taken."""
+_SLACK_S: Final = 0.005
+"""Timers fire up to this early (uvloop's clock moves in milliseconds); a deadline this close counts as reached."""
+_OURS: Final = frozenset({"host", "content-length", "transfer-encoding", "connection", "accept-encoding", "keep-alive"})
+"""Headers the client writes itself, or leaves out: a target's headers that name them are dropped."""
+
+Origin = tuple[str, str, int]
+"""(scheme, host, port): the connections one target's requests share."""
+RawHeaders = list[tuple[bytes, bytes]]
+
+
+class Http1Target:
+    """One URL that requests go to, with everything that does not change between them encoded once: the request
+    line, Host and `headers` (Host, Content-Length, Transfer-Encoding, Connection, Keep-Alive and Accept-Encoding
+    among them are dropped: the client writes its own or none)."""
+
+    __slots__ = ("_names", "_pairs", "head", "host", "origin", "ssl", "url")
+
+    def __init__(self, url: str, headers: Mapping[str, str] | None = None, *, method: str = "POST") -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http or https URL: {url!r}")
+        self.url = url
+        self.ssl = parts.scheme == "https"
+        self.host = parts.hostname
+        port = parts.port or (443 if self.ssl else 80)
+        self.origin: Origin = (parts.scheme, self.host, port)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if parts.port is not None and port != (443 if self.ssl else 80):
+            host = f"{host}:{port}"
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._pairs = [(name, value) for name, value in (headers or {}).items() if name.lower() not in _OURS]
+        self._names = frozenset(name.lower() for name, _ in self._pairs)
+        self.head = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode() + _header_lines(self._pairs)
+        """The request line, Host and the fixed headers, each line ended: the head less Content-Length."""
+
+    def request(self, content: bytes, extra: Mapping[str, str] | None = None) -> bytes:
+        """The whole request: the head, `extra` headers (which replace a fixed one of the same name), the length and
+        `content`."""
+        head = self.head
+        if extra:
+            pairs = [(name, value) for name, value in extra.items() if name.lower() not in _OURS]
+            replaced = {name.lower() for name, _ in pairs}
+            if not self._names.isdisjoint(replaced):  # rare: the head again, less the headers replaced
+                request_line, host, _ = self.head.split(b"\r\n", 2)
+                kept = [(name, value) for name, value in self._pairs if name.lower() not in replaced]
+                head = request_line + b"\r\n" + host + b"\r\n" + _header_lines(kept)
+            head += _header_lines(pairs)
+        return b"%sContent-Length: %d\r\n\r\n%s" % (head, len(content), content)
+
+
+def _header_lines(pairs: list[tuple[str, str]]) -> bytes:
+    for name, value in pairs:
+        if "\r" in name or "\n" in name or ":" in name or "\r" in value or "\n" in value:
+            raise ValueError(f"header {name!r} has a line break or a colon in its name")
+    return "".join(f"{name}: {value}\r\n" for name, value in pairs).encode()
+
+
+class Http1Pool:
+    """One backend's connections, by origin: at most `limits.max_connections` open (a request beyond waits, first
+    come first served, for at most the connect timeout: httpx2.PoolTimeout), at most
+    `limits.max_keepalive_connections` of them idle (one coming back beyond that is closed), each idle one closed
+    after `limits.keepalive_expiry` (one timer for the pool while any are idle). An idle connection that its server
+    closes is dropped at once and never handed out. Made anywhere; used inside one running loop."""
+
+    __slots__ = (
+        "_closed",
+        "_conns",
+        "_expiry",
+        "_idle",
+        "_idle_count",
+        "_loop",
+        "_max_idle",
+        "_max_open",
+        "_open",
+        "_ssl",
+        "_sweep",
+        "_waiters",
+    )
+
+    def __init__(self, limits: httpx2.Limits, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._max_open = limits.max_connections
+        self._max_idle = limits.max_keepalive_connections
+        self._expiry = limits.keepalive_expiry
+        self._ssl = ssl_context
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle: dict[Origin, deque[_Connection]] = {}
+        """Idle connections by origin, the one that came back last on the right (taken first)."""
+        self._idle_count = 0
+        self._open = 0
+        """Connections open or being opened, and slots handed to waiters that are about to open one."""
+        self._conns: set[_Connection] = set()
+        self._waiters: deque[_Waiter] = deque()
+        self._sweep: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    @property
+    def connections(self) -> int:
+        """Connections open or being opened."""
+        return self._open
+
+    @property
+    def idle_connections(self) -> int:
+        return self._idle_count
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a connection."""
+        return len(self._waiters)
+
+    async def post(
+        self,
+        target: Http1Target,
+        content: bytes,
+        timeout_s: float | None,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Http1Response:
+        """Sends `content` to `target` and returns the answer with its status and headers read; its body is the
+        caller's to read (`read`, or `async for piece in response.pieces()`) or to `close`, which the caller must do
+        (read to its end, the connection goes back to the pool by itself). `timeout_s` bounds the wait for each piece
+        of the answer (None: no bound); connecting and waiting for a free connection take at most
+        min(CONNECT_TIMEOUT_S, timeout_s) each."""
+        request = target.request(content, extra_headers)
+        while True:
+            conn = self._take_idle(target.origin)
+            if conn is None:
+                conn = await self._connect(target, timeout_s)
+            if not conn.lost:
+                break
+            self._release(conn, reuse=False)  # handed over, then closed by its server before it could be used
+        try:
+            conn.send(request, timeout_s)
+            await conn.head()
+        except BaseException:
+            self._release(conn, reuse=False)
+            raise
+        return Http1Response(self, conn)
+
+    async def aclose(self) -> None:
+        """Closes every connection, idle or in use (their readers get httpx2.ReadError), and fails the requests
+        waiting for one (httpx2.ConnectError); a request after this fails the same way."""
+        self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_exception(httpx2.ConnectError("the connection pool is closed"))
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.idle = False
+                conn.close()
+                self._free(conn)
+        self._idle.clear()
+        self._idle_count = 0
+        for conn in list(self._conns):
+            conn.close()
+        await asyncio.sleep(0)  # the transports' connection_lost
+
+    # --- connections in and out ------------------------------------------------------------------------------
+
+    def _take_idle(self, origin: Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        if not idle:
+            return None
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        while idle:
+            conn = idle.pop()
+            self._idle_count -= 1
+            conn.idle = False
+            conn.busy = True
+            if conn.lost or (self._expiry is not None and now - conn.idle_since >= self._expiry):
+                conn.close()
+                self._free(conn)
+                continue
+            return conn
+        return None
+
+    async def _connect(self, target: Http1Target, timeout_s: float | None) -> _Connection:
+        """A connection to `target`'s origin: one handed over by a request that finished while this one waited, or
+        a new one on a slot of the pool's."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        if self._closed:
+            raise httpx2.ConnectError("the connection pool is closed")
+        connect_s = CONNECT_TIMEOUT_S if timeout_s is None else min(CONNECT_TIMEOUT_S, timeout_s)
+        if self._max_open is None or self._open < self._max_open:
+            self._open += 1
+        elif not self._evict_idle():
+            handed = await self._wait_turn(target.origin, connect_s, loop)
+            if handed is not None:
+                return handed
+        # This request holds a slot (counted in _open) until it has a connection, or gives the slot back.
+        if target.ssl and self._ssl is None:
+            self._ssl = httpx2.create_ssl_context()  # the certificates the SDKs trust (SSL_CERT_FILE too)
+        try:
+            async with asyncio.timeout(connect_s):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self, loop, target.origin),
+                    target.host,
+                    target.origin[2],
+                    ssl=self._ssl if target.ssl else None,
+                    server_hostname=target.host if target.ssl else None,
+                )
+        except TimeoutError as exc:
+            self._free_slot()
+            raise httpx2.ConnectTimeout(f"no connection to {_where(target)} in {connect_s:g} s") from exc
+        except OSError as exc:  # refused, unreachable, a name not found, a certificate refused (ssl.SSLError)
+            self._free_slot()
+            raise httpx2.ConnectError(f"cannot connect to {_where(target)}: {exc}") from exc
+        except BaseException:
+            self._free_slot()
+            raise
+        conn.slot = True
+        conn.busy = True
+        self._conns.add(conn)
+        if self._closed:  # closed while connecting
+            self._release(conn, reuse=False)
+            raise httpx2.ConnectError("the connection pool is closed")
+        return conn
+
+    async def _wait_turn(self, origin: Origin, connect_s: float, loop: asyncio.AbstractEventLoop) -> _Connection | None:
+        """Waits in line for a connection of `origin` that another request leaves (returned) or a slot to open one
+        (None), for at most `connect_s`."""
+        waiter = _Waiter(origin, loop.create_future())
+        self._waiters.append(waiter)
+        timer = loop.call_later(connect_s, _expire, waiter.future, connect_s, self._max_open)
+        try:
+            return await waiter.future
+        except BaseException:
+            future = waiter.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                # Handed something, but cancelled before it could take it: hand it on.
+                if (handed := future.result()) is not None:
+                    self._release(handed, reuse=True)
+                else:
+                    self._free_slot()
+            else:  # timed out or cancelled while still in line
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+        finally:
+            timer.cancel()
+
+    def _evict_idle(self) -> bool:
+        """At the limit with none idle for the origin asked for: closes the idle connection of another origin that
+        has waited longest, and keeps its slot for the caller; False when none is idle."""
+        oldest: _Connection | None = None
+        for idle in self._idle.values():
+            if idle and (oldest is None or idle[0].idle_since < oldest.idle_since):
+                oldest = idle[0]
+        if oldest is None:
+            return False
+        self._idle[oldest.origin].popleft()
+        self._idle_count -= 1
+        oldest.idle = False
+        oldest.slot = False  # its slot is the caller's now
+        self._conns.discard(oldest)
+        oldest.close()
+        return True
+
+    def _release(self, conn: _Connection, *, reuse: bool) -> None:
+        """A request is done with `conn`: back to the pool when `reuse` and it can be reused, else closed."""
+        conn.busy = conn.sent = False
+        if not reuse or conn.lost or self._closed:
+            conn.close()
+            self._free(conn)
+            return
+        # First come, first served: a request waiting gets this connection, or its slot when it wants another origin.
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if waiter.future.done():
+                continue
+            if waiter.origin == conn.origin:
+                conn.busy = True
+                waiter.future.set_result(conn)
+            else:
+                conn.close()
+                conn.slot = False
+                self._conns.discard(conn)
+                waiter.future.set_result(None)
+            return
+        if self._max_idle is not None and self._idle_count >= self._max_idle:
+            conn.close()
+            self._free(conn)
+            return
+        loop = self._loop
+        assert loop is not None
+        conn.idle_since = loop.time()
+        conn.idle = True
+        idle = self._idle.get(conn.origin)
+        if idle is None:
+            idle = self._idle[conn.origin] = deque()
+        idle.append(conn)
+        self._idle_count += 1
+        if self._sweep is None and self._expiry is not None:
+            self._sweep = loop.call_at(conn.idle_since + self._expiry, self._on_sweep)
+
+    def _lost_idle(self, conn: _Connection) -> None:
+        """An idle connection's server closed it (or it ended otherwise): out of the pool."""
+        if conn.idle:
+            conn.idle = False
+            self._idle[conn.origin].remove(conn)
+            self._idle_count -= 1
+            self._free(conn)
+
+    def _free(self, conn: _Connection) -> None:
+        """`conn` is closed: its slot goes to the first request waiting, or back to the pool."""
+        self._conns.discard(conn)
+        if conn.slot:
+            conn.slot = False
+            self._free_slot()
+
+    def _free_slot(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_result(None)  # the slot is the waiter's: _open stays as it is
+                return
+        self._open -= 1
+
+    def _on_sweep(self) -> None:
+        """Closes the idle connections past keepalive_expiry; runs again when the next one will be."""
+        self._sweep = None
+        loop, expiry = self._loop, self._expiry
+        assert loop is not None and expiry is not None
+        now = loop.time() + _SLACK_S
+        next_at: float | None = None
+        for idle in self._idle.values():
+            while idle and idle[0].idle_since + expiry <= now:
+                conn = idle.popleft()
+                conn.idle = False
+                self._idle_count -= 1
+                conn.close()
+                self._free(conn)
+            if idle and (next_at is None or idle[0].idle_since < next_at):
+                next_at = idle[0].idle_since
+        if next_at is not None:
+            self._sweep = loop.call_at(next_at + expiry, self._on_sweep)
+
+
+class _Waiter:
+    __slots__ = ("future", "origin")
+
+    def __init__(self, origin: Origin, future: asyncio.Future[_Connection | None]) -> None:
+        self.origin, self.future = origin, future
+
+
+def _expire(future: asyncio.Future[_Connection | None], seconds: float, limit: int | None) -> None:
+    if not future.done():
+        future.set_exception(httpx2.PoolTimeout(f"no connection free in {seconds:g} s ({limit} open)"))
+
+
+def _where(target: Http1Target) -> str:
+    scheme, host, port = target.origin
+    return f"{scheme}://{host}:{port}"
+
+
+class _Connection(asyncio.Protocol):
+    """One connection and the answer being read on it: the parser's callbacks fill the answer's state, and the one
+    request using the connection waits (`_wait`) until there is something for it."""
+
+    __slots__ = (
+        "_body",
+        "_buffered",
+        "_complete",
+        "_error",
+        "_head_done",
+        "_headers",
+        "_interim",
+        "_keep_alive",
+        "_loop",
+        "_parser",
+        "_paused",
+        "_pool",
+        "_reason",
+        "_since",
+        "_started",
+        "_status",
+        "_timeout",
+        "_timer",
+        "_timer_due",
+        "_waiter",
+        "_whole",
+        "busy",
+        "idle",
+        "idle_since",
+        "lost",
+        "origin",
+        "sent",
+        "slot",
+        "transport",
+    )
+
+    def __init__(self, pool: Http1Pool, loop: asyncio.AbstractEventLoop, origin: Origin) -> None:
+        self._pool, self._loop, self.origin = pool, loop, origin
+        self._parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.busy = self.idle = self.lost = self.slot = self.sent = False
+        self.idle_since = 0.0
+        self._timeout: float | None = None
+        self._since = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._status = 0
+        self._reason = b""
+        self._headers: RawHeaders = []
+        self._body: list[bytes] = []
+        self._buffered = 0
+        self._started = self._head_done = self._complete = self._keep_alive = self._interim = self._whole = False
+        self._error: BaseException | None = None
+
+    # --- the request's side --------------------------------------------------------------------------------------
+
+    def send(self, request: bytes, timeout_s: float | None) -> None:
+        self._reset()
+        if self._paused:  # the last answer was not all taken (a complete one may be left unread)
+            self._resume()
+        self.sent = True
+        self._timeout = timeout_s
+        assert self.transport is not None
+        self.transport.write(request)
+
+    async def head(self) -> None:
+        """Waits for the answer's status line and headers."""
+        while not self._head_done:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+    def answer(self) -> tuple[int, bytes, RawHeaders]:
+        return self._status, self._reason, self._headers
+
+    async def whole(self) -> list[bytes]:
+        """The rest of the body, once the answer has ended (read into memory, so no pause at HIGH_WATER)."""
+        self._whole = True
+        if self._paused:
+            self._resume()
+        while not self._complete:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+        body, self._body, self._buffered = self._body, [], 0
+        return body
+
+    async def piece(self) -> bytes | None:
+        """The body that has arrived and not been taken, as soon as there is some; None at the end of the answer."""
+        while True:
+            if self._body:
+                body = self._body
+                self._body, self._buffered = [], 0
+                if self._paused:
+                    self._resume()
+                return body[0] if len(body) == 1 else b"".join(body)
+            if self._complete:
+                return None
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+    @property
+    def reusable(self) -> bool:
+        return self._complete and self._keep_alive and not self.lost
+
+    def close(self) -> None:
+        """Closes the connection now (a FIN, as aiohttp closes one: the upstream sees its caller went away)."""
+        self.lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.transport is not None:
+            self.transport.close()
+
+    def _wait(self) -> asyncio.Future[None]:
+        waiter = self._waiter = self._loop.create_future()
+        timeout = self._timeout
+        if timeout is not None:
+            now = self._since = self._loop.time()
+            due = now + timeout
+            if self._timer is None or self._timer_due > due + _SLACK_S:
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._timer, self._timer_due = self._loop.call_at(due, self._on_timer), due
+        return waiter
+
+    def _on_timer(self) -> None:
+        """The read timer: one per connection, re-armed when it fires early (the wait it was armed for ended, or
+        bytes arrived since): a ReadTimeout once nothing came for the whole read timeout."""
+        self._timer = None
+        timeout = self._timeout
+        if self._waiter is None or self._waiter.done() or timeout is None:
+            return
+        due = self._since + timeout
+        if due > self._loop.time() + _SLACK_S:
+            self._timer, self._timer_due = self._loop.call_at(due, self._on_timer), due
+            return
+        what = "the rest of the answer" if self._head_done else "an answer"
+        self._fail(httpx2.ReadTimeout(f"no byte of {what} in {timeout:g} s"))
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        self._wake()
+
+    def _resume(self) -> None:
+        self._paused = False
+        if self.transport is not None and not self.lost:
+            self.transport.resume_reading()
+
+    # --- asyncio's side ------------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCP and TLS transports are not asyncio.Transport subclasses, but have all its methods.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.sent:  # bytes nobody asked for, on an idle connection: it cannot be trusted with a request
+            self.close()
+            return
+        if self._timeout is not None and self._waiter is not None:
+            self._since = self._loop.time()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._keep_alive = False
+            self._fail(MalformedAnswerError("not an HTTP answer: a 101 Switching Protocols nobody asked for"))
+        except httptools.HttpParserError as exc:
+            self._keep_alive = False
+            if not self._complete:  # else: bytes after the answer; the answer stands, the connection does not
+                said = str(exc.__context__ or exc)[:200] if isinstance(exc, httptools.HttpParserCallbackError) else exc
+                error = MalformedAnswerError(f"not an HTTP answer: {said}")
+                error.__cause__ = exc
+                self._fail(error)
+        if self._buffered > HIGH_WATER and not self._paused and not self._whole:
+            self._paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.sent:  # idle (out of the pool now), or not yet used by the request it was handed to
+            self._pool._lost_idle(self)
+            return
+        if self._complete or self._error is not None:
+            self._wake()
+            return
+        cause = f": {exc}" if exc is not None else ""
+        if self._head_done and self._ends_at_close():
+            self._complete = True  # a body without a length ends where the connection does
+            self._wake()
+        elif not self._started:
+            self._fail(httpx2.RemoteProtocolError(f"Server disconnected without sending a response{cause}"))
+        else:
+            self._fail(httpx2.ReadError(f"the connection closed before the answer ended{cause}"))
+
+    def _ends_at_close(self) -> bool:
+        for name, value in self._headers:
+            lowered = name.lower()
+            if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
+                return False
+        return not (self._status in (204, 304) or 100 <= self._status < 200)
+
+    # --- httptools' callbacks ---------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._complete:
+            raise _AfterTheAnswer  # more after the answer: stop parsing (data_received keeps the answer)
+        self._started = True
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:  # an interim answer (100 Continue, 103 Early Hints): skipped, the connection not reused
+            self._interim = True
+            self._reason, self._headers = b"", []
+            return
+        self._status = status
+        self._keep_alive = (
+            self._parser.should_keep_alive() and not self._interim and self._parser.get_http_version() == "1.1"
+        )
+        self._head_done = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+        self._buffered += len(body)
+        if not self._whole:
+            self._wake()
+
+    def on_message_complete(self) -> None:
+        if not self._head_done:  # the end of an interim answer
+            return
+        self._complete = True
+        self._wake()
+
+
+class _AfterTheAnswer(Exception):
+    pass
+
+
+class Http1Response:
+    """An answer, its status and headers read. Its body: `await read()` (whole), or `async for piece in pieces()`
+    (each piece the bytes that have arrived, never waiting for more); read to its end, the connection goes back to
+    the pool by itself. `close()` (or leaving `async with`) before the end closes the connection at once, so that
+    the upstream sees the caller went away. A failure while reading closes it too."""
+
+    __slots__ = ("_conn", "_inflate", "_pool", "headers", "reason", "status")
+
+    def __init__(self, pool: Http1Pool, conn: _Connection) -> None:
+        self._pool = pool
+        self._conn: _Connection | None = conn
+        status, reason, headers = conn.answer()
+        self.status = status
+        self.reason = reason.decode("latin-1")
+        self._inflate: _Inflate | None = None
+        for name, value in headers:
+            if len(name) == 16 and name.lower() == b"content-encoding":
+                coding = value.strip().lower()
+                if coding in (b"gzip", b"x-gzip", b"deflate"):
+                    self._inflate = _Inflate(coding)
+                    # Said of the encoded body; httpx2.Response(headers=..., content=plain) would decode it again.
+                    headers = [(n, v) for n, v in headers if n.lower() not in (b"content-encoding", b"content-length")]
+                break
+        self.headers: RawHeaders = headers
+        """(name, value) as they came (less Content-Encoding and Content-Length once decoded), for
+        httpx2.Response(headers=...)."""
+
+    def header(self, name: str) -> str | None:
+        """The first value of header `name` (any case), or None."""
+        wanted = name.lower().encode("latin-1")
+        for key, value in self.headers:
+            if len(key) == len(wanted) and key.lower() == wanted:
+                return value.decode("latin-1")
+        return None
+
+    @property
+    def content_type(self) -> str:
+        """The media type, lower case, without parameters: application/octet-stream when none is said (as
+        aiohttp's ClientResponse.content_type)."""
+        value = self.header("content-type")
+        if not value:
+            return "application/octet-stream"
+        return value.split(";", 1)[0].strip().lower()
+
+    async def read(self) -> bytes:
+        """The body, whole (decoded from gzip or deflate)."""
+        conn = self._conn
+        if conn is None:
+            raise httpx2.StreamClosed()
+        try:
+            body = await conn.whole()
+            data = body[0] if len(body) == 1 else b"".join(body)
+            if self._inflate is not None:
+                data = self._inflate.decode(data) + self._inflate.flush()
+        except BaseException:
+            self.close()
+            raise
+        self.close()
+        return data
+
+    def pieces(self) -> AsyncIterator[bytes]:
+        """The body as it arrives: `async for piece in response.pieces()`."""
+        return self
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        conn = self._conn
+        if conn is None:
+            raise StopAsyncIteration
+        try:
+            while True:
+                piece = await conn.piece()
+                if piece is None:
+                    tail = self._inflate.flush() if self._inflate is not None else b""
+                    self.close()
+                    if tail:
+                        return tail
+                    raise StopAsyncIteration
+                if self._inflate is not None:
+                    piece = self._inflate.decode(piece)
+                    if not piece:
+                        continue
+                return piece
+        except StopAsyncIteration:
+            raise
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Done with the answer: the connection back to the pool if the answer was read to its end and the server
+        keeps it open, else closed at once. Twice is harmless."""
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
+            self._pool._release(conn, reuse=conn.reusable)
+
+    async def __aenter__(self) -> Http1Response:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _Inflate:
+    """gzip, or deflate as servers send it: zlib-wrapped, or raw (the first bytes say which)."""
+
+    __slots__ = ("_decoder", "_raw_fallback")
+
+    def __init__(self, coding: bytes) -> None:
+        gzip = coding != b"deflate"
+        self._decoder = zlib.decompressobj(16 + zlib.MAX_WBITS if gzip else zlib.MAX_WBITS)
+        self._raw_fallback = not gzip
+
+    def decode(self, data: bytes) -> bytes:
+        try:
+            out = self._decoder.decompress(data)
+        except zlib.error as exc:
+            if not self._raw_fallback:
+                raise MalformedAnswerError(f"not an HTTP answer: the body does not decompress: {exc}") from exc
+            self._raw_fallback = False
+            self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
+            return self.decode(data)
+        self._raw_fallback = False
+        return out
+
+    def flush(self) -> bytes:
+        try:
+            out = self._decoder.flush()
+        except zlib.error as exc:
+            raise MalformedAnswerError(f"not an HTTP answer: the body does not decompress: {exc}") from exc
+        if not self._decoder.eof:
+            raise MalformedAnswerError("not an HTTP answer: the compressed body ends before its end")
+        return out
+
+
+class Http1Transport(httpx2.AsyncBaseTransport):
+    """httpx2's transport over an `Http1Pool`: the SDK's own requests (listing models for Health, a server's
+    tokenizer) go out on the same connections as the completions `upstream_http` posts, within the same bounds."""
+
+    def __init__(self, pool: Http1Pool) -> None:
+        self._pool = pool
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        # Made per request: these requests are few and off the completion path.
+        target = Http1Target(str(request.url), request.headers, method=request.method)
+        timeouts = request.extensions.get("timeout", {})
+        response = await self._pool.post(target, await request.aread(), timeouts.get("read"))
+        return httpx2.Response(
+            response.status,
+            headers=response.headers,
+            stream=_Body(response),
+            request=request,
+            extensions={"reason_phrase": response.reason.encode("latin-1"), "http_version": b"HTTP/1.1"},
+        )
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+
+class _Body(httpx2.AsyncByteStream):
+    """An answer's body as httpx2 reads it: piece by piece, closed when httpx2 is done with it."""
+
+    def __init__(self, response: Http1Response) -> None:
+        self._response = response
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for piece in self._response:
+            yield piece
+
+    async def aclose(self) -> None:
+        self._response.close()

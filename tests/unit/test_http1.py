@@ -1,0 +1,687 @@
+"""The HTTP/1.1 client (backends/http1.py) against real loopback servers: the fake upstream (counting the connections
+it accepts), and small servers here that write raw bytes for the protocol's faults."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import ssl
+import time
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import httpx2
+import pytest
+from certs import Authority
+from llmrelay_server.backends.http1 import HIGH_WATER, Http1Pool, Http1Response, Http1Target
+from llmrelay_server.backends.wire import MalformedAnswerError
+from upstream import FakeUpstream
+
+LIMITS = httpx2.Limits(max_connections=16, max_keepalive_connections=8, keepalive_expiry=60.0)
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class CountingUpstream(FakeUpstream):
+    """The fake upstream, counting the connections it accepts and how many are open at once."""
+
+    accepted: int = 0
+    open_now: int = 0
+    most_open: int = 0
+
+    def recount(self) -> None:
+        self.reset()
+        self.accepted = self.most_open = 0
+
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self.open_now += 1
+        self.most_open = max(self.most_open, self.open_now)
+        try:
+            await super()._on_connection(reader, writer)
+        finally:
+            self.open_now -= 1
+
+
+class RawServer:
+    """A loopback server whose `handler` answers each connection with whatever bytes it likes."""
+
+    def __init__(self, handler: Handler, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.handler, self.ssl_context = handler, ssl_context
+        self.accepted = 0
+        self.closed = 0
+        self.ended = asyncio.Event()
+        """Set each time a connection's handler ends."""
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> RawServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl_context)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    def url(self, scheme: str = "http", host: str = "127.0.0.1") -> str:
+        return f"{scheme}://{host}:{self.port}/v1/chat/completions"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.accepted += 1
+        try:
+            await self.handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError, ssl.SSLError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            self.closed += 1
+            self.ended.set()
+            writer.close()
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | None:
+    """The next request's head and body; None when the client closed the connection."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return None
+    length = next(
+        (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+        0,
+    )
+    return head, await reader.readexactly(length)
+
+
+def answering(*answers: bytes, then_close: bool = False) -> Handler:
+    """A handler that answers the requests of a connection with `answers` in turn (the last one again after)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        count = 0
+        while await read_request(reader) is not None:
+            writer.write(answers[min(count, len(answers) - 1)])
+            await writer.drain()
+            count += 1
+            if then_close:
+                return
+
+    return handler
+
+
+def ok(body: bytes = b'{"ok": true}', *headers: str) -> bytes:
+    head = "".join(f"{h}\r\n" for h in ("Content-Type: application/json", f"Content-Length: {len(body)}", *headers))
+    return f"HTTP/1.1 200 OK\r\n{head}\r\n".encode() + body
+
+
+def chunked(*pieces: bytes, headers: str = "Content-Type: text/event-stream\r\n") -> bytes:
+    body = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces)
+    return b"HTTP/1.1 200 OK\r\n" + headers.encode() + b"Transfer-Encoding: chunked\r\n\r\n" + body + b"0\r\n\r\n"
+
+
+CHAT = json.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "hello there"}]}).encode()
+STREAM = json.dumps(
+    {"model": "gpt-test", "messages": [{"role": "user", "content": "a b c d"}], "stream": True}
+).encode()
+
+
+@pytest.fixture(scope="module")
+async def counting() -> AsyncIterator[CountingUpstream]:
+    upstream = CountingUpstream(models=("gpt-test",))
+    await upstream.start()
+    yield upstream
+    await upstream.stop()
+
+
+@pytest.fixture
+def fake(counting: CountingUpstream) -> CountingUpstream:
+    counting.recount()
+    return counting
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[Http1Pool]:
+    pool = Http1Pool(LIMITS)
+    yield pool
+    await pool.aclose()
+
+
+def target_of(upstream: FakeUpstream, headers: dict[str, str] | None = None) -> Http1Target:
+    return Http1Target(upstream.base_url + "/chat/completions", headers or {"Content-Type": "application/json"})
+
+
+def assert_drained(pool: Http1Pool, *, idle: int = 0) -> None:
+    """No connection held by a request: `idle` idle ones at most, nobody waiting."""
+    assert (pool.connections, pool.idle_connections, pool.waiting) == (idle, idle, 0)
+
+
+async def next_piece(response: Http1Response) -> bytes:
+    return await anext(response.pieces())
+
+
+async def until(condition: Callable[[], bool], within_s: float = 2.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never came true"
+        await asyncio.sleep(0.01)
+
+
+# --- requests and answers ----------------------------------------------------------------------------------------
+
+
+async def test_a_whole_answer_and_its_headers(fake: CountingUpstream, pool: Http1Pool) -> None:
+    response = await pool.post(target_of(fake, {"Authorization": "Bearer k", "Accept-Encoding": "gzip"}), CHAT, 5)
+    assert (response.status, response.reason, response.content_type) == (200, "X", "application/json")
+    assert response.header("CONTENT-TYPE") == "application/json" and response.header("x-missing") is None
+    body = json.loads(await response.read())
+    assert body["choices"][0]["message"]["content"] == "echo: hello there"
+    sent = fake.chat_headers[0]
+    assert sent["authorization"] == "Bearer k"
+    assert sent["content-length"] == str(len(CHAT))
+    assert "accept-encoding" not in sent  # never asked for: the client decodes gzip and deflate alone
+    assert sent["host"] == f"127.0.0.1:{fake.port}"
+    assert fake.chat_bodies == [CHAT]
+    httpx_response = httpx2.Response(response.status, headers=response.headers, content=b"{}")
+    assert httpx_response.headers["content-type"] == "application/json"
+
+
+async def test_extra_headers_are_added_or_replace_fixed_ones(fake: CountingUpstream, pool: Http1Pool) -> None:
+    target = target_of(fake, {"Content-Type": "application/json", "X-Trace": "fixed", "X-Keep": "kept"})
+    await (await pool.post(target, CHAT, 5, {"traceparent": "00-abc-def-01"})).read()
+    await (await pool.post(target, CHAT, 5, {"x-trace": "per call"})).read()
+    await (await pool.post(target, CHAT, 5, None)).read()
+    first, second, third = fake.chat_headers
+    assert (first["traceparent"], first["x-trace"]) == ("00-abc-def-01", "fixed")
+    assert (second["x-trace"], second["x-keep"], "traceparent" in second) == ("per call", "kept", False)
+    assert (third["x-trace"], "traceparent" in third) == ("fixed", False)
+
+
+def test_a_header_with_a_line_break_is_refused() -> None:
+    with pytest.raises(ValueError, match="line break"):
+        Http1Target("http://127.0.0.1:1/", {"X-Evil": "a\r\nHost: elsewhere"})
+    with pytest.raises(ValueError, match="http or https"):
+        Http1Target("ftp://127.0.0.1/", {})
+
+
+async def test_a_streamed_answer_in_pieces_then_the_connection_again(fake: CountingUpstream, pool: Http1Pool) -> None:
+    for _ in range(2):
+        async with await pool.post(target_of(fake), STREAM, 5) as response:
+            assert response.content_type == "text/event-stream"
+            pieces = [piece async for piece in response.pieces()]
+        assert all(pieces)  # never an empty piece: b"" would read as the end
+        text = b"".join(pieces).decode()
+        assert text.count("data: ") == 8 and text.endswith("data: [DONE]\n\n")
+    assert fake.accepted == 1
+    assert_drained(pool, idle=1)
+
+
+async def test_a_piece_comes_as_soon_as_it_arrived(pool: Http1Pool) -> None:
+    go_on = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await go_on.wait()  # the rest only once the client has had the first piece
+        writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
+
+    async with RawServer(handler) as server:
+        response = await pool.post(Http1Target(server.url()), b"{}", 5)
+        pieces = response.pieces()
+        assert await asyncio.wait_for(anext(pieces), 2) == b"first"
+        go_on.set()
+        assert [piece async for piece in pieces] == [b"second"]
+        assert_drained(pool, idle=1)
+
+
+async def test_content_length_chunked_and_read_until_close_bodies(pool: Http1Pool) -> None:
+    big = bytes(range(256)) * 4096  # 1 MiB, in many reads
+    answers = {
+        "length": ok(big),
+        "chunked": chunked(big[:300_000], big[300_000:]),
+        "until close": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + big,
+    }
+    for kind, answer in answers.items():
+        async with RawServer(answering(answer, then_close=kind == "until close")) as server:
+            response = await pool.post(Http1Target(server.url()), b"{}", 5)
+            assert await response.read() == big, kind
+            if kind == "until close":  # the end of the body is the end of the connection
+                assert_drained(pool)
+                continue
+            async with await pool.post(Http1Target(server.url()), b"{}", 5) as again:  # in pieces, same connection
+                assert b"".join([piece async for piece in again]) == big
+            assert server.accepted == 1, kind
+            assert_drained(pool, idle=1)
+        await until(lambda: pool.idle_connections == 0)  # the server closed it
+
+
+async def test_gzip_and_deflate_answers_come_out_plain(pool: Http1Pool) -> None:
+    body = b'{"choices": []}' * 1000
+    deflated = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    raw_deflate = deflated.compress(body) + deflated.flush()
+    packed = gzip.compress(body)
+    answers = [
+        ok(packed, "Content-Encoding: gzip"),
+        ok(zlib.compress(body), "Content-Encoding: deflate"),
+        ok(raw_deflate, "Content-Encoding: deflate"),
+        chunked(packed[:10], packed[10:100], packed[100:], headers="Content-Encoding: gzip\r\n"),
+    ]
+    for answer in answers:
+        async with RawServer(answering(answer)) as server:
+            response = await pool.post(Http1Target(server.url()), b"{}", 5)
+            assert response.header("content-encoding") is None and response.header("content-length") is None
+            assert await response.read() == body
+            async with await pool.post(Http1Target(server.url()), b"{}", 5) as again:
+                assert b"".join([piece async for piece in again]) == body
+            # As upstream_http makes an error answer into the SDK's: httpx2 must not decode it a second time.
+            assert httpx2.Response(200, headers=response.headers, content=body).content == body
+    async with RawServer(answering(ok(b"not gzip at all", "Content-Encoding: gzip"))) as server:
+        response = await pool.post(Http1Target(server.url()), b"{}", 5)
+        with pytest.raises(MalformedAnswerError, match="not an HTTP answer: the body does not decompress"):
+            await response.read()
+
+
+# --- keep-alive and the pool's limits --------------------------------------------------------------------------------
+
+
+async def test_sequential_requests_share_one_connection(fake: CountingUpstream, pool: Http1Pool) -> None:
+    for _ in range(10):
+        await (await pool.post(target_of(fake), CHAT, 5)).read()
+    assert fake.accepted == 1
+    assert len(fake.chat_requests) == 10
+    assert_drained(pool, idle=1)
+
+
+async def test_never_more_connections_than_max_connections(fake: CountingUpstream) -> None:
+    pool = Http1Pool(httpx2.Limits(max_connections=3, max_keepalive_connections=3, keepalive_expiry=60))
+    fake.inject(*[{"stall_s": 0.05}] * 40)
+
+    async def call() -> bytes:
+        return await (await pool.post(target_of(fake), CHAT, 10)).read()
+
+    try:
+        answers = await asyncio.gather(*(call() for _ in range(40)))
+        assert all(b"echo: hello there" in answer for answer in answers)
+        assert fake.most_open == 3  # the bound reached, and never passed
+        assert fake.accepted == 3
+        assert_drained(pool, idle=3)
+    finally:
+        await pool.aclose()
+
+
+async def test_requests_beyond_the_limit_wait_their_turn_in_order(fake: CountingUpstream) -> None:
+    pool = Http1Pool(httpx2.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=60))
+    fake.inject({"stall_s": 0.1})
+
+    async def call(index: int) -> None:
+        body = json.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": str(index)}]}).encode()
+        await (await pool.post(target_of(fake), body, 10)).read()
+
+    try:
+        tasks = []
+        for index in range(6):
+            tasks.append(asyncio.create_task(call(index)))
+            await asyncio.sleep(0.005)  # each in line before the next
+        assert pool.waiting == 5
+        await asyncio.gather(*tasks)
+        assert [request["messages"][0]["content"] for request in fake.chat_requests] == [str(i) for i in range(6)]
+        assert fake.accepted == 1
+    finally:
+        await pool.aclose()
+
+
+async def test_a_wait_for_a_connection_ends_in_a_pool_timeout() -> None:
+    pool = Http1Pool(httpx2.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=60))
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # never answers
+
+    async with RawServer(silent) as server:
+        first = asyncio.create_task(pool.post(Http1Target(server.url()), b"{}", 10))
+        await until(lambda: pool.connections == 1)
+        started = time.monotonic()
+        with pytest.raises(httpx2.PoolTimeout):
+            await pool.post(Http1Target(server.url()), b"{}", 0.2)
+        assert 0.15 < time.monotonic() - started < 1.5
+        assert pool.waiting == 0
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert_drained(pool)
+    await pool.aclose()
+
+
+async def test_idle_connections_beyond_max_keepalive_are_closed(fake: CountingUpstream) -> None:
+    pool = Http1Pool(httpx2.Limits(max_connections=10, max_keepalive_connections=2, keepalive_expiry=60))
+    fake.inject(*[{"stall_s": 0.1}] * 5)
+
+    async def call() -> None:
+        await (await pool.post(target_of(fake), CHAT, 10)).read()
+
+    try:
+        await asyncio.gather(*(call() for _ in range(5)))
+        assert fake.accepted == 5
+        assert_drained(pool, idle=2)
+        await until(lambda: fake.open_now == 2)  # the server saw the other three close
+    finally:
+        await pool.aclose()
+
+
+async def test_idle_connections_close_after_keepalive_expiry(fake: CountingUpstream) -> None:
+    pool = Http1Pool(httpx2.Limits(max_connections=10, max_keepalive_connections=10, keepalive_expiry=0.2))
+    try:
+        await (await pool.post(target_of(fake), CHAT, 5)).read()
+        await asyncio.sleep(0.1)
+        await (await pool.post(target_of(fake), CHAT, 5)).read()  # still idle in time: the same connection
+        assert fake.accepted == 1
+        assert_drained(pool, idle=1)
+        await asyncio.sleep(0.35)
+        assert_drained(pool)
+        await until(lambda: fake.open_now == 0)
+        await (await pool.post(target_of(fake), CHAT, 5)).read()
+        assert fake.accepted == 2
+    finally:
+        await pool.aclose()
+
+
+async def test_an_idle_connection_the_server_closed_is_never_handed_out(pool: Http1Pool) -> None:
+    async def answers_then_hangs_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(ok())
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the keep-alive answer sent, the server closes the idle connection
+
+    async with RawServer(answers_then_hangs_up) as server:
+        await (await pool.post(Http1Target(server.url()), b"{}", 5)).read()
+        assert_drained(pool, idle=1)
+        await until(lambda: pool.idle_connections == 0)
+        assert_drained(pool)
+        assert await (await pool.post(Http1Target(server.url()), b"{}", 5)).read() == b'{"ok": true}'
+        assert server.accepted == 2
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        ok(b"{}", "Connection: close"),
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"{}"),
+    ],
+    ids=["connection close", "HTTP/1.0", "1xx first"],
+)
+async def test_connections_that_cannot_be_reused_are_closed(pool: Http1Pool, answer: bytes) -> None:
+    async with RawServer(answering(answer)) as server:
+        for _ in range(2):
+            assert await (await pool.post(Http1Target(server.url()), b"{}", 5)).read() == b"{}"
+            assert_drained(pool)
+        assert server.accepted == 2
+        await until(lambda: server.closed == 2)
+
+
+async def test_bytes_after_the_answer_spoil_the_connection(pool: Http1Pool) -> None:
+    async with RawServer(answering(ok(b"{}") + b"garbage")) as server:
+        assert await (await pool.post(Http1Target(server.url()), b"{}", 5)).read() == b"{}"
+        assert_drained(pool)
+
+
+# --- leaving early, cancellation --------------------------------------------------------------------------------------
+
+
+async def test_closing_a_stream_early_closes_its_connection_at_once(pool: Http1Pool) -> None:
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        assert await reader.read() == b""  # returns when the client closes
+
+    async with RawServer(endless) as server:
+        async with await pool.post(Http1Target(server.url()), b"{}", 5) as response:
+            assert await anext(response.pieces()) == b"first"
+        assert_drained(pool)
+        await asyncio.wait_for(server.ended.wait(), 1)
+
+
+async def test_a_cancelled_request_leaves_nothing_behind(fake: CountingUpstream) -> None:
+    pool = Http1Pool(httpx2.Limits(max_connections=2, max_keepalive_connections=2, keepalive_expiry=60))
+    fake.inject(*[{"stall_s": 5}] * 4)
+    try:
+        # Waiting for the answer (2 tasks) and waiting in line for a connection (2 more).
+        tasks = [asyncio.create_task(pool.post(target_of(fake), CHAT, 10)) for _ in range(4)]
+        await until(lambda: len(fake.chat_requests) == 2 and pool.waiting == 2)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(task.cancelled() for task in tasks)
+        assert_drained(pool)
+        await until(lambda: len(fake.client_disconnects) == 2)  # the upstream saw both callers leave
+        # Cancelled while reading a body whole, and while waiting for a stream's next piece.
+        fake.faults.clear()
+        fake.inject({"trickle_s": 1}, {"trickle_s": 1})
+        whole = await pool.post(target_of(fake), STREAM, 10)
+        reading = asyncio.create_task(whole.read())
+        stream = await pool.post(target_of(fake), STREAM, 10)
+        assert await anext(stream.pieces())
+        streaming = asyncio.create_task(next_piece(stream))
+        await asyncio.sleep(0.05)
+        reading.cancel()
+        streaming.cancel()
+        await asyncio.gather(reading, streaming, return_exceptions=True)
+        stream.close()
+        assert_drained(pool)
+        # A trickling server sees its client gone at its next write; one kept open would trickle for 4 s, then idle.
+        await until(lambda: fake.open_now == 0, within_s=3)
+    finally:
+        await pool.aclose()
+
+
+async def test_a_request_handed_a_connection_as_it_is_cancelled_hands_it_on(fake: CountingUpstream) -> None:
+    pool = Http1Pool(httpx2.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=60))
+    try:
+        first = await pool.post(target_of(fake), CHAT, 5)
+        waiting = asyncio.create_task(pool.post(target_of(fake), CHAT, 5))
+        behind = asyncio.create_task(pool.post(target_of(fake), CHAT, 5))
+        await until(lambda: pool.waiting == 2)
+        await first.read()  # hands the connection to `waiting`...
+        waiting.cancel()  # ...which is cancelled before it runs: it goes on to `behind`
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert b"echo" in await (await asyncio.wait_for(behind, 2)).read()
+        assert fake.accepted == 1
+        assert_drained(pool, idle=1)
+    finally:
+        await pool.aclose()
+
+
+# --- failures ------------------------------------------------------------------------------------------------------
+
+
+async def test_nothing_listening_is_a_connect_error(pool: Http1Pool) -> None:
+    async with RawServer(answering(ok())) as server:
+        url = server.url()
+    with pytest.raises(httpx2.ConnectError, match="cannot connect"):
+        await pool.post(Http1Target(url), b"{}", 5)
+    assert_drained(pool)
+
+
+async def test_a_handshake_that_never_ends_is_a_connect_timeout(pool: Http1Pool) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    async with RawServer(silent) as server:  # plain TCP: the TLS handshake gets no answer
+        started = time.monotonic()
+        with pytest.raises(httpx2.ConnectTimeout):
+            await pool.post(Http1Target(server.url("https")), b"{}", 0.3)
+        assert 0.25 < time.monotonic() - started < 2
+    assert_drained(pool)
+
+
+async def test_an_upstream_that_does_not_answer_in_time_is_a_read_timeout(fake: CountingUpstream) -> None:
+    pool = Http1Pool(LIMITS)
+    fake.inject({"stall_s": 3}, {"trickle_s": 3})
+    try:
+        started = time.monotonic()
+        with pytest.raises(httpx2.ReadTimeout, match="an answer"):
+            await pool.post(target_of(fake), CHAT, 0.3)
+        assert 0.25 < time.monotonic() - started < 1.5
+        await until(lambda: len(fake.client_disconnects) == 1)  # the connection was closed
+        async with await pool.post(target_of(fake), STREAM, 0.3) as response:
+            with pytest.raises(httpx2.ReadTimeout, match="the rest of the answer"):
+                async for _ in response:
+                    pass
+        assert_drained(pool)
+    finally:
+        await pool.aclose()
+
+
+async def test_the_read_timeout_bounds_each_wait_not_the_whole_answer(pool: Http1Pool) -> None:
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader) is not None:
+            for byte in ok(b'{"slow": "but steady"}'):  # a byte every 0.02 s, the head too: about 2 s in all
+                writer.write(bytes([byte]))
+                await asyncio.sleep(0.02)
+
+    async with RawServer(trickle) as server:
+        response = await pool.post(Http1Target(server.url()), b"{}", 0.25)
+        assert await response.read() == b'{"slow": "but steady"}'
+        async with await pool.post(Http1Target(server.url()), b"{}", 0.25) as again:
+            assert b"".join([piece async for piece in again]) == b'{"slow": "but steady"}'
+    assert_drained(pool, idle=1)
+
+
+async def test_no_answer_at_all_is_a_remote_protocol_error(fake: CountingUpstream, pool: Http1Pool) -> None:
+    fake.inject({"drop": True})
+    with pytest.raises(httpx2.RemoteProtocolError, match="without sending a response"):
+        await pool.post(target_of(fake), CHAT, 5)
+    assert_drained(pool)
+
+
+async def test_an_answer_cut_short_is_a_read_error(fake: CountingUpstream, pool: Http1Pool) -> None:
+    fake.inject({"cut_before_done": True})
+    async with await pool.post(target_of(fake), STREAM, 5) as response:
+        with pytest.raises(httpx2.ReadError, match="before the answer ended"):
+            async for _ in response:
+                pass
+    async with RawServer(answering(ok(b"{}")[:-1], then_close=True)) as server:
+        response = await pool.post(Http1Target(server.url()), b"{}", 5)
+        with pytest.raises(httpx2.ReadError):
+            await response.read()
+    assert_drained(pool)
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (b"HTTP/1.1 abc\r\n\r\n", "Invalid status code"),
+        (b"<html>hello</html>\r\n\r\n", "Expected HTTP/"),
+        (b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n", "Invalid header"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
+        (b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n", "101"),
+    ],
+    ids=["status line", "not HTTP", "header", "chunk", "upgrade"],
+)
+async def test_an_answer_that_is_not_http_is_malformed(pool: Http1Pool, answer: bytes, said: str) -> None:
+    async with RawServer(answering(answer)) as server:
+        with pytest.raises(MalformedAnswerError, match=f"not an HTTP answer: .*{said}"):
+            response = await pool.post(Http1Target(server.url()), b"{}", 5)
+            await response.read()
+    assert_drained(pool)
+
+
+async def test_a_slow_reader_stops_the_socket_reads(pool: Http1Pool) -> None:
+    size = 64 * 1024 * 1024
+    sent = 0
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        block = b"x" * 65536
+        while sent < size:
+            writer.write(block)
+            await writer.drain()
+            sent += len(block)
+
+    async with RawServer(flood) as server:
+        async with await pool.post(Http1Target(server.url()), b"{}", 5) as response:
+            pieces = response.pieces()
+            got = len(await anext(pieces))
+            await asyncio.sleep(0.3)  # without flow control, the whole 64 MiB would be read into memory by now
+            assert sent < size // 2
+            async for piece in pieces:
+                assert len(piece) <= HIGH_WATER + 512 * 1024  # one socket read past the mark at most
+                got += len(piece)
+        assert got == size
+    assert_drained(pool, idle=1)
+
+
+# --- TLS, closing the pool -----------------------------------------------------------------------------------------
+
+
+async def test_tls(pool: Http1Pool, tmp_path: Path) -> None:
+    authority = Authority("http1 test CA")
+    authority.server().write(tmp_path / "server.pem", tmp_path / "server.key")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    trusting = Http1Pool(LIMITS, ssl.create_default_context(cadata=authority.cert.decode()))
+    try:
+        async with RawServer(answering(ok(b'{"secure": true}')), server_context) as server:
+            for host in ("localhost", "127.0.0.1", "localhost"):
+                response = await trusting.post(Http1Target(server.url("https", host)), b"{}", 5)
+                assert await response.read() == b'{"secure": true}'
+            assert server.accepted == 2  # one connection per origin, reused
+            assert_drained(trusting, idle=2)
+            with pytest.raises(httpx2.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await pool.post(Http1Target(server.url("https")), b"{}", 5)  # the system's CAs: not this one
+            assert_drained(pool)
+    finally:
+        await trusting.aclose()
+
+
+async def test_aclose_fails_readers_and_waiters(fake: CountingUpstream) -> None:
+    pool = Http1Pool(httpx2.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=60))
+    fake.inject({"trickle_s": 5})
+    response = await pool.post(target_of(fake), STREAM, 10)
+    assert await anext(response.pieces())
+    waiter = asyncio.create_task(pool.post(target_of(fake), CHAT, 10))
+    await until(lambda: pool.waiting == 1)
+    reader = asyncio.create_task(next_piece(response))
+    await asyncio.sleep(0)
+    await pool.aclose()
+    with pytest.raises(httpx2.ConnectError, match="closed"):
+        await waiter
+    with pytest.raises(httpx2.ReadError):
+        await reader
+    response.close()
+    assert_drained(pool)
+    with pytest.raises(httpx2.ConnectError, match="closed"):
+        await pool.post(target_of(fake), CHAT, 10)
+
+
+def test_under_uvloop() -> None:
+    """The gateway's default loop (server.event_loop): its transports are not asyncio.Transport subclasses."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        pool = Http1Pool(LIMITS)
+        try:
+            async with RawServer(answering(chunked(b"one", b"two"))) as server:
+                for _ in range(3):
+                    async with await pool.post(Http1Target(server.url()), b"{}", 5) as response:
+                        assert b"".join([piece async for piece in response]) == b"onetwo"
+                assert server.accepted == 1
+                assert_drained(pool, idle=1)
+        finally:
+            await pool.aclose()
+
+    uvloop.run(scenario())
