@@ -587,8 +587,9 @@ async def test_an_answer_cut_short_is_a_read_error(fake: CountingUpstream, pool:
         (b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n", "Invalid header"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
         (b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n", "101"),
+        (b"HTTP/1.1 200 OK\r\nX-Endless: " + b"a" * (80 * 1024), "its head is over 64 KiB"),
     ],
-    ids=["status line", "not HTTP", "header", "chunk", "upgrade"],
+    ids=["status line", "not HTTP", "header", "chunk", "upgrade", "endless head"],
 )
 async def test_an_answer_that_is_not_http_is_malformed(pool: Http1Pool, answer: bytes, said: str) -> None:
     async with RawServer(answering(answer)) as server:

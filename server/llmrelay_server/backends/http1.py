@@ -22,6 +22,7 @@ upstream_http's mapping to the SDK's errors applies unchanged:
     closed before any byte of the answer           httpx2.RemoteProtocolError (the SDK's connection error)
     closed or reset in the middle of the answer    httpx2.ReadError
     not HTTP (status line, header, chunk, 101)     wire.MalformedAnswerError("not an HTTP answer: ...")
+    a status line and headers over MAX_HEAD        wire.MalformedAnswerError
     a gzip or deflate body that does not inflate   wire.MalformedAnswerError
     the pool closed (aclose) under a request       httpx2.ConnectError (waiting) or httpx2.ReadError (reading)
 """
@@ -47,6 +48,9 @@ CONNECT_TIMEOUT_S: Final = 5.0
 a call's connect timeout is min(CONNECT_TIMEOUT_S, its timeout))."""
 HIGH_WATER: Final = 64 * 1024
 """Unread answer bytes beyond which a connection stops reading from its socket until they are taken."""
+MAX_HEAD: Final = 64 * 1024
+"""The most an answer's status line and headers may take (aiohttp allowed 8 KiB a line): beyond it, the answer is
+malformed, rather than held in memory for as long as a broken upstream goes on sending headers."""
 _SLACK_S: Final = 0.005
 """Timers fire up to this early (uvloop's clock moves in milliseconds); a deadline this close counts as reached."""
 _OURS: Final = frozenset({"host", "content-length", "transfer-encoding", "connection", "accept-encoding", "keep-alive"})
@@ -417,6 +421,7 @@ class _Connection(asyncio.Protocol):
         "_buffered",
         "_complete",
         "_error",
+        "_head_bytes",
         "_head_done",
         "_headers",
         "_interim",
@@ -465,6 +470,7 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._buffered = 0
         self._started = self._head_done = self._complete = self._keep_alive = self._interim = self._whole = False
+        self._head_bytes = 0
         self._error: BaseException | None = None
 
     # --- the request's side --------------------------------------------------------------------------------------
@@ -583,6 +589,13 @@ class _Connection(asyncio.Protocol):
             return
         if self._timeout is not None and self._waiter is not None:
             self._since = self._loop.time()
+        if not self._head_done:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                self._keep_alive = False
+                self._fail(MalformedAnswerError(f"not an HTTP answer: its head is over {MAX_HEAD // 1024} KiB"))
+                self.close()
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
