@@ -34,6 +34,9 @@ Faults are queued; each chat or embeddings request takes the next one. A fault i
     {"line_end": "\\r\\n"}                             a stream whose lines end with CRLF (or "\\r": CR) for LF
     {"out_of_order": true}                             embeddings listed last input first (each with its index)
     {"raw": "HTTP/1.1 abc\\r\\n\\r\\n"}                these bytes (latin-1) as the whole answer, then close
+    {"close_after": true}                              answer (whole or streamed), then close the connection at
+                                                       once without saying so (no Connection: close), as a server
+                                                       that keeps connections for one request does
 
 With `vllm=True` it also serves vLLM's POST /tokenize (chat form), counting the prompt as its usage does.
 
@@ -203,8 +206,10 @@ class FakeUpstream:
             return await _send_json(writer, 404, error)
         answer = _answer(body, fault)
         if body.get("stream") and not fault.get("ignore_stream"):
-            return await self._stream(writer, answer, body, fault)
-        return await _send_json(writer, 200, answer.completion())
+            kept = await self._stream(writer, answer, body, fault)
+        else:
+            kept = await _send_json(writer, 200, answer.completion())
+        return kept and not fault.get("close_after")
 
     async def _fault(self, fault: Fault, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool | None:
         """Answers as a fault of any request says (after a stall, if it has one): what _dispatch returns, or None when

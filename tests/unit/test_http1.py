@@ -4,8 +4,10 @@ it accepts), and small servers here that write raw bytes for the protocol's faul
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
+import os
 import ssl
 import time
 import zlib
@@ -15,7 +17,7 @@ from pathlib import Path
 import httpx2
 import pytest
 from certs import Authority
-from llmrelay_server.backends.http1 import HIGH_WATER, Http1Pool, Http1Response, Http1Target
+from llmrelay_server.backends.http1 import HIGH_WATER, MAX_HEAD, Http1Pool, Http1Response, Http1Target
 from llmrelay_server.backends.wire import MalformedAnswerError
 from upstream import FakeUpstream
 
@@ -165,6 +167,21 @@ def target_of(upstream: FakeUpstream, headers: dict[str, str] | None = None) -> 
 def assert_drained(pool: Http1Pool, *, idle: int = 0) -> None:
     """No connection held by a request: `idle` idle ones at most, nobody waiting."""
     assert (pool.connections, pool.idle_connections, pool.waiting) == (idle, idle, 0)
+
+
+def connections_to(port: int) -> int:
+    """This process's TCP sockets connected to local port `port` (client sides), whatever their state."""
+    inodes = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if (link := os.readlink(fd)).startswith("socket:["):
+                inodes.add(link[8:-1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/self/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            count += int(fields[2].rsplit(":", 1)[1], 16) == port and fields[9] in inodes
+    return count
 
 
 async def next_piece(response: Http1Response) -> bytes:
@@ -429,6 +446,32 @@ async def test_connections_that_cannot_be_reused_are_closed(pool: Http1Pool, ans
         await until(lambda: server.closed == 2)
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+async def test_a_server_that_closes_right_after_answering_costs_no_request(
+    pool: Http1Pool, tmp_path: Path, tls: bool
+) -> None:
+    """It keeps a connection for one request and closes it as soon as it has answered, without Connection: close. The
+    next request comes at once, before the loop has seen the close: its FIN waits unread in the socket (TCP), or
+    TLS's close_notify has been read but the connection is not lost yet. That connection must not be used (the
+    request would get no answer at all); a new one must."""
+    server_context = None
+    if tls:
+        authority = Authority("http1 test CA")
+        authority.server().write(tmp_path / "server.pem", tmp_path / "server.key")
+        server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+        pool = Http1Pool(LIMITS, ssl.create_default_context(cadata=authority.cert.decode()))
+    try:
+        async with RawServer(answering(ok(), then_close=True), server_context) as server:
+            target = Http1Target(server.url("https" if tls else "http", "localhost"))
+            for _ in range(20):
+                assert await (await pool.post(target, b"{}", 5)).read() == b'{"ok": true}'
+            assert server.accepted == 20
+    finally:
+        if tls:
+            await pool.aclose()
+
+
 async def test_bytes_after_the_answer_spoil_the_connection(pool: Http1Pool) -> None:
     async with RawServer(answering(ok(b"{}") + b"garbage")) as server:
         assert await (await pool.post(Http1Target(server.url()), b"{}", 5)).read() == b"{}"
@@ -450,6 +493,23 @@ async def test_closing_a_stream_early_closes_its_connection_at_once(pool: Http1P
             assert await anext(response.pieces()) == b"first"
         assert_drained(pool)
         await asyncio.wait_for(server.ended.wait(), 1)
+
+
+async def test_a_request_still_being_written_is_reset_when_left(pool: Http1Pool) -> None:
+    """The caller leaves while its request is still being written (a large one, to an upstream that does not read):
+    the connection is reset at once. A FIN would wait behind the unwritten bytes for as long as the upstream does not
+    read them, the socket open all that time, out of the pool's count, and the upstream none the wiser."""
+    body = b"x" * (64 * 1024 * 1024)
+
+    async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(10)
+
+    async with RawServer(never_reads) as server:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await pool.post(Http1Target(server.url()), body, 5)
+        assert_drained(pool)
+        await until(lambda: connections_to(server.port) == 0, within_s=1)
 
 
 async def test_a_cancelled_request_leaves_nothing_behind(fake: CountingUpstream) -> None:
@@ -588,8 +648,9 @@ async def test_an_answer_cut_short_is_a_read_error(fake: CountingUpstream, pool:
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
         (b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n", "101"),
         (b"HTTP/1.1 200 OK\r\nX-Endless: " + b"a" * (80 * 1024), "its head is over 64 KiB"),
+        (b"HTTP/1.1 000 OK\r\nContent-Length: 2\r\n\r\n{}", "status 000"),  # not an interim answer to wait past
     ],
-    ids=["status line", "not HTTP", "header", "chunk", "upgrade", "endless head"],
+    ids=["status line", "not HTTP", "header", "chunk", "upgrade", "endless head", "status 000"],
 )
 async def test_an_answer_that_is_not_http_is_malformed(pool: Http1Pool, answer: bytes, said: str) -> None:
     async with RawServer(answering(answer)) as server:
@@ -597,6 +658,21 @@ async def test_an_answer_that_is_not_http_is_malformed(pool: Http1Pool, answer: 
             response = await pool.post(Http1Target(server.url()), b"{}", 5)
             await response.read()
     assert_drained(pool)
+
+
+async def test_the_head_limit_counts_the_head_alone(pool: Http1Pool) -> None:
+    """A head just under MAX_HEAD and a large body, written at once so that reads hold both: the body is no part of
+    the head. One byte more of head, and the answer is malformed."""
+    body = b"x" * (1024 * 1024)
+    for padding, fits in ((MAX_HEAD - 200, True), (MAX_HEAD, False)):
+        answer = ok(body, "X-Padding: " + "p" * padding)
+        async with RawServer(answering(answer)) as server:
+            if fits:
+                assert await (await pool.post(Http1Target(server.url()), b"{}", 5)).read() == body
+            else:
+                with pytest.raises(MalformedAnswerError, match="its head is over 64 KiB"):
+                    await pool.post(Http1Target(server.url()), b"{}", 5)
+        assert pool.waiting == pool.connections - pool.idle_connections == 0
 
 
 async def test_a_slow_reader_stops_the_socket_reads(pool: Http1Pool) -> None:

@@ -21,7 +21,8 @@ upstream_http's mapping to the SDK's errors applies unchanged:
     no byte of the answer within the read timeout  httpx2.ReadTimeout
     closed before any byte of the answer           httpx2.RemoteProtocolError (the SDK's connection error)
     closed or reset in the middle of the answer    httpx2.ReadError
-    not HTTP (status line, header, chunk, 101)     wire.MalformedAnswerError("not an HTTP answer: ...")
+    not HTTP (status line or one < 100, header,    wire.MalformedAnswerError("not an HTTP answer: ...")
+      chunk, 101)
     a status line and headers over MAX_HEAD        wire.MalformedAnswerError
     a gzip or deflate body that does not inflate   wire.MalformedAnswerError
     the pool closed (aclose) under a request       httpx2.ConnectError (waiting) or httpx2.ReadError (reading)
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import ssl
 import urllib.parse
 import zlib
@@ -177,9 +179,11 @@ class Http1Pool:
             conn = self._take_idle(target.origin)
             if conn is None:
                 conn = await self._connect(target, timeout_s)
-            if not conn.lost:
+            if not conn.lost and not (conn.served and conn.stale()):
                 break
-            self._release(conn, reuse=False)  # handed over, then closed by its server before it could be used
+            # Closed by its server (or sent bytes nobody asked for) before it could be used: one that answered and
+            # closed at once, without saying so, has its FIN waiting unseen by the loop yet (stale()).
+            self._release(conn, reuse=False)
         try:
             conn.send(request, timeout_s)
             await conn.head()
@@ -429,6 +433,7 @@ class _Connection(asyncio.Protocol):
         "_loop",
         "_parser",
         "_paused",
+        "_poll",
         "_pool",
         "_reason",
         "_since",
@@ -445,6 +450,7 @@ class _Connection(asyncio.Protocol):
         "lost",
         "origin",
         "sent",
+        "served",
         "slot",
         "transport",
     )
@@ -453,7 +459,8 @@ class _Connection(asyncio.Protocol):
         self._pool, self._loop, self.origin = pool, loop, origin
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
-        self.busy = self.idle = self.lost = self.slot = self.sent = False
+        self.busy = self.idle = self.lost = self.slot = self.sent = self.served = False
+        self._poll: select.poll | None = None
         self.idle_since = 0.0
         self._timeout: float | None = None
         self._since = 0.0
@@ -479,7 +486,7 @@ class _Connection(asyncio.Protocol):
         self._reset()
         if self._paused:  # the last answer was not all taken (a complete one may be left unread)
             self._resume()
-        self.sent = True
+        self.sent = self.served = True
         self._timeout = timeout_s
         assert self.transport is not None
         self.transport.write(request)
@@ -490,6 +497,12 @@ class _Connection(asyncio.Protocol):
             if self._error is not None:
                 raise self._error
             await self._wait()
+
+    def stale(self) -> bool:
+        """Whether the socket of this connection, which has answered before, has something the loop has not read yet:
+        its server's FIN (a server that closes a kept-alive connection right after answering, or its idle timeout just
+        now), or bytes nobody asked for. Either way it cannot be trusted with a request. (One poll(2), no wait.)"""
+        return self._poll is not None and bool(self._poll.poll(0))
 
     def answer(self) -> tuple[int, bytes, RawHeaders]:
         return self._status, self._reason, self._headers
@@ -526,13 +539,19 @@ class _Connection(asyncio.Protocol):
         return self._complete and self._keep_alive and not self.lost
 
     def close(self) -> None:
-        """Closes the connection now (a FIN, as aiohttp closes one: the upstream sees its caller went away)."""
+        """Closes the connection now (a FIN, as aiohttp closes one: the upstream sees its caller went away), or resets
+        it while some of the request is still to be written: a FIN would wait behind it for as long as the upstream
+        does not read, the socket held open all that time and the upstream none the wiser."""
         self.lost = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is not None:
+            if transport.get_write_buffer_size():
+                transport.abort()
+            else:
+                transport.close()
 
     def _wait(self) -> asyncio.Future[None]:
         waiter = self._waiter = self._loop.create_future()
@@ -582,6 +601,10 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCP and TLS transports are not asyncio.Transport subclasses, but have all its methods.
         self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN)
 
     def data_received(self, data: bytes) -> None:
         if not self.sent:  # bytes nobody asked for, on an idle connection: it cannot be trusted with a request
@@ -590,12 +613,23 @@ class _Connection(asyncio.Protocol):
         if self._timeout is not None and self._waiter is not None:
             self._since = self._loop.time()
         if not self._head_done:
+            room = MAX_HEAD - self._head_bytes
             self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD:
-                self._keep_alive = False
-                self._fail(MalformedAnswerError(f"not an HTTP answer: its head is over {MAX_HEAD // 1024} KiB"))
-                self.close()
-                return
+            if len(data) > room:  # the head must end within `room` bytes; what follows it is the body's, not counted
+                self._feed(data[:room])
+                if not self._head_done:
+                    self._keep_alive = False
+                    self._fail(MalformedAnswerError(f"not an HTTP answer: its head is over {MAX_HEAD // 1024} KiB"))
+                    self.close()
+                    return
+                data = data[room:]
+        self._feed(data)
+        if self._buffered > HIGH_WATER and not self._paused and not self._whole:
+            self._paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+    def _feed(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -608,10 +642,11 @@ class _Connection(asyncio.Protocol):
                 error = MalformedAnswerError(f"not an HTTP answer: {said}")
                 error.__cause__ = exc
                 self._fail(error)
-        if self._buffered > HIGH_WATER and not self._paused and not self._whole:
-            self._paused = True
-            assert self.transport is not None
-            self.transport.pause_reading()
+
+    def eof_received(self) -> None:
+        """The server is done sending (its FIN, or TLS's close_notify, which can come well before the connection is
+        lost): never to be used again, and the transport closes (connection_lost ends or fails the answer)."""
+        self.lost = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -656,6 +691,8 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if status < 200:  # an interim answer (100 Continue, 103 Early Hints): skipped, the connection not reused
+            if status < 100:  # llhttp takes any three digits: 000-099 is no status, not an interim answer
+                raise _NoStatus(f"status {status:03d}")
             self._interim = True
             self._reason, self._headers = b"", []
             return
@@ -680,6 +717,10 @@ class _Connection(asyncio.Protocol):
 
 
 class _AfterTheAnswer(Exception):
+    pass
+
+
+class _NoStatus(Exception):
     pass
 
 

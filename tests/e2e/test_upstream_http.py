@@ -1,0 +1,52 @@
+"""The gateway's own HTTP/1.1 client (backends/http1.py) through a real gateway and a real gRPC channel: what an
+upstream does with its connections must cost the callers nothing it need not."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from support import OPENAI_TEST_KEY, StubFactory, chat, read_all, stream_chat
+from upstream import FakeUpstream
+
+ROUNDS, CONCURRENT = 10, 20
+NO_RETRIES = """
+router:
+  retry: {max_retries: 0}
+  circuit: {failure_threshold: 1000, cooldown_s: 30}
+"""
+
+
+def only(upstream: FakeUpstream) -> str:
+    """The upstream as the one backend; an attempt that fails is the call's failure (no retry, no fallback)."""
+    return f"""
+llm:
+  openai: {{api_key: "{OPENAI_TEST_KEY}", base_url: "{upstream.base_url}", model: {upstream.models[0]}}}
+{NO_RETRIES}"""
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+async def test_an_upstream_that_closes_each_connection_after_answering_fails_no_call(
+    stub_for: StubFactory, primary: FakeUpstream, streaming: bool
+) -> None:
+    """A server that keeps a connection for one request, and closes it right after answering without saying so
+    (no Connection: close): its FIN is on the way, or already waiting unread, when the next call takes the connection
+    from the pool. That connection must not be used: a request on it gets no answer (UNAVAILABLE for the caller)."""
+    stub = await stub_for(only(primary))
+    primary.inject(*[{"close_after": True}] * (ROUNDS * CONCURRENT))
+
+    async def call() -> None:
+        if streaming:
+            assert (await read_all(stub.StreamComplete(stream_chat(), timeout=10)))[-1].finish_reason
+        else:
+            assert (await stub.Complete(chat(), timeout=10)).message.content
+
+    failed: list[grpc.aio.AioRpcError] = []
+    for _ in range(ROUNDS):  # each round: calls that start together, on connections the last round left
+        results = await asyncio.gather(*(call() for _ in range(CONCURRENT)), return_exceptions=True)
+        failed += [result for result in results if isinstance(result, grpc.aio.AioRpcError)]
+        assert not [result for result in results if isinstance(result, BaseException) and result not in failed]
+    assert not failed, f"{len(failed)} of {ROUNDS * CONCURRENT} calls failed: {failed[0].details()}"
+    assert len(primary.chat_requests) == ROUNDS * CONCURRENT
+    assert not primary.faults
