@@ -105,6 +105,8 @@ class FakeUpstream:
     probe_requests: list[str] = field(default_factory=list)
     """The paths of the health probes received: /v1/models, and Ollama's /api/version and /api/tags."""
     probe_delay_s: float = 0.0
+    models_answer: Any = None
+    """What GET /v1/models answers instead of the models list, when set (any JSON)."""
     """How long each probe waits before it is answered, as a slow upstream's would."""
     _server: asyncio.Server | None = None
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
@@ -141,6 +143,7 @@ class FakeUpstream:
         self.client_disconnects.clear()
         self.probe_requests.clear()
         self.probe_delay_s = 0.0
+        self.models_answer = None
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -173,6 +176,8 @@ class FakeUpstream:
         if route == ("POST", "/v1/embeddings"):
             return await self._embeddings(request, reader, writer)
         if route == ("GET", "/v1/models"):
+            if self.models_answer is not None:
+                return await _send_json(writer, 200, self.models_answer)
             data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models]
             return await _send_json(writer, 200, {"object": "list", "data": data})
         if self.ollama and route == ("GET", "/api/version"):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
+import pytest
 from llmrelay import v1 as pb
+from support import GatewayFactory, two_backends
 from upstream import FakeUpstream
 
 CALLERS = 100
@@ -45,3 +48,20 @@ async def test_concurrent_probes_send_each_upstream_one_probe(
         assert all(b.reachable and b.latency.ToNanoseconds() > 0 for b in report.backends)
     assert 1 <= primary.probe_requests.count("/v1/models") <= 2, primary.probe_requests
     assert 1 <= local.probe_requests.count("/api/tags") <= 2, local.probe_requests
+
+
+@pytest.mark.parametrize("answer", [[], {}, {"data": 5}, {"data": [5]}, {"data": [{"object": "model"}]}])
+async def test_a_models_list_that_is_not_one_marks_the_backend_unreachable(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, answer: Any
+) -> None:
+    """The SDK builds its page from whatever JSON came: the probe says what is wrong with it, and the gateway starts
+    and serves from the other backend."""
+    primary.models_answer = answer
+    gateway = await gateway_factory(two_backends(primary, local))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+        report = await stub.Health(pb.HealthRequest(probe=True), timeout=10)
+        by_name = {b.name: b for b in report.backends}
+        assert not by_name["openai"].reachable
+        assert "the models list is not a JSON object whose `data` is a list of models" in by_name["openai"].last_error
+        assert by_name["ollama"].reachable and report.serving

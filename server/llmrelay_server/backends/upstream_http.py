@@ -270,6 +270,21 @@ def health_record(
     )
 
 
+NOT_A_MODELS_LIST = "the models list is not a JSON object whose `data` is a list of models with ids"
+
+
+def model_ids(models: Any) -> tuple[str, ...]:
+    """The ids of the models an SDK listed. The SDKs build their pages from whatever JSON came, unchecked (a `{}`, a
+    list of numbers): MalformedAnswerError unless it is a list of models, each with an id."""
+    try:
+        ids = tuple(model.id for model in models)
+    except (TypeError, AttributeError) as exc:
+        raise MalformedAnswerError(NOT_A_MODELS_LIST) from exc
+    if not all(isinstance(id_, str) and id_ for id_ in ids):
+        raise MalformedAnswerError(NOT_A_MODELS_LIST)
+    return ids
+
+
 def redact(text: str, api_key: str | None) -> str:
     """An upstream's message without the backend's key or anything like a key, cut to 500 characters. Upstreams
     quote keys back in their errors ("Incorrect API key provided: sk-..."); never pass one on."""
