@@ -189,7 +189,7 @@ def run_dir(gateway: GatewayProcess) -> Path:
 # Holds the lock of a run directory, and says so.
 _LOCK_HOLDER = (
     "import fcntl, os, sys, time; fcntl.flock(os.open(sys.argv[1], os.O_RDONLY), fcntl.LOCK_EX);"
-    " print(1); time.sleep(60)"
+    " print(1, flush=True); time.sleep(60)"
 )
 
 
