@@ -14,10 +14,14 @@ import grpc
 import pytest
 from anthropic_upstream import FakeAnthropic
 from llmrelay import v1 as pb
+from llmrelay_server import tracing
 from llmrelay_server.app import Gateway, start_gateway
 from llmrelay_server.config import load_config
 from models.servers import DEFAULT_OLLAMA_BINARY, OllamaHandle, ServerHandle, start_llama_server, start_ollama
 from models.tiny_gguf import write_tiny_gguf
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from postgres_server import PostgresServer, PostgresTemplate
 from redis_server import RedisServer
 from support import GatewayFactory, StubFactory, two_backends
@@ -129,6 +133,20 @@ async def channel(gateway: Gateway) -> AsyncIterator[grpc.aio.Channel]:
 @pytest.fixture
 def stub(channel: grpc.aio.Channel) -> pb.LLMServiceAsyncStub:
     return pb.LLMServiceStub(channel)
+
+
+@pytest.fixture
+def exported(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    """The spans of the gateways a test starts with tracing on, kept in memory as each ends."""
+    exporter = InMemorySpanExporter()
+
+    def provider() -> TracerProvider:
+        made = TracerProvider()
+        made.add_span_processor(SimpleSpanProcessor(exporter))
+        return made
+
+    monkeypatch.setattr(tracing, "provider_factory", provider)
+    yield exporter
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from hashlib import sha256
 
 import grpc
 import pytest
-from e2e import test_tracing
 from e2e.test_call_log import CALLS, lines, rid_of
 from e2e.test_metrics import scrape, value
 from e2e.test_tracing import connect, rpc_span
@@ -24,7 +23,6 @@ from support import FAST_ROUTER, OPENAI_TEST_KEY, GatewayFactory, StubFactory, d
 from upstream import EMBEDDING_DIMENSIONS, FakeUpstream, embedding_vector
 
 DEFAULT = "embedding_model: embed-test"
-exported = test_tracing.exported  # the fixture of the gateway's spans, here by its name
 
 
 def embedding_backends(primary: FakeUpstream, local: FakeUpstream, openai: str = "", ollama: str = "") -> str:

@@ -11,11 +11,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import v1 as pb
-from llmrelay_server import tracing
+from llmrelay_server.app import Gateway
 from llmrelay_server.domain import BackendSpec
 from llmrelay_server.metrics import LabelValues
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 from prometheus_client.parser import text_string_to_metric_families
@@ -42,11 +40,20 @@ def value(samples: dict[Any, float], name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+async def metered(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, more: str = ""
+) -> tuple[Gateway, int]:
+    """A gateway over `primary` and `local` that serves its metrics (with `more` server settings), and their port."""
+    server = 'metrics_listen: "127.0.0.1:0"' + (f", {more}" if more else "")
+    gateway = await gateway_factory(two_backends(primary, local), server=server)
+    assert gateway.metrics is not None and gateway.metrics.port is not None
+    return gateway, gateway.metrics.port
+
+
 async def test_metrics_count_a_known_sequence_exactly(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
-    gateway = await gateway_factory(two_backends(primary, local), server='metrics_listen: "127.0.0.1:0"')
-    assert gateway.metrics is not None and gateway.metrics.port is not None
+    gateway, metrics_port = await metered(gateway_factory, primary, local)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
         stub = pb.LLMServiceStub(channel)
         answers = [await stub.Complete(chat(), timeout=5) for _ in range(2)]  # served at once
@@ -58,7 +65,7 @@ async def test_metrics_count_a_known_sequence_exactly(
             await stub.Complete(chat(), timeout=5)
         chunks = [c async for c in stub.StreamComplete(stream_chat(), timeout=5)]
         await stub.Health(pb.HealthRequest(), timeout=5)
-    samples = await scrape(gateway.metrics.port)
+    samples = await scrape(metrics_port)
 
     assert value(samples, "grpc_server_started_total", **COMPLETE) == 4
     assert value(samples, "grpc_server_handled_total", **COMPLETE, grpc_code="OK") == 3
@@ -144,22 +151,13 @@ async def test_an_attempt_the_caller_leaves_counts_as_cancelled(
     gateway_factory: GatewayFactory,
     primary: FakeUpstream,
     local: FakeUpstream,
-    monkeypatch: pytest.MonkeyPatch,
+    exported: InMemorySpanExporter,
     streaming: bool,
 ) -> None:
     """The caller cancels while the upstream works on its answer: the attempt is counted, as cancelled (in the
     metrics and in its trace span, which is no error: the backend did nothing wrong), and its time is the
     upstream's, not the gateway's own."""
-    exporter = InMemorySpanExporter()
-
-    def provider() -> TracerProvider:
-        made = TracerProvider()
-        made.add_span_processor(SimpleSpanProcessor(exporter))
-        return made
-
-    monkeypatch.setattr(tracing, "provider_factory", provider)
-    gateway = await gateway_factory(two_backends(primary, local), server='metrics_listen: "127.0.0.1:0", tracing: true')
-    assert gateway.metrics is not None and gateway.metrics.port is not None
+    gateway, metrics_port = await metered(gateway_factory, primary, local, "tracing: true")
     primary.inject({"stall_s": 10})
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
         stub = pb.LLMServiceStub(channel)
@@ -169,7 +167,7 @@ async def test_an_attempt_the_caller_leaves_counts_as_cancelled(
                 await asyncio.sleep(0.01)
         await asyncio.sleep(0.5)
         call.cancel()
-        samples = await until_ended(gateway.metrics.port, STREAM if streaming else COMPLETE, "CANCELLED")
+        samples = await until_ended(metrics_port, STREAM if streaming else COMPLETE, "CANCELLED")
 
     attempts = "llmrelay_upstream_attempts_total"
     assert value(samples, attempts, backend="openai", outcome="cancelled") == 1
@@ -178,7 +176,7 @@ async def test_an_attempt_the_caller_leaves_counts_as_cancelled(
     assert value(samples, "llmrelay_upstream_attempt_seconds_sum", backend="openai") >= 0.5
     method = "StreamComplete" if streaming else "Complete"
     assert value(samples, "llmrelay_gateway_overhead_seconds_sum", grpc_method=method) < 0.2
-    [attempt] = [span for span in exporter.get_finished_spans() if span.name == "chat gpt-test"]
+    [attempt] = [span for span in exported.get_finished_spans() if span.name == "chat gpt-test"]
     assert dict(attempt.attributes or {})["llmrelay.outcome"] == "cancelled"
     assert attempt.status.status_code is StatusCode.UNSET
 
@@ -188,8 +186,7 @@ async def test_only_a_stream_started_over_counts_as_a_restart(
 ) -> None:
     """One stream breaks and is restarted on the fallback; another breaks and ends the call (no restart asked): one
     restart, filed under the backend that broke."""
-    gateway = await gateway_factory(two_backends(primary, local), server='metrics_listen: "127.0.0.1:0"')
-    assert gateway.metrics is not None and gateway.metrics.port is not None
+    gateway, metrics_port = await metered(gateway_factory, primary, local)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
         stub = pb.LLMServiceStub(channel)
         primary.inject({"stream_cut_after": 2})
@@ -201,7 +198,7 @@ async def test_only_a_stream_started_over_counts_as_a_restart(
             async for _ in stub.StreamComplete(stream_chat("one two three four"), timeout=5):
                 pass
         assert caught.value.code() == grpc.StatusCode.ABORTED
-    samples = await scrape(gateway.metrics.port)
+    samples = await scrape(metrics_port)
 
     assert value(samples, "llmrelay_upstream_attempts_total", backend="openai", outcome="interrupted") == 2
     assert value(samples, "llmrelay_stream_restarts_total", backend="openai") == 1
@@ -211,15 +208,14 @@ async def test_only_a_stream_started_over_counts_as_a_restart(
 async def test_a_restart_is_not_also_a_fallback(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
-    gateway = await gateway_factory(two_backends(primary, local), server='metrics_listen: "127.0.0.1:0"')
-    assert gateway.metrics is not None and gateway.metrics.port is not None
+    gateway, metrics_port = await metered(gateway_factory, primary, local)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
         primary.inject({"stream_cut_after": 2})
         restarted = stream_chat("one two three four", on_interrupt=pb.INTERRUPT_POLICY_RESTART)
         chunks = [c async for c in pb.LLMServiceStub(channel).StreamComplete(restarted, timeout=5)]
         assert [c.restart.backend for c in chunks if c.HasField("restart")] == ["openai"]
         assert chunks[-1].backend == "ollama"
-    samples = await scrape(gateway.metrics.port)
+    samples = await scrape(metrics_port)
 
     assert value(samples, "llmrelay_stream_restarts_total", backend="openai") == 1
     moves = [(name, dict(labels)) for (name, labels), v in samples.items() if v and name.startswith("llmrelay_f")]
@@ -231,14 +227,13 @@ async def test_the_first_chunk_after_a_restart_is_filed_under_the_backend_that_s
 ) -> None:
     """The caller's first chunk came from the backend whose stream then broke: its time to first chunk is that
     backend's, not the one that finished the answer after the restart."""
-    gateway = await gateway_factory(two_backends(primary, local), server='metrics_listen: "127.0.0.1:0"')
-    assert gateway.metrics is not None and gateway.metrics.port is not None
+    gateway, metrics_port = await metered(gateway_factory, primary, local)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
         primary.inject({"stream_cut_after": 2})
         restarted = stream_chat("one two three four", on_interrupt=pb.INTERRUPT_POLICY_RESTART)
         chunks = [c async for c in pb.LLMServiceStub(channel).StreamComplete(restarted, timeout=5)]
         assert chunks[0].backend == "openai" and chunks[-1].backend == "ollama"
-    samples = await scrape(gateway.metrics.port)
+    samples = await scrape(metrics_port)
 
     first_chunk = "llmrelay_upstream_time_to_first_chunk_seconds_count"
     assert value(samples, first_chunk, backend="openai") == 1

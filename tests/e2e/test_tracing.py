@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from itertools import pairwise
 from typing import Any
 
 import grpc
 import pytest
 from llmrelay import v1 as pb
-from llmrelay_server import tracing
 from llmrelay_server.config import ConfigError
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from support import GatewayFactory, chat, png, read_all, stream_chat, two_backends
@@ -28,20 +26,6 @@ COMPLETE = "llmrelay.v1.LLMService/Complete"
 STREAM = "llmrelay.v1.LLMService/StreamComplete"
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_ID = "b7ad6b7169203331"
-
-
-@pytest.fixture
-def exported(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
-    """The gateway's spans, kept in memory as each ends."""
-    exporter = InMemorySpanExporter()
-
-    def provider() -> TracerProvider:
-        made = TracerProvider()
-        made.add_span_processor(SimpleSpanProcessor(exporter))
-        return made
-
-    monkeypatch.setattr(tracing, "provider_factory", provider)
-    yield exporter
 
 
 async def connect(gateway_factory: GatewayFactory, yaml_text: str, server: str = TRACING) -> AsyncIterator[Any]:

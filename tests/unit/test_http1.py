@@ -456,11 +456,7 @@ async def test_a_server_that_closes_right_after_answering_costs_no_request(
     request would get no answer at all); a new one must."""
     server_context = None
     if tls:
-        authority = Authority("http1 test CA")
-        authority.server().write(tmp_path / "server.pem", tmp_path / "server.key")
-        server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        server_context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
-        pool = Http1Pool(LIMITS, ssl.create_default_context(cadata=authority.cert.decode()))
+        server_context, pool = trusted_tls(tmp_path)
     try:
         async with RawServer(answering(ok(), then_close=True), server_context) as server:
             target = Http1Target(server.url("https" if tls else "http", "localhost"))
@@ -705,12 +701,17 @@ async def test_a_slow_reader_stops_the_socket_reads(pool: Http1Pool) -> None:
 # --- TLS, closing the pool -----------------------------------------------------------------------------------------
 
 
-async def test_tls(pool: Http1Pool, tmp_path: Path) -> None:
+def trusted_tls(tmp_path: Path) -> tuple[ssl.SSLContext, Http1Pool]:
+    """A server's TLS context, its certificate from a new authority, and a pool that trusts that authority."""
     authority = Authority("http1 test CA")
     authority.server().write(tmp_path / "server.pem", tmp_path / "server.key")
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
-    trusting = Http1Pool(LIMITS, ssl.create_default_context(cadata=authority.cert.decode()))
+    return server_context, Http1Pool(LIMITS, ssl.create_default_context(cadata=authority.cert.decode()))
+
+
+async def test_tls(pool: Http1Pool, tmp_path: Path) -> None:
+    server_context, trusting = trusted_tls(tmp_path)
     try:
         async with RawServer(answering(ok(b'{"secure": true}')), server_context) as server:
             for host in ("localhost", "127.0.0.1", "localhost"):
