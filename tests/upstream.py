@@ -56,6 +56,7 @@ import contextlib
 import hashlib
 import json
 import random
+import ssl
 import struct
 import time
 from collections import deque
@@ -105,18 +106,20 @@ class FakeUpstream:
     probe_requests: list[str] = field(default_factory=list)
     """The paths of the health probes received: /v1/models, and Ollama's /api/version and /api/tags."""
     probe_delay_s: float = 0.0
+    """How long each probe waits before it is answered, as a slow upstream's would."""
     models_answer: Any = None
     """What GET /v1/models answers instead of the models list, when set (any JSON)."""
-    """How long each probe waits before it is answered, as a slow upstream's would."""
+    tls: ssl.SSLContext | None = None
+    """Serves HTTPS with this context (its certificate and key loaded) when set, as a hosted API does."""
     _server: asyncio.Server | None = None
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}/v1"
 
     async def start(self) -> FakeUpstream:
-        self._server = await asyncio.start_server(self._on_connection, self.host, self.port)
+        self._server = await asyncio.start_server(self._on_connection, self.host, self.port, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

@@ -4,9 +4,14 @@ upstream does with its connections must cost the callers nothing it need not."""
 from __future__ import annotations
 
 import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
+from certs import Authority
+from llmrelay import v1 as pb
 from support import OPENAI_TEST_KEY, StubFactory, chat, read_all, stream_chat
 from upstream import FakeUpstream
 
@@ -50,3 +55,47 @@ async def test_an_upstream_that_closes_each_connection_after_answering_fails_no_
     assert not failed, f"{len(failed)} of {ROUNDS * CONCURRENT} calls failed: {failed[0].details()}"
     assert len(primary.chat_requests) == ROUNDS * CONCURRENT
     assert not primary.faults
+
+
+@pytest.fixture
+async def hosted(tmp_path: Path) -> AsyncIterator[tuple[FakeUpstream, Path]]:
+    """An upstream served over HTTPS, as a hosted API is, with a certificate from a private CA; and that CA's file."""
+    authority = Authority("upstream test CA")
+    authority.server().write(tmp_path / "upstream.pem", tmp_path / "upstream.key")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "upstream.pem", tmp_path / "upstream.key")
+    (tmp_path / "ca.pem").write_bytes(authority.cert)
+    upstream = await FakeUpstream(models=("gpt-test",), host="localhost", tls=context).start()
+    yield upstream, tmp_path / "ca.pem"
+    await upstream.stop()
+
+
+async def test_an_https_upstream_is_trusted_as_ssl_cert_file_says(
+    stub_for: StubFactory, hosted: tuple[FakeUpstream, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Completions, streams and the health probe go over TLS, trusting what the SDKs' own transport would: the
+    system's roots, or SSL_CERT_FILE."""
+    upstream, ca_file = hosted
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    stub = await stub_for(only(upstream))
+    for _ in range(3):
+        assert (await stub.Complete(chat(), timeout=5)).backend == "openai"
+        chunks = await read_all(stub.StreamComplete(stream_chat("one two"), timeout=5))
+        assert "".join(c.delta.content for c in chunks) == "echo: one two"
+    report = await stub.Health(pb.HealthRequest(probe=True), timeout=5)
+    [openai] = [b for b in report.backends if b.name == "openai"]
+    assert (openai.reachable, list(openai.models)) == (True, ["gpt-test"])
+    assert len(upstream.chat_requests) == 6
+
+
+async def test_an_https_upstream_whose_certificate_is_not_trusted_is_unreachable(
+    stub_for: StubFactory, hosted: tuple[FakeUpstream, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    upstream, _ = hosted
+    stub = await stub_for(only(upstream))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat(), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"cannot reach {upstream.base_url}" in (caught.value.details() or "")
+    assert upstream.chat_requests == []
+    assert "Traceback" not in caplog.text
