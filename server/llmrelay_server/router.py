@@ -611,24 +611,24 @@ class Router:
         self._ledger.record(backend, model, caller, usage, interrupted=interrupted)
         metering.charge(backend, model, caller, usage)
 
-    def estimate_usd_micros(self, request: CompletionRequest, prompt_tokens: int, completion_tokens: int) -> int:
+    def estimate_usd_micros(
+        self, request: CompletionRequest, prompt_tokens: int, completion_tokens: int, may_use: ModelFilter | None
+    ) -> int:
         """The most `request` may cost: what a budget reserves before the call, which settles at what it was billed.
-        Any route the request may take may answer it, so this is at the highest price among them, its fallbacks
-        included unless it asked for its model exactly: at the first route's price, callers that all fell back to a
-        dearer one would overspend the budget between them."""
-        return self._estimate(
-            lambda: self.resolve(request.model, exact=request.exact_model), prompt_tokens, completion_tokens
-        )
+        Any route the request may take may answer it, so this is at the highest price among them: its fallbacks
+        included, unless it asked for its model exactly, and those its key may use (`may_use`) alone. At the first
+        route's price, callers that all fell back to a dearer one would overspend the budget between them."""
+        return self._estimate(lambda: self._routes(request, "", may_use), prompt_tokens, completion_tokens)
 
-    def estimate_embedding_usd_micros(self, model: str | None, prompt_tokens: int) -> int:
+    def estimate_embedding_usd_micros(self, model: str | None, prompt_tokens: int, may_use: ModelFilter | None) -> int:
         """As estimate_usd_micros, for an embedding request: at the highest price among the backends that embed
-        with its model."""
-        return self._estimate(lambda: self.embedding_routes(model), prompt_tokens, 0)
+        with its model and that its key may use."""
+        return self._estimate(lambda: _allowed(self.embedding_routes(model), model, "", may_use), prompt_tokens, 0)
 
     def _estimate(self, routes: Callable[[], list[Route]], prompt_tokens: int, completion_tokens: int) -> int:
         try:
             candidates = routes()
-        except ModelNotFoundError:
+        except (ModelNotFoundError, ModelNotAllowedError):
             return 0  # refused by the call itself, before any upstream is asked
         return max(
             self._prices.rate(route.backend.provider.spec, route.model).estimate_usd_micros(

@@ -5,6 +5,7 @@ between them, and exactly as many are admitted as it pays for at the dearer pric
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -50,8 +51,10 @@ pricing:
 """
 
 
-async def at_once(call: Callable[[], Awaitable[Any]]) -> tuple[list[Any], list[grpc.aio.AioRpcError]]:
-    """CALLS calls at the same time: the answers, and the refusals (each for the gateway's budget)."""
+async def at_once(
+    call: Callable[[], Awaitable[Any]], subject: str = "gateway"
+) -> tuple[list[Any], list[grpc.aio.AioRpcError]]:
+    """CALLS calls at the same time: the answers, and the refusals (each for the budget of `subject`)."""
 
     async def one() -> Any:
         try:
@@ -66,15 +69,15 @@ async def at_once(call: Callable[[], Awaitable[Any]]) -> tuple[list[Any], list[g
         found = details(error)
         assert (found["ErrorInfo"].reason, found["QuotaFailure"].violations[0].subject) == (
             "BUDGET_EXCEEDED",
-            "gateway",
+            subject,
         )
         assert found["RetryInfo"].retry_delay.ToNanoseconds() > 0, "a budget spent frees at midnight (UTC)"
     return [r for r in results if not isinstance(r, grpc.aio.AioRpcError)], refused
 
 
-async def spent(stub: pb.LLMServiceAsyncStub) -> dict[str, int]:
+async def spent(stub: pb.LLMServiceAsyncStub, metadata: list[tuple[str, str]] | None = None) -> dict[str, int]:
     """The ledger's cost per backend."""
-    records = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
+    records = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5, metadata=metadata)).records
     totals: dict[str, int] = {}
     for record in records:
         totals[record.backend] = totals.get(record.backend, 0) + record.cost.usd_micros
@@ -130,3 +133,21 @@ async def test_a_chat_that_may_not_fall_back_reserves_at_its_own_routes_price(
     answers, refused = await at_once(lambda: stub.Complete(request, timeout=10))
     assert (len(answers), refused) == (CALLS, [])
     assert await spent(stub) == {"openai": CALLS * per_call}
+
+
+async def test_a_key_that_may_not_use_the_dearer_fallback_reserves_at_the_price_it_may_pay(
+    stub_for: StubFactory, primary: FakeUpstream, dear: FakeUpstream, local: FakeUpstream
+) -> None:
+    """The key may use gpt-test alone: its calls can never fall back to the dear backend, so a budget that pays for
+    every call at the cheap price admits them all."""
+    per_call = 3 * CHEAP
+    key = "llmr-cheap-only-0123456789abcdefghij"
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    budget = f"limits: {{budget_usd_per_day: {CALLS * per_call / 1e6}}}"
+    auth = f'auth:\n  keys:\n    - {{name: cheap-only, sha256: "{digest}", models: ["openai/*"], {budget}}}\n'
+    stub = await stub_for(config(primary, dear, local) + auth)
+    request = chat("x y", model="gpt-test", options=pb.CompletionOptions(max_tokens=3))
+    bearer = [("authorization", f"Bearer {key}")]
+    answers, refused = await at_once(lambda: stub.Complete(request, timeout=10, metadata=bearer), "key:cheap-only")
+    assert (len(answers), refused) == (CALLS, [])
+    assert await spent(stub, bearer) == {"openai": CALLS * per_call}

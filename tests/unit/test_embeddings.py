@@ -262,8 +262,8 @@ def test_a_backend_that_cannot_embed_may_not_be_given_an_embedding_model() -> No
 
 def test_the_budget_estimate_prices_the_embedding_model_that_would_serve() -> None:
     r = router(spec("openai", "text-embedding-3-small"))
-    assert r.estimate_embedding_usd_micros(None, 1_000_000) == 20_000
-    assert r.estimate_embedding_usd_micros("unknown", 1_000_000) == 0
+    assert r.estimate_embedding_usd_micros(None, 1_000_000, None) == 20_000
+    assert r.estimate_embedding_usd_micros("unknown", 1_000_000, None) == 0
 
 
 # --- configuration and prices ---------------------------------------------------------------------------------------

@@ -22,6 +22,9 @@ from llmrelay_server.metering import open_meter
 from llmrelay_server.status import abort
 from llmrelay_server.tokens import TokenCounter
 
+ModelFilter = Callable[[str], bool]
+"""Whether a key may use a model ("backend/model" or the model's name)."""
+
 _COMPLETE = "/llmrelay.v1.LLMService/Complete"
 _STREAM = "/llmrelay.v1.LLMService/StreamComplete"
 _EMBED = "/llmrelay.v1.LLMService/Embed"
@@ -35,9 +38,9 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         limiter: Limiter,
         gateway: Limits,
         counter: TokenCounter,
-        estimate_usd_micros: Callable[[CompletionRequest, int, int], int],
+        estimate_usd_micros: Callable[[CompletionRequest, int, int, ModelFilter | None], int],
         reserve_completion_tokens: int,
-        estimate_embedding_usd_micros: Callable[[str | None, int], int],
+        estimate_embedding_usd_micros: Callable[[str | None, int, ModelFilter | None], int],
         max_image_bytes: int | None = None,
     ) -> None:
         self._max_image_bytes = max_image_bytes
@@ -131,7 +134,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         prompt = (
             await self._counter.count_chat_async(parsed.model or "", parsed.messages, parsed.options.tools)
         ).tokens
-        return prompt + completion, completion, self._estimate_usd_micros(parsed, prompt, completion)
+        return prompt + completion, completion, self._estimate_usd_micros(parsed, prompt, completion, _models_allowed())
 
     async def _estimate_embedding(self, request: pb.EmbedRequest) -> tuple[int, int]:
         """The tokens and cost to reserve: the inputs as counted offline (an embedding answers with no tokens)."""
@@ -140,4 +143,10 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         except InvalidRequestError:
             return 0, 0
         tokens = (await self._counter.count_texts_async(parsed.model or "", parsed.inputs)).tokens
-        return tokens, self._estimate_embedding_usd_micros(parsed.model, tokens)
+        return tokens, self._estimate_embedding_usd_micros(parsed.model, tokens, _models_allowed())
+
+
+def _models_allowed() -> ModelFilter | None:
+    """The models the call's key may use (None: any), which its reservation is priced among."""
+    caller = current_caller.get()
+    return caller.may_use if caller is not None else None
