@@ -26,8 +26,8 @@ import grpc
 from google.protobuf.message import Message
 from llmrelay import v1 as pb
 
-from llmrelay_server.domain import Attempt, AttemptOutcome, LLMRelayError
-from llmrelay_server.metering import Billed, Meter, open_meter
+from llmrelay_server.domain import AttemptOutcome, LLMRelayError
+from llmrelay_server.metering import Meter, open_meter, served_by
 from llmrelay_server.observing import Context, ObservingInterceptor, Start
 from llmrelay_server.servicer import caller_identity
 
@@ -103,27 +103,23 @@ def call_fields(
     rid: str, rpc: str, code: grpc.StatusCode, total_s: float, meter: Meter, request: Any, caller: str
 ) -> dict[str, Any]:
     """The line's fields, in the order they are written."""
-    # One pass over each list: this runs for every call.
-    served, upstream_s, attempts = None, 0.0, []
+    upstream_s, attempts = 0.0, []
     for attempt in meter.attempts:
         attempts.append(attempt.backend + ":" + attempt.outcome)
-        if attempt.outcome is AttemptOutcome.SUCCEEDED:
-            served = attempt
         if attempt.outcome is not AttemptOutcome.SKIPPED:
             upstream_s += attempt.duration_s
     prompt_tokens = completion_tokens = 0
     for billed in meter.billed:
         prompt_tokens += billed.usage.prompt_tokens
         completion_tokens += billed.usage.completion_tokens
-    # A stream cut short (its caller left, or it broke) names who served what it billed.
-    named: Attempt | Billed | None = served if served is not None or not meter.billed else meter.billed[-1]
+    served = served_by(meter)
     return {
         "request_id": rid,
         "caller": caller,
         "rpc": rpc,
         "model": _asked_model(request),
-        "served_model": named.model if named is not None else None,
-        "backend": named.backend if named is not None else None,
+        "served_model": served.model if served is not None else None,
+        "backend": served.backend if served is not None else None,
         "attempts": attempts,
         "code": code.name,
         "prompt_tokens": prompt_tokens,

@@ -274,6 +274,10 @@ class AttemptOutcome(enum.StrEnum):
     CANCELLED = "cancelled"  # the call ended (the caller left, a shutdown) mid-attempt; a caller's deadline: TIMEOUT
 
 
+ModelFilter = Callable[[str], bool]
+"""Whether the caller may have a model ("gpt-4o", or backend-qualified "ollama/tiny") answer: its key's models."""
+
+
 @dataclass(frozen=True, slots=True)
 class Attempt:
     backend: str

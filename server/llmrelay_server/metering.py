@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextvars
 from dataclasses import dataclass, field
 
-from llmrelay_server.domain import Attempt, TokenUsage
+from llmrelay_server.domain import Attempt, AttemptOutcome, TokenUsage
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,3 +81,12 @@ def first_chunk(seconds: float, backend: str) -> None:
     meter = current_meter.get()
     if meter is not None and meter.first_chunk_s is None:
         meter.first_chunk_s, meter.first_chunk_backend = seconds, backend
+
+
+def served_by(meter: Meter) -> Attempt | Billed | None:
+    """Who served the call, by backend and model: its last attempt that succeeded; else, for a stream cut short (its
+    caller left, or it broke), whoever billed what it had consumed."""
+    for attempt in reversed(meter.attempts):
+        if attempt.outcome is AttemptOutcome.SUCCEEDED:
+            return attempt
+    return meter.billed[-1] if meter.billed else None

@@ -44,6 +44,7 @@ from llmrelay_server.domain import (
     EmbeddingResponse,
     LLMProvider,
     Message,
+    ModelFilter,
     ModelNotAllowedError,
     ModelNotFoundError,
     StreamInterruptedError,
@@ -59,8 +60,6 @@ from llmrelay_server.tokens import TokenCounter
 from llmrelay_server.usage import UsageLedger
 
 T = TypeVar("T")
-ModelFilter = Callable[[str], bool]
-"""Whether the caller may have a model ("gpt-4o", or backend-qualified "ollama/tiny") answer."""
 
 RETRYABLE = frozenset(
     {

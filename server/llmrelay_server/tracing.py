@@ -35,7 +35,7 @@ from opentelemetry.util.types import AttributeValue
 
 from llmrelay_server.config import ConfigError, GatewayConfig
 from llmrelay_server.domain import Attempt, AttemptOutcome, BackendSpec
-from llmrelay_server.metering import Billed, Meter, open_meter
+from llmrelay_server.metering import Billed, Meter, open_meter, served_by
 from llmrelay_server.observing import GEN_AI_OPERATIONS, ObservingInterceptor, Start
 
 # A cancelled attempt is no error of the backend's (the caller left), as a CANCELLED RPC is none of the server's.
@@ -216,11 +216,8 @@ class _Call:
                 "llmrelay.reason": before.outcome.value,
             }
             span.add_event(event, details, timestamp=at)
-        served = next((a for a in reversed(attempts) if a.outcome is AttemptOutcome.SUCCEEDED), None)
-        if served is not None:
+        if (served := served_by(self.meter)) is not None:
             span.set_attribute("llmrelay.backend", served.backend)
-        elif self.meter.billed:  # a stream cut short names who served what it billed, as its call-log line does
-            span.set_attribute("llmrelay.backend", self.meter.billed[-1].backend)
         span.set_attribute("llmrelay.attempts", len(attempts))
         if self.meter.billed:
             span.set_attribute("gen_ai.response.model", self.meter.billed[-1].model)

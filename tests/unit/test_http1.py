@@ -185,7 +185,7 @@ def connections_to(port: int) -> int:
 
 
 async def next_piece(response: Http1Response) -> bytes:
-    return await anext(response.pieces())
+    return await anext(aiter(response))
 
 
 async def until(condition: Callable[[], bool], within_s: float = 2.0) -> None:
@@ -236,7 +236,7 @@ async def test_a_streamed_answer_in_pieces_then_the_connection_again(fake: Count
     for _ in range(2):
         async with await pool.post(target_of(fake), STREAM, 5) as response:
             assert response.content_type == "text/event-stream"
-            pieces = [piece async for piece in response.pieces()]
+            pieces = [piece async for piece in response]
         assert all(pieces)  # never an empty piece: b"" would read as the end
         text = b"".join(pieces).decode()
         assert text.count("data: ") == 8 and text.endswith("data: [DONE]\n\n")
@@ -255,7 +255,7 @@ async def test_a_piece_comes_as_soon_as_it_arrived(pool: Http1Pool) -> None:
 
     async with RawServer(handler) as server:
         response = await pool.post(Http1Target(server.url()), b"{}", 5)
-        pieces = response.pieces()
+        pieces = aiter(response)
         assert await asyncio.wait_for(anext(pieces), 2) == b"first"
         go_on.set()
         assert [piece async for piece in pieces] == [b"second"]
@@ -486,7 +486,7 @@ async def test_closing_a_stream_early_closes_its_connection_at_once(pool: Http1P
 
     async with RawServer(endless) as server:
         async with await pool.post(Http1Target(server.url()), b"{}", 5) as response:
-            assert await anext(response.pieces()) == b"first"
+            assert await anext(aiter(response)) == b"first"
         assert_drained(pool)
         await asyncio.wait_for(server.ended.wait(), 1)
 
@@ -527,7 +527,7 @@ async def test_a_cancelled_request_leaves_nothing_behind(fake: CountingUpstream)
         whole = await pool.post(target_of(fake), STREAM, 10)
         reading = asyncio.create_task(whole.read())
         stream = await pool.post(target_of(fake), STREAM, 10)
-        assert await anext(stream.pieces())
+        assert await anext(aiter(stream))
         streaming = asyncio.create_task(next_piece(stream))
         await asyncio.sleep(0.05)
         reading.cancel()
@@ -687,7 +687,7 @@ async def test_a_slow_reader_stops_the_socket_reads(pool: Http1Pool) -> None:
 
     async with RawServer(flood) as server:
         async with await pool.post(Http1Target(server.url()), b"{}", 5) as response:
-            pieces = response.pieces()
+            pieces = aiter(response)
             got = len(await anext(pieces))
             await asyncio.sleep(0.3)  # without flow control, the whole 64 MiB would be read into memory by now
             assert sent < size // 2
@@ -730,7 +730,7 @@ async def test_aclose_fails_readers_and_waiters(fake: CountingUpstream) -> None:
     pool = Http1Pool(httpx2.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=60))
     fake.inject({"trickle_s": 5})
     response = await pool.post(target_of(fake), STREAM, 10)
-    assert await anext(response.pieces())
+    assert await anext(aiter(response))
     waiter = asyncio.create_task(pool.post(target_of(fake), CHAT, 10))
     await until(lambda: pool.waiting == 1)
     reader = asyncio.create_task(next_piece(response))

@@ -25,7 +25,6 @@ from anthropic.types import ModelInfo
 from llmrelay_server.backends import anthropic_wire, wire
 from llmrelay_server.backends.upstream_http import (
     HEALTH_TIMEOUT_S,
-    NOT_A_MODELS_LIST,
     Endpoint,
     Pool,
     SDKErrors,
@@ -33,6 +32,7 @@ from llmrelay_server.backends.upstream_http import (
     http_client,
     kind_of_status,
     model_ids,
+    models_list,
     post_read,
     post_stream,
     prepared_headers,
@@ -188,11 +188,9 @@ class AnthropicProvider:
     async def health(self) -> BackendHealth:
         started = time.monotonic()
         try:
-            try:
+            with models_list():
                 models = [m async for m in self._client.models.list(limit=1000, timeout=HEALTH_TIMEOUT_S)]
-            except (TypeError, AttributeError) as exc:  # the SDK's page made of a JSON list, say
-                raise wire.MalformedAnswerError(NOT_A_MODELS_LIST) from exc
-            ids = model_ids(models)
+                ids = model_ids(models)
         except (anthropic.APIError, ValueError) as exc:
             return self._health(started, reachable=False, error=self._describe(exc))
         self._adaptive_thinking = frozenset(m.id for m in models if _takes_no_budget(m))

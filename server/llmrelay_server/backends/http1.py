@@ -170,7 +170,7 @@ class Http1Pool:
         extra_headers: Mapping[str, str] | None = None,
     ) -> Http1Response:
         """Sends `content` to `target` and returns the answer with its status and headers read; its body is the
-        caller's to read (`read`, or `async for piece in response.pieces()`) or to `close`, which the caller must do
+        caller's to read (`read`, or `async for piece in response`) or to `close`, which the caller must do
         (read to its end, the connection goes back to the pool by itself). `timeout_s` bounds the wait for each piece
         of the answer (None: no bound); connecting and waiting for a free connection take at most
         min(CONNECT_TIMEOUT_S, timeout_s) each."""
@@ -725,7 +725,7 @@ class _NoStatus(Exception):
 
 
 class Http1Response:
-    """An answer, its status and headers read. Its body: `await read()` (whole), or `async for piece in pieces()`
+    """An answer, its status and headers read. Its body: `await read()` (whole), or `async for piece in response`
     (each piece the bytes that have arrived, never waiting for more); read to its end, the connection goes back to
     the pool by itself. `close()` (or leaving `async with`) before the end closes the connection at once, so that
     the upstream sees the caller went away. A failure while reading closes it too."""
@@ -783,10 +783,6 @@ class Http1Response:
             raise
         self.close()
         return data
-
-    def pieces(self) -> AsyncIterator[bytes]:
-        """The body as it arrives: `async for piece in response.pieces()`."""
-        return self
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self

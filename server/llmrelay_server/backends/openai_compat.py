@@ -19,7 +19,6 @@ import openai
 from llmrelay_server.backends import wire
 from llmrelay_server.backends.upstream_http import (
     HEALTH_TIMEOUT_S,
-    NOT_A_MODELS_LIST,
     Endpoint,
     Pool,
     SDKErrors,
@@ -27,6 +26,7 @@ from llmrelay_server.backends.upstream_http import (
     http_client,
     kind_of_status,
     model_ids,
+    models_list,
     post_read,
     post_stream,
     prepared_headers,
@@ -233,11 +233,9 @@ class OpenAICompatibleProvider:
         await self._pool.aclose()
 
     async def _list_models(self) -> tuple[str, ...]:
-        try:
+        with models_list():
             page = await self._client.models.list(timeout=HEALTH_TIMEOUT_S)
-        except (TypeError, AttributeError) as exc:  # the SDK's page made of a JSON list, say
-            raise wire.MalformedAnswerError(NOT_A_MODELS_LIST) from exc
-        return model_ids(page.data)
+            return model_ids(page.data)
 
     def _health(
         self, started: float, *, reachable: bool, models: tuple[str, ...] = (), error: str | None = None

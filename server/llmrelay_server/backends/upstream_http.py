@@ -19,8 +19,8 @@ import email.utils
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, NamedTuple, NoReturn
 
 import httpx2
@@ -270,18 +270,25 @@ def health_record(
     )
 
 
-NOT_A_MODELS_LIST = "the models list is not a JSON object whose `data` is a list of models with ids"
+_NOT_A_MODELS_LIST = "the models list is not a JSON object whose `data` is a list of models with ids"
 
 
-def model_ids(models: Any) -> tuple[str, ...]:
-    """The ids of the models an SDK listed. The SDKs build their pages from whatever JSON came, unchecked (a `{}`, a
-    list of numbers): MalformedAnswerError unless it is a list of models, each with an id."""
+@contextmanager
+def models_list() -> Iterator[None]:
+    """Around an SDK's models list and what is read of it: the SDKs build their pages from whatever JSON came,
+    unchecked (a `{}`, a list of numbers), then fail on it with TypeError or AttributeError; a MalformedAnswerError
+    instead, which a health probe reports."""
     try:
-        ids = tuple(model.id for model in models)
+        yield
     except (TypeError, AttributeError) as exc:
-        raise MalformedAnswerError(NOT_A_MODELS_LIST) from exc
+        raise MalformedAnswerError(_NOT_A_MODELS_LIST) from exc
+
+
+def model_ids(models: Iterable[Any]) -> tuple[str, ...]:
+    """The ids of the models an SDK listed (inside `models_list`); MalformedAnswerError unless each has one."""
+    ids = tuple(model.id for model in models)
     if not all(isinstance(id_, str) and id_ for id_ in ids):
-        raise MalformedAnswerError(NOT_A_MODELS_LIST)
+        raise MalformedAnswerError(_NOT_A_MODELS_LIST)
     return ids
 
 

@@ -16,14 +16,17 @@ from llmrelay import v1 as pb
 from llmrelay_server import convert
 from llmrelay_server.auth import Continuation, Handler, current_caller
 from llmrelay_server.config import Limits
-from llmrelay_server.domain import CompletionRequest, InvalidRequestError, LimitExceededError, LimitsUnavailableError
+from llmrelay_server.domain import (
+    CompletionRequest,
+    InvalidRequestError,
+    LimitExceededError,
+    LimitsUnavailableError,
+    ModelFilter,
+)
 from llmrelay_server.limits.interface import GATEWAY, Ask, Limiter, Reservation
 from llmrelay_server.metering import open_meter
 from llmrelay_server.status import abort
 from llmrelay_server.tokens import TokenCounter
-
-ModelFilter = Callable[[str], bool]
-"""Whether a key may use a model ("backend/model" or the model's name)."""
 
 _COMPLETE = "/llmrelay.v1.LLMService/Complete"
 _STREAM = "/llmrelay.v1.LLMService/StreamComplete"
