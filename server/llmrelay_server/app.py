@@ -16,14 +16,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmrelay_server.auth import AuthInterceptor, KeyRing
 from llmrelay_server.backends import provider_factory
-from llmrelay_server.calllog import CallLogInterceptor
+from llmrelay_server.calllog import CallLogObserver
 from llmrelay_server.config import ConfigError, GatewayConfig
 from llmrelay_server.decoding import add_llm_service
 from llmrelay_server.domain import StoreHealth
 from llmrelay_server.health import SERVICE_NAME, HealthMonitor, HealthServicer
 from llmrelay_server.limits import InProcessLimiter, Limiter, LimitsInterceptor
 from llmrelay_server.logs import quiet_callers_gone, use_log_format
-from llmrelay_server.metrics import LabelValues, Metrics, MetricsInterceptor, StateReading
+from llmrelay_server.metrics import LabelValues, Metrics, MetricsObserver, StateReading
+from llmrelay_server.observing import Observer, ObservingInterceptor
 from llmrelay_server.pricing import PriceTable
 from llmrelay_server.reflection import enable_reflection
 from llmrelay_server.router import Router
@@ -259,13 +260,14 @@ def _interceptors(
     tracing: Tracing | None = None,
     limiter: Limiter | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:
-    """What each call did (outermost, so refusals count too), its request id and log line, who is calling, then
-    within what limits; each only when configured (the call log is on unless turned off)."""
-    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)] if metrics is not None else []
+    """What each call did (outermost, so refusals count too: its metrics, its request id and log line, its trace),
+    who is calling, then within what limits; each only when configured (the call log is on unless turned off)."""
+    observers: list[Observer] = [MetricsObserver(metrics)] if metrics is not None else []
     if config.server.log_calls:  # a request id and one log line for every call, refusals included
-        interceptors.append(CallLogInterceptor(config.server.log_content))
+        observers.append(CallLogObserver(config.server.log_content))
     if tracing is not None:  # a span per call, continuing the caller's trace
-        interceptors.append(tracing.interceptor)
+        observers.append(tracing.observer)
+    interceptors: list[grpc.aio.ServerInterceptor] = [ObservingInterceptor(observers)] if observers else []
     if keys.enabled:
         interceptors.append(AuthInterceptor(keys, config.auth.open_services))
     if limiter is not None:

@@ -1,4 +1,4 @@
-"""One structured log line per call, from a server interceptor, and the JSON log format.
+"""One structured log line per call, from an observer of every call (`observing`), and the JSON log format.
 
 The line (logger `llmrelay_server.calls`, INFO) says who called what and what the router did, read from the call's
 meter (`metering`) when the call ends: the request id, the caller, the RPC, the model asked and the one that
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import random
 import re
 import time
 from typing import Any
@@ -28,7 +28,7 @@ from llmrelay import v1 as pb
 
 from llmrelay_server.domain import AttemptOutcome, LLMRelayError
 from llmrelay_server.metering import Meter, open_meter, served_by
-from llmrelay_server.observing import Context, ObservingInterceptor, Start
+from llmrelay_server.observing import Context, Observer, Start
 from llmrelay_server.servicer import caller_identity
 
 log = logging.getLogger("llmrelay_server.calls")
@@ -51,10 +51,11 @@ def request_id(metadata: Any) -> str:
             if isinstance(value, str) and _SANE_ID.fullmatch(value):
                 return value
             break
-    return os.urandom(16).hex()
+    # Unique, not secret: random's generator (reseeded in a forked worker) rather than a system call per call.
+    return f"{random.getrandbits(128):032x}"
 
 
-class CallLogInterceptor(ObservingInterceptor):
+class CallLogObserver(Observer):
     """Gives every call a request id (returned in the trailing metadata) and logs one line when it ends."""
 
     def __init__(self, log_content: bool = False) -> None:
@@ -84,11 +85,11 @@ class CallLogInterceptor(ObservingInterceptor):
 
 
 class _LoggedCall:
-    __slots__ = ("_context", "_interceptor", "_meter", "_request", "_rid", "_rpc", "_started")
+    __slots__ = ("_context", "_meter", "_observer", "_request", "_rid", "_rpc", "_started")
 
-    def __init__(self, interceptor: CallLogInterceptor, rpc: str, rid: str, request: Any, context: Context) -> None:
+    def __init__(self, observer: CallLogObserver, rpc: str, rid: str, request: Any, context: Context) -> None:
         self._started = time.perf_counter()
-        self._interceptor, self._rpc, self._rid, self._request, self._context = interceptor, rpc, rid, request, context
+        self._observer, self._rpc, self._rid, self._request, self._context = observer, rpc, rid, request, context
         self._meter = open_meter()
         context.set_trailing_metadata(((REQUEST_ID, rid),))
 
@@ -96,7 +97,7 @@ class _LoggedCall:
         pass
 
     def end(self, code: grpc.StatusCode) -> None:
-        self._interceptor._end(self._rid, self._rpc, code, self._started, self._meter, self._request, self._context)
+        self._observer._end(self._rid, self._rpc, code, self._started, self._meter, self._request, self._context)
 
 
 def call_fields(

@@ -1,10 +1,10 @@
-"""Prometheus metrics, served on `server.metrics_listen` at /metrics, counted by one server interceptor.
+"""Prometheus metrics, served on `server.metrics_listen` at /metrics, counted by an observer of every call.
 
 The gRPC server's metrics keep the names and labels of grpc-ecosystem's go-grpc-prometheus, so existing dashboards
 work: `grpc_server_started_total`, `grpc_server_handled_total{grpc_code}`, `grpc_server_msg_received_total`,
 `grpc_server_msg_sent_total`, `grpc_server_handling_seconds`. The gateway's own are `llmrelay_*`, and the OpenTelemetry
 GenAI conventions as its Prometheus exporter names them (`gen_ai_client_token_usage`,
-`gen_ai_server_time_to_first_token_seconds`). The interceptor reads what the router did from the call's meter
+`gen_ai_server_time_to_first_token_seconds`). The observer reads what the router did from the call's meter
 (`metering`) when the call ends: its attempts, what it billed, its first chunk.
 
 Label values come from the configuration only (backend names, key names, the configured models and aliases): any
@@ -13,6 +13,8 @@ other model a caller or an upstream names is counted as `other`, so no caller ca
 
 from __future__ import annotations
 
+import bisect
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,15 +22,18 @@ from itertools import pairwise
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from llmrelay_server.domain import AttemptOutcome, BackendSpec, StoreHealth
 from llmrelay_server.metering import Meter, open_meter
-from llmrelay_server.observing import GEN_AI_OPERATIONS, ObservingInterceptor, Start
+from llmrelay_server.observing import GEN_AI_OPERATIONS, Observer, Start
 
 OTHER = "other"
+DEFAULT_BUCKETS = tuple(bound for bound in Histogram.DEFAULT_BUCKETS if bound != math.inf)
+"""prometheus-client's default buckets, but +Inf, which every histogram has."""
 _STREAM_COMPLETE = "/llmrelay.v1.LLMService/StreamComplete"
 # The gateway's own time per call is small; the default buckets (5 ms up) would put it all in the first.
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -59,36 +64,112 @@ class LabelValues:
         return name if name == "anonymous" or name in self._callers() else OTHER
 
 
-class _Children:
-    """A labelled metric's children, kept by their label values: prometheus-client's labels() takes a lock and checks
-    and converts every value (about 1 us), and a call touches a dozen; the values come from a closed set."""
+class _Counted:
+    """A counter's series, as plain numbers kept by their label values, exposed at each scrape by `_Kept`.
 
-    __slots__ = ("_children", "_metric")
+    prometheus-client's own metric objects take a lock and check the amount at every update, a couple of
+    microseconds, and a call makes a dozen updates. Here an update is an addition: only the event loop's thread
+    updates (one loop per process), and a scrape, in the metrics server's thread, reads each number whole. Label
+    values come from closed sets (`LabelValues`), so the series are few."""
 
-    def __init__(self, metric: Counter | Histogram) -> None:
-        self._metric = metric
-        self._children: dict[tuple[str, ...], Any] = {}
+    kind = "counter"
 
-    def __call__(self, *values: str) -> Any:
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = self._metric.labels(*values)
-        return child
+    def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
+        self.name, self.documentation, self.labels = name, documentation, tuple(labels)
+        self.series: dict[tuple[str, ...], _Count] = {}
+
+    def __call__(self, *values: str) -> _Count:
+        series = self.series.get(values)
+        if series is None:
+            series = self.series[values] = _Count()
+        return series
+
+    def add_samples(self, metric: Metric) -> None:
+        for values, series in list(self.series.items()):
+            labels = dict(zip(self.labels, values, strict=True))
+            metric.add_sample(f"{self.name}_total", labels, series.value)
+            metric.add_sample(f"{self.name}_created", labels, series.created)
 
 
-def _counter(name: str, documentation: str, labels: Sequence[str], *, registry: CollectorRegistry) -> _Children:
-    return _Children(Counter(name, documentation, labels, registry=registry))
+class _Count:
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
 
 
-def _histogram(
-    name: str,
-    documentation: str,
-    labels: Sequence[str],
-    *,
-    registry: CollectorRegistry,
-    buckets: Sequence[float] = Histogram.DEFAULT_BUCKETS,
-) -> _Children:
-    return _Children(Histogram(name, documentation, labels, buckets=buckets, registry=registry))
+class _Distributed:
+    """A histogram's series, kept as `_Counted` keeps a counter's."""
+
+    kind = "histogram"
+
+    def __init__(
+        self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float] = DEFAULT_BUCKETS
+    ) -> None:
+        self.name, self.documentation, self.labels = name, documentation, tuple(labels)
+        self.bounds = tuple(sorted(buckets))
+        self.series: dict[tuple[str, ...], _Distribution] = {}
+
+    def __call__(self, *values: str) -> _Distribution:
+        series = self.series.get(values)
+        if series is None:
+            series = self.series[values] = _Distribution(self.bounds)
+        return series
+
+    def add_samples(self, metric: Metric) -> None:
+        bounds = [*map(floatToGoString, self.bounds), "+Inf"]
+        for values, series in list(self.series.items()):
+            labels = dict(zip(self.labels, values, strict=True))
+            total = 0
+            for bound, count in zip(bounds, list(series.counts), strict=True):
+                total += count
+                metric.add_sample(f"{self.name}_bucket", {**labels, "le": bound}, total)
+            metric.add_sample(f"{self.name}_count", labels, total)
+            metric.add_sample(f"{self.name}_sum", labels, series.sum)
+            metric.add_sample(f"{self.name}_created", labels, series.created)
+
+
+class _Distribution:
+    __slots__ = ("_bounds", "counts", "created", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        """Per bucket, not cumulative: the observations at most its bound and over the one before (the last: over
+        every bound), so that an observation adds to one number."""
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect.bisect_left(self._bounds, amount)] += 1
+        self.sum += amount
+
+
+class _Kept(Collector):
+    """Exposes the `_Counted` and `_Distributed` metrics at each scrape, as prometheus-client's own would be."""
+
+    def __init__(self) -> None:
+        self._metrics: list[_Counted | _Distributed] = []
+
+    def counted(self, name: str, documentation: str, labels: Sequence[str]) -> _Counted:
+        self._metrics.append(counted := _Counted(name, documentation, labels))
+        return counted
+
+    def distributed(
+        self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float] = DEFAULT_BUCKETS
+    ) -> _Distributed:
+        self._metrics.append(distributed := _Distributed(name, documentation, labels, buckets))
+        return distributed
+
+    def collect(self) -> Iterator[Metric]:
+        for kept in self._metrics:
+            metric = Metric(kept.name, kept.documentation, kept.kind)
+            kept.add_samples(metric)
+            yield metric
 
 
 class Metrics:
@@ -103,78 +184,62 @@ class Metrics:
         self.labels = labels
         self.registry = CollectorRegistry(auto_describe=True)
         grpc_labels = ["grpc_type", "grpc_service", "grpc_method"]
-        r = self.registry
-        self.started = _counter("grpc_server_started", "RPCs started on the server.", grpc_labels, registry=r)
-        self.handled = _counter(
-            "grpc_server_handled", "RPCs completed on the server, by status.", [*grpc_labels, "grpc_code"], registry=r
+        kept = _Kept()
+        self.started = kept.counted("grpc_server_started", "RPCs started on the server.", grpc_labels)
+        self.handled = kept.counted(
+            "grpc_server_handled", "RPCs completed on the server, by status.", [*grpc_labels, "grpc_code"]
         )
-        self.received = _counter(
-            "grpc_server_msg_received", "Messages received by the server.", grpc_labels, registry=r
+        self.received = kept.counted("grpc_server_msg_received", "Messages received by the server.", grpc_labels)
+        self.sent = kept.counted("grpc_server_msg_sent", "Messages sent by the server.", grpc_labels)
+        self.handling = kept.distributed(
+            "grpc_server_handling_seconds", "Time from an RPC's start to its end.", grpc_labels
         )
-        self.sent = _counter("grpc_server_msg_sent", "Messages sent by the server.", grpc_labels, registry=r)
-        self.handling = _histogram(
-            "grpc_server_handling_seconds", "Time from an RPC's start to its end.", grpc_labels, registry=r
+        self.attempts = kept.counted(
+            "llmrelay_upstream_attempts", "Attempts at an upstream, by outcome.", ["backend", "outcome"]
         )
-        self.attempts = _counter(
-            "llmrelay_upstream_attempts", "Attempts at an upstream, by outcome.", ["backend", "outcome"], registry=r
+        self.attempt_seconds = kept.distributed(
+            "llmrelay_upstream_attempt_seconds", "Time an attempt at an upstream took.", ["backend"]
         )
-        self.attempt_seconds = _histogram(
-            "llmrelay_upstream_attempt_seconds", "Time an attempt at an upstream took.", ["backend"], registry=r
-        )
-        self.first_chunk = _histogram(
+        self.first_chunk = kept.distributed(
             "llmrelay_upstream_time_to_first_chunk_seconds",
             "Time from a stream's start to its first chunk from an upstream.",
             ["backend"],
-            buckets=FIRST_TOKEN_BUCKETS,
-            registry=r,
+            FIRST_TOKEN_BUCKETS,
         )
-        self.tokens = _counter(
-            "llmrelay_tokens", "Tokens billed, by kind.", ["backend", "model", "caller", "kind"], registry=r
+        self.tokens = kept.counted("llmrelay_tokens", "Tokens billed, by kind.", ["backend", "model", "caller", "kind"])
+        self.cost = kept.counted("llmrelay_cost_usd", "What answers cost, in USD.", ["backend", "model", "caller"])
+        self.retries = kept.counted(
+            "llmrelay_retries", "Attempts repeated on the same backend, by the failure before.", ["backend", "reason"]
         )
-        self.cost = _counter(
-            "llmrelay_cost_usd", "What answers cost, in USD.", ["backend", "model", "caller"], registry=r
+        self.fallbacks = kept.counted(
+            "llmrelay_fallbacks", "Moves to another backend, by the failure of the one left.", ["backend", "reason"]
         )
-        self.retries = _counter(
-            "llmrelay_retries",
-            "Attempts repeated on the same backend, by the failure before.",
-            ["backend", "reason"],
-            registry=r,
-        )
-        self.fallbacks = _counter(
-            "llmrelay_fallbacks",
-            "Moves to another backend, by the failure of the one left.",
-            ["backend", "reason"],
-            registry=r,
-        )
-        self.restarts = _counter(
+        self.restarts = kept.counted(
             "llmrelay_stream_restarts",
             "Streams that broke after they started and were started over on the next route, by the backend that broke.",
             ["backend"],
-            registry=r,
         )
-        self.open_streams = Gauge("llmrelay_open_streams", "StreamComplete calls in progress.", registry=r)
-        self.overhead = _histogram(
+        self.overhead = kept.distributed(
             "llmrelay_gateway_overhead_seconds",
             "A call's time not spent waiting for an upstream: the gateway's own cost.",
             ["grpc_method"],
-            buckets=OVERHEAD_BUCKETS,
-            registry=r,
+            OVERHEAD_BUCKETS,
         )
-        self.gen_ai_tokens = _histogram(
+        self.gen_ai_tokens = kept.distributed(
             "gen_ai_client_token_usage",
             "Tokens per operation (OpenTelemetry gen_ai.client.token.usage).",
             ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_response_model", "gen_ai_token_type"],
-            buckets=TOKEN_BUCKETS,
-            registry=r,
+            TOKEN_BUCKETS,
         )
-        self.gen_ai_first_token = _histogram(
+        self.gen_ai_first_token = kept.distributed(
             "gen_ai_server_time_to_first_token_seconds",
             "Time to the first token of a stream (OpenTelemetry gen_ai.server.time_to_first_token).",
             ["gen_ai_operation_name", "gen_ai_request_model"],
-            buckets=FIRST_TOKEN_BUCKETS,
-            registry=r,
+            FIRST_TOKEN_BUCKETS,
         )
-        r.register(_StateCollector(circuits, state))
+        self.registry.register(kept)
+        self.open_streams = Gauge("llmrelay_open_streams", "StreamComplete calls in progress.", registry=self.registry)
+        self.registry.register(_StateCollector(circuits, state))
         self._server: Any = None
         self.port: int | None = None
         """Where /metrics is served, once serve() bound it."""
@@ -287,8 +352,9 @@ class _StateCollector(Collector):
         )
 
 
-class MetricsInterceptor(ObservingInterceptor):
-    """Counts every RPC (the outermost interceptor, so refusals count too) and, for model calls, what the router did."""
+class MetricsObserver(Observer):
+    """Counts every RPC (the outermost observer, before auth and limits, so refusals count too) and, for model calls,
+    what the router did."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics

@@ -1,8 +1,9 @@
-"""The one wrapping of gRPC handlers for interceptors that watch whole calls (metrics, the call log, traces).
+"""One interceptor for whatever watches whole calls (metrics, the call log, traces): the `Observer`s.
 
-An `ObservingInterceptor` says what to do when a call starts (`observe`, which returns the call's observer), and the
-observer hears each message sent and the status the call ended with, for unary and server-streaming calls alike,
-including streams written with `context.write` (grpc.health.v1's Watch), whose messages pass by unseen.
+An `Observer` says what to do when a call starts (`observe`, which returns the call's observer), and the observer
+hears each message sent and the status the call ended with, for unary and server-streaming calls alike, including
+streams written with `context.write` (grpc.health.v1's Watch), whose messages pass by unseen. The interceptor wraps a
+call's handler once for all of them: a wrapping is a coroutine, a handler and an interceptor step more per call.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ from __future__ import annotations
 import abc
 import contextlib
 import inspect
-from collections.abc import AsyncIterator, Callable, Mapping
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
 import grpc
 
 from llmrelay_server.auth import Continuation, Handler
 from llmrelay_server.status import ended_with
+
+log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -40,63 +44,83 @@ Start = Callable[[Any, Context], CallObserver]
 """Starts observing one call: its request and context -> its observer."""
 
 
-class ObservingInterceptor(grpc.aio.ServerInterceptor, abc.ABC):
+class Observer(abc.ABC):
     @abc.abstractmethod
     def observe(self, details: grpc.HandlerCallDetails, streaming: bool) -> Start | None:
         """How to observe the calls of this method; None leaves them alone."""
+
+
+class ObservingInterceptor(grpc.aio.ServerInterceptor):
+    """Has every observer watch each call, the first one outermost: it starts first and hears the end last."""
+
+    def __init__(self, observers: Sequence[Observer]) -> None:
+        self._observers = tuple(observers)
 
     async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
         handler = await continuation(details)
         if handler is None:
             return None
+        streaming = handler.unary_stream is not None
+        starts = tuple(start for observer in self._observers if (start := observer.observe(details, streaming)))
+        if not starts:
+            return handler
         if handler.unary_stream is not None:
-            start = self.observe(details, streaming=True)
-            if start is None:
-                return handler
             behavior = handler.unary_stream
-            wrapped = _stream(behavior, start) if inspect.isasyncgenfunction(behavior) else _unary(behavior, start)
+            wrapped = _stream(behavior, starts) if inspect.isasyncgenfunction(behavior) else _unary(behavior, starts)
             return grpc.unary_stream_rpc_method_handler(
                 wrapped, handler.request_deserializer, handler.response_serializer
             )
-        if handler.unary_unary is not None and (start := self.observe(details, streaming=False)) is not None:
+        if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _unary(handler.unary_unary, start), handler.request_deserializer, handler.response_serializer
+                _unary(handler.unary_unary, starts), handler.request_deserializer, handler.response_serializer
             )
         return handler  # no RPC of ours streams requests
 
 
-def _unary(behavior: Any, start: Start) -> Any:
+def _unary(behavior: Any, starts: tuple[Start, ...]) -> Any:
     async def observed(request: Any, context: Context) -> Any:
-        call = start(request, context)
+        calls = [start(request, context) for start in starts]
         code = grpc.StatusCode.OK
         try:
             answer = await behavior(request, context)
             if answer is not None:  # None: a stream written with context.write
-                call.sent(answer)
+                for call in calls:
+                    call.sent(answer)
             return answer
         except BaseException as error:
             code = ended_with(context, error)
             raise
         finally:
-            call.end(code)
+            _end(calls, code)
 
     return observed
 
 
-def _stream(behavior: Any, start: Start) -> Any:
+def _stream(behavior: Any, starts: tuple[Start, ...]) -> Any:
     async def observed(request: Any, context: Context) -> AsyncIterator[Any]:
-        call = start(request, context)
+        calls = [start(request, context) for start in starts]
         code = grpc.StatusCode.OK
         try:
             # Closed (the caller gone mid-write), it closes what it streams first: the call ends after what it billed.
             async with contextlib.aclosing(behavior(request, context)) as answers:
                 async for answer in answers:
-                    call.sent(answer)
+                    for call in calls:
+                        call.sent(answer)
                     yield answer
         except BaseException as error:
             code = ended_with(context, error)
             raise
         finally:
-            call.end(code)
+            _end(calls, code)
 
     return observed
+
+
+def _end(calls: list[CallObserver], code: grpc.StatusCode) -> None:
+    """Tells every observer the call ended, the innermost first; one that fails (a bug of the gateway's own) is
+    logged, and keeps neither the others from hearing it nor the caller from its answer."""
+    for call in reversed(calls):
+        try:
+            call.end(code)
+        except Exception:
+            log.exception("observing the end of a call failed")

@@ -5,7 +5,7 @@ caller's trace context (W3C `traceparent` / `tracestate` in the call's metadata)
 upstream attempt with the GenAI semantic conventions' attributes, and events on the RPC span for retries, fallbacks
 and stream restarts. Every upstream request of the call carries the RPC span's `traceparent` (`Meter.upstream_headers`).
 
-Like the metrics, the interceptor reads what the router did from the call's meter (`metering`) when the call ends, so
+Like the metrics, the observer reads what the router did from the call's meter (`metering`) when the call ends, so
 the router knows nothing of tracing: the attempt spans are made then, from when each attempt began and how long it
 took, as the router recorded them.
 
@@ -36,7 +36,7 @@ from opentelemetry.util.types import AttributeValue
 from llmrelay_server.config import ConfigError, GatewayConfig
 from llmrelay_server.domain import Attempt, AttemptOutcome, BackendSpec
 from llmrelay_server.metering import Billed, Meter, open_meter, served_by
-from llmrelay_server.observing import GEN_AI_OPERATIONS, ObservingInterceptor, Start
+from llmrelay_server.observing import GEN_AI_OPERATIONS, Observer, Start
 
 # A cancelled attempt is no error of the backend's (the caller left), as a CANCELLED RPC is none of the server's.
 _FAILURES = frozenset(AttemptOutcome) - {AttemptOutcome.SUCCEEDED, AttemptOutcome.SKIPPED, AttemptOutcome.CANCELLED}
@@ -88,19 +88,19 @@ provider_factory: Callable[[], TracerProvider] = exporting_provider
 
 
 class Tracing:
-    """The gateway's own tracer provider (the global one is left alone) and the interceptor that traces calls."""
+    """The gateway's own tracer provider (the global one is left alone) and the observer that traces calls."""
 
     def __init__(self, config: GatewayConfig) -> None:
         self.provider = provider_factory()
         tracer = self.provider.get_tracer("llmrelay_server")
-        self.interceptor = TracingInterceptor(tracer, config.backends, log_content=config.server.log_content)
+        self.observer = TracingObserver(tracer, config.backends, log_content=config.server.log_content)
 
     async def stop(self) -> None:
         """Exports the spans still queued, then stops (in a thread: the exporter's last flush blocks)."""
         await asyncio.to_thread(self.provider.shutdown)
 
 
-class TracingInterceptor(ObservingInterceptor):
+class TracingObserver(Observer):
     def __init__(self, tracer: trace.Tracer, backends: Iterable[BackendSpec], *, log_content: bool) -> None:
         self._tracer = tracer
         self._kinds = {spec.name: spec.kind for spec in backends}
@@ -114,10 +114,8 @@ class TracingInterceptor(ObservingInterceptor):
 class _Call:
     """One traced RPC: its span from the start, the attempt spans and events from its meter at the end."""
 
-    def __init__(
-        self, interceptor: TracingInterceptor, name: str, metadata: Any, request: Any, streaming: bool
-    ) -> None:
-        self._i = interceptor
+    def __init__(self, observer: TracingObserver, name: str, metadata: Any, request: Any, streaming: bool) -> None:
+        self._i = observer
         self.streaming = streaming
         self.operation = GEN_AI_OPERATIONS.get(f"/{name}")
         self.model_call = self.operation is not None
@@ -127,11 +125,11 @@ class _Call:
             attributes["gen_ai.operation.name"] = self.operation
             if request.HasField("model"):
                 attributes["gen_ai.request.model"] = request.model
-            if interceptor._log_content and self.operation == "chat":
+            if observer._log_content and self.operation == "chat":
                 attributes["gen_ai.input.messages"] = json.dumps([_message(m) for m in request.messages])
         carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
         self.started = time.time_ns()
-        self.span = interceptor._tracer.start_span(
+        self.span = observer._tracer.start_span(
             name, propagate.extract(carrier), SpanKind.SERVER, attributes, start_time=self.started
         )
         self.meter: Meter = open_meter()

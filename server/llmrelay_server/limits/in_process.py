@@ -61,7 +61,7 @@ class InProcessLimiter:
         refuse_oversized(asks)
         now = self._clock()
         day = _utc_day(now)
-        windows = [self._windows.setdefault(ask.subject, _Window()) for ask in asks]
+        windows = [self._window(ask.subject) for ask in asks]
         for ask, window in zip(asks, windows, strict=True):
             window.expire(now)
             _check(ask, window, now, day)
@@ -75,6 +75,12 @@ class InProcessLimiter:
             window.spend[day] = window.spend.get(day, 0) + ask.usd_micros
             reservation.holds.append(entry)
         return reservation
+
+    def _window(self, subject: str) -> _Window:
+        window = self._windows.get(subject)
+        if window is None:  # not setdefault: it would make a window for every call to throw away
+            window = self._windows[subject] = _Window()
+        return window
 
     async def settle(self, reservation: Reservation, tokens: int, usd_micros: int) -> None:
         day = _utc_day(reservation.at)
