@@ -1,0 +1,74 @@
+"""One interceptor has every observer (metrics, the call log, traces) watch each call: each hears every message and
+the end, in order, and one that fails keeps neither the others nor the caller from what they are owed."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from llmrelay_server.observing import Context, Observer, ObservingInterceptor, Start
+
+
+class _Recorder(Observer):
+    def __init__(self, name: str, heard: list[str], fail_at_end: bool = False) -> None:
+        self._name, self._heard, self._fail_at_end = name, heard, fail_at_end
+
+    def observe(self, details: grpc.HandlerCallDetails, streaming: bool) -> Start:
+        return lambda request, context: _Heard(self._name, self._heard, self._fail_at_end)
+
+
+class _Heard:
+    def __init__(self, name: str, heard: list[str], fail_at_end: bool) -> None:
+        self._name, self._heard, self._fail_at_end = name, heard, fail_at_end
+        heard.append(f"{name} start")
+
+    def sent(self, message: Any) -> None:
+        self._heard.append(f"{self._name} sent {message.decode()}")
+
+    def end(self, code: grpc.StatusCode) -> None:
+        self._heard.append(f"{self._name} end {code.name}")
+        if self._fail_at_end:
+            raise RuntimeError("an observer's own bug")
+
+
+async def _say(request: bytes, context: Context) -> bytes:
+    return b"said " + request
+
+
+async def _count(request: bytes, context: Context) -> AsyncIterator[bytes]:
+    for n in range(2):
+        yield str(n).encode()
+
+
+async def test_every_observer_hears_each_call_and_a_failing_one_harms_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    heard: list[str] = []
+    observers = [_Recorder("outer", heard, fail_at_end=True), _Recorder("inner", heard)]
+    server = grpc.aio.server(interceptors=[ObservingInterceptor(observers)])
+    handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
+        "Say": grpc.unary_unary_rpc_method_handler(_say),
+        "Count": grpc.unary_stream_rpc_method_handler(_count),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Observed", handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with caplog.at_level(logging.ERROR, logger="llmrelay_server.observing"):
+                say: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/test.Observed/Say")
+                assert await say(b"hi") == b"said hi"
+                assert heard == ["outer start", "inner start", "outer sent said hi", "inner sent said hi",
+                                 "inner end OK", "outer end OK"]  # fmt: skip
+                heard.clear()
+                count: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream("/test.Observed/Count")
+                assert [chunk async for chunk in count(b"")] == [b"0", b"1"]
+                assert heard == ["outer start", "inner start", "outer sent 0", "inner sent 0", "outer sent 1",
+                                 "inner sent 1", "inner end OK", "outer end OK"]  # fmt: skip
+        failures = [record for record in caplog.records if record.getMessage() == "observing the end of a call failed"]
+        assert len(failures) == 2 and all(record.exc_info for record in failures)
+    finally:
+        await server.stop(None)
