@@ -22,14 +22,13 @@ import os
 import re
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
 
 import grpc
 
 from llmrelay_server.config import AuthConfig, CallerKey, ConfigError, load_keys_file
-from llmrelay_server.domain import LLMRelayError, UnauthenticatedError
+from llmrelay_server.domain import LLMRelayError, UnauthenticatedError, immutable
 from llmrelay_server.status import abort
 
 log = logging.getLogger(__name__)
@@ -39,7 +38,7 @@ KEY_PREFIX = "llmr-"
 KEYS_FILE_CHECK_S = 1.0
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Caller:
     """A caller the gateway knows by its key."""
 

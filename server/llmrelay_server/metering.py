@@ -11,10 +11,10 @@ from __future__ import annotations
 import contextvars
 from dataclasses import dataclass, field
 
-from llmrelay_server.domain import Attempt, AttemptOutcome, TokenUsage
+from llmrelay_server.domain import Attempt, AttemptOutcome, TokenUsage, immutable
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Billed:
     backend: str
     model: str

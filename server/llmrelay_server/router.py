@@ -54,6 +54,7 @@ from llmrelay_server.domain import (
     Tool,
     UpstreamError,
     UpstreamErrorKind,
+    immutable,
 )
 from llmrelay_server.pricing import PriceTable
 from llmrelay_server.tokens import TokenCounter
@@ -208,7 +209,7 @@ async def _embed(route: Route, request: EmbeddingRequest, timeout_s: float) -> E
     return await embedder.embed(route.model, request, timeout_s=timeout_s)
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Route:
     backend: Backend
     model: str

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llmrelay_server.config import Limits
-from llmrelay_server.domain import LimitExceededError, LimitKind, StoreHealth
+from llmrelay_server.domain import LimitExceededError, LimitKind, StoreHealth, immutable
 
 WINDOW_S = 60.0
 GATEWAY = "gateway"
@@ -16,7 +16,7 @@ GATEWAY = "gateway"
 STREAM_RETRY_S = 1.0
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Ask:
     """What one call asks of one subject's limits."""
 

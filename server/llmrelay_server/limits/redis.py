@@ -47,7 +47,6 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -55,7 +54,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from llmrelay_server.domain import LimitKind, LimitsUnavailableError, StoreHealth, StoreRole
+from llmrelay_server.domain import LimitKind, LimitsUnavailableError, StoreHealth, StoreRole, immutable
 from llmrelay_server.limits.interface import (
     STREAM_RETRY_S,
     Ask,
@@ -277,7 +276,7 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class _Hold:
     """Where a reservation was counted, for settle()."""
 
