@@ -51,7 +51,8 @@ def request_id(metadata: Any) -> str:
             if isinstance(value, str) and _SANE_ID.fullmatch(value):
                 return value
             break
-    # Unique, not secret: random's generator (reseeded in a forked worker) rather than a system call per call.
+    # Unique, not secret: random's generator (seeded from os.urandom in each process, and again after a fork) rather
+    # than a system call per call.
     return f"{random.getrandbits(128):032x}"
 
 

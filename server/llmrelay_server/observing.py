@@ -79,9 +79,10 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
 
 def _unary(behavior: Any, starts: tuple[Start, ...]) -> Any:
     async def observed(request: Any, context: Context) -> Any:
-        calls = [start(request, context) for start in starts]
+        calls: list[CallObserver] = []
         code = grpc.StatusCode.OK
         try:
+            _start(starts, request, context, calls)
             answer = await behavior(request, context)
             if answer is not None:  # None: a stream written with context.write
                 for call in calls:
@@ -98,9 +99,10 @@ def _unary(behavior: Any, starts: tuple[Start, ...]) -> Any:
 
 def _stream(behavior: Any, starts: tuple[Start, ...]) -> Any:
     async def observed(request: Any, context: Context) -> AsyncIterator[Any]:
-        calls = [start(request, context) for start in starts]
+        calls: list[CallObserver] = []
         code = grpc.StatusCode.OK
         try:
+            _start(starts, request, context, calls)
             # Closed (the caller gone mid-write), it closes what it streams first: the call ends after what it billed.
             async with contextlib.aclosing(behavior(request, context)) as answers:
                 async for answer in answers:
@@ -114,6 +116,13 @@ def _stream(behavior: Any, starts: tuple[Start, ...]) -> Any:
             _end(calls, code)
 
     return observed
+
+
+def _start(starts: tuple[Start, ...], request: Any, context: Context, calls: list[CallObserver]) -> None:
+    """Starts every observer on the call, into `calls` as it goes: should one fail, those before it still hear the
+    end (an open-streams gauge is not left counting a call that never ran)."""
+    for start in starts:
+        calls.append(start(request, context))
 
 
 def _end(calls: list[CallObserver], code: grpc.StatusCode) -> None:

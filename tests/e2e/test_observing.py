@@ -20,6 +20,14 @@ class _Recorder(Observer):
         return lambda request, context: _Heard(self._name, self._heard, self._fail_at_end)
 
 
+class _FailingToStart(Observer):
+    def observe(self, details: grpc.HandlerCallDetails, streaming: bool) -> Start:
+        def start(request: Any, context: Context) -> _Heard:
+            raise RuntimeError("an observer's own bug")
+
+        return start
+
+
 class _Heard:
     def __init__(self, name: str, heard: list[str], fail_at_end: bool) -> None:
         self._name, self._heard, self._fail_at_end = name, heard, fail_at_end
@@ -43,18 +51,21 @@ async def _count(request: bytes, context: Context) -> AsyncIterator[bytes]:
         yield str(n).encode()
 
 
-async def test_every_observer_hears_each_call_and_a_failing_one_harms_nothing(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    heard: list[str] = []
-    observers = [_Recorder("outer", heard, fail_at_end=True), _Recorder("inner", heard)]
+def _server(observers: list[Observer]) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server(interceptors=[ObservingInterceptor(observers)])
     handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
         "Say": grpc.unary_unary_rpc_method_handler(_say),
         "Count": grpc.unary_stream_rpc_method_handler(_count),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Observed", handlers),))
-    port = server.add_insecure_port("127.0.0.1:0")
+    return server, server.add_insecure_port("127.0.0.1:0")
+
+
+async def test_every_observer_hears_each_call_and_a_failing_one_harms_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    heard: list[str] = []
+    server, port = _server([_Recorder("outer", heard, fail_at_end=True), _Recorder("inner", heard)])
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -70,5 +81,20 @@ async def test_every_observer_hears_each_call_and_a_failing_one_harms_nothing(
                                  "inner sent 1", "inner end OK", "outer end OK"]  # fmt: skip
         failures = [record for record in caplog.records if record.getMessage() == "observing the end of a call failed"]
         assert len(failures) == 2 and all(record.exc_info for record in failures)
+    finally:
+        await server.stop(None)
+
+
+async def test_an_observer_that_fails_to_start_leaves_none_started_before_it_unended() -> None:
+    heard: list[str] = []
+    server, port = _server([_Recorder("outer", heard), _FailingToStart(), _Recorder("inner", heard)])
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            count: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream("/test.Observed/Count")
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                _ = [chunk async for chunk in count(b"")]
+            assert failed.value.code() is grpc.StatusCode.UNKNOWN
+        assert heard == ["outer start", "outer end UNKNOWN"]
     finally:
         await server.stop(None)
