@@ -14,7 +14,8 @@ of the floor's, calls/s, time to first chunk; then chunks/s of a 1,000-chunk str
 streams open, and its idle upstream connections after that burst. The figures go to bench/results/ as JSON and a
 PNG chart; the table printed is the README's.
 
-Usage: python -m bench [--quick] [--requests N] [--rounds R] [--loop asyncio|uvloop] [--workers | --one-core]
+Usage: python -m bench [--quick] [--requests N] [--rounds R] [--loop asyncio|uvloop] [--workers | --one-core
+       [--against REV]]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import datetime
 import functools
 import hashlib
@@ -38,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -397,12 +399,52 @@ def process_tree(pid: int) -> list[int]:
     return [pid, *(descendant for child in children for descendant in process_tree(int(child)))]
 
 
-async def start_servers(staged: Stage, loop: str, under: Sequence[str] = ()) -> dict[str, grpc.aio.Channel]:
+@dataclass(frozen=True)
+class Revision:
+    """Another revision's gateway, checked out apart (`checked_out`)."""
+
+    name: str
+    tree: Path
+
+    def runs(self, feature: Feature) -> Feature:
+        """`feature`, run from this revision's server and client packages rather than the installed ones (the
+        environment's PYTHONPATH comes before the editable install's finder)."""
+        path = os.pathsep.join(str(self.tree / package) for package in ("server", "client/python"))
+        return dataclasses.replace(feature, env=(*feature.env, ("PYTHONPATH", path)))
+
+
+@contextlib.contextmanager
+def checked_out(revision: str) -> Iterator[Revision]:
+    """`revision` in a git worktree of its own, removed afterwards; its server must import from there."""
+    tree = Path(tempfile.mkdtemp(prefix="llmrelay-bench-"))
+    add = ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(tree), revision]
+    if subprocess.run(add, capture_output=True, text=True).returncode != 0:
+        shutil.rmtree(tree, ignore_errors=True)
+        raise SystemExit(f"bench --against: {revision!r} is no revision of this repository")
+    try:
+        checked = Revision(revision, tree)
+        probe = [sys.executable, "-c", "import llmrelay_server; print(llmrelay_server.__file__)"]
+        imported = subprocess.run(probe, env=clean_env(**dict(checked.runs(PLAIN).env)), capture_output=True, text=True)
+        if not imported.stdout.startswith(str(tree)):
+            raise SystemExit(f"bench --against: its server imports from {imported.stdout.strip()}, not {tree}")
+        yield checked
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+        shutil.rmtree(tree, ignore_errors=True)
+
+
+async def start_servers(
+    staged: Stage, loop: str, under: Sequence[str] = (), against: Revision | None = None
+) -> dict[str, grpc.aio.Channel]:
     """The servers compared, on their staged ports, run by `under` when given (taskset): the gateway plain and with
-    everything on, then the floor answering with the gateway's own messages; a channel to each, closed on leaving."""
+    everything on (and the same two of `against`), then the floor answering with the gateway's own messages; a channel
+    to each, closed on leaving."""
     scratch, ports, running, pids = staged
     channels = {}
-    for name, feature in (("gateway", PLAIN), ("everything", EVERYTHING)):
+    gateways = [("gateway", PLAIN), ("everything", EVERYTHING)]
+    if against is not None:
+        gateways += [(f"{name}@{against.name}", against.runs(feature)) for name, feature in gateways]
+    for name, feature in gateways:
         gateway = await start_gateway(scratch, ports["upstream"], ports[name], name, feature, loop, under)
         running.push_async_callback(gateway.stop)
         pids[name] = [gateway.process.pid]
@@ -480,22 +522,31 @@ def _round_robin(calls: Sequence[Call]) -> Call:
 ONE_CORE_CALLERS = 16
 
 
-async def one_core(requests: int, rounds: int, loop: str) -> None:
+async def one_core(requests: int, rounds: int, loop: str, against: str | None = None) -> None:
     """`--one-core`: unary calls/s from 16 callers to the floor, the plain gateway and everything on, each server held
     to one CPU (taskset) while this load generator and the upstream run on the others: issue 17's calls/s on one
     core, measured rather than derived from CPU per call. A server not near 100% busy was waiting for the load
-    generator, and its figure is only a lower bound."""
+    generator, and its figure is only a lower bound.
+
+    With `against` (a git revision), the gateway and everything on of that revision too, taking turns with this
+    tree's: what a change did to CPU per call, which separate runs on a shared machine cannot tell apart from noise
+    below about 10%."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2 or shutil.which("taskset") is None:
         raise SystemExit("bench --one-core: needs two CPUs and taskset (util-linux)")
     server_cpu = cpus[-1]
     os.sched_setaffinity(0, cpus[:-1])  # before any thread or child starts: the load generator and the upstream
     held = ("taskset", "-c", str(server_cpu))
-    names = ("floor", "gateway", "everything")
+    names = ["floor", "gateway", "everything"]
+    if against is not None:
+        names += [f"gateway@{against}", f"everything@{against}"]
     async with stage(*names) as staged:
-        channels = await start_servers(staged, loop, held)
+        revision = None if against is None else staged.running.enter_context(checked_out(against))
+        channels = await start_servers(staged, loop, held, revision)
         calls = {
-            name: grpc_calls(pb.LLMServiceStub(channels[name]), EVERYTHING.metadata if name == "everything" else ())
+            name: grpc_calls(
+                pb.LLMServiceStub(channels[name]), EVERYTHING.metadata if name.startswith("everything") else ()
+            )
             for name in names
         }
         print(
@@ -509,11 +560,16 @@ async def one_core(requests: int, rounds: int, loop: str) -> None:
                     calls[name]["unary"], requests // rounds, ONE_CORE_CALLERS, staged.pids, round_ == 0
                 )
                 runs[name].append(run)
-        print(f"{'server':<12}{'calls/s':>9}{'CPU/call':>12}{'CPU busy':>10}")
-        for name in names:
-            run = functools.reduce(operator.add, runs[name])
+        width = max(map(len, names)) + 2
+        print(f"{'server':<{width}}{'calls/s':>9}{'CPU/call':>12}{'CPU busy':>10}")
+        totals = {name: functools.reduce(operator.add, runs[name]) for name in names}
+        for name, run in totals.items():
             busy = run.cpu_s[name] / run.wall_s
-            print(f"{name:<12}{run.throughput:>9.0f}{run.cpu_ms(name):>9.3f} ms{busy:>9.0%}", flush=True)
+            print(f"{name:<{width}}{run.throughput:>9.0f}{run.cpu_ms(name):>9.3f} ms{busy:>9.0%}", flush=True)
+        if against is not None:
+            for name in ("gateway", "everything"):
+                before, now = totals[f"{name}@{against}"].cpu_ms(f"{name}@{against}"), totals[name].cpu_ms(name)
+                print(f"{name}: CPU per call {now / before - 1:+.1%} against {against}")
 
 
 # --- the paths compared ---------------------------------------------------------------------------------------
@@ -816,14 +872,21 @@ def main() -> None:
     parser.add_argument(
         "--one-core", action="store_true", help="calls/s of each server held to one CPU instead (16 callers)"
     )
+    parser.add_argument(
+        "--against",
+        metavar="REV",
+        help="with --one-core: also the gateways of git revision REV, taking turns with this tree's",
+    )
     args = parser.parse_args()
     rounds = args.rounds or (3 if args.quick else 5)
     requests = args.requests or (300 if args.quick else 1000)
     if args.workers:
         asyncio.run(scale(requests, 64, rounds))
         return
+    if args.against and not args.one_core:
+        parser.error("--against compares CPU per call on one core: use it with --one-core")
     if args.one_core:
-        asyncio.run(one_core(requests, rounds, args.loop or default_loop()))
+        asyncio.run(one_core(requests, rounds, args.loop or default_loop(), args.against))
         return
     settings = Settings(
         requests=requests,

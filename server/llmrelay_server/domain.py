@@ -39,7 +39,7 @@ def immutable(cls: type[_T]) -> type[_T]:
     """A value type: a slots dataclass, hashable by its fields, whose fields mypy refuses to assign (it reads this
     decorator as `frozen=True`, PEP 681). Built without frozen=True's run-time guard, which sets every field through
     object.__setattr__ at about 1,500 instructions a field: the values a call makes (its messages, options, usage,
-    attempts, chunks) cost a tenth of a plain call's instructions that way, 4% of its CPU (README, Performance)."""
+    attempts, chunks) cost a tenth of a plain call's instructions that way (README, Performance)."""
     return dataclass(cls, slots=True, unsafe_hash=True)
 
 
