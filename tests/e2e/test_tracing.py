@@ -287,4 +287,4 @@ async def test_no_tracing_no_interceptor(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
     gateway = await gateway_factory(two_backends(primary, local))
-    assert gateway.tracing is None  # and so no tracing interceptor (see app._interceptors)
+    assert gateway.tracing is None  # and so no tracing observer (see app._interceptors)
