@@ -13,13 +13,14 @@ other model a caller or an upstream names is counted as `other`, so no caller ca
 
 from __future__ import annotations
 
+import abc
 import bisect
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any
+from typing import Any, ClassVar, Generic, TypeVar
 
 import grpc
 from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
@@ -42,6 +43,7 @@ TOKEN_BUCKETS = tuple(float(4**n) for n in range(14))
 FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 _FAILURES = frozenset(AttemptOutcome) - {AttemptOutcome.SUCCEEDED, AttemptOutcome.SKIPPED}
 _CIRCUIT_STATES = ("closed", "open", "half_open")
+_Series = TypeVar("_Series")
 
 
 class LabelValues:
@@ -64,31 +66,36 @@ class LabelValues:
         return name if name == "anonymous" or name in self._callers() else OTHER
 
 
-class _Counted:
-    """A counter's series, as plain numbers kept by their label values, exposed at each scrape by `_Kept`.
+class _Family(abc.ABC, Generic[_Series]):
+    """A metric's series, as plain numbers kept by their label values, exposed at each scrape by `_Kept`.
 
     prometheus-client's own metric objects take a lock and check the amount at every update, a couple of
     microseconds, and a call makes a dozen updates. Here an update is an addition: only the event loop's thread
     updates (one loop per process), and a scrape, in the metrics server's thread, reads each number whole. Label
     values come from closed sets (`LabelValues`), so the series are few."""
 
-    kind = "counter"
+    kind: ClassVar[str]
 
-    def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
+    def __init__(self, name: str, documentation: str, labels: Sequence[str], new: Callable[[], _Series]) -> None:
         self.name, self.documentation, self.labels = name, documentation, tuple(labels)
-        self.series: dict[tuple[str, ...], _Count] = {}
+        self._new = new
+        self._series: dict[tuple[str, ...], _Series] = {}
 
-    def __call__(self, *values: str) -> _Count:
-        series = self.series.get(values)
+    def __call__(self, *values: str) -> _Series:
+        series = self._series.get(values)
         if series is None:
-            series = self.series[values] = _Count()
+            series = self._series[values] = self._new()
         return series
 
-    def add_samples(self, metric: Metric) -> None:
-        for values, series in list(self.series.items()):
-            labels = dict(zip(self.labels, values, strict=True))
-            metric.add_sample(f"{self.name}_total", labels, series.value)
-            metric.add_sample(f"{self.name}_created", labels, series.created)
+    def metric(self) -> Metric:
+        """The family as a scrape reads it."""
+        metric = Metric(self.name, self.documentation, self.kind)
+        for values, series in list(self._series.items()):
+            self._add_samples(metric, dict(zip(self.labels, values, strict=True)), series)
+        return metric
+
+    @abc.abstractmethod
+    def _add_samples(self, metric: Metric, labels: dict[str, str], series: _Series) -> None: ...
 
 
 class _Count:
@@ -102,35 +109,15 @@ class _Count:
         self.value += amount
 
 
-class _Distributed:
-    """A histogram's series, kept as `_Counted` keeps a counter's."""
+class _Counted(_Family[_Count]):
+    kind = "counter"
 
-    kind = "histogram"
+    def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
+        super().__init__(name, documentation, labels, _Count)
 
-    def __init__(
-        self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float] = DEFAULT_BUCKETS
-    ) -> None:
-        self.name, self.documentation, self.labels = name, documentation, tuple(labels)
-        self.bounds = tuple(sorted(buckets))
-        self.series: dict[tuple[str, ...], _Distribution] = {}
-
-    def __call__(self, *values: str) -> _Distribution:
-        series = self.series.get(values)
-        if series is None:
-            series = self.series[values] = _Distribution(self.bounds)
-        return series
-
-    def add_samples(self, metric: Metric) -> None:
-        bounds = [*map(floatToGoString, self.bounds), "+Inf"]
-        for values, series in list(self.series.items()):
-            labels = dict(zip(self.labels, values, strict=True))
-            total = 0
-            for bound, count in zip(bounds, list(series.counts), strict=True):
-                total += count
-                metric.add_sample(f"{self.name}_bucket", {**labels, "le": bound}, total)
-            metric.add_sample(f"{self.name}_count", labels, total)
-            metric.add_sample(f"{self.name}_sum", labels, series.sum)
-            metric.add_sample(f"{self.name}_created", labels, series.created)
+    def _add_samples(self, metric: Metric, labels: dict[str, str], series: _Count) -> None:
+        metric.add_sample(f"{self.name}_total", labels, series.value)
+        metric.add_sample(f"{self.name}_created", labels, series.created)
 
 
 class _Distribution:
@@ -149,27 +136,43 @@ class _Distribution:
         self.sum += amount
 
 
+class _Distributed(_Family[_Distribution]):
+    kind = "histogram"
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]) -> None:
+        bounds = tuple(sorted(buckets))
+        super().__init__(name, documentation, labels, lambda: _Distribution(bounds))
+        self._le = [*map(floatToGoString, bounds), "+Inf"]
+
+    def _add_samples(self, metric: Metric, labels: dict[str, str], series: _Distribution) -> None:
+        total = 0
+        for le, count in zip(self._le, list(series.counts), strict=True):
+            total += count
+            metric.add_sample(f"{self.name}_bucket", {**labels, "le": le}, total)
+        metric.add_sample(f"{self.name}_count", labels, total)
+        metric.add_sample(f"{self.name}_sum", labels, series.sum)
+        metric.add_sample(f"{self.name}_created", labels, series.created)
+
+
 class _Kept(Collector):
     """Exposes the `_Counted` and `_Distributed` metrics at each scrape, as prometheus-client's own would be."""
 
     def __init__(self) -> None:
-        self._metrics: list[_Counted | _Distributed] = []
+        self._families: list[_Counted | _Distributed] = []
 
     def counted(self, name: str, documentation: str, labels: Sequence[str]) -> _Counted:
-        self._metrics.append(counted := _Counted(name, documentation, labels))
+        self._families.append(counted := _Counted(name, documentation, labels))
         return counted
 
     def distributed(
         self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float] = DEFAULT_BUCKETS
     ) -> _Distributed:
-        self._metrics.append(distributed := _Distributed(name, documentation, labels, buckets))
+        self._families.append(distributed := _Distributed(name, documentation, labels, buckets))
         return distributed
 
     def collect(self) -> Iterator[Metric]:
-        for kept in self._metrics:
-            metric = Metric(kept.name, kept.documentation, kept.kind)
-            kept.add_samples(metric)
-            yield metric
+        for family in self._families:
+            yield family.metric()
 
 
 class Metrics:
