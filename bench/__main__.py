@@ -406,6 +406,10 @@ class Revision:
     name: str
     tree: Path
 
+    def server(self, name: str) -> str:
+        """What this revision's server `name` ("gateway", "everything") is called beside this tree's."""
+        return f"{name}@{self.name}"
+
     def runs(self, feature: Feature) -> Feature:
         """`feature`, run from this revision's server and client packages rather than the installed ones (the
         environment's PYTHONPATH comes before the editable install's finder)."""
@@ -443,7 +447,7 @@ async def start_servers(
     channels = {}
     gateways = [("gateway", PLAIN), ("everything", EVERYTHING)]
     if against is not None:
-        gateways += [(f"{name}@{against.name}", against.runs(feature)) for name, feature in gateways]
+        gateways += [(against.server(name), against.runs(feature)) for name, feature in gateways]
     for name, feature in gateways:
         gateway = await start_gateway(scratch, ports["upstream"], ports[name], name, feature, loop, under)
         running.push_async_callback(gateway.stop)
@@ -537,39 +541,39 @@ async def one_core(requests: int, rounds: int, loop: str, against: str | None = 
     server_cpu = cpus[-1]
     os.sched_setaffinity(0, cpus[:-1])  # before any thread or child starts: the load generator and the upstream
     held = ("taskset", "-c", str(server_cpu))
-    names = ["floor", "gateway", "everything"]
-    if against is not None:
-        names += [f"gateway@{against}", f"everything@{against}"]
-    async with stage(*names) as staged:
-        revision = None if against is None else staged.running.enter_context(checked_out(against))
-        channels = await start_servers(staged, loop, held, revision)
-        calls = {
-            name: grpc_calls(
-                pb.LLMServiceStub(channels[name]), EVERYTHING.metadata if name.startswith("everything") else ()
-            )
-            for name in names
-        }
-        print(
-            f"llmrelay bench --one-core: {requests} unary calls from {ONE_CORE_CALLERS} callers to each server,"
-            f" held to CPU {server_cpu}; the load generator and the upstream on CPUs {cpus[:-1]}; {loop} loop\n"
-        )
-        runs: dict[str, list[Run]] = {name: [] for name in names}
-        for round_ in range(rounds):
-            for name in names:
-                run = await measure(
-                    calls[name]["unary"], requests // rounds, ONE_CORE_CALLERS, staged.pids, round_ == 0
+    with contextlib.ExitStack() as checkouts:
+        revision = checkouts.enter_context(checked_out(against)) if against is not None else None
+        compared = ("gateway", "everything")
+        names = ["floor", *compared, *(revision.server(name) for name in compared if revision is not None)]
+        async with stage(*names) as staged:
+            channels = await start_servers(staged, loop, held, revision)
+            calls = {
+                name: grpc_calls(
+                    pb.LLMServiceStub(channels[name]), EVERYTHING.metadata if name.startswith("everything") else ()
                 )
-                runs[name].append(run)
-        width = max(map(len, names)) + 2
-        print(f"{'server':<{width}}{'calls/s':>9}{'CPU/call':>12}{'CPU busy':>10}")
-        totals = {name: functools.reduce(operator.add, runs[name]) for name in names}
-        for name, run in totals.items():
-            busy = run.cpu_s[name] / run.wall_s
-            print(f"{name:<{width}}{run.throughput:>9.0f}{run.cpu_ms(name):>9.3f} ms{busy:>9.0%}", flush=True)
-        if against is not None:
-            for name in ("gateway", "everything"):
-                before, now = totals[f"{name}@{against}"].cpu_ms(f"{name}@{against}"), totals[name].cpu_ms(name)
-                print(f"{name}: CPU per call {now / before - 1:+.1%} against {against}")
+                for name in names
+            }
+            print(
+                f"llmrelay bench --one-core: {requests} unary calls from {ONE_CORE_CALLERS} callers to each server,"
+                f" held to CPU {server_cpu}; the load generator and the upstream on CPUs {cpus[:-1]}; {loop} loop\n"
+            )
+            runs: dict[str, list[Run]] = {name: [] for name in names}
+            for round_ in range(rounds):
+                for name in names:
+                    run = await measure(
+                        calls[name]["unary"], requests // rounds, ONE_CORE_CALLERS, staged.pids, round_ == 0
+                    )
+                    runs[name].append(run)
+    width = max(map(len, names)) + 2
+    print(f"{'server':<{width}}{'calls/s':>9}{'CPU/call':>12}{'CPU busy':>10}")
+    totals = {name: functools.reduce(operator.add, runs[name]) for name in names}
+    for name, run in totals.items():
+        busy = run.cpu_s[name] / run.wall_s
+        print(f"{name:<{width}}{run.throughput:>9.0f}{run.cpu_ms(name):>9.3f} ms{busy:>9.0%}", flush=True)
+    if revision is not None:
+        for name in compared:
+            before, now = totals[revision.server(name)].cpu_ms(revision.server(name)), totals[name].cpu_ms(name)
+            print(f"{name}: CPU per call {now / before - 1:+.1%} against {revision.name}")
 
 
 # --- the paths compared ---------------------------------------------------------------------------------------
