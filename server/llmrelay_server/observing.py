@@ -64,7 +64,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         starts = tuple(start for observer in self._observers if (start := observer.observe(details, streaming)))
         if not starts:
             return handler
-        if handler.unary_stream is not None:
+        if streaming:
             behavior = handler.unary_stream
             wrapped = _stream(behavior, starts) if inspect.isasyncgenfunction(behavior) else _unary(behavior, starts)
             return grpc.unary_stream_rpc_method_handler(
