@@ -15,7 +15,7 @@ streams open, and its idle upstream connections after that burst. The figures go
 PNG chart; the table printed is the README's.
 
 Usage: python -m bench [--quick] [--requests N] [--rounds R] [--loop asyncio|uvloop] [--workers | --one-core
-       [--against REV]]
+       [--features] [--against REV]]
 """
 
 from __future__ import annotations
@@ -351,20 +351,48 @@ class Feature:
 
 
 PLAIN = Feature("plain", server="log_calls: false")
-KEYS = f"""auth:
-  keys:
-    - name: bench
-      sha256: "{hashlib.sha256(BENCH_KEY.encode()).hexdigest()}"
-      models: ["tiny", "ollama/*"]
-      limits: {{requests_per_minute: 10000000, tokens_per_minute: 1000000000, concurrent_streams: 1000,
-               budget_usd_per_day: 1000000}}
-"""
+_KEYED = (("authorization", f"Bearer {BENCH_KEY}"),)
+
+
+def _key(limits: str = "") -> str:
+    """The auth section with the bench's key; `limits` (a YAML flow mapping), the key's own limits."""
+    section = (
+        "auth:\n  keys:\n    - name: bench\n"
+        f'      sha256: "{hashlib.sha256(BENCH_KEY.encode()).hexdigest()}"\n'
+        '      models: ["tiny", "ollama/*"]\n'
+    )
+    return section + (f"      limits: {limits}\n" if limits else "")
+
+
+_EVERY_KIND_OF_LIMIT = (
+    "{requests_per_minute: 10000000, tokens_per_minute: 1000000000, concurrent_streams: 1000,"
+    " budget_usd_per_day: 1000000}"
+)
+_GATEWAY_LIMITS = "limits: {requests_per_minute: 100000000}"
+_METRICS = 'metrics_listen: "127.0.0.1:0"'
 EVERYTHING = Feature(
     "auth + limits (a key with every kind of limit, and gateway limits) + metrics + a JSON log line per call",
-    server='limits: {requests_per_minute: 100000000}, metrics_listen: "127.0.0.1:0", log_format: json',
-    extra=KEYS,
-    metadata=(("authorization", f"Bearer {BENCH_KEY}"),),
+    server=f"{_GATEWAY_LIMITS}, {_METRICS}, log_format: json",
+    extra=_key(_EVERY_KIND_OF_LIMIT),
+    metadata=_KEYED,
 )
+FEATURES = {
+    "call-log": Feature("a JSON log line per call", server="log_format: json"),
+    "metrics": Feature("metrics, served on /metrics", server=f"log_calls: false, {_METRICS}"),
+    "gateway-limits": Feature(
+        "the gateway's own limits (requests per minute)", server=f"log_calls: false, {_GATEWAY_LIMITS}"
+    ),
+    "key": Feature("auth: every call presents a key", server="log_calls: false", extra=_key(), metadata=_KEYED),
+    "key-limits": Feature(
+        "auth with a key that has every kind of limit (its prompt's tokens counted, its price estimated)",
+        server="log_calls: false",
+        extra=_key(_EVERY_KIND_OF_LIMIT),
+        metadata=_KEYED,
+    ),
+}
+"""Each of everything's features alone, to tell what each costs over the plain gateway."""
+GATEWAYS = {"gateway": PLAIN, "everything": EVERYTHING, **FEATURES}
+"""The gateways a bench mode can run, by name."""
 
 
 async def start_gateway(
@@ -438,17 +466,21 @@ def checked_out(revision: str) -> Iterator[Revision]:
 
 
 async def start_servers(
-    staged: Stage, loop: str, under: Sequence[str] = (), against: Revision | None = None
+    staged: Stage,
+    loop: str,
+    under: Sequence[str] = (),
+    against: Revision | None = None,
+    gateways: Sequence[str] = ("gateway", "everything"),
 ) -> dict[str, grpc.aio.Channel]:
-    """The servers compared, on their staged ports, run by `under` when given (taskset): the gateway plain and with
-    everything on (and the same two of `against`), then the floor answering with the gateway's own messages; a channel
-    to each, closed on leaving."""
+    """The servers compared, on their staged ports, run by `under` when given (taskset): the `gateways` named (of
+    GATEWAYS; and the same of `against`), then the floor answering with the plain gateway's own messages; a channel to
+    each, closed on leaving."""
     scratch, ports, running, pids = staged
     channels = {}
-    gateways = [("gateway", PLAIN), ("everything", EVERYTHING)]
+    started = [(name, GATEWAYS[name]) for name in gateways]
     if against is not None:
-        gateways += [(against.server(name), against.runs(feature)) for name, feature in gateways]
-    for name, feature in gateways:
+        started += [(against.server(name), against.runs(feature)) for name, feature in started]
+    for name, feature in started:
         gateway = await start_gateway(scratch, ports["upstream"], ports[name], name, feature, loop, under)
         running.push_async_callback(gateway.stop)
         pids[name] = [gateway.process.pid]
@@ -526,15 +558,16 @@ def _round_robin(calls: Sequence[Call]) -> Call:
 ONE_CORE_CALLERS = 16
 
 
-async def one_core(requests: int, rounds: int, loop: str, against: str | None = None) -> None:
+async def one_core(requests: int, rounds: int, loop: str, against: str | None = None, features: bool = False) -> None:
     """`--one-core`: unary calls/s from 16 callers to the floor, the plain gateway and everything on, each server held
     to one CPU (taskset) while this load generator and the upstream run on the others: issue 17's calls/s on one
     core, measured rather than derived from CPU per call. A server not near 100% busy was waiting for the load
     generator, and its figure is only a lower bound.
 
-    With `against` (a git revision), the gateway and everything on of that revision too, taking turns with this
-    tree's: what a change did to CPU per call, which separate runs on a shared machine cannot tell apart from noise
-    below about 10%."""
+    With `features`, also a gateway with each of everything's features alone (FEATURES), taking turns with the rest:
+    what each costs in CPU time a call over the plain gateway. With `against` (a git revision), the same gateways of
+    that revision too, taking turns with this tree's: what a change did to CPU per call, which separate runs on a
+    shared machine cannot tell apart from noise below about 10%."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2 or shutil.which("taskset") is None:
         raise SystemExit("bench --one-core: needs two CPUs and taskset (util-linux)")
@@ -543,16 +576,16 @@ async def one_core(requests: int, rounds: int, loop: str, against: str | None = 
     held = ("taskset", "-c", str(server_cpu))
     with contextlib.ExitStack() as checkouts:
         revision = checkouts.enter_context(checked_out(against)) if against is not None else None
-        compared = ("gateway", "everything")
-        names = ["floor", *compared, *(revision.server(name) for name in compared if revision is not None)]
+        compared = ["gateway", "everything", *(FEATURES if features else ())]
+        theirs = {revision.server(name): name for name in compared} if revision is not None else {}
+        names = ["floor", *compared, *theirs]
         async with stage(*names) as staged:
-            channels = await start_servers(staged, loop, held, revision)
+            channels = await start_servers(staged, loop, held, revision, compared)
             calls = {
-                name: grpc_calls(
-                    pb.LLMServiceStub(channels[name]), EVERYTHING.metadata if name.startswith("everything") else ()
-                )
-                for name in names
+                name: grpc_calls(pb.LLMServiceStub(channels[name]), GATEWAYS[theirs.get(name, name)].metadata)
+                for name in compared + list(theirs)
             }
+            calls["floor"] = grpc_calls(pb.LLMServiceStub(channels["floor"]))
             print(
                 f"llmrelay bench --one-core: {requests} unary calls from {ONE_CORE_CALLERS} callers to each server,"
                 f" held to CPU {server_cpu}; the load generator and the upstream on CPUs {cpus[:-1]}; {loop} loop\n"
@@ -567,13 +600,17 @@ async def one_core(requests: int, rounds: int, loop: str, against: str | None = 
     width = max(map(len, names)) + 2
     print(f"{'server':<{width}}{'calls/s':>9}{'CPU/call':>12}{'CPU busy':>10}")
     totals = {name: functools.reduce(operator.add, runs[name]) for name in names}
+    cpu_ms = {name: run.cpu_ms(name) for name, run in totals.items()}
     for name, run in totals.items():
         busy = run.cpu_s[name] / run.wall_s
-        print(f"{name:<{width}}{run.throughput:>9.0f}{run.cpu_ms(name):>9.3f} ms{busy:>9.0%}", flush=True)
-    if revision is not None:
-        for name in compared:
-            before, now = totals[revision.server(name)].cpu_ms(revision.server(name)), totals[name].cpu_ms(name)
-            print(f"{name}: CPU per call {now / before - 1:+.1%} against {revision.name}")
+        print(f"{name:<{width}}{run.throughput:>9.0f}{cpu_ms[name]:>9.3f} ms{busy:>9.0%}", flush=True)
+    if features:
+        print("\nCPU a call over the plain gateway's:")
+        for name in ("everything", *FEATURES):
+            more = cpu_ms[name] - cpu_ms["gateway"]
+            print(f"  {name:<16}{more:+.3f} ms ({more / cpu_ms['gateway']:+.0%})  {GATEWAYS[name].description}")
+    for name, ours in theirs.items():
+        print(f"{ours}: CPU per call {cpu_ms[ours] / cpu_ms[name] - 1:+.1%} against {against}")
 
 
 # --- the paths compared ---------------------------------------------------------------------------------------
@@ -877,6 +914,11 @@ def main() -> None:
         "--one-core", action="store_true", help="calls/s of each server held to one CPU instead (16 callers)"
     )
     parser.add_argument(
+        "--features",
+        action="store_true",
+        help="with --one-core: also a gateway with each feature of everything alone, and what each adds",
+    )
+    parser.add_argument(
         "--against",
         metavar="REV",
         help="with --one-core: also the gateways of git revision REV, taking turns with this tree's",
@@ -887,10 +929,10 @@ def main() -> None:
     if args.workers:
         asyncio.run(scale(requests, 64, rounds))
         return
-    if args.against and not args.one_core:
-        parser.error("--against compares CPU per call on one core: use it with --one-core")
+    if (args.against or args.features) and not args.one_core:
+        parser.error("--against and --features compare CPU per call on one core: use them with --one-core")
     if args.one_core:
-        asyncio.run(one_core(requests, rounds, args.loop or default_loop(), args.against))
+        asyncio.run(one_core(requests, rounds, args.loop or default_loop(), args.against, args.features))
         return
     settings = Settings(
         requests=requests,

@@ -7,12 +7,13 @@ less CPU serves fewer calls per wake-up of its loop (a second callgrind run on t
 the floor's count). It is not time: a system call or a cache miss costs more than its instructions say, so `make
 bench` stays the measure of speed; this is the one to compare commits by.
 
-The same three servers as `make bench` (the floor, the plain gateway, the gateway with everything on), each run
-under callgrind in turn, in front of the same loopback upstream; per server and kind of call (unary, a stream of 8
+The same three servers as `make bench` (the floor, the plain gateway, the gateway with everything on), or any of
+its gateways with one feature on (`--paths`: call-log, metrics, gateway-limits, key, key-limits), each run under
+callgrind in turn, in front of the same loopback upstream; per server and kind of call (unary, a stream of 8
 chunks), the instructions of every thread of the server process over `--calls` calls from 16 callers, counted after
 a warm-up, and their multiple of the floor's. The figures go to bench/results/instructions.json.
 
-Usage: python -m bench.instructions [--calls N] [--kinds unary,stream] [--paths floor,gateway,everything]
+Usage: python -m bench.instructions [--calls N] [--kinds unary,stream] [--paths floor,gateway,everything,...]
 (needs valgrind: apt-get install valgrind)
 """
 
@@ -35,11 +36,10 @@ from harness import free_port
 from llmrelay import v1 as pb
 
 from bench.__main__ import (
-    EVERYTHING,
+    GATEWAYS,
     KINDS,
     PLAIN,
     RESULTS,
-    Feature,
     grpc_calls,
     recorded_answers,
     stage,
@@ -48,7 +48,9 @@ from bench.__main__ import (
     stop,
 )
 
-PATHS = ("floor", "gateway", "everything")
+PATHS = ("floor", *GATEWAYS)
+"""The floor, and every gateway of `make bench` (each of everything's features alone among them)."""
+DEFAULT_PATHS = ("floor", "gateway", "everything")
 CALLERS = 16
 WARM_UP_CALLS = 200
 START_UNDER_VALGRIND_S = 300  # imports run some 50 times slower under callgrind
@@ -59,7 +61,7 @@ async def count(path: str, kind: str, calls: int, upstream_port: int, answers: P
     out = scratch / f"{path}-{kind}.callgrind"
     under = ["valgrind", "--tool=callgrind", "--dump-instr=no", f"--callgrind-out-file={out}"]
     port = free_port()
-    feature: Feature = EVERYTHING if path == "everything" else PLAIN
+    feature = GATEWAYS.get(path, PLAIN)
     async with contextlib.AsyncExitStack() as running:
         if path == "floor":
             floor = start_floor(port, answers, "uvloop", under, START_UNDER_VALGRIND_S)
@@ -106,15 +108,20 @@ async def run(calls: int, kinds: list[str], paths: list[str]) -> dict[str, Any]:
             answers = await recorded_answers(pb.LLMServiceStub(channel), scratch)
         await recorder.stop()
         for kind in kinds:
-            floor: float | None = None
+            counted: dict[str, float] = {}
             for path in paths:
-                per_call = await count(path, kind, calls, ports["upstream"], answers, scratch)
-                floor = per_call if path == "floor" else floor
-                x_floor = per_call / floor if floor else None
-                row = {"path": path, "kind": kind, "instructions_per_call": round(per_call), "x_floor": x_floor}
+                per_call = counted[path] = await count(path, kind, calls, ports["upstream"], answers, scratch)
+                row: dict[str, Any] = {"path": path, "kind": kind, "instructions_per_call": round(per_call)}
+                versus = []
+                if "floor" in counted:
+                    row["x_floor"] = per_call / counted["floor"]
+                    versus.append(f"{row['x_floor']:5.2f}x the floor")
+                if "gateway" in counted and path not in ("floor", "gateway"):
+                    more = row["over_gateway"] = round(per_call - counted["gateway"])
+                    versus.append(f"{more / 1000:+.0f}k ({more / counted['gateway']:+.0%}) over the gateway")
                 rows.append(row)
-                versus = f"{x_floor:5.2f}x the floor" if x_floor else ""
-                print(f"{kind:6s} {path:10s} {per_call / 1000:8.0f}k instructions a call  {versus}", flush=True)
+                counts = f"{kind:6s} {path:14s} {per_call / 1000:8.0f}k instructions a call"
+                print(f"{counts}  {'; '.join(versus)}", flush=True)
     return {
         "command": "python -m bench.instructions",
         "started_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -128,17 +135,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=400, help="calls counted per server and kind (default 400)")
     parser.add_argument("--kinds", default=",".join(KINDS), help="of unary,stream (default both)")
-    parser.add_argument("--paths", default=",".join(PATHS), help="of floor,gateway,everything (default all three)")
+    parser.add_argument(
+        "--paths", default=",".join(DEFAULT_PATHS), help=f"of {','.join(PATHS)} (default {','.join(DEFAULT_PATHS)})"
+    )
     args = parser.parse_args()
-    kinds, paths = args.kinds.split(","), args.paths.split(",")
-    if not set(kinds) <= set(KINDS) or not set(paths) <= set(PATHS):
+    kinds, chosen = args.kinds.split(","), args.paths.split(",")
+    if not set(kinds) <= set(KINDS) or not set(chosen) <= set(PATHS):
         parser.error(f"--kinds takes {','.join(KINDS)}; --paths takes {','.join(PATHS)}")
+    paths = [path for path in PATHS if path in chosen]  # the floor and the plain gateway first: the rest's measures
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("bench.instructions: valgrind is not installed (apt-get install valgrind)")
     results = asyncio.run(run(args.calls, kinds, paths))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "instructions.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written: {RESULTS / 'instructions.json'}")
+    # The committed figures are the default servers'; another choice of paths goes to a file of its own.
+    name = "instructions" if paths == list(DEFAULT_PATHS) else "-".join(("instructions", *paths))
+    written = RESULTS / f"{name}.json"
+    written.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written: {written}")
 
 
 if __name__ == "__main__":
