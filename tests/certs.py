@@ -53,8 +53,10 @@ class Authority:
         )
         self.cert = ca.sign(self._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
-    def server(self) -> Issued:
-        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    def server(self, *more_names: str) -> Issued:
+        """For localhost, 127.0.0.1 and `more_names` (host names)."""
+        names: list[x509.GeneralName] = [x509.DNSName(name) for name in ("localhost", *more_names)]
+        names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
         return self._issue("llmrelay test server", ExtendedKeyUsageOID.SERVER_AUTH, names)
 
     def client(self, name: str = "llmrelay test client") -> Issued:

@@ -12,6 +12,7 @@ from pathlib import Path
 from llmrelay_server import logs
 from llmrelay_server.app import run, serve
 from llmrelay_server.auth import new_key
+from llmrelay_server.backends.proxies import Proxies, ProxyConfigError
 from llmrelay_server.config import ConfigError, check_key_name, load_config
 from llmrelay_server.workers import ListenError, Supervisor, WorkerRole
 
@@ -50,7 +51,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.workers is not None:
             env["LLMRELAY_WORKERS"] = str(args.workers)
         config = load_config(env, path=args.config)
-    except ConfigError as exc:
+        # Read again by each backend as it starts: a proxy its calls could not go through stops the gateway here,
+        # once, before any worker starts.
+        Proxies.from_environment()
+    except (ConfigError, ProxyConfigError) as exc:
         sys.exit(f"llmrelay-server: configuration error: {exc}")
     try:
         if args.worker is not None:

@@ -4,10 +4,12 @@ it accepts), and small servers here that write raw bytes for the protocol's faul
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gzip
 import json
 import os
+import re
 import ssl
 import time
 import zlib
@@ -17,8 +19,11 @@ from pathlib import Path
 import httpx2
 import pytest
 from certs import Authority
+from harness import free_port
 from llmrelay_server.backends.http1 import HIGH_WATER, MAX_HEAD, Http1Pool, Http1Response, Http1Target
+from llmrelay_server.backends.proxies import Proxies, Proxy
 from llmrelay_server.backends.wire import MalformedAnswerError
+from proxy import ForwardProxy
 from upstream import FakeUpstream
 
 LIMITS = httpx2.Limits(max_connections=16, max_keepalive_connections=8, keepalive_expiry=60.0)
@@ -763,3 +768,111 @@ def test_under_uvloop() -> None:
             await pool.aclose()
 
     uvloop.run(scenario())
+
+
+# --- through a forward proxy ---------------------------------------------------------------------------------------
+
+UPSTREAM_NAME = "upstream.test"
+"""A name that is not loopback (loopback is never proxied), which the test proxy reaches at 127.0.0.1."""
+
+
+def through(proxy: ForwardProxy, scheme: str, *, credentials: str | None = None) -> Proxies:
+    authorization = f"Basic {base64.b64encode(credentials.encode()).decode()}" if credentials else None
+    return Proxies({scheme: Proxy("127.0.0.1", proxy.port, f"{scheme.upper()}_PROXY", authorization)})
+
+
+async def test_an_http_upstream_through_the_proxy_named_by_its_url(fake: CountingUpstream) -> None:
+    async with ForwardProxy(credentials="me:s3cret") as proxy:
+        pool = Http1Pool(LIMITS, proxies=through(proxy, "http", credentials="me:s3cret"))
+        try:
+            url = f"http://{UPSTREAM_NAME}:{fake.port}/v1/chat/completions?x=1"
+            target = pool.target(url, {"Content-Type": "application/json", "Proxy-Authorization": "Basic forged"})
+            body = json.loads(await (await pool.post(target, CHAT, 5)).read())
+            assert body["choices"][0]["message"]["content"] == "echo: hello there"
+            assert proxy.asked == [f"POST {url}"]  # absolute-form: the proxy's to send on
+            assert proxy.authorizations == [f"Basic {base64.b64encode(b'me:s3cret').decode()}"]  # ours, not forged
+            assert fake.chat_headers[0]["host"] == f"{UPSTREAM_NAME}:{fake.port}"
+            assert "proxy-authorization" not in fake.chat_headers[0]  # the proxy's, not the upstream's
+            local = pool.target(fake.base_url + "/chat/completions")  # loopback: straight there
+            await (await pool.post(local, CHAT, 5)).read()
+            assert len(proxy.asked) == 1 and len(fake.chat_requests) == 2
+        finally:
+            await pool.aclose()
+
+
+async def test_an_https_upstream_through_a_tunnel(tmp_path: Path) -> None:
+    authority = Authority("proxied upstream CA")
+    authority.server(UPSTREAM_NAME).write(tmp_path / "server.pem", tmp_path / "server.key")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    trusting = ssl.create_default_context(cadata=authority.cert.decode())
+    async with (
+        RawServer(answering(ok(b'{"secure": true}')), server_context) as server,
+        ForwardProxy(credentials="me:s3cret") as proxy,
+    ):
+        pool = Http1Pool(LIMITS, trusting, proxies=through(proxy, "https", credentials="me:s3cret"))
+        try:
+            target = pool.target(server.url("https", UPSTREAM_NAME))
+            for _ in range(3):
+                assert await (await pool.post(target, b"{}", 5)).read() == b'{"secure": true}'
+            # One tunnel, kept alive and reused: the proxy saw the upstream's name and port, and nothing of the rest.
+            assert proxy.asked == [f"CONNECT {UPSTREAM_NAME}:{server.port}"]
+            assert (server.accepted, proxy.forwarded_heads) == (1, [])
+            assert_drained(pool, idle=1)
+            wrong_name = pool.target(server.url("https", "elsewhere.test"))  # the certificate is not for it
+            with pytest.raises(httpx2.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await pool.post(wrong_name, b"{}", 5)
+            assert_drained(pool, idle=1)
+        finally:
+            await pool.aclose()
+
+
+async def test_a_proxy_that_wants_credentials_says_so_and_the_password_is_never_shown(fake: CountingUpstream) -> None:
+    async with ForwardProxy(credentials="me:right") as proxy:
+        for credentials in (None, "me:wrong-password"):
+            pool = Http1Pool(LIMITS, proxies=through(proxy, "https", credentials=credentials))
+            try:
+                with pytest.raises(httpx2.ProxyError) as refused:
+                    await pool.post(pool.target(f"https://{UPSTREAM_NAME}:{fake.port}/v1/models"), b"", 5)
+                said = str(refused.value)
+                assert f"the proxy http://127.0.0.1:{proxy.port} (HTTPS_PROXY) refused a tunnel" in said
+                assert "407" in said and "http://user:password@host:port" in said
+                assert "wrong-password" not in said and "Basic" not in said
+                assert_drained(pool)
+            finally:
+                await pool.aclose()
+
+
+async def test_a_proxy_out_of_reach_or_refusing_is_a_proxy_error(pool: Http1Pool) -> None:
+    nobody = free_port()
+    async with ForwardProxy() as proxy:
+        for proxies, said in (
+            (
+                Proxies({"https": Proxy("127.0.0.1", nobody, "HTTPS_PROXY")}),
+                f"cannot connect to the proxy http://127.0.0.1:{nobody}",
+            ),
+            (through(proxy, "https"), "refused a tunnel to upstream.test:1: 502 Bad Gateway"),
+        ):
+            proxied = Http1Pool(LIMITS, proxies=proxies)
+            try:
+                with pytest.raises(httpx2.ProxyError, match=re.escape(said)):
+                    await proxied.post(proxied.target(f"https://{UPSTREAM_NAME}:1/v1/models"), b"", 5)
+                assert_drained(proxied)
+            finally:
+                await proxied.aclose()
+
+
+async def test_a_proxy_that_answers_connect_with_no_http_is_a_proxy_error() -> None:
+    async def nonsense(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+        await writer.drain()
+
+    async with RawServer(nonsense) as server:
+        proxied = Http1Pool(LIMITS, proxies=Proxies({"https": Proxy("127.0.0.1", server.port, "HTTPS_PROXY")}))
+        try:
+            with pytest.raises(httpx2.ProxyError, match="answer to CONNECT is not HTTP"):
+                await proxied.post(proxied.target(f"https://{UPSTREAM_NAME}/v1/models"), b"", 5)
+            assert_drained(proxied)
+        finally:
+            await proxied.aclose()

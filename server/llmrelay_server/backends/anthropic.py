@@ -39,6 +39,7 @@ from llmrelay_server.backends.upstream_http import (
     redact,
     relayed,
     retry_after_s,
+    unreachable,
 )
 from llmrelay_server.domain import (
     BackendHealth,
@@ -244,7 +245,7 @@ class AnthropicProvider:
         if isinstance(exc, anthropic.APITimeoutError):
             return UpstreamError(UpstreamErrorKind.TIMEOUT, name, "the upstream did not answer in time")
         if isinstance(exc, anthropic.APIConnectionError):
-            return UpstreamError(UpstreamErrorKind.UNREACHABLE, name, f"cannot reach {self._spec.base_url}")
+            return UpstreamError(UpstreamErrorKind.UNREACHABLE, name, unreachable(self._spec.base_url, exc))
         if isinstance(exc, anthropic.APIStatusError):
             status = exc.status_code
             detail = exc.api_message or exc.message

@@ -7,8 +7,11 @@ uvicorn uses) sending the same POST costs about 20k. Everything that does not ch
 (request line, Host, the SDK's and the backend's headers) is encoded once (`Http1Target`); a request is one
 transport.write, the answer is parsed in C, and the body is handed over as the bytes that arrived.
 
+Through a forward proxy (`proxies`: HTTP_PROXY, HTTPS_PROXY, NO_PROXY) when the environment names one: an https
+upstream in a tunnel the proxy opens (CONNECT), an http one by the proxy's own request (absolute-form).
+
 What it does not do, because the gateway's upstream calls need none of it: no redirects (an upstream that answers
-3xx gets that answer back, as `allow_redirects=False` does today), no proxies, no cookies (aiohttp's session keeps
+3xx gets that answer back, as `allow_redirects=False` does today), no cookies (aiohttp's session keeps
 a cookie jar; nothing here stores or sends one), no HTTP/2, no Expect: 100-continue, no request streaming, no
 decoding but gzip and deflate (it never sends Accept-Encoding, and decodes those two if an upstream uses them anyway).
 
@@ -16,6 +19,7 @@ Failures come out as httpx2's exceptions, as the SDKs' aiohttp transport reports
 upstream_http's mapping to the SDK's errors applies unchanged:
 
     nothing listening, unreachable, TLS refused   httpx2.ConnectError
+    the proxy unreachable, or refusing a tunnel   httpx2.ProxyError
     connecting took longer than the connect timeout  httpx2.ConnectTimeout
     no connection free within the connect timeout  httpx2.PoolTimeout
     no byte of the answer within the read timeout  httpx2.ReadTimeout
@@ -43,6 +47,7 @@ from typing import Final, cast
 import httptools
 import httpx2
 
+from llmrelay_server.backends.proxies import NO_PROXIES, Proxies, Proxy
 from llmrelay_server.backends.wire import MalformedAnswerError
 
 CONNECT_TIMEOUT_S: Final = 5.0
@@ -55,7 +60,17 @@ MAX_HEAD: Final = 64 * 1024
 malformed, rather than held in memory for as long as a broken upstream goes on sending headers."""
 _SLACK_S: Final = 0.005
 """Timers fire up to this early (uvloop's clock moves in milliseconds); a deadline this close counts as reached."""
-_OURS: Final = frozenset({"host", "content-length", "transfer-encoding", "connection", "accept-encoding", "keep-alive"})
+_OURS: Final = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "accept-encoding",
+        "keep-alive",
+        "proxy-authorization",
+    }
+)
 """Headers the client writes itself, or leaves out: a target's headers that name them are dropped."""
 
 Origin = tuple[str, str, int]
@@ -65,18 +80,22 @@ RawHeaders = list[tuple[bytes, bytes]]
 
 class Http1Target:
     """One URL that requests go to, with everything that does not change between them encoded once: the request
-    line, Host and `headers` (Host, Content-Length, Transfer-Encoding, Connection, Keep-Alive and Accept-Encoding
-    among them are dropped: the client writes its own or none)."""
+    line, Host and `headers` (Host, Content-Length, Transfer-Encoding, Connection, Keep-Alive, Accept-Encoding and
+    Proxy-Authorization among them are dropped: the client writes its own or none); through `proxy` when given
+    (`Http1Pool.target` finds it)."""
 
-    __slots__ = ("_names", "_pairs", "head", "host", "origin", "ssl", "url")
+    __slots__ = ("_names", "_pairs", "head", "host", "origin", "proxy", "ssl", "url")
 
-    def __init__(self, url: str, headers: Mapping[str, str] | None = None, *, method: str = "POST") -> None:
+    def __init__(
+        self, url: str, headers: Mapping[str, str] | None = None, *, method: str = "POST", proxy: Proxy | None = None
+    ) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http or https URL: {url!r}")
         self.url = url
         self.ssl = parts.scheme == "https"
         self.host = parts.hostname
+        self.proxy = proxy
         port = parts.port or (443 if self.ssl else 80)
         self.origin: Origin = (parts.scheme, self.host, port)
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -84,6 +103,11 @@ class Http1Target:
             host = f"{host}:{port}"
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._pairs = [(name, value) for name, value in (headers or {}).items() if name.lower() not in _OURS]
+        if proxy is not None and not self.ssl:
+            # To a proxy, an http request names its whole URL (absolute-form), and carries the proxy's credentials.
+            target = f"http://{host}{target}"
+            if proxy.authorization is not None:
+                self._pairs.append(("Proxy-Authorization", proxy.authorization))
         self._names = frozenset(name.lower() for name, _ in self._pairs)
         self.head = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode() + _header_lines(self._pairs)
         """The request line, Host and the fixed headers, each line ended: the head less Content-Length."""
@@ -127,12 +151,16 @@ class Http1Pool:
         "_max_idle",
         "_max_open",
         "_open",
+        "_proxies",
         "_ssl",
         "_sweep",
         "_waiters",
     )
 
-    def __init__(self, limits: httpx2.Limits, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, limits: httpx2.Limits, ssl_context: ssl.SSLContext | None = None, proxies: Proxies = NO_PROXIES
+    ) -> None:
+        self._proxies = proxies
         self._max_open = limits.max_connections
         self._max_idle = limits.max_keepalive_connections
         self._expiry = limits.keepalive_expiry
@@ -147,6 +175,10 @@ class Http1Pool:
         self._waiters: deque[_Waiter] = deque()
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
+
+    def target(self, url: str, headers: Mapping[str, str] | None = None, *, method: str = "POST") -> Http1Target:
+        """`url` as a target of this pool's requests: through the proxy the pool's `proxies` name for it, if any."""
+        return Http1Target(url, headers, method=method, proxy=self._proxies.for_url(url))
 
     @property
     def connections(self) -> int:
@@ -255,16 +287,20 @@ class Http1Pool:
             self._ssl = httpx2.create_ssl_context()  # the certificates the SDKs trust (SSL_CERT_FILE too)
         try:
             async with asyncio.timeout(connect_s):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(self, loop, target.origin),
-                    target.host,
-                    target.origin[2],
-                    ssl=self._ssl if target.ssl else None,
-                    server_hostname=target.host if target.ssl else None,
-                )
+                if target.proxy is None:
+                    _, conn = await loop.create_connection(
+                        lambda: _Connection(self, loop, target.origin),
+                        target.host,
+                        target.origin[2],
+                        ssl=self._ssl if target.ssl else None,
+                        server_hostname=target.host if target.ssl else None,
+                    )
+                else:
+                    conn = await self._through(target.proxy, target, loop)
         except TimeoutError as exc:
             self._free_slot()
-            raise httpx2.ConnectTimeout(f"no connection to {_where(target)} in {connect_s:g} s") from exc
+            via = f" through the proxy {target.proxy}" if target.proxy is not None else ""
+            raise httpx2.ConnectTimeout(f"no connection to {_where(target)}{via} in {connect_s:g} s") from exc
         except OSError as exc:  # refused, unreachable, a name not found, a certificate refused (ssl.SSLError)
             self._free_slot()
             raise httpx2.ConnectError(f"cannot connect to {_where(target)}: {exc}") from exc
@@ -278,6 +314,41 @@ class Http1Pool:
             self._release(conn, reuse=False)
             raise httpx2.ConnectError("the connection pool is closed")
         return conn
+
+    async def _through(self, proxy: Proxy, target: Http1Target, loop: asyncio.AbstractEventLoop) -> _Connection:
+        """A connection to `target` through `proxy`: to the proxy itself for an http upstream (the requests name
+        their URLs); for an https one, a tunnel the proxy opens to it (CONNECT), then TLS with the upstream inside."""
+        try:
+            if not target.ssl:
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self, loop, target.origin), proxy.host, proxy.port
+                )
+                return conn
+            transport, tunnel = await loop.create_connection(lambda: _Tunnel(loop), proxy.host, proxy.port)
+        except OSError as exc:
+            raise httpx2.ProxyError(f"cannot connect to the proxy {proxy} for {_where(target)}: {exc}") from exc
+        try:
+            host, port = target.origin[1], target.origin[2]
+            authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            credentials = f"Proxy-Authorization: {proxy.authorization}\r\n" if proxy.authorization else ""
+            transport.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{credentials}\r\n".encode())
+            status, reason = await tunnel.answer
+            if not 200 <= status < 300:
+                wanted = " (it asks for credentials: give them in its URL, http://user:password@host:port)"
+                raise httpx2.ProxyError(
+                    f"the proxy {proxy} refused a tunnel to {authority}: {status} {reason}"
+                    + (wanted if status == 407 else "")
+                )
+            conn = _Connection(self, loop, target.origin)
+            assert self._ssl is not None  # _connect made it for an https target
+            tls = await loop.start_tls(transport, conn, self._ssl, server_hostname=host)
+            if tls is None:  # the transport closed as TLS began
+                raise httpx2.ProxyError(f"the tunnel through the proxy {proxy} closed before TLS began")
+            conn.connection_made(tls)
+            return conn
+        except BaseException:
+            transport.close()
+            raise
 
     async def _wait_turn(self, origin: Origin, connect_s: float, loop: asyncio.AbstractEventLoop) -> _Connection | None:
         """Waits in line for a connection of `origin` that another request leaves (returned) or a slot to open one
@@ -414,6 +485,39 @@ def _expire(future: asyncio.Future[_Connection | None], seconds: float, limit: i
 def _where(target: Http1Target) -> str:
     scheme, host, port = target.origin
     return f"{scheme}://{host}:{port}"
+
+
+class _Tunnel(asyncio.Protocol):
+    """A connection to a proxy until it answers CONNECT: `answer` has its status and reason once its head is in."""
+
+    __slots__ = ("_head", "answer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.answer: asyncio.Future[tuple[int, str]] = loop.create_future()
+        self._head = b""
+
+    def data_received(self, data: bytes) -> None:
+        if self.answer.done():
+            return
+        self._head += data
+        head, ended, rest = self._head.partition(b"\r\n\r\n")
+        if not ended:
+            if len(self._head) > MAX_HEAD:
+                self.answer.set_exception(httpx2.ProxyError(f"the proxy's answer to CONNECT is over {MAX_HEAD} bytes"))
+            return
+        status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        version, _, answer = status_line.partition(" ")
+        status, _, reason = answer.partition(" ")
+        if not version.startswith("HTTP/1.") or not status.isdigit() or len(status) != 3:
+            self.answer.set_exception(httpx2.ProxyError(f"the proxy's answer to CONNECT is not HTTP: {status_line!r}"))
+        elif rest and 200 <= int(status) < 300:  # the upstream speaks only after the TLS client's hello
+            self.answer.set_exception(httpx2.ProxyError("the proxy sent bytes of its own into the tunnel"))
+        else:
+            self.answer.set_result((int(status), reason))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answer.done():
+            self.answer.set_exception(httpx2.ProxyError("the proxy closed the connection before answering CONNECT"))
 
 
 class _Connection(asyncio.Protocol):
@@ -867,7 +971,7 @@ class Http1Transport(httpx2.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         # Made per request: these requests are few and off the completion path.
-        target = Http1Target(str(request.url), request.headers, method=request.method)
+        target = self._pool.target(str(request.url), request.headers, method=request.method)
         timeouts = request.extensions.get("timeout", {})
         response = await self._pool.post(target, await request.aread(), timeouts.get("read"))
         return httpx2.Response(

@@ -33,6 +33,7 @@ from llmrelay_server.backends.upstream_http import (
     redact,
     relayed,
     retry_after_s,
+    unreachable,
 )
 from llmrelay_server.domain import (
     BackendHealth,
@@ -275,7 +276,7 @@ class OpenAICompatibleProvider:
         if isinstance(exc, openai.APITimeoutError):
             return UpstreamError(UpstreamErrorKind.TIMEOUT, name, "the upstream did not answer in time")
         if isinstance(exc, openai.APIConnectionError):
-            return UpstreamError(UpstreamErrorKind.UNREACHABLE, name, f"cannot reach {self._spec.base_url}")
+            return UpstreamError(UpstreamErrorKind.UNREACHABLE, name, unreachable(self._spec.base_url, exc))
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
             message = f"HTTP {status}: {self._redact(exc.message)}"

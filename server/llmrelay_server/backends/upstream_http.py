@@ -26,7 +26,8 @@ from typing import Any, NamedTuple, NoReturn
 import httpx2
 
 from llmrelay_server import metering
-from llmrelay_server.backends.http1 import Http1Pool, Http1Response, Http1Target, Http1Transport
+from llmrelay_server.backends.http1 import Http1Pool, Http1Response, Http1Transport
+from llmrelay_server.backends.proxies import Proxies
 from llmrelay_server.backends.wire import MalformedAnswerError
 from llmrelay_server.domain import BackendHealth, BackendSpec, CompletionChunk, UpstreamError, UpstreamErrorKind
 
@@ -57,11 +58,13 @@ class SDKErrors(NamedTuple):
 class Pool:
     """One backend's connections (`http1.Http1Pool`), shared by `post_read`, `post_stream` and the SDK's HTTP client
     (`http_client`), so that `limits` hold whole: at most max_connections open, max_keepalive_connections of them
-    idle, each idle one for keepalive_expiry. TLS trusts what the SDK's own transport would (SSL_CERT_FILE too)."""
+    idle, each idle one for keepalive_expiry. TLS trusts what the SDK's own transport would (SSL_CERT_FILE too);
+    calls go through the proxies the environment names, as the SDK's own transport's would (`proxies`), read once
+    here."""
 
     def __init__(self, limits: httpx2.Limits = POOL_LIMITS) -> None:
         self.limits = limits
-        self.http1 = Http1Pool(limits)
+        self.http1 = Http1Pool(limits, proxies=Proxies.from_environment())
 
     async def aclose(self) -> None:
         """Closes the pool (the SDK's client closes it too when it is closed; twice is harmless)."""
@@ -75,6 +78,13 @@ def http_client(
     `anthropic.DefaultAsyncHttpxClient`), sending through `pool`, shared, or a pool of its own with these limits."""
     pool = pool if isinstance(pool, Pool) else Pool(pool)
     return sdk_client(limits=pool.limits, transport=Http1Transport(pool.http1))
+
+
+def unreachable(base_url: str, error: BaseException) -> str:
+    """What a connection error (the SDK's) says: the upstream not reached, and why when a proxy was in the way (its
+    host and port alone: never its credentials)."""
+    cause = error.__cause__
+    return f"cannot reach {base_url}" + (f": {cause}" if isinstance(cause, httpx2.ProxyError) else "")
 
 
 def prepared_headers(client_headers: Mapping[str, str], *sdk_headers: Mapping[str, Any]) -> httpx2.Headers:
@@ -94,7 +104,7 @@ class Endpoint:
 
     def __init__(self, pool: Pool, url: str, headers: Mapping[str, str], errors: SDKErrors) -> None:
         self.pool, self.url, self.errors = pool, url, errors
-        self.target = Http1Target(url, headers)
+        self.target = pool.http1.target(url, headers)
 
 
 async def post_read(endpoint: Endpoint, content: bytes, timeout_s: float | None) -> bytes:
