@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,14 @@ class Authority:
         names: list[x509.GeneralName] = [x509.DNSName(name) for name in ("localhost", *more_names)]
         names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
         return self._issue("llmrelay test server", ExtendedKeyUsageOID.SERVER_AUTH, names)
+
+    def server_context(self, folder: Path, *more_names: str) -> ssl.SSLContext:
+        """A server's TLS context, with a certificate of this authority's for localhost, 127.0.0.1 and `more_names`
+        (its files written in `folder`)."""
+        self.server(*more_names).write(folder / "server.pem", folder / "server.key")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(folder / "server.pem", folder / "server.key")
+        return context
 
     def client(self, name: str = "llmrelay test client") -> Issued:
         return self._issue(name, ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName("client.test")])

@@ -10,6 +10,8 @@ import base64
 import contextlib
 import urllib.parse
 
+from raw_server import RawServer
+
 
 class ForwardProxy:
     def __init__(self, credentials: str | None = None) -> None:
@@ -20,41 +22,21 @@ class ForwardProxy:
         """Each request's Proxy-Authorization header, or None."""
         self.forwarded_heads: list[bytes] = []
         """The heads of the requests it sent on (absolute-form ones, made origin-form)."""
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._server = RawServer(self._relay)
 
     async def __aenter__(self) -> ForwardProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        await self._server.__aenter__()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
+        await self._server.__aexit__(*exc_info)
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
+        return self._server.port
 
     def url(self, credentials: str = "") -> str:
         return f"http://{credentials}{'@' if credentials else ''}127.0.0.1:{self.port}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            await self._relay(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            pass
-        finally:
-            self._tasks.discard(task)
-            writer.close()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")

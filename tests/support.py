@@ -116,6 +116,18 @@ async def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> No
             await asyncio.sleep(0.01)
 
 
+async def served_by_openai(stub: pb.LLMServiceAsyncStub, upstream: FakeUpstream) -> None:
+    """Completions, streams and the Health probe all answered by the `openai` backend, `upstream`, its only one."""
+    for _ in range(3):
+        assert (await stub.Complete(chat(), timeout=5)).backend == "openai"
+        chunks = await read_all(stub.StreamComplete(stream_chat("one two"), timeout=5))
+        assert "".join(c.delta.content for c in chunks) == "echo: one two"
+    report = await stub.Health(pb.HealthRequest(probe=True), timeout=5)
+    [openai] = [b for b in report.backends if b.name == "openai"]
+    assert (openai.reachable, list(openai.models)) == (True, [upstream.models[0]])
+    assert len(upstream.chat_requests) == 6
+
+
 async def read_all(stream: Any) -> list[pb.StreamCompleteResponse]:
     """Reads a stream to its end with read() (a call cannot mix read() and async iteration)."""
     chunks = []

@@ -5,7 +5,6 @@ upstream's name and port, and nothing of the calls; its credentials are never sh
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,9 +12,8 @@ import grpc
 import pytest
 from certs import Authority
 from harness import BIN, clean_env
-from llmrelay import v1 as pb
 from proxy import ForwardProxy
-from support import OPENAI_TEST_KEY, StubFactory, chat, read_all, stream_chat
+from support import OPENAI_TEST_KEY, StubFactory, chat, served_by_openai
 from upstream import FakeUpstream
 
 NAME = "api.upstream.test"
@@ -36,9 +34,7 @@ router:
 async def hosted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeUpstream]:
     """An upstream over HTTPS under NAME, its certificate from a private CA that SSL_CERT_FILE names."""
     authority = Authority("proxied upstream CA")
-    authority.server(NAME).write(tmp_path / "upstream.pem", tmp_path / "upstream.key")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(tmp_path / "upstream.pem", tmp_path / "upstream.key")
+    context = authority.server_context(tmp_path, NAME)
     (tmp_path / "ca.pem").write_bytes(authority.cert)
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
     upstream = await FakeUpstream(models=("gpt-test",), tls=context).start()
@@ -51,15 +47,7 @@ async def test_a_hosted_api_through_the_proxy_in_https_proxy(
 ) -> None:
     async with ForwardProxy(credentials=f"gateway:{PASSWORD}") as proxy:
         monkeypatch.setenv("HTTPS_PROXY", proxy.url(f"gateway:{PASSWORD}"))
-        stub = await stub_for(hosted_by_name(hosted, "https"))
-        for _ in range(3):
-            assert (await stub.Complete(chat(), timeout=5)).backend == "openai"
-            chunks = await read_all(stub.StreamComplete(stream_chat("one two"), timeout=5))
-            assert "".join(c.delta.content for c in chunks) == "echo: one two"
-        report = await stub.Health(pb.HealthRequest(probe=True), timeout=5)
-        [openai] = [b for b in report.backends if b.name == "openai"]
-        assert (openai.reachable, list(openai.models)) == (True, ["gpt-test"])  # the probe went through it too
-        assert len(hosted.chat_requests) == 6
+        await served_by_openai(await stub_for(hosted_by_name(hosted, "https")), hosted)  # the Health probe too
         assert set(proxy.asked) == {f"CONNECT {NAME}:{hosted.port}"}  # tunnels only: the calls are TLS inside
         assert len(proxy.asked) < 6  # kept alive and reused
     assert PASSWORD not in caplog.text

@@ -4,15 +4,13 @@ upstream does with its connections must cost the callers nothing it need not."""
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
 from certs import Authority
-from llmrelay import v1 as pb
-from support import OPENAI_TEST_KEY, StubFactory, chat, read_all, stream_chat
+from support import OPENAI_TEST_KEY, StubFactory, chat, read_all, served_by_openai, stream_chat
 from upstream import FakeUpstream
 
 ROUNDS, CONCURRENT = 10, 20
@@ -61,9 +59,7 @@ async def test_an_upstream_that_closes_each_connection_after_answering_fails_no_
 async def hosted(tmp_path: Path) -> AsyncIterator[tuple[FakeUpstream, Path]]:
     """An upstream served over HTTPS, as a hosted API is, with a certificate from a private CA; and that CA's file."""
     authority = Authority("upstream test CA")
-    authority.server().write(tmp_path / "upstream.pem", tmp_path / "upstream.key")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(tmp_path / "upstream.pem", tmp_path / "upstream.key")
+    context = authority.server_context(tmp_path)
     (tmp_path / "ca.pem").write_bytes(authority.cert)
     upstream = await FakeUpstream(models=("gpt-test",), host="localhost", tls=context).start()
     yield upstream, tmp_path / "ca.pem"
@@ -77,15 +73,7 @@ async def test_an_https_upstream_is_trusted_as_ssl_cert_file_says(
     system's roots, or SSL_CERT_FILE."""
     upstream, ca_file = hosted
     monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
-    stub = await stub_for(only(upstream))
-    for _ in range(3):
-        assert (await stub.Complete(chat(), timeout=5)).backend == "openai"
-        chunks = await read_all(stub.StreamComplete(stream_chat("one two"), timeout=5))
-        assert "".join(c.delta.content for c in chunks) == "echo: one two"
-    report = await stub.Health(pb.HealthRequest(probe=True), timeout=5)
-    [openai] = [b for b in report.backends if b.name == "openai"]
-    assert (openai.reachable, list(openai.models)) == (True, ["gpt-test"])
-    assert len(upstream.chat_requests) == 6
+    await served_by_openai(await stub_for(only(upstream)), upstream)
 
 
 async def test_an_https_upstream_whose_certificate_is_not_trusted_is_unreachable(

@@ -13,7 +13,7 @@ import re
 import ssl
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx2
@@ -24,10 +24,10 @@ from llmrelay_server.backends.http1 import HIGH_WATER, MAX_HEAD, Http1Pool, Http
 from llmrelay_server.backends.proxies import Proxies, Proxy
 from llmrelay_server.backends.wire import MalformedAnswerError
 from proxy import ForwardProxy
+from raw_server import Handler, RawServer
 from upstream import FakeUpstream
 
 LIMITS = httpx2.Limits(max_connections=16, max_keepalive_connections=8, keepalive_expiry=60.0)
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 class CountingUpstream(FakeUpstream):
@@ -49,55 +49,6 @@ class CountingUpstream(FakeUpstream):
             await super()._on_connection(reader, writer)
         finally:
             self.open_now -= 1
-
-
-class RawServer:
-    """A loopback server whose `handler` answers each connection with whatever bytes it likes."""
-
-    def __init__(self, handler: Handler, ssl_context: ssl.SSLContext | None = None) -> None:
-        self.handler, self.ssl_context = handler, ssl_context
-        self.accepted = 0
-        self.closed = 0
-        self.ended = asyncio.Event()
-        """Set each time a connection's handler ends."""
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> RawServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl_context)
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
-
-    def url(self, scheme: str = "http", host: str = "127.0.0.1") -> str:
-        return f"{scheme}://{host}:{self.port}/v1/chat/completions"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self.accepted += 1
-        try:
-            await self.handler(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError, ssl.SSLError):
-            pass
-        finally:
-            self._tasks.discard(task)
-            self.closed += 1
-            self.ended.set()
-            writer.close()
 
 
 async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | None:
@@ -709,10 +660,9 @@ async def test_a_slow_reader_stops_the_socket_reads(pool: Http1Pool) -> None:
 def trusted_tls(tmp_path: Path) -> tuple[ssl.SSLContext, Http1Pool]:
     """A server's TLS context, its certificate from a new authority, and a pool that trusts that authority."""
     authority = Authority("http1 test CA")
-    authority.server().write(tmp_path / "server.pem", tmp_path / "server.key")
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
-    return server_context, Http1Pool(LIMITS, ssl.create_default_context(cadata=authority.cert.decode()))
+    return authority.server_context(tmp_path), Http1Pool(
+        LIMITS, ssl.create_default_context(cadata=authority.cert.decode())
+    )
 
 
 async def test_tls(pool: Http1Pool, tmp_path: Path) -> None:
@@ -802,9 +752,7 @@ async def test_an_http_upstream_through_the_proxy_named_by_its_url(fake: Countin
 
 async def test_an_https_upstream_through_a_tunnel(tmp_path: Path) -> None:
     authority = Authority("proxied upstream CA")
-    authority.server(UPSTREAM_NAME).write(tmp_path / "server.pem", tmp_path / "server.key")
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    server_context = authority.server_context(tmp_path, UPSTREAM_NAME)
     trusting = ssl.create_default_context(cadata=authority.cert.decode())
     async with (
         RawServer(answering(ok(b'{"secure": true}')), server_context) as server,
