@@ -45,7 +45,7 @@ class Proxies:
     """Which proxy, if any, a call to each upstream goes through."""
 
     by_scheme: dict[str, Proxy]
-    """"http", "https": the proxy for upstreams of that scheme."""
+    """By scheme ("http", "https"): the proxy that upstreams of that scheme are reached through."""
     no_proxy: str = ""
     """NO_PROXY's value: hosts (and their subdomains), host:port, or "*" for all, reached directly."""
 
