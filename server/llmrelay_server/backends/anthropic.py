@@ -245,7 +245,9 @@ class AnthropicProvider:
         if isinstance(exc, anthropic.APITimeoutError):
             return UpstreamError(UpstreamErrorKind.TIMEOUT, name, "the upstream did not answer in time")
         if isinstance(exc, anthropic.APIConnectionError):
-            return UpstreamError(UpstreamErrorKind.UNREACHABLE, name, unreachable(self._spec.base_url, exc))
+            return UpstreamError(
+                UpstreamErrorKind.UNREACHABLE, name, self._redact(unreachable(self._spec.base_url, exc))
+            )
         if isinstance(exc, anthropic.APIStatusError):
             status = exc.status_code
             detail = exc.api_message or exc.message

@@ -276,7 +276,9 @@ class OpenAICompatibleProvider:
         if isinstance(exc, openai.APITimeoutError):
             return UpstreamError(UpstreamErrorKind.TIMEOUT, name, "the upstream did not answer in time")
         if isinstance(exc, openai.APIConnectionError):
-            return UpstreamError(UpstreamErrorKind.UNREACHABLE, name, unreachable(self._spec.base_url, exc))
+            return UpstreamError(
+                UpstreamErrorKind.UNREACHABLE, name, self._redact(unreachable(self._spec.base_url, exc))
+            )
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
             message = f"HTTP {status}: {self._redact(exc.message)}"

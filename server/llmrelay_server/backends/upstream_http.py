@@ -81,10 +81,13 @@ def http_client(
 
 
 def unreachable(base_url: str, error: BaseException) -> str:
-    """What a connection error (the SDK's) says: the upstream not reached, and why when a proxy was in the way (its
-    host and port alone: never its credentials)."""
+    """What a connection error (the SDK's) says: the upstream not reached, and why, in the HTTP client's words
+    (refused, a name not found, a certificate not trusted, a proxy in the way, a connection closed before answering),
+    which name hosts and ports alone, never a credential."""
     cause = error.__cause__
-    return f"cannot reach {base_url}" + (f": {cause}" if isinstance(cause, httpx2.ProxyError) else "")
+    return f"cannot reach {base_url}" + (
+        f": {cause}" if isinstance(cause, httpx2.TransportError) and str(cause) else ""
+    )
 
 
 def prepared_headers(client_headers: Mapping[str, str], *sdk_headers: Mapping[str, Any]) -> httpx2.Headers:
