@@ -751,6 +751,16 @@ async def test_an_http_upstream_through_the_proxy_named_by_its_url(fake: Countin
 
 
 async def test_an_https_upstream_through_a_tunnel(tmp_path: Path) -> None:
+    await through_a_tunnel(tmp_path)
+
+
+def test_a_tunnel_under_uvloop(tmp_path: Path) -> None:
+    """TLS begins inside the tunnel by the loop's start_tls: uvloop's, in the gateway."""
+    uvloop = pytest.importorskip("uvloop")
+    uvloop.run(through_a_tunnel(tmp_path))
+
+
+async def through_a_tunnel(tmp_path: Path) -> None:
     authority = Authority("proxied upstream CA")
     server_context = authority.server_context(tmp_path, UPSTREAM_NAME)
     trusting = ssl.create_default_context(cadata=authority.cert.decode())
