@@ -820,16 +820,26 @@ async def test_a_proxy_out_of_reach_or_refusing_is_a_proxy_error(pool: Http1Pool
                 await proxied.aclose()
 
 
-async def test_a_proxy_that_answers_connect_with_no_http_is_a_proxy_error() -> None:
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (b"SSH-2.0-OpenSSH\r\n\r\n", "answer to CONNECT is not HTTP"),
+        (b"HTTP/1.1 200 Connection established\r\n\r\nhello", "sent bytes of its own into the tunnel"),
+        (b"HTTP/1.1 200 Connection established\r\nX-Pad: " + b"x" * MAX_HEAD, "answer to CONNECT is over"),
+    ],
+    ids=["not-http", "bytes-in-the-tunnel", "endless-head"],
+)
+async def test_a_proxy_that_answers_connect_with_no_http_is_a_proxy_error(answer: bytes, said: str) -> None:
     async def nonsense(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+        writer.write(answer)
         await writer.drain()
+        await reader.read()  # held open: the client decides
 
     async with RawServer(nonsense) as server:
         proxied = Http1Pool(LIMITS, proxies=Proxies({"https": Proxy("127.0.0.1", server.port, "HTTPS_PROXY")}))
         try:
-            with pytest.raises(httpx2.ProxyError, match="answer to CONNECT is not HTTP"):
+            with pytest.raises(httpx2.ProxyError, match=said):
                 await proxied.post(proxied.target(f"https://{UPSTREAM_NAME}/v1/models"), b"", 5)
             assert_drained(proxied)
         finally:

@@ -488,36 +488,50 @@ def _where(target: Http1Target) -> str:
 
 
 class _Tunnel(asyncio.Protocol):
-    """A connection to a proxy until it answers CONNECT: `answer` has its status and reason once its head is in."""
+    """A connection to a proxy until it answers CONNECT: `answer` has its status and reason once its head is in, read
+    by httptools as every answer here is."""
 
-    __slots__ = ("_head", "answer")
+    __slots__ = ("_body", "_head_bytes", "_parser", "_reason", "_status", "answer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.answer: asyncio.Future[tuple[int, str]] = loop.create_future()
-        self._head = b""
+        self._parser = httptools.HttpResponseParser(self)
+        self._reason = b""
+        self._status = 0
+        self._body = False
+        self._head_bytes = 0
 
     def data_received(self, data: bytes) -> None:
         if self.answer.done():
             return
-        self._head += data
-        head, ended, rest = self._head.partition(b"\r\n\r\n")
-        if not ended:
-            if len(self._head) > MAX_HEAD:
-                self.answer.set_exception(httpx2.ProxyError(f"the proxy's answer to CONNECT is over {MAX_HEAD} bytes"))
-            return
-        status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-        version, _, answer = status_line.partition(" ")
-        status, _, reason = answer.partition(" ")
-        if not version.startswith("HTTP/1.") or not status.isdigit() or len(status) != 3:
-            self.answer.set_exception(httpx2.ProxyError(f"the proxy's answer to CONNECT is not HTTP: {status_line!r}"))
-        elif rest and 200 <= int(status) < 300:  # the upstream speaks only after the TLS client's hello
-            self.answer.set_exception(httpx2.ProxyError("the proxy sent bytes of its own into the tunnel"))
+        self._head_bytes += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._refuse(f"the proxy's answer to CONNECT is not HTTP: {exc}")
+        if not self._status:
+            if self._head_bytes > MAX_HEAD:
+                self._refuse(f"the proxy's answer to CONNECT is over {MAX_HEAD} bytes")
+        elif self._body and 200 <= self._status < 300:  # the upstream speaks only after the TLS client's hello
+            self._refuse("the proxy sent bytes of its own into the tunnel")
         else:
-            self.answer.set_result((int(status), reason))
+            self.answer.set_result((self._status, self._reason.decode("latin-1")))
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_headers_complete(self) -> None:
+        self._status = self._parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        self._body = True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._refuse("the proxy closed the connection before answering CONNECT")
+
+    def _refuse(self, why: str) -> None:
         if not self.answer.done():
-            self.answer.set_exception(httpx2.ProxyError("the proxy closed the connection before answering CONNECT"))
+            self.answer.set_exception(httpx2.ProxyError(why))
 
 
 class _Connection(asyncio.Protocol):
