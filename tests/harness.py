@@ -57,10 +57,11 @@ EMBEDDING_MODEL = "embed-test"
 FALLBACK_BACKEND = "fallback"
 HARNESS_SECTIONS = frozenset({"server", "llm", "router"})
 """The sections of the configuration the command writes, which --config-extra must not repeat."""
-_PROXY_VARIABLES = tuple(
+PROXY_VARIABLES = tuple(
     case(f"{name}_proxy") for case in (str.upper, str.lower) for name in ("http", "https", "all", "no")
 )
-_CONFIG_ENV_PREFIXES = ("OPENAI_", "ANTHROPIC_", "OLLAMA_", "LLMRELAY_", "OTEL_", *_PROXY_VARIABLES)
+"""The variables that name the proxies a gateway's upstream calls go through (backends/proxies.py)."""
+_CONFIG_ENV_PREFIXES = ("OPENAI_", "ANTHROPIC_", "OLLAMA_", "LLMRELAY_", "OTEL_", *PROXY_VARIABLES)
 """What configures a gateway from the environment: its backends, itself, traces, and the proxies its upstream calls
 go through."""
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 import base64
 
 import pytest
+from harness import PROXY_VARIABLES
 from llmrelay_server.backends.proxies import Proxies, Proxy, ProxyConfigError
-
-VARIABLES = [f(f"{name}_proxy") for f in (str.upper, str.lower) for name in ("http", "https", "all", "no")]
 
 
 @pytest.fixture(autouse=True)
 def no_proxy_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    for variable in VARIABLES:
+    for variable in PROXY_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.delenv("REQUEST_METHOD", raising=False)
 
