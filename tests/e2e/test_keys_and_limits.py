@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import v1 as pb
-from llmrelay_server import convert
+from llmrelay_server import convert, tokens
 from llmrelay_server.app import Gateway
 from llmrelay_server.auth import KEYS_FILE_CHECK_S
 from llmrelay_server.domain import Message, Role
@@ -436,3 +436,30 @@ async def test_a_limited_call_is_parsed_once_and_an_oversized_image_still_refuse
             await stub.Complete(request, metadata=bearer(RESEARCH_KEY), timeout=5)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "messages[0].parts[0].image.data" in str(details(refused.value)["BadRequest"])
+
+
+@pytest.mark.parametrize("limits", ["tokens_per_minute: 100000", "budget_usd_per_day: 5"])
+async def test_a_prompt_the_limits_cannot_count_is_refused_for_the_missing_tokenizer(
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    limits: str,
+) -> None:
+    """A limit on tokens or spend counts the prompt before admitting it: with the tokenizer's encoding missing (a
+    broken install), the call gets the status that says so, not UNKNOWN and a traceback."""
+    monkeypatch.setattr(tokens, "_bundled_dir", lambda: None)
+    monkeypatch.setenv("LLMRELAY_TIKTOKEN_DIR", str(tmp_path))
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    caplog.set_level(logging.INFO)
+    gateway = await gateway_factory(two_backends(primary, local), server=f"limits: {{{limits}}}")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await pb.LLMServiceStub(channel).Complete(chat(model="gpt-test"), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info = details(refused.value)["ErrorInfo"]
+    assert info.reason == "TOKENIZER_UNAVAILABLE" and info.metadata["encoding"] == "o200k_base"
+    assert not primary.chat_requests, "refused before any upstream is asked"
+    assert not [record for record in caplog.records if record.exc_info], "one line, no traceback"

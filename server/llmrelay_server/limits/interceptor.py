@@ -19,8 +19,7 @@ from llmrelay_server.config import Limits
 from llmrelay_server.domain import (
     CompletionRequest,
     InvalidRequestError,
-    LimitExceededError,
-    LimitsUnavailableError,
+    LLMRelayError,
     ModelFilter,
 )
 from llmrelay_server.limits.interface import GATEWAY, Ask, Limiter, Reservation
@@ -114,15 +113,19 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         stream: bool,
     ) -> Reservation:
         tokens = answer_tokens = usd_micros = 0
-        if any(limits.tokens_per_minute is not None or limits.budget_usd_per_day is not None for _, limits in subjects):
-            if isinstance(request, pb.EmbedRequest):
-                tokens, usd_micros = await self._estimate_embedding(request)
-            else:
-                tokens, answer_tokens, usd_micros = await self._estimate(request)
-        asks = [Ask(subject, limits, tokens, usd_micros, stream, answer_tokens) for subject, limits in subjects]
         try:
+            if any(
+                limits.tokens_per_minute is not None or limits.budget_usd_per_day is not None for _, limits in subjects
+            ):
+                if isinstance(request, pb.EmbedRequest):
+                    tokens, usd_micros = await self._estimate_embedding(request)
+                else:
+                    tokens, answer_tokens, usd_micros = await self._estimate(request)
+            asks = [Ask(subject, limits, tokens, usd_micros, stream, answer_tokens) for subject, limits in subjects]
             return await self._limiter.reserve(asks)
-        except (LimitExceededError, LimitsUnavailableError) as error:
+        except LLMRelayError as error:
+            # Over a limit, the limits' store out of reach, or a prompt that cannot be counted (its tokenizer's
+            # encoding missing): each has its own status, as the servicer would give it.
             await abort(context, rpc, error)
 
     async def _estimate(self, request: pb.CompleteRequest | pb.StreamCompleteRequest) -> tuple[int, int, int]:
