@@ -71,10 +71,19 @@ DEFAULT_RETRY_DELAY_S: Final = 1.0
 STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
 PUSHBACK_KEY: Final = "grpc-retry-pushback-ms"
 """gRFC A6: a client channel's retry policy waits this many milliseconds before its next attempt."""
+MAX_TRAILER_BYTES: Final = 6 * 1024
+"""What a status takes in the trailers at most, as gRPC counts them: its text as grpc-message (percent-encoded: up to
+three times as long) and again in grpc-status-details-bin (base64: a third more). gRPC clients refuse trailers over
+8 KiB (some of the time; every time over 16 KiB), which the request id and the pushback share: a status that outgrew
+them would reach the caller as a RESOURCE_EXHAUSTED that names nothing. Every backend failing with a long message,
+retried, would get there; what gives way is the attempts' texts in the AttemptHistory, the oldest first."""
+MAX_MESSAGE_BYTES: Final = 1200
+"""A status's text, in UTF-8, at most (cut, saying how much was left out; an invalid request's never is, see
+InvalidRequestError.REPORTED_BYTES)."""
+MAX_ATTEMPT_ERROR_CHARS: Final = 200
+"""Each attempt's error in a status's AttemptHistory, at most (the call log and traces keep it whole)."""
 
-_Detail: TypeAlias = (
-    error_details_pb2.RetryInfo | error_details_pb2.BadRequest | error_details_pb2.QuotaFailure | pb.AttemptHistory
-)
+_Detail: TypeAlias = error_details_pb2.RetryInfo | error_details_pb2.BadRequest | error_details_pb2.QuotaFailure
 # A classification: the code, ErrorInfo's reason and metadata, and the details that follow ErrorInfo.
 _Classified: TypeAlias = tuple[grpc.StatusCode, str, dict[str, str], list[_Detail]]
 
@@ -121,12 +130,21 @@ def rpc_failure(error: LLMRelayError, time_remaining_s: float | None = None) -> 
     says when to come back (a circuit open for 30 s) into a bare DEADLINE_EXCEEDED. So does an UNAVAILABLE without a
     RetryInfo (every backend answered garbage): the SDKs' channels retry UNAVAILABLE, and would meet the same answer."""
     code, reason, metadata, extra = _classify(error)
+    message = _cut(str(error), MAX_MESSAGE_BYTES)
     attempts = _routed_attempts(error)
+    history = None
     if attempts is not None:
         metadata["attempts"] = ",".join(f"{a.backend}:{a.outcome.value}" for a in attempts)
-        extra.append(pb.AttemptHistory(attempts=[attempt_pb(a) for a in attempts]))
+        history = pb.AttemptHistory(attempts=[attempt_pb(a) for a in attempts])
+        for attempt in history.attempts:
+            if len(attempt.error) > MAX_ATTEMPT_ERROR_CHARS:
+                attempt.error = attempt.error[: MAX_ATTEMPT_ERROR_CHARS - 3] + "..."
     info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
-    status = status_pb2.Status(code=code.value[0], message=str(error), details=[_pack(info), *map(_pack, extra)])
+    status = status_pb2.Status(code=code.value[0], message=message, details=[_pack(info), *map(_pack, extra)])
+    if history is not None:
+        room = (MAX_TRAILER_BYTES - _percent_encoded_bytes(message)) * 3 // 4 - status.ByteSize()
+        _fit_history(history, room)
+        status.details.append(_pack(history))
     trailers: tuple[tuple[str, str | bytes], ...] = ((STATUS_DETAILS_KEY, status.SerializeToString()),)
     retry = next((detail for detail in extra if isinstance(detail, error_details_pb2.RetryInfo)), None)
     if retry is not None:
@@ -137,7 +155,31 @@ def rpc_failure(error: LLMRelayError, time_remaining_s: float | None = None) -> 
         trailers += ((PUSHBACK_KEY, str(pushback_ms)),)
     elif code is grpc.StatusCode.UNAVAILABLE:
         trailers += ((PUSHBACK_KEY, "-1"),)
-    return Failure(code, str(error), trailers)
+    return Failure(code, message, trailers)
+
+
+def _cut(text: str, limit_bytes: int) -> str:
+    """`text`, or as much of it as fits `limit_bytes` in UTF-8 and how much was left out."""
+    encoded = text.encode(errors="replace")
+    if len(encoded) <= limit_bytes:
+        return text
+    kept = encoded[: limit_bytes - 40].decode(errors="ignore")  # room for the note; a character cut in two dropped
+    return f"{kept}... ({len(text) - len(kept)} more characters)"
+
+
+def _percent_encoded_bytes(text: str) -> int:
+    """The length of `text` as grpc-message carries it: every byte outside printable ASCII, and %, as %XX."""
+    return sum(1 if 0x20 <= byte <= 0x7E and byte != 0x25 else 3 for byte in text.encode(errors="replace"))
+
+
+def _fit_history(history: pb.AttemptHistory, room_bytes: int) -> None:
+    """Leaves out the attempts' error texts, the oldest first, until the history fits `room_bytes` (packed in an Any:
+    its type URL and a few bytes more); the attempts themselves, with their outcomes and statuses, all stay."""
+    room_bytes -= 100
+    for attempt in history.attempts:
+        if history.ByteSize() <= room_bytes:
+            return
+        attempt.error = ""
 
 
 def _routed_attempts(error: LLMRelayError) -> Sequence[Attempt] | None:

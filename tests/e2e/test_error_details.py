@@ -3,6 +3,7 @@ reached the router (the same attempts as ErrorInfo's "attempts" metadata), and t
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grpc
@@ -10,7 +11,7 @@ import pytest
 from google.rpc import error_details_pb2
 from llmrelay import error_details
 from llmrelay import v1 as pb
-from support import chat, stream_chat
+from support import FAST_ROUTER, GatewayFactory, chat, stream_chat
 from upstream import FakeUpstream
 
 Outcome = pb.AttemptOutcome
@@ -99,3 +100,32 @@ async def test_a_call_refused_before_the_router_has_no_attempt_history(
     assert (error.code(), info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
     assert (history, pushback, "attempts" in info.metadata) == (None, None, False)
     assert primary.chat_requests == []
+
+
+async def test_a_call_failed_everywhere_at_length_still_gets_the_gateways_status(
+    gateway_factory: GatewayFactory, primary: FakeUpstream
+) -> None:
+    """Six backends, two attempts each, every upstream's 503 message long and different (OpenAI's name a request id):
+    the status stays within what a gRPC client accepts, rather than reaching it as RESOURCE_EXHAUSTED "received
+    metadata size exceeds limit"."""
+    backends = "".join(
+        f'\n    - {{name: b{i}, kind: openai_compatible, base_url: "{primary.base_url}", model: gpt-test}}'
+        for i in range(5)
+    )
+    ollama = f'{{base_url: "{primary.base_url}", model: gpt-test}}'
+    gateway = await gateway_factory(f"llm:\n  ollama: {ollama}\n  backends:{backends}\n{FAST_ROUTER}")
+    for attempt in range(12):
+        message = f"The server had an error processing your request (request ID req_{attempt:04d}). " + "x" * 400
+        primary.inject({"status": 503, "body": json.dumps({"error": {"message": message, "type": "server_error"}})})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        error = await failure_of(pb.LLMServiceStub(channel).Complete(chat(model="gpt-test"), timeout=10))
+
+    info, history, pushback = decoded(error)
+    assert (error.code(), info.reason, pushback) == (grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE", "1000")
+    assert error.details().startswith("every backend failed: ")
+    assert error.details().endswith(" more characters)")
+    assert history is not None
+    backends = [backend for backend, _, _ in listed(history)]
+    assert sorted(backends) == sorted(["ollama", *(f"b{i}" for i in range(5))] * 2)
+    assert {(outcome, code) for _, outcome, code in listed(history)} == {(Outcome.ATTEMPT_OUTCOME_SERVER_ERROR, 503)}
+    assert "req_0011" in history.attempts[-1].error, "the newest attempts keep their text"

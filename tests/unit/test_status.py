@@ -366,6 +366,46 @@ def test_long_violations_are_cut_and_the_trailers_stay_below_grpcs_limit(count: 
     assert failure.details.endswith("more") is (count > len(decoded.bad_request.field_violations))
 
 
+@pytest.mark.parametrize("char", ["a", "é", "\U0001f600"], ids=["ascii", "2-byte", "4-byte"])
+def test_a_call_failed_everywhere_at_length_keeps_its_status_below_grpcs_limit(char: str) -> None:
+    # Six backends tried three times each, every upstream's message long and each different (as OpenAI's are: they
+    # name a request id), as the router's text and its attempts: over 20 KiB of trailers, left alone.
+    attempts = [
+        Attempt(f"b{i // 3}", "m", OUT.SERVER_ERROR, 0.1, upstream_status=503, error=f"#{i:02d} " + char * 500)
+        for i in range(18)
+    ]
+    text = "every backend failed: " + "; ".join(f"{a.backend}/m: {a.error}" for a in attempts)
+    error = AllBackendsFailedError(text, attempts)
+    error.__cause__ = upstream(K.SERVER_ERROR, "b5", status=503)
+
+    failure = status.rpc_failure(error)
+
+    decoded = decode(failure)
+    # On the wire: grpc-message percent-encodes every byte outside printable ASCII, and -bin trailers are base64;
+    # gRPC counts 32 bytes more for each entry, and refuses trailers over 8 KiB some of the time.
+    message = sum(1 if 0x20 <= byte <= 0x7E and byte != 0x25 else 3 for byte in failure.details.encode())
+    on_the_wire = len("grpc-message") + 32 + message
+    for key, value in failure.trailing_metadata:
+        on_the_wire += len(key) + 32 + (len(base64.b64encode(value)) if isinstance(value, bytes) else len(value))
+    assert on_the_wire < 8192
+    assert decoded.status.message == failure.details
+    kept, _, note = failure.details.rpartition("... (")
+    assert text.startswith(kept) and kept.startswith(f"every backend failed: b0/m: #00 {char}")
+    assert note == f"{len(text) - len(kept)} more characters)"
+    assert (decoded.info.reason, decoded.retry_delay_s) == ("BACKENDS_UNAVAILABLE", 1.0)
+    assert decoded.attempt_history is not None
+    history = decoded.attempt_history.attempts
+    # Every attempt stays, with its outcome and status; the texts give way, cut short, and the oldest left out.
+    assert [(a.backend, a.outcome, a.upstream_status) for a in history] == [
+        (a.backend, pb.ATTEMPT_OUTCOME_SERVER_ERROR, 503) for a in attempts
+    ]
+    assert history[0].error == ""
+    if char == "a":  # room for the newest texts, as many as fit
+        assert history[-1].error == f"#17 {char * (status.MAX_ATTEMPT_ERROR_CHARS - 7)}..."
+    kept = [bool(a.error) for a in history]
+    assert kept == sorted(kept), "the newest texts are those kept"
+
+
 def test_retry_delays_keep_their_fraction() -> None:
     details = decode(status.rpc_failure(upstream(K.RATE_LIMITED, retry_after_s=1.25))).status
     retry = error_details_pb2.RetryInfo()

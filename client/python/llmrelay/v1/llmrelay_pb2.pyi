@@ -25,7 +25,9 @@ google.rpc.Status (AIP-193, in the `grpc-status-details-bin` trailer; grpcio-sta
   `backend:outcome` pairs joined by commas (outcome: an AttemptOutcome name in lower case, without its prefix),
   kept for clients that read only ErrorInfo.
 
-The status message is the error in words, for people; programs read the code and the details.
+The status message is the error in words, for people; programs read the code and the details. The whole status
+stays within about 6 KiB of trailers (gRPC clients refuse more than 8 KiB): a message over 1,200 bytes is cut,
+saying how many characters were left out, and an AttemptHistory's texts are cut short, the oldest left out first.
 """
 
 from collections import abc as _abc
@@ -1180,7 +1182,9 @@ class Attempt(_message.Message):
     upstream_status: _builtins.int
     """The upstream's HTTP status, when it answered with one."""
     error: _builtins.str
-    """What went wrong, for people; empty on success."""
+    """What went wrong, for people; empty on success. In a status's AttemptHistory, at most 200 characters, and empty
+    for the oldest attempts where many long texts would outgrow the trailers.
+    """
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:
         """How long it took."""

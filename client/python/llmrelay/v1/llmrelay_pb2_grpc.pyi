@@ -25,7 +25,9 @@ google.rpc.Status (AIP-193, in the `grpc-status-details-bin` trailer; grpcio-sta
   `backend:outcome` pairs joined by commas (outcome: an AttemptOutcome name in lower case, without its prefix),
   kept for clients that read only ErrorInfo.
 
-The status message is the error in words, for people; programs read the code and the details.
+The status message is the error in words, for people; programs read the code and the details. The whole status
+stays within about 6 KiB of trailers (gRPC clients refuse more than 8 KiB): a message over 1,200 bytes is cut,
+saying how many characters were left out, and an AttemptHistory's texts are cut short, the oldest left out first.
 """
 
 from collections import abc as _abc

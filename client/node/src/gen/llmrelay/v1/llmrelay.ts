@@ -53,7 +53,9 @@ export const protobufFileName = "llmrelay/v1/llmrelay.proto";
  *   `backend:outcome` pairs joined by commas (outcome: an AttemptOutcome name in lower case, without its prefix),
  *   kept for clients that read only ErrorInfo.
  *
- * The status message is the error in words, for people; programs read the code and the details.
+ * The status message is the error in words, for people; programs read the code and the details. The whole status
+ * stays within about 6 KiB of trailers (gRPC clients refuse more than 8 KiB): a message over 1,200 bytes is cut,
+ * saying how many characters were left out, and an AttemptHistory's texts are cut short, the oldest left out first.
  */
 
 /** The author of a message in a chat. */
@@ -1137,7 +1139,10 @@ export interface Attempt {
   upstreamStatus?:
     | number
     | undefined;
-  /** What went wrong, for people; empty on success. */
+  /**
+   * What went wrong, for people; empty on success. In a status's AttemptHistory, at most 200 characters, and empty
+   * for the oldest attempts where many long texts would outgrow the trailers.
+   */
   error: string;
 }
 
