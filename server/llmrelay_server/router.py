@@ -528,7 +528,14 @@ class Router:
         broken: StreamInterruptedError | None = None
         routes = self._routes(request, caller, may_use)
         for index, route in enumerate(routes):
-            opened = await self._try_route(chain, route, lambda r, t: self._open_stream(r, request, t))
+            try:
+                opened = await self._try_route(chain, route, lambda r, t: self._open_stream(r, request, t))
+            except UpstreamError as exc:
+                if broken is None or exc.kind is not UpstreamErrorKind.REJECTED:
+                    raise
+                # A restart's route refused a request another backend had taken: its own limits, not the caller's
+                # mistake (the caller has text already, and a restart marker). The next route may finish it.
+                continue
             if opened is None:
                 continue
             first, upstream = opened

@@ -72,8 +72,10 @@ async def test_without_restart_a_broken_stream_ends_aborted_as_before(
     [
         ([{"stream_cut_after": 2}], "openai:interrupted,ollama:interrupted"),
         ([{"status": 503}] * 2, "openai:interrupted,ollama:server_error,ollama:server_error"),
+        # A refusal of a request another backend took is the fallback's own: not the caller's INVALID_ARGUMENT.
+        ([{"status": 400}], "openai:interrupted,ollama:rejected"),
     ],
-    ids=["the restart breaks too", "the fallback is down"],
+    ids=["the restart breaks too", "the fallback is down", "the fallback refuses the request"],
 )
 async def test_a_restart_that_fails_too_ends_aborted_with_every_attempt(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream, local_faults: list[Any], attempts: str
