@@ -489,15 +489,16 @@ class Router:
         ]
 
     def deadline(self, timeout_s: float | None) -> float:
-        """The absolute (event-loop clock) deadline for a call with `timeout_s` left, or the configured bound."""
+        """The absolute (event-loop clock) deadline for a call with `timeout_s` left, or, when its caller set no
+        deadline, the configured bound. A caller's own deadline is its to choose, longer than the bound too (a long
+        generation): a backend that stops answering is cut by the first-chunk and idle limits all the same."""
         now = asyncio.get_running_loop().time()
-        bound = self._config.request_timeout_s
         if timeout_s is None:
-            return now + bound
+            return now + self._config.request_timeout_s
         # Finish a little before the caller's own deadline, so that our status (with the attempts) reaches it
         # rather than its client library's bare DEADLINE_EXCEEDED; the busier the loop, the earlier.
         margin = min(DEADLINE_MARGIN_S + 2 * self.lag.lag_s, timeout_s / 10)
-        return now + min(timeout_s - margin, bound)
+        return now + timeout_s - margin
 
     # --- calls ------------------------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import random
@@ -30,6 +31,15 @@ NO_CHOICES = {"body": '{"id": "x", "object": "chat.completion"}'}
 TOO_LONG = {"status": 400, "body": '{"error": {"message": "This model\'s maximum context length is 8192 tokens"}}'}
 BAD_HEADER = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nBad Header\x01: x\r\nContent-Length: 2\r\n\r\n{}"
 BAD_CHUNK = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n"
+CUT_BODY = 'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"id": "x", "choices": ['
+# OpenAI's answer when the account is out of credit: a 429, though no wait cures it.
+QUOTA_MESSAGE = "You exceeded your current quota, please check your plan and billing details."
+OUT_OF_QUOTA = {
+    "status": 429,
+    "body": json.dumps(
+        {"error": {"message": QUOTA_MESSAGE, "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}}
+    ),
+}
 PRIMARY = "primary"
 """A row's served_by for the primary backend, whichever dialect it speaks (named after it: openai, anthropic)."""
 
@@ -132,9 +142,12 @@ ROWS = [
         {"status": 429, "error_code": "enforced_spend_limit_reached"},
         Outcome.ATTEMPT_OUTCOME_AUTH_FAILED,
     ).of("anthropic"),
-    moves_on("402 billing: next backend, no retry", {"status": 402}, Outcome.ATTEMPT_OUTCOME_AUTH_FAILED).of(
-        "anthropic"
-    ),
+    moves_on("402 billing: next backend, no retry", {"status": 402}, Outcome.ATTEMPT_OUTCOME_AUTH_FAILED),
+    moves_on(
+        "429 insufficient_quota, our account out of credit: next backend, no retry",
+        OUT_OF_QUOTA,
+        Outcome.ATTEMPT_OUTCOME_AUTH_FAILED,
+    ).of("openai"),
     Row(
         "400 is the caller's fault: no retry, no fallback",
         [{"status": 400}],
@@ -280,6 +293,8 @@ STREAM_ROWS = [
         outcomes=(Outcome.ATTEMPT_OUTCOME_SUCCEEDED,), only="openai"),
     Row("likewise when the connection breaks before [DONE]", [{"cut_before_done": True}],
         outcomes=(Outcome.ATTEMPT_OUTCOME_SUCCEEDED,), only="openai"),
+    Row("a finish reason without usage nor [DONE] is whole at the body's end", [{"no_usage": True, "no_done": True}],
+        outcomes=(Outcome.ATTEMPT_OUTCOME_SUCCEEDED,), only="openai"),
     Row("a rate_limit_error event before the first chunk is retried",
         [{"error_event_after": 0, "error_type": "rate_limit_error"}], calls=(2, 0),
         outcomes=(Outcome.ATTEMPT_OUTCOME_RATE_LIMITED, Outcome.ATTEMPT_OUTCOME_SUCCEEDED), only="anthropic"),
@@ -339,6 +354,109 @@ async def test_stream_without_upstream_usage_is_counted_and_flagged(
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
+async def test_usage_no_answer_reaches_is_counted_by_the_gateway(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, streaming: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Counts that each fit the contract's int32 but whose total does not (2**30 prompt tokens and as many completion
+    tokens; for Anthropic, 2**30 written to the cache and as many read from it, which add to the prompt): no answer is
+    that long, and total_tokens could not carry it. Not a usage to believe: the gateway counts the answer itself, as
+    when none is reported, and bills that, flagged estimated; never UNKNOWN with a traceback after the bogus figures
+    went to the ledger."""
+    half = 2**30
+    if primary.dialect == "anthropic":
+        primary.inject({"cache": {"creation": half, "read": half}})
+    else:
+        primary.inject({"usage": {"prompt_tokens": half, "completion_tokens": half, "total_tokens": 2 * half}})
+    if streaming:
+        chunks = [c async for c in stub.StreamComplete(stream_chat("count me"), timeout=5)]
+        content, usage = "".join(c.delta.content for c in chunks), chunks[-1].usage
+    else:
+        answer = await stub.Complete(chat("count me"), timeout=5)
+        content, usage = answer.message.content, answer.usage
+    assert content == "echo: count me"
+    assert usage.estimated and 0 < usage.prompt_tokens < 100 and 0 < usage.completion_tokens < 100
+    [record] = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
+    billed = (record.backend, record.requests, record.prompt_tokens, record.completion_tokens)
+    assert billed == (primary.dialect, 1, usage.prompt_tokens, usage.completion_tokens)
+    assert record.estimated_requests == 1
+    assert "Traceback" not in caplog.text
+
+
+async def test_an_account_out_of_credit_is_for_an_operator_to_fix_not_a_rate_limit(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    """OpenAI's 429 insufficient_quota: only an operator cures it, so it is tried once, never retried, and the caller
+    is told FAILED_PRECONDITION (our own account, as for a key refused) with no RetryInfo nor pushback: later is no
+    better. Nothing is billed."""
+    primary.inject(OUT_OF_QUOTA, OUT_OF_QUOTA)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat(exact_model=True), timeout=5)
+    error = caught.value
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    found = details(error)
+    assert found["ErrorInfo"].reason == "UPSTREAM_AUTH_FAILED"
+    assert "RetryInfo" not in found
+    assert "grpc-retry-pushback-ms" not in dict(error.trailing_metadata() or ())
+    assert QUOTA_MESSAGE in (error.details() or "")
+    assert [a.outcome for a in found["AttemptHistory"].attempts] == [Outcome.ATTEMPT_OUTCOME_AUTH_FAILED]
+    assert len(primary.chat_requests) == 1
+    assert not (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
+
+
+async def test_a_stream_whole_with_its_usage_ends_though_the_upstream_holds_it_open(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    """An upstream that sent its finish reason and its usage, then neither [DONE] nor the end of its body, holding the
+    connection open: the answer is whole, so the stream ends at once with the upstream's usage, billed as a success,
+    and the held connection is closed; not broken by the idle limit (2 s here) and billed as interrupted."""
+    primary.inject({"hold_open_s": 30})
+    started = time.monotonic()
+    chunks = [c async for c in stub.StreamComplete(stream_chat("one two"), timeout=10)]
+    assert time.monotonic() - started < 1.0
+    last = chunks[-1]
+    assert "".join(c.delta.content for c in chunks) == "echo: one two"
+    assert last.finish_reason == pb.FINISH_REASON_STOP
+    assert [a.outcome for a in last.attempts] == [Outcome.ATTEMPT_OUTCOME_SUCCEEDED]
+    # The upstream's own figures: a token a word and three for the message; a token a word of the answer.
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.estimated) == (5, 3, False)
+    [record] = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
+    billed = (record.backend, record.requests, record.prompt_tokens, record.completion_tokens)
+    assert billed == ("openai", 1, 5, 3)
+    assert (record.estimated_requests, record.interrupted_requests) == (0, 0)
+    await wait_until(lambda: bool(primary.client_disconnects), within_s=2)
+    assert primary.client_disconnects, "the held connection was left open"
+
+
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
+async def test_an_answer_cut_mid_body_says_so_alike_unary_and_streamed(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    """An upstream reached, that closes the connection in the middle of its answer: both calls say so in the HTTP
+    client's words, neither that the upstream could not be reached nor a bare exception name. The unary answer bills
+    nothing (retried, then failed); the stream bills what it relayed, flagged interrupted."""
+    why = f"{primary.base_url} stopped answering: the connection closed before the answer ended"
+    primary.inject({"raw": CUT_BODY}, {"raw": CUT_BODY})
+    with pytest.raises(grpc.aio.AioRpcError) as unary:
+        await stub.Complete(chat(exact_model=True), timeout=5)
+    assert unary.value.code() == grpc.StatusCode.UNAVAILABLE
+    attempts = details(unary.value)["AttemptHistory"].attempts
+    assert [(a.outcome, a.error) for a in attempts] == [(Outcome.ATTEMPT_OUTCOME_UNREACHABLE, why)] * 2
+    assert "cannot reach" not in (unary.value.details() or "")
+
+    primary.inject({"stream_cut_after": 3})
+    with pytest.raises(grpc.aio.AioRpcError) as streamed:
+        async for _ in stub.StreamComplete(stream_chat("one two three four"), timeout=5):
+            pass
+    assert streamed.value.code() == grpc.StatusCode.ABORTED
+    assert details(streamed.value)["ErrorInfo"].reason == "STREAM_INTERRUPTED"
+    [attempt] = details(streamed.value)["AttemptHistory"].attempts
+    assert (attempt.outcome, attempt.error) == (Outcome.ATTEMPT_OUTCOME_INTERRUPTED, why)
+    [record] = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
+    assert (record.backend, record.requests, record.interrupted_requests) == (primary.dialect, 1, 1)
+
+
 @pytest.mark.parametrize("primary", DIALECTS, indirect=True)
 async def test_deadline_bounds_everything(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream
@@ -353,6 +471,23 @@ async def test_deadline_bounds_everything(
     assert info.reason == "DEADLINE_EXCEEDED"
     assert info.metadata["attempts"] == f"{primary.dialect}:timeout"
     assert local.chat_requests == [], "no fallback starts that cannot finish in time"
+
+
+async def test_request_timeout_bounds_only_the_calls_that_set_no_deadline(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    router = "router: {request_timeout_s: 0.5, first_chunk_timeout_s: 5, retry: {max_retries: 0}}\n"
+    stub = await stub_for(two_backends(primary, local, router))
+    primary.inject({"stall_s": 1}, {"stall_s": 1}, {"stall_s": 1})
+    # A caller that allows longer than the bound gets its answer, as a long generation would.
+    assert (await stub.Complete(chat(model=primary.models[0], exact_model=True), timeout=5)).backend == "openai"
+    chunks = [c async for c in stub.StreamComplete(stream_chat(model=primary.models[0], exact_model=True), timeout=5)]
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat(model=primary.models[0], exact_model=True))  # no deadline: the bound's
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 0.9
 
 
 @pytest.mark.parametrize("primary", DIALECTS, indirect=True)
