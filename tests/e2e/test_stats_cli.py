@@ -30,9 +30,13 @@ async def test_stats_shows_calls_latency_and_tokens(
     assert gateway.metrics is not None
     url = f"http://127.0.0.1:{gateway.metrics.port}/metrics"
     before = await asyncio.to_thread(scrape, url)
+    # As OpenAI reports them: cached prompt tokens and reasoning tokens, parts of the prompt and the completion.
+    details = {"prompt_tokens_details": {"cached_tokens": 4}, "completion_tokens_details": {"reasoning_tokens": 2}}
+    primary.inject({"usage": {"prompt_tokens": 6, "completion_tokens": 4, "total_tokens": 10, **details}})
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
         stub = pb.LLMServiceStub(channel)
         answers = [await stub.Complete(chat(), timeout=5) for _ in range(3)]
+        assert answers[0].usage.cached_prompt_tokens == 4 and answers[0].usage.reasoning_tokens == 2
         chunks = [chunk async for chunk in stub.StreamComplete(stream_chat(), timeout=5)]
     after = await asyncio.to_thread(scrape, url)
 

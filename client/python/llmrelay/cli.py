@@ -316,10 +316,10 @@ def render_stats(after: Samples, before: Samples | None = None, seconds: float =
     tokens = "llmrelay_tokens_total"
     prompt, completion = change(tokens, "backend", kind="prompt"), change(tokens, "backend", kind="completion")
     lines.append(f"{'backend':<16}{'tokens' + unit:>10}{'prompt':>10}{'completion':>12}")
-    for backend, total in sorted(change(tokens, "backend").items()):
-        lines.append(
-            f"{backend:<16}{number(total)}{number(prompt.get(backend, 0.0))}{number(completion.get(backend, 0.0), 12)}"
-        )
+    # The other kinds (cached, reasoning) are parts of these two: the total is their sum, not every kind's.
+    for backend in sorted(change(tokens, "backend")):
+        prompted, completed = prompt.get(backend, 0.0), completion.get(backend, 0.0)
+        lines.append(f"{backend:<16}{number(prompted + completed)}{number(prompted)}{number(completed, 12)}")
     # A gauge: summed over its series (one a worker, behind a supervisor).
     open_streams = sum(value for (name, _), value in after.items() if name == "llmrelay_open_streams")
     lines.append(f"open streams: {open_streams:.0f}")
