@@ -28,7 +28,7 @@ from typing import Any, TypeAlias
 import grpc
 
 from llmrelay_server.config import AuthConfig, CallerKey, ConfigError, load_keys_file
-from llmrelay_server.domain import LLMRelayError, UnauthenticatedError, immutable
+from llmrelay_server.domain import LLMRelayError, UnauthenticatedError, UsageNotAllowedError, immutable
 from llmrelay_server.status import abort
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,15 @@ class Caller:
     def may_use(self, model: str) -> bool:
         """Whether the key may have `model` ("gpt-4o", or backend-qualified "ollama/tiny") answer."""
         return not self.key.models or _any_of(self.key.models).match(model) is not None
+
+    def usage_of(self, requested: str | None) -> str | None:
+        """Whose usage GetUsage shows the key when it asks for `requested`'s (None: everyone's): its own only, unless
+        it may read all (read_all_usage). A team's key would otherwise see every other team's names and spend."""
+        if self.key.read_all_usage:
+            return requested
+        if requested is not None and requested != self.name:
+            raise UsageNotAllowedError(self.name, requested)
+        return self.name
 
 
 @functools.lru_cache(maxsize=1024)

@@ -110,6 +110,8 @@ class CallerKey:
     models: tuple[str, ...] = ()
     """Glob patterns of the model names it may request ("ollama/*", "gpt-4o*"); empty: every model."""
     limits: Limits = field(default_factory=Limits)
+    read_all_usage: bool = False
+    """Whether GetUsage shows it every caller's usage (an operator's, a dashboard's key); else only its own."""
 
 
 # Probes and tools must reach these without a key.

@@ -571,6 +571,16 @@ class ModelNotAllowedError(LLMRelayError):
         super().__init__(f"the key {caller!r} may not use model {model!r}; ask for a model its patterns allow")
 
 
+class UsageNotAllowedError(LLMRelayError):
+    def __init__(self, caller: str, requested: str) -> None:
+        self.caller = caller
+        self.requested = requested
+        super().__init__(
+            f"the key {caller!r} may read only its own usage, not {requested!r}'s; leave GetUsage's caller unset for"
+            " its own, or use a key with read_all_usage"
+        )
+
+
 class LimitKind(enum.StrEnum):
     """What a limit counts; the value is its ErrorInfo reason."""
 

@@ -163,7 +163,10 @@ class LLMServicer(pb.LLMServiceServicer):
         self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext[pb.GetUsageRequest, pb.GetUsageResponse]
     ) -> pb.GetUsageResponse:
         try:
-            totals = await self._ledger.query(*convert.usage_query(request))
+            query = convert.usage_query(request)
+            if (caller := current_caller.get()) is not None:
+                query = query._replace(caller=caller.usage_of(query.caller))
+            totals = await self._ledger.query(*query)
         except LLMRelayError as error:
             await abort(context, "GetUsage", error)
         return pb.GetUsageResponse(records=[convert.usage_record_pb(t) for t in totals])

@@ -18,6 +18,7 @@
 | a stream failed after it started        | ABORTED             | STREAM_INTERRUPTED      |               |
 | no caller key, or an unknown one        | UNAUTHENTICATED     | UNAUTHENTICATED         |               |
 | the key may not use the model           | PERMISSION_DENIED   | MODEL_NOT_ALLOWED       |               |
+| the key may not read another's usage    | PERMISSION_DENIED   | USAGE_NOT_ALLOWED       |               |
 | a caller's or the gateway's limit       | RESOURCE_EXHAUSTED  | <LIMIT>_EXCEEDED        | QuotaFailure, RetryInfo |
 | ... a call larger than the limit itself | RESOURCE_EXHAUSTED  | <LIMIT>_EXCEEDED        | QuotaFailure  |
 | limits' store unreachable, policy deny  | UNAVAILABLE         | LIMITS_UNAVAILABLE      | RetryInfo     |
@@ -63,6 +64,7 @@ from llmrelay_server.domain import (
     UnauthenticatedError,
     UpstreamError,
     UpstreamErrorKind,
+    UsageNotAllowedError,
     UsageUnavailableError,
 )
 
@@ -207,6 +209,9 @@ def _classify(error: LLMRelayError) -> _Classified:
     if isinstance(error, ModelNotAllowedError):
         metadata = {"caller": error.caller, "model": error.model}
         return grpc.StatusCode.PERMISSION_DENIED, "MODEL_NOT_ALLOWED", metadata, []
+    if isinstance(error, UsageNotAllowedError):
+        metadata = {"caller": error.caller, "requested_caller": error.requested}
+        return grpc.StatusCode.PERMISSION_DENIED, "USAGE_NOT_ALLOWED", metadata, []
     if isinstance(error, LimitExceededError):
         quota = error_details_pb2.QuotaFailure(
             violations=[error_details_pb2.QuotaFailure.Violation(subject=error.subject, description=error.description)]

@@ -110,6 +110,40 @@ async def test_a_keyed_caller_is_billed_as_its_key_whatever_it_claims(keyed: Any
     assert sum(r.requests for r in records) == 2
 
 
+async def test_a_key_reads_its_own_usage_unless_it_may_read_all(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    operator_key = "llmr-operator-0123456789abcdefghijk"
+    auth = keys_yaml(
+        key_entry("research", RESEARCH_KEY),
+        key_entry("other", OTHER_KEY),
+        key_entry("operator", operator_key, "read_all_usage: true"),
+    )
+    _, channel, stub = await start(gateway_factory, primary, local, auth)
+
+    async def callers(key: str, **query: str) -> dict[str, int]:
+        records = (await stub.GetUsage(pb.GetUsageRequest(**query), metadata=bearer(key), timeout=5)).records
+        return {r.caller: r.requests for r in records}
+
+    async with channel:
+        for key, calls in ((RESEARCH_KEY, 2), (OTHER_KEY, 1)):
+            for _ in range(calls):
+                await stub.Complete(chat(), metadata=bearer(key), timeout=5)
+        assert await callers(OTHER_KEY) == {"other": 1}
+        assert await callers(OTHER_KEY, caller="other") == {"other": 1}
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await callers(OTHER_KEY, caller="research")
+        assert await callers(operator_key) == {"research": 2, "other": 1}
+        assert await callers(operator_key, caller="research") == {"research": 2}
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    info = details(refused.value)["ErrorInfo"]
+    assert (info.reason, dict(info.metadata)) == (
+        "USAGE_NOT_ALLOWED",
+        {"caller": "other", "requested_caller": "research"},
+    )
+    assert "read_all_usage" in refused.value.details()
+
+
 async def test_a_key_limited_to_some_models_gets_no_other_even_by_fallback(
     keyed: Any, primary: FakeUpstream, local: FakeUpstream
 ) -> None:

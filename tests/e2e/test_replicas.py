@@ -46,6 +46,9 @@ def config(tmp_path: Path, redis_url: str, database_url: str, on_unavailable: st
         f'    - {{name: {name}, sha256: "{hashlib.sha256(key_of(name).encode()).hexdigest()}", limits: {{{limits}}}}}'
         for name, limits in KEYS.items()
     )
+    # Who reads the whole ledger: a key reads only its own usage unless it may read all.
+    keys += f'\n    - {{name: operator, sha256: "{hashlib.sha256(key_of("operator").encode()).hexdigest()}",'
+    keys += " read_all_usage: true}"
     path = tmp_path / f"replica-{on_unavailable}.yaml"
     path.write_text(
         f'server: {{usage_db: "{database_url}", usage_journal_dir: "{tmp_path / "journal"}", drain_s: 0,'
@@ -146,7 +149,7 @@ def refusals(outcomes: Sequence[Outcome]) -> Counter[str]:
 
 async def ledger_totals(stub: pb.LLMServiceAsyncStub) -> tuple[int, int]:
     """Requests and total tokens in the ledger, over every caller."""
-    records = (await stub.GetUsage(pb.GetUsageRequest(), timeout=10, metadata=bearer("load"))).records
+    records = (await stub.GetUsage(pb.GetUsageRequest(), timeout=10, metadata=bearer("operator"))).records
     return sum(r.requests for r in records), sum(r.total_tokens for r in records)
 
 

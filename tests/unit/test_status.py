@@ -31,6 +31,7 @@ from llmrelay_server.domain import (
     UnauthenticatedError,
     UpstreamError,
     UpstreamErrorKind,
+    UsageNotAllowedError,
     UsageUnavailableError,
 )
 
@@ -511,6 +512,7 @@ REASONS_BY_ERROR = [
     ShuttingDownError(),
     UnauthenticatedError("no key"),
     ModelNotAllowedError("research", "gpt-4o"),
+    UsageNotAllowedError("research", "other"),
     *[LimitExceededError(kind, "key:research", "over", 3.0) for kind in LimitKind],
     LimitsUnavailableError(1.0),
     UsageUnavailableError(5.0),
@@ -534,6 +536,7 @@ def test_a_limit_is_resource_exhausted_naming_whose_limit_and_when(kind: LimitKi
     [
         (UnauthenticatedError("no key"), C.UNAUTHENTICATED, "UNAUTHENTICATED"),
         (ModelNotAllowedError("research", "gpt-4o"), C.PERMISSION_DENIED, "MODEL_NOT_ALLOWED"),
+        (UsageNotAllowedError("research", "other"), C.PERMISSION_DENIED, "USAGE_NOT_ALLOWED"),
     ],
 )
 def test_who_may_call_what(error: LLMRelayError, code: grpc.StatusCode, reason: str) -> None:

@@ -585,6 +585,9 @@ const (
 	// UNAVAILABLE: the usage ledger's database cannot be read now (GetUsage); usage goes on being recorded, in the
 	// journal on disk until the database is back; no metadata; RetryInfo (and pushback).
 	ErrorReason_ERROR_REASON_USAGE_UNAVAILABLE ErrorReason = 21
+	// PERMISSION_DENIED: the caller's key may read only its own usage (GetUsage), and asked for another caller's;
+	// metadata `caller` (the key's name) and `requested_caller`.
+	ErrorReason_ERROR_REASON_USAGE_NOT_ALLOWED ErrorReason = 22
 )
 
 // Enum value maps for ErrorReason.
@@ -612,6 +615,7 @@ var (
 		19: "ERROR_REASON_BUDGET_EXCEEDED",
 		20: "ERROR_REASON_LIMITS_UNAVAILABLE",
 		21: "ERROR_REASON_USAGE_UNAVAILABLE",
+		22: "ERROR_REASON_USAGE_NOT_ALLOWED",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":                  0,
@@ -636,6 +640,7 @@ var (
 		"ERROR_REASON_BUDGET_EXCEEDED":              19,
 		"ERROR_REASON_LIMITS_UNAVAILABLE":           20,
 		"ERROR_REASON_USAGE_UNAVAILABLE":            21,
+		"ERROR_REASON_USAGE_NOT_ALLOWED":            22,
 	}
 )
 
@@ -3116,7 +3121,8 @@ type GetUsageRequest struct {
 	Backend *string `protobuf:"bytes,1,opt,name=backend,proto3,oneof" json:"backend,omitempty"`
 	// Only this upstream model.
 	Model *string `protobuf:"bytes,2,opt,name=model,proto3,oneof" json:"model,omitempty"`
-	// Only this caller.
+	// Only this caller. For a key that may read only its own usage, unset means its own, and another caller's is
+	// refused (PERMISSION_DENIED, USAGE_NOT_ALLOWED).
 	Caller *string `protobuf:"bytes,3,opt,name=caller,proto3,oneof" json:"caller,omitempty"`
 	// Only usage at or after this time. Usage is kept by the minute (UTC), and a window takes the minutes whose start
 	// lies in [start_time, end_time): a call at 10:00:20 is in the minute 10:00:00, so it counts in a window from
@@ -3935,7 +3941,7 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\x0fInterruptPolicy\x12 \n" +
 	"\x1cINTERRUPT_POLICY_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16INTERRUPT_POLICY_ABORT\x10\x01\x12\x1c\n" +
-	"\x18INTERRUPT_POLICY_RESTART\x10\x02*\xca\x06\n" +
+	"\x18INTERRUPT_POLICY_RESTART\x10\x02*\xee\x06\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12 \n" +
 	"\x1cERROR_REASON_INVALID_REQUEST\x10\x01\x12 \n" +
@@ -3959,7 +3965,8 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"(ERROR_REASON_CONCURRENT_STREAMS_EXCEEDED\x10\x12\x12 \n" +
 	"\x1cERROR_REASON_BUDGET_EXCEEDED\x10\x13\x12#\n" +
 	"\x1fERROR_REASON_LIMITS_UNAVAILABLE\x10\x14\x12\"\n" +
-	"\x1eERROR_REASON_USAGE_UNAVAILABLE\x10\x15*o\n" +
+	"\x1eERROR_REASON_USAGE_UNAVAILABLE\x10\x15\x12\"\n" +
+	"\x1eERROR_REASON_USAGE_NOT_ALLOWED\x10\x16*o\n" +
 	"\vImageDetail\x12\x1c\n" +
 	"\x18IMAGE_DETAIL_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11IMAGE_DETAIL_AUTO\x10\x01\x12\x14\n" +

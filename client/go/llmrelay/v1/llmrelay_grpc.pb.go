@@ -69,7 +69,8 @@ type LLMServiceClient interface {
 	CountTokens(ctx context.Context, in *CountTokensRequest, opts ...grpc.CallOption) (*CountTokensResponse, error)
 	// Health reports the state of every backend.
 	Health(ctx context.Context, in *HealthRequest, opts ...grpc.CallOption) (*HealthResponse, error)
-	// GetUsage reads the usage ledger: token totals per backend, model and caller.
+	// GetUsage reads the usage ledger: token totals per backend, model and caller. With caller keys on, a key sees
+	// only its own usage unless it is configured with read_all_usage.
 	GetUsage(ctx context.Context, in *GetUsageRequest, opts ...grpc.CallOption) (*GetUsageResponse, error)
 	// Embed turns texts into vectors with an embedding model. It never falls back to another model (vectors of
 	// different models are not comparable); it may retry, or go to another backend serving the same model.
@@ -167,7 +168,8 @@ type LLMServiceServer interface {
 	CountTokens(context.Context, *CountTokensRequest) (*CountTokensResponse, error)
 	// Health reports the state of every backend.
 	Health(context.Context, *HealthRequest) (*HealthResponse, error)
-	// GetUsage reads the usage ledger: token totals per backend, model and caller.
+	// GetUsage reads the usage ledger: token totals per backend, model and caller. With caller keys on, a key sees
+	// only its own usage unless it is configured with read_all_usage.
 	GetUsage(context.Context, *GetUsageRequest) (*GetUsageResponse, error)
 	// Embed turns texts into vectors with an embedding model. It never falls back to another model (vectors of
 	// different models are not comparable); it may retry, or go to another backend serving the same model.

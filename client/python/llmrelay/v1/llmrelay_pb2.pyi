@@ -411,6 +411,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """UNAVAILABLE: the usage ledger's database cannot be read now (GetUsage); usage goes on being recorded, in the
     journal on disk until the database is back; no metadata; RetryInfo (and pushback).
     """
+    ERROR_REASON_USAGE_NOT_ALLOWED: _ErrorReason.ValueType  # 22
+    """PERMISSION_DENIED: the caller's key may read only its own usage (GetUsage), and asked for another caller's;
+    metadata `caller` (the key's name) and `requested_caller`.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The reason in the google.rpc.ErrorInfo of a failed call (as its name without the ERROR_REASON_ prefix). Each
@@ -509,6 +513,10 @@ refuses calls it cannot count (state.on_unavailable: deny); no metadata; RetryIn
 ERROR_REASON_USAGE_UNAVAILABLE: ErrorReason.ValueType  # 21
 """UNAVAILABLE: the usage ledger's database cannot be read now (GetUsage); usage goes on being recorded, in the
 journal on disk until the database is back; no metadata; RetryInfo (and pushback).
+"""
+ERROR_REASON_USAGE_NOT_ALLOWED: ErrorReason.ValueType  # 22
+"""PERMISSION_DENIED: the caller's key may read only its own usage (GetUsage), and asked for another caller's;
+metadata `caller` (the key's name) and `requested_caller`.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
@@ -1832,7 +1840,9 @@ class GetUsageRequest(_message.Message):
     model: _builtins.str
     """Only this upstream model."""
     caller: _builtins.str
-    """Only this caller."""
+    """Only this caller. For a key that may read only its own usage, unset means its own, and another caller's is
+    refused (PERMISSION_DENIED, USAGE_NOT_ALLOWED).
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Only usage at or after this time. Usage is kept by the minute (UTC), and a window takes the minutes whose start

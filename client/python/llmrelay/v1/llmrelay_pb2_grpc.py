@@ -100,7 +100,8 @@ class LLMServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetUsage(self, request, context):
-        """GetUsage reads the usage ledger: token totals per backend, model and caller.
+        """GetUsage reads the usage ledger: token totals per backend, model and caller. With caller keys on, a key sees
+        only its own usage unless it is configured with read_all_usage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

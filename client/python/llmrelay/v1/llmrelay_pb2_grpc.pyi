@@ -69,7 +69,9 @@ class LLMServiceStub:
     Health: _grpc.UnaryUnaryMultiCallable[_llmrelay_pb2.HealthRequest, _llmrelay_pb2.HealthResponse]
     """Health reports the state of every backend."""
     GetUsage: _grpc.UnaryUnaryMultiCallable[_llmrelay_pb2.GetUsageRequest, _llmrelay_pb2.GetUsageResponse]
-    """GetUsage reads the usage ledger: token totals per backend, model and caller."""
+    """GetUsage reads the usage ledger: token totals per backend, model and caller. With caller keys on, a key sees
+    only its own usage unless it is configured with read_all_usage.
+    """
     Embed: _grpc.UnaryUnaryMultiCallable[_llmrelay_pb2.EmbedRequest, _llmrelay_pb2.EmbedResponse]
     """Embed turns texts into vectors with an embedding model. It never falls back to another model (vectors of
     different models are not comparable); it may retry, or go to another backend serving the same model.
@@ -89,7 +91,9 @@ class LLMServiceAsyncStub(LLMServiceStub):
     Health: _aio.UnaryUnaryMultiCallable[_llmrelay_pb2.HealthRequest, _llmrelay_pb2.HealthResponse]  # type: ignore[assignment]
     """Health reports the state of every backend."""
     GetUsage: _aio.UnaryUnaryMultiCallable[_llmrelay_pb2.GetUsageRequest, _llmrelay_pb2.GetUsageResponse]  # type: ignore[assignment]
-    """GetUsage reads the usage ledger: token totals per backend, model and caller."""
+    """GetUsage reads the usage ledger: token totals per backend, model and caller. With caller keys on, a key sees
+    only its own usage unless it is configured with read_all_usage.
+    """
     Embed: _aio.UnaryUnaryMultiCallable[_llmrelay_pb2.EmbedRequest, _llmrelay_pb2.EmbedResponse]  # type: ignore[assignment]
     """Embed turns texts into vectors with an embedding model. It never falls back to another model (vectors of
     different models are not comparable); it may retry, or go to another backend serving the same model.
@@ -136,7 +140,9 @@ class LLMServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _llmrelay_pb2.GetUsageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_llmrelay_pb2.GetUsageResponse, _abc.Awaitable[_llmrelay_pb2.GetUsageResponse]]:
-        """GetUsage reads the usage ledger: token totals per backend, model and caller."""
+        """GetUsage reads the usage ledger: token totals per backend, model and caller. With caller keys on, a key sees
+        only its own usage unless it is configured with read_all_usage.
+        """
 
     @_abc_1.abstractmethod
     def Embed(

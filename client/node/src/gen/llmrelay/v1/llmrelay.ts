@@ -624,6 +624,11 @@ export enum ErrorReason {
    * journal on disk until the database is back; no metadata; RetryInfo (and pushback).
    */
   ERROR_REASON_USAGE_UNAVAILABLE = 21,
+  /**
+   * ERROR_REASON_USAGE_NOT_ALLOWED - PERMISSION_DENIED: the caller's key may read only its own usage (GetUsage), and asked for another caller's;
+   * metadata `caller` (the key's name) and `requested_caller`.
+   */
+  ERROR_REASON_USAGE_NOT_ALLOWED = 22,
   UNRECOGNIZED = -1,
 }
 
@@ -695,6 +700,9 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 21:
     case "ERROR_REASON_USAGE_UNAVAILABLE":
       return ErrorReason.ERROR_REASON_USAGE_UNAVAILABLE;
+    case 22:
+    case "ERROR_REASON_USAGE_NOT_ALLOWED":
+      return ErrorReason.ERROR_REASON_USAGE_NOT_ALLOWED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -748,6 +756,8 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_LIMITS_UNAVAILABLE";
     case ErrorReason.ERROR_REASON_USAGE_UNAVAILABLE:
       return "ERROR_REASON_USAGE_UNAVAILABLE";
+    case ErrorReason.ERROR_REASON_USAGE_NOT_ALLOWED:
+      return "ERROR_REASON_USAGE_NOT_ALLOWED";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -1400,7 +1410,10 @@ export interface GetUsageRequest {
   model?:
     | string
     | undefined;
-  /** Only this caller. */
+  /**
+   * Only this caller. For a key that may read only its own usage, unset means its own, and another caller's is
+   * refused (PERMISSION_DENIED, USAGE_NOT_ALLOWED).
+   */
   caller?:
     | string
     | undefined;
@@ -6131,7 +6144,10 @@ export const LLMServiceService = {
     responseSerialize: (value: HealthResponse): Buffer => Buffer.from(HealthResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): HealthResponse => HealthResponse.decode(value),
   },
-  /** GetUsage reads the usage ledger: token totals per backend, model and caller. */
+  /**
+   * GetUsage reads the usage ledger: token totals per backend, model and caller. With caller keys on, a key sees
+   * only its own usage unless it is configured with read_all_usage.
+   */
   getUsage: {
     path: "/llmrelay.v1.LLMService/GetUsage" as const,
     requestStream: false as const,
@@ -6165,7 +6181,10 @@ export interface LLMServiceServer extends UntypedServiceImplementation {
   countTokens: handleUnaryCall<CountTokensRequest, CountTokensResponse>;
   /** Health reports the state of every backend. */
   health: handleUnaryCall<HealthRequest, HealthResponse>;
-  /** GetUsage reads the usage ledger: token totals per backend, model and caller. */
+  /**
+   * GetUsage reads the usage ledger: token totals per backend, model and caller. With caller keys on, a key sees
+   * only its own usage unless it is configured with read_all_usage.
+   */
   getUsage: handleUnaryCall<GetUsageRequest, GetUsageResponse>;
   /**
    * Embed turns texts into vectors with an embedding model. It never falls back to another model (vectors of
@@ -6233,7 +6252,10 @@ export interface LLMServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: HealthResponse) => void,
   ): ClientUnaryCall;
-  /** GetUsage reads the usage ledger: token totals per backend, model and caller. */
+  /**
+   * GetUsage reads the usage ledger: token totals per backend, model and caller. With caller keys on, a key sees
+   * only its own usage unless it is configured with read_all_usage.
+   */
   getUsage(
     request: GetUsageRequest,
     callback: (error: ServiceError | null, response: GetUsageResponse) => void,
