@@ -16,6 +16,7 @@ Faults are queued; each chat or embeddings request takes the next one. A fault i
     {"byte_trickle_s": 0.5}                            a stream that sends one byte per byte_trickle_s seconds
     {"huge_content": 5_000_000}                        an answer whose content has this many characters
     {"no_usage": true}                                 leave usage out (like older Ollama streams)
+    {"usage": {"prompt_tokens": 5, ...}}               report this usage, whatever the answer's own counts
     {"reasoning": "thinking..."}                       add reasoning text (as Ollama's `reasoning` field)
     {"tool_call": {"name": "f", "arguments": "{}"}}    answer with a tool call (id call_N_1, as below)
     {"tool_calls": [{"name": "f", ...}, ...]}          answer with several tool calls (ids call_N_1, call_N_2, ...
@@ -27,6 +28,9 @@ Faults are queued; each chat or embeddings request takes the next one. A fault i
     {"error_event_after": 2}                           a stream that sends an in-band error event after N chunks
     {"no_done": true}                                  a stream that ends after its finish reason, without [DONE]
     {"cut_before_done": true}                          likewise, but the connection closes mid-body (no last chunk)
+    {"hold_open_s": 30}                                likewise, but the connection is held open that long, the
+                                                       body unended (noticing a client that leaves)
+    {"done_after_s": 0.1}                              a stream's [DONE] and end of body this long after the rest
     {"no_finish": true}                                a stream with no finish reason (then [DONE])
     {"one_delta": true}                                the whole content in one stream delta
     {"ignore_stream": true}                            answer a stream request whole, as JSON (as servers that
@@ -111,6 +115,8 @@ class FakeUpstream:
     """What GET /v1/models answers instead of the models list, when set (any JSON)."""
     tls: ssl.SSLContext | None = None
     """Serves HTTPS with this context (its certificate and key loaded) when set, as a hosted API does."""
+    connections_opened: int = 0
+    """How many connections clients have opened to it (reused ones count once)."""
     _server: asyncio.Server | None = None
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -152,6 +158,7 @@ class FakeUpstream:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
+        self.connections_opened += 1
         try:
             while (request := await _read_request(reader)) is not None:
                 if not await self._dispatch(request, reader, writer):
@@ -214,7 +221,7 @@ class FakeUpstream:
             return await _send_json(writer, 404, error)
         answer = _answer(body, fault)
         if body.get("stream") and not fault.get("ignore_stream"):
-            kept = await self._stream(writer, answer, body, fault)
+            kept = await self._stream(reader, writer, answer, body, fault)
         else:
             kept = await _send_json(writer, 200, answer.completion())
         return kept and not fault.get("close_after")
@@ -289,7 +296,14 @@ class FakeUpstream:
             return False
         return True
 
-    async def _stream(self, writer: asyncio.StreamWriter, answer: _Answer, body: dict[str, Any], fault: Fault) -> bool:
+    async def _stream(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        answer: _Answer,
+        body: dict[str, Any],
+        fault: Fault,
+    ) -> bool:
         """Server-sent events in chunked transfer encoding, the connection kept alive as real servers do;
         False (close the connection) when the fault cuts the stream."""
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -322,6 +336,13 @@ class FakeUpstream:
         if fault.get("cut_before_done"):
             await writer.drain()
             return False
+        if "hold_open_s" in fault:
+            await writer.drain()
+            await self._stall(fault["hold_open_s"], reader)
+            return False
+        if "done_after_s" in fault:
+            await writer.drain()
+            await asyncio.sleep(fault["done_after_s"])
         if not fault.get("no_done"):
             await _send_chunk(writer, event(b"[DONE]"))
         await _send_chunk(writer, b"")  # the last chunk: the response is complete, the connection stays
@@ -338,6 +359,8 @@ class _Answer:
     prompt_tokens: int
     usage: bool
     two_choices: bool = False
+    reported_usage: dict[str, Any] | None = None
+    """What the answer reports as its usage instead of its own counts, when set."""
 
     @property
     def completion_tokens(self) -> int:
@@ -347,7 +370,9 @@ class _Answer:
         # Unique within a conversation, as a real API's are: the answer's id tells the turns apart.
         return f"call_{self.id.rsplit('-', 1)[1]}_{index + 1}"
 
-    def usage_dict(self) -> dict[str, int]:
+    def usage_dict(self) -> dict[str, Any]:
+        if self.reported_usage is not None:
+            return self.reported_usage
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
@@ -461,6 +486,7 @@ def _answer(body: dict[str, Any], fault: Fault) -> _Answer:
         prompt_tokens=_prompt_tokens(body),
         usage=not fault.get("no_usage"),
         two_choices=bool(fault.get("two_choices")),
+        reported_usage=fault.get("usage"),
     )
 
 

@@ -429,6 +429,21 @@ async def test_a_stream_whole_with_its_usage_ends_though_the_upstream_holds_it_o
     assert primary.client_disconnects, "the held connection was left open"
 
 
+async def test_a_stream_whose_end_follows_its_usage_keeps_its_connection(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    """The end of the body ([DONE], the last HTTP chunk) a moment after the usage, as a network may deliver it: the
+    stream waits for it, and its connection serves the next call rather than being closed for a new one."""
+    assert (await stub.Complete(chat(), timeout=5)).backend == "openai"
+    opened = primary.connections_opened
+    primary.inject({"done_after_s": 0.2})
+    chunks = [c async for c in stub.StreamComplete(stream_chat("one two"), timeout=10)]
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP
+    assert [a.outcome for a in chunks[-1].attempts] == [Outcome.ATTEMPT_OUTCOME_SUCCEEDED]
+    assert (await stub.Complete(chat(), timeout=5)).backend == "openai"
+    assert primary.connections_opened == opened
+
+
 @pytest.mark.parametrize("primary", DIALECTS, indirect=True)
 async def test_an_answer_cut_mid_body_says_so_alike_unary_and_streamed(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream

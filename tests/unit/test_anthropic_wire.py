@@ -376,6 +376,17 @@ def test_malformed_answers(data: Any) -> None:
         ({"input_tokens": 3}, None),
         ({"input_tokens": -1, "output_tokens": 4}, None),
         ({"input_tokens": True, "output_tokens": 4}, None),
+        # Counts that each fit the contract's int32, but not their sum: the prompt, or the total.
+        (
+            {
+                "input_tokens": 3,
+                "output_tokens": 4,
+                "cache_creation_input_tokens": 2**30,
+                "cache_read_input_tokens": 2**30,
+            },
+            None,
+        ),
+        ({"input_tokens": 2**30, "output_tokens": 2**30}, None),
         ("usage", None),
     ],
 )
@@ -570,6 +581,7 @@ def test_any_json_as_an_answer_raises_only_malformed_answer(data: Any) -> None:
         (401, "authentication_error", None, "invalid x-api-key", UpstreamErrorKind.AUTH_FAILED),
         (403, "permission_error", None, "", UpstreamErrorKind.AUTH_FAILED),
         (402, "billing_error", None, "", UpstreamErrorKind.AUTH_FAILED),
+        (402, None, None, "", UpstreamErrorKind.AUTH_FAILED),
         (429, "rate_limit_error", "enforced_spend_limit_reached", "", UpstreamErrorKind.AUTH_FAILED),
         (429, "rate_limit_error", None, "", UpstreamErrorKind.RATE_LIMITED),
         (404, "not_found_error", None, "model: x", UpstreamErrorKind.MODEL_NOT_FOUND),
@@ -578,7 +590,9 @@ def test_any_json_as_an_answer_raises_only_malformed_answer(data: Any) -> None:
         (529, "overloaded_error", None, "Overloaded", UpstreamErrorKind.SERVER_ERROR),
     ],
 )
-def test_error_kinds(status: int, error_type: str, code: str | None, message: str, kind: UpstreamErrorKind) -> None:
+def test_error_kinds(
+    status: int, error_type: str | None, code: str | None, message: str, kind: UpstreamErrorKind
+) -> None:
     assert _kind(status, error_type, code, message) is kind
 
 

@@ -542,10 +542,17 @@ def test_missing_or_garbage_usage_is_none(data: dict[str, Any]) -> None:
         {"prompt_tokens": 5, "completion_tokens": False},
         {"prompt_tokens": -5, "completion_tokens": 6},
         {"prompt_tokens": 5, "completion_tokens": 2**31},
+        # Each count fits the contract's int32; their total does not.
+        {"prompt_tokens": 2**30, "completion_tokens": 2**30},
+        {"prompt_tokens": 2**31 - 1, "completion_tokens": 1},
     ],
 )
 def test_impossible_usage_counts_are_none(usage: dict[str, Any]) -> None:
     assert wire.usage_from({"usage": usage}) is None
+
+
+def test_usage_whose_total_just_fits_is_kept() -> None:
+    assert wire.usage_from({"usage": {"prompt_tokens": 2**31 - 2, "completion_tokens": 1}}) == TokenUsage(2**31 - 2, 1)
 
 
 def test_tool_call_deltas() -> None:
@@ -728,6 +735,7 @@ def answer_path(data: Any) -> None:
     for call in message.tool_calls:
         assert isinstance(call.id, str) and isinstance(call.name, str) and isinstance(call.arguments, str)
     assert usage is None or (isinstance(usage.prompt_tokens, int) and isinstance(usage.completion_tokens, int))
+    assert usage is None or 0 <= usage.total_tokens < 2**31, "every usage fits the contract's int32 total_tokens"
 
 
 def delta_path(raw: bytes) -> None:

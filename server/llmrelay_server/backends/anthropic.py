@@ -28,6 +28,7 @@ from llmrelay_server.backends.upstream_http import (
     Endpoint,
     Pool,
     SDKErrors,
+    connection_failed,
     health_record,
     http_client,
     kind_of_status,
@@ -39,7 +40,6 @@ from llmrelay_server.backends.upstream_http import (
     redact,
     relayed,
     retry_after_s,
-    unreachable,
 )
 from llmrelay_server.domain import (
     BackendHealth,
@@ -152,7 +152,7 @@ class AnthropicProvider:
                     for chunk in self._whole_stream(answer, model):
                         yield chunk
                     return
-                async for chunk in relayed(answer, chunk_of, lambda: state.stopped, self._spec.name):
+                async for chunk in relayed(answer, chunk_of, lambda: state.stopped, self._spec):
                     yield chunk
         except anthropic.APIError as exc:
             raise self._upstream_error(exc) from exc
@@ -246,7 +246,7 @@ class AnthropicProvider:
             return UpstreamError(UpstreamErrorKind.TIMEOUT, name, "the upstream did not answer in time")
         if isinstance(exc, anthropic.APIConnectionError):
             return UpstreamError(
-                UpstreamErrorKind.UNREACHABLE, name, self._redact(unreachable(self._spec.base_url, exc))
+                UpstreamErrorKind.UNREACHABLE, name, self._redact(connection_failed(self._spec.base_url, exc))
             )
         if isinstance(exc, anthropic.APIStatusError):
             status = exc.status_code
@@ -278,8 +278,9 @@ class AnthropicProvider:
 
 def _kind(status: int, error_type: str | None, error_code: str | None, message: str | None) -> UpstreamErrorKind:
     """The kind of an Anthropic error, from its HTTP status (or the one its type comes with), type and code."""
-    # Our account cannot pay (billing, a spend limit reached): another backend may serve, retrying cannot help.
-    if error_type == "billing_error" or status == 402 or (error_code or "").endswith("spend_limit_reached"):
+    # Our account cannot pay (billing, a spend limit reached), as a 402 is (`kind_of_status`): another backend may
+    # serve, retrying cannot help.
+    if error_type == "billing_error" or (error_code or "").endswith("spend_limit_reached"):
         return UpstreamErrorKind.AUTH_FAILED
     if status in (400, 413) and _PROMPT_TOO_LONG.search(message or ""):
         return UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED

@@ -12,7 +12,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
-from llmrelay_server.backends.wire import MAX_TOOL_CALLS, ErrorEvent, MalformedAnswerError, _count, _int_field, _text
+from llmrelay_server.backends.wire import (
+    MAX_TOOL_CALLS,
+    ErrorEvent,
+    MalformedAnswerError,
+    _count,
+    _int_field,
+    _text,
+    plausible_usage,
+)
 from llmrelay_server.domain import (
     CompletionOptions,
     CompletionRequest,
@@ -314,7 +322,8 @@ def finish_reason(value: Any) -> FinishReason:
 
 def usage_from(usage: Any) -> TokenUsage | None:
     """The contract's usage: the prompt is the input tokens after the last cache breakpoint plus those written to and
-    read from the cache (Anthropic counts the three apart); the cached part is the tokens read from the cache."""
+    read from the cache (Anthropic counts the three apart); the cached part is the tokens read from the cache. None when
+    the upstream reported none, or none plausible (`plausible_usage`)."""
     if not isinstance(usage, dict):
         return None
     fresh, output = usage.get("input_tokens"), usage.get("output_tokens")
@@ -322,11 +331,13 @@ def usage_from(usage: Any) -> TokenUsage | None:
         return None
     written = _int_field(usage, "cache_creation_input_tokens")
     read = _int_field(usage, "cache_read_input_tokens")
-    return TokenUsage(
-        prompt_tokens=fresh + (written or 0) + (read or 0),
-        completion_tokens=output,
-        reasoning_tokens=_int_field(usage.get("output_tokens_details"), "thinking_tokens"),
-        cached_prompt_tokens=read,
+    return plausible_usage(
+        TokenUsage(
+            prompt_tokens=fresh + (written or 0) + (read or 0),
+            completion_tokens=output,
+            reasoning_tokens=_int_field(usage.get("output_tokens_details"), "thinking_tokens"),
+            cached_prompt_tokens=read,
+        )
     )
 
 

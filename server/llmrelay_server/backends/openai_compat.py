@@ -22,6 +22,7 @@ from llmrelay_server.backends.upstream_http import (
     Endpoint,
     Pool,
     SDKErrors,
+    connection_failed,
     health_record,
     http_client,
     kind_of_status,
@@ -33,7 +34,6 @@ from llmrelay_server.backends.upstream_http import (
     redact,
     relayed,
     retry_after_s,
-    unreachable,
 )
 from llmrelay_server.domain import (
     BackendHealth,
@@ -119,10 +119,10 @@ class OpenAICompatibleProvider:
         completion_id, served_model = "", model
         finish: FinishReason | None = None
         usage: TokenUsage | None = None
-        done = False
+        done = settled = False
 
         def chunk_of(line: str) -> CompletionChunk | None:
-            nonlocal completion_id, served_model, finish, usage, done
+            nonlocal completion_id, served_model, finish, usage, done, settled
             payload = wire.sse_data(line)
             if payload is None:
                 return None
@@ -135,11 +135,16 @@ class OpenAICompatibleProvider:
             choice = wire.first_choice(data, "delta")
             completion_id = completion_id or str(data.get("id") or "")
             served_model = self._served_model(data, served_model)
-            usage = wire.usage_from(data) or usage
+            reported = wire.usage_from(data)
+            usage = reported or usage
+            if choice is not None and choice.get("finish_reason") is not None:
+                finish = wire.finish_reason(choice["finish_reason"])
+            # Usage that comes with the finish reason or after it is the last an answer has (include_usage): it is
+            # whole there, [DONE] or not (`relayed` waits a moment for the end, not the idle limit). Usage before the
+            # finish reason may be a running count, as vLLM's continuous_usage_stats sends: not the end.
+            settled = settled or (finish is not None and reported is not None)
             if choice is None:
                 return None
-            if choice.get("finish_reason") is not None:
-                finish = wire.finish_reason(choice["finish_reason"])
             delta = choice.get("delta")
             if not delta:  # the finish reason's event, usually
                 return None
@@ -162,7 +167,7 @@ class OpenAICompatibleProvider:
                     for chunk in self._whole_stream(answer, model):
                         yield chunk
                     return
-                async for chunk in relayed(answer, chunk_of, lambda: done, self._spec.name):
+                async for chunk in relayed(answer, chunk_of, lambda: done, self._spec, lambda: settled):
                     yield chunk
         except openai.APIError as exc:
             raise self._upstream_error(exc) from exc
@@ -277,7 +282,7 @@ class OpenAICompatibleProvider:
             return UpstreamError(UpstreamErrorKind.TIMEOUT, name, "the upstream did not answer in time")
         if isinstance(exc, openai.APIConnectionError):
             return UpstreamError(
-                UpstreamErrorKind.UNREACHABLE, name, self._redact(unreachable(self._spec.base_url, exc))
+                UpstreamErrorKind.UNREACHABLE, name, self._redact(connection_failed(self._spec.base_url, exc))
             )
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code

@@ -13,6 +13,7 @@ instructions a unary call).
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import datetime
 import email.utils
@@ -42,6 +43,9 @@ _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 MAX_RETRY_AFTER_S = 86_400.0
 """The longest wait an upstream's Retry-After is taken at: beyond a day it says no more than "not soon" (and a
 RetryInfo holds at most about 10,000 years)."""
+END_GRACE_S = 0.5
+"""How long the end of a streamed answer whose last event is in (`relayed`'s `settled`) is waited for: it follows at
+once from an upstream that ends its streams, and the connection is reused only once it is in."""
 
 
 class SDKErrors(NamedTuple):
@@ -88,6 +92,19 @@ def unreachable(base_url: str, error: BaseException) -> str:
     return f"cannot reach {base_url}" + (
         f": {cause}" if isinstance(cause, httpx2.TransportError) and str(cause) else ""
     )
+
+
+def connection_failed(base_url: str, error: BaseException) -> str:
+    """What a connection error (the SDK's) says: the upstream reached and its answer broken off (`broke_off`), or not
+    reached at all (`unreachable`)."""
+    cause = error.__cause__
+    return broke_off(base_url, cause) if isinstance(cause, httpx2.ReadError) else unreachable(base_url, error)
+
+
+def broke_off(base_url: str, error: httpx2.HTTPError) -> str:
+    """What a failure while an answer was arriving says (the connection closed or reset mid-answer, silence past the
+    read timeout): the upstream was reached, and why its answer stopped, in the HTTP client's words."""
+    return f"{base_url} stopped answering: {error}" if str(error) else f"{base_url} stopped answering"
 
 
 def prepared_headers(client_headers: Mapping[str, str], *sdk_headers: Mapping[str, Any]) -> httpx2.Headers:
@@ -201,12 +218,18 @@ async def relayed(
     batches: AsyncIterator[list[str]],
     chunk_of: Callable[[str], CompletionChunk | None],
     ended: Callable[[], bool],
-    backend: str,
+    spec: BackendSpec,
+    settled: Callable[[], bool] | None = None,
 ) -> AsyncIterator[CompletionChunk]:
     """The chunks of a streamed answer (`post_stream`'s batches of lines), as the dialect's `chunk_of` reads each line
-    (None for a line without one), until `ended()` says the answer is whole; the line that ended it adds nothing.
-    Chunks that arrived together go out coalesced. When a line fails (an error event, a malformed one) the text that
-    came before it goes out first, then the failure; a failure of the HTTP read becomes an UpstreamError."""
+    (None for a line without one), until `ended()` says the answer is whole, with the line that made it whole (a last
+    delta may come with the finish reason). Chunks that arrived together go out coalesced. When a line fails (an
+    error event, a malformed one) the text that came before it goes out first, then the failure; a failure of the
+    HTTP read becomes an UpstreamError that says why (`broke_off`).
+
+    `settled()` says the answer is whole before its end marker came (its last event is in): the end is then waited
+    for `END_GRACE_S` at most (`_end_within`), so that the connection goes back to the pool as it would at the end,
+    and an upstream that holds the connection open is not waited on until the idle limit breaks the stream."""
     try:
         async for lines in batches:
             arrived: list[CompletionChunk] = []
@@ -215,10 +238,10 @@ async def relayed(
                     if not line:  # the blank line that ends each event: nothing to read
                         continue
                     chunk = chunk_of(line)
-                    if ended():
-                        break
                     if chunk is not None and (chunk.content or chunk.reasoning or chunk.tool_calls):
                         arrived.append(chunk)
+                    if ended():
+                        break
             except (UpstreamError, MalformedAnswerError):
                 for chunk in _coalesced(arrived):
                     yield chunk
@@ -227,9 +250,29 @@ async def relayed(
                 yield chunk
             if ended():
                 return
+            if settled is not None and settled():
+                await _end_within(batches, chunk_of, ended)
+                return
     except httpx2.HTTPError as exc:
         kind = UpstreamErrorKind.TIMEOUT if isinstance(exc, httpx2.TimeoutException) else UpstreamErrorKind.UNREACHABLE
-        raise UpstreamError(kind, backend, f"the stream failed: {type(exc).__name__}") from exc
+        raise UpstreamError(kind, spec.name, redact(broke_off(spec.base_url, exc), spec.api_key)) from exc
+
+
+async def _end_within(
+    batches: AsyncIterator[list[str]], chunk_of: Callable[[str], CompletionChunk | None], ended: Callable[[], bool]
+) -> None:
+    """Reads what follows a whole answer (its end marker, the end of the body) for `END_GRACE_S` at most. Whatever
+    comes of it, the answer stands: a failure now is the connection's, closed when the answer is left."""
+    try:
+        async with asyncio.timeout(END_GRACE_S):
+            async for lines in batches:
+                for line in lines:
+                    if line:
+                        chunk_of(line)
+                    if ended():
+                        return
+    except (TimeoutError, UpstreamError, MalformedAnswerError, httpx2.HTTPError):
+        pass
 
 
 def _coalesced(chunks: list[CompletionChunk]) -> list[CompletionChunk]:
@@ -315,6 +358,10 @@ def redact(text: str, api_key: str | None) -> str:
 
 def kind_of_status(status: int, code: str | None, message: str | None) -> UpstreamErrorKind:
     """What an HTTP error status means for the router (a dialect adds its own before it)."""
+    # Our account cannot pay: 402, or OpenAI's 429 insufficient_quota ("check your plan and billing details"). No
+    # wait cures it, only an operator: another backend may serve at once, and the caller is told of no "later".
+    if status == 402 or code == "insufficient_quota":
+        return UpstreamErrorKind.AUTH_FAILED
     if status == 429:
         return UpstreamErrorKind.RATE_LIMITED
     if status in (401, 403):

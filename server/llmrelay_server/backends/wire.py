@@ -305,12 +305,21 @@ def usage_from(data: Mapping[str, Any]) -> TokenUsage | None:
         return None
     details = usage.get("completion_tokens_details")
     prompt_details = usage.get("prompt_tokens_details")
-    return TokenUsage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        reasoning_tokens=_int_field(details, "reasoning_tokens"),
-        cached_prompt_tokens=_int_field(prompt_details, "cached_tokens"),
+    return plausible_usage(
+        TokenUsage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            reasoning_tokens=_int_field(details, "reasoning_tokens"),
+            cached_prompt_tokens=_int_field(prompt_details, "cached_tokens"),
+        )
     )
+
+
+def plausible_usage(usage: TokenUsage) -> TokenUsage | None:
+    """The usage an upstream reported, each of its counts a `_count`, or None when their total cannot be one: no
+    answer reaches 2**31 tokens, and the contract's int32 `total_tokens` cannot carry it. Such figures are nothing to
+    bill by; the gateway counts the tokens itself, as for usage not reported."""
+    return usage if _count(usage.total_tokens) else None
 
 
 def _int_field(obj: Any, key: str) -> int | None:

@@ -1,0 +1,97 @@
+"""What every dialect's provider shares (backends/upstream_http.py): what an error status means, and how a stream's
+lines are relayed until the answer is whole."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import httpx2
+import pytest
+from llmrelay_server.backends.upstream_http import kind_of_status, relayed
+from llmrelay_server.domain import BackendSpec, CompletionChunk, UpstreamError, UpstreamErrorKind
+
+SPEC = BackendSpec(name="b", kind="openai", base_url="http://h/v1", default_model="m", api_key="correct-horse-battery")
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "message", "kind"),
+    [
+        (429, None, "Rate limit reached", UpstreamErrorKind.RATE_LIMITED),
+        (429, "rate_limit_exceeded", "Rate limit reached", UpstreamErrorKind.RATE_LIMITED),
+        # Our account cannot pay: for an operator to fix, not a wait.
+        (429, "insufficient_quota", "You exceeded your current quota", UpstreamErrorKind.AUTH_FAILED),
+        (402, None, "Insufficient Balance", UpstreamErrorKind.AUTH_FAILED),
+        (401, "invalid_api_key", "Incorrect API key provided", UpstreamErrorKind.AUTH_FAILED),
+        (403, None, "", UpstreamErrorKind.AUTH_FAILED),
+        (404, "model_not_found", "", UpstreamErrorKind.MODEL_NOT_FOUND),
+        (408, None, "", UpstreamErrorKind.TIMEOUT),
+        (400, "context_length_exceeded", "", UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED),
+        (400, None, "This model's maximum context length is 8192 tokens", UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED),
+        (400, None, "bad request", UpstreamErrorKind.REJECTED),
+        (503, None, "", UpstreamErrorKind.SERVER_ERROR),
+    ],
+)
+def test_error_kinds(status: int, code: str | None, message: str, kind: UpstreamErrorKind) -> None:
+    assert kind_of_status(status, code, message) is kind
+
+
+def chunk(content: str) -> CompletionChunk:
+    return CompletionChunk(id="c", backend="b", model="m", content=content)
+
+
+def reader(ending: str) -> tuple[Callable[[str], CompletionChunk | None], Callable[[], bool]]:
+    """A dialect's chunk_of and ended(): each line is a delta of its own text; the answer is whole at `ending`."""
+    seen: list[str] = []
+
+    def chunk_of(line: str) -> CompletionChunk | None:
+        seen.append(line)
+        return chunk(line)
+
+    return chunk_of, lambda: ending in seen
+
+
+async def batches(*batch: list[str], failure: Exception | None = None) -> AsyncIterator[list[str]]:
+    for lines in batch:
+        yield lines
+    if failure is not None:
+        raise failure
+
+
+async def test_the_line_that_makes_the_answer_whole_is_relayed_and_nothing_after_it() -> None:
+    """A last delta may come with what ends the answer (a finish reason with the usage): it goes out; what follows
+    the end, in the same read or a later one, is never read."""
+    chunk_of, ended = reader("c")
+    relayed_chunks = [c async for c in relayed(batches(["a", "", "b"], ["c", "d"], ["e"]), chunk_of, ended, SPEC)]
+    assert [c.content for c in relayed_chunks] == ["ab", "c"]
+
+
+@pytest.mark.parametrize(
+    ("failure", "kind", "why"),
+    [
+        (
+            httpx2.ReadError("the connection closed before the answer ended: [Errno 104] Connection reset by peer"),
+            UpstreamErrorKind.UNREACHABLE,
+            "http://h/v1 stopped answering: the connection closed before the answer ended: [Errno 104] Connection"
+            " reset by peer",
+        ),
+        (
+            httpx2.ReadTimeout("no byte of the rest of the answer in 15 s"),
+            UpstreamErrorKind.TIMEOUT,
+            "http://h/v1 stopped answering: no byte of the rest of the answer in 15 s",
+        ),
+        (
+            httpx2.ReadError("reset while sending correct-horse-battery"),
+            UpstreamErrorKind.UNREACHABLE,
+            "http://h/v1 stopped answering: reset while sending [redacted]",
+        ),
+    ],
+)
+async def test_a_read_that_fails_mid_stream_says_why(failure: Exception, kind: UpstreamErrorKind, why: str) -> None:
+    """In the HTTP client's words, as a unary answer cut alike says it, never a bare exception name; never the key."""
+    chunk_of, ended = reader("never")
+    received: list[CompletionChunk] = []
+    with pytest.raises(UpstreamError) as caught:
+        async for relayed_chunk in relayed(batches(["a"], failure=failure), chunk_of, ended, SPEC):
+            received.append(relayed_chunk)
+    assert [c.content for c in received] == ["a"]
+    assert (caught.value.kind, caught.value.backend, caught.value.message) == (kind, "b", why)
