@@ -403,8 +403,8 @@ def test_a_call_failed_everywhere_at_length_keeps_its_status_below_grpcs_limit(c
     assert history[0].error == ""
     if char == "a":  # room for the newest texts, as many as fit
         assert history[-1].error == f"#17 {char * (status.MAX_ATTEMPT_ERROR_CHARS - 7)}..."
-    kept = [bool(a.error) for a in history]
-    assert kept == sorted(kept), "the newest texts are those kept"
+    with_text = [bool(a.error) for a in history]
+    assert with_text == sorted(with_text), "the newest texts are those kept"
 
 
 def test_retry_delays_keep_their_fraction() -> None:
