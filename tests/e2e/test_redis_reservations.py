@@ -1,10 +1,12 @@
-"""A reservation whose answer never reached the gateway counts nothing in Redis, whenever Redis runs it: through a
-real gRPC channel to real gateways on a real Redis (frozen with SIGSTOP, or behind a proxy that holds the bytes of a
-command until after the gateway gave up on it), and the reserve and undo scripts in both orders.
+"""A reservation whose answer never reached the gateway counts nothing in Redis, whenever Redis runs it, and a call
+that ends while Redis does not answer is settled once it does: through a real gRPC channel to real gateways on a real
+Redis (frozen with SIGSTOP, or behind a proxy that holds the bytes of a command until after the gateway gave up on
+it), and the reserve and undo scripts, and a settle and the same settle sent again, in both orders.
 
 The gateway gives up on Redis (state.timeout_s) and admits the call uncounted (state.on_unavailable: allow), or the
 caller leaves while the gateway waits; Redis runs the script afterwards. Without an undo, what it counted would stay
-for the window (the spend, for the day) and refuse calls that fit."""
+for the window (the spend, for the day) and refuse calls that fit. Likewise a settle the gateway could not send: the
+call's whole reservation, and its stream slot, would stay counted."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from llmrelay_server.domain import LimitExceededError, LimitKind
 from llmrelay_server.limits import Ask
 from llmrelay_server.limits.redis import KEY_PREFIX, RECORD_PREFIX, RedisLimiter
 from redis_server import RedisServer
-from support import GatewayFactory, chat, details, two_backends
+from support import GatewayFactory, chat, details, stream_chat, two_backends
 from upstream import FakeUpstream
 
 SUBJECT = "key:research"
@@ -37,6 +39,7 @@ SHORT_TIMEOUT_S = 0.3
 REQUESTS_PER_MINUTE = 3
 CALLS = "llmrelay_server.calls"
 """The call log: a line when a call ends."""
+LIMITS_LOG = "llmrelay_server.limits.redis"
 # Each call reserves 3 completion tokens at 1,000 micro-USD each (and bills what the upstream counts).
 LIMITS = f"requests_per_minute: {REQUESTS_PER_MINUTE}, tokens_per_minute: 100000, budget_usd_per_day: 1"
 PRICING = 'pricing: {"gpt-test": {prompt: 0, completion: 1000}}\n'
@@ -255,12 +258,18 @@ async def test_an_undo_before_the_late_reservation_makes_it_count_nothing(
 # --- through gateways -----------------------------------------------------------------------------------------------
 
 
-def config(primary: FakeUpstream, local: FakeUpstream, redis_url: str, timeout_s: float = SHORT_TIMEOUT_S) -> str:
+def config(
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    redis_url: str,
+    timeout_s: float = SHORT_TIMEOUT_S,
+    limits: str = LIMITS,
+) -> str:
     sha256 = hashlib.sha256(KEY.encode()).hexdigest()
     return (
         two_backends(primary, local)
         + PRICING
-        + f'auth: {{keys: [{{name: research, sha256: "{sha256}", limits: {{{LIMITS}}}}}]}}\n'
+        + f'auth: {{keys: [{{name: research, sha256: "{sha256}", limits: {{{limits}}}}}]}}\n'
         + f'state: {{redis_url: "{redis_url}", timeout_s: {timeout_s}, on_unavailable: allow}}\n'
     )
 
@@ -361,3 +370,98 @@ async def test_a_reservation_whose_caller_left_while_redis_was_frozen_is_taken_b
     assert available(gateway), "the gateway never gave up on Redis: the undo went in the background"
     assert len(primary.chat_requests) == 1, "the call that left never reached the upstream"
     assert await admitted_of(stub, 2 * REQUESTS_PER_MINUTE) == REQUESTS_PER_MINUTE - 1
+
+
+# --- settles that Redis did not answer ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first_runs", ["before", "after"], ids=["sent again after it ran", "run late after"])
+async def test_a_settle_whose_answer_was_lost_corrects_once(
+    limiter: RedisLimiter, proxy: HoldingProxy, redis_server: RedisServer, first_runs: str
+) -> None:
+    # A first call settles as usual, so that Redis has the settle script: the one held runs as it was sent (EVALSHA),
+    # where it would otherwise be answered NOSCRIPT.
+    await limiter.settle(await limiter.reserve([ask(10, 100, stream=True)]), tokens=4, usd_micros=40)
+    call = await limiter.reserve([ask(10, 100, stream=True)])
+    assert await counted(redis_server) == Counts(requests=2, tokens=14, spend=140, streams=1)
+    proxy.hold()
+    await limiter.settle(call, tokens=7, usd_micros=70)  # sent, and not answered within state.timeout_s
+    assert not limiter.available
+    settled = Counts(requests=2, tokens=11, spend=110, streams=0)
+    if first_runs == "before":
+        await proxy.release()  # the settle the limiter gave up on reaches Redis, and runs
+        assert await counted(redis_server) == settled
+        proxy.admit()  # the probe reaches Redis, and sends the settle again
+        await until(lambda: limiter.available)
+        assert await counted(redis_server) == settled, "sent again, it corrects nothing more"
+    else:
+        proxy.admit()
+        await until(lambda: limiter.available)  # which it is only once the settle has been sent again
+        assert await counted(redis_server) == settled, "settled before calls are counted again"
+        await proxy.release()  # only now does the first settle reach Redis
+        assert await counted(redis_server) == settled, "run late, it corrects nothing more"
+    assert await records(redis_server) == ["settled", "settled"]
+
+
+async def test_a_call_that_failed_while_redis_was_frozen_gives_back_what_it_reserved(
+    start: Any, primary: FakeUpstream, local: FakeUpstream, redis_server: RedisServer
+) -> None:
+    # The budget (5,000 micro-USD) fits one call's reservation (3,000), not two.
+    gateway, stub = await start(config(primary, local, redis_server.url, limits="budget_usd_per_day: 0.005"))
+    primary.inject({"stall_s": 3})  # longer than the router waits for an answer (first_chunk_timeout_s): it fails
+    failing = asyncio.ensure_future(stub.Complete(REQUEST, metadata=AUTHORIZED, timeout=10))
+    await until(lambda: len(primary.chat_requests) == 1)  # reserved, and at the upstream
+    assert await counted(redis_server) == Counts(requests=0, tokens=0, spend=3000)
+    redis_server.pause()  # for longer than state.timeout_s: the call's settle goes unanswered
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await failing
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+    await until(lambda: not available(gateway))  # the error is sent before the call settles
+    redis_server.resume()
+    await until(lambda: available(gateway))
+    assert await counted(redis_server) == Counts(requests=0, tokens=0, spend=0), "it was billed nothing"
+    answer = await stub.Complete(REQUEST, metadata=AUTHORIZED, timeout=10)  # admitted: the budget is whole
+    assert await counted(redis_server) == Counts(requests=0, tokens=0, spend=answer.usage.cost.usd_micros)
+
+
+async def test_the_slot_of_a_stream_that_ended_while_redis_was_frozen_frees_when_it_is_back(
+    start: Any, primary: FakeUpstream, local: FakeUpstream, redis_server: RedisServer
+) -> None:
+    gateway, stub = await start(config(primary, local, redis_server.url, limits="concurrent_streams: 1"))
+    primary.inject({"trickle_s": 0.2})
+    ending = stub.StreamComplete(stream_chat("a b c"), metadata=AUTHORIZED, timeout=10)
+    assert await ending.read() is not grpc.aio.EOF  # the stream holds the slot
+    assert await counted(redis_server) == Counts(requests=0, tokens=0, spend=0, streams=1)
+    redis_server.pause()  # the stream ends meanwhile, and its settle goes unanswered
+    while await ending.read() is not grpc.aio.EOF:
+        pass
+    assert await ending.code() == grpc.StatusCode.OK
+    await until(lambda: not available(gateway))
+    redis_server.resume()
+    await until(lambda: available(gateway))
+    # Freed now, not when its lease (renewed until the stream ended) lapses.
+    assert await counted(redis_server) == Counts(requests=0, tokens=0, spend=0, streams=0)
+    chunks = [chunk async for chunk in stub.StreamComplete(stream_chat(), metadata=AUTHORIZED, timeout=10)]
+    assert chunks, "admitted: the slot is free"
+
+
+async def test_settles_past_the_most_kept_stay_as_reserved_and_say_so(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=LIMITS_LOG)
+    limiter = RedisLimiter(redis_server.url, timeout_s=SHORT_TIMEOUT_S, probe_interval_s=0.1, max_kept=2)
+    await limiter.start()
+    try:
+        calls = [await limiter.reserve([ask(10, 100)]) for _ in range(3)]
+        redis_server.pause()
+        for call in calls:
+            await limiter.settle(call, tokens=0, usd_micros=0)  # two kept, the third dropped
+        redis_server.resume()
+        await until(lambda: limiter.available)
+        assert await counted(redis_server) == Counts(requests=3, tokens=10, spend=100), "the third as reserved"
+    finally:
+        await limiter.aclose()
+    warnings = [r.getMessage() for r in caplog.records if r.name == LIMITS_LOG and r.levelno == logging.WARNING]
+    assert len(warnings) == 3, warnings  # Redis went; the first settle not kept; and how many, when it is back
+    assert "2 settles and undos wait for Redis" in warnings[1] and "stay counted as they were reserved" in warnings[1]
+    assert "1 more could not be kept" in warnings[2]

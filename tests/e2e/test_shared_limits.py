@@ -431,7 +431,7 @@ async def test_deny_refuses_with_a_retry_delay_while_redis_is_down(
             await limiter.reserve(limits)
         assert caught.value.retry_after_s == 0.1
         assert limiter.calls_while_unavailable == attempt + 1
-    await limiter.settle(counted, tokens=0, usd_micros=0)  # lost while Redis is down, and no error
+    await limiter.settle(counted, tokens=0, usd_micros=0)  # no error; and a request is not corrected: nothing to keep
     assert "refused until it is back" in limiter.health().description
     await redis_server.start()
     await until(lambda: limiter.available)

@@ -30,6 +30,15 @@ reservation, it takes back exactly what the record says was counted. Before it, 
 that makes the late reservation count nothing. An undo that comes more than two minutes after its reservation ran
 finds no record and takes nothing back; by then the reservation's requests and tokens have left their window.
 
+A settle (what the call was billed, and its stream slot freed, which would otherwise stay taken until its lease
+lapsed) that cannot be sent, or whose answer never came, is kept with the undos and sent with them, in order, before
+calls are counted again: so what Redis counts becomes what was billed, however the outage fell. A settle may thus
+reach Redis twice (it ran, and its answer was lost): it marks the reservation's record "settled" (for two minutes),
+and one that finds the mark changes nothing. Sent again more than two minutes after it ran (its answer lost at the
+start of an outage that long), it would correct a second time. At most `MAX_KEPT` undos and settles are kept; past
+that, the reservations of the calls that end stay counted (the requests and tokens for their minute, the spend until
+the end of the UTC day), and a WARNING says so.
+
 When Redis cannot be reached (refused, reset, slower than state.timeout_s, a password it refuses), the gateway goes
 on per state.on_unavailable: "allow" admits calls without counting them, "deny" refuses them with UNAVAILABLE. It
 then leaves Redis alone, probing it every `PROBE_INTERVAL_S` in the background, so calls do not each wait out the
@@ -70,7 +79,11 @@ STREAM_LEASE_S: Final = 15.0
 PROBE_INTERVAL_S: Final = 1.0
 """While Redis is unreachable: how often it is probed, and the retry delay of calls refused meanwhile."""
 RECORD_PREFIX: Final = f"{KEY_PREFIX}reservation:"
-"""Per reservation: the second it was counted in (two minutes), or "undone" (a tombstone, ten minutes)."""
+"""Per reservation: the second it was counted in (two minutes), "settled" (two minutes from its settle), or "undone"
+(a tombstone, ten minutes)."""
+MAX_KEPT: Final = 10_000
+"""Undos and settles kept while Redis cannot be reached: one per call this gateway had in flight when Redis went, at
+most (calls admitted meanwhile are not counted, so they have none)."""
 MAX_CONNECTIONS: Final = 64
 """Commands in flight to Redis at once: a burst of calls queues for a connection (within state.timeout_s) instead of
 opening hundreds of connections, each with its handshake (TLS, AUTH), at the moment Redis is busiest."""
@@ -235,10 +248,15 @@ return 1
 )
 
 _SETTLE: Final = """
--- ARGV[1]: the second the call was counted in, ARGV[2]: its UTC day, ARGV[3]: its lease; then 2 per key: what to do
--- ('tokens' or 'spend', and the correction to what was reserved; or 'lease', and '').
+-- KEYS: those to correct, then the reservation's record. ARGV[1]: the second the call was counted in, ARGV[2]: its
+-- UTC day, ARGV[3]: its lease; then 2 per key to correct: what to do ('tokens' or 'spend', and the correction to what
+-- was reserved; or 'lease', and '').
+-- It runs once per reservation: a settle sent again (its first answer lost, though it ran) finds the record marked.
 -- A correction whose bucket or day is no longer kept has nothing left to correct; one that would take a count below
 -- zero (Redis lost the reservation, in a restart, and counted others since) leaves zero.
+local record = KEYS[#KEYS]
+if redis.call('GET', record) == 'settled' then return 0 end
+redis.call('SET', record, 'settled', 'EX', 120)
 local second = tonumber(redis.call('TIME')[1])
 local counted, day, lease = ARGV[1], ARGV[2], ARGV[3]
 
@@ -248,8 +266,8 @@ local function correct(key, field, amount)
   end
 end
 
-for i, key in ipairs(KEYS) do
-  local action, amount = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
+for i = 1, #KEYS - 1 do
+  local key, action, amount = KEYS[i], ARGV[2 + 2 * i], ARGV[3 + 2 * i]
   if action == 'tokens' then
     if tonumber(counted) >= second - 60 then correct(key, counted, amount) end
   elseif action == 'spend' then
@@ -298,6 +316,7 @@ class RedisLimiter:
         timeout_s: float = 0.5,
         stream_lease_s: float = STREAM_LEASE_S,
         probe_interval_s: float = PROBE_INTERVAL_S,
+        max_kept: int = MAX_KEPT,
     ) -> None:
         self._where = _redacted(url)
         self._secrets = _secrets(url)
@@ -305,6 +324,7 @@ class RedisLimiter:
         self._timeout_s = timeout_s
         self._lease_ms = round(stream_lease_s * 1000)
         self._probe_interval_s = probe_interval_s
+        self._max_kept = max_kept
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=MAX_CONNECTIONS,
@@ -323,9 +343,12 @@ class RedisLimiter:
         self._reservation_ids = (f"{owner}:{n}" for n in itertools.count())
         self._leases: dict[str, tuple[str, ...]] = {}
         """The open streams' leases, to renew, and the streams sets holding each."""
-        self._undos: dict[str, tuple[list[str], list[str | int]]] = {}
-        """The reservations given up on before their answer came, by id: the keys and arguments of each, to undo."""
-        self._undoing: asyncio.Task[None] | None = None
+        self._kept: dict[str, tuple[AsyncScript, list[str], list[str | int]]] = {}
+        """What Redis is still to be sent, by reservation id, in order: the undo of a reservation given up on before
+        its answer came, or the settle of one, whose script, keys and arguments are sent as they are."""
+        self._sending: asyncio.Task[None] | None = None
+        self._dropped = 0
+        """Undos and settles not kept, as many being kept already, since the kept ones were last all sent."""
         self._available = True
         self._unreachable_because = ""
         self._calls_while_unavailable = 0
@@ -379,10 +402,11 @@ class RedisLimiter:
         except _UNREACHABLE as error:
             # The script may have reached Redis, and run (or run later): what it counted is taken back.
             self._went_unreachable(error)
-            self._undo_later(reservation_id, keys, args)
+            self._send_later(reservation_id, self._undo_script, keys, args)
             return self._uncounted(asks)
         except asyncio.CancelledError:
-            self._undo_later(reservation_id, keys, args)  # the caller left: no one will settle what the script counted
+            # The caller left: no one will settle what the script counted.
+            self._send_later(reservation_id, self._undo_script, keys, args)
             raise
         if answer[0] == 1:
             _, subject, code, retry_ms = answer
@@ -412,13 +436,22 @@ class RedisLimiter:
         for key in hold.lease_keys:
             keys.append(key)
             args += ["lease", ""]
-        # While Redis is unreachable the corrections are lost, and the lease lapses by itself.
-        if not keys or not self._available:
+        if not keys:
+            return  # billed what it reserved, and no stream slot to free
+        keys.append(f"{RECORD_PREFIX}{hold.lease}")
+        if not self._available:
+            # Sent when Redis is back, before calls are counted again; the caller's answer does not wait for it.
+            self._send_later(hold.lease, self._settle_script, keys, args)
             return
         try:
             await self._run(self._settle_script, keys, args)
         except _UNREACHABLE as error:
+            # It may have run, its answer lost: sent again, the record's mark makes it change nothing.
             self._went_unreachable(error)
+            self._send_later(hold.lease, self._settle_script, keys, args)
+        except asyncio.CancelledError:
+            self._send_later(hold.lease, self._settle_script, keys, args)
+            raise
 
     def health(self) -> StoreHealth:
         if self._available:
@@ -427,24 +460,25 @@ class RedisLimiter:
         return StoreHealth(StoreRole.LIMITS, "redis", available=False, description=description)
 
     async def aclose(self) -> None:
-        """Stops renewing and probing, makes a last try at the undos not sent yet, and closes the connections. The
-        leases of streams still open lapse by themselves; a gateway closes its limiter only after its calls have
-        ended."""
-        for task in (self._renewing, self._probing, self._undoing):
+        """Stops renewing and probing, makes a last try at the undos and settles not sent yet, and closes the
+        connections. The leases of streams still open lapse by themselves; a gateway closes its limiter only after its
+        calls have ended."""
+        for task in (self._renewing, self._probing, self._sending):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self._undos:
+        if self._kept:
             try:
-                await self._send_undos()
+                await self._send_kept()
             except _UNREACHABLE as error:
                 log.warning(
-                    "limits: Redis at %s cannot be reached (%s): %d reservations Redis may have counted for calls"
-                    " that gave up waiting stay counted until they leave their window",
+                    "limits: Redis at %s cannot be reached (%s): %d calls that ended or gave up waiting stay counted"
+                    " as they were reserved (requests and tokens for their minute, spend until the end of the UTC"
+                    " day)",
                     self._where,
                     self._reason(error),
-                    len(self._undos),
+                    len(self._kept) + self._dropped,
                 )
         await self._client.aclose()
 
@@ -468,27 +502,47 @@ class RedisLimiter:
         async with asyncio.timeout(self._timeout_s):
             return await command()
 
-    def _undo_later(self, reservation_id: str, keys: list[str], args: list[str | int]) -> None:
-        """Has the reservation undone: now, in the background, while Redis is reachable; else by the probe that
-        finds it back, before calls are counted again."""
-        self._undos[reservation_id] = (keys, args)
-        if self._available and (self._undoing is None or self._undoing.done()):
-            self._undoing = asyncio.create_task(self._undo_in_background(), name="llmrelay-limits-undo")
+    def _send_later(self, reservation_id: str, script: AsyncScript, keys: list[str], args: list[str | int]) -> None:
+        """Has the reservation's undo or settle run: now, in the background, while Redis is reachable; else by the
+        probe that finds it back, before calls are counted again. Past `max_kept` kept, it is dropped."""
+        if len(self._kept) >= self._max_kept:
+            if not self._dropped:
+                log.warning(
+                    "limits: %d settles and undos wait for Redis at %s, as many as are kept: the calls that end"
+                    " from now on until it is back stay counted as they were reserved (requests and tokens for their"
+                    " minute, spend until the end of the UTC day)",
+                    len(self._kept),
+                    self._where,
+                )
+            self._dropped += 1
+            return
+        self._kept[reservation_id] = (script, keys, args)
+        if self._available and (self._sending is None or self._sending.done()):
+            self._sending = asyncio.create_task(self._send_in_background(), name="llmrelay-limits-kept")
 
-    async def _undo_in_background(self) -> None:
+    async def _send_in_background(self) -> None:
         try:
-            await self._send_undos()
+            await self._send_kept()
         except _UNREACHABLE as error:
             self._went_unreachable(error)  # the probe sends them when Redis is back
 
-    async def _send_undos(self) -> None:
-        """Sends the pending undos, one script call each, until none is left; raises at the first that fails,
-        leaving it and the rest pending. An undo sent twice (by the probe and the background task at once) takes
-        back nothing the second time."""
-        while self._undos:
-            reservation_id, (keys, args) = next(iter(self._undos.items()))
-            await self._run(self._undo_script, keys, args)
-            self._undos.pop(reservation_id, None)
+    async def _send_kept(self) -> None:
+        """Sends the kept undos and settles, oldest first, one script call each, until none is left; raises at the
+        first that fails, leaving it and the rest kept. One sent twice (by the probe and the background task at once,
+        or after an answer lost) changes nothing the second time."""
+        while self._kept:
+            reservation_id, (script, keys, args) = next(iter(self._kept.items()))
+            await self._run(script, keys, args)
+            self._kept.pop(reservation_id, None)
+        if self._dropped:
+            log.warning(
+                "limits: Redis at %s has every settle and undo kept for it; %d more could not be kept, and their calls"
+                " stay counted as they were reserved (requests and tokens for their minute, spend until the end of the"
+                " UTC day)",
+                self._where,
+                self._dropped,
+            )
+            self._dropped = 0
 
     def _went_unreachable(self, error: BaseException) -> None:
         if not self._available:
@@ -514,9 +568,10 @@ class RedisLimiter:
             # Connections left idle in the pool since before the outage may lead to a Redis that is gone (its
             # restart closed them): new ones reach the one that answered.
             await self._client.connection_pool.disconnect(inuse_connections=False)
-            # What Redis counted for calls that gave up on it is taken back before new calls are counted against it.
+            # What Redis counted for calls that gave up on it is taken back, and the calls that ended meanwhile are
+            # settled, before new calls are counted against it.
             try:
-                await self._send_undos()
+                await self._send_kept()
             except _UNREACHABLE as error:
                 self._unreachable_because = self._reason(error)
                 continue
