@@ -140,7 +140,11 @@ class KeyRing:
         while True:
             await asyncio.sleep(KEYS_FILE_CHECK_S)
             if self._stamp() != self._file_stamp:
-                self.reload()
+                try:
+                    self.reload()
+                except Exception:
+                    # A bug of the gateway's own; the watch goes on, or no later change (a revocation) would count.
+                    log.exception("keys file %s not reloaded, the keys in force stay", self._file)
 
     def _set(self, keys: Sequence[CallerKey]) -> None:
         self._by_digest = _by_digest(keys)

@@ -14,7 +14,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -573,9 +573,11 @@ def _read_yaml(path: Path, env: Mapping[str, str], where: str, to_find_it: str, 
     """The YAML mapping in the file, or None when it holds none (empty, blanks, comments); ConfigError saying `where`
     on a mistake, `to_find_it` when the file cannot be read, and what its top level `holds` when it is no mapping."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{where}: cannot be read ({exc.strerror}); {to_find_it}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where}: not UTF-8 text (byte {exc.start} cannot be read); save it as UTF-8") from exc
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -646,6 +648,9 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {_shown(value, where)}")
         return {str(k): _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if hint is bool:
+        if isinstance(value, str):
+            # A boolean written as ${VAR} arrives as text: read as YAML would have read it in place.
+            value = _BOOLEANS.get(value.strip().lower(), value)
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {_shown(value, where)}")
         return value
@@ -665,6 +670,10 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected text, got {_shown(value, where)}")
         return str(value)
     raise TypeError(f"unsupported config type {hint!r} at {where}")
+
+
+_BOOLEANS: Final = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+"""Text YAML reads as a boolean (its 1.1 words, any case)."""
 
 
 def _number(text: str, hint: type[int] | type[float], where: str) -> int | float | str:

@@ -261,6 +261,24 @@ async def test_a_keys_file_that_admits_nobody_revokes_every_key_and_says_so(
     assert [r.levelno for r in caplog.records if "no keys in force" in r.getMessage()] == [logging.WARNING]
 
 
+async def test_a_keys_file_saved_once_not_in_utf8_keeps_the_keys_and_the_watch(
+    keyed_by_file: KeyedByFile, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file saved in another encoding is broken as any other: the keys in force stay, the log says why, and the next
+    good save (here a revocation) takes effect."""
+    keys_file, content, channel, stub = keyed_by_file
+    async with channel:
+        await asyncio.to_thread(keys_file.write_bytes, f"# clés\n{content}".encode("latin-1"))
+        await logged(caplog, "not UTF-8 text")
+        assert (await stub.Complete(chat(), metadata=bearer(RESEARCH_KEY), timeout=5)).backend == "openai"
+        await asyncio.to_thread(keys_file.write_text, "keys: []\n")
+        await logged(caplog, "no keys in force")
+        with pytest.raises(grpc.aio.AioRpcError) as revoked:
+            await stub.Complete(chat(), metadata=bearer(RESEARCH_KEY), timeout=5)
+    assert revoked.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert not [r for r in caplog.records if r.exc_info], "a broken file is no traceback"
+
+
 # --- limits -----------------------------------------------------------------------------------------------------
 
 

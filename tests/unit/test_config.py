@@ -553,6 +553,16 @@ def test_an_unreadable_file_is_named(tmp_path: Path, kind: str) -> None:
     assert "cannot be read" in str(caught.value)
 
 
+def test_a_file_that_is_not_utf8_is_named_not_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("# réglages\nserver: {drain_s: 1}\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as caught:
+        load_config({}, path)
+    assert str(caught.value) == f"config file {path}: not UTF-8 text (byte 3 cannot be read); save it as UTF-8"
+    with pytest.raises(ConfigError, match=r"keys file .*latin1\.yaml: not UTF-8 text"):
+        config.load_keys_file(path)
+
+
 def test_a_config_error_is_a_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
 
@@ -644,6 +654,18 @@ def test_a_number_may_come_from_the_environment(tmp_path: Path) -> None:
         {"RETRIES": "4"},
     )
     assert (cfg.router.retry.max_retries, cfg.router.request_timeout_s) == (4, 12.5)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("true", True), ("False", False), ("yes", True), ("off", False)])
+def test_a_boolean_may_come_from_the_environment(tmp_path: Path, text: str, expected: bool) -> None:
+    yaml_text = "server: {log_content: '${LOG_CONTENT}', tracing: '${TRACING:-false}'}\n"
+    cfg = load(tmp_path, yaml_text, {"LOG_CONTENT": text})
+    assert (cfg.server.log_content, cfg.server.tracing) == (expected, False)
+
+
+def test_a_boolean_from_the_environment_must_be_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"server.log_content: expected true or false, got 'maybe'"):
+        load(tmp_path, "server: {log_content: '${LOG_CONTENT}'}\n", {"LOG_CONTENT": "maybe"})
 
 
 @pytest.mark.parametrize("field", [field.name for field in dataclasses.fields(config.Limits)])
