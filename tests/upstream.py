@@ -18,6 +18,7 @@ Faults are queued; each chat or embeddings request takes the next one. A fault i
     {"no_usage": true}                                 leave usage out (like older Ollama streams)
     {"usage": {"prompt_tokens": 5, ...}}               report this usage, whatever the answer's own counts
     {"reasoning": "thinking..."}                       add reasoning text (as Ollama's `reasoning` field)
+    {"refusal": "I'm sorry, ..."}                      the model refuses: this `refusal` in place of any content
     {"tool_call": {"name": "f", "arguments": "{}"}}    answer with a tool call (id call_N_1, as below)
     {"tool_calls": [{"name": "f", ...}, ...]}          answer with several tool calls (ids call_N_1, call_N_2, ...
                                                        for a request of N messages: unique within a conversation)
@@ -361,10 +362,13 @@ class _Answer:
     two_choices: bool = False
     reported_usage: dict[str, Any] | None = None
     """What the answer reports as its usage instead of its own counts, when set."""
+    refusal: str | None = None
+    """The model's refusal, in place of its content (as OpenAI's structured outputs answer), when set."""
 
     @property
     def completion_tokens(self) -> int:
-        return len(self.content.split()) + len((self.reasoning or "").split())
+        said = self.refusal if self.refusal is not None else self.content
+        return len(said.split()) + len((self.reasoning or "").split())
 
     def tool_call_id(self, index: int) -> str:
         # Unique within a conversation, as a real API's are: the answer's id tells the turns apart.
@@ -381,6 +385,8 @@ class _Answer:
 
     def completion(self) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.refusal is not None:
+            message.update(content=None, refusal=self.refusal)
         if self.reasoning is not None:
             message["reasoning"] = self.reasoning
         if self.tool_calls:
@@ -406,9 +412,13 @@ class _Answer:
         deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
         if self.reasoning is not None:
             deltas += [{"reasoning": piece} for piece in _pieces(self.reasoning)]
-        deltas += [
-            {"content": piece} for piece in ([self.content] if fault.get("one_delta") else _pieces(self.content))
-        ]
+        if self.refusal is not None:
+            deltas = [{"role": "assistant", "content": None, "refusal": ""}]
+            deltas += [{"refusal": piece} for piece in _pieces(self.refusal)]
+        else:
+            deltas += [
+                {"content": piece} for piece in ([self.content] if fault.get("one_delta") else _pieces(self.content))
+            ]
         for i, call in enumerate(self.tool_calls):
             name, arguments = call["name"], call["arguments"]
             head = {
@@ -487,6 +497,7 @@ def _answer(body: dict[str, Any], fault: Fault) -> _Answer:
         usage=not fault.get("no_usage"),
         two_choices=bool(fault.get("two_choices")),
         reported_usage=fault.get("usage"),
+        refusal=fault.get("refusal"),
     )
 
 

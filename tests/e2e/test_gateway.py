@@ -180,6 +180,22 @@ async def test_ollama_gets_max_tokens_and_reasoning_comes_back(
     assert answer.message.reasoning == "let me think"
 
 
+async def test_a_refusal_comes_back_as_the_content_with_content_filter(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    """OpenAI's structured outputs answer a refused request with `refusal` in place of `content` (and "stop"): the
+    caller gets the model's words and CONTENT_FILTER, as for an Anthropic model's refusal, not an empty answer that
+    looks whole."""
+    refusal = "I'm sorry, I cannot help with that."
+    primary.inject({"refusal": refusal}, {"refusal": refusal})
+    answer = await stub.Complete(chat("something forbidden"), timeout=5)
+    assert (answer.message.content, answer.finish_reason) == (refusal, pb.FINISH_REASON_CONTENT_FILTER)
+    chunks = [c async for c in stub.StreamComplete(stream_chat("something forbidden"), timeout=5)]
+    assert "".join(c.delta.content for c in chunks) == refusal
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_CONTENT_FILTER
+    assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens == len(refusal.split())
+
+
 async def test_tool_calls_round_trip(stub: pb.LLMServiceAsyncStub, primary: FakeUpstream) -> None:
     primary.inject({"tool_call": {"name": "weather", "arguments": '{"city": "Oslo"}'}})
     answer = await stub.Complete(chat("weather in Oslo?"), timeout=5)

@@ -106,7 +106,7 @@ class OpenAICompatibleProvider:
             backend=self._spec.name,
             model=self._served_model(data, model),
             message=message,
-            finish_reason=wire.finish_reason(choice.get("finish_reason")),
+            finish_reason=wire.answer_finish_reason(choice),
             usage=usage,
         )
 
@@ -119,10 +119,10 @@ class OpenAICompatibleProvider:
         completion_id, served_model = "", model
         finish: FinishReason | None = None
         usage: TokenUsage | None = None
-        done = settled = False
+        done = settled = refused = False
 
         def chunk_of(line: str) -> CompletionChunk | None:
-            nonlocal completion_id, served_model, finish, usage, done, settled
+            nonlocal completion_id, served_model, finish, usage, done, settled, refused
             payload = wire.sse_data(line)
             if payload is None:
                 return None
@@ -149,6 +149,8 @@ class OpenAICompatibleProvider:
             if not delta:  # the finish reason's event, usually
                 return None
             content, reasoning = wire.delta_text(delta, "content"), wire.reasoning_text(delta) or None
+            if (refusal := wire.refusal_text(delta)) is not None:
+                refused, content = True, (content or "") + refusal
             tool_calls = wire.tool_call_deltas(delta)
             if content is None and reasoning is None and not tool_calls:  # the role's event: nothing to relay
                 return None
@@ -181,6 +183,8 @@ class OpenAICompatibleProvider:
         # finish reason it is a cut stream, whatever else arrived.
         if finish is None:
             raise self._bad_answer("the stream ended without a finish reason")
+        if refused:
+            finish = FinishReason.CONTENT_FILTER
         # Usage stays unset when the upstream sent none: the router, which has the text, estimates it.
         yield CompletionChunk(
             id=completion_id, backend=self._spec.name, model=served_model, finish_reason=finish, usage=usage
@@ -264,7 +268,7 @@ class OpenAICompatibleProvider:
         """The chunks of a stream whose upstream answered whole, read as `complete` reads an answer; usage left unset
         when it reported none, as a stream's is (the router estimates it)."""
         data, choice, message = _chat_completion(raw)
-        finish = wire.finish_reason(choice.get("finish_reason"))
+        finish = wire.answer_finish_reason(choice)
         served = self._served_model(data, model)
         completion_id = str(data.get("id") or "")
         return wire.whole_answer_chunks(completion_id, self._spec.name, served, message, finish, wire.usage_from(data))

@@ -199,6 +199,21 @@ def finish_reason(value: Any) -> FinishReason:
     return _FINISH_REASONS.get(value, FinishReason.UNKNOWN) if isinstance(value, str) else FinishReason.UNKNOWN
 
 
+def answer_finish_reason(choice: Mapping[str, Any]) -> FinishReason:
+    """A whole answer's finish reason: a refusal is CONTENT_FILTER, whatever the upstream says beside it ("stop")."""
+    message = choice.get("message")
+    if isinstance(message, dict) and refusal_text(message) is not None:
+        return FinishReason.CONTENT_FILTER
+    return finish_reason(choice.get("finish_reason"))
+
+
+def refusal_text(message: Mapping[str, Any]) -> str | None:
+    """The model's refusal, in its words (`refusal`, of a message or a stream delta, in place of `content`: OpenAI's
+    structured outputs); None when it did not refuse. The caller gets it as the content, with CONTENT_FILTER, as an
+    Anthropic model's refusal stop reason is told: an empty answer that says "stop" would hide it."""
+    return _optional_text(message.get("refusal"), "refusal") or None
+
+
 def first_choice(data: Any, key: str) -> Mapping[str, Any] | None:
     """Choice 0's `key` object (message or delta); None for a stream chunk without it (the usage chunk, or a chunk
     of another choice: the gateway asks for one, and never merges the text of two)."""
@@ -257,7 +272,7 @@ def message_from_choice(choice: Mapping[str, Any]) -> Message:
         raise MalformedAnswerError("`tool_calls` is not a list")
     return Message(
         role=Role.ASSISTANT,
-        content=_text(message.get("content"), "content"),
+        content=_text(message.get("content"), "content") or refusal_text(message) or "",
         tool_calls=tuple(_tool_call(c) for c in calls),
         reasoning=reasoning_text(message),
     )

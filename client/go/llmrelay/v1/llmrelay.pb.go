@@ -125,7 +125,7 @@ const (
 	FinishReason_FINISH_REASON_LENGTH FinishReason = 2
 	// The model called one or more tools.
 	FinishReason_FINISH_REASON_TOOL_CALLS FinishReason = 3
-	// The upstream's content filter withheld output.
+	// The upstream's content filter withheld output, or the model refused (its refusal, in its words, is the content).
 	FinishReason_FINISH_REASON_CONTENT_FILTER FinishReason = 4
 )
 

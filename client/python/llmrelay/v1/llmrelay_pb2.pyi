@@ -96,7 +96,7 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     FINISH_REASON_TOOL_CALLS: _FinishReason.ValueType  # 3
     """The model called one or more tools."""
     FINISH_REASON_CONTENT_FILTER: _FinishReason.ValueType  # 4
-    """The upstream's content filter withheld output."""
+    """The upstream's content filter withheld output, or the model refused (its refusal, in its words, is the content)."""
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """Why the model stopped producing tokens."""
@@ -110,7 +110,7 @@ FINISH_REASON_LENGTH: FinishReason.ValueType  # 2
 FINISH_REASON_TOOL_CALLS: FinishReason.ValueType  # 3
 """The model called one or more tools."""
 FINISH_REASON_CONTENT_FILTER: FinishReason.ValueType  # 4
-"""The upstream's content filter withheld output."""
+"""The upstream's content filter withheld output, or the model refused (its refusal, in its words, is the content)."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 class _ToolChoiceMode:

@@ -125,7 +125,7 @@ export enum FinishReason {
   FINISH_REASON_LENGTH = 2,
   /** FINISH_REASON_TOOL_CALLS - The model called one or more tools. */
   FINISH_REASON_TOOL_CALLS = 3,
-  /** FINISH_REASON_CONTENT_FILTER - The upstream's content filter withheld output. */
+  /** FINISH_REASON_CONTENT_FILTER - The upstream's content filter withheld output, or the model refused (its refusal, in its words, is the content). */
   FINISH_REASON_CONTENT_FILTER = 4,
   UNRECOGNIZED = -1,
 }
