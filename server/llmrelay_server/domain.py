@@ -638,6 +638,7 @@ class UpstreamErrorKind(enum.StrEnum):
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # next backend, if it has a longer context
     REJECTED = "rejected"  # the request itself is wrong: back to the caller at once
     SILENT = "silent"  # took the request, then sent nothing within the first-chunk limit: next backend at once
+    UNSUPPORTED = "unsupported"  # the backend's dialect has no place for something the request holds: not sent; next
 
     @property
     def attempt_outcome(self) -> AttemptOutcome:
@@ -645,6 +646,8 @@ class UpstreamErrorKind(enum.StrEnum):
             return AttemptOutcome.SERVER_ERROR
         if self is UpstreamErrorKind.SILENT:
             return AttemptOutcome.TIMEOUT
+        if self is UpstreamErrorKind.UNSUPPORTED:
+            return AttemptOutcome.REJECTED
         return AttemptOutcome(self.value)
 
 

@@ -71,7 +71,9 @@ RETRYABLE = frozenset(
     }
 )
 # Failures that say nothing about the backend's health, so they do not trip its circuit.
-NOT_THE_BACKENDS_FAULT = frozenset({UpstreamErrorKind.REJECTED, UpstreamErrorKind.MODEL_NOT_FOUND})
+NOT_THE_BACKENDS_FAULT = frozenset(
+    {UpstreamErrorKind.REJECTED, UpstreamErrorKind.MODEL_NOT_FOUND, UpstreamErrorKind.UNSUPPORTED}
+)
 # Below this much time left, an attempt cannot get an answer; starting one only wastes the upstream's work.
 MIN_ATTEMPT_S = 0.01
 DEADLINE_MARGIN_S = 0.05

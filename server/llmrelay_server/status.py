@@ -264,7 +264,7 @@ def _exhausted(error: AllBackendsFailedError) -> _Classified:
 def _upstream(error: UpstreamError, default_code: grpc.StatusCode, default_reason: str) -> _Classified:
     metadata = _upstream_metadata(error)
     kind = error.kind
-    if kind is UpstreamErrorKind.REJECTED:
+    if kind in (UpstreamErrorKind.REJECTED, UpstreamErrorKind.UNSUPPORTED):
         return grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED", metadata, []
     if kind is UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED:
         return grpc.StatusCode.INVALID_ARGUMENT, "CONTEXT_LENGTH_EXCEEDED", metadata, []

@@ -506,20 +506,27 @@ async def test_json_texts_reach_the_api_as_written_however_large_and_deep(
         ('{"n": 1e400}', "1e400 is beyond the range of a double"),
     ],
 )
-async def test_tool_arguments_with_a_number_no_reader_takes_are_the_callers_error(
+async def test_tool_arguments_with_a_number_no_reader_takes_are_not_sent_to_the_messages_api(
     stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, caplog: pytest.LogCaptureFixture, arguments: str, says: str
 ) -> None:
-    """Sent as written, they would fail the whole request upstream, or reach the model as null."""
+    """Sent as written, they would fail the whole request upstream, or reach the model as null. Asked of Claude alone,
+    the call is refused with what could not be sent; the OpenAI format carries them as text (the fallback, below)."""
     conversation = called_with(arguments)
     for call in (
-        stub.Complete(pb.CompleteRequest(messages=conversation), timeout=5),
-        streamed(stub, pb.StreamCompleteRequest(messages=conversation)),
+        stub.Complete(pb.CompleteRequest(messages=conversation, model="claude-test", exact_model=True), timeout=5),
+        streamed(stub, pb.StreamCompleteRequest(messages=conversation, model="claude-test", exact_model=True)),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert f"messages[1].tool_calls[0].function.arguments: {says}" in str(caught.value.details())
         assert details(caught.value)["ErrorInfo"].reason == "UPSTREAM_REJECTED"
+    answer = await stub.Complete(pb.CompleteRequest(messages=conversation), timeout=5)
+    assert answer.backend == "ollama"
+    assert [(a.backend, a.outcome) for a in answer.attempts] == [
+        ("anthropic", pb.ATTEMPT_OUTCOME_REJECTED),
+        ("ollama", pb.ATTEMPT_OUTCOME_SUCCEEDED),
+    ]
 
     # The API cannot count what it cannot be sent: the gateway estimates.
     count = await stub.CountTokens(pb.CountTokensRequest(model="claude-test", messages=conversation), timeout=5)
@@ -558,18 +565,26 @@ async def test_a_message_of_empty_text_parts_is_refused_as_empty_content_is(
     assert claude.chat_requests == []
 
 
-async def test_system_messages_alone_are_refused_for_the_messages_api(
+async def test_system_messages_alone_are_not_sent_to_the_messages_api(
     stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, local: FakeUpstream
 ) -> None:
-    """The API takes no request without a user or assistant turn; the OpenAI format takes one, so Ollama serves it."""
+    """The API takes no request without a user or assistant turn; the OpenAI format takes one, so Ollama serves it,
+    as the next route: a request valid in the contract is not the caller's mistake because one dialect cannot carry
+    it. Asked of Claude alone, it is refused, saying what could not be sent."""
     system_only = [pb.Message(role=pb.ROLE_SYSTEM, content="be brief")]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.Complete(pb.CompleteRequest(messages=system_only), timeout=5)
+        await stub.Complete(pb.CompleteRequest(messages=system_only, model="claude-test", exact_model=True), timeout=5)
 
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "messages: Anthropic needs a user or assistant message" in str(caught.value.details())
+    assert "not sent to Anthropic: messages: Anthropic needs a user or assistant message" in str(
+        caught.value.details()
+    )
+    info = details(caught.value)["ErrorInfo"]
+    assert (info.reason, info.metadata["attempts"]) == ("UPSTREAM_REJECTED", "anthropic:rejected")
+    assert "upstream_status" not in info.metadata, "no upstream was asked"
     assert claude.chat_requests == []
-    answer = await stub.Complete(pb.CompleteRequest(messages=system_only, model="tiny"), timeout=5)
+    answer = await stub.Complete(pb.CompleteRequest(messages=system_only), timeout=5)
     assert answer.backend == "ollama" and local.chat_requests[0]["messages"] == [
         {"role": "system", "content": "be brief"}
     ]
+    assert claude.chat_requests == []

@@ -210,7 +210,10 @@ class AnthropicProvider:
                 adaptive_thinking=model in self._adaptive_thinking,
             )
         except anthropic_wire.UnmappableRequestError as exc:
-            raise UpstreamError(UpstreamErrorKind.REJECTED, self._spec.name, str(exc)) from exc
+            # Valid in the contract, and for another dialect: the router moves on to a backend that can take it.
+            raise UpstreamError(
+                UpstreamErrorKind.UNSUPPORTED, self._spec.name, f"not sent to Anthropic: {exc}"
+            ) from exc
 
     def _post_stream(
         self, body: dict[str, Any], timeout_s: float | None

@@ -375,7 +375,9 @@ const (
 	AttemptOutcome_ATTEMPT_OUTCOME_AUTH_FAILED AttemptOutcome = 6
 	// The backend does not serve the model (HTTP 404).
 	AttemptOutcome_ATTEMPT_OUTCOME_MODEL_NOT_FOUND AttemptOutcome = 7
-	// The backend rejected the request itself (HTTP 400/422): the caller's fault, so no fallback followed.
+	// The backend rejected the request itself (HTTP 400/422): the caller's fault, so no fallback followed. Or the
+	// gateway did not send it, as the backend's dialect has no place for something in it (its error says what): the
+	// next backend was tried.
 	AttemptOutcome_ATTEMPT_OUTCOME_REJECTED AttemptOutcome = 8
 	// The backend was skipped because its circuit breaker is open after repeated failures.
 	AttemptOutcome_ATTEMPT_OUTCOME_SKIPPED AttemptOutcome = 9
@@ -534,7 +536,9 @@ const (
 	// must fix the configuration; metadata `backend`, `upstream_status`, `attempts`; AttemptHistory.
 	ErrorReason_ERROR_REASON_UPSTREAM_AUTH_FAILED ErrorReason = 5
 	// INVALID_ARGUMENT, routed: the upstream rejected the request as invalid (HTTP 400/413/422), so no other backend
-	// was tried; metadata `backend`, `upstream_status`, `attempts`; AttemptHistory.
+	// was tried; or no backend tried could carry it in its dialect (the gateway sent it to none: no upstream_status,
+	// and the attempts' errors say what could not be sent); metadata `backend`, `upstream_status`, `attempts`;
+	// AttemptHistory.
 	ErrorReason_ERROR_REASON_UPSTREAM_REJECTED ErrorReason = 6
 	// DEADLINE_EXCEEDED, routed: the caller's deadline ran out before an answer was complete (the gateway answers a
 	// little before it, so that this status, with the attempts, arrives); metadata `attempts`; AttemptHistory.

@@ -231,7 +231,10 @@ class _AttemptOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Attemp
     ATTEMPT_OUTCOME_MODEL_NOT_FOUND: _AttemptOutcome.ValueType  # 7
     """The backend does not serve the model (HTTP 404)."""
     ATTEMPT_OUTCOME_REJECTED: _AttemptOutcome.ValueType  # 8
-    """The backend rejected the request itself (HTTP 400/422): the caller's fault, so no fallback followed."""
+    """The backend rejected the request itself (HTTP 400/422): the caller's fault, so no fallback followed. Or the
+    gateway did not send it, as the backend's dialect has no place for something in it (its error says what): the
+    next backend was tried.
+    """
     ATTEMPT_OUTCOME_SKIPPED: _AttemptOutcome.ValueType  # 9
     """The backend was skipped because its circuit breaker is open after repeated failures."""
     ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED: _AttemptOutcome.ValueType  # 10
@@ -269,7 +272,10 @@ ATTEMPT_OUTCOME_AUTH_FAILED: AttemptOutcome.ValueType  # 6
 ATTEMPT_OUTCOME_MODEL_NOT_FOUND: AttemptOutcome.ValueType  # 7
 """The backend does not serve the model (HTTP 404)."""
 ATTEMPT_OUTCOME_REJECTED: AttemptOutcome.ValueType  # 8
-"""The backend rejected the request itself (HTTP 400/422): the caller's fault, so no fallback followed."""
+"""The backend rejected the request itself (HTTP 400/422): the caller's fault, so no fallback followed. Or the
+gateway did not send it, as the backend's dialect has no place for something in it (its error says what): the
+next backend was tried.
+"""
 ATTEMPT_OUTCOME_SKIPPED: AttemptOutcome.ValueType  # 9
 """The backend was skipped because its circuit breaker is open after repeated failures."""
 ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED: AttemptOutcome.ValueType  # 10
@@ -346,7 +352,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_UPSTREAM_REJECTED: _ErrorReason.ValueType  # 6
     """INVALID_ARGUMENT, routed: the upstream rejected the request as invalid (HTTP 400/413/422), so no other backend
-    was tried; metadata `backend`, `upstream_status`, `attempts`; AttemptHistory.
+    was tried; or no backend tried could carry it in its dialect (the gateway sent it to none: no upstream_status,
+    and the attempts' errors say what could not be sent); metadata `backend`, `upstream_status`, `attempts`;
+    AttemptHistory.
     """
     ERROR_REASON_DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 7
     """DEADLINE_EXCEEDED, routed: the caller's deadline ran out before an answer was complete (the gateway answers a
@@ -449,7 +457,9 @@ must fix the configuration; metadata `backend`, `upstream_status`, `attempts`; A
 """
 ERROR_REASON_UPSTREAM_REJECTED: ErrorReason.ValueType  # 6
 """INVALID_ARGUMENT, routed: the upstream rejected the request as invalid (HTTP 400/413/422), so no other backend
-was tried; metadata `backend`, `upstream_status`, `attempts`; AttemptHistory.
+was tried; or no backend tried could carry it in its dialect (the gateway sent it to none: no upstream_status,
+and the attempts' errors say what could not be sent); metadata `backend`, `upstream_status`, `attempts`;
+AttemptHistory.
 """
 ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 7
 """DEADLINE_EXCEEDED, routed: the caller's deadline ran out before an answer was complete (the gateway answers a

@@ -358,7 +358,11 @@ export enum AttemptOutcome {
   ATTEMPT_OUTCOME_AUTH_FAILED = 6,
   /** ATTEMPT_OUTCOME_MODEL_NOT_FOUND - The backend does not serve the model (HTTP 404). */
   ATTEMPT_OUTCOME_MODEL_NOT_FOUND = 7,
-  /** ATTEMPT_OUTCOME_REJECTED - The backend rejected the request itself (HTTP 400/422): the caller's fault, so no fallback followed. */
+  /**
+   * ATTEMPT_OUTCOME_REJECTED - The backend rejected the request itself (HTTP 400/422): the caller's fault, so no fallback followed. Or the
+   * gateway did not send it, as the backend's dialect has no place for something in it (its error says what): the
+   * next backend was tried.
+   */
   ATTEMPT_OUTCOME_REJECTED = 8,
   /** ATTEMPT_OUTCOME_SKIPPED - The backend was skipped because its circuit breaker is open after repeated failures. */
   ATTEMPT_OUTCOME_SKIPPED = 9,
@@ -544,7 +548,9 @@ export enum ErrorReason {
   ERROR_REASON_UPSTREAM_AUTH_FAILED = 5,
   /**
    * ERROR_REASON_UPSTREAM_REJECTED - INVALID_ARGUMENT, routed: the upstream rejected the request as invalid (HTTP 400/413/422), so no other backend
-   * was tried; metadata `backend`, `upstream_status`, `attempts`; AttemptHistory.
+   * was tried; or no backend tried could carry it in its dialect (the gateway sent it to none: no upstream_status,
+   * and the attempts' errors say what could not be sent); metadata `backend`, `upstream_status`, `attempts`;
+   * AttemptHistory.
    */
   ERROR_REASON_UPSTREAM_REJECTED = 6,
   /**
