@@ -550,7 +550,7 @@ class Router:
                 async with contextlib.aclosing(self._rest_of_stream(chain, route, first, upstream)) as chunks:
                     async for chunk in chunks:
                         if chunk.finish_reason is not None:  # the last chunk
-                            usage = chunk.usage or self._counter.estimate_usage(route.model, request, received)
+                            usage = chunk.usage or await self._counter.estimate_usage(route.model, request, received)
                             usage = self._priced(route, chunk.model, usage)
                             self._bill(chunk.backend, chunk.model, caller, usage)
                             billed = True
@@ -565,7 +565,7 @@ class Router:
                 # The attempt that had started is recorded as broken, not as the success it first looked like.
                 chain.stream_ended(AttemptOutcome.INTERRUPTED, exc.message, exc.status)
                 chain.last_error = exc
-                partial = self._bill_partial(route, request, caller, received)
+                partial = await self._bill_partial(route, request, caller, received)
                 billed = True
                 consumed = partial if consumed is None else consumed + partial
                 broken = StreamInterruptedError(exc, chain.attempts)
@@ -580,18 +580,21 @@ class Router:
                     restart=StreamRestart(str(broken), route.backend.name, tuple(chain.attempts), partial),
                 )
             finally:
-                # The caller left, or the deadline ran out, mid-stream: what was generated was still consumed.
-                if not billed:
-                    self._bill_partial(route, request, caller, received)
-                    # Still open: the call ended under it (the gateway's own deadline made it TIMEOUT already). As
-                    # for an attempt that had no answer yet (_try_route): past the deadline, gRPC's timer beat ours;
-                    # else the caller left, or a shutdown ended the call.
-                    if chain.attempts[-1].outcome is AttemptOutcome.SUCCEEDED:
-                        if chain.remaining_s() <= 0:
-                            chain.stream_ended(AttemptOutcome.TIMEOUT, "the deadline ran out mid-stream")
-                        else:
-                            chain.stream_ended(AttemptOutcome.CANCELLED)
-                await upstream.aclose()
+                try:
+                    if not billed:
+                        # Still open: the call ended under it (the gateway's own deadline made it TIMEOUT already).
+                        # As for an attempt that had no answer yet (_try_route): past the deadline, gRPC's timer beat
+                        # ours; else the caller left, or a shutdown ended the call.
+                        if chain.attempts[-1].outcome is AttemptOutcome.SUCCEEDED:
+                            if chain.remaining_s() <= 0:
+                                chain.stream_ended(AttemptOutcome.TIMEOUT, "the deadline ran out mid-stream")
+                            else:
+                                chain.stream_ended(AttemptOutcome.CANCELLED)
+                        # What was generated was still consumed; shielded, as its count may take a thread's while,
+                        # so that the call cancelled once more meanwhile does not lose the bill.
+                        await asyncio.shield(self._bill_partial(route, request, caller, received))
+                finally:
+                    await upstream.aclose()
         if broken is not None:
             # Text was sent and no restart finished it: the stream as a whole was interrupted.
             raise StreamInterruptedError(broken.cause, chain.attempts, after="; no restart could finish it")
@@ -610,9 +613,11 @@ class Router:
                 return replace(response, usage=usage, attempts=tuple(chain.attempts))
         raise chain.exhausted()
 
-    def _bill_partial(self, route: Route, request: CompletionRequest, caller: str, received: list[str]) -> TokenUsage:
+    async def _bill_partial(
+        self, route: Route, request: CompletionRequest, caller: str, received: list[str]
+    ) -> TokenUsage:
         """What a stream that ended early consumed, counted by the gateway, recorded in the ledger as interrupted."""
-        usage = self._priced(route, route.model, self._counter.estimate_usage(route.model, request, received))
+        usage = self._priced(route, route.model, await self._counter.estimate_usage(route.model, request, received))
         self._bill(route.backend.name, route.model, caller, usage, interrupted=True)
         return usage
 

@@ -248,6 +248,47 @@ def _as_text(value: object) -> str:
     return value if isinstance(value, str) else _compact_json(value)
 
 
+WHITESPACE_RUN_CHARS = 10_000
+"""The longest run of whitespace tiktoken is given at once. Its pattern (`\\s+(?!\\S)`) backtracks through a run
+once per character, on the stack: a run of about 800,000 spaces, which fits in a request, overflows it, and tiktoken
+panics (a BaseException that nothing expects: the call would never end). A longer run is encoded in pieces of this
+size, which can count a token more per piece than the whole run would."""
+_LONG_WHITESPACE_RUN = re.compile(rf"\s{{{WHITESPACE_RUN_CHARS + 1},}}")
+
+
+def _safely(encoding: tiktoken.Encoding) -> _Encode:
+    """The encoding's encode_ordinary for any text: a long run of whitespace in pieces (see WHITESPACE_RUN_CHARS);
+    and should tiktoken still panic, a logged estimate (a token per 4 bytes) rather than an exception that would leave
+    the call hanging."""
+
+    def safe(text: str) -> list[int]:
+        if len(text) <= WHITESPACE_RUN_CHARS:  # too short to hold a run that long
+            return encoding.encode_ordinary(text)
+        try:
+            return _in_pieces(encoding.encode_ordinary, text)
+        except Exception:
+            raise
+        except BaseException as panic:  # pyo3's PanicException, tiktoken's Rust failing: no Exception
+            if isinstance(panic, KeyboardInterrupt | SystemExit):
+                raise
+            _log.warning("tiktoken failed on a text of %d characters (%s): its tokens estimated", len(text), panic)
+            return [0] * (len(text.encode(errors="replace")) // 4 + 1)
+
+    return safe
+
+
+def _in_pieces(encode: _Encode, text: str) -> list[int]:
+    tokens: list[int] = []
+    start = 0
+    for run in _LONG_WHITESPACE_RUN.finditer(text):
+        tokens += encode(text[start : run.start()])
+        for piece in range(run.start(), run.end(), WHITESPACE_RUN_CHARS):
+            tokens += encode(text[piece : min(piece + WHITESPACE_RUN_CHARS, run.end())])
+        start = run.end()
+    tokens += encode(text[start:])
+    return tokens
+
+
 def _message_tokens(encode: _Encode, message: Message) -> tuple[int, bool]:
     """A message's tokens, and whether OpenAI's published formula covers all of it.
 
@@ -593,6 +634,8 @@ class TokenCounter:
     ) -> None:
         self._search_dirs = tuple(default_search_dirs() if search_dirs is None else search_dirs)
         self._encodings: dict[str, tiktoken.Encoding] = {}
+        self._encoders: dict[str, _Encode] = {}
+        """By encoding name, its encode_ordinary made safe (`_safely`)."""
         self._short_counts = functools.lru_cache(maxsize=message_cache_size)(self._count_message)
         self._long_counts = _DigestCache(message_cache_size)
         self._inline_chars = inline_chars
@@ -607,14 +650,14 @@ class TokenCounter:
 
     def count_text(self, model: str, text: str) -> TokenCount:
         encoding_name, exact = encoding_for_model(model)
-        tokens = len(self._encoding(encoding_name).encode_ordinary(text))
+        tokens = len(self._encoder(encoding_name)(text))
         return TokenCount(tokens=tokens, model=model, encoding=encoding_name, estimated=not exact)
 
     def count_chat(self, model: str, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> TokenCount:
         """The prompt tokens a chat completion request would be billed for: messages, framing and tools."""
         encoding_name, exact = encoding_for_model(model)
         # Text never carries special tokens into the count: the API treats "<|endoftext|>" in content as plain text.
-        encode = self._encoding(encoding_name).encode_ordinary
+        encode = self._encoder(encoding_name)
         tokens, formula_covers_all = _REPLY_PRIMING, True
         priced_by_tiles = _TILE_PRICED_MODELS.fullmatch(_base_model_name(model)) is not None
         for message in messages:
@@ -631,14 +674,13 @@ class TokenCounter:
         exact = exact and formula_covers_all and covered and encoding_name != O200K_HARMONY
         return TokenCount(tokens=tokens + tool_tokens, model=model, encoding=encoding_name, estimated=not exact)
 
-    def estimate_usage(self, model: str, request: CompletionRequest, answer: Sequence[str]) -> TokenUsage:
+    async def estimate_usage(self, model: str, request: CompletionRequest, answer: Sequence[str]) -> TokenUsage:
         """The usage of an answer whose upstream did not report it (or broke off): the prompt, and the text of the
-        answer (content, reasoning, tool-call arguments) as far as it came."""
-        return TokenUsage(
-            prompt_tokens=self.count_chat(model, request.messages, request.options.tools).tokens,
-            completion_tokens=self.count_text(model, "".join(answer)).tokens,
-            estimated=True,
-        )
+        answer (content, reasoning, tool-call arguments) as far as it came; counted in a thread when long (a caller
+        who leaves a stream with a prompt of megabytes must not hold up the event loop for everyone)."""
+        prompt = await self.count_chat_async(model, request.messages, request.options.tools)
+        completion = await self.count_text_async(model, "".join(answer))
+        return TokenUsage(prompt_tokens=prompt.tokens, completion_tokens=completion.tokens, estimated=True)
 
     async def count_text_async(self, model: str, text: str) -> TokenCount:
         """count_text, in a thread when the text is long enough to hold up the event loop, or its encoding has yet to
@@ -691,7 +733,13 @@ class TokenCounter:
         return count
 
     def _count_message(self, encoding_name: str, message: Message) -> tuple[int, bool]:
-        return _message_tokens(self._encoding(encoding_name).encode_ordinary, message)
+        return _message_tokens(self._encoder(encoding_name), message)
+
+    def _encoder(self, name: str) -> _Encode:
+        encode = self._encoders.get(name)
+        if encode is None:
+            encode = self._encoders[name] = _safely(self._encoding(name))
+        return encode
 
     def _encoding(self, name: str) -> tiktoken.Encoding:
         # Kept here too: the shared lookup hashes the search path, ten times the cost of this one.

@@ -516,3 +516,21 @@ async def test_a_prompt_the_limits_cannot_count_is_refused_for_the_missing_token
     assert info.reason == "TOKENIZER_UNAVAILABLE" and info.metadata["encoding"] == "o200k_base"
     assert not primary.chat_requests, "refused before any upstream is asked"
     assert not [record for record in caplog.records if record.exc_info], "one line, no traceback"
+
+
+async def test_a_prompt_of_a_million_spaces_is_counted_and_answered(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """tiktoken alone overflows its stack on such a run and panics (a BaseException): the call never ended, and a few
+    of them held every slot of max_concurrent_rpcs."""
+    router = "router: {first_chunk_timeout_s: 20}\n"  # the test upstream takes its time over a megabyte
+    limits = "limits: {tokens_per_minute: 10000000}"
+    gateway = await gateway_factory(two_backends(primary, local, router), server=limits)
+    spaced = pb.CompleteRequest(messages=[pb.Message(role=pb.ROLE_USER, content="x" + " " * 1_000_000 + "y")])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+        answer = await stub.Complete(spaced, timeout=30)
+        assert answer.backend == "openai" and answer.usage.prompt_tokens > 0
+        primary.inject({"one_delta": True})  # its echo in one piece, not a million
+        streamed = await read(stub.StreamComplete(pb.StreamCompleteRequest(messages=spaced.messages), timeout=30))
+        assert streamed[-1].finish_reason == pb.FINISH_REASON_STOP

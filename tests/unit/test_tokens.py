@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from llmrelay_server import tokens
 from llmrelay_server.domain import (
+    CompletionRequest,
     ImageDetail,
     ImagePart,
     JsonText,
@@ -688,6 +689,62 @@ async def test_long_texts_are_counted_in_a_thread_and_short_ones_on_the_loop(
     assert await limited.count_text_async("gpt-4o", short) == counter.count_text("gpt-4o", short)
     assert await limited.count_text_async("gpt-4o", long) == counter.count_text("gpt-4o", long)
     assert threads[0] == threading.get_ident() != threads[1]
+
+
+async def test_the_usage_of_a_long_prompt_is_estimated_in_a_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream the caller leaves, or an answer without usage, is billed by the gateway's own count: a prompt of
+    megabytes must not hold up the event loop (and every other call) while it is counted."""
+    limited = TokenCounter(inline_chars=100)
+    await limited.warm_up(["gpt-4o"])
+    threads = record_threads(monkeypatch, limited, "count_chat")
+    short, long = CompletionRequest((Message(Role.USER, "hi"),)), CompletionRequest((Message(Role.USER, "x " * 60),))
+
+    usage = await limited.estimate_usage("gpt-4o", short, ["hello"])
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (8, 1, True)
+    assert (await limited.estimate_usage("gpt-4o", long, [])).prompt_tokens > 60
+    assert threads[0] == threading.get_ident() != threads[1]
+
+
+@pytest.mark.parametrize("spaces", [20_000, 1_000_000])
+def test_a_long_run_of_whitespace_is_counted_in_pieces_rather_than_crashing_tiktoken(
+    counter: TokenCounter, o200k: tiktoken.Encoding, spaces: int
+) -> None:
+    """tiktoken's pattern overflows its stack on a run of about 800,000 spaces (it panics: a BaseException)."""
+    text = "word" + " " * spaces + "end"
+    pieces = -(-spaces // tokens.WHITESPACE_RUN_CHARS)
+
+    count = counter.count_text("gpt-4o", text).tokens
+
+    whole = len(o200k.encode_ordinary(text)) if spaces < 700_000 else spaces // 128 + 2
+    assert abs(count - whole) <= pieces + 1
+
+
+def test_long_text_without_such_runs_is_counted_as_tiktoken_counts_it(
+    counter: TokenCounter, o200k: tiktoken.Encoding
+) -> None:
+    prose = "A line of prose, with    some spaces, and numbers 12345.\n" * 2000
+    text = prose + "end" + " " * tokens.WHITESPACE_RUN_CHARS
+    assert counter.count_text("gpt-4o", text).tokens == len(o200k.encode_ordinary(text))
+
+
+def test_a_panic_in_tiktoken_is_an_estimate_and_a_warning_not_a_hung_call(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    class PanicException(BaseException):  # pyo3's, as tiktoken's Rust code raises it
+        pass
+
+    counter = TokenCounter()
+    encoding = counter._encoding("o200k_base")
+
+    def panics(text: str) -> list[int]:
+        raise PanicException("called `Result::unwrap()` on an `Err` value: RuntimeError(StackOverflow)")
+
+    monkeypatch.setattr(encoding, "encode_ordinary", panics)
+    text = "x" * (tokens.WHITESPACE_RUN_CHARS + 400)
+
+    assert counter.count_text("gpt-4o", text).tokens == len(text) // 4 + 1
+    assert "tiktoken failed on a text of 10400 characters" in caplog.text
+    assert not [record for record in caplog.records if record.exc_info]
 
 
 @pytest.mark.parametrize(

@@ -107,7 +107,7 @@ class AnthropicProvider:
         except wire.MalformedAnswerError as exc:
             raise self._bad_answer(str(exc)) from exc
         message = answer.message
-        usage = answer.usage or self._counter.estimate_usage(
+        usage = answer.usage or await self._counter.estimate_usage(
             model, request, [message.content, message.reasoning or "", *(call.arguments for call in message.tool_calls)]
         )
         return CompletionResponse(

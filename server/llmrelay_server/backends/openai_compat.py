@@ -98,7 +98,7 @@ class OpenAICompatibleProvider:
             raise self._upstream_error(exc) from exc
         except wire.MalformedAnswerError as exc:
             raise self._bad_answer(str(exc)) from exc
-        usage = wire.usage_from(data) or self._counter.estimate_usage(
+        usage = wire.usage_from(data) or await self._counter.estimate_usage(
             model, request, [message.content, message.reasoning or "", *(call.arguments for call in message.tool_calls)]
         )
         return CompletionResponse(
