@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 
@@ -368,6 +368,24 @@ def _check_usage_db(usage_db: str) -> None:
     if is_postgresql(usage_db) and _BARE_PERCENT.search(usage_db):
         # libpq would refuse it, and psycopg's pool log its message, the password in it, at every try to connect.
         raise ConfigError("server.usage_db: a % in the URL starts no %XX escape; write a % in the password as %25")
+    if is_postgresql(usage_db):
+        _check_authority(usage_db, "server.usage_db")
+
+
+def _check_authority(url: str, where: str) -> None:
+    """A user or password holding '/', '?' or '#' as is ends the URL's authority early: the rest of it, the password
+    with it, would be read as the path or the fragment (and shown wherever a database's address is: Health, the log),
+    or as the host and port (and quoted in the error). The URL itself is never in the message. (An @ in a query's
+    value, `?user=admin@server`, is one.)"""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # its own words ("Invalid IPv6 URL"), never the URL's
+        raise ConfigError(f"{where}: {exc}") from None
+    query_keys = (key for key, _ in parse_qsl(parts.query, keep_blank_values=True))
+    if "@" not in parts.netloc and ("@" in parts.path + parts.fragment or any("@" in key for key in query_keys)):
+        raise ConfigError(
+            f"{where}: the user or password in the URL holds a '/', '?' or '#' as is; percent-encode it (%2F, %3F, %23)"
+        )
 
 
 def _check_state(state: StateConfig) -> None:
@@ -377,6 +395,7 @@ def _check_state(state: StateConfig) -> None:
     if state.redis_url is None:
         return
     # The URL may hold a password: only its scheme, or what the parsers say of its form, is shown.
+    _check_authority(state.redis_url, "state.redis_url")
     try:
         scheme = urlsplit(state.redis_url).scheme
         if scheme in ("redis", "rediss", "unix"):

@@ -612,8 +612,23 @@ def test_a_mistyped_api_key_is_never_shown(tmp_path: Path, yaml_text: str, field
         ('state: {redis_url: "redis://:SUPERSECRET@127.0.0.1:6379/0?socket_timeout=abc"}\n', "socket_timeout"),
         ('state: {redis_url: "redis://:SUPERSECRET@[::1/0"}\n', "IPv6"),
         ('server: {usage_db: "postgresql://app:50%off-SUPERSECRET@127.0.0.1/db"}\n', "%25"),
+        # Generated passwords hold these: written as is, they end the authority, and the password would be shown as
+        # part of the database's path (Health, the log) or quoted as its port.
+        ('state: {redis_url: "redis://:SUPER/SECRET@redis:6379/0"}\n', "%2F"),
+        ('state: {redis_url: "redis://default:SUPER#SECRET@redis:6379/0"}\n', "%23"),
+        ('server: {usage_db: "postgresql://app:SUPERSECRET/x@db:5432/llmrelay"}\n', "%2F"),
+        ('server: {usage_db: "postgresql://app:SUPER?SECRET@db:5432/llmrelay"}\n', "%3F"),
     ],
-    ids=["redis port", "redis option", "redis host", "postgresql percent"],
+    ids=[
+        "redis port",
+        "redis option",
+        "redis host",
+        "postgresql percent",
+        "redis slash",
+        "redis hash",
+        "postgresql slash",
+        "postgresql question mark",
+    ],
 )
 def test_a_malformed_store_url_is_named_without_its_password(tmp_path: Path, yaml_text: str, said: str) -> None:
     with pytest.raises(ConfigError) as caught:
@@ -621,6 +636,15 @@ def test_a_malformed_store_url_is_named_without_its_password(tmp_path: Path, yam
     message = str(caught.value)
     assert message.startswith(("state.redis_url:", "server.usage_db:")) and said in message, message
     assert "SUPERSECRET" not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://db:5432/llmrelay?user=admin@server", "postgresql://app:SUPER%2FSECRET@db/llmrelay"],
+    ids=["an @ in a query's value", "an escaped slash"],
+)
+def test_a_store_url_with_an_at_sign_where_it_may_be_is_taken(tmp_path: Path, url: str) -> None:
+    assert load(tmp_path, f'server: {{usage_db: "{url}"}}\n').server.usage_db == url
 
 
 def test_a_mistyped_non_secret_value_is_shown(tmp_path: Path) -> None:
