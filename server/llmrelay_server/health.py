@@ -25,6 +25,10 @@ from llmrelay_server.router import Backend, CircuitState, Router
 SERVICE_NAME = "llmrelay.v1.LLMService"
 # Circuits open and cool down between probes; their state is read this often (no network) and published on change.
 STATE_CHECK_S = 0.25
+FRESH_PROBE_S = 1.0
+"""A backend probed this recently is not probed again for Health(probe=true): its result is that fresh. Health is
+open to callers without a key (by default), who could otherwise turn each of their calls into a request to every
+upstream, on the gateway's own keys."""
 log = logging.getLogger(__name__)
 
 
@@ -82,6 +86,8 @@ class HealthMonitor:
         self._published: bool | None = None
         # The probe in flight per backend (by name): whoever asks while it runs waits for it instead of sending another.
         self._probes: dict[str, asyncio.Task[None]] = {}
+        self._probed_at: dict[str, float] = {}
+        """When each backend's last probe ended (the loop's clock)."""
 
     async def start(self) -> None:
         await self._servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -101,10 +107,15 @@ class HealthMonitor:
         await self._servicer.enter_graceful_shutdown()
 
     async def probe(self) -> list[tuple[BackendHealth, CircuitState]]:
-        """Probes every backend now. A backend's probe already in flight is joined, not repeated: a hundred callers
-        asking at once, and the background probes among them, send each upstream one probe."""
+        """Probes every backend now, but one probed within FRESH_PROBE_S. A backend's probe already in flight is
+        joined, not repeated: a hundred callers asking at once, and the background probes among them, send each
+        upstream one probe."""
+        loop = asyncio.get_running_loop()
+        stale = [
+            b for b in self._backends if loop.time() - self._probed_at.get(b.name, -FRESH_PROBE_S) >= FRESH_PROBE_S
+        ]
         # Shielded: a caller that leaves (its deadline, a cancel) must not cancel the probe the others are waiting for.
-        await asyncio.gather(*(asyncio.shield(self._probe_once(b)) for b in self._backends))
+        await asyncio.gather(*(asyncio.shield(self._probe_once(b)) for b in stale))
         await self._publish()
         return self.report()
 
@@ -119,6 +130,7 @@ class HealthMonitor:
 
     async def _probe(self, backend: Backend) -> None:
         result = await backend.provider.health()
+        self._probed_at[backend.name] = asyncio.get_running_loop().time()
         if backend.health is None or backend.health.reachable != result.reachable:
             log.info("backend %s is %s", backend.name, "reachable" if result.reachable else "unreachable")
         backend.health = result

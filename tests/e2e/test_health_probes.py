@@ -1,4 +1,5 @@
-"""Health(probe=true) from many callers at once: each upstream gets one probe, and every caller the whole answer."""
+"""Health(probe=true) from many callers at once, or one after another: each upstream gets one probe (one a second at
+most), and every caller the whole answer."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import grpc
 import pytest
 from llmrelay import v1 as pb
+from llmrelay_server.health import FRESH_PROBE_S
 from support import GatewayFactory, two_backends
 from upstream import FakeUpstream
 
@@ -28,7 +30,8 @@ async def test_concurrent_probes_send_each_upstream_one_probe(
 ) -> None:
     # Slow probes, so that every caller arrives while the first probe is still out.
     primary.probe_delay_s = local.probe_delay_s = 0.3
-    primary.probe_requests.clear()  # the gateway's own probe at start
+    await asyncio.sleep(FRESH_PROBE_S)  # the gateway's own probe at start is no longer fresh
+    primary.probe_requests.clear()
     local.probe_requests.clear()
 
     # The first callers give up before the probe ends: the probe the others wait for must go on without them.
@@ -48,6 +51,21 @@ async def test_concurrent_probes_send_each_upstream_one_probe(
         assert all(b.reachable and b.latency.ToNanoseconds() > 0 for b in report.backends)
     assert 1 <= primary.probe_requests.count("/v1/models") <= 2, primary.probe_requests
     assert 1 <= local.probe_requests.count("/api/tags") <= 2, local.probe_requests
+
+
+async def test_probes_one_after_the_other_send_an_upstream_one_probe_a_second(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    """Health is open to callers without a key: they cannot turn each of their calls into a request to every
+    upstream, on the gateway's keys. A result that fresh is the probe's answer."""
+    await asyncio.sleep(FRESH_PROBE_S)
+    primary.probe_requests.clear()
+    reports = [await probe(stub, timeout=5) for _ in range(20)]
+    assert primary.probe_requests == ["/v1/models"]
+    assert all(isinstance(r, pb.HealthResponse) and r.backends[0].reachable for r in reports)
+    await asyncio.sleep(FRESH_PROBE_S)
+    await probe(stub, timeout=5)
+    assert primary.probe_requests == ["/v1/models"] * 2, "probed again once the last result is a second old"
 
 
 @pytest.mark.parametrize("answer", [[], {}, {"data": 5}, {"data": [5]}, {"data": [{"object": "model"}]}])

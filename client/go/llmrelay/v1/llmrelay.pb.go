@@ -2801,7 +2801,8 @@ func (x *CountTokensResponse) GetEstimated() bool {
 // A request for the backends' health.
 type HealthRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// When true, probe every backend now instead of returning the last probe's results.
+	// When true, probe every backend now instead of returning the last probe's results (a backend probed within the
+	// last second answers with that probe's result).
 	Probe         bool `protobuf:"varint,1,opt,name=probe,proto3" json:"probe,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

@@ -1680,7 +1680,9 @@ class HealthRequest(_message.Message):
 
     PROBE_FIELD_NUMBER: _builtins.int
     probe: _builtins.bool
-    """When true, probe every backend now instead of returning the last probe's results."""
+    """When true, probe every backend now instead of returning the last probe's results (a backend probed within the
+    last second answers with that probe's result).
+    """
     def __init__(
         self,
         *,

@@ -1345,7 +1345,10 @@ export interface CountTokensResponse {
 
 /** A request for the backends' health. */
 export interface HealthRequest {
-  /** When true, probe every backend now instead of returning the last probe's results. */
+  /**
+   * When true, probe every backend now instead of returning the last probe's results (a backend probed within the
+   * last second answers with that probe's result).
+   */
   probe: boolean;
 }
 
