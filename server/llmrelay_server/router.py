@@ -199,10 +199,14 @@ def _allowed(routes: list[Route], model: str | None, caller: str, may_use: Model
     model named, the default chain is the models it may use)."""
     if may_use is None:
         return routes
-    allowed = [r for r in routes if may_use(f"{r.backend.name}/{r.model}") or may_use(r.model)]
+    allowed = [r for r in routes if _may_take(r, may_use)]
     if not allowed or (model is not None and allowed[0] is not routes[0]):
         raise ModelNotAllowedError(caller, model or f"{routes[0].backend.name}/{routes[0].model}")
     return allowed
+
+
+def _may_take(route: Route, may_use: ModelFilter) -> bool:
+    return may_use(f"{route.backend.name}/{route.model}") or may_use(route.model)
 
 
 async def _embed(route: Route, request: EmbeddingRequest, timeout_s: float) -> EmbeddingResponse:
@@ -657,13 +661,21 @@ class Router:
         return replace(usage, cost=self._prices.rate(route.backend.provider.spec, model).cost(usage))
 
     async def count_tokens(
-        self, model: str | None, messages: Sequence[Message], tools: Sequence[Tool], text: str | None
+        self,
+        model: str | None,
+        messages: Sequence[Message],
+        tools: Sequence[Tool],
+        text: str | None,
+        may_use: ModelFilter | None = None,
     ) -> TokenCount:
-        """A backend's own exact count where it has a tokenizer; else tiktoken, for any model name (counting is offline
-        and an agent may budget for a model this gateway does not route to)."""
+        """A backend's own exact count where it has a tokenizer, and the caller's key may use its model; else tiktoken,
+        for any model name (counting is offline and an agent may budget for a model this gateway does not route to;
+        a key's model patterns keep its counts away from backends it may not use, a paid API's count among them)."""
         try:
             route: Route | None = self.resolve(model, exact=True)[0]
         except ModelNotFoundError:
+            route = None
+        if route is not None and may_use is not None and not _may_take(route, may_use):
             route = None
         name = route.model if route is not None else str(model)
         if text is not None:

@@ -140,8 +140,10 @@ class LLMServicer(pb.LLMServiceServicer):
         context: grpc.aio.ServicerContext[pb.CountTokensRequest, pb.CountTokensResponse],
     ) -> pb.CountTokensResponse:
         try:
+            caller = current_caller.get()
             count = await self._router.count_tokens(
-                *convert.count_request(request, max_image_bytes=self._max_image_bytes)
+                *convert.count_request(request, max_image_bytes=self._max_image_bytes),
+                may_use=caller.may_use if caller is not None else None,
             )
         except LLMRelayError as error:
             await abort(context, "CountTokens", error)

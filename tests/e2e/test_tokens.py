@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -60,6 +61,28 @@ async def test_without_a_server_tokenizer_the_count_is_an_offline_estimate(
     assert count.estimated and count.encoding == "o200k_base"
     assert count.token_count > 0 and again == count
     assert len(vllm.tokenize_requests) == 0
+
+
+async def test_a_key_counts_with_a_backend_only_if_it_may_use_its_model(
+    stub_for: StubFactory, vllm: FakeUpstream
+) -> None:
+    """A key's model patterns keep its calls off the backends it may not use, its counts too (a paid API's count is a
+    request on the gateway's key): those are counted offline, as for a model no backend serves."""
+    key = "llmr-local-only-0123456789abcdefghijk"
+    backend = f"{{name: gpu, kind: vllm, base_url: '{vllm.base_url}', model: qwen}}"
+    keys = [
+        f'{{name: {name}, sha256: "{hashlib.sha256(f"{key}-{name}".encode()).hexdigest()}", models: ["{models}"]}}'
+        for name, models in (("local-only", "ollama/*"), ("gpu-user", "gpu/*"))
+    ]
+    stub = await stub_for(f"llm:\n  backends: [{backend}]\n  order: [gpu]\nauth: {{keys: [{', '.join(keys)}]}}\n")
+    request = pb.CountTokensRequest(model="gpu/qwen", messages=[user("hello there")])
+
+    kept_off = await stub.CountTokens(request, metadata=[("authorization", f"Bearer {key}-local-only")], timeout=5)
+    assert (kept_off.encoding, kept_off.estimated) == ("o200k_base", True)
+    assert vllm.tokenize_requests == []
+    allowed = await stub.CountTokens(request, metadata=[("authorization", f"Bearer {key}-gpu-user")], timeout=5)
+    assert (allowed.encoding, allowed.estimated) == ("backend:gpu", False)
+    assert len(vllm.tokenize_requests) == 1
 
 
 @pytest.mark.parametrize(
