@@ -179,6 +179,9 @@ class FakeAnthropic(FakeUpstream):
         except pydantic.ValidationError as error:
             self.invalid_requests.append(str(error))
             return f"the request does not validate against {params.__name__}: {error}"
+        if (broken := _broken_rule(body)) is not None:
+            self.invalid_requests.append(broken)
+            return broken
         return None
 
     async def _event_stream(self, writer: asyncio.StreamWriter, answer: _Answer, fault: Fault) -> bool:
@@ -358,6 +361,24 @@ def _drain(value: Any) -> Any:
     if isinstance(value, list | tuple | Iterator):
         return [_drain(item) for item in value]
     return value
+
+
+def _broken_rule(body: dict[str, Any]) -> str | None:
+    """The API's rules that its types do not say, in its words: text of whitespace alone, in a block or a stop
+    sequence, is refused."""
+
+    def listed(content: Any) -> list[Any]:  # a string stands for one text block, which the types check
+        return content if isinstance(content, list) else []
+
+    blocks = list(listed(body.get("system")))
+    for message in body.get("messages", []):
+        for block in listed(message.get("content")):
+            blocks += [block, *(listed(block.get("content")) if block.get("type") == "tool_result" else [])]
+    if any(block.get("type") == "text" and not block["text"].strip() for block in blocks if isinstance(block, dict)):
+        return "messages: text content blocks must contain non-whitespace text"
+    if any(not stop.strip() for stop in body.get("stop_sequences") or []):
+        return "stop_sequences: each stop sequence must contain non-whitespace"
+    return None
 
 
 def _checked(model: Any, payload: dict[str, Any]) -> dict[str, Any]:

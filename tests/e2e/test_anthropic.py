@@ -565,6 +565,45 @@ async def test_a_message_of_empty_text_parts_is_refused_as_empty_content_is(
     assert claude.chat_requests == []
 
 
+async def test_text_of_whitespace_alone_is_left_out_of_the_turns_the_api_takes(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
+) -> None:
+    """An OpenAI model's turn often holds "\n\n" beside its tool calls; the API refuses a text block of whitespace
+    alone (400), so a conversation carried over to Claude would fail where it means nothing."""
+    call = pb.ToolCall(id="c1", function=pb.FunctionCall(name="count", arguments="{}"))
+    conversation = [
+        pb.Message(role=pb.ROLE_SYSTEM, content="  "),
+        user("count"),
+        pb.Message(role=pb.ROLE_ASSISTANT, content="\n\n", tool_calls=[call]),
+        pb.Message(role=pb.ROLE_TOOL, tool_call_id="c1", content=" "),
+        pb.Message(role=pb.ROLE_USER, parts=[pb.ContentPart(text="\t"), pb.ContentPart(text="and now?")]),
+    ]
+    answer = await stub.Complete(pb.CompleteRequest(messages=conversation), timeout=5)
+
+    assert answer.backend == "anthropic" and claude.invalid_requests == []
+    (sent,) = claude.chat_requests
+    assert "system" not in sent
+    assert sent["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "count"}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "c1", "name": "count", "input": {}}]},
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "c1"}, {"type": "text", "text": "and now?"}],
+        },
+    ]
+
+
+async def test_a_stop_sequence_of_whitespace_is_for_another_backend(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, local: FakeUpstream
+) -> None:
+    """The API refuses one (400); the OpenAI format takes it, and stopping there is the caller's wish, not to drop."""
+    request = pb.CompleteRequest(messages=[user("lines")], options=pb.CompletionOptions(stop=["\n", "END"]))
+    answer = await stub.Complete(request, timeout=5)
+    assert answer.backend == "ollama" and local.chat_requests[0]["stop"] == ["\n", "END"]
+    assert claude.chat_requests == []
+    assert "options.stop: Anthropic takes no stop sequence of whitespace alone" in answer.attempts[0].error
+
+
 async def test_system_messages_alone_are_not_sent_to_the_messages_api(
     stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, local: FakeUpstream
 ) -> None:
@@ -576,9 +615,7 @@ async def test_system_messages_alone_are_not_sent_to_the_messages_api(
         await stub.Complete(pb.CompleteRequest(messages=system_only, model="claude-test", exact_model=True), timeout=5)
 
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "not sent to Anthropic: messages: Anthropic needs a user or assistant message" in str(
-        caught.value.details()
-    )
+    assert "not sent to Anthropic: messages: Anthropic needs a user or assistant message" in str(caught.value.details())
     info = details(caught.value)["ErrorInfo"]
     assert (info.reason, info.metadata["attempts"]) == ("UPSTREAM_REJECTED", "anthropic:rejected")
     assert "upstream_status" not in info.metadata, "no upstream was asked"

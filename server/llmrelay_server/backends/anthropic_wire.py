@@ -115,6 +115,9 @@ def request_body(
             if budget >= MIN_THINKING_BUDGET:
                 body["thinking"] = {"type": "enabled", "budget_tokens": budget}
     if options.stop:
+        if not all(stop.strip() for stop in options.stop):
+            # The API refuses one (400 "each stop sequence must contain non-whitespace"); the OpenAI format takes it.
+            raise UnmappableRequestError("options.stop: Anthropic takes no stop sequence of whitespace alone")
         body["stop_sequences"] = list(options.stop)
     if (choice := _tool_choice(options)) is not None:
         body["tool_choice"] = choice
@@ -161,12 +164,14 @@ def prompt_body(model: str, messages: Sequence[Message], tools: Sequence[Tool]) 
 
 
 def _content_blocks(message: Message) -> list[dict[str, Any]]:
+    # Text of whitespace alone is left out: the API refuses such a block (400 "text content blocks must contain
+    # non-whitespace text"), which an OpenAI model's turn often holds beside its tool calls ("\n\n").
     if not message.parts:
-        return [{"type": "text", "text": message.content}] if message.content else []
+        return [{"type": "text", "text": message.content}] if message.content.strip() else []
     blocks: list[dict[str, Any]] = []
     for part in message.parts:
         if isinstance(part, TextPart):
-            if part.text:
+            if part.text.strip():
                 blocks.append({"type": "text", "text": part.text})
         else:
             blocks.append(_image(part))
