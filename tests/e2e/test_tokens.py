@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from llmrelay import v1 as pb
-from support import StubFactory, tool, user
+from support import StubFactory, png, tool, user
 from upstream import FakeUpstream
 
 WEATHER_TOOL = tool(
@@ -61,6 +61,27 @@ async def test_without_a_server_tokenizer_the_count_is_an_offline_estimate(
     assert count.estimated and count.encoding == "o200k_base"
     assert count.token_count > 0 and again == count
     assert len(vllm.tokenize_requests) == 0
+
+
+async def test_a_chat_with_an_image_is_estimated_not_counted_by_the_server(
+    stub_for: StubFactory, vllm: FakeUpstream
+) -> None:
+    """vLLM's /tokenize counts an image as its placeholder, not the tokens the model sees: its figure is no exact
+    count of such a chat, and the gateway's estimate (which prices the image) says it is one."""
+    stub = await vllm_stub(stub_for, vllm)
+    image = pb.ContentPart(
+        image=pb.ImagePart(data=png(2048, 2048), media_type="image/png", detail=pb.IMAGE_DETAIL_HIGH)
+    )
+    text = [user("what is in it?")]
+    with_image = [pb.Message(role=pb.ROLE_USER, parts=[pb.ContentPart(text="what is in it?"), image])]
+
+    alone = await stub.CountTokens(pb.CountTokensRequest(model="gpu/qwen", messages=text), timeout=5)
+    both = await stub.CountTokens(pb.CountTokensRequest(model="gpu/qwen", messages=with_image), timeout=5)
+
+    assert (alone.encoding, alone.estimated) == ("backend:gpu", False)
+    assert both.estimated and both.encoding == "o200k_base"
+    assert both.token_count > alone.token_count + 700  # 85 + 170 a tile: four tiles at 768x768
+    assert len(vllm.tokenize_requests) == 1
 
 
 async def test_a_key_counts_with_a_backend_only_if_it_may_use_its_model(

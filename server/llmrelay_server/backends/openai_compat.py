@@ -44,6 +44,7 @@ from llmrelay_server.domain import (
     EmbeddingRequest,
     EmbeddingResponse,
     FinishReason,
+    ImagePart,
     Message,
     TokenCount,
     TokenUsage,
@@ -208,7 +209,11 @@ class OpenAICompatibleProvider:
         )
 
     async def count_tokens(self, model: str, messages: Sequence[Message], tools: Sequence[Tool]) -> TokenCount | None:
-        """The prompt's length as the server itself counts it; None, so the gateway estimates, when it cannot say."""
+        """The prompt's length as the server itself counts it; None, so the gateway estimates, when it cannot say. A
+        chat with images is one: vLLM's /tokenize and llama.cpp's template count an image as its placeholder, not the
+        tokens the model sees, and the figure would claim to be exact."""
+        if any(isinstance(part, ImagePart) for message in messages for part in message.parts):
+            return None
         try:
             tokens = await self._server_token_count(model, messages, tools)
         except (httpx2.HTTPError, ValueError, KeyError, TypeError) as exc:
