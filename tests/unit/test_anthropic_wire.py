@@ -255,7 +255,8 @@ def test_tool_choice(
         ("high", 5000, {"type": "enabled", "budget_tokens": 4999}, 5000),
         ("low", 1025, {"type": "enabled", "budget_tokens": 1024}, 1025),
         ("low", 1024, None, 1024),
-        ("none", None, None, 1000),
+        # No reasoning said outright: a model that thinks by default would otherwise think.
+        ("none", None, {"type": "disabled"}, 1000),
     ],
 )
 def test_reasoning_effort_as_a_thinking_budget(

@@ -100,7 +100,9 @@ def request_body(
     effort = options.reasoning_effort
     # Thinking cannot be combined with a forced tool choice: the tool call the caller demands wins.
     forced = options.tool_choice == "required" or isinstance(options.tool_choice, NamedToolChoice)
-    if effort is not None and effort != "none" and not forced:
+    if effort == "none":
+        body["thinking"] = {"type": "disabled"}  # said outright: a model may think by default
+    elif effort is not None and not forced:
         if adaptive_thinking:
             body["thinking"] = {"type": "adaptive"}
             output["effort"] = ADAPTIVE_EFFORTS[effort]
