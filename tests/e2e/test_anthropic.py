@@ -238,7 +238,7 @@ async def test_reasoning_and_its_signature_round_trip(stub: pb.LLMServiceAsyncSt
     [
         (2000, pb.REASONING_EFFORT_HIGH, {"type": "enabled", "budget_tokens": 1999}),
         (1024, pb.REASONING_EFFORT_MINIMAL, None),
-        (None, pb.REASONING_EFFORT_NONE, None),
+        (None, pb.REASONING_EFFORT_NONE, {"type": "disabled"}),
     ],
     ids=["within the callers max_tokens", "no room for the minimum budget", "none"],
 )
