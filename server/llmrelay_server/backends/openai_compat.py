@@ -150,7 +150,7 @@ class OpenAICompatibleProvider:
             if not delta:  # the finish reason's event, usually
                 return None
             content, reasoning = wire.delta_text(delta, "content"), wire.reasoning_text(delta) or None
-            if (refusal := wire.refusal_text(delta)) is not None:
+            if "refusal" in delta and (refusal := wire.refusal_text(delta)) is not None:  # seldom: one look first
                 refused, content = True, (content or "") + refusal
             tool_calls = wire.tool_call_deltas(delta)
             if content is None and reasoning is None and not tool_calls:  # the role's event: nothing to relay
