@@ -12,6 +12,7 @@ import sys
 import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from llmrelay_server.domain import TokenUsage
@@ -179,6 +180,40 @@ async def test_past_the_journal_bound_records_are_dropped_counted_and_logged_onc
     assert len([record for record in caplog.records if record.levelno >= logging.ERROR]) == 2
     assert await ledger.query() == [UsageTotals("b", "m", "c", 40, 400, 200, 600, 0)]
     await ledger.aclose()
+
+
+async def test_a_journal_claimed_from_a_dead_process_costs_no_new_record_its_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bound is on what a process writes: a dead process's journal, which it claims to replay, adds nothing to the
+    disk. Counted against it, a worker that took over a full journal dropped new records with the database up."""
+    path = tmp_path / "usage.sqlite3"
+    async with recorder(path, flush_interval_s=3600, start=False) as child:
+        await child.ready()
+        await child.send("record 90")
+        child.process.kill()
+    ledger = UsageLedger(path, journal_max_bytes=journaled_bytes(path))  # the dead one's journal alone fills it
+    # The claimed journal's write held back, as a large one takes its time: the new records come meanwhile.
+    written = asyncio.Event()
+    store_apply = ledger._store.apply
+
+    async def held_apply(*batch: Any) -> bool:
+        await written.wait()
+        return await store_apply(*batch)
+
+    monkeypatch.setattr(ledger._store, "apply", held_apply)
+    await ledger.start()
+    await wait_until(lambda: ledger.queue_depth() == 90)  # claimed
+
+    for _ in range(10):
+        ledger.record("b", "m", "caller-0", TokenUsage(10, 5))
+
+    assert ledger.dropped_records == 0
+    written.set()
+    await ledger.flush()
+    assert sum(total.requests for total in await ledger.query()) == 100
+    await ledger.aclose()
+    assert requests_on_disk(path) == 100
 
 
 # The table as the first versions made it, and as the last version before migrations left it.

@@ -12,8 +12,9 @@ When a write fails the batch stays on disk, and memory is let go: the counts of 
 files have them), and until a write succeeds records only go to the active file, which is not sealed meanwhile (one
 file per outage, not one per flush interval). The waiting batches are retried oldest first every flush interval;
 when the database is back they are read from their files and written, and the ledger is available again by itself.
-Past ``journal_max_bytes`` of files held by this process, new records are dropped: counted (``dropped_records``)
-and logged once until the journal has room again.
+Past ``journal_max_bytes`` of files written by this process, new records are dropped: counted
+(``dropped_records``) and logged once until the journal has room again. (The journals it claimed from processes that
+died count apart: they add nothing to the disk, and must not cost new records their place.)
 
 A process that dies (kill -9, a crash) leaves its journal, whole: the kernel writes its page cache out after the
 process is gone. (The lines are not fsynced: a power loss can still take the newest ones.) Any ledger on the same
@@ -163,7 +164,7 @@ class UsageLedger:
         """Sealed (or claimed) and not yet written, oldest first."""
         self._orphans: list[Orphan] = []
         self._bytes = 0
-        """On disk in the batches this process holds."""
+        """On disk in the batches this process wrote and holds (those it claimed are not counted)."""
         self._unwritten = 0
         """Records not yet in the database."""
         self._flushing = asyncio.Lock()
@@ -363,7 +364,6 @@ class UsageLedger:
                 self._orphans.append(orphan)
                 for batch_id, path, records, size in orphan.batches:
                     self._pending.append(_Batch(batch_id, path, None, None, records, size, orphan))
-                    self._bytes += size
                     self._unwritten += records
 
     def _seal(self) -> bool:
@@ -415,7 +415,8 @@ class UsageLedger:
             batch.path.unlink(missing_ok=True)
         with self._lock:
             self._pending.popleft()
-            self._bytes -= batch.size
+            if batch.orphan is None:
+                self._bytes -= batch.size
             self._unwritten -= batch.records
             if self._dropping and self._bytes < self._max_bytes:
                 self._dropping = False
