@@ -19,6 +19,7 @@ Faults are queued; each chat or embeddings request takes the next one. A fault i
     {"usage": {"prompt_tokens": 5, ...}}               report this usage, whatever the answer's own counts
     {"reasoning": "thinking..."}                       add reasoning text (as Ollama's `reasoning` field)
     {"refusal": "I'm sorry, ..."}                      the model refuses: this `refusal` in place of any content
+    {"served_model": "name"}                           the answer names this model, not the one asked
     {"tool_call": {"name": "f", "arguments": "{}"}}    answer with a tool call (id call_N_1, as below)
     {"tool_calls": [{"name": "f", ...}, ...]}          answer with several tool calls (ids call_N_1, call_N_2, ...
                                                        for a request of N messages: unique within a conversation)
@@ -489,7 +490,7 @@ def _answer(body: dict[str, Any], fault: Fault) -> _Answer:
         content = f"echo: {last_user}"
     return _Answer(
         id=f"chatcmpl-fake-{len(messages)}",
-        model=body.get("model", ""),
+        model=fault.get("served_model", body.get("model", "")),
         content=content,
         reasoning=fault.get("reasoning"),
         tool_calls=[fault["tool_call"]] if "tool_call" in fault else list(fault.get("tool_calls", ())),

@@ -61,6 +61,8 @@ MAX_EMBEDDING_INPUTS: Final = 2048
 """OpenAI's own bound on the inputs of one embedding request."""
 MAX_DIMENSIONS: Final = 65_536
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+"""No name (a model's, a backend's, a caller's) holds these: a NUL cannot even be stored in PostgreSQL's text."""
 
 _ROLES: Final[Mapping[pb.Role.ValueType, Role]] = {
     pb.ROLE_SYSTEM: Role.SYSTEM,
@@ -177,6 +179,8 @@ def _chain_model(
     model = request.model if request.HasField("model") else None
     if model is not None and not 0 < len(model) <= MAX_MODEL_NAME:
         errors.add("model", f"must be 1 to {MAX_MODEL_NAME} characters, or unset for the default chain")
+    elif model is not None and _CONTROL.search(model):
+        errors.add("model", "must hold no control characters (a NUL, a newline)")
     return model
 
 
@@ -211,6 +215,9 @@ def usage_query(request: pb.GetUsageRequest) -> UsageQuery:
     errors = _Violations()
     start = _instant(request.start_time, "start_time", errors) if request.HasField("start_time") else None
     end = _instant(request.end_time, "end_time", errors) if request.HasField("end_time") else None
+    for name in ("backend", "model", "caller"):
+        if request.HasField(name) and _CONTROL.search(getattr(request, name)):
+            errors.add(name, "must hold no control characters (a NUL, a newline)")
     errors.raise_if_any()
     return UsageQuery(
         backend=request.backend if request.HasField("backend") else None,
@@ -226,6 +233,8 @@ def embedding_request(request: pb.EmbedRequest) -> EmbeddingRequest:
     model = request.model if request.HasField("model") else None
     if model is not None and not 0 < len(model) <= MAX_MODEL_NAME:
         errors.add("model", f"must be 1 to {MAX_MODEL_NAME} characters, or unset for the default embedding model")
+    elif model is not None and _CONTROL.search(model):
+        errors.add("model", "must hold no control characters (a NUL, a newline)")
     inputs = tuple(request.inputs)
     if not inputs:
         errors.add("inputs", "at least one text is required")

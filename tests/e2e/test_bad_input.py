@@ -4,6 +4,7 @@ goes on serving."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import grpc
 import pytest
@@ -155,6 +156,32 @@ async def test_get_usage_with_a_timestamp_out_of_range_names_the_field(
     assert [v.field for v in details(caught.value)["BadRequest"].field_violations] == fields
     assert_quiet(caplog)
     assert isinstance(await stub.GetUsage(pb.GetUsageRequest(), timeout=5), pb.GetUsageResponse)
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda stub: stub.Complete(chat(model="tiny\x00x"), timeout=5), "model"),
+        (lambda stub: read_all(stub.StreamComplete(stream_chat(model="tiny\nx"), timeout=5)), "model"),
+        (lambda stub: stub.CountTokens(pb.CountTokensRequest(model="gpt-4o\x00", text="hi"), timeout=5), "model"),
+        (lambda stub: stub.Embed(pb.EmbedRequest(model="e\x00", inputs=["hi"]), timeout=5), "model"),
+        (lambda stub: stub.GetUsage(pb.GetUsageRequest(model="a\x00b"), timeout=5), "model"),
+        (lambda stub: stub.GetUsage(pb.GetUsageRequest(caller="c\x7f"), timeout=5), "caller"),
+    ],
+    ids=["Complete", "StreamComplete", "CountTokens", "Embed", "GetUsage model", "GetUsage caller"],
+)
+async def test_a_name_with_a_control_character_names_the_field(
+    stub: pb.LLMServiceAsyncStub, caplog: pytest.LogCaptureFixture, call: Any, field: str
+) -> None:
+    """A NUL in a model's name would reach the ledger, whose PostgreSQL cannot store it: refused, as the nonsense it
+    is, rather than an upstream asked for it (or a GetUsage told the database is out of reach)."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(stub)
+
+    assert_invalid_request(caught.value)
+    (violation,) = details(caught.value)["BadRequest"].field_violations
+    assert (violation.field, violation.description) == (field, "must hold no control characters (a NUL, a newline)")
+    assert_quiet(caplog)
 
 
 OVERFLOWING_SCHEMA = '{"type": "object", "properties": {"n": {"type": "number", "maximum": 1e400}}}'

@@ -147,6 +147,25 @@ async def test_get_usage_through_a_gateway_on_postgresql(
     assert again == record
 
 
+async def test_a_model_an_upstream_names_with_a_nul_is_stored_and_holds_up_no_record(
+    stub_for: StubFactory, local: FakeUpstream, database_url: str, tmp_path: Path
+) -> None:
+    """PostgreSQL cannot store a NUL: the batch holding the name an upstream gave its model (an upstream that takes any
+    name, as llama.cpp's does) would fail for ever, and every record after it wait in the journal."""
+    stub = await stub_for(
+        f'llm:\n  ollama: {{base_url: "{local.base_url}", model: tiny}}\n',
+        env={"LLMRELAY_USAGE_DB": database_url},
+        server=f'usage_journal_dir: "{tmp_path / "journal"}"',
+    )
+    local.inject({"served_model": "tiny\x00x"})
+    await stub.Complete(chat("named oddly"), timeout=10)
+    for _ in range(3):
+        await stub.Complete(chat("named plainly"), timeout=10)
+
+    await wait_until(lambda: sql(database_url, "SELECT SUM(requests) FROM usage_buckets") == [(4,)])
+    assert sorted(sql(database_url, "SELECT model, requests FROM usage_buckets")) == [("tiny", 3), ("tiny\ufffdx", 1)]
+
+
 async def test_postgresql_stopped_mid_load_loses_nothing_and_memory_stays_bounded(
     postgres_template: PostgresTemplate, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -190,6 +190,10 @@ class UsageLedger:
         """Add one answer's usage and its cost, if priced (interrupted: a stream that broke after it started, billed for
         what it consumed); at is its Unix time (now by default). One write to the page cache, no waiting on a disk."""
         moment = time.time() if at is None else at
+        if "\x00" in model:
+            # The name an upstream gave its model (a caller's is refused): PostgreSQL cannot store a NUL, and the
+            # batch holding it would be retried for ever, every record after it held up.
+            model = model.replace("\x00", "\ufffd")
         key = (backend, model, caller, int(moment // self._bucket_s) * self._bucket_s)
         cost = usage.cost or Cost(0)
         counts = (
