@@ -165,7 +165,8 @@ class ServerConfig:
     ("postgresql://user:password@host:5432/db"; libpq's PG* variables fill in what it leaves out)."""
     usage_journal_dir: str | None = None
     """Where each process journals its usage records on disk until the ledger has them (a process killed, a database
-    down); unset: beside a SQLite file (FILE.journal), or ./llmrelay-usage.journal for PostgreSQL."""
+    down); unset: beside a SQLite file (FILE.journal), or ./llmrelay-usage-HASH.journal for PostgreSQL (HASH: of the
+    URL without its password, one directory for each database)."""
     usage_journal_max_bytes: int = 256 * 1024 * 1024
     """The most one process's journal holds while the database is down; past it, records are dropped and counted."""
     health_interval_s: float = 15.0

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from llmrelay_server.domain import TokenUsage
 from llmrelay_server.usage import LedgerUnavailableError, UsageLedger, UsageTotals
+from llmrelay_server.usage.ledger import default_journal_dir
 from llmrelay_server.usage.sqlite import SQLiteStore
 from support import wait_until
 
@@ -370,3 +371,17 @@ async def test_kill_9_loses_nothing_the_next_ledger_replays_the_journal(tmp_path
     await ledger.aclose()
     assert requests_on_disk(path) == 150
     assert os.listdir(f"{path}.journal") == []  # no batch file left, and no lock file of a dead process
+
+
+def test_the_default_journal_of_a_postgresql_ledger_is_its_databases_own() -> None:
+    """A journal is replayed into the database of whoever reads it: two gateways started in one directory on two
+    databases, sharing one, would each claim the other's records."""
+    a = default_journal_dir("postgresql://app:one@db:5432/ledger_a")
+    b = default_journal_dir("postgresql://app:one@db:5432/ledger_b")
+    a_again = default_journal_dir("postgresql://app:another-password@db:5432/ledger_a")
+
+    assert a is not None and b is not None and a != b
+    assert a == a_again, "the password is no part of which database it is"
+    assert a.parent == Path(".") and a.name.startswith("llmrelay-usage-") and a.suffix == ".journal"
+    assert default_journal_dir("usage.sqlite3") == Path("usage.sqlite3.journal")
+    assert default_journal_dir(":memory:") is None

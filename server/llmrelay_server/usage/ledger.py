@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
@@ -92,9 +93,14 @@ class UsageTotals:
 
 
 def default_journal_dir(usage_db: str) -> Path | None:
-    """Beside a SQLite file; in the working directory for PostgreSQL; none for a ledger in memory."""
+    """Beside a SQLite file; in the working directory for PostgreSQL, one for each database; none for a ledger in
+    memory. A journal is replayed into whatever database its reader writes to: gateways started in one directory on
+    two databases must not share one, or each would claim the other's records."""
     if is_postgresql(usage_db):
-        return Path("llmrelay-usage.journal")
+        from llmrelay_server.usage.postgresql import without_password  # psycopg, only where PostgreSQL is configured
+
+        database = hashlib.sha256(without_password(usage_db).encode()).hexdigest()[:12]
+        return Path(f"llmrelay-usage-{database}.journal")
     return None if usage_db == MEMORY else Path(f"{usage_db}.journal")
 
 
