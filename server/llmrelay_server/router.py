@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import math
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -179,14 +180,32 @@ class Backend:
         return frozenset(_untagged(name) for name in known)
 
 
-def _collect_text(chunk: CompletionChunk, received: list[str]) -> None:
-    if chunk.content:
-        received.append(chunk.content)
-    if chunk.reasoning:
-        received.append(chunk.reasoning)
-    for call in chunk.tool_calls:
-        if call.arguments:
-            received.append(call.arguments)
+KEPT_TEXT_CHARS: Final = 16_384
+"""Of a stream's text, what is kept to be counted should its upstream report no usage (or the stream break); past it,
+only its length, counted at the kept part's tokens per character. A long stream must not hold its whole answer in
+memory for a count most upstreams make unneeded."""
+
+
+class _Received:
+    """The text a stream sent on, for the gateway's own count of its completion tokens."""
+
+    __slots__ = ("beyond", "kept", "texts")
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.kept = 0
+        self.beyond = 0
+        """Characters past KEPT_TEXT_CHARS, not kept."""
+
+    def add(self, chunk: CompletionChunk) -> None:
+        for text in (chunk.content, chunk.reasoning, *(call.arguments for call in chunk.tool_calls)):
+            if not text:
+                continue
+            if self.kept < KEPT_TEXT_CHARS:
+                self.texts.append(text)
+                self.kept += len(text)
+            else:
+                self.beyond += len(text)
 
 
 def _untagged(model: str) -> str:
@@ -548,13 +567,13 @@ class Router:
             first, upstream = opened
             metering.first_chunk(chain.opened_at - called_at, route.backend.name)
             # The text sent on: what the gateway counts when the upstream reports no usage, or the stream breaks.
-            received: list[str] = []
+            received = _Received()
             billed = False
             try:
                 async with contextlib.aclosing(self._rest_of_stream(chain, route, first, upstream)) as chunks:
                     async for chunk in chunks:
                         if chunk.finish_reason is not None:  # the last chunk
-                            usage = chunk.usage or await self._counter.estimate_usage(route.model, request, received)
+                            usage = chunk.usage or await self._counted_usage(route, request, received)
                             usage = self._priced(route, chunk.model, usage)
                             self._bill(chunk.backend, chunk.model, caller, usage)
                             billed = True
@@ -562,7 +581,7 @@ class Router:
                             total = usage if consumed is None else consumed + usage
                             chunk = replace(chunk, usage=total, attempts=tuple(chain.attempts))
                         else:
-                            _collect_text(chunk, received)
+                            received.add(chunk)
                         yield chunk
                 return
             except UpstreamError as exc:
@@ -584,21 +603,21 @@ class Router:
                     restart=StreamRestart(str(broken), route.backend.name, tuple(chain.attempts), partial),
                 )
             finally:
+                # Still open: the call ended under it (the gateway's own deadline made it TIMEOUT already). As for an
+                # attempt that had no answer yet (_try_route): past the deadline, gRPC's timer beat ours; else the
+                # caller left, or a shutdown ended the call.
+                if not billed and chain.attempts[-1].outcome is AttemptOutcome.SUCCEEDED:
+                    if chain.remaining_s() <= 0:
+                        chain.stream_ended(AttemptOutcome.TIMEOUT, "the deadline ran out mid-stream")
+                    else:
+                        chain.stream_ended(AttemptOutcome.CANCELLED)
                 try:
+                    await upstream.aclose()  # first: the upstream stops generating at once, not after the count
+                finally:
                     if not billed:
-                        # Still open: the call ended under it (the gateway's own deadline made it TIMEOUT already).
-                        # As for an attempt that had no answer yet (_try_route): past the deadline, gRPC's timer beat
-                        # ours; else the caller left, or a shutdown ended the call.
-                        if chain.attempts[-1].outcome is AttemptOutcome.SUCCEEDED:
-                            if chain.remaining_s() <= 0:
-                                chain.stream_ended(AttemptOutcome.TIMEOUT, "the deadline ran out mid-stream")
-                            else:
-                                chain.stream_ended(AttemptOutcome.CANCELLED)
                         # What was generated was still consumed; shielded, as its count may take a thread's while,
                         # so that the call cancelled once more meanwhile does not lose the bill.
                         await asyncio.shield(self._bill_partial(route, request, caller, received))
-                finally:
-                    await upstream.aclose()
         if broken is not None:
             # Text was sent and no restart finished it: the stream as a whole was interrupted.
             raise StreamInterruptedError(broken.cause, chain.attempts, after="; no restart could finish it")
@@ -618,11 +637,19 @@ class Router:
         raise chain.exhausted()
 
     async def _bill_partial(
-        self, route: Route, request: CompletionRequest, caller: str, received: list[str]
+        self, route: Route, request: CompletionRequest, caller: str, received: _Received
     ) -> TokenUsage:
         """What a stream that ended early consumed, counted by the gateway, recorded in the ledger as interrupted."""
-        usage = self._priced(route, route.model, await self._counter.estimate_usage(route.model, request, received))
+        usage = self._priced(route, route.model, await self._counted_usage(route, request, received))
         self._bill(route.backend.name, route.model, caller, usage, interrupted=True)
+        return usage
+
+    async def _counted_usage(self, route: Route, request: CompletionRequest, received: _Received) -> TokenUsage:
+        """The usage of a stream the gateway counts itself: the text kept counted, the rest at its rate."""
+        usage = await self._counter.estimate_usage(route.model, request, received.texts)
+        if received.beyond:
+            rate = usage.completion_tokens / received.kept
+            usage = replace(usage, completion_tokens=usage.completion_tokens + math.ceil(received.beyond * rate))
         return usage
 
     def _bill(self, backend: str, model: str, caller: str, usage: TokenUsage, *, interrupted: bool = False) -> None:

@@ -12,6 +12,8 @@ import pytest
 from llmrelay import AbortedError, AsyncClient, StreamAssembler
 from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway
+from llmrelay_server.router import KEPT_TEXT_CHARS
+from llmrelay_server.tokens import TokenCounter
 from support import DIALECTS, details, stream_chat
 from upstream import FakeUpstream
 
@@ -224,3 +226,17 @@ async def test_a_stream_the_caller_leaves_is_billed_for_what_it_consumed(
         await asyncio.sleep(0.02)
     assert [(r.requests, r.interrupted_requests, r.estimated_requests) for r in records] == [(1, 1, 1)]
     assert records[0].completion_tokens > 0 and records[0].prompt_tokens > 0
+
+
+async def test_a_long_stream_without_usage_keeps_a_bounded_part_of_its_text_to_count(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    """Its whole text kept, a long answer held all of it in memory for a count most upstreams make unneeded: past
+    router.KEPT_TEXT_CHARS only its length is, counted at the kept part's rate."""
+    primary.inject({"huge_content": 200_000, "no_usage": True})
+    chunks = [c async for c in stub.StreamComplete(stream_chat(PROMPT), timeout=30)]
+    text = "".join(c.delta.content for c in chunks)
+    assert len(text) == 200_000 > 10 * KEPT_TEXT_CHARS
+    exact = TokenCounter().count_text(primary.models[0], text).tokens
+    usage = chunks[-1].usage
+    assert usage.estimated and abs(usage.completion_tokens - exact) <= exact * 0.05

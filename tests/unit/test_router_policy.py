@@ -9,9 +9,26 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from llmrelay_server.config import CircuitConfig, Price, RetryConfig, RouterConfig
-from llmrelay_server.domain import Attempt, AttemptOutcome, BackendHealth, BackendSpec, LLMProvider, ModelNotFoundError
+from llmrelay_server.domain import (
+    Attempt,
+    AttemptOutcome,
+    BackendHealth,
+    BackendSpec,
+    CompletionChunk,
+    LLMProvider,
+    ModelNotFoundError,
+)
 from llmrelay_server.pricing import PriceTable
-from llmrelay_server.router import PROBE_WAIT_S, Backoff, CircuitBreaker, CircuitState, Router, _Chain
+from llmrelay_server.router import (
+    KEPT_TEXT_CHARS,
+    PROBE_WAIT_S,
+    Backoff,
+    CircuitBreaker,
+    CircuitState,
+    Router,
+    _Chain,
+    _Received,
+)
 
 # --- Backoff --------------------------------------------------------------------------------------------------------
 
@@ -394,3 +411,14 @@ def test_an_exhausted_chain_tells_each_cause_once_with_its_number_of_attempts() 
         " busy; local/tiny: skipped; ollama/gpt-oss:20b: cannot reach http://h/v1"
     )
     assert len(error.attempts) == 6, "the details keep every attempt"
+
+
+def test_a_stream_keeps_a_bounded_part_of_its_text_for_the_gateways_count() -> None:
+    """Kept whole, a long answer's text held all of it in memory for a count most upstreams make unneeded."""
+    received = _Received()
+    piece = "x" * 100
+    for _ in range(1_000):
+        received.add(CompletionChunk(id="c", backend="b", model="m", content=piece, reasoning=piece))
+
+    assert received.kept == sum(map(len, received.texts)) < KEPT_TEXT_CHARS + len(piece)
+    assert received.kept + received.beyond == 200_000
