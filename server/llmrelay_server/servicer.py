@@ -132,7 +132,12 @@ class LLMServicer(pb.LLMServiceServicer):
         except asyncio.CancelledError:
             if not self._interrupting:
                 raise
-            await abort(context, "StreamComplete", ShuttingDownError(stream_started=started, in_flight=True))
+            try:
+                await abort(context, "StreamComplete", ShuttingDownError(stream_started=started, in_flight=True))
+            except grpc.aio.InternalError:
+                # A message still on its way to a caller that stopped reading: no status can go behind it, and
+                # gRPC's own cut at the end of the grace period ends the call.
+                raise asyncio.CancelledError from None
 
     async def CountTokens(
         self,
