@@ -165,7 +165,11 @@ class Backend:
 
     def count_failure(self, error: UpstreamError) -> None:
         self.circuit.record_failure()
-        self.last_failure = error
+        # What it says, not the exception: its traceback and cause hold the frames of the failed read, the answer's
+        # whole body in them (megabytes of garbage), until a full collection, which the frozen heap makes rare.
+        self.last_failure = UpstreamError(
+            error.kind, error.backend, error.message, status=error.status, retry_after_s=error.retry_after_s
+        )
 
     def serves(self, model: str) -> bool:
         return _untagged(model) in self._served

@@ -21,7 +21,18 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import v1 as pb
-from support import DIALECTS, FAST_ROUTER, GatewayFactory, StubFactory, chat, details, stream_chat, two_backends
+from llmrelay_server.backends import upstream_http
+from support import (
+    DIALECTS,
+    FAST_ROUTER,
+    GatewayFactory,
+    StubFactory,
+    chat,
+    details,
+    read_all,
+    stream_chat,
+    two_backends,
+)
 from upstream import FakeUpstream
 
 Outcome = pb.AttemptOutcome
@@ -711,6 +722,35 @@ async def test_one_delta_over_the_message_limit_is_sent_in_pieces(
     assert all(c.ByteSize() <= 4 * 1024 * 1024 for c in chunks)
     assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP and chunks[-1].usage.total_tokens > 0
     assert "Traceback" not in caplog.text
+
+
+async def test_what_the_gateway_reads_of_an_upstreams_answer_is_bounded(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upstream's answer of any size (a whole body, one stream line, an error's body) was read into memory whole:
+    past upstream_http's bounds (made small here) the answer is malformed, or its error body left unread."""
+    monkeypatch.setattr(upstream_http, "MAX_ANSWER_BYTES", 100_000)
+    monkeypatch.setattr(upstream_http, "MAX_ERROR_BODY_BYTES", 1_000)
+    exact: dict[str, Any] = {"model": primary.models[0], "exact_model": True}
+    calls: list[tuple[dict[str, Any], Any]] = [
+        ({"huge_content": 200_000}, lambda: stub.Complete(chat(**exact), timeout=10)),
+        ({"huge_content": 2_000_000, "one_delta": True}, lambda: read_all(stub.StreamComplete(stream_chat(**exact)))),
+    ]
+    for fault, call in calls:
+        primary.inject(fault)  # a malformed answer is not retried
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert details(caught.value)["ErrorInfo"].reason == "UPSTREAM_BAD_RESPONSE"
+        assert " is over 100000 " in str(caught.value.details())
+
+    long_error = json.dumps({"error": {"message": "overloaded " + "x" * 5_000}})
+    primary.inject({"status": 500, "body": long_error}, {"status": 500, "body": long_error})
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await stub.Complete(chat(**exact), timeout=10)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "HTTP 500" in str(failed.value.details()) and "overloaded" not in str(failed.value.details())
+    assert (await stub.Complete(chat(), timeout=5)).message.content == "echo: hello gateway"
 
 
 @pytest.mark.parametrize("retry_after", ["99999999999999999999999", "1e300"])

@@ -562,6 +562,7 @@ class _Connection(asyncio.Protocol):
         "_timer_due",
         "_waiter",
         "_whole",
+        "_whole_limit",
         "busy",
         "idle",
         "idle_since",
@@ -595,6 +596,7 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._buffered = 0
         self._started = self._head_done = self._complete = self._keep_alive = self._interim = self._whole = False
+        self._whole_limit: int | None = None
         self._head_bytes = 0
         self._error: BaseException | None = None
 
@@ -625,15 +627,18 @@ class _Connection(asyncio.Protocol):
     def answer(self) -> tuple[int, bytes, RawHeaders]:
         return self._status, self._reason, self._headers
 
-    async def whole(self) -> list[bytes]:
-        """The rest of the body, once the answer has ended (read into memory, so no pause at HIGH_WATER)."""
-        self._whole = True
+    async def whole(self, limit: int | None = None) -> list[bytes]:
+        """The rest of the body, once the answer has ended (read into memory, so no pause at HIGH_WATER); a
+        MalformedAnswerError as soon as it is over `limit` bytes."""
+        self._whole, self._whole_limit = True, limit
         if self._paused:
             self._resume()
         while not self._complete:
             if self._error is not None:
                 raise self._error
             await self._wait()
+        if limit is not None and self._buffered > limit:  # all of it came at once
+            raise MalformedAnswerError(f"the body is over {limit} bytes")
         body, self._body, self._buffered = self._body, [], 0
         return body
 
@@ -826,6 +831,9 @@ class _Connection(asyncio.Protocol):
         self._buffered += len(body)
         if not self._whole:
             self._wake()
+        elif self._whole_limit is not None and self._buffered > self._whole_limit:
+            self._keep_alive = False
+            self._fail(MalformedAnswerError(f"the body is over {self._whole_limit} bytes"))
 
     def on_message_complete(self) -> None:
         if not self._head_done:  # the end of an interim answer
@@ -886,13 +894,14 @@ class Http1Response:
             return "application/octet-stream"
         return value.split(";", 1)[0].strip().lower()
 
-    async def read(self) -> bytes:
-        """The body, whole (decoded from gzip or deflate)."""
+    async def read(self, limit: int | None = None) -> bytes:
+        """The body, whole (decoded from gzip or deflate); a MalformedAnswerError, the connection closed, as soon as
+        more than `limit` bytes of it have come."""
         conn = self._conn
         if conn is None:
             raise httpx2.StreamClosed()
         try:
-            body = await conn.whole()
+            body = await conn.whole(limit)
             data = body[0] if len(body) == 1 else b"".join(body)
             if self._inflate is not None:
                 data = self._inflate.decode(data) + self._inflate.flush()

@@ -43,6 +43,11 @@ _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 MAX_RETRY_AFTER_S = 86_400.0
 """The longest wait an upstream's Retry-After is taken at: beyond a day it says no more than "not soon" (and a
 RetryInfo holds at most about 10,000 years)."""
+MAX_ANSWER_BYTES = 64 * 2**20
+"""The most of an answer (a whole one's body, a stream's line) the gateway reads: far beyond any answer a gRPC message
+carries, and a bound on the memory one upstream's answer can take."""
+MAX_ERROR_BODY_BYTES = 64 * 2**10
+"""Of an error answer's body, whose first 500 characters are all that is passed on: a longer one is left unread."""
 END_GRACE_S = 0.5
 """How long the end of a streamed answer whose last event is in (`relayed`'s `settled`) is waited for: it follows at
 once from an upstream that ends its streams, and the connection is reused only once it is in."""
@@ -130,7 +135,7 @@ class Endpoint:
 async def post_read(endpoint: Endpoint, content: bytes, timeout_s: float | None) -> bytes:
     """POSTs `content` (JSON) and returns the answer's body, read whole."""
     try:
-        return await (await _send(endpoint, content, timeout_s)).read()
+        return await (await _send(endpoint, content, timeout_s)).read(MAX_ANSWER_BYTES)
     except httpx2.TransportError as exc:
         _raise_sdk_error(endpoint, exc)
 
@@ -154,7 +159,7 @@ async def post_stream(
     try:
         if response.content_type == "application/json":
             try:
-                whole = await response.read()
+                whole = await response.read(MAX_ANSWER_BYTES)
             except httpx2.TransportError as exc:
                 _raise_sdk_error(endpoint, exc)
             yield whole
@@ -171,7 +176,10 @@ async def _send(endpoint: Endpoint, content: bytes, timeout_s: float | None) -> 
     httpx2's, for the caller to map (`_raise_sdk_error`) once for the whole request."""
     response = await endpoint.pool.http1.post(endpoint.target, content, timeout_s, metering.upstream_headers())
     if 400 <= response.status <= 599:
-        body = await response.read()
+        try:
+            body = await response.read(MAX_ERROR_BODY_BYTES)
+        except MalformedAnswerError:
+            body = b""  # the status says what failed; the upstream's words are too long to be worth reading
         raise endpoint.errors.status(
             httpx2.Response(
                 response.status,
@@ -195,6 +203,7 @@ def _raise_sdk_error(endpoint: Endpoint, error: httpx2.TransportError) -> NoRetu
 async def _line_batches(response: Http1Response) -> AsyncIterator[list[str]]:
     decoder = _utf8_decoder(errors="replace")  # SSE is UTF-8 whatever the headers say
     pending: list[str] = []  # the start of a line that a later read ends (a long line takes many reads)
+    pending_chars = 0
     pieces = aiter(response)
     while True:
         data = await anext(pieces, b"")  # b"": the end of the answer (a piece is never empty)
@@ -205,9 +214,13 @@ async def _line_batches(response: Http1Response) -> AsyncIterator[list[str]]:
             if pending:
                 lines[0] = "".join(pending) + lines[0]
             pending = [last] if (last := lines.pop()) else []
+            pending_chars = len(last)
             yield lines
         elif text:
             pending.append(text)
+            pending_chars += len(text)
+            if pending_chars > MAX_ANSWER_BYTES:
+                raise MalformedAnswerError(f"a line of the stream is over {MAX_ANSWER_BYTES} characters")
         if not data:
             break
     if pending:
