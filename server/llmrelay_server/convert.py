@@ -252,9 +252,11 @@ def embedding_request(request: pb.EmbedRequest) -> EmbeddingRequest:
 
 
 def _instant(timestamp: Timestamp, where: str, errors: _Violations) -> float | None:
-    """Unix seconds; a Timestamp outside the range RFC 3339 can express (protobuf checks it) is a violation."""
+    """Unix seconds, rounded up to a whole one: usage is kept by minutes that start on a whole second, so a window's
+    bounds mean the same rounded, and exactly (nanoseconds in a float would lose a bound a nanosecond past a minute's
+    start). A Timestamp outside the range RFC 3339 can express (protobuf checks it) is a violation."""
     try:
-        return timestamp.ToNanoseconds() / 1e9
+        return float(-(-timestamp.ToNanoseconds() // 1_000_000_000))
     except ValueError:
         errors.add(where, "must be a valid Timestamp: from 0001-01-01 to 9999-12-31, nanos from 0 to 999999999")
         return None

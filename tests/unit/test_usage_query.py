@@ -13,7 +13,7 @@ def test_unset_fields_are_no_filter() -> None:
     assert usage_query(pb.GetUsageRequest()) == UsageQuery(None, None, None, None, None)
 
 
-def test_filters_and_window_pass_through_with_times_in_seconds() -> None:
+def test_filters_and_window_pass_through_with_times_in_whole_seconds_rounded_up() -> None:
     request = pb.GetUsageRequest(
         backend="ollama",
         model="tiny",
@@ -22,7 +22,15 @@ def test_filters_and_window_pass_through_with_times_in_seconds() -> None:
         end_time=Timestamp(seconds=-1),
     )
 
-    assert usage_query(request) == UsageQuery("ollama", "tiny", "", 1_700_000_000.5, -1.0)
+    # Minutes start on whole seconds: a bound between two means what the next one does.
+    assert usage_query(request) == UsageQuery("ollama", "tiny", "", 1_700_000_001.0, -1.0)
+
+
+def test_a_bound_a_nanosecond_past_a_minutes_start_keeps_its_meaning() -> None:
+    """As a float of seconds, 1_700_000_040 and a nanosecond is 1_700_000_040.0: the minute starting then would fall
+    out of a window that ends a nanosecond after it."""
+    request = pb.GetUsageRequest(end_time=Timestamp(seconds=1_700_000_040, nanos=1))
+    assert usage_query(request).end == 1_700_000_041.0
 
 
 @pytest.mark.parametrize(
@@ -33,7 +41,7 @@ def test_filters_and_window_pass_through_with_times_in_seconds() -> None:
 def test_the_ends_of_the_rfc_3339_range_are_valid(timestamp: Timestamp) -> None:
     query = usage_query(pb.GetUsageRequest(start_time=timestamp, end_time=timestamp))
 
-    assert query.start == query.end == timestamp.ToNanoseconds() / 1e9
+    assert query.start == query.end == -(-timestamp.ToNanoseconds() // 10**9)
 
 
 @pytest.mark.parametrize(
