@@ -14,12 +14,14 @@ import textwrap
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from llmrelay_server.domain import TokenUsage
+from llmrelay_server.domain import TokenUsage, UsageUnavailableError
 from llmrelay_server.usage import LedgerUnavailableError, UsageLedger, UsageTotals
+from llmrelay_server.usage import ledger as ledger_module
 from llmrelay_server.usage.ledger import default_journal_dir
 from llmrelay_server.usage.sqlite import SQLiteStore
 from support import wait_until
@@ -385,3 +387,26 @@ def test_the_default_journal_of_a_postgresql_ledger_is_its_databases_own() -> No
     assert a.parent == Path(".") and a.name.startswith("llmrelay-usage-") and a.suffix == ".journal"
     assert default_journal_dir("usage.sqlite3") == Path("usage.sqlite3.journal")
     assert default_journal_dir(":memory:") is None
+
+
+async def test_a_query_while_the_database_is_down_is_refused_without_reading_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outage's journal can hold millions of records: a caller told UNAVAILABLE must not wait for them to be read
+    first, for nothing."""
+    ledger = UsageLedger(tmp_path / "usage.sqlite3")
+    ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+
+    async def down(*_: object) -> NoReturn:
+        raise LedgerUnavailableError("SQLite: disk I/O error")
+
+    monkeypatch.setattr(ledger._store, "apply", down)
+    monkeypatch.setattr(ledger._store, "read", down)
+    with pytest.raises(LedgerUnavailableError):
+        await ledger.flush()
+    monkeypatch.setattr(ledger_module, "_read_journal", lambda *_: pytest.fail("the journal was read"))
+
+    with pytest.raises(UsageUnavailableError):
+        await ledger.query()
+    monkeypatch.undo()
+    await ledger.aclose()

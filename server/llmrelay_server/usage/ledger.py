@@ -59,6 +59,7 @@ from llmrelay_server.usage.store import (
     LedgerStore,
     LedgerUnavailableError,
     Selection,
+    Snapshot,
     Totals,
     add_into,
 )
@@ -301,6 +302,11 @@ class UsageLedger:
         """Totals per backend, model and caller, largest total first; records not yet written are included.
         UsageUnavailableError when the database cannot be read (the caller is told to come back, not where it is)."""
         selection = Selection(backend, model, caller, start, end)
+        if self._unavailable is not None:
+            # Down when last tried: asked first, so that the caller is told within the database's own bound, not
+            # after the journal (an outage's worth of records) is read for nothing. Back, it is asked again below,
+            # after the journal, as the totals need.
+            await self._read_store(selection, set())
         batches: dict[BatchId, Totals] = {}
         with self._lock:
             for batch in (*self._pending, self._active):
@@ -308,11 +314,7 @@ class UsageLedger:
                     selection.add_matching(batches.setdefault(batch.id, {}), batch.buckets.items())
         if self._journal is not None:
             batches.update(await asyncio.to_thread(_read_journal, self._journal.directory, selection, set(batches)))
-        try:
-            snapshot = await self._store.read(selection, {batch.journal for batch in batches})
-        except LedgerUnavailableError as error:
-            _log.warning("usage ledger: cannot answer a usage query: %s", error)
-            raise UsageUnavailableError(QUERY_RETRY_S) from error
+        snapshot = await self._read_store(selection, {batch.journal for batch in batches})
         totals = snapshot.totals
         for batch_id, batch_totals in batches.items():
             if not snapshot.has(batch_id):
@@ -326,6 +328,13 @@ class UsageLedger:
         return records
 
     # --- the background work --------------------------------------------------------------------------------------
+
+    async def _read_store(self, selection: Selection, journals: set[str]) -> Snapshot:
+        try:
+            return await self._store.read(selection, journals)
+        except LedgerUnavailableError as error:
+            _log.warning("usage ledger: cannot answer a usage query: %s", error)
+            raise UsageUnavailableError(QUERY_RETRY_S) from error
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
