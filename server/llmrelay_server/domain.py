@@ -639,6 +639,7 @@ class UpstreamErrorKind(enum.StrEnum):
     REJECTED = "rejected"  # the request itself is wrong: back to the caller at once
     SILENT = "silent"  # took the request, then sent nothing within the first-chunk limit: next backend at once
     UNSUPPORTED = "unsupported"  # the backend's dialect has no place for something the request holds: not sent; next
+    BUSY = "busy"  # every connection this gateway may open to it is in use: not the upstream's failure; next backend
 
     @property
     def attempt_outcome(self) -> AttemptOutcome:
@@ -648,6 +649,8 @@ class UpstreamErrorKind(enum.StrEnum):
             return AttemptOutcome.TIMEOUT
         if self is UpstreamErrorKind.UNSUPPORTED:
             return AttemptOutcome.REJECTED
+        if self is UpstreamErrorKind.BUSY:
+            return AttemptOutcome.UNREACHABLE
         return AttemptOutcome(self.value)
 
 

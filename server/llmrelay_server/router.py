@@ -73,7 +73,12 @@ RETRYABLE = frozenset(
 )
 # Failures that say nothing about the backend's health, so they do not trip its circuit.
 NOT_THE_BACKENDS_FAULT = frozenset(
-    {UpstreamErrorKind.REJECTED, UpstreamErrorKind.MODEL_NOT_FOUND, UpstreamErrorKind.UNSUPPORTED}
+    {
+        UpstreamErrorKind.REJECTED,
+        UpstreamErrorKind.MODEL_NOT_FOUND,
+        UpstreamErrorKind.UNSUPPORTED,
+        UpstreamErrorKind.BUSY,
+    }
 )
 # Below this much time left, an attempt cannot get an answer; starting one only wastes the upstream's work.
 MIN_ATTEMPT_S = 0.01

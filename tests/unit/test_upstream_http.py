@@ -6,9 +6,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 
 import httpx2
+import openai
 import pytest
-from llmrelay_server.backends.upstream_http import kind_of_status, relayed
+from llmrelay_server.backends.upstream_http import kind_of_status, pool_full, relayed
 from llmrelay_server.domain import BackendSpec, CompletionChunk, UpstreamError, UpstreamErrorKind
+from llmrelay_server.router import NOT_THE_BACKENDS_FAULT, RETRYABLE
 
 SPEC = BackendSpec(name="b", kind="openai", base_url="http://h/v1", default_model="m", api_key="correct-horse-battery")
 
@@ -95,3 +97,20 @@ async def test_a_read_that_fails_mid_stream_says_why(failure: Exception, kind: U
             received.append(relayed_chunk)
     assert [c.content for c in received] == ["a"]
     assert (caught.value.kind, caught.value.backend, caught.value.message) == (kind, "b", why)
+
+
+def test_no_connection_free_in_the_gateways_pool_is_its_own_bound_not_the_upstreams_failure() -> None:
+    """A burst past the pool's max_connections waited out its time: that is no upstream timing out, nor a failure to
+    count against its circuit (a burst could open a healthy backend's)."""
+    request = httpx2.Request("POST", "http://upstream/v1/chat/completions")
+    waited = openai.APITimeoutError(request=request)
+    waited.__cause__ = httpx2.PoolTimeout("no connection free in 5 s (1024 open)")
+    timed_out = openai.APITimeoutError(request=request)
+    timed_out.__cause__ = httpx2.ReadTimeout("no byte of an answer in 5 s")
+
+    busy = pool_full("openai", waited)
+
+    assert busy is not None and busy.kind is UpstreamErrorKind.BUSY
+    assert busy.message.startswith("every connection the gateway may open to it is in use: no connection free in 5 s")
+    assert busy.kind in NOT_THE_BACKENDS_FAULT and busy.kind not in RETRYABLE
+    assert pool_full("openai", timed_out) is None

@@ -34,6 +34,7 @@ from llmrelay_server.backends.upstream_http import (
     kind_of_status,
     model_ids,
     models_list,
+    pool_full,
     post_read,
     post_stream,
     prepared_headers,
@@ -245,6 +246,8 @@ class AnthropicProvider:
 
     def _upstream_error(self, exc: anthropic.APIError) -> UpstreamError:
         name = self._spec.name
+        if (busy := pool_full(name, exc)) is not None:
+            return busy
         if isinstance(exc, anthropic.APITimeoutError):
             return UpstreamError(UpstreamErrorKind.TIMEOUT, name, "the upstream did not answer in time")
         if isinstance(exc, anthropic.APIConnectionError):

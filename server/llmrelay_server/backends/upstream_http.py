@@ -99,6 +99,16 @@ def unreachable(base_url: str, error: BaseException) -> str:
     )
 
 
+def pool_full(backend: str, error: BaseException) -> UpstreamError | None:
+    """The gateway's own bound on connections to the upstream reached (none came free in time): the upstream did not
+    fail, and is not counted as failing; None for any other failure."""
+    cause = error.__cause__
+    if not isinstance(cause, httpx2.PoolTimeout):
+        return None
+    message = f"every connection the gateway may open to it is in use: {cause}; more gateways (or workers) serve more"
+    return UpstreamError(UpstreamErrorKind.BUSY, backend, message)
+
+
 def connection_failed(base_url: str, error: BaseException) -> str:
     """What a connection error (the SDK's) says: the upstream reached and its answer broken off (`broke_off`), or not
     reached at all (`unreachable`)."""

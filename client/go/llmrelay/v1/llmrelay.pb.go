@@ -361,7 +361,8 @@ const (
 	AttemptOutcome_ATTEMPT_OUTCOME_UNSPECIFIED AttemptOutcome = 0
 	// The backend answered.
 	AttemptOutcome_ATTEMPT_OUTCOME_SUCCEEDED AttemptOutcome = 1
-	// The backend could not be reached, or dropped the connection.
+	// The backend could not be reached, or dropped the connection; or every connection the gateway may open to it
+	// was in use (its error says so; not counted against the backend's circuit).
 	AttemptOutcome_ATTEMPT_OUTCOME_UNREACHABLE AttemptOutcome = 2
 	// The backend did not answer in time: not within the first-chunk limit, or not (a stream: not to its end) before
 	// the caller's deadline, whichever timer ended the attempt there (the gateway's own, set a little before it, or

@@ -216,7 +216,9 @@ class _AttemptOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Attemp
     ATTEMPT_OUTCOME_SUCCEEDED: _AttemptOutcome.ValueType  # 1
     """The backend answered."""
     ATTEMPT_OUTCOME_UNREACHABLE: _AttemptOutcome.ValueType  # 2
-    """The backend could not be reached, or dropped the connection."""
+    """The backend could not be reached, or dropped the connection; or every connection the gateway may open to it
+    was in use (its error says so; not counted against the backend's circuit).
+    """
     ATTEMPT_OUTCOME_TIMEOUT: _AttemptOutcome.ValueType  # 3
     """The backend did not answer in time: not within the first-chunk limit, or not (a stream: not to its end) before
     the caller's deadline, whichever timer ended the attempt there (the gateway's own, set a little before it, or
@@ -257,7 +259,9 @@ ATTEMPT_OUTCOME_UNSPECIFIED: AttemptOutcome.ValueType  # 0
 ATTEMPT_OUTCOME_SUCCEEDED: AttemptOutcome.ValueType  # 1
 """The backend answered."""
 ATTEMPT_OUTCOME_UNREACHABLE: AttemptOutcome.ValueType  # 2
-"""The backend could not be reached, or dropped the connection."""
+"""The backend could not be reached, or dropped the connection; or every connection the gateway may open to it
+was in use (its error says so; not counted against the backend's circuit).
+"""
 ATTEMPT_OUTCOME_TIMEOUT: AttemptOutcome.ValueType  # 3
 """The backend did not answer in time: not within the first-chunk limit, or not (a stream: not to its end) before
 the caller's deadline, whichever timer ended the attempt there (the gateway's own, set a little before it, or

@@ -342,7 +342,10 @@ export enum AttemptOutcome {
   ATTEMPT_OUTCOME_UNSPECIFIED = 0,
   /** ATTEMPT_OUTCOME_SUCCEEDED - The backend answered. */
   ATTEMPT_OUTCOME_SUCCEEDED = 1,
-  /** ATTEMPT_OUTCOME_UNREACHABLE - The backend could not be reached, or dropped the connection. */
+  /**
+   * ATTEMPT_OUTCOME_UNREACHABLE - The backend could not be reached, or dropped the connection; or every connection the gateway may open to it
+   * was in use (its error says so; not counted against the backend's circuit).
+   */
   ATTEMPT_OUTCOME_UNREACHABLE = 2,
   /**
    * ATTEMPT_OUTCOME_TIMEOUT - The backend did not answer in time: not within the first-chunk limit, or not (a stream: not to its end) before
