@@ -28,6 +28,7 @@ Faults are queued; each chat or embeddings request takes the next one. A fault i
     {"two_choices": true}                              also answer a second choice (index 1), as n=2 would
     {"no_choices": true}                               a stream whose events carry no `choices`
     {"error_event_after": 2}                           a stream that sends an in-band error event after N chunks
+    {"error_event_after": 0, "error_code": "..."}      ... whose error has this code
     {"no_done": true}                                  a stream that ends after its finish reason, without [DONE]
     {"cut_before_done": true}                          likewise, but the connection closes mid-body (no last chunk)
     {"hold_open_s": 30}                                likewise, but the connection is held open that long, the
@@ -322,6 +323,8 @@ class FakeUpstream:
                 return False
             if index == fault.get("error_event_after"):
                 error = {"error": {"object": "error", "message": "generation failed", "type": "InternalServerError"}}
+                if "error_code" in fault:
+                    error["error"]["code"] = fault["error_code"]
                 await _send_chunk(writer, event(json.dumps(error).encode()))
                 break
             if fault.get("stream_garbage") and index == 1:

@@ -311,6 +311,9 @@ STREAM_ROWS = [
         outcomes=(Outcome.ATTEMPT_OUTCOME_RATE_LIMITED, Outcome.ATTEMPT_OUTCOME_SUCCEEDED), only="anthropic"),
     Row("error events everywhere", [{"error_event_after": 0}] * 2, [{"error_event_after": 0}] * 2,
         code=grpc.StatusCode.UNAVAILABLE, reason="BACKENDS_UNAVAILABLE", calls=(2, 2)),
+    Row("an insufficient_quota event is the account's: next backend, no retry",
+        [{"error_event_after": 0, "error_code": "insufficient_quota"}], served_by="ollama", calls=(1, 1),
+        outcomes=(Outcome.ATTEMPT_OUTCOME_AUTH_FAILED, Outcome.ATTEMPT_OUTCOME_SUCCEEDED), only="openai"),
 ]  # fmt: skip
 
 

@@ -309,7 +309,8 @@ class OpenAICompatibleProvider:
     def _error_event(self, event: wire.ErrorEvent) -> UpstreamError:
         status = event.status
         message = f"error event{f' (HTTP {status})' if status else ''}: {self._redact(event.message)}"
-        kind = UpstreamErrorKind.SERVER_ERROR if status is None else kind_of_status(status, event.code, event.message)
+        # Without a status, the server's failure (a 500), unless its code says more (insufficient_quota: the account).
+        kind = kind_of_status(status or 500, event.code, event.message)
         return UpstreamError(kind, self._spec.name, message, status=status)
 
     def _describe(self, exc: Exception) -> str:
