@@ -253,7 +253,9 @@ WHITESPACE_RUN_CHARS = 10_000
 once per character, on the stack: a run of about 800,000 spaces, which fits in a request, overflows it, and tiktoken
 panics (a BaseException that nothing expects: the call would never end). A longer run is encoded in pieces of this
 size, which can count a token more per piece than the whole run would."""
-_LONG_WHITESPACE_RUN = re.compile(rf"\s{{{WHITESPACE_RUN_CHARS + 1},}}")
+# Only at a run's start (the lookbehind): tried at every position inside a shorter run, the search took a run's
+# length squared (seconds for a prompt of many runs of 10,000 spaces).
+_LONG_WHITESPACE_RUN = re.compile(rf"(?<!\s)\s{{{WHITESPACE_RUN_CHARS + 1},}}")
 
 
 def _safely(encoding: tiktoken.Encoding) -> _Encode:
