@@ -376,14 +376,15 @@ def _check_usage_db(usage_db: str) -> None:
 def _check_authority(url: str, where: str) -> None:
     """A user or password holding '/', '?' or '#' as is ends the URL's authority early: the rest of it, the password
     with it, would be read as the path or the fragment (and shown wherever a database's address is: Health, the log),
-    or as the host and port (and quoted in the error). The URL itself is never in the message. (An @ in a query's
-    value, `?user=admin@server`, is one.)"""
+    or as the host and port (and quoted in the error). The URL itself is never in the message. So an @ after the
+    authority is one, unless in the value of a `user` parameter (`?user=admin@server`, as Azure's users are named)."""
     try:
         parts = urlsplit(url)
     except ValueError as exc:  # its own words ("Invalid IPv6 URL"), never the URL's
         raise ConfigError(f"{where}: {exc}") from None
-    query_keys = (key for key, _ in parse_qsl(parts.query, keep_blank_values=True))
-    if "@" not in parts.netloc and ("@" in parts.path + parts.fragment or any("@" in key for key in query_keys)):
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    stray = "@" in parts.path + parts.fragment or any("@" in f"{key}={value}" for key, value in query if key != "user")
+    if "@" not in parts.netloc and stray:
         raise ConfigError(
             f"{where}: the user or password in the URL holds a '/', '?' or '#' as is; percent-encode it (%2F, %3F, %23)"
         )

@@ -618,6 +618,8 @@ def test_a_mistyped_api_key_is_never_shown(tmp_path: Path, yaml_text: str, field
         ('state: {redis_url: "redis://default:SUPER#SECRET@redis:6379/0"}\n', "%23"),
         ('server: {usage_db: "postgresql://app:SUPERSECRET/x@db:5432/llmrelay"}\n', "%2F"),
         ('server: {usage_db: "postgresql://app:SUPER?SECRET@db:5432/llmrelay"}\n', "%3F"),
+        ('server: {usage_db: "postgresql://app:SUPER?x=SECRET@db:5432/llmrelay"}\n', "%3F"),
+        ('state: {redis_url: "redis://app:SUPER?x=SECRET@redis:6379/0"}\n', "%3F"),
     ],
     ids=[
         "redis port",
@@ -628,6 +630,8 @@ def test_a_mistyped_api_key_is_never_shown(tmp_path: Path, yaml_text: str, field
         "redis hash",
         "postgresql slash",
         "postgresql question mark",
+        "postgresql question mark and equals",
+        "redis question mark and equals",
     ],
 )
 def test_a_malformed_store_url_is_named_without_its_password(tmp_path: Path, yaml_text: str, said: str) -> None:
