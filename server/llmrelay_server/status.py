@@ -79,9 +79,11 @@ three times as long) and again in grpc-status-details-bin (base64: a third more)
 8 KiB (some of the time; every time over 16 KiB), which the request id and the pushback share: a status that outgrew
 them would reach the caller as a RESOURCE_EXHAUSTED that names nothing. Every backend failing with a long message,
 retried, would get there; what gives way is the attempts' texts in the AttemptHistory, the oldest first."""
+MAX_ATTEMPTS_METADATA_BYTES: Final = 1000
+"""ErrorInfo's "attempts" metadata, at most: the newest attempts where there were more (dozens of backends)."""
 MAX_MESSAGE_BYTES: Final = 1200
-"""A status's text, in UTF-8, at most (cut, saying how much was left out; an invalid request's never is, see
-InvalidRequestError.REPORTED_BYTES)."""
+"""A status's text, in UTF-8, at most (cut, saying how much was left out; an invalid request's seldom is, see
+InvalidRequestError.REPORTED_BYTES, and its BadRequest lists the violations whole)."""
 MAX_ATTEMPT_ERROR_CHARS: Final = 200
 """Each attempt's error in a status's AttemptHistory, at most (the call log and traces keep it whole)."""
 
@@ -136,7 +138,10 @@ def rpc_failure(error: LLMRelayError, time_remaining_s: float | None = None) -> 
     attempts = _routed_attempts(error)
     history = None
     if attempts is not None:
-        metadata["attempts"] = ",".join(f"{a.backend}:{a.outcome.value}" for a in attempts)
+        pairs = [f"{a.backend}:{a.outcome.value}" for a in attempts]
+        pairs = pairs[len(pairs) - _newest_that_fit(pairs) :]
+        attempts = attempts[len(attempts) - len(pairs) :]
+        metadata["attempts"] = ",".join(pairs)
         history = pb.AttemptHistory(attempts=[attempt_pb(a) for a in attempts])
         for attempt in history.attempts:
             if len(attempt.error) > MAX_ATTEMPT_ERROR_CHARS:
@@ -145,7 +150,10 @@ def rpc_failure(error: LLMRelayError, time_remaining_s: float | None = None) -> 
     status = status_pb2.Status(code=code.value[0], message=message, details=[_pack(info), *map(_pack, extra)])
     if history is not None:
         room = (MAX_TRAILER_BYTES - _percent_encoded_bytes(message)) * 3 // 4 - status.ByteSize()
-        _fit_history(history, room)
+        if _fit_history(history, room):
+            # The two say the same attempts (the contract): the metadata names those the history still holds.
+            info.metadata["attempts"] = ",".join(pairs[len(pairs) - len(history.attempts) :])
+            status.details[0].Pack(info)
         status.details.append(_pack(history))
     trailers: tuple[tuple[str, str | bytes], ...] = ((STATUS_DETAILS_KEY, status.SerializeToString()),)
     retry = next((detail for detail in extra if isinstance(detail, error_details_pb2.RetryInfo)), None)
@@ -174,14 +182,31 @@ def _percent_encoded_bytes(text: str) -> int:
     return sum(1 if 0x20 <= byte <= 0x7E and byte != 0x25 else 3 for byte in text.encode(errors="replace"))
 
 
-def _fit_history(history: pb.AttemptHistory, room_bytes: int) -> None:
+def _newest_that_fit(pairs: list[str]) -> int:
+    """How many of the newest `backend:outcome` pairs ErrorInfo's "attempts" holds in MAX_ATTEMPTS_METADATA_BYTES."""
+    kept, size = 0, 0
+    for pair in reversed(pairs):
+        size += len(pair) + 1
+        if size > MAX_ATTEMPTS_METADATA_BYTES:
+            break
+        kept += 1
+    return kept
+
+
+def _fit_history(history: pb.AttemptHistory, room_bytes: int) -> bool:
     """Leaves out the attempts' error texts, the oldest first, until the history fits `room_bytes` (packed in an Any:
-    its type URL and a few bytes more); the attempts themselves, with their outcomes and statuses, all stay."""
+    its type URL and a few bytes more); then, were there more attempts than that (dozens of backends, or a long text
+    in another script), the oldest attempts themselves. Whether any attempt was left out."""
     room_bytes -= 100
     for attempt in history.attempts:
         if history.ByteSize() <= room_bytes:
-            return
+            return False
         attempt.error = ""
+    dropped = False
+    while history.attempts and history.ByteSize() > room_bytes:
+        del history.attempts[0]
+        dropped = True
+    return dropped
 
 
 def _routed_attempts(error: LLMRelayError) -> Sequence[Attempt] | None:

@@ -396,15 +396,37 @@ def test_a_call_failed_everywhere_at_length_keeps_its_status_below_grpcs_limit(c
     assert (decoded.info.reason, decoded.retry_delay_s) == ("BACKENDS_UNAVAILABLE", 1.0)
     assert decoded.attempt_history is not None
     history = decoded.attempt_history.attempts
-    # Every attempt stays, with its outcome and status; the texts give way, cut short, and the oldest left out.
-    assert [(a.backend, a.outcome, a.upstream_status) for a in history] == [
-        (a.backend, pb.ATTEMPT_OUTCOME_SERVER_ERROR, 503) for a in attempts
-    ]
+    # The texts give way first, cut short, the oldest left out; then, where the message's text takes the room (in
+    # percent-encoded UTF-8 of two or four bytes a character), the oldest attempts. The newest always stay.
+    listed = [(a.backend, a.outcome, a.upstream_status) for a in history]
+    every = [(a.backend, pb.ATTEMPT_OUTCOME_SERVER_ERROR, 503) for a in attempts]
+    assert listed == every[len(every) - len(listed) :]
+    assert len(listed) == 18 if char == "a" else len(listed) >= 6
     assert history[0].error == ""
     if char == "a":  # room for the newest texts, as many as fit
         assert history[-1].error == f"#17 {char * (status.MAX_ATTEMPT_ERROR_CHARS - 7)}..."
     with_text = [bool(a.error) for a in history]
     assert with_text == sorted(with_text), "the newest texts are those kept"
+
+
+@pytest.mark.parametrize("count", [48, 72, 300])
+def test_a_call_failed_on_dozens_of_backends_keeps_the_newest_attempts_within_grpcs_limit(count: int) -> None:
+    attempts = [
+        Attempt(f"backend-number-{i // 3:03d}", "some-model-name", OUT.SERVER_ERROR, 0.1, upstream_status=503)
+        for i in range(count)
+    ]
+
+    failure = status.rpc_failure(exhausted(attempts, upstream(K.SERVER_ERROR, "b", status=503)))
+
+    decoded = decode(failure)  # checks too that the metadata and the history name the same attempts
+    on_the_wire = len("grpc-message") + 32 + len(failure.details)
+    for key, value in failure.trailing_metadata:
+        on_the_wire += len(key) + 32 + (len(base64.b64encode(value)) if isinstance(value, bytes) else len(value))
+    assert on_the_wire < 8192
+    assert decoded.attempt_history is not None
+    kept = [a.backend for a in decoded.attempt_history.attempts]
+    assert kept and kept == [a.backend for a in attempts][count - len(kept) :], "the newest"
+    assert decoded.info.metadata["attempts"] == ",".join(f"{b}:server_error" for b in kept)
 
 
 def test_retry_delays_keep_their_fraction() -> None:

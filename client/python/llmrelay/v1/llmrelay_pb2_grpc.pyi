@@ -27,7 +27,9 @@ google.rpc.Status (AIP-193, in the `grpc-status-details-bin` trailer; grpcio-sta
 
 The status message is the error in words, for people; programs read the code and the details. The whole status
 stays within about 6 KiB of trailers (gRPC clients refuse more than 8 KiB): a message over 1,200 bytes is cut,
-saying how many characters were left out, and an AttemptHistory's texts are cut short, the oldest left out first.
+saying how many characters were left out, and an AttemptHistory's texts are cut short, the oldest left out first;
+where even then the attempts do not fit (dozens of backends), the AttemptHistory and the "attempts" metadata both
+hold the newest.
 """
 
 from collections import abc as _abc

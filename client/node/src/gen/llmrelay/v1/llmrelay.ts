@@ -55,7 +55,9 @@ export const protobufFileName = "llmrelay/v1/llmrelay.proto";
  *
  * The status message is the error in words, for people; programs read the code and the details. The whole status
  * stays within about 6 KiB of trailers (gRPC clients refuse more than 8 KiB): a message over 1,200 bytes is cut,
- * saying how many characters were left out, and an AttemptHistory's texts are cut short, the oldest left out first.
+ * saying how many characters were left out, and an AttemptHistory's texts are cut short, the oldest left out first;
+ * where even then the attempts do not fit (dozens of backends), the AttemptHistory and the "attempts" metadata both
+ * hold the newest.
  */
 
 /** The author of a message in a chat. */
@@ -1172,7 +1174,7 @@ export interface Attempt {
  * shutdown, a key) have none.
  */
 export interface AttemptHistory {
-  /** Every attempt, the skipped ones included. */
+  /** Every attempt, the skipped ones included (the newest, where there are more than the trailers carry). */
   attempts: Attempt[];
 }
 
