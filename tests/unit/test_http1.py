@@ -265,6 +265,25 @@ async def test_gzip_and_deflate_answers_come_out_plain(pool: Http1Pool) -> None:
             await response.read()
 
 
+async def test_a_body_read_whole_is_bounded_on_the_wire_and_once_decompressed(pool: Http1Pool) -> None:
+    """A limit on what is read holds for what a small compressed body inflates to (20 KB of gzip: 20 MB)."""
+    bomb = gzip.compress(b"0" * 20_000_000)
+    assert len(bomb) < 100_000
+    for answer, over, idle in (
+        # Closed, not kept with the rest unread; the bomb came whole: its connection may serve again.
+        (ok(b"x" * 200_000), "the body is over 100000 bytes", 0),
+        (ok(bomb, "Content-Encoding: gzip"), "the body is over 100000 bytes once decompressed", 1),
+    ):
+        async with RawServer(answering(answer)) as server:
+            response = await pool.post(Http1Target(server.url()), b"{}", 5)
+            with pytest.raises(MalformedAnswerError, match=over):
+                await response.read(100_000)
+            assert_drained(pool, idle=idle)
+        async with RawServer(answering(answer)) as server:
+            response = await pool.post(Http1Target(server.url()), b"{}", 5)
+            assert len(await response.read(30_000_000)) in (200_000, 20_000_000), "within the limit: whole"
+
+
 # --- keep-alive and the pool's limits --------------------------------------------------------------------------------
 
 

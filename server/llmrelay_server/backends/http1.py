@@ -904,7 +904,7 @@ class Http1Response:
             body = await conn.whole(limit)
             data = body[0] if len(body) == 1 else b"".join(body)
             if self._inflate is not None:
-                data = self._inflate.decode(data) + self._inflate.flush()
+                data = self._inflate.decode(data, limit) + self._inflate.flush()
         except BaseException:
             self.close()
             raise
@@ -963,16 +963,19 @@ class _Inflate:
         self._decoder = zlib.decompressobj(16 + zlib.MAX_WBITS if gzip else zlib.MAX_WBITS)
         self._raw_fallback = not gzip
 
-    def decode(self, data: bytes) -> bytes:
+    def decode(self, data: bytes, limit: int | None = None) -> bytes:
+        """`data` decompressed; a MalformedAnswerError past `limit` bytes (a small body can inflate to gigabytes)."""
         try:
-            out = self._decoder.decompress(data)
+            out = self._decoder.decompress(data, 0 if limit is None else limit + 1)
         except zlib.error as exc:
             if not self._raw_fallback:
                 raise MalformedAnswerError(f"not an HTTP answer: the body does not decompress: {exc}") from exc
             self._raw_fallback = False
             self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
-            return self.decode(data)
+            return self.decode(data, limit)
         self._raw_fallback = False
+        if limit is not None and len(out) > limit:
+            raise MalformedAnswerError(f"the body is over {limit} bytes once decompressed")
         return out
 
     def flush(self) -> bytes:
