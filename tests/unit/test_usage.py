@@ -380,10 +380,15 @@ def test_the_default_journal_of_a_postgresql_ledger_is_its_databases_own() -> No
     databases, sharing one, would each claim the other's records."""
     a = default_journal_dir("postgresql://app:one@db:5432/ledger_a")
     b = default_journal_dir("postgresql://app:one@db:5432/ledger_b")
-    a_again = default_journal_dir("postgresql://app:another-password@db:5432/ledger_a")
 
     assert a is not None and b is not None and a != b
-    assert a == a_again, "the password is no part of which database it is"
+    # However the URL spells the one database: a password, options, the default port, the host's case, parameters.
+    for same in (
+        "postgresql://app:another-password@db:5432/ledger_a",
+        "postgresql://app:one@DB/ledger_a?sslmode=require&application_name=x",
+        "postgres://db/ledger_a?user=app",
+    ):
+        assert default_journal_dir(same) == a, same
     assert a.parent == Path(".") and a.name.startswith("llmrelay-usage-") and a.suffix == ".journal"
     assert default_journal_dir("usage.sqlite3") == Path("usage.sqlite3.journal")
     assert default_journal_dir(":memory:") is None
@@ -409,4 +414,18 @@ async def test_a_query_while_the_database_is_down_is_refused_without_reading_the
     with pytest.raises(UsageUnavailableError):
         await ledger.query()
     monkeypatch.undo()
+    await ledger.aclose()
+
+
+async def test_records_in_the_old_default_journal_of_a_postgresql_ledger_are_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Upgraded with records waiting in ./llmrelay-usage.journal (after an outage, a kill -9), no ledger would replay
+    them by itself: the log says where they are and how to write them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "llmrelay-usage.journal").mkdir()
+    (tmp_path / "llmrelay-usage.journal" / "1234-abcd.1.jsonl").write_text("")
+    ledger = UsageLedger("postgresql://app@127.0.0.1:9/ledger")  # never started: nothing is asked of it
+    assert "llmrelay-usage.journal holds usage records an older version journaled" in caplog.text
+    assert "server.usage_journal_dir: llmrelay-usage.journal" in caplog.text
     await ledger.aclose()

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from llmrelay_server.config import ServerConfig, is_postgresql
 from llmrelay_server.domain import Cost, StoreHealth, StoreRole, TokenUsage, UsageUnavailableError
@@ -93,16 +94,45 @@ class UsageTotals:
     """Of requests, those on a paid backend whose model has no known price (at the default rate)."""
 
 
+LEGACY_POSTGRESQL_JOURNAL_DIR: Final = Path("llmrelay-usage.journal")
+"""Where a PostgreSQL ledger's journal was by default before it was each database's own."""
+
+
 def default_journal_dir(usage_db: str) -> Path | None:
     """Beside a SQLite file; in the working directory for PostgreSQL, one for each database; none for a ledger in
     memory. A journal is replayed into whatever database its reader writes to: gateways started in one directory on
     two databases must not share one, or each would claim the other's records."""
     if is_postgresql(usage_db):
-        from llmrelay_server.usage.postgresql import without_password  # psycopg, only where PostgreSQL is configured
-
-        database = hashlib.sha256(without_password(usage_db).encode()).hexdigest()[:12]
+        database = hashlib.sha256(_database_of(usage_db).encode()).hexdigest()[:12]
         return Path(f"llmrelay-usage-{database}.journal")
     return None if usage_db == MEMORY else Path(f"{usage_db}.journal")
+
+
+def _database_of(url: str) -> str:
+    """Which database a PostgreSQL URL names, however it is spelled (its options, the default port, a password, the
+    case of the host): user@host:port/dbname, from the URL's parts or its query's parameters, which win."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    try:
+        port = str(parts.port or 5432)
+    except ValueError:  # not a number: the store says so when it connects
+        port = parts.netloc.rpartition(":")[2]
+    user = query.get("user", unquote(parts.username or ""))
+    host = query.get("host", (parts.hostname or "").lower())
+    return f"{user}@{host}:{query.get('port', port)}/{query.get('dbname', unquote(parts.path.lstrip('/')))}"
+
+
+def _warn_of_a_legacy_journal(directory: Path | None) -> None:
+    """Records an older version left in the old default directory are replayed by no ledger by themselves: said."""
+    with contextlib.suppress(OSError):
+        if LEGACY_POSTGRESQL_JOURNAL_DIR.is_dir() and batch_files(LEGACY_POSTGRESQL_JOURNAL_DIR):
+            _log.warning(
+                "usage ledger: %s holds usage records an older version journaled; this database's journal is now %s:"
+                " run once with server.usage_journal_dir: %s to write them to this database (if they are its)",
+                LEGACY_POSTGRESQL_JOURNAL_DIR,
+                directory,
+                LEGACY_POSTGRESQL_JOURNAL_DIR,
+            )
 
 
 def open_store(usage_db: str) -> LedgerStore:
@@ -156,6 +186,8 @@ class UsageLedger:
         if isinstance(database, str | Path):
             self._store = open_store(str(database))
             directory = default_journal_dir(str(database)) if journal_dir is None else Path(journal_dir)
+            if journal_dir is None and is_postgresql(str(database)):
+                _warn_of_a_legacy_journal(directory)
         else:
             self._store = database
             directory = None if journal_dir is None else Path(journal_dir)
