@@ -708,12 +708,16 @@ class Router:
         for any model name (counting is offline and an agent may budget for a model this gateway does not route to;
         a key's model patterns keep its counts away from backends it may not use, a paid API's count among them)."""
         try:
-            route: Route | None = self.resolve(model, exact=True)[0]
+            # Without a model, the default chain: for a key, the first of it that the key may use, as its calls.
+            routes = self.resolve(model, exact=model is not None)
         except ModelNotFoundError:
-            route = None
-        if route is not None and may_use is not None and not _may_take(route, may_use):
-            route = None
-        name = route.model if route is not None else str(model)
+            routes = []
+        name = routes[0].model if routes else str(model)
+        if may_use is not None:
+            routes = [route for route in routes if _may_take(route, may_use)]
+        route = routes[0] if routes else None
+        if route is not None:
+            name = route.model
         if text is not None:
             return await self._counter.count_text_async(name, text)
         exact = await route.backend.provider.count_tokens(name, messages, tools) if route is not None else None

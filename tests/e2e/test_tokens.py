@@ -104,6 +104,11 @@ async def test_a_key_counts_with_a_backend_only_if_it_may_use_its_model(
     allowed = await stub.CountTokens(request, metadata=[("authorization", f"Bearer {key}-gpu-user")], timeout=5)
     assert (allowed.encoding, allowed.estimated) == ("backend:gpu", False)
     assert len(vllm.tokenize_requests) == 1
+    # No model named: the default chain's, the model it counts for named, not "None".
+    unnamed = pb.CountTokensRequest(messages=[user("hello there")])
+    default = await stub.CountTokens(unnamed, metadata=[("authorization", f"Bearer {key}-local-only")], timeout=5)
+    assert (default.model, default.estimated) == ("qwen", True)
+    assert len(vllm.tokenize_requests) == 1
 
 
 @pytest.mark.parametrize(
