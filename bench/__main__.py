@@ -794,7 +794,9 @@ async def open_streams(
         await asyncio.wait_for(all_open.wait(), timeout=HOLD_TRICKLE_S)
     rss_open = rss_mib(gateway_pid)
     await streams
-    await asyncio.sleep(0.5)
+    # The test upstream trickles the end of each body ([DONE], its last HTTP chunk) one trickle after the answer's
+    # last event; the gateway, done with the answer there, keeps each connection until that end comes, then pools it.
+    await asyncio.sleep(HOLD_TRICKLE_S + 0.5)
     idle = established_to(gateway_pid, upstream_port)
     results.memory = {
         "rss_idle_mib": rss_idle,

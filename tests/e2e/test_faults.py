@@ -21,6 +21,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import v1 as pb
+from llmrelay_server.app import Gateway
 from llmrelay_server.backends import upstream_http
 from support import (
     DIALECTS,
@@ -420,11 +421,12 @@ async def test_an_account_out_of_credit_is_for_an_operator_to_fix_not_a_rate_lim
 
 
 async def test_a_stream_whole_with_its_usage_ends_though_the_upstream_holds_it_open(
-    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An upstream that sent its finish reason and its usage, then neither [DONE] nor the end of its body, holding the
     connection open: the answer is whole, so the stream ends at once with the upstream's usage, billed as a success,
     and the held connection is closed; not broken by the idle limit (2 s here) and billed as interrupted."""
+    monkeypatch.setattr(upstream_http, "END_GRACE_S", 0.5)  # how long the rest of its body is awaited, meanwhile
     primary.inject({"hold_open_s": 30})
     started = time.monotonic()
     chunks = [c async for c in stub.StreamComplete(stream_chat("one two"), timeout=10)]
@@ -443,17 +445,21 @@ async def test_a_stream_whole_with_its_usage_ends_though_the_upstream_holds_it_o
     assert primary.client_disconnects, "the held connection was left open"
 
 
-async def test_a_stream_whose_end_follows_its_usage_keeps_its_connection(
-    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+async def test_a_stream_whose_end_follows_its_usage_ends_at_once_and_keeps_its_connection(
+    gateway: Gateway, stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
 ) -> None:
-    """The end of the body ([DONE], the last HTTP chunk) a moment after the usage, as a network may deliver it: the
-    stream waits for it, and its connection serves the next call rather than being closed for a new one."""
+    """The end of the body ([DONE], the last HTTP chunk) a while after the usage: the caller has its last chunk at
+    once, and the connection, once that end has come, serves the next call rather than being closed for a new one."""
     assert (await stub.Complete(chat(), timeout=5)).backend == "openai"
     opened = primary.connections_opened
-    primary.inject({"done_after_s": 0.2})
+    primary.inject({"done_after_s": 1.0})
+    started = time.monotonic()
     chunks = [c async for c in stub.StreamComplete(stream_chat("one two"), timeout=10)]
+    assert time.monotonic() - started < 0.9, "not held for the end of the body"
     assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP
     assert [a.outcome for a in chunks[-1].attempts] == [Outcome.ATTEMPT_OUTCOME_SUCCEEDED]
+    pool = gateway.router.backends[0].provider._pool.http1  # type: ignore[attr-defined]  # the OpenAI provider's
+    await wait_until(lambda: pool.idle_connections == 1, within_s=3)  # its end came: back in the pool
     assert (await stub.Complete(chat(), timeout=5)).backend == "openai"
     assert primary.connections_opened == opened
 

@@ -284,6 +284,39 @@ async def test_a_body_read_whole_is_bounded_on_the_wire_and_once_decompressed(po
             assert len(await response.read(30_000_000)) in (200_000, 20_000_000), "within the limit: whole"
 
 
+@pytest.mark.parametrize(("end_after_s", "reused"), [(0.2, True), (None, False)], ids=["ends", "never ends"])
+async def test_an_answer_left_whole_frees_its_connection_once_its_end_has_come(
+    pool: Http1Pool, end_after_s: float | None, reused: bool
+) -> None:
+    """A stream whole by its own events, its body's end still on the way: the connection goes back to the pool when
+    that end comes within the grace (the rest thrown away), else it is closed; its request waits for neither."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+    async def late_end(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader) is not None:
+            writer.write(head + b"5\r\nhello\r\n")
+            await writer.drain()
+            if end_after_s is None:
+                await reader.read()  # until the client goes
+                return
+            await asyncio.sleep(end_after_s)
+            writer.write(b"6\r\n[DONE]\r\n0\r\n\r\n")
+            await writer.drain()
+
+    async with RawServer(late_end) as server:
+        response = await pool.post(Http1Target(server.url()), b"{}", 5)
+        assert await anext(aiter(response)) == b"hello"
+        response.release_after(0.5)
+        assert (pool.connections, pool.idle_connections) == (1, 0), "held while its end is awaited"
+        await until(lambda: pool.connections == pool.idle_connections)
+        assert_drained(pool, idle=1 if reused else 0)
+        if reused:
+            again = await pool.post(Http1Target(server.url()), b"{}", 5)
+            assert await anext(aiter(again)) == b"hello"
+            again.close()
+            assert server.accepted == 1
+
+
 # --- keep-alive and the pool's limits --------------------------------------------------------------------------------
 
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 import httpx2
 import openai
 import pytest
-from llmrelay_server.backends.upstream_http import kind_of_status, pool_full, relayed
+from llmrelay_server.backends.upstream_http import Lines, kind_of_status, pool_full, relayed
 from llmrelay_server.domain import BackendSpec, CompletionChunk, UpstreamError, UpstreamErrorKind
 from llmrelay_server.router import NOT_THE_BACKENDS_FAULT, RETRYABLE
 
@@ -63,7 +63,8 @@ async def test_the_line_that_makes_the_answer_whole_is_relayed_and_nothing_after
     """A last delta may come with what ends the answer (a finish reason with the usage): it goes out; what follows
     the end, in the same read or a later one, is never read."""
     chunk_of, ended = reader("c")
-    relayed_chunks = [c async for c in relayed(batches(["a", "", "b"], ["c", "d"], ["e"]), chunk_of, ended, SPEC)]
+    lines = Lines(batches(["a", "", "b"], ["c", "d"], ["e"]))
+    relayed_chunks = [c async for c in relayed(lines, chunk_of, ended, SPEC)]
     assert [c.content for c in relayed_chunks] == ["ab", "c"]
 
 
@@ -93,7 +94,7 @@ async def test_a_read_that_fails_mid_stream_says_why(failure: Exception, kind: U
     chunk_of, ended = reader("never")
     received: list[CompletionChunk] = []
     with pytest.raises(UpstreamError) as caught:
-        async for relayed_chunk in relayed(batches(["a"], failure=failure), chunk_of, ended, SPEC):
+        async for relayed_chunk in relayed(Lines(batches(["a"], failure=failure)), chunk_of, ended, SPEC):
             received.append(relayed_chunk)
     assert [c.content for c in received] == ["a"]
     assert (caught.value.kind, caught.value.backend, caught.value.message) == (kind, "b", why)

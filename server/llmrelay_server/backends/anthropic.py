@@ -15,7 +15,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any, ClassVar
 
 import anthropic
@@ -26,6 +26,7 @@ from llmrelay_server.backends import anthropic_wire, wire
 from llmrelay_server.backends.upstream_http import (
     HEALTH_TIMEOUT_S,
     Endpoint,
+    Lines,
     Pool,
     SDKErrors,
     connection_failed,
@@ -218,7 +219,7 @@ class AnthropicProvider:
 
     def _post_stream(
         self, body: dict[str, Any], timeout_s: float | None
-    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[list[str]] | bytes]:
+    ) -> contextlib.AbstractAsyncContextManager[Lines | bytes]:
         """Sends the JSON `anthropic_wire` built to /v1/messages, for a streamed answer (or the whole one of a server
         that ignored `stream`: `post_stream`)."""
         content = wire.encode(body)

@@ -543,6 +543,7 @@ class _Connection(asyncio.Protocol):
         "_buffered",
         "_complete",
         "_error",
+        "_finishing",
         "_head_bytes",
         "_head_done",
         "_headers",
@@ -587,6 +588,8 @@ class _Connection(asyncio.Protocol):
         self._timer_due = 0.0
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
+        self._finishing: asyncio.TimerHandle | None = None
+        """While the rest of an answer its request is done with is awaited (`finish`): the timer that gives up."""
         self._reset()
 
     def _reset(self) -> None:
@@ -661,6 +664,23 @@ class _Connection(asyncio.Protocol):
     def reusable(self) -> bool:
         return self._complete and self._keep_alive and not self.lost
 
+    def finish(self, grace_s: float) -> None:
+        """Its request is done with an answer that may not have ended: back to the pool now if it has, else once it
+        does within `grace_s` (the rest read and thrown away), else closed. Nothing waits for it."""
+        if self._complete or self.lost or not self._keep_alive or self._error is not None:
+            self._pool._release(self, reuse=self.reusable)
+            return
+        self._body, self._buffered, self._whole = [], 0, True  # nothing kept, nothing paused
+        if self._paused:
+            self._resume()
+        self._finishing = self._loop.call_later(grace_s, self._finished, False)
+
+    def _finished(self, ended: bool) -> None:
+        timer, self._finishing = self._finishing, None
+        if timer is not None:
+            timer.cancel()
+            self._pool._release(self, reuse=ended and self.reusable)
+
     def close(self) -> None:
         """Closes the connection now (a FIN, as aiohttp closes one: the upstream sees its caller went away), or resets
         it while some of the request is still to be written: a FIN would wait behind it for as long as the upstream
@@ -713,6 +733,8 @@ class _Connection(asyncio.Protocol):
         if self._error is None:
             self._error = error
         self._wake()
+        if self._finishing is not None:
+            self._finished(False)
 
     def _resume(self) -> None:
         self._paused = False
@@ -776,6 +798,9 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._finishing is not None:
+            self._finished(False)
+            return
         if not self.sent:  # idle (out of the pool now), or not yet used by the request it was handed to
             self._pool._lost_idle(self)
             return
@@ -827,6 +852,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self._finishing is not None:
+            return  # the rest of an answer its request is done with
         self._body.append(body)
         self._buffered += len(body)
         if not self._whole:
@@ -840,6 +867,8 @@ class _Connection(asyncio.Protocol):
             return
         self._complete = True
         self._wake()
+        if self._finishing is not None:
+            self._finished(True)
 
 
 class _AfterTheAnswer(Exception):
@@ -937,6 +966,15 @@ class Http1Response:
         except BaseException:
             self.close()
             raise
+
+    def release_after(self, grace_s: float) -> None:
+        """Done with an answer that came whole by its own content (a stream's last event), its end perhaps still on
+        the way (an end marker, the body's last chunk): the connection goes back to the pool once that has come,
+        within `grace_s`, else it is closed (`_Connection.finish`). Nothing waits for it."""
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
+            conn.finish(grace_s)
 
     def close(self) -> None:
         """Done with the answer: the connection back to the pool if the answer was read to its end and the server

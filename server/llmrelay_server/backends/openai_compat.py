@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import httpx2
@@ -20,6 +20,7 @@ from llmrelay_server.backends import wire
 from llmrelay_server.backends.upstream_http import (
     HEALTH_TIMEOUT_S,
     Endpoint,
+    Lines,
     Pool,
     SDKErrors,
     connection_failed,
@@ -260,7 +261,7 @@ class OpenAICompatibleProvider:
 
     def _post_stream(
         self, body: dict[str, Any], timeout_s: float | None
-    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[list[str]] | bytes]:
+    ) -> contextlib.AbstractAsyncContextManager[Lines | bytes]:
         """Sends the JSON `wire` built (the caller's JSON text spliced in unchanged) to /chat/completions, for a
         streamed answer (or the whole one of an upstream that ignored `stream`: `post_stream`)."""
         content = wire.encode(body)

@@ -13,7 +13,6 @@ instructions a unary call).
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import datetime
 import email.utils
@@ -48,9 +47,9 @@ MAX_ANSWER_BYTES = 64 * 2**20
 carries, and a bound on the memory one upstream's answer can take."""
 MAX_ERROR_BODY_BYTES = 64 * 2**10
 """Of an error answer's body, whose first 500 characters are all that is passed on: a longer one is left unread."""
-END_GRACE_S = 0.5
-"""How long the end of a streamed answer whose last event is in (`relayed`'s `settled`) is waited for: it follows at
-once from an upstream that ends its streams, and the connection is reused only once it is in."""
+END_GRACE_S = 5.0
+"""How long, after a streamed answer is whole by its own events, the rest of its body (an end marker, the body's end)
+is awaited in the background, for its connection to go back to the pool: the caller does not wait for it."""
 
 
 class SDKErrors(NamedTuple):
@@ -150,14 +149,25 @@ async def post_read(endpoint: Endpoint, content: bytes, timeout_s: float | None)
         _raise_sdk_error(endpoint, exc)
 
 
+class Lines:
+    """A streamed answer's lines, a batch for each read (`post_stream`), and whether the answer they carried came
+    whole (`relayed` says): its connection is then left to finish by itself, else it is closed at once, so that the
+    upstream sees its caller went away."""
+
+    __slots__ = ("batches", "whole")
+
+    def __init__(self, batches: AsyncIterator[list[str]]) -> None:
+        self.batches = batches
+        self.whole = False
+
+
 @asynccontextmanager
-async def post_stream(
-    endpoint: Endpoint, content: bytes, timeout_s: float | None
-) -> AsyncIterator[AsyncIterator[list[str]] | bytes]:
+async def post_stream(endpoint: Endpoint, content: bytes, timeout_s: float | None) -> AsyncIterator[Lines | bytes]:
     """POSTs `content` (JSON) for a streamed answer: its lines (SSE ends them with CRLF, LF or CR), a list for each
     read from the network, the lines that were waiting together, which `relayed` turns into as few chunks, never
     waiting for more. A failure while reading comes out as httpx2's (ReadTimeout, ReadError). Leaving closes the
-    connection at once unless the answer was read to its end, so that an upstream sees a caller who went away.
+    connection at once, so that an upstream sees a caller who went away, unless the answer came whole: then the rest
+    of its body is awaited in the background for `END_GRACE_S` (`Http1Response.release_after`).
 
     An upstream that ignores `stream: true` answers whole, as JSON (Content-Type application/json): that body, read
     whole (failures as `post_read`'s), for the provider to relay as a stream of one answer. It is a valid answer,
@@ -166,6 +176,7 @@ async def post_stream(
         response = await _send(endpoint, content, timeout_s)
     except httpx2.TransportError as exc:
         _raise_sdk_error(endpoint, exc)
+    lines = None
     try:
         if response.content_type == "application/json":
             try:
@@ -174,9 +185,13 @@ async def post_stream(
                 _raise_sdk_error(endpoint, exc)
             yield whole
         else:
-            yield _line_batches(response)
+            lines = Lines(_line_batches(response))
+            yield lines
     finally:
-        response.close()
+        if lines is not None and lines.whole:
+            response.release_after(END_GRACE_S)
+        else:
+            response.close()
 
 
 async def _send(endpoint: Endpoint, content: bytes, timeout_s: float | None) -> Http1Response:
@@ -238,7 +253,7 @@ async def _line_batches(response: Http1Response) -> AsyncIterator[list[str]]:
 
 
 async def relayed(
-    batches: AsyncIterator[list[str]],
+    lines: Lines,
     chunk_of: Callable[[str], CompletionChunk | None],
     ended: Callable[[], bool],
     spec: BackendSpec,
@@ -250,14 +265,14 @@ async def relayed(
     error event, a malformed one) the text that came before it goes out first, then the failure; a failure of the
     HTTP read becomes an UpstreamError that says why (`broke_off`).
 
-    `settled()` says the answer is whole before its end marker came (its last event is in): the end is then waited
-    for `END_GRACE_S` at most (`_end_within`), so that the connection goes back to the pool as it would at the end,
-    and an upstream that holds the connection open is not waited on until the idle limit breaks the stream."""
+    `settled()` says the answer is whole before its end marker came (its last event is in): it ends there, not held
+    until an upstream that keeps the connection open after it is cut by the idle limit. Either way, whole, `lines`
+    says so (`Lines.whole`), and what may follow is left to the connection (`post_stream`)."""
     try:
-        async for lines in batches:
+        async for batch in lines.batches:
             arrived: list[CompletionChunk] = []
             try:
-                for line in lines:
+                for line in batch:
                     if not line:  # the blank line that ends each event: nothing to read
                         continue
                     chunk = chunk_of(line)
@@ -271,31 +286,12 @@ async def relayed(
                 raise
             for chunk in _coalesced(arrived):
                 yield chunk
-            if ended():
-                return
-            if settled is not None and settled():
-                await _end_within(batches, chunk_of, ended)
+            if ended() or (settled is not None and settled()):
+                lines.whole = True
                 return
     except httpx2.HTTPError as exc:
         kind = UpstreamErrorKind.TIMEOUT if isinstance(exc, httpx2.TimeoutException) else UpstreamErrorKind.UNREACHABLE
         raise UpstreamError(kind, spec.name, redact(broke_off(spec.base_url, exc), spec.api_key)) from exc
-
-
-async def _end_within(
-    batches: AsyncIterator[list[str]], chunk_of: Callable[[str], CompletionChunk | None], ended: Callable[[], bool]
-) -> None:
-    """Reads what follows a whole answer (its end marker, the end of the body) for `END_GRACE_S` at most. Whatever
-    comes of it, the answer stands: a failure now is the connection's, closed when the answer is left."""
-    try:
-        async with asyncio.timeout(END_GRACE_S):
-            async for lines in batches:
-                for line in lines:
-                    if line:
-                        chunk_of(line)
-                    if ended():
-                        return
-    except (TimeoutError, UpstreamError, MalformedAnswerError, httpx2.HTTPError):
-        pass
 
 
 def _coalesced(chunks: list[CompletionChunk]) -> list[CompletionChunk]:
