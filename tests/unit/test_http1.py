@@ -20,6 +20,7 @@ import httpx2
 import pytest
 from certs import Authority
 from harness import free_port
+from llmrelay_server.backends import http1
 from llmrelay_server.backends.http1 import HIGH_WATER, MAX_HEAD, Http1Pool, Http1Response, Http1Target
 from llmrelay_server.backends.proxies import Proxies, Proxy
 from llmrelay_server.backends.wire import MalformedAnswerError
@@ -282,6 +283,18 @@ async def test_a_body_read_whole_is_bounded_on_the_wire_and_once_decompressed(po
         async with RawServer(answering(answer)) as server:
             response = await pool.post(Http1Target(server.url()), b"{}", 5)
             assert len(await response.read(30_000_000)) in (200_000, 20_000_000), "within the limit: whole"
+
+
+async def test_a_piece_of_a_compressed_answer_read_piece_by_piece_is_bounded_once_decompressed(
+    pool: Http1Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http1, "MAX_INFLATED_PIECE", 100_000)
+    bomb = gzip.compress(b"0" * 20_000_000)
+    async with RawServer(answering(chunked(bomb, headers="Content-Encoding: gzip\r\n"))) as server:
+        response = await pool.post(Http1Target(server.url()), b"{}", 5)
+        with pytest.raises(MalformedAnswerError, match="over 100000 bytes once decompressed"):
+            async for _ in response:
+                pass
 
 
 @pytest.mark.parametrize(("end_after_s", "reused"), [(0.2, True), (None, False)], ids=["ends", "never ends"])

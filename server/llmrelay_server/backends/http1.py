@@ -58,6 +58,9 @@ HIGH_WATER: Final = 64 * 1024
 MAX_HEAD: Final = 64 * 1024
 """The most an answer's status line and headers may take (aiohttp allowed 8 KiB a line): beyond it, the answer is
 malformed, rather than held in memory for as long as a broken upstream goes on sending headers."""
+MAX_INFLATED_PIECE: Final = 64 * 2**20
+"""The most one piece of a compressed answer read piece by piece may inflate to (a few KiB can inflate to gigabytes);
+a whole body has the bound its reader gives (`Http1Response.read`)."""
 _SLACK_S: Final = 0.005
 """Timers fire up to this early (uvloop's clock moves in milliseconds); a deadline this close counts as reached."""
 _OURS: Final = frozenset(
@@ -957,7 +960,7 @@ class Http1Response:
                         return tail
                     raise StopAsyncIteration
                 if self._inflate is not None:
-                    piece = self._inflate.decode(piece)
+                    piece = self._inflate.decode(piece, MAX_INFLATED_PIECE)
                     if not piece:
                         continue
                 return piece
