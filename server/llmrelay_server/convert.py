@@ -176,9 +176,14 @@ def _chain_model(
     request: pb.CompleteRequest | pb.StreamCompleteRequest | pb.CountTokensRequest, errors: _Violations
 ) -> str | None:
     """The model asked for, or None for the default chain's."""
-    model = request.model if request.HasField("model") else None
+    return _model(request, "the default chain", errors)
+
+
+def _model(request: Any, unset: str, errors: _Violations) -> str | None:
+    """The request's model name, None when unset (`unset` says what answers then)."""
+    model: str | None = request.model if request.HasField("model") else None
     if model is not None and not 0 < len(model) <= MAX_MODEL_NAME:
-        errors.add("model", f"must be 1 to {MAX_MODEL_NAME} characters, or unset for the default chain")
+        errors.add("model", f"must be 1 to {MAX_MODEL_NAME} characters, or unset for {unset}")
     elif model is not None and _CONTROL.search(model):
         errors.add("model", "must hold no control characters (a NUL, a newline)")
     return model
@@ -230,11 +235,7 @@ def usage_query(request: pb.GetUsageRequest) -> UsageQuery:
 
 def embedding_request(request: pb.EmbedRequest) -> EmbeddingRequest:
     errors = _Violations()
-    model = request.model if request.HasField("model") else None
-    if model is not None and not 0 < len(model) <= MAX_MODEL_NAME:
-        errors.add("model", f"must be 1 to {MAX_MODEL_NAME} characters, or unset for the default embedding model")
-    elif model is not None and _CONTROL.search(model):
-        errors.add("model", "must hold no control characters (a NUL, a newline)")
+    model = _model(request, "the default embedding model", errors)
     inputs = tuple(request.inputs)
     if not inputs:
         errors.add("inputs", "at least one text is required")
