@@ -28,7 +28,7 @@ from typing import Any, TypeAlias
 import grpc
 
 from llmrelay_server.config import AuthConfig, CallerKey, ConfigError, load_keys_file
-from llmrelay_server.domain import LLMRelayError, UnauthenticatedError, UsageNotAllowedError, immutable
+from llmrelay_server.domain import UnauthenticatedError, UsageNotAllowedError, immutable
 from llmrelay_server.status import abort
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, keys: KeyRing, open_services: Sequence[str]) -> None:
         self._keys = keys
         self._open = frozenset(open_services)
+        self._refusing: dict[tuple[str, str], tuple[Handler, Handler]] = {}
+        """By method and reason: the handler refused, and its refusal."""
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -187,8 +189,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         key = self._keys.find(_bearer(handler_call_details.invocation_metadata) or "")
         if key is None:
             handler = await continuation(handler_call_details)
+            if handler is None:
+                return None
+            # Made once per method and reason, as the handlers this one passes on are: the observing interceptor keeps
+            # its wrapping of each handler it is given, for the calls to come.
             why = _why_not(handler_call_details.invocation_metadata)
-            return _refusing(handler, UnauthenticatedError(why)) if handler is not None else None
+            kept = self._refusing.get((method, why))
+            if kept is None or kept[0] is not handler:
+                kept = self._refusing[method, why] = (handler, _refusing(handler, why))
+            return kept[1]
         # Before the interceptors after this one run: they (limits) and the servicer read who is calling.
         current_caller.set(Caller(key))
         return await continuation(handler_call_details)
@@ -208,11 +217,11 @@ def _why_not(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
     return "the key is not valid here (unknown, revoked, or not `Bearer KEY`)"
 
 
-def _refusing(handler: Handler, error: LLMRelayError) -> Handler:
-    """A handler of the same shape that ends the call with the error's status, the request unread."""
+def _refusing(handler: Handler, why: str) -> Handler:
+    """A handler of the same shape that ends the call UNAUTHENTICATED, saying `why`, the request unread."""
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await abort(context, f"call from {context.peer()}", error)
+        await abort(context, f"call from {context.peer()}", UnauthenticatedError(why))
 
     async def refuse_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await refuse(request, context)

@@ -62,9 +62,9 @@ class CallLogObserver(Observer):
     def __init__(self, log_content: bool = False) -> None:
         self._log_content = log_content
 
-    def observe(self, details: grpc.HandlerCallDetails, streaming: bool) -> Start:
-        rpc, rid = details.method[1:], request_id(details.invocation_metadata)
-        return lambda request, context: _LoggedCall(self, rpc, rid, request, context)
+    def observe(self, method: str, streaming: bool) -> Start:
+        rpc = method[1:]
+        return lambda request, context: _LoggedCall(self, rpc, request, context)
 
     def _end(
         self,
@@ -88,9 +88,10 @@ class CallLogObserver(Observer):
 class _LoggedCall:
     __slots__ = ("_context", "_meter", "_observer", "_request", "_rid", "_rpc", "_started")
 
-    def __init__(self, observer: CallLogObserver, rpc: str, rid: str, request: Any, context: Context) -> None:
+    def __init__(self, observer: CallLogObserver, rpc: str, request: Any, context: Context) -> None:
         self._started = time.perf_counter()
-        self._observer, self._rpc, self._rid, self._request, self._context = observer, rpc, rid, request, context
+        self._observer, self._rpc, self._request, self._context = observer, rpc, request, context
+        self._rid = rid = request_id(context.invocation_metadata())
         self._meter = open_meter()
         context.set_trailing_metadata(((REQUEST_ID, rid),))
 

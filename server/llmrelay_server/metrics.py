@@ -361,46 +361,67 @@ class MetricsObserver(Observer):
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._labels: dict[str, tuple[str, str, str]] = {}
-        """By method path: the methods served, a closed set."""
 
-    def observe(self, details: grpc.HandlerCallDetails, streaming: bool) -> Start:
-        labels = self._labels.get(details.method)
-        if labels is None:
-            service, _, method = details.method[1:].rpartition("/")
-            labels = self._labels[details.method] = ("server_stream" if streaming else "unary", service, method)
-        operation = GEN_AI_OPERATIONS.get(details.method, "chat")
+    def observe(self, method: str, streaming: bool) -> Start:
+        counted = _Method(self._metrics, method, streaming)
+        return lambda request, context: _CountedCall(counted, request)
+
+
+class _Method:
+    """One method's series, looked up once rather than at every call."""
+
+    __slots__ = (
+        "completion_stream",
+        "handled",
+        "handling",
+        "labels",
+        "metrics",
+        "operation",
+        "received",
+        "sent",
+        "started",
+    )
+
+    def __init__(self, metrics: Metrics, method: str, streaming: bool) -> None:
+        service, _, name = method[1:].rpartition("/")
+        self.metrics, self.labels = metrics, ("server_stream" if streaming else "unary", service, name)
+        self.operation = GEN_AI_OPERATIONS.get(method, "chat")
         # llmrelay_open_streams counts answers streamed: not the health service's watches.
-        completion_stream = details.method == _STREAM_COMPLETE
-        return lambda request, context: _CountedCall(self._metrics, labels, completion_stream, request, operation)
+        self.completion_stream = method == _STREAM_COMPLETE
+        self.started, self.received = metrics.started(*self.labels), metrics.received(*self.labels)
+        self.sent, self.handling = metrics.sent(*self.labels), metrics.handling(*self.labels)
+        self.handled: dict[grpc.StatusCode, _Count] = {}
+
+    def ended(self, code: grpc.StatusCode) -> _Count:
+        """The series of calls that ended with `code`."""
+        handled = self.handled.get(code)
+        if handled is None:
+            handled = self.handled[code] = self.metrics.handled(*self.labels, code.name)
+        return handled
 
 
 class _CountedCall:
-    __slots__ = ("_completion_stream", "_labels", "_meter", "_metrics", "_operation", "_request", "_sent", "_started")
+    __slots__ = ("_meter", "_method", "_request", "_started")
 
-    def __init__(
-        self, metrics: Metrics, labels: tuple[str, str, str], completion_stream: bool, request: Any, operation: str
-    ) -> None:
+    def __init__(self, method: _Method, request: Any) -> None:
         self._started = time.perf_counter()
-        self._metrics, self._labels, self._request = metrics, labels, request
-        self._completion_stream, self._operation = completion_stream, operation
-        metrics.started(*labels).inc()
-        metrics.received(*labels).inc()
-        if completion_stream:
-            metrics.open_streams.inc()
-        self._sent = metrics.sent(*labels)
+        self._method, self._request = method, request
+        method.started.inc()
+        method.received.inc()
+        if method.completion_stream:
+            method.metrics.open_streams.inc()
         self._meter = open_meter()
 
     def sent(self, message: Any) -> None:
-        self._sent.inc()
+        self._method.sent.inc()
 
     def end(self, code: grpc.StatusCode) -> None:
         elapsed = time.perf_counter() - self._started
-        metrics, labels = self._metrics, self._labels
-        if self._completion_stream:
-            metrics.open_streams.dec()
-        metrics.handled(*labels, code.name).inc()
-        metrics.handling(*labels).observe(elapsed)
+        method = self._method
+        if method.completion_stream:
+            method.metrics.open_streams.dec()
+        method.ended(code).inc()
+        method.handling.observe(elapsed)
         if self._meter.attempts:  # a model call that reached the router
             model = self._request.model if self._request.HasField("model") else None
-            metrics.observe_call(labels[2], self._meter, elapsed, model, self._operation)
+            method.metrics.observe_call(method.labels[2], self._meter, elapsed, model, method.operation)

@@ -1,9 +1,11 @@
 """One interceptor for whatever watches whole calls (metrics, the call log, traces): the `Observer`s.
 
-An `Observer` says what to do when a call starts (`observe`, which returns the call's observer), and the observer
-hears each message sent and the status the call ended with, for unary and server-streaming calls alike, including
-streams written with `context.write` (grpc.health.v1's Watch), whose messages pass by unseen. The interceptor wraps a
-call's handler once for all of them: a wrapping is a coroutine, a handler and an interceptor step more per call.
+An `Observer` says what to do when a call of a method starts (`observe`, which returns how to start watching one),
+and the call's observer hears each message sent and the status the call ended with, for unary and server-streaming
+calls alike, including streams written with `context.write` (grpc.health.v1's Watch), whose messages pass by unseen.
+The interceptor wraps a method's handler once for all of them, and once for all its calls: the handlers that reach it
+are the same objects call after call (the service's own; the limits' and auth's wrappings of them, each made once), so
+a call pays a lookup rather than a new handler, closures and a question to every observer.
 """
 
 from __future__ import annotations
@@ -41,13 +43,19 @@ class CallObserver(Protocol):
 
 
 Start = Callable[[Any, Context], CallObserver]
-"""Starts observing one call: its request and context -> its observer."""
+"""Starts observing one call: its request and context (its metadata: `context.invocation_metadata()`) -> its
+observer."""
+
+MAX_WRAPPED_HANDLERS: Final = 256
+"""Handlers wrapped once and kept; past this many (which no gateway of ours reaches: a few per method), a handler is
+wrapped for its call alone."""
 
 
 class Observer(abc.ABC):
     @abc.abstractmethod
-    def observe(self, details: grpc.HandlerCallDetails, streaming: bool) -> Start | None:
-        """How to observe the calls of this method; None leaves them alone."""
+    def observe(self, method: str, streaming: bool) -> Start | None:
+        """How to observe the calls of this method ("/package.Service/Method"); None leaves them alone. Asked once
+        per method and kind of handler, not per call."""
 
 
 class ObservingInterceptor(grpc.aio.ServerInterceptor):
@@ -55,13 +63,25 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, observers: Sequence[Observer]) -> None:
         self._observers = tuple(observers)
+        self._wrapped: dict[int, tuple[Handler, str, Handler]] = {}
+        """id of a handler -> that handler (kept, so that its id is not another's), its method, its wrapping."""
 
     async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
         handler = await continuation(details)
         if handler is None:
             return None
+        method = details.method
+        kept = self._wrapped.get(id(handler))
+        if kept is not None and kept[0] is handler and kept[1] == method:
+            return kept[2]
+        wrapped = self._wrap(handler, method)
+        if len(self._wrapped) < MAX_WRAPPED_HANDLERS:
+            self._wrapped[id(handler)] = (handler, method, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: Handler, method: str) -> Handler:
         streaming = handler.unary_stream is not None
-        starts = tuple(start for observer in self._observers if (start := observer.observe(details, streaming)))
+        starts = tuple(start for observer in self._observers if (start := observer.observe(method, streaming)))
         if not starts:
             return handler
         if streaming:

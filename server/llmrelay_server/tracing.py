@@ -106,9 +106,9 @@ class TracingObserver(Observer):
         self._kinds = {spec.name: spec.kind for spec in backends}
         self._log_content = log_content
 
-    def observe(self, details: grpc.HandlerCallDetails, streaming: bool) -> Start:
-        name, metadata = details.method[1:], details.invocation_metadata
-        return lambda request, context: _Call(self, name, metadata, request, streaming)
+    def observe(self, method: str, streaming: bool) -> Start:
+        name = method[1:]
+        return lambda request, context: _Call(self, name, context.invocation_metadata(), request, streaming)
 
 
 class _Call:

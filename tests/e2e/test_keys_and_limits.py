@@ -314,6 +314,47 @@ async def test_requests_per_minute_admit_exactly_the_limit(
     assert len(primary.chat_requests) == 5, "refused calls never reach an upstream"
 
 
+async def test_each_call_is_checked_as_its_own_whatever_called_before_it(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    # The interceptors wrap a method's handler once for all its calls: refusals, a key without limits and one with
+    # them, in turn on the same methods, must each still get their own answer, request id and count.
+    auth = keys_yaml(
+        key_entry("research", RESEARCH_KEY, "limits: {requests_per_minute: 2}"), key_entry("other", OTHER_KEY)
+    )
+    _, channel, stub = await start(gateway_factory, primary, local, auth)
+    unknown = bearer("llmr-unknown-0123456789abcdefghijk")
+
+    async def outcome(metadata: list[tuple[str, str]], stream: bool = False) -> tuple[str, str]:
+        call: Any = (
+            stub.StreamComplete(stream_chat(), metadata=metadata, timeout=5)
+            if stream
+            else stub.Complete(chat(), metadata=metadata, timeout=5)
+        )
+        try:
+            await (read(call) if stream else call)
+            result = "OK"
+        except grpc.aio.AioRpcError as error:
+            result = f"{error.code().name}: {details(error)['ErrorInfo'].reason}"
+        return result, dict(await call.trailing_metadata())["x-request-id"]
+
+    async with channel:
+        sequence = [[], unknown, bearer(OTHER_KEY), bearer(RESEARCH_KEY), bearer(OTHER_KEY), bearer(RESEARCH_KEY)]
+        sequence += [bearer(RESEARCH_KEY), bearer(OTHER_KEY), [], bearer(OTHER_KEY)]
+        outcomes = [await outcome(metadata) for metadata in sequence]
+        streamed = [await outcome(metadata, stream=True) for metadata in (bearer(RESEARCH_KEY), bearer(OTHER_KEY), [])]
+    assert [result for result, _ in outcomes] == [
+        "UNAUTHENTICATED: UNAUTHENTICATED", "UNAUTHENTICATED: UNAUTHENTICATED", "OK", "OK", "OK", "OK",
+        "RESOURCE_EXHAUSTED: REQUESTS_PER_MINUTE_EXCEEDED", "OK", "UNAUTHENTICATED: UNAUTHENTICATED", "OK",
+    ]  # fmt: skip
+    assert [result for result, _ in streamed] == [
+        "RESOURCE_EXHAUSTED: REQUESTS_PER_MINUTE_EXCEEDED", "OK", "UNAUTHENTICATED: UNAUTHENTICATED"
+    ]  # fmt: skip
+    request_ids = [rid for _, rid in outcomes + streamed]
+    assert len(set(request_ids)) == len(request_ids), "a request id of its own for every call"
+    assert len(primary.chat_requests) == 7, "only the admitted calls reached an upstream"
+
+
 async def test_retries_and_fallbacks_count_once(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:

@@ -16,12 +16,12 @@ class _Recorder(Observer):
     def __init__(self, name: str, heard: list[str], fail_at_end: bool = False) -> None:
         self._name, self._heard, self._fail_at_end = name, heard, fail_at_end
 
-    def observe(self, details: grpc.HandlerCallDetails, streaming: bool) -> Start:
+    def observe(self, method: str, streaming: bool) -> Start:
         return lambda request, context: _Heard(self._name, self._heard, self._fail_at_end)
 
 
 class _FailingToStart(Observer):
-    def observe(self, details: grpc.HandlerCallDetails, streaming: bool) -> Start:
+    def observe(self, method: str, streaming: bool) -> Start:
         def start(request: Any, context: Context) -> _Heard:
             raise RuntimeError("an observer's own bug")
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 import grpc
 from llmrelay import v1 as pb
 
 from llmrelay_server import convert
-from llmrelay_server.auth import Continuation, Handler, current_caller
+from llmrelay_server.auth import Caller, Continuation, Handler, current_caller
 from llmrelay_server.config import Limits
 from llmrelay_server.domain import (
     CompletionRequest,
@@ -52,6 +52,8 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         self._estimate_usd_micros = estimate_usd_micros
         self._reserve_completion_tokens = reserve_completion_tokens
         self._estimate_embedding_usd_micros = estimate_embedding_usd_micros
+        self._limited: dict[str, tuple[Handler, Handler]] = {}
+        """By method: the handler it was given, and that handler within limits."""
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -60,27 +62,36 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method not in (_COMPLETE, _STREAM, _EMBED):
             return handler
-        caller = current_caller.get()
-        subjects = [(f"key:{caller.name}", caller.key.limits)] if caller and caller.key.limits.any_set() else []
-        if self._gateway is not None:
-            subjects.append((GATEWAY, self._gateway))
-        if not subjects:
+        if self._gateway is None and not _key_limited(current_caller.get()):
             return handler
+        # Wrapped once per method, not per call (the observing interceptor keeps its own wrapping of this one).
+        kept = self._limited.get(method)
+        if kept is None or kept[0] is not handler:
+            kept = self._limited[method] = (handler, self._limit(handler, method))
+        return kept[1]
+
+    def _limit(self, handler: Handler, method: str) -> Handler:
         if method == _STREAM:
             return grpc.unary_stream_rpc_method_handler(
-                self._limited_stream(handler.unary_stream, subjects),
-                handler.request_deserializer,
-                handler.response_serializer,
+                self._limited_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
             )
         return grpc.unary_unary_rpc_method_handler(
-            self._limited_unary(handler.unary_unary, subjects, method.rpartition("/")[2]),
+            self._limited_unary(handler.unary_unary, method.rpartition("/")[2]),
             handler.request_deserializer,
             handler.response_serializer,
         )
 
-    def _limited_unary(self, behavior: Any, subjects: list[tuple[str, Limits]], rpc: str) -> Any:
+    def _subjects(self) -> list[tuple[str, Limits]]:
+        """Whose limits the call counts against: its key's, when the key has any, and the gateway's."""
+        caller = current_caller.get()
+        subjects = [(f"key:{caller.name}", caller.key.limits)] if _key_limited(caller) else []
+        if self._gateway is not None:
+            subjects.append((GATEWAY, self._gateway))
+        return subjects
+
+    def _limited_unary(self, behavior: Any, rpc: str) -> Any:
         async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            reservation = await self._admit(request, subjects, context, rpc, stream=False)
+            reservation = await self._admit(request, self._subjects(), context, rpc, stream=False)
             meter = open_meter()
             try:
                 return await behavior(request, context)
@@ -89,9 +100,9 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
 
         return limited
 
-    def _limited_stream(self, behavior: Any, subjects: list[tuple[str, Limits]]) -> Any:
+    def _limited_stream(self, behavior: Any) -> Any:
         async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            reservation = await self._admit(request, subjects, context, "StreamComplete", stream=True)
+            reservation = await self._admit(request, self._subjects(), context, "StreamComplete", stream=True)
             meter = open_meter()
             try:
                 # Closed, it closes the stream first, so that it settles with what the stream billed as it ended.
@@ -150,6 +161,11 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
             return 0, 0
         tokens = (await self._counter.count_texts_async(parsed.model or "", parsed.inputs)).tokens
         return tokens, self._estimate_embedding_usd_micros(parsed.model, tokens, _models_allowed())
+
+
+def _key_limited(caller: Caller | None) -> TypeGuard[Caller]:
+    """Whether the call's key has limits of its own."""
+    return caller is not None and caller.key.limits.any_set()
 
 
 def _models_allowed() -> ModelFilter | None:
