@@ -95,6 +95,12 @@ class Gateway:
                 await self.tracing.stop()  # the last spans exported
 
 
+_LIMITS_PER_WORKER = (
+    "each worker of this gateway would enforce alone (up to one limit per worker): set state.redis_url to share them,"
+    " or run one worker"
+)
+
+
 async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> Gateway:
     """Starts a gateway; `reuse_port` when it is one of several workers sharing the port (`workers`)."""
     limit = config.server.max_message_bytes
@@ -102,7 +108,10 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
     quiet_callers_gone()
     # Before the port opens: a certificate that cannot be used stops the start (ConfigError naming the field).
     credentials = server_credentials(tls) if tls is not None else None
-    keys = KeyRing(config.auth)  # likewise a keys file that cannot be read
+    # Likewise a keys file that cannot be read. One that gives a key limits later cannot be taken by a worker without
+    # Redis: each worker would enforce them alone (the configuration refuses them at start for that reason).
+    alone = reuse_port and config.state.redis_url is None
+    keys = KeyRing(config.auth, limits_refused=_LIMITS_PER_WORKER if alone else None)
     tracing = _tracing(config)  # and tracing without its extra
     counter = TokenCounter()
     try:

@@ -86,8 +86,11 @@ def digest(key: str) -> str:
 class KeyRing:
     """The keys in force: the configuration's, and the keys file's as last read."""
 
-    def __init__(self, config: AuthConfig) -> None:
+    def __init__(self, config: AuthConfig, *, limits_refused: str | None = None) -> None:
+        """`limits_refused`: why a keys file that gives a key limits cannot be taken, when it cannot (the configuration
+        refuses such keys at start for the same reason)."""
         self._configured = config.keys
+        self._limits_refused = limits_refused
         self._file = Path(config.keys_file) if config.keys_file else None
         self._file_stamp = self._stamp() if self._file else None
         self._set(self._configured + (load_keys_file(self._file) if self._file else ()))
@@ -117,6 +120,14 @@ class KeyRing:
             keys = load_keys_file(self._file)
         except ConfigError as error:
             log.warning("keys file not reloaded, the keys in force stay: %s", error)
+            return
+        limited = [key.name for key in keys if key.limits.any_set()]
+        if limited and self._limits_refused is not None:
+            log.warning(
+                "keys file not reloaded, the keys in force stay: it gives limits to %s, which %s",
+                ", ".join(map(repr, limited)),
+                self._limits_refused,
+            )
             return
         self._set(self._configured + keys)
         if not self._by_digest:

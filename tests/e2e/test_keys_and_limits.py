@@ -19,7 +19,7 @@ from llmrelay_server.app import Gateway
 from llmrelay_server.auth import KEYS_FILE_CHECK_S
 from llmrelay_server.domain import Message, Role
 from llmrelay_server.tokens import TokenCounter
-from support import FAST_ROUTER, GatewayFactory, chat, details, png, stream_chat, two_backends
+from support import FAST_ROUTER, GatewayFactory, chat, details, png, start_server, stream_chat, two_backends
 from upstream import FakeUpstream
 
 RESEARCH_KEY = "llmr-research-0123456789abcdefghij"
@@ -189,6 +189,34 @@ async def test_the_keys_file_is_reread_when_it_changes(
         keys_file.write_text("keys: [{name: broken}]\n")  # a broken file keeps the keys in force
         await asyncio.sleep(1.5)
         assert (await stub.Complete(chat(), metadata=bearer(OTHER_KEY), timeout=5)).backend == "openai"
+
+
+async def test_workers_without_redis_take_no_keys_file_that_brings_limits(tmp_path: Path, local: FakeUpstream) -> None:
+    # Each worker would enforce them alone, N times each limit: refused as at start, the keys in force staying.
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(f"keys: [{key_entry('research', RESEARCH_KEY)}]\n")
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(
+        f'server: {{usage_db: "{tmp_path / "usage.db"}", drain_s: 0, grace_period_s: 5}}\n'
+        f'auth: {{keys_file: "{keys_file}"}}\n'
+    )
+    gateway = await start_server(config, local, "--workers", "2")
+    try:
+        await gateway.wait_listening()
+        await gateway.wait_for_line("(2 workers)")
+        # research's key revoked, other's added with a limit: all or nothing, as for any file that cannot be taken
+        keys_file.write_text(f"keys: [{key_entry('other', OTHER_KEY, 'limits: {requests_per_minute: 3}')}]\n")
+        refused = await gateway.wait_for_line("keys file not reloaded")
+        assert "'other'" in refused and "state.redis_url" in refused
+        async with grpc.aio.insecure_channel(gateway.target) as channel:
+            stub = pb.LLMServiceStub(channel)
+            answers = [await stub.Complete(chat("tiny"), metadata=bearer(RESEARCH_KEY), timeout=5) for _ in range(4)]
+            assert [answer.backend for answer in answers] == ["ollama"] * 4
+            with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                await stub.Complete(chat("tiny"), metadata=bearer(OTHER_KEY), timeout=5)
+            assert unknown.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        assert await gateway.stop() == 0
 
 
 async def logged(caplog: pytest.LogCaptureFixture, text: str, within_s: float = 5.0) -> None:
