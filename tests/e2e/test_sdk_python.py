@@ -26,6 +26,7 @@ from llmrelay import (
     AsyncClient,
     Client,
     Conversation,
+    LLMRelayError,
     PermissionDeniedError,
     Tools,
     UnavailableError,
@@ -352,6 +353,46 @@ async def test_leaving_the_with_block_of_a_stream_cancels_it_at_once(
     assert stream_codes(caplog) == ["CANCELLED"], "the gateway's stream ended when the block did"
     assert waited < 1, f"the gateway ended the stream {waited:.2f} s after the block, not at once"
     assert rest == [], "a closed stream has no more messages"
+
+
+@pytest.mark.parametrize("kind", ["stream", "complete"])
+async def test_closing_an_async_client_fails_its_calls_in_flight_cancelled(
+    gateway: Gateway, primary: FakeUpstream, kind: str
+) -> None:
+    # As the blocking client's do: an asyncio.CancelledError would read as the reading task's own cancellation.
+    primary.inject({"trickle_s": 1.0} if kind == "stream" else {"stall_s": 10})
+    client = AsyncClient(target(gateway))
+
+    async def call() -> None:
+        if kind == "stream":
+            async for _ in client.stream([{"role": "user", "content": "hi there"}]):
+                pass
+        else:
+            await client.complete([{"role": "user", "content": "hi there"}])
+
+    running = asyncio.create_task(call())
+    await asyncio.sleep(0.5)
+    await client.close()
+    with pytest.raises(LLMRelayError) as closed:
+        await asyncio.wait_for(running, 2)
+    assert closed.value.code == grpc.StatusCode.CANCELLED
+    assert "closed" in closed.value.message
+    assert not running.cancelled()
+
+
+async def test_a_task_cancelled_while_reading_is_cancelled_still(gateway: Gateway, primary: FakeUpstream) -> None:
+    primary.inject({"trickle_s": 1.0})
+    async with AsyncClient(target(gateway)) as client:
+
+        async def read() -> None:
+            async for _ in client.stream([{"role": "user", "content": "hi there"}]):
+                pass
+
+        running = asyncio.create_task(read())
+        await asyncio.sleep(0.5)
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
 
 
 # --- the TLS rule --------------------------------------------------------------------------------------------------

@@ -175,6 +175,8 @@ class _Base:
         self._timeout = timeout
         self._metadata = tuple(metadata) + (((CALLER_HEADER, caller),) if caller else ())
         self._security_hint = None if own_channel else settings.security_hint(target)
+        self._closed = False
+        """Set by an AsyncClient's close(): a call it cut short fails CANCELLED, saying so."""
 
     @property
     def uses_tls(self) -> bool:
@@ -194,6 +196,16 @@ class _Base:
             yield
         except grpc.RpcError as exc:
             raise self._error(exc) from exc
+        except asyncio.CancelledError:
+            # grpc.aio ends a call that its channel's close() cut short with CancelledError, which reads as the
+            # calling task's own cancellation (a TaskGroup takes it so): the blocking client's error instead, unless
+            # the task is being cancelled indeed.
+            task = asyncio.current_task()
+            if self._closed and task is not None and not task.cancelling():
+                raise LLMRelayError(
+                    grpc.StatusCode.CANCELLED, "the client was closed while the call was in flight"
+                ) from None
+            raise
 
     def _error(self, rpc_error: grpc.RpcError) -> LLMRelayError:
         """The SDK's error for a failed call. When the gateway could not be reached (UNAVAILABLE without its
@@ -660,6 +672,8 @@ class AsyncClient(_Base):
             return await self._stub.GetUsage(request or pb.GetUsageRequest(), **self._call_options(timeout, metadata))
 
     async def close(self) -> None:
+        """Closes the channel; calls in flight fail with LLMRelayError (CANCELLED)."""
+        self._closed = True
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:
