@@ -147,6 +147,8 @@ export class Client {
   readonly transport: Transport | undefined;
   private readonly timeoutMs: number | null;
   private readonly headers: Record<string, string>;
+  /** The calls in flight, unary and streams: close() cancels them, as grpc-js's close() lets them run on. */
+  private readonly active = new Set<{ cancel(): void }>();
 
   constructor(
     readonly target: string = DEFAULT_TARGET,
@@ -183,6 +185,7 @@ export class Client {
       this.metadata(options),
       this.callOptions(options),
     );
+    this.active.add(call);
     const abort = () => call.cancel();
     options?.signal?.addEventListener("abort", abort, { once: true });
     try {
@@ -195,6 +198,7 @@ export class Client {
       options?.signal?.removeEventListener("abort", abort);
       call.on("error", () => {}); // the CANCELLED of an early exit is nobody's error
       call.cancel();
+      this.active.delete(call);
     }
   }
 
@@ -249,8 +253,11 @@ export class Client {
     return this.unary(this.raw.getUsage, GetUsageRequest.fromPartial(request), options);
   }
 
-  /** Closes the channel; calls in flight fail with CANCELLED. */
+  /** Closes the channel; calls in flight fail with CANCELLED, and the gateway stops answering them. */
   close(): void {
+    for (const call of this.active) {
+      call.cancel();
+    }
     this.raw.close();
   }
 
@@ -263,6 +270,7 @@ export class Client {
       }
       const abort = () => call.cancel();
       const call = method.call(this.raw, request, this.metadata(options), this.callOptions(options), (err, res) => {
+        this.active.delete(call);
         signal?.removeEventListener("abort", abort);
         if (err) {
           reject(this.explain(toError(err)));
@@ -270,6 +278,7 @@ export class Client {
           resolve(res);
         }
       });
+      this.active.add(call);
       signal?.addEventListener("abort", abort, { once: true });
     });
   }

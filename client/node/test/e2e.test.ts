@@ -229,6 +229,29 @@ describe("llmrelay gateway, from TypeScript", { concurrency: false }, () => {
     await mustFail(call, status.CANCELLED);
   });
 
+  test("close() cancels the calls in flight: a stream and a unary call fail CANCELLED at once", async () => {
+    // Answers that would take seconds more: a stream of a word a second, and a unary call the upstream stalls.
+    await upstream.addFaults({ trickle_s: 1 }, { stall_s: 10 });
+    const streaming = connect();
+    const chunks = streaming.stream({ messages: chat("one two three four five six seven eight") });
+    assert.ok((await chunks.next()).value?.delta, "the answer has begun");
+    let closedAt = Date.now();
+    streaming.close();
+    await mustFail(chunks.next(), status.CANCELLED);
+    assert.ok(Date.now() - closedAt < 500, `the stream ran on ${Date.now() - closedAt} ms after close()`);
+
+    const calling = connect();
+    const requestsBefore = await upstream.requestCount();
+    const answer = calling.complete({ messages: chat("slow") });
+    while ((await upstream.requestCount()) === requestsBefore) {
+      await new Promise((resolve) => setTimeout(resolve, 20)); // until the gateway asks the upstream
+    }
+    closedAt = Date.now();
+    calling.close();
+    await mustFail(answer, status.CANCELLED);
+    assert.ok(Date.now() - closedAt < 500, `the call ran on ${Date.now() - closedAt} ms after close()`);
+  });
+
   test("a signal aborted before the call starts neither a unary call nor a stream", async () => {
     const controller = new AbortController();
     const reason = new Error("the agent gave up");
