@@ -167,7 +167,8 @@ export class Agent {
     const attempts: Attempt[] = [];
     for (let step = 1; ; step++) {
       if (conversation.options.budgetTokens !== undefined) {
-        await conversation.fit(this.client, callOptions);
+        // The tools' definitions go with the prompt, so they take their share of the budget.
+        await conversation.fit(this.client, { ...callOptions, tools: requestOptions.tools });
       }
       const request = { model: this.options.model, messages: conversation.messages, options: requestOptions };
       const answer = onDelta

@@ -18,6 +18,15 @@ export interface ConversationOptions {
   tools?: ToolInput[];
 }
 
+/** How countTokens() and fit() count. */
+export interface CountOptions extends CallOptions {
+  /**
+   * The tools the request will offer, whose definitions count too, in place of the conversation's options.tools:
+   * an Agent passes the tools it sends.
+   */
+  tools?: ToolInput[];
+}
+
 /** What fit() did. */
 export interface FitResult {
   /** The tokens the messages count now. */
@@ -86,23 +95,26 @@ export class Conversation {
     return this.add(toolMessage(call, content));
   }
 
-  /** Counts the tokens of the messages (and the options' tools) for the options' model, through CountTokens. */
-  async countTokens(client: Client, callOptions?: CallOptions): Promise<number> {
-    const { model, tools } = this.options;
-    const answer = await client.countTokens({ model, tools, messages: this.history }, callOptions);
+  /**
+   * Counts the tokens of the messages and the tools (countOptions.tools, else the options' tools) for the options'
+   * model, through CountTokens.
+   */
+  async countTokens(client: Client, countOptions: CountOptions = {}): Promise<number> {
+    const { tools = this.options.tools, ...callOptions } = countOptions;
+    const answer = await client.countTokens({ model: this.options.model, tools, messages: this.history }, callOptions);
     return answer.tokenCount;
   }
 
   /**
    * Drops the oldest turns until the messages count at most budgetTokens; system messages and the last turn stay.
-   * Rejects with ContextBudgetError when the last turn alone is over the budget. One CountTokens call, and one
-   * more per dropped turn.
+   * The tools count as countTokens() counts them. Rejects with ContextBudgetError when the last turn alone is over the
+   * budget. One CountTokens call, and one more per dropped turn.
    */
-  async fit(client: Client, callOptions?: CallOptions): Promise<FitResult> {
+  async fit(client: Client, countOptions?: CountOptions): Promise<FitResult> {
     const budget = this.options.budgetTokens;
     const dropped: MessageInput[] = [];
     for (;;) {
-      const tokenCount = await this.countTokens(client, callOptions);
+      const tokenCount = await this.countTokens(client, countOptions);
       if (budget === undefined || tokenCount <= budget) {
         return { tokenCount, dropped };
       }

@@ -47,6 +47,7 @@ export {
   Conversation,
   toolMessage,
   type ConversationOptions,
+  type CountOptions,
   type FitResult,
 } from "./conversation";
 export { s, type Infer, type JsonSchemaObject, type Schema } from "./schema";

@@ -302,13 +302,18 @@ describe("Conversation", { concurrency: false }, () => {
 
   test("an agent appends to the conversation it is given, trimmed to its budget before each step", async () => {
     const history = [system("Be brief."), ...turns[0]!, { role: Role.ROLE_ASSISTANT, content: "The first answer." }];
+    const tools = weatherAndClock(async () => {});
+    const countOptions = { tools: tools.map((t) => t.definition) };
     const whole = new Conversation([...history, user("Time in Oslo?")]);
-    const lastTurn = await new Conversation([system("Be brief."), user("Time in Oslo?")]).countTokens(client);
-    assert.ok(lastTurn < (await whole.countTokens(client)));
-    // Room for the last turn and the step's tool call and result, not for the first turn.
+    const lastTurn = await new Conversation([system("Be brief."), user("Time in Oslo?")]).countTokens(
+      client,
+      countOptions,
+    );
+    assert.ok(lastTurn < (await whole.countTokens(client, countOptions)));
+    // Room for the last turn, the tools and the step's tool call and result, not for the first turn.
     const conversation = new Conversation([...history, user("Time in Oslo?")], { budgetTokens: lastTurn + 60 });
     await upstream.addFaults({ tool_calls: [{ name: "get_time", arguments: '{"city":"Oslo"}' }] }, { echo_tools: true });
-    const result = await new Agent(client, { tools: weatherAndClock(async () => {}) }).run(conversation);
+    const result = await new Agent(client, { tools }).run(conversation);
     assert.equal(result.conversation, conversation);
     assert.equal(result.answer.message?.content, "tools: get_time=12:00 in Oslo");
     assert.deepEqual(
@@ -316,5 +321,31 @@ describe("Conversation", { concurrency: false }, () => {
       [Role.ROLE_SYSTEM, Role.ROLE_USER, Role.ROLE_ASSISTANT, Role.ROLE_TOOL, Role.ROLE_ASSISTANT],
     );
     assert.equal(conversation.messages[1]?.content, "Time in Oslo?");
+  });
+
+  test("an agent counts the definitions of the tools it sends against the budget", async () => {
+    const dictionary = tool({
+      name: "look_up",
+      description: "Looks a word up in the dictionary and gives its meanings, with examples. ".repeat(10),
+      parameters: s.object({ word: s.string() }),
+      run: ({ word }) => `${word}: a word`,
+    });
+    const messages = [system("Be brief."), ...turns[0]!, { role: Role.ROLE_ASSISTANT, content: "The first answer." }];
+    messages.push(user("What does 'ephemeral' mean?"));
+    const lastTurn = [system("Be brief."), user("What does 'ephemeral' mean?")];
+    const budgetTokens = await new Conversation(lastTurn).countTokens(client, { tools: [dictionary.definition] });
+    // The messages alone fit; with the tool's definition only the last turn does.
+    assert.ok((await new Conversation(messages).countTokens(client)) <= budgetTokens);
+    const conversation = new Conversation(messages, { budgetTokens });
+    const requestsBefore = await upstream.requestCount();
+    await new Agent(client, { tools: [dictionary] }).run(conversation);
+    const sent = JSON.parse(await upstream.requests()) as { messages: unknown[]; tools: unknown[] }[];
+    assert.equal(sent.length, requestsBefore + 1);
+    assert.deepEqual(
+      sent.at(-1)!.messages.map((m) => (m as { content: string }).content),
+      ["Be brief.", "What does 'ephemeral' mean?"],
+      "the first turn dropped",
+    );
+    assert.equal(sent.at(-1)!.tools.length, 1);
   });
 });
