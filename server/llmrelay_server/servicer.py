@@ -237,7 +237,11 @@ def caller_identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 
 
 def _identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    metadata = dict(context.invocation_metadata() or ())
+    # A key sent twice counts by its first value, as auth.py reads `authorization`: one rule for every reader of the
+    # call's metadata.
+    metadata: dict[str, str | bytes] = {}
+    for key, value in context.invocation_metadata() or ():
+        metadata.setdefault(key, value)
     tag = metadata.get(CALLER_HEADER)
     if tag is not None:
         if not isinstance(tag, str) or not _CALLER.fullmatch(tag):

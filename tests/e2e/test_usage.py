@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 import grpc
 import pytest
@@ -57,6 +58,25 @@ async def test_caller_from_a_bearer_token_is_a_fingerprint_never_the_token(stub:
     await stub.Complete(chat(), timeout=5, metadata=(("authorization", "Bearer sk-caller-secret-123456"),))
     (caller,) = {key[2] for key in await totals(stub)}
     assert caller.startswith("key-") and "secret" not in caller
+
+
+@pytest.mark.parametrize(
+    ("metadata", "billed"),
+    [
+        ((("x-llmrelay-caller", "first"), ("x-llmrelay-caller", "second")), "first"),
+        (
+            (("authorization", "Bearer sk-first-123456"), ("authorization", "Bearer sk-second-123456")),
+            "key-" + hashlib.sha256(b"Bearer sk-first-123456").hexdigest()[:12],
+        ),
+    ],
+    ids=["caller", "bearer-token"],
+)
+async def test_a_key_sent_twice_bills_its_first_value(
+    stub: pb.LLMServiceAsyncStub, metadata: tuple[tuple[str, str], ...], billed: str
+) -> None:
+    # The first, as the gateway reads a repeated `authorization` for its keys: one reading of the call's metadata.
+    await stub.Complete(chat(), timeout=5, metadata=metadata)
+    assert {key[2] for key in await totals(stub)} == {billed}
 
 
 async def test_malformed_caller_metadata_is_invalid_argument(stub: pb.LLMServiceAsyncStub) -> None:

@@ -109,7 +109,8 @@ func WithCaller(name string) Option {
 	return WithHeader(CallerHeader, name)
 }
 
-// WithHeader sends a metadata entry with every call (for example "authorization", "Bearer KEY").
+// WithHeader sends a metadata entry with every call (for example "authorization", "Bearer KEY"), unless the call's
+// context carries outgoing metadata of that key: then the call's value goes in its place.
 func WithHeader(key, value string) Option {
 	return func(o *options) { o.headers = append(o.headers, key, value) }
 }
@@ -206,15 +207,33 @@ func (c *Client) Stub() llmrelayv1.LLMServiceClient {
 	return c.rpc
 }
 
-// callContext adds the client's headers, and its default deadline when ctx has none.
+// callContext adds the client's headers that ctx's outgoing metadata does not set, and its default deadline when ctx
+// has none.
 func (c *Client) callContext(ctx context.Context) (context.Context, context.CancelFunc) {
-	if len(c.headers) > 0 {
-		ctx = metadata.AppendToOutgoingContext(ctx, c.headers...)
+	if headers := c.headersFor(ctx); len(headers) > 0 {
+		ctx = metadata.AppendToOutgoingContext(ctx, headers...)
 	}
 	if _, ok := ctx.Deadline(); !ok && c.timeout > 0 && ctx.Value(noDeadlineKey{}) == nil {
 		return context.WithTimeout(ctx, c.timeout)
 	}
 	return context.WithCancel(ctx)
+}
+
+// headersFor is the client's headers less those whose key ctx's outgoing metadata already has: the call's value
+// replaces the client's, as in the Python and TypeScript clients. Sending both would leave the choice to the reader
+// (the gateway takes the first, other servers and proxies may take the last).
+func (c *Client) headersFor(ctx context.Context) []string {
+	callMetadata, ok := metadata.FromOutgoingContext(ctx)
+	if !ok {
+		return c.headers
+	}
+	headers := make([]string, 0, len(c.headers))
+	for i := 0; i < len(c.headers); i += 2 {
+		if len(callMetadata.Get(c.headers[i])) == 0 {
+			headers = append(headers, c.headers[i], c.headers[i+1])
+		}
+	}
+	return headers
 }
 
 // wrapError turns a call's error into an *Error, leaving nil and non-status errors as they are. When the call could

@@ -16,7 +16,9 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
@@ -496,6 +498,34 @@ func TestCallerIsRecordedInUsage(t *testing.T) {
 	}
 	if len(usage.GetRecords()) != 1 || usage.GetRecords()[0].GetRequests() < 1 {
 		t.Errorf("usage of caller go-e2e: %v", usage.GetRecords())
+	}
+}
+
+func TestACallsOwnCallerReplacesTheClients(t *testing.T) {
+	var sent []string // the callers the last call carried, as the channel sends them
+	record := func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker,
+		opts ...grpc.CallOption) error {
+		outgoing, _ := metadata.FromOutgoingContext(ctx)
+		sent = outgoing.Get(llmrelay.CallerHeader)
+		return invoker(ctx, method, req, reply, cc, opts...)
+	}
+	client := setup(t, llmrelay.WithCaller("go-client-caller"), llmrelay.WithUnaryInterceptors(record))
+	ctx := testContext(t)
+	callCtx := metadata.AppendToOutgoingContext(ctx, llmrelay.CallerHeader, "go-call-caller")
+	if _, err := client.Complete(callCtx, &llmrelayv1.CompleteRequest{Messages: chat("bill the call's caller")}); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(sent, []string{"go-call-caller"}) {
+		t.Errorf("the call sent the callers %q; want only its own", sent)
+	}
+	for caller, billed := range map[string]bool{"go-call-caller": true, "go-client-caller": false} {
+		usage, err := client.GetUsage(ctx, &llmrelayv1.GetUsageRequest{Caller: &caller})
+		if err != nil {
+			t.Fatalf("%v\ngateway log:\n%s", err, env.Log())
+		}
+		if (len(usage.GetRecords()) > 0) != billed {
+			t.Errorf("usage of caller %s: %v; want it billed: %t", caller, usage.GetRecords(), billed)
+		}
 	}
 }
 
