@@ -27,6 +27,7 @@ from google.protobuf.message import Message
 from llmrelay import v1 as pb
 
 from llmrelay_server.domain import AttemptOutcome, LLMRelayError
+from llmrelay_server.logs import call_lines_writer
 from llmrelay_server.metering import Meter, open_meter, served_by
 from llmrelay_server.observing import Context, Observer, Start
 from llmrelay_server.servicer import caller_identity
@@ -61,6 +62,7 @@ class CallLogObserver(Observer):
 
     def __init__(self, log_content: bool = False) -> None:
         self._log_content = log_content
+        self._writer = call_lines_writer()
 
     def observe(self, method: str, streaming: bool) -> Start:
         rpc = method[1:]
@@ -82,7 +84,10 @@ class CallLogObserver(Observer):
         fields = call_fields(rid, rpc, code, total_s, meter, request, _caller(context))
         if self._log_content and (prompt := _last_user_message(request)) is not None:
             fields["prompt"] = prompt[:MAX_CONTENT_CHARS]
-        log.info("%s", CallLine(fields), extra={"call": fields})
+        if self._writer is not None:
+            self._writer.write_call(log.name, fields, CallLine(fields))
+        else:
+            log.info("%s", CallLine(fields), extra={"call": fields})
 
 
 class _LoggedCall:

@@ -11,7 +11,10 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
+from llmrelay_server.calllog import CallLine
 from llmrelay_server.logs import FLUSH_DELAY_S, BatchingHandler, JsonFormatter, TextFormatter, text_format
+
+CALLS = "llmrelay_server.calls"
 
 
 def record(created: float, level: int = logging.INFO, message: str = "hello") -> logging.LogRecord:
@@ -47,6 +50,20 @@ def test_a_json_line_holds_any_text_and_any_field() -> None:
     line = json.loads(JsonFormatter().format(made))
     assert line["tokens"] == 2**70
     assert line["where"].startswith("<object object")
+
+
+@pytest.mark.parametrize("worker", [None, 2])
+def test_a_call_line_written_straight_reads_as_one_logged(worker: int | None) -> None:
+    # llmrelay-server writes its call lines past `logging` (BatchingHandler.write_call); they must not differ.
+    fields = {"request_id": "r1", "model": 'm\u00fc "x"', "attempts": ["a:succeeded"], "cost_usd": 0.5, "ms": None}
+    line = CallLine(fields)
+    for created in (1_700_000_000.0, 1_700_000_000.999, 1_700_000_001.5, 1_700_000_000.25):
+        made = logging.getLogger(CALLS).makeRecord(
+            CALLS, logging.INFO, __file__, 1, "%s", (line,), None, extra={"call": fields}
+        )
+        made.created, made.msecs = created, int((created - int(created)) * 1000) + 0.0  # as LogRecord sets them
+        for formatter in (TextFormatter(text_format(worker)), JsonFormatter(worker)):
+            assert formatter.format_call(CALLS, fields, line, created) == formatter.format(made)
 
 
 @pytest.fixture
