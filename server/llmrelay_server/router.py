@@ -548,7 +548,7 @@ class Router:
             if response is not None:
                 usage = self._priced(route, response.model, response.usage)
                 self._bill(response.backend, response.model, caller, usage)
-                return replace(response, usage=usage, attempts=tuple(chain.attempts))
+                return response.settled(usage, tuple(chain.attempts))
         raise chain.exhausted()
 
     async def stream(
@@ -694,7 +694,7 @@ class Router:
 
     def _priced(self, route: Route, model: str, usage: TokenUsage) -> TokenUsage:
         """The usage with its cost, at the price of the model that answered (an upstream names its dated snapshot)."""
-        return replace(usage, cost=self._prices.rate(route.backend.provider.spec, model).cost(usage))
+        return usage.with_cost(self._prices.rate(route.backend.provider.spec, model).cost(usage))
 
     async def count_tokens(
         self,

@@ -6,9 +6,19 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
-from llmrelay_server.domain import Cost, TokenUsage
+from llmrelay_server.domain import (
+    Attempt,
+    AttemptOutcome,
+    CompletionResponse,
+    Cost,
+    FinishReason,
+    Message,
+    Role,
+    TokenUsage,
+)
 from mypy import api
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,3 +45,30 @@ def test_a_value_compares_hashes_and_replaces_by_its_fields() -> None:
     changed = dataclasses.replace(usage, completion_tokens=3)
     assert changed != usage and changed.completion_tokens == 3 and usage.completion_tokens == 2
     assert not hasattr(usage, "__dict__")  # slots: no per-instance dictionary
+
+
+def _every_field_set(value_type: type[Any]) -> Any:
+    """A value of `value_type` whose every field differs from its default (a field added later included)."""
+    samples: dict[str, Any] = {
+        "prompt_tokens": 1, "completion_tokens": 2, "estimated": True, "reasoning_tokens": 3,
+        "cached_prompt_tokens": 4, "cost": Cost(usd_micros=5), "id": "id-1", "backend": "b", "model": "m",
+        "message": Message(role=Role.ASSISTANT, content="hi"), "finish_reason": FinishReason.LENGTH,
+        "usage": TokenUsage(prompt_tokens=6, completion_tokens=7),
+        "attempts": (Attempt(backend="b", model="m", outcome=AttemptOutcome.SUCCEEDED, duration_s=0.5),),
+    }  # fmt: skip
+    missing = [f.name for f in dataclasses.fields(value_type) if f.name not in samples]
+    assert not missing, (
+        f"give {value_type.__name__}'s new fields a sample here, and copy them in its shortcut: {missing}"
+    )
+    return value_type(**{f.name: samples[f.name] for f in dataclasses.fields(value_type)})
+
+
+def test_the_shortcuts_for_replace_copy_every_field() -> None:
+    usage = _every_field_set(TokenUsage)
+    cost = Cost(usd_micros=9)
+    assert usage.with_cost(cost) == dataclasses.replace(usage, cost=cost)
+    response = _every_field_set(CompletionResponse)
+    settled_usage, attempts = TokenUsage(prompt_tokens=8, completion_tokens=9), ()
+    assert response.settled(settled_usage, attempts) == dataclasses.replace(
+        response, usage=settled_usage, attempts=attempts
+    )
