@@ -318,6 +318,8 @@ async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> None
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # Watched from the start too: a supervisor killed while its workers start must not leave them serving.
+    watching = asyncio.create_task(worker.watch_supervisor(stop)) if worker is not None else None
     gateway = await start_gateway(config, reuse_port=worker is not None)
     loop.add_signal_handler(signal.SIGHUP, gateway.keys.reload)
     host = config.server.listen.rpartition(":")[0]
@@ -337,9 +339,8 @@ async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> None
     gc.freeze()
     if worker is not None:
         worker.announce(gateway.metrics.port if gateway.metrics is not None else None)
-        watching = asyncio.create_task(worker.watch_supervisor(stop))
     await stop.wait()
-    if worker is not None:
+    if watching is not None:
         watching.cancel()
     log.info(
         "shutting down: NOT_SERVING for %g s, then up to %g s for calls in flight",

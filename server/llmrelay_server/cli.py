@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     # Set by the supervisor of several workers on the command lines of its workers.
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logs.configure(args.log_level, worker=args.worker)
     # The HTTP client logs every request at INFO; that is noise on every agent step.
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"llmrelay-server: configuration error: {exc}")
     try:
         if args.worker is not None:
-            run(serve(config, WorkerRole(args.worker, args.worker_dir)), config.server.event_loop)
+            role = WorkerRole(args.worker, args.worker_dir, args.supervisor_pid)
+            run(serve(config, role), config.server.event_loop)
         elif config.server.workers > 1:
             sys.exit(run(Supervisor(config, argv).run(), config.server.event_loop))
         else:
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _processes(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:  # isdigit() alone takes '²', which int() refuses
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes >= 1")
     return int(text)
 

@@ -416,7 +416,7 @@ MAX_WORKERS = 1024
 
 
 def _workers(text: str, where: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not _is_decimal(text) or int(text) < 1:
         raise ConfigError(f"{where}: {text!r} is not a number of processes >= 1")
     return int(text)
 
@@ -711,9 +711,14 @@ def _shown(value: Any, where: str) -> str:
     return repr(value)
 
 
+def _is_decimal(text: str) -> bool:
+    """Whether `text` is ASCII digits alone: str.isdigit() also takes '²', which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def _check_listen(listen: str, where: str) -> None:
     host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not _is_decimal(port) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{where}: {listen!r} is not HOST:PORT; write e.g. 127.0.0.1:50051")
 
 

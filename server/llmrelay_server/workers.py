@@ -2,15 +2,17 @@
 
 The supervisor makes no gRPC object. It checks that the port is free (a bind without SO_REUSEPORT fails while any
 process holds it, so a second gateway on a taken port still stops with ListenError), then keeps it reserved with a
-bound, never-listening SO_REUSEPORT socket, and starts each worker as a fresh `llmrelay-server` process: exec, not
-fork, so that no worker inherits gRPC's threads or polling state (grpc's multiprocessing example forks before any
-gRPC object exists for the same reason). The workers listen on the port with SO_REUSEPORT, and the kernel spreads
-the connections among them.
+bound, never-listening SO_REUSEPORT socket (which fails that check too, so a second gateway is refused while the
+first one's workers start), and starts each worker as a fresh `llmrelay-server` process: exec, not fork, so that no
+worker inherits gRPC's threads or polling state (grpc's multiprocessing example forks before any gRPC object exists
+for the same reason). The workers listen on the port with SO_REUSEPORT, and the kernel spreads the connections among
+them.
 
 - A worker that dies is restarted, after a back-off when it keeps dying soon after its start, and logged.
 - SIGTERM or SIGINT: sent on to every worker; each drains and finishes its calls (drain_s, then grace_period_s) and
   the supervisor exits when all have. SIGHUP (reload the keys file) is sent on too.
-- A worker whose supervisor is gone stops by itself: it watches its parent (`WorkerRole.watch_supervisor`).
+- A worker whose supervisor is gone stops by itself: it watches its parent (`WorkerRole.watch_supervisor`), from
+  before it starts to serve.
 - The run directory (`llmrelay-workers-*` in the temporary directory) is where the workers announce themselves.
   The supervisor holds a lock on it that its workers inherit; a supervisor killed with SIGKILL leaves it behind, and
   the next supervisor on the machine removes it once the killed one and every worker of it are gone.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -41,6 +44,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
@@ -83,10 +87,11 @@ def announcement(run_dir: Path, index: int) -> Path:
 
 @dataclass(frozen=True)
 class WorkerRole:
-    """What a worker process knows of its supervisor: its number and the run directory they share."""
+    """What a worker process knows of its supervisor: its number, the run directory they share, and its pid."""
 
     index: int
     run_dir: Path
+    supervisor_pid: int
 
     def announce(self, metrics_port: int | None) -> None:
         """Tells the supervisor that this worker serves, and where its metrics are."""
@@ -96,13 +101,16 @@ class WorkerRole:
         scratch.replace(announced)  # whole or not at all, for a supervisor reading it at any moment
 
     async def watch_supervisor(self, stop: asyncio.Event) -> None:
-        """Stops this worker gracefully when its supervisor is gone (killed, and the worker adopted by init)."""
-        supervisor = os.getppid()
+        """Stops this worker gracefully when its supervisor is gone (killed, and the worker adopted by init).
+
+        The parent is compared with the pid the supervisor gave, not with the one found at the first look: a
+        supervisor killed while this worker was starting is gone by then, and its worker already adopted."""
         while not stop.is_set():
-            await asyncio.sleep(PARENT_CHECK_S)
-            if os.getppid() != supervisor:
-                log.warning("the supervisor (pid %d) is gone: stopping", supervisor)
+            if os.getppid() != self.supervisor_pid:
+                log.warning("the supervisor (pid %d) is gone: stopping", self.supervisor_pid)
                 stop.set()
+                return
+            await asyncio.sleep(PARENT_CHECK_S)
 
 
 def reserve_port(listen: str) -> socket.socket:
@@ -119,17 +127,42 @@ def reserve_port(listen: str) -> socket.socket:
         raise ListenError(in_use_message(listen)) from exc
     try:
         if int(port) != 0:
-            # Without SO_REUSEPORT this bind fails while any socket listens on the port: another gateway's workers
-            # too. SO_REUSEADDR, as gRPC sets it, lets it pass connections of an earlier server still in TIME_WAIT.
+            # Without SO_REUSEPORT this bind fails while any socket listens on the port (another gateway's workers
+            # too), or holds it without SO_REUSEADDR (another supervisor's reservation, before its workers listen).
+            # SO_REUSEADDR, as gRPC sets it, lets it pass connections of an earlier server still in TIME_WAIT.
             with socket.socket(family, kind, proto) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind(address)
-        reservation = socket.socket(family, kind, proto)
-        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        reservation.bind(address)
+        try:
+            return _bind_reservation(family, kind, proto, address, reuse_address=False)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or int(port) == 0:
+                raise
+            # The probe passed, so nothing listens and no supervisor holds the port: what holds it is a connection in
+            # TIME_WAIT of a server without SO_REUSEPORT (a single-process gateway stopped a moment ago), which only
+            # SO_REUSEADDR passes. The workers bind beside such a reservation, but so would a second supervisor's.
+            return _bind_reservation(family, kind, proto, address, reuse_address=True)
     except OSError as exc:
         raise ListenError(in_use_message(listen)) from exc
+
+
+def _bind_reservation(
+    family: socket.AddressFamily, kind: socket.SocketKind, proto: int, address: tuple[Any, ...], *, reuse_address: bool
+) -> socket.socket:
+    """A socket bound to `address` with SO_REUSEPORT, which the workers (SO_REUSEPORT, the same user) bind beside.
+
+    SO_REUSEADDR only when `reuse_address`: Linux lets two sockets that both have it bind one address when neither
+    listens, so a second supervisor's probe (SO_REUSEADDR alone) would pass a reservation with it, and the two
+    supervisors' workers would share the port."""
+    reservation = socket.socket(family, kind, proto)
+    try:
+        if reuse_address:
+            reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reservation.bind(address)
+    except OSError:
+        reservation.close()
+        raise
     return reservation
 
 
@@ -209,7 +242,7 @@ class Supervisor:
         announcement(run_dir, worker.index).unlink(missing_ok=True)
         # The same command line, made a worker: the later flags win over the earlier ones.
         command = [sys.executable, "-m", "llmrelay_server", *self._argv, "--listen", listen, "--workers", "1"]
-        command += ["--worker", str(worker.index), "--worker-dir", str(run_dir)]
+        command += ["--worker", str(worker.index), "--worker-dir", str(run_dir), "--supervisor-pid", str(os.getpid())]
         worker.process = await asyncio.create_subprocess_exec(*command, pass_fds=self._inherited)
         worker.started_at = time.monotonic()
         self._running.inc()
@@ -223,27 +256,35 @@ class Supervisor:
     async def _until_all_serve(self, workers: list[_Worker], run_dir: Path) -> int | None:
         """Waits until every worker has announced itself; the exit status of the first that exits before, if any."""
         while not all(announcement(run_dir, worker.index).exists() for worker in workers):
+            # The stop first: SIGTERM to the whole process group (systemd's stop, Ctrl-C in a terminal) also ends the
+            # workers not yet handling it, and their deaths then are the stop's, not a failure to start.
+            if self._stop.is_set():
+                return 0
             if not self._exits.empty():
                 worker = self._exits.get_nowait()
                 assert worker.process is not None
                 status = _status(worker.process.returncode)
                 log.error("worker %d exited as it started (%s); stopping", worker.index, status)
-                return worker.process.returncode or 1
-            if self._stop.is_set():
-                return 0
+                return _exit_status(worker.process.returncode)
             await asyncio.sleep(0.05)
         return None
 
     async def _keep_running(self, workers: list[_Worker], run_dir: Path, listen: str) -> None:
         stopping = asyncio.ensure_future(self._stop.wait())
+        exited = asyncio.ensure_future(self._exits.get())
+        # Each restart waits out its back-off on its own: one worker that keeps dying must not hold up noticing and
+        # restarting another.
+        restarting: set[asyncio.Task[None]] = set()
         try:
-            while True:
-                exited = asyncio.ensure_future(self._exits.get())
-                await asyncio.wait({stopping, exited}, return_when=asyncio.FIRST_COMPLETED)
-                if stopping.done():
-                    exited.cancel()
-                    return
+            while not stopping.done():
+                await asyncio.wait({stopping, exited, *restarting}, return_when=asyncio.FIRST_COMPLETED)
+                for restart in [task for task in restarting if task.done()]:
+                    restarting.discard(restart)
+                    restart.result()  # a worker that cannot be started (no process can be made) stops them all
+                if stopping.done() or not exited.done():
+                    continue
                 worker = exited.result()
+                exited = asyncio.ensure_future(self._exits.get())
                 assert worker.process is not None
                 lived_s = time.monotonic() - worker.started_at
                 worker.restart_delay_s = (
@@ -257,14 +298,20 @@ class Supervisor:
                     lived_s,
                     f" in {worker.restart_delay_s:g} s" if worker.restart_delay_s else "",
                 )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(stopping), worker.restart_delay_s)
-                if stopping.done():
-                    return
-                self._restarts.inc()
-                await self._start(worker, run_dir, listen)
+                restarting.add(asyncio.create_task(self._restart(worker, run_dir, listen)))
         finally:
             stopping.cancel()
+            exited.cancel()
+            # Those in their back-off end there; one making its process kills it (asyncio's and uvloop's cancelled
+            # subprocess_exec do), and _stop_all stops those already started.
+            for restart in restarting:
+                restart.cancel()
+            await asyncio.gather(*restarting, return_exceptions=True)
+
+    async def _restart(self, worker: _Worker, run_dir: Path, listen: str) -> None:
+        await asyncio.sleep(worker.restart_delay_s)
+        self._restarts.inc()
+        await self._start(worker, run_dir, listen)
 
     def _reload_all(self, workers: list[_Worker], run_dir: Path) -> None:
         """SIGHUP on to the workers that have announced themselves: one still starting (its signal handlers not yet
@@ -278,19 +325,22 @@ class Supervisor:
                     worker.process.send_signal(signum)
 
     async def _stop_all(self, workers: list[_Worker]) -> None:
-        """SIGTERM to every worker; each drains and finishes its calls; one that outlasts all that is killed."""
+        """SIGTERM to every worker; each drains and finishes its calls; one that outlasts all that is killed.
+
+        They drain together, so they are waited for together: one deadline for all, not one after another's."""
         self._signal_all(workers, signal.SIGTERM)
         server = self._config.server
         within_s = server.drain_s + server.grace_period_s + EXIT_MARGIN_S
-        for worker in workers:
-            if worker.process is None:
-                continue
-            try:
-                await asyncio.wait_for(worker.process.wait(), within_s)
-            except TimeoutError:
-                log.error("worker %d did not stop within %g s: killing it", worker.index, within_s)
-                worker.process.kill()
-                await worker.process.wait()
+        started = [(worker.index, worker.process) for worker in workers if worker.process is not None]
+        exits = {asyncio.ensure_future(process.wait()): (index, process) for index, process in started}
+        if not exits:
+            return
+        _, late = await asyncio.wait(exits, timeout=within_s)
+        for exit_ in late:
+            index, process = exits[exit_]
+            log.error("worker %d did not stop within %g s: killing it", index, within_s)
+            process.kill()
+        await asyncio.gather(*late)
 
 
 @contextlib.contextmanager
@@ -353,6 +403,14 @@ def _remove_if_stale(run_dir: Path) -> bool:
         return True
     finally:
         os.close(lock)
+
+
+def _exit_status(returncode: int | None) -> int:
+    """The supervisor's exit status for a worker's: 128 + N for one killed by signal N, as a shell reports it (a
+    negative status would reach the shell as 256 - N), and never 0, which would say that all went well."""
+    if returncode is not None and returncode < 0:
+        return 128 - returncode
+    return returncode or 1
 
 
 def _status(returncode: int | None) -> str:

@@ -1,13 +1,16 @@
 """`llmrelay-server --workers N`: N real gateway processes on one port under a supervisor: calls spread over them,
-one ledger and one metrics endpoint for all, a dead worker restarted, SIGTERM drains them all, a taken port still
-refused, and workers that outlive a killed supervisor stop."""
+one ledger and one metrics endpoint for all, a dead worker restarted (each after its own back-off), SIGTERM drains
+them all (and kills those that do not stop, after one deadline for all), a taken port still refused (while the
+first gateway's workers start too), and workers that outlive a killed supervisor stop (killed as they start too)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import time
 import urllib.request
@@ -38,17 +41,52 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-async def start_workers(
-    tmp_path: Path, local: FakeUpstream, workers: int = 2, server: str = "", env: dict[str, str] | None = None
-) -> GatewayProcess:
+def worker_index(pid: int) -> int | None:
+    """Which worker the process is, from its command line; None once it has exited (or before its exec)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except FileNotFoundError:
+        return None
+    return int(argv[argv.index("--worker") + 1]) if "--worker" in argv else None
+
+
+def workers_config(tmp_path: Path, server: str = "", grace_period_s: float = 5) -> Path:
     config = tmp_path / "llmrelay.yaml"
     config.write_text(
-        f'server: {{usage_db: "{tmp_path / "usage.db"}", drain_s: 0, grace_period_s: 5, log_format: json{server}}}\n'
+        f'server: {{usage_db: "{tmp_path / "usage.db"}", drain_s: 0, grace_period_s: {grace_period_s},'
+        f" log_format: json{server}}}\n"
     )
+    return config
+
+
+async def start_workers(
+    tmp_path: Path,
+    local: FakeUpstream,
+    workers: int = 2,
+    server: str = "",
+    env: dict[str, str] | None = None,
+    grace_period_s: float = 5,
+) -> GatewayProcess:
+    config = workers_config(tmp_path, server, grace_period_s)
     gateway = await start_server(config, local, "--workers", str(workers), env=env)
     await gateway.wait_listening()
     await gateway.wait_for_line(f"({workers} workers)")
     return gateway
+
+
+async def made_workers(gateway: GatewayProcess, workers: int = 2) -> list[int]:
+    """The supervisor's workers, as soon as it has made them all: they are still starting then (each takes seconds
+    to import the gateway before it serves)."""
+    async with asyncio.timeout(20):
+        while len(pids := children(gateway.process.pid)) < workers:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    return pids
+
+
+async def error_output(gateway: GatewayProcess) -> str:
+    """What a gateway that was never waited on to listen wrote to stderr, once it has exited."""
+    assert gateway.process.stderr is not None
+    return (await gateway.process.stderr.read()).decode()
 
 
 async def stop(gateway: GatewayProcess) -> int:
@@ -138,6 +176,34 @@ async def test_a_worker_that_dies_is_restarted(tmp_path: Path, local: FakeUpstre
         assert await stop(gateway) == 0
 
 
+async def test_a_worker_in_its_restart_back_off_holds_up_no_other(tmp_path: Path, local: FakeUpstream) -> None:
+    """A worker that keeps dying waits out its back-off alone: another that dies meanwhile is seen and restarted on
+    its own schedule, not after the first one's restart."""
+    gateway = await start_workers(tmp_path, local)
+    try:
+        backing_off, other = children(gateway.process.pid)
+        backing_off_index = worker_index(backing_off)
+        os.kill(backing_off, signal.SIGKILL)
+        assert "restarting it in 1 s" in await gateway.wait_for_line(f"(pid {backing_off}) exited")
+        async with asyncio.timeout(20):
+            while not (replacement := set(children(gateway.process.pid)) - {other}):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        [replacement_pid] = replacement
+        os.kill(replacement_pid, signal.SIGKILL)  # dead young again: its back-off doubles
+        assert "restarting it in 2 s" in await gateway.wait_for_line(f"(pid {replacement_pid}) exited")
+
+        os.kill(other, signal.SIGKILL)
+        assert "restarting it" in await gateway.wait_for_line(f"(pid {other}) exited")
+        # Seen while the first is still in its back-off: before, its death was read only once the first had been
+        # restarted, 2 s later.
+        assert backing_off_index not in {worker_index(pid) for pid in children(gateway.process.pid)}
+        async with asyncio.timeout(20):
+            while {worker_index(pid) for pid in children(gateway.process.pid)} != {1, 2}:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    finally:
+        assert await stop(gateway) == 0
+
+
 async def test_a_taken_port_still_stops_a_second_gateway(tmp_path: Path, local: FakeUpstream) -> None:
     gateway = await start_workers(tmp_path, local)
     try:
@@ -150,6 +216,76 @@ async def test_a_taken_port_still_stops_a_second_gateway(tmp_path: Path, local: 
             assert second.process.stderr is not None
             assert "cannot listen on" in (await second.process.stderr.read()).decode()
         assert len(await call_on_new_connections(gateway.target, 4)) == 4  # the first one never lost a call
+    finally:
+        assert await stop(gateway) == 0
+
+
+@pytest.mark.parametrize("flags", [("--workers", "2"), ()], ids=["with-workers", "single"])
+async def test_a_second_gateway_is_refused_while_the_first_ones_workers_start(
+    tmp_path: Path, local: FakeUpstream, flags: tuple[str, ...]
+) -> None:
+    """Before the first gateway's workers listen, its supervisor's reservation alone holds the port, and refuses a
+    second gateway: before, a second supervisor bound beside it, and both served the port."""
+    first = await start_server(workers_config(tmp_path), local, "--workers", "2")
+    try:
+        workers = await made_workers(first)
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)  # held as they start: nothing listens on the port yet
+        try:
+            config = tmp_path / "second.yaml"
+            config.write_text(f'server: {{usage_db: "{tmp_path / "second.db"}", drain_s: 0, grace_period_s: 1}}\n')
+            second = await start_server(config, local, *flags, port=first.port)
+            try:
+                async with asyncio.timeout(20):
+                    assert await second.process.wait() != 0
+                assert "cannot listen on" in await error_output(second)
+            finally:
+                await second.stop()
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+        await first.wait_listening()
+        await first.wait_for_line("(2 workers)")
+        assert len(await call_on_new_connections(first.target, 4)) == 4
+    finally:
+        assert await stop(first) == 0
+
+
+def time_waits(port: int) -> int:
+    """Connections in TIME_WAIT on local port `port` (IPv4)."""
+    rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    return sum(1 for row in rows if int(row[1].rpartition(":")[2], 16) == port and row[3] == "06")
+
+
+def leave_time_wait(port: int, reuse_port: bool) -> None:
+    """What a server stopped a moment ago can leave on its port for a minute: a connection it closed first, in
+    TIME_WAIT. Its socket had SO_REUSEADDR, as gRPC sets it, and SO_REUSEPORT if it was a worker."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+            connection, _ = server.accept()
+            connection.close()
+            assert client.recv(1) == b""  # the server's end of the connection has gone through
+    assert time_waits(port) > 0
+
+
+@pytest.mark.parametrize("reuse_port", [True, False], ids=["after-workers", "after-one-process"])
+async def test_a_port_with_connections_in_time_wait_is_reserved(
+    tmp_path: Path, local: FakeUpstream, reuse_port: bool
+) -> None:
+    """A gateway with workers started at once on the port of one just stopped: what the stopped one left in
+    TIME_WAIT does not hold the port (a single process's connections neither, which had no SO_REUSEPORT)."""
+    port = free_port()
+    leave_time_wait(port, reuse_port)
+    gateway = await start_server(workers_config(tmp_path), local, "--workers", "2", port=port)
+    await gateway.wait_listening()  # one that cannot reserve the port exits before
+    try:
+        await gateway.wait_for_line("(2 workers)")
+        assert len(await call_on_new_connections(gateway.target, 4)) == 4
     finally:
         assert await stop(gateway) == 0
 
@@ -169,6 +305,48 @@ async def test_sigterm_drains_every_worker(tmp_path: Path, local: FakeUpstream) 
         assert await gateway.process.wait() == 0
 
 
+async def test_workers_that_do_not_stop_are_killed_after_one_deadline_for_all(
+    tmp_path: Path, local: FakeUpstream
+) -> None:
+    """Workers that ignore SIGTERM are killed once drain_s + grace_period_s + 10 s have passed: once for all of them,
+    not for each in turn (twice that with two)."""
+    gateway = await start_workers(tmp_path, local, grace_period_s=0.5)
+    for pid in children(gateway.process.pid):
+        os.kill(pid, signal.SIGSTOP)  # as a worker whose loop is blocked: SIGTERM does not stop it
+    began = time.monotonic()
+    assert await stop(gateway) == 0
+    took_s = time.monotonic() - began
+    assert 10.5 <= took_s < 15
+    assert (await gateway.output()).count("did not stop within 10.5 s: killing it") == 2
+
+
+async def test_sigterm_to_the_process_group_as_workers_start_is_a_clean_stop(
+    tmp_path: Path, local: FakeUpstream
+) -> None:
+    """SIGTERM to the supervisor and its workers at once (systemd's stop, Ctrl-C in a terminal) while they start: a
+    stop, not a worker that failed to start."""
+    gateway = await start_server(workers_config(tmp_path), local, "--workers", "2")
+    workers = await made_workers(gateway)
+    for pid in (gateway.process.pid, *workers):
+        os.kill(pid, signal.SIGTERM)
+    async with asyncio.timeout(30):
+        assert await gateway.process.wait() == 0
+    output = await error_output(gateway)
+    assert "exited as it started" not in output and '"level":"ERROR"' not in output
+
+
+async def test_a_worker_killed_as_it_starts_stops_the_supervisor_with_128_plus_the_signal(
+    tmp_path: Path, local: FakeUpstream
+) -> None:
+    """As a shell reports a process killed by a signal: 137 for SIGKILL, not 247 (its negative status, modulo 256)."""
+    gateway = await start_server(workers_config(tmp_path), local, "--workers", "2")
+    first, _ = await made_workers(gateway)
+    os.kill(first, signal.SIGKILL)
+    async with asyncio.timeout(30):
+        assert await gateway.process.wait() == 128 + signal.SIGKILL
+    assert "exited as it started (signal SIGKILL); stopping" in await error_output(gateway)
+
+
 async def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path, local: FakeUpstream) -> None:
     gateway = await start_workers(tmp_path, local)
     workers = children(gateway.process.pid)
@@ -178,6 +356,27 @@ async def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path, loca
     while any(alive(pid) for pid in workers) and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.1)
     assert not any(alive(pid) for pid in workers)
+
+
+async def test_workers_stop_when_their_supervisor_is_killed_as_they_start(tmp_path: Path, local: FakeUpstream) -> None:
+    """Killed before its workers serve, the supervisor is gone before they first look at their parent: they compare
+    it with the pid it gave them, not with the parent they find then (init, which they would watch forever)."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    gateway = await start_server(workers_config(tmp_path), local, "--workers", "2", env={"TMPDIR": str(temporary)})
+    workers = await made_workers(gateway)
+    gateway.process.kill()  # not waited for: its wait() ends only once its workers, which share its stderr, are gone
+    try:
+        assert not list(temporary.glob("llmrelay-workers-*/worker-*.json"))  # none had started to serve
+        async with asyncio.timeout(20):
+            while any(alive(pid) for pid in workers):  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    await gateway.process.wait()
+    assert "is gone: stopping" in await error_output(gateway)
 
 
 def run_dir(gateway: GatewayProcess) -> Path:
@@ -248,3 +447,21 @@ async def test_a_wrong_number_of_workers_is_refused(tmp_path: Path, local: FakeU
     assert gateway.process.stderr is not None
     error = (await gateway.process.stderr.read()).decode()
     assert "workers" in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "field"),
+    [((), {"LLMRELAY_WORKERS": "²"}, "LLMRELAY_WORKERS"), (("--listen", "127.0.0.1:²"), {}, "server.listen")],
+    ids=["workers", "listen"],
+)
+async def test_a_number_in_other_digits_is_refused_in_one_line(
+    tmp_path: Path, local: FakeUpstream, flags: tuple[str, ...], env: dict[str, str], field: str
+) -> None:
+    """'²' is a digit to str.isdigit() but not to int(): refused as any other wrong value, not with a traceback."""
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(f'server: {{usage_db: "{tmp_path / "usage.db"}"}}\n')
+    gateway = await start_server(config, local, *flags, env=env)
+    async with asyncio.timeout(20):
+        assert await gateway.process.wait() == 1
+    error = await error_output(gateway)
+    assert f"llmrelay-server: configuration error: {field}: " in error and "Traceback" not in error

@@ -460,6 +460,8 @@ ONE_EXTRA = "llm:\n  backends:\n    - {name: local, kind: llamacpp, base_url: 'h
         ("server: {listen: 'localhost:65536'}\n", {}, "server.listen"),
         ("server: {listen: 'localhost:-1'}\n", {}, "server.listen"),
         (None, {"LLMRELAY_LISTEN": "nowhere"}, "server.listen"),
+        (None, {"LLMRELAY_LISTEN": "127.0.0.1:²"}, "server.listen"),  # a digit to str.isdigit(), not to int()
+        (None, {"LLMRELAY_WORKERS": "²"}, "LLMRELAY_WORKERS"),
         # bad URLs
         ("llm: {ollama: {base_url: 'localhost:11434'}}\n", {}, "llm.ollama.base_url"),
         ("llm: {ollama: {base_url: 'ftp://box/v1'}}\n", {}, "llm.ollama.base_url"),
