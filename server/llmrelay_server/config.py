@@ -297,6 +297,8 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     _check_state(state)
     _check_usage_db(server.usage_db)
     _check_listen(server.listen, "server.listen")
+    if server.tls is not None:
+        _check_tls(server.tls)
     if server.metrics_listen is not None:
         _check_listen(server.metrics_listen, "server.metrics_listen")
     if server.log_format not in ("text", "json"):
@@ -602,7 +604,7 @@ def _read_yaml(path: Path, env: Mapping[str, str], where: str, to_find_it: str, 
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(exc)}") from None
     if document is None:
         return None
     if not isinstance(document, Mapping):
@@ -611,6 +613,24 @@ def _read_yaml(path: Path, env: Mapping[str, str], where: str, to_find_it: str, 
     # it has, and can never show up in a YAML syntax error.
     interpolated: Mapping[str, Any] = _interpolate(document, env)
     return interpolated
+
+
+def _check_tls(tls: TLSConfig) -> None:
+    # An unset ${VAR} reads as empty; an empty client_ca_file would turn mutual TLS off without a word.
+    for name in ("cert_file", "key_file", "client_ca_file"):
+        value = getattr(tls, name)
+        if value is not None and not value.strip():
+            leave_out = " (leave it out for no client certificates)" if name == "client_ca_file" else ""
+            raise ConfigError(f"server.tls.{name}: empty (an unset ${{VAR}}?): give a file{leave_out}")
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What is wrong, and where, without the text of the line (PyYAML quotes it), which may hold a secret."""
+    if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
+        return "a syntax error"
+    mark = error.problem_mark
+    context = f" ({error.context})" if error.context else ""
+    return f"{error.problem or 'a syntax error'}{context} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def _interpolate(value: Any, env: Mapping[str, str]) -> Any:
@@ -704,9 +724,14 @@ def _number(text: str, hint: type[int] | type[float], where: str) -> int | float
         return text
 
 
+_MAY_HOLD_A_SECRET: Final = ("key", "secret", "token", "password", "url", "usage_db")
+"""Words in a field's path whose value may hold a secret (an API key, a store URL with its password)."""
+
+
 def _shown(value: Any, where: str) -> str:
-    # A mistyped secret must not end up in a log line.
-    if "key" in where.lower() or "secret" in where.lower() or "token" in where.lower():
+    # A mistyped secret must not end up in a log line: a value of a field that may hold one, and a list or mapping
+    # (a URL written as a list item, say), is shown by its type alone.
+    if isinstance(value, list | Mapping) or any(word in where.lower() for word in _MAY_HOLD_A_SECRET):
         return f"a {type(value).__name__}"
     return repr(value)
 

@@ -596,13 +596,19 @@ SECRET = "sk-live-SUPERSECRET-0123456789"
         (f"llm: {{ollama: {{api_key: [{SECRET}]}}}}\n", "llm.ollama.api_key"),
         (ONE_EXTRA % f"api_key: [{SECRET}]", "llm.backends[0].api_key"),
         (ONE_EXTRA % f"api_key: {{nested: {SECRET}}}", "llm.backends[0].api_key"),
+        # A store URL (its password) mistyped as a list, or as a mapping in another field, and a YAML mistake on the
+        # line of a secret, which PyYAML's own message quotes.
+        (f'server: {{usage_db: ["postgresql://relay:{SECRET}@db/llmrelay"]}}\n', "server.usage_db"),
+        (f'state: {{redis_url: ["redis://:{SECRET}@redis:6379/0"]}}\n', "state.redis_url"),
+        (f"server: {{log_format: {{{SECRET}: 1}}}}\n", "server.log_format"),
+        (f'llm:\n  openai: {{api_key: "{SECRET}" oops}}\n', "config file"),
     ],
 )
 def test_a_mistyped_api_key_is_never_shown(tmp_path: Path, yaml_text: str, field: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load(tmp_path, yaml_text)
     message = str(caught.value)
-    assert message.startswith(f"{field}:")
+    assert message.split(":")[0].startswith(field)  # "config file PATH: not valid YAML..." for the file's own mistake
     assert "SUPERSECRET" not in message
     assert "SUPERSECRET" not in repr(caught.value)
 
@@ -651,6 +657,20 @@ def test_a_malformed_store_url_is_named_without_its_password(tmp_path: Path, yam
 )
 def test_a_store_url_with_an_at_sign_where_it_may_be_is_taken(tmp_path: Path, url: str) -> None:
     assert load(tmp_path, f'server: {{usage_db: "{url}"}}\n').server.usage_db == url
+
+
+def test_a_yaml_mistake_says_where(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"not valid YAML: .* at line 2, column \d+$"):
+        load(tmp_path, 'llm:\n  openai: {api_key: "x" oops}\n')
+
+
+@pytest.mark.parametrize("field", ["cert_file", "key_file", "client_ca_file"])
+def test_an_empty_tls_file_is_refused_not_taken_for_none(tmp_path: Path, field: str) -> None:
+    # An unset ${VAR} reads as empty: an empty client_ca_file must not turn mutual TLS off without a word.
+    files = {"cert_file": "server.pem", "key_file": "server.key", "client_ca_file": "ca.pem", field: "${UNSET_FILE}"}
+    tls = ", ".join(f'{name}: "{value}"' for name, value in files.items())
+    with pytest.raises(ConfigError, match=rf"^server\.tls\.{field}: empty \(an unset \$\{{VAR\}}\?\)"):
+        load(tmp_path, f"server: {{tls: {{{tls}}}}}\n")
 
 
 def test_a_mistyped_non_secret_value_is_shown(tmp_path: Path) -> None:
