@@ -11,15 +11,18 @@ took, as the router recorded them.
 
 Spans go by OTLP in batches, over HTTP (`http/protobuf`, the specification's default) or gRPC as
 OTEL_EXPORTER_OTLP_PROTOCOL says, to OTEL_EXPORTER_OTLP_ENDPOINT; the SDK reads the other OTEL_* variables (service
-name, resource attributes, sampler, headers, batch sizes). Prompts and answers are recorded only when
-`server.log_content` is set.
+name, resource attributes, sampler, headers, batch sizes). The gateway's stop waits for the spans still queued at most
+OTEL_EXPORTER_OTLP_TIMEOUT seconds in all. Prompts and answers are recorded only when `server.log_content` is set.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from itertools import pairwise
@@ -54,6 +57,18 @@ _SERVER_ERRORS = frozenset(
     }
 )
 Attributes = dict[str, AttributeValue]
+# What the SDK's BatchSpanProcessor reads, and the rule its values must keep, for the error when they break it.
+_BATCH_VARIABLES = ("OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "OTEL_BSP_SCHEDULE_DELAY")
+_BATCH_RULE = (
+    "OTEL_BSP_MAX_QUEUE_SIZE (2048 by default), OTEL_BSP_MAX_EXPORT_BATCH_SIZE (512) and OTEL_BSP_SCHEDULE_DELAY (5000"
+    " ms) must be positive, and the batch size at most the queue size"
+)
+# As the OTLP exporters read them: the traces' own variable first.
+_PROTOCOL_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+_TIMEOUT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")
+DEFAULT_EXPORT_TIMEOUT_S = 10.0
+
+log = logging.getLogger(__name__)
 
 
 def exporting_provider() -> TracerProvider:
@@ -62,16 +77,38 @@ def exporting_provider() -> TracerProvider:
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: "llmrelay"}))
     provider = TracerProvider(resource=resource)
-    provider.add_span_processor(BatchSpanProcessor(_otlp_exporter()))
+    provider.add_span_processor(_batch_processor(_otlp_exporter()))
     return provider
 
 
+def _batch_processor(exporter: SpanExporter) -> BatchSpanProcessor:
+    """The SDK's BatchSpanProcessor, which reads the OTEL_BSP_* variables; a ConfigError naming them where their values
+    do not fit together (the SDK's ValueError names its parameters, not the variables that set them)."""
+    try:
+        return BatchSpanProcessor(exporter)
+    except ValueError as exc:
+        settings = ", ".join(f"{name}={os.environ[name]}" for name in _BATCH_VARIABLES if name in os.environ)
+        raise ConfigError(f"{settings}: {_BATCH_RULE} ({str(exc).rstrip('.')})") from None
+
+
+def export_timeout_s() -> float:
+    """How long the exporter may take over the spans, retries included, as OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT say."""
+    for name in _TIMEOUT_VARIABLES:
+        if name in os.environ:
+            value = os.environ[name]
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = math.nan
+            if not (math.isfinite(seconds) and seconds > 0):
+                raise ConfigError(f"{name}: {value!r} is not a number of seconds above 0 (10 by default)")
+            return seconds
+    return DEFAULT_EXPORT_TIMEOUT_S
+
+
 def _otlp_exporter() -> SpanExporter:
-    protocol = (
-        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "http/protobuf"
-    )
+    variable = next((name for name in _PROTOCOL_VARIABLES if os.environ.get(name)), None)
+    protocol = os.environ[variable] if variable else "http/protobuf"
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GRPCExporter
 
@@ -80,7 +117,7 @@ def _otlp_exporter() -> SpanExporter:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPExporter
 
         return HTTPExporter()
-    raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} is not supported (grpc or http/protobuf)")
+    raise ConfigError(f"{variable}: {protocol!r} is not supported (grpc or http/protobuf)")
 
 
 provider_factory: Callable[[], TracerProvider] = exporting_provider
@@ -91,13 +128,25 @@ class Tracing:
     """The gateway's own tracer provider (the global one is left alone) and the observer that traces calls."""
 
     def __init__(self, config: GatewayConfig) -> None:
+        self.stop_timeout_s = export_timeout_s()
         self.provider = provider_factory()
         tracer = self.provider.get_tracer("llmrelay_server")
         self.observer = TracingObserver(tracer, config.backends, log_content=config.server.log_content)
 
     async def stop(self) -> None:
-        """Exports the spans still queued, then stops (in a thread: the exporter's last flush blocks)."""
-        await asyncio.to_thread(self.provider.shutdown)
+        """Exports the spans still queued, waiting at most the export timeout in all. The SDK's shutdown gives each
+        batch in turn the whole timeout: with the collector down and thousands of spans queued, the stop would take
+        30 s, when the SDK gives up waiting."""
+        # A daemon thread, as the SDK's exporting one is: left blocked on the collector, it does not hold up the exit.
+        stopping = threading.Thread(target=self.provider.shutdown, name="llmrelay-tracing-stop", daemon=True)
+        stopping.start()
+        await asyncio.to_thread(stopping.join, self.stop_timeout_s)
+        if stopping.is_alive():
+            log.warning(
+                "tracing: the spans still queued were not exported within %g s, the OTLP export timeout, and are lost"
+                " (is the collector at OTEL_EXPORTER_OTLP_ENDPOINT up?)",
+                self.stop_timeout_s,
+            )
 
 
 class TracingObserver(Observer):

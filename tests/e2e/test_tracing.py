@@ -1,17 +1,21 @@
 """OpenTelemetry traces (server.tracing): a server span per RPC with a client span per upstream attempt, the GenAI
 attributes, retry / fallback / restart events, the caller's trace continued up to the upstream's request, and the
-spans received over real OTLP/gRPC by a receiver on loopback."""
+spans received over real OTLP/gRPC by a receiver on loopback; the stop bounded with the collector down, and bad OTEL_*
+settings refused at start."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import AsyncIterator
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from harness import clean_env, free_port, spawn_gateway
 from llmrelay import v1 as pb
 from llmrelay_server.config import ConfigError
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -288,3 +292,64 @@ async def test_no_tracing_no_interceptor(
 ) -> None:
     gateway = await gateway_factory(two_backends(primary, local))
     assert gateway.tracing is None  # and so no tracing observer (see app._interceptors)
+
+
+async def test_the_stop_waits_for_a_collector_that_is_down_at_most_the_export_timeout(
+    tmp_path: Path, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    # Batches of 2 spans, each refused for the 2 s timeout's retries: the calls leave a dozen batches queued, which
+    # the SDK's own shutdown would try one after the other, a second or more each.
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(
+        'server: {usage_db: ":memory:", drain_s: 0, grace_period_s: 1, tracing: true, log_calls: false}\n'
+        + two_backends(primary, local)
+    )
+    timeout_s = 2
+    collector_down = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+        "OTEL_EXPORTER_OTLP_TIMEOUT": str(timeout_s),
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2",
+    }
+    gateway = await spawn_gateway(config, env=clean_env(**collector_down))
+    try:
+        await gateway.wait_listening()
+        async with grpc.aio.insecure_channel(gateway.target) as channel:
+            stub = pb.LLMServiceStub(channel)
+            for _ in range(15):
+                await stub.Complete(chat(), timeout=5)
+        started = time.monotonic()
+        status = await gateway.stop(timeout_s=timeout_s + 6)
+        took_s = time.monotonic() - started
+    finally:
+        if gateway.process.returncode is None:
+            gateway.process.kill()
+            await gateway.process.wait()
+    assert status == 0, await gateway.output()
+    assert took_s < timeout_s + 3, f"the stop took {took_s:.1f} s"
+    log = await gateway.output()
+    assert "not exported within 2 s" in log and "Traceback" not in log, log
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        ({"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "5000"}, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE=5000: "),
+        ({"OTEL_BSP_MAX_QUEUE_SIZE": "-1"}, "OTEL_BSP_MAX_QUEUE_SIZE=-1: "),
+        ({"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: 'http/json' is not"),
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "soon"}, "OTEL_EXPORTER_OTLP_TIMEOUT: 'soon' is not a number of seconds"),
+    ],
+    ids=["batch-over-queue", "negative-queue", "traces-protocol", "timeout"],
+)
+async def test_bad_otel_settings_stop_the_start_naming_the_variable(
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+    variables: dict[str, str],
+    message: str,
+) -> None:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        await gateway_factory(two_backends(primary, local), server=TRACING)
+    assert str(caught.value).startswith(message)
