@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 import urllib.error
@@ -25,22 +27,33 @@ from llmrelay._options import CompletionOptions
 
 _FINISH = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in pb.FinishReason.items()}
 DEFAULT_METRICS = "http://127.0.0.1:9464/metrics"
+KEY_ENV = "LLMRELAY_API_KEY"
+"""The environment variable the caller key is read from, unless --key-env names another. Never an argument: it would
+show in `ps` and in the shell's history."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    try:
+        try:
+            _run(args)
+        finally:
+            sys.stdout.flush()  # here, where a reader gone is caught, rather than as Python exits
+    except BrokenPipeError:
+        # The reader has gone (`llmrelay stream ... | head`): end quietly, with the status a shell gives a command that
+        # SIGPIPE ended, as command-line tools do. Python would flush stdout again as it exits, and fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.run is _stats:  # reads the metrics endpoint, not the gRPC service
         with contextlib.suppress(KeyboardInterrupt):
             _stats(args)
         return
+    client = _client(args)
     try:
-        root = args.ca_file.read_bytes() if args.ca_file else None
-        # From a terminal, an answer now (with when to come back) beats the SDK's default of waiting out a pushback
-        # in silence, which may be half a minute while a circuit is open.
-        retries = DEFAULT_SERVICE_CONFIG if args.retry else None
-        with Client(
-            args.target, timeout=args.timeout, tls=args.tls, root_certificates=root, service_config=retries
-        ) as client:
+        with client:
             args.run(client, args)
     except LLMRelayError as exc:
         details = f" (reason {exc.reason})" if exc.reason else ""
@@ -48,13 +61,70 @@ def main(argv: Sequence[str] | None = None) -> None:
             details += f"\n  {violation.field}: {violation.description}"
         if exc.retry_delay_s is not None:
             details += f"\n  retry after {exc.retry_delay_s:g} s"
+        if exc.reason == "UNAUTHENTICATED":
+            details += f"\n  llmrelay reads the key from {args.key_env or KEY_ENV}"
         sys.exit(f"llmrelay: {exc}{details}")
     except KeyboardInterrupt:
         sys.exit(130)
 
 
+def _client(args: argparse.Namespace) -> Client:
+    """The client the options describe; a mistake in them ends the command with a line that says which."""
+    certificates = {"--ca-file": args.ca_file, "--cert": args.cert, "--cert-key": args.cert_key}
+    given = [option for option, path in certificates.items() if path is not None]
+    if args.tls is False and given:
+        sys.exit(f"llmrelay: --no-tls with {', '.join(given)}: leave out --no-tls to use TLS with them")
+    if (args.cert is None) != (args.cert_key is None):
+        sys.exit("llmrelay: a client certificate needs both --cert and --cert-key")
+    pem = {option: _read(option, path) for option, path in certificates.items()}
+    key = os.environ.get(args.key_env or KEY_ENV)
+    if args.key_env and not key:
+        sys.exit(f"llmrelay: --key-env {args.key_env}: the variable is not set")
+    # Checked here: gRPC would fail the call INTERNAL with "Invalid metadata", which says nothing of the variable.
+    if key and not (key.isascii() and key.isprintable() and " " not in key):
+        sys.exit(f"llmrelay: {args.key_env or KEY_ENV} holds characters no key has (printable ASCII, no spaces)")
+    # From a terminal, an answer now (with when to come back) beats the SDK's default of waiting out a pushback in
+    # silence, which may be half a minute while a circuit is open.
+    retries = DEFAULT_SERVICE_CONFIG if args.retry else None
+    return Client(
+        args.target,
+        timeout=args.timeout,
+        tls=args.tls,
+        root_certificates=pem["--ca-file"],
+        private_key=pem["--cert-key"],
+        certificate_chain=pem["--cert"],
+        service_config=retries,
+        metadata=[("authorization", f"Bearer {key}")] if key else (),
+    )
+
+
+def _read(option: str, path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        sys.exit(f"llmrelay: {option} {path}: {exc.strerror}")
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse's type for --interval)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return seconds
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmrelay", description="Talk to an llmrelay gateway.")
+    parser = argparse.ArgumentParser(
+        prog="llmrelay",
+        description="Talk to an llmrelay gateway.",
+        epilog=f"A gateway with caller keys (auth.keys) wants one: put it in {KEY_ENV} (or the variable --key-env"
+        " names), never on the command line.",
+    )
     parser.add_argument("--target", default=os.environ.get("LLMRELAY_TARGET", DEFAULT_TARGET), help="HOST:PORT")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="deadline of the call in seconds")
     parser.add_argument(
@@ -64,6 +134,16 @@ def _parser() -> argparse.ArgumentParser:
         help="TLS or plaintext (default: plaintext only to a loopback target, TLS otherwise)",
     )
     parser.add_argument("--ca-file", type=Path, help="PEM roots to trust instead of the system's (implies TLS)")
+    parser.add_argument(
+        "--cert", type=Path, metavar="FILE", help="a PEM client certificate (chain) for mutual TLS (implies TLS)"
+    )
+    parser.add_argument("--cert-key", type=Path, metavar="FILE", help="the PEM private key of --cert")
+    parser.add_argument(
+        "--key-env",
+        metavar="NAME",
+        help=f"the environment variable that holds the caller key, sent as `authorization: Bearer KEY` (default"
+        f" {KEY_ENV})",
+    )
     parser.add_argument(
         "--retry",
         action=argparse.BooleanOptionalAction,
@@ -113,7 +193,7 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("LLMRELAY_METRICS", DEFAULT_METRICS),
         help=f"the gateway's /metrics URL (its server.metrics_listen; default {DEFAULT_METRICS})",
     )
-    stats.add_argument("--interval", type=float, default=2.0, help="seconds between samples")
+    stats.add_argument("--interval", type=_seconds, default=2.0, help="seconds between samples")
     stats.add_argument("--once", action="store_true", help="print the totals since the gateway started, and exit")
     stats.set_defaults(run=_stats)
     return parser
@@ -230,6 +310,8 @@ def scrape(url: str) -> Samples:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         sys.exit(f"llmrelay: cannot read {url}: {reason} (is the gateway's server.metrics_listen set?)")
+    except http.client.HTTPException as exc:  # something other than HTTP/1 answered: the gateway's gRPC port, say
+        sys.exit(f"llmrelay: {url} did not answer in HTTP ({type(exc).__name__}): is it the gateway's metrics_listen?")
     return parse_metrics(text)
 
 

@@ -1,0 +1,128 @@
+"""The `llmrelay` command against real gateways: the caller key from the environment, a client certificate for mutual
+TLS, the one-line errors of common mistakes, and a quiet end when the reader of its output goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import signal
+from asyncio.subprocess import PIPE
+from pathlib import Path
+
+import pytest
+from certs import Authority
+from harness import BIN
+from llmrelay.cli import KEY_ENV, main
+from llmrelay_server.app import Gateway
+from support import GatewayFactory, two_backends
+from upstream import FakeUpstream
+
+KEY = "llmr-cli-0123456789abcdefghijklmnop"
+
+
+async def llmrelay(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Runs the command; its exit status, stdout and stderr. Without `env`, this environment less any caller key."""
+    environment = env if env is not None else {k: v for k, v in os.environ.items() if k != KEY_ENV}
+    command = await asyncio.create_subprocess_exec(BIN / "llmrelay", *args, stdout=PIPE, stderr=PIPE, env=environment)
+    out, err = await asyncio.wait_for(command.communicate(), 30)
+    assert command.returncode is not None
+    return command.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture
+async def keyed(gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream) -> Gateway:
+    entry = f'{{name: cli-user, sha256: "{hashlib.sha256(KEY.encode()).hexdigest()}"}}'
+    return await gateway_factory(two_backends(primary, local) + f"auth:\n  keys:\n    - {entry}\n")
+
+
+async def test_the_caller_key_comes_from_the_environment(keyed: Gateway) -> None:
+    target = f"127.0.0.1:{keyed.port}"
+    status, _, err = await llmrelay("--target", target, "complete", "hi")
+    assert status == 1 and "UNAUTHENTICATED" in err and f"reads the key from {KEY_ENV}" in err
+
+    with_key = {**os.environ, KEY_ENV: KEY}
+    status, out, err = await llmrelay("--target", target, "complete", "hi", env=with_key)
+    assert (status, out) == (0, "echo: hi\n"), err
+    status, out, err = await llmrelay("--target", target, "usage", env=with_key)
+    assert status == 0 and re.search(r"^openai +gpt-test +cli-user +1 ", out, re.MULTILINE), out + err
+
+    # --key-env names another variable; an unknown key is refused, and shown nowhere.
+    elsewhere = {**os.environ, KEY_ENV: "", "TEAM_KEY": KEY.replace("cli", "bad")}
+    status, _, err = await llmrelay("--target", target, "--key-env", "TEAM_KEY", "tokens", "hi", env=elsewhere)
+    assert status == 1 and "UNAUTHENTICATED" in err and "TEAM_KEY" in err and "bad" not in err
+    status, _, err = await llmrelay("--target", target, "--key-env", "NO_SUCH_KEY", "health")
+    assert (status, err) == (1, "llmrelay: --key-env NO_SUCH_KEY: the variable is not set\n")
+
+
+async def test_a_client_certificate_for_mutual_tls(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, tmp_path: Path
+) -> None:
+    servers, clients = Authority("server CA"), Authority("client CA")
+    servers.server().write(tmp_path / "server.pem", tmp_path / "server.key")
+    clients.client().write(tmp_path / "client.pem", tmp_path / "client.key")
+    (tmp_path / "ca.pem").write_bytes(servers.cert)
+    (tmp_path / "clients.pem").write_bytes(clients.cert)
+    files = {name: str(tmp_path / name) for name in ("server.pem", "server.key", "clients.pem")}
+    tls = f'tls: {{cert_file: "{files["server.pem"]}", key_file: "{files["server.key"]}"'
+    gateway = await gateway_factory(
+        two_backends(primary, local), server=f'{tls}, client_ca_file: "{files["clients.pem"]}"}}'
+    )
+    cli = ["--target", f"localhost:{gateway.port}", "--timeout", "10", "--ca-file", str(tmp_path / "ca.pem")]
+
+    certificate = ["--cert", str(tmp_path / "client.pem"), "--cert-key", str(tmp_path / "client.key")]
+    status, out, err = await llmrelay(*cli, *certificate, "health")
+    assert status == 0 and out.startswith("serving: yes"), err
+    status, _, err = await llmrelay(*cli, "health")
+    assert status == 1 and "llmrelay: UNAVAILABLE" in err
+    status, _, err = await llmrelay(*cli, "--cert", str(tmp_path / "client.pem"), "health")
+    assert (status, err) == (1, "llmrelay: a client certificate needs both --cert and --cert-key\n")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ca-file", "nope.pem", "health"], "llmrelay: --ca-file nope.pem: No such file or directory"),
+        (["--no-tls", "--ca-file", __file__, "health"], "llmrelay: --no-tls with --ca-file: leave out --no-tls"),
+        (["--cert-key", "nope.key", "--cert", __file__, "health"], "llmrelay: --cert-key nope.key: No such file"),
+    ],
+    ids=["missing-ca", "no-tls-with-ca", "missing-key"],
+)
+def test_a_mistake_in_the_options_is_one_line(args: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["--target", "127.0.0.1:9", *args])
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("interval", ["-1", "0", "nan", "inf", "soon"])
+def test_stats_takes_a_positive_interval(interval: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["stats", "--metrics", "http://127.0.0.1:9/metrics", "--interval", interval])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err.endswith(f"argument --interval: '{interval}' is not a number of seconds above 0\n")
+
+
+async def test_stats_pointed_at_the_grpc_port_says_so(gateway: Gateway) -> None:
+    url = f"http://127.0.0.1:{gateway.port}/metrics"
+    with pytest.raises(SystemExit) as caught:
+        await asyncio.to_thread(main, ["stats", "--once", "--metrics", url])
+    assert (
+        str(caught.value)
+        == f"llmrelay: {url} did not answer in HTTP (BadStatusLine): is it the gateway's metrics_listen?"
+    )
+
+
+@pytest.mark.parametrize("command", [["stream", "one two three"], ["health"]], ids=["stream", "health"])
+async def test_a_reader_gone_ends_the_command_quietly(gateway: Gateway, command: list[str]) -> None:
+    # `llmrelay ... | head -c 10` once head has exited: a pipe with no reader, so that every write fails.
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            BIN / "llmrelay", "--target", f"127.0.0.1:{gateway.port}", *command, stdout=writer, stderr=PIPE
+        )
+    finally:
+        os.close(writer)
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert (process.returncode, err.decode()) == (128 + signal.SIGPIPE, "")
