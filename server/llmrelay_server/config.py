@@ -278,11 +278,13 @@ class _KeysFile:
 def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = None) -> GatewayConfig:
     """Reads the file (path, else $LLMRELAY_CONFIG, else none) and the environment into a validated config."""
     env = os.environ if env is None else env
+    # An error names where its value came from: a variable set long ago is easy to forget.
+    to_find_it = "check the --config path" if path else "check LLMRELAY_CONFIG"
     path = path or env.get("LLMRELAY_CONFIG") or None
     document: Mapping[str, Any] = {}
     if path:
         where = f"config file {path}"
-        document = _read_yaml(Path(path), env, where, "check the --config path", " (server, router, llm)") or {}
+        document = _read_yaml(Path(path), env, where, to_find_it, " (server, router, llm)") or {}
     section = _build(_FileSection, document, "")
     server = section.server
     if env.get("LLMRELAY_LISTEN"):
@@ -296,7 +298,7 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
         state = dataclasses.replace(state, redis_url=env["LLMRELAY_REDIS_URL"])
     _check_state(state)
     _check_usage_db(server.usage_db)
-    _check_listen(server.listen, "server.listen")
+    _check_listen(server.listen, "--listen (LLMRELAY_LISTEN)" if env.get("LLMRELAY_LISTEN") else "server.listen")
     if server.tls is not None:
         _check_tls(server.tls)
     if server.metrics_listen is not None:

@@ -451,7 +451,10 @@ async def test_a_wrong_number_of_workers_is_refused(tmp_path: Path, local: FakeU
 
 @pytest.mark.parametrize(
     ("flags", "env", "field"),
-    [((), {"LLMRELAY_WORKERS": "²"}, "LLMRELAY_WORKERS"), (("--listen", "127.0.0.1:²"), {}, "server.listen")],
+    [
+        ((), {"LLMRELAY_WORKERS": "²"}, "LLMRELAY_WORKERS"),
+        (("--listen", "127.0.0.1:²"), {}, "--listen (LLMRELAY_LISTEN)"),
+    ],
     ids=["workers", "listen"],
 )
 async def test_a_number_in_other_digits_is_refused_in_one_line(

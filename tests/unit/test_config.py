@@ -459,8 +459,12 @@ ONE_EXTRA = "llm:\n  backends:\n    - {name: local, kind: llamacpp, base_url: 'h
         ("server: {listen: 'localhost:port'}\n", {}, "server.listen"),
         ("server: {listen: 'localhost:65536'}\n", {}, "server.listen"),
         ("server: {listen: 'localhost:-1'}\n", {}, "server.listen"),
-        (None, {"LLMRELAY_LISTEN": "nowhere"}, "server.listen"),
-        (None, {"LLMRELAY_LISTEN": "127.0.0.1:²"}, "server.listen"),  # a digit to str.isdigit(), not to int()
+        (None, {"LLMRELAY_LISTEN": "nowhere"}, "--listen (LLMRELAY_LISTEN)"),
+        (
+            None,
+            {"LLMRELAY_LISTEN": "127.0.0.1:²"},
+            "--listen (LLMRELAY_LISTEN)",
+        ),  # a digit to str.isdigit(), not to int()
         (None, {"LLMRELAY_WORKERS": "²"}, "LLMRELAY_WORKERS"),
         # bad URLs
         ("llm: {ollama: {base_url: 'localhost:11434'}}\n", {}, "llm.ollama.base_url"),
@@ -657,6 +661,15 @@ def test_a_malformed_store_url_is_named_without_its_password(tmp_path: Path, yam
 )
 def test_a_store_url_with_an_at_sign_where_it_may_be_is_taken(tmp_path: Path, url: str) -> None:
     assert load(tmp_path, f'server: {{usage_db: "{url}"}}\n').server.usage_db == url
+
+
+def test_a_value_from_the_environment_is_named_by_its_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^--listen \(LLMRELAY_LISTEN\): 'garbage' is not HOST:PORT"):
+        load(tmp_path, "server: {listen: '127.0.0.1:50051'}\n", {"LLMRELAY_LISTEN": "garbage"})
+    with pytest.raises(ConfigError, match=r"cannot be read .*; check LLMRELAY_CONFIG$"):
+        load_config({"LLMRELAY_CONFIG": str(tmp_path / "missing.yaml")})
+    with pytest.raises(ConfigError, match=r"cannot be read .*; check the --config path$"):
+        load_config({}, tmp_path / "missing.yaml")
 
 
 def test_a_yaml_mistake_says_where(tmp_path: Path) -> None:
