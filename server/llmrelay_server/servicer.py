@@ -161,7 +161,8 @@ class LLMServicer(pb.LLMServiceServicer):
     ) -> pb.HealthResponse:
         report = await self._monitor.probe() if request.probe else self._monitor.report()
         return pb.HealthResponse(
-            serving=self._monitor.serving,
+            # A draining gateway refuses model calls, so it is not serving them, whatever its backends' state.
+            serving=self._monitor.serving and not self._draining,
             backends=[convert.backend_health_pb(health, state.value) for health, state in report],
             stores=[convert.store_health_pb(store) for store in self._stores()],
         )

@@ -50,6 +50,10 @@ async def test_sigterm_drains_calls_in_flight_and_exits_zero(server: GatewayProc
         while status == health_pb2.HealthCheckResponse.SERVING:
             status = (await health.Check(health_pb2.HealthCheckRequest(), timeout=1)).status
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # So does the gateway's own Health, which `llmrelay health` and the SDKs read: its backends are fine.
+        report = await pb.LLMServiceStub(channel).Health(pb.HealthRequest(), timeout=5)
+        assert not report.serving
+        assert [backend.reachable for backend in report.backends] == [True]
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await pb.LLMServiceStub(channel).Complete(chat(), timeout=5)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -3060,7 +3060,9 @@ func (x *StoreHealth) GetPendingRecords() int64 {
 // The gateway's health.
 type HealthResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// True when at least one backend is reachable and its circuit is not open.
+	// True when the gateway takes model calls: at least one backend is reachable and its circuit is not open, and the
+	// gateway is not shutting down (from the start of a graceful shutdown it refuses new calls, UNAVAILABLE /
+	// SHUTTING_DOWN, as grpc.health.v1 says NOT_SERVING).
 	Serving bool `protobuf:"varint,1,opt,name=serving,proto3" json:"serving,omitempty"`
 	// One entry per backend, in the routing order.
 	Backends []*BackendHealth `protobuf:"bytes,2,rep,name=backends,proto3" json:"backends,omitempty"`

@@ -1816,7 +1816,10 @@ class HealthResponse(_message.Message):
     BACKENDS_FIELD_NUMBER: _builtins.int
     STORES_FIELD_NUMBER: _builtins.int
     serving: _builtins.bool
-    """True when at least one backend is reachable and its circuit is not open."""
+    """True when the gateway takes model calls: at least one backend is reachable and its circuit is not open, and the
+    gateway is not shutting down (from the start of a graceful shutdown it refuses new calls, UNAVAILABLE /
+    SHUTTING_DOWN, as grpc.health.v1 says NOT_SERVING).
+    """
     @_builtins.property
     def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___BackendHealth]:
         """One entry per backend, in the routing order."""

@@ -1403,7 +1403,11 @@ export interface StoreHealth {
 
 /** The gateway's health. */
 export interface HealthResponse {
-  /** True when at least one backend is reachable and its circuit is not open. */
+  /**
+   * True when the gateway takes model calls: at least one backend is reachable and its circuit is not open, and the
+   * gateway is not shutting down (from the start of a graceful shutdown it refuses new calls, UNAVAILABLE /
+   * SHUTTING_DOWN, as grpc.health.v1 says NOT_SERVING).
+   */
   serving: boolean;
   /** One entry per backend, in the routing order. */
   backends: BackendHealth[];
