@@ -28,7 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from llmrelay_server.domain import AttemptOutcome, BackendSpec, StoreHealth
+from llmrelay_server.domain import Attempt, AttemptOutcome, BackendSpec, StoreHealth, TokenUsage
 from llmrelay_server.metering import Meter, open_meter
 from llmrelay_server.observing import GEN_AI_OPERATIONS, Observer, Start
 
@@ -243,6 +243,10 @@ class Metrics:
         self.registry.register(kept)
         self.open_streams = Gauge("llmrelay_open_streams", "StreamComplete calls in progress.", registry=self.registry)
         self.registry.register(_StateCollector(circuits, state))
+        self._backends: dict[str, _Backend] = {}
+        self._billed: dict[tuple[tuple[str, str, str], str, str], _Billed] = {}
+        """By the labels of what was billed, the model asked for (as a label) and the operation: label values from the
+        configuration alone, so these are as few as the series."""
         self._server: Any = None
         self.port: int | None = None
         """Where /metrics is served, once serve() bound it."""
@@ -259,15 +263,42 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
 
-    def observe_call(self, rpc: str, meter: Meter, elapsed_s: float, request_model: str | None, operation: str) -> None:
-        """What the router did for one call (a GenAI `operation`), from its meter."""
+    def observe_call(
+        self, overhead: _Distribution, meter: Meter, elapsed_s: float, request_model: str | None, operation: str
+    ) -> None:
+        """What the router did for one call (a GenAI `operation`), from its meter; `overhead`, its method's series of
+        the gateway's own time."""
         upstream_s = 0.0
-        for attempt in meter.attempts:
-            self.attempts(attempt.backend, attempt.outcome.value).inc()
+        attempts = meter.attempts
+        for attempt in attempts:
+            backend = self._backend(attempt.backend)
+            backend.attempt(attempt.outcome).inc()
             if attempt.outcome is not AttemptOutcome.SKIPPED:
-                self.attempt_seconds(attempt.backend).observe(attempt.duration_s)
+                backend.seconds.observe(attempt.duration_s)
                 upstream_s += attempt.duration_s
-        for before, after in pairwise(meter.attempts):
+        if len(attempts) > 1:
+            self._moves(attempts)
+        overhead.observe(max(0.0, elapsed_s - upstream_s))
+        requested = self.labels.model(request_model)
+        if meter.first_chunk_s is not None and meter.first_chunk_backend is not None:
+            # Filed under the backend that sent the chunk, even when a restart on another one finished the answer.
+            self._backend(meter.first_chunk_backend).first_chunk.observe(meter.first_chunk_s)
+            self.gen_ai_first_token("chat", requested).observe(meter.first_chunk_s)
+        for billed in meter.billed:
+            labels = (billed.backend, self.labels.model(billed.model), self.labels.caller(billed.caller))
+            series = self._billed.get((labels, requested, operation))
+            if series is None:
+                series = self._billed[labels, requested, operation] = _Billed(self, labels, requested, operation)
+            series.add(billed.usage)
+
+    def _backend(self, name: str) -> _Backend:
+        series = self._backends.get(name)
+        if series is None:  # a configured backend's name: the series are as few as the backends
+            series = self._backends[name] = _Backend(self, name)
+        return series
+
+    def _moves(self, attempts: Sequence[Attempt]) -> None:
+        for before, after in pairwise(attempts):
             # An attempt after a broken stream is its restart (the router sent the marker): not a fallback. A stream
             # that broke with nothing after it ended the call, and was no restart.
             if before.outcome is AttemptOutcome.INTERRUPTED:
@@ -275,27 +306,64 @@ class Metrics:
             elif before.outcome in _FAILURES:
                 moved = self.retries if after.backend == before.backend else self.fallbacks
                 moved(before.backend, before.outcome.value).inc()
-        self.overhead(rpc).observe(max(0.0, elapsed_s - upstream_s))
-        requested = self.labels.model(request_model)
-        if meter.first_chunk_s is not None and meter.first_chunk_backend is not None:
-            # Filed under the backend that sent the chunk, even when a restart on another one finished the answer.
-            self.first_chunk(meter.first_chunk_backend).observe(meter.first_chunk_s)
-            self.gen_ai_first_token("chat", requested).observe(meter.first_chunk_s)
-        for billed in meter.billed:
-            model, caller, usage = self.labels.model(billed.model), self.labels.caller(billed.caller), billed.usage
-            for kind, count in (
-                ("prompt", usage.prompt_tokens),
-                ("completion", usage.completion_tokens),
-                ("cached", usage.cached_prompt_tokens or 0),
-                ("reasoning", usage.reasoning_tokens or 0),
-            ):
-                if count:
-                    self.tokens(billed.backend, model, caller, kind).inc(count)
-            self.gen_ai_tokens(operation, requested, model, "input").observe(usage.prompt_tokens)
-            if operation == "chat":  # an embedding outputs vectors, not tokens
-                self.gen_ai_tokens(operation, requested, model, "output").observe(usage.completion_tokens)
-            if usage.cost is not None:
-                self.cost(billed.backend, model, caller).inc(usage.cost.usd_micros / 1_000_000)
+
+
+class _Backend:
+    """A backend's series of attempts, looked up once rather than at every call."""
+
+    __slots__ = ("_attempts", "_metrics", "first_chunk", "name", "seconds")
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self._metrics, self.name = metrics, name
+        self.seconds, self.first_chunk = metrics.attempt_seconds(name), metrics.first_chunk(name)
+        self._attempts: dict[AttemptOutcome, _Count] = {}
+
+    def attempt(self, outcome: AttemptOutcome) -> _Count:
+        """The series of attempts with this outcome (made at its first, as prometheus-client's labels() would)."""
+        series = self._attempts.get(outcome)
+        if series is None:
+            series = self._attempts[outcome] = self._metrics.attempts(self.name, outcome.value)
+        return series
+
+
+class _Billed:
+    """The series that one kind of billed answer adds to: its backend, model and caller (as labels), the model asked
+    for and the operation. Each is looked up once, and made at its first use (a series of cached tokens appears with
+    the first cached token), as prometheus-client's labels() would make it."""
+
+    __slots__ = ("_kinds", "_labels", "_metrics", "_operation", "_requested", "cost", "input", "output")
+
+    def __init__(self, metrics: Metrics, labels: tuple[str, str, str], requested: str, operation: str) -> None:
+        self._metrics, self._labels, self._requested, self._operation = metrics, labels, requested, operation
+        model = labels[1]
+        self.input = metrics.gen_ai_tokens(operation, requested, model, "input")
+        # An embedding outputs vectors, not tokens.
+        self.output = metrics.gen_ai_tokens(operation, requested, model, "output") if operation == "chat" else None
+        self.cost: _Count | None = None
+        self._kinds: dict[str, _Count] = {}
+
+    def add(self, usage: TokenUsage) -> None:
+        for kind, count in (
+            ("prompt", usage.prompt_tokens),
+            ("completion", usage.completion_tokens),
+            ("cached", usage.cached_prompt_tokens),
+            ("reasoning", usage.reasoning_tokens),
+        ):
+            if count:
+                self._tokens(kind).inc(count)
+        self.input.observe(usage.prompt_tokens)
+        if self.output is not None:
+            self.output.observe(usage.completion_tokens)
+        if usage.cost is not None:
+            if self.cost is None:
+                self.cost = self._metrics.cost(*self._labels)
+            self.cost.inc(usage.cost.usd_micros / 1_000_000)
+
+    def _tokens(self, kind: str) -> _Count:
+        series = self._kinds.get(kind)
+        if series is None:
+            series = self._kinds[kind] = self._metrics.tokens(*self._labels, kind)
+        return series
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,6 +439,7 @@ class _Method:
     """One method's series, looked up once rather than at every call."""
 
     __slots__ = (
+        "_overhead",
         "completion_stream",
         "handled",
         "handling",
@@ -390,7 +459,14 @@ class _Method:
         self.completion_stream = method == _STREAM_COMPLETE
         self.started, self.received = metrics.started(*self.labels), metrics.received(*self.labels)
         self.sent, self.handling = metrics.sent(*self.labels), metrics.handling(*self.labels)
+        self._overhead: _Distribution | None = None
         self.handled: dict[grpc.StatusCode, _Count] = {}
+
+    def overhead(self) -> _Distribution:
+        """The method's series of the gateway's own time, made at its first call that reached the router."""
+        if self._overhead is None:
+            self._overhead = self.metrics.overhead(self.labels[2])
+        return self._overhead
 
     def ended(self, code: grpc.StatusCode) -> _Count:
         """The series of calls that ended with `code`."""
@@ -424,4 +500,4 @@ class _CountedCall:
         method.handling.observe(elapsed)
         if self._meter.attempts:  # a model call that reached the router
             model = self._request.model if self._request.HasField("model") else None
-            method.metrics.observe_call(method.labels[2], self._meter, elapsed, model, method.operation)
+            method.metrics.observe_call(method.overhead(), self._meter, elapsed, model, method.operation)
