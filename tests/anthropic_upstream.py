@@ -21,7 +21,10 @@ word. Faults (as FakeUpstream's, in this API's shape):
     {"tool_call": {"name": "f", "arguments": "{...}"}}  a tool_use block (arguments: a JSON object's text)
     {"error_event_after": 3, "error_type": "overloaded_error"}  an error event after N events (default type:
                                                 overloaded_error)
-    {"no_finish": true}                         a stream without message_stop
+    {"no_finish": true}                         a stream without a stop reason: no message_delta nor message_stop
+    {"no_stop": true}                           a stream that ends after message_delta, without message_stop
+    {"hold_open_s": 30}                         likewise, but the connection is held open that long, the body
+                                                unended (noticing a client that leaves)
     {"stop_reason": "refusal"}                  this stop reason instead of end_turn / tool_use
     {"cache": {"creation": 5, "read": 7}}       usage with these cache counts beside input_tokens
 `count_faults` holds faults for /v1/messages/count_tokens (status only). Models in `adaptive_models` are listed with
@@ -160,7 +163,7 @@ class FakeAnthropic(FakeUpstream):
             return await _send_error(writer, 404, f"model: {body['model']}")
         answer = _Answer.of(body, fault)
         if streaming:
-            return await self._event_stream(writer, answer, fault)
+            return await self._event_stream(reader, writer, answer, fault)
         return await _send_json(writer, 200, _checked(Message, answer.message()))
 
     async def _count_tokens(self, request: Request, writer: asyncio.StreamWriter) -> bool:
@@ -184,16 +187,20 @@ class FakeAnthropic(FakeUpstream):
             return broken
         return None
 
-    async def _event_stream(self, writer: asyncio.StreamWriter, answer: _Answer, fault: Fault) -> bool:
+    async def _event_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: _Answer, fault: Fault
+    ) -> bool:
         """SSE in chunked transfer encoding, the connection kept alive; False (close it) when the fault cuts it. A
         client that leaves mid-stream is noticed at the next write, and counted in client_disconnects."""
         try:
-            return await self._send_events(writer, answer, fault)
+            return await self._send_events(reader, writer, answer, fault)
         except ConnectionError:
             self.client_disconnects.append(time.monotonic())
             return False
 
-    async def _send_events(self, writer: asyncio.StreamWriter, answer: _Answer, fault: Fault) -> bool:
+    async def _send_events(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: _Answer, fault: Fault
+    ) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
         events = answer.events(fault)
         cut_after = fault.get("stream_cut_after")
@@ -220,6 +227,10 @@ class FakeAnthropic(FakeUpstream):
                     await asyncio.sleep(fault["byte_trickle_s"])
             if "trickle_s" in fault and event["type"] == "content_block_delta":
                 await asyncio.sleep(fault["trickle_s"])
+        if "hold_open_s" in fault:
+            await writer.drain()
+            await self._stall(fault["hold_open_s"], reader)
+            return False
         await _send_chunk(writer, b"")  # the last chunk: the response is complete, the connection stays
         return True
 
@@ -287,11 +298,13 @@ class _Answer:
             events += [{"type": "content_block_delta", "index": index, "delta": d} for d in _deltas(block, fault)]
             events += [{"type": "content_block_stop", "index": index}]
         events.append({"type": "ping"})
+        if fault.get("no_finish"):
+            return events
         delta = {"stop_reason": self.stop_reason, "stop_sequence": None}
         events.append(
             {"type": "message_delta", "delta": delta, "usage": {"output_tokens": self.usage["output_tokens"]}}
         )
-        if not fault.get("no_finish"):
+        if not (fault.get("no_stop") or "hold_open_s" in fault):
             events.append({"type": "message_stop"})
         return events
 

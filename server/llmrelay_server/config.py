@@ -296,8 +296,8 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     state = section.state
     if env.get("LLMRELAY_REDIS_URL"):
         state = dataclasses.replace(state, redis_url=env["LLMRELAY_REDIS_URL"])
-    _check_state(state)
-    _check_usage_db(server.usage_db)
+    _check_state(state, "LLMRELAY_REDIS_URL" if env.get("LLMRELAY_REDIS_URL") else "state.redis_url")
+    _check_usage_db(server.usage_db, "LLMRELAY_USAGE_DB" if env.get("LLMRELAY_USAGE_DB") else "server.usage_db")
     _check_listen(server.listen, "--listen (LLMRELAY_LISTEN)" if env.get("LLMRELAY_LISTEN") else "server.listen")
     if server.tls is not None:
         _check_tls(server.tls)
@@ -363,18 +363,18 @@ def is_postgresql(usage_db: str) -> bool:
 _BARE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
-def _check_usage_db(usage_db: str) -> None:
+def _check_usage_db(usage_db: str, where: str) -> None:
+    """`where`: the field, or the variable it was set by."""
     if "://" in usage_db and not is_postgresql(usage_db):
         scheme = usage_db.split("://", 1)[0]
         raise ConfigError(
-            f"server.usage_db: {scheme}:// is not a ledger this gateway knows; give a SQLite file path or a"
-            " postgresql:// URL"
+            f"{where}: {scheme}:// is not a ledger this gateway knows; give a SQLite file path or a postgresql:// URL"
         )
     if is_postgresql(usage_db) and _BARE_PERCENT.search(usage_db):
         # libpq would refuse it, and psycopg's pool log its message, the password in it, at every try to connect.
-        raise ConfigError("server.usage_db: a % in the URL starts no %XX escape; write a % in the password as %25")
+        raise ConfigError(f"{where}: a % in the URL starts no %XX escape; write a % in the password as %25")
     if is_postgresql(usage_db):
-        _check_authority(usage_db, "server.usage_db")
+        _check_authority(usage_db, where)
 
 
 def _check_authority(url: str, where: str) -> None:
@@ -394,14 +394,15 @@ def _check_authority(url: str, where: str) -> None:
         )
 
 
-def _check_state(state: StateConfig) -> None:
+def _check_state(state: StateConfig, redis_where: str) -> None:
+    """`redis_where`: the field that set the Redis URL, or the variable."""
     if state.on_unavailable not in ("allow", "deny"):
         raise ConfigError(f"state.on_unavailable: {state.on_unavailable!r} is not allow or deny")
     _check_positive(state, "state")
     if state.redis_url is None:
         return
     # The URL may hold a password: only its scheme, or what the parsers say of its form, is shown.
-    _check_authority(state.redis_url, "state.redis_url")
+    _check_authority(state.redis_url, redis_where)
     try:
         scheme = urlsplit(state.redis_url).scheme
         if scheme in ("redis", "rediss", "unix"):
@@ -409,9 +410,9 @@ def _check_state(state: StateConfig) -> None:
 
             parse_url(state.redis_url)  # type: ignore[no-untyped-call]  # as the client will: the port, the options
     except ValueError as exc:
-        raise ConfigError(f"state.redis_url: {exc}") from None
+        raise ConfigError(f"{redis_where}: {exc}") from None
     if scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"state.redis_url: scheme {scheme or '(none)'} is not redis://, rediss:// or unix://")
+        raise ConfigError(f"{redis_where}: scheme {scheme or '(none)'} is not redis://, rediss:// or unix://")
 
 
 MAX_MESSAGE_BYTES = 2**31 - 1

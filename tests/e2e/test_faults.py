@@ -307,6 +307,8 @@ STREAM_ROWS = [
         outcomes=(Outcome.ATTEMPT_OUTCOME_SUCCEEDED,), only="openai"),
     Row("a finish reason without usage nor [DONE] is whole at the body's end", [{"no_usage": True, "no_done": True}],
         outcomes=(Outcome.ATTEMPT_OUTCOME_SUCCEEDED,), only="openai"),
+    Row("a stop reason without message_stop is whole at the body's end", [{"no_stop": True}],
+        outcomes=(Outcome.ATTEMPT_OUTCOME_SUCCEEDED,), only="anthropic"),
     Row("a rate_limit_error event before the first chunk is retried",
         [{"error_event_after": 0, "error_type": "rate_limit_error"}], calls=(2, 0),
         outcomes=(Outcome.ATTEMPT_OUTCOME_RATE_LIMITED, Outcome.ATTEMPT_OUTCOME_SUCCEEDED), only="anthropic"),
@@ -420,13 +422,17 @@ async def test_an_account_out_of_credit_is_for_an_operator_to_fix_not_a_rate_lim
     assert not (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
 
 
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
 async def test_a_stream_whole_with_its_usage_ends_though_the_upstream_holds_it_open(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An upstream that sent its finish reason and its usage, then neither [DONE] nor the end of its body, holding the
-    connection open: the answer is whole, so the stream ends at once with the upstream's usage, billed as a success,
-    and the held connection is closed; not broken by the idle limit (2 s here) and billed as interrupted."""
+    """An upstream that sent its finish reason and its usage (OpenAI's last event; Anthropic's message_delta), then
+    neither its end marker ([DONE], message_stop) nor the end of its body, holding the connection open: the answer is
+    whole, so the stream ends at once with the upstream's usage, billed as a success, and the held connection is
+    closed; not broken by the idle limit (2 s here) and billed as interrupted."""
     monkeypatch.setattr(upstream_http, "END_GRACE_S", 0.5)  # how long the rest of its body is awaited, meanwhile
+    whole = [c async for c in stub.StreamComplete(stream_chat("one two"), timeout=10)][-1].usage
+    assert not whole.estimated and whole.completion_tokens == 3  # the upstream's figures: a token a word
     primary.inject({"hold_open_s": 30})
     started = time.monotonic()
     chunks = [c async for c in stub.StreamComplete(stream_chat("one two"), timeout=10)]
@@ -435,11 +441,10 @@ async def test_a_stream_whole_with_its_usage_ends_though_the_upstream_holds_it_o
     assert "".join(c.delta.content for c in chunks) == "echo: one two"
     assert last.finish_reason == pb.FINISH_REASON_STOP
     assert [a.outcome for a in last.attempts] == [Outcome.ATTEMPT_OUTCOME_SUCCEEDED]
-    # The upstream's own figures: a token a word and three for the message; a token a word of the answer.
-    assert (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.estimated) == (5, 3, False)
+    assert last.usage == whole
     [record] = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
     billed = (record.backend, record.requests, record.prompt_tokens, record.completion_tokens)
-    assert billed == ("openai", 1, 5, 3)
+    assert billed == (primary.dialect, 2, 2 * whole.prompt_tokens, 2 * whole.completion_tokens)
     assert (record.estimated_requests, record.interrupted_requests) == (0, 0)
     await wait_until(lambda: bool(primary.client_disconnects), within_s=2)
     assert primary.client_disconnects, "the held connection was left open"

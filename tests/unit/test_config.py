@@ -666,6 +666,16 @@ def test_a_store_url_with_an_at_sign_where_it_may_be_is_taken(tmp_path: Path, ur
 def test_a_value_from_the_environment_is_named_by_its_variable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^--listen \(LLMRELAY_LISTEN\): 'garbage' is not HOST:PORT"):
         load(tmp_path, "server: {listen: '127.0.0.1:50051'}\n", {"LLMRELAY_LISTEN": "garbage"})
+    # A store URL from the environment, the secret in it never shown.
+    secret = "s3cr3t-pw"
+    with pytest.raises(ConfigError, match=r"^LLMRELAY_USAGE_DB: mysql:// is not a ledger") as error:
+        load(tmp_path, "server: {usage_db: ledger.db}\n", {"LLMRELAY_USAGE_DB": f"mysql://app:{secret}@db/x"})
+    assert secret not in str(error.value)
+    with pytest.raises(ConfigError, match=r"^LLMRELAY_REDIS_URL: the user or password .* percent-encode") as error:
+        load(tmp_path, "", {"LLMRELAY_REDIS_URL": f"redis://:{secret}/x@cache:6379/0"})
+    assert secret not in str(error.value)
+    with pytest.raises(ConfigError, match=r"^state.redis_url: scheme http is not redis://"):
+        load(tmp_path, "state: {redis_url: 'http://cache:6379'}\n")
     with pytest.raises(ConfigError, match=r"cannot be read .*; check LLMRELAY_CONFIG$"):
         load_config({"LLMRELAY_CONFIG": str(tmp_path / "missing.yaml")})
     with pytest.raises(ConfigError, match=r"cannot be read .*; check the --config path$"):

@@ -154,15 +154,20 @@ class AnthropicProvider:
                     for chunk in self._whole_stream(answer, model):
                         yield chunk
                     return
-                async for chunk in relayed(answer, chunk_of, lambda: state.stopped, self._spec):
+                # message_delta's stop reason comes with the answer's last usage: the answer is whole there, though
+                # message_stop is still to come (`relayed` waits a moment for it, not the idle limit).
+                async for chunk in relayed(
+                    answer, chunk_of, lambda: state.stopped, self._spec, lambda: state.finish_reason is not None
+                ):
                     yield chunk
         except anthropic.APIError as exc:
             raise self._upstream_error(exc) from exc
         except wire.MalformedAnswerError as exc:
             raise self._bad_answer(str(exc)) from exc
-        # Only message_stop makes an answer whole: whatever came before it, a stream without one was cut.
-        if not state.stopped:
-            raise self._bad_answer("the stream ended without message_stop")
+        # A stop reason (message_delta's, then message_stop's end) makes an answer whole: whatever came before it, a
+        # stream without one was cut.
+        if state.finish_reason is None:
+            raise self._bad_answer("the stream ended without a stop reason")
         yield CompletionChunk(
             id=state.id,
             backend=self._spec.name,
