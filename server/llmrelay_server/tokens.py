@@ -334,6 +334,11 @@ def _high_detail_tokens(width: int, height: int) -> int:
     return _IMAGE_BASE_TOKENS + _IMAGE_TILE_TOKENS * tiles
 
 
+def _priced_by_tiles(model: str) -> bool:
+    """Whether the model prices an image by its tiles, as the formula counts it (asked only of a chat with images)."""
+    return _TILE_PRICED_MODELS.fullmatch(_base_model_name(model)) is not None
+
+
 def _image_tokens(image: ImagePart, priced_by_tiles: bool) -> tuple[int, bool]:
     """An image's tokens, and whether they are what the model is billed.
 
@@ -363,7 +368,7 @@ def _as_counted(message: Message) -> Message:
 
 
 def _has_image(message: Message) -> bool:
-    return any(isinstance(part, ImagePart) for part in message.parts)
+    return bool(message.parts) and any(isinstance(part, ImagePart) for part in message.parts)
 
 
 def _digest(message: Message) -> bytes:
@@ -661,13 +666,12 @@ class TokenCounter:
         # Text never carries special tokens into the count: the API treats "<|endoftext|>" in content as plain text.
         encode = self._encoder(encoding_name)
         tokens, formula_covers_all = _REPLY_PRIMING, True
-        priced_by_tiles = _TILE_PRICED_MODELS.fullmatch(_base_model_name(model)) is not None
         for message in messages:
             message_tokens, covered = self._message_tokens(encoding_name, message)
             tokens, formula_covers_all = tokens + message_tokens, formula_covers_all and covered
             for part in message.parts:
                 if isinstance(part, ImagePart):
-                    part_tokens, covered = _image_tokens(part, priced_by_tiles)
+                    part_tokens, covered = _image_tokens(part, _priced_by_tiles(model))
                     tokens, formula_covers_all = tokens + part_tokens, formula_covers_all and covered
         costs = _CL100K_TOOL_COSTS if encoding_name == CL100K_BASE else _O200K_TOOL_COSTS
         tool_tokens, covered = _tools_tokens(encode, tools, costs)
