@@ -93,6 +93,8 @@ class CallLogObserver(Observer):
 class _LoggedCall:
     __slots__ = ("_context", "_meter", "_observer", "_request", "_rid", "_rpc", "_started")
 
+    sent = None  # the line is about the call, not its messages
+
     def __init__(self, observer: CallLogObserver, rpc: str, request: Any, context: Context) -> None:
         self._started = time.perf_counter()
         self._observer, self._rpc, self._request, self._context = observer, rpc, request, context
@@ -100,10 +102,7 @@ class _LoggedCall:
         self._meter = open_meter()
         context.set_trailing_metadata(((REQUEST_ID, rid),))
 
-    def sent(self, message: Any) -> None:
-        pass
-
-    def end(self, code: grpc.StatusCode) -> None:
+    def end(self, code: grpc.StatusCode, messages: int) -> None:
         self._observer._end(self._rid, self._rpc, code, self._started, self._meter, self._request, self._context)
 
 

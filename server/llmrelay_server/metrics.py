@@ -479,6 +479,8 @@ class _Method:
 class _CountedCall:
     __slots__ = ("_meter", "_method", "_request", "_started")
 
+    sent = None  # the messages are counted at the end, not one by one
+
     def __init__(self, method: _Method, request: Any) -> None:
         self._started = time.perf_counter()
         self._method, self._request = method, request
@@ -488,12 +490,11 @@ class _CountedCall:
             method.metrics.open_streams.inc()
         self._meter = open_meter()
 
-    def sent(self, message: Any) -> None:
-        self._method.sent.inc()
-
-    def end(self, code: grpc.StatusCode) -> None:
+    def end(self, code: grpc.StatusCode, messages: int) -> None:
         elapsed = time.perf_counter() - self._started
         method = self._method
+        if messages:
+            method.sent.inc(messages)
         if method.completion_stream:
             method.metrics.open_streams.dec()
         method.ended(code).inc()

@@ -1,8 +1,9 @@
 """One interceptor for whatever watches whole calls (metrics, the call log, traces): the `Observer`s.
 
 An `Observer` says what to do when a call of a method starts (`observe`, which returns how to start watching one),
-and the call's observer hears each message sent and the status the call ended with, for unary and server-streaming
-calls alike, including streams written with `context.write` (grpc.health.v1's Watch), whose messages pass by unseen.
+and the call's observer hears the status the call ended with and how many messages it sent, and, if it asks to, each
+message as it goes; for unary and server-streaming calls alike, including streams written with `context.write`
+(grpc.health.v1's Watch), whose messages pass by unseen.
 The interceptor wraps a method's handler once for all of them, and once for all its calls: the handlers that reach it
 are the same objects call after call (the service's own; the limits' and auth's wrappings of them, each made once), so
 a call pays a lookup rather than a new handler, closures and a question to every observer.
@@ -35,11 +36,13 @@ GEN_AI_OPERATIONS: Final[Mapping[str, str]] = {
 
 
 class CallObserver(Protocol):
-    def sent(self, message: Any) -> None:
-        """A message went to the caller."""
+    @property
+    def sent(self) -> Callable[[Any], None] | None:
+        """Hears each message that goes to the caller; None for an observer that needs only their number, which
+        `end` tells: a stream's messages then cost it nothing."""
 
-    def end(self, code: grpc.StatusCode) -> None:
-        """The call ended with this status."""
+    def end(self, code: grpc.StatusCode, messages: int) -> None:
+        """The call ended with this status, having sent this many messages."""
 
 
 Start = Callable[[Any, Context], CallObserver]
@@ -100,19 +103,21 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
 def _unary(behavior: Any, starts: tuple[Start, ...]) -> Any:
     async def observed(request: Any, context: Context) -> Any:
         calls: list[CallObserver] = []
-        code = grpc.StatusCode.OK
+        code, messages = grpc.StatusCode.OK, 0
         try:
             _start(starts, request, context, calls)
             answer = await behavior(request, context)
             if answer is not None:  # None: a stream written with context.write
+                messages = 1
                 for call in calls:
-                    call.sent(answer)
+                    if (hear := call.sent) is not None:
+                        hear(answer)
             return answer
         except BaseException as error:
             code = ended_with(context, error)
             raise
         finally:
-            _end(calls, code)
+            _end(calls, code, messages)
 
     return observed
 
@@ -120,20 +125,22 @@ def _unary(behavior: Any, starts: tuple[Start, ...]) -> Any:
 def _stream(behavior: Any, starts: tuple[Start, ...]) -> Any:
     async def observed(request: Any, context: Context) -> AsyncIterator[Any]:
         calls: list[CallObserver] = []
-        code = grpc.StatusCode.OK
+        code, messages = grpc.StatusCode.OK, 0
         try:
             _start(starts, request, context, calls)
+            hearing = [hear for call in calls if (hear := call.sent) is not None]
             # Closed (the caller gone mid-write), it closes what it streams first: the call ends after what it billed.
             async with contextlib.aclosing(behavior(request, context)) as answers:
                 async for answer in answers:
-                    for call in calls:
-                        call.sent(answer)
+                    messages += 1
+                    for hear in hearing:
+                        hear(answer)
                     yield answer
         except BaseException as error:
             code = ended_with(context, error)
             raise
         finally:
-            _end(calls, code)
+            _end(calls, code, messages)
 
     return observed
 
@@ -145,11 +152,11 @@ def _start(starts: tuple[Start, ...], request: Any, context: Context, calls: lis
         calls.append(start(request, context))
 
 
-def _end(calls: list[CallObserver], code: grpc.StatusCode) -> None:
+def _end(calls: list[CallObserver], code: grpc.StatusCode, messages: int) -> None:
     """Tells every observer the call ended, the innermost first; one that fails (a bug of the gateway's own) is
     logged, and keeps neither the others from hearing it nor the caller from its answer."""
     for call in reversed(calls):
         try:
-            call.end(code)
+            call.end(code, messages)
         except Exception:
             log.exception("observing the end of a call failed")

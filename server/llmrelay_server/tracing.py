@@ -211,7 +211,7 @@ class _Call:
             elif chunk.delta.HasField("content"):
                 self._text.append(chunk.delta.content)
 
-    def end(self, code: grpc.StatusCode) -> None:
+    def end(self, code: grpc.StatusCode, messages: int) -> None:
         self.code = code
         ended = time.time_ns()
         span = self.span
