@@ -338,10 +338,9 @@ def _image(image: pb.ImagePart, errors: _Violations, where: str, max_image_bytes
     if source == "url":
         # A data: URL is refused rather than unpacked: bytes go in `data`, where their size and format are checked
         # and their dimensions read for CountTokens; the upstream gets them as a data: URL all the same.
-        url = urlsplit(image.url)
-        if url.scheme == "data":
+        if (scheme := _url_scheme(image.url)) == "data":
             errors.add(f"{where}.url", "a data: URL is not accepted: send the image's bytes in data instead")
-        elif url.scheme not in ("http", "https") or not url.netloc:
+        elif scheme not in ("http", "https"):
             errors.add(f"{where}.url", "must be an http:// or https:// URL the upstream can fetch")
         return ImagePart(url=image.url, detail=detail)
     data = image.data
@@ -360,6 +359,20 @@ def _image(image: pb.ImagePart, errors: _Violations, where: str, max_image_bytes
         errors.add(f"{where}.data", f"is {found} data, but media_type says {image.media_type}")
     # Unset, the media type is the one the bytes' signature says.
     return ImagePart(data=data, media_type=image.media_type or found, detail=detail)
+
+
+def _url_scheme(text: str) -> str | None:
+    """The URL's scheme, "data" for any data: URL; None when it is no URL with a host an upstream could fetch from:
+    no host, a port out of range, or text urllib refuses outright (an unclosed "[" of an IPv6 host), which would
+    otherwise escape as a ValueError and end the call with UNKNOWN."""
+    try:
+        url = urlsplit(text)
+        if url.scheme == "data":
+            return url.scheme
+        _ = url.port  # read lazily: a port that is no number from 0 to 65535 raises only here
+    except ValueError:
+        return None
+    return url.scheme if url.netloc else None
 
 
 def _options(options: pb.CompletionOptions, errors: _Violations) -> CompletionOptions:

@@ -114,6 +114,9 @@ def image_message(*images: pb.ImagePart, role: pb.Role.ValueType = pb.ROLE_USER,
         (image_message(pb.ImagePart(media_type="image/png")), "messages[0].parts[1].image"),
         (image_message(pb.ImagePart(url="file:///etc/passwd")), "messages[0].parts[1].image.url"),
         (image_message(pb.ImagePart(url="data:image/png;base64,iVBORw0KGgo=")), "messages[0].parts[1].image.url"),
+        # URLs that urllib cannot even split, or whose port is no port: no traceback, the part named.
+        (image_message(pb.ImagePart(url="https://[::1/cat.png")), "messages[0].parts[1].image.url"),
+        (image_message(pb.ImagePart(url="https://example.com:99999/cat.png")), "messages[0].parts[1].image.url"),
         (image_message(pb.ImagePart(data=png(4096, 4096))), "messages[0].parts[1].image.data"),  # over 2000 bytes
         (image_message(pb.ImagePart(data=png(1, 1), media_type="image/tiff")), "messages[0].parts[1].image.media_type"),
         (image_message(pb.ImagePart(data=b"not an image")), "messages[0].parts[1].image.data"),
