@@ -286,7 +286,9 @@ def _message(message: pb.Message, errors: _Violations, where: str, max_image_byt
         errors.add(f"{where}.parts", "give either content or parts, not both")
     # Parts of empty text alone say no more than empty content (and would leave Anthropic a turn without a block).
     said = message.content or any(p.WhichOneof("part") != "text" or p.text for p in message.parts)
-    if not said and not message.tool_calls:
+    # A tool's result may be empty (a void function, an empty file): OpenAI takes an empty tool message, Anthropic a
+    # tool_result without content, and the call it answers still needs its answer.
+    if not said and not message.tool_calls and role is not Role.TOOL:
         if message.parts:
             errors.add(f"{where}.parts", "must not be empty: every part is empty text")
         else:

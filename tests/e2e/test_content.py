@@ -12,7 +12,7 @@ import llmrelay
 import pytest
 from llmrelay import AsyncClient
 from llmrelay import v1 as pb
-from support import GatewayFactory, StubFactory, details, png, struct, two_backends, user
+from support import DIALECTS, GatewayFactory, StubFactory, details, png, struct, two_backends, user
 from upstream import FakeUpstream
 
 # Integers a Struct would turn into doubles (3.0), one no double holds (2**60 + 1), nested arrays, and spacing of
@@ -199,6 +199,27 @@ async def test_a_servers_tokenizer_gets_the_json_text_too(stub_for: StubFactory)
         assert asked["tools"][0]["function"]["parameters"] == json.loads(SCHEMA_TEXT)
     finally:
         await vllm.stop()
+
+
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
+async def test_an_empty_tool_result_reaches_either_api(stub: pb.LLMServiceAsyncStub, primary: FakeUpstream) -> None:
+    """A tool may return nothing (a void function, an empty file): OpenAI takes an empty tool message, Anthropic a
+    tool_result without content. Refused, the agent's whole conversation would fail on that one result."""
+    call = pb.ToolCall(id="call_1", function=pb.FunctionCall(name="clear", arguments="{}"))
+    conversation = [
+        user("clear the cache"),
+        pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call]),
+        pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content=""),
+    ]
+
+    answer = await stub.Complete(pb.CompleteRequest(messages=conversation), timeout=5)
+
+    assert answer.backend == primary.dialect
+    result = primary.chat_requests[0]["messages"][2]
+    if primary.dialect == "anthropic":
+        assert result == {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1"}]}
+    else:
+        assert result == {"role": "tool", "content": "", "tool_call_id": "call_1"}
 
 
 # --- the Python SDK -------------------------------------------------------------------------------------------------

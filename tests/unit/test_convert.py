@@ -365,8 +365,7 @@ OPTS = pb.CompletionOptions
                 ),
             ),
             [
-                "messages[0].content",
-                "messages[0].tool_call_id",
+                "messages[0].tool_call_id",  # not its content: a tool may return nothing
                 "messages[1].role",
                 "model",
                 "options.frequency_penalty",
