@@ -378,7 +378,7 @@ def _drain(value: Any) -> Any:
 
 def _broken_rule(body: dict[str, Any]) -> str | None:
     """The API's rules that its types do not say, in its words: text of whitespace alone, in a block or a stop
-    sequence, is refused."""
+    sequence, is refused; and a tool's input_schema must say "type": "object" (the types also take any dict)."""
 
     def listed(content: Any) -> list[Any]:  # a string stands for one text block, which the types check
         return content if isinstance(content, list) else []
@@ -391,6 +391,10 @@ def _broken_rule(body: dict[str, Any]) -> str | None:
         return "messages: text content blocks must contain non-whitespace text"
     if any(not stop.strip() for stop in body.get("stop_sequences") or []):
         return "stop_sequences: each stop sequence must contain non-whitespace"
+    for position, tool in enumerate(body.get("tools") or []):
+        schema = tool.get("input_schema") if isinstance(tool, dict) else None
+        if isinstance(schema, dict) and schema.get("type") != "object":
+            return f"tools.{position}.custom.input_schema.type: Field required"
     return None
 
 

@@ -190,6 +190,33 @@ async def test_a_call_without_arguments_streams_an_empty_object(
     assert claude.chat_requests[0]["tools"] == [{"name": "now", "input_schema": {"type": "object"}}]
 
 
+@pytest.mark.parametrize(
+    ("parameters_json", "sent"),
+    [
+        ("{}", '{"type": "object"}'),
+        (
+            ' { "properties": {"n": {"type": "integer", "maximum": 3}}}',
+            ' {"type": "object",  "properties": {"n": {"type": "integer", "maximum": 3}}}',
+        ),
+    ],
+)
+async def test_a_tool_schema_without_a_type_is_sent_as_the_object_schema_it_is(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, parameters_json: str, sent: str
+) -> None:
+    """The OpenAI format takes parameters without a top-level type ({} for a function without any), and the gateway
+    takes them as an object's; the API refuses such an input_schema (400 "input_schema.type: Field required"), which
+    would end the call with UPSTREAM_REJECTED and no fallback. The text goes as written, with the type put first."""
+    tools = [pb.Tool(function=pb.FunctionDefinition(name="count", parameters_json=parameters_json))]
+
+    answer = await stub.Complete(chat(options=pb.CompletionOptions(tools=tools)), timeout=5)
+    count = await stub.CountTokens(pb.CountTokensRequest(messages=[user()], tools=tools), timeout=5)
+
+    assert answer.backend == "anthropic" and claude.invalid_requests == []
+    assert f'"input_schema":{sent}'.encode() in claude.chat_bodies[0]
+    assert (count.encoding, count.estimated) == ("backend:anthropic", False)
+    assert claude.count_requests[0]["tools"][0]["input_schema"] == json.loads(sent)
+
+
 async def test_tool_arguments_that_are_no_json_object_are_the_callers_error(
     stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
 ) -> None:

@@ -125,7 +125,9 @@ def request_body(
         body["tool_choice"] = choice
     fmt = options.response_format
     if fmt is not None and fmt.json_schema is not None:
-        output["format"] = {"type": "json_schema", "schema": _schema(fmt.json_schema.schema)}
+        # A JsonText, checked to be an object where it came in, is sent as written (`wire.encode`), as OpenAI's path
+        # sends it: however large its integers and deep its nesting.
+        output["format"] = {"type": "json_schema", "schema": fmt.json_schema.schema}
     if output:
         body["output_config"] = output
     return body
@@ -227,7 +229,7 @@ def _tool_result(message: Message) -> dict[str, Any]:
 
 
 def _tool(tool: Tool) -> dict[str, Any]:
-    item: dict[str, Any] = {"name": tool.name, "input_schema": _schema(tool.parameters)}
+    item: dict[str, Any] = {"name": tool.name, "input_schema": _input_schema(tool.parameters)}
     if tool.description is not None:
         item["description"] = tool.description
     if tool.strict is not None:
@@ -235,12 +237,21 @@ def _tool(tool: Tool) -> dict[str, Any]:
     return item
 
 
-def _schema(schema: Mapping[str, Any] | JsonText | None) -> Mapping[str, Any] | JsonText:
+def _input_schema(schema: Mapping[str, Any] | JsonText | None) -> Mapping[str, Any] | JsonText:
+    """A tool's parameters as its input_schema, which the API requires, saying "type": "object" (else 400
+    "input_schema.type: Field required"). The OpenAI format takes parameters without a type ({} for a function without
+    any), and the gateway took them as an object's (convert._tool): the type is put first where it is missing. A
+    JsonText, checked to be an object where it came in, is otherwise sent as written (`wire.encode`), as OpenAI's path
+    sends it: however large its integers and deep its nesting."""
     if schema is None:
-        return {"type": "object"}  # a function without parameters; the API requires a schema
-    # A JsonText, checked to be an object where it came in, is sent as written (`wire.encode`), as OpenAI's path sends
-    # it: however large its integers and deep its nesting.
-    return schema
+        return {"type": "object"}  # a function without parameters
+    fields = read_json(schema.text) if isinstance(schema, JsonText) else schema
+    if "type" in fields:
+        return schema
+    if isinstance(schema, JsonText):
+        before, brace, after = schema.text.partition("{")  # an object's text: its first "{" opens it
+        return JsonText(f'{before}{brace}"type": "object"{", " if fields else ""}{after}')
+    return {"type": "object", **schema}
 
 
 def _tool_choice(options: CompletionOptions) -> dict[str, Any] | None:
