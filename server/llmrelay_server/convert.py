@@ -60,6 +60,10 @@ MAX_STOP_SEQUENCES: Final = 4
 MAX_EMBEDDING_INPUTS: Final = 2048
 """OpenAI's own bound on the inputs of one embedding request."""
 MAX_DIMENSIONS: Final = 65_536
+MAX_JSON_DEPTH: Final = 512
+"""The deepest a caller's JSON text (tool parameters, a response schema) may nest. Readers after the request's own
+(the token count, Anthropic's input_schema) read it again deeper in the stack: text nested near Python's recursion
+limit would pass here and raise RecursionError there, an UNKNOWN status, by a few levels of stack either way."""
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 """No name (a model's, a backend's, a caller's) holds these: a NUL cannot even be stored in PostgreSQL's text."""
@@ -500,18 +504,38 @@ def _response_format(options: pb.CompletionOptions, errors: _Violations) -> Resp
 
 def _json_text(text: str, where: str, errors: _Violations) -> tuple[JsonText, Mapping[str, Any]]:
     """The caller's text, to be sent upstream as written, and the JSON object it says (empty when it is none)."""
+    too_deep = f"must be the JSON text of an object nested at most {MAX_JSON_DEPTH} levels deep"
     try:
         value = read_json(text)
     except ValueError as exc:  # json.JSONDecodeError among them, with the line and column of the mistake
         errors.add(where, f"must be the JSON text of an object: {exc}")
         return JsonText(text), {}
     except RecursionError:
-        errors.add(where, "must be the JSON text of an object, nested less deeply")
+        errors.add(where, too_deep)
         return JsonText(text), {}
     if not isinstance(value, dict):
         errors.add(where, f"must be the JSON text of an object, not of {_JSON_KINDS[type(value)]}")
         return JsonText(text), {}
+    if _deeper_than(value, MAX_JSON_DEPTH):
+        errors.add(where, too_deep)
+        return JsonText(text), {}
     return JsonText(text), value
+
+
+def _deeper_than(value: dict[str, Any], limit: int) -> bool:
+    """Whether objects and arrays nest in the value more than `limit` levels deep, the value itself the first; walked
+    a level at a time, as recursion would meet the very limit this guards."""
+    level: list[Any] = [value]
+    for _ in range(limit):
+        level = [
+            child
+            for node in level
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return False
+    return True
 
 
 def _struct(value: Any, where: str, errors: _Violations) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import grpc
@@ -12,7 +12,7 @@ import llmrelay
 import pytest
 from llmrelay import AsyncClient
 from llmrelay import v1 as pb
-from support import DIALECTS, GatewayFactory, StubFactory, details, png, struct, two_backends, user
+from support import DIALECTS, GatewayFactory, StubFactory, chat, details, png, struct, two_backends, user
 from upstream import FakeUpstream
 
 # Integers a Struct would turn into doubles (3.0), one no double holds (2**60 + 1), nested arrays, and spacing of
@@ -153,6 +153,35 @@ async def test_json_text_that_is_no_object_is_invalid_argument(
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     (violation,) = details(caught.value)["BadRequest"].field_violations
     assert violation.field == field and "JSON text of an object" in violation.description
+
+
+def nested_schema(depth: int) -> str:
+    """A schema whose text nests `depth` levels deep, the schema's own object the first."""
+    return '{"type": "object", "default": ' + "[" * (depth - 1) + "]" * (depth - 1) + "}"
+
+
+@pytest.mark.parametrize("depth", [512, 513, *range(930, 960)])
+async def test_json_text_nested_too_deeply_is_invalid_argument_never_unknown(
+    stub: pb.LLMServiceAsyncStub, caplog: pytest.LogCaptureFixture, depth: int
+) -> None:
+    """Text the request's own reading took, nested near Python's recursion limit, was read again deeper in the stack
+    (the token count): RecursionError, UNKNOWN and a traceback, or not, by a few levels. The limit is the gateway's."""
+    tools = [pb.Tool(function=pb.FunctionDefinition(name="f", parameters_json=nested_schema(depth)))]
+    calls: dict[str, Awaitable[Any]] = {
+        "tools[0]": stub.CountTokens(pb.CountTokensRequest(messages=[user()], tools=tools), timeout=5),
+        "options.tools[0]": stub.Complete(chat(options=pb.CompletionOptions(tools=tools)), timeout=5),
+    }
+    for where, call in calls.items():
+        if depth <= 512:
+            await call
+            continue
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+        (violation,) = details(caught.value)["BadRequest"].field_violations
+        assert violation.field == f"{where}.function.parameters_json"
+        assert "nested at most 512 levels deep" in violation.description
+    assert "Traceback" not in caplog.text
 
 
 @pytest.mark.parametrize(
