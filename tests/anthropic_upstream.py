@@ -378,7 +378,8 @@ def _drain(value: Any) -> Any:
 
 def _broken_rule(body: dict[str, Any]) -> str | None:
     """The API's rules that its types do not say, in its words: text of whitespace alone, in a block or a stop
-    sequence, is refused; and a tool's input_schema must say "type": "object" (the types also take any dict)."""
+    sequence, is refused; a tool's input_schema must say "type": "object" (the types also take any dict); and no two
+    tools may share a name."""
 
     def listed(content: Any) -> list[Any]:  # a string stands for one text block, which the types check
         return content if isinstance(content, list) else []
@@ -391,6 +392,9 @@ def _broken_rule(body: dict[str, Any]) -> str | None:
         return "messages: text content blocks must contain non-whitespace text"
     if any(not stop.strip() for stop in body.get("stop_sequences") or []):
         return "stop_sequences: each stop sequence must contain non-whitespace"
+    names = [tool.get("name") for tool in body.get("tools") or [] if isinstance(tool, dict)]
+    if len(set(names)) < len(names):
+        return "tools: Tool names must be unique."
     for position, tool in enumerate(body.get("tools") or []):
         schema = tool.get("input_schema") if isinstance(tool, dict) else None
         if isinstance(schema, dict) and schema.get("type") != "object":

@@ -205,7 +205,7 @@ def count_request(
         # A plain text is counted alone: tools are part of a chat's count, and silently left out they would not be.
         errors.add("tools", "tools are counted with messages (a chat), not with a plain text")
     messages = _messages(request.messages, errors, "messages", max_image_bytes) if text is None else ()
-    tools = tuple(_tool(t, errors, f"tools[{i}]") for i, t in enumerate(request.tools))
+    tools = _tools(request.tools, errors, "tools")
     errors.raise_if_any()
     return model, messages, tools, text
 
@@ -395,7 +395,7 @@ def _options(options: pb.CompletionOptions, errors: _Violations) -> CompletionOp
         errors.add("options.max_tokens", f"must be between 1 and {MAX_TOKENS_LIMIT}")
     if len(options.stop) > MAX_STOP_SEQUENCES or any(not s for s in options.stop):
         errors.add("options.stop", f"at most {MAX_STOP_SEQUENCES} sequences, none empty")
-    tools = tuple(_tool(t, errors, f"options.tools[{i}]") for i, t in enumerate(options.tools))
+    tools = _tools(options.tools, errors, "options.tools")
     return CompletionOptions(
         temperature=number("temperature", 0.0, 2.0),
         top_p=number("top_p", 0.0, 1.0),
@@ -419,6 +419,19 @@ def _enum(value: int, known: Mapping[int, Any], where: str, errors: _Violations)
     if value not in known:
         errors.add(where, f"unknown value {value}")
     return known.get(value)
+
+
+def _tools(items: Sequence[pb.Tool], errors: _Violations, where: str) -> tuple[Tool, ...]:
+    tools = tuple(_tool(tool, errors, f"{where}[{i}]") for i, tool in enumerate(items))
+    # Which of two tools of one name a tool call or a tool_choice means cannot be told, and Anthropic refuses them
+    # (400 "Tool names must be unique"): refused here, in the caller's terms, whichever API the backend speaks.
+    first: dict[str, int] = {}
+    for i, tool in enumerate(tools):
+        if (seen := first.setdefault(tool.name, i)) != i:
+            errors.add(
+                f"{where}[{i}].function.name", f"names the same function as {where}[{seen}]: tool names must be unique"
+            )
+    return tools
 
 
 def _tool(tool: pb.Tool, errors: _Violations, where: str) -> Tool:

@@ -251,6 +251,33 @@ async def test_an_empty_tool_result_reaches_either_api(stub: pb.LLMServiceAsyncS
         assert result == {"role": "tool", "content": "", "tool_call_id": "call_1"}
 
 
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
+async def test_two_tools_of_one_name_are_invalid_argument_naming_the_second(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    """Which of the two a call or a tool_choice names cannot be told; Anthropic refuses them (400 "Tool names must be
+    unique"), which came back as UPSTREAM_REJECTED with no fallback, and OpenAI took them."""
+    tools = [
+        pb.Tool(function=pb.FunctionDefinition(name="search", description="the web")),
+        pb.Tool(function=pb.FunctionDefinition(name="fetch")),
+        pb.Tool(function=pb.FunctionDefinition(name="search", description="the wiki")),
+    ]
+    calls: dict[str, Awaitable[Any]] = {
+        "options.tools[2]": stub.Complete(chat(options=pb.CompletionOptions(tools=tools)), timeout=5),
+        "tools[2]": stub.CountTokens(pb.CountTokensRequest(messages=[user()], tools=tools), timeout=5),
+    }
+    for where, call in calls.items():
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+        (violation,) = details(caught.value)["BadRequest"].field_violations
+        assert (violation.field, violation.description) == (
+            f"{where}.function.name",
+            f"names the same function as {where.removesuffix('[2]')}[0]: tool names must be unique",
+        )
+    assert not primary.chat_requests
+
+
 # --- the Python SDK -------------------------------------------------------------------------------------------------
 
 SCHEMA = json.loads(SCHEMA_TEXT)
