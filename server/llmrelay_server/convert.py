@@ -529,7 +529,8 @@ def _json_text(text: str, where: str, errors: _Violations) -> tuple[JsonText, Ma
     if not isinstance(value, dict):
         errors.add(where, f"must be the JSON text of an object, not of {_JSON_KINDS[type(value)]}")
         return JsonText(text), {}
-    if _deeper_than(value, MAX_JSON_DEPTH):
+    # Nesting that deep takes that many brackets: a count at C's speed spares the walk to nearly every schema.
+    if text.count("{") + text.count("[") > MAX_JSON_DEPTH and _deeper_than(value, MAX_JSON_DEPTH):
         errors.add(where, too_deep)
         return JsonText(text), {}
     return JsonText(text), value

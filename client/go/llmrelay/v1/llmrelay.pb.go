@@ -960,8 +960,8 @@ type Message struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Who wrote the message.
 	Role Role `protobuf:"varint,1,opt,name=role,proto3,enum=llmrelay.v1.Role" json:"role,omitempty"`
-	// The text of the message; may be empty for an assistant message that only calls tools. A message has either
-	// content or parts, not both.
+	// The text of the message; may be empty for an assistant message that only calls tools, and for a tool's result
+	// (a tool that returned nothing). A message has either content or parts, not both.
 	Content string `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
 	// An optional name for the author, to tell participants of the same role apart.
 	Name *string `protobuf:"bytes,3,opt,name=name,proto3,oneof" json:"name,omitempty"`

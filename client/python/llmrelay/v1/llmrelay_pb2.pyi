@@ -687,8 +687,8 @@ class Message(_message.Message):
     role: Global___Role.ValueType
     """Who wrote the message."""
     content: _builtins.str
-    """The text of the message; may be empty for an assistant message that only calls tools. A message has either
-    content or parts, not both.
+    """The text of the message; may be empty for an assistant message that only calls tools, and for a tool's result
+    (a tool that returned nothing). A message has either content or parts, not both.
     """
     name: _builtins.str
     """An optional name for the author, to tell participants of the same role apart."""

@@ -939,8 +939,8 @@ export interface Message {
   /** Who wrote the message. */
   role: Role;
   /**
-   * The text of the message; may be empty for an assistant message that only calls tools. A message has either
-   * content or parts, not both.
+   * The text of the message; may be empty for an assistant message that only calls tools, and for a tool's result
+   * (a tool that returned nothing). A message has either content or parts, not both.
    */
   content: string;
   /** An optional name for the author, to tell participants of the same role apart. */
