@@ -336,6 +336,11 @@ def test_an_answer_with_every_kind_of_block() -> None:
     assert answer.usage == TokenUsage(prompt_tokens=10, completion_tokens=5)
 
 
+def test_a_tool_calls_arguments_keep_their_letters_as_a_stream_gives_them() -> None:
+    answer = aw.answer_from(message({"type": "tool_use", "id": "t1", "name": "f", "input": {"city": "Tromsø"}}))
+    assert [call.arguments for call in answer.message.tool_calls] == ['{"city": "Tromsø"}']
+
+
 def test_several_thinking_blocks_have_no_signature_to_send_back() -> None:
     thinking = [{"type": "thinking", "thinking": t, "signature": t} for t in ("a", "b")]
     answer = aw.answer_from(message(*thinking))

@@ -330,7 +330,8 @@ def _tool_call(block: Mapping[str, Any]) -> ToolCall:
     return ToolCall(
         id=_text(block.get("id"), "tool_use.id"),
         name=_text(block.get("name"), "tool_use.name"),
-        arguments=json.dumps(arguments),
+        # As a stream's input_json_delta texts give it: letters as they are, not \u escapes.
+        arguments=json.dumps(arguments, ensure_ascii=False),
     )
 
 

@@ -291,7 +291,7 @@ def _tool_call(value: Any) -> ToolCall:
 
 def _arguments_text(arguments: Any) -> str:
     # Some servers (Ollama's native API) send arguments as an object; the contract carries JSON text.
-    return arguments if isinstance(arguments, str) else json.dumps(arguments)
+    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
 
 
 def reasoning_text(obj: Mapping[str, Any]) -> str | None:
