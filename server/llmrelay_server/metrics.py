@@ -282,7 +282,7 @@ class Metrics:
         requested = self.labels.model(request_model)
         if meter.first_chunk_s is not None and meter.first_chunk_backend is not None:
             # Filed under the backend that sent the chunk, even when a restart on another one finished the answer.
-            self._backend(meter.first_chunk_backend).first_chunk.observe(meter.first_chunk_s)
+            self._backend(meter.first_chunk_backend).first_chunk().observe(meter.first_chunk_s)
             self.gen_ai_first_token("chat", requested).observe(meter.first_chunk_s)
         for billed in meter.billed:
             labels = (billed.backend, self.labels.model(billed.model), self.labels.caller(billed.caller))
@@ -309,14 +309,21 @@ class Metrics:
 
 
 class _Backend:
-    """A backend's series of attempts, looked up once rather than at every call."""
+    """A backend's series of attempts, looked up once rather than at every call; made with its first attempt (its
+    time's series then too, empty while every attempt is skipped), and its first chunk's with its first stream."""
 
-    __slots__ = ("_attempts", "_metrics", "first_chunk", "name", "seconds")
+    __slots__ = ("_attempts", "_first_chunk", "_metrics", "name", "seconds")
 
     def __init__(self, metrics: Metrics, name: str) -> None:
         self._metrics, self.name = metrics, name
-        self.seconds, self.first_chunk = metrics.attempt_seconds(name), metrics.first_chunk(name)
+        self.seconds = metrics.attempt_seconds(name)
+        self._first_chunk: _Distribution | None = None
         self._attempts: dict[AttemptOutcome, _Count] = {}
+
+    def first_chunk(self) -> _Distribution:
+        if self._first_chunk is None:
+            self._first_chunk = self._metrics.first_chunk(self.name)
+        return self._first_chunk
 
     def attempt(self, outcome: AttemptOutcome) -> _Count:
         """The series of attempts with this outcome (made at its first, as prometheus-client's labels() would)."""
