@@ -164,10 +164,10 @@ class AnthropicProvider:
             raise self._upstream_error(exc) from exc
         except wire.MalformedAnswerError as exc:
             raise self._bad_answer(str(exc)) from exc
-        # A stop reason (message_delta's, then message_stop's end) makes an answer whole: whatever came before it, a
-        # stream without one was cut.
-        if state.finish_reason is None:
-            raise self._bad_answer("the stream ended without a stop reason")
+        # A stop reason (message_delta's) or message_stop makes an answer whole: whatever came before, a stream
+        # without either was cut.
+        if state.finish_reason is None and not state.stopped:
+            raise self._bad_answer("the stream ended without a stop reason or message_stop")
         yield CompletionChunk(
             id=state.id,
             backend=self._spec.name,
