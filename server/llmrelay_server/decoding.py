@@ -38,6 +38,12 @@ class _Undecodable:
     reason: str
 
 
+def decoded(request: object) -> bool:
+    """Whether a handler's request is the message its bytes decoded to, rather than an `_Undecodable`: interceptors
+    and observers that see the call before the handler refuses it (limits, tracing) must not read its fields."""
+    return type(request) is not _Undecodable
+
+
 class _UndecodableRequestError(InvalidRequestError):
     """The request as a whole is at fault: its one violation names no field, and its message is the reason alone."""
 

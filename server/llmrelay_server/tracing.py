@@ -37,6 +37,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from llmrelay_server.config import ConfigError, GatewayConfig
+from llmrelay_server.decoding import decoded
 from llmrelay_server.domain import Attempt, AttemptOutcome, BackendSpec
 from llmrelay_server.metering import Billed, Meter, open_meter, served_by
 from llmrelay_server.observing import GEN_AI_OPERATIONS, Observer, Start
@@ -172,6 +173,8 @@ class _Call:
         attributes: Attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
         if self.operation is not None:
             attributes["gen_ai.operation.name"] = self.operation
+        # A request that did not decode has no fields to read: the handler refuses it.
+        if self.operation is not None and decoded(request):
             if request.HasField("model"):
                 attributes["gen_ai.request.model"] = request.model
             if observer._log_content and self.operation == "chat":

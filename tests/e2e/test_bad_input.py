@@ -12,7 +12,8 @@ from google.protobuf import struct_pb2
 from google.protobuf.descriptor import Descriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 from llmrelay import v1 as pb
-from support import DIALECTS, chat, details, read_all, stream_chat, tool
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from support import DIALECTS, GatewayFactory, chat, details, read_all, stream_chat, tool, two_backends
 from upstream import FakeUpstream
 
 SERVICE = pb.DESCRIPTOR.services_by_name["LLMService"]
@@ -105,6 +106,34 @@ async def test_bytes_that_are_no_request_are_invalid_argument(
     assert str(caught.value.details()).startswith("the request cannot be decoded: ")
     assert_quiet(caplog)
     assert (await stub.Complete(chat(), timeout=5)).message.content == "echo: hello gateway"
+
+
+@pytest.mark.parametrize("method", ["Complete", "StreamComplete", "Embed"])
+@pytest.mark.parametrize(
+    "server",
+    ["limits: {tokens_per_minute: 100000, budget_usd_per_day: 100}", "tracing: true"],
+    ids=["limits", "tracing"],
+)
+async def test_bytes_that_are_no_request_are_invalid_argument_past_limits_and_tracing(
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    exported: InMemorySpanExporter,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+    server: str,
+) -> None:
+    """The limits interceptor (which counts a model call's tokens to reserve them) and the tracing observer (which
+    names the model asked for) see the call before the handler that refuses it: they must not read its fields."""
+    gateway = await gateway_factory(two_backends(primary, local), server=server)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call_raw(channel, method, GARBAGE)
+
+        assert_invalid_request(caught.value)
+        assert str(caught.value.details()).startswith("the request cannot be decoded: ")
+        assert_quiet(caplog)
+        assert (await pb.LLMServiceStub(channel).Complete(chat(), timeout=5)).message.content == "echo: hello gateway"
 
 
 @pytest.mark.parametrize(

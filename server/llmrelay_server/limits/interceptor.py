@@ -16,6 +16,7 @@ from llmrelay import v1 as pb
 from llmrelay_server import convert
 from llmrelay_server.auth import Caller, Continuation, Handler, current_caller
 from llmrelay_server.config import Limits
+from llmrelay_server.decoding import decoded
 from llmrelay_server.domain import (
     CompletionRequest,
     InvalidRequestError,
@@ -125,7 +126,8 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
     ) -> Reservation:
         tokens = answer_tokens = usd_micros = 0
         try:
-            if any(
+            # A request that did not decode reserves nothing, as an invalid one: the handler refuses it.
+            if decoded(request) and any(
                 limits.tokens_per_minute is not None or limits.budget_usd_per_day is not None for _, limits in subjects
             ):
                 if isinstance(request, pb.EmbedRequest):
