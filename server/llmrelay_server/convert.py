@@ -521,7 +521,9 @@ def _json_text(text: str, where: str, errors: _Violations) -> tuple[JsonText, Ma
     try:
         value = read_json(text)
     except ValueError as exc:  # json.JSONDecodeError among them, with the line and column of the mistake
-        errors.add(where, f"must be the JSON text of an object: {exc}")
+        # json's own words for a byte-order mark ("decode using utf-8-sig") are advice to a Python program.
+        said = "it starts with a byte-order mark (U+FEFF): leave it out" if text.startswith("\ufeff") else exc
+        errors.add(where, f"must be the JSON text of an object: {said}")
         return JsonText(text), {}
     except RecursionError:
         errors.add(where, too_deep)

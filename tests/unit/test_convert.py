@@ -503,6 +503,7 @@ def test_json_text_wins_over_the_struct() -> None:
             '{"type": "object",}',
             "must be the JSON text of an object: Expecting property name enclosed in double quotes",
         ),
+        ("\ufeff{}", "must be the JSON text of an object: it starts with a byte-order mark (U+FEFF): leave it out"),
         ("[1, 2]", "must be the JSON text of an object, not of an array"),
         ('"{}"', "must be the JSON text of an object, not of a string"),
         ("null", "must be the JSON text of an object, not of null"),
