@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 from typing import Any
 
@@ -560,6 +561,8 @@ async def test_tool_arguments_with_a_number_no_reader_takes_are_not_sent_to_the_
     assert count.estimated and count.token_count > 0
     assert claude.chat_requests == [] and claude.count_requests == []
     assert "Traceback" not in caplog.text
+    # A caller's chat the API cannot take is no warning for the operator (a WARNING a call, from any caller).
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "count" in r.getMessage()]
 
 
 async def test_a_schema_with_a_number_beyond_a_double_is_refused_before_counting(

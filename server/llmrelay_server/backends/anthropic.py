@@ -183,7 +183,11 @@ class AnthropicProvider:
         try:
             body = anthropic_wire.prompt_body(model, messages, tools)
             counted = wire.decode_json(await post_read(self._count, wire.encode(body), HEALTH_TIMEOUT_S))
-        except (anthropic.APIError, anthropic_wire.UnmappableRequestError, wire.MalformedAnswerError) as exc:
+        except anthropic_wire.UnmappableRequestError as exc:
+            # The caller's chat, which the API cannot be sent (nor a completion of it): theirs to hear, not the log's.
+            log.debug("backend %s cannot count this chat (%s); estimating instead", self._spec.name, exc)
+            return None
+        except (anthropic.APIError, wire.MalformedAnswerError) as exc:
             reason = self._upstream_error(exc).message if isinstance(exc, anthropic.APIError) else str(exc)
             log.warning("backend %s could not count tokens (%s); estimating instead", self._spec.name, reason)
             return None
