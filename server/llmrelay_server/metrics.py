@@ -78,14 +78,10 @@ class _Family(abc.ABC, Generic[_Series]):
 
     def __init__(self, name: str, documentation: str, labels: Sequence[str], new: Callable[[], _Series]) -> None:
         self.name, self.documentation, self.labels = name, documentation, tuple(labels)
-        self._new = new
-        self._series: dict[tuple[str, ...], _Series] = {}
+        self._series: _MadeAtFirstUse[tuple[str, ...], _Series] = _MadeAtFirstUse(lambda values: new())
 
     def __call__(self, *values: str) -> _Series:
-        series = self._series.get(values)
-        if series is None:
-            series = self._series[values] = self._new()
-        return series
+        return self._series[values]
 
     def metric(self) -> Metric:
         """The family as a scrape reads it."""
@@ -107,6 +103,22 @@ class _Count:
 
     def inc(self, amount: float = 1) -> None:
         self.value += amount
+
+
+_Key = TypeVar("_Key")
+
+
+class _MadeAtFirstUse(dict[_Key, _Series]):
+    """Series by the one label value that varies, each made at its first use (as prometheus-client's labels() would
+    make it) and then found by a plain lookup, with no call of Python's."""
+
+    def __init__(self, make: Callable[[_Key], _Series]) -> None:
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, key: _Key) -> _Series:
+        series = self[key] = self._make(key)
+        return series
 
 
 class _Counted(_Family[_Count]):
@@ -243,10 +255,12 @@ class Metrics:
         self.registry.register(kept)
         self.open_streams = Gauge("llmrelay_open_streams", "StreamComplete calls in progress.", registry=self.registry)
         self.registry.register(_StateCollector(circuits, state))
-        self._backends: dict[str, _Backend] = {}
-        self._billed: dict[tuple[tuple[str, str, str], str, str], _Billed] = {}
-        """By the labels of what was billed, the model asked for (as a label) and the operation: label values from the
-        configuration alone, so these are as few as the series."""
+        # By configured names and label values alone: as few as the series.
+        self._backends: _MadeAtFirstUse[str, _Backend] = _MadeAtFirstUse(lambda name: _Backend(self, name))
+        self._billed: _MadeAtFirstUse[tuple[tuple[str, str, str], str, str], _Billed] = _MadeAtFirstUse(
+            lambda key: _Billed(self, *key)
+        )
+        """By the labels of what was billed, the model asked for (as a label) and the operation."""
         self._server: Any = None
         self.port: int | None = None
         """Where /metrics is served, once serve() bound it."""
@@ -271,8 +285,8 @@ class Metrics:
         upstream_s = 0.0
         attempts = meter.attempts
         for attempt in attempts:
-            backend = self._backend(attempt.backend)
-            backend.attempt(attempt.outcome).inc()
+            backend = self._backends[attempt.backend]
+            backend.attempts[attempt.outcome].inc()
             if attempt.outcome is not AttemptOutcome.SKIPPED:
                 backend.seconds.observe(attempt.duration_s)
                 upstream_s += attempt.duration_s
@@ -282,20 +296,11 @@ class Metrics:
         requested = self.labels.model(request_model)
         if meter.first_chunk_s is not None and meter.first_chunk_backend is not None:
             # Filed under the backend that sent the chunk, even when a restart on another one finished the answer.
-            self._backend(meter.first_chunk_backend).first_chunk().observe(meter.first_chunk_s)
+            self._backends[meter.first_chunk_backend].first_chunk().observe(meter.first_chunk_s)
             self.gen_ai_first_token("chat", requested).observe(meter.first_chunk_s)
         for billed in meter.billed:
             labels = (billed.backend, self.labels.model(billed.model), self.labels.caller(billed.caller))
-            series = self._billed.get((labels, requested, operation))
-            if series is None:
-                series = self._billed[labels, requested, operation] = _Billed(self, labels, requested, operation)
-            series.add(billed.usage)
-
-    def _backend(self, name: str) -> _Backend:
-        series = self._backends.get(name)
-        if series is None:  # a configured backend's name: the series are as few as the backends
-            series = self._backends[name] = _Backend(self, name)
-        return series
+            self._billed[labels, requested, operation].add(billed.usage)
 
     def _moves(self, attempts: Sequence[Attempt]) -> None:
         for before, after in pairwise(attempts):
@@ -312,25 +317,20 @@ class _Backend:
     """A backend's series of attempts, looked up once rather than at every call; made with its first attempt (its
     time's series then too, empty while every attempt is skipped), and its first chunk's with its first stream."""
 
-    __slots__ = ("_attempts", "_first_chunk", "_metrics", "name", "seconds")
+    __slots__ = ("_first_chunk", "_metrics", "attempts", "name", "seconds")
 
     def __init__(self, metrics: Metrics, name: str) -> None:
         self._metrics, self.name = metrics, name
         self.seconds = metrics.attempt_seconds(name)
         self._first_chunk: _Distribution | None = None
-        self._attempts: dict[AttemptOutcome, _Count] = {}
+        self.attempts: _MadeAtFirstUse[AttemptOutcome, _Count] = _MadeAtFirstUse(
+            lambda outcome: metrics.attempts(name, outcome.value)
+        )
 
     def first_chunk(self) -> _Distribution:
         if self._first_chunk is None:
             self._first_chunk = self._metrics.first_chunk(self.name)
         return self._first_chunk
-
-    def attempt(self, outcome: AttemptOutcome) -> _Count:
-        """The series of attempts with this outcome (made at its first, as prometheus-client's labels() would)."""
-        series = self._attempts.get(outcome)
-        if series is None:
-            series = self._attempts[outcome] = self._metrics.attempts(self.name, outcome.value)
-        return series
 
 
 class _Billed:
@@ -338,16 +338,16 @@ class _Billed:
     for and the operation. Each is looked up once, and made at its first use (a series of cached tokens appears with
     the first cached token), as prometheus-client's labels() would make it."""
 
-    __slots__ = ("_kinds", "_labels", "_metrics", "_operation", "_requested", "cost", "input", "output")
+    __slots__ = ("_kinds", "_labels", "_metrics", "cost", "input", "output")
 
     def __init__(self, metrics: Metrics, labels: tuple[str, str, str], requested: str, operation: str) -> None:
-        self._metrics, self._labels, self._requested, self._operation = metrics, labels, requested, operation
+        self._metrics, self._labels = metrics, labels
         model = labels[1]
         self.input = metrics.gen_ai_tokens(operation, requested, model, "input")
         # An embedding outputs vectors, not tokens.
         self.output = metrics.gen_ai_tokens(operation, requested, model, "output") if operation == "chat" else None
         self.cost: _Count | None = None
-        self._kinds: dict[str, _Count] = {}
+        self._kinds: _MadeAtFirstUse[str, _Count] = _MadeAtFirstUse(lambda kind: metrics.tokens(*labels, kind))
 
     def add(self, usage: TokenUsage) -> None:
         for kind, count in (
@@ -357,7 +357,7 @@ class _Billed:
             ("reasoning", usage.reasoning_tokens),
         ):
             if count:
-                self._tokens(kind).inc(count)
+                self._kinds[kind].inc(count)
         self.input.observe(usage.prompt_tokens)
         if self.output is not None:
             self.output.observe(usage.completion_tokens)
@@ -365,12 +365,6 @@ class _Billed:
             if self.cost is None:
                 self.cost = self._metrics.cost(*self._labels)
             self.cost.inc(usage.cost.usd_micros / 1_000_000)
-
-    def _tokens(self, kind: str) -> _Count:
-        series = self._kinds.get(kind)
-        if series is None:
-            series = self._kinds[kind] = self._metrics.tokens(*self._labels, kind)
-        return series
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,20 +461,16 @@ class _Method:
         self.started, self.received = metrics.started(*self.labels), metrics.received(*self.labels)
         self.sent, self.handling = metrics.sent(*self.labels), metrics.handling(*self.labels)
         self._overhead: _Distribution | None = None
-        self.handled: dict[grpc.StatusCode, _Count] = {}
+        self.handled: _MadeAtFirstUse[grpc.StatusCode, _Count] = _MadeAtFirstUse(
+            lambda code: metrics.handled(*self.labels, code.name)
+        )
+        """The series of calls that ended with each status."""
 
     def overhead(self) -> _Distribution:
         """The method's series of the gateway's own time, made at its first call that reached the router."""
         if self._overhead is None:
             self._overhead = self.metrics.overhead(self.labels[2])
         return self._overhead
-
-    def ended(self, code: grpc.StatusCode) -> _Count:
-        """The series of calls that ended with `code`."""
-        handled = self.handled.get(code)
-        if handled is None:
-            handled = self.handled[code] = self.metrics.handled(*self.labels, code.name)
-        return handled
 
 
 class _CountedCall:
@@ -504,7 +494,7 @@ class _CountedCall:
             method.sent.inc(messages)
         if method.completion_stream:
             method.metrics.open_streams.dec()
-        method.ended(code).inc()
+        method.handled[code].inc()
         method.handling.observe(elapsed)
         if self._meter.attempts:  # a model call that reached the router
             model = self._request.model if self._request.HasField("model") else None
