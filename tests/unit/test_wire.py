@@ -303,6 +303,14 @@ def test_decode_json() -> None:
     assert wire.decode_json('{"é": "ü"}'.encode()) == {"é": "ü"}
 
 
+def test_whole_answers_keep_integers_beyond_64_bits_in_tool_calls() -> None:
+    arguments = {"id": 2**70, "below": -(2**63) - 1, "ratio": 1.5, "n": 7}
+    call = {"id": "c1", "function": {"name": "f", "arguments": arguments}}
+    raw = json.dumps(answer({"content": None, "tool_calls": [call]})).encode()
+    assert parse(wire.decode_json(raw)).tool_calls[0].arguments != json.dumps(arguments), "orjson alone reads floats"
+    assert json.loads(parse(wire.decode_answer_json(raw)).tool_calls[0].arguments) == arguments
+
+
 @pytest.mark.parametrize(
     "raw",
     [

@@ -103,7 +103,7 @@ class AnthropicProvider:
     async def complete(self, model: str, request: CompletionRequest, *, timeout_s: float | None) -> CompletionResponse:
         body = self._body(model, request)
         try:
-            answer = anthropic_wire.answer_from(wire.decode_json(await self._post_read(body, timeout_s)))
+            answer = anthropic_wire.answer_from(wire.decode_answer_json(await self._post_read(body, timeout_s)))
         except anthropic.APIError as exc:
             raise self._upstream_error(exc) from exc
         except wire.MalformedAnswerError as exc:
@@ -237,7 +237,7 @@ class AnthropicProvider:
     def _whole_stream(self, raw: bytes, model: str) -> list[CompletionChunk]:
         """The chunks of a stream whose upstream answered whole, read as `complete` reads an answer; usage left unset
         when it reported none, as a stream's is (the router estimates it)."""
-        answer = anthropic_wire.answer_from(wire.decode_json(raw))
+        answer = anthropic_wire.answer_from(wire.decode_answer_json(raw))
         return wire.whole_answer_chunks(
             answer.id, self._spec.name, answer.model or model, answer.message, answer.finish_reason, answer.usage
         )

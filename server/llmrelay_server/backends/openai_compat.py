@@ -326,7 +326,7 @@ class OpenAICompatibleProvider:
 
 def _chat_completion(raw: bytes) -> tuple[Any, Mapping[str, Any], Message]:
     """A chat completion's body, read whole: its JSON, its choice 0, and that choice's message."""
-    data = wire.decode_json(raw)
+    data = wire.decode_answer_json(raw)
     choice = wire.first_choice(data, "message")
     assert choice is not None  # first_choice finds a message or raises
     return data, choice, wire.message_from_choice(choice)

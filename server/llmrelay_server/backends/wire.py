@@ -12,6 +12,7 @@ import base64
 import binascii
 import itertools
 import json
+import re
 import secrets
 import struct
 from collections.abc import Mapping, Sequence
@@ -193,6 +194,22 @@ def decode_json(raw: bytes | str) -> Any:
         raise MalformedAnswerError(
             f"the answer is not JSON: {exc.msg} at character {exc.pos} (it starts with {preview!r})"
         ) from exc
+
+
+# Where a whole answer may hold an integer that orjson reads as a float: its tool calls (an Anthropic tool_use block's
+# input, Ollama's arguments objects), which the contract carries as text written back from what was read.
+_TOOL_CALL_MARKS: Final = (b"tool_use", b"tool_calls")
+_INTEGER_BEYOND_64_BITS: Final = re.compile(rb"\d{19}")
+
+
+def decode_answer_json(raw: bytes) -> Any:
+    """A whole answer's JSON, as decode_json reads it, but with integers beyond 64 bits exact: orjson reads them as
+    floats, and a tool call's arguments written back from them would not say what the model wrote. The standard
+    library reads the rare answer with tool calls and a run of 19 digits again (orjson has checked it is JSON)."""
+    data = decode_json(raw)
+    if any(mark in raw for mark in _TOOL_CALL_MARKS) and _INTEGER_BEYOND_64_BITS.search(raw):
+        return json.loads(raw)
+    return data
 
 
 def finish_reason(value: Any) -> FinishReason:
