@@ -105,10 +105,11 @@ class KeyRing:
         """The names of the keys in force."""
         return self._names
 
-    def find(self, key: str) -> CallerKey | None:
+    def find(self, key: str) -> Caller | None:
+        """The caller whose key this is, when it is in force."""
         wanted = digest(key)
         found = self._by_digest.get(wanted)
-        return found if found is not None and hmac.compare_digest(found.sha256, wanted) else None
+        return found if found is not None and hmac.compare_digest(found.key.sha256, wanted) else None
 
     def reload(self) -> None:
         """Reads the keys file again; a broken file (an empty one too: see load_keys_file) keeps the keys in force
@@ -170,11 +171,11 @@ class KeyRing:
         return info.st_mtime, info.st_size
 
 
-def _by_digest(keys: Sequence[CallerKey]) -> dict[str, CallerKey]:
+def _by_digest(keys: Sequence[CallerKey]) -> dict[str, Caller]:
     names = [key.name for key in keys]
     for name in {name for name in names if names.count(name) > 1}:
         log.warning("key %r is configured twice (in the config and the keys file); both digests are in force", name)
-    return {key.sha256: key for key in keys}
+    return {key.sha256: Caller(key) for key in keys}
 
 
 # The stubs make these generic; at run time they are not, so the aliases are strings.
@@ -197,8 +198,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method  # "/package.Service/Method"
         if not self._keys.enabled or method[1:].rpartition("/")[0] in self._open or method[1:] in self._open:
             return await continuation(handler_call_details)
-        key = self._keys.find(_bearer(handler_call_details.invocation_metadata) or "")
-        if key is None:
+        caller = self._keys.find(_bearer(handler_call_details.invocation_metadata) or "")
+        if caller is None:
             handler = await continuation(handler_call_details)
             if handler is None:
                 return None
@@ -210,7 +211,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 kept = self._refusing[method, why] = (handler, _refusing(handler, why))
             return kept[1]
         # Before the interceptors after this one run: they (limits) and the servicer read who is calling.
-        current_caller.set(Caller(key))
+        current_caller.set(caller)
         return await continuation(handler_call_details)
 
 

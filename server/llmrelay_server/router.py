@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import math
 import random
@@ -219,6 +220,13 @@ class _Received:
 
 def _untagged(model: str) -> str:
     return model.removesuffix(":latest")
+
+
+# The routes a budget's estimate resolved for the call's request (the limits interceptor asks before the call), with
+# the models' filter it resolved them under: the call takes them rather than resolving the same request again.
+_estimated_routes: contextvars.ContextVar[tuple[CompletionRequest, ModelFilter | None, list[Route]] | None] = (
+    contextvars.ContextVar("llmrelay_estimated_routes", default=None)
+)
 
 
 def _allowed(routes: list[Route], model: str | None, caller: str, may_use: ModelFilter | None) -> list[Route]:
@@ -492,6 +500,8 @@ class Router:
         return [primary] if exact else [primary, *self._fallbacks(exclude=primary.backend)]
 
     def _routes(self, request: CompletionRequest, caller: str, may_use: ModelFilter | None) -> list[Route]:
+        if (estimated := _estimated_routes.get()) is not None and estimated[0] is request and estimated[1] == may_use:
+            return estimated[2]
         return _allowed(self.resolve(request.model, exact=request.exact_model), request.model, caller, may_use)
 
     def embedding_routes(self, model: str | None) -> list[Route]:
@@ -673,7 +683,13 @@ class Router:
         Any route the request may take may answer it, so this is at the highest price among them: its fallbacks
         included, unless it asked for its model exactly, and those its key may use (`may_use`) alone. At the first
         route's price, callers that all fell back to a dearer one would overspend the budget between them."""
-        return self._estimate(lambda: self._routes(request, "", may_use), prompt_tokens, completion_tokens)
+
+        def routes() -> list[Route]:
+            resolved = self._routes(request, "", may_use)
+            _estimated_routes.set((request, may_use, resolved))
+            return resolved
+
+        return self._estimate(routes, prompt_tokens, completion_tokens)
 
     def estimate_embedding_usd_micros(self, model: str | None, prompt_tokens: int, may_use: ModelFilter | None) -> int:
         """As estimate_usd_micros, for an embedding request: at the highest price among the backends that embed
