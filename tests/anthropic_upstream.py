@@ -27,8 +27,8 @@ word. Faults (as FakeUpstream's, in this API's shape):
                                                 unended (noticing a client that leaves)
     {"stop_reason": "refusal"}                  this stop reason instead of end_turn / tool_use
     {"cache": {"creation": 5, "read": 7}}       usage with these cache counts beside input_tokens
-`count_faults` holds faults for /v1/messages/count_tokens (status only). Models in `adaptive_models` are listed with
-capabilities that take adaptive thinking and no budget_tokens.
+`count_faults` holds faults for /v1/messages/count_tokens (a status, or a stall: {"stall_s": 5}). Models in
+`adaptive_models` are listed with capabilities that take adaptive thinking and no budget_tokens.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class FakeAnthropic(FakeUpstream):
         if route == ("POST", "/v1/messages"):
             return await self._messages(request, reader, writer)
         if route == ("POST", "/v1/messages/count_tokens"):
-            return await self._count_tokens(request, writer)
+            return await self._count_tokens(request, reader, writer)
         return await _send_error(writer, 404, f"no route {request.path}")
 
     async def _models(self, writer: asyncio.StreamWriter) -> bool:
@@ -166,12 +166,14 @@ class FakeAnthropic(FakeUpstream):
             return await self._event_stream(reader, writer, answer, fault)
         return await _send_json(writer, 200, _checked(Message, answer.message()))
 
-    async def _count_tokens(self, request: Request, writer: asyncio.StreamWriter) -> bool:
+    async def _count_tokens(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         body = request.json()
         self.count_requests.append(body)
         if (error := self._invalid(MessageCountTokensParams, body)) is not None:
             return await _send_error(writer, 400, error)
         fault = self.count_faults.popleft() if self.count_faults else {}
+        if "stall_s" in fault and not await self._stall(fault["stall_s"], reader):
+            return False
         if "status" in fault:
             return await _send_error(writer, fault["status"], f"fake upstream fault {fault['status']}")
         return await _send_json(writer, 200, _checked(MessageTokensCount, {"input_tokens": _prompt_tokens(body)}))

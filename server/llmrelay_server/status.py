@@ -67,6 +67,7 @@ from llmrelay_server.domain import (
     UsageNotAllowedError,
     UsageUnavailableError,
 )
+from llmrelay_server.router import DEADLINE_MARGIN_S
 
 DOMAIN: Final = "llmrelay.dev"
 DEFAULT_RETRY_DELAY_S: Final = 1.0
@@ -107,13 +108,22 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], rpc: str, error: LL
 
 
 def ended_with(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> grpc.StatusCode:
-    """The status a call that raised ended with: the one it aborted with, else CANCELLED (the caller left, or the
-    stream was closed) or UNKNOWN."""
+    """The status a call that raised ended with: the one it aborted with, else DEADLINE_EXCEEDED (cancelled at its
+    deadline, before the gateway answered), CANCELLED (the caller left, or the stream was closed) or UNKNOWN."""
     code = context.code()
     if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
         return code
-    cancelled = isinstance(error, asyncio.CancelledError | GeneratorExit)
-    return grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.UNKNOWN
+    if not isinstance(error, asyncio.CancelledError | GeneratorExit):
+        return grpc.StatusCode.UNKNOWN
+    # gRPC cancels a handler alike when its caller leaves and when the caller's deadline passes, and then the caller
+    # got DEADLINE_EXCEEDED, which the call's metrics, line and span must say too. The caller's own timer usually
+    # fires first, its deadline as the gateway reads it being later by the request's way here: its cancellation
+    # comes with a little time left, within the margin the router keeps before a deadline (where it records the
+    # attempt cut as a timeout).
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= DEADLINE_MARGIN_S:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,11 +4,13 @@ matches the sequence exactly, in the names existing dashboards use."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import urllib.request
 from typing import Any
 
 import grpc
 import pytest
+from anthropic_upstream import FakeAnthropic
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway
@@ -17,7 +19,7 @@ from llmrelay_server.metrics import LabelValues
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 from prometheus_client.parser import text_string_to_metric_families
-from support import GatewayFactory, chat, stream_chat, two_backends
+from support import ANTHROPIC_TEST_KEY, GatewayFactory, chat, stream_chat, two_backends
 from upstream import FakeUpstream
 
 COMPLETE = {"grpc_type": "unary", "grpc_service": "llmrelay.v1.LLMService", "grpc_method": "Complete"}
@@ -240,3 +242,33 @@ async def test_the_first_chunk_after_a_restart_is_filed_under_the_backend_that_s
     assert (first_chunk, frozenset({("backend", "ollama")})) not in samples, "no series for a backend that sent none"
     assert value(samples, "gen_ai_server_time_to_first_token_seconds_count",
                  gen_ai_operation_name="chat", gen_ai_request_model="default") == 1  # fmt: skip
+
+
+async def test_a_call_its_callers_deadline_ended_counts_as_deadline_exceeded(
+    gateway_factory: GatewayFactory, claude: FakeAnthropic, local: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """gRPC cancels a call whose deadline passes before the gateway has answered it (here a CountTokens waiting on
+    Anthropic's count endpoint, which the gateway bounds by a timeout of its own): the caller gets DEADLINE_EXCEEDED,
+    and so do the metrics and the call's line, not CANCELLED, which would say that the caller left."""
+    caplog.set_level(logging.INFO, logger="llmrelay_server.calls")
+    gateway = await gateway_factory(
+        f"""
+llm:
+  anthropic: {{api_key: "{ANTHROPIC_TEST_KEY}", base_url: "{claude.base_url}", model: claude-test}}
+  ollama: {{base_url: "{local.base_url}", model: tiny}}
+""",
+        server='metrics_listen: "127.0.0.1:0"',
+    )
+    assert gateway.metrics is not None and gateway.metrics.port is not None
+    claude.count_faults.append({"stall_s": 5})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        count = pb.CountTokensRequest(messages=[pb.Message(role=pb.ROLE_USER, content="hi")])
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await pb.LLMServiceStub(channel).CountTokens(count, timeout=0.5)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        method = {**COMPLETE, "grpc_method": "CountTokens"}
+        samples = await until_ended(gateway.metrics.port, method, "DEADLINE_EXCEEDED")
+
+    assert value(samples, "grpc_server_handled_total", **method, grpc_code="CANCELLED") == 0
+    [line] = [record.call for record in caplog.records if record.name == "llmrelay_server.calls"]  # type: ignore[attr-defined]
+    assert line["rpc"] == "llmrelay.v1.LLMService/CountTokens" and line["code"] == "DEADLINE_EXCEEDED"
