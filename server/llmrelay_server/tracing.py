@@ -243,11 +243,12 @@ class _Call:
             begun = int(attempt.started_at * 1e9) if attempt.started_at is not None else cursor
             start = min(max(begun, self.started), ended)
             end = min(start + int(attempt.duration_s * 1e9), ended)
-            if streamed and index == len(attempts) - 1 and attempt.outcome is AttemptOutcome.SUCCEEDED:
+            last = index == len(attempts) - 1
+            if streamed and last and attempt.outcome is AttemptOutcome.SUCCEEDED:
                 end = ended  # its stream went on to the end of the call
             cursor = end
             ends.append(end)
-            attributes = self._attempt_attributes(attempt, _take(unmatched, attempt))
+            attributes = self._attempt_attributes(attempt, _take(unmatched, attempt, last=last))
             name = f"{self.operation} {attempt.model}"
             child = tracer.start_span(name, parent, SpanKind.CLIENT, attributes, start_time=start)
             if attempt.outcome in _FAILURES:
@@ -295,9 +296,11 @@ class _Call:
         return attributes
 
 
-def _take(billed: list[Billed], attempt: Attempt) -> Billed | None:
+def _take(billed: list[Billed], attempt: Attempt, *, last: bool) -> Billed | None:
     """What the attempt billed: the first not yet matched of its backend (the router bills attempts in order)."""
-    if attempt.outcome not in _BILLED:
+    # A stream its caller's deadline cut mid-way was billed for what it consumed too, and ended the call; an earlier
+    # timeout (no answer in time, retried on the same backend) billed nothing, and must not take what a retry billed.
+    if attempt.outcome not in _BILLED and not (last and attempt.outcome is AttemptOutcome.TIMEOUT):
         return None
     for index, entry in enumerate(billed):
         if entry.backend == attempt.backend:

@@ -22,7 +22,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
-from support import GatewayFactory, chat, png, read_all, stream_chat, two_backends
+from support import GatewayFactory, chat, png, read_all, stream_chat, two_backends, wait_until
 from upstream import FakeUpstream
 
 TRACING = "tracing: true"
@@ -181,6 +181,27 @@ async def test_a_stream_cut_short_names_the_backend_that_served_part_of_it(
     server, attempts = rpc_span(exported, STREAM)
     assert [dict(a.attributes or {})["llmrelay.outcome"] for a in attempts] == ["interrupted"]
     assert dict(server.attributes or {})["llmrelay.backend"] == "openai"
+
+
+async def test_a_stream_its_deadline_cut_bills_what_it_consumed_on_its_attempt(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, exported: InMemorySpanExporter
+) -> None:
+    """The caller's deadline ends a stream mid-way: what it consumed is billed, and its attempt's span (a timeout)
+    carries that usage, as the span of an attempt its caller left does, and as the call's span sums it."""
+    async for stub in connect(gateway_factory, two_backends(primary, local)):
+        primary.inject({"trickle_s": 0.3})
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await read_all(stub.StreamComplete(stream_chat("one two three four five six seven"), timeout=1))
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The gateway may see the call end after its caller does (the caller's own timer may fire first).
+        await wait_until(lambda: bool(rpc_spans(exported, STREAM)), timeout_s=5)
+    server, [attempt] = rpc_span(exported, STREAM)
+    attributes, totals = dict(attempt.attributes or {}), dict(server.attributes or {})
+    assert attributes["llmrelay.outcome"] == "timeout"
+    assert attributes["gen_ai.response.model"] == "gpt-test"
+    consumed = (attributes["gen_ai.usage.input_tokens"], attributes["gen_ai.usage.output_tokens"])
+    assert consumed == (totals["gen_ai.usage.input_tokens"], totals["gen_ai.usage.output_tokens"])
+    assert consumed[1] != 0
 
 
 async def test_the_callers_trace_is_continued_up_to_the_upstream(
