@@ -718,11 +718,14 @@ class Router:
         messages: Sequence[Message],
         tools: Sequence[Tool],
         text: str | None,
+        *,
+        deadline: float,
         may_use: ModelFilter | None = None,
     ) -> TokenCount:
         """A backend's own exact count where it has a tokenizer, and the caller's key may use its model; else tiktoken,
         for any model name (counting is offline and an agent may budget for a model this gateway does not route to;
-        a key's model patterns keep its counts away from backends it may not use, a paid API's count among them)."""
+        a key's model patterns keep its counts away from backends it may not use, a paid API's count among them).
+        A backend's count not in by `deadline` (the event loop's clock) gives way to tiktoken's, in time."""
         try:
             # Without a model, the default chain: for a key, the first of it that the key may use, as its calls.
             routes = self.resolve(model, exact=model is not None)
@@ -736,7 +739,12 @@ class Router:
             name = route.model
         if text is not None:
             return await self._counter.count_text_async(name, text)
-        exact = await route.backend.provider.count_tokens(name, messages, tools) if route is not None else None
+        exact = None
+        if route is not None:
+            # The caller asked for an answer by its deadline: an estimate then, rather than none at all.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    exact = await route.backend.provider.count_tokens(name, messages, tools)
         return exact or await self._counter.count_chat_async(name, messages, tools)
 
     async def _open_stream(

@@ -148,6 +148,7 @@ class LLMServicer(pb.LLMServiceServicer):
             caller = current_caller.get()
             count = await self._router.count_tokens(
                 *convert.count_request(request, max_image_bytes=self._max_image_bytes),
+                deadline=self._router.deadline(context.time_remaining()),
                 may_use=caller.may_use if caller is not None else None,
             )
         except LLMRelayError as error:

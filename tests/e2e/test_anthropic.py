@@ -400,6 +400,20 @@ async def test_count_tokens_is_estimated_when_the_api_cannot_count(
     assert len(claude.count_requests) == 1
 
 
+async def test_count_tokens_is_estimated_when_the_api_counts_past_the_callers_deadline(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
+) -> None:
+    # The gateway waits up to 5 s for a backend's count: a caller who cannot wait that long gets the estimate in time.
+    claude.count_faults.append({"stall_s": 5})
+    started = time.monotonic()
+    count = await stub.CountTokens(
+        pb.CountTokensRequest(model="claude-test", messages=[user("hello there")]), timeout=1
+    )
+    assert count.estimated and count.encoding != "backend:anthropic" and count.token_count > 0
+    assert time.monotonic() - started < 1
+    assert len(claude.count_requests) == 1
+
+
 async def test_openai_falls_back_to_anthropic_and_back(
     stub_for: StubFactory, primary: FakeUpstream, claude: FakeAnthropic
 ) -> None:
