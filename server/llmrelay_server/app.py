@@ -18,7 +18,7 @@ from llmrelay_server.auth import AuthInterceptor, KeyRing
 from llmrelay_server.backends import provider_factory
 from llmrelay_server.calllog import CallLogObserver
 from llmrelay_server.config import ConfigError, GatewayConfig
-from llmrelay_server.decoding import add_llm_service
+from llmrelay_server.decoding import GenericOnly, add_llm_service
 from llmrelay_server.domain import StoreHealth
 from llmrelay_server.health import SERVICE_NAME, HealthMonitor, HealthServicer
 from llmrelay_server.limits import InProcessLimiter, Limiter, LimitsInterceptor
@@ -172,7 +172,7 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
         max_image_bytes=config.server.max_image_bytes,
     )
     add_llm_service(servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, GenericOnly(server))
     enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     if metrics is not None and (listen := config.server.metrics_listen) is not None:
         try:

@@ -16,6 +16,8 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from llmrelay_server.decoding import GenericOnly
+
 V1_SERVICE_NAME: Final = "grpc.reflection.v1.ServerReflection"
 V1ALPHA_SERVICE_NAME: Final[str] = reflection.SERVICE_NAME
 _V1_PACKAGE: Final = "grpc.reflection.v1"
@@ -26,7 +28,7 @@ def enable_reflection(services: Sequence[str], server: grpc.aio.Server) -> None:
     """Serves reflection v1 and v1alpha on `server`, listing `services` and the two reflection services."""
     _add_v1_file(descriptor_pool.Default())
     servicer = reflection.aio.ReflectionServicer((*services, V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME))
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, GenericOnly(server))
     v1_method = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
         request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
