@@ -205,6 +205,23 @@ async def test_a_call_without_arguments_streams_an_empty_object(
     assert claude.chat_requests[0]["tools"] == [{"name": "now", "input_schema": {"type": "object"}}]
 
 
+async def test_tool_arguments_nested_beyond_writing_are_a_malformed_answer(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, local: FakeUpstream
+) -> None:
+    # Within the 1,024 levels the JSON reader takes, beyond what Python's writer does: the next backend answers,
+    # where a RecursionError made the call fail with UNKNOWN.
+    deep = "[" * 1000 + "]" * 1000
+    block = f'{{"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {{"a": {deep}}}}}'
+    body = f'{{"id": "msg_1", "model": "claude-test", "content": [{block}], "stop_reason": "tool_use"}}'
+    claude.inject({"body": body})
+    answer = await stub.Complete(chat("weather?", options=pb.CompletionOptions(tools=[WEATHER])), timeout=5)
+    assert [(a.backend, a.outcome) for a in answer.attempts] == [
+        ("anthropic", pb.ATTEMPT_OUTCOME_SERVER_ERROR),
+        ("ollama", pb.ATTEMPT_OUTCOME_SUCCEEDED),
+    ]
+    assert "nested too deeply" in answer.attempts[0].error and len(local.chat_requests) == 1
+
+
 @pytest.mark.parametrize(
     ("parameters_json", "sent"),
     [

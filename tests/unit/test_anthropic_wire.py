@@ -341,6 +341,14 @@ def test_a_tool_calls_arguments_keep_their_letters_as_a_stream_gives_them() -> N
     assert [call.arguments for call in answer.message.tool_calls] == ['{"city": "Tromsø"}']
 
 
+def test_an_input_nested_beyond_writing_is_a_malformed_answer() -> None:
+    # Within orjson's 1,024 levels, beyond what Python's writer takes: no RecursionError (an UNKNOWN status) escapes.
+    deep = b"[" * 1000 + b"]" * 1000
+    raw = b'{"content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {"a": %s}}]}' % deep
+    with pytest.raises(MalformedAnswerError, match="nested too deeply"):
+        aw.answer_from(wire.decode_answer_json(raw))
+
+
 def test_several_thinking_blocks_have_no_signature_to_send_back() -> None:
     thinking = [{"type": "thinking", "thinking": t, "signature": t} for t in ("a", "b")]
     answer = aw.answer_from(message(*thinking))

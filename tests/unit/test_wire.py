@@ -347,6 +347,24 @@ def test_decode_json_of_deeply_nested_input_is_a_malformed_answer(raw: bytes) ->
         wire.decode_json(raw)
 
 
+# Arguments as an object (Ollama's native form) nested deeper than Python's writer goes, though within orjson's 1,024
+# levels: the answer is malformed, as one nested beyond those is, and no RecursionError (an UNKNOWN status) escapes.
+DEEP_ARGUMENTS = b'{"a": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+
+
+def test_arguments_nested_beyond_writing_are_a_malformed_answer() -> None:
+    call = b'{"id": "c1", "function": {"name": "f", "arguments": %s}}' % DEEP_ARGUMENTS
+    raw = b'{"choices": [{"index": 0, "message": {"tool_calls": [%s]}}]}' % call
+    with pytest.raises(wire.MalformedAnswerError, match="nested too deeply"):
+        parse(wire.decode_answer_json(raw))
+    # ... and where an integer beyond 64 bits has the standard library read the whole answer again.
+    with pytest.raises(wire.MalformedAnswerError, match="nested too deeply"):
+        parse(wire.decode_answer_json(raw.replace(b'"id": "c1"', b'"id": "c1", "n": %d' % 2**70)))
+    delta = wire.decode_json(b'{"tool_calls": [{"index": 0, "function": {"arguments": %s}}]}' % DEEP_ARGUMENTS)
+    with pytest.raises(wire.MalformedAnswerError, match="nested too deeply"):
+        wire.tool_call_deltas(delta)
+
+
 def test_a_plain_answer() -> None:
     message = parse(answer({"role": "assistant", "content": "Hello"}))
     assert message == Message(Role.ASSISTANT, "Hello")

@@ -7,7 +7,6 @@ docs/openai-anthropic.md sets the two formats side by side, with what cannot be 
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
@@ -19,6 +18,7 @@ from llmrelay_server.backends.wire import (
     _count,
     _int_field,
     _text,
+    arguments_json,
     plausible_usage,
 )
 from llmrelay_server.domain import (
@@ -330,8 +330,7 @@ def _tool_call(block: Mapping[str, Any]) -> ToolCall:
     return ToolCall(
         id=_text(block.get("id"), "tool_use.id"),
         name=_text(block.get("name"), "tool_use.name"),
-        # As a stream's input_json_delta texts give it: letters as they are, not \u escapes.
-        arguments=json.dumps(arguments, ensure_ascii=False),
+        arguments=arguments_json(arguments),
     )
 
 

@@ -208,7 +208,10 @@ def decode_answer_json(raw: bytes) -> Any:
     library reads the rare answer with tool calls and a run of 19 digits again (orjson has checked it is JSON)."""
     data = decode_json(raw)
     if any(mark in raw for mark in _TOOL_CALL_MARKS) and _INTEGER_BEYOND_64_BITS.search(raw):
-        return json.loads(raw)
+        try:
+            return json.loads(raw)
+        except RecursionError as exc:  # orjson reads 1,024 levels; the standard library stops at the stack's limit
+            raise MalformedAnswerError("the answer is nested too deeply for the gateway to read") from exc
     return data
 
 
@@ -308,7 +311,17 @@ def _tool_call(value: Any) -> ToolCall:
 
 def _arguments_text(arguments: Any) -> str:
     # Some servers (Ollama's native API) send arguments as an object; the contract carries JSON text.
-    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return arguments if isinstance(arguments, str) else arguments_json(arguments)
+
+
+def arguments_json(arguments: Any) -> str:
+    """Tool-call arguments that came as JSON values (an object, not its text) as the contract's text: letters as they
+    are, not \\u escapes, as a stream's argument text gives them. MalformedAnswerError when nested too deeply to write:
+    orjson reads 1,024 levels, and the standard library's writer stops at the stack's limit, below that."""
+    try:
+        return json.dumps(arguments, ensure_ascii=False)
+    except RecursionError as exc:
+        raise MalformedAnswerError("a tool call's arguments are nested too deeply for the gateway to write") from exc
 
 
 def reasoning_text(obj: Mapping[str, Any]) -> str | None:
