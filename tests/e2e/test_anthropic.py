@@ -205,6 +205,38 @@ async def test_a_call_without_arguments_streams_an_empty_object(
     assert claude.chat_requests[0]["tools"] == [{"name": "now", "input_schema": {"type": "object"}}]
 
 
+def sse(*events: dict[str, Any]) -> dict[str, Any]:
+    """A fault that answers with these events, as the API writes them."""
+    body = "".join(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n" for event in events)
+    return {"body": body, "content_type": "text/event-stream"}
+
+
+async def test_a_streamed_call_has_its_start_input_once_however_often_its_block_stops(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, local: FakeUpstream
+) -> None:
+    # A server that sends a call's input whole in its content_block_start, as the SDK reads it, and repeats its stop.
+    message = {"id": "msg_1", "model": "claude-test", "usage": {"input_tokens": 5, "output_tokens": 1}}
+    block = {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Oslo"}}
+    claude.inject(
+        sse(
+            {"type": "message_start", "message": message},
+            {"type": "content_block_start", "index": 0, "content_block": block},
+            {"type": "content_block_stop", "index": 0},
+            {"type": "content_block_stop", "index": 0},
+            {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}},
+            {"type": "message_stop"},
+        )
+    )
+    assembler = StreamAssembler()
+    for chunk in await streamed(stub, stream_chat("weather?", options=pb.CompletionOptions(tools=[WEATHER]))):
+        assembler.add(chunk)
+    answer = assembler.result()
+    assert [(c.id, c.function.name, c.function.arguments) for c in answer.message.tool_calls] == [
+        ("toolu_1", "weather", '{"city": "Oslo"}')
+    ]
+    assert (answer.backend, answer.usage.completion_tokens) == ("anthropic", 9) and local.chat_requests == []
+
+
 async def test_tool_arguments_nested_beyond_writing_are_a_malformed_answer(
     stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, local: FakeUpstream
 ) -> None:

@@ -524,6 +524,71 @@ def test_malformed_stream_events(event: Any) -> None:
         aw.StreamState().event(event)
 
 
+START = {"type": "message_start", "message": {"id": "msg_1", "model": "m-1", "usage": {"input_tokens": 10}}}
+
+
+def tool_use(index: int, **block: Any) -> dict[str, Any]:
+    return {"type": "content_block_start", "index": index, "content_block": {"type": "tool_use", "id": "t1"} | block}
+
+
+def partial_json(index: int, text: str) -> dict[str, Any]:
+    return {"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": text}}
+
+
+def block_stop(index: int) -> dict[str, Any]:
+    return {"type": "content_block_stop", "index": index}
+
+
+def folded(stream: list[dict[str, Any]]) -> dict[int, str]:
+    """Each tool call's arguments, as the caller assembles the deltas."""
+    state, calls = aw.StreamState(), dict[int, str]()
+    for data in stream:
+        if (delta := state.event(data)) is not None:
+            for call in delta.tool_calls:
+                calls[call.index] = calls.get(call.index, "") + (call.arguments or "")
+    return calls
+
+
+def test_a_tool_use_blocks_start_input_is_its_arguments_when_no_text_streams() -> None:
+    # As the SDK reads a block: its start's input, which the streamed input replaces.
+    oslo = tool_use(0, name="weather", input={"city": "Oslo"})
+    assert folded([START, oslo, block_stop(0)]) == {0: '{"city": "Oslo"}'}
+    assert folded([START, oslo, partial_json(0, '{"city": "Bergen"}'), block_stop(0)]) == {0: '{"city": "Bergen"}'}
+    assert folded([START, tool_use(0, input={}), block_stop(0)]) == {0: "{}"}
+
+
+def test_a_tool_use_block_stopped_twice_has_its_arguments_once() -> None:
+    assert folded([START, tool_use(0), block_stop(0), block_stop(0)]) == {0: "{}"}
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        # Argument text after the block's end, or a second call in the same block: either would be appended to a
+        # whole call's arguments.
+        [START, tool_use(0), block_stop(0), partial_json(0, '{"a": 1}')],
+        [START, tool_use(0), partial_json(0, '{"a": 1}'), block_stop(0), tool_use(0), partial_json(0, '{"b": 2}')],
+    ],
+)
+def test_argument_text_that_is_no_open_calls_is_malformed(stream: list[dict[str, Any]]) -> None:
+    with pytest.raises(MalformedAnswerError):
+        folded(stream)
+
+
+def test_the_input_of_a_tool_the_api_runs_is_left_out() -> None:
+    search = {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}}
+    stream: list[dict[str, Any]] = [
+        START,
+        {"type": "content_block_start", "index": 0, "content_block": search},
+        partial_json(0, '{"query": "weather"}'),
+        block_stop(0),
+        tool_use(1, name="f"),
+        partial_json(1, "{}"),
+        block_stop(1),
+    ]
+    assert folded(stream) == {0: "{}"}
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=5),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),

@@ -391,8 +391,15 @@ class StreamState:
     _usage: dict[str, Any] = field(default_factory=dict)
     _tools: dict[int, int] = field(default_factory=dict)
     """Content block index -> the tool call's index in the contract (the calls are numbered on their own)."""
-    _argued: set[int] = field(default_factory=set)
-    """The tool_use blocks some argument text arrived for."""
+    _unargued: dict[int, str] = field(default_factory=dict)
+    """The tool_use blocks no argument text has arrived for -> the arguments they have if none comes: the input of
+    their content_block_start where it holds some (a server that sends the input whole there, which the SDK reads
+    as the block's input), else none ("{}", as the unary answer writes it)."""
+    _stopped: set[int] = field(default_factory=set)
+    """The tool_use blocks content_block_stop ended: argument text after it would be appended to a whole call's."""
+    _server_tools: set[int] = field(default_factory=set)
+    """Blocks of the tools the API runs itself (server_tool_use, mcp_tool_use): their input is not the caller's to
+    run, and is left out as the unary answer leaves their blocks out."""
     _signatures: list[str] = field(default_factory=list)
     """The thinking blocks' signatures (signature_delta), in order."""
 
@@ -420,9 +427,11 @@ class StreamState:
             return self._block_delta(_index(data), _object(data, "delta"))
         elif kind == "content_block_stop":
             index = _index(data)
-            if index in self._tools and index not in self._argued:
-                # No argument text came: the call takes none, written as the unary answer writes it.
-                return StreamDelta(tool_calls=(ToolCallDelta(self._tools[index], arguments="{}"),))
+            if index in self._tools:
+                self._stopped.add(index)
+                if (arguments := self._unargued.pop(index, None)) is not None:
+                    # No argument text came: the call's arguments are its start's input, or none.
+                    return StreamDelta(tool_calls=(ToolCallDelta(self._tools[index], arguments=arguments),))
         elif kind == "message_delta":
             delta = _object(data, "delta")
             if delta.get("stop_reason") is not None:
@@ -437,11 +446,21 @@ class StreamState:
     def _block_start(self, index: int, block: Mapping[str, Any]) -> StreamDelta | None:
         kind = block.get("type")
         if kind == "tool_use":
-            if index not in self._tools and len(self._tools) >= MAX_TOOL_CALLS:
+            if index in self._tools:
+                # Another call in the same block would have its arguments appended to the first one's.
+                raise MalformedAnswerError(f"tool_use block {index} started twice")
+            if len(self._tools) >= MAX_TOOL_CALLS:
                 raise MalformedAnswerError(f"more than {MAX_TOOL_CALLS} tool calls")
-            position = self._tools.setdefault(index, len(self._tools))
+            position = self._tools[index] = len(self._tools)
             call_id, name = _text(block.get("id"), "tool_use.id"), _text(block.get("name"), "tool_use.name")
+            start_input = block.get("input")
+            self._unargued[index] = (
+                arguments_json(start_input) if isinstance(start_input, dict) and start_input else "{}"
+            )
             return StreamDelta(tool_calls=(ToolCallDelta(position, id=call_id, name=name, arguments=""),))
+        if kind in ("server_tool_use", "mcp_tool_use"):
+            self._server_tools.add(index)
+            return None
         if kind == "text":
             return StreamDelta(content=_text(block.get("text"), "text") or None)
         if kind == "thinking":
@@ -455,12 +474,15 @@ class StreamState:
         if kind == "thinking_delta":
             return StreamDelta(reasoning=_text(delta.get("thinking"), "thinking") or None)
         if kind == "input_json_delta":
-            if index not in self._tools:
-                raise MalformedAnswerError("an input_json_delta for a block that is not a tool_use")
+            if index in self._server_tools:
+                return None
+            if index not in self._tools or index in self._stopped:
+                raise MalformedAnswerError("an input_json_delta for a block that is not an open tool_use")
             partial = _text(delta.get("partial_json"), "partial_json")
             if not partial:
                 return None
-            self._argued.add(index)
+            # The streamed input replaces the start's, as the SDK reads it.
+            self._unargued.pop(index, None)
             return StreamDelta(tool_calls=(ToolCallDelta(self._tools[index], arguments=partial),))
         if kind == "signature_delta":
             # Sent with the last chunk, once it is known whether the answer had one signed block (or several).
