@@ -589,6 +589,15 @@ def test_the_input_of_a_tool_the_api_runs_is_left_out() -> None:
     assert folded(stream) == {0: "{}"}
 
 
+def test_a_stream_without_output_usage_in_message_delta_has_none() -> None:
+    # message_start's output count is a placeholder: the usage is estimated, not billed as that one token.
+    state = aw.StreamState()
+    start = {"type": "message_start", "message": {"usage": {"input_tokens": 10, "output_tokens": 1}}}
+    for data in (start, {"type": "message_delta", "delta": {"stop_reason": "end_turn"}}, {"type": "message_stop"}):
+        state.event(data)
+    assert state.usage is None
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=5),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),

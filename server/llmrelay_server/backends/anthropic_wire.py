@@ -420,7 +420,10 @@ class StreamState:
             message = _object(data, "message")
             self.id = _text(message.get("id"), "id")
             self.model = _text(message.get("model"), "model")
-            self._add_usage(message.get("usage"))
+            usage = message.get("usage")
+            # Its output count is a placeholder (the API sends 1): only message_delta's says what was written, and a
+            # stream whose message_delta says nothing has its usage estimated, not billed as that one token.
+            self._add_usage({**usage, "output_tokens": None} if isinstance(usage, dict) else None)
         elif kind == "content_block_start":
             return self._block_start(_index(data), _object(data, "content_block"))
         elif kind == "content_block_delta":
