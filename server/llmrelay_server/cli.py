@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> None:
         prog="llmrelay-server",
         description="The llmrelay gRPC gateway. `llmrelay-server keys new NAME` makes a caller key.",
     )
-    parser.add_argument("--listen", metavar="HOST:PORT", help="where to serve gRPC (env LLMRELAY_LISTEN)")
-    parser.add_argument("--config", metavar="FILE", help="a YAML configuration file (env LLMRELAY_CONFIG)")
+    parser.add_argument("--listen", type=_given, metavar="HOST:PORT", help="where to serve gRPC (env LLMRELAY_LISTEN)")
+    parser.add_argument("--config", type=_given, metavar="FILE", help="a YAML configuration file (env LLMRELAY_CONFIG)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument(
         "--workers",
@@ -69,6 +69,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"llmrelay-server: {exc}")
     except ConfigError as exc:  # what is checked as it is read: a certificate, the keys file
         sys.exit(f"llmrelay-server: configuration error: {exc}")
+
+
+def _given(text: str) -> str:
+    # `--config "$FILE"` with FILE unset would otherwise start on the defaults (or LLMRELAY_CONFIG's) without a word.
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty (an unset variable?)")
+    return text
 
 
 def _processes(text: str) -> int:

@@ -314,10 +314,24 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     _check_positive(server.limits, "server.limits")
     if server.max_concurrent_rpcs is not None and server.max_concurrent_rpcs <= 0:
         raise ConfigError("server.max_concurrent_rpcs: must be > 0, or left out for no bound")
+    if server.max_concurrent_rpcs is not None and server.max_concurrent_rpcs > MAX_CONCURRENT_RPCS:
+        # gRPC keeps it in a C int: past that, the server cannot be made (an OverflowError at start).
+        raise ConfigError(f"server.max_concurrent_rpcs: at most {MAX_CONCURRENT_RPCS}, or left out for no bound")
     if server.max_message_bytes > MAX_MESSAGE_BYTES:
         raise ConfigError(f"server.max_message_bytes: at most {MAX_MESSAGE_BYTES} (gRPC's bound, 2 GiB - 1)")
     if server.workers > MAX_WORKERS:
-        raise ConfigError(f"server.workers: at most {MAX_WORKERS} processes (a few per CPU core serve best)")
+        workers_where = "--workers (LLMRELAY_WORKERS)" if env.get("LLMRELAY_WORKERS") else "server.workers"
+        raise ConfigError(f"{workers_where}: at most {MAX_WORKERS} processes (a few per CPU core serve best)")
+    # An unset ${VAR} reads as empty. An empty keys file would drop every key (calls open to anyone, without a
+    # word); an empty ledger path, SQLite's temporary database (usage lost at exit); an empty journal directory,
+    # the working directory.
+    for name, value in (
+        ("server.usage_db", server.usage_db),
+        ("server.usage_journal_dir", server.usage_journal_dir),
+        ("auth.keys_file", section.auth.keys_file),
+    ):
+        if value is not None and not value.strip():
+            raise ConfigError(f"{name}: empty (an unset ${{VAR}}?): give one, or leave the field out")
     auth = section.auth
     if env.get("LLMRELAY_KEYS_FILE"):
         auth = dataclasses.replace(auth, keys_file=env["LLMRELAY_KEYS_FILE"])
@@ -384,8 +398,13 @@ def _check_authority(url: str, where: str) -> None:
     authority is one, unless in the value of a `user` parameter (`?user=admin@server`, as Azure's users are named)."""
     try:
         parts = urlsplit(url)
-    except ValueError as exc:  # its own words ("Invalid IPv6 URL"), never the URL's
-        raise ConfigError(f"{where}: {exc}") from None
+    except ValueError as exc:
+        if "NFKC" in str(exc):  # its words quote the whole authority, the password with it
+            raise ConfigError(
+                f"{where}: the user, password or host holds a character that reads as '/', '?', '#', '@' or ':' once"
+                " normalized (NFKC); percent-encode it"
+            ) from None
+        raise ConfigError(f"{where}: {exc}") from None  # its own words ("Invalid IPv6 URL"), never the URL's
     query = parse_qsl(parts.query, keep_blank_values=True)
     stray = "@" in parts.path + parts.fragment or any("@" in f"{key}={value}" for key, value in query if key != "user")
     if "@" not in parts.netloc and stray:
@@ -403,8 +422,19 @@ def _check_state(state: StateConfig, redis_where: str) -> None:
         return
     # The URL may hold a password: only its scheme, or what the parsers say of its form, is shown.
     _check_authority(state.redis_url, redis_where)
+    parts = urlsplit(state.redis_url)  # _check_authority has seen that it splits
+    if "@" not in parts.netloc:
+        try:
+            parts.port  # noqa: B018 (reading it validates it)
+        except ValueError:
+            # Without an '@', what is read as the port may be a password (redis://:PASSWORD, its @HOST left out),
+            # which the parser's words would quote.
+            raise ConfigError(
+                f"{redis_where}: the port is not a number (or, if that is a password, the @HOST after it is missing:"
+                " redis://:PASSWORD@HOST:6379/0)"
+            ) from None
+    scheme = parts.scheme
     try:
-        scheme = urlsplit(state.redis_url).scheme
         if scheme in ("redis", "rediss", "unix"):
             from redis.connection import parse_url  # imported only where Redis is configured, as the limiter is
 
@@ -416,6 +446,7 @@ def _check_state(state: StateConfig, redis_where: str) -> None:
 
 
 MAX_MESSAGE_BYTES = 2**31 - 1
+MAX_CONCURRENT_RPCS = 2**31 - 1
 MAX_WORKERS = 1024
 """More processes than a machine has cores only share them; past this, a typo (100000) would fork until it fell."""
 
@@ -458,6 +489,7 @@ def check_key_name(name: str, where: str = "name") -> None:
 
 def _check_keys(keys: tuple[CallerKey, ...], where: str) -> None:
     names: set[str] = set()
+    digests: dict[str, str] = {}
     for index, key in enumerate(keys):
         at = f"{where}[{index}]"
         check_key_name(key.name, f"{at}.name")
@@ -469,6 +501,14 @@ def _check_keys(keys: tuple[CallerKey, ...], where: str) -> None:
                 f"{at}.sha256: must be the 64 lowercase hex digits of the key's SHA-256"
                 " (`llmrelay-server keys new NAME` prints one); never the key itself"
             )
+        if key.sha256 in digests:
+            # One key would be one of the two callers, the other's entry (its models, its limits) silently unused:
+            # an entry copied for a new caller whose sha256 was not replaced.
+            raise ConfigError(
+                f"{at}.sha256: the same as that of key {digests[key.sha256]!r}; each caller needs a key of its own"
+                " (`llmrelay-server keys new NAME`)"
+            )
+        digests[key.sha256] = key.name
         _check_positive(key.limits, f"{at}.limits")
 
 
@@ -479,29 +519,37 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
     # No key, no OpenAI: the default chain is then Ollama alone, as a local-first setup expects.
     if api_key:
         base_url = env.get("OPENAI_BASE_URL") or openai.base_url or DEFAULT_OPENAI_BASE_URL
+        url_where = "OPENAI_BASE_URL" if env.get("OPENAI_BASE_URL") else "llm.openai.base_url"
         model = env.get("LLMRELAY_OPENAI_MODEL") or openai.model or DEFAULT_OPENAI_MODEL
-        specs["openai"] = _spec("openai", "openai", base_url, model, api_key, openai, "llm.openai")
+        specs["openai"] = _spec("openai", "openai", base_url, model, api_key, openai, "llm.openai", url_where)
     anthropic = llm.anthropic or _BackendSection()
     api_key = env.get("ANTHROPIC_API_KEY") or anthropic.api_key
     # Likewise: Anthropic joins the chain, after OpenAI, only with a key.
     if api_key:
         base_url = env.get("ANTHROPIC_BASE_URL") or anthropic.base_url or DEFAULT_ANTHROPIC_BASE_URL
+        url_where = "ANTHROPIC_BASE_URL" if env.get("ANTHROPIC_BASE_URL") else "llm.anthropic.base_url"
         model = env.get("LLMRELAY_ANTHROPIC_MODEL") or anthropic.model or DEFAULT_ANTHROPIC_MODEL
-        specs["anthropic"] = _spec("anthropic", "anthropic", base_url, model, api_key, anthropic, "llm.anthropic")
+        specs["anthropic"] = _spec(
+            "anthropic", "anthropic", base_url, model, api_key, anthropic, "llm.anthropic", url_where
+        )
     ollama = llm.ollama or _BackendSection()
     if env.get("OLLAMA_HOST"):
         base_url = ollama_base_url(env["OLLAMA_HOST"])
     else:
         base_url = ollama.base_url or ollama_base_url(DEFAULT_OLLAMA_HOST)
+    url_where = "OLLAMA_HOST" if env.get("OLLAMA_HOST") else "llm.ollama.base_url"
     model = env.get("LLMRELAY_OLLAMA_MODEL") or ollama.model or DEFAULT_OLLAMA_MODEL
-    specs["ollama"] = _spec("ollama", "ollama", base_url, model, ollama.api_key, ollama, "llm.ollama")
+    specs["ollama"] = _spec("ollama", "ollama", base_url, model, ollama.api_key, ollama, "llm.ollama", url_where)
     for index, extra in enumerate(llm.backends):
         where = f"llm.backends[{index}]"
         if extra.kind not in BACKEND_KINDS:
             raise ConfigError(f"{where}.kind: {extra.kind!r} is not one of {', '.join(BACKEND_KINDS)}")
         if extra.name in specs or not re.fullmatch(r"[a-z][a-z0-9_-]*", extra.name):
             raise ConfigError(f"{where}.name: {extra.name!r} must be unique and match [a-z][a-z0-9_-]*")
-        specs[extra.name] = _spec(extra.name, extra.kind, extra.base_url, extra.model, extra.api_key, extra, where)
+        url_where = f"{where}.base_url"
+        specs[extra.name] = _spec(
+            extra.name, extra.kind, extra.base_url, extra.model, extra.api_key, extra, where, url_where
+        )
     order = llm.order or tuple(specs)
     for index, name in enumerate(order):
         if name not in specs:
@@ -519,15 +567,23 @@ def _spec(
     api_key: str | None,
     section: _BackendSection,
     where: str,
+    url_where: str,
 ) -> BackendSpec:
-    """A backend from its resolved name, kind, URL, model and key, and the section's routing fields."""
-    url = urlsplit(base_url)
+    """A backend from its resolved name, kind, URL, model and key, and the section's routing fields; `where` names
+    the section, `url_where` what set the URL (the field, or a variable)."""
     try:
+        url = urlsplit(base_url)
         url.port  # noqa: B018 (reading it validates it)
-    except ValueError:
+    except ValueError:  # "Invalid IPv6 URL", a port that is no number
         url = urlsplit("")
+    if "@" in url.netloc:
+        # Never sent (the client authenticates with api_key), and the URL is shown to callers (an unreachable
+        # backend's status, Health) and in the log: its password would be too.
+        raise ConfigError(
+            f"{url_where}: holds a user or password (USER:PASSWORD@), which is never sent; give the key as api_key"
+        )
     if url.scheme not in ("http", "https") or not url.hostname:
-        raise ConfigError(f"{where}.base_url: {base_url!r} is not an http(s) URL; write e.g. http://localhost:8080/v1")
+        raise ConfigError(f"{url_where}: {base_url!r} is not an http(s) URL; write e.g. http://localhost:8080/v1")
     if section.context_window is not None and section.context_window <= 0:
         raise ConfigError(f"{where}.context_window: must be > 0 (tokens), or left out when unknown")
     if not model:
@@ -575,7 +631,10 @@ def ollama_base_url(host: str) -> str:
         default_port = 443 if scheme == "https" else 80
     if rest.count(":") > 1 and not rest.startswith("["):
         rest = f"[{rest}]"  # a bare IPv6 address, with no port
-    url = urlsplit(f"{scheme}://{rest}")
+    try:
+        url = urlsplit(f"{scheme}://{rest}")
+    except ValueError:  # an unclosed [, or what was taken for a bare IPv6 address; its words quote the host
+        raise ConfigError("OLLAMA_HOST: not HOST:PORT, :PORT or a URL; write e.g. 127.0.0.1:11434") from None
     hostname = url.hostname or "127.0.0.1"
     # 0.0.0.0 is where Ollama listens, not an address to connect to.
     if hostname in ("0.0.0.0", "::"):
@@ -605,17 +664,51 @@ def _read_yaml(path: Path, env: Mapping[str, str], where: str, to_find_it: str, 
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{where}: not UTF-8 text (byte {exc.start} cannot be read); save it as UTF-8") from exc
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_Loader)  # a SafeLoader: no tag makes an object
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(exc)}") from None
+    except (ValueError, TypeError, KeyError, AttributeError):
+        # PyYAML's constructors let these out for a value its explicit tag cannot take (`!!int abc`, `!!bool maybe`,
+        # `!!timestamp x`), and their words quote the value, which may be a secret.
+        raise ConfigError(f"{where}: not valid YAML: a value that its tag (!!int, !!float, ...) cannot take") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not valid YAML: nested too deeply") from None
     if document is None:
         return None
     if not isinstance(document, Mapping):
         raise ConfigError(f"{where}: the top level must be a mapping{holds}")
     # After parsing, not before: a value from the environment (a key, say) is taken literally, whatever characters
     # it has, and can never show up in a YAML syntax error.
-    interpolated: Mapping[str, Any] = _interpolate(document, env)
+    try:
+        interpolated: Mapping[str, Any] = _interpolate(document, env)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {exc}") from None
     return interpolated
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping, which PyYAML would let the last one win
+    silently: a second `server:` section would drop every setting of the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base`, whose keys the mapping's own may override: that is what merging is for
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # an unhashable key, which the safe loader's own construct_mapping refuses
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found the key {key!r} twice; give each key once",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _check_tls(tls: TLSConfig) -> None:
@@ -636,15 +729,27 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     return f"{error.problem or 'a syntax error'}{context} at line {mark.line + 1}, column {mark.column + 1}"
 
 
-def _interpolate(value: Any, env: Mapping[str, str]) -> Any:
-    """${VAR} and ${VAR:-default} in every string of the document, from the environment."""
+def _interpolate(value: Any, env: Mapping[str, str], done: dict[int, Any] | None = None) -> Any:
+    """${VAR} and ${VAR:-default} in every string of the document, from the environment.
+
+    A list or mapping that YAML aliases (`*name`) is interpolated once, and stays shared: copying it at each alias
+    could grow without end (aliases of aliases), and one that contains itself (`&a [*a]`) is refused."""
     if isinstance(value, str):
         return _INTERPOLATION.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
+    if not isinstance(value, Mapping | list):
+        return value
+    done = {} if done is None else done
+    if id(value) in done:
+        if done[id(value)] is None:
+            raise ConfigError("a YAML alias (*name) inside the value it names (&name): it would never end")
+        return done[id(value)]
+    done[id(value)] = None  # being interpolated
     if isinstance(value, Mapping):
-        return {k: _interpolate(v, env) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_interpolate(v, env) for v in value]
-    return value
+        result: Any = {k: _interpolate(v, env, done) for k, v in value.items()}
+    else:
+        result = [_interpolate(v, env, done) for v in value]
+    done[id(value)] = result
+    return result
 
 
 T = TypeVar("T")
@@ -708,10 +813,16 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {_shown(value, where)}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # a whole number past a float's range (1e308): a typo, never a setting
+            raise ConfigError(f"{where}: too large a number") from None
     if hint is str:
         if not isinstance(value, str | int | float) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected text, got {_shown(value, where)}")
+        if isinstance(value, str) and "\0" in value:
+            # No setting holds one, and a path with one stops the start with a traceback (a ValueError of os).
+            raise ConfigError(f"{where}: holds a NUL character (\\0)")
         return str(value)
     raise TypeError(f"unsupported config type {hint!r} at {where}")
 

@@ -308,3 +308,36 @@ async def test_a_key_made_by_keys_new_admits_its_caller_and_sighup_rereads_the_k
         await server.process.wait()
     log = await server.output()
     assert key not in log and "Traceback" not in log
+
+
+@pytest.mark.parametrize(
+    ("config_text", "said"),
+    [
+        ("server: {workers: !!int abc}\n", "not valid YAML"),  # PyYAML's ValueError escaped, with a traceback
+        (f"server: {{max_concurrent_rpcs: {2**31}}}\n", "server.max_concurrent_rpcs"),  # gRPC's OverflowError
+        ('server: {usage_journal_dir: "j\\0"}\n', "server.usage_journal_dir"),  # os's ValueError
+    ],
+    ids=["tag", "max_concurrent_rpcs", "NUL"],
+)
+async def test_a_configuration_that_used_to_end_in_a_traceback_is_one_line(
+    tmp_path: Path, config_text: str, said: str
+) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(config_text)
+    env = clean_env(LLMRELAY_USAGE_DB=str(tmp_path / "usage.db"), LLMRELAY_LISTEN="127.0.0.1:0")
+    process = await asyncio.create_subprocess_exec(
+        BIN / "llmrelay-server", "--config", str(config), env=env, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 1
+    assert err.decode().count("\n") == 1 and said in err.decode(), err.decode()
+
+
+async def test_an_empty_config_flag_is_refused(tmp_path: Path) -> None:
+    # `--config "$FILE"` with FILE unset: not a start on the defaults.
+    process = await asyncio.create_subprocess_exec(
+        BIN / "llmrelay-server", "--config", "", env=clean_env(), stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 2
+    assert "--config: empty" in err.decode()

@@ -471,7 +471,11 @@ ONE_EXTRA = "llm:\n  backends:\n    - {name: local, kind: llamacpp, base_url: 'h
         ("llm: {ollama: {base_url: 'ftp://box/v1'}}\n", {}, "llm.ollama.base_url"),
         ("llm: {ollama: {base_url: 'http://'}}\n", {}, "llm.ollama.base_url"),
         ("llm: {openai: {base_url: 'api.openai.com'}}\n", {"OPENAI_API_KEY": "k"}, "llm.openai.base_url"),
-        (None, {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "nope"}, "llm.openai.base_url"),
+        (
+            None,
+            {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "nope"},
+            "OPENAI_BASE_URL",
+        ),  # the variable that set it, not the field
         (None, {"OLLAMA_HOST": "box:99x"}, "OLLAMA_HOST"),
         (
             "llm: {backends: [{name: local, kind: llamacpp, base_url: 'h:1', model: m}]}\n",
@@ -490,7 +494,7 @@ ONE_EXTRA = "llm:\n  backends:\n    - {name: local, kind: llamacpp, base_url: 'h
         (ONE_EXTRA % "max_tokens: 100", {}, "llm.backends[0].max_tokens"),
         ("llm: {openai: {max_tokens: 100}}\n", {"OPENAI_API_KEY": "k"}, "llm.openai.max_tokens"),
         ("llm: {anthropic: {max_tokens: 0}}\n", {"ANTHROPIC_API_KEY": "k"}, "llm.anthropic.max_tokens"),
-        (None, {"ANTHROPIC_API_KEY": "k", "ANTHROPIC_BASE_URL": "nope"}, "llm.anthropic.base_url"),
+        (None, {"ANTHROPIC_API_KEY": "k", "ANTHROPIC_BASE_URL": "nope"}, "ANTHROPIC_BASE_URL"),
         (
             "llm: {backends: [{name: ollama, kind: ollama, base_url: 'http://h', model: m}]}\n",
             {},
@@ -745,3 +749,123 @@ def test_a_boolean_from_the_environment_must_be_one(tmp_path: Path) -> None:
 def test_each_limit_alone_counts_as_a_limit_set(field: str) -> None:
     assert not config.Limits().any_set()
     assert config.Limits(**{field: 1}).any_set()
+
+
+# --- what fuzzing the loader found: each a ConfigError naming the field, never a traceback or a secret ---------------
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "said"),
+    [
+        # PyYAML's constructors let a ValueError, KeyError or AttributeError out, quoting the value.
+        ("server: {workers: !!int SUPERSECRET}\n", "its tag"),
+        ("server: {drain_s: !!float SUPERSECRET}\n", "its tag"),
+        ("server: {log_calls: !!bool SUPERSECRET}\n", "its tag"),
+        ("server: {listen: !!timestamp SUPERSECRET}\n", "its tag"),
+        ("llm: {order: &a [*a]}\n", "alias"),  # a list that holds itself
+        ("server: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+        # A key given twice: PyYAML would let the second silently drop the first (here the whole first section).
+        ("server: {listen: '127.0.0.1:1'}\nrouter: {}\nserver: {workers: 1}\n", "'server' twice"),
+        ("server: {drain_s: 1, drain_s: 2}\n", "'drain_s' twice"),
+    ],
+    ids=["int tag", "float tag", "bool tag", "timestamp tag", "recursive alias", "deep", "section twice", "key twice"],
+)
+def test_yaml_that_cannot_be_read_is_a_config_error(tmp_path: Path, yaml_text: str, said: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, yaml_text)
+    message = str(caught.value)
+    assert message.startswith("config file ") and "not valid YAML" in message and said in message, message
+    assert "SUPERSECRET" not in message
+
+
+def test_merge_keys_may_be_overridden_and_aliases_stay_cheap(tmp_path: Path) -> None:
+    # `<<: *base` then the same key is YAML's way to override a merged value, not a key given twice.
+    text = "x: &base {drain_s: 5, grace_period_s: 7}\n"
+    cfg = load(tmp_path, "server: {<<: {drain_s: 5, grace_period_s: 7}, drain_s: 0}\n")
+    assert (cfg.server.drain_s, cfg.server.grace_period_s) == (0, 7)
+    # Aliases of aliases, 10**9 strings if each alias were copied: refused for the unknown field, at once.
+    levels = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 10))
+    with pytest.raises(ConfigError, match="unknown field"):
+        load(tmp_path, "l0: &l0 [x]\n" + levels + text)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "env", "field"),
+    [
+        (f"server: {{drain_s: {10**400}}}\n", {}, "server.drain_s"),  # past a float's range: an OverflowError
+        ('auth: {keys_file: "keys\\0.yaml"}\n', {}, "auth.keys_file"),  # a ValueError of os at start
+        ('server: {usage_db: "usage\\0.db"}\n', {}, "server.usage_db"),
+        ('server: {tls: {cert_file: "a\\0.crt", key_file: k}}\n', {}, "server.tls.cert_file"),
+        # gRPC's C int: an OverflowError as the server is made
+        (f"server: {{max_concurrent_rpcs: {2**31}}}\n", {}, "server.max_concurrent_rpcs"),
+        # an unset ${VAR}: no keys (calls open to anyone), SQLite's temporary database, the working directory
+        ('auth: {keys_file: "${KEYS_FILE}"}\n', {}, "auth.keys_file"),
+        ('server: {usage_db: "${USAGE_DB}"}\n', {}, "server.usage_db"),
+        ('server: {usage_journal_dir: " "}\n', {}, "server.usage_journal_dir"),
+        # urlsplit's ValueError ("Invalid IPv6 URL") escaped
+        (ONE_EXTRA.replace("'http://h:1/v1'", "'http://[::1'") % "fallback: true", {}, "llm.backends[0].base_url"),
+        (None, {"OLLAMA_HOST": "[::1"}, "OLLAMA_HOST"),
+        (None, {"OLLAMA_HOST": "http://u:SUPERSECRET@h:x"}, "OLLAMA_HOST"),
+        (None, {"LLMRELAY_WORKERS": "5000"}, "LLMRELAY_WORKERS"),  # the variable, not the field it overrides
+    ],
+    ids=[
+        "huge float",
+        "NUL keys_file",
+        "NUL usage_db",
+        "NUL cert_file",
+        "max_concurrent_rpcs",
+        "empty keys_file",
+        "empty usage_db",
+        "blank journal dir",
+        "base_url IPv6",
+        "OLLAMA_HOST IPv6",
+        "OLLAMA_HOST user",
+        "LLMRELAY_WORKERS",
+    ],
+)
+def test_values_that_escaped_validation(tmp_path: Path, yaml_text: str | None, env: dict[str, str], field: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, yaml_text, env)
+    message = str(caught.value)
+    assert field in message.split(": ")[0], message
+    assert "SUPERSECRET" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "env", "field"),
+    [
+        # The parser's own words quote what it took for the port: with no @HOST, the password.
+        (None, {"LLMRELAY_REDIS_URL": "redis://:SUPERSECRET"}, "LLMRELAY_REDIS_URL"),
+        # urlsplit's words quote the whole authority when a character normalizes to a delimiter.
+        ('state: {redis_url: "redis://u:SUPER\uff03SECRET@h:6379/0"}\n', {}, "state.redis_url"),
+        ('server: {usage_db: "postgresql://u:SUPER\uff03SECRET@h/db"}\n', {}, "server.usage_db"),
+        # A backend's URL is shown to callers and in the log, and its user and password are never sent.
+        (
+            ONE_EXTRA.replace("'http://h:1/v1'", "'http://u:SUPERSECRET@h:1/v1'") % "fallback: true",
+            {},
+            "llm.backends[0]",
+        ),
+        ("llm: {openai: {base_url: 'htp://u:SUPERSECRET@h'}}\n", {"OPENAI_API_KEY": "k"}, "llm.openai.base_url"),
+        (None, {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "https://u:SUPERSECRET@h/v1"}, "OPENAI_BASE_URL"),
+    ],
+    ids=["redis without host", "redis NFKC", "postgresql NFKC", "extra backend", "openai field", "openai variable"],
+)
+def test_a_password_in_a_url_is_never_shown(
+    tmp_path: Path, yaml_text: str | None, env: dict[str, str], field: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, yaml_text, env)
+    message = str(caught.value)
+    assert message.startswith(field), message
+    assert "SUPERSECRET" not in message
+
+
+def test_two_keys_with_one_digest_are_refused(tmp_path: Path) -> None:
+    # An entry copied for a new caller, its sha256 left: one key would be either caller, the other entry unused.
+    entries = f'[{{name: a, sha256: "{"ab" * 32}"}}, {{name: b, sha256: "{"ab" * 32}"}}]'
+    with pytest.raises(ConfigError, match=r"auth\.keys\[1\]\.sha256: the same as that of key 'a'"):
+        load(tmp_path, f"auth: {{keys: {entries}}}\n")
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(f"keys: {entries}\n")
+    with pytest.raises(ConfigError, match=r"keys\[1\]\.sha256: the same as that of key 'a'"):
+        config.load_keys_file(keys_file)
