@@ -37,6 +37,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     faulthandler.dump_traceback_later(_EXIT_GRACE_S, exit=True, file=sys.__stderr__ or 2)
 
 
+@pytest.fixture
+def python_recursion_limit() -> Iterator[None]:
+    """Python's own recursion limit, which the gateway runs with, for a test of what lies beyond it: hypothesis raises
+    the limit for its tests and may leave it raised for the tests after them."""
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
+    yield
+    sys.setrecursionlimit(before)
+
+
 @pytest.fixture(scope="session")
 async def openai_upstream() -> AsyncIterator[FakeUpstream]:
     upstream = await FakeUpstream(models=("gpt-test", "gpt-test-mini")).start()

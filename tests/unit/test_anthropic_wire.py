@@ -341,6 +341,7 @@ def test_a_tool_calls_arguments_keep_their_letters_as_a_stream_gives_them() -> N
     assert [call.arguments for call in answer.message.tool_calls] == ['{"city": "Tromsø"}']
 
 
+@pytest.mark.usefixtures("python_recursion_limit")
 def test_an_input_nested_beyond_writing_is_a_malformed_answer() -> None:
     # Within orjson's 1,024 levels, beyond what Python's writer takes: no RecursionError (an UNKNOWN status) escapes.
     deep = b"[" * 1000 + b"]" * 1000

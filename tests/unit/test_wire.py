@@ -352,6 +352,7 @@ def test_decode_json_of_deeply_nested_input_is_a_malformed_answer(raw: bytes) ->
 DEEP_ARGUMENTS = b'{"a": ' + b"[" * 1000 + b"]" * 1000 + b"}"
 
 
+@pytest.mark.usefixtures("python_recursion_limit")
 def test_arguments_nested_beyond_writing_are_a_malformed_answer() -> None:
     call = b'{"id": "c1", "function": {"name": "f", "arguments": %s}}' % DEEP_ARGUMENTS
     raw = b'{"choices": [{"index": 0, "message": {"tool_calls": [%s]}}]}' % call
