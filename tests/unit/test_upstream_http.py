@@ -4,11 +4,13 @@ lines are relayed until the answer is whole."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from typing import cast
 
 import httpx2
 import openai
 import pytest
-from llmrelay_server.backends.upstream_http import Lines, kind_of_status, pool_full, relayed
+from llmrelay_server.backends.http1 import Http1Response
+from llmrelay_server.backends.upstream_http import Lines, _line_batches, kind_of_status, pool_full, relayed
 from llmrelay_server.domain import BackendSpec, CompletionChunk, UpstreamError, UpstreamErrorKind
 from llmrelay_server.router import NOT_THE_BACKENDS_FAULT, RETRYABLE
 
@@ -57,6 +59,24 @@ async def batches(*batch: list[str], failure: Exception | None = None) -> AsyncI
         yield lines
     if failure is not None:
         raise failure
+
+
+async def pieces(*data: bytes) -> AsyncIterator[bytes]:
+    for piece in data:
+        yield piece
+
+
+@pytest.mark.parametrize(
+    "data",
+    [(b"\xef\xbb\xbfdata: a\n", b"data: b\n"), (b"\xef", b"\xbb", b"\xbfdata: a\ndata: b\n")],
+    ids=["whole", "a-byte-a-read"],
+)
+async def test_a_byte_order_mark_before_the_first_line_is_dropped(data: tuple[bytes, ...]) -> None:
+    """SSE's UTF-8 decoding drops it: left on, the first line would not read as `data:`, and its event would be lost.
+    One anywhere else is text."""
+    response = cast(Http1Response, pieces(*data, b"data: \xef\xbb\xbfc\n"))
+    lines = [line async for batch in _line_batches(response) for line in batch]
+    assert lines == ["data: a", "data: b", "data: \ufeffc"]
 
 
 async def test_the_line_that_makes_the_answer_whole_is_relayed_and_nothing_after_it() -> None:

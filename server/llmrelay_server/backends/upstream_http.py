@@ -229,10 +229,15 @@ async def _line_batches(response: Http1Response) -> AsyncIterator[list[str]]:
     decoder = _utf8_decoder(errors="replace")  # SSE is UTF-8 whatever the headers say
     pending: list[str] = []  # the start of a line that a later read ends (a long line takes many reads)
     pending_chars = 0
+    at_start = True
     pieces = aiter(response)
     while True:
         data = await anext(pieces, b"")  # b"": the end of the answer (a piece is never empty)
         text = decoder.decode(data, final=not data)
+        if at_start and text:
+            # A byte-order mark is no part of the stream (SSE's UTF-8 decoding drops it); left on, the first line would
+            # not read as `data:`, and its event would be lost.
+            at_start, text = False, text.removeprefix("\ufeff")
         # Every server seen ends lines with LF alone, which str.split finds ten times faster than the expression.
         lines = _LINE_END.split(text) if "\r" in text else text.split("\n")
         if len(lines) > 1:
