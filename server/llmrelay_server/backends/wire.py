@@ -196,9 +196,9 @@ def decode_json(raw: bytes | str) -> Any:
         ) from exc
 
 
-# Where a whole answer may hold an integer that orjson reads as a float: its tool calls (an Anthropic tool_use block's
-# input, Ollama's arguments objects), which the contract carries as text written back from what was read.
-_TOOL_CALL_MARKS: Final = (b"tool_use", b"tool_calls")
+# An integer orjson may read as a float (beyond [-2^63, 2^64)) has at least 19 digits. Where it matters is a whole
+# answer's tool calls (an Anthropic tool_use block's input, Ollama's arguments objects), which the contract carries as
+# text written back from what was read.
 _INTEGER_BEYOND_64_BITS: Final = re.compile(rb"\d{19}")
 
 
@@ -207,7 +207,7 @@ def decode_answer_json(raw: bytes) -> Any:
     floats, and a tool call's arguments written back from them would not say what the model wrote. The standard
     library reads the rare answer with tool calls and a run of 19 digits again (orjson has checked it is JSON)."""
     data = decode_json(raw)
-    if any(mark in raw for mark in _TOOL_CALL_MARKS) and _INTEGER_BEYOND_64_BITS.search(raw):
+    if (b"tool_use" in raw or b"tool_calls" in raw) and _INTEGER_BEYOND_64_BITS.search(raw):
         try:
             return json.loads(raw)
         except RecursionError as exc:  # orjson reads 1,024 levels; the standard library stops at the stack's limit
