@@ -211,18 +211,19 @@ def sse(*events: dict[str, Any]) -> dict[str, Any]:
     return {"body": body, "content_type": "text/event-stream"}
 
 
+@pytest.mark.parametrize("stops", [0, 1, 2])
 async def test_a_streamed_call_has_its_start_input_once_however_often_its_block_stops(
-    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, local: FakeUpstream
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, local: FakeUpstream, stops: int
 ) -> None:
-    # A server that sends a call's input whole in its content_block_start, as the SDK reads it, and repeats its stop.
+    # A server that sends a call's input whole in its content_block_start, as the SDK reads it, and repeats its stop,
+    # or ends the message without it.
     message = {"id": "msg_1", "model": "claude-test", "usage": {"input_tokens": 5, "output_tokens": 1}}
     block = {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Oslo"}}
     claude.inject(
         sse(
             {"type": "message_start", "message": message},
             {"type": "content_block_start", "index": 0, "content_block": block},
-            {"type": "content_block_stop", "index": 0},
-            {"type": "content_block_stop", "index": 0},
+            *[{"type": "content_block_stop", "index": 0}] * stops,
             {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}},
             {"type": "message_stop"},
         )

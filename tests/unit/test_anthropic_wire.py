@@ -541,12 +541,14 @@ def block_stop(index: int) -> dict[str, Any]:
 
 
 def folded(stream: list[dict[str, Any]]) -> dict[int, str]:
-    """Each tool call's arguments, as the caller assembles the deltas."""
+    """Each tool call's arguments, as the caller assembles the deltas and the last chunk's."""
     state, calls = aw.StreamState(), dict[int, str]()
-    for data in stream:
-        if (delta := state.event(data)) is not None:
-            for call in delta.tool_calls:
-                calls[call.index] = calls.get(call.index, "") + (call.arguments or "")
+    deltas = [state.event(data) for data in stream]
+    for call in [
+        *(call for delta in deltas if delta is not None for call in delta.tool_calls),
+        *state.unstopped_tool_calls(),
+    ]:
+        calls[call.index] = calls.get(call.index, "") + (call.arguments or "")
     return calls
 
 
@@ -560,6 +562,44 @@ def test_a_tool_use_blocks_start_input_is_its_arguments_when_no_text_streams() -
 
 def test_a_tool_use_block_stopped_twice_has_its_arguments_once() -> None:
     assert folded([START, tool_use(0), block_stop(0), block_stop(0)]) == {0: "{}"}
+
+
+def test_a_tool_use_block_the_stream_ended_before_its_own_stop_keeps_its_arguments() -> None:
+    stop = {"type": "message_stop"}
+    assert folded([START, tool_use(0, input={"city": "Oslo"}), stop]) == {0: '{"city": "Oslo"}'}
+    assert folded([START, tool_use(0), tool_use(1), partial_json(1, '{"a": 1}'), stop]) == {0: "{}", 1: '{"a": 1}'}
+    assert folded([START, tool_use(0), block_stop(0), stop]) == {0: "{}"}
+
+
+def thinking(index: int, **block: Any) -> dict[str, Any]:
+    return {
+        "type": "content_block_start",
+        "index": index,
+        "content_block": {"type": "thinking", "thinking": ""} | block,
+    }
+
+
+def signature(index: int, text: str) -> dict[str, Any]:
+    return {"type": "content_block_delta", "index": index, "delta": {"type": "signature_delta", "signature": text}}
+
+
+@pytest.mark.parametrize(
+    ("stream", "signed"),
+    [
+        # As the SDK reads a thinking block: its start's signature, replaced by a signature_delta.
+        ([thinking(0, signature="s0"), block_stop(0)], "s0"),
+        ([thinking(0, signature=""), signature(0, "s1"), block_stop(0)], "s1"),
+        ([thinking(0), signature(0, "s1"), signature(0, "s2"), block_stop(0)], "s2"),
+        # Two signed blocks: the contract carries one signature, so neither can be sent back.
+        ([thinking(0, signature="s0"), block_stop(0), thinking(1), signature(1, "s1"), block_stop(1)], None),
+        ([thinking(0), block_stop(0)], None),
+    ],
+)
+def test_a_streams_thinking_signature(stream: list[dict[str, Any]], signed: str | None) -> None:
+    state = aw.StreamState()
+    for data in [START, *stream, {"type": "message_stop"}]:
+        state.event(data)
+    assert state.reasoning_signature == signed
 
 
 @pytest.mark.parametrize(

@@ -172,6 +172,7 @@ class AnthropicProvider:
             id=state.id,
             backend=self._spec.name,
             model=state.model or model,
+            tool_calls=state.unstopped_tool_calls(),
             finish_reason=state.finish_reason or FinishReason.UNKNOWN,
             usage=state.usage,
             reasoning_signature=state.reasoning_signature,

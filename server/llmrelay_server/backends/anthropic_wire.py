@@ -400,17 +400,25 @@ class StreamState:
     _server_tools: set[int] = field(default_factory=set)
     """Blocks of the tools the API runs itself (server_tool_use, mcp_tool_use): their input is not the caller's to
     run, and is left out as the unary answer leaves their blocks out."""
-    _signatures: list[str] = field(default_factory=list)
-    """The thinking blocks' signatures (signature_delta), in order."""
+    _signatures: dict[int, str] = field(default_factory=dict)
+    """Content block index -> its thinking block's signature: the start's, replaced by a signature_delta, as the SDK
+    reads them."""
 
     @property
     def reasoning_signature(self) -> str | None:
         """The answer's signature, for its last chunk: as the unary answer has it, only when one block was signed."""
-        return self._signatures[0] if len(self._signatures) == 1 else None
+        signed = [signature for signature in self._signatures.values() if signature]
+        return signed[0] if len(signed) == 1 else None
 
     @property
     def usage(self) -> TokenUsage | None:
         return usage_from(self._usage)
+
+    def unstopped_tool_calls(self) -> tuple[ToolCallDelta, ...]:
+        """For the last chunk: the arguments of the tool_use blocks the stream ended before their own stop (and
+        before any argument text), which are what they had; once."""
+        unargued, self._unargued = self._unargued, {}
+        return tuple(ToolCallDelta(self._tools[index], arguments=arguments) for index, arguments in unargued.items())
 
     def event(self, data: Any) -> StreamDelta | None:
         if not isinstance(data, dict):
@@ -467,6 +475,8 @@ class StreamState:
         if kind == "text":
             return StreamDelta(content=_text(block.get("text"), "text") or None)
         if kind == "thinking":
+            if signature := _text(block.get("signature"), "signature"):
+                self._signatures[index] = signature
             return StreamDelta(reasoning=_text(block.get("thinking"), "thinking") or None)
         return None
 
@@ -489,7 +499,7 @@ class StreamState:
             return StreamDelta(tool_calls=(ToolCallDelta(self._tools[index], arguments=partial),))
         if kind == "signature_delta":
             # Sent with the last chunk, once it is known whether the answer had one signed block (or several).
-            self._signatures.append(_text(delta.get("signature"), "signature"))
+            self._signatures[index] = _text(delta.get("signature"), "signature")
         # citations_delta: nothing the contract carries.
         return None
 
