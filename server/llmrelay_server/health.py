@@ -106,16 +106,23 @@ class HealthMonitor:
                 await self._task
         await self._servicer.enter_graceful_shutdown()
 
-    async def probe(self) -> list[tuple[BackendHealth, CircuitState]]:
+    async def probe(self, deadline: float | None = None) -> list[tuple[BackendHealth, CircuitState]]:
         """Probes every backend now, but one probed within FRESH_PROBE_S. A backend's probe already in flight is
         joined, not repeated: a hundred callers asking at once, and the background probes among them, send each
-        upstream one probe."""
+        upstream one probe. At `deadline` (the loop's clock) the report is made of what is known by then: a backend
+        whose probe is still out is reported as its last probe found it."""
         loop = asyncio.get_running_loop()
-        stale = [
-            b for b in self._backends if loop.time() - self._probed_at.get(b.name, -FRESH_PROBE_S) >= FRESH_PROBE_S
+        probes = [
+            self._probe_once(b)
+            for b in self._backends
+            if loop.time() - self._probed_at.get(b.name, -FRESH_PROBE_S) >= FRESH_PROBE_S
         ]
-        # Shielded: a caller that leaves (its deadline, a cancel) must not cancel the probe the others are waiting for.
-        await asyncio.gather(*(asyncio.shield(self._probe_once(b)) for b in stale))
+        if probes:
+            # Waited for, not awaited: a caller that leaves (its deadline, a cancel), or stops waiting, leaves the
+            # probes running for the others waiting on them.
+            done, _ = await asyncio.wait(probes, timeout=None if deadline is None else max(0.0, deadline - loop.time()))
+            for probe in done:
+                probe.result()  # a probe's own failure (a bug: probes say unreachable, they do not raise)
         await self._publish()
         return self.report()
 

@@ -160,7 +160,10 @@ class LLMServicer(pb.LLMServiceServicer):
     async def Health(
         self, request: pb.HealthRequest, context: grpc.aio.ServicerContext[pb.HealthRequest, pb.HealthResponse]
     ) -> pb.HealthResponse:
-        report = await self._monitor.probe() if request.probe else self._monitor.report()
+        if request.probe:
+            report = await self._monitor.probe(self._router.deadline(context.time_remaining()))
+        else:
+            report = self._monitor.report()
         return pb.HealthResponse(
             # A draining gateway refuses model calls, so it is not serving them, whatever its backends' state.
             serving=self._monitor.serving and not self._draining,

@@ -14,7 +14,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway
 from llmrelay_server.domain import BackendSpec
-from llmrelay_server.health import FRESH_PROBE_S
 from llmrelay_server.metrics import LabelValues
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
@@ -247,23 +246,23 @@ async def test_the_first_chunk_after_a_restart_is_filed_under_the_backend_that_s
 async def test_a_call_its_callers_deadline_ended_counts_as_deadline_exceeded(
     gateway_factory: GatewayFactory, local: FakeUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """gRPC cancels a call whose deadline passes before the gateway has answered it (here a Health probe waiting on a
-    backend's slow probe, which the gateway bounds by a timeout of its own): the caller gets DEADLINE_EXCEEDED, and so
-    do the metrics and the call's line, not CANCELLED, which would say that the caller left."""
+    """gRPC cancels a call whose deadline passes before the gateway has answered it (here grpc.health.v1's Watch,
+    which streams until its caller leaves): the caller gets DEADLINE_EXCEEDED, and so do the metrics and the call's
+    line, not CANCELLED, which would say that the caller left."""
     caplog.set_level(logging.INFO, logger="llmrelay_server.calls")
     gateway = await gateway_factory(
         f'llm:\n  ollama: {{base_url: "{local.base_url}", model: tiny}}\n', server='metrics_listen: "127.0.0.1:0"'
     )
     assert gateway.metrics is not None and gateway.metrics.port is not None
-    local.probe_delay_s = 5
-    await asyncio.sleep(FRESH_PROBE_S)  # the gateway's own probe at start is no longer fresh
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=0.5)
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await pb.LLMServiceStub(channel).Health(pb.HealthRequest(probe=True), timeout=0.5)
+            await watch.read()
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        method = {**COMPLETE, "grpc_method": "Health"}
+        method = {"grpc_type": "server_stream", "grpc_service": "grpc.health.v1.Health", "grpc_method": "Watch"}
         samples = await until_ended(gateway.metrics.port, method, "DEADLINE_EXCEEDED")
 
     assert value(samples, "grpc_server_handled_total", **method, grpc_code="CANCELLED") == 0
     [line] = [record.call for record in caplog.records if record.name == "llmrelay_server.calls"]  # type: ignore[attr-defined]
-    assert line["rpc"] == "llmrelay.v1.LLMService/Health" and line["code"] == "DEADLINE_EXCEEDED"
+    assert line["rpc"] == "grpc.health.v1.Health/Watch" and line["code"] == "DEADLINE_EXCEEDED"

@@ -2805,7 +2805,8 @@ func (x *CountTokensResponse) GetEstimated() bool {
 type HealthRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// When true, probe every backend now instead of returning the last probe's results (a backend probed within the
-	// last second answers with that probe's result).
+	// last second answers with that probe's result). The answer comes within the call's deadline: a backend whose
+	// probe is still out then is reported as its last probe found it (its `checked_at` says when).
 	Probe         bool `protobuf:"varint,1,opt,name=probe,proto3" json:"probe,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

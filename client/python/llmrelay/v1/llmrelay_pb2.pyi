@@ -1687,7 +1687,8 @@ class HealthRequest(_message.Message):
     PROBE_FIELD_NUMBER: _builtins.int
     probe: _builtins.bool
     """When true, probe every backend now instead of returning the last probe's results (a backend probed within the
-    last second answers with that probe's result).
+    last second answers with that probe's result). The answer comes within the call's deadline: a backend whose
+    probe is still out then is reported as its last probe found it (its `checked_at` says when).
     """
     def __init__(
         self,

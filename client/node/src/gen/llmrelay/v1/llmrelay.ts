@@ -1352,7 +1352,8 @@ export interface CountTokensResponse {
 export interface HealthRequest {
   /**
    * When true, probe every backend now instead of returning the last probe's results (a backend probed within the
-   * last second answers with that probe's result).
+   * last second answers with that probe's result). The answer comes within the call's deadline: a backend whose
+   * probe is still out then is reported as its last probe found it (its `checked_at` says when).
    */
   probe: boolean;
 }
