@@ -130,7 +130,11 @@ class KeyRing:
                 self._limits_refused,
             )
             return
-        self._set(self._configured + keys)
+        try:
+            self._set(self._configured + keys)
+        except ConfigError as error:
+            log.warning("keys file not reloaded, the keys in force stay: %s", error)
+            return
         if not self._by_digest:
             # Meant (`keys: []`) or not, every call that needs a key is refused from now on: an operator must hear.
             log.warning("keys file %s reloaded: no keys in force, every call that needs a key is refused", self._file)
@@ -172,10 +176,22 @@ class KeyRing:
 
 
 def _by_digest(keys: Sequence[CallerKey]) -> dict[str, Caller]:
+    """The callers by their keys' digests; ConfigError for one digest under two names (each source refuses that
+    within itself, so here it is a key of auth.keys given again in the keys file for another caller)."""
+    callers: dict[str, Caller] = {}
+    for key in keys:
+        other = callers.get(key.sha256)
+        if other is not None and other.name != key.name:
+            # Which of the two would a call with that key be? Billed, limited and allowed models as one, silently.
+            raise ConfigError(
+                f"key {key.name!r} in the keys file has the same sha256 as key {other.name!r} in auth.keys; each"
+                " caller needs a key of its own (`llmrelay-server keys new NAME`)"
+            )
+        callers[key.sha256] = Caller(key)
     names = [key.name for key in keys]
     for name in {name for name in names if names.count(name) > 1}:
         log.warning("key %r is configured twice (in the config and the keys file); both digests are in force", name)
-    return {key.sha256: Caller(key) for key in keys}
+    return callers
 
 
 # The stubs make these generic; at run time they are not, so the aliases are strings.

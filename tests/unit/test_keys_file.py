@@ -6,7 +6,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from llmrelay_server.config import ConfigError, load_keys_file
+from llmrelay_server.auth import KeyRing
+from llmrelay_server.config import AuthConfig, CallerKey, ConfigError, load_keys_file
 
 ENTRY = f'{{name: research, sha256: "{hashlib.sha256(b"llmr-research-key").hexdigest()}"}}'
 
@@ -54,3 +55,24 @@ def test_a_missing_file_points_at_the_setting_that_names_it(tmp_path: Path) -> N
     message = str(caught.value)
     assert "cannot be read" in message and "auth.keys_file (or LLMRELAY_KEYS_FILE)" in message
     assert "--config" not in message
+
+
+def test_a_key_of_the_config_given_to_another_caller_in_the_file_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A call with that key would be one of two callers (billed, limited, allowed models), silently.
+    research = CallerKey("research", hashlib.sha256(b"llmr-research-key").hexdigest())
+    path = tmp_path / "keys.yaml"
+    path.write_text(f'keys: [{{name: intruder, sha256: "{research.sha256}"}}]\n')
+    config = AuthConfig(keys=(research,), keys_file=str(path))
+    with pytest.raises(ConfigError, match="'intruder' in the keys file has the same sha256 as key 'research'"):
+        KeyRing(config)
+
+    path.write_text(f'keys: [{{name: research, sha256: "{research.sha256}"}}]\n')  # the same caller: harmless
+    keys = KeyRing(config)
+    assert keys.names() == {"research"}
+    path.write_text(f'keys: [{{name: intruder, sha256: "{research.sha256}"}}]\n')
+    keys.reload()  # at a reload, the keys in force stay
+    found = keys.find("llmr-research-key")
+    assert found is not None and found.name == "research" and keys.names() == {"research"}
+    assert "keys file not reloaded, the keys in force stay" in caplog.text
