@@ -84,3 +84,16 @@ async def test_malformed_caller_metadata_is_invalid_argument(stub: pb.LLMService
         await stub.Complete(chat(), timeout=5, metadata=(("x-llmrelay-caller", "no spaces allowed"),))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert details(caught.value)["BadRequest"].field_violations[0].field == "metadata.x-llmrelay-caller"
+
+
+async def test_a_model_an_upstream_names_with_control_characters_is_kept_as_get_usage_can_ask_for_it(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    """GetUsage refuses a filter with a control character: a record kept under the name as the upstream sent it could
+    be listed but never asked for by its model (and `llmrelay usage` would print the upstream's escape sequence)."""
+    primary.inject({"served_model": "gpt-test\x1b[2J\tx"})
+    await stub.Complete(chat("named oddly"), timeout=5)
+
+    (record,) = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
+    assert record.model == "gpt-test\ufffd[2J\ufffdx"
+    assert list((await stub.GetUsage(pb.GetUsageRequest(model=record.model), timeout=5)).records) == [record]

@@ -321,12 +321,13 @@ async def test_two_processes_writing_one_sqlite_file_keep_exact_totals(tmp_path:
 async def test_any_name_survives_the_journal(tmp_path: Path, name: str) -> None:
     path = tmp_path / "usage.sqlite3"
     writer = UsageLedger(path)
-    writer.record(name, f"{name}-model", "c", TokenUsage(4, 2), at=T0)
+    # In the backend's and the caller's place: the ledger keeps an upstream's model name without control characters.
+    writer.record(name, "m", f"{name}-caller", TokenUsage(4, 2), at=T0)
 
     # Another ledger on the directory reads the record from the writer's journal file.
-    assert await query_once(path) == [UsageTotals(name, f"{name}-model", "c", 1, 4, 2, 6, 0)]
+    assert await query_once(path) == [UsageTotals(name, "m", f"{name}-caller", 1, 4, 2, 6, 0)]
     await writer.aclose()
-    assert await query_once(path) == [UsageTotals(name, f"{name}-model", "c", 1, 4, 2, 6, 0)]
+    assert await query_once(path) == [UsageTotals(name, "m", f"{name}-caller", 1, 4, 2, 6, 0)]
 
 
 async def test_a_damaged_journal_is_replayed_but_its_damaged_lines(

@@ -40,6 +40,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -69,6 +70,8 @@ QUERY_RETRY_S = 5.0
 """What a usage query refused for an unreachable database tells the caller to wait (PostgreSQL's reconnect pace)."""
 _log = logging.getLogger(__name__)
 
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+"""What no name in GetUsage's filters may hold (convert._CONTROL), stored as U+FFFD in the name an upstream gives."""
 _MAINTENANCE_INTERVAL_S: Final = 5.0
 """How often the ledger claims the journals of dead processes, and checks an idle database."""
 
@@ -229,10 +232,12 @@ class UsageLedger:
         """Add one answer's usage and its cost, if priced (interrupted: a stream that broke after it started, billed for
         what it consumed); at is its Unix time (now by default). One write to the page cache, no waiting on a disk."""
         moment = time.time() if at is None else at
-        if "\x00" in model:
-            # The name an upstream gave its model (a caller's is refused): PostgreSQL cannot store a NUL, and the
-            # batch holding it would be retried for ever, every record after it held up.
-            model = model.replace("\x00", "\ufffd")
+        if not model.isprintable():  # one test on the request path; the rare name it stops at is looked at closer
+            # The name an upstream gave its model (a caller's is refused): kept without control characters, as
+            # GetUsage's filters take names, or its records could not be asked for by the name they carry (and
+            # `llmrelay usage` would print an upstream's escape sequences to a terminal). PostgreSQL cannot even store
+            # a NUL: the batch holding it would be retried for ever, every record after it held up.
+            model = _CONTROL.sub("\ufffd", model)
         key = (backend, model, caller, int(moment // self._bucket_s) * self._bucket_s)
         cost = usage.cost or Cost(0)
         counts = (
