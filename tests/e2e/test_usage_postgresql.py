@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
+import secrets
 import sys
 import textwrap
 import threading
@@ -162,12 +164,37 @@ async def test_a_model_an_upstream_names_with_a_nul_is_stored_and_holds_up_no_re
     for _ in range(3):
         await stub.Complete(chat("named plainly"), timeout=10)
 
-    def written() -> list[tuple[object, ...]]:
-        with contextlib.suppress(psycopg.errors.UndefinedTable):  # the ledger makes its table at its first write
-            return sorted(sql(database_url, "SELECT model, requests FROM usage_buckets"))
-        return []
+    await wait_until(lambda: models_written(database_url) == [("tiny", 3), ("tiny\ufffdx", 1)])
 
-    await wait_until(lambda: written() == [("tiny", 3), ("tiny\ufffdx", 1)])
+
+async def test_a_model_an_upstream_names_at_great_length_is_stored_cut_and_holds_up_no_record(
+    stub_for: StubFactory, local: FakeUpstream, database_url: str, tmp_path: Path
+) -> None:
+    """PostgreSQL indexes at most 2704 bytes of a row's key (SQLite has no such bound): the batch holding a longer name
+    an upstream gave its model would fail for ever, and every record after it wait in the journal."""
+    stub = await stub_for(
+        f'llm:\n  ollama: {{base_url: "{local.base_url}", model: tiny}}\n',
+        env={"LLMRELAY_USAGE_DB": database_url},
+        server=f'usage_journal_dir: "{tmp_path / "journal"}"',
+    )
+    name = "tiny-" + secrets.token_urlsafe(3000)  # random: no compression brings it under the bound
+    local.inject({"served_model": name})
+    assert (await stub.Complete(chat("named at length"), timeout=10)).model == name
+    for _ in range(3):
+        await stub.Complete(chat("named plainly"), timeout=10)
+
+    kept = f"{name[:239]}\u2026{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    await wait_until(lambda: models_written(database_url) == [("tiny", 3), (kept, 1)])
+    records = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
+    assert [(r.model, r.requests) for r in records] == [("tiny", 3), (kept, 1)]
+    (record,) = (await stub.GetUsage(pb.GetUsageRequest(model=kept), timeout=5)).records
+    assert record.requests == 1
+
+
+def models_written(database_url: str) -> list[tuple[object, ...]]:
+    with contextlib.suppress(psycopg.errors.UndefinedTable):  # the ledger makes its table at its first write
+        return sorted(sql(database_url, "SELECT model, requests FROM usage_buckets"))
+    return []
 
 
 async def test_postgresql_stopped_mid_load_loses_nothing_and_memory_stays_bounded(

@@ -72,6 +72,11 @@ _log = logging.getLogger(__name__)
 
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 """What no name in GetUsage's filters may hold (convert._CONTROL), stored as U+FFFD in the name an upstream gives."""
+MAX_MODEL_CHARS: Final = 256
+"""The longest model name the ledger keeps (a caller's own is refused past as many, convert.MAX_MODEL_NAME); a longer
+name an upstream gives is cut, and ends in a digest of the whole so that two such names stay apart. PostgreSQL indexes
+at most 2704 bytes of a row's key: the batch holding a longer name would be retried for ever, every record after it
+held up, where SQLite takes it."""
 _MAINTENANCE_INTERVAL_S: Final = 5.0
 """How often the ledger claims the journals of dead processes, and checks an idle database."""
 
@@ -238,6 +243,8 @@ class UsageLedger:
             # `llmrelay usage` would print an upstream's escape sequences to a terminal). PostgreSQL cannot even store
             # a NUL: the batch holding it would be retried for ever, every record after it held up.
             model = _CONTROL.sub("\ufffd", model)
+        if len(model) > MAX_MODEL_CHARS:
+            model = _shortened(model)
         key = (backend, model, caller, int(moment // self._bucket_s) * self._bucket_s)
         cost = usage.cost or Cost(0)
         counts = (
@@ -544,6 +551,12 @@ class UsageLedger:
             orphan.release(drained=False)
         if self._journal is not None:
             self._journal.close(drained=drained)
+
+
+def _shortened(model: str) -> str:
+    """A model name of MAX_MODEL_CHARS characters: its start, an ellipsis, and 16 hex digits of its SHA-256."""
+    digest = hashlib.sha256(model.encode(errors="surrogatepass")).hexdigest()[:16]
+    return f"{model[: MAX_MODEL_CHARS - len(digest) - 1]}\u2026{digest}"
 
 
 def _read_journal(directory: Path, selection: Selection, known: set[BatchId]) -> dict[BatchId, Totals]:
