@@ -224,6 +224,10 @@ def usage_query(request: pb.GetUsageRequest) -> UsageQuery:
     errors = _Violations()
     start = _instant(request.start_time, "start_time", errors) if request.HasField("start_time") else None
     end = _instant(request.end_time, "end_time", errors) if request.HasField("end_time") else None
+    if start is not None and end is not None and request.start_time.ToNanoseconds() > request.end_time.ToNanoseconds():
+        # A window that ends before it starts holds nothing: bounds swapped, whose answer would be "no usage" as if
+        # there were none to find.
+        errors.add("end_time", "must not be before start_time: the window is from start_time up to end_time")
     for name in ("backend", "model", "caller"):
         if request.HasField(name) and _CONTROL.search(getattr(request, name)):
             errors.add(name, "must hold no control characters (a NUL, a newline)")

@@ -187,6 +187,28 @@ async def test_get_usage_with_a_timestamp_out_of_range_names_the_field(
     assert isinstance(await stub.GetUsage(pb.GetUsageRequest(), timeout=5), pb.GetUsageResponse)
 
 
+async def test_get_usage_with_a_window_that_ends_before_it_starts_names_end_time(
+    stub: pb.LLMServiceAsyncStub, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bounds swapped would answer "no usage" as if there were none; a nanosecond is enough to tell them apart."""
+    await stub.Complete(chat(), timeout=5)
+    now = Timestamp()
+    now.GetCurrentTime()
+    later = Timestamp(seconds=now.seconds + 3600, nanos=1)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetUsage(pb.GetUsageRequest(start_time=later, end_time=Timestamp(seconds=later.seconds)), timeout=5)
+
+    assert_invalid_request(caught.value)
+    (violation,) = details(caught.value)["BadRequest"].field_violations
+    assert violation.field == "end_time" and "start_time" in violation.description
+    assert_quiet(caplog)
+    # An empty window (from and to one moment) is no mistake, and a whole hour about now holds the call.
+    assert not (await stub.GetUsage(pb.GetUsageRequest(start_time=later, end_time=later), timeout=5)).records
+    an_hour_ago = Timestamp(seconds=now.seconds - 3600)
+    window = pb.GetUsageRequest(start_time=an_hour_ago, end_time=later)
+    assert [r.requests for r in (await stub.GetUsage(window, timeout=5)).records] == [1]
+
+
 @pytest.mark.parametrize(
     ("call", "field"),
     [

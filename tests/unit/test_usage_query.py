@@ -18,12 +18,12 @@ def test_filters_and_window_pass_through_with_times_in_whole_seconds_rounded_up(
         backend="ollama",
         model="tiny",
         caller="",  # an optional field: set, even to "", it is a filter
-        start_time=Timestamp(seconds=1_700_000_000, nanos=500_000_000),
-        end_time=Timestamp(seconds=-1),
+        start_time=Timestamp(seconds=-1, nanos=500_000_000),
+        end_time=Timestamp(seconds=1_700_000_000, nanos=500_000_000),
     )
 
     # Minutes start on whole seconds: a bound between two means what the next one does.
-    assert usage_query(request) == UsageQuery("ollama", "tiny", "", 1_700_000_001.0, -1.0)
+    assert usage_query(request) == UsageQuery("ollama", "tiny", "", 0.0, 1_700_000_001.0)
 
 
 def test_a_bound_a_nanosecond_past_a_minutes_start_keeps_its_meaning() -> None:

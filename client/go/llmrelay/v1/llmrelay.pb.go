@@ -3140,7 +3140,7 @@ type GetUsageRequest struct {
 	// 10:00:00 but not in one from 10:00:10.
 	StartTime *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
 	// Only usage before this time, by the minute as for start_time: the call at 10:00:20 counts in a window to 10:00:01
-	// but not in one to 10:00:00.
+	// but not in one to 10:00:00. An end_time before start_time is refused (INVALID_ARGUMENT): the bounds swapped.
 	EndTime       *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

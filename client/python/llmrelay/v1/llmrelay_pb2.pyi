@@ -1875,7 +1875,7 @@ class GetUsageRequest(_message.Message):
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """Only usage before this time, by the minute as for start_time: the call at 10:00:20 counts in a window to 10:00:01
-        but not in one to 10:00:00.
+        but not in one to 10:00:00. An end_time before start_time is refused (INVALID_ARGUMENT): the bounds swapped.
         """
 
     def __init__(
