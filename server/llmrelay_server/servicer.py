@@ -179,9 +179,15 @@ class LLMServicer(pb.LLMServiceServicer):
             if (caller := current_caller.get()) is not None:
                 query = query._replace(caller=caller.usage_of(query.caller))
             totals = await self._ledger.query(*query)
+            answer = pb.GetUsageResponse(records=[convert.usage_record_pb(t) for t in totals])
+            # A record per backend, model and caller: a ledger of many callers outgrows the limit, and gRPC would
+            # refuse to send it with a bare status that says nothing of the filters that make it smaller.
+            if (size := answer.ByteSize()) > self._max_message_bytes:
+                remedy = "narrow it with GetUsage's backend, model or caller, or a shorter time window"
+                raise AnswerTooLargeError(size, self._max_message_bytes, remedy)
         except LLMRelayError as error:
             await abort(context, "GetUsage", error)
-        return pb.GetUsageResponse(records=[convert.usage_record_pb(t) for t in totals])
+        return answer
 
     async def Embed(
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[pb.EmbedRequest, pb.EmbedResponse]

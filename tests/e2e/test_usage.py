@@ -8,7 +8,7 @@ import hashlib
 import grpc
 import pytest
 from llmrelay import v1 as pb
-from support import chat, details, stream_chat
+from support import GatewayFactory, chat, details, stream_chat, two_backends
 from upstream import FakeUpstream
 
 
@@ -97,3 +97,25 @@ async def test_a_model_an_upstream_names_with_control_characters_is_kept_as_get_
     (record,) = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
     assert record.model == "gpt-test\ufffd[2J\ufffdx"
     assert list((await stub.GetUsage(pb.GetUsageRequest(model=record.model), timeout=5)).records) == [record]
+
+
+async def test_usage_over_the_message_limit_is_answer_too_large_saying_how_to_narrow_it(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """A record per caller: gRPC would refuse to send the whole ledger with a bare status and no word of the filters."""
+    gateway = await gateway_factory(two_backends(primary, local), server="max_message_bytes: 8192")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+        callers = [f"agent-session-{i:04d}" for i in range(200)]
+        await asyncio.gather(
+            *(stub.Complete(chat(), timeout=10, metadata=(("x-llmrelay-caller", c),)) for c in callers)
+        )
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.GetUsage(pb.GetUsageRequest(), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        info = details(caught.value)["ErrorInfo"]
+        assert info.reason == "ANSWER_TOO_LARGE" and info.metadata["limit"] == "8192"
+        assert "caller" in str(caught.value.details()) and "time window" in str(caught.value.details())
+        (record,) = (await stub.GetUsage(pb.GetUsageRequest(caller=callers[7]), timeout=5)).records
+        assert record.requests == 1

@@ -559,7 +559,7 @@ const (
 	// `backend`, `upstream_status` (when an upstream said so), `attempts`; AttemptHistory.
 	ErrorReason_ERROR_REASON_CONTEXT_LENGTH_EXCEEDED ErrorReason = 11
 	// RESOURCE_EXHAUSTED: the answer is larger than the gateway's message size limit; StreamComplete delivers it in
-	// pieces; metadata `size` and `limit` (bytes).
+	// pieces, and GetUsage's filters and window make its answer smaller; metadata `size` and `limit` (bytes).
 	ErrorReason_ERROR_REASON_ANSWER_TOO_LARGE ErrorReason = 12
 	// UNAVAILABLE: the gateway is shutting down and takes no new calls, or its grace period ended before the call
 	// finished; no metadata; RetryInfo (and pushback), 1 s: retry, on another instance. A stream cut by the shutdown

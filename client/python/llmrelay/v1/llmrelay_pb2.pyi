@@ -383,7 +383,7 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_ANSWER_TOO_LARGE: _ErrorReason.ValueType  # 12
     """RESOURCE_EXHAUSTED: the answer is larger than the gateway's message size limit; StreamComplete delivers it in
-    pieces; metadata `size` and `limit` (bytes).
+    pieces, and GetUsage's filters and window make its answer smaller; metadata `size` and `limit` (bytes).
     """
     ERROR_REASON_SHUTTING_DOWN: _ErrorReason.ValueType  # 13
     """UNAVAILABLE: the gateway is shutting down and takes no new calls, or its grace period ended before the call
@@ -488,7 +488,7 @@ ERROR_REASON_CONTEXT_LENGTH_EXCEEDED: ErrorReason.ValueType  # 11
 """
 ERROR_REASON_ANSWER_TOO_LARGE: ErrorReason.ValueType  # 12
 """RESOURCE_EXHAUSTED: the answer is larger than the gateway's message size limit; StreamComplete delivers it in
-pieces; metadata `size` and `limit` (bytes).
+pieces, and GetUsage's filters and window make its answer smaller; metadata `size` and `limit` (bytes).
 """
 ERROR_REASON_SHUTTING_DOWN: ErrorReason.ValueType  # 13
 """UNAVAILABLE: the gateway is shutting down and takes no new calls, or its grace period ended before the call

@@ -583,7 +583,7 @@ export enum ErrorReason {
   ERROR_REASON_CONTEXT_LENGTH_EXCEEDED = 11,
   /**
    * ERROR_REASON_ANSWER_TOO_LARGE - RESOURCE_EXHAUSTED: the answer is larger than the gateway's message size limit; StreamComplete delivers it in
-   * pieces; metadata `size` and `limit` (bytes).
+   * pieces, and GetUsage's filters and window make its answer smaller; metadata `size` and `limit` (bytes).
    */
   ERROR_REASON_ANSWER_TOO_LARGE = 12,
   /**
