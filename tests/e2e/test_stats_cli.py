@@ -4,7 +4,9 @@ scrapes with calls in between."""
 from __future__ import annotations
 
 import asyncio
+import http.server
 import re
+import threading
 
 import grpc
 import pytest
@@ -60,6 +62,41 @@ async def test_stats_shows_calls_latency_and_tokens(
 def test_stats_says_when_there_is_no_endpoint() -> None:
     with pytest.raises(SystemExit, match=re.escape("cannot read http://127.0.0.1:9/metrics")):
         main(["stats", "--metrics", "http://127.0.0.1:9/metrics", "--once"])
+
+
+@pytest.mark.parametrize("url", ["", "http://[::1"], ids=["empty", "unclosed-ipv6"])
+def test_stats_says_when_the_metrics_option_is_no_url(url: str) -> None:
+    with pytest.raises(SystemExit) as ended:
+        main(["stats", "--metrics", url, "--once"])
+    (line,) = str(ended.value.code).splitlines()
+    assert line.startswith(f"llmrelay: --metrics (or LLMRELAY_METRICS) {url!r} is not a URL (")
+
+
+def test_stats_says_when_the_endpoint_answers_no_metrics() -> None:
+    """Another HTTP server's page (a port mistaken for the metrics one): one line, not a traceback."""
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<html>\nHello world, this is no metrics endpoint\n</html>\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+        try:
+            with pytest.raises(SystemExit) as ended:
+                main(["stats", "--metrics", url, "--once"])
+        finally:
+            server.shutdown()
+    assert ended.value.code == f"llmrelay: {url} did not answer in Prometheus's text format: is it the gateway's" + (
+        " metrics_listen?"
+    )
 
 
 def test_the_text_format_and_quantiles() -> None:

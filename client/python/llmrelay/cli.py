@@ -306,13 +306,18 @@ def scrape(url: str) -> Samples:
     """The samples of one scrape of a /metrics endpoint."""
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
+            body = response.read()
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         sys.exit(f"llmrelay: cannot read {url}: {reason} (is the gateway's server.metrics_listen set?)")
     except http.client.HTTPException as exc:  # something other than HTTP/1 answered: the gateway's gRPC port, say
         sys.exit(f"llmrelay: {url} did not answer in HTTP ({type(exc).__name__}): is it the gateway's metrics_listen?")
-    return parse_metrics(text)
+    except ValueError as exc:  # no URL urllib can open ("", "http://[::1"): its error names no option
+        sys.exit(f"llmrelay: --metrics (or LLMRELAY_METRICS) {url!r} is not a URL ({exc}); e.g. {DEFAULT_METRICS}")
+    try:
+        return parse_metrics(body.decode())
+    except ValueError:  # not UTF-8, or a line that is no sample: another HTTP server's page, say
+        sys.exit(f"llmrelay: {url} did not answer in Prometheus's text format: is it the gateway's metrics_listen?")
 
 
 def parse_metrics(text: str) -> Samples:
