@@ -3218,7 +3218,8 @@ type UsageRecord struct {
 	Backend string `protobuf:"bytes,1,opt,name=backend,proto3" json:"backend,omitempty"`
 	// The upstream model that served.
 	Model string `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
-	// The caller: the x-llmrelay-caller metadata, a fingerprint of the caller's API key, or "anonymous".
+	// The caller: its key's name when caller keys are configured; else the x-llmrelay-caller metadata, a fingerprint
+	// of the caller's bearer token, or "anonymous".
 	Caller string `protobuf:"bytes,3,opt,name=caller,proto3" json:"caller,omitempty"`
 	// How many answers.
 	Requests int64 `protobuf:"varint,4,opt,name=requests,proto3" json:"requests,omitempty"`

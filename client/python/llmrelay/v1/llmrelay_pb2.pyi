@@ -1927,7 +1927,9 @@ class UsageRecord(_message.Message):
     model: _builtins.str
     """The upstream model that served."""
     caller: _builtins.str
-    """The caller: the x-llmrelay-caller metadata, a fingerprint of the caller's API key, or "anonymous"."""
+    """The caller: its key's name when caller keys are configured; else the x-llmrelay-caller metadata, a fingerprint
+    of the caller's bearer token, or "anonymous".
+    """
     requests: _builtins.int
     """How many answers."""
     prompt_tokens: _builtins.int

@@ -1457,7 +1457,10 @@ export interface UsageRecord {
   backend: string;
   /** The upstream model that served. */
   model: string;
-  /** The caller: the x-llmrelay-caller metadata, a fingerprint of the caller's API key, or "anonymous". */
+  /**
+   * The caller: its key's name when caller keys are configured; else the x-llmrelay-caller metadata, a fingerprint
+   * of the caller's bearer token, or "anonymous".
+   */
   caller: string;
   /** How many answers. */
   requests: number;
