@@ -593,8 +593,8 @@ class UsageNotAllowedError(LLMRelayError):
         self.caller = caller
         self.requested = requested
         super().__init__(
-            f"the key {caller!r} may read only its own usage, not {requested!r}'s; leave GetUsage's caller unset for"
-            " its own, or use a key with read_all_usage"
+            f"the key {caller!r} may read only its own usage, not that of caller {requested!r}; leave GetUsage's"
+            " caller unset for its own, or use a key with read_all_usage"
         )
 
 

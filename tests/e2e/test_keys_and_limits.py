@@ -142,7 +142,10 @@ async def test_a_key_reads_its_own_usage_unless_it_may_read_all(
         "USAGE_NOT_ALLOWED",
         {"caller": "other", "requested_caller": "research"},
     )
-    assert "read_all_usage" in str(refused.value.details())
+    assert refused.value.details() == (
+        "the key 'other' may read only its own usage, not that of caller 'research'; leave GetUsage's caller"
+        " unset for its own, or use a key with read_all_usage"
+    )
 
 
 async def test_a_key_limited_to_some_models_gets_no_other_even_by_fallback(
