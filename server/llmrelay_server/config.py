@@ -805,7 +805,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         return value
     if hint in (int, float) and isinstance(value, str):
         # A number written as ${VAR} arrives as text.
-        value = _number(value, hint, where)
+        value = _number(value, hint)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected a whole number, got {_shown(value, where)}")
@@ -831,7 +831,7 @@ _BOOLEANS: Final = {"true": True, "yes": True, "on": True, "false": False, "no":
 """Text YAML reads as a boolean (its 1.1 words, any case)."""
 
 
-def _number(text: str, hint: type[int] | type[float], where: str) -> int | float | str:
+def _number(text: str, hint: type[int] | type[float]) -> int | float | str:
     try:
         return hint(text.strip())
     except ValueError:
