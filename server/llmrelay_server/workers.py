@@ -215,7 +215,7 @@ class Supervisor:
                 if failed is not None:
                     return failed
                 log.info("listening on %s:%d (%d workers)", host, port, len(workers))
-                await self._keep_running(workers, run_dir, f"{host}:{port}")
+                await self._keep_running(run_dir, f"{host}:{port}")
                 log.info("shutting down: stopping %d workers", len(workers))
             finally:
                 await self._stop_all(workers)
@@ -269,7 +269,7 @@ class Supervisor:
             await asyncio.sleep(0.05)
         return None
 
-    async def _keep_running(self, workers: list[_Worker], run_dir: Path, listen: str) -> None:
+    async def _keep_running(self, run_dir: Path, listen: str) -> None:
         stopping = asyncio.ensure_future(self._stop.wait())
         exited = asyncio.ensure_future(self._exits.get())
         # Each restart waits out its back-off on its own: one worker that keeps dying must not hold up noticing and
