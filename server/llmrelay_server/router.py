@@ -574,7 +574,7 @@ class Router:
         routes = self._routes(request, caller, may_use)
         for index, route in enumerate(routes):
             try:
-                opened = await self._try_route(chain, route, lambda r, t: self._open_stream(r, request, t))
+                opened = await self._try_route(chain, route, lambda r, _: self._open_stream(r, request))
             except UpstreamError as exc:
                 if broken is None or exc.kind is not UpstreamErrorKind.REJECTED:
                     raise
@@ -748,9 +748,11 @@ class Router:
         return exact or await self._counter.count_chat_async(name, messages, tools)
 
     async def _open_stream(
-        self, route: Route, request: CompletionRequest, timeout_s: float
+        self, route: Route, request: CompletionRequest
     ) -> tuple[CompletionChunk, AsyncGenerator[CompletionChunk, None]]:
         """Starts a stream and waits for its first chunk: until then, a failure may still fall back."""
+        # No read timeout of the upstream's own: the first chunk waits within the attempt's limit (_try_route), the
+        # rest within the idle limit (_rest_of_stream), both inside the deadline.
         upstream = route.backend.provider.stream(route.model, request, timeout_s=None)
         try:
             return await anext(upstream), upstream
