@@ -4,7 +4,8 @@ Keys are configured by their SHA-256 only (`auth.keys`, and `auth.keys_file` kep
 or on SIGHUP). A call presents `authorization: Bearer KEY`; the interceptor hashes it and looks the hash up. The
 lookup compares digests, not keys: its timing tells nothing about any key, and the hash is compared once more in
 constant time. With no keys configured, calls are open, as before. A known key's caller is put in the call's
-context (`current_caller`), where the servicer takes the identity to bill and the router the models allowed.
+context (`current_caller`), where the limits interceptor reads its limits and the servicer the identity to bill and
+the models allowed, which it hands the router (the router never reads `current_caller`).
 
 A key is never logged, echoed or kept: only its digest is.
 """
