@@ -1,4 +1,4 @@
-"""One structured log line per call, from an observer of every call (`observing`), and the JSON log format.
+"""One structured log line per call, from an observer of every call (`observing`).
 
 The line (logger `llmrelay_server.calls`, INFO) says who called what and what the router did, read from the call's
 meter (`metering`) when the call ends: the request id, the caller, the RPC, the model asked and the one that
