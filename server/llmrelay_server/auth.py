@@ -29,7 +29,7 @@ from typing import Any, TypeAlias
 import grpc
 
 from llmrelay_server.config import AuthConfig, CallerKey, ConfigError, load_keys_file
-from llmrelay_server.domain import UnauthenticatedError, UsageNotAllowedError, immutable
+from llmrelay_server.domain import ModelFilter, UnauthenticatedError, UsageNotAllowedError, immutable
 from llmrelay_server.status import abort
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,12 @@ def _any_of(patterns: tuple[str, ...]) -> re.Pattern[str]:
 
 current_caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("llmrelay_caller", default=None)
 """The authenticated caller of the call in progress; None when keys are off or the service is open."""
+
+
+def models_allowed() -> ModelFilter | None:
+    """The models the call's key may use (None: any, as for a call without a key)."""
+    caller = current_caller.get()
+    return caller.may_use if caller is not None else None
 
 
 def new_key() -> tuple[str, str]:

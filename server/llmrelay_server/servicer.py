@@ -15,7 +15,7 @@ from google.protobuf.message import Message as ProtoMessage
 from llmrelay import v1 as pb
 
 from llmrelay_server import convert
-from llmrelay_server.auth import current_caller
+from llmrelay_server.auth import current_caller, models_allowed
 from llmrelay_server.domain import (
     AnswerTooLargeError,
     CompletionChunk,
@@ -111,12 +111,11 @@ class LLMServicer(pb.LLMServiceServicer):
         started = False
         try:
             with self._model_call():
-                caller = current_caller.get()
                 chunks = self._router.stream(
                     convert.completion_request(request, max_image_bytes=self._max_image_bytes),
                     deadline=self._router.deadline(context.time_remaining()),
                     caller=caller_identity(context),
-                    may_use=caller.may_use if caller is not None else None,
+                    may_use=models_allowed(),
                 )
                 # Closed (the caller gone), this closes the router's stream at once, which bills what it consumed.
                 async with contextlib.aclosing(chunks):
@@ -145,11 +144,10 @@ class LLMServicer(pb.LLMServiceServicer):
         context: grpc.aio.ServicerContext[pb.CountTokensRequest, pb.CountTokensResponse],
     ) -> pb.CountTokensResponse:
         try:
-            caller = current_caller.get()
             count = await self._router.count_tokens(
                 *convert.count_request(request, max_image_bytes=self._max_image_bytes),
                 deadline=self._router.deadline(context.time_remaining()),
-                may_use=caller.may_use if caller is not None else None,
+                may_use=models_allowed(),
             )
         except LLMRelayError as error:
             await abort(context, "CountTokens", error)
@@ -214,12 +212,11 @@ class LLMServicer(pb.LLMServiceServicer):
         as the caller may, and converted back; every failure the gateway's own status."""
         try:
             with self._model_call():
-                caller = current_caller.get()
                 response = await route(
                     parse(),
                     deadline=self._router.deadline(context.time_remaining()),
                     caller=caller_identity(context),
-                    may_use=caller.may_use if caller is not None else None,
+                    may_use=models_allowed(),
                 )
             answer = to_pb(response)
             # Sent as is, an oversized answer would fail inside gRPC with a bare status and a server error log.

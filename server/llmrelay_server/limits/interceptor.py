@@ -14,7 +14,7 @@ import grpc
 from llmrelay import v1 as pb
 
 from llmrelay_server import convert
-from llmrelay_server.auth import Caller, Continuation, Handler, current_caller
+from llmrelay_server.auth import Caller, Continuation, Handler, current_caller, models_allowed
 from llmrelay_server.config import Limits
 from llmrelay_server.decoding import decoded
 from llmrelay_server.domain import (
@@ -153,7 +153,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         prompt = (
             await self._counter.count_chat_async(parsed.model or "", parsed.messages, parsed.options.tools)
         ).tokens
-        return prompt + completion, completion, self._estimate_usd_micros(parsed, prompt, completion, _models_allowed())
+        return prompt + completion, completion, self._estimate_usd_micros(parsed, prompt, completion, models_allowed())
 
     async def _estimate_embedding(self, request: pb.EmbedRequest) -> tuple[int, int]:
         """The tokens and cost to reserve: the inputs as counted offline (an embedding answers with no tokens)."""
@@ -162,15 +162,9 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         except InvalidRequestError:
             return 0, 0
         tokens = (await self._counter.count_texts_async(parsed.model or "", parsed.inputs)).tokens
-        return tokens, self._estimate_embedding_usd_micros(parsed.model, tokens, _models_allowed())
+        return tokens, self._estimate_embedding_usd_micros(parsed.model, tokens, models_allowed())
 
 
 def _key_limited(caller: Caller | None) -> TypeGuard[Caller]:
     """Whether the call's key has limits of its own."""
     return caller is not None and caller.key.limits.any_set()
-
-
-def _models_allowed() -> ModelFilter | None:
-    """The models the call's key may use (None: any), which its reservation is priced among."""
-    caller = current_caller.get()
-    return caller.may_use if caller is not None else None
