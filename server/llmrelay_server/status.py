@@ -276,7 +276,7 @@ def _classify(error: LLMRelayError) -> _Classified:
     if isinstance(error, TokenizerUnavailableError):
         return grpc.StatusCode.FAILED_PRECONDITION, "TOKENIZER_UNAVAILABLE", {"encoding": error.encoding}, []
     if isinstance(error, UpstreamError):
-        return _upstream(error, grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE")
+        return _upstream(error)
     if isinstance(error, StreamInterruptedError):
         return grpc.StatusCode.ABORTED, "STREAM_INTERRUPTED", _upstream_metadata(error.cause), []
     if isinstance(error, DeadlineExceededError):
@@ -291,12 +291,12 @@ def _exhausted(error: AllBackendsFailedError) -> _Classified:
     last = error.last_upstream_error
     if last is not None and len(outcomes) <= 1:
         # One cause everywhere (or only open circuits) names the problem better than "unavailable" would.
-        return _upstream(last, grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE")
+        return _upstream(last)
     delay_s = DEFAULT_RETRY_DELAY_S if error.retry_after_s is None else error.retry_after_s
     return grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE", {}, [_retry_info(delay_s)]
 
 
-def _upstream(error: UpstreamError, default_code: grpc.StatusCode, default_reason: str) -> _Classified:
+def _upstream(error: UpstreamError) -> _Classified:
     metadata = _upstream_metadata(error)
     kind = error.kind
     if kind in (UpstreamErrorKind.REJECTED, UpstreamErrorKind.UNSUPPORTED):
@@ -308,11 +308,11 @@ def _upstream(error: UpstreamError, default_code: grpc.StatusCode, default_reaso
     if kind is UpstreamErrorKind.AUTH_FAILED:
         return grpc.StatusCode.FAILED_PRECONDITION, "UPSTREAM_AUTH_FAILED", metadata, []
     if kind is UpstreamErrorKind.BAD_RESPONSE:
-        return default_code, "UPSTREAM_BAD_RESPONSE", metadata, []
+        return grpc.StatusCode.UNAVAILABLE, "UPSTREAM_BAD_RESPONSE", metadata, []
     retry = _retry_info(error.retry_after_s if error.retry_after_s is not None else DEFAULT_RETRY_DELAY_S)
     if kind is UpstreamErrorKind.RATE_LIMITED:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED", metadata, [retry]
-    return default_code, default_reason, metadata, [retry]
+    return grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE", metadata, [retry]
 
 
 def _upstream_metadata(error: UpstreamError) -> dict[str, str]:
