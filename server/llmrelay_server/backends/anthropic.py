@@ -193,7 +193,7 @@ class AnthropicProvider:
             log.warning("backend %s could not count tokens (%s); estimating instead", self._spec.name, reason)
             return None
         tokens = counted.get("input_tokens") if isinstance(counted, dict) else None
-        if not wire._count(tokens):
+        if not wire.is_count(tokens):
             log.warning("backend %s counted %r tokens; estimating instead", self._spec.name, tokens)
             return None
         return TokenCount(tokens=tokens, model=model, encoding=f"backend:{self._spec.name}", estimated=False)

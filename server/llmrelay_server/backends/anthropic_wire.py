@@ -15,11 +15,11 @@ from llmrelay_server.backends.wire import (
     MAX_TOOL_CALLS,
     ErrorEvent,
     MalformedAnswerError,
-    _count,
-    _int_field,
-    _text,
     arguments_json,
+    count_field,
+    is_count,
     plausible_usage,
+    text_field,
 )
 from llmrelay_server.domain import (
     CompletionOptions,
@@ -299,10 +299,10 @@ def answer_from(data: Any) -> Answer:
             raise MalformedAnswerError("a content block is not an object")
         kind = block.get("type")
         if kind == "text":
-            texts.append(_text(block.get("text"), "text"))
+            texts.append(text_field(block.get("text"), "text"))
         elif kind == "thinking":
-            thoughts.append(_text(block.get("thinking"), "thinking"))
-            signatures.append(_text(block.get("signature"), "signature"))
+            thoughts.append(text_field(block.get("thinking"), "thinking"))
+            signatures.append(text_field(block.get("signature"), "signature"))
         elif kind == "tool_use":
             calls.append(_tool_call(block))
         # Other blocks (redacted thinking, server tools' blocks) have no place in the contract and are left out.
@@ -315,8 +315,8 @@ def answer_from(data: Any) -> Answer:
         reasoning_signature=signatures[0] if len(signatures) == 1 else None,
     )
     return Answer(
-        id=_text(data.get("id"), "id"),
-        model=_text(data.get("model"), "model"),
+        id=text_field(data.get("id"), "id"),
+        model=text_field(data.get("model"), "model"),
         message=message,
         finish_reason=finish_reason(data.get("stop_reason")),
         usage=usage_from(data.get("usage")),
@@ -328,8 +328,8 @@ def _tool_call(block: Mapping[str, Any]) -> ToolCall:
     if not isinstance(arguments, dict):
         raise MalformedAnswerError("a tool_use block's `input` is not an object")
     return ToolCall(
-        id=_text(block.get("id"), "tool_use.id"),
-        name=_text(block.get("name"), "tool_use.name"),
+        id=text_field(block.get("id"), "tool_use.id"),
+        name=text_field(block.get("name"), "tool_use.name"),
         arguments=arguments_json(arguments),
     )
 
@@ -345,15 +345,15 @@ def usage_from(usage: Any) -> TokenUsage | None:
     if not isinstance(usage, dict):
         return None
     fresh, output = usage.get("input_tokens"), usage.get("output_tokens")
-    if not _count(fresh) or not _count(output):
+    if not is_count(fresh) or not is_count(output):
         return None
-    written = _int_field(usage, "cache_creation_input_tokens")
-    read = _int_field(usage, "cache_read_input_tokens")
+    written = count_field(usage, "cache_creation_input_tokens")
+    read = count_field(usage, "cache_read_input_tokens")
     return plausible_usage(
         TokenUsage(
             prompt_tokens=fresh + (written or 0) + (read or 0),
             completion_tokens=output,
-            reasoning_tokens=_int_field(usage.get("output_tokens_details"), "thinking_tokens"),
+            reasoning_tokens=count_field(usage.get("output_tokens_details"), "thinking_tokens"),
             cached_prompt_tokens=read,
         )
     )
@@ -426,8 +426,8 @@ class StreamState:
         kind = data.get("type")
         if kind == "message_start":
             message = _object(data, "message")
-            self.id = _text(message.get("id"), "id")
-            self.model = _text(message.get("model"), "model")
+            self.id = text_field(message.get("id"), "id")
+            self.model = text_field(message.get("model"), "model")
             usage = message.get("usage")
             # Its output count is a placeholder (the API sends 1): only message_delta's says what was written, and a
             # stream whose message_delta says nothing has its usage estimated, not billed as that one token.
@@ -463,7 +463,7 @@ class StreamState:
             if len(self._tools) >= MAX_TOOL_CALLS:
                 raise MalformedAnswerError(f"more than {MAX_TOOL_CALLS} tool calls")
             position = self._tools[index] = len(self._tools)
-            call_id, name = _text(block.get("id"), "tool_use.id"), _text(block.get("name"), "tool_use.name")
+            call_id, name = text_field(block.get("id"), "tool_use.id"), text_field(block.get("name"), "tool_use.name")
             start_input = block.get("input")
             self._unargued[index] = (
                 arguments_json(start_input) if isinstance(start_input, dict) and start_input else "{}"
@@ -473,25 +473,25 @@ class StreamState:
             self._server_tools.add(index)
             return None
         if kind == "text":
-            return StreamDelta(content=_text(block.get("text"), "text") or None)
+            return StreamDelta(content=text_field(block.get("text"), "text") or None)
         if kind == "thinking":
-            if signature := _text(block.get("signature"), "signature"):
+            if signature := text_field(block.get("signature"), "signature"):
                 self._signatures[index] = signature
-            return StreamDelta(reasoning=_text(block.get("thinking"), "thinking") or None)
+            return StreamDelta(reasoning=text_field(block.get("thinking"), "thinking") or None)
         return None
 
     def _block_delta(self, index: int, delta: Mapping[str, Any]) -> StreamDelta | None:
         kind = delta.get("type")
         if kind == "text_delta":
-            return StreamDelta(content=_text(delta.get("text"), "text") or None)
+            return StreamDelta(content=text_field(delta.get("text"), "text") or None)
         if kind == "thinking_delta":
-            return StreamDelta(reasoning=_text(delta.get("thinking"), "thinking") or None)
+            return StreamDelta(reasoning=text_field(delta.get("thinking"), "thinking") or None)
         if kind == "input_json_delta":
             if index in self._server_tools:
                 return None
             if index not in self._tools or index in self._stopped:
                 raise MalformedAnswerError("an input_json_delta for a block that is not an open tool_use")
-            partial = _text(delta.get("partial_json"), "partial_json")
+            partial = text_field(delta.get("partial_json"), "partial_json")
             if not partial:
                 return None
             # The streamed input replaces the start's, as the SDK reads it.
@@ -499,7 +499,7 @@ class StreamState:
             return StreamDelta(tool_calls=(ToolCallDelta(self._tools[index], arguments=partial),))
         if kind == "signature_delta":
             # Sent with the last chunk, once it is known whether the answer had one signed block (or several).
-            self._signatures[index] = _text(delta.get("signature"), "signature")
+            self._signatures[index] = text_field(delta.get("signature"), "signature")
         # citations_delta: nothing the contract carries.
         return None
 

@@ -292,7 +292,7 @@ def message_from_choice(choice: Mapping[str, Any]) -> Message:
         raise MalformedAnswerError("`tool_calls` is not a list")
     return Message(
         role=Role.ASSISTANT,
-        content=_text(message.get("content"), "content") or refusal_text(message) or "",
+        content=text_field(message.get("content"), "content") or refusal_text(message) or "",
         tool_calls=tuple(_tool_call(c) for c in calls),
         reasoning=reasoning_text(message),
     )
@@ -303,8 +303,8 @@ def _tool_call(value: Any) -> ToolCall:
         raise MalformedAnswerError("a tool call has no `function` object")
     function = value["function"]
     return ToolCall(
-        id=_text(value.get("id"), "tool_calls.id"),
-        name=_text(function.get("name"), "name"),
+        id=text_field(value.get("id"), "tool_calls.id"),
+        name=text_field(function.get("name"), "name"),
         arguments=_arguments_text(function.get("arguments", "")),
     )
 
@@ -333,7 +333,8 @@ def reasoning_text(obj: Mapping[str, Any]) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _text(value: Any, where: str) -> str:
+def text_field(value: Any, where: str) -> str:
+    """An answer's text field: "" when absent, MalformedAnswerError (naming `where`) when it is no string."""
     if value is None:
         return ""
     if not isinstance(value, str):
@@ -346,7 +347,7 @@ def usage_from(data: Mapping[str, Any]) -> TokenUsage | None:
     if not isinstance(usage, dict):
         return None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if not _count(prompt) or not _count(completion):
+    if not is_count(prompt) or not is_count(completion):
         return None
     details = usage.get("completion_tokens_details")
     prompt_details = usage.get("prompt_tokens_details")
@@ -354,25 +355,26 @@ def usage_from(data: Mapping[str, Any]) -> TokenUsage | None:
         TokenUsage(
             prompt_tokens=prompt,
             completion_tokens=completion,
-            reasoning_tokens=_int_field(details, "reasoning_tokens"),
-            cached_prompt_tokens=_int_field(prompt_details, "cached_tokens"),
+            reasoning_tokens=count_field(details, "reasoning_tokens"),
+            cached_prompt_tokens=count_field(prompt_details, "cached_tokens"),
         )
     )
 
 
 def plausible_usage(usage: TokenUsage) -> TokenUsage | None:
-    """The usage an upstream reported, each of its counts a `_count`, or None when their total cannot be one: no
+    """The usage an upstream reported, each of its counts a `is_count`, or None when their total cannot be one: no
     answer reaches 2**31 tokens, and the contract's int32 `total_tokens` cannot carry it. Such figures are nothing to
     bill by; the gateway counts the tokens itself, as for usage not reported."""
-    return usage if _count(usage.total_tokens) else None
+    return usage if is_count(usage.total_tokens) else None
 
 
-def _int_field(obj: Any, key: str) -> int | None:
+def count_field(obj: Any, key: str) -> int | None:
+    """`obj[key]` when `obj` is an object and that is a plausible count (`is_count`), else None."""
     value = obj.get(key) if isinstance(obj, dict) else None
-    return value if _count(value) else None
+    return value if is_count(value) else None
 
 
-def _count(value: Any) -> TypeGuard[int]:
+def is_count(value: Any) -> TypeGuard[int]:
     """A plausible token count: a whole number that fits the contract's int32 (not a bool, not negative)."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31
 
@@ -470,7 +472,7 @@ def embedding_vectors(data: Any, count: int) -> tuple[bytes, ...]:
     by_index: dict[int, bytes] = {}
     for item in items:
         index = item.get("index") if isinstance(item, dict) else None
-        if not _count(index) or index >= count or index in by_index:
+        if not is_count(index) or index >= count or index in by_index:
             raise MalformedAnswerError("an embedding's `index` is missing, out of range or repeated")
         by_index[index] = _vector(item.get("embedding"))
     vectors = tuple(by_index[index] for index in range(count))  # `count` distinct indexes below `count`: all there
@@ -500,4 +502,4 @@ def _vector(value: Any) -> bytes:
 def embedding_usage_from(data: Mapping[str, Any]) -> TokenUsage | None:
     usage = data.get("usage")
     prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-    return TokenUsage(prompt_tokens=prompt, completion_tokens=0) if _count(prompt) else None
+    return TokenUsage(prompt_tokens=prompt, completion_tokens=0) if is_count(prompt) else None
