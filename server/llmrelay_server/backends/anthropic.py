@@ -29,6 +29,7 @@ from llmrelay_server.backends.upstream_http import (
     Lines,
     Pool,
     SDKErrors,
+    answer_texts,
     connection_failed,
     health_record,
     http_client,
@@ -109,9 +110,7 @@ class AnthropicProvider:
         except wire.MalformedAnswerError as exc:
             raise self._bad_answer(str(exc)) from exc
         message = answer.message
-        usage = answer.usage or await self._counter.estimate_usage(
-            model, request, [message.content, message.reasoning or "", *(call.arguments for call in message.tool_calls)]
-        )
+        usage = answer.usage or await self._counter.estimate_usage(model, request, answer_texts(message))
         return CompletionResponse(
             id=answer.id,
             backend=self._spec.name,

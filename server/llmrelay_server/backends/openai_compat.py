@@ -23,6 +23,7 @@ from llmrelay_server.backends.upstream_http import (
     Lines,
     Pool,
     SDKErrors,
+    answer_texts,
     connection_failed,
     health_record,
     http_client,
@@ -101,9 +102,7 @@ class OpenAICompatibleProvider:
             raise self._upstream_error(exc) from exc
         except wire.MalformedAnswerError as exc:
             raise self._bad_answer(str(exc)) from exc
-        usage = wire.usage_from(data) or await self._counter.estimate_usage(
-            model, request, [message.content, message.reasoning or "", *(call.arguments for call in message.tool_calls)]
-        )
+        usage = wire.usage_from(data) or await self._counter.estimate_usage(model, request, answer_texts(message))
         return CompletionResponse(
             id=str(data.get("id") or ""),
             backend=self._spec.name,

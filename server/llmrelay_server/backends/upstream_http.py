@@ -29,7 +29,14 @@ from llmrelay_server import metering
 from llmrelay_server.backends.http1 import Http1Pool, Http1Response, Http1Transport
 from llmrelay_server.backends.proxies import Proxies
 from llmrelay_server.backends.wire import MalformedAnswerError
-from llmrelay_server.domain import BackendHealth, BackendSpec, CompletionChunk, UpstreamError, UpstreamErrorKind
+from llmrelay_server.domain import (
+    BackendHealth,
+    BackendSpec,
+    CompletionChunk,
+    Message,
+    UpstreamError,
+    UpstreamErrorKind,
+)
 
 # Sized for hundreds of concurrent streams per backend; connections are kept for reuse between agent steps, at most
 # max_keepalive_connections of them once a burst is over (each idle one holds a socket here and a slot upstream).
@@ -325,6 +332,12 @@ def _joined(run: list[CompletionChunk]) -> list[CompletionChunk]:
     # A relayed chunk carries text and names alone (the end of the answer is the provider's own last chunk).
     last = run[-1]
     return [CompletionChunk(id=last.id, backend=last.backend, model=last.model, content=content, reasoning=reasoning)]
+
+
+def answer_texts(message: Message) -> list[str]:
+    """An answer's text as the gateway counts it when the upstream reported no usage (`TokenCounter.estimate_usage`):
+    its content, reasoning and tool calls' arguments."""
+    return [message.content, message.reasoning or "", *(call.arguments for call in message.tool_calls)]
 
 
 def health_record(
