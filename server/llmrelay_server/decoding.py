@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeAlias
+from typing import Any, Final, NoReturn, TypeAlias
 
 import grpc
 from google.protobuf.descriptor import MethodDescriptor
@@ -26,6 +26,11 @@ from llmrelay import v1 as pb
 
 from llmrelay_server.domain import FieldViolation, InvalidRequestError
 from llmrelay_server.status import abort
+
+COMPLETE: Final = "/llmrelay.v1.LLMService/Complete"
+STREAM_COMPLETE: Final = "/llmrelay.v1.LLMService/StreamComplete"
+EMBED: Final = "/llmrelay.v1.LLMService/Embed"
+"""The model calls' method paths, as interceptors and observers are told a call's method."""
 
 _Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 _UnaryBehavior: TypeAlias = Callable[[Any, _Context], Awaitable[Message]]

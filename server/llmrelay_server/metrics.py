@@ -28,6 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from llmrelay_server.decoding import STREAM_COMPLETE
 from llmrelay_server.domain import Attempt, AttemptOutcome, BackendSpec, StoreHealth, TokenUsage
 from llmrelay_server.metering import Meter, open_meter
 from llmrelay_server.observing import GEN_AI_OPERATIONS, Observer, Start
@@ -35,7 +36,6 @@ from llmrelay_server.observing import GEN_AI_OPERATIONS, Observer, Start
 OTHER = "other"
 DEFAULT_BUCKETS = tuple(bound for bound in Histogram.DEFAULT_BUCKETS if bound != math.inf)
 """prometheus-client's default buckets, but +Inf, which every histogram has."""
-_STREAM_COMPLETE = "/llmrelay.v1.LLMService/StreamComplete"
 # The gateway's own time per call is small; the default buckets (5 ms up) would put it all in the first.
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 # As the GenAI semantic conventions advise for gen_ai.client.token.usage and gen_ai.server.time_to_first_token.
@@ -457,7 +457,7 @@ class _Method:
         self.metrics, self.labels = metrics, ("server_stream" if streaming else "unary", service, name)
         self.operation = GEN_AI_OPERATIONS.get(method, "chat")
         # llmrelay_open_streams counts answers streamed: not the health service's watches.
-        self.completion_stream = method == _STREAM_COMPLETE
+        self.completion_stream = method == STREAM_COMPLETE
         self.started, self.received = metrics.started(*self.labels), metrics.received(*self.labels)
         self.sent, self.handling = metrics.sent(*self.labels), metrics.handling(*self.labels)
         self._overhead: _Distribution | None = None

@@ -21,17 +21,14 @@ from typing import Any, Final, Protocol
 import grpc
 
 from llmrelay_server.auth import Continuation, Handler
+from llmrelay_server.decoding import COMPLETE, EMBED, STREAM_COMPLETE
 from llmrelay_server.status import ended_with
 
 log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
-GEN_AI_OPERATIONS: Final[Mapping[str, str]] = {
-    "/llmrelay.v1.LLMService/Complete": "chat",
-    "/llmrelay.v1.LLMService/StreamComplete": "chat",
-    "/llmrelay.v1.LLMService/Embed": "embeddings",
-}
+GEN_AI_OPERATIONS: Final[Mapping[str, str]] = {COMPLETE: "chat", STREAM_COMPLETE: "chat", EMBED: "embeddings"}
 """The model calls by method path, with their GenAI operation (gen_ai.operation.name) for metrics and traces."""
 
 

@@ -16,7 +16,7 @@ from llmrelay import v1 as pb
 from llmrelay_server import convert
 from llmrelay_server.auth import Caller, Continuation, Handler, current_caller, models_allowed
 from llmrelay_server.config import Limits
-from llmrelay_server.decoding import decoded
+from llmrelay_server.decoding import COMPLETE, EMBED, STREAM_COMPLETE, decoded
 from llmrelay_server.domain import (
     CompletionRequest,
     InvalidRequestError,
@@ -27,10 +27,6 @@ from llmrelay_server.limits.interface import GATEWAY, Ask, Limiter, Reservation
 from llmrelay_server.metering import open_meter
 from llmrelay_server.status import abort
 from llmrelay_server.tokens import TokenCounter
-
-_COMPLETE = "/llmrelay.v1.LLMService/Complete"
-_STREAM = "/llmrelay.v1.LLMService/StreamComplete"
-_EMBED = "/llmrelay.v1.LLMService/Embed"
 
 
 class LimitsInterceptor(grpc.aio.ServerInterceptor):
@@ -61,7 +57,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method not in (_COMPLETE, _STREAM, _EMBED):
+        if handler is None or method not in (COMPLETE, STREAM_COMPLETE, EMBED):
             return handler
         if self._gateway is None and not _key_limited(current_caller.get()):
             return handler
@@ -72,7 +68,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         return kept[1]
 
     def _limit(self, handler: Handler, method: str) -> Handler:
-        if method == _STREAM:
+        if method == STREAM_COMPLETE:
             return grpc.unary_stream_rpc_method_handler(
                 self._limited_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
             )
