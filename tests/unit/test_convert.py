@@ -803,7 +803,8 @@ def assert_within_bounds(result: CompletionRequest) -> None:
     assert 1 <= len(result.messages) <= convert.MAX_MESSAGES
     for message in result.messages:
         assert isinstance(message.role, Role)
-        assert message.content or message.tool_calls or message.parts
+        # A tool's result may be empty (a void function): the call it answers still needs its answer.
+        assert message.content or message.tool_calls or message.parts or message.role is Role.TOOL
         assert not (message.content and message.parts)
         for part in message.parts:
             if isinstance(part, ImagePart):
