@@ -29,7 +29,15 @@ from typing import Any, TypeAlias
 import grpc
 
 from llmrelay_server.config import AuthConfig, CallerKey, ConfigError, load_keys_file
-from llmrelay_server.domain import ModelFilter, UnauthenticatedError, UsageNotAllowedError, immutable
+from llmrelay_server.domain import (
+    FieldViolation,
+    InvalidRequestError,
+    ModelFilter,
+    UnauthenticatedError,
+    UsageNotAllowedError,
+    immutable,
+)
+from llmrelay_server.metering import current_meter
 from llmrelay_server.status import abort
 
 log = logging.getLogger(__name__)
@@ -72,6 +80,43 @@ def _any_of(patterns: tuple[str, ...]) -> re.Pattern[str]:
 
 current_caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("llmrelay_caller", default=None)
 """The authenticated caller of the call in progress; None when keys are off or the service is open."""
+
+
+CALLER_HEADER = "x-llmrelay-caller"
+"""The metadata by which a caller without a key names itself for the ledger."""
+_CALLER = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
+
+
+def caller_identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """Who to bill: the key's name when keys are on (a keyed caller cannot bill itself as someone else); else the
+    caller's own tag, else a fingerprint of its bearer token (never the token), else anonymous."""
+    if (caller := current_caller.get()) is not None:
+        return caller.name
+    meter = current_meter.get()
+    if meter is None:
+        return _identity(context)
+    if meter.caller is None:  # read once a call: the call log asks again at the end
+        meter.caller = _identity(context)
+    return meter.caller
+
+
+def _identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    # A key sent twice counts by its first value, as _bearer reads `authorization`: one rule for every reader of the
+    # call's metadata.
+    metadata: dict[str, str | bytes] = {}
+    for key, value in context.invocation_metadata() or ():
+        metadata.setdefault(key, value)
+    tag = metadata.get(CALLER_HEADER)
+    if tag is not None:
+        if not isinstance(tag, str) or not _CALLER.fullmatch(tag):
+            raise InvalidRequestError(
+                [FieldViolation(f"metadata.{CALLER_HEADER}", "1-128 characters of letters, digits and ._:@/-")]
+            )
+        return tag
+    authorization = metadata.get("authorization")
+    if isinstance(authorization, str) and authorization:
+        return "key-" + hashlib.sha256(authorization.encode()).hexdigest()[:12]
+    return "anonymous"
 
 
 def models_allowed() -> ModelFilter | None:

@@ -26,11 +26,11 @@ import grpc
 from google.protobuf.message import Message
 from llmrelay import v1 as pb
 
+from llmrelay_server.auth import caller_identity
 from llmrelay_server.domain import AttemptOutcome, LLMRelayError
 from llmrelay_server.logs import call_lines_writer
 from llmrelay_server.metering import Meter, open_meter, served_by
 from llmrelay_server.observing import Context, Observer, Start
-from llmrelay_server.servicer import caller_identity
 
 log = logging.getLogger("llmrelay_server.calls")
 

@@ -35,7 +35,7 @@ class Meter:
     first_chunk_backend: str | None = None
     """The backend that sent that chunk: after a restart, not the one that finished the answer."""
     caller: str | None = None
-    """Who the call bills, once the servicer has read it from the call (`servicer.caller_identity`)."""
+    """Who the call bills, once the servicer has read it from the call (`auth.caller_identity`)."""
     upstream_headers: dict[str, str] = field(default_factory=dict)
     """Headers every upstream request of the call carries (a trace context's traceparent)."""
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from typing import Any, Final, TypeVar
@@ -15,30 +13,25 @@ from google.protobuf.message import Message as ProtoMessage
 from llmrelay import v1 as pb
 
 from llmrelay_server import convert
-from llmrelay_server.auth import current_caller, models_allowed
+from llmrelay_server.auth import caller_identity, current_caller, models_allowed
 from llmrelay_server.domain import (
     AnswerTooLargeError,
     CompletionChunk,
-    FieldViolation,
-    InvalidRequestError,
     LLMRelayError,
     ShuttingDownError,
     StoreHealth,
     ToolCallDelta,
 )
 from llmrelay_server.health import HealthMonitor
-from llmrelay_server.metering import current_meter
 from llmrelay_server.router import Router
 from llmrelay_server.status import abort
 from llmrelay_server.usage import UsageLedger
 
-CALLER_HEADER = "x-llmrelay-caller"
 # Room in a stream message for everything but its text (ids, names, usage, attempts).
 MESSAGE_HEADROOM_BYTES: Final = 64 * 1024
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
 _Answer = TypeVar("_Answer", bound=ProtoMessage)
-_CALLER = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
 
 
 class LLMServicer(pb.LLMServiceServicer):
@@ -229,38 +222,6 @@ class LLMServicer(pb.LLMServiceServicer):
                 raise
             await abort(context, rpc, ShuttingDownError(in_flight=True))
         return answer
-
-
-def caller_identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    """Who to bill: the key's name when keys are on (a keyed caller cannot bill itself as someone else); else the
-    caller's own tag, else a fingerprint of its bearer token (never the token), else anonymous."""
-    if (caller := current_caller.get()) is not None:
-        return caller.name
-    meter = current_meter.get()
-    if meter is None:
-        return _identity(context)
-    if meter.caller is None:  # read once a call: the call log asks again at the end
-        meter.caller = _identity(context)
-    return meter.caller
-
-
-def _identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    # A key sent twice counts by its first value, as auth.py reads `authorization`: one rule for every reader of the
-    # call's metadata.
-    metadata: dict[str, str | bytes] = {}
-    for key, value in context.invocation_metadata() or ():
-        metadata.setdefault(key, value)
-    tag = metadata.get(CALLER_HEADER)
-    if tag is not None:
-        if not isinstance(tag, str) or not _CALLER.fullmatch(tag):
-            raise InvalidRequestError(
-                [FieldViolation(f"metadata.{CALLER_HEADER}", "1-128 characters of letters, digits and ._:@/-")]
-            )
-        return tag
-    authorization = metadata.get("authorization")
-    if isinstance(authorization, str) and authorization:
-        return "key-" + hashlib.sha256(authorization.encode()).hexdigest()[:12]
-    return "anonymous"
 
 
 def _text_length(chunk: CompletionChunk) -> int:
