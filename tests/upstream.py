@@ -107,6 +107,8 @@ class FakeUpstream:
     chat_times: list[float] = field(default_factory=list)
     """Monotonic times at which the chat requests arrived."""
     tokenize_requests: list[dict[str, Any]] = field(default_factory=list)
+    tokenize_count: Any = None
+    """What /tokenize answers as the count, when set (a server's bad figure); else the prompt's tokens."""
     embedding_requests: list[dict[str, Any]] = field(default_factory=list)
     client_disconnects: list[float] = field(default_factory=list)
     """Monotonic times at which a client left while a stalled answer was pending."""
@@ -285,6 +287,8 @@ class FakeUpstream:
         if body.get("model") not in self.models or not isinstance(body.get("messages"), list):
             error = {"error": {"message": "model and messages are required", "type": "BadRequestError", "code": 400}}
             return await _send_json(writer, 400, error)
+        if self.tokenize_count is not None:
+            return await _send_json(writer, 200, {"count": self.tokenize_count, "max_model_len": 8192, "tokens": []})
         count = _prompt_tokens(body)
         return await _send_json(writer, 200, {"count": count, "max_model_len": 8192, "tokens": list(range(count))})
 

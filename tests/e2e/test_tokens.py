@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from llmrelay import v1 as pb
@@ -61,6 +62,18 @@ async def test_without_a_server_tokenizer_the_count_is_an_offline_estimate(
     assert count.estimated and count.encoding == "o200k_base"
     assert count.token_count > 0 and again == count
     assert len(vllm.tokenize_requests) == 0
+
+
+@pytest.mark.parametrize("figure", [2**31, -1, 1.5, True, "12"])
+async def test_a_server_count_that_is_no_count_gives_way_to_the_estimate(
+    stub_for: StubFactory, vllm: FakeUpstream, figure: Any
+) -> None:
+    # 2**31 is beyond the int32 the answer carries: taken, it would have failed the call as it was written.
+    vllm.tokenize_count = figure
+    stub = await vllm_stub(stub_for, vllm)
+    count = await stub.CountTokens(pb.CountTokensRequest(model="gpu/qwen", messages=[user("hello there")]), timeout=5)
+    assert count.estimated and count.encoding == "o200k_base" and 0 < count.token_count < 100
+    assert len(vllm.tokenize_requests) == 1
 
 
 async def test_a_chat_with_an_image_is_estimated_not_counted_by_the_server(

@@ -19,6 +19,6 @@ class VllmProvider(OpenAICompatibleProvider):
         body = wire.prompt_body(model, messages, tools) | {"add_generation_prompt": True}
         answer = await self._post_json("/tokenize", body)
         count = answer["count"]
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        if not wire.is_count(count):
             raise ValueError(f"/tokenize answered a count of {count!r}")
         return count
