@@ -450,9 +450,9 @@ class LLMProvider(Protocol):
         self, model: str, request: CompletionRequest, *, timeout_s: float | None
     ) -> CompletionResponse: ...
 
-    def stream(
-        self, model: str, request: CompletionRequest, *, timeout_s: float | None
-    ) -> AsyncGenerator[CompletionChunk, None]: ...
+    def stream(self, model: str, request: CompletionRequest) -> AsyncGenerator[CompletionChunk, None]:
+        """The answer as it comes; the router times its chunks (the first, then the gaps between them)."""
+        ...
 
     async def count_tokens(self, model: str, messages: Sequence[Message], tools: Sequence[Tool]) -> TokenCount | None:
         """The backend's own exact count, or None when it cannot tokenize (the caller then uses tiktoken)."""

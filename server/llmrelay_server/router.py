@@ -753,7 +753,7 @@ class Router:
         """Starts a stream and waits for its first chunk: until then, a failure may still fall back."""
         # No read timeout of the upstream's own: the first chunk waits within the attempt's limit (_try_route), the
         # rest within the idle limit (_rest_of_stream), both inside the deadline.
-        upstream = route.backend.provider.stream(route.model, request, timeout_s=None)
+        upstream = route.backend.provider.stream(route.model, request)
         try:
             return await anext(upstream), upstream
         except StopAsyncIteration as exc:

@@ -120,9 +120,7 @@ class AnthropicProvider:
             usage=usage,
         )
 
-    async def stream(
-        self, model: str, request: CompletionRequest, *, timeout_s: float | None
-    ) -> AsyncGenerator[CompletionChunk, None]:
+    async def stream(self, model: str, request: CompletionRequest) -> AsyncGenerator[CompletionChunk, None]:
         body = self._body(model, request)
         body["stream"] = True
         state = anthropic_wire.StreamState()
@@ -148,7 +146,7 @@ class AnthropicProvider:
             )
 
         try:
-            async with self._post_stream(body, timeout_s) as answer:
+            async with self._post_stream(body) as answer:
                 if isinstance(answer, bytes):
                     for chunk in self._whole_stream(answer, model):
                         yield chunk
@@ -226,13 +224,11 @@ class AnthropicProvider:
                 UpstreamErrorKind.UNSUPPORTED, self._spec.name, f"not sent to Anthropic: {exc}"
             ) from exc
 
-    def _post_stream(
-        self, body: dict[str, Any], timeout_s: float | None
-    ) -> contextlib.AbstractAsyncContextManager[Lines | bytes]:
+    def _post_stream(self, body: dict[str, Any]) -> contextlib.AbstractAsyncContextManager[Lines | bytes]:
         """Sends the JSON `anthropic_wire` built to /v1/messages, for a streamed answer (or the whole one of a server
         that ignored `stream`: `post_stream`)."""
         content = wire.encode(body)
-        return post_stream(self._messages, content, timeout_s)
+        return post_stream(self._messages, content)
 
     def _whole_stream(self, raw: bytes, model: str) -> list[CompletionChunk]:
         """The chunks of a stream whose upstream answered whole, read as `complete` reads an answer; usage left unset

@@ -112,9 +112,7 @@ class OpenAICompatibleProvider:
             usage=usage,
         )
 
-    async def stream(
-        self, model: str, request: CompletionRequest, *, timeout_s: float | None
-    ) -> AsyncGenerator[CompletionChunk, None]:
+    async def stream(self, model: str, request: CompletionRequest) -> AsyncGenerator[CompletionChunk, None]:
         body = wire.request_body(model, request, max_tokens_field=self.max_tokens_field)
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
@@ -166,7 +164,7 @@ class OpenAICompatibleProvider:
             )
 
         try:
-            async with self._post_stream(body, timeout_s) as answer:
+            async with self._post_stream(body) as answer:
                 if isinstance(answer, bytes):
                     for chunk in self._whole_stream(answer, model):
                         yield chunk
@@ -258,13 +256,11 @@ class OpenAICompatibleProvider:
     ) -> BackendHealth:
         return health_record(self._spec, self.kind, started, reachable=reachable, models=models, error=error)
 
-    def _post_stream(
-        self, body: dict[str, Any], timeout_s: float | None
-    ) -> contextlib.AbstractAsyncContextManager[Lines | bytes]:
+    def _post_stream(self, body: dict[str, Any]) -> contextlib.AbstractAsyncContextManager[Lines | bytes]:
         """Sends the JSON `wire` built (the caller's JSON text spliced in unchanged) to /chat/completions, for a
         streamed answer (or the whole one of an upstream that ignored `stream`: `post_stream`)."""
         content = wire.encode(body)
-        return post_stream(self._completions, content, timeout_s)
+        return post_stream(self._completions, content)
 
     async def _post_read(self, body: dict[str, Any], timeout_s: float | None, endpoint: Endpoint) -> bytes:
         """Sends the JSON `wire` built to `endpoint` and reads the answer whole."""

@@ -169,7 +169,7 @@ class Lines:
 
 
 @asynccontextmanager
-async def post_stream(endpoint: Endpoint, content: bytes, timeout_s: float | None) -> AsyncIterator[Lines | bytes]:
+async def post_stream(endpoint: Endpoint, content: bytes) -> AsyncIterator[Lines | bytes]:
     """POSTs `content` (JSON) for a streamed answer: its lines (SSE ends them with CRLF, LF or CR), a list for each
     read from the network, the lines that were waiting together, which `relayed` turns into as few chunks, never
     waiting for more. A failure while reading comes out as httpx2's (ReadTimeout, ReadError). Leaving closes the
@@ -180,7 +180,8 @@ async def post_stream(endpoint: Endpoint, content: bytes, timeout_s: float | Non
     whole (failures as `post_read`'s), for the provider to relay as a stream of one answer. It is a valid answer,
     and the caller would rather have it than a failure."""
     try:
-        response = await _send(endpoint, content, timeout_s)
+        # No read timeout: the router times a stream's chunks (the first, then the gaps between them).
+        response = await _send(endpoint, content, None)
     except httpx2.TransportError as exc:
         _raise_sdk_error(endpoint, exc)
     lines = None
