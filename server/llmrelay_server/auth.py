@@ -28,7 +28,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from llmrelay_server.config import AuthConfig, CallerKey, ConfigError, load_keys_file
+from llmrelay_server.config import CALLER_NAME, AuthConfig, CallerKey, ConfigError, load_keys_file
 from llmrelay_server.domain import (
     FieldViolation,
     InvalidRequestError,
@@ -84,7 +84,6 @@ current_caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("
 
 CALLER_HEADER = "x-llmrelay-caller"
 """The metadata by which a caller without a key names itself for the ledger."""
-_CALLER = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
 
 
 def caller_identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -108,7 +107,7 @@ def _identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
         metadata.setdefault(key, value)
     tag = metadata.get(CALLER_HEADER)
     if tag is not None:
-        if not isinstance(tag, str) or not _CALLER.fullmatch(tag):
+        if not isinstance(tag, str) or not CALLER_NAME.fullmatch(tag):
             raise InvalidRequestError(
                 [FieldViolation(f"metadata.{CALLER_HEADER}", "1-128 characters of letters, digits and ._:@/-")]
             )

@@ -478,12 +478,13 @@ def load_keys_file(path: str | Path) -> tuple[CallerKey, ...]:
     return keys
 
 
-_KEY_NAME = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
+CALLER_NAME = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
+"""A caller's name: a key's, or the one a caller without a key gives itself (x-llmrelay-caller)."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def check_key_name(name: str, where: str = "name") -> None:
-    if not _KEY_NAME.fullmatch(name):
+    if not CALLER_NAME.fullmatch(name):
         raise ConfigError(f"{where}: {name!r} must be 1-128 of letters, digits and ._:@/-")
 
 
