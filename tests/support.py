@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import struct as binary
+import tracemalloc
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -106,6 +108,30 @@ async def in_background(work: Coroutine[Any, Any, T]) -> AsyncIterator[asyncio.T
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+@contextlib.contextmanager
+def kept_by_the_gateway(min_bytes: int) -> Iterator[list[str]]:
+    """Fills the list with what the gateway's code (server/llmrelay_server) allocated inside the block, `min_bytes` or
+    more at once, that is still in memory at its end: "SIZE bytes at FILE:LINE" (its innermost line there). The
+    garbage collector is off inside, so that what only a cycle holds counts: a busy gateway may run no full
+    collection for many calls, and memory held that way grows with every call meanwhile."""
+    kept: list[str] = []
+    gc.collect()
+    gc.disable()
+    tracemalloc.start(64)
+    try:
+        yield kept
+        snapshot = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(True, "*/llmrelay_server/*", all_frames=True)]
+        )
+        for trace in snapshot.traces:
+            if trace.size >= min_bytes:
+                where = [frame for frame in trace.traceback if "/llmrelay_server/" in frame.filename][-1]
+                kept.append(f"{trace.size} bytes at {where}")
+    finally:
+        tracemalloc.stop()
+        gc.enable()
 
 
 async def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:

@@ -214,6 +214,10 @@ class LLMServicer(pb.LLMServiceServicer):
             answer = to_pb(response)
             # Sent as is, an oversized answer would fail inside gRPC with a bare status and a server error log.
             if (size := answer.ByteSize()) > self._max_message_bytes:
+                # The status raised below keeps this frame (through its traceback, in a cycle with the call's context
+                # that only a full garbage collection frees, which a busy gateway may not run for many calls): not
+                # the answer it refuses with it.
+                del response, answer
                 raise AnswerTooLargeError(size, self._max_message_bytes, *((remedy,) if remedy else ()))
         except LLMRelayError as error:
             await abort(context, rpc, error)
