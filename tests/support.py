@@ -112,10 +112,10 @@ async def in_background(work: Coroutine[Any, Any, T]) -> AsyncIterator[asyncio.T
 
 @contextlib.contextmanager
 def kept_by_the_gateway(min_bytes: int) -> Iterator[list[str]]:
-    """Fills the list with what the gateway's code (server/llmrelay_server) allocated inside the block, `min_bytes` or
-    more at once, that is still in memory at its end: "SIZE bytes at FILE:LINE" (its innermost line there). The
-    garbage collector is off inside, so that what only a cycle holds counts: a busy gateway may run no full
-    collection for many calls, and memory held that way grows with every call meanwhile."""
+    """Fills the list with what the gateway's code (server/llmrelay_server) allocated inside the block and still holds
+    at its end, by the innermost line of it that allocated, where that is `min_bytes` or more: "SIZE bytes at
+    FILE:LINE". The garbage collector is off inside, so that what only a cycle holds counts: a busy gateway may run no
+    full collection for many calls, and memory held that way grows with every call meanwhile."""
     kept: list[str] = []
     gc.collect()
     gc.disable()
@@ -125,10 +125,11 @@ def kept_by_the_gateway(min_bytes: int) -> Iterator[list[str]]:
         snapshot = tracemalloc.take_snapshot().filter_traces(
             [tracemalloc.Filter(True, "*/llmrelay_server/*", all_frames=True)]
         )
+        sizes: dict[tracemalloc.Frame, int] = {}
         for trace in snapshot.traces:
-            if trace.size >= min_bytes:
-                where = [frame for frame in trace.traceback if "/llmrelay_server/" in frame.filename][-1]
-                kept.append(f"{trace.size} bytes at {where}")
+            where = [frame for frame in trace.traceback if "/llmrelay_server/" in frame.filename][-1]
+            sizes[where] = sizes.get(where, 0) + trace.size
+        kept += [f"{size} bytes at {where}" for where, size in sizes.items() if size >= min_bytes]
     finally:
         tracemalloc.stop()
         gc.enable()

@@ -25,6 +25,7 @@ import enum
 import math
 import random
 import time
+import traceback
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import groupby
@@ -216,6 +217,16 @@ class _Received:
                 self.kept += len(text)
             else:
                 self.beyond += len(text)
+
+
+def _let_go(error: UpstreamError) -> None:
+    """Keeps of a failed attempt's error what it says: its frames emptied (those still running, the router's, aside)
+    and its causes dropped. They hold what the failed read had read, up to an answer's whole body or a stream's line
+    (and orjson's error the whole document), and the error outlives the attempt: the call's status keeps it, in a cycle
+    with the call's context, as the chain keeps its last error with the router's frame, until a full garbage
+    collection, which the frozen heap makes rare."""
+    traceback.clear_frames(error.__traceback__)
+    error.__cause__ = error.__context__ = None
 
 
 def _untagged(model: str) -> str:
@@ -604,6 +615,7 @@ class Router:
                         yield chunk
                 return
             except UpstreamError as exc:
+                _let_go(exc)
                 # The attempt that had started is recorded as broken, not as the success it first looked like.
                 chain.stream_ended(AttemptOutcome.INTERRUPTED, exc.message, exc.status)
                 chain.last_error = exc
@@ -878,6 +890,7 @@ class Router:
     @staticmethod
     def _failed(chain: _Chain, route: Route, started: float, error: UpstreamError) -> None:
         """Records a failed attempt, and counts it against the backend unless the failure says nothing of it."""
+        _let_go(error)
         chain.record(route, error.kind.attempt_outcome, started, error)
         if error.kind is UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED:
             chain.too_long_for = max(chain.too_long_for, route.backend.provider.spec.context_window or 0)

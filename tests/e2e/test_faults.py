@@ -783,6 +783,60 @@ async def test_what_the_gateway_reads_of_an_upstreams_answer_is_bounded(
     assert (await stub.Complete(chat(), timeout=5)).message.content == "echo: hello gateway"
 
 
+SSE_HEAD = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+UNREADABLE_LINE = "data: {" + "x" * 3_000_000 + "\n\n"
+FIRST_EVENT = 'data: {"id": "c", "choices": [{"index": 0, "delta": {"content": "Once"}}]}\n\n'
+
+
+@pytest.mark.parametrize(
+    ("fault", "streaming", "exact", "reason"),
+    [
+        ({"huge_content": 6_000_000}, False, True, "UPSTREAM_BAD_RESPONSE"),
+        ({"huge_content": 6_000_000, "one_delta": True}, True, True, "UPSTREAM_BAD_RESPONSE"),
+        ({"body": '{"id": "' + "x" * 3_000_000}, False, True, "UPSTREAM_BAD_RESPONSE"),
+        ({"raw": SSE_HEAD + UNREADABLE_LINE}, True, True, "UPSTREAM_BAD_RESPONSE"),
+        ({"raw": SSE_HEAD + FIRST_EVENT + UNREADABLE_LINE}, True, True, "STREAM_INTERRUPTED"),
+        ({"huge_content": 6_000_000}, False, False, ""),
+    ],
+    ids=[
+        "body over the bound",
+        "stream line over the bound",
+        "body not JSON",
+        "stream line not JSON",
+        "stream line not JSON after text",
+        "body over the bound, then a fallback",
+    ],
+)
+async def test_an_answer_the_gateway_cannot_read_is_not_kept_after_the_call(
+    stub: pb.LLMServiceAsyncStub,
+    primary: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+    fault: dict[str, Any],
+    streaming: bool,
+    exact: bool,
+    reason: str,
+) -> None:
+    """What was read of an answer over the gateway's bound, or of one it could not parse, stayed in memory after the
+    call, failed or served by a fallback: the attempt's error kept it (its frames and causes, in cycles only a full
+    garbage collection frees), and so did a closed connection its unread body. 8 streams whose line never ended grew
+    a gateway by 500 MB, and again with every 8 more."""
+    monkeypatch.setattr(upstream_http, "MAX_ANSWER_BYTES", 4_000_000)
+    model: dict[str, Any] = {"model": primary.models[0], "exact_model": True} if exact else {}
+    await stub.Complete(chat(), timeout=5)  # the connections made: what they allocate stays, and is no answer
+    with kept_by_the_gateway(1_000_000) as kept:
+        primary.inject(fault)
+        try:
+            if streaming:
+                await read_all(stub.StreamComplete(stream_chat(**model), timeout=10))
+            else:
+                assert (await stub.Complete(chat(**model), timeout=10)).backend == "ollama"
+            failure = ""
+        except grpc.aio.AioRpcError as error:
+            failure = details(error)["ErrorInfo"].reason
+    assert failure == reason
+    assert kept == []
+
+
 @pytest.mark.parametrize("retry_after", ["99999999999999999999999", "1e300"])
 async def test_a_retry_after_of_ages_is_taken_as_a_day(
     stub_for: StubFactory, local: FakeUpstream, retry_after: str

@@ -689,6 +689,9 @@ class _Connection(asyncio.Protocol):
         it while some of the request is still to be written: a FIN would wait behind it for as long as the upstream
         does not read, the socket held open all that time and the upstream none the wiser."""
         self.lost = True
+        # Nothing more is read of its answer: what came and was not taken (a body over its bound, one cut short) goes
+        # now. The connection lives on, in a cycle with its parser, until a full garbage collection.
+        self._body, self._buffered = [], 0
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
