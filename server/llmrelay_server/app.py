@@ -82,6 +82,8 @@ class Gateway:
             if not stopping.done():
                 await self.servicer.interrupt_calls(wait_s=INTERRUPT_S)
             await stopping
+            # A call whose caller left is over for gRPC, not yet for the gateway: its bill first, then the ledger.
+            await self.servicer.calls_ended(wait_s=max(grace_s, INTERRUPT_S))
         finally:
             self.router.lag.stop()
             await self.keys.stop()

@@ -647,8 +647,14 @@ class Router:
                 finally:
                     if not billed:
                         # What was generated was still consumed; shielded, as its count may take a thread's while,
-                        # so that the call cancelled once more meanwhile does not lose the bill.
-                        await asyncio.shield(self._bill_partial(route, request, caller, received))
+                        # and awaited to its end though the call is cancelled once more meanwhile (a shutdown
+                        # interrupting it): a stopping gateway closes its ledger once its calls have ended.
+                        bill = asyncio.ensure_future(self._bill_partial(route, request, caller, received))
+                        try:
+                            await asyncio.shield(bill)
+                        except asyncio.CancelledError:
+                            await bill
+                            raise
         if broken is not None:
             # Text was sent and no restart finished it: the stream as a whole was interrupted.
             raise StreamInterruptedError(broken.cause, chain.attempts, after="; no restart could finish it")

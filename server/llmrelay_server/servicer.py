@@ -72,6 +72,13 @@ class LLMServicer(pb.LLMServiceServicer):
         if calls:
             await asyncio.wait(calls, timeout=wait_s)
 
+    async def calls_ended(self, wait_s: float) -> None:
+        """Until the model calls still running have ended, `wait_s` at most. gRPC counts a call its caller left as
+        over at once, while the gateway is still billing what its stream consumed (a count that may take a thread's
+        while): what is closed after this (the ledger) must wait for that."""
+        if self._calls:
+            await asyncio.wait(list(self._calls), timeout=wait_s)
+
     @contextlib.contextmanager
     def _model_call(self) -> Iterator[None]:
         """Admits a model call (not while draining) and keeps it where a shutdown can interrupt it."""

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
+from typing import Any
 
 import grpc
 import pytest
 from llmrelay import v1 as pb
+from llmrelay_server.domain import TokenUsage
+from llmrelay_server.tokens import TokenCounter
 from support import GatewayFactory, chat, details, stream_chat, two_backends
 from upstream import FakeUpstream
 
@@ -119,3 +123,38 @@ async def test_usage_over_the_message_limit_is_answer_too_large_saying_how_to_na
         assert "caller" in str(caught.value.details()) and "time window" in str(caught.value.details())
         (record,) = (await stub.GetUsage(pb.GetUsageRequest(caller=callers[7]), timeout=5)).records
         assert record.requests == 1
+
+
+@pytest.mark.parametrize("grace_period_s", [5.0, 0.0], ids=["within the grace period", "interrupted"])
+async def test_a_stream_its_caller_left_as_the_gateway_stops_is_billed_before_the_ledger_closes(
+    gateway_factory: GatewayFactory,
+    local: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    grace_period_s: float,
+) -> None:
+    """gRPC counts a call its caller left as over, while the gateway still counts what its stream consumed (in a
+    thread: a prompt of megabytes takes a second). A gateway stopping then closed its ledger under the count: the bill
+    was lost, and the log had a traceback (RuntimeError: the usage ledger is closed)."""
+    estimate = TokenCounter.estimate_usage
+
+    async def slow_estimate(self: TokenCounter, *args: Any) -> TokenUsage:
+        await asyncio.sleep(0.3)  # a long prompt's count
+        return await estimate(self, *args)
+
+    monkeypatch.setattr(TokenCounter, "estimate_usage", slow_estimate)
+    config = f'llm:\n  ollama: {{base_url: "{local.base_url}", model: tiny}}\n'
+    gateway = await gateway_factory(config)
+    local.inject({"trickle_s": 0.2})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        call = pb.LLMServiceStub(channel).StreamComplete(stream_chat("one two three four five"), timeout=10)
+        await call.read()
+        call.cancel()
+        await asyncio.sleep(0.1)  # the gateway has seen the caller leave, and counts
+        await gateway.stop(grace_period_s=grace_period_s, drain_s=0)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    # What the stopped gateway billed, the next one on the same ledger reads.
+    restarted = await gateway_factory(config)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{restarted.port}") as channel:
+        records = (await pb.LLMServiceStub(channel).GetUsage(pb.GetUsageRequest(), timeout=5)).records
+    assert [(r.requests, r.interrupted_requests, r.completion_tokens > 0) for r in records] == [(1, 1, True)]
