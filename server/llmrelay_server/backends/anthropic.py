@@ -11,7 +11,6 @@ next.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import time
@@ -26,21 +25,17 @@ from llmrelay_server.backends import anthropic_wire, wire
 from llmrelay_server.backends.upstream_http import (
     HEALTH_TIMEOUT_S,
     Endpoint,
-    Lines,
-    Pool,
     SDKErrors,
+    UpstreamProvider,
     answer_texts,
-    connection_failed,
-    health_record,
-    http_client,
+    error_body,
+    error_message,
     kind_of_status,
     model_ids,
     models_list,
-    pool_full,
     post_read,
     post_stream,
     prepared_headers,
-    redact,
     relayed,
     retry_after_s,
 )
@@ -67,18 +62,17 @@ DEFAULT_MAX_TOKENS = 4096
 _PROMPT_TOO_LONG = re.compile(r"prompt is too long", re.IGNORECASE)
 
 
-class AnthropicProvider:
+class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
     """An LLMProvider over Anthropic's Messages API (or a server that speaks it)."""
 
     kind: ClassVar[str] = "anthropic"
+    _sdk_error = anthropic.APIError
 
     def __init__(self, spec: BackendSpec, *, counter: TokenCounter) -> None:
-        self._spec = spec
+        super().__init__(spec, anthropic.DefaultAsyncHttpxClient)
         self._counter = counter
         self._max_tokens = spec.default_max_tokens or DEFAULT_MAX_TOKENS
-        self._pool = Pool()
-        self._http = http_client(anthropic.DefaultAsyncHttpxClient, self._pool)
-        self._client = anthropic.AsyncAnthropic(
+        self._client: anthropic.AsyncAnthropic = anthropic.AsyncAnthropic(
             # An explicit key also keeps the SDK from looking for credentials in the environment and profile files.
             api_key=spec.api_key or "unused",
             # The SDK adds /v1 to its paths; a base URL written with it works too.
@@ -97,14 +91,12 @@ class AnthropicProvider:
         self._adaptive_thinking: frozenset[str] = frozenset()
         """The models that take reasoning as adaptive thinking and no budget, as the last probe's list said."""
 
-    @property
-    def spec(self) -> BackendSpec:
-        return self._spec
-
     async def complete(self, model: str, request: CompletionRequest, *, timeout_s: float | None) -> CompletionResponse:
         body = self._body(model, request)
         try:
-            answer = anthropic_wire.answer_from(wire.decode_answer_json(await self._post_read(body, timeout_s)))
+            answer = anthropic_wire.answer_from(
+                wire.decode_answer_json(await post_read(self._messages, body, timeout_s))
+            )
         except anthropic.APIError as exc:
             raise self._upstream_error(exc) from exc
         except wire.MalformedAnswerError as exc:
@@ -146,7 +138,7 @@ class AnthropicProvider:
             )
 
         try:
-            async with self._post_stream(body) as answer:
+            async with post_stream(self._messages, body) as answer:
                 if isinstance(answer, bytes):
                     for chunk in self._whole_stream(answer, model):
                         yield chunk
@@ -180,7 +172,7 @@ class AnthropicProvider:
         when it cannot say."""
         try:
             body = anthropic_wire.prompt_body(model, messages, tools)
-            counted = wire.decode_json(await post_read(self._count, wire.encode(body), HEALTH_TIMEOUT_S))
+            counted = wire.decode_json(await post_read(self._count, body, HEALTH_TIMEOUT_S))
         except anthropic_wire.UnmappableRequestError as exc:
             # The caller's chat, which the API cannot be sent (nor a completion of it): theirs to hear, not the log's.
             log.debug("backend %s cannot count this chat (%s); estimating instead", self._spec.name, exc)
@@ -206,10 +198,6 @@ class AnthropicProvider:
         self._adaptive_thinking = frozenset(m.id for m in models if _takes_no_budget(m))
         return self._health(started, reachable=True, models=ids)
 
-    async def aclose(self) -> None:
-        await self._client.close()
-        await self._pool.aclose()
-
     def _body(self, model: str, request: CompletionRequest) -> dict[str, Any]:
         try:
             return anthropic_wire.request_body(
@@ -224,12 +212,6 @@ class AnthropicProvider:
                 UpstreamErrorKind.UNSUPPORTED, self._spec.name, f"not sent to Anthropic: {exc}"
             ) from exc
 
-    def _post_stream(self, body: dict[str, Any]) -> contextlib.AbstractAsyncContextManager[Lines | bytes]:
-        """Sends the JSON `anthropic_wire` built to /v1/messages, for a streamed answer (or the whole one of a server
-        that ignored `stream`: `post_stream`)."""
-        content = wire.encode(body)
-        return post_stream(self._messages, content)
-
     def _whole_stream(self, raw: bytes, model: str) -> list[CompletionChunk]:
         """The chunks of a stream whose upstream answered whole, read as `complete` reads an answer; usage left unset
         when it reported none, as a stream's is (the router estimates it)."""
@@ -238,28 +220,9 @@ class AnthropicProvider:
             answer.id, self._spec.name, answer.model or model, answer.message, answer.finish_reason, answer.usage
         )
 
-    async def _post_read(self, body: dict[str, Any], timeout_s: float | None) -> bytes:
-        """Sends the JSON `anthropic_wire` built to /v1/messages and reads the answer whole."""
-        return await post_read(self._messages, wire.encode(body), timeout_s)
-
-    def _health(
-        self, started: float, *, reachable: bool, models: tuple[str, ...] = (), error: str | None = None
-    ) -> BackendHealth:
-        return health_record(self._spec, self.kind, started, reachable=reachable, models=models, error=error)
-
-    def _bad_answer(self, detail: str) -> UpstreamError:
-        return UpstreamError(UpstreamErrorKind.BAD_RESPONSE, self._spec.name, f"malformed answer: {detail}")
-
     def _upstream_error(self, exc: anthropic.APIError) -> UpstreamError:
-        name = self._spec.name
-        if (busy := pool_full(name, exc)) is not None:
-            return busy
-        if isinstance(exc, anthropic.APITimeoutError):
-            return UpstreamError(UpstreamErrorKind.TIMEOUT, name, "the upstream did not answer in time")
         if isinstance(exc, anthropic.APIConnectionError):
-            return UpstreamError(
-                UpstreamErrorKind.UNREACHABLE, name, self._redact(connection_failed(self._spec.base_url, exc))
-            )
+            return self._connection_error(exc, timed_out=isinstance(exc, anthropic.APITimeoutError))
         if isinstance(exc, anthropic.APIStatusError):
             status = exc.status_code
             detail = exc.api_message or exc.message
@@ -268,7 +231,7 @@ class AnthropicProvider:
             asks_to_wait = kind is UpstreamErrorKind.RATE_LIMITED or status in (503, 529)
             retry_after = retry_after_s(exc.response.headers) if asks_to_wait else None
             message = f"HTTP {status}: {self._redact(detail)}"
-            return UpstreamError(kind, name, message, status=status, retry_after_s=retry_after)
+            return UpstreamError(kind, self._spec.name, message, status=status, retry_after_s=retry_after)
         return self._bad_answer(self._redact(exc.message))
 
     def _error_event(self, event: wire.ErrorEvent) -> UpstreamError:
@@ -277,15 +240,6 @@ class AnthropicProvider:
         message = f"error event ({event.code or 'untyped'}): {self._redact(event.message)}"
         kind = UpstreamErrorKind.SERVER_ERROR if status is None else _kind(status, event.code, None, event.message)
         return UpstreamError(kind, self._spec.name, message, status=status)
-
-    def _describe(self, exc: Exception) -> str:
-        """A probe's failure, for Health: what went wrong, never a secret."""
-        if isinstance(exc, anthropic.APIError):
-            return self._upstream_error(exc).message
-        return f"{type(exc).__name__}: {self._redact(str(exc))}"
-
-    def _redact(self, text: str) -> str:
-        return redact(text, self._spec.api_key)
 
 
 def _kind(status: int, error_type: str | None, error_code: str | None, message: str | None) -> UpstreamErrorKind:
@@ -302,14 +256,9 @@ def _kind(status: int, error_type: str | None, error_code: str | None, message: 
 
 def _status_error(response: httpx2.Response) -> anthropic.APIStatusError:
     """The SDK's error for an HTTP error answer (`{"type": "error", "error": {"type", "message"}}`)."""
-    try:
-        body: Any = response.json()
-    except ValueError:
-        body = response.text
-    error = body.get("error") if isinstance(body, dict) else None
+    body, error = error_body(response)
     detail = error.get("message") if isinstance(error, dict) else None
-    message = detail if isinstance(detail, str) and detail else str(body)[:200] or response.reason_phrase
-    return anthropic.APIStatusError(message, response=response, body=body)
+    return anthropic.APIStatusError(error_message(response, body, detail), response=response, body=body)
 
 
 def _takes_no_budget(model: ModelInfo) -> bool:

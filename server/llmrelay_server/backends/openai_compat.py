@@ -7,7 +7,6 @@ module as an UpstreamError whose kind tells the router what to do next.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -20,21 +19,17 @@ from llmrelay_server.backends import wire
 from llmrelay_server.backends.upstream_http import (
     HEALTH_TIMEOUT_S,
     Endpoint,
-    Lines,
-    Pool,
     SDKErrors,
+    UpstreamProvider,
     answer_texts,
-    connection_failed,
-    health_record,
-    http_client,
+    error_body,
+    error_message,
     kind_of_status,
     model_ids,
     models_list,
-    pool_full,
     post_read,
     post_stream,
     prepared_headers,
-    redact,
     relayed,
     retry_after_s,
 )
@@ -61,20 +56,19 @@ log = logging.getLogger(__name__)
 _CONNECTION_FAILURES = frozenset({UpstreamErrorKind.TIMEOUT, UpstreamErrorKind.UNREACHABLE})
 
 
-class OpenAICompatibleProvider:
+class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
     """An LLMProvider over any server that speaks OpenAI's /chat/completions, and an EmbeddingProvider over its
     /embeddings."""
 
     kind: ClassVar[str] = "openai_compatible"
+    _sdk_error = openai.APIError
     # OpenAI's reasoning models refuse max_tokens; most other servers know only max_tokens.
     max_tokens_field: ClassVar[str] = "max_tokens"
 
     def __init__(self, spec: BackendSpec, *, counter: TokenCounter) -> None:
-        self._spec = spec
+        super().__init__(spec, openai.DefaultAsyncHttpxClient)
         self._counter = counter
-        self._pool = Pool()
-        self._http = http_client(openai.DefaultAsyncHttpxClient, self._pool)
-        self._client = openai.AsyncOpenAI(
+        self._client: openai.AsyncOpenAI = openai.AsyncOpenAI(
             # Local servers take any key; the SDK insists on one.
             api_key=spec.api_key or "unused",
             base_url=spec.base_url,
@@ -90,14 +84,10 @@ class OpenAICompatibleProvider:
         # Servers keep their own endpoints (tokenizers, native APIs) beside /v1, at the root.
         self._root_url = spec.base_url.rstrip("/").removesuffix("/v1")
 
-    @property
-    def spec(self) -> BackendSpec:
-        return self._spec
-
     async def complete(self, model: str, request: CompletionRequest, *, timeout_s: float | None) -> CompletionResponse:
         body = wire.request_body(model, request, max_tokens_field=self.max_tokens_field)
         try:
-            data, choice, message = _chat_completion(await self._post_read(body, timeout_s, self._completions))
+            data, choice, message = _chat_completion(await post_read(self._completions, body, timeout_s))
         except openai.APIError as exc:
             raise self._upstream_error(exc) from exc
         except wire.MalformedAnswerError as exc:
@@ -164,7 +154,7 @@ class OpenAICompatibleProvider:
             )
 
         try:
-            async with self._post_stream(body) as answer:
+            async with post_stream(self._completions, body) as answer:
                 if isinstance(answer, bytes):
                     for chunk in self._whole_stream(answer, model):
                         yield chunk
@@ -193,7 +183,7 @@ class OpenAICompatibleProvider:
     async def embed(self, model: str, request: EmbeddingRequest, *, timeout_s: float | None) -> EmbeddingResponse:
         body = wire.embedding_body(model, request)
         try:
-            data = wire.decode_json(await self._post_read(body, timeout_s, self._embeddings))
+            data = wire.decode_json(await post_read(self._embeddings, body, timeout_s))
             vectors = wire.embedding_vectors(data, len(request.inputs))
         except openai.APIError as exc:
             raise self._upstream_error(exc) from exc
@@ -242,29 +232,10 @@ class OpenAICompatibleProvider:
             return self._health(started, reachable=False, error=self._describe(exc))
         return self._health(started, reachable=True, models=models)
 
-    async def aclose(self) -> None:
-        await self._client.close()
-        await self._pool.aclose()
-
     async def _list_models(self) -> tuple[str, ...]:
         with models_list():
             page = await self._client.models.list(timeout=HEALTH_TIMEOUT_S)
             return model_ids(page.data)
-
-    def _health(
-        self, started: float, *, reachable: bool, models: tuple[str, ...] = (), error: str | None = None
-    ) -> BackendHealth:
-        return health_record(self._spec, self.kind, started, reachable=reachable, models=models, error=error)
-
-    def _post_stream(self, body: dict[str, Any]) -> contextlib.AbstractAsyncContextManager[Lines | bytes]:
-        """Sends the JSON `wire` built (the caller's JSON text spliced in unchanged) to /chat/completions, for a
-        streamed answer (or the whole one of an upstream that ignored `stream`: `post_stream`)."""
-        content = wire.encode(body)
-        return post_stream(self._completions, content)
-
-    async def _post_read(self, body: dict[str, Any], timeout_s: float | None, endpoint: Endpoint) -> bytes:
-        """Sends the JSON `wire` built to `endpoint` and reads the answer whole."""
-        return await post_read(endpoint, wire.encode(body), timeout_s)
 
     def _whole_stream(self, raw: bytes, model: str) -> list[CompletionChunk]:
         """The chunks of a stream whose upstream answered whole, read as `complete` reads an answer; usage left unset
@@ -279,19 +250,9 @@ class OpenAICompatibleProvider:
         model = data.get("model") if isinstance(data, dict) else None
         return model if isinstance(model, str) and model else fallback
 
-    def _bad_answer(self, detail: str) -> UpstreamError:
-        return UpstreamError(UpstreamErrorKind.BAD_RESPONSE, self._spec.name, f"malformed answer: {detail}")
-
     def _upstream_error(self, exc: openai.APIError) -> UpstreamError:
-        name = self._spec.name
-        if (busy := pool_full(name, exc)) is not None:
-            return busy
-        if isinstance(exc, openai.APITimeoutError):
-            return UpstreamError(UpstreamErrorKind.TIMEOUT, name, "the upstream did not answer in time")
         if isinstance(exc, openai.APIConnectionError):
-            return UpstreamError(
-                UpstreamErrorKind.UNREACHABLE, name, self._redact(connection_failed(self._spec.base_url, exc))
-            )
+            return self._connection_error(exc, timed_out=isinstance(exc, openai.APITimeoutError))
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
             message = f"HTTP {status}: {self._redact(exc.message)}"
@@ -299,8 +260,8 @@ class OpenAICompatibleProvider:
             # Retry-After means something on a rate limit and on 503 (overloaded); elsewhere it is not a promise.
             asks_to_wait = kind is UpstreamErrorKind.RATE_LIMITED or status == 503
             retry_after = retry_after_s(exc.response.headers) if asks_to_wait else None
-            return UpstreamError(kind, name, message, status=status, retry_after_s=retry_after)
-        return UpstreamError(UpstreamErrorKind.BAD_RESPONSE, name, f"malformed answer: {self._redact(exc.message)}")
+            return UpstreamError(kind, self._spec.name, message, status=status, retry_after_s=retry_after)
+        return self._bad_answer(self._redact(exc.message))
 
     def _error_event(self, event: wire.ErrorEvent) -> UpstreamError:
         status = event.status
@@ -308,15 +269,6 @@ class OpenAICompatibleProvider:
         # Without a status, the server's failure (a 500), unless its code says more (insufficient_quota: the account).
         kind = kind_of_status(status or 500, event.code, event.message)
         return UpstreamError(kind, self._spec.name, message, status=status)
-
-    def _describe(self, exc: Exception) -> str:
-        """A probe's failure, for Health: what went wrong, never a secret."""
-        if isinstance(exc, openai.APIError):
-            return self._upstream_error(exc).message
-        return f"{type(exc).__name__}: {self._redact(str(exc))}"
-
-    def _redact(self, text: str) -> str:
-        return redact(text, self._spec.api_key)
 
 
 def _chat_completion(raw: bytes) -> tuple[Any, Mapping[str, Any], Message]:
@@ -328,15 +280,13 @@ def _chat_completion(raw: bytes) -> tuple[Any, Mapping[str, Any], Message]:
 
 
 def _status_error(response: httpx2.Response) -> openai.APIStatusError:
-    """The SDK's error for an HTTP error answer, with the upstream's own message when it gave one."""
-    try:
-        body: Any = response.json()
-    except ValueError:
-        body = response.text
-    error = body.get("error") if isinstance(body, dict) else None
-    detail = error.get("message") if isinstance(error, dict) else error if isinstance(error, str) else None
-    message = detail if isinstance(detail, str) and detail else str(body)[:200] or response.reason_phrase
-    return openai.APIStatusError(message, response=response, body=error if isinstance(error, dict) else body)
+    """The SDK's error for an HTTP error answer, with the upstream's own message when it gave one: OpenAI's
+    `{"error": {"message", ...}}`, or the `{"error": "..."}` some compatible servers answer."""
+    body, error = error_body(response)
+    detail = error.get("message") if isinstance(error, dict) else error
+    return openai.APIStatusError(
+        error_message(response, body, detail), response=response, body=error if isinstance(error, dict) else body
+    )
 
 
 class OpenAIProvider(OpenAICompatibleProvider):

@@ -1,6 +1,7 @@
 """What every upstream dialect's provider shares: the HTTP pool, requests sent with their head prepared once, the
-failure vocabulary (what a status means, Retry-After), health records, and the redaction of secrets from upstream
-messages.
+failure vocabulary (what a status means, Retry-After, an error answer's message), and `UpstreamProvider`, the base of
+the dialects' providers (its spec, pool and SDK client, health records, the failures every dialect names alike, and
+the redaction of secrets from upstream messages).
 
 Each provider keeps its SDK (openai, anthropic) for its auth headers, exception types and its own small requests
 (listing models), but sends the JSON its wire module built itself: the SDKs' request paths parse and merge the same
@@ -19,16 +20,17 @@ import email.utils
 import math
 import re
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, ClassVar, Generic, NamedTuple, NoReturn, Protocol, TypeVar
 
 import httpx2
 
 from llmrelay_server import metering
 from llmrelay_server.backends.http1 import Http1Pool, Http1Response, Http1Transport
 from llmrelay_server.backends.proxies import Proxies
-from llmrelay_server.backends.wire import MalformedAnswerError
+from llmrelay_server.backends.wire import MalformedAnswerError, encode
 from llmrelay_server.domain import (
     BackendHealth,
     BackendSpec,
@@ -148,10 +150,11 @@ class Endpoint:
         self.target = pool.http1.target(url, headers)
 
 
-async def post_read(endpoint: Endpoint, content: bytes, timeout_s: float | None) -> bytes:
-    """POSTs `content` (JSON) and returns the answer's body, read whole."""
+async def post_read(endpoint: Endpoint, body: Mapping[str, Any], timeout_s: float | None) -> bytes:
+    """POSTs `body`, the JSON a wire module built (`wire.encode`: the caller's JSON texts spliced in unchanged), and
+    returns the answer's body, read whole."""
     try:
-        return await (await _send(endpoint, content, timeout_s)).read(MAX_ANSWER_BYTES)
+        return await (await _send(endpoint, encode(body), timeout_s)).read(MAX_ANSWER_BYTES)
     except httpx2.TransportError as exc:
         _raise_sdk_error(endpoint, exc)
 
@@ -169,19 +172,19 @@ class Lines:
 
 
 @asynccontextmanager
-async def post_stream(endpoint: Endpoint, content: bytes) -> AsyncIterator[Lines | bytes]:
-    """POSTs `content` (JSON) for a streamed answer: its lines (SSE ends them with CRLF, LF or CR), a list for each
-    read from the network, the lines that were waiting together, which `relayed` turns into as few chunks, never
-    waiting for more. A failure while reading comes out as httpx2's (ReadTimeout, ReadError). Leaving closes the
-    connection at once, so that an upstream sees a caller who went away, unless the answer came whole: then the rest
-    of its body is awaited in the background for `END_GRACE_S` (`Http1Response.release_after`).
+async def post_stream(endpoint: Endpoint, body: Mapping[str, Any]) -> AsyncIterator[Lines | bytes]:
+    """POSTs `body` (JSON, as `post_read` does) for a streamed answer: its lines (SSE ends them with CRLF, LF or
+    CR), a list for each read from the network, the lines that were waiting together, which `relayed` turns into as
+    few chunks, never waiting for more. A failure while reading comes out as httpx2's (ReadTimeout, ReadError).
+    Leaving closes the connection at once, so that an upstream sees a caller who went away, unless the answer came
+    whole: then the rest of its body is awaited in the background for `END_GRACE_S` (`Http1Response.release_after`).
 
     An upstream that ignores `stream: true` answers whole, as JSON (Content-Type application/json): that body, read
     whole (failures as `post_read`'s), for the provider to relay as a stream of one answer. It is a valid answer,
     and the caller would rather have it than a failure."""
     try:
         # No read timeout: the router times a stream's chunks (the first, then the gaps between them).
-        response = await _send(endpoint, content, None)
+        response = await _send(endpoint, encode(body), None)
     except httpx2.TransportError as exc:
         _raise_sdk_error(endpoint, exc)
     lines = None
@@ -341,27 +344,89 @@ def answer_texts(message: Message) -> list[str]:
     return [message.content, message.reasoning or "", *(call.arguments for call in message.tool_calls)]
 
 
-def health_record(
-    spec: BackendSpec,
-    kind: str,
-    started: float,
-    *,
-    reachable: bool,
-    models: tuple[str, ...] = (),
-    error: str | None = None,
-) -> BackendHealth:
-    """A probe's result; `started` is its time.monotonic() start."""
-    return BackendHealth(
-        name=spec.name,
-        kind=kind,
-        base_url=spec.base_url,
-        default_model=spec.default_model,
-        reachable=reachable,
-        models=models,
-        latency_s=time.monotonic() - started,
-        last_error=error,
-        checked_at=time.time(),
-    )
+SDKError = TypeVar("SDKError", bound=Exception)
+
+
+class SDKClient(Protocol):
+    """What `UpstreamProvider` needs of an SDK's client (`openai.AsyncOpenAI`, `anthropic.AsyncAnthropic`)."""
+
+    async def close(self) -> None: ...
+
+
+class UpstreamProvider(ABC, Generic[SDKError]):
+    """The base of every dialect's provider, for what they do alike whatever the wire format: the backend's spec, its
+    pool (`Pool`) and the SDK's HTTP client over it (`_http`), closing them, health records, and the failures every
+    dialect names the same way, with secrets redacted. A dialect keeps the rest: its SDK client (`_client`, made over
+    `_http`), how it builds requests and reads answers and stream events, and what its SDK's errors and its error
+    answers mean (`_upstream_error`).
+
+    Generic over the SDK's base exception (`openai.APIError`, `anthropic.APIError`): this module imports neither SDK,
+    as each dialect imports its own alone (the anthropic SDK only once an Anthropic backend is made)."""
+
+    kind: ClassVar[str]
+    _sdk_error: type[SDKError]
+    """The SDK's base exception, which `_upstream_error` maps."""
+    _client: SDKClient
+    """The SDK's client, which the dialect makes over `_http` (and types as its own)."""
+
+    def __init__(self, spec: BackendSpec, sdk_http_client: Callable[..., httpx2.AsyncClient]) -> None:
+        """`sdk_http_client`: the SDK's HTTP client class (`http_client`), made here over the backend's own pool."""
+        self._spec = spec
+        self._pool = Pool()
+        self._http = http_client(sdk_http_client, self._pool)
+
+    @property
+    def spec(self) -> BackendSpec:
+        return self._spec
+
+    async def aclose(self) -> None:
+        await self._client.close()
+        await self._pool.aclose()
+
+    @abstractmethod
+    def _upstream_error(self, exc: SDKError) -> UpstreamError:
+        """The SDK's failure as an UpstreamError, whose kind tells the router what to do next."""
+
+    def _connection_error(self, exc: SDKError, *, timed_out: bool) -> UpstreamError:
+        """The SDK's connection error (its timeout error is one): the gateway's own bound on connections reached
+        (`pool_full`), no answer in time, or the upstream not reached or its answer broken off (`connection_failed`)."""
+        name = self._spec.name
+        if (busy := pool_full(name, exc)) is not None:
+            return busy
+        if timed_out:
+            return UpstreamError(UpstreamErrorKind.TIMEOUT, name, "the upstream did not answer in time")
+        return UpstreamError(
+            UpstreamErrorKind.UNREACHABLE, name, self._redact(connection_failed(self._spec.base_url, exc))
+        )
+
+    def _bad_answer(self, detail: str) -> UpstreamError:
+        return UpstreamError(UpstreamErrorKind.BAD_RESPONSE, self._spec.name, f"malformed answer: {detail}")
+
+    def _health(
+        self, started: float, *, reachable: bool, models: tuple[str, ...] = (), error: str | None = None
+    ) -> BackendHealth:
+        """A probe's result; `started` is its time.monotonic() start."""
+        spec = self._spec
+        return BackendHealth(
+            name=spec.name,
+            kind=self.kind,
+            base_url=spec.base_url,
+            default_model=spec.default_model,
+            reachable=reachable,
+            models=models,
+            latency_s=time.monotonic() - started,
+            last_error=error,
+            checked_at=time.time(),
+        )
+
+    def _describe(self, exc: Exception) -> str:
+        """A probe's failure, for Health: what went wrong, never a secret."""
+        if isinstance(exc, self._sdk_error):
+            return self._upstream_error(exc).message
+        return f"{type(exc).__name__}: {self._redact(str(exc))}"
+
+    def _redact(self, text: str) -> str:
+        return redact(text, self._spec.api_key)
 
 
 _NOT_A_MODELS_LIST = "the models list is not a JSON object whose `data` is a list of models with ids"
@@ -413,6 +478,22 @@ def kind_of_status(status: int, code: str | None, message: str | None) -> Upstre
             return UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED
         return UpstreamErrorKind.REJECTED
     return UpstreamErrorKind.SERVER_ERROR
+
+
+def error_body(response: httpx2.Response) -> tuple[Any, Any]:
+    """An HTTP error answer's body (its JSON, else its text) and the JSON's `error` (None without one), where both
+    dialects put their error's type and message (`error_message`)."""
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = response.text
+    return body, body.get("error") if isinstance(body, dict) else None
+
+
+def error_message(response: httpx2.Response, body: Any, detail: Any) -> str:
+    """What an HTTP error answer says: the upstream's own message (`detail`, where the dialect found one) when it is
+    text, else the start of its body (`error_body`), else the status's reason phrase."""
+    return detail if isinstance(detail, str) and detail else str(body)[:200] or response.reason_phrase
 
 
 def retry_after_s(headers: httpx2.Headers) -> float | None:
