@@ -18,6 +18,7 @@ OTEL_EXPORTER_OTLP_TIMEOUT seconds in all. Prompts and answers are recorded only
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from typing import Any
 
 import grpc
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
@@ -70,6 +72,40 @@ _TIMEOUT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_T
 DEFAULT_EXPORT_TIMEOUT_S = 10.0
 
 log = logging.getLogger(__name__)
+
+# Where OpenTelemetry's W3C propagators warn about the headers they read: a traceparent over 512 characters, a
+# tracestate with a malformed member or more than 32, baggage over its limits.
+_PROPAGATION_LOGGERS = (
+    "opentelemetry.trace.propagation.tracecontext",
+    "opentelemetry.trace.span",
+    "opentelemetry.baggage.propagation",
+)
+_reading_callers_headers: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "reading_callers_headers", default=False
+)
+
+
+class _CallersHeaders(logging.Filter):
+    """Drops what the propagators log while the gateway reads a caller's trace headers: headers the caller got wrong
+    are its mistake, as a malformed request is, and not worth a warning a call (the call starts a trace of its own, or
+    leaves the bad part out). What they log at other times (the gateway's own use of the API) goes through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _reading_callers_headers.get()
+
+
+_callers_headers = _CallersHeaders()
+for _name in _PROPAGATION_LOGGERS:
+    logging.getLogger(_name).addFilter(_callers_headers)  # once: a filter already there is not added again
+
+
+def _callers_context(carrier: dict[str, str]) -> Context:
+    """The trace context the caller's headers carry, read without a log line for what is wrong with them."""
+    token = _reading_callers_headers.set(True)
+    try:
+        return propagate.extract(carrier)
+    finally:
+        _reading_callers_headers.reset(token)
 
 
 def exporting_provider() -> TracerProvider:
@@ -182,7 +218,7 @@ class _Call:
         carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
         self.started = time.time_ns()
         self.span = observer._tracer.start_span(
-            name, propagate.extract(carrier), SpanKind.SERVER, attributes, start_time=self.started
+            name, _callers_context(carrier), SpanKind.SERVER, attributes, start_time=self.started
         )
         self.meter: Meter = open_meter()
         # Upstream requests continue the trace from this span (and carry nothing else of the caller's context).

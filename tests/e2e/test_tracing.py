@@ -6,6 +6,7 @@ settings refused at start."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -219,6 +220,36 @@ async def test_the_callers_trace_is_continued_up_to_the_upstream(
     version, trace_id, parent_id, flags = headers["traceparent"].split("-")
     assert (version, trace_id, parent_id, flags) == ("00", TRACE_ID, f"{server.context.span_id:016x}", "01")
     assert headers["tracestate"] == "vendor=opaque"
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        (("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01" + "0" * 1000),),
+        (("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01"), ("tracestate", "a=1,b c=2")),
+        (("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01"), ("tracestate", ",".join(f"k{i}=v" for i in range(40)))),
+        (("baggage", "a=" + "b" * 5000),),
+    ],
+    ids=["traceparent-over-512", "tracestate-bad-member", "tracestate-over-32", "baggage-over-4096"],
+)
+async def test_a_callers_malformed_trace_headers_are_ignored_without_a_log_line(
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    exported: InMemorySpanExporter,
+    caplog: pytest.LogCaptureFixture,
+    metadata: tuple[tuple[str, str], ...],
+) -> None:
+    """Headers the caller got wrong are the caller's mistake: the call is served and traced (its trace continued where
+    its traceparent is valid), and OpenTelemetry's propagators do not log a warning for every such call."""
+    async for stub in connect(gateway_factory, two_backends(primary, local)):
+        for _ in range(3):
+            await stub.Complete(chat(), timeout=5, metadata=metadata)
+            await read_all(stub.StreamComplete(stream_chat(), timeout=5, metadata=metadata))
+    assert len(rpc_spans(exported, COMPLETE)) == len(rpc_spans(exported, STREAM)) == 3
+    assert all(headers["traceparent"].startswith("00-") for headers in primary.chat_headers)
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warned, warned
 
 
 async def test_content_is_recorded_only_when_allowed(
