@@ -104,7 +104,8 @@ async def test_a_call_is_a_server_span_with_a_client_span_per_attempt(
 async def test_retries_and_fallbacks_are_attempt_spans_and_events(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, exported: InMemorySpanExporter
 ) -> None:
-    primary.inject({"status": 503}, {"status": 503})
+    # The first attempt takes a while, so that a span started at another moment than its attempt would show.
+    primary.inject({"status": 503, "stall_s": 0.2}, {"status": 503})
     async for stub in connect(gateway_factory, two_backends(primary, local)):
         answer = await stub.Complete(chat(), timeout=5)
     assert answer.backend == "ollama"
@@ -125,7 +126,7 @@ async def test_retries_and_fallbacks_are_attempt_spans_and_events(
         assert (before.end_time or 0) <= (after.start_time or 0)
     # Each span starts when its attempt did (backoff included), as the upstreams saw the requests come.
     retried = (attempts[1].start_time or 0) - (attempts[0].start_time or 0)
-    assert abs(retried / 1e9 - (primary.chat_times[1] - primary.chat_times[0])) < 0.005
+    assert abs(retried / 1e9 - (primary.chat_times[1] - primary.chat_times[0])) < 0.05
     moves = [(event.name, dict(event.attributes or {})) for event in server.events]
     reason = {"llmrelay.reason": "server_error"}
     assert moves == [
