@@ -465,3 +465,49 @@ async def test_settles_past_the_most_kept_stay_as_reserved_and_say_so(
     assert len(warnings) == 3, warnings  # Redis went; the first settle not kept; and how many, when it is back
     assert "2 settles and undos wait for Redis" in warnings[1] and "stay counted as they were reserved" in warnings[1]
     assert "1 more could not be kept" in warnings[2]
+
+
+# --- a Redis that lost what it counted (restarted without persistence, flushed) -------------------------------------
+
+# Each call reserves 600 completion tokens at 1,000 micro-USD: 0.6 USD of a 1 USD budget, so one fits and two do not.
+BIG_REQUEST = chat("x y", model="gpt-test", exact_model=True, options=pb.CompletionOptions(max_tokens=600))
+BIG_STREAM = stream_chat("a b c d", model="gpt-test", exact_model=True, options=pb.CompletionOptions(max_tokens=600))
+# A stream that stays open for about 20 s, a chunk every 1.5 s (within FAST_ROUTER's stream_idle_timeout_s).
+LONG_STREAM = stream_chat(
+    " ".join("abcdefghijklm"), model="gpt-test", exact_model=True, options=pb.CompletionOptions(max_tokens=600)
+)
+SLOW_CHUNKS = {"trickle_s": 1.5}
+
+
+async def flushed(redis_server: RedisServer) -> None:
+    """Empties Redis, as a restart without persistence leaves it."""
+    client = redis.asyncio.from_url(redis_server.url)
+    try:
+        await client.flushall()
+    finally:
+        await client.aclose()
+
+
+async def test_a_call_redis_forgot_settles_without_taking_from_the_calls_counted_since(
+    start: Any, primary: FakeUpstream, local: FakeUpstream, redis_server: RedisServer
+) -> None:
+    _, stub = await start(config(primary, local, redis_server.url, limits="budget_usd_per_day: 1"))
+    primary.inject({"trickle_s": 0.3}, SLOW_CHUNKS)
+    forgotten = stub.StreamComplete(BIG_STREAM, metadata=AUTHORIZED, timeout=20)
+    assert await forgotten.read() is not grpc.aio.EOF
+    assert (await counted(redis_server)).spend == 600_000
+    await flushed(redis_server)
+    counted_since = stub.StreamComplete(LONG_STREAM, metadata=AUTHORIZED, timeout=30)
+    assert await counted_since.read() is not grpc.aio.EOF, "admitted: Redis forgot the first"
+    while await forgotten.read() is not grpc.aio.EOF:
+        pass
+    assert await forgotten.code() == grpc.StatusCode.OK
+    # The first call's settle (it reserved 0.6 USD and was billed far less) must not take its over-reservation out
+    # of the second's, which Redis does count: the day still holds the second's 0.6 USD.
+    await asyncio.sleep(0.2)
+    assert (await counted(redis_server)).spend == 600_000
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(BIG_REQUEST, metadata=AUTHORIZED, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details(caught.value)["ErrorInfo"].reason == "BUDGET_EXCEEDED"
+    counted_since.cancel()

@@ -30,6 +30,12 @@ reservation, it takes back exactly what the record says was counted. Before it, 
 that makes the late reservation count nothing. An undo that comes more than two minutes after its reservation ran
 finds no record and takes nothing back; by then the reservation's requests and tokens have left their window.
 
+Redis names what it holds with an epoch (`llmrelay:limits:epoch`, the Redis clock's reading when a reservation found
+none), which each reservation carries. A Redis restarted without persistence, or flushed, has lost the epoch
+with the counts: a settle of a reservation from before corrects nothing, since what it would take back (a call billed
+less than it reserved) is no longer counted, and taking it from the calls counted since would let others spend what
+those reserved.
+
 A settle (what the call was billed, and its stream slot freed, which would otherwise stay taken until its lease
 lapsed) that cannot be sent, or whose answer never came, is kept with the undos and sent with them, in order, before
 calls are counted again: so what Redis counts becomes what was billed, however the outage fell. A settle may thus
@@ -78,6 +84,8 @@ STREAM_LEASE_S: Final = 15.0
 """How long a stream slot outlives the last renewal by the gateway serving the stream."""
 PROBE_INTERVAL_S: Final = 1.0
 """While Redis is unreachable: how often it is probed, and the retry delay of calls refused meanwhile."""
+EPOCH_KEY: Final = f"{KEY_PREFIX}epoch"
+"""Made by the first reservation into an empty Redis: one that changed since a reservation, Redis lost it."""
 RECORD_PREFIX: Final = f"{KEY_PREFIX}reservation:"
 """Per reservation: the second it was counted in (two minutes), "settled" (two minutes from its settle), or "undone"
 (a tombstone, ten minutes)."""
@@ -102,12 +110,12 @@ _KINDS: Final = (
 
 # What the reserve and undo scripts both read: they are given the same keys and arguments.
 _RESERVATION: Final = """
--- KEYS: 4 per subject: requests, tokens, streams, spend; last, the reservation's record.
+-- KEYS: 4 per subject: requests, tokens, streams, spend; then the epoch; last, the reservation's record.
 -- ARGV[1]: the reservation's id, also its stream lease, ARGV[2]: the lease's length in ms; then 7 per subject: its
 -- requests per minute, tokens per minute, streams at once and budget in micro-USD ('' for each it does not limit),
 -- the tokens and micro-USD the call asks, and '1' for a stream.
 local record = KEYS[#KEYS]
-local subjects = (#KEYS - 1) / 4
+local subjects = (#KEYS - 2) / 4
 local lease, lease_ms = ARGV[1], tonumber(ARGV[2])
 
 local function arg(subject, position)
@@ -124,7 +132,8 @@ end
 _RESERVE: Final = (
     _RESERVATION
     + """
--- Returns {0, seconds, microseconds} of Redis's clock when the call is counted in every subject; else, counting it
+-- Returns {0, seconds, microseconds} of Redis's clock, and the epoch, when the call is counted in every subject;
+-- else, counting it
 -- nowhere, {1, subject, limit, ms until it may fit} for the first limit it would pass (limit: 1 requests, 2 tokens,
 -- 3 streams, 4 budget); or {2} when the reservation has a record already: undone before it ran (its caller no longer
 -- waits for this answer), it counts nothing.
@@ -134,6 +143,7 @@ local second = tonumber(clock[1])
 local now = second + tonumber(clock[2]) / 1000000
 local now_ms = second * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local day = math.floor(second / 86400)
+local epoch = redis.call('GET', KEYS[#KEYS - 1])
 
 -- The buckets of the last 61 seconds, oldest first, and their sum; older buckets are deleted.
 local function window(key)
@@ -214,7 +224,10 @@ for s = 1, subjects do
 end
 -- Where it was counted, for an undo should the answer not reach the gateway.
 redis.call('SET', record, second, 'EX', 120)
-return {0, clock[1], clock[2]}
+-- Kept while reservations come, as long as a spend, so that it too expires when left alone.
+epoch = epoch or (clock[1] .. '.' .. clock[2])
+redis.call('SET', KEYS[#KEYS - 1], epoch, 'EX', 2 * 86400)
+return {0, clock[1], clock[2], epoch}
 """
 )
 
@@ -248,17 +261,19 @@ return 1
 )
 
 _SETTLE: Final = """
--- KEYS: those to correct, then the reservation's record. ARGV[1]: the second the call was counted in, ARGV[2]: its
--- UTC day, ARGV[3]: its lease; then 2 per key to correct: what to do ('tokens' or 'spend', and the correction to what
--- was reserved; or 'lease', and '').
+-- KEYS: those to correct, then the epoch, then the reservation's record. ARGV[1]: the second the call was counted
+-- in, ARGV[2]: its UTC day, ARGV[3]: its lease, ARGV[4]: the epoch it was counted in; then 2 per key to correct: what
+-- to do ('tokens' or 'spend', and the correction to what was reserved; or 'lease', and '').
 -- It runs once per reservation: a settle sent again (its first answer lost, though it ran) finds the record marked.
 -- A correction whose bucket or day is no longer kept has nothing left to correct; one that would take a count below
--- zero (Redis lost the reservation, in a restart, and counted others since) leaves zero.
+-- zero leaves zero. A reservation from another epoch (Redis lost it, in a restart or a flush) is not counted: what
+-- its correction would take back belongs to the calls counted since, so it corrects nothing.
 local record = KEYS[#KEYS]
 if redis.call('GET', record) == 'settled' then return 0 end
 redis.call('SET', record, 'settled', 'EX', 120)
 local second = tonumber(redis.call('TIME')[1])
 local counted, day, lease = ARGV[1], ARGV[2], ARGV[3]
+local lost = redis.call('GET', KEYS[#KEYS - 1]) ~= ARGV[4]
 
 local function correct(key, field, amount)
   if redis.call('HEXISTS', key, field) == 1 and redis.call('HINCRBY', key, field, amount) < 0 then
@@ -266,12 +281,12 @@ local function correct(key, field, amount)
   end
 end
 
-for i = 1, #KEYS - 1 do
-  local key, action, amount = KEYS[i], ARGV[2 + 2 * i], ARGV[3 + 2 * i]
+for i = 1, #KEYS - 2 do
+  local key, action, amount = KEYS[i], ARGV[3 + 2 * i], ARGV[4 + 2 * i]
   if action == 'tokens' then
-    if tonumber(counted) >= second - 60 then correct(key, counted, amount) end
+    if not lost and tonumber(counted) >= second - 60 then correct(key, counted, amount) end
   elseif action == 'spend' then
-    correct(key, day, amount)
+    if not lost then correct(key, day, amount) end
   else
     redis.call('ZREM', key, lease)
   end
@@ -303,6 +318,8 @@ class _Hold:
     lease: str
     lease_keys: tuple[str, ...]
     """The streams sets holding the lease; empty for a call that takes no stream slot."""
+    epoch: str
+    """Redis's epoch when it counted the reservation: a settle in another one corrects nothing."""
 
 
 class RedisLimiter:
@@ -396,7 +413,7 @@ class RedisLimiter:
                 ask.usd_micros,
                 int(ask.stream),
             ]
-        keys.append(f"{RECORD_PREFIX}{reservation_id}")
+        keys += [EPOCH_KEY, f"{RECORD_PREFIX}{reservation_id}"]
         try:
             answer = await self._run(self._reserve_script, keys, args)
         except _UNREACHABLE as error:
@@ -413,10 +430,11 @@ class RedisLimiter:
             kind = _KINDS[code - 1]
             retry_after_s = STREAM_RETRY_S if kind is LimitKind.CONCURRENT_STREAMS else retry_ms / 1000
             raise refusal(kind, asks[subject - 1], retry_after_s)
-        second, micros = int(answer[1]), int(answer[2])
+        second, micros, epoch = int(answer[1]), int(answer[2]), _text(answer[3])
         if stream_keys:
             self._leases[reservation_id] = stream_keys
-        return Reservation(asks, second + micros / 1e6, [_Hold(second, second // 86_400, reservation_id, stream_keys)])
+        hold = _Hold(second, second // 86_400, reservation_id, stream_keys, epoch)
+        return Reservation(asks, second + micros / 1e6, [hold])
 
     async def settle(self, reservation: Reservation, tokens: int, usd_micros: int) -> None:
         if not reservation.holds:
@@ -424,7 +442,7 @@ class RedisLimiter:
         hold: _Hold = reservation.holds[0]
         self._leases.pop(hold.lease, None)
         keys: list[str] = []
-        args: list[str | int] = [hold.second, hold.day, hold.lease]
+        args: list[str | int] = [hold.second, hold.day, hold.lease, hold.epoch]
         for ask in reservation.asks:
             _, tokens_key, _, spend_key = _keys(ask.subject)
             if ask.limits.tokens_per_minute is not None and tokens != ask.tokens:
@@ -438,7 +456,7 @@ class RedisLimiter:
             args += ["lease", ""]
         if not keys:
             return  # billed what it reserved, and no stream slot to free
-        keys.append(f"{RECORD_PREFIX}{hold.lease}")
+        keys += [EPOCH_KEY, f"{RECORD_PREFIX}{hold.lease}"]
         if not self._available:
             # Sent when Redis is back, before calls are counted again; the caller's answer does not wait for it.
             self._send_later(hold.lease, self._settle_script, keys, args)
@@ -608,6 +626,11 @@ def _keys(subject: str) -> tuple[str, str, str, str]:
     """The subject's requests, tokens, streams and spend keys."""
     prefix = f"{KEY_PREFIX}{subject}:"
     return f"{prefix}requests", f"{prefix}tokens", f"{prefix}streams", f"{prefix}spend"
+
+
+def _text(value: bytes | str) -> str:
+    """A script's string answer, as text (the client returns bytes unless it decodes responses)."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _unlimited_if_none(limit: int | None) -> str | int:
