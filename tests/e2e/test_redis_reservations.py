@@ -511,3 +511,31 @@ async def test_a_call_redis_forgot_settles_without_taking_from_the_calls_counted
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert details(caught.value)["ErrorInfo"].reason == "BUDGET_EXCEEDED"
     counted_since.cancel()
+
+
+async def test_a_stream_redis_forgot_has_its_slot_back_at_its_next_renewal(
+    start: Any, primary: FakeUpstream, local: FakeUpstream, redis_server: RedisServer
+) -> None:
+    _, stub = await start(config(primary, local, redis_server.url, limits="concurrent_streams: 1"))
+    primary.inject(SLOW_CHUNKS)
+    open_stream = stub.StreamComplete(LONG_STREAM, metadata=AUTHORIZED, timeout=30)
+    assert await open_stream.read() is not grpc.aio.EOF
+    assert (await counted(redis_server)).streams == 1
+    await flushed(redis_server)
+    # The gateway renews its open streams' leases every 5 s: the first renewal since counts the stream again, so
+    # that the key is not given a second stream while it still has one.
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    while (await counted(redis_server)).streams != 1:
+        assert loop.time() - began < 10, "the open stream's slot is not counted again"
+        await asyncio.sleep(0.1)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stub.StreamComplete(stream_chat(), metadata=AUTHORIZED, timeout=10):
+            pass
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details(caught.value)["ErrorInfo"].reason == "CONCURRENT_STREAMS_EXCEEDED"
+    open_stream.cancel()
+    loop_began = loop.time()
+    while (await counted(redis_server)).streams != 0:
+        assert loop.time() - loop_began < 5, "the cancelled stream's slot is not freed"
+        await asyncio.sleep(0.05)
