@@ -456,3 +456,37 @@ async def test_a_wrong_password_is_said_once_and_the_gateway_serves(
     assert error["level"] == "ERROR" and error["msg"].startswith("usage ledger unavailable: PostgreSQL postgresql://")
     assert f"writer@127.0.0.1:{server.port}/ledger" in error["msg"] and str(journal) in error["msg"]
     assert PASSWORD not in (await gateway.output())
+
+
+async def test_a_table_dropped_by_hand_is_made_anew_and_the_records_since_reach_it(
+    database_url: str, tmp_path: Path, local: FakeUpstream
+) -> None:
+    """schema_version still says the schema is made: without a check, every write fails for ever, restarts included,
+    with only PostgreSQL's "relation does not exist" to go by. The records wait in the journal meanwhile."""
+    journal = tmp_path / "journal"
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(
+        f'server: {{usage_db: "{database_url}", usage_journal_dir: "{journal}", drain_s: 0, log_format: json}}'
+    )
+    gateway = await start_server(config, local)
+    try:
+        await gateway.wait_serving()
+        async with grpc.aio.insecure_channel(gateway.target) as channel:
+            stub = pb.LLMServiceStub(channel)
+            for n in range(3):
+                await stub.Complete(chat(f"before {n}"), timeout=10)
+            await wait_until(lambda: models_written(database_url) == [("tiny", 3)])
+            with psycopg.connect(database_url, autocommit=True) as connection:
+                connection.execute("DROP TABLE usage_buckets")
+            for n in range(4):
+                await stub.Complete(chat(f"after {n}"), timeout=10)
+            await wait_until(lambda: models_written(database_url) == [("tiny", 4)])
+            assert [r.requests for r in (await stub.GetUsage(pb.GetUsageRequest(), timeout=10)).records] == [4]
+            (store,) = (await stub.Health(pb.HealthRequest(), timeout=5)).stores
+            assert store.available
+        await gateway.wait_for_line("made anew", within_s=10)
+    finally:
+        await gateway.stop()
+    assert journaled_lines(journal) == 0
+    said = [json.loads(line) for line in gateway.log if line.startswith("{") and "usage_buckets" in line]
+    assert any(entry["level"] == "WARNING" and "lost its table usage_buckets" in entry["msg"] for entry in said), said

@@ -57,15 +57,20 @@ _MIGRATION_LOCK: Final = 0x6C6C_6D72_656C_6179
 
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (
-        "CREATE TABLE usage_buckets (backend TEXT NOT NULL, model TEXT NOT NULL, caller TEXT NOT NULL,"
+        "CREATE TABLE IF NOT EXISTS usage_buckets (backend TEXT NOT NULL, model TEXT NOT NULL, caller TEXT NOT NULL,"
         " bucket_start BIGINT NOT NULL, "
         + ", ".join(f"{column} BIGINT NOT NULL" for column in COUNT_COLUMNS)
         + ", PRIMARY KEY (backend, model, caller, bucket_start))",
-        "CREATE TABLE applied_batches (journal TEXT PRIMARY KEY, last_batch BIGINT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS applied_batches (journal TEXT PRIMARY KEY, last_batch BIGINT NOT NULL)",
     ),
 )
-"""Migration n runs _MIGRATIONS[n - 1]'s statements; append, never change one that has shipped."""
+"""Migration n runs _MIGRATIONS[n - 1]'s statements; append, never change one that has shipped. Each must be
+idempotent (IF NOT EXISTS): all run again when a table of `_TABLES` is missing."""
+_TABLES: Final = ("usage_buckets", "applied_batches")
+"""The tables of the latest schema. One dropped by hand while schema_version stays would fail every write for ever,
+restarts included, and no message would say what to do: the migrations are run again and make it anew, empty."""
 
+_log = logging.getLogger(__name__)
 logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # its warnings: see the module's docstring
 
 _UPSERT: Final = upsert_statement("%s")
@@ -196,11 +201,13 @@ class PostgreSQLStore:
                     self._opened = True
                 if not self._migrated:
                     async with self._pool.connection() as connection:
-                        await _migrate(connection)
+                        await _migrate(connection, self._description)
                     self._migrated = True
             async with self._pool.connection() as connection:
                 yield connection
         except psycopg.Error as exc:
+            if isinstance(exc, psycopg.errors.UndefinedTable):
+                self._migrated = False  # a table dropped by hand: the next use makes it anew (`_TABLES`)
             # The pool's timeout only says that it waited; why it has no connection is its last attempt's error.
             cause = self._connect_error if isinstance(exc, PoolTimeout) and self._connect_error is not None else exc
             raise LedgerUnavailableError(f"{self._description}: {self._shown(str(cause))}") from exc
@@ -215,7 +222,7 @@ class PostgreSQLStore:
         return " ".join(message.split())
 
 
-async def _migrate(connection: psycopg.AsyncConnection[TupleRow]) -> None:
+async def _migrate(connection: psycopg.AsyncConnection[TupleRow], description: str) -> None:
     async with connection.transaction():
         await connection.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         await connection.execute(
@@ -229,7 +236,21 @@ async def _migrate(connection: psycopg.AsyncConnection[TupleRow]) -> None:
                 f"the usage ledger's schema is version {current}, newer than this gateway knows"
                 f" ({len(_MIGRATIONS)}): run the newer llmrelay-server"
             )
-        for version in range(current + 1, len(_MIGRATIONS) + 1):
+        missing = []
+        if current > 0:
+            for table in _TABLES:
+                found = await (await connection.execute("SELECT to_regclass(%s)", (table,))).fetchone()
+                if found is None or found[0] is None:
+                    missing.append(table)
+        for version in range(1 if missing else current + 1, len(_MIGRATIONS) + 1):
             for statement in _MIGRATIONS[version - 1]:
                 await connection.execute(statement)
-            await connection.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+            if version > current:
+                await connection.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+        if missing:
+            _log.warning(
+                "usage ledger: %s had lost its table %s (dropped?): made anew, empty; the usage it held is gone from"
+                " the database, the records not yet written are written to it",
+                description,
+                " and ".join(missing),
+            )
