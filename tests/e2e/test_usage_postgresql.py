@@ -268,6 +268,8 @@ async def test_postgresql_stopped_mid_load_loses_nothing_and_memory_stays_bounde
         server.remove()
 
     assert "unavailable since" in outage.description and str(journal) in outage.description
+    # Since the outage began, which each failed write (every 50 ms) did not move on.
+    assert len({health.description.partition(" UTC: ")[0] for health in seen if not health.available}) == 1
     shown = [caplog.text, str(refused.value), *(health.description for health in seen), outage.description]
     assert not any(PASSWORD in text for text in shown)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and "usage" in r.name]

@@ -494,7 +494,9 @@ class UsageLedger:
         if self._unavailable is None:
             where = f"kept in the journal {self._journal.directory}" if self._journal is not None else "kept in memory"
             _log.error("usage ledger unavailable: %s; records are %s until it is back", error, where)
-        self._unavailable = (time.time(), str(error))
+        # Since the outage began (what Health shows, and the log when it ends), with the latest failure's words.
+        since = time.time() if self._unavailable is None else self._unavailable[0]
+        self._unavailable = (since, str(error))
         if self._journal is not None:
             with self._lock:  # let go of what the files hold
                 for batch in (*self._pending, self._active):
