@@ -191,6 +191,17 @@ async def test_a_model_an_upstream_names_at_great_length_is_stored_cut_and_holds
     assert record.requests == 1
 
 
+def journaled_config(tmp_path: Path, usage_db: str) -> tuple[Path, Path]:
+    """A gateway's configuration with its ledger in `usage_db` and its journal under tmp_path, logging JSON; and the
+    journal's directory."""
+    journal = tmp_path / "journal"
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(
+        f'server: {{usage_db: "{usage_db}", usage_journal_dir: "{journal}", drain_s: 0, log_format: json}}'
+    )
+    return config, journal
+
+
 def models_written(database_url: str) -> list[tuple[object, ...]]:
     with contextlib.suppress(psycopg.errors.UndefinedTable):  # the ledger makes its table at its first write
         return sorted(sql(database_url, "SELECT model, requests FROM usage_buckets"))
@@ -427,11 +438,7 @@ async def test_a_wrong_password_is_said_once_and_the_gateway_serves(
             return False
 
         await wait_until(refused)  # the server has read its new rules
-        journal = tmp_path / "journal"
-        config = tmp_path / "llmrelay.yaml"
-        config.write_text(
-            f'server: {{usage_db: "{url}", usage_journal_dir: "{journal}", drain_s: 0, log_format: json}}'
-        )
+        config, journal = journaled_config(tmp_path, url)
         gateway = await start_server(config, local)
         try:
             await gateway.wait_serving()
@@ -465,11 +472,7 @@ async def test_a_table_dropped_by_hand_is_made_anew_and_the_records_since_reach_
 ) -> None:
     """schema_version still says the schema is made: without a check, every write fails for ever, restarts included,
     with only PostgreSQL's "relation does not exist" to go by. The records wait in the journal meanwhile."""
-    journal = tmp_path / "journal"
-    config = tmp_path / "llmrelay.yaml"
-    config.write_text(
-        f'server: {{usage_db: "{database_url}", usage_journal_dir: "{journal}", drain_s: 0, log_format: json}}'
-    )
+    config, journal = journaled_config(tmp_path, database_url)
     gateway = await start_server(config, local)
     try:
         await gateway.wait_serving()
