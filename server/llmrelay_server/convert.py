@@ -19,6 +19,7 @@ from llmrelay import v1 as pb
 
 from llmrelay_server import images
 from llmrelay_server.domain import (
+    CONTROL_CHARACTERS,
     Attempt,
     AttemptOutcome,
     BackendHealth,
@@ -65,8 +66,6 @@ MAX_JSON_DEPTH: Final = 512
 (the token count, Anthropic's input_schema) read it again deeper in the stack: text nested near Python's recursion
 limit would pass here and raise RecursionError there, an UNKNOWN status, by a few levels of stack either way."""
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-"""No name (a model's, a backend's, a caller's) holds these: a NUL cannot even be stored in PostgreSQL's text."""
 
 _ROLES: Final[Mapping[pb.Role.ValueType, Role]] = {
     pb.ROLE_SYSTEM: Role.SYSTEM,
@@ -188,7 +187,7 @@ def _model(request: Any, unset: str, errors: _Violations) -> str | None:
     model: str | None = request.model if request.HasField("model") else None
     if model is not None and not 0 < len(model) <= MAX_MODEL_NAME:
         errors.add("model", f"must be 1 to {MAX_MODEL_NAME} characters, or unset for {unset}")
-    elif model is not None and _CONTROL.search(model):
+    elif model is not None and CONTROL_CHARACTERS.search(model):
         errors.add("model", "must hold no control characters (a NUL, a newline)")
     return model
 
@@ -229,7 +228,7 @@ def usage_query(request: pb.GetUsageRequest) -> UsageQuery:
         # there were none to find.
         errors.add("end_time", "must not be before start_time: the window is from start_time up to end_time")
     for name in ("backend", "model", "caller"):
-        if request.HasField(name) and _CONTROL.search(getattr(request, name)):
+        if request.HasField(name) and CONTROL_CHARACTERS.search(getattr(request, name)):
             errors.add(name, "must hold no control characters (a NUL, a newline)")
     errors.raise_if_any()
     return UsageQuery(

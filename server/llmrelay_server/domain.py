@@ -27,6 +27,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import re
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar, dataclass_transform, runtime_checkable
@@ -73,6 +74,11 @@ class JsonText:
     bytes unchanged (a protobuf Struct would have made every integer a double)."""
 
     text: str
+
+
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+"""No name (a model's, a backend's, a caller's) holds these: GetUsage's filters refuse them, so the ledger keeps an
+upstream's name without them, and a NUL cannot even be stored in PostgreSQL's text."""
 
 
 class NotFiniteError(ValueError):

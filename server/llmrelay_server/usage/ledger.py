@@ -40,7 +40,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 import secrets
 import threading
 import time
@@ -52,7 +51,14 @@ from typing import Final
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from llmrelay_server.config import ServerConfig, is_postgresql
-from llmrelay_server.domain import Cost, StoreHealth, StoreRole, TokenUsage, UsageUnavailableError
+from llmrelay_server.domain import (
+    CONTROL_CHARACTERS,
+    Cost,
+    StoreHealth,
+    StoreRole,
+    TokenUsage,
+    UsageUnavailableError,
+)
 from llmrelay_server.usage.journal import Journal, Orphan, batch_files, encode, read_batch
 from llmrelay_server.usage.sqlite import MEMORY, SQLiteStore
 from llmrelay_server.usage.store import (
@@ -70,8 +76,6 @@ QUERY_RETRY_S = 5.0
 """What a usage query refused for an unreachable database tells the caller to wait (PostgreSQL's reconnect pace)."""
 _log = logging.getLogger(__name__)
 
-_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
-"""What no name in GetUsage's filters may hold (convert._CONTROL), stored as U+FFFD in the name an upstream gives."""
 MAX_MODEL_CHARS: Final = 256
 """The longest model name the ledger keeps (a caller's own is refused past as many, convert.MAX_MODEL_NAME); a longer
 name an upstream gives is cut, and ends in a digest of the whole so that two such names stay apart. PostgreSQL indexes
@@ -242,7 +246,7 @@ class UsageLedger:
             # GetUsage's filters take names, or its records could not be asked for by the name they carry (and
             # `llmrelay usage` would print an upstream's escape sequences to a terminal). PostgreSQL cannot even store
             # a NUL: the batch holding it would be retried for ever, every record after it held up.
-            model = _CONTROL.sub("\ufffd", model)
+            model = CONTROL_CHARACTERS.sub("\ufffd", model)
         if len(model) > MAX_MODEL_CHARS:
             model = _shortened(model)
         key = (backend, model, caller, int(moment // self._bucket_s) * self._bucket_s)
