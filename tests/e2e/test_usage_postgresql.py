@@ -13,12 +13,14 @@ import sys
 import textwrap
 import threading
 import tracemalloc
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import psycopg
 import pytest
+from harness import GatewayProcess
 from llmrelay import v1 as pb
 from llmrelay_server.domain import Cost, StoreHealth, StoreRole, TokenUsage, UsageUnavailableError
 from llmrelay_server.usage import LedgerUnavailableError, UsageLedger, UsageTotals
@@ -191,15 +193,24 @@ async def test_a_model_an_upstream_names_at_great_length_is_stored_cut_and_holds
     assert record.requests == 1
 
 
-def journaled_config(tmp_path: Path, usage_db: str) -> tuple[Path, Path]:
-    """A gateway's configuration with its ledger in `usage_db` and its journal under tmp_path, logging JSON; and the
-    journal's directory."""
+@contextlib.asynccontextmanager
+async def journaled_gateway(
+    tmp_path: Path, usage_db: str, local: FakeUpstream
+) -> AsyncIterator[tuple[GatewayProcess, pb.LLMServiceAsyncStub, Path]]:
+    """`llmrelay-server` serving, its ledger in `usage_db` and its journal under tmp_path, logging JSON: the process,
+    a stub over a channel to it, and the journal's directory. Stopped at the end."""
     journal = tmp_path / "journal"
     config = tmp_path / "llmrelay.yaml"
     config.write_text(
         f'server: {{usage_db: "{usage_db}", usage_journal_dir: "{journal}", drain_s: 0, log_format: json}}'
     )
-    return config, journal
+    gateway = await start_server(config, local)
+    try:
+        await gateway.wait_serving()
+        async with grpc.aio.insecure_channel(gateway.target) as channel:
+            yield gateway, pb.LLMServiceStub(channel), journal
+    finally:
+        await gateway.stop()
 
 
 def models_written(database_url: str) -> list[tuple[object, ...]]:
@@ -438,22 +449,15 @@ async def test_a_wrong_password_is_said_once_and_the_gateway_serves(
             return False
 
         await wait_until(refused)  # the server has read its new rules
-        config, journal = journaled_config(tmp_path, url)
-        gateway = await start_server(config, local)
-        try:
-            await gateway.wait_serving()
-            async with grpc.aio.insecure_channel(gateway.target) as channel:
-                stub = pb.LLMServiceStub(channel)
-                for n in range(3):
-                    assert (await stub.Complete(chat(f"q {n}"), timeout=10)).backend == "ollama"
-                await gateway.wait_for_line("password authentication failed", within_s=30)
-                with pytest.raises(grpc.aio.AioRpcError) as refused_usage:
-                    await stub.GetUsage(pb.GetUsageRequest(), timeout=30)
-                assert refused_usage.value.code() == grpc.StatusCode.UNAVAILABLE
+        async with journaled_gateway(tmp_path, url, local) as (gateway, stub, journal):
+            for n in range(3):
+                assert (await stub.Complete(chat(f"q {n}"), timeout=10)).backend == "ollama"
+            await gateway.wait_for_line("password authentication failed", within_s=30)
+            with pytest.raises(grpc.aio.AioRpcError) as refused_usage:
+                await stub.GetUsage(pb.GetUsageRequest(), timeout=30)
+            assert refused_usage.value.code() == grpc.StatusCode.UNAVAILABLE
             assert journaled_lines(journal) == 3
             before_stop = [json.loads(line) for line in gateway.log if line.startswith("{")]
-        finally:
-            await gateway.stop()
     finally:
         server.remove()
 
@@ -472,26 +476,19 @@ async def test_a_table_dropped_by_hand_is_made_anew_and_the_records_since_reach_
 ) -> None:
     """schema_version still says the schema is made: without a check, every write fails for ever, restarts included,
     with only PostgreSQL's "relation does not exist" to go by. The records wait in the journal meanwhile."""
-    config, journal = journaled_config(tmp_path, database_url)
-    gateway = await start_server(config, local)
-    try:
-        await gateway.wait_serving()
-        async with grpc.aio.insecure_channel(gateway.target) as channel:
-            stub = pb.LLMServiceStub(channel)
-            for n in range(3):
-                await stub.Complete(chat(f"before {n}"), timeout=10)
-            await wait_until(lambda: models_written(database_url) == [("tiny", 3)])
-            with psycopg.connect(database_url, autocommit=True) as connection:
-                connection.execute("DROP TABLE usage_buckets")
-            for n in range(4):
-                await stub.Complete(chat(f"after {n}"), timeout=10)
-            await wait_until(lambda: models_written(database_url) == [("tiny", 4)])
-            assert [r.requests for r in (await stub.GetUsage(pb.GetUsageRequest(), timeout=10)).records] == [4]
-            (store,) = (await stub.Health(pb.HealthRequest(), timeout=5)).stores
-            assert store.available
+    async with journaled_gateway(tmp_path, database_url, local) as (gateway, stub, journal):
+        for n in range(3):
+            await stub.Complete(chat(f"before {n}"), timeout=10)
+        await wait_until(lambda: models_written(database_url) == [("tiny", 3)])
+        with psycopg.connect(database_url, autocommit=True) as connection:
+            connection.execute("DROP TABLE usage_buckets")
+        for n in range(4):
+            await stub.Complete(chat(f"after {n}"), timeout=10)
+        await wait_until(lambda: models_written(database_url) == [("tiny", 4)])
+        assert [r.requests for r in (await stub.GetUsage(pb.GetUsageRequest(), timeout=10)).records] == [4]
+        (store,) = (await stub.Health(pb.HealthRequest(), timeout=5)).stores
+        assert store.available
         await gateway.wait_for_line("made anew", within_s=10)
-    finally:
-        await gateway.stop()
     assert journaled_lines(journal) == 0
     said = [json.loads(line) for line in gateway.log if line.startswith("{") and "usage_buckets" in line]
     assert any(entry["level"] == "WARNING" and "lost its table usage_buckets" in entry["msg"] for entry in said), said
