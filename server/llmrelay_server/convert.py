@@ -349,6 +349,9 @@ def _image(image: pb.ImagePart, errors: _Violations, where: str, max_image_bytes
         # and their dimensions read for CountTokens; the upstream gets them as a data: URL all the same.
         if (scheme := _url_scheme(image.url)) == "data":
             errors.add(f"{where}.url", "a data: URL is not accepted: send the image's bytes in data instead")
+        elif _NOT_IN_A_URL.search(image.url):
+            # The upstream would fetch some other URL (urllib drops tabs and line breaks) or fail with its own words.
+            errors.add(f"{where}.url", "holds a space or a control character: percent-encode it (a space is %20)")
         elif scheme not in ("http", "https"):
             errors.add(f"{where}.url", "must be an http:// or https:// URL the upstream can fetch")
         return ImagePart(url=image.url, detail=detail)
@@ -368,6 +371,10 @@ def _image(image: pb.ImagePart, errors: _Violations, where: str, max_image_bytes
         errors.add(f"{where}.data", f"is {found} data, but media_type says {image.media_type}")
     # Unset, the media type is the one the bytes' signature says.
     return ImagePart(data=data, media_type=image.media_type or found, detail=detail)
+
+
+_NOT_IN_A_URL: Final = re.compile(r"[\s\x00-\x1f\x7f]")
+"""What a URL never holds unencoded (RFC 3986): whitespace, Unicode's included, and control characters."""
 
 
 def _url_scheme(text: str) -> str | None:

@@ -117,6 +117,9 @@ def image_message(*images: pb.ImagePart, role: pb.Role.ValueType = pb.ROLE_USER,
         # URLs that urllib cannot even split, or whose port is no port: no traceback, the part named.
         (image_message(pb.ImagePart(url="https://[::1/cat.png")), "messages[0].parts[1].image.url"),
         (image_message(pb.ImagePart(url="https://example.com:99999/cat.png")), "messages[0].parts[1].image.url"),
+        # A URL with a space or a line break: the upstream would fetch another URL, or fail in its own words.
+        (image_message(pb.ImagePart(url="https://example.com/a cat.png")), "messages[0].parts[1].image.url"),
+        (image_message(pb.ImagePart(url="https://example.com/cat.png\r\n")), "messages[0].parts[1].image.url"),
         (image_message(pb.ImagePart(data=png(4096, 4096))), "messages[0].parts[1].image.data"),  # over 2000 bytes
         (image_message(pb.ImagePart(data=png(1, 1), media_type="image/tiff")), "messages[0].parts[1].image.media_type"),
         (image_message(pb.ImagePart(data=b"not an image")), "messages[0].parts[1].image.data"),

@@ -1245,7 +1245,7 @@ type isImagePart_Source interface {
 }
 
 type ImagePart_Url struct {
-	// An http(s) URL the upstream fetches.
+	// An http(s) URL the upstream fetches, its spaces and control characters percent-encoded (refused otherwise).
 	Url string `protobuf:"bytes,1,opt,name=url,proto3,oneof"`
 }
 

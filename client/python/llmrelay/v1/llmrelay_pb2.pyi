@@ -784,7 +784,7 @@ class ImagePart(_message.Message):
     MEDIA_TYPE_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     url: _builtins.str
-    """An http(s) URL the upstream fetches."""
+    """An http(s) URL the upstream fetches, its spaces and control characters percent-encoded (refused otherwise)."""
     data: _builtins.bytes
     """The image's bytes (at most the gateway's image size limit)."""
     media_type: _builtins.str

@@ -978,7 +978,7 @@ export interface ContentPart {
 
 /** An image in a message: by URL, or its bytes with their media type. */
 export interface ImagePart {
-  /** An http(s) URL the upstream fetches. */
+  /** An http(s) URL the upstream fetches, its spaces and control characters percent-encoded (refused otherwise). */
   url?:
     | string
     | undefined;
