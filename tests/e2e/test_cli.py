@@ -9,6 +9,7 @@ import os
 import re
 import signal
 from asyncio.subprocess import PIPE
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,39 @@ async def test_the_caller_key_comes_from_the_environment(keyed: Gateway) -> None
     assert status == 1 and "UNAUTHENTICATED" in err and "TEAM_KEY" in err and "bad" not in err
     status, _, err = await llmrelay("--target", target, "--key-env", "NO_SUCH_KEY", "health")
     assert (status, err) == (1, "llmrelay: --key-env NO_SUCH_KEY: the variable is not set\n")
+
+
+async def test_usage_takes_a_time_window_and_lines_up_wide_names(keyed: Gateway, primary: FakeUpstream) -> None:
+    target, with_key = f"127.0.0.1:{keyed.port}", {**os.environ, KEY_ENV: KEY}
+    primary.inject({"served_model": "模型-wide"})  # two columns a character, in a terminal
+    status, _, err = await llmrelay("--target", target, "complete", "hi", env=with_key)
+    assert status == 0, err
+
+    async def usage(*window: str) -> list[str]:
+        status, out, err = await llmrelay("--target", target, "usage", *window, env=with_key)
+        assert status == 0, err
+        return out.splitlines()
+
+    header, row, *footnotes = await usage("--since", "10m")
+    # The caller's column starts at the same column of a terminal in both lines: the model's name takes two more
+    # columns than it has characters.
+    assert row.startswith("openai   模型-wide  cli-user  1 "), row
+    assert header.index("caller") == row.index("cli-user") + 2
+    assert footnotes and footnotes[0].startswith("~ estimated")  # the fake upstream's model has no price
+    nothing = ["backend  model  caller  requests  prompt  completion  total  cost (USD)"]
+    assert await usage("--since", "2000-01-01", "--until", "2000-01-02T00:00+01:00") == nothing
+    assert await usage("--until", "1h") == nothing
+    in_time = await usage("--since", "1d", "--until", (datetime.now(UTC) + timedelta(minutes=1)).isoformat())
+    assert in_time[:2] == [header, row]
+
+    # A window the gateway refuses (its bounds swapped), and one the command cannot read.
+    status, _, err = await llmrelay("--target", target, "usage", "--since", "1m", "--until", "1h", env=with_key)
+    assert status == 1 and err.startswith("llmrelay: INVALID_ARGUMENT: end_time: must not be before start_time"), err
+    status, _, err = await llmrelay("--target", target, "usage", "--since", "yesterday", env=with_key)
+    assert status == 2 and err.endswith(
+        "argument --since: 'yesterday' is neither a time ago (30m, 24h, 7d) nor an ISO"
+        " 8601 date or time (2026-11-30, 2026-11-30T09:00)\n"
+    ), err
 
 
 async def test_a_client_certificate_for_mutual_tls(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import http.client
 import json
 import math
@@ -12,6 +13,7 @@ import re
 import signal
 import sys
 import time
+import unicodedata
 import urllib.error
 import urllib.request
 from collections import defaultdict
@@ -118,6 +120,26 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+_AGO = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def _moment(text: str) -> datetime.datetime:
+    """A time (argparse's type for --since and --until): so long ago (30m, 24h, 7d), or an ISO 8601 date or time, in
+    UTC unless it gives its offset."""
+    try:
+        if ago := _AGO.fullmatch(text):
+            return datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=float(ago[1]) * _UNIT_S[ago[2]])
+        moment = datetime.datetime.fromisoformat(text)
+        return moment.astimezone(datetime.UTC) if moment.tzinfo is not None else moment.replace(tzinfo=datetime.UTC)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of the calendar's range (years 1 to 9999)") from None
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a time ago (30m, 24h, 7d) nor an ISO 8601 date or time (2026-11-30, 2026-11-30T09:00)"
+        ) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmrelay",
@@ -183,8 +205,11 @@ def _parser() -> argparse.ArgumentParser:
 
     usage = commands.add_parser("usage", help="token usage per backend, model and caller")
     usage.add_argument("--backend")
-    usage.add_argument("--model")
+    usage.add_argument("--model", help="an upstream's model name, as the table shows it")
     usage.add_argument("--caller")
+    window = "a time ago (30m, 24h, 7d) or an ISO 8601 date or time, UTC unless it says; usage is kept by the minute"
+    usage.add_argument("--since", type=_moment, help=f"only usage from then on: {window}")
+    usage.add_argument("--until", type=_moment, help="only usage before then: the same forms")
     usage.set_defaults(run=_usage)
 
     stats = commands.add_parser("stats", help="a live view of the gateway from its metrics endpoint")
@@ -271,19 +296,32 @@ def _health(client: Client, args: argparse.Namespace) -> None:
 
 def _usage(client: Client, args: argparse.Namespace) -> None:
     request = pb.GetUsageRequest(backend=args.backend, model=args.model, caller=args.caller)
+    if args.since is not None:
+        request.start_time.FromDatetime(args.since)
+    if args.until is not None:
+        request.end_time.FromDatetime(args.until)
     records = client.get_usage(request).records
     header = ("backend", "model", "caller", "requests", "prompt", "completion", "total", "cost (USD)")
     rows = [
         (r.backend, r.model, r.caller, r.requests, r.prompt_tokens, r.completion_tokens, r.total_tokens, _usd(r.cost))
         for r in records
     ]
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    cells = [[str(cell) for cell in row] for row in [header, *rows]]
+    widths = [max(_columns(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        padded = (cell + " " * (width - _columns(cell)) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(padded).rstrip())
     if any(r.cost.estimated for r in records):
         print("~ estimated: the gateway counted tokens, or the model has no known price")
     if any(r.cost.price_unknown for r in records):
         print("(no price): counted at the gateway's unknown_price rate; the upstream's bill may differ")
+
+
+def _columns(text: str) -> int:
+    """How many columns of a terminal the text takes: two for a wide character (CJK), none for a combining mark."""
+    return sum(
+        0 if unicodedata.combining(char) else 2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text
+    )
 
 
 def _usd(cost: pb.Cost) -> str:
