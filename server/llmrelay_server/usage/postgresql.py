@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any, Final, Self
+from typing import Any, Final, Self, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -49,6 +49,10 @@ _WAIT_S: Final = 5.0
 ANSWER_S: Final = 10.0
 """How long a write or a query may take in all: a database that stops answering (a frozen server, a network path that
 drops packets) would otherwise hold the writer, GetUsage and the shutdown for as long as it stays so."""
+ENDING_S: Final = 1.0
+"""How long work cancelled at ANSWER_S is given to end, and then again once its connection is closed. psycopg answers
+a cancellation by asking the server to cancel the query and waiting to see it end, up to 5 s each, which a frozen
+server never answers; cancelled a second time, it closes the connection."""
 _RECONNECT_S: Final = 10.0
 """How long the pool retries a lost connection in the background (with backoff) before leaving it to the next
 write; short, so that the backoff never grows far past the moment the database returns."""
@@ -70,6 +74,7 @@ _TABLES: Final = ("usage_buckets", "applied_batches")
 """The tables of the latest schema. One dropped by hand while schema_version stays would fail every write for ever,
 restarts included, and no message would say what to do: the migrations are run again and make it anew, empty."""
 
+_T = TypeVar("_T")
 _log = logging.getLogger(__name__)
 logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # its warnings: see the module's docstring
 
@@ -147,12 +152,24 @@ class PostgreSQLStore:
         return self._description
 
     async def check(self) -> None:
-        async with self._answering(), self._connection() as connection:
-            await connection.execute("SELECT 1")
+        await self._answered(self._check())
 
     async def apply(self, batch: BatchId, buckets: Buckets) -> bool:
         # A write cut short by the bound may still have committed: the batch, retried, is marked applied already.
-        async with self._answering(), self._connection() as connection, connection.transaction():
+        return await self._answered(self._apply(batch, buckets))
+
+    async def read(self, selection: Selection, journals: Collection[str]) -> Snapshot:
+        return await self._answered(self._read(selection, journals))
+
+    async def aclose(self) -> None:
+        await self._pool.close()
+
+    async def _check(self) -> None:
+        async with self._connection() as connection:
+            await connection.execute("SELECT 1")
+
+    async def _apply(self, batch: BatchId, buckets: Buckets) -> bool:
+        async with self._connection() as connection, connection.transaction():
             marked = await connection.execute(_MARK_APPLIED, (batch.journal, batch.number))
             if marked.rowcount == 0:
                 return False  # committing changes nothing
@@ -160,9 +177,9 @@ class PostgreSQLStore:
                 await cursor.executemany(_UPSERT, [(*key, *counts) for key, counts in buckets.items()])
         return True
 
-    async def read(self, selection: Selection, journals: Collection[str]) -> Snapshot:
+    async def _read(self, selection: Selection, journals: Collection[str]) -> Snapshot:
         where, values = selection.sql_where("%s")
-        async with self._answering(), self._connection() as connection, connection.transaction():
+        async with self._connection() as connection, connection.transaction():
             # One snapshot for both reads: the batches a query counts from journal files are known to be in the
             # totals, or not, as of the same moment.
             await connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -179,17 +196,25 @@ class PostgreSQLStore:
             ).fetchall()
         return Snapshot({(row[0], row[1], row[2]): list(row[3:]) for row in rows}, dict(last_batches))
 
-    async def aclose(self) -> None:
-        await self._pool.close()
-
-    @asynccontextmanager
-    async def _answering(self) -> AsyncIterator[None]:
-        """Bounds the work inside to ANSWER_S; past it, the database counts as unavailable."""
+    async def _answered(self, work: Coroutine[Any, Any, _T]) -> _T:
+        """The work's result within ANSWER_S; past it, the work is cancelled (`ENDING_S`) and the database counts as
+        unavailable. The work runs as a task of its own, so that its second cancellation is no one else's."""
+        task = asyncio.ensure_future(work)
         try:
-            async with asyncio.timeout(ANSWER_S):
-                yield
-        except TimeoutError as exc:
-            raise LedgerUnavailableError(f"{self._description}: no answer within {ANSWER_S:g} s") from exc
+            done, _ = await asyncio.wait((task,), timeout=ANSWER_S)
+            if not done:
+                for _ in range(2):
+                    task.cancel()
+                    done, _ = await asyncio.wait((task,), timeout=ENDING_S)
+                    if done:
+                        break
+                task.add_done_callback(_retrieved)
+                raise LedgerUnavailableError(f"{self._description}: no answer within {ANSWER_S:g} s")
+        except asyncio.CancelledError:
+            task.cancel()
+            task.add_done_callback(_retrieved)
+            raise
+        return task.result()
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[TupleRow]]:
@@ -220,6 +245,12 @@ class PostgreSQLStore:
         for password in self._passwords:
             message = message.replace(password, "***")
         return " ".join(message.split())
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Takes the outcome of work given up on, which no one awaits (asyncio would log it as never retrieved)."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _migrate(connection: psycopg.AsyncConnection[TupleRow], description: str) -> None:
