@@ -376,6 +376,34 @@ async def test_redis_down_under_load_admits_uncounted_then_limits_return_with_it
     assert (len(ok), len(refusals)) == (3, 7)
 
 
+async def test_a_redis_out_of_memory_says_so_until_it_takes_writes_again(
+    limiter_for: LimiterFactory, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With maxmemory reached and `noeviction`, Redis refuses every write and still answers PING: the limiter says why,
+    and counts again only once writes are taken, not at each probe that a PING passes."""
+    caplog.set_level(logging.INFO, logger=WARNINGS)
+    limiter = await limiter_for(probe_interval_s=0.05)
+    limits = Limits(requests_per_minute=1)
+    admin = redis.asyncio.from_url(redis_server.url)
+    await admin.config_set("maxmemory-policy", "noeviction")
+    await admin.config_set("maxmemory", 1)  # less than Redis holds already
+    try:
+        reservation = await limiter.reserve([ask(limits)])
+        assert not reservation.holds and not limiter.available, "admitted without being counted"
+        description = limiter.health().description
+        assert "out of memory" in description and "maxmemory" in description and "noeviction" in description
+        await asyncio.sleep(0.5)  # some ten probes, each answered by PING
+        assert not limiter.available
+        assert len(records(caplog, logging.WARNING)) == 1
+        assert not any("reachable again" in line for line in records(caplog, logging.INFO))
+    finally:
+        await admin.config_set("maxmemory", 0)
+    await until(lambda: limiter.available)
+    await limiter.reserve([ask(limits, subject="key:after")])
+    await refused(limiter.reserve([ask(limits, subject="key:after")]))
+    await admin.aclose()
+
+
 @pytest.mark.parametrize("leaked", [TypeError("'NoneType' object is not callable"), AttributeError("_add_writer")])
 async def test_a_transport_error_leaking_from_the_driver_counts_as_redis_unreachable(
     limiter_for: LimiterFactory, monkeypatch: pytest.MonkeyPatch, leaked: Exception

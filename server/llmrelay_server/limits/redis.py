@@ -69,7 +69,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 
 from llmrelay_server.domain import LimitKind, LimitsUnavailableError, StoreHealth, StoreRole, immutable
 from llmrelay_server.limits.interface import (
@@ -88,6 +88,9 @@ PROBE_INTERVAL_S: Final = 1.0
 """While Redis is unreachable: how often it is probed, and the retry delay of calls refused meanwhile."""
 EPOCH_KEY: Final = f"{KEY_PREFIX}epoch"
 """Made by the first reservation into an empty Redis: one that changed since a reservation, Redis lost it."""
+PROBE_KEY: Final = f"{KEY_PREFIX}probe"
+"""Written (for a second) by the probe: a Redis that answers PING but refuses writes (out of memory, a read-only
+replica) cannot count calls, so it is not back until it takes a write."""
 RECORD_PREFIX: Final = f"{KEY_PREFIX}reservation:"
 """Per reservation: the second it was counted in (two minutes), "settled" (two minutes from its settle), or "undone"
 (a tombstone, ten minutes)."""
@@ -590,7 +593,7 @@ class RedisLimiter:
         while True:
             await asyncio.sleep(self._probe_interval_s)
             try:
-                await self._within_timeout(self._client.ping)
+                await self._within_timeout(lambda: self._client.set(PROBE_KEY, 1, px=1000))
             except _UNREACHABLE as error:
                 self._unreachable_because = self._reason(error)
                 continue
@@ -633,6 +636,11 @@ class RedisLimiter:
             text = f"{type(error).__name__}: {text}"  # the driver's internals: the words alone would say little
         elif isinstance(error, TimeoutError):
             text = f"no answer within {self._timeout_s:g} s"
+        elif isinstance(error, OutOfMemoryError):
+            text = (
+                "out of memory: it refuses writes past its maxmemory under maxmemory-policy noeviction; give it more"
+                f" memory, or the limits a Redis of their own ({text})"
+            )
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
