@@ -21,6 +21,8 @@ from support import GatewayFactory, two_backends
 from upstream import FakeUpstream
 
 KEY = "llmr-cli-0123456789abcdefghijklmnop"
+EMPTY_TABLE = "backend  model  caller  requests  prompt  completion  total  cost (USD)"
+"""What `llmrelay usage` prints when no usage matches."""
 
 
 async def llmrelay(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -48,6 +50,12 @@ async def test_the_caller_key_comes_from_the_environment(keyed: Gateway) -> None
     assert (status, out) == (0, "echo: hi\n"), err
     status, out, err = await llmrelay("--target", target, "usage", env=with_key)
     assert status == 0 and re.search(r"^openai +gpt-test +cli-user +1 ", out, re.MULTILINE), out + err
+    # The model by its upstream's name, or as `complete --model` takes it: backend/model.
+    for model in ("gpt-test", "openai/gpt-test"):
+        status, out, err = await llmrelay("--target", target, "usage", "--model", model, env=with_key)
+        assert status == 0 and re.search(r"^openai +gpt-test +cli-user +1 ", out, re.MULTILINE), out + err
+    status, out, err = await llmrelay("--target", target, "usage", "--model", "ollama/gpt-test", env=with_key)
+    assert (status, out.splitlines()) == (0, [EMPTY_TABLE])
 
     # --key-env names another variable; an unknown key is refused, and shown nowhere.
     elsewhere = {**os.environ, KEY_ENV: "", "TEAM_KEY": KEY.replace("cli", "bad")}
@@ -74,9 +82,8 @@ async def test_usage_takes_a_time_window_and_lines_up_wide_names(keyed: Gateway,
     assert row.startswith("openai   模型-wide  cli-user  1 "), row
     assert header.index("caller") == row.index("cli-user") + 2
     assert footnotes and footnotes[0].startswith("~ estimated")  # the fake upstream's model has no price
-    nothing = ["backend  model  caller  requests  prompt  completion  total  cost (USD)"]
-    assert await usage("--since", "2000-01-01", "--until", "2000-01-02T00:00+01:00") == nothing
-    assert await usage("--until", "1h") == nothing
+    assert await usage("--since", "2000-01-01", "--until", "2000-01-02T00:00+01:00") == [EMPTY_TABLE]
+    assert await usage("--until", "1h") == [EMPTY_TABLE]
     in_time = await usage("--since", "1d", "--until", (datetime.now(UTC) + timedelta(minutes=1)).isoformat())
     assert in_time[:2] == [header, row]
 

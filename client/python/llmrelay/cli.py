@@ -205,7 +205,7 @@ def _parser() -> argparse.ArgumentParser:
 
     usage = commands.add_parser("usage", help="token usage per backend, model and caller")
     usage.add_argument("--backend")
-    usage.add_argument("--model", help="an upstream's model name, as the table shows it")
+    usage.add_argument("--model", help="an upstream's model name, as the table shows it, or backend/model")
     usage.add_argument("--caller")
     window = "a time ago (30m, 24h, 7d) or an ISO 8601 date or time, UTC unless it says; usage is kept by the minute"
     usage.add_argument("--since", type=_moment, help=f"only usage from then on: {window}")
@@ -301,6 +301,10 @@ def _usage(client: Client, args: argparse.Namespace) -> None:
     if args.until is not None:
         request.end_time.FromDatetime(args.until)
     records = client.get_usage(request).records
+    if not records and args.backend is None and args.model is not None and "/" in args.model:
+        # Nothing for an upstream model of that name: the model as `complete --model` takes it, backend/model.
+        request.backend, _, request.model = args.model.partition("/")
+        records = client.get_usage(request).records
     header = ("backend", "model", "caller", "requests", "prompt", "completion", "total", "cost (USD)")
     rows = [
         (r.backend, r.model, r.caller, r.requests, r.prompt_tokens, r.completion_tokens, r.total_tokens, _usd(r.cost))
