@@ -89,8 +89,7 @@ PROBE_INTERVAL_S: Final = 1.0
 EPOCH_KEY: Final = f"{KEY_PREFIX}epoch"
 """Made by the first reservation into an empty Redis: one that changed since a reservation, Redis lost it."""
 PROBE_KEY: Final = f"{KEY_PREFIX}probe"
-"""Written (for a second) by the probe: a Redis that answers PING but refuses writes (out of memory, a read-only
-replica) cannot count calls, so it is not back until it takes a write."""
+"""Written (for a second) by the probe (`_PROBE`): a Redis that answers PING but refuses writes cannot count calls."""
 RECORD_PREFIX: Final = f"{KEY_PREFIX}reservation:"
 """Per reservation: the second it was counted in (two minutes), "settled" (two minutes from its settle), or "undone"
 (a tombstone, ten minutes)."""
@@ -299,6 +298,13 @@ end
 return 0
 """
 
+_PROBE: Final = """
+-- KEYS[1]: the probe's key. A write, as every script here makes: a Redis that answers but refuses writes (out of
+-- memory under noeviction, a read-only replica) is not back. A script, so that it needs no permission they do not.
+redis.call('SET', KEYS[1], 1, 'PX', 1000)
+return 0
+"""
+
 _RENEW: Final = """
 -- KEYS: 2 per lease: a streams set and the reservation's record; last, the epoch. ARGV[1]: the lease's length in ms;
 -- then 2 per lease: the lease, extended if it is in its set, and the epoch it was counted in.
@@ -368,6 +374,7 @@ class RedisLimiter:
         self._settle_script = self._client.register_script(_SETTLE)
         self._renew_script = self._client.register_script(_RENEW)
         self._undo_script = self._client.register_script(_UNDO)
+        self._probe_script = self._client.register_script(_PROBE)
         # Reservations (and so leases) are named by limiter (one per gateway process) and call, so no two gateways
         # ever name one alike.
         owner = uuid.uuid4().hex
@@ -593,7 +600,7 @@ class RedisLimiter:
         while True:
             await asyncio.sleep(self._probe_interval_s)
             try:
-                await self._within_timeout(lambda: self._client.set(PROBE_KEY, 1, px=1000))
+                await self._run(self._probe_script, [PROBE_KEY], [])
             except _UNREACHABLE as error:
                 self._unreachable_because = self._reason(error)
                 continue

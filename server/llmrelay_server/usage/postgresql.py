@@ -50,9 +50,9 @@ ANSWER_S: Final = 10.0
 """How long a write or a query may take in all: a database that stops answering (a frozen server, a network path that
 drops packets) would otherwise hold the writer, GetUsage and the shutdown for as long as it stays so."""
 ENDING_S: Final = 1.0
-"""How long work cancelled at ANSWER_S is given to end, and then again once its connection is closed. psycopg answers
-a cancellation by asking the server to cancel the query and waiting to see it end, up to 5 s each, which a frozen
-server never answers; cancelled a second time, it closes the connection."""
+"""How long work cancelled at ANSWER_S is given to end before it is cancelled again, and then once more. psycopg
+answers a cancellation by asking the server to cancel the query and waiting to see it end, up to 5 s each, which a
+frozen server never answers; cancelled a second time, it closes the connection."""
 _RECONNECT_S: Final = 10.0
 """How long the pool retries a lost connection in the background (with backoff) before leaving it to the next
 write; short, so that the backoff never grows far past the moment the database returns."""
