@@ -189,6 +189,12 @@ async def test_a_gateway_without_embedding_models_says_so(
         ({"status": 400}, grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED"),
         ({"status": 401}, grpc.StatusCode.FAILED_PRECONDITION, "UPSTREAM_AUTH_FAILED"),
         ({"body": '{"data": "no vectors"}'}, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_BAD_RESPONSE"),
+        # base64 of a NaN and a 1: an overflowing model's answer, no vector to compare.
+        (
+            {"body": '{"data": [{"index": 0, "embedding": "AADAfwAAgD8="}]}'},
+            grpc.StatusCode.UNAVAILABLE,
+            "UPSTREAM_BAD_RESPONSE",
+        ),
     ],
 )
 async def test_upstream_failures_map_as_for_chat(

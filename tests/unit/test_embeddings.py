@@ -29,6 +29,8 @@ from llmrelay_server.domain import (
 from llmrelay_server.pricing import PriceTable
 from llmrelay_server.router import Router
 
+NAN, INF = float("nan"), float("inf")
+
 
 def floats(*values: float) -> bytes:
     return struct.pack(f"<{len(values)}f", *values)
@@ -62,6 +64,12 @@ def test_vectors_are_put_in_input_order_by_index_from_base64_or_numbers() -> Non
     assert wire.embedding_vectors(data, 3) == (first, second, third)
 
 
+def test_every_finite_float_is_a_valid_dimension() -> None:
+    # The largest and smallest float32s, a subnormal, negative zero: finite all, however near the infinities.
+    extremes = floats(3.4028234663852886e38, -3.4028234663852886e38, 1.4e-45, -0.0)
+    assert wire.embedding_vectors({"data": [{"index": 0, "embedding": b64(extremes)}]}, 1) == (extremes,)
+
+
 @pytest.mark.parametrize(
     ("data", "complaint"),
     [
@@ -79,6 +87,10 @@ def test_vectors_are_put_in_input_order_by_index_from_base64_or_numbers() -> Non
         ({"data": [{"index": 0, "embedding": [1e300]}, {"index": 1, "embedding": [1.0]}]}, "32-bit floats"),
         ({"data": [{"index": 0, "embedding": None}, {"index": 1, "embedding": [1.0]}]}, "neither"),
         ({"data": [{"index": 0, "embedding": [1.0]}, {"index": 1, "embedding": [1.0, 2.0]}]}, "differ"),
+        # A model that overflowed (float16 weights, say) answers NaN or infinity: no distance can be taken with it.
+        ({"data": [{"index": 0, "embedding": b64(floats(0.5, NAN))}, {"index": 1, "embedding": "AACAPw=="}]}, "NaN"),
+        ({"data": [{"index": 0, "embedding": "AACAPw=="}, {"index": 1, "embedding": b64(floats(-INF, 1))}]}, "NaN"),
+        ({"data": [{"index": 0, "embedding": b64(floats(INF))}, {"index": 1, "embedding": "AACAPw=="}]}, "NaN"),
     ],
 )
 def test_a_malformed_answer_is_a_definite_error(data: Any, complaint: str) -> None:

@@ -496,7 +496,27 @@ def _vector(value: Any) -> bytes:
         raise MalformedAnswerError("an embedding is neither base64 text nor a list of numbers")
     if not raw or len(raw) % 4:
         raise MalformedAnswerError("an embedding is not a whole number of 32-bit floats")
+    if not _finite(raw):
+        raise MalformedAnswerError("an embedding holds NaN or infinity")
     return raw
+
+
+# NaN and the infinities are the float32s whose 8 exponent bits are all set: in little-endian, the low 7 bits of a
+# float's byte 3 (0x7F or 0xFF) and the top bit of its byte 2. Each table marks a byte that has its share of them.
+_EXPONENT_HIGH: Final = bytes(int(byte & 0x7F == 0x7F) for byte in range(256))
+_EXPONENT_LOW: Final = bytes(byte >> 7 for byte in range(256))
+
+
+def _finite(raw: bytes) -> bool:
+    """Whether every float of a vector is finite: tested on its bytes, no Python float per dimension."""
+    high = raw[3::4]
+    if 0x7F not in high and 0xFF not in high:
+        return True  # every float under 2**127 in magnitude, as a model's are: one search of the bytes tells
+    # The marks of bytes 3 and of bytes 2, each an integer of a bit per byte: a float with both is not finite.
+    low = raw[2::4]
+    return not int.from_bytes(high.translate(_EXPONENT_HIGH), "little") & int.from_bytes(
+        low.translate(_EXPONENT_LOW), "little"
+    )
 
 
 def embedding_usage_from(data: Mapping[str, Any]) -> TokenUsage | None:
