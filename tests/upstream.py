@@ -40,6 +40,8 @@ Faults are queued; each chat or embeddings request takes the next one. A fault i
                                                        cannot stream do)
     {"line_end": "\\r\\n"}                             a stream whose lines end with CRLF (or "\\r": CR) for LF
     {"out_of_order": true}                             embeddings listed last input first (each with its index)
+    {"ignore_dimensions": true}                        embeddings of EMBEDDING_DIMENSIONS whatever `dimensions` asks
+                                                       (as servers that cannot shorten vectors answer: llama.cpp's)
     {"raw": "HTTP/1.1 abc\\r\\n\\r\\n"}                these bytes (latin-1) as the whole answer, then close
     {"close_after": true}                              answer (whole or streamed), then close the connection at
                                                        once without saying so (no Connection: close), as a server
@@ -264,7 +266,9 @@ class FakeUpstream:
             return await _send_json(writer, 404, error)
         inputs = body.get("input")
         inputs = [inputs] if isinstance(inputs, str) else inputs
-        dimensions = body.get("dimensions", EMBEDDING_DIMENSIONS)
+        dimensions = (
+            EMBEDDING_DIMENSIONS if fault.get("ignore_dimensions") else body.get("dimensions", EMBEDDING_DIMENSIONS)
+        )
         data = []
         for index, text in enumerate(inputs):
             vector = embedding_vector(text, dimensions)

@@ -88,6 +88,26 @@ async def test_vectors_come_back_in_input_order_whatever_order_the_upstream_list
     assert primary.embedding_requests[0]["dimensions"] == 8
 
 
+async def test_vectors_not_of_the_dimensions_asked_are_refused_and_another_backend_of_the_model_serves(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    stub = await stub_for(embedding_backends(primary, local, openai=DEFAULT, ollama=DEFAULT))
+    primary.inject({"ignore_dimensions": True})
+    answer = await stub.Embed(pb.EmbedRequest(inputs=["a", "b"], dimensions=8), timeout=10)
+    assert [values(e) for e in answer.embeddings] == [embedding_vector(t, 8) for t in ("a", "b")]
+    assert outcomes(answer) == [("openai", pb.ATTEMPT_OUTCOME_REJECTED), ("ollama", pb.ATTEMPT_OUTCOME_SUCCEEDED)]
+    assert "answered 1536 dimensions, not the 8 asked" in answer.attempts[0].error
+    # Where no backend of the model shortens its vectors, the caller is told to stop asking it to.
+    primary.inject({"ignore_dimensions": True})
+    local.inject({"ignore_dimensions": True})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Embed(pb.EmbedRequest(inputs=["a"], dimensions=8), timeout=10)
+    assert (caught.value.code(), reason(caught.value)) == (grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED")
+    assert "leave dimensions unset" in str(caught.value.details())
+    (record,) = (await stub.GetUsage(pb.GetUsageRequest(), timeout=10)).records
+    assert (record.backend, record.requests) == ("ollama", 1)
+
+
 async def test_no_model_means_the_first_backend_that_has_an_embedding_model(
     stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
