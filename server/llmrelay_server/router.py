@@ -73,10 +73,12 @@ RETRYABLE = frozenset(
         UpstreamErrorKind.SERVER_ERROR,
     }
 )
-# Failures that say nothing about the backend's health, so they do not trip its circuit.
+# Failures that say nothing about the backend's health, so they do not trip its circuit: a caller's prompt or inputs
+# too long for the model among them, or one caller's mistake would shut the backend for every other.
 NOT_THE_BACKENDS_FAULT = frozenset(
     {
         UpstreamErrorKind.REJECTED,
+        UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED,
         UpstreamErrorKind.MODEL_NOT_FOUND,
         UpstreamErrorKind.UNSUPPORTED,
         UpstreamErrorKind.BUSY,

@@ -203,6 +203,26 @@ async def test_a_gateway_without_embedding_models_says_so(
     assert reason(caught.value) == "MODEL_NOT_FOUND"
 
 
+async def test_inputs_too_long_for_the_model_do_not_shut_its_backend_for_other_callers(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    yaml = embedding_backends(primary, local, openai=DEFAULT).replace("failure_threshold: 50", "failure_threshold: 2")
+    stub = await stub_for(yaml)
+    too_long = {"status": 400, "body": '{"error": {"message": "This model\'s maximum context length is 8192 tokens"}}'}
+    for _ in range(3):
+        primary.inject(too_long)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Embed(pb.EmbedRequest(inputs=["a text too long"]), timeout=10)
+        assert (caught.value.code(), reason(caught.value)) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "CONTEXT_LENGTH_EXCEEDED",
+        )
+    # The caller's inputs said nothing of the backend: its circuit stays closed, and the next call is served.
+    answer = await stub.Embed(pb.EmbedRequest(inputs=["short"]), timeout=10)
+    assert outcomes(answer) == [("openai", pb.ATTEMPT_OUTCOME_SUCCEEDED)]
+    assert len(primary.embedding_requests) == 4
+
+
 @pytest.mark.parametrize(
     ("fault", "code", "why"),
     [
