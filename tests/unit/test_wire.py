@@ -363,7 +363,7 @@ def test_arguments_nested_beyond_writing_are_a_malformed_answer() -> None:
         parse(wire.decode_answer_json(raw.replace(b'"id": "c1"', b'"id": "c1", "n": %d' % 2**70)))
     delta = wire.decode_json(b'{"tool_calls": [{"index": 0, "function": {"arguments": %s}}]}' % DEEP_ARGUMENTS)
     with pytest.raises(wire.MalformedAnswerError, match="nested too deeply"):
-        wire.tool_call_deltas(delta)
+        wire.StreamToolCalls().deltas(delta)
 
 
 def test_a_plain_answer() -> None:
@@ -403,6 +403,7 @@ def test_tool_calls() -> None:
                     {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}},
                     {"id": "call_2", "type": "function", "function": {"name": "g", "arguments": {"b": [1, "ø"]}}},
                     {"id": None, "function": {"name": "h"}},
+                    {"id": "", "function": {"name": "i"}},
                 ],
             }
         )
@@ -411,7 +412,10 @@ def test_tool_calls() -> None:
     assert message.tool_calls[0] == ToolCall("call_1", "f", '{"a": 1}')
     assert message.tool_calls[1].name == "g"
     assert message.tool_calls[1].arguments == '{"b": [1, "ø"]}'  # object arguments become JSON text, letters kept
-    assert message.tool_calls[2] == ToolCall("", "h", "")
+    # A call the upstream gave no id gets one, which its tool message can name; each its own.
+    made = [call.id for call in message.tool_calls[2:]]
+    assert [(call.name, call.arguments) for call in message.tool_calls[2:]] == [("h", ""), ("i", "")]
+    assert all(call_id.startswith("call_") for call_id in made) and len(set(made)) == 2
 
 
 @pytest.mark.parametrize("calls", [None, [], 0, ""])
@@ -591,17 +595,26 @@ def test_tool_call_deltas() -> None:
             {"index": 7, "function": None},
         ]
     }
-    assert wire.tool_call_deltas(delta) == (
-        ToolCallDelta(index=0, id="call_1", name="f", arguments=""),
-        ToolCallDelta(index=1, arguments='{"a":'),
-        ToolCallDelta(index=2, arguments='{"b": 2}'),
-        ToolCallDelta(index=7),
+    calls = wire.StreamToolCalls()
+    first, *others = calls.deltas(delta)
+    assert first == ToolCallDelta(index=0, id="call_1", name="f", arguments="")
+    # The first fragment of a call the upstream gave no id carries one of the gateway's own.
+    assert [(d.index, d.name, d.arguments) for d in others] == [
+        (1, None, '{"a":'),
+        (2, None, '{"b": 2}'),
+        (7, None, None),
+    ]
+    made = [d.id for d in others]
+    assert all(call_id and call_id.startswith("call_") for call_id in made) and len(set(made)) == 3
+    # ... and only the first: the fragments after it add to the call it began.
+    assert calls.deltas({"tool_calls": [{"index": 1, "function": {"arguments": "1}"}}]}) == (
+        ToolCallDelta(index=1, arguments="1}"),
     )
 
 
 @pytest.mark.parametrize("delta", [{}, {"tool_calls": None}, {"tool_calls": []}, {"content": "x"}])
 def test_no_tool_call_deltas(delta: dict[str, Any]) -> None:
-    assert wire.tool_call_deltas(delta) == ()
+    assert wire.StreamToolCalls().deltas(delta) == ()
 
 
 @pytest.mark.parametrize(
@@ -622,7 +635,7 @@ def test_no_tool_call_deltas(delta: dict[str, Any]) -> None:
 )
 def test_malformed_tool_call_deltas(calls: Any) -> None:
     with pytest.raises(wire.MalformedAnswerError):
-        wire.tool_call_deltas({"tool_calls": calls})
+        wire.StreamToolCalls().deltas({"tool_calls": calls})
 
 
 @pytest.mark.parametrize(
@@ -636,7 +649,7 @@ def test_malformed_tool_call_deltas(calls: Any) -> None:
 )
 def test_tool_call_deltas_are_well_typed_or_malformed(call: dict[str, Any]) -> None:
     try:
-        deltas = wire.tool_call_deltas({"tool_calls": [call]})
+        deltas = wire.StreamToolCalls().deltas({"tool_calls": [call]})
     except wire.MalformedAnswerError:
         return
     for d in deltas:
@@ -774,7 +787,7 @@ def delta_path(raw: bytes) -> None:
         return
     delta = choice.get("delta") or {}
     wire.reasoning_text(delta)
-    wire.tool_call_deltas(delta)
+    wire.StreamToolCalls().deltas(delta)
 
 
 @settings(max_examples=200, deadline=None)

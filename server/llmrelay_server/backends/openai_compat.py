@@ -110,6 +110,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         finish: FinishReason | None = None
         usage: TokenUsage | None = None
         done = settled = refused = False
+        tool_calls = wire.StreamToolCalls()
 
         def chunk_of(line: str) -> CompletionChunk | None:
             nonlocal completion_id, served_model, finish, usage, done, settled, refused
@@ -141,8 +142,8 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             content, reasoning = wire.delta_text(delta, "content"), wire.reasoning_text(delta) or None
             if "refusal" in delta and (refusal := wire.refusal_text(delta)) is not None:  # seldom: one look first
                 refused, content = True, (content or "") + refusal
-            tool_calls = wire.tool_call_deltas(delta)
-            if content is None and reasoning is None and not tool_calls:  # the role's event: nothing to relay
+            fragments = tool_calls.deltas(delta)
+            if content is None and reasoning is None and not fragments:  # the role's event: nothing to relay
                 return None
             return CompletionChunk(
                 id=completion_id,
@@ -150,7 +151,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
                 model=served_model,
                 content=content,
                 reasoning=reasoning,
-                tool_calls=tool_calls,
+                tool_calls=fragments,
             )
 
         try:

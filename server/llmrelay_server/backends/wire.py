@@ -303,10 +303,17 @@ def _tool_call(value: Any) -> ToolCall:
         raise MalformedAnswerError("a tool call has no `function` object")
     function = value["function"]
     return ToolCall(
-        id=text_field(value.get("id"), "tool_calls.id"),
+        id=tool_call_id(value.get("id"), "tool_calls.id"),
         name=text_field(function.get("name"), "name"),
         arguments=_arguments_text(function.get("arguments", "")),
     )
+
+
+def tool_call_id(value: Any, where: str) -> str:
+    """An answer's tool-call id, or one of the gateway's own where the upstream gave none (an empty one, or none at
+    all, as some OpenAI-compatible servers answer): the caller's tool message answers a call by its id, and the gateway
+    refuses a call without one in the next turn of the conversation."""
+    return text_field(value, where) or f"call_{secrets.token_hex(12)}"
 
 
 def _arguments_text(arguments: Any) -> str:
@@ -379,30 +386,47 @@ def is_count(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31
 
 
-def tool_call_deltas(delta: Mapping[str, Any]) -> tuple[ToolCallDelta, ...]:
-    calls = delta.get("tool_calls")
-    if not calls:
-        return ()
-    if not isinstance(calls, list):
-        raise MalformedAnswerError("`tool_calls` in a stream delta is not a list")
-    result = []
-    for position, call in enumerate(calls):
-        function = (call.get("function") or {}) if isinstance(call, dict) else None
-        if not isinstance(function, dict):
-            raise MalformedAnswerError("a tool-call delta is not an object with a `function` object")
-        index = call.get("index", position)
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_TOOL_CALLS:
-            raise MalformedAnswerError(f"a tool-call delta's `index` is not a number from 0 to {MAX_TOOL_CALLS - 1}")
-        arguments = function.get("arguments")
-        result.append(
-            ToolCallDelta(
-                index=index,
-                id=_optional_text(call.get("id"), "tool_calls.id"),
-                name=_optional_text(function.get("name"), "tool_calls.function.name"),
-                arguments=None if arguments is None else _arguments_text(arguments),
+class StreamToolCalls:
+    """The tool calls of one stream so far, as its deltas' fragments make them (`deltas`)."""
+
+    __slots__ = ("_begun",)
+
+    def __init__(self) -> None:
+        self._begun: set[int] = set()
+        """The indexes of the calls whose first fragment has come."""
+
+    def deltas(self, delta: Mapping[str, Any]) -> tuple[ToolCallDelta, ...]:
+        """A stream delta's tool-call fragments. A call's first fragment carries its id, the upstream's or, where it
+        gave none, one of the gateway's own (`tool_call_id`)."""
+        calls = delta.get("tool_calls")
+        if not calls:
+            return ()
+        if not isinstance(calls, list):
+            raise MalformedAnswerError("`tool_calls` in a stream delta is not a list")
+        result = []
+        for position, call in enumerate(calls):
+            function = (call.get("function") or {}) if isinstance(call, dict) else None
+            if not isinstance(function, dict):
+                raise MalformedAnswerError("a tool-call delta is not an object with a `function` object")
+            index = call.get("index", position)
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_TOOL_CALLS:
+                raise MalformedAnswerError(
+                    f"a tool-call delta's `index` is not a number from 0 to {MAX_TOOL_CALLS - 1}"
+                )
+            call_id = _optional_text(call.get("id"), "tool_calls.id")
+            if index not in self._begun:
+                self._begun.add(index)
+                call_id = tool_call_id(call_id, "tool_calls.id")
+            arguments = function.get("arguments")
+            result.append(
+                ToolCallDelta(
+                    index=index,
+                    id=call_id,
+                    name=_optional_text(function.get("name"), "tool_calls.function.name"),
+                    arguments=None if arguments is None else _arguments_text(arguments),
+                )
             )
-        )
-    return tuple(result)
+        return tuple(result)
 
 
 def delta_text(delta: Mapping[str, Any], key: str) -> str | None:

@@ -1,0 +1,99 @@
+"""Tool calls as upstreams answer them, unary and streamed, in either dialect: what the caller gets is a call it can
+answer, with its tool message, in the next turn of the same conversation."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from llmrelay import StreamAssembler
+from llmrelay import v1 as pb
+from support import DIALECTS, chat, stream_chat, tool, user
+from upstream import FakeUpstream
+
+WEATHER = tool("weather", {"type": "object", "properties": {"city": {"type": "string"}}})
+OPTIONS = pb.CompletionOptions(tools=[WEATHER])
+
+
+def answering(dialect: str, calls: list[dict[str, Any]], *, streamed: bool) -> dict[str, Any]:
+    """A fault that answers with these tool calls ({"id"?, "name", "arguments": an object}), whole or as a stream of
+    one event per call, as the dialect writes them; a call's id is left out where it has none."""
+    if dialect == "anthropic":
+        blocks = [{"type": "tool_use", "name": c["name"], "input": c["arguments"]} | _id(c) for c in calls]
+        message: dict[str, Any] = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-test"}
+        usage = {"input_tokens": 5, "output_tokens": 9}
+        if not streamed:
+            body = message | {"content": blocks, "stop_reason": "tool_use", "usage": usage}
+            return {"body": json.dumps(body)}
+        events: list[dict[str, Any]] = [{"type": "message_start", "message": message | {"content": [], "usage": usage}}]
+        for index, block in enumerate(blocks):
+            events += [
+                {"type": "content_block_start", "index": index, "content_block": block | {"input": {}}},
+                {"type": "content_block_delta", "index": index, "delta": _partial(block["input"])},
+                {"type": "content_block_stop", "index": index},
+            ]
+        events += [
+            {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": usage},
+            {"type": "message_stop"},
+        ]
+        return _sse(f"event: {event['type']}\ndata: {json.dumps(event)}" for event in events)
+    items = [
+        {"type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}} | _id(c)
+        for c in calls
+    ]
+    answer: dict[str, Any] = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "gpt-test"}
+    if not streamed:
+        reply = {"role": "assistant", "content": None, "tool_calls": items}
+        return {
+            "body": json.dumps(answer | {"choices": [{"index": 0, "message": reply, "finish_reason": "tool_calls"}]})
+        }
+    deltas = [{"role": "assistant"}, *({"tool_calls": [item | {"index": i}]} for i, item in enumerate(items))]
+    chunks = [answer | {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]} for delta in deltas]
+    chunks.append(answer | {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+    return _sse([*(f"data: {json.dumps(chunk)}" for chunk in chunks), "data: [DONE]"])
+
+
+def _id(call: dict[str, Any]) -> dict[str, Any]:
+    return {"id": call["id"]} if "id" in call else {}
+
+
+def _partial(arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "input_json_delta", "partial_json": json.dumps(arguments)}
+
+
+def _sse(events: Any) -> dict[str, Any]:
+    return {"body": "".join(f"{event}\n\n" for event in events), "content_type": "text/event-stream"}
+
+
+async def answer_of(stub: pb.LLMServiceAsyncStub, streamed: bool) -> pb.CompleteResponse:
+    """The answer to "weather?" with the weather tool, as Complete gives it or as its stream adds up to."""
+    if not streamed:
+        return await stub.Complete(chat("weather?", options=OPTIONS), timeout=5)
+    assembler = StreamAssembler()
+    async for chunk in stub.StreamComplete(stream_chat("weather?", options=OPTIONS), timeout=5):
+        assembler.add(chunk)
+    return assembler.result()
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
+async def test_a_call_the_upstream_gave_no_id_gets_one_its_result_can_answer(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream, streamed: bool
+) -> None:
+    # A server that numbers no call (an id is optional in some OpenAI-compatible servers' answers): the caller got
+    # calls with an empty id, and its next turn, the call with its result, was refused INVALID_ARGUMENT.
+    calls = [{"name": "weather", "arguments": {"city": "Oslo"}}, {"name": "weather", "arguments": {"city": "Rome"}}]
+    primary.inject(answering(primary.dialect, calls, streamed=streamed))
+
+    answer = await answer_of(stub, streamed)
+
+    assert answer.backend == primary.dialect and local.chat_requests == []
+    ids = [call.id for call in answer.message.tool_calls]
+    assert all(ids) and len(set(ids)) == 2, ids
+    results = [pb.Message(role=pb.ROLE_TOOL, content="sunny", tool_call_id=call_id) for call_id in ids]
+    conversation = [user("weather?"), answer.message, *results]
+    again = await stub.Complete(pb.CompleteRequest(messages=conversation, options=OPTIONS), timeout=5)
+    assert again.backend == primary.dialect
+    sent = json.dumps(primary.chat_requests[-1]["messages"])
+    assert all(sent.count(f'"{call_id}"') == 2 for call_id in ids), "each call and its result, by the same id"
