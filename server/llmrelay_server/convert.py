@@ -20,6 +20,7 @@ from llmrelay import v1 as pb
 from llmrelay_server import images
 from llmrelay_server.domain import (
     CONTROL_CHARACTERS,
+    FUNCTION_NAME,
     Attempt,
     AttemptOutcome,
     BackendHealth,
@@ -65,7 +66,6 @@ MAX_JSON_DEPTH: Final = 512
 """The deepest a caller's JSON text (tool parameters, a response schema) may nest. Readers after the request's own
 (the token count, Anthropic's input_schema) read it again deeper in the stack: text nested near Python's recursion
 limit would pass here and raise RecursionError there, an UNKNOWN status, by a few levels of stack either way."""
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 _ROLES: Final[Mapping[pb.Role.ValueType, Role]] = {
     pb.ROLE_SYSTEM: Role.SYSTEM,
@@ -307,7 +307,7 @@ def _message(message: pb.Message, errors: _Violations, where: str, max_image_byt
     for i, call in enumerate(message.tool_calls):
         if not call.id:
             errors.add(f"{where}.tool_calls[{i}].id", "must not be empty")
-        if not _NAME.fullmatch(call.function.name):
+        if not FUNCTION_NAME.fullmatch(call.function.name):
             errors.add(f"{where}.tool_calls[{i}].function.name", "must be 1-64 letters, digits, '_' or '-'")
         calls.append(ToolCall(id=call.id, name=call.function.name, arguments=call.function.arguments))
     return Message(
@@ -446,7 +446,7 @@ def _tools(items: Sequence[pb.Tool], errors: _Violations, where: str) -> tuple[T
 
 def _tool(tool: pb.Tool, errors: _Violations, where: str) -> Tool:
     function = tool.function
-    if not _NAME.fullmatch(function.name):
+    if not FUNCTION_NAME.fullmatch(function.name):
         errors.add(f"{where}.function.name", "must be 1-64 letters, digits, '_' or '-'")
     parameters: Mapping[str, Any] | JsonText | None = None
     if function.HasField("parameters_json"):  # the text wins over the deprecated Struct
@@ -505,7 +505,7 @@ def _response_format(options: pb.CompletionOptions, errors: _Violations) -> Resp
         return None if kind is None else ResponseFormat(type=kind)
     schema = fmt.json_schema
     where = "options.response_format.json_schema"
-    if not _NAME.fullmatch(schema.name):
+    if not FUNCTION_NAME.fullmatch(schema.name):
         errors.add(f"{where}.name", "must be 1-64 letters, digits, '_' or '-'")
     value: Mapping[str, Any] | JsonText
     if schema.HasField("schema_json"):  # the text wins over the deprecated Struct

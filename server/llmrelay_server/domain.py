@@ -81,6 +81,10 @@ CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 upstream's name without them, and a NUL cannot even be stored in PostgreSQL's text."""
 
 
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""What a tool's function is named (and a response schema): OpenAI's rule, which Anthropic's takes within its own."""
+
+
 class NotFiniteError(ValueError):
     """JSON text holds NaN, Infinity, or a number beyond a double's range."""
 

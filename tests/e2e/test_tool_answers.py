@@ -97,3 +97,22 @@ async def test_a_call_the_upstream_gave_no_id_gets_one_its_result_can_answer(
     assert again.backend == primary.dialect
     sent = json.dumps(primary.chat_requests[-1]["messages"])
     assert all(sent.count(f'"{call_id}"') == 2 for call_id in ids), "each call and its result, by the same id"
+
+
+@pytest.mark.parametrize("name", ["", "functions.weather", "wetter ☀", "w" * 65])
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
+async def test_a_call_of_a_name_no_tool_can_have_is_a_malformed_answer(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream, streamed: bool, name: str
+) -> None:
+    # No request declares such a function (a tool's name is 1-64 letters, digits, '_' or '-'), and the caller's next
+    # turn holding the call was refused INVALID_ARGUMENT for the gateway's own answer: the next backend answers.
+    primary.inject(answering(primary.dialect, [{"id": "c1", "name": name, "arguments": {}}], streamed=streamed))
+
+    answer = await answer_of(stub, streamed)
+
+    assert [(a.backend, a.outcome) for a in answer.attempts] == [
+        (primary.dialect, pb.ATTEMPT_OUTCOME_SERVER_ERROR),
+        ("ollama", pb.ATTEMPT_OUTCOME_SUCCEEDED),
+    ]
+    assert "name" in answer.attempts[0].error and len(local.chat_requests) == 1

@@ -529,7 +529,8 @@ START = {"type": "message_start", "message": {"id": "msg_1", "model": "m-1", "us
 
 
 def tool_use(index: int, **block: Any) -> dict[str, Any]:
-    return {"type": "content_block_start", "index": index, "content_block": {"type": "tool_use", "id": "t1"} | block}
+    start = {"type": "tool_use", "id": "t1", "name": "f"} | block
+    return {"type": "content_block_start", "index": index, "content_block": start}
 
 
 def partial_json(index: int, text: str) -> dict[str, Any]:

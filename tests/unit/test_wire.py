@@ -361,7 +361,9 @@ def test_arguments_nested_beyond_writing_are_a_malformed_answer() -> None:
     # ... and where an integer beyond 64 bits has the standard library read the whole answer again.
     with pytest.raises(wire.MalformedAnswerError, match="nested too deeply"):
         parse(wire.decode_answer_json(raw.replace(b'"id": "c1"', b'"id": "c1", "n": %d' % 2**70)))
-    delta = wire.decode_json(b'{"tool_calls": [{"index": 0, "function": {"arguments": %s}}]}' % DEEP_ARGUMENTS)
+    delta = wire.decode_json(
+        b'{"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": %s}}]}' % DEEP_ARGUMENTS
+    )
     with pytest.raises(wire.MalformedAnswerError, match="nested too deeply"):
         wire.StreamToolCalls().deltas(delta)
 
@@ -440,7 +442,9 @@ def test_no_tool_calls(calls: Any) -> None:
         (answer({"tool_calls": ["x"]}), "no `function` object"),
         (answer({"tool_calls": [{"id": "x", "function": "f"}]}), "no `function` object"),
         (answer({"tool_calls": [{"id": 7, "function": {"name": "f"}}]}), "`tool_calls.id` is not a string"),
-        (answer({"tool_calls": [{"id": "x", "function": {"name": None}}]}), None),  # tolerated: empty name
+        # No request declares a function of no name, or of one outside the rule: no call the caller could answer.
+        (answer({"tool_calls": [{"id": "x", "function": {"name": None}}]}), "`name` '' is no function's"),
+        (answer({"tool_calls": [{"id": "x", "function": {"name": "functions.f"}}]}), "'functions.f' is no function's"),
         (answer({"tool_calls": [{"id": "x", "function": {"name": 1}}]}), "`name` is not a string"),
     ],
 )
@@ -590,9 +594,9 @@ def test_tool_call_deltas() -> None:
     delta = {
         "tool_calls": [
             {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}},
-            {"index": 1, "function": {"arguments": '{"a":'}},
-            {"function": {"arguments": {"b": 2}}},  # no index: its position; object arguments become JSON text
-            {"index": 7, "function": None},
+            {"index": 1, "function": {"name": "g", "arguments": '{"a":'}},
+            {"function": {"name": "h", "arguments": {"b": 2}}},  # no index: its position; objects become JSON text
+            {"index": 7, "function": {"name": "i"}},
         ]
     }
     calls = wire.StreamToolCalls()
@@ -600,9 +604,9 @@ def test_tool_call_deltas() -> None:
     assert first == ToolCallDelta(index=0, id="call_1", name="f", arguments="")
     # The first fragment of a call the upstream gave no id carries one of the gateway's own.
     assert [(d.index, d.name, d.arguments) for d in others] == [
-        (1, None, '{"a":'),
-        (2, None, '{"b": 2}'),
-        (7, None, None),
+        (1, "g", '{"a":'),
+        (2, "h", '{"b": 2}'),
+        (7, "i", None),
     ]
     made = [d.id for d in others]
     assert all(call_id and call_id.startswith("call_") for call_id in made) and len(set(made)) == 3
@@ -610,6 +614,12 @@ def test_tool_call_deltas() -> None:
     assert calls.deltas({"tool_calls": [{"index": 1, "function": {"arguments": "1}"}}]}) == (
         ToolCallDelta(index=1, arguments="1}"),
     )
+
+
+@pytest.mark.parametrize("call", [{"index": 0}, {"index": 0, "function": {"name": ""}}, {"function": {"name": "a.b"}}])
+def test_a_calls_first_fragment_without_a_name_a_tool_can_have_is_malformed(call: dict[str, Any]) -> None:
+    with pytest.raises(wire.MalformedAnswerError, match="is no function's"):
+        wire.StreamToolCalls().deltas({"tool_calls": [call]})
 
 
 @pytest.mark.parametrize("delta", [{}, {"tool_calls": None}, {"tool_calls": []}, {"content": "x"}])

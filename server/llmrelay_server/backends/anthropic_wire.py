@@ -21,6 +21,7 @@ from llmrelay_server.backends.wire import (
     plausible_usage,
     text_field,
     tool_call_id,
+    tool_name,
 )
 from llmrelay_server.domain import (
     CompletionOptions,
@@ -330,7 +331,7 @@ def _tool_call(block: Mapping[str, Any]) -> ToolCall:
         raise MalformedAnswerError("a tool_use block's `input` is not an object")
     return ToolCall(
         id=tool_call_id(block.get("id"), "tool_use.id"),
-        name=text_field(block.get("name"), "tool_use.name"),
+        name=tool_name(block.get("name"), "tool_use.name"),
         arguments=arguments_json(arguments),
     )
 
@@ -464,7 +465,7 @@ class StreamState:
             if len(self._tools) >= MAX_TOOL_CALLS:
                 raise MalformedAnswerError(f"more than {MAX_TOOL_CALLS} tool calls")
             position = self._tools[index] = len(self._tools)
-            call_id, name = tool_call_id(block.get("id"), "tool_use.id"), text_field(block.get("name"), "tool_use.name")
+            call_id, name = tool_call_id(block.get("id"), "tool_use.id"), tool_name(block.get("name"), "tool_use.name")
             start_input = block.get("input")
             self._unargued[index] = (
                 arguments_json(start_input) if isinstance(start_input, dict) and start_input else "{}"

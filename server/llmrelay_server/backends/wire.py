@@ -21,6 +21,7 @@ from typing import Any, Final, NamedTuple, TypeGuard
 import orjson
 
 from llmrelay_server.domain import (
+    FUNCTION_NAME,
     CompletionChunk,
     CompletionOptions,
     CompletionRequest,
@@ -304,7 +305,7 @@ def _tool_call(value: Any) -> ToolCall:
     function = value["function"]
     return ToolCall(
         id=tool_call_id(value.get("id"), "tool_calls.id"),
-        name=text_field(function.get("name"), "name"),
+        name=tool_name(function.get("name"), "name"),
         arguments=_arguments_text(function.get("arguments", "")),
     )
 
@@ -314,6 +315,18 @@ def tool_call_id(value: Any, where: str) -> str:
     all, as some OpenAI-compatible servers answer): the caller's tool message answers a call by its id, and the gateway
     refuses a call without one in the next turn of the conversation."""
     return text_field(value, where) or f"call_{secrets.token_hex(12)}"
+
+
+def tool_name(value: Any, where: str) -> str:
+    """An answer's tool-call name, MalformedAnswerError when it is none a request can declare (a model's own
+    invention, "functions.f"; none at all): the gateway refuses it in the next turn of the conversation, and the
+    contract's calls are of the request's tools."""
+    name = text_field(value, where)
+    if not FUNCTION_NAME.fullmatch(name):
+        raise MalformedAnswerError(
+            f"a tool call's `{where}` {name[:80]!r} is no function's: a tool's name is 1-64 letters, digits, '_' or '-'"
+        )
+    return name
 
 
 def _arguments_text(arguments: Any) -> str:
@@ -397,7 +410,7 @@ class StreamToolCalls:
 
     def deltas(self, delta: Mapping[str, Any]) -> tuple[ToolCallDelta, ...]:
         """A stream delta's tool-call fragments. A call's first fragment carries its id, the upstream's or, where it
-        gave none, one of the gateway's own (`tool_call_id`)."""
+        gave none, one of the gateway's own (`tool_call_id`), and its name (`tool_name`)."""
         calls = delta.get("tool_calls")
         if not calls:
             return ()
@@ -414,15 +427,17 @@ class StreamToolCalls:
                     f"a tool-call delta's `index` is not a number from 0 to {MAX_TOOL_CALLS - 1}"
                 )
             call_id = _optional_text(call.get("id"), "tool_calls.id")
+            name = _optional_text(function.get("name"), "tool_calls.function.name")
             if index not in self._begun:
                 self._begun.add(index)
                 call_id = tool_call_id(call_id, "tool_calls.id")
+                name = tool_name(name, "tool_calls.function.name")
             arguments = function.get("arguments")
             result.append(
                 ToolCallDelta(
                     index=index,
                     id=call_id,
-                    name=_optional_text(function.get("name"), "tool_calls.function.name"),
+                    name=name,
                     arguments=None if arguments is None else _arguments_text(arguments),
                 )
             )
