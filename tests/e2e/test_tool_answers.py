@@ -16,9 +16,10 @@ WEATHER = tool("weather", {"type": "object", "properties": {"city": {"type": "st
 OPTIONS = pb.CompletionOptions(tools=[WEATHER])
 
 
-def answering(dialect: str, calls: list[dict[str, Any]], *, streamed: bool) -> dict[str, Any]:
+def answering(dialect: str, calls: list[dict[str, Any]], *, streamed: bool, numbered: bool = True) -> dict[str, Any]:
     """A fault that answers with these tool calls ({"id"?, "name", "arguments": an object}), whole or as a stream of
-    one event per call, as the dialect writes them; a call's id is left out where it has none."""
+    one event per call, as the dialect writes them; a call's id is left out where it has none, and a streamed call's
+    `index` where not `numbered` (OpenAI's dialect)."""
     if dialect == "anthropic":
         blocks = [{"type": "tool_use", "name": c["name"], "input": c["arguments"]} | _id(c) for c in calls]
         message: dict[str, Any] = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-test"}
@@ -48,7 +49,10 @@ def answering(dialect: str, calls: list[dict[str, Any]], *, streamed: bool) -> d
         return {
             "body": json.dumps(answer | {"choices": [{"index": 0, "message": reply, "finish_reason": "tool_calls"}]})
         }
-    deltas = [{"role": "assistant"}, *({"tool_calls": [item | {"index": i}]} for i, item in enumerate(items))]
+    deltas = [
+        {"role": "assistant"},
+        *({"tool_calls": [item | ({"index": i} if numbered else {})]} for i, item in enumerate(items)),
+    ]
     chunks = [answer | {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]} for delta in deltas]
     chunks.append(answer | {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
     return _sse([*(f"data: {json.dumps(chunk)}" for chunk in chunks), "data: [DONE]"])
@@ -116,3 +120,20 @@ async def test_a_call_of_a_name_no_tool_can_have_is_a_malformed_answer(
         ("ollama", pb.ATTEMPT_OUTCOME_SUCCEEDED),
     ]
     assert "name" in answer.attempts[0].error and len(local.chat_requests) == 1
+
+
+async def test_streamed_calls_without_an_index_each_in_its_own_event_stay_apart(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    # Servers that number no streamed call (Gemini's OpenAI-compatible API) send each whole, in an event of its own:
+    # each was taken as call 0, and the caller got one call of both ids, its arguments '{"city": "Oslo"}{...}'.
+    calls = [
+        {"id": "a", "name": "weather", "arguments": {"city": "Oslo"}},
+        {"id": "b", "name": "weather", "arguments": {"city": "Rome"}},
+    ]
+    primary.inject(answering("openai", calls, streamed=True, numbered=False))
+
+    answer = await answer_of(stub, streamed=True)
+
+    got = [(c.id, c.function.name, json.loads(c.function.arguments)) for c in answer.message.tool_calls]
+    assert got == [("a", "weather", {"city": "Oslo"}), ("b", "weather", {"city": "Rome"})]

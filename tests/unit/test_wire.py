@@ -616,6 +616,19 @@ def test_tool_call_deltas() -> None:
     )
 
 
+def test_fragments_without_an_index_are_of_the_call_their_id_or_name_begins_else_of_the_last() -> None:
+    calls = wire.StreamToolCalls()
+
+    def indexes(*fragments: dict[str, Any]) -> list[int]:
+        return [d.index for d in calls.deltas({"tool_calls": list(fragments)})]
+
+    assert indexes({"id": "a", "function": {"name": "f", "arguments": "{"}}, {"function": {"arguments": "}"}}) == [0, 0]
+    assert indexes({"id": "b", "function": {"name": "g"}}) == [1]  # a new id: a new call
+    assert indexes({"function": {"name": "h"}}) == [2]  # a name without an id: a new call, numbered by the gateway
+    assert indexes({"id": "a", "function": {"arguments": " "}}, {"function": {"arguments": " "}}) == [0, 0]
+    assert indexes({"index": 5, "id": "c", "function": {"name": "f"}}, {"function": {"name": "g"}}) == [5, 6]
+
+
 @pytest.mark.parametrize("call", [{"index": 0}, {"index": 0, "function": {"name": ""}}, {"function": {"name": "a.b"}}])
 def test_a_calls_first_fragment_without_a_name_a_tool_can_have_is_malformed(call: dict[str, Any]) -> None:
     with pytest.raises(wire.MalformedAnswerError, match="is no function's"):

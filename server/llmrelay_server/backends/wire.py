@@ -402,11 +402,15 @@ def is_count(value: Any) -> TypeGuard[int]:
 class StreamToolCalls:
     """The tool calls of one stream so far, as its deltas' fragments make them (`deltas`)."""
 
-    __slots__ = ("_begun",)
+    __slots__ = ("_begun", "_ids", "_last")
 
     def __init__(self) -> None:
         self._begun: set[int] = set()
         """The indexes of the calls whose first fragment has come."""
+        self._ids: dict[str, int] = {}
+        """Their ids (the upstream's or the gateway's) -> their indexes."""
+        self._last: int | None = None
+        """The index of the call the last fragment was of."""
 
     def deltas(self, delta: Mapping[str, Any]) -> tuple[ToolCallDelta, ...]:
         """A stream delta's tool-call fragments. A call's first fragment carries its id, the upstream's or, where it
@@ -417,21 +421,19 @@ class StreamToolCalls:
         if not isinstance(calls, list):
             raise MalformedAnswerError("`tool_calls` in a stream delta is not a list")
         result = []
-        for position, call in enumerate(calls):
+        for call in calls:
             function = (call.get("function") or {}) if isinstance(call, dict) else None
             if not isinstance(function, dict):
                 raise MalformedAnswerError("a tool-call delta is not an object with a `function` object")
-            index = call.get("index", position)
-            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_TOOL_CALLS:
-                raise MalformedAnswerError(
-                    f"a tool-call delta's `index` is not a number from 0 to {MAX_TOOL_CALLS - 1}"
-                )
             call_id = _optional_text(call.get("id"), "tool_calls.id")
             name = _optional_text(function.get("name"), "tool_calls.function.name")
+            index = self._index(call.get("index"), call_id, name)
             if index not in self._begun:
-                self._begun.add(index)
                 call_id = tool_call_id(call_id, "tool_calls.id")
                 name = tool_name(name, "tool_calls.function.name")
+                self._begun.add(index)
+                self._ids[call_id] = index
+            self._last = index
             arguments = function.get("arguments")
             result.append(
                 ToolCallDelta(
@@ -442,6 +444,21 @@ class StreamToolCalls:
                 )
             )
         return tuple(result)
+
+    def _index(self, index: Any, call_id: str | None, name: str | None) -> int:
+        """The fragment's call. Servers that number no call (Gemini's OpenAI-compatible API) send each whole, or its
+        first fragment with its id and name: a fragment without an `index` is of the call its id names, a new call
+        when it names one not seen or gives a name, else of the call the last fragment was of."""
+        if index is None:
+            if call_id and call_id in self._ids:
+                return self._ids[call_id]
+            if call_id or name or self._last is None:
+                index = max(self._begun, default=-1) + 1
+            else:
+                return self._last
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_TOOL_CALLS:
+            raise MalformedAnswerError(f"a tool-call delta's `index` is not a number from 0 to {MAX_TOOL_CALLS - 1}")
+        return index
 
 
 def delta_text(delta: Mapping[str, Any], key: str) -> str | None:
