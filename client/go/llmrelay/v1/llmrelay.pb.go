@@ -241,9 +241,11 @@ const (
 	ResponseFormatType_RESPONSE_FORMAT_TYPE_UNSPECIFIED ResponseFormatType = 0
 	// Plain text.
 	ResponseFormatType_RESPONSE_FORMAT_TYPE_TEXT ResponseFormatType = 1
-	// Any valid JSON object.
+	// Any valid JSON object, as the upstream is asked for it (the gateway does not check the answer; an answer cut by
+	// max_tokens is not whole JSON). An Anthropic backend has no such mode and leaves it out: ask for JSON in the prompt.
 	ResponseFormatType_RESPONSE_FORMAT_TYPE_JSON_OBJECT ResponseFormatType = 2
-	// JSON valid against the given JSON schema.
+	// JSON valid against the given JSON schema, as the upstream is asked for it (strict: enforced by upstreams that
+	// support it); the gateway does not check the answer.
 	ResponseFormatType_RESPONSE_FORMAT_TYPE_JSON_SCHEMA ResponseFormatType = 3
 )
 
@@ -848,7 +850,8 @@ func (StoreRole) EnumDescriptor() ([]byte, []int) {
 // A call of a function that the model asks the caller to make.
 type FunctionCall struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The function's name, as declared in the request's tools.
+	// The function's name: 1-64 letters, digits, '_' or '-' (an upstream's call of any other name is a malformed
+	// answer). Normally one of the request's tools; a model may name one it was not given, which is passed on.
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// The arguments as a JSON object in text, as the model wrote them (they may be invalid JSON).
 	Arguments     string `protobuf:"bytes,2,opt,name=arguments,proto3" json:"arguments,omitempty"`
@@ -3393,7 +3396,9 @@ type EmbedRequest struct {
 	// The embedding model (a backend-qualified name like "ollama/nomic-embed-text" picks the backend); unset: the
 	// first backend's configured embedding model.
 	Model *string `protobuf:"bytes,2,opt,name=model,proto3,oneof" json:"model,omitempty"`
-	// The number of dimensions wanted, for models that can shorten their vectors (OpenAI's text-embedding-3).
+	// The number of dimensions wanted, for models that can shorten their vectors (OpenAI's text-embedding-3). A backend
+	// answering vectors of another length is passed over for the next of the model; with none left, INVALID_ARGUMENT
+	// (UPSTREAM_REJECTED): leave it unset.
 	Dimensions    *int32 `protobuf:"varint,3,opt,name=dimensions,proto3,oneof" json:"dimensions,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

@@ -154,9 +154,13 @@ class _ResponseFormatTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Re
     RESPONSE_FORMAT_TYPE_TEXT: _ResponseFormatType.ValueType  # 1
     """Plain text."""
     RESPONSE_FORMAT_TYPE_JSON_OBJECT: _ResponseFormatType.ValueType  # 2
-    """Any valid JSON object."""
+    """Any valid JSON object, as the upstream is asked for it (the gateway does not check the answer; an answer cut by
+    max_tokens is not whole JSON). An Anthropic backend has no such mode and leaves it out: ask for JSON in the prompt.
+    """
     RESPONSE_FORMAT_TYPE_JSON_SCHEMA: _ResponseFormatType.ValueType  # 3
-    """JSON valid against the given JSON schema."""
+    """JSON valid against the given JSON schema, as the upstream is asked for it (strict: enforced by upstreams that
+    support it); the gateway does not check the answer.
+    """
 
 class ResponseFormatType(_ResponseFormatType, metaclass=_ResponseFormatTypeEnumTypeWrapper):
     """The shape the answer must take."""
@@ -166,9 +170,13 @@ RESPONSE_FORMAT_TYPE_UNSPECIFIED: ResponseFormatType.ValueType  # 0
 RESPONSE_FORMAT_TYPE_TEXT: ResponseFormatType.ValueType  # 1
 """Plain text."""
 RESPONSE_FORMAT_TYPE_JSON_OBJECT: ResponseFormatType.ValueType  # 2
-"""Any valid JSON object."""
+"""Any valid JSON object, as the upstream is asked for it (the gateway does not check the answer; an answer cut by
+max_tokens is not whole JSON). An Anthropic backend has no such mode and leaves it out: ask for JSON in the prompt.
+"""
 RESPONSE_FORMAT_TYPE_JSON_SCHEMA: ResponseFormatType.ValueType  # 3
-"""JSON valid against the given JSON schema."""
+"""JSON valid against the given JSON schema, as the upstream is asked for it (strict: enforced by upstreams that
+support it); the gateway does not check the answer.
+"""
 Global___ResponseFormatType: _TypeAlias = ResponseFormatType  # noqa: Y015
 
 class _ReasoningEffort:
@@ -625,7 +633,9 @@ class FunctionCall(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     ARGUMENTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The function's name, as declared in the request's tools."""
+    """The function's name: 1-64 letters, digits, '_' or '-' (an upstream's call of any other name is a malformed
+    answer). Normally one of the request's tools; a model may name one it was not given, which is passed on.
+    """
     arguments: _builtins.str
     """The arguments as a JSON object in text, as the model wrote them (they may be invalid JSON)."""
     def __init__(
@@ -2006,7 +2016,10 @@ class EmbedRequest(_message.Message):
     first backend's configured embedding model.
     """
     dimensions: _builtins.int
-    """The number of dimensions wanted, for models that can shorten their vectors (OpenAI's text-embedding-3)."""
+    """The number of dimensions wanted, for models that can shorten their vectors (OpenAI's text-embedding-3). A backend
+    answering vectors of another length is passed over for the next of the model; with none left, INVALID_ARGUMENT
+    (UPSTREAM_REJECTED): leave it unset.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The texts to embed, at least one; each gets a vector, in the same order."""

@@ -230,9 +230,15 @@ export enum ResponseFormatType {
   RESPONSE_FORMAT_TYPE_UNSPECIFIED = 0,
   /** RESPONSE_FORMAT_TYPE_TEXT - Plain text. */
   RESPONSE_FORMAT_TYPE_TEXT = 1,
-  /** RESPONSE_FORMAT_TYPE_JSON_OBJECT - Any valid JSON object. */
+  /**
+   * RESPONSE_FORMAT_TYPE_JSON_OBJECT - Any valid JSON object, as the upstream is asked for it (the gateway does not check the answer; an answer cut by
+   * max_tokens is not whole JSON). An Anthropic backend has no such mode and leaves it out: ask for JSON in the prompt.
+   */
   RESPONSE_FORMAT_TYPE_JSON_OBJECT = 2,
-  /** RESPONSE_FORMAT_TYPE_JSON_SCHEMA - JSON valid against the given JSON schema. */
+  /**
+   * RESPONSE_FORMAT_TYPE_JSON_SCHEMA - JSON valid against the given JSON schema, as the upstream is asked for it (strict: enforced by upstreams that
+   * support it); the gateway does not check the answer.
+   */
   RESPONSE_FORMAT_TYPE_JSON_SCHEMA = 3,
   UNRECOGNIZED = -1,
 }
@@ -920,7 +926,10 @@ export function storeRoleToJSON(object: StoreRole): string {
 
 /** A call of a function that the model asks the caller to make. */
 export interface FunctionCall {
-  /** The function's name, as declared in the request's tools. */
+  /**
+   * The function's name: 1-64 letters, digits, '_' or '-' (an upstream's call of any other name is a malformed
+   * answer). Normally one of the request's tools; a model may name one it was not given, which is passed on.
+   */
   name: string;
   /** The arguments as a JSON object in text, as the model wrote them (they may be invalid JSON). */
   arguments: string;
@@ -1495,7 +1504,11 @@ export interface EmbedRequest {
   model?:
     | string
     | undefined;
-  /** The number of dimensions wanted, for models that can shorten their vectors (OpenAI's text-embedding-3). */
+  /**
+   * The number of dimensions wanted, for models that can shorten their vectors (OpenAI's text-embedding-3). A backend
+   * answering vectors of another length is passed over for the next of the model; with none left, INVALID_ARGUMENT
+   * (UPSTREAM_REJECTED): leave it unset.
+   */
   dimensions?: number | undefined;
 }
 
