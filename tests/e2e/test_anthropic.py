@@ -238,6 +238,7 @@ async def test_a_streamed_call_has_its_start_input_once_however_often_its_block_
     assert (answer.backend, answer.usage.completion_tokens) == ("anthropic", 9) and local.chat_requests == []
 
 
+@pytest.mark.usefixtures("python_recursion_limit")  # in-process, the gateway runs with the test's limit
 async def test_tool_arguments_nested_beyond_writing_are_a_malformed_answer(
     stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, local: FakeUpstream
 ) -> None:
