@@ -167,6 +167,18 @@ async def test_a_tool_that_raises_becomes_a_result_that_says_so(gateway: Gateway
     assert answer.steps == 2
 
 
+async def test_arguments_nested_too_deeply_to_read_become_a_result_that_says_so(
+    gateway: Gateway, primary: FakeUpstream
+) -> None:
+    # Valid JSON the gateway passes on as the upstream wrote it, nested deeper than Python's reader goes: the loop
+    # ended with a RecursionError.
+    deep = "[" * 5000 + "]" * 5000
+    primary.inject({"tool_calls": [{"name": "weather", "arguments": f'{{"city": {deep}}}'}]}, {"echo_tools": True})
+    async with AsyncClient(target(gateway)) as client:
+        answer = await client.run_tools(QUESTION, agent_tools())
+    assert answer.content == "tools: weather=error: the arguments of 'weather' are nested too deeply to read"
+
+
 async def test_a_conversation_is_fitted_through_count_tokens(gateway: Gateway, primary: FakeUpstream) -> None:
     async with AsyncClient(target(gateway)) as client:
         history = [message("system", "Be brief.")]

@@ -245,6 +245,8 @@ class Tools:
             arguments = json.loads(call.function.arguments or "{}")
         except json.JSONDecodeError as exc:
             return f"error: the arguments of {name!r} are not valid JSON ({exc})"
+        except RecursionError:  # valid JSON nested deeper than Python's reader goes: the gateway passes such text on
+            return f"error: the arguments of {name!r} are nested too deeply to read"
         if not isinstance(arguments, dict):
             return f"error: the arguments of {name!r} must be a JSON object, not {type(arguments).__name__}"
         try:
