@@ -255,7 +255,10 @@ class Tools:
             return f"error: invalid arguments for {name!r}: {exc}"
         if tool.derived:  # every parameter is named and hinted
             hints = get_type_hints(tool.function, include_extras=True)
-            return tool, {key: _from_json(hints[key], value) for key, value in arguments.items()}
+            try:
+                return tool, {key: _from_json(hints[key], value) for key, value in arguments.items()}
+            except Exception as exc:  # an object that does not fit a dataclass (its fields, or its own checks)
+                return f"error: invalid arguments for {name!r}: {type(exc).__name__}: {exc}"
         return tool, arguments
 
 

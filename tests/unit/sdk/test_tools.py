@@ -151,6 +151,12 @@ def test_explicit_schemas_names_and_descriptions() -> None:
     [
         ("weather", '{"place": {"city": "Oslo"}, "unit": "k", "extra": 1}', "error: invalid arguments for 'weather'"),
         ("weather", "[1, 2]", "error: the arguments of 'weather' must be a JSON object, not list"),
+        (
+            "weather",
+            '{"place": {"town": "Oslo"}}',
+            "error: invalid arguments for 'weather': TypeError: Place.__init__() got an unexpected keyword argument",
+        ),
+        ("weather", '{"place": {}}', "error: invalid arguments for 'weather': TypeError: Place.__init__() missing"),
         ("weather", '{"place": ', "error: the arguments of 'weather' are not valid JSON"),
         ("forecast", "{}", "error: unknown tool 'forecast'; the tools are: weather, fail"),
         ("fail", "{}", "error: ZeroDivisionError: division by zero"),
