@@ -276,10 +276,14 @@ def _failure(exc: Exception) -> str:
 
 
 def _result_text(result: Any) -> str:
-    """A tool's result as the tool message's content: text as it is, anything else as JSON."""
+    """A tool's result as the tool message's content: text as it is, anything else as JSON (or, when JSON cannot
+    hold it, an error that says so: the loop goes on, as for a tool that raises)."""
     if isinstance(result, str):
         return result
-    return json.dumps(result, default=_jsonable)
+    try:
+        return json.dumps(result, default=_jsonable)
+    except (TypeError, ValueError, RecursionError) as exc:  # keys not text or numbers, a value holding itself, depth
+        return f"error: the tool's result cannot be written as JSON ({type(exc).__name__}: {exc})"
 
 
 def _jsonable(value: Any) -> Any:

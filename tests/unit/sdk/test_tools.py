@@ -171,6 +171,23 @@ def test_calls_that_cannot_run_become_results_that_say_why(name: str, arguments:
     assert asyncio.run(tools.arun(call(name, arguments))).content.startswith(says)
 
 
+def test_a_result_json_cannot_hold_becomes_a_result_that_says_so() -> None:
+    # Such a result ended the loop with json's own TypeError or ValueError, which named no tool.
+    def pairs() -> dict[tuple[int, int], str]:
+        return {(1, 2): "x"}
+
+    def loop() -> list[Any]:
+        itself: list[Any] = []
+        itself.append(itself)
+        return itself
+
+    tools = Tools(pairs, loop)
+    for name, why in [("pairs", "TypeError: keys must be str"), ("loop", "ValueError: Circular reference detected")]:
+        says = f"error: the tool's result cannot be written as JSON ({why}"
+        assert tools.run(call(name, "{}")).content.startswith(says)
+        assert asyncio.run(tools.arun(call(name, "{}"))).content.startswith(says)
+
+
 def test_turns_keep_tool_calls_with_their_results() -> None:
     assistant_calls = pb.Message(
         role=pb.ROLE_ASSISTANT, tool_calls=[pb.ToolCall(id="a", function=pb.FunctionCall(name="f"))]
