@@ -16,6 +16,8 @@ from typing import (
     Any,
     Final,
     Literal,
+    NotRequired,
+    Required,
     TypeVar,
     Union,
     get_args,
@@ -321,6 +323,8 @@ def json_schema_of(hint: Any) -> dict[str, Any]:
         schema = json_schema_of(args[0])
         texts = [a for a in args[1:] if isinstance(a, str)]
         return {**schema, "description": " ".join(texts)} if texts else schema
+    if origin in (Required, NotRequired):  # a TypedDict's key marked so: __required_keys__ holds what they say
+        return json_schema_of(args[0])
     if hint in _SCALARS:
         return {"type": _SCALARS[hint]}
     if hint is type(None):
@@ -338,7 +342,13 @@ def json_schema_of(hint: Any) -> dict[str, Any]:
         return {"type": "object"}
     if is_typeddict(hint):
         fields = get_type_hints(hint, include_extras=True)
-        required = [name for name in fields if name in hint.__required_keys__]
+        # Python 3.11 leaves a key's Required or NotRequired out of __required_keys__ where the annotations are text
+        # (`from __future__ import annotations`): the marker, where there is one, decides.
+        required = [
+            name
+            for name, item in fields.items()
+            if get_origin(item) is Required or (name in hint.__required_keys__ and get_origin(item) is not NotRequired)
+        ]
         return _object_schema(hint, fields, required)
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):
         fields = get_type_hints(hint, include_extras=True)

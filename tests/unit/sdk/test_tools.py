@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Optional, TypedDict
 
@@ -21,6 +22,16 @@ class Filters(TypedDict, total=False):
 
 class Required(TypedDict):
     name: str
+
+
+class Marked(TypedDict, total=False):
+    name: typing.Required[str]
+    nickname: typing.NotRequired[Annotated[str, "what friends say"]]
+
+
+class Unmarked(TypedDict):
+    name: str
+    nickname: typing.NotRequired[str]
 
 
 @dataclass
@@ -61,6 +72,27 @@ class Place:
             {
                 "type": "object",
                 "properties": {"name": {"type": "string"}},
+                "required": ["name"],
+                "additionalProperties": False,
+            },
+        ),
+        (
+            Marked,
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "nickname": {"type": "string", "description": "what friends say"},
+                },
+                "required": ["name"],
+                "additionalProperties": False,
+            },
+        ),
+        (
+            Unmarked,
+            {
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "nickname": {"type": "string"}},
                 "required": ["name"],
                 "additionalProperties": False,
             },
