@@ -303,8 +303,15 @@ def parameters_schema(function: Callable[..., Any]) -> dict[str, Any]:
     properties: dict[str, Any] = {}
     required: list[str] = []
     for name, parameter in inspect.signature(function).parameters.items():
-        if parameter.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
             raise TypeError(f"tool {function.__name__}: *{name} has no JSON Schema; give parameters= instead")
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            raise TypeError(f"tool {function.__name__}: **{name} has no JSON Schema; give parameters= instead")
+        if parameter.kind is inspect.Parameter.POSITIONAL_ONLY:  # the model's arguments come by name
+            raise TypeError(
+                f"tool {function.__name__}: parameter {name!r} is positional-only, and a tool is called with keyword "
+                "arguments; drop the / from its signature"
+            )
         if name not in hints:
             raise TypeError(f"tool {function.__name__}: parameter {name!r} needs a type hint (or give parameters=)")
         properties[name] = json_schema_of(hints[name])

@@ -128,6 +128,25 @@ def test_a_hint_without_a_schema_says_what_to_do() -> None:
         parameters_schema(untyped)
 
 
+def test_parameters_a_call_by_name_cannot_fill_are_refused() -> None:
+    # A positional-only parameter was registered, and every call the model made failed ("passed as a keyword").
+    def positional(city: str, /) -> str:
+        return city
+
+    def spread(*cities: str) -> str:
+        return ""
+
+    def named(**cities: str) -> str:
+        return ""
+
+    with pytest.raises(TypeError, match=r"tool positional: parameter 'city' is positional-only.*drop the /"):
+        Tools(positional)
+    with pytest.raises(TypeError, match=r"tool spread: \*cities has no JSON Schema; give parameters="):
+        Tools(spread)
+    with pytest.raises(TypeError, match=r"tool named: \*\*cities has no JSON Schema; give parameters="):
+        Tools(named)
+
+
 def weather(place: Place, unit: Literal["c", "f"] = "c", days: float = 1.0) -> dict[str, Any]:
     """The weather at a place."""
     return {"place": place, "unit": unit, "days": days}
