@@ -11,7 +11,7 @@ import hashlib
 import logging
 import time
 from asyncio.subprocess import PIPE
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -390,6 +390,59 @@ async def test_closing_an_async_client_fails_its_calls_in_flight_cancelled(
     assert closed.value.code == grpc.StatusCode.CANCELLED
     assert "closed" in closed.value.message
     assert not running.cancelled()
+
+
+def _calls_after_a_blocking_close(address: str) -> list[BaseException | None]:
+    client = Client(address)
+    made_before = client.stream(TEN_WORDS)
+    client.close()
+    calls: list[Callable[[], object]] = [
+        lambda: client.complete(TEN_WORDS),
+        lambda: list(client.stream(TEN_WORDS)),
+        lambda: list(made_before),
+        client.health,
+    ]
+    failures: list[BaseException | None] = []
+    for call in calls:
+        try:
+            call()
+            failures.append(None)
+        except Exception as exc:
+            failures.append(exc)
+    return failures
+
+
+async def _calls_after_an_async_close(address: str) -> list[BaseException | None]:
+    client = AsyncClient(address)
+    made_before = client.stream(TEN_WORDS)
+    await client.close()
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: client.complete(TEN_WORDS),
+        lambda: anext(client.stream(TEN_WORDS)),
+        lambda: anext(made_before),
+        client.health,
+    ]
+    failures: list[BaseException | None] = []
+    for call in calls:
+        try:
+            await call()
+            failures.append(None)
+        except Exception as exc:
+            failures.append(exc)
+    return failures
+
+
+@pytest.mark.parametrize("blocking", [True, False], ids=["blocking", "asyncio"])
+async def test_calls_after_the_client_is_closed_fail_cancelled(gateway: Gateway, blocking: bool) -> None:
+    # They raised grpc's own errors: ValueError from the blocking channel, grpc.aio.UsageError from the asyncio one.
+    if blocking:
+        failures = await asyncio.to_thread(_calls_after_a_blocking_close, target(gateway))
+    else:
+        failures = await _calls_after_an_async_close(target(gateway))
+    for failure in failures:
+        assert isinstance(failure, LLMRelayError), failure
+        assert failure.code == grpc.StatusCode.CANCELLED
+        assert failure.message == "the client is closed: make a new one to call"
 
 
 async def test_a_task_cancelled_while_reading_is_cancelled_still(gateway: Gateway, primary: FakeUpstream) -> None:

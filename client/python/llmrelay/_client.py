@@ -176,7 +176,8 @@ class _Base:
         self._metadata = tuple(metadata) + (((CALLER_HEADER, caller),) if caller else ())
         self._security_hint = None if own_channel else settings.security_hint(target)
         self._closed = False
-        """Set by an AsyncClient's close(): a call it cut short fails CANCELLED, saying so."""
+        """Set by close(): a call made after it, or one an AsyncClient's close() cut short, fails CANCELLED, saying
+        so."""
 
     @property
     def uses_tls(self) -> bool:
@@ -196,6 +197,12 @@ class _Base:
             yield
         except grpc.RpcError as exc:
             raise self._error(exc) from exc
+        except (ValueError, grpc.aio.UsageError):
+            # What grpc raises for a call on a closed channel (the blocking one ValueError, grpc.aio UsageError),
+            # which a caller catching the SDK's errors would not expect.
+            if not self._closed:
+                raise
+            raise LLMRelayError(grpc.StatusCode.CANCELLED, "the client is closed: make a new one to call") from None
         except asyncio.CancelledError:
             # grpc.aio ends a call that its channel's close() cut short with CancelledError, which reads as the
             # calling task's own cancellation (a TaskGroup takes it so): the blocking client's error instead, unless
@@ -311,12 +318,12 @@ class Client(_Base):
         call_options = self._call_options(timeout, metadata)
 
         def chunks() -> Generator[pb.StreamCompleteResponse, None, None]:
-            call = self._stub.StreamComplete(request, **call_options)
-            try:
-                with self._sdk_errors():
+            with self._sdk_errors():
+                call = self._stub.StreamComplete(request, **call_options)
+                try:
                     yield from call
-            finally:
-                call.cancel()  # a consumer that stops early must not leave the upstream generating
+                finally:
+                    call.cancel()  # a consumer that stops early must not leave the upstream generating
 
         return Stream(chunks())
 
@@ -456,6 +463,8 @@ class Client(_Base):
             return self._stub.GetUsage(request or pb.GetUsageRequest(), **self._call_options(timeout, metadata))
 
     def close(self) -> None:
+        """Closes the channel; calls in flight, and any made after, fail with LLMRelayError (CANCELLED)."""
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -539,13 +548,13 @@ class AsyncClient(_Base):
         call_options = self._call_options(timeout, metadata)
 
         async def chunks() -> AsyncGenerator[pb.StreamCompleteResponse, None]:
-            call = self._stub.StreamComplete(request, **call_options)
-            try:
-                with self._sdk_errors():
+            with self._sdk_errors():
+                call = self._stub.StreamComplete(request, **call_options)
+                try:
                     async for chunk in call:
                         yield chunk
-            finally:
-                call.cancel()
+                finally:
+                    call.cancel()
 
         return AsyncStream(chunks())
 
@@ -672,7 +681,7 @@ class AsyncClient(_Base):
             return await self._stub.GetUsage(request or pb.GetUsageRequest(), **self._call_options(timeout, metadata))
 
     async def close(self) -> None:
-        """Closes the channel; calls in flight fail with LLMRelayError (CANCELLED)."""
+        """Closes the channel; calls in flight, and any made after, fail with LLMRelayError (CANCELLED)."""
         self._closed = True
         await self._channel.close()
 
