@@ -25,4 +25,5 @@ def message(role: str, content: str, **fields: Any) -> pb.Message:
 
 
 def as_messages(messages: Iterable[MessageLike]) -> list[pb.Message]:
-    return [m if isinstance(m, pb.Message) else message(**m) for m in messages]
+    # A dict may leave content out, as the message may: an assistant's tool calls alone, a user's parts.
+    return [m if isinstance(m, pb.Message) else message(**{"content": "", **m}) for m in messages]

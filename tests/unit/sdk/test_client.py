@@ -164,6 +164,28 @@ def test_typed_options_build_the_request(
     assert not options.HasField("top_p"), "an option not given is not sent"
 
 
+def test_messages_as_dicts_may_leave_content_out(client: Client, gateway: FakeGateway) -> None:
+    # Such a dict, as the message itself may leave content out, failed with "message() missing 1 required positional
+    # argument: 'content'".
+    weather = {"id": "call_1", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+    call = gateway.run(
+        lambda: client.complete(
+            [
+                {"role": "user", "parts": [{"text": "Weather in Oslo?"}]},
+                {"role": "assistant", "tool_calls": [weather]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            ]
+        )
+    )
+    request = gateway.answer("Complete", answer("ok"))
+    result(call)
+    user, assistant, tool_result = request.messages
+    assert (user.content, [p.text for p in user.parts]) == ("", ["Weather in Oslo?"])
+    assert (assistant.role, assistant.content) == (pb.ROLE_ASSISTANT, "")
+    assert assistant.tool_calls[0].function.name == "weather"
+    assert (tool_result.tool_call_id, tool_result.content) == ("call_1", "sunny")
+
+
 def test_no_options_send_none(
     client: Client,
     gateway: FakeGateway,
