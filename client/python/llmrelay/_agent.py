@@ -48,6 +48,9 @@ class StepLimitError(Exception):
         self.answer = answer
         self.max_steps = max_steps
 
+    def __reduce__(self) -> tuple[type[StepLimitError], tuple[Answer, int]]:
+        return type(self), (self.answer, self.max_steps)  # as LLMRelayError's: Exception's passes the text alone
+
 
 class ContextBudgetError(Exception):
     """A conversation does not fit its token budget even with only its system messages and its last turn."""
@@ -59,6 +62,9 @@ class ContextBudgetError(Exception):
         )
         self.tokens = tokens
         self.budget_tokens = budget_tokens
+
+    def __reduce__(self) -> tuple[type[ContextBudgetError], tuple[int, int]]:
+        return type(self), (self.tokens, self.budget_tokens)
 
 
 @dataclass

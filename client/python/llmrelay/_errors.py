@@ -147,6 +147,11 @@ class LLMRelayError(Exception):
         self.message = message
         self.details = details or ErrorDetails()
 
+    def __reduce__(self) -> tuple[type[LLMRelayError], tuple[grpc.StatusCode, str, ErrorDetails]]:
+        # Exception's own would call the class with the formatted text alone, which it does not take: an error could
+        # not come back from a process pool or any other pickling.
+        return type(self), (self.code, self.message, self.details)
+
     @property
     def reason(self) -> str | None:
         return self.details.reason

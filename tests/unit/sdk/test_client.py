@@ -5,6 +5,7 @@ errors as decoded, deadlines and interceptors, the tool loop and the conversatio
 from __future__ import annotations
 
 import json
+import pickle
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -254,6 +255,19 @@ def test_errors_carry_their_decoded_details(
     assert error.retry_delay_s == 2.5
     assert [(a.backend, a.upstream_status) for a in error.attempts] == [("openai", 503)]
     assert error.details.attempt_history == history
+    # Pickled, as a process pool sends it back, it is the same error: it could not be read back, the class called
+    # with the formatted text alone.
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is UnavailableError and str(copy) == str(error)
+    assert (copy.code, copy.message, copy.details) == (error.code, error.message, error.details)
+
+
+def test_the_agents_errors_survive_pickling() -> None:
+    answer = Answer(response=pb.CompleteResponse(backend="fake"), messages=[message("user", "hi")], steps=2)
+    limit = pickle.loads(pickle.dumps(StepLimitError(answer, 2)))
+    assert (limit.answer, limit.max_steps, str(limit)) == (answer, 2, str(StepLimitError(answer, 2)))
+    budget = pickle.loads(pickle.dumps(ContextBudgetError(120, 100)))
+    assert (budget.tokens, budget.budget_tokens, str(budget)) == (120, 100, str(ContextBudgetError(120, 100)))
 
 
 def test_bad_request_and_quota_failure(
