@@ -311,6 +311,31 @@ async def test_a_calls_key_replaces_the_clients(
     assert [(r.caller, r.requests) for r in usage.records] == [("beta", 1)], "authorised and billed as beta"
 
 
+def _blocking_usage(address: str, metadata: list[tuple[str, str]]) -> pb.GetUsageResponse:
+    with Client(address, metadata=metadata) as client:
+        return client.get_usage()
+
+
+async def test_metadata_keys_are_sent_in_lower_case_and_bad_values_refused_unshown(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    # "Authorization", as HTTP writes it, failed every call: INTERNAL "Invalid metadata" from Client, grpc.aio's own
+    # ExecuteBatchError from AsyncClient; so did a value gRPC cannot send, without saying which.
+    gateway = await gateway_factory(two_backends(primary, local) + "auth:\n  keys:\n" + key_entry("beta", BETA_KEY))
+    capitalised = [("Authorization", f"Bearer {BETA_KEY}")]
+    async with AsyncClient(target(gateway), metadata=capitalised) as client:
+        assert (await client.get_usage()).records == []
+    assert (await asyncio.to_thread(_blocking_usage, target(gateway), capitalised)).records == []
+    for where in ("client", "call"):
+        with pytest.raises(ValueError, match="metadata 'authorization': gRPC takes only printable ASCII") as refused:
+            broken = [("authorization", f"Bearer {BETA_KEY}\n")]
+            async with AsyncClient(target(gateway), metadata=broken if where == "client" else ()) as client:
+                await client.get_usage(metadata=broken)
+        assert BETA_KEY not in str(refused.value)
+    with pytest.raises(ValueError, match="metadata key 'x team': gRPC takes only letters"):
+        Client(target(gateway), metadata=[("x team", "a")])
+
+
 # --- streams kept in a variable ------------------------------------------------------------------------------------
 
 CALLS = "llmrelay_server.calls"

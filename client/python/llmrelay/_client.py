@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import re
 from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from llmrelay._stream import AsyncStream, Stream
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S: Final = 120.0
 CALLER_HEADER: Final = "x-llmrelay-caller"
+_METADATA_KEY: Final = re.compile(r"[0-9a-z_.-]+")
 
 
 class _ClientDefault(enum.Enum):
@@ -145,12 +147,28 @@ def _conversation(messages: Iterable[MessageLike] | Conversation) -> Conversatio
     return messages if isinstance(messages, Conversation) else Conversation(messages)
 
 
+def _checked_metadata(metadata: Metadata) -> tuple[tuple[str, str], ...]:
+    """The metadata with its keys in lower case, as gRPC sends them (and takes no other: "Authorization" failed the
+    call with INTERNAL, "Invalid metadata", or grpc.aio's own error); ValueError for a key or a value gRPC refuses,
+    saying which key (never the value, which may be a key to the gateway)."""
+    checked = []
+    for key, value in metadata:
+        name = key.lower()
+        if not _METADATA_KEY.fullmatch(name):
+            raise ValueError(f"metadata key {key!r}: gRPC takes only letters, digits, '-', '_' and '.' in a key")
+        # A key ending -bin carries bytes; any other, printable ASCII.
+        if not name.endswith("-bin") and not (isinstance(value, str) and value.isascii() and value.isprintable()):
+            raise ValueError(f"metadata {name!r}: gRPC takes only printable ASCII text as a value (value not shown)")
+        checked.append((name, value))
+    return tuple(checked)
+
+
 def _merged_metadata(client: Metadata, call: Metadata) -> tuple[tuple[str, str], ...]:
     """The client's metadata with the call's: a key the call sets replaces all the client's values for it, as in the
     Go and TypeScript SDKs (the gateway reads the first `authorization` it gets, so both sent would mean the
-    client's). Keys compare in lower case, as gRPC sends them."""
-    replaced = {key.lower() for key, _ in call}
-    return (*(item for item in client if item[0].lower() not in replaced), *call)
+    client's). Both are _checked_metadata's, their keys in lower case."""
+    replaced = {key for key, _ in call}
+    return (*(item for item in client if item[0] not in replaced), *call)
 
 
 class _Base:
@@ -173,7 +191,7 @@ class _Base:
         """The options the client made its channel with (the service config first)."""
         self._credentials = None if own_channel else settings.credentials_for(target)
         self._timeout = timeout
-        self._metadata = tuple(metadata) + (((CALLER_HEADER, caller),) if caller else ())
+        self._metadata = _checked_metadata(tuple(metadata) + (((CALLER_HEADER, caller),) if caller else ()))
         self._security_hint = None if own_channel else settings.security_hint(target)
         self._closed = False
         """Set by close(): a call made after it, or one an AsyncClient's close() cut short, fails CANCELLED, saying
@@ -187,7 +205,7 @@ class _Base:
     def _call_options(self, timeout: Timeout, metadata: Metadata | None) -> dict[str, Any]:
         return {
             "timeout": self._timeout if isinstance(timeout, _ClientDefault) else timeout,
-            "metadata": _merged_metadata(self._metadata, metadata or ()),
+            "metadata": _merged_metadata(self._metadata, _checked_metadata(metadata or ())),
         }
 
     @contextmanager
