@@ -72,6 +72,9 @@ class FakeAnthropic(FakeUpstream):
     count_faults: deque[Fault] = field(default_factory=deque)
     invalid_requests: list[str] = field(default_factory=list)
     """The validation errors of the requests that did not validate against the SDK's types."""
+    models_without_end: bool = False
+    """Every page of the models list says it has more after it, whatever cursor it is asked for (a compatible
+    server that ignores after_id): its pages repeat for ever."""
 
     @property
     def base_url(self) -> str:
@@ -89,6 +92,7 @@ class FakeAnthropic(FakeUpstream):
         self.count_requests.clear()
         self.count_faults.clear()
         self.invalid_requests.clear()
+        self.models_without_end = False
 
     async def _dispatch(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         route = (request.method, request.path.split("?")[0])
@@ -109,7 +113,8 @@ class FakeAnthropic(FakeUpstream):
 
     async def _models(self, writer: asyncio.StreamWriter) -> bool:
         data = [_checked(ModelInfo, self._model_info(m)) for m in self.models]
-        page = {"data": data, "has_more": False, "first_id": self.models[0], "last_id": self.models[-1]}
+        has_more = self.models_without_end
+        page = {"data": data, "has_more": has_more, "first_id": self.models[0], "last_id": self.models[-1]}
         return await _send_json(writer, 200, page)
 
     def _model_info(self, model: str) -> dict[str, Any]:

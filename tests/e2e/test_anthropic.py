@@ -16,7 +16,18 @@ import pytest
 from anthropic_upstream import FakeAnthropic
 from llmrelay import StreamAssembler
 from llmrelay import v1 as pb
-from support import ANTHROPIC_TEST_KEY, OPENAI_TEST_KEY, StubFactory, chat, details, png, stream_chat, tool, user
+from support import (
+    ANTHROPIC_TEST_KEY,
+    OPENAI_TEST_KEY,
+    GatewayFactory,
+    StubFactory,
+    chat,
+    details,
+    png,
+    stream_chat,
+    tool,
+    user,
+)
 from upstream import FakeUpstream
 
 # Integers a Struct would make doubles, and one no double holds: the schema must reach Anthropic as written.
@@ -534,6 +545,21 @@ llm:
     assert "/v1/models" in claude.probe_requests
     # A model the probe discovered is served without naming the backend.
     assert (await stub.Complete(chat(model="claude-test-mini"), timeout=5)).model == "claude-test-mini"
+
+
+async def test_a_models_list_that_never_ends_is_read_a_few_pages_and_the_gateway_starts(
+    gateway_factory: GatewayFactory, claude: FakeAnthropic, local: FakeUpstream
+) -> None:
+    """A compatible server that says every page has more, whatever the cursor: read as the SDK pages it, the probe
+    never ended, and the gateway, whose start awaits it, never started, while asking for pages as fast as they came."""
+    claude.models_without_end = True
+    gateway = await asyncio.wait_for(gateway_factory(anthropic_first(claude, local)), timeout=10)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        report = await pb.LLMServiceStub(channel).Health(pb.HealthRequest(), timeout=5)
+    live = report.backends[0]
+    assert (live.name, live.reachable, list(live.models)) == ("anthropic", True, ["claude-test", "claude-test-mini"])
+    # The first page, and the second, which listed nothing new.
+    assert claude.probe_requests == ["/v1/models"] * 2
 
 
 async def test_an_upstream_error_keeps_its_message_and_never_a_key(

@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 4096
 """The answer's length limit when neither the request nor the backend's `max_tokens` sets one (the API needs one)."""
+MAX_MODEL_PAGES = 10
+"""The most pages of the models list a probe reads (of 1000 models each: the API lists a few dozen)."""
 # "prompt is too long: 208656 tokens > 200000 maximum", an invalid_request_error.
 _PROMPT_TOO_LONG = re.compile(r"prompt is too long", re.IGNORECASE)
 
@@ -191,12 +193,26 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
         started = time.monotonic()
         try:
             with models_list():
-                models = [m async for m in self._client.models.list(limit=1000, timeout=HEALTH_TIMEOUT_S)]
+                models = await self._list_models()
                 ids = model_ids(models)
         except (anthropic.APIError, ValueError) as exc:
             return self._health(started, reachable=False, error=self._describe(exc))
         self._adaptive_thinking = frozenset(m.id for m in models if _takes_no_budget(m))
         return self._health(started, reachable=True, models=ids)
+
+    async def _list_models(self) -> list[ModelInfo]:
+        """The models the API lists, page by page while each brings models not yet listed, MAX_MODEL_PAGES at most. A
+        compatible server that answers `has_more` for ever (its cursor ignored) would otherwise hold the probe, and
+        the gateway's start that awaits it, for ever, asking it for the next page as fast as it answers."""
+        page = await self._client.models.list(limit=1000, timeout=HEALTH_TIMEOUT_S)
+        models: dict[str, ModelInfo] = {}
+        for _ in range(MAX_MODEL_PAGES):
+            new = {model.id: model for model in page.data if model.id not in models}
+            models |= new
+            if not new or not page.has_next_page():
+                break
+            page = await page.get_next_page()
+        return list(models.values())
 
     def _body(self, model: str, request: CompletionRequest) -> dict[str, Any]:
         try:
