@@ -47,7 +47,9 @@ Faults are queued; each chat or embeddings request takes the next one. A fault i
                                                        once without saying so (no Connection: close), as a server
                                                        that keeps connections for one request does
 
-With `vllm=True` it also serves vLLM's POST /tokenize (chat form), counting the prompt as its usage does.
+With `vllm=True` it also serves vLLM's POST /tokenize (chat form), counting the prompt as its usage does; with
+`llamacpp=True`, llama.cpp's POST /apply-template (a prompt of as many words as its usage counts tokens) and POST
+/tokenize (a token per word of `content`, and per token id where it is a list).
 
 Run standalone: python tests/upstream.py --listen 127.0.0.1:PORT [--model NAME ...] [--ollama]
 (embedding model: embed-test)
@@ -98,6 +100,7 @@ class FakeUpstream:
     embedding_models: Sequence[str] = ("embed-test",)
     ollama: bool = False
     vllm: bool = False
+    llamacpp: bool = False
     host: str = "127.0.0.1"
     port: int = 0
     faults: deque[Fault] = field(default_factory=deque)
@@ -111,6 +114,8 @@ class FakeUpstream:
     tokenize_requests: list[dict[str, Any]] = field(default_factory=list)
     tokenize_count: Any = None
     """What /tokenize answers as the count, when set (a server's bad figure); else the prompt's tokens."""
+    llamacpp_answers: dict[str, Any] = field(default_factory=dict)
+    """What llama.cpp's endpoints answer instead, by path ("/apply-template", "/tokenize"), when set (any JSON)."""
     embedding_requests: list[dict[str, Any]] = field(default_factory=list)
     client_disconnects: list[float] = field(default_factory=list)
     """Monotonic times at which a client left while a stalled answer was pending."""
@@ -155,6 +160,7 @@ class FakeUpstream:
         self.chat_headers.clear()
         self.chat_times.clear()
         self.tokenize_requests.clear()
+        self.llamacpp_answers.clear()
         self.embedding_requests.clear()
         self.client_disconnects.clear()
         self.probe_requests.clear()
@@ -203,6 +209,8 @@ class FakeUpstream:
             return await _send_json(writer, 200, {"models": [{"name": m, "model": m} for m in self.models]})
         if self.vllm and route == ("POST", "/tokenize"):
             return await self._tokenize(request, writer)
+        if self.llamacpp and route in (("POST", "/apply-template"), ("POST", "/tokenize")):
+            return await self._llamacpp(request, writer)
         if route == ("POST", "/_control/faults"):
             self.inject(*request.json())
             return await _send_json(writer, 200, {"queued": len(self.faults)})
@@ -295,6 +303,22 @@ class FakeUpstream:
             return await _send_json(writer, 200, {"count": self.tokenize_count, "max_model_len": 8192, "tokens": []})
         count = _prompt_tokens(body)
         return await _send_json(writer, 200, {"count": count, "max_model_len": 8192, "tokens": list(range(count))})
+
+    async def _llamacpp(self, request: Request, writer: asyncio.StreamWriter) -> bool:
+        body = request.json()
+        self.tokenize_requests.append(body)
+        path = request.path.split("?")[0]
+        if path in self.llamacpp_answers:
+            return await _send_json(writer, 200, self.llamacpp_answers[path])
+        if path == "/apply-template":
+            return await _send_json(writer, 200, {"prompt": " ".join(["word"] * _prompt_tokens(body))})
+        # As llama.cpp's: a text, or a list of texts and token ids (mixed); anything else is its 500.
+        content = body.get("content")
+        pieces = content if isinstance(content, list) else [content]
+        if not all(isinstance(piece, str | int) for piece in pieces):
+            return await _send_json(writer, 500, {"error": {"code": 500, "message": "type must be string"}})
+        tokens = sum(len(piece.split()) if isinstance(piece, str) else 1 for piece in pieces)
+        return await _send_json(writer, 200, {"tokens": list(range(tokens))})
 
     async def _stall(self, seconds: float, reader: asyncio.StreamReader) -> bool:
         """Waits, but notices at once when the client closes the connection; False when it did."""

@@ -134,3 +134,43 @@ async def test_models_no_backend_serves_are_counted_offline_with_their_encoding(
     text = await stub.CountTokens(pb.CountTokensRequest(model=model, text="tiktoken is great!"), timeout=5)
     assert (text.token_count, text.encoding, text.estimated, text.model) == (6, encoding, False, model)
     assert len(vllm.tokenize_requests) == 0
+
+
+@pytest.fixture
+async def llama() -> AsyncIterator[FakeUpstream]:
+    """Stands in for llama.cpp's server: the chat API, its /apply-template and its /tokenize."""
+    upstream = await FakeUpstream(models=("qwen",), llamacpp=True).start()
+    yield upstream
+    await upstream.stop()
+
+
+async def test_llamacpp_counts_with_its_template_and_tokenizer(stub_for: StubFactory, llama: FakeUpstream) -> None:
+    stub = await stub_for(
+        f"llm:\n  backends: [{{name: gpu, kind: llamacpp, base_url: '{llama.base_url}', model: qwen}}]\n"
+    )
+    chat = [user("weather in Oslo tomorrow?")]
+    count = await stub.CountTokens(pb.CountTokensRequest(model="gpu/qwen", messages=chat), timeout=5)
+    answer = await stub.Complete(pb.CompleteRequest(model="gpu/qwen", messages=chat), timeout=5)
+    assert (count.encoding, count.estimated, count.token_count) == ("backend:gpu", False, answer.usage.prompt_tokens)
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [
+        {"/tokenize": {"tokens": "15 2 7"}},  # a text, whose length is no count of tokens
+        {"/tokenize": {"tokens": {"15": "hello"}}},
+        {"/apply-template": {"prompt": ["hello", 15]}},  # which /tokenize would take as a prompt of mixed tokens
+        {"/apply-template": {"prompt": None}},
+    ],
+)
+async def test_a_llamacpp_answer_that_is_no_count_gives_way_to_the_estimate(
+    stub_for: StubFactory, llama: FakeUpstream, answers: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Counted as they came, these made an exact count of whatever their length was."""
+    llama.llamacpp_answers.update(answers)
+    stub = await stub_for(
+        f"llm:\n  backends: [{{name: gpu, kind: llamacpp, base_url: '{llama.base_url}', model: qwen}}]\n"
+    )
+    count = await stub.CountTokens(pb.CountTokensRequest(model="gpu/qwen", messages=[user("hello there")]), timeout=5)
+    assert (count.encoding, count.estimated) == ("o200k_base", True) and 0 < count.token_count < 100
+    assert "could not count tokens" in caplog.text and "Traceback" not in caplog.text

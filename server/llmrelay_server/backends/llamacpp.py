@@ -16,6 +16,14 @@ class LlamaCppProvider(OpenAICompatibleProvider):
     async def _server_token_count(self, model: str, messages: Sequence[Message], tools: Sequence[Tool]) -> int:
         # Its chat template, then its tokenizer; a build without /apply-template fails here and the gateway estimates.
         templated = await self._post_json("/apply-template", wire.prompt_body(model, messages, tools))
+        prompt = templated.get("prompt") if isinstance(templated, dict) else None
+        # A list would be tokenized too, as a prompt of texts and token ids: no count of this chat.
+        if not isinstance(prompt, str):
+            raise ValueError(f"/apply-template answered a prompt of {type(prompt).__name__}, not a text")
         # Special tokens on, as the server adds them when it tokenizes a completion's prompt.
-        tokenized = await self._post_json("/tokenize", {"content": templated["prompt"], "add_special": True})
-        return len(tokenized["tokens"])
+        tokenized = await self._post_json("/tokenize", {"content": prompt, "add_special": True})
+        tokens = tokenized.get("tokens") if isinstance(tokenized, dict) else None
+        # Only a list's length is a count: a text's or an object's would pass for one.
+        if not isinstance(tokens, list):
+            raise ValueError(f"/tokenize answered tokens of {type(tokens).__name__}, not a list")
+        return len(tokens)
