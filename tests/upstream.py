@@ -125,6 +125,8 @@ class FakeUpstream:
     """How long each probe waits before it is answered, as a slow upstream's would."""
     models_answer: Any = None
     """What GET /v1/models answers instead of the models list, when set (any JSON)."""
+    models_trickle_s: float = 0.0
+    """When set, GET /v1/models answers one byte of its body per this many seconds (a stuck proxy's answer)."""
     tls: ssl.SSLContext | None = None
     """Serves HTTPS with this context (its certificate and key loaded) when set, as a hosted API does."""
     connections_opened: int = 0
@@ -166,6 +168,7 @@ class FakeUpstream:
         self.probe_requests.clear()
         self.probe_delay_s = 0.0
         self.models_answer = None
+        self.models_trickle_s = 0.0
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -202,6 +205,10 @@ class FakeUpstream:
             if self.models_answer is not None:
                 return await _send_json(writer, 200, self.models_answer)
             data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models]
+            if self.models_trickle_s:
+                return await _trickle(
+                    writer, json.dumps({"object": "list", "data": data}).encode(), self.models_trickle_s
+                )
             return await _send_json(writer, 200, {"object": "list", "data": data})
         if self.ollama and route == ("GET", "/api/version"):
             return await _send_json(writer, 200, {"version": "0.0.0-fake"})
@@ -588,6 +595,15 @@ async def _send(
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
     await writer.drain()
+    return True
+
+
+async def _trickle(writer: asyncio.StreamWriter, body: bytes, interval_s: float) -> bool:
+    writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+    for byte in body:
+        writer.write(bytes([byte]))
+        await writer.drain()
+        await asyncio.sleep(interval_s)
     return True
 
 

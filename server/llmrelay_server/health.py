@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -25,6 +27,10 @@ from llmrelay_server.router import Backend, CircuitState, Router
 SERVICE_NAME = "llmrelay.v1.LLMService"
 # Circuits open and cool down between probes; their state is read this often (no network) and published on change.
 STATE_CHECK_S = 0.25
+PROBE_TIMEOUT_S = 10.0
+"""A probe's whole time at most. Each of its requests is bounded only by the wait for each piece of the answer
+(HEALTH_TIMEOUT_S): an upstream that trickles its answer within that would hold the probe, and with it the gateway's
+start and every probe that joins it, for as long as it went on."""
 FRESH_PROBE_S = 1.0
 """A backend probed this recently is not probed again for Health(probe=true): its result is that fresh. Health is
 open to callers without a key (by default), who could otherwise turn each of their calls into a request to every
@@ -136,7 +142,16 @@ class HealthMonitor:
         return probe
 
     async def _probe(self, backend: Backend) -> None:
-        result = await backend.provider.health()
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                result = await backend.provider.health()
+        except TimeoutError:
+            result = replace(
+                _never_probed(backend),
+                latency_s=PROBE_TIMEOUT_S,
+                last_error=f"the probe did not end within {PROBE_TIMEOUT_S:g} s",
+                checked_at=time.time(),
+            )
         self._probed_at[backend.name] = asyncio.get_running_loop().time()
         if backend.health is None or backend.health.reachable != result.reachable:
             log.info("backend %s is %s", backend.name, "reachable" if result.reachable else "unreachable")

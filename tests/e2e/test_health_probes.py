@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import pytest
 from llmrelay import v1 as pb
+from llmrelay_server import health
 from llmrelay_server.health import FRESH_PROBE_S
 from support import GatewayFactory, two_backends
 from upstream import FakeUpstream
@@ -92,3 +93,20 @@ async def test_a_models_list_that_is_not_one_marks_the_backend_unreachable(
         assert not by_name["openai"].reachable
         assert "the models list is not a JSON object whose `data` is a list of models" in by_name["openai"].last_error
         assert by_name["ollama"].reachable and report.serving
+
+
+async def test_a_probe_whose_answer_trickles_ends_and_the_gateway_starts(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A byte of the models list every 0.2 s is within the wait for each piece of an answer: the probe went on as long
+    as the upstream trickled, and the gateway, whose start awaits the first probe, did not start."""
+    monkeypatch.setattr(health, "PROBE_TIMEOUT_S", 1.0)
+    primary.models_trickle_s = 0.2
+    started = asyncio.get_running_loop().time()
+    gateway = await asyncio.wait_for(gateway_factory(two_backends(primary, local)), timeout=10)
+    assert asyncio.get_running_loop().time() - started < 3
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        report = await pb.LLMServiceStub(channel).Health(pb.HealthRequest(), timeout=5)
+    by_name = {b.name: b for b in report.backends}
+    assert not by_name["openai"].reachable and by_name["openai"].last_error == "the probe did not end within 1 s"
+    assert by_name["ollama"].reachable and report.serving
