@@ -380,6 +380,18 @@ class _Chain:
         return error
 
 
+async def _counted_by(deadline: float, count: Awaitable[TokenCount]) -> TokenCount:
+    """An offline count by `deadline` (the event loop's clock), else DeadlineExceededError: megabytes take a while to
+    count, and the caller would get its client library's bare DEADLINE_EXCEEDED instead of the gateway's status. (A
+    count in a thread goes on to its end, in its slot: see TokenCounter._in_thread.)"""
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await count
+    except TimeoutError:
+        remedy = "a text of megabytes takes a while to count: give the call a longer deadline"
+        raise DeadlineExceededError(f"the deadline ran out before the tokens were counted; {remedy}", ()) from None
+
+
 class _Watchdog:
     """A stream's wait for its next chunk, ended with TimeoutError after `idle_s`, or at `deadline`: one timer for the
     whole stream, made again only when it fires while a wait is still within its limit. (asyncio.timeout per chunk
@@ -758,14 +770,14 @@ class Router:
         if route is not None:
             name = route.model
         if text is not None:
-            return await self._counter.count_text_async(name, text)
+            return await _counted_by(deadline, self._counter.count_text_async(name, text))
         exact = None
         if route is not None:
             # The caller asked for an answer by its deadline: an estimate then, rather than none at all.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(deadline):
                     exact = await route.backend.provider.count_tokens(name, messages, tools)
-        return exact or await self._counter.count_chat_async(name, messages, tools)
+        return exact or await _counted_by(deadline, self._counter.count_chat_async(name, messages, tools))
 
     async def _open_stream(
         self, route: Route, request: CompletionRequest

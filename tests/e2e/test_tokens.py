@@ -6,9 +6,10 @@ import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import pytest
 from llmrelay import v1 as pb
-from support import StubFactory, png, tool, user
+from support import StubFactory, details, png, tool, user
 from upstream import FakeUpstream
 
 WEATHER_TOOL = tool(
@@ -174,3 +175,19 @@ async def test_a_llamacpp_answer_that_is_no_count_gives_way_to_the_estimate(
     count = await stub.CountTokens(pb.CountTokensRequest(model="gpu/qwen", messages=[user("hello there")]), timeout=5)
     assert (count.encoding, count.estimated) == ("o200k_base", True) and 0 < count.token_count < 100
     assert "could not count tokens" in caplog.text and "Traceback" not in caplog.text
+
+
+async def test_a_count_longer_than_the_deadline_ends_with_the_gateways_status(
+    stub_for: StubFactory, vllm: FakeUpstream
+) -> None:
+    """Megabytes of text take a while to count: the caller got its client library's bare DEADLINE_EXCEEDED, no
+    ErrorInfo. It gets the gateway's, and the gateway goes on counting for others."""
+    stub = await vllm_stub(stub_for, vllm)
+    text = "a" * 4_000_000  # one word: seconds of encoding
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CountTokens(pb.CountTokensRequest(model="gpt-4o", text=text), timeout=1)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert details(caught.value)["ErrorInfo"].reason == "DEADLINE_EXCEEDED"
+    assert "longer deadline" in (caught.value.details() or "")
+    count = await stub.CountTokens(pb.CountTokensRequest(model="gpt-4o", text="tiktoken is great!"), timeout=5)
+    assert count.token_count == 6
