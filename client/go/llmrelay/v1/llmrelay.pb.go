@@ -2667,7 +2667,9 @@ type CountTokensRequest struct {
 	Messages []*Message `protobuf:"bytes,2,rep,name=messages,proto3" json:"messages,omitempty"`
 	// Tools to count with the chat.
 	Tools []*Tool `protobuf:"bytes,3,rep,name=tools,proto3" json:"tools,omitempty"`
-	// A plain text to count, instead of messages.
+	// A plain text to count, instead of messages: always counted by the gateway's own tokenizers (`estimated` unless
+	// the model's encoding is known), special tokens' text as text. Megabytes take a while: DEADLINE_EXCEEDED, with
+	// ErrorInfo, when the count does not end within the call's deadline.
 	Text          *string `protobuf:"bytes,4,opt,name=text,proto3,oneof" json:"text,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -2809,7 +2811,8 @@ type HealthRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// When true, probe every backend now instead of returning the last probe's results (a backend probed within the
 	// last second answers with that probe's result). The answer comes within the call's deadline: a backend whose
-	// probe is still out then is reported as its last probe found it (its `checked_at` says when).
+	// probe is still out then is reported as its last probe found it (its `checked_at` says when). A probe that has
+	// not ended within 10 s reports its backend unreachable.
 	Probe         bool `protobuf:"varint,1,opt,name=probe,proto3" json:"probe,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

@@ -1622,7 +1622,10 @@ class CountTokensRequest(_message.Message):
     model: _builtins.str
     """The model whose tokenizer counts; unset for the default chain's first model."""
     text: _builtins.str
-    """A plain text to count, instead of messages."""
+    """A plain text to count, instead of messages: always counted by the gateway's own tokenizers (`estimated` unless
+    the model's encoding is known), special tokens' text as text. Megabytes take a while: DEADLINE_EXCEEDED, with
+    ErrorInfo, when the count does not end within the call's deadline.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
         """The chat to count, with the chat format's overhead."""
@@ -1698,7 +1701,8 @@ class HealthRequest(_message.Message):
     probe: _builtins.bool
     """When true, probe every backend now instead of returning the last probe's results (a backend probed within the
     last second answers with that probe's result). The answer comes within the call's deadline: a backend whose
-    probe is still out then is reported as its last probe found it (its `checked_at` says when).
+    probe is still out then is reported as its last probe found it (its `checked_at` says when). A probe that has
+    not ended within 10 s reports its backend unreachable.
     """
     def __init__(
         self,

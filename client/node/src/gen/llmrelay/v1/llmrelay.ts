@@ -1341,7 +1341,11 @@ export interface CountTokensRequest {
   messages: Message[];
   /** Tools to count with the chat. */
   tools: Tool[];
-  /** A plain text to count, instead of messages. */
+  /**
+   * A plain text to count, instead of messages: always counted by the gateway's own tokenizers (`estimated` unless
+   * the model's encoding is known), special tokens' text as text. Megabytes take a while: DEADLINE_EXCEEDED, with
+   * ErrorInfo, when the count does not end within the call's deadline.
+   */
   text?: string | undefined;
 }
 
@@ -1362,7 +1366,8 @@ export interface HealthRequest {
   /**
    * When true, probe every backend now instead of returning the last probe's results (a backend probed within the
    * last second answers with that probe's result). The answer comes within the call's deadline: a backend whose
-   * probe is still out then is reported as its last probe found it (its `checked_at` says when).
+   * probe is still out then is reported as its last probe found it (its `checked_at` says when). A probe that has
+   * not ended within 10 s reports its backend unreachable.
    */
   probe: boolean;
 }
