@@ -121,6 +121,7 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
             config.server.usage_db,
             journal_dir=config.server.usage_journal_dir,
             journal_max_bytes=config.server.usage_journal_max_bytes,
+            by_minute_days=config.server.usage_by_minute_days,
         )
     except LedgerUnavailableError as exc:  # a SQLite file that cannot be opened (a directory, no permission)
         raise ConfigError(f"server.usage_db: {exc}") from exc

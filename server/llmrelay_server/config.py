@@ -169,6 +169,9 @@ class ServerConfig:
     URL without its password, one directory for each database)."""
     usage_journal_max_bytes: int = 256 * 1024 * 1024
     """The most one process's journal holds while the database is down; past it, records are dropped and counted."""
+    usage_by_minute_days: int | None = 31
+    """How many days of usage the ledger keeps by the minute; each older UTC day is kept as one row per backend, model
+    and caller (GetUsage's window then takes such a day whole, by its start). null: by the minute for ever."""
     health_interval_s: float = 15.0
     """How often the backends are probed in the background."""
     tls: TLSConfig | None = None

@@ -277,13 +277,13 @@ async def test_a_database_from_before_migrations_is_migrated_with_its_rows(
             "SELECT requests, prompt_tokens, completion_tokens FROM usage_buckets WHERE model = 'gpt-4o'"
         ).fetchall()
     assert "total_tokens" not in columns
-    assert versions == [1, 2, 3]
+    assert versions == [1, 2, 3, 4]
     assert row == (3, 21, 12)
     # Opened again, nothing is migrated twice.
     reopened = await query_once(path)
     assert reopened[0] == UsageTotals("openai", "gpt-4o", "c", 3, 21, 12, 33, *_after_estimated(old_totals[0]))
     with contextlib.closing(sqlite3.connect(path)) as connection:
-        assert connection.execute("SELECT COUNT(*) FROM schema_version").fetchone() == (3,)
+        assert connection.execute("SELECT COUNT(*) FROM schema_version").fetchone() == (4,)
 
 
 def _after_estimated(totals: UsageTotals) -> tuple[int, ...]:

@@ -207,7 +207,10 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--backend")
     usage.add_argument("--model", help="an upstream's model name, as the table shows it, or backend/model")
     usage.add_argument("--caller")
-    window = "a time ago (30m, 24h, 7d) or an ISO 8601 date or time, UTC unless it says; usage is kept by the minute"
+    window = (
+        "a time ago (30m, 24h, 7d) or an ISO 8601 date or time, UTC unless it says; usage is kept by the minute (by the"
+        " day past the gateway's server.usage_by_minute_days)"
+    )
     usage.add_argument("--since", type=_moment, help=f"only usage from then on: {window}")
     usage.add_argument("--until", type=_moment, help="only usage before then: the same forms")
     usage.set_defaults(run=_usage)

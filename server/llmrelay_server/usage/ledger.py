@@ -31,6 +31,12 @@ Without a journal (a ":memory:" ledger) records are only in memory, and a failed
 
 Rows are per (backend, model, caller, bucket_start); a bucket is ``bucket_s`` seconds (a minute by default) aligned
 to the Unix epoch, and a query's window selects whole buckets: those whose start lies in [start, end).
+
+With ``by_minute_days`` set, the ledger grows by the day rather than by the minute: once an hour (and at start) the
+buckets of each UTC day older than that many days are merged into one row per backend, model and caller at the day's
+start (`LedgerStore.roll_up`), one day after each flush so that the writes of new records are not held up. Totals stay
+exact; a window that begins or ends inside such a day takes the whole day or none of it, by the day's start. Records
+of an old day written later (a journal replayed after an outage) are merged at the next roll-up.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ from llmrelay_server.domain import (
 from llmrelay_server.usage.journal import Journal, Orphan, batch_files, encode, read_batch
 from llmrelay_server.usage.sqlite import MEMORY, SQLiteStore
 from llmrelay_server.usage.store import (
+    DAY_S,
     BatchId,
     Buckets,
     LedgerStore,
@@ -83,6 +90,9 @@ at most 2704 bytes of a row's key: the batch holding a longer name would be retr
 held up, where SQLite takes it."""
 _MAINTENANCE_INTERVAL_S: Final = 5.0
 """How often the ledger claims the journals of dead processes, and checks an idle database."""
+_ROLL_UP_INTERVAL_S: Final = 3600.0
+"""How often the ledger looks for days to keep by the day (a day becomes old once a day; records of an old day
+replayed late wait at most this long)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,13 +197,22 @@ class UsageLedger:
         journal_max_bytes: int = ServerConfig().usage_journal_max_bytes,
         flush_interval_s: float = 0.5,
         bucket_s: int = 60,
+        by_minute_days: int | None = None,
     ) -> None:
         """database: a SQLite path, ":memory:", a PostgreSQL URL, or a store. journal_dir: unset, the default for a
-        path or URL (`default_journal_dir`), and no journal for a store given as such."""
-        if flush_interval_s <= 0 or bucket_s <= 0 or journal_max_bytes <= 0:
-            raise ValueError("flush_interval_s, bucket_s and journal_max_bytes must be positive")
+        path or URL (`default_journal_dir`), and no journal for a store given as such. by_minute_days: how many days
+        of usage stay by the bucket; older days are kept by the day (unset: every bucket for ever)."""
+        if flush_interval_s <= 0 or bucket_s <= 0 or journal_max_bytes <= 0 or (by_minute_days or 1) <= 0:
+            raise ValueError("flush_interval_s, bucket_s, journal_max_bytes and by_minute_days must be positive")
         self._flush_interval_s = flush_interval_s
         self._bucket_s = bucket_s
+        self._by_minute_days = by_minute_days
+        self._next_roll_up = 0.0
+        """When (the loop's clock) to look for days to roll up next."""
+        self._rolled_up = 0
+        """Rows merged so far in the pass under way: one day between two flushes (a day of 60 callers and models,
+        86,400 rows, takes SQLite about 0.6 s), so that a first pass over a large ledger does not hold the writes and
+        GetUsage up."""
         self._max_bytes = journal_max_bytes
         if isinstance(database, str | Path):
             self._store = open_store(str(database))
@@ -400,6 +419,11 @@ class UsageLedger:
                 pass  # logged when the outage began; retried at the next flush
             except Exception:
                 _log.exception("usage ledger: writing failed; will retry")
+            # After a flush that reached the database: a roll-up that fails then is refused for itself (said so),
+            # not a database down (which the writes report, once an outage).
+            due = loop.time() >= self._next_roll_up and not self._stopping.is_set()
+            if self._by_minute_days is not None and self._unavailable is None and due:
+                await self._roll_up(self._by_minute_days)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=self._flush_interval_s)
 
@@ -432,6 +456,34 @@ class UsageLedger:
                 for batch_id, path, records, size in orphan.batches:
                     self._pending.append(_Batch(batch_id, path, None, None, records, size, orphan))
                     self._unwritten += records
+
+    async def _roll_up(self, by_minute_days: int) -> None:
+        """Keeps one more day older than by_minute_days by the day; when none is left, the pass is over (and said) and
+        the next is an interval away."""
+        loop = asyncio.get_running_loop()
+        before = max(0, (int(time.time()) // DAY_S - by_minute_days) * DAY_S)  # 0: more days than the epoch has
+        try:
+            merged = await self._store.roll_up(before)
+        except LedgerUnavailableError as error:
+            # Not an outage of the ledger (the writes tell that): a database that refuses the roll-up alone (the
+            # ledger's role may not DELETE, a statement timeout) must be heard, once an attempt.
+            _log.warning("usage ledger: could not keep old usage by the day (tried again in an hour): %s", error)
+            merged = 0
+        except Exception:
+            _log.exception("usage ledger: keeping old usage by the day failed; tried again in an hour")
+            merged = 0
+        if merged:
+            self._rolled_up += merged  # the next day after the next flush
+            return
+        self._next_roll_up = loop.time() + _ROLL_UP_INTERVAL_S
+        if self._rolled_up:
+            _log.info(
+                "usage ledger: %d rows of usage before %s UTC merged into one row per day"
+                " (server.usage_by_minute_days)",
+                self._rolled_up,
+                datetime.fromtimestamp(before, UTC).date(),
+            )
+            self._rolled_up = 0
 
     def _seal(self) -> bool:
         """Under the lock: the active batch, if it has records, goes to the pending ones; the next record starts a new

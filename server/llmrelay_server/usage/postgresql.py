@@ -33,12 +33,15 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from llmrelay_server.usage.store import (
     COUNT_COLUMNS,
+    DAY_S,
     BatchId,
     Buckets,
     LedgerUnavailableError,
     Selection,
     Snapshot,
     mark_applied_statement,
+    oldest_finer_statement,
+    roll_up_statement,
     upsert_statement,
 )
 
@@ -58,6 +61,8 @@ _RECONNECT_S: Final = 10.0
 write; short, so that the backoff never grows far past the moment the database returns."""
 _MIGRATION_LOCK: Final = 0x6C6C_6D72_656C_6179
 """The advisory lock key of the ledger's migrations ("llmrelay" in ASCII)."""
+_ROLL_UP_LOCK: Final = _MIGRATION_LOCK + 1
+"""The advisory lock key of a roll-up: one gateway at a time rolls up, the others leave it to that one."""
 
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (
@@ -67,6 +72,8 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         + ", PRIMARY KEY (backend, model, caller, bucket_start))",
         "CREATE TABLE IF NOT EXISTS applied_batches (journal TEXT PRIMARY KEY, last_batch BIGINT NOT NULL)",
     ),
+    # For a window's rows, and the oldest rows to roll up into their day, without reading the whole table.
+    ("CREATE INDEX IF NOT EXISTS usage_buckets_by_start ON usage_buckets (bucket_start)",),
 )
 """Migration n runs _MIGRATIONS[n - 1]'s statements; append, never change one that has shipped. Each must be
 idempotent (IF NOT EXISTS): all run again when a table of `_TABLES` is missing."""
@@ -81,6 +88,13 @@ logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # its warnings: see t
 _UPSERT: Final = upsert_statement("%s")
 _MARK_APPLIED: Final = mark_applied_statement("%s")
 _SUMS: Final = ", ".join(f"SUM({column})::BIGINT" for column in COUNT_COLUMNS)
+_OLDEST_FINER: Final = oldest_finer_statement("%(before)s")
+# The rows deleted are the rows added, as they were when deleted.
+_ROLL_UP: Final = (
+    "WITH moved AS (DELETE FROM usage_buckets WHERE bucket_start > %(day)s AND bucket_start < %(end)s RETURNING *),"
+    f" kept AS ({roll_up_statement('moved', '%(day)s', _SUMS)})"
+    " SELECT count(*) FROM moved"
+)
 
 
 def without_password(url: str) -> str:
@@ -161,6 +175,9 @@ class PostgreSQLStore:
     async def read(self, selection: Selection, journals: Collection[str]) -> Snapshot:
         return await self._answered(self._read(selection, journals))
 
+    async def roll_up(self, before: int) -> int:
+        return await self._answered(self._roll_up(before))
+
     async def aclose(self) -> None:
         await self._pool.close()
 
@@ -176,6 +193,24 @@ class PostgreSQLStore:
             async with connection.cursor() as cursor:
                 await cursor.executemany(_UPSERT, [(*key, *counts) for key, counts in buckets.items()])
         return True
+
+    async def _roll_up(self, before: int) -> int:
+        async with self._connection() as connection, connection.transaction():
+            locked = await (
+                await connection.execute("SELECT pg_try_advisory_xact_lock(%s)", (_ROLL_UP_LOCK,))
+            ).fetchone()
+            if locked is None or not locked[0]:
+                return 0
+            oldest = await (await connection.execute(_OLDEST_FINER, {"before": before})).fetchone()
+            if oldest is None:
+                return 0
+            # Writes wait for the day's roll-up (a moment), and it for the writes under way: a batch writing the day's
+            # rows and a roll-up deleting them could otherwise each hold a row the other waits for (a deadlock).
+            # Reads go on (SHARE ROW EXCLUSIVE takes no lock a SELECT wants).
+            await connection.execute("LOCK TABLE usage_buckets IN SHARE ROW EXCLUSIVE MODE")
+            day = oldest[0] - oldest[0] % DAY_S
+            merged = await (await connection.execute(_ROLL_UP, {"day": day, "end": day + DAY_S})).fetchone()
+        return int(merged[0]) if merged is not None else 0
 
     async def _read(self, selection: Selection, journals: Collection[str]) -> Snapshot:
         where, values = selection.sql_where("%s")
@@ -256,10 +291,13 @@ def _retrieved(task: asyncio.Future[Any]) -> None:
 async def _migrate(connection: psycopg.AsyncConnection[TupleRow], description: str) -> None:
     async with connection.transaction():
         await connection.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-        await connection.execute(
-            "CREATE TABLE IF NOT EXISTS schema_version"
-            " (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-        )
+        # Made only where missing: CREATE ... IF NOT EXISTS still needs the privilege to create, which a role that an
+        # operator gave only reads and writes (the schema made by another) does not have.
+        if not await _exists(connection, "schema_version"):
+            await connection.execute(
+                "CREATE TABLE schema_version"
+                " (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
         row = await (await connection.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version")).fetchone()
         current = int(row[0]) if row is not None else 0
         if current > len(_MIGRATIONS):
@@ -267,12 +305,7 @@ async def _migrate(connection: psycopg.AsyncConnection[TupleRow], description: s
                 f"the usage ledger's schema is version {current}, newer than this gateway knows"
                 f" ({len(_MIGRATIONS)}): run the newer llmrelay-server"
             )
-        missing = []
-        if current > 0:
-            for table in _TABLES:
-                found = await (await connection.execute("SELECT to_regclass(%s)", (table,))).fetchone()
-                if found is None or found[0] is None:
-                    missing.append(table)
+        missing = [table for table in _TABLES if current > 0 and not await _exists(connection, table)]
         for version in range(1 if missing else current + 1, len(_MIGRATIONS) + 1):
             for statement in _MIGRATIONS[version - 1]:
                 await connection.execute(statement)
@@ -285,3 +318,8 @@ async def _migrate(connection: psycopg.AsyncConnection[TupleRow], description: s
                 description,
                 " and ".join(missing),
             )
+
+
+async def _exists(connection: psycopg.AsyncConnection[TupleRow], table: str) -> bool:
+    found = await (await connection.execute("SELECT to_regclass(%s)", (table,))).fetchone()
+    return found is not None and found[0] is not None

@@ -22,12 +22,15 @@ from typing import Final, TypeVar
 
 from llmrelay_server.usage.store import (
     COUNT_COLUMNS,
+    DAY_S,
     BatchId,
     Buckets,
     LedgerUnavailableError,
     Selection,
     Snapshot,
     mark_applied_statement,
+    oldest_finer_statement,
+    roll_up_statement,
     upsert_statement,
 )
 
@@ -77,16 +80,26 @@ def _applied_batches(connection: sqlite3.Connection) -> None:
     )
 
 
+def _index_by_start(connection: sqlite3.Connection) -> None:
+    """For a window's rows, and the oldest rows to roll up into their day, without reading the whole table."""
+    connection.execute("CREATE INDEX usage_buckets_by_start ON usage_buckets (bucket_start)")
+
+
 _MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
     _first_table,
     _drop_total_tokens,
     _applied_batches,
+    _index_by_start,
 )
 """Migration n is _MIGRATIONS[n - 1]; append, never change one that has shipped."""
 
 _UPSERT: Final = upsert_statement("?")
 _MARK_APPLIED: Final = mark_applied_statement("?")
 _SUMS: Final = ", ".join(f"SUM({column})" for column in COUNT_COLUMNS)
+_OLDEST_FINER: Final = oldest_finer_statement("?")
+# The day's rows after its start: added into the day's row, then deleted, under the one write lock.
+_ROLL_UP: Final = roll_up_statement("usage_buckets WHERE bucket_start > ? AND bucket_start < ?", "?", _SUMS)
+_DELETE_ROLLED_UP: Final = "DELETE FROM usage_buckets WHERE bucket_start > ? AND bucket_start < ?"
 
 
 class SQLiteStore:
@@ -118,6 +131,9 @@ class SQLiteStore:
     async def read(self, selection: Selection, journals: Collection[str]) -> Snapshot:
         return await self._run(lambda: self._read(selection, journals))
 
+    async def roll_up(self, before: int) -> int:
+        return await self._run(lambda: self._roll_up(before))
+
     async def aclose(self) -> None:
         async with self._lock:
             await asyncio.to_thread(self._connection.close)
@@ -144,6 +160,23 @@ class SQLiteStore:
             connection.rollback()
             raise
         return True
+
+    def _roll_up(self, before: int) -> int:
+        connection = self._connection
+        connection.execute("BEGIN IMMEDIATE")  # no write of another process between the sums and the deletion
+        try:
+            oldest = connection.execute(_OLDEST_FINER, (before,)).fetchone()
+            if oldest is None:
+                connection.rollback()
+                return 0
+            day = oldest[0] - oldest[0] % DAY_S
+            connection.execute(_ROLL_UP, (day, day, day + DAY_S))
+            merged = connection.execute(_DELETE_ROLLED_UP, (day, day + DAY_S)).rowcount
+            connection.commit()
+        except BaseException:
+            connection.rollback()
+            raise
+        return merged
 
     def _read(self, selection: Selection, journals: Collection[str]) -> Snapshot:
         where, values = selection.sql_where("?")

@@ -26,15 +26,38 @@ COUNT_COLUMNS: Final = (
     "price_unknown_requests",
 )
 """What a bucket counts, in this order wherever counts are a list; total tokens are prompt + completion."""
+DAY_S: Final = 86_400
+"""Usage older than the ledger's days by the minute is kept by the UTC day: one row per backend, model and caller at
+the day's start (`LedgerStore.roll_up`)."""
+
+_INSERT: Final = f"INSERT INTO usage_buckets (backend, model, caller, bucket_start, {', '.join(COUNT_COLUMNS)})"
+_ADDED_ON_CONFLICT: Final = " ON CONFLICT (backend, model, caller, bucket_start) DO UPDATE SET " + ", ".join(
+    f"{column} = usage_buckets.{column} + excluded.{column}" for column in COUNT_COLUMNS
+)
+"""Counts for a row that exists are added to it."""
 
 
 def upsert_statement(placeholder: str) -> str:
     """The statement that adds a batch's counts into their bucket rows, in the driver's placeholder style."""
+    return f"{_INSERT} VALUES ({', '.join([placeholder] * (4 + len(COUNT_COLUMNS)))}){_ADDED_ON_CONFLICT}"
+
+
+def oldest_finer_statement(placeholder: str) -> str:
+    """The query for the start of the oldest row before a moment that is not a day's: the day it lies in is the next
+    to roll up (the index on bucket_start finds it without reading the table)."""
     return (
-        f"INSERT INTO usage_buckets (backend, model, caller, bucket_start, {', '.join(COUNT_COLUMNS)})"
-        f" VALUES ({', '.join([placeholder] * (4 + len(COUNT_COLUMNS)))})"
-        " ON CONFLICT (backend, model, caller, bucket_start) DO UPDATE SET "
-        + ", ".join(f"{column} = usage_buckets.{column} + excluded.{column}" for column in COUNT_COLUMNS)
+        f"SELECT bucket_start FROM usage_buckets WHERE bucket_start < {placeholder}"
+        f" AND bucket_start <> bucket_start / {DAY_S} * {DAY_S}"  # integer division in both; no `%` for psycopg
+        " ORDER BY bucket_start LIMIT 1"
+    )
+
+
+def roll_up_statement(source: str, day: str, sums: str) -> str:
+    """The statement that adds the rows of `source` (the day's rows after its start) into the day's row per backend,
+    model and caller; `day` is the day's start as the driver takes it, `sums` the counts summed."""
+    return (
+        f"{_INSERT} SELECT backend, model, caller, {day}, {sums} FROM {source} GROUP BY backend, model, caller"
+        f"{_ADDED_ON_CONFLICT}"
     )
 
 
@@ -160,6 +183,12 @@ class LedgerStore(Protocol):
 
     async def read(self, selection: Selection, journals: Collection[str]) -> Snapshot:
         """The totals the selection takes and the last batch written of each of journals, from one snapshot."""
+        ...
+
+    async def roll_up(self, before: int) -> int:
+        """Keeps the usage of the oldest day before `before` (a day's start) that has rows after its start as one row
+        per backend, model and caller at the day's start, in one transaction; how many rows it merged so (0: no such
+        day is left, or another gateway is rolling up now)."""
         ...
 
     async def aclose(self) -> None: ...

@@ -3143,7 +3143,8 @@ type GetUsageRequest struct {
 	Caller *string `protobuf:"bytes,3,opt,name=caller,proto3,oneof" json:"caller,omitempty"`
 	// Only usage at or after this time. Usage is kept by the minute (UTC), and a window takes the minutes whose start
 	// lies in [start_time, end_time): a call at 10:00:20 is in the minute 10:00:00, so it counts in a window from
-	// 10:00:00 but not in one from 10:00:10.
+	// 10:00:00 but not in one from 10:00:10. Usage older than the gateway's server.usage_by_minute_days (31 days by
+	// default) is kept by the UTC day, at 00:00: a window takes such a day whole when it holds 00:00, else none of it.
 	StartTime *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
 	// Only usage before this time, by the minute as for start_time: the call at 10:00:20 counts in a window to 10:00:01
 	// but not in one to 10:00:00. An end_time before start_time is refused (INVALID_ARGUMENT): the bounds swapped.

@@ -1883,7 +1883,8 @@ class GetUsageRequest(_message.Message):
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Only usage at or after this time. Usage is kept by the minute (UTC), and a window takes the minutes whose start
         lies in [start_time, end_time): a call at 10:00:20 is in the minute 10:00:00, so it counts in a window from
-        10:00:00 but not in one from 10:00:10.
+        10:00:00 but not in one from 10:00:10. Usage older than the gateway's server.usage_by_minute_days (31 days by
+        default) is kept by the UTC day, at 00:00: a window takes such a day whole when it holds 00:00, else none of it.
         """
 
     @_builtins.property
