@@ -229,6 +229,12 @@ async def test_inputs_too_long_for_the_model_do_not_shut_its_backend_for_other_c
         ({"status": 400}, grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED"),
         ({"status": 401}, grpc.StatusCode.FAILED_PRECONDITION, "UPSTREAM_AUTH_FAILED"),
         ({"body": '{"data": "no vectors"}'}, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_BAD_RESPONSE"),
+        # A 200 whose body is the error, as some proxies answer: the error it says.
+        (
+            {"body": '{"error": {"message": "Invalid API key", "code": 401}}'},
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "UPSTREAM_AUTH_FAILED",
+        ),
         # base64 of a NaN and a 1: an overflowing model's answer, no vector to compare.
         (
             {"body": '{"data": [{"index": 0, "embedding": "AADAfwAAgD8="}]}'},

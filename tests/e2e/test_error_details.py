@@ -11,7 +11,7 @@ import pytest
 from google.rpc import error_details_pb2
 from llmrelay import error_details
 from llmrelay import v1 as pb
-from support import FAST_ROUTER, GatewayFactory, chat, stream_chat
+from support import DIALECTS, FAST_ROUTER, GatewayFactory, chat, read_all, stream_chat
 from upstream import FakeUpstream
 
 Outcome = pb.AttemptOutcome
@@ -129,3 +129,60 @@ async def test_a_call_failed_everywhere_at_length_still_gets_the_gateways_status
     assert sorted(tried) == sorted(["ollama", *(f"b{i}" for i in range(5))] * 2)
     assert {(outcome, code) for _, outcome, code in listed(history)} == {(Outcome.ATTEMPT_OUTCOME_SERVER_ERROR, 503)}
     assert "req_0011" in history.attempts[-1].error, "the newest attempts keep their text"
+
+
+RATE_LIMITED_WORDS = "Rate limit exceeded: free-models-per-day"
+OVERLOADED_WORDS = "Provider returned error: overloaded"
+ERRORS_WITH_200: dict[str, dict[str, dict[str, Any]]] = {
+    # As OpenAI-compatible routers answer: an error object, with or without a code that is an HTTP status.
+    "openai": {
+        "server": {"error": {"message": OVERLOADED_WORDS}},
+        "rate-limited": {"error": {"message": RATE_LIMITED_WORDS, "code": 429}},
+    },
+    # As Anthropic answers an error, typed.
+    "anthropic": {
+        "server": {"type": "error", "error": {"type": "api_error", "message": OVERLOADED_WORDS}},
+        "rate-limited": {"type": "error", "error": {"type": "rate_limit_error", "message": RATE_LIMITED_WORDS}},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "reason", "outcome"),
+    [
+        ("server", grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE", Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
+        (
+            "rate-limited",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "UPSTREAM_RATE_LIMITED",
+            Outcome.ATTEMPT_OUTCOME_RATE_LIMITED,
+        ),
+    ],
+)
+@pytest.mark.parametrize("rpc", ["Complete", "StreamComplete"])
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
+async def test_an_error_answered_with_200_is_the_upstreams_error_in_its_words(
+    stub: pb.LLMServiceAsyncStub,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    rpc: str,
+    error: str,
+    code: grpc.StatusCode,
+    reason: str,
+    outcome: int,
+) -> None:
+    """Some proxies and routers answer an upstream's failure with a 200 whose body is the error: the caller reads the
+    upstream's words, and the gateway treats it as the error it says (a rate limit waits), not as a malformed answer.
+    (Embed: test_embeddings.)"""
+    primary.inject(*[{"body": json.dumps(ERRORS_WITH_200[primary.dialect][error])}] * 2)
+    local.inject(*[{"body": json.dumps(ERRORS_WITH_200["openai"][error])}] * 2)
+    if rpc == "Complete":
+        failure = await failure_of(stub.Complete(chat(), timeout=10))
+    else:
+        failure = await failure_of(read_all(stub.StreamComplete(stream_chat(), timeout=10)))
+
+    info, history, _ = decoded(failure)
+    words = RATE_LIMITED_WORDS if error == "rate-limited" else OVERLOADED_WORDS
+    assert (failure.code(), info.reason) == (code, reason) and words in (failure.details() or "")
+    assert history is not None and [a.outcome for a in history.attempts] == [outcome] * 4
+    assert all(a.error.startswith("an error in a 200 answer") and words in a.error for a in history.attempts)

@@ -102,7 +102,7 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
         except anthropic.APIError as exc:
             raise self._upstream_error(exc) from exc
         except wire.MalformedAnswerError as exc:
-            raise self._bad_answer(str(exc)) from exc
+            raise self._malformed(exc) from exc
         message = answer.message
         usage = answer.usage or await self._counter.estimate_usage(model, request, answer_texts(message))
         return CompletionResponse(
@@ -154,7 +154,7 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
         except anthropic.APIError as exc:
             raise self._upstream_error(exc) from exc
         except wire.MalformedAnswerError as exc:
-            raise self._bad_answer(str(exc)) from exc
+            raise self._malformed(exc) from exc
         # A stop reason (message_delta's) or message_stop makes an answer whole: whatever came before, a stream
         # without either was cut.
         if state.finish_reason is None and not state.stopped:
@@ -250,10 +250,10 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
             return UpstreamError(kind, self._spec.name, message, status=status, retry_after_s=retry_after)
         return self._bad_answer(self._redact(exc.message))
 
-    def _error_event(self, event: wire.ErrorEvent) -> UpstreamError:
+    def _error_event(self, event: wire.ErrorEvent, said: str = "error event") -> UpstreamError:
         """An error event fails the stream (an overloaded_error is a 529 that came late); it is never an end."""
         status = event.status
-        message = f"error event ({event.code or 'untyped'}): {self._redact(event.message)}"
+        message = f"{said} ({event.code or 'untyped'}): {self._redact(event.message)}"
         kind = UpstreamErrorKind.SERVER_ERROR if status is None else _kind(status, event.code, None, event.message)
         return UpstreamError(kind, self._spec.name, message, status=status)
 

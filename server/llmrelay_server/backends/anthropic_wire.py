@@ -13,6 +13,7 @@ from typing import Any, Final, NamedTuple
 
 from llmrelay_server.backends.wire import (
     MAX_TOOL_CALLS,
+    ErrorAnswer,
     ErrorEvent,
     MalformedAnswerError,
     arguments_json,
@@ -291,6 +292,8 @@ def answer_from(data: Any) -> Answer:
         raise MalformedAnswerError(f"expected a JSON object, got {type(data).__name__}")
     content = data.get("content")
     if not isinstance(content, list):
+        if (event := error_event(data)) is not None:  # as Anthropic answers an error, with a 200
+            raise ErrorAnswer(event)
         raise MalformedAnswerError("the answer has no `content` list")
     texts: list[str] = []
     thoughts: list[str] = []

@@ -91,7 +91,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         except openai.APIError as exc:
             raise self._upstream_error(exc) from exc
         except wire.MalformedAnswerError as exc:
-            raise self._bad_answer(str(exc)) from exc
+            raise self._malformed(exc) from exc
         usage = wire.usage_from(data) or await self._counter.estimate_usage(model, request, answer_texts(message))
         return CompletionResponse(
             id=str(data.get("id") or ""),
@@ -165,7 +165,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         except openai.APIError as exc:
             raise self._upstream_error(exc) from exc
         except wire.MalformedAnswerError as exc:
-            raise self._bad_answer(str(exc)) from exc
+            raise self._malformed(exc) from exc
         except UpstreamError as exc:
             # The connection broke after the finish reason, before the usage or [DONE]: the answer is whole.
             if finish is None or exc.kind not in _CONNECTION_FAILURES:
@@ -189,7 +189,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         except openai.APIError as exc:
             raise self._upstream_error(exc) from exc
         except wire.MalformedAnswerError as exc:
-            raise self._bad_answer(str(exc)) from exc
+            raise self._malformed(exc) from exc
         if request.dimensions is not None and (answered := len(vectors[0]) // 4) != request.dimensions:
             # A server that cannot shorten vectors (llama.cpp's, a model not trained to) ignores `dimensions`: its
             # vectors would not compare with those the caller asked for. Another backend of the model may shorten them.
@@ -273,9 +273,9 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             return UpstreamError(kind, self._spec.name, message, status=status, retry_after_s=retry_after)
         return self._bad_answer(self._redact(exc.message))
 
-    def _error_event(self, event: wire.ErrorEvent) -> UpstreamError:
+    def _error_event(self, event: wire.ErrorEvent, said: str = "error event") -> UpstreamError:
         status = event.status
-        message = f"error event{f' (HTTP {status})' if status else ''}: {self._redact(event.message)}"
+        message = f"{said}{f' (HTTP {status})' if status else ''}: {self._redact(event.message)}"
         # Without a status, the server's failure (a 500), unless its code says more (insufficient_quota: the account).
         kind = kind_of_status(status or 500, event.code, event.message)
         return UpstreamError(kind, self._spec.name, message, status=status)

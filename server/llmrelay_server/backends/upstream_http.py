@@ -30,7 +30,7 @@ import httpx2
 from llmrelay_server import metering
 from llmrelay_server.backends.http1 import Http1Pool, Http1Response, Http1Transport
 from llmrelay_server.backends.proxies import Proxies
-from llmrelay_server.backends.wire import MalformedAnswerError, encode
+from llmrelay_server.backends.wire import ErrorAnswer, ErrorEvent, MalformedAnswerError, encode
 from llmrelay_server.domain import (
     BackendHealth,
     BackendSpec,
@@ -387,6 +387,11 @@ class UpstreamProvider(ABC, Generic[SDKError]):
     def _upstream_error(self, exc: SDKError) -> UpstreamError:
         """The SDK's failure as an UpstreamError, whose kind tells the router what to do next."""
 
+    @abstractmethod
+    def _error_event(self, event: ErrorEvent, said: str = "error event") -> UpstreamError:
+        """An error the upstream sent in place of an answer or a stream's next event, as the dialect reads its status
+        or type; `said` is how it came."""
+
     def _connection_error(self, exc: SDKError, *, timed_out: bool) -> UpstreamError:
         """The SDK's connection error (its timeout error is one): the gateway's own bound on connections reached
         (`pool_full`), no answer in time, or the upstream not reached or its answer broken off (`connection_failed`)."""
@@ -401,6 +406,12 @@ class UpstreamProvider(ABC, Generic[SDKError]):
 
     def _bad_answer(self, detail: str) -> UpstreamError:
         return UpstreamError(UpstreamErrorKind.BAD_RESPONSE, self._spec.name, f"malformed answer: {detail}")
+
+    def _malformed(self, exc: MalformedAnswerError) -> UpstreamError:
+        """An answer that is not one: a bad answer, unless it is the upstream's error with a 200 (`ErrorAnswer`)."""
+        if isinstance(exc, ErrorAnswer):
+            return self._error_event(exc.event, "an error in a 200 answer")
+        return self._bad_answer(str(exc))
 
     def _health(
         self, started: float, *, reachable: bool, models: tuple[str, ...] = (), error: str | None = None

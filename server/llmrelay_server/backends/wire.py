@@ -55,6 +55,15 @@ class MalformedAnswerError(ValueError):
     """The upstream's answer is not a valid chat completion."""
 
 
+class ErrorAnswer(MalformedAnswerError):
+    """An answer that is the upstream's error: `{"error": {...}}` with a 200, as some proxies and routers answer. Its
+    words, and the status or code it gives, are the caller's to read, as an error event's are."""
+
+    def __init__(self, event: ErrorEvent) -> None:
+        super().__init__(event.message)
+        self.event = event
+
+
 def request_body(model: str, request: CompletionRequest, *, max_tokens_field: str) -> dict[str, Any]:
     """The JSON body for /chat/completions; options the caller left unset are left out."""
     body = prompt_body(model, request.messages, request.options.tools)
@@ -244,6 +253,8 @@ def first_choice(data: Any, key: str) -> Mapping[str, Any] | None:
     if choices is None and key == "delta":
         return None
     if not isinstance(choices, list):
+        if (event := error_event(data)) is not None:
+            raise ErrorAnswer(event)
         raise MalformedAnswerError("the answer has no `choices` list")
     # Choice 0 comes first in every answer seen; the search is for the servers that send others before it.
     if choices and isinstance(first := choices[0], dict) and first.get("index", 0) == 0:
@@ -523,6 +534,8 @@ def embedding_vectors(data: Any, count: int) -> tuple[bytes, ...]:
     is not promised), as little-endian 32-bit floats: from base64, or from numbers where a server ignores
     encoding_format."""
     items = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(items, list) and isinstance(data, dict) and (event := error_event(data)) is not None:
+        raise ErrorAnswer(event)
     if not isinstance(items, list) or len(items) != count:
         raise MalformedAnswerError(f"`data` does not hold one embedding for each of the {count} inputs")
     by_index: dict[int, bytes] = {}
