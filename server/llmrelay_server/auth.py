@@ -82,13 +82,18 @@ current_caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("
 """The authenticated caller of the call in progress; None when keys are off or the service is open."""
 
 
+_keys_required: contextvars.ContextVar[bool] = contextvars.ContextVar("llmrelay_keys_required", default=False)
+"""Whether the call in progress came through the auth interceptor, which is there when keys are on."""
+
+
 CALLER_HEADER = "x-llmrelay-caller"
 """The metadata by which a caller without a key names itself for the ledger."""
 
 
 def caller_identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """Who to bill: the key's name when keys are on (a keyed caller cannot bill itself as someone else); else the
-    caller's own tag, else a fingerprint of its bearer token (never the token), else anonymous."""
+    caller's own tag (only when keys are off), else a fingerprint of its bearer token (never the token), else
+    anonymous."""
     if (caller := current_caller.get()) is not None:
         return caller.name
     meter = current_meter.get()
@@ -106,7 +111,9 @@ def _identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     for key, value in context.invocation_metadata() or ():
         metadata.setdefault(key, value)
     tag = metadata.get(CALLER_HEADER)
-    if tag is not None:
+    # With keys on, a call without a known key (refused, or to an open service) proves no name: taking the one it
+    # gives would put a key's name on a stranger's calls in the call log (`caller=research code=UNAUTHENTICATED`).
+    if tag is not None and not _keys_required.get():
         if not isinstance(tag, str) or not CALLER_NAME.fullmatch(tag):
             raise InvalidRequestError(
                 [FieldViolation(f"metadata.{CALLER_HEADER}", "1-128 characters of letters, digits and ._:@/-")]
@@ -263,7 +270,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
         method = handler_call_details.method  # "/package.Service/Method"
-        if not self._keys.enabled or method[1:].rpartition("/")[0] in self._open or method[1:] in self._open:
+        if not self._keys.enabled:
+            return await continuation(handler_call_details)
+        _keys_required.set(True)
+        if method[1:].rpartition("/")[0] in self._open or method[1:] in self._open:
             return await continuation(handler_call_details)
         caller = self._keys.find(_bearer(handler_call_details.invocation_metadata) or "")
         if caller is None:

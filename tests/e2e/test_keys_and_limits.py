@@ -88,6 +88,28 @@ async def test_a_call_without_a_known_key_is_unauthenticated(
     assert "Traceback" not in caplog.text
 
 
+async def test_a_call_without_a_known_key_is_logged_as_no_keys_caller_whatever_it_claims(
+    keyed: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="llmrelay_server.calls")
+    _, stub = keyed
+    claim = ("x-llmrelay-caller", "research")
+    for metadata, logged_as in (
+        ([claim, ("x-request-id", "no-key")], "anonymous"),
+        ([*bearer(OTHER_KEY), claim, ("x-request-id", "unknown-key")], "key-"),  # its token's fingerprint
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Complete(chat(), metadata=metadata, timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        request_id = dict(metadata)["x-request-id"]
+        line = next(r.getMessage() for r in caplog.records if f"request_id={request_id} " in r.getMessage())
+        assert f" caller={logged_as}" in line and "caller=research" not in line, line
+    # A probe of an open service is no one it claims either.
+    assert (await stub.Health(pb.HealthRequest(), metadata=[claim, ("x-request-id", "probe")], timeout=5)).backends
+    line = next(r.getMessage() for r in caplog.records if "request_id=probe " in r.getMessage())
+    assert " caller=anonymous " in line, line
+
+
 async def read(call: Any) -> list[pb.StreamCompleteResponse]:
     return [chunk async for chunk in call]
 
