@@ -96,12 +96,14 @@ def keys(argv: list[str]) -> None:
     except ConfigError as exc:
         sys.exit(f"llmrelay-server keys: {exc}")
     key, sha256 = new_key()
+    # The name quoted: plain, YAML reads some names as something else (0123 as 83, 12:30 as 750, 1_000 as 1000), the
+    # caller then billed under that, and cannot read others at all (@ops).
     print(f"""# The key for {args.name}, shown this once: give it to the caller (as `authorization: Bearer KEY`).
 # The gateway keeps only its SHA-256; a lost key is replaced, not recovered.
 {key}
 
 # Add this entry to auth.keys in the configuration, or to the keys file (LLMRELAY_KEYS_FILE):
-  - name: {args.name}
+  - name: "{args.name}"
     sha256: "{sha256}"
     # models: ["ollama/*"]           # optional: the model patterns it may use
     # limits: {{requests_per_minute: 600, tokens_per_minute: 200000, budget_usd_per_day: 50}}""")

@@ -285,7 +285,7 @@ async def test_a_key_made_by_keys_new_admits_its_caller_and_sighup_rereads_the_k
     )
     printed = (await made.communicate())[0].decode()
     key = next(line for line in printed.splitlines() if line.startswith("llmr-"))
-    entry = printed[printed.index("  - name: team-a") :]
+    entry = printed[printed.index('  - name: "team-a"') :]
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text("keys:\n" + entry)
     config = tmp_path / "llmrelay.yaml"

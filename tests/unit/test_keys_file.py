@@ -6,7 +6,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from llmrelay_server.auth import KeyRing
+from llmrelay_server import cli
+from llmrelay_server.auth import KEY_PREFIX, KeyRing, digest
 from llmrelay_server.config import AuthConfig, CallerKey, ConfigError, load_keys_file
 
 ENTRY = f'{{name: research, sha256: "{hashlib.sha256(b"llmr-research-key").hexdigest()}"}}'
@@ -47,6 +48,19 @@ def test_the_keys_of_a_file(tmp_path: Path) -> None:
     path = tmp_path / "keys.yaml"
     path.write_text(f"# the research agents\nkeys:\n  - {ENTRY}\n")
     assert [key.name for key in load_keys_file(path)] == ["research"]
+
+
+@pytest.mark.parametrize("name", ["team-a", "0123", "12:30", "1_000", "0x1F", "1.50", "@ops", "true", "2024-01-01"])
+def test_the_entry_keys_new_prints_admits_its_key_under_the_name_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    cli.keys(["new", name])
+    printed = capsys.readouterr().out
+    key = next(line for line in printed.splitlines() if line.startswith(KEY_PREFIX))
+    path = tmp_path / "keys.yaml"
+    path.write_text("keys:\n" + printed[printed.index("  - name:") :])  # pasted as it says
+    (entry,) = load_keys_file(path)
+    assert (entry.name, entry.sha256) == (name, digest(key))
 
 
 def test_a_missing_file_points_at_the_setting_that_names_it(tmp_path: Path) -> None:
