@@ -11,7 +11,8 @@ A model on a backend is priced by the first of these that knows it:
 Patterns are shell globs (`*`, `?`, `[...]`), matched case-sensitively against the model name and against
 "backend/model" (so "ollama/*" and "openai/gpt-4o" work). The most specific pattern wins: a plain name over any glob,
 then the glob with more literal characters, then the one written first; so "gpt-4o-mini-2024-07-18" is priced by
-"gpt-4o-mini-*" rather than "gpt-4o-*".
+"gpt-4o-mini-*" rather than "gpt-4o-*". In either table a plain name prices its dated snapshots too (a date after
+it: "gpt-4o-2024-08-06", "gpt-4-0613"), as OpenAI's answers name the snapshot that served.
 
 Prices are taken as the decimals they are written as (0.15 is 15/100, not the float nearest to it) and a cost is
 computed exactly in fractions of a micro-dollar, then rounded once, half up, to whole micro-dollars.
@@ -70,8 +71,25 @@ _OPENAI_LIST: Final[Mapping[str, Price]] = {
 # form ("gpt-4-0613"). Only a date is matched after the name, so that variants with other prices
 # ("gpt-4o-realtime-preview", "o3-deep-research") are not priced as their base model but as unknown.
 _DATED: Final = ("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]", "[0-9][0-9][0-9][0-9]")
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def _with_snapshots(prices: Mapping[str, Price]) -> dict[str, Price]:
+    """The prices, each plain name's also for its dated snapshots (globs of their own, so that a price written for
+    the snapshot's own name wins)."""
+    expanded = dict(prices)
+    for name, price in prices.items():
+        if not _is_glob(name):
+            for date in _DATED:
+                expanded.setdefault(f"{name}-{date}", price)
+    return expanded
+
+
 OPENAI_PRICES: Final[Mapping[str, Price]] = {
-    **{f"{name}{suffix}": price for name, price in _OPENAI_LIST.items() for suffix in ("", *(f"-{d}" for d in _DATED))},
+    **_with_snapshots(_OPENAI_LIST),
     # The first gpt-4o snapshot kept its launch price.
     "gpt-4o-2024-05-13": Price(prompt=5.0, completion=15.0),
 }
@@ -139,10 +157,6 @@ class Rate:
 FREE: Final = Rate(prompt=Fraction(0), completion=Fraction(0), cached_prompt=Fraction(0))
 
 
-def _is_glob(pattern: str) -> bool:
-    return any(c in pattern for c in "*?[")
-
-
 def _literals(pattern: str) -> int:
     """How many characters of a name a pattern pins down: all but its wildcards and character sets."""
     return len(re.sub(r"\[[^]]*\]|[*?]", "", pattern))
@@ -175,7 +189,10 @@ class PriceTable:
     """The rate of any model on any backend: the operator's prices over the shipped ones (see the module doc)."""
 
     def __init__(self, overrides: Mapping[str, Price], unknown: Price) -> None:
-        self._overrides = _Patterns(overrides)
+        # An operator's "gpt-4o" prices the snapshot that answers ("gpt-4o-2024-08-06") too, as the shipped table's
+        # does: else every answer that names its snapshot would be billed at the list price (or as unknown), and
+        # settle at another figure than its budget reserved at the request's model's price.
+        self._overrides = _Patterns(_with_snapshots(overrides))
         self._unknown = Rate.of(unknown, unknown=True)
         # Every answer asks; the answer only changes with the configuration. Bounded, as callers may name any model
         # on a backend ("openai/anything").

@@ -105,6 +105,19 @@ async def test_a_restarted_stream_bills_the_broken_attempt_and_its_final_usage_i
     assert final.usage.cost == pb.Cost(usd_micros=partial + whole, estimated=True)
 
 
+async def test_an_answer_that_names_its_dated_snapshot_costs_the_configured_price_of_its_model(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    # As OpenAI's answers do: "gpt-test" asked, "gpt-test-2024-08-06" answered; priced as "gpt-test", not as unknown.
+    stub = await priced(stub_for, primary, local)
+    primary.inject({"served_model": "gpt-test-2024-08-06"})
+    answer = await stub.Complete(chat(PROMPT), timeout=5)
+    assert answer.model == "gpt-test-2024-08-06"
+    expected = expected_micros(answer.usage, PROMPT_PRICE, COMPLETION_PRICE)
+    assert answer.usage.cost == pb.Cost(usd_micros=expected, estimated=False, price_unknown=False)
+    assert (await ledger(stub))["openai"].cost == pb.Cost(usd_micros=expected)
+
+
 async def test_a_local_backend_costs_nothing(stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream) -> None:
     stub = await priced(stub_for, primary, local)
     answer = await stub.Complete(chat(PROMPT, model="ollama/tiny"), timeout=5)

@@ -109,6 +109,22 @@ def test_yaml_overrides_beat_the_shipped_prices_and_add_models() -> None:
     assert micros(table, OPENAI, "gpt-4.1") == 2_000_000  # the rest of the shipped table stands
 
 
+def test_an_override_of_a_model_prices_its_dated_snapshots_too() -> None:
+    # OpenAI answers name the snapshot that served: an operator's price for "gpt-4o" must bill those answers, not the
+    # list price (nor, for a model the shipped table lacks, the unknown rate).
+    table = PriceTable(
+        {"gpt-4o": Price(1.0, 1.0), "openai/my-model": Price(0.7, 0.7), "gpt-4.1-2025-04-14": Price(3.0, 3.0)}, UNKNOWN
+    )
+    assert micros(table, OPENAI, "gpt-4o-2024-08-06") == micros(table, OPENAI, "gpt-4o") == 1_000_000
+    assert micros(table, OPENAI, "gpt-4o-2024-05-13") == 1_000_000, "over the shipped snapshot's own price too"
+    assert micros(table, OPENAI, "my-model-0613") == 700_000
+    assert not table.rate(OPENAI, "my-model-2025-01-01").unknown
+    # A price written for the snapshot itself wins over its model's; variants that are no snapshot are not priced so.
+    assert micros(table, OPENAI, "gpt-4.1-2025-04-14") == 3_000_000
+    assert micros(table, OPENAI, "gpt-4o-mini-2024-07-18") == 150_000
+    assert table.rate(OPENAI, "my-model-preview").unknown
+
+
 @pytest.mark.parametrize("kind", ["ollama", "llamacpp", "vllm"])
 def test_local_backends_are_free_whatever_the_model(kind: str) -> None:
     for model in ("gpt-oss:20b", "gpt-4o", "anything"):
