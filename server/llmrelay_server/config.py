@@ -342,9 +342,9 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     if auth.keys_file:
         load_keys_file(auth.keys_file)  # a broken keys file stops the start, as a broken config does
     for pattern, price in section.pricing.items():
-        _check_positive(price, f"pricing.{pattern}", allow_zero=("prompt", "completion", "cached_prompt"))
+        _check_price(price, f"pricing.{pattern}")
     unknown_price = section.unknown_price or Price(prompt=5.0, completion=15.0)
-    _check_positive(unknown_price, "unknown_price", allow_zero=("prompt", "completion", "cached_prompt"))
+    _check_price(unknown_price, "unknown_price")
     backends = _backends(section.llm, env)
     aliases = dict(section.llm.aliases)
     names = {b.name for b in backends}
@@ -863,6 +863,23 @@ def _check_listen(listen: str, where: str) -> None:
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not _is_decimal(port) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{where}: {listen!r} is not HOST:PORT; write e.g. 127.0.0.1:50051")
+
+
+_MAX_USD_PER_MILLION_TOKENS: Final = 1_000_000.0
+"""The dearest price taken: a dollar a token, over a thousand times the dearest model's. Costs are micro-USD in 64-bit
+integers (the contract's, the ledger's): at a dearer price, a typo's, one long answer could cost more than they hold,
+an answer whose cost cannot be sent and a record the ledger cannot store."""
+
+
+def _check_price(price: Price, where: str) -> None:
+    _check_positive(price, where, allow_zero=("prompt", "completion", "cached_prompt"))
+    for f in dataclasses.fields(price):
+        value = getattr(price, f.name)
+        if value is not None and value > _MAX_USD_PER_MILLION_TOKENS:
+            raise ConfigError(
+                f"{where}.{f.name}: {value:g} USD per million tokens is over {_MAX_USD_PER_MILLION_TOKENS:g}"
+                " (a dollar a token); prices are USD per million tokens"
+            )
 
 
 def _check_positive(section: Any, where: str, allow_zero: tuple[str, ...] = ()) -> None:

@@ -869,3 +869,27 @@ def test_two_keys_with_one_digest_are_refused(tmp_path: Path) -> None:
     keys_file.write_text(f"keys: {entries}\n")
     with pytest.raises(ConfigError, match=r"keys\[1\]\.sha256: the same as that of key 'a'"):
         config.load_keys_file(keys_file)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "field"),
+    [
+        ('pricing: {"gpt-4o": {prompt: 2.5, completion: 1e19}}\n', r"pricing\.gpt-4o\.completion"),
+        ('pricing: {"gpt-4o": {prompt: 2.5e7, completion: 10}}\n', r"pricing\.gpt-4o\.prompt"),
+        (
+            'pricing: {"gpt-4o": {prompt: 2.5, completion: 10, cached_prompt: 1.25e9}}\n',
+            r"pricing\.gpt-4o\.cached_prompt",
+        ),
+        ("unknown_price: {prompt: 5, completion: 1.5e10}\n", r"unknown_price\.completion"),
+    ],
+)
+def test_a_price_no_cost_could_be_kept_at_is_refused(tmp_path: Path, yaml_text: str, field: str) -> None:
+    # At such a price one long answer costs more micro-USD than 64 bits hold: its cost could not be sent, nor its
+    # record stored in the ledger.
+    with pytest.raises(ConfigError, match=rf"^{field}: .* USD per million tokens is over 1e\+06"):
+        load(tmp_path, yaml_text)
+
+
+def test_the_dearest_price_taken_is_a_dollar_a_token(tmp_path: Path) -> None:
+    loaded = load(tmp_path, 'pricing: {"o1-pro": {prompt: 1000000, completion: 1000000}}\n')
+    assert loaded.pricing["o1-pro"] == config.Price(prompt=1_000_000, completion=1_000_000)
