@@ -19,7 +19,17 @@ from llmrelay_server.app import Gateway
 from llmrelay_server.auth import KEYS_FILE_CHECK_S
 from llmrelay_server.domain import Message, Role
 from llmrelay_server.tokens import TokenCounter
-from support import FAST_ROUTER, GatewayFactory, chat, details, png, start_server, stream_chat, two_backends
+from support import (
+    FAST_ROUTER,
+    GatewayFactory,
+    chat,
+    details,
+    png,
+    read_all,
+    start_server,
+    stream_chat,
+    two_backends,
+)
 from upstream import FakeUpstream
 
 RESEARCH_KEY = "llmr-research-0123456789abcdefghij"
@@ -472,6 +482,34 @@ async def test_a_daily_budget_admits_exactly_what_it_pays_for(
         assert [a.usage.cost.usd_micros for a in answers] == [3000] * 4
         records = (await stub.GetUsage(pb.GetUsageRequest(), metadata=bearer(RESEARCH_KEY), timeout=5)).records
     assert sum(r.cost.usd_micros for r in records) == 12_000
+
+
+async def test_a_budget_held_by_a_call_in_progress_is_retried_in_a_moment_not_at_midnight(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    # 1,000 micro-USD a completion token: a stream asking for 900 reserves 0.9 of the 1 USD budget while it runs, and
+    # spends 3,000 micro-USD ("echo: x y"). The call refused meanwhile fits as soon as it ends, not at midnight (UTC).
+    auth = keys_yaml(key_entry("research", RESEARCH_KEY, "limits: {budget_usd_per_day: 1}"))
+    auth += 'pricing: {"gpt-test": {prompt: 0, completion: 1000}}\n'
+    _, channel, stub = await start(gateway_factory, primary, local, auth)
+    primary.inject({"trickle_s": 0.3})
+
+    def request(max_tokens: int) -> dict[str, Any]:
+        return {"model": "gpt-test", "exact_model": True, "options": pb.CompletionOptions(max_tokens=max_tokens)}
+
+    async with channel:
+        running = stub.StreamComplete(stream_chat("x y", **request(900)), metadata=bearer(RESEARCH_KEY), timeout=10)
+        await running.read()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Complete(chat("x y", **request(200)), metadata=bearer(RESEARCH_KEY), timeout=5)
+        found = details(refused.value)
+        assert found["ErrorInfo"].reason == "BUDGET_EXCEEDED"
+        assert "reserved by calls in progress" in found["QuotaFailure"].violations[0].description
+        assert 0 < found["RetryInfo"].retry_delay.ToNanoseconds() <= 1_000_000_000
+        assert dict(refused.value.trailing_metadata() or ())["grpc-retry-pushback-ms"] == "1000"
+        assert (await read_all(running))[-1].usage.cost.usd_micros == 3_000
+        answer = await stub.Complete(chat("x y", **request(200)), metadata=bearer(RESEARCH_KEY), timeout=5)
+    assert answer.usage.cost.usd_micros == 3_000
 
 
 def never_fits(error: BaseException, reason: str, subject: str) -> str:

@@ -118,11 +118,34 @@ async def test_a_budget_is_per_utc_day() -> None:
     limits = Limits(budget_usd_per_day=0.01)  # 10,000 micro-USD
     call = await limiter.reserve([ask(limits, usd=8_000)])
     await limiter.settle(call, tokens=0, usd_micros=6_000)
-    await limiter.reserve([ask(limits, usd=4_000)])
+    call = await limiter.reserve([ask(limits, usd=4_000)])
+    await limiter.settle(call, tokens=0, usd_micros=4_000)
     error = await refused(limiter, ask(limits, usd=1))
     assert error.kind is LimitKind.BUDGET_PER_DAY and error.retry_after_s == pytest.approx(30.0)
     clock.now += 31
     await limiter.reserve([ask(limits, usd=10_000)])
+
+
+async def test_budget_that_calls_in_progress_hold_is_retried_in_a_moment_not_at_midnight() -> None:
+    clock = Clock()
+    limiter = InProcessLimiter(clock)
+    limits = Limits(budget_usd_per_day=0.01)  # 10,000 micro-USD
+    spent = await limiter.reserve([ask(limits, usd=3_000)])
+    await limiter.settle(spent, tokens=0, usd_micros=3_000)
+    running = await limiter.reserve([ask(limits, usd=6_000)])
+    free = await limiter.reserve([ask(limits)])  # a call that reserves nothing of it holds nothing
+    # 3,000 spent and 6,000 held: 2,000 fits once the call in progress settles for less, which may be any moment.
+    error = await refused(limiter, ask(limits, usd=2_000))
+    assert error.kind is LimitKind.BUDGET_PER_DAY and error.retry_after_s == pytest.approx(1.0)
+    assert "reserved by calls in progress" in error.description
+    # More than the spent leaves is only ever admitted tomorrow (UTC), whatever the call in progress settles for.
+    error = await refused(limiter, ask(limits, usd=7_001))
+    assert error.retry_after_s == pytest.approx(DAY - 100.0)
+    await limiter.settle(free, tokens=0, usd_micros=0)
+    await limiter.settle(running, tokens=0, usd_micros=1_000)
+    await limiter.reserve([ask(limits, usd=6_000)])
+    error = await refused(limiter, ask(limits, usd=1))  # 10,000 spent or held, 6,000 of it held
+    assert error.retry_after_s == pytest.approx(1.0)
 
 
 async def test_all_or_nothing_across_subjects() -> None:

@@ -32,6 +32,8 @@ class _Window:
     streams: int = 0
     spend: dict[int, int] = field(default_factory=dict)
     """UTC day number -> micro-USD."""
+    held: dict[int, int] = field(default_factory=dict)
+    """UTC day number -> micro-USD of that day's spend that calls in progress reserved: theirs until they settle."""
 
     def expire(self, now: float) -> None:
         while self.requests and self.requests[0] <= now - WINDOW_S:
@@ -73,6 +75,7 @@ class InProcessLimiter:
             window.token_sum += ask.tokens
             window.streams += ask.stream
             window.spend[day] = window.spend.get(day, 0) + ask.usd_micros
+            window.held[day] = window.held.get(day, 0) + ask.usd_micros
             reservation.holds.append(entry)
         return reservation
 
@@ -91,6 +94,10 @@ class InProcessLimiter:
                 entry[1] = tokens
             window.streams -= ask.stream
             window.spend[day] = window.spend.get(day, 0) + usd_micros - ask.usd_micros
+            if held := window.held.get(day, 0) - ask.usd_micros:
+                window.held[day] = held
+            else:
+                window.held.pop(day, None)
 
     def health(self) -> StoreHealth:
         return StoreHealth(StoreRole.LIMITS, "in_process", available=True)
@@ -110,8 +117,11 @@ def _check(ask: Ask, window: _Window, now: float, day: int) -> None:
     if ask.stream and limits.concurrent_streams is not None and window.streams + 1 > limits.concurrent_streams:
         raise refusal(LimitKind.CONCURRENT_STREAMS, ask, STREAM_RETRY_S)
     budget = budget_usd_micros(limits)
-    if budget is not None and window.spend.get(day, 0) + ask.usd_micros > budget:
-        raise refusal(LimitKind.BUDGET_PER_DAY, ask, _until_next_day(now))
+    if budget is not None and (spent := window.spend.get(day, 0)) + ask.usd_micros > budget:
+        # Room that calls in progress hold may free when one settles, below what it reserved: not only at midnight.
+        held = spent - window.held.get(day, 0) + ask.usd_micros <= budget
+        until_midnight = _until_next_day(now)
+        raise refusal(LimitKind.BUDGET_PER_DAY, ask, min(STREAM_RETRY_S, until_midnight) if held else until_midnight)
 
 
 def _tokens_free_in(window: _Window, wanted: int, limit: int, now: float) -> float:

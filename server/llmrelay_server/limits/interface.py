@@ -12,7 +12,8 @@ from llmrelay_server.domain import LimitExceededError, LimitKind, StoreHealth, i
 
 WINDOW_S = 60.0
 GATEWAY = "gateway"
-# A stream slot frees when some stream ends, which nobody can foresee: try again in about this long.
+# A stream slot, or budget that calls in progress reserved, frees when one of them ends, which nobody can foresee: try
+# again in about this long.
 STREAM_RETRY_S = 1.0
 
 
@@ -124,5 +125,6 @@ def refusal(kind: LimitKind, ask: Ask, retry_after_s: float) -> LimitExceededErr
         case LimitKind.CONCURRENT_STREAMS:
             description = f"{limits.concurrent_streams} streams at once"
         case LimitKind.BUDGET_PER_DAY:
-            description = f"a budget of {limits.budget_usd_per_day:g} USD per day (UTC) is spent"
+            budget = f"a budget of {limits.budget_usd_per_day:g} USD per day (UTC)"
+            description = f"{budget} is spent, or reserved by calls in progress"
     return LimitExceededError(kind, ask.subject, description, retry_after_s)
