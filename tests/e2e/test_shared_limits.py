@@ -687,3 +687,19 @@ async def test_gateways_go_on_per_policy_while_redis_is_down_and_limit_again_whe
     # Redis came back empty: the minute's count starts over, over all four gateways at once.
     results = await spread(stubs, 40, complete)
     assert refusals_of(results, "REQUESTS_PER_MINUTE_EXCEEDED") == 10
+
+
+@pytest.mark.parametrize("where", ["in_process", "redis"])
+async def test_a_budget_spent_past_its_end_still_admits_calls_that_cost_nothing(
+    limiter_for: LimiterFactory, where: str
+) -> None:
+    """A call may cost more than it reserved (an upstream's answer past max_tokens): a key whose budget is overspent
+    can still call its free models (a local backend's), as one whose budget is spent to the micro-dollar can."""
+    limiter = InProcessLimiter() if where == "in_process" else await limiter_for()
+    spent = Limits(budget_usd_per_day=0.001)  # 1,000 micro-USD
+    call = await limiter.reserve([ask(spent, usd=600)])
+    await limiter.settle(call, tokens=0, usd_micros=1_500)
+
+    await limiter.reserve([ask(spent)])
+    error = await refused(limiter.reserve([ask(spent, usd=1)]))
+    assert error.kind is LimitKind.BUDGET_PER_DAY

@@ -117,7 +117,9 @@ def _check(ask: Ask, window: _Window, now: float, day: int) -> None:
     if ask.stream and limits.concurrent_streams is not None and window.streams + 1 > limits.concurrent_streams:
         raise refusal(LimitKind.CONCURRENT_STREAMS, ask, STREAM_RETRY_S)
     budget = budget_usd_micros(limits)
-    if budget is not None and (spent := window.spend.get(day, 0)) + ask.usd_micros > budget:
+    # A call that costs nothing is admitted even past the budget: a call may cost more than it reserved (an answer
+    # past max_tokens), and a budget spent so must not shut a key's free models (a local backend's) until midnight.
+    if budget is not None and ask.usd_micros and (spent := window.spend.get(day, 0)) + ask.usd_micros > budget:
         # Room that calls in progress hold may free when one settles, below what it reserved: not only at midnight.
         held = spent - window.held.get(day, 0) + ask.usd_micros <= budget
         until_midnight = _until_next_day(now)

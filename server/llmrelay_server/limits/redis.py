@@ -197,8 +197,8 @@ for s = 1, subjects do
     if redis.call('ZCARD', KEYS[keys + 3]) + 1 > streams then return {1, s, 3, 0} end
   end
   if budget then
-    local spent = tonumber(redis.call('HGET', KEYS[keys + 4], day) or '0')
-    if spent + tonumber(arg(s, 6)) > budget then
+    local spent, asked = tonumber(redis.call('HGET', KEYS[keys + 4], day) or '0'), tonumber(arg(s, 6))
+    if asked > 0 and spent + asked > budget then -- a free call is admitted past the budget too (in_process._check)
       return {1, s, 4, math.ceil(((day + 1) * 86400 - now) * 1000)}
     end
   end
