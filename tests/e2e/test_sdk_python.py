@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 import time
 from asyncio.subprocess import PIPE
 from collections.abc import Awaitable, Callable
@@ -165,6 +166,55 @@ async def test_a_tool_that_raises_becomes_a_result_that_says_so(gateway: Gateway
         answer = await client.run_tools(QUESTION, agent_tools())
     assert answer.content == "tools: barometer=error: RuntimeError: no barometer in Oslo"
     assert answer.steps == 2
+
+
+@pytest.mark.parametrize("kind", ["async-tool", "thread-tool", "blocking-client"])
+async def test_a_tool_past_tool_timeout_is_answered_that_it_did_not_finish(
+    gateway: Gateway, primary: FakeUpstream, kind: str
+) -> None:
+    """A tool that hangs (a fetch without a timeout) must not hold the agent's loop for ever: with tool_timeout the
+    model reads that it did not finish, with the other tools' results, and the loop goes on."""
+    primary.inject({"tool_calls": [{"name": "stuck", "arguments": "{}"}, {"name": "quick", "arguments": "{}"}]},
+                   {"echo_tools": True})  # fmt: skip
+    released = threading.Event()
+    tools = Tools()
+
+    @tools.register
+    def quick() -> str:
+        """Answers at once."""
+        return "done"
+
+    async def stuck_async() -> str:
+        """Never answers."""
+        await asyncio.sleep(60)
+        return "late"
+
+    def stuck_in_a_thread() -> str:
+        """Never answers, until the test ends."""
+        released.wait(60)
+        return "late"
+
+    tools.register(stuck_async if kind == "async-tool" else stuck_in_a_thread, name="stuck")
+
+    started = time.monotonic()
+    try:
+        if kind == "blocking-client":
+            with Client(target(gateway)) as blocking:
+                answer = await asyncio.to_thread(blocking.run_tools, QUESTION, tools, tool_timeout=0.3)
+        else:
+            async with AsyncClient(target(gateway)) as client:
+                answer = await client.run_tools(QUESTION, tools, tool_timeout=0.3)
+    finally:
+        released.set()
+    assert answer.content == "tools: stuck=error: the tool did not finish within 0.3 s; quick=done"
+    assert answer.steps == 2 and time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("tool_timeout", [0, -1, float("nan"), True, "1"])
+async def test_a_tool_timeout_that_is_no_time_is_refused(gateway: Gateway, tool_timeout: Any) -> None:
+    async with AsyncClient(target(gateway)) as client:
+        with pytest.raises(ValueError, match="tool_timeout must be a number of seconds > 0"):
+            await client.run_tools(QUESTION, agent_tools(), tool_timeout=tool_timeout)
 
 
 async def test_arguments_nested_too_deeply_to_read_become_a_result_that_says_so(

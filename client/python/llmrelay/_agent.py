@@ -5,9 +5,11 @@ they share (the bookkeeping of the steps) is `_Steps` here."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import inspect
 import json
+import threading
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -225,6 +227,33 @@ class Tools:
             return tool_result(call, _failure(exc))
         return tool_result(call, _result_text(result))
 
+    def run_all(self, calls: Sequence[pb.ToolCall], timeout: float | None = None) -> list[pb.Message]:
+        """The tool messages answering calls, run at once, each in a thread of its own; a call still running after
+        timeout seconds is answered that it did not finish. Its thread is left to end by itself (Python cannot stop
+        one), a daemon thread, so that a tool that never returns does not hold the interpreter's exit either."""
+        futures: list[concurrent.futures.Future[pb.Message]] = []
+        for call in calls:
+            future: concurrent.futures.Future[pb.Message] = concurrent.futures.Future()
+            threading.Thread(target=_settle, args=(future, self.run, call), name="llmrelay-tool", daemon=True).start()
+            futures.append(future)
+        concurrent.futures.wait(futures, timeout=timeout)
+        return [
+            future.result() if future.done() else tool_result(call, _unfinished(timeout))
+            for future, call in zip(futures, calls, strict=True)
+        ]
+
+    async def arun_all(self, calls: Sequence[pb.ToolCall], timeout: float | None = None) -> list[pb.Message]:
+        """As run_all, from an event loop (arun's way); a call past timeout is cancelled (a plain function's thread
+        is left to end by itself)."""
+
+        async def within(call: pb.ToolCall) -> pb.Message:
+            try:
+                return await asyncio.wait_for(self.arun(call), timeout)
+            except TimeoutError:  # the wait's own: arun answers a tool's exceptions, its TimeoutError too
+                return tool_result(call, _unfinished(timeout))
+
+        return list(await asyncio.gather(*(within(call) for call in calls)))
+
     async def arun(self, call: pb.ToolCall) -> pb.Message:
         """As run, from an event loop: async functions are awaited, plain ones run in a thread (asyncio.to_thread)
         so a blocking tool does not stop the loop."""
@@ -277,6 +306,19 @@ def tool_result(call: pb.ToolCall, content: str) -> pb.Message:
 
 async def _awaited(awaitable: Any) -> Any:
     return await awaitable
+
+
+def _settle(
+    future: concurrent.futures.Future[pb.Message], run: Callable[[pb.ToolCall], pb.Message], call: pb.ToolCall
+) -> None:
+    try:
+        future.set_result(run(call))
+    except BaseException as exc:  # run answers a tool's Exceptions; SystemExit and the like reach the loop, as before
+        future.set_exception(exc)
+
+
+def _unfinished(timeout: float | None) -> str:
+    return f"error: the tool did not finish within {timeout:g} s"
 
 
 def _failure(exc: Exception) -> str:

@@ -7,7 +7,6 @@ import asyncio
 import enum
 import re
 from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Final, Literal, TypeAlias, TypeVar, Unpack
 
@@ -140,6 +139,13 @@ def _count_request(
     messages: Iterable[MessageLike] | None, text: str | None, model: str | None, tools: Sequence[pb.Tool]
 ) -> pb.CountTokensRequest:
     return pb.CountTokensRequest(model=model, messages=as_messages(messages or ()), tools=list(tools), text=text)
+
+
+def _check_tool_timeout(tool_timeout: float | None) -> None:
+    if tool_timeout is not None and (
+        isinstance(tool_timeout, bool) or not (isinstance(tool_timeout, int | float) and tool_timeout > 0)
+    ):
+        raise ValueError(f"tool_timeout must be a number of seconds > 0, or None (no bound), not {tool_timeout!r}")
 
 
 def _conversation(messages: Iterable[MessageLike] | Conversation) -> Conversation:
@@ -380,17 +386,21 @@ class Client(_Base):
         model: str | None = None,
         exact_model: bool = False,
         timeout: Timeout = USE_CLIENT_DEFAULT,
+        tool_timeout: float | None = None,
         metadata: Metadata | None = None,
         **options: Unpack[RunToolsOptions],
     ) -> Answer:
         """The agent loop: asks the model, runs the tools it calls (several at once in threads), appends their
         results and asks again, until it answers without tool calls. A tool that raises, an unknown tool and
         arguments that are not valid JSON become tool results that say so. With on_delta each call streams
-        (collect) and on_delta sees its messages as they come; timeout is each call's.
+        (collect) and on_delta sees its messages as they come; timeout is each call's. tool_timeout (seconds) bounds
+        each step's tools: one still running then is answered that it did not finish, and the loop goes on (an async
+        tool is cancelled; a plain function's thread, which Python cannot stop, is left to end by itself).
 
         A Conversation given is appended to, and fitted to its budget before each call; a list is left as it was.
         When the model still asks for tools after max_steps calls, their results are appended and StepLimitError
         is raised, its `answer` holding everything so far."""
+        _check_tool_timeout(tool_timeout)
         conversation = _conversation(messages)
         steps = _Steps(conversation.messages, max_steps)
         definitions = tools.definitions()
@@ -410,8 +420,7 @@ class Client(_Base):
             calls = steps.record(response)
             if not calls:
                 return steps.answer()
-            with ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="llmrelay-tool") as pool:
-                steps.add_results(pool.map(tools.run, calls))
+            steps.add_results(tools.run_all(calls, tool_timeout))
 
     def fit(
         self,
@@ -609,10 +618,12 @@ class AsyncClient(_Base):
         model: str | None = None,
         exact_model: bool = False,
         timeout: Timeout = USE_CLIENT_DEFAULT,
+        tool_timeout: float | None = None,
         metadata: Metadata | None = None,
         **options: Unpack[RunToolsOptions],
     ) -> Answer:
         """As Client.run_tools; several tool calls run at once with asyncio.gather (plain functions in threads)."""
+        _check_tool_timeout(tool_timeout)
         conversation = _conversation(messages)
         steps = _Steps(conversation.messages, max_steps)
         definitions = tools.definitions()
@@ -632,7 +643,7 @@ class AsyncClient(_Base):
             calls = steps.record(response)
             if not calls:
                 return steps.answer()
-            steps.add_results(await asyncio.gather(*(tools.arun(call) for call in calls)))
+            steps.add_results(await tools.arun_all(calls, tool_timeout))
 
     async def fit(
         self,
