@@ -114,6 +114,8 @@ class FakeUpstream:
     tokenize_requests: list[dict[str, Any]] = field(default_factory=list)
     tokenize_count: Any = None
     """What /tokenize answers as the count, when set (a server's bad figure); else the prompt's tokens."""
+    tokenize_stall_s: float = 0.0
+    """How long /tokenize (vLLM's) waits before it answers, as a server busy generating would."""
     llamacpp_answers: dict[str, Any] = field(default_factory=dict)
     """What llama.cpp's endpoints answer instead, by path ("/apply-template", "/tokenize"), when set (any JSON)."""
     embedding_requests: list[dict[str, Any]] = field(default_factory=list)
@@ -303,6 +305,7 @@ class FakeUpstream:
     async def _tokenize(self, request: Request, writer: asyncio.StreamWriter) -> bool:
         body = request.json()
         self.tokenize_requests.append(body)
+        await asyncio.sleep(self.tokenize_stall_s)
         if body.get("model") not in self.models or not isinstance(body.get("messages"), list):
             error = {"error": {"message": "model and messages are required", "type": "BadRequestError", "code": 400}}
             return await _send_json(writer, 400, error)

@@ -772,10 +772,13 @@ class Router:
         if text is not None:
             return await _counted_by(deadline, self._counter.count_text_async(name, text))
         exact = None
-        if route is not None:
-            # The caller asked for an answer by its deadline: an estimate then, rather than none at all.
+        # The caller asked for an answer by its deadline: an estimate then, rather than none at all, so the backend's
+        # count waits only as long as the deadline leaves beside the time the estimate may take (a stalled backend
+        # must not use it all: a large chat's estimate then had no time left).
+        by = deadline - self._counter.count_chat_s(name, messages, tools)
+        if route is not None and by > asyncio.get_running_loop().time():
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout_at(by):
                     exact = await route.backend.provider.count_tokens(name, messages, tools)
         return exact or await _counted_by(deadline, self._counter.count_chat_async(name, messages, tools))
 

@@ -621,6 +621,14 @@ MAX_PARALLEL_COUNTS: Final = 2
 CACHED_BY_VALUE_CHARS: Final = 4096
 
 
+_COUNTED_CHARS_PER_S: Final = 1_000_000
+"""What an offline count encodes a second, at the least: about 3 million characters on the 2-core development
+machine, a third of that for a slower or busier one."""
+_ENCODING_LOAD_S: Final = 2.0
+"""An encoding's first load in a process (o200k_base: about 0.8 s here)."""
+_COUNT_MARGIN_S: Final = 0.05
+
+
 class TokenCounter:
     """Counts tokens offline. Encodings load on first use or at warm_up(), once per process; then counting is pure.
 
@@ -716,6 +724,12 @@ class TokenCounter:
         # callers that give up and ask again cannot pile up threads.
         counting.add_done_callback(lambda _: self._slots.release())
         return await asyncio.shield(counting)
+
+    def count_chat_s(self, model: str, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> float:
+        """About the most count_chat may take, in seconds: what a caller's deadline must leave it."""
+        chars = sum(_chat_sizes(messages, tools))
+        load_s = 0.0 if self._loaded(model) else _ENCODING_LOAD_S
+        return _COUNT_MARGIN_S + load_s + chars / _COUNTED_CHARS_PER_S
 
     def _loaded(self, model: str) -> bool:
         return encoding_for_model(model)[0] in self._encodings

@@ -191,3 +191,16 @@ async def test_a_count_longer_than_the_deadline_ends_with_the_gateways_status(
     assert "longer deadline" in (caught.value.details() or "")
     count = await stub.CountTokens(pb.CountTokensRequest(model="gpt-4o", text="tiktoken is great!"), timeout=5)
     assert count.token_count == 6
+
+
+async def test_a_backend_that_stalls_its_count_leaves_the_estimate_time_for_a_large_chat(
+    stub_for: StubFactory, vllm: FakeUpstream
+) -> None:
+    """The backend's exact count was waited for until the caller's deadline: a chat of a megabyte then had no time
+    left for its estimate, and the caller got DEADLINE_EXCEEDED instead of the estimate it was promised."""
+    vllm.tokenize_stall_s = 30
+    stub = await vllm_stub(stub_for, vllm)
+    chat = [user("word " * 200_000)]  # a megabyte: some 0.3 s to count offline here
+    count = await stub.CountTokens(pb.CountTokensRequest(model="qwen", messages=chat), timeout=3)
+    assert (count.encoding, count.estimated) == ("o200k_base", True) and count.token_count > 200_000
+    assert len(vllm.tokenize_requests) == 1, "the backend was asked first"
