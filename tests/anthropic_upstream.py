@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -385,8 +386,9 @@ def _drain(value: Any) -> Any:
 
 def _broken_rule(body: dict[str, Any]) -> str | None:
     """The API's rules that its types do not say, in its words: text of whitespace alone, in a block or a stop
-    sequence, is refused; a tool's input_schema must say "type": "object" (the types also take any dict); and no two
-    tools may share a name."""
+    sequence, is refused; a tool's input_schema must say "type": "object" (the types also take any dict); no two
+    tools may share a name; and a tool call's id, in its tool_use block and its tool_result, is letters, digits, "_"
+    and "-"."""
 
     def listed(content: Any) -> list[Any]:  # a string stands for one text block, which the types check
         return content if isinstance(content, list) else []
@@ -397,6 +399,11 @@ def _broken_rule(body: dict[str, Any]) -> str | None:
             blocks += [block, *(listed(block.get("content")) if block.get("type") == "tool_result" else [])]
     if any(block.get("type") == "text" and not block["text"].strip() for block in blocks if isinstance(block, dict)):
         return "messages: text content blocks must contain non-whitespace text"
+    for block in blocks:
+        if isinstance(block, dict) and block.get("type") in ("tool_use", "tool_result"):
+            tool_id = block.get("id" if block["type"] == "tool_use" else "tool_use_id")
+            if not isinstance(tool_id, str) or not re.fullmatch(r"[a-zA-Z0-9_-]+", tool_id):
+                return f"messages: {block['type']} id {tool_id!r}: String should match pattern '^[a-zA-Z0-9_-]+$'"
     if any(not stop.strip() for stop in body.get("stop_sequences") or []):
         return "stop_sequences: each stop sequence must contain non-whitespace"
     names = [tool.get("name") for tool in body.get("tools") or [] if isinstance(tool, dict)]

@@ -207,6 +207,32 @@ async def test_tool_calls_round_trip(stub: pb.LLMServiceAsyncStub, claude: FakeA
     assert claude.invalid_requests == []
 
 
+async def test_tool_call_ids_of_other_upstreams_reach_the_api_in_its_pattern(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
+) -> None:
+    """Kimi's ids ("functions.weather:0") and the like, which the OpenAI format takes, are refused by the API (400,
+    no fallback) in a conversation carried over to Claude: each call and the result that answers it get the same id
+    in the API's pattern, and two ids that differ only in characters outside it stay two."""
+    ids = ["functions.weather:0", "functions.weather|0"]
+    calls = [pb.ToolCall(id=i, function=pb.FunctionCall(name="weather", arguments=OSLO["arguments"])) for i in ids]
+    conversation = [
+        user("weather in Oslo?"),
+        pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=calls),
+        *(pb.Message(role=pb.ROLE_TOOL, content="sunny", tool_call_id=i) for i in ids),
+    ]
+    answer = await stub.Complete(pb.CompleteRequest(messages=conversation), timeout=5)
+    chunks = await streamed(stub, pb.StreamCompleteRequest(messages=conversation))
+    await stub.CountTokens(pb.CountTokensRequest(model="claude-test", messages=conversation), timeout=5)
+
+    assert (answer.backend, chunks[-1].backend) == ("anthropic", "anthropic")
+    assert claude.invalid_requests == []
+    for sent in [*claude.chat_requests, *claude.count_requests]:
+        uses = [block["id"] for block in sent["messages"][1]["content"]]
+        results = [block["tool_use_id"] for block in sent["messages"][2]["content"]]
+        assert uses == results and len(set(uses)) == 2
+        assert all(tool_id.startswith("functions_weather_0_") for tool_id in uses)
+
+
 async def test_a_call_without_arguments_streams_an_empty_object(
     stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
 ) -> None:

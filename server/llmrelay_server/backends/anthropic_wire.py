@@ -7,6 +7,8 @@ docs/openai-anthropic.md sets the two formats side by side, with what cannot be 
 from __future__ import annotations
 
 import base64
+import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
@@ -202,8 +204,23 @@ def _assistant_blocks(message: Message, where: str) -> list[dict[str, Any]]:
     blocks += _content_blocks(message)
     for position, call in enumerate(message.tool_calls):
         arguments = _arguments(call.arguments, f"{where}.tool_calls[{position}].function.arguments")
-        blocks.append({"type": "tool_use", "id": call.id, "name": call.name, "input": arguments})
+        blocks.append({"type": "tool_use", "id": _tool_use_id(call.id), "name": call.name, "input": arguments})
     return blocks
+
+
+_TOOL_USE_ID: Final = re.compile(r"[A-Za-z0-9_-]+")
+_NOT_IN_A_TOOL_USE_ID: Final = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def _tool_use_id(call_id: str) -> str:
+    """A tool call's id as the API takes it, in a tool_use block and the tool_result that answers it alike (400
+    "String should match pattern '^[a-zA-Z0-9_-]+$'" otherwise). Other upstreams' ids may hold other characters (Kimi's
+    "functions.weather:0"), and the OpenAI format takes any: each of them becomes "_", and a digest of the whole id
+    follows, so that two ids that differ only there stay two. The same id always becomes the same."""
+    if _TOOL_USE_ID.fullmatch(call_id):
+        return call_id
+    digest = hashlib.sha256(call_id.encode()).hexdigest()[:16]
+    return f"{_NOT_IN_A_TOOL_USE_ID.sub('_', call_id)}_{digest}"
 
 
 def _arguments(text: str, where: str) -> JsonText | dict[str, Any]:
@@ -225,7 +242,7 @@ def _arguments(text: str, where: str) -> JsonText | dict[str, Any]:
 
 
 def _tool_result(message: Message) -> dict[str, Any]:
-    result: dict[str, Any] = {"type": "tool_result", "tool_use_id": message.tool_call_id or ""}
+    result: dict[str, Any] = {"type": "tool_result", "tool_use_id": _tool_use_id(message.tool_call_id or "")}
     if content := _content_blocks(message):
         result["content"] = content
     return result
