@@ -387,8 +387,9 @@ def _drain(value: Any) -> Any:
 def _broken_rule(body: dict[str, Any]) -> str | None:
     """The API's rules that its types do not say, in its words: text of whitespace alone, in a block or a stop
     sequence, is refused; a tool's input_schema must say "type": "object" (the types also take any dict); no two
-    tools may share a name; and a tool call's id, in its tool_use block and its tool_result, is letters, digits, "_"
-    and "-"."""
+    tools may share a name; a tool call's id, in its tool_use block and its tool_result, is letters, digits, "_"
+    and "-"; and with thinking on, a chat that ends in tool results must have begun their assistant turn (the one
+    after the last user turn that is more than tool results) with a thinking block."""
 
     def listed(content: Any) -> list[Any]:  # a string stands for one text block, which the types check
         return content if isinstance(content, list) else []
@@ -406,6 +407,20 @@ def _broken_rule(body: dict[str, Any]) -> str | None:
                 return f"messages: {block['type']} id {tool_id!r}: String should match pattern '^[a-zA-Z0-9_-]+$'"
     if any(not stop.strip() for stop in body.get("stop_sequences") or []):
         return "stop_sequences: each stop sequence must contain non-whitespace"
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive"):
+        turns = [
+            [b.get("type") for b in listed(turn.get("content")) if isinstance(b, dict)] for turn in body["messages"]
+        ]
+        if turns and turns[-1][:1] == ["tool_result"]:
+            opening = len(turns) - 2
+            while opening >= 2 and set(turns[opening - 1]) == {"tool_result"}:
+                opening -= 2
+            if opening >= 0 and turns[opening][:1] not in (["thinking"], ["redacted_thinking"]):
+                return (
+                    f"messages.{opening}.content.0.type: Expected `thinking` or `redacted_thinking`. When `thinking`"
+                    " is enabled, a final `assistant` message must start with a thinking block"
+                )
     names = [tool.get("name") for tool in body.get("tools") or [] if isinstance(tool, dict)]
     if len(set(names)) < len(names):
         return "tools: Tool names must be unique."

@@ -363,6 +363,25 @@ async def test_reasoning_and_its_signature_round_trip(stub: pb.LLMServiceAsyncSt
     assert claude.invalid_requests == []
 
 
+async def test_a_tool_cycle_begun_without_thinking_ends_without_it(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
+) -> None:
+    """A tool-use cycle that another upstream began (its reasoning unsigned, which cannot be sent back): the API
+    refuses thinking within it (400, no fallback), so the reasoning effort waits for the next user turn."""
+    options = pb.CompletionOptions(reasoning_effort=pb.REASONING_EFFORT_HIGH, tools=[WEATHER])
+    call = pb.ToolCall(id="call_1", function=pb.FunctionCall(**OSLO))
+    began = pb.Message(role=pb.ROLE_ASSISTANT, reasoning="openai thought", tool_calls=[call])
+    cycle = [user("weather in Oslo?"), began, pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content="sunny")]
+
+    answer = await stub.Complete(pb.CompleteRequest(messages=cycle, options=options), timeout=5)
+    chunks = await streamed(stub, pb.StreamCompleteRequest(messages=cycle, options=options))
+    await stub.Complete(pb.CompleteRequest(messages=[*cycle, answer.message, user("and tomorrow?")], options=options))
+
+    assert (answer.backend, chunks[-1].backend) == ("anthropic", "anthropic")
+    assert claude.invalid_requests == []
+    assert ["thinking" in sent for sent in claude.chat_requests] == [False, False, True]
+
+
 @pytest.mark.parametrize(
     ("max_tokens", "effort", "thinking"),
     [

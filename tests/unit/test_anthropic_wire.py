@@ -284,6 +284,26 @@ def test_a_forced_tool_call_goes_without_thinking(choice: ToolChoiceMode | Named
     assert "thinking" not in body(options) and "thinking" not in body(options, thinking=ADAPTIVE)
 
 
+def test_thinking_waits_for_the_user_turn_after_a_tool_cycle_begun_without_it() -> None:
+    def call(n: int) -> Message:  # reasoning unsigned, as another upstream's: not sent back
+        return Message(Role.ASSISTANT, tool_calls=(ToolCall(f"c{n}", "f", "{}"),), reasoning="r")
+
+    def result(n: int) -> Message:
+        return Message(Role.TOOL, "ok", tool_call_id=f"c{n}")
+
+    thought = Message(Role.ASSISTANT, tool_calls=(ToolCall("c1", "f", "{}"),), reasoning="r", reasoning_signature="s")
+    options = CompletionOptions(tools=(Tool("f"),), reasoning_effort="high")
+    for messages, thinks in [
+        ((*HI, call(1), result(1)), False),
+        ((*HI, call(1), result(1), call(2), result(2)), False),
+        ((*HI, thought, result(1), call(2), result(2)), True),  # its second step: the cycle began with thinking
+        ((*HI, call(1), result(1), Message(Role.USER, "next"), call(2), result(2)), False),
+        ((*HI, call(1), result(1), Message(Role.ASSISTANT, "done"), Message(Role.USER, "next")), True),
+    ]:
+        for thinking in ("budget", ADAPTIVE):
+            assert ("thinking" in body(options, messages=messages, thinking=thinking)) is thinks, messages
+
+
 def test_response_formats() -> None:
     schema = JsonSchemaFormat("s", JsonText('{"type": "object", "properties": {"a": {"minimum": 1}}}'), "d", True)
     assert body(CompletionOptions(response_format=ResponseFormat("json_schema", schema)))["output_config"] == {

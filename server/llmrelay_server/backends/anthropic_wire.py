@@ -103,8 +103,15 @@ def request_body(
     body["max_tokens"] = default_max_tokens if options.max_tokens is None else options.max_tokens
     output: dict[str, Any] = {}
     effort = options.reasoning_effort
-    # Thinking cannot be combined with a forced tool choice: the tool call the caller demands wins.
-    forced = options.tool_choice == "required" or isinstance(options.tool_choice, NamedToolChoice)
+    # Thinking cannot be combined with a forced tool choice: the tool call the caller demands wins. Nor can it be
+    # turned on within a tool-use cycle whose assistant turn began without a thinking block (one another upstream
+    # began, whose reasoning cannot be sent back): the API refuses it (400 "a final assistant message must start with
+    # a thinking block"), and the cycle ends as it began, without thinking.
+    forced = (
+        options.tool_choice == "required"
+        or isinstance(options.tool_choice, NamedToolChoice)
+        or _in_unthought_tool_cycle(body["messages"])
+    )
     if effort == "none":
         body["thinking"] = {"type": "disabled"}  # said outright: a model may think by default
     elif effort is not None and not forced:
@@ -136,6 +143,17 @@ def request_body(
     if output:
         body["output_config"] = output
     return body
+
+
+def _in_unthought_tool_cycle(turns: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the chat ends in tool results, and the assistant turn that began their cycle (after the last user turn
+    that is more than tool results) does not begin with a thinking block."""
+    if turns[-1]["role"] != "user" or turns[-1]["content"][0]["type"] != "tool_result":
+        return False
+    start = len(turns) - 2
+    while start >= 2 and all(block["type"] == "tool_result" for block in turns[start - 1]["content"]):
+        start -= 2  # an earlier step of the same cycle: an assistant turn answered by tool results alone
+    return start >= 0 and turns[start]["content"][0]["type"] != "thinking"
 
 
 def prompt_body(model: str, messages: Sequence[Message], tools: Sequence[Tool]) -> dict[str, Any]:
