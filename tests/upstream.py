@@ -47,9 +47,10 @@ Faults are queued; each chat or embeddings request takes the next one. A fault i
                                                        once without saying so (no Connection: close), as a server
                                                        that keeps connections for one request does
 
-With `vllm=True` it also serves vLLM's POST /tokenize (chat form), counting the prompt as its usage does; with
-`llamacpp=True`, llama.cpp's POST /apply-template (a prompt of as many words as its usage counts tokens) and POST
-/tokenize (a token per word of `content`, and per token id where it is a list).
+With `ollama=True` it refuses a reasoning_effort Ollama's /v1 does not take (400, in its words), and serves Ollama's
+native GET /api/version and GET /api/tags. With `vllm=True` it also serves vLLM's POST /tokenize (chat form), counting
+the prompt as its usage does; with `llamacpp=True`, llama.cpp's POST /apply-template (a prompt of as many words as its
+usage counts tokens) and POST /tokenize (a token per word of `content`, and per token id where it is a list).
 
 Run standalone: python tests/upstream.py --listen 127.0.0.1:PORT [--model NAME ...] [--ollama]
 (embedding model: embed-test)
@@ -236,6 +237,10 @@ class FakeUpstream:
         self.chat_bodies.append(request.body)
         self.chat_headers.append(request.headers)
         self.chat_times.append(time.monotonic())
+        effort = body.get("reasoning_effort")
+        if self.ollama and effort is not None and effort not in ("high", "medium", "low", "none"):
+            message = f'invalid reasoning value: \'{effort}\' (must be "high", "medium", "low", or "none")'
+            return await _send_json(writer, 400, {"error": {"message": message, "type": "invalid_request_error"}})
         fault = self.faults.popleft() if self.faults else {}
         if (faulted := await self._fault(fault, reader, writer)) is not None:
             return faulted

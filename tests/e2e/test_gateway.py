@@ -180,6 +180,17 @@ async def test_ollama_gets_max_tokens_and_reasoning_comes_back(
     assert answer.message.reasoning == "let me think"
 
 
+async def test_ollama_gets_the_least_reasoning_it_has_for_minimal(
+    stub: pb.LLMServiceAsyncStub, local: FakeUpstream
+) -> None:
+    """Ollama's /v1 refuses "minimal" (400 "invalid reasoning value"), which would end the call INVALID_ARGUMENT."""
+    options = pb.CompletionOptions(reasoning_effort=pb.REASONING_EFFORT_MINIMAL)
+    answer = await stub.Complete(chat("hm", model="ollama/tiny", options=options), timeout=5)
+    chunks = [c async for c in stub.StreamComplete(stream_chat("hm", model="ollama/tiny", options=options), timeout=5)]
+    assert (answer.backend, chunks[-1].backend) == ("ollama", "ollama")
+    assert [sent["reasoning_effort"] for sent in local.chat_requests] == ["low", "low"]
+
+
 async def test_a_refusal_comes_back_as_the_content_with_content_filter(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
 ) -> None:

@@ -44,6 +44,7 @@ from llmrelay_server.domain import (
     FinishReason,
     ImagePart,
     Message,
+    ReasoningEffort,
     TokenCount,
     TokenUsage,
     Tool,
@@ -64,6 +65,8 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
     _sdk_error = openai.APIError
     # OpenAI's reasoning models refuse max_tokens; most other servers know only max_tokens.
     max_tokens_field: ClassVar[str] = "max_tokens"
+    # The reasoning efforts the server names otherwise, or takes none of: the value sent for each.
+    reasoning_efforts: ClassVar[Mapping[ReasoningEffort, str]] = {}
 
     def __init__(self, spec: BackendSpec, *, counter: TokenCounter) -> None:
         super().__init__(spec, openai.DefaultAsyncHttpxClient)
@@ -84,8 +87,13 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         # Servers keep their own endpoints (tokenizers, native APIs) beside /v1, at the root.
         self._root_url = spec.base_url.rstrip("/").removesuffix("/v1")
 
+    def _request_body(self, model: str, request: CompletionRequest) -> dict[str, Any]:
+        return wire.request_body(
+            model, request, max_tokens_field=self.max_tokens_field, reasoning_efforts=self.reasoning_efforts
+        )
+
     async def complete(self, model: str, request: CompletionRequest, *, timeout_s: float | None) -> CompletionResponse:
-        body = wire.request_body(model, request, max_tokens_field=self.max_tokens_field)
+        body = self._request_body(model, request)
         try:
             data, choice, message = _chat_completion(await post_read(self._completions, body, timeout_s))
         except openai.APIError as exc:
@@ -103,7 +111,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         )
 
     async def stream(self, model: str, request: CompletionRequest) -> AsyncGenerator[CompletionChunk, None]:
-        body = wire.request_body(model, request, max_tokens_field=self.max_tokens_field)
+        body = self._request_body(model, request)
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
         completion_id, served_model = "", model

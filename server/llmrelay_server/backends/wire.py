@@ -31,6 +31,7 @@ from llmrelay_server.domain import (
     JsonText,
     Message,
     NamedToolChoice,
+    ReasoningEffort,
     Role,
     TextPart,
     TokenUsage,
@@ -64,10 +65,20 @@ class ErrorAnswer(MalformedAnswerError):
         self.event = event
 
 
-def request_body(model: str, request: CompletionRequest, *, max_tokens_field: str) -> dict[str, Any]:
-    """The JSON body for /chat/completions; options the caller left unset are left out."""
+def request_body(
+    model: str,
+    request: CompletionRequest,
+    *,
+    max_tokens_field: str,
+    reasoning_efforts: Mapping[ReasoningEffort, str] | None = None,
+) -> dict[str, Any]:
+    """The JSON body for /chat/completions; options the caller left unset are left out. reasoning_efforts: the value
+    sent for an effort the server names otherwise (or lacks)."""
     body = prompt_body(model, request.messages, request.options.tools)
     body.update(_options_json(request.options, max_tokens_field))
+    effort = request.options.reasoning_effort
+    if effort is not None and reasoning_efforts and effort in reasoning_efforts:
+        body["reasoning_effort"] = reasoning_efforts[effort]
     return body
 
 
