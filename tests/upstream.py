@@ -241,6 +241,9 @@ class FakeUpstream:
         if self.ollama and effort is not None and effort not in ("high", "medium", "low", "none"):
             message = f'invalid reasoning value: \'{effort}\' (must be "high", "medium", "low", or "none")'
             return await _send_json(writer, 400, {"error": {"message": message, "type": "invalid_request_error"}})
+        if self.ollama and not _json_arguments(body):
+            refusal = {"error": {"message": "invalid tool call arguments", "type": "invalid_request_error"}}
+            return await _send_json(writer, 400, refusal)
         fault = self.faults.popleft() if self.faults else {}
         if (faulted := await self._fault(fault, reader, writer)) is not None:
             return faulted
@@ -588,6 +591,17 @@ async def _read_request(reader: asyncio.StreamReader) -> Request | None:
     headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)}
     body = await reader.readexactly(int(headers.get("content-length", "0")))
     return Request(method, path, headers, body)
+
+
+def _json_arguments(body: dict[str, Any]) -> bool:
+    """Whether every tool call in the chat has arguments that are JSON, as Ollama's /v1 requires."""
+    for message in body.get("messages", ()):
+        for call in message.get("tool_calls") or ():
+            try:
+                json.loads(call["function"]["arguments"])
+            except (ValueError, KeyError, TypeError):
+                return False
+    return True
 
 
 async def _send_json(

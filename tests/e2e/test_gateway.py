@@ -191,6 +191,22 @@ async def test_ollama_gets_the_least_reasoning_it_has_for_minimal(
     assert [sent["reasoning_effort"] for sent in local.chat_requests] == ["low", "low"]
 
 
+async def test_a_call_without_arguments_reaches_ollama_as_json(
+    stub: pb.LLMServiceAsyncStub, local: FakeUpstream
+) -> None:
+    """Some servers answer a call of a function without parameters with empty arguments; Ollama refuses such a call in
+    the history it is sent (400 "invalid tool call arguments"), which ended the next turn INVALID_ARGUMENT."""
+    call = pb.ToolCall(id="call_1", function=pb.FunctionCall(name="clock", arguments=""))
+    history = [
+        pb.Message(role=pb.ROLE_USER, content="time?"),
+        pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call]),
+        pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content="12:00"),
+    ]
+    answer = await stub.Complete(pb.CompleteRequest(model="ollama/tiny", messages=history), timeout=5)
+    assert answer.backend == "ollama"
+    assert local.chat_requests[-1]["messages"][1]["tool_calls"][0]["function"]["arguments"] == "{}"
+
+
 async def test_a_refusal_comes_back_as_the_content_with_content_filter(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
 ) -> None:

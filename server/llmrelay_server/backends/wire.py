@@ -137,7 +137,9 @@ def _message_json(message: Message) -> dict[str, Any]:
         item["name"] = message.name
     if message.tool_calls:
         item["tool_calls"] = [
-            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            # Empty arguments (a call of a function without parameters, as some servers answer it) are "{}": Ollama
+            # refuses a call whose arguments are not JSON (400 "invalid tool call arguments"); it means the same.
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments or "{}"}}
             for c in message.tool_calls
         ]
     if message.tool_call_id is not None:
