@@ -144,6 +144,19 @@ def test_stats_takes_a_positive_interval(interval: str, capsys: pytest.CaptureFi
     assert capsys.readouterr().err.endswith(f"argument --interval: '{interval}' is not a number of seconds above 0\n")
 
 
+async def test_a_timeout_no_call_could_meet_is_a_mistake_in_the_options(gateway: Gateway) -> None:
+    target = f"127.0.0.1:{gateway.port}"
+    # Each of these once reached the gateway as a deadline already past: DEADLINE_EXCEEDED and status 1, as if the
+    # gateway had been too slow.
+    above_0 = "is not a number of seconds above 0"
+    for timeout, why in (*((t, above_0) for t in ("0", "-1", "nan", "inf", "soon")), ("1e10", "is more seconds")):
+        status, out, err = await llmrelay("--target", target, "--timeout", timeout, "health")
+        assert (status, out) == (2, ""), err
+        assert f"argument --timeout: '{timeout}' {why}" in err, err
+    status, out, err = await llmrelay("--target", target, "--timeout", "1e9", "health")
+    assert status == 0 and out.startswith("serving: yes"), err
+
+
 async def test_stats_pointed_at_the_grpc_port_says_so(gateway: Gateway) -> None:
     url = f"http://127.0.0.1:{gateway.port}/metrics"
     with pytest.raises(SystemExit) as caught:

@@ -110,13 +110,29 @@ def _read(option: str, path: Path | None) -> bytes | None:
 
 
 def _seconds(text: str) -> float:
-    """A positive, finite number of seconds (argparse's type for --interval)."""
+    """A positive, finite number of seconds (argparse's type for --interval; --timeout's bounds it too)."""
     try:
         seconds = float(text)
     except ValueError:
         seconds = math.nan
     if not (math.isfinite(seconds) and seconds > 0):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return seconds
+
+
+MAX_TIMEOUT_S = 1e9
+"""The longest --timeout (some 30 years): gRPC holds a deadline as nanoseconds since 1970 in 64 bits, which a timeout
+of 1e10 s overflows into the past, failing the call at once."""
+
+
+def _timeout(text: str) -> float:
+    """A deadline in seconds (argparse's type for --timeout): 0, a negative number, nan or inf would fail every call
+    DEADLINE_EXCEEDED, as if the gateway had been too slow, where the mistake is the option's."""
+    seconds = _seconds(text)
+    if seconds > MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is more seconds than a gRPC deadline holds (at most {MAX_TIMEOUT_S:g})"
+        )
     return seconds
 
 
@@ -148,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
         " names), never on the command line.",
     )
     parser.add_argument("--target", default=os.environ.get("LLMRELAY_TARGET", DEFAULT_TARGET), help="HOST:PORT")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="deadline of the call in seconds")
+    parser.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT_S, help="deadline of the call in seconds")
     parser.add_argument(
         "--tls",
         action=argparse.BooleanOptionalAction,
