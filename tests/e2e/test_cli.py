@@ -167,6 +167,15 @@ async def test_stats_pointed_at_the_grpc_port_says_so(gateway: Gateway) -> None:
     )
 
 
+async def test_a_closed_stdout_is_said_before_the_call(gateway: Gateway, primary: FakeUpstream) -> None:
+    # As a shell starts it for `llmrelay complete hi >&-`: no file descriptor 1 at all.
+    command = ['exec "$0" "$@" >&-', str(BIN / "llmrelay"), "--target", f"127.0.0.1:{gateway.port}", "complete", "hi"]
+    process = await asyncio.create_subprocess_exec("/bin/sh", "-c", *command, stderr=PIPE)
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert (process.returncode, err.decode()) == (1, "llmrelay: standard output is closed: nowhere to write to\n")
+    assert primary.chat_requests == []
+
+
 @pytest.mark.parametrize("command", [["stream", "one two three"], ["health"]], ids=["stream", "health"])
 async def test_a_reader_gone_ends_the_command_quietly(gateway: Gateway, command: list[str]) -> None:
     # `llmrelay ... | head -c 10` once head has exited: a pipe with no reader, so that every write fails.

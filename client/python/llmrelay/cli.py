@@ -36,6 +36,10 @@ show in `ps` and in the shell's history."""
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if sys.stdout is None:
+        # Started with its stdout closed (`llmrelay complete hi >&-`): Python leaves sys.stdout None, and print() writes
+        # nothing. Said before the call, which would cost tokens for an answer with nowhere to go.
+        sys.exit("llmrelay: standard output is closed: nowhere to write to")
     try:
         try:
             _run(args)
