@@ -176,6 +176,15 @@ async def test_a_closed_stdout_is_said_before_the_call(gateway: Gateway, primary
     assert primary.chat_requests == []
 
 
+@pytest.mark.parametrize("command", [["complete", "hi"], ["stream", "hi"]])
+async def test_a_closed_stderr_keeps_the_summary_off_stdout(gateway: Gateway, command: list[str]) -> None:
+    # `llmrelay complete hi 2>&-`: the summary line ("[openai/gpt-test, stop, ...]") once took stdout's place.
+    shell = ['exec "$0" "$@" 2>&-', str(BIN / "llmrelay"), "--target", f"127.0.0.1:{gateway.port}", *command]
+    process = await asyncio.create_subprocess_exec("/bin/sh", "-c", *shell, stdout=PIPE)
+    out, _ = await asyncio.wait_for(process.communicate(), 30)
+    assert (process.returncode, out.decode()) == (0, "echo: hi\n")
+
+
 @pytest.mark.parametrize("command", [["stream", "one two three"], ["health"]], ids=["stream", "health"])
 async def test_a_reader_gone_ends_the_command_quietly(gateway: Gateway, command: list[str]) -> None:
     # `llmrelay ... | head -c 10` once head has exited: a pipe with no reader, so that every write fails.

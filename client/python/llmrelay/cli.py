@@ -40,6 +40,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         # Started with its stdout closed (`llmrelay complete hi >&-`): Python leaves sys.stdout None, and print() writes
         # nothing. Said before the call, which would cost tokens for an answer with nowhere to go.
         sys.exit("llmrelay: standard output is closed: nowhere to write to")
+    if sys.stderr is None:
+        # Started with its stderr closed (`2>&-`): print(file=None) writes to stdout, which would put the summary line
+        # into the answer a script reads. The notes go nowhere instead.
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     try:
         try:
             _run(args)
