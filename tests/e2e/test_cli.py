@@ -176,6 +176,25 @@ async def test_a_closed_stdout_is_said_before_the_call(gateway: Gateway, primary
     assert primary.chat_requests == []
 
 
+async def test_a_stream_broken_midway_ends_the_line_it_printed(gateway: Gateway, primary: FakeUpstream) -> None:
+    primary.inject({"stream_cut_after": 3})  # the role, "echo:", " one", then the connection closes
+    status, out, err = await llmrelay("--target", f"127.0.0.1:{gateway.port}", "stream", "one two three")
+    # The error starts a line of its own in a terminal: it once followed "echo: one" on the same line.
+    assert (status, out) == (1, "echo: one\n"), err
+    assert err.startswith("llmrelay: ABORTED: "), err
+
+    # Ctrl-C after the first words: status 130, and the line ended too.
+    primary.inject({"trickle_s": 5.0})
+    process = await asyncio.create_subprocess_exec(
+        BIN / "llmrelay", "--target", f"127.0.0.1:{gateway.port}", "stream", "one two", stdout=PIPE, stderr=PIPE
+    )
+    assert process.stdout is not None
+    first = await asyncio.wait_for(process.stdout.readexactly(len("echo:")), 30)
+    process.send_signal(signal.SIGINT)
+    rest, errors = await asyncio.wait_for(process.communicate(), 30)
+    assert (process.returncode, (first + rest).decode(), errors) == (130, "echo:\n", b"")
+
+
 @pytest.mark.parametrize("command", [["complete", "hi"], ["stream", "hi"]])
 async def test_a_closed_stderr_keeps_the_summary_off_stdout(gateway: Gateway, command: list[str]) -> None:
     # `llmrelay complete hi 2>&-`: the summary line ("[openai/gpt-test, stop, ...]") once took stdout's place.

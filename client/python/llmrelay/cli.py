@@ -272,12 +272,22 @@ def _complete(client: Client, args: argparse.Namespace) -> None:
 
 
 def _stream(client: Client, args: argparse.Namespace) -> None:
-    for chunk in client.stream(_chat(args), model=args.model, exact_model=args.exact_model, **_options(args)):
-        if chunk.delta.content:
-            print(chunk.delta.content, end="", flush=True)
-        if chunk.HasField("usage"):
-            print()  # end the answer's line on stdout, so the summary on stderr stands apart
-            print(_summary(chunk.backend, chunk.model, chunk.finish_reason, chunk.usage), file=sys.stderr)
+    line_open = False  # whether the answer printed so far leaves its last line unended
+    try:
+        for chunk in client.stream(_chat(args), model=args.model, exact_model=args.exact_model, **_options(args)):
+            if chunk.delta.content:
+                print(chunk.delta.content, end="", flush=True)
+                line_open = not chunk.delta.content.endswith("\n")
+            if chunk.HasField("usage"):
+                print()  # end the answer's line on stdout, so the summary on stderr stands apart
+                line_open = False
+                print(_summary(chunk.backend, chunk.model, chunk.finish_reason, chunk.usage), file=sys.stderr)
+    except (LLMRelayError, KeyboardInterrupt):
+        # A stream broken midway, or Ctrl-C: the line ended all the same, or the error would go on after the answer's
+        # last words in a terminal, and a script reading lines (`while read`) would lose them.
+        if line_open:
+            print()
+        raise
 
 
 def _summary(backend: str, model: str, finish_reason: pb.FinishReason.ValueType, usage: pb.Usage) -> str:
