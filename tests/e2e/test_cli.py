@@ -4,6 +4,7 @@ TLS, the one-line errors of common mistakes, and a quiet end when the reader of 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -165,6 +166,39 @@ async def test_stats_pointed_at_the_grpc_port_says_so(gateway: Gateway) -> None:
         str(caught.value)
         == f"llmrelay: {url} did not answer in HTTP (BadStatusLine): is it the gateway's metrics_listen?"
     )
+
+
+async def at_a_terminal(*args: str) -> tuple[int, str]:
+    """Runs the command with its stdout and stderr a terminal (a pseudo-terminal's); its exit status and what the
+    terminal was sent, its line ends as written."""
+    controller, terminal = os.openpty()
+    try:
+        process = await asyncio.create_subprocess_exec(BIN / "llmrelay", *args, stdout=terminal, stderr=terminal)
+    finally:
+        os.close(terminal)
+    status = await asyncio.wait_for(process.wait(), 30)
+    sent = b""
+    with contextlib.suppress(OSError):  # EIO once the terminal is closed and read to its end
+        while chunk := os.read(controller, 65536):
+            sent += chunk
+    os.close(controller)
+    return status, sent.decode().replace("\r\n", "\n")  # the terminal's own output processing undone
+
+
+async def test_control_characters_reach_a_terminal_escaped(gateway: Gateway, primary: FakeUpstream) -> None:
+    target = f"127.0.0.1:{gateway.port}"
+    prompt = "\x1b]0;owned\x07\x1b[2Jhi\x9b"  # a window title, a cleared screen, a C1 CSI
+    # The answer (the fake upstream echoes the prompt) once went to the terminal as it was.
+    for command in ("complete", "stream"):
+        status, shown = await at_a_terminal("--target", target, command, prompt)
+        assert status == 0 and shown.startswith("echo: \\x1b]0;owned\\x07\\x1b[2Jhi\\x9b\n"), shown
+    # So did an upstream's error, on stderr.
+    primary.inject({"status": 400, "body": "\x1b[31mboom\x1b[0m"})
+    status, shown = await at_a_terminal("--target", target, "complete", "hi")
+    assert status == 1 and "HTTP 400: \\x1b[31mboom\\x1b[0m (reason UPSTREAM_REJECTED)\n" in shown, shown
+    # To a pipe, the answer is as the model wrote it.
+    status, out, err = await llmrelay("--target", target, "stream", prompt)
+    assert (status, out) == (0, f"echo: {prompt}\n"), err
 
 
 async def test_a_closed_stdout_is_said_before_the_call(gateway: Gateway, primary: FakeUpstream) -> None:

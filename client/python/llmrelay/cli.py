@@ -19,6 +19,7 @@ import urllib.request
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from llmrelay import v1 as pb
 from llmrelay._channel import DEFAULT_SERVICE_CONFIG
@@ -73,7 +74,7 @@ def _run(args: argparse.Namespace) -> None:
             details += f"\n  retry after {exc.retry_delay_s:g} s"
         if exc.reason == "UNAUTHENTICATED":
             details += f"\n  llmrelay reads the key from {args.key_env or KEY_ENV}"
-        sys.exit(f"llmrelay: {exc}{details}")
+        sys.exit(_shown(f"llmrelay: {exc}{details}", sys.stderr))
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -265,10 +266,27 @@ def _options(args: argparse.Namespace) -> CompletionOptions:
     return options
 
 
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in "\t\n"}
+"""The control characters (C0, DEL, C1) but tab and newline, each to its escape, as a terminal is shown them."""
+
+
+def _shown(text: str, stream: TextIO) -> str:
+    """Text from a model, an upstream or the gateway as written to `stream`: at a terminal, with its control
+    characters escaped ("\\x1b"), since an escape sequence in an answer or an upstream's error would recolour,
+    retitle or rewrite the terminal, or set its clipboard (OSC 52); to a pipe or a file, as it is."""
+    return text.translate(_CONTROLS) if stream.isatty() else text
+
+
+def _print(text: str, *, end: str = "\n", flush: bool = False, file: TextIO | None = None) -> None:
+    """print() of text from a model, an upstream or the gateway: see _shown."""
+    stream = file or sys.stdout
+    print(_shown(text, stream), end=end, flush=flush, file=stream)
+
+
 def _complete(client: Client, args: argparse.Namespace) -> None:
     answer = client.complete(_chat(args), model=args.model, exact_model=args.exact_model, **_options(args))
-    print(answer.message.content)
-    print(_summary(answer.backend, answer.model, answer.finish_reason, answer.usage), file=sys.stderr)
+    _print(answer.message.content)
+    _print(_summary(answer.backend, answer.model, answer.finish_reason, answer.usage), file=sys.stderr)
 
 
 def _stream(client: Client, args: argparse.Namespace) -> None:
@@ -276,12 +294,12 @@ def _stream(client: Client, args: argparse.Namespace) -> None:
     try:
         for chunk in client.stream(_chat(args), model=args.model, exact_model=args.exact_model, **_options(args)):
             if chunk.delta.content:
-                print(chunk.delta.content, end="", flush=True)
+                _print(chunk.delta.content, end="", flush=True)
                 line_open = not chunk.delta.content.endswith("\n")
             if chunk.HasField("usage"):
                 print()  # end the answer's line on stdout, so the summary on stderr stands apart
                 line_open = False
-                print(_summary(chunk.backend, chunk.model, chunk.finish_reason, chunk.usage), file=sys.stderr)
+                _print(_summary(chunk.backend, chunk.model, chunk.finish_reason, chunk.usage), file=sys.stderr)
     except (LLMRelayError, KeyboardInterrupt):
         # A stream broken midway, or Ctrl-C: the line ended all the same, or the error would go on after the answer's
         # last words in a terminal, and a script reading lines (`while read`) would lose them.
@@ -303,7 +321,7 @@ def _embed(client: Client, args: argparse.Namespace) -> None:
     dimensions = len(answer.embeddings[0].values) if answer.embeddings else 0
     estimated = " (estimated)" if answer.usage.estimated else ""
     summary = f"{len(answer.embeddings)} x {dimensions} dimensions, {answer.usage.prompt_tokens} tokens{estimated}"
-    print(f"[{answer.backend}/{answer.model}, {summary}]", file=sys.stderr)
+    _print(f"[{answer.backend}/{answer.model}, {summary}]", file=sys.stderr)
 
 
 def _tokens(client: Client, args: argparse.Namespace) -> None:
@@ -312,7 +330,7 @@ def _tokens(client: Client, args: argparse.Namespace) -> None:
     else:
         count = client.count_tokens(text=args.text, model=args.model)
     how = "estimated" if count.estimated else "exact"
-    print(f"{count.token_count} tokens ({count.model}, {count.encoding}, {how})")
+    _print(f"{count.token_count} tokens ({count.model}, {count.encoding}, {how})")
 
 
 def _health(client: Client, args: argparse.Namespace) -> None:
@@ -322,11 +340,11 @@ def _health(client: Client, args: argparse.Namespace) -> None:
         state = "reachable" if backend.reachable else "unreachable"
         circuit = pb.CircuitState.Name(backend.circuit_state).removeprefix("CIRCUIT_STATE_").lower()
         latency = f"{backend.latency.ToNanoseconds() / 1e6:.1f} ms" if backend.HasField("latency") else "-"
-        print(f"{backend.name:<12} {state:<12} circuit {circuit:<9} {latency:>9}  {backend.base_url}")
+        _print(f"{backend.name:<12} {state:<12} circuit {circuit:<9} {latency:>9}  {backend.base_url}")
         if backend.models:
-            print(f"{'':<12} models: {', '.join(backend.models[:10])}")
+            _print(f"{'':<12} models: {', '.join(backend.models[:10])}")
         if backend.HasField("last_error"):
-            print(f"{'':<12} last error: {backend.last_error}")
+            _print(f"{'':<12} last error: {backend.last_error}")
     if not report.serving:
         sys.exit(1)
 
