@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from certs import Authority
 from harness import BIN
+from llmrelay import cli
 from llmrelay.cli import KEY_ENV, main
 from llmrelay_server.app import Gateway
 from support import GatewayFactory, two_backends
@@ -251,3 +252,22 @@ async def test_a_reader_gone_ends_the_command_quietly(gateway: Gateway, command:
         os.close(writer)
     _, err = await asyncio.wait_for(process.communicate(), 30)
     assert (process.returncode, err.decode()) == (128 + signal.SIGPIPE, "")
+
+
+async def test_an_answer_a_terminal_cannot_encode_is_written_escaped(gateway: Gateway) -> None:
+    """In an ASCII locale (or PYTHONIOENCODING=ascii) a CJK answer ended the command with a UnicodeEncodeError's
+    traceback, the rest of the answer lost."""
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    env.pop(KEY_ENV, None)
+    status, out, err = await llmrelay("--target", f"127.0.0.1:{gateway.port}", "complete", "模型 ok", env=env)
+    assert (status, out) == (0, "echo: \\u6a21\\u578b ok\n")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("variable", "target"), [("", "127.0.0.1:50051"), ("gw.example:443", "gw.example:443")])
+def test_an_empty_target_variable_is_the_default_target(
+    monkeypatch: pytest.MonkeyPatch, variable: str, target: str
+) -> None:
+    """`LLMRELAY_TARGET= llmrelay ...` made a channel to '', and gRPC printed its own error lines."""
+    monkeypatch.setenv("LLMRELAY_TARGET", variable)
+    assert cli._parser().parse_args(["health"]).target == target

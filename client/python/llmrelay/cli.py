@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import datetime
 import http.client
+import io
 import json
 import math
 import os
@@ -45,6 +46,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         # Started with its stderr closed (`2>&-`): print(file=None) writes to stdout, which would put the summary line
         # into the answer a script reads. The notes go nowhere instead.
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            # A terminal or a pipe whose encoding cannot hold every character of an answer (an ASCII or Latin-1
+            # locale, PYTHONIOENCODING=ascii) would end the command with a UnicodeEncodeError's traceback, the rest
+            # of the answer lost: such characters are written as escapes (\u6a21) instead.
+            stream.reconfigure(errors="backslashreplace")
     try:
         try:
             _run(args)
@@ -172,7 +179,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog=f"A gateway with caller keys (auth.keys) wants one: put it in {KEY_ENV} (or the variable --key-env"
         " names), never on the command line.",
     )
-    parser.add_argument("--target", default=os.environ.get("LLMRELAY_TARGET", DEFAULT_TARGET), help="HOST:PORT")
+    # An empty LLMRELAY_TARGET (`LLMRELAY_TARGET= llmrelay ...`) is unset, as for other tools' variables: gRPC would
+    # fail to make a channel to '' and print its own error lines.
+    parser.add_argument("--target", default=os.environ.get("LLMRELAY_TARGET") or DEFAULT_TARGET, help="HOST:PORT")
     parser.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT_S, help="deadline of the call in seconds")
     parser.add_argument(
         "--tls",
