@@ -775,8 +775,8 @@ class Router:
         # The caller asked for an answer by its deadline: an estimate then, rather than none at all, so the backend's
         # count waits only as long as the deadline leaves beside the time the estimate may take (a stalled backend
         # must not use it all: a large chat's estimate then had no time left).
-        by = deadline - self._counter.count_chat_s(name, messages, tools)
-        if route is not None and by > asyncio.get_running_loop().time():
+        by = deadline - self._counter.count_chat_s(name, messages, tools) if route is not None else 0.0
+        if route is not None and by > asyncio.get_running_loop().time():  # else no time to ask: the estimate alone
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(by):
                     exact = await route.backend.provider.count_tokens(name, messages, tools)
