@@ -16,6 +16,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 # P-256: a key in a millisecond, where RSA takes tens.
 _CURVE = ec.SECP256R1()
+_SKEW = datetime.timedelta(minutes=5)
+"""How long before now a certificate is valid from: a clock a little behind still accepts it."""
+_DAY = datetime.timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -54,11 +57,14 @@ class Authority:
         )
         self.cert = ca.sign(self._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
-    def server(self, *more_names: str) -> Issued:
-        """For localhost, 127.0.0.1 and `more_names` (host names)."""
+    def server(
+        self, *more_names: str, valid_from: datetime.timedelta = -_SKEW, valid_for: datetime.timedelta = _DAY
+    ) -> Issued:
+        """For localhost, 127.0.0.1 and `more_names` (host names); valid from `valid_from` from now (negative: ago),
+        for `valid_for`."""
         names: list[x509.GeneralName] = [x509.DNSName(name) for name in ("localhost", *more_names)]
         names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
-        return self._issue("llmrelay test server", ExtendedKeyUsageOID.SERVER_AUTH, names)
+        return self._issue("llmrelay test server", ExtendedKeyUsageOID.SERVER_AUTH, names, valid_from, valid_for)
 
     def server_context(self, folder: Path, *more_names: str) -> ssl.SSLContext:
         """A server's TLS context, with a certificate of this authority's for localhost, 127.0.0.1 and `more_names`
@@ -71,9 +77,16 @@ class Authority:
     def client(self, name: str = "llmrelay test client") -> Issued:
         return self._issue(name, ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName("client.test")])
 
-    def _issue(self, name: str, usage: x509.ObjectIdentifier, names: list[x509.GeneralName]) -> Issued:
+    def _issue(
+        self,
+        name: str,
+        usage: x509.ObjectIdentifier,
+        names: list[x509.GeneralName],
+        valid_from: datetime.timedelta = -_SKEW,
+        valid_for: datetime.timedelta = _DAY,
+    ) -> Issued:
         key = ec.generate_private_key(_CURVE)
-        cert = _builder(_name(name), self._name, key.public_key())
+        cert = _builder(_name(name), self._name, key.public_key(), valid_from, valid_for)
         cert = cert.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         cert = cert.add_extension(x509.SubjectAlternativeName(names), critical=False)
         cert = cert.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
@@ -88,14 +101,20 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.UTC)
+def _builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    valid_from: datetime.timedelta = -_SKEW,
+    valid_for: datetime.timedelta = _DAY,
+) -> x509.CertificateBuilder:
+    start = datetime.datetime.now(datetime.UTC) + valid_from
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(issuer)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))  # a clock a little behind still accepts it
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(start)
+        .not_valid_after(start + valid_for)
     )

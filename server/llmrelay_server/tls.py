@@ -3,6 +3,7 @@ connections without a restart. And the warnings for a listener that others can r
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import ssl
@@ -74,6 +75,8 @@ class _CertificateReloader:
         self._paths = tuple(Path(p) for p in (tls.cert_file, tls.key_file, tls.client_ca_file) if p)
         # Looked at before reading: a change made while reading shows up as a new signature at the next check.
         self._seen = _signature(self._paths)
+        self._warned: _Signature | None = None
+        """The files' signature when a reload of them last failed: said once, tried again at each check."""
         self._initial = _load(tls)
         self._next_check = time.monotonic() + CHECK_INTERVAL_S
         self._lock = threading.Lock()
@@ -98,12 +101,16 @@ class _CertificateReloader:
             signature = _signature(self._paths)
             if signature == self._seen:
                 return None
-            self._seen = signature
             try:
                 configuration = _load(self._tls)
             except ConfigError as exc:
-                log.warning("TLS certificate not reloaded; new connections keep the previous one: %s", exc)
+                # Not taken as seen: files that become usable without changing (a certificate not valid yet, whose
+                # time comes) are taken at a later check.
+                if signature != self._warned:
+                    log.warning("TLS certificate not reloaded; new connections keep the previous one: %s", exc)
+                    self._warned = signature
                 return None
+            self._seen = signature
             log.info("TLS certificate reloaded from %s; new connections use it", self._tls.cert_file)
             return configuration
         finally:
@@ -122,6 +129,9 @@ def _signature(paths: tuple[Path, ...]) -> _Signature:
     return tuple(found)
 
 
+_CHANGED = "server.tls: cert_file or key_file changed while being read; they are read again later"
+
+
 def _load(tls: TLSConfig) -> grpc.ServerCertificateConfiguration:
     """Reads and checks the files; gRPC itself would only find a bad one at the first handshake, failing them all.
     Messages name the field and the path, never the files' contents."""
@@ -133,11 +143,37 @@ def _load(tls: TLSConfig) -> grpc.ServerCertificateConfiguration:
         client_ca = _read(tls.client_ca_file, "server.tls.client_ca_file")
         _check_certificates(client_ca, tls.client_ca_file, "server.tls.client_ca_file")
     _check_key(tls)
+    _check_validity(tls)
     # The check read the files again: both reads must agree, or the key checked is not the one gRPC would get (a
     # rotation half done: the new certificate written, the old key still there).
     if (cert, key) != (_read(tls.cert_file, "server.tls.cert_file"), _read(tls.key_file, "server.tls.key_file")):
-        raise ConfigError("server.tls: cert_file or key_file changed while being read; they are read again later")
+        raise ConfigError(_CHANGED)
     return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
+
+
+def _check_validity(tls: TLSConfig) -> None:
+    """What every client would refuse in the certificate itself, whoever signed it: its dates, and a purpose other
+    than a server's (a client certificate). Found by a handshake in memory with a client that trusts the
+    certificate as it is; gRPC would serve it and fail every handshake."""
+    try:
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(tls.cert_file, tls.key_file, password=_ask_password)
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.check_hostname = False  # the names are for the clients to check: the gateway cannot know theirs
+        client.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the certificate itself trusted, not its issuer
+        client.load_verify_locations(cafile=tls.cert_file)
+        to_client, to_server = ssl.MemoryBIO(), ssl.MemoryBIO()
+        accepting = server.wrap_bio(to_server, to_client, server_side=True)
+        connecting = client.wrap_bio(to_client, to_server)
+        for _ in range(3):  # TLS 1.3: hello, the server's flight (verified here), the client's finish
+            for side in (connecting, accepting):
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    side.do_handshake()
+    except ssl.SSLCertVerificationError as exc:
+        problem = f"clients would refuse its certificate: {exc.verify_message}"
+        raise ConfigError(f"server.tls.cert_file: {tls.cert_file}: {problem}") from None
+    except (_EncryptedKey, OSError):  # _check_key has just read them whole: they were being replaced
+        raise ConfigError(_CHANGED) from None
 
 
 def _read(path: str, where: str) -> bytes:
@@ -173,7 +209,10 @@ def _check_key(tls: TLSConfig) -> None:
         ) from None
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
-            problem = f"is not the key of the certificate in server.tls.cert_file ({tls.cert_file})"
+            problem = (
+                f"is not the key of the certificate in server.tls.cert_file ({tls.cert_file}; in a chain, the"
+                " gateway's own certificate comes first)"
+            )
         elif exc.reason:  # OpenSSL's name for the problem (a key too weak, say), never the key itself
             problem = f"cannot be used with server.tls.cert_file: {exc.reason}"
         else:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -166,6 +167,22 @@ async def test_a_broken_rotation_keeps_the_old_certificate(
     await until_served(gateway.port, new.cert)
 
 
+async def test_a_certificate_rotated_in_before_its_time_is_taken_when_it_comes(
+    tls_gateway: TLSGatewayFactory, files: Files, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issued with a start a little ahead of this machine's clock (another machine's): not served before it is valid,
+    and served from then on, though the files do not change again."""
+    old, new = Authority("old CA"), Authority("new CA")
+    old.server().write(files.cert, files.key)
+    gateway = await tls_gateway(files.section())
+    new.server(valid_from=timedelta(seconds=2)).write(files.cert, files.key)
+    async with asyncio.timeout(5):
+        while "certificate is not yet valid" not in caplog.text:
+            await until_served(gateway.port, old.cert)
+            await asyncio.sleep(0.1)
+    await until_served(gateway.port, new.cert, within_s=10)
+
+
 def _missing_cert(files: Files, ca: Authority) -> None:
     files.cert.unlink()
 
@@ -187,6 +204,22 @@ def _another_certificates_key(files: Files, ca: Authority) -> None:
     files.key.write_bytes(ca.server().key)
 
 
+def _expired(files: Files, ca: Authority) -> None:
+    ca.server(valid_from=-timedelta(days=2), valid_for=timedelta(days=1)).write(files.cert, files.key)
+
+
+def _not_yet_valid(files: Files, ca: Authority) -> None:
+    ca.server(valid_from=timedelta(hours=1)).write(files.cert, files.key)
+
+
+def _client_certificate(files: Files, ca: Authority) -> None:
+    ca.client().write(files.cert, files.key)
+
+
+def _chain_upside_down(files: Files, ca: Authority) -> None:
+    files.cert.write_bytes(ca.cert + files.cert.read_bytes())
+
+
 def _garbage_client_ca(files: Files, ca: Authority) -> None:
     files.client_ca.write_bytes(b"\x30\x82\x01\x0a binary, not PEM")
 
@@ -199,6 +232,10 @@ def _garbage_client_ca(files: Files, ca: Authority) -> None:
         (_key_as_cert, r"server\.tls\.cert_file: \S+server\.pem holds no PEM certificate"),
         (_garbage_key, r"server\.tls\.key_file: \S+server\.key holds no PEM private key"),
         (_another_certificates_key, r"server\.tls\.key_file: \S+ is not the key of the certificate in server\.tls"),
+        (_chain_upside_down, r"server\.tls\.key_file: .* in a chain, the gateway's own certificate comes first"),
+        (_expired, r"server\.tls\.cert_file: \S+: clients would refuse its certificate: certificate has expired"),
+        (_not_yet_valid, r"server\.tls\.cert_file: \S+: clients would refuse its certificate: certificate is not yet"),
+        (_client_certificate, r"server\.tls\.cert_file: \S+: clients would refuse its certificate: unsuitable"),
         (_garbage_client_ca, r"server\.tls\.client_ca_file: \S+clients\.pem holds no PEM certificate"),
     ],
 )
