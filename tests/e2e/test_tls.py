@@ -220,6 +220,10 @@ def _chain_upside_down(files: Files, ca: Authority) -> None:
     files.cert.write_bytes(ca.cert + files.cert.read_bytes())
 
 
+def _certificate_as_client_ca(files: Files, ca: Authority) -> None:
+    files.client_ca.write_bytes(ca.client().cert)
+
+
 def _garbage_client_ca(files: Files, ca: Authority) -> None:
     files.client_ca.write_bytes(b"\x30\x82\x01\x0a binary, not PEM")
 
@@ -236,6 +240,7 @@ def _garbage_client_ca(files: Files, ca: Authority) -> None:
         (_expired, r"server\.tls\.cert_file: \S+: clients would refuse its certificate: certificate has expired"),
         (_not_yet_valid, r"server\.tls\.cert_file: \S+: clients would refuse its certificate: certificate is not yet"),
         (_client_certificate, r"server\.tls\.cert_file: \S+: clients would refuse its certificate: unsuitable"),
+        (_certificate_as_client_ca, r"server\.tls\.client_ca_file: \S+clients\.pem holds no CA certificate"),
         (_garbage_client_ca, r"server\.tls\.client_ca_file: \S+clients\.pem holds no PEM certificate"),
     ],
 )
