@@ -12,6 +12,7 @@ from pathlib import Path
 from llmrelay_server import logs
 from llmrelay_server.app import run, serve
 from llmrelay_server.auth import new_key
+from llmrelay_server.backends.http1 import TrustConfigError, upstream_tls_context
 from llmrelay_server.backends.proxies import Proxies, ProxyConfigError
 from llmrelay_server.config import ConfigError, check_key_name, load_config
 from llmrelay_server.workers import ListenError, Supervisor, WorkerRole
@@ -55,7 +56,10 @@ def main(argv: list[str] | None = None) -> None:
         # Read again by each backend as it starts: a proxy its calls could not go through stops the gateway here,
         # once, before any worker starts.
         Proxies.from_environment()
-    except (ConfigError, ProxyConfigError) as exc:
+        # Likewise the certificates https upstreams are checked against, read otherwise at the first call to one.
+        if any(spec.base_url.startswith("https:") for spec in config.backends):
+            upstream_tls_context()
+    except (ConfigError, ProxyConfigError, TrustConfigError) as exc:
         sys.exit(f"llmrelay-server: configuration error: {exc}")
     try:
         if args.worker is not None:

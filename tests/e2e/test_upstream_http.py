@@ -4,12 +4,13 @@ upstream does with its connections must cost the callers nothing it need not."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
 import pytest
 from certs import Authority
+from harness import BIN, clean_env
 from support import OPENAI_TEST_KEY, StubFactory, chat, read_all, served_by_openai, stream_chat
 from upstream import FakeUpstream
 
@@ -90,3 +91,56 @@ async def test_an_https_upstream_whose_certificate_is_not_trusted_is_unreachable
     assert reason in (caught.value.details() or ""), caught.value.details()
     assert upstream.chat_requests == []
     assert "Traceback" not in caplog.text
+
+
+def _not_a_certificate(folder: Path) -> Path:
+    (folder / "roots.pem").write_text("not a certificate\n")
+    return folder / "roots.pem"
+
+
+def _missing(folder: Path) -> Path:
+    return folder / "missing.pem"
+
+
+@pytest.mark.parametrize(
+    ("roots", "problem"), [(_not_a_certificate, "no PEM certificate in it"), (_missing, "No such")]
+)
+async def test_ssl_cert_file_that_names_no_certificates_is_said_in_the_attempts_error(
+    stub_for: StubFactory,
+    hosted: tuple[FakeUpstream, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    roots: Callable[[Path], Path],
+    problem: str,
+) -> None:
+    """Read at the first connection to an https upstream (the command checks it at start): the call fails UNAVAILABLE
+    naming the variable, rather than UNKNOWN with a traceback, and the health probe at start says unreachable."""
+    upstream, ca_file = hosted
+    path = roots(ca_file.parent)
+    monkeypatch.setenv("SSL_CERT_FILE", str(path))
+    stub = await stub_for(only(upstream))
+    for _ in range(2):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Complete(chat(), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        said = f"cannot connect to https://localhost:{upstream.port}: SSL_CERT_FILE: {path}: {problem}"
+        assert said in (caught.value.details() or ""), caught.value.details()
+    assert "Traceback" not in caplog.text
+
+
+async def test_ssl_cert_file_that_names_no_certificates_stops_the_command_at_start(tmp_path: Path) -> None:
+    path = _not_a_certificate(tmp_path)
+    env = clean_env(SSL_CERT_FILE=str(path), OPENAI_API_KEY=OPENAI_TEST_KEY, OPENAI_BASE_URL="https://llm.test/v1")
+    process = await asyncio.create_subprocess_exec(
+        BIN / "llmrelay-server", "--listen", "127.0.0.1:0",
+        env=env, cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        _, err = await asyncio.wait_for(process.communicate(), 20)
+    finally:
+        if process.returncode is None:  # it started: the check is missing
+            process.kill()
+            await process.wait()
+    assert process.returncode == 1
+    assert f"llmrelay-server: configuration error: SSL_CERT_FILE: {path}: no PEM certificate in it" in err.decode()
+    assert "Traceback" not in err.decode()

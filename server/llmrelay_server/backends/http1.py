@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import select
 import ssl
 import urllib.parse
@@ -75,6 +76,25 @@ _OURS: Final = frozenset(
     }
 )
 """Headers the client writes itself, or leaves out: a target's headers that name them are dropped."""
+
+
+class TrustConfigError(ValueError):
+    """SSL_CERT_FILE or SSL_CERT_DIR names certificates that cannot be read: no https upstream could be checked."""
+
+
+def upstream_tls_context() -> ssl.SSLContext:
+    """What https upstreams' certificates are checked against: the certificates the SDKs trust (SSL_CERT_FILE or
+    SSL_CERT_DIR when set, the system's otherwise); TrustConfigError naming the variable when they cannot be read."""
+    try:
+        return httpx2.create_ssl_context()
+    except OSError as exc:  # ssl.SSLError too: a file with no PEM certificate in it
+        variable = "SSL_CERT_FILE" if os.environ.get("SSL_CERT_FILE") else "SSL_CERT_DIR"
+        problem = exc.strerror if not isinstance(exc, ssl.SSLError) else "no PEM certificate in it"
+        raise TrustConfigError(
+            f"{variable}: {os.environ.get(variable, '')}: {problem}; it names the CA certificates https upstreams are"
+            " checked against (unset it for the system's)"
+        ) from None
+
 
 Origin = tuple[str, str, int]
 """(scheme, host, port): the connections one target's requests share."""
@@ -286,9 +306,9 @@ class Http1Pool:
             if handed is not None:
                 return handed
         # This request holds a slot (counted in _open) until it has a connection, or gives the slot back.
-        if target.ssl and self._ssl is None:
-            self._ssl = httpx2.create_ssl_context()  # the certificates the SDKs trust (SSL_CERT_FILE too)
         try:
+            if target.ssl and self._ssl is None:
+                self._ssl = upstream_tls_context()
             async with asyncio.timeout(connect_s):
                 if target.proxy is None:
                     _, conn = await loop.create_connection(
@@ -300,6 +320,9 @@ class Http1Pool:
                     )
                 else:
                     conn = await self._through(target.proxy, target, loop)
+        except TrustConfigError as exc:
+            self._free_slot()
+            raise httpx2.ConnectError(f"cannot connect to {_where(target)}: {exc}") from None
         except TimeoutError as exc:
             self._free_slot()
             via = f" through the proxy {target.proxy}" if target.proxy is not None else ""
