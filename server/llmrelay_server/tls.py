@@ -141,8 +141,9 @@ def _load(tls: TLSConfig) -> grpc.ServerCertificateConfiguration:
     client_ca = None
     if tls.client_ca_file:
         client_ca = _read(tls.client_ca_file, "server.tls.client_ca_file")
-        _check_certificates(client_ca, tls.client_ca_file, "server.tls.client_ca_file")
-        _check_authority(client_ca, tls.client_ca_file)
+        _check_authority(
+            _check_certificates(client_ca, tls.client_ca_file, "server.tls.client_ca_file"), tls.client_ca_file
+        )
     _check_key(tls)
     _check_validity(tls)
     # The check read the files again: both reads must agree, or the key checked is not the one gRPC would get (a
@@ -184,18 +185,19 @@ def _read(path: str, where: str) -> bytes:
         raise ConfigError(f"{where}: {path} cannot be read ({exc.strerror})") from None
 
 
-def _check_certificates(pem: bytes, path: str, where: str) -> None:
+def _check_certificates(pem: bytes, path: str, where: str) -> ssl.SSLContext:
+    """A context that trusts the certificates, which are PEM."""
+    store = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cadata=pem.decode("ascii"))
+        store.load_verify_locations(cadata=pem.decode("ascii"))
     except (ValueError, ssl.SSLError):  # not ASCII (DER, say), no certificate, or a broken one
         raise ConfigError(f"{where}: {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)") from None
+    return store
 
 
-def _check_authority(pem: bytes, path: str) -> None:
-    """A CA among the certificates: a client's or the gateway's own certificate put there signs nothing, and every
-    client would be refused."""
-    store = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    store.load_verify_locations(cadata=pem.decode("ascii"))
+def _check_authority(store: ssl.SSLContext, path: str) -> None:
+    """A CA among the certificates the store trusts: a client's or the gateway's own certificate put there signs
+    nothing, and every client would be refused."""
     if not store.cert_store_stats()["x509_ca"]:
         raise ConfigError(
             f"server.tls.client_ca_file: {path} holds no CA certificate (one that signs others), only certificates"
