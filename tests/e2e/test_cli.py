@@ -124,6 +124,28 @@ async def test_a_client_certificate_for_mutual_tls(
 
 
 @pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"--ca-file": "client.key"}, "client.key: no PEM certificate in it"),
+        ({"--cert": "client.key", "--cert-key": "client.pem"}, "not a PEM certificate and its key (are they swapped?)"),
+        ({"--cert": "client.pem", "--cert-key": "other.key"}, "the key is not the certificate's"),
+    ],
+    ids=["key-as-ca", "swapped", "another-key"],
+)
+def test_certificate_files_tls_cannot_use_are_one_line_before_any_call(
+    tmp_path: Path, files: dict[str, str], message: str
+) -> None:
+    """gRPC said only "Failed to create security handshaker" of each, as an UNAVAILABLE call."""
+    authority = Authority("client CA")
+    authority.client().write(tmp_path / "client.pem", tmp_path / "client.key")
+    authority.client("another").write(tmp_path / "other.pem", tmp_path / "other.key")
+    args = [str(part) for option, name in files.items() for part in (option, tmp_path / name)]
+    with pytest.raises(SystemExit) as caught:
+        main(["--target", "127.0.0.1:9", *args, "health"])
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--ca-file", "nope.pem", "health"], "llmrelay: --ca-file nope.pem: No such file or directory"),

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import signal
+import ssl
 import sys
 import time
 import unicodedata
@@ -95,6 +96,7 @@ def _client(args: argparse.Namespace) -> Client:
     if (args.cert is None) != (args.cert_key is None):
         sys.exit("llmrelay: a client certificate needs both --cert and --cert-key")
     pem = {option: _read(option, path) for option, path in certificates.items()}
+    _check_certificates(args)
     key = os.environ.get(args.key_env or KEY_ENV)
     if args.key_env and not key:
         sys.exit(f"llmrelay: --key-env {args.key_env}: the variable is not set")
@@ -114,6 +116,24 @@ def _client(args: argparse.Namespace) -> Client:
         service_config=retries,
         metadata=[("authorization", f"Bearer {key}")] if key else (),
     )
+
+
+def _check_certificates(args: argparse.Namespace) -> None:
+    """The files of --ca-file, --cert and --cert-key as TLS takes them: gRPC would only say "Failed to create security
+    handshaker" of a file that is no certificate, a key that is not the certificate's, or the two swapped."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if args.ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=args.ca_file)
+        except (ssl.SSLError, ValueError):
+            sys.exit(f"llmrelay: --ca-file {args.ca_file}: no PEM certificate in it (-----BEGIN CERTIFICATE-----)")
+    if args.cert is not None:
+        try:
+            context.load_cert_chain(args.cert, args.cert_key, password=lambda: "")
+        except ssl.SSLError as exc:
+            mismatch = exc.reason == "KEY_VALUES_MISMATCH"
+            problem = "the key is not the certificate's" if mismatch else "not a PEM certificate and its key"
+            sys.exit(f"llmrelay: --cert {args.cert} and --cert-key {args.cert_key}: {problem} (are they swapped?)")
 
 
 def _read(option: str, path: Path | None) -> bytes | None:
