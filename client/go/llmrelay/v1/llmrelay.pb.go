@@ -370,17 +370,19 @@ const (
 	AttemptOutcome_ATTEMPT_OUTCOME_UNREACHABLE AttemptOutcome = 2
 	// The backend did not answer in time: not within the first-chunk limit, or not (a stream: not to its end) before
 	// the caller's deadline, whichever timer ended the attempt there (the gateway's own, set a little before it, or
-	// gRPC's).
+	// gRPC's); or it answered HTTP 408.
 	AttemptOutcome_ATTEMPT_OUTCOME_TIMEOUT AttemptOutcome = 3
 	// The backend refused for its rate limit (HTTP 429).
 	AttemptOutcome_ATTEMPT_OUTCOME_RATE_LIMITED AttemptOutcome = 4
-	// The backend failed (HTTP 5xx) or answered with something that is not a valid completion.
+	// The backend failed (HTTP 5xx, or a status no other outcome names) or answered with something that is not a
+	// valid completion.
 	AttemptOutcome_ATTEMPT_OUTCOME_SERVER_ERROR AttemptOutcome = 5
-	// The backend refused the gateway's own credentials (HTTP 401/403).
+	// The backend refused the gateway's own credentials (HTTP 401/403), or the gateway's account there cannot pay
+	// (HTTP 402, OpenAI's 429 insufficient_quota, Anthropic's billing and spend-limit errors).
 	AttemptOutcome_ATTEMPT_OUTCOME_AUTH_FAILED AttemptOutcome = 6
 	// The backend does not serve the model (HTTP 404).
 	AttemptOutcome_ATTEMPT_OUTCOME_MODEL_NOT_FOUND AttemptOutcome = 7
-	// The backend rejected the request itself (HTTP 400/422): the caller's fault, so no fallback followed. Or the
+	// The backend rejected the request itself (HTTP 400/413/422): the caller's fault, so no fallback followed. Or the
 	// gateway did not send it, as the backend's dialect has no place for something in it (its error says what): the
 	// next backend was tried.
 	AttemptOutcome_ATTEMPT_OUTCOME_REJECTED AttemptOutcome = 8
@@ -537,8 +539,9 @@ const (
 	// RESOURCE_EXHAUSTED, routed: every backend tried refused for its rate limit (HTTP 429); metadata `backend`,
 	// `upstream_status`, `attempts`; RetryInfo (and pushback): the upstream's Retry-After, else 1 s; AttemptHistory.
 	ErrorReason_ERROR_REASON_UPSTREAM_RATE_LIMITED ErrorReason = 4
-	// FAILED_PRECONDITION, routed: the upstream refused the gateway's own credentials (HTTP 401/403), an operator
-	// must fix the configuration; metadata `backend`, `upstream_status`, `attempts`; AttemptHistory.
+	// FAILED_PRECONDITION, routed: the upstream refused the gateway's own credentials (HTTP 401/403), or the
+	// gateway's account there cannot pay (HTTP 402, OpenAI's 429 insufficient_quota, Anthropic's billing and
+	// spend-limit errors); an operator must fix it; metadata `backend`, `upstream_status`, `attempts`; AttemptHistory.
 	ErrorReason_ERROR_REASON_UPSTREAM_AUTH_FAILED ErrorReason = 5
 	// INVALID_ARGUMENT, routed: the upstream rejected the request as invalid (HTTP 400/413/422), so no other backend
 	// was tried; or no backend tried could carry it in its dialect (the gateway sent it to none: no upstream_status,
@@ -2860,7 +2863,7 @@ type BackendHealth struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The backend's configured name.
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	// The kind of upstream: "openai", "ollama" or "openai_compatible".
+	// The backend's configured kind: "openai", "anthropic", "ollama", "openai_compatible", "llamacpp" or "vllm".
 	Kind string `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
 	// The upstream's base URL.
 	BaseUrl string `protobuf:"bytes,3,opt,name=base_url,json=baseUrl,proto3" json:"base_url,omitempty"`
@@ -2991,7 +2994,8 @@ type StoreHealth struct {
 	Kind string `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
 	// Whether the last use of it succeeded.
 	Available bool `protobuf:"varint,3,opt,name=available,proto3" json:"available,omitempty"`
-	// Why it is unavailable, in words (never a password); empty when available.
+	// The store in words (never a password): for the usage ledger, its database and any records waiting in the
+	// journal or dropped; why it is unavailable, when it is. Empty for limits that are available.
 	Description string `protobuf:"bytes,4,opt,name=description,proto3" json:"description,omitempty"`
 	// Usage records kept in this process's journal on disk until the ledger takes them; 0 for limits.
 	PendingRecords int64 `protobuf:"varint,5,opt,name=pending_records,json=pendingRecords,proto3" json:"pending_records,omitempty"`

@@ -232,18 +232,22 @@ class _AttemptOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Attemp
     ATTEMPT_OUTCOME_TIMEOUT: _AttemptOutcome.ValueType  # 3
     """The backend did not answer in time: not within the first-chunk limit, or not (a stream: not to its end) before
     the caller's deadline, whichever timer ended the attempt there (the gateway's own, set a little before it, or
-    gRPC's).
+    gRPC's); or it answered HTTP 408.
     """
     ATTEMPT_OUTCOME_RATE_LIMITED: _AttemptOutcome.ValueType  # 4
     """The backend refused for its rate limit (HTTP 429)."""
     ATTEMPT_OUTCOME_SERVER_ERROR: _AttemptOutcome.ValueType  # 5
-    """The backend failed (HTTP 5xx) or answered with something that is not a valid completion."""
+    """The backend failed (HTTP 5xx, or a status no other outcome names) or answered with something that is not a
+    valid completion.
+    """
     ATTEMPT_OUTCOME_AUTH_FAILED: _AttemptOutcome.ValueType  # 6
-    """The backend refused the gateway's own credentials (HTTP 401/403)."""
+    """The backend refused the gateway's own credentials (HTTP 401/403), or the gateway's account there cannot pay
+    (HTTP 402, OpenAI's 429 insufficient_quota, Anthropic's billing and spend-limit errors).
+    """
     ATTEMPT_OUTCOME_MODEL_NOT_FOUND: _AttemptOutcome.ValueType  # 7
     """The backend does not serve the model (HTTP 404)."""
     ATTEMPT_OUTCOME_REJECTED: _AttemptOutcome.ValueType  # 8
-    """The backend rejected the request itself (HTTP 400/422): the caller's fault, so no fallback followed. Or the
+    """The backend rejected the request itself (HTTP 400/413/422): the caller's fault, so no fallback followed. Or the
     gateway did not send it, as the backend's dialect has no place for something in it (its error says what): the
     next backend was tried.
     """
@@ -275,18 +279,22 @@ was in use (its error says so; not counted against the backend's circuit).
 ATTEMPT_OUTCOME_TIMEOUT: AttemptOutcome.ValueType  # 3
 """The backend did not answer in time: not within the first-chunk limit, or not (a stream: not to its end) before
 the caller's deadline, whichever timer ended the attempt there (the gateway's own, set a little before it, or
-gRPC's).
+gRPC's); or it answered HTTP 408.
 """
 ATTEMPT_OUTCOME_RATE_LIMITED: AttemptOutcome.ValueType  # 4
 """The backend refused for its rate limit (HTTP 429)."""
 ATTEMPT_OUTCOME_SERVER_ERROR: AttemptOutcome.ValueType  # 5
-"""The backend failed (HTTP 5xx) or answered with something that is not a valid completion."""
+"""The backend failed (HTTP 5xx, or a status no other outcome names) or answered with something that is not a
+valid completion.
+"""
 ATTEMPT_OUTCOME_AUTH_FAILED: AttemptOutcome.ValueType  # 6
-"""The backend refused the gateway's own credentials (HTTP 401/403)."""
+"""The backend refused the gateway's own credentials (HTTP 401/403), or the gateway's account there cannot pay
+(HTTP 402, OpenAI's 429 insufficient_quota, Anthropic's billing and spend-limit errors).
+"""
 ATTEMPT_OUTCOME_MODEL_NOT_FOUND: AttemptOutcome.ValueType  # 7
 """The backend does not serve the model (HTTP 404)."""
 ATTEMPT_OUTCOME_REJECTED: AttemptOutcome.ValueType  # 8
-"""The backend rejected the request itself (HTTP 400/422): the caller's fault, so no fallback followed. Or the
+"""The backend rejected the request itself (HTTP 400/413/422): the caller's fault, so no fallback followed. Or the
 gateway did not send it, as the backend's dialect has no place for something in it (its error says what): the
 next backend was tried.
 """
@@ -361,8 +369,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     `upstream_status`, `attempts`; RetryInfo (and pushback): the upstream's Retry-After, else 1 s; AttemptHistory.
     """
     ERROR_REASON_UPSTREAM_AUTH_FAILED: _ErrorReason.ValueType  # 5
-    """FAILED_PRECONDITION, routed: the upstream refused the gateway's own credentials (HTTP 401/403), an operator
-    must fix the configuration; metadata `backend`, `upstream_status`, `attempts`; AttemptHistory.
+    """FAILED_PRECONDITION, routed: the upstream refused the gateway's own credentials (HTTP 401/403), or the
+    gateway's account there cannot pay (HTTP 402, OpenAI's 429 insufficient_quota, Anthropic's billing and
+    spend-limit errors); an operator must fix it; metadata `backend`, `upstream_status`, `attempts`; AttemptHistory.
     """
     ERROR_REASON_UPSTREAM_REJECTED: _ErrorReason.ValueType  # 6
     """INVALID_ARGUMENT, routed: the upstream rejected the request as invalid (HTTP 400/413/422), so no other backend
@@ -466,8 +475,9 @@ ERROR_REASON_UPSTREAM_RATE_LIMITED: ErrorReason.ValueType  # 4
 `upstream_status`, `attempts`; RetryInfo (and pushback): the upstream's Retry-After, else 1 s; AttemptHistory.
 """
 ERROR_REASON_UPSTREAM_AUTH_FAILED: ErrorReason.ValueType  # 5
-"""FAILED_PRECONDITION, routed: the upstream refused the gateway's own credentials (HTTP 401/403), an operator
-must fix the configuration; metadata `backend`, `upstream_status`, `attempts`; AttemptHistory.
+"""FAILED_PRECONDITION, routed: the upstream refused the gateway's own credentials (HTTP 401/403), or the
+gateway's account there cannot pay (HTTP 402, OpenAI's 429 insufficient_quota, Anthropic's billing and
+spend-limit errors); an operator must fix it; metadata `backend`, `upstream_status`, `attempts`; AttemptHistory.
 """
 ERROR_REASON_UPSTREAM_REJECTED: ErrorReason.ValueType  # 6
 """INVALID_ARGUMENT, routed: the upstream rejected the request as invalid (HTTP 400/413/422), so no other backend
@@ -1736,7 +1746,7 @@ class BackendHealth(_message.Message):
     name: _builtins.str
     """The backend's configured name."""
     kind: _builtins.str
-    """The kind of upstream: "openai", "ollama" or "openai_compatible"."""
+    """The backend's configured kind: "openai", "anthropic", "ollama", "openai_compatible", "llamacpp" or "vllm"."""
     base_url: _builtins.str
     """The upstream's base URL."""
     reachable: _builtins.bool
@@ -1801,7 +1811,9 @@ class StoreHealth(_message.Message):
     available: _builtins.bool
     """Whether the last use of it succeeded."""
     description: _builtins.str
-    """Why it is unavailable, in words (never a password); empty when available."""
+    """The store in words (never a password): for the usage ledger, its database and any records waiting in the
+    journal or dropped; why it is unavailable, when it is. Empty for limits that are available.
+    """
     pending_records: _builtins.int
     """Usage records kept in this process's journal on disk until the ledger takes them; 0 for limits."""
     def __init__(

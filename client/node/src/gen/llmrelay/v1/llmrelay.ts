@@ -358,19 +358,25 @@ export enum AttemptOutcome {
   /**
    * ATTEMPT_OUTCOME_TIMEOUT - The backend did not answer in time: not within the first-chunk limit, or not (a stream: not to its end) before
    * the caller's deadline, whichever timer ended the attempt there (the gateway's own, set a little before it, or
-   * gRPC's).
+   * gRPC's); or it answered HTTP 408.
    */
   ATTEMPT_OUTCOME_TIMEOUT = 3,
   /** ATTEMPT_OUTCOME_RATE_LIMITED - The backend refused for its rate limit (HTTP 429). */
   ATTEMPT_OUTCOME_RATE_LIMITED = 4,
-  /** ATTEMPT_OUTCOME_SERVER_ERROR - The backend failed (HTTP 5xx) or answered with something that is not a valid completion. */
+  /**
+   * ATTEMPT_OUTCOME_SERVER_ERROR - The backend failed (HTTP 5xx, or a status no other outcome names) or answered with something that is not a
+   * valid completion.
+   */
   ATTEMPT_OUTCOME_SERVER_ERROR = 5,
-  /** ATTEMPT_OUTCOME_AUTH_FAILED - The backend refused the gateway's own credentials (HTTP 401/403). */
+  /**
+   * ATTEMPT_OUTCOME_AUTH_FAILED - The backend refused the gateway's own credentials (HTTP 401/403), or the gateway's account there cannot pay
+   * (HTTP 402, OpenAI's 429 insufficient_quota, Anthropic's billing and spend-limit errors).
+   */
   ATTEMPT_OUTCOME_AUTH_FAILED = 6,
   /** ATTEMPT_OUTCOME_MODEL_NOT_FOUND - The backend does not serve the model (HTTP 404). */
   ATTEMPT_OUTCOME_MODEL_NOT_FOUND = 7,
   /**
-   * ATTEMPT_OUTCOME_REJECTED - The backend rejected the request itself (HTTP 400/422): the caller's fault, so no fallback followed. Or the
+   * ATTEMPT_OUTCOME_REJECTED - The backend rejected the request itself (HTTP 400/413/422): the caller's fault, so no fallback followed. Or the
    * gateway did not send it, as the backend's dialect has no place for something in it (its error says what): the
    * next backend was tried.
    */
@@ -553,8 +559,9 @@ export enum ErrorReason {
    */
   ERROR_REASON_UPSTREAM_RATE_LIMITED = 4,
   /**
-   * ERROR_REASON_UPSTREAM_AUTH_FAILED - FAILED_PRECONDITION, routed: the upstream refused the gateway's own credentials (HTTP 401/403), an operator
-   * must fix the configuration; metadata `backend`, `upstream_status`, `attempts`; AttemptHistory.
+   * ERROR_REASON_UPSTREAM_AUTH_FAILED - FAILED_PRECONDITION, routed: the upstream refused the gateway's own credentials (HTTP 401/403), or the
+   * gateway's account there cannot pay (HTTP 402, OpenAI's 429 insufficient_quota, Anthropic's billing and
+   * spend-limit errors); an operator must fix it; metadata `backend`, `upstream_status`, `attempts`; AttemptHistory.
    */
   ERROR_REASON_UPSTREAM_AUTH_FAILED = 5,
   /**
@@ -1376,7 +1383,7 @@ export interface HealthRequest {
 export interface BackendHealth {
   /** The backend's configured name. */
   name: string;
-  /** The kind of upstream: "openai", "ollama" or "openai_compatible". */
+  /** The backend's configured kind: "openai", "anthropic", "ollama", "openai_compatible", "llamacpp" or "vllm". */
   kind: string;
   /** The upstream's base URL. */
   baseUrl: string;
@@ -1410,7 +1417,10 @@ export interface StoreHealth {
   kind: string;
   /** Whether the last use of it succeeded. */
   available: boolean;
-  /** Why it is unavailable, in words (never a password); empty when available. */
+  /**
+   * The store in words (never a password): for the usage ledger, its database and any records waiting in the
+   * journal or dropped; why it is unavailable, when it is. Empty for limits that are available.
+   */
   description: string;
   /** Usage records kept in this process's journal on disk until the ledger takes them; 0 for limits. */
   pendingRecords: number;
