@@ -14,7 +14,7 @@ from llmrelay_server.app import run, serve
 from llmrelay_server.auth import new_key
 from llmrelay_server.backends.http1 import TrustConfigError, upstream_tls_context
 from llmrelay_server.backends.proxies import Proxies, ProxyConfigError
-from llmrelay_server.config import ConfigError, check_key_name, load_config
+from llmrelay_server.config import DEFAULT_LISTEN, ConfigError, check_key_name, load_config
 from llmrelay_server.workers import ListenError, Supervisor, WorkerRole
 
 
@@ -30,9 +30,16 @@ def main(argv: list[str] | None = None) -> None:
         prog="llmrelay-server",
         description="The llmrelay gRPC gateway. `llmrelay-server keys new NAME` makes a caller key.",
     )
-    parser.add_argument("--listen", type=_given, metavar="HOST:PORT", help="where to serve gRPC (env LLMRELAY_LISTEN)")
+    parser.add_argument(
+        "--listen",
+        type=_given,
+        metavar="HOST:PORT",
+        help=f"where to serve gRPC (env LLMRELAY_LISTEN; else server.listen, {DEFAULT_LISTEN})",
+    )
     parser.add_argument("--config", type=_given, metavar="FILE", help="a YAML configuration file (env LLMRELAY_CONFIG)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO"
+    )
     parser.add_argument(
         "--workers",
         type=_processes,

@@ -201,8 +201,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     # An empty LLMRELAY_TARGET (`LLMRELAY_TARGET= llmrelay ...`) is unset, as for other tools' variables: gRPC would
     # fail to make a channel to '' and print its own error lines.
-    parser.add_argument("--target", default=os.environ.get("LLMRELAY_TARGET") or DEFAULT_TARGET, help="HOST:PORT")
-    parser.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT_S, help="deadline of the call in seconds")
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("LLMRELAY_TARGET") or DEFAULT_TARGET,
+        help=f"HOST:PORT (env LLMRELAY_TARGET; default {DEFAULT_TARGET})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"deadline of the call in seconds (default {DEFAULT_TIMEOUT_S:g})",
+    )
     parser.add_argument(
         "--tls",
         action=argparse.BooleanOptionalAction,
@@ -273,9 +282,9 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument(
         "--metrics",
         default=os.environ.get("LLMRELAY_METRICS", DEFAULT_METRICS),
-        help=f"the gateway's /metrics URL (its server.metrics_listen; default {DEFAULT_METRICS})",
+        help=f"the gateway's /metrics URL (its server.metrics_listen; env LLMRELAY_METRICS; default {DEFAULT_METRICS})",
     )
-    stats.add_argument("--interval", type=_seconds, default=2.0, help="seconds between samples")
+    stats.add_argument("--interval", type=_seconds, default=2.0, help="seconds between samples (default 2)")
     stats.add_argument("--once", action="store_true", help="print the totals since the gateway started, and exit")
     stats.set_defaults(run=_stats)
     return parser
