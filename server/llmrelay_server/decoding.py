@@ -5,6 +5,8 @@ the message, invalid UTF-8 in a string, nesting beyond protobuf's depth limit) e
 the caller gets UNKNOWN with Python's exception text, and the log a traceback per call. Here every method's
 deserializer catches the failure and hands its handler an `_Undecodable` in place of the request, which the handler
 answers with the INVALID_REQUEST status every other invalid request gets. A decodable request pays a function call.
+Likewise an exception that no layer answered (a fault of the gateway's own) ends the call INTERNAL with ErrorInfo,
+its traceback logged (`status.fail_unexpectedly`), not UNKNOWN with Python's exception text.
 
 The methods come from the service's descriptor, as the generated add_LLMServiceServicer_to_server's do, so an RPC
 added to the contract is registered here without an edit. Every service of the gateway is registered by a generic
@@ -25,7 +27,7 @@ from google.protobuf.message_factory import GetMessageClass
 from llmrelay import v1 as pb
 
 from llmrelay_server.domain import FieldViolation, InvalidRequestError
-from llmrelay_server.status import abort
+from llmrelay_server.status import abort, fail_unexpectedly
 
 COMPLETE: Final = "/llmrelay.v1.LLMService/Complete"
 STREAM_COMPLETE: Final = "/llmrelay.v1.LLMService/StreamComplete"
@@ -115,7 +117,12 @@ def _guarded_unary(rpc: str, behavior: _UnaryBehavior) -> _UnaryBehavior:
     async def handle(request: Any, context: _Context) -> Message:
         if type(request) is _Undecodable:
             await _refuse(context, rpc, request)
-        return await behavior(request, context)
+        try:
+            return await behavior(request, context)
+        except grpc.aio.BaseError:  # the status the call was ended with, on its way out
+            raise
+        except Exception as error:
+            await fail_unexpectedly(context, rpc, error)
 
     return handle
 
@@ -127,9 +134,14 @@ def _guarded_stream(rpc: str, behavior: _StreamBehavior) -> Callable[[Any, _Cont
     async def handle(request: Any, context: _Context) -> AsyncIterator[Message]:
         if type(request) is _Undecodable:
             await _refuse(context, rpc, request)
-        async with contextlib.aclosing(behavior(request, context)) as answers:
-            async for answer in answers:
-                yield answer
+        try:
+            async with contextlib.aclosing(behavior(request, context)) as answers:
+                async for answer in answers:
+                    yield answer
+        except grpc.aio.BaseError:
+            raise
+        except Exception as error:
+            await fail_unexpectedly(context, rpc, error)
 
     return handle
 

@@ -107,6 +107,14 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], rpc: str, error: LL
     raise AssertionError("abort returns only by raising")
 
 
+async def fail_unexpectedly(context: grpc.aio.ServicerContext[Any, Any], rpc: str, error: Exception) -> NoReturn:
+    """Ends a call that a fault of the gateway's own broke (an exception no layer answered) as every other failure
+    ends, INTERNAL with ErrorInfo, rather than gRPC's UNKNOWN with Python's exception text and no details. The
+    traceback goes to the log, the one place for it; the caller is told only that it is there."""
+    log.error("%s failed on an unexpected error in the gateway", rpc, exc_info=error)
+    await abort(context, rpc, LLMRelayError("the gateway failed unexpectedly; its log has the details"))
+
+
 def ended_with(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> grpc.StatusCode:
     """The status a call that raised ended with: the one it aborted with, else DEADLINE_EXCEEDED (cancelled at its
     deadline, before the gateway answered), CANCELLED (the caller left, or the stream was closed) or UNKNOWN."""
@@ -283,7 +291,7 @@ def _classify(error: LLMRelayError) -> _Classified:
         return grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", {}, []
     if isinstance(error, AllBackendsFailedError):
         return _exhausted(error)
-    return grpc.StatusCode.INTERNAL, "ERROR_REASON_UNSPECIFIED", {}, []
+    return grpc.StatusCode.INTERNAL, "UNSPECIFIED", {}, []
 
 
 def _exhausted(error: AllBackendsFailedError) -> _Classified:

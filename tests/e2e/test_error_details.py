@@ -4,13 +4,14 @@ reached the router (the same attempts as ErrorInfo's "attempts" metadata), and t
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
 from llmrelay import error_details
 from llmrelay import v1 as pb
+from llmrelay_server import convert
 from support import DIALECTS, FAST_ROUTER, GatewayFactory, chat, read_all, stream_chat
 from upstream import FakeUpstream
 
@@ -186,3 +187,26 @@ async def test_an_error_answered_with_200_is_the_upstreams_error_in_its_words(
     assert (failure.code(), info.reason) == (code, reason) and words in (failure.details() or "")
     assert history is not None and [a.outcome for a in history.attempts] == [outcome] * 4
     assert all(a.error.startswith("an error in a 200 answer") and words in a.error for a in history.attempts)
+
+
+@pytest.mark.parametrize("rpc", ["Complete", "StreamComplete"])
+async def test_a_fault_of_the_gateways_own_is_internal_with_error_info_and_logged(
+    stub: pb.LLMServiceAsyncStub, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, rpc: str
+) -> None:
+    """An exception no layer answered ended the call UNKNOWN with Python's exception text and no details."""
+
+    def broken(*_: object) -> NoReturn:
+        raise KeyError("internal-detail-4711")
+
+    monkeypatch.setattr(convert, "complete_response" if rpc == "Complete" else "stream_response", broken)
+    if rpc == "Complete":
+        failure = await failure_of(stub.Complete(chat(), timeout=10))
+    else:
+        failure = await failure_of(read_all(stub.StreamComplete(stream_chat(), timeout=10)))
+
+    info, _, _ = decoded(failure)
+    assert (failure.code(), info.reason) == (grpc.StatusCode.INTERNAL, "UNSPECIFIED")
+    assert failure.details() == "the gateway failed unexpectedly; its log has the details"
+    assert "internal-detail-4711" in caplog.text and "Traceback" in caplog.text
+    monkeypatch.undo()
+    assert (await stub.Complete(chat(), timeout=10)).message.content, "it goes on serving"

@@ -296,7 +296,7 @@ def attempt(backend: str, outcome: AttemptOutcome, status_code: int | None = Non
             0.5,
         ),
         # anything else is an internal error
-        (LLMRelayError("surprise"), C.INTERNAL, "ERROR_REASON_UNSPECIFIED", {}, None),
+        (LLMRelayError("surprise"), C.INTERNAL, "UNSPECIFIED", {}, None),
     ],
 )  # fmt: skip
 def test_rpc_failure(
