@@ -293,3 +293,5 @@ def test_an_empty_target_variable_is_the_default_target(
     """`LLMRELAY_TARGET= llmrelay ...` made a channel to '', and gRPC printed its own error lines."""
     monkeypatch.setenv("LLMRELAY_TARGET", variable)
     assert cli._parser().parse_args(["health"]).target == target
+    monkeypatch.setenv("LLMRELAY_METRICS", "")  # likewise
+    assert cli._parser().parse_args(["stats"]).metrics == cli.DEFAULT_METRICS

@@ -281,7 +281,7 @@ def _parser() -> argparse.ArgumentParser:
     stats = commands.add_parser("stats", help="a live view of the gateway from its metrics endpoint")
     stats.add_argument(
         "--metrics",
-        default=os.environ.get("LLMRELAY_METRICS", DEFAULT_METRICS),
+        default=os.environ.get("LLMRELAY_METRICS") or DEFAULT_METRICS,
         help=f"the gateway's /metrics URL (its server.metrics_listen; env LLMRELAY_METRICS; default {DEFAULT_METRICS})",
     )
     stats.add_argument("--interval", type=_seconds, default=2.0, help="seconds between samples (default 2)")
