@@ -32,7 +32,7 @@ from llmrelay_server.servicer import LLMServicer
 from llmrelay_server.tls import exposure_warnings, protection, server_credentials
 from llmrelay_server.tokens import TokenCounter
 from llmrelay_server.usage import LedgerUnavailableError, UsageLedger
-from llmrelay_server.workers import ListenError, WorkerRole, in_use_message
+from llmrelay_server.workers import ListenError, WorkerRole, ignore_signals_after_stop, in_use_message
 
 if TYPE_CHECKING:
     from llmrelay_server.tracing import Tracing
@@ -351,4 +351,5 @@ async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> None
         gateway.grace_period_s,
     )
     await gateway.stop()
+    ignore_signals_after_stop(loop)
     log.info("stopped")

@@ -73,6 +73,17 @@ class ListenError(RuntimeError):
     """The gateway cannot serve on its address (in use by another process, or not an address of this machine)."""
 
 
+def ignore_signals_after_stop(loop: asyncio.AbstractEventLoop) -> None:
+    """The stop is done: SIGTERM, SIGINT and SIGHUP are ignored for the rest of the process's life.
+
+    Their handlers are the loop's, and closing, the loop gives them back their default actions: one arriving then,
+    before the process exits (a second Ctrl-C, `systemctl reload` as the stop ends, a supervisor's SIGHUP passed
+    on), would kill a process that had stopped cleanly, its status 129, 130 or 143 instead of 0."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.remove_signal_handler(signum)  # the default action again, until the next line
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def in_use_message(listen: str) -> str:
     return (
         f"cannot listen on {listen}: the address is in use (another llmrelay-server?) or not an address of this"
@@ -222,6 +233,7 @@ class Supervisor:
                 if metrics_server is not None:
                     metrics_server.shutdown()
                     metrics_server.server_close()
+                ignore_signals_after_stop(loop)
         log.info("stopped")
         return 0
 

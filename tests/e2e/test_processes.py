@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -218,6 +220,20 @@ async def test_sigterm_loses_no_usage(server: GatewayProcess, tmp_path: Path, lo
         await restarted.process.wait()
     assert sum(r.requests for r in records) == 25
     assert sum(r.total_tokens for r in records) == sum(a.usage.total_tokens for a in answers)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT, signal.SIGTERM], ids=lambda signum: signum.name)
+async def test_a_signal_as_the_stop_ends_leaves_it_a_clean_stop(server: GatewayProcess, signum: signal.Signals) -> None:
+    # A second Ctrl-C, or `systemctl reload` as the stop ends. The event loop's close gave the signals back their
+    # default actions, and one then killed the process after its clean stop: status 129, 130 or 143, not 0.
+    server.process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(10):
+        while server.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server.process.pid, signum)  # not send_signal, which reaps it under asyncio's watcher
+            await asyncio.sleep(0.002)
+    assert await server.process.wait() == 0
+    assert "Traceback" not in await server.output()
 
 
 async def test_graceful_shutdown_under_load(server: GatewayProcess, local: FakeUpstream) -> None:

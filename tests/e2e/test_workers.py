@@ -305,6 +305,19 @@ async def test_sigterm_drains_every_worker(tmp_path: Path, local: FakeUpstream) 
         assert await gateway.process.wait() == 0
 
 
+async def test_sighup_as_the_stop_ends_leaves_it_a_clean_stop(tmp_path: Path, local: FakeUpstream) -> None:
+    # `systemctl reload` as a stop ends: the supervisor (and each worker it passed SIGHUP on to) was killed by it once
+    # its event loop had closed, after a clean stop.
+    gateway = await start_workers(tmp_path, local)
+    gateway.process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(30):
+        while gateway.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(gateway.process.pid, signal.SIGHUP)  # not send_signal, which reaps it under asyncio's watcher
+            await asyncio.sleep(0.002)
+    assert await gateway.process.wait() == 0
+
+
 async def test_workers_that_do_not_stop_are_killed_after_one_deadline_for_all(
     tmp_path: Path, local: FakeUpstream
 ) -> None:
