@@ -54,6 +54,9 @@ class LLMServicer(pb.LLMServiceServicer):
         self._draining = False
         self._interrupting = False
         self._calls: set[asyncio.Task[Any]] = set()
+        self._sending: set[asyncio.Task[Any]] = set()
+        """The streams whose task is in gRPC's hands, sending a message: cancelled there, gRPC would end the call
+        without a word, and leave the caller waiting for its own cut (`interrupt_calls`)."""
         self._router = router
         self._monitor = monitor
         self._ledger = ledger
@@ -68,7 +71,8 @@ class LLMServicer(pb.LLMServiceServicer):
         self._interrupting = True
         calls = list(self._calls)
         for call in calls:
-            call.cancel()
+            if call not in self._sending:  # a stream sending a message ends itself once it is sent (`_sent`)
+                call.cancel()
         if calls:
             await asyncio.wait(calls, timeout=wait_s)
 
@@ -91,6 +95,7 @@ class LLMServicer(pb.LLMServiceServicer):
             yield
         finally:
             self._calls.discard(task)
+            self._sending.discard(task)  # a stream closed as it sent (its caller gone)
 
     async def Complete(
         self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext[pb.CompleteRequest, pb.CompleteResponse]
@@ -109,6 +114,8 @@ class LLMServicer(pb.LLMServiceServicer):
         context: grpc.aio.ServicerContext[pb.StreamCompleteRequest, pb.StreamCompleteResponse],
     ) -> AsyncIterator[pb.StreamCompleteResponse]:
         started = False
+        task = asyncio.current_task()
+        assert task is not None
         try:
             with self._model_call():
                 chunks = self._router.stream(
@@ -122,10 +129,14 @@ class LLMServicer(pb.LLMServiceServicer):
                     async for chunk in chunks:
                         started = True
                         if _text_length(chunk) <= self._max_delta_chars:
+                            self._sending.add(task)
                             yield convert.stream_response(chunk)
+                            self._sent(task)
                         else:
                             for piece in _split(chunk, self._max_delta_chars):
+                                self._sending.add(task)
                                 yield convert.stream_response(piece)
+                                self._sent(task)
         except LLMRelayError as error:
             await abort(context, "StreamComplete", error)
         except asyncio.CancelledError:
@@ -137,6 +148,13 @@ class LLMServicer(pb.LLMServiceServicer):
                 # A message still on its way to a caller that stopped reading: no status can go behind it, and
                 # gRPC's own cut at the end of the grace period ends the call.
                 raise asyncio.CancelledError from None
+
+    def _sent(self, task: asyncio.Task[Any]) -> None:
+        """A stream's message is sent and its task back in the stream; if the grace period ended meanwhile, the
+        stream ends now, with the gateway's status."""
+        self._sending.discard(task)
+        if self._interrupting:
+            raise ShuttingDownError(stream_started=True, in_flight=True)
 
     async def CountTokens(
         self,

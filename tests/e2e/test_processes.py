@@ -287,6 +287,36 @@ async def test_calls_still_running_when_the_grace_period_ends_get_the_gateways_s
     assert "Traceback" not in await server.output()
 
 
+async def test_fast_streams_when_the_grace_period_ends_get_the_gateways_status(
+    tmp_path: Path, local: FakeUpstream
+) -> None:
+    # A fast stream's task is mostly in gRPC's hands, sending a message. Cancelled there, gRPC dropped the call
+    # without a status, and its caller got gRPC's own cut half a second later: UNAVAILABLE "Cancelling all calls",
+    # without SHUTTING_DOWN or RetryInfo.
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(f'server: {{drain_s: 0.2, grace_period_s: 1, usage_db: "{tmp_path}/usage.db"}}\n')
+    server = await start_server(config, local)
+    try:
+        await server.wait_listening()
+        local.inject(*[{"trickle_s": 0.002}] * 4)
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = pb.LLMServiceStub(channel)
+            streams = [stub.StreamComplete(stream_chat("word " * 5000), timeout=30) for _ in range(4)]
+            for stream in streams:
+                await stream.read()
+            server.process.send_signal(signal.SIGTERM)
+            ends = await asyncio.gather(*(read_all(stream) for stream in streams), return_exceptions=True)
+        for end in ends:
+            assert isinstance(end, grpc.aio.AioRpcError), "a stream of 5000 words at 2 ms each outlasts the grace"
+            assert end.code() == grpc.StatusCode.ABORTED, end.details()
+            assert details(end)["ErrorInfo"].reason == "SHUTTING_DOWN"
+        assert await asyncio.wait_for(server.process.wait(), 10) == 0
+    finally:
+        if server.process.returncode is None:
+            server.process.kill()
+            await server.process.wait()
+
+
 async def wait_until_requests(upstream: FakeUpstream, count: int) -> None:
     async with asyncio.timeout(5):
         while len(upstream.chat_requests) < count:  # noqa: ASYNC110 (plain data, no event to wait on)
