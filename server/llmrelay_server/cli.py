@@ -8,13 +8,14 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from llmrelay_server import logs
 from llmrelay_server.app import run, serve
 from llmrelay_server.auth import new_key
 from llmrelay_server.backends.http1 import TrustConfigError, upstream_tls_context
 from llmrelay_server.backends.proxies import Proxies, ProxyConfigError
-from llmrelay_server.config import DEFAULT_LISTEN, ConfigError, check_key_name, load_config
+from llmrelay_server.config import DEFAULT_LISTEN, ConfigError, GatewayConfig, check_key_name, load_config
 from llmrelay_server.workers import ListenError, Supervisor, WorkerRole
 
 
@@ -77,9 +78,19 @@ def main(argv: list[str] | None = None) -> None:
         else:
             run(serve(config), config.server.event_loop)
     except ListenError as exc:
-        sys.exit(f"llmrelay-server: {exc}")
+        _stop_at_start(config, str(exc))
     except ConfigError as exc:  # what is checked as it is read: a certificate, the keys file
-        sys.exit(f"llmrelay-server: configuration error: {exc}")
+        _stop_at_start(config, f"configuration error: {exc}")
+
+
+def _stop_at_start(config: GatewayConfig, why: str) -> NoReturn:
+    """Ends a gateway that could not start, saying why in one line: with `server.log_format: json`, a JSON object
+    like every other line of its log, which a collector parsing JSON would otherwise not take."""
+    if config.server.log_format == "json":
+        logs.use_log_format("json")  # set where the start began, which need not have got that far
+        logging.getLogger("llmrelay_server").error(why)
+        sys.exit(1)
+    sys.exit(f"llmrelay-server: {why}")
 
 
 def _given(text: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -202,6 +203,35 @@ async def test_a_second_server_on_a_taken_port_fails_instead_of_sharing_it(
     async with AsyncClient(server.target) as client:
         answers = [await client.complete([{"role": "user", "content": f"still here {i}"}]) for i in range(5)]
     assert [a.message.content for a in answers] == [f"echo: still here {i}" for i in range(5)]
+
+
+async def test_a_start_that_fails_says_why_in_json_when_the_log_is_json(
+    server: GatewayProcess, tmp_path: Path, local: FakeUpstream
+) -> None:
+    # The one line that says why a gateway did not start was plain text in a JSON log: a collector parsing JSON
+    # dropped it, or kept it apart from the gateway's lines.
+    config = tmp_path / "second.yaml"
+    for text in (
+        f'server: {{log_format: json, usage_db: "{tmp_path}/second.db"}}\n',  # the port is taken
+        f'server: {{log_format: json, usage_db: "{tmp_path}", listen: "127.0.0.1:0"}}\n',  # a directory
+    ):
+        config.write_text(text)
+        listen = ("--listen", server.target) if "listen" not in text else ()
+        second = await asyncio.create_subprocess_exec(
+            BIN / "llmrelay-server",
+            *listen,
+            "--config",
+            str(config),
+            env=clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1")),
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(second.communicate(), 20)
+        assert second.returncode == 1
+        # gRPC's C core writes a line of its own, in its own format, when its bind fails: not the gateway's.
+        lines = [line for line in err.decode().splitlines() if "add_port.cc" not in line]
+        entries = [json.loads(line) for line in lines]
+        assert [entry["level"] for entry in entries] == ["ERROR"]
+        assert entries[0]["msg"].startswith(("cannot listen on", "configuration error: server.usage_db")), entries
 
 
 async def test_sigterm_loses_no_usage(server: GatewayProcess, tmp_path: Path, local: FakeUpstream) -> None:
