@@ -173,6 +173,11 @@ class KeyRing:
         """Reads the keys file again; a broken file (an empty one too: see load_keys_file) keeps the keys in force
         and says why, once per change of the file."""
         if self._file is None:
+            # Only SIGHUP asks then, sent by an operator who may expect an edited configuration to be in force.
+            log.warning(
+                "SIGHUP: no keys file (auth.keys_file) to re-read; the rest of the configuration is read at start"
+                " only: restart to apply a change"
+            )
             return
         self._file_stamp = self._stamp()
         try:

@@ -386,6 +386,15 @@ async def test_a_key_made_by_keys_new_admits_its_caller_and_sighup_rereads_the_k
     assert key not in log and "Traceback" not in log
 
 
+async def test_sighup_without_a_keys_file_says_that_it_reloads_nothing(server: GatewayProcess) -> None:
+    # `systemctl reload` after editing the configuration: without a keys file the gateway said nothing at all, as if
+    # the edit were in force.
+    server.process.send_signal(signal.SIGHUP)
+    line = await server.wait_for_line("SIGHUP")
+    assert "no keys file" in line and "restart" in line
+    assert server.process.returncode is None
+
+
 @pytest.mark.parametrize(
     ("config_text", "said"),
     [
