@@ -21,20 +21,33 @@ from support import OPENAI_TEST_KEY, chat, details, read_all, start_server, stre
 from upstream import FakeUpstream
 
 
+@contextlib.asynccontextmanager
+async def started(tmp_path: Path, local: FakeUpstream, server: str, rest: str = "") -> AsyncIterator[GatewayProcess]:
+    """`llmrelay-server` with these fields of the server section (and `rest` of the file), listening; killed after
+    if it has not stopped by itself."""
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(f'server: {{{server}, usage_db: "{tmp_path}/usage.db"}}\n{rest}')
+    process = await start_server(config, local)
+    try:
+        await process.wait_listening()
+        yield process
+    finally:
+        if process.process.returncode is None:
+            process.process.kill()
+            await process.process.wait()
+
+
 @pytest.fixture
 async def server(tmp_path: Path, local: FakeUpstream) -> AsyncIterator[GatewayProcess]:
-    config = tmp_path / "llmrelay.yaml"
-    config.write_text(
-        f'server: {{grace_period_s: 5, usage_db: "{tmp_path}/usage.db"}}\nrouter: {{retry: {{max_retries: 0}}}}\n'
-    )
-    server = await start_server(config, local)
-    try:
-        await server.wait_listening()
+    async with started(tmp_path, local, "grace_period_s: 5", "router: {retry: {max_retries: 0}}\n") as server:
         yield server
-    finally:
-        if server.process.returncode is None:
-            server.process.kill()
-            await server.process.wait()
+
+
+@pytest.fixture
+async def short_grace_server(tmp_path: Path, local: FakeUpstream) -> AsyncIterator[GatewayProcess]:
+    """Draining for 0.2 s, then a grace period of 1 s: calls in flight outlast it."""
+    async with started(tmp_path, local, "drain_s: 0.2, grace_period_s: 1") as server:
+        yield server
 
 
 async def test_sigterm_drains_calls_in_flight_and_exits_zero(server: GatewayProcess, local: FakeUpstream) -> None:
@@ -284,67 +297,51 @@ async def test_graceful_shutdown_under_load(server: GatewayProcess, local: FakeU
 
 
 async def test_calls_still_running_when_the_grace_period_ends_get_the_gateways_status(
-    tmp_path: Path, local: FakeUpstream
+    short_grace_server: GatewayProcess, local: FakeUpstream
 ) -> None:
-    config = tmp_path / "llmrelay.yaml"
-    config.write_text(f'server: {{drain_s: 0.2, grace_period_s: 1, usage_db: "{tmp_path}/usage.db"}}\n')
-    server = await start_server(config, local)
-    try:
-        await server.wait_listening()
-        local.inject({"trickle_s": 0.5}, {"stall_s": 30})
-        async with grpc.aio.insecure_channel(server.target) as channel:
-            stub = pb.LLMServiceStub(channel)
-            stream = stub.StreamComplete(stream_chat("a long answer " * 10), timeout=30)
-            await stream.read()  # it has started
-            unary = asyncio.ensure_future(stub.Complete(chat(), timeout=30))
-            await wait_until_requests(local, 2)
-            server.process.send_signal(signal.SIGTERM)
-            with pytest.raises(grpc.aio.AioRpcError) as cut:
-                await read_all(stream)
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await unary
-        # A stream that has sent text cannot simply be retried: ABORTED; the unary call can: UNAVAILABLE.
-        for error, code in ((cut.value, grpc.StatusCode.ABORTED), (refused.value, grpc.StatusCode.UNAVAILABLE)):
-            assert error.code() == code, error.details()
-            found = details(error)
-            assert found["ErrorInfo"].reason == "SHUTTING_DOWN"
-            assert "RetryInfo" in found
-        assert await asyncio.wait_for(server.process.wait(), 10) == 0
-    finally:
-        if server.process.returncode is None:
-            server.process.kill()
-            await server.process.wait()
+    server = short_grace_server
+    local.inject({"trickle_s": 0.5}, {"stall_s": 30})
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = pb.LLMServiceStub(channel)
+        stream = stub.StreamComplete(stream_chat("a long answer " * 10), timeout=30)
+        await stream.read()  # it has started
+        unary = asyncio.ensure_future(stub.Complete(chat(), timeout=30))
+        await wait_until_requests(local, 2)
+        server.process.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.aio.AioRpcError) as cut:
+            await read_all(stream)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await unary
+    # A stream that has sent text cannot simply be retried: ABORTED; the unary call can: UNAVAILABLE.
+    for error, code in ((cut.value, grpc.StatusCode.ABORTED), (refused.value, grpc.StatusCode.UNAVAILABLE)):
+        assert error.code() == code, error.details()
+        found = details(error)
+        assert found["ErrorInfo"].reason == "SHUTTING_DOWN"
+        assert "RetryInfo" in found
+    assert await asyncio.wait_for(server.process.wait(), 10) == 0
     assert "Traceback" not in await server.output()
 
 
 async def test_fast_streams_when_the_grace_period_ends_get_the_gateways_status(
-    tmp_path: Path, local: FakeUpstream
+    short_grace_server: GatewayProcess, local: FakeUpstream
 ) -> None:
     # A fast stream's task is mostly in gRPC's hands, sending a message. Cancelled there, gRPC dropped the call
     # without a status, and its caller got gRPC's own cut half a second later: UNAVAILABLE "Cancelling all calls",
     # without SHUTTING_DOWN or RetryInfo.
-    config = tmp_path / "llmrelay.yaml"
-    config.write_text(f'server: {{drain_s: 0.2, grace_period_s: 1, usage_db: "{tmp_path}/usage.db"}}\n')
-    server = await start_server(config, local)
-    try:
-        await server.wait_listening()
-        local.inject(*[{"trickle_s": 0.002}] * 4)
-        async with grpc.aio.insecure_channel(server.target) as channel:
-            stub = pb.LLMServiceStub(channel)
-            streams = [stub.StreamComplete(stream_chat("word " * 5000), timeout=30) for _ in range(4)]
-            for stream in streams:
-                await stream.read()
-            server.process.send_signal(signal.SIGTERM)
-            ends = await asyncio.gather(*(read_all(stream) for stream in streams), return_exceptions=True)
-        for end in ends:
-            assert isinstance(end, grpc.aio.AioRpcError), "a stream of 5000 words at 2 ms each outlasts the grace"
-            assert end.code() == grpc.StatusCode.ABORTED, end.details()
-            assert details(end)["ErrorInfo"].reason == "SHUTTING_DOWN"
-        assert await asyncio.wait_for(server.process.wait(), 10) == 0
-    finally:
-        if server.process.returncode is None:
-            server.process.kill()
-            await server.process.wait()
+    server = short_grace_server
+    local.inject(*[{"trickle_s": 0.002}] * 4)
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = pb.LLMServiceStub(channel)
+        streams = [stub.StreamComplete(stream_chat("word " * 5000), timeout=30) for _ in range(4)]
+        for stream in streams:
+            await stream.read()
+        server.process.send_signal(signal.SIGTERM)
+        ends = await asyncio.gather(*(read_all(stream) for stream in streams), return_exceptions=True)
+    for end in ends:
+        assert isinstance(end, grpc.aio.AioRpcError), "a stream of 5000 words at 2 ms each outlasts the grace"
+        assert end.code() == grpc.StatusCode.ABORTED, end.details()
+        assert details(end)["ErrorInfo"].reason == "SHUTTING_DOWN"
+    assert await asyncio.wait_for(server.process.wait(), 10) == 0
 
 
 async def wait_until_requests(upstream: FakeUpstream, count: int) -> None:
