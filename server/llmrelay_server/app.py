@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay_server.auth import AuthInterceptor, KeyRing
 from llmrelay_server.backends import provider_factory
 from llmrelay_server.calllog import CallLogObserver
-from llmrelay_server.config import ConfigError, GatewayConfig
+from llmrelay_server.config import ConfigError, GatewayConfig, ServerConfig
 from llmrelay_server.decoding import GenericOnly, add_llm_service
 from llmrelay_server.domain import StoreHealth
 from llmrelay_server.health import SERVICE_NAME, HealthMonitor, HealthServicer
@@ -149,6 +149,7 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
             # take half of the first one's calls. Bound first, so a taken port stops us before anything starts.
             # Workers do share it: their supervisor has checked that no other process holds it.
             ("grpc.so_reuseport", int(reuse_port)),
+            *_keepalive(config.server),
         ],
     )
     try:
@@ -261,6 +262,29 @@ def _limiter(config: GatewayConfig) -> Limiter | None:
     from llmrelay_server.limits.redis import RedisLimiter  # redis-py, only where Redis is configured
 
     return RedisLimiter(state.redis_url, refuse_when_unavailable=refuse, timeout_s=state.timeout_s)
+
+
+def _keepalive(server: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC's keepalive arguments (doc/keepalive.md in grpc/grpc): the gateway pings each connection, calls in flight
+    or not, and expects an answer in time; a caller's own pings are welcome as often as min_caller_ping_interval_s."""
+    return [
+        ("grpc.keepalive_time_ms", _milliseconds(server.keepalive_s)),
+        ("grpc.keepalive_timeout_ms", _milliseconds(server.keepalive_timeout_s)),
+        # In current gRPC (since grpc/grpc#34647) a ping waits for its answer this long, 60 s unless set: the keepalive
+        # timeout alone lets a silent caller's connection live that long.
+        ("grpc.http2.ping_timeout_ms", _milliseconds(server.keepalive_timeout_s)),
+        # An idle connection is pinged too (a caller gone between calls holds no call, but a connection), and may
+        # ping: many clients keep their connection warm so.
+        ("grpc.keepalive_permit_without_calls", 1),
+        # gRPC stops pinging after two pings with no data sent between them (it may not be able to send any: a caller
+        # that stopped reading leaves no room): unlimited, or such a caller would never be found out.
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", _milliseconds(server.min_caller_ping_interval_s)),
+    ]
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
 
 
 def _interceptors(

@@ -180,6 +180,16 @@ class ServerConfig:
     """Limits of the whole gateway, over every caller."""
     max_concurrent_rpcs: int | None = None
     """gRPC's own bound on calls in progress; more are refused with RESOURCE_EXHAUSTED."""
+    keepalive_s: float = 30.0
+    """How often the gateway pings a caller's connection (HTTP/2 PING) to learn whether the caller is still there."""
+    keepalive_timeout_s: float = 20.0
+    """How long a ping may go unanswered before the connection is closed and its calls cancelled, their upstream
+    requests with them: a caller gone without a word (its host down, its network cut) is let go within keepalive_s
+    + keepalive_timeout_s, not held until TCP gives up (some 15 minutes) or for ever."""
+    min_caller_ping_interval_s: float = 5.0
+    """How often a caller's client may ping the gateway while no answer is on its way (a keepalive of its own):
+    oftener, and gRPC closes the connection with GOAWAY "too_many_pings" at the third. gRPC's own default is 5
+    minutes, which cuts off clients that ping every 10-30 s, as agents waiting on long answers are set up to."""
     reserve_completion_tokens: int = 1024
     """What a request without max_tokens reserves for its answer against tokens-per-minute limits."""
     metrics_listen: str | None = None
@@ -320,6 +330,9 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     if server.max_concurrent_rpcs is not None and server.max_concurrent_rpcs > MAX_CONCURRENT_RPCS:
         # gRPC keeps it in a C int: past that, the server cannot be made (an OverflowError at start).
         raise ConfigError(f"server.max_concurrent_rpcs: at most {MAX_CONCURRENT_RPCS}, or left out for no bound")
+    for name in ("keepalive_s", "keepalive_timeout_s", "min_caller_ping_interval_s"):
+        if getattr(server, name) > MAX_KEEPALIVE_S:  # gRPC takes milliseconds in a C int
+            raise ConfigError(f"server.{name}: at most {MAX_KEEPALIVE_S:g} s (a day)")
     if server.max_message_bytes > MAX_MESSAGE_BYTES:
         raise ConfigError(f"server.max_message_bytes: at most {MAX_MESSAGE_BYTES} (gRPC's bound, 2 GiB - 1)")
     if server.workers > MAX_WORKERS:
@@ -450,6 +463,7 @@ def _check_state(state: StateConfig, redis_where: str) -> None:
 
 MAX_MESSAGE_BYTES = 2**31 - 1
 MAX_CONCURRENT_RPCS = 2**31 - 1
+MAX_KEEPALIVE_S = 86400.0
 MAX_WORKERS = 1024
 """More processes than a machine has cores only share them; past this, a typo (100000) would fork until it fell."""
 

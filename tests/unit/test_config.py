@@ -798,6 +798,9 @@ def test_merge_keys_may_be_overridden_and_aliases_stay_cheap(tmp_path: Path) -> 
         ('server: {tls: {cert_file: "a\\0.crt", key_file: k}}\n', {}, "server.tls.cert_file"),
         # gRPC's C int: an OverflowError as the server is made
         (f"server: {{max_concurrent_rpcs: {2**31}}}\n", {}, "server.max_concurrent_rpcs"),
+        # gRPC takes keepalive times in milliseconds, in a C int
+        ("server: {keepalive_s: 1e9}\n", {}, "server.keepalive_s"),
+        ("server: {min_caller_ping_interval_s: 0}\n", {}, "server.min_caller_ping_interval_s"),
         # an unset ${VAR}: no keys (calls open to anyone), SQLite's temporary database, the working directory
         ('auth: {keys_file: "${KEYS_FILE}"}\n', {}, "auth.keys_file"),
         ('server: {usage_db: "${USAGE_DB}"}\n', {}, "server.usage_db"),
@@ -814,6 +817,8 @@ def test_merge_keys_may_be_overridden_and_aliases_stay_cheap(tmp_path: Path) -> 
         "NUL usage_db",
         "NUL cert_file",
         "max_concurrent_rpcs",
+        "keepalive",
+        "ping interval 0",
         "empty keys_file",
         "empty usage_db",
         "blank journal dir",
