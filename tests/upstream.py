@@ -594,11 +594,16 @@ async def _read_request(reader: asyncio.StreamReader) -> Request | None:
 
 
 def _json_arguments(body: dict[str, Any]) -> bool:
-    """Whether no tool call in the chat has empty arguments, which Ollama's /v1 refuses as not JSON. (It refuses any
-    other text that is not JSON too; an agent's history may hold a model's broken arguments, which this fake lets
-    through, as the SDKs' tests of answering them need.)"""
+    """Whether every tool call in the chat has arguments that are a JSON object's text, as Ollama's /v1 wants (it
+    reads them into an object, and refuses the chat otherwise)."""
     calls = (call for message in body.get("messages", ()) for call in message.get("tool_calls") or ())
-    return all(call.get("function", {}).get("arguments") != "" for call in calls)
+    for call in calls:
+        try:
+            if not isinstance(json.loads(call.get("function", {}).get("arguments", "")), dict):
+                return False
+        except ValueError:
+            return False
+    return True
 
 
 async def _send_json(

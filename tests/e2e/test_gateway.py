@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import cast
 
 import grpc
@@ -191,20 +192,37 @@ async def test_ollama_gets_the_least_reasoning_it_has_for_minimal(
     assert [sent["reasoning_effort"] for sent in local.chat_requests] == ["low", "low"]
 
 
-async def test_a_call_without_arguments_reaches_ollama_as_json(
-    stub: pb.LLMServiceAsyncStub, local: FakeUpstream
+@pytest.mark.parametrize(
+    ("arguments", "sent"),
+    [
+        ("", "{}"),
+        ('{"city": "Par', json.dumps({"unparsed_arguments": '{"city": "Par'})),
+        ('["Paris"]', json.dumps({"unparsed_arguments": '["Paris"]'})),
+        ('{"n": NaN}', json.dumps({"unparsed_arguments": '{"n": NaN}'})),
+        ('{"city": "Zürich"}', '{"city": "Zürich"}'),
+    ],
+    ids=["empty", "broken", "not an object", "NaN", "an object, as written"],
+)
+async def test_a_call_whose_arguments_are_no_object_reaches_ollama_as_one(
+    stub: pb.LLMServiceAsyncStub, local: FakeUpstream, arguments: str, sent: str
 ) -> None:
-    """Some servers answer a call of a function without parameters with empty arguments; Ollama refuses such a call in
-    the history it is sent (400 "invalid tool call arguments"), which ended the next turn INVALID_ARGUMENT."""
-    call = pb.ToolCall(id="call_1", function=pb.FunctionCall(name="clock", arguments=""))
+    """Ollama's /v1 reads a tool call's arguments in the history into an object and refuses the chat otherwise (400
+    "invalid tool call arguments"), which ended the turn INVALID_ARGUMENT: empty ones (some servers answer a call of a
+    function without parameters so), and a small model's broken ones, which an agent answers with a tool result
+    telling the model so and must then send back, turn after turn."""
+    call = pb.ToolCall(id="call_1", function=pb.FunctionCall(name="weather", arguments=arguments))
     history = [
-        pb.Message(role=pb.ROLE_USER, content="time?"),
+        pb.Message(role=pb.ROLE_USER, content="weather?"),
         pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call]),
-        pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content="12:00"),
+        pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content="error: the arguments are not valid JSON"),
     ]
     answer = await stub.Complete(pb.CompleteRequest(model="ollama/tiny", messages=history), timeout=5)
-    assert answer.backend == "ollama"
-    assert local.chat_requests[-1]["messages"][1]["tool_calls"][0]["function"]["arguments"] == "{}"
+    chunks = [c async for c in stub.StreamComplete(pb.StreamCompleteRequest(model="ollama/tiny", messages=history))]
+    assert (answer.backend, chunks[-1].backend) == ("ollama", "ollama")
+    assert [request["messages"][1]["tool_calls"][0]["function"]["arguments"] for request in local.chat_requests] == [
+        sent,
+        sent,
+    ]
 
 
 async def test_a_refusal_comes_back_as_the_content_with_content_filter(

@@ -1,16 +1,21 @@
-"""What Ollama adds to the OpenAI-compatible backend: its native version and model-list endpoints for health."""
+"""What Ollama adds to the OpenAI-compatible backend: its native version and model-list endpoints for health, and a
+chat's tool calls whose arguments are not a JSON object sent in a form its /v1 takes."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar, Final
 
 import httpx2
 
 from llmrelay_server.backends.openai_compat import OpenAICompatibleProvider
 from llmrelay_server.backends.upstream_http import HEALTH_TIMEOUT_S
-from llmrelay_server.domain import BackendHealth, ReasoningEffort
+from llmrelay_server.domain import BackendHealth, CompletionRequest, ReasoningEffort, read_json
+
+UNPARSED_ARGUMENTS: Final = "unparsed_arguments"
+"""The one field of the object a tool call's arguments that are not a JSON object are sent to Ollama as."""
 
 
 class OllamaProvider(OpenAICompatibleProvider):
@@ -18,6 +23,14 @@ class OllamaProvider(OpenAICompatibleProvider):
     # Its /v1 takes "high", "medium", "low" and "none", and refuses any other (400 "invalid reasoning value"): the
     # least reasoning it has is "low", as Anthropic's adaptive thinking has none below it either.
     reasoning_efforts: ClassVar[Mapping[ReasoningEffort, str]] = {"minimal": "low"}
+
+    def _request_body(self, model: str, request: CompletionRequest) -> dict[str, Any]:
+        body = super()._request_body(model, request)
+        for message in body["messages"]:
+            for call in message.get("tool_calls", ()):
+                function = call["function"]
+                function["arguments"] = _as_object(function["arguments"])
+        return body
 
     async def health(self) -> BackendHealth:
         # Ollama's native API lives beside /v1: /api/version proves it is Ollama, /api/tags lists pulled models.
@@ -32,3 +45,17 @@ class OllamaProvider(OpenAICompatibleProvider):
         except (httpx2.HTTPError, ValueError, KeyError, AttributeError, TypeError) as exc:
             return self._health(started, reachable=False, error=f"{root}: {self._describe(exc)}")
         return self._health(started, reachable=True, models=models)
+
+
+def _as_object(arguments: str) -> str:
+    """Arguments as Ollama's /v1 takes them: a JSON object's text. It reads them into an object and refuses the whole
+    chat otherwise (400 "invalid tool call arguments", saying not which): an agent that answered a model's broken
+    arguments with a tool result ("not valid JSON; call it again") could never send its chat again. Other text is
+    sent as an object holding it, for the model to read what it wrote (docs/openai-anthropic.md)."""
+    try:
+        value = read_json(arguments)
+    except (ValueError, RecursionError):  # NaN and 1e400 among them: Go's reader refuses them too
+        value = None
+    if isinstance(value, dict):
+        return arguments
+    return json.dumps({UNPARSED_ARGUMENTS: arguments}, ensure_ascii=False)
