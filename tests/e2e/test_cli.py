@@ -27,11 +27,14 @@ EMPTY_TABLE = "backend  model  caller  requests  prompt  completion  total  cost
 """What `llmrelay usage` prints when no usage matches."""
 
 
-async def llmrelay(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """Runs the command; its exit status, stdout and stderr. Without `env`, this environment less any caller key."""
+async def llmrelay(*args: str, env: dict[str, str] | None = None, stdin: bytes | None = None) -> tuple[int, str, str]:
+    """Runs the command (`stdin` its standard input, else none); its exit status, stdout and stderr. Without `env`,
+    this environment less any caller key."""
     environment = env if env is not None else {k: v for k, v in os.environ.items() if k != KEY_ENV}
-    command = await asyncio.create_subprocess_exec(BIN / "llmrelay", *args, stdout=PIPE, stderr=PIPE, env=environment)
-    out, err = await asyncio.wait_for(command.communicate(), 30)
+    command = await asyncio.create_subprocess_exec(
+        BIN / "llmrelay", *args, stdin=PIPE, stdout=PIPE, stderr=PIPE, env=environment
+    )
+    out, err = await asyncio.wait_for(command.communicate(stdin or b""), 30)
     assert command.returncode is not None
     return command.returncode, out.decode(), err.decode()
 
@@ -283,6 +286,27 @@ async def test_an_answer_a_terminal_cannot_encode_is_written_escaped(gateway: Ga
     env.pop(KEY_ENV, None)
     status, out, err = await llmrelay("--target", f"127.0.0.1:{gateway.port}", "complete", "模型 ok", env=env)
     assert (status, out) == (0, "echo: \\u6a21\\u578b ok\n")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("command", "stdin", "status", "said"),
+    [
+        (["complete", "-"], b"two lines\nfrom a pipe", 0, "echo: two lines\nfrom a pipe\n"),
+        (["stream", "--model", "ollama/tiny", "-"], "\ufeffZürich".encode(), 0, "echo: Zürich\n"),
+        (["tokens", "-"], b"one two three", 0, "3 tokens"),
+        (["complete", "-"], b" \n", 2, "argument prompt: - reads standard input, which was empty"),
+        (["complete", "-"], b"\xff\xfe", 2, "argument prompt: - reads standard input, which is not UTF-8 text"),
+    ],
+    ids=["complete", "stream, a byte-order mark", "tokens", "empty", "not UTF-8"],
+)
+async def test_a_dash_reads_the_text_from_standard_input(
+    gateway: Gateway, command: list[str], stdin: bytes, status: int, said: str
+) -> None:
+    """`git diff | llmrelay complete -`, as `cat -` reads: "-" was sent as the prompt itself."""
+    code, out, err = await llmrelay("--target", f"127.0.0.1:{gateway.port}", *command, stdin=stdin)
+    assert code == status, err
+    assert said in (out + err if status == 0 else err), (out, err)
     assert "Traceback" not in err
 
 

@@ -21,7 +21,7 @@ import urllib.request
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Final, TextIO
 
 from llmrelay import v1 as pb
 from llmrelay._channel import DEFAULT_SERVICE_CONFIG
@@ -156,6 +156,28 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+STDIN: Final = "-"
+
+
+def _text(text: str) -> str:
+    """A text argument (argparse's type for a prompt, a text to embed or count), or standard input's whole text for
+    "-", as `cat -` reads it: `git diff | llmrelay complete -`."""
+    if text != STDIN:
+        return text
+    if sys.stdin is None:
+        raise argparse.ArgumentTypeError("- reads standard input, which is closed")
+    try:
+        # As bytes, whatever the locale: a message is UTF-8 on the wire, so anything else is said here, not later.
+        read = sys.stdin.buffer.read().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"- reads standard input, which is not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"- reads standard input, which could not be read: {exc.strerror}") from None
+    if not read.strip():
+        raise argparse.ArgumentTypeError("- reads standard input, which was empty (or read already)")
+    return read
+
+
 MAX_TIMEOUT_S = 1e9
 """The longest --timeout (some 30 years): gRPC holds a deadline as nanoseconds since 1970 in 64 bits, which a timeout
 of 1e10 s overflows into the past, failing the call at once."""
@@ -240,7 +262,7 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, run, text in (("complete", _complete, "one answer"), ("stream", _stream, "stream tokens as they come")):
         command = commands.add_parser(name, help=text)
-        command.add_argument("prompt", help="the user message")
+        command.add_argument("prompt", type=_text, help="the user message (-: standard input)")
         command.add_argument("--model", help="a model, backend/model or alias (default: the default chain)")
         command.add_argument("--system", help="a system message to put first")
         command.add_argument("--max-tokens", type=int)
@@ -249,13 +271,13 @@ def _parser() -> argparse.ArgumentParser:
         command.set_defaults(run=run)
 
     embed = commands.add_parser("embed", help="the vectors of texts, one JSON array a line, in order")
-    embed.add_argument("texts", nargs="+", metavar="text")
+    embed.add_argument("texts", nargs="+", metavar="text", type=_text, help="a text to embed (-: standard input)")
     embed.add_argument("--model", help="an embedding model, backend/model or alias (default: the gateway's)")
     embed.add_argument("--dimensions", type=int, help="shorter vectors, where the model can make them")
     embed.set_defaults(run=_embed)
 
     tokens = commands.add_parser("tokens", help="count the tokens of a text or a one-message chat")
-    tokens.add_argument("text")
+    tokens.add_argument("text", type=_text, help="the text to count (-: standard input)")
     tokens.add_argument("--model")
     tokens.add_argument("--chat", action="store_true", help="count as a user message, with chat overhead")
     tokens.set_defaults(run=_tokens)
