@@ -149,7 +149,7 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
             # take half of the first one's calls. Bound first, so a taken port stops us before anything starts.
             # Workers do share it: their supervisor has checked that no other process holds it.
             ("grpc.so_reuseport", int(reuse_port)),
-            *_keepalive(config.server),
+            *_connection_options(config.server),
         ],
     )
     try:
@@ -264,10 +264,11 @@ def _limiter(config: GatewayConfig) -> Limiter | None:
     return RedisLimiter(state.redis_url, refuse_when_unavailable=refuse, timeout_s=state.timeout_s)
 
 
-def _keepalive(server: ServerConfig) -> list[tuple[str, int]]:
+def _connection_options(server: ServerConfig) -> list[tuple[str, int]]:
     """gRPC's keepalive arguments (doc/keepalive.md in grpc/grpc): the gateway pings each connection, calls in flight
-    or not, and expects an answer in time; a caller's own pings are welcome as often as min_caller_ping_interval_s."""
-    return [
+    or not, and expects an answer in time; a caller's own pings are welcome as often as min_caller_ping_interval_s.
+    Then the age at which a connection is asked to move on, if any."""
+    options = [
         ("grpc.keepalive_time_ms", _milliseconds(server.keepalive_s)),
         ("grpc.keepalive_timeout_ms", _milliseconds(server.keepalive_timeout_s)),
         # In current gRPC (since grpc/grpc#34647) a ping waits for its answer this long, 60 s unless set: the keepalive
@@ -281,6 +282,10 @@ def _keepalive(server: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", _milliseconds(server.min_caller_ping_interval_s)),
     ]
+    if server.max_connection_age_s is not None:
+        # Its calls in flight finish on it, however long: each has its deadline, or the router's request_timeout_s.
+        options.append(("grpc.max_connection_age_ms", _milliseconds(server.max_connection_age_s)))
+    return options
 
 
 def _milliseconds(seconds: float) -> int:

@@ -190,6 +190,11 @@ class ServerConfig:
     """How often a caller's client may ping the gateway while no answer is on its way (a keepalive of its own):
     oftener, and gRPC closes the connection with GOAWAY "too_many_pings" at the third. gRPC's own default is 5
     minutes, which cuts off clients that ping every 10-30 s, as agents waiting on long answers are set up to."""
+    max_connection_age_s: float | None = None
+    """Once a caller's connection is this old (give or take a tenth), the gateway asks the caller to move on (HTTP/2
+    GOAWAY): calls in flight finish on it, new ones go over a new connection, which a balancer or the kernel (workers)
+    may put elsewhere; unset: a connection lives as long as its caller keeps it, on the replica or worker it first
+    reached."""
     reserve_completion_tokens: int = 1024
     """What a request without max_tokens reserves for its answer against tokens-per-minute limits."""
     metrics_listen: str | None = None
@@ -330,9 +335,9 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     if server.max_concurrent_rpcs is not None and server.max_concurrent_rpcs > MAX_CONCURRENT_RPCS:
         # gRPC keeps it in a C int: past that, the server cannot be made (an OverflowError at start).
         raise ConfigError(f"server.max_concurrent_rpcs: at most {MAX_CONCURRENT_RPCS}, or left out for no bound")
-    for name in ("keepalive_s", "keepalive_timeout_s", "min_caller_ping_interval_s"):
-        if getattr(server, name) > MAX_KEEPALIVE_S:  # gRPC takes milliseconds in a C int
-            raise ConfigError(f"server.{name}: at most {MAX_KEEPALIVE_S:g} s (a day)")
+    for name in ("keepalive_s", "keepalive_timeout_s", "min_caller_ping_interval_s", "max_connection_age_s"):
+        if (value := getattr(server, name)) is not None and value > MAX_CONNECTION_TIMER_S:
+            raise ConfigError(f"server.{name}: at most {MAX_CONNECTION_TIMER_S:g} s (a day)")
     if server.max_message_bytes > MAX_MESSAGE_BYTES:
         raise ConfigError(f"server.max_message_bytes: at most {MAX_MESSAGE_BYTES} (gRPC's bound, 2 GiB - 1)")
     if server.workers > MAX_WORKERS:
@@ -463,7 +468,8 @@ def _check_state(state: StateConfig, redis_where: str) -> None:
 
 MAX_MESSAGE_BYTES = 2**31 - 1
 MAX_CONCURRENT_RPCS = 2**31 - 1
-MAX_KEEPALIVE_S = 86400.0
+MAX_CONNECTION_TIMER_S = 86400.0
+"""The longest of the connection timers (keepalive, connection age): gRPC takes them in milliseconds, in a C int."""
 MAX_WORKERS = 1024
 """More processes than a machine has cores only share them; past this, a typo (100000) would fork until it fell."""
 

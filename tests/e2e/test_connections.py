@@ -1,0 +1,76 @@
+"""Callers' connections: a caller gone without a word (its host down, its network cut: no FIN, no RST) is let go
+within `server.keepalive_s + keepalive_timeout_s`, its calls cancelled up to the upstream; a caller that pings its
+connection to tell the gateway is alive (as gRPC clients configured with keepalive do) is not cut off with GOAWAY
+"too_many_pings" while it waits for a slow answer; and with `server.max_connection_age_s`, a connection is moved on
+(GOAWAY) once that old, its calls in flight let finish, so that callers spread again over workers and replicas.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from llmrelay import v1 as pb
+from relay import Relay
+from support import GatewayFactory, chat, stream_chat, wait_until
+from upstream import FakeUpstream
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+async def test_a_caller_gone_silent_is_let_go_and_its_upstream_call_cancelled(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, streaming: bool
+) -> None:
+    primary.inject({"stall_s": 30})
+    gateway = await gateway_factory(
+        f'llm:\n  openai: {{api_key: "sk-test", base_url: "{primary.base_url}", model: {primary.models[0]}}}\n',
+        server="keepalive_s: 1, keepalive_timeout_s: 1",
+    )
+    async with Relay(gateway.port) as relay, grpc.aio.insecure_channel(relay.target) as channel:
+        stub = pb.LLMServiceStub(channel)
+        call = stub.StreamComplete(stream_chat()) if streaming else stub.Complete(chat())
+        await wait_until(lambda: len(primary.chat_requests) == 1, timeout_s=10)
+        relay.go_silent()
+        # Pinged after a second, unanswered after another: the connection is closed, its call cancelled, and the
+        # upstream's request with it (the upstream sees its client leave), long before the stall's 30 s.
+        await wait_until(lambda: len(primary.client_disconnects) == 1, timeout_s=10)
+        call.cancel()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        answer = await pb.LLMServiceStub(channel).Complete(chat("still here"), timeout=10)
+    assert answer.message.content == "echo: still here"
+
+
+async def test_a_caller_that_pings_while_it_waits_is_not_cut_off(
+    gateway_factory: GatewayFactory, primary: FakeUpstream
+) -> None:
+    # A caller's client pinging every 1.5 s of a 10 s wait in which the gateway sends nothing: gRPC's own default would
+    # count every ping after the first as abuse (less than 5 minutes apart) and close the connection at the third.
+    primary.inject({"stall_s": 10})
+    gateway = await gateway_factory(
+        f'llm:\n  openai: {{api_key: "sk-test", base_url: "{primary.base_url}", model: {primary.models[0]}}}\n',
+        server="min_caller_ping_interval_s: 1",
+    )
+    options = [
+        ("grpc.keepalive_time_ms", 1500),
+        ("grpc.keepalive_timeout_ms", 5000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}", options=options) as channel:
+        answer = await pb.LLMServiceStub(channel).Complete(chat("worth the wait"), timeout=20)
+    assert answer.message.content == "echo: worth the wait"
+
+
+async def test_an_old_connection_is_moved_on_once_its_calls_have_finished(
+    gateway_factory: GatewayFactory, primary: FakeUpstream
+) -> None:
+    # A call in flight when its connection comes of age (about 1 s) still gets its answer (at 3 s), over that
+    # connection; the next call goes over a new one, which a balancer or the kernel (workers) may put elsewhere.
+    primary.inject({"stall_s": 3})
+    gateway = await gateway_factory(
+        f'llm:\n  openai: {{api_key: "sk-test", base_url: "{primary.base_url}", model: {primary.models[0]}}}\n',
+        server="max_connection_age_s: 1",
+    )
+    async with Relay(gateway.port) as relay, grpc.aio.insecure_channel(relay.target) as channel:
+        stub = pb.LLMServiceStub(channel)
+        slow = await stub.Complete(chat("slow"), timeout=20)
+        assert (slow.message.content, relay.accepted) == ("echo: slow", 1)
+        later = await stub.Complete(chat("later"), timeout=10)
+        assert (later.message.content, relay.accepted) == ("echo: later", 2)
