@@ -10,20 +10,28 @@ from __future__ import annotations
 import grpc
 import pytest
 from llmrelay import v1 as pb
+from llmrelay_server.app import Gateway
 from relay import Relay
 from support import GatewayFactory, chat, stream_chat, wait_until
 from upstream import FakeUpstream
+
+
+async def stalling_gateway(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, stall_s: float, server: str
+) -> Gateway:
+    """A gateway whose one backend is `primary`, its next answer `stall_s` late; `server`: more server fields."""
+    primary.inject({"stall_s": stall_s})
+    return await gateway_factory(
+        f'llm:\n  openai: {{api_key: "sk-test", base_url: "{primary.base_url}", model: {primary.models[0]}}}\n',
+        server=server,
+    )
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
 async def test_a_caller_gone_silent_is_let_go_and_its_upstream_call_cancelled(
     gateway_factory: GatewayFactory, primary: FakeUpstream, streaming: bool
 ) -> None:
-    primary.inject({"stall_s": 30})
-    gateway = await gateway_factory(
-        f'llm:\n  openai: {{api_key: "sk-test", base_url: "{primary.base_url}", model: {primary.models[0]}}}\n',
-        server="keepalive_s: 1, keepalive_timeout_s: 1",
-    )
+    gateway = await stalling_gateway(gateway_factory, primary, 30, "keepalive_s: 1, keepalive_timeout_s: 1")
     async with Relay(gateway.port) as relay, grpc.aio.insecure_channel(relay.target) as channel:
         stub = pb.LLMServiceStub(channel)
         call = stub.StreamComplete(stream_chat()) if streaming else stub.Complete(chat())
@@ -43,11 +51,7 @@ async def test_a_caller_that_pings_while_it_waits_is_not_cut_off(
 ) -> None:
     # A caller's client pinging every 1.5 s of a 10 s wait in which the gateway sends nothing: gRPC's own default would
     # count every ping after the first as abuse (less than 5 minutes apart) and close the connection at the third.
-    primary.inject({"stall_s": 10})
-    gateway = await gateway_factory(
-        f'llm:\n  openai: {{api_key: "sk-test", base_url: "{primary.base_url}", model: {primary.models[0]}}}\n',
-        server="min_caller_ping_interval_s: 1",
-    )
+    gateway = await stalling_gateway(gateway_factory, primary, 10, "min_caller_ping_interval_s: 1")
     options = [
         ("grpc.keepalive_time_ms", 1500),
         ("grpc.keepalive_timeout_ms", 5000),
@@ -63,11 +67,7 @@ async def test_an_old_connection_is_moved_on_once_its_calls_have_finished(
 ) -> None:
     # A call in flight when its connection comes of age (about 1 s) still gets its answer (at 3 s), over that
     # connection; the next call goes over a new one, which a balancer or the kernel (workers) may put elsewhere.
-    primary.inject({"stall_s": 3})
-    gateway = await gateway_factory(
-        f'llm:\n  openai: {{api_key: "sk-test", base_url: "{primary.base_url}", model: {primary.models[0]}}}\n',
-        server="max_connection_age_s: 1",
-    )
+    gateway = await stalling_gateway(gateway_factory, primary, 3, "max_connection_age_s: 1")
     async with Relay(gateway.port) as relay, grpc.aio.insecure_channel(relay.target) as channel:
         stub = pb.LLMServiceStub(channel)
         slow = await stub.Complete(chat("slow"), timeout=20)
