@@ -322,6 +322,11 @@ class Attempt:
     started_at: float | None = None
     """When it began, in Unix time (for traces); None where it never reached a backend (a skipped route)."""
 
+    def ended(self, outcome: AttemptOutcome, duration_s: float, upstream_status: int | None, error: str) -> Attempt:
+        """This attempt as it ended (a stream's, recorded when its first chunk came): dataclasses.replace's result,
+        at a fraction of its time."""
+        return Attempt(self.backend, self.model, outcome, duration_s, upstream_status, error, self.started_at)
+
 
 @immutable
 class CompletionResponse:
@@ -376,6 +381,23 @@ class CompletionChunk:
     restart: StreamRestart | None = None
     reasoning_signature: str | None = None
     """On the last chunk: the upstream's signature of the reasoning (Message.reasoning_signature)."""
+
+    def settled(self, usage: TokenUsage, attempts: tuple[Attempt, ...]) -> CompletionChunk:
+        """This last chunk with the usage the answer was billed and the call's attempts (as
+        CompletionResponse.settled)."""
+        return CompletionChunk(
+            self.id,
+            self.backend,
+            self.model,
+            self.content,
+            self.reasoning,
+            self.tool_calls,
+            self.finish_reason,
+            usage,
+            attempts,
+            self.restart,
+            self.reasoning_signature,
+        )
 
 
 @immutable

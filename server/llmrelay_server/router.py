@@ -354,12 +354,8 @@ class _Chain:
         """The stream of the last attempt, recorded when its first chunk came, ended (whole, or cut short): its
         outcome, and its time from its start to its end, which the gateway's own share of the call is told from."""
         opened = self.attempts[-1]
-        self.attempts[-1] = replace(
-            opened,
-            outcome=outcome,
-            duration_s=opened.duration_s + asyncio.get_running_loop().time() - self.opened_at,
-            upstream_status=upstream_status,
-            error=error,
+        self.attempts[-1] = opened.ended(
+            outcome, opened.duration_s + asyncio.get_running_loop().time() - self.opened_at, upstream_status, error
         )
 
     def deadline_exceeded(self) -> DeadlineExceededError:
@@ -623,7 +619,7 @@ class Router:
                             billed = True
                             chain.stream_ended(AttemptOutcome.SUCCEEDED)
                             total = usage if consumed is None else consumed + usage
-                            chunk = replace(chunk, usage=total, attempts=tuple(chain.attempts))
+                            chunk = chunk.settled(total, tuple(chain.attempts))
                         else:
                             received.add(chunk)
                         yield chunk

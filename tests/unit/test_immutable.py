@@ -12,12 +12,15 @@ import pytest
 from llmrelay_server.domain import (
     Attempt,
     AttemptOutcome,
+    CompletionChunk,
     CompletionResponse,
     Cost,
     FinishReason,
     Message,
     Role,
+    StreamRestart,
     TokenUsage,
+    ToolCallDelta,
 )
 from mypy import api
 
@@ -55,6 +58,10 @@ def _every_field_set(value_type: type[Any]) -> Any:
         "message": Message(role=Role.ASSISTANT, content="hi"), "finish_reason": FinishReason.LENGTH,
         "usage": TokenUsage(prompt_tokens=6, completion_tokens=7),
         "attempts": (Attempt(backend="b", model="m", outcome=AttemptOutcome.SUCCEEDED, duration_s=0.5),),
+        "content": "text", "reasoning": "thought", "tool_calls": (ToolCallDelta(index=0, arguments="{"),),
+        "restart": StreamRestart("broke", "b", (), TokenUsage(prompt_tokens=1, completion_tokens=1)),
+        "reasoning_signature": "sig", "outcome": AttemptOutcome.INTERRUPTED, "duration_s": 0.25,
+        "upstream_status": 502, "error": "cut", "started_at": 1700000000.0,
     }  # fmt: skip
     missing = [f.name for f in dataclasses.fields(value_type) if f.name not in samples]
     assert not missing, (
@@ -71,4 +78,10 @@ def test_the_shortcuts_for_replace_copy_every_field() -> None:
     settled_usage, attempts = TokenUsage(prompt_tokens=8, completion_tokens=9), ()
     assert response.settled(settled_usage, attempts) == dataclasses.replace(
         response, usage=settled_usage, attempts=attempts
+    )
+    chunk = _every_field_set(CompletionChunk)
+    assert chunk.settled(settled_usage, attempts) == dataclasses.replace(chunk, usage=settled_usage, attempts=attempts)
+    attempt = _every_field_set(Attempt)
+    assert attempt.ended(AttemptOutcome.SUCCEEDED, 2.0, None, "") == dataclasses.replace(
+        attempt, outcome=AttemptOutcome.SUCCEEDED, duration_s=2.0, upstream_status=None, error=""
     )

@@ -129,12 +129,15 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
                 done = True
                 return None
             data = wire.decode_json(payload)
-            if isinstance(data, dict) and (event := wire.error_event(data)) is not None:
+            # Each look below that most events fail is a dict lookup first, not a call: this runs for every event.
+            if isinstance(data, dict) and "error" in data and (event := wire.error_event(data)) is not None:
                 raise self._error_event(event)
             choice = wire.first_choice(data, "delta")
             completion_id = completion_id or str(data.get("id") or "")
-            served_model = self._served_model(data, served_model)
-            reported = wire.usage_from(data)
+            if data.get("model") != served_model:
+                served_model = self._served_model(data, served_model)
+            # OpenAI sends "usage": null in every event before the last when asked to include usage.
+            reported = wire.usage_from(data) if data.get("usage") is not None else None
             usage = reported or usage
             if choice is not None and choice.get("finish_reason") is not None:
                 finish = wire.finish_reason(choice["finish_reason"])
@@ -147,10 +150,13 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             delta = choice.get("delta")
             if not delta:  # the finish reason's event, usually
                 return None
-            content, reasoning = wire.delta_text(delta, "content"), wire.reasoning_text(delta) or None
+            content = wire.delta_text(delta, "content")
+            reasoning = None
+            if "reasoning" in delta or "reasoning_content" in delta:
+                reasoning = wire.reasoning_text(delta) or None
             if "refusal" in delta and (refusal := wire.refusal_text(delta)) is not None:  # seldom: one look first
                 refused, content = True, (content or "") + refusal
-            fragments = tool_calls.deltas(delta)
+            fragments = tool_calls.deltas(delta) if "tool_calls" in delta else ()
             if content is None and reasoning is None and not fragments:  # the role's event: nothing to relay
                 return None
             return CompletionChunk(
