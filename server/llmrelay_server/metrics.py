@@ -76,9 +76,19 @@ class _Family(abc.ABC, Generic[_Series]):
 
     kind: ClassVar[str]
 
-    def __init__(self, name: str, documentation: str, labels: Sequence[str], new: Callable[[], _Series]) -> None:
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labels: Sequence[str],
+        new: Callable[[], _Series],
+        same_as: _Family[_Series] | None = None,
+    ) -> None:
         self.name, self.documentation, self.labels = name, documentation, tuple(labels)
-        self._series: _MadeAtFirstUse[tuple[str, ...], _Series] = _MadeAtFirstUse(lambda values: new())
+        self._series: _MadeAtFirstUse[tuple[str, ...], _Series] = (
+            _MadeAtFirstUse(lambda values: new()) if same_as is None else same_as._series
+        )
+        """By label values; `same_as`'s own, for a family that always counts what another does."""
 
     def __call__(self, *values: str) -> _Series:
         return self._series[values]
@@ -124,8 +134,8 @@ class _MadeAtFirstUse(dict[_Key, _Series]):
 class _Counted(_Family[_Count]):
     kind = "counter"
 
-    def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
-        super().__init__(name, documentation, labels, _Count)
+    def __init__(self, name: str, documentation: str, labels: Sequence[str], same_as: _Counted | None = None) -> None:
+        super().__init__(name, documentation, labels, _Count, same_as)
 
     def _add_samples(self, metric: Metric, labels: dict[str, str], series: _Count) -> None:
         metric.add_sample(f"{self.name}_total", labels, series.value)
@@ -172,8 +182,11 @@ class _Kept(Collector):
     def __init__(self) -> None:
         self._families: list[_Counted | _Distributed] = []
 
-    def counted(self, name: str, documentation: str, labels: Sequence[str]) -> _Counted:
-        self._families.append(counted := _Counted(name, documentation, labels))
+    def counted(
+        self, name: str, documentation: str, labels: Sequence[str], same_as: _Counted | None = None
+    ) -> _Counted:
+        """A counter; with `same_as`, one exposed under a name of its own with that counter's series and values."""
+        self._families.append(counted := _Counted(name, documentation, labels, same_as))
         return counted
 
     def distributed(
@@ -204,7 +217,8 @@ class Metrics:
         self.handled = kept.counted(
             "grpc_server_handled", "RPCs completed on the server, by status.", [*grpc_labels, "grpc_code"]
         )
-        self.received = kept.counted("grpc_server_msg_received", "Messages received by the server.", grpc_labels)
+        # Every RPC of the gateway's takes one request message, read before its handler starts: as many as started.
+        kept.counted("grpc_server_msg_received", "Messages received by the server.", grpc_labels, same_as=self.started)
         self.sent = kept.counted("grpc_server_msg_sent", "Messages sent by the server.", grpc_labels)
         self.handling = kept.distributed(
             "grpc_server_handling_seconds", "Time from an RPC's start to its end.", grpc_labels
@@ -447,7 +461,6 @@ class _Method:
         "labels",
         "metrics",
         "operation",
-        "received",
         "sent",
         "started",
     )
@@ -458,7 +471,7 @@ class _Method:
         self.operation = GEN_AI_OPERATIONS.get(method, "chat")
         # llmrelay_open_streams counts answers streamed: not the health service's watches.
         self.completion_stream = method == STREAM_COMPLETE
-        self.started, self.received = metrics.started(*self.labels), metrics.received(*self.labels)
+        self.started = metrics.started(*self.labels)
         self.sent, self.handling = metrics.sent(*self.labels), metrics.handling(*self.labels)
         self._overhead: _Distribution | None = None
         self.handled: _MadeAtFirstUse[grpc.StatusCode, _Count] = _MadeAtFirstUse(
@@ -481,8 +494,7 @@ class _CountedCall:
     def __init__(self, method: _Method, request: Any) -> None:
         self._started = time.perf_counter()
         self._method, self._request = method, request
-        method.started.inc()
-        method.received.inc()
+        method.started.inc()  # and so grpc_server_msg_received, which shares its series
         if method.completion_stream:
             method.metrics.open_streams.inc()
         self._meter = open_meter()

@@ -69,6 +69,8 @@ async def test_metrics_count_a_known_sequence_exactly(
     samples = await scrape(metrics_port)
 
     assert value(samples, "grpc_server_started_total", **COMPLETE) == 4
+    assert value(samples, "grpc_server_msg_received_total", **COMPLETE) == 4
+    assert value(samples, "grpc_server_msg_received_total", **STREAM) == 1
     assert value(samples, "grpc_server_handled_total", **COMPLETE, grpc_code="OK") == 3
     assert value(samples, "grpc_server_handled_total", **COMPLETE, grpc_code="UNAVAILABLE") == 1
     assert value(samples, "grpc_server_handling_seconds_count", **COMPLETE) == 4

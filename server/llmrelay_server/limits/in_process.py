@@ -87,9 +87,10 @@ class InProcessLimiter:
 
     async def settle(self, reservation: Reservation, tokens: int, usd_micros: int) -> None:
         day = _utc_day(reservation.at)
+        counted_since = self._clock() - WINDOW_S
         for ask, entry in zip(reservation.asks, reservation.holds, strict=True):
             window = self._windows[ask.subject]
-            if entry[0] > self._clock() - WINDOW_S:  # still counted this minute
+            if entry[0] > counted_since:  # still counted this minute
                 window.token_sum += tokens - entry[1]
                 entry[1] = tokens
             window.streams -= ask.stream
@@ -116,10 +117,13 @@ def _check(ask: Ask, window: _Window, now: float, day: int) -> None:
         raise refusal(LimitKind.TOKENS_PER_MINUTE, ask, wait)
     if ask.stream and limits.concurrent_streams is not None and window.streams + 1 > limits.concurrent_streams:
         raise refusal(LimitKind.CONCURRENT_STREAMS, ask, STREAM_RETRY_S)
-    budget = budget_usd_micros(limits)
     # A call that costs nothing is admitted even past the budget: a call may cost more than it reserved (an answer
     # past max_tokens), and a budget spent so must not shut a key's free models (a local backend's) until midnight.
-    if budget is not None and ask.usd_micros and (spent := window.spend.get(day, 0)) + ask.usd_micros > budget:
+    if (
+        ask.usd_micros
+        and (budget := budget_usd_micros(limits)) is not None
+        and (spent := window.spend.get(day, 0)) + ask.usd_micros > budget
+    ):
         # Room that calls in progress hold may free when one settles, below what it reserved: not only at midnight.
         held = spent - window.held.get(day, 0) + ask.usd_micros <= budget
         until_midnight = _until_next_day(now)

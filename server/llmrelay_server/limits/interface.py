@@ -82,8 +82,8 @@ def refuse_oversized(asks: Sequence[Ask]) -> None:
                 f" ({_breakdown(ask)}), so no retry can admit it; {_remedy(ask, tokens_per_minute)}"
             )
             raise LimitExceededError(LimitKind.TOKENS_PER_MINUTE, ask.subject, description, None)
-        budget = budget_usd_micros(ask.limits)
-        if budget is not None and ask.usd_micros > budget:
+        # A call that costs nothing fits any budget: the budget is not even read then.
+        if ask.usd_micros and (budget := budget_usd_micros(ask.limits)) is not None and ask.usd_micros > budget:
             description = (
                 f"a budget of {ask.limits.budget_usd_per_day:g} USD per day (UTC), and this request alone reserves"
                 f" {ask.usd_micros / 1_000_000:g} USD for {ask.tokens} tokens ({_breakdown(ask)}), so no retry can"
