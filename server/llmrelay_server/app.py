@@ -29,7 +29,7 @@ from llmrelay_server.pricing import PriceTable
 from llmrelay_server.reflection import enable_reflection
 from llmrelay_server.router import Router
 from llmrelay_server.servicer import LLMServicer
-from llmrelay_server.tls import exposure_warnings, protection, server_credentials
+from llmrelay_server.tls import ServedCertificate, exposure_warnings, protection
 from llmrelay_server.tokens import TokenCounter
 from llmrelay_server.usage import LedgerUnavailableError, UsageLedger
 from llmrelay_server.workers import ListenError, WorkerRole, ignore_signals_after_stop, in_use_message
@@ -65,6 +65,7 @@ class Gateway:
     grace_period_s: float
     tracing: Tracing | None = None
     limiter: Limiter | None = None
+    certificate: ServedCertificate | None = None
 
     async def stop(self, grace_period_s: float | None = None, drain_s: float | None = None) -> None:
         """Health to NOT_SERVING and new calls refused for the drain time, then calls in flight get the grace period
@@ -87,6 +88,8 @@ class Gateway:
         finally:
             self.router.lag.stop()
             await self.keys.stop()
+            if self.certificate is not None:
+                await self.certificate.stop()
             if self.limiter is not None:
                 await self.limiter.aclose()
             if self.metrics is not None:
@@ -109,7 +112,7 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
     tls = config.server.tls
     quiet_callers_gone()
     # Before the port opens: a certificate that cannot be used stops the start (ConfigError naming the field).
-    credentials = server_credentials(tls) if tls is not None else None
+    certificate = ServedCertificate(tls) if tls is not None else None
     # Likewise a keys file that cannot be read. One that gives a key limits later cannot be taken by a worker without
     # Redis: each worker would enforce them alone (the configuration refuses them at start for that reason).
     alone = reuse_port and config.state.redis_url is None
@@ -138,7 +141,7 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
         aliases=config.aliases,
     )
     limiter = _limiter(config)
-    metrics = _metrics(config, keys, router, ledger, limiter) if config.server.metrics_listen else None
+    metrics = _metrics(config, keys, router, ledger, limiter, certificate) if config.server.metrics_listen else None
     server = grpc.aio.server(
         interceptors=_interceptors(config, keys, counter, router, metrics, tracing, limiter),
         maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,
@@ -153,10 +156,10 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
         ],
     )
     try:
-        if credentials is None:
+        if certificate is None:
             port = server.add_insecure_port(config.server.listen)
         else:
-            port = server.add_secure_port(config.server.listen, credentials)
+            port = server.add_secure_port(config.server.listen, certificate.credentials())
     except RuntimeError as exc:
         await asyncio.gather(*(provider.aclose() for provider in providers))
         await ledger.aclose()
@@ -192,6 +195,8 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
     await monitor.start()
     router.lag.start()
     keys.start()
+    if certificate is not None:
+        certificate.start()
     return Gateway(
         server,
         port,
@@ -205,11 +210,17 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
         grace_period_s=config.server.grace_period_s,
         tracing=tracing,
         limiter=limiter,
+        certificate=certificate,
     )
 
 
 def _metrics(
-    config: GatewayConfig, keys: KeyRing, router: Router, ledger: UsageLedger, limiter: Limiter | None
+    config: GatewayConfig,
+    keys: KeyRing,
+    router: Router,
+    ledger: UsageLedger,
+    limiter: Limiter | None,
+    certificate: ServedCertificate | None,
 ) -> Metrics:
     labels = LabelValues(config.backends, config.aliases, keys.names)
 
@@ -220,6 +231,7 @@ def _metrics(
             ledger_write_failures=ledger.write_failures,
             ledger_dropped_records=ledger.dropped_records,
             limits_calls_while_unavailable=limiter.calls_while_unavailable if limiter is not None else 0,
+            certificate_not_after=certificate.not_after if certificate is not None else None,
         )
 
     return Metrics(

@@ -390,6 +390,8 @@ class StateReading:
     ledger_write_failures: int
     ledger_dropped_records: int
     limits_calls_while_unavailable: int
+    certificate_not_after: float | None = None
+    """When the TLS certificate served stops being valid, in Unix time; None without TLS."""
 
 
 class _StateCollector(Collector):
@@ -436,6 +438,12 @@ class _StateCollector(Collector):
             "Calls admitted uncounted or refused while the limits' store (Redis) was unreachable.",
             value=reading.limits_calls_while_unavailable,
         )
+        if reading.certificate_not_after is not None:
+            yield GaugeMetricFamily(
+                "llmrelay_tls_certificate_expiry_timestamp_seconds",
+                "When the TLS certificate served to new connections stops being valid (its notAfter), in Unix time.",
+                value=reading.certificate_not_after,
+            )
 
 
 class MetricsObserver(Observer):

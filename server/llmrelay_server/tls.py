@@ -1,14 +1,18 @@
 """TLS and mutual TLS on the listener, with gRPC's own credentials; certificates rotated on disk are picked up by new
-connections without a restart. And the warnings for a listener that others can reach unprotected."""
+connections without a restart, and one drawing near its end is warned of. And the warnings for a listener that others
+can reach unprotected."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import datetime
 import ipaddress
 import logging
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -19,15 +23,15 @@ log = logging.getLogger("llmrelay_server.tls")
 
 CHECK_INTERVAL_S = 1.0
 """How often, at most, the files are looked at again (a stat each) when a new connection comes."""
+EXPIRY_WARNING_S = 14 * 86_400
+"""A certificate served that ends within this is warned of: at the start, at a reload, and once a day."""
+EXPIRY_CHECK_S = 3600.0
+"""How often the gateway looks at how long its certificate has left."""
+_WARNING_REPEAT_S = 86_400.0
 
 # What tells a changed file: a rewrite in place changes mtime/ctime (and often the size), a rename or a Kubernetes
 # secret's symlink swap changes the inode. None: the file could not be looked at (it is being replaced).
 _Signature = tuple[tuple[int, int, int, int, int] | None, ...]
-
-
-def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:
-    """Credentials for add_secure_port; ConfigError naming the field when a file cannot be read or parsed."""
-    return _CertificateReloader(tls).credentials()
 
 
 def protection(tls: TLSConfig | None) -> str:
@@ -67,19 +71,68 @@ def _is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to any interface
 
 
-class _CertificateReloader:
-    """Holds the certificate configuration gRPC serves and hands it a new one when the files change."""
+class ServedCertificate:
+    """The certificate the listener serves: the configuration gRPC takes (`credentials`), a new one handed to it when
+    the files change, and how long the one in force has left (`not_after`, warned of as its end draws near).
 
-    def __init__(self, tls: TLSConfig) -> None:
+    Made before the port opens: ConfigError naming the field when a file cannot be read or used."""
+
+    def __init__(self, tls: TLSConfig, clock: Callable[[], float] = time.time) -> None:
         self._tls = tls
+        self._clock = clock
         self._paths = tuple(Path(p) for p in (tls.cert_file, tls.key_file, tls.client_ca_file) if p)
         # Looked at before reading: a change made while reading shows up as a new signature at the next check.
         self._seen = _signature(self._paths)
         self._warned: _Signature | None = None
         """The files' signature when a reload of them last failed: said once, tried again at each check."""
-        self._initial = _load(tls)
+        self._initial, self.not_after = _load(tls)
+        """`not_after`: when the certificate in force stops being valid, in Unix time (its notAfter)."""
         self._next_check = time.monotonic() + CHECK_INTERVAL_S
         self._lock = threading.Lock()
+        self._expiry_said: tuple[float, float, bool] | None = None
+        """The notAfter last warned of, when, and whether it had passed."""
+        self._said_lock = threading.Lock()
+        self._watching: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Says now, and then once a day, when the certificate in force ends within EXPIRY_WARNING_S."""
+        self.warn_of_expiry()
+        self._watching = asyncio.create_task(self._watch_expiry(), name="llmrelay-tls-expiry")
+
+    async def stop(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watching
+
+    async def _watch_expiry(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRY_CHECK_S)
+            self.warn_of_expiry()
+
+    def warn_of_expiry(self) -> None:
+        """Logs how long the certificate in force has left, when it ends within EXPIRY_WARNING_S (or has ended): once
+        for each certificate, and again a day later while it is still the one served."""
+        now, not_after = self._clock(), self.not_after
+        left_s = not_after - now
+        if left_s > EXPIRY_WARNING_S:
+            return
+        expired = left_s <= 0
+        with self._said_lock:  # asked by the event loop's watch, and by a reload on one of gRPC's threads
+            if self._expiry_said is not None:
+                said_of, said_at, said_expired = self._expiry_said
+                if said_of == not_after and said_expired == expired and now - said_at < _WARNING_REPEAT_S:
+                    return
+            self._expiry_said = not_after, now, expired
+        ends = datetime.datetime.fromtimestamp(not_after, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        where = f"server.tls.cert_file: {self._tls.cert_file}"
+        renew = "put a renewed one in its place: new connections take it without a restart"
+        if expired:
+            log.error(
+                "%s: the certificate served expired on %s: clients refuse every new connection; %s", where, ends, renew
+            )
+        else:
+            log.warning("%s: the certificate served expires on %s (in %s); %s", where, ends, _duration(left_s), renew)
 
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(
@@ -102,7 +155,7 @@ class _CertificateReloader:
             if signature == self._seen:
                 return None
             try:
-                configuration = _load(self._tls)
+                configuration, not_after = _load(self._tls)
             except ConfigError as exc:
                 # Not taken as seen: files that become usable without changing (a certificate not valid yet, whose
                 # time comes) are taken at a later check.
@@ -110,8 +163,9 @@ class _CertificateReloader:
                     log.warning("TLS certificate not reloaded; new connections keep the previous one: %s", exc)
                     self._warned = signature
                 return None
-            self._seen = signature
+            self._seen, self.not_after = signature, not_after
             log.info("TLS certificate reloaded from %s; new connections use it", self._tls.cert_file)
+            self.warn_of_expiry()
             return configuration
         finally:
             self._lock.release()
@@ -132,9 +186,21 @@ def _signature(paths: tuple[Path, ...]) -> _Signature:
 _CHANGED = "server.tls: cert_file or key_file changed while being read; they are read again later"
 
 
-def _load(tls: TLSConfig) -> grpc.ServerCertificateConfiguration:
-    """Reads and checks the files; gRPC itself would only find a bad one at the first handshake, failing them all.
-    Messages name the field and the path, never the files' contents."""
+def _duration(seconds: float) -> str:
+    hours = seconds / 3600
+    return (
+        f"{hours / 24:.0f} days"
+        if hours >= 48
+        else f"{hours:.0f} hours"
+        if hours >= 2
+        else f"{seconds / 60:.0f} minutes"
+    )
+
+
+def _load(tls: TLSConfig) -> tuple[grpc.ServerCertificateConfiguration, float]:
+    """Reads and checks the files, and tells when the certificate ends (its notAfter, in Unix time); gRPC itself
+    would only find a bad one at the first handshake, failing them all. Messages name the field and the path, never
+    the files' contents."""
     cert = _read(tls.cert_file, "server.tls.cert_file")
     _check_certificates(cert, tls.cert_file, "server.tls.cert_file")
     key = _read(tls.key_file, "server.tls.key_file")
@@ -145,18 +211,18 @@ def _load(tls: TLSConfig) -> grpc.ServerCertificateConfiguration:
             _check_certificates(client_ca, tls.client_ca_file, "server.tls.client_ca_file"), tls.client_ca_file
         )
     _check_key(tls)
-    _check_validity(tls)
+    not_after = _check_validity(tls)
     # The check read the files again: both reads must agree, or the key checked is not the one gRPC would get (a
     # rotation half done: the new certificate written, the old key still there).
     if (cert, key) != (_read(tls.cert_file, "server.tls.cert_file"), _read(tls.key_file, "server.tls.key_file")):
         raise ConfigError(_CHANGED)
-    return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
+    return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca), not_after
 
 
-def _check_validity(tls: TLSConfig) -> None:
+def _check_validity(tls: TLSConfig) -> float:
     """What every client would refuse in the certificate itself, whoever signed it: its dates, and a purpose other
     than a server's (a client certificate). Found by a handshake in memory with a client that trusts the
-    certificate as it is; gRPC would serve it and fail every handshake."""
+    certificate as it is; gRPC would serve it and fail every handshake. Returns its notAfter, as the client read it."""
     try:
         server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         server.load_cert_chain(tls.cert_file, tls.key_file, password=_ask_password)
@@ -171,6 +237,11 @@ def _check_validity(tls: TLSConfig) -> None:
             for side in (connecting, accepting):
                 with contextlib.suppress(ssl.SSLWantReadError):
                     side.do_handshake()
+        peer = connecting.getpeercert()
+        not_after = peer.get("notAfter") if peer else None
+        if not isinstance(not_after, str):  # the handshake did not finish: no client could take it either
+            raise ConfigError(f"server.tls.cert_file: {tls.cert_file}: a TLS handshake with it did not complete")
+        return ssl.cert_time_to_seconds(not_after)
     except ssl.SSLCertVerificationError as exc:
         problem = f"clients would refuse its certificate: {exc.verify_message}"
         raise ConfigError(f"server.tls.cert_file: {tls.cert_file}: {problem}") from None

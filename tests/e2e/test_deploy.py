@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from certs import Authority
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import BIN, clean_env
 from llmrelay import v1 as pb
@@ -92,11 +93,16 @@ async def exported_names(port: int) -> set[str]:
 
 
 async def test_dashboard_and_alerts_use_only_exported_metrics(
-    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, tmp_path: Path
 ) -> None:
-    gateway = await gateway_factory(two_backends(primary, local), server='metrics_listen: "127.0.0.1:0"')
+    # Over TLS, whose certificate's end is a metric too.
+    ca = Authority("llmrelay test CA")
+    ca.server().write(tmp_path / "server.pem", tmp_path / "server.key")
+    tls = f'tls: {{cert_file: "{tmp_path / "server.pem"}", key_file: "{tmp_path / "server.key"}"}}'
+    gateway = await gateway_factory(two_backends(primary, local), server=f'metrics_listen: "127.0.0.1:0", {tls}')
     assert gateway.metrics is not None and gateway.metrics.port is not None
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+    credentials = grpc.ssl_channel_credentials(ca.cert)
+    async with grpc.aio.secure_channel(f"127.0.0.1:{gateway.port}", credentials) as channel:
         stub = pb.LLMServiceStub(channel)
         await stub.Complete(chat(), timeout=5)
         [chunk async for chunk in stub.StreamComplete(stream_chat(), timeout=5)]

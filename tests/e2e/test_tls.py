@@ -13,10 +13,12 @@ from pathlib import Path
 import grpc
 import pytest
 from certs import Authority, Issued
+from cryptography import x509
+from e2e.test_metrics import scrape, value
 from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway, start_gateway
 from llmrelay_server.config import AuthConfig, ConfigError, TLSConfig, load_config
-from llmrelay_server.tls import exposure_warnings
+from llmrelay_server.tls import EXPIRY_WARNING_S, ServedCertificate, exposure_warnings
 from llmrelay_server.workers import ListenError
 from support import GatewayFactory, chat, two_backends
 from upstream import FakeUpstream
@@ -51,9 +53,11 @@ async def tls_gateway(tmp_path: Path, primary: FakeUpstream, local: FakeUpstream
     section of its own, and a YAML file has one."""
     started: list[Gateway] = []
 
-    async def start(tls: str, listen: str = "127.0.0.1:0") -> Gateway:
+    async def start(tls: str, listen: str = "127.0.0.1:0", more: str = "") -> Gateway:
+        """`more`: other server settings, as YAML flow mapping entries."""
         path = tmp_path / "tls.yaml"
-        server = f'server: {{listen: "{listen}", usage_db: ":memory:", grace_period_s: 2, tls: {tls}}}\n'
+        more = f", {more}" if more else ""
+        server = f'server: {{listen: "{listen}", usage_db: ":memory:", grace_period_s: 2, tls: {tls}{more}}}\n'
         path.write_text(server + two_backends(primary, local))
         gateway = await start_gateway(load_config({}, path))
         started.append(gateway)
@@ -181,6 +185,78 @@ async def test_a_certificate_rotated_in_before_its_time_is_taken_when_it_comes(
             await until_served(gateway.port, old.cert)
             await asyncio.sleep(0.1)
     await until_served(gateway.port, new.cert, within_s=10)
+
+
+EXPIRY = "llmrelay_tls_certificate_expiry_timestamp_seconds"
+
+
+def _not_after(issued: Issued) -> float:
+    return x509.load_pem_x509_certificate(issued.cert).not_valid_after_utc.timestamp()
+
+
+def _expiry_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "the certificate served" in r.getMessage()]
+
+
+async def test_a_certificate_near_its_end_is_warned_of_and_its_end_is_a_metric(
+    tls_gateway: TLSGatewayFactory, files: Files, caplog: pytest.LogCaptureFixture
+) -> None:
+    ca = Authority("llmrelay test CA")
+    ending = ca.server(valid_for=timedelta(days=3))
+    ending.write(files.cert, files.key)
+    gateway = await tls_gateway(files.section(), more='metrics_listen: "127.0.0.1:0"')
+    assert gateway.metrics is not None and gateway.metrics.port is not None
+    (warning,) = _expiry_lines(caplog)
+    assert f"server.tls.cert_file: {files.cert}" in warning and "expires on" in warning and "(in 3 days)" in warning
+    assert "renewed" in warning
+    assert value(await scrape(gateway.metrics.port), EXPIRY) == _not_after(ending)
+    # Renewed on disk: the next connection takes it, and the metric follows; a year's certificate is not warned of.
+    renewed = ca.server(valid_for=timedelta(days=365))
+    renewed.write(files.cert, files.key)
+    await until_served(gateway.port, ca.cert)
+    async with asyncio.timeout(5):
+        while value(await scrape(gateway.metrics.port), EXPIRY) != _not_after(renewed):
+            async with secure(gateway.port, ca.cert) as channel:
+                await health(channel)
+            await asyncio.sleep(0.1)
+    assert len(_expiry_lines(caplog)) == 1
+
+
+async def test_without_tls_there_is_no_certificate_metric(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    gateway = await gateway_factory(two_backends(primary, local), server='metrics_listen: "127.0.0.1:0"')
+    assert gateway.metrics is not None and gateway.metrics.port is not None
+    assert not [name for name, _ in await scrape(gateway.metrics.port) if name == EXPIRY]
+
+
+def test_an_ending_certificate_is_warned_of_once_a_day_and_when_it_has_ended(
+    files: Files, caplog: pytest.LogCaptureFixture
+) -> None:
+    issued = Authority("llmrelay test CA").server(valid_for=timedelta(days=20))
+    issued.write(files.cert, files.key)
+    now = [_not_after(issued) - EXPIRY_WARNING_S - 3600]
+    served = ServedCertificate(TLSConfig(cert_file=str(files.cert), key_file=str(files.key)), clock=lambda: now[0])
+
+    def said_after(seconds: float) -> list[str]:
+        caplog.clear()
+        now[0] += seconds
+        served.warn_of_expiry()
+        return _expiry_lines(caplog)
+
+    assert said_after(0) == []  # more than EXPIRY_WARNING_S left
+    assert [r.levelno for r in caplog.records] == []
+    (first,) = said_after(2 * 3600)
+    assert "(in 14 days)" in first
+    assert said_after(3600) == [] and said_after(20 * 3600) == []  # said once a day
+    (again,) = said_after(3 * 3600)
+    assert "(in 13 days)" in again
+    (last_hours,) = said_after(EXPIRY_WARNING_S - 2 * 86_400 + 4 * 3600)
+    assert "(in 19 hours)" in last_hours
+    (ended,) = said_after(20 * 3600)  # ended: said at once, as an error
+    assert "expired on" in ended and "clients refuse every new connection" in ended
+    assert caplog.records[-1].levelno == logging.ERROR
+    assert said_after(3600) == []
 
 
 def _missing_cert(files: Files, ca: Authority) -> None:
