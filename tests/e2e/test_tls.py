@@ -1,5 +1,6 @@
 """TLS and mutual TLS on the listener, end to end: real gRPC channels and certificates made in the test; rotation on
-disk without a restart; the start-up errors and the warnings of an exposed listener."""
+disk without a restart; a certificate's end, warned of and exported; the start-up errors and the warnings of an exposed
+listener."""
 
 from __future__ import annotations
 
