@@ -76,19 +76,9 @@ class _Family(abc.ABC, Generic[_Series]):
 
     kind: ClassVar[str]
 
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labels: Sequence[str],
-        new: Callable[[], _Series],
-        same_as: _Family[_Series] | None = None,
-    ) -> None:
+    def __init__(self, name: str, documentation: str, labels: Sequence[str], new: Callable[[], _Series]) -> None:
         self.name, self.documentation, self.labels = name, documentation, tuple(labels)
-        self._series: _MadeAtFirstUse[tuple[str, ...], _Series] = (
-            _MadeAtFirstUse(lambda values: new()) if same_as is None else same_as._series
-        )
-        """By label values; `same_as`'s own, for a family that always counts what another does."""
+        self._series: _MadeAtFirstUse[tuple[str, ...], _Series] = _MadeAtFirstUse(lambda values: new())
 
     def __call__(self, *values: str) -> _Series:
         return self._series[values]
@@ -134,8 +124,8 @@ class _MadeAtFirstUse(dict[_Key, _Series]):
 class _Counted(_Family[_Count]):
     kind = "counter"
 
-    def __init__(self, name: str, documentation: str, labels: Sequence[str], same_as: _Counted | None = None) -> None:
-        super().__init__(name, documentation, labels, _Count, same_as)
+    def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
+        super().__init__(name, documentation, labels, _Count)
 
     def _add_samples(self, metric: Metric, labels: dict[str, str], series: _Count) -> None:
         metric.add_sample(f"{self.name}_total", labels, series.value)
@@ -182,11 +172,8 @@ class _Kept(Collector):
     def __init__(self) -> None:
         self._families: list[_Counted | _Distributed] = []
 
-    def counted(
-        self, name: str, documentation: str, labels: Sequence[str], same_as: _Counted | None = None
-    ) -> _Counted:
-        """A counter; with `same_as`, one exposed under a name of its own with that counter's series and values."""
-        self._families.append(counted := _Counted(name, documentation, labels, same_as))
+    def counted(self, name: str, documentation: str, labels: Sequence[str]) -> _Counted:
+        self._families.append(counted := _Counted(name, documentation, labels))
         return counted
 
     def distributed(
@@ -217,8 +204,7 @@ class Metrics:
         self.handled = kept.counted(
             "grpc_server_handled", "RPCs completed on the server, by status.", [*grpc_labels, "grpc_code"]
         )
-        # Every RPC of the gateway's takes one request message, read before its handler starts: as many as started.
-        kept.counted("grpc_server_msg_received", "Messages received by the server.", grpc_labels, same_as=self.started)
+        self.received = kept.counted("grpc_server_msg_received", "Messages received by the server.", grpc_labels)
         self.sent = kept.counted("grpc_server_msg_sent", "Messages sent by the server.", grpc_labels)
         self.handling = kept.distributed(
             "grpc_server_handling_seconds", "Time from an RPC's start to its end.", grpc_labels
@@ -469,6 +455,7 @@ class _Method:
         "labels",
         "metrics",
         "operation",
+        "received",
         "sent",
         "started",
     )
@@ -479,7 +466,7 @@ class _Method:
         self.operation = GEN_AI_OPERATIONS.get(method, "chat")
         # llmrelay_open_streams counts answers streamed: not the health service's watches.
         self.completion_stream = method == STREAM_COMPLETE
-        self.started = metrics.started(*self.labels)
+        self.started, self.received = metrics.started(*self.labels), metrics.received(*self.labels)
         self.sent, self.handling = metrics.sent(*self.labels), metrics.handling(*self.labels)
         self._overhead: _Distribution | None = None
         self.handled: _MadeAtFirstUse[grpc.StatusCode, _Count] = _MadeAtFirstUse(
@@ -502,7 +489,8 @@ class _CountedCall:
     def __init__(self, method: _Method, request: Any) -> None:
         self._started = time.perf_counter()
         self._method, self._request = method, request
-        method.started.inc()  # and so grpc_server_msg_received, which shares its series
+        method.started.inc()
+        method.received.inc()
         if method.completion_stream:
             method.metrics.open_streams.inc()
         self._meter = open_meter()
