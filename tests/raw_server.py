@@ -1,11 +1,12 @@
 """A loopback server whose handler answers each connection as it likes: raw bytes for the HTTP client's faults
-(tests/unit/test_http1.py), or a forward proxy (tests/proxy.py)."""
+(tests/unit/test_http1.py), a forward proxy (tests/proxy.py), or a relay that can go silent (tests/relay.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import Self
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -22,7 +23,7 @@ class RawServer:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def __aenter__(self) -> RawServer:
+    async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl_context)
         return self
 

@@ -12,28 +12,18 @@ from raw_server import RawServer
 _READ_BYTES = 65536
 
 
-class Relay:
+class Relay(RawServer):
+    """A relay to the server on `port`; `accepted` counts the connections clients opened through it."""
+
     def __init__(self, port: int) -> None:
+        super().__init__(self._relay)
         self._port = port
         self._silent = asyncio.Event()
-        self._server = RawServer(self._relay)
-
-    async def __aenter__(self) -> Relay:
-        await self._server.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self._server.__aexit__(*exc_info)
 
     @property
     def target(self) -> str:
         """The gRPC target to reach the server through the relay."""
-        return f"127.0.0.1:{self._server.port}"
-
-    @property
-    def accepted(self) -> int:
-        """The connections clients have opened through it."""
-        return self._server.accepted
+        return f"127.0.0.1:{self.port}"
 
     def go_silent(self) -> None:
         self._silent.set()
