@@ -56,8 +56,9 @@ test-fast: proto-check services
 
 # The soak test for longer than `make test` runs it: concurrent calls under random faults (SOAK_S seconds).
 SOAK_S ?= 60
+# The stacks printed for a test that looks hung (pyproject's faulthandler_timeout) wait for the soak's own length.
 soak: $(STAMP)
-	LLMRELAY_SOAK_S=$(SOAK_S) $(BIN)/pytest -q -s -m soak
+	LLMRELAY_SOAK_S=$(SOAK_S) $(BIN)/pytest -q -s -m soak -o faulthandler_timeout=$$(( $(SOAK_S) + 300 ))
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(ARGS)
