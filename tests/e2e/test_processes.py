@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import cast
 
@@ -192,6 +192,34 @@ async def test_bad_configuration_fails_at_start_naming_the_field(tmp_path: Path)
     message = err.decode()
     assert "llm.openai.base_url" in message and "ftp://nowhere" in message
     assert OPENAI_TEST_KEY not in message
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Children started meanwhile take SIGINT as Python's default (KeyboardInterrupt): they inherit an ignored SIGINT
+    otherwise, as a test run started in the background (`&`) has it."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+async def test_ctrl_c_while_the_gateway_loads_ends_it_quietly(tmp_path: Path, local: FakeUpstream) -> None:
+    """Its modules take a second or more to import: Ctrl-C then is a stop, 130 as a shell reports Ctrl-C, without a
+    traceback of wherever the import had got to."""
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(f'server: {{usage_db: "{tmp_path / "usage.db"}"}}\n')
+    with interruptible():
+        gateway = await start_server(config, local)
+    await asyncio.sleep(0.3)
+    gateway.process.send_signal(signal.SIGINT)
+    async with asyncio.timeout(20):
+        assert await gateway.process.wait() == 128 + signal.SIGINT
+    assert gateway.process.stderr is not None
+    output = (await gateway.process.stderr.read()).decode()
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    assert "listening on" not in output  # stopped as it loaded, not after
 
 
 async def test_a_second_server_on_a_taken_port_fails_instead_of_sharing_it(

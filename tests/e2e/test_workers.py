@@ -1,7 +1,8 @@
 """`llmrelay-server --workers N`: N real gateway processes on one port under a supervisor: calls spread over them,
 one ledger and one metrics endpoint for all, a dead worker restarted (each after its own back-off), SIGTERM drains
-them all (and kills those that do not stop, after one deadline for all), a taken port still refused (while the
-first gateway's workers start too), and workers that outlive a killed supervisor stop (killed as they start too)."""
+them all (and kills those that do not stop, after one deadline for all), Ctrl-C as they load stops them quietly, a
+taken port still refused (while the first gateway's workers start too), and workers that outlive a killed supervisor
+stop (killed as they start too)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from e2e.test_processes import interruptible
 from harness import GatewayProcess, free_port
 from llmrelay import v1 as pb
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
@@ -345,6 +347,22 @@ async def test_sigterm_to_the_process_group_as_workers_start_is_a_clean_stop(
     async with asyncio.timeout(30):
         assert await gateway.process.wait() == 0
     output = await error_output(gateway)
+    assert "exited as it started" not in output and '"level":"ERROR"' not in output
+
+
+async def test_ctrl_c_as_workers_load_stops_them_quietly(tmp_path: Path, local: FakeUpstream) -> None:
+    """Ctrl-C in a terminal reaches the supervisor and its workers at once: workers still importing the gateway stop
+    without a traceback each, and the supervisor as asked."""
+    with interruptible():
+        gateway = await start_server(workers_config(tmp_path), local, "--workers", "2")
+        workers = await made_workers(gateway)
+    await asyncio.sleep(0.3)  # each takes a second or more to import
+    for pid in (gateway.process.pid, *workers):
+        os.kill(pid, signal.SIGINT)
+    async with asyncio.timeout(30):
+        assert await gateway.process.wait() == 0
+    output = await error_output(gateway)
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
     assert "exited as it started" not in output and '"level":"ERROR"' not in output
 
 
