@@ -335,30 +335,23 @@ async def test_workers_that_do_not_stop_are_killed_after_one_deadline_for_all(
     assert (await gateway.output()).count("did not stop within 10.5 s: killing it") == 2
 
 
-async def test_sigterm_to_the_process_group_as_workers_start_is_a_clean_stop(
-    tmp_path: Path, local: FakeUpstream
+@pytest.mark.parametrize(
+    ("signum", "after_s"),
+    [(signal.SIGTERM, 0.0), (signal.SIGINT, 0.3)],
+    ids=["sigterm-as-they-start", "ctrl-c-as-they-load"],
+)
+async def test_a_signal_to_the_process_group_as_workers_start_is_a_clean_stop(
+    tmp_path: Path, local: FakeUpstream, signum: signal.Signals, after_s: float
 ) -> None:
-    """SIGTERM to the supervisor and its workers at once (systemd's stop, Ctrl-C in a terminal) while they start: a
-    stop, not a worker that failed to start."""
-    gateway = await start_server(workers_config(tmp_path), local, "--workers", "2")
-    workers = await made_workers(gateway)
-    for pid in (gateway.process.pid, *workers):
-        os.kill(pid, signal.SIGTERM)
-    async with asyncio.timeout(30):
-        assert await gateway.process.wait() == 0
-    output = await error_output(gateway)
-    assert "exited as it started" not in output and '"level":"ERROR"' not in output
-
-
-async def test_ctrl_c_as_workers_load_stops_them_quietly(tmp_path: Path, local: FakeUpstream) -> None:
-    """Ctrl-C in a terminal reaches the supervisor and its workers at once: workers still importing the gateway stop
-    without a traceback each, and the supervisor as asked."""
+    """SIGTERM or SIGINT to the supervisor and its workers at once (systemd's stop; Ctrl-C in a terminal) while they
+    start: a stop, not a worker that failed to start; and no traceback from the workers still importing the gateway
+    (Ctrl-C a moment in: each takes a second or more to import)."""
     with interruptible():
         gateway = await start_server(workers_config(tmp_path), local, "--workers", "2")
         workers = await made_workers(gateway)
-    await asyncio.sleep(0.3)  # each takes a second or more to import
+    await asyncio.sleep(after_s)
     for pid in (gateway.process.pid, *workers):
-        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signum)
     async with asyncio.timeout(30):
         assert await gateway.process.wait() == 0
     output = await error_output(gateway)
