@@ -212,7 +212,9 @@ async def test_ctrl_c_while_the_gateway_loads_ends_it_quietly(tmp_path: Path, lo
     config.write_text(f'server: {{usage_db: "{tmp_path / "usage.db"}"}}\n')
     with interruptible():
         gateway = await start_server(config, local)
-    await asyncio.sleep(0.3)
+    # Past the interpreter's own start (its SIGINT handler in place: before, SIGINT just kills it), well within the
+    # imports.
+    await asyncio.sleep(0.5)
     gateway.process.send_signal(signal.SIGINT)
     async with asyncio.timeout(20):
         assert await gateway.process.wait() == 128 + signal.SIGINT
