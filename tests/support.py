@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import signal
 import struct as binary
 import tracemalloc
 import zlib
@@ -170,3 +171,14 @@ async def start_server(
     loopback Ollama alone, more `env` (TMPDIR, say)."""
     local_env = clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1"), LLMRELAY_OLLAMA_MODEL="tiny", **(env or {}))
     return await spawn_gateway(config, *flags, port=port, env=local_env)
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Children started meanwhile take SIGINT as Python's default (KeyboardInterrupt): they inherit an ignored SIGINT
+    otherwise, as a test run started in the background (`&`) has it."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -188,13 +188,11 @@ _CHANGED = "server.tls: cert_file or key_file changed while being read; they are
 
 def _duration(seconds: float) -> str:
     hours = seconds / 3600
-    return (
-        f"{hours / 24:.0f} days"
-        if hours >= 48
-        else f"{hours:.0f} hours"
-        if hours >= 2
-        else f"{seconds / 60:.0f} minutes"
-    )
+    if hours >= 48:
+        return f"{hours / 24:.0f} days"
+    if hours >= 2:
+        return f"{hours:.0f} hours"
+    return f"{seconds / 60:.0f} minutes"
 
 
 def _load(tls: TLSConfig) -> tuple[grpc.ServerCertificateConfiguration, float]:

@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
 
@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import BIN, GatewayProcess, clean_env
 from llmrelay import AsyncClient, Client, InvalidArgumentError, UnauthenticatedError, UnavailableError
 from llmrelay import v1 as pb
-from support import OPENAI_TEST_KEY, chat, details, read_all, start_server, stream_chat
+from support import OPENAI_TEST_KEY, chat, details, interruptible, read_all, start_server, stream_chat
 from upstream import FakeUpstream
 
 
@@ -192,17 +192,6 @@ async def test_bad_configuration_fails_at_start_naming_the_field(tmp_path: Path)
     message = err.decode()
     assert "llm.openai.base_url" in message and "ftp://nowhere" in message
     assert OPENAI_TEST_KEY not in message
-
-
-@contextlib.contextmanager
-def interruptible() -> Iterator[None]:
-    """Children started meanwhile take SIGINT as Python's default (KeyboardInterrupt): they inherit an ignored SIGINT
-    otherwise, as a test run started in the background (`&`) has it."""
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, before)
 
 
 async def test_ctrl_c_while_the_gateway_loads_ends_it_quietly(tmp_path: Path, local: FakeUpstream) -> None:

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from e2e.test_processes import interruptible
 from harness import GatewayProcess, free_port
 from llmrelay import v1 as pb
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
-from support import chat, read_all, start_server, stream_chat
+from support import chat, interruptible, read_all, start_server, stream_chat
 from upstream import FakeUpstream
 
 COMPLETE = "llmrelay.v1.LLMService/Complete"
