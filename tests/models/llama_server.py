@@ -10,6 +10,7 @@ for that line. SIGTERM or SIGINT stops the server and exits 0.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -33,6 +34,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--embedding", action="store_true", help="also serve /v1/embeddings, one mean-pooled vector per input"
     )
     return parser.parse_args(argv)
+
+
+def _say(line: str) -> None:
+    """One line on stdout in one write(2).
+
+    stdout and stderr share the log file, and llama.cpp's threads write their log lines to stderr in pieces; print()
+    writes its text and its newline in two calls, so one of those pieces can land between them and glue itself to the
+    ready line's port (seen in CI: "127.0.0.1:40523I").
+    """
+    os.write(sys.stdout.fileno(), f"{line}\n".encode())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,14 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Returns once the model is loaded and the socket listens.
     server = xllamacpp.Server(params)
-    print(f"{READY_PREFIX}{server.listening_address}", flush=True)
+    _say(f"{READY_PREFIX}{server.listening_address}")
 
     received = signal.sigwait(STOP_SIGNALS)
-    print(f"llama_server: {signal.Signals(received).name} received, stopping", flush=True)
+    _say(f"llama_server: {signal.Signals(received).name} received, stopping")
     # Server's destructor stops the HTTP loop and joins its threads; run it now, while the
     # interpreter is intact, not whenever interpreter shutdown happens to collect it.
     del server
-    print("llama_server: stopped", flush=True)
+    _say("llama_server: stopped")
     return 0
 
 

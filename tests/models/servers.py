@@ -43,7 +43,8 @@ STOP_TIMEOUT_S: Final = 10.0
 REQUEST_TIMEOUT_S: Final = 30.0
 POLL_INTERVAL_S: Final = 0.05
 
-_LLAMA_READY: Final = re.compile(re.escape(READY_PREFIX) + r"(http://\S+)")
+# Whole lines only: the newline says the address was written to its end.
+_LLAMA_READY: Final = re.compile(re.escape(READY_PREFIX) + r"(http://\S+)\n")
 _OLLAMA_READY: Final = re.compile(r'msg="Listening on (\S+) \(version')
 
 
