@@ -28,14 +28,16 @@ import argparse
 import asyncio
 import codecs
 import contextlib
+import itertools
 import json
 import os
+import random
 import signal
 import socket
 import sys
 import tempfile
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -67,10 +69,34 @@ go through."""
 
 
 def free_port() -> int:
-    """A loopback port that was free a moment ago."""
+    """A loopback port free now, for a server to bind a moment later. Taken below the kernel's range of ephemeral
+    ports where there is room (Linux's starts at 32768): the tests' own connections take their source ports from
+    that range, and one of them could take a port the kernel had just given out before its server bound it."""
+    for port in itertools.islice(_LISTENING_PORTS, 64):
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _listening_ports() -> Iterator[int]:
+    """Ports below the ephemeral range, in an order of this process's own, so that two servers it starts at once do
+    not draw the same one; none where the range leaves no room (or the system does not say where it starts)."""
+    try:
+        first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return iter(())
+    ports = list(range(max(1024, first_ephemeral - _LISTENING_PORTS_WANTED), first_ephemeral))
+    if len(ports) < _LISTENING_PORTS_WANTED // 4:
+        return iter(())
+    random.shuffle(ports)
+    return itertools.cycle(ports)
+
+
+_LISTENING_PORTS_WANTED = 12_000
+_LISTENING_PORTS = _listening_ports()
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """A real PostgreSQL for the tests, from Debian's binaries (/usr/lib/postgresql/<version>/bin), on loopback.
 
 `PostgresTemplate` runs initdb once (trust authentication, no fsync: a test database is thrown away); each
-`PostgresServer` copies it into a temporary directory of its own and serves it on an ephemeral port of 127.0.0.1,
+`PostgresServer` copies it into a temporary directory of its own and serves it on a free port of 127.0.0.1,
 its Unix socket inside that directory. It can be stopped and started again on the same port and data, as a
 database outage is. PostgreSQL refuses to run as root: as root, everything runs as `nobody`, which owns the
 temporary directories.
@@ -14,7 +14,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import psycopg
+from harness import free_port
 
 INSTALL_HINT = "PostgreSQL's server binaries are not installed: apt-get install postgresql"
 _SERVER_USER = "nobody"
@@ -81,9 +81,7 @@ class PostgresServer:
         self.data = self.directory / "data"
         subprocess.run(_as_server_user(["cp", "-a", template.data, self.data]), check=True)
         self.log = self.directory / "postgres.log"
-        with socket.socket() as probe:  # an ephemeral port, kept across restarts
-            probe.bind(("127.0.0.1", 0))
-            self.port: int = probe.getsockname()[1]
+        self.port = free_port()  # kept across restarts
         self._process: subprocess.Popen[bytes] | None = None
 
     def url(self, database: str = "postgres", password: str | None = None) -> str:

@@ -1,4 +1,4 @@
-"""A real redis-server for the tests: on an ephemeral loopback port, in a folder of its own, nothing persisted.
+"""A real redis-server for the tests: on a free loopback port, in a folder of its own, nothing persisted.
 
 It can be stopped (killed, as a crash or a lost host looks to its clients) and started again on the same port, so
 tests take Redis away under load and bring it back.
