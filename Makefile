@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run demo test test-python test-fast soak proto proto-check lint bench bench-instructions bench-litellm ollama services clean
+.PHONY: setup run demo test test-python test-fast soak proto proto-check lint bench bench-instructions bench-calls bench-litellm ollama services clean
 
 setup: $(STAMP)
 
@@ -66,6 +66,10 @@ bench: $(STAMP)
 # Instructions per call under valgrind (callgrind): deterministic where CPU time is noisy; to compare commits by.
 bench-instructions: $(STAMP)
 	$(BIN)/python -m bench.instructions $(ARGS)
+
+# Where the Python of a call goes: its function calls per gRPC call, by function, and what each feature adds.
+bench-calls: $(STAMP)
+	$(BIN)/python -m bench.calls $(ARGS)
 
 # llmrelay against LiteLLM's proxy on the same upstream, in one run; installs a pinned LiteLLM once, outside the repo.
 bench-litellm: $(STAMP)

@@ -27,7 +27,7 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,29 +56,37 @@ WARM_UP_CALLS = 200
 START_UNDER_VALGRIND_S = 300  # imports run some 50 times slower under callgrind
 
 
-async def count(path: str, kind: str, calls: int, upstream_port: int, answers: Path, scratch: Path) -> float:
-    """Instructions per call of one server, `calls` calls of `kind` counted after a warm-up."""
-    out = scratch / f"{path}-{kind}.callgrind"
-    under = ["valgrind", "--tool=callgrind", "--dump-instr=no", f"--callgrind-out-file={out}"]
+@contextlib.asynccontextmanager
+async def serving(
+    path: str, kind: str, upstream_port: int, answers: Path, scratch: Path, under: Sequence[str], within_s: float
+) -> AsyncIterator[tuple[int, Callable[[], Awaitable[Any]]]]:
+    """One server of `path` (the floor, or a gateway of `make bench`) run by `under`, warmed up by calls of `kind`:
+    its process id, and a call of that kind to it, for as long as the block runs."""
     port = free_port()
     feature = GATEWAYS.get(path, PLAIN)
     async with contextlib.AsyncExitStack() as running:
         if path == "floor":
-            floor = start_floor(port, answers, "uvloop", under, START_UNDER_VALGRIND_S)
+            floor = start_floor(port, answers, "uvloop", under, within_s)
             pid = floor.pid
             running.callback(stop, floor)
         else:
-            gateway = await start_gateway(
-                scratch, upstream_port, port, path, feature, "uvloop", under, START_UNDER_VALGRIND_S
-            )
+            gateway = await start_gateway(scratch, upstream_port, port, path, feature, "uvloop", under, within_s)
             pid = gateway.process.pid
             running.push_async_callback(gateway.stop)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             call = grpc_calls(pb.LLMServiceStub(channel), feature.metadata)[kind]
-            await _calls(call, WARM_UP_CALLS, 4)
-            _control("--zero", pid)
-            await _calls(call, calls, CALLERS)
-            _control("--dump", pid)
+            await take_turns(call, WARM_UP_CALLS, 4)
+            yield pid, call
+
+
+async def count(path: str, kind: str, calls: int, upstream_port: int, answers: Path, scratch: Path) -> float:
+    """Instructions per call of one server, `calls` calls of `kind` counted after a warm-up."""
+    out = scratch / f"{path}-{kind}.callgrind"
+    under = ["valgrind", "--tool=callgrind", "--dump-instr=no", f"--callgrind-out-file={out}"]
+    async with serving(path, kind, upstream_port, answers, scratch, under, START_UNDER_VALGRIND_S) as (pid, call):
+        _control("--zero", pid)
+        await take_turns(call, calls, CALLERS)
+        _control("--dump", pid)
     return _totals(Path(f"{out}.1")) / calls
 
 
@@ -87,7 +95,9 @@ def _totals(dump: Path) -> int:
     return next(int(line.split()[1]) for line in dump.read_text().splitlines() if line.startswith("totals:"))
 
 
-async def _calls(call: Callable[[], Awaitable[Any]], n: int, callers: int) -> None:
+async def take_turns(call: Callable[[], Awaitable[Any]], n: int, callers: int) -> None:
+    """`n` calls from `callers` callers at once, each calling again as soon as its last call ends."""
+
     async def caller(share: int) -> None:
         for _ in range(share):
             await call()
@@ -99,18 +109,25 @@ def _control(action: str, pid: int) -> None:
     subprocess.run(["callgrind_control", action, str(pid)], check=True, capture_output=True)
 
 
-async def run(calls: int, kinds: list[str], paths: list[str]) -> dict[str, Any]:
-    rows: list[dict[str, Any]] = []
+@contextlib.asynccontextmanager
+async def floor_staged() -> AsyncIterator[tuple[Path, int, Path]]:
+    """The loopback upstream, and the answers for the floor to send (the gateway's own, recorded from a gateway run
+    as `make bench` records them): the scratch folder, the upstream's port, and the answers' file."""
     async with stage("recorder") as (scratch, ports, _, _):
-        # The floor answers with the gateway's own messages, recorded from a gateway run as usual.
         recorder = await start_gateway(scratch, ports["upstream"], ports["recorder"], "recorder")
         async with grpc.aio.insecure_channel(recorder.target) as channel:
             answers = await recorded_answers(pb.LLMServiceStub(channel), scratch)
         await recorder.stop()
+        yield scratch, ports["upstream"], answers
+
+
+async def run(calls: int, kinds: list[str], paths: list[str]) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    async with floor_staged() as (scratch, upstream_port, answers):
         for kind in kinds:
             counted: dict[str, float] = {}
             for path in paths:
-                per_call = counted[path] = await count(path, kind, calls, ports["upstream"], answers, scratch)
+                per_call = counted[path] = await count(path, kind, calls, upstream_port, answers, scratch)
                 row: dict[str, Any] = {"path": path, "kind": kind, "instructions_per_call": round(per_call)}
                 versus = []
                 if "floor" in counted:
