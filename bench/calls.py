@@ -5,8 +5,8 @@ that they call, counted in its event loop's thread by a profile hook (bench/prof
 server and kind of call, the function calls a gRPC call costs, the most frequent ones, and (for a gateway with
 features on) those it makes over the plain gateway's. A call counted here costs some 1,000-1,800 instructions on
 average on the gateway's path (a small function's own work, the interpreter's frame, the loop's scheduling between
-them), which is why the number of them tracks the instructions a gRPC call takes. The hook slows the server several times
-over, so this measures no time; it counts, and the counts are the same run after run.
+them), which is why the number of them tracks the instructions a gRPC call takes. The hook slows the server several
+times over, so this measures no time; it counts, and the counts are the same run after run.
 
 The same servers as `make bench-instructions` (the floor, the plain gateway, everything on, or any of the features
 alone: `--paths`), one at a time, in front of the same loopback upstream; `--calls` calls from 16 callers counted
