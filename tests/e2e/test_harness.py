@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from harness import FALLBACK_BACKEND
+from harness import FALLBACK_BACKEND, free_port
 from llmrelay import v1 as pb
 from support import chat
 
@@ -70,3 +70,14 @@ async def test_the_command_serves_tls_with_its_ca() -> None:
         assert answer.message.content == "echo: over tls"
     finally:
         assert await stop(process) == 0
+
+
+def test_free_ports_come_from_below_the_ephemeral_range_a_new_one_each_time() -> None:
+    """Where the tests' own connections cannot take them between the draw and the server's bind."""
+    first_ephemeral, last_ephemeral = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = [free_port() for _ in range(500)]
+    if first_ephemeral - 1024 >= 3000:
+        assert all(1024 <= port < first_ephemeral for port in ports), sorted(ports)[-5:]
+        assert len(set(ports)) == len(ports)  # 500 draws of a shuffled range of at least 3,000
+    else:  # no room below it here: the kernel's choice, as before
+        assert all(first_ephemeral <= port <= last_ephemeral for port in ports)
