@@ -17,10 +17,8 @@ Usage: python -m bench.calls [--calls N] [--kinds unary,stream] [--paths floor,g
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
-import datetime
 import json
 import os
 import signal
@@ -28,8 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.__main__ import KINDS, RESULTS
-from bench.instructions import CALLERS, DEFAULT_PATHS, PATHS, floor_staged, serving, take_turns
+from bench.instructions import CALLERS, chosen_servers, floor_staged, servers_parser, serving, take_turns, write_results
 
 PROFILED = Path(__file__).resolve().parent / "profiled.py"
 START_PROFILED_S = 60
@@ -58,7 +55,7 @@ async def count(
     return collections.Counter({function: number / calls for function, number in counted})
 
 
-async def run(calls: int, kinds: list[str], paths: list[str], top: int) -> dict[str, Any]:
+async def run(calls: int, kinds: list[str], paths: list[str], top: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     async with floor_staged() as (scratch, upstream_port, answers):
         for kind in kinds:
@@ -82,13 +79,7 @@ async def run(calls: int, kinds: list[str], paths: list[str], top: int) -> dict[
                     _show(functions, top)
                 row["functions"] = {name: round(n, 2) for name, n in functions.most_common() if n >= KEPT_PER_CALL}
                 rows.append(row)
-    return {
-        "command": "python -m bench.calls",
-        "started_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "calls": calls,
-        "callers": CALLERS,
-        "rows": rows,
-    }
+    return rows
 
 
 def _show(functions: collections.Counter[str], top: int) -> None:
@@ -97,25 +88,11 @@ def _show(functions: collections.Counter[str], top: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=400, help="gRPC calls counted per server and kind (default 400)")
-    parser.add_argument("--kinds", default=",".join(KINDS), help="of unary,stream (default both)")
-    parser.add_argument(
-        "--paths", default=",".join(DEFAULT_PATHS), help=f"of {','.join(PATHS)} (default {','.join(DEFAULT_PATHS)})"
-    )
+    parser = servers_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--top", type=int, default=25, help="functions shown per server (default 25)")
     args = parser.parse_args()
-    kinds, chosen = args.kinds.split(","), args.paths.split(",")
-    if not set(kinds) <= set(KINDS) or not set(chosen) <= set(PATHS):
-        parser.error(f"--kinds takes {','.join(KINDS)}; --paths takes {','.join(PATHS)}")
-    paths = [path for path in PATHS if path in chosen]  # the floor and the plain gateway first: the rest's measures
-    results = asyncio.run(run(args.calls, kinds, paths, args.top))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    # The default servers' figures to calls.json, another choice of paths to a file of its own.
-    name = "calls" if paths == list(DEFAULT_PATHS) else "-".join(("calls", *paths))
-    written = RESULTS / f"{name}.json"
-    written.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwritten: {written}")
+    kinds, paths = chosen_servers(parser, args)
+    write_results("calls", args.calls, paths, asyncio.run(run(args.calls, kinds, paths, args.top)))
 
 
 if __name__ == "__main__":

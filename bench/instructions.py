@@ -121,7 +121,7 @@ async def floor_staged() -> AsyncIterator[tuple[Path, int, Path]]:
         yield scratch, ports["upstream"], answers
 
 
-async def run(calls: int, kinds: list[str], paths: list[str]) -> dict[str, Any]:
+async def run(calls: int, kinds: list[str], paths: list[str]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     async with floor_staged() as (scratch, upstream_port, answers):
         for kind in kinds:
@@ -139,36 +139,51 @@ async def run(calls: int, kinds: list[str], paths: list[str]) -> dict[str, Any]:
                 rows.append(row)
                 counts = f"{kind:6s} {path:14s} {per_call / 1000:8.0f}k instructions a call"
                 print(f"{counts}  {'; '.join(versus)}", flush=True)
-    return {
-        "command": "python -m bench.instructions",
+    return rows
+
+
+def servers_parser(description: str) -> argparse.ArgumentParser:
+    """The command line of a tool that counts over the servers of PATHS: --calls, --kinds, --paths."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--calls", type=int, default=400, help="gRPC calls counted per server and kind (default 400)")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="of unary,stream (default both)")
+    parser.add_argument(
+        "--paths", default=",".join(DEFAULT_PATHS), help=f"of {','.join(PATHS)} (default {','.join(DEFAULT_PATHS)})"
+    )
+    return parser
+
+
+def chosen_servers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The kinds of call and the servers asked for, the floor and the plain gateway first (the rest's measures)."""
+    kinds, chosen = args.kinds.split(","), args.paths.split(",")
+    if not set(kinds) <= set(KINDS) or not set(chosen) <= set(PATHS):
+        parser.error(f"--kinds takes {','.join(KINDS)}; --paths takes {','.join(PATHS)}")
+    return kinds, [path for path in PATHS if path in chosen]
+
+
+def write_results(tool: str, calls: int, paths: list[str], rows: list[dict[str, Any]]) -> None:
+    """The rows of `python -m bench.TOOL`, counted over `calls` calls: the default servers' to
+    bench/results/TOOL.json, another choice of servers' to a file of its own."""
+    results = {
+        "command": f"python -m bench.{tool}",
         "started_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "calls": calls,
         "callers": CALLERS,
         "rows": rows,
     }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    written = RESULTS / f"{tool if paths == list(DEFAULT_PATHS) else '-'.join((tool, *paths))}.json"
+    written.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written: {written}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=400, help="calls counted per server and kind (default 400)")
-    parser.add_argument("--kinds", default=",".join(KINDS), help="of unary,stream (default both)")
-    parser.add_argument(
-        "--paths", default=",".join(DEFAULT_PATHS), help=f"of {','.join(PATHS)} (default {','.join(DEFAULT_PATHS)})"
-    )
+    parser = servers_parser(__doc__.split("\n\n")[0])
     args = parser.parse_args()
-    kinds, chosen = args.kinds.split(","), args.paths.split(",")
-    if not set(kinds) <= set(KINDS) or not set(chosen) <= set(PATHS):
-        parser.error(f"--kinds takes {','.join(KINDS)}; --paths takes {','.join(PATHS)}")
-    paths = [path for path in PATHS if path in chosen]  # the floor and the plain gateway first: the rest's measures
+    kinds, paths = chosen_servers(parser, args)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("bench.instructions: valgrind is not installed (apt-get install valgrind)")
-    results = asyncio.run(run(args.calls, kinds, paths))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    # The committed figures are the default servers'; another choice of paths goes to a file of its own.
-    name = "instructions" if paths == list(DEFAULT_PATHS) else "-".join(("instructions", *paths))
-    written = RESULTS / f"{name}.json"
-    written.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written: {written}")
+    write_results("instructions", args.calls, paths, asyncio.run(run(args.calls, kinds, paths)))
 
 
 if __name__ == "__main__":
