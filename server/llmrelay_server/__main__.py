@@ -4,16 +4,36 @@ The gateway's modules are imported here, inside `main`, rather than above it: th
 Ctrl-C in that time (or before the gateway's own SIGINT handler is in place, which then stops it gracefully) ends the
 process quietly, as asked, not with Python's traceback of wherever the import had got to (one per worker)."""
 
+import os
+import signal
 import sys
+from types import FrameType
+
+INTERRUPTED = 130
+"""128 + SIGINT: the shell's status for a command stopped by Ctrl-C."""
 
 
 def main() -> None:
-    try:
-        from llmrelay_server.cli import main as command_line
+    # While the modules load, Ctrl-C ends the process at once; an ignored SIGINT (a command started in the
+    # background) stays ignored.
+    loading = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if loading:
+        signal.signal(signal.SIGINT, _interrupted_while_loading)
+    from llmrelay_server.cli import main as command_line
 
+    if loading:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
         command_line()
     except KeyboardInterrupt:
-        sys.exit(130)  # 128 + SIGINT: the shell's status for a command stopped by Ctrl-C
+        sys.exit(INTERRUPTED)
+
+
+def _interrupted_while_loading(signum: int, frame: FrameType | None) -> None:
+    """Nothing has started yet, so there is nothing to undo. Not KeyboardInterrupt, which an import does not always
+    let through: Python 3.11 wraps it in a RuntimeError when it comes in a class's __set_name__ (a dataclass's fields;
+    seen in a worker under load), and prints and drops it when it comes in a finalizer."""
+    os._exit(INTERRUPTED)
 
 
 if __name__ == "__main__":
