@@ -104,7 +104,11 @@ async def test_local_down_falls_back_to_the_other_backend(stub_for: StubFactory,
 async def test_usage_is_attributed_across_providers_and_concurrent_calls_add_up(
     stub_for: StubFactory, llama: ServerHandle, ollama: OllamaHandle
 ) -> None:
-    stub = await stub_for(backends_yaml(llama_backend(llama), ollama_backend(ollama)))
+    # Each server answers one call at a time, so the sixth call to each waits for five answers: the router waits
+    # for it as long as the call's deadline rather than its first_chunk_timeout_s (15 s), which a busy machine
+    # reached and fell back to the other server.
+    router = "router: {first_chunk_timeout_s: 120}\n"
+    stub = await stub_for(backends_yaml(llama_backend(llama), ollama_backend(ollama)) + router)
     requests = [
         pb.CompleteRequest(
             model="local/tiny" if i % 2 else "ollama_real/tiny", messages=[user(f"water {i}")], options=GREEDY
