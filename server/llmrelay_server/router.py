@@ -295,7 +295,7 @@ class _Chain:
     too_long_for: int = 0
     """The largest known context window the prompt did not fit; a backend with no larger one is not tried."""
     opened_at: float = 0.0
-    """When the last successful attempt got its answer (a stream: its first chunk)."""
+    """When the last successful attempt got its answer (a stream: its first chunk), by time.perf_counter()."""
     hints: list[float] = field(default_factory=list)
     """When failed or skipped backends may serve again, where they said (Retry-After, a circuit's cool-down)."""
     unhinted: bool = False
@@ -309,7 +309,8 @@ class _Chain:
         return self.deadline - asyncio.get_running_loop().time()
 
     def record(self, route: Route, outcome: AttemptOutcome, started: float, error: UpstreamError | None) -> None:
-        duration_s = max(0.0, asyncio.get_running_loop().time() - started)
+        """An attempt that began at `started` (time.perf_counter()) ended now."""
+        duration_s = max(0.0, time.perf_counter() - started)
         self.attempts.append(
             Attempt(
                 backend=route.backend.name,
@@ -347,7 +348,7 @@ class _Chain:
         )
         # A real failure before it names the problem better than the skip does.
         last_error = self.last_error
-        self.record(route, AttemptOutcome.SKIPPED, asyncio.get_running_loop().time(), skipped)
+        self.record(route, AttemptOutcome.SKIPPED, time.perf_counter(), skipped)
         self.last_error = last_error or skipped
 
     def stream_ended(self, outcome: AttemptOutcome, error: str = "", upstream_status: int | None = None) -> None:
@@ -355,7 +356,7 @@ class _Chain:
         outcome, and its time from its start to its end, which the gateway's own share of the call is told from."""
         opened = self.attempts[-1]
         self.attempts[-1] = opened.ended(
-            outcome, opened.duration_s + asyncio.get_running_loop().time() - self.opened_at, upstream_status, error
+            outcome, opened.duration_s + time.perf_counter() - self.opened_at, upstream_status, error
         )
 
     def deadline_exceeded(self) -> DeadlineExceededError:
@@ -589,7 +590,7 @@ class Router:
         when the request asks for it and time remains, starts over on the next route after a restart chunk."""
         chain = _Chain(deadline)
         metering.attempts(chain.attempts)
-        called_at = asyncio.get_running_loop().time()
+        called_at = time.perf_counter()
         consumed: TokenUsage | None = None  # by broken attempts, billed and added to the final usage
         broken: StreamInterruptedError | None = None
         routes = self._routes(request, caller, may_use)
@@ -836,7 +837,7 @@ class Router:
                 route.backend.name,
                 f"not tried: its context window is no larger than {chain.too_long_for} tokens, which was too small",
             )
-            chain.record(route, AttemptOutcome.CONTEXT_LENGTH_EXCEEDED, loop.time(), too_long)
+            chain.record(route, AttemptOutcome.CONTEXT_LENGTH_EXCEEDED, time.perf_counter(), too_long)
             return None
         first_chunk_s = self._config.first_chunk_timeout_s
         for retry in range(self._config.retry.max_retries + 1):
@@ -847,8 +848,10 @@ class Router:
             if remaining < MIN_ATTEMPT_S:
                 circuit.release()
                 raise chain.deadline_exceeded()
-            started = loop.time()
-            silent_after = started + first_chunk_s
+            # Times measured by perf_counter: the loop's clock (uvloop's) moves in whole milliseconds, once an
+            # iteration, and an attempt often takes less. Deadlines stay on the loop's clock, as its timers do.
+            started = time.perf_counter()
+            silent_after = loop.time() + first_chunk_s
             try:
                 async with asyncio.timeout_at(min(chain.deadline, silent_after)):
                     result = await call(route, remaining)
@@ -890,7 +893,7 @@ class Router:
                 raise
             circuit.record_success()
             chain.record(route, AttemptOutcome.SUCCEEDED, started, None)
-            chain.opened_at = loop.time()
+            chain.opened_at = time.perf_counter()
             return result
         return None
 
@@ -901,7 +904,7 @@ class Router:
         chain.record(route, AttemptOutcome.TIMEOUT, started, timeout)
         # Silence until the caller's deadline counts against the backend (else a backend that takes calls and never
         # answers would hold every call forever); a deadline too short to tell says nothing.
-        if asyncio.get_running_loop().time() - started >= SILENCE_VERDICT_S:
+        if time.perf_counter() - started >= SILENCE_VERDICT_S:
             route.backend.count_failure(timeout)
         else:
             route.backend.circuit.release()

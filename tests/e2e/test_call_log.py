@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,38 @@ async def test_the_server_logs_only_json_when_asked(tmp_path: Path, local: FakeU
     assert any(e.get("request_id") == "p1" and e["code"] == "OK" for e in entries)
     assert any("listening on" in e["msg"] for e in entries)
     assert SECRET_PROMPT not in output
+
+
+async def test_times_are_measured_finer_than_the_servers_loop_clock(tmp_path: Path, local: FakeUpstream) -> None:
+    """`llmrelay-server` runs on uvloop, whose clock moves in whole milliseconds, once a loop iteration, and a loopback
+    upstream answers in less: an attempt's time (in the answer and the line), the line's overhead and a stream's first
+    chunk are measured finer, never zero and never the whole call's (they read 0 or 1 ms each on the loop's clock)."""
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(f'server: {{usage_db: "{tmp_path / "usage.db"}", log_format: json, drain_s: 0}}\n')
+    server = await start_server(config, local)
+    await server.wait_listening()
+    calls = 10
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = pb.LLMServiceStub(channel)
+        for i in range(calls):
+            started = time.perf_counter()
+            answer = await stub.Complete(chat(), timeout=5, metadata=[("x-request-id", f"unary-{i}")])
+            elapsed_s = time.perf_counter() - started
+            attempt = answer.attempts[-1]
+            assert 0 < attempt.duration.ToNanoseconds() / 1e9 < elapsed_s, (attempt, elapsed_s)
+            stream = stub.StreamComplete(stream_chat(), timeout=5, metadata=[("x-request-id", f"s-{i}")])
+            chunks = await read_all(stream)
+            assert chunks[-1].attempts[-1].duration.ToNanoseconds() > 0, chunks[-1].attempts
+    server.process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(20):
+        await server.process.wait()
+        output = await server.output()
+    found = {e["request_id"]: e for e in map(json.loads, output.splitlines()) if "request_id" in e}
+    for i in range(calls):
+        unary, stream = found[f"unary-{i}"], found[f"s-{i}"]
+        assert 0 < unary["overhead_ms"] < unary["duration_ms"], unary
+        assert 0 < stream["overhead_ms"] < stream["duration_ms"], stream
+        assert 0 < stream["first_chunk_ms"] < stream["duration_ms"], stream
 
 
 async def test_no_line_and_no_request_id_when_turned_off(
