@@ -389,6 +389,88 @@ async def _counted_by(deadline: float, count: Awaitable[TokenCount]) -> TokenCou
         raise DeadlineExceededError(f"the deadline ran out before the tokens were counted; {remedy}", ()) from None
 
 
+def _raise_if_timed_out(
+    task: asyncio.Task[object], cancelling: int, kind: type[BaseException] | None, error: BaseException | None
+) -> None:
+    """At the end of a wait whose timer cancelled `task` (which had `cancelling` cancellations asked before the wait):
+    TimeoutError in place of that CancelledError, as asyncio.timeout does, unless the task is cancelled for good."""
+    if task.uncancel() <= cancelling and kind is asyncio.CancelledError:
+        raise TimeoutError from error
+
+
+class Deadlines:
+    """The deadlines of the attempts in progress on an event loop, kept by one timer for the soonest.
+
+    An attempt that ends in time, as nearly all do, leaves the timer alone: it makes and cancels no timer of its own,
+    as asyncio.timeout_at would (with its own objects, about 5 us and 3% of a unary call's instructions). The timer
+    may thus fire for an attempt long over; it then ends the waits past their deadlines, as asyncio.timeout_at ends
+    them (the task cancelled, TimeoutError at the end of the wait), and is armed again for the soonest one left: the
+    busier the gateway, the later in time that one, so it fires about once a deadline's length, not once a call.
+    """
+
+    def __init__(self) -> None:
+        self._waits: set[_Wait] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = math.inf
+
+    def within(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Wait:
+        """A wait of the current task, in `loop`, ended with TimeoutError at `deadline` (the loop's clock)."""
+        return _Wait(self, loop, deadline)
+
+    def _watch(self, wait: _Wait) -> None:
+        self._waits.add(wait)
+        if wait.loop is not self._loop:  # a loop of its own (the tests run gateways one loop after another)
+            self._loop, self._timer, self._timer_due = wait.loop, None, math.inf
+        if wait.deadline < self._timer_due:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._arm(wait.deadline)
+
+    def _arm(self, due: float) -> None:
+        assert self._loop is not None
+        self._timer, self._timer_due = self._loop.call_at(due, self._fire, due), due
+
+    def _fire(self, due: float) -> None:
+        assert self._loop is not None
+        self._timer, self._timer_due = None, math.inf
+        # The loop may run a timer a little before its time by its own clock (uvloop's counts whole milliseconds):
+        # what it was armed for ends now all the same, as asyncio.timeout_at's would.
+        now = max(due, self._loop.time())
+        soonest = math.inf
+        for wait in [w for w in self._waits if w.loop is self._loop]:
+            if wait.deadline <= now:
+                self._waits.discard(wait)
+                wait.expire()
+            elif wait.deadline < soonest:
+                soonest = wait.deadline
+        if soonest < math.inf:
+            self._arm(soonest)
+
+
+class _Wait:
+    __slots__ = ("_cancelling", "_deadlines", "_expired", "_task", "deadline", "loop")
+
+    def __init__(self, deadlines: Deadlines, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        self._deadlines, self.loop, self.deadline = deadlines, loop, deadline
+        self._expired = False
+
+    def __enter__(self) -> None:
+        task = asyncio.current_task(self.loop)
+        assert task is not None, "a wait is a task's"
+        self._task, self._cancelling = task, task.cancelling()
+        self._deadlines._watch(self)
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _: object) -> None:
+        self._deadlines._waits.discard(self)
+        if self._expired:
+            _raise_if_timed_out(self._task, self._cancelling, kind, error)
+
+    def expire(self) -> None:
+        self._expired = True
+        self._task.cancel()
+
+
 class _Watchdog:
     """A stream's wait for its next chunk, ended with TimeoutError after `idle_s`, or at `deadline`: one timer for the
     whole stream, made again only when it fires while a wait is still within its limit. (asyncio.timeout per chunk
@@ -417,8 +499,7 @@ class _Watchdog:
         if self._expired:
             self._expired = False
             assert self._task is not None
-            if self._task.uncancel() <= self._cancelling and kind is asyncio.CancelledError:
-                raise TimeoutError from error
+            _raise_if_timed_out(self._task, self._cancelling, kind, error)
 
     def stop(self) -> None:
         if self._timer is not None:
@@ -489,6 +570,7 @@ class Router:
                     f"backend {spec.name!r}: a {spec.kind} backend cannot serve embeddings; remove its embedding_model"
                 )
         self.lag = LoopLag()
+        self._deadlines = Deadlines()
         self._by_name = {b.name: b for b in self.backends}
         self._config = config
         self._counter = counter
@@ -853,7 +935,7 @@ class Router:
             started = time.perf_counter()
             silent_after = loop.time() + first_chunk_s
             try:
-                async with asyncio.timeout_at(min(chain.deadline, silent_after)):
+                with self._deadlines.within(loop, min(chain.deadline, silent_after)):
                     result = await call(route, remaining)
             except TimeoutError:
                 # Which of the two ends came first, by their times: the loop may fire a timer a little early, and a
