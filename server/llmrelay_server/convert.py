@@ -277,7 +277,9 @@ def _messages(items: Any, errors: _Violations, where: str, max_image_bytes: int 
     if len(items) > MAX_MESSAGES:
         errors.add(where, f"at most {MAX_MESSAGES} messages are accepted")
         return ()
-    return tuple(_message(m, errors, f"{where}[{i}]", max_image_bytes) for i, m in enumerate(items))
+    # Over a copy (a slice is a list): upb's repeated fields have no iterator of their own, and the sequence protocol
+    # ends iterating one with an IndexError, made, formatted and dropped.
+    return tuple(_message(m, errors, f"{where}[{i}]", max_image_bytes) for i, m in enumerate(items[:]))
 
 
 def _message(message: pb.Message, errors: _Violations, where: str, max_image_bytes: int | None) -> Message:
@@ -300,11 +302,16 @@ def _message(message: pb.Message, errors: _Violations, where: str, max_image_byt
             errors.add(f"{where}.parts", "must not be empty: every part is empty text")
         else:
             errors.add(f"{where}.content", "must not be empty")
-    parts = tuple(
-        _part(part, role, errors, f"{where}.parts[{i}]", max_image_bytes) for i, part in enumerate(message.parts)
+    # Iterated only when set (nearly always one of them is empty), and over a copy: as in _messages.
+    parts = (
+        tuple(
+            _part(part, role, errors, f"{where}.parts[{i}]", max_image_bytes) for i, part in enumerate(message.parts[:])
+        )
+        if message.parts
+        else ()
     )
     calls = []
-    for i, call in enumerate(message.tool_calls):
+    for i, call in enumerate(message.tool_calls[:] if message.tool_calls else ()):
         if not call.id:
             errors.add(f"{where}.tool_calls[{i}].id", "must not be empty")
         if not FUNCTION_NAME.fullmatch(call.function.name):
@@ -403,14 +410,15 @@ def _options(options: pb.CompletionOptions, errors: _Violations) -> CompletionOp
     max_tokens = options.max_tokens if options.HasField("max_tokens") else None
     if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
         errors.add("options.max_tokens", f"must be between 1 and {MAX_TOKENS_LIMIT}")
-    if len(options.stop) > MAX_STOP_SEQUENCES or any(not s for s in options.stop):
+    stop = options.stop[:]  # a list: see _messages
+    if len(stop) > MAX_STOP_SEQUENCES or any(not s for s in stop):
         errors.add("options.stop", f"at most {MAX_STOP_SEQUENCES} sequences, none empty")
-    tools = _tools(options.tools, errors, "options.tools")
+    tools = _tools(options.tools[:], errors, "options.tools")
     return CompletionOptions(
         temperature=number("temperature", 0.0, 2.0),
         top_p=number("top_p", 0.0, 1.0),
         max_tokens=max_tokens,
-        stop=tuple(options.stop),
+        stop=tuple(stop),
         seed=options.seed if options.HasField("seed") else None,
         response_format=_response_format(options, errors) if options.HasField("response_format") else None,
         tools=tools,

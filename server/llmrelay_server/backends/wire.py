@@ -230,7 +230,8 @@ def decode_answer_json(raw: bytes) -> Any:
     floats, and a tool call's arguments written back from them would not say what the model wrote. The standard
     library reads the rare answer with tool calls and a run of 19 digits again (orjson has checked it is JSON)."""
     data = decode_json(raw)
-    if (b"tool_use" in raw or b"tool_calls" in raw) and _INTEGER_BEYOND_64_BITS.search(raw):
+    # find, not `in`: bytes' `in` tries its operand as an integer first, and makes and drops a TypeError each time.
+    if (raw.find(b"tool_use") >= 0 or raw.find(b"tool_calls") >= 0) and _INTEGER_BEYOND_64_BITS.search(raw):
         try:
             return json.loads(raw)
         except RecursionError as exc:  # orjson reads 1,024 levels; the standard library stops at the stack's limit
