@@ -3,7 +3,8 @@
 The line (logger `llmrelay_server.calls`, INFO) says who called what and what the router did, read from the call's
 meter (`metering`) when the call ends: the request id, the caller, the RPC, the model asked and the one that
 answered, the backend, every attempt as `backend:outcome`, the status, the tokens billed, the cost, and the call's
-time, its time to the first chunk and the gateway's own share of it (the call's time less its attempts').
+time, its time to the first chunk and the gateway's own share of it (the call's time less its attempts' and the
+router's waits between them).
 
 The request id is the caller's `x-request-id` when it sends a sane one (1-128 characters of letters, digits and
 `._:@/+=-`), else a new one; it goes back to the caller in the response's trailing metadata, failed calls included
@@ -134,7 +135,7 @@ def call_fields(
         "cost_usd": meter.usd_micros / 1_000_000,
         "duration_ms": round(total_s * 1000, 3),
         "first_chunk_ms": round(meter.first_chunk_s * 1000, 3) if meter.first_chunk_s is not None else None,
-        "overhead_ms": round(max(0.0, total_s - upstream_s) * 1000, 3),
+        "overhead_ms": round(max(0.0, total_s - upstream_s - meter.waited_s) * 1000, 3),
     }
 
 

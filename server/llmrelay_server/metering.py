@@ -30,6 +30,9 @@ class Meter:
     billed: list[Billed] = field(default_factory=list)
     attempts: list[Attempt] = field(default_factory=list)
     """Every attempt of the call, as the router records them (the router's own list, so it is always current)."""
+    waited_s: float = 0.0
+    """The time the router waited between attempts (a retry's backoff, an upstream's Retry-After): no upstream's, and
+    not the gateway's own either."""
     first_chunk_s: float | None = None
     """A stream's time from the call's start to its first chunk from an upstream."""
     first_chunk_backend: str | None = None
@@ -73,6 +76,13 @@ def upstream_headers() -> dict[str, str] | None:
     """The headers the call's upstream requests must carry, if any."""
     meter = current_meter.get()
     return meter.upstream_headers if meter is not None and meter.upstream_headers else None
+
+
+def waited(seconds: float) -> None:
+    """The router waited `seconds` before another attempt."""
+    meter = current_meter.get()
+    if meter is not None:
+        meter.waited_s += seconds
 
 
 def first_chunk(seconds: float, backend: str) -> None:

@@ -292,7 +292,7 @@ class Metrics:
                 upstream_s += attempt.duration_s
         if len(attempts) > 1:
             self._moves(attempts)
-        overhead.observe(max(0.0, elapsed_s - upstream_s))
+        overhead.observe(max(0.0, elapsed_s - upstream_s - meter.waited_s))
         requested = self.labels.model(request_model)
         if meter.first_chunk_s is not None and meter.first_chunk_backend is not None:
             # Filed under the backend that sent the chunk, even when a restart on another one finished the answer.

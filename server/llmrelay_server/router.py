@@ -958,7 +958,11 @@ class Router:
                 delay = self._backoff.delay_s(retry, exc.retry_after_s)
                 if delay is None or delay + MIN_ATTEMPT_S > chain.remaining_s():
                     return None
-                await self._sleep(delay)
+                slept_from = time.perf_counter()
+                try:
+                    await self._sleep(delay)
+                finally:
+                    metering.waited(time.perf_counter() - slept_from)
                 continue
             except asyncio.CancelledError:
                 # The call ended under the attempt. Past the deadline, gRPC's own timer beat the gateway's (a busy

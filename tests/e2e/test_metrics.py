@@ -149,6 +149,24 @@ async def until_ended(port: int, method: dict[str, str], code: str) -> dict[Any,
     return samples
 
 
+async def test_the_wait_before_a_retry_is_not_the_gateways_own_time(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The upstream asks to be asked again in 0.4 s (Retry-After) and the router waits so long before its retry: that
+    wait is no attempt's, and not the gateway's own time either, in the metrics or in the call's log line."""
+    caplog.set_level(logging.INFO, logger="llmrelay_server.calls")
+    gateway, metrics_port = await metered(gateway_factory, primary, local)
+    primary.inject({"status": 503, "retry_after": 0.4})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        answer = await pb.LLMServiceStub(channel).Complete(chat(), timeout=10, metadata=[("x-request-id", "waited")])
+        samples = await until_ended(metrics_port, COMPLETE, "OK")
+    assert [a.outcome for a in answer.attempts] == [pb.ATTEMPT_OUTCOME_SERVER_ERROR, pb.ATTEMPT_OUTCOME_SUCCEEDED]
+    assert value(samples, "llmrelay_upstream_attempt_seconds_sum", backend="openai") < 0.2
+    assert value(samples, "llmrelay_gateway_overhead_seconds_sum", grpc_method="Complete") < 0.2
+    [line] = [call for r in caplog.records if (call := getattr(r, "call", {})).get("request_id") == "waited"]
+    assert line["duration_ms"] >= 400 and line["overhead_ms"] < 200, line
+
+
 @pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
 async def test_an_attempt_the_caller_leaves_counts_as_cancelled(
     gateway_factory: GatewayFactory,
