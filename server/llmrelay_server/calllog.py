@@ -28,9 +28,9 @@ from google.protobuf.message import Message
 from llmrelay import v1 as pb
 
 from llmrelay_server.auth import caller_identity
-from llmrelay_server.domain import AttemptOutcome, LLMRelayError
+from llmrelay_server.domain import LLMRelayError
 from llmrelay_server.logs import call_lines_writer
-from llmrelay_server.metering import Meter, open_meter, served_by
+from llmrelay_server.metering import Meter, open_meter, own_time_s, served_by
 from llmrelay_server.observing import Context, Observer, Start
 
 log = logging.getLogger("llmrelay_server.calls")
@@ -111,11 +111,7 @@ def call_fields(
     rid: str, rpc: str, code: grpc.StatusCode, total_s: float, meter: Meter, request: Any, caller: str
 ) -> dict[str, Any]:
     """The line's fields, in the order they are written."""
-    upstream_s, attempts = 0.0, []
-    for attempt in meter.attempts:
-        attempts.append(attempt.backend + ":" + attempt.outcome)
-        if attempt.outcome is not AttemptOutcome.SKIPPED:
-            upstream_s += attempt.duration_s
+    attempts = [attempt.backend + ":" + attempt.outcome for attempt in meter.attempts]
     prompt_tokens = completion_tokens = 0
     for billed in meter.billed:
         prompt_tokens += billed.usage.prompt_tokens
@@ -135,7 +131,7 @@ def call_fields(
         "cost_usd": meter.usd_micros / 1_000_000,
         "duration_ms": round(total_s * 1000, 3),
         "first_chunk_ms": round(meter.first_chunk_s * 1000, 3) if meter.first_chunk_s is not None else None,
-        "overhead_ms": round(max(0.0, total_s - upstream_s - meter.waited_s) * 1000, 3),
+        "overhead_ms": round(own_time_s(meter, total_s) * 1000, 3),
     }
 
 

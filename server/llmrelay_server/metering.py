@@ -93,6 +93,16 @@ def first_chunk(seconds: float, backend: str) -> None:
         meter.first_chunk_s, meter.first_chunk_backend = seconds, backend
 
 
+def own_time_s(meter: Meter, elapsed_s: float) -> float:
+    """The gateway's own share of a call that took `elapsed_s`: less its attempts' time (the upstreams') and the
+    router's waits between them."""
+    upstream_s = 0.0
+    for attempt in meter.attempts:  # a loop, not sum() over a generator: every call with metrics or a log line runs it
+        if attempt.outcome is not AttemptOutcome.SKIPPED:
+            upstream_s += attempt.duration_s
+    return max(0.0, elapsed_s - upstream_s - meter.waited_s)
+
+
 def served_by(meter: Meter) -> Attempt | Billed | None:
     """Who served the call, by backend and model: its last attempt that succeeded; else, for a stream cut short (its
     caller left, or it broke), whoever billed what it had consumed."""

@@ -30,7 +30,7 @@ from prometheus_client.utils import floatToGoString
 
 from llmrelay_server.decoding import STREAM_COMPLETE
 from llmrelay_server.domain import Attempt, AttemptOutcome, BackendSpec, StoreHealth, TokenUsage
-from llmrelay_server.metering import Meter, open_meter
+from llmrelay_server.metering import Meter, open_meter, own_time_s
 from llmrelay_server.observing import GEN_AI_OPERATIONS, Observer, Start
 
 OTHER = "other"
@@ -282,17 +282,15 @@ class Metrics:
     ) -> None:
         """What the router did for one call (a GenAI `operation`), from its meter; `overhead`, its method's series of
         the gateway's own time."""
-        upstream_s = 0.0
         attempts = meter.attempts
         for attempt in attempts:
             backend = self._backends[attempt.backend]
             backend.attempts[attempt.outcome].inc()
             if attempt.outcome is not AttemptOutcome.SKIPPED:
                 backend.seconds.observe(attempt.duration_s)
-                upstream_s += attempt.duration_s
         if len(attempts) > 1:
             self._moves(attempts)
-        overhead.observe(max(0.0, elapsed_s - upstream_s - meter.waited_s))
+        overhead.observe(own_time_s(meter, elapsed_s))
         requested = self.labels.model(request_model)
         if meter.first_chunk_s is not None and meter.first_chunk_backend is not None:
             # Filed under the backend that sent the chunk, even when a restart on another one finished the answer.
