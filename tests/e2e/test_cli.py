@@ -171,6 +171,26 @@ def test_stats_takes_a_positive_interval(interval: str, capsys: pytest.CaptureFi
     assert capsys.readouterr().err.endswith(f"argument --interval: '{interval}' is not a number of seconds above 0\n")
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["complete", "hi", "--max-tokens", "99999999999"],
+        ["stream", "hi", "--max-tokens", "0"],
+        ["embed", "x", "--dimensions", "2147483648"],
+        ["embed", "x", "--dimensions", "many"],
+    ],
+    ids=["max-tokens-past-int32", "no-tokens", "dimensions-past-int32", "dimensions-not-a-number"],
+)
+def test_a_count_the_contract_cannot_hold_is_a_mistake_in_the_options(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Past int32, the request could not be built: a traceback ending "ValueError: Value out of range".
+    with pytest.raises(SystemExit) as caught:
+        main(["--target", "127.0.0.1:9", *args])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err.endswith(f"'{args[-1]}' is not a whole number from 1 to 2147483647\n")
+
+
 async def test_a_timeout_no_call_could_meet_is_a_mistake_in_the_options(gateway: Gateway) -> None:
     target = f"127.0.0.1:{gateway.port}"
     # Each of these once reached the gateway as a deadline already past: DEADLINE_EXCEEDED and status 1, as if the

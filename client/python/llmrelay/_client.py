@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import re
 from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from llmrelay._assemble import StreamAssembler
 from llmrelay._channel import DEFAULT_SERVICE_CONFIG, ChannelOptions, ChannelSettings, ServiceConfig
 from llmrelay._errors import LLMRelayError, error_from_rpc
 from llmrelay._messages import MessageLike, as_messages
-from llmrelay._options import CompletionOptions, RunToolsOptions, completion_options, json_text
+from llmrelay._options import CompletionOptions, RunToolsOptions, built, completion_options, json_text, named
 from llmrelay._stream import AsyncStream, Stream
 
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
@@ -68,7 +69,7 @@ def image(source: bytes | str, *, media_type: str | None = None, detail: ImageDe
         pb.ImagePart(url=source) if isinstance(source, str) else pb.ImagePart(data=source, media_type=media_type or "")
     )
     if detail is not None:
-        part.detail = _IMAGE_DETAILS[detail]
+        part.detail = named("image detail", _IMAGE_DETAILS, detail)
     return pb.ContentPart(image=part)
 
 
@@ -111,9 +112,8 @@ def _completion_request(
 ) -> _CompletionRequest:
     """A CompleteRequest or StreamCompleteRequest (same fields)."""
     # None leaves a field unset: no model means the default chain, no options the backend's defaults.
-    return request_type(
-        messages=as_messages(messages), model=model, exact_model=exact_model, options=completion_options(options)
-    )
+    fields = {"model": model, "exact_model": exact_model, "options": completion_options(options)}
+    return built(request_type, {"messages": as_messages(messages), **fields})
 
 
 def _stream_request(
@@ -125,20 +125,40 @@ def _stream_request(
 ) -> pb.StreamCompleteRequest:
     request = _completion_request(pb.StreamCompleteRequest, messages, model, exact_model, options)
     if on_interrupt is not None:
-        request.on_interrupt = _INTERRUPT_POLICIES[on_interrupt]
+        request.on_interrupt = named("on_interrupt", _INTERRUPT_POLICIES, on_interrupt)
     return request
 
 
 def _embed_request(inputs: str | Iterable[str], model: str | None, dimensions: int | None) -> pb.EmbedRequest:
     # A lone string is one text, not a sequence of one-character texts.
     texts = [inputs] if isinstance(inputs, str) else list(inputs)
-    return pb.EmbedRequest(inputs=texts, model=model, dimensions=dimensions)
+    return built(pb.EmbedRequest, {"inputs": texts, "model": model, "dimensions": dimensions})
 
 
 def _count_request(
     messages: Iterable[MessageLike] | None, text: str | None, model: str | None, tools: Sequence[pb.Tool]
 ) -> pb.CountTokensRequest:
-    return pb.CountTokensRequest(model=model, messages=as_messages(messages or ()), tools=list(tools), text=text)
+    fields = {"model": model, "tools": list(tools), "text": text}
+    return built(pb.CountTokensRequest, {"messages": as_messages(messages or ()), **fields})
+
+
+def _usage_request(request: pb.GetUsageRequest | Mapping[str, Any] | None) -> pb.GetUsageRequest:
+    if request is None:
+        return pb.GetUsageRequest()
+    if isinstance(request, Mapping):
+        return built(pb.GetUsageRequest, request)
+    if not isinstance(request, pb.GetUsageRequest):
+        # grpc would fail the call with INTERNAL, "Exception serializing request!", as if the gateway had failed.
+        raise TypeError(f"request: a pb.GetUsageRequest or a dict of its fields, not {type(request).__name__}")
+    return request
+
+
+def _checked_timeout(timeout: float | None) -> float | None:
+    # Else grpc fails inside itself ("unsupported operand type(s) for +: 'float' and 'str'").
+    seconds = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+    if timeout is not None and not (seconds and math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"timeout must be a number of seconds > 0, or None (no deadline), not {timeout!r}")
+    return timeout
 
 
 def _check_tool_timeout(tool_timeout: float | None) -> None:
@@ -196,7 +216,7 @@ class _Base:
         self.channel_options = [] if own_channel else settings.channel_options()
         """The options the client made its channel with (the service config first)."""
         self._credentials = None if own_channel else settings.credentials_for(target)
-        self._timeout = timeout
+        self._timeout = _checked_timeout(timeout)
         self._metadata = _checked_metadata(tuple(metadata) + (((CALLER_HEADER, caller),) if caller else ()))
         self._security_hint = None if own_channel else settings.security_hint(target)
         self._closed = False
@@ -210,7 +230,7 @@ class _Base:
 
     def _call_options(self, timeout: Timeout, metadata: Metadata | None) -> dict[str, Any]:
         return {
-            "timeout": self._timeout if isinstance(timeout, _ClientDefault) else timeout,
+            "timeout": self._timeout if isinstance(timeout, _ClientDefault) else _checked_timeout(timeout),
             "metadata": _merged_metadata(self._metadata, _checked_metadata(metadata or ())),
         }
 
@@ -481,13 +501,15 @@ class Client(_Base):
 
     def get_usage(
         self,
-        request: pb.GetUsageRequest | None = None,
+        request: pb.GetUsageRequest | Mapping[str, Any] | None = None,
         *,
         timeout: Timeout = USE_CLIENT_DEFAULT,
         metadata: Metadata | None = None,
     ) -> pb.GetUsageResponse:
+        """Usage recorded in the gateway's ledger, by backend, model and caller: all of it, or what `request` (a
+        pb.GetUsageRequest, or a dict of its fields: backend, model, caller, start_time, end_time) filters."""
         with self._sdk_errors():
-            return self._stub.GetUsage(request or pb.GetUsageRequest(), **self._call_options(timeout, metadata))
+            return self._stub.GetUsage(_usage_request(request), **self._call_options(timeout, metadata))
 
     def close(self) -> None:
         """Closes the channel; calls in flight, and any made after, fail with LLMRelayError (CANCELLED)."""
@@ -701,13 +723,15 @@ class AsyncClient(_Base):
 
     async def get_usage(
         self,
-        request: pb.GetUsageRequest | None = None,
+        request: pb.GetUsageRequest | Mapping[str, Any] | None = None,
         *,
         timeout: Timeout = USE_CLIENT_DEFAULT,
         metadata: Metadata | None = None,
     ) -> pb.GetUsageResponse:
+        """Usage recorded in the gateway's ledger, by backend, model and caller: all of it, or what `request` (a
+        pb.GetUsageRequest, or a dict of its fields: backend, model, caller, start_time, end_time) filters."""
         with self._sdk_errors():
-            return await self._stub.GetUsage(request or pb.GetUsageRequest(), **self._call_options(timeout, metadata))
+            return await self._stub.GetUsage(_usage_request(request), **self._call_options(timeout, metadata))
 
     async def close(self) -> None:
         """Closes the channel; calls in flight, and any made after, fail with LLMRelayError (CANCELLED)."""

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Final, TypeAlias
 
 from llmrelay import v1 as pb
+from llmrelay._options import built, named
 
 # "user" for ROLE_USER, and so on: read from the contract, so a role added there is accepted here.
 _ROLES: Final[Mapping[str, pb.Role.ValueType]] = {
@@ -18,12 +19,22 @@ MessageLike: TypeAlias = "pb.Message | Mapping[str, Any]"
 
 def message(role: str, content: str, **fields: Any) -> pb.Message:
     """A chat message from plain values: message("user", "Hello")."""
-    try:
-        return pb.Message(role=_ROLES[role], content=content, **fields)
-    except KeyError:
-        raise ValueError(f"unknown role {role!r}; use one of {', '.join(_ROLES)}") from None
+    return built(pb.Message, {"role": named("role", _ROLES, role), "content": content, **fields})
 
 
 def as_messages(messages: Iterable[MessageLike]) -> list[pb.Message]:
+    if isinstance(messages, str | bytes):  # else each of its characters would be taken for a message
+        raise TypeError(f"messages: a list of messages, not {type(messages).__name__}: [message('user', text)]")
+    return [_as_message(m) for m in messages]
+
+
+def _as_message(value: MessageLike) -> pb.Message:
+    if isinstance(value, pb.Message):
+        return value
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"a message is a pb.Message or a dict of its fields ({{'role': 'user', 'content': 'Hello'}}), not"
+            f" {type(value).__name__}"
+        )
     # A dict may leave content out, as the message may: an assistant's tool calls alone, a user's parts.
-    return [m if isinstance(m, pb.Message) else message(**{"content": "", **m}) for m in messages]
+    return message(**{"content": "", **value})

@@ -4,8 +4,11 @@ conversion to the message."""
 from __future__ import annotations
 
 import json
+import reprlib
 from collections.abc import Mapping, Sequence
-from typing import Any, Final, Literal, TypeAlias, TypedDict
+from typing import Any, Final, Literal, TypeAlias, TypedDict, TypeVar
+
+from google.protobuf.message import Message
 
 from llmrelay import v1 as pb
 
@@ -27,8 +30,8 @@ class RunToolsOptions(TypedDict, total=False):
     """Nucleus sampling mass, from 0 to 1."""
     max_tokens: int
     """The most tokens the answer may have; at least 1."""
-    stop: Sequence[str]
-    """Up to 4 sequences at which the model stops."""
+    stop: str | Sequence[str]
+    """Up to 4 sequences at which the model stops (one may be given as a plain string, as OpenAI takes it)."""
     seed: int
     """A seed for deterministic sampling, where the upstream supports it."""
     response_format: ResponseFormatLike
@@ -60,12 +63,47 @@ _TOOL_CHOICE_MODES: Final[Mapping[str, pb.ToolChoiceMode.ValueType]] = {
     "auto": pb.TOOL_CHOICE_MODE_AUTO,
     "required": pb.TOOL_CHOICE_MODE_REQUIRED,
 }
-# "low" for REASONING_EFFORT_LOW, and so on: read from the contract.
+# "low" for REASONING_EFFORT_LOW, "json_object" for RESPONSE_FORMAT_TYPE_JSON_OBJECT, and so on: read from the
+# contract.
 _REASONING_EFFORTS: Final[Mapping[str, pb.ReasoningEffort.ValueType]] = {
     name.removeprefix("REASONING_EFFORT_").lower(): value
     for name, value in pb.ReasoningEffort.items()
     if value != pb.REASONING_EFFORT_UNSPECIFIED
 }
+_RESPONSE_FORMAT_TYPES: Final[Mapping[str, pb.ResponseFormatType.ValueType]] = {
+    name.removeprefix("RESPONSE_FORMAT_TYPE_").lower(): value
+    for name, value in pb.ResponseFormatType.items()
+    if value != pb.RESPONSE_FORMAT_TYPE_UNSPECIFIED
+}
+
+_K = TypeVar("_K")
+_T = TypeVar("_T")
+_M = TypeVar("_M", bound=Message)
+_shown = reprlib.Repr()
+_shown.maxstring = _shown.maxother = 60
+
+
+def named(what: str, choices: Mapping[_K, _T], name: object) -> _T:
+    """What `name` stands for among `choices` (the words the SDK takes for an enum of the contract); for any other, a
+    ValueError that lists them."""
+    try:
+        return choices[name]  # type: ignore[index]  # any other object is refused below
+    except (KeyError, TypeError):  # TypeError: a name that cannot be a key at all (a list)
+        raise ValueError(f"unknown {what} {name!r}; use one of {', '.join(map(str, choices))}") from None
+
+
+def built(message_type: type[_M], fields: Mapping[str, Any]) -> _M:
+    """message_type(**fields), with a field protobuf refuses named in the error (its words alone, such as "bad argument
+    type for built-in operation" or "Value out of range: 99999999999", do not say which of the fields it was)."""
+    try:
+        return message_type(**fields)
+    except (TypeError, ValueError) as error:
+        for name, value in fields.items():
+            try:
+                message_type(**{name: value})
+            except (TypeError, ValueError) as refused:
+                raise type(refused)(f"{name}={_shown.repr(value)}: {refused}") from None
+        raise error
 
 
 def completion_options(options: CompletionOptions) -> pb.CompletionOptions | None:
@@ -77,6 +115,8 @@ def completion_options(options: CompletionOptions) -> pb.CompletionOptions | Non
     if unknown:
         known = ", ".join(sorted(OPTION_NAMES))
         raise TypeError(f"unknown completion option(s) {', '.join(unknown)}; the options are: {known}")
+    if isinstance(fields.get("stop"), str):  # one sequence, not one per character
+        fields["stop"] = [fields["stop"]]
     if "tools" in fields:
         fields["tools"] = [_text_tool(t) if isinstance(t, Mapping) else t for t in fields["tools"]]
     if isinstance(fields.get("response_format"), Mapping):
@@ -84,20 +124,13 @@ def completion_options(options: CompletionOptions) -> pb.CompletionOptions | Non
     if isinstance(choice := fields.get("tool_choice"), str):
         fields["tool_choice"] = _tool_choice(choice)
     if isinstance(effort := fields.get("reasoning_effort"), str):
-        fields["reasoning_effort"] = _reasoning_effort(effort)
-    return pb.CompletionOptions(**fields)
+        fields["reasoning_effort"] = named("reasoning_effort", _REASONING_EFFORTS, effort)
+    return built(pb.CompletionOptions, fields)
 
 
 def _tool_choice(choice: str) -> pb.ToolChoice:
     mode = _TOOL_CHOICE_MODES.get(choice)
     return pb.ToolChoice(mode=mode) if mode is not None else pb.ToolChoice(function_name=choice)
-
-
-def _reasoning_effort(effort: str) -> pb.ReasoningEffort.ValueType:
-    try:
-        return _REASONING_EFFORTS[effort]
-    except KeyError:
-        raise ValueError(f"unknown reasoning_effort {effort!r}; use one of {', '.join(_REASONING_EFFORTS)}") from None
 
 
 def json_text(schema: Mapping[str, Any] | str) -> str:
@@ -110,13 +143,16 @@ def _text_tool(value: Mapping[str, Any]) -> pb.Tool:
     function = dict(value.get("function") or {})
     if isinstance(function.get("parameters"), Mapping):
         function["parameters_json"] = json_text(function.pop("parameters"))
-    return pb.Tool(function=pb.FunctionDefinition(**function))
+    return pb.Tool(function=built(pb.FunctionDefinition, function))
 
 
 def _text_response_format(value: Mapping[str, Any]) -> pb.ResponseFormat:
     fields = dict(value)
+    # Its type by the short name ("json_object"), as OpenAI's dict has it; the contract's own name is taken too.
+    if isinstance(kind := fields.get("type"), str) and kind not in pb.ResponseFormatType.DESCRIPTOR.values_by_name:
+        fields["type"] = named("response_format type", _RESPONSE_FORMAT_TYPES, kind)
     schema = dict(fields.get("json_schema") or {})
     if isinstance(schema.get("schema"), Mapping):
         schema["schema_json"] = json_text(schema.pop("schema"))
         fields["json_schema"] = schema
-    return pb.ResponseFormat(**fields)
+    return built(pb.ResponseFormat, fields)

@@ -156,6 +156,20 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+_INT32_MAX: Final = 2**31 - 1
+
+
+def _count(text: str) -> int:
+    """A whole number from 1 to 2^31 - 1 (argparse's type for --max-tokens and --dimensions: the contract's int32)."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= _INT32_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to {_INT32_MAX}")
+    return count
+
+
 STDIN: Final = "-"
 
 
@@ -265,7 +279,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("prompt", type=_text, help="the user message (-: standard input)")
         command.add_argument("--model", help="a model, backend/model or alias (default: the default chain)")
         command.add_argument("--system", help="a system message to put first")
-        command.add_argument("--max-tokens", type=int)
+        command.add_argument("--max-tokens", type=_count)
         command.add_argument("--temperature", type=float)
         command.add_argument("--exact-model", action="store_true", help="no fallback to another model")
         command.set_defaults(run=run)
@@ -273,7 +287,7 @@ def _parser() -> argparse.ArgumentParser:
     embed = commands.add_parser("embed", help="the vectors of texts, one JSON array a line, in order")
     embed.add_argument("texts", nargs="+", metavar="text", type=_text, help="a text to embed (-: standard input)")
     embed.add_argument("--model", help="an embedding model, backend/model or alias (default: the gateway's)")
-    embed.add_argument("--dimensions", type=int, help="shorter vectors, where the model can make them")
+    embed.add_argument("--dimensions", type=_count, help="shorter vectors, where the model can make them")
     embed.set_defaults(run=_embed)
 
     tokens = commands.add_parser("tokens", help="count the tokens of a text or a one-message chat")

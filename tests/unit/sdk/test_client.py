@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import grpc
 import grpc_testing  # type: ignore[import-untyped]  # no type information shipped
@@ -29,6 +29,7 @@ from llmrelay import (
     StepLimitError,
     Tools,
     UnavailableError,
+    image,
     json_schema,
     message,
 )
@@ -204,6 +205,61 @@ def test_an_unknown_option_is_refused_before_any_call(client: Client) -> None:
         client.complete([message("user", "hi")], max_tokenz=5)  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="unknown reasoning_effort"):
         client.complete([message("user", "hi")], reasoning_effort="extreme")  # type: ignore[arg-type]
+
+
+def test_one_stop_sequence_and_a_response_format_by_its_short_name(client: Client, gateway: FakeGateway) -> None:
+    # A string is a Sequence[str] too: it went out as one stop sequence per character (["E", "N", "D"]).
+    call = gateway.run(
+        lambda: client.complete([message("user", "hi")], stop="END", response_format={"type": "json_object"})
+    )
+    request = gateway.answer("Complete", answer("{}"))
+    result(call)
+    assert list(request.options.stop) == ["END"]
+    assert request.options.response_format.type == pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT
+
+
+def test_usage_may_be_asked_for_with_a_dict(client: Client, gateway: FakeGateway) -> None:
+    call = gateway.run(lambda: client.get_usage({"model": "tiny", "caller": "unit"}))
+    request = gateway.answer("GetUsage", pb.GetUsageResponse())
+    result(call)
+    assert (request.model, request.caller, request.HasField("backend")) == ("tiny", "unit", False)
+
+
+_HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "says"),
+    [
+        (lambda c: c.complete(_HI, max_tokens=2**40), ValueError, "max_tokens=1099511627776: Value out of range"),
+        (lambda c: c.complete(_HI, temperature="hot"), TypeError, "temperature='hot': "),
+        (lambda c: c.complete(_HI, model=5), TypeError, "model=5: "),
+        (lambda c: c.complete([{"role": "user", "content": 5}]), TypeError, "content=5: "),
+        (lambda c: c.complete([{"role": "bot", "content": "hi"}]), ValueError, "unknown role 'bot'; use one of"),
+        (lambda c: c.complete("hi"), TypeError, "messages: a list of messages, not str"),
+        (lambda c: c.complete(["hi"]), TypeError, "a message is a pb.Message or a dict of its fields"),
+        (lambda c: c.complete(_HI, response_format={"type": "xml"}), ValueError, "unknown response_format type"),
+        (lambda c: c.stream(_HI, on_interrupt="retry"), ValueError, "unknown on_interrupt 'retry'; use one of abort"),
+        (lambda c: c.complete(_HI, timeout="5"), ValueError, "timeout must be a number of seconds > 0"),
+        (lambda c: c.embed("x", dimensions=2**31), ValueError, "dimensions=2147483648: Value out of range"),
+        (lambda c: c.get_usage(["tiny"]), TypeError, "request: a pb.GetUsageRequest or a dict of its fields"),
+        (lambda c: image(b"x", detail=cast(Any, "medium")), ValueError, "unknown image detail 'medium'; use one of"),
+    ],
+    ids=[
+        "max-tokens-past-int32", "temperature-text", "model-number", "content-number", "unknown-role", "text-as-chat",
+        "text-as-message", "unknown-format", "unknown-interrupt-policy", "timeout-text", "dimensions-past-int32",
+        "usage-list", "unknown-detail",
+    ],
+)  # fmt: skip
+def test_an_argument_the_contract_cannot_hold_is_refused_by_name_before_any_call(
+    client: Client, call: Callable[[Client], object], error: type[Exception], says: str
+) -> None:
+    # Before: protobuf's words alone ("bad argument type for built-in operation"), a KeyError, a TypeError from inside
+    # grpc, or a list passed to get_usage failing the call INTERNAL, "Exception serializing request!", as though the
+    # gateway had failed. No call reaches the gateway: the fake one would block it.
+    with pytest.raises(error) as raised:
+        call(client)
+    assert str(raised.value).startswith(says), raised.value
 
 
 def test_metadata_and_the_caller_travel_with_each_call(client: Client, gateway: FakeGateway) -> None:
