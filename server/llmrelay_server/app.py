@@ -332,6 +332,7 @@ def _interceptors(
                 router.estimate_usd_micros,
                 config.server.reserve_completion_tokens,
                 router.estimate_embedding_usd_micros,
+                router.deadline,
                 config.server.max_image_bytes,
             )
         )

@@ -377,18 +377,6 @@ class _Chain:
         return error
 
 
-async def _counted_by(deadline: float, count: Awaitable[TokenCount]) -> TokenCount:
-    """An offline count by `deadline` (the event loop's clock), else DeadlineExceededError: megabytes take a while to
-    count, and the caller would get its client library's bare DEADLINE_EXCEEDED instead of the gateway's status. (A
-    count in a thread goes on to its end, in its slot: see TokenCounter._in_thread.)"""
-    try:
-        async with asyncio.timeout_at(deadline):
-            return await count
-    except TimeoutError:
-        remedy = "a text of megabytes takes a while to count: give the call a longer deadline"
-        raise DeadlineExceededError(f"the deadline ran out before the tokens were counted; {remedy}", ()) from None
-
-
 def _raise_if_timed_out(
     task: asyncio.Task[object], cancelling: int, kind: type[BaseException] | None, error: BaseException | None
 ) -> None:
@@ -849,7 +837,7 @@ class Router:
         if route is not None:
             name = route.model
         if text is not None:
-            return await _counted_by(deadline, self._counter.count_text_async(name, text))
+            return await self._counter.count_text_async(name, text, by=deadline)
         exact = None
         # The caller asked for an answer by its deadline: an estimate then, rather than none at all, so the backend's
         # count waits only as long as the deadline leaves beside the time the estimate may take (a stalled backend
@@ -859,7 +847,7 @@ class Router:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(by):
                     exact = await route.backend.provider.count_tokens(name, messages, tools)
-        return exact or await _counted_by(deadline, self._counter.count_chat_async(name, messages, tools))
+        return exact or await self._counter.count_chat_async(name, messages, tools, by=deadline)
 
     async def _open_stream(
         self, route: Route, request: CompletionRequest

@@ -47,6 +47,7 @@ import tiktoken
 from llmrelay_server import images
 from llmrelay_server.domain import (
     CompletionRequest,
+    DeadlineExceededError,
     ImageDetail,
     ImagePart,
     JsonText,
@@ -696,28 +697,43 @@ class TokenCounter:
         completion = await self.count_text_async(model, "".join(answer))
         return TokenUsage(prompt_tokens=prompt.tokens, completion_tokens=completion.tokens, estimated=True)
 
-    async def count_text_async(self, model: str, text: str) -> TokenCount:
+    async def count_text_async(self, model: str, text: str, *, by: float | None = None) -> TokenCount:
         """count_text, in a thread when the text is long enough to hold up the event loop, or its encoding has yet to
-        load."""
+        load; by `by` (the event loop's clock), when given, else DeadlineExceededError (see _in_thread)."""
         if len(text) <= self._inline_chars and self._loaded(model):
             return self.count_text(model, text)
-        return await self._in_thread(functools.partial(self.count_text, model, text))
+        return await self._in_thread(functools.partial(self.count_text, model, text), by)
 
-    async def count_texts_async(self, model: str, texts: Sequence[str]) -> TokenCount:
+    async def count_texts_async(self, model: str, texts: Sequence[str], *, by: float | None = None) -> TokenCount:
         """The tokens of several texts, each counted on its own (as an embedding request's inputs are), added up."""
         encoding_name, exact = encoding_for_model(model)
         tokens = 0
         for text in texts:
-            tokens += (await self.count_text_async(model, text)).tokens
+            tokens += (await self.count_text_async(model, text, by=by)).tokens
         return TokenCount(tokens=tokens, model=model, encoding=encoding_name, estimated=not exact)
 
-    async def count_chat_async(self, model: str, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> TokenCount:
-        """count_chat, in a thread when the chat is long enough to hold up the event loop."""
+    async def count_chat_async(
+        self, model: str, messages: Sequence[Message], tools: Sequence[Tool] = (), *, by: float | None = None
+    ) -> TokenCount:
+        """count_chat, in a thread when the chat is long enough to hold up the event loop; by `by`, when given."""
         if self._loaded(model) and not _longer_than(self._inline_chars, _chat_sizes(messages, tools)):
             return self.count_chat(model, messages, tools)
-        return await self._in_thread(functools.partial(self.count_chat, model, messages, tools))
+        return await self._in_thread(functools.partial(self.count_chat, model, messages, tools), by)
 
-    async def _in_thread(self, count: Callable[[], TokenCount]) -> TokenCount:
+    async def _in_thread(self, count: Callable[[], TokenCount], by: float | None) -> TokenCount:
+        """The count, made in a thread; by `by` (the event loop's clock) when given, else DeadlineExceededError:
+        megabytes take a while to count, and a caller whose deadline ran out meanwhile would get its client library's
+        bare DEADLINE_EXCEEDED instead of the gateway's status. (A count inline is too short to need a bound.)"""
+        if by is None:
+            return await self._counted_in_thread(count)
+        try:
+            async with asyncio.timeout_at(by):
+                return await self._counted_in_thread(count)
+        except TimeoutError:
+            remedy = "a text of megabytes takes a while to count: give the call a longer deadline"
+            raise DeadlineExceededError(f"the deadline ran out before the tokens were counted; {remedy}", ()) from None
+
+    async def _counted_in_thread(self, count: Callable[[], TokenCount]) -> TokenCount:
         await self._slots.acquire()
         counting = asyncio.get_running_loop().run_in_executor(None, count)
         # A thread cannot be stopped, so its slot stays taken until the count ends, even when the caller has left:

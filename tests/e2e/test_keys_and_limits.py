@@ -650,6 +650,31 @@ async def test_a_prompt_the_limits_cannot_count_is_refused_for_the_missing_token
     assert not [record for record in caplog.records if record.exc_info], "one line, no traceback"
 
 
+@pytest.mark.parametrize("rpc", ["Complete", "Embed"])
+async def test_a_prompt_counted_past_the_deadline_for_a_limit_ends_with_the_gateways_status(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, rpc: str
+) -> None:
+    """A limit on tokens counts the prompt before any upstream is asked; megabytes take seconds. The count ran past the
+    caller's deadline, which then got its client library's bare DEADLINE_EXCEEDED, no ErrorInfo (CountTokens had the
+    gateway's own for the same text)."""
+    gateway = await gateway_factory(two_backends(primary, local), server="limits: {tokens_per_minute: 100000000}")
+    text = "a" * 4_000_000  # one word: seconds of encoding
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+        call = (
+            stub.Complete(chat(text), timeout=1)
+            if rpc == "Complete"
+            else stub.Embed(pb.EmbedRequest(model="embed-test", inputs=[text]), timeout=1)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert details(caught.value)["ErrorInfo"].reason == "DEADLINE_EXCEEDED"
+        assert "longer deadline" in (caught.value.details() or "")
+        assert not primary.chat_requests and not local.chat_requests, "refused before any upstream is asked"
+        assert (await stub.Complete(chat("and the next"), timeout=5)).message.content  # it goes on serving
+
+
 async def test_a_prompt_of_a_million_spaces_is_counted_and_answered(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:

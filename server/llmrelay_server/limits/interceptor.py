@@ -40,9 +40,12 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         estimate_usd_micros: Callable[[CompletionRequest, int, int, ModelFilter | None], int],
         reserve_completion_tokens: int,
         estimate_embedding_usd_micros: Callable[[str | None, int, ModelFilter | None], int],
+        deadline: Callable[[float | None], float],
         max_image_bytes: int | None = None,
     ) -> None:
         self._max_image_bytes = max_image_bytes
+        self._deadline = deadline
+        """The event loop's time by which a call with so many seconds left (None: no deadline) must be answered."""
         self._limiter = limiter
         self._gateway = gateway if gateway.any_set() else None
         self._counter = counter
@@ -126,10 +129,13 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
             if decoded(request) and any(
                 limits.tokens_per_minute is not None or limits.budget_usd_per_day is not None for _, limits in subjects
             ):
+                # A prompt of megabytes is counted in a thread, within the call's deadline: the caller gets the
+                # gateway's DEADLINE_EXCEEDED, with its ErrorInfo, not its client library's bare one.
+                by = self._deadline(context.time_remaining())
                 if isinstance(request, pb.EmbedRequest):
-                    tokens, usd_micros = await self._estimate_embedding(request)
+                    tokens, usd_micros = await self._estimate_embedding(request, by)
                 else:
-                    tokens, answer_tokens, usd_micros = await self._estimate(request)
+                    tokens, answer_tokens, usd_micros = await self._estimate(request, by)
             asks = [Ask(subject, limits, tokens, usd_micros, stream, answer_tokens) for subject, limits in subjects]
             return await self._limiter.reserve(asks)
         except LLMRelayError as error:
@@ -137,7 +143,9 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
             # encoding missing): each has its own status, as the servicer would give it.
             await abort(context, rpc, error)
 
-    async def _estimate(self, request: pb.CompleteRequest | pb.StreamCompleteRequest) -> tuple[int, int, int]:
+    async def _estimate(
+        self, request: pb.CompleteRequest | pb.StreamCompleteRequest, by: float
+    ) -> tuple[int, int, int]:
         """The tokens to reserve (the prompt as counted offline, and the most the answer may take), those of them for
         the answer, and their cost."""
         try:
@@ -147,17 +155,17 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
             return 0, 0, 0  # the servicer refuses it before any upstream is asked
         completion = parsed.options.max_tokens or self._reserve_completion_tokens
         prompt = (
-            await self._counter.count_chat_async(parsed.model or "", parsed.messages, parsed.options.tools)
+            await self._counter.count_chat_async(parsed.model or "", parsed.messages, parsed.options.tools, by=by)
         ).tokens
         return prompt + completion, completion, self._estimate_usd_micros(parsed, prompt, completion, models_allowed())
 
-    async def _estimate_embedding(self, request: pb.EmbedRequest) -> tuple[int, int]:
+    async def _estimate_embedding(self, request: pb.EmbedRequest, by: float) -> tuple[int, int]:
         """The tokens and cost to reserve: the inputs as counted offline (an embedding answers with no tokens)."""
         try:
             parsed = convert.embedding_request(request)
         except InvalidRequestError:
             return 0, 0
-        tokens = (await self._counter.count_texts_async(parsed.model or "", parsed.inputs)).tokens
+        tokens = (await self._counter.count_texts_async(parsed.model or "", parsed.inputs, by=by)).tokens
         return tokens, self._estimate_embedding_usd_micros(parsed.model, tokens, models_allowed())
 
 
