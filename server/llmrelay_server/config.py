@@ -545,6 +545,7 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
         base_url = env.get("OPENAI_BASE_URL") or openai.base_url or DEFAULT_OPENAI_BASE_URL
         url_where = "OPENAI_BASE_URL" if env.get("OPENAI_BASE_URL") else "llm.openai.base_url"
         model = env.get("LLMRELAY_OPENAI_MODEL") or openai.model or DEFAULT_OPENAI_MODEL
+        _check_api_key(api_key, "OPENAI_API_KEY" if env.get("OPENAI_API_KEY") else "llm.openai.api_key")
         specs["openai"] = _spec("openai", "openai", base_url, model, api_key, openai, "llm.openai", url_where)
     anthropic = llm.anthropic or _BackendSection()
     api_key = env.get("ANTHROPIC_API_KEY") or anthropic.api_key
@@ -553,6 +554,7 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
         base_url = env.get("ANTHROPIC_BASE_URL") or anthropic.base_url or DEFAULT_ANTHROPIC_BASE_URL
         url_where = "ANTHROPIC_BASE_URL" if env.get("ANTHROPIC_BASE_URL") else "llm.anthropic.base_url"
         model = env.get("LLMRELAY_ANTHROPIC_MODEL") or anthropic.model or DEFAULT_ANTHROPIC_MODEL
+        _check_api_key(api_key, "ANTHROPIC_API_KEY" if env.get("ANTHROPIC_API_KEY") else "llm.anthropic.api_key")
         specs["anthropic"] = _spec(
             "anthropic", "anthropic", base_url, model, api_key, anthropic, "llm.anthropic", url_where
         )
@@ -563,6 +565,7 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
         base_url = ollama.base_url or ollama_base_url(DEFAULT_OLLAMA_HOST)
     url_where = "OLLAMA_HOST" if env.get("OLLAMA_HOST") else "llm.ollama.base_url"
     model = env.get("LLMRELAY_OLLAMA_MODEL") or ollama.model or DEFAULT_OLLAMA_MODEL
+    _check_api_key(ollama.api_key, "llm.ollama.api_key")
     specs["ollama"] = _spec("ollama", "ollama", base_url, model, ollama.api_key, ollama, "llm.ollama", url_where)
     for index, extra in enumerate(llm.backends):
         where = f"llm.backends[{index}]"
@@ -571,6 +574,7 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
         if extra.name in specs or not re.fullmatch(r"[a-z][a-z0-9_-]*", extra.name):
             raise ConfigError(f"{where}.name: {extra.name!r} must be unique and match [a-z][a-z0-9_-]*")
         url_where = f"{where}.base_url"
+        _check_api_key(extra.api_key, f"{where}.api_key")
         specs[extra.name] = _spec(
             extra.name, extra.kind, extra.base_url, extra.model, extra.api_key, extra, where, url_where
         )
@@ -581,6 +585,19 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
         if name in order[:index]:
             raise ConfigError(f"llm.order[{index}]: {name!r} is already in the order; name each backend once")
     return tuple(specs[name] for name in order)
+
+
+def _check_api_key(api_key: str | None, where: str) -> None:
+    """A key an HTTP header can carry: it goes out in one on every request (its value is never shown)."""
+    if not api_key:
+        return
+    if any(not (" " <= char <= "~") for char in api_key):
+        problem = (
+            "has a line break or another control character (a key read from a file with its newline?)"
+            if any(char < " " or char == "\x7f" for char in api_key)
+            else "has a character outside printable ASCII, which an HTTP header cannot carry"
+        )
+        raise ConfigError(f"{where}: {problem}; the key is not shown")
 
 
 def _spec(
@@ -608,6 +625,13 @@ def _spec(
         )
     if url.scheme not in ("http", "https") or not url.hostname:
         raise ConfigError(f"{url_where}: {base_url!r} is not an http(s) URL; write e.g. http://localhost:8080/v1")
+    if url.query or url.fragment or base_url.rstrip().endswith(("?", "#")):
+        # The API's paths go after the URL's own (/chat/completions): a query before them would become part of the
+        # path, every call a 404. And the URL is shown to callers and in the log: a key in its query would be too.
+        raise ConfigError(
+            f"{url_where}: has a query or fragment (?... or #...), which the gateway cannot send its requests with;"
+            " give the URL up to its path (a key as api_key)"
+        )
     if section.context_window is not None and section.context_window <= 0:
         raise ConfigError(f"{where}.context_window: must be > 0 (tokens), or left out when unknown")
     if not model:

@@ -865,6 +865,51 @@ def test_a_password_in_a_url_is_never_shown(
     assert "SUPERSECRET" not in message
 
 
+@pytest.mark.parametrize(
+    ("yaml_text", "env", "refusal"),
+    [
+        (None, {"OPENAI_API_KEY": "sk-SUPERSECRET\n"}, "OPENAI_API_KEY: has a line break or another control"),
+        (None, {"ANTHROPIC_API_KEY": "sk-SUPERSECRETк"}, "ANTHROPIC_API_KEY: has a character outside printable"),
+        ('llm: {openai: {api_key: "sk-SUPER\\nSECRET"}}\n', {}, "llm.openai.api_key: has a line break"),
+        ('llm: {ollama: {api_key: "SUPERSECRET\\t"}}\n', {}, "llm.ollama.api_key: has a line break"),
+        (ONE_EXTRA % "api_key: 'SUPERSECRETé'", {}, "llm.backends[0].api_key: has a character outside"),
+    ],
+    ids=["newline-variable", "cyrillic-variable", "newline-field", "tab-ollama", "accent-extra-backend"],
+)
+def test_an_api_key_no_http_header_can_carry_is_refused_unshown(
+    tmp_path: Path, yaml_text: str | None, env: dict[str, str], refusal: str
+) -> None:
+    # It goes out in a header on every request: the gateway failed to start with a traceback (ValueError, or
+    # UnicodeEncodeError from the header's encoding).
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, yaml_text, env)
+    message = str(caught.value)
+    assert message.startswith(refusal) and message.endswith("the key is not shown"), message
+    assert "SUPERSECRET" not in message
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "env", "field"),
+    [
+        (None, {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "https://h/v1?api-key=SUPERSECRET"}, "OPENAI_BASE_URL"),
+        ("llm: {ollama: {base_url: 'http://h:1/v1#SUPERSECRET'}}\n", {}, "llm.ollama.base_url"),
+        ("llm: {ollama: {base_url: 'http://h:1/v1?'}}\n", {}, "llm.ollama.base_url"),
+        (ONE_EXTRA.replace("/v1'", "/v1?key=SUPERSECRET'") % "fallback: true", {}, "llm.backends"),
+    ],
+    ids=["query-variable", "fragment", "empty-query", "extra-backend"],
+)
+def test_a_base_url_with_a_query_or_fragment_is_refused(
+    tmp_path: Path, yaml_text: str | None, env: dict[str, str], field: str
+) -> None:
+    # Taken, every call went to ".../v1?key=.../chat/completions" (a 404 for a missing model), and the URL, key and
+    # all, was shown to callers in Health and in the log.
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, yaml_text, env)
+    message = str(caught.value)
+    assert message.startswith(field) and "has a query or fragment" in message, message
+    assert "SUPERSECRET" not in message
+
+
 def test_two_keys_with_one_digest_are_refused(tmp_path: Path) -> None:
     # An entry copied for a new caller, its sha256 left: one key would be either caller, the other entry unused.
     entries = f'[{{name: a, sha256: "{"ab" * 32}"}}, {{name: b, sha256: "{"ab" * 32}"}}]'

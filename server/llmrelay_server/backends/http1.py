@@ -153,7 +153,8 @@ class Http1Target:
 def _header_lines(pairs: list[tuple[str, str]]) -> bytes:
     for name, value in pairs:
         if "\r" in name or "\n" in name or ":" in name or "\r" in value or "\n" in value:
-            raise ValueError(f"header {name!r} has a line break or a colon in its name")
+            # The value is not shown: it may be a key.
+            raise ValueError(f"header {name!r}: a line break in its name or value, or a colon in its name")
     return "".join(f"{name}: {value}\r\n" for name, value in pairs).encode()
 
 
