@@ -6,6 +6,7 @@ Validated once at start; a ConfigError names the field and the fix, and never sh
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -367,9 +368,7 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     aliases = dict(section.llm.aliases)
     names = {b.name for b in backends}
     for alias, target in aliases.items():
-        qualifier = target.split("/", 1)[0] if "/" in target else None
-        if qualifier is not None and qualifier in BACKEND_KINDS and qualifier not in names:
-            raise ConfigError(f"llm.aliases.{alias}: points at backend {qualifier!r}, which is not configured")
+        _check_alias(alias, target, aliases, names)
     configured = (server.limits, *(key.limits for key in auth.keys))
     keyed_limits = (
         (*configured, *(key.limits for key in load_keys_file(auth.keys_file))) if auth.keys_file else configured
@@ -585,6 +584,28 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
         if name in order[:index]:
             raise ConfigError(f"llm.order[{index}]: {name!r} is already in the order; name each backend once")
     return tuple(specs[name] for name in order)
+
+
+def _check_alias(alias: str, target: str, aliases: Mapping[str, str], backends: set[str]) -> None:
+    """An alias the router can follow: once, to a model a backend may serve (a caller asking for it would otherwise
+    be told that no backend serves the model, in a message listing the alias as served)."""
+    if target in aliases:
+        followed = "itself" if target == alias else f"another alias (of {aliases[target]!r})"
+        raise ConfigError(
+            f"llm.aliases.{alias}: points at {followed}; an alias is followed once: point it at a model, as"
+            " BACKEND/MODEL or a name a backend serves"
+        )
+    qualifier, slash, _ = target.partition("/")
+    if not slash or qualifier in backends:
+        return
+    if qualifier in BACKEND_KINDS:
+        raise ConfigError(f"llm.aliases.{alias}: points at backend {qualifier!r}, which is not configured")
+    # A model's own name may hold a slash (meta-llama/Llama-3-8B): only a near miss of a backend's name is refused.
+    if near := difflib.get_close_matches(qualifier, backends, n=1, cutoff=0.75):
+        raise ConfigError(
+            f"llm.aliases.{alias}: points at {target!r}, and no backend is named {qualifier!r} (did you mean"
+            f" {near[0]!r}?); a model whose own name starts so is written BACKEND/{target}"
+        )
 
 
 def _check_api_key(api_key: str | None, where: str) -> None:

@@ -532,6 +532,9 @@ ONE_EXTRA = "llm:\n  backends:\n    - {name: local, kind: llamacpp, base_url: 'h
         ("llm: {order: [ollama, ollama]}\n", {}, "llm.order[1]"),
         ("llm: {aliases: {fast: openai/gpt-4o}}\n", {}, "llm.aliases.fast"),
         ("llm: {aliases: {local: llamacpp/qwen}}\n", {}, "llm.aliases.local"),
+        ("llm: {aliases: {a: b, b: ollama/qwen}}\n", {}, "llm.aliases.a"),  # not followed twice
+        ("llm: {aliases: {same: same}}\n", {}, "llm.aliases.same"),
+        ("llm: {aliases: {fast: olama/qwen}}\n", {}, "llm.aliases.fast"),  # a near miss of a backend's name
         # the file itself
         ("server: [\n", {}, "not valid YAML"),
         ("server:\n  listen: a\n listen: b\n", {}, "not valid YAML"),
@@ -547,6 +550,15 @@ def test_config_errors_name_the_field(tmp_path: Path, yaml_text: str | None, env
     assert field in message
     if not field.startswith(("not valid", "top level")):
         assert message.startswith(f"{field}:"), message
+
+
+def test_an_alias_may_name_a_model_whose_own_name_has_a_slash(tmp_path: Path) -> None:
+    cfg = load(tmp_path, "llm: {aliases: {llama: meta-llama/Llama-3-8B, fast: ollama/meta-llama/x}}\n")
+    assert cfg.aliases == {"llama": "meta-llama/Llama-3-8B", "fast": "ollama/meta-llama/x"}
+    with pytest.raises(ConfigError, match=r"^llm.aliases.a: points at another alias \(of 'ollama/qwen'\); an alias"):
+        load(tmp_path, "llm: {aliases: {a: b, b: ollama/qwen}}\n")
+    with pytest.raises(ConfigError, match=r"no backend is named 'olama' \(did you mean 'ollama'\?\)"):
+        load(tmp_path, "llm: {aliases: {fast: olama/qwen}}\n")
 
 
 def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
