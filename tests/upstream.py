@@ -7,6 +7,7 @@ are deterministic: the content is "echo: " + the last user message, streamed as 
 
 Faults are queued; each chat or embeddings request takes the next one. A fault is a dict:
     {"status": 503, "retry_after": 2, "body": "..."}  an HTTP error (JSON error body unless "body" is given)
+    {"status": 302, "location": "https://..."}         ... with a Location header (a redirect)
     {"stall_s": 5}                                     wait before answering (notices a client that leaves)
     {"drop": true}                                     close the connection without answering
     {"body": "<html>", "content_type": "text/html"}    a 200 with this raw body
@@ -271,6 +272,8 @@ class FakeUpstream:
             return False
         if "status" in fault:
             headers = {"Retry-After": str(fault["retry_after"])} if "retry_after" in fault else {}
+            if "location" in fault:
+                headers["Location"] = fault["location"]
             error = {"error": {"message": f"fake upstream fault {fault['status']}", "type": "fault", "code": None}}
             if "body" in fault:
                 return await _send(writer, fault["status"], fault["body"].encode(), "application/json", headers)

@@ -61,6 +61,29 @@ async def test_every_backend_down_lists_each_attempt_with_pushback(
     assert pushback == "1000"  # no upstream said when: the default delay, as in RetryInfo
 
 
+@pytest.mark.parametrize("rpc", ["Complete", "StreamComplete"])
+async def test_a_redirect_is_a_failure_with_its_status_and_where_it_pointed(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream, rpc: str
+) -> None:
+    # It was read as an answer: "an error in a 200 answer" (or "not JSON", given a body), its status lost.
+    login = "https://login.example/sso?session=SUPERSECRET"
+    primary.inject(*[{"status": 302, "location": login}] * 2)
+    local.inject(*[{"status": 307, "body": "<html>moved</html>"}] * 2)
+    call = stub.Complete(chat(), timeout=10) if rpc == "Complete" else read_all(stub.StreamComplete(stream_chat()))
+
+    error = await failure_of(call)
+
+    info, history, _ = decoded(error)
+    assert (error.code(), info.reason) == (grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE")
+    assert history is not None
+    assert [(backend, status) for backend, _, status in listed(history)] == [
+        ("openai", 302), ("openai", 302), ("ollama", 307), ("ollama", 307)
+    ]  # fmt: skip
+    said = history.attempts[0].error
+    assert "a redirect to https://login.example/sso, which the gateway does not follow" in said, said
+    assert "SUPERSECRET" not in (error.details() or "") + str(history)
+
+
 async def test_a_rejected_request_lists_its_attempt_and_no_pushback(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
 ) -> None:

@@ -24,6 +24,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, ClassVar, Generic, NamedTuple, NoReturn, Protocol, TypeVar
+from urllib.parse import urlsplit
 
 import httpx2
 
@@ -211,7 +212,9 @@ async def _send(endpoint: Endpoint, content: bytes, timeout_s: float | None) -> 
     `http1.CONNECT_TIMEOUT_S`. An error answer comes out as the SDK's exception; a failure to connect or read as
     httpx2's, for the caller to map (`_raise_sdk_error`) once for the whole request."""
     response = await endpoint.pool.http1.post(endpoint.target, content, timeout_s, metering.upstream_headers())
-    if 400 <= response.status <= 599:
+    # Any status but a success is the upstream's error, a redirect too (followed by no one: a request would go where
+    # the backend's configuration did not say), with its status kept for the caller and the metrics.
+    if not 200 <= response.status <= 299:
         try:
             body = await response.read(MAX_ERROR_BODY_BYTES)
         except MalformedAnswerError:
@@ -503,7 +506,12 @@ def error_body(response: httpx2.Response) -> tuple[Any, Any]:
 
 def error_message(response: httpx2.Response, body: Any, detail: Any) -> str:
     """What an HTTP error answer says: the upstream's own message (`detail`, where the dialect found one) when it is
-    text, else the start of its body (`error_body`), else the status's reason phrase."""
+    text, else the start of its body (`error_body`), else the status's reason phrase; of a redirect, where to."""
+    if 300 <= response.status_code <= 399:
+        # Its query left out: a redirect to a login page carries tokens there.
+        where = urlsplit(response.headers.get("location", ""))._replace(query="", fragment="").geturl()
+        to = f" to {where}" if where else ""
+        return f"a redirect{to}, which the gateway does not follow: set the backend's base_url to where it points"
     return detail if isinstance(detail, str) and detail else str(body)[:200] or response.reason_phrase
 
 
