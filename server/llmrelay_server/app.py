@@ -32,7 +32,7 @@ from llmrelay_server.servicer import LLMServicer
 from llmrelay_server.tls import ServedCertificate, exposure_warnings, protection
 from llmrelay_server.tokens import TokenCounter
 from llmrelay_server.usage import LedgerUnavailableError, UsageLedger
-from llmrelay_server.workers import ListenError, WorkerRole, ignore_signals_after_stop, in_use_message
+from llmrelay_server.workers import STOP_NOW, ListenError, WorkerRole, ignore_signals_after_stop, in_use_message
 
 if TYPE_CHECKING:
     from llmrelay_server.tracing import Tracing
@@ -67,25 +67,32 @@ class Gateway:
     limiter: Limiter | None = None
     certificate: ServedCertificate | None = None
 
-    async def stop(self, grace_period_s: float | None = None, drain_s: float | None = None) -> None:
+    async def stop(
+        self, grace_period_s: float | None = None, drain_s: float | None = None, hurry: asyncio.Event | None = None
+    ) -> None:
         """Health to NOT_SERVING and new calls refused for the drain time, then calls in flight get the grace period
-        to finish, then those still running end with SHUTTING_DOWN, then everything closes."""
+        to finish, then those still running end with SHUTTING_DOWN, then everything closes. Once `hurry` is set (a
+        second SIGTERM or Ctrl-C), what is left of the drain and the grace period is skipped: the calls still running
+        end at once, with the same status, and their usage is recorded all the same."""
         grace_s = self.grace_period_s if grace_period_s is None else grace_period_s
+        hurry = hurry or asyncio.Event()
+        hurried = asyncio.ensure_future(hurry.wait())
         try:
             await self.monitor.stop()
             self.servicer.start_draining()
-            await asyncio.sleep(self.drain_s if drain_s is None else drain_s)
+            await asyncio.wait({hurried}, timeout=self.drain_s if drain_s is None else drain_s)
             self.monitor.end_watches()
             # gRPC itself would cancel what is left at the end of the grace period with a bare status; the servicer
             # ends those calls first with its own, and gRPC's cut comes only after that.
             stopping = asyncio.ensure_future(self.server.stop(grace_s + INTERRUPT_S))
-            await asyncio.wait({stopping}, timeout=grace_s)
+            await asyncio.wait({stopping, hurried}, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
             if not stopping.done():
                 await self.servicer.interrupt_calls(wait_s=INTERRUPT_S)
             await stopping
             # A call whose caller left is over for gRPC, not yet for the gateway: its bill first, then the ledger.
             await self.servicer.calls_ended(wait_s=max(grace_s, INTERRUPT_S))
         finally:
+            hurried.cancel()
             self.router.lag.stop()
             await self.keys.stop()
             if self.certificate is not None:
@@ -352,6 +359,12 @@ def run(main: Coroutine[Any, Any, T], event_loop: str) -> T:
     return asyncio.run(main)
 
 
+def _hurry(hurry: asyncio.Event) -> None:
+    if not hurry.is_set():
+        log.info("stopping now: calls in flight end with SHUTTING_DOWN")
+        hurry.set()
+
+
 async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> None:
     """Runs until SIGTERM or SIGINT, then shuts down gracefully; as one of a supervisor's workers when `worker`."""
     use_log_format(config.server.log_format)
@@ -359,10 +372,12 @@ async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> None
         # The supervisor serves metrics_listen, gathering each worker's from a loopback port of its own.
         config = dataclasses.replace(config, server=dataclasses.replace(config.server, metrics_listen="127.0.0.1:0"))
     # Handlers first: a signal that comes the moment the port opens must still mean a graceful stop.
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if worker is not None:
+        loop.add_signal_handler(STOP_NOW, _hurry, hurry)  # its supervisor's second stop, whenever it comes
     # Watched from the start too: a supervisor killed while its workers start must not leave them serving.
     watching = asyncio.create_task(worker.watch_supervisor(stop)) if worker is not None else None
     gateway = await start_gateway(config, reuse_port=worker is not None)
@@ -388,10 +403,13 @@ async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> None
     if watching is not None:
         watching.cancel()
     log.info(
-        "shutting down: NOT_SERVING for %g s, then up to %g s for calls in flight",
+        "shutting down: NOT_SERVING for %g s, then up to %g s for calls in flight (again to stop now)",
         gateway.drain_s,
         gateway.grace_period_s,
     )
-    await gateway.stop()
+    if worker is None:  # a worker's second signal is its supervisor's to send (STOP_NOW)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, _hurry, hurry)
+    await gateway.stop(hurry=hurry)
     ignore_signals_after_stop(loop)
     log.info("stopped")

@@ -10,7 +10,8 @@ them.
 
 - A worker that dies is restarted, after a back-off when it keeps dying soon after its start, and logged.
 - SIGTERM or SIGINT: sent on to every worker; each drains and finishes its calls (drain_s, then grace_period_s) and
-  the supervisor exits when all have. SIGHUP (reload the keys file) is sent on too.
+  the supervisor exits when all have; a second one has them stop at once (STOP_NOW). SIGHUP (reload the keys file)
+  is sent on too.
 - A worker whose supervisor is gone stops by itself: it watches its parent (`WorkerRole.watch_supervisor`), from
   before it starts to serve.
 - The run directory (`llmrelay-workers-*` in the temporary directory) is where the workers announce themselves.
@@ -66,6 +67,10 @@ PARENT_CHECK_S = 1.0
 SCRAPE_TIMEOUT_S = 2.0
 RUN_DIR_PREFIX = "llmrelay-workers-"
 """A run directory's name: this, then a random part."""
+STOP_NOW: Final = signal.SIGUSR2
+"""From the supervisor to a worker that is stopping: skip what is left of the drain and the grace period. Not a second
+SIGTERM or SIGINT, which a worker gets on its own from its process group (Ctrl-C in a terminal, systemd's stop) as
+the supervisor sends on the first."""
 _RUN_LOCK = "supervisor.lock"
 
 
@@ -78,7 +83,7 @@ _HOLD_INTERPRETER_S: Final = 1.0
 
 
 def ignore_signals_after_stop(loop: asyncio.AbstractEventLoop) -> None:
-    """The stop is done: SIGTERM, SIGINT and SIGHUP are ignored for the rest of the process's life.
+    """The stop is done: SIGTERM, SIGINT, SIGHUP and STOP_NOW are ignored for the rest of the process's life.
 
     Their handlers are the loop's, and closing, the loop gives them back their default actions: one arriving then,
     before the process exits (a second Ctrl-C, `systemctl reload` as the stop ends, a supervisor's SIGHUP passed
@@ -89,7 +94,7 @@ def ignore_signals_after_stop(loop: asyncio.AbstractEventLoop) -> None:
     interval = sys.getswitchinterval()
     sys.setswitchinterval(_HOLD_INTERPRETER_S)
     try:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, STOP_NOW):
             loop.remove_signal_handler(signum)  # the default action again, until the next line
             signal.signal(signum, signal.SIG_IGN)
     finally:
@@ -351,8 +356,12 @@ class Supervisor:
     async def _stop_all(self, workers: list[_Worker]) -> None:
         """SIGTERM to every worker; each drains and finishes its calls; one that outlasts all that is killed.
 
-        They drain together, so they are waited for together: one deadline for all, not one after another's."""
+        They drain together, so they are waited for together: one deadline for all, not one after another's. A
+        second SIGTERM or SIGINT meanwhile has each of them stop at once (STOP_NOW; see Gateway.stop)."""
         self._signal_all(workers, signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._signal_all, workers, STOP_NOW)
         server = self._config.server
         within_s = server.drain_s + server.grace_period_s + EXIT_MARGIN_S
         started = [(worker.index, worker.process) for worker in workers if worker.process is not None]

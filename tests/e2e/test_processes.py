@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
@@ -296,6 +297,30 @@ async def test_a_signal_as_the_stop_ends_leaves_it_a_clean_stop(server: GatewayP
             await asyncio.sleep(0.002)
     assert await server.process.wait() == 0
     assert "Traceback" not in await server.output()
+
+
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM], ids=lambda signum: signum.name)
+async def test_a_second_signal_skips_the_rest_of_the_drain_and_the_grace_period(
+    tmp_path: Path, local: FakeUpstream, second: signal.Signals
+) -> None:
+    """Ctrl-C again, or a second SIGTERM: the gateway stops now rather than after drain_s and grace_period_s (here a
+    minute), which nothing but SIGKILL could cut short. The call still running ends with the gateway's status."""
+    async with started(tmp_path, local, "drain_s: 30, grace_period_s: 30") as server:
+        local.inject({"stall_s": 60})
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            call = asyncio.ensure_future(pb.LLMServiceStub(channel).Complete(chat(), timeout=60))
+            await wait_until_requests(local, 1)
+            server.process.send_signal(signal.SIGTERM)
+            await server.wait_for_line("shutting down")
+            began = time.monotonic()
+            server.process.send_signal(second)
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                await call
+            assert await asyncio.wait_for(server.process.wait(), 15) == 0
+        assert time.monotonic() - began < 10
+    assert (cut.value.code(), details(cut.value)["ErrorInfo"].reason) == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN")
+    log = await server.output()
+    assert "stopping now: calls in flight end with SHUTTING_DOWN" in log and "Traceback" not in log
 
 
 async def test_graceful_shutdown_under_load(server: GatewayProcess, local: FakeUpstream) -> None:

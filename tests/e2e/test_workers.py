@@ -24,7 +24,7 @@ from harness import GatewayProcess, free_port
 from llmrelay import v1 as pb
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
-from support import chat, interruptible, read_all, start_server, stream_chat
+from support import chat, details, interruptible, read_all, start_server, stream_chat
 from upstream import FakeUpstream
 
 COMPLETE = "llmrelay.v1.LLMService/Complete"
@@ -292,6 +292,8 @@ async def test_a_port_with_connections_in_time_wait_is_reserved(
 
 
 async def test_sigterm_drains_every_worker(tmp_path: Path, local: FakeUpstream) -> None:
+    """To the whole process group, as systemd's stop sends it: each worker gets it from there and from its
+    supervisor, and drains all the same (two SIGTERMs to a gateway alone mean: stop now)."""
     gateway = await start_workers(tmp_path, local)
     local.inject({"stall_s": 1.5})
     async with grpc.aio.insecure_channel(gateway.target) as channel:
@@ -299,11 +301,36 @@ async def test_sigterm_drains_every_worker(tmp_path: Path, local: FakeUpstream) 
         async with asyncio.timeout(10):
             while not local.chat_requests:  # noqa: ASYNC110 (the stream reached a worker and its upstream)
                 await asyncio.sleep(0.02)
+        for pid in children(gateway.process.pid):
+            os.kill(pid, signal.SIGTERM)
         gateway.process.send_signal(signal.SIGTERM)
         chunks = await read_all(stream)
     assert chunks[-1].usage.completion_tokens > 0  # finished, not cut
     async with asyncio.timeout(30):
         assert await gateway.process.wait() == 0
+
+
+async def test_a_second_signal_to_the_supervisor_stops_every_worker_at_once(
+    tmp_path: Path, local: FakeUpstream
+) -> None:
+    gateway = await start_workers(tmp_path, local, grace_period_s=60)
+    local.inject({"stall_s": 60})
+    async with grpc.aio.insecure_channel(gateway.target) as channel:
+        call = asyncio.ensure_future(pb.LLMServiceStub(channel).Complete(chat(), timeout=60))
+        async with asyncio.timeout(10):
+            while not local.chat_requests:  # noqa: ASYNC110 (the call reached a worker and its upstream)
+                await asyncio.sleep(0.02)
+        gateway.process.send_signal(signal.SIGTERM)
+        await gateway.wait_for_line("stopping 2 workers")
+        began = time.monotonic()
+        gateway.process.send_signal(signal.SIGINT)
+        with pytest.raises(grpc.aio.AioRpcError) as cut:
+            await call
+        async with asyncio.timeout(15):
+            assert await gateway.process.wait() == 0
+    assert time.monotonic() - began < 10, "not the minute of the grace period"
+    assert details(cut.value)["ErrorInfo"].reason == "SHUTTING_DOWN"
+    assert "Traceback" not in await gateway.output()
 
 
 async def test_sighup_as_the_stop_ends_leaves_it_a_clean_stop(tmp_path: Path, local: FakeUpstream) -> None:
