@@ -10,7 +10,7 @@ import httpx2
 import openai
 import pytest
 from llmrelay_server.backends.http1 import Http1Response
-from llmrelay_server.backends.upstream_http import Lines, _line_batches, kind_of_status, pool_full, relayed
+from llmrelay_server.backends.upstream_http import Lines, _line_batches, kind_of_status, pool_full, redact, relayed
 from llmrelay_server.domain import BackendSpec, CompletionChunk, UpstreamError, UpstreamErrorKind
 from llmrelay_server.router import NOT_THE_BACKENDS_FAULT, RETRYABLE
 
@@ -118,6 +118,25 @@ async def test_a_read_that_fails_mid_stream_says_why(failure: Exception, kind: U
             received.append(relayed_chunk)
     assert [c.content for c in received] == ["a"]
     assert (caught.value.kind, caught.value.backend, caught.value.message) == (kind, "b", why)
+
+
+@pytest.mark.parametrize(
+    ("key", "said", "passed_on"),
+    [
+        (
+            "x",
+            "prompt is too long: 208656 tokens > 200000 maximum",
+            "prompt is too long: 208656 tokens > 200000 maximum",
+        ),
+        ("EMPTY", "key EMPTY is not valid; EMPTYING", "key [redacted] is not valid; EMPTYING"),
+        ("sk-abc", "Incorrect API key provided: sk-abc.", "Incorrect API key provided: [redacted]."),
+        ("sk-abc", "token=sk-abc&x=1, sk-abcd", "token=[redacted]&x=1, sk-abcd"),
+    ],
+    ids=["placeholder-inside-words", "placeholder-whole", "quoted-back", "beside-punctuation"],
+)
+def test_the_key_is_redacted_where_it_stands_whole(key: str, said: str, passed_on: str) -> None:
+    # Replaced anywhere, a placeholder key ("x", as local servers take any) made "maximum" "ma[redacted]imum".
+    assert redact(said, key) == passed_on
 
 
 def test_no_connection_free_in_the_gateways_pool_is_its_own_bound_not_the_upstreams_failure() -> None:

@@ -469,7 +469,9 @@ def redact(text: str, api_key: str | None) -> str:
     """An upstream's message without the backend's key or anything like a key, cut to 500 characters. Upstreams
     quote keys back in their errors ("Incorrect API key provided: sk-..."); never pass one on."""
     if api_key:
-        text = text.replace(api_key, "[redacted]")
+        # Where it stands whole, not inside a longer word: a placeholder key of a local server ("x", "EMPTY") made
+        # "maximum" "ma[redacted]imum" in every message that had it.
+        text = re.sub(rf"(?<![\w-]){re.escape(api_key)}(?![\w-])", "[redacted]", text)
     return _SECRET_LIKE.sub("[redacted]", text)[:500]
 
 
