@@ -166,14 +166,22 @@ export class Agent {
     let usage = emptyUsage();
     const attempts: Attempt[] = [];
     for (let step = 1; ; step++) {
-      if (conversation.options.budgetTokens !== undefined) {
-        // The tools' definitions go with the prompt, so they take their share of the budget.
-        await conversation.fit(this.client, { ...callOptions, tools: requestOptions.tools });
+      let answer: CompleteResponse;
+      try {
+        if (conversation.options.budgetTokens !== undefined) {
+          // The tools' definitions go with the prompt, so they take their share of the budget.
+          await conversation.fit(this.client, { ...callOptions, tools: requestOptions.tools });
+        }
+        const request = { model: this.options.model, messages: conversation.messages, options: requestOptions };
+        answer = onDelta
+          ? await this.client.collect(request, { ...callOptions, onDelta, onRestart })
+          : await this.client.complete(request, callOptions);
+      } catch (err) {
+        // Aborted during a model call, which then fails CANCELLED: the run rejects with the signal's reason, as it
+        // does when the signal aborts while the tools run.
+        callOptions.signal?.throwIfAborted();
+        throw err;
       }
-      const request = { model: this.options.model, messages: conversation.messages, options: requestOptions };
-      const answer = onDelta
-        ? await this.client.collect(request, { ...callOptions, onDelta, onRestart })
-        : await this.client.complete(request, callOptions);
       usage = addUsage(usage, answer.usage);
       attempts.push(...answer.attempts);
       const calls = answer.message?.toolCalls ?? [];

@@ -87,7 +87,10 @@ export interface CallOptions {
   timeoutMs?: number | null;
   /** Deadline of this call as a point in time; overrides timeoutMs. */
   deadline?: Date;
-  /** Cancels the call (it then fails with CANCELLED). */
+  /**
+   * Cancels the call: it then fails with CANCELLED. A signal aborted already starts no call: it rejects with the
+   * signal's reason, as fetch() does.
+   */
   signal?: AbortSignal;
   /** Metadata for this call, on top of the client's. */
   metadata?: Record<string, string>;
@@ -165,7 +168,7 @@ export class Client {
   }
 
   /** Answers a chat with one assistant message. */
-  complete(request: CompleteInput, options?: CallOptions): Promise<CompleteResponse> {
+  async complete(request: CompleteInput, options?: CallOptions): Promise<CompleteResponse> {
     const input = { ...request, options: withJsonText(request.options) };
     return this.unary(this.raw.complete, CompleteRequest.fromPartial(input), options);
   }
@@ -193,7 +196,7 @@ export class Client {
         yield chunk as StreamCompleteResponse;
       }
     } catch (err) {
-      throw this.explain(toError(err));
+      throw this.explain(unencodable(toError(err)));
     } finally {
       options?.signal?.removeEventListener("abort", abort);
       call.on("error", () => {}); // the CANCELLED of an early exit is nobody's error
@@ -229,7 +232,7 @@ export class Client {
   }
 
   /** Counts the tokens of a chat or a text for a model, offline. */
-  countTokens(request: CountTokensInput, options?: CallOptions): Promise<CountTokensResponse> {
+  async countTokens(request: CountTokensInput, options?: CallOptions): Promise<CountTokensResponse> {
     const input = { ...request, tools: textTools(request.tools) };
     return this.unary(this.raw.countTokens, CountTokensRequest.fromPartial(input), options);
   }
@@ -239,17 +242,17 @@ export class Client {
    * embedding model: `model` (or "backend/model"), else the gateway's default embedding model. The gateway may retry,
    * or ask another backend serving the same model, but never another model.
    */
-  embed(request: EmbedInput, options?: CallOptions): Promise<EmbedResponse> {
+  async embed(request: EmbedInput, options?: CallOptions): Promise<EmbedResponse> {
     return this.unary(this.raw.embed, EmbedRequest.fromPartial(request), options);
   }
 
   /** Reports the state of every backend; with probe, checks them now instead of reporting the last probe. */
-  health(probe = false, options?: CallOptions): Promise<HealthResponse> {
+  async health(probe = false, options?: CallOptions): Promise<HealthResponse> {
     return this.unary(this.raw.health, HealthRequest.fromPartial({ probe }), options);
   }
 
   /** Reads the usage ledger: token totals per backend, model and caller. */
-  getUsage(request: GetUsageInput = {}, options?: CallOptions): Promise<GetUsageResponse> {
+  async getUsage(request: GetUsageInput = {}, options?: CallOptions): Promise<GetUsageResponse> {
     return this.unary(this.raw.getUsage, GetUsageRequest.fromPartial(request), options);
   }
 
@@ -273,7 +276,7 @@ export class Client {
         this.active.delete(call);
         signal?.removeEventListener("abort", abort);
         if (err) {
-          reject(this.explain(toError(err)));
+          reject(this.explain(unencodable(toError(err))));
         } else {
           resolve(res);
         }
@@ -324,3 +327,21 @@ export class Client {
     return err;
   }
 }
+
+/**
+ * grpc-js's INTERNAL for a request it could not encode (a field of the wrong type from plain JavaScript, such as a
+ * role "user" where the contract's enum is a number), which no gateway ever saw: a TypeError saying so, not a
+ * status that reads as the gateway's own failure.
+ */
+function unencodable(err: unknown): unknown {
+  if (err instanceof LLMRelayError && err.code === status.INTERNAL && err.details.startsWith(SERIALIZATION_FAILURE)) {
+    return new TypeError(
+      `the request could not be encoded (${err.details}): a field has a value of the wrong type; an enum is` +
+        " its number (Role.ROLE_USER, not \"user\"), a repeated field an array",
+      { cause: err },
+    );
+  }
+  return err;
+}
+
+const SERIALIZATION_FAILURE = "Request message serialization failure";

@@ -253,6 +253,19 @@ describe("the agent loop", { concurrency: false }, () => {
     assert.ok(toolSawAbort);
     assert.equal(await upstream.requestCount(), before + 1, "no step after the abort");
   });
+
+  for (const streamed of [false, true]) {
+    test(`an AbortSignal during a model call rejects the run with its reason${streamed ? " (onDelta)" : ""}`, async () => {
+      // The call failed CANCELLED, and the run rejected with that rather than the reason its documentation promises.
+      await upstream.addFaults({ stall_s: 5 });
+      const agent = new Agent(client, { tools: [] });
+      const reason = new Error("the user gave up mid-call");
+      const controller = new AbortController();
+      setTimeout(() => controller.abort(reason), 300);
+      const options = streamed ? { signal: controller.signal, onDelta: () => {} } : { signal: controller.signal };
+      await assert.rejects(agent.run([user("slow")], options), (err) => err === reason);
+    });
+  }
 });
 
 describe("Conversation", { concurrency: false }, () => {

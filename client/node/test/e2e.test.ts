@@ -263,6 +263,24 @@ describe("llmrelay gateway, from TypeScript", { concurrency: false }, () => {
   });
 
 
+  test("a request that cannot be built or encoded rejects, saying so, and never reaches the gateway", async () => {
+    // From plain JavaScript: a string where the contract has an array, and an enum by its name. The first threw
+    // synchronously, past any .catch(); the second failed INTERNAL, as if the gateway had.
+    const client = connect();
+    const before = await upstream.requestCount();
+    const notAList = client.complete({ messages: chat("hi"), options: { stop: "END" } } as unknown as StreamInput);
+    await assert.rejects(notAList, TypeError);
+    const byName = client.complete({ messages: [{ role: "user", content: "hi" }] } as unknown as StreamInput);
+    await assert.rejects(byName, (err: unknown) => {
+      assert.ok(err instanceof TypeError, String(err));
+      assert.match(err.message, /could not be encoded .*an enum is its number \(Role.ROLE_USER, not "user"\)/);
+      return true;
+    });
+    const streamed = client.stream({ messages: [{ role: "user", content: "hi" }] } as unknown as StreamInput);
+    await assert.rejects(streamed.next(), TypeError);
+    assert.equal(await upstream.requestCount(), before);
+  });
+
   test("the caller is recorded in the usage ledger", async () => {
     const client = connect(gateway.addr, { caller: "node-e2e" });
     await client.complete({ messages: chat("count me") });
