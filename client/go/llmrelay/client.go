@@ -39,6 +39,8 @@ package llmrelay
 import (
 	"context"
 	"crypto/tls"
+	"fmt"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc"
@@ -147,7 +149,15 @@ func WithDialOptions(opts ...grpc.DialOption) Option {
 func Dial(target string, opts ...Option) (*Client, error) {
 	o := options{timeout: DefaultTimeout, serviceConfig: llmrelayv1.ServiceConfigJSON}
 	for _, opt := range opts {
-		opt(&o)
+		if opt != nil { // as a nil grpc.DialOption is none
+			opt(&o)
+		}
+	}
+	for i := 0; i < len(o.headers); i += 2 {
+		// Else every call fails Internal, "header key ... contains illegal characters", as though the gateway had.
+		if !validHeaderKey(o.headers[i]) {
+			return nil, fmt.Errorf("llmrelay: WithHeader key %q: gRPC takes only letters, digits, '-', '_' and '.' in a key", o.headers[i])
+		}
 	}
 	var securityHint string
 	if o.creds == nil {
@@ -350,4 +360,17 @@ func User(content string) *llmrelayv1.Message {
 // Assistant is an assistant message, for earlier turns of the chat.
 func Assistant(content string) *llmrelayv1.Message {
 	return &llmrelayv1.Message{Role: llmrelayv1.Role_ROLE_ASSISTANT, Content: content}
+}
+
+// validHeaderKey: a metadata key gRPC sends (it sends keys in lower case, so upper-case letters are taken too).
+func validHeaderKey(key string) bool {
+	if key == "" || strings.HasPrefix(key, "grpc-") {
+		return false
+	}
+	for _, c := range strings.ToLower(key) {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
+			return false
+		}
+	}
+	return true
 }

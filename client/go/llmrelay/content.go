@@ -3,12 +3,14 @@ package llmrelay
 import (
 	"encoding/json"
 	"fmt"
+	"strings"
 
 	llmrelayv1 "github.com/llmrelay/llmrelay/client/go/llmrelay/v1"
 )
 
 // FunctionTool is a function the model may call. parameters is its JSON Schema: a value encoding/json encodes (a
-// map, a struct), or the JSON text itself as a string, []byte or json.RawMessage; nil for none. The schema travels
+// map, a struct), or the JSON text itself as a string, []byte or json.RawMessage; nil (a nil map or pointer too) or
+// empty text for none. The schema travels
 // as JSON text (parameters_json), which the upstream gets as written: the deprecated Struct field would turn its
 // integers into doubles (`"maxItems": 3` into 3.0) and lose large ones. description "" leaves it unset.
 func FunctionTool(name, description string, parameters any) (*llmrelayv1.Tool, error) {
@@ -16,11 +18,11 @@ func FunctionTool(name, description string, parameters any) (*llmrelayv1.Tool, e
 	if description != "" {
 		function.Description = &description
 	}
-	if parameters != nil {
-		text, err := jsonText(parameters)
-		if err != nil {
-			return nil, fmt.Errorf("llmrelay: the parameters of tool %q: %w", name, err)
-		}
+	text, err := jsonText(parameters)
+	if err != nil {
+		return nil, fmt.Errorf("llmrelay: the parameters of tool %q: %w", name, err)
+	}
+	if text != "" {
 		function.ParametersJson = &text
 	}
 	return &llmrelayv1.Tool{Function: function}, nil
@@ -30,6 +32,9 @@ func FunctionTool(name, description string, parameters any) (*llmrelayv1.Tool, e
 // takes parameters and sent as JSON text (schema_json) too.
 func JSONSchemaFormat(name string, schema any) (*llmrelayv1.ResponseFormat, error) {
 	text, err := jsonText(schema)
+	if err == nil && text == "" {
+		err = fmt.Errorf("it is empty (nil)")
+	}
 	if err != nil {
 		return nil, fmt.Errorf("llmrelay: the JSON schema %q: %w", name, err)
 	}
@@ -39,18 +44,30 @@ func JSONSchemaFormat(name string, schema any) (*llmrelayv1.ResponseFormat, erro
 	}, nil
 }
 
-// jsonText is a schema as JSON text: text as it is, anything else encoded.
+// jsonText is a schema as JSON text: text as it is, anything else encoded; "" for none (nil, a nil map or slice, or
+// empty text), which encoding/json would send as null or the gateway refuse as no JSON at all.
 func jsonText(schema any) (string, error) {
+	var text string
 	switch s := schema.(type) {
+	case nil:
+		return "", nil
 	case string:
-		return s, nil
+		text = s
 	case []byte:
-		return string(s), nil
+		text = string(s)
 	case json.RawMessage:
-		return string(s), nil
+		text = string(s)
+	default:
+		encoded, err := json.Marshal(schema)
+		if err != nil {
+			return "", err
+		}
+		text = string(encoded)
 	}
-	text, err := json.Marshal(schema)
-	return string(text), err
+	if trimmed := strings.TrimSpace(text); trimmed == "" || trimmed == "null" {
+		return "", nil
+	}
+	return text, nil
 }
 
 // UserImage is a user message of a text and images (ImageBytes, ImageURL), in that order; text "" leaves it out.

@@ -89,6 +89,34 @@ func TestASchemaThatIsNotJSONIsAnError(t *testing.T) {
 	}
 }
 
+func TestNoSchemaInAnyFormIsNone(t *testing.T) {
+	// A nil map (or pointer, or empty text) went out as "null" or "", which the gateway refuses: "nil for none" was
+	// true of an untyped nil alone.
+	var noMap map[string]any
+	var noStruct *struct{ A int }
+	for _, none := range []any{nil, noMap, noStruct, json.RawMessage(nil), "", []byte(" ")} {
+		tool, err := llmrelay.FunctionTool("f", "", none)
+		if err != nil || tool.Function.ParametersJson != nil {
+			t.Errorf("FunctionTool(%#v): %v, parameters %v; want none", none, err, tool.GetFunction().ParametersJson)
+		}
+		if _, err := llmrelay.JSONSchemaFormat("s", none); err == nil {
+			t.Errorf("JSONSchemaFormat(%#v) took no schema for one", none)
+		}
+	}
+}
+
+func TestDialSkipsANilOptionAndRefusesAHeaderKeyGRPCCannotSend(t *testing.T) {
+	client, err := llmrelay.Dial("127.0.0.1:1", nil, llmrelay.WithHeader("X-Team", "a")) // it panicked on the nil
+	if err != nil {
+		t.Fatalf("Dial: %v", err)
+	}
+	client.Close()
+	// Taken, every call failed Internal, "header key ... contains illegal characters", as though the gateway had.
+	if _, err := llmrelay.Dial("127.0.0.1:1", llmrelay.WithHeader("Bad Key", "v")); err == nil {
+		t.Error(`Dial took the metadata key "Bad Key"`)
+	}
+}
+
 func TestSchemasReachTheUpstreamWithTheirIntegers(t *testing.T) {
 	client := setup(t)
 	schema := map[string]any{
