@@ -403,7 +403,7 @@ async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> None
     if watching is not None:
         watching.cancel()
     log.info(
-        "shutting down: NOT_SERVING for %g s, then up to %g s for calls in flight (again to stop now)",
+        "shutting down: NOT_SERVING for %g s, then up to %g s for calls in flight (signal again to stop now)",
         gateway.drain_s,
         gateway.grace_period_s,
     )
