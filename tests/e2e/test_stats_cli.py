@@ -72,12 +72,21 @@ def test_stats_says_when_the_metrics_option_is_no_url(url: str) -> None:
     assert line.startswith(f"llmrelay: --metrics (or LLMRELAY_METRICS) {url!r} is not a URL (")
 
 
-def test_stats_says_when_the_endpoint_answers_no_metrics() -> None:
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<html>\nHello world, this is no metrics endpoint\n</html>\n",
+        # No line of these even looks like a sample: they showed as an idle gateway, status 0.
+        b'{"object": "list", "data": [{"id": "tiny"}]}',
+        b"# HELP up Another exporter.\nup 1\nprocess_cpu_seconds_total 3.5\n",
+    ],
+    ids=["html", "json", "another-exporter"],
+)
+def test_stats_says_when_the_endpoint_answers_no_metrics(body: bytes) -> None:
     """Another HTTP server's page (a port mistaken for the metrics one): one line, not a traceback."""
 
     class Page(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body = b"<html>\nHello world, this is no metrics endpoint\n</html>\n"
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

@@ -471,6 +471,8 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 _SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 _SERVICE = "llmrelay.v1.LLMService"
+_GATEWAY_METRICS = ("llmrelay_", "grpc_server_")
+"""The prefixes of the gateway's metrics: a scrape has some from its start (llmrelay_store_available, ...)."""
 
 
 def scrape(url: str) -> Samples:
@@ -486,9 +488,14 @@ def scrape(url: str) -> Samples:
     except ValueError as exc:  # no URL urllib can open ("", "http://[::1"): its error names no option
         sys.exit(f"llmrelay: --metrics (or LLMRELAY_METRICS) {url!r} is not a URL ({exc}); e.g. {DEFAULT_METRICS}")
     try:
-        return parse_metrics(body.decode())
+        samples = parse_metrics(body.decode())
     except ValueError:  # not UTF-8, or a line that is no sample: another HTTP server's page, say
+        samples = {}
+    # No sample of the gateway's own: another server's page (a JSON answer has no line that even looks like one),
+    # which would show as an idle gateway.
+    if not any(name.startswith(_GATEWAY_METRICS) for name, _ in samples):
         sys.exit(f"llmrelay: {url} did not answer in Prometheus's text format: is it the gateway's metrics_listen?")
+    return samples
 
 
 def parse_metrics(text: str) -> Samples:
