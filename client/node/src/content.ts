@@ -65,12 +65,23 @@ export function userMessage(...content: (string | ContentPartInput)[]): MessageI
 
 /**
  * The options, every schema given as an object turned into JSON text (`parametersJson`, `schemaJson`): the
- * deprecated Struct fields it would otherwise fill turn integers into doubles (`maxItems: 3` into 3.0).
+ * deprecated Struct fields it would otherwise fill turn integers into doubles (`maxItems: 3` into 3.0). A `stop`
+ * given as one string (from plain JavaScript) is that one sequence.
  */
 export function withJsonText(
   options: DeepPartial<CompletionOptions> | undefined,
 ): DeepPartial<CompletionOptions> | undefined {
-  return options && { ...options, tools: textTools(options.tools), responseFormat: textFormat(options.responseFormat) };
+  if (!options) {
+    return options;
+  }
+  // One stop sequence as a string, from plain JavaScript, as OpenAI and the Python SDK take it (not one a character).
+  const stop: unknown = options.stop;
+  return {
+    ...options,
+    ...(typeof stop === "string" ? { stop: [stop] } : {}),
+    tools: textTools(options.tools),
+    responseFormat: textFormat(options.responseFormat),
+  };
 }
 
 /** The tools, parameters given as an object turned into JSON text. */

@@ -264,11 +264,11 @@ describe("llmrelay gateway, from TypeScript", { concurrency: false }, () => {
 
 
   test("a request that cannot be built or encoded rejects, saying so, and never reaches the gateway", async () => {
-    // From plain JavaScript: a string where the contract has an array, and an enum by its name. The first threw
+    // From plain JavaScript: one message where the contract has a list, and an enum by its name. The first threw
     // synchronously, past any .catch(); the second failed INTERNAL, as if the gateway had.
     const client = connect();
     const before = await upstream.requestCount();
-    const notAList = client.complete({ messages: chat("hi"), options: { stop: "END" } } as unknown as StreamInput);
+    const notAList = client.complete({ messages: user("hi") } as unknown as StreamInput);
     await assert.rejects(notAList, TypeError);
     const byName = client.complete({ messages: [{ role: "user", content: "hi" }] } as unknown as StreamInput);
     await assert.rejects(byName, (err: unknown) => {
@@ -279,6 +279,13 @@ describe("llmrelay gateway, from TypeScript", { concurrency: false }, () => {
     const streamed = client.stream({ messages: [{ role: "user", content: "hi" }] } as unknown as StreamInput);
     await assert.rejects(streamed.next(), TypeError);
     assert.equal(await upstream.requestCount(), before);
+  });
+
+  test("one stop sequence may be given as a string, as OpenAI takes it", async () => {
+    // From plain JavaScript, as the Python SDK takes it: it threw inside fromPartial ("stop?.map is not a function").
+    await connect().complete({ messages: chat("stop here"), options: { stop: "END" } } as unknown as StreamInput);
+    const sent = JSON.parse(await upstream.requests()) as { stop?: unknown }[];
+    assert.deepEqual(sent.at(-1)?.stop, ["END"]);
   });
 
   test("the caller is recorded in the usage ledger", async () => {
