@@ -544,8 +544,10 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
         base_url = env.get("OPENAI_BASE_URL") or openai.base_url or DEFAULT_OPENAI_BASE_URL
         url_where = "OPENAI_BASE_URL" if env.get("OPENAI_BASE_URL") else "llm.openai.base_url"
         model = env.get("LLMRELAY_OPENAI_MODEL") or openai.model or DEFAULT_OPENAI_MODEL
-        _check_api_key(api_key, "OPENAI_API_KEY" if env.get("OPENAI_API_KEY") else "llm.openai.api_key")
-        specs["openai"] = _spec("openai", "openai", base_url, model, api_key, openai, "llm.openai", url_where)
+        key_where = "OPENAI_API_KEY" if env.get("OPENAI_API_KEY") else None
+        specs["openai"] = _spec(
+            "openai", "openai", base_url, model, api_key, openai, "llm.openai", url_where, key_where
+        )
     anthropic = llm.anthropic or _BackendSection()
     api_key = env.get("ANTHROPIC_API_KEY") or anthropic.api_key
     # Likewise: Anthropic joins the chain, after OpenAI, only with a key.
@@ -553,9 +555,9 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
         base_url = env.get("ANTHROPIC_BASE_URL") or anthropic.base_url or DEFAULT_ANTHROPIC_BASE_URL
         url_where = "ANTHROPIC_BASE_URL" if env.get("ANTHROPIC_BASE_URL") else "llm.anthropic.base_url"
         model = env.get("LLMRELAY_ANTHROPIC_MODEL") or anthropic.model or DEFAULT_ANTHROPIC_MODEL
-        _check_api_key(api_key, "ANTHROPIC_API_KEY" if env.get("ANTHROPIC_API_KEY") else "llm.anthropic.api_key")
+        key_where = "ANTHROPIC_API_KEY" if env.get("ANTHROPIC_API_KEY") else None
         specs["anthropic"] = _spec(
-            "anthropic", "anthropic", base_url, model, api_key, anthropic, "llm.anthropic", url_where
+            "anthropic", "anthropic", base_url, model, api_key, anthropic, "llm.anthropic", url_where, key_where
         )
     ollama = llm.ollama or _BackendSection()
     if env.get("OLLAMA_HOST"):
@@ -564,7 +566,6 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
         base_url = ollama.base_url or ollama_base_url(DEFAULT_OLLAMA_HOST)
     url_where = "OLLAMA_HOST" if env.get("OLLAMA_HOST") else "llm.ollama.base_url"
     model = env.get("LLMRELAY_OLLAMA_MODEL") or ollama.model or DEFAULT_OLLAMA_MODEL
-    _check_api_key(ollama.api_key, "llm.ollama.api_key")
     specs["ollama"] = _spec("ollama", "ollama", base_url, model, ollama.api_key, ollama, "llm.ollama", url_where)
     for index, extra in enumerate(llm.backends):
         where = f"llm.backends[{index}]"
@@ -573,7 +574,6 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
         if extra.name in specs or not re.fullmatch(r"[a-z][a-z0-9_-]*", extra.name):
             raise ConfigError(f"{where}.name: {extra.name!r} must be unique and match [a-z][a-z0-9_-]*")
         url_where = f"{where}.base_url"
-        _check_api_key(extra.api_key, f"{where}.api_key")
         specs[extra.name] = _spec(
             extra.name, extra.kind, extra.base_url, extra.model, extra.api_key, extra, where, url_where
         )
@@ -630,9 +630,12 @@ def _spec(
     section: _BackendSection,
     where: str,
     url_where: str,
+    key_where: str | None = None,
 ) -> BackendSpec:
     """A backend from its resolved name, kind, URL, model and key, and the section's routing fields; `where` names
-    the section, `url_where` what set the URL (the field, or a variable)."""
+    the section, `url_where` what set the URL (the field, or a variable), `key_where` the variable that set the key
+    (None: the section's api_key)."""
+    _check_api_key(api_key, key_where or f"{where}.api_key")
     try:
         url = urlsplit(base_url)
         url.port  # noqa: B018 (reading it validates it)
