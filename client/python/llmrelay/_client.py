@@ -112,8 +112,13 @@ def _completion_request(
 ) -> _CompletionRequest:
     """A CompleteRequest or StreamCompleteRequest (same fields)."""
     # None leaves a field unset: no model means the default chain, no options the backend's defaults.
-    fields = {"model": model, "exact_model": exact_model, "options": completion_options(options)}
-    return built(request_type, {"messages": as_messages(messages), **fields})
+    fields = {
+        "messages": as_messages(messages),
+        "model": model,
+        "exact_model": exact_model,
+        "options": completion_options(options),
+    }
+    return built(request_type, fields)
 
 
 def _stream_request(
@@ -138,8 +143,8 @@ def _embed_request(inputs: str | Iterable[str], model: str | None, dimensions: i
 def _count_request(
     messages: Iterable[MessageLike] | None, text: str | None, model: str | None, tools: Sequence[pb.Tool]
 ) -> pb.CountTokensRequest:
-    fields = {"model": model, "tools": list(tools), "text": text}
-    return built(pb.CountTokensRequest, {"messages": as_messages(messages or ()), **fields})
+    fields = {"model": model, "messages": as_messages(messages or ()), "tools": list(tools), "text": text}
+    return built(pb.CountTokensRequest, fields)
 
 
 def _usage_request(request: pb.GetUsageRequest | Mapping[str, Any] | None) -> pb.GetUsageRequest:
@@ -153,19 +158,13 @@ def _usage_request(request: pb.GetUsageRequest | Mapping[str, Any] | None) -> pb
     return request
 
 
-def _checked_timeout(timeout: float | None) -> float | None:
-    # Else grpc fails inside itself ("unsupported operand type(s) for +: 'float' and 'str'").
-    seconds = isinstance(timeout, int | float) and not isinstance(timeout, bool)
-    if timeout is not None and not (seconds and math.isfinite(timeout) and timeout > 0):
-        raise ValueError(f"timeout must be a number of seconds > 0, or None (no deadline), not {timeout!r}")
-    return timeout
-
-
-def _check_tool_timeout(tool_timeout: float | None) -> None:
-    if tool_timeout is not None and (
-        isinstance(tool_timeout, bool) or not (isinstance(tool_timeout, int | float) and tool_timeout > 0)
-    ):
-        raise ValueError(f"tool_timeout must be a number of seconds > 0, or None (no bound), not {tool_timeout!r}")
+def _seconds(name: str, value: float | None, unset: str) -> float | None:
+    """`value`, a number of seconds > 0 or None (`unset` says what None means), else ValueError naming `name`: grpc
+    would fail inside itself ("unsupported operand type(s) for +: 'float' and 'str'")."""
+    seconds = isinstance(value, int | float) and not isinstance(value, bool)
+    if value is not None and not (seconds and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a number of seconds > 0, or None ({unset}), not {value!r}")
+    return value
 
 
 def _conversation(messages: Iterable[MessageLike] | Conversation) -> Conversation:
@@ -216,7 +215,7 @@ class _Base:
         self.channel_options = [] if own_channel else settings.channel_options()
         """The options the client made its channel with (the service config first)."""
         self._credentials = None if own_channel else settings.credentials_for(target)
-        self._timeout = _checked_timeout(timeout)
+        self._timeout = _seconds("timeout", timeout, "no deadline")
         self._metadata = _checked_metadata(tuple(metadata) + (((CALLER_HEADER, caller),) if caller else ()))
         self._security_hint = None if own_channel else settings.security_hint(target)
         self._closed = False
@@ -230,7 +229,9 @@ class _Base:
 
     def _call_options(self, timeout: Timeout, metadata: Metadata | None) -> dict[str, Any]:
         return {
-            "timeout": self._timeout if isinstance(timeout, _ClientDefault) else _checked_timeout(timeout),
+            "timeout": self._timeout
+            if isinstance(timeout, _ClientDefault)
+            else _seconds("timeout", timeout, "no deadline"),
             "metadata": _merged_metadata(self._metadata, _checked_metadata(metadata or ())),
         }
 
@@ -420,7 +421,7 @@ class Client(_Base):
         A Conversation given is appended to, and fitted to its budget before each call; a list is left as it was.
         When the model still asks for tools after max_steps calls, their results are appended and StepLimitError
         is raised, its `answer` holding everything so far."""
-        _check_tool_timeout(tool_timeout)
+        _seconds("tool_timeout", tool_timeout, "no bound")
         conversation = _conversation(messages)
         steps = _Steps(conversation.messages, max_steps)
         definitions = tools.definitions()
@@ -645,7 +646,7 @@ class AsyncClient(_Base):
         **options: Unpack[RunToolsOptions],
     ) -> Answer:
         """As Client.run_tools; several tool calls run at once with asyncio.gather (plain functions in threads)."""
-        _check_tool_timeout(tool_timeout)
+        _seconds("tool_timeout", tool_timeout, "no bound")
         conversation = _conversation(messages)
         steps = _Steps(conversation.messages, max_steps)
         definitions = tools.definitions()
