@@ -49,8 +49,6 @@ func JSONSchemaFormat(name string, schema any) (*llmrelayv1.ResponseFormat, erro
 func jsonText(schema any) (string, error) {
 	var text string
 	switch s := schema.(type) {
-	case nil:
-		return "", nil
 	case string:
 		text = s
 	case []byte:
