@@ -459,6 +459,15 @@ class _Wait:
         self._task.cancel()
 
 
+def _silent(first_chunk_s: float) -> str:
+    return f"no answer within {first_chunk_s:g} s (router.first_chunk_timeout_s)"
+
+
+def _stalled(idle_s: float) -> str:
+    # Keep-alive comments and events with nothing in them are not an answer going on: the limit is on silence in it.
+    return f"nothing to relay for {idle_s:g} s (router.stream_idle_timeout_s)"
+
+
 class _Watchdog:
     """A stream's wait for its next chunk, ended with TimeoutError after `idle_s`, or at `deadline`: one timer for the
     whole stream, made again only when it fires while a wait is still within its limit. (asyncio.timeout per chunk
@@ -681,7 +690,7 @@ class Router:
             received = _Received()
             billed = False
             try:
-                async with contextlib.aclosing(self._rest_of_stream(chain, route, first, upstream)) as chunks:
+                async with contextlib.aclosing(self._rest_of_stream(chain, route, request, first, upstream)) as chunks:
                     async for chunk in chunks:
                         if chunk.finish_reason is not None:  # the last chunk
                             usage = chunk.usage or await self._counted_usage(route, request, received)
@@ -865,13 +874,22 @@ class Router:
             raise
 
     async def _rest_of_stream(
-        self, chain: _Chain, route: Route, first: CompletionChunk, upstream: AsyncIterator[CompletionChunk]
+        self,
+        chain: _Chain,
+        route: Route,
+        request: CompletionRequest,
+        first: CompletionChunk,
+        upstream: AsyncIterator[CompletionChunk],
     ) -> AsyncGenerator[CompletionChunk, None]:
         """The chunks after the first, each within the idle limit; a broken stream raises its UpstreamError."""
         yield first
         idle_s = self._config.stream_idle_timeout_s
         loop = asyncio.get_running_loop()
-        watchdog = _Watchdog(loop, idle_s, chain.deadline)
+        # A stream the deadline cuts short is billed before its status goes out, and its bill counts the prompt: a
+        # long one takes a thread's while, which comes off the stream's time, so that the status still arrives in time.
+        counting_s = self._counter.count_chat_wait_s(route.model, request.messages, request.options.tools)
+        deadline = chain.deadline - counting_s
+        watchdog = _Watchdog(loop, idle_s, deadline)
         try:
             while True:
                 try:
@@ -880,10 +898,10 @@ class Router:
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
-                    if loop.time() >= chain.deadline:
+                    if loop.time() >= deadline:
                         chain.stream_ended(AttemptOutcome.TIMEOUT, "the deadline ran out mid-stream")
                         raise chain.deadline_exceeded() from None
-                    stalled = UpstreamError(UpstreamErrorKind.TIMEOUT, route.backend.name, f"no data for {idle_s:g} s")
+                    stalled = UpstreamError(UpstreamErrorKind.TIMEOUT, route.backend.name, _stalled(idle_s))
                     route.backend.count_failure(stalled)
                     raise stalled from None
                 except UpstreamError as exc:
@@ -929,9 +947,7 @@ class Router:
                 # Which of the two ends came first, by their times: the loop may fire a timer a little early, and a
                 # call that reached its deadline is not a silent backend.
                 if silent_after < chain.deadline:
-                    silent = UpstreamError(
-                        UpstreamErrorKind.SILENT, route.backend.name, f"no answer within {first_chunk_s:g} s"
-                    )
+                    silent = UpstreamError(UpstreamErrorKind.SILENT, route.backend.name, _silent(first_chunk_s))
                     self._failed(chain, route, started, silent)
                     return None
                 self._deadline_passed(chain, route, started)

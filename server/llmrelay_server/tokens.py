@@ -747,6 +747,13 @@ class TokenCounter:
         load_s = 0.0 if self._loaded(model) else _ENCODING_LOAD_S
         return _COUNT_MARGIN_S + load_s + chars / _COUNTED_CHARS_PER_S
 
+    def count_chat_wait_s(self, model: str, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> float:
+        """About the most count_chat_async may keep its caller waiting: nothing to speak of for a chat it counts inline
+        (the usual one: a few milliseconds at most), else count_chat_s."""
+        if self._loaded(model) and not _longer_than(self._inline_chars, _chat_sizes(messages, tools)):
+            return 0.0
+        return self.count_chat_s(model, messages, tools)
+
     def _loaded(self, model: str) -> bool:
         return encoding_for_model(model)[0] in self._encodings
 

@@ -34,6 +34,7 @@ from support import (
     read_all,
     stream_chat,
     two_backends,
+    user,
 )
 from upstream import FakeUpstream
 
@@ -330,13 +331,18 @@ async def test_stream_fault_matrix(
 
 
 @pytest.mark.parametrize(
-    "fault",
-    [{"stream_cut_after": 3}, {"trickle_s": 3}, {"error_event_after": 3}],
+    ("fault", "why"),
+    [
+        ({"stream_cut_after": 3}, "stopped answering: the connection closed before the answer ended"),
+        # The limit named, for an operator whose upstream thinks long mid-answer (keep-alive comments do not count).
+        ({"trickle_s": 3}, "nothing to relay for 2 s (router.stream_idle_timeout_s)"),
+        ({"error_event_after": 3}, "error event"),
+    ],
     ids=["cut", "stalled", "error event"],
 )
 @pytest.mark.parametrize("primary", DIALECTS, indirect=True)
 async def test_streams_fail_definitely_after_the_first_chunk(
-    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream, fault: dict[str, Any]
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream, fault: dict[str, Any], why: str
 ) -> None:
     primary.inject(fault)
     received: list[str] = []
@@ -347,6 +353,8 @@ async def test_streams_fail_definitely_after_the_first_chunk(
     info = details(caught.value)["ErrorInfo"]
     assert (info.reason, info.metadata["backend"]) == ("STREAM_INTERRUPTED", primary.dialect)
     assert info.metadata["attempts"] == f"{primary.dialect}:interrupted"
+    [attempt] = details(caught.value)["AttemptHistory"].attempts
+    assert why in attempt.error
     assert received and "".join(received) != "echo: one two three four", "never a silent truncation"
     assert local.chat_requests == [], "never text of two backends mixed"
 
@@ -496,6 +504,38 @@ async def test_an_answer_cut_mid_body_says_so_alike_unary_and_streamed(
     assert (attempt.outcome, attempt.error) == (Outcome.ATTEMPT_OUTCOME_INTERRUPTED, why)
     [record] = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
     assert (record.backend, record.requests, record.interrupted_requests) == (primary.dialect, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (HTML, "no event came: the answer is not an event stream (its first line that is none: '<html><body>502"),
+        (
+            {"body": '{"choices": [{"delta": {"content": "hi"}}]}\n', "content_type": "text/event-stream"},
+            """no event came: the answer is not an event stream (its first line that is none: '{"choices": """,
+        ),
+        ({"body": "", "content_type": "text/event-stream"}, "no event came: the answer was empty"),
+        (
+            {"body": ": keep-alive\n\nevent: ping\n\n", "content_type": "text/event-stream"},
+            "no event came: the answer was empty",
+        ),
+    ],
+    ids=["html", "json-lines", "empty", "comments-alone"],
+)
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
+async def test_a_200_stream_that_is_no_event_stream_says_what_came_instead(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, answer: dict[str, Any], why: str
+) -> None:
+    """An upstream that answers a stream's request 200 with something other than server-sent events (a proxy's
+    maintenance page, JSON lines without `data:`, nothing): the attempt's error says what came, not only that the
+    stream ended early, which would send an operator looking for a connection that broke."""
+    primary.inject(answer, answer)
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        async for _ in stub.StreamComplete(stream_chat(exact_model=True), timeout=5):
+            pass
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    errors = [attempt.error for attempt in details(failed.value)["AttemptHistory"].attempts]
+    assert errors and all(error.startswith(f"malformed answer: {why}") for error in errors), errors
 
 
 @pytest.mark.parametrize("primary", DIALECTS, indirect=True)
@@ -890,6 +930,22 @@ async def test_a_call_skipped_while_a_probe_is_out_is_told_to_come_back_soon(
     assert details(caught.value)["RetryInfo"].retry_delay.seconds == 1, "not 0 s: a client would retry at once"
 
 
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
+async def test_a_primary_silent_past_the_first_chunk_limit_is_told_by_the_limits_name(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    """The next backend answers; the attempt that failed says which setting to raise for a model slow to start."""
+    primary.inject({"stall_s": 3})
+    answer = await stub.Complete(chat(), timeout=10)
+    assert answer.backend == "ollama"
+    silent, answered = answer.attempts
+    assert (silent.outcome, silent.error) == (
+        Outcome.ATTEMPT_OUTCOME_TIMEOUT,
+        "no answer within 1 s (router.first_chunk_timeout_s)",
+    )
+    assert answered.outcome == Outcome.ATTEMPT_OUTCOME_SUCCEEDED
+
+
 async def test_a_silent_primary_does_not_hold_every_call_until_its_deadline(
     stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
@@ -908,6 +964,30 @@ async def test_a_silent_primary_does_not_hold_every_call_until_its_deadline(
     assert answer.backend == "ollama"
     assert [a.outcome for a in answer.attempts] == [Outcome.ATTEMPT_OUTCOME_SKIPPED, Outcome.ATTEMPT_OUTCOME_SUCCEEDED]
     assert len(primary.chat_requests) == 2
+
+
+async def test_a_stream_of_a_long_prompt_cut_by_the_deadline_ends_with_the_gateways_status(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    """A stream the deadline cuts short is billed before its status goes out, and its bill counts the prompt: for
+    megabytes, a thread's while. The stream ends that much earlier, so that the gateway's status (with the attempts)
+    reaches the caller rather than its client library's bare DEADLINE_EXCEEDED; the call is billed as interrupted."""
+    primary.inject({"trickle_s": 0.5})  # "echo: " and the six words, a chunk every 0.5 s: longer than the deadline
+    request = pb.StreamCompleteRequest(
+        messages=[pb.Message(role=pb.ROLE_SYSTEM, content="lorem " * 350_000), user("one two three four five six")]
+    )
+    received = 0
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stub.StreamComplete(request, timeout=5):
+            received += 1
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert details(caught.value)["ErrorInfo"].reason == "DEADLINE_EXCEEDED", caught.value.details()
+    [attempt] = details(caught.value)["AttemptHistory"].attempts
+    assert (attempt.backend, attempt.outcome) == (primary.dialect, Outcome.ATTEMPT_OUTCOME_TIMEOUT)
+    assert received >= 1
+    [record] = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
+    assert (record.requests, record.interrupted_requests) == (1, 1)
+    assert record.prompt_tokens >= 350_000
 
 
 @pytest.mark.parametrize("timeout_s", [0.005, 0.01, 0.02, 0.05])

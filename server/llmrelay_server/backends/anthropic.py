@@ -118,12 +118,18 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
         body = self._body(model, request)
         body["stream"] = True
         state = anthropic_wire.StreamState()
+        events = False
+        stray: str | None = None
 
         def chunk_of(line: str) -> CompletionChunk | None:
+            nonlocal events, stray
             # The `event:` lines repeat the type each `data:` object carries: the data alone is read.
             payload = wire.sse_data(line)
             if payload is None:
+                if stray is None and wire.sse_stray(line):
+                    stray = line
                 return None
+            events = True
             data = wire.decode_json(payload)
             if (event := anthropic_wire.error_event(data)) is not None:
                 raise self._error_event(event)
@@ -158,7 +164,7 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
         # A stop reason (message_delta's) or message_stop makes an answer whole: whatever came before, a stream
         # without either was cut.
         if state.finish_reason is None and not state.stopped:
-            raise self._bad_answer("the stream ended without a stop reason or message_stop")
+            raise self._bad_answer(wire.cut_short("a stop reason or message_stop", events, stray))
         yield CompletionChunk(
             id=state.id,
             backend=self._spec.name,
@@ -248,7 +254,7 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
             retry_after = retry_after_s(exc.response.headers) if asks_to_wait else None
             message = f"HTTP {status}: {self._redact(detail)}"
             return UpstreamError(kind, self._spec.name, message, status=status, retry_after_s=retry_after)
-        return self._bad_answer(self._redact(exc.message))
+        return self._bad_answer(exc.message)
 
     def _error_event(self, event: wire.ErrorEvent, said: str = "error event") -> UpstreamError:
         """An error event fails the stream (an overloaded_error is a 529 that came late); it is never an end."""

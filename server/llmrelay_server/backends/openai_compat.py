@@ -117,14 +117,18 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         completion_id, served_model = "", model
         finish: FinishReason | None = None
         usage: TokenUsage | None = None
-        done = settled = refused = False
+        done = settled = refused = events = False
+        stray: str | None = None
         tool_calls = wire.StreamToolCalls()
 
         def chunk_of(line: str) -> CompletionChunk | None:
-            nonlocal completion_id, served_model, finish, usage, done, settled, refused
+            nonlocal completion_id, served_model, finish, usage, done, settled, refused, events, stray
             payload = wire.sse_data(line)
             if payload is None:
+                if stray is None and wire.sse_stray(line):
+                    stray = line
                 return None
+            events = True
             if payload == wire.DONE:
                 done = True
                 return None
@@ -187,7 +191,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         # Without [DONE] the answer is still whole when a finish reason came (some servers end there); without a
         # finish reason it is a cut stream, whatever else arrived.
         if finish is None:
-            raise self._bad_answer("the stream ended without a finish reason")
+            raise self._bad_answer(wire.cut_short("a finish reason", events, stray))
         if refused:
             finish = FinishReason.CONTENT_FILTER
         # Usage stays unset when the upstream sent none: the router, which has the text, estimates it.
@@ -285,7 +289,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             asks_to_wait = kind is UpstreamErrorKind.RATE_LIMITED or status == 503
             retry_after = retry_after_s(exc.response.headers) if asks_to_wait else None
             return UpstreamError(kind, self._spec.name, message, status=status, retry_after_s=retry_after)
-        return self._bad_answer(self._redact(exc.message))
+        return self._bad_answer(exc.message)
 
     def _error_event(self, event: wire.ErrorEvent, said: str = "error event") -> UpstreamError:
         status = event.status

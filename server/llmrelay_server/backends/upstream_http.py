@@ -408,7 +408,10 @@ class UpstreamProvider(ABC, Generic[SDKError]):
         )
 
     def _bad_answer(self, detail: str) -> UpstreamError:
-        return UpstreamError(UpstreamErrorKind.BAD_RESPONSE, self._spec.name, f"malformed answer: {detail}")
+        """An answer that is none; `detail` may quote it, so the key is taken out (a debugging page may echo it)."""
+        return UpstreamError(
+            UpstreamErrorKind.BAD_RESPONSE, self._spec.name, f"malformed answer: {self._redact(detail)}"
+        )
 
     def _malformed(self, exc: MalformedAnswerError) -> UpstreamError:
         """An answer that is not one: a bad answer, unless it is the upstream's error with a 200 (`ErrorAnswer`)."""

@@ -531,6 +531,22 @@ def sse_data(line: str) -> str | None:
     return line[5:].lstrip(" ")
 
 
+def sse_stray(line: str) -> bool:
+    """Whether a line that is not `data:` is none of an event stream's either (a comment, `event:`, `id:`, `retry:`):
+    an HTML page or JSON lines answered in place of events."""
+    return not line.startswith((":", "event:", "id:", "retry:"))
+
+
+def cut_short(wanted: str, events: bool, stray: str | None) -> str:
+    """Why a stream that ended before `wanted` is no answer, saying what came in place of events when none did: a
+    200 with an HTML page or plain JSON lines would otherwise read as a stream cut short."""
+    if events:
+        return f"the stream ended without {wanted}"
+    if stray is not None:
+        return f"no event came: the answer is not an event stream (its first line that is none: {stray[:80]!r})"
+    return "no event came: the answer was empty"
+
+
 # --- embeddings -----------------------------------------------------------------------------------------------
 
 
