@@ -47,6 +47,8 @@ NO_BACKEND_HINT = (
 
 # After the grace period, how long calls still running have to send the gateway's status before gRPC cuts them.
 INTERRUPT_S = 0.5
+MAX_METADATA_BYTES = 16 * 1024
+"""A call's metadata (its headers: a key, trace context, a request id) that the gateway takes: gRPC's hard limit."""
 
 
 @dataclass
@@ -155,6 +157,10 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
+            # gRPC refuses a caller's metadata past a soft limit (8 KiB) at random, more often the nearer its hard one
+            # (16 KiB): the same call answered now OK, now RESOURCE_EXHAUSTED. One limit: the same answer every time.
+            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+            ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
             # gRPC shares a port between servers by default: a second gateway started by mistake would silently
             # take half of the first one's calls. Bound first, so a taken port stops us before anything starts.
             # Workers do share it: their supervisor has checked that no other process holds it.

@@ -64,3 +64,20 @@ async def test_count_tokens_takes_the_model_names_complete_takes(stub: pb.LLMSer
     # Unset, the model is the default chain's first, as the contract says.
     count = await stub.CountTokens(pb.CountTokensRequest(text="hi"), timeout=5)
     assert count.model and count.token_count == 1
+
+
+@pytest.mark.parametrize(("value_bytes", "taken"), [(12_000, True), (20_000, False)])
+async def test_metadata_near_grpcs_limit_gets_the_same_answer_every_time(
+    stub: pb.LLMServiceAsyncStub, value_bytes: int, taken: bool
+) -> None:
+    """gRPC refused metadata between its soft limit (8 KiB) and its hard one (16 KiB) at random: one limit, taken
+    or refused alike every time (a long tracestate from a caller's own tracing lands there)."""
+    metadata = (("x-padding", "p" * value_bytes),)
+    codes = set()
+    for _ in range(30):
+        try:
+            await stub.Health(pb.HealthRequest(), timeout=5, metadata=metadata)
+            codes.add(grpc.StatusCode.OK)
+        except grpc.aio.AioRpcError as error:
+            codes.add(error.code())
+    assert codes == {grpc.StatusCode.OK if taken else grpc.StatusCode.RESOURCE_EXHAUSTED}
