@@ -378,6 +378,13 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
             f"server.workers: {server.workers} processes would each enforce the limits alone (up to {server.workers}"
             " times each limit); set state.redis_url to share them, or run one worker"
         )
+    if server.workers > 1 and server.usage_db == ":memory:":
+        usage_db = "LLMRELAY_USAGE_DB" if env.get("LLMRELAY_USAGE_DB") else "server.usage_db"
+        raise ConfigError(
+            f"{usage_db}: ':memory:' keeps each worker's usage in that worker alone (GetUsage would answer with one"
+            f" worker's share of it, and a worker's restart would lose it); with server.workers {server.workers}, give"
+            " a SQLite file or a PostgreSQL URL, or run one worker"
+        )
     return GatewayConfig(
         state=state,
         server=server,

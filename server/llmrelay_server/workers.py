@@ -8,7 +8,9 @@ worker inherits gRPC's threads or polling state (grpc's multiprocessing example 
 for the same reason). The workers listen on the port with SO_REUSEPORT, and the kernel spreads the connections among
 them.
 
-- A worker that dies is restarted, after a back-off when it keeps dying soon after its start, and logged.
+- A worker that dies is restarted, after a back-off when it keeps dying soon after its start, and logged. Every
+  worker reads the configuration file as the gateway started with it (a copy in the run directory): a restart after
+  an edit does not leave one worker on other settings than the rest.
 - SIGTERM or SIGINT: sent on to every worker; each drains and finishes its calls (drain_s, then grace_period_s) and
   the supervisor exits when all have; a second one has them stop at once (STOP_NOW). SIGHUP (reload the keys file)
   is sent on too.
@@ -72,6 +74,8 @@ STOP_NOW: Final = signal.SIGUSR2
 SIGTERM or SIGINT, which a worker gets on its own from its process group (Ctrl-C in a terminal, systemd's stop) as
 the supervisor sends on the first."""
 _RUN_LOCK = "supervisor.lock"
+CONFIG_COPY = "config.yaml"
+"""In the run directory: the configuration file as the gateway started with it, which every worker reads."""
 
 
 class ListenError(RuntimeError):
@@ -207,9 +211,13 @@ class _Worker:
 class Supervisor:
     """Starts `config.server.workers` gateway processes on one port and keeps them running until told to stop."""
 
-    def __init__(self, config: GatewayConfig, argv: list[str]) -> None:
+    def __init__(self, config: GatewayConfig, argv: list[str], config_file: str | None = None) -> None:
+        """`config_file`: the file `config` was read from, if any."""
         self._config = config
         self._argv = argv
+        self._config_file = config_file
+        self._worker_flags: list[str] = []
+        """What a worker's command line adds to the supervisor's: the configuration file kept as it was read."""
         self._stop = asyncio.Event()
         self._exits: asyncio.Queue[_Worker] = asyncio.Queue()
         self._registry = CollectorRegistry(auto_describe=True)
@@ -231,6 +239,7 @@ class Supervisor:
             loop.add_signal_handler(signum, self._stop.set)
         with reservation, _run_directory() as (run_dir, lock):
             self._inherited = (lock,)
+            self._keep_config(run_dir)
             workers = [_Worker(index) for index in range(1, server.workers + 1)]
             loop.add_signal_handler(signal.SIGHUP, self._reload_all, workers, run_dir)
             metrics_server = self._serve_metrics(run_dir)
@@ -267,10 +276,23 @@ class Supervisor:
         log.info("metrics of all workers on http://%s:%d/metrics", host, server.server_port)
         return server
 
+    def _keep_config(self, run_dir: Path) -> None:
+        """A copy of the configuration file as the gateway started with it, which every worker reads, those restarted
+        later included: from the file itself, a worker restarted after an edit would serve with other settings than
+        the rest (other keys, other limits) without a word. An edit takes effect when the gateway restarts (SIGHUP
+        reloads the keys file alone). The copy is made as the supervisor starts, just after it read the file."""
+        if self._config_file is None:
+            return
+        kept = run_dir / CONFIG_COPY
+        # The run directory is the supervisor's user's alone (mkdtemp's 0700): the file may hold keys.
+        shutil.copyfile(self._config_file, kept)
+        self._worker_flags = ["--config", str(kept)]
+
     async def _start(self, worker: _Worker, run_dir: Path, listen: str) -> None:
         announcement(run_dir, worker.index).unlink(missing_ok=True)
         # The same command line, made a worker: the later flags win over the earlier ones.
-        command = [sys.executable, "-m", "llmrelay_server", *self._argv, "--listen", listen, "--workers", "1"]
+        command = [sys.executable, "-m", "llmrelay_server", *self._argv, *self._worker_flags]
+        command += ["--listen", listen, "--workers", "1"]
         command += ["--worker", str(worker.index), "--worker-dir", str(run_dir), "--supervisor-pid", str(os.getpid())]
         worker.process = await asyncio.create_subprocess_exec(*command, pass_fds=self._inherited)
         worker.started_at = time.monotonic()

@@ -177,6 +177,27 @@ async def test_a_worker_that_dies_is_restarted(tmp_path: Path, local: FakeUpstre
         assert await stop(gateway) == 0
 
 
+async def test_a_worker_restarted_after_an_edit_of_the_configuration_serves_as_the_others_do(
+    tmp_path: Path, local: FakeUpstream
+) -> None:
+    """Every worker reads the configuration as the gateway started with it: a key required by the file since, a
+    worker restarted then does not require it where the others do not (nor, the other way round, drop one)."""
+    gateway = await start_workers(tmp_path, local)
+    try:
+        config = tmp_path / "llmrelay.yaml"
+        config.write_text(config.read_text() + f'auth: {{keys: [{{name: ops, sha256: "{"0" * 64}"}}]}}\n')
+        first, _ = children(gateway.process.pid)
+        os.kill(first, signal.SIGKILL)
+        await gateway.wait_for_line("restarting")
+        async with asyncio.timeout(20):
+            # Two workers, the supervisor, and the new worker.
+            while sum("listening on" in line for line in gateway.log) < 4:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert len(await call_on_new_connections(gateway.target, 16)) == 16  # none asked for a key
+    finally:
+        assert await stop(gateway) == 0
+
+
 async def test_a_worker_in_its_restart_back_off_holds_up_no_other(tmp_path: Path, local: FakeUpstream) -> None:
     """A worker that keeps dying waits out its back-off alone: another that dies meanwhile is seen and restarted on
     its own schedule, not after the first one's restart."""

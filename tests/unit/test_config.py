@@ -466,6 +466,9 @@ ONE_EXTRA = "llm:\n  backends:\n    - {name: local, kind: llamacpp, base_url: 'h
             "--listen (LLMRELAY_LISTEN)",
         ),  # a digit to str.isdigit(), not to int()
         (None, {"LLMRELAY_WORKERS": "²"}, "LLMRELAY_WORKERS"),
+        # a ledger each worker would keep alone
+        ("server: {workers: 2, usage_db: ':memory:'}\n", {}, "server.usage_db"),
+        (None, {"LLMRELAY_WORKERS": "2", "LLMRELAY_USAGE_DB": ":memory:"}, "LLMRELAY_USAGE_DB"),
         # bad URLs
         ("llm: {ollama: {base_url: 'localhost:11434'}}\n", {}, "llm.ollama.base_url"),
         ("llm: {ollama: {base_url: 'ftp://box/v1'}}\n", {}, "llm.ollama.base_url"),
