@@ -643,19 +643,25 @@ def _spec(
     the section, `url_where` what set the URL (the field, or a variable), `key_where` the variable that set the key
     (None: the section's api_key)."""
     _check_api_key(api_key, key_where or f"{where}.api_key")
-    try:
-        url = urlsplit(base_url)
-        url.port  # noqa: B018 (reading it validates it)
-    except ValueError:  # "Invalid IPv6 URL", a port that is no number
-        url = urlsplit("")
-    if "@" in url.netloc:
+    # Read from the text, not the parse, which a password with a `#` or `[` in it breaks.
+    if "@" in base_url.partition("://")[2].partition("/")[0]:
         # Never sent (the client authenticates with api_key), and the URL is shown to callers (an unreachable
         # backend's status, Health) and in the log: its password would be too.
         raise ConfigError(
             f"{url_where}: holds a user or password (USER:PASSWORD@), which is never sent; give the key as api_key"
         )
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise ConfigError(f"{url_where}: {base_url!r} is not an http(s) URL; write e.g. http://localhost:8080/v1")
+    # The URL is not shown in these errors: a key given as the URL by mistake (`${OPENAI_API_KEY}`) would be.
+    example = "write e.g. http://localhost:8080/v1"
+    try:
+        url = urlsplit(base_url)
+        url.port  # noqa: B018 (reading it validates it)
+    except ValueError as exc:  # "Invalid IPv6 URL", a port that is no number
+        raise ConfigError(f"{url_where}: not an http(s) URL ({exc}); {example}") from None
+    if url.scheme not in ("http", "https"):
+        scheme = f"its scheme is {url.scheme!r}" if url.scheme else "it has no scheme"
+        raise ConfigError(f"{url_where}: not an http(s) URL ({scheme}); {example}")
+    if not url.hostname:
+        raise ConfigError(f"{url_where}: not an http(s) URL (it names no host); {example}")
     if url.query or url.fragment or base_url.rstrip().endswith(("?", "#")):
         # The API's paths go after the URL's own (/chat/completions): a query before them would become part of the
         # path, every call a 404. And the URL is shown to callers and in the log: a key in its query would be too.
@@ -936,7 +942,9 @@ def _is_decimal(text: str) -> bool:
 
 def _check_listen(listen: str, where: str) -> None:
     host, sep, port = listen.rpartition(":")
-    if not sep or not host or not _is_decimal(port) or not 0 <= int(port) <= 65535:
+    if not sep:  # not shown: anything but an address, a key put in the wrong ${VAR} say, could be a secret
+        raise ConfigError(f"{where}: not HOST:PORT (it has no :PORT); write e.g. 127.0.0.1:50051")
+    if not host or not _is_decimal(port) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{where}: {listen!r} is not HOST:PORT; write e.g. 127.0.0.1:50051")
 
 

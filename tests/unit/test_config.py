@@ -683,8 +683,8 @@ def test_a_store_url_with_an_at_sign_where_it_may_be_is_taken(tmp_path: Path, ur
 
 
 def test_a_value_from_the_environment_is_named_by_its_variable(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"^--listen \(LLMRELAY_LISTEN\): 'garbage' is not HOST:PORT"):
-        load(tmp_path, "server: {listen: '127.0.0.1:50051'}\n", {"LLMRELAY_LISTEN": "garbage"})
+    with pytest.raises(ConfigError, match=r"^--listen \(LLMRELAY_LISTEN\): 'garbage:port' is not HOST:PORT"):
+        load(tmp_path, "server: {listen: '127.0.0.1:50051'}\n", {"LLMRELAY_LISTEN": "garbage:port"})
     # A store URL from the environment, the secret in it never shown.
     secret = "s3cr3t-pw"
     with pytest.raises(ConfigError, match=r"^LLMRELAY_USAGE_DB: mysql:// is not a ledger") as error:
@@ -880,11 +880,20 @@ def test_values_that_escaped_validation(tmp_path: Path, yaml_text: str | None, e
         ("llm: {ollama: {base_url: 'http://h:1/v1#SUPERSECRET'}}\n", {}, "llm.ollama.base_url: has a query"),
         ("llm: {ollama: {base_url: 'http://h:1/v1?'}}\n", {}, "llm.ollama.base_url: has a query"),
         (ONE_EXTRA.replace("/v1'", "/v1?key=SUPERSECRET'") % "fallback: true", {}, "llm.backends[0].base_url: has a"),
+        # A URL that does not parse (a bad port, a `#` or `[` in the password) still has its password found.
+        ("llm: {ollama: {base_url: 'http://u:SUPERSECRET@h:80x/v1'}}\n", {}, "llm.ollama.base_url: holds a user"),
+        ("llm: {ollama: {base_url: 'http://u:SUPER#SECRET@h:1/v1'}}\n", {}, "llm.ollama.base_url: holds a user"),
+        ("llm: {ollama: {base_url: 'http://u:SUPER[SECRET@h:1/v1'}}\n", {}, "llm.ollama.base_url: holds a user"),
+        # A key put in the wrong field (through the wrong ${VAR}) is not shown as the value that field could not take.
+        ("llm: {ollama: {base_url: 'sk-SUPERSECRET'}}\n", {}, "llm.ollama.base_url: not an http(s) URL"),
+        ("server: {listen: 'sk-SUPERSECRET'}\n", {}, "server.listen: not HOST:PORT"),
+        (None, {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "SUPERSECRET"}, "OPENAI_BASE_URL: not an http(s) URL"),
     ],
     ids=[
         "redis without host", "redis NFKC", "postgresql NFKC", "extra backend", "openai field", "openai variable",
         "key-newline-variable", "key-cyrillic-variable", "key-newline-field", "key-tab-ollama", "key-accent-extra",
-        "query-variable", "fragment", "empty-query", "query-extra-backend",
+        "query-variable", "fragment", "empty-query", "query-extra-backend", "password-bad-port", "password-hash",
+        "password-bracket", "key-as-url", "key-as-listen", "key-as-url-variable",
     ],
 )  # fmt: skip
 def test_a_secret_in_the_configuration_is_refused_unshown(
