@@ -603,7 +603,10 @@ class ShuttingDownError(LLMRelayError):
     def __init__(self, *, stream_started: bool = False, in_flight: bool = False) -> None:
         self.stream_started = stream_started
         if in_flight:
-            message = "the gateway shut down before the call could finish (its grace period ended)"
+            message = (
+                "the gateway shut down before the call could finish (its grace period ended, or it was told to stop"
+                " now)"
+            )
         else:
             message = "the gateway is shutting down and takes no new calls"
         super().__init__(f"{message}; retry, on another instance")

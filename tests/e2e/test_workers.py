@@ -351,6 +351,7 @@ async def test_a_second_signal_to_the_supervisor_stops_every_worker_at_once(
             assert await gateway.process.wait() == 0
     assert time.monotonic() - began < 10, "not the minute of the grace period"
     assert details(cut.value)["ErrorInfo"].reason == "SHUTTING_DOWN"
+    assert "or it was told to stop now" in (cut.value.details() or "")
     assert "Traceback" not in await gateway.output()
 
 
