@@ -23,22 +23,26 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
 from itertools import pairwise
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.util.re import parse_env_headers
 from opentelemetry.util.types import AttributeValue
 
 from llmrelay_server.config import ConfigError, GatewayConfig
+from llmrelay_server.convert import MAX_MODEL_NAME
 from llmrelay_server.decoding import decoded
 from llmrelay_server.domain import Attempt, AttemptOutcome, BackendSpec
 from llmrelay_server.metering import Billed, Meter, open_meter, served_by
@@ -69,7 +73,14 @@ _BATCH_RULE = (
 # As the OTLP exporters read them: the traces' own variable first.
 _PROTOCOL_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
 _TIMEOUT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")
+_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+_HEADERS_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS")
 DEFAULT_EXPORT_TIMEOUT_S = 10.0
+_ATTRIBUTE_LENGTH_VARIABLES = ("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT")
+DEFAULT_ATTRIBUTE_LENGTH = 8192
+"""The longest attribute value a span keeps unless those variables say otherwise (the SDK's default is no limit): a
+span waits in the export queue (up to 2,048 of them) with its attributes, and one (a prompt recorded with
+log_content, an upstream's long error) may be megabytes."""
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +124,9 @@ def exporting_provider() -> TracerProvider:
     resource = Resource.create()
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: "llmrelay"}))
-    provider = TracerProvider(resource=resource)
+    limited = any(name in os.environ for name in _ATTRIBUTE_LENGTH_VARIABLES)
+    limits = None if limited else SpanLimits(max_attribute_length=DEFAULT_ATTRIBUTE_LENGTH)
+    provider = TracerProvider(resource=resource, span_limits=limits)
     provider.add_span_processor(_batch_processor(_otlp_exporter()))
     return provider
 
@@ -146,6 +159,8 @@ def export_timeout_s() -> float:
 def _otlp_exporter() -> SpanExporter:
     variable = next((name for name in _PROTOCOL_VARIABLES if os.environ.get(name)), None)
     protocol = os.environ[variable] if variable else "http/protobuf"
+    _check_endpoint(grpc_target=protocol == "grpc")
+    _check_headers()
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GRPCExporter
 
@@ -155,6 +170,72 @@ def _otlp_exporter() -> SpanExporter:
 
         return HTTPExporter()
     raise ConfigError(f"{variable}: {protocol!r} is not supported (grpc or http/protobuf)")
+
+
+def _check_endpoint(*, grpc_target: bool) -> None:
+    """The collector's address, as the exporter reads it: one it cannot send to would fail every batch, logging an
+    error each time with the address (and any password in it). Not shown: it may hold a password."""
+    name = next((name for name in _ENDPOINT_VARIABLES if os.environ.get(name)), None)
+    if name is None:
+        return
+    endpoint = os.environ[name]
+    example = "http://localhost:4318" if not grpc_target else "http://localhost:4317"
+    if grpc_target and "://" not in endpoint:  # gRPC's exporter also takes HOST:PORT
+        host, _, port = endpoint.rpartition(":")
+        if host and port.isascii() and port.isdigit() and 0 < int(port) < 65536:
+            return
+        raise ConfigError(f"{name}: not a URL nor HOST:PORT (the value is not shown); write e.g. {example}")
+    try:
+        url = urlsplit(endpoint)
+        url.port  # noqa: B018 (reading it validates it)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: not an http(s) URL ({exc}; the value is not shown); write e.g. {example}") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        why = f"its scheme is {url.scheme!r}" if url.scheme not in ("http", "https") else "it names no host"
+        raise ConfigError(f"{name}: not an http(s) URL ({why}; the value is not shown); write e.g. {example}")
+
+
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")
+"""An HTTP header's name (RFC 9110's token), shown in an error: anything else may be a value that lost its name."""
+
+
+class _Refusals(logging.Filter):
+    """Keeps what OpenTelemetry's header parser would log of a header it drops (the header, its secret with it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.refused = True
+        return False
+
+
+def _check_headers() -> None:
+    """The headers sent with every export (a collector's key, usually): the exporter would drop one it cannot read
+    and export without it, having logged it, its value included. Refused here, named by its name alone."""
+    for name in _HEADERS_VARIABLES:
+        value = os.environ.get(name)
+        if not value:
+            continue
+        parser_log = logging.getLogger("opentelemetry.util.re")
+        for header in value.split(","):
+            refusals = _Refusals()
+            parser_log.addFilter(refusals)
+            try:
+                parse_env_headers(header, liberal=True)  # as the exporters read them
+            finally:
+                parser_log.removeFilter(refusals)
+            if refusals.refused:
+                # Its name, where it has one: a piece of a value cut by a comma is no name, but part of a secret.
+                header_name, named, _ = header.partition("=")
+                shown = (
+                    repr(header_name.strip()) if named and _HEADER_NAME.fullmatch(header_name.strip()) else "a header"
+                )
+                raise ConfigError(
+                    f'{name}: {shown} is not NAME=VALUE with the value URL-encoded (a `;`, `,`, `\\` or `"` in it'
+                    " as %3B, %2C, %5C, %22); its value is not shown"
+                )
 
 
 provider_factory: Callable[[], TracerProvider] = exporting_provider
@@ -212,7 +293,8 @@ class _Call:
         # A request that did not decode has no fields to read: the handler refuses it.
         if self.operation is not None and decoded(request):
             if request.HasField("model"):
-                attributes["gen_ai.request.model"] = request.model
+                # No longer than a model name may be: a longer one is refused, and must not wait in the export queue.
+                attributes["gen_ai.request.model"] = request.model[:MAX_MODEL_NAME]
             if observer._log_content and self.operation == "chat":
                 attributes["gen_ai.input.messages"] = json.dumps([_message(m) for m in request.messages])
         carrier = {key: value for key, value in metadata or () if isinstance(value, str)}

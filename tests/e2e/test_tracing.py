@@ -18,6 +18,7 @@ import grpc
 import pytest
 from harness import clean_env, free_port, spawn_gateway
 from llmrelay import v1 as pb
+from llmrelay_server import tracing
 from llmrelay_server.config import ConfigError
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan
@@ -253,6 +254,44 @@ async def test_a_callers_malformed_trace_headers_are_ignored_without_a_log_line(
     assert not warned, warned
 
 
+async def test_a_refused_model_name_is_recorded_no_longer_than_a_name_may_be(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, exported: InMemorySpanExporter
+) -> None:
+    """The span starts before the request is checked: a caller's megabyte of model name, refused, would wait in the
+    export queue with its span (2,048 of them: gigabytes)."""
+    async for stub in connect(gateway_factory, two_backends(primary, local)):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Complete(chat(model="m" * 1_000_000), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        await wait_until(lambda: bool(rpc_spans(exported, COMPLETE)), timeout_s=5)  # it ends as the status goes out
+    span, _ = rpc_span(exported, COMPLETE)
+    assert span.attributes is not None and span.attributes["gen_ai.request.model"] == "m" * 256
+
+
+def test_a_spans_attribute_is_cut_to_8192_characters_unless_the_variables_say_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A prompt recorded with log_content, or an upstream's long error, waits in the export queue with its span: the
+    SDK keeps it whole unless OTEL_(SPAN_)ATTRIBUTE_VALUE_LENGTH_LIMIT says; the gateway keeps 8,192 characters."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+
+    def kept(variables: dict[str, str]) -> int:
+        with monkeypatch.context() as patched:
+            for name, value in variables.items():
+                patched.setenv(name, value)
+            provider = tracing.exporting_provider()
+        try:
+            span = provider.get_tracer("test").start_span("call", attributes={"text": "x" * 20_000})
+            assert span.attributes is not None
+            return len(str(span.attributes["text"]))
+        finally:
+            provider.shutdown()  # the span never ended: nothing to export
+
+    assert kept({}) == 8192
+    assert kept({"OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "100"}) == 100
+    assert kept({"OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT": "50000"}) == 20_000
+
+
 async def test_content_is_recorded_only_when_allowed(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, exported: InMemorySpanExporter
 ) -> None:
@@ -390,9 +429,29 @@ async def test_the_stop_waits_for_a_collector_that_is_down_at_most_the_export_ti
         ({"OTEL_BSP_MAX_QUEUE_SIZE": "-1"}, "OTEL_BSP_MAX_QUEUE_SIZE=-1: "),
         ({"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: 'http/json' is not"),
         ({"OTEL_EXPORTER_OTLP_TIMEOUT": "soon"}, "OTEL_EXPORTER_OTLP_TIMEOUT: 'soon' is not a number of seconds"),
+        # Every batch would fail, each logging the address, a password in it too.
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://u:SECRET@h:99999"}, "OTEL_EXPORTER_OTLP_ENDPOINT: not an http(s) URL"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://[::1"}, "OTEL_EXPORTER_OTLP_ENDPOINT: not an http(s) URL"),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "SECRET"}, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: not an http(s) URL"),
+        (
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": "SECRET:x"},
+            "OTEL_EXPORTER_OTLP_ENDPOINT: not a URL nor HOST:PORT",
+        ),
+        # The exporter would drop the header (the collector's key), logging it, and export without it.
+        (
+            {"OTEL_EXPORTER_OTLP_HEADERS": "x-tenant=a,authorization=Bearer SE;CRET"},
+            "OTEL_EXPORTER_OTLP_HEADERS: 'authorization' is not NAME=VALUE with the value URL-encoded",
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_TRACES_HEADERS": "authorization=Bearer a,SECRET"},
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS: a header is not NAME=VALUE",
+        ),
     ],
-    ids=["batch-over-queue", "negative-queue", "traces-protocol", "timeout"],
-)
+    ids=[
+        "batch-over-queue", "negative-queue", "traces-protocol", "timeout", "endpoint-port", "endpoint-ipv6",
+        "endpoint-no-url", "grpc-endpoint", "header-semicolon", "header-comma",
+    ],
+)  # fmt: skip
 async def test_bad_otel_settings_stop_the_start_naming_the_variable(
     gateway_factory: GatewayFactory,
     primary: FakeUpstream,
@@ -405,4 +464,5 @@ async def test_bad_otel_settings_stop_the_start_naming_the_variable(
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError) as caught:
         await gateway_factory(two_backends(primary, local), server=TRACING)
-    assert str(caught.value).startswith(message)
+    assert str(caught.value).startswith(message), caught.value
+    assert "SECRET" not in str(caught.value) and "SE;CRET" not in str(caught.value)
