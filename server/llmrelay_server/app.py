@@ -405,6 +405,7 @@ async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> None
     gc.freeze()
     if worker is not None:
         worker.announce(gateway.metrics.port if gateway.metrics is not None else None)
+        worker.beat()
     await stop.wait()
     if watching is not None:
         watching.cancel()

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--heartbeat-fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logs.configure(args.log_level, worker=args.worker)
     # The HTTP client logs every request at INFO; that is noise on every agent step.
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"llmrelay-server: configuration error: {exc}")
     try:
         if args.worker is not None:
-            role = WorkerRole(args.worker, args.worker_dir, args.supervisor_pid)
+            role = WorkerRole(args.worker, args.worker_dir, args.supervisor_pid, args.heartbeat_fd)
             run(serve(config, role), config.server.event_loop)
         elif config.server.workers > 1:
             config_file = args.config or env.get("LLMRELAY_CONFIG") or None  # as load_config found it

@@ -8,7 +8,9 @@ worker inherits gRPC's threads or polling state (grpc's multiprocessing example 
 for the same reason). The workers listen on the port with SO_REUSEPORT, and the kernel spreads the connections among
 them.
 
-- A worker that dies is restarted, after a back-off when it keeps dying soon after its start, and logged. Every
+- A worker that dies is restarted, after a back-off when it keeps dying soon after its start, and logged; one whose
+  event loop has not run for server.worker_timeout_s (its heartbeat, a byte down a pipe every second, stopped) is
+  killed and restarted, as the kernel would go on giving it connections it answers none of. Every
   worker reads the configuration file as the gateway started with it (a copy in the run directory): a restart after
   an edit does not leave one worker on other settings than the rest.
 - SIGTERM or SIGINT: sent on to every worker; each drains and finishes its calls (drain_s, then grace_period_s) and
@@ -66,6 +68,8 @@ MAX_RESTART_DELAY_S = 30.0
 # Beyond a worker's own drain and grace period, how long it may take to exit before it is killed.
 EXIT_MARGIN_S = 10.0
 PARENT_CHECK_S = 1.0
+HEARTBEAT_S = 1.0
+"""How often a worker's event loop tells its supervisor that it runs (a byte down a pipe)."""
 SCRAPE_TIMEOUT_S = 2.0
 RUN_DIR_PREFIX = "llmrelay-workers-"
 """A run directory's name: this, then a random part."""
@@ -124,6 +128,8 @@ class WorkerRole:
     index: int
     run_dir: Path
     supervisor_pid: int
+    heartbeat_fd: int | None = None
+    """The pipe to the supervisor that `beat` writes to."""
 
     def announce(self, metrics_port: int | None) -> None:
         """Tells the supervisor that this worker serves, and where its metrics are."""
@@ -131,6 +137,26 @@ class WorkerRole:
         scratch = announced.with_suffix(".tmp")
         scratch.write_text(json.dumps({"pid": os.getpid(), "metrics_port": metrics_port}))
         scratch.replace(announced)  # whole or not at all, for a supervisor reading it at any moment
+
+    def beat(self) -> None:
+        """Tells the supervisor, every HEARTBEAT_S from now until the process ends, that its event loop runs: a worker
+        whose loop is blocked (or that was stopped) would go on taking connections and answer none of them."""
+        fd = self.heartbeat_fd
+        if fd is None:
+            return
+        os.set_blocking(fd, False)
+        loop = asyncio.get_running_loop()
+
+        def beat() -> None:
+            try:
+                os.write(fd, b".")
+            except BlockingIOError:
+                pass  # the pipe is full: the supervisor has beats enough to read
+            except OSError:
+                return  # the supervisor is gone (its end closed): no one listens
+            loop.call_later(HEARTBEAT_S, beat)
+
+        beat()
 
     async def watch_supervisor(self, stop: asyncio.Event) -> None:
         """Stops this worker gracefully when its supervisor is gone (killed, and the worker adopted by init).
@@ -206,6 +232,10 @@ class _Worker:
     restart_delay_s: float = 0.0
     waiter: asyncio.Task[None] | None = None
     """Puts the worker on the supervisor's exits when its process ends."""
+    heartbeats: int | None = None
+    """The supervisor's end of the worker's heartbeat pipe, while it is open."""
+    heard_at: float | None = None
+    """When the worker's event loop last said it runs (time.monotonic()); None until it first does."""
 
 
 class Supervisor:
@@ -252,7 +282,7 @@ class Supervisor:
                 if failed is not None:
                     return failed
                 log.info("listening on %s:%d (%d workers)", host, port, len(workers))
-                await self._keep_running(run_dir, f"{host}:{port}")
+                await self._keep_running(workers, run_dir, f"{host}:{port}")
                 log.info("shutting down: stopping %d workers", len(workers))
             finally:
                 await self._stop_all(workers)
@@ -294,15 +324,59 @@ class Supervisor:
         command = [sys.executable, "-m", "llmrelay_server", *self._argv, *self._worker_flags]
         command += ["--listen", listen, "--workers", "1"]
         command += ["--worker", str(worker.index), "--worker-dir", str(run_dir), "--supervisor-pid", str(os.getpid())]
-        worker.process = await asyncio.create_subprocess_exec(*command, pass_fds=self._inherited)
+        heartbeats, beating = os.pipe()
+        command += ["--heartbeat-fd", str(beating)]
+        try:
+            worker.process = await asyncio.create_subprocess_exec(*command, pass_fds=(*self._inherited, beating))
+        except BaseException:
+            os.close(heartbeats)
+            raise
+        finally:
+            os.close(beating)  # the worker's end: once the worker exits, the supervisor reads the pipe's end
         worker.started_at = time.monotonic()
+        worker.heartbeats, worker.heard_at = heartbeats, None
+        os.set_blocking(heartbeats, False)
+        asyncio.get_running_loop().add_reader(heartbeats, self._heard, worker)
         self._running.inc()
         worker.waiter = asyncio.create_task(self._wait_exit(worker, worker.process))
 
+    @staticmethod
+    def _heard(worker: _Worker) -> None:
+        assert worker.heartbeats is not None
+        try:
+            beats = os.read(worker.heartbeats, 4096)
+        except BlockingIOError:
+            return
+        if beats:
+            worker.heard_at = time.monotonic()
+        else:  # the worker has exited
+            _stop_hearing(worker)
+
     async def _wait_exit(self, worker: _Worker, process: asyncio.subprocess.Process) -> None:
         await process.wait()
+        _stop_hearing(worker)
         self._running.dec()
         await self._exits.put(worker)
+
+    async def _watch_heartbeats(self, workers: list[_Worker]) -> None:
+        """Kills a worker whose event loop has not run for worker_timeout_s, for its exit to restart it: blocked (or
+        stopped), it would go on taking a share of the new connections and answer none of them."""
+        timeout_s = self._config.server.worker_timeout_s
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            now = time.monotonic()
+            for worker in workers:
+                if worker.heard_at is None or worker.process is None or now - worker.heard_at <= timeout_s:
+                    continue
+                log.error(
+                    "worker %d (pid %d) has not run its event loop for %.0f s (blocked, or stopped); killing it",
+                    worker.index,
+                    worker.process.pid,
+                    now - worker.heard_at,
+                )
+                worker.heard_at = None  # once: its exit restarts it
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.kill()
 
     async def _until_all_serve(self, workers: list[_Worker], run_dir: Path) -> int | None:
         """Waits until every worker has announced itself; the exit status of the first that exits before, if any."""
@@ -320,9 +394,10 @@ class Supervisor:
             await asyncio.sleep(0.05)
         return None
 
-    async def _keep_running(self, run_dir: Path, listen: str) -> None:
+    async def _keep_running(self, workers: list[_Worker], run_dir: Path, listen: str) -> None:
         stopping = asyncio.ensure_future(self._stop.wait())
         exited = asyncio.ensure_future(self._exits.get())
+        watching = asyncio.ensure_future(self._watch_heartbeats(workers))
         # Each restart waits out its back-off on its own: one worker that keeps dying must not hold up noticing and
         # restarting another.
         restarting: set[asyncio.Task[None]] = set()
@@ -353,6 +428,7 @@ class Supervisor:
         finally:
             stopping.cancel()
             exited.cancel()
+            watching.cancel()
             # Those in their back-off end there; one making its process kills it (asyncio's and uvloop's cancelled
             # subprocess_exec do), and _stop_all stops those already started.
             for restart in restarting:
@@ -396,6 +472,13 @@ class Supervisor:
             log.error("worker %d did not stop within %g s: killing it", index, within_s)
             process.kill()
         await asyncio.gather(*late)
+
+
+def _stop_hearing(worker: _Worker) -> None:
+    if worker.heartbeats is not None:
+        asyncio.get_running_loop().remove_reader(worker.heartbeats)
+        os.close(worker.heartbeats)
+        worker.heartbeats, worker.heard_at = None, None
 
 
 @contextlib.contextmanager

@@ -198,6 +198,25 @@ async def test_a_worker_restarted_after_an_edit_of_the_configuration_serves_as_t
         assert await stop(gateway) == 0
 
 
+async def test_a_worker_whose_event_loop_stopped_is_killed_and_restarted(tmp_path: Path, local: FakeUpstream) -> None:
+    """Stopped (SIGSTOP standing in for a blocked event loop), a worker keeps its share of the new connections and
+    answers none: past worker_timeout_s without its heartbeat, the supervisor kills it, and its restart serves."""
+    gateway = await start_workers(tmp_path, local, server=", worker_timeout_s: 2")
+    try:
+        stopped, _ = children(gateway.process.pid)
+        os.kill(stopped, signal.SIGSTOP)
+        line = await gateway.wait_for_line("has not run its event loop")
+        assert f"(pid {stopped})" in line
+        assert f"(pid {stopped}) exited with signal SIGKILL" in await gateway.wait_for_line("restarting")
+        async with asyncio.timeout(20):
+            # Two workers, the supervisor, and the new worker.
+            while sum("listening on" in line for line in gateway.log) < 4:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert len(await call_on_new_connections(gateway.target, 16)) == 16
+    finally:
+        assert await stop(gateway) == 0
+
+
 async def test_a_worker_in_its_restart_back_off_holds_up_no_other(tmp_path: Path, local: FakeUpstream) -> None:
     """A worker that keeps dying waits out its back-off alone: another that dies meanwhile is seen and restarted on
     its own schedule, not after the first one's restart."""
