@@ -17,6 +17,7 @@ from llmrelay_server.auth import caller_identity, current_caller, models_allowed
 from llmrelay_server.domain import (
     AnswerTooLargeError,
     CompletionChunk,
+    EmbeddingRequest,
     LLMRelayError,
     ShuttingDownError,
     StoreHealth,
@@ -213,11 +214,20 @@ class LLMServicer(pb.LLMServiceServicer):
         return await self._answer(
             context,
             "Embed",
-            lambda: convert.embedding_request(request),
+            lambda: self._may_fit(convert.embedding_request(request)),
             self._router.embed,
             convert.embed_response,
-            remedy="send fewer inputs a call, or ask for fewer dimensions",
+            remedy=_FEWER_VECTORS,
         )
+
+    def _may_fit(self, request: EmbeddingRequest) -> EmbeddingRequest:
+        """The request, unless its answer cannot fit in a message, which is known before any backend is asked (and
+        the caller billed for vectors it would not get) when it sets the dimensions: 4 bytes each, at the least."""
+        if request.dimensions is not None:
+            at_least = len(request.inputs) * request.dimensions * 4
+            if at_least > self._max_message_bytes:
+                raise AnswerTooLargeError(at_least, self._max_message_bytes, f"{_FEWER_VECTORS} (nothing was sent)")
+        return request
 
     async def _answer(
         self,
@@ -256,6 +266,9 @@ class LLMServicer(pb.LLMServiceServicer):
                 raise
             await abort(context, rpc, ShuttingDownError(in_flight=True))
         return answer
+
+
+_FEWER_VECTORS = "send fewer inputs a call, or ask for fewer dimensions"
 
 
 def _text_length(chunk: CompletionChunk) -> int:

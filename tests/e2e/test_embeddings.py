@@ -268,6 +268,20 @@ async def test_an_answer_over_the_message_limit_says_how_to_make_it_fit(
     assert "send fewer inputs a call, or ask for fewer dimensions" in str(caught.value.details())
 
 
+async def test_an_answer_that_cannot_fit_is_refused_before_any_backend_is_asked(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """With its dimensions set, the answer's least size is known before the call: no upstream is asked, nothing is
+    billed for vectors the caller could not get."""
+    stub = await stub_for(embedding_backends(primary, local, openai=DEFAULT), server="max_message_bytes: 65536")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Embed(pb.EmbedRequest(inputs=["a"] * 20, dimensions=1024), timeout=10)  # 20 x 4 KiB at least
+    assert (caught.value.code(), reason(caught.value)) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "ANSWER_TOO_LARGE")
+    assert "ask for fewer dimensions (nothing was sent)" in str(caught.value.details())
+    assert primary.embedding_requests == []
+    assert not (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
+
+
 async def test_a_key_limited_to_some_models_embeds_only_with_those(
     stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:

@@ -17,10 +17,10 @@
 // - BadRequest for an invalid request (INVALID_REQUEST): one field violation per wrong field, the first 20 at most
 //   (fewer where their text is long: the trailer stays a few KiB); the status message says how many more there are.
 // - QuotaFailure for a caller's or the gateway's limit (the <LIMIT>_EXCEEDED reasons): whose limit, and which.
-// - AttemptHistory (this package's, last) for every failed call that reached the backends: each attempt, as
-//   CompleteResponse.attempts lists them on success. ErrorInfo's metadata "attempts" says the same as
-//   `backend:outcome` pairs joined by commas (outcome: an AttemptOutcome name in lower case, without its prefix),
-//   kept for clients that read only ErrorInfo.
+// - AttemptHistory (this package's, last) for every call that failed at the backends (the reasons marked "routed"
+//   below): each attempt, as CompleteResponse.attempts lists them on success. ErrorInfo's metadata "attempts" says
+//   the same as `backend:outcome` pairs joined by commas (outcome: an AttemptOutcome name in lower case, without its
+//   prefix), kept for clients that read only ErrorInfo.
 //
 // The status message is the error in words, for people; programs read the code and the details. The whole status
 // stays within about 6 KiB of trailers (gRPC clients refuse more than 8 KiB): a message over 1,200 bytes is cut,
