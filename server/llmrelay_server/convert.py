@@ -287,8 +287,11 @@ def _message(message: pb.Message, errors: _Violations, where: str, max_image_byt
     if role is None:
         errors.add(f"{where}.role", "must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL")
         role = Role.USER
-    if role is Role.TOOL and not message.tool_call_id:
-        errors.add(f"{where}.tool_call_id", "a tool message must name the tool call it answers")
+    if role is Role.TOOL:
+        if not message.tool_call_id:
+            errors.add(f"{where}.tool_call_id", "a tool message must name the tool call it answers")
+    elif message.HasField("tool_call_id"):  # sent on, an upstream refuses it in its own words, or takes it unread
+        errors.add(f"{where}.tool_call_id", "only a tool message answers a tool call; leave it unset here")
     if message.tool_calls and role is not Role.ASSISTANT:
         errors.add(f"{where}.tool_calls", "only assistant messages carry tool calls")
     if message.content and message.parts:

@@ -234,6 +234,15 @@ OPTS = pb.CompletionOptions
         ),
         (pb.CompleteRequest(messages=[user("")]), ["messages[0].content"]),
         (pb.CompleteRequest(messages=[pb.Message(role=pb.ROLE_TOOL, content="42")]), ["messages[0].tool_call_id"]),
+        # Sent on, an upstream would refuse it in its own words (or take it unread).
+        (
+            pb.CompleteRequest(messages=[user(), pb.Message(role=pb.ROLE_USER, content="x", tool_call_id="call_1")]),
+            ["messages[1].tool_call_id"],
+        ),
+        (
+            pb.CompleteRequest(messages=[user(), pb.Message(role=pb.ROLE_ASSISTANT, content="x", tool_call_id="")]),
+            ["messages[1].tool_call_id"],
+        ),
         (
             pb.CompleteRequest(
                 messages=[
@@ -815,6 +824,7 @@ def assert_within_bounds(result: CompletionRequest) -> None:
                 assert message.role is Role.USER
                 assert (part.url or "").startswith(("http://", "https://")) or part.media_type in MEDIA_TYPES
         assert message.role is Role.ASSISTANT or not message.tool_calls
+        assert (message.role is Role.TOOL) == (message.tool_call_id is not None)
         assert message.role is not Role.TOOL or message.tool_call_id
         for call in message.tool_calls:
             assert call.id and NAME.fullmatch(call.name)
