@@ -19,6 +19,10 @@ def main() -> None:
     loading = signal.getsignal(signal.SIGINT) is signal.default_int_handler
     if loading:
         signal.signal(signal.SIGINT, _interrupted_while_loading)
+    # gRPC's core logs at INFO unless told: a line of its own format on stderr (no log pipeline parses it, and not
+    # JSON with log_format: json) for every connection that fails its TLS handshake, which anyone who reaches the port
+    # can add without end. Its errors still show; GRPC_VERBOSITY set by the operator wins. Before gRPC is loaded.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from llmrelay_server.cli import main as command_line
 
     if loading:

@@ -16,6 +16,7 @@ import pytest
 from certs import Authority, Issued
 from cryptography import x509
 from e2e.test_metrics import scrape, value
+from harness import clean_env, spawn_gateway
 from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway, start_gateway
 from llmrelay_server.config import AuthConfig, ConfigError, TLSConfig, load_config
@@ -114,6 +115,33 @@ async def test_tls_serves_clients_that_trust_its_ca(tls_gateway: TLSGatewayFacto
         assert await refused(plaintext) == UNAVAILABLE
     async with secure(gateway.port, Authority("another CA").cert) as untrusting:
         assert await refused(untrusting) == UNAVAILABLE
+
+
+async def test_connections_that_fail_the_handshake_add_no_line_of_grpcs_own_to_the_log(
+    tmp_path: Path, files: Files, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """A plaintext client (or a port scan) on the TLS port: gRPC's core would write a line of its own format for each
+    such connection (at INFO, which it logs unless told), one anyone reaching the port can add without end."""
+    Authority("llmrelay test CA").server().write(files.cert, files.key)
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(
+        f'server: {{usage_db: ":memory:", drain_s: 0, tls: {files.section()}}}\n' + two_backends(primary, local)
+    )
+    gateway = await spawn_gateway(config, env=clean_env())
+    try:
+        await gateway.wait_listening()
+        for _ in range(3):
+            _, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # HTTP/2 in plaintext
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.close()
+        async with grpc.aio.insecure_channel(gateway.target) as plaintext:
+            assert await refused(plaintext) == UNAVAILABLE
+    finally:
+        assert await gateway.stop() == 0
+    log = await gateway.output()
+    assert "stopped" in log and "Handshake failed" not in log, log
 
 
 async def test_mutual_tls_requires_a_certificate_from_the_client_ca(
