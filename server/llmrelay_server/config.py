@@ -450,6 +450,8 @@ def _check_state(state: StateConfig, redis_where: str) -> None:
     _check_positive(state, "state")
     if state.redis_url is None:
         return
+    if not state.redis_url.strip():
+        raise ConfigError(f"{redis_where}: empty (an unset ${{VAR}}?): give a redis:// URL, or leave the field out")
     # The URL may hold a password: only its scheme, or what the parsers say of its form, is shown.
     _check_authority(state.redis_url, redis_where)
     parts = urlsplit(state.redis_url)  # _check_authority has seen that it splits

@@ -682,6 +682,12 @@ def test_a_store_url_with_an_at_sign_where_it_may_be_is_taken(tmp_path: Path, ur
     assert load(tmp_path, f'server: {{usage_db: "{url}"}}\n').server.usage_db == url
 
 
+def test_an_empty_redis_url_is_told_as_an_unset_variable(tmp_path: Path) -> None:
+    # As for the other fields that name a file or a store: not "scheme (none) is not redis://".
+    with pytest.raises(ConfigError, match=r"^state\.redis_url: empty \(an unset \$\{VAR\}\?\)"):
+        load(tmp_path, 'state: {redis_url: ""}\n')
+
+
 def test_a_value_from_the_environment_is_named_by_its_variable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^--listen \(LLMRELAY_LISTEN\): 'garbage:port' is not HOST:PORT"):
         load(tmp_path, "server: {listen: '127.0.0.1:50051'}\n", {"LLMRELAY_LISTEN": "garbage:port"})
