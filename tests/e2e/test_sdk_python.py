@@ -217,6 +217,7 @@ async def test_a_tool_timeout_that_is_no_time_is_refused(gateway: Gateway, tool_
             await client.run_tools(QUESTION, agent_tools(), tool_timeout=tool_timeout)
 
 
+@pytest.mark.usefixtures("python_recursion_limit")  # hypothesis's tests may leave it raised
 async def test_arguments_nested_too_deeply_to_read_become_a_result_that_says_so(
     gateway: Gateway, primary: FakeUpstream
 ) -> None:
