@@ -148,6 +148,7 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
         ledger=ledger,
         prices=PriceTable(config.pricing, config.unknown_price),
         aliases=config.aliases,
+        max_request_bytes=config.server.max_message_bytes,
     )
     limiter = _limiter(config)
     metrics = _metrics(config, keys, router, ledger, limiter, certificate) if config.server.metrics_listen else None

@@ -75,8 +75,7 @@ def main(argv: list[str] | None = None) -> None:
             role = WorkerRole(args.worker, args.worker_dir, args.supervisor_pid, args.heartbeat_fd)
             run(serve(config, role), config.server.event_loop)
         elif config.server.workers > 1:
-            config_file = args.config or env.get("LLMRELAY_CONFIG") or None  # as load_config found it
-            sys.exit(run(Supervisor(config, argv, config_file).run(), config.server.event_loop))
+            sys.exit(run(Supervisor(config, argv).run(), config.server.event_loop))
         else:
             run(serve(config), config.server.event_loop)
     except ListenError as exc:

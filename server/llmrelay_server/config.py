@@ -244,6 +244,9 @@ class GatewayConfig:
     unknown_price: Price = field(default_factory=lambda: Price(prompt=5.0, completion=15.0))
     """The rate budgets count for a model with no known price on a paid backend."""
     state: StateConfig = field(default_factory=StateConfig)
+    file_text: str | None = field(default=None, repr=False, compare=False)
+    """The configuration file's text as it was read (None without a file): what a supervisor hands its workers, so
+    that all of them run what it checked. Never shown: it may hold keys."""
 
 
 # The YAML shapes of the backends, before they become BackendSpecs.
@@ -304,9 +307,11 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     to_find_it = "check the --config path" if path else "check LLMRELAY_CONFIG"
     path = path or env.get("LLMRELAY_CONFIG") or None
     document: Mapping[str, Any] = {}
+    text = None
     if path:
         where = f"config file {path}"
-        document = _read_yaml(Path(path), env, where, to_find_it, " (server, router, llm)") or {}
+        text = _read_text(Path(path), where, to_find_it)
+        document = _parse_yaml(text, env, where, " (server, router, llm)") or {}
     section = _build(_FileSection, document, "")
     server = section.server
     if env.get("LLMRELAY_LISTEN"):
@@ -347,6 +352,11 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     if server.workers > MAX_WORKERS:
         workers_where = "--workers (LLMRELAY_WORKERS)" if env.get("LLMRELAY_WORKERS") else "server.workers"
         raise ConfigError(f"{workers_where}: at most {MAX_WORKERS} processes (a few per CPU core serve best)")
+    if server.worker_timeout_s < MIN_WORKER_TIMEOUT_S:
+        raise ConfigError(
+            f"server.worker_timeout_s: at least {MIN_WORKER_TIMEOUT_S:g} s (a worker says it runs once a second; less"
+            " would kill workers that are well)"
+        )
     # An unset ${VAR} reads as empty. An empty keys file would drop every key (calls open to anyone, without a
     # word); an empty ledger path, SQLite's temporary database (usage lost at exit); an empty journal directory,
     # the working directory.
@@ -397,6 +407,7 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
         auth=auth,
         pricing=dict(section.pricing),
         unknown_price=unknown_price,
+        file_text=text,
     )
 
 
@@ -482,6 +493,7 @@ MAX_CONCURRENT_RPCS = 2**31 - 1
 MAX_CONNECTION_TIMER_S = 86400.0
 """The longest of the connection timers (keepalive, connection age): gRPC takes them in milliseconds, in a C int."""
 MAX_WORKERS = 1024
+MIN_WORKER_TIMEOUT_S = 3.0
 """More processes than a machine has cores only share them; past this, a typo (100000) would fork until it fell."""
 
 
@@ -660,8 +672,8 @@ def _spec(
     try:
         url = urlsplit(base_url)
         url.port  # noqa: B018 (reading it validates it)
-    except ValueError as exc:  # "Invalid IPv6 URL", a port that is no number
-        raise ConfigError(f"{url_where}: not an http(s) URL ({exc}); {example}") from None
+    except ValueError:  # "Invalid IPv6 URL", a port that is no number: its words quote the value
+        raise ConfigError(f"{url_where}: not an http(s) URL (its host or port cannot be read); {example}") from None
     if url.scheme not in ("http", "https"):
         scheme = f"its scheme is {url.scheme!r}" if url.scheme else "it has no scheme"
         raise ConfigError(f"{url_where}: not an http(s) URL ({scheme}); {example}")
@@ -747,12 +759,19 @@ _KEYS_FILE_HOLDS = " with `keys:`, the list of keys (`keys: []` to admit nobody)
 def _read_yaml(path: Path, env: Mapping[str, str], where: str, to_find_it: str, holds: str) -> Mapping[str, Any] | None:
     """The YAML mapping in the file, or None when it holds none (empty, blanks, comments); ConfigError saying `where`
     on a mistake, `to_find_it` when the file cannot be read, and what its top level `holds` when it is no mapping."""
+    return _parse_yaml(_read_text(path, where, to_find_it), env, where, holds)
+
+
+def _read_text(path: Path, where: str, to_find_it: str) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{where}: cannot be read ({exc.strerror}); {to_find_it}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{where}: not UTF-8 text (byte {exc.start} cannot be read); save it as UTF-8") from exc
+
+
+def _parse_yaml(text: str, env: Mapping[str, str], where: str, holds: str) -> Mapping[str, Any] | None:
     try:
         document = yaml.load(text, Loader=_Loader)  # a SafeLoader: no tag makes an object
     except yaml.YAMLError as exc:
@@ -947,10 +966,16 @@ def _is_decimal(text: str) -> bool:
 
 def _check_listen(listen: str, where: str) -> None:
     host, sep, port = listen.rpartition(":")
-    if not sep:  # not shown: anything but an address, a key put in the wrong ${VAR} say, could be a secret
-        raise ConfigError(f"{where}: not HOST:PORT (it has no :PORT); write e.g. 127.0.0.1:50051")
-    if not host or not _is_decimal(port) or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{where}: {listen!r} is not HOST:PORT; write e.g. 127.0.0.1:50051")
+    if not sep:
+        why = "it has no :PORT"
+    elif not host:
+        why = "it has no HOST"
+    elif not _is_decimal(port) or not 0 <= int(port) <= 65535:
+        why = "its port is not a number from 0 to 65535"
+    else:
+        return
+    # The value not shown: what is no address (a URL, a key, through the wrong ${VAR}) may hold a secret.
+    raise ConfigError(f"{where}: not HOST:PORT ({why}); write e.g. 127.0.0.1:50051")
 
 
 _MAX_USD_PER_MILLION_TOKENS: Final = 1_000_000.0

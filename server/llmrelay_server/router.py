@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import contextvars
 import enum
+import logging
 import math
 import random
 import time
@@ -63,6 +64,7 @@ from llmrelay_server.pricing import PriceTable
 from llmrelay_server.tokens import TokenCounter
 from llmrelay_server.usage import UsageLedger
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRYABLE = frozenset(
@@ -469,14 +471,28 @@ def _stalled(idle_s: float) -> str:
 
 
 class _Watchdog:
-    """A stream's wait for its next chunk, ended with TimeoutError after `idle_s`, or at `deadline`: one timer for the
+    """A stream's wait for its next chunk, ended with TimeoutError after `idle_s`, or at the deadline: one timer for the
     whole stream, made again only when it fires while a wait is still within its limit. (asyncio.timeout per chunk
-    would make and cancel a timer for every chunk.) Time the caller takes between waits does not count."""
+    would make and cancel a timer for every chunk.) Time the caller takes between waits does not count.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, idle_s: float, deadline: float) -> None:
+    With a `reserve` (seconds, asked once, and only of a stream still going `reserve_at_most_s` before its deadline:
+    the asking may cost, and most streams end long before), the stream ends that much before its deadline, for the
+    work its end then takes (counting a long prompt to bill it) to be over by the deadline."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        idle_s: float,
+        deadline: float,
+        reserve: Callable[[], float] | None = None,
+        reserve_at_most_s: float = 0.0,
+    ) -> None:
         self._loop = loop
         self._idle_s = idle_s
         self._deadline = deadline
+        self._reserve = reserve
+        self.end_by = deadline - reserve_at_most_s if reserve is not None else deadline
+        """When the stream must end: its deadline less its reserve; until the reserve is known, when to ask it."""
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[object] | None = None
         self._waiting_since: float | None = None
@@ -504,14 +520,21 @@ class _Watchdog:
             self._timer = None
 
     def _due(self, since: float) -> float:
-        return min(since + self._idle_s, self._deadline)
+        return min(since + self._idle_s, self.end_by)
 
     def _check(self) -> None:
         self._timer = None
         if self._waiting_since is None:
             return  # between waits: the next one sets the timer again
+        if self._reserve is not None and self._loop.time() >= self.end_by:
+            reserve, self._reserve = self._reserve, None
+            try:
+                self.end_by = self._deadline - reserve()
+            except Exception:  # a bug of the gateway's: the stream still ends, at its deadline
+                log.exception("sizing a stream's reserve before its deadline failed")
+                self.end_by = self._deadline
         due = self._due(self._waiting_since)
-        if self._loop.time() < due:  # set for an earlier wait
+        if self._loop.time() < due:  # set for an earlier wait, or to ask the reserve
             self._timer = self._loop.call_at(due, self._check)
         elif self._task is not None:
             self._expired = True
@@ -558,7 +581,10 @@ class Router:
         aliases: Mapping[str, str] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
+        max_request_bytes: int = 4 * 1024 * 1024,
     ) -> None:
+        """`max_request_bytes`: the largest request the gateway takes (server.max_message_bytes), and so the longest
+        prompt it may have to count."""
         self.backends = tuple(Backend(p, CircuitBreaker(config.circuit)) for p in providers)
         for backend in self.backends:
             spec = backend.provider.spec
@@ -576,6 +602,7 @@ class Router:
         self._aliases = dict(aliases or {})
         self._sleep = sleep
         self._backoff = Backoff(config.retry, rng)
+        self._most_counting_s = TokenCounter.count_s_at_most(max_request_bytes)
 
     # --- resolution -------------------------------------------------------------------------------------------
 
@@ -887,9 +914,14 @@ class Router:
         loop = asyncio.get_running_loop()
         # A stream the deadline cuts short is billed before its status goes out, and its bill counts the prompt: a
         # long one takes a thread's while, which comes off the stream's time, so that the status still arrives in time.
-        counting_s = self._counter.count_chat_wait_s(route.model, request.messages, request.options.tools)
-        deadline = chain.deadline - counting_s
-        watchdog = _Watchdog(loop, idle_s, deadline)
+        # Asked only of a stream still going when that could matter: sizing a prompt walks its messages and tools.
+        watchdog = _Watchdog(
+            loop,
+            idle_s,
+            chain.deadline,
+            lambda: self._counter.count_chat_wait_s(route.model, request.messages, request.options.tools),
+            self._most_counting_s,
+        )
         try:
             while True:
                 try:
@@ -898,7 +930,7 @@ class Router:
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
-                    if loop.time() >= deadline:
+                    if loop.time() >= watchdog.end_by:
                         chain.stream_ended(AttemptOutcome.TIMEOUT, "the deadline ran out mid-stream")
                         raise chain.deadline_exceeded() from None
                     stalled = UpstreamError(UpstreamErrorKind.TIMEOUT, route.backend.name, _stalled(idle_s))

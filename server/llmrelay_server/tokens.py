@@ -747,6 +747,11 @@ class TokenCounter:
         load_s = 0.0 if self._loaded(model) else _ENCODING_LOAD_S
         return _COUNT_MARGIN_S + load_s + chars / _COUNTED_CHARS_PER_S
 
+    @staticmethod
+    def count_s_at_most(chars: int) -> float:
+        """The most a count of `chars` characters may take: count_chat_s's for such a chat, its encoding yet to load."""
+        return _COUNT_MARGIN_S + _ENCODING_LOAD_S + chars / _COUNTED_CHARS_PER_S
+
     def count_chat_wait_s(self, model: str, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> float:
         """About the most count_chat_async may keep its caller waiting: nothing to speak of for a chat it counts inline
         (the usual one: a few milliseconds at most), else count_chat_s."""

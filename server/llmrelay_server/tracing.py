@@ -179,54 +179,66 @@ def _check_endpoint(*, grpc_target: bool) -> None:
     if name is None:
         return
     endpoint = os.environ[name]
-    example = "http://localhost:4318" if not grpc_target else "http://localhost:4317"
-    if grpc_target and "://" not in endpoint:  # gRPC's exporter also takes HOST:PORT
+    example = "http://localhost:4317" if grpc_target else "http://localhost:4318"
+    if grpc_target and ("://" not in endpoint or endpoint.startswith("dns://")):
+        # gRPC's exporter passes what is no URL with a host to gRPC as its target: HOST:PORT, or a name resolver's.
         host, _, port = endpoint.rpartition(":")
-        if host and port.isascii() and port.isdigit() and 0 < int(port) < 65536:
+        if endpoint.startswith(_GRPC_TARGET_SCHEMES) or (host and _is_port(port)):
             return
-        raise ConfigError(f"{name}: not a URL nor HOST:PORT (the value is not shown); write e.g. {example}")
+        raise ConfigError(
+            f"{name}: not a URL, HOST:PORT nor gRPC target (its value is not shown); write e.g. {example}"
+        )
     try:
         url = urlsplit(endpoint)
         url.port  # noqa: B018 (reading it validates it)
-    except ValueError as exc:
-        raise ConfigError(f"{name}: not an http(s) URL ({exc}; the value is not shown); write e.g. {example}") from None
-    if url.scheme not in ("http", "https") or not url.hostname:
-        why = f"its scheme is {url.scheme!r}" if url.scheme not in ("http", "https") else "it names no host"
-        raise ConfigError(f"{name}: not an http(s) URL ({why}; the value is not shown); write e.g. {example}")
+    except ValueError:  # its words quote the value
+        raise ConfigError(f"{name}: not a URL (its host or port cannot be read); write e.g. {example}") from None
+    if grpc_target:
+        return  # any scheme: the exporter takes the host and port of a URL that has them, else the whole as a target
+    if url.scheme not in ("http", "https"):
+        why = f"its scheme is {url.scheme!r}" if url.scheme else "it has no scheme"
+        raise ConfigError(f"{name}: not an http(s) URL ({why}); write e.g. {example}")
+    if not url.hostname:
+        raise ConfigError(f"{name}: not an http(s) URL (it names no host); write e.g. {example}")
+
+
+_GRPC_TARGET_SCHEMES = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:")
+"""gRPC's name resolvers (doc/naming.md in grpc/grpc), as a target's prefix."""
+
+
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and 0 < int(text) < 65536
 
 
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")
 """An HTTP header's name (RFC 9110's token), shown in an error: anything else may be a value that lost its name."""
 
 
-class _Refusals(logging.Filter):
-    """Keeps what OpenTelemetry's header parser would log of a header it drops (the header, its secret with it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.refused = False
+class _Silenced(logging.Filter):
+    """Drops what OpenTelemetry's header parser logs of a header it drops: the header, its secret with it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        self.refused = True
         return False
 
 
 def _check_headers() -> None:
-    """The headers sent with every export (a collector's key, usually): the exporter would drop one it cannot read
-    and export without it, having logged it, its value included. Refused here, named by its name alone."""
+    """The headers sent with every export (a collector's key, usually): the exporter would drop one it cannot read,
+    log it, value and all, and export without it. Refused here, named by its name alone."""
+    parser_log = logging.getLogger("opentelemetry.util.re")
+    silenced = _Silenced()
     for name in _HEADERS_VARIABLES:
         value = os.environ.get(name)
         if not value:
             continue
-        parser_log = logging.getLogger("opentelemetry.util.re")
-        for header in value.split(","):
-            refusals = _Refusals()
-            parser_log.addFilter(refusals)
+        for header in value.split(","):  # as the parser splits them, each with the blanks around it dropped
+            if not header.strip():
+                continue
+            parser_log.addFilter(silenced)
             try:
-                parse_env_headers(header, liberal=True)  # as the exporters read them
+                read = parse_env_headers(header.strip(), liberal=True)  # as the exporters read them
             finally:
-                parser_log.removeFilter(refusals)
-            if refusals.refused:
+                parser_log.removeFilter(silenced)
+            if not read:
                 # Its name, where it has one: a piece of a value cut by a comma is no name, but part of a secret.
                 header_name, named, _ = header.partition("=")
                 shown = (

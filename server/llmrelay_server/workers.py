@@ -241,11 +241,9 @@ class _Worker:
 class Supervisor:
     """Starts `config.server.workers` gateway processes on one port and keeps them running until told to stop."""
 
-    def __init__(self, config: GatewayConfig, argv: list[str], config_file: str | None = None) -> None:
-        """`config_file`: the file `config` was read from, if any."""
+    def __init__(self, config: GatewayConfig, argv: list[str]) -> None:
         self._config = config
         self._argv = argv
-        self._config_file = config_file
         self._worker_flags: list[str] = []
         """What a worker's command line adds to the supervisor's: the configuration file kept as it was read."""
         self._stop = asyncio.Event()
@@ -307,15 +305,16 @@ class Supervisor:
         return server
 
     def _keep_config(self, run_dir: Path) -> None:
-        """A copy of the configuration file as the gateway started with it, which every worker reads, those restarted
-        later included: from the file itself, a worker restarted after an edit would serve with other settings than
-        the rest (other keys, other limits) without a word. An edit takes effect when the gateway restarts (SIGHUP
-        reloads the keys file alone). The copy is made as the supervisor starts, just after it read the file."""
-        if self._config_file is None:
+        """The configuration file's text as the supervisor read it, for every worker to read, those restarted later
+        included: from the file itself, a worker restarted after an edit would serve with other settings than the
+        rest (other keys, other limits) without a word, and a file that was a pipe (`--config /dev/stdin`) would be
+        read empty. An edit takes effect when the gateway restarts (SIGHUP reloads the keys file alone)."""
+        if self._config.file_text is None:
             return
         kept = run_dir / CONFIG_COPY
-        # The run directory is the supervisor's user's alone (mkdtemp's 0700): the file may hold keys.
-        shutil.copyfile(self._config_file, kept)
+        # The run directory is the supervisor's user's alone (mkdtemp's 0700), and the file too: it may hold keys.
+        with open(os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as copy:
+            copy.write(self._config.file_text)
         self._worker_flags = ["--config", str(kept)]
 
     async def _start(self, worker: _Worker, run_dir: Path, listen: str) -> None:

@@ -201,7 +201,7 @@ async def test_a_worker_restarted_after_an_edit_of_the_configuration_serves_as_t
 async def test_a_worker_whose_event_loop_stopped_is_killed_and_restarted(tmp_path: Path, local: FakeUpstream) -> None:
     """Stopped (SIGSTOP standing in for a blocked event loop), a worker keeps its share of the new connections and
     answers none: past worker_timeout_s without its heartbeat, the supervisor kills it, and its restart serves."""
-    gateway = await start_workers(tmp_path, local, server=", worker_timeout_s: 2")
+    gateway = await start_workers(tmp_path, local, server=", worker_timeout_s: 3")
     try:
         stopped, _ = children(gateway.process.pid)
         os.kill(stopped, signal.SIGSTOP)

@@ -466,6 +466,7 @@ ONE_EXTRA = "llm:\n  backends:\n    - {name: local, kind: llamacpp, base_url: 'h
             "--listen (LLMRELAY_LISTEN)",
         ),  # a digit to str.isdigit(), not to int()
         (None, {"LLMRELAY_WORKERS": "²"}, "LLMRELAY_WORKERS"),
+        ("server: {worker_timeout_s: 2}\n", {}, "server.worker_timeout_s"),  # below three heartbeats: kills the well
         # a ledger each worker would keep alone
         ("server: {workers: 2, usage_db: ':memory:'}\n", {}, "server.usage_db"),
         (None, {"LLMRELAY_WORKERS": "2", "LLMRELAY_USAGE_DB": ":memory:"}, "LLMRELAY_USAGE_DB"),
@@ -682,6 +683,14 @@ def test_a_store_url_with_an_at_sign_where_it_may_be_is_taken(tmp_path: Path, ur
     assert load(tmp_path, f'server: {{usage_db: "{url}"}}\n').server.usage_db == url
 
 
+def test_the_configuration_files_text_is_kept_for_the_workers_and_never_shown(tmp_path: Path) -> None:
+    text = 'server: {listen: "127.0.0.1:0"}\nllm: {openai: {api_key: "sk-SUPERSECRET"}}\n'
+    cfg = load(tmp_path, text)
+    assert cfg.file_text == text
+    assert "SUPERSECRET" not in repr(cfg)
+    assert load(tmp_path, None).file_text is None
+
+
 def test_an_empty_redis_url_is_told_as_an_unset_variable(tmp_path: Path) -> None:
     # As for the other fields that name a file or a store: not "scheme (none) is not redis://".
     with pytest.raises(ConfigError, match=r"^state\.redis_url: empty \(an unset \$\{VAR\}\?\)"):
@@ -689,7 +698,7 @@ def test_an_empty_redis_url_is_told_as_an_unset_variable(tmp_path: Path) -> None
 
 
 def test_a_value_from_the_environment_is_named_by_its_variable(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"^--listen \(LLMRELAY_LISTEN\): 'garbage:port' is not HOST:PORT"):
+    with pytest.raises(ConfigError, match=r"^--listen \(LLMRELAY_LISTEN\): not HOST:PORT \(its port is not a"):
         load(tmp_path, "server: {listen: '127.0.0.1:50051'}\n", {"LLMRELAY_LISTEN": "garbage:port"})
     # A store URL from the environment, the secret in it never shown.
     secret = "s3cr3t-pw"
@@ -893,13 +902,15 @@ def test_values_that_escaped_validation(tmp_path: Path, yaml_text: str | None, e
         # A key put in the wrong field (through the wrong ${VAR}) is not shown as the value that field could not take.
         ("llm: {ollama: {base_url: 'sk-SUPERSECRET'}}\n", {}, "llm.ollama.base_url: not an http(s) URL"),
         ("server: {listen: 'sk-SUPERSECRET'}\n", {}, "server.listen: not HOST:PORT"),
+        (None, {"LLMRELAY_LISTEN": "https://admin:SUPERSECRET@db.example.com"}, "--listen (LLMRELAY_LISTEN): not"),
+        (None, {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "http://h:SUPERSECRET/v1"}, "OPENAI_BASE_URL: not an"),
         (None, {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "SUPERSECRET"}, "OPENAI_BASE_URL: not an http(s) URL"),
     ],
     ids=[
         "redis without host", "redis NFKC", "postgresql NFKC", "extra backend", "openai field", "openai variable",
         "key-newline-variable", "key-cyrillic-variable", "key-newline-field", "key-tab-ollama", "key-accent-extra",
         "query-variable", "fragment", "empty-query", "query-extra-backend", "password-bad-port", "password-hash",
-        "password-bracket", "key-as-url", "key-as-listen", "key-as-url-variable",
+        "password-bracket", "key-as-url", "key-as-listen", "key-as-url-variable", "url-as-listen", "key-as-port",
     ],
 )  # fmt: skip
 def test_a_secret_in_the_configuration_is_refused_unshown(

@@ -544,7 +544,7 @@ def cut_short(wanted: str, events: bool, stray: str | None) -> str:
         return f"the stream ended without {wanted}"
     if stray is not None:
         return f"no event came: the answer is not an event stream (its first line that is none: {stray[:80]!r})"
-    return "no event came: the answer was empty"
+    return "no event came: the answer was empty, or held only comments (keep-alives) and other fields"
 
 
 # --- embeddings -----------------------------------------------------------------------------------------------
