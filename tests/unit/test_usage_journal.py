@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from llmrelay_server.domain import TokenUsage
+from llmrelay_server.domain import TokenUsage, UsageUnavailableError
 from llmrelay_server.usage import UsageLedger, UsageTotals
 from support import wait_until
 
@@ -338,12 +338,44 @@ async def test_a_damaged_journal_is_replayed_but_its_damaged_lines(
     os.mkdir(journal)
     (journal / "999-deadbeef.lock").touch()  # a process that died: nobody holds the lock
     good = b'["b","m","c",1700000040,1,10,5,0,0,0,0,0]\n'
-    (journal / "999-deadbeef.1.jsonl").write_bytes(good + b"not json\n" + b'["b","m"]\n' + good + good[:20])
+    # Damage that leaves numbers the database refuses (2^64, below 0) or that are no counts (true) too: such a line
+    # taken stopped every write after it, the gateway's own records' too.
+    numbers = [
+        b'["b","m","c",1700000040,1,18446744073709551616,5,0,0,0,0,0]\n',
+        b'["b","m","c",1700000040,-990,10,5,0,0,0,0,0]\n',
+        b'["b","m","c",1700000040,true,10,5,0,0,0,0,0]\n',
+    ]
+    damaged = b"not json\n" + b'["b","m"]\n' + b"".join(numbers)
+    (journal / "999-deadbeef.1.jsonl").write_bytes(good + damaged + good + good[:20])
 
     ledger = UsageLedger(path)
     await ledger.start()
-    await wait_until(lambda: requests_on_disk(path) == 2)
+    ledger.record("b", "m", "c", TokenUsage(prompt_tokens=1, completion_tokens=1))
+    await wait_until(lambda: requests_on_disk(path) == 3)
     await ledger.aclose()
 
     assert os.listdir(journal) == []  # the batch written, the dead journal's lock file gone
-    assert "999-deadbeef.1.jsonl: 2 damaged lines left out" in caplog.text
+    assert "999-deadbeef.1.jsonl: 5 damaged lines left out" in caplog.text
+
+
+async def test_a_journal_file_that_cannot_be_read_holds_up_usage_answers_not_the_ledger(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its records cannot be counted: GetUsage is told to come back (not the gateway's INTERNAL failure, nor totals
+    short of them), and the ledger goes on writing the records of its own calls."""
+    path = tmp_path / "usage.sqlite3"
+    journal = Path(f"{path}.journal")
+    os.mkdir(journal)
+    (journal / "999-deadbeef.lock").touch()
+    os.mkdir(journal / "999-deadbeef.1.jsonl")  # unreadable as a file, even to root (who reads a 0000 file)
+
+    ledger = UsageLedger(path)
+    await ledger.start()
+    try:
+        ledger.record("b", "m", "c", TokenUsage(prompt_tokens=1, completion_tokens=1))
+        await wait_until(lambda: requests_on_disk(path) == 1)
+        with pytest.raises(UsageUnavailableError):
+            await ledger.query()
+    finally:
+        await ledger.aclose()
+    assert "999-deadbeef.1.jsonl cannot be read (Is a directory)" in caplog.text

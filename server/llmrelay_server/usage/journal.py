@@ -57,6 +57,9 @@ def encode(key: BucketKey, counts: tuple[int, ...]) -> bytes:
     return _names_prefix(backend, model, caller) + _NUMBERS_FORMAT % (bucket_start, *counts)
 
 
+_MAX_COUNT: Final = 2**63
+
+
 def read_batch(path: Path) -> tuple[Buckets, int]:
     """A batch file's complete lines, added up per bucket, and how many records they are. A line that is not a
     record is logged and left out (the file was damaged; the rest still counts)."""
@@ -85,7 +88,9 @@ def _parse(line: bytes) -> tuple[BucketKey, list[int]] | None:
         isinstance(row, list)
         and len(row) == 4 + len(COUNT_COLUMNS)
         and all(isinstance(name, str) for name in row[:3])
-        and all(isinstance(number, int) for number in row[3:])
+        # Damage that leaves a number (a bit flipped, a line written by hand) is caught too: the database takes
+        # counts of 0 to 2^63 - 1, and one it refuses would stop every write after it.
+        and all(type(number) is int and 0 <= number < _MAX_COUNT for number in row[3:])
     ):
         return None
     return (row[0], row[1], row[2], row[3]), row[4:]
@@ -191,6 +196,11 @@ class Journal:
             try:
                 records, size = _count_records(path)
             except FileNotFoundError:
+                continue
+            except OSError as exc:  # left where it is: usage is not answered while it cannot be read (_read_journal)
+                _log.error(
+                    "usage journal %s: cannot read %s (%s); left for now", self.directory, path.name, exc.strerror
+                )
                 continue
             if records:
                 orphan.batches.append((batch, path, records, size))

@@ -627,5 +627,9 @@ def _read_journal(directory: Path, selection: Selection, known: set[BatchId]) ->
             buckets, _ = read_batch(path)
         except FileNotFoundError:
             continue  # written and deleted since the listing: the database has it
+        except OSError as exc:
+            # Its records cannot be counted: the totals would be short of them, so none are given.
+            _log.error("usage journal %s cannot be read (%s): GetUsage waits until it can", path, exc.strerror)
+            raise UsageUnavailableError(QUERY_RETRY_S) from None
         selection.add_matching(found.setdefault(batch, {}), buckets.items())
     return found
