@@ -13,6 +13,7 @@ A key is never logged, echoed or kept: only its digest is.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import fnmatch
 import functools
@@ -151,8 +152,11 @@ class KeyRing:
         self._limits_refused = limits_refused
         self._file = Path(config.keys_file) if config.keys_file else None
         self._file_stamp = self._stamp() if self._file else None
-        self._set(self._configured + (load_keys_file(self._file) if self._file else ()))
+        keys = self._configured + (load_keys_file(self._file) if self._file else ())
+        self._by_digest, self._names = _by_digest(keys), frozenset(key.name for key in keys)
         self._watcher: asyncio.Task[None] | None = None
+        self._reloads: set[asyncio.Future[None]] = set()
+        self._reloading = asyncio.Lock()
 
     @property
     def enabled(self) -> bool:
@@ -170,8 +174,9 @@ class KeyRing:
         return found if found is not None and hmac.compare_digest(found.key.sha256, wanted) else None
 
     def reload(self) -> None:
-        """Reads the keys file again; a broken file (an empty one too: see load_keys_file) keeps the keys in force
-        and says why, once per change of the file."""
+        """SIGHUP: reads the keys file again, in a thread (thousands of keys take seconds to read, which the calls
+        in flight must not wait out), then puts it in force. A broken file (an empty one too: see load_keys_file)
+        keeps the keys in force and says why, once per change of the file."""
         if self._file is None:
             # Only SIGHUP asks then, sent by an operator who may expect an edited configuration to be in force.
             log.warning(
@@ -179,9 +184,22 @@ class KeyRing:
                 " only: restart to apply a change"
             )
             return
+        self._reloads.add(reloading := asyncio.ensure_future(self._reload()))
+        reloading.add_done_callback(self._reloads.discard)
+
+    async def _reload(self) -> None:
+        async with self._reloading:  # one at a time: a later read is put in force after an earlier one
+            try:
+                await self._read_file()
+            except Exception:
+                # A bug of the gateway's own; the watch goes on, or no later change (a revocation) would count.
+                log.exception("keys file %s not reloaded, the keys in force stay", self._file)
+
+    async def _read_file(self) -> None:
+        assert self._file is not None
         self._file_stamp = self._stamp()
         try:
-            keys = load_keys_file(self._file)
+            keys, callers = await asyncio.to_thread(_read_keys, self._configured, self._file)
         except ConfigError as error:
             log.warning("keys file not reloaded, the keys in force stay: %s", error)
             return
@@ -193,11 +211,7 @@ class KeyRing:
                 self._limits_refused,
             )
             return
-        try:
-            self._set(self._configured + keys)
-        except ConfigError as error:
-            log.warning("keys file not reloaded, the keys in force stay: %s", error)
-            return
+        self._by_digest, self._names = callers, frozenset(key.name for key in (*self._configured, *keys))
         if not self._by_digest:
             # Meant (`keys: []`) or not, every call that needs a key is refused from now on: an operator must hear.
             log.warning("keys file %s reloaded: no keys in force, every call that needs a key is refused", self._file)
@@ -211,23 +225,21 @@ class KeyRing:
         self._watcher = asyncio.create_task(self._watch(), name="llmrelay-keys-file")
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
+        tasks = [*self._reloads, *([self._watcher] if self._watcher is not None else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _watch(self) -> None:
+        seen = self._file_stamp
         while True:
             await asyncio.sleep(KEYS_FILE_CHECK_S)
-            if self._stamp() != self._file_stamp:
-                try:
-                    self.reload()
-                except Exception:
-                    # A bug of the gateway's own; the watch goes on, or no later change (a revocation) would count.
-                    log.exception("keys file %s not reloaded, the keys in force stay", self._file)
-
-    def _set(self, keys: Sequence[CallerKey]) -> None:
-        self._by_digest = _by_digest(keys)
-        self._names = frozenset(key.name for key in keys)
+            stamp = self._stamp()
+            # Taken once it has stayed as it is for a look: a file written in place in several writes is not taken
+            # half written (a valid YAML list of the first keys would revoke the rest until the next look).
+            if stamp != self._file_stamp and stamp == seen:
+                await self._reload()
+            seen = stamp
 
     def _stamp(self) -> tuple[float, int] | None:
         assert self._file is not None
@@ -251,10 +263,17 @@ def _by_digest(keys: Sequence[CallerKey]) -> dict[str, Caller]:
                 " caller needs a key of its own (`llmrelay-server keys new NAME`)"
             )
         callers[key.sha256] = Caller(key)
-    names = [key.name for key in keys]
-    for name in {name for name in names if names.count(name) > 1}:
-        log.warning("key %r is configured twice (in the config and the keys file); both digests are in force", name)
+    for name, times in collections.Counter(key.name for key in keys).items():
+        if times > 1:
+            log.warning("key %r is configured twice (in the config and the keys file); both digests are in force", name)
     return callers
+
+
+def _read_keys(configured: tuple[CallerKey, ...], path: Path) -> tuple[tuple[CallerKey, ...], dict[str, Caller]]:
+    """The keys file's keys, and the callers of those and the configured ones by digest (ConfigError as
+    _by_digest): all of the reading, for a thread."""
+    keys = load_keys_file(path)
+    return keys, _by_digest(configured + keys)
 
 
 # The stubs make these generic; at run time they are not, so the aliases are strings.

@@ -371,8 +371,8 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     if env.get("LLMRELAY_KEYS_FILE"):
         auth = dataclasses.replace(auth, keys_file=env["LLMRELAY_KEYS_FILE"])
     _check_keys(auth.keys, "auth.keys")
-    if auth.keys_file:
-        load_keys_file(auth.keys_file)  # a broken keys file stops the start, as a broken config does
+    # A broken keys file stops the start, as a broken config does.
+    file_keys = load_keys_file(auth.keys_file) if auth.keys_file else ()
     for pattern, price in section.pricing.items():
         _check_price(price, f"pricing.{pattern}")
     unknown_price = section.unknown_price or Price(prompt=5.0, completion=15.0)
@@ -382,10 +382,7 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     names = {b.name for b in backends}
     for alias, target in aliases.items():
         _check_alias(alias, target, aliases, names)
-    configured = (server.limits, *(key.limits for key in auth.keys))
-    keyed_limits = (
-        (*configured, *(key.limits for key in load_keys_file(auth.keys_file))) if auth.keys_file else configured
-    )
+    keyed_limits = (server.limits, *(key.limits for key in (*auth.keys, *file_keys)))
     if server.workers > 1 and state.redis_url is None and any(limits.any_set() for limits in keyed_limits):
         raise ConfigError(
             f"server.workers: {server.workers} processes would each enforce the limits alone (up to {server.workers}"
