@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from llmrelay_server.config import ConfigError
 from llmrelay_server.domain import TokenUsage, UsageUnavailableError
 from llmrelay_server.usage import UsageLedger, UsageTotals
 from support import wait_until
@@ -354,7 +355,7 @@ async def test_a_damaged_journal_is_replayed_but_its_damaged_lines(
     await wait_until(lambda: requests_on_disk(path) == 3)
     await ledger.aclose()
 
-    assert os.listdir(journal) == []  # the batch written, the dead journal's lock file gone
+    assert os.listdir(journal) == ["ledger"]  # the batch written, the dead journal's lock file gone; its stamp
     assert "999-deadbeef.1.jsonl: 5 damaged lines left out" in caplog.text
 
 
@@ -379,3 +380,16 @@ async def test_a_journal_file_that_cannot_be_read_holds_up_usage_answers_not_the
     finally:
         await ledger.aclose()
     assert "999-deadbeef.1.jsonl cannot be read (Is a directory)" in caplog.text
+
+
+async def test_a_journal_directory_is_one_ledgers(tmp_path: Path) -> None:
+    """Every process on a journal directory writes the records it finds there to its own database: two gateways on two
+    databases sharing one would bill each other's callers in their ledgers (a record of one, killed, in the other's)."""
+    shared = tmp_path / "journal"
+    first = UsageLedger(tmp_path / "a.db", journal_dir=shared)
+    again = UsageLedger(tmp_path / "a.db", journal_dir=shared)  # the same database: workers, a restart
+    with pytest.raises(ConfigError, match=r"is the journal of another ledger \(.*a\.db\), not of this one"):
+        UsageLedger(tmp_path / "b.db", journal_dir=shared)
+    for ledger in (first, again):
+        await ledger.start()
+        await ledger.aclose()

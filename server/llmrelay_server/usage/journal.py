@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from llmrelay_server.config import ConfigError
 from llmrelay_server.usage.store import COUNT_COLUMNS, BatchId, BucketKey, Buckets, add_into
 
 _log = logging.getLogger(__name__)
@@ -120,6 +121,29 @@ def _batch_of(name: str) -> BatchId | None:
     return BatchId(journal, int(number)) if journal and number.isdigit() else None
 
 
+LEDGER_STAMP: Final = "ledger"
+"""In a journal directory: which database its records go to, for a gateway on another to refuse it."""
+
+
+def _stamp(directory: Path, ledger: str) -> None:
+    """Marks the directory as the journal of `ledger`, or refuses it as another's: every process on a directory
+    writes the records it finds there (those of a process that died) to its own database, so gateways on two
+    databases sharing one would bill each other's callers in their ledgers."""
+    stamp = directory / LEDGER_STAMP
+    try:
+        other = stamp.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        making = directory / f".{LEDGER_STAMP}.{os.getpid()}"
+        making.write_text(ledger, encoding="utf-8")
+        making.replace(stamp)  # whole: a process starting beside this one reads all of it or none
+        return
+    if other != ledger:
+        raise ConfigError(
+            f"usage journal {directory} is the journal of another ledger ({other}), not of this one ({ledger}):"
+            " give each ledger a journal directory of its own (server.usage_journal_dir)"
+        )
+
+
 @dataclass(eq=False)
 class Orphan:
     """The journal of a process that died, claimed: its lock is held here until its batches are in the database."""
@@ -141,9 +165,13 @@ class Orphan:
 class Journal:
     """This process's journal in a directory that other processes may share."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, ledger: str | None = None) -> None:
+        """`ledger`: which database the journal's records go to (a SQLite file's path), when it is known; the directory
+        is refused when it is another's."""
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
+        if ledger is not None:
+            _stamp(directory, ledger)
         self.id = f"{os.getpid()}-{secrets.token_hex(4)}"
         # Locked under a name no other process looks at, then given its own: a process that finds this journal's
         # lock file (or a batch file, made after it) finds it locked.

@@ -214,15 +214,19 @@ class UsageLedger:
         86,400 rows, takes SQLite about 0.6 s), so that a first pass over a large ledger does not hold the writes and
         GetUsage up."""
         self._max_bytes = journal_max_bytes
+        ledger = None
         if isinstance(database, str | Path):
             self._store = open_store(str(database))
             directory = default_journal_dir(str(database)) if journal_dir is None else Path(journal_dir)
             if journal_dir is None and is_postgresql(str(database)):
                 _warn_of_a_legacy_journal(directory)
+            # A SQLite file is one by its path. A PostgreSQL database is not by its URL (a pooler's port, another
+            # user: the same database), and cannot be asked which it is while it is down, when its journal matters.
+            ledger = None if is_postgresql(str(database)) else os.path.realpath(database)
         else:
             self._store = database
             directory = None if journal_dir is None else Path(journal_dir)
-        self._journal = Journal(directory) if directory is not None else None
+        self._journal = Journal(directory, ledger) if directory is not None else None
         self._journal_id = self._journal.id if self._journal is not None else f"{os.getpid()}-{secrets.token_hex(4)}"
         self._unavailable: tuple[float, str] | None = None
         """Since when and why the last write (or check) failed; None: it succeeded."""
