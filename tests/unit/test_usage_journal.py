@@ -393,3 +393,33 @@ async def test_a_journal_directory_is_one_ledgers(tmp_path: Path) -> None:
     for ledger in (first, again):
         await ledger.start()
         await ledger.aclose()
+
+
+def made_again(path: Path) -> bool:
+    """Whether the file at `path` holds one request (False while it is absent or still being made)."""
+    try:
+        return path.exists() and requests_on_disk(path) == 1
+    except sqlite3.Error:  # its tables not made yet
+        return False
+
+
+async def test_a_sqlite_file_deleted_while_in_use_is_made_again_and_said_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Writes went on into the deleted file, which no one could read: GetUsage answered from it, a restart found
+    nothing. Now the next write goes to a new file at the path, and the log says what was lost."""
+    path = tmp_path / "usage.db"
+    ledger = UsageLedger(path)
+    await ledger.start()
+    try:
+        ledger.record("b", "m", "c", TokenUsage(prompt_tokens=1, completion_tokens=1))
+        await wait_until(lambda: requests_on_disk(path) == 1)
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        ledger.record("b", "m", "c", TokenUsage(prompt_tokens=1, completion_tokens=1))
+        await wait_until(lambda: made_again(path))
+        [totals] = await ledger.query()
+        assert totals.requests == 1  # what the file at the path holds
+    finally:
+        await ledger.aclose()
+    assert f"{path} was deleted while in use: the usage in it is gone with it" in caplog.text

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Collection
@@ -37,6 +39,7 @@ from llmrelay_server.usage.store import (
 MEMORY: Final = ":memory:"
 
 _T = TypeVar("_T")
+_log = logging.getLogger(__name__)
 
 # As the first versions made it; the four columns after estimated_requests came later, with zeros for old rows.
 _FIRST_TABLE: Final = """
@@ -107,10 +110,12 @@ class SQLiteStore:
 
     def __init__(self, path: Path | str, *, busy_timeout_s: float = 5.0) -> None:
         self._path = str(path)
+        self._busy_timeout_s = busy_timeout_s
         try:
             self._connection = _open(self._path, busy_timeout_s)
         except sqlite3.Error as exc:
             raise LedgerUnavailableError(f"{self.description}: {exc}") from exc
+        self._file = _file_at(self._path)
         # Held across each use of the one connection, which must not serve two threads (or transactions) at once.
         self._lock = asyncio.Lock()
 
@@ -141,9 +146,24 @@ class SQLiteStore:
     async def _run(self, work: Callable[[], _T]) -> _T:
         async with self._lock:
             try:
-                return await asyncio.to_thread(work)
+                return await asyncio.to_thread(self._on_the_file, work)
             except sqlite3.Error as exc:
                 raise LedgerUnavailableError(f"{self.description}: {exc}") from exc
+
+    def _on_the_file(self, work: Callable[[], _T]) -> _T:
+        """`work` on the file at the path: the one open, unless it was deleted or replaced meanwhile (an operator's
+        mistake, or a backup put back), whose writes would go on into a file no one can read (a restart would find
+        none of them): then a new connection to what is at the path now, said loudly."""
+        if self._file is not None and (now := _file_at(self._path)) != self._file:
+            if now is None:
+                why = "deleted while in use: the usage in it is gone with it; writing to a new file at that path"
+            else:
+                why = "replaced while in use: the usage written to the old file is not in this one; writing to it"
+            _log.error("usage ledger: %s was %s from now on", self._path, why)
+            self._connection.close()
+            self._connection = _open(self._path, self._busy_timeout_s)
+            self._file = _file_at(self._path)
+        return work()
 
     def _apply(self, batch: BatchId, buckets: Buckets) -> bool:
         connection = self._connection
@@ -194,6 +214,17 @@ class SQLiteStore:
         finally:
             connection.rollback()
         return Snapshot({(row[0], row[1], row[2]): list(row[3:]) for row in rows}, dict(last_batches))
+
+
+def _file_at(path: str) -> tuple[int, int] | None:
+    """Which file is at the path (device and inode); None for a ledger in memory, or no file."""
+    if path == MEMORY:
+        return None
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _open(path: str, busy_timeout_s: float) -> sqlite3.Connection:
