@@ -56,35 +56,37 @@ async def test_a_cancellation_from_outside_stays_a_cancellation() -> None:
     watchdog.stop()
 
 
+class Reserve:
+    """A stream's reserve of `seconds`, which keeps when it was asked."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.asked: list[float] = []
+
+    def __call__(self) -> float:
+        self.asked.append(asyncio.get_running_loop().time())
+        return self.seconds
+
+
 async def test_a_reserve_is_asked_near_the_deadline_and_ends_the_stream_that_much_before_it() -> None:
     loop = asyncio.get_running_loop()
-    asked: list[float] = []
-
-    def reserve() -> float:
-        asked.append(loop.time())
-        return 0.3
-
+    reserve = Reserve(0.3)
     started = loop.time()
     watchdog = _Watchdog(loop, 60, started + 0.6, reserve, reserve_at_most_s=0.5)
     with pytest.raises(TimeoutError), watchdog:
         await asyncio.sleep(10)
     watchdog.stop()
-    [at] = asked  # once, at the deadline less the most it may be
+    [at] = reserve.asked  # once, at the deadline less the most it may be
     assert 0.1 <= at - started < 0.25
     assert 0.3 <= loop.time() - started < 0.45  # at the deadline less the reserve, not at the deadline
 
 
 async def test_a_stream_that_ends_before_its_reserve_could_matter_never_asks_it() -> None:
     loop = asyncio.get_running_loop()
-    asked: list[float] = []
-
-    def reserve() -> float:
-        asked.append(loop.time())
-        return 0.0
-
+    reserve = Reserve(0.0)
     watchdog = _Watchdog(loop, IDLE_S, loop.time() + 60, reserve, reserve_at_most_s=5)
     for _ in range(3):
         with watchdog:
             await asyncio.sleep(IDLE_S / 4)
     watchdog.stop()
-    assert asked == []
+    assert reserve.asked == []
