@@ -10,9 +10,9 @@ them.
 
 - A worker that dies is restarted, after a back-off when it keeps dying soon after its start, and logged; one whose
   event loop has not run for server.worker_timeout_s (its heartbeat, a byte down a pipe every second, stopped) is
-  killed and restarted, as the kernel would go on giving it connections it answers none of. Every
-  worker reads the configuration file as the gateway started with it (a copy in the run directory): a restart after
-  an edit does not leave one worker on other settings than the rest.
+  killed and restarted, as the kernel would go on giving it connections it answers none of. Every worker reads the
+  configuration file as the gateway started with it (a copy in the run directory): a restart after an edit does
+  not leave one worker on other settings than the rest.
 - SIGTERM or SIGINT: sent on to every worker; each drains and finishes its calls (drain_s, then grace_period_s) and
   the supervisor exits when all have; a second one has them stop at once (STOP_NOW). SIGHUP (reload the keys file)
   is sent on too.
