@@ -355,7 +355,7 @@ async def test_a_damaged_journal_is_replayed_but_its_damaged_lines(
     await wait_until(lambda: requests_on_disk(path) == 3)
     await ledger.aclose()
 
-    assert os.listdir(journal) == ["ledger"]  # the batch written, the dead journal's lock file gone; its stamp
+    assert os.listdir(journal) == []  # the batch written, the dead journal's lock file gone
     assert "999-deadbeef.1.jsonl: 5 damaged lines left out" in caplog.text
 
 
@@ -395,32 +395,29 @@ async def test_a_journal_directory_is_one_ledgers(tmp_path: Path) -> None:
         await ledger.aclose()
 
 
-def made_again(path: Path) -> bool:
-    """Whether the file at `path` holds one request (False while it is absent or still being made)."""
-    try:
-        return path.exists() and requests_on_disk(path) == 1
-    except sqlite3.Error:  # its tables not made yet
-        return False
-
-
-async def test_a_sqlite_file_deleted_while_in_use_is_made_again_and_said_so(
+async def test_a_sqlite_file_deleted_while_in_use_is_not_written_on_unseen(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Writes went on into the deleted file, which no one could read: GetUsage answered from it, a restart found
-    nothing. Now the next write goes to a new file at the path, and the log says what was lost."""
+    """Writes went on into the deleted file, which no one could read again: a restart found none of them. Now the
+    ledger is unavailable and says why; the records wait in the journal, and the next start writes them to the file
+    then at the path (a connection made anew at once could pair a new file with the old one's -wal, corrupting it)."""
     path = tmp_path / "usage.db"
     ledger = UsageLedger(path)
     await ledger.start()
     try:
         ledger.record("b", "m", "c", TokenUsage(prompt_tokens=1, completion_tokens=1))
         await wait_until(lambda: requests_on_disk(path) == 1)
-        for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{path}{suffix}")
-        ledger.record("b", "m", "c", TokenUsage(prompt_tokens=1, completion_tokens=1))
-        await wait_until(lambda: made_again(path))
-        [totals] = await ledger.query()
-        assert totals.requests == 1  # what the file at the path holds
+        os.unlink(path)
+        ledger.record("b", "m", "c", TokenUsage(prompt_tokens=2, completion_tokens=2))
+        await wait_until(lambda: "the file was deleted or replaced while in use" in caplog.text)
+        with pytest.raises(UsageUnavailableError):
+            await ledger.query()
     finally:
         await ledger.aclose()
-    assert f"{path} was deleted while in use: the usage in it is gone with it" in caplog.text
+    restarted = UsageLedger(path)
+    await restarted.start()
+    try:
+        [totals] = await restarted.query()
+        assert (totals.requests, totals.prompt_tokens) == (1, 2)  # the record made after the deletion, kept
+    finally:
+        await restarted.aclose()

@@ -130,17 +130,20 @@ def _stamp(directory: Path, ledger: str) -> None:
     writes the records it finds there (those of a process that died) to its own database, so gateways on two
     databases sharing one would bill each other's callers in their ledgers."""
     stamp = directory / LEDGER_STAMP
+    making = directory / f".{LEDGER_STAMP}.{secrets.token_hex(8)}"
+    making.write_text(ledger, encoding="utf-8")
     try:
-        other = stamp.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        making = directory / f".{LEDGER_STAMP}.{os.getpid()}"
-        making.write_text(ledger, encoding="utf-8")
-        making.replace(stamp)  # whole: a process starting beside this one reads all of it or none
-        return
+        os.link(making, stamp)  # whole, and only if no process stamped it first
+    except FileExistsError:
+        pass
+    finally:
+        making.unlink()
+    other = stamp.read_text(encoding="utf-8")
     if other != ledger:
         raise ConfigError(
-            f"usage journal {directory} is the journal of another ledger ({other}), not of this one ({ledger}):"
-            " give each ledger a journal directory of its own (server.usage_journal_dir)"
+            f"usage journal {directory} is the journal of another ledger ({other}), not of this one ({ledger}): give"
+            f" each ledger a journal directory of its own (server.usage_journal_dir); if it is this ledger's, moved,"
+            f" delete {stamp}"
         )
 
 

@@ -220,9 +220,11 @@ class UsageLedger:
             directory = default_journal_dir(str(database)) if journal_dir is None else Path(journal_dir)
             if journal_dir is None and is_postgresql(str(database)):
                 _warn_of_a_legacy_journal(directory)
-            # A SQLite file is one by its path. A PostgreSQL database is not by its URL (a pooler's port, another
-            # user: the same database), and cannot be asked which it is while it is down, when its journal matters.
-            ledger = None if is_postgresql(str(database)) else os.path.realpath(database)
+            # A directory given for the journal may be given to two gateways on two files: said so at start. (The
+            # default one is named after its file. A PostgreSQL database is not known by its URL: a pooler's port,
+            # another user reach the same one, which cannot be asked which it is while it is down.)
+            if journal_dir is not None and not is_postgresql(str(database)) and str(database) != MEMORY:
+                ledger = os.path.realpath(database)
         else:
             self._store = database
             directory = None if journal_dir is None else Path(journal_dir)

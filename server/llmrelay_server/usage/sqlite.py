@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import sqlite3
 import time
@@ -39,7 +38,6 @@ from llmrelay_server.usage.store import (
 MEMORY: Final = ":memory:"
 
 _T = TypeVar("_T")
-_log = logging.getLogger(__name__)
 
 # As the first versions made it; the four columns after estimated_requests came later, with zeros for old rows.
 _FIRST_TABLE: Final = """
@@ -110,7 +108,6 @@ class SQLiteStore:
 
     def __init__(self, path: Path | str, *, busy_timeout_s: float = 5.0) -> None:
         self._path = str(path)
-        self._busy_timeout_s = busy_timeout_s
         try:
             self._connection = _open(self._path, busy_timeout_s)
         except sqlite3.Error as exc:
@@ -151,18 +148,16 @@ class SQLiteStore:
                 raise LedgerUnavailableError(f"{self.description}: {exc}") from exc
 
     def _on_the_file(self, work: Callable[[], _T]) -> _T:
-        """`work` on the file at the path: the one open, unless it was deleted or replaced meanwhile (an operator's
-        mistake, or a backup put back), whose writes would go on into a file no one can read (a restart would find
-        none of them): then a new connection to what is at the path now, said loudly."""
-        if self._file is not None and (now := _file_at(self._path)) != self._file:
-            if now is None:
-                why = "deleted while in use: the usage in it is gone with it; writing to a new file at that path"
-            else:
-                why = "replaced while in use: the usage written to the old file is not in this one; writing to it"
-            _log.error("usage ledger: %s was %s from now on", self._path, why)
-            self._connection.close()
-            self._connection = _open(self._path, self._busy_timeout_s)
-            self._file = _file_at(self._path)
+        """`work` on the file at the path. One deleted or replaced meanwhile (an operator's mistake, a backup put back)
+        would be written on unseen, into a file no one reads again, and a connection made anew at the path could pair
+        the new file with the old one's write-ahead log (SQLite's own -wal, which corrupts it): so neither. The
+        records wait in the journal, and the restart that the error asks for writes them to the file then there."""
+        if self._file is not None and _file_at(self._path) != self._file:
+            raise LedgerUnavailableError(
+                f"{self.description}: the file was deleted or replaced while in use; usage is kept in the journal and"
+                " written to the file at that path once the gateway restarts (stop every process on a SQLite ledger"
+                " before replacing its file)"
+            )
         return work()
 
     def _apply(self, batch: BatchId, buckets: Buckets) -> bool:
