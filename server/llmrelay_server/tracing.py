@@ -226,28 +226,23 @@ def _check_headers() -> None:
     log it, value and all, and export without it. Refused here, named by its name alone."""
     parser_log = logging.getLogger("opentelemetry.util.re")
     silenced = _Silenced()
-    for name in _HEADERS_VARIABLES:
-        value = os.environ.get(name)
-        if not value:
-            continue
-        for header in value.split(","):  # as the parser splits them, each with the blanks around it dropped
-            if not header.strip():
-                continue
-            parser_log.addFilter(silenced)
-            try:
-                read = parse_env_headers(header.strip(), liberal=True)  # as the exporters read them
-            finally:
-                parser_log.removeFilter(silenced)
-            if not read:
-                # Its name, where it has one: a piece of a value cut by a comma is no name, but part of a secret.
-                header_name, named, _ = header.partition("=")
-                shown = (
-                    repr(header_name.strip()) if named and _HEADER_NAME.fullmatch(header_name.strip()) else "a header"
-                )
-                raise ConfigError(
-                    f'{name}: {shown} is not NAME=VALUE with the value URL-encoded (a `;`, `,`, `\\` or `"` in it'
-                    " as %3B, %2C, %5C, %22); its value is not shown"
-                )
+    parser_log.addFilter(silenced)
+    try:
+        for name in _HEADERS_VARIABLES:
+            for header in os.environ.get(name, "").split(","):  # as the parser splits them, blanks around dropped
+                if header.strip() and not parse_env_headers(header.strip(), liberal=True):  # as the exporters read
+                    raise ConfigError(
+                        f"{name}: {_header_named(header)} is not NAME=VALUE with the value URL-encoded (a `;`, `,`,"
+                        ' `\\` or `"` in it as %3B, %2C, %5C, %22); its value is not shown'
+                    )
+    finally:
+        parser_log.removeFilter(silenced)
+
+
+def _header_named(header: str) -> str:
+    """A header by its name, where it has one: a piece of a value cut by a comma is no name, but part of a secret."""
+    name, named, _ = header.partition("=")
+    return repr(name.strip()) if named and _HEADER_NAME.fullmatch(name.strip()) else "a header"
 
 
 provider_factory: Callable[[], TracerProvider] = exporting_provider
