@@ -630,6 +630,11 @@ _ENCODING_LOAD_S: Final = 2.0
 _COUNT_MARGIN_S: Final = 0.05
 
 
+def _count_s(chars: int, *, loaded: bool) -> float:
+    """About the most counting `chars` characters may take, its encoding `loaded` or yet to load."""
+    return _COUNT_MARGIN_S + (0.0 if loaded else _ENCODING_LOAD_S) + chars / _COUNTED_CHARS_PER_S
+
+
 class TokenCounter:
     """Counts tokens offline. Encodings load on first use or at warm_up(), once per process; then counting is pure.
 
@@ -743,14 +748,12 @@ class TokenCounter:
 
     def count_chat_s(self, model: str, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> float:
         """About the most count_chat may take, in seconds: what a caller's deadline must leave it."""
-        chars = sum(_chat_sizes(messages, tools))
-        load_s = 0.0 if self._loaded(model) else _ENCODING_LOAD_S
-        return _COUNT_MARGIN_S + load_s + chars / _COUNTED_CHARS_PER_S
+        return _count_s(sum(_chat_sizes(messages, tools)), loaded=self._loaded(model))
 
     @staticmethod
     def count_s_at_most(chars: int) -> float:
         """The most a count of `chars` characters may take: count_chat_s's for such a chat, its encoding yet to load."""
-        return _COUNT_MARGIN_S + _ENCODING_LOAD_S + chars / _COUNTED_CHARS_PER_S
+        return _count_s(chars, loaded=False)
 
     def count_chat_wait_s(self, model: str, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> float:
         """About the most count_chat_async may keep its caller waiting: nothing to speak of for a chat it counts inline
