@@ -49,6 +49,8 @@ async def test_the_caller_key_comes_from_the_environment(keyed: Gateway) -> None
     target = f"127.0.0.1:{keyed.port}"
     status, _, err = await llmrelay("--target", target, "complete", "hi")
     assert status == 1 and "UNAUTHENTICATED" in err and f"reads the key from {KEY_ENV}" in err
+    # The id of the call's line in the gateway's log, for whoever runs it.
+    assert re.search(r"^  request id [0-9a-f]{32} \(in the gateway's log\)$", err, re.MULTILINE), err
 
     with_key = {**os.environ, KEY_ENV: KEY}
     status, out, err = await llmrelay("--target", target, "complete", "hi", env=with_key)
@@ -161,6 +163,16 @@ def test_a_mistake_in_the_options_is_one_line(args: list[str], message: str) -> 
     with pytest.raises(SystemExit) as caught:
         main(["--target", "127.0.0.1:9", *args])
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+def test_an_empty_target_is_a_mistake_in_the_options(capsys: pytest.CaptureFixture[str]) -> None:
+    # gRPC printed its own error lines about a DNS URI, then UNKNOWN.
+    with pytest.raises(SystemExit) as caught:
+        main(["--target", "", "health"])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "llmrelay: error: argument --target: an empty target: give HOST:PORT, or leave --target out for the default"
+    )
 
 
 @pytest.mark.parametrize("interval", ["-1", "0", "nan", "inf", "soon"])

@@ -443,6 +443,106 @@ async def test_leaving_the_with_block_of_a_stream_cancels_it_at_once(
     assert rest == [], "a closed stream has no more messages"
 
 
+def _close_a_blocking_stream_being_read(address: str) -> tuple[list[str], list[BaseException], bool]:
+    """A stream read in one thread and closed from another once a word came: the words read, what the reader raised,
+    whether it ended."""
+    with Client(address) as client:
+        stream = client.stream(TEN_WORDS)
+        words: list[str] = []
+        raised: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                words.extend(chunk.delta.content for chunk in stream)
+            except BaseException as exc:
+                raised.append(exc)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        seconds_until(lambda: bool(words) or not reader.is_alive(), 5)
+        stream.close()  # raised ValueError, "generator already executing", and the answer ran to its end
+        reader.join(5)
+        return words, raised, not reader.is_alive()
+
+
+async def _close_an_async_stream_being_read(address: str) -> tuple[list[str], list[BaseException], bool]:
+    async with AsyncClient(address) as client:
+        stream = client.stream(TEN_WORDS)
+        words: list[str] = []
+        raised: list[BaseException] = []
+
+        first = asyncio.Event()
+
+        async def read() -> None:
+            try:
+                async for chunk in stream:
+                    words.append(chunk.delta.content)
+                    first.set()
+            except BaseException as exc:
+                raised.append(exc)
+
+        reader = asyncio.create_task(read())
+        await asyncio.wait_for(first.wait(), 5)
+        await stream.aclose()  # raised RuntimeError, "aclose(): asynchronous generator is already running"
+        done, _ = await asyncio.wait([reader], timeout=5)
+        return words, raised, bool(done)
+
+
+@pytest.mark.parametrize("blocking", [True, False], ids=["blocking", "asyncio"])
+async def test_a_stream_closed_while_another_reads_it_is_cancelled_and_its_reader_ends(
+    gateway: Gateway, primary: FakeUpstream, caplog: pytest.LogCaptureFixture, blocking: bool
+) -> None:
+    caplog.set_level(logging.INFO, logger=CALLS)
+    primary.inject({"trickle_s": 1.0})  # a word a second: the answer would take ten
+    started = time.monotonic()
+    if blocking:
+        words, raised, ended = await asyncio.to_thread(_close_a_blocking_stream_being_read, target(gateway))
+    else:
+        words, raised, ended = await _close_an_async_stream_being_read(target(gateway))
+    assert ended and raised == [], "the reader's loop ended, as at the end of the answer"
+    assert 1 <= len(words) < 5 and time.monotonic() - started < 5, words
+    await asyncio.to_thread(seconds_until, lambda: bool(stream_codes(caplog)), 5)
+    assert stream_codes(caplog) == ["CANCELLED"], "the gateway stopped asking the upstream"
+
+
+async def test_an_async_on_delta_is_awaited(gateway: Gateway) -> None:
+    # It was called and never awaited: it ran not once, and said so only in a RuntimeWarning.
+    heard: list[str] = []
+
+    async def on_delta(chunk: pb.StreamCompleteResponse) -> None:
+        await asyncio.sleep(0)
+        heard.append(chunk.delta.content)
+
+    async with AsyncClient(target(gateway)) as client:
+        answer = await client.collect(TEN_WORDS, on_delta=on_delta)
+    assert "".join(heard) == answer.message.content == "echo: one two three four five six seven eight nine ten"
+
+
+async def test_an_async_client_made_outside_an_event_loop_serves_the_loop_of_its_first_call(gateway: Gateway) -> None:
+    # Its channel was made at construction, in no running loop, and every call failed with RuntimeError ("attached
+    # to a different loop").
+    client = await asyncio.to_thread(AsyncClient, target(gateway))
+    try:
+        answer = await client.complete(TEN_WORDS)
+        assert answer.message.content.startswith("echo: one")
+        with pytest.raises(RuntimeError, match=r"serves the event loop of its first call.*make an AsyncClient in each"):
+            await asyncio.to_thread(asyncio.run, client.health())
+    finally:
+        await client.close()
+
+
+async def test_a_failed_call_carries_its_request_id(gateway: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=CALLS)
+    async with AsyncClient(target(gateway)) as client:
+        with pytest.raises(LLMRelayError) as given:
+            await client.complete(TEN_WORDS, model="no-such-model", metadata=[("x-request-id", "agent-7-step-2")])
+        with pytest.raises(LLMRelayError) as made:
+            await client.complete(TEN_WORDS, model="no-such-model")
+    assert given.value.request_id == "agent-7-step-2"
+    logged = [getattr(record, "call", {}).get("request_id") for record in caplog.records if record.name == CALLS]
+    assert made.value.request_id is not None and logged == ["agent-7-step-2", made.value.request_id]
+
+
 @pytest.mark.parametrize("kind", ["stream", "complete"])
 async def test_closing_an_async_client_fails_its_calls_in_flight_cancelled(
     gateway: Gateway, primary: FakeUpstream, kind: str

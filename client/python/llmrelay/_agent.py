@@ -129,9 +129,9 @@ class RegisteredTool:
 
 class Tools:
     """The functions a model may call, by name. Each function's JSON Schema comes from its type hints (str, int,
-    float, bool, list[...], dict, Literal, Optional, a TypedDict or a dataclass; Annotated[T, "text"] describes a
-    parameter) and its docstring describes it; or give `parameters` (a JSON Schema) yourself. Functions may be plain
-    or async.
+    float, bool, list[...], tuple[...], dict, Literal, Optional, a TypedDict or a dataclass; Annotated[T, "text"]
+    describes a parameter) and its docstring describes it; or give `parameters` (a JSON Schema) yourself. Functions
+    may be plain or async.
 
     >>> tools = Tools()
     >>> @tools.register
@@ -391,6 +391,10 @@ def json_schema_of(hint: Any) -> dict[str, Any]:
         if len(kinds) == 1 and None not in kinds:
             return {"type": kinds.pop(), "enum": list(args)}
         return {"enum": list(args)}
+    if origin is tuple and args and not _homogeneous(args):
+        # tuple[str, int]: each place its own type, and just so many (a tool is given a tuple).
+        items = [json_schema_of(arg) for arg in args]
+        return {"type": "array", "prefixItems": items, "minItems": len(items), "maxItems": len(items)}
     if hint in (list, tuple) or origin in (list, tuple, Sequence):
         return {"type": "array", "items": json_schema_of(args[0])} if args else {"type": "array"}
     if hint is dict or origin in (dict, Mapping):
@@ -414,8 +418,8 @@ def json_schema_of(hint: Any) -> dict[str, Any]:
         ]
         return _object_schema(hint, {f.name: fields[f.name] for f in dataclasses.fields(hint)}, required)
     raise TypeError(
-        f"no JSON Schema for {hint!r}: use str, int, float, bool, list[...], dict, Literal, Optional, a TypedDict or "
-        "a dataclass, or give the tool's parameters= yourself"
+        f"no JSON Schema for {hint!r}: use str, int, float, bool, list[...], tuple[...], dict, Literal, Optional, a "
+        "TypedDict or a dataclass, or give the tool's parameters= yourself"
     )
 
 
@@ -431,6 +435,11 @@ def _object_schema(cls: type, fields: Mapping[str, Any], required: list[str]) ->
     return schema
 
 
+def _homogeneous(args: tuple[Any, ...]) -> bool:
+    """Whether a tuple's type arguments are of the form tuple[T, ...]: any number of one type."""
+    return len(args) == 2 and args[1] is Ellipsis
+
+
 def _from_json(hint: Any, value: Any) -> Any:
     """A JSON value as the type hint asks: dataclasses built from objects (nested too), ints as floats for float."""
     origin, args = get_origin(hint), get_args(hint)
@@ -443,6 +452,12 @@ def _from_json(hint: Any, value: Any) -> Any:
         return hint(**{key: _from_json(fields[key], item) if key in fields else item for key, item in value.items()})
     if origin in (list, Sequence) and args and isinstance(value, list):
         return [_from_json(args[0], item) for item in value]
+    if (hint is tuple or origin is tuple) and isinstance(value, list):
+        if not args:
+            return tuple(value)
+        if _homogeneous(args):
+            return tuple(_from_json(args[0], item) for item in value)
+        return tuple(_from_json(arg, item) for arg, item in zip(args, value, strict=False)) + tuple(value[len(args) :])
     if origin in (Union, types.UnionType) and value is not None:
         # The first member the value converts to something else than itself (a dataclass from an object), else as is.
         for arg in args:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import inspect
 import math
 import re
 from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
@@ -21,10 +22,13 @@ from llmrelay._channel import DEFAULT_SERVICE_CONFIG, ChannelOptions, ChannelSet
 from llmrelay._errors import LLMRelayError, error_from_rpc
 from llmrelay._messages import MessageLike, as_messages
 from llmrelay._options import CompletionOptions, RunToolsOptions, built, completion_options, json_text, named
-from llmrelay._stream import AsyncStream, Stream
+from llmrelay._stream import AsyncStream, CallHandle, Stream
 
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S: Final = 120.0
+MAX_TIMEOUT_S: Final = 1e9
+"""The longest timeout (some 30 years): gRPC holds a deadline as nanoseconds since 1970 in 64 bits, which a timeout
+of 1e10 s overflows into the past, failing the call at once."""
 CALLER_HEADER: Final = "x-llmrelay-caller"
 _METADATA_KEY: Final = re.compile(r"[0-9a-z_.-]+")
 
@@ -37,11 +41,13 @@ USE_CLIENT_DEFAULT: Final = _ClientDefault.USE_CLIENT_DEFAULT
 """A call's `timeout` when not given: the client's. None is no deadline; a number, seconds."""
 Timeout: TypeAlias = "float | Literal[_ClientDefault.USE_CLIENT_DEFAULT] | None"
 
-Metadata: TypeAlias = Sequence[tuple[str, str]]
+Metadata: TypeAlias = Sequence[tuple[str, str | bytes]]
+"""Keys and values; a key ending "-bin" takes bytes, any other printable ASCII text."""
 OnInterrupt: TypeAlias = Literal["abort", "restart"]
 """What the gateway does when a stream breaks after it started: end it (ABORTED), or start the answer over on the
 next backend after a message whose `restart` is set."""
 DeltaCallback: TypeAlias = Callable[["pb.StreamCompleteResponse"], object]
+"""Called with each message of a stream; AsyncClient's may also be an async function, awaited."""
 SyncInterceptor: TypeAlias = (
     "grpc.UnaryUnaryClientInterceptor | grpc.UnaryStreamClientInterceptor | grpc.StreamUnaryClientInterceptor"
     " | grpc.StreamStreamClientInterceptor"
@@ -159,12 +165,22 @@ def _usage_request(request: pb.GetUsageRequest | Mapping[str, Any] | None) -> pb
 
 
 def _seconds(name: str, value: float | None, unset: str) -> float | None:
-    """`value`, a number of seconds > 0 or None (`unset` says what None means), else ValueError naming `name`: grpc
-    would fail inside itself ("unsupported operand type(s) for +: 'float' and 'str'")."""
+    """`value`, a number of seconds > 0 and at most MAX_TIMEOUT_S, or None (`unset` says what None means), else
+    ValueError naming `name`: grpc would fail inside itself ("unsupported operand type(s) for +: 'float' and 'str'"),
+    or, past MAX_TIMEOUT_S, fail the call at once with DEADLINE_EXCEEDED as if the gateway had been too slow."""
     seconds = isinstance(value, int | float) and not isinstance(value, bool)
-    if value is not None and not (seconds and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a number of seconds > 0, or None ({unset}), not {value!r}")
+    if value is not None and not (seconds and math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S):
+        raise ValueError(
+            f"{name} must be a number of seconds > 0 and at most {MAX_TIMEOUT_S:g}, or None ({unset}), not {value!r}"
+        )
     return value
+
+
+def _refuse_async(on_delta: DeltaCallback | None) -> None:
+    """TypeError for an async on_delta given to the blocking client: called and never awaited, it would not run once,
+    and say so only in a RuntimeWarning."""
+    if inspect.iscoroutinefunction(on_delta):
+        raise TypeError("on_delta is an async function, which Client cannot await: use AsyncClient, or a plain one")
 
 
 def _conversation(messages: Iterable[MessageLike] | Conversation) -> Conversation:
@@ -172,7 +188,7 @@ def _conversation(messages: Iterable[MessageLike] | Conversation) -> Conversatio
     return messages if isinstance(messages, Conversation) else Conversation(messages)
 
 
-def _checked_metadata(metadata: Metadata) -> tuple[tuple[str, str], ...]:
+def _checked_metadata(metadata: Metadata) -> tuple[tuple[str, str | bytes], ...]:
     """The metadata with its keys in lower case, as gRPC sends them (and takes no other: "Authorization" failed the
     call with INTERNAL, "Invalid metadata", or grpc.aio's own error); ValueError for a key or a value gRPC refuses,
     saying which key (never the value, which may be a key to the gateway)."""
@@ -182,13 +198,16 @@ def _checked_metadata(metadata: Metadata) -> tuple[tuple[str, str], ...]:
         if not _METADATA_KEY.fullmatch(name):
             raise ValueError(f"metadata key {key!r}: gRPC takes only letters, digits, '-', '_' and '.' in a key")
         # A key ending -bin carries bytes; any other, printable ASCII.
-        if not name.endswith("-bin") and not (isinstance(value, str) and value.isascii() and value.isprintable()):
+        if name.endswith("-bin"):
+            if not isinstance(value, bytes):
+                raise ValueError(f"metadata {name!r}: a key ending -bin takes bytes as its value (value not shown)")
+        elif not (isinstance(value, str) and value.isascii() and value.isprintable()):
             raise ValueError(f"metadata {name!r}: gRPC takes only printable ASCII text as a value (value not shown)")
         checked.append((name, value))
     return tuple(checked)
 
 
-def _merged_metadata(client: Metadata, call: Metadata) -> tuple[tuple[str, str], ...]:
+def _merged_metadata(client: Metadata, call: Metadata) -> tuple[tuple[str, str | bytes], ...]:
     """The client's metadata with the call's: a key the call sets replaces all the client's values for it, as in the
     Go and TypeScript SDKs (the gateway reads the first `authorization` it gets, so both sent would mean the
     client's). Both are _checked_metadata's, their keys in lower case."""
@@ -269,7 +288,7 @@ class _Base:
             and error.code == grpc.StatusCode.UNAVAILABLE
             and error.details.error_info is None
         ):
-            return type(error)(error.code, f"{error.message} ({self._security_hint})", error.details)
+            return type(error)(error.code, f"{error.message} ({self._security_hint})", error.details, error.request_id)
         return error
 
 
@@ -361,16 +380,21 @@ class Client(_Base):
         by `with client.stream(...) as stream:` or stream.close() (see Stream)."""
         request = _stream_request(messages, model, exact_model, on_interrupt, options)
         call_options = self._call_options(timeout, metadata)
+        handle = CallHandle()
 
         def chunks() -> Generator[pb.StreamCompleteResponse, None, None]:
             with self._sdk_errors():
                 call = self._stub.StreamComplete(request, **call_options)
+                handle.started(call)
                 try:
                     yield from call
+                except grpc.RpcError:
+                    if not handle.closed:  # else cancelled by close() from another thread: the end of the stream
+                        raise
                 finally:
                     call.cancel()  # a consumer that stops early must not leave the upstream generating
 
-        return Stream(chunks())
+        return Stream(chunks(), handle)
 
     def collect(
         self,
@@ -386,6 +410,7 @@ class Client(_Base):
         """Streams the answer and returns it whole, as Complete would: a broken stream is restarted on the next
         backend, and only the final attempt's answer is returned. on_delta sees each message as it comes (print
         as it arrives; a message with `restart` set says to start over)."""
+        _refuse_async(on_delta)
         assembler = StreamAssembler()
         with self.stream(
             messages, model=model, exact_model=exact_model, on_interrupt="restart", timeout=timeout,
@@ -422,6 +447,7 @@ class Client(_Base):
         When the model still asks for tools after max_steps calls, their results are appended and StepLimitError
         is raised, its `answer` holding everything so far."""
         _seconds("tool_timeout", tool_timeout, "no bound")
+        _refuse_async(on_delta)
         conversation = _conversation(messages)
         steps = _Steps(conversation.messages, max_steps)
         definitions = tools.definitions()
@@ -531,7 +557,9 @@ class AsyncClient(_Base):
     ...     async for chunk in client.stream([{"role": "user", "content": "Hi"}]):
     ...         print(chunk.delta.content, end="")
 
-    The arguments are Client's; interceptors are grpc.aio.ClientInterceptor.
+    The arguments are Client's; interceptors are grpc.aio.ClientInterceptor. Its channel is made at its first call,
+    in the event loop of that call, which is the only loop it then serves (grpc.aio's channels belong to one): make
+    the client anywhere, at the top of a module too, and one in each event loop that calls (each asyncio.run).
     """
 
     def __init__(
@@ -557,14 +585,37 @@ class AsyncClient(_Base):
         super().__init__(target, settings, channel is not None, timeout, metadata, caller)
         if channel is not None and interceptors:
             raise ValueError("grpc.aio takes interceptors when a channel is made: give them to the channel= you made")
-        if channel is None:
-            channel = (
-                grpc.aio.secure_channel(target, self._credentials, self.channel_options, interceptors=interceptors)
-                if self._credentials is not None
-                else grpc.aio.insecure_channel(target, self.channel_options, interceptors=interceptors)
-            )
+        self._interceptors = interceptors
         self._channel = channel
-        self._stub = pb.LLMServiceStub(self._channel)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The event loop of the first call, which made the channel (or first used the one given)."""
+        self._loop_stub: pb.LLMServiceAsyncStub | None = None
+
+    @property
+    def _stub(self) -> pb.LLMServiceAsyncStub:
+        """The stub over the channel, made in the running loop at the first call. A grpc.aio channel made outside it
+        (at construction, with no loop running) belongs to another loop, and every call failed with RuntimeError,
+        "... attached to a different loop"."""
+        loop = asyncio.get_running_loop()
+        if self._loop_stub is not None and loop is self._loop:
+            return self._loop_stub
+        if self._closed:
+            raise LLMRelayError(grpc.StatusCode.CANCELLED, "the client is closed: make a new one to call")
+        if self._loop is not None:
+            raise RuntimeError(
+                "this AsyncClient serves the event loop of its first call, and this call is in another one: make an "
+                "AsyncClient in each event loop that calls (each asyncio.run)"
+            )
+        if self._channel is None:
+            self._channel = (
+                grpc.aio.secure_channel(
+                    self.target, self._credentials, self.channel_options, interceptors=self._interceptors
+                )
+                if self._credentials is not None
+                else grpc.aio.insecure_channel(self.target, self.channel_options, interceptors=self._interceptors)
+            )
+        self._loop, self._loop_stub = loop, pb.LLMServiceStub(self._channel)
+        return self._loop_stub
 
     async def complete(
         self,
@@ -596,17 +647,25 @@ class AsyncClient(_Base):
         kept in a variable."""
         request = _stream_request(messages, model, exact_model, on_interrupt, options)
         call_options = self._call_options(timeout, metadata)
+        handle = CallHandle()
 
         async def chunks() -> AsyncGenerator[pb.StreamCompleteResponse, None]:
             with self._sdk_errors():
                 call = self._stub.StreamComplete(request, **call_options)
+                handle.started(call)
                 try:
                     async for chunk in call:
                         yield chunk
+                except asyncio.CancelledError:
+                    # grpc.aio ends a read of a cancelled call so: by close() from another task, the end of the
+                    # stream, unless this task is being cancelled itself.
+                    task = asyncio.current_task()
+                    if not handle.closed or (task is not None and task.cancelling()):
+                        raise
                 finally:
                     call.cancel()
 
-        return AsyncStream(chunks())
+        return AsyncStream(chunks(), handle)
 
     async def collect(
         self,
@@ -619,7 +678,7 @@ class AsyncClient(_Base):
         metadata: Metadata | None = None,
         **options: Unpack[CompletionOptions],
     ) -> pb.CompleteResponse:
-        """As Client.collect."""
+        """As Client.collect; on_delta may be an async function, awaited for each message."""
         assembler = StreamAssembler()
         async with self.stream(
             messages, model=model, exact_model=exact_model, on_interrupt="restart", timeout=timeout,
@@ -627,8 +686,8 @@ class AsyncClient(_Base):
         ) as chunks:  # fmt: skip
             async for chunk in chunks:
                 assembler.add(chunk)
-                if on_delta is not None:
-                    on_delta(chunk)
+                if on_delta is not None and inspect.isawaitable(heard := on_delta(chunk)):
+                    await heard
         return assembler.result()
 
     async def run_tools(
@@ -737,7 +796,8 @@ class AsyncClient(_Base):
     async def close(self) -> None:
         """Closes the channel; calls in flight, and any made after, fail with LLMRelayError (CANCELLED)."""
         self._closed = True
-        await self._channel.close()
+        if self._channel is not None:
+            await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self

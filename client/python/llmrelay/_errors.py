@@ -30,6 +30,8 @@ from llmrelay import v1 as pb
 
 STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
 """The trailing metadata key that carries a google.rpc.Status, details included (grpcio-status's)."""
+REQUEST_ID_KEY: Final = "x-request-id"
+"""The trailing metadata key that carries the call's request id, as the gateway's log line has it."""
 _Detail = TypeVar("_Detail", bound=Message)
 
 
@@ -130,27 +132,37 @@ _DETAIL_TYPES: Final = (ErrorInfo, RetryInfo, BadRequest, QuotaFailure, pb.Attem
 
 def error_details(error: grpc.RpcError) -> ErrorDetails | None:
     """The decoded details of a failed call (blocking or asyncio), or None when its status carries none."""
+    raw = _trailer(error, STATUS_DETAILS_KEY)
+    return ErrorDetails.decode(raw) if isinstance(raw, bytes) else None
+
+
+def _trailer(error: grpc.RpcError, key: str) -> str | bytes | None:
     # grpc.RpcError declares no accessors: the blocking errors are also grpc.Call, and grpc.aio.AioRpcError has the
     # same trailing_metadata().
     trailers = cast(grpc.Call, error).trailing_metadata() or ()
-    raw = next((value for key, value in trailers if key == STATUS_DETAILS_KEY), None)
-    return ErrorDetails.decode(raw) if isinstance(raw, bytes) else None
+    return next((value for name, value in trailers if name == key), None)
 
 
 class LLMRelayError(Exception):
     """A failed call: its gRPC `code` and `message`, and its google.rpc `details` with typed shortcuts (`reason`,
-    `metadata`, `retry_delay_s`, `field_violations`, `quota_violations`, `attempts`)."""
+    `metadata`, `retry_delay_s`, `field_violations`, `quota_violations`, `attempts`); `request_id`, the call's id in
+    the gateway's log (None when no gateway answered, or the SDK itself refused the call)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, details: ErrorDetails | None = None) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, message: str, details: ErrorDetails | None = None, request_id: str | None = None
+    ) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
         self.details = details or ErrorDetails()
+        self.request_id = request_id
 
-    def __reduce__(self) -> tuple[type[LLMRelayError], tuple[grpc.StatusCode, str, ErrorDetails]]:
+    def __reduce__(
+        self,
+    ) -> tuple[type[LLMRelayError], tuple[grpc.StatusCode, str, ErrorDetails, str | None]]:
         # Exception's own would call the class with the formatted text alone, which it does not take: an error could
         # not come back from a process pool or any other pickling.
-        return type(self), (self.code, self.message, self.details)
+        return type(self), (self.code, self.message, self.details, self.request_id)
 
     @property
     def reason(self) -> str | None:
@@ -221,4 +233,7 @@ def error_from_rpc(error: grpc.RpcError) -> LLMRelayError:
     """The SDK's error for a failed call, of the class for its code, with its details decoded."""
     call = cast(grpc.Call, error)
     code = call.code()
-    return _BY_CODE.get(code, LLMRelayError)(code, call.details() or "", error_details(error))
+    request_id = _trailer(error, REQUEST_ID_KEY)
+    return _BY_CODE.get(code, LLMRelayError)(
+        code, call.details() or "", error_details(error), request_id if isinstance(request_id, str) else None
+    )

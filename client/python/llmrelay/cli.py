@@ -25,7 +25,7 @@ from typing import Final, TextIO
 
 from llmrelay import v1 as pb
 from llmrelay._channel import DEFAULT_SERVICE_CONFIG
-from llmrelay._client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, Client
+from llmrelay._client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, Client
 from llmrelay._errors import LLMRelayError
 from llmrelay._messages import message
 from llmrelay._options import CompletionOptions
@@ -82,6 +82,8 @@ def _run(args: argparse.Namespace) -> None:
             details += f"\n  retry after {exc.retry_delay_s:g} s"
         if exc.reason == "UNAUTHENTICATED":
             details += f"\n  llmrelay reads the key from {args.key_env or KEY_ENV}"
+        if exc.request_id is not None:
+            details += f"\n  request id {exc.request_id} (in the gateway's log)"
         sys.exit(_shown(f"llmrelay: {exc}{details}", sys.stderr))
     except KeyboardInterrupt:
         sys.exit(130)
@@ -192,9 +194,11 @@ def _text(text: str) -> str:
     return read
 
 
-MAX_TIMEOUT_S = 1e9
-"""The longest --timeout (some 30 years): gRPC holds a deadline as nanoseconds since 1970 in 64 bits, which a timeout
-of 1e10 s overflows into the past, failing the call at once."""
+def _target(text: str) -> str:
+    """The gateway's target (argparse's type for --target): an empty one would have gRPC print its own error lines."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty target: give HOST:PORT, or leave --target out for the default")
+    return text
 
 
 def _timeout(text: str) -> float:
@@ -239,6 +243,7 @@ def _parser() -> argparse.ArgumentParser:
     # fail to make a channel to '' and print its own error lines.
     parser.add_argument(
         "--target",
+        type=_target,
         default=os.environ.get("LLMRELAY_TARGET") or DEFAULT_TARGET,
         help=f"HOST:PORT (env LLMRELAY_TARGET; default {DEFAULT_TARGET})",
     )

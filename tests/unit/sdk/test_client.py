@@ -66,7 +66,8 @@ class FakeGateway:
         status = status_pb2.Status(code=code.value[0], message=text)
         for detail in details:
             status.details.add().Pack(detail)
-        rpc.terminate(None, (("grpc-status-details-bin", status.SerializeToString()),), code, text)
+        trailers = (("grpc-status-details-bin", status.SerializeToString()), ("x-request-id", "req-7"))
+        rpc.terminate(None, trailers, code, text)
 
     def stream(self, chunks: Sequence[pb.StreamCompleteResponse]) -> pb.StreamCompleteRequest:
         """Takes the next StreamComplete, sends the chunks and ends it; returns its request."""
@@ -228,6 +229,10 @@ def test_usage_may_be_asked_for_with_a_dict(client: Client, gateway: FakeGateway
 _HI = [{"role": "user", "content": "hi"}]
 
 
+async def _heard_async(chunk: pb.StreamCompleteResponse) -> None:
+    """An on_delta only an AsyncClient can await."""
+
+
 @pytest.mark.parametrize(
     ("call", "error", "says"),
     [
@@ -241,14 +246,20 @@ _HI = [{"role": "user", "content": "hi"}]
         (lambda c: c.complete(_HI, response_format={"type": "xml"}), ValueError, "unknown response_format type"),
         (lambda c: c.stream(_HI, on_interrupt="retry"), ValueError, "unknown on_interrupt 'retry'; use one of abort"),
         (lambda c: c.complete(_HI, timeout="5"), ValueError, "timeout must be a number of seconds > 0"),
+        # Past 1e9 s, gRPC's deadline overflows into the past: every call failed DEADLINE_EXCEEDED at once.
+        (lambda c: c.complete(_HI, timeout=1e10), ValueError, "timeout must be a number of seconds > 0 and at most"),
+        (lambda c: c.complete(_HI, metadata=[("trace-bin", "text")]), ValueError, "metadata 'trace-bin': a key end"),
+        (lambda c: c.collect(_HI, on_delta=_heard_async), TypeError, "on_delta is an async function, which Client"),
+        (lambda c: c.run_tools(_HI, Tools(), on_delta=_heard_async), TypeError, "on_delta is an async function"),
         (lambda c: c.embed("x", dimensions=2**31), ValueError, "dimensions=2147483648: Value out of range"),
         (lambda c: c.get_usage(["tiny"]), TypeError, "request: a pb.GetUsageRequest or a dict of its fields"),
         (lambda c: image(b"x", detail=cast(Any, "medium")), ValueError, "unknown image detail 'medium'; use one of"),
     ],
     ids=[
         "max-tokens-past-int32", "temperature-text", "model-number", "content-number", "unknown-role", "text-as-chat",
-        "text-as-message", "unknown-format", "unknown-interrupt-policy", "timeout-text", "dimensions-past-int32",
-        "usage-list", "unknown-detail",
+        "text-as-message", "unknown-format", "unknown-interrupt-policy", "timeout-text", "timeout-past-grpc",
+        "bin-metadata-text", "async-on-delta", "async-on-delta-in-the-loop", "dimensions-past-int32", "usage-list",
+        "unknown-detail",
     ],
 )  # fmt: skip
 def test_an_argument_the_contract_cannot_hold_is_refused_by_name_before_any_call(
@@ -313,9 +324,12 @@ def test_errors_carry_their_decoded_details(
     assert error.details.attempt_history == history
     # Pickled, as a process pool sends it back, it is the same error: it could not be read back, the class called
     # with the formatted text alone.
+    assert error.request_id == "req-7", "the call's id in the gateway's log, from the trailing metadata"
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is UnavailableError and str(copy) == str(error)
-    assert (copy.code, copy.message, copy.details) == (error.code, error.message, error.details)
+    assert (copy.code, copy.message, copy.details, copy.request_id) == (
+        error.code, error.message, error.details, error.request_id
+    )  # fmt: skip
 
 
 def test_the_agents_errors_survive_pickling() -> None:

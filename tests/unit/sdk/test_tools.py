@@ -51,6 +51,11 @@ class Place:
         (float, {"type": "number"}),
         (bool, {"type": "boolean"}),
         (list[int], {"type": "array", "items": {"type": "integer"}}),
+        (tuple[int, ...], {"type": "array", "items": {"type": "integer"}}),
+        (
+            tuple[str, int],
+            {"type": "array", "prefixItems": [{"type": "string"}, {"type": "integer"}], "minItems": 2, "maxItems": 2},
+        ),
         (dict[str, Any], {"type": "object"}),
         (Literal["c", "f"], {"type": "string", "enum": ["c", "f"]}),
         (Literal[1, "x"], {"enum": [1, "x"]}),
@@ -174,6 +179,15 @@ def test_arguments_are_converted_back_and_results_sent_as_json() -> None:
         "unit": "c",
         "days": 2.0,
     }
+
+
+def test_a_tuple_parameter_is_given_a_tuple_of_its_types() -> None:
+    # tuple[str, int] was declared an array of strings, and the tool was given a list.
+    def route(leg: tuple[str, float], stops: tuple[int, ...]) -> str:
+        return repr((leg, stops))
+
+    result = Tools(route).run(call("route", '{"leg": ["Oslo", 3], "stops": [1, 2]}'))
+    assert result.content == "(('Oslo', 3.0), (1, 2))"
 
 
 def test_explicit_schemas_names_and_descriptions() -> None:
