@@ -338,6 +338,12 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     _check_positive(section.router, "router")
     _check_positive(section.router.retry, "router.retry", allow_zero=("max_retries",))
     _check_positive(section.router.circuit, "router.circuit")
+    # A circuit's cooldown and the retries' waits go back to callers as RetryInfo (a Duration, up to some 292 years
+    # of nanoseconds): past that every call while the circuit is open failed INTERNAL. A day is past any sense.
+    for timers, where in ((section.router.circuit, "router.circuit"), (section.router.retry, "router.retry")):
+        for f in dataclasses.fields(timers):
+            if f.name.endswith("_s") and getattr(timers, f.name) > MAX_ROUTER_WAIT_S:
+                raise ConfigError(f"{where}.{f.name}: at most {MAX_ROUTER_WAIT_S:g} s (a day)")
     _check_positive(server.limits, "server.limits")
     if server.max_concurrent_rpcs is not None and server.max_concurrent_rpcs <= 0:
         raise ConfigError("server.max_concurrent_rpcs: must be > 0, or left out for no bound")
@@ -489,6 +495,8 @@ MAX_MESSAGE_BYTES = 2**31 - 1
 MAX_CONCURRENT_RPCS = 2**31 - 1
 MAX_CONNECTION_TIMER_S = 86400.0
 """The longest of the connection timers (keepalive, connection age): gRPC takes them in milliseconds, in a C int."""
+MAX_ROUTER_WAIT_S = 86400.0
+"""The longest of the router's waits (a circuit's cooldown, a retry's backoff, an upstream's Retry-After honoured)."""
 MAX_WORKERS = 1024
 MIN_WORKER_TIMEOUT_S = 3.0
 """More processes than a machine has cores only share them; past this, a typo (100000) would fork until it fell."""

@@ -831,6 +831,9 @@ def test_merge_keys_may_be_overridden_and_aliases_stay_cheap(tmp_path: Path) -> 
         # gRPC takes keepalive times in milliseconds, in a C int
         ("server: {keepalive_s: 1e9}\n", {}, "server.keepalive_s"),
         ("server: {min_caller_ping_interval_s: 0}\n", {}, "server.min_caller_ping_interval_s"),
+        # a cooldown goes back to callers as RetryInfo: past a Duration's range every call failed INTERNAL
+        ("router: {circuit: {cooldown_s: 1e300}}\n", {}, "router.circuit.cooldown_s"),
+        ("router: {retry: {max_backoff_s: 1e10}}\n", {}, "router.retry.max_backoff_s"),
         # an unset ${VAR}: no keys (calls open to anyone), SQLite's temporary database, the working directory
         ('auth: {keys_file: "${KEYS_FILE}"}\n', {}, "auth.keys_file"),
         ('server: {usage_db: "${USAGE_DB}"}\n', {}, "server.usage_db"),
@@ -849,6 +852,8 @@ def test_merge_keys_may_be_overridden_and_aliases_stay_cheap(tmp_path: Path) -> 
         "max_concurrent_rpcs",
         "keepalive",
         "ping interval 0",
+        "circuit cooldown",
+        "retry backoff",
         "empty keys_file",
         "empty usage_db",
         "blank journal dir",
