@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
+from llmrelay import v1 as pb
 
 from llmrelay_server.auth import AuthInterceptor, KeyRing
 from llmrelay_server.backends import provider_factory
@@ -26,7 +28,7 @@ from llmrelay_server.logs import quiet_callers_gone, use_log_format
 from llmrelay_server.metrics import LabelValues, Metrics, MetricsObserver, StateReading
 from llmrelay_server.observing import Observer, ObservingInterceptor
 from llmrelay_server.pricing import PriceTable
-from llmrelay_server.reflection import enable_reflection
+from llmrelay_server.reflection import V1_SERVICE_NAME, enable_reflection
 from llmrelay_server.router import Router
 from llmrelay_server.servicer import LLMServicer
 from llmrelay_server.tls import ServedCertificate, exposure_warnings, protection
@@ -109,6 +111,27 @@ class Gateway:
                 await self.tracing.stop()  # the last spans exported
 
 
+def _check_open_services(open_services: tuple[str, ...]) -> None:
+    """ConfigError for an `auth.open_services` entry that is no service or method this gateway serves: misspelt, the
+    health probes it was meant to open would be refused UNAUTHENTICATED, and the gateway never ready."""
+    served = {
+        service.full_name: {method.name for method in service.methods}
+        for service in (
+            pb.DESCRIPTOR.services_by_name["LLMService"],
+            health_pb2.DESCRIPTOR.services_by_name["Health"],
+            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+        )
+    }
+    served[V1_SERVICE_NAME] = {"ServerReflectionInfo"}  # v1alpha's, under v1's name (reflection.py)
+    for entry in open_services:
+        service, slash, method = entry.partition("/")
+        if service not in served or (slash and method not in served[service]):
+            raise ConfigError(
+                f"auth.open_services: {entry!r} is no service (package.Service) or method (package.Service/Method) "
+                f"this gateway serves; its services: {', '.join(sorted(served))}"
+            )
+
+
 _LIMITS_PER_WORKER = (
     "each worker of this gateway would enforce alone (up to one limit per worker): set state.redis_url to share them,"
     " or run one worker"
@@ -120,6 +143,7 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
     limit = config.server.max_message_bytes
     tls = config.server.tls
     quiet_callers_gone()
+    _check_open_services(config.auth.open_services)
     # Before the port opens: a certificate that cannot be used stops the start (ConfigError naming the field).
     certificate = ServedCertificate(tls) if tls is not None else None
     # Likewise a keys file that cannot be read. One that gives a key limits later cannot be taken by a worker without

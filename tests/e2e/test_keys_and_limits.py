@@ -17,6 +17,7 @@ from llmrelay import v1 as pb
 from llmrelay_server import convert, tokens
 from llmrelay_server.app import Gateway
 from llmrelay_server.auth import KEYS_FILE_CHECK_S
+from llmrelay_server.config import ConfigError
 from llmrelay_server.domain import Message, Role
 from llmrelay_server.tokens import TokenCounter
 from support import (
@@ -129,6 +130,20 @@ async def test_probes_reach_the_open_services_without_a_key(keyed: Any) -> None:
     assert (await stub.Health(pb.HealthRequest(), timeout=5)).backends
     status = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize(
+    "entry", ["grpc.health.v1.health", "llmrelay.v1.LLMService.Health", "llmrelay.v1.LLMService/Healthz", "nonsense"]
+)
+async def test_an_open_service_the_gateway_does_not_serve_stops_the_start(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, entry: str
+) -> None:
+    # Taken without a word, a misspelt open service left the probes it was to open refused, and the gateway never ready.
+    auth = keys_yaml(key_entry("research", RESEARCH_KEY)) + f'  open_services: ["grpc.health.v1.Health", "{entry}"]\n'
+    with pytest.raises(ConfigError) as caught:
+        await start(gateway_factory, primary, local, auth)
+    assert str(caught.value).startswith(f"auth.open_services: {entry!r} is no service (package.Service) or method")
+    assert "grpc.health.v1.Health, grpc.reflection.v1.ServerReflection" in str(caught.value)
 
 
 async def test_a_keyed_caller_is_billed_as_its_key_whatever_it_claims(keyed: Any, primary: FakeUpstream) -> None:
