@@ -32,6 +32,7 @@ from llmrelay_server.decoding import STREAM_COMPLETE
 from llmrelay_server.domain import Attempt, AttemptOutcome, BackendSpec, StoreHealth, TokenUsage
 from llmrelay_server.metering import Meter, open_meter, own_time_s
 from llmrelay_server.observing import GEN_AI_OPERATIONS, Observer, Start
+from llmrelay_server.pricing import undated
 
 OTHER = "other"
 DEFAULT_BUCKETS = tuple(bound for bound in Histogram.DEFAULT_BUCKETS if bound != math.inf)
@@ -60,7 +61,10 @@ class LabelValues:
     def model(self, name: str | None) -> str:
         if name is None:
             return "default"
-        return name if name in self._models else OTHER
+        if name in self._models:
+            return name
+        # An upstream names the dated snapshot that answered ("gpt-4o-2024-08-06"): filed under the model configured.
+        return base if (base := undated(name)) in self._models else OTHER
 
     def caller(self, name: str) -> str:
         return name if name == "anonymous" or name in self._callers() else OTHER

@@ -68,9 +68,17 @@ _OPENAI_LIST: Final[Mapping[str, Price]] = {
     "text-embedding-ada-002": Price(prompt=0.1, completion=0.0),
 }
 # OpenAI's answers name the dated snapshot that served ("gpt-4o-2024-08-06" for "gpt-4o"), older models in the short
-# form ("gpt-4-0613"). Only a date is matched after the name, so that variants with other prices
-# ("gpt-4o-realtime-preview", "o3-deep-research") are not priced as their base model but as unknown.
-_DATED: Final = ("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]", "[0-9][0-9][0-9][0-9]")
+# form ("gpt-4-0613"); Anthropic's write the date without dashes ("claude-sonnet-4-5-20250929"). Only a date is
+# matched after the name, so that variants with other prices ("gpt-4o-realtime-preview", "o3-deep-research") are not
+# priced as their base model but as unknown.
+_DATED: Final = ("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]", "[0-9]" * 8, "[0-9][0-9][0-9][0-9]")
+_DATE_SUFFIX: Final = re.compile(r"-(?:[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{8}|[0-9]{4})\Z")
+"""The same dates, as what ends a snapshot's name."""
+
+
+def undated(model: str) -> str:
+    """The model a dated snapshot's name is of ("gpt-4o" for "gpt-4o-2024-08-06"); any other name as it is."""
+    return _DATE_SUFFIX.sub("", model)
 
 
 def _is_glob(pattern: str) -> bool:

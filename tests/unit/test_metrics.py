@@ -7,7 +7,8 @@ import re
 from collections.abc import Callable
 
 import pytest
-from llmrelay_server.metrics import OVERHEAD_BUCKETS, LabelValues, Metrics, StateReading
+from llmrelay_server.domain import BackendSpec
+from llmrelay_server.metrics import OTHER, OVERHEAD_BUCKETS, LabelValues, Metrics, StateReading
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
@@ -60,3 +61,16 @@ def test_counters_and_histograms_read_as_prometheus_clients_own(generate: Callab
     expected = _families(generate(reference), *names)
     assert "grpc_server_handling_seconds_bucket" in expected and 'le="+Inf"' in expected
     assert _families(generate(ours.registry), *names) == expected
+
+
+def test_a_dated_snapshot_is_labelled_as_the_model_configured() -> None:
+    # Every answer of OpenAI's and Anthropic's APIs names its snapshot: their tokens and cost were all filed as "other".
+    specs = [
+        BackendSpec(name="openai", kind="openai", base_url="http://upstream/v1", default_model="gpt-4o"),
+        BackendSpec(name="claude", kind="anthropic", base_url="http://upstream", default_model="claude-sonnet-4-5"),
+    ]
+    labels = LabelValues(specs, (), lambda: ())
+    assert labels.model("gpt-4o-2024-08-06") == "gpt-4o"
+    assert labels.model("claude-sonnet-4-5-20250929") == "claude-sonnet-4-5"
+    assert labels.model("gpt-4o-mini-2024-07-18") == OTHER, "a snapshot of a model not configured"
+    assert labels.model("gpt-4o-realtime-preview") == OTHER

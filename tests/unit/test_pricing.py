@@ -125,6 +125,15 @@ def test_an_override_of_a_model_prices_its_dated_snapshots_too() -> None:
     assert table.rate(OPENAI, "my-model-preview").unknown
 
 
+def test_a_price_of_a_claude_model_prices_its_snapshots_dated_without_dashes() -> None:
+    # Anthropic writes a snapshot's date as YYYYMMDD: a price given for the plain name billed its answers as unknown.
+    claude = backend("anthropic")
+    table = PriceTable({"claude-test": Price(3.0, 15.0)}, UNKNOWN)
+    assert table.rate(claude, "claude-test-20250929") == table.rate(claude, "claude-test")
+    assert not table.rate(claude, "claude-test-20250929").unknown
+    assert table.rate(claude, "claude-test-2025092").unknown, "seven digits are no date"
+
+
 @pytest.mark.parametrize("kind", ["ollama", "llamacpp", "vllm"])
 def test_local_backends_are_free_whatever_the_model(kind: str) -> None:
     for model in ("gpt-oss:20b", "gpt-4o", "anything"):
