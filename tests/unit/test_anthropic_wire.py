@@ -722,6 +722,14 @@ def test_any_json_as_an_answer_raises_only_malformed_answer(data: Any) -> None:
             UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED,
         ),
         (
+            400,
+            "invalid_request_error",
+            None,
+            "input length and `max_tokens` exceed context limit: 199759 + 8192 > 200000, decrease input length or "
+            "`max_tokens` and try again",
+            UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED,
+        ),
+        (
             413,
             "request_too_large",
             None,

@@ -45,7 +45,9 @@ from llmrelay_server.domain import (
 # max_keepalive_connections of them once a burst is over (each idle one holds a socket here and a slot upstream).
 POOL_LIMITS = httpx2.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=60.0)
 HEALTH_TIMEOUT_S = 5.0
-_CONTEXT_LENGTH = re.compile(r"context[ _](length|window|size)|maximum context|too many tokens", re.IGNORECASE)
+# "context limit": Anthropic's 400 for a prompt that fits but not with max_tokens ("input length and `max_tokens`
+# exceed context limit: 199759 + 8192 > 200000"), which another backend with a larger window can serve.
+_CONTEXT_LENGTH = re.compile(r"context[ _](length|window|size|limit)|maximum context|too many tokens", re.IGNORECASE)
 _SECRET_LIKE = re.compile(r"\b(sk|key|token)-[A-Za-z0-9_\-]{6,}")
 _LINE_END = re.compile(r"\r\n|\r|\n")
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
