@@ -267,14 +267,24 @@ def test_reasoning_effort_as_a_thinking_budget(
 
 
 @pytest.mark.parametrize(
-    ("effort", "sent"), [("minimal", "low"), ("low", "low"), ("medium", "medium"), ("high", "high")]
+    ("effort", "max_tokens", "sent", "sent_max_tokens"),
+    [
+        # Thinking counts within max_tokens: the answer keeps its default room, the thinking a budget's on top.
+        ("minimal", None, "low", 1000 + 1024),
+        ("low", None, "low", 1000 + 4096),
+        ("medium", None, "medium", 1000 + 8192),
+        ("high", None, "high", 1000 + 16384),
+        ("high", 3000, "high", 3000),
+    ],
 )
-def test_reasoning_effort_as_adaptive_thinking(effort: ReasoningEffort, sent: str) -> None:
-    result = body(CompletionOptions(reasoning_effort=effort), thinking=ADAPTIVE)
+def test_reasoning_effort_as_adaptive_thinking(
+    effort: ReasoningEffort, max_tokens: int | None, sent: str, sent_max_tokens: int
+) -> None:
+    result = body(CompletionOptions(reasoning_effort=effort, max_tokens=max_tokens), thinking=ADAPTIVE)
     assert (result["thinking"], result["output_config"], result["max_tokens"]) == (
         {"type": "adaptive"},
         {"effort": sent},
-        1000,
+        sent_max_tokens,
     )
 
 

@@ -115,15 +115,16 @@ def request_body(
     if effort == "none":
         body["thinking"] = {"type": "disabled"}  # said outright: a model may think by default
     elif effort is not None and not forced:
+        budget = THINKING_BUDGETS[effort]
+        if options.max_tokens is None:
+            # The answer keeps its default room; the thinking gets its budget on top (adaptive thinking too, which
+            # thinks within max_tokens: else a high effort's thinking left the answer little of the default).
+            body["max_tokens"] = default_max_tokens + budget
         if adaptive_thinking:
             body["thinking"] = {"type": "adaptive"}
             output["effort"] = ADAPTIVE_EFFORTS[effort]
         else:
-            budget = THINKING_BUDGETS[effort]
-            if options.max_tokens is None:
-                # The answer keeps its default room; the thinking gets its budget on top.
-                body["max_tokens"] = default_max_tokens + budget
-            else:
+            if options.max_tokens is not None:
                 # The caller's max_tokens bounds thinking and answer together, as OpenAI's does for reasoning models.
                 budget = min(budget, options.max_tokens - 1)
             if budget >= MIN_THINKING_BUDGET:
