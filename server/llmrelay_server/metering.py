@@ -104,9 +104,11 @@ def own_time_s(meter: Meter, elapsed_s: float) -> float:
 
 
 def served_by(meter: Meter) -> Attempt | Billed | None:
-    """Who served the call, by backend and model: its last attempt that succeeded; else, for a stream cut short (its
-    caller left, or it broke), whoever billed what it had consumed."""
+    """Who served the call, by backend and model: its last attempt that succeeded, by the answer it billed (which
+    names the model that answered: an upstream's dated snapshot, where the attempt has the model asked for); else, for
+    a stream cut short (its caller left, or it broke), whoever billed what it had consumed."""
+    last_billed = meter.billed[-1] if meter.billed else None
     for attempt in reversed(meter.attempts):
         if attempt.outcome is AttemptOutcome.SUCCEEDED:
-            return attempt
-    return meter.billed[-1] if meter.billed else None
+            return last_billed if last_billed is not None and last_billed.backend == attempt.backend else attempt
+    return last_billed

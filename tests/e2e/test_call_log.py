@@ -76,6 +76,7 @@ async def test_each_call_has_one_line_matched_by_its_request_id(
         assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
         assert rid_of(failure.value.trailing_metadata()) == "req-fail"
 
+        primary.inject({"served_model": "gpt-test-2024-08-06"})  # as OpenAI's and Anthropic's APIs name a snapshot
         stream = stub.StreamComplete(
             stream_chat(SECRET_PROMPT), timeout=5, metadata=[*bearer(KEY), ("x-request-id", "req-stream")]
         )
@@ -110,6 +111,8 @@ async def test_each_call_has_one_line_matched_by_its_request_id(
     streamed = found["req-stream"]
     assert streamed["rpc"] == "llmrelay.v1.LLMService/StreamComplete" and streamed["code"] == "OK"
     assert streamed["attempts"] == ["openai:succeeded"] and streamed["first_chunk_ms"] > 0
+    # The model that answered, as the answer, the ledger and the metrics have it; not the one the gateway asked for.
+    assert streamed["served_model"] == chunks[-1].model == "gpt-test-2024-08-06"
     assert streamed["completion_tokens"] == chunks[-1].usage.completion_tokens
 
     assert found["no"]["code"] == "UNAUTHENTICATED" and found["no"]["attempts"] == []
