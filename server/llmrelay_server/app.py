@@ -367,10 +367,8 @@ def _interceptors(
                 limiter,
                 config.server.limits,
                 counter,
-                router.estimate_usd_micros,
+                router,
                 config.server.reserve_completion_tokens,
-                router.estimate_embedding_usd_micros,
-                router.deadline,
                 config.server.max_image_bytes,
             )
         )

@@ -831,6 +831,17 @@ class Router:
         with its model and that its key may use."""
         return self._estimate(lambda: _allowed(self.embedding_routes(model), model, "", may_use), prompt_tokens, 0)
 
+    def refuses(self, request: CompletionRequest | EmbeddingRequest, may_use: ModelFilter | None) -> bool:
+        """Whether the request is refused for its model: one nothing serves, or one its key (`may_use`) may not use."""
+        try:
+            if isinstance(request, EmbeddingRequest):
+                _allowed(self.embedding_routes(request.model), request.model, "", may_use)
+            else:
+                self._routes(request, "", may_use)
+        except (ModelNotFoundError, ModelNotAllowedError):
+            return True
+        return False
+
     def _estimate(self, routes: Callable[[], list[Route]], prompt_tokens: int, completion_tokens: int) -> int:
         try:
             candidates = routes()

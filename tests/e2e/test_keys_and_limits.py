@@ -392,6 +392,27 @@ async def test_requests_per_minute_admit_exactly_the_limit(
     assert len(primary.chat_requests) == 5, "refused calls never reach an upstream"
 
 
+async def test_a_call_its_handler_refuses_gets_that_refusal_not_the_limits(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    # Over its minute's requests, a key asking for a model it may not use was told to wait a minute, and retried.
+    auth = keys_yaml(key_entry("local-only", LOCAL_KEY, 'models: ["ollama/*"], limits: {requests_per_minute: 1}'))
+    _, channel, stub = await start(gateway_factory, primary, local, auth)
+    async with channel:
+        assert (await stub.Complete(chat(), metadata=bearer(LOCAL_KEY), timeout=5)).backend == "ollama"
+        outcomes = []
+        for request in (chat(model="gpt-test"), pb.CompleteRequest(), chat()):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Complete(request, metadata=bearer(LOCAL_KEY), timeout=5)
+            outcomes.append((refused.value.code().name, details(refused.value)["ErrorInfo"].reason))
+    assert outcomes == [
+        ("PERMISSION_DENIED", "MODEL_NOT_ALLOWED"),
+        ("INVALID_ARGUMENT", "INVALID_REQUEST"),
+        ("RESOURCE_EXHAUSTED", "REQUESTS_PER_MINUTE_EXCEEDED"),
+    ]
+    assert primary.chat_requests == []
+
+
 async def test_each_call_is_checked_as_its_own_whatever_called_before_it(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
@@ -672,7 +693,8 @@ async def test_a_prompt_counted_past_the_deadline_for_a_limit_ends_with_the_gate
     """A limit on tokens counts the prompt before any upstream is asked; megabytes take seconds. The count ran past the
     caller's deadline, which then got its client library's bare DEADLINE_EXCEEDED, no ErrorInfo (CountTokens had the
     gateway's own for the same text)."""
-    gateway = await gateway_factory(two_backends(primary, local), server="limits: {tokens_per_minute: 100000000}")
+    backends = two_backends(primary, local).replace("model: tiny}", "model: tiny, embedding_model: embed-test}")
+    gateway = await gateway_factory(backends, server="limits: {tokens_per_minute: 100000000}")
     text = "a" * 4_000_000  # one word: seconds of encoding
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
         stub = pb.LLMServiceStub(channel)

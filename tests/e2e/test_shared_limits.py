@@ -680,6 +680,15 @@ async def test_gateways_go_on_per_policy_while_redis_is_down_and_limit_again_whe
         found = details(error)
         assert found["ErrorInfo"].reason == "LIMITS_UNAVAILABLE"
         assert found["RetryInfo"].retry_delay.ToNanoseconds() > 0
+    # A call its handler refuses gets the handler's answer, the caller's to fix, not one to retry for nothing.
+    mistakes = {
+        "NOT_FOUND": chat(model="no-such-model"),
+        "INVALID_ARGUMENT": pb.CompleteRequest(),  # no messages
+    }
+    for code, request in mistakes.items():
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await to_denying[0].Complete(request, metadata=AUTHORIZED, timeout=5)
+        assert refused.value.code().name == code, refused.value
     for gateway in gateways:
         assert gateway.limiter is not None and not gateway.limiter.health().available
     await redis_server.start()

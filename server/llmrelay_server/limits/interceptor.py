@@ -7,8 +7,8 @@ prompt, so it counts against requests and tokens per minute and spends the daily
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeGuard
+from collections.abc import AsyncIterator
+from typing import Any, Protocol, TypeGuard
 
 import grpc
 from llmrelay import v1 as pb
@@ -19,6 +19,7 @@ from llmrelay_server.config import Limits
 from llmrelay_server.decoding import COMPLETE, EMBED, STREAM_COMPLETE, decoded
 from llmrelay_server.domain import (
     CompletionRequest,
+    EmbeddingRequest,
     InvalidRequestError,
     LLMRelayError,
     ModelFilter,
@@ -29,6 +30,28 @@ from llmrelay_server.status import abort
 from llmrelay_server.tokens import TokenCounter
 
 
+class Routing(Protocol):
+    """What the limits ask of the router (router.Router)."""
+
+    def estimate_usd_micros(
+        self, request: CompletionRequest, prompt_tokens: int, completion_tokens: int, may_use: ModelFilter | None
+    ) -> int:
+        """The most the request may cost."""
+        ...
+
+    def estimate_embedding_usd_micros(self, model: str | None, prompt_tokens: int, may_use: ModelFilter | None) -> int:
+        """The most the embedding request may cost."""
+        ...
+
+    def deadline(self, timeout_s: float | None) -> float:
+        """The event loop's time by which a call with so many seconds left (None: no deadline) must be answered."""
+        ...
+
+    def refuses(self, request: CompletionRequest | EmbeddingRequest, may_use: ModelFilter | None) -> bool:
+        """Whether the request is refused for its model (one nothing serves, or one its key may not use)."""
+        ...
+
+
 class LimitsInterceptor(grpc.aio.ServerInterceptor):
     """Admits each model call within the caller's limits and the gateway's, settles it at its end."""
 
@@ -37,21 +60,16 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         limiter: Limiter,
         gateway: Limits,
         counter: TokenCounter,
-        estimate_usd_micros: Callable[[CompletionRequest, int, int, ModelFilter | None], int],
+        router: Routing,
         reserve_completion_tokens: int,
-        estimate_embedding_usd_micros: Callable[[str | None, int, ModelFilter | None], int],
-        deadline: Callable[[float | None], float],
         max_image_bytes: int | None = None,
     ) -> None:
         self._max_image_bytes = max_image_bytes
-        self._deadline = deadline
-        """The event loop's time by which a call with so many seconds left (None: no deadline) must be answered."""
+        self._router = router
         self._limiter = limiter
         self._gateway = gateway if gateway.any_set() else None
         self._counter = counter
-        self._estimate_usd_micros = estimate_usd_micros
         self._reserve_completion_tokens = reserve_completion_tokens
-        self._estimate_embedding_usd_micros = estimate_embedding_usd_micros
         self._limited: dict[str, tuple[Handler, Handler]] = {}
         """By method: the handler it was given, and that handler within limits."""
 
@@ -131,7 +149,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
             ):
                 # A prompt of megabytes is counted in a thread, within the call's deadline: the caller gets the
                 # gateway's DEADLINE_EXCEEDED, with its ErrorInfo, not its client library's bare one.
-                by = self._deadline(context.time_remaining())
+                by = self._router.deadline(context.time_remaining())
                 if isinstance(request, pb.EmbedRequest):
                     tokens, usd_micros = await self._estimate_embedding(request, by)
                 else:
@@ -139,9 +157,29 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
             asks = [Ask(subject, limits, tokens, usd_micros, stream, answer_tokens) for subject, limits in subjects]
             return await self._limiter.reserve(asks)
         except LLMRelayError as error:
+            if self._refused_anyway(request):
+                # The handler's own refusal (an invalid request, a model the key may not use) is the caller's to fix,
+                # and says more than the limits' (a store out of reach would have it retried for nothing): the
+                # handler gives it, nothing reserved.
+                return NOTHING_RESERVED
             # Over a limit, the limits' store out of reach, or a prompt that cannot be counted (its tokenizer's
             # encoding missing): each has its own status, as the servicer would give it.
             await abort(context, rpc, error)
+
+    def _refused_anyway(self, request: pb.CompleteRequest | pb.StreamCompleteRequest | pb.EmbedRequest) -> bool:
+        """Whether the handler refuses the request itself: it does not decode, is invalid, or asks for a model nothing
+        serves or its key may not use. Asked only of a call the limits refuse."""
+        if not decoded(request):
+            return True
+        try:
+            parsed = (
+                convert.embedding_request(request)
+                if isinstance(request, pb.EmbedRequest)
+                else convert.completion_request(request, max_image_bytes=self._max_image_bytes)
+            )
+        except InvalidRequestError:
+            return True
+        return self._router.refuses(parsed, models_allowed())
 
     async def _estimate(
         self, request: pb.CompleteRequest | pb.StreamCompleteRequest, by: float
@@ -157,7 +195,8 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         prompt = (
             await self._counter.count_chat_async(parsed.model or "", parsed.messages, parsed.options.tools, by=by)
         ).tokens
-        return prompt + completion, completion, self._estimate_usd_micros(parsed, prompt, completion, models_allowed())
+        usd_micros = self._router.estimate_usd_micros(parsed, prompt, completion, models_allowed())
+        return prompt + completion, completion, usd_micros
 
     async def _estimate_embedding(self, request: pb.EmbedRequest, by: float) -> tuple[int, int]:
         """The tokens and cost to reserve: the inputs as counted offline (an embedding answers with no tokens)."""
@@ -166,7 +205,11 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         except InvalidRequestError:
             return 0, 0
         tokens = (await self._counter.count_texts_async(parsed.model or "", parsed.inputs, by=by)).tokens
-        return tokens, self._estimate_embedding_usd_micros(parsed.model, tokens, models_allowed())
+        return tokens, self._router.estimate_embedding_usd_micros(parsed.model, tokens, models_allowed())
+
+
+NOTHING_RESERVED = Reservation((), 0.0)
+"""The reservation of a call the limits let through uncounted, for its handler to refuse."""
 
 
 def _key_limited(caller: Caller | None) -> TypeGuard[Caller]:
