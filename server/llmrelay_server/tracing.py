@@ -126,6 +126,7 @@ def exporting_provider() -> TracerProvider:
         resource = resource.merge(Resource({SERVICE_NAME: "llmrelay"}))
     limited = any(name in os.environ for name in _ATTRIBUTE_LENGTH_VARIABLES)
     limits = None if limited else SpanLimits(max_attribute_length=DEFAULT_ATTRIBUTE_LENGTH)
+    _check_sampler()
     provider = TracerProvider(resource=resource, span_limits=limits)
     provider.add_span_processor(_batch_processor(_otlp_exporter()))
     return provider
@@ -170,6 +171,38 @@ def _otlp_exporter() -> SpanExporter:
 
         return HTTPExporter()
     raise ConfigError(f"{variable}: {protocol!r} is not supported (grpc or http/protobuf)")
+
+
+SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+"""The values of OTEL_TRACES_SAMPLER the SDK takes (any case)."""
+_RATIO_SAMPLERS = ("traceidratio", "parentbased_traceidratio")
+
+
+def _check_sampler() -> None:
+    """The sampler the SDK reads from OTEL_TRACES_SAMPLER(_ARG): a misspelt one it replaces by its default with a
+    warning, and so traces every call (where the operator meant to trace a tenth); a ratio it cannot read, by 1.0."""
+    sampler = os.environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if not sampler:
+        return
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"OTEL_TRACES_SAMPLER: {sampler!r} is no sampler the SDK takes: one of {', '.join(SAMPLERS)}")
+    text = os.environ.get("OTEL_TRACES_SAMPLER_ARG", "")
+    if sampler in _RATIO_SAMPLERS and text:  # unset: all of them, as the specification says
+        try:
+            ratio = float(text)
+        except ValueError:
+            ratio = math.nan
+        if not 0 <= ratio <= 1:
+            raise ConfigError(
+                f"OTEL_TRACES_SAMPLER_ARG: {text!r} is not the share of traces {sampler} keeps, a number from 0 to 1"
+            )
 
 
 def _check_endpoint(*, grpc_target: bool) -> None:

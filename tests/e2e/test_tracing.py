@@ -462,6 +462,16 @@ async def test_the_stop_waits_for_a_collector_that_is_down_at_most_the_export_ti
     assert "not exported within 2 s" in log and "Traceback" not in log, log
 
 
+async def test_a_sampler_as_the_readme_advises_is_taken(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "ParentBased_TraceIdRatio")  # in any case, as the SDK reads it
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.1")
+    gateway = await gateway_factory(two_backends(primary, local), server=TRACING)
+    assert gateway.tracing is not None
+    assert "TraceIdRatioBased{0.1}" in gateway.tracing.provider.sampler.get_description()
+
+
 @pytest.mark.parametrize(
     ("variables", "message"),
     [
@@ -486,10 +496,18 @@ async def test_the_stop_waits_for_a_collector_that_is_down_at_most_the_export_ti
             {"OTEL_EXPORTER_OTLP_TRACES_HEADERS": "authorization=Bearer a,SECRET"},
             "OTEL_EXPORTER_OTLP_TRACES_HEADERS: a header is not NAME=VALUE",
         ),
+        # The SDK would warn and trace every call, where a tenth was meant.
+        ({"OTEL_TRACES_SAMPLER": "parentbased_traceratio"}, "OTEL_TRACES_SAMPLER: 'parentbased_traceratio' is no"),
+        (
+            {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "10%"},
+            "OTEL_TRACES_SAMPLER_ARG: '10%' is not the share of traces traceidratio keeps, a number from 0 to 1",
+        ),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"}, "OTEL_TRACES_SAMPLER_ARG: '2' is"),
     ],
     ids=[
         "batch-over-queue", "negative-queue", "traces-protocol", "timeout", "endpoint-port", "endpoint-ipv6",
-        "endpoint-no-url", "grpc-endpoint", "header-semicolon", "header-comma",
+        "endpoint-no-url", "grpc-endpoint", "header-semicolon", "header-comma", "sampler", "sampler-arg",
+        "sampler-arg-over-1",
     ],
 )  # fmt: skip
 async def test_bad_otel_settings_stop_the_start_naming_the_variable(
