@@ -71,8 +71,10 @@ func (e *StepLimitError) Error() string {
 // Run runs the tool loop on the conversation, appending to it as it goes, and returns what it did. Each step first
 // fits the conversation to its token budget (Conversation.Fit, when it has one). A model call that fails ends the
 // run with its *Error (the conversation keeps the steps before); a run that reaches the step limit returns a
-// *StepLimitError; a cancelled ctx ends it with ctx's error, after the tools running then have returned (their
-// context is ctx, so they can stop early).
+// *StepLimitError. A cancelled ctx ends the run with its error (errors.Is(err, context.Canceled), or
+// context.DeadlineExceeded): during a model call, that call's *Error, which wraps it; during the tools, ctx.Err()
+// itself, once they have returned (their context is ctx, so they can stop early) and their results are appended,
+// so every tool call in the conversation has its result and the conversation can go on.
 func (a *Agent) Run(ctx context.Context, conversation *Conversation) (*RunResult, error) {
 	maxSteps := a.MaxSteps
 	if maxSteps <= 0 {
@@ -105,16 +107,18 @@ func (a *Agent) Run(ctx context.Context, conversation *Conversation) (*RunResult
 			return result, nil
 		}
 		toolResults := RunToolCalls(ctx, a.Tools, calls)
-		if err := ctx.Err(); err != nil {
-			return result, err
-		}
 		for i, call := range calls {
 			if a.OnToolResult != nil {
 				a.OnToolResult(call, toolResults[i])
 			}
 		}
+		// Appended even when ctx ended the run meanwhile: an answer whose calls had no results would leave a
+		// conversation that no model call takes.
 		conversation.Add(toolResults...)
 		result.Messages = append(result.Messages, toolResults...)
+		if err := ctx.Err(); err != nil {
+			return result, err
+		}
 	}
 	return result, &StepLimitError{MaxSteps: maxSteps, Result: result}
 }

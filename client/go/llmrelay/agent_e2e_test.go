@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -435,4 +436,108 @@ func TestTransportSecurityRule(t *testing.T) {
 	if !strings.Contains(e.Error(), "certificate") || strings.Contains(e.Error(), "plaintext") {
 		t.Errorf("error %q; want the certificate's failure, without a hint: the caller chose TLS", e.Error())
 	}
+}
+
+func TestAgentEndsWithTheContextErrorDuringAModelCall(t *testing.T) {
+	for _, streaming := range []bool{false, true} {
+		t.Run(fmt.Sprintf("streaming=%t", streaming), func(t *testing.T) {
+			client := setup(t)
+			agent := &llmrelay.Agent{Client: client, Tools: agentTools(t)}
+			if streaming {
+				agent.OnChunk = func(*llmrelayv1.StreamCompleteResponse) {}
+			}
+			if err := env.Upstream.AddFaults(gatewaytest.Fault{"stall_s": 5}, gatewaytest.Fault{"stall_s": 5}); err != nil {
+				t.Fatal(err)
+			}
+			cancelled, cancel := context.WithCancel(context.Background())
+			time.AfterFunc(300*time.Millisecond, cancel)
+			outOfTime, cancelTimeout := context.WithTimeout(context.Background(), time.Second)
+			defer cancelTimeout()
+			for _, c := range []struct {
+				ctx  context.Context
+				want error
+				code codes.Code
+			}{{cancelled, context.Canceled, codes.Canceled}, {outOfTime, context.DeadlineExceeded, codes.DeadlineExceeded}} {
+				conversation := llmrelay.NewConversation(chat("slow")...)
+				_, err := agent.Run(c.ctx, conversation)
+				if !errors.Is(err, c.want) {
+					t.Errorf("error %v; want one errors.Is finds %v in", err, c.want)
+				}
+				mustFail(t, err, c.code) // the model call's *Error, still there to read
+				if len(conversation.Messages) != 2 {
+					t.Errorf("the conversation holds %d messages; want the 2 it had", len(conversation.Messages))
+				}
+			}
+		})
+	}
+}
+
+func TestAgentCancelledWhileToolsRunAnswersEveryCall(t *testing.T) {
+	client := setup(t)
+	started := make(chan struct{})
+	wait := mustTool(t)(llmrelay.NewTool("wait", "Waits for its context to end",
+		func(ctx context.Context, _ struct{}) (string, error) {
+			close(started)
+			<-ctx.Done()
+			return "", ctx.Err()
+		}))
+	if err := env.Upstream.AddFaults(
+		gatewaytest.Fault{"tool_calls": []map[string]string{
+			{"name": "add", "arguments": `{"a": 2, "b": 3}`},
+			{"name": "wait", "arguments": "{}"},
+		}},
+		gatewaytest.Fault{"echo_tools": true},
+	); err != nil {
+		t.Fatal(err)
+	}
+	agent := &llmrelay.Agent{Client: client, Tools: append(agentTools(t), wait)}
+	conversation := llmrelay.NewConversation(chat("add, then wait")...)
+	ctx, cancel := context.WithCancel(testContext(t))
+	go func() {
+		<-started
+		cancel()
+	}()
+	result, err := agent.Run(ctx, conversation)
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("error %v, want context.Canceled", err)
+	}
+	want := []string{`{"sum":5}`, `error: tool "wait" failed: context canceled`}
+	if got := toolResults(conversation.Messages); !slices.Equal(got, want) {
+		t.Fatalf("the conversation's tool results %q; want every call answered: %q", got, want)
+	}
+	if len(result.Messages) != 3 {
+		t.Errorf("the run added %d messages; want the answer and its 2 results", len(result.Messages))
+	}
+
+	// Every call answered: the conversation goes on.
+	result, err = agent.Run(testContext(t), conversation)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := result.Answer.GetMessage().GetContent(); !strings.Contains(got, `add={"sum":5}`) {
+		t.Errorf("the next run's answer %q; want it to have read the first run's results", got)
+	}
+}
+
+// toolResults are the contents of the tool messages that answer the calls of the conversation's last assistant
+// message with calls, in the calls' order ("<unanswered>" for a call without one).
+func toolResults(messages []*llmrelayv1.Message) []string {
+	for i := len(messages) - 1; i >= 0; i-- {
+		calls := messages[i].GetToolCalls()
+		if len(calls) == 0 {
+			continue
+		}
+		var contents []string
+		for _, call := range calls {
+			content := "<unanswered>"
+			for _, message := range messages[i+1:] {
+				if message.GetToolCallId() == call.GetId() {
+					content = message.GetContent()
+				}
+			}
+			contents = append(contents, content)
+		}
+		return contents
+	}
+	return nil
 }

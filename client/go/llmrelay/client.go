@@ -39,7 +39,9 @@ package llmrelay
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -246,14 +248,30 @@ func (c *Client) headersFor(ctx context.Context) []string {
 	return headers
 }
 
-// wrapError turns a call's error into an *Error, leaving nil and non-status errors as they are. When the call could
-// not reach the gateway (UNAVAILABLE without the gateway's ErrorInfo) and Dial chose the transport security by
-// itself, the message also says what Dial chose and how to choose otherwise: the usual cause is a gateway that
-// speaks the other one.
-func (c *Client) wrapError(err error) error {
+// requestIDTrailer carries a call's id in the gateway's log (the caller's own, when it sent a sane one).
+const requestIDTrailer = "x-request-id"
+
+// wrapError turns a call's error into an *Error, leaving nil and non-status errors as they are, with the request id
+// from the call's trailer and, when ctx (the call's, the client's default deadline included) ended the call, the
+// context error to unwrap to. Call it before the client cancels ctx. When the call could not reach the gateway
+// (UNAVAILABLE without the gateway's ErrorInfo) and Dial chose the transport security by itself, the message also
+// says what Dial chose and how to choose otherwise: the usual cause is a gateway that speaks the other one.
+func (c *Client) wrapError(ctx context.Context, err error, trailer metadata.MD) error {
 	e := ParseError(err)
 	if e == nil {
 		return err
+	}
+	if ids := trailer.Get(requestIDTrailer); len(ids) > 0 {
+		e.RequestID = ids[0]
+	}
+	_, hasDeadline := ctx.Deadline()
+	switch {
+	case e.Code == codes.Canceled && errors.Is(ctx.Err(), context.Canceled):
+		e.ctxErr = context.Canceled
+	// Not ctx.Err(): the gateway answers DEADLINE_EXCEEDED a little before the deadline passes, so that its status
+	// (with the attempts) arrives rather than grpc-go's bare one.
+	case e.Code == codes.DeadlineExceeded && hasDeadline:
+		e.ctxErr = context.DeadlineExceeded
 	}
 	if c.securityHint != "" && e.Code == codes.Unavailable && e.ErrorInfo == nil {
 		e.Message += " (" + c.securityHint + ")"
@@ -261,12 +279,21 @@ func (c *Client) wrapError(err error) error {
 	return e
 }
 
-// Complete asks for one assistant message.
-func (c *Client) Complete(ctx context.Context, req *llmrelayv1.CompleteRequest, opts ...grpc.CallOption) (*llmrelayv1.CompleteResponse, error) {
+// unary makes one unary call through rpc with the client's headers and default deadline, and returns its error as an
+// *Error with the call's request id.
+func unary[Req, Resp any](ctx context.Context, c *Client,
+	rpc func(context.Context, Req, ...grpc.CallOption) (Resp, error), req Req, opts []grpc.CallOption) (Resp, error) {
 	ctx, cancel := c.callContext(ctx)
 	defer cancel()
-	resp, err := c.rpc.Complete(ctx, req, opts...)
-	return resp, c.wrapError(err)
+	var trailer metadata.MD
+	// Clipped, so that append copies rather than writes into the caller's array.
+	resp, err := rpc(ctx, req, append(slices.Clip(opts), grpc.Trailer(&trailer))...)
+	return resp, c.wrapError(ctx, err, trailer)
+}
+
+// Complete asks for one assistant message.
+func (c *Client) Complete(ctx context.Context, req *llmrelayv1.CompleteRequest, opts ...grpc.CallOption) (*llmrelayv1.CompleteResponse, error) {
+	return unary(ctx, c, c.rpc.Complete, req, opts)
 }
 
 // Stream asks for one assistant message as a stream of deltas. Read it with Recv until io.EOF; the last message
@@ -280,49 +307,39 @@ func (c *Client) Stream(ctx context.Context, req *llmrelayv1.StreamCompleteReque
 	ctx, cancel := c.callContext(ctx)
 	stream, err := c.rpc.StreamComplete(ctx, req, opts...)
 	if err != nil {
+		err = c.wrapError(ctx, err, nil)
 		cancel()
-		return nil, c.wrapError(err)
+		return nil, err
 	}
-	return &Stream{stream: stream, cancel: cancel, client: c}, nil
+	return &Stream{stream: stream, ctx: ctx, cancel: cancel, client: c}, nil
 }
 
 // CountTokens counts the tokens of a chat or a text for a model, offline.
 func (c *Client) CountTokens(ctx context.Context, req *llmrelayv1.CountTokensRequest, opts ...grpc.CallOption) (*llmrelayv1.CountTokensResponse, error) {
-	ctx, cancel := c.callContext(ctx)
-	defer cancel()
-	resp, err := c.rpc.CountTokens(ctx, req, opts...)
-	return resp, c.wrapError(err)
+	return unary(ctx, c, c.rpc.CountTokens, req, opts)
 }
 
 // Health reports the state of every backend (probe: check them now rather than report the last probe).
 func (c *Client) Health(ctx context.Context, probe bool, opts ...grpc.CallOption) (*llmrelayv1.HealthResponse, error) {
-	ctx, cancel := c.callContext(ctx)
-	defer cancel()
-	resp, err := c.rpc.Health(ctx, &llmrelayv1.HealthRequest{Probe: probe}, opts...)
-	return resp, c.wrapError(err)
+	return unary(ctx, c, c.rpc.Health, &llmrelayv1.HealthRequest{Probe: probe}, opts)
 }
 
 // Embed turns texts into vectors, one per input in the order of req.Inputs (GetEmbeddings()[i].GetValues()), all from
 // one embedding model: req.Model (or "backend/model"), else the gateway's default embedding model. The gateway may
 // retry, or ask another backend serving the same model, but never another model.
 func (c *Client) Embed(ctx context.Context, req *llmrelayv1.EmbedRequest, opts ...grpc.CallOption) (*llmrelayv1.EmbedResponse, error) {
-	ctx, cancel := c.callContext(ctx)
-	defer cancel()
-	resp, err := c.rpc.Embed(ctx, req, opts...)
-	return resp, c.wrapError(err)
+	return unary(ctx, c, c.rpc.Embed, req, opts)
 }
 
 // GetUsage reads the usage ledger: token totals per backend, model and caller.
 func (c *Client) GetUsage(ctx context.Context, req *llmrelayv1.GetUsageRequest, opts ...grpc.CallOption) (*llmrelayv1.GetUsageResponse, error) {
-	ctx, cancel := c.callContext(ctx)
-	defer cancel()
-	resp, err := c.rpc.GetUsage(ctx, req, opts...)
-	return resp, c.wrapError(err)
+	return unary(ctx, c, c.rpc.GetUsage, req, opts)
 }
 
 // Stream is one streamed completion.
 type Stream struct {
 	stream grpc.ServerStreamingClient[llmrelayv1.StreamCompleteResponse]
+	ctx    context.Context
 	cancel context.CancelFunc
 	client *Client
 }
@@ -331,8 +348,10 @@ type Stream struct {
 func (s *Stream) Recv() (*llmrelayv1.StreamCompleteResponse, error) {
 	msg, err := s.stream.Recv()
 	if err != nil {
+		// io.EOF carries no status, so wrapError returns it as it is. The trailer is there once Recv has failed.
+		err = s.client.wrapError(s.ctx, err, s.stream.Trailer())
 		s.cancel()
-		return nil, s.client.wrapError(err) // io.EOF carries no status, so wrapError returns it as it is
+		return nil, err
 	}
 	return msg, nil
 }

@@ -676,3 +676,94 @@ func TestCollectWithAbortPolicyFails(t *testing.T) {
 		t.Errorf("reason %q, answer %v; want STREAM_INTERRUPTED and none", e.Reason(), answer)
 	}
 }
+
+func TestParseErrorReadsTheStatusInsideWrappers(t *testing.T) {
+	client := setup(t)
+	ctx := testContext(t)
+	_, err := client.Complete(ctx, &llmrelayv1.CompleteRequest{})
+	e := mustFail(t, err, codes.InvalidArgument)
+	if got := llmrelay.ParseError(fmt.Errorf("step 3: %w", err)); got != e {
+		t.Errorf("ParseError of a wrapped *Error gave %v; want the *Error itself", got)
+	}
+
+	_, raw := client.Stub().Complete(ctx, &llmrelayv1.CompleteRequest{})
+	parsed := llmrelay.ParseError(fmt.Errorf("step 3: %w", raw))
+	if parsed == nil || parsed.Message != e.Message || parsed.Reason() != "INVALID_REQUEST" {
+		t.Errorf("ParseError of a wrapped stub error: %v; want the gateway's message %q and its reason", parsed, e.Message)
+	}
+
+	// The channel's retries (the default service config) give up after three attempts, and grpc-go wraps the last
+	// attempt's status in "max retries exhausted: ...".
+	client = setup(t)
+	unavailable := gatewaytest.Fault{"status": 503, "retry_after": 1}
+	if err := env.Upstream.AddFaults(unavailable, unavailable, unavailable); err != nil {
+		t.Fatal(err)
+	}
+	_, err = client.Complete(ctx, &llmrelayv1.CompleteRequest{Messages: chat("give up")})
+	e = mustFail(t, err, codes.Unavailable)
+	if !strings.HasPrefix(e.Message, "every backend failed") || e.Reason() != "BACKENDS_UNAVAILABLE" {
+		t.Errorf("message %q, reason %q; want the gateway's own, BACKENDS_UNAVAILABLE", e.Message, e.Reason())
+	}
+}
+
+func TestErrorCarriesTheRequestID(t *testing.T) {
+	client := setup(t)
+	ctx := testContext(t)
+	withID := metadata.AppendToOutgoingContext(ctx, "x-request-id", "go-request-1")
+	_, err := client.Complete(withID, &llmrelayv1.CompleteRequest{})
+	if e := mustFail(t, err, codes.InvalidArgument); e.RequestID != "go-request-1" {
+		t.Errorf("request id %q, want the call's own, go-request-1", e.RequestID)
+	}
+
+	_, err = client.Complete(ctx, &llmrelayv1.CompleteRequest{})
+	if e := mustFail(t, err, codes.InvalidArgument); len(e.RequestID) != 32 {
+		t.Errorf("request id %q; want the one the gateway made (32 hex digits)", e.RequestID)
+	}
+
+	if err := env.Upstream.AddFaults(gatewaytest.Fault{"status": 429, "retry_after": 1}); err != nil {
+		t.Fatal(err)
+	}
+	stream, err := client.Stream(metadata.AppendToOutgoingContext(ctx, "x-request-id", "go-request-2"),
+		&llmrelayv1.StreamCompleteRequest{Messages: chat("too many")})
+	if err == nil {
+		defer stream.Close()
+		_, err = collect(t, stream)
+	}
+	if e := mustFail(t, err, codes.ResourceExhausted); e.RequestID != "go-request-2" {
+		t.Errorf("stream: request id %q, want go-request-2", e.RequestID)
+	}
+}
+
+func TestACallItsContextEndedUnwrapsToTheContextError(t *testing.T) {
+	client := setup(t)
+	if err := env.Upstream.AddFaults(gatewaytest.Fault{"stall_s": 5}, gatewaytest.Fault{"stall_s": 5}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(300*time.Millisecond, cancel)
+	_, err := client.Complete(ctx, &llmrelayv1.CompleteRequest{Messages: chat("slow")})
+	mustFail(t, err, codes.Canceled)
+	if !errors.Is(err, context.Canceled) {
+		t.Errorf("cancelled: errors.Is(%v, context.Canceled) is false", err)
+	}
+
+	ctx, cancel = context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	_, err = client.Collect(ctx, &llmrelayv1.StreamCompleteRequest{Messages: chat("slow")}, nil)
+	mustFail(t, err, codes.DeadlineExceeded)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("out of time: errors.Is(%v, context.DeadlineExceeded) is false", err)
+	}
+
+	// Cancelled by Close, not by its context: no context error to find.
+	closing := setup(t)
+	if err := env.Upstream.AddFaults(gatewaytest.Fault{"stall_s": 5}); err != nil {
+		t.Fatal(err)
+	}
+	time.AfterFunc(300*time.Millisecond, func() { _ = closing.Close() })
+	_, err = closing.Complete(testContext(t), &llmrelayv1.CompleteRequest{Messages: chat("slow")})
+	mustFail(t, err, codes.Canceled)
+	if errors.Is(err, context.Canceled) {
+		t.Errorf("closed: errors.Is(%v, context.Canceled) holds; the call's context was never cancelled", err)
+	}
+}

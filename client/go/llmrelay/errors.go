@@ -1,6 +1,7 @@
 package llmrelay
 
 import (
+	"errors"
 	"fmt"
 	"time"
 
@@ -39,24 +40,31 @@ type Error struct {
 	// Attempts are what the gateway tried before it gave up (its AttemptHistory detail): each backend, model and
 	// outcome, in order; nil for a call that failed before the router (an invalid request, say).
 	Attempts []*llmrelayv1.Attempt
+	// RequestID is the call's id in the gateway's log (its x-request-id trailer), to quote to whoever runs the
+	// gateway; "" when no gateway answered, and on an *Error that ParseError made (it sees no trailers).
+	RequestID string
 
 	status *status.Status
+	// ctxErr is context.Canceled or context.DeadlineExceeded when the call's context ended the call (Unwrap).
+	ctxErr error
 }
 
 // ParseError reads err's gRPC status and its details. It returns nil when err is nil or carries no gRPC status
-// (the errors of this package's calls always do; so do those of the generated stubs).
+// (the errors of this package's calls always do; so do those of the generated stubs). A wrapped error is unwrapped:
+// an *Error it wraps comes back as it is, and Message is the status's own message, not the text of the wrappers
+// (fmt.Errorf's, or grpc-go's "max retries exhausted: ..." around the last attempt's status).
 func ParseError(err error) *Error {
-	if err == nil {
-		return nil
-	}
-	if e, ok := err.(*Error); ok {
+	var e *Error
+	if errors.As(err, &e) {
 		return e
 	}
-	st, ok := status.FromError(err)
-	if !ok {
+	// Not status.FromError: for a wrapped status, its message is err.Error(), the whole chain.
+	var carrier interface{ GRPCStatus() *status.Status }
+	if !errors.As(err, &carrier) || carrier.GRPCStatus() == nil {
 		return nil
 	}
-	e := &Error{Code: st.Code(), Message: st.Message(), status: st}
+	st := carrier.GRPCStatus()
+	e = &Error{Code: st.Code(), Message: st.Message(), status: st}
 	for _, detail := range st.Details() {
 		switch d := detail.(type) {
 		case *errdetails.ErrorInfo:
@@ -85,6 +93,14 @@ func (e *Error) Error() string {
 // GRPCStatus lets status.FromError and status.Code read the original status.
 func (e *Error) GRPCStatus() *status.Status {
 	return e.status
+}
+
+// Unwrap is the context error that ended the call, so that errors.Is finds it: context.Canceled for a call whose
+// context was cancelled, context.DeadlineExceeded for one that ran out of its deadline (its context's, or the
+// client's default). Nil for any other failure, Client.Close's CANCELED among them, and on an *Error that ParseError
+// made (it sees no context).
+func (e *Error) Unwrap() error {
+	return e.ctxErr
 }
 
 // Reason is the ErrorInfo reason, such as "UPSTREAM_RATE_LIMITED"; "" without ErrorInfo from the gateway.

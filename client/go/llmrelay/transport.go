@@ -10,12 +10,14 @@ import (
 	"strings"
 )
 
-// IsLoopbackTarget says whether a gRPC target names only this machine: a host in 127.0.0.0/8, ::1 or "localhost"
-// (with or without a port, bare or after dns:, dns:///, dns://AUTHORITY/ or passthrough:///, and every address of an
-// ipv4: or ipv6: list), or a Unix socket (unix:, unix-abstract:). Dial connects to such a target in plaintext by
-// default, and to any other over TLS with the system's roots: traffic that never leaves the machine needs no TLS,
-// traffic that does must not go without it. The Python and TypeScript SDKs apply the same rule. Anything this
-// function cannot read (another resolver's scheme, a malformed address) is not loopback.
+// IsLoopbackTarget says whether a gRPC target names only this machine: "localhost", or a host that is an IP address
+// (in the strict form netip.ParseAddr reads: 127.000.000.001 and 127.1 are names, not addresses) in 127.0.0.0/8,
+// IPv4-mapped too (::ffff:127.0.0.1), or ::1, however spelled; with or without a port, bare or after dns:, dns:///,
+// dns://AUTHORITY/ or passthrough:///, and every address of an ipv4: or ipv6: list; or a Unix socket (unix:,
+// unix-abstract:). Dial connects to such a target in plaintext by default, and to any other over TLS with the
+// system's roots: traffic that never leaves the machine needs no TLS, traffic that does must not go without it. The
+// Python and TypeScript SDKs apply the same rule. Anything this function cannot read (another resolver's scheme, a
+// malformed address) is not loopback.
 func IsLoopbackTarget(target string) bool {
 	scheme, rest, hasScheme := strings.Cut(target, ":")
 	if !hasScheme {
@@ -51,7 +53,7 @@ func hostOf(address string) string {
 	return strings.TrimSuffix(strings.TrimPrefix(address, "["), "]")
 }
 
-// isLoopbackHost says whether host is "localhost" (a trailing dot allowed) or a loopback address.
+// isLoopbackHost says whether host is "localhost" (a trailing dot allowed) or a loopback address, IPv4-mapped too.
 func isLoopbackHost(host string) bool {
 	if strings.EqualFold(strings.TrimSuffix(host, "."), "localhost") {
 		return true

@@ -11,6 +11,7 @@ import {
   type ToolCall,
   type Usage,
 } from "./gen/llmrelay/v1/llmrelay";
+import { onAbort } from "./abort";
 import type { CallOptions, Client, CollectOptions, MessageInput } from "./client";
 import { functionTool, type ToolInput } from "./content";
 import { Conversation, toolMessage } from "./conversation";
@@ -70,17 +71,20 @@ export function tool<Args = Record<string, unknown>>(spec: ToolSpec<Args>): Agen
   };
 }
 
-/** The loop stopped at the step limit while the model still asked for tools. */
+/**
+ * The loop stopped at the step limit while the model still asked for tools. Those tools ran, and the conversation
+ * ends with their results, as in the Python and Go SDKs: running it again goes on where this run stopped.
+ */
 export class StepLimitError extends Error {
   override readonly name = "StepLimitError";
 
   constructor(
-    /** What the run did, up to the answer that asked for more tools (not run, not in messages). */
+    /** What the run did, its answer the last one, which asked for the tools whose results end the conversation. */
     readonly result: AgentResult,
   ) {
     super(
       `the model still asked for tools (${toolNames(result.answer)}) after ${result.steps} steps, the limit; raise ` +
-        "maxSteps, or tell the model to answer sooner",
+        "maxSteps, tell the model to answer sooner, or run the conversation again to go on",
     );
   }
 }
@@ -101,7 +105,7 @@ export interface RunOptions extends CallOptions {
   onDelta?: CollectOptions["onDelta"];
   /** With onDelta: a stream that started over on another backend (see Client.collect). */
   onRestart?: CollectOptions["onRestart"];
-  /** Called after each step with its answer and the tool messages its calls gave (none on the last step). */
+  /** Called after each step with its answer and the tool messages its calls gave (none for the final answer). */
   onStep?: (answer: CompleteResponse, toolMessages: MessageInput[]) => void;
 }
 
@@ -155,7 +159,9 @@ export class Agent {
   /**
    * Runs the loop on a conversation (appended to as it goes; trimmed to its budget before each step when it has
    * one) or on messages (copied). Resolves when the model answers without tool calls; rejects with StepLimitError
-   * at the step limit, with an LLMRelayError when a call fails, and with the signal's reason when it aborts.
+   * at the step limit, with an LLMRelayError when a call fails, and with the signal's reason when it aborts. A run
+   * that stops leaves every tool call in the conversation answered, so that it can go on: aborted while tools run, it
+   * appends their results, a call still running answered that the run was cancelled before it finished.
    */
   async run(input: Conversation | MessageInput[], options: RunOptions = {}): Promise<AgentResult> {
     const { onDelta, onRestart, onStep, ...callOptions } = options;
@@ -186,36 +192,36 @@ export class Agent {
       attempts.push(...answer.attempts);
       const calls = answer.message?.toolCalls ?? [];
       const result = { answer, steps: step, usage, attempts, conversation };
-      if (calls.length > 0 && step >= this.maxSteps) {
-        throw new StepLimitError(result);
-      }
-      conversation.addAnswer(answer);
       const toolMessages = await this.runCalls(calls, callOptions.signal);
+      // The answer only with its calls' results: a conversation with a call unanswered is one no model call takes.
+      conversation.addAnswer(answer);
       conversation.add(...toolMessages);
       onStep?.(answer, toolMessages);
       if (calls.length === 0) {
         return result;
       }
+      callOptions.signal?.throwIfAborted();
+      if (step >= this.maxSteps) {
+        throw new StepLimitError(result);
+      }
     }
   }
 
-  /** Runs the calls at once; resolves to their tool messages in the calls' order, or rejects when signal aborts. */
+  /**
+   * Runs the calls at once; resolves to their tool messages in the calls' order once all have returned, or as soon
+   * as signal aborts, a call still running then answered that it did not finish (none start when it has aborted).
+   */
   private async runCalls(calls: ToolCall[], signal: AbortSignal | undefined): Promise<MessageInput[]> {
-    signal?.throwIfAborted();
-    const results = Promise.all(calls.map(async (call) => toolMessage(call, await this.runCall(call, signal))));
-    if (signal === undefined) {
-      return results;
+    const results: (string | undefined)[] = calls.map(() => undefined);
+    if (!signal?.aborted) {
+      const running = Promise.all(
+        calls.map(async (call, i) => {
+          results[i] = await this.runCall(call, signal);
+        }),
+      );
+      await untilAborted(running, signal);
     }
-    let onAbort: (() => void) | undefined;
-    const aborted = new Promise<never>((_, reject) => {
-      onAbort = () => reject(signal.reason);
-      signal.addEventListener("abort", onAbort, { once: true });
-    });
-    try {
-      return await Promise.race([results, aborted]);
-    } finally {
-      signal.removeEventListener("abort", onAbort!);
-    }
+    return calls.map((call, i) => toolMessage(call, results[i] ?? CANCELLED_RESULT));
   }
 
   /** One call's result as text for the model: the tool's, or what went wrong (unknown tool, bad JSON, a throw). */
@@ -237,6 +243,25 @@ export class Agent {
     } catch (err) {
       return `error: ${name} failed: ${errorText(err)}`;
     }
+  }
+}
+
+/** The result of a tool call that the run's abort left unfinished. */
+const CANCELLED_RESULT = "error: the run was cancelled before the tool finished";
+
+/** Resolves when `work` settles, or sooner when `signal` aborts (at once when it has). */
+async function untilAborted(work: Promise<unknown>, signal: AbortSignal | undefined): Promise<void> {
+  if (signal?.aborted) {
+    return;
+  }
+  let stopWaiting = () => {};
+  const aborted = new Promise<void>((resolve) => {
+    stopWaiting = onAbort(signal, resolve);
+  });
+  try {
+    await Promise.race([work, aborted]);
+  } finally {
+    stopWaiting();
   }
 }
 

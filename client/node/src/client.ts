@@ -33,6 +33,7 @@ import {
   type StreamRestart,
 } from "./gen/llmrelay/v1/llmrelay";
 import { SERVICE_CONFIG_JSON } from "./gen/llmrelay/v1/service_config";
+import { onAbort } from "./abort";
 import { StreamAssembler, hasDelta, isRestart } from "./assemble";
 import { textTools, withJsonText } from "./content";
 import { LLMRelayError, toError } from "./errors";
@@ -148,16 +149,21 @@ export class Client {
   readonly raw: LLMServiceClient;
   /** How the channel reaches the gateway; undefined when ClientOptions.credentials decided. */
   readonly transport: Transport | undefined;
+  /** Whether the transport rule chose plaintext (a loopback target), rather than the caller (insecure: true). */
+  private readonly plaintextByRule: boolean;
   private readonly timeoutMs: number | null;
   private readonly headers: Record<string, string>;
   /** The calls in flight, unary and streams: close() cancels them, as grpc-js's close() lets them run on. */
   private readonly active = new Set<{ cancel(): void }>();
+  /** Set by close(): a call after it fails as in the Python SDK, not with grpc-js's plain Error. */
+  private closed = false;
 
   constructor(
     readonly target: string = DEFAULT_TARGET,
     options: ClientOptions = {},
   ) {
     this.transport = options.credentials ? undefined : chooseTransport(target, options);
+    this.plaintextByRule = this.transport === "plaintext" && options.insecure === undefined;
     this.raw = new LLMServiceClient(target, channelCredentials(target, options), {
       "grpc.service_config": SERVICE_CONFIG_JSON,
       ...options.channelOptions,
@@ -182,6 +188,9 @@ export class Client {
    * deltas after it replace every delta before it. `collect()` handles this for you.
    */
   async *stream(request: StreamInput, options?: CallOptions): AsyncGenerator<StreamCompleteResponse, void, undefined> {
+    if (this.closed) {
+      throw closedError();
+    }
     options?.signal?.throwIfAborted(); // as unary calls do: an aborted signal starts nothing
     const call = this.raw.streamComplete(
       StreamCompleteRequest.fromPartial({ ...request, options: withJsonText(request.options) }),
@@ -189,8 +198,7 @@ export class Client {
       this.callOptions(options),
     );
     this.active.add(call);
-    const abort = () => call.cancel();
-    options?.signal?.addEventListener("abort", abort, { once: true });
+    const stopWaiting = onAbort(options?.signal, () => call.cancel());
     try {
       for await (const chunk of call) {
         yield chunk as StreamCompleteResponse;
@@ -198,7 +206,7 @@ export class Client {
     } catch (err) {
       throw this.explain(unencodable(toError(err)));
     } finally {
-      options?.signal?.removeEventListener("abort", abort);
+      stopWaiting();
       call.on("error", () => {}); // the CANCELLED of an early exit is nobody's error
       call.cancel();
       this.active.delete(call);
@@ -258,6 +266,7 @@ export class Client {
 
   /** Closes the channel; calls in flight fail with CANCELLED, and the gateway stops answering them. */
   close(): void {
+    this.closed = true;
     for (const call of this.active) {
       call.cancel();
     }
@@ -266,15 +275,18 @@ export class Client {
 
   private unary<Req, Res>(method: UnaryMethod<Req, Res>, request: Req, options?: CallOptions): Promise<Res> {
     return new Promise<Res>((resolve, reject) => {
+      if (this.closed) {
+        reject(closedError());
+        return;
+      }
       const signal = options?.signal;
       if (signal?.aborted) {
         reject(signal.reason);
         return;
       }
-      const abort = () => call.cancel();
       const call = method.call(this.raw, request, this.metadata(options), this.callOptions(options), (err, res) => {
         this.active.delete(call);
-        signal?.removeEventListener("abort", abort);
+        stopWaiting();
         if (err) {
           reject(this.explain(unencodable(toError(err))));
         } else {
@@ -282,7 +294,7 @@ export class Client {
         }
       });
       this.active.add(call);
-      signal?.addEventListener("abort", abort, { once: true });
+      const stopWaiting = onAbort(signal, () => call.cancel());
     });
   }
 
@@ -309,12 +321,12 @@ export class Client {
   }
 
   /**
-   * Adds to a failure to connect in plaintext what to try: a gateway that serves TLS drops a plaintext client with
-   * no word of TLS in the status.
+   * Adds to a failure to connect in plaintext by the rule's choice what to try: a gateway that serves TLS drops a
+   * plaintext client with no word of TLS in the status. A caller who chose plaintext needs no word of the rule.
    */
   private explain(err: unknown): unknown {
     if (
-      this.transport === "plaintext" &&
+      this.plaintextByRule &&
       err instanceof LLMRelayError &&
       err.code === status.UNAVAILABLE &&
       err.errorInfo === undefined
@@ -326,6 +338,11 @@ export class Client {
     }
     return err;
   }
+}
+
+/** A call after close(): CANCELLED, as the Python SDK says it, rather than grpc-js's plain Error. */
+function closedError(): LLMRelayError {
+  return new LLMRelayError(status.CANCELLED, "the client is closed: make a new one to call");
 }
 
 /**

@@ -15,6 +15,9 @@ export const DOMAIN = "llmrelay.dev";
 /** The trailer that carries a google.rpc.Status with the details. */
 export const STATUS_DETAILS_KEY = "grpc-status-details-bin";
 
+/** The trailer of a call's request id in the gateway's log (the caller's own, when it sent a sane one). */
+const REQUEST_ID_KEY = "x-request-id";
+
 const TYPE_PREFIX = "type.googleapis.com/";
 
 /** The name of a status code, such as "RESOURCE_EXHAUSTED". */
@@ -50,6 +53,7 @@ interface ErrorExtra {
   quotaFailure?: QuotaFailure;
   attempts?: Attempt[];
   metadata?: Metadata;
+  requestId?: string;
   /** What to try, added to the message (not from the gateway). */
   hint?: string;
 }
@@ -73,6 +77,11 @@ export class LLMRelayError extends Error {
   readonly attempts: Attempt[];
   /** The response metadata (trailers) of the call. */
   readonly metadata: Metadata;
+  /**
+   * The call's id in the gateway's log (its x-request-id trailer), to quote to whoever runs the gateway; undefined
+   * when no gateway answered, or the client refused the call itself.
+   */
+  readonly requestId: string | undefined;
 
   constructor(
     code: status,
@@ -89,6 +98,7 @@ export class LLMRelayError extends Error {
     this.quotaFailure = extra.quotaFailure;
     this.attempts = extra.attempts ?? [];
     this.metadata = extra.metadata ?? new Metadata();
+    this.requestId = extra.requestId;
   }
 
   /** The same error, its message ending with what a person may try. */
@@ -153,7 +163,8 @@ export function parseError(err: unknown): LLMRelayError | undefined {
   if (!isServiceError(err)) {
     return undefined;
   }
-  const extra: ErrorExtra = { metadata: err.metadata };
+  const requestId = err.metadata.get(REQUEST_ID_KEY)[0];
+  const extra: ErrorExtra = { metadata: err.metadata, requestId: typeof requestId === "string" ? requestId : undefined };
   const raw = err.metadata.get(STATUS_DETAILS_KEY)[0];
   if (raw instanceof Buffer) {
     for (const any of Status.decode(raw).details) {

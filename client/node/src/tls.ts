@@ -2,6 +2,8 @@
  * The transport rule all three SDKs share: plaintext by default only to a loopback target (127.0.0.0/8, ::1,
  * localhost, unix sockets), TLS to anything else; explicit options override it. Pure, no I/O.
  */
+import { BlockList, isIP } from "node:net";
+
 import { ChannelCredentials } from "@grpc/grpc-js";
 
 /** TLS settings for a gateway with its own CA, or one that asks for a client certificate (mutual TLS). */
@@ -30,9 +32,11 @@ export interface TransportOptions {
 const SCHEME = /^([a-z][a-z0-9+.-]*):/i;
 
 /**
- * Whether a gRPC target names only this machine: 127.0.0.0/8, ::1 or localhost (with or without a port, bare or
- * after dns:, dns:///, dns://AUTHORITY/ or passthrough:///, and every address of an ipv4: or ipv6: list), or a unix
- * socket (unix:, unix-abstract:). Anything else, another resolver's scheme included, is not loopback.
+ * Whether a gRPC target names only this machine: localhost, or an IP address (as node:net's isIP reads one, strictly:
+ * 127.000.000.001 and 127.1 are names) in 127.0.0.0/8, IPv4-mapped too (::ffff:127.0.0.1), or ::1, however spelled;
+ * with or without a port, bare or after dns:, dns:///, dns://AUTHORITY/ or passthrough:///, and every address of an
+ * ipv4: or ipv6: list; or a unix socket (unix:, unix-abstract:). Anything else, another resolver's scheme included,
+ * is not loopback.
  */
 export function isLoopbackTarget(target: string): boolean {
   const scheme = SCHEME.exec(target)?.[1]?.toLowerCase();
@@ -66,17 +70,17 @@ function hostOf(address: string): string {
   return colons === 1 ? address.slice(0, address.indexOf(":")) : address;
 }
 
+/** 127.0.0.0/8 and ::1. A BlockList matches an IPv4-mapped address (::ffff:127.0.0.1) by the IPv4 rules too. */
+const LOOPBACK = new BlockList();
+LOOPBACK.addSubnet("127.0.0.0", 8, "ipv4");
+LOOPBACK.addAddress("::1", "ipv6");
+
 function isLoopbackHost(host: string): boolean {
-  const name = host.toLowerCase().replace(/\.$/, "");
-  if (name === "localhost" || name === "::1" || name === "0:0:0:0:0:0:0:1") {
+  if (host.toLowerCase().replace(/\.$/, "") === "localhost") {
     return true;
   }
-  const octets = name.replace(/^::ffff:/, "").split(".");
-  return (
-    octets.length === 4 &&
-    octets[0] === "127" &&
-    octets.every((octet) => /^\d{1,3}$/.test(octet) && Number(octet) <= 255)
-  );
+  const family = isIP(host);
+  return family !== 0 && LOOPBACK.check(host, family === 4 ? "ipv4" : "ipv6");
 }
 
 /**

@@ -210,25 +210,69 @@ describe("the agent loop", { concurrency: false }, () => {
     );
   });
 
-  test("stops at the step limit with a StepLimitError that holds what the run did", async () => {
-    const again = { tool_calls: [{ name: "get_time", arguments: '{"city":"Lima"}' }] };
-    await upstream.addFaults(again, again, again);
+  test("stops at the step limit with a StepLimitError that holds what the run did, ready to go on", async () => {
+    const again = (city: string) => ({ tool_calls: [{ name: "get_time", arguments: JSON.stringify({ city }) }] });
+    await upstream.addFaults(again("Lima"), again("Quito"), { echo_tools: true });
     const before = await upstream.requestCount();
     const agent = new Agent(client, { tools: weatherAndClock(async () => {}), maxSteps: 2 });
-    await assert.rejects(agent.run([user("Loop forever")]), (err: unknown) => {
+    const conversation = new Conversation([user("Loop forever")]);
+    await assert.rejects(agent.run(conversation), (err: unknown) => {
       assert.ok(err instanceof StepLimitError, String(err));
       assert.match(err.message, /still asked for tools \(get_time\) after 2 steps/);
       assert.equal(err.result.steps, 2);
       assert.equal(err.result.attempts.length, 2);
       assert.equal(err.result.answer.message?.toolCalls.length, 1);
-      // The conversation holds the first step and its result, not the second step's unanswered call.
-      assert.deepEqual(
-        err.result.conversation.messages.map((m) => m.role),
-        [Role.ROLE_USER, Role.ROLE_ASSISTANT, Role.ROLE_TOOL],
-      );
       return true;
     });
+    // As in the Python and Go SDKs: the last answer and its call's result too, so that the next run goes on.
+    assert.deepEqual(
+      conversation.messages.map((m) => [m.role, m.content]),
+      [
+        [Role.ROLE_USER, "Loop forever"],
+        [Role.ROLE_ASSISTANT, "echo: Loop forever"],
+        [Role.ROLE_TOOL, "12:00 in Lima"],
+        [Role.ROLE_ASSISTANT, "echo: Loop forever"],
+        [Role.ROLE_TOOL, "12:00 in Quito"],
+      ],
+    );
     assert.equal(await upstream.requestCount(), before + 2);
+    const result = await agent.run(conversation);
+    assert.equal(result.answer.message?.content, "tools: get_time=12:00 in Lima; get_time=12:00 in Quito");
+  });
+
+  test("an AbortSignal while tools run leaves every call answered, so the conversation goes on", async () => {
+    const calls = [
+      { name: "get_time", arguments: '{"city":"Oslo"}' },
+      { name: "hang", arguments: "{}" },
+    ];
+    await upstream.addFaults({ tool_calls: calls }, { echo_tools: true });
+    const controller = new AbortController();
+    const reason = new Error("the user gave up");
+    const hang = tool({
+      name: "hang",
+      parameters: s.object({}),
+      run: () => {
+        setTimeout(() => controller.abort(reason), 100);
+        return new Promise(() => {}); // deaf to the signal: it never returns
+      },
+    });
+    const agent = new Agent(client, { tools: [...weatherAndClock(async () => {}), hang] });
+    const conversation = new Conversation([user("Time in Oslo, then hang")]);
+    await assert.rejects(agent.run(conversation, { signal: controller.signal }), (err) => err === reason);
+    assert.deepEqual(
+      conversation.messages.map((m) => [m.role, m.toolCallId ?? m.toolCalls?.length ?? 0, m.content]),
+      [
+        [Role.ROLE_USER, 0, "Time in Oslo, then hang"],
+        [Role.ROLE_ASSISTANT, 2, "echo: Time in Oslo, then hang"],
+        [Role.ROLE_TOOL, "call_1_1", "12:00 in Oslo"],
+        [Role.ROLE_TOOL, "call_1_2", "error: the run was cancelled before the tool finished"],
+      ],
+    );
+    const result = await agent.run(conversation);
+    assert.equal(
+      result.answer.message?.content,
+      "tools: get_time=12:00 in Oslo; hang=error: the run was cancelled before the tool finished",
+    );
   });
 
   test("an AbortSignal stops the run while a tool runs, and the tool sees it", async () => {

@@ -179,6 +179,13 @@ describe("the transport rule against a TLS gateway on loopback", { concurrency: 
     assert.match(err.message, /in plaintext \(the default for loopback targets\); if the gateway serves TLS, pass/);
   });
 
+  test("a client told to use plaintext fails without the rule's hint: the rule did not choose", async () => {
+    const client = connect(tlsGateway.addr, { insecure: true, timeoutMs: 10_000 });
+    assert.equal(client.transport, "plaintext");
+    const err = await mustFail(client.complete({ messages: [user("plaintext!")] }), status.UNAVAILABLE);
+    assert.doesNotMatch(err.message, /default for loopback targets/);
+  });
+
   test("TLS without the gateway's CA is refused", async () => {
     const client = connect(tlsGateway.addr, { insecure: false, timeoutMs: 10_000 });
     assert.equal(client.transport, "tls");

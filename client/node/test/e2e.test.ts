@@ -4,6 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
+import { getEventListeners } from "node:events";
 import { after, before, beforeEach, describe, test } from "node:test";
 
 import { status } from "@grpc/grpc-js";
@@ -250,6 +251,67 @@ describe("llmrelay gateway, from TypeScript", { concurrency: false }, () => {
     calling.close();
     await mustFail(answer, status.CANCELLED);
     assert.ok(Date.now() - closedAt < 500, `the call ran on ${Date.now() - closedAt} ms after close()`);
+  });
+
+  test("a call after close() fails CANCELLED, saying so, as in the Python SDK", async () => {
+    const client = connect();
+    await client.complete({ messages: chat("before close") });
+    client.close();
+    const closed = "the client is closed: make a new one to call";
+    for (const call of [
+      client.complete({ messages: chat("after close") }),
+      client.stream({ messages: chat("after close") }).next(),
+      client.collect({ messages: chat("after close") }),
+    ]) {
+      const err = await mustFail(call, status.CANCELLED);
+      assert.equal(err.details, closed);
+    }
+  });
+
+  test("many calls share one AbortSignal without a MaxListenersExceededWarning, and leave no listener", async () => {
+    const warnings: Error[] = [];
+    const warned = (warning: Error) => warnings.push(warning);
+    process.on("warning", warned);
+    try {
+      const client = connect();
+      const controller = new AbortController();
+      const calls = Array.from({ length: 20 }, (_, i) =>
+        client.complete({ messages: chat(`call ${i}`) }, { signal: controller.signal }),
+      );
+      assert.equal(getEventListeners(controller.signal, "abort").length, 1);
+      await Promise.all(calls);
+      assert.equal(getEventListeners(controller.signal, "abort").length, 0);
+
+      // And each call still hears the abort.
+      const stalled = Array.from({ length: 12 }, () => ({ stall_s: 5 }));
+      await upstream.addFaults(...stalled);
+      const cancelled = stalled.map((_, i) =>
+        mustFail(client.complete({ messages: chat(`slow ${i}`) }, { signal: controller.signal }), status.CANCELLED),
+      );
+      setTimeout(() => controller.abort(), 300);
+      await Promise.all(cancelled);
+      await new Promise((resolve) => setImmediate(resolve)); // process.emitWarning emits on the next tick
+    } finally {
+      process.off("warning", warned);
+    }
+    assert.deepEqual(warnings.filter((w) => w.name === "MaxListenersExceededWarning"), []);
+  });
+
+  test("an error carries the request id of the gateway's log: the call's own, or the one the gateway made", async () => {
+    const client = connect();
+    const own = await mustFail(
+      client.complete({ messages: [] }, { metadata: { "x-request-id": "node-request-1" } }),
+      status.INVALID_ARGUMENT,
+    );
+    assert.equal(own.requestId, "node-request-1");
+    const made = await mustFail(client.complete({ messages: [] }), status.INVALID_ARGUMENT);
+    assert.match(made.requestId ?? "", /^[0-9a-f]{32}$/);
+    await upstream.addFaults({ status: 429, retry_after: 1 });
+    const streamed = await mustFail(
+      client.collect({ messages: chat("too many") }, { metadata: { "x-request-id": "node-request-2" } }),
+      status.RESOURCE_EXHAUSTED,
+    );
+    assert.equal(streamed.requestId, "node-request-2");
   });
 
   test("a signal aborted before the call starts neither a unary call nor a stream", async () => {

@@ -5,42 +5,71 @@ import { describe, test } from "node:test";
 import { ChannelCredentials, Client, chooseTransport, isLoopbackTarget, type TransportOptions } from "../src";
 
 describe("isLoopbackTarget", () => {
+  // The transport rule's table, the same rows as the Go SDK's (client/go/llmrelay/transport_test.go) and the Python
+  // SDK's (tests/unit/sdk/test_channel.py): change the three together. A host is loopback when the language's strict
+  // parser reads it as an address in 127.0.0.0/8, ::1 or ::ffff:127.0.0.0/104 (any spelling), or when it is
+  // "localhost"; anything the parser refuses (leading zeros, 127.1, hex) is a name, and gets TLS.
   const cases: [string, boolean][] = [
     ["127.0.0.1:50051", true],
     ["127.0.0.1", true],
-    ["127.8.9.10:443", true],
+    ["127.45.6.7:443", true], // all of 127.0.0.0/8
+    ["127.255.255.255:1", true],
     ["localhost:50051", true],
-    ["LOCALHOST:50051", true],
+    ["LocalHost:50051", true],
     ["localhost", true],
     ["localhost.:50051", true],
     ["[::1]:50051", true],
     ["::1", true],
-    ["[::ffff:127.0.0.1]:50051", true],
+    ["[0::1]:50051", true],
+    ["[0:0:0:0:0:0:0:1]:50051", true],
+    ["[::0001]:50051", true],
+    ["[::1%lo]:50051", true],
+    ["[::ffff:127.0.0.1]:50051", true], // IPv4-mapped 127.0.0.1, in every spelling
+    ["[::ffff:7f00:1]:50051", true],
+    ["[::FFFF:127.1.2.3]:50051", true],
+    ["[0:0:0:0:0:ffff:7f00:1]:50051", true],
+    ["::ffff:127.0.0.1", true],
     ["dns:///localhost:50051", true],
     ["dns:///127.0.0.1:50051", true],
-    ["dns://8.8.8.8/localhost:50051", true],
     ["dns:localhost:50051", true],
-    ["dns:///[::1]:50051", true],
+    ["dns://8.8.8.8/localhost:50051", true], // the authority is the DNS server, not the gateway
+    ["DNS:///[::1]:50051", true],
+    ["dns:///[::ffff:127.0.0.1]:50051", true],
     ["passthrough:///127.0.0.1:50051", true],
-    ["ipv4:127.0.0.1:50051,127.0.0.2:50051", true],
+    ["passthrough:///localhost:50051", true],
+    ["ipv4:127.0.0.1:50051,127.0.0.2:50052", true],
     ["ipv6:[::1]:50051", true],
+    ["ipv6:[::ffff:7f00:1]:50051", true],
     ["unix:/run/llmrelay.sock", true],
     ["unix:///run/llmrelay.sock", true],
     ["unix-abstract:llmrelay", true],
-    // Not loopback: TLS.
-    ["gateway.example.com:443", false],
-    ["dns:///gateway.example.com:443", false],
-    ["dns://127.0.0.1/gateway.example.com:443", false],
-    ["dns://127.0.0.1", false],
-    ["10.0.0.5:50051", false],
-    ["0.0.0.0:50051", false],
-    ["128.0.0.1:50051", false],
+    ["127.000.000.001:50051", false], // leading zeros: not an address to the strict parsers, so a name
+    ["127.1:50051", false],
+    ["0x7f.0.0.1:50051", false],
+    ["0177.0.0.1:50051", false],
     ["127.0.0.256:50051", false],
-    ["127.0.0.1.example.com:50051", false],
-    ["localhost.example.com:50051", false],
+    ["[::ffff:128.0.0.1]:50051", false],
+    ["[::127.0.0.1]:50051", false], // IPv4-compatible, not IPv4-mapped
+    ["[::ffff:0:127.0.0.1]:50051", false], // IPv4-translated, not IPv4-mapped
     ["[::2]:50051", false],
-    ["ipv4:127.0.0.1:50051,10.0.0.5:50051", false],
+    ["[::]:50051", false],
+    ["[fe80::1%eth0]:50051", false],
+    ["0.0.0.0:50051", false],
+    ["10.0.0.5:50051", false],
+    ["128.0.0.1:50051", false],
+    ["[2001:db8::1]:50051", false],
+    ["gateway.example.com:443", false],
+    ["gateway.example.com", false],
+    ["localhost.example.com:50051", false],
+    ["127.0.0.1.example.com:50051", false],
+    ["localhost..:50051", false],
+    ["dns:///gateway.example.com:443", false],
+    ["dns://127.0.0.1/gateway.example.com:443", false], // a local DNS server, a remote gateway
+    ["dns://8.8.8.8", false], // no endpoint
+    ["passthrough:///gateway.example.com:443", false],
+    ["ipv4:127.0.0.1:50051,10.0.0.1:50051", false], // one address leaves the machine
     ["xds:///llmrelay", false],
+    ["xds:///localhost:50051", false], // another resolver's scheme: who knows where it resolves
     ["", false],
   ];
   for (const [target, loopback] of cases) {

@@ -29,10 +29,11 @@ _LOCAL_SCHEMES: Final = frozenset({"unix", "unix-abstract"})
 
 
 def is_loopback_target(target: str) -> bool:
-    """Whether a gRPC target names this machine: 127.0.0.0/8, ::1, "localhost" (any port), by itself or behind the
-    "dns:" or "passthrough:" scheme; "ipv4:"/"ipv6:" lists of loopback addresses only; a Unix socket ("unix:",
-    "unix-abstract:"). A scheme other than these (xds:, a custom resolver) is not loopback: who knows where it
-    resolves. The Go and TypeScript SDKs decide alike."""
+    """Whether a gRPC target names this machine: "localhost", or an IP address (as `ipaddress` reads one, strictly:
+    127.000.000.001 and 127.1 are names) in 127.0.0.0/8, IPv4-mapped too (::ffff:127.0.0.1), or ::1, however spelled;
+    with any port, by itself or behind the "dns:" or "passthrough:" scheme; "ipv4:"/"ipv6:" lists of loopback
+    addresses only; a Unix socket ("unix:", "unix-abstract:"). A scheme other than these (xds:, a custom resolver) is
+    not loopback: who knows where it resolves. The Go and TypeScript SDKs decide alike."""
     address = target.strip()
     match = _SCHEME.match(address)
     if match is None or _looks_like_host_port(address):
@@ -48,12 +49,15 @@ def is_loopback_target(target: str) -> bool:
 
 
 def _is_loopback_host(host: str) -> bool:
-    if host.lower().rstrip(".") == "localhost":
+    if host.lower().removesuffix(".") == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    # The ipaddress of older Pythons (3.11, early 3.12) calls ::ffff:127.0.0.1 not loopback; a socket reaches 127.0.0.1.
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return (mapped or address).is_loopback
 
 
 def _looks_like_host_port(address: str) -> bool:

@@ -10,55 +10,80 @@ import pytest
 from llmrelay import DEFAULT_SERVICE_CONFIG, Client, is_loopback_target, uses_tls
 from llmrelay._channel import SERVICE_CONFIG_OPTION, ChannelSettings
 
-LOOPBACK = [
-    "127.0.0.1:50051",
-    "127.9.8.7:1",
-    "127.0.0.1",
-    "localhost:50051",
-    "localhost",
-    "LOCALHOST:50051",
-    "localhost.:50051",
-    "[::1]:50051",
-    "::1",
-    "dns:///localhost:50051",
-    "dns:///127.0.0.1:50051",
-    "dns://8.8.8.8/localhost:50051",
-    "dns:localhost:50051",
-    "ipv4:127.0.0.1:50051",
-    "ipv6:[::1]:50051",
-    "ipv4:127.0.0.1:1,127.0.0.2:2",
-    "passthrough:///localhost:50051",
-    "unix:/run/llmrelay.sock",
-    "unix:///run/llmrelay.sock",
-    "unix-abstract:llmrelay",
-]
-REMOTE = [
-    "llm.example.com:443",
-    "llm.example.com",
-    "dns:///llm.example.com:443",
-    "10.0.0.5:50051",
-    "0.0.0.0:50051",
-    "[2001:db8::1]:443",
-    "localhost.example.com:443",
-    "ipv4:10.0.0.1:1,127.0.0.1:2",
-    "xds:///llmrelay",
-    "xds:///localhost:50051",
-    "passthrough:///llm.example.com:443",
-    "128.0.0.1:50051",
+# The transport rule's table, the same rows as the Go SDK's (client/go/llmrelay/transport_test.go) and the TypeScript
+# SDK's (client/node/test/tls.test.ts): change the three together. A host is loopback when the language's strict
+# parser reads it as an address in 127.0.0.0/8, ::1 or ::ffff:127.0.0.0/104 (any spelling), or when it is
+# "localhost"; anything the parser refuses (leading zeros, 127.1, hex) is a name, and gets TLS.
+TARGETS = [
+    ("127.0.0.1:50051", True),
+    ("127.0.0.1", True),
+    ("127.45.6.7:443", True),  # all of 127.0.0.0/8
+    ("127.255.255.255:1", True),
+    ("localhost:50051", True),
+    ("LocalHost:50051", True),
+    ("localhost", True),
+    ("localhost.:50051", True),
+    ("[::1]:50051", True),
+    ("::1", True),
+    ("[0::1]:50051", True),
+    ("[0:0:0:0:0:0:0:1]:50051", True),
+    ("[::0001]:50051", True),
+    ("[::1%lo]:50051", True),
+    ("[::ffff:127.0.0.1]:50051", True),  # IPv4-mapped 127.0.0.1, in every spelling
+    ("[::ffff:7f00:1]:50051", True),
+    ("[::FFFF:127.1.2.3]:50051", True),
+    ("[0:0:0:0:0:ffff:7f00:1]:50051", True),
+    ("::ffff:127.0.0.1", True),
+    ("dns:///localhost:50051", True),
+    ("dns:///127.0.0.1:50051", True),
+    ("dns:localhost:50051", True),
+    ("dns://8.8.8.8/localhost:50051", True),  # the authority is the DNS server, not the gateway
+    ("DNS:///[::1]:50051", True),
+    ("dns:///[::ffff:127.0.0.1]:50051", True),
+    ("passthrough:///127.0.0.1:50051", True),
+    ("passthrough:///localhost:50051", True),
+    ("ipv4:127.0.0.1:50051,127.0.0.2:50052", True),
+    ("ipv6:[::1]:50051", True),
+    ("ipv6:[::ffff:7f00:1]:50051", True),
+    ("unix:/run/llmrelay.sock", True),
+    ("unix:///run/llmrelay.sock", True),
+    ("unix-abstract:llmrelay", True),
+    ("127.000.000.001:50051", False),  # leading zeros: not an address to the strict parsers, so a name
+    ("127.1:50051", False),
+    ("0x7f.0.0.1:50051", False),
+    ("0177.0.0.1:50051", False),
+    ("127.0.0.256:50051", False),
+    ("[::ffff:128.0.0.1]:50051", False),
+    ("[::127.0.0.1]:50051", False),  # IPv4-compatible, not IPv4-mapped
+    ("[::ffff:0:127.0.0.1]:50051", False),  # IPv4-translated, not IPv4-mapped
+    ("[::2]:50051", False),
+    ("[::]:50051", False),
+    ("[fe80::1%eth0]:50051", False),
+    ("0.0.0.0:50051", False),
+    ("10.0.0.5:50051", False),
+    ("128.0.0.1:50051", False),
+    ("[2001:db8::1]:50051", False),
+    ("gateway.example.com:443", False),
+    ("gateway.example.com", False),
+    ("localhost.example.com:50051", False),
+    ("127.0.0.1.example.com:50051", False),
+    ("localhost..:50051", False),
+    ("dns:///gateway.example.com:443", False),
+    ("dns://127.0.0.1/gateway.example.com:443", False),  # a local DNS server, a remote gateway
+    ("dns://8.8.8.8", False),  # no endpoint
+    ("passthrough:///gateway.example.com:443", False),
+    ("ipv4:127.0.0.1:50051,10.0.0.1:50051", False),  # one address leaves the machine
+    ("xds:///llmrelay", False),
+    ("xds:///localhost:50051", False),  # another resolver's scheme: who knows where it resolves
+    ("", False),
 ]
 
 
-@pytest.mark.parametrize("target", LOOPBACK)
-def test_loopback_targets_are_plaintext_by_default(target: str) -> None:
-    assert is_loopback_target(target)
-    assert not uses_tls(target, None)
+@pytest.mark.parametrize(("target", "loopback"), TARGETS)
+def test_loopback_targets_alone_are_plaintext_by_default(target: str, loopback: bool) -> None:
+    assert is_loopback_target(target) is loopback
+    assert uses_tls(target, None) is not loopback
     assert uses_tls(target, True), "tls=True asks for TLS even on loopback"
-
-
-@pytest.mark.parametrize("target", REMOTE)
-def test_other_targets_use_tls_by_default(target: str) -> None:
-    assert not is_loopback_target(target)
-    assert uses_tls(target, None)
     assert not uses_tls(target, False), "tls=False asks for plaintext anywhere"
 
 
