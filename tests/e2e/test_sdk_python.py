@@ -160,6 +160,39 @@ def _assert_three_steps(answer: Answer, primary: FakeUpstream) -> None:
     assert sent_tools == {"weather", "clock", "barometer"}
 
 
+async def test_a_run_cancelled_while_its_tools_run_answers_every_call(gateway: Gateway, primary: FakeUpstream) -> None:
+    # The answer was left in the conversation with calls no result answered: a conversation no model takes.
+    primary.inject({"tool_calls": [{"name": "quick", "arguments": "{}"}, {"name": "stuck", "arguments": "{}"}]})
+    tools = Tools()
+    stuck_started = asyncio.Event()
+
+    @tools.register
+    async def quick() -> str:
+        """Answers at once."""
+        return "done"
+
+    @tools.register
+    async def stuck() -> str:
+        """Never answers."""
+        stuck_started.set()
+        await asyncio.Event().wait()
+        return "never"
+
+    conversation = Conversation(QUESTION)
+    async with AsyncClient(target(gateway)) as client:
+        running = asyncio.create_task(client.run_tools(conversation, tools))
+        await asyncio.wait_for(stuck_started.wait(), 5)
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+    asked, results = conversation.messages[1], conversation.messages[2:]
+    assert [call.function.name for call in asked.tool_calls] == ["quick", "stuck"]
+    assert [(m.tool_call_id, m.content) for m in results] == [
+        (asked.tool_calls[0].id, "done"),
+        (asked.tool_calls[1].id, "error: the run was cancelled before the tool finished"),
+    ]
+
+
 async def test_a_tool_that_raises_becomes_a_result_that_says_so(gateway: Gateway, primary: FakeUpstream) -> None:
     primary.inject({"tool_calls": [{"name": "barometer", "arguments": '{"city": "Oslo"}'}]}, {"echo_tools": True})
     async with AsyncClient(target(gateway)) as client:

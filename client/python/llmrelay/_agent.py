@@ -245,14 +245,13 @@ class Tools:
     async def arun_all(self, calls: Sequence[pb.ToolCall], timeout: float | None = None) -> list[pb.Message]:
         """As run_all, from an event loop (arun's way); a call past timeout is cancelled (a plain function's thread
         is left to end by itself)."""
+        return list(await asyncio.gather(*(self._arun_within(call, timeout) for call in calls)))
 
-        async def within(call: pb.ToolCall) -> pb.Message:
-            try:
-                return await asyncio.wait_for(self.arun(call), timeout)
-            except TimeoutError:  # the wait's own: arun answers a tool's exceptions, its TimeoutError too
-                return tool_result(call, _unfinished(timeout))
-
-        return list(await asyncio.gather(*(within(call) for call in calls)))
+    async def _arun_within(self, call: pb.ToolCall, timeout: float | None) -> pb.Message:
+        try:
+            return await asyncio.wait_for(self.arun(call), timeout)
+        except TimeoutError:  # the wait's own: arun answers a tool's exceptions, its TimeoutError too
+            return tool_result(call, _unfinished(timeout))
 
     async def arun(self, call: pb.ToolCall) -> pb.Message:
         """As run, from an event loop: async functions are awaited, plain ones run in a thread (asyncio.to_thread)
@@ -315,6 +314,10 @@ def _settle(
         future.set_result(run(call))
     except BaseException as exc:  # run answers a tool's Exceptions; SystemExit and the like reach the loop, as before
         future.set_exception(exc)
+
+
+CANCELLED_RESULT: Final = "error: the run was cancelled before the tool finished"
+"""The result of a call whose run_tools was cancelled while it ran."""
 
 
 def _unfinished(timeout: float | None) -> str:
@@ -491,6 +494,23 @@ class _Steps:
             add_usage(self._usage, response.usage)
         self._attempts.extend(response.attempts)
         return list(response.message.tool_calls)
+
+    async def arun_calls(self, tools: Tools, calls: Sequence[pb.ToolCall], timeout: float | None) -> None:
+        """Runs the last answer's calls (Tools.arun_all) and adds their results. Cancelled meanwhile, it answers every
+        call all the same before the cancellation goes on, a call still running that it was cancelled: an answer
+        whose calls have no results is a conversation no model takes, and the caller may want to go on with it."""
+        running = [asyncio.ensure_future(tools._arun_within(call, timeout)) for call in calls]
+        try:
+            results = await asyncio.gather(*running)
+        except asyncio.CancelledError:
+            self.messages.extend(
+                task.result()
+                if task.done() and not task.cancelled() and task.exception() is None
+                else tool_result(call, CANCELLED_RESULT)
+                for task, call in zip(running, calls, strict=True)
+            )
+            raise
+        self.add_results(results)
 
     def add_results(self, results: Iterable[pb.Message]) -> None:
         """Adds the tool results of the last answer; raises StepLimitError when no call may follow."""

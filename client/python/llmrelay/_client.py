@@ -725,7 +725,7 @@ class AsyncClient(_Base):
             calls = steps.record(response)
             if not calls:
                 return steps.answer()
-            steps.add_results(await tools.arun_all(calls, tool_timeout))
+            await steps.arun_calls(tools, calls, tool_timeout)
 
     async def fit(
         self,
