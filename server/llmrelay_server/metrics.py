@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import bisect
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -57,12 +58,15 @@ class LabelValues:
                 models.update((model, f"{spec.name}/{model}"))
         self._models = frozenset(models)
         self._callers = callers
+        # Bounded, as an upstream may echo any name a caller asked of it ("openai/anything").
+        self._unconfigured = functools.lru_cache(maxsize=1024)(self._snapshot_of)
 
     def model(self, name: str | None) -> str:
         if name is None:
             return "default"
-        if name in self._models:
-            return name
+        return name if name in self._models else self._unconfigured(name)
+
+    def _snapshot_of(self, name: str) -> str:
         # An upstream names the dated snapshot that answered ("gpt-4o-2024-08-06"): filed under the model configured.
         return base if (base := undated(name)) in self._models else OTHER
 
