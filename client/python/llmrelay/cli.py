@@ -372,9 +372,11 @@ def _stream(client: Client, args: argparse.Namespace) -> None:
     line_open = False  # whether the answer printed so far leaves its last line unended
     try:
         for chunk in client.stream(_chat(args), model=args.model, exact_model=args.exact_model, **_options(args)):
-            if chunk.delta.content:
-                _print(chunk.delta.content, end="", flush=True)
-                line_open = not chunk.delta.content.endswith("\n")
+            if content := chunk.delta.content:
+                # Open before the words go out: Ctrl-C may come the moment they are read, before the print returns.
+                line_open = True
+                _print(content, end="", flush=True)
+                line_open = not content.endswith("\n")
             if chunk.HasField("usage"):
                 print()  # end the answer's line on stdout, so the summary on stderr stands apart
                 line_open = False
