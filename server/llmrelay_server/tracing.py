@@ -188,7 +188,7 @@ _RATIO_SAMPLERS = ("traceidratio", "parentbased_traceidratio")
 def _check_sampler() -> None:
     """The sampler the SDK reads from OTEL_TRACES_SAMPLER(_ARG): a misspelt one it replaces by its default with a
     warning, and so traces every call (where the operator meant to trace a tenth); a ratio it cannot read, by 1.0."""
-    sampler = os.environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    sampler = os.environ.get("OTEL_TRACES_SAMPLER", "").lower()  # as the SDK reads it: a space is no sampler
     if not sampler:
         return
     if sampler not in SAMPLERS:

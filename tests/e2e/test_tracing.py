@@ -498,6 +498,7 @@ async def test_a_sampler_as_the_readme_advises_is_taken(
         ),
         # The SDK would warn and trace every call, where a tenth was meant.
         ({"OTEL_TRACES_SAMPLER": "parentbased_traceratio"}, "OTEL_TRACES_SAMPLER: 'parentbased_traceratio' is no"),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio "}, "OTEL_TRACES_SAMPLER: 'traceidratio ' is no sampler"),
         (
             {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "10%"},
             "OTEL_TRACES_SAMPLER_ARG: '10%' is not the share of traces traceidratio keeps, a number from 0 to 1",
@@ -506,8 +507,8 @@ async def test_a_sampler_as_the_readme_advises_is_taken(
     ],
     ids=[
         "batch-over-queue", "negative-queue", "traces-protocol", "timeout", "endpoint-port", "endpoint-ipv6",
-        "endpoint-no-url", "grpc-endpoint", "header-semicolon", "header-comma", "sampler", "sampler-arg",
-        "sampler-arg-over-1",
+        "endpoint-no-url", "grpc-endpoint", "header-semicolon", "header-comma", "sampler", "sampler-space",
+        "sampler-arg", "sampler-arg-over-1",
     ],
 )  # fmt: skip
 async def test_bad_otel_settings_stop_the_start_naming_the_variable(
