@@ -7,8 +7,9 @@ GenAI conventions as its Prometheus exporter names them (`gen_ai_client_token_us
 `gen_ai_server_time_to_first_token_seconds`). The observer reads what the router did from the call's meter
 (`metering`) when the call ends: its attempts, what it billed, its first chunk.
 
-Label values come from the configuration only (backend names, key names, the configured models and aliases): any
-other model a caller or an upstream names is counted as `other`, so no caller can grow the number of series.
+Label values come from the configuration only (backend names, key names, the configured models and aliases): a dated
+snapshot an upstream answers with is counted as its configured model, any other model a caller or an upstream names as
+`other`, so no caller can grow the number of series.
 """
 
 from __future__ import annotations

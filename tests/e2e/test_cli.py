@@ -342,7 +342,9 @@ async def test_a_dash_reads_the_text_from_standard_input(
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize(("variable", "target"), [("", "127.0.0.1:50051"), ("gw.example:443", "gw.example:443")])
+@pytest.mark.parametrize(
+    ("variable", "target"), [("", "127.0.0.1:50051"), ("  ", "127.0.0.1:50051"), ("gw.example:443", "gw.example:443")]
+)
 def test_an_empty_target_variable_is_the_default_target(
     monkeypatch: pytest.MonkeyPatch, variable: str, target: str
 ) -> None:

@@ -176,11 +176,21 @@ def _seconds(name: str, value: float | None, unset: str) -> float | None:
     return value
 
 
+_ASYNC_ON_DELTA: Final = "on_delta is an async function, which Client cannot await: use AsyncClient, or a plain one"
+
+
 def _refuse_async(on_delta: DeltaCallback | None) -> None:
-    """TypeError for an async on_delta given to the blocking client: called and never awaited, it would not run once,
-    and say so only in a RuntimeWarning."""
+    """TypeError for an async on_delta given to the blocking client, before any call: called and never awaited, it
+    would not run once, and say so only in a RuntimeWarning."""
     if inspect.iscoroutinefunction(on_delta):
-        raise TypeError("on_delta is an async function, which Client cannot await: use AsyncClient, or a plain one")
+        raise TypeError(_ASYNC_ON_DELTA)
+
+
+def _refuse_awaitable(heard: Any) -> None:
+    """As _refuse_async, for what an on_delta returned (an object whose __call__ is async, a lambda's coroutine)."""
+    if inspect.iscoroutine(heard):
+        heard.close()  # no "never awaited" warning on top of the error
+    raise TypeError(_ASYNC_ON_DELTA)
 
 
 def _conversation(messages: Iterable[MessageLike] | Conversation) -> Conversation:
@@ -418,8 +428,8 @@ class Client(_Base):
         ) as chunks:  # fmt: skip
             for chunk in chunks:
                 assembler.add(chunk)
-                if on_delta is not None:
-                    on_delta(chunk)
+                if on_delta is not None and inspect.isawaitable(heard := on_delta(chunk)):
+                    _refuse_awaitable(heard)
         return assembler.result()
 
     def run_tools(

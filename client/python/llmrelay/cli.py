@@ -244,7 +244,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--target",
         type=_target,
-        default=os.environ.get("LLMRELAY_TARGET") or DEFAULT_TARGET,
+        default=os.environ.get("LLMRELAY_TARGET", "").strip() or DEFAULT_TARGET,
         help=f"HOST:PORT (env LLMRELAY_TARGET; default {DEFAULT_TARGET})",
     )
     parser.add_argument(

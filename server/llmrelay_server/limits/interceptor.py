@@ -161,7 +161,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
                 # The handler's own refusal (an invalid request, a model the key may not use) is the caller's to fix,
                 # and says more than the limits' (a store out of reach would have it retried for nothing): the
                 # handler gives it, nothing reserved.
-                return NOTHING_RESERVED
+                return Reservation((), 0.0)  # nothing reserved, nothing to settle
             # Over a limit, the limits' store out of reach, or a prompt that cannot be counted (its tokenizer's
             # encoding missing): each has its own status, as the servicer would give it.
             await abort(context, rpc, error)
@@ -206,10 +206,6 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
             return 0, 0
         tokens = (await self._counter.count_texts_async(parsed.model or "", parsed.inputs, by=by)).tokens
         return tokens, self._router.estimate_embedding_usd_micros(parsed.model, tokens, models_allowed())
-
-
-NOTHING_RESERVED = Reservation((), 0.0)
-"""The reservation of a call the limits let through uncounted, for its handler to refuse."""
 
 
 def _key_limited(caller: Caller | None) -> TypeGuard[Caller]:
