@@ -381,6 +381,10 @@ class CompletionChunk:
     restart: StreamRestart | None = None
     reasoning_signature: str | None = None
     """On the last chunk: the upstream's signature of the reasoning (Message.reasoning_signature)."""
+    prompt_usage: TokenUsage | None = None
+    """The prompt's tokens as the upstream reported them before the answer (Anthropic's message_start), its
+    completion_tokens 0; None from an upstream that reports usage at the end alone. A stream that breaks, or ends
+    without its usage, is billed these for its prompt (cache reads among them), its answer counted by the gateway."""
 
     def settled(self, usage: TokenUsage, attempts: tuple[Attempt, ...]) -> CompletionChunk:
         """This last chunk with the usage the answer was billed and the call's attempts (as
@@ -397,6 +401,7 @@ class CompletionChunk:
             attempts,
             self.restart,
             self.reasoning_signature,
+            self.prompt_usage,
         )
 
 

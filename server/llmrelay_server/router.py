@@ -202,17 +202,21 @@ memory for a count most upstreams make unneeded."""
 
 
 class _Received:
-    """The text a stream sent on, for the gateway's own count of its completion tokens."""
+    """The text a stream sent on, for the gateway's own count of its completion tokens, and the prompt's usage as the
+    upstream reported it before the answer, if it did."""
 
-    __slots__ = ("beyond", "kept", "texts")
+    __slots__ = ("beyond", "kept", "prompt_usage", "texts")
 
     def __init__(self) -> None:
         self.texts: list[str] = []
         self.kept = 0
         self.beyond = 0
         """Characters past KEPT_TEXT_CHARS, not kept."""
+        self.prompt_usage: TokenUsage | None = None
 
     def add(self, chunk: CompletionChunk) -> None:
+        if chunk.prompt_usage is not None:
+            self.prompt_usage = chunk.prompt_usage
         for text in (chunk.content, chunk.reasoning, *(call.arguments for call in chunk.tool_calls)):
             if not text:
                 continue
@@ -720,7 +724,9 @@ class Router:
                 async with contextlib.aclosing(self._rest_of_stream(chain, route, request, first, upstream)) as chunks:
                     async for chunk in chunks:
                         if chunk.finish_reason is not None:  # the last chunk
-                            usage = chunk.usage or await self._counted_usage(route, request, received)
+                            usage = chunk.usage or await self._counted_usage(
+                                route, request, received, chunk.prompt_usage
+                            )
                             usage = self._priced(route, chunk.model, usage)
                             self._bill(chunk.backend, chunk.model, caller, usage)
                             billed = True
@@ -798,9 +804,13 @@ class Router:
         self._bill(route.backend.name, route.model, caller, usage, interrupted=True)
         return usage
 
-    async def _counted_usage(self, route: Route, request: CompletionRequest, received: _Received) -> TokenUsage:
-        """The usage of a stream the gateway counts itself: the text kept counted, the rest at its rate."""
-        usage = await self._counter.estimate_usage(route.model, request, received.texts)
+    async def _counted_usage(
+        self, route: Route, request: CompletionRequest, received: _Received, prompt: TokenUsage | None = None
+    ) -> TokenUsage:
+        """The usage of a stream the gateway counts itself: the text kept counted, the rest at its rate; the prompt as
+        the upstream reported it (on the last chunk, else before), when it did."""
+        prompt = prompt or received.prompt_usage
+        usage = await self._counter.estimate_usage(route.model, request, received.texts, prompt)
         if received.beyond:
             rate = usage.completion_tokens / received.kept
             usage = replace(usage, completion_tokens=usage.completion_tokens + math.ceil(received.beyond * rate))

@@ -694,13 +694,23 @@ class TokenCounter:
         exact = exact and formula_covers_all and covered and encoding_name != O200K_HARMONY
         return TokenCount(tokens=tokens + tool_tokens, model=model, encoding=encoding_name, estimated=not exact)
 
-    async def estimate_usage(self, model: str, request: CompletionRequest, answer: Sequence[str]) -> TokenUsage:
+    async def estimate_usage(
+        self, model: str, request: CompletionRequest, answer: Sequence[str], prompt: TokenUsage | None = None
+    ) -> TokenUsage:
         """The usage of an answer whose upstream did not report it (or broke off): the prompt, and the text of the
         answer (content, reasoning, tool-call arguments) as far as it came; counted in a thread when long (a caller
-        who leaves a stream with a prompt of megabytes must not hold up the event loop for everyone)."""
-        prompt = await self.count_chat_async(model, request.messages, request.options.tools)
+        who leaves a stream with a prompt of megabytes must not hold up the event loop for everyone). With `prompt`
+        (the prompt's usage as the upstream reported it before the answer), the prompt is that, uncounted."""
         completion = await self.count_text_async(model, "".join(answer))
-        return TokenUsage(prompt_tokens=prompt.tokens, completion_tokens=completion.tokens, estimated=True)
+        if prompt is not None:
+            return TokenUsage(
+                prompt_tokens=prompt.prompt_tokens,
+                completion_tokens=completion.tokens,
+                estimated=True,
+                cached_prompt_tokens=prompt.cached_prompt_tokens,
+            )
+        counted = await self.count_chat_async(model, request.messages, request.options.tools)
+        return TokenUsage(prompt_tokens=counted.tokens, completion_tokens=completion.tokens, estimated=True)
 
     async def count_text_async(self, model: str, text: str, *, by: float | None = None) -> TokenCount:
         """count_text, in a thread when the text is long enough to hold up the event loop, or its encoding has yet to

@@ -479,6 +479,25 @@ async def test_cache_writes_and_reads_count_as_prompt_tokens(
     )
 
 
+async def test_a_cut_stream_bills_the_prompt_the_api_reported_with_its_cache(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
+) -> None:
+    """message_start reports the prompt's tokens, cache writes and reads among them, before the answer: a stream cut
+    before message_delta is billed those for its prompt (not the gateway's own count of the text), its answer
+    counted as far as it came."""
+    cache = {"creation": 5, "read": 7}
+    claude.inject({"stream_cut_after": 4, "cache": cache})  # message_start, a block's start and two of its deltas
+    with pytest.raises(grpc.aio.AioRpcError) as cut:
+        await streamed(stub, stream_chat("one two three four five six"))
+    assert details(cut.value)["ErrorInfo"].reason == "STREAM_INTERRUPTED"
+    [record] = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
+    assert (record.backend, record.interrupted_requests, record.estimated_requests) == ("anthropic", 1, 1)
+    claude.inject({"cache": cache})
+    whole = (await stub.Complete(chat("one two three four five six"), timeout=5)).usage
+    assert record.prompt_tokens == whole.prompt_tokens
+    assert 0 < record.completion_tokens < whole.completion_tokens
+
+
 async def test_count_tokens_is_the_apis_own_count(stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic) -> None:
     conversation = [pb.Message(role=pb.ROLE_SYSTEM, content="you forecast"), user("weather in Oslo tomorrow?")]
     count = await stub.CountTokens(

@@ -670,6 +670,28 @@ def test_a_stream_without_output_usage_in_message_delta_has_none() -> None:
     assert state.usage is None
 
 
+def test_a_streams_prompt_usage_is_message_starts_before_the_answer_ends() -> None:
+    # What a stream cut before message_delta is billed for its prompt: the input and both cache counts, not the
+    # placeholder output count.
+    state = aw.StreamState()
+    assert state.prompt_usage is None
+    usage = {"input_tokens": 10, "output_tokens": 1, "cache_creation_input_tokens": 5, "cache_read_input_tokens": 7}
+    state.event({"type": "message_start", "message": {"usage": usage}})
+    assert state.usage is None
+    assert state.prompt_usage == TokenUsage(prompt_tokens=22, completion_tokens=0, cached_prompt_tokens=7)
+    state.event({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 4}})
+    assert state.usage == TokenUsage(prompt_tokens=22, completion_tokens=4, cached_prompt_tokens=7)
+
+
+@pytest.mark.parametrize(
+    "usage", [None, {"output_tokens": 1}, {"input_tokens": -1}, {"input_tokens": True}, {"input_tokens": 2**31}]
+)
+def test_no_prompt_usage_without_a_plausible_input_count(usage: Any) -> None:
+    state = aw.StreamState()
+    state.event({"type": "message_start", "message": {"usage": usage}})
+    assert state.prompt_usage is None
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=5),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),

@@ -62,6 +62,7 @@ def _every_field_set(value_type: type[Any]) -> Any:
         "restart": StreamRestart("broke", "b", (), TokenUsage(prompt_tokens=1, completion_tokens=1)),
         "reasoning_signature": "sig", "outcome": AttemptOutcome.INTERRUPTED, "duration_s": 0.25,
         "upstream_status": 502, "error": "cut", "started_at": 1700000000.0,
+        "prompt_usage": TokenUsage(prompt_tokens=8, completion_tokens=0, cached_prompt_tokens=2),
     }  # fmt: skip
     missing = [f.name for f in dataclasses.fields(value_type) if f.name not in samples]
     assert not missing, (

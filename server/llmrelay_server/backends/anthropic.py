@@ -143,6 +143,7 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
                 content=delta.content,
                 reasoning=delta.reasoning,
                 tool_calls=delta.tool_calls,
+                prompt_usage=state.prompt_usage,
             )
 
         try:
@@ -173,6 +174,7 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
             finish_reason=state.finish_reason or FinishReason.UNKNOWN,
             usage=state.usage,
             reasoning_signature=state.reasoning_signature,
+            prompt_usage=state.prompt_usage,
         )
 
     async def count_tokens(self, model: str, messages: Sequence[Message], tools: Sequence[Tool]) -> TokenCount | None:

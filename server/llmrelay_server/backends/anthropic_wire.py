@@ -383,20 +383,29 @@ def usage_from(usage: Any) -> TokenUsage | None:
     """The contract's usage: the prompt is the input tokens after the last cache breakpoint plus those written to and
     read from the cache (Anthropic counts the three apart); the cached part is the tokens read from the cache. None when
     the upstream reported none, or none plausible (`plausible_usage`)."""
-    if not isinstance(usage, dict):
+    prompt = prompt_usage_from(usage)
+    output = usage.get("output_tokens") if prompt is not None else None
+    if prompt is None or not is_count(output):
         return None
-    fresh, output = usage.get("input_tokens"), usage.get("output_tokens")
-    if not is_count(fresh) or not is_count(output):
+    return plausible_usage(
+        TokenUsage(
+            prompt_tokens=prompt.prompt_tokens,
+            completion_tokens=output,
+            reasoning_tokens=count_field(usage.get("output_tokens_details"), "thinking_tokens"),
+            cached_prompt_tokens=prompt.cached_prompt_tokens,
+        )
+    )
+
+
+def prompt_usage_from(usage: Any) -> TokenUsage | None:
+    """The prompt's part of a usage (as `usage_from` counts it; completion_tokens 0), whatever its output count says:
+    what message_start reports before the answer. None without a plausible input count."""
+    if not isinstance(usage, dict) or not is_count(fresh := usage.get("input_tokens")):
         return None
     written = count_field(usage, "cache_creation_input_tokens")
     read = count_field(usage, "cache_read_input_tokens")
     return plausible_usage(
-        TokenUsage(
-            prompt_tokens=fresh + (written or 0) + (read or 0),
-            completion_tokens=output,
-            reasoning_tokens=count_field(usage.get("output_tokens_details"), "thinking_tokens"),
-            cached_prompt_tokens=read,
-        )
+        TokenUsage(prompt_tokens=fresh + (written or 0) + (read or 0), completion_tokens=0, cached_prompt_tokens=read)
     )
 
 
@@ -429,6 +438,9 @@ class StreamState:
     finish_reason: FinishReason | None = None
     stopped: bool = False
     """message_stop came: the answer is whole."""
+    prompt_usage: TokenUsage | None = None
+    """The prompt's usage as reported so far (`prompt_usage_from`): message_start's, which a stream that breaks or
+    ends without its output count is billed for its prompt."""
     _usage: dict[str, Any] = field(default_factory=dict)
     _tools: dict[int, int] = field(default_factory=dict)
     """Content block index -> the tool call's index in the contract (the calls are numbered on their own)."""
@@ -547,6 +559,7 @@ class StreamState:
     def _add_usage(self, usage: Any) -> None:
         if isinstance(usage, dict):
             self._usage.update((key, value) for key, value in usage.items() if value is not None)
+            self.prompt_usage = prompt_usage_from(self._usage)
 
 
 def _object(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:

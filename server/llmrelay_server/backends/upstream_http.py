@@ -338,9 +338,19 @@ def _joined(run: list[CompletionChunk]) -> list[CompletionChunk]:
         return run
     content = "".join(chunk.content for chunk in run if chunk.content) or None
     reasoning = "".join(chunk.reasoning for chunk in run if chunk.reasoning) or None
-    # A relayed chunk carries text and names alone (the end of the answer is the provider's own last chunk).
+    # A relayed chunk carries text, names and the prompt's usage alone (the end of the answer is the provider's own
+    # last chunk).
     last = run[-1]
-    return [CompletionChunk(id=last.id, backend=last.backend, model=last.model, content=content, reasoning=reasoning)]
+    return [
+        CompletionChunk(
+            id=last.id,
+            backend=last.backend,
+            model=last.model,
+            content=content,
+            reasoning=reasoning,
+            prompt_usage=last.prompt_usage,
+        )
+    ]
 
 
 def answer_texts(message: Message) -> list[str]:
