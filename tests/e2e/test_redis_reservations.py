@@ -467,6 +467,48 @@ async def test_settles_past_the_most_kept_stay_as_reserved_and_say_so(
     assert "1 more could not be kept" in warnings[2]
 
 
+async def test_a_stream_open_through_an_outage_longer_than_its_lease_holds_its_slot_again(
+    redis_server: RedisServer,
+) -> None:
+    lease_s = 0.6  # renewed every 0.2 s
+    limiter = RedisLimiter(redis_server.url, timeout_s=SHORT_TIMEOUT_S, probe_interval_s=0.1, stream_lease_s=lease_s)
+    one_stream = Limits(concurrent_streams=1)
+    await limiter.start()
+    try:
+        open_stream = await limiter.reserve([Ask(SUBJECT, one_stream, 0, 0, True)])
+        redis_server.pause()
+        await until(lambda: not limiter.available)  # a renewal went unanswered
+        await asyncio.sleep(2 * lease_s)  # Redis's clock runs on: the lease lapses while it is away
+        redis_server.resume()
+        await until(lambda: limiter.available)
+        # The stream is still open: the first renewal since Redis is back counts it again.
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        while await live_leases(redis_server) != 1:
+            assert loop.time() - began < 5 * lease_s, "the open stream's lapsed lease is not renewed"
+            await asyncio.sleep(0.05)
+        with pytest.raises(LimitExceededError) as caught:
+            await limiter.reserve([Ask(SUBJECT, one_stream, 0, 0, True)])
+        assert caught.value.kind is LimitKind.CONCURRENT_STREAMS
+        await limiter.settle(open_stream, tokens=0, usd_micros=0)
+        await asyncio.sleep(lease_s)  # renewals run meanwhile: none brings the settled stream's lease back
+        assert await live_leases(redis_server) == 0
+        second = await limiter.reserve([Ask(SUBJECT, one_stream, 0, 0, True)])
+        await limiter.settle(second, tokens=0, usd_micros=0)
+    finally:
+        await limiter.aclose()
+
+
+async def live_leases(redis_server: RedisServer) -> int:
+    """The research key's stream leases that have not lapsed (by Redis's clock)."""
+    client = redis.asyncio.from_url(redis_server.url)
+    try:
+        seconds, micros = await client.time()
+        return int(await client.zcount(f"{KEY_PREFIX}{SUBJECT}:streams", seconds * 1000 + micros // 1000, "+inf"))
+    finally:
+        await client.aclose()
+
+
 # --- a Redis that lost what it counted (restarted without persistence, flushed) -------------------------------------
 
 # Each call reserves 600 completion tokens at 1,000 micro-USD: 0.6 USD of a 1 USD budget, so one fits and two do not.

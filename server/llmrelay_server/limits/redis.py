@@ -14,9 +14,10 @@ then on). The subject "gateway" (server.limits) is one over every gateway sharin
 - `streams`: a sorted set of the open streams' leases, scored by when they expire (Redis's clock, ms). The gateway
   serving a stream renews the leases of all its open streams in one script call every third of a lease
   (`STREAM_LEASE_S`); a gateway that dies (kill -9, a lost host) stops renewing, so its slots free at most
-  `STREAM_LEASE_S` after its last renewal. A renewal never brings back a lease that is gone (settled, or lapsed),
-  except one that Redis lost (a restart, a flush; see the epoch below) while its stream is still open and not settled:
-  that stream is counted again, so that its key is not given a stream more than its limit.
+  `STREAM_LEASE_S` after its last renewal. A renewal brings back the lease of a stream that is still open and not
+  settled whatever took it away (it lapsed through an outage longer than a lease, or Redis lost it in a restart or a
+  flush): that stream is counted again, so that its key is not given a stream more than its limit. It never brings
+  back a settled one: the settle marks the reservation's record, and the renewal reads the mark.
 - `spend`: a hash, UTC day -> micro-USD; today's and yesterday's are kept (a call that began before midnight
   settles after it).
 
@@ -306,21 +307,18 @@ return 0
 """
 
 _RENEW: Final = """
--- KEYS: 2 per lease: a streams set and the reservation's record; last, the epoch. ARGV[1]: the lease's length in ms;
--- then 2 per lease: the lease, extended if it is in its set, and the epoch it was counted in.
--- A lease of another epoch was lost by Redis (a restart, a flush) with its stream still open: it is added again,
--- unless its settle has run since (the record says so), so that a renewal racing a settle never brings a slot back.
+-- KEYS: 2 per lease: a streams set and the reservation's record. ARGV[1]: the lease's length in ms; then the leases.
+-- A lease that is not in its set any more (it lapsed while Redis was out of reach for longer than a lease, or Redis
+-- lost it in a restart or a flush) belongs to a stream that is still open: it is added again, unless its settle has
+-- run since (the record says so), so that a renewal racing a settle never brings a slot back.
 local clock = redis.call('TIME')
 local expiry = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000) + tonumber(ARGV[1])
-local epoch = redis.call('GET', KEYS[#KEYS])
-for i = 1, (#KEYS - 1) / 2 do
-  local key, record, lease = KEYS[2 * i - 1], KEYS[2 * i], ARGV[2 * i]
-  if epoch ~= ARGV[2 * i + 1] and redis.call('GET', record) ~= 'settled' then
+for i = 1, #KEYS / 2 do
+  local key, record, lease = KEYS[2 * i - 1], KEYS[2 * i], ARGV[i + 1]
+  if redis.call('GET', record) ~= 'settled' then
     redis.call('ZADD', key, expiry, lease)
-  else
-    redis.call('ZADD', key, 'XX', expiry, lease)
+    redis.call('PEXPIRE', key, 2 * tonumber(ARGV[1]))
   end
-  redis.call('PEXPIRE', key, 2 * tonumber(ARGV[1]))
 end
 return 0
 """
@@ -379,8 +377,8 @@ class RedisLimiter:
         # ever name one alike.
         owner = uuid.uuid4().hex
         self._reservation_ids = (f"{owner}:{n}" for n in itertools.count())
-        self._leases: dict[str, tuple[tuple[str, ...], str]] = {}
-        """The open streams' leases, to renew: the streams sets holding each, and the epoch it was counted in."""
+        self._leases: dict[str, tuple[str, ...]] = {}
+        """The open streams' leases, to renew: the streams sets holding each."""
         self._kept: dict[str, tuple[AsyncScript, list[str], list[str | int]]] = {}
         """What Redis is still to be sent, by reservation id, in order: the undo of a reservation given up on before
         its answer came, or the settle of one, whose script, keys and arguments are sent as they are."""
@@ -453,7 +451,7 @@ class RedisLimiter:
             raise refusal(kind, asks[subject - 1], retry_after_s)
         second, micros, epoch = int(answer[1]), int(answer[2]), _text(answer[3])
         if stream_keys:
-            self._leases[reservation_id] = (stream_keys, epoch)
+            self._leases[reservation_id] = stream_keys
         hold = _Hold(second, second // 86_400, reservation_id, stream_keys, epoch)
         return Reservation(asks, second + micros / 1e6, [hold])
 
@@ -626,11 +624,10 @@ class RedisLimiter:
                 continue
             keys: list[str] = []
             args: list[str | int] = [self._lease_ms]
-            for lease, (lease_keys, epoch) in self._leases.items():
+            for lease, lease_keys in self._leases.items():
                 for key in lease_keys:
                     keys += [key, f"{RECORD_PREFIX}{lease}"]
-                    args += [lease, epoch]
-            keys.append(EPOCH_KEY)
+                    args.append(lease)
             try:
                 await self._run(self._renew_script, keys, args)
             except _UNREACHABLE as error:
