@@ -119,7 +119,8 @@ class FakeUpstream:
     tokenize_stall_s: float = 0.0
     """How long /tokenize (vLLM's) waits before it answers, as a server busy generating would."""
     llamacpp_answers: dict[str, Any] = field(default_factory=dict)
-    """What llama.cpp's endpoints answer instead, by path ("/apply-template", "/tokenize"), when set (any JSON)."""
+    """What llama.cpp's endpoints answer instead, by path ("/apply-template", "/tokenize"), when set: any JSON, or the
+    bytes of its text."""
     embedding_requests: list[dict[str, Any]] = field(default_factory=list)
     client_disconnects: list[float] = field(default_factory=list)
     """Monotonic times at which a client left while a stalled answer was pending."""
@@ -330,7 +331,9 @@ class FakeUpstream:
         self.tokenize_requests.append(body)
         path = request.path.split("?")[0]
         if path in self.llamacpp_answers:
-            return await _send_json(writer, 200, self.llamacpp_answers[path])
+            if isinstance(answer := self.llamacpp_answers[path], bytes):  # JSON text no encoder would write
+                return await _send(writer, 200, answer, "application/json")
+            return await _send_json(writer, 200, answer)
         if path == "/apply-template":
             return await _send_json(writer, 200, {"prompt": " ".join(["word"] * _prompt_tokens(body))})
         # As llama.cpp's: a text, or a list of texts and token ids (mixed); anything else is its 500.

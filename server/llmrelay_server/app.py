@@ -19,6 +19,7 @@ from llmrelay import v1 as pb
 from llmrelay_server.auth import AuthInterceptor, KeyRing
 from llmrelay_server.backends import provider_factory
 from llmrelay_server.calllog import CallLogObserver
+from llmrelay_server.concurrency import ConcurrencyInterceptor
 from llmrelay_server.config import ConfigError, GatewayConfig, ServerConfig
 from llmrelay_server.decoding import GenericOnly, add_llm_service
 from llmrelay_server.domain import StoreHealth
@@ -34,7 +35,14 @@ from llmrelay_server.servicer import LLMServicer
 from llmrelay_server.tls import ServedCertificate, exposure_warnings, protection
 from llmrelay_server.tokens import TokenCounter
 from llmrelay_server.usage import LedgerUnavailableError, UsageLedger
-from llmrelay_server.workers import STOP_NOW, ListenError, WorkerRole, ignore_signals_after_stop, in_use_message
+from llmrelay_server.workers import (
+    STOP_NOW,
+    ListenError,
+    WorkerRole,
+    check_port_free,
+    ignore_signals_after_stop,
+    in_use_message,
+)
 
 if TYPE_CHECKING:
     from llmrelay_server.tracing import Tracing
@@ -178,7 +186,6 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
     metrics = _metrics(config, keys, router, ledger, limiter, certificate) if config.server.metrics_listen else None
     server = grpc.aio.server(
         interceptors=_interceptors(config, keys, counter, router, metrics, tracing, limiter),
-        maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
@@ -194,11 +201,13 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
         ],
     )
     try:
+        if not reuse_port:  # a supervisor checked for its workers
+            check_port_free(config.server.listen)
         if certificate is None:
             port = server.add_insecure_port(config.server.listen)
         else:
             port = server.add_secure_port(config.server.listen, certificate.credentials())
-    except RuntimeError as exc:
+    except (RuntimeError, ListenError) as exc:
         await asyncio.gather(*(provider.aclose() for provider in providers))
         await ledger.aclose()
         raise ListenError(in_use_message(config.server.listen)) from exc
@@ -229,6 +238,7 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
         log.info("metrics on http://%s:%d/metrics", listen.rpartition(":")[0], metrics_port)
     if limiter is not None:
         await limiter.start()
+    await monitor.announce()
     await server.start()
     await monitor.start()
     router.lag.start()
@@ -352,13 +362,16 @@ def _interceptors(
     limiter: Limiter | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:
     """What each call did (outermost, so refusals count too: its metrics, its request id and log line, its trace),
-    who is calling, then within what limits; each only when configured (the call log is on unless turned off)."""
+    whether the gateway takes one more, who is calling, then within what limits; each only when configured (the call
+    log is on unless turned off)."""
     observers: list[Observer] = [MetricsObserver(metrics)] if metrics is not None else []
     if config.server.log_calls:  # a request id and one log line for every call, refusals included
         observers.append(CallLogObserver(config.server.log_content))
     if tracing is not None:  # a span per call, continuing the caller's trace
         observers.append(tracing.observer)
     interceptors: list[grpc.aio.ServerInterceptor] = [ObservingInterceptor(observers)] if observers else []
+    if config.server.max_concurrent_rpcs is not None:  # the gateway's own service only: health probes go on
+        interceptors.append(ConcurrencyInterceptor(config.server.max_concurrent_rpcs))
     if keys.enabled:
         interceptors.append(AuthInterceptor(keys, config.auth.open_services))
     if limiter is not None:

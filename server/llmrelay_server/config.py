@@ -183,7 +183,8 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     """Limits of the whole gateway, over every caller."""
     max_concurrent_rpcs: int | None = None
-    """gRPC's own bound on calls in progress; more are refused with RESOURCE_EXHAUSTED."""
+    """The bound on calls of the gateway's service in progress at once (its health service is not bounded); more are
+    refused with RESOURCE_EXHAUSTED, reason CONCURRENT_CALLS_EXCEEDED. Per process: each worker has its own."""
     keepalive_s: float = 30.0
     """How often the gateway pings a caller's connection (HTTP/2 PING) to learn whether the caller is still there."""
     keepalive_timeout_s: float = 20.0
@@ -348,7 +349,7 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     if server.max_concurrent_rpcs is not None and server.max_concurrent_rpcs <= 0:
         raise ConfigError("server.max_concurrent_rpcs: must be > 0, or left out for no bound")
     if server.max_concurrent_rpcs is not None and server.max_concurrent_rpcs > MAX_CONCURRENT_RPCS:
-        # gRPC keeps it in a C int: past that, the server cannot be made (an OverflowError at start).
+        # More than any process could hold: a number that large is a mistake (a value meant for something else).
         raise ConfigError(f"server.max_concurrent_rpcs: at most {MAX_CONCURRENT_RPCS}, or left out for no bound")
     for name in ("keepalive_s", "keepalive_timeout_s", "min_caller_ping_interval_s", "max_connection_age_s"):
         if (value := getattr(server, name)) is not None and value > MAX_CONNECTION_TIMER_S:
@@ -750,8 +751,8 @@ def ollama_base_url(host: str) -> str:
         hostname = f"[{hostname}]"
     try:
         port = url.port or default_port
-    except ValueError as exc:
-        raise ConfigError(f"OLLAMA_HOST: {host!r} has an invalid port") from exc
+    except ValueError:  # the value is not quoted: a user part may be a token (http://TOKEN@host)
+        raise ConfigError("OLLAMA_HOST: the port is not a number from 0 to 65535; write e.g. 127.0.0.1:11434") from None
     return f"{scheme}://{hostname}:{port}/v1"
 
 

@@ -231,6 +231,11 @@ class Cost:
         )
 
 
+MAX_TOKEN_COUNT = 2**31 - 1
+"""The most tokens a count or a usage holds: the contract carries them as int32. No prompt or answer comes near it;
+a count past it (a message of a million images, each counted at its most) says "at least this many"."""
+
+
 @immutable
 class TokenUsage:
     prompt_tokens: int
@@ -645,6 +650,8 @@ class LimitKind(enum.StrEnum):
     TOKENS_PER_MINUTE = "TOKENS_PER_MINUTE_EXCEEDED"
     CONCURRENT_STREAMS = "CONCURRENT_STREAMS_EXCEEDED"
     BUDGET_PER_DAY = "BUDGET_EXCEEDED"
+    CONCURRENT_CALLS = "CONCURRENT_CALLS_EXCEEDED"
+    """The gateway's bound on calls in progress at once (server.max_concurrent_rpcs): kept by each process alone."""
 
 
 class LimitExceededError(LLMRelayError):

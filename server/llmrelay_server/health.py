@@ -95,8 +95,13 @@ class HealthMonitor:
         self._probed_at: dict[str, float] = {}
         """When each backend's last probe ended (the loop's clock)."""
 
-    async def start(self) -> None:
+    async def announce(self) -> None:
+        """Before the server starts: alive, and not ready until the first probe finds a usable backend. Set only by
+        that probe (which takes up to PROBE_TIMEOUT_S), readiness was NOT_FOUND meanwhile, and List left it out."""
         await self._servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def start(self) -> None:
         await self.probe()
         self._task = asyncio.create_task(self._watch(), name="llmrelay-health")
 

@@ -50,8 +50,10 @@ class LLMServicer(pb.LLMServiceServicer):
         self._max_message_bytes = max_message_bytes
         self._max_image_bytes = max_image_bytes
         # A delta with more characters than this may be over the message limit (4 bytes a character at most, and
-        # room for the rest of the message): it is sent in pieces.
-        self._max_delta_chars = max(1, (max_message_bytes - MESSAGE_HEADROOM_BYTES) // 4)
+        # room for the rest of the message): it is sent in pieces. Under a small limit, half of it is the room: a
+        # stream of one character a message would send a short answer as thousands.
+        headroom = min(MESSAGE_HEADROOM_BYTES, max_message_bytes // 2)
+        self._max_delta_chars = max(1, (max_message_bytes - headroom) // 4)
         self._draining = False
         self._interrupting = False
         self._calls: set[asyncio.Task[Any]] = set()

@@ -46,6 +46,7 @@ import tiktoken
 
 from llmrelay_server import images
 from llmrelay_server.domain import (
+    MAX_TOKEN_COUNT,
     CompletionRequest,
     DeadlineExceededError,
     ImageDetail,
@@ -692,7 +693,13 @@ class TokenCounter:
         # gpt-oss servers render the harmony format with a system preamble of their own (date, reasoning level),
         # which the ChatML-style formula cannot know: the encoding is exact, the chat count is not.
         exact = exact and formula_covers_all and covered and encoding_name != O200K_HARMONY
-        return TokenCount(tokens=tokens + tool_tokens, model=model, encoding=encoding_name, estimated=not exact)
+        tokens += tool_tokens
+        return TokenCount(
+            tokens=min(tokens, MAX_TOKEN_COUNT),
+            model=model,
+            encoding=encoding_name,
+            estimated=not exact or tokens > MAX_TOKEN_COUNT,
+        )
 
     async def estimate_usage(
         self, model: str, request: CompletionRequest, answer: Sequence[str], prompt: TokenUsage | None = None
@@ -702,15 +709,17 @@ class TokenCounter:
         who leaves a stream with a prompt of megabytes must not hold up the event loop for everyone). With `prompt`
         (the prompt's usage as the upstream reported it before the answer), the prompt is that, uncounted."""
         completion = await self.count_text_async(model, "".join(answer))
+        # Their total within the contract's bound too: a prompt counted at its most leaves room for the answer.
+        most_prompt = MAX_TOKEN_COUNT - completion.tokens
         if prompt is not None:
             return TokenUsage(
-                prompt_tokens=prompt.prompt_tokens,
+                prompt_tokens=min(prompt.prompt_tokens, most_prompt),
                 completion_tokens=completion.tokens,
                 estimated=True,
                 cached_prompt_tokens=prompt.cached_prompt_tokens,
             )
         counted = await self.count_chat_async(model, request.messages, request.options.tools)
-        return TokenUsage(prompt_tokens=counted.tokens, completion_tokens=completion.tokens, estimated=True)
+        return TokenUsage(min(counted.tokens, most_prompt), completion.tokens, estimated=True)
 
     async def count_text_async(self, model: str, text: str, *, by: float | None = None) -> TokenCount:
         """count_text, in a thread when the text is long enough to hold up the event loop, or its encoding has yet to
@@ -725,7 +734,8 @@ class TokenCounter:
         tokens = 0
         for text in texts:
             tokens += (await self.count_text_async(model, text, by=by)).tokens
-        return TokenCount(tokens=tokens, model=model, encoding=encoding_name, estimated=not exact)
+        saturated = tokens > MAX_TOKEN_COUNT
+        return TokenCount(min(tokens, MAX_TOKEN_COUNT), model, encoding_name, estimated=not exact or saturated)
 
     async def count_chat_async(
         self, model: str, messages: Sequence[Message], tools: Sequence[Tool] = (), *, by: float | None = None

@@ -66,6 +66,13 @@ _SERVER_ERRORS = frozenset(
 Attributes = dict[str, AttributeValue]
 # What the SDK's BatchSpanProcessor reads, and the rule its values must keep, for the error when they break it.
 _BATCH_VARIABLES = ("OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "OTEL_BSP_SCHEDULE_DELAY")
+_BATCH_NUMBERS = {
+    "OTEL_BSP_MAX_QUEUE_SIZE": " (of spans)",
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": " (of spans)",
+    "OTEL_BSP_SCHEDULE_DELAY": " (of milliseconds)",
+    "OTEL_BSP_EXPORT_TIMEOUT": " (of milliseconds)",
+}
+"""The OTEL_BSP_* variables, each a whole number, and of what."""
 _BATCH_RULE = (
     "OTEL_BSP_MAX_QUEUE_SIZE (2048 by default), OTEL_BSP_MAX_EXPORT_BATCH_SIZE (512) and OTEL_BSP_SCHEDULE_DELAY (5000"
     " ms) must be positive, and the batch size at most the queue size"
@@ -135,6 +142,13 @@ def exporting_provider() -> TracerProvider:
 def _batch_processor(exporter: SpanExporter) -> BatchSpanProcessor:
     """The SDK's BatchSpanProcessor, which reads the OTEL_BSP_* variables; a ConfigError naming them where their values
     do not fit together (the SDK's ValueError names its parameters, not the variables that set them)."""
+    for name, unit in _BATCH_NUMBERS.items():
+        if name in os.environ:
+            value = os.environ[name]
+            try:
+                int(value)  # as the SDK reads it, which logs a traceback for one it cannot and uses its default
+            except ValueError:
+                raise ConfigError(f"{name}: {value!r} is not a whole number{unit}") from None
     try:
         return BatchSpanProcessor(exporter)
     except ValueError as exc:

@@ -171,11 +171,49 @@ class WorkerRole:
             await asyncio.sleep(PARENT_CHECK_S)
 
 
+_LOOPBACKS: Final = ("127.0.0.1", "::1")
+
+
+def check_port_free(listen: str) -> None:
+    """ListenError when a process holds HOST:PORT at any of the addresses HOST names (localhost: 127.0.0.1 and ::1).
+
+    gRPC binds each address it can and serves on those alone: a gateway started beside another process holding
+    127.0.0.1:PORT served on ::1 only, and callers of localhost:PORT reached the other process. Port 0 (any free
+    port) and names that do not resolve (gRPC's own error says why) are left to gRPC, as are addresses that cannot be
+    bound for another reason (no IPv6 here: gRPC serves on the others).
+    """
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return
+    # gRPC takes localhost for both loopbacks, whatever /etc/hosts says.
+    hosts = _LOOPBACKS if host.lower() == "localhost" else (host.strip("[]"),)
+    try:
+        found = [
+            info
+            for name in hosts
+            for info in socket.getaddrinfo(name, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        ]
+    except socket.gaierror:
+        return
+    for family, kind, proto, _, address in found:
+        # Without SO_REUSEPORT this bind fails while any socket listens on the port (another gateway's workers too),
+        # or holds it without SO_REUSEADDR (another supervisor's reservation, before its workers listen).
+        # SO_REUSEADDR, as gRPC sets it, lets it pass connections of an earlier server still in TIME_WAIT.
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ListenError(in_use_message(listen)) from exc
+
+
 def reserve_port(listen: str) -> socket.socket:
     """Checks that no process holds HOST:PORT, then holds it (bound, never listening, SO_REUSEPORT) for the workers.
 
     Port 0 reserves a free port: the returned socket's port is the one the workers are given.
     """
+    check_port_free(listen)
     host, _, port = listen.rpartition(":")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
@@ -184,13 +222,6 @@ def reserve_port(listen: str) -> socket.socket:
     except socket.gaierror as exc:
         raise ListenError(in_use_message(listen)) from exc
     try:
-        if int(port) != 0:
-            # Without SO_REUSEPORT this bind fails while any socket listens on the port (another gateway's workers
-            # too), or holds it without SO_REUSEADDR (another supervisor's reservation, before its workers listen).
-            # SO_REUSEADDR, as gRPC sets it, lets it pass connections of an earlier server still in TIME_WAIT.
-            with socket.socket(family, kind, proto) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind(address)
         try:
             return _bind_reservation(family, kind, proto, address, reuse_address=False)
         except OSError as exc:

@@ -241,7 +241,14 @@ async def test_inputs_too_long_for_the_model_do_not_shut_its_backend_for_other_c
             grpc.StatusCode.UNAVAILABLE,
             "UPSTREAM_BAD_RESPONSE",
         ),
+        # JSON's true and false are no numbers: they were sent on as 1.0 and 0.0.
+        (
+            {"body": '{"data": [{"index": 0, "embedding": [0.5, true, false]}]}'},
+            grpc.StatusCode.UNAVAILABLE,
+            "UPSTREAM_BAD_RESPONSE",
+        ),
     ],
+    ids=["400", "401", "no vectors", "error in a 200", "NaN", "booleans"],
 )
 async def test_upstream_failures_map_as_for_chat(
     stub_for: StubFactory,

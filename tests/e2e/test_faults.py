@@ -794,6 +794,21 @@ async def test_one_delta_over_the_message_limit_is_sent_in_pieces(
     assert "Traceback" not in caplog.text
 
 
+async def test_under_a_small_message_limit_a_long_delta_is_sent_in_pieces_of_thousands_of_characters(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """Room for the rest of a message was 64 KiB whatever the limit: under a limit of 64 KiB or less, every piece was
+    one character, and a 100,000-character answer went as 100,000 messages."""
+    limit = 32 * 1024
+    stub = await stub_for(two_backends(primary, local), server=f"max_message_bytes: {limit}")
+    primary.inject({"huge_content": 100_000, "one_delta": True})
+    chunks = [c async for c in stub.StreamComplete(stream_chat(), timeout=10)]
+    assert sum(len(c.delta.content) for c in chunks) == 100_000
+    assert len(chunks) <= 100_000 // 4096 + 2, f"{len(chunks)} messages"
+    assert all(c.ByteSize() <= limit for c in chunks)
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP
+
+
 async def test_what_the_gateway_reads_of_an_upstreams_answer_is_bounded(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -821,6 +836,20 @@ async def test_what_the_gateway_reads_of_an_upstreams_answer_is_bounded(
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "HTTP 500" in str(failed.value.details()) and "overloaded" not in str(failed.value.details())
     assert (await stub.Complete(chat(), timeout=5)).message.content == "echo: hello gateway"
+
+
+async def test_an_error_body_nested_past_pythons_stack_is_an_upstream_error(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Read by json.loads, such a body was a RecursionError, and the call ended INTERNAL with a traceback."""
+    deep = '{"error": ' + "[" * 5_000 + "]" * 5_000 + "}"
+    for status, code in ((500, grpc.StatusCode.UNAVAILABLE), (400, grpc.StatusCode.INVALID_ARGUMENT)):
+        primary.inject({"status": status, "body": deep}, {"status": status, "body": deep})
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Complete(chat(model=primary.models[0], exact_model=True), timeout=10)
+        assert caught.value.code() == code, caught.value.details()
+        assert f"HTTP {status}" in str(caught.value.details())
+    assert "Traceback" not in caplog.text
 
 
 SSE_HEAD = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"

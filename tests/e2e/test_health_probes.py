@@ -4,13 +4,18 @@ most), and every caller the whole answer, within its deadline."""
 from __future__ import annotations
 
 import asyncio
+import socket
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import v1 as pb
 from llmrelay_server import health
-from llmrelay_server.health import FRESH_PROBE_S
+from llmrelay_server.app import start_gateway
+from llmrelay_server.config import load_config
+from llmrelay_server.health import FRESH_PROBE_S, SERVICE_NAME
 from support import GatewayFactory, two_backends
 from upstream import FakeUpstream
 
@@ -110,3 +115,46 @@ async def test_a_probe_whose_answer_trickles_ends_and_the_gateway_starts(
     by_name = {b.name: b for b in report.backends}
     assert not by_name["openai"].reachable and by_name["openai"].last_error == "the probe did not end within 1 s"
     assert by_name["ollama"].reachable and report.serving
+
+
+async def test_readiness_says_not_serving_while_the_first_probe_runs(
+    tmp_path: Path, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """The gateway serves from before its first probe ends (up to PROBE_TIMEOUT_S): its readiness was NOT_FOUND
+    meanwhile, which a load balancer reads as a misconfigured check, and List left the service out."""
+    primary.probe_delay_s = local.probe_delay_s = 2.0
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(
+        f'server: {{listen: "127.0.0.1:{port}", usage_db: "{tmp_path / "usage.db"}"}}\n' + two_backends(primary, local)
+    )
+    starting = asyncio.create_task(start_gateway(load_config({}, config)))
+    try:
+        while True:  # until the port takes connections: the server has started
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except ConnectionRefusedError:
+                await asyncio.sleep(0.02)
+                continue
+            writer.close()
+            break
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            probe = health_pb2_grpc.HealthStub(channel)
+            ready = await probe.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
+            listed = await probe.List(health_pb2.HealthListRequest(), timeout=5)
+            live = await probe.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert not starting.done(), "the first probe had ended"
+            assert ready.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert listed.statuses[SERVICE_NAME].status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert live.status == health_pb2.HealthCheckResponse.SERVING
+            gateway = await asyncio.wait_for(starting, 10)
+            try:
+                ready = await probe.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
+                assert ready.status == health_pb2.HealthCheckResponse.SERVING
+            finally:
+                await gateway.stop(grace_period_s=0, drain_s=0)
+    finally:
+        if not starting.done():
+            starting.cancel()

@@ -30,6 +30,7 @@ from support import (
     start_server,
     stream_chat,
     two_backends,
+    wait_until,
 )
 from upstream import FakeUpstream
 
@@ -615,19 +616,35 @@ async def test_without_keys_calls_stay_open_and_gateway_limits_still_hold(
     assert refusals(results, "REQUESTS_PER_MINUTE_EXCEEDED", "gateway") == 5
 
 
-async def test_max_concurrent_rpcs_bounds_the_calls_in_progress(
-    stub_for: Any, primary: FakeUpstream, local: FakeUpstream
+async def test_max_concurrent_rpcs_bounds_the_calls_in_progress_and_never_the_health_probes(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
-    stub = await stub_for(two_backends(primary, local), server="max_concurrent_rpcs: 1")
-    primary.inject({"stall_s": 0.5})
-    first = asyncio.ensure_future(stub.Complete(chat(), timeout=5))
-    await asyncio.sleep(0.2)  # in progress at the upstream
-    with pytest.raises(grpc.aio.AioRpcError) as second:
-        await stub.Complete(chat(), timeout=5)
-    # gRPC's own refusal: its status carries no details of ours.
-    assert second.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert (await first).backend == "openai"
-    assert (await stub.Complete(chat(), timeout=5)).backend == "openai", "the slot is free again"
+    gateway = await gateway_factory(two_backends(primary, local), server="max_concurrent_rpcs: 2")
+    primary.inject({"stall_s": 0.8}, {"stall_s": 0.8})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+        unary = asyncio.ensure_future(stub.Complete(chat(), timeout=5))
+        stream = stub.StreamComplete(stream_chat(), timeout=5)
+        reading = asyncio.ensure_future(read(stream))
+        await wait_until(lambda: len(primary.chat_requests) == 2)  # both in progress at the upstream
+        for refused in (stub.Complete(chat(), timeout=5), read(stub.StreamComplete(stream_chat(), timeout=5))):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await refused
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "2 calls in progress at once (server.max_concurrent_rpcs)" in (caught.value.details() or "")
+            found = details(caught.value)
+            assert found["ErrorInfo"].reason == "CONCURRENT_CALLS_EXCEEDED"
+            assert found["ErrorInfo"].metadata["subject"] == "gateway"
+            assert found["RetryInfo"].retry_delay.seconds == 1
+        # A liveness or readiness probe at the bound is answered: a busy gateway is not a dead one.
+        probe = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "llmrelay.v1.LLMService"):
+            answer = await probe.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        assert (await unary).backend == "openai"
+        assert (await reading)[-1].finish_reason == pb.FINISH_REASON_STOP
+        again = await asyncio.gather(stub.Complete(chat(), timeout=5), read(stub.StreamComplete(stream_chat())))
+        assert again[0].backend == "openai" and again[1], "both slots are free again"
 
 
 async def test_a_limited_call_is_parsed_once_and_an_oversized_image_still_refused(

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -239,6 +240,34 @@ async def test_a_second_server_on_a_taken_port_fails_instead_of_sharing_it(
     assert [a.message.content for a in answers] == [f"echo: still here {i}" for i in range(5)]
 
 
+@pytest.mark.parametrize("taken", ["127.0.0.1", "::1"])
+async def test_localhost_with_either_loopback_taken_fails_instead_of_serving_the_other(
+    tmp_path: Path, local: FakeUpstream, taken: str
+) -> None:
+    """gRPC takes localhost for both loopbacks, binds those it can, and serves on them alone: a gateway whose port
+    another process held on 127.0.0.1 started on ::1, and callers of localhost reached the other process."""
+    family = socket.AF_INET6 if ":" in taken else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as holder:
+        holder.bind((taken, 0))
+        holder.listen()
+        listen = f"localhost:{holder.getsockname()[1]}"
+        gateway = await asyncio.create_subprocess_exec(
+            BIN / "llmrelay-server",
+            "--listen",
+            listen,
+            env=clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1"), LLMRELAY_USAGE_DB=str(tmp_path / "u.db")),
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            _, err = await asyncio.wait_for(gateway.communicate(), 20)
+        finally:
+            if gateway.returncode is None:
+                gateway.kill()
+                await gateway.wait()
+    assert gateway.returncode == 1
+    assert f"cannot listen on {listen}: the address is in use" in err.decode()
+
+
 async def test_a_start_that_fails_says_why_in_json_when_the_log_is_json(
     server: GatewayProcess, tmp_path: Path, local: FakeUpstream
 ) -> None:
@@ -441,7 +470,7 @@ async def test_sighup_without_a_keys_file_says_that_it_reloads_nothing(server: G
     ("config_text", "said"),
     [
         ("server: {workers: !!int abc}\n", "not valid YAML"),  # PyYAML's ValueError escaped, with a traceback
-        (f"server: {{max_concurrent_rpcs: {2**31}}}\n", "server.max_concurrent_rpcs"),  # gRPC's OverflowError
+        (f"server: {{max_concurrent_rpcs: {2**31}}}\n", "server.max_concurrent_rpcs"),  # past a C int
         ('server: {usage_journal_dir: "j\\0"}\n', "server.usage_journal_dir"),  # os's ValueError
     ],
     ids=["tag", "max_concurrent_rpcs", "NUL"],

@@ -499,6 +499,23 @@ async def test_a_stream_open_through_an_outage_longer_than_its_lease_holds_its_s
         await limiter.aclose()
 
 
+async def test_an_idle_gateway_finds_redis_gone_within_a_renewal(redis_server: RedisServer) -> None:
+    """With no stream open, nothing asked Redis until a call came: Health said the limits' store was available for as
+    long as Redis was down, and the first call then waited state.timeout_s to find out."""
+    lease_s = 0.6  # renewed, or Redis probed, every 0.2 s
+    limiter = RedisLimiter(redis_server.url, timeout_s=SHORT_TIMEOUT_S, probe_interval_s=0.1, stream_lease_s=lease_s)
+    await limiter.start()
+    try:
+        redis_server.pause()
+        try:
+            await until(lambda: not limiter.available, within_s=5 * lease_s)
+        finally:
+            redis_server.resume()
+        await until(lambda: limiter.available)
+    finally:
+        await limiter.aclose()
+
+
 async def live_leases(redis_server: RedisServer) -> int:
     """The research key's stream leases that have not lapsed (by Redis's clock)."""
     client = redis.asyncio.from_url(redis_server.url)

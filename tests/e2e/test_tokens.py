@@ -162,7 +162,10 @@ async def test_llamacpp_counts_with_its_template_and_tokenizer(stub_for: StubFac
         {"/tokenize": {"tokens": {"15": "hello"}}},
         {"/apply-template": {"prompt": ["hello", 15]}},  # which /tokenize would take as a prompt of mixed tokens
         {"/apply-template": {"prompt": None}},
+        # Nested past any parser's depth: Python's own ended in a RecursionError, and the call in INTERNAL.
+        {"/tokenize": b'{"tokens": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"},
     ],
+    ids=["text", "object", "mixed", "null", "deep"],
 )
 async def test_a_llamacpp_answer_that_is_no_count_gives_way_to_the_estimate(
     stub_for: StubFactory, llama: FakeUpstream, answers: dict[str, Any], caplog: pytest.LogCaptureFixture

@@ -40,7 +40,7 @@ def answering(dialect: str, calls: list[dict[str, Any]], *, streamed: bool, numb
         ]
         return _sse(f"event: {event['type']}\ndata: {json.dumps(event)}" for event in events)
     items = [
-        {"type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}} | _id(c)
+        {"type": "function", "function": {"name": c["name"], "arguments": _text(c["arguments"])}} | _id(c)
         for c in calls
     ]
     answer: dict[str, Any] = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "gpt-test"}
@@ -56,6 +56,11 @@ def answering(dialect: str, calls: list[dict[str, Any]], *, streamed: bool, numb
     chunks = [answer | {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]} for delta in deltas]
     chunks.append(answer | {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
     return _sse([*(f"data: {json.dumps(chunk)}" for chunk in chunks), "data: [DONE]"])
+
+
+def _text(arguments: dict[str, Any] | None) -> str | None:
+    """Arguments as OpenAI's dialect writes them: JSON text; None as JSON's null, as some servers send for none."""
+    return None if arguments is None else json.dumps(arguments)
 
 
 def _id(call: dict[str, Any]) -> dict[str, Any]:
@@ -137,3 +142,15 @@ async def test_streamed_calls_without_an_index_each_in_its_own_event_stay_apart(
 
     got = [(c.id, c.function.name, json.loads(c.function.arguments)) for c in answer.message.tool_calls]
     assert got == [("a", "weather", {"city": "Oslo"}), ("b", "weather", {"city": "Rome"})]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_call_whose_arguments_are_null_has_none_alike_whole_or_streamed(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, streamed: bool
+) -> None:
+    # Complete gave the text "null" (JSON's null written out), StreamComplete "": one call, two answers.
+    primary.inject(answering("openai", [{"id": "a", "name": "weather", "arguments": None}], streamed=streamed))
+
+    answer = await answer_of(stub, streamed)
+
+    assert [(c.id, c.function.name, c.function.arguments) for c in answer.message.tool_calls] == [("a", "weather", "")]

@@ -477,6 +477,9 @@ async def test_a_sampler_as_the_readme_advises_is_taken(
     [
         ({"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "5000"}, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE=5000: "),
         ({"OTEL_BSP_MAX_QUEUE_SIZE": "-1"}, "OTEL_BSP_MAX_QUEUE_SIZE=-1: "),
+        # The SDK logged a traceback and went on with its default.
+        ({"OTEL_BSP_SCHEDULE_DELAY": "5s"}, "OTEL_BSP_SCHEDULE_DELAY: '5s' is not a whole number (of milliseconds)"),
+        ({"OTEL_BSP_MAX_QUEUE_SIZE": "lots"}, "OTEL_BSP_MAX_QUEUE_SIZE: 'lots' is not a whole number"),
         ({"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: 'http/json' is not"),
         ({"OTEL_EXPORTER_OTLP_TIMEOUT": "soon"}, "OTEL_EXPORTER_OTLP_TIMEOUT: 'soon' is not a number of seconds"),
         # Every batch would fail, each logging the address, a password in it too.
@@ -506,9 +509,9 @@ async def test_a_sampler_as_the_readme_advises_is_taken(
         ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"}, "OTEL_TRACES_SAMPLER_ARG: '2' is"),
     ],
     ids=[
-        "batch-over-queue", "negative-queue", "traces-protocol", "timeout", "endpoint-port", "endpoint-ipv6",
-        "endpoint-no-url", "grpc-endpoint", "header-semicolon", "header-comma", "sampler", "sampler-space",
-        "sampler-arg", "sampler-arg-over-1",
+        "batch-over-queue", "negative-queue", "delay-with-unit", "queue-word", "traces-protocol", "timeout",
+        "endpoint-port", "endpoint-ipv6", "endpoint-no-url", "grpc-endpoint", "header-semicolon", "header-comma",
+        "sampler", "sampler-space", "sampler-arg", "sampler-arg-over-1",
     ],
 )  # fmt: skip
 async def test_bad_otel_settings_stop_the_start_naming_the_variable(

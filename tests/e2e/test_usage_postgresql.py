@@ -347,6 +347,36 @@ async def test_a_process_killed_with_sigkill_is_replayed_by_the_next_ledger(data
     assert list(journal.iterdir()) == []
 
 
+async def test_a_dead_processs_journal_is_claimed_and_counted_while_the_database_is_down(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journals of dead processes were claimed only while the database answered: through an outage, Health's
+    pending_records left out everything they held (1,001 records here), and said the usage waiting was none."""
+    monkeypatch.setattr("llmrelay_server.usage.postgresql.ANSWER_S", 1.0)
+    journal = tmp_path / "journal"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _RECORDER, database_url, str(journal), "1001", stdout=asyncio.subprocess.PIPE
+    )
+    assert child.stdout is not None
+    try:
+        assert await asyncio.wait_for(child.stdout.readline(), 30) == b"recorded\n"
+    finally:
+        child.kill()
+        await child.wait()
+    async with _FreezingProxy(database_url) as proxy:
+        proxy.freeze()
+        ledger = UsageLedger(proxy.url, journal_dir=journal)
+        await ledger.start()
+        try:
+            await wait_until(lambda: ledger.health().pending_records == 1001)
+            assert not ledger.health().available
+            proxy.thaw()
+            await wait_until(lambda: ledger.health().pending_records == 0)
+        finally:
+            await ledger.aclose()
+    assert sql(database_url, "SELECT SUM(requests) FROM usage_buckets") == [(1001,)]
+
+
 class _FreezingProxy:
     """A loopback TCP proxy in front of the database that can stop passing bytes on, its connections kept open: a
     frozen server, or a network path that drops packets silently."""

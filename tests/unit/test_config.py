@@ -842,6 +842,7 @@ def test_merge_keys_may_be_overridden_and_aliases_stay_cheap(tmp_path: Path) -> 
         (ONE_EXTRA.replace("'http://h:1/v1'", "'http://[::1'") % "fallback: true", {}, "llm.backends[0].base_url"),
         (None, {"OLLAMA_HOST": "[::1"}, "OLLAMA_HOST"),
         (None, {"OLLAMA_HOST": "http://u:SUPERSECRET@h:x"}, "OLLAMA_HOST"),
+        (None, {"OLLAMA_HOST": "http://SUPERSECRET@h:99999"}, "OLLAMA_HOST"),  # a token as the user, quoted
         (None, {"LLMRELAY_WORKERS": "5000"}, "LLMRELAY_WORKERS"),  # the variable, not the field it overrides
     ],
     ids=[
@@ -860,6 +861,7 @@ def test_merge_keys_may_be_overridden_and_aliases_stay_cheap(tmp_path: Path) -> 
         "base_url IPv6",
         "OLLAMA_HOST IPv6",
         "OLLAMA_HOST user",
+        "OLLAMA_HOST token",
         "LLMRELAY_WORKERS",
     ],
 )

@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from llmrelay_server import tokens
 from llmrelay_server.domain import (
+    MAX_TOKEN_COUNT,
     CompletionRequest,
     ImageDetail,
     ImagePart,
@@ -395,6 +396,19 @@ def test_an_image_of_unknown_size_counts_as_the_largest_image_would(counter: Tok
     largest = counter.count_chat("gpt-4o", [with_image(ImagePart(data=png(2048, 768), detail=ImageDetail.HIGH))])
 
     assert url.tokens == largest.tokens == counter.count_chat("gpt-4o", [QUESTION]).tokens + 85 + 170 * 8
+
+
+async def test_a_count_past_the_contracts_int32_says_at_least_that_many(counter: TokenCounter) -> None:
+    """1.5 million images of unknown size, counted at their most (1,445 tokens each), came to more than an int32
+    holds: CountTokens failed with INTERNAL (protobuf's ValueError), and a usage estimated from it would have too."""
+    image = ImagePart(url="https://example.com/cat.png")
+    images = Message(role=Role.USER, parts=(TextPart("which?"),) + (image,) * 1_500_000)
+
+    count = counter.count_chat("gpt-4o", [images])
+    usage = await counter.estimate_usage("gpt-4o", CompletionRequest(messages=(images,)), ["an answer"])
+
+    assert count.tokens == MAX_TOKEN_COUNT and count.estimated
+    assert usage.total_tokens == MAX_TOKEN_COUNT and usage.completion_tokens == 2 and usage.estimated
 
 
 def test_an_image_url_at_low_detail_is_exact_whatever_its_size(counter: TokenCounter) -> None:

@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Final
 
 import httpx2
 
+from llmrelay_server.backends import wire
 from llmrelay_server.backends.openai_compat import OpenAICompatibleProvider
 from llmrelay_server.backends.upstream_http import HEALTH_TIMEOUT_S
 from llmrelay_server.domain import BackendHealth, CompletionRequest, ReasoningEffort, read_json
@@ -41,7 +42,7 @@ class OllamaProvider(OpenAICompatibleProvider):
             version.raise_for_status()
             tags = await self._http.get(f"{root}/api/tags", timeout=HEALTH_TIMEOUT_S)
             tags.raise_for_status()
-            models = tuple(str(m["name"]) for m in tags.json().get("models", []))
+            models = tuple(str(m["name"]) for m in wire.decode_json(tags.content).get("models", []))
         except (httpx2.HTTPError, ValueError, KeyError, AttributeError, TypeError) as exc:
             return self._health(started, reachable=False, error=f"{root}: {self._describe(exc)}")
         return self._health(started, reachable=True, models=models)

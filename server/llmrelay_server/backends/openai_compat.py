@@ -250,7 +250,9 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             f"{self._root_url}{path}", content=wire.encode(body), headers=self._headers, timeout=HEALTH_TIMEOUT_S
         )
         response.raise_for_status()
-        return response.json()
+        return wire.decode_json(
+            response.content
+        )  # orjson: JSON nested past its depth is malformed, not a RecursionError
 
     async def health(self) -> BackendHealth:
         started = time.monotonic()

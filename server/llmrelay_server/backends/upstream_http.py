@@ -31,7 +31,7 @@ import httpx2
 from llmrelay_server import metering
 from llmrelay_server.backends.http1 import Http1Pool, Http1Response, Http1Transport
 from llmrelay_server.backends.proxies import Proxies
-from llmrelay_server.backends.wire import ErrorAnswer, ErrorEvent, MalformedAnswerError, encode
+from llmrelay_server.backends.wire import ErrorAnswer, ErrorEvent, MalformedAnswerError, decode_json, encode
 from llmrelay_server.domain import (
     BackendHealth,
     BackendSpec,
@@ -515,7 +515,7 @@ def error_body(response: httpx2.Response) -> tuple[Any, Any]:
     """An HTTP error answer's body (its JSON, else its text) and the JSON's `error` (None without one), where both
     dialects put their error's type and message (`error_message`)."""
     try:
-        body: Any = response.json()
+        body: Any = decode_json(response.content)  # not json.loads: JSON nested past Python's stack is a RecursionError
     except ValueError:
         body = response.text
     return body, body.get("error") if isinstance(body, dict) else None

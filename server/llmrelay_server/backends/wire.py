@@ -22,6 +22,7 @@ import orjson
 
 from llmrelay_server.domain import (
     FUNCTION_NAME,
+    MAX_TOKEN_COUNT,
     CompletionChunk,
     CompletionOptions,
     CompletionRequest,
@@ -355,7 +356,10 @@ def tool_name(value: Any, where: str) -> str:
 
 
 def _arguments_text(arguments: Any) -> str:
-    # Some servers (Ollama's native API) send arguments as an object; the contract carries JSON text.
+    # Some servers (Ollama's native API) send arguments as an object; the contract carries JSON text. JSON's null is
+    # none at all, as a stream's null fragment adds nothing.
+    if arguments is None:
+        return ""
     return arguments if isinstance(arguments, str) else arguments_json(arguments)
 
 
@@ -421,7 +425,7 @@ def count_field(obj: Any, key: str) -> int | None:
 
 def is_count(value: Any) -> TypeGuard[int]:
     """A plausible token count: a whole number that fits the contract's int32 (not a bool, not negative)."""
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKEN_COUNT
 
 
 class StreamToolCalls:
@@ -591,6 +595,8 @@ def _vector(value: Any) -> bytes:
             raw = struct.pack(f"<{len(value)}f", *value)
         except (struct.error, OverflowError) as exc:
             raise MalformedAnswerError("an embedding holds something other than 32-bit floats") from exc
+        if bool in map(type, value):  # which struct packs as 1.0 and 0.0 (a scan in C, as the packing is)
+            raise MalformedAnswerError("an embedding holds true or false, not numbers")
     else:
         raise MalformedAnswerError("an embedding is neither base64 text nor a list of numbers")
     if not raw or len(raw) % 4:

@@ -52,8 +52,9 @@ When Redis cannot be reached (refused, reset, slower than state.timeout_s, a pas
 on per state.on_unavailable: "allow" admits calls without counting them, "deny" refuses them with UNAVAILABLE. It
 then leaves Redis alone, probing it every `PROBE_INTERVAL_S` in the background, so calls do not each wait out the
 timeout, and uses it again as soon as a probe succeeds: one WARNING when it goes, one INFO when it is back. What
-Redis lost meanwhile (a restart without persistence) starts again from zero. The URL's password never appears in a
-log line, an error or `health()`.
+Redis lost meanwhile (a restart without persistence) starts again from zero. A gateway with no call and no stream
+finds Redis gone within a third of a lease all the same: the renewal's tick, with no lease to renew, probes it. The
+URL's password never appears in a log line, an error or `health()`.
 """
 
 from __future__ import annotations
@@ -617,10 +618,18 @@ class RedisLimiter:
             return
 
     async def _renew_leases(self) -> None:
-        """Every third of a lease, extends the leases of this gateway's open streams, all in one script call."""
+        """Every third of a lease, extends the leases of this gateway's open streams, all in one script call; with
+        none open, probes Redis instead, so that an idle gateway's health says when Redis is gone (and new calls do
+        not each find it out by waiting state.timeout_s)."""
         while True:
             await asyncio.sleep(self._lease_ms / 3000)
-            if not self._leases or not self._available:
+            if not self._available:
+                continue
+            if not self._leases:
+                try:
+                    await self._run(self._probe_script, [PROBE_KEY], [])
+                except _UNREACHABLE as error:
+                    self._went_unreachable(error)
                 continue
             keys: list[str] = []
             args: list[str | int] = [self._lease_ms]

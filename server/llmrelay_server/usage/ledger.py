@@ -18,8 +18,8 @@ died count apart: they add nothing to the disk, and must not cost new records th
 
 A process that dies (kill -9, a crash) leaves its journal, whole: the kernel writes its page cache out after the
 process is gone. (The lines are not fsynced: a power loss can still take the newest ones.) Any ledger on the same
-directory claims it when it starts and every `_MAINTENANCE_INTERVAL_S` while the database is reachable (`journal`
-says how ownership works), writes its batches and deletes them.
+directory claims it when it starts and every `_MAINTENANCE_INTERVAL_S`, the database reachable or not (`journal`
+says how ownership works), writes its batches (once the database answers) and deletes them.
 
 ``query()`` adds to the database's totals every batch not yet in them: those in this process's memory, and every
 batch file in the directory (other processes', and this one's while the database is down). It reads the journal
@@ -434,8 +434,9 @@ class UsageLedger:
                 await asyncio.wait_for(self._stopping.wait(), timeout=self._flush_interval_s)
 
     async def _maintain(self) -> None:
-        """Checks an idle database (so health tells, and a new one gets its schema before the first write), then, if
-        it is reachable, claims the journals of dead processes for the flushes to write."""
+        """Checks an idle database (so health tells, and a new one gets its schema before the first write), then
+        claims the journals of dead processes for the flushes to write: through an outage too, so that what they hold
+        is counted as waiting (health's pending_records), and written as soon as the database is back."""
         if not self._pending and not self._active.records:
             try:
                 await self._store.check()
@@ -443,7 +444,7 @@ class UsageLedger:
                 self._became_unavailable(error)
             else:
                 self._became_available()
-        if self._journal is None or self._unavailable is not None:
+        if self._journal is None:
             return
         held = {orphan.journal for orphan in self._orphans}
         for orphan in await asyncio.to_thread(self._journal.claim_orphans, held):

@@ -600,6 +600,10 @@ const (
 	// PERMISSION_DENIED: the caller's key may read only its own usage (GetUsage), and asked for another caller's;
 	// metadata `caller` (the key's name) and `requested_caller`.
 	ErrorReason_ERROR_REASON_USAGE_NOT_ALLOWED ErrorReason = 22
+	// RESOURCE_EXHAUSTED: the gateway has as many calls of this service in progress as it takes at once
+	// (server.max_concurrent_rpcs); metadata `subject` ("gateway"); QuotaFailure; RetryInfo (and pushback). The
+	// gateway's health service (grpc.health.v1) is not bounded, so that its probes are answered under load.
+	ErrorReason_ERROR_REASON_CONCURRENT_CALLS_EXCEEDED ErrorReason = 23
 )
 
 // Enum value maps for ErrorReason.
@@ -628,6 +632,7 @@ var (
 		20: "ERROR_REASON_LIMITS_UNAVAILABLE",
 		21: "ERROR_REASON_USAGE_UNAVAILABLE",
 		22: "ERROR_REASON_USAGE_NOT_ALLOWED",
+		23: "ERROR_REASON_CONCURRENT_CALLS_EXCEEDED",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":                  0,
@@ -653,6 +658,7 @@ var (
 		"ERROR_REASON_LIMITS_UNAVAILABLE":           20,
 		"ERROR_REASON_USAGE_UNAVAILABLE":            21,
 		"ERROR_REASON_USAGE_NOT_ALLOWED":            22,
+		"ERROR_REASON_CONCURRENT_CALLS_EXCEEDED":    23,
 	}
 )
 
@@ -3966,7 +3972,7 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\x0fInterruptPolicy\x12 \n" +
 	"\x1cINTERRUPT_POLICY_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16INTERRUPT_POLICY_ABORT\x10\x01\x12\x1c\n" +
-	"\x18INTERRUPT_POLICY_RESTART\x10\x02*\xee\x06\n" +
+	"\x18INTERRUPT_POLICY_RESTART\x10\x02*\x9a\a\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12 \n" +
 	"\x1cERROR_REASON_INVALID_REQUEST\x10\x01\x12 \n" +
@@ -3991,7 +3997,8 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\x1cERROR_REASON_BUDGET_EXCEEDED\x10\x13\x12#\n" +
 	"\x1fERROR_REASON_LIMITS_UNAVAILABLE\x10\x14\x12\"\n" +
 	"\x1eERROR_REASON_USAGE_UNAVAILABLE\x10\x15\x12\"\n" +
-	"\x1eERROR_REASON_USAGE_NOT_ALLOWED\x10\x16*o\n" +
+	"\x1eERROR_REASON_USAGE_NOT_ALLOWED\x10\x16\x12*\n" +
+	"&ERROR_REASON_CONCURRENT_CALLS_EXCEEDED\x10\x17*o\n" +
 	"\vImageDetail\x12\x1c\n" +
 	"\x18IMAGE_DETAIL_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11IMAGE_DETAIL_AUTO\x10\x01\x12\x14\n" +

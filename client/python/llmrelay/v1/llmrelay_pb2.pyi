@@ -446,6 +446,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """PERMISSION_DENIED: the caller's key may read only its own usage (GetUsage), and asked for another caller's;
     metadata `caller` (the key's name) and `requested_caller`.
     """
+    ERROR_REASON_CONCURRENT_CALLS_EXCEEDED: _ErrorReason.ValueType  # 23
+    """RESOURCE_EXHAUSTED: the gateway has as many calls of this service in progress as it takes at once
+    (server.max_concurrent_rpcs); metadata `subject` ("gateway"); QuotaFailure; RetryInfo (and pushback). The
+    gateway's health service (grpc.health.v1) is not bounded, so that its probes are answered under load.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The reason in the google.rpc.ErrorInfo of a failed call (as its name without the ERROR_REASON_ prefix). Each
@@ -551,6 +556,11 @@ journal on disk until the database is back; no metadata; RetryInfo (and pushback
 ERROR_REASON_USAGE_NOT_ALLOWED: ErrorReason.ValueType  # 22
 """PERMISSION_DENIED: the caller's key may read only its own usage (GetUsage), and asked for another caller's;
 metadata `caller` (the key's name) and `requested_caller`.
+"""
+ERROR_REASON_CONCURRENT_CALLS_EXCEEDED: ErrorReason.ValueType  # 23
+"""RESOURCE_EXHAUSTED: the gateway has as many calls of this service in progress as it takes at once
+(server.max_concurrent_rpcs); metadata `subject` ("gateway"); QuotaFailure; RetryInfo (and pushback). The
+gateway's health service (grpc.health.v1) is not bounded, so that its probes are answered under load.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

@@ -653,6 +653,12 @@ export enum ErrorReason {
    * metadata `caller` (the key's name) and `requested_caller`.
    */
   ERROR_REASON_USAGE_NOT_ALLOWED = 22,
+  /**
+   * ERROR_REASON_CONCURRENT_CALLS_EXCEEDED - RESOURCE_EXHAUSTED: the gateway has as many calls of this service in progress as it takes at once
+   * (server.max_concurrent_rpcs); metadata `subject` ("gateway"); QuotaFailure; RetryInfo (and pushback). The
+   * gateway's health service (grpc.health.v1) is not bounded, so that its probes are answered under load.
+   */
+  ERROR_REASON_CONCURRENT_CALLS_EXCEEDED = 23,
   UNRECOGNIZED = -1,
 }
 
@@ -727,6 +733,9 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 22:
     case "ERROR_REASON_USAGE_NOT_ALLOWED":
       return ErrorReason.ERROR_REASON_USAGE_NOT_ALLOWED;
+    case 23:
+    case "ERROR_REASON_CONCURRENT_CALLS_EXCEEDED":
+      return ErrorReason.ERROR_REASON_CONCURRENT_CALLS_EXCEEDED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -782,6 +791,8 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_USAGE_UNAVAILABLE";
     case ErrorReason.ERROR_REASON_USAGE_NOT_ALLOWED:
       return "ERROR_REASON_USAGE_NOT_ALLOWED";
+    case ErrorReason.ERROR_REASON_CONCURRENT_CALLS_EXCEEDED:
+      return "ERROR_REASON_CONCURRENT_CALLS_EXCEEDED";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
