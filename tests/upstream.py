@@ -11,6 +11,8 @@ Faults are queued; each chat or embeddings request takes the next one. A fault i
     {"stall_s": 5}                                     wait before answering (notices a client that leaves)
     {"drop": true}                                     close the connection without answering
     {"body": "<html>", "content_type": "text/html"}    a 200 with this raw body
+    {"body": "data: ...\n\n", "content_type": "text/event-stream", "event_gap_s": 0.05}
+                                                       ... its events sent one at a time, this far apart
     {"stream_cut_after": 2}                            a stream that ends after N chunks, without [DONE]
     {"stream_garbage": true}                           a stream with a line that is not JSON
     {"trickle_s": 1.0}                                 a stream that sends one chunk per trickle_s seconds
@@ -279,6 +281,18 @@ class FakeUpstream:
             if "body" in fault:
                 return await _send(writer, fault["status"], fault["body"].encode(), "application/json", headers)
             return await _send_json(writer, fault["status"], error, headers)
+        if "body" in fault and "event_gap_s" in fault:  # the body's events one at a time, as a stream sends them
+            body = fault["body"].encode()
+            head = f"HTTP/1.1 200 OK\r\nContent-Type: {fault['content_type']}\r\nContent-Length: {len(body)}\r\n\r\n"
+            writer.write(head.encode())
+            *events, rest = body.split(b"\n\n")
+            for event in events:
+                writer.write(event + b"\n\n")
+                await writer.drain()
+                await asyncio.sleep(fault["event_gap_s"])
+            writer.write(rest)
+            await writer.drain()
+            return True
         if "body" in fault:
             return await _send(writer, 200, fault["body"].encode(), fault.get("content_type", "application/json"))
         return None

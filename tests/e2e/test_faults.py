@@ -538,6 +538,53 @@ async def test_a_200_stream_that_is_no_event_stream_says_what_came_instead(
     assert errors and all(error.startswith(f"malformed answer: {why}") for error in errors), errors
 
 
+def _openai_events(*events: dict[str, Any], done: bool) -> dict[str, Any]:
+    """A fault answering a stream with these events (each a chat.completion.chunk's choice and usage), and [DONE]."""
+    lines = [
+        "data: " + json.dumps({"id": "c", "model": "gpt-test", "choices": [choice], "usage": usage})
+        for choice, usage in ((event["choice"], event.get("usage")) for event in events)
+    ]
+    return {"body": "".join(f"{line}\n\n" for line in [*lines, *(["data: [DONE]"] if done else [])]),
+            "content_type": "text/event-stream"}  # fmt: skip
+
+
+def _piece(text: str, finish: str | None) -> dict[str, Any]:
+    return {"choice": {"index": 0, "delta": {"content": text}, "finish_reason": finish}}
+
+
+async def test_an_empty_finish_reason_is_none_and_a_cut_stream_stays_cut(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    """Ollama's /v1 and sglang have sent "finish_reason": "" in every event before the last: taken for a finish, a
+    stream cut after them ended OK, billed as whole, its text cut short."""
+    cut = _openai_events(*(_piece(word, "") for word in ("The ", "answer ", "is")), done=False)
+    primary.inject(cut, cut)
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        async for _ in stub.StreamComplete(stream_chat(exact_model=True), timeout=5):
+            pass
+    assert failed.value.code() == grpc.StatusCode.ABORTED
+    assert details(failed.value)["ErrorInfo"].reason == "STREAM_INTERRUPTED"
+
+
+async def test_an_empty_finish_reason_beside_a_running_usage_count_is_not_the_end(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    """With a running usage count in each event (vLLM's continuous_usage_stats), the first event's "" and usage were
+    taken for the end of the answer: the caller got its first word, billed as whole."""
+    words = ["The ", "answer ", "is ", "42."]
+    events = [
+        _piece(word, "") | {"usage": {"prompt_tokens": 12, "completion_tokens": n + 1, "total_tokens": 13 + n}}
+        for n, word in enumerate(words)
+    ]
+    final = {"choice": {"index": 0, "delta": {}, "finish_reason": "stop"}}
+    final["usage"] = {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16}
+    primary.inject(_openai_events(*events, final, done=True) | {"event_gap_s": 0.05})
+    chunks = [chunk async for chunk in stub.StreamComplete(stream_chat(exact_model=True), timeout=5)]
+    assert "".join(chunk.delta.content for chunk in chunks) == "The answer is 42."
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (12, 4)
+
+
 @pytest.mark.parametrize("primary", DIALECTS, indirect=True)
 async def test_deadline_bounds_everything(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream

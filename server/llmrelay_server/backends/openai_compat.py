@@ -143,7 +143,9 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             # OpenAI sends "usage": null in every event before the last when asked to include usage.
             reported = wire.usage_from(data) if data.get("usage") is not None else None
             usage = reported or usage
-            if choice is not None and choice.get("finish_reason") is not None:
+            # Truthy, not just present: Ollama's /v1 and sglang have sent "" in every event before the last, which
+            # taken for a finish made a cut stream whole, and a running usage count the end of the answer.
+            if choice is not None and choice.get("finish_reason"):
                 finish = wire.finish_reason(choice["finish_reason"])
             # Usage that comes with the finish reason or after it is the last an answer has (include_usage): it is
             # whole there, [DONE] or not (`relayed` waits a moment for the end, not the idle limit). Usage before the
