@@ -143,6 +143,13 @@ class CircuitBreaker:
     def record_success(self) -> None:
         self.failures, self.opened_at, self.probing = 0, None, False
 
+    def record_answered(self) -> None:
+        """A stream's first chunk: the backend answers, so the circuit closes (a probe's verdict), but its failures
+        are forgiven only when the stream ends whole (`record_success`): a backend that breaks every stream part-way
+        (a proxy cutting long streams, a server out of memory mid-answer) reaches the threshold as one failing at
+        once does."""
+        self.opened_at, self.probing = None, False
+
     def record_failure(self) -> None:
         self.failures += 1
         if self.probing or self.failures >= self.config.failure_threshold:
@@ -706,7 +713,7 @@ class Router:
         routes = self._routes(request, caller, may_use)
         for index, route in enumerate(routes):
             try:
-                opened = await self._try_route(chain, route, lambda r, _: self._open_stream(r, request))
+                opened = await self._try_route(chain, route, lambda r, _: self._open_stream(r, request), stream=True)
             except UpstreamError as exc:
                 if broken is None or exc.kind is not UpstreamErrorKind.REJECTED:
                     raise
@@ -730,6 +737,7 @@ class Router:
                             usage = self._priced(route, chunk.model, usage)
                             self._bill(chunk.backend, chunk.model, caller, usage)
                             billed = True
+                            route.backend.circuit.record_success()  # the stream ended whole
                             chain.stream_ended(AttemptOutcome.SUCCEEDED)
                             total = usage if consumed is None else consumed + usage
                             chunk = chunk.settled(total, tuple(chain.attempts))
@@ -964,8 +972,11 @@ class Router:
         finally:
             watchdog.stop()
 
-    async def _try_route(self, chain: _Chain, route: Route, call: Callable[[Route, float], Awaitable[T]]) -> T | None:
-        """Runs `call` on one route with retries; its result, or None to move on to the next route.
+    async def _try_route(
+        self, chain: _Chain, route: Route, call: Callable[[Route, float], Awaitable[T]], *, stream: bool = False
+    ) -> T | None:
+        """Runs `call` on one route with retries; its result, or None to move on to the next route. Of a `stream`,
+        the result is its first chunk, which tells the circuit only that the backend answers (`record_answered`).
 
         Each attempt waits for its answer (a stream: its first chunk) at most `first_chunk_timeout_s`: a backend that
         took the request and stays silent is failing, and retrying it would only multiply the wait.
@@ -1012,6 +1023,8 @@ class Router:
                     raise
                 if exc.kind not in RETRYABLE or retry == self._config.retry.max_retries:
                     return None
+                if circuit.state is CircuitState.OPEN:
+                    continue  # this failure opened it: no retry to wait for (skipped at once, the next route tried)
                 delay = self._backoff.delay_s(retry, exc.retry_after_s)
                 if delay is None or delay + MIN_ATTEMPT_S > chain.remaining_s():
                     return None
@@ -1034,7 +1047,10 @@ class Router:
             except BaseException:
                 circuit.release()
                 raise
-            circuit.record_success()
+            if stream:
+                circuit.record_answered()
+            else:
+                circuit.record_success()
             chain.record(route, AttemptOutcome.SUCCEEDED, started, None)
             chain.opened_at = time.perf_counter()
             return result

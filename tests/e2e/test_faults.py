@@ -707,6 +707,53 @@ async def test_circuit_opens_skips_and_recovers(
     assert health.backends[0].circuit_state == pb.CIRCUIT_STATE_CLOSED
 
 
+async def test_streams_that_break_part_way_open_the_circuit_as_failures_at_once_do(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """The first chunk of a stream counted as a success (the failures forgotten), and its break as one failure: a
+    backend that broke every stream part-way never reached the threshold, and every caller got ABORTED."""
+    router = FAST_ROUTER.replace("failure_threshold: 50, cooldown_s: 30", "failure_threshold: 2, cooldown_s: 30")
+    stub = await stub_for(two_backends(primary, local, router))
+
+    async def broken_stream() -> None:
+        primary.inject({"stream_cut_after": 2})
+        with pytest.raises(grpc.aio.AioRpcError) as broken:
+            await read_all(stub.StreamComplete(stream_chat("a b c d"), timeout=5))
+        assert broken.value.code() == grpc.StatusCode.ABORTED
+
+    async def circuit() -> int:
+        return (await stub.Health(pb.HealthRequest(), timeout=5)).backends[0].circuit_state
+
+    await broken_stream()
+    # A stream that ends whole forgives the failures before it.
+    assert (await read_all(stub.StreamComplete(stream_chat("a b c d"), timeout=5)))[-1].backend == "openai"
+    await broken_stream()
+    assert await circuit() == pb.CIRCUIT_STATE_CLOSED
+    await broken_stream()  # the second in a row
+    assert await circuit() == pb.CIRCUIT_STATE_OPEN
+    chunks = await read_all(stub.StreamComplete(stream_chat("a b c d"), timeout=5))
+    assert chunks[-1].attempts[0].outcome == Outcome.ATTEMPT_OUTCOME_SKIPPED and chunks[-1].backend == "ollama"
+
+
+async def test_a_retry_wait_is_not_spent_on_a_circuit_its_failure_opened(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """The backoff (here the upstream's Retry-After, 3 s) was slept before the retry found the circuit open and
+    skipped it: the fallback began 3 s late, for a retry that could never run."""
+    router = "router: {retry: {max_retries: 2}, circuit: {failure_threshold: 1, cooldown_s: 30}}\n"
+    stub = await stub_for(two_backends(primary, local, router))
+    primary.inject({"status": 429, "retry_after": 3})
+    began = time.monotonic()
+    answer = await stub.Complete(chat(), timeout=10)
+    assert time.monotonic() - began < 1.5
+    assert answer.backend == "ollama" and len(primary.chat_requests) == 1
+    assert [attempt.outcome for attempt in answer.attempts] == [
+        Outcome.ATTEMPT_OUTCOME_RATE_LIMITED,
+        Outcome.ATTEMPT_OUTCOME_SKIPPED,
+        Outcome.ATTEMPT_OUTCOME_SUCCEEDED,
+    ]
+
+
 async def test_standard_health_follows_the_circuits(gateway_factory: GatewayFactory, local: FakeUpstream) -> None:
     gateway = await gateway_factory(f"""
 llm:
