@@ -587,6 +587,11 @@ def _status(returncode: int | None) -> str:
     return f"status {returncode}"
 
 
+_DIRECT: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+"""Opens the workers' loopback endpoints directly: urlopen would go through an HTTP_PROXY the environment names
+(a machine behind a corporate proxy), and every worker's metrics would be missing from the scrape."""
+
+
 class _WorkersMetrics(Collector):
     """Every running worker's metrics, read from its own endpoint at each scrape, each sample labelled `worker`."""
 
@@ -603,7 +608,7 @@ class _WorkersMetrics(Collector):
             with contextlib.suppress(OSError, ValueError):  # a worker restarting or gone: absent from this scrape
                 port = json.loads(announced.read_text())["metrics_port"]
                 url = f"http://127.0.0.1:{port}/metrics"
-                with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as answer:
+                with _DIRECT.open(url, timeout=SCRAPE_TIMEOUT_S) as answer:
                     text = answer.read().decode()
                 for family in text_string_to_metric_families(text):
                     if family.type == "gauge" and family.name.endswith("_created"):

@@ -157,6 +157,36 @@ async def test_workers_share_the_port_the_ledger_and_the_metrics(tmp_path: Path,
     assert output.count('"msg":"stopped"') == 3  # each worker, then the supervisor
 
 
+async def test_the_workers_metrics_are_read_directly_whatever_proxy_the_environment_names(
+    tmp_path: Path, local: FakeUpstream
+) -> None:
+    """The supervisor read each worker's endpoint through the environment's HTTP_PROXY (unless NO_PROXY named
+    127.0.0.1): behind a corporate proxy, /metrics held no worker's metrics, and nothing said why."""
+    metrics_port = free_port()
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    gateway = await start_workers(
+        tmp_path,
+        local,
+        server=f', metrics_listen: "127.0.0.1:{metrics_port}"',
+        env={"HTTP_PROXY": dead_proxy, "http_proxy": dead_proxy},
+    )
+    try:
+        await call_on_new_connections(gateway.target, 4)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        text = await asyncio.to_thread(
+            lambda: opener.open(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        )
+        handled = sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "grpc_server_handled_total" and sample.labels["grpc_method"] == "Complete"
+        )
+        assert handled == 4
+    finally:
+        assert await stop(gateway) == 0
+
+
 async def test_a_worker_that_dies_is_restarted(tmp_path: Path, local: FakeUpstream) -> None:
     gateway = await start_workers(tmp_path, local)
     try:
