@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import select
 import sys
 import threading
@@ -192,6 +193,15 @@ class TextFormatter(logging.Formatter):
             return super().formatTime(record, datefmt)
         return f"{self._seconds(record.created)},{int(record.msecs):03d}"
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # A message is one line: what it quotes from elsewhere (an upstream's error text) could otherwise end it and
+        # forge lines of the gateway's own. Its line breaks and other control characters are written escaped, as in
+        # JSON. (A traceback, after the message, keeps its lines.)
+        message = record.message
+        if message.isprintable():  # in C: the common case costs one scan
+            return super().formatMessage(record)
+        return self._line % {**record.__dict__, "message": _CONTROL.sub(_escaped, message)}
+
     def format_call(self, logger: str, fields: dict[str, Any], text: object, created: float) -> str:
         """What format() makes of a call's line at INFO, logged at `created`, its message str(text)."""
         asctime = f"{self._seconds(created)},{_milliseconds(created):03d}"
@@ -246,6 +256,14 @@ def _json(entry: dict[str, Any]) -> str:
         return orjson.dumps(entry, default=str).decode()
     except orjson.JSONEncodeError:
         return _JSON.encode(entry)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""What ends a line, or moves about in one, in a terminal or a log viewer (C0, DEL, C1, and Unicode's separators)."""
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return json.dumps(match.group())[1:-1]  # "\n", "\u001b"
 
 
 def _milliseconds(created: float) -> int:

@@ -39,6 +39,18 @@ def test_a_workers_lines_say_which() -> None:
     assert "worker" not in json.loads(JsonFormatter().format(made))
 
 
+def test_a_text_line_stays_one_line_whatever_its_message_quotes() -> None:
+    """An upstream's error text, quoted in a failed call's line, could end the line and forge one of the gateway's
+    own: "bad thing\n2026-12-02 03:00:00,000 ERROR llmrelay_server: FORGED"."""
+    forged = "HTTP 400: bad thing\r\n2026-12-02 03:00:00,000 ERROR llmrelay_server: FORGED\u2028\x1b[2J\tend"
+    line = TextFormatter(text_format()).format(record(1_700_000_000.0, level=logging.WARNING, message=forged))
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line and "\u2028" not in line
+    assert line.endswith("HTTP 400: bad thing\\r\\n2026-12-02 03:00:00,000 ERROR llmrelay_server: FORGED"
+                         "\\u2028\\u001b[2J\\tend")  # fmt: skip
+    made = record(1_700_000_000.0, message="caf\u00e9 plain")  # printable: as logging writes it
+    assert TextFormatter(text_format()).format(made) == logging.Formatter(text_format()).format(made)
+
+
 def test_a_json_line_holds_any_text_and_any_field() -> None:
     made = record(1_700_000_000.0, message='caf\u00e9 "quoted"\n')
     made.call = {"model": "m\u00fc", "cost_usd": 0.25, "attempts": ["a:succeeded"], "first_chunk_ms": None}
