@@ -392,9 +392,17 @@ class Supervisor:
         """Kills a worker whose event loop has not run for worker_timeout_s, for its exit to restart it: blocked (or
         stopped), it would go on taking a share of the new connections and answer none of them."""
         timeout_s = self._config.server.worker_timeout_s
+        ticked_at = time.monotonic()
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             now = time.monotonic()
+            if now - ticked_at > 2 * HEARTBEAT_S:
+                # The supervisor did not run either (the whole gateway stopped: Ctrl-Z, `docker pause`, a frozen
+                # cgroup, a suspended VM): its workers' silence was its own, and they have had no time to beat since.
+                for worker in workers:
+                    if worker.heard_at is not None:
+                        worker.heard_at = now
+            ticked_at = now
             for worker in workers:
                 if worker.heard_at is None or worker.process is None or now - worker.heard_at <= timeout_s:
                     continue

@@ -187,6 +187,33 @@ async def test_the_workers_metrics_are_read_directly_whatever_proxy_the_environm
         assert await stop(gateway) == 0
 
 
+async def test_a_gateway_stopped_whole_and_continued_keeps_its_workers(tmp_path: Path, local: FakeUpstream) -> None:
+    """Ctrl-Z, `docker pause` or a frozen cgroup stop the supervisor with its workers: continued, the supervisor judged
+    the workers' silence before they could beat, killed them all, and cut their calls."""
+    gateway = await start_workers(tmp_path, local, server=", worker_timeout_s: 3")
+    try:
+        workers = children(gateway.process.pid)
+        local.inject({"trickle_s": 0.3})
+        async with grpc.aio.insecure_channel(gateway.target) as channel:
+            stream = pb.LLMServiceStub(channel).StreamComplete(stream_chat(" ".join("abcdefghij")), timeout=30)
+            assert await stream.read() is not grpc.aio.EOF
+            for pid in [*workers, gateway.process.pid]:
+                os.kill(pid, signal.SIGSTOP)
+            await asyncio.sleep(5)  # longer than worker_timeout_s
+            os.kill(gateway.process.pid, signal.SIGCONT)  # the supervisor first: its next tick is overdue
+            await asyncio.sleep(0.3)
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+            while await stream.read() is not grpc.aio.EOF:
+                pass
+            assert await stream.code() == grpc.StatusCode.OK
+        await asyncio.sleep(2)  # heartbeats judged again, the workers beating
+        assert children(gateway.process.pid) == workers
+        assert not [line for line in gateway.log if "killing it" in line]
+    finally:
+        assert await stop(gateway) == 0
+
+
 async def test_a_worker_that_dies_is_restarted(tmp_path: Path, local: FakeUpstream) -> None:
     gateway = await start_workers(tmp_path, local)
     try:
