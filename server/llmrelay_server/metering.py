@@ -9,6 +9,7 @@ meters pays one lookup.
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from llmrelay_server.domain import Attempt, AttemptOutcome, TokenUsage, immutable
@@ -112,3 +113,14 @@ def served_by(meter: Meter) -> Attempt | Billed | None:
         if attempt.outcome is AttemptOutcome.SUCCEEDED:
             return last_billed if last_billed is not None and last_billed.backend == attempt.backend else attempt
     return last_billed
+
+
+def moves(attempts: Sequence[Attempt]) -> Iterator[tuple[int, Attempt, Attempt]]:
+    """Each attempt (by its index) with the one the call moved on to after it: the next attempt, passing over a retry
+    of the same backend that its circuit skipped (opened by the failure, or by another call meanwhile), which never
+    ran: the call moved on from there to the next backend, a fallback, not a retry."""
+    for index, before in enumerate(attempts):
+        for after in attempts[index + 1 :]:
+            if after.outcome is not AttemptOutcome.SKIPPED or after.backend != before.backend:
+                yield index, before, after
+                break

@@ -21,7 +21,6 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
 from typing import Any, ClassVar, Generic, TypeVar
 
 import grpc
@@ -32,7 +31,7 @@ from prometheus_client.utils import floatToGoString
 
 from llmrelay_server.decoding import STREAM_COMPLETE
 from llmrelay_server.domain import Attempt, AttemptOutcome, BackendSpec, StoreHealth, TokenUsage
-from llmrelay_server.metering import Meter, open_meter, own_time_s
+from llmrelay_server.metering import Meter, moves, open_meter, own_time_s
 from llmrelay_server.observing import GEN_AI_OPERATIONS, Observer, Start
 from llmrelay_server.pricing import undated
 
@@ -310,7 +309,7 @@ class Metrics:
             self._billed[labels, requested, operation].add(billed.usage)
 
     def _moves(self, attempts: Sequence[Attempt]) -> None:
-        for before, after in pairwise(attempts):
+        for _, before, after in moves(attempts):
             # An attempt after a broken stream is its restart (the router sent the marker): not a fallback. A stream
             # that broke with nothing after it ended the call, and was no restart.
             if before.outcome is AttemptOutcome.INTERRUPTED:

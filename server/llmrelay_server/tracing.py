@@ -27,7 +27,6 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable
-from itertools import pairwise
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -45,7 +44,7 @@ from llmrelay_server.config import ConfigError, GatewayConfig
 from llmrelay_server.convert import MAX_MODEL_NAME
 from llmrelay_server.decoding import decoded
 from llmrelay_server.domain import Attempt, AttemptOutcome, BackendSpec
-from llmrelay_server.metering import Billed, Meter, open_meter, served_by
+from llmrelay_server.metering import Billed, Meter, moves, open_meter, served_by
 from llmrelay_server.observing import GEN_AI_OPERATIONS, Observer, Start
 
 # A cancelled attempt is no error of the backend's (the caller left), as a CANCELLED RPC is none of the server's.
@@ -426,7 +425,8 @@ class _Call:
             if attempt.outcome in _FAILURES:
                 child.set_status(Status(StatusCode.ERROR, attempt.error or attempt.outcome.value))
             child.end(end_time=end)
-        for (before, after), at in zip(pairwise(attempts), ends, strict=False):
+        for index, before, after in moves(attempts):
+            at = ends[index]
             if before.outcome not in _FAILURES:
                 continue
             if before.outcome is AttemptOutcome.INTERRUPTED:

@@ -226,6 +226,27 @@ async def test_only_a_stream_started_over_counts_as_a_restart(
     assert value(samples, "llmrelay_stream_restarts_total", backend="ollama") == 0
 
 
+async def test_a_retry_its_circuit_skipped_is_no_retry_but_the_fallback_after_it(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """The failure opened the circuit, so the retry was skipped and the call went to the next backend: counted as a
+    retry (the failure and the skip, paired), and no fallback at all, the moves were undercounted in every outage."""
+    router = "router: {retry: {max_retries: 1}, circuit: {failure_threshold: 1, cooldown_s: 30}}\n"
+    gateway = await gateway_factory(two_backends(primary, local, router), server='metrics_listen: "127.0.0.1:0"')
+    assert gateway.metrics is not None and gateway.metrics.port is not None
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        primary.inject({"status": 500})
+        answer = await pb.LLMServiceStub(channel).Complete(chat(), timeout=5)
+    assert [(a.backend, a.outcome) for a in answer.attempts] == [
+        ("openai", pb.ATTEMPT_OUTCOME_SERVER_ERROR),
+        ("openai", pb.ATTEMPT_OUTCOME_SKIPPED),
+        ("ollama", pb.ATTEMPT_OUTCOME_SUCCEEDED),
+    ]
+    samples = await scrape(gateway.metrics.port)
+    assert value(samples, "llmrelay_fallbacks_total", backend="openai", reason="server_error") == 1
+    assert value(samples, "llmrelay_retries_total", backend="openai", reason="server_error") == 0
+
+
 async def test_a_restart_is_not_also_a_fallback(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
