@@ -36,8 +36,17 @@ from llmrelay_server.observing import GEN_AI_OPERATIONS, Observer, Start
 from llmrelay_server.pricing import undated
 
 OTHER = "other"
-DEFAULT_BUCKETS = tuple(bound for bound in Histogram.DEFAULT_BUCKETS if bound != math.inf)
-"""prometheus-client's default buckets, but +Inf, which every histogram has."""
+CALL_BUCKETS = (
+    *(bound for bound in Histogram.DEFAULT_BUCKETS if bound != math.inf),
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
+"""prometheus-client's default buckets (5 ms to 10 s; +Inf, which every histogram has, left out), and on to ten
+minutes: a model's answer often takes longer than 10 s, and every p50 and p99 past it read as 10 s."""
 # The gateway's own time per call is small; the default buckets (5 ms up) would put it all in the first.
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 # As the GenAI semantic conventions advise for gen_ai.client.token.usage and gen_ai.server.time_to_first_token.
@@ -185,7 +194,7 @@ class _Kept(Collector):
         return counted
 
     def distributed(
-        self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float] = DEFAULT_BUCKETS
+        self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float] = CALL_BUCKETS
     ) -> _Distributed:
         self._families.append(distributed := _Distributed(name, documentation, labels, buckets))
         return distributed

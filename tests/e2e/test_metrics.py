@@ -85,6 +85,9 @@ async def test_metrics_count_a_known_sequence_exactly(
     assert value(samples, attempts, backend="ollama", outcome="succeeded") == 1
     assert value(samples, attempts, backend="ollama", outcome="server_error") == 2
     assert value(samples, "llmrelay_upstream_attempt_seconds_count", backend="openai") == 7
+    # Buckets past 10 s, where a model's answers often end: every one of those read as 10 s.
+    assert value(samples, "grpc_server_handling_seconds_bucket", **COMPLETE, le="600.0") == 4
+    assert value(samples, "llmrelay_upstream_attempt_seconds_bucket", backend="openai", le="300.0") == 7
     assert value(samples, "llmrelay_retries_total", backend="openai", reason="server_error") == 2
     assert value(samples, "llmrelay_retries_total", backend="ollama", reason="server_error") == 1
     assert value(samples, "llmrelay_fallbacks_total", backend="openai", reason="server_error") == 2
