@@ -28,7 +28,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import BIN, clean_env
 from llmrelay import v1 as pb
 from llmrelay_server.config import GatewayConfig, is_postgresql, load_config
+from llmrelay_server.domain import (
+    AllBackendsFailedError,
+    AttemptOutcome,
+    DeadlineExceededError,
+    FieldViolation,
+    InvalidRequestError,
+    ShuttingDownError,
+    StreamInterruptedError,
+    TokenizerUnavailableError,
+    UnauthenticatedError,
+    UpstreamError,
+    UpstreamErrorKind,
+)
 from llmrelay_server.health import SERVICE_NAME
+from llmrelay_server.router import NOT_THE_BACKENDS_FAULT
+from llmrelay_server.status import rpc_failure
 from prometheus_client.parser import text_string_to_metric_families
 from support import GatewayFactory, chat, stream_chat, two_backends
 from upstream import FakeUpstream
@@ -68,6 +83,43 @@ def alert_exprs() -> list[str]:
         assert rule["alert"] and rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["summary"]
     return [str(rule["expr"]) for rule in rules]
+
+
+def alert(name: str) -> str:
+    """The expression of the alert of this name."""
+    groups = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())["groups"]
+    [expr] = [str(rule["expr"]) for group in groups for rule in group["rules"] if rule["alert"] == name]
+    return expr
+
+
+def matched(expr: str, label: str) -> set[str]:
+    """The values a `label=~"a|b"` matcher of the expression takes."""
+    found = re.search(rf'{label}=~"([^"]+)"', expr)
+    assert found, (label, expr)
+    return set(found.group(1).split("|"))
+
+
+def test_backend_down_sees_every_failure_that_is_the_backends() -> None:
+    """A backend that refused every call for its rate limit, or broke every stream part-way, failed 100% of its
+    attempts while the alert saw none of them."""
+    backends_own = {kind.attempt_outcome.value for kind in UpstreamErrorKind if kind not in NOT_THE_BACKENDS_FAULT}
+    assert backends_own | {AttemptOutcome.INTERRUPTED.value} <= matched(alert("LLMRelayBackendDown"), "outcome")
+
+
+def test_the_error_ratio_counts_the_gateways_and_upstreams_failures_not_the_callers() -> None:
+    """Calls cut by a broken stream (ABORTED), or refused for our own upstream credentials (FAILED_PRECONDITION),
+    failed every call without the error ratio moving."""
+    ours = [
+        StreamInterruptedError(UpstreamError(UpstreamErrorKind.SERVER_ERROR, "openai", "cut")),
+        ShuttingDownError(stream_started=True),
+        TokenizerUnavailableError("o200k_base", "missing"),
+        AllBackendsFailedError("down", []),
+        DeadlineExceededError("late", ()),
+    ]
+    callers = [InvalidRequestError([FieldViolation("messages", "must not be empty")]), UnauthenticatedError("no key")]
+    counted = matched(alert("LLMRelayErrorRatioHigh"), "grpc_code")
+    assert {rpc_failure(error).code.name for error in ours} <= counted
+    assert not {rpc_failure(error).code.name for error in callers} & counted
 
 
 def test_names_are_found_in_promql() -> None:
