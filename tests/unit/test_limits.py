@@ -24,6 +24,11 @@ def ask(
     return Ask(subject, limits, tokens, usd, stream, answer)
 
 
+def on(clock: Clock) -> InProcessLimiter:
+    """A limiter whose wall and monotonic clocks are both `clock`."""
+    return InProcessLimiter(clock, clock)
+
+
 async def refused(limiter: InProcessLimiter, *asks: Ask) -> LimitExceededError:
     with pytest.raises(LimitExceededError) as caught:
         await limiter.reserve(asks)
@@ -32,7 +37,7 @@ async def refused(limiter: InProcessLimiter, *asks: Ask) -> LimitExceededError:
 
 async def test_requests_per_minute_slide_with_the_clock() -> None:
     clock = Clock()
-    limiter = InProcessLimiter(clock)
+    limiter = InProcessLimiter(clock, clock)
     limits = Limits(requests_per_minute=2)
     await limiter.reserve([ask(limits)])
     clock.now += 20
@@ -46,7 +51,7 @@ async def test_requests_per_minute_slide_with_the_clock() -> None:
 
 async def test_tokens_are_reserved_then_settled_to_what_was_billed() -> None:
     clock = Clock()
-    limiter = InProcessLimiter(clock)
+    limiter = InProcessLimiter(clock, clock)
     limits = Limits(tokens_per_minute=1000)
     first = await limiter.reserve([ask(limits, tokens=600)])
     assert (await refused(limiter, ask(limits, tokens=500))).kind is LimitKind.TOKENS_PER_MINUTE
@@ -57,7 +62,7 @@ async def test_tokens_are_reserved_then_settled_to_what_was_billed() -> None:
 
 
 async def test_a_request_larger_than_the_limit_is_told_what_to_change_and_no_time_to_retry_in() -> None:
-    limiter = InProcessLimiter(Clock())
+    limiter = on(Clock())
     tokens, budget = Limits(tokens_per_minute=500), Limits(budget_usd_per_day=0.01)
     # Prompt 8 + 1024 for the answer: no wait would ever make room for it, on a window nothing was spent in.
     error = await refused(limiter, ask(tokens, tokens=1032, answer=1024))
@@ -89,12 +94,12 @@ async def test_a_request_larger_than_the_limit_is_told_what_to_change_and_no_tim
     ids=["prompt alone too long", "embedding", "embedding over budget"],
 )
 async def test_the_remedy_is_what_can_help(the_ask: Ask, remedy: str) -> None:
-    error = await refused(InProcessLimiter(Clock()), the_ask)
+    error = await refused(on(Clock()), the_ask)
     assert remedy in error.description and error.retry_after_s is None
 
 
 async def test_a_request_larger_than_the_limit_is_refused_as_such_before_what_was_spent() -> None:
-    limiter = InProcessLimiter(Clock())
+    limiter = on(Clock())
     limits = Limits(requests_per_minute=1, tokens_per_minute=100)
     await limiter.reserve([ask(limits, tokens=10)])
     # Requests are spent too, but waiting for them would only lead to the same refusal: the size is what to fix.
@@ -103,7 +108,7 @@ async def test_a_request_larger_than_the_limit_is_refused_as_such_before_what_wa
 
 
 async def test_stream_slots_free_when_settled() -> None:
-    limiter = InProcessLimiter(Clock())
+    limiter = on(Clock())
     limits = Limits(concurrent_streams=1)
     stream = await limiter.reserve([ask(limits, stream=True)])
     await limiter.reserve([ask(limits)])  # a unary call takes no stream slot
@@ -114,7 +119,7 @@ async def test_stream_slots_free_when_settled() -> None:
 
 async def test_a_budget_is_per_utc_day() -> None:
     clock = Clock(10 * DAY + DAY - 30)  # 30 s before midnight UTC
-    limiter = InProcessLimiter(clock)
+    limiter = InProcessLimiter(clock, clock)
     limits = Limits(budget_usd_per_day=0.01)  # 10,000 micro-USD
     call = await limiter.reserve([ask(limits, usd=8_000)])
     await limiter.settle(call, tokens=0, usd_micros=6_000)
@@ -128,7 +133,7 @@ async def test_a_budget_is_per_utc_day() -> None:
 
 async def test_budget_that_calls_in_progress_hold_is_retried_in_a_moment_not_at_midnight() -> None:
     clock = Clock()
-    limiter = InProcessLimiter(clock)
+    limiter = InProcessLimiter(clock, clock)
     limits = Limits(budget_usd_per_day=0.01)  # 10,000 micro-USD
     spent = await limiter.reserve([ask(limits, usd=3_000)])
     await limiter.settle(spent, tokens=0, usd_micros=3_000)
@@ -149,7 +154,7 @@ async def test_budget_that_calls_in_progress_hold_is_retried_in_a_moment_not_at_
 
 
 async def test_all_or_nothing_across_subjects() -> None:
-    limiter = InProcessLimiter(Clock())
+    limiter = on(Clock())
     key, gateway = Limits(requests_per_minute=5), Limits(requests_per_minute=1)
     await limiter.reserve([ask(key), ask(gateway, subject="gateway")])
     error = await refused(limiter, ask(key), ask(gateway, subject="gateway"))
@@ -158,3 +163,21 @@ async def test_all_or_nothing_across_subjects() -> None:
     for _ in range(4):
         await limiter.reserve([ask(key)])
     assert (await refused(limiter, ask(key))).subject == "key:a"
+
+
+async def test_a_wall_clock_stepped_back_moves_no_window() -> None:
+    """The windows ran on the wall clock: stepped back (NTP, a resumed VM) after a call's entry had left its minute,
+    its settle corrected the tokens a second time; the minute's count drifted from its entries, the key's limit
+    loosened for good, or every later call of the key failed UNKNOWN (`next` past the last entry)."""
+    wall, monotonic = Clock(), Clock()
+    limiter = InProcessLimiter(wall, monotonic)
+    limits = Limits(tokens_per_minute=3000)
+    long_call = await limiter.reserve([ask(limits, tokens=2000)])
+    wall.now += 70
+    monotonic.now += 70
+    await limiter.reserve([ask(limits, tokens=100)])  # the long call's entry leaves the window
+    wall.now -= 30  # stepped back
+    await limiter.settle(long_call, tokens=2900, usd_micros=0)  # its minute is over: nothing to correct
+    await limiter.reserve([ask(limits, tokens=2900)])  # 100 + 2,900: exactly the limit
+    error = await refused(limiter, ask(limits, tokens=1))
+    assert error.kind is LimitKind.TOKENS_PER_MINUTE and error.retry_after_s == pytest.approx(60.0)

@@ -27,7 +27,8 @@ class _Window:
 
     requests: collections.deque[float] = field(default_factory=collections.deque)
     tokens: collections.deque[list[float]] = field(default_factory=collections.deque)
-    """[time, tokens] entries; settle() corrects an entry's tokens in place."""
+    """[time, tokens, counted] entries (monotonic time; counted: 1 until the entry leaves the window, then 0);
+    settle() corrects the tokens of an entry still counted, in place."""
     token_sum: float = 0
     streams: int = 0
     spend: dict[int, int] = field(default_factory=dict)
@@ -36,24 +37,34 @@ class _Window:
     """UTC day number -> micro-USD of that day's spend that calls in progress reserved: theirs until they settle."""
 
     def expire(self, now: float) -> None:
+        """Takes out what has left the minute before `now` (the monotonic clock)."""
         while self.requests and self.requests[0] <= now - WINDOW_S:
             self.requests.popleft()
         while self.tokens and self.tokens[0][0] <= now - WINDOW_S:
-            self.token_sum -= self.tokens.popleft()[1]
+            gone = self.tokens.popleft()
+            self.token_sum -= gone[1]
+            gone[2] = 0
+
+    def forget_before(self, day: int) -> None:
+        """Keeps the spend of `day` (today, UTC) and the day before."""
         if len(self.spend) > 2:  # today's, and yesterday's for calls that began before midnight and settle after
-            for day in [day for day in self.spend if day < _utc_day(now) - 1]:
-                del self.spend[day]
+            for old in [old for old in self.spend if old < day - 1]:
+                del self.spend[old]
 
 
 class InProcessLimiter:
     """Limits kept in this process. Exact under any number of concurrent calls: reserve() never awaits, so on one
-    event loop no other call can come between its checks and its updates."""
+    event loop no other call can come between its checks and its updates.
+
+    The minute's windows run on the monotonic clock, the budget's UTC day on the wall clock (`clock`): a wall clock
+    stepped back (NTP, a resumed VM) would otherwise keep entries in a window, or take them out twice."""
 
     calls_while_unavailable: Final = 0
     """The process's memory is never out of reach."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
+        self._monotonic = monotonic
         self._windows: dict[str, _Window] = {}
 
     async def start(self) -> None:
@@ -61,16 +72,17 @@ class InProcessLimiter:
 
     async def reserve(self, asks: Sequence[Ask]) -> Reservation:
         refuse_oversized(asks)
-        now = self._clock()
-        day = _utc_day(now)
+        wall, now = self._clock(), self._monotonic()
+        day = _utc_day(wall)
         windows = [self._window(ask.subject) for ask in asks]
         for ask, window in zip(asks, windows, strict=True):
             window.expire(now)
-            _check(ask, window, now, day)
-        reservation = Reservation(asks, now)
+            window.forget_before(day)
+            _check(ask, window, now, wall)
+        reservation = Reservation(asks, wall)
         for ask, window in zip(asks, windows, strict=True):
             window.requests.append(now)
-            entry = [now, float(ask.tokens)]
+            entry = [now, float(ask.tokens), 1]
             window.tokens.append(entry)
             window.token_sum += ask.tokens
             window.streams += ask.stream
@@ -87,10 +99,9 @@ class InProcessLimiter:
 
     async def settle(self, reservation: Reservation, tokens: int, usd_micros: int) -> None:
         day = _utc_day(reservation.at)
-        counted_since = self._clock() - WINDOW_S
         for ask, entry in zip(reservation.asks, reservation.holds, strict=True):
             window = self._windows[ask.subject]
-            if entry[0] > counted_since:  # still counted this minute
+            if entry[2]:  # still counted this minute
                 window.token_sum += tokens - entry[1]
                 entry[1] = tokens
             window.streams -= ask.stream
@@ -107,8 +118,10 @@ class InProcessLimiter:
         """Nothing to close: the state goes with this object."""
 
 
-def _check(ask: Ask, window: _Window, now: float, day: int) -> None:
+def _check(ask: Ask, window: _Window, now: float, wall: float) -> None:
+    """`now` on the windows' (monotonic) clock, `wall` the time of day."""
     limits = ask.limits
+    day = _utc_day(wall)
     if limits.requests_per_minute is not None and len(window.requests) + 1 > limits.requests_per_minute:
         wait = window.requests[0] + WINDOW_S - now if window.requests else WINDOW_S
         raise refusal(LimitKind.REQUESTS_PER_MINUTE, ask, wait)
@@ -126,17 +139,18 @@ def _check(ask: Ask, window: _Window, now: float, day: int) -> None:
     ):
         # Room that calls in progress hold may free when one settles, below what it reserved: not only at midnight.
         held = spent - window.held.get(day, 0) + ask.usd_micros <= budget
-        until_midnight = _until_next_day(now)
+        until_midnight = _until_next_day(wall)
         raise refusal(LimitKind.BUDGET_PER_DAY, ask, min(STREAM_RETRY_S, until_midnight) if held else until_midnight)
 
 
 def _tokens_free_in(window: _Window, wanted: int, limit: int, now: float) -> float:
     """How long until the tokens of the last minute leave room for `wanted`: at the latest when the last of them
     leaves, as `wanted` is at most `limit` (refuse_oversized turned larger asks away)."""
-    used, leaving, at = window.token_sum, iter(window.tokens), now - WINDOW_S
-    while used + wanted > limit:
-        at, tokens = next(leaving)
-        used -= tokens
+    used, at = window.token_sum, now - WINDOW_S
+    for entry in window.tokens:
+        if used + wanted <= limit:
+            break
+        at, used = entry[0], used - entry[1]
     return max(0.0, at + WINDOW_S - now)
 
 
