@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import logging
 import signal
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -22,9 +23,9 @@ from llmrelay_server.calllog import CallLogObserver
 from llmrelay_server.concurrency import ConcurrencyInterceptor
 from llmrelay_server.config import ConfigError, GatewayConfig, ServerConfig
 from llmrelay_server.decoding import GenericOnly, add_llm_service
-from llmrelay_server.domain import StoreHealth
+from llmrelay_server.domain import StoreHealth, UsageUnavailableError
 from llmrelay_server.health import SERVICE_NAME, HealthMonitor, HealthServicer
-from llmrelay_server.limits import InProcessLimiter, Limiter, LimitsInterceptor
+from llmrelay_server.limits import GATEWAY, InProcessLimiter, Limiter, LimitsInterceptor, key_subject
 from llmrelay_server.logs import quiet_callers_gone, use_log_format
 from llmrelay_server.metrics import LabelValues, Metrics, MetricsObserver, StateReading
 from llmrelay_server.observing import Observer, ObservingInterceptor
@@ -238,6 +239,8 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
         log.info("metrics on http://%s:%d/metrics", listen.rpartition(":")[0], metrics_port)
     if limiter is not None:
         await limiter.start()
+        if isinstance(limiter, InProcessLimiter):
+            await _resume_budgets(limiter, ledger)
     await monitor.announce()
     await server.start()
     await monitor.start()
@@ -306,6 +309,22 @@ def _tracing(config: GatewayConfig) -> Tracing | None:
             "server.tracing is on but OpenTelemetry is not installed: pip install 'llmrelay[otel]'"
         ) from exc
     return Tracing(config)
+
+
+async def _resume_budgets(limiter: InProcessLimiter, ledger: UsageLedger) -> None:
+    """Today's spend (UTC) by the ledger, for each caller's key and for the gateway: a limiter in this process starts
+    empty, and each restart (a deploy, a crash) gave every daily budget back whole. (Redis keeps its own.)"""
+    midnight = time.time() // 86_400 * 86_400  # UTC, the budgets' day
+    try:
+        totals = await ledger.query(start=midnight)
+    except UsageUnavailableError as exc:
+        log.warning("limits: today's spend cannot be read from the ledger (%s): daily budgets count from zero", exc)
+        return
+    spent: dict[str, int] = {}
+    for total in totals:
+        for subject in (key_subject(total.caller), GATEWAY):
+            spent[subject] = spent.get(subject, 0) + total.cost_usd_micros
+    limiter.add_spent_today(spent)
 
 
 def _limiter(config: GatewayConfig) -> Limiter | None:

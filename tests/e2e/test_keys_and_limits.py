@@ -521,6 +521,41 @@ async def test_a_daily_budget_admits_exactly_what_it_pays_for(
     assert sum(r.cost.usd_micros for r in records) == 12_000
 
 
+async def test_a_restarted_gateway_remembers_what_each_budget_spent_today(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """The limits kept in the process started from nothing: every restart (a deploy, a crash) gave each key, and the
+    gateway, its whole daily budget again, though the ledger had what they spent."""
+    auth = keys_yaml(
+        key_entry("research", RESEARCH_KEY, "limits: {budget_usd_per_day: 0.0135}"),  # 4 calls of 3,000 micro-USD
+        key_entry("other", OTHER_KEY),
+    )
+    auth += 'pricing: {"gpt-test": {prompt: 0, completion: 1000}}\n'
+    gateway_limits = "limits: {budget_usd_per_day: 0.0225}"  # 7 calls, over every key
+    request = chat("x y", model="gpt-test", exact_model=True, options=pb.CompletionOptions(max_tokens=3))
+    first, channel, stub = await start(gateway_factory, primary, local, auth, server=gateway_limits)
+    async with channel:
+        for _ in range(3):
+            await stub.Complete(request, metadata=bearer(RESEARCH_KEY), timeout=5)
+        for _ in range(2):
+            await stub.Complete(request, metadata=bearer(OTHER_KEY), timeout=5)
+    await first.stop(grace_period_s=0, drain_s=0)
+
+    _, channel, stub = await start(gateway_factory, primary, local, auth, server=gateway_limits)
+    async with channel:
+        await stub.Complete(request, metadata=bearer(RESEARCH_KEY), timeout=5)  # its fourth
+        with pytest.raises(grpc.aio.AioRpcError) as research:
+            await stub.Complete(request, metadata=bearer(RESEARCH_KEY), timeout=5)
+        await stub.Complete(request, metadata=bearer(OTHER_KEY), timeout=5)  # the gateway's seventh
+        with pytest.raises(grpc.aio.AioRpcError) as other:
+            await stub.Complete(request, metadata=bearer(OTHER_KEY), timeout=5)
+    assert (details(research.value)["ErrorInfo"].reason, details(research.value)["ErrorInfo"].metadata["subject"]) == (
+        "BUDGET_EXCEEDED",
+        "key:research",
+    )
+    assert details(other.value)["ErrorInfo"].metadata["subject"] == "gateway"
+
+
 async def test_a_budget_held_by_a_call_in_progress_is_retried_in_a_moment_not_at_midnight(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:

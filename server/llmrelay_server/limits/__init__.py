@@ -16,7 +16,15 @@ call's subjects at once, so N gateways enforce one limit.
 
 from llmrelay_server.limits.in_process import InProcessLimiter
 from llmrelay_server.limits.interceptor import LimitsInterceptor
-from llmrelay_server.limits.interface import GATEWAY, STREAM_RETRY_S, WINDOW_S, Ask, Limiter, Reservation
+from llmrelay_server.limits.interface import (
+    GATEWAY,
+    STREAM_RETRY_S,
+    WINDOW_S,
+    Ask,
+    Limiter,
+    Reservation,
+    key_subject,
+)
 
 __all__ = [
     "GATEWAY",
@@ -27,4 +35,5 @@ __all__ = [
     "Limiter",
     "LimitsInterceptor",
     "Reservation",
+    "key_subject",
 ]

@@ -24,7 +24,7 @@ from llmrelay_server.domain import (
     LLMRelayError,
     ModelFilter,
 )
-from llmrelay_server.limits.interface import GATEWAY, Ask, Limiter, Reservation
+from llmrelay_server.limits.interface import GATEWAY, Ask, Limiter, Reservation, key_subject
 from llmrelay_server.metering import open_meter
 from llmrelay_server.status import abort
 from llmrelay_server.tokens import TokenCounter
@@ -102,7 +102,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
     def _subjects(self) -> list[tuple[str, Limits]]:
         """Whose limits the call counts against: its key's, when the key has any, and the gateway's."""
         caller = current_caller.get()
-        subjects = [(f"key:{caller.name}", caller.key.limits)] if _key_limited(caller) else []
+        subjects = [(key_subject(caller.name), caller.key.limits)] if _key_limited(caller) else []
         if self._gateway is not None:
             subjects.append((GATEWAY, self._gateway))
         return subjects

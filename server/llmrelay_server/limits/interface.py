@@ -12,6 +12,13 @@ from llmrelay_server.domain import LimitExceededError, LimitKind, StoreHealth, i
 
 WINDOW_S = 60.0
 GATEWAY = "gateway"
+
+
+def key_subject(name: str) -> str:
+    """The subject whose limits are a key's (by its name, as the ledger bills its calls)."""
+    return f"key:{name}"
+
+
 # A stream slot, or budget that calls in progress reserved, frees when one of them ends, which nobody can foresee: try
 # again in about this long.
 STREAM_RETRY_S = 1.0
