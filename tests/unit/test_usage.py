@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import textwrap
@@ -198,6 +199,31 @@ async def test_failed_flush_keeps_the_records_for_the_next_one(tmp_path: Path, j
     assert rows_on_disk(path) == [("b", "m", "c", int(T0), 2, 11, 5, 0, 0, 0, 0, 0)]
     assert (ledger.write_failures, ledger.queue_depth(), ledger.health().available) == (1, 0, True)
     await ledger.aclose()
+
+
+def file_modes(*directories: Path) -> dict[str, str]:
+    """The permissions of the files in these directories, by name."""
+    files = [path for directory in directories for path in directory.iterdir() if path.is_file()]
+    return {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in files}
+
+
+async def test_the_files_that_hold_usage_are_their_owners_alone(tmp_path: Path) -> None:
+    """The journal was 0600, and the SQLite database holding the same totals for every caller (and its -wal and -shm)
+    was made under the umask: world-readable, past GetUsage's rule that a key sees only its own usage."""
+    umask = os.umask(0o022)
+    try:
+        ledger = UsageLedger(tmp_path / "usage.db", journal_dir=tmp_path / "journal")
+        await ledger.start()
+        ledger.record("b", "m", "alice", TokenUsage(10, 5))
+        await ledger.flush()
+    finally:
+        os.umask(umask)
+    try:
+        modes = await asyncio.to_thread(file_modes, tmp_path, tmp_path / "journal")
+        assert {"usage.db", "usage.db-wal", "usage.db-shm", "ledger"} <= set(modes), modes
+        assert set(modes.values()) == {"0o600"}, modes
+    finally:
+        await ledger.aclose()
 
 
 async def test_concurrent_recording_adds_up_exactly(tmp_path: Path) -> None:

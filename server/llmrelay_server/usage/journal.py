@@ -32,13 +32,12 @@ from pathlib import Path
 from typing import Final
 
 from llmrelay_server.config import ConfigError
-from llmrelay_server.usage.store import COUNT_COLUMNS, BatchId, BucketKey, Buckets, add_into
+from llmrelay_server.usage.store import COUNT_COLUMNS, PRIVATE_FILE_MODE, BatchId, BucketKey, Buckets, add_into
 
 _log = logging.getLogger(__name__)
 
 _LOCK_SUFFIX: Final = ".lock"
 _BATCH_SUFFIX: Final = ".jsonl"
-_FILE_MODE: Final = 0o600  # who called what, and what it cost
 
 
 # bucket_start and the counts, after the names.
@@ -131,7 +130,11 @@ def _stamp(directory: Path, ledger: str) -> None:
     databases sharing one would bill each other's callers in their ledgers."""
     stamp = directory / LEDGER_STAMP
     making = directory / f".{LEDGER_STAMP}.{secrets.token_hex(8)}"
-    making.write_text(ledger, encoding="utf-8")
+    written = os.open(making, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+    try:
+        os.write(written, ledger.encode())
+    finally:
+        os.close(written)
     try:
         os.link(making, stamp)  # whole, and only if no process stamped it first
     except FileExistsError:
@@ -179,7 +182,7 @@ class Journal:
         # Locked under a name no other process looks at, then given its own: a process that finds this journal's
         # lock file (or a batch file, made after it) finds it locked.
         making = directory / f"{self.id}.locking"
-        self._lock_fd = os.open(making, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+        self._lock_fd = os.open(making, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE_MODE)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         os.rename(making, self._lock_path(self.id))
 
@@ -187,7 +190,7 @@ class Journal:
         """A new, empty batch file of this journal and a descriptor that appends to it."""
         path = self.directory / f"{self.id}.{number}{_BATCH_SUFFIX}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
-        return path, os.open(path, flags, _FILE_MODE)
+        return path, os.open(path, flags, PRIVATE_FILE_MODE)
 
     def claim_orphans(self, held: Collection[str]) -> list[Orphan]:
         """The journals in the directory that no live process holds (held: those this process holds already), each
@@ -212,7 +215,7 @@ class Journal:
         lock_path = self._lock_path(journal)
         # O_CREAT: batch files whose lock file is gone (removed by hand) are claimed all the same.
         try:
-            lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+            lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE)
         except OSError as exc:
             _log.error("usage journal %s: cannot open %s: %s", self.directory, lock_path.name, exc.strerror)
             return None

@@ -24,6 +24,7 @@ from typing import Final, TypeVar
 from llmrelay_server.usage.store import (
     COUNT_COLUMNS,
     DAY_S,
+    PRIVATE_FILE_MODE,
     BatchId,
     Buckets,
     LedgerUnavailableError,
@@ -225,6 +226,10 @@ def _file_at(path: str) -> tuple[int, int] | None:
 def _open(path: str, busy_timeout_s: float) -> sqlite3.Connection:
     if path != MEMORY:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # Made readable by its owner alone, as the journal is (who called what, and what it cost): SQLite would make
+        # it with the umask's mode (world-readable, under the usual 022), and its -wal and -shm files after it. A
+        # file already there keeps the mode it was given.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE))
     # isolation_level None: transactions only where this module begins them.
     connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     try:

@@ -28,6 +28,8 @@ COUNT_COLUMNS: Final = (
 )
 """What a bucket counts, in this order wherever counts are a list; total tokens are prompt + completion."""
 DAY_S: Final = 86_400
+PRIVATE_FILE_MODE: Final = 0o600
+"""Of the files that hold usage (the journal, a SQLite database): who called what, and what it cost."""
 """Usage older than the ledger's days by the minute is kept by the UTC day: one row per backend, model and caller at
 the day's start (`LedgerStore.roll_up`)."""
 
