@@ -108,7 +108,8 @@ class CircuitBreaker:
     clock: Callable[[], float] = time.monotonic
     failures: int = 0
     opened_at: float | None = None
-    probing: bool = False
+    probe: object | None = None
+    """The call let through to probe the half-open circuit (its `_Chain`); None while no probe is out."""
 
     @property
     def state(self) -> CircuitState:
@@ -125,36 +126,38 @@ class CircuitBreaker:
         left = self.opened_at + self.config.cooldown_s - self.clock()
         return left if left > 0 else PROBE_WAIT_S
 
-    def allow(self) -> bool:
-        """True when a call may go through; in half-open state only one probe call at a time does."""
+    def allow(self, call: object) -> bool:
+        """True when `call` may go through; in half-open state only one probe call at a time does."""
         state = self.state
         if state is CircuitState.CLOSED:
             return True
-        if state is CircuitState.HALF_OPEN and not self.probing:
-            self.probing = True
+        if state is CircuitState.HALF_OPEN and self.probe is None:
+            self.probe = call
             return True
         return False
 
-    def release(self) -> None:
-        """The call let through ended without a verdict on the backend (the caller left, the deadline ran out, the
-        request was at fault): the next call may probe instead."""
-        self.probing = False
+    def release(self, call: object) -> None:
+        """`call` ended without a verdict on the backend (the caller left, the deadline ran out, the request was at
+        fault): if it was the probe, the next call may probe instead. Another call's end leaves the probe out (one let
+        through while the circuit was still closed, which outlived the cool-down)."""
+        if self.probe is call:
+            self.probe = None
 
     def record_success(self) -> None:
-        self.failures, self.opened_at, self.probing = 0, None, False
+        self.failures, self.opened_at, self.probe = 0, None, None
 
     def record_answered(self) -> None:
         """A stream's first chunk: the backend answers, so the circuit closes (a probe's verdict), but its failures
         are forgiven only when the stream ends whole (`record_success`): a backend that breaks every stream part-way
         (a proxy cutting long streams, a server out of memory mid-answer) reaches the threshold as one failing at
         once does."""
-        self.opened_at, self.probing = None, False
+        self.opened_at, self.probe = None, None
 
     def record_failure(self) -> None:
         self.failures += 1
-        if self.probing or self.failures >= self.config.failure_threshold:
+        if self.probe is not None or self.failures >= self.config.failure_threshold:
             self.opened_at = self.clock()
-        self.probing = False
+        self.probe = None
 
 
 class Backend:
@@ -993,12 +996,12 @@ class Router:
             return None
         first_chunk_s = self._config.first_chunk_timeout_s
         for retry in range(self._config.retry.max_retries + 1):
-            if not circuit.allow():
+            if not circuit.allow(chain):
                 chain.skip(route)
                 return None
             remaining = chain.remaining_s()
             if remaining < MIN_ATTEMPT_S:
-                circuit.release()
+                circuit.release(chain)
                 raise chain.deadline_exceeded()
             # Times measured by perf_counter: the loop's clock (uvloop's) moves in whole milliseconds, once an
             # iteration, and an attempt often takes less. Deadlines stay on the loop's clock, as its timers do.
@@ -1042,10 +1045,10 @@ class Router:
                     self._deadline_passed(chain, route, started)
                 else:
                     chain.record(route, AttemptOutcome.CANCELLED, started, None)
-                    circuit.release()
+                    circuit.release(chain)
                 raise
             except BaseException:
-                circuit.release()
+                circuit.release(chain)
                 raise
             if stream:
                 circuit.record_answered()
@@ -1066,7 +1069,7 @@ class Router:
         if time.perf_counter() - started >= SILENCE_VERDICT_S:
             route.backend.count_failure(timeout)
         else:
-            route.backend.circuit.release()
+            route.backend.circuit.release(chain)
 
     @staticmethod
     def _failed(chain: _Chain, route: Route, started: float, error: UpstreamError) -> None:
@@ -1076,6 +1079,6 @@ class Router:
         if error.kind is UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED:
             chain.too_long_for = max(chain.too_long_for, route.backend.provider.spec.context_window or 0)
         if error.kind in NOT_THE_BACKENDS_FAULT:
-            route.backend.circuit.release()
+            route.backend.circuit.release(chain)
         else:
             route.backend.count_failure(error)

@@ -138,11 +138,11 @@ def test_closed_until_the_threshold_then_open() -> None:
     for _ in range(CIRCUIT.failure_threshold - 1):
         breaker.record_failure()
         assert state(breaker) is CircuitState.CLOSED
-        assert breaker.allow()
+        assert breaker.allow(object())
 
     breaker.record_failure()
     assert state(breaker) is CircuitState.OPEN
-    assert not breaker.allow()
+    assert not breaker.allow(object())
     assert breaker.retry_after_s() == 30.0
 
 
@@ -151,7 +151,7 @@ def test_open_skips_for_the_whole_cooldown() -> None:
     for elapsed in (0.0, 1.0, 29.0, 29.999):
         clock.now = 1_000.0 + elapsed
         assert state(breaker) is CircuitState.OPEN
-        assert not breaker.allow()
+        assert not breaker.allow(object())
         assert breaker.retry_after_s() == pytest.approx(30.0 - elapsed)
 
 
@@ -160,35 +160,52 @@ def test_half_open_after_the_cooldown_lets_exactly_one_probe_through() -> None:
     clock.now += 30.0
 
     assert state(breaker) is CircuitState.HALF_OPEN
-    assert breaker.allow()  # the probe
-    assert not breaker.allow()  # a concurrent call while the probe is out
+    assert breaker.allow(object())  # the probe
+    assert not breaker.allow(object())  # a concurrent call while the probe is out
     assert breaker.retry_after_s() == PROBE_WAIT_S, "told to come back soon, not at once"
-    assert not breaker.allow()
+    assert not breaker.allow(object())
     clock.now += 1_000.0
-    assert not breaker.allow()  # still one probe at a time, however long it takes
+    assert not breaker.allow(object())  # still one probe at a time, however long it takes
+
+
+def test_only_the_probe_gives_the_probe_back() -> None:
+    """A call let through while the circuit was closed, ending after the cool-down without a verdict (its caller
+    left), gave back the probe another call held: a second call was let through to a backend still on probation."""
+    breaker, clock = circuit()
+    early = object()
+    assert breaker.allow(early)
+    for _ in range(CIRCUIT.failure_threshold):
+        breaker.record_failure()
+    clock.now += 30.0
+    probe = object()
+    assert breaker.allow(probe)
+    breaker.release(early)
+    assert not breaker.allow(object()), "the probe is still out"
+    breaker.release(probe)
+    assert breaker.allow(object()), "the probe's caller left: the next call probes"
 
 
 def test_a_failed_probe_reopens_for_a_new_cooldown() -> None:
     breaker, clock = open_circuit()
     clock.now += 45.0
-    assert breaker.allow()
+    assert breaker.allow(object())
 
     breaker.record_failure()
 
     assert state(breaker) is CircuitState.OPEN
     assert breaker.opened_at == 1_045.0
     assert breaker.retry_after_s() == 30.0
-    assert not breaker.allow()
+    assert not breaker.allow(object())
     clock.now += 30.0
-    assert breaker.allow()  # the next probe, one cooldown later
-    assert not breaker.allow()
+    assert breaker.allow(object())  # the next probe, one cooldown later
+    assert not breaker.allow(object())
 
 
 def test_a_failed_probe_reopens_even_below_the_threshold() -> None:
     breaker, clock = open_circuit()
     breaker.failures = 0  # whatever the count, a failed probe proves the backend still down
     clock.now += 30.0
-    assert breaker.allow()
+    assert breaker.allow(object())
     breaker.record_failure()
     assert state(breaker) is CircuitState.OPEN
 
@@ -196,13 +213,13 @@ def test_a_failed_probe_reopens_even_below_the_threshold() -> None:
 def test_a_successful_probe_closes() -> None:
     breaker, clock = open_circuit()
     clock.now += 30.0
-    assert breaker.allow()
+    assert breaker.allow(object())
 
     breaker.record_success()
 
     assert state(breaker) is CircuitState.CLOSED
-    assert (breaker.failures, breaker.opened_at, breaker.probing) == (0, None, False)
-    assert all(breaker.allow() for _ in range(10))
+    assert (breaker.failures, breaker.opened_at, breaker.probe) == (0, None, None)
+    assert all(breaker.allow(object()) for _ in range(10))
     # and it takes a full threshold of failures to open again, not one
     breaker.record_failure()
     breaker.record_failure()
