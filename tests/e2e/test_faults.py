@@ -431,6 +431,22 @@ async def test_an_account_out_of_credit_is_for_an_operator_to_fix_not_a_rate_lim
     assert not (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
 
 
+async def test_a_stream_with_its_finish_reason_and_no_usage_ends_though_the_upstream_holds_it_open(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    """The finish reason in, no usage (a server that reports none), and the connection held open: the stream was cut
+    by the idle limit (2 s here), ABORTED and billed as interrupted, though its answer was whole."""
+    primary.inject({"no_usage": True, "hold_open_s": 30})
+    started = time.monotonic()
+    chunks = [c async for c in stub.StreamComplete(stream_chat("one two"), timeout=10)]
+    assert time.monotonic() - started < upstream_http.FINISH_GRACE_S + 0.8
+    last = chunks[-1]
+    assert "".join(c.delta.content for c in chunks) == "echo: one two"
+    assert last.finish_reason == pb.FINISH_REASON_STOP and last.usage.estimated
+    assert [a.outcome for a in last.attempts] == [Outcome.ATTEMPT_OUTCOME_SUCCEEDED]
+    await wait_until(lambda: bool(primary.client_disconnects), within_s=2)
+
+
 @pytest.mark.parametrize("primary", DIALECTS, indirect=True)
 async def test_a_stream_whole_with_its_usage_ends_though_the_upstream_holds_it_open(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, monkeypatch: pytest.MonkeyPatch

@@ -180,7 +180,9 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
                     for chunk in self._whole_stream(answer, model):
                         yield chunk
                     return
-                async for chunk in relayed(answer, chunk_of, lambda: done, self._spec, lambda: settled):
+                async for chunk in relayed(
+                    answer, chunk_of, lambda: done, self._spec, lambda: settled, lambda: finish is not None
+                ):
                     yield chunk
         except openai.APIError as exc:
             raise self._upstream_error(exc) from exc

@@ -14,6 +14,7 @@ instructions a unary call).
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import datetime
 import email.utils
@@ -59,6 +60,9 @@ MAX_ANSWER_BYTES = 64 * 2**20
 carries, and a bound on the memory one upstream's answer can take."""
 MAX_ERROR_BODY_BYTES = 64 * 2**10
 """Of an error answer's body, whose first 500 characters are all that is passed on: a longer one is left unread."""
+FINISH_GRACE_S = 1.0
+"""How long, after a streamed answer's finish reason, its usage or end marker is awaited before it ends without them
+(`relayed`): an upstream sends them at once, or holds its connection open and never does."""
 END_GRACE_S = 5.0
 """How long, after a streamed answer is whole by its own events, the rest of its body (an end marker, the body's end)
 is awaited in the background, for its connection to go back to the pool: the caller does not wait for it."""
@@ -279,6 +283,7 @@ async def relayed(
     ended: Callable[[], bool],
     spec: BackendSpec,
     settled: Callable[[], bool] | None = None,
+    finished: Callable[[], bool] | None = None,
 ) -> AsyncIterator[CompletionChunk]:
     """The chunks of a streamed answer (`post_stream`'s batches of lines), as the dialect's `chunk_of` reads each line
     (None for a line without one), until `ended()` says the answer is whole, with the line that made it whole (a last
@@ -288,9 +293,25 @@ async def relayed(
 
     `settled()` says the answer is whole before its end marker came (its last event is in): it ends there, not held
     until an upstream that keeps the connection open after it is cut by the idle limit. Either way, whole, `lines`
-    says so (`Lines.whole`), and what may follow is left to the connection (`post_stream`)."""
+    says so (`Lines.whole`), and what may follow is left to the connection (`post_stream`).
+
+    `finished()` says the finish reason is in, its usage (which may follow it in an event of its own) not yet: the
+    rest is awaited `FINISH_GRACE_S` at most, and the answer ends whole without it (the router estimates the usage),
+    not cut by the idle limit when the upstream holds the connection open; the connection is closed then."""
+    batches = lines.batches
     try:
-        async for batch in lines.batches:
+        while True:
+            try:
+                if finished is None or not finished():
+                    batch = await anext(batches)
+                else:
+                    try:
+                        async with asyncio.timeout(FINISH_GRACE_S):
+                            batch = await anext(batches)
+                    except TimeoutError:
+                        return  # not `whole`: the read it cut short leaves the connection to be closed
+            except StopAsyncIteration:
+                return
             arrived: list[CompletionChunk] = []
             try:
                 for line in batch:
