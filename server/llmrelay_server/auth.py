@@ -29,8 +29,9 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from llmrelay_server.config import CALLER_NAME, AuthConfig, CallerKey, ConfigError, load_keys_file
+from llmrelay_server.config import AuthConfig, CallerKey, ConfigError, load_keys_file
 from llmrelay_server.domain import (
+    CALLER_NAME,
     FieldViolation,
     InvalidRequestError,
     ModelFilter,

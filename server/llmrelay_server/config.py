@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 
-from llmrelay_server.domain import BackendSpec
+from llmrelay_server.domain import CALLER_NAME, BackendSpec
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -530,8 +530,6 @@ def load_keys_file(path: str | Path) -> tuple[CallerKey, ...]:
     return keys
 
 
-CALLER_NAME = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
-"""A caller's name: a key's, or the one a caller without a key gives itself (x-llmrelay-caller)."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 

@@ -19,6 +19,7 @@ from llmrelay import v1 as pb
 
 from llmrelay_server import images
 from llmrelay_server.domain import (
+    CALLER_NAME,
     CONTROL_CHARACTERS,
     FUNCTION_NAME,
     Attempt,
@@ -227,9 +228,13 @@ def usage_query(request: pb.GetUsageRequest) -> UsageQuery:
         # A window that ends before it starts holds nothing: bounds swapped, whose answer would be "no usage" as if
         # there were none to find.
         errors.add("end_time", "must not be before start_time: the window is from start_time up to end_time")
-    for name in ("backend", "model", "caller"):
+    for name in ("backend", "model"):
         if request.HasField(name) and CONTROL_CHARACTERS.search(getattr(request, name)):
             errors.add(name, "must hold no control characters (a NUL, a newline)")
+    # No caller is named otherwise, and one that long would be quoted back whole in a refusal's details, past what
+    # gRPC lets trailers carry. ("" is a filter too, which no caller matches.)
+    if request.caller and not CALLER_NAME.fullmatch(request.caller):
+        errors.add("caller", "must be a caller's name: 1-128 letters, digits and ._:@/-")
     errors.raise_if_any()
     return UsageQuery(
         backend=request.backend if request.HasField("backend") else None,
@@ -279,7 +284,34 @@ def _messages(items: Any, errors: _Violations, where: str, max_image_bytes: int 
         return ()
     # Over a copy (a slice is a list): upb's repeated fields have no iterator of their own, and the sequence protocol
     # ends iterating one with an IndexError, made, formatted and dropped.
-    return tuple(_message(m, errors, f"{where}[{i}]", max_image_bytes) for i, m in enumerate(items[:]))
+    messages = tuple(_message(m, errors, f"{where}[{i}]", max_image_bytes) for i, m in enumerate(items[:]))
+    _check_tool_answers(messages, errors, where)
+    return messages
+
+
+def _check_tool_answers(messages: Sequence[Message], errors: _Violations, where: str) -> None:
+    """Each tool message answers a call of the assistant message before it (the tool messages between them aside),
+    once; each call of an assistant message has an id of its own, and its answer before the conversation goes on.
+    OpenAI's API and Anthropic's refuse a conversation otherwise, each in its own words, and others take it: the same
+    chat was answered or refused by where its route went."""
+    waiting: dict[str, str] = {}
+    """The calls of the last assistant message with calls not answered yet: id -> where the call is."""
+    for i, message in enumerate(messages):
+        if message.role is Role.TOOL:
+            # (One that names no call at all is refused for that already.)
+            if message.tool_call_id and waiting.pop(message.tool_call_id, None) is None:
+                errors.add(
+                    f"{where}[{i}].tool_call_id",
+                    "answers no call of the assistant message before it (each call is answered once, right after it)",
+                )
+            continue
+        for call_at in waiting.values():
+            errors.add(call_at, f"is answered by no tool message before {where}[{i}]")
+        waiting = {}
+        for j, call in enumerate(message.tool_calls):
+            if call.id in waiting:
+                errors.add(f"{where}[{i}].tool_calls[{j}].id", "must differ from the message's other calls' ids")
+            waiting[call.id] = f"{where}[{i}].tool_calls[{j}].id"
 
 
 def _message(message: pb.Message, errors: _Violations, where: str, max_image_bytes: int | None) -> Message:
@@ -294,6 +326,9 @@ def _message(message: pb.Message, errors: _Violations, where: str, max_image_byt
         errors.add(f"{where}.tool_call_id", "only a tool message answers a tool call; leave it unset here")
     if message.tool_calls and role is not Role.ASSISTANT:
         errors.add(f"{where}.tool_calls", "only assistant messages carry tool calls")
+    if message.HasField("name") and not FUNCTION_NAME.fullmatch(message.name):
+        # OpenAI's API refuses any other (its own words, UPSTREAM_REJECTED); others take it, or leave it out.
+        errors.add(f"{where}.name", "must be 1-64 letters, digits, '_' or '-'")
     if message.content and message.parts:
         errors.add(f"{where}.parts", "give either content or parts, not both")
     # Parts of empty text alone say no more than empty content (and would leave Anthropic a turn without a block).

@@ -81,6 +81,10 @@ CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 upstream's name without them, and a NUL cannot even be stored in PostgreSQL's text."""
 
 
+CALLER_NAME = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
+"""A caller's name: a key's, or the one a caller without a key gives itself (x-llmrelay-caller)."""
+
+
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 """What a tool's function is named (and a response schema): OpenAI's rule, which Anthropic's takes within its own."""
 

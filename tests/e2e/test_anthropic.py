@@ -324,7 +324,8 @@ async def test_tool_arguments_that_are_no_json_object_are_the_callers_error(
     stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
 ) -> None:
     call = pb.ToolCall(id="c1", function=pb.FunctionCall(name="f", arguments="[1, 2]"))
-    conversation = [user("x"), pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call]), user("y")]
+    answered = pb.Message(role=pb.ROLE_TOOL, content="3", tool_call_id="c1")
+    conversation = [user("x"), pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call]), answered, user("y")]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.Complete(pb.CompleteRequest(messages=conversation, model="claude-test", exact_model=True), timeout=5)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

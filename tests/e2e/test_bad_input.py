@@ -3,6 +3,7 @@ goes on serving."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -13,7 +14,7 @@ from google.protobuf.descriptor import Descriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 from llmrelay import v1 as pb
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from support import DIALECTS, GatewayFactory, chat, details, read_all, stream_chat, tool, two_backends
+from support import DIALECTS, GatewayFactory, chat, details, read_all, stream_chat, tool, two_backends, user
 from upstream import FakeUpstream
 
 SERVICE = pb.DESCRIPTOR.services_by_name["LLMService"]
@@ -231,7 +232,12 @@ async def test_a_name_with_a_control_character_names_the_field(
 
     assert_invalid_request(caught.value)
     (violation,) = details(caught.value)["BadRequest"].field_violations
-    assert (violation.field, violation.description) == (field, "must hold no control characters (a NUL, a newline)")
+    rule = (
+        "must be a caller's name: 1-128 letters, digits and ._:@/-"
+        if field == "caller"
+        else "must hold no control characters (a NUL, a newline)"
+    )
+    assert (violation.field, violation.description) == (field, rule)
     assert_quiet(caplog)
 
 
@@ -416,4 +422,98 @@ async def test_parallel_tool_calls_without_tools_is_not_passed_on(
     assert answer.backend == primary.dialect
     sent = primary.chat_requests[-1]
     assert "parallel_tool_calls" not in sent and "tool_choice" not in sent
+    assert_quiet(caplog)
+
+
+def _assistant_calling(*ids: str) -> pb.Message:
+    calls = [pb.ToolCall(id=call_id, function=pb.FunctionCall(name="weather", arguments="{}")) for call_id in ids]
+    return pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=calls)
+
+
+def _answer(call_id: str) -> pb.Message:
+    return pb.Message(role=pb.ROLE_TOOL, content="21C", tool_call_id=call_id)
+
+
+@pytest.mark.parametrize(
+    ("conversation", "violations"),
+    [
+        (
+            [user("weather?"), _assistant_calling("call_1"), _answer("call_nope")],
+            [("messages[2].tool_call_id", "answers no call of the assistant message before it")],
+        ),
+        (
+            [user("weather?"), _answer("call_1")],
+            [("messages[1].tool_call_id", "answers no call of the assistant message before it")],
+        ),
+        (
+            [user("weather?"), _assistant_calling("call_1", "call_2"), _answer("call_1"), user("and?")],
+            [("messages[1].tool_calls[1].id", "is answered by no tool message before messages[3]")],
+        ),
+        (
+            [user("weather?"), _assistant_calling("call_1", "call_1"), _answer("call_1"), _answer("call_1")],
+            [
+                ("messages[1].tool_calls[1].id", "must differ from the message's other calls' ids"),
+                ("messages[3].tool_call_id", "answers no call of the assistant message before it"),
+            ],
+        ),
+    ],
+    ids=["unknown-id", "no-call-before", "unanswered", "duplicate-ids"],
+)
+async def test_tool_messages_must_answer_the_calls_before_them(
+    stub: pb.LLMServiceAsyncStub,
+    primary: FakeUpstream,
+    caplog: pytest.LogCaptureFixture,
+    conversation: list[pb.Message],
+    violations: list[tuple[str, str]],
+) -> None:
+    """OpenAI's API and Anthropic's refuse such a conversation (each in its own words, as UPSTREAM_REJECTED naming no
+    field), others take it: the same chat was answered or refused by where its route went. The gateway refuses it
+    first, naming the message."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(pb.CompleteRequest(messages=conversation), timeout=5)
+    assert_invalid_request(caught.value)
+    found = [(v.field, v.description) for v in details(caught.value)["BadRequest"].field_violations]
+    assert [(field, description.partition(" (")[0]) for field, description in found] == violations
+    assert primary.chat_requests == []
+    answered = [user("weather?"), _assistant_calling("call_1", "call_2"), _answer("call_2"), _answer("call_1")]
+    assert (await stub.Complete(pb.CompleteRequest(messages=[*answered, user("and?")]), timeout=5)).message.content
+    assert_quiet(caplog)
+
+
+async def test_get_usage_for_a_caller_no_caller_could_be_is_refused_naming_the_field(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key that may read only its own usage, asking for a caller of 20,000 characters: its PERMISSION_DENIED quoted
+    the name whole in its details, past what gRPC lets trailers carry, and the caller got gRPC's own
+    RESOURCE_EXHAUSTED instead (at random, for names of a few thousand)."""
+    key = "llmr-research-0123456789abcdefghij"
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    auth = f"auth:\n  keys:\n    - {{name: research, sha256: {digest}}}\n"
+    gateway = await gateway_factory(two_backends(primary, local) + auth)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+        for caller in ("c" * 20_000, "c" * 129, "bob smith"):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.GetUsage(pb.GetUsageRequest(caller=caller), metadata=[("authorization", f"Bearer {key}")])
+            assert_invalid_request(caught.value)
+            [violation] = details(caught.value)["BadRequest"].field_violations
+            assert violation.field == "caller"
+        with pytest.raises(grpc.aio.AioRpcError) as other:
+            await stub.GetUsage(pb.GetUsageRequest(caller="other"), metadata=[("authorization", f"Bearer {key}")])
+        assert details(other.value)["ErrorInfo"].reason == "USAGE_NOT_ALLOWED"
+    assert_quiet(caplog)
+
+
+@pytest.mark.parametrize("name", ["bob smith", "bob\n", "b" * 65, ""])
+async def test_an_authors_name_other_than_openai_takes_names_the_field(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, caplog: pytest.LogCaptureFixture, name: str
+) -> None:
+    """Passed on, OpenAI's API refused it in its own words (UPSTREAM_REJECTED, no field named), others took it."""
+    request = pb.CompleteRequest(messages=[pb.Message(role=pb.ROLE_USER, content="hi", name=name)])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(request, timeout=5)
+    assert_invalid_request(caught.value)
+    [violation] = details(caught.value)["BadRequest"].field_violations
+    assert violation.field == "messages[0].name"
+    assert primary.chat_requests == []
     assert_quiet(caplog)

@@ -587,7 +587,9 @@ def test_text_parts_are_accepted_in_every_role() -> None:
         (message,) = convert.completion_request(parts_message(pb.ContentPart(text="t"), role=role)).messages
         assert message.parts == (TextPart("t"),)
     tool_answer = parts_message(pb.ContentPart(text="21C"), role=pb.ROLE_TOOL, tool_call_id="call_1")
-    assert convert.completion_request(tool_answer).messages[0].parts == (TextPart("21C"),)
+    call = pb.ToolCall(id="call_1", function=pb.FunctionCall(name="weather"))
+    tool_answer.messages.insert(0, pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call]))
+    assert convert.completion_request(tool_answer).messages[1].parts == (TextPart("21C"),)
 
 
 def test_an_empty_text_part_beside_something_said_is_accepted() -> None:
@@ -819,6 +821,7 @@ def assert_within_bounds(result: CompletionRequest) -> None:
         # A tool's result may be empty (a void function): the call it answers still needs its answer.
         assert message.content or message.tool_calls or message.parts or message.role is Role.TOOL
         assert not (message.content and message.parts)
+        assert message.name is None or NAME.fullmatch(message.name)
         for part in message.parts:
             if isinstance(part, ImagePart):
                 assert message.role is Role.USER
@@ -828,6 +831,15 @@ def assert_within_bounds(result: CompletionRequest) -> None:
         assert message.role is not Role.TOOL or message.tool_call_id
         for call in message.tool_calls:
             assert call.id and NAME.fullmatch(call.name)
+    waiting: set[str] = set()  # each tool message answers a call of the assistant message before it, each call once
+    for message in result.messages:
+        if message.role is Role.TOOL:
+            assert message.tool_call_id in waiting
+            waiting.remove(message.tool_call_id)
+        else:
+            assert not waiting
+            waiting = {call.id for call in message.tool_calls}
+            assert len(waiting) == len(message.tool_calls)
     o = result.options
     assert within(o.temperature, 0.0, 2.0)
     assert within(o.top_p, 0.0, 1.0)

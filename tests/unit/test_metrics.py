@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 from llmrelay_server.domain import BackendSpec
-from llmrelay_server.metrics import OTHER, OVERHEAD_BUCKETS, LabelValues, Metrics, StateReading
+from llmrelay_server.metrics import CALL_BUCKETS, OTHER, OVERHEAD_BUCKETS, LabelValues, Metrics, StateReading
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
@@ -34,7 +34,11 @@ def test_counters_and_histograms_read_as_prometheus_clients_own(generate: Callab
         "grpc_server_handled", "RPCs completed on the server, by status.", [*labels, "grpc_code"], registry=reference
     )
     handling = Histogram(
-        "grpc_server_handling_seconds", "Time from an RPC's start to its end.", labels, registry=reference
+        "grpc_server_handling_seconds",
+        "Time from an RPC's start to its end.",
+        labels,
+        buckets=CALL_BUCKETS,
+        registry=reference,
     )
     overhead = Histogram(
         "llmrelay_gateway_overhead_seconds",

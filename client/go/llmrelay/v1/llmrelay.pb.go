@@ -915,7 +915,7 @@ func (x *FunctionCall) GetArguments() string {
 // One tool call made by the assistant.
 type ToolCall struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The id a tool message refers to when it answers this call.
+	// The id a tool message refers to when it answers this call; the calls of one message each have their own.
 	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// The function to call.
 	Function      *FunctionCall `protobuf:"bytes,2,opt,name=function,proto3" json:"function,omitempty"`
@@ -975,11 +975,13 @@ type Message struct {
 	// The text of the message; may be empty for an assistant message that only calls tools, and for a tool's result
 	// (a tool that returned nothing). A message has either content or parts, not both.
 	Content string `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
-	// An optional name for the author, to tell participants of the same role apart.
+	// An optional name for the author, to tell participants of the same role apart: 1-64 letters, digits, '_' or '-'.
 	Name *string `protobuf:"bytes,3,opt,name=name,proto3,oneof" json:"name,omitempty"`
 	// The tools the assistant called (assistant messages only).
 	ToolCalls []*ToolCall `protobuf:"bytes,4,rep,name=tool_calls,json=toolCalls,proto3" json:"tool_calls,omitempty"`
-	// The id of the tool call this message answers (tool messages only).
+	// The id of the tool call this message answers (tool messages only): a call of the assistant message before it
+	// (the other tool messages between them aside), each answered once, and every one of them before the conversation
+	// goes on; else INVALID_ARGUMENT naming the message, before any upstream is asked.
 	ToolCallId *string `protobuf:"bytes,5,opt,name=tool_call_id,json=toolCallId,proto3,oneof" json:"tool_call_id,omitempty"`
 	// The model's reasoning text, where the model gives one (assistant messages in answers).
 	Reasoning *string `protobuf:"bytes,6,opt,name=reasoning,proto3,oneof" json:"reasoning,omitempty"`
@@ -3148,8 +3150,9 @@ type GetUsageRequest struct {
 	Backend *string `protobuf:"bytes,1,opt,name=backend,proto3,oneof" json:"backend,omitempty"`
 	// Only this upstream model.
 	Model *string `protobuf:"bytes,2,opt,name=model,proto3,oneof" json:"model,omitempty"`
-	// Only this caller. For a key that may read only its own usage, unset means its own, and another caller's is
-	// refused (PERMISSION_DENIED, USAGE_NOT_ALLOWED).
+	// Only this caller: 1-128 letters, digits and ._:@/- as every caller's name is (else INVALID_ARGUMENT). For a key
+	// that may read only its own usage, unset means its own, and another caller's is refused (PERMISSION_DENIED,
+	// USAGE_NOT_ALLOWED).
 	Caller *string `protobuf:"bytes,3,opt,name=caller,proto3,oneof" json:"caller,omitempty"`
 	// Only usage at or after this time. Usage is kept by the minute (UTC), and a window takes the minutes whose start
 	// lies in [start_time, end_time): a call at 10:00:20 is in the minute 10:00:00, so it counts in a window from

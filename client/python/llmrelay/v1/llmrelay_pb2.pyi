@@ -681,7 +681,7 @@ class ToolCall(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     FUNCTION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """The id a tool message refers to when it answers this call."""
+    """The id a tool message refers to when it answers this call; the calls of one message each have their own."""
     @_builtins.property
     def function(self) -> Global___FunctionCall:
         """The function to call."""
@@ -721,9 +721,12 @@ class Message(_message.Message):
     (a tool that returned nothing). A message has either content or parts, not both.
     """
     name: _builtins.str
-    """An optional name for the author, to tell participants of the same role apart."""
+    """An optional name for the author, to tell participants of the same role apart: 1-64 letters, digits, '_' or '-'."""
     tool_call_id: _builtins.str
-    """The id of the tool call this message answers (tool messages only)."""
+    """The id of the tool call this message answers (tool messages only): a call of the assistant message before it
+    (the other tool messages between them aside), each answered once, and every one of them before the conversation
+    goes on; else INVALID_ARGUMENT naming the message, before any upstream is asked.
+    """
     reasoning: _builtins.str
     """The model's reasoning text, where the model gives one (assistant messages in answers)."""
     reasoning_signature: _builtins.str
@@ -1898,8 +1901,9 @@ class GetUsageRequest(_message.Message):
     model: _builtins.str
     """Only this upstream model."""
     caller: _builtins.str
-    """Only this caller. For a key that may read only its own usage, unset means its own, and another caller's is
-    refused (PERMISSION_DENIED, USAGE_NOT_ALLOWED).
+    """Only this caller: 1-128 letters, digits and ._:@/- as every caller's name is (else INVALID_ARGUMENT). For a key
+    that may read only its own usage, unset means its own, and another caller's is refused (PERMISSION_DENIED,
+    USAGE_NOT_ALLOWED).
     """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:

@@ -955,7 +955,7 @@ export interface FunctionCall {
 
 /** One tool call made by the assistant. */
 export interface ToolCall {
-  /** The id a tool message refers to when it answers this call. */
+  /** The id a tool message refers to when it answers this call; the calls of one message each have their own. */
   id: string;
   /** The function to call. */
   function: FunctionCall | undefined;
@@ -970,13 +970,17 @@ export interface Message {
    * (a tool that returned nothing). A message has either content or parts, not both.
    */
   content: string;
-  /** An optional name for the author, to tell participants of the same role apart. */
+  /** An optional name for the author, to tell participants of the same role apart: 1-64 letters, digits, '_' or '-'. */
   name?:
     | string
     | undefined;
   /** The tools the assistant called (assistant messages only). */
   toolCalls: ToolCall[];
-  /** The id of the tool call this message answers (tool messages only). */
+  /**
+   * The id of the tool call this message answers (tool messages only): a call of the assistant message before it
+   * (the other tool messages between them aside), each answered once, and every one of them before the conversation
+   * goes on; else INVALID_ARGUMENT naming the message, before any upstream is asked.
+   */
   toolCallId?:
     | string
     | undefined;
@@ -1465,8 +1469,9 @@ export interface GetUsageRequest {
     | string
     | undefined;
   /**
-   * Only this caller. For a key that may read only its own usage, unset means its own, and another caller's is
-   * refused (PERMISSION_DENIED, USAGE_NOT_ALLOWED).
+   * Only this caller: 1-128 letters, digits and ._:@/- as every caller's name is (else INVALID_ARGUMENT). For a key
+   * that may read only its own usage, unset means its own, and another caller's is refused (PERMISSION_DENIED,
+   * USAGE_NOT_ALLOWED).
    */
   caller?:
     | string
