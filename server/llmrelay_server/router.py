@@ -1009,7 +1009,9 @@ class Router:
             silent_after = loop.time() + first_chunk_s
             try:
                 with self._deadlines.within(loop, min(chain.deadline, silent_after)):
-                    result = await call(route, remaining)
+                    # The upstream's own read timer a little past the call's: this one, at the deadline, ends the
+                    # attempt as the deadline's (a timer of the HTTP client's may fire a few ms early, and won).
+                    result = await call(route, remaining + DEADLINE_MARGIN_S)
             except TimeoutError:
                 # Which of the two ends came first, by their times: the loop may fire a timer a little early, and a
                 # call that reached its deadline is not a silent backend.
@@ -1020,6 +1022,11 @@ class Router:
                 self._deadline_passed(chain, route, started)
                 raise chain.deadline_exceeded() from None
             except UpstreamError as exc:
+                if exc.kind is UpstreamErrorKind.TIMEOUT and chain.remaining_s() <= DEADLINE_MARGIN_S:
+                    # Timed out as the call's deadline came (an upstream's own timeout, answered as it ran out): the
+                    # deadline's, which says nothing of the backend unless it was silent for long.
+                    self._deadline_passed(chain, route, started)
+                    raise chain.deadline_exceeded() from None
                 self._failed(chain, route, started, exc)
                 if exc.kind is UpstreamErrorKind.REJECTED:
                     exc.attempts = tuple(chain.attempts)  # it ends the call: the caller's status lists what was tried

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import cast
 
+import pytest
 from llmrelay_server import metering
 from llmrelay_server.config import Price, RouterConfig
 from llmrelay_server.domain import (
@@ -15,9 +16,12 @@ from llmrelay_server.domain import (
     BackendSpec,
     CompletionRequest,
     CompletionResponse,
+    DeadlineExceededError,
     LLMProvider,
     Message,
     Role,
+    UpstreamError,
+    UpstreamErrorKind,
 )
 from llmrelay_server.pricing import PriceTable
 from llmrelay_server.router import CircuitState, Router
@@ -74,3 +78,37 @@ async def test_a_cancellation_after_the_deadline_is_the_deadlines_timeout() -> N
     await asyncio.wait([task])
     assert task.cancelled()
     assert [(a.outcome, a.error) for a in meter.attempts] == [(AttemptOutcome.TIMEOUT, "the deadline ran out")]
+
+
+@dataclass
+class TimingOut:
+    """A provider whose own read timer fires a few milliseconds before the timeout it is given, as uvloop's clock
+    (in whole milliseconds) makes a timer fire: an UpstreamError(TIMEOUT) at the call's deadline."""
+
+    spec: BackendSpec = SPEC
+
+    async def complete(self, model: str, request: CompletionRequest, *, timeout_s: float) -> CompletionResponse:
+        await asyncio.sleep(timeout_s - 0.004)
+        raise UpstreamError(UpstreamErrorKind.TIMEOUT, SPEC.name, "the upstream did not answer in time")
+
+
+async def test_an_upstream_timer_at_the_deadline_is_the_deadlines_not_the_backends_failure() -> None:
+    """Given the time left as its read timeout, the HTTP client's timer sometimes fired first: the caller got
+    UNAVAILABLE instead of DEADLINE_EXCEEDED, the backend a failure, and short deadlines on a slow backend opened its
+    circuit for everyone."""
+    router = Router(
+        [cast(LLMProvider, TimingOut())],
+        config=RouterConfig(),
+        counter=None,  # type: ignore[arg-type]
+        ledger=None,  # type: ignore[arg-type]
+        prices=PriceTable({}, Price(prompt=5.0, completion=15.0)),
+    )
+    for _ in range(router.backends[0].circuit.config.failure_threshold + 1):
+        meter = metering.Meter()
+        metering.current_meter.set(meter)
+        deadline = asyncio.get_running_loop().time() + 0.2
+        with pytest.raises(DeadlineExceededError):
+            await router.complete(REQUEST, deadline=deadline, caller="someone")
+        assert [a.outcome for a in meter.attempts] == [AttemptOutcome.TIMEOUT]
+    circuit = router.backends[0].circuit
+    assert circuit.state is CircuitState.CLOSED and circuit.failures == 0
