@@ -216,24 +216,30 @@ async def test_ctrl_c_while_the_gateway_loads_ends_it_quietly(tmp_path: Path, lo
     assert "listening on" not in output  # stopped as it loaded, not after
 
 
-async def test_a_second_server_on_a_taken_port_fails_instead_of_sharing_it(
-    server: GatewayProcess, tmp_path: Path, local: FakeUpstream
-) -> None:
-    second = await asyncio.create_subprocess_exec(
+async def refused_start(listen: str, local: FakeUpstream, usage_db: Path) -> tuple[int | None, str]:
+    """A gateway started to listen on `listen`, expected to stop at once: its exit status and what it wrote."""
+    gateway = await asyncio.create_subprocess_exec(
         BIN / "llmrelay-server",
         "--listen",
-        server.target,
-        env=clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1"), LLMRELAY_USAGE_DB=str(tmp_path / "second.db")),
+        listen,
+        env=clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1"), LLMRELAY_USAGE_DB=str(usage_db)),
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        _, err = await asyncio.wait_for(second.communicate(), 20)
+        _, err = await asyncio.wait_for(gateway.communicate(), 20)
     finally:
-        if second.returncode is None:
-            second.kill()
-            await second.wait()
-    assert second.returncode == 1
-    assert f"cannot listen on {server.target}" in err.decode()
+        if gateway.returncode is None:
+            gateway.kill()
+            await gateway.wait()
+    return gateway.returncode, err.decode()
+
+
+async def test_a_second_server_on_a_taken_port_fails_instead_of_sharing_it(
+    server: GatewayProcess, tmp_path: Path, local: FakeUpstream
+) -> None:
+    returncode, err = await refused_start(server.target, local, tmp_path / "second.db")
+    assert returncode == 1
+    assert f"cannot listen on {server.target}" in err
     # Every call still reaches the first server, which keeps serving.
     async with AsyncClient(server.target) as client:
         answers = [await client.complete([{"role": "user", "content": f"still here {i}"}]) for i in range(5)]
@@ -251,21 +257,9 @@ async def test_localhost_with_either_loopback_taken_fails_instead_of_serving_the
         holder.bind((taken, 0))
         holder.listen()
         listen = f"localhost:{holder.getsockname()[1]}"
-        gateway = await asyncio.create_subprocess_exec(
-            BIN / "llmrelay-server",
-            "--listen",
-            listen,
-            env=clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1"), LLMRELAY_USAGE_DB=str(tmp_path / "u.db")),
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            _, err = await asyncio.wait_for(gateway.communicate(), 20)
-        finally:
-            if gateway.returncode is None:
-                gateway.kill()
-                await gateway.wait()
-    assert gateway.returncode == 1
-    assert f"cannot listen on {listen}: the address is in use" in err.decode()
+        returncode, err = await refused_start(listen, local, tmp_path / "u.db")
+    assert returncode == 1
+    assert f"cannot listen on {listen}: the address is in use" in err
 
 
 async def test_a_start_that_fails_says_why_in_json_when_the_log_is_json(

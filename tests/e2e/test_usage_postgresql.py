@@ -318,10 +318,10 @@ _RECORDER = textwrap.dedent(
 )
 
 
-async def test_a_process_killed_with_sigkill_is_replayed_by_the_next_ledger(database_url: str, tmp_path: Path) -> None:
-    journal = tmp_path / "journal"
+async def killed_after_recording(database_url: str, journal: Path, records: int) -> None:
+    """A process that journals `records` records for the database and is killed (SIGKILL) before it writes them."""
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _RECORDER, database_url, str(journal), "1001", stdout=asyncio.subprocess.PIPE
+        sys.executable, "-c", _RECORDER, database_url, str(journal), str(records), stdout=asyncio.subprocess.PIPE
     )
     assert child.stdout is not None
     try:
@@ -329,6 +329,11 @@ async def test_a_process_killed_with_sigkill_is_replayed_by_the_next_ledger(data
     finally:
         child.kill()  # SIGKILL, with every record still in its journal only
         await child.wait()
+
+
+async def test_a_process_killed_with_sigkill_is_replayed_by_the_next_ledger(database_url: str, tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    await killed_after_recording(database_url, journal, 1001)
     everything = [
         UsageTotals("b", "m", "c0", 501, 1_503, 501, 2_004, 0),
         UsageTotals("b", "m", "c1", 500, 1_500, 500, 2_000, 0),
@@ -354,15 +359,7 @@ async def test_a_dead_processs_journal_is_claimed_and_counted_while_the_database
     pending_records left out everything they held (1,001 records here), and said the usage waiting was none."""
     monkeypatch.setattr("llmrelay_server.usage.postgresql.ANSWER_S", 1.0)
     journal = tmp_path / "journal"
-    child = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _RECORDER, database_url, str(journal), "1001", stdout=asyncio.subprocess.PIPE
-    )
-    assert child.stdout is not None
-    try:
-        assert await asyncio.wait_for(child.stdout.readline(), 30) == b"recorded\n"
-    finally:
-        child.kill()
-        await child.wait()
+    await killed_after_recording(database_url, journal, 1001)
     async with _FreezingProxy(database_url) as proxy:
         proxy.freeze()
         ledger = UsageLedger(proxy.url, journal_dir=journal)
