@@ -37,11 +37,6 @@ class ConcurrencyInterceptor(grpc.aio.ServerInterceptor):
         self._bounded: dict[str, tuple[Handler, Handler]] = {}
         """By method: the handler it was given, and that handler within the bound (made once, not per call)."""
 
-    @property
-    def in_progress(self) -> int:
-        """The calls of the gateway's service in progress now."""
-        return self._in_progress
-
     async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
         handler = await continuation(details)
         method = details.method
