@@ -36,17 +36,15 @@ class _Window:
     held: dict[int, int] = field(default_factory=dict)
     """UTC day number -> micro-USD of that day's spend that calls in progress reserved: theirs until they settle."""
 
-    def expire(self, now: float) -> None:
-        """Takes out what has left the minute before `now` (the monotonic clock)."""
+    def expire(self, now: float, day: int) -> None:
+        """Takes out what has left the minute before `now` (the monotonic clock), and the spend of days before
+        yesterday (`day`: today, UTC)."""
         while self.requests and self.requests[0] <= now - WINDOW_S:
             self.requests.popleft()
         while self.tokens and self.tokens[0][0] <= now - WINDOW_S:
             gone = self.tokens.popleft()
             self.token_sum -= gone[1]
             gone[2] = 0
-
-    def forget_before(self, day: int) -> None:
-        """Keeps the spend of `day` (today, UTC) and the day before."""
         if len(self.spend) > 2:  # today's, and yesterday's for calls that began before midnight and settle after
             for old in [old for old in self.spend if old < day - 1]:
                 del self.spend[old]
@@ -84,8 +82,7 @@ class InProcessLimiter:
         day = _utc_day(wall)
         windows = [self._window(ask.subject) for ask in asks]
         for ask, window in zip(asks, windows, strict=True):
-            window.expire(now)
-            window.forget_before(day)
+            window.expire(now, day)
             _check(ask, window, now, wall)
         reservation = Reservation(asks, wall)
         for ask, window in zip(asks, windows, strict=True):
