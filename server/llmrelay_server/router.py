@@ -1022,11 +1022,6 @@ class Router:
                 self._deadline_passed(chain, route, started)
                 raise chain.deadline_exceeded() from None
             except UpstreamError as exc:
-                if exc.kind is UpstreamErrorKind.TIMEOUT and chain.remaining_s() <= DEADLINE_MARGIN_S:
-                    # Timed out as the call's deadline came (an upstream's own timeout, answered as it ran out): the
-                    # deadline's, which says nothing of the backend unless it was silent for long.
-                    self._deadline_passed(chain, route, started)
-                    raise chain.deadline_exceeded() from None
                 self._failed(chain, route, started, exc)
                 if exc.kind is UpstreamErrorKind.REJECTED:
                     exc.attempts = tuple(chain.attempts)  # it ends the call: the caller's status lists what was tried

@@ -326,6 +326,11 @@ _TILE_PRICED_MODELS: Final = re.compile(
 )
 
 
+def _bounded_count(tokens: int, model: str, encoding: str, exact: bool) -> TokenCount:
+    """A count within the contract's int32: past it, "at least this many", estimated."""
+    return TokenCount(min(tokens, MAX_TOKEN_COUNT), model, encoding, estimated=not exact or tokens > MAX_TOKEN_COUNT)
+
+
 def _high_detail_tokens(width: int, height: int) -> int:
     # Scaled in whole pixels, and never up: a small image costs the tiles of its own size.
     if (longest := max(width, height)) > _IMAGE_FIT_PX:
@@ -693,13 +698,7 @@ class TokenCounter:
         # gpt-oss servers render the harmony format with a system preamble of their own (date, reasoning level),
         # which the ChatML-style formula cannot know: the encoding is exact, the chat count is not.
         exact = exact and formula_covers_all and covered and encoding_name != O200K_HARMONY
-        tokens += tool_tokens
-        return TokenCount(
-            tokens=min(tokens, MAX_TOKEN_COUNT),
-            model=model,
-            encoding=encoding_name,
-            estimated=not exact or tokens > MAX_TOKEN_COUNT,
-        )
+        return _bounded_count(tokens + tool_tokens, model, encoding_name, exact)
 
     async def estimate_usage(
         self, model: str, request: CompletionRequest, answer: Sequence[str], prompt: TokenUsage | None = None
@@ -734,8 +733,7 @@ class TokenCounter:
         tokens = 0
         for text in texts:
             tokens += (await self.count_text_async(model, text, by=by)).tokens
-        saturated = tokens > MAX_TOKEN_COUNT
-        return TokenCount(min(tokens, MAX_TOKEN_COUNT), model, encoding_name, estimated=not exact or saturated)
+        return _bounded_count(tokens, model, encoding_name, exact)
 
     async def count_chat_async(
         self, model: str, messages: Sequence[Message], tools: Sequence[Tool] = (), *, by: float | None = None
