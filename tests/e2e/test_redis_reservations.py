@@ -536,6 +536,8 @@ LONG_STREAM = stream_chat(
     " ".join("abcdefghijklm"), model="gpt-test", exact_model=True, options=pb.CompletionOptions(max_tokens=600)
 )
 SLOW_CHUNKS = {"trickle_s": 1.5}
+FORGETFUL_TIMEOUT_S = 2.0
+"""state.timeout_s here: Redis answers, having forgotten; a busy machine's slow answer is not what is tested."""
 
 
 async def flushed(redis_server: RedisServer) -> None:
@@ -550,7 +552,7 @@ async def flushed(redis_server: RedisServer) -> None:
 async def test_a_call_redis_forgot_settles_without_taking_from_the_calls_counted_since(
     start: Any, primary: FakeUpstream, local: FakeUpstream, redis_server: RedisServer
 ) -> None:
-    _, stub = await start(config(primary, local, redis_server.url, limits="budget_usd_per_day: 1"))
+    _, stub = await start(config(primary, local, redis_server.url, FORGETFUL_TIMEOUT_S, "budget_usd_per_day: 1"))
     primary.inject({"trickle_s": 0.3}, SLOW_CHUNKS)
     forgotten = stub.StreamComplete(BIG_STREAM, metadata=AUTHORIZED, timeout=20)
     assert await forgotten.read() is not grpc.aio.EOF
@@ -575,7 +577,7 @@ async def test_a_call_redis_forgot_settles_without_taking_from_the_calls_counted
 async def test_a_stream_redis_forgot_has_its_slot_back_at_its_next_renewal(
     start: Any, primary: FakeUpstream, local: FakeUpstream, redis_server: RedisServer
 ) -> None:
-    _, stub = await start(config(primary, local, redis_server.url, limits="concurrent_streams: 1"))
+    _, stub = await start(config(primary, local, redis_server.url, FORGETFUL_TIMEOUT_S, "concurrent_streams: 1"))
     primary.inject(SLOW_CHUNKS)
     open_stream = stub.StreamComplete(LONG_STREAM, metadata=AUTHORIZED, timeout=30)
     assert await open_stream.read() is not grpc.aio.EOF
