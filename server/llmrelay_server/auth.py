@@ -30,6 +30,7 @@ from typing import Any, TypeAlias
 import grpc
 
 from llmrelay_server.config import AuthConfig, CallerKey, ConfigError, load_keys_file
+from llmrelay_server.decoding import invocation_metadata
 from llmrelay_server.domain import (
     CALLER_NAME,
     FieldViolation,
@@ -110,7 +111,7 @@ def _identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     # A key sent twice counts by its first value, as _bearer reads `authorization`: one rule for every reader of the
     # call's metadata.
     metadata: dict[str, str | bytes] = {}
-    for key, value in context.invocation_metadata() or ():
+    for key, value in invocation_metadata(context):
         metadata.setdefault(key, value)
     tag = metadata.get(CALLER_HEADER)
     # With keys on, a call without a known key (refused, or to an open service) proves no name: taking the one it

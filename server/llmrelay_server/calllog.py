@@ -28,6 +28,7 @@ from google.protobuf.message import Message
 from llmrelay import v1 as pb
 
 from llmrelay_server.auth import caller_identity
+from llmrelay_server.decoding import invocation_metadata
 from llmrelay_server.domain import LLMRelayError
 from llmrelay_server.logs import call_lines_writer
 from llmrelay_server.metering import Meter, open_meter, own_time_s, served_by
@@ -99,7 +100,7 @@ class _LoggedCall:
     def __init__(self, observer: CallLogObserver, rpc: str, request: Any, context: Context) -> None:
         self._started = time.perf_counter()
         self._observer, self._rpc, self._request, self._context = observer, rpc, request, context
-        self._rid = rid = request_id(context.invocation_metadata())
+        self._rid = rid = request_id(invocation_metadata(context))
         self._meter = open_meter()
         context.set_trailing_metadata(((REQUEST_ID, rid),))
 

@@ -10,12 +10,14 @@ its traceback logged (`status.fail_unexpectedly`), not UNKNOWN with Python's exc
 
 The methods come from the service's descriptor, as the generated add_LLMServiceServicer_to_server's do, so an RPC
 added to the contract is registered here without an edit. Every service of the gateway is registered by a generic
-handler alone, not as registered methods too (`GenericOnly`).
+handler alone, not as registered methods too (`GenericOnly`), which keeps each call's metadata as gRPC hands it to the
+lookup, for whatever reads it during the call (`invocation_metadata`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn, TypeAlias
@@ -35,6 +37,7 @@ EMBED: Final = "/llmrelay.v1.LLMService/Embed"
 """The model calls' method paths, as interceptors and observers are told a call's method."""
 
 _Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+Metadata: TypeAlias = "tuple[tuple[str, str | bytes], ...]"
 _UnaryBehavior: TypeAlias = Callable[[Any, _Context], Awaitable[Message]]
 _StreamBehavior: TypeAlias = Callable[[Any, _Context], AsyncGenerator[Message, None]]
 
@@ -62,12 +65,24 @@ class _UndecodableRequestError(InvalidRequestError):
         return self.violations[0].description
 
 
+_call_metadata: contextvars.ContextVar[Metadata | None] = contextvars.ContextVar("llmrelay_call_metadata", default=None)
+
+
+def invocation_metadata(context: _Context) -> Metadata:
+    """The call's metadata: the tuple gRPC made once for the lookup of the call's handler, which a service registered
+    here keeps for the call (`_KeepingMetadata`); the context's own for any other. context.invocation_metadata()
+    builds a new tuple of named tuples at each asking: some 2 us, for the call log's request id, the caller's name
+    without a key, and a trace's parent."""
+    metadata = _call_metadata.get()
+    return metadata if metadata is not None else tuple(context.invocation_metadata() or ())
+
+
 def add_llm_service(servicer: pb.LLMServiceServicer, server: grpc.aio.Server) -> None:
     """Registers LLMService as the generated add_LLMServiceServicer_to_server does, with the decoding guard, by a
     generic handler alone (see GenericOnly)."""
     service = pb.DESCRIPTOR.services_by_name["LLMService"]
     handlers = {method.name: _handler(method, getattr(servicer, method.name)) for method in service.methods}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    GenericOnly(server).add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
 class GenericOnly:
@@ -75,16 +90,29 @@ class GenericOnly:
     alone, not as registered methods too. grpc.aio's server waits for the next call of each registered method apart,
     and so goes through the waits of all of them (asyncio.wait: a callback added to each, and removed) for every call
     it takes: the ten methods of LLMService, health and reflection cost the plain gateway about 50k instructions a
-    unary call (6%), where one generic handler's lookup by name costs a few hundred (`make bench-instructions`)."""
+    unary call (6%), where one generic handler's lookup by name costs a few hundred (`make bench-instructions`).
+    Each generic handler keeps the metadata of the calls it is asked about (`invocation_metadata`)."""
 
     def __init__(self, server: grpc.aio.Server) -> None:
         self._server = server
 
     def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self._server.add_generic_rpc_handlers(generic_rpc_handlers)
+        self._server.add_generic_rpc_handlers(tuple(map(_KeepingMetadata, generic_rpc_handlers)))
 
     def add_registered_method_handlers(self, service_name: str, method_handlers: dict[str, Any]) -> None:
         """Left out: the generic handler the service was given serves its methods."""
+
+
+class _KeepingMetadata(grpc.GenericRpcHandler):
+    """A generic handler that keeps the metadata of the call it is asked about for that call: gRPC asks within the
+    call's task, after the interceptors and before the handler runs, and each call's task has a context of its own."""
+
+    def __init__(self, handler: grpc.GenericRpcHandler) -> None:
+        self._handler = handler
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        _call_metadata.set(handler_call_details.invocation_metadata)
+        return self._handler.service(handler_call_details)
 
 
 def _handler(method: MethodDescriptor, behavior: Any) -> grpc.RpcMethodHandler[Any, Any]:

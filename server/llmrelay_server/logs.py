@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import re
 import select
 import sys
@@ -105,7 +106,11 @@ class BatchingHandler(logging.Handler):
         super().__init__()
         self._fd = fd
         self._lines: list[bytes] = []
-        self._unwritten = threading.Event()
+        self._waking = False
+        """Whether the writer was woken for the lines waiting (they are written within FLUSH_DELAY_S)."""
+        # A queue, not a threading.Event: its get() waits in C, where an Event's wait and set go through a Condition's
+        # Python, for every batch.
+        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
         threading.Thread(target=self._write_after_delay, name="llmrelay-log-writer", daemon=True).start()
 
     def emit(self, record: logging.LogRecord) -> None:  # called under the handler's lock
@@ -129,12 +134,13 @@ class BatchingHandler(logging.Handler):
         self._lines.append(f"{line}\n".encode("utf-8", "backslashreplace"))
         if at_once:
             self.flush()
-        elif not self._unwritten.is_set():
-            self._unwritten.set()
+        elif not self._waking:
+            self._waking = True
+            self._wake.put(None)
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]  # Handler.createLock made it
-            self._unwritten.clear()
+            self._waking = False
             lines, self._lines = self._lines, []
             chunk = b""
             for line in lines:
@@ -159,7 +165,7 @@ class BatchingHandler(logging.Handler):
 
     def _write_after_delay(self) -> None:
         while True:
-            self._unwritten.wait()
+            self._wake.get()
             time.sleep(FLUSH_DELAY_S)
             self.flush()
 

@@ -43,7 +43,7 @@ class CallObserver(Protocol):
 
 
 Start = Callable[[Any, Context], CallObserver]
-"""Starts observing one call: its request and context (its metadata: `context.invocation_metadata()`) -> its
+"""Starts observing one call: its request and context (its metadata: `decoding.invocation_metadata(context)`) -> its
 observer."""
 
 MAX_WRAPPED_HANDLERS: Final = 256

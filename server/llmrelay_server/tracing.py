@@ -42,7 +42,7 @@ from opentelemetry.util.types import AttributeValue
 
 from llmrelay_server.config import ConfigError, GatewayConfig
 from llmrelay_server.convert import MAX_MODEL_NAME
-from llmrelay_server.decoding import decoded
+from llmrelay_server.decoding import decoded, invocation_metadata
 from llmrelay_server.domain import Attempt, AttemptOutcome, BackendSpec
 from llmrelay_server.metering import Billed, Meter, moves, open_meter, served_by
 from llmrelay_server.observing import GEN_AI_OPERATIONS, Observer, Start
@@ -328,7 +328,7 @@ class TracingObserver(Observer):
 
     def observe(self, method: str, streaming: bool) -> Start:
         name = method[1:]
-        return lambda request, context: _Call(self, name, context.invocation_metadata(), request, streaming)
+        return lambda request, context: _Call(self, name, invocation_metadata(context), request, streaming)
 
 
 class _Call:
