@@ -248,6 +248,29 @@ def sse(*events: dict[str, Any]) -> dict[str, Any]:
     return {"body": body, "content_type": "text/event-stream"}
 
 
+async def test_events_whose_data_take_several_lines_are_read_whole(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
+) -> None:
+    """SSE joins an event's `data:` lines with line breaks: JSON written indented, a line each, is one event."""
+    message = {"id": "msg_1", "model": "claude-test", "usage": {"input_tokens": 5, "output_tokens": 1}}
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": message},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello"}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " world"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}},
+        {"type": "message_stop"},
+    ]
+    lines = ("\n".join(f"data: {line}" for line in json.dumps(event, indent=1).split("\n")) for event in events)
+    body = "".join(f"event: {event['type']}\n{data}\n\n" for event, data in zip(events, lines, strict=True))
+    claude.inject({"body": body, "content_type": "text/event-stream"})
+    chunks = await streamed(stub, stream_chat())
+    assert "".join(chunk.delta.content for chunk in chunks) == "Hello world"
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (5, 2)
+
+
 @pytest.mark.parametrize("stops", [0, 1, 2])
 async def test_a_streamed_call_has_its_start_input_once_however_often_its_block_stops(
     stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, local: FakeUpstream, stops: int

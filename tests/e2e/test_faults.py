@@ -601,6 +601,38 @@ async def test_an_empty_finish_reason_beside_a_running_usage_count_is_not_the_en
     assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (12, 4)
 
 
+def _data_lines(event: dict[str, Any], spaced: bool) -> str:
+    """An event whose JSON takes a `data:` line per line of it (as SSE allows, and servers that write their JSON
+    indented send), with a comment among them; `spaced`: a space after each `data:`, else none (SSE takes either)."""
+    lines = json.dumps(event, indent=1).split("\n")
+    first, *rest = (f"data:{' ' if spaced else ''}{line}" for line in lines)
+    return "\n".join([first, ": the event goes on", *rest]) + "\n\n"
+
+
+@pytest.mark.parametrize("apart", [False, True], ids=["together", "apart"])
+async def test_an_event_whose_data_takes_several_lines_is_read_whole(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, apart: bool
+) -> None:
+    """SSE joins an event's `data:` lines with line breaks, and the event ends at its blank line: each line read as
+    an event of its own was a malformed answer, the stream failed. One event's text is longer than a read of the
+    answer, so that its lines come in several."""
+    words = ["The ", "answer ", "x" * 300_000, " is 42."]
+    events = [{"id": "c", "model": "gpt-test", "choices": [_piece(word, None)["choice"]]} for word in words]
+    usage = {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16}
+    events.append({"id": "c", "model": "gpt-test", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    events.append({"id": "c", "model": "gpt-test", "choices": [], "usage": usage})
+    body = "".join(_data_lines(event, spaced=n % 2 == 0) for n, event in enumerate(events)) + "data: [DONE]\n\n"
+    primary.inject({"body": body, "content_type": "text/event-stream"} | ({"event_gap_s": 0.02} if apart else {}))
+    chunks = [chunk async for chunk in stub.StreamComplete(stream_chat(exact_model=True), timeout=10)]
+    assert "".join(chunk.delta.content for chunk in chunks) == "".join(words)
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens, chunks[-1].usage.estimated) == (
+        12,
+        4,
+        False,
+    )
+
+
 @pytest.mark.parametrize("primary", DIALECTS, indirect=True)
 async def test_deadline_bounds_everything(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream

@@ -9,8 +9,10 @@ from typing import cast
 import httpx2
 import openai
 import pytest
+from llmrelay_server.backends import upstream_http
 from llmrelay_server.backends.http1 import Http1Response
 from llmrelay_server.backends.upstream_http import Lines, _line_batches, kind_of_status, pool_full, redact, relayed
+from llmrelay_server.backends.wire import MalformedAnswerError
 from llmrelay_server.domain import BackendSpec, CompletionChunk, UpstreamError, UpstreamErrorKind
 from llmrelay_server.router import NOT_THE_BACKENDS_FAULT, RETRYABLE
 
@@ -86,6 +88,25 @@ async def test_the_line_that_makes_the_answer_whole_is_relayed_and_nothing_after
     lines = Lines(batches(["a", "", "b"], ["c", "d"], ["e"]))
     relayed_chunks = [c async for c in relayed(lines, chunk_of, ended, SPEC)]
     assert [c.content for c in relayed_chunks] == ["ab", "c"]
+
+
+async def test_an_events_data_lines_are_read_at_its_blank_line_as_one() -> None:
+    """SSE joins an event's `data:` lines with line breaks (each without its field name and one space), whichever
+    reads they came in and whatever other lines (comments) come between; the event is read at its blank line. An
+    answer whose last event has no blank line after it reads that event as it came."""
+    chunk_of, ended = reader("never")
+    lines = Lines(batches(["data: {", ": a comment", "data:  1,", "data:2"], ["data: }", "", "data: x"]))
+    relayed_chunks = [c async for c in relayed(lines, chunk_of, ended, SPEC)]
+    assert [c.content for c in relayed_chunks] == [": a comment", "data: {\n 1,\n2\n}", "data: x"]
+
+
+async def test_an_event_of_many_data_lines_is_bounded_as_a_line_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(upstream_http, "MAX_ANSWER_BYTES", 100)
+    chunk_of, ended = reader("never")
+    lines = Lines(batches(["data: a", *(["data: " + "b" * 30] * 4), ""]))
+    with pytest.raises(MalformedAnswerError, match="an event of the stream is over 100 characters"):
+        async for _ in relayed(lines, chunk_of, ended, SPEC):
+            pass
 
 
 @pytest.mark.parametrize(

@@ -291,6 +291,10 @@ async def relayed(
     error event, a malformed one) the text that came before it goes out first, then the failure; a failure of the
     HTTP read becomes an UpstreamError that says why (`broke_off`).
 
+    An event's `data:` line is read at the blank line that ends the event, as SSE has it, which comes with it from
+    every server seen: an event whose data takes several lines (JSON written indented) is read as one `data:` line,
+    its lines joined by line breaks. Other lines (`event:`, comments) are read as they come.
+
     `settled()` says the answer is whole before its end marker came (its last event is in): it ends there, not held
     until an upstream that keeps the connection open after it is cut by the idle limit. Either way, whole, `lines`
     says so (`Lines.whole`), and what may follow is left to the connection (`post_stream`).
@@ -299,6 +303,11 @@ async def relayed(
     rest is awaited `FINISH_GRACE_S` at most, and the answer ends whole without it (the router estimates the usage),
     not cut by the idle limit when the upstream holds the connection open; the connection is closed then."""
     batches = lines.batches
+    data: str | None = None
+    """The `data:` line of the event being read, until its blank line."""
+    more: list[str] = []
+    """The event's data lines after its first (seldom any), and their characters."""
+    more_chars = 0
     try:
         while True:
             try:
@@ -311,11 +320,25 @@ async def relayed(
                     except TimeoutError:
                         return  # not `whole`: the read it cut short leaves the connection to be closed
             except StopAsyncIteration:
-                return
+                if data is None:
+                    return
+                batch = [""]  # the answer's last event, without a blank line after it: read as it came
             arrived: list[CompletionChunk] = []
             try:
                 for line in batch:
-                    if not line:  # the blank line that ends each event: nothing to read
+                    if not line:  # the blank line that ends an event
+                        if data is None:
+                            continue
+                        if more:
+                            line, more, more_chars = _joined_data(data, more), [], 0
+                        else:
+                            line = data
+                        data = None
+                    elif line.startswith("data:"):
+                        if data is None:
+                            data = line
+                        else:
+                            more_chars = _more_data(more, more_chars, line)
                         continue
                     chunk = chunk_of(line)
                     if chunk is not None and (chunk.content or chunk.reasoning or chunk.tool_calls):
@@ -334,6 +357,22 @@ async def relayed(
     except httpx2.HTTPError as exc:
         kind = UpstreamErrorKind.TIMEOUT if isinstance(exc, httpx2.TimeoutException) else UpstreamErrorKind.UNREACHABLE
         raise UpstreamError(kind, spec.name, redact(broke_off(spec.base_url, exc), spec.api_key)) from exc
+
+
+def _more_data(more: list[str], chars: int, line: str) -> int:
+    """Adds a `data:` line after an event's first to `more`, SSE's way: without its field name and one space after it.
+    The event's whole data is bounded as a line is (`MAX_ANSWER_BYTES`). Returns the characters in `more` now."""
+    value = line[5:].removeprefix(" ")
+    chars += len(value) + 1
+    if chars > MAX_ANSWER_BYTES:
+        raise MalformedAnswerError(f"an event of the stream is over {MAX_ANSWER_BYTES} characters")
+    more.append(value)
+    return chars
+
+
+def _joined_data(first: str, more: list[str]) -> str:
+    """An event's data lines as one `data:` line, joined by line breaks."""
+    return "\n".join([first, *more])
 
 
 def _coalesced(chunks: list[CompletionChunk]) -> list[CompletionChunk]:
