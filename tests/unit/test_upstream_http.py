@@ -90,23 +90,47 @@ async def test_the_line_that_makes_the_answer_whole_is_relayed_and_nothing_after
     assert [c.content for c in relayed_chunks] == ["ab", "c"]
 
 
+async def read_events(*batch: list[str]) -> list[list[str]]:
+    """The lines `relayed` hands the dialect for these batches: the chunks it relays, each the lines it joined."""
+    relayed_chunks = relayed(Lines(batches(*batch)), lambda line: chunk(line + "|"), lambda: False, SPEC)
+    return [(c.content or "").split("|")[:-1] async for c in relayed_chunks]
+
+
 async def test_an_events_data_lines_are_read_at_its_blank_line_as_one() -> None:
     """SSE joins an event's `data:` lines with line breaks (each without its field name and one space), whichever
-    reads they came in and whatever other lines (comments) come between; the event is read at its blank line. An
-    answer whose last event has no blank line after it reads that event as it came."""
-    chunk_of, ended = reader("never")
-    lines = Lines(batches(["data: {", ": a comment", "data:  1,", "data:2"], ["data: }", "", "data: x"]))
-    relayed_chunks = [c async for c in relayed(lines, chunk_of, ended, SPEC)]
-    assert [c.content for c in relayed_chunks] == [": a comment", "data: {\n 1,\n2\n}", "data: x"]
+    reads they came in and whatever other lines (comments) come between; the event is read at its blank line."""
+    read = await read_events(["data: {", ": a comment", "data:  1,", "data:2"], ["data: }", "", "data: [DONE]", ""])
+    assert read == [[": a comment"], ["data: {\n 1,\n2\n}", "data: [DONE]"]]
+
+
+async def test_a_whole_event_is_read_without_waiting_for_its_blank_line() -> None:
+    """A server that writes an event's blank line apart from it (or never): the event is read at once, not at the next
+    read; events ended by one line break, not two, are each read as an event."""
+    assert await read_events(['data: {"a": 1}'], ["", "data: [DONE]"]) == [['data: {"a": 1}'], ["data: [DONE]"]]
+    assert await read_events(["data: 1", "data: 2", "data: {", "data: 3}", ""]) == [
+        ["data: 1", "data: 2", "data: {\n3}"]
+    ]
+
+
+async def test_an_event_the_answer_ends_in_the_middle_of_is_dropped() -> None:
+    assert await read_events(["data: 1", "", "data: {"], ['data: "a":']) == [["data: 1"]]
 
 
 async def test_an_event_of_many_data_lines_is_bounded_as_a_line_is(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(upstream_http, "MAX_ANSWER_BYTES", 100)
-    chunk_of, ended = reader("never")
-    lines = Lines(batches(["data: a", *(["data: " + "b" * 30] * 4), ""]))
-    with pytest.raises(MalformedAnswerError, match="an event of the stream is over 100 characters"):
-        async for _ in relayed(lines, chunk_of, ended, SPEC):
+    """By the memory its lines take, however short they are."""
+    monkeypatch.setattr(upstream_http, "MAX_ANSWER_BYTES", 200)
+    lines = Lines(batches(["data: {", *(["data:"] * 5), ""]))
+    with pytest.raises(MalformedAnswerError, match="an event of the stream is over 200 bytes"):
+        async for _ in relayed(lines, *reader("never"), SPEC):
             pass
+
+
+async def test_a_line_end_split_between_reads_ends_one_line() -> None:
+    """CR at the end of one read and LF at the start of the next are one CRLF, not a line and a blank line (which
+    would end an event whose data lines go on)."""
+    response = cast(Http1Response, pieces(b"data: {\r", b"\ndata: 1\r\n", b"data: }\r", b"\n\r\n"))
+    lines = [line async for batch in _line_batches(response) for line in batch]
+    assert lines == ["data: {", "data: 1", "data: }", ""]
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ import datetime
 import email.utils
 import math
 import re
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
@@ -32,7 +33,7 @@ import httpx2
 from llmrelay_server import metering
 from llmrelay_server.backends.http1 import Http1Pool, Http1Response, Http1Transport
 from llmrelay_server.backends.proxies import Proxies
-from llmrelay_server.backends.wire import ErrorAnswer, ErrorEvent, MalformedAnswerError, decode_json, encode
+from llmrelay_server.backends.wire import DONE, ErrorAnswer, ErrorEvent, MalformedAnswerError, decode_json, encode
 from llmrelay_server.domain import (
     BackendHealth,
     BackendSpec,
@@ -250,6 +251,7 @@ async def _line_batches(response: Http1Response) -> AsyncIterator[list[str]]:
     pending: list[str] = []  # the start of a line that a later read ends (a long line takes many reads)
     pending_chars = 0
     at_start = True
+    after_cr = False  # the last text ended with CR: an LF that starts the next ends the same line (CRLF)
     pieces = aiter(response)
     while True:
         data = await anext(pieces, b"")  # b"": the end of the answer (a piece is never empty)
@@ -258,6 +260,11 @@ async def _line_batches(response: Http1Response) -> AsyncIterator[list[str]]:
             # A byte-order mark is no part of the stream (SSE's UTF-8 decoding drops it); left on, the first line would
             # not read as `data:`, and its event would be lost.
             at_start, text = False, text.removeprefix("\ufeff")
+        if after_cr and text:
+            # Read as a line of its own, it would be a blank line: the end of an event whose data lines go on.
+            after_cr, text = False, text.removeprefix("\n")
+        if text.endswith("\r"):
+            after_cr = True
         # Every server seen ends lines with LF alone, which str.split finds ten times faster than the expression.
         lines = _LINE_END.split(text) if "\r" in text else text.split("\n")
         if len(lines) > 1:
@@ -291,9 +298,12 @@ async def relayed(
     error event, a malformed one) the text that came before it goes out first, then the failure; a failure of the
     HTTP read becomes an UpstreamError that says why (`broke_off`).
 
-    An event's `data:` line is read at the blank line that ends the event, as SSE has it, which comes with it from
-    every server seen: an event whose data takes several lines (JSON written indented) is read as one `data:` line,
-    its lines joined by line breaks. Other lines (`event:`, comments) are read as they come.
+    An event's `data:` line is read at the blank line that ends the event, as SSE has it: an event whose data takes
+    several lines (JSON written indented) is read as one `data:` line, its lines joined by line breaks. An event whose
+    first line is whole by itself (JSON, [DONE]) is read at once when its blank line has not come with it, as every
+    server writes it, rather than at the next read; and it is read as an event of its own when another `data:` line
+    follows it without a blank line between (a server that ends its events with one line break). An event the answer
+    ends in the middle of is dropped. Other lines (`event:`, comments) are read as they come.
 
     `settled()` says the answer is whole before its end marker came (its last event is in): it ends there, not held
     until an upstream that keeps the connection open after it is cut by the idle limit. Either way, whole, `lines`
@@ -306,8 +316,8 @@ async def relayed(
     data: str | None = None
     """The `data:` line of the event being read, until its blank line."""
     more: list[str] = []
-    """The event's data lines after its first (seldom any), and their characters."""
-    more_chars = 0
+    """The event's data lines after its first (seldom any), and the memory they take."""
+    more_bytes = 0
     try:
         while True:
             try:
@@ -320,31 +330,40 @@ async def relayed(
                     except TimeoutError:
                         return  # not `whole`: the read it cut short leaves the connection to be closed
             except StopAsyncIteration:
-                if data is None:
-                    return
-                batch = [""]  # the answer's last event, without a blank line after it: read as it came
+                return  # an event still held is no whole one (see below): SSE drops it, as a cut read
             arrived: list[CompletionChunk] = []
             try:
-                for line in batch:
-                    if not line:  # the blank line that ends an event
-                        if data is None:
-                            continue
-                        if more:
-                            line, more, more_chars = _joined_data(data, more), [], 0
-                        else:
-                            line = data
-                        data = None
-                    elif line.startswith("data:"):
-                        if data is None:
-                            data = line
-                        else:
-                            more_chars = _more_data(more, more_chars, line)
-                        continue
-                    chunk = chunk_of(line)
-                    if chunk is not None and (chunk.content or chunk.reasoning or chunk.tool_calls):
-                        arrived.append(chunk)
-                    if ended():
+                read: Iterable[str] = batch
+                while True:
+                    for line in read:
+                        if not line:  # the blank line that ends an event
+                            if data is None:
+                                continue
+                            if more:
+                                line, more, more_bytes = _joined_data(data, more), [], 0
+                            else:
+                                line = data
+                            data = None
+                        elif line.startswith("data:"):
+                            if data is None:
+                                data = line
+                                continue
+                            if more or not _whole_event(data):
+                                more_bytes = _more_data(more, more_bytes, line)
+                                continue
+                            # A server that ends an event with one line break, not two (not SSE): the event held is
+                            # whole, and read as it was before this line came.
+                            line, data = data, line
+                        chunk = chunk_of(line)
+                        if chunk is not None and (chunk.content or chunk.reasoning or chunk.tool_calls):
+                            arrived.append(chunk)
+                        if ended():
+                            break
+                    # An event whose blank line has not come with it (a server that writes the two apart; an answer
+                    # that ends without it) is read now when it is whole by itself: no later line could make it more.
+                    if data is None or more or ended() or not _whole_event(data):
                         break
+                    read = ("",)
             except (UpstreamError, MalformedAnswerError):
                 for chunk in _coalesced(arrived):
                     yield chunk
@@ -359,15 +378,28 @@ async def relayed(
         raise UpstreamError(kind, spec.name, redact(broke_off(spec.base_url, exc), spec.api_key)) from exc
 
 
-def _more_data(more: list[str], chars: int, line: str) -> int:
+def _more_data(more: list[str], held_bytes: int, line: str) -> int:
     """Adds a `data:` line after an event's first to `more`, SSE's way: without its field name and one space after it.
-    The event's whole data is bounded as a line is (`MAX_ANSWER_BYTES`). Returns the characters in `more` now."""
+    The memory they take (an object's for each, however short) is bounded as a line's text is (`MAX_ANSWER_BYTES`).
+    Returns the memory `more` takes now."""
     value = line[5:].removeprefix(" ")
-    chars += len(value) + 1
-    if chars > MAX_ANSWER_BYTES:
-        raise MalformedAnswerError(f"an event of the stream is over {MAX_ANSWER_BYTES} characters")
+    held_bytes += sys.getsizeof(value)
+    if held_bytes > MAX_ANSWER_BYTES:
+        raise MalformedAnswerError(f"an event of the stream is over {MAX_ANSWER_BYTES} bytes")
     more.append(value)
-    return chars
+    return held_bytes
+
+
+def _whole_event(data: str) -> bool:
+    """Whether an event's first `data:` line is all of it: JSON, or [DONE], which a line more could only break."""
+    payload = data[5:].strip()
+    if payload == DONE:
+        return True
+    try:
+        decode_json(payload)
+    except MalformedAnswerError:
+        return False
+    return True
 
 
 def _joined_data(first: str, more: list[str]) -> str:
