@@ -285,7 +285,8 @@ def _messages(items: Any, errors: _Violations, where: str, max_image_bytes: int 
     # Over a copy (a slice is a list): upb's repeated fields have no iterator of their own, and the sequence protocol
     # ends iterating one with an IndexError, made, formatted and dropped.
     messages = tuple(_message(m, errors, f"{where}[{i}]", max_image_bytes) for i, m in enumerate(items[:]))
-    if len(messages) > 1 or messages[0].role is Role.TOOL:  # a question alone (most calls) answers no call
+    # A question alone (most calls) neither makes nor answers a call: the check is for the rest.
+    if len(messages) > 1 or messages[0].role is Role.TOOL or messages[0].tool_calls:
         _check_tool_answers(messages, errors, where)
     return messages
 

@@ -456,8 +456,12 @@ def _answer(call_id: str) -> pb.Message:
                 ("messages[3].tool_call_id", "answers no call of the assistant message before it"),
             ],
         ),
+        (
+            [_assistant_calling("call_1", "call_1")],
+            [("messages[0].tool_calls[1].id", "must differ from the message's other calls' ids")],
+        ),
     ],
-    ids=["unknown-id", "no-call-before", "unanswered", "duplicate-ids"],
+    ids=["unknown-id", "no-call-before", "unanswered", "duplicate-ids", "duplicate-ids-alone"],
 )
 async def test_tool_messages_must_answer_the_calls_before_them(
     stub: pb.LLMServiceAsyncStub,
