@@ -8,11 +8,11 @@ on all of them:
   (bench/floor.py): what any Python gRPC server costs;
 - gateway: llmrelay-server in front of the upstream, with no call log;
 - everything: the gateway with auth, limits, metrics and a JSON log line per call.
-Each server runs in its own process, so its CPU time is read from /proc. Per path, unary calls and streams of 8
-chunks, one caller and 16 at once: latency added to the direct call's (p50, p99), server CPU per call as a multiple
-of the floor's, calls/s, time to first chunk; then chunks/s of a 1,000-chunk stream, the gateway's memory with 1,000
-streams open, and its idle upstream connections after that burst. The figures go to bench/results/ as JSON and a
-PNG chart; the table printed is the README's.
+Each server runs in its own process, so its CPU time is read from its process CPU clock. Per path, unary calls and
+streams of 8 chunks, one caller and 16 at once: latency added to the direct call's (p50, p99), server CPU per call as
+a multiple of the floor's, calls/s, time to first chunk; then chunks/s of a 1,000-chunk stream, the gateway's memory
+with 1,000 streams open, and its idle upstream connections after that burst. The figures go to bench/results/ as JSON
+and a PNG chart; the table printed is the README's.
 
 Usage: python -m bench [--quick] [--requests N] [--rounds R] [--loop asyncio|uvloop] [--workers | --one-core
        [--features] [--against REV]]
@@ -33,6 +33,7 @@ import json
 import operator
 import os
 import platform
+import queue
 import shutil
 import statistics
 import subprocess
@@ -54,7 +55,6 @@ from bench.direct import DirectClient
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BIN = Path(sys.executable).parent
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 STOP_S = 15
 MODEL = "tiny"
 UNARY_PROMPT = "benchmark the gateway please"
@@ -74,8 +74,10 @@ Call = Callable[[], Awaitable[float]]
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+    """The CPU time process `pid` has taken, all its threads, from its CPU-time clock (Linux's
+    MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)): to the nanosecond, where /proc's stat counts ticks of 10 ms (a long
+    stream's few hundred milliseconds would be some twenty of them)."""
+    return time.clock_gettime((~pid << 3) | 2)
 
 
 def rss_mib(pid: int) -> float:
@@ -119,7 +121,8 @@ class Run:
 
     @property
     def p99_ms(self) -> float:
-        return statistics.quantiles(self.latencies_s, n=100)[98] * 1000
+        # Inclusive: with fewer than 99 latencies, the exclusive method reads past the largest one.
+        return statistics.quantiles(self.latencies_s, n=100, method="inclusive")[98] * 1000
 
     @property
     def first_chunk_p50_ms(self) -> float:
@@ -269,18 +272,34 @@ def start(
     args: list[str], ready: str, env: dict[str, str] | None = None, within_s: float = 30
 ) -> subprocess.Popen[str]:
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-    assert process.stdout is not None
+    # Its output read by a thread for as long as it runs (a process that logs every call would block once the pipe is
+    # full), the lines handed over until it is ready: a read here would wait past `within_s` for a silent process.
+    lines: queue.SimpleQueue[str] = queue.SimpleQueue()
+    threading.Thread(target=_read_lines, args=(process, lines, ready), daemon=True).start()
     deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
         if ready in line:
-            # Read on, or a process that logs every call would block once the pipe is full.
-            threading.Thread(target=process.stdout.read, daemon=True).start()
             return process
-        if not line and process.poll() is not None:
+        if not line:  # its output ended: it exited
             break
     process.kill()
-    raise SystemExit(f"bench: {' '.join(args[:3])} did not start")
+    raise SystemExit(f"bench: {' '.join(args[:3])} did not start within {within_s:g} s")
+
+
+def _read_lines(process: subprocess.Popen[str], lines: queue.SimpleQueue[str], ready: str) -> None:
+    """Hands `process`'s lines to `lines` until the one that says it is `ready` (or its end, as ""), then reads the
+    rest of its output away."""
+    assert process.stdout is not None
+    for line in process.stdout:
+        lines.put(line)
+        if ready in line:
+            process.stdout.read()
+            return
+    lines.put("")
 
 
 def stop(process: subprocess.Popen[str]) -> None:
@@ -407,10 +426,11 @@ async def start_gateway(
 ) -> GatewayProcess:
     """`llmrelay-server` in front of the loopback upstream, with no configuration from the environment, run by `under`
     when given (valgrind, taskset); once it serves (all its workers, when it has several)."""
-    config = scratch / f"{name}.yaml"
+    stem = name.replace("/", "_")  # a revision's server (`gateway@origin/main`) names a file, not a folder
+    config = scratch / f"{stem}.yaml"
     server = "".join(f", {more}" for more in (feature.server, f"event_loop: {loop}" if loop else "") if more)
     config.write_text(
-        f'server: {{usage_db: "{scratch}/{name}.db"{server}}}\n'
+        f'server: {{usage_db: "{scratch}/{stem}.db"{server}}}\n'
         f'llm:\n  ollama: {{base_url: "http://127.0.0.1:{upstream_port}/v1", model: {MODEL}}}\n{feature.extra}'
     )
     env = clean_env(**dict(feature.env))
@@ -556,6 +576,7 @@ def _round_robin(calls: Sequence[Call]) -> Call:
 # --- --one-core -----------------------------------------------------------------------------------------------
 
 ONE_CORE_CALLERS = 16
+LOAD = "load generator"
 
 
 async def one_core(requests: int, rounds: int, loop: str, against: str | None = None, features: bool = False) -> None:
@@ -591,19 +612,24 @@ async def one_core(requests: int, rounds: int, loop: str, against: str | None = 
                 f" held to CPU {server_cpu}; the load generator and the upstream on CPUs {cpus[:-1]}; {loop} loop\n"
             )
             runs: dict[str, list[Run]] = {name: [] for name in names}
+            # The load side's CPU too: this process and the upstream, on the CPUs the servers are kept off.
+            pids = {**staged.pids, LOAD: [os.getpid()]}
             for round_ in range(rounds):
                 for name in names:
-                    run = await measure(
-                        calls[name]["unary"], requests // rounds, ONE_CORE_CALLERS, staged.pids, round_ == 0
-                    )
+                    run = await measure(calls[name]["unary"], requests // rounds, ONE_CORE_CALLERS, pids, round_ == 0)
                     runs[name].append(run)
     width = max(map(len, names)) + 2
-    print(f"{'server':<{width}}{'calls/s':>9}{'CPU/call':>12}{'CPU busy':>10}")
+    print(f"{'server':<{width}}{'calls/s':>9}{'CPU/call':>12}{'CPU busy':>10}{'load CPUs busy':>16}")
     totals = {name: functools.reduce(operator.add, runs[name]) for name in names}
     cpu_ms = {name: run.cpu_ms(name) for name, run in totals.items()}
     for name, run in totals.items():
         busy = run.cpu_s[name] / run.wall_s
-        print(f"{name:<{width}}{run.throughput:>9.0f}{cpu_ms[name]:>9.3f} ms{busy:>9.0%}", flush=True)
+        load = (run.cpu_s[LOAD] + run.cpu_s["upstream"]) / run.wall_s / (len(cpus) - 1)
+        print(f"{name:<{width}}{run.throughput:>9.0f}{cpu_ms[name]:>9.3f} ms{busy:>9.0%}{load:>15.0%}", flush=True)
+    print(
+        "\n(a server well below 100% busy while the load CPUs are near it was waiting for its callers: its calls/s is"
+        " a lower bound)"
+    )
     if features:
         print("\nCPU a call over the plain gateway's:")
         for name in ("everything", *FEATURES):
@@ -651,6 +677,8 @@ class Results:
     started_at: str
     command: str
     machine: dict[str, Any]
+    revision: str
+    """The commit measured (`git rev-parse HEAD`), "+changes" after it when the tree had uncommitted ones."""
     rows: list[Row] = field(default_factory=list)
     long_stream: dict[str, dict[str, float]] = field(default_factory=dict)
     memory: dict[str, float] = field(default_factory=dict)
@@ -750,7 +778,7 @@ async def long_streams(
     print(f"\n{'1,000-chunk stream':<22}{'chunks/s':>10}{'chunks per server CPU s':>26}{'x floor':>9}")
     for path, run in runs.items():
         total = chunks * len(run.latencies_s)
-        per_cpu_s = total / max(run.cpu_s[server_of[path]], 1 / CLOCK_TICKS)
+        per_cpu_s = total / max(run.cpu_s[server_of[path]], 1e-9)
         results.long_stream[path] = {"chunks_per_s": total / run.wall_s, "chunks_per_server_cpu_s": per_cpu_s}
     floor = results.long_stream["floor"]["chunks_per_server_cpu_s"]
     for path, figures in results.long_stream.items():
@@ -792,23 +820,28 @@ async def open_streams(
     streams = asyncio.gather(*(held() for _ in range(settings.open_streams)))
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(all_open.wait(), timeout=HOLD_TRICKLE_S)
-    rss_open = rss_mib(gateway_pid)
+    rss_open, open_at_reading = rss_mib(gateway_pid), opened
     await streams
-    # The test upstream trickles the end of each body ([DONE], its last HTTP chunk) one trickle after the answer's
-    # last event; the gateway, done with the answer there, keeps each connection until that end comes, then pools it.
-    await asyncio.sleep(HOLD_TRICKLE_S + 0.5)
+    # Each connection goes back to the pool as its body ends, right after the answer's last event: a moment for the
+    # last of them, then the pool is what it keeps.
+    await asyncio.sleep(0.5)
     idle = established_to(gateway_pid, upstream_port)
     results.memory = {
         "rss_idle_mib": rss_idle,
         "rss_before_burst_mib": rss_before,
         "rss_open_mib": rss_open,
-        "open_streams": opened,
+        "open_streams": open_at_reading,
         "above_idle_mib": rss_open - rss_idle,
     }
     results.upstream_pool = {"streams": settings.open_streams, "idle_connections_after": idle}
     print(
-        f"\ngateway memory: {rss_idle:.0f} MiB idle, {rss_open:.0f} MiB with {opened} streams open"
+        f"\ngateway memory: {rss_idle:.0f} MiB idle, {rss_open:.0f} MiB with {open_at_reading} streams open"
         f" (+{rss_open - rss_idle:.0f} MiB); {idle} idle upstream connections after the burst"
+        + (
+            f" (NOT all {settings.open_streams} streams were open when the memory was read)"
+            if open_at_reading < settings.open_streams
+            else ""
+        )
     )
 
 
@@ -928,6 +961,14 @@ def main() -> None:
     args = parser.parse_args()
     rounds = args.rounds or (3 if args.quick else 5)
     requests = args.requests or (300 if args.quick else 1000)
+    if rounds < 1 or requests < rounds:
+        parser.error(f"--requests ({requests}) are shared among the rounds ({rounds}): at least one call each")
+    requests -= requests % rounds  # as many calls in each round: the figures count the calls made
+    if args.workers and (args.one_core or args.against or args.features or args.loop):
+        parser.error(
+            "--workers measures calls/s of 1 and 2 workers on its own: without --one-core, --against,"
+            " --features or --loop"
+        )
     if args.workers:
         asyncio.run(scale(requests, 64, rounds))
         return
@@ -948,11 +989,28 @@ def main() -> None:
         started_at=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         command=" ".join(["python -m bench", *sys.argv[1:]]),
         machine={"cpus": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()},
+        revision=revision(),
     )
     asyncio.run(compare(settings, results))
     print("\n" + markdown(results))
     print(f"\nwritten: {save(results).relative_to(ROOT)} (and latest.json, latest.png)\n")
     subprocess.run([sys.executable, str(ROOT / "bench" / "bench_tokens.py")], check=True)  # token counting's cost
+
+
+def revision() -> str:
+    """The commit of the tree measured, marked when the tree differs from it; "unknown" outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--", "server", "bench"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
 
 
 def default_loop() -> str:

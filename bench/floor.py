@@ -1,11 +1,12 @@
 """The floor of `make bench`: a plain grpc.aio server of the same contract answering from memory.
 
 No interceptors, no router, no upstream: Complete and StreamComplete answer with messages parsed once at start,
-chosen by the request's last message. The answers are the gateway's own, recorded by the bench in the same run, so
-that both servers send the same messages of the same sizes; whatever the gateway costs above this server is its
-own. It runs on the event loop the gateway runs on (`--loop`), so that the loop is not counted as the gateway's gain,
-and registers its service as the gateway does (a generic handler alone: `llmrelay_server.decoding.GenericOnly`), so
-that the gateway's cheaper registration is not counted as its gain either.
+chosen by the request's last message. The answers are the gateway's own, recorded by the bench in the same run: a
+unary answer the same message; a stream the same text as a message per upstream chunk (`a_message_per_chunk`), as a
+relay that forwards each chunk on its own sends it, where the gateway joins the chunks that reach it together. It
+runs on the event loop the gateway runs on (`--loop`), so that the loop is not counted as the gateway's gain, and
+registers its service as the gateway does (a generic handler alone: `llmrelay_server.decoding.GenericOnly`), so that
+the gateway's cheaper registration is not counted as its gain either.
 
 Usage: python -m bench.floor --listen HOST:PORT --answers FILE [--loop asyncio|uvloop]
 (FILE: JSON {"complete": {prompt: base64 CompleteResponse}, "stream": {prompt: [base64 StreamCompleteResponse]}})

@@ -15,7 +15,8 @@ Faults are queued; each chat or embeddings request takes the next one. A fault i
                                                        ... its events sent one at a time, this far apart
     {"stream_cut_after": 2}                            a stream that ends after N chunks, without [DONE]
     {"stream_garbage": true}                           a stream with a line that is not JSON
-    {"trickle_s": 1.0}                                 a stream that sends one chunk per trickle_s seconds
+    {"trickle_s": 1.0}                                 a stream that sends one delta per trickle_s seconds (its
+                                                       end at once after the last)
     {"byte_trickle_s": 0.5}                            a stream that sends one byte per byte_trickle_s seconds
     {"huge_content": 5_000_000}                        an answer whose content has this many characters
     {"no_usage": true}                                 leave usage out (like older Ollama streams)
@@ -405,8 +406,9 @@ class FakeUpstream:
                 await _send_chunk(writer, piece)
                 if "byte_trickle_s" in fault:
                     await asyncio.sleep(fault["byte_trickle_s"])
-            # The role-only first chunk goes out at once, so a trickle starts after real content has been sent.
-            if "trickle_s" in fault and index > 0:
+            # The role-only first chunk goes out at once, so a trickle starts after real content has been sent; the end
+            # (the finish reason, the usage, [DONE]) follows the last delta at once, as servers send it.
+            if "trickle_s" in fault and index > 0 and (chunk.get("choices") or [{}])[0].get("delta"):
                 await asyncio.sleep(fault["trickle_s"])
         if fault.get("cut_before_done"):
             await writer.drain()
