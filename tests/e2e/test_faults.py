@@ -617,7 +617,9 @@ async def test_an_event_whose_data_takes_several_lines_is_read_whole(
     an event of its own was a malformed answer, the stream failed. One event's text is longer than a read of the
     answer, so that its lines come in several."""
     words = ["The ", "answer ", "x" * 300_000, " is 42."]
-    events = [{"id": "c", "model": "gpt-test", "choices": [_piece(word, None)["choice"]]} for word in words]
+    events: list[dict[str, Any]] = [
+        {"id": "c", "model": "gpt-test", "choices": [_piece(word, None)["choice"]]} for word in words
+    ]
     usage = {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16}
     events.append({"id": "c", "model": "gpt-test", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
     events.append({"id": "c", "model": "gpt-test", "choices": [], "usage": usage})
