@@ -339,8 +339,8 @@ async def relayed(
                         if not line:  # the blank line that ends an event
                             if data is None:
                                 continue
-                            if more:
-                                line, more, more_bytes = _joined_data(data, more), [], 0
+                            if more:  # SSE joins an event's data lines by line breaks
+                                line, more, more_bytes = "\n".join([data, *more]), [], 0
                             else:
                                 line = data
                             data = None
@@ -400,11 +400,6 @@ def _whole_event(data: str) -> bool:
     except MalformedAnswerError:
         return False
     return True
-
-
-def _joined_data(first: str, more: list[str]) -> str:
-    """An event's data lines as one `data:` line, joined by line breaks."""
-    return "\n".join([first, *more])
 
 
 def _coalesced(chunks: list[CompletionChunk]) -> list[CompletionChunk]:
