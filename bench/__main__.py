@@ -10,9 +10,9 @@ on all of them:
 - everything: the gateway with auth, limits, metrics and a JSON log line per call.
 Each server runs in its own process, so its CPU time is read from its process CPU clock. Per path, unary calls and
 streams of 8 chunks, one caller and 16 at once: latency added to the direct call's (p50, p99), server CPU per call as
-a multiple of the floor's, calls/s, time to first chunk; then chunks/s of a 1,000-chunk stream, the gateway's memory
-with 1,000 streams open, and its idle upstream connections after that burst. The figures go to bench/results/ as JSON
-and a PNG chart; the table printed is the README's.
+a multiple of the floor's, calls/s, time to first chunk; then chunks/s of a 1,000-chunk stream, and each gateway's
+memory with 1,000 streams open and its idle upstream connections after that burst. The figures go to bench/results/
+as JSON and a PNG chart; the table printed is the README's.
 
 Usage: python -m bench [--quick] [--requests N] [--rounds R] [--loop asyncio|uvloop] [--workers | --one-core
        [--features] [--against REV]]
@@ -681,8 +681,10 @@ class Results:
     """The commit measured (`git rev-parse HEAD`), "+changes" after it when the tree had uncommitted ones."""
     rows: list[Row] = field(default_factory=list)
     long_stream: dict[str, dict[str, float]] = field(default_factory=dict)
-    memory: dict[str, float] = field(default_factory=dict)
-    upstream_pool: dict[str, int] = field(default_factory=dict)
+    memory: dict[str, dict[str, float]] = field(default_factory=dict)
+    """By gateway (GATEWAYS_MEASURED)."""
+    upstream_pool: dict[str, dict[str, int]] = field(default_factory=dict)
+    """By gateway (GATEWAYS_MEASURED)."""
 
 
 async def compare(settings: Settings, results: Results) -> None:
@@ -699,7 +701,7 @@ async def compare(settings: Settings, results: Results) -> None:
         # Whose CPU each path costs: the direct call's is the upstream's alone.
         server_of = {"direct": "upstream", "floor": "floor", "gateway": "gateway", "everything": "everything"}
         await asyncio.sleep(0.5)
-        rss_idle = rss_mib(pids["gateway"][0])
+        rss_idle = {name: rss_mib(pids[name][0]) for name in GATEWAYS_MEASURED}
         print(
             f"llmrelay bench: {settings.requests} calls per path, kind and concurrency in {settings.rounds} rounds;"
             f" {settings.loop} event loop; {os.cpu_count()} CPUs shared by the load generator, the upstream and the"
@@ -709,7 +711,10 @@ async def compare(settings: Settings, results: Results) -> None:
         await matrix(settings, paths, pids, server_of, results)
         await long_streams(settings, paths, pids, server_of, results)
         await direct.aclose()
-        await open_streams(settings, channels["gateway"], pids["gateway"][0], ports["upstream"], rss_idle, results)
+        for name in GATEWAYS_MEASURED:
+            await open_streams(
+                settings, name, channels[name], pids[name][0], ports["upstream"], rss_idle[name], results
+            )
 
 
 async def matrix(
@@ -789,15 +794,20 @@ async def long_streams(
         )
 
 
+GATEWAYS_MEASURED = ("gateway", "everything")
+"""The gateways whose memory with streams open, and upstream pool after them, the bench measures: features off, on."""
+
+
 async def open_streams(
     settings: Settings,
+    name: str,
     channel: grpc.aio.Channel,
     gateway_pid: int,
     upstream_port: int,
     rss_idle: float,
     results: Results,
 ) -> None:
-    """A burst of streams held open at once: the gateway's memory with all of them open, and the upstream
+    """A burst of streams held open at once: gateway `name`'s memory with all of them open, and the upstream
     connections it keeps idle once they are over (the pool keeps at most its configured number)."""
     async with DirectControl(upstream_port) as control:
         await control.queue_faults([{"trickle_s": HOLD_TRICKLE_S}] * settings.open_streams)
@@ -809,7 +819,7 @@ async def open_streams(
     async def held() -> None:
         nonlocal opened
         first = True
-        async for _ in stub.StreamComplete(request, timeout=60):
+        async for _ in stub.StreamComplete(request, timeout=60, metadata=GATEWAYS[name].metadata):
             if first:
                 first = False
                 opened += 1
@@ -826,16 +836,16 @@ async def open_streams(
     # last of them, then the pool is what it keeps.
     await asyncio.sleep(0.5)
     idle = established_to(gateway_pid, upstream_port)
-    results.memory = {
+    results.memory[name] = {
         "rss_idle_mib": rss_idle,
         "rss_before_burst_mib": rss_before,
         "rss_open_mib": rss_open,
         "open_streams": open_at_reading,
         "above_idle_mib": rss_open - rss_idle,
     }
-    results.upstream_pool = {"streams": settings.open_streams, "idle_connections_after": idle}
+    results.upstream_pool[name] = {"streams": settings.open_streams, "idle_connections_after": idle}
     print(
-        f"\ngateway memory: {rss_idle:.0f} MiB idle, {rss_open:.0f} MiB with {open_at_reading} streams open"
+        f"\n{name} memory: {rss_idle:.0f} MiB idle, {rss_open:.0f} MiB with {open_at_reading} streams open"
         f" (+{rss_open - rss_idle:.0f} MiB); {idle} idle upstream connections after the burst"
         + (
             f" (NOT all {settings.open_streams} streams were open when the memory was read)"
@@ -912,13 +922,17 @@ def markdown(results: Results) -> str:
             f"| {path} | {figures['chunks_per_s']:.0f} | {figures['chunks_per_server_cpu_s']:.0f} |"
             f" {figures['cpu_x_floor']:.2f} |"
         )
-    memory, pool = results.memory, results.upstream_pool
     lines += [
         "",
-        f"Gateway memory with {memory['open_streams']:.0f} streams open: {memory['above_idle_mib']:+.0f} MiB above"
-        f" idle ({memory['rss_idle_mib']:.0f} MiB); idle upstream connections after that burst:"
-        f" {pool['idle_connections_after']}.",
+        "| 1,000 streams open | memory above idle | memory idle | idle upstream connections after |",
+        "|---|---|---|---|",
     ]
+    for path, memory in results.memory.items():
+        idle = results.upstream_pool[path]["idle_connections_after"]
+        lines.append(
+            f"| {path} ({memory['open_streams']:.0f} open) | {memory['above_idle_mib']:+.0f} MiB |"
+            f" {memory['rss_idle_mib']:.0f} MiB | {idle} |"
+        )
     return "\n".join(lines)
 
 
