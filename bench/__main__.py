@@ -560,12 +560,23 @@ async def scale(requests: int, concurrency: int, rounds: int) -> None:
         for round_ in range(rounds):
             for name in names.values():
                 runs[name].append(await measure(calls[name], requests // rounds, concurrency, pids, round_ == 0))
-        for name in names.values():
-            print_row(name, functools.reduce(operator.add, runs[name]), name)
-        one, two = (functools.reduce(operator.add, runs[names[workers]]) for workers in WORKER_COUNTS)
+        totals = {name: functools.reduce(operator.add, runs[name]) for name in names.values()}
+        for name, run in totals.items():
+            print_row(name, run, name)
+        one, two = (totals[names[workers]] for workers in WORKER_COUNTS)
         print(f"\n2 workers / 1 worker: calls/s x{two.throughput / one.throughput:.2f}")
         for channel in channels:
             await channel.close()
+    rows = [
+        {
+            "workers": workers,
+            "calls_per_s": totals[name].throughput,
+            "gateway_cpu_ms_per_call": totals[name].cpu_ms(name),
+        }
+        for workers, name in names.items()
+    ]
+    settings = {"requests": requests, "rounds": rounds, "concurrency": concurrency}
+    print(f"written: {save_figures('workers', settings, rows).relative_to(ROOT)}")
 
 
 def _round_robin(calls: Sequence[Call]) -> Call:
@@ -622,10 +633,13 @@ async def one_core(requests: int, rounds: int, loop: str, against: str | None = 
     print(f"{'server':<{width}}{'calls/s':>9}{'CPU/call':>12}{'CPU busy':>10}{'load CPUs busy':>16}")
     totals = {name: functools.reduce(operator.add, runs[name]) for name in names}
     cpu_ms = {name: run.cpu_ms(name) for name, run in totals.items()}
+    rows = []
     for name, run in totals.items():
         busy = run.cpu_s[name] / run.wall_s
         load = (run.cpu_s[LOAD] + run.cpu_s["upstream"]) / run.wall_s / (len(cpus) - 1)
         print(f"{name:<{width}}{run.throughput:>9.0f}{cpu_ms[name]:>9.3f} ms{busy:>9.0%}{load:>15.0%}", flush=True)
+        figures = {"calls_per_s": run.throughput, "cpu_ms_per_call": cpu_ms[name], "cpu_busy": busy}
+        rows.append({"server": name, **figures, "load_cpus_busy": load})
     print(
         "\n(a server well below 100% busy while the load CPUs are near it was waiting for its callers: its calls/s is"
         " a lower bound)"
@@ -637,6 +651,9 @@ async def one_core(requests: int, rounds: int, loop: str, against: str | None = 
             print(f"  {name:<16}{more:+.3f} ms ({more / cpu_ms['gateway']:+.0%})  {GATEWAYS[name].description}")
     for name, ours in theirs.items():
         print(f"{ours}: CPU per call {cpu_ms[ours] / cpu_ms[name] - 1:+.1%} against {against}")
+    settings = {"requests": requests, "rounds": rounds, "callers": ONE_CORE_CALLERS, "loop": loop, "against": against}
+    written = save_figures("one-core", settings, rows)
+    print(f"\nwritten: {written.relative_to(ROOT)}")
 
 
 # --- the paths compared ---------------------------------------------------------------------------------------
@@ -936,6 +953,28 @@ def markdown(results: Results) -> str:
     return "\n".join(lines)
 
 
+def save_figures(mode: str, settings: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
+    """A mode's figures (`--one-core`), to bench/results/<mode>-<time>.json: with the command, the machine and the
+    commit measured, as make bench's own results have them."""
+    RESULTS.mkdir(exist_ok=True)
+    started_at = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    figures = {
+        "command": " ".join(["python -m bench", *sys.argv[1:]]),
+        "started_at": started_at,
+        "machine": machine(),
+        "revision": revision(),
+        "settings": settings,
+        "rows": rows,
+    }
+    path = RESULTS / f"{mode}-{started_at.replace(':', '').replace('-', '')}.json"
+    path.write_text(json.dumps(figures, indent=2) + "\n")
+    return path
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()}
+
+
 def save(results: Results) -> Path:
     """bench/results/<time>.json and .png, copied to latest.json and latest.png (the ones committed)."""
     RESULTS.mkdir(exist_ok=True)
@@ -1002,7 +1041,7 @@ def main() -> None:
         settings=settings,
         started_at=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         command=" ".join(["python -m bench", *sys.argv[1:]]),
-        machine={"cpus": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()},
+        machine=machine(),
         revision=revision(),
     )
     asyncio.run(compare(settings, results))
