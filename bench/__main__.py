@@ -954,10 +954,10 @@ def markdown(results: Results) -> str:
 
 
 def save_figures(mode: str, settings: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
-    """A mode's figures (`--one-core`), to bench/results/<mode>-<time>.json: with the command, the machine and the
-    commit measured, as make bench's own results have them."""
+    """A mode's figures (`--one-core`, `--workers`), to bench/results/<mode>-<time>.json: with the command, the
+    machine and the commit measured, as make bench's own results have them."""
     RESULTS.mkdir(exist_ok=True)
-    started_at = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    started_at = now()
     figures = {
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
         "started_at": started_at,
@@ -966,9 +966,19 @@ def save_figures(mode: str, settings: dict[str, Any], rows: list[dict[str, Any]]
         "settings": settings,
         "rows": rows,
     }
-    path = RESULTS / f"{mode}-{started_at.replace(':', '').replace('-', '')}.json"
+    path = RESULTS / f"{mode}-{stamp(started_at)}.json"
     path.write_text(json.dumps(figures, indent=2) + "\n")
     return path
+
+
+def now() -> str:
+    """The time a run starts, as its results say it (UTC, to the second)."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def stamp(started_at: str) -> str:
+    """A run's start as its results' file names have it: 20261202T093256Z."""
+    return started_at.replace(":", "").replace("-", "")
 
 
 def machine() -> dict[str, Any]:
@@ -978,12 +988,11 @@ def machine() -> dict[str, Any]:
 def save(results: Results) -> Path:
     """bench/results/<time>.json and .png, copied to latest.json and latest.png (the ones committed)."""
     RESULTS.mkdir(exist_ok=True)
-    stamp = results.started_at.replace(":", "").replace("-", "")
-    path = RESULTS / f"{stamp}.json"
+    path = RESULTS / f"{stamp(results.started_at)}.json"
     path.write_text(json.dumps(asdict(results), indent=2) + "\n")
     from bench.chart import draw
 
-    chart = draw(results.rows, RESULTS / f"{stamp}.png")
+    chart = draw(results.rows, path.with_suffix(".png"))
     shutil.copyfile(path, RESULTS / "latest.json")
     shutil.copyfile(chart, RESULTS / "latest.png")
     return path
@@ -1039,7 +1048,7 @@ def main() -> None:
     )
     results = Results(
         settings=settings,
-        started_at=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        started_at=now(),
         command=" ".join(["python -m bench", *sys.argv[1:]]),
         machine=machine(),
         revision=revision(),

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import json
 import shutil
 import subprocess
@@ -41,6 +40,7 @@ from bench.__main__ import (
     PLAIN,
     RESULTS,
     grpc_calls,
+    now,
     recorded_answers,
     stage,
     start_floor,
@@ -166,7 +166,7 @@ def write_results(tool: str, calls: int, paths: list[str], rows: list[dict[str, 
     bench/results/TOOL.json, another choice of servers' to a file of its own."""
     results = {
         "command": f"python -m bench.{tool}",
-        "started_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "started_at": now(),
         "calls": calls,
         "callers": CALLERS,
         "rows": rows,
