@@ -674,6 +674,11 @@ class Router:
             if b is not exclude and b.provider.spec.fallback
         ]
 
+    @property
+    def request_timeout_s(self) -> float:
+        """The bound on a call whose caller set no deadline (router.request_timeout_s)."""
+        return self._config.request_timeout_s
+
     def deadline(self, timeout_s: float | None) -> float:
         """The absolute (event-loop clock) deadline for a call with `timeout_s` left, or, when its caller set no
         deadline, the configured bound. A caller's own deadline is its to choose, longer than the bound too (a long

@@ -17,6 +17,7 @@ from llmrelay_server.auth import caller_identity, current_caller, models_allowed
 from llmrelay_server.domain import (
     AnswerTooLargeError,
     CompletionChunk,
+    DeadlineExceededError,
     EmbeddingRequest,
     LLMRelayError,
     ShuttingDownError,
@@ -30,6 +31,8 @@ from llmrelay_server.usage import UsageLedger
 
 # Room in a stream message for everything but its text (ids, names, usage, attempts).
 MESSAGE_HEADROOM_BYTES: Final = 64 * 1024
+OVERDUE_RECHECK_S: Final = 0.5
+"""How often a stream past its bound but not waiting on gRPC's write then is looked at again (`_end_if_writing`)."""
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
 _Answer = TypeVar("_Answer", bound=ProtoMessage)
@@ -60,6 +63,12 @@ class LLMServicer(pb.LLMServiceServicer):
         self._sending: set[asyncio.Task[Any]] = set()
         """The streams whose task is in gRPC's hands, sending a message: cancelled there, gRPC would end the call
         without a word, and leave the caller waiting for its own cut (`interrupt_calls`)."""
+        self._unbounded: dict[asyncio.Task[Any], tuple[float, grpc.aio.ServicerContext[Any, Any]]] = {}
+        """The streams whose caller set no deadline, with their bound (router.request_timeout_s), soonest first: the
+        bound is one length for all, so the order they came in is that of their bounds (`_bound`)."""
+        self._bound_timer: asyncio.TimerHandle | None = None
+        self._ending: set[asyncio.Task[None]] = set()
+        """The statuses of streams ended at their bound, on their way behind the messages gRPC holds for the caller."""
         self._router = router
         self._monitor = monitor
         self._ledger = ledger
@@ -120,10 +129,14 @@ class LLMServicer(pb.LLMServiceServicer):
         started = False
         try:
             task = self._model_call()
+            remaining = context.time_remaining()
+            deadline = self._router.deadline(remaining)
+            if remaining is None:
+                self._bound(task, deadline, context)
             try:
                 chunks = self._router.stream(
                     convert.completion_request(request, max_image_bytes=self._max_image_bytes),
-                    deadline=self._router.deadline(context.time_remaining()),
+                    deadline=deadline,
                     caller=caller_identity(context),
                     may_use=models_allowed(),
                 )
@@ -142,6 +155,8 @@ class LLMServicer(pb.LLMServiceServicer):
                                 self._sent(task)
             finally:
                 self._model_call_ended(task)
+                if remaining is None:
+                    self._unbounded.pop(task, None)
         except LLMRelayError as error:
             await abort(context, "StreamComplete", error)
         except asyncio.CancelledError:
@@ -160,6 +175,56 @@ class LLMServicer(pb.LLMServiceServicer):
         self._sending.discard(task)
         if self._interrupting:
             raise ShuttingDownError(stream_started=True, in_flight=True)
+
+    def _bound(self, task: asyncio.Task[Any], deadline: float, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Watches a stream whose caller set no deadline, to end it at its bound however it waits then.
+
+        Waiting on its upstream, the router's own deadline ends it. Waiting on gRPC's write (its caller stopped
+        reading an answer larger than gRPC's buffers), nothing of the gateway's runs, and a caller that keeps its
+        connection would keep the stream, its upstream request and its limits' reservation for as long
+        (`_end_if_writing`). One timer for the soonest bound, as the router's `Deadlines`: a stream that ends in time,
+        as nearly all do, leaves it alone."""
+        self._unbounded[task] = (deadline, context)
+        if self._bound_timer is None:
+            self._bound_timer = asyncio.get_running_loop().call_at(deadline, self._bounds_passed, deadline)
+
+    def _bounds_passed(self, due: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._bound_timer = None
+        # The loop may run a timer a little before its time by its own clock (uvloop's counts whole milliseconds).
+        now = max(due, loop.time())
+        passed = []
+        for task, (deadline, context) in self._unbounded.items():
+            if deadline > now:
+                self._bound_timer = loop.call_at(deadline, self._bounds_passed, deadline)
+                break
+            passed.append((task, context))
+        for task, context in passed:
+            del self._unbounded[task]
+            self._end_if_writing(task, context)
+
+    def _end_if_writing(self, task: asyncio.Task[Any], context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Ends a stream past its bound that waits on gRPC's write: its status first, which gRPC sends behind the
+        messages it holds (the caller gets them, then DEADLINE_EXCEEDED, whenever it reads again), and then its task
+        cancelled, which closes every layer of the stream as a caller's leaving does (billed, settled, logged). Its
+        task cancelled alone, gRPC would leave the caller with no status at all."""
+        if task.done():
+            return
+        if task not in self._sending:
+            # Between two writes, in the router: its own deadline, the same, ends it, unless a chunk beat it there.
+            asyncio.get_running_loop().call_later(OVERDUE_RECHECK_S, self._end_if_writing, task, context)
+            return
+        error = DeadlineExceededError(
+            f"the stream ran past router.request_timeout_s ({self._router.request_timeout_s:g} s), the bound of a call"
+            " whose caller sets no deadline, while the gateway waited for the caller to read; set a deadline to allow"
+            " longer",
+            (),
+        )
+        # Scheduled before the task's cancellation, its status is with gRPC before the stream is ended under it.
+        ending = asyncio.ensure_future(_abort_behind(context, error))
+        self._ending.add(ending)
+        ending.add_done_callback(self._ending.discard)
+        task.cancel()
 
     async def CountTokens(
         self,
@@ -271,6 +336,13 @@ class LLMServicer(pb.LLMServiceServicer):
 
 
 _FEWER_VECTORS = "send fewer inputs a call, or ask for fewer dimensions"
+
+
+async def _abort_behind(context: grpc.aio.ServicerContext[Any, Any], error: LLMRelayError) -> None:
+    """Ends a call with `error`'s status from outside its handler: gRPC sends it once the caller has read what came
+    before it, and drops it if the caller leaves first."""
+    with contextlib.suppress(grpc.aio.AbortError, grpc.aio.InternalError):
+        await abort(context, "StreamComplete", error)
 
 
 def _text_length(chunk: CompletionChunk) -> int:

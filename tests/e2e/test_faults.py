@@ -736,6 +736,56 @@ async def test_a_caller_that_stops_reading_then_leaves_is_billed_and_settled(
     assert "Traceback" not in caplog.text
 
 
+async def test_request_timeout_ends_a_stream_whose_caller_stopped_reading(
+    stub_for: StubFactory, local: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A caller that set no deadline reads one message of a long answer and stops reading, its connection kept: the
+    gateway, stuck writing to it, ends the stream at router.request_timeout_s all the same, as it ends one whose
+    upstream goes quiet: the upstream request closed, what was consumed billed and settled, the call logged. The
+    caller, once it reads again, gets what gRPC held for it and then the gateway's status, not a stream left open."""
+    stub = await stub_for(
+        f'llm:\n  ollama: {{base_url: "{local.base_url}", model: tiny}}\nrouter: {{request_timeout_s: 2}}\n',
+        server="limits: {tokens_per_minute: 5000}, log_calls: true",
+    )
+    caplog.set_level(logging.INFO, logger="llmrelay_server.calls")
+
+    async def billed() -> int:
+        records = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
+        return sum(r.completion_tokens for r in records)
+
+    # A stream read to its end within the bound is not cut, nor is a later one by its watch.
+    assert (await read_all(stub.StreamComplete(stream_chat())))[-1].finish_reason == pb.FINISH_REASON_STOP
+    local.inject({"huge_content": 20_000_000, "no_usage": True})
+    call = stub.StreamComplete(stream_chat(options=pb.CompletionOptions(max_tokens=10)))  # no deadline
+    started = time.monotonic()
+    await call.read()
+    before = await billed()
+
+    async with asyncio.timeout(8):
+        while (tokens := await billed() - before) == 0:  # noqa: ASYNC110 (the ledger, no event to wait on)
+            await asyncio.sleep(0.1)
+    assert 2 <= time.monotonic() - started < 4, "ended at its bound, not before and not much after"
+    assert tokens > 5000, "the ledger has what the stream consumed"
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.Complete(chat(options=pb.CompletionOptions(max_tokens=10)), timeout=5)
+    assert details(refused.value)["ErrorInfo"].reason == "TOKENS_PER_MINUTE_EXCEEDED", "the limit settled"
+
+    held = 0
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async with asyncio.timeout(10):
+            while (await call.read()) is not grpc.aio.EOF:
+                held += 1
+    assert held > 0, "what gRPC held for the caller reaches it before the status"
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert details(caught.value)["ErrorInfo"].reason == "DEADLINE_EXCEEDED"
+    assert "router.request_timeout_s (2 s)" in (caught.value.details() or "")
+    line = next(r.getMessage() for r in caplog.records if "code=DEADLINE_EXCEEDED" in r.getMessage())
+    assert "rpc=llmrelay.v1.LLMService/StreamComplete" in line and "attempts=ollama:timeout" in line, line
+    assert f"completion_tokens={tokens}" in line, line
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "Traceback" not in caplog.text
+
+
 async def test_circuit_opens_skips_and_recovers(
     stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
