@@ -503,6 +503,28 @@ async def test_cache_writes_and_reads_count_as_prompt_tokens(
     )
 
 
+async def test_an_answer_with_its_input_tokens_alone_bills_them_and_counts_its_output(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
+) -> None:
+    """An answer whose usage has the prompt's counts but no output_tokens is billed the prompt as reported (its cache
+    reads and writes among them, which the gateway's own count of the text cannot know), its answer counted, as a
+    stream's is: not the whole of it estimated."""
+    usage = {"input_tokens": 1000, "cache_creation_input_tokens": 5, "cache_read_input_tokens": 7}
+    answer = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-test",
+        "content": [{"type": "text", "text": "one two three"}],
+        "stop_reason": "end_turn",
+        "usage": usage,
+    }
+    claude.inject({"body": json.dumps(answer), "content_type": "application/json"})
+    billed = (await stub.Complete(chat("hi"), timeout=5)).usage
+    assert (billed.prompt_tokens, billed.cached_prompt_tokens) == (1012, 7)
+    assert 0 < billed.completion_tokens < 10 and billed.estimated
+
+
 async def test_a_cut_stream_bills_the_prompt_the_api_reported_with_its_cache(
     stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
 ) -> None:

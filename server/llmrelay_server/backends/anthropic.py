@@ -104,7 +104,9 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
         except wire.MalformedAnswerError as exc:
             raise self._malformed(exc) from exc
         message = answer.message
-        usage = answer.usage or await self._counter.estimate_usage(model, request, answer_texts(message))
+        usage = answer.usage or await self._counter.estimate_usage(
+            model, request, answer_texts(message), answer.prompt_usage
+        )
         return CompletionResponse(
             id=answer.id,
             backend=self._spec.name,

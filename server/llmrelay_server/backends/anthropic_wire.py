@@ -320,6 +320,9 @@ class Answer(NamedTuple):
     finish_reason: FinishReason
     usage: TokenUsage | None
     """None when the upstream reported none it could be trusted with (the caller estimates)."""
+    prompt_usage: TokenUsage | None
+    """The prompt's part of the usage, when the upstream reported it without the answer's: the caller estimates the
+    answer's alone."""
 
 
 def answer_from(data: Any) -> Answer:
@@ -361,6 +364,7 @@ def answer_from(data: Any) -> Answer:
         message=message,
         finish_reason=finish_reason(data.get("stop_reason")),
         usage=usage_from(data.get("usage")),
+        prompt_usage=prompt_usage_from(data.get("usage")),
     )
 
 
