@@ -161,7 +161,7 @@ def _completion_request(
 ) -> CompletionRequest:
     errors = _Violations()
     model = _chain_model(request, errors)
-    messages = _messages(request.messages, errors, "messages", max_image_bytes)
+    messages = _messages(request.messages, errors, "messages", max_image_bytes, goes_on=True)
     options = _options(request.options, errors) if request.HasField("options") else CompletionOptions()
     restart = isinstance(request, pb.StreamCompleteRequest) and _enum(
         request.on_interrupt, _INTERRUPT_POLICIES, "on_interrupt", errors
@@ -204,7 +204,8 @@ def count_request(
     if text is not None and request.tools:
         # A plain text is counted alone: tools are part of a chat's count, and silently left out they would not be.
         errors.add("tools", "tools are counted with messages (a chat), not with a plain text")
-    messages = _messages(request.messages, errors, "messages", max_image_bytes) if text is None else ()
+    # A chat counted as it stands, its last calls maybe not answered yet (an agent weighing its history).
+    messages = _messages(request.messages, errors, "messages", max_image_bytes, goes_on=False) if text is None else ()
     tools = _tools(request.tools, errors, "tools")
     errors.raise_if_any()
     return model, messages, tools, text
@@ -275,7 +276,10 @@ def _instant(timestamp: Timestamp, where: str, errors: _Violations) -> float | N
         return None
 
 
-def _messages(items: Any, errors: _Violations, where: str, max_image_bytes: int | None) -> tuple[Message, ...]:
+def _messages(
+    items: Any, errors: _Violations, where: str, max_image_bytes: int | None, *, goes_on: bool
+) -> tuple[Message, ...]:
+    """`goes_on`: the chat asks the model for what comes next, so that every call in it must have its answer."""
     if not items:
         errors.add(where, "at least one message is required")
         return ()
@@ -287,11 +291,11 @@ def _messages(items: Any, errors: _Violations, where: str, max_image_bytes: int 
     messages = tuple(_message(m, errors, f"{where}[{i}]", max_image_bytes) for i, m in enumerate(items[:]))
     # A question alone (most calls) neither makes nor answers a call: the check is for the rest.
     if len(messages) > 1 or messages[0].role is Role.TOOL or messages[0].tool_calls:
-        _check_tool_answers(messages, errors, where)
+        _check_tool_answers(messages, errors, where, goes_on)
     return messages
 
 
-def _check_tool_answers(messages: Sequence[Message], errors: _Violations, where: str) -> None:
+def _check_tool_answers(messages: Sequence[Message], errors: _Violations, where: str, goes_on: bool) -> None:
     """Each tool message answers a call of the assistant message before it (the tool messages between them aside),
     once; each call of an assistant message has an id of its own, and its answer before the conversation goes on.
     OpenAI's API and Anthropic's refuse a conversation otherwise, each in its own words, and others take it: the same
@@ -310,10 +314,15 @@ def _check_tool_answers(messages: Sequence[Message], errors: _Violations, where:
         for call_at in waiting.values():
             errors.add(call_at, f"is answered by no tool message before {where}[{i}]")
         waiting = {}
+        if message.role is not Role.ASSISTANT:
+            continue  # its calls are refused already
         for j, call in enumerate(message.tool_calls):
             if call.id in waiting:
                 errors.add(f"{where}[{i}].tool_calls[{j}].id", "must differ from the message's other calls' ids")
             waiting[call.id] = f"{where}[{i}].tool_calls[{j}].id"
+    if goes_on:
+        for call_at in waiting.values():
+            errors.add(call_at, "is answered by no tool message (every call has its answer before the model goes on)")
 
 
 def _message(message: pb.Message, errors: _Violations, where: str, max_image_bytes: int | None) -> Message:

@@ -439,7 +439,10 @@ def _answer(call_id: str) -> pb.Message:
     [
         (
             [user("weather?"), _assistant_calling("call_1"), _answer("call_nope")],
-            [("messages[2].tool_call_id", "answers no call of the assistant message before it")],
+            [
+                ("messages[2].tool_call_id", "answers no call of the assistant message before it"),
+                ("messages[1].tool_calls[0].id", "is answered by no tool message"),
+            ],
         ),
         (
             [user("weather?"), _answer("call_1")],
@@ -457,11 +460,30 @@ def _answer(call_id: str) -> pb.Message:
             ],
         ),
         (
+            [user("weather?"), _assistant_calling("call_1", "call_2"), _answer("call_1")],
+            [("messages[1].tool_calls[1].id", "is answered by no tool message")],
+        ),
+        (
+            [user("weather?"), _assistant_calling("call_1")],
+            [("messages[1].tool_calls[0].id", "is answered by no tool message")],
+        ),
+        (
             [_assistant_calling("call_1", "call_1")],
-            [("messages[0].tool_calls[1].id", "must differ from the message's other calls' ids")],
+            [
+                ("messages[0].tool_calls[1].id", "must differ from the message's other calls' ids"),
+                ("messages[0].tool_calls[1].id", "is answered by no tool message"),
+            ],
         ),
     ],
-    ids=["unknown-id", "no-call-before", "unanswered", "duplicate-ids", "duplicate-ids-alone"],
+    ids=[
+        "unknown-id",
+        "no-call-before",
+        "unanswered",
+        "duplicate-ids",
+        "partly-answered-last",
+        "unanswered-last",
+        "duplicate-ids-alone",
+    ],
 )
 async def test_tool_messages_must_answer_the_calls_before_them(
     stub: pb.LLMServiceAsyncStub,
@@ -481,6 +503,18 @@ async def test_tool_messages_must_answer_the_calls_before_them(
     assert primary.chat_requests == []
     answered = [user("weather?"), _assistant_calling("call_1", "call_2"), _answer("call_2"), _answer("call_1")]
     assert (await stub.Complete(pb.CompleteRequest(messages=[*answered, user("and?")]), timeout=5)).message.content
+    assert_quiet(caplog)
+
+
+async def test_a_chat_whose_last_calls_are_not_answered_yet_is_counted_as_it_stands(
+    stub: pb.LLMServiceAsyncStub, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Asked for what comes next, the chat is refused (above); counted, it is an agent weighing its history before it
+    runs the tools: not the model asked to go on."""
+    for last in ([], [_answer("call_1")]):
+        chat = [user("weather?"), _assistant_calling("call_1", "call_2"), *last]
+        count = await stub.CountTokens(pb.CountTokensRequest(messages=chat), timeout=5)
+        assert count.token_count > 0
     assert_quiet(caplog)
 
 
