@@ -134,6 +134,12 @@ class LLMServicer(pb.LLMServiceServicer):
             if remaining is None:
                 self._bound(task, deadline, context)
             try:
+                if remaining is None:
+                    # Its headers on their own, before the upstream is asked: gRPC sends them with the first message
+                    # otherwise, and takes no status while they wait (a first message held by flow control, the
+                    # caller not reading), which `_end_if_writing` must send.
+                    with contextlib.suppress(grpc.aio.InternalError):  # the caller gone: its cancellation follows
+                        await context.send_initial_metadata(())
                 chunks = self._router.stream(
                     convert.completion_request(request, max_image_bytes=self._max_image_bytes),
                     deadline=deadline,

@@ -736,52 +736,63 @@ async def test_a_caller_that_stops_reading_then_leaves_is_billed_and_settled(
     assert "Traceback" not in caplog.text
 
 
+@pytest.mark.parametrize("reads_first", [True, False], ids=["after-a-message", "before-any"])
 async def test_request_timeout_ends_a_stream_whose_caller_stopped_reading(
-    stub_for: StubFactory, local: FakeUpstream, caplog: pytest.LogCaptureFixture
+    gateway_factory: GatewayFactory, local: FakeUpstream, caplog: pytest.LogCaptureFixture, reads_first: bool
 ) -> None:
-    """A caller that set no deadline reads one message of a long answer and stops reading, its connection kept: the
-    gateway, stuck writing to it, ends the stream at router.request_timeout_s all the same, as it ends one whose
+    """A caller that set no deadline stops reading long answers, its connection kept: after a first message, or
+    before any (three streams on a channel whose window does not grow: the later ones' first messages wait for room).
+    The gateway, stuck writing to it, ends each stream at router.request_timeout_s all the same, as it ends one whose
     upstream goes quiet: the upstream request closed, what was consumed billed and settled, the call logged. The
     caller, once it reads again, gets what gRPC held for it and then the gateway's status, not a stream left open."""
-    stub = await stub_for(
+    gateway = await gateway_factory(
         f'llm:\n  ollama: {{base_url: "{local.base_url}", model: tiny}}\nrouter: {{request_timeout_s: 2}}\n',
         server="limits: {tokens_per_minute: 5000}, log_calls: true",
     )
     caplog.set_level(logging.INFO, logger="llmrelay_server.calls")
+    streams = 1 if reads_first else 3
+    window = [] if reads_first else [("grpc.http2.bdp_probe", 0)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}", options=window) as channel:
+        stub = pb.LLMServiceStub(channel)
 
-    async def billed() -> int:
-        records = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
-        return sum(r.completion_tokens for r in records)
+        async def billed() -> int:
+            records = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
+            return sum(r.completion_tokens for r in records)
 
-    # A stream read to its end within the bound is not cut, nor is a later one by its watch.
-    assert (await read_all(stub.StreamComplete(stream_chat())))[-1].finish_reason == pb.FINISH_REASON_STOP
-    local.inject({"huge_content": 20_000_000, "no_usage": True})
-    call = stub.StreamComplete(stream_chat(options=pb.CompletionOptions(max_tokens=10)))  # no deadline
-    started = time.monotonic()
-    await call.read()
-    before = await billed()
+        # A stream read to its end within the bound is not cut, nor is a later one by its watch.
+        assert (await read_all(stub.StreamComplete(stream_chat())))[-1].finish_reason == pb.FINISH_REASON_STOP
+        before = await billed()
+        # One answer larger than what gRPC buffers; or three that share the channel's window.
+        local.inject(*[{"huge_content": 20_000_000 if reads_first else 4_000_000, "no_usage": True}] * streams)
+        options = pb.CompletionOptions(max_tokens=10)
+        calls = [stub.StreamComplete(stream_chat(f"s{i}", options=options)) for i in range(streams)]  # no deadline
+        started = time.monotonic()
+        if reads_first:
+            await calls[0].read()
 
-    async with asyncio.timeout(8):
-        while (tokens := await billed() - before) == 0:  # noqa: ASYNC110 (the ledger, no event to wait on)
-            await asyncio.sleep(0.1)
-    assert 2 <= time.monotonic() - started < 4, "ended at its bound, not before and not much after"
-    assert tokens > 5000, "the ledger has what the stream consumed"
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await stub.Complete(chat(options=pb.CompletionOptions(max_tokens=10)), timeout=5)
-    assert details(refused.value)["ErrorInfo"].reason == "TOKENS_PER_MINUTE_EXCEEDED", "the limit settled"
+        def ended() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "code=DEADLINE_EXCEEDED" in r.getMessage()]
 
-    held = 0
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        async with asyncio.timeout(10):
-            while (await call.read()) is not grpc.aio.EOF:
-                held += 1
-    assert held > 0, "what gRPC held for the caller reaches it before the status"
-    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert details(caught.value)["ErrorInfo"].reason == "DEADLINE_EXCEEDED"
-    assert "router.request_timeout_s (2 s)" in (caught.value.details() or "")
-    line = next(r.getMessage() for r in caplog.records if "code=DEADLINE_EXCEEDED" in r.getMessage())
-    assert "rpc=llmrelay.v1.LLMService/StreamComplete" in line and "attempts=ollama:timeout" in line, line
-    assert f"completion_tokens={tokens}" in line, line
+        await wait_until(lambda: len(ended()) == streams, within_s=8)
+        assert 2 <= time.monotonic() - started < 4, "ended at their bound, not before and not much after"
+        tokens = await billed() - before
+        assert tokens > 5000, "the ledger has what the streams consumed"
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Complete(chat(options=options), timeout=5)
+        assert details(refused.value)["ErrorInfo"].reason == "TOKENS_PER_MINUTE_EXCEEDED", "the limits settled"
+
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async with asyncio.timeout(10):
+                    while (await call.read()) is not grpc.aio.EOF:
+                        pass
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert details(caught.value)["ErrorInfo"].reason == "DEADLINE_EXCEEDED"
+            assert "router.request_timeout_s (2 s)" in (caught.value.details() or "")
+    lines = ended()
+    assert all("rpc=llmrelay.v1.LLMService/StreamComplete" in line for line in lines), lines
+    assert all("attempts=ollama:timeout" in line for line in lines), lines
+    assert sum(int(line.split("completion_tokens=")[1].split()[0]) for line in lines) == tokens, lines
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     assert "Traceback" not in caplog.text
 
