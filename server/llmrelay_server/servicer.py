@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextvars
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any, Final, TypeVar
 
@@ -36,6 +37,8 @@ OVERDUE_RECHECK_S: Final = 0.5
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
 _Answer = TypeVar("_Answer", bound=ProtoMessage)
+_Stream = tuple[AsyncGenerator[CompletionChunk, None], contextvars.Context]
+"""A stream's chunks from the router, and the context of its call."""
 
 
 class LLMServicer(pb.LLMServiceServicer):
@@ -59,16 +62,20 @@ class LLMServicer(pb.LLMServiceServicer):
         self._max_delta_chars = max(1, (max_message_bytes - headroom) // 4)
         self._draining = False
         self._interrupting = False
-        self._calls: set[asyncio.Task[Any]] = set()
-        self._sending: set[asyncio.Task[Any]] = set()
-        """The streams whose task is in gRPC's hands, sending a message: cancelled there, gRPC would end the call
-        without a word, and leave the caller waiting for its own cut (`interrupt_calls`)."""
+        self._calls: dict[asyncio.Task[Any], _Stream | None] = {}
+        """The model calls in progress, by task; a stream's with its chunks from the router and the call's context
+        (`_close_abandoned`)."""
+        self._sending: dict[asyncio.Task[Any], grpc.aio.ServicerContext[Any, Any]] = {}
+        """The streams whose task is in gRPC's hands, sending a message: cancelled there alone, gRPC would end the
+        call without a word, and leave the caller waiting (`_end`)."""
         self._unbounded: dict[asyncio.Task[Any], tuple[float, grpc.aio.ServicerContext[Any, Any]]] = {}
         """The streams whose caller set no deadline, with their bound (router.request_timeout_s), soonest first: the
         bound is one length for all, so the order they came in is that of their bounds (`_bound`)."""
         self._bound_timer: asyncio.TimerHandle | None = None
         self._ending: set[asyncio.Task[None]] = set()
-        """The statuses of streams ended at their bound, on their way behind the messages gRPC holds for the caller."""
+        """The statuses of streams ended in gRPC's write (`_end`), on their way behind the messages gRPC holds."""
+        self._closing: set[asyncio.Task[None]] = set()
+        """The closing of streams whose task ended in gRPC's write (`_close_abandoned`)."""
         self._router = router
         self._monitor = monitor
         self._ledger = ledger
@@ -83,7 +90,9 @@ class LLMServicer(pb.LLMServiceServicer):
         self._interrupting = True
         calls = list(self._calls)
         for call in calls:
-            if call not in self._sending:  # a stream sending a message ends itself once it is sent (`_sent`)
+            if (context := self._sending.get(call)) is not None:
+                self._end(call, context, ShuttingDownError(stream_started=True, in_flight=True))
+            else:
                 call.cancel()
         if calls:
             await asyncio.wait(calls, timeout=wait_s)
@@ -94,6 +103,10 @@ class LLMServicer(pb.LLMServiceServicer):
         while): what is closed after this (the ledger) must wait for that."""
         if self._calls:
             await asyncio.wait(list(self._calls), timeout=wait_s)
+        for task in [task for task in self._calls if task.done()]:  # ended in gRPC's write: its caller gone
+            self._close_later(task)
+        if self._closing:
+            await asyncio.wait(list(self._closing), timeout=wait_s)
 
     # A pair rather than a context manager: contextlib's costs a microsecond a call.
     def _model_call(self) -> asyncio.Task[Any]:
@@ -103,12 +116,12 @@ class LLMServicer(pb.LLMServiceServicer):
             raise ShuttingDownError()
         task = asyncio.current_task()
         assert task is not None
-        self._calls.add(task)
+        self._calls[task] = None
         return task
 
     def _model_call_ended(self, task: asyncio.Task[Any]) -> None:
-        self._calls.discard(task)
-        self._sending.discard(task)  # a stream closed as it sent (its caller gone)
+        self._calls.pop(task, None)
+        self._sending.pop(task, None)  # a stream closed as it sent (its caller gone)
 
     async def Complete(
         self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext[pb.CompleteRequest, pb.CompleteResponse]
@@ -146,19 +159,20 @@ class LLMServicer(pb.LLMServiceServicer):
                     caller=caller_identity(context),
                     may_use=models_allowed(),
                 )
+                self._calls[task] = (chunks, contextvars.copy_context())
                 # Closed (the caller gone), this closes the router's stream at once, which bills what it consumed.
                 async with contextlib.aclosing(chunks):
                     async for chunk in chunks:
                         started = True
                         if _text_length(chunk) <= self._max_delta_chars:
-                            self._sending.add(task)
+                            self._sending[task] = context
                             yield convert.stream_response(chunk)
-                            self._sent(task)
+                            del self._sending[task]
                         else:
                             for piece in _split(chunk, self._max_delta_chars):
-                                self._sending.add(task)
+                                self._sending[task] = context
                                 yield convert.stream_response(piece)
-                                self._sent(task)
+                                del self._sending[task]
             finally:
                 self._model_call_ended(task)
                 if remaining is None:
@@ -166,7 +180,7 @@ class LLMServicer(pb.LLMServiceServicer):
         except LLMRelayError as error:
             await abort(context, "StreamComplete", error)
         except asyncio.CancelledError:
-            if not self._interrupting:
+            if not self._interrupting or context.done():  # its status sent already (`_end`)
                 raise
             try:
                 await abort(context, "StreamComplete", ShuttingDownError(stream_started=started, in_flight=True))
@@ -174,13 +188,6 @@ class LLMServicer(pb.LLMServiceServicer):
                 # A message still on its way to a caller that stopped reading: no status can go behind it, and
                 # gRPC's own cut at the end of the grace period ends the call.
                 raise asyncio.CancelledError from None
-
-    def _sent(self, task: asyncio.Task[Any]) -> None:
-        """A stream's message is sent and its task back in the stream; if the grace period ended meanwhile, the
-        stream ends now, with the gateway's status."""
-        self._sending.discard(task)
-        if self._interrupting:
-            raise ShuttingDownError(stream_started=True, in_flight=True)
 
     def _bound(self, task: asyncio.Task[Any], deadline: float, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """Watches a stream whose caller set no deadline, to end it at its bound however it waits then.
@@ -210,10 +217,8 @@ class LLMServicer(pb.LLMServiceServicer):
             self._end_if_writing(task, context)
 
     def _end_if_writing(self, task: asyncio.Task[Any], context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        """Ends a stream past its bound that waits on gRPC's write: its status first, which gRPC sends behind the
-        messages it holds (the caller gets them, then DEADLINE_EXCEEDED, whenever it reads again), and then its task
-        cancelled, which closes every layer of the stream as a caller's leaving does (billed, settled, logged). Its
-        task cancelled alone, gRPC would leave the caller with no status at all."""
+        """Ends a stream past its bound that waits on gRPC's write (`_end`): the caller gets DEADLINE_EXCEEDED
+        behind what gRPC holds for it, whenever it reads again."""
         if task.done():
             return
         if task not in self._sending:
@@ -226,11 +231,41 @@ class LLMServicer(pb.LLMServiceServicer):
             " longer",
             (),
         )
+        self._end(task, context, error)
+
+    def _end(self, task: asyncio.Task[Any], context: grpc.aio.ServicerContext[Any, Any], error: LLMRelayError) -> None:
+        """Ends a stream whose task waits on gRPC's write, maybe for a caller that stopped reading: its status first,
+        which gRPC sends behind the messages it holds, then its task cancelled, then the router's stream closed
+        (billed, its upstream request closed). Its task cancelled alone, gRPC would leave the caller with no status
+        at all."""
         # Scheduled before the task's cancellation, its status is with gRPC before the stream is ended under it.
         ending = asyncio.ensure_future(_abort_behind(context, error))
         self._ending.add(ending)
         ending.add_done_callback(self._ending.discard)
         task.cancel()
+        self._close_later(task)
+
+    def _close_later(self, task: asyncio.Task[Any]) -> None:
+        closing = asyncio.ensure_future(self._close_abandoned(task))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    async def _close_abandoned(self, task: asyncio.Task[Any]) -> None:
+        """Closes the router's stream of a call whose task ended in gRPC's write (cancelled there: its caller gone,
+        or `_end`). gRPC leaves the stream's layers to the loop's hook for async generators, which closes them some
+        time later (after a shutdown closed the ledger, even): the bill and the upstream request must not wait."""
+        await asyncio.wait([task])
+        stream = self._calls.get(task)
+        if stream is None:  # closed already, every layer
+            return
+        chunks, context = stream
+        try:
+            # In the call's own context: the bill goes to the call's meter too, which its limits settle with.
+            await asyncio.get_running_loop().create_task(chunks.aclose(), context=context)
+        except RuntimeError:  # the hook is closing it this moment: done once the servicer's layer is
+            while task in self._calls:  # noqa: ASYNC110 (no event to wait on)
+                await asyncio.sleep(OVERDUE_RECHECK_S / 10)
+        self._model_call_ended(task)
 
     async def CountTokens(
         self,

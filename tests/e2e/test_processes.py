@@ -412,6 +412,43 @@ async def test_fast_streams_when_the_grace_period_ends_get_the_gateways_status(
     assert await asyncio.wait_for(server.process.wait(), 10) == 0
 
 
+@pytest.mark.parametrize("deadline", [30, None], ids=["deadline", "no-deadline"])
+async def test_streams_whose_callers_stopped_reading_are_billed_when_the_gateway_stops(
+    tmp_path: Path, local: FakeUpstream, deadline: float | None
+) -> None:
+    """Callers that stopped reading long answers as the gateway stops: their streams wait in gRPC's write when the
+    grace period ends. Each ends with the gateway's status behind what gRPC holds for its caller, and is billed
+    before the ledger closes, with nothing logged as an error. (gRPC cut them in its write, and their layers were
+    closed by the loop's hook only later, after the ledger: every bill was lost.)"""
+    async with started(tmp_path, local, "drain_s: 0.2, grace_period_s: 1, log_calls: true") as server:
+        local.inject(*[{"huge_content": 20_000_000, "no_usage": True}] * 2)
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            calls = [pb.LLMServiceStub(channel).StreamComplete(stream_chat(f"s{i}"), timeout=deadline) for i in (1, 2)]
+            for call in calls:
+                await call.read()
+            await asyncio.sleep(1)  # the gateway fills gRPC's buffers and waits to write
+            server.process.send_signal(signal.SIGTERM)
+            exited = await asyncio.wait_for(server.process.wait(), 10)
+        output = await server.output()
+        assert exited == 0, output
+    lines = [
+        dict(field.split("=", 1) for field in line.split() if "=" in field)
+        for line in output.splitlines()
+        if "rpc=llmrelay.v1.LLMService/StreamComplete" in line
+    ]
+    assert [line["code"] for line in lines] == ["ABORTED", "ABORTED"], output
+    billed = [int(line["completion_tokens"]) for line in lines]
+    assert all(billed), output
+    assert "ERROR" not in output and "Traceback" not in output, output
+    async with (
+        started(tmp_path, local, "log_calls: false") as again,
+        grpc.aio.insecure_channel(again.target) as channel,
+    ):
+        records = (await pb.LLMServiceStub(channel).GetUsage(pb.GetUsageRequest(), timeout=5)).records
+    assert sum(r.completion_tokens for r in records) == sum(billed), "the ledger has what the call log says"
+    assert sum(r.interrupted_requests for r in records) == 2
+
+
 async def wait_until_requests(upstream: FakeUpstream, count: int) -> None:
     async with asyncio.timeout(5):
         while len(upstream.chat_requests) < count:  # noqa: ASYNC110 (plain data, no event to wait on)
