@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import cast
+from typing import Any, cast
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from llmrelay import StreamAssembler
 from llmrelay import v1 as pb
 from support import (
     DIALECTS,
@@ -17,6 +18,7 @@ from support import (
     StubFactory,
     chat,
     details,
+    read_all,
     stream_chat,
     struct,
     tool,
@@ -264,6 +266,35 @@ async def test_tool_calls_round_trip(stub: pb.LLMServiceAsyncStub, primary: Fake
     sent = primary.chat_requests[-1]["messages"]
     assert sent[1]["tool_calls"][0]["function"] == {"name": "weather", "arguments": '{"city": "Oslo"}'}
     assert sent[2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1_1"}
+
+
+async def test_parallel_calls_an_ollama_stream_numbers_alike_are_each_a_call(
+    stub: pb.LLMServiceAsyncStub, local: FakeUpstream
+) -> None:
+    """Ollama streams a batch of parallel calls each whole, each as index 0 with an id of its own: they were relayed
+    as one call whose arguments were the two run together, and the next turn, answering both, was refused."""
+
+    def event(delta: dict[str, Any], finish: str | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return f"data: {json.dumps({'id': 'chatcmpl-1', 'model': 'tiny', 'choices': [choice]})}\n\n"
+
+    def call(call_id: str, city: str) -> dict[str, Any]:
+        function = {"name": "weather", "arguments": json.dumps({"city": city})}
+        return {"tool_calls": [{"index": 0, "id": call_id, "type": "function", "function": function}]}
+
+    body = event(call("call_a", "Oslo")) + event(call("call_b", "Rome")) + event({}, "tool_calls") + "data: [DONE]\n\n"
+    local.inject({"body": body, "content_type": "text/event-stream"})
+    assembler = StreamAssembler()
+    for chunk in await read_all(stub.StreamComplete(stream_chat("weather?", model="ollama/tiny"), timeout=5)):
+        assembler.add(chunk)
+    answer = assembler.result()
+    assert [(c.id, c.function.arguments) for c in answer.message.tool_calls] == [
+        ("call_a", '{"city": "Oslo"}'),
+        ("call_b", '{"city": "Rome"}'),
+    ]
+    answers = [pb.Message(role=pb.ROLE_TOOL, content="21C", tool_call_id=c.id) for c in answer.message.tool_calls]
+    request = pb.CompleteRequest(model="ollama/tiny", messages=[user("weather?"), answer.message, *answers])
+    assert (await stub.Complete(request, timeout=5)).message.content
 
 
 @pytest.mark.parametrize(

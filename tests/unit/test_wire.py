@@ -629,6 +629,27 @@ def test_fragments_without_an_index_are_of_the_call_their_id_or_name_begins_else
     assert indexes({"index": 5, "id": "c", "function": {"name": "f"}}, {"function": {"name": "g"}}) == [5, 6]
 
 
+def test_an_index_a_call_had_is_a_new_call_when_another_id_comes_with_it() -> None:
+    """Ollama sends parallel calls whole, each as index 0, each with its own id; vLLM sends every fragment with its
+    call's id; OpenAI the id with the first fragment alone."""
+    calls = wire.StreamToolCalls()
+
+    def indexes(*fragments: dict[str, Any]) -> list[int]:
+        return [d.index for d in calls.deltas({"tool_calls": list(fragments)})]
+
+    assert indexes({"index": 0, "id": "a", "function": {"name": "f", "arguments": "{}"}}) == [0]
+    assert indexes({"index": 0, "id": "b", "function": {"name": "g", "arguments": "{"}}) == [1]
+    assert indexes({"index": 0, "function": {"arguments": "}"}}) == [1], "the index names its latest call"
+    assert indexes({"index": 0, "id": "b", "function": {"arguments": " "}}) == [1], "an id names its call"
+    assert indexes({"index": 1, "id": "c", "function": {"name": "h"}}, {"index": 1, "function": {}}) == [2, 2]
+    assert indexes({"index": 0, "id": "a", "function": {"arguments": " "}}) == [0]
+    last = wire.MAX_TOOL_CALLS - 1
+    crowded = wire.StreamToolCalls()
+    crowded.deltas({"tool_calls": [{"index": last, "id": "x", "function": {"name": "f"}}]})
+    with pytest.raises(wire.MalformedAnswerError, match="more than"):  # numbered after the last there may be
+        crowded.deltas({"tool_calls": [{"index": last, "id": "y", "function": {"name": "f"}}]})
+
+
 @pytest.mark.parametrize("call", [{"index": 0}, {"index": 0, "function": {"name": ""}}, {"function": {"name": "a.b"}}])
 def test_a_calls_first_fragment_without_a_name_a_tool_can_have_is_malformed(call: dict[str, Any]) -> None:
     with pytest.raises(wire.MalformedAnswerError, match="is no function's"):

@@ -431,7 +431,7 @@ def is_count(value: Any) -> TypeGuard[int]:
 class StreamToolCalls:
     """The tool calls of one stream so far, as its deltas' fragments make them (`deltas`)."""
 
-    __slots__ = ("_begun", "_ids", "_last")
+    __slots__ = ("_begun", "_ids", "_last", "_named")
 
     def __init__(self) -> None:
         self._begun: set[int] = set()
@@ -440,6 +440,8 @@ class StreamToolCalls:
         """Their ids (the upstream's or the gateway's) -> their indexes."""
         self._last: int | None = None
         """The index of the call the last fragment was of."""
+        self._named: dict[int, int] = {}
+        """The upstream's indexes -> the index of the call each names now: its own, unless a call before had it."""
 
     def deltas(self, delta: Mapping[str, Any]) -> tuple[ToolCallDelta, ...]:
         """A stream delta's tool-call fragments. A call's first fragment carries its id, the upstream's or, where it
@@ -477,17 +479,34 @@ class StreamToolCalls:
     def _index(self, index: Any, call_id: str | None, name: str | None) -> int:
         """The fragment's call. Servers that number no call (Gemini's OpenAI-compatible API) send each whole, or its
         first fragment with its id and name: a fragment without an `index` is of the call its id names, a new call
-        when it names one not seen or gives a name, else of the call the last fragment was of."""
+        when it names one not seen or gives a name, else of the call the last fragment was of. An `index` names the
+        call of that index, or the one its id names (vLLM sends the id with every fragment); an id not seen at an
+        index taken is a new call, numbered after the others (Ollama sends parallel calls whole, each as index 0)."""
         if index is None:
             if call_id and call_id in self._ids:
                 return self._ids[call_id]
             if call_id or name or self._last is None:
-                index = max(self._begun, default=-1) + 1
-            else:
-                return self._last
+                return _numbered(max(self._begun, default=-1) + 1)
+            return self._last
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_TOOL_CALLS:
             raise MalformedAnswerError(f"a tool-call delta's `index` is not a number from 0 to {MAX_TOOL_CALLS - 1}")
-        return index
+        named = self._named.get(index)
+        if call_id:
+            if (known := self._ids.get(call_id)) is not None:
+                return known
+        elif named is not None:
+            return named
+        if named is None and index not in self._begun:
+            self._named[index] = index
+            return index
+        self._named[index] = numbered = _numbered(max(self._begun) + 1)
+        return numbered
+
+
+def _numbered(index: int) -> int:
+    if index >= MAX_TOOL_CALLS:
+        raise MalformedAnswerError(f"an answer with more than {MAX_TOOL_CALLS} tool calls")
+    return index
 
 
 def delta_text(delta: Mapping[str, Any], key: str) -> str | None:
