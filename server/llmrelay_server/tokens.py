@@ -728,11 +728,16 @@ class TokenCounter:
         return await self._in_thread(functools.partial(self.count_text, model, text), by)
 
     async def count_texts_async(self, model: str, texts: Sequence[str], *, by: float | None = None) -> TokenCount:
-        """The tokens of several texts, each counted on its own (as an embedding request's inputs are), added up."""
+        """The tokens of several texts, each counted on its own (as an embedding request's inputs are), added up; in
+        one thread when together they are long enough to hold up the event loop (many texts each short enough to
+        count inline held it for half a second); by `by`, when given."""
+        if self._loaded(model) and not _longer_than(self._inline_chars, map(len, texts)):
+            return self._count_texts(model, texts)
+        return await self._in_thread(functools.partial(self._count_texts, model, texts), by)
+
+    def _count_texts(self, model: str, texts: Sequence[str]) -> TokenCount:
         encoding_name, exact = encoding_for_model(model)
-        tokens = 0
-        for text in texts:
-            tokens += (await self.count_text_async(model, text, by=by)).tokens
+        tokens = sum(self.count_text(model, text).tokens for text in texts)
         return _bounded_count(tokens, model, encoding_name, exact)
 
     async def count_chat_async(

@@ -705,6 +705,22 @@ async def test_long_texts_are_counted_in_a_thread_and_short_ones_on_the_loop(
     assert threads[0] == threading.get_ident() != threads[1]
 
 
+async def test_many_texts_long_together_are_counted_in_one_thread(
+    monkeypatch: pytest.MonkeyPatch, counter: TokenCounter
+) -> None:
+    """An embedding request's inputs, each short enough to count inline, held the event loop for half a second when
+    there were sixty of 60,000 characters: it is their whole length that tells."""
+    limited = TokenCounter(inline_chars=100)
+    await limited.warm_up(["gpt-4o"])
+    threads = record_threads(monkeypatch, limited, "_count_texts")
+    few, many = ["tiktoken is great!"] * 2, ["tiktoken is great!"] * 6
+
+    for texts in (few, many):
+        expected = sum(counter.count_text("gpt-4o", text).tokens for text in texts)
+        assert (await limited.count_texts_async("gpt-4o", texts)).tokens == expected
+    assert threads[0] == threading.get_ident() != threads[1]
+
+
 async def test_the_usage_of_a_long_prompt_is_estimated_in_a_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     """A stream the caller leaves, or an answer without usage, is billed by the gateway's own count: a prompt of
     megabytes must not hold up the event loop (and every other call) while it is counted."""
