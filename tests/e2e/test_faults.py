@@ -359,6 +359,66 @@ async def test_streams_fail_definitely_after_the_first_chunk(
     assert local.chat_requests == [], "never text of two backends mixed"
 
 
+def _events(*events: dict[str, Any]) -> dict[str, Any]:
+    """A fault that streams these chat.completion.chunk events, then [DONE]."""
+    body = "".join(f"data: {json.dumps(event)}\n\n" for event in events) + "data: [DONE]\n\n"
+    return {"body": body, "content_type": "text/event-stream"}
+
+
+def _event(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {"id": "chatcmpl-1", "model": "gpt-test", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+_CALL = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+
+
+async def test_an_answer_with_tool_calls_whose_server_says_stop_ends_with_tool_calls(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    """OpenAI's gpt-4o, Gemini and Ollama's /v1 have ended streamed calls with "stop": an agent's loop that runs its
+    tools on TOOL_CALLS stopped there, where the same answer from an Anthropic backend said TOOL_CALLS."""
+    message = {"role": "assistant", "content": None, "tool_calls": [_CALL]}
+    answer = {"id": "x", "model": "gpt-test", "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+    primary.inject(
+        {"body": json.dumps(answer), "content_type": "application/json"},
+        _events(_event({"role": "assistant", "tool_calls": [{"index": 0, **_CALL}]}), _event({}, "stop")),
+        _events(_event({"content": "plain"}), _event({}, "stop")),
+    )
+    whole = await stub.Complete(chat("weather?"), timeout=5)
+    assert (whole.finish_reason, whole.message.tool_calls[0].id) == (pb.FINISH_REASON_TOOL_CALLS, "call_1")
+    streamed = await read_all(stub.StreamComplete(stream_chat("weather?"), timeout=5))
+    assert streamed[-1].finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    plain = await read_all(stub.StreamComplete(stream_chat("hi"), timeout=5))
+    assert plain[-1].finish_reason == pb.FINISH_REASON_STOP, "an answer without calls stops as it said"
+
+
+@pytest.mark.parametrize("reason", ["abort", "error"])
+async def test_an_answer_its_server_ended_unfinished_is_a_failed_attempt(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream, reason: str
+) -> None:
+    """vLLM ends a request its engine drops (shutting down, scaled down, put to sleep) with finish_reason "abort",
+    after a 200: the text so far went to the caller as a whole answer that ended OK."""
+    cut = {
+        "id": "x",
+        "model": "gpt-test",
+        "choices": [{"index": 0, "message": {"content": "par"}, "finish_reason": reason}],
+    }
+    primary.inject({"body": json.dumps(cut), "content_type": "application/json"})
+    answer = await stub.Complete(chat("x y"), timeout=5)
+    assert answer.message.content == "echo: x y"
+    assert [a.outcome for a in answer.attempts] == [
+        Outcome.ATTEMPT_OUTCOME_SERVER_ERROR,
+        Outcome.ATTEMPT_OUTCOME_SUCCEEDED,
+    ]
+    assert "finish_reason" in answer.attempts[0].error
+    primary.inject(_events(_event({"content": "par"}), _event({}, reason)))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await read_all(stub.StreamComplete(stream_chat("x y"), timeout=5))
+    assert caught.value.code() == grpc.StatusCode.ABORTED
+    assert details(caught.value)["ErrorInfo"].reason == "STREAM_INTERRUPTED"
+    assert local.chat_requests == [], "never text of two backends mixed"
+
+
 @pytest.mark.parametrize("primary", DIALECTS, indirect=True)
 async def test_garbage_before_the_first_chunk_still_falls_back(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream

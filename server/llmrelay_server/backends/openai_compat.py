@@ -100,6 +100,8 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             raise self._upstream_error(exc) from exc
         except wire.MalformedAnswerError as exc:
             raise self._malformed(exc) from exc
+        if choice.get("finish_reason") in wire.UNFINISHED:
+            raise self._unfinished(choice["finish_reason"])
         usage = wire.usage_from(data) or await self._counter.estimate_usage(model, request, answer_texts(message))
         return CompletionResponse(
             id=str(data.get("id") or ""),
@@ -146,6 +148,8 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             # Truthy, not just present: Ollama's /v1 and sglang have sent "" in every event before the last, which
             # taken for a finish made a cut stream whole, and a running usage count the end of the answer.
             if choice is not None and choice.get("finish_reason"):
+                if choice["finish_reason"] in wire.UNFINISHED:
+                    raise self._unfinished(choice["finish_reason"])
                 finish = wire.finish_reason(choice["finish_reason"])
             # Usage that comes with the finish reason or after it is the last an answer has (include_usage): it is
             # whole there, [DONE] or not (`relayed` waits a moment for the end, not the idle limit). Usage before the
@@ -198,6 +202,8 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             raise self._bad_answer(wire.cut_short("a finish reason", events, stray))
         if refused:
             finish = FinishReason.CONTENT_FILTER
+        elif tool_calls.begun:
+            finish = wire.with_calls(finish)
         # Usage stays unset when the upstream sent none: the router, which has the text, estimates it.
         yield CompletionChunk(
             id=completion_id, backend=self._spec.name, model=served_model, finish_reason=finish, usage=usage
@@ -275,10 +281,19 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         """The chunks of a stream whose upstream answered whole, read as `complete` reads an answer; usage left unset
         when it reported none, as a stream's is (the router estimates it)."""
         data, choice, message = _chat_completion(raw)
+        if choice.get("finish_reason") in wire.UNFINISHED:
+            raise self._unfinished(choice["finish_reason"])
         finish = wire.answer_finish_reason(choice)
         served = self._served_model(data, model)
         completion_id = str(data.get("id") or "")
         return wire.whole_answer_chunks(completion_id, self._spec.name, served, message, finish, wire.usage_from(data))
+
+    def _unfinished(self, reason: str) -> UpstreamError:
+        return UpstreamError(
+            UpstreamErrorKind.SERVER_ERROR,
+            self._spec.name,
+            f"the server ended the answer unfinished (finish_reason {reason!r}: its engine dropped the request)",
+        )
 
     def _served_model(self, data: Any, fallback: str) -> str:
         model = data.get("model") if isinstance(data, dict) else None

@@ -51,6 +51,9 @@ _FINISH_REASONS: Final[Mapping[str | None, FinishReason]] = {
     "function_call": FinishReason.TOOL_CALLS,
     "content_filter": FinishReason.CONTENT_FILTER,
 }
+UNFINISHED: Final = frozenset({"abort", "error"})
+"""Finish reasons that end an answer unfinished: vLLM's when its engine drops a request (shutting down, scaled
+down, put to sleep) and an error's, after a 200. The answer so far is no whole one: the attempt failed."""
 
 
 class MalformedAnswerError(ValueError):
@@ -245,11 +248,19 @@ def finish_reason(value: Any) -> FinishReason:
 
 
 def answer_finish_reason(choice: Mapping[str, Any]) -> FinishReason:
-    """A whole answer's finish reason: a refusal is CONTENT_FILTER, whatever the upstream says beside it ("stop")."""
+    """A whole answer's finish reason: a refusal is CONTENT_FILTER, whatever the upstream says beside it ("stop"); an
+    answer with tool calls is TOOL_CALLS where its server said "stop" (`with_calls`)."""
     message = choice.get("message")
     if isinstance(message, dict) and refusal_text(message) is not None:
         return FinishReason.CONTENT_FILTER
-    return finish_reason(choice.get("finish_reason"))
+    reason = finish_reason(choice.get("finish_reason"))
+    return with_calls(reason) if isinstance(message, dict) and message.get("tool_calls") else reason
+
+
+def with_calls(reason: FinishReason) -> FinishReason:
+    """The finish reason of an answer that calls tools: TOOL_CALLS where its server said "stop", as OpenAI's gpt-4o,
+    Gemini and Ollama's /v1 have for streamed calls; the caller's loop runs its tools on TOOL_CALLS."""
+    return FinishReason.TOOL_CALLS if reason is FinishReason.STOP else reason
 
 
 def refusal_text(message: Mapping[str, Any]) -> str | None:
@@ -442,6 +453,11 @@ class StreamToolCalls:
         """The index of the call the last fragment was of."""
         self._named: dict[int, int] = {}
         """The upstream's indexes -> the index of the call each names now: its own, unless a call before had it."""
+
+    @property
+    def begun(self) -> bool:
+        """Whether a call has begun."""
+        return bool(self._begun)
 
     def deltas(self, delta: Mapping[str, Any]) -> tuple[ToolCallDelta, ...]:
         """A stream delta's tool-call fragments. A call's first fragment carries its id, the upstream's or, where it
