@@ -43,6 +43,16 @@ HTML = {"body": "<html><body>502 Bad Gateway</body></html>", "content_type": "te
 NOT_JSON = {"body": '{"id": "x", "choices": [', "content_type": "application/json"}
 NO_CHOICES = {"body": '{"id": "x", "object": "chat.completion"}'}
 TOO_LONG = {"status": 400, "body": '{"error": {"message": "This model\'s maximum context length is 8192 tokens"}}'}
+LLAMACPP_TOO_LONG = {
+    "code": 400,
+    "message": "the request exceeds the available context size, try increasing it",
+    "type": "exceed_context_size_error",
+}
+GEMINI_TOO_LONG = {
+    "code": 400,
+    "message": "The input token count (134123) exceeds the maximum number of tokens allowed (131072).",
+    "status": "INVALID_ARGUMENT",
+}
 BAD_HEADER = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nBad Header\x01: x\r\nContent-Length: 2\r\n\r\n{}"
 BAD_CHUNK = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n"
 CUT_BODY = 'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"id": "x", "choices": ['
@@ -134,6 +144,16 @@ ROWS = [
     moves_on("403 likewise", {"status": 403}, Outcome.ATTEMPT_OUTCOME_AUTH_FAILED),
     moves_on("404 model missing: next backend", {"status": 404}, Outcome.ATTEMPT_OUTCOME_MODEL_NOT_FOUND),
     moves_on("context length: next backend", TOO_LONG, Outcome.ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED).of("openai"),
+    moves_on(
+        "llama.cpp's context error with a 500: next backend, no retry",
+        {"status": 500, "body": json.dumps({"error": {**LLAMACPP_TOO_LONG, "code": 500}})},
+        Outcome.ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED,
+    ).of("openai"),
+    moves_on(
+        "Gemini's error as a list: its context error read, next backend",
+        {"status": 400, "body": json.dumps([{"error": GEMINI_TOO_LONG}])},
+        Outcome.ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED,
+    ).of("openai"),
     moves_on(
         "prompt is too long: next backend",
         {"status": 400, "message": "prompt is too long: 208656 tokens > 200000 maximum"},
@@ -303,6 +323,10 @@ STREAM_ROWS = [
         reason="STREAM_INTERRUPTED"),
     Row("an error event before the first chunk is retried", [{"error_event_after": 0}], calls=(2, 0),
         outcomes=(Outcome.ATTEMPT_OUTCOME_SERVER_ERROR, Outcome.ATTEMPT_OUTCOME_SUCCEEDED)),
+    Row("llama.cpp's error field (before September 2025) is its error", [{
+            "body": f"error: {json.dumps(LLAMACPP_TOO_LONG)}\n\ndata: [DONE]\n\n", "content_type": "text/event-stream"
+        }], served_by="ollama", calls=(1, 1),
+        outcomes=(Outcome.ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED, Outcome.ATTEMPT_OUTCOME_SUCCEEDED), only="openai"),
     Row("finish reason and usage without [DONE] is whole", [{"no_done": True}],
         outcomes=(Outcome.ATTEMPT_OUTCOME_SUCCEEDED,), only="openai"),
     Row("likewise when the connection breaks before [DONE]", [{"cut_before_done": True}],

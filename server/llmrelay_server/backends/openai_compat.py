@@ -127,6 +127,8 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             nonlocal completion_id, served_model, finish, usage, done, settled, refused, events, stray
             payload = wire.sse_data(line)
             if payload is None:
+                if (error := wire.sse_error_field(line)) is not None:
+                    raise self._error_event(error)
                 if stray is None and wire.sse_stray(line):
                     stray = line
                 return None
@@ -305,7 +307,9 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
             message = f"HTTP {status}: {self._redact(exc.message)}"
-            kind = kind_of_status(status, exc.code, exc.message)
+            # A code that is a number (llama.cpp's is the status, which the SDK makes text): the type says more.
+            code = exc.type if exc.code is None or exc.code.isdigit() else exc.code
+            kind = kind_of_status(status, code, exc.message)
             # Retry-After means something on a rate limit and on 503 (overloaded); elsewhere it is not a promise.
             asks_to_wait = kind is UpstreamErrorKind.RATE_LIMITED or status == 503
             retry_after = retry_after_s(exc.response.headers) if asks_to_wait else None

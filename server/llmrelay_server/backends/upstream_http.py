@@ -25,7 +25,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, ClassVar, Generic, NamedTuple, NoReturn, Protocol, TypeVar
+from typing import Any, ClassVar, Final, Generic, NamedTuple, NoReturn, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import httpx2
@@ -49,7 +49,13 @@ POOL_LIMITS = httpx2.Limits(max_connections=1024, max_keepalive_connections=256,
 HEALTH_TIMEOUT_S = 5.0
 # "context limit": Anthropic's 400 for a prompt that fits but not with max_tokens ("input length and `max_tokens`
 # exceed context limit: 199759 + 8192 > 200000"), which another backend with a larger window can serve.
-_CONTEXT_LENGTH = re.compile(r"context[ _](length|window|size|limit)|maximum context|too many tokens", re.IGNORECASE)
+# "maximum number of tokens": Gemini's ("The input token count (134123) exceeds the maximum number of tokens allowed").
+_CONTEXT_LENGTH = re.compile(
+    r"context[ _](length|window|size|limit)|maximum context|too many tokens|maximum number of tokens", re.IGNORECASE
+)
+_CONTEXT_CODES: Final = frozenset({"context_length_exceeded", "exceed_context_size_error"})
+"""Error codes (or types) that say the prompt is too long, whatever the status: OpenAI's code; llama.cpp's type, which
+it has sent with a 500 too."""
 _SECRET_LIKE = re.compile(r"\b(sk|key|token)-[A-Za-z0-9_\-]{6,}")
 _LINE_END = re.compile(r"\r\n|\r|\n")
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
@@ -583,6 +589,8 @@ def kind_of_status(status: int, code: str | None, message: str | None) -> Upstre
     # wait cures it, only an operator: another backend may serve at once, and the caller is told of no "later".
     if status == 402 or code == "insufficient_quota":
         return UpstreamErrorKind.AUTH_FAILED
+    if code in _CONTEXT_CODES:
+        return UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED
     if status == 429:
         return UpstreamErrorKind.RATE_LIMITED
     if status in (401, 403):
@@ -592,7 +600,7 @@ def kind_of_status(status: int, code: str | None, message: str | None) -> Upstre
     if status == 408:
         return UpstreamErrorKind.TIMEOUT
     if status in (400, 413, 422):
-        if code == "context_length_exceeded" or _CONTEXT_LENGTH.search(message or ""):
+        if _CONTEXT_LENGTH.search(message or ""):
             return UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED
         return UpstreamErrorKind.REJECTED
     return UpstreamErrorKind.SERVER_ERROR
@@ -605,6 +613,8 @@ def error_body(response: httpx2.Response) -> tuple[Any, Any]:
         body: Any = decode_json(response.content)  # not json.loads: JSON nested past Python's stack is a RecursionError
     except ValueError:
         body = response.text
+    if isinstance(body, list) and len(body) == 1 and isinstance(body[0], dict):
+        body = body[0]  # Gemini's: [{"error": {...}}]
     return body, body.get("error") if isinstance(body, dict) else None
 
 

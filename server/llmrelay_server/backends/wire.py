@@ -313,12 +313,25 @@ def error_event(data: Mapping[str, Any]) -> ErrorEvent | None:
         return None
     if not isinstance(error, dict):
         return ErrorEvent(str(error)[:200], None, None)
-    message, code = error.get("message"), error.get("code")
+    message, code, kind = error.get("message"), error.get("code"), error.get("type")
     return ErrorEvent(
         message if isinstance(message, str) and message else "the upstream sent an error event",
         code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600 else None,
-        code if isinstance(code, str) else None,
+        # A code that is a number says the status: then the error's type says more (llama.cpp's).
+        code if isinstance(code, str) else kind if isinstance(kind, str) else None,
     )
+
+
+def sse_error_field(line: str) -> ErrorEvent | None:
+    """An error sent as an `error:` field of its own, after a 200, as llama-server did until September 2025
+    (ggml-org/llama.cpp#16109; `data: [DONE]` followed it): None for any other line."""
+    if not line.startswith("error:"):
+        return None
+    try:
+        error = decode_json(line[6:].lstrip(" "))
+    except MalformedAnswerError:
+        error = line[6:].strip()
+    return error_event({"error": error})
 
 
 def message_from_choice(choice: Mapping[str, Any]) -> Message:
