@@ -416,6 +416,25 @@ async def test_an_answer_with_tool_calls_whose_server_says_stop_ends_with_tool_c
     assert plain[-1].finish_reason == pb.FINISH_REASON_STOP, "an answer without calls stops as it said"
 
 
+async def test_a_stream_whose_content_comes_as_parts_is_relayed_with_its_thinking_as_reasoning(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    """Mistral's reasoning models stream `content` as a list of parts, thinking first: each event failed the stream."""
+    thinking = {"type": "thinking", "thinking": [{"type": "text", "text": "Two and two."}]}
+    primary.inject(
+        _events(
+            _event({"role": "assistant", "content": [thinking]}),
+            _event({"content": [{"type": "text", "text": "It is "}]}),
+            _event({"content": "4."}),
+            _event({}, "stop"),
+        )
+    )
+    chunks = await read_all(stub.StreamComplete(stream_chat("2+2?"), timeout=5))
+    assert "".join(c.delta.reasoning for c in chunks) == "Two and two."
+    assert "".join(c.delta.content for c in chunks) == "It is 4."
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP
+
+
 @pytest.mark.parametrize("reason", ["abort", "error"])
 async def test_an_answer_its_server_ended_unfinished_is_a_failed_attempt(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream, reason: str

@@ -437,7 +437,7 @@ def test_no_tool_calls(calls: Any) -> None:
         ({"choices": [{"message": "x"}]}, "no `message` object"),
         ({"choices": [{"delta": {}}]}, "no `message` object"),
         (answer({"content": 5}), "`content` is not a string"),
-        (answer({"content": ["part"]}), "`content` is not a string"),
+        (answer({"content": ["part"]}), "a part of `content` is not an object"),
         (answer({"tool_calls": {"id": "x"}}), "`tool_calls` is not a list"),
         (answer({"tool_calls": ["x"]}), "no `function` object"),
         (answer({"tool_calls": [{"id": "x", "function": "f"}]}), "no `function` object"),
@@ -627,6 +627,23 @@ def test_fragments_without_an_index_are_of_the_call_their_id_or_name_begins_else
     assert indexes({"function": {"name": "h"}}) == [2]  # a name without an id: a new call, numbered by the gateway
     assert indexes({"id": "a", "function": {"arguments": " "}}, {"function": {"arguments": " "}}) == [0, 0]
     assert indexes({"index": 5, "id": "c", "function": {"name": "f"}}, {"function": {"name": "g"}}) == [5, 6]
+
+
+def test_content_as_parts_is_its_text_and_its_thinking_the_reasoning() -> None:
+    """Mistral's reasoning models answer with `content` as a list of parts: it failed as a malformed answer."""
+    thinking = {"type": "thinking", "thinking": [{"type": "text", "text": "Let me "}, {"type": "text", "text": "see."}]}
+    parts = [
+        thinking,
+        {"type": "text", "text": "It is "},
+        {"type": "reference", "ids": [1]},
+        {"type": "text", "text": "4."},
+    ]
+    message = wire.message_from_choice({"message": {"role": "assistant", "content": parts}})
+    assert (message.content, message.reasoning) == ("It is 4.", "Let me see.")
+    assert wire.content_parts([{"type": "thinking", "thinking": "plain"}], "content") == (None, "plain")
+    for bad in ("x" and 5, [{"type": "text", "text": 5}], [None]):
+        with pytest.raises(wire.MalformedAnswerError):
+            wire.content_parts(bad, "content")
 
 
 def test_an_index_a_call_had_is_a_new_call_when_another_id_comes_with_it() -> None:

@@ -162,10 +162,14 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             delta = choice.get("delta")
             if not delta:  # the finish reason's event, usually
                 return None
-            content = wire.delta_text(delta, "content")
+            content = delta.get("content")
             reasoning = None
             if "reasoning" in delta or "reasoning_content" in delta:
                 reasoning = wire.reasoning_text(delta) or None
+            if content is not None and not isinstance(content, str):  # a list of parts (Mistral's reasoning models)
+                content, thought = wire.content_parts(content, "content")
+                reasoning = (reasoning or "") + thought if thought else reasoning
+            content = content or None
             if "refusal" in delta and (refusal := wire.refusal_text(delta)) is not None:  # seldom: one look first
                 refused, content = True, (content or "") + refusal
             fragments = tool_calls.deltas(delta) if "tool_calls" in delta else ()

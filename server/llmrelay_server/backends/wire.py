@@ -341,12 +341,37 @@ def message_from_choice(choice: Mapping[str, Any]) -> Message:
     calls = message.get("tool_calls") or []
     if not isinstance(calls, list):
         raise MalformedAnswerError("`tool_calls` is not a list")
+    content, reasoning = message.get("content"), reasoning_text(message)
+    if isinstance(content, list):
+        content, thought = content_parts(content, "content")
+        reasoning = reasoning or thought
     return Message(
         role=Role.ASSISTANT,
-        content=text_field(message.get("content"), "content") or refusal_text(message) or "",
+        content=text_field(content, "content") or refusal_text(message) or "",
         tool_calls=tuple(_tool_call(c) for c in calls),
-        reasoning=reasoning_text(message),
+        reasoning=reasoning,
     )
+
+
+def content_parts(parts: Any, where: str) -> tuple[str | None, str | None]:
+    """`content` as a list of parts, as Mistral's reasoning models answer: the text of its text parts, and that of its
+    thinking parts (text, or text parts themselves) as reasoning; None for either when there is none. Parts of other
+    kinds (references) carry nothing the contract has."""
+    if not isinstance(parts, list):
+        raise MalformedAnswerError(f"`{where}` is neither text nor a list of parts")
+    texts: list[str] = []
+    thoughts: list[str] = []
+    for part in parts:
+        if not isinstance(part, dict):
+            raise MalformedAnswerError(f"a part of `{where}` is not an object")
+        kind = part.get("type")
+        if kind == "text":
+            texts.append(text_field(part.get("text"), f"{where}[].text"))
+        elif kind == "thinking":
+            thinking = part.get("thinking")
+            inner = thinking if isinstance(thinking, list) else [{"type": "text", "text": thinking}]
+            thoughts += (text_field(p.get("text"), f"{where}[].thinking") for p in inner if isinstance(p, dict))
+    return "".join(texts) or None, "".join(thoughts) or None
 
 
 def _tool_call(value: Any) -> ToolCall:
@@ -536,11 +561,6 @@ def _numbered(index: int) -> int:
     if index >= MAX_TOOL_CALLS:
         raise MalformedAnswerError(f"an answer with more than {MAX_TOOL_CALLS} tool calls")
     return index
-
-
-def delta_text(delta: Mapping[str, Any], key: str) -> str | None:
-    """A text field of a stream delta: None when absent or empty, an error when not text."""
-    return _optional_text(delta.get(key), key) or None
 
 
 def _optional_text(value: Any, where: str) -> str | None:
