@@ -101,6 +101,11 @@ class Gateway:
             await asyncio.wait({stopping, hurried}, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
             if not stopping.done():
                 await self.servicer.interrupt_calls(wait_s=INTERRUPT_S)
+                # Told to stop now, gRPC's own cut comes now too, not at the end of its grace period: the statuses of
+                # streams whose callers stopped reading wait behind their messages, and would hold it there.
+                await asyncio.wait({stopping, hurried}, return_when=asyncio.FIRST_COMPLETED)
+                if not stopping.done():
+                    await self.server.stop(None)
             await stopping
             # A call whose caller left is over for gRPC, not yet for the gateway: its bill first, then the ledger.
             await self.servicer.calls_ended(wait_s=max(grace_s, INTERRUPT_S))

@@ -90,6 +90,8 @@ class LLMServicer(pb.LLMServiceServicer):
         self._interrupting = True
         calls = list(self._calls)
         for call in calls:
+            if call.done():  # ended in gRPC's write, its stream being closed (`_close_abandoned`)
+                continue
             if (context := self._sending.get(call)) is not None:
                 self._end(call, context, ShuttingDownError(stream_started=True, in_flight=True))
             else:
@@ -147,12 +149,6 @@ class LLMServicer(pb.LLMServiceServicer):
             if remaining is None:
                 self._bound(task, deadline, context)
             try:
-                if remaining is None:
-                    # Its headers on their own, before the upstream is asked: gRPC sends them with the first message
-                    # otherwise, and takes no status while they wait (a first message held by flow control, the
-                    # caller not reading), which `_end_if_writing` must send.
-                    with contextlib.suppress(grpc.aio.InternalError):  # the caller gone: its cancellation follows
-                        await context.send_initial_metadata(())
                 chunks = self._router.stream(
                     convert.completion_request(request, max_image_bytes=self._max_image_bytes),
                     deadline=deadline,
@@ -163,16 +159,23 @@ class LLMServicer(pb.LLMServiceServicer):
                 # Closed (the caller gone), this closes the router's stream at once, which bills what it consumed.
                 async with contextlib.aclosing(chunks):
                     async for chunk in chunks:
+                        if not started and remaining is None:
+                            # Its headers on their own, before its first message: gRPC sends them with it otherwise,
+                            # and takes no status while they wait (a first message held by flow control, the caller
+                            # not reading), which `_end_if_writing` must send. Not before: a stream that fails before
+                            # its first message ends with its status alone, which a client's channel may retry.
+                            with contextlib.suppress(grpc.aio.InternalError):  # the caller gone: cancelled next
+                                await context.send_initial_metadata(())
                         started = True
                         if _text_length(chunk) <= self._max_delta_chars:
                             self._sending[task] = context
                             yield convert.stream_response(chunk)
-                            del self._sending[task]
+                            self._sending.pop(task, None)  # gone already if `_end` ended it
                         else:
                             for piece in _split(chunk, self._max_delta_chars):
                                 self._sending[task] = context
                                 yield convert.stream_response(piece)
-                                del self._sending[task]
+                                self._sending.pop(task, None)
             finally:
                 self._model_call_ended(task)
                 if remaining is None:
@@ -238,6 +241,7 @@ class LLMServicer(pb.LLMServiceServicer):
         which gRPC sends behind the messages it holds, then its task cancelled, then the router's stream closed
         (billed, its upstream request closed). Its task cancelled alone, gRPC would leave the caller with no status
         at all."""
+        self._sending.pop(task, None)  # ended once
         # Scheduled before the task's cancellation, its status is with gRPC before the stream is ended under it.
         ending = asyncio.ensure_future(_abort_behind(context, error))
         self._ending.add(ending)
@@ -382,7 +386,7 @@ _FEWER_VECTORS = "send fewer inputs a call, or ask for fewer dimensions"
 async def _abort_behind(context: grpc.aio.ServicerContext[Any, Any], error: LLMRelayError) -> None:
     """Ends a call with `error`'s status from outside its handler: gRPC sends it once the caller has read what came
     before it, and drops it if the caller leaves first."""
-    with contextlib.suppress(grpc.aio.AbortError, grpc.aio.InternalError):
+    with contextlib.suppress(grpc.aio.AbortError, grpc.aio.InternalError, grpc.aio.UsageError):
         await abort(context, "StreamComplete", error)
 
 

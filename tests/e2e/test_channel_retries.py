@@ -74,7 +74,16 @@ async def stream(stub: pb.LLMServiceAsyncStub) -> str:
     return "".join(chunk.delta.content for chunk in chunks)
 
 
-@pytest.mark.parametrize("call", [complete, stream], ids=["Complete", "StreamComplete"])
+async def stream_without_a_deadline(stub: pb.LLMServiceAsyncStub) -> str:
+    """A stream whose caller sets no deadline sends its headers on their own, before its first message (so that the
+    bound's status can go behind it): not before the upstream answers, or nothing failed first could be retried."""
+    chunks = await read_all(stub.StreamComplete(stream_chat("hello retries")))
+    return "".join(chunk.delta.content for chunk in chunks)
+
+
+@pytest.mark.parametrize(
+    "call", [complete, stream, stream_without_a_deadline], ids=["Complete", "StreamComplete", "no-deadline"]
+)
 async def test_the_channel_retries_a_failure_after_the_gateways_pushback(
     retrying_channel: Callable[[str], grpc.aio.Channel], primary: FakeUpstream, call: Callable[..., Any]
 ) -> None:

@@ -449,6 +449,27 @@ async def test_streams_whose_callers_stopped_reading_are_billed_when_the_gateway
     assert sum(r.interrupted_requests for r in records) == 2
 
 
+async def test_a_second_signal_stops_the_gateway_at_once_though_callers_stopped_reading(
+    tmp_path: Path, local: FakeUpstream
+) -> None:
+    """The statuses of streams whose callers stopped reading wait behind their messages: gRPC's own cut waited out
+    the whole grace period (20 s here) after the second signal, which is to stop now."""
+    async with started(tmp_path, local, "drain_s: 0.2, grace_period_s: 20, log_calls: true") as server:
+        local.inject(*[{"huge_content": 20_000_000, "no_usage": True}] * 2)
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            calls = [pb.LLMServiceStub(channel).StreamComplete(stream_chat(f"s{i}"), timeout=60) for i in (1, 2)]
+            for call in calls:
+                await call.read()
+            server.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(1)
+            server.process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(server.process.wait(), 5) == 0
+        output = await server.output()
+    assert "ERROR" not in output and "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if "rpc=llmrelay.v1.LLMService/StreamComplete" in line]
+    assert len(lines) == 2 and all("completion_tokens=0 " not in line for line in lines), output
+
+
 async def wait_until_requests(upstream: FakeUpstream, count: int) -> None:
     async with asyncio.timeout(5):
         while len(upstream.chat_requests) < count:  # noqa: ASYNC110 (plain data, no event to wait on)

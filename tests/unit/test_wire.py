@@ -660,6 +660,8 @@ def test_an_index_a_call_had_is_a_new_call_when_another_id_comes_with_it() -> No
     assert indexes({"index": 0, "id": "b", "function": {"arguments": " "}}) == [1], "an id names its call"
     assert indexes({"index": 1, "id": "c", "function": {"name": "h"}}, {"index": 1, "function": {}}) == [2, 2]
     assert indexes({"index": 0, "id": "a", "function": {"arguments": " "}}) == [0]
+    # Without a name, a new id is no new call: Poolside's and older mlx-openai-server's fragments each have their own.
+    assert indexes({"index": 1, "id": "d", "function": {"arguments": "}"}}) == [2]
     last = wire.MAX_TOOL_CALLS - 1
     crowded = wire.StreamToolCalls()
     crowded.deltas({"tool_calls": [{"index": last, "id": "x", "function": {"name": "f"}}]})

@@ -534,8 +534,9 @@ class StreamToolCalls:
         """The fragment's call. Servers that number no call (Gemini's OpenAI-compatible API) send each whole, or its
         first fragment with its id and name: a fragment without an `index` is of the call its id names, a new call
         when it names one not seen or gives a name, else of the call the last fragment was of. An `index` names the
-        call of that index, or the one its id names (vLLM sends the id with every fragment); an id not seen at an
-        index taken is a new call, numbered after the others (Ollama sends parallel calls whole, each as index 0)."""
+        call of that index, or the one its id names (vLLM sends the id with every fragment); an id not seen with a
+        name, at an index taken, is a new call, numbered after the others (Ollama sends parallel calls whole, each as
+        index 0); without a name, the same call (some servers send each fragment with an id of its own)."""
         if index is None:
             if call_id and call_id in self._ids:
                 return self._ids[call_id]
@@ -545,10 +546,9 @@ class StreamToolCalls:
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_TOOL_CALLS:
             raise MalformedAnswerError(f"a tool-call delta's `index` is not a number from 0 to {MAX_TOOL_CALLS - 1}")
         named = self._named.get(index)
-        if call_id:
-            if (known := self._ids.get(call_id)) is not None:
-                return known
-        elif named is not None:
+        if call_id and (known := self._ids.get(call_id)) is not None:
+            return known
+        if named is not None and not (call_id and name):
             return named
         if named is None and index not in self._begun:
             self._named[index] = index
