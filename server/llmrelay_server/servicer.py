@@ -68,7 +68,7 @@ class LLMServicer(pb.LLMServiceServicer):
         self._sending: dict[asyncio.Task[Any], grpc.aio.ServicerContext[Any, Any]] = {}
         """The streams whose task is in gRPC's hands, sending a message: cancelled there alone, gRPC would end the
         call without a word, and leave the caller waiting (`_end`)."""
-        self._unbounded: dict[asyncio.Task[Any], tuple[float, grpc.aio.ServicerContext[Any, Any]]] = {}
+        self._unbounded: dict[asyncio.Task[Any], float] = {}
         """The streams whose caller set no deadline, with their bound (router.request_timeout_s), soonest first: the
         bound is one length for all, so the order they came in is that of their bounds (`_bound`)."""
         self._bound_timer: asyncio.TimerHandle | None = None
@@ -147,7 +147,7 @@ class LLMServicer(pb.LLMServiceServicer):
             remaining = context.time_remaining()
             deadline = self._router.deadline(remaining)
             if remaining is None:
-                self._bound(task, deadline, context)
+                self._bound(task, deadline)
             try:
                 chunks = self._router.stream(
                     convert.completion_request(request, max_image_bytes=self._max_image_bytes),
@@ -192,7 +192,7 @@ class LLMServicer(pb.LLMServiceServicer):
                 # gRPC's own cut at the end of the grace period ends the call.
                 raise asyncio.CancelledError from None
 
-    def _bound(self, task: asyncio.Task[Any], deadline: float, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    def _bound(self, task: asyncio.Task[Any], deadline: float) -> None:
         """Watches a stream whose caller set no deadline, to end it at its bound however it waits then.
 
         Waiting on its upstream, the router's own deadline ends it. Waiting on gRPC's write (its caller stopped
@@ -200,7 +200,7 @@ class LLMServicer(pb.LLMServiceServicer):
         connection would keep the stream, its upstream request and its limits' reservation for as long
         (`_end_if_writing`). One timer for the soonest bound, as the router's `Deadlines`: a stream that ends in time,
         as nearly all do, leaves it alone."""
-        self._unbounded[task] = (deadline, context)
+        self._unbounded[task] = deadline
         if self._bound_timer is None:
             self._bound_timer = asyncio.get_running_loop().call_at(deadline, self._bounds_passed, deadline)
 
@@ -210,23 +210,23 @@ class LLMServicer(pb.LLMServiceServicer):
         # The loop may run a timer a little before its time by its own clock (uvloop's counts whole milliseconds).
         now = max(due, loop.time())
         passed = []
-        for task, (deadline, context) in self._unbounded.items():
+        for task, deadline in self._unbounded.items():
             if deadline > now:
                 self._bound_timer = loop.call_at(deadline, self._bounds_passed, deadline)
                 break
-            passed.append((task, context))
-        for task, context in passed:
+            passed.append(task)
+        for task in passed:
             del self._unbounded[task]
-            self._end_if_writing(task, context)
+            self._end_if_writing(task)
 
-    def _end_if_writing(self, task: asyncio.Task[Any], context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    def _end_if_writing(self, task: asyncio.Task[Any]) -> None:
         """Ends a stream past its bound that waits on gRPC's write (`_end`): the caller gets DEADLINE_EXCEEDED
         behind what gRPC holds for it, whenever it reads again."""
         if task.done():
             return
-        if task not in self._sending:
+        if (context := self._sending.get(task)) is None:
             # Between two writes, in the router: its own deadline, the same, ends it, unless a chunk beat it there.
-            asyncio.get_running_loop().call_later(OVERDUE_RECHECK_S, self._end_if_writing, task, context)
+            asyncio.get_running_loop().call_later(OVERDUE_RECHECK_S, self._end_if_writing, task)
             return
         error = DeadlineExceededError(
             f"the stream ran past router.request_timeout_s ({self._router.request_timeout_s:g} s), the bound of a call"
