@@ -416,6 +416,20 @@ async def test_an_answer_with_tool_calls_whose_server_says_stop_ends_with_tool_c
     assert plain[-1].finish_reason == pb.FINISH_REASON_STOP, "an answer without calls stops as it said"
 
 
+async def test_a_finish_reason_that_is_no_text_is_an_unknown_one_not_a_fault_of_the_gateway(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    choice = {"index": 0, "message": {"content": "hi"}, "finish_reason": [1]}
+    odd = {"id": "x", "model": "gpt-test", "choices": [choice]}
+    primary.inject({"body": json.dumps(odd), "content_type": "application/json"})
+    answer = await stub.Complete(chat("x y"), timeout=5)
+    assert (answer.message.content, answer.finish_reason) == ("hi", pb.FINISH_REASON_UNSPECIFIED)
+    primary.inject(_events(_event({"content": "hi"}), _event({}, {"odd": 1})))  # type: ignore[arg-type]
+    chunks = await read_all(stub.StreamComplete(stream_chat("x y"), timeout=5))
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_UNSPECIFIED
+    assert "Traceback" not in caplog.text
+
+
 async def test_a_stream_whose_content_comes_as_parts_is_relayed_with_its_thinking_as_reasoning(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
 ) -> None:

@@ -100,8 +100,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             raise self._upstream_error(exc) from exc
         except wire.MalformedAnswerError as exc:
             raise self._malformed(exc) from exc
-        if choice.get("finish_reason") in wire.UNFINISHED:
-            raise self._unfinished(choice["finish_reason"])
+        self._check_finished(choice.get("finish_reason"))
         usage = wire.usage_from(data) or await self._counter.estimate_usage(model, request, answer_texts(message))
         return CompletionResponse(
             id=str(data.get("id") or ""),
@@ -150,8 +149,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             # Truthy, not just present: Ollama's /v1 and sglang have sent "" in every event before the last, which
             # taken for a finish made a cut stream whole, and a running usage count the end of the answer.
             if choice is not None and choice.get("finish_reason"):
-                if choice["finish_reason"] in wire.UNFINISHED:
-                    raise self._unfinished(choice["finish_reason"])
+                self._check_finished(choice["finish_reason"])
                 finish = wire.finish_reason(choice["finish_reason"])
             # Usage that comes with the finish reason or after it is the last an answer has (include_usage): it is
             # whole there, [DONE] or not (`relayed` waits a moment for the end, not the idle limit). Usage before the
@@ -287,19 +285,20 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         """The chunks of a stream whose upstream answered whole, read as `complete` reads an answer; usage left unset
         when it reported none, as a stream's is (the router estimates it)."""
         data, choice, message = _chat_completion(raw)
-        if choice.get("finish_reason") in wire.UNFINISHED:
-            raise self._unfinished(choice["finish_reason"])
+        self._check_finished(choice.get("finish_reason"))
         finish = wire.answer_finish_reason(choice)
         served = self._served_model(data, model)
         completion_id = str(data.get("id") or "")
         return wire.whole_answer_chunks(completion_id, self._spec.name, served, message, finish, wire.usage_from(data))
 
-    def _unfinished(self, reason: str) -> UpstreamError:
-        return UpstreamError(
-            UpstreamErrorKind.SERVER_ERROR,
-            self._spec.name,
-            f"the server ended the answer unfinished (finish_reason {reason!r}: its engine dropped the request)",
-        )
+    def _check_finished(self, reason: Any) -> None:
+        """A failed attempt (UpstreamError) for an answer its server ended unfinished (`wire.UNFINISHED`)."""
+        if isinstance(reason, str) and reason in wire.UNFINISHED:  # not any JSON: a list is no set member
+            raise UpstreamError(
+                UpstreamErrorKind.SERVER_ERROR,
+                self._spec.name,
+                f"the server ended the answer unfinished (finish_reason {reason!r}: its engine dropped the request)",
+            )
 
     def _served_model(self, data: Any, fallback: str) -> str:
         model = data.get("model") if isinstance(data, dict) else None
