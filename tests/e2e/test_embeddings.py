@@ -345,22 +345,6 @@ async def test_embed_counts_against_requests_tokens_and_budget(
     assert len(priced.embedding_requests) == 2
 
 
-async def test_many_long_inputs_are_counted_off_the_event_loop_within_the_deadline(
-    stub_for: StubFactory, priced: FakeUpstream, local: FakeUpstream
-) -> None:
-    """Sixty inputs of 60,000 characters, each short enough to count on the event loop, held it half a second between
-    them (counted for a limit's reservation; and, unit-tested, for an answer without usage): the caller's deadline
-    passed with no timer of the gateway's able to run, and it got its client library's bare DEADLINE_EXCEEDED."""
-    yaml = embedding_backends(priced, local, openai="embedding_model: text-embedding-3-small")
-    stub = await stub_for(yaml, server="limits: {tokens_per_minute: 100000000}")
-    await stub.Embed(pb.EmbedRequest(inputs=["warm up"]), timeout=10)
-    inputs = [" ".join(f"word{i}x{j}" for j in range(6_000))[:60_000] for i in range(60)]
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.Embed(pb.EmbedRequest(inputs=inputs), timeout=0.15)
-    assert (caught.value.code(), reason(caught.value)) == (grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED")
-    assert len(priced.embedding_requests) == 1, "only the warm-up reached the upstream"
-
-
 async def test_the_call_log_and_metrics_see_embed(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
