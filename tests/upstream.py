@@ -54,7 +54,11 @@ Faults are queued; each chat or embeddings request takes the next one. A fault i
 With `ollama=True` it refuses a reasoning_effort Ollama's /v1 does not take (400, in its words), and serves Ollama's
 native GET /api/version and GET /api/tags. With `vllm=True` it also serves vLLM's POST /tokenize (chat form), counting
 the prompt as its usage does; with `llamacpp=True`, llama.cpp's POST /apply-template (a prompt of as many words as its
-usage counts tokens) and POST /tokenize (a token per word of `content`, and per token id where it is a list).
+usage counts tokens) and POST /tokenize (a token per word of `content`, and per token id where it is a list). With
+`gemini=True` it signs the first tool call of each answer as Gemini 3's OpenAI-compatible API does (a thought signature
+in `extra_content.google.thought_signature`; a stream sends each call whole, without an index, as Gemini's does), and
+refuses, as Gemini 3 does (400, its list-shaped error body), a chat whose current turn (since the last user message)
+holds a call it signed without that signature.
 
 Run standalone: python tests/upstream.py --listen 127.0.0.1:PORT [--model NAME ...] [--ollama]
 (embedding model: embed-test)
@@ -106,6 +110,7 @@ class FakeUpstream:
     ollama: bool = False
     vllm: bool = False
     llamacpp: bool = False
+    gemini: bool = False
     host: str = "127.0.0.1"
     port: int = 0
     faults: deque[Fault] = field(default_factory=deque)
@@ -249,6 +254,14 @@ class FakeUpstream:
         if self.ollama and not _json_arguments(body):
             refusal = {"error": {"message": "invalid tool call arguments", "type": "invalid_request_error"}}
             return await _send_json(writer, 400, refusal)
+        if self.gemini and (unsigned := _unsigned_call(body)) is not None:
+            message = (
+                f"Function call `{unsigned}` is missing a thought_signature in functionCall parts. This is required"
+                " for tools to work correctly."
+            )
+            return await _send_json(
+                writer, 400, [{"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}}]
+            )
         fault = self.faults.popleft() if self.faults else {}
         if (faulted := await self._fault(fault, reader, writer)) is not None:
             return faulted
@@ -256,7 +269,7 @@ class FakeUpstream:
         if model not in self.models:
             error = {"error": {"message": f"model '{model}' not found", "type": "not_found_error", "code": None}}
             return await _send_json(writer, 404, error)
-        answer = _answer(body, fault)
+        answer = _answer(body, fault, signed=self.gemini)
         if body.get("stream") and not fault.get("ignore_stream"):
             kept = await self._stream(reader, writer, answer, body, fault)
         else:
@@ -440,6 +453,8 @@ class _Answer:
     """What the answer reports as its usage instead of its own counts, when set."""
     refusal: str | None = None
     """The model's refusal, in place of its content (as OpenAI's structured outputs answer), when set."""
+    signed: bool = False
+    """Whether the first tool call carries a thought signature (`thought_signature`), as Gemini 3's do."""
 
     @property
     def completion_tokens(self) -> int:
@@ -466,10 +481,7 @@ class _Answer:
         if self.reasoning is not None:
             message["reasoning"] = self.reasoning
         if self.tool_calls:
-            message["tool_calls"] = [
-                {"id": self.tool_call_id(i), "type": "function", "function": call}
-                for i, call in enumerate(self.tool_calls)
-            ]
+            message["tool_calls"] = [self._whole_call(i) for i in range(len(self.tool_calls))]
         result: dict[str, Any] = {
             "id": self.id,
             "object": "chat.completion",
@@ -496,6 +508,9 @@ class _Answer:
                 {"content": piece} for piece in ([self.content] if fault.get("one_delta") else _pieces(self.content))
             ]
         for i, call in enumerate(self.tool_calls):
+            if self.signed:
+                deltas.append({"tool_calls": [self._whole_call(i)]})
+                continue
             name, arguments = call["name"], call["arguments"]
             head = {
                 "index": i,
@@ -515,6 +530,13 @@ class _Answer:
         if include_usage and self.usage:
             chunks.append({**self._chunk({}, None), "choices": [], "usage": self.usage_dict()})
         return chunks
+
+    def _whole_call(self, index: int) -> dict[str, Any]:
+        call_id = self.tool_call_id(index)
+        call: dict[str, Any] = {"id": call_id, "type": "function", "function": self.tool_calls[index]}
+        if self.signed and index == 0:
+            call["extra_content"] = {"google": {"thought_signature": thought_signature(call_id)}}
+        return call
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
@@ -554,7 +576,25 @@ def _halves(text: str) -> list[str]:
     return [part for part in (text[:middle], text[middle:]) if part]
 
 
-def _answer(body: dict[str, Any], fault: Fault) -> _Answer:
+def thought_signature(call_id: str) -> str:
+    """The signature `gemini=True` gives the call of this id: opaque to the gateway, checkable here."""
+    return base64.b64encode(hashlib.sha256(f"signed {call_id}".encode()).digest()).decode()
+
+
+def _unsigned_call(body: dict[str, Any]) -> str | None:
+    """The name of a call of the chat's current turn that `gemini=True` signed (each answer's first, its id ending
+    in _1) and that came back without that signature; None when there is none."""
+    messages = body.get("messages") or []
+    start = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1) + 1
+    for message in messages[start:]:
+        for call in (message.get("tool_calls") or ())[:1]:
+            signature = ((call.get("extra_content") or {}).get("google") or {}).get("thought_signature")
+            if call["id"].endswith("_1") and signature != thought_signature(call["id"]):
+                return str(call["function"]["name"])
+    return None
+
+
+def _answer(body: dict[str, Any], fault: Fault, *, signed: bool = False) -> _Answer:
     messages = body.get("messages") or []
     last_user = next((_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
     if "huge_content" in fault:
@@ -574,6 +614,7 @@ def _answer(body: dict[str, Any], fault: Fault) -> _Answer:
         two_choices=bool(fault.get("two_choices")),
         reported_usage=fault.get("usage"),
         refusal=fault.get("refusal"),
+        signed=signed,
     )
 
 

@@ -365,7 +365,10 @@ def _message(message: pb.Message, errors: _Violations, where: str, max_image_byt
             errors.add(f"{where}.tool_calls[{i}].id", "must not be empty")
         if not FUNCTION_NAME.fullmatch(call.function.name):
             errors.add(f"{where}.tool_calls[{i}].function.name", "must be 1-64 letters, digits, '_' or '-'")
-        calls.append(ToolCall(id=call.id, name=call.function.name, arguments=call.function.arguments))
+        signature = call.signature if call.HasField("signature") else None
+        calls.append(
+            ToolCall(id=call.id, name=call.function.name, arguments=call.function.arguments, signature=signature)
+        )
     return Message(
         role=role,
         content=message.content,
@@ -706,8 +709,10 @@ def complete_response(response: CompletionResponse) -> pb.CompleteResponse:
     out.role = _ROLES_OUT[message.role]
     out.content = message.content
     for call in message.tool_calls:
-        function = out.tool_calls.add(id=call.id).function
-        function.name, function.arguments = call.name, call.arguments
+        out_call = out.tool_calls.add(id=call.id)
+        out_call.function.name, out_call.function.arguments = call.name, call.arguments
+        if call.signature is not None:
+            out_call.signature = call.signature
     if message.reasoning is not None:
         out.reasoning = message.reasoning
     if message.reasoning_signature is not None:
@@ -790,6 +795,8 @@ def _fill_tool_call_delta(delta: pb.ToolCallDelta, fragment: ToolCallDelta) -> N
         delta.name = fragment.name
     if fragment.arguments is not None:
         delta.arguments = fragment.arguments
+    if fragment.signature is not None:
+        delta.signature = fragment.signature
 
 
 def backend_health_pb(health: BackendHealth, circuit_state: str) -> pb.BackendHealth:

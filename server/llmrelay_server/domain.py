@@ -66,6 +66,8 @@ class ToolCall:
     id: str
     name: str
     arguments: str
+    signature: str | None = None
+    """The upstream's opaque signature of the call (Gemini's thought signature), sent back with it unchanged."""
 
 
 @immutable
@@ -359,6 +361,8 @@ class ToolCallDelta:
     id: str | None = None
     name: str | None = None
     arguments: str | None = None
+    signature: str | None = None
+    """The call's signature (ToolCall.signature), whole, in one fragment of the call."""
 
 
 @immutable

@@ -504,13 +504,17 @@ _ITEM_CHARS: Final = 16
 
 
 def _message_size(message: Message) -> int:
-    """What a message costs to count and to keep, in characters: those of the texts its count encodes, and
-    _ITEM_CHARS for each part and tool call (a message of many empty parts is no cheaper than one of text)."""
+    """What a message costs to count and to keep, in characters: those of the texts its count encodes, its calls'
+    signatures (not counted, but kept with the message by the cache), and _ITEM_CHARS for each part and tool call (a
+    message of many empty parts is no cheaper than one of text)."""
     chars = len(message.content) + len(message.name or "") + len(message.tool_call_id or "")
     if message.parts:
         chars += sum(len(part.text) if isinstance(part, TextPart) else 0 for part in message.parts)
     if message.tool_calls:
-        chars += sum(len(call.id) + len(call.name) + len(call.arguments) for call in message.tool_calls)
+        chars += sum(
+            len(call.id) + len(call.name) + len(call.arguments) + len(call.signature or "")
+            for call in message.tool_calls
+        )
     return chars + _ITEM_CHARS * (len(message.parts) + len(message.tool_calls))
 
 

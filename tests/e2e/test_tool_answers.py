@@ -4,13 +4,15 @@ answer, with its tool message, in the next turn of the same conversation."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import pytest
 from llmrelay import StreamAssembler
 from llmrelay import v1 as pb
-from support import DIALECTS, chat, stream_chat, tool, user
-from upstream import FakeUpstream
+from support import DIALECTS, FAST_ROUTER, OPENAI_TEST_KEY, StubFactory, chat, stream_chat, tool, user
+from upstream import FakeUpstream, thought_signature
 
 WEATHER = tool("weather", {"type": "object", "properties": {"city": {"type": "string"}}})
 OPTIONS = pb.CompletionOptions(tools=[WEATHER])
@@ -154,3 +156,76 @@ async def test_a_call_whose_arguments_are_null_has_none_alike_whole_or_streamed(
     answer = await answer_of(stub, streamed)
 
     assert [(c.id, c.function.name, c.function.arguments) for c in answer.message.tool_calls] == [("a", "weather", "")]
+
+
+@pytest.fixture
+async def gemini() -> AsyncIterator[FakeUpstream]:
+    """An upstream that signs its tool calls and wants the signatures back, as Gemini 3's OpenAI-compatible API."""
+    upstream = await FakeUpstream(models=("gemini-test",), gemini=True).start()
+    yield upstream
+    await upstream.stop()
+
+
+def signing_backend_first(gemini: FakeUpstream, primary: FakeUpstream) -> str:
+    """Gemini (openai_compatible), then OpenAI's API, on the fake OpenAI upstream."""
+    return f"""
+llm:
+  openai: {{api_key: "{OPENAI_TEST_KEY}", base_url: "{primary.base_url}", model: gpt-test}}
+  backends:
+    - {{name: gemini, kind: openai_compatible, base_url: "{gemini.base_url}", model: gemini-test}}
+  order: [gemini, openai]
+{FAST_ROUTER}"""
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_signed_call_goes_back_with_its_signature_and_the_next_turn_is_answered(
+    stub_for: StubFactory, gemini: FakeUpstream, primary: FakeUpstream, streamed: bool
+) -> None:
+    # Gemini 3 signs its calls (extra_content.google.thought_signature) and refuses a chat whose calls come back
+    # without their signatures: through the gateway, which dropped them, every agent's second turn was refused.
+    stub = await stub_for(signing_backend_first(gemini, primary))
+    calls = [{"name": "weather", "arguments": '{"city": "Oslo"}'}, {"name": "weather", "arguments": '{"city": "Rome"}'}]
+    gemini.inject({"tool_calls": calls})
+
+    answer = await answer_of(stub, streamed)
+
+    first, second = answer.message.tool_calls
+    assert answer.backend == "gemini" and answer.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    assert first.signature == thought_signature(first.id) and not second.HasField("signature")
+    results = [pb.Message(role=pb.ROLE_TOOL, content="sunny", tool_call_id=call.id) for call in (first, second)]
+    turn = pb.CompleteRequest(messages=[user("weather?"), answer.message, *results], options=OPTIONS)
+    again = await stub.Complete(turn, timeout=5)
+    assert again.backend == "gemini" and again.message.content == "echo: weather?"
+    sent = gemini.chat_requests[-1]["messages"][1]["tool_calls"]
+    assert [call.get("extra_content") for call in sent] == [
+        {"google": {"thought_signature": thought_signature(first.id)}},
+        None,
+    ]
+
+    # The same turn without the signature is refused by Gemini, in its words: the check above is Gemini's own.
+    turn.messages[1].tool_calls[0].ClearField("signature")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.Complete(turn, timeout=5)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "thought_signature" in (refused.value.details() or "")
+
+
+async def test_a_signature_is_not_sent_to_openai_which_signs_no_call(
+    stub_for: StubFactory, gemini: FakeUpstream, primary: FakeUpstream
+) -> None:
+    # A chat that Gemini signed, answered by OpenAI's API when Gemini fails: the calls go without their signatures.
+    stub = await stub_for(signing_backend_first(gemini, primary))
+    signature = thought_signature("call_2_1")
+    call = pb.ToolCall(id="call_2_1", function=pb.FunctionCall(name="weather", arguments="{}"), signature=signature)
+    said = pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call])
+    result = pb.Message(role=pb.ROLE_TOOL, content="sunny", tool_call_id="call_2_1")
+    gemini.inject({"status": 503}, {"status": 503})
+
+    answer = await stub.Complete(pb.CompleteRequest(messages=[user("weather?"), said, result], options=OPTIONS))
+
+    assert answer.backend == "openai"
+    assert [len(requests) for requests in (gemini.chat_requests, primary.chat_requests)] == [2, 1]
+    assert gemini.chat_requests[0]["messages"][1]["tool_calls"][0]["extra_content"] == {
+        "google": {"thought_signature": signature}
+    }
+    assert "extra_content" not in primary.chat_requests[0]["messages"][1]["tool_calls"][0]

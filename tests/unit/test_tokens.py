@@ -605,6 +605,23 @@ def test_the_cache_keeps_no_reasoning_and_no_image_bytes() -> None:
     assert kept == held
 
 
+def test_a_calls_signature_is_not_counted_and_a_long_one_not_kept() -> None:
+    # Upstreams drop a signature from the prompt they bill (it is of reasoning, not text the model reads); Gemini's
+    # run to kilobytes, which the cache of short messages would keep, 2,048 of them.
+    counter = TokenCounter()
+    signature = "".join(["c2lnbmF0dXJl"] * 1000)
+    held = sys.getrefcount(signature)
+    call = ToolCall("call_1", "weather", '{"city": "Oslo"}')
+
+    count = counter.count_chat(
+        "gpt-4o", [Message(Role.ASSISTANT, "", tool_calls=(replace(call, signature=signature),))]
+    )
+
+    kept = sys.getrefcount(signature) - held  # the message and its call are gone, unless the cache keeps them
+    assert kept == 0
+    assert count == counter.count_chat("gpt-4o", [Message(Role.ASSISTANT, "", tool_calls=(call,))])
+
+
 def test_a_model_name_longer_than_a_request_may_give_is_not_kept() -> None:
     model = "gpt-4o-" + "x" * 10_000
     held = sys.getrefcount(model)

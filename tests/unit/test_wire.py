@@ -211,6 +211,16 @@ def test_messages_with_tool_calls_names_and_tool_results() -> None:
     ]
 
 
+@pytest.mark.parametrize("sent", [True, False])
+def test_a_calls_signature_goes_with_it_where_the_backend_takes_signatures(sent: bool) -> None:
+    calls = (ToolCall("call_1", "f", "{}", signature="c2ln"), ToolCall("call_2", "g", "{}"))
+    request = CompletionRequest(messages=(*USER_HI, Message(Role.ASSISTANT, "", tool_calls=calls)))
+    written = wire.request_body("m", request, max_tokens_field="max_tokens", call_signatures=sent)
+    signed, unsigned = written["messages"][1]["tool_calls"]
+    assert signed.get("extra_content") == ({"google": {"thought_signature": "c2ln"}} if sent else None)
+    assert "extra_content" not in unsigned and signed["function"] == {"name": "f", "arguments": "{}"}
+
+
 def test_the_model_is_the_routes_model() -> None:
     request = CompletionRequest(messages=USER_HI, model="alias-the-caller-used")
     assert wire.request_body("real-model", request, max_tokens_field="max_tokens")["model"] == "real-model"
@@ -420,6 +430,27 @@ def test_tool_calls() -> None:
     assert all(call_id.startswith("call_") for call_id in made) and len(set(made)) == 2
 
 
+@pytest.mark.parametrize(
+    ("extra", "signature"),
+    [
+        ({"google": {"thought_signature": "c2ln"}}, "c2ln"),
+        ({"google": {"thought_signature": ""}}, None),
+        ({"google": {"thought_signature": 7}}, None),
+        ({"google": "c2ln"}, None),
+        ({"other": {}}, None),
+        ("c2ln", None),
+        (None, None),
+    ],
+)
+def test_a_calls_signature_is_read_and_one_of_another_shape_dropped(extra: Any, signature: str | None) -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}, "extra_content": extra}
+    assert parse(answer({"content": None, "tool_calls": [call]})).tool_calls == (
+        ToolCall("call_1", "f", "{}", signature),
+    )
+    calls = wire.StreamToolCalls()
+    assert calls.deltas({"tool_calls": [call]}) == (ToolCallDelta(0, "call_1", "f", "{}", signature),)
+
+
 @pytest.mark.parametrize("calls", [None, [], 0, ""])
 def test_no_tool_calls(calls: Any) -> None:
     assert parse(answer({"content": "x", "tool_calls": calls})).tool_calls == ()
@@ -614,6 +645,22 @@ def test_tool_call_deltas() -> None:
     assert calls.deltas({"tool_calls": [{"index": 1, "function": {"arguments": "1}"}}]}) == (
         ToolCallDelta(index=1, arguments="1}"),
     )
+
+
+def test_a_streamed_calls_signature_is_relayed_once() -> None:
+    # The contract has it whole in one fragment; a server that repeats it (as vLLM repeats ids) sends it once.
+    calls = wire.StreamToolCalls()
+    signed = {"google": {"thought_signature": "c2ln"}}
+    first = {"index": 0, "id": "a", "function": {"name": "f", "arguments": "{"}, "extra_content": signed}
+    again = {"index": 0, "id": "a", "function": {"arguments": "}"}, "extra_content": signed}
+    other = {"index": 1, "id": "b", "function": {"name": "g"}, "extra_content": signed}
+    assert [d.signature for d in calls.deltas({"tool_calls": [first, again, other]})] == ["c2ln", None, "c2ln"]
+
+
+def test_a_whole_answers_signed_call_keeps_its_signature_as_a_stream() -> None:
+    message = Message(Role.ASSISTANT, "", tool_calls=(ToolCall("a", "f", "{}", signature="c2ln"),))
+    content, _ = wire.whole_answer_chunks("id", "b", "m", message, FinishReason.TOOL_CALLS, None)
+    assert content.tool_calls == (ToolCallDelta(0, "a", "f", "{}", "c2ln"),)
 
 
 def test_fragments_without_an_index_are_of_the_call_their_id_or_name_begins_else_of_the_last() -> None:

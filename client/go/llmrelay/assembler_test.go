@@ -48,13 +48,15 @@ func lastChunk(backend string, outcomes ...llmrelayv1.AttemptOutcome) *llmrelayv
 // answerChunks is a whole answer from backend: content and reasoning in pieces, and two tool calls whose fragments
 // interleave (the second one's first).
 func answerChunks(backend string) []*llmrelayv1.StreamCompleteResponse {
+	signed := toolFragment(0, "call_a", "f", "")
+	signed.ToolCalls[0].Signature = proto.String("sig_a")
 	return []*llmrelayv1.StreamCompleteResponse{
 		deltaChunk(backend, &llmrelayv1.MessageDelta{Reasoning: proto.String("Think")}),
 		deltaChunk(backend, &llmrelayv1.MessageDelta{Reasoning: proto.String("ing.")}),
 		deltaChunk(backend, content("Hel")),
 		deltaChunk(backend, content("lo")),
 		deltaChunk(backend, toolFragment(1, "call_b", "g", `{"y"`)),
-		deltaChunk(backend, toolFragment(0, "call_a", "f", "")),
+		deltaChunk(backend, signed),
 		deltaChunk(backend, toolFragment(0, "", "", `{"x":`)),
 		deltaChunk(backend, toolFragment(1, "", "", `:2}`)),
 		deltaChunk(backend, toolFragment(0, "", "", `1}`)),
@@ -73,7 +75,7 @@ func wantAnswer(backend string, outcomes ...llmrelayv1.AttemptOutcome) *llmrelay
 			Content:   "Hello",
 			Reasoning: proto.String("Thinking."),
 			ToolCalls: []*llmrelayv1.ToolCall{
-				{Id: "call_a", Function: &llmrelayv1.FunctionCall{Name: "f", Arguments: `{"x":1}`}},
+				{Id: "call_a", Function: &llmrelayv1.FunctionCall{Name: "f", Arguments: `{"x":1}`}, Signature: proto.String("sig_a")},
 				{Id: "call_b", Function: &llmrelayv1.FunctionCall{Name: "g", Arguments: `{"y":2}`}},
 			},
 		},

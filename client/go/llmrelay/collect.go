@@ -87,7 +87,7 @@ type Assembler struct {
 }
 
 // Add folds one message of the stream into the answer: its deltas are appended (tool call fragments joined by their
-// index: the id and name from the first fragment that has them, the arguments concatenated), its id, backend, model,
+// index: the id, name and signature from the first fragment that has them, the arguments concatenated), its id, backend, model,
 // finish reason, usage and attempts kept when set. A restart marker resets the answer instead.
 func (a *Assembler) Add(chunk *llmrelayv1.StreamCompleteResponse) {
 	if chunk.GetRestart() != nil {
@@ -129,6 +129,9 @@ func (a *Assembler) Add(chunk *llmrelayv1.StreamCompleteResponse) {
 			call.Function.Name = fragment.GetName()
 		}
 		call.Function.Arguments += fragment.GetArguments()
+		if call.Signature == nil && fragment.Signature != nil {
+			call.Signature = proto.String(fragment.GetSignature())
+		}
 	}
 	if chunk.GetFinishReason() != llmrelayv1.FinishReason_FINISH_REASON_UNSPECIFIED {
 		a.finishReason = chunk.GetFinishReason()

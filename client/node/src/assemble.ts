@@ -85,6 +85,7 @@ export class StreamAssembler {
         call.id ||= fragment.id ?? "";
         call.function!.name ||= fragment.name ?? "";
         call.function!.arguments += fragment.arguments ?? "";
+        call.signature ??= fragment.signature;
       }
     }
     // Set only in the last message.

@@ -49,7 +49,7 @@ const fresh = [
   chunk({ ...head, delta: { reasoning: " see." } }),
   chunk({ ...head, delta: { content: "Calling" } }),
   chunk({ ...head, delta: { content: " two tools." } }),
-  chunk({ ...head, delta: { toolCalls: [{ index: 0, id: "call_a", name: "weather", arguments: "" }] } }),
+  chunk({ ...head, delta: { toolCalls: [{ index: 0, id: "call_a", name: "weather", arguments: "", signature: "sig_a" }] } }),
   chunk({ ...head, delta: { toolCalls: [{ index: 1, id: "call_b", name: "time", arguments: '{"tz":' }] } }),
   chunk({ ...head, delta: { toolCalls: [{ index: 0, arguments: '{"city":' }] } }),
   chunk({
@@ -86,7 +86,7 @@ describe("StreamAssembler", () => {
         content: "Calling two tools.",
         reasoning: "Let me see.",
         toolCalls: [
-          { id: "call_a", function: { name: "weather", arguments: '{"city":"Paris"}' } },
+          { id: "call_a", function: { name: "weather", arguments: '{"city":"Paris"}' }, signature: "sig_a" },
           { id: "call_b", function: { name: "time", arguments: '{"tz":"UTC"}' } },
         ],
         parts: [],

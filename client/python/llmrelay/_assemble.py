@@ -12,6 +12,7 @@ class _ToolCall:
     id: str = ""
     name: str = ""
     arguments: list[str] = field(default_factory=list)
+    signature: str | None = None
 
 
 class StreamAssembler:
@@ -19,7 +20,7 @@ class StreamAssembler:
 
     A message with `restart` set starts the answer over (the gateway restarts a broken stream on another backend
     when the request asked for INTERRUPT_POLICY_RESTART): everything before it is dropped. Tool calls are put
-    together from their fragments by index.
+    together from their fragments by index, each with its signature where the upstream signed it.
 
     >>> assembler = StreamAssembler()
     >>> for chunk in client.stream(...):
@@ -56,6 +57,8 @@ class StreamAssembler:
             call.id = call.id or fragment.id
             call.name = call.name or fragment.name
             call.arguments.append(fragment.arguments)
+            if fragment.HasField("signature"):
+                call.signature = fragment.signature
         self._last = chunk
 
     def result(self) -> pb.CompleteResponse:
@@ -64,7 +67,11 @@ class StreamAssembler:
             role=pb.ROLE_ASSISTANT,
             content="".join(self._content),
             tool_calls=[
-                pb.ToolCall(id=call.id, function=pb.FunctionCall(name=call.name, arguments="".join(call.arguments)))
+                pb.ToolCall(
+                    id=call.id,
+                    function=pb.FunctionCall(name=call.name, arguments="".join(call.arguments)),
+                    signature=call.signature,
+                )
                 for _, call in sorted(self._tool_calls.items())
             ],
         )

@@ -67,6 +67,9 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
     max_tokens_field: ClassVar[str] = "max_tokens"
     # The reasoning efforts the server names otherwise, or takes none of: the value sent for each.
     reasoning_efforts: ClassVar[Mapping[ReasoningEffort, str]] = {}
+    # Whether tool calls go with their signatures (Gemini's thought signatures: Gemini 3 refuses its own calls without
+    # them). Servers that have no use for one ignore the field, as JSON APIs do with fields they do not know.
+    call_signatures: ClassVar[bool] = True
 
     def __init__(self, spec: BackendSpec, *, counter: TokenCounter) -> None:
         super().__init__(spec, openai.DefaultAsyncHttpxClient)
@@ -89,7 +92,11 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
 
     def _request_body(self, model: str, request: CompletionRequest) -> dict[str, Any]:
         return wire.request_body(
-            model, request, max_tokens_field=self.max_tokens_field, reasoning_efforts=self.reasoning_efforts
+            model,
+            request,
+            max_tokens_field=self.max_tokens_field,
+            reasoning_efforts=self.reasoning_efforts,
+            call_signatures=self.call_signatures,
         )
 
     async def complete(self, model: str, request: CompletionRequest, *, timeout_s: float | None) -> CompletionResponse:
@@ -350,6 +357,8 @@ class OpenAIProvider(OpenAICompatibleProvider):
 
     kind: ClassVar[str] = "openai"
     max_tokens_field: ClassVar[str] = "max_completion_tokens"
+    # It signs no call, and need not be handed another upstream's signatures in a chat that went from one to it.
+    call_signatures: ClassVar[bool] = False
 
 
 _ERRORS = SDKErrors(openai.APITimeoutError, openai.APIConnectionError, _status_error)

@@ -75,10 +75,12 @@ def request_body(
     *,
     max_tokens_field: str,
     reasoning_efforts: Mapping[ReasoningEffort, str] | None = None,
+    call_signatures: bool = True,
 ) -> dict[str, Any]:
     """The JSON body for /chat/completions; options the caller left unset are left out. reasoning_efforts: the value
-    sent for an effort the server names otherwise (or lacks)."""
-    body = prompt_body(model, request.messages, request.options.tools)
+    sent for an effort the server names otherwise (or lacks). call_signatures: whether the tool calls' signatures go
+    with them (`call_signature`)."""
+    body = prompt_body(model, request.messages, request.options.tools, call_signatures=call_signatures)
     body.update(_options_json(request.options, max_tokens_field))
     effort = request.options.reasoning_effort
     if effort is not None and reasoning_efforts and effort in reasoning_efforts:
@@ -86,10 +88,12 @@ def request_body(
     return body
 
 
-def prompt_body(model: str, messages: Sequence[Message], tools: Sequence[Tool]) -> dict[str, Any]:
+def prompt_body(
+    model: str, messages: Sequence[Message], tools: Sequence[Tool], *, call_signatures: bool = False
+) -> dict[str, Any]:
     """What makes the prompt, in the chat-completions shape: the body servers' templating and tokenizing endpoints
     take (llama.cpp's /apply-template, vLLM's /tokenize)."""
-    body: dict[str, Any] = {"model": model, "messages": [_message_json(m) for m in messages]}
+    body: dict[str, Any] = {"model": model, "messages": [_message_json(m, call_signatures) for m in messages]}
     if tools:
         body["tools"] = [_tool_json(t) for t in tools]
     return body
@@ -134,21 +138,35 @@ class _JsonTexts:
         return self.marker
 
 
-def _message_json(message: Message) -> dict[str, Any]:
+def _message_json(message: Message, call_signatures: bool) -> dict[str, Any]:
     content: str | list[dict[str, Any]] = [_part_json(p) for p in message.parts] if message.parts else message.content
     item: dict[str, Any] = {"role": message.role.value, "content": content}
     if message.name is not None:
         item["name"] = message.name
     if message.tool_calls:
-        item["tool_calls"] = [
-            # Empty arguments (a call of a function without parameters, as some servers answer it) are "{}": Ollama
-            # refuses a call whose arguments are not JSON (400 "invalid tool call arguments"); it means the same.
-            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments or "{}"}}
-            for c in message.tool_calls
-        ]
+        item["tool_calls"] = [_tool_call_json(call, call_signatures) for call in message.tool_calls]
     if message.tool_call_id is not None:
         item["tool_call_id"] = message.tool_call_id
     return item
+
+
+def _tool_call_json(call: ToolCall, with_signature: bool) -> dict[str, Any]:
+    # Empty arguments (a call of a function without parameters, as some servers answer it) are "{}": Ollama refuses a
+    # call whose arguments are not JSON (400 "invalid tool call arguments"); it means the same.
+    item = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments or "{}"}}
+    if with_signature and call.signature is not None:
+        item["extra_content"] = {"google": {"thought_signature": call.signature}}
+    return item
+
+
+def call_signature(call: Mapping[str, Any]) -> str | None:
+    """A tool call's signature, as Gemini's OpenAI-compatible API gives it (`extra_content.google.thought_signature`,
+    which Gemini 3 wants back with the call), or None. A side channel: one of another shape is dropped, not the
+    answer."""
+    extra = call.get("extra_content")
+    google = extra.get("google") if isinstance(extra, dict) else None
+    signature = google.get("thought_signature") if isinstance(google, dict) else None
+    return signature if isinstance(signature, str) and signature else None
 
 
 def _part_json(part: ContentPart) -> dict[str, Any]:
@@ -382,6 +400,7 @@ def _tool_call(value: Any) -> ToolCall:
         id=tool_call_id(value.get("id"), "tool_calls.id"),
         name=tool_name(function.get("name"), "name"),
         arguments=_arguments_text(function.get("arguments", "")),
+        signature=call_signature(value),
     )
 
 
@@ -480,7 +499,7 @@ def is_count(value: Any) -> TypeGuard[int]:
 class StreamToolCalls:
     """The tool calls of one stream so far, as its deltas' fragments make them (`deltas`)."""
 
-    __slots__ = ("_begun", "_ids", "_last", "_named")
+    __slots__ = ("_begun", "_ids", "_last", "_named", "_signed")
 
     def __init__(self) -> None:
         self._begun: set[int] = set()
@@ -491,6 +510,8 @@ class StreamToolCalls:
         """The index of the call the last fragment was of."""
         self._named: dict[int, int] = {}
         """The upstream's indexes -> the index of the call each names now: its own, unless a call before had it."""
+        self._signed: set[int] = set()
+        """The indexes of the calls whose signature has been relayed: once a call, as the contract has it."""
 
     @property
     def begun(self) -> bool:
@@ -499,7 +520,8 @@ class StreamToolCalls:
 
     def deltas(self, delta: Mapping[str, Any]) -> tuple[ToolCallDelta, ...]:
         """A stream delta's tool-call fragments. A call's first fragment carries its id, the upstream's or, where it
-        gave none, one of the gateway's own (`tool_call_id`), and its name (`tool_name`)."""
+        gave none, one of the gateway's own (`tool_call_id`), and its name (`tool_name`); the first fragment with a
+        signature (`call_signature`) carries it, and no later one (a server may repeat it, as vLLM repeats ids)."""
         calls = delta.get("tool_calls")
         if not calls:
             return ()
@@ -520,12 +542,19 @@ class StreamToolCalls:
                 self._ids[call_id] = index
             self._last = index
             arguments = function.get("arguments")
+            signature = call_signature(call) if "extra_content" in call else None
+            if signature is not None:
+                if index in self._signed:
+                    signature = None
+                else:
+                    self._signed.add(index)
             result.append(
                 ToolCallDelta(
                     index=index,
                     id=call_id,
                     name=name,
                     arguments=None if arguments is None else _arguments_text(arguments),
+                    signature=signature,
                 )
             )
         return tuple(result)
@@ -584,7 +613,10 @@ def whole_answer_chunks(
     )
     if not (message.content or message.reasoning or message.tool_calls):
         return [last]
-    calls = tuple(ToolCallDelta(i, call.id, call.name, call.arguments) for i, call in enumerate(message.tool_calls))
+    calls = tuple(
+        ToolCallDelta(i, call.id, call.name, call.arguments, call.signature)
+        for i, call in enumerate(message.tool_calls)
+    )
     content = CompletionChunk(
         id=answer_id,
         backend=backend,

@@ -918,7 +918,11 @@ type ToolCall struct {
 	// The id a tool message refers to when it answers this call; the calls of one message each have their own.
 	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// The function to call.
-	Function      *FunctionCall `protobuf:"bytes,2,opt,name=function,proto3" json:"function,omitempty"`
+	Function *FunctionCall `protobuf:"bytes,2,opt,name=function,proto3" json:"function,omitempty"`
+	// The upstream's opaque signature of the call (Gemini's thought signature), where the upstream signs it: send it
+	// back unchanged with the call in the assistant message of the next turn. Gemini 3 refuses a chat whose signed
+	// calls come back without theirs. Sent on to OpenAI-compatible upstreams except OpenAI's own; never counted.
+	Signature     *string `protobuf:"bytes,3,opt,name=signature,proto3,oneof" json:"signature,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -965,6 +969,13 @@ func (x *ToolCall) GetFunction() *FunctionCall {
 		return x.Function
 	}
 	return nil
+}
+
+func (x *ToolCall) GetSignature() string {
+	if x != nil && x.Signature != nil {
+		return *x.Signature
+	}
+	return ""
 }
 
 // One message of a chat.
@@ -2419,7 +2430,9 @@ type ToolCallDelta struct {
 	// The function's name, in the first fragment of a call.
 	Name *string `protobuf:"bytes,3,opt,name=name,proto3,oneof" json:"name,omitempty"`
 	// A piece of the arguments' JSON text.
-	Arguments     *string `protobuf:"bytes,4,opt,name=arguments,proto3,oneof" json:"arguments,omitempty"`
+	Arguments *string `protobuf:"bytes,4,opt,name=arguments,proto3,oneof" json:"arguments,omitempty"`
+	// The call's signature (ToolCall.signature), whole, in one fragment of the call, when the upstream signs it.
+	Signature     *string `protobuf:"bytes,5,opt,name=signature,proto3,oneof" json:"signature,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2478,6 +2491,13 @@ func (x *ToolCallDelta) GetName() string {
 func (x *ToolCallDelta) GetArguments() string {
 	if x != nil && x.Arguments != nil {
 		return *x.Arguments
+	}
+	return ""
+}
+
+func (x *ToolCallDelta) GetSignature() string {
+	if x != nil && x.Signature != nil {
+		return *x.Signature
 	}
 	return ""
 }
@@ -3671,10 +3691,13 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\x1allmrelay/v1/llmrelay.proto\x12\vllmrelay.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"@\n" +
 	"\fFunctionCall\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n" +
-	"\targuments\x18\x02 \x01(\tR\targuments\"Q\n" +
+	"\targuments\x18\x02 \x01(\tR\targuments\"\x82\x01\n" +
 	"\bToolCall\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x125\n" +
-	"\bfunction\x18\x02 \x01(\v2\x19.llmrelay.v1.FunctionCallR\bfunction\"\x89\x03\n" +
+	"\bfunction\x18\x02 \x01(\v2\x19.llmrelay.v1.FunctionCallR\bfunction\x12!\n" +
+	"\tsignature\x18\x03 \x01(\tH\x00R\tsignature\x88\x01\x01B\f\n" +
+	"\n" +
+	"_signature\"\x89\x03\n" +
 	"\aMessage\x12%\n" +
 	"\x04role\x18\x01 \x01(\x0e2\x11.llmrelay.v1.RoleR\x04role\x12\x18\n" +
 	"\acontent\x18\x02 \x01(\tR\acontent\x12\x17\n" +
@@ -3810,16 +3833,19 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\x06reason\x18\x01 \x01(\tR\x06reason\x12\x18\n" +
 	"\abackend\x18\x02 \x01(\tR\abackend\x120\n" +
 	"\battempts\x18\x03 \x03(\v2\x14.llmrelay.v1.AttemptR\battempts\x12(\n" +
-	"\x05usage\x18\x04 \x01(\v2\x12.llmrelay.v1.UsageR\x05usage\"\x94\x01\n" +
+	"\x05usage\x18\x04 \x01(\v2\x12.llmrelay.v1.UsageR\x05usage\"\xc5\x01\n" +
 	"\rToolCallDelta\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x13\n" +
 	"\x02id\x18\x02 \x01(\tH\x00R\x02id\x88\x01\x01\x12\x17\n" +
 	"\x04name\x18\x03 \x01(\tH\x01R\x04name\x88\x01\x01\x12!\n" +
-	"\targuments\x18\x04 \x01(\tH\x02R\targuments\x88\x01\x01B\x05\n" +
+	"\targuments\x18\x04 \x01(\tH\x02R\targuments\x88\x01\x01\x12!\n" +
+	"\tsignature\x18\x05 \x01(\tH\x03R\tsignature\x88\x01\x01B\x05\n" +
 	"\x03_idB\a\n" +
 	"\x05_nameB\f\n" +
 	"\n" +
-	"_arguments\"\xf3\x01\n" +
+	"_argumentsB\f\n" +
+	"\n" +
+	"_signature\"\xf3\x01\n" +
 	"\fMessageDelta\x12\x1d\n" +
 	"\acontent\x18\x01 \x01(\tH\x00R\acontent\x88\x01\x01\x12!\n" +
 	"\treasoning\x18\x02 \x01(\tH\x01R\treasoning\x88\x01\x01\x129\n" +
@@ -4169,6 +4195,7 @@ func file_llmrelay_v1_llmrelay_proto_init() {
 	if File_llmrelay_v1_llmrelay_proto != nil {
 		return
 	}
+	file_llmrelay_v1_llmrelay_proto_msgTypes[1].OneofWrappers = []any{}
 	file_llmrelay_v1_llmrelay_proto_msgTypes[2].OneofWrappers = []any{}
 	file_llmrelay_v1_llmrelay_proto_msgTypes[3].OneofWrappers = []any{
 		(*ContentPart_Text)(nil),

@@ -680,8 +680,14 @@ class ToolCall(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     FUNCTION_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The id a tool message refers to when it answers this call; the calls of one message each have their own."""
+    signature: _builtins.str
+    """The upstream's opaque signature of the call (Gemini's thought signature), where the upstream signs it: send it
+    back unchanged with the call in the assistant message of the next turn. Gemini 3 refuses a chat whose signed
+    calls come back without theirs. Sent on to OpenAI-compatible upstreams except OpenAI's own; never counted.
+    """
     @_builtins.property
     def function(self) -> Global___FunctionCall:
         """The function to call."""
@@ -691,12 +697,15 @@ class ToolCall(_message.Message):
         *,
         id: _builtins.str = ...,
         function: Global___FunctionCall | None = ...,
+        signature: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["function", b"function"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_signature", b"_signature", "function", b"function", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["function", b"function", "id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_signature", b"_signature", "function", b"function", "id", b"id", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__signature: _TypeAlias = _typing.Literal["signature"]  # noqa: Y015
+    _WhichOneofArgType__signature: _TypeAlias = _typing.Literal["_signature", b"_signature"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__signature) -> _WhichOneofReturnType__signature | None: ...
 
 Global___ToolCall: _TypeAlias = ToolCall  # noqa: Y015
 
@@ -1483,6 +1492,7 @@ class ToolCallDelta(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     ARGUMENTS_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Which tool call of the message this fragment belongs to."""
     id: _builtins.str
@@ -1491,6 +1501,8 @@ class ToolCallDelta(_message.Message):
     """The function's name, in the first fragment of a call."""
     arguments: _builtins.str
     """A piece of the arguments' JSON text."""
+    signature: _builtins.str
+    """The call's signature (ToolCall.signature), whole, in one fragment of the call, when the upstream signs it."""
     def __init__(
         self,
         *,
@@ -1498,10 +1510,11 @@ class ToolCallDelta(_message.Message):
         id: _builtins.str | None = ...,
         name: _builtins.str | None = ...,
         arguments: _builtins.str | None = ...,
+        signature: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_arguments", b"_arguments", "_id", b"_id", "_name", b"_name", "arguments", b"arguments", "id", b"id", "name", b"name"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_arguments", b"_arguments", "_id", b"_id", "_name", b"_name", "_signature", b"_signature", "arguments", b"arguments", "id", b"id", "name", b"name", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_arguments", b"_arguments", "_id", b"_id", "_name", b"_name", "arguments", b"arguments", "id", b"id", "index", b"index", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_arguments", b"_arguments", "_id", b"_id", "_name", b"_name", "_signature", b"_signature", "arguments", b"arguments", "id", b"id", "index", b"index", "name", b"name", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__arguments: _TypeAlias = _typing.Literal["arguments"]  # noqa: Y015
     _WhichOneofArgType__arguments: _TypeAlias = _typing.Literal["_arguments", b"_arguments"]  # noqa: Y015
@@ -1509,12 +1522,16 @@ class ToolCallDelta(_message.Message):
     _WhichOneofArgType__id: _TypeAlias = _typing.Literal["_id", b"_id"]  # noqa: Y015
     _WhichOneofReturnType__name: _TypeAlias = _typing.Literal["name"]  # noqa: Y015
     _WhichOneofArgType__name: _TypeAlias = _typing.Literal["_name", b"_name"]  # noqa: Y015
+    _WhichOneofReturnType__signature: _TypeAlias = _typing.Literal["signature"]  # noqa: Y015
+    _WhichOneofArgType__signature: _TypeAlias = _typing.Literal["_signature", b"_signature"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__arguments) -> _WhichOneofReturnType__arguments | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__id) -> _WhichOneofReturnType__id | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__name) -> _WhichOneofReturnType__name | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__signature) -> _WhichOneofReturnType__signature | None: ...
 
 Global___ToolCallDelta: _TypeAlias = ToolCallDelta  # noqa: Y015
 

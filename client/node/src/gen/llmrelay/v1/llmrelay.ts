@@ -958,7 +958,15 @@ export interface ToolCall {
   /** The id a tool message refers to when it answers this call; the calls of one message each have their own. */
   id: string;
   /** The function to call. */
-  function: FunctionCall | undefined;
+  function:
+    | FunctionCall
+    | undefined;
+  /**
+   * The upstream's opaque signature of the call (Gemini's thought signature), where the upstream signs it: send it
+   * back unchanged with the call in the assistant message of the next turn. Gemini 3 refuses a chat whose signed
+   * calls come back without theirs. Sent on to OpenAI-compatible upstreams except OpenAI's own; never counted.
+   */
+  signature?: string | undefined;
 }
 
 /** One message of a chat. */
@@ -1297,7 +1305,11 @@ export interface ToolCallDelta {
     | string
     | undefined;
   /** A piece of the arguments' JSON text. */
-  arguments?: string | undefined;
+  arguments?:
+    | string
+    | undefined;
+  /** The call's signature (ToolCall.signature), whole, in one fragment of the call, when the upstream signs it. */
+  signature?: string | undefined;
 }
 
 /** A piece of the assistant message. */
@@ -1662,7 +1674,7 @@ export const FunctionCall: MessageFns<FunctionCall> = {
 };
 
 function createBaseToolCall(): ToolCall {
-  return { id: "", function: undefined };
+  return { id: "", function: undefined, signature: undefined };
 }
 
 export const ToolCall: MessageFns<ToolCall> = {
@@ -1672,6 +1684,9 @@ export const ToolCall: MessageFns<ToolCall> = {
     }
     if (message.function !== undefined) {
       FunctionCall.encode(message.function, writer.uint32(18).fork()).join();
+    }
+    if (message.signature !== undefined) {
+      writer.uint32(26).string(message.signature);
     }
     return writer;
   },
@@ -1705,6 +1720,14 @@ export const ToolCall: MessageFns<ToolCall> = {
             message.function = FunctionCall.decode(reader, reader.uint32());
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.signature = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1721,6 +1744,7 @@ export const ToolCall: MessageFns<ToolCall> = {
     return {
       id: isSet(object.id) ? globalThis.String(object.id) : "",
       function: isSet(object.function) ? FunctionCall.fromJSON(object.function) : undefined,
+      signature: isSet(object.signature) ? globalThis.String(object.signature) : undefined,
     };
   },
 
@@ -1731,6 +1755,9 @@ export const ToolCall: MessageFns<ToolCall> = {
     }
     if (message.function !== undefined) {
       obj.function = FunctionCall.toJSON(message.function);
+    }
+    if (message.signature !== undefined) {
+      obj.signature = message.signature;
     }
     return obj;
   },
@@ -1744,6 +1771,7 @@ export const ToolCall: MessageFns<ToolCall> = {
     message.function = (object.function !== undefined && object.function !== null)
       ? FunctionCall.fromPartial(object.function)
       : undefined;
+    message.signature = object.signature ?? undefined;
     return message;
   },
 };
@@ -4056,7 +4084,7 @@ export const StreamRestart: MessageFns<StreamRestart> = {
 };
 
 function createBaseToolCallDelta(): ToolCallDelta {
-  return { index: 0, id: undefined, name: undefined, arguments: undefined };
+  return { index: 0, id: undefined, name: undefined, arguments: undefined, signature: undefined };
 }
 
 export const ToolCallDelta: MessageFns<ToolCallDelta> = {
@@ -4072,6 +4100,9 @@ export const ToolCallDelta: MessageFns<ToolCallDelta> = {
     }
     if (message.arguments !== undefined) {
       writer.uint32(34).string(message.arguments);
+    }
+    if (message.signature !== undefined) {
+      writer.uint32(42).string(message.signature);
     }
     return writer;
   },
@@ -4121,6 +4152,14 @@ export const ToolCallDelta: MessageFns<ToolCallDelta> = {
             message.arguments = reader.string();
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.signature = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4139,6 +4178,7 @@ export const ToolCallDelta: MessageFns<ToolCallDelta> = {
       id: isSet(object.id) ? globalThis.String(object.id) : undefined,
       name: isSet(object.name) ? globalThis.String(object.name) : undefined,
       arguments: isSet(object.arguments) ? globalThis.String(object.arguments) : undefined,
+      signature: isSet(object.signature) ? globalThis.String(object.signature) : undefined,
     };
   },
 
@@ -4156,6 +4196,9 @@ export const ToolCallDelta: MessageFns<ToolCallDelta> = {
     if (message.arguments !== undefined) {
       obj.arguments = message.arguments;
     }
+    if (message.signature !== undefined) {
+      obj.signature = message.signature;
+    }
     return obj;
   },
 
@@ -4168,6 +4211,7 @@ export const ToolCallDelta: MessageFns<ToolCallDelta> = {
     message.id = object.id ?? undefined;
     message.name = object.name ?? undefined;
     message.arguments = object.arguments ?? undefined;
+    message.signature = object.signature ?? undefined;
     return message;
   },
 };
