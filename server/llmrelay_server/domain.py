@@ -28,7 +28,7 @@ import enum
 import json
 import math
 import re
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar, dataclass_transform, runtime_checkable
 
@@ -761,10 +761,19 @@ class _AttemptsError(LLMRelayError):
 class AllBackendsFailedError(_AttemptsError):
     """Every backend that could serve failed; __cause__ is the last UpstreamError."""
 
-    def __init__(self, message: str, attempts: Sequence[Attempt], *, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        attempts: Sequence[Attempt],
+        *,
+        retry_after_s: float | None = None,
+        causes: Set[UpstreamErrorKind] = frozenset(),
+    ) -> None:
         super().__init__(message, attempts)
         self.retry_after_s = retry_after_s
         """The soonest a backend may serve again, where known (a Retry-After, a circuit's cool-down)."""
+        self.causes = causes
+        """How the attempts failed, those skipped for an open circuit included (as UNREACHABLE)."""
 
 
 class DeadlineExceededError(_AttemptsError):

@@ -86,6 +86,16 @@ NOT_THE_BACKENDS_FAULT = frozenset(
         UpstreamErrorKind.BUSY,
     }
 )
+# Failures that no wait mends for the same request: a backend that failed so gives no time to try again at.
+NO_WAIT_MENDS = frozenset(
+    {
+        UpstreamErrorKind.REJECTED,
+        UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED,
+        UpstreamErrorKind.MODEL_NOT_FOUND,
+        UpstreamErrorKind.UNSUPPORTED,
+        UpstreamErrorKind.AUTH_FAILED,
+    }
+)
 # Below this much time left, an attempt cannot get an answer; starting one only wastes the upstream's work.
 MIN_ATTEMPT_S = 0.01
 DEADLINE_MARGIN_S = 0.05
@@ -312,10 +322,11 @@ class _Chain:
     """The largest known context window the prompt did not fit; a backend with no larger one is not tried."""
     opened_at: float = 0.0
     """When the last successful attempt got its answer (a stream: its first chunk), by time.perf_counter()."""
-    hints: list[float] = field(default_factory=list)
-    """When failed or skipped backends may serve again, where they said (Retry-After, a circuit's cool-down)."""
-    unhinted: bool = False
-    """Some failure came without such a hint."""
+    said_waits: dict[Backend, float | None] = field(default_factory=dict)
+    """Each failed or skipped backend's word on when it may serve again, at its last attempt (Retry-After, an open
+    circuit's cool-down); None where it said nothing. Not those whose last failure no wait mends (NO_WAIT_MENDS)."""
+    causes: set[UpstreamErrorKind] = field(default_factory=set)
+    """How the failed and skipped attempts failed (a skip: UNREACHABLE)."""
 
     def may_fit(self, route: Route) -> bool:
         window = route.backend.provider.spec.context_window
@@ -340,10 +351,11 @@ class _Chain:
         )
         if error is not None:
             self.last_error = error
-            if error.retry_after_s is None:
-                self.unhinted = True
+            self.causes.add(error.kind)
+            if error.kind in NO_WAIT_MENDS:
+                self.said_waits.pop(route.backend, None)
             else:
-                self.hints.append(error.retry_after_s)
+                self.said_waits[route.backend] = error.retry_after_s
 
     def skip(self, route: Route) -> None:
         """The route's circuit is open: recorded with why, and when it may be tried again."""
@@ -386,11 +398,23 @@ class _Chain:
             cause if count == 1 else f"{cause} ({count} attempts)"
             for cause, count in ((cause, len(list(same))) for cause, same in causes)
         )
-        # The soonest another try may help: known only when every failure said when.
-        retry_after_s = min(self.hints) if self.hints and not self.unhinted else None
-        error = AllBackendsFailedError(f"every backend failed: {tried}", self.attempts, retry_after_s=retry_after_s)
+        error = AllBackendsFailedError(
+            f"every backend failed: {tried}", self.attempts, retry_after_s=self._soonest_s(), causes=self.causes
+        )
         error.__cause__ = self.last_error
         return error
+
+    def _soonest_s(self) -> float | None:
+        """The soonest a backend that failed may serve again: each as late as both its Retry-After and its circuit
+        (opened by this call's failures, perhaps) say. None when one may serve at once as far as anything said (it
+        failed without a Retry-After, and its circuit is closed), or none will by waiting."""
+        soonest_s = math.inf
+        for backend, said_s in self.said_waits.items():
+            wait_s = max(said_s or 0.0, backend.circuit.retry_after_s())
+            if wait_s <= 0:
+                return None
+            soonest_s = min(soonest_s, wait_s)
+        return soonest_s if soonest_s < math.inf else None
 
 
 def _raise_if_timed_out(

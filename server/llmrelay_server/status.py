@@ -50,7 +50,6 @@ from llmrelay_server.domain import (
     AllBackendsFailedError,
     AnswerTooLargeError,
     Attempt,
-    AttemptOutcome,
     DeadlineExceededError,
     InvalidRequestError,
     LimitExceededError,
@@ -295,16 +294,18 @@ def _classify(error: LLMRelayError) -> _Classified:
 
 
 def _exhausted(error: AllBackendsFailedError) -> _Classified:
-    outcomes = {a.outcome for a in error.attempts if a.outcome is not AttemptOutcome.SKIPPED}
     last = error.last_upstream_error
-    if last is not None and len(outcomes) <= 1:
-        # One cause everywhere (or only open circuits) names the problem better than "unavailable" would.
-        return _upstream(last)
     delay_s = DEFAULT_RETRY_DELAY_S if error.retry_after_s is None else error.retry_after_s
+    if last is not None and len(error.causes) <= 1:
+        # One cause everywhere names the problem better than "unavailable" would. A backend skipped for its open
+        # circuit is one cause more: the request that another refused may be served by it once it cools down.
+        return _upstream(last, delay_s)
     return grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE", {}, [_retry_info(delay_s)]
 
 
-def _upstream(error: UpstreamError) -> _Classified:
+def _upstream(error: UpstreamError, retry_after_s: float | None = None) -> _Classified:
+    """The status of an upstream's failure; retry_after_s: when to try again, if not as the error says (the soonest
+    of every backend that failed alike)."""
     metadata = _upstream_metadata(error)
     kind = error.kind
     if kind in (UpstreamErrorKind.REJECTED, UpstreamErrorKind.UNSUPPORTED):
@@ -317,7 +318,9 @@ def _upstream(error: UpstreamError) -> _Classified:
         return grpc.StatusCode.FAILED_PRECONDITION, "UPSTREAM_AUTH_FAILED", metadata, []
     if kind is UpstreamErrorKind.BAD_RESPONSE:
         return grpc.StatusCode.UNAVAILABLE, "UPSTREAM_BAD_RESPONSE", metadata, []
-    retry = _retry_info(error.retry_after_s if error.retry_after_s is not None else DEFAULT_RETRY_DELAY_S)
+    if retry_after_s is None:
+        retry_after_s = DEFAULT_RETRY_DELAY_S if error.retry_after_s is None else error.retry_after_s
+    retry = _retry_info(retry_after_s)
     if kind is UpstreamErrorKind.RATE_LIMITED:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED", metadata, [retry]
     return grpc.StatusCode.UNAVAILABLE, "BACKENDS_UNAVAILABLE", metadata, [retry]

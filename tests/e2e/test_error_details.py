@@ -12,7 +12,7 @@ from google.rpc import error_details_pb2
 from llmrelay import error_details
 from llmrelay import v1 as pb
 from llmrelay_server import convert
-from support import DIALECTS, FAST_ROUTER, GatewayFactory, chat, read_all, stream_chat
+from support import DIALECTS, FAST_ROUTER, GatewayFactory, StubFactory, chat, read_all, stream_chat, two_backends
 from upstream import FakeUpstream
 
 Outcome = pb.AttemptOutcome
@@ -59,6 +59,36 @@ async def test_every_backend_down_lists_each_attempt_with_pushback(
     assert info.metadata["attempts"] == ",".join(["openai:server_error"] * 2 + ["ollama:server_error"] * 2)
     assert all(a.model and a.error and a.duration.ToNanoseconds() > 0 for a in history.attempts)
     assert pushback == "1000"  # no upstream said when: the default delay, as in RetryInfo
+
+
+@pytest.mark.parametrize(
+    ("primary_says", "local_says", "delay_ms"),
+    [
+        ({"retry_after": 2}, {"retry_after": 20}, "2000"),  # the sooner, not the last backend's
+        ({"retry_after": 20}, {"retry_after": 2}, "2000"),
+        ({}, {"retry_after": 9}, "1000"),  # one said nothing: it may serve at once, as far as anyone knows
+    ],
+)
+async def test_every_backend_rate_limited_says_the_soonest_one_may_serve_again(
+    stub_for: StubFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    primary_says: dict[str, int],
+    local_says: dict[str, int],
+    delay_ms: str,
+) -> None:
+    stub = await stub_for(two_backends(primary, local, "router: {retry: {max_retries: 0}}"))
+    primary.inject({"status": 429} | primary_says)
+    local.inject({"status": 429} | local_says)
+
+    error = await failure_of(stub.Complete(chat(), timeout=10))
+
+    info, _, pushback = decoded(error)
+    assert (error.code(), info.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED")
+    assert pushback == delay_ms
+    details = error_details(error)
+    assert details is not None and details.retry_info is not None
+    assert str(details.retry_info.retry_delay.ToMilliseconds()) == delay_ms
 
 
 @pytest.mark.parametrize("rpc", ["Complete", "StreamComplete"])

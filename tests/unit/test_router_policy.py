@@ -17,14 +17,18 @@ from llmrelay_server.domain import (
     CompletionChunk,
     LLMProvider,
     ModelNotFoundError,
+    UpstreamError,
+    UpstreamErrorKind,
 )
 from llmrelay_server.pricing import PriceTable
 from llmrelay_server.router import (
     KEPT_TEXT_CHARS,
     PROBE_WAIT_S,
+    Backend,
     Backoff,
     CircuitBreaker,
     CircuitState,
+    Route,
     Router,
     _Chain,
     _Received,
@@ -428,6 +432,58 @@ def test_an_exhausted_chain_tells_each_cause_once_with_its_number_of_attempts() 
         " busy; local/tiny: skipped; ollama/gpt-oss:20b: cannot reach http://h/v1"
     )
     assert len(error.attempts) == 6, "the details keep every attempt"
+
+
+def failing_backends(*names: str) -> tuple[list[Backend], FakeClock]:
+    clock = FakeClock()
+    return [
+        Backend(cast(LLMProvider, FakeProvider(spec(name, "m"))), CircuitBreaker(CIRCUIT, clock)) for name in names
+    ], clock
+
+
+def fail(chain: _Chain, backend: Backend, kind: UpstreamErrorKind, retry_after_s: float | None = None) -> None:
+    error = UpstreamError(kind, backend.name, kind.value, retry_after_s=retry_after_s)
+    chain.record(Route(backend, "m"), kind.attempt_outcome, 0.0, error)
+    backend.count_failure(error)
+
+
+def test_an_exhausted_chain_says_the_soonest_a_backend_may_serve_by_its_word_and_its_circuit() -> None:
+    (a, b), clock = failing_backends("a", "b")
+    chain = _Chain(deadline=0.0)
+    for _ in range(CIRCUIT.failure_threshold):  # its circuit opens on the last: 30 s, longer than its Retry-After
+        fail(chain, a, UpstreamErrorKind.SERVER_ERROR, retry_after_s=2.0)
+    fail(chain, b, UpstreamErrorKind.RATE_LIMITED, retry_after_s=9.0)
+
+    error = chain.exhausted()
+
+    assert error.retry_after_s == 9.0, "b's word, the sooner; not the last failure's, nor a's Retry-After alone"
+    assert error.causes == {UpstreamErrorKind.SERVER_ERROR, UpstreamErrorKind.RATE_LIMITED}
+    clock.now += 25.0
+    assert chain.exhausted().retry_after_s == pytest.approx(5.0), "a's circuit, later: what is left of it"
+
+
+def test_an_exhausted_chain_knows_no_wait_when_a_backend_may_serve_at_once() -> None:
+    (a, b), _ = failing_backends("a", "b")
+    chain = _Chain(deadline=0.0)
+    fail(chain, a, UpstreamErrorKind.RATE_LIMITED, retry_after_s=9.0)
+    fail(chain, b, UpstreamErrorKind.RATE_LIMITED)  # no Retry-After, its circuit closed
+
+    assert chain.exhausted().retry_after_s is None
+    assert chain.exhausted().causes == {UpstreamErrorKind.RATE_LIMITED}
+
+
+def test_a_skipped_backend_is_a_cause_of_its_own() -> None:
+    (a, b), _ = failing_backends("a", "b")
+    for _ in range(CIRCUIT.failure_threshold):
+        a.circuit.record_failure()
+    chain = _Chain(deadline=0.0)
+    chain.skip(Route(a, "m"))
+    fail(chain, b, UpstreamErrorKind.MODEL_NOT_FOUND)
+
+    error = chain.exhausted()
+
+    assert error.causes == {UpstreamErrorKind.UNREACHABLE, UpstreamErrorKind.MODEL_NOT_FOUND}
+    assert error.retry_after_s == 30.0, "a's cool-down: no wait makes b serve a model it has not"
 
 
 def test_a_stream_keeps_a_bounded_part_of_its_text_for_the_gateways_count() -> None:

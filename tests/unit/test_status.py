@@ -107,8 +107,15 @@ def upstream(
     return UpstreamError(kind, backend, f"{kind.value} happened", status=status, retry_after_s=retry_after_s)
 
 
-def exhausted(attempts: list[Attempt], last: UpstreamError | None) -> AllBackendsFailedError:
-    error = AllBackendsFailedError("every backend failed", attempts)
+def exhausted(
+    attempts: list[Attempt],
+    last: UpstreamError | None,
+    *causes: UpstreamErrorKind,
+    retry_after_s: float | None = None,
+) -> AllBackendsFailedError:
+    """As the router ends a call no backend served; `causes`, as it counts them: by default, the last failure's."""
+    counted = frozenset(causes) if causes or last is None else frozenset({last.kind})
+    error = AllBackendsFailedError("every backend failed", attempts, retry_after_s=retry_after_s, causes=counted)
     error.__cause__ = last
     return error
 
@@ -206,6 +213,8 @@ def attempt(backend: str, outcome: AttemptOutcome, status_code: int | None = Non
             exhausted(
                 [attempt("openai", OUT.SERVER_ERROR, 500), attempt("ollama", OUT.UNREACHABLE)],
                 upstream(K.UNREACHABLE, "ollama"),
+                K.SERVER_ERROR,
+                K.UNREACHABLE,
             ),
             C.UNAVAILABLE,
             "BACKENDS_UNAVAILABLE",
@@ -214,7 +223,7 @@ def attempt(backend: str, outcome: AttemptOutcome, status_code: int | None = Non
         ),
         (
             exhausted([attempt("openai", OUT.RATE_LIMITED, 429), attempt("ollama", OUT.TIMEOUT)],
-                      upstream(K.TIMEOUT, "ollama")),
+                      upstream(K.TIMEOUT, "ollama"), K.RATE_LIMITED, K.TIMEOUT),
             C.UNAVAILABLE,
             "BACKENDS_UNAVAILABLE",
             {"attempts": "openai:rate_limited,ollama:timeout"},
@@ -232,7 +241,8 @@ def attempt(backend: str, outcome: AttemptOutcome, status_code: int | None = Non
         (
             exhausted(
                 [attempt("openai", OUT.RATE_LIMITED, 429), attempt("ollama", OUT.RATE_LIMITED, 429)],
-                upstream(K.RATE_LIMITED, "ollama", status=429, retry_after_s=4.0),
+                upstream(K.RATE_LIMITED, "ollama", status=429, retry_after_s=9.0),
+                retry_after_s=4.0,  # the soonest of the two, not the last one's
             ),
             C.RESOURCE_EXHAUSTED,
             "UPSTREAM_RATE_LIMITED",
@@ -284,16 +294,32 @@ def attempt(backend: str, outcome: AttemptOutcome, status_code: int | None = Non
             {"attempts": "ollama:unreachable,ollama:unreachable,ollama:unreachable", "backend": "ollama"},
             1.0,
         ),
-        # skipped backends do not hide a single cause
+        # a backend skipped for its open circuit is a cause of its own: it may serve what another refused
         (
             exhausted(
-                [attempt("openai", OUT.SKIPPED), attempt("ollama", OUT.RATE_LIMITED, 429)],
-                upstream(K.RATE_LIMITED, "ollama", status=429, retry_after_s=0.5),
+                [attempt("openai", OUT.SKIPPED), attempt("ollama", OUT.CONTEXT_LENGTH_EXCEEDED, 400)],
+                upstream(K.CONTEXT_LENGTH_EXCEEDED, "ollama", status=400),
+                K.UNREACHABLE,
+                K.CONTEXT_LENGTH_EXCEEDED,
+                retry_after_s=12.5,
             ),
-            C.RESOURCE_EXHAUSTED,
-            "UPSTREAM_RATE_LIMITED",
-            {"attempts": "openai:skipped,ollama:rate_limited", "backend": "ollama", "upstream_status": "429"},
-            0.5,
+            C.UNAVAILABLE,
+            "BACKENDS_UNAVAILABLE",
+            {"attempts": "openai:skipped,ollama:context_length_exceeded"},
+            12.5,
+        ),
+        # a bad answer and a server's error are two causes, though their attempts' outcomes are alike
+        (
+            exhausted(
+                [attempt("openai", OUT.SERVER_ERROR, 500), attempt("ollama", OUT.SERVER_ERROR)],
+                upstream(K.BAD_RESPONSE, "ollama"),
+                K.SERVER_ERROR,
+                K.BAD_RESPONSE,
+            ),
+            C.UNAVAILABLE,
+            "BACKENDS_UNAVAILABLE",
+            {"attempts": "openai:server_error,ollama:server_error"},
+            1.0,
         ),
         # anything else is an internal error
         (LLMRelayError("surprise"), C.INTERNAL, "UNSPECIFIED", {}, None),

@@ -532,12 +532,14 @@ const (
 	// answered HTTP 404 for it: metadata `backend`, `upstream_status`, `attempts`, and an AttemptHistory.
 	ErrorReason_ERROR_REASON_MODEL_NOT_FOUND ErrorReason = 2
 	// UNAVAILABLE, routed: every backend that could answer failed (unreachable, timed out, HTTP 5xx, or skipped for
-	// an open circuit); metadata `attempts`, and `backend` and `upstream_status` when one cause failed them all;
-	// RetryInfo (and pushback): the soonest a backend may serve again where the upstreams said, else 1 s;
-	// AttemptHistory.
+	// an open circuit), or they failed in different ways (a backend skipped for an open circuit is one way: the
+	// routed reasons below are each for one cause alone); metadata `attempts`, and `backend` and `upstream_status`
+	// when one cause failed them all; RetryInfo (and pushback): the soonest a backend may serve again, each as late
+	// as its Retry-After and its circuit's cool-down say, else 1 s; AttemptHistory.
 	ErrorReason_ERROR_REASON_BACKENDS_UNAVAILABLE ErrorReason = 3
 	// RESOURCE_EXHAUSTED, routed: every backend tried refused for its rate limit (HTTP 429); metadata `backend`,
-	// `upstream_status`, `attempts`; RetryInfo (and pushback): the upstream's Retry-After, else 1 s; AttemptHistory.
+	// `upstream_status`, `attempts`; RetryInfo (and pushback): the soonest of the upstreams' Retry-After (or their
+	// circuits' cool-down, if later), else 1 s; AttemptHistory.
 	ErrorReason_ERROR_REASON_UPSTREAM_RATE_LIMITED ErrorReason = 4
 	// FAILED_PRECONDITION, routed: the upstream refused the gateway's own credentials (HTTP 401/403), or the
 	// gateway's account there cannot pay (HTTP 402, OpenAI's 429 insufficient_quota, Anthropic's billing and

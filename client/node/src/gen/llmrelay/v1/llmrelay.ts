@@ -548,14 +548,16 @@ export enum ErrorReason {
   ERROR_REASON_MODEL_NOT_FOUND = 2,
   /**
    * ERROR_REASON_BACKENDS_UNAVAILABLE - UNAVAILABLE, routed: every backend that could answer failed (unreachable, timed out, HTTP 5xx, or skipped for
-   * an open circuit); metadata `attempts`, and `backend` and `upstream_status` when one cause failed them all;
-   * RetryInfo (and pushback): the soonest a backend may serve again where the upstreams said, else 1 s;
-   * AttemptHistory.
+   * an open circuit), or they failed in different ways (a backend skipped for an open circuit is one way: the
+   * routed reasons below are each for one cause alone); metadata `attempts`, and `backend` and `upstream_status`
+   * when one cause failed them all; RetryInfo (and pushback): the soonest a backend may serve again, each as late
+   * as its Retry-After and its circuit's cool-down say, else 1 s; AttemptHistory.
    */
   ERROR_REASON_BACKENDS_UNAVAILABLE = 3,
   /**
    * ERROR_REASON_UPSTREAM_RATE_LIMITED - RESOURCE_EXHAUSTED, routed: every backend tried refused for its rate limit (HTTP 429); metadata `backend`,
-   * `upstream_status`, `attempts`; RetryInfo (and pushback): the upstream's Retry-After, else 1 s; AttemptHistory.
+   * `upstream_status`, `attempts`; RetryInfo (and pushback): the soonest of the upstreams' Retry-After (or their
+   * circuits' cool-down, if later), else 1 s; AttemptHistory.
    */
   ERROR_REASON_UPSTREAM_RATE_LIMITED = 4,
   /**
