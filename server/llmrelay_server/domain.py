@@ -30,7 +30,7 @@ import math
 import re
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, TypeVar, dataclass_transform, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar, dataclass_transform, runtime_checkable
 
 _T = TypeVar("_T")
 
@@ -756,6 +756,15 @@ class _AttemptsError(LLMRelayError):
     def last_upstream_error(self) -> UpstreamError | None:
         cause = self.__cause__
         return cause if isinstance(cause, UpstreamError) else None
+
+
+class CallEstimate(NamedTuple):
+    """The most a model call may be billed for, which its limits reserve."""
+
+    answers: int
+    """How many answers: one, or a stream's routes when it starts over on the next when broken."""
+    usd_micros: int
+    """What they may cost, at most."""
 
 
 class AllBackendsFailedError(_AttemptsError):

@@ -39,6 +39,7 @@ from llmrelay_server.domain import (
     Attempt,
     AttemptOutcome,
     BackendHealth,
+    CallEstimate,
     CompletionChunk,
     CompletionRequest,
     CompletionResponse,
@@ -861,25 +862,31 @@ class Router:
         self._ledger.record(backend, model, caller, usage, interrupted=interrupted)
         metering.charge(backend, model, caller, usage)
 
-    def estimate_usd_micros(
+    def estimate(
         self, request: CompletionRequest, prompt_tokens: int, completion_tokens: int, may_use: ModelFilter | None
-    ) -> int:
-        """The most `request` may cost: what a budget reserves before the call, which settles at what it was billed.
-        Any route the request may take may answer it, so this is at the highest price among them: its fallbacks
-        included, unless it asked for its model exactly, and those its key may use (`may_use`) alone. At the first
-        route's price, callers that all fell back to a dearer one would overspend the budget between them."""
+    ) -> CallEstimate:
+        """The most `request` may be billed for: what its limits reserve before the call, which settle at what it
+        was billed. Any route the request may take may answer it, so an answer is at the highest price among them:
+        its fallbacks included, unless it asked for its model exactly, and those its key may use (`may_use`) alone.
+        At the first route's price, callers that all fell back to a dearer one would overspend the budget between
+        them. A stream that starts over when broken (restart_on_interrupt) is billed for each broken attempt's part
+        and then for the next route's answer: as many answers as it has routes, at each one's price."""
 
         def routes() -> list[Route]:
             resolved = self._routes(request, "", may_use)
             _estimated_routes.set((request, may_use, resolved))
             return resolved
 
-        return self._estimate(routes, prompt_tokens, completion_tokens)
+        costs = self._costs(routes, prompt_tokens, completion_tokens)
+        if request.restart_on_interrupt and costs:
+            return CallEstimate(answers=len(costs), usd_micros=sum(costs))
+        return CallEstimate(answers=1, usd_micros=max(costs, default=0))
 
     def estimate_embedding_usd_micros(self, model: str | None, prompt_tokens: int, may_use: ModelFilter | None) -> int:
-        """As estimate_usd_micros, for an embedding request: at the highest price among the backends that embed
-        with its model and that its key may use."""
-        return self._estimate(lambda: _allowed(self.embedding_routes(model), model, "", may_use), prompt_tokens, 0)
+        """As estimate, for an embedding request: at the highest price among the backends that embed with its model
+        and that its key may use."""
+        costs = self._costs(lambda: _allowed(self.embedding_routes(model), model, "", may_use), prompt_tokens, 0)
+        return max(costs, default=0)
 
     def refuses(self, request: CompletionRequest | EmbeddingRequest, may_use: ModelFilter | None) -> bool:
         """Whether the request is refused for its model: one nothing serves, or one its key (`may_use`) may not use."""
@@ -892,17 +899,18 @@ class Router:
             return True
         return False
 
-    def _estimate(self, routes: Callable[[], list[Route]], prompt_tokens: int, completion_tokens: int) -> int:
+    def _costs(self, routes: Callable[[], list[Route]], prompt_tokens: int, completion_tokens: int) -> list[int]:
+        """The most an answer may cost on each route; none for a call refused before any upstream is asked."""
         try:
             candidates = routes()
         except (ModelNotFoundError, ModelNotAllowedError):
-            return 0  # refused by the call itself, before any upstream is asked
-        return max(
+            return []
+        return [
             self._prices.rate(route.backend.provider.spec, route.model).estimate_usd_micros(
                 prompt_tokens, completion_tokens
             )
             for route in candidates
-        )
+        ]
 
     def _priced(self, route: Route, model: str, usage: TokenUsage) -> TokenUsage:
         """The usage with its cost, at the price of the model that answered (an upstream names its dated snapshot)."""

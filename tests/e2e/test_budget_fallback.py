@@ -13,7 +13,7 @@ import grpc
 import pytest
 from llmrelay import v1 as pb
 from llmrelay_server.tokens import TokenCounter
-from support import FAST_ROUTER, OPENAI_TEST_KEY, StubFactory, chat, details
+from support import FAST_ROUTER, OPENAI_TEST_KEY, StubFactory, chat, details, read_all, stream_chat
 from upstream import FakeUpstream
 
 # USD per million tokens, i.e. micro-USD per token; only what the price is charged on counts, so that a call reserves
@@ -151,3 +151,27 @@ async def test_a_key_that_may_not_use_the_dearer_fallback_reserves_at_the_price_
     answers, refused = await at_once(lambda: stub.Complete(request, timeout=10, metadata=bearer), "key:cheap-only")
     assert (len(answers), refused) == (CALLS, [])
     assert await spent(stub, bearer) == {"openai": CALLS * per_call}
+
+
+async def test_concurrent_streams_that_start_over_on_another_route_spend_no_more_than_the_budget(
+    stub_for: StubFactory, primary: FakeUpstream, dear: FakeUpstream, local: FakeUpstream
+) -> None:
+    # A stream that asks to start over when broken is billed for the broken part, then for the next route's whole
+    # answer: it reserves an answer on each of its routes. Reserving one, at the dearest, admitted six calls here, which
+    # spent half again their budget between them.
+    per_call = 3 * CHEAP + 3 * DEAR  # openai's answer, then dear's (Ollama's is free)
+    budget = CALLS_PAID_FOR * per_call + per_call // 2
+    stub = await stub_for(config(primary, dear, local), server=f"limits: {{budget_usd_per_day: {budget / 1e6}}}")
+    primary.inject(*[{"stream_cut_after": 2}] * CALLS)  # the first route breaks after its first words
+    request = stream_chat(
+        "x y", model="gpt-test", options=pb.CompletionOptions(max_tokens=3), on_interrupt=pb.INTERRUPT_POLICY_RESTART
+    )
+    answers, refused = await at_once(lambda: read_all(stub.StreamComplete(request, timeout=10)))
+    assert [[c.restart.backend for c in chunks if c.HasField("restart")] for chunks in answers] == [
+        ["openai"]
+    ] * CALLS_PAID_FOR
+    assert [chunks[-1].backend for chunks in answers] == ["dear"] * CALLS_PAID_FOR
+    assert len(refused) == CALLS - CALLS_PAID_FOR
+    billed = await spent(stub)
+    assert billed["dear"] == CALLS_PAID_FOR * 3 * DEAR and 0 < billed["openai"] < CALLS_PAID_FOR * 3 * CHEAP
+    assert sum(billed.values()) <= budget

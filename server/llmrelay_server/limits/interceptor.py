@@ -18,6 +18,7 @@ from llmrelay_server.auth import Caller, Continuation, Handler, current_caller, 
 from llmrelay_server.config import Limits
 from llmrelay_server.decoding import COMPLETE, EMBED, STREAM_COMPLETE, decoded
 from llmrelay_server.domain import (
+    CallEstimate,
     CompletionRequest,
     EmbeddingRequest,
     InvalidRequestError,
@@ -33,10 +34,10 @@ from llmrelay_server.tokens import TokenCounter
 class Routing(Protocol):
     """What the limits ask of the router (router.Router)."""
 
-    def estimate_usd_micros(
+    def estimate(
         self, request: CompletionRequest, prompt_tokens: int, completion_tokens: int, may_use: ModelFilter | None
-    ) -> int:
-        """The most the request may cost."""
+    ) -> CallEstimate:
+        """The most the request may be billed for."""
         ...
 
     def estimate_embedding_usd_micros(self, model: str | None, prompt_tokens: int, may_use: ModelFilter | None) -> int:
@@ -195,8 +196,8 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         prompt = (
             await self._counter.count_chat_async(parsed.model or "", parsed.messages, parsed.options.tools, by=by)
         ).tokens
-        usd_micros = self._router.estimate_usd_micros(parsed, prompt, completion, models_allowed())
-        return prompt + completion, completion, usd_micros
+        answers, usd_micros = self._router.estimate(parsed, prompt, completion, models_allowed())
+        return answers * (prompt + completion), answers * completion, usd_micros
 
     async def _estimate_embedding(self, request: pb.EmbedRequest, by: float) -> tuple[int, int]:
         """The tokens and cost to reserve: the inputs as counted offline (an embedding answers with no tokens)."""
