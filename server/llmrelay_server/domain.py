@@ -269,13 +269,26 @@ class TokenUsage:
         )
 
     def __add__(self, other: TokenUsage) -> TokenUsage:
-        """The usage of two attempts together: estimated if either was; costs add up, an unset one counting as none."""
+        """The usage of two attempts together: estimated if either was; costs add up, an unset one counting as none.
+        Counts that together would pass MAX_TOKEN_COUNT (each attempt's fits; a restarted stream's may not) stop
+        there, estimated: the contract's total cannot carry more, and says "at least this many"."""
+        prompt = self.prompt_tokens + other.prompt_tokens
+        completion = self.completion_tokens + other.completion_tokens
+        reasoning = _sum_known(self.reasoning_tokens, other.reasoning_tokens)
+        cached = _sum_known(self.cached_prompt_tokens, other.cached_prompt_tokens)
+        estimated = self.estimated or other.estimated
+        if prompt + completion > MAX_TOKEN_COUNT:
+            prompt = min(prompt, MAX_TOKEN_COUNT)
+            completion = min(completion, MAX_TOKEN_COUNT - prompt)
+            reasoning = None if reasoning is None else min(reasoning, completion)
+            cached = None if cached is None else min(cached, prompt)
+            estimated = True
         return TokenUsage(
-            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
-            completion_tokens=self.completion_tokens + other.completion_tokens,
-            estimated=self.estimated or other.estimated,
-            reasoning_tokens=_sum_known(self.reasoning_tokens, other.reasoning_tokens),
-            cached_prompt_tokens=_sum_known(self.cached_prompt_tokens, other.cached_prompt_tokens),
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            estimated=estimated,
+            reasoning_tokens=reasoning,
+            cached_prompt_tokens=cached,
             cost=other.cost if self.cost is None else self.cost if other.cost is None else self.cost + other.cost,
         )
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from llmrelay import v1 as pb
 from llmrelay_server import convert
 from llmrelay_server.domain import (
+    MAX_TOKEN_COUNT,
     Attempt,
     AttemptOutcome,
     CompletionChunk,
@@ -1038,6 +1039,19 @@ def test_the_last_chunk_carries_finish_usage_and_attempts() -> None:
     ]
     assert [a.duration.ToNanoseconds() for a in out.attempts] == [250_000_000, 1_500_000_000]
     assert not out.delta.HasField("content")
+
+
+def test_a_restarted_streams_usage_past_what_the_contract_carries_stops_there_estimated() -> None:
+    # Each attempt's usage fits an int32 (the wire checks it); a broken attempt's and the next one's together did
+    # not: protobuf's ValueError after the answer had streamed, INTERNAL with a traceback, the usage lost.
+    broken = TokenUsage(9, 3, reasoning_tokens=1, cached_prompt_tokens=4)
+    whole = TokenUsage(MAX_TOKEN_COUNT - 5, 1, reasoning_tokens=1, cached_prompt_tokens=MAX_TOKEN_COUNT - 5)
+    usage = broken + whole
+    chunk = CompletionChunk(id="c", backend="b", model="m", finish_reason=FinishReason.STOP, usage=usage)
+    out = roundtrip(convert.stream_response(chunk)).usage
+    assert (out.prompt_tokens, out.completion_tokens, out.total_tokens) == (MAX_TOKEN_COUNT, 0, MAX_TOKEN_COUNT)
+    assert out.estimated and out.reasoning_tokens == 0 and out.cached_prompt_tokens == MAX_TOKEN_COUNT - 1
+    assert TokenUsage(9, 3) + TokenUsage(10, 5, estimated=False) == TokenUsage(19, 8), "below it, exact"
 
 
 def test_a_finish_without_usage_has_no_usage() -> None:
