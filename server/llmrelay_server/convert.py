@@ -233,8 +233,8 @@ def usage_query(request: pb.GetUsageRequest) -> UsageQuery:
         if request.HasField(name) and CONTROL_CHARACTERS.search(getattr(request, name)):
             errors.add(name, "must hold no control characters (a NUL, a newline)")
     # No caller is named otherwise, and one that long would be quoted back whole in a refusal's details, past what
-    # gRPC lets trailers carry. ("" is a filter too, which no caller matches.)
-    if request.caller and not CALLER_NAME.fullmatch(request.caller):
+    # gRPC lets trailers carry. "" too: no caller has it, and its answer would be "no usage" as if there were none.
+    if request.HasField("caller") and not CALLER_NAME.fullmatch(request.caller):
         errors.add("caller", "must be a caller's name: 1-128 letters, digits and ._:@/-")
     errors.raise_if_any()
     return UsageQuery(

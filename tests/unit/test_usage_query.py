@@ -17,13 +17,22 @@ def test_filters_and_window_pass_through_with_times_in_whole_seconds_rounded_up(
     request = pb.GetUsageRequest(
         backend="ollama",
         model="tiny",
-        caller="",  # an optional field: set, even to "", it is a filter
+        caller="alice",
         start_time=Timestamp(seconds=-1, nanos=500_000_000),
         end_time=Timestamp(seconds=1_700_000_000, nanos=500_000_000),
     )
 
     # Minutes start on whole seconds: a bound between two means what the next one does.
-    assert usage_query(request) == UsageQuery("ollama", "tiny", "", 0.0, 1_700_000_001.0)
+    assert usage_query(request) == UsageQuery("ollama", "tiny", "alice", 0.0, 1_700_000_001.0)
+
+
+@pytest.mark.parametrize("caller", ["", "a b", "x" * 129])
+def test_a_caller_no_caller_can_be_is_a_violation(caller: str) -> None:
+    # "" was taken as a filter that no caller matches: an empty answer, as if there were no usage, where the contract
+    # says INVALID_ARGUMENT.
+    with pytest.raises(InvalidRequestError) as caught:
+        usage_query(pb.GetUsageRequest(caller=caller))
+    assert [v.field for v in caught.value.violations] == ["caller"]
 
 
 def test_a_bound_a_nanosecond_past_a_minutes_start_keeps_its_meaning() -> None:
