@@ -173,6 +173,10 @@ class LLMServicer(pb.LLMServiceServicer):
                             self._sending.pop(task, None)  # gone already if `_end` ended it
                         else:
                             for piece in _split(chunk, self._max_delta_chars):
+                                if _text_length(piece) > self._max_delta_chars:
+                                    # A call's id or signature alone, which goes back whole or not at all.
+                                    size = convert.stream_response(piece).ByteSize()
+                                    raise AnswerTooLargeError(size, self._max_message_bytes, _WHOLE_FIELD_TOO_LARGE)
                                 self._sending[task] = context
                                 yield convert.stream_response(piece)
                                 self._sending.pop(task, None)
@@ -390,9 +394,19 @@ async def _abort_behind(context: grpc.aio.ServicerContext[Any, Any], error: LLMR
         await abort(context, "StreamComplete", error)
 
 
+_WHOLE_FIELD_TOO_LARGE: Final = (
+    "a tool call's id or signature from the upstream is that large alone, and is never cut: raise the gateway's"
+    " server.max_message_bytes"
+)
+
+
 def _text_length(chunk: CompletionChunk) -> int:
     length = len(chunk.content or "") + len(chunk.reasoning or "")
-    return length + sum(len(call.arguments or "") for call in chunk.tool_calls) if chunk.tool_calls else length
+    if not chunk.tool_calls:
+        return length
+    return length + sum(
+        len(call.arguments or "") + len(call.id or "") + len(call.signature or "") for call in chunk.tool_calls
+    )
 
 
 def _split(chunk: CompletionChunk, max_chars: int) -> list[CompletionChunk]:

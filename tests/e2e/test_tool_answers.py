@@ -11,7 +11,18 @@ import grpc
 import pytest
 from llmrelay import StreamAssembler
 from llmrelay import v1 as pb
-from support import DIALECTS, FAST_ROUTER, OPENAI_TEST_KEY, StubFactory, chat, stream_chat, tool, user
+from support import (
+    DIALECTS,
+    FAST_ROUTER,
+    OPENAI_TEST_KEY,
+    StubFactory,
+    chat,
+    details,
+    read_all,
+    stream_chat,
+    tool,
+    user,
+)
 from upstream import FakeUpstream, thought_signature
 
 WEATHER = tool("weather", {"type": "object", "properties": {"city": {"type": "string"}}})
@@ -229,3 +240,28 @@ async def test_a_signature_is_not_sent_to_openai_which_signs_no_call(
         "google": {"thought_signature": signature}
     }
     assert "extra_content" not in primary.chat_requests[0]["messages"][1]["tool_calls"][0]
+
+
+async def test_a_signature_larger_than_a_message_may_be_ends_the_stream_with_the_gateways_status(
+    stub_for: StubFactory, gemini: FakeUpstream, primary: FakeUpstream
+) -> None:
+    # Text is sent in pieces under the message limit; a call's id and signature go whole or not at all. One over
+    # the limit was left to gRPC, which refused the message with a bare RESOURCE_EXHAUSTED and no details.
+    stub = await stub_for(signing_backend_first(gemini, primary), server="max_message_bytes: 100000")
+    call = {"id": "a", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    call["extra_content"] = {"google": {"thought_signature": "c2ln" * 50_000}}
+    gemini.inject({"body": _signed_stream(call), "content_type": "text/event-stream"})
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await read_all(stub.StreamComplete(stream_chat("weather?", options=OPTIONS), timeout=5))
+
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details(caught.value)["ErrorInfo"].reason == "ANSWER_TOO_LARGE"
+    assert "server.max_message_bytes" in (caught.value.details() or "")
+
+
+def _signed_stream(call: dict[str, Any]) -> str:
+    answer = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "gemini-test"}
+    deltas = [({"role": "assistant", "tool_calls": [call]}, None), ({}, "tool_calls")]
+    chunks = [answer | {"choices": [{"index": 0, "delta": d, "finish_reason": f}]} for d, f in deltas]
+    return "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
