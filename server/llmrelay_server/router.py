@@ -328,6 +328,8 @@ class _Chain:
     circuit's cool-down); None where it said nothing. Not those whose last failure no wait mends (NO_WAIT_MENDS)."""
     causes: set[UpstreamErrorKind] = field(default_factory=set)
     """How the failed and skipped attempts failed (a skip: UNREACHABLE)."""
+    failed: set[Backend] = field(default_factory=set)
+    """The backends an attempt of this call failed on."""
 
     def may_fit(self, route: Route) -> bool:
         window = route.backend.provider.spec.context_window
@@ -338,6 +340,18 @@ class _Chain:
 
     def record(self, route: Route, outcome: AttemptOutcome, started: float, error: UpstreamError | None) -> None:
         """An attempt that began at `started` (time.perf_counter()) ended now."""
+        self._listed(route, outcome, started, error)
+        if error is not None:
+            self.last_error = error
+            self.causes.add(error.kind)
+            if outcome is not AttemptOutcome.SKIPPED:
+                self.failed.add(route.backend)
+            if error.kind in NO_WAIT_MENDS:
+                self.said_waits.pop(route.backend, None)
+            else:
+                self.said_waits[route.backend] = error.retry_after_s
+
+    def _listed(self, route: Route, outcome: AttemptOutcome, started: float, error: UpstreamError | None) -> None:
         duration_s = max(0.0, time.perf_counter() - started)
         self.attempts.append(
             Attempt(
@@ -350,13 +364,6 @@ class _Chain:
                 started_at=time.time() - duration_s,
             )
         )
-        if error is not None:
-            self.last_error = error
-            self.causes.add(error.kind)
-            if error.kind in NO_WAIT_MENDS:
-                self.said_waits.pop(route.backend, None)
-            else:
-                self.said_waits[route.backend] = error.retry_after_s
 
     def skip(self, route: Route) -> None:
         """The route's circuit is open: recorded with why, and when it may be tried again."""
@@ -375,6 +382,11 @@ class _Chain:
             status=last.status if last is not None else None,
             retry_after_s=wait_s,
         )
+        if route.backend in self.failed:
+            # This call's own failure opened it: listed, so that the attempts say why it was not retried, but no
+            # cause of its own (the failure is), and its wait stays the failure's (`_soonest_s` adds the circuit's).
+            self._listed(route, AttemptOutcome.SKIPPED, time.perf_counter(), skipped)
+            return
         # A real failure before it names the problem better than the skip does.
         last_error = self.last_error
         self.record(route, AttemptOutcome.SKIPPED, time.perf_counter(), skipped)

@@ -486,6 +486,24 @@ def test_a_skipped_backend_is_a_cause_of_its_own() -> None:
     assert error.retry_after_s == 30.0, "a's cool-down: no wait makes b serve a model it has not"
 
 
+def test_a_skip_after_the_calls_own_failure_opened_the_circuit_is_no_cause_of_its_own() -> None:
+    # The retry finds the circuit that the failure before it opened: listed as skipped, but the call failed for one
+    # cause (the upstream's 429), and its wait is the later of that Retry-After and the cool-down. As a cause of its
+    # own, it made the status BACKENDS_UNAVAILABLE with the cool-down alone.
+    (a,), _ = failing_backends("a")
+    chain = _Chain(deadline=0.0)
+    for _ in range(CIRCUIT.failure_threshold):
+        fail(chain, a, UpstreamErrorKind.RATE_LIMITED, retry_after_s=45.0)
+    chain.skip(Route(a, "m"))
+
+    error = chain.exhausted()
+
+    assert [attempt.outcome for attempt in error.attempts][-2:] == [AttemptOutcome.RATE_LIMITED, AttemptOutcome.SKIPPED]
+    assert error.causes == {UpstreamErrorKind.RATE_LIMITED}
+    assert error.retry_after_s == 45.0, "its Retry-After, later than the cool-down's 30 s"
+    assert error.last_upstream_error is not None and error.last_upstream_error.kind is UpstreamErrorKind.RATE_LIMITED
+
+
 def test_a_stream_keeps_a_bounded_part_of_its_text_for_the_gateways_count() -> None:
     """Kept whole, a long answer's text held all of it in memory for a count most upstreams make unneeded."""
     received = _Received()
