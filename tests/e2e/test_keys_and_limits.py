@@ -620,6 +620,15 @@ async def test_a_request_larger_than_a_limit_is_told_what_to_change_not_when_to_
             assert f"set max_tokens to at most {500 - prompt}" in message
         fitting = chat(model="gpt-test", options=pb.CompletionOptions(max_tokens=500 - prompt))
         assert (await stub.Complete(fitting, metadata=bearer(RESEARCH_KEY), timeout=5)).backend == "openai"
+        # A stream that may start over on its second route (Ollama) reserves an answer on each: the advice fits that.
+        restarting = stream_chat(
+            model="gpt-test", options=pb.CompletionOptions(max_tokens=300), on_interrupt=pb.INTERRUPT_POLICY_RESTART
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await read(stub.StreamComplete(restarting, metadata=bearer(RESEARCH_KEY), timeout=5))
+        message = never_fits(caught.value, "TOKENS_PER_MINUTE_EXCEEDED", "key:research")
+        assert f"each {prompt} of prompt + 300 for the answer" in message
+        assert f"set max_tokens to at most {250 - prompt}" in message
 
         over = chat(model="gpt-test", options=pb.CompletionOptions(max_tokens=20_000))
         with pytest.raises(grpc.aio.AioRpcError) as caught:

@@ -19,9 +19,16 @@ class Clock:
 
 
 def ask(
-    limits: Limits, *, subject: str = "key:a", tokens: int = 0, usd: int = 0, stream: bool = False, answer: int = 0
+    limits: Limits,
+    *,
+    subject: str = "key:a",
+    tokens: int = 0,
+    usd: int = 0,
+    stream: bool = False,
+    answer: int = 0,
+    answers: int = 1,
 ) -> Ask:
-    return Ask(subject, limits, tokens, usd, stream, answer)
+    return Ask(subject, limits, tokens, usd, stream, answer, answers)
 
 
 def on(clock: Clock) -> InProcessLimiter:
@@ -96,6 +103,15 @@ async def test_a_request_larger_than_the_limit_is_told_what_to_change_and_no_tim
 async def test_the_remedy_is_what_can_help(the_ask: Ask, remedy: str) -> None:
     error = await refused(on(Clock()), the_ask)
     assert remedy in error.description and error.retry_after_s is None
+
+
+async def test_a_restarting_stream_too_large_is_told_what_one_answer_may_take() -> None:
+    # Two routes, each a 9-token prompt and max_tokens 60: 138 reserved. Told "9 + 60" as "18 + 120" and to set
+    # max_tokens to 82, which the same refusal met again: at most 41 fits, with an answer on each route.
+    error = await refused(on(Clock()), ask(Limits(tokens_per_minute=100), tokens=138, answer=120, answers=2))
+    assert "reserves 138 tokens (2 answers, one on each route it may start over on" in error.description
+    assert "each 9 of prompt + 60 for the answer" in error.description
+    assert "set max_tokens to at most 41" in error.description and "exact_model" in error.description
 
 
 async def test_a_request_larger_than_the_limit_is_refused_as_such_before_what_was_spent() -> None:

@@ -143,6 +143,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         stream: bool,
     ) -> Reservation:
         tokens = answer_tokens = usd_micros = 0
+        answers = 1
         try:
             # A request that did not decode reserves nothing, as an invalid one: the handler refuses it.
             if decoded(request) and any(
@@ -154,8 +155,10 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
                 if isinstance(request, pb.EmbedRequest):
                     tokens, usd_micros = await self._estimate_embedding(request, by)
                 else:
-                    tokens, answer_tokens, usd_micros = await self._estimate(request, by)
-            asks = [Ask(subject, limits, tokens, usd_micros, stream, answer_tokens) for subject, limits in subjects]
+                    tokens, answer_tokens, usd_micros, answers = await self._estimate(request, by)
+            asks = [
+                Ask(subject, limits, tokens, usd_micros, stream, answer_tokens, answers) for subject, limits in subjects
+            ]
             return await self._limiter.reserve(asks)
         except LLMRelayError as error:
             if self._refused_anyway(request):
@@ -184,20 +187,20 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
 
     async def _estimate(
         self, request: pb.CompleteRequest | pb.StreamCompleteRequest, by: float
-    ) -> tuple[int, int, int]:
-        """The tokens to reserve (the prompt as counted offline, and the most the answer may take), those of them for
-        the answer, and their cost."""
+    ) -> tuple[int, int, int, int]:
+        """The tokens to reserve (the prompt as counted offline, and the most the answer may take, for each answer
+        the call may be billed for), those of them for the answers, their cost, and how many answers."""
         try:
             # Under the servicer's own bound, so that the servicer takes this parse and does not repeat it.
             parsed = convert.completion_request(request, max_image_bytes=self._max_image_bytes)
         except InvalidRequestError:
-            return 0, 0, 0  # the servicer refuses it before any upstream is asked
+            return 0, 0, 0, 1  # the servicer refuses it before any upstream is asked
         completion = parsed.options.max_tokens or self._reserve_completion_tokens
         prompt = (
             await self._counter.count_chat_async(parsed.model or "", parsed.messages, parsed.options.tools, by=by)
         ).tokens
         answers, usd_micros = self._router.estimate(parsed, prompt, completion, models_allowed())
-        return answers * (prompt + completion), answers * completion, usd_micros
+        return answers * (prompt + completion), answers * completion, usd_micros, answers
 
     async def _estimate_embedding(self, request: pb.EmbedRequest, by: float) -> tuple[int, int]:
         """The tokens and cost to reserve: the inputs as counted offline (an embedding answers with no tokens)."""

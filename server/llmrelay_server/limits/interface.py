@@ -37,6 +37,9 @@ class Ask:
     answer_tokens: int = 0
     """Of `tokens`, those reserved for the answer (the request's max_tokens, or server.reserve_completion_tokens);
     the rest are the prompt's. 0 for an embedding, which answers with no tokens."""
+    answers: int = 1
+    """How many answers `tokens` are for: a stream that starts over on its next route when broken reserves one on
+    each of its routes, each its prompt and its max_tokens."""
 
 
 @dataclass(slots=True)
@@ -103,22 +106,28 @@ def _breakdown(ask: Ask) -> str:
     """What the reserved tokens are made of."""
     if not ask.answer_tokens:
         return "its inputs"
-    return (
-        f"{ask.tokens - ask.answer_tokens} of prompt + {ask.answer_tokens} for the answer: its max_tokens, or the"
-        " gateway's reserve_completion_tokens when it sets none"
+    prompt, answer = (ask.tokens - ask.answer_tokens) // ask.answers, ask.answer_tokens // ask.answers
+    made_of = (
+        f"{prompt} of prompt + {answer} for the answer: its max_tokens, or the gateway's reserve_completion_tokens"
+        " when it sets none"
     )
+    if ask.answers == 1:
+        return made_of
+    return f"{ask.answers} answers, one on each route it may start over on when broken, each {made_of}"
 
 
 def _remedy(ask: Ask, tokens_per_minute: int | None) -> str:
     """What to change in the request for it to fit: with a tokens-per-minute limit, the largest max_tokens that does."""
     if not ask.answer_tokens:
         return "send fewer or shorter inputs"
-    prompt = ask.tokens - ask.answer_tokens
+    prompt = (ask.tokens - ask.answer_tokens) // ask.answers
+    # A stream that starts over on its next route reserves an answer on each: one answer is what the rest reserve.
+    or_one = ", or ask for no restart (on_interrupt) or for the model exactly (exact_model)" if ask.answers > 1 else ""
     if tokens_per_minute is None:
-        return "set a lower max_tokens, or shorten the prompt"
-    if prompt >= tokens_per_minute:
-        return "shorten the prompt"
-    return f"set max_tokens to at most {tokens_per_minute - prompt}, or shorten the prompt"
+        return f"set a lower max_tokens, or shorten the prompt{or_one}"
+    if prompt >= tokens_per_minute // ask.answers:
+        return f"shorten the prompt{or_one}"
+    return f"set max_tokens to at most {tokens_per_minute // ask.answers - prompt}, or shorten the prompt{or_one}"
 
 
 def refusal(kind: LimitKind, ask: Ask, retry_after_s: float) -> LimitExceededError:
