@@ -57,7 +57,7 @@ class StreamAssembler:
             call.id = call.id or fragment.id
             call.name = call.name or fragment.name
             call.arguments.append(fragment.arguments)
-            if fragment.HasField("signature"):
+            if call.signature is None and fragment.HasField("signature"):
                 call.signature = fragment.signature
         self._last = chunk
 
