@@ -87,6 +87,10 @@ def test_no_proxy(monkeypatch: pytest.MonkeyPatch, no_proxy: str, url: str, dire
         ("socks5://me:secret@proxy.corp:1080", "socks5://proxy.corp... is not an http:// proxy"),
         ("https://proxy.corp:443", "https://proxy.corp... is not an http:// proxy"),
         ("http://proxy.corp:99999", "the proxy's port is not a number"),
+        # urllib's own ValueErrors, which quote the value (its password): a traceback at start, the secret in it
+        ("http://[::1", "not a proxy URL (its host or port cannot be read)"),
+        ("http://me:secret\u2100x@proxy.corp:3128", "not a proxy URL"),
+        ("http://me:secret@[zz]:3128", "not a proxy URL"),
     ],
 )
 def test_a_proxy_the_gateway_cannot_use_is_refused_at_start(

@@ -77,7 +77,12 @@ NO_PROXIES = Proxies({})
 
 def _proxy(url: str, variable: str) -> Proxy:
     # "proxy:3128" without a scheme means http://, as curl reads it.
-    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    try:
+        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        parts.hostname  # noqa: B018 - read for its ValueError: an address in brackets that is none
+    except ValueError:
+        # Not the value, nor urllib's words, which quote it: its credentials with it.
+        raise ProxyConfigError(f"{variable}: not a proxy URL (its host or port cannot be read)") from None
     if parts.scheme != "http" or not parts.hostname:
         shown = f"{parts.scheme}://{parts.hostname or ''}"
         raise ProxyConfigError(
