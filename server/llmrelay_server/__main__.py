@@ -14,6 +14,10 @@ INTERRUPTED = 130
 
 
 def main() -> None:
+    # SIGHUP reloads the keys file once the gateway has started (which reads it anyway); until then it would end the
+    # process, and a service manager's reload right after a start (systemd's ExecReload) would stop the gateway: from
+    # the first moment, as the modules take a second or two to load.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # While the modules load, Ctrl-C ends the process at once; an ignored SIGINT (a command started in the
     # background) stays ignored.
     loading = signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -20,9 +19,6 @@ from llmrelay_server.workers import ListenError, Supervisor, WorkerRole
 
 
 def main(argv: list[str] | None = None) -> None:
-    # SIGHUP reloads the keys file once the gateway has started (which reads it anyway); until then it would end the
-    # process, and a service manager's reload right after a start (systemd's ExecReload) would stop the gateway.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["keys"]:
         keys(argv[1:])
