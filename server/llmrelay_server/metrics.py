@@ -18,13 +18,17 @@ import abc
 import bisect
 import functools
 import math
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
 from typing import Any, ClassVar, Generic, TypeVar
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -284,8 +288,7 @@ class Metrics:
 
     def serve(self, listen: str) -> int:
         """Serves /metrics on HOST:PORT in a thread of its own; the port it bound."""
-        host, _, port = listen.rpartition(":")
-        self._server, _thread = start_http_server(int(port), host.strip("[]"), registry=self.registry)
+        self._server = serve_metrics(listen, self.registry)
         self.port = int(self._server.server_port)
         return self.port
 
@@ -522,3 +525,44 @@ class _CountedCall:
         if self._meter.attempts:  # a model call that reached the router
             model = self._request.model if self._request.HasField("model") else None
             method.metrics.observe_call(method.overhead(), self._meter, elapsed, model, method.operation)
+
+
+METRICS_READ_TIMEOUT_S = 10.0
+"""How long a connection to /metrics may take to send its request: each holds a thread meanwhile."""
+
+
+class _MetricsRequestHandler(WSGIRequestHandler):
+    """prometheus-client's handler, with a timeout: its own has none, and a connection that never finishes its request
+    line holds a thread of the gateway's for ever (anyone who reaches the port could add threads without end)."""
+
+    timeout = METRICS_READ_TIMEOUT_S
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except TimeoutError:
+            pass  # the connection closes; socketserver would print a traceback for it
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged, as prometheus-client's own handler logs none."""
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # as prometheus-client's: a scrape in progress does not hold up the process's exit
+
+
+def serve_metrics(listen: str, registry: CollectorRegistry) -> WSGIServer:
+    """prometheus-client's /metrics (its WSGI app, as start_http_server serves it) on HOST:PORT, in a thread of its
+    own, each connection in its own thread for at most METRICS_READ_TIMEOUT_S of waiting; OSError when it cannot
+    bind."""
+    host, _, port = listen.rpartition(":")
+    family, _, _, _, address = socket.getaddrinfo(
+        host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+
+    class Server(_MetricsServer):
+        address_family = family  # IPv6 where HOST is one (socketserver's default is IPv4)
+
+    server = make_server(str(address[0]), int(port), make_wsgi_app(registry), Server, _MetricsRequestHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

@@ -52,13 +52,14 @@ from pathlib import Path
 from typing import Any, Final
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from llmrelay_server.config import GatewayConfig
 from llmrelay_server.logs import use_log_format
+from llmrelay_server.metrics import serve_metrics
 
 log = logging.getLogger("llmrelay_server.workers")
 
@@ -327,9 +328,9 @@ class Supervisor:
         if listen is None:
             return None
         self._registry.register(_WorkersMetrics(run_dir))
-        host, _, port = listen.rpartition(":")
+        host = listen.rpartition(":")[0]
         try:
-            server, _thread = start_http_server(int(port), host.strip("[]"), registry=self._registry)
+            server = serve_metrics(listen, self._registry)
         except OSError as exc:
             raise ListenError(f"cannot serve metrics on {listen}: {exc.strerror}") from exc
         log.info("metrics of all workers on http://%s:%d/metrics", host, server.server_port)

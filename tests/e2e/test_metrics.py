@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import urllib.request
 from typing import Any
 
@@ -12,13 +13,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import v1 as pb
+from llmrelay_server import metrics
 from llmrelay_server.app import Gateway
 from llmrelay_server.domain import BackendSpec
 from llmrelay_server.metrics import LabelValues
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 from prometheus_client.parser import text_string_to_metric_families
-from support import GatewayFactory, chat, stream_chat, two_backends
+from support import GatewayFactory, chat, stream_chat, two_backends, wait_until
 from upstream import FakeUpstream
 
 COMPLETE = {"grpc_type": "unary", "grpc_service": "llmrelay.v1.LLMService", "grpc_method": "Complete"}
@@ -310,3 +312,29 @@ async def test_a_call_its_callers_deadline_ended_counts_as_deadline_exceeded(
     assert value(samples, "grpc_server_handled_total", **method, grpc_code="CANCELLED") == 0
     [line] = [record.call for record in caplog.records if record.name == "llmrelay_server.calls"]  # type: ignore[attr-defined]
     assert line["rpc"] == "grpc.health.v1.Health/Watch" and line["code"] == "DEADLINE_EXCEEDED"
+
+
+async def test_a_connection_that_never_sends_its_request_is_closed_and_holds_no_thread(
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    # prometheus-client's handler has no timeout: each such connection held a thread of the gateway's for ever, and
+    # anyone who reaches the port could add them without end.
+    monkeypatch.setattr(metrics._MetricsRequestHandler, "timeout", 0.3)
+    _, port = await metered(gateway_factory, primary, local)
+    threads = threading.active_count()
+    idle = []
+    for _ in range(5):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metr")
+        idle.append(writer)
+    await wait_until(lambda: threading.active_count() >= threads + 5)
+
+    await wait_until(lambda: threading.active_count() <= threads, timeout_s=10)
+    for writer in idle:
+        writer.close()
+    assert value(await scrape(port), "llmrelay_open_streams") == 0, "and it goes on serving"
+    assert "Traceback" not in capfd.readouterr().err
