@@ -794,6 +794,8 @@ def _parse_yaml(text: str, env: Mapping[str, str], where: str, holds: str) -> Ma
     # it has, and can never show up in a YAML syntax error.
     try:
         interpolated: Mapping[str, Any] = _interpolate(document, env)
+    except _UnreadPlaceholderError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     except ConfigError as exc:
         raise ConfigError(f"{where}: not valid YAML: {exc}") from None
     return interpolated
@@ -842,12 +844,24 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     return f"{error.problem or 'a syntax error'}{context} at line {mark.line + 1}, column {mark.column + 1}"
 
 
-def _interpolate(value: Any, env: Mapping[str, str], done: dict[int, Any] | None = None) -> Any:
-    """${VAR} and ${VAR:-default} in every string of the document, from the environment.
+class _UnreadPlaceholderError(ConfigError):
+    """A `${` that is none of the forms the gateway replaces."""
+
+
+def _interpolate(value: Any, env: Mapping[str, str], done: dict[int, Any] | None = None, where: str = "") -> Any:
+    """${VAR} and ${VAR:-default} in every string of the document, from the environment; any other `${...}` (the
+    shell's `${VAR:?message}`, `${VAR-default}`) refused, naming its field (`where`): kept as it is, it would be the
+    value itself (a key of that text, a model of that name).
 
     A list or mapping that YAML aliases (`*name`) is interpolated once, and stays shared: copying it at each alias
     could grow without end (aliases of aliases), and one that contains itself (`&a [*a]`) is refused."""
     if isinstance(value, str):
+        if "${" in value and (unread := _INTERPOLATION.sub("", value).find("${")) >= 0:
+            placeholder = _INTERPOLATION.sub("", value)[unread:].partition("}")[0][:40] + "}"
+            raise _UnreadPlaceholderError(
+                f"{where or 'a value'}: {placeholder} is not replaced: the gateway replaces ${{VAR}} and"
+                " ${VAR:-default} alone"
+            )
         return _INTERPOLATION.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
     if not isinstance(value, Mapping | list):
         return value
@@ -858,9 +872,9 @@ def _interpolate(value: Any, env: Mapping[str, str], done: dict[int, Any] | None
         return done[id(value)]
     done[id(value)] = None  # being interpolated
     if isinstance(value, Mapping):
-        result: Any = {k: _interpolate(v, env, done) for k, v in value.items()}
+        result: Any = {k: _interpolate(v, env, done, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
     else:
-        result = [_interpolate(v, env, done) for v in value]
+        result = [_interpolate(v, env, done, f"{where}[{i}]") for i, v in enumerate(value)]
     done[id(value)] = result
     return result
 

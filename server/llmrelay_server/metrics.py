@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import bisect
+import contextlib
 import functools
 import math
 import socket
@@ -538,10 +539,8 @@ class _MetricsRequestHandler(WSGIRequestHandler):
     timeout = METRICS_READ_TIMEOUT_S
 
     def handle(self) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):  # the connection closes; socketserver would print a traceback
             super().handle()
-        except TimeoutError:
-            pass  # the connection closes; socketserver would print a traceback for it
 
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not logged, as prometheus-client's own handler logs none."""

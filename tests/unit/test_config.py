@@ -292,6 +292,33 @@ def test_interpolation_of_an_unset_variable_without_default_is_empty(tmp_path: P
     assert _ollama(cfg).default_model == "gpt-oss:20b"
 
 
+@pytest.mark.parametrize(
+    ("text", "field", "placeholder"),
+    [
+        (
+            'llm:\n  openai: {api_key: "${OPENAI_API_KEY:?set OPENAI_API_KEY}"}\n',
+            "llm.openai.api_key",
+            "${OPENAI_API_KEY:?set OPENAI_API_KEY}",
+        ),
+        ('llm:\n  ollama: {model: "${OLLAMA_MODEL-llama3}"}\n', "llm.ollama.model", "${OLLAMA_MODEL-llama3}"),
+        (
+            'llm:\n  backends:\n    - {name: b, kind: vllm, base_url: "http://${HOST:-h}:${PORT", model: m}\n',
+            "llm.backends[0].base_url",
+            "${PORT}",
+        ),
+    ],
+)
+def test_a_placeholder_of_another_form_is_refused_naming_its_field(
+    tmp_path: Path, text: str, field: str, placeholder: str
+) -> None:
+    # The shell's and docker compose's ${VAR:?message} and ${VAR-default} were kept as they are: the gateway started
+    # with a key of that text, or a model of that name.
+    with pytest.raises(ConfigError) as refused:
+        load(tmp_path, text, {"OPENAI_API_KEY": "sk-set", "OLLAMA_MODEL": "m", "PORT": "1"})
+    assert f"{field}: {placeholder} is not replaced" in str(refused.value)
+    assert "${VAR} and ${VAR:-default}" in str(refused.value) and "not valid YAML" not in str(refused.value)
+
+
 def test_interpolation_works_in_numbers_and_keys_alike(tmp_path: Path) -> None:
     text = "server:\n  grace_period_s: ${GRACE:-4}\nllm:\n  openai:\n    api_key: ${MY_KEY}\n"
     cfg = load(tmp_path, text, {"MY_KEY": "sk-interpolated"})
