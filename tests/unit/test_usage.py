@@ -443,6 +443,26 @@ async def test_a_query_while_the_database_is_down_is_refused_without_reading_the
     await ledger.aclose()
 
 
+async def test_a_ledger_down_with_every_record_written_stops_without_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The database went down after the last record was written (the idle check found it so): the stop said ERROR
+    # "0 records not written at shutdown", an alarm for nothing.
+    ledger = UsageLedger(tmp_path / "usage.sqlite3")
+    ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+    await ledger.flush()
+
+    async def down(*_: object) -> NoReturn:
+        raise LedgerUnavailableError("SQLite: disk I/O error")
+
+    monkeypatch.setattr(ledger._store, "check", down)
+    await ledger._maintain()  # as its background work checks an idle database
+    assert not ledger.health().available
+    await ledger.aclose()
+
+    assert "usage ledger unavailable" in caplog.text and "not written at shutdown" not in caplog.text
+
+
 async def test_records_in_the_old_default_journal_of_a_postgresql_ledger_are_said(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -353,7 +353,7 @@ class UsageLedger:
             if self._task is not None:
                 await self._task
             try:
-                if self._unavailable is not None and self._journal is not None:
+                if self._unwritten and self._unavailable is not None and self._journal is not None:
                     # The last write failed (each is bounded in time): another would only hold the shutdown up.
                     raise LedgerUnavailableError(self._unavailable[1])
                 await self.flush()
