@@ -308,12 +308,6 @@ class Supervisor:
                     if self._stop.is_set():  # SIGTERM while they start: those started are stopped below
                         return 0
                     await self._start(worker, run_dir, f"{host}:{port}")
-                    if worker is workers[0] and len(workers) > 1:
-                        # The first alone until it serves: a start that fails for the configuration (what only a
-                        # worker reads: a certificate, the ledger, the keys) says so once, not once a worker.
-                        failed = await self._until_all_serve(workers[:1], run_dir)
-                        if failed is not None:
-                            return failed
                 failed = await self._until_all_serve(workers, run_dir)
                 if failed is not None:
                     return failed
