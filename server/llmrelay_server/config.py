@@ -754,7 +754,8 @@ def ollama_base_url(host: str) -> str:
     return f"{scheme}://{hostname}:{port}/v1"
 
 
-_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# A default holds no "$": a nested ${...} in it is none of the two forms, and is refused, not kept as text.
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}$]*))?\}")
 
 
 _KEYS_FILE_HOLDS = " with `keys:`, the list of keys (`keys: []` to admit nobody)"
@@ -856,11 +857,12 @@ def _interpolate(value: Any, env: Mapping[str, str], done: dict[int, Any] | None
     A list or mapping that YAML aliases (`*name`) is interpolated once, and stays shared: copying it at each alias
     could grow without end (aliases of aliases), and one that contains itself (`&a [*a]`) is refused."""
     if isinstance(value, str):
-        if "${" in value and (unread := _INTERPOLATION.sub("", value).find("${")) >= 0:
-            placeholder = _INTERPOLATION.sub("", value)[unread:].partition("}")[0][:40] + "}"
+        if "${" in value and "${" in _INTERPOLATION.sub("", value):
+            # Not the text after it, which may be a secret's (a password with "${" in it, written in the file).
             raise _UnreadPlaceholderError(
-                f"{where or 'a value'}: {placeholder} is not replaced: the gateway replaces ${{VAR}} and"
-                " ${VAR:-default} alone"
+                f"{where or 'a value'}: holds a ${{...}} that is not replaced: the gateway replaces ${{VAR}} and"
+                " ${VAR:-default} alone (the shell's ${VAR:?message} and ${VAR-default}, a default that is a"
+                " ${...} itself, are none of them)"
             )
         return _INTERPOLATION.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
     if not isinstance(value, Mapping | list):

@@ -306,6 +306,8 @@ def test_interpolation_of_an_unset_variable_without_default_is_empty(tmp_path: P
             "llm.backends[0].base_url",
             "${PORT}",
         ),
+        ('llm:\n  ollama: {model: "${OLLAMA_MODEL:-${DEFAULT_M}}"}\n', "llm.ollama.model", "${DEFAULT_M}"),
+        ('server: {usage_db: "postgresql://llm:Xy${7q!Pw9Zk@db/usage"}\n', "server.usage_db", "${7q!Pw9Zk@db}"),
     ],
 )
 def test_a_placeholder_of_another_form_is_refused_naming_its_field(
@@ -315,7 +317,8 @@ def test_a_placeholder_of_another_form_is_refused_naming_its_field(
     # with a key of that text, or a model of that name.
     with pytest.raises(ConfigError) as refused:
         load(tmp_path, text, {"OPENAI_API_KEY": "sk-set", "OLLAMA_MODEL": "m", "PORT": "1"})
-    assert f"{field}: {placeholder} is not replaced" in str(refused.value)
+    assert f"{field}: holds a ${{...}} that is not replaced" in str(refused.value)
+    assert placeholder.partition("${")[2][:3] not in str(refused.value).partition("replaces")[0], "nothing of it"
     assert "${VAR} and ${VAR:-default}" in str(refused.value) and "not valid YAML" not in str(refused.value)
 
 
