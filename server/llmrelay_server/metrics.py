@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import bisect
 import contextlib
+import errno
 import functools
 import math
 import socket
@@ -539,7 +540,9 @@ class _MetricsRequestHandler(WSGIRequestHandler):
     timeout = METRICS_READ_TIMEOUT_S
 
     def handle(self) -> None:
-        with contextlib.suppress(TimeoutError):  # the connection closes; socketserver would print a traceback
+        # The connection closes: timed out, or reset by its client (a port scan, a TCP health check), for which
+        # socketserver would print a traceback.
+        with contextlib.suppress(TimeoutError, ConnectionError):
             super().handle()
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -555,9 +558,12 @@ def serve_metrics(listen: str, registry: CollectorRegistry) -> WSGIServer:
     own, each connection in its own thread for at most METRICS_READ_TIMEOUT_S of waiting; OSError when it cannot
     bind."""
     host, _, port = listen.rpartition(":")
-    family, _, _, _, address = socket.getaddrinfo(
-        host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
+    try:
+        family, _, _, _, address = socket.getaddrinfo(
+            host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except UnicodeError as exc:  # a name IDNA cannot encode ("a..b", a label over 63 characters)
+        raise OSError(errno.EINVAL, "not a host name") from exc
 
     class Server(_MetricsServer):
         address_family = family  # IPv6 where HOST is one (socketserver's default is IPv4)

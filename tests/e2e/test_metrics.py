@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 import threading
 import urllib.request
 from typing import Any
@@ -19,6 +21,7 @@ from llmrelay_server.domain import BackendSpec
 from llmrelay_server.metrics import LabelValues
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from support import GatewayFactory, chat, stream_chat, two_backends, wait_until
 from upstream import FakeUpstream
@@ -336,5 +339,17 @@ async def test_a_connection_that_never_sends_its_request_is_closed_and_holds_no_
     await wait_until(lambda: threading.active_count() <= threads, timeout_s=10)
     for writer in idle:
         writer.close()
+    # One reset by its client with its request half sent (a port scan, a TCP health check): no traceback either.
+    with socket.create_connection(("127.0.0.1", port)) as reset:
+        reset.sendall(b"GET /me")
+        reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await wait_until(lambda: threading.active_count() <= threads, timeout_s=10)
     assert value(await scrape(port), "llmrelay_open_streams") == 0, "and it goes on serving"
     assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("host", ["a..b", "x" * 64])
+def test_a_metrics_host_that_is_no_name_cannot_be_served(host: str) -> None:
+    # IDNA's UnicodeError went past the start's handling of a port it cannot serve: a traceback, not one line.
+    with pytest.raises(OSError, match="not a host name"):
+        metrics.serve_metrics(f"{host}:9999", CollectorRegistry())
