@@ -91,6 +91,7 @@ def test_no_proxy(monkeypatch: pytest.MonkeyPatch, no_proxy: str, url: str, dire
         ("http://[::1", "not a proxy URL (its host or port cannot be read)"),
         ("http://me:secret\u2100x@proxy.corp:3128", "not a proxy URL"),
         ("http://me:secret@[zz]:3128", "not a proxy URL"),
+        ("http://me:secret\udcffx@proxy.corp:3128", "user or password is not UTF-8"),
     ],
 )
 def test_a_proxy_the_gateway_cannot_use_is_refused_at_start(

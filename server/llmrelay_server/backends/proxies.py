@@ -97,7 +97,11 @@ def _proxy(url: str, variable: str) -> Proxy:
     if parts.username is not None:
         user = urllib.parse.unquote(parts.username)
         password = urllib.parse.unquote(parts.password or "")
-        authorization = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+        try:
+            credentials = f"{user}:{password}".encode()
+        except UnicodeEncodeError:  # bytes of the environment that are no UTF-8 (Python's surrogate escapes)
+            raise ProxyConfigError(f"{variable}: the proxy's user or password is not UTF-8 text") from None
+        authorization = "Basic " + base64.b64encode(credentials).decode("ascii")
     return Proxy(parts.hostname, port, variable, authorization)
 
 

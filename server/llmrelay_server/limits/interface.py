@@ -124,7 +124,8 @@ def _remedy(ask: Ask, tokens_per_minute: int | None) -> str:
     # A stream that starts over on its next route reserves an answer on each: one answer is what the rest reserve.
     or_one = ", or ask for no restart (on_interrupt) or for the model exactly (exact_model)" if ask.answers > 1 else ""
     if tokens_per_minute is None:
-        return f"set a lower max_tokens, or shorten the prompt{or_one}"
+        # Not `or_one`: what the other routes add to a budget may be nothing (a free local model).
+        return "set a lower max_tokens, or shorten the prompt"
     if prompt >= tokens_per_minute // ask.answers:
         return f"shorten the prompt{or_one}"
     return f"set max_tokens to at most {tokens_per_minute // ask.answers - prompt}, or shorten the prompt{or_one}"
