@@ -422,8 +422,18 @@ def is_postgresql(usage_db: str) -> bool:
 _BARE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
+_CONNINFO = re.compile(r"\s*(host|hostaddr|port|dbname|user|password|passfile|service|sslmode)\s*=")
+"""The start of libpq's keyword/value connection string ("host=db dbname=ledger password=...")."""
+
+
 def _check_usage_db(usage_db: str, where: str) -> None:
     """`where`: the field, or the variable it was set by."""
+    if _CONNINFO.match(usage_db):
+        # Else a SQLite file named after it, its password in the name, shown wherever the ledger is (Health, the log).
+        raise ConfigError(
+            f"{where}: a libpq key=value connection string is not a ledger this gateway reads; give a"
+            " postgresql://user:password@host:5432/dbname URL, or a SQLite file path"
+        )
     if "://" in usage_db and not is_postgresql(usage_db):
         scheme = usage_db.split("://", 1)[0]
         raise ConfigError(
@@ -489,7 +499,16 @@ def _check_state(state: StateConfig, redis_where: str) -> None:
     except ValueError as exc:
         raise ConfigError(f"{redis_where}: {exc}") from None
     if scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"{redis_where}: scheme {scheme or '(none)'} is not redis://, rediss:// or unix://")
+        raise ConfigError(
+            f"{redis_where}: scheme {_written_scheme(state.redis_url) or '(none)'} is not redis://, rediss:// or unix://"
+        )
+
+
+def _written_scheme(url: str) -> str | None:
+    """The URL's scheme, when one stands before a "://": without one, what a parser takes for it may be a password
+    ("PASSWORD:x", the rest of a URL left out)."""
+    scheme, separator, _ = url.partition("://")
+    return scheme if separator and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme) else None
 
 
 MAX_MESSAGE_BYTES = 2**31 - 1
@@ -679,7 +698,8 @@ def _spec(
     except ValueError:  # "Invalid IPv6 URL", a port that is no number: its words quote the value
         raise ConfigError(f"{url_where}: not an http(s) URL (its host or port cannot be read); {example}") from None
     if url.scheme not in ("http", "https"):
-        scheme = f"its scheme is {url.scheme!r}" if url.scheme else "it has no scheme"
+        written = _written_scheme(base_url)
+        scheme = f"its scheme is {written!r}" if written else "it has no scheme"
         raise ConfigError(f"{url_where}: not an http(s) URL ({scheme}); {example}")
     if not url.hostname:
         raise ConfigError(f"{url_where}: not an http(s) URL (it names no host); {example}")

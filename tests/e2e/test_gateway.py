@@ -411,3 +411,23 @@ async def test_no_secret_is_echoed(stub: pb.LLMServiceAsyncStub, primary: FakeUp
     assert details(caught.value)["ErrorInfo"].reason == "UPSTREAM_AUTH_FAILED"
     assert OPENAI_TEST_KEY not in str(caught.value.details())
     assert OPENAI_TEST_KEY not in str(details(caught.value))
+
+
+async def test_no_part_of_a_key_is_echoed_from_a_body_that_is_no_json(
+    stub_for: StubFactory, primary: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key with no known prefix (a Gemini key's), quoted back in a text body past the first 150 characters: the body
+    was cut to 200 before the key was looked for, and the 20 characters left of it were passed on and logged."""
+    key = "AIzaSyB-Zx9QeR4kT7mW2nP5vL8cJ3hF6dG1aS0"
+    stub = await stub_for(
+        f'llm:\n  openai: {{api_key: "{key}", base_url: "{primary.base_url}", model: {primary.models[0]}}}\n'
+    )
+    said = f"{'request refused by the edge proxy; ' * 5}Authorization: Bearer {key}"
+    primary.inject({"status": 401, "body": said})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat(model=primary.models[0], exact_model=True), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    said_back = str(caught.value.details())
+    assert "Authorization: Bearer [redacted]" in said_back
+    for text in (said_back, str(details(caught.value)), caplog.text):
+        assert key[:8] not in text

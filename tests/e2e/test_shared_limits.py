@@ -489,13 +489,16 @@ async def test_the_password_never_shows(
         await right.reserve([ask(Limits(requests_per_minute=5))])  # admitted, uncounted
         assert not right.available
         unix = await limiter_for(f"unix://{tmp_path}/none.sock?db=0&password={password}", timeout_s=0.3)
+        # redis-py takes the client key's passphrase as a parameter too.
+        tls_key = await limiter_for(f"rediss://127.0.0.1:{server.port}/0?ssl_password={password}", timeout_s=0.3)
     shown = [
         caplog.text,
         str(caught.value),
-        *(limiter.health().description for limiter in (right, wrong, unix)),
+        *(limiter.health().description for limiter in (right, wrong, unix, tls_key)),
     ]
     assert f"redis://:***@127.0.0.1:{server.port}/0" in right.health().description
     assert "password=***" in unix.health().description
+    assert "ssl_password=***" in tls_key.health().description
     for text in shown:
         assert password not in text and wrong_password not in text, text
 

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import grpc
 import psycopg
 import pytest
-from harness import GatewayProcess
+from harness import GatewayProcess, free_port
 from llmrelay import v1 as pb
 from llmrelay_server.domain import Cost, StoreHealth, StoreRole, TokenUsage, UsageUnavailableError
 from llmrelay_server.usage import LedgerUnavailableError, UsageLedger, UsageTotals
@@ -521,3 +521,20 @@ async def test_a_table_dropped_by_hand_is_made_anew_and_the_records_since_reach_
     assert journaled_lines(journal) == 0
     said = [json.loads(line) for line in gateway.log if line.startswith("{") and "usage_buckets" in line]
     assert any(entry["level"] == "WARNING" and "lost its table usage_buckets" in entry["msg"] for entry in said), said
+
+
+async def test_a_password_given_as_any_parameter_never_shows(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """libpq's `sslpassword` (its client key's passphrase) is a password as much as `password` is: the ledger's
+    health (which Health answers without a key) and its log leave both out."""
+    closed = free_port()  # nothing listens: the ledger is unavailable, and says where it could not go
+    url = f"postgresql://u@127.0.0.1:{closed}/ledger?sslpassword={PASSWORD}&password={PASSWORD}x&connect_timeout=1"
+    ledger = UsageLedger(url, journal_dir=tmp_path / "journal", flush_interval_s=0.05)
+    try:
+        await ledger.start()
+        ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+        await wait_until(lambda: not ledger.health().available)
+        description = ledger.health().description
+    finally:
+        await ledger.aclose()
+    assert f"postgresql://u@127.0.0.1:{closed}/ledger?connect_timeout=1" in description, description
+    assert PASSWORD not in description and PASSWORD not in caplog.text

@@ -682,6 +682,8 @@ def test_a_mistyped_api_key_is_never_shown(tmp_path: Path, yaml_text: str, field
         ('server: {usage_db: "postgresql://app:SUPER?SECRET@db:5432/llmrelay"}\n', "%3F"),
         ('server: {usage_db: "postgresql://app:SUPER?x=SECRET@db:5432/llmrelay"}\n', "%3F"),
         ('state: {redis_url: "redis://app:SUPER?x=SECRET@redis:6379/0"}\n', "%3F"),
+        ('server: {usage_db: "host=db port=5432 user=app password=SUPERSECRET dbname=llmrelay"}\n', "postgresql://"),
+        ('state: {redis_url: "SUPERSECRET:x"}\n', "scheme (none)"),
     ],
     ids=[
         "redis port",
@@ -694,6 +696,8 @@ def test_a_mistyped_api_key_is_never_shown(tmp_path: Path, yaml_text: str, field
         "postgresql question mark",
         "postgresql question mark and equals",
         "redis question mark and equals",
+        "postgresql key=value",
+        "redis no scheme",
     ],
 )
 def test_a_malformed_store_url_is_named_without_its_password(tmp_path: Path, yaml_text: str, said: str) -> None:
@@ -942,12 +946,14 @@ def test_values_that_escaped_validation(tmp_path: Path, yaml_text: str | None, e
         (None, {"LLMRELAY_LISTEN": "https://admin:SUPERSECRET@db.example.com"}, "--listen (LLMRELAY_LISTEN): not"),
         (None, {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "http://h:SUPERSECRET/v1"}, "OPENAI_BASE_URL: not an"),
         (None, {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "SUPERSECRET"}, "OPENAI_BASE_URL: not an http(s) URL"),
+        (None, {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "SUPERSECRET:x"}, "OPENAI_BASE_URL: not an http(s) URL"),
     ],
     ids=[
         "redis without host", "redis NFKC", "postgresql NFKC", "extra backend", "openai field", "openai variable",
         "key-newline-variable", "key-cyrillic-variable", "key-newline-field", "key-tab-ollama", "key-accent-extra",
         "query-variable", "fragment", "empty-query", "query-extra-backend", "password-bad-port", "password-hash",
         "password-bracket", "key-as-url", "key-as-listen", "key-as-url-variable", "url-as-listen", "key-as-port",
+        "key-colon-as-url",
     ],
 )  # fmt: skip
 def test_a_secret_in_the_configuration_is_refused_unshown(

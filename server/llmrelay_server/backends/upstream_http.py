@@ -33,7 +33,15 @@ import httpx2
 from llmrelay_server import metering
 from llmrelay_server.backends.http1 import Http1Pool, Http1Response, Http1Transport
 from llmrelay_server.backends.proxies import Proxies
-from llmrelay_server.backends.wire import DONE, ErrorAnswer, ErrorEvent, MalformedAnswerError, decode_json, encode
+from llmrelay_server.backends.wire import (
+    DONE,
+    QUOTED_CHARS,
+    ErrorAnswer,
+    ErrorEvent,
+    MalformedAnswerError,
+    decode_json,
+    encode,
+)
 from llmrelay_server.domain import (
     BackendHealth,
     BackendSpec,
@@ -626,7 +634,7 @@ def error_message(response: httpx2.Response, body: Any, detail: Any) -> str:
         where = urlsplit(response.headers.get("location", ""))._replace(query="", fragment="").geturl()
         to = f" to {where}" if where else ""
         return f"a redirect{to}, which the gateway does not follow: set the backend's base_url to where it points"
-    return detail if isinstance(detail, str) and detail else str(body)[:200] or response.reason_phrase
+    return detail if isinstance(detail, str) and detail else str(body)[:QUOTED_CHARS] or response.reason_phrase
 
 
 def retry_after_s(headers: httpx2.Headers) -> float | None:

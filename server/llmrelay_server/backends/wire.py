@@ -54,6 +54,9 @@ _FINISH_REASONS: Final[Mapping[str | None, FinishReason]] = {
 UNFINISHED: Final = frozenset({"abort", "error"})
 """Finish reasons that end an answer unfinished: vLLM's when its engine drops a request (shutting down, scaled
 down, put to sleep) and an error's, after a 200. The answer so far is no whole one: the attempt failed."""
+QUOTED_CHARS: Final = 4096
+"""An upstream's words that are not its error's message (a body or an error that is no JSON object) are kept to this
+before they are redacted (upstream_http.redact), which keeps far fewer: a key cut in two here goes with the rest."""
 
 
 class MalformedAnswerError(ValueError):
@@ -330,7 +333,7 @@ def error_event(data: Mapping[str, Any]) -> ErrorEvent | None:
     if error is None:
         return None
     if not isinstance(error, dict):
-        return ErrorEvent(str(error)[:200], None, None)
+        return ErrorEvent(str(error)[:QUOTED_CHARS], None, None)
     message, code, kind = error.get("message"), error.get("code"), error.get("type")
     return ErrorEvent(
         message if isinstance(message, str) and message else "the upstream sent an error event",

@@ -675,20 +675,30 @@ def _unlimited_if_none(limit: int | None) -> str | int:
 
 
 def _redacted(url: str) -> str:
-    """The URL with its password (in the authority, or unix://'s `password=` parameter) replaced by ***."""
+    """The URL with its passwords (in the authority, or a parameter such as unix://'s `password=`) replaced by ***."""
     parts = urlsplit(url)
     netloc = parts.netloc
     if parts.password is not None:
         netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
     query = "&".join(
-        "password=***" if pair.partition("=")[0] == "password" else pair for pair in parts.query.split("&") if pair
+        f"{name}=***" if _a_password(name := pair.partition("=")[0]) else pair
+        for pair in parts.query.split("&")
+        if pair
     )
     return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _a_password(parameter: str) -> bool:
+    """Whether a URL's parameter holds a password: `password`, and `ssl_password` (the client key's, which redis-py
+    passes on to its TLS connection)."""
+    return "password" in parameter.lower()
 
 
 def _secrets(url: str) -> tuple[str, ...]:
     """The URL's passwords, as written and decoded, to scrub from any text that might quote them."""
     parts = urlsplit(url)
     written = [parts.password or ""]
-    written += [pair.partition("=")[2] for pair in parts.query.split("&") if pair.partition("=")[0] == "password"]
+    written += [
+        value for name, _, value in (pair.partition("=") for pair in parts.query.split("&")) if _a_password(name)
+    ]
     return tuple({form for secret in written if secret for form in (secret, unquote(secret))})

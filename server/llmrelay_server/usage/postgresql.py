@@ -102,7 +102,7 @@ def without_password(url: str) -> str:
     parts = urlsplit(url)
     userinfo, at, hosts = parts.netloc.rpartition("@")
     netloc = f"{userinfo.partition(':')[0]}@{hosts}" if at else hosts
-    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "password"])
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not _a_password(k)])
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
@@ -111,9 +111,14 @@ def _passwords(url: str) -> set[str]:
     parts = urlsplit(url)
     userinfo, at, _ = parts.netloc.rpartition("@")
     found = {userinfo.partition(":")[2]} if at else set()
-    found |= {v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k == "password"}
+    found |= {v for k, v in parse_qsl(parts.query, keep_blank_values=True) if _a_password(k)}
     found |= {unquote(password) for password in found}
     return {password for password in found if password}
+
+
+def _a_password(parameter: str) -> bool:
+    """Whether a URL's parameter holds a password: libpq's `password`, and `sslpassword` (its client key's)."""
+    return "password" in parameter.lower()
 
 
 def _reporting(report: Callable[[psycopg.Error | None], None]) -> type[psycopg.AsyncConnection[TupleRow]]:
