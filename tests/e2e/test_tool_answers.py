@@ -98,14 +98,16 @@ async def answer_of(stub: pb.LLMServiceAsyncStub, streamed: bool) -> pb.Complete
     return assembler.result()
 
 
+@pytest.mark.parametrize("given", [{}, {"id": "call_0"}], ids=["no id", "one id for both"])
 @pytest.mark.parametrize("streamed", [False, True])
 @pytest.mark.parametrize("primary", DIALECTS, indirect=True)
-async def test_a_call_the_upstream_gave_no_id_gets_one_its_result_can_answer(
-    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream, streamed: bool
+async def test_calls_the_upstream_gave_no_id_or_one_id_get_their_own_their_results_can_answer(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream, streamed: bool, given: dict[str, str]
 ) -> None:
     # A server that numbers no call (an id is optional in some OpenAI-compatible servers' answers): the caller got
-    # calls with an empty id, and its next turn, the call with its result, was refused INVALID_ARGUMENT.
-    calls = [{"name": "weather", "arguments": {"city": "Oslo"}}, {"name": "weather", "arguments": {"city": "Rome"}}]
+    # calls with an empty id, and its next turn, the call with its result, was refused INVALID_ARGUMENT. Some give
+    # parallel calls one id: the caller's next turn was refused alike, and a stream ran the second call into the first.
+    calls = [given | {"name": "weather", "arguments": {"city": city}} for city in ("Oslo", "Rome")]
     primary.inject(answering(primary.dialect, calls, streamed=streamed))
 
     answer = await answer_of(stub, streamed)
@@ -113,6 +115,10 @@ async def test_a_call_the_upstream_gave_no_id_gets_one_its_result_can_answer(
     assert answer.backend == primary.dialect and local.chat_requests == []
     ids = [call.id for call in answer.message.tool_calls]
     assert all(ids) and len(set(ids)) == 2, ids
+    assert [json.loads(call.function.arguments) for call in answer.message.tool_calls] == [
+        {"city": "Oslo"},
+        {"city": "Rome"},
+    ]
     results = [pb.Message(role=pb.ROLE_TOOL, content="sunny", tool_call_id=call_id) for call_id in ids]
     conversation = [user("weather?"), answer.message, *results]
     again = await stub.Complete(pb.CompleteRequest(messages=conversation, options=OPTIONS), timeout=5)

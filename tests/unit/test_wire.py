@@ -716,6 +716,33 @@ def test_an_index_a_call_had_is_a_new_call_when_another_id_comes_with_it() -> No
         crowded.deltas({"tool_calls": [{"index": last, "id": "y", "function": {"name": "f"}}]})
 
 
+def test_parallel_calls_given_one_id_stay_apart_each_with_its_own() -> None:
+    """Some servers give parallel calls one id: the second call's fragments were run into the first's."""
+    calls = wire.StreamToolCalls()
+
+    def deltas(*fragments: dict[str, Any]) -> list[tuple[int, str | None, str | None]]:
+        return [(d.index, d.id, d.arguments) for d in calls.deltas({"tool_calls": list(fragments)})]
+
+    assert deltas({"index": 0, "id": "call_0", "function": {"name": "f", "arguments": '{"x": '}}) == [
+        (0, "call_0", '{"x": ')
+    ]
+    [(index, made, _)] = deltas({"index": 1, "id": "call_0", "function": {"name": "f", "arguments": '{"x": '}})
+    assert index == 1 and made and made.startswith("call_") and made != "call_0"
+    # Later fragments with the id again (as vLLM sends them), with or without the name: of the call at their index.
+    assert deltas(
+        {"index": 1, "id": "call_0", "function": {"arguments": "2"}},
+        {"index": 0, "id": "call_0", "function": {"arguments": "1"}},
+        {"index": 1, "id": "call_0", "function": {"name": "f", "arguments": "}"}},
+    ) == [(1, None, "2"), (0, None, "1"), (1, None, "}")]
+
+
+def test_a_whole_answers_calls_given_one_id_each_get_their_own() -> None:
+    call = {"type": "function", "id": "call_0", "function": {"name": "f", "arguments": "{}"}}
+    message = wire.message_from_choice({"message": {"role": "assistant", "tool_calls": [call, call, call]}})
+    ids = [c.id for c in message.tool_calls]
+    assert ids[0] == "call_0" and len(set(ids)) == 3, ids
+
+
 @pytest.mark.parametrize("call", [{"index": 0}, {"index": 0, "function": {"name": ""}}, {"function": {"name": "a.b"}}])
 def test_a_calls_first_fragment_without_a_name_a_tool_can_have_is_malformed(call: dict[str, Any]) -> None:
     with pytest.raises(wire.MalformedAnswerError, match="is no function's"):

@@ -19,6 +19,7 @@ from llmrelay_server.backends.wire import (
     ErrorEvent,
     MalformedAnswerError,
     arguments_json,
+    calls_apart,
     count_field,
     is_count,
     plausible_usage,
@@ -353,7 +354,7 @@ def answer_from(data: Any) -> Answer:
     message = Message(
         role=Role.ASSISTANT,
         content="".join(texts),
-        tool_calls=tuple(calls),
+        tool_calls=calls_apart(tuple(calls)),
         reasoning="".join(thoughts) if thoughts else None,
         # One signature signs one block: the contract carries one, so several blocks cannot be sent back.
         reasoning_signature=signatures[0] if len(signatures) == 1 else None,
@@ -448,6 +449,8 @@ class StreamState:
     _usage: dict[str, Any] = field(default_factory=dict)
     _tools: dict[int, int] = field(default_factory=dict)
     """Content block index -> the tool call's index in the contract (the calls are numbered on their own)."""
+    _call_ids: set[str] = field(default_factory=set)
+    """The ids the calls were given: a call whose id another has gets one of the gateway's (`wire.calls_apart`)."""
     _unargued: dict[int, str] = field(default_factory=dict)
     """The tool_use blocks no argument text has arrived for -> the arguments they have if none comes: the input of
     their content_block_start where it holds some (a server that sends the input whole there, which the SDK reads
@@ -520,7 +523,11 @@ class StreamState:
             if len(self._tools) >= MAX_TOOL_CALLS:
                 raise MalformedAnswerError(f"more than {MAX_TOOL_CALLS} tool calls")
             position = self._tools[index] = len(self._tools)
-            call_id, name = tool_call_id(block.get("id"), "tool_use.id"), tool_name(block.get("name"), "tool_use.name")
+            call_id = tool_call_id(block.get("id"), "tool_use.id")
+            if call_id in self._call_ids:
+                call_id = tool_call_id(None, "tool_use.id")
+            self._call_ids.add(call_id)
+            name = tool_name(block.get("name"), "tool_use.name")
             start_input = block.get("input")
             self._unargued[index] = (
                 arguments_json(start_input) if isinstance(start_input, dict) and start_input else "{}"

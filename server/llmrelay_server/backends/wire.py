@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import itertools
 import json
 import re
@@ -369,9 +370,23 @@ def message_from_choice(choice: Mapping[str, Any]) -> Message:
     return Message(
         role=Role.ASSISTANT,
         content=text_field(content, "content") or refusal_text(message) or "",
-        tool_calls=tuple(_tool_call(c) for c in calls),
+        tool_calls=calls_apart(tuple(_tool_call(c) for c in calls)),
         reasoning=reasoning,
     )
+
+
+def calls_apart(calls: tuple[ToolCall, ...]) -> tuple[ToolCall, ...]:
+    """The calls, each with an id of its own: a call whose id one before it has (some servers give parallel calls one
+    id) gets one of the gateway's, as a call without one does (`tool_call_id`); else the caller's tool messages could
+    not tell the calls apart, and the gateway would refuse the next turn."""
+    seen: set[str] = set()
+    apart = []
+    for call in calls:
+        if call.id in seen:
+            call = dataclasses.replace(call, id=tool_call_id(None, "tool_calls.id"))
+        seen.add(call.id)
+        apart.append(call)
+    return tuple(apart)
 
 
 def content_parts(parts: Any, where: str) -> tuple[str | None, str | None]:
@@ -502,7 +517,7 @@ def is_count(value: Any) -> TypeGuard[int]:
 class StreamToolCalls:
     """The tool calls of one stream so far, as its deltas' fragments make them (`deltas`)."""
 
-    __slots__ = ("_begun", "_ids", "_last", "_named", "_signed")
+    __slots__ = ("_at", "_begun", "_given", "_ids", "_last", "_named", "_signed")
 
     def __init__(self) -> None:
         self._begun: set[int] = set()
@@ -513,6 +528,10 @@ class StreamToolCalls:
         """The index of the call the last fragment was of."""
         self._named: dict[int, int] = {}
         """The upstream's indexes -> the index of the call each names now: its own, unless a call before had it."""
+        self._at: dict[int, int] = {}
+        """The indexes of the calls begun at an upstream's index -> that index."""
+        self._given: dict[int, str | None] = {}
+        """The indexes of the calls -> the ids the upstream gave them, where the gateway gave another."""
         self._signed: set[int] = set()
         """The indexes of the calls whose signature has been relayed: once a call, as the contract has it."""
 
@@ -539,10 +558,16 @@ class StreamToolCalls:
             name = _optional_text(function.get("name"), "tool_calls.function.name")
             index = self._index(call.get("index"), call_id, name)
             if index not in self._begun:
+                # An id another call has (some servers give parallel calls one id): the caller's tool messages could
+                # not tell the calls apart, and the gateway would refuse the next turn.
+                if call_id in self._ids:
+                    self._given[index], call_id = call_id, None
                 call_id = tool_call_id(call_id, "tool_calls.id")
                 name = tool_name(name, "tool_calls.function.name")
                 self._begun.add(index)
                 self._ids[call_id] = index
+            else:
+                call_id = name = None  # the contract has them in a call's first fragment (vLLM repeats them)
             self._last = index
             arguments = function.get("arguments")
             signature = call_signature(call) if "extra_content" in call else None
@@ -568,7 +593,8 @@ class StreamToolCalls:
         when it names one not seen or gives a name, else of the call the last fragment was of. An `index` names the
         call of that index, or the one its id names (vLLM sends the id with every fragment); an id not seen with a
         name, at an index taken, is a new call, numbered after the others (Ollama sends parallel calls whole, each as
-        index 0); without a name, the same call (some servers send each fragment with an id of its own)."""
+        index 0); without a name, the same call (some servers send each fragment with an id of its own). An id seen at
+        another index of the upstream's, with a name, is a new call too (some servers give parallel calls one id)."""
         if index is None:
             if call_id and call_id in self._ids:
                 return self._ids[call_id]
@@ -578,14 +604,15 @@ class StreamToolCalls:
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_TOOL_CALLS:
             raise MalformedAnswerError(f"a tool-call delta's `index` is not a number from 0 to {MAX_TOOL_CALLS - 1}")
         named = self._named.get(index)
-        if call_id and (known := self._ids.get(call_id)) is not None:
+        if call_id and (known := self._ids.get(call_id)) is not None and self._at.get(known, index) == index:
             return known
-        if named is not None and not (call_id and name):
+        if named is not None and not (call_id and name and self._given.get(named) != call_id):
             return named
         if named is None and index not in self._begun:
-            self._named[index] = index
+            self._named[index] = self._at[index] = index
             return index
         self._named[index] = numbered = _numbered(max(self._begun) + 1)
+        self._at[numbered] = index
         return numbered
 
 
