@@ -33,6 +33,7 @@ from llmrelay_server.pricing import PriceTable
 from llmrelay_server.reflection import V1_SERVICE_NAME, enable_reflection
 from llmrelay_server.router import Router
 from llmrelay_server.servicer import LLMServicer
+from llmrelay_server.status import log_upstreams_words
 from llmrelay_server.tls import ServedCertificate, exposure_warnings, protection
 from llmrelay_server.tokens import TokenCounter
 from llmrelay_server.usage import LedgerUnavailableError, UsageLedger
@@ -157,6 +158,7 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
     limit = config.server.max_message_bytes
     tls = config.server.tls
     quiet_callers_gone()
+    log_upstreams_words(config.server.log_content)
     _check_open_services(config.auth.open_services)
     # Before the port opens: a certificate that cannot be used stops the start (ConfigError naming the field).
     certificate = ServedCertificate(tls) if tls is not None else None

@@ -28,7 +28,7 @@ import enum
 import json
 import math
 import re
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence, Set
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Protocol, TypeVar, dataclass_transform, runtime_checkable
 
@@ -345,11 +345,15 @@ class Attempt:
     error: str = ""
     started_at: float | None = None
     """When it began, in Unix time (for traces); None where it never reached a backend (a skipped route)."""
+    quoted: str = ""
+    """The upstream's own words in `error` (UpstreamError.quoted)."""
 
-    def ended(self, outcome: AttemptOutcome, duration_s: float, upstream_status: int | None, error: str) -> Attempt:
+    def ended(
+        self, outcome: AttemptOutcome, duration_s: float, upstream_status: int | None, error: str, quoted: str = ""
+    ) -> Attempt:
         """This attempt as it ended (a stream's, recorded when its first chunk came): dataclasses.replace's result,
         at a fraction of its time."""
-        return Attempt(self.backend, self.model, outcome, duration_s, upstream_status, error, self.started_at)
+        return Attempt(self.backend, self.model, outcome, duration_s, upstream_status, error, self.started_at, quoted)
 
 
 @immutable
@@ -748,16 +752,29 @@ class UpstreamError(LLMRelayError):
         *,
         status: int | None = None,
         retry_after_s: float | None = None,
+        quoted: str = "",
     ) -> None:
         self.kind = kind
         self.backend = backend
         self.message = message
         self.status = status
         self.retry_after_s = retry_after_s
+        self.quoted = quoted
+        """The upstream's own words in `message` (its error's message or body, an error event's; redacted), which
+        may repeat the request (a 422 quoting its input, a content filter's): they go back to the call's caller and
+        nowhere else (`without_quotes`), unless server.log_content lets the log and traces have them too."""
         self.attempts: tuple[Attempt, ...] | None = None
         """The call's attempts when this error ends the call (a rejected request goes back to the caller at once);
         None while it is one attempt's failure."""
         super().__init__(f"{backend}: {message}")
+
+
+def without_quotes(text: str, quoted: Iterable[str]) -> str:
+    """`text` with the upstream's words in it (UpstreamError.quoted, Attempt.quoted) left out, their length said
+    instead: what may be said beyond the call they failed (the log, traces, another call)."""
+    for words in sorted({words for words in quoted if words}, key=len, reverse=True):
+        text = text.replace(words, f"[the upstream's words: {len(words)} characters]")
+    return text
 
 
 class _AttemptsError(LLMRelayError):

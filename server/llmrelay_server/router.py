@@ -60,6 +60,7 @@ from llmrelay_server.domain import (
     UpstreamError,
     UpstreamErrorKind,
     immutable,
+    without_quotes,
 )
 from llmrelay_server.pricing import PriceTable
 from llmrelay_server.tokens import TokenCounter
@@ -200,7 +201,12 @@ class Backend:
         # What it says, not the exception: its traceback and cause hold the frames of the failed read, the answer's
         # whole body in them (megabytes of garbage), until a full collection, which the frozen heap makes rare.
         self.last_failure = UpstreamError(
-            error.kind, error.backend, error.message, status=error.status, retry_after_s=error.retry_after_s
+            error.kind,
+            error.backend,
+            error.message,
+            status=error.status,
+            retry_after_s=error.retry_after_s,
+            quoted=error.quoted,
         )
 
     def serves(self, model: str) -> bool:
@@ -362,6 +368,7 @@ class _Chain:
                 upstream_status=error.status if error else None,
                 error=error.message if error else "",
                 started_at=time.time() - duration_s,
+                quoted=error.quoted if error else "",
             )
         )
 
@@ -369,7 +376,8 @@ class _Chain:
         """The route's circuit is open: recorded with why, and when it may be tried again."""
         circuit = route.backend.circuit
         last = route.backend.last_failure
-        cause = f"; last failure: {last.message}" if last is not None else ""
+        # Another call's failure: the upstream's words in it may repeat that call's request.
+        cause = f"; last failure: {without_quotes(last.message, (last.quoted,))}" if last is not None else ""
         wait_s = circuit.retry_after_s()
         if circuit.state is CircuitState.HALF_OPEN:
             why = "another call is probing it after repeated failures"
@@ -392,13 +400,16 @@ class _Chain:
         self.record(route, AttemptOutcome.SKIPPED, time.perf_counter(), skipped)
         self.last_error = last_error or skipped
 
-    def stream_ended(self, outcome: AttemptOutcome, error: str = "", upstream_status: int | None = None) -> None:
-        """The stream of the last attempt, recorded when its first chunk came, ended (whole, or cut short): its
-        outcome, and its time from its start to its end, which the gateway's own share of the call is told from."""
+    def stream_ended(self, outcome: AttemptOutcome, error: str = "", failure: UpstreamError | None = None) -> None:
+        """The stream of the last attempt, recorded when its first chunk came, ended (whole, or cut short, by its
+        upstream's `failure` or as `error` says): its outcome, and its time from its start to its end, which the
+        gateway's own share of the call is told from."""
         opened = self.attempts[-1]
-        self.attempts[-1] = opened.ended(
-            outcome, opened.duration_s + time.perf_counter() - self.opened_at, upstream_status, error
-        )
+        duration_s = opened.duration_s + time.perf_counter() - self.opened_at
+        if failure is None:
+            self.attempts[-1] = opened.ended(outcome, duration_s, None, error)
+        else:
+            self.attempts[-1] = opened.ended(outcome, duration_s, failure.status, failure.message, failure.quoted)
 
     def deadline_exceeded(self) -> DeadlineExceededError:
         tried = ", ".join(f"{a.backend} ({a.outcome.value})" for a in self.attempts) or "nothing"
@@ -793,7 +804,7 @@ class Router:
             except UpstreamError as exc:
                 _let_go(exc)
                 # The attempt that had started is recorded as broken, not as the success it first looked like.
-                chain.stream_ended(AttemptOutcome.INTERRUPTED, exc.message, exc.status)
+                chain.stream_ended(AttemptOutcome.INTERRUPTED, failure=exc)
                 chain.last_error = exc
                 partial = await self._bill_partial(route, request, caller, received)
                 billed = True

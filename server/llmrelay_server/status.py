@@ -65,6 +65,7 @@ from llmrelay_server.domain import (
     UpstreamErrorKind,
     UsageNotAllowedError,
     UsageUnavailableError,
+    without_quotes,
 )
 from llmrelay_server.router import DEADLINE_MARGIN_S
 
@@ -93,13 +94,23 @@ _Classified: TypeAlias = tuple[grpc.StatusCode, str, dict[str, str], list[_Detai
 
 
 log = logging.getLogger(__name__)
+_quotes_logged = False
+
+
+def log_upstreams_words(logged: bool) -> None:
+    """Whether a failed call's log line has what its upstreams said (UpstreamError.quoted), which may repeat its
+    request: only with server.log_content. Set as a gateway starts."""
+    global _quotes_logged
+    _quotes_logged = logged
 
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], rpc: str, error: LLMRelayError) -> NoReturn:
     """Ends the call with the error's status; a caller's mistake or an upstream's failure is one log line, never a
     traceback."""
     failure = rpc_failure(error, context.time_remaining())
-    log.info("%s failed: %s: %s", rpc, failure.code.name, failure.details)
+    quoted = () if _quotes_logged else _quotes(error)
+    said = _cut(without_quotes(str(error), quoted), MAX_MESSAGE_BYTES) if quoted else failure.details
+    log.info("%s failed: %s: %s", rpc, failure.code.name, said)
     # What the call had set to send back already (its request id) goes with the status's details.
     sent = tuple(context.trailing_metadata() or ())
     await context.abort(failure.code, failure.details, (*sent, *failure.trailing_metadata))
@@ -112,6 +123,16 @@ async def fail_unexpectedly(context: grpc.aio.ServicerContext[Any, Any], rpc: st
     traceback goes to the log, the one place for it; the caller is told only that it is there."""
     log.error("%s failed on an unexpected error in the gateway", rpc, exc_info=error)
     await abort(context, rpc, LLMRelayError("the gateway failed unexpectedly; its log has the details"))
+
+
+def _quotes(error: LLMRelayError) -> list[str]:
+    """The upstreams' words in the error's text: its own, its attempts', and those of the failure that broke its
+    stream."""
+    quoted = [attempt.quoted for attempt in getattr(error, "attempts", None) or ()]
+    for failure in (error, getattr(error, "cause", None)):
+        if isinstance(failure, UpstreamError):
+            quoted.append(failure.quoted)
+    return [words for words in quoted if words]
 
 
 def ended_with(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> grpc.StatusCode:

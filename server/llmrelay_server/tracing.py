@@ -43,7 +43,7 @@ from opentelemetry.util.types import AttributeValue
 from llmrelay_server.config import ConfigError, GatewayConfig
 from llmrelay_server.convert import MAX_MODEL_NAME
 from llmrelay_server.decoding import decoded, invocation_metadata
-from llmrelay_server.domain import Attempt, AttemptOutcome, BackendSpec
+from llmrelay_server.domain import Attempt, AttemptOutcome, BackendSpec, without_quotes
 from llmrelay_server.metering import Billed, Meter, moves, open_meter, served_by
 from llmrelay_server.observing import GEN_AI_OPERATIONS, Observer, Start
 
@@ -423,7 +423,8 @@ class _Call:
             name = f"{self.operation} {attempt.model}"
             child = tracer.start_span(name, parent, SpanKind.CLIENT, attributes, start_time=start)
             if attempt.outcome in _FAILURES:
-                child.set_status(Status(StatusCode.ERROR, attempt.error or attempt.outcome.value))
+                said = attempt.error if self._i._log_content else without_quotes(attempt.error, (attempt.quoted,))
+                child.set_status(Status(StatusCode.ERROR, said or attempt.outcome.value))
             child.end(end_time=end)
         for index, before, after in moves(attempts):
             at = ends[index]

@@ -17,6 +17,7 @@ import pytest
 from llmrelay import v1 as pb
 from llmrelay_server.calllog import request_id
 from llmrelay_server.logs import JsonFormatter
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from support import GatewayFactory, chat, png, read_all, start_server, stream_chat, two_backends
 from upstream import FakeUpstream
 
@@ -333,3 +334,67 @@ async def test_a_line_names_no_model_for_an_rpc_that_asks_none(
     assert models == {"usage": None, "usage-of": None, "health": None, "complete": "default"}
     (text,) = [m for r in caplog.records if (m := r.getMessage()).startswith("call request_id=usage ")]
     assert " model=- " in text, "the line for people says no model, as for every field without a value"
+
+
+@pytest.mark.parametrize("log_content", [False, True])
+async def test_an_upstreams_words_reach_the_log_and_traces_only_with_content(
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    caplog: pytest.LogCaptureFixture,
+    exported: InMemorySpanExporter,
+    log_content: bool,
+) -> None:
+    """Upstreams quote requests in their errors (a 422 naming its input, as FastAPI's servers answer; a content
+    filter's error event): the caller gets them, and the log and traces only as server.log_content allows prompts."""
+    caplog.set_level(logging.INFO)
+    quoting = json.dumps({"error": {"message": f"input rejected: {SECRET_PROMPT}"}})
+    filtered = json.dumps({"error": {"message": f"prompt rejected by filter: {SECRET_PROMPT}"}})
+    primary.inject(
+        {"status": 422, "body": quoting},
+        {"body": f"data: {filtered}\n\n", "content_type": "text/event-stream"},
+        {"body": f"data: {filtered}\n\n", "content_type": "text/event-stream"},
+    )
+    server = "tracing: true, log_content: true" if log_content else "tracing: true"
+    gateway = await gateway_factory(two_backends(primary, local), server=server)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Complete(chat(SECRET_PROMPT), timeout=5)
+        fallen_back = await read_all(stub.StreamComplete(stream_chat(SECRET_PROMPT), timeout=5))
+    await gateway.stop(grace_period_s=0, drain_s=0)  # its spans ended and exported
+
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert SECRET_PROMPT in str(refused.value.details()), "the caller is told what its upstream said"
+    assert fallen_back[-1].backend == "ollama"
+    failed_attempts = [
+        span.status.description or ""
+        for span in exported.get_finished_spans()
+        if span.name.startswith("chat ") and span.status.description
+    ]
+    assert len(failed_attempts) == 3, failed_attempts
+    logged = caplog.text + "".join(JsonFormatter().format(r) for r in caplog.records)
+    assert "Complete failed: INVALID_ARGUMENT" in logged
+    for said in (logged, *failed_attempts):
+        assert (SECRET_PROMPT in said) is log_content, said
+    if not log_content:
+        assert "HTTP 422: [the upstream's words: " in logged
+
+
+async def test_a_skipped_backend_does_not_tell_a_call_what_another_calls_upstream_said(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """A backend skipped for its open circuit says its last failure: another call's, whose upstream's words may
+    repeat that call's request."""
+    router = "router: {retry: {max_retries: 0}, circuit: {failure_threshold: 1, cooldown_s: 30}}\n"
+    primary.inject({"status": 500, "body": json.dumps({"error": {"message": f"could not process: {SECRET_PROMPT}"}})})
+    gateway = await gateway_factory(two_backends(primary, local, router))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+        first = await stub.Complete(chat(SECRET_PROMPT), timeout=5)
+        assert first.backend == "ollama"
+        with pytest.raises(grpc.aio.AioRpcError) as skipped:
+            await stub.Complete(chat("another caller's question", model="gpt-test", exact_model=True), timeout=5)
+    said = str(skipped.value.details())
+    assert "circuit is open" in said and "last failure: HTTP 500: [the upstream's words: " in said, said
+    assert SECRET_PROMPT not in said

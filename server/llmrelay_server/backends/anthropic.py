@@ -256,16 +256,19 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
             # Retry-After means something on a rate limit and when the API is overloaded (503, 529).
             asks_to_wait = kind is UpstreamErrorKind.RATE_LIMITED or status in (503, 529)
             retry_after = retry_after_s(exc.response.headers) if asks_to_wait else None
-            message = f"HTTP {status}: {self._redact(detail)}"
-            return UpstreamError(kind, self._spec.name, message, status=status, retry_after_s=retry_after)
+            said = self._redact(detail)
+            return UpstreamError(
+                kind, self._spec.name, f"HTTP {status}: {said}", status=status, retry_after_s=retry_after, quoted=said
+            )
         return self._bad_answer(exc.message)
 
     def _error_event(self, event: wire.ErrorEvent, said: str = "error event") -> UpstreamError:
         """An error event fails the stream (an overloaded_error is a 529 that came late); it is never an end."""
         status = event.status
-        message = f"{said} ({event.code or 'untyped'}): {self._redact(event.message)}"
+        words = self._redact(event.message)
+        message = f"{said} ({event.code or 'untyped'}): {words}"
         kind = UpstreamErrorKind.SERVER_ERROR if status is None else _kind(status, event.code, None, event.message)
-        return UpstreamError(kind, self._spec.name, message, status=status)
+        return UpstreamError(kind, self._spec.name, message, status=status, quoted=words)
 
 
 def _kind(status: int, error_type: str | None, error_code: str | None, message: str | None) -> UpstreamErrorKind:

@@ -316,22 +316,25 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             return self._connection_error(exc, timed_out=isinstance(exc, openai.APITimeoutError))
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
-            message = f"HTTP {status}: {self._redact(exc.message)}"
+            said = self._redact(exc.message)
             # A code that is a number (llama.cpp's is the status, which the SDK makes text): the type says more.
             code = exc.type if exc.code is None or exc.code.isdigit() else exc.code
             kind = kind_of_status(status, code, exc.message)
             # Retry-After means something on a rate limit and on 503 (overloaded); elsewhere it is not a promise.
             asks_to_wait = kind is UpstreamErrorKind.RATE_LIMITED or status == 503
             retry_after = retry_after_s(exc.response.headers) if asks_to_wait else None
-            return UpstreamError(kind, self._spec.name, message, status=status, retry_after_s=retry_after)
+            return UpstreamError(
+                kind, self._spec.name, f"HTTP {status}: {said}", status=status, retry_after_s=retry_after, quoted=said
+            )
         return self._bad_answer(exc.message)
 
     def _error_event(self, event: wire.ErrorEvent, said: str = "error event") -> UpstreamError:
         status = event.status
-        message = f"{said}{f' (HTTP {status})' if status else ''}: {self._redact(event.message)}"
+        words = self._redact(event.message)
+        message = f"{said}{f' (HTTP {status})' if status else ''}: {words}"
         # Without a status, the server's failure (a 500), unless its code says more (insufficient_quota: the account).
         kind = kind_of_status(status or 500, event.code, event.message)
-        return UpstreamError(kind, self._spec.name, message, status=status)
+        return UpstreamError(kind, self._spec.name, message, status=status, quoted=words)
 
 
 def _chat_completion(raw: bytes) -> tuple[Any, Mapping[str, Any], Message]:
