@@ -255,6 +255,34 @@ async def test_an_undo_before_the_late_reservation_makes_it_count_nothing(
     assert caught.value.kind is LimitKind.REQUESTS_PER_MINUTE
 
 
+async def test_spend_that_lapsed_before_its_undo_or_settle_is_taken_back_once(
+    proxy: HoldingProxy, redis_server: RedisServer
+) -> None:
+    """Redis out of reach for longer than a lease: the spend held by this gateway's calls lapses (taken back by the
+    next reservation of any gateway), and the undo and settle that come after it do not take it back again."""
+    limiter = RedisLimiter(proxy.url, timeout_s=SHORT_TIMEOUT_S, probe_interval_s=0.1, stream_lease_s=0.3)
+    other = RedisLimiter(redis_server.url)
+    await limiter.start()
+    await other.start()
+    try:
+        kept = await limiter.reserve([ask(10, 100)])
+        proxy.hold()
+        given_up = await limiter.reserve([ask(7, 70)])
+        assert not given_up.holds and not limiter.available
+        await proxy.release()  # counted late, its 70 held on a lease no one renews (nor kept's, Redis out of reach)
+        await asyncio.sleep(0.5)
+        await other.reserve([ask(1, 1)])  # finds both leases lapsed, and takes their spend back
+        assert await counted(redis_server) == Counts(requests=3, tokens=18, spend=1)
+        proxy.admit()
+        await until(lambda: limiter.available)  # the undo has been sent
+        assert await counted(redis_server) == Counts(requests=2, tokens=11, spend=1), "its 70 not taken back again"
+        await limiter.settle(kept, tokens=4, usd_micros=40)
+        assert await counted(redis_server) == Counts(requests=2, tokens=5, spend=41), "what it was billed, added"
+    finally:
+        await limiter.aclose()
+        await other.aclose()
+
+
 # --- through gateways -----------------------------------------------------------------------------------------------
 
 

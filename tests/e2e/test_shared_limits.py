@@ -253,14 +253,16 @@ async def test_every_key_expires_when_left_alone(limiter_for: LimiterFactory, re
     keys = [key async for key in client.scan_iter("llmrelay:limits:*")]
     ttls = {key: await client.ttl(key) for key in keys}
     await client.aclose()
-    # The key's four, the gateway's requests (the one limit it has), the reservation's record, and the epoch.
-    assert len(keys) == 7
+    # The key's four, the gateway's requests (the one limit it has), the reservation's record, the epoch, and the held
+    # spends and their leases.
+    assert len(keys) == 9
     assert all(ttl > 0 for ttl in ttls.values()), ttls
 
 
 # --- stream leases --------------------------------------------------------------------------------------------
 
-# A gateway's limiter in a process of its own, holding two stream slots until it is killed.
+# A gateway's limiter in a process of its own, holding two calls' stream slots, or two calls' spend of a budget of
+# 0.01 USD, until it is killed.
 HOLDER = """
 import asyncio, sys
 from llmrelay_server.config import Limits
@@ -270,8 +272,10 @@ from llmrelay_server.limits.redis import RedisLimiter
 async def hold() -> None:
     limiter = RedisLimiter(sys.argv[1], stream_lease_s=float(sys.argv[2]))
     await limiter.start()
+    stream = sys.argv[3] == "streams"
+    limits = Limits(concurrent_streams=2) if stream else Limits(budget_usd_per_day=0.01)
     for _ in range(2):
-        await limiter.reserve([Ask("key:research", Limits(concurrent_streams=2), 0, 0, True)])
+        await limiter.reserve([Ask("key:research", limits, 0, 0 if stream else 5000, stream)])
     print("holding", flush=True)
     await asyncio.sleep(3600)
 
@@ -279,20 +283,26 @@ asyncio.run(hold())
 """
 
 
-async def test_stream_slots_of_a_killed_gateway_free_within_a_lease(
-    limiter_for: LimiterFactory, redis_server: RedisServer
+@pytest.mark.parametrize("held", ["streams", "spend"])
+async def test_what_a_killed_gateways_calls_held_frees_within_a_lease(
+    limiter_for: LimiterFactory, redis_server: RedisServer, held: str
 ) -> None:
+    """A gateway killed (kill -9, a lost host) settles none of its calls: their stream slots, and the spend they
+    reserved, would stay taken (the spend until the end of the UTC day)."""
     lease_s = 1.0
     holder = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", HOLDER, redis_server.url, str(lease_s), stdout=asyncio.subprocess.PIPE
+        sys.executable, "-c", HOLDER, redis_server.url, str(lease_s), held, stdout=asyncio.subprocess.PIPE
     )
+    if held == "streams":
+        call = [ask(Limits(concurrent_streams=2), stream=True)]
+    else:
+        call = [ask(Limits(budget_usd_per_day=0.01), usd=5000)]
     try:
         assert holder.stdout is not None
         assert await asyncio.wait_for(holder.stdout.readline(), 30) == b"holding\n"
         other = await limiter_for()
-        stream = [ask(Limits(concurrent_streams=2), stream=True)]
-        await asyncio.sleep(3 * lease_s)  # the holder renews its leases: its slots outlive their first lease
-        assert (await refused(other.reserve(stream))).kind is LimitKind.CONCURRENT_STREAMS
+        await asyncio.sleep(3 * lease_s)  # the holder renews its leases: what it holds outlives its first lease
+        assert (await refused(other.reserve(call))).kind in (LimitKind.CONCURRENT_STREAMS, LimitKind.BUDGET_PER_DAY)
     finally:
         holder.kill()
         await holder.wait()
@@ -300,11 +310,13 @@ async def test_stream_slots_of_a_killed_gateway_free_within_a_lease(
     killed_at = loop.time()
     while True:
         try:
-            await other.reserve(stream)
+            await other.reserve(call)
             break
         except LimitExceededError:
-            assert loop.time() - killed_at < lease_s + 0.5, "a dead gateway's slots free within a lease"
+            assert loop.time() - killed_at < lease_s + 0.5, "what a dead gateway held frees within a lease"
             await asyncio.sleep(0.02)
+    await other.reserve(call)  # both calls' spend, exactly
+    assert (await refused(other.reserve(call))).kind in (LimitKind.CONCURRENT_STREAMS, LimitKind.BUDGET_PER_DAY)
 
 
 async def test_a_closed_limiter_stops_renewing_and_its_slots_lapse(limiter_for: LimiterFactory) -> None:
@@ -715,3 +727,19 @@ async def test_a_budget_spent_past_its_end_still_admits_calls_that_cost_nothing(
     await limiter.reserve([ask(spent)])
     error = await refused(limiter.reserve([ask(spent, usd=1)]))
     assert error.kind is LimitKind.BUDGET_PER_DAY
+
+
+async def test_a_spend_whose_lease_lapsed_is_settled_to_what_was_billed(limiter_for: LimiterFactory) -> None:
+    """A gateway cut off from Redis for longer than a lease, its call still in progress: the spend its call held is
+    taken back when the lease lapses, and the call's settle, when it comes, counts what it was billed."""
+    budget = Limits(budget_usd_per_day=0.01)  # 10,000 micro-USD
+    cut_off = await limiter_for(stream_lease_s=0.3)
+    held = await cut_off.reserve([ask(budget, usd=8000)])
+    assert cut_off._renewing is not None
+    cut_off._renewing.cancel()  # renews no lease from now on, as when Redis cannot be reached
+    await asyncio.sleep(0.6)
+    other = await limiter_for()
+    await other.reserve([ask(budget, usd=5000)])  # fits: the lapsed lease's 8,000 were taken back
+    await cut_off.settle(held, tokens=0, usd_micros=3000)
+    await other.reserve([ask(budget, usd=2000)])  # 5,000 + 3,000 billed + 2,000: the budget, to the micro-USD
+    assert (await refused(other.reserve([ask(budget, usd=1)]))).kind is LimitKind.BUDGET_PER_DAY

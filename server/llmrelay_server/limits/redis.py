@@ -19,7 +19,11 @@ then on). The subject "gateway" (server.limits) is one over every gateway sharin
   flush): that stream is counted again, so that its key is not given a stream more than its limit. It never brings
   back a settled one: the settle marks the reservation's record, and the renewal reads the mark.
 - `spend`: a hash, UTC day -> micro-USD; today's and yesterday's are kept (a call that began before midnight
-  settles after it).
+  settles after it). What a call in progress reserved of it is held on a lease as a stream slot is (`held-leases`,
+  and what each holds in `held`), renewed with the streams': the spend of a gateway that dies is taken back by the
+  next reservation (of any gateway) after its lease lapsed, rather than staying spent until the end of the day. Its
+  record says so (":lapsed", for two days), so that the settle of a call whose gateway was only cut off from Redis
+  adds what the call was billed, and an undo takes no spend back a second time.
 
 Every key expires when it is left alone (two minutes; two lease lengths; two days), so nothing grows forever.
 
@@ -93,8 +97,12 @@ EPOCH_KEY: Final = f"{KEY_PREFIX}epoch"
 PROBE_KEY: Final = f"{KEY_PREFIX}probe"
 """Written (for a second) by the probe (`_PROBE`): a Redis that answers PING but refuses writes cannot count calls."""
 RECORD_PREFIX: Final = f"{KEY_PREFIX}reservation:"
-"""Per reservation: the second it was counted in (two minutes), "settled" (two minutes from its settle), or "undone"
-(a tombstone, ten minutes)."""
+"""Per reservation: the second it was counted in (two minutes; then ":lapsed" after it for two days, once its held
+spend was taken back), "settled" (two minutes from its settle), or "undone" (a tombstone, ten minutes)."""
+HELD_LEASES_KEY: Final = f"{KEY_PREFIX}held-leases"
+"""The leases of the reservations that hold spend, scored by when they expire (Redis's clock, ms)."""
+HELD_KEY: Final = f"{KEY_PREFIX}held"
+"""The spend each of them holds, by reservation id: its second and day, then each spend key and its amount."""
 MAX_KEPT: Final = 10_000
 """Undos and settles kept while Redis cannot be reached: one per call this gateway had in flight when Redis went, at
 most (calls admitted meanwhile are not counted, so they have none)."""
@@ -116,13 +124,16 @@ _KINDS: Final = (
 
 # What the reserve and undo scripts both read: they are given the same keys and arguments.
 _RESERVATION: Final = """
--- KEYS: 4 per subject: requests, tokens, streams, spend; then the epoch; last, the reservation's record.
--- ARGV[1]: the reservation's id, also its stream lease, ARGV[2]: the lease's length in ms; then 7 per subject: its
+-- KEYS: 4 per subject: requests, tokens, streams, spend; then the epoch, the held spends' leases and the held spends;
+-- last, the reservation's record.
+-- ARGV[1]: the reservation's id, also its leases', ARGV[2]: a lease's length in ms; then 7 per subject: its
 -- requests per minute, tokens per minute, streams at once and budget in micro-USD ('' for each it does not limit),
 -- the tokens and micro-USD the call asks, and '1' for a stream.
 local record = KEYS[#KEYS]
-local subjects = (#KEYS - 2) / 4
+local epoch_key, held_leases, held = KEYS[#KEYS - 3], KEYS[#KEYS - 2], KEYS[#KEYS - 1]
+local subjects = (#KEYS - 4) / 4
 local lease, lease_ms = ARGV[1], tonumber(ARGV[2])
+local record_prefix = string.sub(record, 1, #record - #lease)
 
 local function arg(subject, position)
   return ARGV[2 + (subject - 1) * 7 + position]
@@ -132,6 +143,19 @@ local function limit(subject, position)
   local value = arg(subject, position)
   if value == '' then return nil end
   return tonumber(value)
+end
+
+-- A count that is no longer kept (a bucket out of the window, a day gone) has nothing left to take back; one that
+-- would go below zero (Redis lost what was counted, in a restart, and counted others since) leaves zero.
+local function take_back(key, field, amount)
+  if redis.call('HEXISTS', key, field) == 1 and redis.call('HINCRBY', key, field, -amount) < 0 then
+    redis.call('HSET', key, field, 0)
+  end
+end
+
+-- A record: the second its reservation was counted in, ':lapsed' after it once its spend was taken back (`lapse`).
+local function counted_in(state)
+  return tonumber(string.match(state, '^%d+')), string.find(state, ':lapsed', 1, true) ~= nil
 end
 """
 
@@ -149,7 +173,21 @@ local second = tonumber(clock[1])
 local now = second + tonumber(clock[2]) / 1000000
 local now_ms = second * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local day = math.floor(second / 86400)
-local epoch = redis.call('GET', KEYS[#KEYS - 1])
+local epoch = redis.call('GET', epoch_key)
+
+-- The spend held by reservations whose gateway stopped renewing their leases (it died: kill -9, a lost host) is
+-- taken back, as no settle will come: their records say so, for a settle or an undo that comes after all (a gateway
+-- that lost Redis for longer than a lease).
+local function lapse(id)
+  local entry = redis.call('HGET', held, id)
+  redis.call('ZREM', held_leases, id)
+  redis.call('HDEL', held, id)
+  if not entry then return end
+  local spent = cjson.decode(entry)  -- {second, day, then a spend key and an amount per subject}
+  for i = 3, #spent, 2 do take_back(spent[i], spent[2], spent[i + 1]) end
+  redis.call('SET', record_prefix .. id, spent[1] .. ':lapsed', 'EX', 2 * 86400)
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', held_leases, '-inf', now_ms, 'LIMIT', 0, 100)) do lapse(id) end
 
 -- The buckets of the last 61 seconds, oldest first, and their sum; older buckets are deleted.
 local function window(key)
@@ -230,9 +268,23 @@ for s = 1, subjects do
 end
 -- Where it was counted, for an undo should the answer not reach the gateway.
 redis.call('SET', record, second, 'EX', 120)
+-- The spend it holds until it settles, on a lease its gateway renews.
+local spent = {second, day}
+for s = 1, subjects do
+  if limit(s, 4) and tonumber(arg(s, 6)) > 0 then
+    spent[#spent + 1] = KEYS[(s - 1) * 4 + 4]
+    spent[#spent + 1] = tonumber(arg(s, 6))
+  end
+end
+if #spent > 2 then
+  redis.call('ZADD', held_leases, now_ms + lease_ms, lease)
+  redis.call('HSET', held, lease, cjson.encode(spent))
+  redis.call('EXPIRE', held_leases, 2 * 86400)
+  redis.call('EXPIRE', held, 2 * 86400)
+end
 -- Kept while reservations come, as long as a spend, so that it too expires when left alone.
 epoch = epoch or (clock[1] .. '.' .. clock[2])
-redis.call('SET', KEYS[#KEYS - 1], epoch, 'EX', 2 * 86400)
+redis.call('SET', epoch_key, epoch, 'EX', 2 * 86400)
 return {0, clock[1], clock[2], epoch}
 """
 )
@@ -241,45 +293,47 @@ _UNDO: Final = (
     _RESERVATION
     + """
 -- Takes back what the reservation counted, if it was counted, and leaves a tombstone so that it never counts (if it
--- has not run yet) nor is taken back twice (an undo sent again).
--- A count that is no longer kept (a bucket out of the window, a day gone) has nothing left to take back; one that
--- would go below zero (Redis lost the reservation, in a restart, and counted others since) leaves zero.
-local counted = redis.call('GET', record)
+-- has not run yet) nor is taken back twice (an undo sent again). A spend its lease's lapse took back already is not
+-- taken back again.
+local state = redis.call('GET', record)
 redis.call('SET', record, 'undone', 'EX', 600)
-if not counted or counted == 'undone' then return 0 end
-local day = math.floor(tonumber(counted) / 86400)
-
-local function take_back(key, field, amount)
-  if redis.call('HEXISTS', key, field) == 1 and redis.call('HINCRBY', key, field, -amount) < 0 then
-    redis.call('HSET', key, field, 0)
-  end
-end
+redis.call('ZREM', held_leases, lease)
+redis.call('HDEL', held, lease)
+if not state or state == 'undone' then return 0 end
+local counted, lapsed = counted_in(state)
+local day = math.floor(counted / 86400)
 
 for s = 1, subjects do
   local keys = (s - 1) * 4
   if limit(s, 1) then take_back(KEYS[keys + 1], counted, 1) end
   if limit(s, 2) then take_back(KEYS[keys + 2], counted, tonumber(arg(s, 5))) end
   if limit(s, 3) and arg(s, 7) == '1' then redis.call('ZREM', KEYS[keys + 3], lease) end
-  if limit(s, 4) then take_back(KEYS[keys + 4], day, tonumber(arg(s, 6))) end
+  if limit(s, 4) and not lapsed then take_back(KEYS[keys + 4], day, tonumber(arg(s, 6))) end
 end
 return 1
 """
 )
 
 _SETTLE: Final = """
--- KEYS: those to correct, then the epoch, then the reservation's record. ARGV[1]: the second the call was counted
--- in, ARGV[2]: its UTC day, ARGV[3]: its lease, ARGV[4]: the epoch it was counted in; then 2 per key to correct: what
--- to do ('tokens' or 'spend', and the correction to what was reserved; or 'lease', and '').
+-- KEYS: those to correct, then the epoch, the held spends' leases and the held spends, then the reservation's
+-- record. ARGV[1]: the second the call was counted in, ARGV[2]: its UTC day, ARGV[3]: its lease, ARGV[4]: the epoch
+-- it was counted in; then 3 per key to correct: what to do ('tokens' or 'spend', the correction to what was
+-- reserved, and what was reserved; or 'lease', '' and '').
 -- It runs once per reservation: a settle sent again (its first answer lost, though it ran) finds the record marked.
 -- A correction whose bucket or day is no longer kept has nothing left to correct; one that would take a count below
 -- zero leaves zero. A reservation from another epoch (Redis lost it, in a restart or a flush) is not counted: what
--- its correction would take back belongs to the calls counted since, so it corrects nothing.
+-- its correction would take back belongs to the calls counted since, so it corrects nothing. One whose spend lapsed
+-- (its gateway lost Redis for longer than a lease) adds what was billed, its reservation taken back already.
 local record = KEYS[#KEYS]
-if redis.call('GET', record) == 'settled' then return 0 end
+local state = redis.call('GET', record)
+if state == 'settled' then return 0 end
 redis.call('SET', record, 'settled', 'EX', 120)
+redis.call('ZREM', KEYS[#KEYS - 2], ARGV[3])
+redis.call('HDEL', KEYS[#KEYS - 1], ARGV[3])
 local second = tonumber(redis.call('TIME')[1])
 local counted, day, lease = ARGV[1], ARGV[2], ARGV[3]
-local lost = redis.call('GET', KEYS[#KEYS - 1]) ~= ARGV[4]
+local lost = redis.call('GET', KEYS[#KEYS - 3]) ~= ARGV[4]
+local lapsed = state ~= false and string.find(state, ':lapsed', 1, true) ~= nil
 
 local function correct(key, field, amount)
   if redis.call('HEXISTS', key, field) == 1 and redis.call('HINCRBY', key, field, amount) < 0 then
@@ -287,12 +341,12 @@ local function correct(key, field, amount)
   end
 end
 
-for i = 1, #KEYS - 2 do
-  local key, action, amount = KEYS[i], ARGV[3 + 2 * i], ARGV[4 + 2 * i]
+for i = 1, #KEYS - 4 do
+  local key, action, amount, reserved = KEYS[i], ARGV[2 + 3 * i], ARGV[3 + 3 * i], ARGV[4 + 3 * i]
   if action == 'tokens' then
     if not lost and tonumber(counted) >= second - 60 then correct(key, counted, amount) end
   elseif action == 'spend' then
-    if not lost then correct(key, day, amount) end
+    if not lost then correct(key, day, lapsed and amount + reserved or amount) end
   else
     redis.call('ZREM', key, lease)
   end
@@ -308,14 +362,18 @@ return 0
 """
 
 _RENEW: Final = """
--- KEYS: 2 per lease: a streams set and the reservation's record. ARGV[1]: the lease's length in ms; then the leases.
--- A lease that is not in its set any more (it lapsed while Redis was out of reach for longer than a lease, or Redis
--- lost it in a restart or a flush) belongs to a stream that is still open: it is added again, unless its settle has
--- run since (the record says so), so that a renewal racing a settle never brings a slot back.
+-- KEYS[1]: the held spends' leases; then 2 per stream lease: a streams set and the reservation's record.
+-- ARGV[1]: a lease's length in ms, ARGV[2]: how many held spends' leases follow; then they, then the stream leases.
+-- A stream lease that is not in its set any more (it lapsed while Redis was out of reach for longer than a lease,
+-- or Redis lost it in a restart or a flush) belongs to a stream that is still open: it is added again, unless its
+-- settle has run since (the record says so), so that a renewal racing a settle never brings a slot back. A held
+-- spend's lease is only extended: one that lapsed had its spend taken back, and its settle adds what was billed.
 local clock = redis.call('TIME')
 local expiry = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000) + tonumber(ARGV[1])
-for i = 1, #KEYS / 2 do
-  local key, record, lease = KEYS[2 * i - 1], KEYS[2 * i], ARGV[i + 1]
+local held = tonumber(ARGV[2])
+for i = 1, held do redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[2 + i]) end
+for i = 1, (#KEYS - 1) / 2 do
+  local key, record, lease = KEYS[2 * i], KEYS[2 * i + 1], ARGV[2 + held + i]
   if redis.call('GET', record) ~= 'settled' then
     redis.call('ZADD', key, expiry, lease)
     redis.call('PEXPIRE', key, 2 * tonumber(ARGV[1]))
@@ -339,6 +397,8 @@ class _Hold:
     """The streams sets holding the lease; empty for a call that takes no stream slot."""
     epoch: str
     """Redis's epoch when it counted the reservation: a settle in another one corrects nothing."""
+    holds_spend: bool
+    """Whether it holds spend on a lease (HELD_LEASES_KEY), which its settle ends."""
 
 
 class RedisLimiter:
@@ -380,6 +440,8 @@ class RedisLimiter:
         self._reservation_ids = (f"{owner}:{n}" for n in itertools.count())
         self._leases: dict[str, tuple[str, ...]] = {}
         """The open streams' leases, to renew: the streams sets holding each."""
+        self._held: set[str] = set()
+        """The leases of the reservations in progress that hold spend, to renew."""
         self._kept: dict[str, tuple[AsyncScript, list[str], list[str | int]]] = {}
         """What Redis is still to be sent, by reservation id, in order: the undo of a reservation given up on before
         its answer came, or the settle of one, whose script, keys and arguments are sent as they are."""
@@ -433,7 +495,7 @@ class RedisLimiter:
                 ask.usd_micros,
                 int(ask.stream),
             ]
-        keys += [EPOCH_KEY, f"{RECORD_PREFIX}{reservation_id}"]
+        keys += [EPOCH_KEY, HELD_LEASES_KEY, HELD_KEY, f"{RECORD_PREFIX}{reservation_id}"]
         try:
             answer = await self._run(self._reserve_script, keys, args)
         except _UNREACHABLE as error:
@@ -453,7 +515,11 @@ class RedisLimiter:
         second, micros, epoch = int(answer[1]), int(answer[2]), _text(answer[3])
         if stream_keys:
             self._leases[reservation_id] = stream_keys
-        hold = _Hold(second, second // 86_400, reservation_id, stream_keys, epoch)
+        # As the script holds it: spend asked of a budget.
+        holds_spend = any(ask.usd_micros > 0 and ask.limits.budget_usd_per_day is not None for ask in asks)
+        if holds_spend:
+            self._held.add(reservation_id)
+        hold = _Hold(second, second // 86_400, reservation_id, stream_keys, epoch, holds_spend)
         return Reservation(asks, second + micros / 1e6, [hold])
 
     async def settle(self, reservation: Reservation, tokens: int, usd_micros: int) -> None:
@@ -461,22 +527,24 @@ class RedisLimiter:
             return  # admitted uncounted while Redis was unreachable: nothing to correct
         hold: _Hold = reservation.holds[0]
         self._leases.pop(hold.lease, None)
+        self._held.discard(hold.lease)
         keys: list[str] = []
         args: list[str | int] = [hold.second, hold.day, hold.lease, hold.epoch]
         for ask in reservation.asks:
             _, tokens_key, _, spend_key = _keys(ask.subject)
             if ask.limits.tokens_per_minute is not None and tokens != ask.tokens:
                 keys.append(tokens_key)
-                args += ["tokens", tokens - ask.tokens]
-            if ask.limits.budget_usd_per_day is not None and usd_micros != ask.usd_micros:
+                args += ["tokens", tokens - ask.tokens, ask.tokens]
+            # Sent even as reserved when held: a spend whose lease lapsed was taken back, and is added again.
+            if ask.limits.budget_usd_per_day is not None and (usd_micros != ask.usd_micros or hold.holds_spend):
                 keys.append(spend_key)
-                args += ["spend", usd_micros - ask.usd_micros]
+                args += ["spend", usd_micros - ask.usd_micros, ask.usd_micros]
         for key in hold.lease_keys:
             keys.append(key)
-            args += ["lease", ""]
+            args += ["lease", "", ""]
         if not keys:
-            return  # billed what it reserved, and no stream slot to free
-        keys += [EPOCH_KEY, f"{RECORD_PREFIX}{hold.lease}"]
+            return  # billed what it reserved, and nothing held to free
+        keys += [EPOCH_KEY, HELD_LEASES_KEY, HELD_KEY, f"{RECORD_PREFIX}{hold.lease}"]
         if not self._available:
             # Sent when Redis is back, before calls are counted again; the caller's answer does not wait for it.
             self._send_later(hold.lease, self._settle_script, keys, args)
@@ -618,21 +686,21 @@ class RedisLimiter:
             return
 
     async def _renew_leases(self) -> None:
-        """Every third of a lease, extends the leases of this gateway's open streams, all in one script call; with
-        none open, probes Redis instead, so that an idle gateway's health says when Redis is gone (and new calls do
-        not each find it out by waiting state.timeout_s)."""
+        """Every third of a lease, extends the leases of this gateway's open streams and held spends, all in one
+        script call; with none, probes Redis instead, so that an idle gateway's health says when Redis is gone (and
+        new calls do not each find it out by waiting state.timeout_s)."""
         while True:
             await asyncio.sleep(self._lease_ms / 3000)
             if not self._available:
                 continue
-            if not self._leases:
+            if not (self._leases or self._held):
                 try:
                     await self._run(self._probe_script, [PROBE_KEY], [])
                 except _UNREACHABLE as error:
                     self._went_unreachable(error)
                 continue
-            keys: list[str] = []
-            args: list[str | int] = [self._lease_ms]
+            keys: list[str] = [HELD_LEASES_KEY]
+            args: list[str | int] = [self._lease_ms, len(self._held), *self._held]
             for lease, lease_keys in self._leases.items():
                 for key in lease_keys:
                     keys += [key, f"{RECORD_PREFIX}{lease}"]
