@@ -1,14 +1,18 @@
 """The Python SDK through a real gateway over the loopback upstreams: the collector equals Complete; the tool loop
 over several steps (the upstream scripted to call two tools, then one, then to answer with the results); a tool
-that raises; a conversation fitted through CountTokens; deadlines and interceptors on a real channel; a retry by the
-channel itself after the gateway's pushback; a call's metadata over the client's; a stream left in a `with` block
-cancelled at once; the TLS rule against a TLS gateway, and the hint when it fails."""
+that raises, one past tool_timeout, a run cancelled or interrupted while its tools run; a conversation fitted through
+CountTokens; deadlines and interceptors on a real channel; a retry by the channel itself after the gateway's
+pushback; a call's metadata over the client's; a stream left in a `with` block cancelled at once; the TLS rule
+against a TLS gateway, and the hint when it fails."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import logging
+import os
+import signal
+import sys
 import threading
 import time
 from asyncio.subprocess import PIPE
@@ -193,6 +197,54 @@ async def test_a_run_cancelled_while_its_tools_run_answers_every_call(gateway: G
     ]
 
 
+INTERRUPTED_RUN = """
+import sys, threading
+from llmrelay import Client, Conversation, Tools, message
+
+tools = Tools()
+quick_done = threading.Event()
+
+@tools.register
+def quick() -> str:
+    quick_done.set()
+    return "done"
+
+@tools.register
+def stuck() -> str:
+    quick_done.wait()
+    print("interrupt me", flush=True)
+    threading.Event().wait()
+
+conversation = Conversation([message("user", "go")])
+with Client(sys.argv[1]) as client:
+    try:
+        client.run_tools(conversation, tools)
+    except KeyboardInterrupt:
+        print(client.run_tools(conversation, tools).content)
+"""
+"""A blocking run_tools that Ctrl-C interrupts while its tools run, then the next run of the same conversation."""
+
+
+async def test_a_blocking_run_interrupted_while_its_tools_run_answers_every_call(
+    gateway: Gateway, primary: FakeUpstream
+) -> None:
+    # The interrupted run left the answer's calls with no results, and the next run was refused INVALID_ARGUMENT.
+    # Ctrl-C reaches the main thread alone, and the gateway's event loop is this one's: hence a process of its own.
+    primary.inject(
+        {"tool_calls": [{"name": "quick", "arguments": "{}"}, {"name": "stuck", "arguments": "{}"}]},
+        {"echo_tools": True},
+    )
+    run = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", INTERRUPTED_RUN, target(gateway), stdout=PIPE, stderr=PIPE
+    )
+    assert run.stdout is not None
+    assert await asyncio.wait_for(run.stdout.readline(), 30) == b"interrupt me\n"
+    run.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(run.communicate(), 30)
+    assert (run.returncode, err.decode()) == (0, "")
+    assert out == b"tools: quick=done; stuck=error: the run was cancelled before the tool finished\n"
+
+
 async def test_a_tool_that_raises_becomes_a_result_that_says_so(gateway: Gateway, primary: FakeUpstream) -> None:
     primary.inject({"tool_calls": [{"name": "barometer", "arguments": '{"city": "Oslo"}'}]}, {"echo_tools": True})
     async with AsyncClient(target(gateway)) as client:
@@ -201,15 +253,17 @@ async def test_a_tool_that_raises_becomes_a_result_that_says_so(gateway: Gateway
     assert answer.steps == 2
 
 
-@pytest.mark.parametrize("kind", ["async-tool", "thread-tool", "blocking-client"])
+@pytest.mark.parametrize("kind", ["async-tool", "thread-tool", "blocking-client", "blocking-client-async-tool"])
 async def test_a_tool_past_tool_timeout_is_answered_that_it_did_not_finish(
     gateway: Gateway, primary: FakeUpstream, kind: str
 ) -> None:
     """A tool that hangs (a fetch without a timeout) must not hold the agent's loop for ever: with tool_timeout the
-    model reads that it did not finish, with the other tools' results, and the loop goes on."""
+    model reads that it did not finish, with the other tools' results, and the loop goes on. An async tool is
+    cancelled: the blocking client's went on running, to act after the model had read that it did not."""
     primary.inject({"tool_calls": [{"name": "stuck", "arguments": "{}"}, {"name": "quick", "arguments": "{}"}]},
                    {"echo_tools": True})  # fmt: skip
     released = threading.Event()
+    cancelled = threading.Event()  # the blocking client's async tool runs in an event loop of its own, in a thread
     tools = Tools()
 
     @tools.register
@@ -219,7 +273,11 @@ async def test_a_tool_past_tool_timeout_is_answered_that_it_did_not_finish(
 
     async def stuck_async() -> str:
         """Never answers."""
-        await asyncio.sleep(60)
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
         return "late"
 
     def stuck_in_a_thread() -> str:
@@ -227,11 +285,11 @@ async def test_a_tool_past_tool_timeout_is_answered_that_it_did_not_finish(
         released.wait(60)
         return "late"
 
-    tools.register(stuck_async if kind == "async-tool" else stuck_in_a_thread, name="stuck")
+    tools.register(stuck_async if kind.endswith("async-tool") else stuck_in_a_thread, name="stuck")
 
     started = time.monotonic()
     try:
-        if kind == "blocking-client":
+        if kind.startswith("blocking-client"):
             with Client(target(gateway)) as blocking:
                 answer = await asyncio.to_thread(blocking.run_tools, QUESTION, tools, tool_timeout=0.3)
         else:
@@ -241,6 +299,47 @@ async def test_a_tool_past_tool_timeout_is_answered_that_it_did_not_finish(
         released.set()
     assert answer.content == "tools: stuck=error: the tool did not finish within 0.3 s; quick=done"
     assert answer.steps == 2 and time.monotonic() - started < 10
+    if kind.endswith("async-tool"):
+        assert await asyncio.to_thread(cancelled.wait, 5), "the async tool was cancelled"
+
+
+@pytest.mark.parametrize("blocking", [True, False], ids=["blocking", "asyncio"])
+async def test_a_tools_own_cancellation_and_text_utf_8_cannot_hold_become_results(
+    gateway: Gateway, primary: FakeUpstream, blocking: bool
+) -> None:
+    # Each ended the loop: a CancelledError no one cancelling the run asked for (a tool's own inner request's), and
+    # text with surrogates (a Latin-1 file name through os.fsdecode), which protobuf refused with UnicodeEncodeError.
+    primary.inject(
+        {"tool_calls": [{"name": name, "arguments": "{}"} for name in ("fetch", "listing", "lookup")]},
+        {"echo_tools": True},
+    )
+    tools = Tools()
+
+    @tools.register
+    async def fetch() -> str:
+        """A page, by a request of the tool's own."""
+        raise asyncio.CancelledError("the request was cancelled")
+
+    @tools.register
+    def listing() -> str:
+        """A directory's file names."""
+        return os.fsdecode(b"caf\xe9.txt")
+
+    @tools.register
+    def lookup() -> str:
+        """A file's text."""
+        raise FileNotFoundError(os.fsdecode(b"no caf\xe9.txt"))
+
+    if blocking:
+        with Client(target(gateway)) as blocking_client:
+            answer = await asyncio.to_thread(blocking_client.run_tools, QUESTION, tools)
+    else:
+        async with AsyncClient(target(gateway)) as client:
+            answer = await client.run_tools(QUESTION, tools)
+    assert answer.content == (
+        "tools: fetch=error: CancelledError: the request was cancelled; listing=caf\ufffd.txt; "
+        "lookup=error: FileNotFoundError: no caf\ufffd.txt"
+    )
 
 
 @pytest.mark.parametrize("tool_timeout", [0, -1, float("nan"), True, "1"])

@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import inspect
 import json
+import re
 import threading
 import types
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import (
     Annotated,
@@ -215,43 +217,45 @@ class Tools:
         """The tool message answering a call: the function's result, or what went wrong (an unknown tool, arguments
         that are not JSON or do not fit, the exception the function raised). An async function runs in an event loop
         of its own (asyncio.run), so call this outside of one, as Client.run_tools does from its threads."""
+        return self._run_within(call, None)
+
+    def _run_within(self, call: pb.ToolCall, timeout: float | None) -> pb.Message:
+        """As run; an async function still running after timeout seconds is cancelled (in its own event loop, so
+        from its own thread) and the call answered that it did not finish."""
         prepared = self._prepare(call)
         if isinstance(prepared, str):
             return tool_result(call, prepared)
         tool, arguments = prepared
         try:
             result = tool.function(**arguments)
-            if inspect.isawaitable(result):
-                result = asyncio.run(_awaited(result))
-        except Exception as exc:  # a tool's failure is the model's to read, not the loop's end
+        except (Exception, asyncio.CancelledError) as exc:  # a plain call has no await to cancel: the tool's own
             return tool_result(call, _failure(exc))
+        if inspect.isawaitable(result):
+            return asyncio.run(_within(call, _answer(call, result), timeout))
         return tool_result(call, _result_text(result))
 
     def run_all(self, calls: Sequence[pb.ToolCall], timeout: float | None = None) -> list[pb.Message]:
         """The tool messages answering calls, run at once, each in a thread of its own; a call still running after
-        timeout seconds is answered that it did not finish. Its thread is left to end by itself (Python cannot stop
-        one), a daemon thread, so that a tool that never returns does not hold the interpreter's exit either."""
+        timeout seconds is answered that it did not finish (an async function is cancelled). A plain function's
+        thread is left to end by itself (Python cannot stop one), a daemon thread, so that a tool that never returns
+        does not hold the interpreter's exit either."""
+        return _settled(self._start_all(calls, timeout), calls, timeout)
+
+    def _start_all(
+        self, calls: Sequence[pb.ToolCall], timeout: float | None
+    ) -> list[concurrent.futures.Future[pb.Message]]:
         futures: list[concurrent.futures.Future[pb.Message]] = []
         for call in calls:
             future: concurrent.futures.Future[pb.Message] = concurrent.futures.Future()
-            threading.Thread(target=_settle, args=(future, self.run, call), name="llmrelay-tool", daemon=True).start()
+            answer = functools.partial(self._run_within, call, timeout)
+            threading.Thread(target=_settle, args=(future, answer), name="llmrelay-tool", daemon=True).start()
             futures.append(future)
-        concurrent.futures.wait(futures, timeout=timeout)
-        return [
-            future.result() if future.done() else tool_result(call, _unfinished(timeout))
-            for future, call in zip(futures, calls, strict=True)
-        ]
+        return futures
 
     async def arun_all(self, calls: Sequence[pb.ToolCall], timeout: float | None = None) -> list[pb.Message]:
         """As run_all, from an event loop (arun's way); a call past timeout is cancelled (a plain function's thread
         is left to end by itself)."""
-        return list(await asyncio.gather(*(self._arun_within(call, timeout) for call in calls)))
-
-    async def _arun_within(self, call: pb.ToolCall, timeout: float | None) -> pb.Message:
-        try:
-            return await asyncio.wait_for(self.arun(call), timeout)
-        except TimeoutError:  # the wait's own: arun answers a tool's exceptions, its TimeoutError too
-            return tool_result(call, _unfinished(timeout))
+        return list(await asyncio.gather(*(_within(call, self.arun(call), timeout) for call in calls)))
 
     async def arun(self, call: pb.ToolCall) -> pb.Message:
         """As run, from an event loop: async functions are awaited, plain ones run in a thread (asyncio.to_thread)
@@ -260,16 +264,9 @@ class Tools:
         if isinstance(prepared, str):
             return tool_result(call, prepared)
         tool, arguments = prepared
-        try:
-            if inspect.iscoroutinefunction(tool.function):
-                result = await tool.function(**arguments)
-            else:
-                result = await asyncio.to_thread(tool.function, **arguments)
-                if inspect.isawaitable(result):
-                    result = await result
-        except Exception as exc:
-            return tool_result(call, _failure(exc))
-        return tool_result(call, _result_text(result))
+        if inspect.iscoroutinefunction(tool.function):
+            return await _answer(call, tool.function(**arguments))
+        return await _answer(call, _in_a_thread(tool.function, arguments))
 
     def _prepare(self, call: pb.ToolCall) -> tuple[RegisteredTool, dict[str, Any]] | str:
         """The tool and its keyword arguments, or the error text of a call that cannot run."""
@@ -299,21 +296,73 @@ class Tools:
 
 
 def tool_result(call: pb.ToolCall, content: str) -> pb.Message:
-    """The tool message that answers a call."""
-    return pb.Message(role=pb.ROLE_TOOL, content=content, tool_call_id=call.id, name=call.function.name)
+    """The tool message that answers a call. Surrogates in content, which UTF-8 cannot hold (a file name's bytes
+    that are no UTF-8, as os.fsdecode gives them), become U+FFFD: a protobuf string refuses them, and a tool's text
+    must not end the loop."""
+    return pb.Message(
+        role=pb.ROLE_TOOL, content=_SURROGATES.sub("\ufffd", content), tool_call_id=call.id, name=call.function.name
+    )
 
 
-async def _awaited(awaitable: Any) -> Any:
-    return await awaitable
+_SURROGATES: Final = re.compile("[\ud800-\udfff]")
 
 
-def _settle(
-    future: concurrent.futures.Future[pb.Message], run: Callable[[pb.ToolCall], pb.Message], call: pb.ToolCall
-) -> None:
+async def _answer(call: pb.ToolCall, awaitable: Awaitable[Any]) -> pb.Message:
+    """The tool message of an awaited result, or of what it raised: a CancelledError too, unless this task is being
+    cancelled (then it is the run's, or tool_timeout's, and goes on)."""
     try:
-        future.set_result(run(call))
-    except BaseException as exc:  # run answers a tool's Exceptions; SystemExit and the like reach the loop, as before
+        result = await awaitable
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        return tool_result(call, _failure(exc))
+    except Exception as exc:  # a tool's failure is the model's to read, not the loop's end
+        return tool_result(call, _failure(exc))
+    return tool_result(call, _result_text(result))
+
+
+async def _within(call: pb.ToolCall, answering: Awaitable[pb.Message], timeout: float | None) -> pb.Message:
+    try:
+        return await asyncio.wait_for(answering, timeout)
+    except TimeoutError:  # the wait's own: _answer answers a tool's exceptions, its TimeoutError too
+        return tool_result(call, _unfinished(timeout))
+
+
+async def _in_a_thread(function: Callable[..., Any], arguments: Mapping[str, Any]) -> Any:
+    result = await asyncio.to_thread(function, **arguments)
+    return await result if inspect.isawaitable(result) else result
+
+
+def _settle(future: concurrent.futures.Future[pb.Message], answer: Callable[[], pb.Message]) -> None:
+    try:
+        future.set_result(answer())
+    except BaseException as exc:  # answer answers a tool's Exceptions; SystemExit and the like reach the loop
         future.set_exception(exc)
+
+
+def _settled(
+    futures: Sequence[concurrent.futures.Future[pb.Message]], calls: Sequence[pb.ToolCall], timeout: float | None
+) -> list[pb.Message]:
+    """The answers of calls started in threads, once done or after timeout seconds."""
+    concurrent.futures.wait(futures, timeout=timeout)
+    return [
+        future.result() if future.done() else tool_result(call, _unfinished(timeout))
+        for future, call in zip(futures, calls, strict=True)
+    ]
+
+
+def _answered_so_far(
+    running: Sequence[asyncio.Future[pb.Message] | concurrent.futures.Future[pb.Message]], calls: Sequence[pb.ToolCall]
+) -> list[pb.Message]:
+    """The answers of calls whose run is cancelled (or interrupted) while they run: each finished call's result,
+    and for any other that it was cancelled."""
+    return [
+        future.result()
+        if future.done() and not future.cancelled() and future.exception() is None
+        else tool_result(call, CANCELLED_RESULT)
+        for future, call in zip(running, calls, strict=True)
+    ]
 
 
 CANCELLED_RESULT: Final = "error: the run was cancelled before the tool finished"
@@ -324,7 +373,7 @@ def _unfinished(timeout: float | None) -> str:
     return f"error: the tool did not finish within {timeout:g} s"
 
 
-def _failure(exc: Exception) -> str:
+def _failure(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {exc}"
 
 
@@ -334,7 +383,7 @@ def _result_text(result: Any) -> str:
     if isinstance(result, str):
         return result
     try:
-        return json.dumps(result, default=_jsonable)
+        return json.dumps(result, default=_jsonable, allow_nan=False)  # NaN and Infinity are no JSON
     except (TypeError, ValueError, RecursionError) as exc:  # keys not text or numbers, a value holding itself, depth
         return f"error: the tool's result cannot be written as JSON ({type(exc).__name__}: {exc})"
 
@@ -461,8 +510,9 @@ def _from_json(hint: Any, value: Any) -> Any:
         if _homogeneous(args):
             return tuple(_from_json(args[0], item) for item in value)
         return tuple(_from_json(arg, item) for arg, item in zip(args, value, strict=False)) + tuple(value[len(args) :])
-    if origin in (Union, types.UnionType) and value is not None:
-        # The first member the value converts to something else than itself (a dataclass from an object), else as is.
+    if origin in (Union, types.UnionType) and value is not None and type(value) not in args:
+        # A value of a member's own type stays as it is (5 for int | float); else the first member it converts to
+        # something else than itself (a dataclass from an object, a float from an int), else as is.
         for arg in args:
             if arg is not type(None) and (converted := _from_json(arg, value)) is not value:
                 return converted
@@ -495,20 +545,26 @@ class _Steps:
         self._attempts.extend(response.attempts)
         return list(response.message.tool_calls)
 
+    def run_calls(self, tools: Tools, calls: Sequence[pb.ToolCall], timeout: float | None) -> None:
+        """As arun_calls, for Client.run_tools: the calls run in threads (Tools.run_all's way), and interrupted
+        meanwhile (Ctrl-C: KeyboardInterrupt), it answers every call before the interruption goes on."""
+        running = tools._start_all(calls, timeout)
+        try:
+            results = _settled(running, calls, timeout)
+        except BaseException:
+            self.messages.extend(_answered_so_far(running, calls))
+            raise
+        self.add_results(results)
+
     async def arun_calls(self, tools: Tools, calls: Sequence[pb.ToolCall], timeout: float | None) -> None:
-        """Runs the last answer's calls (Tools.arun_all) and adds their results. Cancelled meanwhile, it answers every
-        call all the same before the cancellation goes on, a call still running that it was cancelled: an answer
-        whose calls have no results is a conversation no model takes, and the caller may want to go on with it."""
-        running = [asyncio.ensure_future(tools._arun_within(call, timeout)) for call in calls]
+        """Runs the last answer's calls (Tools.arun_all's way) and adds their results. Cancelled meanwhile, it answers
+        every call all the same before the cancellation goes on, a call still running that it was cancelled: an
+        answer whose calls have no results is a conversation no model takes, and the caller may want to go on."""
+        running = [asyncio.ensure_future(_within(call, tools.arun(call), timeout)) for call in calls]
         try:
             results = await asyncio.gather(*running)
         except asyncio.CancelledError:
-            self.messages.extend(
-                task.result()
-                if task.done() and not task.cancelled() and task.exception() is None
-                else tool_result(call, CANCELLED_RESULT)
-                for task, call in zip(running, calls, strict=True)
-            )
+            self.messages.extend(_answered_so_far(running, calls))
             raise
         self.add_results(results)
 

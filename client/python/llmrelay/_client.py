@@ -455,7 +455,8 @@ class Client(_Base):
 
         A Conversation given is appended to, and fitted to its budget before each call; a list is left as it was.
         When the model still asks for tools after max_steps calls, their results are appended and StepLimitError
-        is raised, its `answer` holding everything so far."""
+        is raised, its `answer` holding everything so far. Interrupted while its tools run (Ctrl-C), it first
+        answers every call (one still running: that the run was cancelled), so the conversation can go on."""
         _seconds("tool_timeout", tool_timeout, "no bound")
         _refuse_async(on_delta)
         conversation = _conversation(messages)
@@ -477,7 +478,7 @@ class Client(_Base):
             calls = steps.record(response)
             if not calls:
                 return steps.answer()
-            steps.add_results(tools.run_all(calls, tool_timeout))
+            steps.run_calls(tools, calls, tool_timeout)
 
     def fit(
         self,

@@ -190,6 +190,15 @@ def test_a_tuple_parameter_is_given_a_tuple_of_its_types() -> None:
     assert result.content == "(('Oslo', 3.0), (1, 2))"
 
 
+def test_a_union_keeps_a_value_of_one_of_its_types() -> None:
+    # int | float gave 5 as 5.0: the first member the value converted to won.
+    def scale(factor: int | float, offset: float | None = None) -> str:
+        return repr((factor, offset))
+
+    assert Tools(scale).run(call("scale", '{"factor": 5, "offset": 2}')).content == "(5, 2.0)"
+    assert Tools(scale).run(call("scale", '{"factor": 0.5}')).content == "(0.5, None)"
+
+
 def test_explicit_schemas_names_and_descriptions() -> None:
     tools = Tools()
     schema = {"type": "object", "properties": {"q": {"type": "string"}}}
@@ -246,8 +255,15 @@ def test_a_result_json_cannot_hold_becomes_a_result_that_says_so() -> None:
         itself.append(itself)
         return itself
 
-    tools = Tools(pairs, loop)
-    for name, why in [("pairs", "TypeError: keys must be str"), ("loop", "ValueError: Circular reference detected")]:
+    def ratio() -> list[float]:  # json.dumps wrote NaN and Infinity, which are no JSON
+        return [float("nan"), float("inf")]
+
+    tools = Tools(pairs, loop, ratio)
+    for name, why in [
+        ("pairs", "TypeError: keys must be str"),
+        ("loop", "ValueError: Circular reference detected"),
+        ("ratio", "ValueError: Out of range float values are not JSON compliant"),
+    ]:
         says = f"error: the tool's result cannot be written as JSON ({why}"
         assert tools.run(call(name, "{}")).content.startswith(says)
         assert asyncio.run(tools.arun(call(name, "{}"))).content.startswith(says)
