@@ -274,6 +274,41 @@ func TestAgentToolFailuresBecomeResults(t *testing.T) {
 	}
 }
 
+func TestAgentTakesToolResultsThatAreNotUTF8(t *testing.T) {
+	client := setup(t)
+	// Latin-1 bytes, as os.ReadFile gives them: they failed the next model call, and every later one, with Internal
+	// "string field contains invalid UTF-8", the bad tool message staying in the conversation.
+	readFile := mustTool(t)(llmrelay.NewTool("read_file", "", func(context.Context, struct{}) (string, error) {
+		return "caf\xe9 cr\xe8me", nil
+	}))
+	failing := mustTool(t)(llmrelay.NewTool("lookup", "", func(context.Context, struct{}) (string, error) {
+		return "", errors.New("no file na\xefve.txt")
+	}))
+	calls := gatewaytest.Fault{"tool_calls": []map[string]string{
+		{"name": "read_file", "arguments": "{}"},
+		{"name": "lookup", "arguments": "{}"},
+	}}
+	if err := env.Upstream.AddFaults(calls, gatewaytest.Fault{"echo_tools": true}, gatewaytest.Fault{"echo_tools": true}); err != nil {
+		t.Fatal(err)
+	}
+	conversation := llmrelay.NewConversation(chat("what is on the menu?")...)
+	agent := &llmrelay.Agent{Client: client, Tools: []llmrelay.Tool{readFile, failing}}
+	result, err := agent.Run(testContext(t), conversation)
+	if err != nil {
+		t.Fatal(err)
+	}
+	answer := result.Answer.GetMessage().GetContent()
+	for _, want := range []string{"read_file=caf\uFFFD cr\uFFFDme", "lookup=error: tool \"lookup\" failed: no file na\uFFFDve.txt"} {
+		if !strings.Contains(answer, want) {
+			t.Errorf("final answer %q; want it to hold %q", answer, want)
+		}
+	}
+	conversation.Add(llmrelay.User("and then?"))
+	if _, err := agent.Run(testContext(t), conversation); err != nil {
+		t.Errorf("the conversation cannot go on: %v", err)
+	}
+}
+
 func TestAgentStopsAtItsStepLimit(t *testing.T) {
 	client := setup(t)
 	again := gatewaytest.Fault{"tool_calls": []map[string]string{{"name": "add", "arguments": `{"a": 1, "b": 1}`}}}

@@ -114,7 +114,8 @@ func WithCaller(name string) Option {
 }
 
 // WithHeader sends a metadata entry with every call (for example "authorization", "Bearer KEY"), unless the call's
-// context carries outgoing metadata of that key: then the call's value goes in its place.
+// context carries outgoing metadata of that key: then the call's value goes in its place. The value is printable
+// ASCII (any bytes for a key ending -bin): Dial refuses another, naming the key but not the value.
 func WithHeader(key, value string) Option {
 	return func(o *options) { o.headers = append(o.headers, key, value) }
 }
@@ -159,6 +160,12 @@ func Dial(target string, opts ...Option) (*Client, error) {
 		// Else every call fails Internal, "header key ... contains illegal characters", as though the gateway had.
 		if !validHeaderKey(o.headers[i]) {
 			return nil, fmt.Errorf("llmrelay: WithHeader key %q: gRPC takes only letters, digits, '-', '_' and '.' in a key", o.headers[i])
+		}
+		// Else every call fails Internal, "header key ... contains value with non-printable ASCII characters". The
+		// value is not shown: it may be a key to the gateway (read from a file, with its newline).
+		if !validHeaderValue(o.headers[i], o.headers[i+1]) {
+			return nil, fmt.Errorf("llmrelay: WithHeader %q: gRPC takes only printable ASCII text as a value (value not shown)",
+				strings.ToLower(o.headers[i]))
 		}
 	}
 	var securityHint string
@@ -379,6 +386,19 @@ func User(content string) *llmrelayv1.Message {
 // Assistant is an assistant message, for earlier turns of the chat.
 func Assistant(content string) *llmrelayv1.Message {
 	return &llmrelayv1.Message{Role: llmrelayv1.Role_ROLE_ASSISTANT, Content: content}
+}
+
+// validHeaderValue: a value gRPC sends for key: any bytes for a key ending -bin, else printable ASCII (spaces too).
+func validHeaderValue(key, value string) bool {
+	if strings.HasSuffix(strings.ToLower(key), "-bin") {
+		return true
+	}
+	for i := 0; i < len(value); i++ {
+		if value[i] < ' ' || value[i] > '~' {
+			return false
+		}
+	}
+	return true
 }
 
 // validHeaderKey: a metadata key gRPC sends (it sends keys in lower case, so upper-case letters are taken too).

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"image"
 	"image/png"
+	"strings"
 	"testing"
 
 	"google.golang.org/grpc/codes"
@@ -115,6 +116,29 @@ func TestDialSkipsANilOptionAndRefusesAHeaderKeyGRPCCannotSend(t *testing.T) {
 	if _, err := llmrelay.Dial("127.0.0.1:1", llmrelay.WithHeader("Bad Key", "v")); err == nil {
 		t.Error(`Dial took the metadata key "Bad Key"`)
 	}
+}
+
+func TestDialRefusesAHeaderValueGRPCCannotSendWithoutShowingIt(t *testing.T) {
+	// A key read from a file with its newline: taken, every call failed Internal, "header key "authorization" contains
+	// value with non-printable ASCII characters", as though the gateway had.
+	for _, value := range []string{"Bearer sk-live-SECRET\n", "Bearer sk-live-SECRET\x00", "Bearer sk-live-SÉCRET"} {
+		_, err := llmrelay.Dial("127.0.0.1:1", llmrelay.WithHeader("Authorization", value))
+		if err == nil {
+			t.Errorf("Dial took the authorization value %q", value)
+			continue
+		}
+		if !strings.Contains(err.Error(), `"authorization"`) || strings.Contains(err.Error(), "SECRET") ||
+			strings.Contains(err.Error(), "SÉCRET") || !strings.Contains(err.Error(), "value not shown") {
+			t.Errorf("Dial's error %q; want it to name the key and not show the value", err)
+		}
+	}
+	// A key ending -bin carries bytes, any of them; printable ASCII with spaces is text gRPC sends.
+	client, err := llmrelay.Dial("127.0.0.1:1", llmrelay.WithHeader("x-trace-bin", "\x00\xff\n"),
+		llmrelay.WithHeader("x-note", " a ~ b "))
+	if err != nil {
+		t.Fatalf("Dial: %v", err)
+	}
+	client.Close()
 }
 
 func TestSchemasReachTheUpstreamWithTheirIntegers(t *testing.T) {

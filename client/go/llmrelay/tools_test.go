@@ -131,6 +131,31 @@ func TestRunToolCallsTurnsFailuresIntoResults(t *testing.T) {
 	}
 }
 
+func TestRunToolCallsMakesEveryResultUTF8(t *testing.T) {
+	// gRPC refuses to send a string field that is not UTF-8: the bytes it is not are each run replaced by U+FFFD.
+	latin1 := mustTool(t)(llmrelay.NewRawTool("read", "", nil, func(context.Context, json.RawMessage) (string, error) {
+		return "caf\xe9 cr\xe8me", nil
+	}))
+	failing := mustTool(t)(llmrelay.NewRawTool("fail", "", nil, func(context.Context, json.RawMessage) (string, error) {
+		return "", errors.New("no file na\xefve.txt")
+	}))
+	panicking := mustTool(t)(llmrelay.NewRawTool("panic", "", nil, func(context.Context, json.RawMessage) (string, error) {
+		panic("cut mid-rune: \xe2\x82")
+	}))
+	results := llmrelay.RunToolCalls(context.Background(), []llmrelay.Tool{latin1, failing, panicking},
+		[]*llmrelayv1.ToolCall{call("1", "read", ""), call("2", "fail", ""), call("3", "panic", "")})
+	want := []string{
+		"caf\uFFFD cr\uFFFDme",
+		"error: tool \"fail\" failed: no file na\uFFFDve.txt",
+		"error: tool \"panic\" failed: it panicked: cut mid-rune: \uFFFD",
+	}
+	for i, result := range results {
+		if result.GetContent() != want[i] {
+			t.Errorf("result %d: %q, want %q", i, result.GetContent(), want[i])
+		}
+	}
+}
+
 func zero() float64 { return 0 }
 
 func TestRunToolCallsRunsThemAtOnce(t *testing.T) {

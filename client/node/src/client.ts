@@ -71,8 +71,11 @@ export interface ClientOptions {
   timeoutMs?: number | null;
   /** Names the caller in the gateway's usage ledger (the x-llmrelay-caller metadata). */
   caller?: string;
-  /** Metadata sent with every call (for example `{ authorization: "Bearer KEY" }`). */
-  metadata?: Record<string, string>;
+  /**
+   * Metadata sent with every call (for example `{ authorization: "Bearer KEY" }`): printable ASCII text, or a Buffer
+   * for a key ending -bin. The constructor throws a TypeError for a key or a value gRPC cannot send.
+   */
+  metadata?: Record<string, string | Buffer>;
   /**
    * Options of the gRPC channel ("grpc.keepalive_time_ms", ...). "grpc.service_config" defaults to
    * SERVICE_CONFIG_JSON, the contract's retry policy (UNAVAILABLE, three attempts, backoff, the gateway's
@@ -93,8 +96,11 @@ export interface CallOptions {
    * signal's reason, as fetch() does.
    */
   signal?: AbortSignal;
-  /** Metadata for this call, on top of the client's. */
-  metadata?: Record<string, string>;
+  /**
+   * Metadata for this call, on top of the client's (a key it sets replaces the client's). A key or a value gRPC
+   * cannot send rejects the call with a TypeError, as ClientOptions.metadata does.
+   */
+  metadata?: Record<string, string | Buffer>;
 }
 
 export interface CollectOptions extends CallOptions {
@@ -152,7 +158,7 @@ export class Client {
   /** Whether the transport rule chose plaintext (a loopback target), rather than the caller (insecure: true). */
   private readonly plaintextByRule: boolean;
   private readonly timeoutMs: number | null;
-  private readonly headers: Record<string, string>;
+  private readonly headers: Record<string, string | Buffer>;
   /** The calls in flight, unary and streams: close() cancels them, as grpc-js's close() lets them run on. */
   private readonly active = new Set<{ cancel(): void }>();
   /** Set by close(): a call after it fails as in the Python SDK, not with grpc-js's plain Error. */
@@ -170,7 +176,10 @@ export class Client {
       interceptors: options.interceptors,
     });
     this.timeoutMs = options.timeoutMs === undefined ? DEFAULT_TIMEOUT_MS : options.timeoutMs;
-    this.headers = { ...options.metadata, ...(options.caller ? { [CALLER_HEADER]: options.caller } : {}) };
+    this.headers = checkedMetadata({
+      ...options.metadata,
+      ...(options.caller ? { [CALLER_HEADER]: options.caller } : {}),
+    });
   }
 
   /** Answers a chat with one assistant message. */
@@ -300,7 +309,7 @@ export class Client {
 
   private metadata(options?: CallOptions): Metadata {
     const metadata = new Metadata();
-    for (const [key, value] of Object.entries({ ...this.headers, ...options?.metadata })) {
+    for (const [key, value] of Object.entries({ ...this.headers, ...checkedMetadata(options?.metadata) })) {
       metadata.set(key, value);
     }
     return metadata;
@@ -338,6 +347,38 @@ export class Client {
     }
     return err;
   }
+}
+
+/** What gRPC takes as a metadata key, in lower case (as it sends keys). */
+const METADATA_KEY = /^[0-9a-z_.-]+$/;
+/** What gRPC takes as the value of a key not ending -bin: printable ASCII, spaces too. */
+const METADATA_TEXT = /^[ -~]*$/;
+
+/**
+ * The metadata with its keys in lower case, as gRPC sends them; a TypeError for a key or a value gRPC refuses, saying
+ * which key and never the value, which may be a key to the gateway (read from a file with its newline, say): grpc-js
+ * threw its own Error, the value in its message, on every call.
+ */
+function checkedMetadata(metadata: Record<string, unknown> | undefined): Record<string, string | Buffer> {
+  const checked: Record<string, string | Buffer> = {};
+  for (const [key, value] of Object.entries(metadata ?? {})) {
+    const name = key.toLowerCase();
+    if (!METADATA_KEY.test(name)) {
+      throw new TypeError(
+        `metadata key ${JSON.stringify(key)}: gRPC takes only letters, digits, '-', '_' and '.' in a key`,
+      );
+    }
+    // A key ending -bin carries bytes; any other, printable ASCII.
+    if (name.endsWith("-bin")) {
+      if (!Buffer.isBuffer(value)) {
+        throw new TypeError(`metadata "${name}": a key ending -bin takes a Buffer as its value (value not shown)`);
+      }
+    } else if (typeof value !== "string" || !METADATA_TEXT.test(value)) {
+      throw new TypeError(`metadata "${name}": gRPC takes only printable ASCII text as a value (value not shown)`);
+    }
+    checked[name] = value as string | Buffer;
+  }
+  return checked;
 }
 
 /** A call after close(): CANCELLED, as the Python SDK says it, rather than grpc-js's plain Error. */

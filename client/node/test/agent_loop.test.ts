@@ -210,6 +210,26 @@ describe("the agent loop", { concurrency: false }, () => {
     );
   });
 
+  test("a tool result or error with a lone surrogate goes with U+FFFD in its place", async () => {
+    await upstream.addFaults(
+      { tool_calls: [{ name: "read_file", arguments: "{}" }, { name: "lookup", arguments: "{}" }] },
+      { echo_tools: true },
+    );
+    const readFile = tool({ name: "read_file", parameters: s.object({}), run: () => "caf\uD800 cr\u00e8me" });
+    const lookup = tool({
+      name: "lookup",
+      parameters: s.object({}),
+      run: () => {
+        throw new Error("no file na\uDC00ve.txt");
+      },
+    });
+    const result = await new Agent(client, { tools: [readFile, lookup] }).run([user("what is on the menu?")]);
+    assert.equal(
+      result.answer.message?.content,
+      "tools: read_file=caf\uFFFD cr\u00e8me; lookup=error: lookup failed: no file na\uFFFDve.txt",
+    );
+  });
+
   test("stops at the step limit with a StepLimitError that holds what the run did, ready to go on", async () => {
     const again = (city: string) => ({ tool_calls: [{ name: "get_time", arguments: JSON.stringify({ city }) }] });
     await upstream.addFaults(again("Lima"), again("Quito"), { echo_tools: true });

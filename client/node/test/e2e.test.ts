@@ -343,6 +343,45 @@ describe("llmrelay gateway, from TypeScript", { concurrency: false }, () => {
     assert.equal(await upstream.requestCount(), before);
   });
 
+  test("metadata gRPC cannot send is a TypeError naming the key, never showing the value", async () => {
+    // A key read from a file with its newline: grpc-js rejected every call with its Error, the secret in its message.
+    const secret = "Bearer sk-live-SECRET\n";
+    const refused = (key: string, rule: RegExp) => (err: unknown) => {
+      assert.ok(err instanceof TypeError, String(err));
+      assert.ok(err.message.includes(`"${key}"`) && err.message.includes("value not shown"), err.message);
+      assert.match(err.message, rule);
+      assert.ok(!err.message.includes("SECRET"), err.message);
+      return true;
+    };
+    const printable = /printable ASCII/;
+    assert.throws(
+      () => new Client(gateway.addr, { metadata: { Authorization: secret } }),
+      refused("authorization", printable),
+    );
+    assert.throws(() => new Client(gateway.addr, { caller: "caf\u00e9" }), refused("x-llmrelay-caller", printable));
+    assert.throws(() => new Client(gateway.addr, { metadata: { "bad key": "v" } }), /metadata key "bad key"/);
+    const client = connect();
+    const before = await upstream.requestCount();
+    await assert.rejects(
+      client.complete({ messages: chat("never sent") }, { metadata: { authorization: secret } }),
+      refused("authorization", printable),
+    );
+    const stream = client.stream({ messages: chat("never sent") }, { metadata: { authorization: secret } });
+    await assert.rejects(stream.next(), refused("authorization", printable));
+    await assert.rejects(
+      client.complete({ messages: chat("never sent") }, { metadata: { "x-trace-bin": "SECRET" } }),
+      refused("x-trace-bin", /a key ending -bin takes a Buffer/),
+    );
+    await assert.rejects(
+      client.complete({ messages: chat("never sent") }, { metadata: { "x-note": Buffer.from("SECRET") } }),
+      refused("x-note", printable),
+    );
+    assert.equal(await upstream.requestCount(), before);
+    // Printable ASCII, spaces too, and a Buffer for a key ending -bin, go through.
+    const bytes = connect(gateway.addr, { metadata: { "x-trace-bin": Buffer.from([0, 255, 10]) } });
+    await bytes.complete({ messages: chat("sent") }, { metadata: { "x-note": " a ~ b " } });
+  });
+
   test("one stop sequence may be given as a string, as OpenAI takes it", async () => {
     // From plain JavaScript, as the Python SDK takes it: it threw inside fromPartial ("stop?.map is not a function").
     await connect().complete({ messages: chat("stop here"), options: { stop: "END" } } as unknown as StreamInput);
