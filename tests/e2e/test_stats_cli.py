@@ -136,3 +136,6 @@ def test_behind_workers_the_streams_add_up_and_a_restarted_workers_counters_coun
     live = render_stats(after, before, seconds=2.0)
     assert row(live, "Complete")[1:3] == ["8.0", "0.0"], live  # (10 + 6) calls in 2 s, never negative
     assert re.search(r"^open streams: 6$", live, re.MULTILINE), live
+    # The totals are no longer the gateway's since it started.
+    restarted = parse_metrics(f"{calls}worker=\"1\"}} 110\nllmrelay_worker_restarts_total 1\n")
+    assert render_stats(restarted).startswith("llmrelay since each worker last started (1 restarted)\n")

@@ -564,7 +564,8 @@ def _duration(seconds: float | None) -> str:
 
 
 def render_stats(after: Samples, before: Samples | None = None, seconds: float = 0.0) -> str:
-    """What happened between two scrapes, per second; with no `before`, the totals since the gateway started."""
+    """What happened between two scrapes, per second; with no `before`, the totals since the gateway started (since
+    each worker last started, behind a supervisor that restarted one)."""
     rate = before is not None and seconds > 0
     grown = _increase(after, before or {})
     per, digits, unit = (seconds, 1, "/s") if rate else (1.0, 0, "")
@@ -577,7 +578,14 @@ def render_stats(after: Samples, before: Samples | None = None, seconds: float =
 
     calls = change("grpc_server_handled_total", "grpc_method", grpc_service=_SERVICE)
     ok = change("grpc_server_handled_total", "grpc_method", grpc_service=_SERVICE, grpc_code="OK")
-    title = f"over the last {seconds:.1f} s" if rate else "since the gateway started"
+    # A restarted worker's counters start again from zero: what it counted before is in no total.
+    restarts = sum(value for (name, _), value in after.items() if name == "llmrelay_worker_restarts_total")
+    if rate:
+        title = f"over the last {seconds:.1f} s"
+    elif restarts:
+        title = f"since each worker last started ({restarts:.0f} restarted)"
+    else:
+        title = "since the gateway started"
     lines = [f"llmrelay {title}", f"{'method':<16}{'calls' + unit:>10}{'errors' + unit:>10}{'p50':>10}{'p99':>10}"]
     for method in sorted(calls):
         buckets = _buckets(grown, method)
