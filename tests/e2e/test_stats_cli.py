@@ -64,6 +64,14 @@ def test_stats_says_when_there_is_no_endpoint() -> None:
         main(["stats", "--metrics", "http://127.0.0.1:9/metrics", "--once"])
 
 
+@pytest.mark.parametrize("url", ["http://admin:S3CRET@127.0.0.1:9/metrics", "http://admin:S3CRET@[::1/metrics"])
+def test_stats_never_shows_a_password_in_the_url(url: str) -> None:
+    with pytest.raises(SystemExit) as ended:
+        main(["stats", "--metrics", url, "--once"])
+    said = str(ended.value.code)
+    assert "admin:***@" in said and "S3CRET" not in said, said
+
+
 @pytest.mark.parametrize("url", ["", "http://[::1"], ids=["empty", "unclosed-ipv6"])
 def test_stats_says_when_the_metrics_option_is_no_url(url: str) -> None:
     with pytest.raises(SystemExit) as ended:
@@ -137,5 +145,5 @@ def test_behind_workers_the_streams_add_up_and_a_restarted_workers_counters_coun
     assert row(live, "Complete")[1:3] == ["8.0", "0.0"], live  # (10 + 6) calls in 2 s, never negative
     assert re.search(r"^open streams: 6$", live, re.MULTILINE), live
     # The totals are no longer the gateway's since it started.
-    restarted = parse_metrics(f"{calls}worker=\"1\"}} 110\nllmrelay_worker_restarts_total 1\n")
+    restarted = parse_metrics(f'{calls}worker="1"}} 110\nllmrelay_worker_restarts_total 1\n')
     assert render_stats(restarted).startswith("llmrelay since each worker last started (1 restarted)\n")

@@ -484,16 +484,21 @@ _GATEWAY_METRICS = ("llmrelay_", "grpc_server_")
 
 def scrape(url: str) -> Samples:
     """The samples of one scrape of a /metrics endpoint."""
+    # Never shown with a password in it (http://user:PASSWORD@host), which a terminal's scrollback or a CI log keeps.
+    shown = re.sub(r"(?<=://)([^/@]*?):[^/@]*@", r"\1:***@", url)
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
             body = response.read()
     except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        sys.exit(f"llmrelay: cannot read {url}: {reason} (is the gateway's server.metrics_listen set?)")
+        reason = str(getattr(exc, "reason", exc)).replace(url, shown)
+        sys.exit(f"llmrelay: cannot read {shown}: {reason} (is the gateway's server.metrics_listen set?)")
     except http.client.HTTPException as exc:  # something other than HTTP/1 answered: the gateway's gRPC port, say
-        sys.exit(f"llmrelay: {url} did not answer in HTTP ({type(exc).__name__}): is it the gateway's metrics_listen?")
+        sys.exit(
+            f"llmrelay: {shown} did not answer in HTTP ({type(exc).__name__}): is it the gateway's metrics_listen?"
+        )
     except ValueError as exc:  # no URL urllib can open ("", "http://[::1"): its error names no option
-        sys.exit(f"llmrelay: --metrics (or LLMRELAY_METRICS) {url!r} is not a URL ({exc}); e.g. {DEFAULT_METRICS}")
+        said = str(exc).replace(url, shown)
+        sys.exit(f"llmrelay: --metrics (or LLMRELAY_METRICS) {shown!r} is not a URL ({said}); e.g. {DEFAULT_METRICS}")
     try:
         samples = parse_metrics(body.decode())
     except ValueError:  # not UTF-8, or a line that is no sample: another HTTP server's page, say
@@ -501,7 +506,7 @@ def scrape(url: str) -> Samples:
     # No sample of the gateway's own: another server's page (a JSON answer has no line that even looks like one),
     # which would show as an idle gateway.
     if not any(name.startswith(_GATEWAY_METRICS) for name, _ in samples):
-        sys.exit(f"llmrelay: {url} did not answer in Prometheus's text format: is it the gateway's metrics_listen?")
+        sys.exit(f"llmrelay: {shown} did not answer in Prometheus's text format: is it the gateway's metrics_listen?")
     return samples
 
 
