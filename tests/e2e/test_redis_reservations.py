@@ -283,6 +283,28 @@ async def test_spend_that_lapsed_before_its_undo_or_settle_is_taken_back_once(
         await other.aclose()
 
 
+async def test_an_undo_after_the_reservations_record_expired_gives_back_the_spend_it_holds(
+    limiter: RedisLimiter, proxy: HoldingProxy, redis_server: RedisServer
+) -> None:
+    """Redis out of reach for minutes (longer than the record's two), and no reservation meanwhile to lapse the
+    spend held: the undo, first to run when Redis is back, takes it back all the same."""
+    await limiter.reserve([ask(10, 100)])
+    proxy.hold()
+    given_up = await limiter.reserve([ask(7, 70)])
+    assert not given_up.holds and not limiter.available
+    await proxy.release()  # counted late
+    assert await counted(redis_server) == Counts(requests=2, tokens=17, spend=170)
+    client = redis.asyncio.from_url(redis_server.url, decode_responses=True)
+    try:  # two minutes pass: the record expires (Redis's clock cannot be moved on)
+        late = [key async for key in client.scan_iter(f"{RECORD_PREFIX}*") if await client.ttl(key) > 0]
+        await client.delete(*late)
+    finally:
+        await client.aclose()
+    proxy.admit()
+    await until(lambda: limiter.available)  # the undo has been sent
+    assert (await counted(redis_server)).spend == 100
+
+
 # --- through gateways -----------------------------------------------------------------------------------------------
 
 

@@ -743,3 +743,17 @@ async def test_a_spend_whose_lease_lapsed_is_settled_to_what_was_billed(limiter_
     await cut_off.settle(held, tokens=0, usd_micros=3000)
     await other.reserve([ask(budget, usd=2000)])  # 5,000 + 3,000 billed + 2,000: the budget, to the micro-USD
     assert (await refused(other.reserve([ask(budget, usd=1)]))).kind is LimitKind.BUDGET_PER_DAY
+
+
+async def test_every_lapsed_lease_gives_its_spend_back_at_once(limiter_for: LimiterFactory) -> None:
+    """A gateway that dies with many calls in progress: all their spend comes back at the next reservation (one that
+    took back some of it was refused, and told to come back at midnight)."""
+    budget = Limits(budget_usd_per_day=0.15)  # 150,000 micro-USD
+    dead = await limiter_for(stream_lease_s=0.3)
+    for _ in range(150):
+        await dead.reserve([ask(budget, usd=1000)])
+    assert dead._renewing is not None
+    dead._renewing.cancel()  # as its process killed: no lease renewed, no call settled
+    await asyncio.sleep(0.6)
+    other = await limiter_for()
+    await other.reserve([ask(budget, usd=150_000)])

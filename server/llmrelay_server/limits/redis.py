@@ -157,6 +157,18 @@ end
 local function counted_in(state)
   return tonumber(string.match(state, '^%d+')), string.find(state, ':lapsed', 1, true) ~= nil
 end
+
+-- Takes back the spend the reservation holds and ends its lease; what it held ({second, day, then a spend key and
+-- an amount per subject}), or nil.
+local function give_back_held(id)
+  local entry = redis.call('HGET', held, id)
+  redis.call('ZREM', held_leases, id)
+  redis.call('HDEL', held, id)
+  if not entry then return nil end
+  local spent = cjson.decode(entry)
+  for i = 3, #spent, 2 do take_back(spent[i], spent[2], spent[i + 1]) end
+  return spent
+end
 """
 
 _RESERVE: Final = (
@@ -178,16 +190,11 @@ local epoch = redis.call('GET', epoch_key)
 -- The spend held by reservations whose gateway stopped renewing their leases (it died: kill -9, a lost host) is
 -- taken back, as no settle will come: their records say so, for a settle or an undo that comes after all (a gateway
 -- that lost Redis for longer than a lease).
-local function lapse(id)
-  local entry = redis.call('HGET', held, id)
-  redis.call('ZREM', held_leases, id)
-  redis.call('HDEL', held, id)
-  if not entry then return end
-  local spent = cjson.decode(entry)  -- {second, day, then a spend key and an amount per subject}
-  for i = 3, #spent, 2 do take_back(spent[i], spent[2], spent[i + 1]) end
-  redis.call('SET', record_prefix .. id, spent[1] .. ':lapsed', 'EX', 2 * 86400)
+-- Every one of them, however many: a budget check that left some would refuse calls until midnight with room free.
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', held_leases, '-inf', now_ms)) do
+  local spent = give_back_held(id)
+  if spent then redis.call('SET', record_prefix .. id, spent[1] .. ':lapsed', 'EX', 2 * 86400) end
 end
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', held_leases, '-inf', now_ms, 'LIMIT', 0, 100)) do lapse(id) end
 
 -- The buckets of the last 61 seconds, oldest first, and their sum; older buckets are deleted.
 local function window(key)
@@ -294,11 +301,11 @@ _UNDO: Final = (
     + """
 -- Takes back what the reservation counted, if it was counted, and leaves a tombstone so that it never counts (if it
 -- has not run yet) nor is taken back twice (an undo sent again). A spend its lease's lapse took back already is not
--- taken back again.
+-- taken back again; one still held is taken back as held.
 local state = redis.call('GET', record)
 redis.call('SET', record, 'undone', 'EX', 600)
-redis.call('ZREM', held_leases, lease)
-redis.call('HDEL', held, lease)
+-- The spend it holds, even once its record has expired (an outage of minutes, with no reservation to lapse it).
+local held_back = give_back_held(lease)
 if not state or state == 'undone' then return 0 end
 local counted, lapsed = counted_in(state)
 local day = math.floor(counted / 86400)
@@ -308,7 +315,7 @@ for s = 1, subjects do
   if limit(s, 1) then take_back(KEYS[keys + 1], counted, 1) end
   if limit(s, 2) then take_back(KEYS[keys + 2], counted, tonumber(arg(s, 5))) end
   if limit(s, 3) and arg(s, 7) == '1' then redis.call('ZREM', KEYS[keys + 3], lease) end
-  if limit(s, 4) and not lapsed then take_back(KEYS[keys + 4], day, tonumber(arg(s, 6))) end
+  if limit(s, 4) and not lapsed and not held_back then take_back(KEYS[keys + 4], day, tonumber(arg(s, 6))) end
 end
 return 1
 """
