@@ -61,7 +61,7 @@ def _every_field_set(value_type: type[Any]) -> Any:
         "content": "text", "reasoning": "thought", "tool_calls": (ToolCallDelta(index=0, arguments="{"),),
         "restart": StreamRestart("broke", "b", (), TokenUsage(prompt_tokens=1, completion_tokens=1)),
         "reasoning_signature": "sig", "outcome": AttemptOutcome.INTERRUPTED, "duration_s": 0.25,
-        "upstream_status": 502, "error": "cut", "started_at": 1700000000.0,
+        "upstream_status": 502, "error": "cut", "started_at": 1700000000.0, "quoted": "cut",
         "prompt_usage": TokenUsage(prompt_tokens=8, completion_tokens=0, cached_prompt_tokens=2),
     }  # fmt: skip
     missing = [f.name for f in dataclasses.fields(value_type) if f.name not in samples]
@@ -83,6 +83,7 @@ def test_the_shortcuts_for_replace_copy_every_field() -> None:
     chunk = _every_field_set(CompletionChunk)
     assert chunk.settled(settled_usage, attempts) == dataclasses.replace(chunk, usage=settled_usage, attempts=attempts)
     attempt = _every_field_set(Attempt)
+    # The upstream's words are the error's: a new error brings its own, or none.
     assert attempt.ended(AttemptOutcome.SUCCEEDED, 2.0, None, "") == dataclasses.replace(
-        attempt, outcome=AttemptOutcome.SUCCEEDED, duration_s=2.0, upstream_status=None, error=""
+        attempt, outcome=AttemptOutcome.SUCCEEDED, duration_s=2.0, upstream_status=None, error="", quoted=""
     )
