@@ -230,11 +230,13 @@ memory for a count most upstreams make unneeded."""
 
 class _Received:
     """The text a stream sent on, for the gateway's own count of its completion tokens, and the prompt's usage as the
-    upstream reported it before the answer, if it did."""
+    upstream reported it before the answer, if it did; and the model that answered, which a stream cut short is
+    billed for, as a whole one is."""
 
-    __slots__ = ("beyond", "kept", "prompt_usage", "texts")
+    __slots__ = ("beyond", "kept", "model", "prompt_usage", "texts")
 
-    def __init__(self) -> None:
+    def __init__(self, model: str) -> None:
+        self.model = model
         self.texts: list[str] = []
         self.kept = 0
         self.beyond = 0
@@ -781,7 +783,7 @@ class Router:
             first, upstream = opened
             metering.first_chunk(chain.opened_at - called_at, route.backend.name)
             # The text sent on: what the gateway counts when the upstream reports no usage, or the stream breaks.
-            received = _Received()
+            received = _Received(first.model or route.model)
             billed = False
             try:
                 async with contextlib.aclosing(self._rest_of_stream(chain, route, request, first, upstream)) as chunks:
@@ -817,7 +819,7 @@ class Router:
                 yield CompletionChunk(
                     id="",
                     backend=route.backend.name,
-                    model=route.model,
+                    model=received.model,
                     restart=StreamRestart(str(broken), route.backend.name, tuple(chain.attempts), partial),
                 )
             finally:
@@ -864,8 +866,8 @@ class Router:
         self, route: Route, request: CompletionRequest, caller: str, received: _Received
     ) -> TokenUsage:
         """What a stream that ended early consumed, counted by the gateway, recorded in the ledger as interrupted."""
-        usage = self._priced(route, route.model, await self._counted_usage(route, request, received))
-        self._bill(route.backend.name, route.model, caller, usage, interrupted=True)
+        usage = self._priced(route, received.model, await self._counted_usage(route, request, received))
+        self._bill(route.backend.name, received.model, caller, usage, interrupted=True)
         return usage
 
     async def _counted_usage(

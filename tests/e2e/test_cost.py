@@ -7,6 +7,7 @@ import asyncio
 from fractions import Fraction
 
 import grpc
+import pytest
 from harness import BIN
 from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway
@@ -116,6 +117,24 @@ async def test_an_answer_that_names_its_dated_snapshot_costs_the_configured_pric
     expected = expected_micros(answer.usage, PROMPT_PRICE, COMPLETION_PRICE)
     assert answer.usage.cost == pb.Cost(usd_micros=expected, estimated=False, price_unknown=False)
     assert (await ledger(stub))["openai"].cost == pb.Cost(usd_micros=expected)
+
+
+async def test_a_stream_cut_short_is_billed_for_the_model_that_answered(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """As a whole stream is: its record under the answer's model (a whole one's and a cut one's under one name), at
+    that model's price (it was billed as the model asked for, at half the snapshot's price here)."""
+    snapshot = '  "gpt-test-2024-05-13": {prompt: 5.0, completion: 15.0}\n'
+    stub = await stub_for(two_backends(primary, local, FAST_ROUTER + PRICING + snapshot))
+    primary.inject({"served_model": "gpt-test-2024-05-13", "stream_cut_after": 3})
+    with pytest.raises(grpc.aio.AioRpcError) as broken:
+        async for chunk in stub.StreamComplete(stream_chat(PROMPT, model="gpt-test", exact_model=True), timeout=5):
+            assert chunk.model == "gpt-test-2024-05-13"
+    assert broken.value.code() == grpc.StatusCode.ABORTED
+    (record,) = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
+    assert (record.model, record.interrupted_requests) == ("gpt-test-2024-05-13", 1)
+    usage = pb.Usage(prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens)
+    assert record.cost == pb.Cost(usd_micros=expected_micros(usage, Fraction(5), Fraction(15)), estimated=True)
 
 
 async def test_a_local_backend_costs_nothing(stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream) -> None:

@@ -506,7 +506,7 @@ def test_a_skip_after_the_calls_own_failure_opened_the_circuit_is_no_cause_of_it
 
 def test_a_stream_keeps_a_bounded_part_of_its_text_for_the_gateways_count() -> None:
     """Kept whole, a long answer's text held all of it in memory for a count most upstreams make unneeded."""
-    received = _Received()
+    received = _Received("m")
     piece = "x" * 100
     for _ in range(1_000):
         received.add(CompletionChunk(id="c", backend="b", model="m", content=piece, reasoning=piece))
