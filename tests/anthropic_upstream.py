@@ -27,7 +27,8 @@ word. Faults (as FakeUpstream's, in this API's shape):
                                                 unended (noticing a client that leaves)
     {"stop_reason": "refusal"}                  this stop reason instead of end_turn / tool_use
     {"cache": {"creation": 5, "read": 7}}       usage with these cache counts beside input_tokens
-`count_faults` holds faults for /v1/messages/count_tokens (a status, or a stall: {"stall_s": 5}). Models in
+`count_faults` holds faults for /v1/messages/count_tokens (a status, with its error's "message" when given, or a
+stall: {"stall_s": 5}). Models in
 `adaptive_models` are listed with capabilities that take adaptive thinking and no budget_tokens.
 """
 
@@ -181,7 +182,8 @@ class FakeAnthropic(FakeUpstream):
         if "stall_s" in fault and not await self._stall(fault["stall_s"], reader):
             return False
         if "status" in fault:
-            return await _send_error(writer, fault["status"], f"fake upstream fault {fault['status']}")
+            said = fault.get("message", f"fake upstream fault {fault['status']}")
+            return await _send_error(writer, fault["status"], said)
         return await _send_json(writer, 200, _checked(MessageTokensCount, {"input_tokens": _prompt_tokens(body)}))
 
     def _invalid(self, params: Any, body: Any) -> str | None:

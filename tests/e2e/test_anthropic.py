@@ -562,14 +562,17 @@ async def test_count_tokens_is_the_apis_own_count(stub: pb.LLMServiceAsyncStub, 
 
 
 async def test_count_tokens_is_estimated_when_the_api_cannot_count(
-    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, caplog: pytest.LogCaptureFixture
 ) -> None:
-    claude.count_faults.append({"status": 500})
+    # The API's words may quote the chat: the warning says how many there were, not what (server.log_content off).
+    claude.count_faults.append({"status": 400, "message": "prompt rejected by policy: hello there"})
     count = await stub.CountTokens(
         pb.CountTokensRequest(model="claude-test", messages=[user("hello there")]), timeout=5
     )
     assert count.estimated and count.encoding != "backend:anthropic" and count.token_count > 0
     assert len(claude.count_requests) == 1
+    (warning,) = [r.getMessage() for r in caplog.records if "could not count tokens" in r.getMessage()]
+    assert "HTTP 400: [the upstream's words: " in warning and "hello there" not in warning, warning
 
 
 async def test_count_tokens_is_estimated_when_the_api_counts_past_the_callers_deadline(

@@ -51,6 +51,7 @@ from llmrelay_server.domain import (
     Tool,
     UpstreamError,
     UpstreamErrorKind,
+    without_quotes,
 )
 from llmrelay_server.tokens import TokenCounter
 
@@ -190,7 +191,12 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
             log.debug("backend %s cannot count this chat (%s); estimating instead", self._spec.name, exc)
             return None
         except (anthropic.APIError, wire.MalformedAnswerError) as exc:
-            reason = self._upstream_error(exc).message if isinstance(exc, anthropic.APIError) else str(exc)
+            if isinstance(exc, anthropic.APIError):
+                error = self._upstream_error(exc)
+                # Its words may quote the chat (a 400 that names what it refused): the caller's, not the log's.
+                reason = without_quotes(error.message, (error.quoted,))
+            else:
+                reason = str(exc)
             log.warning("backend %s could not count tokens (%s); estimating instead", self._spec.name, reason)
             return None
         tokens = counted.get("input_tokens") if isinstance(counted, dict) else None
