@@ -146,21 +146,25 @@ async def test_a_call_of_a_name_no_tool_can_have_is_a_malformed_answer(
     assert "name" in answer.attempts[0].error and len(local.chat_requests) == 1
 
 
+@pytest.mark.parametrize("ids", [("a", "b"), ("call_0", "call_0")], ids=["own ids", "one id"])
 async def test_streamed_calls_without_an_index_each_in_its_own_event_stay_apart(
-    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, ids: tuple[str, str]
 ) -> None:
     # Servers that number no streamed call (Gemini's OpenAI-compatible API) send each whole, in an event of its own:
-    # each was taken as call 0, and the caller got one call of both ids, its arguments '{"city": "Oslo"}{...}'.
+    # each was taken as call 0, and the caller got one call of both ids, its arguments '{"city": "Oslo"}{...}'. Some
+    # give both one id: the second is a call of its own all the same, with an id of the gateway's.
     calls = [
-        {"id": "a", "name": "weather", "arguments": {"city": "Oslo"}},
-        {"id": "b", "name": "weather", "arguments": {"city": "Rome"}},
+        {"id": ids[0], "name": "weather", "arguments": {"city": "Oslo"}},
+        {"id": ids[1], "name": "weather", "arguments": {"city": "Rome"}},
     ]
     primary.inject(answering("openai", calls, streamed=True, numbered=False))
 
     answer = await answer_of(stub, streamed=True)
 
-    got = [(c.id, c.function.name, json.loads(c.function.arguments)) for c in answer.message.tool_calls]
-    assert got == [("a", "weather", {"city": "Oslo"}), ("b", "weather", {"city": "Rome"})]
+    got = [(c.function.name, json.loads(c.function.arguments)) for c in answer.message.tool_calls]
+    assert got == [("weather", {"city": "Oslo"}), ("weather", {"city": "Rome"})]
+    first, second = (c.id for c in answer.message.tool_calls)
+    assert first == ids[0] and second != first and (second == ids[1] or second.startswith("call_"))
 
 
 @pytest.mark.parametrize("streamed", [False, True])

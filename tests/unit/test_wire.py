@@ -736,6 +736,25 @@ def test_parallel_calls_given_one_id_stay_apart_each_with_its_own() -> None:
     ) == [(1, None, "2"), (0, None, "1"), (1, None, "}")]
 
 
+@pytest.mark.parametrize("numbered", [True, False], ids=["both at index 0", "no index"])
+def test_whole_calls_given_one_id_at_one_index_or_none_stay_apart(numbered: bool) -> None:
+    """Both calls whole, each with the one id (an OpenRouter engine's at index 0; Gemini's shape with no index): the
+    second's arguments were run into the first's."""
+    calls = wire.StreamToolCalls()
+    at = {"index": 0} if numbered else {}
+
+    def whole(city: str) -> dict[str, Any]:
+        return at | {"id": "call_0", "function": {"name": "weather", "arguments": f'{{"city": "{city}"}}'}}
+
+    first, second = (calls.deltas({"tool_calls": [whole(city)]})[0] for city in ("Oslo", "Rome"))
+    assert (first.index, first.id, first.arguments) == (0, "call_0", '{"city": "Oslo"}')
+    assert second.index == 1 and second.id and second.id != "call_0" and second.arguments == '{"city": "Rome"}'
+    # vLLM's shape still adds up to one call: its id and name again while its arguments come.
+    vllm = wire.StreamToolCalls()
+    pieces = [{"index": 0, "id": "c", "function": {"name": "f", "arguments": part}} for part in ('{"x"', ": 1", "}")]
+    assert [d.index for d in vllm.deltas({"tool_calls": pieces})] == [0, 0, 0]
+
+
 def test_a_whole_answers_calls_given_one_id_each_get_their_own() -> None:
     call = {"type": "function", "id": "call_0", "function": {"name": "f", "arguments": "{}"}}
     message = wire.message_from_choice({"message": {"role": "assistant", "tool_calls": [call, call, call]}})

@@ -517,7 +517,7 @@ def is_count(value: Any) -> TypeGuard[int]:
 class StreamToolCalls:
     """The tool calls of one stream so far, as its deltas' fragments make them (`deltas`)."""
 
-    __slots__ = ("_at", "_begun", "_given", "_ids", "_last", "_named", "_signed")
+    __slots__ = ("_arguments", "_at", "_begun", "_given", "_ids", "_last", "_named", "_signed")
 
     def __init__(self) -> None:
         self._begun: set[int] = set()
@@ -534,6 +534,8 @@ class StreamToolCalls:
         """The indexes of the calls -> the ids the upstream gave them, where the gateway gave another."""
         self._signed: set[int] = set()
         """The indexes of the calls whose signature has been relayed: once a call, as the contract has it."""
+        self._arguments: dict[int, list[str]] = {}
+        """The indexes of the calls -> their arguments' text so far."""
 
     @property
     def begun(self) -> bool:
@@ -570,6 +572,9 @@ class StreamToolCalls:
                 call_id = name = None  # the contract has them in a call's first fragment (vLLM repeats them)
             self._last = index
             arguments = function.get("arguments")
+            text = None if arguments is None else _arguments_text(arguments)
+            if text:
+                self._arguments.setdefault(index, []).append(text)
             signature = call_signature(call) if "extra_content" in call else None
             if signature is not None:
                 if index in self._signed:
@@ -581,7 +586,7 @@ class StreamToolCalls:
                     index=index,
                     id=call_id,
                     name=name,
-                    arguments=None if arguments is None else _arguments_text(arguments),
+                    arguments=text,
                     signature=signature,
                 )
             )
@@ -594,19 +599,23 @@ class StreamToolCalls:
         call of that index, or the one its id names (vLLM sends the id with every fragment); an id not seen with a
         name, at an index taken, is a new call, numbered after the others (Ollama sends parallel calls whole, each as
         index 0); without a name, the same call (some servers send each fragment with an id of its own). An id seen at
-        another index of the upstream's, with a name, is a new call too (some servers give parallel calls one id)."""
+        another index of the upstream's, with a name, is a new call too (some servers give parallel calls one id), as
+        is one seen with a name again once its call's arguments are whole (at the same index, or with none)."""
         if index is None:
-            if call_id and call_id in self._ids:
-                return self._ids[call_id]
+            if call_id and (known := self._ids.get(call_id)) is not None and not self._another(known, name):
+                return known
             if call_id or name or self._last is None:
                 return _numbered(max(self._begun, default=-1) + 1)
             return self._last
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_TOOL_CALLS:
             raise MalformedAnswerError(f"a tool-call delta's `index` is not a number from 0 to {MAX_TOOL_CALLS - 1}")
         named = self._named.get(index)
-        if call_id and (known := self._ids.get(call_id)) is not None and self._at.get(known, index) == index:
+        known = self._ids.get(call_id) if call_id else None
+        if known is not None and self._at.get(known, index) == index and not self._another(known, name):
             return known
-        if named is not None and not (call_id and name and self._given.get(named) != call_id):
+        if named is not None and not (
+            call_id and name and (self._given.get(named) != call_id or self._another(named, name))
+        ):
             return named
         if named is None and index not in self._begun:
             self._named[index] = self._at[index] = index
@@ -614,6 +623,17 @@ class StreamToolCalls:
         self._named[index] = numbered = _numbered(max(self._begun) + 1)
         self._at[numbered] = index
         return numbered
+
+    def _another(self, call: int, name: str | None) -> bool:
+        """Whether a fragment that names a function (`name`) begins another call than `call`, whose id it has: when
+        the call's arguments are whole JSON already (vLLM repeats a call's id and name while its arguments come)."""
+        if not name or not (pieces := self._arguments.get(call)):
+            return False
+        try:
+            orjson.loads("".join(pieces))
+        except orjson.JSONDecodeError:
+            return False
+        return True
 
 
 def _numbered(index: int) -> int:
