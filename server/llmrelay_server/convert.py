@@ -230,7 +230,12 @@ def usage_query(request: pb.GetUsageRequest) -> UsageQuery:
         # there were none to find.
         errors.add("end_time", "must not be before start_time: the window is from start_time up to end_time")
     for name in ("backend", "model"):
-        if request.HasField(name) and CONTROL_CHARACTERS.search(getattr(request, name)):
+        if not request.HasField(name):
+            continue
+        if not (value := getattr(request, name)):
+            # None is named so: its answer would be "no usage" as if there were none to find (an unset variable).
+            errors.add(name, f"must not be empty: leave it unset for every {name}")
+        elif CONTROL_CHARACTERS.search(value):
             errors.add(name, "must hold no control characters (a NUL, a newline)")
     # No caller is named otherwise, and one that long would be quoted back whole in a refusal's details, past what
     # gRPC lets trailers carry. "" too: no caller has it, and its answer would be "no usage" as if there were none.

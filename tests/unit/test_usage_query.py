@@ -68,3 +68,13 @@ def test_timestamps_outside_it_are_violations_that_name_the_field(timestamp: Tim
         usage_query(pb.GetUsageRequest(start_time=timestamp, end_time=timestamp))
 
     assert [v.field for v in caught.value.violations] == ["start_time", "end_time"]
+
+
+@pytest.mark.parametrize("field", ["backend", "model"])
+def test_an_empty_backend_or_model_is_a_violation(field: str) -> None:
+    # Set to "" (an unset variable in a script), it was a filter nothing matches: an empty answer, as if no usage.
+    with pytest.raises(InvalidRequestError) as caught:
+        usage_query(pb.GetUsageRequest(backend="") if field == "backend" else pb.GetUsageRequest(model=""))
+    assert [(v.field, v.description) for v in caught.value.violations] == [
+        (field, f"must not be empty: leave it unset for every {field}")
+    ]

@@ -3168,9 +3168,9 @@ func (x *HealthResponse) GetStores() []*StoreHealth {
 // A request to read the usage ledger. Unset filters match everything.
 type GetUsageRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Only this backend.
+	// Only this backend; set, it names one ("" is INVALID_ARGUMENT).
 	Backend *string `protobuf:"bytes,1,opt,name=backend,proto3,oneof" json:"backend,omitempty"`
-	// Only this upstream model.
+	// Only this upstream model; set, it names one ("" is INVALID_ARGUMENT).
 	Model *string `protobuf:"bytes,2,opt,name=model,proto3,oneof" json:"model,omitempty"`
 	// Only this caller: 1-128 letters, digits and ._:@/- as every caller's name is (else INVALID_ARGUMENT). For a key
 	// that may read only its own usage, unset means its own, and another caller's is refused (PERMISSION_DENIED,

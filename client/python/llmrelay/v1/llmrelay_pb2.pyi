@@ -1918,9 +1918,9 @@ class GetUsageRequest(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     backend: _builtins.str
-    """Only this backend."""
+    """Only this backend; set, it names one ("" is INVALID_ARGUMENT)."""
     model: _builtins.str
-    """Only this upstream model."""
+    """Only this upstream model; set, it names one ("" is INVALID_ARGUMENT)."""
     caller: _builtins.str
     """Only this caller: 1-128 letters, digits and ._:@/- as every caller's name is (else INVALID_ARGUMENT). For a key
     that may read only its own usage, unset means its own, and another caller's is refused (PERMISSION_DENIED,

@@ -1474,11 +1474,11 @@ export interface HealthResponse {
 
 /** A request to read the usage ledger. Unset filters match everything. */
 export interface GetUsageRequest {
-  /** Only this backend. */
+  /** Only this backend; set, it names one ("" is INVALID_ARGUMENT). */
   backend?:
     | string
     | undefined;
-  /** Only this upstream model. */
+  /** Only this upstream model; set, it names one ("" is INVALID_ARGUMENT). */
   model?:
     | string
     | undefined;
