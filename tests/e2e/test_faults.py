@@ -527,6 +527,23 @@ async def test_usage_no_answer_reaches_is_counted_by_the_gateway(
     assert "Traceback" not in caplog.text
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+async def test_a_part_of_the_usage_larger_than_its_whole_is_cut_to_it(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, streaming: bool
+) -> None:
+    """The contract has cached tokens as part of the prompt's and reasoning as part of the completion's: an upstream
+    that reported more of either was passed on as it said (cached 50 of 10), its cost priced otherwise."""
+    details = {"prompt_tokens_details": {"cached_tokens": 50}, "completion_tokens_details": {"reasoning_tokens": 500}}
+    primary.inject({"usage": {"prompt_tokens": 10, "completion_tokens": 200, "total_tokens": 210, **details}})
+    if streaming:
+        usage = [c async for c in stub.StreamComplete(stream_chat("count me"), timeout=5)][-1].usage
+    else:
+        usage = (await stub.Complete(chat("count me"), timeout=5)).usage
+    assert (usage.prompt_tokens, usage.cached_prompt_tokens) == (10, 10)
+    assert (usage.completion_tokens, usage.reasoning_tokens) == (200, 200)
+    assert not usage.estimated
+
+
 async def test_an_account_out_of_credit_is_for_an_operator_to_fix_not_a_rate_limit(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
 ) -> None:

@@ -499,8 +499,18 @@ def usage_from(data: Mapping[str, Any]) -> TokenUsage | None:
 def plausible_usage(usage: TokenUsage) -> TokenUsage | None:
     """The usage an upstream reported, each of its counts a `is_count`, or None when their total cannot be one: no
     answer reaches 2**31 tokens, and the contract's int32 `total_tokens` cannot carry it. Such figures are nothing to
-    bill by; the gateway counts the tokens itself, as for usage not reported."""
-    return usage if is_count(usage.total_tokens) else None
+    bill by; the gateway counts the tokens itself, as for usage not reported. A part larger than its whole (cached
+    past the prompt, reasoning past the completion) is cut to it: the contract has each as part of the other."""
+    if not is_count(usage.total_tokens):
+        return None
+    cached, reasoning = usage.cached_prompt_tokens, usage.reasoning_tokens
+    if (cached or 0) > usage.prompt_tokens or (reasoning or 0) > usage.completion_tokens:
+        return dataclasses.replace(
+            usage,
+            cached_prompt_tokens=None if cached is None else min(cached, usage.prompt_tokens),
+            reasoning_tokens=None if reasoning is None else min(reasoning, usage.completion_tokens),
+        )
+    return usage
 
 
 def count_field(obj: Any, key: str) -> int | None:
