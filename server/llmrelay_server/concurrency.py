@@ -3,8 +3,8 @@
 gRPC's server has such a bound (`maximum_concurrent_rpcs`), but over every service it serves: a gateway at its bound
 refused its health probes too (grpc.health.v1), and was restarted or taken out of its load balancer for being busy.
 It refused with a bare RESOURCE_EXHAUSTED, no reason and no delay to retry after, so that a caller could not tell it
-from a limit. Here the bound holds for llmrelay.v1.LLMService alone, and a call past it gets the contract's answer:
-RESOURCE_EXHAUSTED, reason CONCURRENT_CALLS_EXCEEDED, a QuotaFailure and a RetryInfo.
+from a limit. Here the bound holds for llmrelay.v1.LLMService alone (its Health probe aside), and a call past it gets
+the contract's answer: RESOURCE_EXHAUSTED, reason CONCURRENT_CALLS_EXCEEDED, a QuotaFailure and a RetryInfo.
 
 It sits after the observing interceptor (refusals are counted and logged as every other call) and before auth and
 limits: a call refused here costs no key lookup and reserves nothing."""
@@ -26,6 +26,8 @@ RETRY_AFTER_S: Final = 1.0
 """When to try again: calls of a gateway end within seconds, and the caller's channel retries after this long."""
 
 _BOUNDED_PREFIX: Final = f"/{SERVICE_NAME}/"
+_HEALTH: Final = f"/{SERVICE_NAME}/Health"
+"""The service's own probe (`llmrelay health --probe`), never bounded, as grpc.health.v1's is not."""
 
 
 class ConcurrencyInterceptor(grpc.aio.ServerInterceptor):
@@ -40,7 +42,7 @@ class ConcurrencyInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
         handler = await continuation(details)
         method = details.method
-        if handler is None or not method.startswith(_BOUNDED_PREFIX):
+        if handler is None or not method.startswith(_BOUNDED_PREFIX) or method == _HEALTH:
             return handler
         kept = self._bounded.get(method)
         if kept is None or kept[0] is not handler:

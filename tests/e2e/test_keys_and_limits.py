@@ -685,6 +685,7 @@ async def test_max_concurrent_rpcs_bounds_the_calls_in_progress_and_never_the_he
         for service in ("", "llmrelay.v1.LLMService"):
             answer = await probe.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        assert (await stub.Health(pb.HealthRequest(), timeout=5)).serving, "the service's own probe too"
         assert (await unary).backend == "openai"
         assert (await reading)[-1].finish_reason == pb.FINISH_REASON_STOP
         again = await asyncio.gather(stub.Complete(chat(), timeout=5), read(stub.StreamComplete(stream_chat())))
