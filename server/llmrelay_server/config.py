@@ -356,8 +356,8 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
             raise ConfigError(f"server.{name}: at most {MAX_CONNECTION_TIMER_S:g} s (a day)")
     if server.max_message_bytes > MAX_MESSAGE_BYTES:
         raise ConfigError(f"server.max_message_bytes: at most {MAX_MESSAGE_BYTES} (gRPC's bound, 2 GiB - 1)")
+    workers_where = "--workers (LLMRELAY_WORKERS)" if env.get("LLMRELAY_WORKERS") else "server.workers"
     if server.workers > MAX_WORKERS:
-        workers_where = "--workers (LLMRELAY_WORKERS)" if env.get("LLMRELAY_WORKERS") else "server.workers"
         raise ConfigError(f"{workers_where}: at most {MAX_WORKERS} processes (a few per CPU core serve best)")
     if server.worker_timeout_s < MIN_WORKER_TIMEOUT_S:
         raise ConfigError(
@@ -392,14 +392,14 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     keyed_limits = (server.limits, *(key.limits for key in (*auth.keys, *file_keys)))
     if server.workers > 1 and state.redis_url is None and any(limits.any_set() for limits in keyed_limits):
         raise ConfigError(
-            f"server.workers: {server.workers} processes would each enforce the limits alone (up to {server.workers}"
+            f"{workers_where}: {server.workers} processes would each enforce the limits alone (up to {server.workers}"
             " times each limit); set state.redis_url to share them, or run one worker"
         )
     if server.workers > 1 and server.usage_db == ":memory:":
         usage_db = "LLMRELAY_USAGE_DB" if env.get("LLMRELAY_USAGE_DB") else "server.usage_db"
         raise ConfigError(
             f"{usage_db}: ':memory:' keeps each worker's usage in that worker alone (GetUsage would answer with one"
-            f" worker's share of it, and a worker's restart would lose it); with server.workers {server.workers}, give"
+            f" worker's share of it, and a worker's restart would lose it); with {workers_where} {server.workers}, give"
             " a SQLite file or a PostgreSQL URL, or run one worker"
         )
     return GatewayConfig(

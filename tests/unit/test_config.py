@@ -500,6 +500,9 @@ ONE_EXTRA = "llm:\n  backends:\n    - {name: local, kind: llamacpp, base_url: 'h
         # a ledger each worker would keep alone
         ("server: {workers: 2, usage_db: ':memory:'}\n", {}, "server.usage_db"),
         (None, {"LLMRELAY_WORKERS": "2", "LLMRELAY_USAGE_DB": ":memory:"}, "LLMRELAY_USAGE_DB"),
+        # limits each worker would enforce alone: the field, or the flag (variable) that set the workers
+        ("server: {workers: 2, limits: {requests_per_minute: 5}}\n", {}, "server.workers"),
+        ("server: {limits: {requests_per_minute: 5}}\n", {"LLMRELAY_WORKERS": "2"}, "--workers (LLMRELAY_WORKERS)"),
         # bad URLs
         ("llm: {ollama: {base_url: 'localhost:11434'}}\n", {}, "llm.ollama.base_url"),
         ("llm: {ollama: {base_url: 'ftp://box/v1'}}\n", {}, "llm.ollama.base_url"),
