@@ -33,6 +33,20 @@ class Issued:
         key_file.write_bytes(self.key)
 
 
+KEY_ENCIPHERMENT_ONLY = x509.KeyUsage(
+    digital_signature=False,
+    content_commitment=False,
+    key_encipherment=True,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+"""An RSA-minded template's KeyUsage: an EC certificate with it is one OpenSSL takes and gRPC's BoringSSL refuses."""
+
+
 class Authority:
     """A self-signed CA that issues server certificates for localhost / 127.0.0.1 and client certificates."""
 
@@ -58,13 +72,20 @@ class Authority:
         self.cert = ca.sign(self._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
     def server(
-        self, *more_names: str, valid_from: datetime.timedelta = -_SKEW, valid_for: datetime.timedelta = _DAY
+        self,
+        *more_names: str,
+        valid_from: datetime.timedelta = -_SKEW,
+        valid_for: datetime.timedelta = _DAY,
+        curve: ec.EllipticCurve = _CURVE,
+        key_usage: x509.KeyUsage | None = None,
     ) -> Issued:
         """For localhost, 127.0.0.1 and `more_names` (host names); valid from `valid_from` from now (negative: ago),
-        for `valid_for`."""
+        for `valid_for`; its key on `curve`, with `key_usage` when given."""
         names: list[x509.GeneralName] = [x509.DNSName(name) for name in ("localhost", *more_names)]
         names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
-        return self._issue("llmrelay test server", ExtendedKeyUsageOID.SERVER_AUTH, names, valid_from, valid_for)
+        return self._issue(
+            "llmrelay test server", ExtendedKeyUsageOID.SERVER_AUTH, names, valid_from, valid_for, curve, key_usage
+        )
 
     def server_context(self, folder: Path, *more_names: str) -> ssl.SSLContext:
         """A server's TLS context, with a certificate of this authority's for localhost, 127.0.0.1 and `more_names`
@@ -84,12 +105,16 @@ class Authority:
         names: list[x509.GeneralName],
         valid_from: datetime.timedelta = -_SKEW,
         valid_for: datetime.timedelta = _DAY,
+        curve: ec.EllipticCurve = _CURVE,
+        key_usage: x509.KeyUsage | None = None,
     ) -> Issued:
-        key = ec.generate_private_key(_CURVE)
+        key = ec.generate_private_key(curve)
         cert = _builder(_name(name), self._name, key.public_key(), valid_from, valid_for)
         cert = cert.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         cert = cert.add_extension(x509.SubjectAlternativeName(names), critical=False)
         cert = cert.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        if key_usage is not None:
+            cert = cert.add_extension(key_usage, critical=True)
         pem = cert.sign(self._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
         encoded = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()

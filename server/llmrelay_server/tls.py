@@ -10,9 +10,11 @@ import datetime
 import ipaddress
 import logging
 import ssl
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -209,12 +211,36 @@ def _load(tls: TLSConfig) -> tuple[grpc.ServerCertificateConfiguration, float]:
             _check_certificates(client_ca, tls.client_ca_file, "server.tls.client_ca_file"), tls.client_ca_file
         )
     _check_key(tls)
+    _check_served_by_grpc(tls, key, cert, client_ca)
     not_after = _check_validity(tls)
     # The check read the files again: both reads must agree, or the key checked is not the one gRPC would get (a
     # rotation half done: the new certificate written, the old key still there).
     if (cert, key) != (_read(tls.cert_file, "server.tls.cert_file"), _read(tls.key_file, "server.tls.key_file")):
         raise ConfigError(_CHANGED)
     return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca), not_after
+
+
+def _check_served_by_grpc(tls: TLSConfig, key: bytes, cert: bytes, client_ca: bytes | None) -> None:
+    """gRPC serves with BoringSSL, which refuses some pairs the OpenSSL of the other checks takes (an EC certificate
+    whose KeyUsage lacks digitalSignature, as an RSA-minded template issues; a curve other than P-256, P-384 and
+    P-521): at the start its refusal read as a port in use, and at a rotation the new certificate was taken as served
+    while gRPC kept the old one. So gRPC itself loads them, on a socket of its own that nothing connects to (a few
+    milliseconds; gRPC logs its own lines for a refusal)."""
+    credentials = grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+    with tempfile.TemporaryDirectory(prefix="llmrelay-tls-") as where:
+        probe = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+        try:
+            probe.add_secure_port(f"unix:{where}/probe", credentials)
+        except RuntimeError:
+            raise ConfigError(
+                f"server.tls.cert_file: {tls.cert_file}: gRPC's TLS cannot serve it with server.tls.key_file"
+                f" ({tls.key_file}): an EC certificate needs digitalSignature in its KeyUsage, and a curve of P-256,"
+                " P-384 or P-521 (gRPC's own lines before this one say more)"
+            ) from None
+        finally:
+            probe.stop(None)
 
 
 def _check_validity(tls: TLSConfig) -> float:
@@ -242,6 +268,9 @@ def _check_validity(tls: TLSConfig) -> float:
         return ssl.cert_time_to_seconds(not_after)
     except ssl.SSLCertVerificationError as exc:
         problem = f"clients would refuse its certificate: {exc.verify_message}"
+        raise ConfigError(f"server.tls.cert_file: {tls.cert_file}: {problem}") from None
+    except ssl.SSLError as exc:  # an OSError too, but no file's: no signature algorithm both sides take, say
+        problem = f"a TLS handshake with it fails ({exc.reason or exc})"
         raise ConfigError(f"server.tls.cert_file: {tls.cert_file}: {problem}") from None
     except (_EncryptedKey, OSError):  # _check_key has just read them whole: they were being replaced
         raise ConfigError(_CHANGED) from None

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from certs import Authority, Issued
+from certs import KEY_ENCIPHERMENT_ONLY, Authority, Issued
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from e2e.test_metrics import scrape, value
 from harness import clean_env, spawn_gateway
 from llmrelay import v1 as pb
@@ -176,21 +177,28 @@ async def test_a_rotated_certificate_serves_new_connections_without_a_restart(
         await health(before)
 
 
+@pytest.mark.parametrize("grpc_refuses", [False, True], ids=["a key as the certificate", "one gRPC refuses"])
 async def test_a_broken_rotation_keeps_the_old_certificate(
-    tls_gateway: TLSGatewayFactory, files: Files, caplog: pytest.LogCaptureFixture
+    tls_gateway: TLSGatewayFactory, files: Files, caplog: pytest.LogCaptureFixture, grpc_refuses: bool
 ) -> None:
     ca = Authority("llmrelay test CA")
     ca.server().write(files.cert, files.key)
     gateway = await tls_gateway(files.section())
-    # A key pasted where the certificate belongs: refused, and its text never shows in the log.
-    pasted = Authority("llmrelay test CA").server().key
-    files.cert.write_bytes(pasted)
+    if grpc_refuses:
+        # Taken by OpenSSL's checks, logged as reloaded and its end made the metric's, while gRPC kept the old one.
+        Authority("another CA").server(key_usage=KEY_ENCIPHERMENT_ONLY).write(files.cert, files.key)
+        pasted = files.key.read_bytes()
+    else:
+        # A key pasted where the certificate belongs: refused, and its text never shows in the log.
+        pasted = Authority("llmrelay test CA").server().key
+        files.cert.write_bytes(pasted)
     async with asyncio.timeout(5):
         while "not reloaded" not in caplog.text:
             async with secure(gateway.port, ca.cert) as channel:
                 await health(channel)
             await asyncio.sleep(0.1)
     assert "server.tls.cert_file" in caplog.text and "keep the previous one" in caplog.text
+    assert "reloaded from" not in caplog.text
     assert pasted.decode().splitlines()[1] not in caplog.text
     async with secure(gateway.port, ca.cert) as channel:
         await health(channel)
@@ -335,6 +343,14 @@ def _garbage_client_ca(files: Files, ca: Authority) -> None:
     files.client_ca.write_bytes(b"\x30\x82\x01\x0a binary, not PEM")
 
 
+def _ec_without_digital_signature(files: Files, ca: Authority) -> None:
+    ca.server(key_usage=KEY_ENCIPHERMENT_ONLY).write(files.cert, files.key)
+
+
+def _secp256k1(files: Files, ca: Authority) -> None:
+    ca.server(curve=ec.SECP256K1()).write(files.cert, files.key)
+
+
 @pytest.mark.parametrize(
     ("breakage", "message"),
     [
@@ -349,6 +365,9 @@ def _garbage_client_ca(files: Files, ca: Authority) -> None:
         (_client_certificate, r"server\.tls\.cert_file: \S+: clients would refuse its certificate: unsuitable"),
         (_certificate_as_client_ca, r"server\.tls\.client_ca_file: \S+clients\.pem holds no CA certificate"),
         (_garbage_client_ca, r"server\.tls\.client_ca_file: \S+clients\.pem holds no PEM certificate"),
+        # OpenSSL takes these, gRPC's BoringSSL does not: the start said the port was in use, or the files changing.
+        (_ec_without_digital_signature, r"server\.tls\.cert_file: \S+: gRPC's TLS cannot serve it with server\.tls"),
+        (_secp256k1, r"server\.tls\.cert_file: \S+: (gRPC's TLS cannot serve it|a TLS handshake with it fails)"),
     ],
 )
 async def test_an_unusable_file_stops_the_start_naming_the_field(
