@@ -9,8 +9,9 @@ that reflection describes the v1 service as it does every other.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -27,7 +28,7 @@ _V1_FILE: Final = "grpc/reflection/v1/reflection.proto"
 def enable_reflection(services: Sequence[str], server: grpc.aio.Server) -> None:
     """Serves reflection v1 and v1alpha on `server`, listing `services` and the two reflection services."""
     _add_v1_file(descriptor_pool.Default())
-    servicer = reflection.aio.ReflectionServicer((*services, V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME))
+    servicer = _ReflectionServicer((*services, V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME))
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, GenericOnly(server))
     v1_method = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
@@ -37,6 +38,22 @@ def enable_reflection(services: Sequence[str], server: grpc.aio.Server) -> None:
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(V1_SERVICE_NAME, {"ServerReflectionInfo": v1_method}),)
     )
+
+
+class _ReflectionServicer(reflection.aio.ReflectionServicer):  # type: ignore[misc]  # grpcio-reflection: untyped
+    """grpcio-reflection's servicer, which also finds the file of a method ("llmrelay.v1.LLMService.Complete", as
+    `grpcurl describe` asks, and a Go server answers): the default pool finds services and messages by name, not a
+    method, and the method was "not found"."""
+
+    def _file_containing_symbol(self, request: Any, fully_qualified_name: str) -> Any:
+        service, _, method = fully_qualified_name.rpartition(".")
+        try:
+            self._pool.FindFileContainingSymbol(fully_qualified_name)
+        except KeyError:
+            with contextlib.suppress(KeyError):
+                if method in self._pool.FindServiceByName(service).methods_by_name:
+                    fully_qualified_name = service
+        return super()._file_containing_symbol(request, fully_qualified_name)
 
 
 def _add_v1_file(pool: descriptor_pool.DescriptorPool) -> None:

@@ -71,6 +71,23 @@ async def test_reflection_describes_every_service_it_lists(
     assert method in described[(package, name)]
 
 
+@pytest.mark.parametrize("service", REFLECTION_SERVICES)
+@pytest.mark.parametrize("symbol", ["llmrelay.v1.LLMService.Health", "grpc.health.v1.Health.Check"])
+async def test_reflection_finds_a_methods_file(channel: grpc.aio.Channel, service: str, symbol: str) -> None:
+    """`grpcurl describe llmrelay.v1.LLMService.Health` asks for a method by name: it was "not found"."""
+    response = await reflect(channel, service, reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol))
+
+    assert not response.HasField("error_response"), response.error_response.error_message
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in response.file_descriptor_response.file_descriptor_proto
+    ]
+    qualified, _, method = symbol.rpartition(".")
+    package, name = qualified.rsplit(".", 1)
+    assert any(f.package == package and any(s.name == name for s in f.service) for f in files)
+    assert method in {m.name for f in files for s in f.service if s.name == name for m in s.method}
+
+
 async def test_health_list_reports_liveness_and_readiness(channel: grpc.aio.Channel) -> None:
     response = await health_pb2_grpc.HealthStub(channel).List(health_pb2.HealthListRequest(), timeout=5)
     statuses = {name: status.status for name, status in response.statuses.items()}
