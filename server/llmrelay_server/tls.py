@@ -10,7 +10,6 @@ import datetime
 import ipaddress
 import logging
 import ssl
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -224,23 +223,36 @@ def _check_served_by_grpc(tls: TLSConfig, key: bytes, cert: bytes, client_ca: by
     """gRPC serves with BoringSSL, which refuses some pairs the OpenSSL of the other checks takes (an EC certificate
     whose KeyUsage lacks digitalSignature, as an RSA-minded template issues; a curve other than P-256, P-384 and
     P-521): at the start its refusal read as a port in use, and at a rotation the new certificate was taken as served
-    while gRPC kept the old one. So gRPC itself loads them, on a socket of its own that nothing connects to (a few
-    milliseconds; gRPC logs its own lines for a refusal)."""
+    while gRPC kept the old one. So gRPC itself loads them, on a loopback port of its own that nothing connects to,
+    closed at once (a few milliseconds; gRPC logs its own lines for a refusal). A port that cannot be had at all
+    (no loopback) says nothing of the certificate: then the check is left to the other ones."""
     credentials = grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
-    with tempfile.TemporaryDirectory(prefix="llmrelay-tls-") as where:
-        probe = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-        try:
-            probe.add_secure_port(f"unix:{where}/probe", credentials)
-        except RuntimeError:
-            raise ConfigError(
-                f"server.tls.cert_file: {tls.cert_file}: gRPC's TLS cannot serve it with server.tls.key_file"
-                f" ({tls.key_file}): an EC certificate needs digitalSignature in its KeyUsage, and a curve of P-256,"
-                " P-384 or P-521 (gRPC's own lines before this one say more)"
-            ) from None
-        finally:
-            probe.stop(None)
+    if _binds(credentials) or not _binds(None):
+        return
+    raise ConfigError(
+        f"server.tls.cert_file: {tls.cert_file}: gRPC's TLS cannot serve it with server.tls.key_file"
+        f" ({tls.key_file}): an EC certificate needs digitalSignature in its KeyUsage, and a curve of P-256, P-384 or"
+        " P-521 (gRPC's own lines before this one say more)"
+    )
+
+
+def _binds(credentials: grpc.ServerCredentials | None) -> bool:
+    """Whether a gRPC server takes a loopback port with these credentials (None: in plaintext)."""
+    probe = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    try:
+        if credentials is None:
+            probe.add_insecure_port("127.0.0.1:0")
+        else:
+            probe.add_secure_port("127.0.0.1:0", credentials)
+    except RuntimeError:
+        return False
+    else:
+        probe.start()  # a server closes its port when stopped only once started
+        return True
+    finally:
+        probe.stop(None).wait()
 
 
 def _check_validity(tls: TLSConfig) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -206,6 +207,18 @@ async def test_a_broken_rotation_keeps_the_old_certificate(
     new = Authority("new CA")
     new.server().write(files.cert, files.key)
     await until_served(gateway.port, new.cert)
+
+
+def test_checking_a_certificate_leaves_nothing_open(files: Files) -> None:
+    """Each check has gRPC load the files on a port of its own: left open, a rotation gRPC refused (tried again at
+    every check, once a second) added a socket each time, until the process had no file descriptor left."""
+    Authority("llmrelay test CA").server().write(files.cert, files.key)
+    tls = TLSConfig(cert_file=str(files.cert), key_file=str(files.key))
+    ServedCertificate(tls)  # the first check: gRPC's own descriptors opened, once a process
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        ServedCertificate(tls)
+    assert len(os.listdir("/proc/self/fd")) <= before + 1
 
 
 async def test_a_certificate_rotated_in_before_its_time_is_taken_when_it_comes(
