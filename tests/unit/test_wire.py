@@ -8,6 +8,7 @@ import json
 import secrets
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -753,6 +754,27 @@ def test_whole_calls_given_one_id_at_one_index_or_none_stay_apart(numbered: bool
     vllm = wire.StreamToolCalls()
     pieces = [{"index": 0, "id": "c", "function": {"name": "f", "arguments": part}} for part in ('{"x"', ": 1", "}")]
     assert [d.index for d in vllm.deltas({"tool_calls": pieces})] == [0, 0, 0]
+
+
+def test_a_call_whose_id_and_name_come_with_every_fragment_is_not_parsed_at_every_fragment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """vLLM's shape: parsing the arguments so far at each fragment, to tell whether another call begins, cost a long
+    call's arguments their length squared."""
+    parsed: list[str] = []
+    loads = orjson.loads
+
+    def counted(text: str) -> Any:
+        parsed.append(text)
+        return loads(text)
+
+    monkeypatch.setattr(orjson, "loads", counted)
+    arguments = json.dumps({"code": "x" * 5000, "files": [{"name": "a"}, {"name": "b"}]})
+    calls = wire.StreamToolCalls()
+    for start in range(0, len(arguments), 5):
+        piece = {"index": 0, "id": "c", "function": {"name": "write", "arguments": arguments[start : start + 5]}}
+        assert [d.index for d in calls.deltas({"tool_calls": [piece]})] == [0]
+    assert len(parsed) <= 4, "parsed only where the text so far ends as an object or array does"
 
 
 def test_a_whole_answers_calls_given_one_id_each_get_their_own() -> None:

@@ -637,7 +637,11 @@ class StreamToolCalls:
     def _another(self, call: int, name: str | None) -> bool:
         """Whether a fragment that names a function (`name`) begins another call than `call`, whose id it has: when
         the call's arguments are whole JSON already (vLLM repeats a call's id and name while its arguments come)."""
+        # Parsed only when the text so far ends as an object or array does: vLLM sends the name with every fragment,
+        # and a parse of the whole text at each would cost a long call's arguments their length squared.
         if not name or not (pieces := self._arguments.get(call)):
+            return False
+        if not next((piece.rstrip() for piece in reversed(pieces) if not piece.isspace()), "").endswith(("}", "]")):
             return False
         try:
             orjson.loads("".join(pieces))
