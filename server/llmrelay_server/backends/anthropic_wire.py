@@ -22,6 +22,7 @@ from llmrelay_server.backends.wire import (
     calls_apart,
     count_field,
     is_count,
+    own_call_id,
     plausible_usage,
     text_field,
     tool_call_id,
@@ -450,7 +451,7 @@ class StreamState:
     _tools: dict[int, int] = field(default_factory=dict)
     """Content block index -> the tool call's index in the contract (the calls are numbered on their own)."""
     _call_ids: set[str] = field(default_factory=set)
-    """The ids the calls were given: a call whose id another has gets one of the gateway's (`wire.calls_apart`)."""
+    """The ids the calls were given (`wire.own_call_id`)."""
     _unargued: dict[int, str] = field(default_factory=dict)
     """The tool_use blocks no argument text has arrived for -> the arguments they have if none comes: the input of
     their content_block_start where it holds some (a server that sends the input whole there, which the SDK reads
@@ -523,10 +524,7 @@ class StreamState:
             if len(self._tools) >= MAX_TOOL_CALLS:
                 raise MalformedAnswerError(f"more than {MAX_TOOL_CALLS} tool calls")
             position = self._tools[index] = len(self._tools)
-            call_id = tool_call_id(block.get("id"), "tool_use.id")
-            if call_id in self._call_ids:
-                call_id = tool_call_id(None, "tool_use.id")
-            self._call_ids.add(call_id)
+            call_id = own_call_id(tool_call_id(block.get("id"), "tool_use.id"), self._call_ids)
             name = tool_name(block.get("name"), "tool_use.name")
             start_input = block.get("input")
             self._unargued[index] = (

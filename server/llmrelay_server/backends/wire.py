@@ -376,17 +376,20 @@ def message_from_choice(choice: Mapping[str, Any]) -> Message:
 
 
 def calls_apart(calls: tuple[ToolCall, ...]) -> tuple[ToolCall, ...]:
-    """The calls, each with an id of its own: a call whose id one before it has (some servers give parallel calls one
-    id) gets one of the gateway's, as a call without one does (`tool_call_id`); else the caller's tool messages could
-    not tell the calls apart, and the gateway would refuse the next turn."""
-    seen: set[str] = set()
-    apart = []
-    for call in calls:
-        if call.id in seen:
-            call = dataclasses.replace(call, id=tool_call_id(None, "tool_calls.id"))
-        seen.add(call.id)
-        apart.append(call)
-    return tuple(apart)
+    """The calls, each with an id of its own (`own_call_id`)."""
+    taken: set[str] = set()
+    return tuple(
+        call if (own := own_call_id(call.id, taken)) == call.id else dataclasses.replace(call, id=own) for call in calls
+    )
+
+
+def own_call_id(call_id: str, taken: set[str]) -> str:
+    """`call_id`, or one of the gateway's where a call before it has it (some servers give parallel calls one id: the
+    caller's tool messages could not tell them apart, and the gateway would refuse the next turn); taken either way."""
+    if call_id in taken:
+        call_id = new_call_id()
+    taken.add(call_id)
+    return call_id
 
 
 def content_parts(parts: Any, where: str) -> tuple[str | None, str | None]:
@@ -426,7 +429,12 @@ def tool_call_id(value: Any, where: str) -> str:
     """An answer's tool-call id, or one of the gateway's own where the upstream gave none (an empty one, or none at
     all, as some OpenAI-compatible servers answer): the caller's tool message answers a call by its id, and the gateway
     refuses a call without one in the next turn of the conversation."""
-    return text_field(value, where) or f"call_{secrets.token_hex(12)}"
+    return text_field(value, where) or new_call_id()
+
+
+def new_call_id() -> str:
+    """A tool-call id of the gateway's own."""
+    return f"call_{secrets.token_hex(12)}"
 
 
 def tool_name(value: Any, where: str) -> str:
