@@ -239,18 +239,15 @@ class Tools:
         timeout seconds is answered that it did not finish (an async function is cancelled). A plain function's
         thread is left to end by itself (Python cannot stop one), a daemon thread, so that a tool that never returns
         does not hold the interpreter's exit either."""
-        return _settled(self._start_all(calls, timeout), calls, timeout)
+        futures: list[concurrent.futures.Future[pb.Message]] = [concurrent.futures.Future() for _ in calls]
+        for call, future in zip(calls, futures, strict=True):
+            self._start(call, future, timeout)
+        return _settled(futures, calls, timeout)
 
-    def _start_all(
-        self, calls: Sequence[pb.ToolCall], timeout: float | None
-    ) -> list[concurrent.futures.Future[pb.Message]]:
-        futures: list[concurrent.futures.Future[pb.Message]] = []
-        for call in calls:
-            future: concurrent.futures.Future[pb.Message] = concurrent.futures.Future()
-            answer = functools.partial(self._run_within, call, timeout)
-            threading.Thread(target=_settle, args=(future, answer), name="llmrelay-tool", daemon=True).start()
-            futures.append(future)
-        return futures
+    def _start(self, call: pb.ToolCall, future: concurrent.futures.Future[pb.Message], timeout: float | None) -> None:
+        """Runs a call in a daemon thread of its own, its answer set on future."""
+        answer = functools.partial(self._run_within, call, timeout)
+        threading.Thread(target=_settle, args=(future, answer), name="llmrelay-tool", daemon=True).start()
 
     async def arun_all(self, calls: Sequence[pb.ToolCall], timeout: float | None = None) -> list[pb.Message]:
         """As run_all, from an event loop (arun's way); a call past timeout is cancelled (a plain function's thread
@@ -536,30 +533,42 @@ class _Steps:
         self._last = pb.CompleteResponse()
 
     def record(self, response: pb.CompleteResponse) -> list[pb.ToolCall]:
-        """Adds one call's answer; returns the tool calls to run (none: the loop is done)."""
+        """Adds one call's answer; returns the tool calls to run (none: the loop is done). The message goes last, so
+        that an answer in the messages is an answer recorded."""
         self._steps += 1
         self._last = response
-        self.messages.append(response.message)
         if response.HasField("usage"):
             add_usage(self._usage, response.usage)
         self._attempts.extend(response.attempts)
+        self.messages.append(response.message)
         return list(response.message.tool_calls)
 
-    def run_calls(self, tools: Tools, calls: Sequence[pb.ToolCall], timeout: float | None) -> None:
-        """As arun_calls, for Client.run_tools: the calls run in threads (Tools.run_all's way), and interrupted
-        meanwhile (Ctrl-C: KeyboardInterrupt), it answers every call before the interruption goes on."""
-        running = tools._start_all(calls, timeout)
+    def take(self, response: pb.CompleteResponse, tools: Tools, timeout: float | None) -> bool:
+        """For Client.run_tools: records an answer and runs its calls in threads (Tools.run_all's way), adding their
+        results; False when it asks for none (the loop is done). Interrupted from the moment the answer is in the
+        messages (Ctrl-C: KeyboardInterrupt, which may land while a tool's thread starts as well as while the tools
+        run), it answers every call before the interruption goes on, one not finished that it was cancelled."""
+        calls = list(response.message.tool_calls)
+        running: list[concurrent.futures.Future[pb.Message]] = [concurrent.futures.Future() for _ in calls]
         try:
+            self.record(response)
+            if not calls:
+                return False
+            for call, future in zip(calls, running, strict=True):
+                tools._start(call, future, timeout)
             results = _settled(running, calls, timeout)
         except BaseException:
-            self.messages.extend(_answered_so_far(running, calls))
+            if self.messages and self.messages[-1] is response.message:  # interrupted after the answer was recorded
+                self.messages.extend(_answered_so_far(running, calls))
             raise
         self.add_results(results)
+        return True
 
     async def arun_calls(self, tools: Tools, calls: Sequence[pb.ToolCall], timeout: float | None) -> None:
         """Runs the last answer's calls (Tools.arun_all's way) and adds their results. Cancelled meanwhile, it answers
         every call all the same before the cancellation goes on, a call still running that it was cancelled: an
-        answer whose calls have no results is a conversation no model takes, and the caller may want to go on."""
+        answer whose calls have no results is a conversation no model takes, and the caller may want to go on.
+        (Cancellation lands only at an await, so nothing comes between recording the answer and this.)"""
         running = [asyncio.ensure_future(_within(call, tools.arun(call), timeout)) for call in calls]
         try:
             results = await asyncio.gather(*running)

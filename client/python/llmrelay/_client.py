@@ -475,10 +475,8 @@ class Client(_Base):
                     conversation.messages, model=model, exact_model=exact_model, timeout=timeout, metadata=metadata,
                     **call_options,
                 )  # fmt: skip
-            calls = steps.record(response)
-            if not calls:
+            if not steps.take(response, tools, tool_timeout):
                 return steps.answer()
-            steps.run_calls(tools, calls, tool_timeout)
 
     def fit(
         self,

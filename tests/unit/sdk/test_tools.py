@@ -4,6 +4,7 @@ the conversation's turns."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import typing
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Annotated, Any, Literal, Optional, TypedDict
 import pytest
 from llmrelay import Conversation, Tools, json_schema_of, message, parameters_schema
 from llmrelay import v1 as pb
+from llmrelay._agent import CANCELLED_RESULT, _Steps
 
 
 class Filters(TypedDict, total=False):
@@ -291,3 +293,32 @@ def test_turns_keep_tool_calls_with_their_results() -> None:
     assert [m.content for m in conversation.messages] == ["s", "1", "", "r", "a1", "2"]
     assert not conversation.trim(11)
     assert [m.content for m in conversation.messages] == ["s", "2"]
+
+
+class _InterruptedStarting(Tools):
+    """Ctrl-C landing while the second call's thread starts (Thread.start waits for the thread to run), once the
+    first call has finished."""
+
+    def _start(self, call: pb.ToolCall, future: concurrent.futures.Future[pb.Message], timeout: float | None) -> None:
+        if call.function.name == "stuck":
+            raise KeyboardInterrupt
+        super()._start(call, future, timeout)
+        future.result(timeout=10)
+
+
+def test_a_blocking_run_interrupted_while_a_tool_starts_answers_every_call() -> None:
+    # The interruption came before the calls' results were waited for, and left the answer's calls unanswered: the
+    # next run of the conversation was refused INVALID_ARGUMENT (seen in CI, as a race in the end-to-end test).
+    tools = _InterruptedStarting()
+    tools.register(lambda: "done", name="quick")
+    tools.register(lambda: "never", name="stuck")
+    calls = [pb.ToolCall(id=id, function=pb.FunctionCall(name=name)) for id, name in (("1", "quick"), ("2", "stuck"))]
+    answer = pb.CompleteResponse(message=pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=calls))
+    steps = _Steps([message("user", "go")], max_steps=4)
+    with pytest.raises(KeyboardInterrupt):
+        steps.take(answer, tools, timeout=None)
+    assert [(m.role, m.tool_call_id, m.content) for m in steps.messages[1:]] == [
+        (pb.ROLE_ASSISTANT, "", ""),
+        (pb.ROLE_TOOL, "1", "done"),
+        (pb.ROLE_TOOL, "2", CANCELLED_RESULT),
+    ]
