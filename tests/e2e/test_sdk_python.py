@@ -198,22 +198,34 @@ async def test_a_run_cancelled_while_its_tools_run_answers_every_call(gateway: G
 
 
 INTERRUPTED_RUN = """
-import sys, threading
+import asyncio, sys, threading
 from llmrelay import Client, Conversation, Tools, message
 
 tools = Tools()
 quick_done = threading.Event()
+stuck_cancelled = threading.Event()
 
 @tools.register
 def quick() -> str:
     quick_done.set()
     return "done"
 
-@tools.register
-def stuck() -> str:
-    quick_done.wait()
-    print("interrupt me", flush=True)
-    threading.Event().wait()
+if sys.argv[2] == "async":
+    @tools.register
+    async def stuck() -> str:
+        await asyncio.to_thread(quick_done.wait)
+        print("interrupt me", flush=True)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            stuck_cancelled.set()
+            raise
+else:
+    @tools.register
+    def stuck() -> str:
+        quick_done.wait()
+        print("interrupt me", flush=True)
+        threading.Event().wait()
 
 conversation = Conversation([message("user", "go")])
 with Client(sys.argv[1]) as client:
@@ -221,28 +233,32 @@ with Client(sys.argv[1]) as client:
         client.run_tools(conversation, tools)
     except KeyboardInterrupt:
         print(client.run_tools(conversation, tools).content)
+print("stuck was cancelled" if stuck_cancelled.wait(10 if sys.argv[2] == "async" else 0) else "stuck runs on")
 """
 """A blocking run_tools that Ctrl-C interrupts while its tools run, then the next run of the same conversation."""
 
 
+@pytest.mark.parametrize(("stuck", "after"), [("plain", b"stuck runs on"), ("async", b"stuck was cancelled")])
 async def test_a_blocking_run_interrupted_while_its_tools_run_answers_every_call(
-    gateway: Gateway, primary: FakeUpstream
+    gateway: Gateway, primary: FakeUpstream, stuck: str, after: bytes
 ) -> None:
     # The interrupted run left the answer's calls with no results, and the next run was refused INVALID_ARGUMENT.
     # Ctrl-C reaches the main thread alone, and the gateway's event loop is this one's: hence a process of its own.
+    # An async tool still running is cancelled (it ran on until tool_timeout, with none for ever); a plain function
+    # cannot be stopped.
     primary.inject(
         {"tool_calls": [{"name": "quick", "arguments": "{}"}, {"name": "stuck", "arguments": "{}"}]},
         {"echo_tools": True},
     )
     run = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", INTERRUPTED_RUN, target(gateway), stdout=PIPE, stderr=PIPE
+        sys.executable, "-c", INTERRUPTED_RUN, target(gateway), stuck, stdout=PIPE, stderr=PIPE
     )
     assert run.stdout is not None
     assert await asyncio.wait_for(run.stdout.readline(), 30) == b"interrupt me\n"
     run.send_signal(signal.SIGINT)
     out, err = await asyncio.wait_for(run.communicate(), 30)
     assert (run.returncode, err.decode()) == (0, "")
-    assert out == b"tools: quick=done; stuck=error: the run was cancelled before the tool finished\n"
+    assert out == b"tools: quick=done; stuck=error: the run was cancelled before the tool finished\n" + after + b"\n"
 
 
 async def test_a_tool_that_raises_becomes_a_result_that_says_so(gateway: Gateway, primary: FakeUpstream) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -219,9 +220,12 @@ class Tools:
         of its own (asyncio.run), so call this outside of one, as Client.run_tools does from its threads."""
         return self._run_within(call, None)
 
-    def _run_within(self, call: pb.ToolCall, timeout: float | None) -> pb.Message:
-        """As run; an async function still running after timeout seconds is cancelled (in its own event loop, so
-        from its own thread) and the call answered that it did not finish."""
+    def _run_within(
+        self, call: pb.ToolCall, timeout: float | None, given_up: concurrent.futures.Future[pb.Message] | None = None
+    ) -> pb.Message:
+        """As run; an async function still running after timeout seconds, or once given_up is cancelled (the run
+        that waits for it interrupted), is cancelled (in its own event loop, so from its own thread) and the call
+        answered that it did not finish."""
         prepared = self._prepare(call)
         if isinstance(prepared, str):
             return tool_result(call, prepared)
@@ -231,7 +235,8 @@ class Tools:
         except (Exception, asyncio.CancelledError) as exc:  # a plain call has no await to cancel: the tool's own
             return tool_result(call, _failure(exc))
         if inspect.isawaitable(result):
-            return asyncio.run(_within(call, _answer(call, result), timeout))
+            answering = _answer(call, result)
+            return asyncio.run(_within(call, answering if given_up is None else _unless(given_up, answering), timeout))
         return tool_result(call, _result_text(result))
 
     def run_all(self, calls: Sequence[pb.ToolCall], timeout: float | None = None) -> list[pb.Message]:
@@ -240,13 +245,18 @@ class Tools:
         thread is left to end by itself (Python cannot stop one), a daemon thread, so that a tool that never returns
         does not hold the interpreter's exit either."""
         futures: list[concurrent.futures.Future[pb.Message]] = [concurrent.futures.Future() for _ in calls]
-        for call, future in zip(calls, futures, strict=True):
-            self._start(call, future, timeout)
-        return _settled(futures, calls, timeout)
+        try:
+            for call, future in zip(calls, futures, strict=True):
+                self._start(call, future, timeout)
+            return _settled(futures, calls, timeout)
+        except BaseException:  # Ctrl-C: the async functions still running are cancelled
+            _give_up(futures)
+            raise
 
     def _start(self, call: pb.ToolCall, future: concurrent.futures.Future[pb.Message], timeout: float | None) -> None:
-        """Runs a call in a daemon thread of its own, its answer set on future."""
-        answer = functools.partial(self._run_within, call, timeout)
+        """Runs a call in a daemon thread of its own, its answer set on future; cancelling future (_give_up) cancels
+        an async function still running."""
+        answer = functools.partial(self._run_within, call, timeout, future)
         threading.Thread(target=_settle, args=(future, answer), name="llmrelay-tool", daemon=True).start()
 
     async def arun_all(self, calls: Sequence[pb.ToolCall], timeout: float | None = None) -> list[pb.Message]:
@@ -333,9 +343,34 @@ async def _in_a_thread(function: Callable[..., Any], arguments: Mapping[str, Any
 
 def _settle(future: concurrent.futures.Future[pb.Message], answer: Callable[[], pb.Message]) -> None:
     try:
-        future.set_result(answer())
-    except BaseException as exc:  # answer answers a tool's Exceptions; SystemExit and the like reach the loop
-        future.set_exception(exc)
+        try:
+            future.set_result(answer())
+        except BaseException as exc:  # answer answers a tool's Exceptions; SystemExit and the like reach the loop
+            future.set_exception(exc)
+    except concurrent.futures.InvalidStateError:  # given up (_give_up): nobody waits for this answer any more
+        pass
+
+
+async def _unless(given_up: concurrent.futures.Future[pb.Message], answering: Awaitable[pb.Message]) -> pb.Message:
+    """answering, cancelled once given_up is (from the thread that gives it up: the loop is this thread's)."""
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    assert task is not None
+
+    def cancel(future: concurrent.futures.Future[pb.Message]) -> None:
+        if future.cancelled():
+            with contextlib.suppress(RuntimeError):  # the loop closed: the tool ended meanwhile
+                loop.call_soon_threadsafe(task.cancel)
+
+    given_up.add_done_callback(cancel)
+    return await answering
+
+
+def _give_up(futures: Sequence[concurrent.futures.Future[pb.Message]]) -> None:
+    """Cancels the futures of calls not answered yet: their async functions are cancelled (_unless); a plain
+    function's thread is left to end by itself."""
+    for future in futures:
+        future.cancel()
 
 
 def _settled(
@@ -560,6 +595,7 @@ class _Steps:
         except BaseException:
             if self.messages and self.messages[-1] is response.message:  # interrupted after the answer was recorded
                 self.messages.extend(_answered_so_far(running, calls))
+            _give_up(running)
             raise
         self.add_results(results)
         return True

@@ -456,7 +456,8 @@ class Client(_Base):
         A Conversation given is appended to, and fitted to its budget before each call; a list is left as it was.
         When the model still asks for tools after max_steps calls, their results are appended and StepLimitError
         is raised, its `answer` holding everything so far. Interrupted while its tools run (Ctrl-C), it first
-        answers every call (one still running: that the run was cancelled), so the conversation can go on."""
+        answers every call (one still running: that the run was cancelled), so the conversation can go on, and
+        cancels the async tools still running (a plain function's thread is left to end by itself)."""
         _seconds("tool_timeout", tool_timeout, "no bound")
         _refuse_async(on_delta)
         conversation = _conversation(messages)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import signal
+import threading
 import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Optional, TypedDict
@@ -322,3 +324,30 @@ def test_a_blocking_run_interrupted_while_a_tool_starts_answers_every_call() -> 
         (pb.ROLE_TOOL, "1", "done"),
         (pb.ROLE_TOOL, "2", CANCELLED_RESULT),
     ]
+
+
+def test_run_all_interrupted_cancels_the_async_tools_still_running() -> None:
+    # Ctrl-C left an async tool running in its thread until the timeout (with none, for ever).
+    started, cancelled = threading.Event(), threading.Event()
+    tools = Tools()
+
+    @tools.register
+    async def stuck() -> str:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "never"
+
+    @tools.register
+    def interrupt() -> str:
+        started.wait(10)
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)  # Ctrl-C reaches the main thread
+        return "sent"
+
+    calls = [pb.ToolCall(id=name, function=pb.FunctionCall(name=name)) for name in ("stuck", "interrupt")]
+    with pytest.raises(KeyboardInterrupt):
+        tools.run_all(calls)
+    assert cancelled.wait(10)
