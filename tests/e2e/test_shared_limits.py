@@ -21,7 +21,7 @@ from llmrelay_server.app import Gateway
 from llmrelay_server.config import Limits
 from llmrelay_server.domain import LimitExceededError, LimitKind, LimitsUnavailableError, StoreRole
 from llmrelay_server.limits import Ask, InProcessLimiter, Reservation
-from llmrelay_server.limits.redis import KEY_PREFIX, RedisLimiter
+from llmrelay_server.limits.redis import HELD_LEASES_KEY, KEY_PREFIX, RedisLimiter
 from redis.asyncio.connection import AbstractConnection
 from redis_server import RedisServer, ServerTLS
 from support import GatewayFactory, chat, details, stream_chat, two_backends
@@ -87,6 +87,26 @@ async def until(condition: Callable[[], bool], within_s: float = 5.0) -> float:
         assert loop.time() - began < within_s, f"not within {within_s} s"
         await asyncio.sleep(0.02)
     return loop.time() - began
+
+
+async def stop_renewing(limiter: RedisLimiter, redis_url: str) -> None:
+    """As the limiter's process killed, or cut off from Redis: it renews no lease from now on. Returns once all its
+    held spend's leases have lapsed by Redis's clock (a renewal already sent runs even so, late on a busy machine)."""
+    assert limiter._renewing is not None
+    limiter._renewing.cancel()
+    await asyncio.gather(limiter._renewing, return_exceptions=True)
+    client = redis.asyncio.from_url(redis_url)
+    try:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        while True:
+            seconds, micros = await client.time()
+            if not await client.zrangebyscore(HELD_LEASES_KEY, f"({seconds * 1000 + micros // 1000}", "+inf"):
+                return
+            assert loop.time() - began < 10, "the leases did not lapse within 10 s"
+            await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
 
 
 # --- exact over many limiters -----------------------------------------------------------------------------------
@@ -729,15 +749,15 @@ async def test_a_budget_spent_past_its_end_still_admits_calls_that_cost_nothing(
     assert error.kind is LimitKind.BUDGET_PER_DAY
 
 
-async def test_a_spend_whose_lease_lapsed_is_settled_to_what_was_billed(limiter_for: LimiterFactory) -> None:
+async def test_a_spend_whose_lease_lapsed_is_settled_to_what_was_billed(
+    limiter_for: LimiterFactory, redis_server: RedisServer
+) -> None:
     """A gateway cut off from Redis for longer than a lease, its call still in progress: the spend its call held is
     taken back when the lease lapses, and the call's settle, when it comes, counts what it was billed."""
     budget = Limits(budget_usd_per_day=0.01)  # 10,000 micro-USD
     cut_off = await limiter_for(stream_lease_s=0.3)
     held = await cut_off.reserve([ask(budget, usd=8000)])
-    assert cut_off._renewing is not None
-    cut_off._renewing.cancel()  # renews no lease from now on, as when Redis cannot be reached
-    await asyncio.sleep(0.6)
+    await stop_renewing(cut_off, redis_server.url)  # as when Redis cannot be reached
     other = await limiter_for()
     await other.reserve([ask(budget, usd=5000)])  # fits: the lapsed lease's 8,000 were taken back
     await cut_off.settle(held, tokens=0, usd_micros=3000)
@@ -745,15 +765,15 @@ async def test_a_spend_whose_lease_lapsed_is_settled_to_what_was_billed(limiter_
     assert (await refused(other.reserve([ask(budget, usd=1)]))).kind is LimitKind.BUDGET_PER_DAY
 
 
-async def test_every_lapsed_lease_gives_its_spend_back_at_once(limiter_for: LimiterFactory) -> None:
+async def test_every_lapsed_lease_gives_its_spend_back_at_once(
+    limiter_for: LimiterFactory, redis_server: RedisServer
+) -> None:
     """A gateway that dies with many calls in progress: all their spend comes back at the next reservation (one that
     took back some of it was refused, and told to come back at midnight)."""
     budget = Limits(budget_usd_per_day=0.15)  # 150,000 micro-USD
     dead = await limiter_for(stream_lease_s=0.3)
     for _ in range(150):
         await dead.reserve([ask(budget, usd=1000)])
-    assert dead._renewing is not None
-    dead._renewing.cancel()  # as its process killed: no lease renewed, no call settled
-    await asyncio.sleep(0.6)
+    await stop_renewing(dead, redis_server.url)  # as its process killed: no lease renewed, no call settled
     other = await limiter_for()
     await other.reserve([ask(budget, usd=150_000)])

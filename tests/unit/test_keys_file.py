@@ -105,12 +105,11 @@ async def test_thousands_of_keys_are_read_again_without_holding_up_the_event_loo
     keys = KeyRing(AuthConfig(keys_file=str(path)))
     assert len(keys.names()) == 3000
     path.write_text("keys:\n" + "\n".join(entries[:1500]) + "\n")
-    loop = asyncio.get_running_loop()
-    longest_tick = 0.0
     keys.reload()
+    assert keys._reloads and len(keys.names()) == 3000  # reading, not read: reload returned at once
+    ticks = 0
     while keys._reloads:
-        before = loop.time()
-        await asyncio.sleep(0.01)
-        longest_tick = max(longest_tick, loop.time() - before)
+        await asyncio.sleep(0.005)
+        ticks += 1
     assert len(keys.names()) == 1500
-    assert longest_tick < 0.5, f"the event loop was held {longest_tick:.2f} s"
+    assert ticks >= 2, "the event loop did not run while the file was read"  # (a wall-clock bound: load-dependent)

@@ -76,9 +76,10 @@ async def test_a_reserve_is_asked_near_the_deadline_and_ends_the_stream_that_muc
     with pytest.raises(TimeoutError), watchdog:
         await asyncio.sleep(10)
     watchdog.stop()
-    [at] = reserve.asked  # once, at the deadline less the most it may be
-    assert 0.1 <= at - started < 0.25
-    assert 0.3 <= loop.time() - started < 0.45  # at the deadline less the reserve, not at the deadline
+    [at] = reserve.asked  # once, at the deadline less the most it may be (or later: a busy machine runs timers late)
+    assert at - started >= 0.1
+    assert watchdog.end_by == pytest.approx(started + 0.3)  # the deadline less the reserve, not the deadline
+    assert loop.time() - started >= 0.3
 
 
 async def test_a_stream_that_ends_before_its_reserve_could_matter_never_asks_it() -> None:
