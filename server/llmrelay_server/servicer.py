@@ -174,7 +174,7 @@ class LLMServicer(pb.LLMServiceServicer):
                         else:
                             for piece in _split(chunk, self._max_delta_chars):
                                 if _text_length(piece) > self._max_delta_chars:
-                                    # A call's id or signature alone, which goes back whole or not at all.
+                                    # A field that goes back whole or not at all (_WHOLE_FIELD_TOO_LARGE).
                                     size = convert.stream_response(piece).ByteSize()
                                     raise AnswerTooLargeError(size, self._max_message_bytes, _WHOLE_FIELD_TOO_LARGE)
                                 self._sending[task] = context
@@ -395,13 +395,18 @@ async def _abort_behind(context: grpc.aio.ServicerContext[Any, Any], error: LLMR
 
 
 _WHOLE_FIELD_TOO_LARGE: Final = (
-    "a tool call's id or signature from the upstream is that large alone, and is never cut: raise the gateway's"
-    " server.max_message_bytes"
+    "a field from the upstream that is never cut (the answer's id or model name, the reasoning's signature, a tool"
+    " call's id or signature) is that large alone: raise the gateway's server.max_message_bytes"
 )
 
 
 def _text_length(chunk: CompletionChunk) -> int:
-    length = len(chunk.content or "") + len(chunk.reasoning or "")
+    """The characters of a chunk's message that an upstream chose: every message of a stream repeats the answer's
+    id and model name, and an upstream's are of any length (a stream whose id was megabytes passed uncounted, and
+    gRPC refused its message with a bare RESOURCE_EXHAUSTED)."""
+    length = len(chunk.id) + len(chunk.model) + len(chunk.content or "") + len(chunk.reasoning or "")
+    if chunk.reasoning_signature is not None:
+        length += len(chunk.reasoning_signature)
     if not chunk.tool_calls:
         return length
     return length + sum(
@@ -410,16 +415,36 @@ def _text_length(chunk: CompletionChunk) -> int:
 
 
 def _split(chunk: CompletionChunk, max_chars: int) -> list[CompletionChunk]:
-    """A chunk too large for one message as several, each within `max_chars` of text; together the same deltas."""
-    bare = replace(chunk, content=None, reasoning=None, tool_calls=(), finish_reason=None, usage=None)
-    pieces = [replace(bare, content=part) for part in _parts(chunk.content, max_chars)]
-    pieces += [replace(bare, reasoning=part) for part in _parts(chunk.reasoning, max_chars)]
+    """A chunk too large for one message as several, each within `max_chars` of text (`_text_length`); together the
+    same deltas. A field never cut that is too large alone leaves a piece over `max_chars`, for the caller to refuse."""
+    room = max_chars - len(chunk.id) - len(chunk.model)  # what each piece has beside the id and model it repeats
+    if room < 1:
+        return [chunk]
+    bare = replace(
+        chunk, content=None, reasoning=None, tool_calls=(), finish_reason=None, usage=None, reasoning_signature=None
+    )
+    pieces = [replace(bare, content=part) for part in _parts(chunk.content, room)]
+    pieces += [replace(bare, reasoning=part) for part in _parts(chunk.reasoning, room)]
     for call in chunk.tool_calls:
-        parts: list[str | None] = [*_parts(call.arguments, max_chars)] or [call.arguments]
-        pieces.append(replace(bare, tool_calls=(replace(call, arguments=parts[0]),)))
-        pieces += [replace(bare, tool_calls=(ToolCallDelta(index=call.index, arguments=part),)) for part in parts[1:]]
-    # The end of the answer, if this chunk carried it, stays on the last piece.
-    pieces[-1] = replace(pieces[-1], finish_reason=chunk.finish_reason, usage=chunk.usage, attempts=chunk.attempts)
+        # The call's first piece holds its id and signature beside the start of its arguments.
+        head = max(0, room - len(call.id or "") - len(call.signature or ""))
+        arguments = call.arguments
+        pieces.append(
+            replace(bare, tool_calls=(replace(call, arguments=arguments[:head] if arguments else arguments),))
+        )
+        rest = _parts(arguments[head:], room) if arguments else []
+        pieces += [replace(bare, tool_calls=(ToolCallDelta(index=call.index, arguments=part),)) for part in rest]
+    if chunk.reasoning_signature is not None or not pieces:
+        pieces.append(bare)  # the signature on a piece of its own: it may take all the room
+    # The end of the answer, if this chunk carried it, stays on the last piece, the reasoning's signature with it,
+    # once (a client adds up the deltas).
+    pieces[-1] = replace(
+        pieces[-1],
+        finish_reason=chunk.finish_reason,
+        usage=chunk.usage,
+        attempts=chunk.attempts,
+        reasoning_signature=chunk.reasoning_signature,
+    )
     return pieces
 
 

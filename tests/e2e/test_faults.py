@@ -1148,6 +1148,31 @@ async def test_under_a_small_message_limit_a_long_delta_is_sent_in_pieces_of_tho
     assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP
 
 
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
+async def test_a_field_never_cut_over_the_message_limit_ends_the_stream_with_the_gateways_status(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """The answer's id (OpenAI's API) and the reasoning's signature (Anthropic's) were not counted: a message over the
+    limit was left to gRPC, which refused it with a bare RESOURCE_EXHAUSTED, no details, and the call log said
+    CANCELLED."""
+    limit = 32 * 1024
+    stub = await stub_for(two_backends(primary, local), server=f"max_message_bytes: {limit}")
+    huge = "c" * limit
+    if primary.dialect == "anthropic":
+        primary.inject({"reasoning": "thinking it over", "signature": huge})
+    else:
+        answer = {"id": huge, "object": "chat.completion.chunk", "created": 0, "model": primary.models[0]}
+        deltas = [({"role": "assistant", "content": "hi"}, None), ({}, "stop")]
+        events = [answer | {"choices": [{"index": 0, "delta": d, "finish_reason": f}]} for d, f in deltas]
+        body = "".join(f"data: {json.dumps(event)}\n\n" for event in events) + "data: [DONE]\n\n"
+        primary.inject({"body": body, "content_type": "text/event-stream"})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await read_all(stub.StreamComplete(stream_chat(model=primary.models[0], exact_model=True), timeout=10))
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details(caught.value)["ErrorInfo"].reason == "ANSWER_TOO_LARGE"
+    assert "server.max_message_bytes" in (caught.value.details() or "")
+
+
 async def test_what_the_gateway_reads_of_an_upstreams_answer_is_bounded(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
