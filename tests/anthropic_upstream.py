@@ -390,8 +390,9 @@ def _broken_rule(body: dict[str, Any]) -> str | None:
     """The API's rules that its types do not say, in its words: text of whitespace alone, in a block or a stop
     sequence, is refused; a tool's input_schema must say "type": "object" (the types also take any dict); no two
     tools may share a name; a tool call's id, in its tool_use block and its tool_result, is letters, digits, "_"
-    and "-"; and with thinking on, a chat that ends in tool results must have begun their assistant turn (the one
-    after the last user turn that is more than tool results) with a thinking block."""
+    and "-"; a chat that ends in the assistant's words (a prefill) must not end in whitespace; and with thinking on,
+    a chat that ends in tool results must have begun their assistant turn (the one after the last user turn that is
+    more than tool results) with a thinking block, as must a prefill."""
 
     def listed(content: Any) -> list[Any]:  # a string stands for one text block, which the types check
         return content if isinstance(content, list) else []
@@ -409,11 +410,22 @@ def _broken_rule(body: dict[str, Any]) -> str | None:
                 return f"messages: {block['type']} id {tool_id!r}: String should match pattern '^[a-zA-Z0-9_-]+$'"
     if any(not stop.strip() for stop in body.get("stop_sequences") or []):
         return "stop_sequences: each stop sequence must contain non-whitespace"
+    final = body["messages"][-1] if body.get("messages") else {}
+    if final.get("role") == "assistant":
+        content = final.get("content")
+        text = content if isinstance(content, str) else next(iter(listed(content)[-1:]), {}).get("text")
+        if isinstance(text, str) and text != text.rstrip():
+            return "messages: final assistant content cannot end with trailing whitespace"
     thinking = body.get("thinking")
     if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive"):
         turns = [
             [b.get("type") for b in listed(turn.get("content")) if isinstance(b, dict)] for turn in body["messages"]
         ]
+        if turns and body["messages"][-1].get("role") == "assistant" and turns[-1][:1] != ["thinking"]:
+            return (
+                f"messages.{len(turns) - 1}.content.0.type: Expected `thinking` or `redacted_thinking`. When"
+                " `thinking` is enabled, a final `assistant` message must start with a thinking block"
+            )
         if turns and turns[-1][:1] == ["tool_result"]:
             opening = len(turns) - 2
             while opening >= 2 and set(turns[opening - 1]) == {"tool_result"}:

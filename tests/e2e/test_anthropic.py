@@ -406,6 +406,21 @@ async def test_a_tool_cycle_begun_without_thinking_ends_without_it(
     assert ["thinking" in sent for sent in claude.chat_requests] == [False, False, True]
 
 
+async def test_a_prefill_with_trailing_whitespace_and_reasoning_is_answered(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
+) -> None:
+    """A chat that ends in the assistant's words ends in whitespace as often as not ("Say: "), and may ask for
+    reasoning: the API refuses both with a prefill (400, no fallback, INVALID_ARGUMENT to a caller who made no
+    mistake by the contract)."""
+    options = pb.CompletionOptions(reasoning_effort=pb.REASONING_EFFORT_HIGH)
+    prefill = [user("name a colour"), pb.Message(role=pb.ROLE_ASSISTANT, content="The colour is: ")]
+    answer = await stub.Complete(pb.CompleteRequest(messages=prefill, options=options), timeout=5)
+    chunks = await streamed(stub, pb.StreamCompleteRequest(messages=prefill, options=options))
+    assert (answer.backend, chunks[-1].backend) == ("anthropic", "anthropic")
+    assert claude.invalid_requests == []
+    assert [sent["messages"][-1]["content"][-1]["text"] for sent in claude.chat_requests] == ["The colour is:"] * 2
+
+
 @pytest.mark.parametrize(
     ("max_tokens", "effort", "thinking"),
     [

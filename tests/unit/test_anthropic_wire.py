@@ -173,6 +173,33 @@ def test_system_messages_alone_cannot_be_sent(messages: tuple[Message, ...]) -> 
         aw.prompt_body("m", messages, ())
 
 
+@pytest.mark.parametrize(
+    ("messages", "says"),
+    [
+        ((Message(Role.SYSTEM, "be brief"),), "beside the system ones"),
+        ((Message(Role.SYSTEM, "be brief"), Message(Role.USER, "  \n")), "every one here is whitespace alone"),
+        ((Message(Role.USER, "\t"), Message(Role.ASSISTANT, " ")), "every one here is whitespace alone"),
+    ],
+)
+def test_a_chat_with_no_turn_to_send_says_why(messages: tuple[Message, ...], says: str) -> None:
+    # A chat of whitespace alone was told it needed a message "beside the system ones", with none in it.
+    with pytest.raises(aw.UnmappableRequestError, match=says):
+        body(messages=messages)
+
+
+def test_a_prefill_goes_without_its_trailing_whitespace_and_without_thinking() -> None:
+    """A chat that ends in the assistant's words, for the answer to go on from: the API refuses one that ends in
+    whitespace, and refuses thinking with it (400, and no fallback: the caller's mistake, it says)."""
+    prefill = (*HI, Message(Role.ASSISTANT, "The answer is: \n"))
+    for thinking in ("budget", ADAPTIVE):
+        sent_body = body(CompletionOptions(reasoning_effort="high"), messages=prefill, thinking=thinking)
+        assert "thinking" not in sent_body
+        assert sent_body["messages"][-1]["content"] == [{"type": "text", "text": "The answer is:"}]
+    # Only the last turn's words: whitespace within a chat is the caller's.
+    earlier = body(messages=(*prefill, Message(Role.USER, "go on")))
+    assert earlier["messages"][1]["content"] == [{"type": "text", "text": "The answer is: \n"}]
+
+
 def test_reasoning_goes_back_only_with_its_signature() -> None:
     signed = Message(Role.ASSISTANT, "a", reasoning="r", reasoning_signature="s")
     unsigned = Message(Role.ASSISTANT, "b", reasoning="another upstream's")

@@ -108,10 +108,13 @@ def request_body(
     # Thinking cannot be combined with a forced tool choice: the tool call the caller demands wins. Nor can it be
     # turned on within a tool-use cycle whose assistant turn began without a thinking block (one another upstream
     # began, whose reasoning cannot be sent back): the API refuses it (400 "a final assistant message must start with
-    # a thinking block"), and the cycle ends as it began, without thinking.
+    # a thinking block"), and the cycle ends as it began, without thinking. Nor with a prefill (the chat ends in
+    # the assistant's words, for the answer to go on from): the API refuses that the same way, and newer models
+    # take no prefill with thinking at all.
     forced = (
         options.tool_choice == "required"
         or isinstance(options.tool_choice, NamedToolChoice)
+        or body["messages"][-1]["role"] == "assistant"
         or _in_unthought_tool_cycle(body["messages"])
     )
     if effort == "none":
@@ -164,6 +167,7 @@ def prompt_body(model: str, messages: Sequence[Message], tools: Sequence[Tool]) 
     caller's JSON texts in it are JsonTexts, for `wire.encode` to write as they came."""
     system: list[dict[str, Any]] = []
     turns: list[dict[str, Any]] = []
+    left_out = False
     for index, message in enumerate(messages):
         if message.role is Role.SYSTEM:
             # The API has one system prompt, beside the turns: every system message goes there, in order.
@@ -176,15 +180,26 @@ def prompt_body(model: str, messages: Sequence[Message], tools: Sequence[Tool]) 
         else:
             role, blocks = "user", _content_blocks(message)
         if not blocks:
-            continue  # the API refuses empty turns; an empty message says nothing
+            left_out = True  # the API refuses empty turns; an empty message says nothing
+            continue
         if turns and turns[-1]["role"] == role:
             # The API wants user and assistant turns to alternate: tool results and the text after them are one turn.
             turns[-1]["content"].extend(blocks)
         else:
             turns.append({"role": role, "content": blocks})
     if not turns:
-        # The API answers 400 to a request without turns; the OpenAI format takes system messages alone.
+        # The API answers 400 to a request without turns; the OpenAI format takes system messages alone, and text
+        # of whitespace alone.
+        if left_out:
+            raise UnmappableRequestError(
+                "messages: Anthropic needs a user or assistant message with more than whitespace (text or an image);"
+                " every one here is whitespace alone"
+            )
         raise UnmappableRequestError("messages: Anthropic needs a user or assistant message beside the system ones")
+    if turns[-1]["role"] == "assistant" and (last := turns[-1]["content"][-1])["type"] == "text":
+        # A prefill, whose words the answer goes on from: the API refuses one that ends in whitespace (400 "final
+        # assistant content cannot end with trailing whitespace"); the OpenAI format takes it.
+        last["text"] = last["text"].rstrip()
     body: dict[str, Any] = {"model": model, "messages": turns}
     if system:
         body["system"] = system
