@@ -12,12 +12,12 @@ import sys
 import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from llmrelay_server.config import ConfigError
 from llmrelay_server.domain import TokenUsage, UsageUnavailableError
-from llmrelay_server.usage import UsageLedger, UsageTotals
+from llmrelay_server.usage import LedgerUnavailableError, UsageLedger, UsageTotals
 from support import wait_until
 
 T0 = 1_700_000_040.0  # the start of a minute bucket
@@ -153,8 +153,8 @@ async def test_a_batch_whose_file_outlived_its_commit_is_replayed_once(
     assert "was written before; skipped" in caplog.text
 
 
-async def test_past_the_journal_bound_records_are_dropped_counted_and_logged_once_per_outage(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+async def test_past_the_journal_bound_with_the_database_down_records_are_dropped_counted_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "usage.sqlite3"
     probe = UsageLedger(tmp_path / "probe.sqlite3")
@@ -162,25 +162,69 @@ async def test_past_the_journal_bound_records_are_dropped_counted_and_logged_onc
     line_bytes = batch_files(tmp_path / "probe.sqlite3")[0].stat().st_size
     await probe.aclose()
     ledger = UsageLedger(path, journal_max_bytes=20 * line_bytes)
+    monkeypatch.setattr(ledger._store, "apply", database_down)
+    ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+    with pytest.raises(LedgerUnavailableError):
+        await ledger.flush()
 
-    for _ in range(100):
+    for _ in range(99):
         ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
 
     assert ledger.dropped_records == 80
     assert journaled_bytes(path) == 20 * line_bytes
     assert ledger.queue_depth() == ledger.health().pending_records == 20
-    assert "80 records dropped" in ledger.health().description
+    assert "80 records dropped (the journal holds its limit of" in ledger.health().description
     errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "dropping usage records" in errors[0].getMessage()
+    assert len(errors) == 2 and "dropping usage records" in errors[1].getMessage()  # after "unavailable"
 
+    monkeypatch.undo()
     await ledger.flush()  # the backlog written: room again
     for _ in range(30):
         ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
 
-    assert ledger.dropped_records == 90  # 20 kept, 10 more dropped: a second outage of the journal, logged again
-    assert len([record for record in caplog.records if record.levelno >= logging.ERROR]) == 2
-    assert await ledger.query() == [UsageTotals("b", "m", "c", 40, 400, 200, 600, 0)]
+    assert ledger.dropped_records == 80  # the database up: what the journal cannot take is kept in memory
+    assert await ledger.query() == [UsageTotals("b", "m", "c", 50, 500, 250, 750, 0)]
     await ledger.aclose()
+    assert requests_on_disk(path) == 50
+
+
+async def test_records_the_journal_cannot_take_are_kept_in_memory_with_the_database_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk under the journal dropped every record, billed to callers and lost, with the database up and able
+    to take them; and the log and Health said the journal had reached its bound, with no backlog. (/dev/full in place
+    of the journal's file: every write fails with ENOSPC.)"""
+    path = tmp_path / "usage.sqlite3"
+    ledger = UsageLedger(path)
+    for _ in range(10):
+        ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+    full = os.open("/dev/full", os.O_WRONLY)
+    assert ledger._active.fd is not None
+    os.dup2(full, ledger._active.fd)
+    os.close(full)
+
+    for _ in range(90):
+        ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+
+    assert ledger.dropped_records == 0
+    health = ledger.health()
+    assert "90 records in memory alone (the journal cannot be written (No space left on device))" in health.description
+    assert health.pending_records == 10  # in the journal
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "kept in memory until written" in errors[0]
+    # The database down meanwhile: the batch keeps its counts, which no file holds, until it is back.
+    monkeypatch.setattr(ledger._store, "apply", database_down)
+    with pytest.raises(LedgerUnavailableError):
+        await ledger.flush()
+    monkeypatch.undo()
+    await ledger.flush()
+    assert await ledger.query() == [UsageTotals("b", "m", "c", 100, 1000, 500, 1500, 0)]
+    await ledger.aclose()
+    assert requests_on_disk(path) == 100
+
+
+async def database_down(*_: object) -> NoReturn:
+    raise LedgerUnavailableError("SQLite: disk I/O error")
 
 
 async def test_a_journal_claimed_from_a_dead_process_costs_no_new_record_its_place(

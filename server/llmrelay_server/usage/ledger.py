@@ -12,7 +12,9 @@ When a write fails the batch stays on disk, and memory is let go: the counts of 
 files have them), and until a write succeeds records only go to the active file, which is not sealed meanwhile (one
 file per outage, not one per flush interval). The waiting batches are retried oldest first every flush interval;
 when the database is back they are read from their files and written, and the ledger is available again by itself.
-Past ``journal_max_bytes`` of files written by this process, new records are dropped: counted
+A record the journal cannot take (past ``journal_max_bytes`` of files written by this process, or a write that
+fails: a full disk) is kept in the batch's counts in memory while the database is up (lost only in a crash), and the
+batch keeps them through an outage that follows; with the database down too, it is dropped: counted
 (``dropped_records``) and logged once until the journal has room again. (The journals it claimed from processes that
 died count apart: they add nothing to the disk, and must not cost new records their place.)
 
@@ -180,6 +182,8 @@ class _Batch:
     """Bytes on disk."""
     orphan: Orphan | None = None
     """The dead process's journal this batch was claimed from."""
+    unjournaled: int = 0
+    """Of its records, those the journal could not take: in its counts alone, which it keeps through an outage."""
 
 
 class UsageLedger:
@@ -243,6 +247,11 @@ class UsageLedger:
         """On disk in the batches this process wrote and holds (those it claimed are not counted)."""
         self._unwritten = 0
         """Records not yet in the database."""
+        self._unjournaled = 0
+        """Of them, those in memory alone (the journal could not take them)."""
+        self._unjournaled_why = ""
+        self._unjournaling = False
+        """Since the journal last refused a record with the database up (logged once, until it takes one again)."""
         self._flushing = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -251,7 +260,8 @@ class UsageLedger:
         self.write_failures = 0
         """Writes that failed (their batches stay in the journal, retried)."""
         self.dropped_records = 0
-        """Records not kept: the journal was full (or could not be written)."""
+        """Records not kept: the journal was full (or could not be written) with the database down."""
+        self._dropped_why = ""
 
     def record(
         self,
@@ -291,8 +301,11 @@ class UsageLedger:
             if self._closed:
                 raise RuntimeError("the usage ledger is closed")
             batch = self._active
-            if batch.fd is not None and not self._append(batch, line):
-                return
+            if batch.fd is not None and (failure := self._append(batch, line)) is not None:
+                if batch.buckets is None:  # the database down as well: nowhere to keep it
+                    self._drop(failure)
+                    return
+                self._keep_unjournaled(batch, failure)
             batch.records += 1
             self._unwritten += 1
             if batch.buckets is not None:
@@ -303,7 +316,7 @@ class UsageLedger:
         return self._unwritten
 
     def health(self) -> StoreHealth:
-        journaled = self._unwritten if self._journal is not None else 0
+        journaled = self._unwritten - self._unjournaled if self._journal is not None else 0
         parts = []
         if self._unavailable is not None:
             since, error = self._unavailable
@@ -312,8 +325,10 @@ class UsageLedger:
             parts.append(self._store.description)
         if journaled and self._journal is not None:
             parts.append(f"{journaled} records wait in the journal {self._journal.directory}")
+        if self._unjournaled:
+            parts.append(f"{self._unjournaled} records in memory alone ({self._unjournaled_why})")
         if self.dropped_records:
-            parts.append(f"{self.dropped_records} records dropped, the journal full")
+            parts.append(f"{self.dropped_records} records dropped ({self._dropped_why})")
         return StoreHealth(
             role=StoreRole.USAGE_LEDGER,
             kind=self._store.kind,
@@ -359,6 +374,8 @@ class UsageLedger:
                 await self.flush()
             except LedgerUnavailableError as error:
                 where = f"in the journal {self._journal.directory}" if self._journal is not None else "lost"
+                if self._unjournaled and self._journal is not None:
+                    where += f", but for {self._unjournaled} that it could not take, lost"
                 _log.error("usage ledger: %d records not written at shutdown (%s): %s", self._unwritten, where, error)
         finally:
             self._close_journal()
@@ -544,6 +561,7 @@ class UsageLedger:
             if batch.orphan is None:
                 self._bytes -= batch.size
             self._unwritten -= batch.records
+            self._unjournaled -= batch.unjournaled
             if self._dropping and self._bytes < self._max_bytes:
                 self._dropping = False
                 _log.warning("usage ledger: the journal has room again; %d records dropped", self.dropped_records)
@@ -561,9 +579,10 @@ class UsageLedger:
         since = time.time() if self._unavailable is None else self._unavailable[0]
         self._unavailable = (since, str(error))
         if self._journal is not None:
-            with self._lock:  # let go of what the files hold
+            with self._lock:  # let go of what the files hold (all of it, or the counts are the batch's alone)
                 for batch in (*self._pending, self._active):
-                    batch.buckets = None
+                    if not batch.unjournaled:
+                        batch.buckets = None
 
     def _became_available(self) -> None:
         if self._unavailable is not None:
@@ -571,13 +590,12 @@ class UsageLedger:
             _log.warning("usage ledger available again after %.0f s: %s", time.time() - since, self._store.description)
             self._unavailable = None
 
-    def _append(self, batch: _Batch, line: bytes) -> bool:
-        """Under the lock: the line at the end of the active batch's file; False (the record dropped) if the journal is
-        full or the write failed."""
+    def _append(self, batch: _Batch, line: bytes) -> str | None:
+        """Under the lock: the line at the end of the active batch's file; None, or why the journal could not take it
+        (full, or the write failed)."""
         assert batch.fd is not None
         if self._bytes + len(line) > self._max_bytes:
-            self._drop(f"the journal holds its limit of {self._max_bytes} bytes")
-            return False
+            return f"the journal holds its limit of {self._max_bytes} bytes"
         try:
             written = os.write(batch.fd, line)
         except OSError as exc:
@@ -587,20 +605,32 @@ class UsageLedger:
         if written != len(line):
             with contextlib.suppress(OSError):  # a part of a line would spoil the next one
                 os.ftruncate(batch.fd, batch.size)
-            self._drop(f"the journal cannot be written ({reason})")
-            return False
+            return f"the journal cannot be written ({reason})"
         batch.size += written
         self._bytes += written
-        return True
+        if self._unjournaling:
+            self._unjournaling = False
+            _log.warning("usage ledger: the journal takes records again")
+        return None
+
+    def _keep_unjournaled(self, batch: _Batch, why: str) -> None:
+        """Under the lock: a record the journal could not take, kept in the batch's counts (the database is up)."""
+        batch.unjournaled += 1
+        self._unjournaled_why = why
+        self._unjournaled += 1
+        if not self._unjournaling:
+            self._unjournaling = True
+            _log.error("usage ledger: %s; records are kept in memory until written (a crash would lose them)", why)
 
     def _drop(self, why: str) -> None:
         self.dropped_records += 1
+        self._dropped_why = why
         if not self._dropping:
             self._dropping = True
             _log.error(
-                "usage ledger: dropping usage records (counted in dropped_records): %s, until the database %s",
+                "usage ledger: dropping usage records (counted in dropped_records): %s, and the database is down,"
+                " until it is back and takes the backlog",
                 why,
-                "is back and takes the backlog" if self._unavailable is not None else "has written the backlog",
             )
 
     def _close_journal(self) -> None:
