@@ -19,6 +19,7 @@ import bisect
 import contextlib
 import errno
 import functools
+import io
 import math
 import socket
 import threading
@@ -26,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
@@ -40,6 +41,9 @@ from llmrelay_server.domain import Attempt, AttemptOutcome, BackendSpec, StoreHe
 from llmrelay_server.metering import Meter, moves, open_meter, own_time_s
 from llmrelay_server.observing import GEN_AI_OPERATIONS, Observer, Start
 from llmrelay_server.pricing import undated
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 OTHER = "other"
 CALL_BUCKETS = (
@@ -530,14 +534,50 @@ class _CountedCall:
 
 
 METRICS_READ_TIMEOUT_S = 10.0
-"""How long a connection to /metrics may take to send its request: each holds a thread meanwhile."""
+"""How long a connection to /metrics may take to send its whole request (however it trickles it in), and then to take
+its answer: each holds a thread meanwhile."""
+METRICS_CONNECTIONS = 16
+"""How many connections /metrics serves at once, each in a thread of its own."""
+_BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+class _ReadBy(io.RawIOBase):
+    """A connection's reads, all before one deadline: a socket timeout is each read's, and a client that sends a byte
+    at a time within it would hold the connection for as long as it goes on."""
+
+    def __init__(self, connection: socket.socket, deadline: float) -> None:
+        self._connection, self._deadline = connection, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer, /) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request took too long")
+        self._connection.settimeout(left)
+        return self._connection.recv_into(buffer)
 
 
 class _MetricsRequestHandler(WSGIRequestHandler):
-    """prometheus-client's handler, with a timeout: its own has none, and a connection that never finishes its request
-    line holds a thread of the gateway's for ever (anyone who reaches the port could add threads without end)."""
+    """prometheus-client's handler, with a deadline: its own has none, and a connection that never finishes its
+    request holds a thread of the gateway's for ever (anyone who reaches the port could add threads without end)."""
 
     timeout = METRICS_READ_TIMEOUT_S
+    """For the whole request, from the connection's start; then again for the answer (each the socket's timeout)."""
+
+    server: _MetricsServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()
+        self.rfile = io.BufferedReader(_ReadBy(self.connection, time.monotonic() + self.timeout))
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        # Its request read: the connection can no longer make way for another (and has its own time to answer).
+        self.connection.settimeout(self.timeout)
+        return self.server.read(self.connection) and parsed
 
     def handle(self) -> None:
         # The connection closes: timed out, or reset by its client (a port scan, a TCP health check), for which
@@ -550,7 +590,56 @@ class _MetricsRequestHandler(WSGIRequestHandler):
 
 
 class _MetricsServer(ThreadingMixIn, WSGIServer):
+    """At most METRICS_CONNECTIONS connections at once, each in its own thread. Past that, a new one takes the place
+    of the oldest still sending its request (Prometheus sends its own at once: a scrape is answered while others
+    trickle theirs), or, where all are being answered, is refused with a 503, without a thread."""
+
     daemon_threads = True  # as prometheus-client's: a scrape in progress does not hold up the process's exit
+    request_queue_size = 128  # socketserver's 5 reset connections opened back to back
+    connections = METRICS_CONNECTIONS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lock = threading.Lock()
+        self._served: set[socket.socket] = set()
+        self._reading: dict[socket.socket, None] = {}
+        """The connections still sending their request, the oldest first."""
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            if len(self._served) >= self.connections and self._reading:
+                oldest = next(iter(self._reading))
+                del self._reading[oldest]
+                self._served.discard(oldest)
+                # Its thread's read ends at once, and the thread with it (which closes it, not before it leaves
+                # these sets: under this lock, so no other socket can have its number yet).
+                with contextlib.suppress(OSError):
+                    oldest.shutdown(socket.SHUT_RDWR)
+            admitted = len(self._served) < self.connections
+            if admitted:
+                self._served.add(request)
+                self._reading[request] = None
+        if admitted:
+            super().process_request(request, client_address)
+            return
+        with contextlib.suppress(OSError):
+            request.setblocking(False)  # never waits here, in the thread that accepts
+            request.send(_BUSY)
+        self.shutdown_request(request)
+
+    def read(self, request: socket.socket) -> bool:
+        """Marks `request` as read; False where it was let go meanwhile, to make way for another."""
+        with self._lock:
+            if request not in self._reading:
+                return False
+            del self._reading[request]
+            return True
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._lock:
+            self._served.discard(request)
+            self._reading.pop(request, None)
+        super().shutdown_request(request)
 
 
 def serve_metrics(listen: str, registry: CollectorRegistry) -> WSGIServer:
