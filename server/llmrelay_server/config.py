@@ -5,6 +5,7 @@ Validated once at start; a ConfigError names the field and the fix, and never sh
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import math
@@ -304,6 +305,7 @@ class _KeysFile:
 def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = None) -> GatewayConfig:
     """Reads the file (path, else $LLMRELAY_CONFIG, else none) and the environment into a validated config."""
     env = os.environ if env is None else env
+    _FROM_THE_ENVIRONMENT.set(())  # this load's files alone
     # An error names where its value came from: a variable set long ago is easy to forget.
     to_find_it = "check the --config path" if path else "check LLMRELAY_CONFIG"
     path = path or env.get("LLMRELAY_CONFIG") or None
@@ -332,18 +334,25 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     if server.metrics_listen is not None:
         _check_listen(server.metrics_listen, "server.metrics_listen")
     if server.log_format not in ("text", "json"):
-        raise ConfigError(f"server.log_format: {server.log_format!r} is not text or json")
+        raise ConfigError(f"server.log_format: {_shown(server.log_format, 'server.log_format')} is not text or json")
     if server.event_loop not in ("uvloop", "asyncio"):
-        raise ConfigError(f"server.event_loop: {server.event_loop!r} is not uvloop or asyncio")
+        raise ConfigError(
+            f"server.event_loop: {_shown(server.event_loop, 'server.event_loop')} is not uvloop or asyncio"
+        )
     _check_positive(server, "server", allow_zero=("drain_s",))
     _check_positive(section.router, "router")
     _check_positive(section.router.retry, "router.retry", allow_zero=("max_retries",))
     _check_positive(section.router.circuit, "router.circuit")
     # A circuit's cooldown and the retries' waits go back to callers as RetryInfo (a Duration, up to some 292 years
     # of nanoseconds): past that every call while the circuit is open failed INTERNAL. A day is past any sense.
-    for timers, where in ((section.router.circuit, "router.circuit"), (section.router.retry, "router.retry")):
+    # The server's too: a drain or grace period of 1e300 s (a figure meant in ms) held every stop up for ever.
+    for timers, where in (
+        (section.router.circuit, "router.circuit"),
+        (section.router.retry, "router.retry"),
+        (server, "server"),
+    ):
         for f in dataclasses.fields(timers):
-            if f.name.endswith("_s") and getattr(timers, f.name) > MAX_ROUTER_WAIT_S:
+            if f.name.endswith("_s") and (getattr(timers, f.name) or 0) > MAX_ROUTER_WAIT_S:
                 raise ConfigError(f"{where}.{f.name}: at most {MAX_ROUTER_WAIT_S:g} s (a day)")
     _check_positive(server.limits, "server.limits")
     if server.max_concurrent_rpcs is not None and server.max_concurrent_rpcs <= 0:
@@ -444,6 +453,24 @@ def _check_usage_db(usage_db: str, where: str) -> None:
         raise ConfigError(f"{where}: a % in the URL starts no %XX escape; write a % in the password as %25")
     if is_postgresql(usage_db):
         _check_authority(usage_db, where)
+        _check_postgresql_options(usage_db, where)
+
+
+_SSLMODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def _check_postgresql_options(url: str, where: str) -> None:
+    """What libpq would refuse at every try to connect, while the gateway served on with its ledger unavailable for
+    good: a port that is no number, an sslmode it does not know. (Neither message holds the URL.)"""
+    try:
+        port = urlsplit(url).port
+    except ValueError:  # not a number, or out of range
+        port = -1
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError(f"{where}: the URL's port is not a number from 0 to 65535")
+    for key, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+        if key == "sslmode" and value not in _SSLMODES:
+            raise ConfigError(f"{where}: sslmode={value!r} is none of {', '.join(_SSLMODES)}")
 
 
 def _check_authority(url: str, where: str) -> None:
@@ -471,7 +498,9 @@ def _check_authority(url: str, where: str) -> None:
 def _check_state(state: StateConfig, redis_where: str) -> None:
     """`redis_where`: the field that set the Redis URL, or the variable."""
     if state.on_unavailable not in ("allow", "deny"):
-        raise ConfigError(f"state.on_unavailable: {state.on_unavailable!r} is not allow or deny")
+        raise ConfigError(
+            f"state.on_unavailable: {_shown(state.on_unavailable, 'state.on_unavailable')} is not allow or deny"
+        )
     _check_positive(state, "state")
     if state.redis_url is None:
         return
@@ -554,7 +583,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 def check_key_name(name: str, where: str = "name") -> None:
     if not CALLER_NAME.fullmatch(name):
-        raise ConfigError(f"{where}: {name!r} must be 1-128 of letters, digits and ._:@/-")
+        raise ConfigError(f"{where}: {_shown(name, 'name')} must be 1-128 of letters, digits and ._:@/-")
 
 
 def _check_keys(keys: tuple[CallerKey, ...], where: str) -> None:
@@ -564,7 +593,9 @@ def _check_keys(keys: tuple[CallerKey, ...], where: str) -> None:
         at = f"{where}[{index}]"
         check_key_name(key.name, f"{at}.name")
         if key.name in names:
-            raise ConfigError(f"{at}.name: {key.name!r} is already the name of another key; names must be unique")
+            raise ConfigError(
+                f"{at}.name: {_shown(key.name, 'name')} is already the name of another key; names must be unique"
+            )
         names.add(key.name)
         if not _SHA256.fullmatch(key.sha256):
             raise ConfigError(
@@ -617,9 +648,9 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
     for index, extra in enumerate(llm.backends):
         where = f"llm.backends[{index}]"
         if extra.kind not in BACKEND_KINDS:
-            raise ConfigError(f"{where}.kind: {extra.kind!r} is not one of {', '.join(BACKEND_KINDS)}")
+            raise ConfigError(f"{where}.kind: {_shown(extra.kind, where)} is not one of {', '.join(BACKEND_KINDS)}")
         if extra.name in specs or not re.fullmatch(r"[a-z][a-z0-9_-]*", extra.name):
-            raise ConfigError(f"{where}.name: {extra.name!r} must be unique and match [a-z][a-z0-9_-]*")
+            raise ConfigError(f"{where}.name: {_shown(extra.name, where)} must be unique and match [a-z][a-z0-9_-]*")
         url_where = f"{where}.base_url"
         specs[extra.name] = _spec(
             extra.name, extra.kind, extra.base_url, extra.model, extra.api_key, extra, where, url_where
@@ -627,9 +658,13 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
     order = llm.order or tuple(specs)
     for index, name in enumerate(order):
         if name not in specs:
-            raise ConfigError(f"llm.order[{index}]: {name!r} is not a configured backend ({', '.join(specs)})")
+            raise ConfigError(
+                f"llm.order[{index}]: {_shown(name, 'llm.order')} is not a configured backend ({', '.join(specs)})"
+            )
         if name in order[:index]:
-            raise ConfigError(f"llm.order[{index}]: {name!r} is already in the order; name each backend once")
+            raise ConfigError(
+                f"llm.order[{index}]: {_shown(name, 'llm.order')} is already in the order; name each backend once"
+            )
     return tuple(specs[name] for name in order)
 
 
@@ -646,7 +681,9 @@ def _check_alias(alias: str, target: str, aliases: Mapping[str, str], backends: 
     if not slash or qualifier in backends:
         return
     if qualifier in BACKEND_KINDS:
-        raise ConfigError(f"llm.aliases.{alias}: points at backend {qualifier!r}, which is not configured")
+        raise ConfigError(
+            f"llm.aliases.{alias}: points at backend {_shown(qualifier, 'llm.aliases')}, which is not configured"
+        )
     # A model's own name may hold a slash (meta-llama/Llama-3-8B): only a near miss of a backend's name is refused.
     if near := difflib.get_close_matches(qualifier, backends, n=1, cutoff=0.75):
         raise ConfigError(
@@ -776,6 +813,11 @@ def ollama_base_url(host: str) -> str:
 
 # A default holds no "$": a nested ${...} in it is none of the two forms, and is refused, not kept as text.
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}$]*))?\}")
+_FROM_THE_ENVIRONMENT: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar(
+    "_FROM_THE_ENVIRONMENT", default=()
+)
+"""The values ${VAR} put in the files read (here, in this thread), each with its variable: a mistake names its field
+and the variable, never the value (a key in the wrong field's ${VAR}, say)."""
 
 
 _KEYS_FILE_HOLDS = " with `keys:`, the list of keys (`keys: []` to admit nobody)"
@@ -813,6 +855,10 @@ def _parse_yaml(text: str, env: Mapping[str, str], where: str, holds: str) -> Ma
         raise ConfigError(f"{where}: the top level must be a mapping{holds}")
     # After parsing, not before: a value from the environment (a key, say) is taken literally, whatever characters
     # it has, and can never show up in a YAML syntax error.
+    known = _FROM_THE_ENVIRONMENT.get()
+    names = {match.group(1) for match in _INTERPOLATION.finditer(text)}
+    used = {(env[name], name) for name in names if env.get(name)}
+    _FROM_THE_ENVIRONMENT.set(known + tuple(sorted(used - set(known))))
     try:
         interpolated: Mapping[str, Any] = _interpolate(document, env)
     except _UnreadPlaceholderError as exc:
@@ -996,6 +1042,11 @@ def _shown(value: Any, where: str) -> str:
     # (a URL written as a list item, say), is shown by its type alone.
     if isinstance(value, list | Mapping) or any(word in where.lower() for word in _MAY_HOLD_A_SECRET):
         return f"a {type(value).__name__}"
+    if isinstance(value, str):
+        for used, name in _FROM_THE_ENVIRONMENT.get():
+            # Within a value too (a URL built of ${HOST} and ${PASSWORD}), if long enough to be no word of its own.
+            if value == used or (len(used) >= 8 and used in value):
+                return f"the value of ${{{name}}} (not shown: it may be a secret)"
     return repr(value)
 
 

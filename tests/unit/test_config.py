@@ -808,7 +808,9 @@ def test_a_boolean_may_come_from_the_environment(tmp_path: Path, text: str, expe
 
 
 def test_a_boolean_from_the_environment_must_be_one(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"server.log_content: expected true or false, got 'maybe'"):
+    with pytest.raises(
+        ConfigError, match=r"server.log_content: expected true or false, got the value of \$\{LOG_CONTENT\} \(not shown"
+    ):
         load(tmp_path, "server: {log_content: '${LOG_CONTENT}'}\n", {"LOG_CONTENT": "maybe"})
 
 
@@ -1002,3 +1004,49 @@ def test_a_price_no_cost_could_be_kept_at_is_refused(tmp_path: Path, yaml_text: 
 def test_the_dearest_price_taken_is_a_dollar_a_token(tmp_path: Path) -> None:
     loaded = load(tmp_path, 'pricing: {"o1-pro": {prompt: 1000000, completion: 1000000}}\n')
     assert loaded.pricing["o1-pro"] == config.Price(prompt=1_000_000, completion=1_000_000)
+
+
+SECRET = "sk-LIVE-0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    "yaml_text",
+    [
+        "server: {workers: '${OPENAI_API_KEY}'}\n",
+        "server: {drain_s: '${OPENAI_API_KEY}'}\n",
+        "server: {log_format: '${OPENAI_API_KEY}'}\n",
+        "server: {event_loop: '${OPENAI_API_KEY}'}\n",
+        "state: {on_unavailable: '${OPENAI_API_KEY}'}\n",
+        "router: {retry: {max_retries: 'x${OPENAI_API_KEY}'}}\n",
+        "llm: {backends: [{name: '${OPENAI_API_KEY}', kind: vllm, base_url: 'http://h/v1', model: m}]}\n",
+        "llm: {backends: [{name: b, kind: '${OPENAI_API_KEY}', base_url: 'http://h/v1', model: m}]}\n",
+        "llm: {order: ['${OPENAI_API_KEY}']}\n",
+    ],
+)
+def test_a_secret_in_the_wrong_fields_variable_is_named_not_shown(tmp_path: Path, yaml_text: str) -> None:
+    # A ${VAR} in the wrong field put its value, a key, in the error that stopped the start (the log, a terminal).
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, yaml_text, {"OPENAI_API_KEY": SECRET})
+    assert SECRET not in str(caught.value) and "${OPENAI_API_KEY}" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("usage_db", "says"),
+    [
+        ("postgresql://u:pw@127.0.0.1:abc/db", "port is not a number"),
+        ("postgresql://u:pw@127.0.0.1:99999/db", "port is not a number"),
+        ("postgresql://u:pw@127.0.0.1:5432/db?sslmode=wrong", "sslmode='wrong' is none of"),
+    ],
+)
+def test_a_postgresql_url_libpq_would_refuse_stops_the_start(tmp_path: Path, usage_db: str, says: str) -> None:
+    # The gateway served on, its ledger unavailable for good, the records piling up in a journal.
+    with pytest.raises(ConfigError, match=f"^LLMRELAY_USAGE_DB: the URL's {says}|^LLMRELAY_USAGE_DB: {says}") as caught:
+        load(tmp_path, None, {"LLMRELAY_USAGE_DB": usage_db})
+    assert "pw" not in str(caught.value)
+
+
+@pytest.mark.parametrize("field", ["drain_s", "grace_period_s", "health_interval_s", "max_connection_age_s"])
+def test_the_servers_waits_are_at_most_a_day(tmp_path: Path, field: str) -> None:
+    # A drain of 1e300 s (a figure meant in ms, say) held every stop up for ever.
+    with pytest.raises(ConfigError, match=f"server.{field}: at most 86400 s"):
+        load(tmp_path, f"server: {{{field}: 1e300}}\n")
