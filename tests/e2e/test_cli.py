@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import http.server
 import os
 import re
 import signal
+import threading
 from asyncio.subprocess import PIPE
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -176,12 +179,78 @@ def test_an_empty_target_is_a_mistake_in_the_options(capsys: pytest.CaptureFixtu
     )
 
 
-@pytest.mark.parametrize("interval", ["-1", "0", "nan", "inf", "soon"])
-def test_stats_takes_a_positive_interval(interval: str, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("interval", ["-1", "0", "0.05", "nan", "inf", "soon", "86401", "1e300"])
+def test_stats_takes_an_interval_from_a_tenth_of_a_second_to_a_day(
+    interval: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as caught:
         main(["stats", "--metrics", "http://127.0.0.1:9/metrics", "--interval", interval])
     assert caught.value.code == 2
-    assert capsys.readouterr().err.endswith(f"argument --interval: '{interval}' is not a number of seconds above 0\n")
+    said = capsys.readouterr().err
+    assert said.endswith(f"argument --interval: '{interval}' is not a number of seconds from 0.1 to 86400\n"), said
+
+
+@pytest.fixture
+def metrics_page() -> Iterator[str]:
+    """The URL of a /metrics page with a sample of the gateway's: enough for `llmrelay stats` to go on to sample."""
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"llmrelay_store_available 1\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+async def test_stats_past_a_day_between_samples_is_a_mistake_in_the_options(metrics_page: str) -> None:
+    # 1e300 was taken, and after the first scrape time.sleep ended the command in a traceback (OverflowError).
+    status, out, err = await llmrelay("stats", "--metrics", metrics_page, "--interval", "1e300")
+    assert (status, out) == (2, ""), err
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1] == (
+        "llmrelay stats: error: argument --interval: '1e300' is not a number of seconds from 0.1 to 86400"
+    ), err
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # A / in the password: the mask stopped at it, and the URL was shown whole.
+        ("http://admin:S3/CR3T@127.0.0.1:9/metrics", "http://admin:***@127.0.0.1:9/metrics"),
+        # An @ in the password: the mask stopped at the first, and showed the rest of the password.
+        ("http://admin:S3@CR3T@127.0.0.1:9/metrics", "http://admin:***@127.0.0.1:9/metrics"),
+        ("http://admin:S3@C/R3T@127.0.0.1:9/metrics", "http://admin:***@127.0.0.1:9/metrics"),
+        # No telling where the user ends (all of the userinfo masked), or where the password does (not shown at all).
+        ("http://admin@S3:CR3T@127.0.0.1:9/metrics", "http://***@127.0.0.1:9/metrics"),
+        ("http://admin:S3?CR3T@127.0.0.1:9/metrics", "the --metrics URL"),
+        ("http://admin:S3#CR3T@127.0.0.1:9/metrics", "the --metrics URL"),
+        ("admin:S3CR3T@127.0.0.1:9/metrics", "the --metrics URL"),
+        ("http://admin:S3/CR3T@[::1/metrics", "http://admin:***@[::1/metrics"),
+    ],
+    ids=["slash", "at", "at-and-slash", "at-in-user", "question-mark", "hash", "no-scheme", "slash-no-url"],
+)
+async def test_stats_never_shows_any_of_the_password(url: str, shown: str) -> None:
+    status, out, err = await llmrelay("stats", "--once", "--metrics", url)
+    assert (status, out) == (1, ""), err
+    assert "Traceback" not in err, err
+    (line,) = err.splitlines()
+    assert line.startswith("llmrelay: ") and shown in line, line
+    for piece in ("S3", "CR3T", "C/R", "R3T"):
+        assert piece not in err, err
 
 
 @pytest.mark.parametrize(
@@ -209,7 +278,11 @@ async def test_a_timeout_no_call_could_meet_is_a_mistake_in_the_options(gateway:
     # Each of these once reached the gateway as a deadline already past: DEADLINE_EXCEEDED and status 1, as if the
     # gateway had been too slow.
     above_0 = "is not a number of seconds above 0"
-    for timeout, why in (*((t, above_0) for t in ("0", "-1", "nan", "inf", "soon")), ("1e10", "is more seconds")):
+    for timeout, why in (
+        *((t, above_0) for t in ("0", "-1", "nan", "inf", "soon")),
+        ("1e10", "is more seconds"),
+        ("1e300", "is more seconds"),
+    ):
         status, out, err = await llmrelay("--target", target, "--timeout", timeout, "health")
         assert (status, out) == (2, ""), err
         assert f"argument --timeout: '{timeout}' {why}" in err, err

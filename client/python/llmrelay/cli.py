@@ -148,13 +148,31 @@ def _read(option: str, path: Path | None) -> bytes | None:
 
 
 def _seconds(text: str) -> float:
-    """A positive, finite number of seconds (argparse's type for --interval; --timeout's bounds it too)."""
+    """A positive, finite number of seconds (--timeout's type bounds it too)."""
     try:
         seconds = float(text)
     except ValueError:
         seconds = math.nan
     if not (math.isfinite(seconds) and seconds > 0):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return seconds
+
+
+MIN_INTERVAL_S: Final = 0.1
+MAX_INTERVAL_S: Final = 86400.0
+"""--interval's bounds: past a day, time.sleep cannot take every number (1e300 ended in OverflowError)."""
+
+
+def _interval(text: str) -> float:
+    """Seconds between samples (argparse's type for `stats --interval`), from MIN_INTERVAL_S to MAX_INTERVAL_S."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not MIN_INTERVAL_S <= seconds <= MAX_INTERVAL_S:  # nan fails both
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds from {MIN_INTERVAL_S:g} to {MAX_INTERVAL_S:g}"
+        )
     return seconds
 
 
@@ -325,7 +343,12 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("LLMRELAY_METRICS") or DEFAULT_METRICS,
         help=f"the gateway's /metrics URL (its server.metrics_listen; env LLMRELAY_METRICS; default {DEFAULT_METRICS})",
     )
-    stats.add_argument("--interval", type=_seconds, default=2.0, help="seconds between samples (default 2)")
+    stats.add_argument(
+        "--interval",
+        type=_interval,
+        default=2.0,
+        help=f"seconds between samples, {MIN_INTERVAL_S:g} to {MAX_INTERVAL_S:g} (default 2)",
+    )
     stats.add_argument("--once", action="store_true", help="print the totals since the gateway started, and exit")
     stats.set_defaults(run=_stats)
     return parser
@@ -482,23 +505,60 @@ _GATEWAY_METRICS = ("llmrelay_", "grpc_server_")
 """The prefixes of the gateway's metrics: a scrape has some from its start (llmrelay_store_available, ...)."""
 
 
+_UNSHOWN_URL: Final = "the --metrics URL"
+_URL_CUTS = re.compile(r"[:/?#@\[\]]")
+"""Where urllib may cut a URL's text, and its errors quote a piece of it."""
+
+
+def _masked(url: str) -> tuple[str, list[str]]:
+    """`url` as a message may show it, and the secret pieces no message may hold. The userinfo is all up to the last @
+    before any ? or # (a password may hold a / or an @): its password is shown as ***, or the whole userinfo where its
+    user cannot be told apart. Where no split is sure to hide the password (an @ past a ? or #, no scheme), the URL is
+    not shown at all."""
+    if "@" not in url:
+        return url, []
+    scheme, sep, rest = url.partition("://")
+    end = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    at = rest.rfind("@", 0, end)
+    if not sep or at < 0 or "@" in rest[end:]:
+        secret = rest[: rest.rfind("@")] if sep and "@" in rest else url[: url.rfind("@")]
+        return _UNSHOWN_URL, [secret, *filter(None, _URL_CUTS.split(secret))]
+    userinfo, after = rest[:at], rest[at:]
+    user, colon, password = userinfo.partition(":")
+    if not colon and not _URL_CUTS.search(user):
+        return url, []  # a user and no password
+    if _URL_CUTS.search(user):  # http://a@b:c@host, http://a/b@host: no telling where the user ends
+        user, password = "", userinfo
+    shown = f"{scheme}://{user}{':' if user else ''}***{after}"
+    return shown, [password, *filter(None, _URL_CUTS.split(password))]
+
+
+def _said(text: str, url: str, shown: str, secrets: list[str]) -> str | None:
+    """An error's text with `url` as shown, or None where it still holds a piece of the password."""
+    text = text.replace(url, shown)
+    return None if any(secret in text for secret in secrets) else text
+
+
 def scrape(url: str) -> Samples:
     """The samples of one scrape of a /metrics endpoint."""
     # Never shown with a password in it (http://user:PASSWORD@host), which a terminal's scrollback or a CI log keeps.
-    shown = re.sub(r"(?<=://)([^/@]*?):[^/@]*@", r"\1:***@", url)
+    shown, secrets = _masked(url)
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
             body = response.read()
     except (urllib.error.URLError, OSError) as exc:
-        reason = str(getattr(exc, "reason", exc)).replace(url, shown)
+        reason = _said(str(getattr(exc, "reason", exc)), url, shown, secrets) or type(exc).__name__
         sys.exit(f"llmrelay: cannot read {shown}: {reason} (is the gateway's server.metrics_listen set?)")
     except http.client.HTTPException as exc:  # something other than HTTP/1 answered: the gateway's gRPC port, say
         sys.exit(
             f"llmrelay: {shown} did not answer in HTTP ({type(exc).__name__}): is it the gateway's metrics_listen?"
         )
     except ValueError as exc:  # no URL urllib can open ("", "http://[::1"): its error names no option
-        said = str(exc).replace(url, shown)
-        sys.exit(f"llmrelay: --metrics (or LLMRELAY_METRICS) {shown!r} is not a URL ({said}); e.g. {DEFAULT_METRICS}")
+        said = _said(str(exc), url, shown, secrets) or type(exc).__name__
+        named = (
+            f"--metrics (or LLMRELAY_METRICS) {shown!r}" if shown != _UNSHOWN_URL else f"{shown} (or LLMRELAY_METRICS)"
+        )
+        sys.exit(f"llmrelay: {named} is not a URL ({said}); e.g. {DEFAULT_METRICS}")
     try:
         samples = parse_metrics(body.decode())
     except ValueError:  # not UTF-8, or a line that is no sample: another HTTP server's page, say
