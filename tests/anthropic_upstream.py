@@ -413,7 +413,8 @@ def _broken_rule(body: dict[str, Any]) -> str | None:
     final = body["messages"][-1] if body.get("messages") else {}
     if final.get("role") == "assistant":
         content = final.get("content")
-        text = content if isinstance(content, str) else next(iter(listed(content)[-1:]), {}).get("text")
+        last: Any = listed(content)[-1] if listed(content) else {}
+        text = content if isinstance(content, str) else last.get("text") if isinstance(last, dict) else None
         if isinstance(text, str) and text != text.rstrip():
             return "messages: final assistant content cannot end with trailing whitespace"
     thinking = body.get("thinking")
