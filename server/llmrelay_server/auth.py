@@ -342,8 +342,13 @@ def _refusing(handler: Handler, why: str) -> Handler:
         await refuse(request, context)
         yield  # an async generator, as gRPC expects of a streaming handler
 
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            refuse_stream, handler.request_deserializer, handler.response_serializer
-        )
-    return grpc.unary_unary_rpc_method_handler(refuse, handler.request_deserializer, handler.response_serializer)
+    # Of the handler's kind, which the observers count it as (a refused reflection call is a bidi_stream); where
+    # requests stream, `request` is their stream, left unread.
+    decode, encode = handler.request_deserializer, handler.response_serializer
+    if handler.request_streaming:
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(refuse_stream, decode, encode)
+        return grpc.stream_unary_rpc_method_handler(refuse, decode, encode)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream, decode, encode)
+    return grpc.unary_unary_rpc_method_handler(refuse, decode, encode)

@@ -32,7 +32,7 @@ from llmrelay_server.decoding import invocation_metadata
 from llmrelay_server.domain import LLMRelayError
 from llmrelay_server.logs import call_lines_writer
 from llmrelay_server.metering import Meter, open_meter, own_time_s, served_by
-from llmrelay_server.observing import Context, Observer, Start
+from llmrelay_server.observing import Context, Kind, Observer, Start
 
 log = logging.getLogger("llmrelay_server.calls")
 
@@ -66,7 +66,7 @@ class CallLogObserver(Observer):
         self._log_content = log_content
         self._writer = call_lines_writer()
 
-    def observe(self, method: str, streaming: bool) -> Start:
+    def observe(self, method: str, kind: Kind) -> Start:
         rpc = method[1:]
         return lambda request, context: _LoggedCall(self, rpc, request, context)
 

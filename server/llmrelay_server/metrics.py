@@ -39,7 +39,7 @@ from prometheus_client.utils import floatToGoString
 from llmrelay_server.decoding import STREAM_COMPLETE
 from llmrelay_server.domain import Attempt, AttemptOutcome, BackendSpec, StoreHealth, TokenUsage
 from llmrelay_server.metering import Meter, moves, open_meter, own_time_s
-from llmrelay_server.observing import GEN_AI_OPERATIONS, Observer, Start
+from llmrelay_server.observing import GEN_AI_OPERATIONS, Kind, Observer, Requests, Start
 from llmrelay_server.pricing import undated
 
 if TYPE_CHECKING:
@@ -463,8 +463,10 @@ class MetricsObserver(Observer):
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
 
-    def observe(self, method: str, streaming: bool) -> Start:
-        counted = _Method(self._metrics, method, streaming)
+    def observe(self, method: str, kind: Kind) -> Start:
+        counted = _Method(self._metrics, method, kind)
+        if kind in (Kind.CLIENT_STREAM, Kind.BIDI_STREAM):
+            return lambda requests, context: _CountedRequests(counted, requests)
         return lambda request, context: _CountedCall(counted, request)
 
 
@@ -484,9 +486,9 @@ class _Method:
         "started",
     )
 
-    def __init__(self, metrics: Metrics, method: str, streaming: bool) -> None:
+    def __init__(self, metrics: Metrics, method: str, kind: Kind) -> None:
         service, _, name = method[1:].rpartition("/")
-        self.metrics, self.labels = metrics, ("server_stream" if streaming else "unary", service, name)
+        self.metrics, self.labels = metrics, (kind.value, service, name)
         self.operation = GEN_AI_OPERATIONS.get(method, "chat")
         # llmrelay_open_streams counts answers streamed: not the health service's watches.
         self.completion_stream = method == STREAM_COMPLETE
@@ -531,6 +533,23 @@ class _CountedCall:
         if self._meter.attempts:  # a model call that reached the router
             model = self._request.model if self._request.HasField("model") else None
             method.metrics.observe_call(method.overhead(), self._meter, elapsed, model, method.operation)
+
+
+class _CountedRequests(_CountedCall):
+    """A call that streams requests: they are counted at its end, as many as its handler read."""
+
+    __slots__ = ()
+
+    def __init__(self, method: _Method, requests: Requests) -> None:
+        self._started = time.perf_counter()
+        self._method, self._request = method, requests
+        method.started.inc()
+        self._meter = open_meter()
+
+    def end(self, code: grpc.StatusCode, messages: int) -> None:
+        if received := self._request.received:
+            self._method.received.inc(received)
+        super().end(code, messages)
 
 
 METRICS_READ_TIMEOUT_S = 10.0

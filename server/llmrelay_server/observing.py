@@ -1,9 +1,10 @@
 """One interceptor for whatever watches whole calls (metrics, the call log, traces): the `Observer`s.
 
-An `Observer` says what to do when a call of a method starts (`observe`, which returns how to start watching one),
-and the call's observer hears the status the call ended with and how many messages it sent, and, if it asks to, each
-message as it goes; for unary and server-streaming calls alike, including streams written with `context.write`
-(grpc.health.v1's Watch), whose messages pass by unseen.
+An `Observer` says what to do when a call of a method of a given `Kind` starts (`observe`, which returns how to start
+watching one), and the call's observer hears the status the call ended with and how many messages it sent, and, if it
+asks to, each message as it goes; for every kind of call alike, including streams written with `context.write`
+(grpc.health.v1's Watch), whose messages pass by unseen. A call that streams requests (server reflection's) is started
+with its `Requests`, which count them as its handler reads them, rather than with a request.
 The interceptor wraps a method's handler once for all of them, and once for all its calls: the handlers that reach it
 are the same objects call after call (the service's own; the limits' and auth's wrappings of them, each made once), so
 a call pays a lookup rather than a new handler, closures and a question to every observer.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import enum
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -32,6 +34,44 @@ GEN_AI_OPERATIONS: Final[Mapping[str, str]] = {COMPLETE: "chat", STREAM_COMPLETE
 """The model calls by method path, with their GenAI operation (gen_ai.operation.name) for metrics and traces."""
 
 
+class Kind(enum.StrEnum):
+    """What streams in a call of a method, as go-grpc-prometheus names it (its grpc_type label)."""
+
+    UNARY = "unary"
+    SERVER_STREAM = "server_stream"
+    """Answers stream."""
+    CLIENT_STREAM = "client_stream"
+    """Requests stream."""
+    BIDI_STREAM = "bidi_stream"
+    """Requests and answers stream."""
+
+
+def kind_of(handler: Handler) -> Kind:
+    """The kind of the calls `handler` serves."""
+    if handler.request_streaming:
+        return Kind.BIDI_STREAM if handler.response_streaming else Kind.CLIENT_STREAM
+    return Kind.SERVER_STREAM if handler.response_streaming else Kind.UNARY
+
+
+class Requests:
+    """The requests of a call that streams them, counted as its handler reads them: what the call's observers are
+    started with, in place of a request. Requests read with `context.read()` instead pass by uncounted."""
+
+    __slots__ = ("_requests", "received")
+
+    def __init__(self, requests: AsyncIterator[Any]) -> None:
+        self._requests = requests  # gRPC's: it makes what reads them at the first read (a refusal makes none)
+        self.received = 0
+
+    def __aiter__(self) -> Requests:
+        return self
+
+    async def __anext__(self) -> Any:
+        request = await anext(self._requests)
+        self.received += 1
+        return request
+
+
 class CallObserver(Protocol):
     @property
     def sent(self) -> Callable[[Any], None] | None:
@@ -43,8 +83,8 @@ class CallObserver(Protocol):
 
 
 Start = Callable[[Any, Context], CallObserver]
-"""Starts observing one call: its request and context (its metadata: `decoding.invocation_metadata(context)`) -> its
-observer."""
+"""Starts observing one call: its request (its `Requests`, for a call that streams them) and context (its metadata:
+`decoding.invocation_metadata(context)`) -> its observer."""
 
 MAX_WRAPPED_HANDLERS: Final = 256
 """Handlers wrapped once and kept; past this many (which no gateway of ours reaches: a few per method), a handler is
@@ -53,9 +93,9 @@ wrapped for its call alone."""
 
 class Observer(abc.ABC):
     @abc.abstractmethod
-    def observe(self, method: str, streaming: bool) -> Start | None:
-        """How to observe the calls of this method ("/package.Service/Method"); None leaves them alone. Asked once
-        per method and kind of handler, not per call."""
+    def observe(self, method: str, kind: Kind) -> Start | None:
+        """How to observe the calls of this method ("/package.Service/Method"), of this kind; None leaves them alone.
+        Asked once per method and kind of handler, not per call."""
 
 
 class ObservingInterceptor(grpc.aio.ServerInterceptor):
@@ -80,21 +120,20 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap(self, handler: Handler, method: str) -> Handler:
-        streaming = handler.unary_stream is not None
-        starts = tuple(start for observer in self._observers if (start := observer.observe(method, streaming)))
+        kind = kind_of(handler)  # first: the observers are told it
+        starts = tuple(start for observer in self._observers if (start := observer.observe(method, kind)))
         if not starts:
             return handler
-        if streaming:
-            behavior = handler.unary_stream
-            wrapped = _stream(behavior, starts) if inspect.isasyncgenfunction(behavior) else _unary(behavior, starts)
-            return grpc.unary_stream_rpc_method_handler(
-                wrapped, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _unary(handler.unary_unary, starts), handler.request_deserializer, handler.response_serializer
-            )
-        return handler  # no RPC of ours streams requests
+        decode, encode = handler.request_deserializer, handler.response_serializer
+        if kind is Kind.UNARY:
+            return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary, starts), decode, encode)
+        if kind is Kind.CLIENT_STREAM:
+            return grpc.stream_unary_rpc_method_handler(_reading(_unary(handler.stream_unary, starts)), decode, encode)
+        behavior = handler.unary_stream if kind is Kind.SERVER_STREAM else handler.stream_stream
+        wrapped = _stream(behavior, starts) if inspect.isasyncgenfunction(behavior) else _unary(behavior, starts)
+        if kind is Kind.SERVER_STREAM:
+            return grpc.unary_stream_rpc_method_handler(wrapped, decode, encode)
+        return grpc.stream_stream_rpc_method_handler(_reading(wrapped), decode, encode)
 
 
 def _unary(behavior: Any, starts: tuple[Start, ...]) -> Any:
@@ -140,6 +179,25 @@ def _stream(behavior: Any, starts: tuple[Start, ...]) -> Any:
             _end(calls, code, messages)
 
     return observed
+
+
+def _reading(observed: Any) -> Any:
+    """`observed` (`_unary`'s or `_stream`'s) for a handler that reads a stream of requests: it, and the observers,
+    are given them as `Requests`."""
+    if not inspect.isasyncgenfunction(observed):
+
+        async def reading(requests: AsyncIterator[Any], context: Context) -> Any:
+            return await observed(Requests(requests), context)
+
+        return reading
+
+    async def reading_stream(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+        # Closed (the caller gone mid-write), it closes `observed`, which then ends the call as `_stream` says.
+        async with contextlib.aclosing(observed(Requests(requests), context)) as answers:
+            async for answer in answers:
+                yield answer
+
+    return reading_stream
 
 
 def _start(starts: tuple[Start, ...], request: Any, context: Context, calls: list[CallObserver]) -> None:

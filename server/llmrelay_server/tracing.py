@@ -45,7 +45,7 @@ from llmrelay_server.convert import MAX_MODEL_NAME
 from llmrelay_server.decoding import decoded, invocation_metadata
 from llmrelay_server.domain import Attempt, AttemptOutcome, BackendSpec, without_quotes
 from llmrelay_server.metering import Billed, Meter, moves, open_meter, served_by
-from llmrelay_server.observing import GEN_AI_OPERATIONS, Observer, Start
+from llmrelay_server.observing import GEN_AI_OPERATIONS, Kind, Observer, Start
 
 # A cancelled attempt is no error of the backend's (the caller left), as a CANCELLED RPC is none of the server's.
 _FAILURES = frozenset(AttemptOutcome) - {AttemptOutcome.SUCCEEDED, AttemptOutcome.SKIPPED, AttemptOutcome.CANCELLED}
@@ -326,8 +326,8 @@ class TracingObserver(Observer):
         self._kinds = {spec.name: spec.kind for spec in backends}
         self._log_content = log_content
 
-    def observe(self, method: str, streaming: bool) -> Start:
-        name = method[1:]
+    def observe(self, method: str, kind: Kind) -> Start:
+        name, streaming = method[1:], kind in (Kind.SERVER_STREAM, Kind.BIDI_STREAM)
         return lambda request, context: _Call(self, name, invocation_metadata(context), request, streaming)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
-from llmrelay_server.observing import Context, Observer, ObservingInterceptor, Start
+from llmrelay_server.observing import Context, Kind, Observer, ObservingInterceptor, Start
 
 
 class _Recorder(Observer):
@@ -18,12 +18,12 @@ class _Recorder(Observer):
         self._name, self._heard, self._fail_at_end = name, heard, fail_at_end
         self._each_message = each_message
 
-    def observe(self, method: str, streaming: bool) -> Start:
+    def observe(self, method: str, kind: Kind) -> Start:
         return lambda request, context: _Heard(self._name, self._heard, self._fail_at_end, self._each_message)
 
 
 class _FailingToStart(Observer):
-    def observe(self, method: str, streaming: bool) -> Start:
+    def observe(self, method: str, kind: Kind) -> Start:
         def start(request: Any, context: Context) -> _Heard:
             raise RuntimeError("an observer's own bug")
 
