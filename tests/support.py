@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import http.server
 import signal
 import struct as binary
+import threading
 import tracemalloc
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
@@ -142,6 +144,29 @@ async def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> No
     async with asyncio.timeout(timeout_s):
         while not condition():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
+
+
+@contextlib.contextmanager
+def page_served(body: bytes) -> Iterator[str]:
+    """The URL of an HTTP page on loopback that answers every GET with `body` (a /metrics page, or another server's
+    page mistaken for one), served from a thread until the block ends."""
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # the test's output is for its failures
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
+        finally:
+            server.shutdown()
 
 
 async def served_by_openai(stub: pb.LLMServiceAsyncStub, upstream: FakeUpstream) -> None:

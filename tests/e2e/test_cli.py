@@ -6,11 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import http.server
 import os
 import re
 import signal
-import threading
 from asyncio.subprocess import PIPE
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -22,7 +20,7 @@ from harness import BIN
 from llmrelay import cli
 from llmrelay.cli import KEY_ENV, main
 from llmrelay_server.app import Gateway
-from support import GatewayFactory, two_backends
+from support import GatewayFactory, page_served, two_backends
 from upstream import FakeUpstream
 
 KEY = "llmr-cli-0123456789abcdefghijklmnop"
@@ -193,27 +191,8 @@ def test_stats_takes_an_interval_from_a_tenth_of_a_second_to_a_day(
 @pytest.fixture
 def metrics_page() -> Iterator[str]:
     """The URL of a /metrics page with a sample of the gateway's: enough for `llmrelay stats` to go on to sample."""
-
-    class Page(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b"llmrelay_store_available 1\n"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with page_served(b"llmrelay_store_available 1\n") as url:
+        yield url
 
 
 async def test_stats_past_a_day_between_samples_is_a_mistake_in_the_options(metrics_page: str) -> None:

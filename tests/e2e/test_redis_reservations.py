@@ -28,7 +28,7 @@ from llmrelay_server.domain import LimitExceededError, LimitKind
 from llmrelay_server.limits import Ask
 from llmrelay_server.limits.redis import KEY_PREFIX, RECORD_PREFIX, RedisLimiter
 from redis_server import RedisServer
-from support import GatewayFactory, chat, details, stream_chat, two_backends
+from support import GatewayFactory, chat, details, stream_chat, two_backends, wait_until
 from upstream import FakeUpstream
 
 SUBJECT = "key:research"
@@ -192,14 +192,6 @@ async def counting(redis_server: RedisServer, expected: Counts, within_s: float 
         await asyncio.sleep(0.02)
 
 
-async def until(condition: Callable[[], bool], within_s: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    began = loop.time()
-    while not condition():
-        assert loop.time() - began < within_s, f"not within {within_s} s"
-        await asyncio.sleep(0.02)
-
-
 def ask(tokens: int, usd: int, *, stream: bool = False) -> Ask:
     limits = Limits(requests_per_minute=5, tokens_per_minute=1000, concurrent_streams=5, budget_usd_per_day=1)
     return Ask(SUBJECT, limits, tokens, usd, stream)
@@ -228,7 +220,7 @@ async def test_an_undo_after_the_late_reservation_takes_back_exactly_what_it_cou
     await proxy.release()  # the held reservation reaches Redis; the probe's new connections stay held
     assert await counted(redis_server) == Counts(requests=2, tokens=17, spend=170, streams=2), "counted late"
     proxy.admit()
-    await until(lambda: limiter.available)
+    await wait_until(lambda: limiter.available)
     assert await counted(redis_server) == Counts(requests=1, tokens=10, spend=100, streams=1), "and taken back"
     assert sorted(await records(redis_server)) == sorted([str(kept.holds[0].second), "undone"])
     await limiter.settle(kept, tokens=4, usd_micros=40)
@@ -243,7 +235,7 @@ async def test_an_undo_before_the_late_reservation_makes_it_count_nothing(
     given_up = await limiter.reserve([ask(7, 70, stream=True)])
     assert not given_up.holds and not limiter.available
     proxy.admit()  # the probe's new connections reach Redis, and the undo with them, before the reservation does
-    await until(lambda: limiter.available)  # which it is only once the undo has been sent
+    await wait_until(lambda: limiter.available)  # which it is only once the undo has been sent
     await proxy.release()
     assert await counted(redis_server) == Counts(requests=1, tokens=10, spend=100, streams=1), "it counted nothing"
     assert "undone" in await records(redis_server)
@@ -274,7 +266,7 @@ async def test_spend_that_lapsed_before_its_undo_or_settle_is_taken_back_once(
         await other.reserve([ask(1, 1)])  # finds both leases lapsed, and takes their spend back
         assert await counted(redis_server) == Counts(requests=3, tokens=18, spend=1)
         proxy.admit()
-        await until(lambda: limiter.available)  # the undo has been sent
+        await wait_until(lambda: limiter.available)  # the undo has been sent
         assert await counted(redis_server) == Counts(requests=2, tokens=11, spend=1), "its 70 not taken back again"
         await limiter.settle(kept, tokens=4, usd_micros=40)
         assert await counted(redis_server) == Counts(requests=2, tokens=5, spend=41), "what it was billed, added"
@@ -301,7 +293,7 @@ async def test_an_undo_after_the_reservations_record_expired_gives_back_the_spen
     finally:
         await client.aclose()
     proxy.admit()
-    await until(lambda: limiter.available)  # the undo has been sent
+    await wait_until(lambda: limiter.available)  # the undo has been sent
     assert (await counted(redis_server)).spend == 100
 
 
@@ -378,7 +370,7 @@ async def test_a_reservation_redis_runs_after_the_gateway_gave_up_is_taken_back(
     assert uncounted.backend == "openai" and loop.time() - began >= SHORT_TIMEOUT_S, "admitted once it gave up"
     assert not available(gateway)
     redis_server.resume()  # Redis runs the reservation now, then answers the gateway's probe
-    await until(lambda: available(gateway))
+    await wait_until(lambda: available(gateway))
     assert await counted(redis_server) == billed(first), "the late reservation counts nothing"
     assert "undone" in await records(redis_server)
     # Exactly the rest of the minute is admitted: the call Redis counted late takes no one's place.
@@ -394,7 +386,7 @@ async def test_a_reservation_that_reaches_redis_after_its_undo_counts_nothing(
     assert (await stub.Complete(REQUEST, metadata=AUTHORIZED, timeout=10)).backend == "openai"
     assert not available(gateway)
     proxy.admit()  # the probe, and the undo after it, reach Redis on new connections
-    await until(lambda: available(gateway))  # which it is only once the undo has been sent
+    await wait_until(lambda: available(gateway))  # which it is only once the undo has been sent
     await proxy.release()  # only now does the reservation reach Redis
     assert await counted(redis_server) == billed(first), "the late reservation counts nothing"
     assert "undone" in await records(redis_server)
@@ -414,7 +406,7 @@ async def test_a_reservation_whose_caller_left_while_redis_was_frozen_is_taken_b
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     # Redis must answer only once the gateway has ended the call too: an answer before would admit it (counted, then
     # settled as a call that failed).
-    await until(lambda: len([r for r in caplog.records if r.name == CALLS]) == 2)
+    await wait_until(lambda: len([r for r in caplog.records if r.name == CALLS]) == 2)
     redis_server.resume()
     await counting(redis_server, billed(first))
     assert available(gateway), "the gateway never gave up on Redis: the undo went in the background"
@@ -442,11 +434,11 @@ async def test_a_settle_whose_answer_was_lost_corrects_once(
         await proxy.release()  # the settle the limiter gave up on reaches Redis, and runs
         assert await counted(redis_server) == settled
         proxy.admit()  # the probe reaches Redis, and sends the settle again
-        await until(lambda: limiter.available)
+        await wait_until(lambda: limiter.available)
         assert await counted(redis_server) == settled, "sent again, it corrects nothing more"
     else:
         proxy.admit()
-        await until(lambda: limiter.available)  # which it is only once the settle has been sent again
+        await wait_until(lambda: limiter.available)  # which it is only once the settle has been sent again
         assert await counted(redis_server) == settled, "settled before calls are counted again"
         await proxy.release()  # only now does the first settle reach Redis
         assert await counted(redis_server) == settled, "run late, it corrects nothing more"
@@ -460,15 +452,15 @@ async def test_a_call_that_failed_while_redis_was_frozen_gives_back_what_it_rese
     gateway, stub = await start(config(primary, local, redis_server.url, limits="budget_usd_per_day: 0.005"))
     primary.inject({"stall_s": 3})  # longer than the router waits for an answer (first_chunk_timeout_s): it fails
     failing = asyncio.ensure_future(stub.Complete(REQUEST, metadata=AUTHORIZED, timeout=10))
-    await until(lambda: len(primary.chat_requests) == 1)  # reserved, and at the upstream
+    await wait_until(lambda: len(primary.chat_requests) == 1)  # reserved, and at the upstream
     assert await counted(redis_server) == Counts(requests=0, tokens=0, spend=3000)
     redis_server.pause()  # for longer than state.timeout_s: the call's settle goes unanswered
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await failing
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
-    await until(lambda: not available(gateway))  # the error is sent before the call settles
+    await wait_until(lambda: not available(gateway))  # the error is sent before the call settles
     redis_server.resume()
-    await until(lambda: available(gateway))
+    await wait_until(lambda: available(gateway))
     assert await counted(redis_server) == Counts(requests=0, tokens=0, spend=0), "it was billed nothing"
     answer = await stub.Complete(REQUEST, metadata=AUTHORIZED, timeout=10)  # admitted: the budget is whole
     assert await counted(redis_server) == Counts(requests=0, tokens=0, spend=answer.usage.cost.usd_micros)
@@ -486,9 +478,9 @@ async def test_the_slot_of_a_stream_that_ended_while_redis_was_frozen_frees_when
     while await ending.read() is not grpc.aio.EOF:
         pass
     assert await ending.code() == grpc.StatusCode.OK
-    await until(lambda: not available(gateway))
+    await wait_until(lambda: not available(gateway))
     redis_server.resume()
-    await until(lambda: available(gateway))
+    await wait_until(lambda: available(gateway))
     # Freed now, not when its lease (renewed until the stream ended) lapses.
     assert await counted(redis_server) == Counts(requests=0, tokens=0, spend=0, streams=0)
     chunks = [chunk async for chunk in stub.StreamComplete(stream_chat(), metadata=AUTHORIZED, timeout=10)]
@@ -507,7 +499,7 @@ async def test_settles_past_the_most_kept_stay_as_reserved_and_say_so(
         for call in calls:
             await limiter.settle(call, tokens=0, usd_micros=0)  # two kept, the third dropped
         redis_server.resume()
-        await until(lambda: limiter.available)
+        await wait_until(lambda: limiter.available)
         assert await counted(redis_server) == Counts(requests=3, tokens=10, spend=100), "the third as reserved"
     finally:
         await limiter.aclose()
@@ -527,10 +519,10 @@ async def test_a_stream_open_through_an_outage_longer_than_its_lease_holds_its_s
     try:
         open_stream = await limiter.reserve([Ask(SUBJECT, one_stream, 0, 0, True)])
         redis_server.pause()
-        await until(lambda: not limiter.available)  # a renewal went unanswered
+        await wait_until(lambda: not limiter.available)  # a renewal went unanswered
         await asyncio.sleep(2 * lease_s)  # Redis's clock runs on: the lease lapses while it is away
         redis_server.resume()
-        await until(lambda: limiter.available)
+        await wait_until(lambda: limiter.available)
         # The stream is still open: the first renewal since Redis is back counts it again.
         loop = asyncio.get_running_loop()
         began = loop.time()
@@ -558,10 +550,10 @@ async def test_an_idle_gateway_finds_redis_gone_within_a_renewal(redis_server: R
     try:
         redis_server.pause()
         try:
-            await until(lambda: not limiter.available, within_s=5 * lease_s)
+            await wait_until(lambda: not limiter.available, timeout_s=5 * lease_s)
         finally:
             redis_server.resume()
-        await until(lambda: limiter.available)
+        await wait_until(lambda: limiter.available)
     finally:
         await limiter.aclose()
 

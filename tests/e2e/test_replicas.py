@@ -20,7 +20,7 @@ from harness import GatewayProcess
 from llmrelay import v1 as pb
 from postgres_server import PostgresServer, PostgresTemplate
 from redis_server import RedisServer
-from support import chat, details, in_background, start_server
+from support import chat, details, in_background, start_server, wait_until
 from upstream import FakeUpstream
 
 REPLICAS = 3
@@ -153,13 +153,6 @@ async def ledger_totals(stub: pb.LLMServiceAsyncStub) -> tuple[int, int]:
     return sum(r.requests for r in records), sum(r.total_tokens for r in records)
 
 
-async def until(condition: Callable[[], bool], within_s: float = 30) -> None:
-    """Until the load's state comes to `condition`."""
-    async with asyncio.timeout(within_s):
-        while not condition():  # noqa: ASYNC110 (the callers' own state, no event to wait on)
-            await asyncio.sleep(0.02)
-
-
 async def eventually(check: Callable[[], Awaitable[bool]], within_s: float = 30) -> None:
     """Until the gateways answer `check()` with True (asked again every 0.1 s)."""
     async with asyncio.timeout(within_s):
@@ -213,10 +206,10 @@ async def test_a_replica_killed_under_load_loses_no_answered_call(replicas: Repl
     given: list[pb.CompleteResponse] = []
     stop = asyncio.Event()
     async with in_background(steady_load(replicas.stubs, given, stop)) as load:
-        await until(lambda: len(given) >= 60)
+        await wait_until(lambda: len(given) >= 60)
         os.kill(replicas.processes[1].process.pid, signal.SIGKILL)  # its last answers are only in its journal
         at_kill = len(given)
-        await until(lambda: len(given) >= at_kill + 60)  # the other two go on
+        await wait_until(lambda: len(given) >= at_kill + 60)  # the other two go on
         stop.set()
         failures = await load
     assert all(where.startswith("1:") for where in failures), failures  # only the killed one's callers failed
@@ -242,11 +235,11 @@ async def test_redis_stopped_under_load_the_chosen_policy_holds_and_limits_come_
         given: list[pb.CompleteResponse] = []
         stop = asyncio.Event()
         async with in_background(steady_load(stubs[:2], given, stop)) as load:
-            await until(lambda: len(given) >= 20)
+            await wait_until(lambda: len(given) >= 20)
             await redis_server.stop()
             # Allow: the two go on serving, uncounted. Deny: the third refuses, saying why and when to retry.
             at_stop = len(given)
-            await until(lambda: len(given) >= at_stop + 40)
+            await wait_until(lambda: len(given) >= at_stop + 40)
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stubs[2].Complete(chat(), timeout=10, metadata=bearer("load"))
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -278,10 +271,10 @@ async def test_postgresql_stopped_under_load_loses_no_record(
     given: list[pb.CompleteResponse] = []
     stop = asyncio.Event()
     async with in_background(steady_load(replicas.stubs, given, stop)) as load:
-        await until(lambda: len(given) >= 30)
+        await wait_until(lambda: len(given) >= 30)
         pg.stop()
         at_stop = len(given)
-        await until(lambda: len(given) >= at_stop + 60)  # answers go on
+        await wait_until(lambda: len(given) >= at_stop + 60)  # answers go on
         await eventually(functools.partial(ledger_down, replicas.stubs[0]))  # at its next write
         ledger = await ledger_store(replicas.stubs[0])
         assert ledger.kind == "postgresql" and ledger.pending_records > 0 and "unavailable" in ledger.description

@@ -24,7 +24,7 @@ from llmrelay_server.limits import Ask, InProcessLimiter, Reservation
 from llmrelay_server.limits.redis import HELD_LEASES_KEY, KEY_PREFIX, RedisLimiter
 from redis.asyncio.connection import AbstractConnection
 from redis_server import RedisServer, ServerTLS
-from support import GatewayFactory, chat, details, stream_chat, two_backends
+from support import GatewayFactory, chat, details, stream_chat, two_backends, wait_until
 from upstream import FakeUpstream
 
 SUBJECT = "key:research"
@@ -77,16 +77,6 @@ async def refused(reserving: Awaitable[Reservation]) -> LimitExceededError:
     with pytest.raises(LimitExceededError) as caught:
         await reserving
     return caught.value
-
-
-async def until(condition: Callable[[], bool], within_s: float = 5.0) -> float:
-    """Waits for the condition; returns how long it took."""
-    loop = asyncio.get_running_loop()
-    began = loop.time()
-    while not condition():
-        assert loop.time() - began < within_s, f"not within {within_s} s"
-        await asyncio.sleep(0.02)
-    return loop.time() - began
 
 
 async def stop_renewing(limiter: RedisLimiter, redis_url: str) -> None:
@@ -385,7 +375,7 @@ async def test_redis_down_under_load_admits_uncounted_then_limits_return_with_it
     workers = [asyncio.ensure_future(load(limiters[n % 2], stop)) for n in range(20)]
     await asyncio.sleep(0.3)
     await redis_server.stop()
-    await until(lambda: not any(limiter.available for limiter in limiters))
+    await wait_until(lambda: not any(limiter.available for limiter in limiters))
     before = calls
     await asyncio.sleep(0.3)
     assert calls > before, "calls go on while Redis is down"
@@ -394,7 +384,7 @@ async def test_redis_down_under_load_admits_uncounted_then_limits_return_with_it
     assert (health.role, health.kind, health.available) == (StoreRole.LIMITS, "redis", False)
     assert "cannot be reached" in health.description and "admitted without being counted" in health.description
     await redis_server.start()
-    await until(lambda: all(limiter.available for limiter in limiters))
+    await wait_until(lambda: all(limiter.available for limiter in limiters))
     await asyncio.sleep(0.2)
     stop.set()
     await asyncio.gather(*workers)
@@ -430,7 +420,7 @@ async def test_a_redis_out_of_memory_says_so_until_it_takes_writes_again(
         assert not any("reachable again" in line for line in records(caplog, logging.INFO))
     finally:
         await admin.config_set("maxmemory", 0)
-    await until(lambda: limiter.available)
+    await wait_until(lambda: limiter.available)
     await limiter.reserve([ask(limits, subject="key:after")])
     await refused(limiter.reserve([ask(limits, subject="key:after")]))
     await admin.aclose()
@@ -454,7 +444,7 @@ async def test_a_transport_error_leaking_from_the_driver_counts_as_redis_unreach
     assert f"{type(leaked).__name__}: {leaked}" in limiter.health().description
 
     monkeypatch.setattr(AbstractConnection, "send_packed_command", real_send)
-    await until(lambda: limiter.available)  # the probe outlived the error, and found Redis
+    await wait_until(lambda: limiter.available)  # the probe outlived the error, and found Redis
     await limiter.reserve([ask(Limits(requests_per_minute=1), subject="key:after")])
     await refused(limiter.reserve([ask(Limits(requests_per_minute=1), subject="key:after")]))
 
@@ -475,7 +465,7 @@ async def test_calls_do_not_each_wait_out_the_timeout_while_redis_is_down(
         await limiter.reserve(limits)
     assert loop.time() - began < 0.1, "the next ones skip Redis"
     redis_server.resume()
-    await until(lambda: limiter.available)
+    await wait_until(lambda: limiter.available)
     await limiter.reserve(limits)
 
 
@@ -494,7 +484,7 @@ async def test_deny_refuses_with_a_retry_delay_while_redis_is_down(
     await limiter.settle(counted, tokens=0, usd_micros=0)  # no error; and a request is not corrected: nothing to keep
     assert "refused until it is back" in limiter.health().description
     await redis_server.start()
-    await until(lambda: limiter.available)
+    await wait_until(lambda: limiter.available)
     await limiter.reserve(limits)
     await limiter.reserve(limits)
     assert (await refused(limiter.reserve(limits))).kind is LimitKind.REQUESTS_PER_MINUTE
@@ -727,7 +717,7 @@ async def test_gateways_go_on_per_policy_while_redis_is_down_and_limit_again_whe
     for gateway in gateways:
         assert gateway.limiter is not None and not gateway.limiter.health().available
     await redis_server.start()
-    await until(lambda: all(g.limiter is not None and g.limiter.health().available for g in gateways))
+    await wait_until(lambda: all(g.limiter is not None and g.limiter.health().available for g in gateways))
     # Redis came back empty: the minute's count starts over, over all four gateways at once.
     results = await spread(stubs, 40, complete)
     assert refusals_of(results, "REQUESTS_PER_MINUTE_EXCEEDED") == 10

@@ -4,15 +4,13 @@ scrapes with calls in between."""
 from __future__ import annotations
 
 import asyncio
-import http.server
 import re
-import threading
 
 import grpc
 import pytest
 from llmrelay import v1 as pb
 from llmrelay.cli import _quantile, main, parse_metrics, render_stats, scrape
-from support import GatewayFactory, chat, stream_chat, two_backends
+from support import GatewayFactory, chat, page_served, stream_chat, two_backends
 from upstream import FakeUpstream
 
 
@@ -93,24 +91,8 @@ def test_stats_says_when_the_metrics_option_is_no_url(url: str) -> None:
 def test_stats_says_when_the_endpoint_answers_no_metrics(body: bytes) -> None:
     """Another HTTP server's page (a port mistaken for the metrics one): one line, not a traceback."""
 
-    class Page(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
-        try:
-            with pytest.raises(SystemExit) as ended:
-                main(["stats", "--metrics", url, "--once"])
-        finally:
-            server.shutdown()
+    with page_served(body) as url, pytest.raises(SystemExit) as ended:
+        main(["stats", "--metrics", url, "--once"])
     assert ended.value.code == f"llmrelay: {url} did not answer in Prometheus's text format: is it the gateway's" + (
         " metrics_listen?"
     )
