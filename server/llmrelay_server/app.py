@@ -176,9 +176,10 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
             by_minute_days=config.server.usage_by_minute_days,
         )
     except LedgerUnavailableError as exc:  # a SQLite file that cannot be opened (a directory, no permission)
-        raise ConfigError(f"server.usage_db: {exc}") from exc
+        raise ConfigError(f"{config.usage_db_named}: {exc}") from exc
     except OSError as exc:  # its journal's directory (a file in the way, no permission)
-        raise ConfigError(f"server.usage_db or usage_journal_dir: {exc.strerror}: {exc.filename}") from exc
+        where = f"{config.usage_db_named} or server.usage_journal_dir"
+        raise ConfigError(f"{where}: {exc.strerror}: {exc.filename}") from exc
     factory = provider_factory(counter)
     providers = [factory.create(spec) for spec in config.backends]
     router = Router(

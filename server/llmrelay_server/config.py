@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -249,6 +250,9 @@ class GatewayConfig:
     file_text: str | None = field(default=None, repr=False, compare=False)
     """The configuration file's text as it was read (None without a file): what a supervisor hands its workers, so
     that all of them run what it checked. Never shown: it may hold keys."""
+    usage_db_named: str = field(default="server.usage_db", compare=False)
+    """Where the ledger's store was named (server.usage_db, or LLMRELAY_USAGE_DB over it): what an error opening it
+    tells the operator to mend."""
 
 
 # The YAML shapes of the backends, before they become BackendSpecs.
@@ -327,7 +331,8 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     if env.get("LLMRELAY_REDIS_URL"):
         state = dataclasses.replace(state, redis_url=env["LLMRELAY_REDIS_URL"])
     _check_state(state, "LLMRELAY_REDIS_URL" if env.get("LLMRELAY_REDIS_URL") else "state.redis_url")
-    _check_usage_db(server.usage_db, "LLMRELAY_USAGE_DB" if env.get("LLMRELAY_USAGE_DB") else "server.usage_db")
+    usage_db_named = "LLMRELAY_USAGE_DB" if env.get("LLMRELAY_USAGE_DB") else "server.usage_db"
+    _check_usage_db(server.usage_db, usage_db_named)
     _check_listen(server.listen, "--listen (LLMRELAY_LISTEN)" if env.get("LLMRELAY_LISTEN") else "server.listen")
     if server.tls is not None:
         _check_tls(server.tls)
@@ -405,11 +410,10 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
             " times each limit); set state.redis_url to share them, or run one worker"
         )
     if server.workers > 1 and server.usage_db == ":memory:":
-        usage_db = "LLMRELAY_USAGE_DB" if env.get("LLMRELAY_USAGE_DB") else "server.usage_db"
         raise ConfigError(
-            f"{usage_db}: ':memory:' keeps each worker's usage in that worker alone (GetUsage would answer with one"
-            f" worker's share of it, and a worker's restart would lose it); with {workers_where} {server.workers}, give"
-            " a SQLite file or a PostgreSQL URL, or run one worker"
+            f"{usage_db_named}: ':memory:' keeps each worker's usage in that worker alone (GetUsage would answer with"
+            " one worker's share of it, and a worker's restart would lose it); with"
+            f" {workers_where} {server.workers}, give a SQLite file or a PostgreSQL URL, or run one worker"
         )
     return GatewayConfig(
         state=state,
@@ -421,6 +425,7 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
         pricing=dict(section.pricing),
         unknown_price=unknown_price,
         file_text=text,
+        usage_db_named=usage_db_named,
     )
 
 
@@ -531,6 +536,10 @@ def _check_state(state: StateConfig, redis_where: str) -> None:
         raise ConfigError(
             f"{redis_where}: scheme {_written_scheme(state.redis_url) or '(none)'} is not redis://, rediss:// or unix://"
         )
+    database = parts.path.removeprefix("/")
+    if scheme != "unix" and database and not _is_decimal(database):
+        # redis-py takes a path that is not a number for database 0, which may be another application's.
+        raise ConfigError(f"{redis_where}: the path after HOST:PORT is not a database number (redis://HOST:6379/0)")
 
 
 def _written_scheme(url: str) -> str | None:
@@ -1055,12 +1064,22 @@ def _is_decimal(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def _is_ipv6_address(text: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(text), ipaddress.IPv6Address)
+    except ValueError:
+        return False
+
+
 def _check_listen(listen: str, where: str) -> None:
     host, sep, port = listen.rpartition(":")
     if not sep:
         why = "it has no :PORT"
     elif not host:
         why = "it has no HOST"
+    elif _is_ipv6_address(host):
+        # gRPC reads ::1:0 as the IPv4 address 0.1.0.0 on port 443 (its last colon is not the port's): no such bind.
+        raise ConfigError(f"{where}: an IPv6 address takes brackets before its :PORT; write e.g. [::1]:50051")
     elif not _is_decimal(port) or not 0 <= int(port) <= 65535:
         why = "its port is not a number from 0 to 65535"
     else:

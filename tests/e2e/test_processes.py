@@ -541,6 +541,24 @@ async def test_a_configuration_that_used_to_end_in_a_traceback_is_one_line(
     assert err.decode().count("\n") == 1 and said in err.decode(), err.decode()
 
 
+@pytest.mark.parametrize("where", ["LLMRELAY_USAGE_DB", "server.usage_db"])
+async def test_a_ledger_that_cannot_be_opened_is_named_where_it_was_set(tmp_path: Path, where: str) -> None:
+    # A directory where the SQLite file should be. Set by the variable, the error named the file's field, which the
+    # operator then looked for in a file that did not set it.
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(f'server: {{usage_db: "{tmp_path}"}}\n' if where == "server.usage_db" else "{}\n")
+    env = clean_env(LLMRELAY_LISTEN="127.0.0.1:0")
+    if where == "LLMRELAY_USAGE_DB":
+        env["LLMRELAY_USAGE_DB"] = str(tmp_path)
+    process = await asyncio.create_subprocess_exec(
+        BIN / "llmrelay-server", "--config", str(config), env=env, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 1
+    assert err.decode().startswith(f"llmrelay-server: configuration error: {where}"), err.decode()
+    assert err.decode().count("\n") == 1, err.decode()
+
+
 async def test_an_empty_config_flag_is_refused(tmp_path: Path) -> None:
     # `--config "$FILE"` with FILE unset: not a start on the defaults.
     process = await asyncio.create_subprocess_exec(

@@ -687,6 +687,8 @@ def test_a_mistyped_api_key_is_never_shown(tmp_path: Path, yaml_text: str, field
         ('state: {redis_url: "redis://app:SUPER?x=SECRET@redis:6379/0"}\n', "%3F"),
         ('server: {usage_db: "host=db port=5432 user=app password=SUPERSECRET dbname=llmrelay"}\n', "postgresql://"),
         ('state: {redis_url: "SUPERSECRET:x"}\n', "scheme (none)"),
+        # redis-py would take the path for database 0.
+        ('state: {redis_url: "redis://:SUPERSECRET@redis:6379/limits"}\n', "not a database number"),
     ],
     ids=[
         "redis port",
@@ -701,6 +703,7 @@ def test_a_mistyped_api_key_is_never_shown(tmp_path: Path, yaml_text: str, field
         "redis question mark and equals",
         "postgresql key=value",
         "redis no scheme",
+        "redis database",
     ],
 )
 def test_a_malformed_store_url_is_named_without_its_password(tmp_path: Path, yaml_text: str, said: str) -> None:
@@ -732,6 +735,17 @@ def test_an_empty_redis_url_is_told_as_an_unset_variable(tmp_path: Path) -> None
     # As for the other fields that name a file or a store: not "scheme (none) is not redis://".
     with pytest.raises(ConfigError, match=r"^state\.redis_url: empty \(an unset \$\{VAR\}\?\)"):
         load(tmp_path, 'state: {redis_url: ""}\n')
+
+
+def test_an_ipv6_address_to_listen_on_takes_brackets(tmp_path: Path) -> None:
+    # Unbracketed, gRPC read ::1:0 as 0.1.0.0 port 443 and the server said the address was in use.
+    with pytest.raises(
+        ConfigError, match=r"^--listen \(LLMRELAY_LISTEN\): an IPv6 address takes brackets.*\[::1\]:50051"
+    ):
+        load(tmp_path, None, {"LLMRELAY_LISTEN": "::1:0"})
+    with pytest.raises(ConfigError, match=r"^server\.metrics_listen: an IPv6 address takes brackets"):
+        load(tmp_path, "server: {metrics_listen: '::1:9090'}\n")
+    assert load(tmp_path, None, {"LLMRELAY_LISTEN": "[::1]:0"}).server.listen == "[::1]:0"
 
 
 def test_a_value_from_the_environment_is_named_by_its_variable(tmp_path: Path) -> None:
