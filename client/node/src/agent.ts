@@ -266,7 +266,18 @@ async function untilAborted(work: Promise<unknown>, signal: AbortSignal | undefi
 }
 
 function resultText(value: unknown): string {
-  return typeof value === "string" ? value : value === undefined ? "" : JSON.stringify(value);
+  if (typeof value === "string") {
+    return value;
+  }
+  if (value === undefined) {
+    return "";
+  }
+  // undefined for a function or a Symbol (typed string all the same), which would read as a call never finished.
+  const text: string | undefined = JSON.stringify(value);
+  if (text === undefined) {
+    throw new TypeError(`its result (a ${typeof value}) cannot be written as JSON`);
+  }
+  return text;
 }
 
 function errorText(err: unknown): string {

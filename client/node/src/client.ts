@@ -43,6 +43,11 @@ import { channelCredentials, chooseTransport, type TlsOptions, type Transport } 
 export const DEFAULT_TARGET = "127.0.0.1:50051";
 /** The deadline of a call that sets none, unless ClientOptions.timeoutMs says otherwise. */
 export const DEFAULT_TIMEOUT_MS = 120_000;
+/**
+ * The longest timeout (some 30 years, as in the Python SDK): further out, grpc-js cannot write the deadline in its
+ * header and throws outside the call, ending the process.
+ */
+export const MAX_TIMEOUT_MS = 1e12;
 /** The metadata key that names the caller in the gateway's usage ledger. */
 export const CALLER_HEADER = "x-llmrelay-caller";
 
@@ -175,7 +180,7 @@ export class Client {
       ...options.channelOptions,
       interceptors: options.interceptors,
     });
-    this.timeoutMs = options.timeoutMs === undefined ? DEFAULT_TIMEOUT_MS : options.timeoutMs;
+    this.timeoutMs = options.timeoutMs === undefined ? DEFAULT_TIMEOUT_MS : checkedTimeout(options.timeoutMs);
     this.headers = checkedMetadata({
       ...options.metadata,
       ...(options.caller ? { [CALLER_HEADER]: options.caller } : {}),
@@ -317,16 +322,17 @@ export class Client {
 
   private callOptions(options?: CallOptions): Partial<GrpcCallOptions> {
     if (options?.deadline) {
+      const at = options.deadline.getTime();
+      if (!(at - Date.now() <= MAX_TIMEOUT_MS)) {
+        throw new RangeError(
+          `deadline is ${Number.isNaN(at) ? "an invalid Date" : options.deadline.toISOString()}: give a Date at most` +
+            ` ${MAX_TIMEOUT_MS} ms from now, or timeoutMs: null for no deadline`,
+        );
+      }
       return { deadline: options.deadline };
     }
-    const timeoutMs = options?.timeoutMs === undefined ? this.timeoutMs : options.timeoutMs;
-    if (timeoutMs === null) {
-      return {};
-    }
-    if (!(timeoutMs > 0)) {
-      throw new RangeError(`timeoutMs is ${timeoutMs}: give a positive number of milliseconds, or null for no deadline`);
-    }
-    return { deadline: Date.now() + timeoutMs };
+    const timeoutMs = options?.timeoutMs === undefined ? this.timeoutMs : checkedTimeout(options.timeoutMs);
+    return timeoutMs === null ? {} : { deadline: Date.now() + timeoutMs };
   }
 
   /**
@@ -403,3 +409,14 @@ function unencodable(err: unknown): unknown {
 }
 
 const SERIALIZATION_FAILURE = "Request message serialization failure";
+
+/** `timeoutMs` if it is a deadline grpc-js can keep, else a RangeError that says what to give. */
+function checkedTimeout(timeoutMs: number | null): number | null {
+  if (timeoutMs !== null && !(timeoutMs > 0 && timeoutMs <= MAX_TIMEOUT_MS)) {
+    throw new RangeError(
+      `timeoutMs is ${timeoutMs}: give a number of milliseconds > 0 and at most ${MAX_TIMEOUT_MS}, or null for no` +
+        " deadline",
+    );
+  }
+  return timeoutMs;
+}

@@ -4,6 +4,7 @@ export {
   Client,
   DEFAULT_TARGET,
   DEFAULT_TIMEOUT_MS,
+  MAX_TIMEOUT_MS,
   assistant,
   system,
   user,

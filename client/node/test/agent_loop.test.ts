@@ -230,6 +230,28 @@ describe("the agent loop", { concurrency: false }, () => {
     );
   });
 
+  test("a tool result that JSON cannot write goes as an error that says so, not as a call never finished", async () => {
+    await upstream.addFaults(
+      { tool_calls: [{ name: "handler", arguments: "{}" }, { name: "count", arguments: "{}" }] },
+      { echo_tools: true },
+    );
+    const handler = tool({ name: "handler", parameters: s.object({}), run: () => () => "a function" });
+    const count = tool({ name: "count", parameters: s.object({}), run: () => ({ n: 10n }) });
+    const bigintError = (() => {
+      try {
+        JSON.stringify({ n: 10n });
+      } catch (err) {
+        return (err as Error).message;
+      }
+    })();
+    const result = await new Agent(client, { tools: [handler, count] }).run([user("call them")]);
+    assert.equal(
+      result.answer.message?.content,
+      "tools: handler=error: handler failed: its result (a function) cannot be written as JSON; " +
+        `count=error: count failed: ${bigintError}`,
+    );
+  });
+
   test("stops at the step limit with a StepLimitError that holds what the run did, ready to go on", async () => {
     const again = (city: string) => ({ tool_calls: [{ name: "get_time", arguments: JSON.stringify({ city }) }] });
     await upstream.addFaults(again("Lima"), again("Quito"), { echo_tools: true });

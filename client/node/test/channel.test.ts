@@ -12,6 +12,7 @@ import {
   Client,
   InterceptingCall,
   LLMRelayError,
+  MAX_TIMEOUT_MS,
   SERVICE_CONFIG_JSON,
   status,
   user,
@@ -140,11 +141,25 @@ describe("call options", { concurrency: false }, () => {
     await mustFail(client.complete({ messages: [user("too slow")] }), status.DEADLINE_EXCEEDED);
   });
 
-  test("a timeoutMs that is no positive number is refused, saying what to give", async () => {
+  test("a timeoutMs or deadline grpc-js cannot keep is refused, saying what to give", async () => {
+    const client = connect(gateway.addr);
+    const said = /timeoutMs is .*: give a number of milliseconds > 0 and at most 1000000000000, or null for no/;
+    await assert.rejects(client.complete({ messages: [user("x")] }, { timeoutMs: 0 }), said);
+    // Past grpc-js's 1e8 hours it threw from its own code, outside the call: the process ended.
+    await assert.rejects(client.complete({ messages: [user("x")] }, { timeoutMs: Number.MAX_SAFE_INTEGER }), said);
+    const far = new Date(Date.now() + 4e14);
     await assert.rejects(
-      connect(gateway.addr).complete({ messages: [user("x")] }, { timeoutMs: 0 }),
-      /timeoutMs is 0: give a positive number of milliseconds, or null for no deadline/,
+      client.complete({ messages: [user("x")] }, { deadline: far }),
+      /deadline is .*: give a Date at most 1000000000000 ms from now/,
     );
+    await assert.rejects(
+      client.complete({ messages: [user("x")] }, { deadline: new Date(Number.NaN) }),
+      /deadline is an invalid Date/,
+    );
+    assert.throws(() => connect(gateway.addr, { timeoutMs: 4e14 }), said);
+    await assert.rejects(client.collect({ messages: [user("x")] }, { timeoutMs: 4e14 }), said);
+    const answer = await client.complete({ messages: [user("x")] }, { timeoutMs: MAX_TIMEOUT_MS });
+    assert.equal(answer.message?.content, "echo: x");
   });
 });
 
