@@ -80,6 +80,10 @@ var loopbackTargets = []struct {
 	{"ipv4:127.0.0.1:50051,10.0.0.1:50051", false}, // one address leaves the machine
 	{"xds:///llmrelay", false},
 	{"xds:///localhost:50051", false}, // another resolver's scheme: who knows where it resolves
+	{"unix:1234", true},               // a socket named by digits, not a host and port
+	{"localhost:http", true},          // a port by its service's name
+	{"localhost:", true},              // an empty port
+	{" 127.0.0.1:50051", false},       // not trimmed: a name
 	{"", false},
 }
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
@@ -22,9 +21,6 @@ DEFAULT_SERVICE_CONFIG: Final = SERVICE_CONFIG_JSON
 """The service config a client's channel gets unless told otherwise: the contract's retry policy (UNAVAILABLE only,
 three attempts at most, exponential backoff, the server's grpc-retry-pushback-ms honoured)."""
 
-# "dns:///host:port", "dns://resolver/host:port", "ipv4:1.2.3.4:5", "ipv6:[::1]:5": the scheme (and authority) ahead
-# of the address; a bare "host:port" has none.
-_SCHEME: Final = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*):(?://[^/]*/)?(?P<rest>.*)$", re.IGNORECASE)
 _LOCAL_SCHEMES: Final = frozenset({"unix", "unix-abstract"})
 
 
@@ -33,19 +29,24 @@ def is_loopback_target(target: str) -> bool:
     127.000.000.001 and 127.1 are names) in 127.0.0.0/8, IPv4-mapped too (::ffff:127.0.0.1), or ::1, however spelled;
     with any port, by itself or behind the "dns:" or "passthrough:" scheme; "ipv4:"/"ipv6:" lists of loopback
     addresses only; a Unix socket ("unix:", "unix-abstract:"). A scheme other than these (xds:, a custom resolver) is
-    not loopback: who knows where it resolves. The Go and TypeScript SDKs decide alike."""
-    address = target.strip()
-    match = _SCHEME.match(address)
-    if match is None or _looks_like_host_port(address):
-        return _is_loopback_host(_host(address))
-    scheme, rest = match["scheme"].lower(), match["rest"]
+    not loopback: who knows where it resolves. The Go and TypeScript SDKs decide alike, step by step."""
+    scheme, colon, rest = target.partition(":")
+    if not colon:
+        return _is_loopback_host(_host(target))
+    scheme = scheme.lower()
     if scheme in _LOCAL_SCHEMES:
         return True
     if scheme in ("ipv4", "ipv6"):
         return all(_is_loopback_host(_host(part)) for part in rest.split(","))
     if scheme in ("dns", "passthrough"):
+        if rest.startswith("//"):
+            # dns://AUTHORITY/HOST:PORT: the authority is the DNS server to ask, the endpoint what is asked for.
+            _, slash, endpoint = rest[2:].partition("/")
+            return bool(slash) and _is_loopback_host(_host(endpoint))
         return _is_loopback_host(_host(rest))
-    return False
+    # No scheme gRPC resolves: "localhost:50051" and "[::1]:50051" read as a host and a port (any port: the name of
+    # a service, or none).
+    return _is_loopback_host(_host(target))
 
 
 def _is_loopback_host(host: str) -> bool:
@@ -58,12 +59,6 @@ def _is_loopback_host(host: str) -> bool:
     # The ipaddress of older Pythons (3.11, early 3.12) calls ::ffff:127.0.0.1 not loopback; a socket reaches 127.0.0.1.
     mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
     return (mapped or address).is_loopback
-
-
-def _looks_like_host_port(address: str) -> bool:
-    # "localhost:50051" also matches the scheme pattern ("localhost" as the scheme): a port after the colon, and no
-    # "//", says it is a host and a port instead.
-    return re.fullmatch(r"[^:/]+:\d+", address) is not None
 
 
 def _host(address: str) -> str:

@@ -75,6 +75,10 @@ TARGETS = [
     ("ipv4:127.0.0.1:50051,10.0.0.1:50051", False),  # one address leaves the machine
     ("xds:///llmrelay", False),
     ("xds:///localhost:50051", False),  # another resolver's scheme: who knows where it resolves
+    ("unix:1234", True),  # a socket named by digits, not a host and port
+    ("localhost:http", True),  # a port by its service's name
+    ("localhost:", True),  # an empty port
+    (" 127.0.0.1:50051", False),  # not trimmed: a name
     ("", False),
 ]
 
