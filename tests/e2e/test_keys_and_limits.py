@@ -414,6 +414,42 @@ async def test_a_call_its_handler_refuses_gets_that_refusal_not_the_limits(
     assert primary.chat_requests == []
 
 
+async def test_a_call_its_handler_refuses_takes_none_of_the_limits(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    # Each counted as one of the minute's requests: a client stuck on a bad request locked its key out for a minute.
+    limits = "limits: {requests_per_minute: 2, tokens_per_minute: 100000, concurrent_streams: 1}"
+    _, channel, stub = await start(
+        gateway_factory, primary, local, keys_yaml(key_entry("research", RESEARCH_KEY, limits))
+    )
+    key = bearer(RESEARCH_KEY)
+    async with channel:
+        complete_bytes: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/llmrelay.v1.LLMService/Complete"
+        )
+        codes = []
+        for _ in range(2):
+            for refused in (
+                stub.Complete(pb.CompleteRequest(), metadata=key, timeout=5),
+                stub.Complete(chat(model="no-such-model"), metadata=key, timeout=5),
+                complete_bytes(b"\xff\xff\xff", metadata=key, timeout=5),  # no CompleteRequest
+                stub.Embed(pb.EmbedRequest(), metadata=key, timeout=5),
+                read(stub.StreamComplete(pb.StreamCompleteRequest(), metadata=key, timeout=5)),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await refused
+                codes.append(caught.value.code().name)
+        assert (
+            codes == ["INVALID_ARGUMENT", "NOT_FOUND", "INVALID_ARGUMENT", "INVALID_ARGUMENT", "INVALID_ARGUMENT"] * 2
+        )
+        for _ in range(2):
+            assert (await stub.Complete(chat(), metadata=key, timeout=5)).message.content
+        with pytest.raises(grpc.aio.AioRpcError) as over:
+            await stub.Complete(chat(), metadata=key, timeout=5)
+    assert details(over.value)["ErrorInfo"].reason == "REQUESTS_PER_MINUTE_EXCEEDED"
+    assert len(primary.chat_requests) == 2
+
+
 async def test_each_call_is_checked_as_its_own_whatever_called_before_it(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:

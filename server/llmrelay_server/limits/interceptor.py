@@ -142,11 +142,15 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         *,
         stream: bool,
     ) -> Reservation:
+        if self._refused_anyway(request):
+            # The handler refuses it itself (it did not decode, is invalid, or asks for a model nothing serves or its
+            # key may not use): the caller's mistake to fix, which takes none of its limits (a client stuck on a bad
+            # request would lock its key out for a minute) and is told the handler's refusal, which says more.
+            return Reservation((), 0.0)  # nothing reserved, nothing to settle
         tokens = answer_tokens = usd_micros = 0
         answers = 1
         try:
-            # A request that did not decode reserves nothing, as an invalid one: the handler refuses it.
-            if decoded(request) and any(
+            if any(
                 limits.tokens_per_minute is not None or limits.budget_usd_per_day is not None for _, limits in subjects
             ):
                 # A prompt of megabytes is counted in a thread, within the call's deadline: the caller gets the
@@ -161,24 +165,20 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
             ]
             return await self._limiter.reserve(asks)
         except LLMRelayError as error:
-            if self._refused_anyway(request):
-                # The handler's own refusal (an invalid request, a model the key may not use) is the caller's to fix,
-                # and says more than the limits' (a store out of reach would have it retried for nothing): the
-                # handler gives it, nothing reserved.
-                return Reservation((), 0.0)  # nothing reserved, nothing to settle
             # Over a limit, the limits' store out of reach, or a prompt that cannot be counted (its tokenizer's
             # encoding missing): each has its own status, as the servicer would give it.
             await abort(context, rpc, error)
 
     def _refused_anyway(self, request: pb.CompleteRequest | pb.StreamCompleteRequest | pb.EmbedRequest) -> bool:
         """Whether the handler refuses the request itself: it does not decode, is invalid, or asks for a model nothing
-        serves or its key may not use. Asked only of a call the limits refuse."""
+        serves or its key may not use."""
         if not decoded(request):
             return True
         try:
             parsed = (
                 convert.embedding_request(request)
                 if isinstance(request, pb.EmbedRequest)
+                # Under the servicer's own bound, so that the servicer takes this parse and does not repeat it.
                 else convert.completion_request(request, max_image_bytes=self._max_image_bytes)
             )
         except InvalidRequestError:
@@ -190,11 +190,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
     ) -> tuple[int, int, int, int]:
         """The tokens to reserve (the prompt as counted offline, and the most the answer may take, for each answer
         the call may be billed for), those of them for the answers, their cost, and how many answers."""
-        try:
-            # Under the servicer's own bound, so that the servicer takes this parse and does not repeat it.
-            parsed = convert.completion_request(request, max_image_bytes=self._max_image_bytes)
-        except InvalidRequestError:
-            return 0, 0, 0, 1  # the servicer refuses it before any upstream is asked
+        parsed = convert.completion_request(request, max_image_bytes=self._max_image_bytes)  # _refused_anyway's
         completion = parsed.options.max_tokens or self._reserve_completion_tokens
         prompt = (
             await self._counter.count_chat_async(parsed.model or "", parsed.messages, parsed.options.tools, by=by)
@@ -204,10 +200,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
 
     async def _estimate_embedding(self, request: pb.EmbedRequest, by: float) -> tuple[int, int]:
         """The tokens and cost to reserve: the inputs as counted offline (an embedding answers with no tokens)."""
-        try:
-            parsed = convert.embedding_request(request)
-        except InvalidRequestError:
-            return 0, 0
+        parsed = convert.embedding_request(request)  # valid: _refused_anyway has parsed it
         tokens = (await self._counter.count_texts_async(parsed.model or "", parsed.inputs, by=by)).tokens
         return tokens, self._router.estimate_embedding_usd_micros(parsed.model, tokens, models_allowed())
 
