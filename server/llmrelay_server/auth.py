@@ -243,13 +243,16 @@ class KeyRing:
                 await self._reload()
             seen = stamp
 
-    def _stamp(self) -> tuple[float, int] | None:
+    def _stamp(self) -> tuple[int, int, int, int, int] | None:
+        """What tells the file changed. Not its time and size alone: a file put in its place with the old one's time
+        (`cp -p`, `rsync -t`, a second's timestamps) and as many bytes (a sha256 for another) changes neither, while
+        a rename brings another inode and a write sets the change time, which no one sets by hand."""
         assert self._file is not None
         try:
             info = os.stat(self._file)
         except OSError:
             return None
-        return info.st_mtime, info.st_size
+        return info.st_dev, info.st_ino, info.st_mtime_ns, info.st_ctime_ns, info.st_size
 
 
 def _by_digest(keys: Sequence[CallerKey]) -> dict[str, Caller]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -324,6 +325,27 @@ async def test_a_keys_file_saved_in_place_revokes_no_key_while_it_is_empty(
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, "one warning for the empty file, not one per look"
     assert "empty" in warnings[0] and "`keys: []` to admit nobody" in warnings[0]
+
+
+async def test_a_keys_file_replaced_by_one_of_the_same_time_and_size_is_reread(
+    keyed_by_file: KeyedByFile, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    # As `cp -p` or `rsync -t` put it in place: another key (a sha256 is 64 digits whatever the key), the old file's
+    # modification time. The revoked key went on working until a SIGHUP.
+    keys_file, content, channel, stub = keyed_by_file
+    replacement = tmp_path / "keys.yaml.new"
+    replacement.write_text(content.replace("research", "replaced").replace(sha256(RESEARCH_KEY), sha256(OTHER_KEY)))
+    before = keys_file.stat()
+    assert replacement.stat().st_size == before.st_size
+    os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
+    async with channel:
+        assert (await stub.Complete(chat(), metadata=bearer(RESEARCH_KEY), timeout=5)).backend == "openai"
+        os.replace(replacement, keys_file)
+        await logged(caplog, "reloaded: 1 keys in force")
+        with pytest.raises(grpc.aio.AioRpcError) as revoked:
+            await stub.Complete(chat(), metadata=bearer(RESEARCH_KEY), timeout=5)
+        assert revoked.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert (await stub.Complete(chat(), metadata=bearer(OTHER_KEY), timeout=5)).backend == "openai"
 
 
 async def test_a_keys_file_that_admits_nobody_revokes_every_key_and_says_so(
