@@ -1071,6 +1071,23 @@ def _is_ipv6_address(text: str) -> bool:
         return False
 
 
+_HOST_NAME: Final = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def _is_listen_host(host: str) -> bool:
+    """An address gRPC can listen on: an IPv4 address as written strictly (127.1 and 0177.0.0.1 are not), an IPv6 one
+    in brackets, or a host name; not "*", spaces, or an IPv4 address in brackets."""
+    if host.startswith("[") and host.endswith("]"):
+        return _is_ipv6_address(host[1:-1])
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+        return True
+    return _HOST_NAME.fullmatch(host) is not None
+
+
 def _check_listen(listen: str, where: str) -> None:
     host, sep, port = listen.rpartition(":")
     if not sep:
@@ -1080,6 +1097,9 @@ def _check_listen(listen: str, where: str) -> None:
     elif _is_ipv6_address(host):
         # gRPC reads ::1:0 as the IPv4 address 0.1.0.0 on port 443 (its last colon is not the port's): no such bind.
         raise ConfigError(f"{where}: an IPv6 address takes brackets before its :PORT; write e.g. [::1]:50051")
+    elif not _is_listen_host(host):
+        # gRPC cannot parse these (it said so in a line of its own, and the start that the address was in use).
+        why = "its HOST is no IP address (an IPv6 one in brackets) or host name"
     elif not _is_decimal(port) or not 0 <= int(port) <= 65535:
         why = "its port is not a number from 0 to 65535"
     else:

@@ -737,6 +737,20 @@ def test_an_empty_redis_url_is_told_as_an_unset_variable(tmp_path: Path) -> None
         load(tmp_path, 'state: {redis_url: ""}\n')
 
 
+@pytest.mark.parametrize("listen", ["127.1:0", "*:0", "[127.0.0.1]:0", " 127.0.0.1:0", "0177.0.0.1:0", "a b:0"])
+def test_a_host_grpc_cannot_listen_on_is_refused_at_load(tmp_path: Path, listen: str) -> None:
+    # gRPC's own line said it could not parse the name, and the start that the address was in use.
+    with pytest.raises(ConfigError, match=r"^--listen \(LLMRELAY_LISTEN\): not HOST:PORT \(its HOST is no IP address"):
+        load(tmp_path, None, {"LLMRELAY_LISTEN": listen})
+
+
+@pytest.mark.parametrize(
+    "listen", ["localhost:0", "0.0.0.0:50051", "[::]:0", "gateway-1.internal.:443", "[fe80::1%eth0]:0"]
+)
+def test_an_address_or_a_host_name_is_taken_to_listen_on(tmp_path: Path, listen: str) -> None:
+    assert load(tmp_path, None, {"LLMRELAY_LISTEN": listen}).server.listen == listen
+
+
 def test_an_ipv6_address_to_listen_on_takes_brackets(tmp_path: Path) -> None:
     # Unbracketed, gRPC read ::1:0 as 0.1.0.0 port 443 and the server said the address was in use.
     with pytest.raises(
