@@ -203,7 +203,8 @@ class ServerConfig:
     may put elsewhere; unset: a connection lives as long as its caller keeps it, on the replica or worker it first
     reached."""
     reserve_completion_tokens: int = 1024
-    """What a request without max_tokens reserves for its answer against tokens-per-minute limits."""
+    """What a request without max_tokens reserves for its answer against its limits, on a route that asks its upstream
+    for no limit (an Anthropic backend asks for its own max_tokens, which is reserved instead)."""
     metrics_listen: str | None = None
     """HOST:PORT to serve Prometheus metrics on (path /metrics); unset: no metrics endpoint."""
     log_calls: bool = True

@@ -525,6 +525,12 @@ class LLMProvider(Protocol):
         """The backend's own exact count, or None when it cannot tokenize (the caller then uses tiktoken)."""
         ...
 
+    def answer_tokens_asked(self, request: CompletionRequest) -> int | None:
+        """The most tokens the upstream is asked to answer `request` with (its max_tokens as sent, or more that the
+        backend adds, such as thinking's budget); None where the request sets none and the upstream's own limit
+        applies."""
+        ...
+
     async def health(self) -> BackendHealth: ...
 
     async def aclose(self) -> None: ...
@@ -793,6 +799,8 @@ class CallEstimate(NamedTuple):
 
     answers: int
     """How many answers: one, or a stream's routes when it starts over on the next when broken."""
+    answer_tokens: int
+    """The most tokens they may answer with, together."""
     usd_micros: int
     """What they may cost, at most."""
 

@@ -888,30 +888,50 @@ class Router:
         metering.charge(backend, model, caller, usage)
 
     def estimate(
-        self, request: CompletionRequest, prompt_tokens: int, completion_tokens: int, may_use: ModelFilter | None
+        self, request: CompletionRequest, prompt_tokens: int, answer_tokens: int, may_use: ModelFilter | None
     ) -> CallEstimate:
         """The most `request` may be billed for: what its limits reserve before the call, which settle at what it
         was billed. Any route the request may take may answer it, so an answer is at the highest price among them:
         its fallbacks included, unless it asked for its model exactly, and those its key may use (`may_use`) alone.
         At the first route's price, callers that all fell back to a dearer one would overspend the budget between
-        them. A stream that starts over when broken (restart_on_interrupt) is billed for each broken attempt's part
-        and then for the next route's answer: as many answers as it has routes, at each one's price."""
+        them. An answer is as long as the route asks its upstream for at most (the request's max_tokens, or more: an
+        Anthropic backend's own max_tokens, with thinking's budget), else `answer_tokens` (the upstream's own limit
+        then applies, which the gateway cannot know). A stream that starts over when broken (restart_on_interrupt)
+        is billed for each broken attempt's part and then for the next route's answer: as many answers as it has
+        routes, each as long and at the price of its own."""
 
         def routes() -> list[Route]:
             resolved = self._routes(request, "", may_use)
             _estimated_routes.set((request, may_use, resolved))
             return resolved
 
-        costs = self._costs(routes, prompt_tokens, completion_tokens)
-        if request.restart_on_interrupt and costs:
-            return CallEstimate(answers=len(costs), usd_micros=sum(costs))
-        return CallEstimate(answers=1, usd_micros=max(costs, default=0))
+        def asked(route: Route) -> int:
+            tokens = route.backend.provider.answer_tokens_asked(request)
+            return answer_tokens if tokens is None else tokens
+
+        costs = self._costs(routes, prompt_tokens, asked)
+        if not costs:  # refused before any upstream is asked
+            return CallEstimate(answers=1, answer_tokens=answer_tokens, usd_micros=0)
+        if request.restart_on_interrupt:
+            return CallEstimate(
+                answers=len(costs),
+                answer_tokens=sum(tokens for tokens, _ in costs),
+                usd_micros=sum(usd_micros for _, usd_micros in costs),
+            )
+        return CallEstimate(
+            answers=1,
+            answer_tokens=max(tokens for tokens, _ in costs),
+            usd_micros=max(usd_micros for _, usd_micros in costs),
+        )
 
     def estimate_embedding_usd_micros(self, model: str | None, prompt_tokens: int, may_use: ModelFilter | None) -> int:
         """As estimate, for an embedding request: at the highest price among the backends that embed with its model
         and that its key may use."""
-        costs = self._costs(lambda: _allowed(self.embedding_routes(model), model, "", may_use), prompt_tokens, 0)
-        return max(costs, default=0)
+
+        def routes() -> list[Route]:
+            return _allowed(self.embedding_routes(model), model, "", may_use)
+
+        return max((usd_micros for _, usd_micros in self._costs(routes, prompt_tokens, lambda _: 0)), default=0)
 
     def refuses(self, request: CompletionRequest | EmbeddingRequest, may_use: ModelFilter | None) -> bool:
         """Whether the request is refused for its model: one nothing serves, or one its key (`may_use`) may not use."""
@@ -924,15 +944,19 @@ class Router:
             return True
         return False
 
-    def _costs(self, routes: Callable[[], list[Route]], prompt_tokens: int, completion_tokens: int) -> list[int]:
-        """The most an answer may cost on each route; none for a call refused before any upstream is asked."""
+    def _costs(
+        self, routes: Callable[[], list[Route]], prompt_tokens: int, answer_tokens: Callable[[Route], int]
+    ) -> list[tuple[int, int]]:
+        """The most tokens an answer may take on each route, and what it may cost there; none for a call refused
+        before any upstream is asked."""
         try:
             candidates = routes()
         except (ModelNotFoundError, ModelNotAllowedError):
             return []
         return [
-            self._prices.rate(route.backend.provider.spec, route.model).estimate_usd_micros(
-                prompt_tokens, completion_tokens
+            (
+                tokens := answer_tokens(route),
+                self._prices.rate(route.backend.provider.spec, route.model).estimate_usd_micros(prompt_tokens, tokens),
             )
             for route in candidates
         ]

@@ -698,6 +698,30 @@ async def test_a_request_larger_than_a_limit_is_told_what_to_change_not_when_to_
     assert len(primary.chat_requests) == 2, "refused before any upstream is asked"
 
 
+@pytest.mark.parametrize("primary", ["anthropic"], indirect=True)
+async def test_a_request_without_max_tokens_reserves_what_its_route_asks_the_upstream_for(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    # Anthropic's API needs a max_tokens: a request without one is sent the backend's (4,096), with thinking's budget
+    # on top. It reserved server.reserve_completion_tokens (1,024) all the same, and its answer could run past that.
+    prompt = TokenCounter().count_chat("claude-test", (Message(Role.USER, "hello gateway"),)).tokens
+    auth = keys_yaml(key_entry("research", RESEARCH_KEY, "limits: {tokens_per_minute: 4000}"))
+    _, channel, stub = await start(gateway_factory, primary, local, auth)
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Complete(chat(model="claude-test"), metadata=bearer(RESEARCH_KEY), timeout=5)
+        message = never_fits(caught.value, "TOKENS_PER_MINUTE_EXCEEDED", "key:research")
+        assert f"reserves {prompt + 4096} tokens ({prompt} of prompt + 4096 for the answer" in message
+        thinking = chat(model="claude-test", options=pb.CompletionOptions(reasoning_effort=pb.REASONING_EFFORT_LOW))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Complete(thinking, metadata=bearer(RESEARCH_KEY), timeout=5)
+        message = never_fits(caught.value, "TOKENS_PER_MINUTE_EXCEEDED", "key:research")
+        assert f"({prompt} of prompt + {4096 + 4096} for the answer" in message
+        fitting = chat(model="claude-test", options=pb.CompletionOptions(max_tokens=4000 - prompt))
+        assert (await stub.Complete(fitting, metadata=bearer(RESEARCH_KEY), timeout=5)).backend == "anthropic"
+    assert [body["max_tokens"] for body in primary.chat_requests] == [4000 - prompt]
+
+
 async def test_gateway_limits_hold_over_every_caller(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:

@@ -180,6 +180,10 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
             prompt_usage=state.prompt_usage,
         )
 
+    def answer_tokens_asked(self, request: CompletionRequest) -> int:
+        # The API needs a max_tokens: a request without one is sent the backend's, with thinking's budget on top.
+        return anthropic_wire.max_tokens_asked(request.options, self._max_tokens)
+
     async def count_tokens(self, model: str, messages: Sequence[Message], tools: Sequence[Tool]) -> TokenCount | None:
         """The prompt's length as the API counts it (/v1/messages/count_tokens); None, so that the gateway estimates,
         when it cannot say."""

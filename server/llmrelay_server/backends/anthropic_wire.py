@@ -95,6 +95,15 @@ class UnmappableRequestError(ValueError):
 # --- requests -------------------------------------------------------------------------------------------------------
 
 
+def max_tokens_asked(options: CompletionOptions, default_max_tokens: int) -> int:
+    """The most max_tokens `request_body` sends for these options: the caller's, else the default with thinking's
+    budget on top (a chat that cannot think, its tool choice forced or its answer prefilled, is sent the default)."""
+    if options.max_tokens is not None:
+        return options.max_tokens
+    effort = options.reasoning_effort
+    return default_max_tokens + (THINKING_BUDGETS[effort] if effort is not None and effort != "none" else 0)
+
+
 def request_body(
     model: str, request: CompletionRequest, *, default_max_tokens: int, adaptive_thinking: bool
 ) -> dict[str, Any]:

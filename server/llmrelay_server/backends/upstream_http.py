@@ -46,6 +46,7 @@ from llmrelay_server.domain import (
     BackendHealth,
     BackendSpec,
     CompletionChunk,
+    CompletionRequest,
     Message,
     UpstreamError,
     UpstreamErrorKind,
@@ -494,6 +495,11 @@ class UpstreamProvider(ABC, Generic[SDKError]):
     @property
     def spec(self) -> BackendSpec:
         return self._spec
+
+    def answer_tokens_asked(self, request: CompletionRequest) -> int | None:
+        """The most tokens the upstream is asked to answer with: the request's max_tokens, as sent (a dialect that
+        sends more says so)."""
+        return request.options.max_tokens
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -191,12 +191,14 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         """The tokens to reserve (the prompt as counted offline, and the most the answer may take, for each answer
         the call may be billed for), those of them for the answers, their cost, and how many answers."""
         parsed = convert.completion_request(request, max_image_bytes=self._max_image_bytes)  # _refused_anyway's
-        completion = parsed.options.max_tokens or self._reserve_completion_tokens
         prompt = (
             await self._counter.count_chat_async(parsed.model or "", parsed.messages, parsed.options.tools, by=by)
         ).tokens
-        answers, usd_micros = self._router.estimate(parsed, prompt, completion, models_allowed())
-        return answers * (prompt + completion), answers * completion, usd_micros, answers
+        # A request without max_tokens is as long as its route asks for, else server.reserve_completion_tokens.
+        answers, answer_tokens, usd_micros = self._router.estimate(
+            parsed, prompt, self._reserve_completion_tokens, models_allowed()
+        )
+        return answers * prompt + answer_tokens, answer_tokens, usd_micros, answers
 
     async def _estimate_embedding(self, request: pb.EmbedRequest, by: float) -> tuple[int, int]:
         """The tokens and cost to reserve: the inputs as counted offline (an embedding answers with no tokens)."""
