@@ -30,7 +30,7 @@ from llmrelay_server.logs import quiet_callers_gone, use_log_format
 from llmrelay_server.metrics import LabelValues, Metrics, MetricsObserver, StateReading
 from llmrelay_server.observing import Observer, ObservingInterceptor
 from llmrelay_server.pricing import PriceTable
-from llmrelay_server.reflection import V1_SERVICE_NAME, enable_reflection
+from llmrelay_server.reflection import V1_SERVICE_NAME, ReflectionServicer, enable_reflection
 from llmrelay_server.router import Router
 from llmrelay_server.servicer import LLMServicer
 from llmrelay_server.status import log_upstreams_words
@@ -77,6 +77,7 @@ class Gateway:
     metrics: Metrics | None
     drain_s: float
     grace_period_s: float
+    reflection: ReflectionServicer
     tracing: Tracing | None = None
     limiter: Limiter | None = None
     certificate: ServedCertificate | None = None
@@ -96,6 +97,7 @@ class Gateway:
             self.servicer.start_draining()
             await asyncio.wait({hurried}, timeout=self.drain_s if drain_s is None else drain_s)
             self.monitor.end_watches()
+            self.reflection.end_streams()
             # gRPC itself would cancel what is left at the end of the grace period with a bare status; the servicer
             # ends those calls first with its own, and gRPC's cut comes only after that.
             stopping = asyncio.ensure_future(self.server.stop(grace_s + INTERRUPT_S))
@@ -236,7 +238,7 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
     )
     add_llm_service(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, GenericOnly(server))
-    enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
+    reflection = enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     if metrics is not None and (listen := config.server.metrics_listen) is not None:
         try:
             metrics_port = metrics.serve(listen)
@@ -267,6 +269,7 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
         metrics,
         drain_s=config.server.drain_s,
         grace_period_s=config.server.grace_period_s,
+        reflection=reflection,
         tracing=tracing,
         limiter=limiter,
         certificate=certificate,

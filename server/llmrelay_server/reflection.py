@@ -9,8 +9,9 @@ that reflection describes the v1 service as it does every other.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final
 
 import grpc
@@ -18,6 +19,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from llmrelay_server.decoding import GenericOnly
+from llmrelay_server.domain import ShuttingDownError
+from llmrelay_server.status import abort
 
 V1_SERVICE_NAME: Final = "grpc.reflection.v1.ServerReflection"
 V1ALPHA_SERVICE_NAME: Final[str] = reflection.SERVICE_NAME
@@ -25,10 +28,11 @@ _V1_PACKAGE: Final = "grpc.reflection.v1"
 _V1_FILE: Final = "grpc/reflection/v1/reflection.proto"
 
 
-def enable_reflection(services: Sequence[str], server: grpc.aio.Server) -> None:
-    """Serves reflection v1 and v1alpha on `server`, listing `services` and the two reflection services."""
+def enable_reflection(services: Sequence[str], server: grpc.aio.Server) -> ReflectionServicer:
+    """Serves reflection v1 and v1alpha on `server`, listing `services` and the two reflection services; the servicer
+    returned ends their open streams at a shutdown (`end_streams`)."""
     _add_v1_file(descriptor_pool.Default())
-    servicer = _ReflectionServicer((*services, V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME))
+    servicer = ReflectionServicer((*services, V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME))
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, GenericOnly(server))
     v1_method = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
@@ -38,12 +42,49 @@ def enable_reflection(services: Sequence[str], server: grpc.aio.Server) -> None:
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(V1_SERVICE_NAME, {"ServerReflectionInfo": v1_method}),)
     )
+    return servicer
 
 
-class _ReflectionServicer(reflection.aio.ReflectionServicer):  # type: ignore[misc]  # grpcio-reflection: untyped
+class ReflectionServicer(reflection.aio.ReflectionServicer):  # type: ignore[misc]  # grpcio-reflection: untyped
     """grpcio-reflection's servicer, which also finds the file of a method ("llmrelay.v1.LLMService.Complete", as
     `grpcurl describe` asks, and a Go server answers): the default pool finds services and messages by name, not a
-    method, and the method was "not found"."""
+    method, and the method was "not found"; and whose streams a shutdown can end (`end_streams`)."""
+
+    def __init__(self, service_names: Sequence[str]) -> None:
+        super().__init__(service_names)
+        self._streams: set[asyncio.Task[Any]] = set()
+        self._ending = False
+
+    async def ServerReflectionInfo(
+        self,
+        requests: AsyncIterator[reflection_pb2.ServerReflectionRequest],
+        context: grpc.aio.ServicerContext[
+            reflection_pb2.ServerReflectionRequest, reflection_pb2.ServerReflectionResponse
+        ],
+    ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
+        if self._ending:  # came in after `end_streams`, before the server's stop closed the door: it would hold it
+            await abort(context, "ServerReflectionInfo", ShuttingDownError())
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams.add(task)
+        try:
+            async for response in super().ServerReflectionInfo(requests, context):
+                yield response
+        except asyncio.CancelledError:
+            if not self._ending:
+                raise
+            task.uncancel()  # ended by end_streams: the caller is told why, and to go to another instance
+            await abort(context, "ServerReflectionInfo", ShuttingDownError())
+        finally:
+            self._streams.discard(task)
+
+    def end_streams(self) -> None:
+        """Ends every reflection stream with SHUTTING_DOWN: a tool (grpcui, Postman, grpc-go's reflection client)
+        keeps one open, idle, until it leaves, and the server's stop would otherwise wait for it the whole grace
+        period, as for a model call."""
+        self._ending = True
+        for task in self._streams:
+            task.cancel()
 
     def _file_containing_symbol(self, request: Any, fully_qualified_name: str) -> Any:
         service, _, method = fully_qualified_name.rpartition(".")

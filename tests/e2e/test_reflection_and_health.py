@@ -12,7 +12,7 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from llmrelay_server.app import Gateway
-from support import GatewayFactory, two_backends
+from support import GatewayFactory, details, two_backends
 from upstream import FakeUpstream
 
 REFLECTION_SERVICES = ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection")
@@ -147,3 +147,34 @@ async def test_a_watch_does_not_hold_a_graceful_shutdown(
         assert stopped_s < 10, f"the stop took {stopped_s:.1f} s: the watch held it"
         assert statuses == [NOT_SERVING]
         assert await watch.code() == grpc.StatusCode.OK
+
+
+async def test_an_open_reflection_stream_does_not_hold_a_graceful_shutdown(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """A tool's reflection stream (grpcui, Postman, grpc-go's client keep one open) lasts until the tool leaves: the
+    stop ends it after the drain, as it ends a watch, with the status other calls get from a shutdown."""
+    gateway: Gateway = await gateway_factory(two_backends(primary, local))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        streams = []
+        for service in REFLECTION_SERVICES:
+            stream = channel.stream_stream(
+                f"/{service}/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )(timeout=60)
+            await stream.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            answer = await stream.read()
+            assert isinstance(answer, reflection_pb2.ServerReflectionResponse) and answer.list_services_response.service
+            streams.append(stream)
+        started = asyncio.get_running_loop().time()
+        await gateway.stop(grace_period_s=10, drain_s=0.2)
+        stopped_s = asyncio.get_running_loop().time() - started
+        assert stopped_s < 5, f"the stop took {stopped_s:.1f} s: the reflection streams held it"
+        for stream in streams:
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await stream.read()
+            assert (ended.value.code(), details(ended.value)["ErrorInfo"].reason) == (
+                grpc.StatusCode.UNAVAILABLE,
+                "SHUTTING_DOWN",
+            )
