@@ -13,6 +13,7 @@ from asyncio.subprocess import PIPE
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Final
 
 import pytest
 from certs import Authority
@@ -28,7 +29,9 @@ EMPTY_TABLE = "backend  model  caller  requests  prompt  completion  total  cost
 """What `llmrelay usage` prints when no usage matches."""
 
 
-async def llmrelay(*args: str, env: dict[str, str] | None = None, stdin: bytes | None = None) -> tuple[int, str, str]:
+async def llmrelay(
+    *args: str | bytes, env: dict[str, str] | None = None, stdin: bytes | None = None
+) -> tuple[int, str, str]:
     """Runs the command (`stdin` its standard input, else none); its exit status, stdout and stderr. Without `env`,
     this environment less any caller key."""
     environment = env if env is not None else {k: v for k, v in os.environ.items() if k != KEY_ENV}
@@ -393,6 +396,54 @@ async def test_a_dash_reads_the_text_from_standard_input(
     assert code == status, err
     assert said in (out + err if status == 0 else err), (out, err)
     assert "Traceback" not in err
+
+
+NOT_UTF8: Final = "caf\udce9"
+"""The bytes caf\\xe9 (a Latin-1 "café") as Python reads them from a UTF-8 command line (surrogateescape)."""
+NOT_UTF8_SAID: Final = "not valid UTF-8 text (the byte 0xe9 at character 4)"
+
+
+@pytest.mark.parametrize(
+    ("args", "argument"),
+    [
+        (["complete", NOT_UTF8], "prompt"),
+        (["stream", "hi", "--model", NOT_UTF8], "--model"),
+        (["complete", "hi", "--system", NOT_UTF8], "--system"),
+        (["tokens", NOT_UTF8], "text"),
+        (["tokens", "hi", "--model", NOT_UTF8], "--model"),
+        (["embed", "hi", NOT_UTF8], "text"),
+        (["embed", "hi", "--model", NOT_UTF8], "--model"),
+        (["usage", "--caller", NOT_UTF8], "--caller"),
+        (["usage", "--backend", NOT_UTF8], "--backend"),
+        (["usage", "--model", NOT_UTF8], "--model"),
+        (["--target", f"{NOT_UTF8}:1", "health"], "--target"),
+    ],
+)
+def test_text_that_is_not_utf8_is_a_mistake_in_the_options(
+    args: list[str], argument: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The SDK raised "TypeError: function takes exactly 5 arguments (1 given)" (a UnicodeEncodeError for usage's
+    options, gRPC's own for the target), as a traceback, status 1."""
+    with pytest.raises(SystemExit) as caught:
+        main(["--target", "127.0.0.1:9", *args])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f": error: argument {argument}: {NOT_UTF8_SAID}")
+
+
+@pytest.mark.parametrize(
+    ("command", "argument"),
+    [(["complete", b"caf\xe9"], "prompt"), (["usage", "--caller", b"caf\xe9"], "--caller")],
+    ids=["complete", "usage"],
+)
+async def test_bytes_that_are_not_utf8_on_the_command_line_are_one_line(
+    gateway: Gateway, command: list[str | bytes], argument: str
+) -> None:
+    """As typed in a shell with a UTF-8 locale, `llmrelay complete $'caf\\xe9'`: a traceback, status 1."""
+    env = {**{k: v for k, v in os.environ.items() if k != KEY_ENV}, "LC_ALL": "C.UTF-8"}
+    status, out, err = await llmrelay("--target", f"127.0.0.1:{gateway.port}", *command, env=env)
+    assert (status, out) == (2, ""), err
+    assert err.startswith("usage: llmrelay ") and "Traceback" not in err, err
+    assert err.splitlines()[-1].endswith(f": error: argument {argument}: {NOT_UTF8_SAID}"), err
 
 
 @pytest.mark.parametrize(

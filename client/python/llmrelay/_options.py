@@ -94,16 +94,31 @@ def named(what: str, choices: Mapping[_K, _T], name: object) -> _T:
 
 def built(message_type: type[_M], fields: Mapping[str, Any]) -> _M:
     """message_type(**fields), with a field protobuf refuses named in the error (its words alone, such as "bad argument
-    type for built-in operation" or "Value out of range: 99999999999", do not say which of the fields it was)."""
+    type for built-in operation" or "Value out of range: 99999999999", do not say which of the fields it was). Text
+    that is not UTF-8 is a ValueError that names its field and shows none of the text (a prompt, which may hold
+    anything)."""
     try:
         return message_type(**fields)
     except (TypeError, ValueError) as error:
         for name, value in fields.items():
             try:
                 message_type(**{name: value})
+            except UnicodeError as refused:
+                # Not type(refused)(...): a UnicodeEncodeError takes five arguments, and that TypeError named no field.
+                raise ValueError(f"{name}: not valid UTF-8 text ({_not_utf8(refused)})") from None
             except (TypeError, ValueError) as refused:
                 raise type(refused)(f"{name}={_shown.repr(value)}: {refused}") from None
         raise error
+
+
+def _not_utf8(error: UnicodeError) -> str:
+    """What in a text UTF-8 cannot hold, by the one character or byte (never the text around it)."""
+    if isinstance(error, UnicodeEncodeError):  # UTF-8 encodes every character but a lone surrogate
+        found = ascii(error.object[error.start])[1:-1]
+        return f"a lone surrogate such as {found}, from bytes decoded with surrogateescape"
+    if isinstance(error, UnicodeDecodeError):
+        return f"bytes that are not UTF-8, such as 0x{error.object[error.start]:02x}"
+    return error.__class__.__name__
 
 
 def completion_options(options: CompletionOptions) -> pb.CompletionOptions | None:

@@ -193,11 +193,24 @@ def _count(text: str) -> int:
 STDIN: Final = "-"
 
 
+def _utf8(text: str) -> str:
+    """Text that a message can carry (argparse's type for what is sent to the gateway: a prompt, a model, a caller).
+    An argument's bytes that are not UTF-8 (a Latin-1 "café", its é the byte 0xe9) reach Python as lone surrogates
+    (surrogateescape), which UTF-8 on the wire cannot hold: the call would end in a traceback, naming no option."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        found = f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"the lone surrogate \\u{code:04x}"
+        raise argparse.ArgumentTypeError(f"not valid UTF-8 text ({found} at character {exc.start + 1})") from None
+    return text
+
+
 def _text(text: str) -> str:
     """A text argument (argparse's type for a prompt, a text to embed or count), or standard input's whole text for
     "-", as `cat -` reads it: `git diff | llmrelay complete -`."""
     if text != STDIN:
-        return text
+        return _utf8(text)
     if sys.stdin is None:
         raise argparse.ArgumentTypeError("- reads standard input, which is closed")
     try:
@@ -216,7 +229,7 @@ def _target(text: str) -> str:
     """The gateway's target (argparse's type for --target): an empty one would have gRPC print its own error lines."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty target: give HOST:PORT, or leave --target out for the default")
-    return text
+    return _utf8(text)
 
 
 def _timeout(text: str) -> float:
@@ -300,8 +313,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, run, text in (("complete", _complete, "one answer"), ("stream", _stream, "stream tokens as they come")):
         command = commands.add_parser(name, help=text)
         command.add_argument("prompt", type=_text, help="the user message (-: standard input)")
-        command.add_argument("--model", help="a model, backend/model or alias (default: the default chain)")
-        command.add_argument("--system", help="a system message to put first")
+        command.add_argument("--model", type=_utf8, help="a model, backend/model or alias (default: the default chain)")
+        command.add_argument("--system", type=_utf8, help="a system message to put first")
         command.add_argument("--max-tokens", type=_count)
         command.add_argument("--temperature", type=float)
         command.add_argument("--exact-model", action="store_true", help="no fallback to another model")
@@ -309,13 +322,15 @@ def _parser() -> argparse.ArgumentParser:
 
     embed = commands.add_parser("embed", help="the vectors of texts, one JSON array a line, in order")
     embed.add_argument("texts", nargs="+", metavar="text", type=_text, help="a text to embed (-: standard input)")
-    embed.add_argument("--model", help="an embedding model, backend/model or alias (default: the gateway's)")
+    embed.add_argument(
+        "--model", type=_utf8, help="an embedding model, backend/model or alias (default: the gateway's)"
+    )
     embed.add_argument("--dimensions", type=_count, help="shorter vectors, where the model can make them")
     embed.set_defaults(run=_embed)
 
     tokens = commands.add_parser("tokens", help="count the tokens of a text or a one-message chat")
     tokens.add_argument("text", type=_text, help="the text to count (-: standard input)")
-    tokens.add_argument("--model")
+    tokens.add_argument("--model", type=_utf8)
     tokens.add_argument("--chat", action="store_true", help="count as a user message, with chat overhead")
     tokens.set_defaults(run=_tokens)
 
@@ -326,9 +341,9 @@ def _parser() -> argparse.ArgumentParser:
     health.set_defaults(run=_health)
 
     usage = commands.add_parser("usage", help="token usage per backend, model and caller")
-    usage.add_argument("--backend")
-    usage.add_argument("--model", help="an upstream's model name, as the table shows it, or backend/model")
-    usage.add_argument("--caller")
+    usage.add_argument("--backend", type=_utf8)
+    usage.add_argument("--model", type=_utf8, help="an upstream's model name, as the table shows it, or backend/model")
+    usage.add_argument("--caller", type=_utf8)
     window = (
         "a time ago (30m, 24h, 7d) or an ISO 8601 date or time, UTC unless it says; usage is kept by the minute (by the"
         " day past the gateway's server.usage_by_minute_days)"

@@ -273,6 +273,36 @@ def test_an_argument_the_contract_cannot_hold_is_refused_by_name_before_any_call
     assert str(raised.value).startswith(says), raised.value
 
 
+_LONE = "not valid UTF-8 text (a lone surrogate such as \\udce9, from bytes decoded with surrogateescape)"
+_SECRET = "secret caf\udce9"
+"""The bytes caf\\xe9 (a Latin-1 "café") as Python reads them with surrogateescape, after text never to be shown."""
+
+
+@pytest.mark.parametrize(
+    ("call", "says"),
+    [
+        (lambda c: c.complete([{"role": "user", "content": _SECRET}]), f"content: {_LONE}"),
+        (lambda c: c.complete(_HI, model=_SECRET), f"model: {_LONE}"),
+        (lambda c: c.stream(_HI, stop=_SECRET), f"stop: {_LONE}"),
+        (lambda c: c.embed(["hi", _SECRET]), f"inputs: {_LONE}"),
+        (lambda c: c.count_tokens(text=_SECRET), f"text: {_LONE}"),
+        (lambda c: c.get_usage({"caller": _SECRET}), f"caller: {_LONE}"),
+        (lambda c: message("user", cast(Any, b"secret caf\xe9")), "content: not valid UTF-8 text (bytes that are no"),
+    ],
+    ids=["content", "model", "stop", "embed-input", "count-text", "usage-caller", "content-bytes"],
+)  # fmt: skip
+def test_text_that_is_not_utf8_is_refused_by_name_before_any_call(
+    client: Client, call: Callable[[Client], object], says: str
+) -> None:
+    """A lone surrogate (a non-UTF-8 byte read with surrogateescape, as from a command line or a file name) raised
+    "TypeError: function takes exactly 5 arguments (1 given)", naming no field: UnicodeEncodeError, remade from one
+    argument. The text itself is never shown."""
+    with pytest.raises(ValueError, match=r"not valid UTF-8") as raised:
+        call(client)
+    assert str(raised.value).startswith(says), raised.value
+    assert type(raised.value) is ValueError and "secret" not in str(raised.value)
+
+
 def test_metadata_and_the_caller_travel_with_each_call(client: Client, gateway: FakeGateway) -> None:
     call = gateway.run(lambda: client.health(metadata=[("authorization", "Bearer k")]))
     gateway.answer("Health", pb.HealthResponse(serving=True))
