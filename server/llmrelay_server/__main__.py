@@ -11,6 +11,8 @@ from types import FrameType
 
 INTERRUPTED = 130
 """128 + SIGINT: the shell's status for a command stopped by Ctrl-C."""
+_OWN_PACKAGES = frozenset({"llmrelay_server", "llmrelay"})
+"""The packages of this distribution: a module of theirs missing is a bug, not a missing extra."""
 
 
 def main() -> None:
@@ -27,7 +29,15 @@ def main() -> None:
     # JSON with log_format: json) for every connection that fails its TLS handshake, which anyone who reaches the port
     # can add without end. Its errors still show; GRPC_VERBOSITY set by the operator wins. Before gRPC is loaded.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    from llmrelay_server.cli import main as command_line
+    try:
+        from llmrelay_server.cli import main as command_line
+    except ModuleNotFoundError as exc:
+        # `pip install .` (the SDK alone) installs this script too, and its first import of a server dependency
+        # (grpc_health, ...) ended it with a traceback. A module of our own missing is a bug, and shown as one.
+        package = (exc.name or "").partition(".")[0]  # grpc_health, of grpc_health.v1
+        if not package or package in _OWN_PACKAGES:
+            raise
+        sys.exit(f"llmrelay-server: needs the server extra: pip install 'llmrelay[server]' (missing module {package})")
 
     if loading:
         signal.signal(signal.SIGINT, signal.default_int_handler)
