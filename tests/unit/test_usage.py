@@ -475,3 +475,30 @@ async def test_records_in_the_old_default_journal_of_a_postgresql_ledger_are_sai
     assert "llmrelay-usage.journal holds usage records an older version journaled" in caplog.text
     assert "server.usage_journal_dir: llmrelay-usage.journal" in caplog.text
     await ledger.aclose()
+
+
+async def test_a_query_cancelled_while_it_reads_leaves_the_database_to_the_next(tmp_path: Path) -> None:
+    # A GetUsage past its caller's deadline: its read went on in its thread, within a transaction on the store's one
+    # connection, and the flush after it failed to begin one (the ledger said the database was down), as did the next
+    # query, whoever's it was.
+    path = tmp_path / "usage.db"
+    await UsageLedger(path).aclose()  # the schema
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        connection.executemany(  # enough callers that reading them all takes a while
+            "INSERT INTO usage_buckets (backend, model, caller, bucket_start, requests, prompt_tokens,"
+            " completion_tokens, estimated_requests) VALUES ('b', 'm', ?, 0, 1, 1, 1, 0)",
+            ((f"caller-{i}",) for i in range(100_000)),
+        )
+    ledger = UsageLedger(path)
+    try:
+        reading = asyncio.create_task(ledger.query())
+        await asyncio.sleep(0.05)  # its thread is in the read
+        reading.cancel()
+        ledger.record("b", "m", "after", TokenUsage(3, 4), at=T0)
+        await ledger.flush()
+        assert [t.total_tokens for t in await ledger.query(caller="after")] == [7]
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+    finally:
+        await ledger.aclose()
+    assert requests_on_disk(path) == 100_001

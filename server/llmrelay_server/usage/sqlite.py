@@ -13,13 +13,14 @@ migration 1, which brings its table to the form the first versions left it in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from llmrelay_server.usage.store import (
     COUNT_COLUMNS,
@@ -126,13 +127,15 @@ class SQLiteStore:
         return "SQLite in memory" if self._path == MEMORY else f"SQLite {self._path}"
 
     async def check(self) -> None:
-        await self._run(lambda: self._connection.execute("SELECT 1 FROM applied_batches LIMIT 1").fetchall())
+        await self._run(
+            lambda: self._connection.execute("SELECT 1 FROM applied_batches LIMIT 1").fetchall(), reads_only=True
+        )
 
     async def apply(self, batch: BatchId, buckets: Buckets) -> bool:
         return await self._run(lambda: self._apply(batch, buckets))
 
     async def read(self, selection: Selection, journals: Collection[str]) -> Snapshot:
-        return await self._run(lambda: self._read(selection, journals))
+        return await self._run(lambda: self._read(selection, journals), reads_only=True)
 
     async def roll_up(self, before: int) -> int:
         return await self._run(lambda: self._roll_up(before))
@@ -141,10 +144,20 @@ class SQLiteStore:
         async with self._lock:
             await asyncio.to_thread(self._connection.close)
 
-    async def _run(self, work: Callable[[], _T]) -> _T:
+    async def _run(self, work: Callable[[], _T], *, reads_only: bool = False) -> _T:
+        """`work` in a thread, on the store's one connection, which it holds until the work ends. Cancelled (a
+        GetUsage past its caller's deadline), it still holds it until the thread is done: the thread goes on with the
+        connection, within a transaction, and the next to use it (the ledger's writes) failed to begin one. Work that
+        `reads_only` is interrupted then; writes are short, and end as they would have."""
         async with self._lock:
+            running = asyncio.ensure_future(asyncio.to_thread(self._on_the_file, work))
             try:
-                return await asyncio.to_thread(self._on_the_file, work)
+                return await asyncio.shield(running)
+            except asyncio.CancelledError:
+                if reads_only:
+                    self._connection.interrupt()
+                await _until_done(running)
+                raise
             except sqlite3.Error as exc:
                 raise LedgerUnavailableError(f"{self.description}: {exc}") from exc
 
@@ -210,6 +223,16 @@ class SQLiteStore:
         finally:
             connection.rollback()
         return Snapshot({(row[0], row[1], row[2]): list(row[3:]) for row in rows}, dict(last_batches))
+
+
+async def _until_done(running: asyncio.Future[Any]) -> None:
+    """Waits for `running` to end, cancelled or not, and takes its outcome (an interrupted read's error, which no one
+    awaits now)."""
+    while not running.done():
+        with contextlib.suppress(asyncio.CancelledError):  # cancelled again: the connection is still its
+            await asyncio.wait([running])
+    if not running.cancelled():
+        running.exception()
 
 
 def _file_at(path: str) -> tuple[int, int] | None:
