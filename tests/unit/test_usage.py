@@ -502,3 +502,15 @@ async def test_a_query_cancelled_while_it_reads_leaves_the_database_to_the_next(
     finally:
         await ledger.aclose()
     assert requests_on_disk(path) == 100_001
+
+
+async def test_a_model_name_too_long_to_keep_whole_finds_its_records(ledger: UsageLedger) -> None:
+    # An upstream may name its model at any length; the ledger keeps a name past 256 characters shortened (a digest
+    # for its end). Asked for by the name the answer gave, the records were not found: "no usage", answered OK.
+    long_name = "model-" + "x" * 300
+    ledger.record("openai", long_name, "alice", TokenUsage(5, 6), at=T0)
+    ledger.record("openai", long_name + "y", "alice", TokenUsage(1, 1), at=T0)
+    await ledger.flush()
+    [kept] = await ledger.query(model=long_name)
+    assert (kept.total_tokens, len(kept.model)) == (11, 256)
+    assert kept.model.startswith("model-xxx") and kept.model != long_name

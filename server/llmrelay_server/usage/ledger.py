@@ -391,6 +391,8 @@ class UsageLedger:
     ) -> list[UsageTotals]:
         """Totals per backend, model and caller, largest total first; records not yet written are included.
         UsageUnavailableError when the database cannot be read (the caller is told to come back, not where it is)."""
+        if model is not None and len(model) > MAX_MODEL_CHARS:
+            model = _shortened(model)  # as its records are kept: the name an answer gave finds them
         selection = Selection(backend, model, caller, start, end)
         if self._unavailable is not None:
             # Down when last tried: asked first, so that the caller is told within the database's own bound, not
