@@ -11,6 +11,7 @@ import grpc
 import pytest
 from certs import Authority
 from harness import BIN, clean_env
+from raw_server import RawServer
 from support import OPENAI_TEST_KEY, StubFactory, chat, read_all, served_by_openai, stream_chat
 from upstream import FakeUpstream
 
@@ -144,3 +145,57 @@ async def test_ssl_cert_file_that_names_no_certificates_stops_the_command_at_sta
     assert process.returncode == 1
     assert f"llmrelay-server: configuration error: SSL_CERT_FILE: {path}: no PEM certificate in it" in err.decode()
     assert "Traceback" not in err.decode()
+
+
+def first_then(raw: RawServer, then: FakeUpstream) -> str:
+    """A misbehaving upstream as the first backend, the fake one after it to fall back to; no retries."""
+    return f"""
+llm:
+  openai: {{api_key: "{OPENAI_TEST_KEY}", base_url: "{raw.url().removesuffix("/chat/completions")}", model: m}}
+  backends:
+    - {{name: good, kind: vllm, base_url: "{then.base_url}", model: {then.models[0]}}}
+{NO_RETRIES}"""
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+async def test_an_error_answer_in_an_encoding_the_pool_leaves_falls_back_to_the_next_backend(
+    stub_for: StubFactory, primary: FakeUpstream, caplog: pytest.LogCaptureFixture, streaming: bool
+) -> None:
+    # A list of codings (a proxy's "gzip, identity" over a body that is no gzip): httpx2 decoded the error's body once
+    # more, by the header the pool had left, and its DecodingError ended the call INTERNAL, logged with a traceback,
+    # the next backend never asked.
+    asked: list[bytes] = []
+
+    async def bad_gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        asked.append((await reader.readuntil(b"\r\n\r\n")).split(b" ", 2)[1])  # its path (and health probes')
+        body = b"<html>bad gateway</html>"
+        head = f"HTTP/1.1 502 Bad Gateway\r\nContent-Encoding: gzip, identity\r\nContent-Length: {len(body)}\r\n\r\n"
+        writer.write(head.encode() + body)
+        await writer.drain()
+
+    async with RawServer(bad_gateway) as raw:
+        stub = await stub_for(first_then(raw, primary))
+        if streaming:
+            assert (await read_all(stub.StreamComplete(stream_chat(), timeout=10)))[-1].finish_reason
+        else:
+            assert (await stub.Complete(chat(), timeout=10)).backend == "good"
+    assert asked.count(b"/v1/chat/completions") == 1 and len(primary.chat_requests) == 1
+    assert not [r for r in caplog.records if r.exc_info], "no traceback for an upstream's bad answer"
+
+
+async def test_a_connection_that_is_never_made_is_said_to_be_one(stub_for: StubFactory, primary: FakeUpstream) -> None:
+    # A TLS handshake that gets no answer (or a full backlog): "the upstream did not answer in time" sent the
+    # operator to a slow model, not to the network.
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    async with RawServer(silent) as raw:
+        base_url = raw.url("https").removesuffix("/chat/completions")
+        stub = await stub_for(
+            f'llm:\n  openai: {{api_key: "{OPENAI_TEST_KEY}", base_url: "{base_url}", model: m}}\n  order: [openai]\n'
+            + NO_RETRIES
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await stub.Complete(chat(), timeout=30)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert f"no connection to https://127.0.0.1:{raw.port} in 5 s" in (failed.value.details() or "")

@@ -10,7 +10,9 @@ import gzip
 import json
 import os
 import re
+import socket
 import ssl
+import struct
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -652,6 +654,25 @@ async def test_an_answer_cut_short_is_a_read_error(fake: CountingUpstream, pool:
     async with RawServer(answering(ok(b"{}")[:-1], then_close=True)) as server:
         response = await pool.post(Http1Target(server.url()), b"{}", 5)
         with pytest.raises(httpx2.ReadError):
+            await response.read()
+    assert_drained(pool)
+
+
+async def test_a_body_that_ends_at_close_cut_by_a_reset_is_a_read_error(pool: Http1Pool) -> None:
+    # A body with no length ends where the connection does, but only where it closes: a reset mid-way was taken for
+    # its end, and the half answer came out as a whole one (malformed JSON to the caller, and not retried).
+    async def reset_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{"half": ')
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # closed with a reset
+        writer.transport.abort()
+
+    async with RawServer(reset_mid_body) as server:
+        response = await pool.post(Http1Target(server.url()), b"{}", 5)
+        with pytest.raises(httpx2.ReadError, match="before the answer ended"):
             await response.read()
     assert_drained(pool)
 

@@ -838,8 +838,9 @@ class _Connection(asyncio.Protocol):
             self._wake()
             return
         cause = f": {exc}" if exc is not None else ""
-        if self._head_done and self._ends_at_close():
-            self._complete = True  # a body without a length ends where the connection does
+        if self._head_done and self._ends_at_close() and exc is None:
+            # A body without a length ends where the connection does, closed (a reset cuts it short: a ReadError).
+            self._complete = True
             self._wake()
         elif not self._started:
             self._fail(httpx2.RemoteProtocolError(f"Server disconnected without sending a response{cause}"))

@@ -244,7 +244,9 @@ async def _send(endpoint: Endpoint, content: bytes, timeout_s: float | None) -> 
         raise endpoint.errors.status(
             httpx2.Response(
                 response.status,
-                headers=response.headers,
+                # The body as the pool could decode it: httpx2 would decode it again, by a Content-Encoding the pool
+                # left (a list, "gzip, identity"; one it does not take), and raise an error no one maps.
+                headers=[(name, value) for name, value in response.headers if name.lower() != b"content-encoding"],
                 content=body,
                 request=httpx2.Request("POST", endpoint.url),
                 extensions={"reason_phrase": response.reason.encode("latin-1")} if response.reason else {},
@@ -520,6 +522,8 @@ class UpstreamProvider(ABC, Generic[SDKError]):
         name = self._spec.name
         if (busy := pool_full(name, exc)) is not None:
             return busy
+        if isinstance(exc.__cause__, httpx2.ConnectTimeout):  # the network, or a backlog full, not a slow model
+            return UpstreamError(UpstreamErrorKind.TIMEOUT, name, self._redact(str(exc.__cause__)))
         if timed_out:
             return UpstreamError(UpstreamErrorKind.TIMEOUT, name, "the upstream did not answer in time")
         return UpstreamError(
