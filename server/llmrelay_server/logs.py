@@ -5,13 +5,19 @@ and a wake-up of whatever reads the pipe). So `llmrelay-server` keeps formatted 
 a thread of its own, a moment (`FLUSH_DELAY_S`) after the first line of a batch; warnings and errors at once; the
 rest at exit. A process killed with SIGKILL loses at most that moment's lines; a crash's traceback, written by
 Python itself, is not delayed. Each write holds whole lines and at most PIPE_BUF bytes (one line longer than that
-alone), so that the lines of several workers sharing one pipe never interleave inside a line.
+alone), which the kernel writes to a pipe in one piece.
+
+A line longer than PIPE_BUF (a call's line with its prompt, a traceback) takes several writes, between which another
+process's writes to the same pipe can come. So the processes of a multi-process gateway (`workers`), which share one
+standard error, each write a batch under a lock on it (`fcntl.lockf`, a lock of the process): their lines never mix
+inside a line, whatever their length. A process alone takes no lock.
 
 A worker of a multi-process gateway (`workers`) marks its lines: `[worker N]` in text, "worker": N in JSON.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -48,13 +54,20 @@ def configure(level: str | int, worker: int | None = None) -> None:
     """Log to standard error at `level`, in text, through a `BatchingHandler`."""
     global _worker, _handler
     _worker = worker
-    handler = _handler = BatchingHandler(os.dup(sys.stderr.fileno()))
+    handler = _handler = BatchingHandler(os.dup(sys.stderr.fileno()), shared=worker is not None)
     handler.setFormatter(TextFormatter(text_format(worker)))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     # What no format of ours shows, not looked up for every record (the logging HOWTO's "Optimization"): the
     # calling frame's file and line, the thread, the process.
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+
+
+def share_stderr() -> None:
+    """For a supervisor, whose workers write to its standard error too: its lines are written as theirs are, under
+    the lock on it (see BatchingHandler.shared)."""
+    if _handler is not None:
+        _handler.shared = True
 
 
 def call_lines_writer() -> BatchingHandler | None:
@@ -102,9 +115,13 @@ def use_log_format(log_format: str) -> None:
 class BatchingHandler(logging.Handler):
     """Writes formatted lines to a file descriptor together, `FLUSH_DELAY_S` after the first unwritten one."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, shared: bool = False) -> None:
         super().__init__()
         self._fd = fd
+        self.shared = shared
+        """Whether other processes write to the same file (a gateway's supervisor and workers): each batch is then
+        written under a lock on it, held by one process at a time, so that none of theirs comes between the writes of
+        a line longer than PIPE_BUF. A process alone saves the lock's two system calls a batch."""
         self._lines: list[bytes] = []
         self._waking = False
         """Whether the writer was woken for the lines waiting (they are written within FLUSH_DELAY_S)."""
@@ -142,19 +159,37 @@ class BatchingHandler(logging.Handler):
         with self.lock:  # type: ignore[union-attr]  # Handler.createLock made it
             self._waking = False
             lines, self._lines = self._lines, []
-            chunk = b""
-            for line in lines:
-                if chunk and len(chunk) + len(line) > select.PIPE_BUF:
+            if not lines:
+                return
+            locked = self.shared and self._lock_file()
+            try:
+                chunk = b""
+                for line in lines:
+                    if chunk and len(chunk) + len(line) > select.PIPE_BUF:
+                        self._write(chunk)
+                        chunk = b""
+                    chunk += line
+                if chunk:
                     self._write(chunk)
-                    chunk = b""
-                chunk += line
-            if chunk:
-                self._write(chunk)
+            finally:
+                if locked:
+                    fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         self.flush()
         os.close(self._fd)
         super().close()
+
+    def _lock_file(self) -> bool:
+        """Waits until this process holds the lock on the file that the gateway's processes share; whether it does."""
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        except OSError:
+            # A file that takes no lock (a file system without them, standard error closed): written from now on as by
+            # a process alone, each write whole up to PIPE_BUF.
+            self.shared = False
+            return False
+        return True
 
     def _write(self, data: bytes) -> None:
         try:

@@ -9,8 +9,9 @@ for the same reason). The workers listen on the port with SO_REUSEPORT, and the 
 them.
 
 - A worker that dies is restarted, after a back-off when it keeps dying soon after its start, and logged; one whose
-  event loop has not run for server.worker_timeout_s (its heartbeat, a byte down a pipe every second, stopped) is
-  killed and restarted, as the kernel would go on giving it connections it answers none of. Every worker reads the
+  process cannot be made then is tried again after a longer one, the others serving meanwhile. One whose event loop
+  has not run for server.worker_timeout_s (its heartbeat, a byte down a pipe every second, stopped) is killed and
+  restarted, as the kernel would go on giving it connections it answers none of. Every worker reads the
   configuration file as the gateway started with it (a copy in the run directory): a restart after an edit does
   not leave one worker on other settings than the rest.
 - SIGTERM or SIGINT: sent on to every worker; each drains and finishes its calls (drain_s, then grace_period_s) and
@@ -58,7 +59,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from llmrelay_server.config import GatewayConfig
-from llmrelay_server.logs import use_log_format
+from llmrelay_server.logs import share_stderr, use_log_format
 from llmrelay_server.metrics import serve_metrics
 
 log = logging.getLogger("llmrelay_server.workers")
@@ -292,6 +293,7 @@ class Supervisor:
         """Serves until SIGTERM or SIGINT; the exit status (a worker's, when the workers could not start)."""
         server = self._config.server
         use_log_format(server.log_format)
+        share_stderr()
         reservation = reserve_port(server.listen)
         host, port = server.listen.rpartition(":")[0], reservation.getsockname()[1]
         loop = asyncio.get_running_loop()
@@ -307,7 +309,11 @@ class Supervisor:
                 for worker in workers:
                     if self._stop.is_set():  # SIGTERM while they start: those started are stopped below
                         return 0
-                    await self._start(worker, run_dir, f"{host}:{port}")
+                    try:
+                        await self._start(worker, run_dir, f"{host}:{port}")
+                    except OSError as exc:
+                        log.error("worker %d could not be started (%s); stopping", worker.index, exc)
+                        return 1
                 failed = await self._until_all_serve(workers, run_dir)
                 if failed is not None:
                     return failed
@@ -407,15 +413,17 @@ class Supervisor:
             for worker in workers:
                 if worker.heard_at is None or worker.process is None or now - worker.heard_at <= timeout_s:
                     continue
+                silent_s, worker.heard_at = now - worker.heard_at, None  # once: its exit restarts it
+                # Killed before it is logged: a worker stopped while it wrote its log holds the lock on the standard
+                # error they share (logs.BatchingHandler.shared), which the line would wait for until it dies.
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.kill()
                 log.error(
                     "worker %d (pid %d) has not run its event loop for %.0f s (blocked, or stopped); killing it",
                     worker.index,
                     worker.process.pid,
-                    now - worker.heard_at,
+                    silent_s,
                 )
-                worker.heard_at = None  # once: its exit restarts it
-                with contextlib.suppress(ProcessLookupError):
-                    worker.process.kill()
 
     async def _until_all_serve(self, workers: list[_Worker], run_dir: Path) -> int | None:
         """Waits until every worker has announced itself; the exit status of the first that exits before, if any."""
@@ -445,16 +453,14 @@ class Supervisor:
                 await asyncio.wait({stopping, exited, *restarting}, return_when=asyncio.FIRST_COMPLETED)
                 for restart in [task for task in restarting if task.done()]:
                     restarting.discard(restart)
-                    restart.result()  # a worker that cannot be started (no process can be made) stops them all
+                    restart.result()  # what _restart does not expect (a bug) stops them all, with its traceback
                 if stopping.done() or not exited.done():
                     continue
                 worker = exited.result()
                 exited = asyncio.ensure_future(self._exits.get())
                 assert worker.process is not None
                 lived_s = time.monotonic() - worker.started_at
-                worker.restart_delay_s = (
-                    min(MAX_RESTART_DELAY_S, max(1.0, worker.restart_delay_s * 2)) if lived_s < STEADY_S else 0.0
-                )
+                worker.restart_delay_s = _longer(worker.restart_delay_s) if lived_s < STEADY_S else 0.0
                 log.warning(
                     "worker %d (pid %d) exited with %s after %.1f s; restarting it%s",
                     worker.index,
@@ -475,9 +481,24 @@ class Supervisor:
             await asyncio.gather(*restarting, return_exceptions=True)
 
     async def _restart(self, worker: _Worker, run_dir: Path, listen: str) -> None:
-        await asyncio.sleep(worker.restart_delay_s)
-        self._restarts.inc()
-        await self._start(worker, run_dir, listen)
+        """Starts the worker again once its back-off is over. One whose process cannot be made (the supervisor out of
+        file descriptors, memory or processes for a moment; its interpreter gone in an upgrade) is tried again after a
+        back-off grown as for one that died young, while the others serve: not a reason to stop them all."""
+        while True:
+            await asyncio.sleep(worker.restart_delay_s)
+            try:
+                await self._start(worker, run_dir, listen)
+            except OSError as exc:
+                worker.restart_delay_s = _longer(worker.restart_delay_s)
+                log.error(
+                    "worker %d could not be started (%s); trying again in %g s",
+                    worker.index,
+                    exc,
+                    worker.restart_delay_s,
+                )
+            else:
+                self._restarts.inc()
+                return
 
     def _reload_all(self, workers: list[_Worker], run_dir: Path) -> None:
         """SIGHUP on to the workers that have announced themselves: one still starting (its signal handlers not yet
@@ -508,9 +529,14 @@ class Supervisor:
         _, late = await asyncio.wait(exits, timeout=within_s)
         for exit_ in late:
             index, process = exits[exit_]
+            process.kill()  # before the line, as in _watch_heartbeats: a worker stopped may hold the log's lock
             log.error("worker %d did not stop within %g s: killing it", index, within_s)
-            process.kill()
         await asyncio.gather(*late)
+
+
+def _longer(restart_delay_s: float) -> float:
+    """The back-off after `restart_delay_s`, for a worker that died young again or could not be started."""
+    return min(MAX_RESTART_DELAY_S, max(1.0, restart_delay_s * 2))
 
 
 def _stop_hearing(worker: _Worker) -> None:

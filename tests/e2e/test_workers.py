@@ -10,9 +10,11 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from harness import GatewayProcess, free_port
+from harness import BIN, GatewayProcess, clean_env, free_port, spawn_gateway
 from llmrelay import v1 as pb
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
@@ -155,6 +157,65 @@ async def test_workers_share_the_port_the_ledger_and_the_metrics(tmp_path: Path,
     assert served == Counter({worker: handled[worker] for worker in ("1", "2")})
     assert sorted(str(entry["request_id"]) for entry in call_lines(output)) == sorted(f"w-{n}" for n in range(40))
     assert output.count('"msg":"stopped"') == 3  # each worker, then the supervisor
+
+
+async def test_the_workers_long_lines_stay_whole_in_a_log_read_slowly(tmp_path: Path, local: FakeUpstream) -> None:
+    """Call lines longer than PIPE_BUF (a prompt of 2,000 emoji, some 8 KB) from both workers, into a pipe read slowly
+    (a busy log collector): each took several writes, between which the other worker's came, and most lines of the
+    JSON log were two workers' pieces spliced together."""
+    port = free_port()
+    reading, writing = os.pipe()
+    gateway = await asyncio.create_subprocess_exec(
+        BIN / "llmrelay-server",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--config",
+        str(workers_config(tmp_path, ", log_content: true")),
+        "--workers",
+        "2",
+        env=clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1"), LLMRELAY_OLLAMA_MODEL="tiny"),
+        stderr=writing,
+    )
+    os.close(writing)
+    output = bytearray()
+
+    def read_slowly() -> None:
+        # A little at a time, so that the pipe stays full and a long line's write gets in a page at a time.
+        with open(reading, "rb", buffering=0) as log:
+            while block := log.read(1024):
+                output.extend(block)
+                time.sleep(0.002)
+
+    reader = threading.Thread(target=read_slowly, daemon=True)
+    reader.start()
+    prompt = "\N{GRINNING FACE}" * 2000
+
+    async def three_calls() -> None:
+        # Each on a connection of its own, for the kernel to spread them over both workers.
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+            for _ in range(3):
+                await pb.LLMServiceStub(channel).Complete(chat(prompt), timeout=30)
+
+    try:
+        async with asyncio.timeout(30):
+            while b"(2 workers)" not in output:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        await asyncio.gather(*(three_calls() for _ in range(40)))
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await gateway.wait() == 0
+    await asyncio.to_thread(reader.join, 30)
+    entries, spliced = [], []
+    for line in bytes(output).splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            spliced.append(line)
+    assert not spliced, f"{len(spliced)} of {len(entries) + len(spliced)} lines are not whole: {spliced[0][:200]!r}"
+    calls = [entry for entry in entries if entry.get("msg") == "call" and entry.get("prompt") == prompt]
+    assert len(calls) == 120 and {entry["worker"] for entry in calls} == {1, 2}
 
 
 async def test_the_workers_metrics_are_read_directly_whatever_proxy_the_environment_names(
@@ -300,6 +361,36 @@ async def test_a_worker_in_its_restart_back_off_holds_up_no_other(tmp_path: Path
                 await asyncio.sleep(0.05)
     finally:
         assert await stop(gateway) == 0
+
+
+async def test_a_worker_that_cannot_be_restarted_is_tried_again_while_the_others_serve(
+    tmp_path: Path, local: FakeUpstream
+) -> None:
+    """The supervisor out of file descriptors for a moment (its limit lowered to what it has open): the dead worker's
+    new process could not be made, and the supervisor stopped the other worker too and exited 1 with a traceback."""
+    gateway = await start_workers(tmp_path, local)
+    try:
+        supervisor = gateway.process.pid
+        dead, other = children(supervisor)
+        dead_index = worker_index(dead)
+        limit = resource.prlimit(supervisor, resource.RLIMIT_NOFILE)
+        resource.prlimit(supervisor, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{supervisor}/fd")), limit[1]))
+        try:
+            os.kill(dead, signal.SIGKILL)
+            line = await gateway.wait_for_line("could not be started")
+            assert f"worker {dead_index} could not be started ([Errno 24] Too many open files); trying again in" in line
+            assert len(await call_on_new_connections(gateway.target, 10)) == 10  # the other one serves meanwhile
+        finally:
+            resource.prlimit(supervisor, resource.RLIMIT_NOFILE, limit)
+        async with asyncio.timeout(30):
+            # Two workers, the supervisor, and the new worker, tried again once the limit was back.
+            while sum("listening on" in line for line in gateway.log) < 4:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert other in children(supervisor)
+        assert len(await call_on_new_connections(gateway.target, 10)) == 10
+    finally:
+        assert await stop(gateway) == 0
+    assert "Traceback" not in await gateway.output()
 
 
 async def test_a_taken_port_still_stops_a_second_gateway(tmp_path: Path, local: FakeUpstream) -> None:
@@ -493,6 +584,32 @@ async def test_a_worker_killed_as_it_starts_stops_the_supervisor_with_128_plus_t
     async with asyncio.timeout(30):
         assert await gateway.process.wait() == 128 + signal.SIGKILL
     assert "exited as it started (signal SIGKILL); stopping" in await error_output(gateway)
+
+
+# Runs llmrelay-server (argv[2:]) as if the interpreter that started it were gone since (an upgrade that replaced
+# it): sys.executable, which a worker's command line names, is argv[1], a file that is not there.
+_INTERPRETER_GONE = (
+    "import runpy, sys; sys.executable = sys.argv[1]; sys.argv = sys.argv[2:];"
+    " runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+async def test_workers_that_cannot_be_started_stop_the_supervisor_in_one_line(
+    tmp_path: Path, local: FakeUpstream
+) -> None:
+    """No worker's process can be made (its exec fails): the supervisor exits 1 saying so, not with a traceback."""
+    gateway = await spawn_gateway(
+        workers_config(tmp_path),
+        "--workers",
+        "2",
+        env=clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1"), LLMRELAY_OLLAMA_MODEL="tiny"),
+        under=(sys.executable, "-c", _INTERPRETER_GONE, str(tmp_path / "python-gone")),
+    )
+    async with asyncio.timeout(30):
+        assert await gateway.process.wait() == 1
+    output = await error_output(gateway)
+    [line] = output.splitlines()
+    assert json.loads(line)["msg"] == "worker 1 could not be started ([Errno 2] No such file or directory); stopping"
 
 
 async def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path, local: FakeUpstream) -> None:
