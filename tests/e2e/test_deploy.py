@@ -370,6 +370,7 @@ def test_ports_agree_across_config_container_service_and_probes(k8s_config: Gate
 def test_kubernetes_config_shares_state_and_mounts_what_it_names(k8s_config: GatewayConfig) -> None:
     assert k8s_config.state.redis_url is not None and is_postgresql(k8s_config.server.usage_db)
     assert "grpc.health.v1.Health" in k8s_config.auth.open_services  # the probes carry no key
+    assert [backend.name for backend in k8s_config.backends] == ["openai"]  # no Ollama on the pod's localhost
     _, config_file = config_map()
     assert flag_value(container()["args"], "--config") == f"{mount_of('config')}/{config_file.name}"
     # The keys file is the Secret's, mounted as a directory so that edits reach it.
@@ -404,9 +405,11 @@ def test_deployment_survives_disruption_and_drains_before_it_is_killed(k8s_confi
     assert deployment["selector"]["matchLabels"].items() <= labels.items()
     assert found["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"] == deployment["selector"]["matchLabels"]
     assert found["Service"]["spec"]["selector"].items() <= labels.items()
-    # SIGKILL only after the gateway's own shutdown: the drain, then the grace period for calls in flight.
+    # SIGKILL only after the gateway's own shutdown: the drain, the grace period for calls in flight, and the ledger's
+    # last writes to a PostgreSQL that may have stopped answering (two writes and the pool's close, some 27 s).
+    assert is_postgresql(k8s_config.server.usage_db)
     drain_and_grace_s = k8s_config.server.drain_s + k8s_config.server.grace_period_s
-    assert pod_spec()["terminationGracePeriodSeconds"] > drain_and_grace_s
+    assert pod_spec()["terminationGracePeriodSeconds"] >= drain_and_grace_s + 30
     assert "lifecycle" not in container()  # no preStop: SIGTERM is the drain
     assert pod_spec()["securityContext"]["runAsNonRoot"] is True
     security = container()["securityContext"]
@@ -509,6 +512,9 @@ def test_systemd_unit_matches_its_configuration(tmp_path: Path) -> None:
     assert required_variables(yaml_file) <= set(template)
     config = load_deployed(yaml_file, {**template, "LLMRELAY_WORKERS": workers}, tmp_path, "keys: []\n")
     assert config.server.workers == int(workers) and config.state.redis_url is not None
+    # The backends it configures alone: an Ollama on localhost:11434 (a port any local user may take) was in the
+    # chain, and took callers' prompts when OpenAI failed.
+    assert [backend.name for backend in config.backends] == ["openai"]
 
     # What it writes is in the StateDirectory (writable under ProtectSystem=strict); what it reads, in /etc/llmrelay.
     state_dirs = [PurePosixPath("/var/lib") / d for d in service["StateDirectory"].split()]
