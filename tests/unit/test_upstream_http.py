@@ -3,6 +3,7 @@ lines are relayed until the answer is whole."""
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from typing import cast
 
@@ -123,6 +124,40 @@ async def test_an_event_of_many_data_lines_is_bounded_as_a_line_is(monkeypatch: 
     with pytest.raises(MalformedAnswerError, match="an event of the stream is over 200 bytes"):
         async for _ in relayed(lines, *reader("never"), SPEC):
             pass
+
+
+@pytest.mark.parametrize(
+    "data",
+    [(b"data: ", *["\U0001f600".encode() * 100] * 3), (b"data: ", *[b"a"] * 300)],
+    ids=["4-byte characters", "a byte a read"],
+)
+async def test_a_line_is_bounded_by_the_memory_it_takes_not_its_characters(
+    monkeypatch: pytest.MonkeyPatch, data: tuple[bytes, ...]
+) -> None:
+    """Counted in characters, a line of 63 Mi 4-byte characters (252 MiB) was under the 64 MiB bound, and took 1.3 GB
+    to read; a line read a byte at a time holds an object for each byte."""
+    monkeypatch.setattr(upstream_http, "MAX_ANSWER_BYTES", 1_000)
+    response = cast(Http1Response, pieces(*data, b"\n"))
+    with pytest.raises(MalformedAnswerError, match="a line of the stream is over 1000 bytes"):
+        async for _ in _line_batches(response):
+            pass
+
+
+@pytest.mark.parametrize("end", [b"\n", b""], ids=["its line end", "the answer's end"])
+async def test_a_long_line_is_held_once_while_it_is_read(end: bytes) -> None:
+    """Its pieces, joined, were held beside it (as it was yielded at the end of the answer, or joined twice), and a
+    first `data:` line that is no whole JSON text was copied and parsed to learn it: up to 20 times its size."""
+    line = b'data: {"content": "' + b"a" * 4_000_000
+    response = cast(Http1Response, pieces(*[line[i : i + 65_536] for i in range(0, len(line), 65_536)], end))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        relayed_chunks = [c async for c in relayed(Lines(_line_batches(response)), *reader("never"), SPEC)]
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert relayed_chunks == []  # an event the answer ends in the middle of
+    assert peak < 2.5 * len(line)  # its pieces and the line, as they are joined
 
 
 async def test_a_line_end_split_between_reads_ends_one_line() -> None:

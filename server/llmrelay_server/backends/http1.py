@@ -59,9 +59,10 @@ HIGH_WATER: Final = 64 * 1024
 MAX_HEAD: Final = 64 * 1024
 """The most an answer's status line and headers may take (aiohttp allowed 8 KiB a line): beyond it, the answer is
 malformed, rather than held in memory for as long as a broken upstream goes on sending headers."""
-MAX_INFLATED_PIECE: Final = 64 * 2**20
-"""The most one piece of a compressed answer read piece by piece may inflate to (a few KiB can inflate to gigabytes);
-a whole body has the bound its reader gives (`Http1Response.read`)."""
+INFLATED_PIECE: Final = 256 * 1024
+"""The most one piece of a compressed answer read piece by piece is inflated to at a time (a few KiB can inflate to
+gigabytes): what a read inflates to beyond it comes as the next pieces, each inflated when it is taken. A whole body
+has the bound its reader gives (`Http1Response.read`)."""
 _SLACK_S: Final = 0.005
 """Timers fire up to this early (uvloop's clock moves in milliseconds); a deadline this close counts as reached."""
 _OURS: Final = frozenset(
@@ -912,9 +913,9 @@ class _NoStatus(Exception):
 
 class Http1Response:
     """An answer, its status and headers read. Its body: `await read()` (whole), or `async for piece in response`
-    (each piece the bytes that have arrived, never waiting for more); read to its end, the connection goes back to
-    the pool by itself. `close()` (or leaving `async with`) before the end closes the connection at once, so that
-    the upstream sees the caller went away. A failure while reading closes it too."""
+    (each piece the bytes that have arrived, never waiting for more; inflated, INFLATED_PIECE at most); read to its
+    end, the connection goes back to the pool by itself. `close()` (or leaving `async with`) before the end closes the
+    connection at once, so that the upstream sees the caller went away. A failure while reading closes it too."""
 
     __slots__ = ("_conn", "_inflate", "_pool", "headers", "reason", "status")
 
@@ -978,17 +979,25 @@ class Http1Response:
         conn = self._conn
         if conn is None:
             raise StopAsyncIteration
+        inflate = self._inflate
         try:
             while True:
+                if inflate is not None and inflate.more:
+                    # One read can inflate to gigabytes, its pieces there without a wait: the loop serves the others
+                    # (and their timers) between them.
+                    await asyncio.sleep(0)
+                    if rest := inflate.rest():
+                        return rest
+                    continue
                 piece = await conn.piece()
                 if piece is None:
-                    tail = self._inflate.flush() if self._inflate is not None else b""
+                    tail = inflate.flush() if inflate is not None else b""
                     self.close()
                     if tail:
                         return tail
                     raise StopAsyncIteration
-                if self._inflate is not None:
-                    piece = self._inflate.decode(piece, MAX_INFLATED_PIECE)
+                if inflate is not None:
+                    piece = inflate.piece(piece)
                     if not piece:
                         continue
                 return piece
@@ -1023,28 +1032,66 @@ class Http1Response:
 
 
 class _Inflate:
-    """gzip, or deflate as servers send it: zlib-wrapped, or raw (the first bytes say which)."""
+    """gzip, its members one after another (RFC 1952 allows a body of several), or deflate as servers send it:
+    zlib-wrapped, or raw (the first bytes say which)."""
 
-    __slots__ = ("_decoder", "_raw_fallback")
+    __slots__ = ("_decoder", "_ended", "_gzip", "_raw_fallback", "more")
 
     def __init__(self, coding: bytes) -> None:
-        gzip = coding != b"deflate"
-        self._decoder = zlib.decompressobj(16 + zlib.MAX_WBITS if gzip else zlib.MAX_WBITS)
-        self._raw_fallback = not gzip
+        self._gzip = coding != b"deflate"
+        self._decoder = zlib.decompressobj(_GZIP_WBITS if self._gzip else zlib.MAX_WBITS)
+        self._raw_fallback = not self._gzip
+        self._ended = False
+        """Bytes that start no gzip member came after the body's end: they and all after them are no part of it."""
+        self.more = False
+        """The last piece came to INFLATED_PIECE: what was read may inflate to more, for `rest` before any new read."""
 
     def decode(self, data: bytes, limit: int | None = None) -> bytes:
         """`data` decompressed; a MalformedAnswerError past `limit` bytes (a small body can inflate to gigabytes)."""
+        out = self._inflate(data, 0 if limit is None else limit + 1)
+        if limit is not None and len(out) > limit:
+            raise MalformedAnswerError(f"the body is over {limit} bytes once decompressed")
+        return out
+
+    def piece(self, data: bytes) -> bytes:
+        """The first INFLATED_PIECE bytes at most that `data` inflates to; `more` says whether it may hold more."""
+        out = self._inflate(data, INFLATED_PIECE)
+        self.more = len(out) == INFLATED_PIECE
+        return out
+
+    def rest(self) -> bytes:
+        """The next INFLATED_PIECE bytes at most of what earlier pieces' data inflates to (`more`)."""
+        return self.piece(self._decoder.unconsumed_tail)
+
+    def _inflate(self, data: bytes, max_length: int) -> bytes:
+        """At most `max_length` bytes (0: no bound) of what `data` inflates to, across gzip members; the rest of
+        `data` is kept for the next call (the decoder's unconsumed_tail, or the next member's start)."""
+        if self._ended:
+            return b""
+        out = self._decompress(data, max_length)
+        # Rare: only at the end of a gzip member or of deflate's body.
+        while self._decoder.eof and (after := self._decoder.unused_data):
+            if not (self._gzip and _GZIP_MAGIC.startswith(after[:2])):
+                # No part of the body (padding some servers add): ignored, as other clients ignore it, and dropped
+                # with all that follows, not held in the decoder at its end.
+                self._ended = True
+                break
+            if max_length and len(out) >= max_length:
+                break  # the next member is for the next call: a decoder at its end keeps what follows it
+            self._decoder = zlib.decompressobj(_GZIP_WBITS)
+            out += self._decompress(after, max_length - len(out) if max_length else 0)
+        return out
+
+    def _decompress(self, data: bytes, max_length: int) -> bytes:
         try:
-            out = self._decoder.decompress(data, 0 if limit is None else limit + 1)
+            out = self._decoder.decompress(data, max_length)
         except zlib.error as exc:
             if not self._raw_fallback:
                 raise MalformedAnswerError(f"not an HTTP answer: the body does not decompress: {exc}") from exc
             self._raw_fallback = False
             self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
-            return self.decode(data, limit)
+            return self._decompress(data, max_length)
         self._raw_fallback = False
-        if limit is not None and len(out) > limit:
-            raise MalformedAnswerError(f"the body is over {limit} bytes once decompressed")
         return out
 
     def flush(self) -> bytes:
@@ -1055,6 +1102,11 @@ class _Inflate:
         if not self._decoder.eof:
             raise MalformedAnswerError("not an HTTP answer: the compressed body ends before its end")
         return out
+
+
+_GZIP_WBITS: Final = 16 + zlib.MAX_WBITS
+_GZIP_MAGIC: Final = b"\x1f\x8b"
+"""How a gzip member starts."""
 
 
 class Http1Transport(httpx2.AsyncBaseTransport):

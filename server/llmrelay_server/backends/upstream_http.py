@@ -68,12 +68,17 @@ it has sent with a 500 too."""
 _SECRET_LIKE = re.compile(r"\b(sk|key|token)-[A-Za-z0-9_\-]{6,}")
 _LINE_END = re.compile(r"\r\n|\r|\n")
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
+_JSON_LAST: Final = frozenset('}]"el0123456789')
+"""The characters a whole JSON text can end with, whitespace aside: an object's, an array's, a string's, true's,
+false's, null's, a number's."""
 MAX_RETRY_AFTER_S = 86_400.0
 """The longest wait an upstream's Retry-After is taken at: beyond a day it says no more than "not soon" (and a
 RetryInfo holds at most about 10,000 years)."""
 MAX_ANSWER_BYTES = 64 * 2**20
 """The most of an answer (a whole one's body, a stream's line) the gateway reads: far beyond any answer a gRPC message
-carries, and a bound on the memory one upstream's answer can take."""
+carries, and a bound on the memory one upstream's answer can take. A stream's line is measured by the memory its text
+takes as it arrives (`sys.getsizeof` of each read's: up to 4 bytes a character, and an object's for each read, however
+short), not by its characters; joined, a line whose characters differ in width takes up to 4 times that."""
 MAX_ERROR_BODY_BYTES = 64 * 2**10
 """Of an error answer's body, whose first 500 characters are all that is passed on: a longer one is left unread."""
 FINISH_GRACE_S = 1.0
@@ -266,7 +271,7 @@ def _raise_sdk_error(endpoint: Endpoint, error: httpx2.TransportError) -> NoRetu
 async def _line_batches(response: Http1Response) -> AsyncIterator[list[str]]:
     decoder = _utf8_decoder(errors="replace")  # SSE is UTF-8 whatever the headers say
     pending: list[str] = []  # the start of a line that a later read ends (a long line takes many reads)
-    pending_chars = 0
+    pending_bytes = 0  # the memory `pending` takes
     at_start = True
     after_cr = False  # the last text ended with CR: an LF that starts the next ends the same line (CRLF)
     pieces = aiter(response)
@@ -286,19 +291,24 @@ async def _line_batches(response: Http1Response) -> AsyncIterator[list[str]]:
         lines = _LINE_END.split(text) if "\r" in text else text.split("\n")
         if len(lines) > 1:
             if pending:
-                lines[0] = "".join(pending) + lines[0]
-            pending = [last] if (last := lines.pop()) else []
-            pending_chars = len(last)
+                pending.append(lines[0])
+                lines[0] = "".join(pending)  # one copy of a long line, its pieces freed before it is read
+            if last := lines.pop():
+                pending, pending_bytes = [last], sys.getsizeof(last)
+            else:
+                pending, pending_bytes = [], 0
             yield lines
         elif text:
             pending.append(text)
-            pending_chars += len(text)
-            if pending_chars > MAX_ANSWER_BYTES:
-                raise MalformedAnswerError(f"a line of the stream is over {MAX_ANSWER_BYTES} characters")
+            pending_bytes += sys.getsizeof(text)
+            if pending_bytes > MAX_ANSWER_BYTES:
+                raise MalformedAnswerError(f"a line of the stream is over {MAX_ANSWER_BYTES} bytes")
         if not data:
             break
     if pending:
-        yield ["".join(pending)]
+        line = "".join(pending)
+        pending.clear()  # its pieces, not held beside the line while it is read
+        yield [line]
 
 
 async def relayed(
@@ -409,6 +419,11 @@ def _more_data(more: list[str], held_bytes: int, line: str) -> int:
 
 def _whole_event(data: str) -> bool:
     """Whether an event's first `data:` line is all of it: JSON, or [DONE], which a line more could only break."""
+    last = data[-1]  # `data:` at least
+    if last not in _JSON_LAST and not last.isspace():
+        # No whole JSON text ends so (the first of an event's lines, a line cut short): not copied and parsed for
+        # nothing, which costs a long line's memory twice over (orjson's error holds a copy of it too).
+        return False
     payload = data[5:].strip()
     if payload == DONE:
         return True
