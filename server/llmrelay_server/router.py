@@ -270,8 +270,9 @@ def _untagged(model: str) -> str:
     return model.removesuffix(":latest")
 
 
-# The routes a budget's estimate resolved for the call's request (the limits interceptor asks before the call), with
-# the models' filter it resolved them under: the call takes them rather than resolving the same request again.
+# The routes resolved for the call's request before the call (the limits interceptor asks whether it is refused, and
+# a budget's estimate), with the models' filter they were resolved under: the call takes them rather than resolving
+# the same request again.
 _estimated_routes: contextvars.ContextVar[tuple[CompletionRequest, ModelFilter | None, list[Route]] | None] = (
     contextvars.ContextVar("llmrelay_estimated_routes", default=None)
 )
@@ -939,7 +940,8 @@ class Router:
             if isinstance(request, EmbeddingRequest):
                 _allowed(self.embedding_routes(request.model), request.model, "", may_use)
             else:
-                self._routes(request, "", may_use)
+                # Kept, as estimate keeps them: its estimate and its routing take them rather than resolving again.
+                _estimated_routes.set((request, may_use, self._routes(request, "", may_use)))
         except (ModelNotFoundError, ModelNotAllowedError):
             return True
         return False
