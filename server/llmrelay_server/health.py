@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from llmrelay_server.domain import BackendHealth
+from llmrelay_server.lasting import LastingCalls
 from llmrelay_server.router import Backend, CircuitState, Router
 
 SERVICE_NAME = "llmrelay.v1.LLMService"
@@ -44,32 +45,20 @@ class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpcio
 
     def __init__(self) -> None:
         super().__init__()
-        self._watches: set[asyncio.Task[Any]] = set()
-        self._ending = False
+        self._watches = LastingCalls()
 
     async def Watch(
         self,
         request: health_pb2.HealthCheckRequest,
         context: grpc.aio.ServicerContext[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse],
     ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._watches.add(task)
-        try:
+        with self._watches.held():  # ended by end_watches: the stream ends OK, its last status NOT_SERVING
             await super().Watch(request, context)
-        except asyncio.CancelledError:
-            if not self._ending:
-                raise
-            task.uncancel()  # ended by end_watches: the stream ends OK, its last status NOT_SERVING
-        finally:
-            self._watches.discard(task)
 
     def end_watches(self) -> None:
         """Ends every Watch stream (each has sent NOT_SERVING by now): a watch lasts until its caller leaves, and the
         server's stop would otherwise wait for it the whole grace period, as for a model call."""
-        self._ending = True
-        for task in self._watches:
-            task.cancel()
+        self._watches.end()
 
     async def List(
         self,

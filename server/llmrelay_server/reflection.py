@@ -9,7 +9,6 @@ that reflection describes the v1 service as it does every other.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final
@@ -20,6 +19,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from llmrelay_server.decoding import GenericOnly
 from llmrelay_server.domain import ShuttingDownError
+from llmrelay_server.lasting import LastingCalls
 from llmrelay_server.status import abort
 
 V1_SERVICE_NAME: Final = "grpc.reflection.v1.ServerReflection"
@@ -52,8 +52,7 @@ class ReflectionServicer(reflection.aio.ReflectionServicer):  # type: ignore[mis
 
     def __init__(self, service_names: Sequence[str]) -> None:
         super().__init__(service_names)
-        self._streams: set[asyncio.Task[Any]] = set()
-        self._ending = False
+        self._streams = LastingCalls()
 
     async def ServerReflectionInfo(
         self,
@@ -62,29 +61,22 @@ class ReflectionServicer(reflection.aio.ReflectionServicer):  # type: ignore[mis
             reflection_pb2.ServerReflectionRequest, reflection_pb2.ServerReflectionResponse
         ],
     ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
-        if self._ending:  # came in after `end_streams`, before the server's stop closed the door: it would hold it
+        # Come in after `end_streams` (before the server's stop closed the door), or ended by it: the caller is told
+        # why, and to go to another instance.
+        answered = False
+        if not self._streams.ended:
+            with self._streams.held():
+                async for response in super().ServerReflectionInfo(requests, context):
+                    yield response
+                answered = True
+        if not answered:
             await abort(context, "ServerReflectionInfo", ShuttingDownError())
-        task = asyncio.current_task()
-        assert task is not None
-        self._streams.add(task)
-        try:
-            async for response in super().ServerReflectionInfo(requests, context):
-                yield response
-        except asyncio.CancelledError:
-            if not self._ending:
-                raise
-            task.uncancel()  # ended by end_streams: the caller is told why, and to go to another instance
-            await abort(context, "ServerReflectionInfo", ShuttingDownError())
-        finally:
-            self._streams.discard(task)
 
     def end_streams(self) -> None:
         """Ends every reflection stream with SHUTTING_DOWN: a tool (grpcui, Postman, grpc-go's reflection client)
         keeps one open, idle, until it leaves, and the server's stop would otherwise wait for it the whole grace
         period, as for a model call."""
-        self._ending = True
-        for task in self._streams:
-            task.cancel()
+        self._streams.end()
 
     def _file_containing_symbol(self, request: Any, fully_qualified_name: str) -> Any:
         service, _, method = fully_qualified_name.rpartition(".")
