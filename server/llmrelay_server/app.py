@@ -413,6 +413,7 @@ def _interceptors(
                 router,
                 config.server.reserve_completion_tokens,
                 config.server.max_image_bytes,
+                config.server.max_message_bytes,
             )
         )
     return interceptors

@@ -22,6 +22,7 @@ from llmrelay_server.domain import (
     CALLER_NAME,
     CONTROL_CHARACTERS,
     FUNCTION_NAME,
+    AnswerTooLargeError,
     Attempt,
     AttemptOutcome,
     BackendHealth,
@@ -251,7 +252,10 @@ def usage_query(request: pb.GetUsageRequest) -> UsageQuery:
     )
 
 
-def embedding_request(request: pb.EmbedRequest) -> EmbeddingRequest:
+def embedding_request(request: pb.EmbedRequest, max_answer_bytes: int | None = None) -> EmbeddingRequest:
+    """The request, validated; with `max_answer_bytes`, refused (AnswerTooLargeError) when it sets the dimensions and
+    its vectors alone cannot fit in an answer of that size: known before any backend is asked, or any limit taken, so
+    that the caller is not billed for vectors it would not get."""
     errors = _Violations()
     model = _model(request, "the default embedding model", errors)
     inputs = tuple(request.inputs)
@@ -267,7 +271,14 @@ def embedding_request(request: pb.EmbedRequest) -> EmbeddingRequest:
     if dimensions is not None and not 1 <= dimensions <= MAX_DIMENSIONS:
         errors.add("dimensions", f"must be between 1 and {MAX_DIMENSIONS}, or unset for the model's own")
     errors.raise_if_any()
+    if max_answer_bytes is not None and dimensions is not None:
+        at_least = len(inputs) * _embedding_field_bytes(dimensions)
+        if at_least > max_answer_bytes:
+            raise AnswerTooLargeError(at_least, max_answer_bytes, f"{FEWER_VECTORS} (nothing was sent)")
     return EmbeddingRequest(inputs=inputs, model=model, dimensions=dimensions)
+
+
+FEWER_VECTORS: Final = "send fewer inputs a call, or ask for fewer dimensions"
 
 
 def _instant(timestamp: Timestamp, where: str, errors: _Violations) -> float | None:
@@ -773,6 +784,12 @@ def embed_response(response: EmbeddingResponse) -> pb.EmbedResponse:
 def _embedding_field(vector: bytes) -> bytes:
     values = _VALUES_TAG + _varint(len(vector)) + vector
     return _EMBEDDINGS_TAG + _varint(len(values)) + values
+
+
+def _embedding_field_bytes(dimensions: int) -> int:
+    """The size of one vector of so many dimensions in an answer, framed as _embedding_field frames it."""
+    values = len(_VALUES_TAG) + len(_varint(4 * dimensions)) + 4 * dimensions
+    return len(_EMBEDDINGS_TAG) + len(_varint(values)) + values
 
 
 def _length_delimited_tag(field: Any) -> bytes:

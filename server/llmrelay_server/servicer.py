@@ -19,7 +19,6 @@ from llmrelay_server.domain import (
     AnswerTooLargeError,
     CompletionChunk,
     DeadlineExceededError,
-    EmbeddingRequest,
     LLMRelayError,
     ShuttingDownError,
     StoreHealth,
@@ -330,20 +329,11 @@ class LLMServicer(pb.LLMServiceServicer):
         return await self._answer(
             context,
             "Embed",
-            lambda: self._may_fit(convert.embedding_request(request)),
+            lambda: convert.embedding_request(request, max_answer_bytes=self._max_message_bytes),
             self._router.embed,
             convert.embed_response,
-            remedy=_FEWER_VECTORS,
+            remedy=convert.FEWER_VECTORS,
         )
-
-    def _may_fit(self, request: EmbeddingRequest) -> EmbeddingRequest:
-        """The request, unless its answer cannot fit in a message, which is known before any backend is asked (and
-        the caller billed for vectors it would not get) when it sets the dimensions: 4 bytes each, at the least."""
-        if request.dimensions is not None:
-            at_least = len(request.inputs) * request.dimensions * 4
-            if at_least > self._max_message_bytes:
-                raise AnswerTooLargeError(at_least, self._max_message_bytes, f"{_FEWER_VECTORS} (nothing was sent)")
-        return request
 
     async def _answer(
         self,
@@ -382,9 +372,6 @@ class LLMServicer(pb.LLMServiceServicer):
                 raise
             await abort(context, rpc, ShuttingDownError(in_flight=True))
         return answer
-
-
-_FEWER_VECTORS = "send fewer inputs a call, or ask for fewer dimensions"
 
 
 async def _abort_behind(context: grpc.aio.ServicerContext[Any, Any], error: LLMRelayError) -> None:

@@ -279,14 +279,20 @@ async def test_an_answer_that_cannot_fit_is_refused_before_any_backend_is_asked(
     stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
     """With its dimensions set, the answer's least size is known before the call: no upstream is asked, nothing is
-    billed for vectors the caller could not get."""
-    stub = await stub_for(embedding_backends(primary, local, openai=DEFAULT), server="max_message_bytes: 65536")
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.Embed(pb.EmbedRequest(inputs=["a"] * 20, dimensions=1024), timeout=10)  # 20 x 4 KiB at least
-    assert (caught.value.code(), reason(caught.value)) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "ANSWER_TOO_LARGE")
-    assert "ask for fewer dimensions (nothing was sent)" in str(caught.value.details())
+    billed for vectors the caller could not get, and no limit is taken (it would never fit, whenever it came)."""
+    limits = "max_message_bytes: 65536, limits: {requests_per_minute: 1}"
+    stub = await stub_for(embedding_backends(primary, local, openai=DEFAULT), server=limits)
+    # 20 x 4 KiB at least; and 16 x 1024 dimensions, 65,536 bytes of floats, over the limit with each vector's framing.
+    for inputs in (20, 16):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Embed(pb.EmbedRequest(inputs=["a"] * inputs, dimensions=1024), timeout=10)
+        assert (caught.value.code(), reason(caught.value)) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "ANSWER_TOO_LARGE")
+        assert "ask for fewer dimensions (nothing was sent)" in str(caught.value.details())
     assert primary.embedding_requests == []
     assert not (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
+    # The minute's one request is still there: 15 vectors fit (15 x 4,102 bytes, and the rest of the answer).
+    answer = await stub.Embed(pb.EmbedRequest(inputs=["a"] * 15, dimensions=1024), timeout=10)
+    assert [len(embedding.values) for embedding in answer.embeddings] == [1024] * 15
 
 
 async def test_a_key_limited_to_some_models_embeds_only_with_those(

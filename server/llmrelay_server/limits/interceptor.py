@@ -18,6 +18,7 @@ from llmrelay_server.auth import Caller, Continuation, Handler, current_caller, 
 from llmrelay_server.config import Limits
 from llmrelay_server.decoding import COMPLETE, EMBED, STREAM_COMPLETE, decoded
 from llmrelay_server.domain import (
+    AnswerTooLargeError,
     CallEstimate,
     CompletionRequest,
     EmbeddingRequest,
@@ -64,8 +65,10 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         router: Routing,
         reserve_completion_tokens: int,
         max_image_bytes: int | None = None,
+        max_message_bytes: int | None = None,
     ) -> None:
         self._max_image_bytes = max_image_bytes
+        self._max_message_bytes = max_message_bytes
         self._router = router
         self._limiter = limiter
         self._gateway = gateway if gateway.any_set() else None
@@ -171,17 +174,17 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
 
     def _refused_anyway(self, request: pb.CompleteRequest | pb.StreamCompleteRequest | pb.EmbedRequest) -> bool:
         """Whether the handler refuses the request itself: it does not decode, is invalid, or asks for a model nothing
-        serves or its key may not use."""
+        serves or its key may not use, or its answer could not fit in a message."""
         if not decoded(request):
             return True
         try:
             parsed = (
-                convert.embedding_request(request)
+                convert.embedding_request(request, max_answer_bytes=self._max_message_bytes)
                 if isinstance(request, pb.EmbedRequest)
                 # Under the servicer's own bound, so that the servicer takes this parse and does not repeat it.
                 else convert.completion_request(request, max_image_bytes=self._max_image_bytes)
             )
-        except InvalidRequestError:
+        except (InvalidRequestError, AnswerTooLargeError):
             return True
         return self._router.refuses(parsed, models_allowed())
 
