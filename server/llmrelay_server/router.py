@@ -1039,7 +1039,9 @@ class Router:
             loop,
             idle_s,
             chain.deadline,
-            lambda: self._counter.count_chat_wait_s(route.model, request.messages, request.options.tools),
+            lambda: self._counter.count_chat_wait_s(
+                route.model, request.messages, request.options.tools, response_format=request.options.response_format
+            ),
             self._most_counting_s,
         )
         try:

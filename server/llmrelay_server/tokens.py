@@ -53,6 +53,7 @@ from llmrelay_server.domain import (
     ImagePart,
     JsonText,
     Message,
+    ResponseFormat,
     TextPart,
     TokenCount,
     TokenizerUnavailableError,
@@ -484,7 +485,18 @@ def _longer_than(limit: int, sizes: Iterable[int]) -> bool:
     return False
 
 
-def _chat_sizes(messages: Sequence[Message], tools: Sequence[Tool]) -> Iterator[int]:
+def _answer_schema_text(response_format: ResponseFormat | None) -> str | None:
+    """The text a JSON schema answer format puts in the prompt, as far as it is known: its name, description and
+    schema; None without one."""
+    if response_format is None or (schema := response_format.json_schema) is None:
+        return None
+    text = schema.schema.text if isinstance(schema.schema, JsonText) else _compact_json(schema.schema)
+    return f"{schema.name}:{schema.description or ''}:{text}"
+
+
+def _chat_sizes(
+    messages: Sequence[Message], tools: Sequence[Tool], response_format: ResponseFormat | None = None
+) -> Iterator[int]:
     """The length of every text a chat count encodes, and of every image whose header it reads: the count's cost (a
     JPEG's header, walked segment by segment, can cost about as much a byte as text does to encode)."""
     for message in messages:
@@ -492,10 +504,17 @@ def _chat_sizes(messages: Sequence[Message], tools: Sequence[Tool]) -> Iterator[
         yield from (len(part.data) for part in message.parts if isinstance(part, ImagePart) and part.data is not None)
     for tool in tools:
         yield len(tool.name) + len(tool.description or "")
-        if isinstance(tool.parameters, JsonText):
-            yield len(tool.parameters.text)
-        else:
-            yield from map(len, _json_pieces(tool.parameters))
+        yield from _schema_sizes(tool.parameters)
+    if response_format is not None and (schema := response_format.json_schema) is not None:
+        yield len(schema.name) + len(schema.description or "")
+        yield from _schema_sizes(schema.schema)
+
+
+def _schema_sizes(schema: Mapping[str, Any] | JsonText | None) -> Iterator[int]:
+    if isinstance(schema, JsonText):
+        yield len(schema.text)
+    else:
+        yield from map(len, _json_pieces(schema))
 
 
 # A part or a tool call costs a count a step of Python, about what 16 characters of text cost to encode; it costs a
@@ -684,8 +703,16 @@ class TokenCounter:
         tokens = len(self._encoder(encoding_name)(text))
         return TokenCount(tokens=tokens, model=model, encoding=encoding_name, estimated=not exact)
 
-    def count_chat(self, model: str, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> TokenCount:
-        """The prompt tokens a chat completion request would be billed for: messages, framing and tools."""
+    def count_chat(
+        self,
+        model: str,
+        messages: Sequence[Message],
+        tools: Sequence[Tool] = (),
+        *,
+        response_format: ResponseFormat | None = None,
+    ) -> TokenCount:
+        """The prompt tokens a chat completion request would be billed for: messages, framing, tools, and the JSON
+        schema its answer must follow (the API puts it in the prompt, by a formula it does not publish: an estimate)."""
         encoding_name, exact = encoding_for_model(model)
         # Text never carries special tokens into the count: the API treats "<|endoftext|>" in content as plain text.
         encode = self._encoder(encoding_name)
@@ -699,10 +726,12 @@ class TokenCounter:
                     tokens, formula_covers_all = tokens + part_tokens, formula_covers_all and covered
         costs = _CL100K_TOOL_COSTS if encoding_name == CL100K_BASE else _O200K_TOOL_COSTS
         tool_tokens, covered = _tools_tokens(encode, tools, costs)
+        schema = _answer_schema_text(response_format)
+        schema_tokens = len(encode(schema)) if schema is not None else 0
         # gpt-oss servers render the harmony format with a system preamble of their own (date, reasoning level),
         # which the ChatML-style formula cannot know: the encoding is exact, the chat count is not.
-        exact = exact and formula_covers_all and covered and encoding_name != O200K_HARMONY
-        return _bounded_count(tokens + tool_tokens, model, encoding_name, exact)
+        exact = exact and formula_covers_all and covered and schema is None and encoding_name != O200K_HARMONY
+        return _bounded_count(tokens + tool_tokens + schema_tokens, model, encoding_name, exact)
 
     async def estimate_usage(
         self, model: str, request: CompletionRequest, answer: Sequence[str], prompt: TokenUsage | None = None
@@ -721,7 +750,10 @@ class TokenCounter:
                 estimated=True,
                 cached_prompt_tokens=prompt.cached_prompt_tokens,
             )
-        counted = await self.count_chat_async(model, request.messages, request.options.tools)
+        options = request.options
+        counted = await self.count_chat_async(
+            model, request.messages, options.tools, response_format=options.response_format
+        )
         return TokenUsage(min(counted.tokens, most_prompt), completion.tokens, estimated=True)
 
     async def count_text_async(self, model: str, text: str, *, by: float | None = None) -> TokenCount:
@@ -745,12 +777,19 @@ class TokenCounter:
         return _bounded_count(tokens, model, encoding_name, exact)
 
     async def count_chat_async(
-        self, model: str, messages: Sequence[Message], tools: Sequence[Tool] = (), *, by: float | None = None
+        self,
+        model: str,
+        messages: Sequence[Message],
+        tools: Sequence[Tool] = (),
+        *,
+        response_format: ResponseFormat | None = None,
+        by: float | None = None,
     ) -> TokenCount:
         """count_chat, in a thread when the chat is long enough to hold up the event loop; by `by`, when given."""
-        if self._loaded(model) and not _longer_than(self._inline_chars, _chat_sizes(messages, tools)):
-            return self.count_chat(model, messages, tools)
-        return await self._in_thread(functools.partial(self.count_chat, model, messages, tools), by)
+        count = functools.partial(self.count_chat, model, messages, tools, response_format=response_format)
+        if self._loaded(model) and not _longer_than(self._inline_chars, _chat_sizes(messages, tools, response_format)):
+            return count()
+        return await self._in_thread(count, by)
 
     async def _in_thread(self, count: Callable[[], TokenCount], by: float | None) -> TokenCount:
         """The count, made in a thread; by `by` (the event loop's clock) when given, else DeadlineExceededError:
@@ -773,21 +812,35 @@ class TokenCounter:
         counting.add_done_callback(lambda _: self._slots.release())
         return await asyncio.shield(counting)
 
-    def count_chat_s(self, model: str, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> float:
+    def count_chat_s(
+        self,
+        model: str,
+        messages: Sequence[Message],
+        tools: Sequence[Tool] = (),
+        *,
+        response_format: ResponseFormat | None = None,
+    ) -> float:
         """About the most count_chat may take, in seconds: what a caller's deadline must leave it."""
-        return _count_s(sum(_chat_sizes(messages, tools)), loaded=self._loaded(model))
+        return _count_s(sum(_chat_sizes(messages, tools, response_format)), loaded=self._loaded(model))
 
     @staticmethod
     def count_s_at_most(chars: int) -> float:
         """The most a count of `chars` characters may take: count_chat_s's for such a chat, its encoding yet to load."""
         return _count_s(chars, loaded=False)
 
-    def count_chat_wait_s(self, model: str, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> float:
+    def count_chat_wait_s(
+        self,
+        model: str,
+        messages: Sequence[Message],
+        tools: Sequence[Tool] = (),
+        *,
+        response_format: ResponseFormat | None = None,
+    ) -> float:
         """About the most count_chat_async may keep its caller waiting: nothing to speak of for a chat it counts inline
         (the usual one: a few milliseconds at most), else count_chat_s."""
-        if self._loaded(model) and not _longer_than(self._inline_chars, _chat_sizes(messages, tools)):
+        if self._loaded(model) and not _longer_than(self._inline_chars, _chat_sizes(messages, tools, response_format)):
             return 0.0
-        return self.count_chat_s(model, messages, tools)
+        return self.count_chat_s(model, messages, tools, response_format=response_format)
 
     def _loaded(self, model: str) -> bool:
         return encoding_for_model(model)[0] in self._encodings

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -696,6 +697,43 @@ async def test_a_request_larger_than_a_limit_is_told_what_to_change_not_when_to_
         fitting = chat(model="gpt-test", options=pb.CompletionOptions(max_tokens=3))
         assert (await stub.Complete(fitting, metadata=bearer(OTHER_KEY), timeout=5)).backend == "openai"
     assert len(primary.chat_requests) == 2, "refused before any upstream is asked"
+
+
+async def test_the_json_schema_an_answer_must_follow_is_reserved_as_prompt(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """The upstream puts an answer's JSON schema in the prompt and bills it so: a schema of thousands of tokens must
+    not pass a limit of hundreds as a request of a few."""
+    properties = {f"field_{i}": {"type": "string", "description": f"the value of field number {i}"} for i in range(60)}
+    schema = pb.JsonSchema(name="record", schema_json=json.dumps({"type": "object", "properties": properties}))
+    options = pb.CompletionOptions(
+        max_tokens=10, response_format=pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=schema)
+    )
+    request = chat(model="gpt-test", options=options)
+    parsed = convert.completion_request(request)
+    counted = TokenCounter().count_chat("gpt-test", parsed.messages, response_format=parsed.options.response_format)
+    plain = TokenCounter().count_chat("gpt-test", parsed.messages).tokens
+    assert counted.estimated and counted.tokens > plain + 600
+    auth = keys_yaml(key_entry("research", RESEARCH_KEY, "limits: {tokens_per_minute: 500}"))
+    _, channel, stub = await start(gateway_factory, primary, local, auth)
+    async with channel:
+        for call in (
+            lambda: stub.Complete(request, metadata=bearer(RESEARCH_KEY), timeout=5),
+            lambda: read(
+                stub.StreamComplete(
+                    stream_chat(model="gpt-test", options=options), metadata=bearer(RESEARCH_KEY), timeout=5
+                )
+            ),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call()
+            message = never_fits(caught.value, "TOKENS_PER_MINUTE_EXCEEDED", "key:research")
+            assert f"reserves {counted.tokens + 10} tokens ({counted.tokens} of prompt + 10 for the answer" in message
+        options.ClearField("response_format")
+        assert (
+            await stub.Complete(chat(model="gpt-test", options=options), metadata=bearer(RESEARCH_KEY), timeout=5)
+        ).backend == "openai"
+    assert len(primary.chat_requests) == 1, "refused before any upstream is asked"
 
 
 @pytest.mark.parametrize("primary", ["anthropic"], indirect=True)

@@ -701,9 +701,9 @@ def record_threads(monkeypatch: pytest.MonkeyPatch, counter: TokenCounter, metho
     threads: list[int] = []
     real = getattr(counter, method)
 
-    def recording(*args: Any) -> Any:
+    def recording(*args: Any, **kwargs: Any) -> Any:
         threads.append(threading.get_ident())
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(counter, method, recording)
     return threads

@@ -194,8 +194,11 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         """The tokens to reserve (the prompt as counted offline, and the most the answer may take, for each answer
         the call may be billed for), those of them for the answers, their cost, and how many answers."""
         parsed = convert.completion_request(request, max_image_bytes=self._max_image_bytes)  # _refused_anyway's
+        options = parsed.options
         prompt = (
-            await self._counter.count_chat_async(parsed.model or "", parsed.messages, parsed.options.tools, by=by)
+            await self._counter.count_chat_async(
+                parsed.model or "", parsed.messages, options.tools, response_format=options.response_format, by=by
+            )
         ).tokens
         # A request without max_tokens is as long as its route asks for, else server.reserve_completion_tokens.
         answers, answer_tokens, usd_micros = self._router.estimate(
