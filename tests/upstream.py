@@ -23,6 +23,7 @@ Faults are queued; each chat or embeddings request takes the next one. A fault i
     {"usage": {"prompt_tokens": 5, ...}}               report this usage, whatever the answer's own counts
     {"reasoning": "thinking..."}                       add reasoning text (as Ollama's `reasoning` field)
     {"refusal": "I'm sorry, ..."}                      the model refuses: this `refusal` in place of any content
+    {"refusal": "...", "said_first": true}             ... after its content (as no OpenAI model does, but may)
     {"served_model": "name"}                           the answer names this model, not the one asked
     {"tool_call": {"name": "f", "arguments": "{}"}}    answer with a tool call (id call_N_1, as below)
     {"tool_calls": [{"name": "f", ...}, ...]}          answer with several tool calls (ids call_N_1, call_N_2, ...
@@ -453,13 +454,15 @@ class _Answer:
     """What the answer reports as its usage instead of its own counts, when set."""
     refusal: str | None = None
     """The model's refusal, in place of its content (as OpenAI's structured outputs answer), when set."""
+    said_first: bool = False
+    """Whether the refusal comes after the content rather than in its place."""
     signed: bool = False
     """Whether the first tool call carries a thought signature (`thought_signature`), as Gemini 3's do."""
 
     @property
     def completion_tokens(self) -> int:
-        said = self.refusal if self.refusal is not None else self.content
-        return len(said.split()) + len((self.reasoning or "").split())
+        said = self.content if self.refusal is None or self.said_first else ""
+        return len(f"{said} {self.refusal or ''}".split()) + len((self.reasoning or "").split())
 
     def tool_call_id(self, index: int) -> str:
         # Unique within a conversation, as a real API's are: the answer's id tells the turns apart.
@@ -477,7 +480,7 @@ class _Answer:
     def completion(self) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": self.content}
         if self.refusal is not None:
-            message.update(content=None, refusal=self.refusal)
+            message.update(content=self.content if self.said_first else None, refusal=self.refusal)
         if self.reasoning is not None:
             message["reasoning"] = self.reasoning
         if self.tool_calls:
@@ -502,6 +505,7 @@ class _Answer:
             deltas += [{"reasoning": piece} for piece in _pieces(self.reasoning)]
         if self.refusal is not None:
             deltas = [{"role": "assistant", "content": None, "refusal": ""}]
+            deltas += [{"content": piece} for piece in _pieces(self.content)] if self.said_first else []
             deltas += [{"refusal": piece} for piece in _pieces(self.refusal)]
         else:
             deltas += [
@@ -614,6 +618,7 @@ def _answer(body: dict[str, Any], fault: Fault, *, signed: bool = False) -> _Ans
         two_choices=bool(fault.get("two_choices")),
         reported_usage=fault.get("usage"),
         refusal=fault.get("refusal"),
+        said_first=bool(fault.get("said_first")),
         signed=signed,
     )
 

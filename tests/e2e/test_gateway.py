@@ -243,6 +243,21 @@ async def test_a_refusal_comes_back_as_the_content_with_content_filter(
     assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens == len(refusal.split())
 
 
+async def test_an_answer_that_says_something_then_refuses_keeps_both_whether_streamed_or_not(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    refusal = " I'm sorry, I cannot go on."
+    primary.inject(*[{"refusal": refusal, "said_first": True}] * 2)
+    answer = await stub.Complete(chat("something forbidden"), timeout=5)
+    assert (answer.message.content, answer.finish_reason) == (
+        "echo: something forbidden" + refusal,
+        pb.FINISH_REASON_CONTENT_FILTER,
+    )
+    chunks = [c async for c in stub.StreamComplete(stream_chat("something forbidden"), timeout=5)]
+    assert "".join(c.delta.content for c in chunks) == answer.message.content
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_CONTENT_FILTER
+
+
 async def test_tool_calls_round_trip(stub: pb.LLMServiceAsyncStub, primary: FakeUpstream) -> None:
     primary.inject({"tool_call": {"name": "weather", "arguments": '{"city": "Oslo"}'}})
     answer = await stub.Complete(chat("weather in Oslo?"), timeout=5)

@@ -369,7 +369,8 @@ def message_from_choice(choice: Mapping[str, Any]) -> Message:
         reasoning = reasoning or thought
     return Message(
         role=Role.ASSISTANT,
-        content=text_field(content, "content") or refusal_text(message) or "",
+        # A refusal after some content follows it, as the same answer streamed does.
+        content=(text_field(content, "content") or "") + (refusal_text(message) or ""),
         tool_calls=calls_apart(tuple(_tool_call(c) for c in calls)),
         reasoning=reasoning,
     )
