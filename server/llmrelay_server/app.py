@@ -22,7 +22,7 @@ from llmrelay_server.backends import provider_factory
 from llmrelay_server.calllog import CallLogObserver
 from llmrelay_server.concurrency import ConcurrencyInterceptor
 from llmrelay_server.config import ConfigError, GatewayConfig, ServerConfig
-from llmrelay_server.decoding import GenericOnly, add_llm_service
+from llmrelay_server.decoding import GenericOnly, add_llm_service, receive_limit
 from llmrelay_server.domain import StoreHealth, UsageUnavailableError
 from llmrelay_server.health import SERVICE_NAME, HealthMonitor, HealthServicer
 from llmrelay_server.limits import GATEWAY, InProcessLimiter, Limiter, LimitsInterceptor, key_subject
@@ -198,7 +198,8 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
     server = grpc.aio.server(
         interceptors=_interceptors(config, keys, counter, router, metrics, tracing, limiter),
         options=[
-            ("grpc.max_receive_message_length", limit),
+            # Requests a little over the limit are read, and refused by the gateway itself (`receive_limit`).
+            ("grpc.max_receive_message_length", receive_limit(limit)),
             ("grpc.max_send_message_length", limit),
             # gRPC refuses a caller's metadata past a soft limit (8 KiB) at random, more often the nearer its hard one
             # (16 KiB): the same call answered now OK, now RESOURCE_EXHAUSTED. One limit: the same answer every time.
@@ -236,7 +237,7 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
         stores=lambda: _stores(ledger, limiter),
         max_image_bytes=config.server.max_image_bytes,
     )
-    add_llm_service(servicer, server)
+    add_llm_service(servicer, server, limit)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, GenericOnly(server))
     reflection = enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     if metrics is not None and (listen := config.server.metrics_listen) is not None:

@@ -156,10 +156,10 @@ class ServerConfig:
     grace_period_s: float = 10.0
     """Then, how long calls in flight may take to finish."""
     max_message_bytes: int = 4 * 1024 * 1024
-    """The largest request accepted; larger ones get RESOURCE_EXHAUSTED."""
+    """The largest request (and answer) accepted; larger requests get RESOURCE_EXHAUSTED (REQUEST_TOO_LARGE)."""
     max_image_bytes: int = 20 * 1024 * 1024
     """The largest image a message may carry as bytes; larger ones get INVALID_ARGUMENT. The whole request is also
-    bound by max_message_bytes, which gRPC checks first: raise both to accept images over 4 MiB."""
+    bound by max_message_bytes, which is checked first: raise both to accept images over 4 MiB."""
     workers: int = 1
     """Server processes sharing the port (SO_REUSEPORT), under one supervising process; more than one needs
     state.redis_url when any limit is set (each process would otherwise enforce the limits alone)."""

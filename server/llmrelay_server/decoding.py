@@ -1,10 +1,14 @@
-"""LLMService's registration on the gRPC server, with requests that cannot be decoded answered INVALID_ARGUMENT.
+"""LLMService's registration on the gRPC server, with requests that cannot be decoded answered INVALID_ARGUMENT, and
+those over the message size limit RESOURCE_EXHAUSTED.
 
 gRPC's asyncio server decodes each request before the servicer sees it, and a decoding failure (bytes that are not
 the message, invalid UTF-8 in a string, nesting beyond protobuf's depth limit) escapes it as an unexpected exception:
 the caller gets UNKNOWN with Python's exception text, and the log a traceback per call. Here every method's
 deserializer catches the failure and hands its handler an `_Undecodable` in place of the request, which the handler
 answers with the INVALID_REQUEST status every other invalid request gets. A decodable request pays a function call.
+A request over server.max_message_bytes is handed over as one too, answered REQUEST_TOO_LARGE with its size: gRPC
+reads requests up to twice that limit (`receive_limit`), so that a caller a little over it is answered, counted and
+logged as any refused call is, where gRPC's own refusal comes before any interceptor, unseen by metrics and the log.
 Likewise an exception that no layer answered (a fault of the gateway's own) ends the call INTERNAL with ErrorInfo,
 its traceback logged (`status.fail_unexpectedly`), not UNKNOWN with Python's exception text.
 
@@ -28,7 +32,7 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 from llmrelay import v1 as pb
 
-from llmrelay_server.domain import FieldViolation, InvalidRequestError
+from llmrelay_server.domain import FieldViolation, InvalidRequestError, LLMRelayError, RequestTooLargeError
 from llmrelay_server.status import abort, fail_unexpectedly
 
 COMPLETE: Final = "/llmrelay.v1.LLMService/Complete"
@@ -44,9 +48,9 @@ _StreamBehavior: TypeAlias = Callable[[Any, _Context], AsyncGenerator[Message, N
 
 @dataclass(frozen=True, slots=True)
 class _Undecodable:
-    """What a handler receives in place of a request whose bytes did not decode."""
+    """What a handler receives in place of a request whose bytes did not decode, or were too many to."""
 
-    reason: str
+    error: LLMRelayError
 
 
 def decoded(request: object) -> bool:
@@ -77,11 +81,22 @@ def invocation_metadata(context: _Context) -> Metadata:
     return metadata if metadata is not None else tuple(context.invocation_metadata() or ())
 
 
-def add_llm_service(servicer: pb.LLMServiceServicer, server: grpc.aio.Server) -> None:
+def receive_limit(max_message_bytes: int) -> int:
+    """The size of the largest message gRPC is to read for the gateway, which answers those over `max_message_bytes`
+    itself: twice it, within gRPC's own bound."""
+    return min(2 * max_message_bytes, _GRPC_MAX_MESSAGE_BYTES)
+
+
+_GRPC_MAX_MESSAGE_BYTES: Final = 2**31 - 1
+
+
+def add_llm_service(servicer: pb.LLMServiceServicer, server: grpc.aio.Server, max_request_bytes: int) -> None:
     """Registers LLMService as the generated add_LLMServiceServicer_to_server does, with the decoding guard, by a
-    generic handler alone (see GenericOnly)."""
+    generic handler alone (see GenericOnly); its requests over `max_request_bytes` are refused."""
     service = pb.DESCRIPTOR.services_by_name["LLMService"]
-    handlers = {method.name: _handler(method, getattr(servicer, method.name)) for method in service.methods}
+    handlers = {
+        method.name: _handler(method, getattr(servicer, method.name), max_request_bytes) for method in service.methods
+    }
     GenericOnly(server).add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
@@ -115,10 +130,10 @@ class _KeepingMetadata(grpc.GenericRpcHandler):
         return self._handler.service(handler_call_details)
 
 
-def _handler(method: MethodDescriptor, behavior: Any) -> grpc.RpcMethodHandler[Any, Any]:
+def _handler(method: MethodDescriptor, behavior: Any, max_request_bytes: int) -> grpc.RpcMethodHandler[Any, Any]:
     if method.client_streaming:
         raise TypeError(f"{method.full_name}: requests that stream are not supported")
-    decode = _decoder(GetMessageClass(method.input_type))
+    decode = _decoder(GetMessageClass(method.input_type), max_request_bytes)
     encode = GetMessageClass(method.output_type).SerializeToString
     if method.server_streaming:
         return grpc.unary_stream_rpc_method_handler(
@@ -129,14 +144,16 @@ def _handler(method: MethodDescriptor, behavior: Any) -> grpc.RpcMethodHandler[A
     )
 
 
-def _decoder(message_type: type[Message]) -> Callable[[bytes], Message | _Undecodable]:
+def _decoder(message_type: type[Message], max_bytes: int) -> Callable[[bytes], Message | _Undecodable]:
     parse = message_type.FromString
 
     def decode(data: bytes) -> Message | _Undecodable:
+        if len(data) > max_bytes:
+            return _Undecodable(RequestTooLargeError(len(data), max_bytes))
         try:
             return parse(data)
         except DecodeError as error:
-            return _Undecodable(f"the request cannot be decoded: {error}")
+            return _Undecodable(_UndecodableRequestError(f"the request cannot be decoded: {error}"))
 
     return decode
 
@@ -175,4 +192,4 @@ def _guarded_stream(rpc: str, behavior: _StreamBehavior) -> Callable[[Any, _Cont
 
 
 async def _refuse(context: _Context, rpc: str, request: _Undecodable) -> NoReturn:
-    await abort(context, rpc, _UndecodableRequestError(request.reason))
+    await abort(context, rpc, request.error)

@@ -10,6 +10,7 @@ Exceptions::
     ├── ModelNotFoundError           no backend serves the model
     ├── TokenizerUnavailableError    the encoding's file is not installed
     ├── AnswerTooLargeError          the answer exceeds the message size limit
+    ├── RequestTooLargeError         the request exceeds the message size limit
     ├── ShuttingDownError            the gateway is draining: no new calls, and calls past the grace period end
     ├── UnauthenticatedError         no caller key, or an unknown one
     ├── ModelNotAllowedError         the caller's key may not use the model
@@ -638,6 +639,14 @@ class AnswerTooLargeError(LLMRelayError):
         self.size = size
         self.limit = limit
         super().__init__(f"the answer is {size} bytes, over the gateway's {limit}-byte message limit; {remedy}")
+
+
+class RequestTooLargeError(LLMRelayError):
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        remedy = "send less in a call (an image by its URL rather than its bytes), or raise server.max_message_bytes"
+        super().__init__(f"the request is {size} bytes, over the gateway's {limit}-byte message limit; {remedy}")
 
 
 class ShuttingDownError(LLMRelayError):

@@ -12,6 +12,7 @@
 | every backend down or broken            | UNAVAILABLE         | BACKENDS_UNAVAILABLE    | RetryInfo     |
 | upstream answers are malformed          | UNAVAILABLE         | UPSTREAM_BAD_RESPONSE   |               |
 | the answer is over the message limit    | RESOURCE_EXHAUSTED  | ANSWER_TOO_LARGE        |               |
+| the request is over the message limit   | RESOURCE_EXHAUSTED  | REQUEST_TOO_LARGE       |               |
 | the gateway is shutting down            | UNAVAILABLE         | SHUTTING_DOWN           | RetryInfo     |
 | ... and ended a stream that had started | ABORTED             | SHUTTING_DOWN           | RetryInfo     |
 | the caller's deadline ran out           | DEADLINE_EXCEEDED   | DEADLINE_EXCEEDED       |               |
@@ -57,6 +58,7 @@ from llmrelay_server.domain import (
     LLMRelayError,
     ModelNotAllowedError,
     ModelNotFoundError,
+    RequestTooLargeError,
     ShuttingDownError,
     StreamInterruptedError,
     TokenizerUnavailableError,
@@ -297,6 +299,9 @@ def _classify(error: LLMRelayError) -> _Classified:
     if isinstance(error, AnswerTooLargeError):
         metadata = {"size": str(error.size), "limit": str(error.limit)}
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "ANSWER_TOO_LARGE", metadata, []
+    if isinstance(error, RequestTooLargeError):
+        metadata = {"size": str(error.size), "limit": str(error.limit)}
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "REQUEST_TOO_LARGE", metadata, []
     if isinstance(error, ShuttingDownError):
         # A stream that has sent text cannot simply be retried by a client: ABORTED says so.
         code = grpc.StatusCode.ABORTED if error.stream_started else grpc.StatusCode.UNAVAILABLE

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
+from e2e.test_metrics import scrape
 from google.protobuf import struct_pb2
 from google.protobuf.descriptor import Descriptor
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -555,3 +556,48 @@ async def test_an_authors_name_other_than_openai_takes_names_the_field(
     assert violation.field == "messages[0].name"
     assert primary.chat_requests == []
     assert_quiet(caplog)
+
+
+@pytest.mark.parametrize("method", ["Complete", "StreamComplete", "Embed", "CountTokens"])
+async def test_a_request_over_the_message_limit_is_answered_counted_and_takes_no_limit(
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+) -> None:
+    """gRPC's own refusal of a request over its limit comes before any interceptor: no ErrorInfo, no metrics, no log
+    line. The gateway reads requests up to twice the limit and refuses them itself."""
+    server = 'max_message_bytes: 65536, metrics_listen: "127.0.0.1:0", limits: {requests_per_minute: 1}'
+    gateway = await gateway_factory(two_backends(primary, local), server=server)
+    assert gateway.metrics is not None and gateway.metrics.port is not None
+    over = {
+        "Complete": chat("x" * 70_000),
+        "StreamComplete": stream_chat("x" * 70_000),
+        "Embed": pb.EmbedRequest(inputs=["x" * 70_000]),
+        "CountTokens": pb.CountTokensRequest(text="x" * 70_000),
+    }[method].SerializeToString()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call_raw(channel, method, over)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
+        info = details(caught.value)["ErrorInfo"]
+        assert (info.reason, dict(info.metadata)) == ("REQUEST_TOO_LARGE", {"size": str(len(over)), "limit": "65536"})
+        assert "raise server.max_message_bytes" in str(caught.value.details())
+        # Over twice the limit, gRPC refuses it unread, as before.
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call_raw(channel, method, bytes(over) + length_delimited(15, b"x" * 70_000))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "Received message larger than max" in str(caught.value.details())
+        assert_quiet(caplog)
+        # The minute's one request was not taken by the refusal.
+        assert (await pb.LLMServiceStub(channel).Complete(chat(), timeout=5)).message.content == "echo: hello gateway"
+    samples = await scrape(gateway.metrics.port)
+    handled = [
+        v
+        for (name, labels), v in samples.items()
+        if name == "grpc_server_handled_total"
+        and dict(labels).get("grpc_method") == method
+        and dict(labels).get("grpc_code") == "RESOURCE_EXHAUSTED"
+    ]
+    assert handled == [1.0]

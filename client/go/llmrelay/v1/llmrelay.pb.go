@@ -606,6 +606,10 @@ const (
 	// (server.max_concurrent_rpcs); metadata `subject` ("gateway"); QuotaFailure; RetryInfo (and pushback). The
 	// gateway's health service (grpc.health.v1) is not bounded, so that its probes are answered under load.
 	ErrorReason_ERROR_REASON_CONCURRENT_CALLS_EXCEEDED ErrorReason = 23
+	// RESOURCE_EXHAUSTED: the request is larger than the gateway's message size limit (server.max_message_bytes);
+	// metadata `size` and `limit` (bytes). A request over twice the limit is refused by gRPC itself before the
+	// gateway reads it: RESOURCE_EXHAUSTED with gRPC's own message and no details.
+	ErrorReason_ERROR_REASON_REQUEST_TOO_LARGE ErrorReason = 24
 )
 
 // Enum value maps for ErrorReason.
@@ -635,6 +639,7 @@ var (
 		21: "ERROR_REASON_USAGE_UNAVAILABLE",
 		22: "ERROR_REASON_USAGE_NOT_ALLOWED",
 		23: "ERROR_REASON_CONCURRENT_CALLS_EXCEEDED",
+		24: "ERROR_REASON_REQUEST_TOO_LARGE",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":                  0,
@@ -661,6 +666,7 @@ var (
 		"ERROR_REASON_USAGE_UNAVAILABLE":            21,
 		"ERROR_REASON_USAGE_NOT_ALLOWED":            22,
 		"ERROR_REASON_CONCURRENT_CALLS_EXCEEDED":    23,
+		"ERROR_REASON_REQUEST_TOO_LARGE":            24,
 	}
 )
 
@@ -4003,7 +4009,7 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\x0fInterruptPolicy\x12 \n" +
 	"\x1cINTERRUPT_POLICY_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16INTERRUPT_POLICY_ABORT\x10\x01\x12\x1c\n" +
-	"\x18INTERRUPT_POLICY_RESTART\x10\x02*\x9a\a\n" +
+	"\x18INTERRUPT_POLICY_RESTART\x10\x02*\xbe\a\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12 \n" +
 	"\x1cERROR_REASON_INVALID_REQUEST\x10\x01\x12 \n" +
@@ -4029,7 +4035,8 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\x1fERROR_REASON_LIMITS_UNAVAILABLE\x10\x14\x12\"\n" +
 	"\x1eERROR_REASON_USAGE_UNAVAILABLE\x10\x15\x12\"\n" +
 	"\x1eERROR_REASON_USAGE_NOT_ALLOWED\x10\x16\x12*\n" +
-	"&ERROR_REASON_CONCURRENT_CALLS_EXCEEDED\x10\x17*o\n" +
+	"&ERROR_REASON_CONCURRENT_CALLS_EXCEEDED\x10\x17\x12\"\n" +
+	"\x1eERROR_REASON_REQUEST_TOO_LARGE\x10\x18*o\n" +
 	"\vImageDetail\x12\x1c\n" +
 	"\x18IMAGE_DETAIL_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11IMAGE_DETAIL_AUTO\x10\x01\x12\x14\n" +

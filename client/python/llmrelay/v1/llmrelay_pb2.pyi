@@ -453,6 +453,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     (server.max_concurrent_rpcs); metadata `subject` ("gateway"); QuotaFailure; RetryInfo (and pushback). The
     gateway's health service (grpc.health.v1) is not bounded, so that its probes are answered under load.
     """
+    ERROR_REASON_REQUEST_TOO_LARGE: _ErrorReason.ValueType  # 24
+    """RESOURCE_EXHAUSTED: the request is larger than the gateway's message size limit (server.max_message_bytes);
+    metadata `size` and `limit` (bytes). A request over twice the limit is refused by gRPC itself before the
+    gateway reads it: RESOURCE_EXHAUSTED with gRPC's own message and no details.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The reason in the google.rpc.ErrorInfo of a failed call (as its name without the ERROR_REASON_ prefix). Each
@@ -565,6 +570,11 @@ ERROR_REASON_CONCURRENT_CALLS_EXCEEDED: ErrorReason.ValueType  # 23
 """RESOURCE_EXHAUSTED: the gateway has as many calls of this service in progress as it takes at once
 (server.max_concurrent_rpcs); metadata `subject` ("gateway"); QuotaFailure; RetryInfo (and pushback). The
 gateway's health service (grpc.health.v1) is not bounded, so that its probes are answered under load.
+"""
+ERROR_REASON_REQUEST_TOO_LARGE: ErrorReason.ValueType  # 24
+"""RESOURCE_EXHAUSTED: the request is larger than the gateway's message size limit (server.max_message_bytes);
+metadata `size` and `limit` (bytes). A request over twice the limit is refused by gRPC itself before the
+gateway reads it: RESOURCE_EXHAUSTED with gRPC's own message and no details.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

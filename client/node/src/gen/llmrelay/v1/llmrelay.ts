@@ -661,6 +661,12 @@ export enum ErrorReason {
    * gateway's health service (grpc.health.v1) is not bounded, so that its probes are answered under load.
    */
   ERROR_REASON_CONCURRENT_CALLS_EXCEEDED = 23,
+  /**
+   * ERROR_REASON_REQUEST_TOO_LARGE - RESOURCE_EXHAUSTED: the request is larger than the gateway's message size limit (server.max_message_bytes);
+   * metadata `size` and `limit` (bytes). A request over twice the limit is refused by gRPC itself before the
+   * gateway reads it: RESOURCE_EXHAUSTED with gRPC's own message and no details.
+   */
+  ERROR_REASON_REQUEST_TOO_LARGE = 24,
   UNRECOGNIZED = -1,
 }
 
@@ -738,6 +744,9 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 23:
     case "ERROR_REASON_CONCURRENT_CALLS_EXCEEDED":
       return ErrorReason.ERROR_REASON_CONCURRENT_CALLS_EXCEEDED;
+    case 24:
+    case "ERROR_REASON_REQUEST_TOO_LARGE":
+      return ErrorReason.ERROR_REASON_REQUEST_TOO_LARGE;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -795,6 +804,8 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_USAGE_NOT_ALLOWED";
     case ErrorReason.ERROR_REASON_CONCURRENT_CALLS_EXCEEDED:
       return "ERROR_REASON_CONCURRENT_CALLS_EXCEEDED";
+    case ErrorReason.ERROR_REASON_REQUEST_TOO_LARGE:
+      return "ERROR_REASON_REQUEST_TOO_LARGE";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
