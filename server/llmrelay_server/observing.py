@@ -3,8 +3,9 @@
 An `Observer` says what to do when a call of a method of a given `Kind` starts (`observe`, which returns how to start
 watching one), and the call's observer hears the status the call ended with and how many messages it sent, and, if it
 asks to, each message as it goes; for every kind of call alike, including streams written with `context.write`
-(grpc.health.v1's Watch), whose messages pass by unseen. A call that streams requests (server reflection's) is started
-with its `Requests`, which count them as its handler reads them, rather than with a request.
+(grpc.health.v1's Watch), whose handler is given a context that counts them (`_Writes`). A call that streams requests
+(server reflection's) is started with its `Requests`, which count them as its handler reads them, rather than with a
+request.
 The interceptor wraps a method's handler once for all of them, and once for all its calls: the handlers that reach it
 are the same objects call after call (the service's own; the limits' and auth's wrappings of them, each made once), so
 a call pays a lookup rather than a new handler, closures and a question to every observer.
@@ -130,7 +131,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         if kind is Kind.CLIENT_STREAM:
             return grpc.stream_unary_rpc_method_handler(_reading(_unary(handler.stream_unary, starts)), decode, encode)
         behavior = handler.unary_stream if kind is Kind.SERVER_STREAM else handler.stream_stream
-        wrapped = _stream(behavior, starts) if inspect.isasyncgenfunction(behavior) else _unary(behavior, starts)
+        wrapped = _stream(behavior, starts) if inspect.isasyncgenfunction(behavior) else _written(behavior, starts)
         if kind is Kind.SERVER_STREAM:
             return grpc.unary_stream_rpc_method_handler(wrapped, decode, encode)
         return grpc.stream_stream_rpc_method_handler(_reading(wrapped), decode, encode)
@@ -179,6 +180,44 @@ def _stream(behavior: Any, starts: tuple[Start, ...]) -> Any:
             _end(calls, code, messages)
 
     return observed
+
+
+def _written(behavior: Any, starts: tuple[Start, ...]) -> Any:
+    """`_stream`, for a stream its handler writes with `context.write` rather than yields (grpc.health.v1's Watch)."""
+
+    async def observed(request: Any, context: Context) -> None:
+        calls: list[CallObserver] = []
+        code, writes = grpc.StatusCode.OK, _Writes(context)
+        try:
+            _start(starts, request, context, calls)
+            writes.hearing = [hear for call in calls if (hear := call.sent) is not None]
+            await behavior(request, writes)
+        except BaseException as error:
+            code = ended_with(context, error)
+            raise
+        finally:
+            _end(calls, code, writes.messages)
+
+    return observed
+
+
+class _Writes:
+    """A call's context, as its handler sees it, whose writes are counted and heard by the call's observers; the rest
+    is the context's own."""
+
+    def __init__(self, context: Context) -> None:
+        self._context = context
+        self.messages = 0
+        self.hearing: list[Callable[[Any], None]] = []
+
+    async def write(self, message: Any) -> None:
+        await self._context.write(message)
+        self.messages += 1
+        for hear in self.hearing:
+            hear(message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 def _reading(observed: Any) -> Any:

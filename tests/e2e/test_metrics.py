@@ -313,6 +313,7 @@ async def test_a_call_its_callers_deadline_ended_counts_as_deadline_exceeded(
         samples = await until_ended(gateway.metrics.port, method, "DEADLINE_EXCEEDED")
 
     assert value(samples, "grpc_server_handled_total", **method, grpc_code="CANCELLED") == 0
+    assert value(samples, "grpc_server_msg_sent_total", **method) == 1, "written with context.write, and counted"
     [line] = [record.call for record in caplog.records if record.name == "llmrelay_server.calls"]  # type: ignore[attr-defined]
     assert line["rpc"] == "grpc.health.v1.Health/Watch" and line["code"] == "DEADLINE_EXCEEDED"
 
