@@ -387,6 +387,67 @@ async def test_reasoning_and_its_signature_round_trip(stub: pb.LLMServiceAsyncSt
     assert claude.invalid_requests == []
 
 
+def answered(*blocks: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Faults that answer with these content blocks: whole (for Complete), and as the events of a stream of them
+    (for StreamComplete), each thinking block opened unsigned and signed by its signature_delta, as the API does."""
+    usage = {"input_tokens": 10, "output_tokens": 5}
+    whole = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-test",
+        "content": list(blocks),
+        "stop_reason": "end_turn",
+        "usage": usage,
+    }
+    events: list[dict[str, Any]] = [{"type": "message_start", "message": {**whole, "content": [], "usage": usage}}]
+    for index, block in enumerate(blocks):
+        if block["type"] == "thinking":
+            opened = {"type": "thinking", "thinking": "", "signature": ""}
+            deltas = [
+                {"type": "thinking_delta", "thinking": block["thinking"]},
+                {"type": "signature_delta", "signature": block["signature"]},
+            ]
+        else:
+            opened, deltas = {"type": "text", "text": ""}, [{"type": "text_delta", "text": block["text"]}]
+        events.append({"type": "content_block_start", "index": index, "content_block": opened})
+        events += [{"type": "content_block_delta", "index": index, "delta": delta} for delta in deltas]
+        events.append({"type": "content_block_stop", "index": index})
+    events.append({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 5}})
+    events.append({"type": "message_stop"})
+    return {"body": json.dumps(whole), "content_type": "application/json"}, sse(*events)
+
+
+@pytest.mark.parametrize(
+    "thinking",
+    [
+        [{"type": "thinking", "thinking": "deep", "signature": ""}],
+        [
+            {"type": "thinking", "thinking": "one ", "signature": "S1"},
+            {"type": "thinking", "thinking": "two", "signature": ""},
+        ],
+    ],
+    ids=["one-unsigned-block", "two-blocks-one-signed"],
+)
+async def test_thinking_not_signed_as_one_block_has_no_signature_in_either_call(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, thinking: list[dict[str, Any]]
+) -> None:
+    """A compatible server may leave a thinking block's signature empty: an answer has a signature only when it has
+    one thinking block and that block is signed, in Complete and StreamComplete alike (the same answer must go back
+    the same way in the next turn, whichever call brought it)."""
+    whole, events = answered(*thinking, {"type": "text", "text": "ans"})
+    claude.inject(whole, events)
+    answer = (await stub.Complete(chat(), timeout=5)).message
+    assembler = StreamAssembler()
+    for chunk in await streamed(stub, stream_chat()):
+        assembler.add(chunk)
+    assembled = assembler.result().message
+    reasoning = "".join(block["thinking"] for block in thinking)
+    assert (answer.reasoning, answer.content) == (assembled.reasoning, assembled.content) == (reasoning, "ans")
+    assert not answer.HasField("reasoning_signature")
+    assert not assembled.HasField("reasoning_signature")
+
+
 async def test_a_tool_cycle_begun_without_thinking_ends_without_it(
     stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
 ) -> None:
@@ -540,6 +601,33 @@ async def test_an_answer_with_its_input_tokens_alone_bills_them_and_counts_its_o
     assert 0 < billed.completion_tokens < 10 and billed.estimated
 
 
+async def test_a_whole_answer_to_a_stream_bills_the_prompt_the_api_reported_as_complete_does(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
+) -> None:
+    """An upstream that answers a stream request with the whole JSON answer (ignoring `stream: true`), its usage
+    without output_tokens: the stream is billed the prompt the API reported (its cache reads among them), its answer
+    counted, as Complete bills the same answer; not the gateway's own count of the prompt's text."""
+    usage = {"input_tokens": 5000, "cache_read_input_tokens": 20000}
+    answer = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-test",
+        "content": [{"type": "text", "text": "hi there"}],
+        "stop_reason": "end_turn",
+        "usage": usage,
+    }
+    whole = {"body": json.dumps(answer), "content_type": "application/json"}
+    claude.inject(whole, whole)
+    unary = (await stub.Complete(chat("hi"), timeout=5)).usage
+    chunks = await streamed(stub, stream_chat("hi"))
+    assert "".join(chunk.delta.content for chunk in chunks) == "hi there"
+    assert (unary.prompt_tokens, unary.cached_prompt_tokens, unary.estimated) == (25000, 20000, True)
+    assert chunks[-1].usage == unary
+    [record] = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
+    assert (record.requests, record.prompt_tokens) == (2, 2 * 25000)
+
+
 async def test_a_cut_stream_bills_the_prompt_the_api_reported_with_its_cache(
     stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
 ) -> None:
@@ -557,6 +645,41 @@ async def test_a_cut_stream_bills_the_prompt_the_api_reported_with_its_cache(
     whole = (await stub.Complete(chat("one two three four five six"), timeout=5)).usage
     assert record.prompt_tokens == whole.prompt_tokens
     assert 0 < record.completion_tokens < whole.completion_tokens
+
+
+@pytest.mark.parametrize(
+    ("start", "delta"),
+    [
+        ({"input_tokens": 4000, "cache_read_input_tokens": 0}, {"input_tokens": 0}),
+        (
+            {"input_tokens": 4, "cache_creation_input_tokens": 3, "cache_read_input_tokens": 4000},
+            {"input_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+        ),
+    ],
+    ids=["input", "input-and-cache"],
+)
+async def test_a_message_delta_that_reports_a_prompt_of_0_bills_message_starts(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, start: dict[str, int], delta: dict[str, int]
+) -> None:
+    """Anthropic's counts are cumulative: a compatible server (SGLang) that writes 0 for the prompt's counts in
+    message_delta, after message_start's real ones, has its prompt billed as message_start reported it, not as 0."""
+    message = {"id": "msg_1", "model": "claude-test", "usage": {**start, "output_tokens": 1}}
+    claude.inject(
+        sse(
+            {"type": "message_start", "message": message},
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "answer"}},
+            {"type": "content_block_stop", "index": 0},
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {**delta, "output_tokens": 12}},
+            {"type": "message_stop"},
+        )
+    )
+    final = (await streamed(stub, stream_chat()))[-1].usage
+    prompt, cached = sum(start.values()), start["cache_read_input_tokens"]
+    assert (final.prompt_tokens, final.cached_prompt_tokens, final.completion_tokens) == (prompt, cached, 12)
+    assert not final.estimated
+    [record] = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
+    assert (record.prompt_tokens, record.completion_tokens) == (prompt, 12)
 
 
 async def test_count_tokens_is_the_apis_own_count(stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic) -> None:

@@ -660,6 +660,52 @@ def test_a_streams_thinking_signature(stream: list[dict[str, Any]], signed: str 
     assert state.reasoning_signature == signed
 
 
+def signed_as(*signatures: str) -> tuple[str | None, str | None]:
+    """The reasoning_signature of an answer with a thinking block of each of these signatures ("" for none): as the
+    unary answer has it, and as a stream of the same blocks (each opened unsigned, signed by a signature_delta)."""
+    blocks = [{"type": "thinking", "thinking": str(i), "signature": sig} for i, sig in enumerate(signatures)]
+    stream: list[dict[str, Any]] = []
+    for index, sig in enumerate(signatures):
+        stream += [thinking(index, signature=""), signature(index, sig), block_stop(index)]
+    state = aw.StreamState()
+    for data in [START, *stream, {"type": "message_stop"}]:
+        state.event(data)
+    return aw.answer_from(message(*blocks, text("a"))).message.reasoning_signature, state.reasoning_signature
+
+
+@pytest.mark.parametrize(
+    ("signatures", "signed"),
+    [
+        (("s0",), "s0"),
+        # A block without a signature has none to send back, and a signature "" is none.
+        (("",), None),
+        # Several blocks, however many are signed: one signature cannot stand for all of them.
+        (("s0", ""), None),
+        (("", "s1"), None),
+        (("s0", "s1"), None),
+        ((), None),
+    ],
+)
+def test_unary_and_streamed_answers_have_one_signature_rule(signatures: tuple[str, ...], signed: str | None) -> None:
+    assert signed_as(*signatures) == (signed, signed)
+
+
+def test_a_signature_delta_outside_a_thinking_block_signs_nothing() -> None:
+    # As the SDK reads it: a signature_delta signs the thinking block it is in, and is nothing elsewhere.
+    stream = [
+        START,
+        {"type": "content_block_start", "index": 0, "content_block": text("")},
+        signature(0, "s0"),
+        block_stop(0),
+        thinking(1, signature="s1"),
+        block_stop(1),
+    ]
+    state = aw.StreamState()
+    for data in stream:
+        state.event(data)
+    assert state.reasoning_signature == "s1"
+
+
 @pytest.mark.parametrize(
     "stream",
     [
@@ -708,6 +754,29 @@ def test_a_streams_prompt_usage_is_message_starts_before_the_answer_ends() -> No
     assert state.prompt_usage == TokenUsage(prompt_tokens=22, completion_tokens=0, cached_prompt_tokens=7)
     state.event({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 4}})
     assert state.usage == TokenUsage(prompt_tokens=22, completion_tokens=4, cached_prompt_tokens=7)
+
+
+@pytest.mark.parametrize(
+    ("later", "prompt", "cached"),
+    [
+        # A compatible server (SGLang) writes 0 for the prompt's counts in message_delta: message_start's stand.
+        ({"input_tokens": 0}, 22, 7),
+        ({"input_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}, 22, 7),
+        # The counts are cumulative: a larger one (the API's own, after a server tool's turn) is the answer's.
+        ({"input_tokens": 100, "cache_read_input_tokens": 9}, 114, 9),
+        ({}, 22, 7),
+    ],
+)
+def test_message_deltas_prompt_counts_never_lower_message_starts(
+    later: dict[str, int], prompt: int, cached: int
+) -> None:
+    state = aw.StreamState()
+    usage = {"input_tokens": 10, "output_tokens": 1, "cache_creation_input_tokens": 5, "cache_read_input_tokens": 7}
+    state.event({"type": "message_start", "message": {"usage": usage}})
+    end = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {**later, "output_tokens": 12}}
+    state.event(end)
+    assert state.prompt_usage == TokenUsage(prompt_tokens=prompt, completion_tokens=0, cached_prompt_tokens=cached)
+    assert state.usage == TokenUsage(prompt_tokens=prompt, completion_tokens=12, cached_prompt_tokens=cached)
 
 
 @pytest.mark.parametrize(

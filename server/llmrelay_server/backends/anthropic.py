@@ -11,6 +11,7 @@ next.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -250,11 +251,14 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
 
     def _whole_stream(self, raw: bytes, model: str) -> list[CompletionChunk]:
         """The chunks of a stream whose upstream answered whole, read as `complete` reads an answer; usage left unset
-        when it reported none, as a stream's is (the router estimates it)."""
+        when it reported none whole, as a stream's is (the router counts it), and the prompt's usage it reported
+        carried on every chunk, as a stream's message_start's is: the router bills that prompt, its cache reads and
+        writes among them, and counts the answer alone, as `complete` does."""
         answer = anthropic_wire.answer_from(wire.decode_answer_json(raw))
-        return wire.whole_answer_chunks(
+        chunks = wire.whole_answer_chunks(
             answer.id, self._spec.name, answer.model or model, answer.message, answer.finish_reason, answer.usage
         )
+        return [dataclasses.replace(chunk, prompt_usage=answer.prompt_usage) for chunk in chunks]
 
     def _upstream_error(self, exc: anthropic.APIError) -> UpstreamError:
         if isinstance(exc, anthropic.APIConnectionError):

@@ -381,8 +381,7 @@ def answer_from(data: Any) -> Answer:
         content="".join(texts),
         tool_calls=calls_apart(tuple(calls)),
         reasoning="".join(thoughts) if thoughts else None,
-        # One signature signs one block: the contract carries one, so several blocks cannot be sent back.
-        reasoning_signature=signatures[0] if len(signatures) == 1 else None,
+        reasoning_signature=reasoning_signature(signatures),
     )
     return Answer(
         id=text_field(data.get("id"), "id"),
@@ -392,6 +391,15 @@ def answer_from(data: Any) -> Answer:
         usage=usage_from(data.get("usage")),
         prompt_usage=prompt_usage_from(data.get("usage")),
     )
+
+
+def reasoning_signature(signatures: Sequence[str]) -> str | None:
+    """The answer's reasoning_signature, from its thinking blocks' signatures ("" for a block without one), in a
+    unary answer and a stream alike: the one block's, when the answer has exactly one thinking block and it is
+    signed. One signature signs one block: the contract carries one, so several blocks cannot be sent back (nor the
+    signature of one of them with the others' text); and a block without a signature has none to send back (thinking
+    goes back only with its signature, `_assistant_blocks`)."""
+    return (signatures[0] or None) if len(signatures) == 1 else None
 
 
 def _tool_call(block: Mapping[str, Any]) -> ToolCall:
@@ -486,14 +494,13 @@ class StreamState:
     """Blocks of the tools the API runs itself (server_tool_use, mcp_tool_use): their input is not the caller's to
     run, and is left out as the unary answer leaves their blocks out."""
     _signatures: dict[int, str] = field(default_factory=dict)
-    """Content block index -> its thinking block's signature: the start's, replaced by a signature_delta, as the SDK
-    reads them."""
+    """Content block index -> its thinking block's signature ("" while it has none): the start's, replaced by a
+    signature_delta, as the SDK reads them. Every thinking block is here, signed or not."""
 
     @property
     def reasoning_signature(self) -> str | None:
-        """The answer's signature, for its last chunk: as the unary answer has it, only when one block was signed."""
-        signed = [signature for signature in self._signatures.values() if signature]
-        return signed[0] if len(signed) == 1 else None
+        """The answer's signature, for its last chunk, as the unary answer has it (`reasoning_signature`)."""
+        return reasoning_signature(list(self._signatures.values()))
 
     @property
     def usage(self) -> TokenUsage | None:
@@ -532,7 +539,8 @@ class StreamState:
             delta = _object(data, "delta")
             if delta.get("stop_reason") is not None:
                 self.finish_reason = finish_reason(delta["stop_reason"])
-            # Its counts are cumulative: they replace those of message_start.
+            # Its counts are cumulative: its output count replaces message_start's placeholder, and its prompt counts
+            # never lower message_start's (`_add_usage`).
             self._add_usage(data.get("usage"))
         elif kind == "message_stop":
             self.stopped = True
@@ -561,8 +569,7 @@ class StreamState:
         if kind == "text":
             return StreamDelta(content=text_field(block.get("text"), "text") or None)
         if kind == "thinking":
-            if signature := text_field(block.get("signature"), "signature"):
-                self._signatures[index] = signature
+            self._signatures[index] = text_field(block.get("signature"), "signature")
             return StreamDelta(reasoning=text_field(block.get("thinking"), "thinking") or None)
         return None
 
@@ -584,15 +591,32 @@ class StreamState:
             self._unargued.pop(index, None)
             return StreamDelta(tool_calls=(ToolCallDelta(self._tools[index], arguments=partial),))
         if kind == "signature_delta":
-            # Sent with the last chunk, once it is known whether the answer had one signed block (or several).
-            self._signatures[index] = text_field(delta.get("signature"), "signature")
+            # Sent with the last chunk, once it is known whether the answer had one thinking block (or several). It
+            # signs a thinking block, as the SDK reads it: on another block it is nothing.
+            signature = text_field(delta.get("signature"), "signature")
+            if index in self._signatures:
+                self._signatures[index] = signature
         # citations_delta: nothing the contract carries.
         return None
 
     def _add_usage(self, usage: Any) -> None:
-        if isinstance(usage, dict):
-            self._usage.update((key, value) for key, value in usage.items() if value is not None)
-            self.prompt_usage = prompt_usage_from(self._usage)
+        """Adds an event's usage to what the stream reported so far. Anthropic's counts are cumulative, so a prompt
+        count is the larger of the two where both are counts: a compatible server (SGLang) writes input_tokens 0 (and
+        cache counts of 0) in message_delta, after message_start's real ones, which would bill the prompt as 0."""
+        if not isinstance(usage, dict):
+            return
+        for key, value in usage.items():
+            if value is None:
+                continue
+            earlier = self._usage.get(key)
+            if key in _PROMPT_COUNTS and is_count(earlier) and is_count(value):
+                value = max(earlier, value)
+            self._usage[key] = value
+        self.prompt_usage = prompt_usage_from(self._usage)
+
+
+_PROMPT_COUNTS: Final = frozenset({"input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"})
+"""The usage's prompt counts, which a stream's later events may repeat but never lower."""
 
 
 def _object(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
