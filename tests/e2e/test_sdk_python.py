@@ -24,11 +24,12 @@ import grpc
 import grpc.aio
 import pytest
 from certs import Authority
-from harness import BIN, free_port
+from harness import BIN, clean_env, free_port, spawn_gateway
 from llmrelay import (
     DEFAULT_TIMEOUT_S,
     Answer,
     AsyncClient,
+    AsyncStream,
     Client,
     Conversation,
     LLMRelayError,
@@ -317,6 +318,76 @@ async def test_a_tool_past_tool_timeout_is_answered_that_it_did_not_finish(
     assert answer.steps == 2 and time.monotonic() - started < 10
     if kind.endswith("async-tool"):
         assert await asyncio.to_thread(cancelled.wait, 5), "the async tool was cancelled"
+
+
+async def test_plain_tools_past_tool_timeout_keep_no_worker_of_the_loops_default_executor(
+    gateway: Gateway, primary: FakeUpstream
+) -> None:
+    """AsyncClient ran a plain tool with asyncio.to_thread: one that hangs, past tool_timeout, kept a worker of the
+    loop's default executor, so that as many as it has starved later tools (answered that they did not finish) and
+    the program's own to_thread (and getaddrinfo). Each runs in a daemon thread of its own, as Client's do."""
+    workers = min(32, (os.cpu_count() or 1) + 4)  # the default executor's (ThreadPoolExecutor's default)
+    primary.inject({"tool_calls": [{"name": "stuck", "arguments": "{}"}] * (workers + 1)}, {"echo_tools": True},
+                   {"tool_calls": [{"name": "quick", "arguments": "{}"}]}, {"echo_tools": True})  # fmt: skip
+    released = threading.Event()
+    tools = Tools()
+
+    @tools.register
+    def stuck() -> str:
+        """Never answers, until the test ends."""
+        released.wait(60)
+        return "late"
+
+    @tools.register
+    def quick() -> str:
+        """Answers at once."""
+        return "done"
+
+    try:
+        async with AsyncClient(target(gateway), timeout=10) as client:
+            hung = await client.run_tools(QUESTION, tools, tool_timeout=0.2)
+            answer = await client.run_tools(QUESTION, tools, tool_timeout=2)
+        own = await asyncio.wait_for(asyncio.to_thread(lambda: "ran"), 2)
+    finally:
+        released.set()
+    assert hung.content.count("stuck=error: the tool did not finish within 0.2 s") == workers + 1
+    assert (answer.content, own) == ("tools: quick=done", "ran")
+
+
+HUNG_TOOL_RUN = """
+import asyncio, sys, time
+from llmrelay import AsyncClient, Tools, message
+
+tools = Tools()
+
+@tools.register
+def stuck() -> str:
+    time.sleep(60)
+    return "late"
+
+async def main() -> None:
+    async with AsyncClient(sys.argv[1]) as client:
+        answer = await client.run_tools([message("user", "go")], tools, tool_timeout=0.2)
+    print(answer.content, flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_program_whose_plain_tool_hangs_past_tool_timeout_ends(gateway: Gateway, primary: FakeUpstream) -> None:
+    # asyncio.run() waited for the default executor's threads at its end: the hung tool's, for its whole minute.
+    primary.inject({"tool_calls": [{"name": "stuck", "arguments": "{}"}]}, {"echo_tools": True})
+    run = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HUNG_TOOL_RUN, target(gateway), stdout=PIPE, stderr=PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(run.communicate(), 20)
+    finally:
+        if run.returncode is None:
+            run.kill()
+            await run.wait()
+    assert (run.returncode, err.decode()) == (0, "")
+    assert out == b"tools: stuck=error: the tool did not finish within 0.2 s\n"
 
 
 @pytest.mark.parametrize("blocking", [True, False], ids=["blocking", "asyncio"])
@@ -653,6 +724,39 @@ async def test_a_stream_closed_while_another_reads_it_is_cancelled_and_its_reade
     assert stream_codes(caplog) == ["CANCELLED"], "the gateway stopped asking the upstream"
 
 
+async def _close_each_stream_as_its_answer_ends(address: str, streams: int) -> list[BaseException]:
+    """Streams read, each closed by another task a moment (a little later each) after its last message came; what
+    the readers raised."""
+    closing: list[asyncio.Task[None]] = []
+    raised: list[BaseException] = []
+
+    async def close(stream: AsyncStream, after_s: float) -> None:
+        await asyncio.sleep(after_s)
+        await stream.aclose()
+
+    async with AsyncClient(address) as client:
+        for attempt in range(streams):
+            stream = client.stream(TEN_WORDS)
+            try:
+                async for chunk in stream:
+                    if chunk.finish_reason:
+                        closing.append(asyncio.create_task(close(stream, (attempt % 25) * 20e-6)))
+            except LLMRelayError as exc:
+                raised.append(exc)
+        await asyncio.gather(*closing)
+    assert len(closing) == streams
+    return raised
+
+
+async def test_a_stream_closed_by_another_task_as_its_answer_ends_ends_quietly(gateway: Gateway) -> None:
+    """aclose() from another task (a stop button) a moment after the reader got the answer's last message: grpc.aio
+    raised AioRpcError(CANCELLED), not CancelledError, where the cancel landed while the call waited for its status,
+    and the reader failed LLMRelayError(CANCELLED) with the whole answer read. In an event loop of its own, as a
+    program's: the gateway's, this one, would only answer between the client's steps."""
+    raised = await asyncio.to_thread(asyncio.run, _close_each_stream_as_its_answer_ends(target(gateway), 500))
+    assert raised == []
+
+
 async def test_an_async_on_delta_is_awaited(gateway: Gateway) -> None:
     # It was called and never awaited: it ran not once, and said so only in a RuntimeWarning.
     heard: list[str] = []
@@ -819,6 +923,10 @@ async def test_plaintext_by_default_to_loopback_fails_clearly_against_tls(tls_ga
         assert not client.uses_tls
         with pytest.raises(UnavailableError) as caught:
             await client.health(timeout=5)
+        with pytest.raises(UnavailableError) as streamed:
+            async for _ in client.stream(TEN_WORDS, timeout=5):
+                pass
+    assert "tls=True" in str(streamed.value), "a stream's too: nothing came from the gateway"
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
     assert "in plaintext, its default for a loopback target" in caught.value.message, "what the client chose"
     assert "tls=True" in str(caught.value), "and what to pass instead"
@@ -828,6 +936,59 @@ async def test_plaintext_by_default_to_loopback_fails_clearly_against_tls(tls_ga
         with pytest.raises(UnavailableError) as chosen:
             await client.health(timeout=5)
     assert "tls=True" not in chosen.value.message, "no hint where the caller chose"
+
+
+def _read_a_blocking_stream(address: str, heard: threading.Event) -> tuple[int, BaseException | None]:
+    """The chunks a stream gave, and what it failed with; heard is set at its first chunk."""
+    chunks = 0
+    try:
+        with Client(address) as client:
+            for _ in client.stream(TEN_WORDS):
+                chunks += 1
+                heard.set()
+    except Exception as exc:
+        return chunks, exc
+    return chunks, None
+
+
+async def _read_an_async_stream(address: str, heard: threading.Event) -> tuple[int, BaseException | None]:
+    chunks = 0
+    try:
+        async with AsyncClient(address) as client:
+            async for _ in client.stream(TEN_WORDS):
+                chunks += 1
+                heard.set()
+    except Exception as exc:
+        return chunks, exc
+    return chunks, None
+
+
+async def test_a_stream_whose_gateway_dies_fails_without_the_tls_hint(
+    tmp_path: Path, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """The hint that the client chose plaintext (pass tls=True) was added to any UNAVAILABLE without ErrorInfo: a
+    stream's whose gateway was killed after chunks had come too, a gateway reached. (Where nothing came, the hint
+    stays: test_plaintext_by_default_to_loopback_fails_clearly_against_tls.)"""
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text('server: {usage_db: ":memory:", drain_s: 0}\n' + two_backends(primary, local))
+    primary.inject({"trickle_s": 1.0}, {"trickle_s": 1.0})  # a word a second: the answers would take ten
+    gateway = await spawn_gateway(config, env=clean_env())
+    try:
+        await gateway.wait_serving()
+        heard = [threading.Event(), threading.Event()]
+        readers = asyncio.gather(
+            asyncio.to_thread(_read_a_blocking_stream, gateway.target, heard[0]),
+            _read_an_async_stream(gateway.target, heard[1]),
+        )
+        for event in heard:
+            assert await asyncio.to_thread(event.wait, 10), "a chunk came"
+        gateway.process.kill()
+        results = await asyncio.wait_for(readers, 10)
+    finally:
+        await gateway.stop()
+    for chunks, failure in results:
+        assert isinstance(failure, UnavailableError) and chunks >= 1, (chunks, failure)
+        assert "tls" not in failure.message and "plaintext" not in failure.message, failure.message
 
 
 def test_tls_by_default_to_other_hosts() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -39,6 +40,7 @@ DEFAULT_MAX_STEPS: Final = 10
 """The calls to the model run_tools makes at most, unless told otherwise."""
 
 ToolFunction = TypeVar("ToolFunction", bound=Callable[..., Any])
+_Result = TypeVar("_Result")
 
 
 class StepLimitError(Exception):
@@ -230,14 +232,11 @@ class Tools:
         if isinstance(prepared, str):
             return tool_result(call, prepared)
         tool, arguments = prepared
-        try:
-            result = tool.function(**arguments)
-        except (Exception, asyncio.CancelledError) as exc:  # a plain call has no await to cancel: the tool's own
-            return tool_result(call, _failure(exc))
-        if inspect.isawaitable(result):
-            answering = _answer(call, result)
-            return asyncio.run(_within(call, answering if given_up is None else _unless(given_up, answering), timeout))
-        return tool_result(call, _result_text(result))
+        called = _called(call, tool.function, arguments)
+        if isinstance(called, pb.Message):
+            return called
+        answering = _answer(call, called)
+        return asyncio.run(_within(call, answering if given_up is None else _unless(given_up, answering), timeout))
 
     def run_all(self, calls: Sequence[pb.ToolCall], timeout: float | None = None) -> list[pb.Message]:
         """The tool messages answering calls, run at once, each in a thread of its own; a call still running after
@@ -256,8 +255,9 @@ class Tools:
     def _start(self, call: pb.ToolCall, future: concurrent.futures.Future[pb.Message], timeout: float | None) -> None:
         """Runs a call in a daemon thread of its own, its answer set on future; cancelling future (_give_up) cancels
         an async function still running."""
-        answer = functools.partial(self._run_within, call, timeout, future)
-        threading.Thread(target=_settle, args=(future, answer), name="llmrelay-tool", daemon=True).start()
+        _in_a_thread_of_its_own(
+            functools.partial(_settle, future, functools.partial(self._run_within, call, timeout, future))
+        )
 
     async def arun_all(self, calls: Sequence[pb.ToolCall], timeout: float | None = None) -> list[pb.Message]:
         """As run_all, from an event loop (arun's way); a call past timeout is cancelled (a plain function's thread
@@ -265,15 +265,17 @@ class Tools:
         return list(await asyncio.gather(*(_within(call, self.arun(call), timeout) for call in calls)))
 
     async def arun(self, call: pb.ToolCall) -> pb.Message:
-        """As run, from an event loop: async functions are awaited, plain ones run in a thread (asyncio.to_thread)
-        so a blocking tool does not stop the loop."""
+        """As run, from an event loop: async functions are awaited, plain ones run in a daemon thread of their own
+        (as run_all's), so that a blocking tool stops neither the loop, nor, once past its timeout, the loop's
+        default executor (asyncio.to_thread's threads, which its getaddrinfo needs too) or asyncio.run's end."""
         prepared = self._prepare(call)
         if isinstance(prepared, str):
             return tool_result(call, prepared)
         tool, arguments = prepared
         if inspect.iscoroutinefunction(tool.function):
             return await _answer(call, tool.function(**arguments))
-        return await _answer(call, _in_a_thread(tool.function, arguments))
+        called = await _in_a_thread(functools.partial(_called, call, tool.function, arguments))
+        return called if isinstance(called, pb.Message) else await _answer(call, called)
 
     def _prepare(self, call: pb.ToolCall) -> tuple[RegisteredTool, dict[str, Any]] | str:
         """The tool and its keyword arguments, or the error text of a call that cannot run."""
@@ -336,9 +338,53 @@ async def _within(call: pb.ToolCall, answering: Awaitable[pb.Message], timeout: 
         return tool_result(call, _unfinished(timeout))
 
 
-async def _in_a_thread(function: Callable[..., Any], arguments: Mapping[str, Any]) -> Any:
-    result = await asyncio.to_thread(function, **arguments)
-    return await result if inspect.isawaitable(result) else result
+def _called(
+    call: pb.ToolCall, function: Callable[..., Any], arguments: Mapping[str, Any]
+) -> pb.Message | Awaitable[Any]:
+    """Calls a tool's function: the tool message of what it returned or raised, or the awaitable it returned (an
+    async function's), which the caller awaits (_answer)."""
+    try:
+        result = function(**arguments)
+    except (Exception, asyncio.CancelledError) as exc:  # a plain call has no await to cancel: the tool's own
+        return tool_result(call, _failure(exc))
+    return result if inspect.isawaitable(result) else tool_result(call, _result_text(result))
+
+
+async def _in_a_thread(work: Callable[[], _Result]) -> _Result:
+    """work() in a daemon thread of its own (with this task's context variables, as asyncio.to_thread gives them),
+    awaited: a plain tool runs so from an event loop. Not in the loop's default executor (asyncio.to_thread's): a
+    tool that never returns, once past tool_timeout (the wait cancelled, the thread left to end by itself), would
+    keep a worker of it, which later tools, the loop's getaddrinfo and asyncio.run's end then wait for."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[_Result] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def run() -> None:
+        try:
+            outcome = functools.partial(_set_result, done, context.run(work))
+        except BaseException as exc:  # SystemExit and the like, which reach the loop (_called answers the rest)
+            outcome = functools.partial(_set_exception, done, exc)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits for this answer any more
+            loop.call_soon_threadsafe(outcome)
+
+    _in_a_thread_of_its_own(run)
+    return await done
+
+
+def _in_a_thread_of_its_own(work: Callable[[], None]) -> None:
+    """Runs work in a daemon thread of its own, as each tool call runs (both clients'): one that never returns
+    (Python cannot stop a thread) then holds no pool's worker that other calls need, nor the interpreter's exit."""
+    threading.Thread(target=work, name="llmrelay-tool", daemon=True).start()
+
+
+def _set_result(future: asyncio.Future[_Result], result: _Result) -> None:
+    if not future.done():  # cancelled: given up (tool_timeout, or the run cancelled)
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
 
 
 def _settle(future: concurrent.futures.Future[pb.Message], answer: Callable[[], pb.Message]) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import inspect
-import math
 import re
 from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -169,11 +168,22 @@ def _seconds(name: str, value: float | None, unset: str) -> float | None:
     ValueError naming `name`: grpc would fail inside itself ("unsupported operand type(s) for +: 'float' and 'str'"),
     or, past MAX_TIMEOUT_S, fail the call at once with DEADLINE_EXCEEDED as if the gateway had been too slow."""
     seconds = isinstance(value, int | float) and not isinstance(value, bool)
-    if value is not None and not (seconds and math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S):
+    # Compared, not math.isfinite'd: an int past a float's range (10**400) raised OverflowError there; NaN compares
+    # False, and infinity is past MAX_TIMEOUT_S.
+    if value is not None and not (seconds and 0 < value <= MAX_TIMEOUT_S):
         raise ValueError(
-            f"{name} must be a number of seconds > 0 and at most {MAX_TIMEOUT_S:g}, or None ({unset}), not {value!r}"
+            f"{name} must be a number of seconds > 0 and at most {MAX_TIMEOUT_S:g}, or None ({unset}), not "
+            f"{_shown(value)}"
         )
     return value
+
+
+def _shown(value: object) -> str:
+    """repr(value), or what it is where that fails (an int of more digits than Python writes raises ValueError)."""
+    try:
+        return repr(value)
+    except ValueError:
+        return f"an int of {value.bit_length()} bits" if isinstance(value, int) else f"a {type(value).__name__}"
 
 
 _ASYNC_ON_DELTA: Final = "on_delta is an async function, which Client cannot await: use AsyncClient, or a plain one"
@@ -265,12 +275,13 @@ class _Base:
         }
 
     @contextmanager
-    def _sdk_errors(self) -> Iterator[None]:
-        """Raises the SDK's error, with the details decoded, for a failed call inside the block."""
+    def _sdk_errors(self, heard: Callable[[], bool] = lambda: False) -> Iterator[None]:
+        """Raises the SDK's error, with the details decoded, for a failed call inside the block; `heard` says whether
+        the call had delivered a message (a stream's chunk) when it failed."""
         try:
             yield
         except grpc.RpcError as exc:
-            raise self._error(exc) from exc
+            raise self._error(exc, heard()) from exc
         except (ValueError, grpc.aio.UsageError):
             # What grpc raises for a call on a closed channel (the blocking one ValueError, grpc.aio UsageError),
             # which a caller catching the SDK's errors would not expect.
@@ -288,18 +299,34 @@ class _Base:
                 ) from None
             raise
 
-    def _error(self, rpc_error: grpc.RpcError) -> LLMRelayError:
+    def _error(self, rpc_error: grpc.RpcError, heard: bool = False) -> LLMRelayError:
         """The SDK's error for a failed call. When the gateway could not be reached (UNAVAILABLE without its
-        ErrorInfo) and the TLS rule chose the transport, the message also says what it chose and how to choose
-        otherwise: a TLS gateway drops a plaintext client with no word of TLS, and the other way round."""
+        ErrorInfo, and nothing came from it: no message, `heard`, and no headers) and the TLS rule chose the
+        transport, the message also says what it chose and how to choose otherwise: a TLS gateway drops a plaintext
+        client with no word of TLS, and the other way round. A gateway that went away mid-call was reached."""
         error = error_from_rpc(rpc_error)
         if (
             self._security_hint is not None
             and error.code == grpc.StatusCode.UNAVAILABLE
             and error.details.error_info is None
+            and not heard
+            and not _headers_came(rpc_error)
         ):
             return type(error)(error.code, f"{error.message} ({self._security_hint})", error.details, error.request_id)
         return error
+
+
+def _headers_came(rpc_error: grpc.RpcError) -> bool:
+    """Whether the failed call had received the gateway's headers (initial metadata): the error's initial_metadata(),
+    which a failed call of either grpc API has (returning at once); an error of another kind (an interceptor's) has
+    none."""
+    initial_metadata = getattr(rpc_error, "initial_metadata", None)
+    if not callable(initial_metadata):
+        return False
+    try:
+        return bool(initial_metadata())
+    except Exception:
+        return False
 
 
 class Client(_Base):
@@ -393,11 +420,14 @@ class Client(_Base):
         handle = CallHandle()
 
         def chunks() -> Generator[pb.StreamCompleteResponse, None, None]:
-            with self._sdk_errors():
+            heard = False
+            with self._sdk_errors(lambda: heard):
                 call = self._stub.StreamComplete(request, **call_options)
                 handle.started(call)
                 try:
-                    yield from call
+                    for chunk in call:
+                        heard = True
+                        yield chunk
                 except grpc.RpcError:
                     if not handle.closed:  # else cancelled by close() from another thread: the end of the stream
                         raise
@@ -660,17 +690,24 @@ class AsyncClient(_Base):
         handle = CallHandle()
 
         async def chunks() -> AsyncGenerator[pb.StreamCompleteResponse, None]:
-            with self._sdk_errors():
+            heard = False
+            with self._sdk_errors(lambda: heard):
                 call = self._stub.StreamComplete(request, **call_options)
                 handle.started(call)
                 try:
                     async for chunk in call:
+                        heard = True
                         yield chunk
                 except asyncio.CancelledError:
                     # grpc.aio ends a read of a cancelled call so: by close() from another task, the end of the
                     # stream, unless this task is being cancelled itself.
                     task = asyncio.current_task()
                     if not handle.closed or (task is not None and task.cancelling()):
+                        raise
+                except grpc.RpcError:
+                    # And so, AioRpcError(CANCELLED), when the cancel lands while the call waits for its status,
+                    # the whole answer read: by aclose() from another task too, the end of the stream (as Client's).
+                    if not handle.closed:
                         raise
                 finally:
                     call.cancel()

@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from llmrelay import (
     Answer,
+    AsyncClient,
     Client,
     ContextBudgetError,
     Conversation,
@@ -271,6 +272,29 @@ def test_an_argument_the_contract_cannot_hold_is_refused_by_name_before_any_call
     with pytest.raises(error) as raised:
         call(client)
     assert str(raised.value).startswith(says), raised.value
+
+
+@pytest.mark.parametrize("seconds", [10**400, -(10**400), 10**5000], ids=["past-a-float", "below-a-float", "huge"])
+async def test_a_timeout_no_float_can_hold_is_refused_by_name(client: Client, seconds: int) -> None:
+    # math.isfinite raised OverflowError ("int too large to convert to float"), naming nothing; and an int of more
+    # digits than Python writes, ValueError saying so, when the message showed it.
+    timeout = r"^timeout must be a number of seconds > 0 and at most 1e\+09, or None \(no deadline\), not "
+    for make in (Client, AsyncClient):
+        with pytest.raises(ValueError, match=timeout):
+            make("127.0.0.1:1", timeout=seconds)
+    with pytest.raises(ValueError, match=timeout):
+        client.complete(_HI, timeout=seconds)
+    with pytest.raises(ValueError, match=timeout):
+        client.stream(_HI, timeout=seconds)
+    with pytest.raises(ValueError, match=r"^tool_timeout must be a number of seconds > 0"):
+        client.run_tools(_HI, Tools(), tool_timeout=seconds)
+    async with AsyncClient("127.0.0.1:1") as async_client:
+        with pytest.raises(ValueError, match=timeout):
+            await async_client.complete(_HI, timeout=seconds)
+        with pytest.raises(ValueError, match=timeout):
+            async_client.stream(_HI, timeout=seconds)
+        with pytest.raises(ValueError, match=r"^tool_timeout must be a number of seconds > 0"):
+            await async_client.run_tools(_HI, Tools(), tool_timeout=seconds)
 
 
 _LONE = "not valid UTF-8 text (a lone surrogate such as \\udce9, from bytes decoded with surrogateescape)"

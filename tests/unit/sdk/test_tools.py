@@ -249,6 +249,16 @@ def test_calls_that_cannot_run_become_results_that_say_why(name: str, arguments:
     assert asyncio.run(tools.arun(call(name, arguments))).content.startswith(says)
 
 
+def test_a_plain_tool_that_raises_stop_iteration_is_answered_from_an_event_loop() -> None:
+    # asyncio.to_thread's future refused the exception ("StopIteration interacts badly with generators and cannot be
+    # raised into a Future"), logged it, and never settled: the call waited for ever.
+    def first() -> str:
+        return next(iter(()))
+
+    answered = asyncio.run(asyncio.wait_for(Tools(first).arun(call("first", "{}")), 5))
+    assert answered.content == Tools(first).run(call("first", "{}")).content == "error: StopIteration: "
+
+
 def test_a_result_json_cannot_hold_becomes_a_result_that_says_so() -> None:
     # Such a result ended the loop with json's own TypeError or ValueError, which named no tool.
     def pairs() -> dict[tuple[int, int], str]:
