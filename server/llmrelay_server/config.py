@@ -467,13 +467,15 @@ _SSLMODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verif
 
 def _check_postgresql_options(url: str, where: str) -> None:
     """What libpq would refuse at every try to connect, while the gateway served on with its ledger unavailable for
-    good: a port that is no number, an sslmode it does not know. (Neither message holds the URL.)"""
-    try:
-        port = urlsplit(url).port
-    except ValueError:  # not a number, or out of range
-        port = -1
-    if port is not None and not 0 <= port <= 65535:
-        raise ConfigError(f"{where}: the URL's port is not a number from 0 to 65535")
+    good: a port that is no number, an sslmode it does not know. (Neither message holds the URL.) The URL may name
+    several hosts, each with its port or not, as libpq's are ("db1:5432,db2:5433"), tried in turn."""
+    for host in urlsplit(url).netloc.rpartition("@")[2].split(","):
+        try:
+            port = urlsplit(f"//{host}").port
+        except ValueError:  # not a number, or out of range
+            port = -1
+        if port is not None and not 0 <= port <= 65535:
+            raise ConfigError(f"{where}: a port in the URL is not a number from 0 to 65535")
     for key, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
         if key == "sslmode" and value not in _SSLMODES:
             raise ConfigError(f"{where}: sslmode={value!r} is none of {', '.join(_SSLMODES)}")

@@ -1061,16 +1061,26 @@ def test_a_secret_in_the_wrong_fields_variable_is_named_not_shown(tmp_path: Path
 @pytest.mark.parametrize(
     ("usage_db", "says"),
     [
-        ("postgresql://u:pw@127.0.0.1:abc/db", "port is not a number"),
-        ("postgresql://u:pw@127.0.0.1:99999/db", "port is not a number"),
+        ("postgresql://u:pw@127.0.0.1:abc/db", "a port in the URL is not a number"),
+        ("postgresql://u:pw@127.0.0.1:99999/db", "a port in the URL is not a number"),
+        ("postgresql://u:pw@db1:5432,db2:99999/db", "a port in the URL is not a number"),
         ("postgresql://u:pw@127.0.0.1:5432/db?sslmode=wrong", "sslmode='wrong' is none of"),
     ],
 )
 def test_a_postgresql_url_libpq_would_refuse_stops_the_start(tmp_path: Path, usage_db: str, says: str) -> None:
     # The gateway served on, its ledger unavailable for good, the records piling up in a journal.
-    with pytest.raises(ConfigError, match=f"^LLMRELAY_USAGE_DB: the URL's {says}|^LLMRELAY_USAGE_DB: {says}") as caught:
+    with pytest.raises(ConfigError, match=f"^LLMRELAY_USAGE_DB: {says}") as caught:
         load(tmp_path, None, {"LLMRELAY_USAGE_DB": usage_db})
     assert "pw" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "usage_db",
+    ["postgresql://u:pw@db1:5432,db2:5433/db", "postgresql://u:pw@db1,db2/db", "postgresql://u:pw@[::1]:5432,db2/db"],
+)
+def test_a_postgresql_url_of_several_hosts_as_libpq_takes_them_is_taken(tmp_path: Path, usage_db: str) -> None:
+    # libpq tries each host in turn (a primary and its standby): the URL's port check read them as one port.
+    assert load(tmp_path, None, {"LLMRELAY_USAGE_DB": usage_db}).server.usage_db == usage_db
 
 
 @pytest.mark.parametrize("field", ["drain_s", "grace_period_s", "health_interval_s", "max_connection_age_s"])
