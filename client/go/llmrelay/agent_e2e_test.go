@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -470,6 +471,53 @@ func TestTransportSecurityRule(t *testing.T) {
 	e = mustFail(t, err, codes.Unavailable)
 	if !strings.Contains(e.Error(), "certificate") || strings.Contains(e.Error(), "plaintext") {
 		t.Errorf("error %q; want the certificate's failure, without a hint: the caller chose TLS", e.Error())
+	}
+}
+
+// A gateway that goes away mid-stream (SIGKILLed after some chunks) was reached: the stream's error does not guess at
+// the transport security, which the hint above is for. Collect and the agent read streams through Recv too.
+func TestStreamCutByAGatewayThatDiedHasNoSecurityHint(t *testing.T) {
+	needGateway(t)
+	gateway, err := gatewaytest.Start(gatewaytest.Options{}) // its own, for this test kills it
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = gateway.Close() }) // the harness says its gateway died: it did, by this test's hand
+	process, err := os.FindProcess(gateway.PID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// One delta every 0.5s: the gateway is still streaming when it is killed.
+	if err := gateway.Upstream.AddFaults(gatewaytest.Fault{"trickle_s": 0.5}); err != nil {
+		t.Fatal(err)
+	}
+	client := dial(t, gateway.Target) // plaintext by default, as the gateway serves: a hint would mislead
+	stream, err := client.Stream(testContext(t), &llmrelayv1.StreamCompleteRequest{
+		Messages: chat("one two three four five six seven eight nine ten")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	received := 0
+	for {
+		_, err = stream.Recv()
+		if err != nil {
+			break
+		}
+		if received++; received == 2 {
+			if err := process.Kill(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if received != 2 {
+		t.Fatalf("the stream ended after %d chunks (%v); want 2, then the gateway's death", received, err)
+	}
+	e := mustFail(t, err, codes.Unavailable)
+	t.Logf("a stream cut by the gateway's death: %v", e)
+	for _, hint := range []string{"plaintext", "WithTLS", "loopback"} {
+		if strings.Contains(e.Error(), hint) {
+			t.Errorf("error %q says %q: the gateway answered, so its transport security was right", e.Error(), hint)
+		}
 	}
 }
 

@@ -261,9 +261,11 @@ const requestIDTrailer = "x-request-id"
 // wrapError turns a call's error into an *Error, leaving nil and non-status errors as they are, with the request id
 // from the call's trailer and, when ctx (the call's, the client's default deadline included) ended the call, the
 // context error to unwrap to. Call it before the client cancels ctx. When the call could not reach the gateway
-// (UNAVAILABLE without the gateway's ErrorInfo) and Dial chose the transport security by itself, the message also
-// says what Dial chose and how to choose otherwise: the usual cause is a gateway that speaks the other one.
-func (c *Client) wrapError(ctx context.Context, err error, trailer metadata.MD) error {
+// (UNAVAILABLE without the gateway's ErrorInfo, and nothing came from it: reached says whether a message or the
+// response headers did) and Dial chose the transport security by itself, the message also says what Dial chose and
+// how to choose otherwise: the usual cause is a gateway that speaks the other one. A gateway that went away mid-call
+// (killed after some chunks of a stream) was reached, whatever its transport security.
+func (c *Client) wrapError(ctx context.Context, err error, trailer metadata.MD, reached bool) error {
 	e := ParseError(err)
 	if e == nil {
 		return err
@@ -280,7 +282,7 @@ func (c *Client) wrapError(ctx context.Context, err error, trailer metadata.MD) 
 	case e.Code == codes.DeadlineExceeded && hasDeadline:
 		e.ctxErr = context.DeadlineExceeded
 	}
-	if c.securityHint != "" && e.Code == codes.Unavailable && e.ErrorInfo == nil {
+	if c.securityHint != "" && e.Code == codes.Unavailable && e.ErrorInfo == nil && !reached {
 		e.Message += " (" + c.securityHint + ")"
 	}
 	return e
@@ -292,10 +294,11 @@ func unary[Req, Resp any](ctx context.Context, c *Client,
 	rpc func(context.Context, Req, ...grpc.CallOption) (Resp, error), req Req, opts []grpc.CallOption) (Resp, error) {
 	ctx, cancel := c.callContext(ctx)
 	defer cancel()
-	var trailer metadata.MD
-	// Clipped, so that append copies rather than writes into the caller's array.
-	resp, err := rpc(ctx, req, append(slices.Clip(opts), grpc.Trailer(&trailer))...)
-	return resp, c.wrapError(ctx, err, trailer)
+	var header, trailer metadata.MD
+	// Clipped, so that append copies rather than writes into the caller's array. The header is nil unless the
+	// gateway's response headers came (grpc-go sets a non-nil MD then, empty or not).
+	resp, err := rpc(ctx, req, append(slices.Clip(opts), grpc.Header(&header), grpc.Trailer(&trailer))...)
+	return resp, c.wrapError(ctx, err, trailer, header != nil)
 }
 
 // Complete asks for one assistant message.
@@ -312,13 +315,16 @@ func (c *Client) Complete(ctx context.Context, req *llmrelayv1.CompleteRequest, 
 // Collect does all this and returns the whole answer.
 func (c *Client) Stream(ctx context.Context, req *llmrelayv1.StreamCompleteRequest, opts ...grpc.CallOption) (*Stream, error) {
 	ctx, cancel := c.callContext(ctx)
-	stream, err := c.rpc.StreamComplete(ctx, req, opts...)
+	s := &Stream{ctx: ctx, cancel: cancel, client: c}
+	// grpc-go fills s.header when the call ends (before Recv returns its error): nil unless the response headers came.
+	stream, err := c.rpc.StreamComplete(ctx, req, append(slices.Clip(opts), grpc.Header(&s.header))...)
 	if err != nil {
-		err = c.wrapError(ctx, err, nil)
+		err = c.wrapError(ctx, err, nil, s.header != nil)
 		cancel()
 		return nil, err
 	}
-	return &Stream{stream: stream, ctx: ctx, cancel: cancel, client: c}, nil
+	s.stream = stream
+	return s, nil
 }
 
 // CountTokens counts the tokens of a chat or a text for a model, offline.
@@ -349,6 +355,8 @@ type Stream struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	client *Client
+	header metadata.MD // the response headers, once the call has ended: nil when none came
+	heard  bool        // whether a message came: the gateway was reached
 }
 
 // Recv returns the next message, io.EOF after the last one, or an *Error when the call failed.
@@ -356,10 +364,11 @@ func (s *Stream) Recv() (*llmrelayv1.StreamCompleteResponse, error) {
 	msg, err := s.stream.Recv()
 	if err != nil {
 		// io.EOF carries no status, so wrapError returns it as it is. The trailer is there once Recv has failed.
-		err = s.client.wrapError(s.ctx, err, s.stream.Trailer())
+		err = s.client.wrapError(s.ctx, err, s.stream.Trailer(), s.heard || s.header != nil)
 		s.cancel()
 		return nil, err
 	}
+	s.heard = true
 	return msg, nil
 }
 

@@ -107,10 +107,10 @@ func ToolResult(callID, content string) *llmrelayv1.Message {
 
 // RunToolCalls runs the tool calls of an assistant message, all at once, each in its own goroutine with ctx, and
 // returns their tool messages in the order of the calls once all have returned. It never fails: a call of a tool
-// not in tools, arguments the tool cannot take, and a handler that returns an error or panics each become a tool
-// result that says so ("error: ..."), for the model to read and correct. In a result that is not valid UTF-8 (a
-// Latin-1 file's bytes, say), each run of invalid bytes becomes U+FFFD: gRPC sends no other string, and a message it
-// could not send would fail every later call of the conversation.
+// not in tools, arguments the tool cannot take, and a handler that returns an error, panics or ends its goroutine
+// (runtime.Goexit) each become a tool result that says so ("error: ..."), for the model to read and correct. In a
+// result that is not valid UTF-8 (a Latin-1 file's bytes, say), each run of invalid bytes becomes U+FFFD: gRPC sends
+// no other string, and a message it could not send would fail every later call of the conversation.
 func RunToolCalls(ctx context.Context, tools []Tool, calls []*llmrelayv1.ToolCall) []*llmrelayv1.Message {
 	byName := make(map[string]Tool, len(tools))
 	for _, tool := range tools {
@@ -120,6 +120,15 @@ func RunToolCalls(ctx context.Context, tools []Tool, calls []*llmrelayv1.ToolCal
 	var running sync.WaitGroup
 	for i, call := range calls {
 		running.Go(func() {
+			// A handler that ends its goroutine without returning or panicking (runtime.Goexit, t.FailNow inside a
+			// tool) skips the assignment below: its call gets a result all the same, since a call left unanswered
+			// would fail every later model call of the conversation.
+			defer func() {
+				if results[i] == nil { // %q writes valid UTF-8 whatever the name
+					results[i] = ToolResult(call.GetId(),
+						fmt.Sprintf("error: tool %q ended without a result", call.GetFunction().GetName()))
+				}
+			}()
 			content := strings.ToValidUTF8(runToolCall(ctx, byName, call.GetFunction()), "\uFFFD")
 			results[i] = ToolResult(call.GetId(), content)
 		})

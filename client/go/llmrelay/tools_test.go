@@ -7,6 +7,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -128,6 +129,28 @@ func TestRunToolCallsTurnsFailuresIntoResults(t *testing.T) {
 		if results[i].GetToolCallId() != c.call.GetId() {
 			t.Errorf("result %d answers %q, want %q", i, results[i].GetToolCallId(), c.call.GetId())
 		}
+	}
+}
+
+// A handler that ends its goroutine (runtime.Goexit, as t.FailNow or t.Skip inside a tool does) neither returns nor
+// panics: its call still gets a result, so that the conversation holds no unanswered call (nil, which every later
+// model call would refuse), and the other calls keep theirs.
+func TestRunToolCallsAnswersAToolThatEndsItsGoroutine(t *testing.T) {
+	quitting := mustTool(t)(llmrelay.NewTool("quits", "", func(context.Context, struct{}) (string, error) {
+		runtime.Goexit()
+		return "unreachable", nil
+	}))
+	results := llmrelay.RunToolCalls(context.Background(), []llmrelay.Tool{addTool(t), quitting},
+		[]*llmrelayv1.ToolCall{call("1", "quits", "{}"), call("2", "add", `{"a": 1, "b": 2}`)})
+	if len(results) != 2 || results[0] == nil || results[1] == nil {
+		t.Fatalf("results %v; want one for each call", results)
+	}
+	if results[0].GetContent() != `error: tool "quits" ended without a result` || results[0].GetToolCallId() != "1" ||
+		results[0].GetRole() != llmrelayv1.Role_ROLE_TOOL {
+		t.Errorf("result of the call to quits: %v", results[0])
+	}
+	if results[1].GetContent() != `{"sum":3}` || results[1].GetToolCallId() != "2" {
+		t.Errorf("result of the call to add: %v", results[1])
 	}
 }
 

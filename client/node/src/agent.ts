@@ -280,8 +280,35 @@ function resultText(value: unknown): string {
   return text;
 }
 
+/**
+ * What a tool threw, as the text of its error result; never throws itself, so that one tool's odd throw cannot end
+ * the run and lose the step's other results. An Error is its message; a plain object (or one without a prototype)
+ * its JSON, which String() would make "[object Object]"; anything else String() of it. Where these fail (a cycle in
+ * an object without a prototype, which has no toString either; a getter that throws), Object.prototype.toString's
+ * tag, "[object Object]".
+ */
 function errorText(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
+  try {
+    if (err instanceof Error) {
+      return String(err.message);
+    }
+    if (typeof err === "object" && err !== null) {
+      const prototype: unknown = Object.getPrototypeOf(err);
+      if (prototype === Object.prototype || prototype === null) {
+        const json: string | undefined = JSON.stringify(err);
+        if (json !== undefined) {
+          return json;
+        }
+      }
+    }
+    return String(err);
+  } catch {
+    try {
+      return Object.prototype.toString.call(err);
+    } catch {
+      return `a thrown ${typeof err}`; // a revoked Proxy refuses even that
+    }
+  }
 }
 
 function toolNames(answer: CompleteResponse): string {

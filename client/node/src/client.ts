@@ -212,13 +212,19 @@ export class Client {
       this.callOptions(options),
     );
     this.active.add(call);
+    // Whether anything came from the gateway, its response headers or a message: then it was reached.
+    let reached = false;
+    call.once("metadata", () => {
+      reached = true;
+    });
     const stopWaiting = onAbort(options?.signal, () => call.cancel());
     try {
       for await (const chunk of call) {
+        reached = true;
         yield chunk as StreamCompleteResponse;
       }
     } catch (err) {
-      throw this.explain(unencodable(toError(err)));
+      throw this.explain(unencodable(toError(err)), reached);
     } finally {
       stopWaiting();
       call.on("error", () => {}); // the CANCELLED of an early exit is nobody's error
@@ -298,14 +304,18 @@ export class Client {
         reject(signal.reason);
         return;
       }
+      let reached = false; // whether the gateway's response headers came
       const call = method.call(this.raw, request, this.metadata(options), this.callOptions(options), (err, res) => {
         this.active.delete(call);
         stopWaiting();
         if (err) {
-          reject(this.explain(unencodable(toError(err))));
+          reject(this.explain(unencodable(toError(err)), reached));
         } else {
           resolve(res);
         }
+      });
+      call.once("metadata", () => {
+        reached = true;
       });
       this.active.add(call);
       const stopWaiting = onAbort(signal, () => call.cancel());
@@ -337,11 +347,14 @@ export class Client {
 
   /**
    * Adds to a failure to connect in plaintext by the rule's choice what to try: a gateway that serves TLS drops a
-   * plaintext client with no word of TLS in the status. A caller who chose plaintext needs no word of the rule.
+   * plaintext client with no word of TLS in the status. A caller who chose plaintext needs no word of the rule, and
+   * neither does a call that reached the gateway (`reached`: its response headers or a message came), such as a
+   * stream cut by a gateway that went away midway.
    */
-  private explain(err: unknown): unknown {
+  private explain(err: unknown, reached: boolean): unknown {
     if (
       this.plaintextByRule &&
+      !reached &&
       err instanceof LLMRelayError &&
       err.code === status.UNAVAILABLE &&
       err.errorInfo === undefined

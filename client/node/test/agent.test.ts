@@ -5,7 +5,19 @@
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
-import { Agent, Client, Role, addUsage, s, tool, user, type Infer, type MessageInput, type Usage } from "../src";
+import {
+  Agent,
+  Client,
+  CompleteResponse,
+  Role,
+  addUsage,
+  s,
+  tool,
+  user,
+  type Infer,
+  type MessageInput,
+  type Usage,
+} from "../src";
 import { turnsOf } from "../src/conversation";
 
 /** Fails to compile unless A and B are the same type. */
@@ -82,6 +94,56 @@ describe("tool", () => {
     assert.throws(() => new Agent(client, { tools: [echo, echo] }), /two tools are named "echo"/);
     assert.throws(() => new Agent(client, { tools: [echo], maxSteps: 0 }), /maxSteps is 0/);
     client.close();
+  });
+});
+
+describe("a tool that throws what is not an Error", () => {
+  /** A client whose model asks for the calls once, then answers: the run is the Agent's alone, without a server. */
+  function scriptedClient(calls: { name: string }[]): Client {
+    const answers = [
+      CompleteResponse.fromPartial({
+        message: {
+          role: Role.ROLE_ASSISTANT,
+          toolCalls: calls.map(({ name }, i) => ({ id: `call_${i}`, function: { name, arguments: "{}" } })),
+        },
+      }),
+      CompleteResponse.fromPartial({ message: { role: Role.ROLE_ASSISTANT, content: "done" } }),
+    ];
+    return { complete: async () => answers.shift()! } as unknown as Client;
+  }
+
+  test("is answered with an error result that says what it threw, and the step's other results are kept", async () => {
+    const bare: Record<string, unknown> = Object.create(null); // String() of it throws: no toString
+    bare.detail = "the disk is full";
+    const cyclic: Record<string, unknown> = Object.create(null); // neither String() nor JSON takes it
+    cyclic.self = cyclic;
+    const throwing = (name: string, thrown: unknown) =>
+      tool({
+        name,
+        parameters: s.object({}),
+        run: () => {
+          throw thrown;
+        },
+      });
+    const tools = [
+      throwing("bare", bare),
+      throwing("plain", { code: 7, reason: "quota" }),
+      throwing("cyclic", cyclic),
+      tool({ name: "fine", parameters: s.object({}), run: () => "ok" }),
+    ];
+    const agent = new Agent(scriptedClient(tools), { tools });
+    const result = await agent.run([user("go")]);
+    assert.equal(result.steps, 2);
+    const results = result.conversation.messages.filter((m) => m.role === Role.ROLE_TOOL);
+    assert.deepEqual(
+      results.map((m) => [m.toolCallId, m.content]),
+      [
+        ["call_0", 'error: bare failed: {"detail":"the disk is full"}'],
+        ["call_1", 'error: plain failed: {"code":7,"reason":"quota"}'],
+        ["call_2", "error: cyclic failed: [object Object]"],
+        ["call_3", "ok"],
+      ],
+    );
   });
 });
 

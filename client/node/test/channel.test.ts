@@ -208,3 +208,36 @@ describe("the transport rule against a TLS gateway on loopback", { concurrency: 
     assert.doesNotMatch(err.message, /plaintext/);
   });
 });
+
+describe("a stream cut by a gateway that died", () => {
+  let dying: Gateway;
+
+  before(async () => {
+    dying = await Gateway.start(); // its own: the test kills it
+  });
+
+  after(async () => {
+    await dying?.stop().catch(() => {}); // the harness exits 1 as its gateway died: by the test's hand
+  });
+
+  test("fails without the transport rule's hint: the gateway was reached, in plaintext", async () => {
+    await dying.upstream.addFaults({ trickle_s: 0.5 }); // a delta every 0.5 s: the gateway still streams when killed
+    const client = connect(dying.addr);
+    assert.equal(client.transport, "plaintext");
+    let received = 0;
+    const err = await (async () => {
+      for await (const _ of client.stream({ messages: [user("one two three four five six seven eight")] })) {
+        if (++received === 2) {
+          process.kill(dying.gatewayPid, "SIGKILL");
+        }
+      }
+    })().then(
+      () => assert.fail("the stream ended without an error"),
+      (caught: unknown) => caught,
+    );
+    assert.equal(received, 2);
+    assert.ok(err instanceof LLMRelayError, `not an LLMRelayError: ${String(err)}`);
+    assert.equal(err.code, status.UNAVAILABLE, err.message);
+    assert.doesNotMatch(err.message, /plaintext|loopback|gateway serves TLS/);
+  });
+});

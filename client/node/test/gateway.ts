@@ -194,6 +194,11 @@ export class Gateway {
     return this.where.ca_file;
   }
 
+  /** The gateway's process id: a test that kills the gateway makes its harness exit 1, and stop() reject. */
+  get gatewayPid(): number {
+    return this.where.gateway_pid;
+  }
+
   get embeddingModel(): string {
     return this.where.embedding_model;
   }
