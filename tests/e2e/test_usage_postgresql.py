@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import random
 import secrets
 import sys
 import textwrap
@@ -24,7 +25,8 @@ from harness import GatewayProcess, free_port
 from llmrelay import v1 as pb
 from llmrelay_server.domain import Cost, StoreHealth, StoreRole, TokenUsage, UsageUnavailableError
 from llmrelay_server.usage import LedgerUnavailableError, UsageLedger, UsageTotals
-from llmrelay_server.usage.postgresql import ENDING_S
+from llmrelay_server.usage.postgresql import _QUERY_CONNECTIONS, ENDING_S, PostgreSQLStore, totals_query
+from llmrelay_server.usage.store import BatchId, Selection
 from postgres_server import PostgresServer, PostgresTemplate
 from support import StubFactory, chat, in_background, start_server, two_backends, wait_until
 from upstream import FakeUpstream
@@ -538,3 +540,173 @@ async def test_a_password_given_as_any_parameter_never_shows(tmp_path: Path, cap
         await ledger.aclose()
     assert f"postgresql://u@127.0.0.1:{closed}/ledger?connect_timeout=1" in description, description
     assert PASSWORD not in description and PASSWORD not in caplog.text
+
+
+def with_options(url: str, *settings: str) -> str:
+    """The URL with server settings for its sessions (libpq's `options`; the tests' role is a superuser)."""
+    return f"{url}?options=" + "%20".join(f"-c%20{setting}" for setting in settings)
+
+
+async def test_replicas_writing_the_same_rows_at_once_never_deadlock(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Replicas' batches hold the same rows (their callers' minute): written in the order records came, two batches
+    could each lock a row the other waits for, and PostgreSQL failed one of them as a deadlock, which the ledger took
+    for an outage (an ERROR, Health unavailable) after a second's stall. Written in the order of their keys, none
+    waits on the other in a cycle: no deadlock at all (none run again), and every count lands."""
+    caplog.set_level(logging.INFO, logger="llmrelay_server.usage.postgresql")
+    url = with_options(database_url, "deadlock_timeout%3D20ms")  # a deadlock is found (and fails) at once
+    stores = [PostgreSQLStore(url), PostgreSQLStore(url)]
+    keys = [("ollama", "tiny", f"agent-{i:03}", int(T0)) for i in range(100)]
+    shuffled = random.Random(4711)
+    rounds = 30
+    try:
+        for number in range(1, rounds + 1):
+            orders = [keys[::-1], shuffled.sample(keys, len(keys))] if number % 2 else [keys, keys[::-1]]
+            written = await asyncio.gather(
+                *(
+                    store.apply(BatchId(f"replica-{n}", number), {key: [1, 2, 1, 0, 0, 3, 0, 0] for key in order})
+                    for n, (store, order) in enumerate(zip(stores, orders, strict=True))
+                )
+            )
+            assert written == [True, True]
+    finally:
+        await asyncio.gather(*(store.aclose() for store in stores))
+    assert sql(
+        database_url, "SELECT COUNT(*), MIN(requests), MAX(requests), SUM(cost_usd_micros) FROM usage_buckets"
+    ) == [(100, 2 * rounds, 2 * rounds, 100 * 2 * rounds * 3)]
+    assert not [r.getMessage() for r in caplog.records if "run again" in r.getMessage()]
+
+
+async def test_a_write_postgresql_ends_for_a_serialization_failure_is_run_again(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ended by PostgreSQL for a deadlock or a serialization failure, a write is run again at once: the database is
+    up, and counting it as down said so in an ERROR and in Health, and held the batch up. (Serializable transactions
+    here, for a failure that comes when the test says: a row the write waits for, changed by a transaction that
+    commits.)"""
+    caplog.set_level(logging.INFO, logger="llmrelay_server.usage.postgresql")
+    store = PostgreSQLStore(with_options(database_url, "default_transaction_isolation%3Dserializable"))
+    first, second = ("b", "m", "first", int(T0)), ("b", "m", "second", int(T0))
+    try:
+        assert await store.apply(BatchId("j", 1), {first: [1] * 8, second: [1] * 8})
+        async with await psycopg.AsyncConnection.connect(database_url) as other:
+            await other.execute("UPDATE usage_buckets SET requests = requests + 10 WHERE caller = 'first'")
+            writing = asyncio.ensure_future(store.apply(BatchId("j", 2), {second: [1] * 8, first: [1] * 8}))
+            waiting = "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            await wait_until(lambda: writing.done() or sql(database_url, waiting) == [(1,)])
+            await other.commit()  # the row the write waits for has changed since its snapshot: it cannot go on
+        assert await writing
+    finally:
+        await store.aclose()
+    assert sql(database_url, "SELECT caller, requests, prompt_tokens FROM usage_buckets ORDER BY caller") == [
+        ("first", 12, 2),
+        ("second", 2, 2),
+    ]
+    assert sql(database_url, "SELECT last_batch FROM applied_batches") == [(2,)]
+    assert any("could not serialize" in r.getMessage() and "run again" in r.getMessage() for r in caplog.records)
+
+
+async def test_usage_queries_at_once_leave_the_writer_a_connection(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dashboard's GetUsage calls at once took every connection of the ledger's one pool: its writer waited for one
+    past the pool's bound and took the database for down (an ERROR, Health unavailable, the records held up) while
+    PostgreSQL answered all along. The writer's connection is its own; the queries take turns at theirs, and all are
+    answered."""
+    monkeypatch.setattr("llmrelay_server.usage.postgresql._WAIT_S", 0.3)  # the pools' bound, scaled down as the queries
+
+    def slow(selection: Selection) -> tuple[str, list[object]]:  # each query takes the database 0.2 s
+        query, values = totals_query(selection)
+        return f"SELECT totals.* FROM ({query}) AS totals, pg_sleep(0.2)", values
+
+    monkeypatch.setattr("llmrelay_server.usage.postgresql.totals_query", slow)
+    ledger = UsageLedger(database_url, journal_dir=tmp_path / "journal", flush_interval_s=0.02)
+    await ledger.start()
+    recorded, answered, seen = 0, 0, []
+    try:
+        ledger.record("b", "m", "c", TokenUsage(1, 1), at=T0)
+        recorded += 1
+        await ledger.flush()
+
+        async def reader() -> None:
+            nonlocal answered
+            for _ in range(2):
+                assert (await ledger.query(caller="c"))[0].requests >= 1
+                answered += 1
+
+        async def writer() -> None:
+            nonlocal recorded
+            while answered < 15 * 2:
+                ledger.record("b", "m", "c", TokenUsage(1, 1), at=T0 + 60 * (recorded % 50))
+                recorded += 1
+                seen.append(ledger.health())
+                await asyncio.sleep(0.01)
+
+        await asyncio.gather(writer(), *(reader() for _ in range(15)))
+        await ledger.flush()
+        written = sql(database_url, "SELECT SUM(requests) FROM usage_buckets")
+    finally:
+        await ledger.aclose()
+    assert written == [(recorded,)]
+    assert all(health.available for health in seen)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "usage" in r.name]
+
+
+async def test_a_query_that_waits_too_long_for_its_turn_is_refused_as_busy_not_as_an_outage(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Queries past the ledger's query connections wait their turn, within the bound of a query; one still waiting at
+    the bound is refused (GetUsage's UNAVAILABLE, with RetryInfo) saying that the ledger is busy, not that the
+    database does not answer; the writer, on its own connection, goes on meanwhile."""
+    monkeypatch.setattr("llmrelay_server.usage.postgresql.ANSWER_S", 0.5)
+
+    def stuck(selection: Selection) -> tuple[str, list[object]]:  # the database takes longer than the bound
+        query, values = totals_query(selection)
+        return f"SELECT totals.* FROM ({query}) AS totals, pg_sleep(30)", values
+
+    monkeypatch.setattr("llmrelay_server.usage.postgresql.totals_query", stuck)
+    store = PostgreSQLStore(database_url)
+    try:
+        await store.check()  # the schema
+        *answers, written = await asyncio.gather(
+            *(store.read(Selection(), ["j"]) for _ in range(_QUERY_CONNECTIONS + 2)),
+            store.apply(BatchId("j", 1), {("b", "m", "c", int(T0)): [1] * 8}),
+            return_exceptions=True,
+        )
+    finally:
+        await store.aclose()
+    assert written is True
+    said = sorted(str(answer).partition("/test_")[2].partition(": ")[2] for answer in answers)
+    assert said == [
+        *["busy with 3 usage queries at once; this one waited 0.5 s for its turn"] * 2,
+        *["no answer within 0.5 s"] * 3,
+    ], answers
+    assert all(isinstance(answer, LedgerUnavailableError) for answer in answers)
+
+
+async def test_a_windowed_query_selects_by_the_index_on_bucket_start(database_url: str) -> None:
+    """GetUsage's bounds come as floats (whole seconds): compared with them, PostgreSQL converted bucket_start, every
+    row's, and read the whole table for a window of an hour. The bounds go as integers, and the index serves."""
+    store = PostgreSQLStore(database_url)
+    try:
+        await store.check()  # the schema
+        with psycopg.connect(database_url, autocommit=True) as connection:
+            connection.execute(
+                "INSERT INTO usage_buckets SELECT 'b', 'm', 'c' || k, m, 1, 10, 5, 0, 0, 0, 0, 0"
+                f" FROM generate_series(1, 20) k, generate_series({int(T0)}, {int(T0) + 86_400 - 60}, 60) m"
+            )
+            connection.execute("ANALYZE usage_buckets")
+            window = Selection(start=T0 + 3_600.0, end=T0 + 7_200.0)  # as GetUsage gives it
+            query, values = totals_query(window)
+            plan = "\n".join(str(row[0]) for row in connection.execute(f"EXPLAIN {query}", values).fetchall())
+        assert "usage_buckets_by_start" in plan and "::double precision" not in plan, plan
+        assert {key: counts[0] for key, counts in (await store.read(window, [])).totals.items()} == {
+            ("b", "m", f"c{k}"): 60 for k in range(1, 21)
+        }
+        # A bound between two whole seconds selects what the next whole second does, as before.
+        assert (await store.read(Selection(start=T0 + 3_599.5, end=T0 + 3_660.5), [])).totals == {
+            ("b", "m", f"c{k}"): [2, 20, 10, 0, 0, 0, 0, 0] for k in range(1, 21)
+        }
+    finally:
+        await store.aclose()

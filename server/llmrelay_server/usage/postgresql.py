@@ -1,10 +1,20 @@
-"""The ledger in PostgreSQL, which gateways on several hosts share, through a psycopg connection pool.
+"""The ledger in PostgreSQL, which gateways on several hosts share, through two psycopg connection pools.
 
-The pool opens at the first use, not at construction, and does not wait for its first connection: a gateway starts
+The writer (batches, roll-ups, the idle check) has a pool of its own, which queries (GetUsage) cannot take: however
+many queries come at once, and however long they take, a write never waits for a connection behind them (the ledger
+would count the database as down). Queries take turns at their own pool's connections (`_QUERY_CONNECTIONS`); one
+that waits past ANSWER_S for its turn is refused as the ledger busy, never counted as the database down.
+
+The pools open at the first use, not at construction, and do not wait for their first connection: a gateway starts
 while the database is down (its records wait in the journal). Each connection is checked as the pool hands it out,
 so one that a restart of the database broke is replaced instead of failing a write; a pool that gave up
 reconnecting (`_RECONNECT_S`) tries again at the next write, so the ledger recovers by itself when the database
 returns.
+
+Gateways write the same rows at once (every replica's callers in the same minute): each batch writes its rows in the
+order of their keys, the same in every process, so that two batches never each hold a row the other waits for (a
+deadlock, which PostgreSQL ends by failing one of them after a second). A transaction PostgreSQL ends for a deadlock
+or a serialization failure nonetheless is run again at once (`_ATTEMPTS`): the database is up.
 
 The schema is made by numbered migrations, each recorded in ``schema_version``, in one transaction that first takes
 a transaction-level advisory lock: gateways starting together wait for the first one's migration and then find it
@@ -21,8 +31,9 @@ outage, so the pool's own warning at each attempt to connect, every second or tw
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Collection, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, Final, Self, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -45,13 +56,19 @@ from llmrelay_server.usage.store import (
     upsert_statement,
 )
 
-_MAX_CONNECTIONS: Final = 4
-"""The background writer, and queries (GetUsage) beside it."""
+_QUERY_CONNECTIONS: Final = 3
+"""Queries (GetUsage) under way at once, each on a connection of its own; more wait for their turn. The writer has one
+connection besides, of its own."""
+_QUEUED_S: Final = 0.1
+"""A query that waited this long for its turn, and then had no answer in time, is said to have waited."""
+_ATTEMPTS: Final = 3
+"""How many times a write transaction is run when PostgreSQL ends it for a deadlock or a serialization failure."""
 _WAIT_S: Final = 5.0
-"""How long a write or query waits for a connection before the database counts as unavailable."""
+"""How long a write, or a query whose turn came, waits for a connection before the database counts as unavailable."""
 ANSWER_S: Final = 10.0
-"""How long a write or a query may take in all: a database that stops answering (a frozen server, a network path that
-drops packets) would otherwise hold the writer, GetUsage and the shutdown for as long as it stays so."""
+"""How long a write or a query may take in all (a query's wait for its turn included): a database that stops answering
+(a frozen server, a network path that drops packets) would otherwise hold the writer, GetUsage and the shutdown for as
+long as it stays so."""
 ENDING_S: Final = 1.0
 """How long work cancelled at ANSWER_S is given to end before it is cancelled again, and then once more. psycopg
 answers a cancellation by asking the server to cancel the query and waiting to see it end, up to 5 s each, which a
@@ -95,6 +112,11 @@ _ROLL_UP: Final = (
     f" kept AS ({roll_up_statement('moved', '%(day)s', _SUMS)})"
     " SELECT count(*) FROM moved"
 )
+
+
+def _no_answer() -> str:
+    """Why work past ANSWER_S was given up on (read as the bound passes)."""
+    return f"no answer within {ANSWER_S:g} s"
 
 
 def without_password(url: str) -> str:
@@ -145,22 +167,31 @@ class PostgreSQLStore:
         self._description = f"PostgreSQL {without_password(url)}"
         self._passwords = _passwords(url)
         self._connect_error: psycopg.Error | None = None
-        """Why the pool's last attempt to connect failed; None once one succeeds."""
-        self._pool = AsyncConnectionPool(
+        """Why a pool's last attempt to connect failed; None once one succeeds."""
+        self._writes = self._new_pool(url, "llmrelay-usage-ledger", 1, 1)
+        self._queries = self._new_pool(url, "llmrelay-usage-queries", 0, _QUERY_CONNECTIONS)  # kept while used
+        self._turns = asyncio.Semaphore(_QUERY_CONNECTIONS)
+        """A query's turn: one of its pool's connections is free for it (the pool's own wait counts as an outage)."""
+        self._opened = False
+        self._migrated = False
+        self._preparing = asyncio.Lock()  # one opening and one migration per process
+
+    def _new_pool(
+        self, url: str, name: str, least: int, most: int
+    ) -> AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]]:
+        return AsyncConnectionPool(
             url,
             connection_class=_reporting(self._connect_ended),
-            min_size=1,
-            max_size=_MAX_CONNECTIONS,
+            min_size=least,
+            max_size=most,
             open=False,
-            name="llmrelay-usage-ledger",
+            name=name,
             timeout=_WAIT_S,
             reconnect_timeout=_RECONNECT_S,
             check=AsyncConnectionPool.check_connection,
             kwargs={"connect_timeout": round(_WAIT_S)},
+            num_workers=most,  # a query need not wait for another's connection to be made
         )
-        self._opened = False
-        self._migrated = False
-        self._preparing = asyncio.Lock()  # one opening and one migration per process
 
     @property
     def kind(self) -> str:
@@ -178,57 +209,75 @@ class PostgreSQLStore:
         return await self._answered(self._apply(batch, buckets))
 
     async def read(self, selection: Selection, journals: Collection[str]) -> Snapshot:
-        return await self._answered(self._read(selection, journals))
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        waited: float | None = None  # how long the query waited for its turn; None while it waits
+
+        async def in_turn() -> Snapshot:
+            nonlocal waited
+            async with self._turns:
+                waited = loop.time() - asked
+                return await self._read(selection, journals)
+
+        def why() -> str:
+            # Not the database down (the writer, on its own connection, tells that): the queries before this one.
+            busy = f"busy with {_QUERY_CONNECTIONS} usage queries at once"
+            if waited is None:
+                return f"{busy}; this one waited {ANSWER_S:g} s for its turn"
+            if waited >= _QUEUED_S:
+                return f"{busy}; this one waited {waited:.1f} s for its turn, and had no answer within {ANSWER_S:g} s"
+            return _no_answer()
+
+        return await self._answered(in_turn(), why)
 
     async def roll_up(self, before: int) -> int:
         return await self._answered(self._roll_up(before))
 
     async def aclose(self) -> None:
-        await self._pool.close()
+        await asyncio.gather(self._writes.close(), self._queries.close())
 
     async def _check(self) -> None:
-        async with self._connection() as connection:
+        async with self._connection(self._writes) as connection:
             await connection.execute("SELECT 1")
 
     async def _apply(self, batch: BatchId, buckets: Buckets) -> bool:
-        async with self._connection() as connection, connection.transaction():
+        # In the order of the keys, as every gateway writes them (not as the records came): see the module's docstring.
+        rows = [(*key, *buckets[key]) for key in sorted(buckets)]
+
+        async def write(connection: psycopg.AsyncConnection[TupleRow]) -> bool:
             marked = await connection.execute(_MARK_APPLIED, (batch.journal, batch.number))
             if marked.rowcount == 0:
                 return False  # committing changes nothing
             async with connection.cursor() as cursor:
-                await cursor.executemany(_UPSERT, [(*key, *counts) for key, counts in buckets.items()])
-        return True
+                await cursor.executemany(_UPSERT, rows)
+            return True
+
+        return await self._written(write)
 
     async def _roll_up(self, before: int) -> int:
-        async with self._connection() as connection, connection.transaction():
-            locked = await (
-                await connection.execute("SELECT pg_try_advisory_xact_lock(%s)", (_ROLL_UP_LOCK,))
-            ).fetchone()
-            if locked is None or not locked[0]:
-                return 0
-            oldest = await (await connection.execute(_OLDEST_FINER, {"before": before})).fetchone()
-            if oldest is None:
-                return 0
-            # Writes wait for the day's roll-up (a moment), and it for the writes under way: a batch writing the day's
-            # rows and a roll-up deleting them could otherwise each hold a row the other waits for (a deadlock).
-            # Reads go on (SHARE ROW EXCLUSIVE takes no lock a SELECT wants).
-            await connection.execute("LOCK TABLE usage_buckets IN SHARE ROW EXCLUSIVE MODE")
-            day = oldest[0] - oldest[0] % DAY_S
-            merged = await (await connection.execute(_ROLL_UP, {"day": day, "end": day + DAY_S})).fetchone()
-        return int(merged[0]) if merged is not None else 0
+        return await self._written(functools.partial(_rolled_up, before=before))
+
+    async def _written(self, write: Callable[[psycopg.AsyncConnection[TupleRow]], Awaitable[_T]]) -> _T:
+        """What the write returns, run in a transaction on the writer's connection; again, at once, when PostgreSQL
+        ended the transaction for a deadlock or a serialization failure (up to `_ATTEMPTS` in all)."""
+        async with self._connection(self._writes) as connection:
+            for attempt in range(1, _ATTEMPTS + 1):
+                try:
+                    async with connection.transaction():
+                        return await write(connection)
+                except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure) as exc:
+                    if attempt == _ATTEMPTS:
+                        raise
+                    _log.info("usage ledger: a write ended by PostgreSQL (%s) is run again", self._shown(str(exc)))
+        raise AssertionError("unreachable")  # the last attempt returns or raises
 
     async def _read(self, selection: Selection, journals: Collection[str]) -> Snapshot:
-        where, values = selection.sql_where("%s")
-        async with self._connection() as connection, connection.transaction():
+        query, values = totals_query(selection)
+        async with self._connection(self._queries) as connection, connection.transaction():
             # One snapshot for both reads: the batches a query counts from journal files are known to be in the
             # totals, or not, as of the same moment.
             await connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            rows = await (
-                await connection.execute(
-                    f"SELECT backend, model, caller, {_SUMS} FROM usage_buckets{where} GROUP BY backend, model, caller",
-                    values,
-                )
-            ).fetchall()
+            rows = await (await connection.execute(query, values)).fetchall()
             last_batches = await (
                 await connection.execute(
                     "SELECT journal, last_batch FROM applied_batches WHERE journal = ANY(%s)", (list(journals),)
@@ -236,20 +285,22 @@ class PostgreSQLStore:
             ).fetchall()
         return Snapshot({(row[0], row[1], row[2]): list(row[3:]) for row in rows}, dict(last_batches))
 
-    async def _answered(self, work: Coroutine[Any, Any, _T]) -> _T:
+    async def _answered(self, work: Coroutine[Any, Any, _T], why: Callable[[], str] = _no_answer) -> _T:
         """The work's result within ANSWER_S; past it, the work is cancelled (`ENDING_S`) and the database counts as
-        unavailable. The work runs as a task of its own, so that its second cancellation is no one else's."""
+        unavailable, for the reason `why` gives as the bound passes. The work runs as a task of its own, so that its
+        second cancellation is no one else's."""
         task = asyncio.ensure_future(work)
         try:
             done, _ = await asyncio.wait((task,), timeout=ANSWER_S)
             if not done:
+                reason = why()
                 for _ in range(2):
                     task.cancel()
                     done, _ = await asyncio.wait((task,), timeout=ENDING_S)
                     if done:
                         break
                 task.add_done_callback(_retrieved)
-                raise LedgerUnavailableError(f"{self._description}: no answer within {ANSWER_S:g} s")
+                raise LedgerUnavailableError(f"{self._description}: {reason}")
         except asyncio.CancelledError:
             task.cancel()
             task.add_done_callback(_retrieved)
@@ -257,18 +308,21 @@ class PostgreSQLStore:
         return task.result()
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[TupleRow]]:
+    async def _connection(
+        self, pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]]
+    ) -> AsyncIterator[psycopg.AsyncConnection[TupleRow]]:
         """A connection from the pool, the schema migrated; every psycopg failure becomes LedgerUnavailableError."""
         try:
             async with self._preparing:
                 if not self._opened:
-                    await self._pool.open(wait=False)
+                    await self._writes.open(wait=False)
+                    await self._queries.open(wait=False)
                     self._opened = True
                 if not self._migrated:
-                    async with self._pool.connection() as connection:
+                    async with pool.connection() as connection:
                         await _migrate(connection, self._description)
                     self._migrated = True
-            async with self._pool.connection() as connection:
+            async with pool.connection() as connection:
                 yield connection
         except psycopg.Error as exc:
             if isinstance(exc, psycopg.errors.UndefinedTable):
@@ -285,6 +339,30 @@ class PostgreSQLStore:
         for password in self._passwords:
             message = message.replace(password, "***")
         return " ".join(message.split())
+
+
+def totals_query(selection: Selection) -> tuple[str, list[object]]:
+    """The query of the totals a selection takes, and its values: a window's bounds select by the index on
+    bucket_start (`Selection.sql_where` gives them as integers, as the column is)."""
+    where, values = selection.sql_where("%s")
+    return f"SELECT backend, model, caller, {_SUMS} FROM usage_buckets{where} GROUP BY backend, model, caller", values
+
+
+async def _rolled_up(connection: psycopg.AsyncConnection[TupleRow], before: int) -> int:
+    """In the transaction under way: the roll-up of the oldest day before `before` (`LedgerStore.roll_up`)."""
+    locked = await (await connection.execute("SELECT pg_try_advisory_xact_lock(%s)", (_ROLL_UP_LOCK,))).fetchone()
+    if locked is None or not locked[0]:
+        return 0
+    oldest = await (await connection.execute(_OLDEST_FINER, {"before": before})).fetchone()
+    if oldest is None:
+        return 0
+    # Writes wait for the day's roll-up (a moment), and it for the writes under way: a batch writing the day's rows and
+    # a roll-up deleting them could otherwise each hold a row the other waits for (a deadlock). Reads go on (SHARE ROW
+    # EXCLUSIVE takes no lock a SELECT wants).
+    await connection.execute("LOCK TABLE usage_buckets IN SHARE ROW EXCLUSIVE MODE")
+    day = oldest[0] - oldest[0] % DAY_S
+    merged = await (await connection.execute(_ROLL_UP, {"day": day, "end": day + DAY_S})).fetchone()
+    return int(merged[0]) if merged is not None else 0
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:

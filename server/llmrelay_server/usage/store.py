@@ -11,6 +11,7 @@ in the order of their numbers, by the one process that holds the journal.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass
@@ -140,12 +141,14 @@ class Selection:
             if value is not None:
                 clauses.append(f"{column} = {placeholder}")
                 values.append(value)
+        # The bounds as integers, as bucket_start is: compared with a float, PostgreSQL would convert the column, every
+        # row's, and no index on it would serve. Rounded up, both select the same buckets as the bounds themselves.
         if self.start is not None:
             clauses.append(f"bucket_start >= {placeholder}")
-            values.append(self.start)
+            values.append(math.ceil(self.start))
         if self.end is not None:
             clauses.append(f"bucket_start < {placeholder}")
-            values.append(self.end)
+            values.append(math.ceil(self.end))
         return (" WHERE " + " AND ".join(clauses) if clauses else ""), values
 
 
