@@ -407,6 +407,32 @@ def test_reasoning(fields: dict[str, Any], expected: str | None) -> None:
     assert wire.reasoning_text(fields) == expected
 
 
+def test_reasoning_as_a_field_and_as_thinking_parts_is_both_as_a_stream_gives_it() -> None:
+    # The field's was kept and the parts' dropped; a stream's delta with both gives both, the field's first.
+    thinking = [{"type": "thinking", "thinking": [{"type": "text", "text": "hmm"}]}, {"type": "text", "text": "x"}]
+    message = parse(answer({"reasoning_content": "R", "content": thinking}))
+    assert (message.content, message.reasoning) == ("x", "Rhmm")
+
+
+def test_a_legacy_function_call_is_the_answers_one_tool_call() -> None:
+    """The functions API's answer (`function_call`, finish reason "function_call"): TOOL_CALLS, and no call."""
+    choice = {
+        "message": {"content": None, "function_call": {"name": "a", "arguments": '{"x":1}'}},
+        "finish_reason": "stop",
+    }
+    [call] = wire.message_from_choice(choice).tool_calls
+    assert (call.name, call.arguments) == ("a", '{"x":1}') and call.id.startswith("call_")
+    assert wire.answer_finish_reason(choice) is FinishReason.TOOL_CALLS
+    nothing: tuple[Any, ...] = (None, {}, "auto", ["a"])
+    for none in nothing:  # a side field: what is no call is no call, and not the answer's failure
+        plain = {"message": {"content": "hi", "function_call": none}, "finish_reason": "stop"}
+        assert wire.message_from_choice(plain).tool_calls == ()
+        assert wire.answer_finish_reason(plain) is FinishReason.STOP
+    # tool_calls first, where a server sends both
+    both = {"tool_calls": [{"id": "c", "function": {"name": "b", "arguments": "{}"}}], "function_call": {"name": "a"}}
+    assert [c.name for c in wire.message_from_choice({"message": both}).tool_calls] == ["b"]
+
+
 def test_tool_calls() -> None:
     message = parse(
         answer(
@@ -524,6 +550,11 @@ def test_only_choice_zero_is_read() -> None:
             wire.ErrorEvent("slow down", None, "rate_limit_exceeded"),
         ),
         ({"error": {"code": 99}}, wire.ErrorEvent("the upstream sent an error event", None, None)),
+        # A status as text (LiteLLM proxy's): the status, as a number is, and the type says more; it was a code.
+        ({"error": {"message": "bad", "code": "400", "type": "invalid"}}, wire.ErrorEvent("bad", 400, "invalid")),
+        ({"error": {"message": "slow", "code": "429"}}, wire.ErrorEvent("slow", 429, None)),
+        ({"error": {"message": "x", "code": "1302", "type": "t"}}, wire.ErrorEvent("x", None, "t")),
+        ({"error": {"message": "x", "code": "200"}}, wire.ErrorEvent("x", None, None)),
         ({"error": {"message": "x", "code": True}}, wire.ErrorEvent("x", None, None)),
         ({"error": "overloaded"}, wire.ErrorEvent("overloaded", None, None)),
     ],
@@ -632,15 +663,14 @@ def test_tool_call_deltas() -> None:
         ]
     }
     calls = wire.StreamToolCalls()
-    first, *others = calls.deltas(delta)
-    assert first == ToolCallDelta(index=0, id="call_1", name="f", arguments="")
+    # A call whose arguments have not begun waits for them (its name may come in pieces until then), or the end.
+    others = calls.deltas(delta)
     # The first fragment of a call the upstream gave no id carries one of the gateway's own.
-    assert [(d.index, d.name, d.arguments) for d in others] == [
-        (1, "g", '{"a":'),
-        (2, "h", '{"b": 2}'),
-        (7, "i", None),
-    ]
-    made = [d.id for d in others]
+    assert [(d.index, d.name, d.arguments) for d in others] == [(1, "g", '{"a":'), (2, "h", '{"b": 2}')]
+    first, last = calls.rest()
+    assert first == ToolCallDelta(index=0, id="call_1", name="f")
+    assert (last.index, last.name, last.arguments) == (7, "i", None)
+    made = [d.id for d in [*others, last]]
     assert all(call_id and call_id.startswith("call_") for call_id in made) and len(set(made)) == 3
     # ... and only the first: the fragments after it add to the call it began.
     assert calls.deltas({"tool_calls": [{"index": 1, "function": {"arguments": "1}"}}]}) == (
@@ -655,7 +685,8 @@ def test_a_streamed_calls_signature_is_relayed_once() -> None:
     first = {"index": 0, "id": "a", "function": {"name": "f", "arguments": "{"}, "extra_content": signed}
     again = {"index": 0, "id": "a", "function": {"arguments": "}"}, "extra_content": signed}
     other = {"index": 1, "id": "b", "function": {"name": "g"}, "extra_content": signed}
-    assert [d.signature for d in calls.deltas({"tool_calls": [first, again, other]})] == ["c2ln", None, "c2ln"]
+    assert [d.signature for d in calls.deltas({"tool_calls": [first, again, other]})] == ["c2ln", None]
+    assert [d.signature for d in calls.rest()] == ["c2ln"]  # `other`, whose arguments never began
 
 
 def test_a_whole_answers_signed_call_keeps_its_signature_as_a_stream() -> None:
@@ -671,10 +702,14 @@ def test_fragments_without_an_index_are_of_the_call_their_id_or_name_begins_else
         return [d.index for d in calls.deltas({"tool_calls": list(fragments)})]
 
     assert indexes({"id": "a", "function": {"name": "f", "arguments": "{"}}, {"function": {"arguments": "}"}}) == [0, 0]
-    assert indexes({"id": "b", "function": {"name": "g"}}) == [1]  # a new id: a new call
-    assert indexes({"function": {"name": "h"}}) == [2]  # a name without an id: a new call, numbered by the gateway
+    assert indexes({"id": "b", "function": {"name": "g", "arguments": "{}"}}) == [1]  # a new id: a new call
+    # a name without an id: a new call, numbered by the gateway
+    assert indexes({"function": {"name": "h", "arguments": "{}"}}) == [2]
     assert indexes({"id": "a", "function": {"arguments": " "}}, {"function": {"arguments": " "}}) == [0, 0]
-    assert indexes({"index": 5, "id": "c", "function": {"name": "f"}}, {"function": {"name": "g"}}) == [5, 6]
+    assert indexes(
+        {"index": 5, "id": "c", "function": {"name": "f", "arguments": "{"}},
+        {"function": {"name": "g", "arguments": "{"}},
+    ) == [5, 6]
 
 
 def test_content_as_parts_is_its_text_and_its_thinking_the_reasoning() -> None:
@@ -706,7 +741,12 @@ def test_an_index_a_call_had_is_a_new_call_when_another_id_comes_with_it() -> No
     assert indexes({"index": 0, "id": "b", "function": {"name": "g", "arguments": "{"}}) == [1]
     assert indexes({"index": 0, "function": {"arguments": "}"}}) == [1], "the index names its latest call"
     assert indexes({"index": 0, "id": "b", "function": {"arguments": " "}}) == [1], "an id names its call"
-    assert indexes({"index": 1, "id": "c", "function": {"name": "h"}}, {"index": 1, "function": {}}) == [2, 2]
+    assert indexes(
+        {"index": 1, "id": "c", "function": {"name": "h", "arguments": "{"}}, {"index": 1, "function": {}}
+    ) == [
+        2,
+        2,
+    ]
     assert indexes({"index": 0, "id": "a", "function": {"arguments": " "}}) == [0]
     # Without a name, a new id is no new call: Poolside's and older mlx-openai-server's fragments each have their own.
     assert indexes({"index": 1, "id": "d", "function": {"arguments": "}"}}) == [2]
@@ -777,6 +817,75 @@ def test_a_call_whose_id_and_name_come_with_every_fragment_is_not_parsed_at_ever
     assert len(parsed) <= 4, "parsed only where the text so far ends as an object or array does"
 
 
+def assembled(*deltas: list[dict[str, Any]]) -> list[tuple[str | None, str, str]]:
+    """The calls a stream of these deltas' fragments adds up to, as the SDKs' assemblers put them together (a call's
+    id and name from its first fragment, which alone has them), each as (the upstream's id or None, name, arguments)."""
+    calls = wire.StreamToolCalls()
+    fragments = [d for fragments in deltas for d in calls.deltas({"tool_calls": fragments})] + list(calls.rest())
+    made: dict[int, list[Any]] = {}
+    for d in fragments:
+        if d.index in made:
+            assert d.id is None and d.name is None, "a call's id and name in its first fragment alone"
+            made[d.index][2] += d.arguments or ""
+        else:
+            assert d.id and d.name, "a call's first fragment carries its id and name"
+            made[d.index] = [d.id, d.name, d.arguments or ""]
+    return [(i if not i.startswith("call_") else None, n, a) for i, n, a in (made[k] for k in sorted(made))]
+
+
+def unary(*calls: dict[str, Any]) -> list[tuple[str | None, str, str]]:
+    message = wire.message_from_choice({"message": {"tool_calls": list(calls)}})
+    return [(c.id if not c.id.startswith("call_") else None, c.name, c.arguments) for c in message.tool_calls]
+
+
+def piece(index: int, call_id: str | None = None, name: str | None = None, arguments: str | None = None) -> Any:
+    function = {k: v for k, v in (("name", name), ("arguments", arguments)) if v is not None}
+    return {"index": index, "function": function} | ({"id": call_id} if call_id else {})
+
+
+@pytest.mark.parametrize(
+    ("deltas", "whole"),
+    [
+        # The name in pieces before the arguments begin: it was cut to its first ("wea").
+        (
+            [[piece(0, "a", "wea", "")], [piece(0, name="ther", arguments='{"c":1}')]],
+            [piece(0, "a", "weather", '{"c":1}')],
+        ),
+        ([[piece(0, "a", "w")], [piece(0, name="ea")], [piece(0, name="ther")]], [piece(0, "a", "weather")]),
+        # The name after the call's first fragment: the stream was malformed.
+        (
+            [[piece(0, "a", None, "")], [piece(0, name="weather", arguments='{"c":1}')]],
+            [piece(0, "a", "weather", '{"c":1}')],
+        ),
+        # Another name at the index of a call whose arguments are whole, without an id: it ran into that call.
+        (
+            [[piece(0, None, "a", '{"x":1}')], [piece(0, None, "b", '{"y":2}')]],
+            [piece(0, None, "a", '{"x":1}'), piece(0, None, "b", '{"y":2}')],
+        ),
+        (
+            [[piece(0, None, "a", '{"x":1}')], [piece(0, None, "b", "")], [piece(0, arguments="{}")]],
+            [piece(0, None, "a", '{"x":1}'), piece(0, None, "b", "{}")],
+        ),
+        # The call's id and name again, with no arguments, once they are whole: a second call ("a", "").
+        ([[piece(0, "a", "a", '{"x":1}')], [piece(0, "a", "a", "")]], [piece(0, "a", "a", '{"x":1}')]),
+        ([[piece(0, "a", "a", '{"x":1}')], [piece(0, "a", "a", " ")]], [piece(0, "a", "a", '{"x":1} ')]),
+        # vLLM's: the id and the whole name with every piece; its own name again, without an id, with more arguments.
+        ([[piece(0, "a", "f", p)] for p in ("", '{"x"', ": 1}", "")], [piece(0, "a", "f", '{"x": 1}')]),
+        ([[piece(0, None, "f", p)] for p in ('{"x"', ": 1}", " ")], [piece(0, None, "f", '{"x": 1} ')]),
+    ],
+)
+def test_a_streams_calls_add_up_to_the_whole_answers(deltas: list[list[dict[str, Any]]], whole: list[Any]) -> None:
+    assert assembled(*deltas) == unary(*whole)
+
+
+def test_another_name_for_a_call_whose_arguments_have_begun_is_malformed() -> None:
+    """Not dropped: whose arguments they are is not told, nor where the other call's begin."""
+    calls = wire.StreamToolCalls()
+    calls.deltas({"tool_calls": [piece(0, "a", "weather", '{"c":')]})
+    with pytest.raises(wire.MalformedAnswerError, match="came after its arguments began"):
+        calls.deltas({"tool_calls": [piece(0, name="clock", arguments="1}")]})
+
+
 def test_a_whole_answers_calls_given_one_id_each_get_their_own() -> None:
     call = {"type": "function", "id": "call_0", "function": {"name": "f", "arguments": "{}"}}
     message = wire.message_from_choice({"message": {"role": "assistant", "tool_calls": [call, call, call]}})
@@ -784,10 +893,23 @@ def test_a_whole_answers_calls_given_one_id_each_get_their_own() -> None:
     assert ids[0] == "call_0" and len(set(ids)) == 3, ids
 
 
-@pytest.mark.parametrize("call", [{"index": 0}, {"index": 0, "function": {"name": ""}}, {"function": {"name": "a.b"}}])
-def test_a_calls_first_fragment_without_a_name_a_tool_can_have_is_malformed(call: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "fragments",
+    [
+        [{"index": 0}],
+        [{"index": 0, "function": {"name": ""}}],
+        [{"function": {"name": "a.b"}}],
+        [{"index": 0, "id": "a", "function": {"arguments": ""}}, {"index": 0, "function": {"arguments": "{}"}}],
+        [{"index": 0, "function": {"name": "ab"}}, {"index": 0, "function": {"name": ".c"}}],
+        [{"index": 0, "function": {"name": "a" * 40}}, {"index": 0, "function": {"name": "b" * 40}}],
+    ],
+)
+def test_a_call_without_a_name_a_tool_can_have_is_malformed(fragments: list[dict[str, Any]]) -> None:
+    """By the time its arguments begin, or the stream ends where they never do."""
+    calls = wire.StreamToolCalls()
     with pytest.raises(wire.MalformedAnswerError, match="is no function's"):
-        wire.StreamToolCalls().deltas({"tool_calls": [call]})
+        calls.deltas({"tool_calls": fragments})
+        calls.rest()
 
 
 @pytest.mark.parametrize("delta", [{}, {"tool_calls": None}, {"tool_calls": []}, {"content": "x"}])
@@ -965,7 +1087,9 @@ def delta_path(raw: bytes) -> None:
         return
     delta = choice.get("delta") or {}
     wire.reasoning_text(delta)
-    wire.StreamToolCalls().deltas(delta)
+    calls = wire.StreamToolCalls()
+    calls.deltas(delta)
+    calls.rest()
 
 
 @settings(max_examples=200, deadline=None)

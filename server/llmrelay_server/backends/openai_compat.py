@@ -122,7 +122,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         body = self._request_body(model, request)
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
-        completion_id, served_model = "", model
+        completion_id, served_model, named = "", model, ""
         finish: FinishReason | None = None
         usage: TokenUsage | None = None
         done = settled = refused = events = False
@@ -130,7 +130,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         tool_calls = wire.StreamToolCalls()
 
         def chunk_of(line: str) -> CompletionChunk | None:
-            nonlocal completion_id, served_model, finish, usage, done, settled, refused, events, stray
+            nonlocal completion_id, served_model, named, finish, usage, done, settled, refused, events, stray
             payload = wire.sse_data(line)
             if payload is None:
                 if (error := wire.sse_error_field(line)) is not None:
@@ -148,8 +148,10 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
                 raise self._error_event(event)
             choice = wire.first_choice(data, "delta")
             completion_id = completion_id or str(data.get("id") or "")
-            if data.get("model") != served_model:
-                served_model = self._served_model(data, served_model)
+            # The stream's model is the first an event names: the contract has the same one in every message, and the
+            # ledger bills the one the last message names (a router in front of several servers may name another).
+            if not named and (named := self._served_model(data, "")):
+                served_model = named
             # OpenAI sends "usage": null in every event before the last when asked to include usage.
             reported = wire.usage_from(data) if data.get("usage") is not None else None
             usage = reported or usage
@@ -178,8 +180,14 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             if "refusal" in delta and (refusal := wire.refusal_text(delta)) is not None:  # seldom: one look first
                 refused, content = True, (content or "") + refusal
             fragments = tool_calls.deltas(delta) if "tool_calls" in delta else ()
-            if content is None and reasoning is None and not fragments:  # the role's event: nothing to relay
-                return None
+            if content is None and reasoning is None and not fragments:
+                # The role's event, nothing to relay; or one of a call as the functions API, before tools, streamed
+                # it (`function_call`, of no event with text: looked for here, not in every event).
+                if "function_call" not in delta or not (legacy := wire.legacy_call(delta)):
+                    return None
+                fragments = tool_calls.deltas({"tool_calls": legacy})
+                if not fragments:
+                    return None
             return CompletionChunk(
                 id=completion_id,
                 backend=self._spec.name,
@@ -211,6 +219,12 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         # finish reason it is a cut stream, whatever else arrived.
         if finish is None:
             raise self._bad_answer(wire.cut_short("a finish reason", events, stray))
+        try:
+            held = tool_calls.rest()
+        except wire.MalformedAnswerError as exc:
+            raise self._malformed(exc) from exc
+        if held:  # calls whose arguments never began, relayed now their names are whole
+            yield CompletionChunk(id=completion_id, backend=self._spec.name, model=served_model, tool_calls=held)
         if refused:
             finish = FinishReason.CONTENT_FILTER
         elif tool_calls.begun:
@@ -318,7 +332,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             status = exc.status_code
             said = self._redact(exc.message)
             # A code that is a number (llama.cpp's is the status, which the SDK makes text): the type says more.
-            code = exc.type if exc.code is None or exc.code.isdigit() else exc.code
+            _, code = wire.error_code(exc.code, exc.type)
             kind = kind_of_status(status, code, exc.message)
             # Retry-After means something on a rate limit and on 503 (overloaded); elsewhere it is not a promise.
             asks_to_wait = kind is UpstreamErrorKind.RATE_LIMITED or status == 503

@@ -276,7 +276,8 @@ def answer_finish_reason(choice: Mapping[str, Any]) -> FinishReason:
     if isinstance(message, dict) and refusal_text(message) is not None:
         return FinishReason.CONTENT_FILTER
     reason = finish_reason(choice.get("finish_reason"))
-    return with_calls(reason) if isinstance(message, dict) and message.get("tool_calls") else reason
+    calls = isinstance(message, dict) and (message.get("tool_calls") or legacy_call(message))
+    return with_calls(reason) if calls else reason
 
 
 def with_calls(reason: FinishReason) -> FinishReason:
@@ -335,13 +336,27 @@ def error_event(data: Mapping[str, Any]) -> ErrorEvent | None:
         return None
     if not isinstance(error, dict):
         return ErrorEvent(str(error)[:QUOTED_CHARS], None, None)
-    message, code, kind = error.get("message"), error.get("code"), error.get("type")
+    message = error.get("message")
+    status, code = error_code(error.get("code"), error.get("type"))
     return ErrorEvent(
-        message if isinstance(message, str) and message else "the upstream sent an error event",
-        code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600 else None,
-        # A code that is a number says the status: then the error's type says more (llama.cpp's).
-        code if isinstance(code, str) else kind if isinstance(kind, str) else None,
+        message if isinstance(message, str) and message else "the upstream sent an error event", status, code
     )
+
+
+def error_code(code: Any, kind: Any) -> tuple[int | None, str | None]:
+    """An error's `code` read, as an error event gives it and as an HTTP error's body does: the HTTP status it gives,
+    where it is one (a number from 400 to 599, as vLLM's and llama.cpp's are, or its three digits as text, as LiteLLM
+    proxy's are and the OpenAI SDK makes llama.cpp's), and the error's name: the code where it is a word
+    (insufficient_quota), else its type (`kind`: a code that is a number says no more than a status)."""
+    if isinstance(code, str):
+        if not (code.isascii() and code.isdigit()):
+            return None, code
+        status = int(code) if len(code) == 3 else None
+    elif isinstance(code, int) and not isinstance(code, bool):
+        status = code
+    else:
+        status = None
+    return (status if status is not None and 400 <= status < 600 else None), (kind if isinstance(kind, str) else None)
 
 
 def sse_error_field(line: str) -> ErrorEvent | None:
@@ -360,13 +375,14 @@ def message_from_choice(choice: Mapping[str, Any]) -> Message:
     message = choice.get("message")
     if not isinstance(message, dict):
         raise MalformedAnswerError("the answer's first choice has no `message` object")
-    calls = message.get("tool_calls") or []
+    calls = message.get("tool_calls") or legacy_call(message)
     if not isinstance(calls, list):
         raise MalformedAnswerError("`tool_calls` is not a list")
     content, reasoning = message.get("content"), reasoning_text(message)
     if isinstance(content, list):
         content, thought = content_parts(content, "content")
-        reasoning = reasoning or thought
+        # Both are the model's reasoning, the field's first, as a stream's delta with both gives them.
+        reasoning = (reasoning or "") + thought if thought else reasoning
     return Message(
         role=Role.ASSISTANT,
         # A refusal after some content follows it, as the same answer streamed does.
@@ -374,6 +390,14 @@ def message_from_choice(choice: Mapping[str, Any]) -> Message:
         tool_calls=calls_apart(tuple(_tool_call(c) for c in calls)),
         reasoning=reasoning,
     )
+
+
+def legacy_call(obj: Mapping[str, Any]) -> list[Any]:
+    """A message's or a delta's `function_call` (the functions API's, before tools; finish reason "function_call") as
+    its one tool call, without an id (the gateway gives it one); none when it has none (null, as some proxies send
+    it beside `tool_calls`, or anything that is no object: a side field, not the answer)."""
+    function = obj.get("function_call")
+    return [{"index": 0, "function": function}] if isinstance(function, dict) and function else []
 
 
 def calls_apart(calls: tuple[ToolCall, ...]) -> tuple[ToolCall, ...]:
@@ -534,9 +558,9 @@ def is_count(value: Any) -> TypeGuard[int]:
 
 
 class StreamToolCalls:
-    """The tool calls of one stream so far, as its deltas' fragments make them (`deltas`)."""
+    """The tool calls of one stream so far, as its deltas' fragments make them (`deltas`, then `rest` at its end)."""
 
-    __slots__ = ("_arguments", "_at", "_begun", "_given", "_ids", "_last", "_named", "_signed")
+    __slots__ = ("_arguments", "_at", "_begun", "_given", "_held", "_ids", "_last", "_named", "_names", "_signed")
 
     def __init__(self) -> None:
         self._begun: set[int] = set()
@@ -555,6 +579,12 @@ class StreamToolCalls:
         """The indexes of the calls whose signature has been relayed: once a call, as the contract has it."""
         self._arguments: dict[int, list[str]] = {}
         """The indexes of the calls -> their arguments' text so far."""
+        self._held: dict[int, list[Any]] = {}
+        """The indexes of the calls begun whose arguments have not -> [id, name so far, signature]: a call's first
+        fragment waits for its arguments (or the stream's end), as a server may send the name in pieces until then
+        and the contract has it whole in that fragment."""
+        self._names: dict[int, str] = {}
+        """The indexes of the calls relayed -> their names."""
 
     @property
     def begun(self) -> bool:
@@ -563,8 +593,11 @@ class StreamToolCalls:
 
     def deltas(self, delta: Mapping[str, Any]) -> tuple[ToolCallDelta, ...]:
         """A stream delta's tool-call fragments. A call's first fragment carries its id, the upstream's or, where it
-        gave none, one of the gateway's own (`tool_call_id`), and its name (`tool_name`); the first fragment with a
-        signature (`call_signature`) carries it, and no later one (a server may repeat it, as vLLM repeats ids)."""
+        gave none, one of the gateway's own (`tool_call_id`), and its name (`tool_name`), which it is relayed with
+        once the call's arguments begin: the name's pieces before then make it (a server that repeats the whole name,
+        as vLLM does, sends no piece). The first fragment with a signature (`call_signature`) carries it, and no later
+        one (a server may repeat it, as vLLM repeats ids). A call's name that differs later, once its arguments began
+        and before they are whole JSON, is malformed: whose arguments they are is not told."""
         calls = delta.get("tool_calls")
         if not calls:
             return ()
@@ -576,25 +609,46 @@ class StreamToolCalls:
             if not isinstance(function, dict):
                 raise MalformedAnswerError("a tool-call delta is not an object with a `function` object")
             call_id = _optional_text(call.get("id"), "tool_calls.id")
-            name = _optional_text(function.get("name"), "tool_calls.function.name")
-            index = self._index(call.get("index"), call_id, name)
+            name = _optional_text(function.get("name"), "tool_calls.function.name") or None
+            arguments = function.get("arguments")
+            text = None if arguments is None else _arguments_text(arguments)
+            index = self._index(call.get("index"), call_id, name, text)
+            self._last = index
+            signature = call_signature(call) if "extra_content" in call else None
             if index not in self._begun:
                 # An id another call has (some servers give parallel calls one id): the caller's tool messages could
                 # not tell the calls apart, and the gateway would refuse the next turn.
                 if call_id in self._ids:
                     self._given[index], call_id = call_id, None
                 call_id = tool_call_id(call_id, "tool_calls.id")
-                name = tool_name(name, "tool_calls.function.name")
                 self._begun.add(index)
                 self._ids[call_id] = index
+                if not text:
+                    self._held[index] = [
+                        call_id,
+                        tool_name(name, "tool_calls.function.name") if name else "",
+                        signature,
+                    ]
+                    continue
+                name = self._names[index] = tool_name(name, "tool_calls.function.name")
+            elif self._held and (held := self._held.get(index)) is not None:
+                if name is not None and name != held[1]:  # a piece of it, not the whole again
+                    held[1] = tool_name(held[1] + name, "tool_calls.function.name")
+                held[2] = held[2] or signature
+                if not text:
+                    continue
+                del self._held[index]
+                call_id, name, signature = held
+                name = self._names[index] = tool_name(name, "tool_calls.function.name")
             else:
+                if name is not None and name != self._names[index]:
+                    raise MalformedAnswerError(
+                        f"a tool call's name {name[:80]!r} came after its arguments began, which were of"
+                        f" {self._names[index]!r}"
+                    )
                 call_id = name = None  # the contract has them in a call's first fragment (vLLM repeats them)
-            self._last = index
-            arguments = function.get("arguments")
-            text = None if arguments is None else _arguments_text(arguments)
             if text:
                 self._arguments.setdefault(index, []).append(text)
-            signature = call_signature(call) if "extra_content" in call else None
             if signature is not None:
                 if index in self._signed:
                     signature = None
@@ -611,7 +665,22 @@ class StreamToolCalls:
             )
         return tuple(result)
 
-    def _index(self, index: Any, call_id: str | None, name: str | None) -> int:
+    def rest(self) -> tuple[ToolCallDelta, ...]:
+        """At the stream's end, the first fragments of the calls whose arguments never began (a function without
+        parameters, called so), each with its name now whole: MalformedAnswerError for one that never came."""
+        if not self._held:
+            return ()
+        held, self._held = self._held, {}
+        result = []
+        for index in sorted(held):
+            call_id, name, signature = held[index]
+            name = self._names[index] = tool_name(name, "tool_calls.function.name")
+            if signature is not None:
+                self._signed.add(index)
+            result.append(ToolCallDelta(index=index, id=call_id, name=name, signature=signature))
+        return tuple(result)
+
+    def _index(self, index: Any, call_id: str | None, name: str | None, text: str | None) -> int:
         """The fragment's call. Servers that number no call (Gemini's OpenAI-compatible API) send each whole, or its
         first fragment with its id and name: a fragment without an `index` is of the call its id names, a new call
         when it names one not seen or gives a name, else of the call the last fragment was of. An `index` names the
@@ -619,9 +688,10 @@ class StreamToolCalls:
         name, at an index taken, is a new call, numbered after the others (Ollama sends parallel calls whole, each as
         index 0); without a name, the same call (some servers send each fragment with an id of its own). An id seen at
         another index of the upstream's, with a name, is a new call too (some servers give parallel calls one id), as
-        is one seen with a name again once its call's arguments are whole (at the same index, or with none)."""
+        is one seen with a name again once its call's arguments are whole (at the same index, or with none), and a
+        name other than its call's once they are, with no id (an OpenRouter engine's calls, each whole at index 0)."""
         if index is None:
-            if call_id and (known := self._ids.get(call_id)) is not None and not self._another(known, name):
+            if call_id and (known := self._ids.get(call_id)) is not None and not self._another(known, name, text):
                 return known
             if call_id or name or self._last is None:
                 return _numbered(max(self._begun, default=-1) + 1)
@@ -630,12 +700,17 @@ class StreamToolCalls:
             raise MalformedAnswerError(f"a tool-call delta's `index` is not a number from 0 to {MAX_TOOL_CALLS - 1}")
         named = self._named.get(index)
         known = self._ids.get(call_id) if call_id else None
-        if known is not None and self._at.get(known, index) == index and not self._another(known, name):
+        if known is not None and self._at.get(known, index) == index and not self._another(known, name, text):
             return known
-        if named is not None and not (
-            call_id and name and (self._given.get(named) != call_id or self._another(named, name))
-        ):
-            return named
+        if named is not None:
+            if not name:
+                return named
+            if call_id:
+                another = self._given.get(named) != call_id or self._another(named, name, text)
+            else:
+                another = self._another(named, name, text, renamed=True)
+            if not another:
+                return named
         if named is None and index not in self._begun:
             self._named[index] = self._at[index] = index
             return index
@@ -643,12 +718,17 @@ class StreamToolCalls:
         self._at[numbered] = index
         return numbered
 
-    def _another(self, call: int, name: str | None) -> bool:
-        """Whether a fragment that names a function (`name`) begins another call than `call`, whose id it has: when
-        the call's arguments are whole JSON already (vLLM repeats a call's id and name while its arguments come)."""
+    def _another(self, call: int, name: str | None, text: str | None, *, renamed: bool = False) -> bool:
+        """Whether a fragment that names a function (`name`) begins another call than `call`, whose id it has, or
+        whose index without an id where `renamed`: when the call's arguments are whole JSON already (vLLM repeats a
+        call's id and name while its arguments come), and it names another function, or (not `renamed`) more of the
+        arguments come with it; its name and id again, with no more (a server that repeats them at the end), are of
+        the call."""
         # Parsed only when the text so far ends as an object or array does: vLLM sends the name with every fragment,
         # and a parse of the whole text at each would cost a long call's arguments their length squared.
         if not name or not (pieces := self._arguments.get(call)):
+            return False
+        if name == self._names.get(call) and (renamed or not text or text.isspace()):
             return False
         if not next((piece.rstrip() for piece in reversed(pieces) if not piece.isspace()), "").endswith(("}", "]")):
             return False
