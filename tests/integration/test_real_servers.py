@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 from llmrelay import v1 as pb
 from models.servers import OllamaHandle, ServerHandle
-from support import StubFactory, user
+from support import StubFactory, details, png, user
 
 pytestmark = pytest.mark.integration
 
@@ -152,3 +153,34 @@ async def test_seed_case_gpt_oss_on_a_local_ollama(stub_for: StubFactory) -> Non
         pb.CompleteRequest(model="gpt-oss:20b", messages=[user("Say hello in one word.")]), timeout=300
     )
     assert answer.backend == "ollama" and answer.message.content
+
+
+async def test_what_llama_cpp_cannot_do_is_the_callers_answer_and_shuts_no_backend(
+    stub_for: StubFactory, llama: ServerHandle
+) -> None:
+    """This llama-server embeds nothing (no --embeddings: 501) and reads no image (no mmproj: a 500 saying so): each
+    is the request's failure, told at once, not a server error retried and counted against the backend's circuit,
+    which after a few such calls shut the backend for every other caller."""
+    name, _, _, model = llama_backend(llama)
+    yaml = backends_yaml(llama_backend(llama)).replace(
+        f'model: "{model}"}}', f'model: "{model}", embedding_model: "{model}"}}'
+    )
+    stub = await stub_for(yaml, server="health_interval_s: 3600")
+    image = pb.ContentPart(image=pb.ImagePart(data=png(8, 8), media_type="image/png"))
+    looking = pb.CompleteRequest(model=model, messages=[pb.Message(role=pb.ROLE_USER, parts=[image])], options=GREEDY)
+    for _ in range(3):  # the circuit's threshold
+        for call in (
+            stub.Embed(pb.EmbedRequest(model=model, inputs=["water"]), timeout=30),
+            stub.Complete(looking, timeout=30),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+            assert details(caught.value)["ErrorInfo"].reason == "UPSTREAM_REJECTED"
+            assert len(details(caught.value)["AttemptHistory"].attempts) == 1, "not retried"
+    answer = await stub.Complete(
+        pb.CompleteRequest(model=model, messages=[user("the people")], options=GREEDY), timeout=60
+    )
+    assert answer.backend == name
+    (backend,) = (await stub.Health(pb.HealthRequest(), timeout=10)).backends
+    assert backend.circuit_state == pb.CIRCUIT_STATE_CLOSED

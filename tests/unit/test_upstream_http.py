@@ -36,6 +36,10 @@ SPEC = BackendSpec(name="b", kind="openai", base_url="http://h/v1", default_mode
         (400, None, "This model's maximum context length is 8192 tokens", UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED),
         (400, None, "bad request", UpstreamErrorKind.REJECTED),
         (503, None, "", UpstreamErrorKind.SERVER_ERROR),
+        # What the server cannot do, which another may: llama-server's embeddings without --embeddings, and an image
+        # to a model without vision (with a 500).
+        (501, "not_supported_error", "This server does not support embeddings", UpstreamErrorKind.UNSUPPORTED),
+        (500, "server_error", "image input is not supported - hint: ...", UpstreamErrorKind.UNSUPPORTED),
     ],
 )
 def test_error_kinds(status: int, code: str | None, message: str, kind: UpstreamErrorKind) -> None:

@@ -65,6 +65,8 @@ _CONTEXT_LENGTH = re.compile(
 _CONTEXT_CODES: Final = frozenset({"context_length_exceeded", "exceed_context_size_error"})
 """Error codes (or types) that say the prompt is too long, whatever the status: OpenAI's code; llama.cpp's type, which
 it has sent with a 500 too."""
+_UNSUPPORTED_INPUT = re.compile(r"\b(image|audio) input is not supported", re.IGNORECASE)
+"""llama.cpp's words for a request that holds an image (or audio) its model cannot read, which it sends with a 500."""
 _SECRET_LIKE = re.compile(r"\b(sk|key|token)-[A-Za-z0-9_\-]{6,}")
 _LINE_END = re.compile(r"\r\n|\r|\n")
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
@@ -624,6 +626,11 @@ def kind_of_status(status: int, code: str | None, message: str | None) -> Upstre
         return UpstreamErrorKind.AUTH_FAILED
     if code in _CONTEXT_CODES:
         return UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED
+    # The server cannot do what this request asks, which another may (and no retry mends): 501 (llama-server asked to
+    # embed without --embeddings: not_supported_error), or an image to a model without vision. Its health is whole:
+    # counted against its circuit, one caller's request would shut it for every other.
+    if status == 501 or code == "not_supported_error" or _UNSUPPORTED_INPUT.search(message or ""):
+        return UpstreamErrorKind.UNSUPPORTED
     if status == 429:
         return UpstreamErrorKind.RATE_LIMITED
     if status in (401, 403):
