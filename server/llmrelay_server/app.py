@@ -238,8 +238,10 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
         max_image_bytes=config.server.max_image_bytes,
     )
     add_llm_service(servicer, server, limit)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, GenericOnly(server))
-    reflection = enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, GenericOnly(server, limit))
+    reflection = enable_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server, limit
+    )
     if metrics is not None and (listen := config.server.metrics_listen) is not None:
         try:
             metrics_port = metrics.serve(listen)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn, TypeAlias
@@ -106,13 +107,18 @@ class GenericOnly:
     and so goes through the waits of all of them (asyncio.wait: a callback added to each, and removed) for every call
     it takes: the ten methods of LLMService, health and reflection cost the plain gateway about 50k instructions a
     unary call (6%), where one generic handler's lookup by name costs a few hundred (`make bench-instructions`).
-    Each generic handler keeps the metadata of the calls it is asked about (`invocation_metadata`)."""
+    Each generic handler keeps the metadata of the calls it is asked about (`invocation_metadata`); with
+    `max_request_bytes`, its methods refuse requests over it, as LLMService's own decoding does (gRPC reads up to
+    `receive_limit` for every service of the server)."""
 
-    def __init__(self, server: grpc.aio.Server) -> None:
+    def __init__(self, server: grpc.aio.Server, max_request_bytes: int | None = None) -> None:
         self._server = server
+        self._max_request_bytes = max_request_bytes
 
     def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self._server.add_generic_rpc_handlers(tuple(map(_KeepingMetadata, generic_rpc_handlers)))
+        self._server.add_generic_rpc_handlers(
+            tuple(_KeepingMetadata(handler, self._max_request_bytes) for handler in generic_rpc_handlers)
+        )
 
     def add_registered_method_handlers(self, service_name: str, method_handlers: dict[str, Any]) -> None:
         """Left out: the generic handler the service was given serves its methods."""
@@ -122,12 +128,90 @@ class _KeepingMetadata(grpc.GenericRpcHandler):
     """A generic handler that keeps the metadata of the call it is asked about for that call: gRPC asks within the
     call's task, after the interceptors and before the handler runs, and each call's task has a context of its own."""
 
-    def __init__(self, handler: grpc.GenericRpcHandler) -> None:
+    def __init__(self, handler: grpc.GenericRpcHandler, max_request_bytes: int | None) -> None:
         self._handler = handler
+        self._max_request_bytes = max_request_bytes
+        self._bounded: dict[int, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
+        """id of a method's handler -> that handler (kept, so that its id is not another's), and it bounded: made once
+        for all its calls (the observers keep their wrappings by handler)."""
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
         _call_metadata.set(handler_call_details.invocation_metadata)
-        return self._handler.service(handler_call_details)
+        handler = self._handler.service(handler_call_details)
+        if handler is None or self._max_request_bytes is None:
+            return handler
+        kept = self._bounded.get(id(handler))
+        if kept is None or kept[0] is not handler:
+            rpc = handler_call_details.method.rpartition("/")[2]
+            kept = self._bounded[id(handler)] = (handler, _bounded(handler, rpc, self._max_request_bytes))
+        return kept[1]
+
+
+def _bounded(handler: grpc.RpcMethodHandler[Any, Any], rpc: str, max_bytes: int) -> grpc.RpcMethodHandler[Any, Any]:
+    """A method's handler whose requests over `max_bytes` are refused (REQUEST_TOO_LARGE), whatever its kind."""
+    decode = handler.request_deserializer
+
+    def bounded_decode(data: bytes) -> Any:
+        if len(data) > max_bytes:
+            return _Undecodable(RequestTooLargeError(len(data), max_bytes))
+        return decode(data) if decode is not None else data
+
+    encode = handler.response_serializer
+    if handler.request_streaming:
+        behavior = handler.stream_stream if handler.response_streaming else handler.stream_unary
+        reading = _checking_each(rpc, behavior)
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(reading, bounded_decode, encode)
+        return grpc.stream_unary_rpc_method_handler(reading, bounded_decode, encode)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(_checking(rpc, handler.unary_stream), bounded_decode, encode)
+    return grpc.unary_unary_rpc_method_handler(_checking(rpc, handler.unary_unary), bounded_decode, encode)
+
+
+def _checking(rpc: str, behavior: Any) -> Any:
+    """`behavior`, of one request, refusing an `_Undecodable` one; an async generator function still, where it was
+    one (the observers tell a stream so)."""
+    if inspect.isasyncgenfunction(behavior):
+
+        async def checked_stream(request: Any, context: _Context) -> AsyncIterator[Any]:
+            if type(request) is _Undecodable:
+                await _refuse(context, rpc, request)
+            async with contextlib.aclosing(behavior(request, context)) as answers:
+                async for answer in answers:
+                    yield answer
+
+        return checked_stream
+
+    async def checked(request: Any, context: _Context) -> Any:
+        if type(request) is _Undecodable:
+            await _refuse(context, rpc, request)
+        return await behavior(request, context)
+
+    return checked
+
+
+def _checking_each(rpc: str, behavior: Any) -> Any:
+    """`behavior`, of a stream of requests, refusing the call at an `_Undecodable` one, as its handler reads it."""
+
+    async def checked_requests(requests: AsyncIterator[Any], context: _Context) -> AsyncIterator[Any]:
+        async for request in requests:
+            if type(request) is _Undecodable:
+                await _refuse(context, rpc, request)
+            yield request
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def checked_stream(requests: AsyncIterator[Any], context: _Context) -> AsyncIterator[Any]:
+            async with contextlib.aclosing(behavior(checked_requests(requests, context), context)) as answers:
+                async for answer in answers:
+                    yield answer
+
+        return checked_stream
+
+    async def checked(requests: AsyncIterator[Any], context: _Context) -> Any:
+        return await behavior(checked_requests(requests, context), context)
+
+    return checked
 
 
 def _handler(method: MethodDescriptor, behavior: Any, max_request_bytes: int) -> grpc.RpcMethodHandler[Any, Any]:

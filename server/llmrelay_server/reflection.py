@@ -28,18 +28,22 @@ _V1_PACKAGE: Final = "grpc.reflection.v1"
 _V1_FILE: Final = "grpc/reflection/v1/reflection.proto"
 
 
-def enable_reflection(services: Sequence[str], server: grpc.aio.Server) -> ReflectionServicer:
-    """Serves reflection v1 and v1alpha on `server`, listing `services` and the two reflection services; the servicer
-    returned ends their open streams at a shutdown (`end_streams`)."""
+def enable_reflection(
+    services: Sequence[str], server: grpc.aio.Server, max_request_bytes: int | None = None
+) -> ReflectionServicer:
+    """Serves reflection v1 and v1alpha on `server`, listing `services` and the two reflection services, their
+    requests over `max_request_bytes` refused (`GenericOnly`); the servicer returned ends their open streams at a
+    shutdown (`end_streams`)."""
     _add_v1_file(descriptor_pool.Default())
     servicer = ReflectionServicer((*services, V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME))
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, GenericOnly(server))
+    registering = GenericOnly(server, max_request_bytes)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, registering)
     v1_method = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
         request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
         response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
     )
-    server.add_generic_rpc_handlers(
+    registering.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(V1_SERVICE_NAME, {"ServerReflectionInfo": v1_method}),)
     )
     return servicer

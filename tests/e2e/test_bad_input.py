@@ -601,3 +601,42 @@ async def test_a_request_over_the_message_limit_is_answered_counted_and_takes_no
         and dict(labels).get("grpc_code") == "RESOURCE_EXHAUSTED"
     ]
     assert handled == [1.0]
+
+
+@pytest.mark.parametrize(
+    ("path", "streams"),
+    [
+        ("/grpc.health.v1.Health/Check", False),
+        ("/grpc.health.v1.Health/Watch", True),
+        ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", True),
+        ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", True),
+    ],
+)
+async def test_the_other_services_refuse_a_request_over_the_message_limit_alike(
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    streams: bool,
+) -> None:
+    """gRPC reads up to twice the limit for every service of the server: health's and reflection's requests over it
+    are refused as LLMService's are, not served (a Watch held open with it, a reflection answer too large to send)."""
+    gateway = await gateway_factory(two_backends(primary, local), server="max_message_bytes: 65536")
+    # A health service name or a reflection host of 70,000 bytes: field 1 of both requests is a string.
+    over = length_delimited(1, b"x" * 70_000)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            if "Reflection" in path:
+                bidi: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(path)
+                await bidi(iter([over]), timeout=5).read()
+            elif streams:
+                stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(path)
+                await stream(over, timeout=5).read()
+            else:
+                unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(path)
+                await unary(over, timeout=5)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
+        info = details(caught.value)["ErrorInfo"]
+        assert (info.reason, dict(info.metadata)) == ("REQUEST_TOO_LARGE", {"size": str(len(over)), "limit": "65536"})
+        assert_quiet(caplog)
