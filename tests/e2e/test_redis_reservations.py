@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 import pytest
 import redis.asyncio
+import redis.exceptions
 from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway
 from llmrelay_server.config import Limits
@@ -225,6 +226,38 @@ async def test_an_undo_after_the_late_reservation_takes_back_exactly_what_it_cou
     assert sorted(await records(redis_server)) == sorted([str(kept.holds[0].second), "undone"])
     await limiter.settle(kept, tokens=4, usd_micros=40)
     assert await counted(redis_server) == Counts(requests=1, tokens=4, spend=40, streams=0)
+
+
+async def test_a_reservation_sent_again_after_it_ran_counts_once_and_answers_as_it_did(
+    redis_server: RedisServer,
+) -> None:
+    """A reserve is sent once more when its connection broke (a Redis or a proxy closed it while idle): it may have
+    run, its answer lost. Sent again, it counts nothing more, and its caller is admitted as counted."""
+    limiter = RedisLimiter(redis_server.url, timeout_s=SHORT_TIMEOUT_S)
+    await limiter.start()
+    script = limiter._reserve_script  # the script as the limiter sends it, twice
+    calls = 0
+
+    async def lost_answer(keys: list[str], args: list[str | int]) -> Any:
+        nonlocal calls
+        calls += 1
+        answer = await real(keys, args)
+        if calls == 1:
+            raise redis.exceptions.ConnectionError("Connection closed by server.")  # it ran; its answer never came
+        return answer
+
+    real = script.__call__
+    try:
+        first = await limiter.reserve([ask(10, 100, stream=True)])
+        object.__setattr__(limiter, "_reserve_script", lost_answer)
+        again = await limiter.reserve([ask(7, 70, stream=True)])
+        assert calls == 2 and again.holds and limiter.available, "counted, as it ran"
+        assert again.holds[0].second >= first.holds[0].second and again.holds[0].epoch == first.holds[0].epoch
+        assert await counted(redis_server) == Counts(requests=2, tokens=17, spend=170, streams=2), "counted once"
+        await limiter.settle(again, tokens=7, usd_micros=70)
+        assert await counted(redis_server) == Counts(requests=2, tokens=17, spend=170, streams=1)
+    finally:
+        await limiter.aclose()
 
 
 async def test_an_undo_before_the_late_reservation_makes_it_count_nothing(
@@ -507,6 +540,34 @@ async def test_settles_past_the_most_kept_stay_as_reserved_and_say_so(
     assert len(warnings) == 3, warnings  # Redis went; the first settle not kept; and how many, when it is back
     assert "2 settles and undos wait for Redis" in warnings[1] and "stay counted as they were reserved" in warnings[1]
     assert "1 more could not be kept" in warnings[2]
+
+
+async def test_the_spend_of_settles_not_kept_stays_counted_while_the_gateway_runs(redis_server: RedisServer) -> None:
+    """A settle dropped (past the most kept) leaves its call counted as reserved: its held spend's lease is renewed
+    still, so that no reservation (of another gateway) gives that spend back when it would have lapsed."""
+    lease_s = 3.0
+    limiter = RedisLimiter(
+        redis_server.url, timeout_s=SHORT_TIMEOUT_S, probe_interval_s=0.1, max_kept=1, stream_lease_s=lease_s
+    )
+    other = RedisLimiter(redis_server.url, timeout_s=SHORT_TIMEOUT_S, stream_lease_s=lease_s)
+    await limiter.start()
+    await other.start()
+    budget = Limits(budget_usd_per_day=0.01)  # 10,000 micro-USD
+    try:
+        calls = [await limiter.reserve([Ask(SUBJECT, budget, 0, 3000, False)]) for _ in range(3)]
+        redis_server.pause()
+        for call in calls:
+            await limiter.settle(call, tokens=0, usd_micros=3000)  # one kept, two dropped
+        redis_server.resume()
+        await wait_until(lambda: limiter.available)
+        await asyncio.sleep(lease_s + 0.5)  # past the leases, had they not been renewed
+        with pytest.raises(LimitExceededError) as caught:
+            await other.reserve([Ask(SUBJECT, budget, 0, 3000, False)])
+        assert caught.value.kind is LimitKind.BUDGET_PER_DAY, "9,000 of 10,000 spent"
+        assert (await counted(redis_server)).spend == 9000
+    finally:
+        await limiter.aclose()
+        await other.aclose()
 
 
 async def test_a_stream_open_through_an_outage_longer_than_its_lease_holds_its_slot_again(

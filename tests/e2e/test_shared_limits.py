@@ -449,6 +449,37 @@ async def test_a_transport_error_leaking_from_the_driver_counts_as_redis_unreach
     await refused(limiter.reserve([ask(Limits(requests_per_minute=1), subject="key:after")]))
 
 
+@pytest.mark.parametrize("protocol", ["", "?protocol=3"], ids=["protocol as the limiter picks", "RESP3 named"])
+async def test_connections_redis_closed_while_idle_are_not_redis_gone(
+    limiter_for: LimiterFactory, redis_server: RedisServer, caplog: pytest.LogCaptureFixture, protocol: str
+) -> None:
+    """A Redis (or a proxy) that closes idle connections (Redis's `timeout`): the next burst finds every pooled
+    connection closed, and is counted all the same, exactly, with no outage (state.on_unavailable: deny)."""
+    caplog.set_level(logging.WARNING, logger="llmrelay_server.limits.redis")
+    admin = redis.asyncio.from_url(redis_server.url)
+    await admin.config_set("timeout", "1")
+    limiter = await limiter_for(redis_server.url + protocol, refuse_when_unavailable=True)
+    limits = Limits(requests_per_minute=40)
+    first = await asyncio.gather(*(limiter.reserve([ask(limits)]) for _ in range(10)))  # several connections
+    assert all(reservation.holds for reservation in first)
+
+    async def limiters_connections() -> int:
+        return len(await admin.client_list()) - 1  # all but this one
+
+    assert await limiters_connections() > 1
+    loop = asyncio.get_running_loop()
+    idle_since = loop.time()
+    while await limiters_connections():  # Redis closes them past a second idle (checked some times a second)
+        assert loop.time() - idle_since < 5, "Redis closed no idle connection"
+        await asyncio.sleep(0.1)
+    burst = await asyncio.gather(*(limiter.reserve([ask(limits)]) for _ in range(30)))
+    assert all(reservation.holds for reservation in burst) and limiter.available
+    assert (await refused(limiter.reserve([ask(limits)]))).kind is LimitKind.REQUESTS_PER_MINUTE, "40 counted"
+    assert limiter.calls_while_unavailable == 0
+    assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    await admin.aclose()
+
+
 async def test_calls_do_not_each_wait_out_the_timeout_while_redis_is_down(
     limiter_for: LimiterFactory, redis_server: RedisServer
 ) -> None:

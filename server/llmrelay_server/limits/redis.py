@@ -50,7 +50,10 @@ reach Redis twice (it ran, and its answer was lost): it marks the reservation's 
 and one that finds the mark changes nothing. Sent again more than two minutes after it ran (its answer lost at the
 start of an outage that long), it would correct a second time. At most `MAX_KEPT` undos and settles are kept; past
 that, the reservations of the calls that end stay counted (the requests and tokens for their minute, the spend until
-the end of the UTC day), and a WARNING says so.
+the end of the UTC day while the gateway renews its held lease), and a WARNING says so. A settle's held spend is
+renewed until the settle has run (kept or dropped), not from when the call ended: a lease that lapsed would give the
+spend back, and a settle never sent would not add what was billed. Undos and settles still kept when the gateway
+stops, Redis out of reach, are lost: their leases lapse within `STREAM_LEASE_S` and their spend is given back.
 
 When Redis cannot be reached (refused, reset, slower than state.timeout_s, a password it refuses), the gateway goes
 on per state.on_unavailable: "allow" admits calls without counting them, "deny" refuses them with UNAVAILABLE. It
@@ -75,7 +78,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import OutOfMemoryError, RedisError
+from redis.exceptions import AuthenticationError, AuthorizationError, OutOfMemoryError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from llmrelay_server.domain import LimitKind, LimitsUnavailableError, StoreHealth, StoreRole, immutable
 from llmrelay_server.limits.interface import (
@@ -114,6 +118,10 @@ opening hundreds of connections, each with its handshake (TLS, AUTH), at the mom
 # lets the transport's own errors out when it writes to a connection the server has reset (redis/redis-py#4287), so a
 # Redis that went away must not become an UNKNOWN for the caller, nor end the probe that waits for its return.
 _UNREACHABLE: Final = (RedisError, OSError, TypeError, AttributeError)
+# A connection found broken (closed by the server, reset, or the transport's errors above): a command is sent once more,
+# on a new connection. Every command here may run twice: each script changes nothing the second time it runs for the
+# same reservation (or renews, or probes, again). Not a timeout (Redis may be busy with it), nor a password refused.
+_BROKEN_CONNECTION: Final = (RedisConnectionError, ConnectionError, TypeError, AttributeError)
 # The limits in the order the script checks them (its codes are 1-based positions here), as InProcessLimiter does.
 _KINDS: Final = (
     LimitKind.REQUESTS_PER_MINUTE,
@@ -178,8 +186,13 @@ _RESERVE: Final = (
 -- else, counting it
 -- nowhere, {1, subject, limit, ms until it may fit} for the first limit it would pass (limit: 1 requests, 2 tokens,
 -- 3 streams, 4 budget); or {2} when the reservation has a record already: undone before it ran (its caller no longer
--- waits for this answer), it counts nothing.
-if redis.call('EXISTS', record) == 1 then return {2} end
+-- waits for this answer), it counts nothing. Sent again once it ran (its connection broke before its answer came),
+-- it counts nothing more, and answers as it did: the second (microseconds 0) and the epoch it was counted in.
+local state = redis.call('GET', record)
+if state then
+  if string.match(state, '^%d+$') then return {0, state, '0', redis.call('GET', epoch_key) or ''} end
+  return {2}
+end
 local clock = redis.call('TIME')
 local second = tonumber(clock[1])
 local now = second + tonumber(clock[2]) / 1000000
@@ -430,6 +443,11 @@ class RedisLimiter:
         self._max_kept = max_kept
         pool = BlockingConnectionPool.from_url(
             url,
+            # RESP2 (unless the URL names a protocol): under RESP3, redis-py 8 (maint_notifications "auto") skips the
+            # pool's check that a connection left idle is still open, so a Redis or a proxy that closes idle
+            # connections (Redis's `timeout`) would fail the next command on each. `_within_timeout` sends a command
+            # once more on a connection found broken all the same, as one may break however the pool checks it.
+            protocol=2,
             max_connections=MAX_CONNECTIONS,
             timeout=timeout_s,
             socket_timeout=timeout_s,
@@ -534,7 +552,8 @@ class RedisLimiter:
             return  # admitted uncounted while Redis was unreachable: nothing to correct
         hold: _Hold = reservation.holds[0]
         self._leases.pop(hold.lease, None)
-        self._held.discard(hold.lease)
+        # Its held spend's lease is renewed until its settle has run (in `_settled`): one that lapsed meanwhile would
+        # have its spend given back by the next reservation, and a settle dropped or never sent would not add it.
         keys: list[str] = []
         args: list[str | int] = [hold.second, hold.day, hold.lease, hold.epoch]
         for ask in reservation.asks:
@@ -550,6 +569,7 @@ class RedisLimiter:
             keys.append(key)
             args += ["lease", "", ""]
         if not keys:
+            self._held.discard(hold.lease)
             return  # billed what it reserved, and nothing held to free
         keys += [EPOCH_KEY, HELD_LEASES_KEY, HELD_KEY, f"{RECORD_PREFIX}{hold.lease}"]
         if not self._available:
@@ -565,6 +585,8 @@ class RedisLimiter:
         except asyncio.CancelledError:
             self._send_later(hold.lease, self._settle_script, keys, args)
             raise
+        else:
+            self._held.discard(hold.lease)
 
     def health(self) -> StoreHealth:
         if self._available:
@@ -585,13 +607,15 @@ class RedisLimiter:
             try:
                 await self._send_kept()
             except _UNREACHABLE as error:
+                # Nothing renews their held spends' leases from now on.
                 log.warning(
-                    "limits: Redis at %s cannot be reached (%s): %d calls that ended or gave up waiting stay counted"
-                    " as they were reserved (requests and tokens for their minute, spend until the end of the UTC"
-                    " day)",
+                    "limits: Redis at %s cannot be reached (%s): %d calls that ended or gave up waiting are not"
+                    " settled: their requests and tokens stay counted for their minute, and the spend they reserved is"
+                    " given back within %g s, as their leases lapse, with what they were billed never counted",
                     self._where,
                     self._reason(error),
                     len(self._kept) + self._dropped,
+                    self._lease_ms / 1000,
                 )
         await self._client.aclose()
 
@@ -599,6 +623,14 @@ class RedisLimiter:
     def _policy(self) -> str:
         """What happens to calls while Redis is unreachable (state.on_unavailable)."""
         return f"{'refused' if self._refuse else 'admitted without being counted'} until it is back"
+
+    @property
+    def _held_spend_fate(self) -> str:
+        """How long the spend of a call whose settle was dropped stays counted: its lease is renewed, not ended."""
+        return (
+            "until the end of the UTC day while this gateway renews its lease; given back once the lease lapses,"
+            f" {self._lease_ms / 1000:g} s after this gateway stops or Redis is out of reach that long"
+        )
 
     def _uncounted(self, asks: Sequence[Ask]) -> Reservation:
         self._calls_while_unavailable += 1
@@ -611,8 +643,20 @@ class RedisLimiter:
 
     async def _within_timeout(self, command: Callable[[], Awaitable[_T]]) -> _T:
         """The command's answer, or TimeoutError after state.timeout_s, connecting and queuing for a connection
-        included."""
+        included. On a connection found broken (a Redis or a proxy closed it while it was idle, or it was reset), it
+        is sent once more, within the same time, on a new connection: one broken connection is not Redis gone. Every
+        command here changes nothing the second time it runs (see `_BROKEN_CONNECTION`)."""
         async with asyncio.timeout(self._timeout_s):
+            try:
+                return await command()
+            except (AuthenticationError, AuthorizationError):
+                raise
+            except _BROKEN_CONNECTION as error:
+                log.debug(
+                    "limits: a connection to Redis at %s broke (%s): sent again", self._where, self._reason(error)
+                )
+            # The connections left idle beside it may have been closed alike: new ones are opened instead.
+            await self._client.connection_pool.disconnect(inuse_connections=False)
             return await command()
 
     def _send_later(self, reservation_id: str, script: AsyncScript, keys: list[str], args: list[str | int]) -> None:
@@ -623,9 +667,10 @@ class RedisLimiter:
                 log.warning(
                     "limits: %d settles and undos wait for Redis at %s, as many as are kept: the calls that end"
                     " from now on until it is back stay counted as they were reserved (requests and tokens for their"
-                    " minute, spend until the end of the UTC day)",
+                    " minute; spend %s)",
                     len(self._kept),
                     self._where,
+                    self._held_spend_fate,
                 )
             self._dropped += 1
             return
@@ -647,13 +692,14 @@ class RedisLimiter:
             reservation_id, (script, keys, args) = next(iter(self._kept.items()))
             await self._run(script, keys, args)
             self._kept.pop(reservation_id, None)
+            self._held.discard(reservation_id)  # a settle's, which ended its lease (an undo's holds none here)
         if self._dropped:
             log.warning(
                 "limits: Redis at %s has every settle and undo kept for it; %d more could not be kept, and their calls"
-                " stay counted as they were reserved (requests and tokens for their minute, spend until the end of the"
-                " UTC day)",
+                " stay counted as they were reserved (requests and tokens for their minute; spend %s)",
                 self._where,
                 self._dropped,
+                self._held_spend_fate,
             )
             self._dropped = 0
 
