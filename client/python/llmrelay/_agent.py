@@ -452,7 +452,16 @@ def _unfinished(timeout: float | None) -> str:
 
 
 def _failure(exc: BaseException) -> str:
-    return f"error: {type(exc).__name__}: {exc}"
+    """What a tool raised, as its error result; never raising itself (an exception whose str() raises ended the run,
+    the step's other results lost): then its repr, or its type's name alone."""
+    try:
+        said = str(exc)
+    except Exception:
+        try:
+            said = repr(exc)
+        except Exception:
+            said = "(an exception that cannot be written)"
+    return f"error: {type(exc).__name__}: {said}"
 
 
 def _result_text(result: Any) -> str:

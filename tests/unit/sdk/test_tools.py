@@ -259,6 +259,21 @@ def test_a_plain_tool_that_raises_stop_iteration_is_answered_from_an_event_loop(
     assert answered.content == Tools(first).run(call("first", "{}")).content == "error: StopIteration: "
 
 
+def test_an_exception_that_cannot_be_written_is_answered_all_the_same() -> None:
+    # Its str() raising ended the run, both clients', the step's other results lost.
+    class Unwritable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    def odd() -> str:
+        raise Unwritable
+
+    tools = Tools(odd)
+    said = tools.run(call("odd", "{}")).content
+    assert said.startswith("error: Unwritable: Unwritable(")
+    assert asyncio.run(tools.arun(call("odd", "{}"))).content == said
+
+
 def test_a_result_json_cannot_hold_becomes_a_result_that_says_so() -> None:
     # Such a result ended the loop with json's own TypeError or ValueError, which named no tool.
     def pairs() -> dict[tuple[int, int], str]:
