@@ -10,7 +10,7 @@ import grpc
 import pytest
 from llmrelay import StreamAssembler
 from llmrelay import v1 as pb
-from support import FAST_ROUTER, OPENAI_TEST_KEY, StubFactory, chat, details, read_all, stream_chat
+from support import FAST_ROUTER, OPENAI_TEST_KEY, StubFactory, chat, details, read_all, stream_chat, tool
 from upstream import FakeUpstream
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
@@ -52,14 +52,21 @@ def call(call_id: str | None, name: str, arguments: str) -> dict[str, Any]:
 
 
 async def both(
-    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, unary: dict[str, Any], stream: dict[str, Any]
+    stub: pb.LLMServiceAsyncStub,
+    primary: FakeUpstream,
+    unary: dict[str, Any],
+    stream: dict[str, Any],
+    *,
+    tools: tuple[str, ...] = (),
 ) -> tuple[pb.CompleteResponse, pb.CompleteResponse, list[pb.StreamCompleteResponse]]:
     """The answer Complete gives to `unary`, the one StreamComplete's messages add up to for `stream` (as the SDK's
-    assembler puts them together: a call's id and name from its first fragment), and those messages."""
+    assembler puts them together: a call's id and name from its first fragment), and those messages; the requests
+    declare `tools`."""
+    options = pb.CompletionOptions(tools=[tool(name) for name in tools])
     primary.inject(unary)
-    answer = await stub.Complete(chat("call"), timeout=5)
+    answer = await stub.Complete(chat("call", options=options), timeout=5)
     primary.inject(stream)
-    chunks = await read_all(stub.StreamComplete(stream_chat("call"), timeout=5))
+    chunks = await read_all(stub.StreamComplete(stream_chat("call", options=options), timeout=5))
     assembler = StreamAssembler()
     for chunk in chunks:
         assembler.add(chunk)
@@ -135,6 +142,66 @@ async def test_a_streams_tool_calls_are_the_whole_answers(
         ]
         assert all(ids) and len(set(ids)) == len(ids)
     assert answer.finish_reason == assembled.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    assert first_fragments_alone_name_their_calls(chunks)
+
+
+TOOLS = ("clock", "date", "weather", "a", "b", "ha", "haha")
+CLOCK_THEN_DATE = (  # an OpenRouter engine's shape: whole calls at index 0, no ids, the first without arguments
+    whole({"tool_calls": [call(None, "clock", ""), call(None, "date", "")]}, "tool_calls"),
+    calls_stream([fragment(0, name="clock", arguments="")], [fragment(0, name="date", arguments="")]),
+)
+CLOCK_THEN_WEATHER = (
+    whole({"tool_calls": [call(None, "clock", ""), call(None, "weather", '{"c":1}')]}, "tool_calls"),
+    calls_stream([fragment(0, name="clock", arguments="")], [fragment(0, name="weather", arguments='{"c":1}')]),
+)
+ONE_ID_CLOCK_THEN_WEATHER = (
+    whole({"tool_calls": [call("call_a", "clock", ""), call("call_a", "weather", '{"c":1}')]}, "tool_calls"),
+    calls_stream([fragment(0, "call_a", "clock", "")], [fragment(0, "call_a", "weather", '{"c":1}')]),
+)
+REPEATING_PIECES = (  # "ha", "ha": "haha"
+    whole({"tool_calls": [call("call_a", "haha", '{"c":1}')]}, "tool_calls"),
+    calls_stream(
+        [fragment(0, "call_a", "ha", "")], [fragment(0, name="ha", arguments="")], [fragment(0, arguments='{"c":1}')]
+    ),
+)
+
+
+@pytest.mark.parametrize(
+    ("answers", "calls"),
+    [
+        (CLOCK_THEN_DATE, [("clock", ""), ("date", "")]),
+        (CLOCK_THEN_WEATHER, [("clock", ""), ("weather", '{"c":1}')]),
+        (ONE_ID_CLOCK_THEN_WEATHER, [("clock", ""), ("weather", '{"c":1}')]),
+        (REPEATING_PIECES, [("haha", '{"c":1}')]),
+        (SPLIT_NAME, [("weather", '{"c": 1}')]),
+        (NAME_SECOND, [("weather", '{"c": 1}')]),
+        (NEW_NAME_AT_ONE_INDEX, [("a", '{"x": 1}'), ("b", '{"y": 2}')]),
+        (NAME_IN_EVERY_FRAGMENT, [("weather", '{"c": 1}')]),
+        (NO_ARGUMENTS, [("clock", ""), ("weather", "{}")]),
+    ],
+    ids=[
+        "clock then date",
+        "clock then weather",
+        "one id",
+        "repeating pieces",
+        "name in pieces",
+        "name second",
+        "new name at one index",
+        "vllm",
+        "no arguments",
+    ],
+)
+async def test_a_streams_tool_calls_are_the_whole_answers_by_the_requests_tools(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, answers: tuple[dict[str, Any], ...], calls: list[Any]
+) -> None:
+    """A call without arguments, then another at its index (an OpenRouter engine's whole calls at index 0), streamed
+    as one ("clockdate"); a name's pieces that repeat it so far ("ha", "ha") as the name once. The request's tools
+    tell a held call's name's next piece from another call's name."""
+    answer, assembled, chunks = await both(stub, primary, *answers, tools=TOOLS)
+
+    assert listed(answer) == listed(assembled) == calls
+    assert all(c.id for c in assembled.message.tool_calls)
+    assert len({c.id for c in assembled.message.tool_calls}) == len(calls)
     assert first_fragments_alone_name_their_calls(chunks)
 
 

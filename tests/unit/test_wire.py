@@ -6,6 +6,7 @@ import base64
 import contextlib
 import json
 import secrets
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -817,10 +818,11 @@ def test_a_call_whose_id_and_name_come_with_every_fragment_is_not_parsed_at_ever
     assert len(parsed) <= 4, "parsed only where the text so far ends as an object or array does"
 
 
-def assembled(*deltas: list[dict[str, Any]]) -> list[tuple[str | None, str, str]]:
+def assembled(*deltas: list[dict[str, Any]], tools: Sequence[str] = ()) -> list[tuple[str | None, str, str]]:
     """The calls a stream of these deltas' fragments adds up to, as the SDKs' assemblers put them together (a call's
-    id and name from its first fragment, which alone has them), each as (the upstream's id or None, name, arguments)."""
-    calls = wire.StreamToolCalls()
+    id and name from its first fragment, which alone has them), each as (the upstream's id or None, name, arguments);
+    `tools`, the names of the request's tools."""
+    calls = wire.StreamToolCalls(tools)
     fragments = [d for fragments in deltas for d in calls.deltas({"tool_calls": fragments})] + list(calls.rest())
     made: dict[int, list[Any]] = {}
     for d in fragments:
@@ -876,6 +878,69 @@ def piece(index: int, call_id: str | None = None, name: str | None = None, argum
 )
 def test_a_streams_calls_add_up_to_the_whole_answers(deltas: list[list[dict[str, Any]]], whole: list[Any]) -> None:
     assert assembled(*deltas) == unary(*whole)
+
+
+@pytest.mark.parametrize(
+    ("deltas", "whole"),
+    [
+        # Whole calls at index 0 (an OpenRouter engine's), the first without arguments: one call, "clockdate".
+        (
+            [[piece(0, None, "clock", "")], [piece(0, None, "date", "")]],
+            [piece(0, None, "clock", ""), piece(0, None, "date", "")],
+        ),
+        (
+            [[piece(0, None, "clock", "")], [piece(0, None, "weather", '{"c":1}')]],
+            [piece(0, None, "clock", ""), piece(0, None, "weather", '{"c":1}')],
+        ),
+        (
+            [[piece(0, "a", "clock", "")], [piece(0, "a", "weather", '{"c":1}')]],
+            [piece(0, "a", "clock", ""), piece(0, "a", "weather", '{"c":1}')],
+        ),
+        # Pieces that repeat the name so far: "ha".
+        (
+            [[piece(0, "a", "ha", "")], [piece(0, None, "ha", "")], [piece(0, arguments='{"c":1}')]],
+            [piece(0, "a", "haha", '{"c":1}')],
+        ),
+        # As without tools: the name in pieces, the name second, vLLM's repeats, another name at one index.
+        (
+            [[piece(0, "a", "wea", "")], [piece(0, name="ther", arguments='{"c":1}')]],
+            [piece(0, "a", "weather", '{"c":1}')],
+        ),
+        (
+            [[piece(0, "a", None, "")], [piece(0, name="weather", arguments='{"c":1}')]],
+            [piece(0, "a", "weather", '{"c":1}')],
+        ),
+        (
+            [[piece(0, "a", "weather")]] + [[piece(0, "a", "weather", p)] for p in ('{"c"', ":1}")],
+            [piece(0, "a", "weather", '{"c":1}')],
+        ),
+        ([[piece(0, "a", "weather", p)] for p in ("", '{"c"', ":1}", "")], [piece(0, "a", "weather", '{"c":1}')]),
+        (
+            [[piece(0, None, "clock", '{"x":1}')], [piece(0, None, "date", '{"y":2}')]],
+            [piece(0, None, "clock", '{"x":1}'), piece(0, None, "date", '{"y":2}')],
+        ),
+    ],
+)
+def test_a_streams_calls_add_up_to_the_whole_answers_by_the_requests_tools(
+    deltas: list[list[dict[str, Any]]], whole: list[Any]
+) -> None:
+    """A held call (its arguments not begun) took the next call's name, at its index, as a piece of its own."""
+    assert assembled(*deltas, tools=("clock", "date", "weather", "ha", "haha")) == unary(*whole)
+
+
+def test_a_held_call_another_call_follows_is_released_as_it_stands() -> None:
+    calls = wire.StreamToolCalls(("clock", "date"))
+    assert calls.deltas({"tool_calls": [piece(0, None, "clock", "")]}) == ()
+    [clock, date] = calls.deltas({"tool_calls": [piece(0, None, "date", "{}")]})
+    assert (clock.index, clock.name, clock.arguments, date.index, date.name, date.arguments) == (
+        0,
+        "clock",
+        None,
+        1,
+        "date",
+        "{}",
+    )
+    assert calls.rest() == ()
 
 
 def test_another_name_for_a_call_whose_arguments_have_begun_is_malformed() -> None:

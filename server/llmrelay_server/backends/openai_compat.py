@@ -127,7 +127,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         usage: TokenUsage | None = None
         done = settled = refused = events = False
         stray: str | None = None
-        tool_calls = wire.StreamToolCalls()
+        tool_calls = wire.StreamToolCalls(tool.name for tool in request.options.tools)
 
         def chunk_of(line: str) -> CompletionChunk | None:
             nonlocal completion_id, served_model, named, finish, usage, done, settled, refused, events, stray

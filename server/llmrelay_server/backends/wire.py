@@ -16,7 +16,7 @@ import json
 import re
 import secrets
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, NamedTuple, TypeGuard
 
 import orjson
@@ -560,9 +560,26 @@ def is_count(value: Any) -> TypeGuard[int]:
 class StreamToolCalls:
     """The tool calls of one stream so far, as its deltas' fragments make them (`deltas`, then `rest` at its end)."""
 
-    __slots__ = ("_arguments", "_at", "_begun", "_given", "_held", "_ids", "_last", "_named", "_names", "_signed")
+    __slots__ = (
+        "_arguments",
+        "_at",
+        "_begun",
+        "_ended",
+        "_given",
+        "_held",
+        "_ids",
+        "_last",
+        "_named",
+        "_names",
+        "_signed",
+        "_tools",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, tools: Iterable[str] = ()) -> None:
+        self._tools = frozenset(tools)
+        """The names of the request's tools: they tell a held call's name's next piece from another call's name."""
+        self._ended: list[int] = []
+        """The held calls a fragment's name was found to follow (`_another`): released as they stand."""
         self._begun: set[int] = set()
         """The indexes of the calls whose first fragment has come."""
         self._ids: dict[str, int] = {}
@@ -612,7 +629,10 @@ class StreamToolCalls:
             name = _optional_text(function.get("name"), "tool_calls.function.name") or None
             arguments = function.get("arguments")
             text = None if arguments is None else _arguments_text(arguments)
+            self._ended = []
             index = self._index(call.get("index"), call_id, name, text)
+            if index not in self._begun:  # another call than those held whose names it follows: they are whole
+                result += [self._release(ended) for ended in self._ended if ended in self._held]
             self._last = index
             signature = call_signature(call) if "extra_content" in call else None
             if index not in self._begun:
@@ -632,7 +652,7 @@ class StreamToolCalls:
                     continue
                 name = self._names[index] = tool_name(name, "tool_calls.function.name")
             elif self._held and (held := self._held.get(index)) is not None:
-                if name is not None and name != held[1]:  # a piece of it, not the whole again
+                if name is not None and self._piece(held[1], name):  # a piece of it, not the whole again
                     held[1] = tool_name(held[1] + name, "tool_calls.function.name")
                 held[2] = held[2] or signature
                 if not text:
@@ -670,15 +690,29 @@ class StreamToolCalls:
         parameters, called so), each with its name now whole: MalformedAnswerError for one that never came."""
         if not self._held:
             return ()
-        held, self._held = self._held, {}
-        result = []
-        for index in sorted(held):
-            call_id, name, signature = held[index]
-            name = self._names[index] = tool_name(name, "tool_calls.function.name")
-            if signature is not None:
-                self._signed.add(index)
-            result.append(ToolCallDelta(index=index, id=call_id, name=name, signature=signature))
-        return tuple(result)
+        return tuple(self._release(index) for index in sorted(self._held))
+
+    def _release(self, index: int) -> ToolCallDelta:
+        """A held call's first fragment, with its name as it stands."""
+        call_id, name, signature = self._held.pop(index)
+        name = self._names[index] = tool_name(name, "tool_calls.function.name")
+        if signature is not None:
+            self._signed.add(index)
+        return ToolCallDelta(index=index, id=call_id, name=name, signature=signature)
+
+    def _piece(self, held: str, name: str) -> bool | None:
+        """What a name fragment is to a held call's name so far (`held`): a piece of it (True), the whole again (False:
+        vLLM repeats it), or the name of another call (None). Told by the request's tools where it declares any: a
+        piece where the name joined is one's or begins one, the whole again where `held` is one's and it comes again,
+        another call where `held` is one's already (an OpenRouter engine's calls, each whole at index 0, the first
+        without arguments); else a piece unless it is the whole again."""
+        if self._tools:
+            joined = held + name
+            if any(tool.startswith(joined) for tool in self._tools):
+                return True
+            if held in self._tools:
+                return False if name == held else None
+        return name != held
 
     def _index(self, index: Any, call_id: str | None, name: str | None, text: str | None) -> int:
         """The fragment's call. Servers that number no call (Gemini's OpenAI-compatible API) send each whole, or its
@@ -689,7 +723,8 @@ class StreamToolCalls:
         index 0); without a name, the same call (some servers send each fragment with an id of its own). An id seen at
         another index of the upstream's, with a name, is a new call too (some servers give parallel calls one id), as
         is one seen with a name again once its call's arguments are whole (at the same index, or with none), and a
-        name other than its call's once they are, with no id (an OpenRouter engine's calls, each whole at index 0)."""
+        name other than its call's once they are, with no id (an OpenRouter engine's calls, each whole at index 0), or
+        one no piece of a held call's name by the request's tools (`_piece`)."""
         if index is None:
             if call_id and (known := self._ids.get(call_id)) is not None and not self._another(known, name, text):
                 return known
@@ -724,6 +759,11 @@ class StreamToolCalls:
         call's id and name while its arguments come), and it names another function, or (not `renamed`) more of the
         arguments come with it; its name and id again, with no more (a server that repeats them at the end), are of
         the call."""
+        if name and (held := self._held.get(call)) is not None:
+            if self._piece(held[1], name) is not None:
+                return False
+            self._ended.append(call)
+            return True
         # Parsed only when the text so far ends as an object or array does: vLLM sends the name with every fragment,
         # and a parse of the whole text at each would cost a long call's arguments their length squared.
         if not name or not (pieces := self._arguments.get(call)):
