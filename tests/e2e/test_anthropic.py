@@ -387,10 +387,11 @@ async def test_reasoning_and_its_signature_round_trip(stub: pb.LLMServiceAsyncSt
     assert claude.invalid_requests == []
 
 
-def answered(*blocks: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Faults that answer with these content blocks: whole (for Complete), and as the events of a stream of them
-    (for StreamComplete), each thinking block opened unsigned and signed by its signature_delta, as the API does."""
-    usage = {"input_tokens": 10, "output_tokens": 5}
+def answered(*blocks: dict[str, Any], usage: dict[str, int] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Faults that answer with these content blocks (and this usage): whole (for Complete), and as the events of a
+    stream of them (for StreamComplete), each thinking block opened unsigned and signed by its signature_delta, as the
+    API does."""
+    usage = usage or {"input_tokens": 10, "output_tokens": 5}
     whole = {
         "id": "msg_1",
         "type": "message",
@@ -607,17 +608,9 @@ async def test_a_whole_answer_to_a_stream_bills_the_prompt_the_api_reported_as_c
     """An upstream that answers a stream request with the whole JSON answer (ignoring `stream: true`), its usage
     without output_tokens: the stream is billed the prompt the API reported (its cache reads among them), its answer
     counted, as Complete bills the same answer; not the gateway's own count of the prompt's text."""
-    usage = {"input_tokens": 5000, "cache_read_input_tokens": 20000}
-    answer = {
-        "id": "msg_1",
-        "type": "message",
-        "role": "assistant",
-        "model": "claude-test",
-        "content": [{"type": "text", "text": "hi there"}],
-        "stop_reason": "end_turn",
-        "usage": usage,
-    }
-    whole = {"body": json.dumps(answer), "content_type": "application/json"}
+    whole, _ = answered(
+        {"type": "text", "text": "hi there"}, usage={"input_tokens": 5000, "cache_read_input_tokens": 20000}
+    )
     claude.inject(whole, whole)
     unary = (await stub.Complete(chat("hi"), timeout=5)).usage
     chunks = await streamed(stub, stream_chat("hi"))
