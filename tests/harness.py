@@ -120,14 +120,16 @@ class GatewayProcess:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    async def wait_listening(self, within_s: float = START_TIMEOUT_S) -> None:
-        """Until the server says it listens; its log is read on from then, so a full pipe never blocks it."""
+    async def wait_listening(self, within_s: float = START_TIMEOUT_S, *, read_on: bool = True) -> None:
+        """Until the server says it listens; its log is read on from then, so a full pipe never blocks it (unless not
+        `read_on`: a log reader stalled, until `output`)."""
         async with asyncio.timeout(within_s):
             while "listening on" not in (line := await self._readline()):
                 if not line:
                     status = await self.process.wait()
                     raise AssertionError(f"llmrelay-server exited early (status {status}):\n" + "".join(self.log))
-        self._reader = asyncio.create_task(self._read_to_end())
+        if read_on:
+            self._reader = asyncio.create_task(self._read_to_end())
 
     async def wait_serving(self, credentials: grpc.ChannelCredentials | None = None) -> None:
         """Until grpc.health.v1 says SERVING: the gateway answers calls (and handles SIGTERM). Its log is read on from
@@ -172,8 +174,9 @@ class GatewayProcess:
 
     async def output(self) -> str:
         """Everything the server logged, once it has exited."""
-        if self._reader is not None:
-            await self._reader
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read_to_end())
+        await self._reader
         return self.text()
 
     async def _readline(self) -> str:

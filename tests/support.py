@@ -146,27 +146,73 @@ async def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> No
             await asyncio.sleep(0.01)
 
 
-@contextlib.contextmanager
-def page_served(body: bytes) -> Iterator[str]:
+def page_served(body: bytes) -> contextlib.AbstractContextManager[str]:
     """The URL of an HTTP page on loopback that answers every GET with `body` (a /metrics page, or another server's
     page mistaken for one), served from a thread until the block ends."""
 
-    class Page(http.server.BaseHTTPRequestHandler):
+    def page(handler: http.server.BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    return http_served(page)
+
+
+@contextlib.contextmanager
+def http_served(write: Callable[[http.server.BaseHTTPRequestHandler], None]) -> Iterator[str]:
+    """The URL of a /metrics page on loopback whose every GET `write` answers (status line, headers, body), served
+    from a thread until the block ends."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            with contextlib.suppress(OSError):  # the client gone
+                write(self)
 
         def log_message(self, format: str, *args: object) -> None:
             pass  # the test's output is for its failures
 
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page) as server:
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler) as server:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
             yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
         finally:
             server.shutdown()
+
+
+def children(pid: int) -> list[int]:
+    """A process's children (a supervisor's workers)."""
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def worker_index(pid: int) -> int | None:
+    """Which worker the process is, from its command line; None once it has exited (or before its exec)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except FileNotFoundError:
+        return None
+    return int(argv[argv.index("--worker") + 1]) if "--worker" in argv else None
+
+
+async def call_on_new_connections(target: str, calls: int) -> list[pb.CompleteResponse]:
+    """Each call on a connection of its own: the kernel spreads connections, not calls, over the workers (and
+    channels to one target share their connection unless told not to)."""
+
+    async def one(index: int) -> pb.CompleteResponse:
+        async with grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            return await pb.LLMServiceStub(channel).Complete(
+                chat(f"call {index}"), timeout=10, metadata=[("x-request-id", f"w-{index}")]
+            )
+
+    return list(await asyncio.gather(*(one(index) for index in range(calls))))
 
 
 async def served_by_openai(stub: pb.LLMServiceAsyncStub, upstream: FakeUpstream) -> None:

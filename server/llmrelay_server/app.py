@@ -26,7 +26,7 @@ from llmrelay_server.decoding import GenericOnly, add_llm_service, receive_limit
 from llmrelay_server.domain import StoreHealth, UsageUnavailableError
 from llmrelay_server.health import SERVICE_NAME, HealthMonitor, HealthServicer
 from llmrelay_server.limits import GATEWAY, InProcessLimiter, Limiter, LimitsInterceptor, key_subject
-from llmrelay_server.logs import quiet_callers_gone, use_log_format
+from llmrelay_server.logs import quiet_grpc_caller_errors, use_log_format
 from llmrelay_server.metrics import LabelValues, Metrics, MetricsObserver, StateReading
 from llmrelay_server.observing import Observer, ObservingInterceptor
 from llmrelay_server.pricing import PriceTable
@@ -159,7 +159,7 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
     """Starts a gateway; `reuse_port` when it is one of several workers sharing the port (`workers`)."""
     limit = config.server.max_message_bytes
     tls = config.server.tls
-    quiet_callers_gone()
+    quiet_grpc_caller_errors()
     log_upstreams_words(config.server.log_content)
     _check_open_services(config.auth.open_services)
     # Before the port opens: a certificate that cannot be used stops the start (ConfigError naming the field).

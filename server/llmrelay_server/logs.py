@@ -2,9 +2,14 @@
 
 A gateway logs a line per call; one write to standard error per line costs more than formatting it (a system call,
 and a wake-up of whatever reads the pipe). So `llmrelay-server` keeps formatted lines and writes them together, by
-a thread of its own, a moment (`FLUSH_DELAY_S`) after the first line of a batch; warnings and errors at once; the
-rest at exit. A process killed with SIGKILL loses at most that moment's lines; a crash's traceback, written by
-Python itself, is not delayed. Each write holds whole lines and at most PIPE_BUF bytes (one line longer than that
+a thread of its own, a moment (`FLUSH_DELAY_S`) after the first line of a batch; warnings and errors without that
+moment; the rest at exit. A process killed with SIGKILL loses at most that moment's lines; a crash's traceback,
+written by Python itself, is not delayed.
+
+Only that thread writes: a standard error nobody reads (a log shipper stalled, its pipe full) blocks it alone, never
+the event loop, so calls, health checks and SIGTERM go on. Lines then wait, up to `MAX_WAITING_BYTES`; past that they
+are dropped and counted, and a warning says how many once the writes go through again. At exit the lines waiting
+get `EXIT_WAIT_S` to be written. Each write holds whole lines and at most PIPE_BUF bytes (one line longer than that
 alone), which the kernel writes to a pipe in one piece.
 
 A line longer than PIPE_BUF (a call's line with its prompt, a traceback) takes several writes, between which another
@@ -38,6 +43,12 @@ _JSON = json.JSONEncoder(ensure_ascii=False, default=str)
 an integer past 64 bits); made once: json.dumps with any option set makes an encoder for every line."""
 FLUSH_DELAY_S = 0.02
 """How long a line may wait for others to share its write: short enough to read a log live."""
+MAX_WAITING_BYTES = 16 << 20
+"""How much of the log may wait for a standard error that takes nothing (some seconds of a busy gateway's calls)."""
+EXIT_WAIT_S = 5.0
+"""How long the process's end waits for its last lines to be written, to a standard error that may take nothing."""
+_SOON, _NOW = "soon", "now"
+"""What wakes the writer: lines to write after FLUSH_DELAY_S, or without waiting (a warning)."""
 
 _worker: int | None = None
 """This process's worker number, in a multi-process gateway."""
@@ -82,22 +93,33 @@ def call_lines_writer() -> BatchingHandler | None:
 
 _GRPC_CORE_LOGGER = "grpc._cython.cygrpc"
 _CALLER_GONE = "ExecuteBatchError raised in core by servicer method"
+_NOT_UTF8 = "Invalid encoding on"
 
 
-def quiet_callers_gone() -> None:
-    """Wherever a gateway runs (its own process, or a test's), gRPC's error for a caller gone is a debug line."""
-    logging.getLogger(_GRPC_CORE_LOGGER).addFilter(_caller_gone)  # once: a filter already there is not added again
+def quiet_grpc_caller_errors() -> None:
+    """Wherever a gateway runs (its own process, or a test's), what gRPC logs as an error with a traceback for a
+    caller's doing is a debug line: a caller gone, a metadata value that is not UTF-8."""
+    logging.getLogger(_GRPC_CORE_LOGGER).addFilter(_caller_error)  # once: a filter already there is not added again
 
 
-def _caller_gone(record: logging.LogRecord) -> bool:
+def _caller_error(record: logging.LogRecord) -> bool:
     """grpc.aio logs a message it could not send, because the caller left (cancelled, or its connection dropped) just
     before, as an error with a traceback, unless it has seen the cancellation first: a race of its own. It is a
-    cancelled call, which the call log records as one: here a debug line, without the traceback."""
-    if not isinstance(record.msg, str) or not record.msg.startswith(_CALLER_GONE):
+    cancelled call, which the call log records as one. And it decodes each metadata value as UTF-8, logging one that
+    is not with its bytes (an `authorization` value, a key, among them) before it reads it as Latin-1 and goes on: its
+    value stays out of the log, which anyone who reaches the port could fill otherwise."""
+    if not isinstance(record.msg, str):
+        return True
+    if record.msg.startswith(_CALLER_GONE):
+        record.msg = f"{record.msg}: the caller left while a message was on its way"
+    elif record.msg.startswith(_NOT_UTF8):
+        value = record.args[0] if isinstance(record.args, tuple) and record.args else b""
+        size = len(value) if isinstance(value, bytes | str) else 0
+        record.msg, record.args = f"a caller sent a metadata value that is not UTF-8 ({size} bytes, not shown)", ()
+    else:
         return True
     record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
     record.exc_info = record.exc_text = None
-    record.msg = f"{record.msg}: the caller left while a message was on its way"
     return logging.getLogger(_GRPC_CORE_LOGGER).isEnabledFor(logging.DEBUG)
 
 
@@ -113,22 +135,36 @@ def use_log_format(log_format: str) -> None:
 
 
 class BatchingHandler(logging.Handler):
-    """Writes formatted lines to a file descriptor together, `FLUSH_DELAY_S` after the first unwritten one."""
+    """Writes formatted lines to a file descriptor together, `FLUSH_DELAY_S` after the first unwritten one, by a thread
+    of its own (the only one that writes to it)."""
 
-    def __init__(self, fd: int, *, shared: bool = False) -> None:
+    def __init__(self, fd: int, *, shared: bool = False, max_waiting_bytes: int = MAX_WAITING_BYTES) -> None:
         super().__init__()
         self._fd = fd
         self.shared = shared
         """Whether other processes write to the same file (a gateway's supervisor and workers): each batch is then
         written under a lock on it, held by one process at a time, so that none of theirs comes between the writes of
         a line longer than PIPE_BUF. A process alone saves the lock's two system calls a batch."""
+        self._max_waiting_bytes = max_waiting_bytes
+        self._waiting = threading.Lock()
+        """Over the lines waiting and what counts them. Not the handler's own lock, which logging.shutdown holds while
+        it has them written (flush) and the writer takes them."""
         self._lines: list[bytes] = []
+        self._waiting_bytes = 0
+        self._dropped = 0
+        """Lines not kept since the last write, as too many waited."""
         self._waking = False
         """Whether the writer was woken for the lines waiting (they are written within FLUSH_DELAY_S)."""
+        self._closed = False
+        self._stalled = False
+        """Whether a flush found the writer still writing after EXIT_WAIT_S: close then waits no longer for it."""
+        self._last: threading.Event | None = None
+        """Set by close, once the writer wrote its last lines and stopped."""
         # A queue, not a threading.Event: its get() waits in C, where an Event's wait and set go through a Condition's
-        # Python, for every batch.
-        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
-        threading.Thread(target=self._write_after_delay, name="llmrelay-log-writer", daemon=True).start()
+        # Python, for every batch. It carries _SOON, _NOW, or an Event to set once what waited is written (flush,
+        # close).
+        self._wake: queue.SimpleQueue[str | threading.Event] = queue.SimpleQueue()
+        threading.Thread(target=self._write_when_woken, name="llmrelay-log-writer", daemon=True).start()
 
     def emit(self, record: logging.LogRecord) -> None:  # called under the handler's lock
         try:
@@ -136,7 +172,8 @@ class BatchingHandler(logging.Handler):
         except Exception:
             self.handleError(record)
             return
-        self._add(line, at_once=record.levelno >= logging.WARNING)
+        with self._waiting:
+            self._add(line, at_once=record.levelno >= logging.WARNING)
 
     def write_call(self, logger: str, fields: dict[str, Any], text: object) -> None:
         """A call's line at INFO from `logger`, written as `emit` writes one: its `fields` in JSON, else `text` (its
@@ -144,41 +181,93 @@ class BatchingHandler(logging.Handler):
         formatter = self.formatter
         assert isinstance(formatter, TextFormatter | JsonFormatter), "configure() and use_log_format() set ours"
         line = formatter.format_call(logger, fields, text, time.time())
-        with self.lock:  # type: ignore[union-attr]  # Handler.createLock made it
+        with self._waiting:
             self._add(line, at_once=False)
 
-    def _add(self, line: str, *, at_once: bool) -> None:
-        self._lines.append(f"{line}\n".encode("utf-8", "backslashreplace"))
-        if at_once:
-            self.flush()
-        elif not self._waking:
+    def _add(self, line: str, *, at_once: bool) -> None:  # under self._waiting
+        if self._closed:
+            return
+        data = f"{line}\n".encode("utf-8", "backslashreplace")
+        if self._waiting_bytes + len(data) > self._max_waiting_bytes:
+            self._dropped += 1
+        else:
+            self._lines.append(data)
+            self._waiting_bytes += len(data)
+        if not self._waking:
             self._waking = True
-            self._wake.put(None)
+            self._wake.put(_NOW if at_once else _SOON)
 
     def flush(self) -> None:
-        with self.lock:  # type: ignore[union-attr]  # Handler.createLock made it
-            self._waking = False
-            lines, self._lines = self._lines, []
-            if not lines:
-                return
-            locked = self.shared and self._lock_file()
-            try:
-                chunk = b""
-                for line in lines:
-                    if chunk and len(chunk) + len(line) > select.PIPE_BUF:
-                        self._write(chunk)
-                        chunk = b""
-                    chunk += line
-                if chunk:
-                    self._write(chunk)
-            finally:
-                if locked:
-                    fcntl.lockf(self._fd, fcntl.LOCK_UN)
+        """Has the lines waiting written, and waits until they are, at most EXIT_WAIT_S (logging.shutdown calls it at
+        exit, when nobody may be reading). Closed, it has nothing left to write."""
+        if self._closed:
+            return
+        written = threading.Event()
+        self._wake.put(written)
+        if not written.wait(EXIT_WAIT_S):
+            self._stalled = True
 
     def close(self) -> None:
-        self.flush()
-        os.close(self._fd)
+        with self._waiting:
+            closing, self._closed = not self._closed, True
+        if closing:
+            written = self._last = threading.Event()
+            self._wake.put(written)
+            # The descriptor is closed only once its writer is done with it: a write still blocked on it would
+            # otherwise go on to whatever file takes its number next.
+            if written.wait(0 if self._stalled else EXIT_WAIT_S):
+                os.close(self._fd)
         super().close()
+
+    def _write_when_woken(self) -> None:
+        while True:
+            woken = self._wake.get()
+            if woken is _SOON:
+                time.sleep(FLUSH_DELAY_S)
+            self._write_waiting()
+            if isinstance(woken, threading.Event):
+                woken.set()
+                if woken is self._last:
+                    return
+
+    def _write_waiting(self) -> None:
+        with self._waiting:
+            self._waking = False
+            lines, self._lines = self._lines, []
+            self._waiting_bytes = 0
+            dropped, self._dropped = self._dropped, 0
+        if dropped:  # after the lines kept before them, as they came
+            lines.append(f"{self._dropped_line(dropped)}\n".encode("utf-8", "backslashreplace"))
+        if not lines:
+            return
+        locked = self.shared and self._lock_file()
+        try:
+            chunk = b""
+            for line in lines:
+                if chunk and len(chunk) + len(line) > select.PIPE_BUF:
+                    self._write(chunk)
+                    chunk = b""
+                chunk += line
+            if chunk:
+                self._write(chunk)
+        finally:
+            if locked:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    def _dropped_line(self, dropped: int) -> str:
+        record = logging.makeLogRecord(
+            {
+                "name": __name__,
+                "levelno": logging.WARNING,
+                "levelname": logging.getLevelName(logging.WARNING),
+                "msg": f"{dropped} log lines dropped: standard error took nothing while "
+                f"{self._max_waiting_bytes} bytes of lines waited (is what reads the gateway's log stalled?)",
+            }
+        )
+        try:
+            return self.format(record)
+        except Exception:  # a formatter of someone else's that this record does not suit
+            return record.getMessage()
 
     def _lock_file(self) -> bool:
         """Waits until this process holds the lock on the file that the gateway's processes share; whether it does."""
@@ -197,12 +286,6 @@ class BatchingHandler(logging.Handler):
                 data = data[os.write(self._fd, data) :]
         except OSError:
             pass  # standard error is gone: there is nowhere left to say so
-
-    def _write_after_delay(self) -> None:
-        while True:
-            self._wake.get()
-            time.sleep(FLUSH_DELAY_S)
-            self.flush()
 
 
 class _SecondCache:

@@ -286,6 +286,12 @@ class Supervisor:
         self._restarts = Counter(
             "llmrelay_worker_restarts", "Worker processes restarted after they died.", registry=self._registry
         )
+        self._started = Gauge(
+            "llmrelay_worker_start_time_seconds",
+            "When each worker's process was last started (Unix time): its counters count from zero since.",
+            ["worker"],
+            registry=self._registry,
+        )
         self._inherited: tuple[int, ...] = ()
         """What each worker inherits: the run directory's lock, so that it stays held until the last of them exits."""
 
@@ -371,6 +377,7 @@ class Supervisor:
         finally:
             os.close(beating)  # the worker's end: once the worker exits, the supervisor reads the pipe's end
         worker.started_at = time.monotonic()
+        self._started.labels(worker=str(worker.index)).set_to_current_time()
         worker.heartbeats, worker.heard_at = heartbeats, None
         os.set_blocking(heartbeats, False)
         asyncio.get_running_loop().add_reader(heartbeats, self._heard, worker)

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import v1 as pb
 from llmrelay_server.calllog import request_id
 from llmrelay_server.logs import JsonFormatter
@@ -232,6 +233,30 @@ async def test_the_servers_lines_come_out_while_it_runs(tmp_path: Path, local: F
         async with asyncio.timeout(20):
             await server.process.wait()
     assert "stopped" in (await server.output()).splitlines()[-1]  # the last lines are flushed at the exit
+
+
+async def test_a_log_nobody_reads_holds_up_no_call_and_no_stop(tmp_path: Path, local: FakeUpstream) -> None:
+    """A log shipper stalled: the gateway's standard error, a pipe, is not read. Calls, health checks and SIGTERM go
+    on all the same (the lines left unwritten wait for logs.EXIT_WAIT_S at the exit)."""
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(f'server: {{usage_db: "{tmp_path / "usage.db"}", log_content: true, drain_s: 0}}\n')
+    server = await start_server(config, local)
+    await server.wait_listening(read_on=False)
+    calls = 200  # a line of some 1.5 kB each (its prompt in it): several times what the pipe holds
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = pb.LLMServiceStub(channel)
+        for i in range(calls):
+            await stub.Complete(chat("x" * 1000), timeout=5, metadata=[("x-request-id", f"unread-{i}")])
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    server.process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(20):  # logs.EXIT_WAIT_S for the lines left, nobody reading them yet
+        while server.process.returncode is None:  # noqa: ASYNC110 (not wait(), which waits for its pipes to be read)
+            await asyncio.sleep(0.05)
+    assert server.process.returncode == 0
+    # What the pipe took before it was full; the rest was lost with the process, written nowhere else meanwhile.
+    logged = [i for i in range(calls) if f"call request_id=unread-{i} " in await server.output()]
+    assert logged == list(range(len(logged))) and 0 < len(logged) < calls
 
 
 @pytest.mark.parametrize("leaves", [False, True], ids=["whole", "the caller leaves"])

@@ -1,16 +1,37 @@
 """`llmrelay stats` against a running gateway's metrics endpoint: the totals with --once, and the rates between two
-scrapes with calls in between."""
+scrapes with calls in between; across a gateway's (or a worker's) restart, and a refresh that finds no gateway."""
 
 from __future__ import annotations
 
 import asyncio
+import http.server
+import os
 import re
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import pytest
+from harness import GatewayProcess, free_port
+from llmrelay import cli
 from llmrelay import v1 as pb
 from llmrelay.cli import _quantile, main, parse_metrics, render_stats, scrape
-from support import GatewayFactory, chat, page_served, stream_chat, two_backends
+from support import (
+    GatewayFactory,
+    alive,
+    call_on_new_connections,
+    chat,
+    children,
+    http_served,
+    page_served,
+    start_server,
+    stream_chat,
+    two_backends,
+    worker_index,
+)
 from upstream import FakeUpstream
 
 
@@ -57,9 +78,16 @@ async def test_stats_shows_calls_latency_and_tokens(
     assert re.search(r"^open streams: 0$", totals, re.MULTILINE)
 
 
-def test_stats_says_when_there_is_no_endpoint() -> None:
-    with pytest.raises(SystemExit, match=re.escape("cannot read http://127.0.0.1:9/metrics")):
-        main(["stats", "--metrics", "http://127.0.0.1:9/metrics", "--once"])
+@pytest.mark.parametrize("once", [["--once"], []], ids=["once", "live"])
+def test_stats_says_when_there_is_no_endpoint(once: list[str]) -> None:
+    """Live too: where the first scrape fails, the URL is likely wrong, and the view would never show anything."""
+    hint = (
+        re.escape("cannot read http://127.0.0.1:9/metrics: ")
+        + ".+"
+        + re.escape("(is the gateway's server.metrics_listen set?)")
+    )
+    with pytest.raises(SystemExit, match=hint):
+        main(["stats", "--metrics", "http://127.0.0.1:9/metrics", *once])
 
 
 @pytest.mark.parametrize("url", ["http://admin:S3CRET@127.0.0.1:9/metrics", "http://admin:S3CRET@[::1/metrics"])
@@ -129,3 +157,199 @@ def test_behind_workers_the_streams_add_up_and_a_restarted_workers_counters_coun
     # The totals are no longer the gateway's since it started.
     restarted = parse_metrics(f'{calls}worker="1"}} 110\nllmrelay_worker_restarts_total 1\n')
     assert render_stats(restarted).startswith("llmrelay since each worker last started (1 restarted)\n")
+
+
+def complete_calls(samples: cli.Samples, worker: str) -> float:
+    return sum(
+        value
+        for (name, labels), value in samples.items()
+        if name == "grpc_server_handled_total"
+        and ("grpc_method", "Complete") in labels
+        and ("worker", worker) in labels
+    )
+
+
+async def calls(target: str, ok: int, refused: int = 0) -> None:
+    """`ok` calls answered, then `refused` refused INVALID_ARGUMENT (no message): errors with no upstream's part."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb.LLMServiceStub(channel)
+        for _ in range(ok):
+            await stub.Complete(chat(), timeout=5)
+        for _ in range(refused):
+            with pytest.raises(grpc.aio.AioRpcError) as refusal:
+                await stub.Complete(pb.CompleteRequest(), timeout=5)
+            assert refusal.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def metrics_config(tmp_path: Path) -> tuple[Path, str]:
+    port = free_port()
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(
+        f'server: {{usage_db: "{tmp_path / "usage.db"}", drain_s: 0, metrics_listen: "127.0.0.1:{port}"}}\n'
+    )
+    return config, f"http://127.0.0.1:{port}/metrics"
+
+
+async def restarted(gateway: GatewayProcess, config: Path, local: FakeUpstream) -> GatewayProcess:
+    """The gateway stopped, and started again on the same ports."""
+    assert await gateway.stop() == 0
+    again = await start_server(config, local, port=gateway.port)
+    await again.wait_listening()
+    await again.wait_serving()
+    return again
+
+
+async def test_a_gateway_restarted_between_two_scrapes_counts_from_zero(tmp_path: Path, local: FakeUpstream) -> None:
+    """Its counters higher than the scrape before saw them (more calls since the restart than before it): each series'
+    _created tells the new process apart, as a counter lower than before would."""
+    config, url = metrics_config(tmp_path)
+    gateway = await start_server(config, local)
+    try:
+        await gateway.wait_listening()
+        await gateway.wait_serving()
+        await calls(gateway.target, ok=3, refused=2)
+        before = await asyncio.to_thread(scrape, url)
+        gateway = await restarted(gateway, config, local)
+        await calls(gateway.target, ok=5, refused=3)
+        after = await asyncio.to_thread(scrape, url)
+    finally:
+        await gateway.stop()
+    live = render_stats(after, before, seconds=4.0)
+    assert row(live, "Complete")[1:3] == ["2.0", "0.8"], live  # 8 calls in 4 s, 3 refused: not (8 - 5) and (3 - 2)
+
+
+async def test_behind_workers_one_not_answering_is_said_and_its_restart_counts_from_zero(
+    tmp_path: Path, local: FakeUpstream, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A worker killed: its calls are missing from --once's totals until it is back, which the title says; back, its
+    counters start from zero, and the supervisor's start time for it tells so however high they have grown again."""
+    config, url = metrics_config(tmp_path)
+    gateway = await start_server(config, local, "--workers", "2")
+    try:
+        await gateway.wait_listening()
+        await gateway.wait_for_line("(2 workers)")
+        async with asyncio.timeout(60):
+            while True:  # both workers have answered calls: worker 1's counter starts above zero
+                before = await asyncio.to_thread(scrape, url)
+                if complete_calls(before, "1") and complete_calls(before, "2"):
+                    break
+                await call_on_new_connections(gateway.target, 4)
+            [killed] = [pid for pid in children(gateway.process.pid) if worker_index(pid) == 1]
+            os.kill(killed, signal.SIGKILL)
+            while alive(killed):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(main, ["stats", "--metrics", url, "--once"])
+            title = capsys.readouterr().out.splitlines()[0]
+            assert title == "llmrelay since the gateway started (worker 1 not answering)", title
+
+            made = 0  # every call from here on is counted after `before`
+            while complete_calls(after := await asyncio.to_thread(scrape, url), "1") < complete_calls(before, "1"):
+                await call_on_new_connections(gateway.target, 4)
+                made += 4
+                await asyncio.sleep(0.1)
+        await asyncio.to_thread(main, ["stats", "--metrics", url, "--once"])
+        assert capsys.readouterr().out.startswith("llmrelay since each worker last started (1 restarted)\n")
+    finally:
+        await gateway.stop()
+    live = render_stats(after, before, seconds=1.0)
+    assert row(live, "Complete")[1] == f"{made:.1f}", (made, live)
+    assert live.startswith("llmrelay over the last 1.0 s\n")
+
+
+async def test_live_stats_says_the_gateway_is_unreachable_and_goes_on(tmp_path: Path, local: FakeUpstream) -> None:
+    """A refresh that finds no gateway (restarting, say) is one line, and the next refreshes try again."""
+    config, url = metrics_config(tmp_path)
+    gateway = await start_server(config, local)
+    view = None
+    try:
+        await gateway.wait_listening()
+        await gateway.wait_serving()
+        view = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "llmrelay.cli", "stats", "--metrics", url, "--interval", "0.3",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+
+        async def line_starting(text: str) -> str:
+            assert view is not None and view.stdout is not None
+            async with asyncio.timeout(30):
+                while line := (await view.stdout.readline()).decode():
+                    if line.startswith(text):
+                        return line
+            raise AssertionError(f"the view ended (status {await view.wait()}) before a line {text!r}")
+
+        await line_starting("llmrelay over the last")
+        assert await gateway.stop() == 0
+        down = await line_starting("llmrelay: ")
+        assert re.fullmatch(rf"llmrelay: \d\d:\d\d:\d\d cannot read {url}: .+; trying again every 0.3 s\n", down), down
+        gateway = await start_server(config, local, port=gateway.port)
+        await gateway.wait_listening()
+        await line_starting("llmrelay over the last")
+        assert view.returncode is None
+    finally:
+        if view is not None and view.returncode is None:
+            view.terminate()
+            await view.wait()
+        await gateway.stop()
+
+
+def endless(handler: http.server.BaseHTTPRequestHandler) -> None:
+    """An answer that goes on (4 MiB here, and then ends, so that a test of a scrape that has no bound ends too)."""
+    handler.send_response(200)
+    handler.end_headers()
+    for _ in range(64):
+        handler.wfile.write(b"llmrelay_open_streams 0\n" * 2730)
+    handler.close_connection = True
+
+
+def trickled(handler: http.server.BaseHTTPRequestHandler) -> None:
+    """A sample every 0.1 s, for 4 s: each read gets something well within its timeout."""
+    handler.send_response(200)
+    handler.end_headers()
+    for _ in range(40):
+        handler.wfile.write(b"llmrelay_open_streams 0\n")
+        handler.wfile.flush()
+        time.sleep(0.1)
+    handler.close_connection = True
+
+
+def redirect_loop(handler: http.server.BaseHTTPRequestHandler) -> None:
+    handler.send_response(302)
+    handler.send_header("Location", "/metrics")
+    handler.send_header("Content-Length", "0")
+    handler.end_headers()
+
+
+@pytest.mark.parametrize(
+    ("write", "said"),
+    [
+        (endless, "{url} answered more than 1 MiB: is it the gateway's metrics_listen?"),
+        (trickled, "cannot read {url}: no whole answer within 1 s"),
+        (redirect_loop, "cannot read {url}: HTTP 302 The HTTP server returned a redirect error that would lead to an"),
+    ],
+    ids=["endless", "trickled", "redirect-loop"],
+)
+def test_a_scrape_is_bounded_in_size_and_time_and_said_in_one_line(
+    write: Callable[[http.server.BaseHTTPRequestHandler], None], said: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "MAX_SCRAPE_BYTES", 2**20, raising=False)
+    monkeypatch.setattr(cli, "SCRAPE_DEADLINE_S", 1.0, raising=False)
+    with http_served(write) as url, pytest.raises(SystemExit) as ended:
+        main(["stats", "--metrics", url, "--once"])
+    (line,) = str(ended.value.code).splitlines()
+    assert line.startswith("llmrelay: " + said.format(url=url)), line
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("127.0.0.1:9464/metrics", "is not a URL (no scheme): add http://, e.g. http://127.0.0.1:9464/metrics"),
+        ("localhost:9464/metrics", "is not a URL (no scheme): add http://, e.g. http://127.0.0.1:9464/metrics"),
+        ("file:///etc/hostname", "is not an http:// or https:// URL; e.g. http://127.0.0.1:9464/metrics"),
+    ],
+    ids=["address", "host", "file"],
+)
+def test_stats_says_to_add_http_to_a_url_without_it(url: str, said: str) -> None:
+    with pytest.raises(SystemExit) as ended:
+        main(["stats", "--metrics", url, "--once"])
+    assert ended.value.code == f"llmrelay: --metrics (or LLMRELAY_METRICS) {url!r} {said}"

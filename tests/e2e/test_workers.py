@@ -26,31 +26,21 @@ from harness import BIN, GatewayProcess, clean_env, free_port, spawn_gateway
 from llmrelay import v1 as pb
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
-from support import chat, details, interruptible, read_all, start_server, stream_chat
+from support import (
+    alive,
+    call_on_new_connections,
+    chat,
+    children,
+    details,
+    interruptible,
+    read_all,
+    start_server,
+    stream_chat,
+    worker_index,
+)
 from upstream import FakeUpstream
 
 COMPLETE = "llmrelay.v1.LLMService/Complete"
-
-
-def children(pid: int) -> list[int]:
-    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
-def worker_index(pid: int) -> int | None:
-    """Which worker the process is, from its command line; None once it has exited (or before its exec)."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-    except FileNotFoundError:
-        return None
-    return int(argv[argv.index("--worker") + 1]) if "--worker" in argv else None
 
 
 def workers_config(tmp_path: Path, server: str = "", grace_period_s: float = 5) -> Path:
@@ -96,19 +86,6 @@ async def stop(gateway: GatewayProcess) -> int:
     gateway.process.send_signal(signal.SIGTERM)
     async with asyncio.timeout(30):
         return await gateway.process.wait()
-
-
-async def call_on_new_connections(target: str, calls: int) -> list[pb.CompleteResponse]:
-    """Each call on a connection of its own: the kernel spreads connections, not calls, over the workers (and
-    channels to one target share their connection unless told not to)."""
-
-    async def one(index: int) -> pb.CompleteResponse:
-        async with grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
-            return await pb.LLMServiceStub(channel).Complete(
-                chat(f"call {index}"), timeout=10, metadata=[("x-request-id", f"w-{index}")]
-            )
-
-    return list(await asyncio.gather(*(one(index) for index in range(calls))))
 
 
 def call_lines(output: str) -> list[dict[str, object]]:

@@ -6,11 +6,13 @@ import json
 import logging
 import os
 import select
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
+from llmrelay_server import logs
 from llmrelay_server.calllog import CallLine
 from llmrelay_server.logs import FLUSH_DELAY_S, BatchingHandler, JsonFormatter, TextFormatter, text_format
 
@@ -110,11 +112,79 @@ def test_lines_wait_a_moment_warnings_none(pipe: tuple[int, BatchingHandler]) ->
         time.sleep(FLUSH_DELAY_S / 4)
         written += drain(read_end)
     assert written == b"INFO first\nINFO second\n"
-    handler.handle(record(time.time(), logging.WARNING, "at once"))
-    assert drain(read_end) == b"WARNING at once\n"
+    handler.handle(record(time.time(), logging.WARNING, "at once"))  # written without that moment, by the writer
+    assert read_until(read_end, b"WARNING at once\n") == b"WARNING at once\n"
     handler.handle(record(time.time(), message="last"))
     handler.close()
     assert drain(read_end) == b"INFO last\n"
+
+
+def read_until(fd: int, *ends: bytes, seconds: float = 5) -> bytes:
+    """What the pipe gives until it has given each of `ends`, or `seconds` passed."""
+    deadline, data = time.monotonic() + seconds, b""
+    while not all(end in data for end in ends) and time.monotonic() < deadline:
+        select.select([fd], [], [], 0.05)
+        data += drain(fd)
+    return data
+
+
+def test_a_pipe_nobody_reads_blocks_no_caller_and_what_was_dropped_is_counted() -> None:
+    """A stalled log reader fills the pipe: the writer thread waits on it, the callers (the event loop, in a gateway)
+    go on, lines past the bound are dropped, and once the pipe is read a warning says exactly how many."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    handler = BatchingHandler(write_end, max_waiting_bytes=256 << 10)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    lines = 2_000  # 2 MB of lines of 1 kB: the pipe (64 KiB) and the bound (256 KiB) many times over
+    logged = threading.Thread(
+        target=lambda: [
+            handler.handle(
+                record(time.time(), logging.WARNING if n % 100 == 0 else logging.INFO, f"{n:05d} " + "x" * 1000)
+            )
+            for n in range(lines)
+        ]
+    )
+    logged.start()
+    logged.join(30)
+    assert not logged.is_alive(), "a caller was blocked by the pipe nobody reads"
+    kept: list[bytes] = []
+    dropped, deadline = 0, time.monotonic() + 10
+    unread = b""
+    while len(kept) + dropped < lines and time.monotonic() < deadline:  # the pipe read at last
+        *whole, unread = (unread + read_until(read_end, b"\n", seconds=0.1)).split(b"\n")
+        for line in whole:
+            if line.endswith(b"x" * 1000):
+                kept.append(line)
+            elif b"log lines dropped" in line:  # "WARNING 1234 log lines dropped: ..."
+                dropped += int(line.split()[1])
+    assert dropped > 0 and len(kept) + dropped == lines
+    assert [int(line.split()[1]) for line in kept] == sorted(int(line.split()[1]) for line in kept)  # in order
+    handler.close()
+    os.close(read_end)
+
+
+def test_closing_on_a_pipe_nobody_reads_gives_up_after_a_while(
+    pipe: tuple[int, BatchingHandler], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process's end waits for its last lines only so long (logging.shutdown flushes and closes every handler)."""
+    monkeypatch.setattr(logs, "EXIT_WAIT_S", 0.3)
+    read_end, handler = pipe
+    for _ in range(200):  # 200 kB: more than the pipe holds
+        handler.handle(record(time.time(), message="x" * 1000))
+
+    def shut_down() -> None:  # as logging.shutdown does
+        handler.flush()
+        handler.close()
+
+    closed = threading.Thread(target=shut_down)
+    closed.start()
+    closed.join(10)
+    assert not closed.is_alive()
+    # Read at last, the pipe gets every line: the writer went on, on a descriptor that close left open for it.
+    written, deadline = b"", time.monotonic() + 10
+    while written.count(b"\n") < 200 and time.monotonic() < deadline:
+        written += read_until(read_end, b"\n", seconds=0.1)
+    assert written == (b"INFO " + b"x" * 1000 + b"\n") * 200
 
 
 def test_each_write_is_whole_lines_within_pipe_buf(
@@ -139,3 +209,25 @@ def test_each_write_is_whole_lines_within_pipe_buf(
     assert all(write.endswith(b"\n") for write in writes)
     assert all(len(write) <= select.PIPE_BUF for write in writes[:-1]) and len(writes) > 2
     assert drain(read_end).count(b"\n") == len(lines)
+
+
+@pytest.mark.parametrize("level", [logging.DEBUG, logging.INFO])
+def test_what_grpc_logs_for_a_callers_undecodable_metadata_shows_no_value(
+    level: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """grpc.aio logs a metadata value that is not UTF-8 (a key in `authorization` with a stray byte, say) with its
+    bytes, as an error with a traceback, as its grpc_string.pyx has it: a debug line without them, here."""
+    logs.quiet_grpc_caller_errors()
+    caplog.set_level(level, logger="grpc._cython.cygrpc")
+    value = b"Bearer llmr-research-0123456789abcdefghij\xe9"
+    try:
+        value.decode("utf8")
+    except UnicodeDecodeError:
+        logging.getLogger("grpc._cython.cygrpc").exception("Invalid encoding on %s", value)
+    shown = [record for record in caplog.records if record.name == "grpc._cython.cygrpc"]
+    if level == logging.INFO:
+        assert not shown
+        return
+    [line] = shown
+    assert line.levelno == logging.DEBUG and line.exc_info is None
+    assert line.getMessage() == f"a caller sent a metadata value that is not UTF-8 ({len(value)} bytes, not shown)"

@@ -554,26 +554,57 @@ def _said(text: str, url: str, shown: str, secrets: list[str]) -> str | None:
     return None if any(secret in text for secret in secrets) else text
 
 
+SCRAPE_TIMEOUT_S: Final = 5.0
+"""How long one step of a scrape (connecting, a read) may wait."""
+SCRAPE_DEADLINE_S: Final = 10.0
+"""How long a whole scrape may take: a server that trickles its answer is let go then (checked between reads, each
+at most SCRAPE_TIMEOUT_S)."""
+MAX_SCRAPE_BYTES: Final = 64 * 1024 * 1024
+"""The most a scrape reads: a gateway's page is some hundred KiB; a server that never ends its answer is let go."""
+_HINT: Final = " (is the gateway's server.metrics_listen set?)"
+
+
+class ScrapeError(Exception):
+    """A scrape that failed, as one line; `hint` says what to check where it is the first (its URL may be wrong)."""
+
+    def __init__(self, line: str, hint: str = "") -> None:
+        super().__init__(line + hint)
+        self.line, self.hint = line, hint
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())  # urllib's redirect loop error runs over three lines
+
+
 def scrape(url: str) -> Samples:
-    """The samples of one scrape of a /metrics endpoint."""
+    """The samples of one scrape of a /metrics endpoint; ScrapeError when there are none to be had."""
     # Never shown with a password in it (http://user:PASSWORD@host), which a terminal's scrollback or a CI log keeps.
     shown, secrets = _masked(url)
+    named = f"--metrics (or LLMRELAY_METRICS) {shown!r}" if shown != _UNSHOWN_URL else f"{shown} (or LLMRELAY_METRICS)"
+    scheme, has_scheme, _ = url.partition("://")
+    if not has_scheme:  # 127.0.0.1:9464/metrics: urllib took "127.0.0.1" for a scheme, or had none
+        raise ScrapeError(
+            f"{named} is not a URL ({'empty' if not url else 'no scheme'}): add http://, e.g. {DEFAULT_METRICS}"
+        )
+    if scheme.lower() not in ("http", "https"):  # file:// would read a local file, ftp:// another server
+        raise ScrapeError(f"{named} is not an http:// or https:// URL; e.g. {DEFAULT_METRICS}")
+    deadline = time.monotonic() + SCRAPE_DEADLINE_S
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            body = response.read()
+        with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as response:
+            body = _read_bounded(response, shown, deadline)
+    except urllib.error.HTTPError as exc:  # a status other than 2xx, a redirect loop
+        reason = _said(_one_line(f"HTTP {exc.code} {exc.reason}"), url, shown, secrets) or type(exc).__name__
+        raise ScrapeError(f"cannot read {shown}: {reason}", _HINT) from None
     except (urllib.error.URLError, OSError) as exc:
-        reason = _said(str(getattr(exc, "reason", exc)), url, shown, secrets) or type(exc).__name__
-        sys.exit(f"llmrelay: cannot read {shown}: {reason} (is the gateway's server.metrics_listen set?)")
+        reason = _said(_one_line(str(getattr(exc, "reason", exc))), url, shown, secrets) or type(exc).__name__
+        raise ScrapeError(f"cannot read {shown}: {reason}", _HINT) from None
     except http.client.HTTPException as exc:  # something other than HTTP/1 answered: the gateway's gRPC port, say
-        sys.exit(
-            f"llmrelay: {shown} did not answer in HTTP ({type(exc).__name__}): is it the gateway's metrics_listen?"
-        )
-    except ValueError as exc:  # no URL urllib can open ("", "http://[::1"): its error names no option
-        said = _said(str(exc), url, shown, secrets) or type(exc).__name__
-        named = (
-            f"--metrics (or LLMRELAY_METRICS) {shown!r}" if shown != _UNSHOWN_URL else f"{shown} (or LLMRELAY_METRICS)"
-        )
-        sys.exit(f"llmrelay: {named} is not a URL ({said}); e.g. {DEFAULT_METRICS}")
+        raise ScrapeError(
+            f"{shown} did not answer in HTTP ({type(exc).__name__})", ": is it the gateway's metrics_listen?"
+        ) from None
+    except ValueError as exc:  # no URL urllib can open ("http://[::1"): its error names no option
+        said = _said(_one_line(str(exc)), url, shown, secrets) or type(exc).__name__
+        raise ScrapeError(f"{named} is not a URL ({said}); e.g. {DEFAULT_METRICS}") from None
     try:
         samples = parse_metrics(body.decode())
     except ValueError:  # not UTF-8, or a line that is no sample: another HTTP server's page, say
@@ -581,8 +612,29 @@ def scrape(url: str) -> Samples:
     # No sample of the gateway's own: another server's page (a JSON answer has no line that even looks like one),
     # which would show as an idle gateway.
     if not any(name.startswith(_GATEWAY_METRICS) for name, _ in samples):
-        sys.exit(f"llmrelay: {shown} did not answer in Prometheus's text format: is it the gateway's metrics_listen?")
+        raise ScrapeError(
+            f"{shown} did not answer in Prometheus's text format", ": is it the gateway's metrics_listen?"
+        )
     return samples
+
+
+def _read_bounded(response: http.client.HTTPResponse, shown: str, deadline: float) -> bytes:
+    """The answer's body, read as it comes (read1: a trickle of bytes still meets the deadline) up to
+    MAX_SCRAPE_BYTES and until `deadline` (time.monotonic())."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := response.read1(65536):
+        size += len(chunk)
+        if size > MAX_SCRAPE_BYTES:
+            raise ScrapeError(
+                f"{shown} answered more than {MAX_SCRAPE_BYTES / 2**20:g} MiB", ": is it the gateway's metrics_listen?"
+            )
+        if time.monotonic() > deadline:
+            raise ScrapeError(f"cannot read {shown}: no whole answer within {SCRAPE_DEADLINE_S:g} s")
+        chunks.append(chunk)
+    if response.length:  # read1 ends quietly where the connection closed before the Content-Length's end
+        raise http.client.IncompleteRead(b"".join(chunks), response.length)
+    return b"".join(chunks)
 
 
 def parse_metrics(text: str) -> Samples:
@@ -629,12 +681,44 @@ def _buckets(samples: Samples, method: str) -> dict[float, float]:
     return buckets
 
 
+WORKER_START: Final = "llmrelay_worker_start_time_seconds"
+"""Behind --workers, when the supervisor last started each worker's process, by its `worker` label."""
+_COUNTED_PARTS: Final = ("_total", "_bucket", "_count", "_sum")
+
+
+def _started(samples: Samples, key: tuple[str, frozenset[tuple[str, str]]]) -> float | None:
+    """When the process that counts the series began counting it: its worker's start behind a supervisor, else the
+    series' own `_created` sample (a counter's or a histogram's); None where the scrape does not say."""
+    name, labels = key
+    worker = dict(labels).get("worker")
+    if worker is not None:
+        return samples.get((WORKER_START, frozenset({("worker", worker)})))
+    for part in _COUNTED_PARTS:
+        if name.endswith(part):
+            created = name.removesuffix(part) + "_created"
+            return samples.get((created, frozenset(pair for pair in labels if pair[0] != "le")))
+    return None
+
+
 def _increase(after: Samples, before: Samples) -> Samples:
-    """Each series' growth between two scrapes, as Prometheus's rate() takes it: a counter lower than before was reset
-    (its worker restarted) and counts from zero."""
-    return {
-        key: value - before.get(key, 0.0) if value >= before.get(key, 0.0) else value for key, value in after.items()
-    }
+    """Each series' growth between two scrapes, as Prometheus's rate() takes it. A series counted by a process that
+    started since (the gateway restarted, or its worker), or lower than before, was reset and counts from zero."""
+    grown: Samples = {}
+    for key, value in after.items():
+        was = before.get(key, 0.0)
+        started, was_started = _started(after, key), _started(before, key)
+        reset = value < was or (started is not None and was_started is not None and started != was_started)
+        grown[key] = value if reset else value - was
+    return grown
+
+
+def _not_answering(samples: Samples) -> str:
+    """Behind --workers, the workers started whose metrics are missing from the scrape (dead and not yet restarted,
+    or hung), as the title says them: their calls are in no figure."""
+    started = {dict(labels).get("worker", "") for name, labels in samples if name == WORKER_START}
+    answering = {dict(labels).get("worker", "") for name, labels in samples if name != WORKER_START}
+    silent = sorted(started - answering, key=lambda worker: (len(worker), worker))
+    return f"worker{'s' if len(silent) > 1 else ''} {', '.join(silent)} not answering" if silent else ""
 
 
 def _duration(seconds: float | None) -> str:
@@ -660,12 +744,13 @@ def render_stats(after: Samples, before: Samples | None = None, seconds: float =
     ok = change("grpc_server_handled_total", "grpc_method", grpc_service=_SERVICE, grpc_code="OK")
     # A restarted worker's counters start again from zero: what it counted before is in no total.
     restarts = sum(value for (name, _), value in after.items() if name == "llmrelay_worker_restarts_total")
+    silent = _not_answering(after)
     if rate:
-        title = f"over the last {seconds:.1f} s"
+        title = f"over the last {seconds:.1f} s" + (f" ({silent})" if silent else "")
     elif restarts:
-        title = f"since each worker last started ({restarts:.0f} restarted)"
+        title = f"since each worker last started ({restarts:.0f} restarted{'; ' + silent if silent else ''})"
     else:
-        title = "since the gateway started"
+        title = "since the gateway started" + (f" ({silent})" if silent else "")
     lines = [f"llmrelay {title}", f"{'method':<16}{'calls' + unit:>10}{'errors' + unit:>10}{'p50':>10}{'p99':>10}"]
     for method in sorted(calls):
         buckets = _buckets(grown, method)
@@ -687,14 +772,24 @@ def render_stats(after: Samples, before: Samples | None = None, seconds: float =
 
 
 def _stats(args: argparse.Namespace) -> None:
-    before, at = scrape(args.metrics), time.monotonic()
+    try:
+        before, at = scrape(args.metrics), time.monotonic()
+    except ScrapeError as exc:  # the first scrape: the URL is likely wrong, and a live view would show nothing
+        sys.exit(f"llmrelay: {exc}")
     if args.once:
         print(render_stats(before))
         return
     clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
     while True:
         time.sleep(args.interval)
-        after, now = scrape(args.metrics), time.monotonic()
+        try:
+            after, now = scrape(args.metrics), time.monotonic()
+        except ScrapeError as exc:  # the gateway restarting, say: the next refresh shows it again
+            when = time.strftime("%H:%M:%S")
+            print(clear, end="")
+            _print(f"llmrelay: {when} {exc.line}; trying again every {args.interval:g} s", flush=True)
+            continue
+        # After failed refreshes, the rates are over the whole time since the last scrape that answered.
         print(clear + render_stats(after, before, now - at), flush=True)
         before, at = after, now
 
