@@ -891,17 +891,33 @@ async def test_a_task_cancelled_while_reading_is_cancelled_still(gateway: Gatewa
 # --- the TLS rule --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def tls_gateway(gateway_factory: GatewayFactory, primary: FakeUpstream, tmp_path: Path) -> tuple[Gateway, bytes]:
-    """A gateway serving TLS with a certificate for localhost and 127.0.0.1; and its CA's certificate."""
-    authority = Authority("llmrelay sdk test CA")
+async def _serve_tls(
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    tmp_path: Path,
+    authority: Authority,
+    clients: Authority | None = None,
+) -> Gateway:
+    """A gateway serving TLS with a certificate of `authority`'s for localhost and 127.0.0.1; asking for a client
+    certificate of `clients`' when given (mutual TLS)."""
     authority.server().write(tmp_path / "server.pem", tmp_path / "server.key")
-    tls = f'tls: {{cert_file: "{tmp_path / "server.pem"}", key_file: "{tmp_path / "server.key"}"}}'
+    client_ca = ""
+    if clients is not None:
+        (tmp_path / "clients.pem").write_bytes(clients.cert)
+        client_ca = f', client_ca_file: "{tmp_path / "clients.pem"}"'
+    tls = f'tls: {{cert_file: "{tmp_path / "server.pem"}", key_file: "{tmp_path / "server.key"}"{client_ca}}}'
     config = f"""
 llm:
   openai: {{api_key: "{OPENAI_TEST_KEY}", base_url: "{primary.base_url}", model: {primary.models[0]}}}
 """
-    return await gateway_factory(config, server=tls), authority.cert
+    return await gateway_factory(config, server=tls)
+
+
+@pytest.fixture
+async def tls_gateway(gateway_factory: GatewayFactory, primary: FakeUpstream, tmp_path: Path) -> tuple[Gateway, bytes]:
+    """A gateway serving TLS with a certificate for localhost and 127.0.0.1; and its CA's certificate."""
+    authority = Authority("llmrelay sdk test CA")
+    return await _serve_tls(gateway_factory, primary, tmp_path, authority), authority.cert
 
 
 async def test_tls_to_a_loopback_gateway_when_asked(tls_gateway: tuple[Gateway, bytes]) -> None:
@@ -936,6 +952,35 @@ async def test_plaintext_by_default_to_loopback_fails_clearly_against_tls(tls_ga
         with pytest.raises(UnavailableError) as chosen:
             await client.health(timeout=5)
     assert "tls=True" not in chosen.value.message, "no hint where the caller chose"
+
+
+async def test_certificates_tls_cannot_use_are_a_value_error_naming_the_argument(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, tmp_path: Path
+) -> None:
+    """gRPC took any bytes, then failed every call UNAVAILABLE, "Failed to create security handshaker" (with ERROR
+    lines of its own), naming no argument. Checked as the llmrelay command checks its files."""
+    authority = Authority("llmrelay sdk test CA")
+    gateway = await _serve_tls(gateway_factory, primary, tmp_path, authority, clients=authority)
+    mine, another = authority.client(), authority.client("another")
+    address = f"localhost:{gateway.port}"
+    pair = "private_key and certificate_chain: "
+    unusable = [
+        # root_certificates, private_key, certificate_chain: what the client was given, and what it says of them
+        ((b"junk", mine.key, mine.cert), "root_certificates: no PEM certificate in it"),
+        ((mine.key, mine.key, mine.cert), "root_certificates: no PEM certificate in it"),
+        ((authority.cert, another.key, mine.cert), pair + "the key is not the certificate's"),
+        ((authority.cert, mine.key, b"junk"), pair + "not a PEM certificate and its key"),
+        ((authority.cert, mine.cert, mine.key), pair + "not a PEM certificate and its key (are they swapped?)"),
+    ]
+    for (roots, key, chain), said in unusable:
+        for make in (Client, AsyncClient):
+            with pytest.raises(ValueError) as caught:
+                make(address, root_certificates=roots, private_key=key, certificate_chain=chain)
+            assert str(caught.value).startswith(said), (make, str(caught.value))
+    async with AsyncClient(
+        address, root_certificates=authority.cert, private_key=mine.key, certificate_chain=mine.cert
+    ) as client:
+        assert (await client.health(timeout=10)).serving
 
 
 def _read_a_blocking_stream(address: str, heard: threading.Event) -> tuple[int, BaseException | None]:

@@ -160,8 +160,11 @@ export class Client {
   readonly raw: LLMServiceClient;
   /** How the channel reaches the gateway; undefined when ClientOptions.credentials decided. */
   readonly transport: Transport | undefined;
-  /** Whether the transport rule chose plaintext (a loopback target), rather than the caller (insecure: true). */
-  private readonly plaintextByRule: boolean;
+  /**
+   * What the transport rule chose and how to choose otherwise, for a failure to reach the gateway; undefined when
+   * the caller chose (insecure, tls or credentials).
+   */
+  private readonly securityHint: string | undefined;
   private readonly timeoutMs: number | null;
   private readonly headers: Record<string, string | Buffer>;
   /** The calls in flight, unary and streams: close() cancels them, as grpc-js's close() lets them run on. */
@@ -174,7 +177,7 @@ export class Client {
     options: ClientOptions = {},
   ) {
     this.transport = options.credentials ? undefined : chooseTransport(target, options);
-    this.plaintextByRule = this.transport === "plaintext" && options.insecure === undefined;
+    this.securityHint = transportHint(target, options);
     this.raw = new LLMServiceClient(target, channelCredentials(target, options), {
       "grpc.service_config": SERVICE_CONFIG_JSON,
       ...options.channelOptions,
@@ -346,26 +349,40 @@ export class Client {
   }
 
   /**
-   * Adds to a failure to connect in plaintext by the rule's choice what to try: a gateway that serves TLS drops a
-   * plaintext client with no word of TLS in the status. A caller who chose plaintext needs no word of the rule, and
-   * neither does a call that reached the gateway (`reached`: its response headers or a message came), such as a
-   * stream cut by a gateway that went away midway.
+   * Adds to a failure to connect over the transport the rule chose what to try: a gateway that serves TLS drops a
+   * plaintext client with no word of TLS in the status, and a plaintext gateway fails a TLS client with OpenSSL's
+   * "wrong version number". A caller who chose needs no word of the rule, and neither does a call that reached the
+   * gateway (`reached`: its response headers or a message came), such as a stream cut by a gateway that went away
+   * midway.
    */
   private explain(err: unknown, reached: boolean): unknown {
     if (
-      this.plaintextByRule &&
+      this.securityHint !== undefined &&
       !reached &&
       err instanceof LLMRelayError &&
       err.code === status.UNAVAILABLE &&
       err.errorInfo === undefined
     ) {
-      return err.withHint(
-        `this client connects to ${this.target} in plaintext (the default for loopback targets); if the ` +
-          "gateway serves TLS, pass { tls: { rootCerts } } or { insecure: false }",
-      );
+      return err.withHint(this.securityHint);
     }
     return err;
   }
+}
+
+/**
+ * What the transport rule chose for `target` and how to choose otherwise, as the Go and Python SDKs say it;
+ * undefined when the options chose.
+ */
+function transportHint(target: string, options: ClientOptions): string | undefined {
+  if (options.credentials !== undefined || options.insecure !== undefined || options.tls !== undefined) {
+    return undefined;
+  }
+  return chooseTransport(target, options) === "plaintext"
+    ? `this client connects to ${target} in plaintext (the default for loopback targets); if the gateway serves` +
+        " TLS, pass { tls: { rootCerts } } or { insecure: false }"
+    : `this client connects to ${target} over TLS with the system's roots (the default for targets that are not` +
+        " loopback); if the gateway serves plaintext, pass { insecure: true }, or { tls: { rootCerts } } for a" +
+        " private CA";
 }
 
 /** What gRPC takes as a metadata key, in lower case (as it sends keys). */

@@ -209,6 +209,37 @@ describe("the transport rule against a TLS gateway on loopback", { concurrency: 
   });
 });
 
+describe("the transport rule against a plaintext gateway by a name that is not loopback", () => {
+  /**
+   * The gateway's address as 127.1: the rule reads it as a name (node:net's isIP does not take it), so TLS, and the
+   * resolver reaches 127.0.0.1.
+   */
+  let target: string;
+
+  before(() => {
+    target = `127.1:${gateway.addr.split(":").at(-1)!}`;
+  });
+
+  test("a default client (TLS to a name) fails clearly, saying what to pass", async () => {
+    const client = connect(target, { timeoutMs: 10_000 });
+    assert.equal(client.transport, "tls");
+    const err = await mustFail(client.complete({ messages: [user("TLS?")] }), status.UNAVAILABLE);
+    const hint =
+      "over TLS with the system's roots (the default for targets that are not loopback); if the gateway serves" +
+      " plaintext, pass { insecure: true }";
+    assert.ok(err.message.includes(hint), err.message);
+  });
+
+  test("a client told to use TLS fails without the rule's hint, and plaintext as the hint says works", async () => {
+    const told = connect(target, { insecure: false, timeoutMs: 10_000 });
+    const err = await mustFail(told.complete({ messages: [user("TLS!")] }), status.UNAVAILABLE);
+    assert.doesNotMatch(err.message, /not loopback|insecure: true/);
+    const plaintext = connect(target, { insecure: true });
+    const answer = await plaintext.complete({ messages: [user("plaintext to a name")] });
+    assert.equal(answer.message?.content, "echo: plaintext to a name");
+  });
+});
+
 describe("a stream cut by a gateway that died", () => {
   let dying: Gateway;
 

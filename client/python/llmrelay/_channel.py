@@ -3,10 +3,14 @@ config with its retry policy first, the caller's own after)."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
-from collections.abc import Mapping, Sequence
+import ssl
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final, TypeAlias
 
 import grpc
@@ -102,6 +106,12 @@ class ChannelSettings:
             return self.credentials
         if not uses_tls(target, True if given else self.tls):
             return None
+        # Checked here: gRPC takes any bytes, then fails every call UNAVAILABLE, "Failed to create security
+        # handshaker", which names no argument.
+        if problem := root_certificates_problem(self.root_certificates):
+            raise ValueError(f"root_certificates: {problem}")
+        if problem := client_certificate_problem(self.private_key, self.certificate_chain):
+            raise ValueError(f"private_key and certificate_chain: {problem}")
         return grpc.ssl_channel_credentials(*certificates)
 
     def channel_options(self) -> list[tuple[str, Any]]:
@@ -124,6 +134,47 @@ class ChannelSettings:
             "the client connected in plaintext, its default for a loopback target; for a gateway that serves TLS "
             "pass tls=True, or root_certificates= for a private CA; the llmrelay command takes --tls and --ca-file"
         )
+
+
+def root_certificates_problem(pem: bytes | None) -> str | None:
+    """What keeps TLS from trusting `pem` as its roots (the llmrelay command's --ca-file); None when nothing does, or
+    none are given."""
+    if pem is None:
+        return None
+    with _in_files(pem) as (cafile,):
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cafile)
+        except (ssl.SSLError, ValueError):
+            return "no PEM certificate in it (-----BEGIN CERTIFICATE-----)"
+    return None
+
+
+def client_certificate_problem(private_key: bytes | None, certificate_chain: bytes | None) -> str | None:
+    """What keeps TLS from presenting `certificate_chain` with `private_key` (the llmrelay command's --cert and
+    --cert-key): a key that is not the certificate's, or either not PEM (the two swapped, say); None when nothing
+    does, or either is not given. An encrypted key is refused too: gRPC takes no password."""
+    if private_key is None or certificate_chain is None:
+        return None
+    with _in_files(certificate_chain, private_key) as (certfile, keyfile):
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(certfile, keyfile, password=lambda: "")
+        except ssl.SSLError as exc:
+            if exc.reason == "KEY_VALUES_MISMATCH":
+                return "the key is not the certificate's"
+            return "not a PEM certificate and its key (are they swapped?)"
+    return None
+
+
+@contextlib.contextmanager
+def _in_files(*contents: bytes) -> Iterator[list[str]]:
+    """`contents` as files, removed after: Python's ssl reads a key and its certificate only from files (and a bundle
+    of roots with text that is not ASCII around them only so). In a directory only this user can enter, as a
+    private key may be among them."""
+    with tempfile.TemporaryDirectory(prefix="llmrelay-") as directory:
+        paths = [str(Path(directory, str(index))) for index in range(len(contents))]
+        for path, content in zip(paths, contents, strict=True):
+            Path(path).write_bytes(content)
+        yield paths
 
 
 def channel_options(service_config: ServiceConfig, options: ChannelOptions) -> list[tuple[str, Any]]:

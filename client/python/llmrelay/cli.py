@@ -12,7 +12,6 @@ import math
 import os
 import re
 import signal
-import ssl
 import sys
 import time
 import unicodedata
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Final, TextIO
 
 from llmrelay import v1 as pb
-from llmrelay._channel import DEFAULT_SERVICE_CONFIG
+from llmrelay._channel import DEFAULT_SERVICE_CONFIG, client_certificate_problem, root_certificates_problem
 from llmrelay._client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, Client
 from llmrelay._errors import LLMRelayError
 from llmrelay._messages import message
@@ -98,7 +97,7 @@ def _client(args: argparse.Namespace) -> Client:
     if (args.cert is None) != (args.cert_key is None):
         sys.exit("llmrelay: a client certificate needs both --cert and --cert-key")
     pem = {option: _read(option, path) for option, path in certificates.items()}
-    _check_certificates(args)
+    _check_certificates(args, pem["--ca-file"], pem["--cert-key"], pem["--cert"])
     key = os.environ.get(args.key_env or KEY_ENV)
     if args.key_env and not key:
         sys.exit(f"llmrelay: --key-env {args.key_env}: the variable is not set")
@@ -120,22 +119,15 @@ def _client(args: argparse.Namespace) -> Client:
     )
 
 
-def _check_certificates(args: argparse.Namespace) -> None:
-    """The files of --ca-file, --cert and --cert-key as TLS takes them: gRPC would only say "Failed to create security
-    handshaker" of a file that is no certificate, a key that is not the certificate's, or the two swapped."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if args.ca_file is not None:
-        try:
-            context.load_verify_locations(cafile=args.ca_file)
-        except (ssl.SSLError, ValueError):
-            sys.exit(f"llmrelay: --ca-file {args.ca_file}: no PEM certificate in it (-----BEGIN CERTIFICATE-----)")
-    if args.cert is not None:
-        try:
-            context.load_cert_chain(args.cert, args.cert_key, password=lambda: "")
-        except ssl.SSLError as exc:
-            mismatch = exc.reason == "KEY_VALUES_MISMATCH"
-            problem = "the key is not the certificate's" if mismatch else "not a PEM certificate and its key"
-            sys.exit(f"llmrelay: --cert {args.cert} and --cert-key {args.cert_key}: {problem} (are they swapped?)")
+def _check_certificates(
+    args: argparse.Namespace, ca: bytes | None, private_key: bytes | None, certificate_chain: bytes | None
+) -> None:
+    """The files of --ca-file, --cert and --cert-key as TLS takes them, each problem said with the option that gave it
+    (the SDK's own check would name its arguments): gRPC would only say "Failed to create security handshaker"."""
+    if problem := root_certificates_problem(ca):
+        sys.exit(f"llmrelay: --ca-file {args.ca_file}: {problem}")
+    if problem := client_certificate_problem(private_key, certificate_chain):
+        sys.exit(f"llmrelay: --cert {args.cert} and --cert-key {args.cert_key}: {problem}")
 
 
 def _read(option: str, path: Path | None) -> bytes | None:
