@@ -23,16 +23,16 @@ from llmrelay_server.config import AuthConfig, ConfigError, TLSConfig
 log = logging.getLogger("llmrelay_server.tls")
 
 CHECK_INTERVAL_S = 1.0
-"""How often, at most, the files are looked at again (a stat each) when a new connection comes."""
+"""How often the files are looked at (a stat each), in the background; a read and the checks only when they changed."""
 EXPIRY_WARNING_S = 14 * 86_400
 """A certificate served that ends within this is warned of: at the start, at a reload, and once a day."""
-EXPIRY_CHECK_S = 3600.0
-"""How often the gateway looks at how long its certificate has left."""
 _WARNING_REPEAT_S = 86_400.0
 
 # What tells a changed file: a rewrite in place changes mtime/ctime (and often the size), a rename or a Kubernetes
 # secret's symlink swap changes the inode. None: the file could not be looked at (it is being replaced).
 _Signature = tuple[tuple[int, int, int, int, int] | None, ...]
+_Contents = tuple[bytes, bytes, bytes | None]
+"""What cert_file, key_file and client_ca_file (None: no mutual TLS) hold."""
 
 
 def protection(tls: TLSConfig | None) -> str:
@@ -84,21 +84,26 @@ class ServedCertificate:
         self._paths = tuple(Path(p) for p in (tls.cert_file, tls.key_file, tls.client_ca_file) if p)
         # Looked at before reading: a change made while reading shows up as a new signature at the next check.
         self._seen = _signature(self._paths)
-        self._warned: _Signature | None = None
-        """The files' signature when a reload of them last failed: said once, tried again at each check."""
-        self._initial, self.not_after = _load(tls)
+        self._judged: tuple[_Contents, str | None] | None = None
+        """The files' contents last checked, and what is wrong with them whatever the date (None: nothing): gRPC's
+        own check starts a server, and logs lines of its own for a refusal, so it runs once for each content."""
+        self._said: tuple[_Signature, str] | None = None
+        """The files' signature when a reload of them last failed, and why: said once, tried again at each check."""
+        self._initial, self.not_after = self._load()
         """`not_after`: when the certificate in force stops being valid, in Unix time (its notAfter)."""
-        self._next_check = time.monotonic() + CHECK_INTERVAL_S
-        self._lock = threading.Lock()
+        self._ready: grpc.ServerCertificateConfiguration | None = None
+        """A configuration the background check has made of changed files, for gRPC to take at the next handshake."""
+        self._handing = threading.Lock()
         self._expiry_said: tuple[float, float, bool] | None = None
         """The notAfter last warned of, when, and whether it had passed."""
         self._said_lock = threading.Lock()
         self._watching: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Says now, and then once a day, when the certificate in force ends within EXPIRY_WARNING_S."""
+        """Looks at the files once a second, in the background, and says now, and then once a day, when the
+        certificate in force ends within EXPIRY_WARNING_S."""
         self.warn_of_expiry()
-        self._watching = asyncio.create_task(self._watch_expiry(), name="llmrelay-tls-expiry")
+        self._watching = asyncio.create_task(self._watch(), name="llmrelay-tls-watch")
 
     async def stop(self) -> None:
         if self._watching is not None:
@@ -106,9 +111,16 @@ class ServedCertificate:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watching
 
-    async def _watch_expiry(self) -> None:
+    async def _watch(self) -> None:
+        """Not on a connection: a renewal shows in the metric and the warnings while clients keep the connections
+        they have, and a certificate not valid yet is taken when its time comes whether anyone connects or not."""
         while True:
-            await asyncio.sleep(EXPIRY_CHECK_S)
+            await asyncio.sleep(CHECK_INTERVAL_S)
+            try:
+                # Off the event loop: reading and checking the files takes milliseconds, gRPC's check more.
+                await asyncio.to_thread(self._check_files)
+            except Exception:  # a check that fails in a way not foreseen must not end the watch: rotation would stop
+                log.exception("server.tls: the certificate files could not be checked; tried again in a second")
             self.warn_of_expiry()
 
     def warn_of_expiry(self) -> None:
@@ -119,7 +131,7 @@ class ServedCertificate:
         if left_s > EXPIRY_WARNING_S:
             return
         expired = left_s <= 0
-        with self._said_lock:  # asked by the event loop's watch, and by a reload on one of gRPC's threads
+        with self._said_lock:  # asked by the event loop's watch, and by a reload on the thread that checks the files
             if self._expiry_said is not None:
                 said_of, said_at, said_expired = self._expiry_said
                 if said_of == not_after and said_expired == expired and now - said_at < _WARNING_REPEAT_S:
@@ -144,32 +156,58 @@ class ServedCertificate:
         )
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        """gRPC calls this before every TLS handshake, on one of its own threads: at most a stat per file a second,
-        and a read only when they changed."""
-        now = time.monotonic()
-        # Handshakes on other threads while one checks go on with the current certificate rather than wait.
-        if now < self._next_check or not self._lock.acquire(blocking=False):
-            return None
+        """gRPC calls this before every TLS handshake, on one of its own threads, and the handshake waits for it: it
+        only hands over what the background check has made ready (None: keep the current certificate)."""
+        with self._handing:
+            ready, self._ready = self._ready, None
+        return ready
+
+    def _check_files(self) -> None:
+        """Reloads the files when they changed: what new connections get next, and the end of the certificate in
+        force. Files that cannot be used are warned of once, and the previous certificate stays."""
+        signature = _signature(self._paths)
+        if signature == self._seen:
+            return
         try:
-            self._next_check = now + CHECK_INTERVAL_S
-            signature = _signature(self._paths)
-            if signature == self._seen:
-                return None
+            configuration, not_after = self._load()
+        except ConfigError as exc:
+            # Not taken as seen: files that become usable without changing (a certificate not valid yet, whose time
+            # comes) are taken at a later check.
+            if (signature, str(exc)) != self._said:
+                log.warning("TLS certificate not reloaded; new connections keep the previous one: %s", exc)
+                self._said = signature, str(exc)
+            return
+        with self._handing:
+            self._ready = configuration
+        self._seen, self.not_after = signature, not_after
+        log.info("TLS certificate reloaded from %s; new connections use it", self._tls.cert_file)
+        self.warn_of_expiry()
+
+    def _load(self) -> tuple[grpc.ServerCertificateConfiguration, float]:
+        """Reads and checks the files, and tells when the certificate ends (its notAfter, in Unix time); gRPC itself
+        would only find a bad one at the first handshake, failing them all. What does not depend on the date is
+        checked once for each content of the files; the dates at each call. Messages name the field and the path,
+        never the files' contents."""
+        contents = _read_files(self._tls)
+        if self._judged is not None and self._judged[0] == contents:
+            judged = self._judged
+        else:
+            judged = contents, _problem_whatever_the_date(self._tls, contents)
+        problem, not_after = judged[1], 0.0
+        if problem is None:
             try:
-                configuration, not_after = _load(self._tls)
+                not_after = _check_validity(self._tls)
             except ConfigError as exc:
-                # Not taken as seen: files that become usable without changing (a certificate not valid yet, whose
-                # time comes) are taken at a later check.
-                if signature != self._warned:
-                    log.warning("TLS certificate not reloaded; new connections keep the previous one: %s", exc)
-                    self._warned = signature
-                return None
-            self._seen, self.not_after = signature, not_after
-            log.info("TLS certificate reloaded from %s; new connections use it", self._tls.cert_file)
-            self.warn_of_expiry()
-            return configuration
-        finally:
-            self._lock.release()
+                problem = str(exc)
+        # The checks read the files again: both reads must agree, or what was checked is not what gRPC would get (a
+        # rotation half done: the new certificate written, the old key still there).
+        if _read_files(self._tls) != contents:
+            raise ConfigError(_CHANGED)
+        self._judged = judged
+        if problem is not None:
+            raise ConfigError(problem)
+        cert, key, client_ca = contents
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca), not_after
 
 
 def _signature(paths: tuple[Path, ...]) -> _Signature:
@@ -196,27 +234,27 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} minutes"
 
 
-def _load(tls: TLSConfig) -> tuple[grpc.ServerCertificateConfiguration, float]:
-    """Reads and checks the files, and tells when the certificate ends (its notAfter, in Unix time); gRPC itself
-    would only find a bad one at the first handshake, failing them all. Messages name the field and the path, never
-    the files' contents."""
+def _read_files(tls: TLSConfig) -> _Contents:
     cert = _read(tls.cert_file, "server.tls.cert_file")
-    _check_certificates(cert, tls.cert_file, "server.tls.cert_file")
     key = _read(tls.key_file, "server.tls.key_file")
-    client_ca = None
-    if tls.client_ca_file:
-        client_ca = _read(tls.client_ca_file, "server.tls.client_ca_file")
-        _check_authority(
-            _check_certificates(client_ca, tls.client_ca_file, "server.tls.client_ca_file"), tls.client_ca_file
-        )
-    _check_key(tls)
-    _check_served_by_grpc(tls, key, cert, client_ca)
-    not_after = _check_validity(tls)
-    # The check read the files again: both reads must agree, or the key checked is not the one gRPC would get (a
-    # rotation half done: the new certificate written, the old key still there).
-    if (cert, key) != (_read(tls.cert_file, "server.tls.cert_file"), _read(tls.key_file, "server.tls.key_file")):
-        raise ConfigError(_CHANGED)
-    return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca), not_after
+    client_ca = _read(tls.client_ca_file, "server.tls.client_ca_file") if tls.client_ca_file else None
+    return cert, key, client_ca
+
+
+def _problem_whatever_the_date(tls: TLSConfig, contents: _Contents) -> str | None:
+    """What makes these files unusable at any date, in words (None: nothing)."""
+    cert, key, client_ca = contents
+    try:
+        _check_certificates(cert, tls.cert_file, "server.tls.cert_file")
+        if client_ca is not None and tls.client_ca_file:
+            _check_authority(
+                _check_certificates(client_ca, tls.client_ca_file, "server.tls.client_ca_file"), tls.client_ca_file
+            )
+        _check_key(tls)
+        _check_served_by_grpc(tls, key, cert, client_ca)
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 def _check_served_by_grpc(tls: TLSConfig, key: bytes, cert: bytes, client_ca: bytes | None) -> None:

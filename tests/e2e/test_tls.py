@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -20,11 +22,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from e2e.test_metrics import scrape, value
 from harness import clean_env, spawn_gateway
 from llmrelay import v1 as pb
+from llmrelay_server import tls as tls_module
 from llmrelay_server.app import Gateway, start_gateway
 from llmrelay_server.config import AuthConfig, ConfigError, TLSConfig, load_config
 from llmrelay_server.tls import EXPIRY_WARNING_S, ServedCertificate, exposure_warnings
 from llmrelay_server.workers import ListenError
-from support import GatewayFactory, chat, two_backends
+from support import GatewayFactory, chat, two_backends, wait_until
 from upstream import FakeUpstream
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
@@ -105,6 +108,37 @@ async def until_served(port: int, root: bytes, within_s: float = 5.0) -> None:
             await asyncio.sleep(0.1)
 
 
+def count_grpc_checks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many times gRPC itself is made to load certificate files from now on (a server started and stopped, and
+    lines of gRPC's own for each refusal): [count]."""
+    checks = [0]
+    check = tls_module._check_served_by_grpc
+
+    def counted(*args: Any) -> None:
+        checks[0] += 1
+        check(*args)
+
+    monkeypatch.setattr(tls_module, "_check_served_by_grpc", counted)
+    return checks
+
+
+async def connecting(port: int, roots: bytes, before: grpc.aio.Channel, done: Callable[[], bool]) -> None:
+    """Rounds of eight new connections at once, with a call on `before` (a connection made earlier) meanwhile, until
+    `done()`: every call is answered within health's deadline."""
+
+    async def new_connection() -> None:
+        async with secure(port, roots) as channel:
+            await health(channel)
+
+    while not done():
+        await asyncio.gather(health(before), *(new_connection() for _ in range(8)))
+        await asyncio.sleep(0.2)
+
+
+def said(caplog: pytest.LogCaptureFixture, text: str) -> int:
+    return sum(text in r.getMessage() for r in caplog.records)
+
+
 async def test_tls_serves_clients_that_trust_its_ca(tls_gateway: TLSGatewayFactory, files: Files) -> None:
     ca = Authority("llmrelay test CA")
     ca.server().write(files.cert, files.key)
@@ -180,11 +214,16 @@ async def test_a_rotated_certificate_serves_new_connections_without_a_restart(
 
 @pytest.mark.parametrize("grpc_refuses", [False, True], ids=["a key as the certificate", "one gRPC refuses"])
 async def test_a_broken_rotation_keeps_the_old_certificate(
-    tls_gateway: TLSGatewayFactory, files: Files, caplog: pytest.LogCaptureFixture, grpc_refuses: bool
+    tls_gateway: TLSGatewayFactory,
+    files: Files,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    grpc_refuses: bool,
 ) -> None:
     ca = Authority("llmrelay test CA")
     ca.server().write(files.cert, files.key)
     gateway = await tls_gateway(files.section())
+    grpc_checks = count_grpc_checks(monkeypatch)
     if grpc_refuses:
         # Taken by OpenSSL's checks, logged as reloaded and its end made the metric's, while gRPC kept the old one.
         Authority("another CA").server(key_usage=KEY_ENCIPHERMENT_ONLY).write(files.cert, files.key)
@@ -201,8 +240,13 @@ async def test_a_broken_rotation_keeps_the_old_certificate(
     assert "server.tls.cert_file" in caplog.text and "keep the previous one" in caplog.text
     assert "reloaded from" not in caplog.text
     assert pasted.decode().splitlines()[1] not in caplog.text
-    async with secure(gateway.port, ca.cert) as channel:
-        await health(channel)
+    # While the files stay as they are, connections come for a few checks' time: each one found the same files again,
+    # gRPC's check (and its three lines of ERROR) ran again, and the gateway was held up for it.
+    async with secure(gateway.port, ca.cert) as before:
+        end = time.monotonic() + 3 * tls_module.CHECK_INTERVAL_S
+        await connecting(gateway.port, ca.cert, before, lambda: time.monotonic() > end)
+    assert said(caplog, "gRPC's TLS cannot serve it" if grpc_refuses else "holds no PEM certificate") == 1
+    assert grpc_checks == [1 if grpc_refuses else 0]  # a key where the certificate belongs: found before gRPC's
     # Once the files are whole again, they are taken.
     new = Authority("new CA")
     new.server().write(files.cert, files.key)
@@ -210,8 +254,8 @@ async def test_a_broken_rotation_keeps_the_old_certificate(
 
 
 def test_checking_a_certificate_leaves_nothing_open(files: Files) -> None:
-    """Each check has gRPC load the files on a port of its own: left open, a rotation gRPC refused (tried again at
-    every check, once a second) added a socket each time, until the process had no file descriptor left."""
+    """Each check of new files has gRPC load them on a port of its own: left open, each check added a socket (a
+    rotation gRPC refused was once checked again every second), until the process had no file descriptor left."""
     Authority("llmrelay test CA").server().write(files.cert, files.key)
     tls = TLSConfig(cert_file=str(files.cert), key_file=str(files.key))
     ServedCertificate(tls)  # the first check: gRPC's own descriptors opened, once a process
@@ -222,21 +266,27 @@ def test_checking_a_certificate_leaves_nothing_open(files: Files) -> None:
 
 
 async def test_a_certificate_rotated_in_before_its_time_is_taken_when_it_comes(
-    tls_gateway: TLSGatewayFactory, files: Files, caplog: pytest.LogCaptureFixture
+    tls_gateway: TLSGatewayFactory, files: Files, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issued with a start a little ahead of this machine's clock (another machine's): not served before it is valid,
-    and served from then on, though the files do not change again."""
+    and served from then on, though the files do not change again. Connections come all along, several at once: the
+    check ran in gRPC's certificate callback, each second a connection came, with gRPC's own check of the files (a
+    server started and stopped), and new connections and calls on those already open waited seconds for it."""
     old, new = Authority("old CA"), Authority("new CA")
     old.server().write(files.cert, files.key)
     gateway = await tls_gateway(files.section())
-    # Room for two checks before it is valid (notBefore is cut to the second): the first may come between the two
-    # files' writes, and finds the new certificate with the old key.
-    new.server(valid_from=timedelta(seconds=5)).write(files.cert, files.key)
-    async with asyncio.timeout(5):
-        while "certificate is not yet valid" not in caplog.text:
-            await until_served(gateway.port, old.cert)
-            await asyncio.sleep(0.1)
-    await until_served(gateway.port, new.cert, within_s=12)
+    grpc_checks = count_grpc_checks(monkeypatch)
+    caplog.set_level(logging.INFO, logger="llmrelay_server.tls")
+    async with secure(gateway.port, old.cert) as before:
+        await health(before)
+        # Room for two checks before it is valid (notBefore is cut to the second): the first may come between the
+        # two files' writes, and finds the new certificate with the old key.
+        new.server(valid_from=timedelta(seconds=5)).write(files.cert, files.key)
+        async with asyncio.timeout(12):
+            await connecting(gateway.port, old.cert + new.cert, before, lambda: "reloaded from" in caplog.text)
+    await until_served(gateway.port, new.cert)
+    assert said(caplog, "certificate is not yet valid") == 1 and said(caplog, "reloaded from") == 1
+    assert grpc_checks == [1]  # the dates looked at again each second; the rest once
 
 
 EXPIRY = "llmrelay_tls_certificate_expiry_timestamp_seconds"
@@ -262,16 +312,15 @@ async def test_a_certificate_near_its_end_is_warned_of_and_its_end_is_a_metric(
     assert f"server.tls.cert_file: {files.cert}" in warning and "expires on" in warning and "(in 3 days)" in warning
     assert "renewed" in warning
     assert value(await scrape(gateway.metrics.port), EXPIRY) == _not_after(ending)
-    # Renewed on disk: the next connection takes it, and the metric follows; a year's certificate is not warned of.
+    # Renewed on disk while no new connection comes (clients keep theirs): the metric follows all the same, or an
+    # alert on it fires for a renewal that did happen; a year's certificate is not warned of.
+    caplog.set_level(logging.INFO, logger="llmrelay_server.tls")
     renewed = ca.server(valid_for=timedelta(days=365))
     renewed.write(files.cert, files.key)
-    await until_served(gateway.port, ca.cert)
-    async with asyncio.timeout(5):
-        while value(await scrape(gateway.metrics.port), EXPIRY) != _not_after(renewed):
-            async with secure(gateway.port, ca.cert) as channel:
-                await health(channel)
-            await asyncio.sleep(0.1)
+    await wait_until(lambda: "reloaded from" in caplog.text, timeout_s=5)
+    assert value(await scrape(gateway.metrics.port), EXPIRY) == _not_after(renewed)
     assert len(_expiry_lines(caplog)) == 1
+    await until_served(gateway.port, ca.cert)
 
 
 async def test_without_tls_there_is_no_certificate_metric(
