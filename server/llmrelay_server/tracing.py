@@ -12,12 +12,14 @@ took, as the router recorded them.
 Spans go by OTLP in batches, over HTTP (`http/protobuf`, the specification's default) or gRPC as
 OTEL_EXPORTER_OTLP_PROTOCOL says, to OTEL_EXPORTER_OTLP_ENDPOINT; the SDK reads the other OTEL_* variables (service
 name, resource attributes, sampler, headers, batch sizes). The gateway's stop waits for the spans still queued at most
-OTEL_EXPORTER_OTLP_TIMEOUT seconds in all. Prompts and answers are recorded only when `server.log_content` is set.
+OTEL_EXPORTER_OTLP_TIMEOUT seconds in all, and not at all when told to stop now. Prompts and answers are recorded only
+when `server.log_content` is set.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import json
 import logging
@@ -27,15 +29,15 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import grpc
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import SpanLimits, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.re import parse_env_headers
 from opentelemetry.util.types import AttributeValue
@@ -46,6 +48,11 @@ from llmrelay_server.decoding import decoded, invocation_metadata
 from llmrelay_server.domain import Attempt, AttemptOutcome, BackendSpec, without_quotes
 from llmrelay_server.metering import Billed, Meter, moves, open_meter, served_by
 from llmrelay_server.observing import GEN_AI_OPERATIONS, Kind, Observer, Start
+
+if TYPE_CHECKING:
+    # Imported where they are used, once the variables the SDK reads as it is imported are checked (_check_span_limits).
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 # A cancelled attempt is no error of the backend's (the caller left), as a CANCELLED RPC is none of the server's.
 _FAILURES = frozenset(AttemptOutcome) - {AttemptOutcome.SUCCEEDED, AttemptOutcome.SKIPPED, AttemptOutcome.CANCELLED}
@@ -87,6 +94,18 @@ DEFAULT_ATTRIBUTE_LENGTH = 8192
 """The longest attribute value a span keeps unless those variables say otherwise (the SDK's default is no limit): a
 span waits in the export queue (up to 2,048 of them) with its attributes, and one (a prompt recorded with
 log_content, an upstream's long error) may be megabytes."""
+_SPAN_LIMIT_VARIABLES = (
+    "OTEL_ATTRIBUTE_COUNT_LIMIT",
+    "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+    "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT",
+    "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+    "OTEL_SPAN_EVENT_COUNT_LIMIT",
+    "OTEL_SPAN_LINK_COUNT_LIMIT",
+    "OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT",
+    "OTEL_LINK_ATTRIBUTE_COUNT_LIMIT",
+)
+"""The SDK's span limits, each a whole number from 0 up (blank: no limit)."""
+_COMPRESSION_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION")
 
 log = logging.getLogger(__name__)
 
@@ -116,31 +135,58 @@ for _name in _PROPAGATION_LOGGERS:
     logging.getLogger(_name).addFilter(_callers_headers)  # once: a filter already there is not added again
 
 
-def _callers_context(carrier: dict[str, str]) -> Context:
+def _callers_context(propagator: TextMapPropagator, carrier: dict[str, list[str]]) -> Context:
     """The trace context the caller's headers carry, read without a log line for what is wrong with them."""
     token = _reading_callers_headers.set(True)
     try:
-        return propagate.extract(carrier)
+        return propagator.extract(carrier)
     finally:
         _reading_callers_headers.reset(token)
 
 
 def exporting_provider() -> TracerProvider:
     """A provider that exports by OTLP through a BatchSpanProcessor, as the OTEL_* variables say."""
+    _unset_empty_variables()
+    _check_span_limits()
+    _check_sampler()
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider  # it reads OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT
+
     resource = Resource.create()
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: "llmrelay"}))
     limited = any(name in os.environ for name in _ATTRIBUTE_LENGTH_VARIABLES)
     limits = None if limited else SpanLimits(max_attribute_length=DEFAULT_ATTRIBUTE_LENGTH)
-    _check_sampler()
     provider = TracerProvider(resource=resource, span_limits=limits)
     provider.add_span_processor(_batch_processor(_otlp_exporter()))
     return provider
 
 
+def _unset_empty_variables() -> None:
+    """The specification reads an empty OTEL_* variable as unset, and the SDK does not always (an empty
+    OTEL_EXPORTER_OTLP_TIMEOUT fails the gRPC exporter's start, an empty OTEL_BSP_* logs a traceback): removed from the
+    environment, they are unset to every reader."""
+    for name in [name for name, value in os.environ.items() if name.startswith("OTEL_") and not value]:
+        del os.environ[name]
+
+
+def _check_span_limits() -> None:
+    """The span limits, as the SDK reads them: it raises a ValueError for a value it cannot take, for
+    OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT as it is imported, a traceback at the start either way."""
+    for name in _SPAN_LIMIT_VARIABLES:
+        value = os.environ.get(name, "")
+        try:
+            limit = int(value.strip()) if value.strip() else 0
+        except ValueError:
+            limit = -1
+        if limit < 0:
+            raise ConfigError(f"{name}: {value!r} is not a whole number from 0 up")
+
+
 def _batch_processor(exporter: SpanExporter) -> BatchSpanProcessor:
     """The SDK's BatchSpanProcessor, which reads the OTEL_BSP_* variables; a ConfigError naming them where their values
     do not fit together (the SDK's ValueError names its parameters, not the variables that set them)."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
     for name, unit in _BATCH_NUMBERS.items():
         if name in os.environ:
             value = os.environ[name]
@@ -158,8 +204,7 @@ def _batch_processor(exporter: SpanExporter) -> BatchSpanProcessor:
 def export_timeout_s() -> float:
     """How long the exporter may take over the spans, retries included, as OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT say."""
     for name in _TIMEOUT_VARIABLES:
-        if name in os.environ:
-            value = os.environ[name]
+        if value := os.environ.get(name):  # empty: unset, as the specification says (_unset_empty_variables)
             try:
                 seconds = float(value)
             except ValueError:
@@ -176,14 +221,37 @@ def _otlp_exporter() -> SpanExporter:
     _check_endpoint(grpc_target=protocol == "grpc")
     _check_headers()
     if protocol == "grpc":
+        _check_compression({"gzip"}, "gzip (unset: none)")  # others, `none` too, fail the exporter's start
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GRPCExporter
 
         return GRPCExporter()
     if protocol == "http/protobuf":
+        _check_compression({"none", "gzip", "deflate"}, "none, gzip or deflate")  # others, it warns and sends none
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPExporter
 
         return HTTPExporter()
     raise ConfigError(f"{variable}: {protocol!r} is not supported (grpc or http/protobuf)")
+
+
+def _check_compression(taken: set[str], said: str) -> None:
+    """OTEL_EXPORTER_OTLP_(TRACES_)COMPRESSION, as the exporter reads it (the traces' own first, any case)."""
+    name = next((name for name in _COMPRESSION_VARIABLES if name in os.environ), None)
+    if name is not None and os.environ[name].strip().lower() not in taken:
+        raise ConfigError(f"{name}: {os.environ[name]!r} is no compression the exporter takes: {said}")
+
+
+def _check_propagators() -> None:
+    """OTEL_PROPAGATORS, as OpenTelemetry reads it as it is imported: it raises a ValueError (a traceback at the start)
+    for a propagator that is not installed, a misspelt one."""
+    configured = os.environ.get("OTEL_PROPAGATORS")
+    if not configured:
+        return
+    installed = sorted(entry.name for entry in entry_points(group="opentelemetry_propagator"))
+    for name in (part.strip() for part in configured.split(",")):
+        if name.lower() == "none":  # no propagation, whatever follows
+            return
+        if name not in installed:
+            raise ConfigError(f"OTEL_PROPAGATORS: {name!r} is no propagator installed: {', '.join(installed)} or none")
 
 
 SAMPLERS = (
@@ -229,7 +297,11 @@ def _check_endpoint(*, grpc_target: bool) -> None:
     if grpc_target and ("://" not in endpoint or endpoint.startswith("dns://")):
         # gRPC's exporter passes what is no URL with a host to gRPC as its target: HOST:PORT, or a name resolver's.
         host, _, port = endpoint.rpartition(":")
-        if endpoint.startswith(_GRPC_TARGET_SCHEMES) or (host and _is_port(port)):
+        if endpoint.startswith(_GRPC_TARGET_SCHEMES):
+            return
+        if host and _is_port(port):
+            if "@" in host:
+                raise _credentials_in_grpc_address(name)
             return
         raise ConfigError(
             f"{name}: not a URL, HOST:PORT nor gRPC target (its value is not shown); write e.g. {example}"
@@ -240,12 +312,23 @@ def _check_endpoint(*, grpc_target: bool) -> None:
     except ValueError:  # its words quote the value
         raise ConfigError(f"{name}: not a URL (its host or port cannot be read); write e.g. {example}") from None
     if grpc_target:
+        if "@" in url.netloc:
+            raise _credentials_in_grpc_address(name)
         return  # any scheme: the exporter takes the host and port of a URL that has them, else the whole as a target
     if url.scheme not in ("http", "https"):
         why = f"its scheme is {url.scheme!r}" if url.scheme else "it has no scheme"
         raise ConfigError(f"{name}: not an http(s) URL ({why}); write e.g. {example}")
     if not url.hostname:
         raise ConfigError(f"{name}: not an http(s) URL (it names no host); write e.g. {example}")
+
+
+def _credentials_in_grpc_address(name: str) -> ConfigError:
+    """gRPC's exporter takes a user and password in the collector's address as part of its host: every export would
+    fail, logging the address, password and all."""
+    return ConfigError(
+        f"{name}: gRPC takes no user or password in the collector's address (its value is not shown): send the"
+        " collector's credentials as a header in OTEL_EXPORTER_OTLP_HEADERS, e.g. authorization=Basic%20BASE64"
+    )
 
 
 _GRPC_TARGET_SCHEMES = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:")
@@ -302,17 +385,33 @@ class Tracing:
         self.stop_timeout_s = export_timeout_s()
         self.provider = provider_factory()
         tracer = self.provider.get_tracer("llmrelay_server")
-        self.observer = TracingObserver(tracer, config.backends, log_content=config.server.log_content)
+        self.observer = TracingObserver(tracer, _propagator(), config.backends, log_content=config.server.log_content)
 
-    async def stop(self) -> None:
-        """Exports the spans still queued, waiting at most the export timeout in all. The SDK's shutdown gives each
-        batch in turn the whole timeout: with the collector down and thousands of spans queued, the stop would take
-        30 s, when the SDK gives up waiting."""
+    async def stop(self, hurry: asyncio.Event) -> None:
+        """Exports the spans still queued, waiting at most the export timeout in all, and not at all once `hurry` is set
+        (told to stop now). The SDK's shutdown gives each batch in turn the whole timeout: with the collector down and
+        thousands of spans queued, the stop would take 30 s, when the SDK gives up waiting."""
+        loop = asyncio.get_running_loop()
+        exported = asyncio.Event()
+
+        def shut_down() -> None:
+            self.provider.shutdown()
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the stop did not wait for this
+                loop.call_soon_threadsafe(exported.set)
+
         # A daemon thread, as the SDK's exporting one is: left blocked on the collector, it does not hold up the exit.
-        stopping = threading.Thread(target=self.provider.shutdown, name="llmrelay-tracing-stop", daemon=True)
-        stopping.start()
-        await asyncio.to_thread(stopping.join, self.stop_timeout_s)
-        if stopping.is_alive():
+        threading.Thread(target=shut_down, name="llmrelay-tracing-stop", daemon=True).start()
+        waits = {asyncio.ensure_future(exported.wait()), asyncio.ensure_future(hurry.wait())}
+        try:
+            await asyncio.wait(waits, timeout=self.stop_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if exported.is_set():
+            return
+        if hurry.is_set():
+            log.warning("tracing: stopping now, without waiting for the spans still queued, if any: they are lost")
+        else:
             log.warning(
                 "tracing: the spans still queued were not exported within %g s, the OTLP export timeout, and are lost"
                 " (is the collector at OTEL_EXPORTER_OTLP_ENDPOINT up?)",
@@ -320,9 +419,26 @@ class Tracing:
             )
 
 
+def _propagator() -> TextMapPropagator:
+    """The propagators OTEL_PROPAGATORS names (W3C trace context and baggage by default), which read the caller's
+    trace context and write the upstream requests'."""
+    _check_propagators()
+    from opentelemetry import propagate  # it loads them as it is imported
+
+    return propagate.get_global_textmap()
+
+
 class TracingObserver(Observer):
-    def __init__(self, tracer: trace.Tracer, backends: Iterable[BackendSpec], *, log_content: bool) -> None:
+    def __init__(
+        self,
+        tracer: trace.Tracer,
+        propagator: TextMapPropagator,
+        backends: Iterable[BackendSpec],
+        *,
+        log_content: bool,
+    ) -> None:
         self._tracer = tracer
+        self._propagator = propagator
         self._kinds = {spec.name: spec.kind for spec in backends}
         self._log_content = log_content
 
@@ -350,14 +466,17 @@ class _Call:
                 attributes["gen_ai.request.model"] = request.model[:MAX_MODEL_NAME]
             if observer._log_content and self.operation == "chat":
                 attributes["gen_ai.input.messages"] = json.dumps([_message(m) for m in request.messages])
-        carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
+        # Every value of a key: a header sent twice (tracestate) is one list, as HTTP combines them.
+        carrier: dict[str, list[str]] = {}
+        for key, value in metadata or ():
+            if isinstance(value, str):  # a -bin key's value is bytes, and no trace context
+                carrier.setdefault(key, []).append(value)
         self.started = time.time_ns()
-        self.span = observer._tracer.start_span(
-            name, _callers_context(carrier), SpanKind.SERVER, attributes, start_time=self.started
-        )
+        context = _callers_context(observer._propagator, carrier)
+        self.span = observer._tracer.start_span(name, context, SpanKind.SERVER, attributes, start_time=self.started)
         self.meter: Meter = open_meter()
         # Upstream requests continue the trace from this span (and carry nothing else of the caller's context).
-        propagate.inject(self.meter.upstream_headers, trace.set_span_in_context(self.span))
+        observer._propagator.inject(self.meter.upstream_headers, trace.set_span_in_context(self.span))
         self.code = grpc.StatusCode.OK
         self._last: Any = None  # the answer, or the stream's last message
         self._text: list[str] = []  # a stream's text since its last restart, kept only when content may be recorded
@@ -482,9 +601,11 @@ def _take(billed: list[Billed], attempt: Attempt, *, last: bool) -> Billed | Non
 
 
 def _message(message: Any) -> dict[str, Any]:
-    role = message.DESCRIPTOR.fields_by_name["role"].enum_type.values_by_number[message.role].name
+    # A role the enum has no name for (proto3 keeps its number) is the handler's to refuse, after the span starts.
+    named = message.DESCRIPTOR.fields_by_name["role"].enum_type.values_by_number.get(message.role)
+    role = named.name.removeprefix("ROLE_").lower() if named is not None else str(message.role)
     parts = [_part(part) for part in message.parts] or [{"type": "text", "content": message.content}]
-    return {"role": role.removeprefix("ROLE_").lower(), "parts": parts}
+    return {"role": role, "parts": parts}
 
 
 def _part(part: Any) -> dict[str, Any]:

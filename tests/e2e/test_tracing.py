@@ -5,18 +5,22 @@ settings refused at start."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from harness import clean_env, free_port, spawn_gateway
+from harness import GatewayProcess, clean_env, free_port, spawn_gateway
 from llmrelay import v1 as pb
 from llmrelay_server import tracing
 from llmrelay_server.config import ConfigError
@@ -25,7 +29,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from support import GatewayFactory, chat, png, read_all, stream_chat, two_backends, wait_until
-from upstream import FakeUpstream
+from upstream import FakeUpstream, Request
 
 TRACING = "tracing: true"
 COMPLETE = "llmrelay.v1.LLMService/Complete"
@@ -224,6 +228,57 @@ async def test_the_callers_trace_is_continued_up_to_the_upstream(
     assert headers["tracestate"] == "vendor=opaque"
 
 
+async def test_a_tracestate_sent_in_two_entries_is_continued_whole(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, exported: InMemorySpanExporter
+) -> None:
+    """Metadata may carry a key twice, as HTTP may a header: W3C's tracestate is then both, in order (the first was
+    dropped)."""
+    metadata = (
+        ("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01"),
+        ("tracestate", "congo=t61rcWkgMzE"),
+        ("tracestate", "rojo=00f067aa0ba902b7"),
+    )
+    async for stub in connect(gateway_factory, two_backends(primary, local)):
+        await stub.Complete(chat(), timeout=5, metadata=metadata)
+    server, _ = rpc_span(exported, COMPLETE)
+    assert server.context is not None and f"{server.context.trace_id:032x}" == TRACE_ID
+    [headers] = primary.chat_headers
+    assert headers["tracestate"] == "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
+
+
+@dataclass
+class TokenizingUpstream(FakeUpstream):
+    """A vLLM server's stand-in that keeps the headers of the requests to its /tokenize."""
+
+    tokenize_headers: list[dict[str, str]] = field(default_factory=list)
+
+    async def _tokenize(self, request: Request, writer: asyncio.StreamWriter) -> bool:
+        self.tokenize_headers.append(request.headers)
+        return await super()._tokenize(request, writer)
+
+
+async def test_a_count_of_tokens_by_the_backend_continues_the_trace(
+    gateway_factory: GatewayFactory, exported: InMemorySpanExporter
+) -> None:
+    """vLLM's (and llama.cpp's) own tokenizer is a request of the call too: it carried no traceparent."""
+    vllm = TokenizingUpstream(models=("qwen",), vllm=True)
+    await vllm.start()
+    try:
+        backend = f"{{name: gpu, kind: vllm, base_url: '{vllm.base_url}', model: qwen}}"
+        request = pb.CountTokensRequest(model="gpu/qwen", messages=[pb.Message(role=pb.ROLE_USER, content="hi")])
+        async for stub in connect(gateway_factory, f"llm:\n  backends: [{backend}]\n"):
+            count = await stub.CountTokens(
+                request, timeout=5, metadata=(("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01"),)
+            )
+    finally:
+        await vllm.stop()
+    assert not count.estimated
+    server, _ = rpc_span(exported, "llmrelay.v1.LLMService/CountTokens")
+    assert server.context is not None
+    [headers] = vllm.tokenize_headers
+    assert headers["traceparent"] == f"00-{TRACE_ID}-{server.context.span_id:016x}-01"
+
+
 @pytest.mark.parametrize(
     "metadata",
     [
@@ -332,6 +387,22 @@ def test_a_spans_attribute_is_cut_to_8192_characters_unless_the_variables_say_ot
     assert kept({"OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT": "50000"}) == 20_000
 
 
+async def test_a_role_with_no_name_is_refused_as_any_bad_request_with_content_recorded(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, exported: InMemorySpanExporter
+) -> None:
+    """proto3 keeps a number its enum does not name: the span, started before the handler checks the request, records
+    it by its number, and the handler refuses it (the call failed UNKNOWN, with a traceback)."""
+    request = pb.CompleteRequest(messages=[pb.Message(role=99, content="hi")])  # type: ignore[arg-type]
+    async for stub in connect(gateway_factory, two_backends(primary, local), server=f"{TRACING}, log_content: true"):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Complete(request, timeout=5)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        await wait_until(lambda: bool(rpc_spans(exported, COMPLETE)), timeout_s=5)  # it ends as the status goes out
+    span, _ = rpc_span(exported, COMPLETE)
+    messages = json.loads(str(dict(span.attributes or {})["gen_ai.input.messages"]))
+    assert messages == [{"role": "99", "parts": [{"type": "text", "content": "hi"}]}]
+
+
 async def test_content_is_recorded_only_when_allowed(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, exported: InMemorySpanExporter
 ) -> None:
@@ -363,46 +434,65 @@ async def test_content_is_recorded_only_when_allowed(
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP/gRPC trace receiver: keeps what it is sent."""
+    """An OTLP/gRPC trace receiver: keeps what it is sent, answering each export after `delay_s` (a slow collector)."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay_s: float = 0) -> None:
         self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+        self.delay_s = delay_s
 
     async def Export(
         self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
     ) -> trace_service_pb2.ExportTraceServiceResponse:
+        await asyncio.sleep(self.delay_s)
         self.requests.append(request)
         return trace_service_pb2.ExportTraceServiceResponse()
 
+    def spans(self) -> dict[bytes, Any]:
+        """The spans received, by their id."""
+        spans = {}
+        for request in self.requests:
+            for resource_spans in request.resource_spans:
+                for scope_spans in resource_spans.scope_spans:
+                    for span in scope_spans.spans:
+                        spans[span.span_id] = span
+        return spans
 
-async def test_spans_arrive_over_otlp(
-    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    receiver = Receiver()
+
+@contextlib.asynccontextmanager
+async def receiving(delay_s: float = 0) -> AsyncIterator[tuple[Receiver, dict[str, str]]]:
+    """A Receiver on loopback, and the OTEL_* variables that have a gateway export to it by OTLP/gRPC."""
+    receiver = Receiver(delay_s)
     server = grpc.aio.server()
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        yield (
+            receiver,
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+        )
+    finally:
+        await server.stop(0)
+
+
+async def test_spans_arrive_over_otlp(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with receiving() as (receiver, variables):
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
         monkeypatch.setenv("OTEL_SERVICE_NAME", "llmrelay-under-test")
         primary.inject({"status": 503})
         gateway = await gateway_factory(two_backends(primary, local), server=TRACING)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
             await pb.LLMServiceStub(channel).Complete(chat(), timeout=5)
         await gateway.stop(grace_period_s=0, drain_s=0)  # flushes the batch
-    finally:
-        await server.stop(0)
 
-    spans = {}
     for request in receiver.requests:
         for resource_spans in request.resource_spans:
             service = {a.key: a.value.string_value for a in resource_spans.resource.attributes}["service.name"]
             assert service == "llmrelay-under-test"
-            for scope_spans in resource_spans.scope_spans:
-                for span in scope_spans.spans:
-                    spans[span.span_id] = span
+    spans = receiver.spans()
     [rpc] = [span for span in spans.values() if span.name == COMPLETE]
     attempts = [span for span in spans.values() if span.parent_span_id == rpc.span_id]
     assert sorted(span.name for span in attempts) == ["chat gpt-test", "chat gpt-test"]
@@ -431,11 +521,7 @@ async def test_the_stop_waits_for_a_collector_that_is_down_at_most_the_export_ti
 ) -> None:
     # Batches of 2 spans, each refused for the 2 s timeout's retries: the calls leave a dozen batches queued, which
     # the SDK's own shutdown would try one after the other, a second or more each.
-    config = tmp_path / "llmrelay.yaml"
-    config.write_text(
-        'server: {usage_db: ":memory:", drain_s: 0, grace_period_s: 1, tracing: true, log_calls: false}\n'
-        + two_backends(primary, local)
-    )
+    config = traced_config(tmp_path, primary, local)
     timeout_s = 2
     collector_down = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
@@ -460,6 +546,111 @@ async def test_the_stop_waits_for_a_collector_that_is_down_at_most_the_export_ti
     assert took_s < timeout_s + 3, f"the stop took {took_s:.1f} s"
     log = await gateway.output()
     assert "not exported within 2 s" in log and "Traceback" not in log, log
+
+
+def traced_config(tmp_path: Path, primary: FakeUpstream, local: FakeUpstream, grace_period_s: float = 1) -> Path:
+    """A configuration file for a gateway process with tracing on, which stops after no drain and the grace period."""
+    config = tmp_path / "llmrelay.yaml"
+    fields = f'usage_db: "{tmp_path / "usage.db"}", drain_s: 0, grace_period_s: {grace_period_s}, tracing: true'
+    config.write_text(f"server: {{{fields}, log_calls: false}}\n" + two_backends(primary, local))
+    return config
+
+
+async def calls_then_stop(gateway: GatewayProcess, *, now: bool = False) -> int:
+    """Five calls, then SIGTERM (and, when `now`, a second one once the gateway is stopping: stop now); its exit
+    status. Killed if it is still running after that."""
+    try:
+        await gateway.wait_serving()
+        async with grpc.aio.insecure_channel(gateway.target) as channel:
+            for _ in range(5):
+                await pb.LLMServiceStub(channel).Complete(chat(), timeout=5)
+        gateway.process.send_signal(signal.SIGTERM)
+        if now:
+            await gateway.wait_for_line("shutting down")
+            gateway.process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(60):
+            return await gateway.process.wait()
+    finally:
+        if gateway.process.returncode is None:
+            gateway.process.kill()
+            await gateway.process.wait()
+
+
+async def test_a_second_stop_does_not_wait_for_the_collector(
+    tmp_path: Path, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """Told to stop now (a second SIGTERM), the gateway stops at once: it waited the whole export timeout (a
+    collector that does not answer) for the spans still queued. It says they are lost."""
+    async with receiving(delay_s=3600) as (_, variables):
+        variables["OTEL_EXPORTER_OTLP_TIMEOUT"] = "60"
+        gateway = await spawn_gateway(traced_config(tmp_path, primary, local), env=clean_env(**variables))
+        started = time.monotonic()
+        status = await calls_then_stop(gateway, now=True)
+        took_s = time.monotonic() - started
+    log = await gateway.output()
+    assert status == 0 and took_s < 20, (took_s, log)
+    assert "tracing: stopping now, without waiting for the spans still queued, if any: they are lost" in log, log
+    assert "Traceback" not in log, log
+
+
+async def test_workers_are_given_the_export_timeout_to_stop(
+    tmp_path: Path, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """A worker exports the spans still queued as it stops, for up to the export timeout: its supervisor waited only
+    the drain, grace period and a 10 s margin before it killed it, and the spans were lost. A collector that takes 11 s
+    to answer is 0.9 s past that."""
+    async with receiving(delay_s=11) as (receiver, variables):
+        variables |= {"OTEL_EXPORTER_OTLP_TIMEOUT": "30", "OTEL_BSP_SCHEDULE_DELAY": "60000"}  # exported at the stop
+        config = traced_config(tmp_path, primary, local, grace_period_s=0.1)
+        gateway = await spawn_gateway(config, "--workers", "2", env=clean_env(**variables))
+        status = await calls_then_stop(gateway)
+    log = await gateway.output()
+    assert status == 0 and "killing it" not in log, log
+    assert len([span for span in receiver.spans().values() if span.name == COMPLETE]) == 5, log
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        ({"OTEL_PROPAGATORS": "tracecontext,b3"}, "OTEL_PROPAGATORS: 'b3' is no propagator installed"),
+        ({"OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "lots"}, "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT: 'lots' is not a whole number"),
+    ],
+    ids=["propagators", "span-attribute-count"],
+)
+async def test_what_opentelemetry_reads_as_it_is_imported_stops_the_start_in_one_line(
+    tmp_path: Path, primary: FakeUpstream, local: FakeUpstream, variables: dict[str, str], message: str
+) -> None:
+    """OpenTelemetry reads these as it is imported, and raised a ValueError: a traceback at the start."""
+    gateway = await spawn_gateway(traced_config(tmp_path, primary, local), env=clean_env(**variables))
+    async with asyncio.timeout(30):
+        assert await gateway.process.wait() == 1
+    log = await gateway.output()
+    assert log.startswith(f"llmrelay-server: configuration error: {message}") and log.count("\n") == 1, log
+
+
+async def test_empty_otel_variables_are_unset(
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As the specification reads them (`OTEL_EXPORTER_OTLP_TIMEOUT=${TIMEOUT}` with TIMEOUT unset): they were refused,
+    and the SDK fails or logs a traceback for some of them."""
+    async with receiving() as (receiver, variables):
+        variables |= dict.fromkeys(
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_MAX_QUEUE_SIZE"), ""
+        )
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
+        gateway = await gateway_factory(two_backends(primary, local), server=TRACING)
+        assert gateway.tracing is not None and gateway.tracing.stop_timeout_s == tracing.DEFAULT_EXPORT_TIMEOUT_S
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            await pb.LLMServiceStub(channel).Complete(chat(), timeout=5)
+        await gateway.stop(grace_period_s=0, drain_s=0)  # flushes the batch
+    assert [span.name for span in receiver.spans().values() if span.name == COMPLETE] == [COMPLETE]
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warned, warned
 
 
 async def test_a_sampler_as_the_readme_advises_is_taken(
@@ -507,11 +698,34 @@ async def test_a_sampler_as_the_readme_advises_is_taken(
             "OTEL_TRACES_SAMPLER_ARG: '10%' is not the share of traces traceidratio keeps, a number from 0 to 1",
         ),
         ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"}, "OTEL_TRACES_SAMPLER_ARG: '2' is"),
+        # The SDK raised a ValueError: a traceback at the start.
+        ({"OTEL_PROPAGATORS": "b3"}, "OTEL_PROPAGATORS: 'b3' is no propagator installed: baggage, tracecontext or"),
+        ({"OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "abc"}, "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT: 'abc' is not a whole"),
+        ({"OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT": "-5"}, "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT: '-5' is not a"),
+        ({"OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "lots"}, "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT: 'lots' is not a whole number"),
+        ({"OTEL_SPAN_EVENT_COUNT_LIMIT": "x"}, "OTEL_SPAN_EVENT_COUNT_LIMIT: 'x' is not a whole number from 0 up"),
+        (
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_COMPRESSION": "brotli"},
+            "OTEL_EXPORTER_OTLP_COMPRESSION: 'brotli' is no compression the exporter takes: gzip",
+        ),
+        # The HTTP exporter warned and sent the spans uncompressed.
+        ({"OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "zstd"}, "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION: 'zstd' is no"),
+        # gRPC took the user and password as part of the host: every export failed, logging them.
+        (
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": "https://u:SECRET@127.0.0.1:1"},
+            "OTEL_EXPORTER_OTLP_ENDPOINT: gRPC takes no user or password in the collector's address",
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": "u:SECRET@collector:4317"},
+            "OTEL_EXPORTER_OTLP_ENDPOINT: gRPC takes no user or password",
+        ),
     ],
     ids=[
         "batch-over-queue", "negative-queue", "delay-with-unit", "queue-word", "traces-protocol", "timeout",
         "endpoint-port", "endpoint-ipv6", "endpoint-no-url", "grpc-endpoint", "header-semicolon", "header-comma",
-        "sampler", "sampler-space", "sampler-arg", "sampler-arg-over-1",
+        "sampler", "sampler-space", "sampler-arg", "sampler-arg-over-1", "propagator", "attribute-length",
+        "span-attribute-length", "span-attribute-count", "span-event-count", "grpc-compression", "http-compression",
+        "grpc-url-password", "grpc-target-password",
     ],
 )  # fmt: skip
 async def test_bad_otel_settings_stop_the_start_naming_the_variable(

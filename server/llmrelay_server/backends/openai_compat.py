@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import httpx2
 import openai
 
+from llmrelay_server import metering
 from llmrelay_server.backends import wire
 from llmrelay_server.backends.upstream_http import (
     HEALTH_TIMEOUT_S,
@@ -281,8 +282,10 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
 
     async def _post_json(self, path: str, body: dict[str, Any]) -> Any:
         """A small call to one of the server's own endpoints (not on the completion path)."""
+        # The call's trace context too, as its chat requests carry (upstream_http._send).
+        headers = {**self._headers, **(metering.upstream_headers() or {})}
         response = await self._http.post(
-            f"{self._root_url}{path}", content=wire.encode(body), headers=self._headers, timeout=HEALTH_TIMEOUT_S
+            f"{self._root_url}{path}", content=wire.encode(body), headers=headers, timeout=HEALTH_TIMEOUT_S
         )
         response.raise_for_status()
         return wire.decode_json(
