@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import gc
 import logging
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Collection, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -17,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from llmrelay import v1 as pb
 
-from llmrelay_server.auth import AuthInterceptor, KeyRing
+from llmrelay_server.auth import LIMITS_PER_WORKER, AuthInterceptor, KeyRing
 from llmrelay_server.backends import provider_factory
 from llmrelay_server.calllog import CallLogObserver
 from llmrelay_server.concurrency import ConcurrencyInterceptor
@@ -125,7 +126,7 @@ class Gateway:
             await asyncio.gather(*(backend.provider.aclose() for backend in self.router.backends))
             await self.ledger.aclose()
             if self.tracing is not None:
-                await self.tracing.stop()  # the last spans exported
+                await self.tracing.stop(hurry)  # the last spans exported, unless told to stop now
 
 
 def _check_open_services(open_services: tuple[str, ...]) -> None:
@@ -149,12 +150,6 @@ def _check_open_services(open_services: tuple[str, ...]) -> None:
             )
 
 
-_LIMITS_PER_WORKER = (
-    "each worker of this gateway would enforce alone (up to one limit per worker): set state.redis_url to share them,"
-    " or run one worker"
-)
-
-
 async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> Gateway:
     """Starts a gateway; `reuse_port` when it is one of several workers sharing the port (`workers`)."""
     limit = config.server.max_message_bytes
@@ -164,10 +159,11 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
     _check_open_services(config.auth.open_services)
     # Before the port opens: a certificate that cannot be used stops the start (ConfigError naming the field).
     certificate = ServedCertificate(tls) if tls is not None else None
-    # Likewise a keys file that cannot be read. One that gives a key limits later cannot be taken by a worker without
-    # Redis: each worker would enforce them alone (the configuration refuses them at start for that reason).
+    # Likewise a keys file that cannot be read. One that gives a key limits cannot be taken by a worker without Redis:
+    # each worker would enforce them alone (the configuration refuses them at start for that reason). A worker's keys
+    # file is its supervisor's copy of the file as last taken (workers.Supervisor), which the supervisor checks so.
     alone = reuse_port and config.state.redis_url is None
-    keys = KeyRing(config.auth, limits_refused=_LIMITS_PER_WORKER if alone else None)
+    keys = KeyRing(config.auth, limits_refused=LIMITS_PER_WORKER if alone else None)
     tracing = _tracing(config)  # and tracing without its extra
     counter = TokenCounter()
     try:
@@ -252,8 +248,13 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
         log.info("metrics on http://%s:%d/metrics", listen.rpartition(":")[0], metrics_port)
     if limiter is not None:
         await limiter.start()
-        if isinstance(limiter, InProcessLimiter):
-            await _resume_budgets(limiter, ledger)
+        # The budgets in force count what was spent today before this process started (in Redis too: a budget a keys
+        # file gave a key while no gateway ran has no spend there), and a reload that gives a key one, what it spent.
+        gateway_budget = config.server.limits.budget_usd_per_day is not None
+        # Bounded: the port is bound already (workers share it, and the kernel hands this one its share of new
+        # connections), and calls wait until the server starts.
+        await _resume_budgets(limiter, ledger, keys.budgeted(), gateway=gateway_budget, within_s=RESUME_AT_START_S)
+        keys.catch_up_budgets = functools.partial(_resume_budgets, limiter, ledger, gateway=False)
     await monitor.announce()
     await server.start()
     await monitor.start()
@@ -325,20 +326,42 @@ def _tracing(config: GatewayConfig) -> Tracing | None:
     return Tracing(config)
 
 
-async def _resume_budgets(limiter: InProcessLimiter, ledger: UsageLedger) -> None:
-    """Today's spend (UTC) by the ledger, for each caller's key and for the gateway: a limiter in this process starts
-    empty, and each restart (a deploy, a crash) gave every daily budget back whole. (Redis keeps its own.)"""
+RESUME_AT_START_S = 2.0
+"""How long a start waits for today's spend from the ledger (a database that does not answer would hold it up for
+as long as the ledger's own bound, ANSWER_S)."""
+
+
+async def _resume_budgets(
+    limiter: Limiter, ledger: UsageLedger, names: Collection[str], *, gateway: bool, within_s: float | None = None
+) -> None:
+    """Today's spend (UTC) by the ledger, for the keys named (those with a daily budget) and, when `gateway`, the
+    gateway: a limiter in this process starts empty, and each restart (a deploy, a crash) gave every daily budget back
+    whole; and no limiter counts a key's spend before it has a budget, so a reload that gave a key one gave it whole,
+    where a restart read what it had spent. The limiter counts at least that from then on, so a restart and a reload
+    agree, and several workers (or gateways sharing a Redis) giving the same spend count it once. Past `within_s` the
+    budgets count from zero, as with the ledger unavailable."""
+    if not names and not gateway:
+        return
     midnight = time.time() // 86_400 * 86_400  # UTC, the budgets' day
     try:
-        totals = await ledger.query(start=midnight)
+        async with asyncio.timeout(within_s):
+            totals = await ledger.query(start=midnight)
     except UsageUnavailableError as exc:
         log.warning("limits: today's spend cannot be read from the ledger (%s): daily budgets count from zero", exc)
         return
-    spent: dict[str, int] = {}
+    except TimeoutError:
+        log.warning(
+            "limits: today's spend not read from the ledger within %g s: daily budgets count from zero", within_s
+        )
+        return
+    spent: dict[str, int] = dict.fromkeys(map(key_subject, names), 0)
+    if gateway:
+        spent[GATEWAY] = 0
     for total in totals:
         for subject in (key_subject(total.caller), GATEWAY):
-            spent[subject] = spent.get(subject, 0) + total.cost_usd_micros
-    limiter.add_spent_today(spent)
+            if subject in spent:
+                spent[subject] += total.cost_usd_micros
+    await limiter.spend_at_least(spent)
 
 
 def _limiter(config: GatewayConfig) -> Limiter | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import fnmatch
 import functools
@@ -23,9 +24,10 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
@@ -44,10 +46,16 @@ from llmrelay_server.metering import current_meter
 from llmrelay_server.status import abort
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 KEY_PREFIX = "llmr-"
 # How often the keys file's modification time is looked at: a key revoked on disk stops working within this.
 KEYS_FILE_CHECK_S = 1.0
+LIMITS_PER_WORKER = (
+    "each worker of this gateway would enforce alone (up to one limit per worker): set state.redis_url to share them,"
+    " or run one worker"
+)
+"""Why several workers without Redis take no keys file that gives a key limits (`KeyRing`'s limits_refused)."""
 
 
 @immutable
@@ -147,17 +155,37 @@ def digest(key: str) -> str:
 class KeyRing:
     """The keys in force: the configuration's, and the keys file's as last read."""
 
-    def __init__(self, config: AuthConfig, *, limits_refused: str | None = None) -> None:
+    def __init__(
+        self,
+        config: AuthConfig,
+        *,
+        limits_refused: str | None = None,
+        keep: Path | None = None,
+        on_taken: Callable[[], None] | None = None,
+    ) -> None:
         """`limits_refused`: why a keys file that gives a key limits cannot be taken, when it cannot (the configuration
-        refuses such keys at start for the same reason)."""
+        refuses such keys at start for the same reason). `keep`: where to keep a copy of the keys file as last taken,
+        and `on_taken`, what to do each time a re-read is taken (a supervisor's: its workers serve that copy, see
+        workers.Supervisor)."""
         self._configured = config.keys
         self._limits_refused = limits_refused
+        self._keep = keep
+        self._on_taken = on_taken
         self._file = Path(config.keys_file) if config.keys_file else None
-        self._file_stamp = self._stamp() if self._file else None
-        keys = self._configured + (load_keys_file(self._file) if self._file else ())
-        self._by_digest, self._names = _by_digest(keys), frozenset(key.name for key in keys)
+        self._file_stamp = _stamp(self._file) if self._file else None
+        if self._file is not None:
+            keys, self._by_digest = _read_keys(self._configured, self._file, limits_refused, keep)
+        else:
+            keys, self._by_digest = (), _by_digest(self._configured)
+        self._names = frozenset(key.name for key in (*self._configured, *keys))
+        self.catch_up_budgets: Callable[[frozenset[str]], Awaitable[None]] | None = None
+        """Brings the limits up to what the named keys spent today, before a re-read gives them a daily budget they
+        had not (set by the gateway once it has its limiter and ledger): counted from the re-read on, a key would get
+        its whole budget again, where a restart reads what it spent from the ledger."""
         self._watcher: asyncio.Task[None] | None = None
         self._reloads: set[asyncio.Future[None]] = set()
+        self._waiting: asyncio.Future[None] | None = None
+        """The re-read waiting for the running one to end, if any: every reload asked meanwhile is that one."""
         self._reloading = asyncio.Lock()
 
     @property
@@ -169,6 +197,10 @@ class KeyRing:
         """The names of the keys in force."""
         return self._names
 
+    def budgeted(self) -> frozenset[str]:
+        """The names of the keys in force that have a daily budget."""
+        return _budgeted(caller.key for caller in self._by_digest.values())
+
     def find(self, key: str) -> Caller | None:
         """The caller whose key this is, when it is in force."""
         wanted = digest(key)
@@ -178,7 +210,8 @@ class KeyRing:
     def reload(self) -> None:
         """SIGHUP: reads the keys file again, in a thread (thousands of keys take seconds to read, which the calls
         in flight must not wait out), then puts it in force. A broken file (an empty one too: see load_keys_file)
-        keeps the keys in force and says why, once per change of the file."""
+        keeps the keys in force and says why, once per change of the file. Reloads asked while one runs are merged
+        into one that follows it: a burst of SIGHUPs reads the file twice at most, not once each."""
         if self._file is None:
             # Only SIGHUP asks then, sent by an operator who may expect an edited configuration to be in force.
             log.warning(
@@ -186,11 +219,20 @@ class KeyRing:
                 " only: restart to apply a change"
             )
             return
-        self._reloads.add(reloading := asyncio.ensure_future(self._reload()))
-        reloading.add_done_callback(self._reloads.discard)
+        self._reread()
+
+    def _reread(self) -> asyncio.Future[None]:
+        """The next re-read: the one already waiting, if any, which reads the file as it is when it starts, so it
+        takes this change too."""
+        if self._waiting is None or self._waiting.done():
+            self._reloads.add(waiting := asyncio.ensure_future(self._reload()))
+            waiting.add_done_callback(self._reloads.discard)
+            self._waiting = waiting
+        return self._waiting
 
     async def _reload(self) -> None:
         async with self._reloading:  # one at a time: a later read is put in force after an earlier one
+            self._waiting = None  # running: a reload asked from now on reads the file again after this one
             try:
                 await self._read_file()
             except Exception:
@@ -199,26 +241,24 @@ class KeyRing:
 
     async def _read_file(self) -> None:
         assert self._file is not None
-        self._file_stamp = self._stamp()
+        self._file_stamp = _stamp(self._file)
+        read = functools.partial(_read_keys, self._configured, self._file, self._limits_refused, self._keep)
         try:
-            keys, callers = await asyncio.to_thread(_read_keys, self._configured, self._file)
+            keys, callers = await _in_daemon_thread(read)
         except ConfigError as error:
             log.warning("keys file not reloaded, the keys in force stay: %s", error)
             return
-        limited = [key.name for key in keys if key.limits.any_set()]
-        if limited and self._limits_refused is not None:
-            log.warning(
-                "keys file not reloaded, the keys in force stay: it gives limits to %s, which %s",
-                ", ".join(map(repr, limited)),
-                self._limits_refused,
-            )
-            return
+        given = _budgeted((*self._configured, *keys)) - self.budgeted()
+        if given and self.catch_up_budgets is not None:
+            await self.catch_up_budgets(given)  # before the keys are in force: none of their calls passes unseen
         self._by_digest, self._names = callers, frozenset(key.name for key in (*self._configured, *keys))
         if not self._by_digest:
             # Meant (`keys: []`) or not, every call that needs a key is refused from now on: an operator must hear.
             log.warning("keys file %s reloaded: no keys in force, every call that needs a key is refused", self._file)
         else:
             log.info("keys file %s reloaded: %d keys in force", self._file, len(self._by_digest))
+        if self._on_taken is not None:
+            self._on_taken()
 
     def start(self) -> None:
         """Watches the keys file for changes (and SIGHUP, where the process has a main loop to take it)."""
@@ -233,26 +273,56 @@ class KeyRing:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _watch(self) -> None:
+        assert self._file is not None
         seen = self._file_stamp
         while True:
             await asyncio.sleep(KEYS_FILE_CHECK_S)
-            stamp = self._stamp()
+            stamp = _stamp(self._file)
             # Taken once it has stayed as it is for a look: a file written in place in several writes is not taken
             # half written (a valid YAML list of the first keys would revoke the rest until the next look).
             if stamp != self._file_stamp and stamp == seen:
-                await self._reload()
+                await self._reread()
             seen = stamp
 
-    def _stamp(self) -> tuple[int, int, int, int, int] | None:
-        """What tells the file changed. Not its time and size alone: a file put in its place with the old one's time
-        (`cp -p`, `rsync -t`, a second's timestamps) and as many bytes (a sha256 for another) changes neither, while
-        a rename brings another inode and a write sets the change time, which no one sets by hand."""
-        assert self._file is not None
+
+def _stamp(path: Path) -> tuple[int, int, int, int, int] | None:
+    """What tells the file changed. Not its time and size alone: a file put in its place with the old one's time
+    (`cp -p`, `rsync -t`, a second's timestamps) and as many bytes (a sha256 for another) changes neither, while a
+    rename brings another inode and a write sets the change time, which no one sets by hand."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino, info.st_mtime_ns, info.st_ctime_ns, info.st_size
+
+
+def _budgeted(keys: Iterable[CallerKey]) -> frozenset[str]:
+    return frozenset(key.name for key in keys if key.limits.budget_usd_per_day is not None)
+
+
+async def _in_daemon_thread(function: Callable[[], T]) -> T:
+    """`function`'s result, computed in a daemon thread and handed to the event loop. Not asyncio.to_thread: the
+    loop waits for its executor's threads as it closes, so a re-read of thousands of keys under way held up the
+    process's exit by the whole read, after it had stopped."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def run() -> None:
+        outcome: Callable[[], None]
         try:
-            info = os.stat(self._file)
-        except OSError:
-            return None
-        return info.st_dev, info.st_ino, info.st_mtime_ns, info.st_ctime_ns, info.st_size
+            outcome = functools.partial(done.set_result, function())
+        except Exception as error:
+            outcome = functools.partial(done.set_exception, error)
+
+        def hand_over() -> None:
+            if not done.cancelled():  # the reload was cancelled (the gateway stops): no one waits for it
+                outcome()
+
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the process is exiting
+            loop.call_soon_threadsafe(hand_over)
+
+    threading.Thread(target=run, name="llmrelay-keys-file", daemon=True).start()
+    return await done
 
 
 def _by_digest(keys: Sequence[CallerKey]) -> dict[str, Caller]:
@@ -274,11 +344,31 @@ def _by_digest(keys: Sequence[CallerKey]) -> dict[str, Caller]:
     return callers
 
 
-def _read_keys(configured: tuple[CallerKey, ...], path: Path) -> tuple[tuple[CallerKey, ...], dict[str, Caller]]:
-    """The keys file's keys, and the callers of those and the configured ones by digest (ConfigError as
-    _by_digest): all of the reading, for a thread."""
-    keys = load_keys_file(path)
-    return keys, _by_digest(configured + keys)
+def _read_keys(
+    configured: tuple[CallerKey, ...], path: Path, limits_refused: str | None, keep: Path | None
+) -> tuple[tuple[CallerKey, ...], dict[str, Caller]]:
+    """The keys file's keys, and the callers of those and the configured ones by digest; ConfigError when they cannot
+    be taken (as _by_digest, or limits that `limits_refused` says why not). With `keep`, the file as it was read is
+    copied there, once taken. All of the reading, for a thread."""
+    while True:
+        before = _stamp(path)
+        keys = load_keys_file(path)
+        limited = [key.name for key in keys if key.limits.any_set()]
+        if limited and limits_refused is not None:
+            raise ConfigError(f"it gives limits to {', '.join(map(repr, limited))}, which {limits_refused}")
+        callers = _by_digest(configured + keys)
+        if keep is None:
+            return keys, callers
+        try:
+            text = path.read_bytes()
+        except OSError:
+            continue  # gone meanwhile: read again, to say why
+        # Changed since it was read, the copy could be another file than the one taken, not even a valid one.
+        if _stamp(path) == before:
+            scratch = keep.with_name(f".{keep.name}.new")
+            scratch.write_bytes(text)
+            scratch.replace(keep)  # whole or not at all, for a worker starting at any moment
+            return keys, callers
 
 
 # The stubs make these generic; at run time they are not, so the aliases are strings.

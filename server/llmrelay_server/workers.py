@@ -16,7 +16,8 @@ them.
   not leave one worker on other settings than the rest.
 - SIGTERM or SIGINT: sent on to every worker; each drains and finishes its calls (drain_s, then grace_period_s) and
   the supervisor exits when all have; a second one has them stop at once (STOP_NOW). SIGHUP (reload the keys file)
-  is sent on too.
+  is the supervisor's: it reads the keys file, and the workers serve its copy of the file as last taken (see
+  `Supervisor._keep_keys`).
 - A worker whose supervisor is gone stops by itself: it watches its parent (`WorkerRole.watch_supervisor`), from
   before it starts to serve.
 - The run directory (`llmrelay-workers-*` in the temporary directory) is where the workers announce themselves.
@@ -36,6 +37,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -58,7 +60,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from llmrelay_server.config import GatewayConfig
+from llmrelay_server.auth import LIMITS_PER_WORKER, KeyRing
+from llmrelay_server.config import ConfigError, GatewayConfig
 from llmrelay_server.logs import share_stderr, use_log_format
 from llmrelay_server.metrics import serve_metrics
 
@@ -82,6 +85,8 @@ the supervisor sends on the first."""
 _RUN_LOCK = "supervisor.lock"
 CONFIG_COPY = "config.yaml"
 """In the run directory: the configuration file as the gateway started with it, which every worker reads."""
+KEYS_COPY = "keys.yaml"
+"""In the run directory: the keys file as the supervisor last took it, which every worker serves."""
 
 
 class ListenError(RuntimeError):
@@ -279,6 +284,8 @@ class Supervisor:
         self._argv = argv
         self._worker_flags: list[str] = []
         """What a worker's command line adds to the supervisor's: the configuration file kept as it was read."""
+        self._worker_env: dict[str, str] = {}
+        """What a worker's environment adds to the supervisor's: the keys file kept as last taken."""
         self._stop = asyncio.Event()
         self._exits: asyncio.Queue[_Worker] = asyncio.Queue()
         self._registry = CollectorRegistry(auto_describe=True)
@@ -309,7 +316,9 @@ class Supervisor:
             self._inherited = (lock,)
             self._keep_config(run_dir)
             workers = [_Worker(index) for index in range(1, server.workers + 1)]
-            loop.add_signal_handler(signal.SIGHUP, self._reload_all, workers, run_dir)
+            keys = self._keep_keys(workers, run_dir)
+            loop.add_signal_handler(signal.SIGHUP, keys.reload)
+            keys.start()
             metrics_server = self._serve_metrics(run_dir)
             try:
                 for worker in workers:
@@ -327,6 +336,7 @@ class Supervisor:
                 await self._keep_running(workers, run_dir, f"{host}:{port}")
                 log.info("shutting down: stopping %d workers", len(workers))
             finally:
+                await keys.stop()
                 await self._stop_all(workers)
                 if metrics_server is not None:
                     metrics_server.shutdown()
@@ -361,6 +371,23 @@ class Supervisor:
             copy.write(self._config.file_text)
         self._worker_flags = ["--config", str(kept)]
 
+    def _keep_keys(self, workers: list[_Worker], run_dir: Path) -> KeyRing:
+        """The keys file, read (at start, on SIGHUP, when it changes) and checked by the supervisor as by a worker,
+        and kept in the run directory as last taken: every worker serves that copy, and re-reads it when told. Read by
+        each worker from the file itself, a worker restarted after a change the others refused would serve it (limits
+        without Redis), or stop as it starts (a broken file) and be restarted again and again: the workers would not
+        serve the same keys."""
+        auth = self._config.auth
+        keys = KeyRing(
+            auth,
+            limits_refused=LIMITS_PER_WORKER if self._config.state.redis_url is None else None,
+            keep=run_dir / KEYS_COPY if auth.keys_file else None,
+            on_taken=functools.partial(self._reload_all, workers, run_dir),
+        )
+        if auth.keys_file:
+            self._worker_env = {"LLMRELAY_KEYS_FILE": str(run_dir / KEYS_COPY)}
+        return keys
+
     async def _start(self, worker: _Worker, run_dir: Path, listen: str) -> None:
         announcement(run_dir, worker.index).unlink(missing_ok=True)
         # The same command line, made a worker: the later flags win over the earlier ones.
@@ -370,7 +397,9 @@ class Supervisor:
         heartbeats, beating = os.pipe()
         command += ["--heartbeat-fd", str(beating)]
         try:
-            worker.process = await asyncio.create_subprocess_exec(*command, pass_fds=(*self._inherited, beating))
+            worker.process = await asyncio.create_subprocess_exec(
+                *command, pass_fds=(*self._inherited, beating), env={**os.environ, **self._worker_env}
+            )
         except BaseException:
             os.close(heartbeats)
             raise
@@ -508,8 +537,8 @@ class Supervisor:
                 return
 
     def _reload_all(self, workers: list[_Worker], run_dir: Path) -> None:
-        """SIGHUP on to the workers that have announced themselves: one still starting (its signal handlers not yet
-        set) would die of it, and reads the keys file as it starts anyway."""
+        """SIGHUP on to the workers that have announced themselves, to re-read the keys file's copy: one still starting
+        (its signal handlers not yet set) would die of it, and sees the copy change as it watches it anyway."""
         self._signal_all([w for w in workers if announcement(run_dir, w.index).exists()], signal.SIGHUP)
 
     def _signal_all(self, workers: list[_Worker], signum: int) -> None:
@@ -529,6 +558,13 @@ class Supervisor:
             loop.add_signal_handler(signum, self._signal_all, workers, STOP_NOW)
         server = self._config.server
         within_s = server.drain_s + server.grace_period_s + EXIT_MARGIN_S
+        if server.tracing:
+            # Then each exports the spans still queued, for up to the export timeout. Unless the workers refused the
+            # OTEL_* settings (or OpenTelemetry is not installed) as they started: then none runs to wait for.
+            with contextlib.suppress(ConfigError, ImportError):
+                from llmrelay_server.tracing import export_timeout_s
+
+                within_s += export_timeout_s()
         started = [(worker.index, worker.process) for worker in workers if worker.process is not None]
         exits = {asyncio.ensure_future(process.wait()): (index, process) for index, process in started}
         if not exits:

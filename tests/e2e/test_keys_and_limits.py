@@ -8,7 +8,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+import signal
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,10 +23,12 @@ from llmrelay_server.auth import KEYS_FILE_CHECK_S
 from llmrelay_server.config import ConfigError
 from llmrelay_server.domain import Message, Role
 from llmrelay_server.tokens import TokenCounter
+from redis_server import RedisServer
 from support import (
     FAST_ROUTER,
     GatewayFactory,
     chat,
+    children,
     details,
     png,
     read_all,
@@ -268,6 +271,53 @@ async def test_workers_without_redis_take_no_keys_file_that_brings_limits(tmp_pa
             with pytest.raises(grpc.aio.AioRpcError) as unknown:
                 await stub.Complete(chat("tiny"), metadata=bearer(OTHER_KEY), timeout=5)
             assert unknown.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        assert await gateway.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "refused",
+    [f"keys: [{key_entry('other', OTHER_KEY, 'limits: {requests_per_minute: 3}')}]\n", "keys: [{name: a\n"],
+    ids=["limits without redis", "not yaml"],
+)
+async def test_a_worker_restarted_serves_the_keys_the_others_do(
+    tmp_path: Path, local: FakeUpstream, refused: str
+) -> None:
+    """A worker restarted (a crash) after a keys file the workers refused took it (limits each worker would enforce
+    alone), or stopped on it as it started (a broken file) and was restarted again and again: the workers serve the
+    copy of the file as last taken, which the supervisor keeps."""
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(f"keys: [{key_entry('research', RESEARCH_KEY)}]\n")
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(
+        f'server: {{usage_db: "{tmp_path / "usage.db"}", drain_s: 0, grace_period_s: 5}}\n'
+        f'auth: {{keys_file: "{keys_file}"}}\n'
+    )
+    gateway = await start_server(config, local, "--workers", "2")
+    try:
+        await gateway.wait_listening()
+        await gateway.wait_for_line("(2 workers)")
+        keys_file.write_text(refused)
+        await gateway.wait_for_line("keys file not reloaded")
+        os.kill(children(gateway.process.pid)[0], signal.SIGKILL)
+        await gateway.wait_for_line("restarting")
+        async with asyncio.timeout(20):
+            # Two workers, the supervisor, and the new worker.
+            while sum("listening on" in line for line in gateway.log) < 4:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+        async def on_a_new_connection(key: str) -> str:
+            options = [("grpc.use_local_subchannel_pool", 1)]  # each its own connection, which the kernel spreads
+            async with grpc.aio.insecure_channel(gateway.target, options=options) as channel:
+                try:
+                    await pb.LLMServiceStub(channel).Complete(chat("tiny"), metadata=bearer(key), timeout=5)
+                except grpc.aio.AioRpcError as error:
+                    return error.code().name
+                return "OK"
+
+        assert await asyncio.gather(*(on_a_new_connection(RESEARCH_KEY) for _ in range(16))) == ["OK"] * 16
+        assert set(await asyncio.gather(*(on_a_new_connection(OTHER_KEY) for _ in range(16)))) == {"UNAUTHENTICATED"}
+        assert sum("exited" in line for line in gateway.log) == 1, "the restarted worker stopped as it started"
     finally:
         assert await gateway.stop() == 0
 
@@ -613,6 +663,45 @@ async def test_a_restarted_gateway_remembers_what_each_budget_spent_today(
         "key:research",
     )
     assert details(other.value)["ErrorInfo"].metadata["subject"] == "gateway"
+
+
+@pytest.fixture(params=["in process", "in redis"])
+async def limits_state(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """The configuration's `state` section: none (limits kept in the process), or a Redis of the test's own."""
+    if request.param == "in process":
+        yield ""
+        return
+    async with RedisServer(tmp_path / "redis") as server:
+        yield f'state: {{redis_url: "{server.url}"}}\n'
+
+
+async def test_a_budget_a_reload_gives_counts_what_the_key_spent_today(
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    limits_state: str,
+) -> None:
+    """As a restart with that keys file and ledger does (above): no limiter counted the key's spend while it had no
+    budget, so counted from the reload on, 15,000 micro-USD spent of a budget of 13,500 admitted 4 calls more."""
+    caplog.set_level(logging.INFO, logger="llmrelay_server.auth")
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(f"keys: [{key_entry('research', RESEARCH_KEY)}]\n")
+    config = f'auth: {{keys_file: "{keys_file}"}}\npricing: {{"gpt-test": {{prompt: 0, completion: 1000}}}}\n'
+    gateway, channel, stub = await start(gateway_factory, primary, local, config + limits_state)
+    call = chat("x y", model="gpt-test", exact_model=True, options=pb.CompletionOptions(max_tokens=3))  # 3,000
+    async with channel:
+        for _ in range(5):
+            await stub.Complete(call, metadata=bearer(RESEARCH_KEY), timeout=5)
+        budget = "limits: {budget_usd_per_day: 0.0135}"
+        keys_file.write_text(f"keys: [{key_entry('research', RESEARCH_KEY, budget)}]\n")
+        gateway.keys.reload()
+        await logged(caplog, "reloaded: 1 keys in force")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Complete(call, metadata=bearer(RESEARCH_KEY), timeout=5)
+    info = details(refused.value)["ErrorInfo"]
+    assert (info.reason, info.metadata["subject"]) == ("BUDGET_EXCEEDED", "key:research")
 
 
 async def test_a_budget_held_by_a_call_in_progress_is_retried_in_a_moment_not_at_midnight(

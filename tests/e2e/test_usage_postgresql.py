@@ -25,7 +25,7 @@ from harness import GatewayProcess, free_port
 from llmrelay import v1 as pb
 from llmrelay_server.domain import Cost, StoreHealth, StoreRole, TokenUsage, UsageUnavailableError
 from llmrelay_server.usage import LedgerUnavailableError, UsageLedger, UsageTotals
-from llmrelay_server.usage.postgresql import _QUERY_CONNECTIONS, ENDING_S, PostgreSQLStore, totals_query
+from llmrelay_server.usage.postgresql import _QUERY_CONNECTIONS, ANSWER_S, ENDING_S, PostgreSQLStore, totals_query
 from llmrelay_server.usage.store import BatchId, Selection
 from postgres_server import PostgresServer, PostgresTemplate
 from support import StubFactory, chat, in_background, start_server, two_backends, wait_until
@@ -198,14 +198,16 @@ async def test_a_model_an_upstream_names_at_great_length_is_stored_cut_and_holds
 
 @contextlib.asynccontextmanager
 async def journaled_gateway(
-    tmp_path: Path, usage_db: str, local: FakeUpstream
+    tmp_path: Path, usage_db: str, local: FakeUpstream, server: str = ""
 ) -> AsyncIterator[tuple[GatewayProcess, pb.LLMServiceAsyncStub, Path]]:
-    """`llmrelay-server` serving, its ledger in `usage_db` and its journal under tmp_path, logging JSON: the process,
-    a stub over a channel to it, and the journal's directory. Stopped at the end."""
+    """`llmrelay-server` serving, its ledger in `usage_db` and its journal under tmp_path, logging JSON, with more
+    `server` fields ("limits: {...}"): the process, a stub over a channel to it, and the journal's directory. Stopped
+    at the end."""
     journal = tmp_path / "journal"
     config = tmp_path / "llmrelay.yaml"
+    extra = f", {server}" if server else ""
     config.write_text(
-        f'server: {{usage_db: "{usage_db}", usage_journal_dir: "{journal}", drain_s: 0, log_format: json}}'
+        f'server: {{usage_db: "{usage_db}", usage_journal_dir: "{journal}", drain_s: 0, log_format: json{extra}}}'
     )
     gateway = await start_server(config, local)
     try:
@@ -500,6 +502,41 @@ async def test_a_wrong_password_is_said_once_and_the_gateway_serves(
     assert error["level"] == "ERROR" and error["msg"].startswith("usage ledger unavailable: PostgreSQL postgresql://")
     assert f"writer@127.0.0.1:{server.port}/ledger" in error["msg"] and str(journal) in error["msg"]
     assert PASSWORD not in (await gateway.output())
+
+
+async def test_a_gateway_started_while_the_database_refuses_connections_serves_at_once_and_says_why(
+    postgres_template: PostgresTemplate, tmp_path: Path, local: FakeUpstream
+) -> None:
+    """Its start reads today's spend for the daily budgets from the ledger, its port bound already (workers share it:
+    the kernel hands a starting one its share of new connections, whose calls wait). A database that refused at once
+    held that read for 10 s (the idle check waited out the pool's bound holding the ledger's lock, then the query its
+    own), which then said only "no answer within 10 s". The start says the connection was refused and serves; the
+    calls' records wait in the journal."""
+    server = PostgresServer(postgres_template)  # its own: this test stops it
+    server.start()
+    try:
+        url = server.create_database("ledger")
+        server.stop()  # its port closed: every connection refused at once
+        loop = asyncio.get_running_loop()
+        starting = loop.time()
+        async with journaled_gateway(tmp_path, url, local, "limits: {budget_usd_per_day: 10}") as (
+            gateway,
+            stub,
+            journal,
+        ):
+            serving_after = loop.time() - starting
+            assert (await stub.Complete(chat(), timeout=10)).backend == "ollama"
+            await wait_until(lambda: journaled_lines(journal) == 1)
+            logged = [json.loads(line) for line in gateway.log if line.startswith("{")]
+    finally:
+        server.remove()
+
+    assert serving_after < ANSWER_S, f"serving after {serving_after:.1f} s"
+    listening = next(n for n, entry in enumerate(logged) if entry["msg"].startswith("listening on"))
+    said = [entry["msg"] for entry in logged[:listening] if entry["level"] in ("WARNING", "ERROR")]
+    [unanswered] = [msg for msg in said if msg.startswith("usage ledger: cannot answer a usage query")]
+    assert "Connection refused" in unanswered, unanswered
+    assert any(msg.startswith("limits: today's spend cannot be read from the ledger") for msg in said), said
 
 
 async def test_a_table_dropped_by_hand_is_made_anew_and_the_records_since_reach_it(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,46 @@ async def test_thousands_of_keys_are_read_again_without_holding_up_the_event_loo
         ticks += 1
     assert len(keys.names()) == 1500
     assert ticks >= 2, "the event loop did not run while the file was read"  # (a wall-clock bound: load-dependent)
+
+
+def thousands_of_keys(path: Path, count: int = 3000) -> None:
+    """A keys file that takes a good part of a second to read."""
+    digests = (hashlib.sha256(str(i).encode()).hexdigest() for i in range(count))
+    entries = [f'  - {{name: caller-{i}, sha256: "{sha256}"}}' for i, sha256 in enumerate(digests)]
+    path.write_text("keys:\n" + "\n".join(entries) + "\n")
+
+
+async def test_reloads_asked_while_one_runs_are_merged_into_one_after_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each SIGHUP queued a whole read: 8 of them read 10,000 keys 8 times over (74 s). One waiting behind the running
+    read reads the file as it is when it starts, which every reload asked meanwhile wants."""
+    caplog.set_level(logging.INFO, logger="llmrelay_server.auth")
+    path = tmp_path / "keys.yaml"
+    thousands_of_keys(path)
+    keys = KeyRing(AuthConfig(keys_file=str(path)))
+    keys.reload()
+    while not keys._reloading.locked():  # noqa: ASYNC110  # until the first read is under way
+        await asyncio.sleep(0)
+    for _ in range(7):
+        keys.reload()
+    await asyncio.gather(*keys._reloads)
+    assert caplog.text.count("reloaded: 3000 keys in force") == 2
+
+
+def test_a_reload_under_way_holds_up_no_exit(tmp_path: Path) -> None:
+    """Read in asyncio's executor, the read went on after the gateway had stopped, and the process exited only once
+    it was done (asyncio.run waits for the executor's threads): seconds, for thousands of keys."""
+    path = tmp_path / "keys.yaml"
+    thousands_of_keys(path)
+
+    async def reload_and_stop() -> None:
+        keys = KeyRing(AuthConfig(keys_file=str(path)))
+        keys.reload()
+        while not keys._reloading.locked():  # noqa: ASYNC110
+            await asyncio.sleep(0)
+        await keys.stop()
+
+    asyncio.run(reload_and_stop())
+    reading = [thread for thread in threading.enumerate() if thread.name == "llmrelay-keys-file"]
+    assert reading and reading[0].daemon, "the loop waited for the read to end"

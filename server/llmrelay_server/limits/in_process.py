@@ -68,13 +68,11 @@ class InProcessLimiter:
     async def start(self) -> None:
         """Nothing to open: the state is this object's."""
 
-    def add_spent_today(self, spent: Mapping[str, int]) -> None:
-        """Spend of today (UTC) made before this limiter began, by subject, in micro-USD: the ledger's, so that a
-        restarted gateway does not give every daily budget back."""
+    async def spend_at_least(self, spent: Mapping[str, int]) -> None:
         day = _utc_day(self._clock())
         for subject, usd_micros in spent.items():
             window = self._window(subject)
-            window.spend[day] = window.spend.get(day, 0) + usd_micros
+            window.spend[day] = max(window.spend.get(day, 0), usd_micros)
 
     async def reserve(self, asks: Sequence[Ask]) -> Reservation:
         refuse_oversized(asks)

@@ -3,7 +3,7 @@ words, so that a caller reads the same refusal whichever limiter counted."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -62,6 +62,12 @@ class Limiter(Protocol):
 
     async def settle(self, reservation: Reservation, tokens: int, usd_micros: int) -> None:
         """The call ended having been billed this much: the reservation becomes that, and its stream slot frees."""
+        ...
+
+    async def spend_at_least(self, spent: Mapping[str, int]) -> None:
+        """Counts today's spend (UTC) of each subject as at least so many micro-USD: the ledger's, for spend the
+        limiter did not count (made before the process started, or while a key had no budget). Never less than it
+        counts already, so the same spend given twice (each of several workers, each of their reloads) counts once."""
         ...
 
     def health(self) -> StoreHealth: ...

@@ -5,7 +5,8 @@ them, or in none. Redis runs a script alone, so N gateways admit exactly what on
 own clock (TIME), so gateways whose clocks disagree still share one minute and one UTC day.
 
 Per subject, under `llmrelay:limits:SUBJECT:`, only for the limits it has (so a limit a keys file adds counts from
-then on). The subject "gateway" (server.limits) is one over every gateway sharing the Redis, as a caller's key is.
+then on, and a daily budget from the day's spend in the ledger: `spend_at_least`). The subject "gateway"
+(server.limits) is one over every gateway sharing the Redis, as a caller's key is.
 
 - `requests`, `tokens`: hashes of per-second buckets (the Unix second -> requests, tokens). A bucket counts while it
   is one of the last 61 seconds, so the window is 60 to 61 s: never shorter than a minute, and at most one second
@@ -72,7 +73,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -374,6 +375,19 @@ end
 return 0
 """
 
+_AT_LEAST: Final = """
+-- KEYS: spend hashes; ARGV: the micro-USD each is to count today (Redis's UTC day) at least. Raised, never lowered:
+-- the same spend given by several gateways (or sent twice) counts once.
+local day = math.floor(tonumber(redis.call('TIME')[1]) / 86400)
+for i, key in ipairs(KEYS) do
+  if tonumber(redis.call('HGET', key, day) or '0') < tonumber(ARGV[i]) then
+    redis.call('HSET', key, day, ARGV[i])
+    redis.call('EXPIRE', key, 2 * 86400)
+  end
+end
+return 0
+"""
+
 _PROBE: Final = """
 -- KEYS[1]: the probe's key. A write, as every script here makes: a Redis that answers but refuses writes (out of
 -- memory under noeviction, a read-only replica) is not back. A script, so that it needs no permission they do not.
@@ -459,6 +473,7 @@ class RedisLimiter:
         self._renew_script = self._client.register_script(_RENEW)
         self._undo_script = self._client.register_script(_UNDO)
         self._probe_script = self._client.register_script(_PROBE)
+        self._at_least_script = self._client.register_script(_AT_LEAST)
         # Reservations (and so leases) are named by limiter (one per gateway process) and call, so no two gateways
         # ever name one alike.
         owner = uuid.uuid4().hex
@@ -587,6 +602,16 @@ class RedisLimiter:
             raise
         else:
             self._held.discard(hold.lease)
+
+    async def spend_at_least(self, spent: Mapping[str, int]) -> None:
+        if not spent or not self._available:
+            return  # out of reach: calls are not counted either (state.on_unavailable), and Redis keeps what it had
+        keys = [_keys(subject)[3] for subject in spent]
+        args: list[str | int] = [*spent.values()]
+        try:
+            await self._run(self._at_least_script, keys, args)
+        except _UNREACHABLE as error:
+            self._went_unreachable(error)
 
     def health(self) -> StoreHealth:
         if self._available:

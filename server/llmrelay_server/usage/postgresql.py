@@ -26,6 +26,12 @@ or an error message of this module (`without_password`, and errors are scrubbed 
 When the pool has no connection to give, its error only says that it waited; the store's error says why instead, with
 the error of the pool's last attempt to connect (the server refused the password, say). The ledger logs that once per
 outage, so the pool's own warning at each attempt to connect, every second or two while it fails, is not logged.
+
+A refused connection is known at once, and waiting out the pool's bound (`_WAIT_S`) would only put off the same answer
+(a gateway started while the database is down read its budgets' spend for 10 s, its port bound, before it served): a
+use waiting for a connection is refused as soon as an attempt of its pool to connect fails, and while the pool's last
+attempt failed (it retries in the background), a use is refused at once, with that attempt's error. A pool that gave
+up retrying (`_RECONNECT_S`) is asked again by the next use, which waits for that attempt.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any, Final, Self, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -99,6 +106,7 @@ _TABLES: Final = ("usage_buckets", "applied_batches")
 restarts included, and no message would say what to do: the migrations are run again and make it anew, empty."""
 
 _T = TypeVar("_T")
+_Connection = psycopg.AsyncConnection[TupleRow]
 _log = logging.getLogger(__name__)
 logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # its warnings: see the module's docstring
 
@@ -143,7 +151,7 @@ def _a_password(parameter: str) -> bool:
     return "password" in parameter.lower()
 
 
-def _reporting(report: Callable[[psycopg.Error | None], None]) -> type[psycopg.AsyncConnection[TupleRow]]:
+def _reporting(report: Callable[[psycopg.Error | None], None]) -> type[_Connection]:
     """A connection class that reports how each attempt to connect ended: its error, or None."""
 
     class Reporting(psycopg.AsyncConnection[TupleRow]):
@@ -158,6 +166,61 @@ def _reporting(report: Callable[[psycopg.Error | None], None]) -> type[psycopg.A
             return connection
 
     return Reporting
+
+
+def _refused(error: psycopg.Error) -> psycopg.OperationalError:
+    """A use refused for an attempt to connect that failed, in its words (a new exception each time: one raised again
+    and again would grow its traceback with every use)."""
+    return psycopg.OperationalError(str(error))
+
+
+@dataclass(eq=False)
+class _Pool:
+    """A pool, and how its attempts to connect go (see the module's docstring)."""
+
+    pool: AsyncConnectionPool[_Connection] = field(init=False)
+    refusing: psycopg.Error | None = None
+    """The error of its last attempt to connect while it retries; None once one succeeds, or once it gave up."""
+    waiting: set[asyncio.Future[psycopg.Error]] = field(default_factory=set)
+    """The uses waiting for one of its connections, each told the error of an attempt that fails."""
+
+    def connect_ended(self, error: psycopg.Error | None) -> None:
+        self.refusing = error
+        if error is not None:
+            for use in self.waiting:
+                if not use.done():
+                    use.set_result(error)
+
+    def gave_up(self, _: AsyncConnectionPool[_Connection]) -> None:
+        self.refusing = None  # the next use asks it to connect again, and waits for that attempt
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[_Connection]:
+        """One of its connections; refused (the error of an attempt to connect) as soon as one fails, or at once while
+        it retries after one failed. PoolTimeout when none comes within the pool's bound (a server that does not
+        answer)."""
+        if self.refusing is not None:
+            raise _refused(self.refusing)
+        refused = asyncio.get_running_loop().create_future()
+        self.waiting.add(refused)
+        getting = asyncio.ensure_future(self.pool.getconn())
+        try:
+            await asyncio.wait((getting, refused), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            getting.cancel()  # a connection the pool hands it then, it takes back (psycopg_pool's getconn)
+            if getting.done() and not getting.cancelled() and getting.exception() is None:
+                await self.pool.putconn(getting.result())
+            raise
+        finally:
+            self.waiting.discard(refused)
+        if not getting.done():  # an attempt to connect failed first
+            getting.cancel()
+            raise _refused(refused.result())
+        connection = getting.result()
+        try:
+            yield connection
+        finally:
+            await self.pool.putconn(connection)
 
 
 class PostgreSQLStore:
@@ -176,22 +239,28 @@ class PostgreSQLStore:
         self._migrated = False
         self._preparing = asyncio.Lock()  # one opening and one migration per process
 
-    def _new_pool(
-        self, url: str, name: str, least: int, most: int
-    ) -> AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]]:
-        return AsyncConnectionPool(
+    def _new_pool(self, url: str, name: str, least: int, most: int) -> _Pool:
+        pooled = _Pool()
+
+        def connect_ended(error: psycopg.Error | None) -> None:
+            self._connect_error = error
+            pooled.connect_ended(error)
+
+        pooled.pool = AsyncConnectionPool(
             url,
-            connection_class=_reporting(self._connect_ended),
+            connection_class=_reporting(connect_ended),
             min_size=least,
             max_size=most,
             open=False,
             name=name,
             timeout=_WAIT_S,
             reconnect_timeout=_RECONNECT_S,
+            reconnect_failed=pooled.gave_up,
             check=AsyncConnectionPool.check_connection,
             kwargs={"connect_timeout": round(_WAIT_S)},
             num_workers=most,  # a query need not wait for another's connection to be made
         )
+        return pooled
 
     @property
     def kind(self) -> str:
@@ -234,7 +303,7 @@ class PostgreSQLStore:
         return await self._answered(self._roll_up(before))
 
     async def aclose(self) -> None:
-        await asyncio.gather(self._writes.close(), self._queries.close())
+        await asyncio.gather(self._writes.pool.close(), self._queries.pool.close())
 
     async def _check(self) -> None:
         async with self._connection(self._writes) as connection:
@@ -244,7 +313,7 @@ class PostgreSQLStore:
         # In the order of the keys, as every gateway writes them (not as the records came): see the module's docstring.
         rows = [(*key, *buckets[key]) for key in sorted(buckets)]
 
-        async def write(connection: psycopg.AsyncConnection[TupleRow]) -> bool:
+        async def write(connection: _Connection) -> bool:
             marked = await connection.execute(_MARK_APPLIED, (batch.journal, batch.number))
             if marked.rowcount == 0:
                 return False  # committing changes nothing
@@ -257,7 +326,7 @@ class PostgreSQLStore:
     async def _roll_up(self, before: int) -> int:
         return await self._written(functools.partial(_rolled_up, before=before))
 
-    async def _written(self, write: Callable[[psycopg.AsyncConnection[TupleRow]], Awaitable[_T]]) -> _T:
+    async def _written(self, write: Callable[[_Connection], Awaitable[_T]]) -> _T:
         """What the write returns, run in a transaction on the writer's connection; again, at once, when PostgreSQL
         ended the transaction for a deadlock or a serialization failure (up to `_ATTEMPTS` in all)."""
         async with self._connection(self._writes) as connection:
@@ -308,21 +377,22 @@ class PostgreSQLStore:
         return task.result()
 
     @asynccontextmanager
-    async def _connection(
-        self, pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]]
-    ) -> AsyncIterator[psycopg.AsyncConnection[TupleRow]]:
+    async def _connection(self, pool: _Pool) -> AsyncIterator[_Connection]:
         """A connection from the pool, the schema migrated; every psycopg failure becomes LedgerUnavailableError."""
         try:
             async with self._preparing:
                 if not self._opened:
-                    await self._writes.open(wait=False)
-                    await self._queries.open(wait=False)
+                    await self._writes.pool.open(wait=False)
+                    await self._queries.pool.open(wait=False)
                     self._opened = True
-                if not self._migrated:
-                    async with pool.connection() as connection:
-                        await _migrate(connection, self._description)
-                    self._migrated = True
+            # The lock only for the migration, on a connection in hand: a use waiting for its connection would
+            # otherwise hold up every other use, each waiting its turn and then its own wait.
             async with pool.connection() as connection:
+                if not self._migrated:
+                    async with self._preparing:
+                        if not self._migrated:
+                            await _migrate(connection, self._description)
+                            self._migrated = True
                 yield connection
         except psycopg.Error as exc:
             if isinstance(exc, psycopg.errors.UndefinedTable):
@@ -330,9 +400,6 @@ class PostgreSQLStore:
             # The pool's timeout only says that it waited; why it has no connection is its last attempt's error.
             cause = self._connect_error if isinstance(exc, PoolTimeout) and self._connect_error is not None else exc
             raise LedgerUnavailableError(f"{self._description}: {self._shown(str(cause))}") from exc
-
-    def _connect_ended(self, error: psycopg.Error | None) -> None:
-        self._connect_error = error
 
     def _shown(self, message: str) -> str:
         """The message as it may be logged: without the password, on one line (libpq's may take several)."""
@@ -348,7 +415,7 @@ def totals_query(selection: Selection) -> tuple[str, list[object]]:
     return f"SELECT backend, model, caller, {_SUMS} FROM usage_buckets{where} GROUP BY backend, model, caller", values
 
 
-async def _rolled_up(connection: psycopg.AsyncConnection[TupleRow], before: int) -> int:
+async def _rolled_up(connection: _Connection, before: int) -> int:
     """In the transaction under way: the roll-up of the oldest day before `before` (`LedgerStore.roll_up`)."""
     locked = await (await connection.execute("SELECT pg_try_advisory_xact_lock(%s)", (_ROLL_UP_LOCK,))).fetchone()
     if locked is None or not locked[0]:
@@ -371,7 +438,7 @@ def _retrieved(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-async def _migrate(connection: psycopg.AsyncConnection[TupleRow], description: str) -> None:
+async def _migrate(connection: _Connection, description: str) -> None:
     async with connection.transaction():
         await connection.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         # Made only where missing: CREATE ... IF NOT EXISTS still needs the privilege to create, which a role that an
@@ -403,6 +470,6 @@ async def _migrate(connection: psycopg.AsyncConnection[TupleRow], description: s
             )
 
 
-async def _exists(connection: psycopg.AsyncConnection[TupleRow], table: str) -> bool:
+async def _exists(connection: _Connection, table: str) -> bool:
     found = await (await connection.execute("SELECT to_regclass(%s)", (table,))).fetchone()
     return found is not None and found[0] is not None
