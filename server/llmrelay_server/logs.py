@@ -68,10 +68,27 @@ def configure(level: str | int, worker: int | None = None) -> None:
     handler = _handler = BatchingHandler(os.dup(sys.stderr.fileno()), shared=worker is not None)
     handler.setFormatter(TextFormatter(text_format(worker)))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    # The lines logged before a crash come before its traceback, which Python writes itself (at once).
+    if not isinstance(sys.excepthook, _FlushingFirst):
+        sys.excepthook = _FlushingFirst(sys.excepthook)
+        threading.excepthook = _FlushingFirst(threading.excepthook)
     # What no format of ours shows, not looked up for every record (the logging HOWTO's "Optimization"): the
     # calling frame's file and line, the thread, the process.
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+
+
+class _FlushingFirst:
+    """An exception hook that has the lines waiting written (at most EXIT_WAIT_S) before the hook it wraps writes its
+    traceback."""
+
+    def __init__(self, hook: Callable[..., Any]) -> None:
+        self._hook = hook
+
+    def __call__(self, *args: Any) -> None:
+        if _handler is not None:
+            _handler.flush()
+        self._hook(*args)
 
 
 def share_stderr() -> None:
@@ -281,11 +298,13 @@ class BatchingHandler(logging.Handler):
         return True
 
     def _write(self, data: bytes) -> None:
-        try:
-            while data:
+        while data:
+            try:
                 data = data[os.write(self._fd, data) :]
-        except OSError:
-            pass  # standard error is gone: there is nowhere left to say so
+            except BlockingIOError:  # a standard error made non-blocking (by a process sharing it): waited for alike
+                select.select([], [self._fd], [])
+            except OSError:
+                return  # standard error is gone: there is nowhere left to say so
 
 
 class _SecondCache:

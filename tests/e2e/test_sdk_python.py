@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from asyncio.subprocess import PIPE
@@ -955,10 +956,12 @@ async def test_plaintext_by_default_to_loopback_fails_clearly_against_tls(tls_ga
 
 
 async def test_certificates_tls_cannot_use_are_a_value_error_naming_the_argument(
-    gateway_factory: GatewayFactory, primary: FakeUpstream, tmp_path: Path
+    gateway_factory: GatewayFactory, primary: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """gRPC took any bytes, then failed every call UNAVAILABLE, "Failed to create security handshaker" (with ERROR
-    lines of its own), naming no argument. Checked as the llmrelay command checks its files."""
+    lines of its own), naming no argument. Checked as the llmrelay command checks its files, in memory: never a key
+    on a disk, and where no temporary directory can be written (a container's read-only file system)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no such directory"))
     authority = Authority("llmrelay sdk test CA")
     gateway = await _serve_tls(gateway_factory, primary, tmp_path, authority, clients=authority)
     mine, another = authority.client(), authority.client("another")

@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import select
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -231,3 +233,44 @@ def test_what_grpc_logs_for_a_callers_undecodable_metadata_shows_no_value(
     [line] = shown
     assert line.levelno == logging.DEBUG and line.exc_info is None
     assert line.getMessage() == f"a caller sent a metadata value that is not UTF-8 ({len(value)} bytes, not shown)"
+
+
+def test_a_non_blocking_pipe_loses_no_line_uncounted() -> None:
+    """A standard error made non-blocking (by a process sharing it) answers a full pipe with EAGAIN: waited for, as a
+    blocking one is, not the rest of the batch dropped unsaid."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, False)
+    handler = BatchingHandler(write_end, max_waiting_bytes=256 << 10)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    lines = 2_000
+    for n in range(lines):
+        handler.handle(record(time.time(), message=f"{n:05d} " + "x" * 1000))
+    kept, dropped, unread, deadline = 0, 0, b"", time.monotonic() + 10
+    while kept + dropped < lines and time.monotonic() < deadline:
+        *whole, unread = (unread + read_until(read_end, b"\n", seconds=0.1)).split(b"\n")
+        kept += sum(line.endswith(b"x" * 1000) for line in whole)
+        dropped += sum(int(line.split()[1]) for line in whole if b"log lines dropped" in line)
+    assert kept + dropped == lines and kept > 64  # more than one pipe's worth came through
+    handler.close()
+    os.close(read_end)
+
+
+def test_the_lines_before_a_crash_come_before_its_traceback() -> None:
+    """Python writes an uncaught exception's traceback at once, itself; the lines logged before it wait for the
+    writer thread, unless the exception hook has them written first."""
+    crash = (
+        "import logging, threading\n"
+        "from llmrelay_server import logs\n"
+        "logs.configure('INFO')\n"
+        "logging.getLogger('llmrelay_server').error('before the thread crash')\n"
+        "thread = threading.Thread(target=lambda: 1 / 0)\n"
+        "thread.start(); thread.join()\n"
+        "logging.getLogger('llmrelay_server').warning('before the crash')\n"
+        "raise SystemError('the crash')\n"
+    )
+    ended = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=60, check=False)
+    said = ended.stderr
+    assert ended.returncode == 1, said
+    assert said.index("before the thread crash") < said.index("ZeroDivisionError") < said.index("before the crash")
+    assert said.index("before the crash") < said.index("SystemError: the crash"), said

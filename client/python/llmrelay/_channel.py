@@ -6,11 +6,11 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import os
+import re
 import ssl
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final, TypeAlias
 
 import grpc
@@ -136,45 +136,58 @@ class ChannelSettings:
         )
 
 
+_PEM_CERTIFICATE: Final = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+
+
 def root_certificates_problem(pem: bytes | None) -> str | None:
     """What keeps TLS from trusting `pem` as its roots (the llmrelay command's --ca-file); None when nothing does, or
-    none are given."""
+    none are given. Read in memory: the text around the certificates, which TLS skips, need not be ASCII."""
     if pem is None:
         return None
-    with _in_files(pem) as (cafile,):
-        try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cafile)
-        except (ssl.SSLError, ValueError):
-            return "no PEM certificate in it (-----BEGIN CERTIFICATE-----)"
+    try:
+        certificates = "\n".join(block.decode("ascii") for block in _PEM_CERTIFICATE.findall(pem))
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=certificates or None)
+    except (ssl.SSLError, ValueError, TypeError):  # TypeError: no certificate at all (cadata None)
+        return "no PEM certificate in it (-----BEGIN CERTIFICATE-----)"
     return None
 
 
 def client_certificate_problem(private_key: bytes | None, certificate_chain: bytes | None) -> str | None:
-    """What keeps TLS from presenting `certificate_chain` with `private_key` (the llmrelay command's --cert and
-    --cert-key): a key that is not the certificate's, or either not PEM (the two swapped, say); None when nothing
-    does, or either is not given. An encrypted key is refused too: gRPC takes no password."""
+    """What keeps TLS from presenting `certificate_chain` with `private_key`: see client_certificate_files_problem.
+    Python's ssl reads a key only from a file: they are put in files of memory alone (memfd), never on a disk (a key
+    is a secret, and a container's file system may be read-only); where there are none (not Linux), not checked here,
+    and gRPC's own refusal at the first call names no argument."""
     if private_key is None or certificate_chain is None:
         return None
-    with _in_files(certificate_chain, private_key) as (certfile, keyfile):
-        try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(certfile, keyfile, password=lambda: "")
-        except ssl.SSLError as exc:
-            if exc.reason == "KEY_VALUES_MISMATCH":
-                return "the key is not the certificate's"
-            return "not a PEM certificate and its key (are they swapped?)"
+    try:
+        with _in_memory(certificate_chain) as certfile, _in_memory(private_key) as keyfile:
+            return client_certificate_files_problem(certfile, keyfile)
+    except (AttributeError, OSError):  # no os.memfd_create, or /proc to open it by
+        return None
+
+
+def client_certificate_files_problem(certfile: str, keyfile: str) -> str | None:
+    """What keeps TLS from presenting the certificate in `certfile` with the key in `keyfile` (the llmrelay command's
+    --cert and --cert-key): a key that is not the certificate's, or either not PEM (the two swapped, say); None when
+    nothing does. An encrypted key is refused too: gRPC takes no password."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(certfile, keyfile, password=lambda: "")
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            return "the key is not the certificate's"
+        return "not a PEM certificate and its key (are they swapped?)"
     return None
 
 
 @contextlib.contextmanager
-def _in_files(*contents: bytes) -> Iterator[list[str]]:
-    """`contents` as files, removed after: Python's ssl reads a key and its certificate only from files (and a bundle
-    of roots with text that is not ASCII around them only so). In a directory only this user can enter, as a
-    private key may be among them."""
-    with tempfile.TemporaryDirectory(prefix="llmrelay-") as directory:
-        paths = [str(Path(directory, str(index))) for index in range(len(contents))]
-        for path, content in zip(paths, contents, strict=True):
-            Path(path).write_bytes(content)
-        yield paths
+def _in_memory(content: bytes) -> Iterator[str]:
+    """`content` as a file of memory alone, by a path this process can open, closed after."""
+    fd = os.memfd_create("llmrelay-tls", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, content)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 def channel_options(service_config: ServiceConfig, options: ChannelOptions) -> list[tuple[str, Any]]:
