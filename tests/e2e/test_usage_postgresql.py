@@ -527,6 +527,7 @@ async def test_a_gateway_started_while_the_database_refuses_connections_serves_a
             serving_after = loop.time() - starting
             assert (await stub.Complete(chat(), timeout=10)).backend == "ollama"
             await wait_until(lambda: journaled_lines(journal) == 1)
+            await gateway.wait_for_line("listening on")  # logged as the server starts, which Health may answer first
             logged = [json.loads(line) for line in gateway.log if line.startswith("{")]
     finally:
         server.remove()

@@ -7,6 +7,7 @@ import json
 
 import grpc
 import pytest
+from certs import Authority
 from llmrelay import DEFAULT_SERVICE_CONFIG, Client, is_loopback_target, uses_tls
 from llmrelay._channel import SERVICE_CONFIG_OPTION, ChannelSettings
 
@@ -94,7 +95,8 @@ def test_loopback_targets_alone_are_plaintext_by_default(target: str, loopback: 
 def test_certificates_mean_tls_and_contradictions_are_refused() -> None:
     assert ChannelSettings().credentials_for("127.0.0.1:1") is None
     assert ChannelSettings().credentials_for("llm.example.com:443") is not None
-    assert ChannelSettings(root_certificates=b"PEM").credentials_for("127.0.0.1:1") is not None
+    roots = Authority("llmrelay channel test CA").cert
+    assert ChannelSettings(root_certificates=roots).credentials_for("127.0.0.1:1") is not None
     own = grpc.ssl_channel_credentials()
     assert ChannelSettings(credentials=own).credentials_for("127.0.0.1:1") is own
     with pytest.raises(ValueError, match="tls=False with certificates"):
