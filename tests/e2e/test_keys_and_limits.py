@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import GatewayProcess
 from llmrelay import v1 as pb
 from llmrelay_server import convert, tokens
 from llmrelay_server.app import Gateway
@@ -247,8 +248,8 @@ async def test_the_keys_file_is_reread_when_it_changes(
         assert (await stub.Complete(chat(), metadata=bearer(OTHER_KEY), timeout=5)).backend == "openai"
 
 
-async def test_workers_without_redis_take_no_keys_file_that_brings_limits(tmp_path: Path, local: FakeUpstream) -> None:
-    # Each worker would enforce them alone, N times each limit: refused as at start, the keys in force staying.
+async def workers_keyed_by_file(tmp_path: Path, local: FakeUpstream) -> tuple[Path, GatewayProcess]:
+    """Two workers without Redis, their keys in a keys file (research's key), started: the file, and the gateway."""
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text(f"keys: [{key_entry('research', RESEARCH_KEY)}]\n")
     config = tmp_path / "llmrelay.yaml"
@@ -260,6 +261,16 @@ async def test_workers_without_redis_take_no_keys_file_that_brings_limits(tmp_pa
     try:
         await gateway.wait_listening()
         await gateway.wait_for_line("(2 workers)")
+    except BaseException:
+        await gateway.stop()
+        raise
+    return keys_file, gateway
+
+
+async def test_workers_without_redis_take_no_keys_file_that_brings_limits(tmp_path: Path, local: FakeUpstream) -> None:
+    # Each worker would enforce them alone, N times each limit: refused as at start, the keys in force staying.
+    keys_file, gateway = await workers_keyed_by_file(tmp_path, local)
+    try:
         # research's key revoked, other's added with a limit: all or nothing, as for any file that cannot be taken
         keys_file.write_text(f"keys: [{key_entry('other', OTHER_KEY, 'limits: {requests_per_minute: 3}')}]\n")
         refused = await gateway.wait_for_line("keys file not reloaded")
@@ -286,17 +297,8 @@ async def test_a_worker_restarted_serves_the_keys_the_others_do(
     """A worker restarted (a crash) after a keys file the workers refused took it (limits each worker would enforce
     alone), or stopped on it as it started (a broken file) and was restarted again and again: the workers serve the
     copy of the file as last taken, which the supervisor keeps."""
-    keys_file = tmp_path / "keys.yaml"
-    keys_file.write_text(f"keys: [{key_entry('research', RESEARCH_KEY)}]\n")
-    config = tmp_path / "llmrelay.yaml"
-    config.write_text(
-        f'server: {{usage_db: "{tmp_path / "usage.db"}", drain_s: 0, grace_period_s: 5}}\n'
-        f'auth: {{keys_file: "{keys_file}"}}\n'
-    )
-    gateway = await start_server(config, local, "--workers", "2")
+    keys_file, gateway = await workers_keyed_by_file(tmp_path, local)
     try:
-        await gateway.wait_listening()
-        await gateway.wait_for_line("(2 workers)")
         keys_file.write_text(refused)
         await gateway.wait_for_line("keys file not reloaded")
         os.kill(children(gateway.process.pid)[0], signal.SIGKILL)
