@@ -22,7 +22,7 @@ from llmrelay_server.auth import LIMITS_PER_WORKER, AuthInterceptor, KeyRing
 from llmrelay_server.backends import provider_factory
 from llmrelay_server.calllog import CallLogObserver
 from llmrelay_server.concurrency import ConcurrencyInterceptor
-from llmrelay_server.config import ConfigError, GatewayConfig, ServerConfig
+from llmrelay_server.config import ConfigError, GatewayConfig, ServerConfig, shown_path
 from llmrelay_server.decoding import GenericOnly, add_llm_service, receive_limit
 from llmrelay_server.domain import StoreHealth, UsageUnavailableError
 from llmrelay_server.health import SERVICE_NAME, HealthMonitor, HealthServicer
@@ -177,7 +177,7 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
         raise ConfigError(f"{config.usage_db_named}: {exc}") from exc
     except OSError as exc:  # its journal's directory (a file in the way, no permission)
         where = f"{config.usage_db_named} or server.usage_journal_dir"
-        raise ConfigError(f"{where}: {exc.strerror}: {exc.filename}") from exc
+        raise ConfigError(f"{where}: {exc.strerror}: {shown_path(exc.filename)}") from exc
     factory = provider_factory(counter)
     providers = [factory.create(spec) for spec in config.backends]
     router = Router(

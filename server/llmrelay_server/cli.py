@@ -14,7 +14,7 @@ from llmrelay_server.app import run, serve
 from llmrelay_server.auth import new_key
 from llmrelay_server.backends.http1 import TrustConfigError, upstream_tls_context
 from llmrelay_server.backends.proxies import Proxies, ProxyConfigError
-from llmrelay_server.config import DEFAULT_LISTEN, ConfigError, GatewayConfig, check_key_name, load_config
+from llmrelay_server.config import DEFAULT_LISTEN, ConfigError, check_key_name, load_config
 from llmrelay_server.workers import ListenError, Supervisor, WorkerRole
 
 
@@ -58,14 +58,17 @@ def main(argv: list[str] | None = None) -> None:
         if args.workers is not None:
             env["LLMRELAY_WORKERS"] = str(args.workers)
         config = load_config(env, path=args.config)
+    except ConfigError as exc:
+        _stop_at_start(exc.log_format, f"configuration error: {exc}")
+    try:
         # Read again by each backend as it starts: a proxy its calls could not go through stops the gateway here,
         # once, before any worker starts.
         Proxies.from_environment()
         # Likewise the certificates https upstreams are checked against, read otherwise at the first call to one.
         if any(spec.base_url.startswith("https:") for spec in config.backends):
             upstream_tls_context()
-    except (ConfigError, ProxyConfigError, TrustConfigError) as exc:
-        sys.exit(f"llmrelay-server: configuration error: {exc}")
+    except (ProxyConfigError, TrustConfigError) as exc:
+        _stop_at_start(config.server.log_format, f"configuration error: {exc}")
     try:
         if args.worker is not None:
             role = WorkerRole(args.worker, args.worker_dir, args.supervisor_pid, args.heartbeat_fd)
@@ -75,15 +78,15 @@ def main(argv: list[str] | None = None) -> None:
         else:
             run(serve(config), config.server.event_loop)
     except ListenError as exc:
-        _stop_at_start(config, str(exc))
+        _stop_at_start(config.server.log_format, str(exc))
     except ConfigError as exc:  # what is checked as it is read: a certificate, the keys file
-        _stop_at_start(config, f"configuration error: {exc}")
+        _stop_at_start(config.server.log_format, f"configuration error: {exc}")
 
 
-def _stop_at_start(config: GatewayConfig, why: str) -> NoReturn:
+def _stop_at_start(log_format: str, why: str) -> NoReturn:
     """Ends a gateway that could not start, saying why in one line: with `server.log_format: json`, a JSON object
     like every other line of its log, which a collector parsing JSON would otherwise not take."""
-    if config.server.log_format == "json":
+    if log_format == "json":
         logs.use_log_format("json")  # set where the start began, which need not have got that far
         logging.getLogger("llmrelay_server").error(why)
         sys.exit(1)

@@ -37,6 +37,10 @@ BACKEND_KINDS = ("openai", "anthropic", "ollama", "openai_compatible", "llamacpp
 class ConfigError(ValueError):
     """Bad configuration; the message names the field and says how to fix it."""
 
+    log_format: str = "text"
+    """The log format the configuration file asked for, when it was read far enough to say: the error is then said
+    in it (a collector parsing a JSON log would not take a line of text)."""
+
 
 @dataclass(frozen=True, slots=True)
 class RetryConfig:
@@ -311,6 +315,11 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     """Reads the file (path, else $LLMRELAY_CONFIG, else none) and the environment into a validated config."""
     env = os.environ if env is None else env
     _FROM_THE_ENVIRONMENT.set(())  # this load's files alone
+    # Set but blank (`LLMRELAY_KEYS_FILE=$KEYS`, KEYS unset), these were taken for unset without a word: a start on
+    # the defaults, a gateway open to anyone, each process keeping its own limits. The --config flag refuses it too.
+    for name in ("LLMRELAY_CONFIG", "LLMRELAY_KEYS_FILE", "LLMRELAY_REDIS_URL"):
+        if name in env and not env[name].strip() and not (name == "LLMRELAY_CONFIG" and path):
+            raise ConfigError(f"{name}: empty (an unset variable?): give one, or leave the variable unset")
     # An error names where its value came from: a variable set long ago is easy to forget.
     to_find_it = "check the --config path" if path else "check LLMRELAY_CONFIG"
     path = path or env.get("LLMRELAY_CONFIG") or None
@@ -320,6 +329,21 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
         where = f"config file {path}"
         text = _read_text(Path(path), where, to_find_it)
         document = _parse_yaml(text, env, where, " (server, router, llm)") or {}
+    try:
+        return _checked(document, text, env)
+    except ConfigError as error:
+        error.log_format = _log_format_asked(document)
+        raise
+
+
+def _log_format_asked(document: Mapping[str, Any]) -> str:
+    """The log format the file's server.log_format asks for, as far as it says: "text" unless it says "json"."""
+    server = document.get("server")
+    return "json" if isinstance(server, Mapping) and server.get("log_format") == "json" else "text"
+
+
+def _checked(document: Mapping[str, Any], text: str | None, env: Mapping[str, str]) -> GatewayConfig:
+    """The configuration of the file's `document` (its `text`) and the environment, validated."""
     section = _build(_FileSection, document, "")
     server = section.server
     if env.get("LLMRELAY_LISTEN"):
@@ -389,9 +413,11 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     ):
         if value is not None and not value.strip():
             raise ConfigError(f"{name}: empty (an unset ${{VAR}}?): give one, or leave the field out")
+    _check_path(server.usage_journal_dir, "server.usage_journal_dir")
     auth = section.auth
     if env.get("LLMRELAY_KEYS_FILE"):
         auth = dataclasses.replace(auth, keys_file=env["LLMRELAY_KEYS_FILE"])
+    _check_path(auth.keys_file, "LLMRELAY_KEYS_FILE" if env.get("LLMRELAY_KEYS_FILE") else "auth.keys_file")
     _check_keys(auth.keys, "auth.keys")
     # A broken keys file stops the start, as a broken config does.
     file_keys = load_keys_file(auth.keys_file) if auth.keys_file else ()
@@ -496,10 +522,12 @@ def _check_authority(url: str, where: str) -> None:
             ) from None
         raise ConfigError(f"{where}: {exc}") from None  # its own words ("Invalid IPv6 URL"), never the URL's
     query = parse_qsl(parts.query, keep_blank_values=True)
-    stray = "@" in parts.path + parts.fragment or any("@" in f"{key}={value}" for key, value in query if key != "user")
-    if "@" not in parts.netloc and stray:
+    # Whether or not the authority holds an '@' of its own: a password "p@ss/word" ends it at "p@ss", and the rest of
+    # the password, "word@host", would be the path.
+    if "@" in parts.path + parts.fragment or any("@" in f"{key}={value}" for key, value in query if key != "user"):
         raise ConfigError(
-            f"{where}: the user or password in the URL holds a '/', '?' or '#' as is; percent-encode it (%2F, %3F, %23)"
+            f"{where}: the user or password in the URL holds a '/', '?', '#' or '@' as is (an '@' follows the host);"
+            " percent-encode it (%2F, %3F, %23, %40)"
         )
 
 
@@ -575,7 +603,7 @@ def load_keys_file(path: str | Path) -> tuple[CallerKey, ...]:
     The file must say `keys:`, as `keys: []` when it admits nobody. An empty file (or one of blanks and comments) is
     a mistake, not a file without keys: it is what a reload sees of a file saved in place (truncated, then written)
     between the two steps, and taking it at its word would revoke every key until the next look."""
-    where = f"keys file {path}"
+    where = f"keys file {shown_path(path)}"
     to_find_it = "check the path in auth.keys_file (or LLMRELAY_KEYS_FILE)"
     document = _read_yaml(Path(path), os.environ, where, to_find_it, _KEYS_FILE_HOLDS)
     if document is None:
@@ -912,6 +940,7 @@ def _check_tls(tls: TLSConfig) -> None:
         if value is not None and not value.strip():
             leave_out = " (leave it out for no client certificates)" if name == "client_ca_file" else ""
             raise ConfigError(f"server.tls.{name}: empty (an unset ${{VAR}}?): give a file{leave_out}")
+        _check_path(value, f"server.tls.{name}")
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
@@ -974,7 +1003,7 @@ def _build(cls: type[T], value: Any, where: str) -> T:
     for key, item in value.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
-            raise ConfigError(f"{path}: unknown field; known fields here: {', '.join(fields)}")
+            raise ConfigError(_unknown_field(str(key), where, fields))
         kwargs[key] = _convert(hints[key], item, path)
     missing = [
         name
@@ -984,6 +1013,30 @@ def _build(cls: type[T], value: Any, where: str) -> T:
     if missing:
         raise ConfigError(f"{where}.{missing[0]}: required")
     return cls(**kwargs)
+
+
+_LONGEST_SHOWN_KEY: Final = 40
+"""Past this, an unknown key is not shown: no field's name is that long, and a secret may be (a key's value written
+as a key of its own)."""
+
+
+def _unknown_field(key: str, where: str, fields: Mapping[str, Any]) -> str:
+    """What an unknown key in the mapping at `where` is. A key that looks like a key and its value run together
+    (`api_key=sk-...`, `api_key sk-...`) is not shown, as its value may be a secret: only the section it is in."""
+    known = f"known fields here: {', '.join(fields)}"
+    section = where or "the top level"
+    if "=" in key:
+        return f"{section}: a key holding '=' (write `key: value`); {known}"
+    if ":" in key:
+        return f"{section}: a key holding ':' (write `key: value`, a space after the colon); {known}"
+    if any(char.isspace() for char in key):
+        return f"{section}: a key holding a space (write `key: value`); {known}"
+    if len(key) > _LONGEST_SHOWN_KEY:
+        return f"{section}: a key of {len(key)} characters, no field's name; {known}"
+    near = difflib.get_close_matches(key, fields, n=1, cutoff=0.75)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    path = f"{where}.{key}" if where else key
+    return f"{path}: unknown field{hint}; {known}"
 
 
 def _convert(hint: Any, value: Any, where: str) -> Any:
@@ -1016,6 +1069,10 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected a whole number, got {_shown(value, where)}")
+        if abs(value) > _LARGEST_INT:
+            # No count or size is near it; a typo's 400 digits stopped the start (or a keys file's reload) with a
+            # traceback where the checks take it as a float.
+            raise ConfigError(f"{where}: too large a number (at most {_LARGEST_INT})")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -1033,6 +1090,9 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         return str(value)
     raise TypeError(f"unsupported config type {hint!r} at {where}")
 
+
+_LARGEST_INT: Final = 2**63 - 1
+"""The largest whole number a field takes: what a 64-bit integer holds (the contract's, the ledger's, Redis's)."""
 
 _BOOLEANS: Final = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 """Text YAML reads as a boolean (its 1.1 words, any case)."""
@@ -1060,6 +1120,28 @@ def _shown(value: Any, where: str) -> str:
             if value == used or (len(used) >= 8 and used in value):
                 return f"the value of ${{{name}}} (not shown: it may be a secret)"
     return repr(value)
+
+
+def shown_path(path: str | os.PathLike[str]) -> str:
+    """A file path as an error shows it: the value of a ${VAR} in it written as that ${VAR}, as a variable named by
+    mistake (`auth.keys_file: "${OPENAI_API_KEY}"`) may hold a secret. A path is worth showing otherwise: it is what
+    the operator looks for."""
+    shown = os.fspath(path)
+    for used, name in sorted(_FROM_THE_ENVIRONMENT.get(), key=lambda pair: -len(pair[0])):
+        # Within the path too (a directory under it), if long enough to be no word of its own.
+        if shown == used or (len(used) >= 8 and used in shown):
+            shown = shown.replace(used, f"${{{name}}}")
+    return shown
+
+
+def _check_path(path: str | None, where: str) -> None:
+    """A file or directory path holding no control character: no path is meant to, and a file's content given for
+    its path does (a PEM key through ${VAR}), which an error saying the file cannot be read would show whole."""
+    if path is not None and any(char < " " or char == "\x7f" for char in path):
+        raise ConfigError(
+            f"{where}: holds a line break or another control character (a file's content instead of its path?);"
+            " give the file's path, which is not shown"
+        )
 
 
 def _is_decimal(text: str) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 
-from llmrelay_server.config import AuthConfig, ConfigError, TLSConfig
+from llmrelay_server.config import AuthConfig, ConfigError, TLSConfig, shown_path
 
 log = logging.getLogger("llmrelay_server.tls")
 
@@ -270,9 +270,9 @@ def _check_served_by_grpc(tls: TLSConfig, key: bytes, cert: bytes, client_ca: by
     if _binds(credentials) or not _binds(None):
         return
     raise ConfigError(
-        f"server.tls.cert_file: {tls.cert_file}: gRPC's TLS cannot serve it with server.tls.key_file"
-        f" ({tls.key_file}): an EC certificate needs digitalSignature in its KeyUsage, and a curve of P-256, P-384 or"
-        " P-521 (gRPC's own lines before this one say more)"
+        f"server.tls.cert_file: {shown_path(tls.cert_file)}: gRPC's TLS cannot serve it with server.tls.key_file"
+        f" ({shown_path(tls.key_file)}): an EC certificate needs digitalSignature in its KeyUsage, and a curve of"
+        " P-256, P-384 or P-521 (gRPC's own lines before this one say more)"
     )
 
 
@@ -314,14 +314,16 @@ def _check_validity(tls: TLSConfig) -> float:
         peer = connecting.getpeercert()
         not_after = peer.get("notAfter") if peer else None
         if not isinstance(not_after, str):  # the handshake did not finish: no client could take it either
-            raise ConfigError(f"server.tls.cert_file: {tls.cert_file}: a TLS handshake with it did not complete")
+            raise ConfigError(
+                f"server.tls.cert_file: {shown_path(tls.cert_file)}: a TLS handshake with it did not complete"
+            )
         return ssl.cert_time_to_seconds(not_after)
     except ssl.SSLCertVerificationError as exc:
         problem = f"clients would refuse its certificate: {exc.verify_message}"
-        raise ConfigError(f"server.tls.cert_file: {tls.cert_file}: {problem}") from None
+        raise ConfigError(f"server.tls.cert_file: {shown_path(tls.cert_file)}: {problem}") from None
     except ssl.SSLError as exc:  # an OSError too, but no file's: no signature algorithm both sides take, say
         problem = f"a TLS handshake with it fails ({exc.reason or exc})"
-        raise ConfigError(f"server.tls.cert_file: {tls.cert_file}: {problem}") from None
+        raise ConfigError(f"server.tls.cert_file: {shown_path(tls.cert_file)}: {problem}") from None
     except (_EncryptedKey, OSError):  # _check_key has just read them whole: they were being replaced
         raise ConfigError(_CHANGED) from None
 
@@ -330,7 +332,7 @@ def _read(path: str, where: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{where}: {path} cannot be read ({exc.strerror})") from None
+        raise ConfigError(f"{where}: {shown_path(path)} cannot be read ({exc.strerror})") from None
 
 
 def _check_certificates(pem: bytes, path: str, where: str) -> ssl.SSLContext:
@@ -339,7 +341,9 @@ def _check_certificates(pem: bytes, path: str, where: str) -> ssl.SSLContext:
     try:
         store.load_verify_locations(cadata=pem.decode("ascii"))
     except (ValueError, ssl.SSLError):  # not ASCII (DER, say), no certificate, or a broken one
-        raise ConfigError(f"{where}: {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)") from None
+        raise ConfigError(
+            f"{where}: {shown_path(path)} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+        ) from None
     return store
 
 
@@ -348,8 +352,8 @@ def _check_authority(store: ssl.SSLContext, path: str) -> None:
     nothing, and every client would be refused."""
     if not store.cert_store_stats()["x509_ca"]:
         raise ConfigError(
-            f"server.tls.client_ca_file: {path} holds no CA certificate (one that signs others), only certificates"
-            " of a server or client; give the CA that signed the clients' certificates"
+            f"server.tls.client_ca_file: {shown_path(path)} holds no CA certificate (one that signs others), only"
+            " certificates of a server or client; give the CA that signed the clients' certificates"
         )
 
 
@@ -367,19 +371,19 @@ def _check_key(tls: TLSConfig) -> None:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(tls.cert_file, tls.key_file, password=_ask_password)
     except _EncryptedKey:
         raise ConfigError(
-            f"server.tls.key_file: {tls.key_file} is encrypted; gRPC needs an unencrypted PEM key (protect the file"
-            " by its permissions instead)"
+            f"server.tls.key_file: {shown_path(tls.key_file)} is encrypted; gRPC needs an unencrypted PEM key (protect"
+            " the file by its permissions instead)"
         ) from None
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
             problem = (
-                f"is not the key of the certificate in server.tls.cert_file ({tls.cert_file}; in a chain, the"
-                " gateway's own certificate comes first)"
+                f"is not the key of the certificate in server.tls.cert_file ({shown_path(tls.cert_file)}; in a chain,"
+                " the gateway's own certificate comes first)"
             )
         elif exc.reason:  # OpenSSL's name for the problem (a key too weak, say), never the key itself
             problem = f"cannot be used with server.tls.cert_file: {exc.reason}"
         else:
             problem = "holds no PEM private key (-----BEGIN PRIVATE KEY-----)"
-        raise ConfigError(f"server.tls.key_file: {tls.key_file} {problem}") from None
+        raise ConfigError(f"server.tls.key_file: {shown_path(tls.key_file)} {problem}") from None
     except OSError as exc:
-        raise ConfigError(f"server.tls.key_file: {tls.key_file} cannot be read ({exc.strerror})") from None
+        raise ConfigError(f"server.tls.key_file: {shown_path(tls.key_file)} cannot be read ({exc.strerror})") from None

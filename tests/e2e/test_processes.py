@@ -524,8 +524,9 @@ async def test_sighup_without_a_keys_file_says_that_it_reloads_nothing(server: G
         ("server: {workers: !!int abc}\n", "not valid YAML"),  # PyYAML's ValueError escaped, with a traceback
         (f"server: {{max_concurrent_rpcs: {2**31}}}\n", "server.max_concurrent_rpcs"),  # past a C int
         ('server: {usage_journal_dir: "j\\0"}\n', "server.usage_journal_dir"),  # os's ValueError
+        (f"server: {{max_concurrent_rpcs: 1{'0' * 400}}}\n", "server.max_concurrent_rpcs: too large"),  # OverflowError
     ],
-    ids=["tag", "max_concurrent_rpcs", "NUL"],
+    ids=["tag", "max_concurrent_rpcs", "NUL", "400 digits"],
 )
 async def test_a_configuration_that_used_to_end_in_a_traceback_is_one_line(
     tmp_path: Path, config_text: str, said: str
@@ -557,6 +558,76 @@ async def test_a_ledger_that_cannot_be_opened_is_named_where_it_was_set(tmp_path
     assert process.returncode == 1
     assert err.decode().startswith(f"llmrelay-server: configuration error: {where}"), err.decode()
     assert err.decode().count("\n") == 1, err.decode()
+
+
+async def refused_configuration(tmp_path: Path, config_text: str | None, env: dict[str, str]) -> str:
+    """What `llmrelay-server` wrote as it refused to start (exit status 1), run in `tmp_path` with a file holding
+    `config_text` (None: no --config) and `env` over an environment without the gateway's variables."""
+    args = ["--listen", "127.0.0.1:0"]
+    if config_text is not None:
+        (tmp_path / "llmrelay.yaml").write_text(config_text)
+        args += ["--config", str(tmp_path / "llmrelay.yaml")]
+    environment = clean_env(**{"LLMRELAY_USAGE_DB": str(tmp_path / "usage.db"), **env})
+    process = await asyncio.create_subprocess_exec(
+        BIN / "llmrelay-server", *args, env=environment, cwd=tmp_path, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        _, err = await asyncio.wait_for(process.communicate(), 20)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 1, err.decode()
+    return err.decode()
+
+
+SECRET = "sekret-0123456789"
+
+
+@pytest.mark.parametrize(
+    ("config_text", "env", "said"),
+    [
+        # A password holding an '@' and then a '/', '?' or '#': its end was read as the path (Health, the log).
+        ("{}\n", {"LLMRELAY_USAGE_DB": f"postgresql://u:p@ss/{SECRET}@127.0.0.1:1/db"}, "LLMRELAY_USAGE_DB: the user"),
+        ("{}\n", {"LLMRELAY_REDIS_URL": f"redis://:p@ss?{SECRET}@127.0.0.1:1/0"}, "LLMRELAY_REDIS_URL: the user"),
+        # A ${VAR} in a path: a PEM key for the key's path, another variable's key; each was shown whole.
+        (
+            'server: {tls: {cert_file: c.pem, key_file: "${TLS_KEY}"}}\n',
+            {"TLS_KEY": f"-----BEGIN PRIVATE KEY-----\n{SECRET}\n-----END PRIVATE KEY-----\n"},
+            "server.tls.key_file: holds a line break",
+        ),
+        (
+            'server: {tls: {cert_file: "${TLS_CERT}", key_file: k.pem}}\n',
+            {"TLS_CERT": SECRET},
+            "server.tls.cert_file: ${TLS_CERT} cannot be read",
+        ),
+        ('auth: {keys_file: "${KEYS}"}\n', {"KEYS": SECRET}, "keys file ${KEYS}: cannot be read"),
+        (
+            'server: {usage_journal_dir: "/proc/${DIR}"}\n',
+            {"DIR": SECRET},
+            "LLMRELAY_USAGE_DB or server.usage_journal_dir: No such file or directory: /proc/${DIR}",
+        ),
+        # A key and its value run together: the key was quoted as an unknown field.
+        (f"llm: {{openai: {{model: gpt-4o, api_key={SECRET}}}}}\n", {}, "llm.openai: a key holding '='"),
+        # Set but empty: taken for unset, a start on the defaults and a gateway open to anyone.
+        (None, {"LLMRELAY_CONFIG": ""}, "LLMRELAY_CONFIG: empty (an unset variable?)"),
+        ("{}\n", {"LLMRELAY_KEYS_FILE": ""}, "LLMRELAY_KEYS_FILE: empty (an unset variable?)"),
+    ],
+    ids=["postgresql", "redis", "tls key", "tls cert", "keys file", "journal", "key=value", "config", "keys empty"],
+)
+async def test_a_configuration_mistake_is_one_line_that_shows_no_secret(
+    tmp_path: Path, config_text: str | None, env: dict[str, str], said: str
+) -> None:
+    err = await refused_configuration(tmp_path, config_text, env)
+    assert err.startswith(f"llmrelay-server: configuration error: {said}") and err.count("\n") == 1, err
+    assert SECRET not in err
+
+
+async def test_a_mistake_in_a_file_that_asks_for_a_json_log_is_said_in_json(tmp_path: Path) -> None:
+    # Said as a line of text, it was dropped by a collector parsing JSON, as the later errors of a start were.
+    err = await refused_configuration(tmp_path, "server: {log_format: json, drain_s: -1}\n", {})
+    [entry] = [json.loads(line) for line in err.splitlines()]
+    assert entry["level"] == "ERROR" and entry["msg"].startswith("configuration error: server.drain_s: "), entry
 
 
 async def test_an_empty_config_flag_is_refused(tmp_path: Path) -> None:

@@ -685,6 +685,10 @@ def test_a_mistyped_api_key_is_never_shown(tmp_path: Path, yaml_text: str, field
         ('server: {usage_db: "postgresql://app:SUPER?SECRET@db:5432/llmrelay"}\n', "%3F"),
         ('server: {usage_db: "postgresql://app:SUPER?x=SECRET@db:5432/llmrelay"}\n', "%3F"),
         ('state: {redis_url: "redis://app:SUPER?x=SECRET@redis:6379/0"}\n', "%3F"),
+        # An '@' in the password too: the authority ended at that one, and the '@' after it was let through.
+        ('server: {usage_db: "postgresql://u:p@ss/SUPERSECRET@db:5432/llmrelay"}\n', "%40"),
+        ('state: {redis_url: "redis://:p@ss?SUPERSECRET@redis:6379/0"}\n', "%40"),
+        ('state: {redis_url: "redis://:p@ss#SUPERSECRET@redis:6379/0"}\n', "%40"),
         ('server: {usage_db: "host=db port=5432 user=app password=SUPERSECRET dbname=llmrelay"}\n', "postgresql://"),
         ('state: {redis_url: "SUPERSECRET:x"}\n', "scheme (none)"),
         # redis-py would take the path for database 0.
@@ -701,6 +705,9 @@ def test_a_mistyped_api_key_is_never_shown(tmp_path: Path, yaml_text: str, field
         "postgresql question mark",
         "postgresql question mark and equals",
         "redis question mark and equals",
+        "postgresql at and slash",
+        "redis at and question mark",
+        "redis at and hash",
         "postgresql key=value",
         "redis no scheme",
         "redis database",
@@ -793,6 +800,84 @@ def test_an_empty_tls_file_is_refused_not_taken_for_none(tmp_path: Path, field: 
     tls = ", ".join(f'{name}: "{value}"' for name, value in files.items())
     with pytest.raises(ConfigError, match=rf"^server\.tls\.{field}: empty \(an unset \$\{{VAR\}}\?\)"):
         load(tmp_path, f"server: {{tls: {{{tls}}}}}\n")
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "said"),
+    [
+        ("llm: {openai: {model: gpt-4o, api_key=sk-SUPERSECRET}}\n", "llm.openai: a key holding '='"),
+        ("llm: {openai: {model: gpt-4o, api_key sk-SUPERSECRET}}\n", "llm.openai: a key holding a space"),
+        ("llm: {openai: {model: gpt-4o, api_key:sk-SUPERSECRET}}\n", "llm.openai: a key holding ':'"),
+        (f"server: {{sk-SUPERSECRET{'0' * 40}: 1}}\n", "server: a key of 54 characters"),
+        ("api_key=sk-SUPERSECRET: 1\n", "the top level: a key holding '='"),
+    ],
+    ids=["equals", "space", "colon", "long", "top level"],
+)
+def test_an_unknown_key_that_may_hold_a_value_is_not_shown(tmp_path: Path, yaml_text: str, said: str) -> None:
+    # A key's value written into the key (`=` for `: `) is shown nowhere: only the section it is in.
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, yaml_text)
+    assert str(caught.value).startswith(said) and "SUPERSECRET" not in str(caught.value), caught.value
+
+
+def test_an_unknown_field_near_a_known_one_is_named_with_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^server\.grace_period: unknown field \(did you mean 'grace_period_s'\?\)"):
+        load(tmp_path, "server: {grace_period: 5}\n")
+
+
+@pytest.mark.parametrize("written", [f"1{'0' * 400}", '"${HUGE}"'], ids=["in the file", "through a variable"])
+def test_a_whole_number_too_large_is_named(tmp_path: Path, written: str) -> None:
+    # It ended in an OverflowError, with a traceback, where the checks take numbers as floats.
+    with pytest.raises(ConfigError, match=r"^server\.max_concurrent_rpcs: too large a number"):
+        load(tmp_path, f"server: {{max_concurrent_rpcs: {written}}}\n", {"HUGE": f"1{'0' * 400}"})
+
+
+@pytest.mark.parametrize("name", ["LLMRELAY_CONFIG", "LLMRELAY_KEYS_FILE", "LLMRELAY_REDIS_URL"])
+def test_a_variable_set_but_empty_is_refused_not_taken_for_unset(tmp_path: Path, name: str) -> None:
+    # An empty LLMRELAY_KEYS_FILE left the gateway open to anyone, without a word.
+    with pytest.raises(ConfigError, match=rf"^{name}: empty \(an unset variable\?\)"):
+        load(tmp_path, None, {name: " "})
+
+
+def test_an_empty_config_variable_under_the_config_flag_is_not_read(tmp_path: Path) -> None:
+    assert load(tmp_path, "server: {workers: 1}\n", {"LLMRELAY_CONFIG": ""}).server.workers == 1
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "env", "said"),
+    [
+        ('auth: {keys_file: "${KEYS}"}\n', {"KEYS": "keys:\n- SUPERSECRET"}, "auth.keys_file"),
+        ("{}\n", {"LLMRELAY_KEYS_FILE": "keys.yaml\nSUPERSECRET"}, "LLMRELAY_KEYS_FILE"),
+        ('server: {usage_journal_dir: "${DIR}"}\n', {"DIR": "j\rSUPERSECRET"}, "server.usage_journal_dir"),
+        (
+            'server: {tls: {cert_file: c.pem, key_file: "${KEY}"}}\n',
+            {"KEY": "-----\nSUPERSECRET"},
+            "server.tls.key_file",
+        ),
+    ],
+    ids=["keys_file", "LLMRELAY_KEYS_FILE", "usage_journal_dir", "tls key_file"],
+)
+def test_a_path_with_a_line_break_is_refused_unshown(
+    tmp_path: Path, yaml_text: str, env: dict[str, str], said: str
+) -> None:
+    # A file's content given for its path (a PEM key through ${VAR}) was shown whole as the file that cannot be read.
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, yaml_text, env)
+    message = str(caught.value)
+    assert message.startswith(f"{said}: holds a line break") and "SUPERSECRET" not in message, message
+
+
+def test_a_path_from_a_variable_is_shown_by_its_name(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, 'auth: {keys_file: "/nowhere/${OPENAI_API_KEY}"}\n', {"OPENAI_API_KEY": "sk-SUPERSECRET"})
+    assert str(caught.value).startswith("keys file /nowhere/${OPENAI_API_KEY}: cannot be read"), caught.value
+
+
+def test_an_error_carries_the_log_format_the_file_asked_for(tmp_path: Path) -> None:
+    for log_format in ("json", "text"):
+        with pytest.raises(ConfigError) as caught:
+            load(tmp_path, f"server: {{log_format: {log_format}, drain_s: -1}}\n")
+        assert caught.value.log_format == log_format
 
 
 def test_a_mistyped_non_secret_value_is_shown(tmp_path: Path) -> None:

@@ -158,3 +158,18 @@ def test_a_reload_under_way_holds_up_no_exit(tmp_path: Path) -> None:
     asyncio.run(reload_and_stop())
     reading = [thread for thread in threading.enumerate() if thread.name == "llmrelay-keys-file"]
     assert reading and reading[0].daemon, "the loop waited for the read to end"
+
+
+async def test_a_number_too_large_in_a_reloaded_file_is_a_mistake_of_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 400 digits ended the check of the limits in an OverflowError, logged with a traceback as a bug of the gateway.
+    sha256 = hashlib.sha256(b"llmr-big-key").hexdigest()
+    path = tmp_path / "keys.yaml"
+    path.write_text(f'keys: [{{name: big, sha256: "{sha256}"}}]\n')
+    keys = KeyRing(AuthConfig(keys_file=str(path)))
+    path.write_text(f'keys: [{{name: big, sha256: "{sha256}", limits: {{requests_per_minute: 1{"0" * 400}}}}}]\n')
+    keys.reload()
+    await asyncio.gather(*keys._reloads)
+    assert "keys[0].limits.requests_per_minute: too large a number" in caplog.text
+    assert "Traceback" not in caplog.text and keys.names() == {"big"}
