@@ -521,10 +521,10 @@ def _check_authority(url: str, where: str) -> None:
                 " normalized (NFKC); percent-encode it"
             ) from None
         raise ConfigError(f"{where}: {exc}") from None  # its own words ("Invalid IPv6 URL"), never the URL's
-    query = parse_qsl(parts.query, keep_blank_values=True)
     # Whether or not the authority holds an '@' of its own: a password "p@ss/word" ends it at "p@ss", and the rest of
-    # the password, "word@host", would be the path.
-    if "@" in parts.path + parts.fragment or any("@" in f"{key}={value}" for key, value in query if key != "user"):
+    # the password, "word@host", would be the path. Looked for as written: a query's value may hold one encoded (%40).
+    query = [parameter for parameter in parts.query.split("&") if not parameter.startswith("user=")]
+    if "@" in parts.path + parts.fragment or any("@" in parameter for parameter in query):
         raise ConfigError(
             f"{where}: the user or password in the URL holds a '/', '?', '#' or '@' as is (an '@' follows the host);"
             " percent-encode it (%2F, %3F, %23, %40)"

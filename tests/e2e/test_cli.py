@@ -10,7 +10,7 @@ import os
 import re
 import signal
 from asyncio.subprocess import PIPE
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
@@ -30,13 +30,13 @@ EMPTY_TABLE = "backend  model  caller  requests  prompt  completion  total  cost
 
 
 async def llmrelay(
-    *args: str | bytes, env: dict[str, str] | None = None, stdin: bytes | None = None
+    *args: str | bytes, env: dict[str, str] | None = None, stdin: bytes | None = None, pass_fds: Sequence[int] = ()
 ) -> tuple[int, str, str]:
-    """Runs the command (`stdin` its standard input, else none); its exit status, stdout and stderr. Without `env`,
-    this environment less any caller key."""
+    """Runs the command (`stdin` its standard input, else none; `pass_fds` open in it); its exit status, stdout and
+    stderr. Without `env`, this environment less any caller key."""
     environment = env if env is not None else {k: v for k, v in os.environ.items() if k != KEY_ENV}
     command = await asyncio.create_subprocess_exec(
-        BIN / "llmrelay", *args, stdin=PIPE, stdout=PIPE, stderr=PIPE, env=environment
+        BIN / "llmrelay", *args, stdin=PIPE, stdout=PIPE, stderr=PIPE, env=environment, pass_fds=pass_fds
     )
     out, err = await asyncio.wait_for(command.communicate(stdin or b""), 30)
     assert command.returncode is not None
@@ -126,6 +126,21 @@ async def test_a_client_certificate_for_mutual_tls(
 
     certificate = ["--cert", str(tmp_path / "client.pem"), "--cert-key", str(tmp_path / "client.key")]
     status, out, err = await llmrelay(*cli, *certificate, "health")
+    assert status == 0 and out.startswith("serving: yes"), err
+    # Pipes, as `--cert <(vault read ...)` gives them: their content can be read once.
+    piped = []
+    for name in ("client.pem", "client.key"):
+        read_end, write_end = os.pipe()
+        os.write(write_end, (tmp_path / name).read_bytes())
+        os.close(write_end)
+        piped.append(read_end)
+    try:
+        status, out, err = await llmrelay(
+            *cli, "--cert", f"/dev/fd/{piped[0]}", "--cert-key", f"/dev/fd/{piped[1]}", "health", pass_fds=piped
+        )
+    finally:
+        for fd in piped:
+            os.close(fd)
     assert status == 0 and out.startswith("serving: yes"), err
     status, _, err = await llmrelay(*cli, "health")
     assert status == 1 and "llmrelay: UNAVAILABLE" in err

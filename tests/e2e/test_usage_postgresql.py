@@ -748,3 +748,25 @@ async def test_a_windowed_query_selects_by_the_index_on_bucket_start(database_ur
         }
     finally:
         await store.aclose()
+
+
+async def test_a_pool_refused_more_connections_serves_with_those_it_has(database_url: str) -> None:
+    """A role at its connection limit (or max_connections, a pooler's bound): the query pool's attempt to grow is
+    refused. That says nothing of the connection it holds: uses go on with it, rather than each being refused at once
+    until an attempt to connect succeeds."""
+    role = f"limited_{secrets.token_hex(4)}"
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        connection.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 2")
+        connection.execute(f"CREATE DATABASE {role} OWNER {role}")
+    address = urlsplit(database_url)
+    store = PostgreSQLStore(
+        urlunsplit(address._replace(netloc=f"{role}@{address.hostname}:{address.port}", path=f"/{role}"))
+    )
+    try:
+        await store.check()  # the writer's connection: 1 of 2
+        assert await store.read(Selection(), ()) is not None  # the query pool's: 2 of 2, idle once read
+        await asyncio.gather(*(store.read(Selection(), ()) for _ in range(3)))  # the pool grows, and is refused
+        for _ in range(3):  # one at a time, on the connection the pool holds
+            assert await store.read(Selection(), ()) is not None
+    finally:
+        await store.aclose()

@@ -1168,6 +1168,20 @@ def test_a_postgresql_url_of_several_hosts_as_libpq_takes_them_is_taken(tmp_path
     assert load(tmp_path, None, {"LLMRELAY_USAGE_DB": usage_db}).server.usage_db == usage_db
 
 
+@pytest.mark.parametrize(
+    "usage_db",
+    [
+        "postgresql://app:pw@127.0.0.1/ledger?application_name=relay%40prod",
+        "postgresql://app:p%40ss%2Fword@127.0.0.1/ledger?sslpassword=k%40y",
+        "postgresql:///ledger?host=/var/run/postgresql&user=app@corp",
+    ],
+)
+def test_an_at_sign_encoded_in_a_postgresql_urls_query_is_taken(tmp_path: Path, usage_db: str) -> None:
+    # As the refusal of an '@' written as is after the host tells: percent-encoded, as %40 (a query decoded first
+    # refused it too).
+    assert load(tmp_path, None, {"LLMRELAY_USAGE_DB": usage_db}).server.usage_db == usage_db
+
+
 @pytest.mark.parametrize("field", ["drain_s", "grace_period_s", "health_interval_s", "max_connection_age_s"])
 def test_the_servers_waits_are_at_most_a_day(tmp_path: Path, field: str) -> None:
     # A drain of 1e300 s (a figure meant in ms, say) held every stop up for ever.

@@ -153,23 +153,22 @@ def root_certificates_problem(pem: bytes | None) -> str | None:
 
 
 def client_certificate_problem(private_key: bytes | None, certificate_chain: bytes | None) -> str | None:
-    """What keeps TLS from presenting `certificate_chain` with `private_key`: see client_certificate_files_problem.
-    Python's ssl reads a key only from a file: they are put in files of memory alone (memfd), never on a disk (a key
-    is a secret, and a container's file system may be read-only); where there are none (not Linux), not checked here,
-    and gRPC's own refusal at the first call names no argument."""
+    """What keeps TLS from presenting `certificate_chain` with `private_key` (the llmrelay command's --cert and
+    --cert-key): a key that is not the certificate's, or either not PEM (the two swapped, say); None when nothing
+    does, or either is not given. An encrypted key is refused too: gRPC takes no password. Python's ssl reads a key
+    only from a file: they are put in files of memory alone (memfd), never on a disk (a key is a secret, and a
+    container's file system may be read-only); where there are none (not Linux), not checked here, and gRPC's own
+    refusal at the first call names no argument."""
     if private_key is None or certificate_chain is None:
         return None
     try:
         with _in_memory(certificate_chain) as certfile, _in_memory(private_key) as keyfile:
-            return client_certificate_files_problem(certfile, keyfile)
+            return _pair_problem(certfile, keyfile)
     except (AttributeError, OSError):  # no os.memfd_create, or /proc to open it by
         return None
 
 
-def client_certificate_files_problem(certfile: str, keyfile: str) -> str | None:
-    """What keeps TLS from presenting the certificate in `certfile` with the key in `keyfile` (the llmrelay command's
-    --cert and --cert-key): a key that is not the certificate's, or either not PEM (the two swapped, say); None when
-    nothing does. An encrypted key is refused too: gRPC takes no password."""
+def _pair_problem(certfile: str, keyfile: str) -> str | None:
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(certfile, keyfile, password=lambda: "")
     except ssl.SSLError as exc:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Final, TextIO
 
 from llmrelay import v1 as pb
-from llmrelay._channel import DEFAULT_SERVICE_CONFIG, client_certificate_files_problem, root_certificates_problem
+from llmrelay._channel import DEFAULT_SERVICE_CONFIG, client_certificate_problem, root_certificates_problem
 from llmrelay._client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, Client
 from llmrelay._errors import LLMRelayError
 from llmrelay._messages import message
@@ -97,7 +97,7 @@ def _client(args: argparse.Namespace) -> Client:
     if (args.cert is None) != (args.cert_key is None):
         sys.exit("llmrelay: a client certificate needs both --cert and --cert-key")
     pem = {option: _read(option, path) for option, path in certificates.items()}
-    _check_certificates(args, pem["--ca-file"])
+    _check_certificates(args, pem)
     key = os.environ.get(args.key_env or KEY_ENV)
     if args.key_env and not key:
         sys.exit(f"llmrelay: --key-env {args.key_env}: the variable is not set")
@@ -119,12 +119,13 @@ def _client(args: argparse.Namespace) -> Client:
     )
 
 
-def _check_certificates(args: argparse.Namespace, ca: bytes | None) -> None:
+def _check_certificates(args: argparse.Namespace, pem: dict[str, bytes | None]) -> None:
     """The files of --ca-file, --cert and --cert-key as TLS takes them, each problem said with the option that gave it
-    (the SDK's own check would name its arguments): gRPC would only say "Failed to create security handshaker"."""
-    if problem := root_certificates_problem(ca):
+    (the SDK's own check would name its arguments): gRPC would only say "Failed to create security handshaker". What
+    was read of them, not the files again: a pipe (`--cert <(vault read ...)`) gives its content once."""
+    if problem := root_certificates_problem(pem["--ca-file"]):
         sys.exit(f"llmrelay: --ca-file {args.ca_file}: {problem}")
-    if args.cert is not None and (problem := client_certificate_files_problem(str(args.cert), str(args.cert_key))):
+    if problem := client_certificate_problem(pem["--cert-key"], pem["--cert"]):
         sys.exit(f"llmrelay: --cert {args.cert} and --cert-key {args.cert_key}: {problem}")
 
 

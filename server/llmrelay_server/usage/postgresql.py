@@ -29,9 +29,11 @@ outage, so the pool's own warning at each attempt to connect, every second or tw
 
 A refused connection is known at once, and waiting out the pool's bound (`_WAIT_S`) would only put off the same answer
 (a gateway started while the database is down read its budgets' spend for 10 s, its port bound, before it served): a
-use waiting for a connection is refused as soon as an attempt of its pool to connect fails, and while the pool's last
-attempt failed (it retries in the background), a use is refused at once, with that attempt's error. A pool that gave
-up retrying (`_RECONNECT_S`) is asked again by the next use, which waits for that attempt.
+pool that holds no open connection refuses a use waiting for one as soon as an attempt to connect fails, and while
+its last attempt failed (it retries in the background), a use at once, with that attempt's error. A pool that holds
+one waits for it as usual: an attempt to grow refused (a role's connection limit, max_connections) says nothing of
+the connections it has. A pool that gave up retrying (`_RECONNECT_S`) is asked again by the next use, which waits for
+that attempt.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -151,8 +154,8 @@ def _a_password(parameter: str) -> bool:
     return "password" in parameter.lower()
 
 
-def _reporting(report: Callable[[psycopg.Error | None], None]) -> type[_Connection]:
-    """A connection class that reports how each attempt to connect ended: its error, or None."""
+def _reporting(report: Callable[[psycopg.Error | _Connection], None]) -> type[_Connection]:
+    """A connection class that reports how each attempt to connect ended: its error, or the connection."""
 
     class Reporting(psycopg.AsyncConnection[TupleRow]):
         @classmethod
@@ -162,7 +165,7 @@ def _reporting(report: Callable[[psycopg.Error | None], None]) -> type[_Connecti
             except psycopg.Error as exc:
                 report(exc)
                 raise
-            report(None)
+            report(connection)
             return connection
 
     return Reporting
@@ -183,13 +186,22 @@ class _Pool:
     """The error of its last attempt to connect while it retries; None once one succeeds, or once it gave up."""
     waiting: set[asyncio.Future[psycopg.Error]] = field(default_factory=set)
     """The uses waiting for one of its connections, each told the error of an attempt that fails."""
+    opened: weakref.WeakSet[_Connection] = field(default_factory=weakref.WeakSet)
+    """The connections it made: whether any is still open tells an unreachable database from a pool refused more."""
 
-    def connect_ended(self, error: psycopg.Error | None) -> None:
-        self.refusing = error
-        if error is not None:
+    def connect_ended(self, ended: psycopg.Error | _Connection) -> None:
+        if not isinstance(ended, psycopg.Error):
+            self.refusing = None
+            self.opened.add(ended)
+            return
+        self.refusing = ended
+        if not self._holds_one():
             for use in self.waiting:
                 if not use.done():
-                    use.set_result(error)
+                    use.set_result(ended)
+
+    def _holds_one(self) -> bool:
+        return any(not connection.closed for connection in self.opened)
 
     def gave_up(self, _: AsyncConnectionPool[_Connection]) -> None:
         self.refusing = None  # the next use asks it to connect again, and waits for that attempt
@@ -199,7 +211,7 @@ class _Pool:
         """One of its connections; refused (the error of an attempt to connect) as soon as one fails, or at once while
         it retries after one failed. PoolTimeout when none comes within the pool's bound (a server that does not
         answer)."""
-        if self.refusing is not None:
+        if self.refusing is not None and not self._holds_one():
             raise _refused(self.refusing)
         refused = asyncio.get_running_loop().create_future()
         self.waiting.add(refused)
@@ -242,9 +254,9 @@ class PostgreSQLStore:
     def _new_pool(self, url: str, name: str, least: int, most: int) -> _Pool:
         pooled = _Pool()
 
-        def connect_ended(error: psycopg.Error | None) -> None:
-            self._connect_error = error
-            pooled.connect_ended(error)
+        def connect_ended(ended: psycopg.Error | _Connection) -> None:
+            self._connect_error = ended if isinstance(ended, psycopg.Error) else None
+            pooled.connect_ended(ended)
 
         pooled.pool = AsyncConnectionPool(
             url,
