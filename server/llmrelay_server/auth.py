@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import contextvars
 import fnmatch
 import functools
@@ -24,14 +23,13 @@ import logging
 import os
 import re
 import secrets
-import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeAlias
 
 import grpc
 
-from llmrelay_server.config import AuthConfig, CallerKey, ConfigError, load_keys_file
+from llmrelay_server.config import AuthConfig, CallerKey, ConfigError, read_keys_file
 from llmrelay_server.decoding import invocation_metadata
 from llmrelay_server.domain import (
     CALLER_NAME,
@@ -44,9 +42,9 @@ from llmrelay_server.domain import (
 )
 from llmrelay_server.metering import current_meter
 from llmrelay_server.status import abort
+from llmrelay_server.threads import in_daemon_thread
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 KEY_PREFIX = "llmr-"
 # How often the keys file's modification time is looked at: a key revoked on disk stops working within this.
@@ -244,7 +242,7 @@ class KeyRing:
         self._file_stamp = _stamp(self._file)
         read = functools.partial(_read_keys, self._configured, self._file, self._limits_refused, self._keep)
         try:
-            keys, callers = await _in_daemon_thread(read)
+            keys, callers = await in_daemon_thread(read, "llmrelay-keys-file")
         except ConfigError as error:
             log.warning("keys file not reloaded, the keys in force stay: %s", error)
             return
@@ -300,31 +298,6 @@ def _budgeted(keys: Iterable[CallerKey]) -> frozenset[str]:
     return frozenset(key.name for key in keys if key.limits.budget_usd_per_day is not None)
 
 
-async def _in_daemon_thread(function: Callable[[], T]) -> T:
-    """`function`'s result, computed in a daemon thread and handed to the event loop. Not asyncio.to_thread: the
-    loop waits for its executor's threads as it closes, so a re-read of thousands of keys under way held up the
-    process's exit by the whole read, after it had stopped."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[T] = loop.create_future()
-
-    def run() -> None:
-        outcome: Callable[[], None]
-        try:
-            outcome = functools.partial(done.set_result, function())
-        except Exception as error:
-            outcome = functools.partial(done.set_exception, error)
-
-        def hand_over() -> None:
-            if not done.cancelled():  # the reload was cancelled (the gateway stops): no one waits for it
-                outcome()
-
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the process is exiting
-            loop.call_soon_threadsafe(hand_over)
-
-    threading.Thread(target=run, name="llmrelay-keys-file", daemon=True).start()
-    return await done
-
-
 def _by_digest(keys: Sequence[CallerKey]) -> dict[str, Caller]:
     """The callers by their keys' digests; ConfigError for one digest under two names (each source refuses that
     within itself, so here it is a key of auth.keys given again in the keys file for another caller)."""
@@ -349,26 +322,17 @@ def _read_keys(
 ) -> tuple[tuple[CallerKey, ...], dict[str, Caller]]:
     """The keys file's keys, and the callers of those and the configured ones by digest; ConfigError when they cannot
     be taken (as _by_digest, or limits that `limits_refused` says why not). With `keep`, the file as it was read is
-    copied there, once taken. All of the reading, for a thread."""
-    while True:
-        before = _stamp(path)
-        keys = load_keys_file(path)
-        limited = [key.name for key in keys if key.limits.any_set()]
-        if limited and limits_refused is not None:
-            raise ConfigError(f"it gives limits to {', '.join(map(repr, limited))}, which {limits_refused}")
-        callers = _by_digest(configured + keys)
-        if keep is None:
-            return keys, callers
-        try:
-            text = path.read_bytes()
-        except OSError:
-            continue  # gone meanwhile: read again, to say why
-        # Changed since it was read, the copy could be another file than the one taken, not even a valid one.
-        if _stamp(path) == before:
-            scratch = keep.with_name(f".{keep.name}.new")
-            scratch.write_bytes(text)
-            scratch.replace(keep)  # whole or not at all, for a worker starting at any moment
-            return keys, callers
+    copied there, once taken: the bytes taken, not what the file holds by then. All of the reading, for a thread."""
+    keys, data = read_keys_file(path)
+    limited = [key.name for key in keys if key.limits.any_set()]
+    if limited and limits_refused is not None:
+        raise ConfigError(f"it gives limits to {', '.join(map(repr, limited))}, which {limits_refused}")
+    callers = _by_digest(configured + keys)
+    if keep is not None:
+        scratch = keep.with_name(f".{keep.name}.new")
+        scratch.write_bytes(data)
+        scratch.replace(keep)  # whole or not at all, for a worker starting at any moment
+    return keys, callers
 
 
 # The stubs make these generic; at run time they are not, so the aliases are strings.

@@ -603,9 +603,20 @@ def load_keys_file(path: str | Path) -> tuple[CallerKey, ...]:
     The file must say `keys:`, as `keys: []` when it admits nobody. An empty file (or one of blanks and comments) is
     a mistake, not a file without keys: it is what a reload sees of a file saved in place (truncated, then written)
     between the two steps, and taking it at its word would revoke every key until the next look."""
+    return read_keys_file(path)[0]
+
+
+def read_keys_file(path: str | Path) -> tuple[tuple[CallerKey, ...], bytes]:
+    """load_keys_file's keys, with the bytes they were read from: a copy of the file as it was taken is these, not
+    what the file holds by the time it is copied."""
     where = f"keys file {shown_path(path)}"
-    to_find_it = "check the path in auth.keys_file (or LLMRELAY_KEYS_FILE)"
-    document = _read_yaml(Path(path), os.environ, where, to_find_it, _KEYS_FILE_HOLDS)
+    data = _read_bytes(Path(path), where, "check the path in auth.keys_file (or LLMRELAY_KEYS_FILE)")
+    return _keys_in(_decoded(data, where), where), data
+
+
+def _keys_in(text: str, where: str) -> tuple[CallerKey, ...]:
+    """The keys of a keys file's `text`, read from `where`."""
+    document = _parse_yaml(text, os.environ, where, _KEYS_FILE_HOLDS)
     if document is None:
         raise ConfigError(f"{where}: empty; it must say `keys:` with the list of keys, `keys: []` to admit nobody")
     if "keys" not in document:
@@ -863,19 +874,24 @@ and the variable, never the value (a key in the wrong field's ${VAR}, say)."""
 _KEYS_FILE_HOLDS = " with `keys:`, the list of keys (`keys: []` to admit nobody)"
 
 
-def _read_yaml(path: Path, env: Mapping[str, str], where: str, to_find_it: str, holds: str) -> Mapping[str, Any] | None:
-    """The YAML mapping in the file, or None when it holds none (empty, blanks, comments); ConfigError saying `where`
-    on a mistake, `to_find_it` when the file cannot be read, and what its top level `holds` when it is no mapping."""
-    return _parse_yaml(_read_text(path, where, to_find_it), env, where, holds)
-
-
 def _read_text(path: Path, where: str, to_find_it: str) -> str:
+    return _decoded(_read_bytes(path, where, to_find_it), where)
+
+
+def _read_bytes(path: Path, where: str, to_find_it: str) -> bytes:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{where}: cannot be read ({exc.strerror}); {to_find_it}") from exc
+
+
+def _decoded(data: bytes, where: str) -> str:
+    """The text of a file's `data`, as Path.read_text reads it: UTF-8, each line ending as "\\n"."""
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{where}: not UTF-8 text (byte {exc.start} cannot be read); save it as UTF-8") from exc
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _parse_yaml(text: str, env: Mapping[str, str], where: str, holds: str) -> Mapping[str, Any] | None:

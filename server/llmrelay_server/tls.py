@@ -96,7 +96,6 @@ class ServedCertificate:
         self._handing = threading.Lock()
         self._expiry_said: tuple[float, float, bool] | None = None
         """The notAfter last warned of, when, and whether it had passed."""
-        self._said_lock = threading.Lock()
         self._watching: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -131,12 +130,11 @@ class ServedCertificate:
         if left_s > EXPIRY_WARNING_S:
             return
         expired = left_s <= 0
-        with self._said_lock:  # asked by the event loop's watch, and by a reload on the thread that checks the files
-            if self._expiry_said is not None:
-                said_of, said_at, said_expired = self._expiry_said
-                if said_of == not_after and said_expired == expired and now - said_at < _WARNING_REPEAT_S:
-                    return
-            self._expiry_said = not_after, now, expired
+        if self._expiry_said is not None:
+            said_of, said_at, said_expired = self._expiry_said
+            if said_of == not_after and said_expired == expired and now - said_at < _WARNING_REPEAT_S:
+                return
+        self._expiry_said = not_after, now, expired
         ends = datetime.datetime.fromtimestamp(not_after, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
         where = f"server.tls.cert_file: {self._tls.cert_file}"
         renew = "put a renewed one in its place: new connections take it without a restart"
@@ -181,7 +179,6 @@ class ServedCertificate:
             self._ready = configuration
         self._seen, self.not_after = signature, not_after
         log.info("TLS certificate reloaded from %s; new connections use it", self._tls.cert_file)
-        self.warn_of_expiry()
 
     def _load(self) -> tuple[grpc.ServerCertificateConfiguration, float]:
         """Reads and checks the files, and tells when the certificate ends (its notAfter, in Unix time); gRPC itself

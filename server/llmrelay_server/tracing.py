@@ -19,14 +19,12 @@ when `server.log_content` is set.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import json
 import logging
 import math
 import os
 import re
-import threading
 import time
 from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
@@ -48,6 +46,7 @@ from llmrelay_server.decoding import decoded, invocation_metadata
 from llmrelay_server.domain import Attempt, AttemptOutcome, BackendSpec, without_quotes
 from llmrelay_server.metering import Billed, Meter, moves, open_meter, served_by
 from llmrelay_server.observing import GEN_AI_OPERATIONS, Kind, Observer, Start
+from llmrelay_server.threads import in_daemon_thread
 
 if TYPE_CHECKING:
     # Imported where they are used, once the variables the SDK reads as it is imported are checked (_check_span_limits).
@@ -173,13 +172,7 @@ def _check_span_limits() -> None:
     """The span limits, as the SDK reads them: it raises a ValueError for a value it cannot take, for
     OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT as it is imported, a traceback at the start either way."""
     for name in _SPAN_LIMIT_VARIABLES:
-        value = os.environ.get(name, "")
-        try:
-            limit = int(value.strip()) if value.strip() else 0
-        except ValueError:
-            limit = -1
-        if limit < 0:
-            raise ConfigError(f"{name}: {value!r} is not a whole number from 0 up")
+        _check_whole_number(name, " from 0 up", least=0, blank_is_unset=True)
 
 
 def _batch_processor(exporter: SpanExporter) -> BatchSpanProcessor:
@@ -188,17 +181,27 @@ def _batch_processor(exporter: SpanExporter) -> BatchSpanProcessor:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     for name, unit in _BATCH_NUMBERS.items():
-        if name in os.environ:
-            value = os.environ[name]
-            try:
-                int(value)  # as the SDK reads it, which logs a traceback for one it cannot and uses its default
-            except ValueError:
-                raise ConfigError(f"{name}: {value!r} is not a whole number{unit}") from None
+        # As the SDK reads them, which logs a traceback for one it cannot and uses its default.
+        _check_whole_number(name, unit)
     try:
         return BatchSpanProcessor(exporter)
     except ValueError as exc:
         settings = ", ".join(f"{name}={os.environ[name]}" for name in _BATCH_VARIABLES if name in os.environ)
         raise ConfigError(f"{settings}: {_BATCH_RULE} ({str(exc).rstrip('.')})") from None
+
+
+def _check_whole_number(name: str, what: str, *, least: int | None = None, blank_is_unset: bool = False) -> None:
+    """A ConfigError unless the variable `name`, where set, is a whole number (`least` at least), as int() reads it;
+    `what` says more of the number (its unit, its bounds)."""
+    value = os.environ.get(name)
+    if value is None or (blank_is_unset and not value.strip()):
+        return
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or (least is not None and number < least):
+        raise ConfigError(f"{name}: {value!r} is not a whole number{what}")
 
 
 def export_timeout_s() -> float:
@@ -391,23 +394,16 @@ class Tracing:
         """Exports the spans still queued, waiting at most the export timeout in all, and not at all once `hurry` is set
         (told to stop now). The SDK's shutdown gives each batch in turn the whole timeout: with the collector down and
         thousands of spans queued, the stop would take 30 s, when the SDK gives up waiting."""
-        loop = asyncio.get_running_loop()
-        exported = asyncio.Event()
-
-        def shut_down() -> None:
-            self.provider.shutdown()
-            with contextlib.suppress(RuntimeError):  # the loop is closed: the stop did not wait for this
-                loop.call_soon_threadsafe(exported.set)
-
         # A daemon thread, as the SDK's exporting one is: left blocked on the collector, it does not hold up the exit.
-        threading.Thread(target=shut_down, name="llmrelay-tracing-stop", daemon=True).start()
-        waits = {asyncio.ensure_future(exported.wait()), asyncio.ensure_future(hurry.wait())}
+        export = asyncio.ensure_future(in_daemon_thread(self.provider.shutdown, "llmrelay-tracing-stop"))
+        hurried = asyncio.ensure_future(hurry.wait())
         try:
-            await asyncio.wait(waits, timeout=self.stop_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((export, hurried), timeout=self.stop_timeout_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for wait in waits:
-                wait.cancel()
-        if exported.is_set():
+            export.cancel()  # the loser, or both after the timeout; nothing once done
+            hurried.cancel()
+        # A shutdown that failed exported nothing for sure: said as one that did not finish.
+        if export.done() and not export.cancelled() and export.exception() is None:
             return
         if hurry.is_set():
             log.warning("tracing: stopping now, without waiting for the spans still queued, if any: they are lost")

@@ -177,7 +177,7 @@ export class Client {
     options: ClientOptions = {},
   ) {
     this.transport = options.credentials ? undefined : chooseTransport(target, options);
-    this.securityHint = transportHint(target, options);
+    this.securityHint = transportHint(target, options, this.transport);
     this.raw = new LLMServiceClient(target, channelCredentials(target, options), {
       "grpc.service_config": SERVICE_CONFIG_JSON,
       ...options.channelOptions,
@@ -370,14 +370,18 @@ export class Client {
 }
 
 /**
- * What the transport rule chose for `target` and how to choose otherwise, as the Go and Python SDKs say it;
- * undefined when the options chose.
+ * What the transport rule chose (`chosen`) for `target` and how to choose otherwise, as the Go and Python SDKs say
+ * it; undefined when the options chose.
  */
-function transportHint(target: string, options: ClientOptions): string | undefined {
+function transportHint(
+  target: string,
+  options: ClientOptions,
+  chosen: Transport | undefined,
+): string | undefined {
   if (options.credentials !== undefined || options.insecure !== undefined || options.tls !== undefined) {
     return undefined;
   }
-  return chooseTransport(target, options) === "plaintext"
+  return chosen === "plaintext"
     ? `this client connects to ${target} in plaintext (the default for loopback targets); if the gateway serves` +
         " TLS, pass { tls: { rootCerts } } or { insecure: false }"
     : `this client connects to ${target} over TLS with the system's roots (the default for targets that are not` +

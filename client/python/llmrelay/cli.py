@@ -553,6 +553,7 @@ at most SCRAPE_TIMEOUT_S)."""
 MAX_SCRAPE_BYTES: Final = 64 * 1024 * 1024
 """The most a scrape reads: a gateway's page is some hundred KiB; a server that never ends its answer is let go."""
 _HINT: Final = " (is the gateway's server.metrics_listen set?)"
+_NOT_METRICS: Final = ": is it the gateway's metrics_listen?"
 
 
 class ScrapeError(Exception):
@@ -560,7 +561,7 @@ class ScrapeError(Exception):
 
     def __init__(self, line: str, hint: str = "") -> None:
         super().__init__(line + hint)
-        self.line, self.hint = line, hint
+        self.line = line
 
 
 def _one_line(text: str) -> str:
@@ -590,9 +591,7 @@ def scrape(url: str) -> Samples:
         reason = _said(_one_line(str(getattr(exc, "reason", exc))), url, shown, secrets) or type(exc).__name__
         raise ScrapeError(f"cannot read {shown}: {reason}", _HINT) from None
     except http.client.HTTPException as exc:  # something other than HTTP/1 answered: the gateway's gRPC port, say
-        raise ScrapeError(
-            f"{shown} did not answer in HTTP ({type(exc).__name__})", ": is it the gateway's metrics_listen?"
-        ) from None
+        raise ScrapeError(f"{shown} did not answer in HTTP ({type(exc).__name__})", _NOT_METRICS) from None
     except ValueError as exc:  # no URL urllib can open ("http://[::1"): its error names no option
         said = _said(_one_line(str(exc)), url, shown, secrets) or type(exc).__name__
         raise ScrapeError(f"{named} is not a URL ({said}); e.g. {DEFAULT_METRICS}") from None
@@ -603,9 +602,7 @@ def scrape(url: str) -> Samples:
     # No sample of the gateway's own: another server's page (a JSON answer has no line that even looks like one),
     # which would show as an idle gateway.
     if not any(name.startswith(_GATEWAY_METRICS) for name, _ in samples):
-        raise ScrapeError(
-            f"{shown} did not answer in Prometheus's text format", ": is it the gateway's metrics_listen?"
-        )
+        raise ScrapeError(f"{shown} did not answer in Prometheus's text format", _NOT_METRICS)
     return samples
 
 
@@ -617,9 +614,7 @@ def _read_bounded(response: http.client.HTTPResponse, shown: str, deadline: floa
     while chunk := response.read1(65536):
         size += len(chunk)
         if size > MAX_SCRAPE_BYTES:
-            raise ScrapeError(
-                f"{shown} answered more than {MAX_SCRAPE_BYTES / 2**20:g} MiB", ": is it the gateway's metrics_listen?"
-            )
+            raise ScrapeError(f"{shown} answered more than {MAX_SCRAPE_BYTES / 2**20:g} MiB", _NOT_METRICS)
         if time.monotonic() > deadline:
             raise ScrapeError(f"cannot read {shown}: no whole answer within {SCRAPE_DEADLINE_S:g} s")
         chunks.append(chunk)

@@ -392,11 +392,12 @@ class PostgreSQLStore:
     async def _connection(self, pool: _Pool) -> AsyncIterator[_Connection]:
         """A connection from the pool, the schema migrated; every psycopg failure becomes LedgerUnavailableError."""
         try:
-            async with self._preparing:
-                if not self._opened:
-                    await self._writes.pool.open(wait=False)
-                    await self._queries.pool.open(wait=False)
-                    self._opened = True
+            if not self._opened:
+                async with self._preparing:
+                    if not self._opened:
+                        await self._writes.pool.open(wait=False)
+                        await self._queries.pool.open(wait=False)
+                        self._opened = True
             # The lock only for the migration, on a connection in hand: a use waiting for its connection would
             # otherwise hold up every other use, each waiting its turn and then its own wait.
             async with pool.connection() as connection:
