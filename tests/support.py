@@ -146,6 +146,17 @@ async def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> No
             await asyncio.sleep(0.01)
 
 
+async def finished(process: asyncio.subprocess.Process, within_s: float = 20) -> tuple[bytes, bytes]:
+    """What a process wrote to its pipes, once it has exited; killed (and the test failed) past `within_s`, rather
+    than left running after the test."""
+    try:
+        return await asyncio.wait_for(process.communicate(), within_s)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 def page_served(body: bytes) -> contextlib.AbstractContextManager[str]:
     """The URL of an HTTP page on loopback that answers every GET with `body` (a /metrics page, or another server's
     page mistaken for one), served from a thread until the block ends."""

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import BIN, GatewayProcess, clean_env
 from llmrelay import AsyncClient, Client, InvalidArgumentError, UnauthenticatedError, UnavailableError
 from llmrelay import v1 as pb
-from support import OPENAI_TEST_KEY, chat, details, interruptible, read_all, start_server, stream_chat
+from support import OPENAI_TEST_KEY, chat, details, finished, interruptible, read_all, start_server, stream_chat
 from upstream import FakeUpstream
 
 
@@ -225,12 +225,7 @@ async def refused_start(listen: str, local: FakeUpstream, usage_db: Path) -> tup
         env=clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1"), LLMRELAY_USAGE_DB=str(usage_db)),
         stderr=asyncio.subprocess.PIPE,
     )
-    try:
-        _, err = await asyncio.wait_for(gateway.communicate(), 20)
-    finally:
-        if gateway.returncode is None:
-            gateway.kill()
-            await gateway.wait()
+    _, err = await finished(gateway)
     return gateway.returncode, err.decode()
 
 
@@ -571,12 +566,7 @@ async def refused_configuration(tmp_path: Path, config_text: str | None, env: di
     process = await asyncio.create_subprocess_exec(
         BIN / "llmrelay-server", *args, env=environment, cwd=tmp_path, stderr=asyncio.subprocess.PIPE
     )
-    try:
-        _, err = await asyncio.wait_for(process.communicate(), 20)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    _, err = await finished(process)
     assert process.returncode == 1, err.decode()
     return err.decode()
 

@@ -41,7 +41,7 @@ from llmrelay import (
 )
 from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway
-from support import OPENAI_TEST_KEY, GatewayFactory, two_backends
+from support import OPENAI_TEST_KEY, GatewayFactory, finished, two_backends
 from upstream import FakeUpstream
 
 QUESTION = [message("user", "What is the weather in Oslo, and the time there?")]
@@ -381,12 +381,7 @@ async def test_a_program_whose_plain_tool_hangs_past_tool_timeout_ends(gateway: 
     run = await asyncio.create_subprocess_exec(
         sys.executable, "-c", HUNG_TOOL_RUN, target(gateway), stdout=PIPE, stderr=PIPE
     )
-    try:
-        out, err = await asyncio.wait_for(run.communicate(), 20)
-    finally:
-        if run.returncode is None:
-            run.kill()
-            await run.wait()
+    out, err = await finished(run)
     assert (run.returncode, err.decode()) == (0, "")
     assert out == b"tools: stuck=error: the tool did not finish within 0.2 s\n"
 
