@@ -75,9 +75,11 @@ _BATCH_NUMBERS = {
     "OTEL_BSP_MAX_QUEUE_SIZE": " (of spans)",
     "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": " (of spans)",
     "OTEL_BSP_SCHEDULE_DELAY": " (of milliseconds)",
-    "OTEL_BSP_EXPORT_TIMEOUT": " (of milliseconds)",
+    "OTEL_BSP_EXPORT_TIMEOUT": " (of milliseconds) above 0",
 }
 """The OTEL_BSP_* variables, each a whole number, and of what."""
+_BATCH_LEAST = {"OTEL_BSP_EXPORT_TIMEOUT": 1}
+"""The least the SDK takes where it checks no bound itself (an export timeout of 0 or less fails every batch)."""
 _BATCH_RULE = (
     "OTEL_BSP_MAX_QUEUE_SIZE (2048 by default), OTEL_BSP_MAX_EXPORT_BATCH_SIZE (512) and OTEL_BSP_SCHEDULE_DELAY (5000"
     " ms) must be positive, and the batch size at most the queue size"
@@ -105,6 +107,12 @@ _SPAN_LIMIT_VARIABLES = (
 )
 """The SDK's span limits, each a whole number from 0 up (blank: no limit)."""
 _COMPRESSION_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION")
+_FILE_VARIABLES = tuple(
+    f"OTEL_EXPORTER_OTLP{signal}_{what}"
+    for signal in ("_TRACES", "")
+    for what in ("CERTIFICATE", "CLIENT_KEY", "CLIENT_CERTIFICATE")
+)
+"""The collector's TLS files, as the exporters read them: the CA's certificate, the client's key and certificate."""
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +190,7 @@ def _batch_processor(exporter: SpanExporter) -> BatchSpanProcessor:
 
     for name, unit in _BATCH_NUMBERS.items():
         # As the SDK reads them, which logs a traceback for one it cannot and uses its default.
-        _check_whole_number(name, unit)
+        _check_whole_number(name, unit, least=_BATCH_LEAST.get(name))
     try:
         return BatchSpanProcessor(exporter)
     except ValueError as exc:
@@ -223,6 +231,7 @@ def _otlp_exporter() -> SpanExporter:
     protocol = os.environ[variable] if variable else "http/protobuf"
     _check_endpoint(grpc_target=protocol == "grpc")
     _check_headers()
+    _check_tls_files(grpc_target=protocol == "grpc")
     if protocol == "grpc":
         _check_compression({"gzip"}, "gzip (unset: none)")  # others, `none` too, fail the exporter's start
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GRPCExporter
@@ -369,6 +378,20 @@ def _check_headers() -> None:
                     )
     finally:
         parser_log.removeFilter(silenced)
+
+
+def _check_tls_files(*, grpc_target: bool) -> None:
+    """The collector's TLS files, where named, readable: the gRPC exporter logs a traceback for one it cannot read at
+    the start and goes on without it, and the HTTP one fails every batch."""
+    for name in _FILE_VARIABLES:
+        if path := os.environ.get(name):
+            if not grpc_target and name.endswith("_CERTIFICATE") and "CLIENT" not in name and os.path.isdir(path):
+                continue  # the HTTP exporter's requests takes a folder of CA certificates too
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(f"{name}: cannot read {path!r} ({exc.strerror or exc})") from None
 
 
 def _header_named(header: str) -> str:

@@ -719,13 +719,24 @@ async def test_a_sampler_as_the_readme_advises_is_taken(
             {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": "u:SECRET@collector:4317"},
             "OTEL_EXPORTER_OTLP_ENDPOINT: gRPC takes no user or password",
         ),
+        # The SDK took it, and every batch timed out at once.
+        ({"OTEL_BSP_EXPORT_TIMEOUT": "-3"}, "OTEL_BSP_EXPORT_TIMEOUT: '-3' is not a whole number (of milliseconds)"),
+        # The gRPC exporter logged a traceback and went on without the CA; the HTTP one failed every batch.
+        (
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_CERTIFICATE": "/nonexistent/ca.pem"},
+            "OTEL_EXPORTER_OTLP_CERTIFICATE: cannot read '/nonexistent/ca.pem' (No such file or directory)",
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY": "/nonexistent/client.key"},
+            "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY: cannot read '/nonexistent/client.key'",
+        ),
     ],
     ids=[
         "batch-over-queue", "negative-queue", "delay-with-unit", "queue-word", "traces-protocol", "timeout",
         "endpoint-port", "endpoint-ipv6", "endpoint-no-url", "grpc-endpoint", "header-semicolon", "header-comma",
         "sampler", "sampler-space", "sampler-arg", "sampler-arg-over-1", "propagator", "attribute-length",
         "span-attribute-length", "span-attribute-count", "span-event-count", "grpc-compression", "http-compression",
-        "grpc-url-password", "grpc-target-password",
+        "grpc-url-password", "grpc-target-password", "export-timeout", "grpc-ca-file", "client-key-file",
     ],
 )  # fmt: skip
 async def test_bad_otel_settings_stop_the_start_naming_the_variable(
