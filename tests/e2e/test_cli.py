@@ -297,6 +297,15 @@ async def test_stats_pointed_at_the_grpc_port_says_so(gateway: Gateway) -> None:
     )
 
 
+async def test_tls_to_a_gateway_without_it_is_the_commands_one_line(gateway: Gateway) -> None:
+    """gRPC's core printed a line of its own ("I1203 ... Handshake failed ...") before the command's error: it reads
+    GRPC_VERBOSITY as it is imported, before any code of the package could set it."""
+    environment = {k: v for k, v in os.environ.items() if k not in (KEY_ENV, "GRPC_VERBOSITY")}
+    status, out, err = await llmrelay("--target", f"127.0.0.1:{gateway.port}", "--tls", "health", env=environment)
+    assert status == 1 and not out
+    assert err.startswith("llmrelay: UNAVAILABLE: ") and "Tls handshake failed" in err and err.count("\n") == 1, err
+
+
 async def at_a_terminal(*args: str) -> tuple[int, str]:
     """Runs the command with its stdout and stderr a terminal (a pseudo-terminal's); its exit status and what the
     terminal was sent, its line ends as written."""
