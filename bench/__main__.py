@@ -683,6 +683,8 @@ class Row:
     added_p99_ms: float
     calls_per_s: float
     server_cpu_ms_per_call: float
+    load_generator_cpu_ms_per_call: float
+    """The load generator's CPU a call on this path: its HTTP client's for the direct call, its gRPC client's else."""
     cpu_x_floor: float
     first_chunk_p50_ms: float
     added_first_chunk_ms: float
@@ -706,8 +708,9 @@ class Results:
 
 async def compare(settings: Settings, results: Results) -> None:
     async with stage("floor", "gateway", "everything") as staged:
-        ports, pids = staged.ports, staged.pids
         channels = await start_servers(staged, settings.loop)
+        # The load generator's CPU too (this process): what each path's client costs it.
+        ports, pids = staged.ports, {**staged.pids, LOAD: [os.getpid()]}
         direct = DirectClient("127.0.0.1", ports["upstream"], MODEL)
         paths = {
             "direct": direct_calls(direct),
@@ -744,7 +747,8 @@ async def matrix(
     """Every path, unary and stream, one caller and 16, taking turns a slice of the calls at a time."""
     for kind, concurrency in itertools.product(KINDS, CONCURRENCIES):
         count = settings.requests // settings.rounds
-        runs = await interleaved(paths, kind, count, concurrency, settings.rounds, pids, warm_up=True)
+        rounds = await interleaved(paths, kind, count, concurrency, settings.rounds, pids, warm_up=True)
+        runs = {path: functools.reduce(operator.add, taken) for path, taken in rounds.items()}
         direct, floor_cpu = runs["direct"], runs["floor"].cpu_ms("floor")
         for path, run in runs.items():
             cpu = run.cpu_ms(server_of[path])
@@ -756,9 +760,10 @@ async def matrix(
                     p50_ms=run.p50_ms,
                     p99_ms=run.p99_ms,
                     added_p50_ms=run.p50_ms - direct.p50_ms,
-                    added_p99_ms=run.p99_ms - direct.p99_ms,
+                    added_p99_ms=added_p99_ms(rounds[path], rounds["direct"]),
                     calls_per_s=run.throughput,
                     server_cpu_ms_per_call=cpu,
+                    load_generator_cpu_ms_per_call=run.cpu_ms(LOAD),
                     cpu_x_floor=cpu / floor_cpu,
                     first_chunk_p50_ms=run.first_chunk_p50_ms,
                     added_first_chunk_ms=run.first_chunk_p50_ms - direct.first_chunk_p50_ms,
@@ -776,14 +781,21 @@ async def interleaved(
     pids: Mapping[str, Sequence[int]],
     *,
     warm_up: bool,
-) -> dict[str, Run]:
-    """`count` calls of `kind` on every path in turn, `rounds` times (the machine's drift falls on all paths alike),
-    each path's rounds added up; with `warm_up`, a warm-up before the first round."""
+) -> dict[str, list[Run]]:
+    """`count` calls of `kind` on every path in turn, `rounds` times (the machine's drift falls on all paths alike):
+    each path's rounds; with `warm_up`, a warm-up before the first round."""
     taken: dict[str, list[Run]] = {path: [] for path in paths}
     for round_ in range(rounds):
         for path, calls in paths.items():
             taken[path].append(await measure(calls[kind], count, concurrency, pids, warm_up and round_ == 0))
-    return {path: functools.reduce(operator.add, runs) for path, runs in taken.items()}
+    return taken
+
+
+def added_p99_ms(rounds: Sequence[Run], direct: Sequence[Run]) -> float:
+    """The p99 above the direct call's, as the median over the rounds of each round's difference: a p99 rests on a
+    handful of calls, and one slow moment of the machine in one path's turn would otherwise set it (the difference of
+    the whole run's p99s came out below zero)."""
+    return statistics.median(run.p99_ms - theirs.p99_ms for run, theirs in zip(rounds, direct, strict=True))
 
 
 async def long_streams(
@@ -796,7 +808,8 @@ async def long_streams(
     """Streams of 1,000 chunks, one at a time: chunks/s, and chunks per second of the server's CPU (per core)."""
     chunks = len(LONG_PROMPT.split()) + 1
     count = max(1, settings.long_streams // settings.rounds)
-    runs = await interleaved(paths, "long", count, 1, settings.rounds, pids, warm_up=False)
+    rounds = await interleaved(paths, "long", count, 1, settings.rounds, pids, warm_up=False)
+    runs = {path: functools.reduce(operator.add, taken) for path, taken in rounds.items()}
     print(f"\n{'1,000-chunk stream':<22}{'chunks/s':>10}{'chunks per server CPU s':>26}{'x floor':>9}")
     for path, run in runs.items():
         total = chunks * len(run.latencies_s)
