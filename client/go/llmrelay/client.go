@@ -42,14 +42,21 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/protoadapt"
+	"google.golang.org/protobuf/reflect/protoreflect"
 
 	llmrelayv1 "github.com/llmrelay/llmrelay/client/go/llmrelay/v1"
 )
@@ -102,8 +109,8 @@ func WithTransportCredentials(creds credentials.TransportCredentials) Option {
 	return func(o *options) { o.creds = creds }
 }
 
-// WithTimeout sets the deadline of calls whose context has none (DefaultTimeout by default; 0 for none). A single
-// call goes without one through WithoutDeadline.
+// WithTimeout sets the deadline of calls whose context has none (DefaultTimeout by default; 0 for none; Dial refuses
+// a negative one). A single call goes without one through WithoutDeadline.
 func WithTimeout(d time.Duration) Option {
 	return func(o *options) { o.timeout = d }
 }
@@ -115,7 +122,8 @@ func WithCaller(name string) Option {
 
 // WithHeader sends a metadata entry with every call (for example "authorization", "Bearer KEY"), unless the call's
 // context carries outgoing metadata of that key: then the call's value goes in its place. The value is printable
-// ASCII (any bytes for a key ending -bin): Dial refuses another, naming the key but not the value.
+// ASCII (any bytes for a key ending -bin): Dial refuses another, naming the key but not the value, and a call refuses
+// one in its own outgoing metadata alike, with an InvalidArgument *Error.
 func WithHeader(key, value string) Option {
 	return func(o *options) { o.headers = append(o.headers, key, value) }
 }
@@ -155,6 +163,10 @@ func Dial(target string, opts ...Option) (*Client, error) {
 		if opt != nil { // as a nil grpc.DialOption is none
 			opt(&o)
 		}
+	}
+	// Else it meant no deadline at all, as 0 does.
+	if o.timeout < 0 {
+		return nil, fmt.Errorf("llmrelay: WithTimeout must be a duration > 0, or 0 (no deadline), not %s", o.timeout)
 	}
 	for i := 0; i < len(o.headers); i += 2 {
 		// Else every call fails Internal, "header key ... contains illegal characters", as though the gateway had.
@@ -227,24 +239,52 @@ func (c *Client) Stub() llmrelayv1.LLMServiceClient {
 }
 
 // callContext adds the client's headers that ctx's outgoing metadata does not set, and its default deadline when ctx
-// has none.
-func (c *Client) callContext(ctx context.Context) (context.Context, context.CancelFunc) {
-	if headers := c.headersFor(ctx); len(headers) > 0 {
+// has none. It refuses, with an InvalidArgument *Error, a call that grpc-go would fail Internal as though the gateway
+// had, in words that name no field or no key: req with text that is not UTF-8, or ctx with metadata gRPC cannot send.
+func (c *Client) callContext(ctx context.Context, req proto.Message) (context.Context, context.CancelFunc, error) {
+	if field, problem, found := invalidText(req.ProtoReflect()); found {
+		return nil, nil, refused(field+": "+problem, &errdetails.ErrorInfo{Reason: "INVALID_REQUEST", Domain: Domain},
+			&errdetails.BadRequest{FieldViolations: []*errdetails.BadRequest_FieldViolation{
+				{Field: field, Description: problem},
+			}})
+	}
+	headers, err := c.headersFor(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	if len(headers) > 0 {
 		ctx = metadata.AppendToOutgoingContext(ctx, headers...)
 	}
 	if _, ok := ctx.Deadline(); !ok && c.timeout > 0 && ctx.Value(noDeadlineKey{}) == nil {
-		return context.WithTimeout(ctx, c.timeout)
+		ctx, cancel := context.WithTimeout(ctx, c.timeout)
+		return ctx, cancel, nil
 	}
-	return context.WithCancel(ctx)
+	ctx, cancel := context.WithCancel(ctx)
+	return ctx, cancel, nil
 }
 
 // headersFor is the client's headers less those whose key ctx's outgoing metadata already has: the call's value
 // replaces the client's, as in the Python and TypeScript clients. Sending both would leave the choice to the reader
-// (the gateway takes the first, other servers and proxies may take the last).
-func (c *Client) headersFor(ctx context.Context) []string {
+// (the gateway takes the first, other servers and proxies may take the last). Metadata of the call's own that gRPC
+// cannot send is an InvalidArgument *Error naming the key, never showing the value (a key to the gateway, say, read
+// from a file with its newline), as Dial refuses such a WithHeader; a key of gRPC's own ("grpc-trace-bin") is the
+// call's to send.
+func (c *Client) headersFor(ctx context.Context) ([]string, error) {
 	callMetadata, ok := metadata.FromOutgoingContext(ctx)
 	if !ok {
-		return c.headers
+		return c.headers, nil
+	}
+	for key, values := range callMetadata {
+		if !sendableHeaderKey(key) {
+			return nil, refused(fmt.Sprintf(
+				"the call's metadata key %q: gRPC takes only letters, digits, '-', '_' and '.' in a key", key))
+		}
+		for _, value := range values {
+			if !validHeaderValue(key, value) {
+				return nil, refused(fmt.Sprintf(
+					"the call's metadata %q: gRPC takes only printable ASCII text as a value (value not shown)", key))
+			}
+		}
 	}
 	headers := make([]string, 0, len(c.headers))
 	for i := 0; i < len(c.headers); i += 2 {
@@ -252,7 +292,109 @@ func (c *Client) headersFor(ctx context.Context) []string {
 			headers = append(headers, c.headers[i], c.headers[i+1])
 		}
 	}
-	return headers
+	return headers, nil
+}
+
+// refused is the InvalidArgument *Error of a call the client does not send, with details as the gateway's (status.Code
+// and status.FromError read it as they read the gateway's).
+func refused(message string, details ...protoadapt.MessageV1) *Error {
+	st := status.New(codes.InvalidArgument, message)
+	if detailed, err := st.WithDetails(details...); err == nil { // it fails only for a detail that does not marshal
+		st = detailed
+	}
+	return ParseError(st.Err())
+}
+
+// invalidText finds the first string set in m that is not UTF-8, which protobuf does not marshal (grpc-go failed the
+// call Internal, "string field contains invalid UTF-8", naming no field): its field path, in the gateway's form
+// ("messages[0].content", `parameters.fields["type"]` for a map's entry), and what is wrong with it, in the Python
+// client's words, which show none of the text (a prompt may hold anything). Only the fields that can hold a string
+// are read, and a path is built only for the string at fault.
+func invalidText(m protoreflect.Message) (field, problem string, found bool) {
+	fields := m.Descriptor().Fields()
+	for i := 0; i < fields.Len(); i++ {
+		fd := fields.Get(i)
+		kind := fd.Kind() // a map's is its entry's, MessageKind
+		if kind != protoreflect.StringKind && kind != protoreflect.MessageKind && kind != protoreflect.GroupKind {
+			continue
+		}
+		if !m.Has(fd) {
+			continue
+		}
+		name := string(fd.Name())
+		switch value := m.Get(fd); {
+		case fd.IsList():
+			list := value.List()
+			for j := 0; j < list.Len(); j++ {
+				if at, problem, found := invalidValue(fd, list.Get(j)); found {
+					return joinedPath(name+"["+strconv.Itoa(j)+"]", at), problem, true
+				}
+			}
+		case fd.IsMap():
+			if at, problem, found := invalidEntry(fd, value.Map()); found {
+				return name + at, problem, true
+			}
+		default:
+			if at, problem, found := invalidValue(fd, value); found {
+				return joinedPath(name, at), problem, true
+			}
+		}
+	}
+	return "", "", false
+}
+
+// invalidValue is invalidText for one value of the field fd (the whole of a singular field, an item of a repeated one
+// or of a map): a string to check, or a message to walk. Its path is the value's own, below fd.
+func invalidValue(fd protoreflect.FieldDescriptor, value protoreflect.Value) (field, problem string, found bool) {
+	switch fd.Kind() {
+	case protoreflect.StringKind:
+		if text := value.String(); !utf8.ValidString(text) {
+			return "", notUTF8(text), true
+		}
+	case protoreflect.MessageKind, protoreflect.GroupKind:
+		return invalidText(value.Message())
+	}
+	return "", "", false
+}
+
+// invalidEntry is invalidText for the entries of the map field fd: a key, when a string, then its value. Its path is
+// the entry's own, below fd: "" for a key at fault (not to be shown), `["key"]` or `["key"].field` for a value.
+func invalidEntry(fd protoreflect.FieldDescriptor, entries protoreflect.Map) (field, problem string, found bool) {
+	entries.Range(func(key protoreflect.MapKey, value protoreflect.Value) bool {
+		shownKey := key.String()
+		if fd.MapKey().Kind() == protoreflect.StringKind {
+			if !utf8.ValidString(shownKey) {
+				field, problem, found = "", "has a key that is "+notUTF8(shownKey), true
+				return false
+			}
+			shownKey = strconv.Quote(shownKey)
+		}
+		if at, valueProblem, valueFound := invalidValue(fd.MapValue(), value); valueFound {
+			field, problem, found = joinedPath("["+shownKey+"]", at), valueProblem, true
+		}
+		return !found
+	})
+	return field, problem, found
+}
+
+// notUTF8 says what in text is not UTF-8, by its first such byte alone (never the text around it).
+func notUTF8(text string) string {
+	for i := 0; i < len(text); {
+		r, size := utf8.DecodeRuneInString(text[i:])
+		if r == utf8.RuneError && size == 1 {
+			return fmt.Sprintf("not valid UTF-8 text (bytes that are not UTF-8, such as 0x%02x)", text[i])
+		}
+		i += size
+	}
+	return "not valid UTF-8 text"
+}
+
+// joinedPath is the field path of at (a path below head, or "" for head itself) from head's field.
+func joinedPath(head, at string) string {
+	if at == "" {
+		return head
+	}
+	return head + "." + at
 }
 
 // requestIDTrailer carries a call's id in the gateway's log (the caller's own, when it sent a sane one).
@@ -290,9 +432,13 @@ func (c *Client) wrapError(ctx context.Context, err error, trailer metadata.MD, 
 
 // unary makes one unary call through rpc with the client's headers and default deadline, and returns its error as an
 // *Error with the call's request id.
-func unary[Req, Resp any](ctx context.Context, c *Client,
+func unary[Req proto.Message, Resp any](ctx context.Context, c *Client,
 	rpc func(context.Context, Req, ...grpc.CallOption) (Resp, error), req Req, opts []grpc.CallOption) (Resp, error) {
-	ctx, cancel := c.callContext(ctx)
+	ctx, cancel, err := c.callContext(ctx, req)
+	if err != nil {
+		var none Resp
+		return none, err
+	}
 	defer cancel()
 	var header, trailer metadata.MD
 	// Clipped, so that append copies rather than writes into the caller's array. The header is nil unless the
@@ -314,7 +460,10 @@ func (c *Client) Complete(ctx context.Context, req *llmrelayv1.CompleteRequest, 
 // received before it. Under the default policy such a break ends the stream with ABORTED (STREAM_INTERRUPTED).
 // Collect does all this and returns the whole answer.
 func (c *Client) Stream(ctx context.Context, req *llmrelayv1.StreamCompleteRequest, opts ...grpc.CallOption) (*Stream, error) {
-	ctx, cancel := c.callContext(ctx)
+	ctx, cancel, err := c.callContext(ctx, req)
+	if err != nil {
+		return nil, err
+	}
 	s := &Stream{ctx: ctx, cancel: cancel, client: c}
 	// grpc-go fills s.header when the call ends (before Recv returns its error): nil unless the response headers came.
 	stream, err := c.rpc.StreamComplete(ctx, req, append(slices.Clip(opts), grpc.Header(&s.header))...)
@@ -410,9 +559,14 @@ func validHeaderValue(key, value string) bool {
 	return true
 }
 
-// validHeaderKey: a metadata key gRPC sends (it sends keys in lower case, so upper-case letters are taken too).
+// validHeaderKey: a metadata key WithHeader takes: one gRPC sends, and not one of gRPC's own (grpc-...).
 func validHeaderKey(key string) bool {
-	if key == "" || strings.HasPrefix(key, "grpc-") {
+	return !strings.HasPrefix(key, "grpc-") && sendableHeaderKey(key)
+}
+
+// sendableHeaderKey: a metadata key gRPC sends (it sends keys in lower case, so upper-case letters are taken too).
+func sendableHeaderKey(key string) bool {
+	if key == "" {
 		return false
 	}
 	for _, c := range strings.ToLower(key) {
