@@ -47,7 +47,7 @@ from typing import Any, ClassVar
 import pydantic
 from anthropic.types import Message, MessageCountTokensParams, MessageTokensCount, ModelInfo, RawMessageStreamEvent
 from anthropic.types.message_create_params import MessageCreateParamsNonStreaming, MessageCreateParamsStreaming
-from upstream import FakeUpstream, Fault, Request, _halves, _huge, _pieces, _send_chunk, _send_json
+from upstream import FakeUpstream, Fault, Request, _halves, _huge, _pieces, _send, _send_chunk, _send_json
 
 # The HTTP statuses' error types, as the API's errors page lists them.
 ERROR_TYPES = {
@@ -114,6 +114,8 @@ class FakeAnthropic(FakeUpstream):
         return await _send_error(writer, 404, f"no route {request.path}")
 
     async def _models(self, writer: asyncio.StreamWriter) -> bool:
+        if isinstance(self.models_answer, bytes):
+            return await _send(writer, 200, self.models_answer, "application/json")
         data = [_checked(ModelInfo, self._model_info(m)) for m in self.models]
         has_more = self.models_without_end
         page = {"data": data, "has_more": has_more, "first_id": self.models[0], "last_id": self.models[-1]}

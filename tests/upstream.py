@@ -138,7 +138,7 @@ class FakeUpstream:
     probe_delay_s: float = 0.0
     """How long each probe waits before it is answered, as a slow upstream's would."""
     models_answer: Any = None
-    """What GET /v1/models answers instead of the models list, when set (any JSON)."""
+    """What GET /v1/models answers instead of the models list, when set (any JSON; bytes: as they are)."""
     models_trickle_s: float = 0.0
     """When set, GET /v1/models answers one byte of its body per this many seconds (a stuck proxy's answer)."""
     tls: ssl.SSLContext | None = None
@@ -216,6 +216,8 @@ class FakeUpstream:
         if route == ("POST", "/v1/embeddings"):
             return await self._embeddings(request, reader, writer)
         if route == ("GET", "/v1/models"):
+            if isinstance(self.models_answer, bytes):
+                return await _send(writer, 200, self.models_answer, "application/json")
             if self.models_answer is not None:
                 return await _send_json(writer, 200, self.models_answer)
             data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models]

@@ -29,9 +29,8 @@ SERVICE_NAME = "llmrelay.v1.LLMService"
 # Circuits open and cool down between probes; their state is read this often (no network) and published on change.
 STATE_CHECK_S = 0.25
 PROBE_TIMEOUT_S = 10.0
-"""A probe's whole time at most. Each of its requests is bounded only by the wait for each piece of the answer
-(HEALTH_TIMEOUT_S): an upstream that trickles its answer within that would hold the probe, and with it the gateway's
-start and every probe that joins it, for as long as it went on."""
+"""A probe's whole time at most, however many requests it makes (each given HEALTH_TIMEOUT_S for its whole answer;
+Ollama's probe makes two): the gateway's start and every probe that joins it wait for it."""
 FRESH_PROBE_S = 1.0
 """A backend probed this recently is not probed again for Health(probe=true): its result is that fresh. Health is
 open to callers without a key (by default), who could otherwise turn each of their calls into a request to every
@@ -119,10 +118,8 @@ class HealthMonitor:
         ]
         if probes:
             # Waited for, not awaited: a caller that leaves (its deadline, a cancel), or stops waiting, leaves the
-            # probes running for the others waiting on them.
-            done, _ = await asyncio.wait(probes, timeout=None if deadline is None else max(0.0, deadline - loop.time()))
-            for probe in done:
-                probe.result()  # a probe's own failure (a bug: probes say unreachable, they do not raise)
+            # probes running for the others waiting on them. A probe does not raise (_probe).
+            await asyncio.wait(probes, timeout=None if deadline is None else max(0.0, deadline - loop.time()))
         await self._publish()
         return self.report()
 
@@ -145,6 +142,14 @@ class HealthMonitor:
                 latency_s=PROBE_TIMEOUT_S,
                 last_error=f"the probe did not end within {PROBE_TIMEOUT_S:g} s",
                 checked_at=time.time(),
+            )
+        except Exception as exc:
+            # A bug (a provider's probe says unreachable, it does not raise): shown once, when the backend turns
+            # unreachable, rather than failing the gateway's start, every Health(probe) and every background round.
+            if backend.health is None or backend.health.reachable:
+                log.error("the probe of backend %s failed", backend.name, exc_info=True)
+            result = replace(
+                _never_probed(backend), last_error=f"the probe failed ({type(exc).__name__})", checked_at=time.time()
             )
         self._probed_at[backend.name] = asyncio.get_running_loop().time()
         if backend.health is None or backend.health.reachable != result.reachable:

@@ -128,6 +128,54 @@ async def test_a_rejected_request_lists_its_attempt_and_no_pushback(
     assert pushback is None
 
 
+OLD_VLLM_CONTEXT = "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens."
+DEEP = "[" * 1000 + "]" * 1000
+FASTAPI_DETAIL = {"detail": [{"type": "missing", "loc": ["body", "messages"], "msg": "Field required", "input": None}]}
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "said", "outcome"),
+    [
+        # vLLM before 0.10.2: its error at the top level, not under "error".
+        (
+            404,
+            {
+                "object": "error",
+                "message": "The model `gpt-test` does not exist.",
+                "type": "NotFoundError",
+                "code": 404,
+            },
+            "HTTP 404: The model `gpt-test` does not exist.",
+            Outcome.ATTEMPT_OUTCOME_MODEL_NOT_FOUND,
+        ),
+        (
+            400,
+            {"object": "error", "message": OLD_VLLM_CONTEXT, "type": "BadRequestError", "param": None, "code": 400},
+            f"HTTP 400: {OLD_VLLM_CONTEXT}",
+            Outcome.ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED,
+        ),
+        # FastAPI's validation error, which has no message: quoted as it came.
+        (422, FASTAPI_DETAIL, f"HTTP 422: {json.dumps(FASTAPI_DETAIL)}", Outcome.ATTEMPT_OUTCOME_REJECTED),
+        # Nested deeper than a JSON encoder goes: its text all the same.
+        (400, DEEP, f"HTTP 400: {DEEP[:100]}", Outcome.ATTEMPT_OUTCOME_REJECTED),
+    ],
+    ids=["old-vllm-404", "old-vllm-context", "fastapi-detail", "deep"],
+)
+async def test_an_error_answer_without_an_error_object_is_told_in_its_own_words(
+    stub_for: StubFactory, primary: FakeUpstream, status: int, body: dict[str, Any] | str, said: str, outcome: int
+) -> None:
+    """These reached the caller as a Python dict's repr ("HTTP 404: {'object': 'error', 'message': ...}")."""
+    backend = f"{{name: gpu, kind: vllm, base_url: '{primary.base_url}', model: gpt-test}}"
+    stub = await stub_for(f"llm:\n  backends: [{backend}]\n  order: [gpu]\nrouter: {{retry: {{max_retries: 0}}}}\n")
+    primary.inject({"status": status, "body": body if isinstance(body, str) else json.dumps(body)})
+
+    error = await failure_of(stub.Complete(chat(), timeout=10))
+
+    _, history, _ = decoded(error)
+    assert history is not None and [(a.outcome, a.error[: len(said)]) for a in history.attempts] == [(outcome, said)]
+    assert said in (error.details() or "")
+
+
 async def test_an_interrupted_stream_lists_the_broken_attempt(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
 ) -> None:

@@ -14,9 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import v1 as pb
 from llmrelay_server import health
 from llmrelay_server.app import start_gateway
+from llmrelay_server.backends import openai_compat, upstream_http
 from llmrelay_server.config import load_config
 from llmrelay_server.health import FRESH_PROBE_S, SERVICE_NAME
-from support import GatewayFactory, two_backends
+from support import DIALECTS, GatewayFactory, two_backends
 from upstream import FakeUpstream
 
 CALLERS = 100
@@ -100,6 +101,24 @@ async def test_a_models_list_that_is_not_one_marks_the_backend_unreachable(
         assert by_name["ollama"].reachable and report.serving
 
 
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
+async def test_a_models_list_nested_past_pythons_stack_marks_the_backend_unreachable(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """The SDKs read the list with json.loads, whose RecursionError ended the gateway's start with a traceback (and,
+    from an upstream turned so later, failed every Health(probe) INTERNAL)."""
+    primary.models_answer = b"[" * 100_000 + b"]" * 100_000
+    gateway = await gateway_factory(two_backends(primary, local))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        report = await pb.LLMServiceStub(channel).Health(pb.HealthRequest(probe=True), timeout=10)
+    by_name = {b.name: b for b in report.backends}
+    assert not by_name[primary.dialect].reachable
+    assert (
+        "the models list is not a JSON object whose `data` is a list of models" in by_name[primary.dialect].last_error
+    )
+    assert by_name["ollama"].reachable and report.serving
+
+
 async def test_a_probe_whose_answer_trickles_ends_and_the_gateway_starts(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -114,6 +133,39 @@ async def test_a_probe_whose_answer_trickles_ends_and_the_gateway_starts(
         report = await pb.LLMServiceStub(channel).Health(pb.HealthRequest(), timeout=5)
     by_name = {b.name: b for b in report.backends}
     assert not by_name["openai"].reachable and by_name["openai"].last_error == "the probe did not end within 1 s"
+    assert by_name["ollama"].reachable and report.serving
+
+
+async def test_a_models_list_past_the_answer_bound_marks_the_backend_unreachable(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A probe's answers were read whole whatever came (300 MiB of Ollama's /api/tags, in memory at once). They are
+    bounded as a completion's (the bound lowered here, to cross it cheaply): through the SDK (`/v1/models`) and
+    Ollama's own API alike."""
+    monkeypatch.setattr(upstream_http, "MAX_ANSWER_BYTES", 100_000)
+    primary.models_answer = {"object": "list", "data": [{"id": "x" * 200_000, "object": "model"}]}
+    monkeypatch.setattr(local, "models", ("tiny", "y" * 200_000))  # the upstream serves the whole session
+    gateway = await gateway_factory(two_backends(primary, local))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        report = await pb.LLMServiceStub(channel).Health(pb.HealthRequest(), timeout=5)
+    for backend in report.backends:
+        assert not backend.reachable and "the body is over 100000 bytes" in backend.last_error, backend.last_error
+
+
+async def test_each_request_of_a_probe_is_bounded_as_a_whole(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HEALTH_TIMEOUT_S bounded each wait for a piece of the answer: a models list at a byte every 0.05 s held the
+    probe, and the gateway's start, until PROBE_TIMEOUT_S. It bounds each request whole."""
+    monkeypatch.setattr(openai_compat, "HEALTH_TIMEOUT_S", 0.5)
+    primary.models_trickle_s = 0.05  # some 150 bytes: 7 s
+    started = asyncio.get_running_loop().time()
+    gateway = await gateway_factory(two_backends(primary, local))
+    assert asyncio.get_running_loop().time() - started < 3
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        report = await pb.LLMServiceStub(channel).Health(pb.HealthRequest(), timeout=5)
+    by_name = {b.name: b for b in report.backends}
+    assert not by_name["openai"].reachable and by_name["openai"].last_error == "the upstream did not answer in time"
     assert by_name["ollama"].reachable and report.serving
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import pytest
 from llmrelay import v1 as pb
+from llmrelay_server.backends import upstream_http
 from support import StubFactory, details, png, tool, user
 from upstream import FakeUpstream
 
@@ -178,6 +179,22 @@ async def test_a_llamacpp_answer_that_is_no_count_gives_way_to_the_estimate(
     count = await stub.CountTokens(pb.CountTokensRequest(model="gpu/qwen", messages=[user("hello there")]), timeout=5)
     assert (count.encoding, count.estimated) == ("o200k_base", True) and 0 < count.token_count < 100
     assert "could not count tokens" in caplog.text and "Traceback" not in caplog.text
+
+
+async def test_a_count_answered_past_the_answer_bound_gives_way_to_the_estimate(
+    stub_for: StubFactory, llama: FakeUpstream, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server's own endpoints were read whole whatever came: a /tokenize of 400 MiB took the gateway to 1.4 GB,
+    and counted as exact. Their answers are bounded as a completion's (the bound lowered here, to cross it cheaply)."""
+    monkeypatch.setattr(upstream_http, "MAX_ANSWER_BYTES", 100_000)
+    llama.llamacpp_answers["/tokenize"] = {"tokens": [0] * 50_000}  # 150 KB
+    stub = await stub_for(
+        f"llm:\n  backends: [{{name: gpu, kind: llamacpp, base_url: '{llama.base_url}', model: qwen}}]\n"
+    )
+    count = await stub.CountTokens(pb.CountTokensRequest(model="gpu/qwen", messages=[user("hello there")]), timeout=5)
+    assert (count.encoding, count.estimated) == ("o200k_base", True) and 0 < count.token_count < 100
+    (warning,) = [record for record in caplog.records if "could not count tokens" in record.getMessage()]
+    assert "the body is over 100000 bytes" in warning.getMessage() and "Traceback" not in caplog.text
 
 
 async def test_a_count_longer_than_the_deadline_ends_with_the_gateways_status(

@@ -24,7 +24,14 @@ import pytest
 from certs import Authority
 from harness import free_port
 from llmrelay_server.backends import http1
-from llmrelay_server.backends.http1 import HIGH_WATER, MAX_HEAD, Http1Pool, Http1Response, Http1Target
+from llmrelay_server.backends.http1 import (
+    HIGH_WATER,
+    MAX_HEAD,
+    Http1Pool,
+    Http1Response,
+    Http1Target,
+    Http1Transport,
+)
 from llmrelay_server.backends.proxies import Proxies, Proxy
 from llmrelay_server.backends.wire import MalformedAnswerError
 from proxy import ForwardProxy
@@ -665,14 +672,20 @@ async def test_an_upstream_that_does_not_answer_in_time_is_a_read_timeout(fake: 
         await pool.aclose()
 
 
-async def test_the_read_timeout_bounds_each_wait_not_the_whole_answer(pool: Http1Pool) -> None:
-    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+def trickling(answer: bytes) -> Handler:
+    """A handler that answers each request with `answer` a byte every 0.02 s, the head too (100 bytes: 2 s)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while await read_request(reader) is not None:
-            for byte in ok(b'{"slow": "but steady"}'):  # a byte every 0.02 s, the head too: about 2 s in all
+            for byte in answer:
                 writer.write(bytes([byte]))
                 await asyncio.sleep(0.02)
 
-    async with RawServer(trickle) as server:
+    return handler
+
+
+async def test_the_read_timeout_bounds_each_wait_not_the_whole_answer(pool: Http1Pool) -> None:
+    async with RawServer(trickling(ok(b'{"slow": "but steady"}'))) as server:
         response = await pool.post(Http1Target(server.url()), b"{}", 0.25)
         assert await response.read() == b'{"slow": "but steady"}'
         async with await pool.post(Http1Target(server.url()), b"{}", 0.25) as again:
@@ -846,6 +859,45 @@ def test_under_uvloop() -> None:
             await pool.aclose()
 
     uvloop.run(scenario())
+
+
+# --- the SDKs' own requests (Http1Transport) -----------------------------------------------------------------------
+
+
+def sdk_client(pool: Http1Pool) -> httpx2.AsyncClient:
+    """An HTTP client over `pool` as the SDKs' own requests (a models list, a server's tokenizer) are sent, their
+    answers' bodies bounded at 100,000 bytes."""
+    return httpx2.AsyncClient(transport=Http1Transport(pool, 100_000))
+
+
+async def test_an_sdk_requests_answer_is_bounded_on_the_wire_and_once_decompressed(pool: Http1Pool) -> None:
+    """httpx2 read whatever came into memory: a /tokenize of 400 MiB, or 597 KiB of gzip that inflate to 600 MiB,
+    took the gateway past a gigabyte for each count, and the count stood. Past the bound the answer is malformed, as
+    a completion's is, and its connection closed."""
+    bomb = gzip.compress(b"0" * 20_000_000)
+    async with sdk_client(pool) as client:
+        for answer, over, idle in (
+            # Closed, not kept with the rest unread; the bomb came whole: its connection may serve again.
+            (ok(b"x" * 200_000), "the body is over 100000 bytes", 0),
+            (ok(bomb, "Content-Encoding: gzip"), "the body is over 100000 bytes once decompressed", 1),
+        ):
+            async with RawServer(answering(answer)) as server:
+                with pytest.raises(MalformedAnswerError, match=f"{over}$"):
+                    await client.get(server.url())
+                assert_drained(pool, idle=idle)
+        async with RawServer(answering(ok(b"x" * 100_000))) as server:
+            assert len((await client.get(server.url())).content) == 100_000, "within the bound: whole"
+
+
+async def test_an_sdk_requests_read_timeout_bounds_its_whole_answer(pool: Http1Pool) -> None:
+    """Its callers (a count, a probe) wait for the answer whole: one trickled within the wait for each piece held them
+    for as long as the upstream went on (a /tokenize at a byte a second, for the caller's whole deadline)."""
+    async with sdk_client(pool) as client, RawServer(trickling(ok(b'{"slow": "but steady"}'))) as server:
+        started = time.monotonic()
+        with pytest.raises(httpx2.ReadTimeout, match=r"no whole answer in 0\.25 s"):
+            await client.get(server.url(), timeout=0.25)
+        assert time.monotonic() - started < 1
+        assert_drained(pool)
 
 
 # --- through a forward proxy ---------------------------------------------------------------------------------------

@@ -29,6 +29,10 @@ upstream_http's mapping to the SDK's errors applies unchanged:
       chunk, 101)
     a status line and headers over MAX_HEAD        wire.MalformedAnswerError
     a gzip or deflate body that does not inflate   wire.MalformedAnswerError
+    a body over its reader's bound (once           wire.MalformedAnswerError
+      decompressed)
+    no whole answer within the read timeout        httpx2.ReadTimeout
+      (Http1Transport's requests alone)
     the pool closed (aclose) under a request       httpx2.ConnectError (waiting) or httpx2.ReadError (reading)
 """
 
@@ -42,8 +46,8 @@ import ssl
 import urllib.parse
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
-from typing import Final, cast
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import Final, TypeVar, cast
 
 import httptools
 import httpx2
@@ -947,6 +951,11 @@ class Http1Response:
         return None
 
     @property
+    def decoded(self) -> bool:
+        """Whether the body comes decompressed (gzip or deflate): larger than what came on the wire."""
+        return self._inflate is not None
+
+    @property
     def content_type(self) -> str:
         """The media type, lower case, without parameters: application/octet-stream when none is said (as
         aiohttp's ClientResponse.content_type)."""
@@ -1111,20 +1120,27 @@ _GZIP_MAGIC: Final = b"\x1f\x8b"
 
 class Http1Transport(httpx2.AsyncBaseTransport):
     """httpx2's transport over an `Http1Pool`: the SDK's own requests (listing models for Health, a server's
-    tokenizer) go out on the same connections as the completions `upstream_http` posts, within the same bounds."""
+    tokenizer) go out on the same connections as the completions `upstream_http` posts, within the same bounds. Their
+    answers' bodies too: at most `max_body_bytes` once decompressed (a MalformedAnswerError past it, as
+    `Http1Response.read` gives a completion's), where httpx2 would read any size into memory (a few KiB of gzip
+    inflate to gigabytes). And their time: a request's read timeout bounds its whole answer, not each wait for a piece
+    of it (an httpx2.ReadTimeout past it). Their callers (a count, a probe) wait for the answer whole; an upstream that
+    trickles it would hold them for as long as it went on."""
 
-    def __init__(self, pool: Http1Pool) -> None:
+    def __init__(self, pool: Http1Pool, max_body_bytes: int) -> None:
         self._pool = pool
+        self._max_body_bytes = max_body_bytes
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         # Made per request: these requests are few and off the completion path.
         target = self._pool.target(str(request.url), request.headers, method=request.method)
-        timeouts = request.extensions.get("timeout", {})
-        response = await self._pool.post(target, await request.aread(), timeouts.get("read"))
+        read_s = request.extensions.get("timeout", {}).get("read")
+        deadline = _Deadline(read_s)
+        response = await deadline.bound(self._pool.post(target, await request.aread(), read_s))
         return httpx2.Response(
             response.status,
             headers=response.headers,
-            stream=_Body(response),
+            stream=_Body(response, self._max_body_bytes, deadline),
             request=request,
             extensions={"reason_phrase": response.reason.encode("latin-1"), "http_version": b"HTTP/1.1"},
         )
@@ -1133,14 +1149,45 @@ class Http1Transport(httpx2.AsyncBaseTransport):
         await self._pool.aclose()
 
 
-class _Body(httpx2.AsyncByteStream):
-    """An answer's body as httpx2 reads it: piece by piece, closed when httpx2 is done with it."""
+T = TypeVar("T")
 
-    def __init__(self, response: Http1Response) -> None:
+
+class _Deadline:
+    """When the time `seconds` gives a request from now ends (None: never): what is awaited within it fails with an
+    httpx2.ReadTimeout past it."""
+
+    __slots__ = ("_at", "_seconds")
+
+    def __init__(self, seconds: float | None) -> None:
+        self._seconds = seconds
+        self._at = None if seconds is None else asyncio.get_running_loop().time() + seconds
+
+    async def bound(self, awaitable: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout_at(self._at):
+                return await awaitable
+        except TimeoutError as exc:
+            raise httpx2.ReadTimeout(f"no whole answer in {self._seconds:g} s") from exc
+
+
+class _Body(httpx2.AsyncByteStream):
+    """An answer's body as httpx2 reads it: piece by piece, each by `deadline`, `max_bytes` in all at most (a
+    MalformedAnswerError, the connection closed, past it); closed when httpx2 is done with it."""
+
+    def __init__(self, response: Http1Response, max_bytes: int, deadline: _Deadline) -> None:
         self._response = response
+        self._max_bytes = max_bytes
+        self._deadline = deadline
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for piece in self._response:
+        pieces = aiter(self._response)
+        taken = 0
+        while (piece := await self._deadline.bound(anext(pieces, None))) is not None:
+            taken += len(piece)
+            if taken > self._max_bytes:
+                self._response.close()
+                decompressed = " once decompressed" if self._response.decoded else ""
+                raise MalformedAnswerError(f"the body is over {self._max_bytes} bytes{decompressed}")
             yield piece
 
     async def aclose(self) -> None:

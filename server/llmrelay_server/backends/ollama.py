@@ -34,7 +34,8 @@ class OllamaProvider(OpenAICompatibleProvider):
         return body
 
     async def health(self) -> BackendHealth:
-        # Ollama's native API lives beside /v1: /api/version proves it is Ollama, /api/tags lists pulled models.
+        # Ollama's native API lives beside /v1: /api/version proves it is Ollama, /api/tags lists pulled models. Each
+        # answer is read up to MAX_ANSWER_BYTES, whole within HEALTH_TIMEOUT_S (http1.Http1Transport).
         root = self._root_url
         started = time.monotonic()
         try:

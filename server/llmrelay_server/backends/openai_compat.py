@@ -281,7 +281,9 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         return None
 
     async def _post_json(self, path: str, body: dict[str, Any]) -> Any:
-        """A small call to one of the server's own endpoints (not on the completion path)."""
+        """A small call to one of the server's own endpoints (not on the completion path), through the SDK's HTTP
+        client: its answer read up to `upstream_http.MAX_ANSWER_BYTES` once decompressed, and whole within
+        HEALTH_TIMEOUT_S (`http1.Http1Transport`); past either, a failure the count falls back from."""
         # The call's trace context too, as its chat requests carry (upstream_http._send).
         headers = {**self._headers, **(metering.upstream_headers() or {})}
         response = await self._http.post(
@@ -364,7 +366,8 @@ def _chat_completion(raw: bytes) -> tuple[Any, Mapping[str, Any], Message]:
 
 def _status_error(response: httpx2.Response) -> openai.APIStatusError:
     """The SDK's error for an HTTP error answer, with the upstream's own message when it gave one: OpenAI's
-    `{"error": {"message", ...}}`, or the `{"error": "..."}` some compatible servers answer."""
+    `{"error": {"message", ...}}`, the `{"error": "..."}` some compatible servers answer, or older vLLM's
+    `{"object": "error", "message", ...}` (`error_message`)."""
     body, error = error_body(response)
     detail = error.get("message") if isinstance(error, dict) else error
     return openai.APIStatusError(

@@ -56,6 +56,9 @@ from llmrelay_server.domain import (
 # max_keepalive_connections of them once a burst is over (each idle one holds a socket here and a slot upstream).
 POOL_LIMITS = httpx2.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=60.0)
 HEALTH_TIMEOUT_S = 5.0
+"""How long a side request (a probe's, a count of tokens) is given. Through the SDK's HTTP client (the probes, and
+llama.cpp's and vLLM's counts) it bounds the whole answer (`http1.Http1Transport`); Anthropic's count, posted as a
+completion is (`post_read`), it bounds each wait for a piece of the answer."""
 # "context limit": Anthropic's 400 for a prompt that fits but not with max_tokens ("input length and `max_tokens`
 # exceed context limit: 199759 + 8192 > 200000"), which another backend with a larger window can serve.
 # "maximum number of tokens": Gemini's ("The input token count (134123) exceeds the maximum number of tokens allowed").
@@ -77,10 +80,11 @@ MAX_RETRY_AFTER_S = 86_400.0
 """The longest wait an upstream's Retry-After is taken at: beyond a day it says no more than "not soon" (and a
 RetryInfo holds at most about 10,000 years)."""
 MAX_ANSWER_BYTES = 64 * 2**20
-"""The most of an answer (a whole one's body, a stream's line) the gateway reads: far beyond any answer a gRPC message
-carries, and a bound on the memory one upstream's answer can take. A stream's line is measured by the memory its text
-takes as it arrives (`sys.getsizeof` of each read's: up to 4 bytes a character, and an object's for each read, however
-short), not by its characters; joined, a line whose characters differ in width takes up to 4 times that."""
+"""The most of an answer (a whole one's body, a stream's line, the body of a request the SDK's HTTP client sends)
+the gateway reads, once decompressed: far beyond any answer a gRPC message carries, and a bound on the memory one
+upstream's answer can take. A stream's line is measured by the memory its text takes as it arrives (`sys.getsizeof`
+of each read's: up to 4 bytes a character, and an object's for each read, however short), not by its characters;
+joined, a line whose characters differ in width takes up to 4 times that."""
 MAX_ERROR_BODY_BYTES = 64 * 2**10
 """Of an error answer's body, whose first 500 characters are all that is passed on: a longer one is left unread."""
 FINISH_GRACE_S = 1.0
@@ -124,7 +128,7 @@ def http_client(
     """The SDK's HTTP client with its defaults (`openai.DefaultAsyncHttpxClient`,
     `anthropic.DefaultAsyncHttpxClient`), sending through `pool`, shared, or a pool of its own with these limits."""
     pool = pool if isinstance(pool, Pool) else Pool(pool)
-    return sdk_client(limits=pool.limits, transport=Http1Transport(pool.http1))
+    return sdk_client(limits=pool.limits, transport=Http1Transport(pool.http1, MAX_ANSWER_BYTES))
 
 
 def unreachable(base_url: str, error: BaseException) -> str:
@@ -592,11 +596,12 @@ _NOT_A_MODELS_LIST = "the models list is not a JSON object whose `data` is a lis
 @contextmanager
 def models_list() -> Iterator[None]:
     """Around an SDK's models list and what is read of it: the SDKs build their pages from whatever JSON came,
-    unchecked (a `{}`, a list of numbers), then fail on it with TypeError or AttributeError; a MalformedAnswerError
-    instead, which a health probe reports."""
+    unchecked (a `{}`, a list of numbers), then fail on it with TypeError or AttributeError, and read it with
+    json.loads, whose RecursionError is JSON nested past Python's stack; a MalformedAnswerError instead, which a health
+    probe reports."""
     try:
         yield
-    except (TypeError, AttributeError) as exc:
+    except (TypeError, AttributeError, RecursionError) as exc:
         raise MalformedAnswerError(_NOT_A_MODELS_LIST) from exc
 
 
@@ -660,13 +665,19 @@ def error_body(response: httpx2.Response) -> tuple[Any, Any]:
 
 def error_message(response: httpx2.Response, body: Any, detail: Any) -> str:
     """What an HTTP error answer says: the upstream's own message (`detail`, where the dialect found one) when it is
-    text, else the start of its body (`error_body`), else the status's reason phrase; of a redirect, where to."""
+    text, else a `message` text at the top of its JSON (as older vLLM answers, its error not wrapped in `error`),
+    else the start of its body as it came, else the status's reason phrase; of a redirect, where to."""
     if 300 <= response.status_code <= 399:
         # Its query left out: a redirect to a login page carries tokens there.
         where = urlsplit(response.headers.get("location", ""))._replace(query="", fragment="").geturl()
         to = f" to {where}" if where else ""
         return f"a redirect{to}, which the gateway does not follow: set the backend's base_url to where it points"
-    return detail if isinstance(detail, str) and detail else str(body)[:QUOTED_CHARS] or response.reason_phrase
+    if isinstance(detail, str) and detail:
+        return detail
+    if isinstance(body, dict) and isinstance(message := body.get("message"), str) and message:
+        return message
+    # As it came, never as a Python repr (JSON nested deeper than an encoder goes is still its text).
+    return response.text[:QUOTED_CHARS] or response.reason_phrase
 
 
 def retry_after_s(headers: httpx2.Headers) -> float | None:
