@@ -393,6 +393,25 @@ def _event(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
     return {"id": "chatcmpl-1", "model": "gpt-test", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
 
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [("the GPU fell over", "the GPU fell over"), ("[" * 1000 + "]" * 1000, "an error event that is not an object")],
+    ids=["text", "nested-past-the-stack"],
+)
+async def test_an_error_event_whose_error_is_no_object_is_said_in_words(
+    stub_for: StubFactory, primary: FakeUpstream, caplog: pytest.LogCaptureFixture, error: str, said: str
+) -> None:
+    """Its Python repr was the message; a list nested past Python's stack raised a RecursionError instead."""
+    backend = f"{{name: gpu, kind: vllm, base_url: '{primary.base_url}', model: gpt-test}}"
+    stub = await stub_for(f"llm:\n  backends: [{backend}]\n  order: [gpu]\nrouter: {{retry: {{max_retries: 0}}}}\n")
+    event = json.dumps(error) if error[0] != "[" else error
+    primary.inject({"body": f'data: {{"error": {event}}}\n\n', "content_type": "text/event-stream"})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await read_all(stub.StreamComplete(stream_chat(), timeout=5))
+    assert said in (caught.value.details() or ""), caught.value.details()
+    assert "Traceback" not in caplog.text
+
+
 _CALL = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
 
 

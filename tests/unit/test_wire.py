@@ -558,6 +558,7 @@ def test_only_choice_zero_is_read() -> None:
         ({"error": {"message": "x", "code": "200"}}, wire.ErrorEvent("x", None, None)),
         ({"error": {"message": "x", "code": True}}, wire.ErrorEvent("x", None, None)),
         ({"error": "overloaded"}, wire.ErrorEvent("overloaded", None, None)),
+        ({"error": [1]}, wire.ErrorEvent("the upstream sent an error event that is not an object", None, None)),
     ],
 )
 def test_error_events(event: dict[str, Any], expected: wire.ErrorEvent | None) -> None:

@@ -335,7 +335,9 @@ def error_event(data: Mapping[str, Any]) -> ErrorEvent | None:
     if error is None:
         return None
     if not isinstance(error, dict):
-        return ErrorEvent(str(error)[:QUOTED_CHARS], None, None)
+        # Text as it is; anything else not shown (a repr of JSON nested past Python's stack raises RecursionError).
+        said = error if isinstance(error, str) and error else "the upstream sent an error event that is not an object"
+        return ErrorEvent(said[:QUOTED_CHARS], None, None)
     message = error.get("message")
     status, code = error_code(error.get("code"), error.get("type"))
     return ErrorEvent(
