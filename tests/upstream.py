@@ -124,7 +124,8 @@ class FakeUpstream:
     """Monotonic times at which the chat requests arrived."""
     tokenize_requests: list[dict[str, Any]] = field(default_factory=list)
     tokenize_count: Any = None
-    """What /tokenize answers as the count, when set (a server's bad figure); else the prompt's tokens."""
+    """What /tokenize answers as the count, when set (a server's bad figure; bytes: its JSON text); else the prompt's
+    tokens."""
     tokenize_stall_s: float = 0.0
     """How long /tokenize (vLLM's) waits before it answers, as a server busy generating would."""
     llamacpp_answers: dict[str, Any] = field(default_factory=dict)
@@ -352,6 +353,8 @@ class FakeUpstream:
         if body.get("model") not in self.models or not isinstance(body.get("messages"), list):
             error = {"error": {"message": "model and messages are required", "type": "BadRequestError", "code": 400}}
             return await _send_json(writer, 400, error)
+        if isinstance(self.tokenize_count, bytes):  # JSON text no encoder would write
+            return await _send(writer, 200, b'{"count": ' + self.tokenize_count + b"}", "application/json")
         if self.tokenize_count is not None:
             return await _send_json(writer, 200, {"count": self.tokenize_count, "max_model_len": 8192, "tokens": []})
         count = _prompt_tokens(body)

@@ -412,6 +412,26 @@ async def test_an_error_event_whose_error_is_no_object_is_said_in_words(
     assert "Traceback" not in caplog.text
 
 
+async def test_an_answer_whose_id_is_no_text_is_served_without_one(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its repr was the answer's id; a list nested past Python's stack failed the call INTERNAL (RecursionError)."""
+    nested = "[" * 1000 + "]" * 1000
+    choice = {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+    body = '{"id": ' + nested + ', "model": "gpt-test", "choices": [' + json.dumps(choice) + "]}"
+    primary.inject({"body": body, "content_type": "application/json"})
+    answer = await stub.Complete(chat("x y"), timeout=5)
+    assert (answer.id, answer.message.content) == ("", "hi")
+    events = "".join(f'data: {{"id": {nested}, "choices": [{json.dumps(c)}]}}\n\n' for c in _STREAMED_CHOICES)
+    primary.inject({"body": events + "data: [DONE]\n\n", "content_type": "text/event-stream"})
+    chunks = await read_all(stub.StreamComplete(stream_chat("x y"), timeout=5))
+    assert [c.id for c in chunks] == [""] * len(chunks) and chunks[0].delta.content == "hi"
+    assert "Traceback" not in caplog.text
+
+
+_STREAMED_CHOICES = ({"index": 0, "delta": {"content": "hi"}}, {"index": 0, "delta": {}, "finish_reason": "stop"})
+
+
 _CALL = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
 
 

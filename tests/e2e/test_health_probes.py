@@ -119,6 +119,20 @@ async def test_a_models_list_nested_past_pythons_stack_marks_the_backend_unreach
     assert by_name["ollama"].reachable and report.serving
 
 
+async def test_an_ollama_model_whose_name_is_not_text_marks_the_backend_unreachable(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its repr was taken for its name (and one nested past Python's stack failed the probe with a RecursionError)."""
+    monkeypatch.setattr(local, "models", ("tiny", ["tiny"]))  # the upstream serves the whole session
+    gateway = await gateway_factory(two_backends(primary, local))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        report = await pb.LLMServiceStub(channel).Health(pb.HealthRequest(), timeout=5)
+    by_name = {b.name: b for b in report.backends}
+    assert not by_name["ollama"].reachable
+    assert by_name["ollama"].last_error.endswith("/api/tags lists a model whose name is not text")
+    assert by_name["openai"].reachable and report.serving
+
+
 async def test_a_probe_whose_answer_trickles_ends_and_the_gateway_starts(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:

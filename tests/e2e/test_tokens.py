@@ -197,6 +197,17 @@ async def test_a_count_answered_past_the_answer_bound_gives_way_to_the_estimate(
     assert "the body is over 100000 bytes" in warning.getMessage() and "Traceback" not in caplog.text
 
 
+async def test_a_count_nested_past_pythons_stack_is_estimated_instead(
+    stub_for: StubFactory, vllm: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its repr, in the failure's words, raised a RecursionError: the count failed INTERNAL, with a traceback."""
+    vllm.tokenize_count = b"[" * 1000 + b"]" * 1000
+    stub = await vllm_stub(stub_for, vllm)
+    count = await stub.CountTokens(pb.CountTokensRequest(model="gpu/qwen", messages=[user("hello there")]), timeout=5)
+    assert (count.encoding, count.estimated) == ("o200k_base", True) and 0 < count.token_count < 100
+    assert "could not count tokens" in caplog.text and "Traceback" not in caplog.text
+
+
 async def test_a_count_longer_than_the_deadline_ends_with_the_gateways_status(
     stub_for: StubFactory, vllm: FakeUpstream
 ) -> None:

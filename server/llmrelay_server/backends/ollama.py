@@ -43,7 +43,9 @@ class OllamaProvider(OpenAICompatibleProvider):
             version.raise_for_status()
             tags = await self._http.get(f"{root}/api/tags", timeout=HEALTH_TIMEOUT_S)
             tags.raise_for_status()
-            models = tuple(str(m["name"]) for m in wire.decode_json(tags.content).get("models", []))
+            models = tuple(m["name"] for m in wire.decode_json(tags.content).get("models", []))
+            if not all(isinstance(name, str) for name in models):
+                raise wire.MalformedAnswerError("/api/tags lists a model whose name is not text")
         except (httpx2.HTTPError, ValueError, KeyError, AttributeError, TypeError) as exc:
             return self._health(started, reachable=False, error=f"{root}: {self._describe(exc)}")
         return self._health(started, reachable=True, models=models)

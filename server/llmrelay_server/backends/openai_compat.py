@@ -111,7 +111,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         self._check_finished(choice.get("finish_reason"))
         usage = wire.usage_from(data) or await self._counter.estimate_usage(model, request, answer_texts(message))
         return CompletionResponse(
-            id=str(data.get("id") or ""),
+            id=wire.answer_id(data),
             backend=self._spec.name,
             model=self._served_model(data, model),
             message=message,
@@ -148,7 +148,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             if isinstance(data, dict) and "error" in data and (event := wire.error_event(data)) is not None:
                 raise self._error_event(event)
             choice = wire.first_choice(data, "delta")
-            completion_id = completion_id or str(data.get("id") or "")
+            completion_id = completion_id or wire.answer_id(data)
             # The stream's model is the first an event names: the contract has the same one in every message, and the
             # ledger bills the one the last message names (a router in front of several servers may name another).
             if not named and (named := self._served_model(data, "")):
@@ -269,7 +269,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             return None
         try:
             tokens = await self._server_token_count(model, messages, tools)
-        except (httpx2.HTTPError, ValueError, KeyError, TypeError) as exc:
+        except (httpx2.HTTPError, ValueError, KeyError, TypeError, RecursionError) as exc:  # any answer, any JSON
             log.warning("backend %s could not count tokens (%s); estimating instead", self._spec.name, exc)
             return None
         if tokens is None:
@@ -290,9 +290,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             f"{self._root_url}{path}", content=wire.encode(body), headers=headers, timeout=HEALTH_TIMEOUT_S
         )
         response.raise_for_status()
-        return wire.decode_json(
-            response.content
-        )  # orjson: JSON nested past its depth is malformed, not a RecursionError
+        return wire.decode_json(response.content)  # orjson: JSON nested past its depth is malformed, no RecursionError
 
     async def health(self) -> BackendHealth:
         started = time.monotonic()
@@ -314,7 +312,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         self._check_finished(choice.get("finish_reason"))
         finish = wire.answer_finish_reason(choice)
         served = self._served_model(data, model)
-        completion_id = str(data.get("id") or "")
+        completion_id = wire.answer_id(data)
         return wire.whole_answer_chunks(completion_id, self._spec.name, served, message, finish, wire.usage_from(data))
 
     def _check_finished(self, reason: Any) -> None:

@@ -293,6 +293,13 @@ def refusal_text(message: Mapping[str, Any]) -> str | None:
     return _optional_text(message.get("refusal"), "refusal") or None
 
 
+def answer_id(data: Mapping[str, Any]) -> str:
+    """An answer's id (a stream event's), where it is text: another type's repr is no id to quote, and that of JSON
+    nested past Python's stack raises RecursionError."""
+    id_ = data.get("id")
+    return id_ if isinstance(id_, str) else ""
+
+
 def first_choice(data: Any, key: str) -> Mapping[str, Any] | None:
     """Choice 0's `key` object (message or delta); None for a stream chunk without it (the usage chunk, or a chunk
     of another choice: the gateway asks for one, and never merges the text of two)."""
