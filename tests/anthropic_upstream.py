@@ -11,6 +11,7 @@ word. Faults (as FakeUpstream's, in this API's shape):
     {"status": 529, "retry_after": 2}           an HTTP error whose body has the error type of its status
     {"status": 429, "error_code": "..."}        ... with error.details.error_code
     {"status": 400, "message": "..."}           ... with this message
+    {"status": 400, "body": "..."}              an HTTP error with this body as it is
     {"stall_s": 5}, {"drop": true}, {"body": "<html>", "content_type": "..."}   as FakeUpstream's
     {"stream_cut_after": 3}                     a stream that ends after N events, without message_stop
     {"stream_garbage": true}                    a stream with a data line that is not JSON (after message_start)
@@ -27,8 +28,8 @@ word. Faults (as FakeUpstream's, in this API's shape):
                                                 unended (noticing a client that leaves)
     {"stop_reason": "refusal"}                  this stop reason instead of end_turn / tool_use
     {"cache": {"creation": 5, "read": 7}}       usage with these cache counts beside input_tokens
-`count_faults` holds faults for /v1/messages/count_tokens (a status, with its error's "message" when given, or a
-stall: {"stall_s": 5}). Models in
+`count_faults` holds faults for /v1/messages/count_tokens (a status, with its error's "message" when given, or any
+of FakeUpstream's: {"stall_s": 5}, {"body": ...}). Models in
 `adaptive_models` are listed with capabilities that take adaptive thinking and no budget_tokens.
 """
 
@@ -162,7 +163,7 @@ class FakeAnthropic(FakeUpstream):
         if (error := self._invalid(params, body)) is not None:
             return await _send_error(writer, 400, error)
         fault = self.faults.popleft() if self.faults else {}
-        if "status" in fault:
+        if "status" in fault and "body" not in fault:
             headers = {"retry-after": str(fault["retry_after"])} if "retry_after" in fault else {}
             message = fault.get("message", f"fake upstream fault {fault['status']}")
             return await _send_error(writer, fault["status"], message, headers, fault.get("error_code"))
@@ -181,11 +182,11 @@ class FakeAnthropic(FakeUpstream):
         if (error := self._invalid(MessageCountTokensParams, body)) is not None:
             return await _send_error(writer, 400, error)
         fault = self.count_faults.popleft() if self.count_faults else {}
-        if "stall_s" in fault and not await self._stall(fault["stall_s"], reader):
-            return False
-        if "status" in fault:
+        if "status" in fault and "body" not in fault:
             said = fault.get("message", f"fake upstream fault {fault['status']}")
             return await _send_error(writer, fault["status"], said)
+        if (faulted := await self._fault(fault, reader, writer)) is not None:
+            return faulted
         return await _send_json(writer, 200, _checked(MessageTokensCount, {"input_tokens": _prompt_tokens(body)}))
 
     def _invalid(self, params: Any, body: Any) -> str | None:

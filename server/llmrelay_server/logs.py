@@ -192,6 +192,23 @@ class BatchingHandler(logging.Handler):
         with self._waiting:
             self._add(line, at_once=record.levelno >= logging.WARNING)
 
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A record that cannot be formatted (its arguments do not fit its message, or the str() of one raises) is
+        written as one line that says where it was logged, without its arguments (which may be what failed) and
+        without a traceback on standard error. logging's own handleError re-raises a RecursionError (an argument
+        nested past Python's stack), which then failed whatever call logged the line."""
+        failure = type(sys.exc_info()[1]).__name__
+        message = record.msg if isinstance(record.msg, str) else type(record.msg).__name__
+        said = f"a log line from {record.pathname}:{record.lineno} could not be formatted ({failure}): {message}"
+        try:
+            line = self.format(
+                logging.LogRecord(record.name, record.levelno, record.pathname, record.lineno, said, None, None)
+            )
+        except Exception:
+            return  # the formatter itself fails: nothing more to say that could be written
+        with self._waiting:
+            self._add(line, at_once=True)
+
     def write_call(self, logger: str, fields: dict[str, Any], text: object) -> None:
         """A call's line at INFO from `logger`, written as `emit` writes one: its `fields` in JSON, else `text` (its
         str() the message). See call_lines_writer."""

@@ -823,6 +823,52 @@ async def test_an_upstream_error_keeps_its_message_and_never_a_key(
     assert ANTHROPIC_TEST_KEY not in str(caught.value.details())
 
 
+# Deeper than Python's stack lets repr() or str() go.
+PAST_THE_STACK = "[" * 1000 + "]" * 1000
+
+
+@pytest.mark.parametrize("message", ['["a list"]', "true", PAST_THE_STACK], ids=["list", "true", "past-the-stack"])
+async def test_an_error_whose_message_is_no_text_is_quoted_as_it_came(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A compatible server's error message may be any JSON: one that was not text failed Complete, streams and counts
+    INTERNAL (a TypeError in the gateway, or a RecursionError)."""
+    body = f'{{"type": "error", "error": {{"type": "invalid_request_error", "message": {message}}}}}'
+    claude.inject({"status": 400, "body": body})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat(), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"HTTP 400: {body[:100]}" in str(caught.value.details())
+
+    claude.inject({"status": 400, "body": body})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await streamed(stub, stream_chat("hello"))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"HTTP 400: {body[:100]}" in str(caught.value.details())
+
+    claude.count_faults.append({"status": 400, "body": body})
+    count = await stub.CountTokens(pb.CountTokensRequest(model="claude-test", messages=[user("hello")]), timeout=5)
+    assert count.estimated and count.token_count > 0 and len(claude.count_requests) == 1
+    assert not [r for r in caplog.records if r.exc_info], "an upstream's odd answer is no traceback"
+
+
+@pytest.mark.parametrize(
+    ("tokens", "counted_as"),
+    [("-1", "int"), ('"7"', "str"), (PAST_THE_STACK, "list")],
+    ids=["negative", "text", "past-the-stack"],
+)
+async def test_a_count_that_is_no_count_is_estimated_instead(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, tokens: str, counted_as: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warning named what was counted by its repr, which a list nested past Python's stack has not: the
+    RecursionError came out of logging into the call, INTERNAL."""
+    claude.count_faults.append({"body": f'{{"input_tokens": {tokens}}}'})
+    count = await stub.CountTokens(pb.CountTokensRequest(model="claude-test", messages=[user("hello")]), timeout=5)
+    assert count.estimated and count.encoding != "backend:anthropic" and count.token_count > 0
+    warnings = [r.getMessage() for r in caplog.records if "estimating instead" in r.getMessage()]
+    assert warnings == [f"backend anthropic counted tokens as {counted_as}; estimating instead"]
+
+
 # Beyond what orjson writes: an integer no 64 bits hold, and nesting deeper than its 254 levels.
 DEEP = "[" * 300 + "]" * 300
 BIG_SCHEMA = (

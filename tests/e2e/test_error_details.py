@@ -158,8 +158,11 @@ FASTAPI_DETAIL = {"detail": [{"type": "missing", "loc": ["body", "messages"], "m
         (422, FASTAPI_DETAIL, f"HTTP 422: {json.dumps(FASTAPI_DETAIL)}", Outcome.ATTEMPT_OUTCOME_REJECTED),
         # Nested deeper than a JSON encoder goes: its text all the same.
         (400, DEEP, f"HTTP 400: {DEEP[:100]}", Outcome.ATTEMPT_OUTCOME_REJECTED),
+        # A code nested so (the SDK's str() of it raised RecursionError: INTERNAL), in an error object and at the top.
+        (400, f'{{"error": {{"message": "bad", "code": {DEEP}}}}}', "HTTP 400: bad", Outcome.ATTEMPT_OUTCOME_REJECTED),
+        (400, f'{{"message": "bad", "code": {DEEP}}}', "HTTP 400: bad", Outcome.ATTEMPT_OUTCOME_REJECTED),
     ],
-    ids=["old-vllm-404", "old-vllm-context", "fastapi-detail", "deep"],
+    ids=["old-vllm-404", "old-vllm-context", "fastapi-detail", "deep", "deep-code", "deep-top-level-code"],
 )
 async def test_an_error_answer_without_an_error_object_is_told_in_its_own_words(
     stub_for: StubFactory, primary: FakeUpstream, status: int, body: dict[str, Any] | str, said: str, outcome: int

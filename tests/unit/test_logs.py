@@ -121,6 +121,34 @@ def test_lines_wait_a_moment_warnings_none(pipe: tuple[int, BatchingHandler]) ->
     assert drain(read_end) == b"INFO last\n"
 
 
+class Unprintable:
+    def __str__(self) -> str:
+        raise ValueError("no text")
+
+
+@pytest.mark.parametrize("argument", [[[[]]], Unprintable()], ids=["nested-past-the-stack", "str-raises"])
+def test_a_line_that_cannot_be_formatted_is_told_where_it_was_logged_and_raises_in_no_caller(
+    pipe: tuple[int, BatchingHandler], argument: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """logging's own handleError printed a traceback to standard error, and re-raised a RecursionError (an upstream's
+    JSON nested past Python's stack, in a warning's %r), which failed the call that logged it."""
+    read_end, handler = pipe
+    if isinstance(argument, list):
+        for _ in range(sys.getrecursionlimit()):
+            argument = [argument]
+    made = logging.LogRecord("llmrelay_server", logging.INFO, __file__, 7, "counted %s tokens", (argument,), None)
+    handler.handle(made)
+    handler.handle(record(time.time(), message="next"))
+    handler.close()
+    written = read_until(read_end, b"INFO next\n").decode()
+    failure = "RecursionError" if isinstance(argument, list) else "ValueError"
+    assert (
+        written
+        == f"INFO a log line from {__file__}:7 could not be formatted ({failure}): counted %s tokens\nINFO next\n"
+    )
+    assert capsys.readouterr().err == ""
+
+
 def read_until(fd: int, *ends: bytes, seconds: float = 5) -> bytes:
     """What the pipe gives until it has given each of `ends`, or `seconds` passed."""
     deadline, data = time.monotonic() + seconds, b""

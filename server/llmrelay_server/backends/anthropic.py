@@ -206,7 +206,9 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
             return None
         tokens = counted.get("input_tokens") if isinstance(counted, dict) else None
         if not wire.is_count(tokens):
-            log.warning("backend %s counted %r tokens; estimating instead", self._spec.name, tokens)
+            # Its type, not its repr: an upstream's JSON nested past Python's stack has none.
+            counted_as = type(tokens).__name__
+            log.warning("backend %s counted tokens as %s; estimating instead", self._spec.name, counted_as)
             return None
         return TokenCount(tokens=tokens, model=model, encoding=f"backend:{self._spec.name}", estimated=False)
 
@@ -265,7 +267,9 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
             return self._connection_error(exc, timed_out=isinstance(exc, anthropic.APITimeoutError))
         if isinstance(exc, anthropic.APIStatusError):
             status = exc.status_code
-            detail = exc.api_message or exc.message
+            # The error's message only where it is text: a compatible server's may be any JSON.
+            message = exc.api_message
+            detail = message if isinstance(message, str) and message else exc.message
             kind = _kind(status, exc.type, exc.error_code, detail)
             # Retry-After means something on a rate limit and when the API is overloaded (503, 529).
             asks_to_wait = kind is UpstreamErrorKind.RATE_LIMITED or status in (503, 529)

@@ -368,9 +368,12 @@ def _status_error(response: httpx2.Response) -> openai.APIStatusError:
     `{"object": "error", "message", ...}` (`error_message`)."""
     body, error = error_body(response)
     detail = error.get("message") if isinstance(error, dict) else error
-    return openai.APIStatusError(
-        error_message(response, body, detail), response=response, body=error if isinstance(error, dict) else body
-    )
+    given = error if isinstance(error, dict) else body
+    if isinstance(given, dict) and isinstance(given.get("code"), list | dict):
+        # The SDK makes a code text with str(), which JSON nested past Python's stack fails (RecursionError); a code
+        # that is no word or number names nothing anyway.
+        given = {**given, "code": None}
+    return openai.APIStatusError(error_message(response, body, detail), response=response, body=given)
 
 
 class OpenAIProvider(OpenAICompatibleProvider):
