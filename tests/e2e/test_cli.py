@@ -143,7 +143,8 @@ async def test_a_client_certificate_for_mutual_tls(
             os.close(fd)
     assert status == 0 and out.startswith("serving: yes"), err
     status, _, err = await llmrelay(*cli, "health")
-    assert status == 1 and "llmrelay: UNAVAILABLE" in err
+    assert status == 1 and "llmrelay: UNAVAILABLE" in err and "this client gave none" in err, err
+    assert "the llmrelay command takes --cert and --cert-key" in err
     status, _, err = await llmrelay(*cli, "--cert", str(tmp_path / "client.pem"), "health")
     assert (status, err) == (1, "llmrelay: a client certificate needs both --cert and --cert-key\n")
 

@@ -981,6 +981,40 @@ async def test_certificates_tls_cannot_use_are_a_value_error_naming_the_argument
         assert (await client.health(timeout=10)).serving
 
 
+async def test_a_gateway_that_asks_for_a_client_certificate_is_told_of_when_it_closes_the_handshake(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, tmp_path: Path
+) -> None:
+    """A gateway with mutual TLS closes the connection of a client it does not take with no word of why: gRPC said
+    only "Socket closed". Failures the client can tell itself (a server it does not trust, a plaintext gateway) have
+    their own words, and no hint of client certificates."""
+    authority = Authority("llmrelay sdk test CA")
+    mutual = await _serve_tls(gateway_factory, primary, tmp_path, authority, clients=authority)
+    openai = f'{{api_key: "{OPENAI_TEST_KEY}", base_url: "{primary.base_url}", model: {primary.models[0]}}}'
+    plaintext = await gateway_factory(f"llm:\n  openai: {openai}\n")
+    stranger = Authority("another CA").client()
+    cases: list[tuple[int, dict[str, Any], str | None]] = [
+        (mutual.port, {"root_certificates": authority.cert}, "this client gave none: pass private_key= and"),
+        (
+            mutual.port,
+            {"root_certificates": authority.cert, "private_key": stranger.key, "certificate_chain": stranger.cert},
+            "it did not take this client's: it must be issued by a CA in the gateway's server.tls.client_ca_file",
+        ),
+        (mutual.port, {"root_certificates": Authority("not the server's CA").cert}, None),
+        (plaintext.port, {"root_certificates": authority.cert}, None),
+    ]
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    for port, certificates, hint in cases:
+        async with AsyncClient(f"localhost:{port}", options=options, **certificates) as client:
+            with pytest.raises(UnavailableError) as caught:
+                await client.health(timeout=10)
+        message = str(caught.value)
+        if hint is None:
+            assert "client certificate" not in message and "Socket closed" not in message, message
+        else:
+            assert ": Socket closed (if the gateway asks for a client certificate (mutual TLS), " in message, message
+            assert hint in message, message
+
+
 def _read_a_blocking_stream(address: str, heard: threading.Event) -> tuple[int, BaseException | None]:
     """The chunks a stream gave, and what it failed with; heard is set at its first chunk."""
     chunks = 0

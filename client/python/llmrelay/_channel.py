@@ -135,6 +135,24 @@ class ChannelSettings:
             "pass tls=True, or root_certificates= for a private CA; the llmrelay command takes --tls and --ca-file"
         )
 
+    def client_certificate_hint(self, target: str) -> str | None:
+        """What to do when a TLS gateway closed the connection in the handshake without a word ("Socket closed"), as
+        one that asks for a client certificate (mutual TLS) does when it is given none, or one its client CA did not
+        issue; None over plaintext, or with credentials of the caller's own (what they present is not known)."""
+        given = any(c is not None for c in (self.root_certificates, self.private_key, self.certificate_chain))
+        if self.credentials is not None or not uses_tls(target, True if given else self.tls):
+            return None
+        if self.certificate_chain is None:
+            return (
+                "if the gateway asks for a client certificate (mutual TLS), this client gave none: pass private_key= "
+                "and certificate_chain= of one its server.tls.client_ca_file trusts; the llmrelay command takes "
+                "--cert and --cert-key"
+            )
+        return (
+            "if the gateway asks for a client certificate (mutual TLS), it did not take this client's: it must be "
+            "issued by a CA in the gateway's server.tls.client_ca_file"
+        )
+
 
 _PEM_CERTIFICATE: Final = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 

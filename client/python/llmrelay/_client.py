@@ -257,6 +257,7 @@ class _Base:
         self._timeout = _seconds("timeout", timeout, "no deadline")
         self._metadata = _checked_metadata(tuple(metadata) + (((CALLER_HEADER, caller),) if caller else ()))
         self._security_hint = None if own_channel else settings.security_hint(target)
+        self._client_certificate_hint = None if own_channel else settings.client_certificate_hint(target)
         self._closed = False
         """Set by close(): a call made after it, or one an AsyncClient's close() cut short, fails CANCELLED, saying
         so."""
@@ -301,19 +302,30 @@ class _Base:
 
     def _error(self, rpc_error: grpc.RpcError, heard: bool = False) -> LLMRelayError:
         """The SDK's error for a failed call. When the gateway could not be reached (UNAVAILABLE without its
-        ErrorInfo, and nothing came from it: no message, `heard`, and no headers) and the TLS rule chose the
-        transport, the message also says what it chose and how to choose otherwise: a TLS gateway drops a plaintext
-        client with no word of TLS, and the other way round. A gateway that went away mid-call was reached."""
+        ErrorInfo, and nothing came from it: no message, `heard`, and no headers), the message also says what to
+        try: where a TLS gateway closed the connection in the handshake without a word, as one does that asks for a
+        client certificate it was not given, what to give it; where the TLS rule chose the transport, what it chose
+        and how to choose otherwise (a TLS gateway drops a plaintext client with no word of TLS, and the other way
+        round). A gateway that went away mid-call was reached."""
         error = error_from_rpc(rpc_error)
         if (
-            self._security_hint is not None
-            and error.code == grpc.StatusCode.UNAVAILABLE
-            and error.details.error_info is None
-            and not heard
-            and not _headers_came(rpc_error)
+            error.code != grpc.StatusCode.UNAVAILABLE
+            or error.details.error_info is not None
+            or heard
+            or _headers_came(rpc_error)
         ):
-            return type(error)(error.code, f"{error.message} ({self._security_hint})", error.details, error.request_id)
-        return error
+            return error
+        hint = self._security_hint
+        if self._client_certificate_hint is not None and error.message.endswith(_CLOSED_IN_THE_HANDSHAKE):
+            hint = self._client_certificate_hint
+        if hint is None:
+            return error
+        return type(error)(error.code, f"{error.message} ({hint})", error.details, error.request_id)
+
+
+# How gRPC's core ends the status of a connection its server closed without a word (in a TLS handshake: a gateway
+# that asks for a client certificate, given none or one its client CA did not issue).
+_CLOSED_IN_THE_HANDSHAKE: Final = ": Socket closed"
 
 
 def _headers_came(rpc_error: grpc.RpcError) -> bool:
