@@ -5,18 +5,21 @@ In Python, `spawn_gateway` starts `llmrelay-server` as its own process, as a use
 watches it (its log, its exit). As a command it starts the loopback fake upstream (tests/upstream.py) and a gateway
 in front of it, then prints where they are:
 
-    python tests/harness.py [--fallback] [--tls] [--retries N] [--config-extra FILE]
+    python tests/harness.py [--fallback] [--tls | --mutual-tls] [--retries N] [--config-extra FILE]
 
 - The gateway has one backend, "ollama" (chat model "tiny", embedding model "embed-test"), at the fake upstream, with
   no retries (or N) and a circuit that stays closed; with --fallback a second one, "fallback" (openai_compatible,
   model "tiny", the same upstream), after it. With --tls it serves TLS with a certificate for localhost and 127.0.0.1
-  from a CA made for the run.
+  from a CA made for the run. With --mutual-tls it does, and asks every client for a certificate of a second CA made
+  for the run (its client_ca_file); the harness writes one such certificate, and one of a third CA, which the gateway
+  refuses.
 - The configuration it writes has the sections server, llm and router. --config-extra FILE appends FILE's YAML to it:
   sections the harness does not write, such as auth (caller keys and their limits). FILE must not repeat the
   harness's sections (a YAML mapping keeps only the last of a repeated key): the harness refuses one that does.
 - Once the gateway is SERVING, one line of JSON goes to stdout: {"target", "upstream", "fallback_backend",
-  "embedding_model", "ca_file", "gateway_pid"}. The upstream's control API (POST and DELETE /_control/faults, GET
-  /_control/requests) is at "upstream".
+  "embedding_model", "ca_file", "client_cert_file", "client_key_file", "other_client_cert_file",
+  "other_client_key_file", "gateway_pid"} (null where not made). The upstream's control API (POST and DELETE
+  /_control/faults, GET /_control/requests) is at "upstream".
 - The gateway's log goes to stderr as it comes.
 - It runs until stdin reaches its end, or SIGTERM or SIGINT, then stops the gateway and the upstream and exits 0; if
   the gateway stops by itself first, it says so and exits 1.
@@ -58,6 +61,8 @@ EMBEDDING_MODEL = "embed-test"
 """The fake upstream's embedding model, which the command's "ollama" backend serves."""
 FALLBACK_BACKEND = "fallback"
 HARNESS_SECTIONS = frozenset({"server", "llm", "router"})
+CLIENT_FILES = ("client_cert_file", "client_key_file", "other_client_cert_file", "other_client_key_file")
+"""The files of --mutual-tls's client certificates, as its line of JSON names them."""
 """The sections of the configuration the command writes, which --config-extra must not repeat."""
 PROXY_VARIABLES = tuple(
     case(f"{name}_proxy") for case in (str.upper, str.lower) for name in ("http", "https", "all", "no")
@@ -301,18 +306,34 @@ async def run_command(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="llmrelay-harness-") as folder:
             scratch = Path(folder)
             tls, ca_file, credentials = None, None, None
-            if args.tls:
+            clients: dict[str, Path] = {}
+            if args.tls or args.mutual_tls:
                 authority = Authority("llmrelay harness CA")
                 authority.server().write(scratch / "server.pem", scratch / "server.key")
                 ca_file = scratch / "ca.pem"
                 ca_file.write_bytes(authority.cert)
-                tls = f'{{cert_file: "{scratch / "server.pem"}", key_file: "{scratch / "server.key"}"}}'
+                tls = f'cert_file: "{scratch / "server.pem"}", key_file: "{scratch / "server.key"}"'
                 credentials = grpc.ssl_channel_credentials(authority.cert)
+            if args.mutual_tls:
+                client_ca = Authority("llmrelay harness client CA")
+                (scratch / "client_ca.pem").write_bytes(client_ca.cert)
+                tls += f', client_ca_file: "{scratch / "client_ca.pem"}"'
+                ours, other = client_ca.client(), Authority("a CA the gateway does not trust").client()
+                for prefix, issued in (("client", ours), ("other_client", other)):
+                    issued.write(scratch / f"{prefix}.pem", scratch / f"{prefix}.key")
+                    clients[f"{prefix}_cert_file"] = scratch / f"{prefix}.pem"
+                    clients[f"{prefix}_key_file"] = scratch / f"{prefix}.key"
+                credentials = grpc.ssl_channel_credentials(authority.cert, ours.key, ours.cert)
             config = scratch / "llmrelay.yaml"
             upstream_url = upstream.base_url.removesuffix("/v1")
             config.write_text(
                 gateway_config(
-                    upstream_url, scratch, fallback=args.fallback, retries=args.retries, tls=tls, extra=args.extra
+                    upstream_url,
+                    scratch,
+                    fallback=args.fallback,
+                    retries=args.retries,
+                    tls=f"{{{tls}}}" if tls else None,
+                    extra=args.extra,
                 )
             )
             gateway = await spawn_gateway(config, cwd=scratch, echo=sys.stderr)
@@ -325,6 +346,7 @@ async def run_command(args: argparse.Namespace) -> int:
                     "fallback_backend": FALLBACK_BACKEND if args.fallback else None,
                     "embedding_model": EMBEDDING_MODEL,
                     "ca_file": str(ca_file) if ca_file else None,
+                    **{name: str(clients[name]) if name in clients else None for name in CLIENT_FILES},
                     "gateway_pid": gateway.process.pid,
                 }
                 print(json.dumps(where), flush=True)
@@ -345,6 +367,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--fallback", action="store_true", help='a second backend, "fallback", after "ollama"')
     parser.add_argument("--tls", action="store_true", help="serve TLS with a certificate from a CA made for the run")
+    parser.add_argument(
+        "--mutual-tls",
+        action="store_true",
+        help="serve TLS and ask clients for a certificate of a second CA made for the run (client_cert_file)",
+    )
     parser.add_argument("--retries", type=int, default=0, help="the router's max_retries (default 0)")
     parser.add_argument(
         "--config-extra",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from harness import FALLBACK_BACKEND, free_port
+from harness import CLIENT_FILES, FALLBACK_BACKEND, free_port
 from llmrelay import v1 as pb
 from support import chat
 
@@ -68,6 +68,34 @@ async def test_the_command_serves_tls_with_its_ca() -> None:
         async with grpc.aio.secure_channel(where["target"], credentials) as channel:
             answer = await pb.LLMServiceStub(channel).Complete(chat("over tls"), timeout=10)
         assert answer.message.content == "echo: over tls"
+    finally:
+        assert await stop(process) == 0
+
+
+async def test_the_command_serves_mutual_tls_to_its_client_certificate_alone() -> None:
+    process, where = await start("--mutual-tls")
+    try:
+        files = await asyncio.to_thread(
+            lambda: {name: Path(where[name]).read_bytes() for name in ("ca_file", *CLIENT_FILES)}
+        )
+        presented = [
+            (files["client_key_file"], files["client_cert_file"], True),
+            (files["other_client_key_file"], files["other_client_cert_file"], False),
+            (None, None, False),
+        ]
+        for key, cert, answers in presented:
+            credentials = grpc.ssl_channel_credentials(files["ca_file"], key, cert)
+            options = [("grpc.use_local_subchannel_pool", 1)]  # a connection each
+            async with grpc.aio.secure_channel(where["target"], credentials, options=options) as channel:
+                call = pb.LLMServiceStub(channel).Complete(chat("over mutual tls"), timeout=10)
+                if answers:
+                    assert (await call).message.content == "echo: over mutual tls"
+                    continue
+                try:
+                    await call
+                    raise AssertionError("the gateway took a client certificate its client CA did not issue")
+                except grpc.aio.AioRpcError as error:
+                    assert error.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         assert await stop(process) == 0
 

@@ -5,6 +5,8 @@ package llmrelay_test
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -518,6 +520,67 @@ func TestStreamCutByAGatewayThatDiedHasNoSecurityHint(t *testing.T) {
 		if strings.Contains(e.Error(), hint) {
 			t.Errorf("error %q says %q: the gateway answered, so its transport security was right", e.Error(), hint)
 		}
+	}
+}
+
+// A gateway with mutual TLS closes the connection of a client it does not take without a word (gRPC's core sends no
+// alert): grpc-go says only "error reading server preface: EOF" or "write: broken pipe". The message then ends with
+// what to give the gateway, a client certificate or one its client CA issued; failures the client can tell itself (a
+// server it does not trust, a plaintext gateway) keep their own words, with no hint of client certificates.
+func TestAGatewayThatAsksForAClientCertificateIsToldOf(t *testing.T) {
+	mutual := mutualTLSGateway.start(t)
+	tlsConfig := func(certFile, keyFile string) *tls.Config {
+		config, err := llmrelay.TLSConfig(mutual.CAFile, certFile, keyFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return config
+	}
+	noCertificate := "(if the gateway asks for a client certificate (mutual TLS), this client gave none: dial with " +
+		"llmrelay.WithTLS and a tls.Config whose Certificates hold one its server.tls.client_ca_file trusts)"
+	notTaken := "(if the gateway asks for a client certificate (mutual TLS), it did not take this client's: it must " +
+		"be issued by a CA in the gateway's server.tls.client_ca_file)"
+	cases := []struct {
+		name   string
+		target string
+		config *tls.Config
+		said   string // what grpc-go says where the hint is not for it
+		hint   string // "": none
+	}{
+		{"no client certificate", mutual.Target, tlsConfig("", ""), "", noCertificate},
+		{"one of another CA", mutual.Target, tlsConfig(mutual.OtherClientCertFile, mutual.OtherClientKeyFile), "",
+			notTaken},
+		{"a server it does not trust", mutual.Target, &tls.Config{RootCAs: x509.NewCertPool()},
+			"x509: certificate signed by unknown authority", ""},
+		{"a plaintext gateway", env.Target, tlsConfig("", ""), "first record does not look like a TLS handshake", ""},
+	}
+	ctx := testContext(t)
+	for _, c := range cases {
+		client := dial(t, c.target, llmrelay.WithTLS(c.config))
+		_, err := client.Health(ctx, false)
+		unary := mustFail(t, err, codes.Unavailable)
+		// A stream's too: nothing came from the gateway.
+		stream, err := client.Stream(ctx, &llmrelayv1.StreamCompleteRequest{Messages: chat("over mutual TLS")})
+		if err == nil {
+			_, err = stream.Recv()
+		}
+		streamed := mustFail(t, err, codes.Unavailable)
+		for _, e := range []*llmrelay.Error{unary, streamed} {
+			t.Logf("%s: %v", c.name, e)
+			if c.hint != "" && !strings.HasSuffix(e.Message, c.hint) {
+				t.Errorf("%s: message %q; want it to end %q", c.name, e.Message, c.hint)
+			}
+			if c.hint == "" && (!strings.Contains(e.Message, c.said) || strings.Contains(e.Message, "client certificate")) {
+				t.Errorf("%s: message %q; want grpc-go's %q, and no hint of client certificates", c.name, e.Message,
+					c.said)
+			}
+		}
+	}
+
+	// And with its client CA's certificate, the gateway answers.
+	config := tlsConfig(mutual.ClientCertFile, mutual.ClientKeyFile)
+	if _, err := dial(t, mutual.Target, llmrelay.WithTLS(config)).Health(ctx, false); err != nil {
+		t.Errorf("with a certificate of its client CA's: %v", err)
 	}
 }
 

@@ -76,6 +76,10 @@ type Client struct {
 	// securityHint says which transport security Dial chose by itself and how to choose another; "" when the caller
 	// chose. It completes the message of a call that could not reach the gateway.
 	securityHint string
+	// certificateHint says what a gateway with mutual TLS wants of this client, given none or one it did not take;
+	// "" over plaintext or the caller's own credentials (what they present is not known). It completes the message
+	// of a call whose TLS connection the gateway closed without a word (see closedWithoutAWord).
+	certificateHint string
 }
 
 type options struct {
@@ -86,6 +90,9 @@ type options struct {
 	unaryInterceptors  []grpc.UnaryClientInterceptor
 	streamInterceptors []grpc.StreamClientInterceptor
 	dialOptions        []grpc.DialOption
+	// tls is the configuration of creds where WithTLS or Dial's rule made them (an empty one for nil); nil for other
+	// credentials.
+	tls *tls.Config
 }
 
 // Option configures Dial.
@@ -94,19 +101,25 @@ type Option func(*options)
 // WithInsecure connects in plaintext, for a gateway inside a trusted network (Dial does so by itself only for a
 // loopback target: see IsLoopbackTarget).
 func WithInsecure() Option {
-	return func(o *options) { o.creds = insecure.NewCredentials() }
+	return func(o *options) { o.creds, o.tls = insecure.NewCredentials(), nil }
 }
 
 // WithTLS connects over TLS with the given configuration (nil: the system's root certificates): RootCAs for a private
 // CA, Certificates for a client certificate (TLSConfig reads both from PEM files). TLS with the system's roots is
 // what Dial does by itself for a target that is not loopback; WithTLS also asks for TLS to a loopback one.
 func WithTLS(config *tls.Config) Option {
-	return func(o *options) { o.creds = credentials.NewTLS(config) }
+	return func(o *options) {
+		o.creds, o.tls = credentials.NewTLS(config), config
+		if config == nil {
+			o.tls = &tls.Config{}
+		}
+	}
 }
 
-// WithTransportCredentials connects with any gRPC transport credentials (mutual TLS, ALTS, ...).
+// WithTransportCredentials connects with any gRPC transport credentials (mutual TLS, ALTS, ...). What they present
+// is not known to the client, so a failed call's message gives no hint of client certificates (WithTLS's does).
 func WithTransportCredentials(creds credentials.TransportCredentials) Option {
-	return func(o *options) { o.creds = creds }
+	return func(o *options) { o.creds, o.tls = creds, nil }
 }
 
 // WithTimeout sets the deadline of calls whose context has none (DefaultTimeout by default; 0 for none; Dial refuses
@@ -187,9 +200,20 @@ func Dial(target string, opts ...Option) (*Client, error) {
 			securityHint = "the client connected in plaintext, its default for a loopback target; " +
 				"for a gateway that serves TLS, dial with llmrelay.WithTLS"
 		} else {
-			o.creds = credentials.NewTLS(nil)
+			o.creds, o.tls = credentials.NewTLS(nil), &tls.Config{}
 			securityHint = "the client connected over TLS with the system's roots, its default for a target that is " +
 				"not loopback; for a plaintext gateway dial with llmrelay.WithInsecure, for a private CA with llmrelay.WithTLS"
+		}
+	}
+	// Read now, as credentials.NewTLS took a copy: what the client presents is the configuration as it is now.
+	var certificateHint string
+	if o.tls != nil {
+		if len(o.tls.Certificates) == 0 && o.tls.GetClientCertificate == nil {
+			certificateHint = "if the gateway asks for a client certificate (mutual TLS), this client gave none: dial " +
+				"with llmrelay.WithTLS and a tls.Config whose Certificates hold one its server.tls.client_ca_file trusts"
+		} else {
+			certificateHint = "if the gateway asks for a client certificate (mutual TLS), it did not take this " +
+				"client's: it must be issued by a CA in the gateway's server.tls.client_ca_file"
 		}
 	}
 	dialOptions := []grpc.DialOption{
@@ -205,11 +229,12 @@ func Dial(target string, opts ...Option) (*Client, error) {
 		return nil, err
 	}
 	return &Client{
-		conn:         conn,
-		rpc:          llmrelayv1.NewLLMServiceClient(conn),
-		timeout:      o.timeout,
-		headers:      o.headers,
-		securityHint: securityHint,
+		conn:            conn,
+		rpc:             llmrelayv1.NewLLMServiceClient(conn),
+		timeout:         o.timeout,
+		headers:         o.headers,
+		securityHint:    securityHint,
+		certificateHint: certificateHint,
 	}, nil
 }
 
@@ -404,9 +429,11 @@ const requestIDTrailer = "x-request-id"
 // from the call's trailer and, when ctx (the call's, the client's default deadline included) ended the call, the
 // context error to unwrap to. Call it before the client cancels ctx. When the call could not reach the gateway
 // (UNAVAILABLE without the gateway's ErrorInfo, and nothing came from it: reached says whether a message or the
-// response headers did) and Dial chose the transport security by itself, the message also says what Dial chose and
-// how to choose otherwise: the usual cause is a gateway that speaks the other one. A gateway that went away mid-call
-// (killed after some chunks of a stream) was reached, whatever its transport security.
+// response headers did), the message also says what to try. Where the gateway closed a TLS connection without a word
+// (closedWithoutAWord), as one with mutual TLS does to a client it does not take, what to give it: a client
+// certificate, or one its client CA issued. Else, where Dial chose the transport security by itself, what Dial chose
+// and how to choose otherwise: the usual cause is a gateway that speaks the other one. A gateway that went away
+// mid-call (killed after some chunks of a stream) was reached, whatever its transport security.
 func (c *Client) wrapError(ctx context.Context, err error, trailer metadata.MD, reached bool) error {
 	e := ParseError(err)
 	if e == nil {
@@ -424,10 +451,37 @@ func (c *Client) wrapError(ctx context.Context, err error, trailer metadata.MD, 
 	case e.Code == codes.DeadlineExceeded && hasDeadline:
 		e.ctxErr = context.DeadlineExceeded
 	}
-	if c.securityHint != "" && e.Code == codes.Unavailable && e.ErrorInfo == nil && !reached {
-		e.Message += " (" + c.securityHint + ")"
+	if e.Code == codes.Unavailable && e.ErrorInfo == nil && !reached {
+		// The certificate's first: the more specific, and TLS with the system's roots was right if the gateway got
+		// as far as asking for a client certificate.
+		hint := c.securityHint
+		if c.certificateHint != "" && closedWithoutAWord(e.Message) {
+			hint = c.certificateHint
+		}
+		if hint != "" {
+			e.Message += " (" + hint + ")"
+		}
 	}
 	return e
+}
+
+// closedWithoutAWord says whether grpc-go's message is that of a TLS connection the server closed without a word: the
+// gateway (gRPC's core) sends no alert when it refuses a client certificate, none given or one its client CA did not
+// issue, so grpc-go tells of the closed connection alone. Under TLS 1.3 the client's handshake is over before the
+// gateway looks at its certificate: what fails is reading the gateway's HTTP/2 preface ("error reading server
+// preface: EOF") or writing the client's ("write: broken pipe", bare from the flush of the preface); under TLS 1.2,
+// the handshake ("authentication handshake failed: EOF"); a reset in place of the end where the close comes first.
+// A failure the client can tell itself has words of its own, and no hint of client certificates: a server it does
+// not trust ("x509: ..."), a plaintext gateway ("first record does not look like a TLS handshake"), no gateway
+// ("connection refused").
+func closedWithoutAWord(message string) bool {
+	for _, head := range []string{"error reading server preface: ", "authentication handshake failed: "} {
+		if _, after, ok := strings.Cut(message, head); ok &&
+			(strings.HasPrefix(after, "EOF") || strings.Contains(after, "connection reset by peer")) {
+			return true
+		}
+	}
+	return strings.Contains(message, "write: broken pipe") || strings.Contains(message, "write: connection reset by peer")
 }
 
 // unary makes one unary call through rpc with the client's headers and default deadline, and returns its error as an

@@ -43,6 +43,8 @@ var (
 	fallbackGateway = &harness{opts: gatewaytest.Options{Fallback: true}}
 	// tlsGateway serves TLS with a certificate from its CAFile.
 	tlsGateway = &harness{opts: gatewaytest.Options{TLS: true}}
+	// mutualTLSGateway serves TLS so, and takes only its ClientCertFile's certificate from a client.
+	mutualTLSGateway = &harness{opts: gatewaytest.Options{MutualTLS: true}}
 )
 
 // start starts the harness once, clears its upstream's faults, and returns it.
@@ -77,7 +79,8 @@ func run(m *testing.M) (code int) {
 	}
 	defer func() {
 		// A harness that does not exit 0 lost its gateway during the tests: say so, with the gateway's log.
-		for _, gateway := range []*gatewaytest.Gateway{env, fallbackGateway.gateway, tlsGateway.gateway} {
+		for _, gateway := range []*gatewaytest.Gateway{env, fallbackGateway.gateway, tlsGateway.gateway,
+			mutualTLSGateway.gateway} {
 			if gateway == nil {
 				continue
 			}

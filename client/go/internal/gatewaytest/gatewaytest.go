@@ -54,6 +54,9 @@ type Options struct {
 	Fallback bool
 	// TLS makes the gateway serve TLS with a certificate for localhost and 127.0.0.1 from Gateway.CAFile.
 	TLS bool
+	// MutualTLS makes it serve TLS so, and ask every client for a certificate of a second CA, one of which is in
+	// Gateway.ClientCertFile; Gateway.OtherClientCertFile holds one of a third CA, which it refuses.
+	MutualTLS bool
 	// Retries is the router's max_retries (0: none).
 	Retries int
 	// ConfigExtra is YAML appended to the gateway's configuration (the harness's --config-extra): sections the
@@ -71,8 +74,11 @@ type Gateway struct {
 	FallbackBackend string
 	// EmbeddingModel is the embedding model of the "ollama" backend.
 	EmbeddingModel string
-	// CAFile is the PEM file of the CA of the gateway's certificate ("" without Options.TLS).
+	// CAFile is the PEM file of the CA of the gateway's certificate ("" without Options.TLS or MutualTLS).
 	CAFile string
+	// ClientCertFile and ClientKeyFile are a client certificate the gateway takes, and OtherClientCertFile and
+	// OtherClientKeyFile one it refuses, in PEM ("" without Options.MutualTLS).
+	ClientCertFile, ClientKeyFile, OtherClientCertFile, OtherClientKeyFile string
 	// PID is the gateway's process id.
 	PID int
 
@@ -84,12 +90,16 @@ type Gateway struct {
 
 // where is the line the harness prints once its gateway is SERVING.
 type where struct {
-	Target          string  `json:"target"`
-	Upstream        string  `json:"upstream"`
-	FallbackBackend *string `json:"fallback_backend"`
-	EmbeddingModel  string  `json:"embedding_model"`
-	CAFile          *string `json:"ca_file"`
-	GatewayPID      int     `json:"gateway_pid"`
+	Target              string  `json:"target"`
+	Upstream            string  `json:"upstream"`
+	FallbackBackend     *string `json:"fallback_backend"`
+	EmbeddingModel      string  `json:"embedding_model"`
+	CAFile              *string `json:"ca_file"`
+	ClientCertFile      *string `json:"client_cert_file"`
+	ClientKeyFile       *string `json:"client_key_file"`
+	OtherClientCertFile *string `json:"other_client_cert_file"`
+	OtherClientKeyFile  *string `json:"other_client_key_file"`
+	GatewayPID          int     `json:"gateway_pid"`
 }
 
 // Start runs the harness and waits until its gateway is SERVING.
@@ -110,7 +120,9 @@ func Start(opts Options) (*Gateway, error) {
 	if opts.Fallback {
 		args = append(args, "--fallback")
 	}
-	if opts.TLS {
+	if opts.MutualTLS {
+		args = append(args, "--mutual-tls")
+	} else if opts.TLS {
 		args = append(args, "--tls")
 	}
 	if opts.ConfigExtra != "" {
@@ -156,6 +168,8 @@ func Start(opts Options) (*Gateway, error) {
 		}
 		g.Target, g.Upstream, g.EmbeddingModel, g.PID = w.Target, &Upstream{URL: w.Upstream}, w.EmbeddingModel, w.GatewayPID
 		g.FallbackBackend, g.CAFile = deref(w.FallbackBackend), deref(w.CAFile)
+		g.ClientCertFile, g.ClientKeyFile = deref(w.ClientCertFile), deref(w.ClientKeyFile)
+		g.OtherClientCertFile, g.OtherClientKeyFile = deref(w.OtherClientCertFile), deref(w.OtherClientKeyFile)
 		return g, nil
 	case <-g.done:
 		return nil, fmt.Errorf("gatewaytest: the harness exited (%v) before its gateway served:\n%s", cmd.ProcessState,
