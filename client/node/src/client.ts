@@ -165,6 +165,12 @@ export class Client {
    * the caller chose (insecure, tls or credentials).
    */
   private readonly securityHint: string | undefined;
+  /**
+   * What a gateway with mutual TLS wants of this client, given no certificate or one it did not take, for a TLS
+   * connection the gateway closed without a word (see closedWithoutAWord); undefined over plaintext, or with
+   * credentials of the caller's own (what they present is not known).
+   */
+  private readonly certificateHint: string | undefined;
   private readonly timeoutMs: number | null;
   private readonly headers: Record<string, string | Buffer>;
   /** The calls in flight, unary and streams: close() cancels them, as grpc-js's close() lets them run on. */
@@ -178,6 +184,7 @@ export class Client {
   ) {
     this.transport = options.credentials ? undefined : chooseTransport(target, options);
     this.securityHint = transportHint(target, options, this.transport);
+    this.certificateHint = certificateHint(options, this.transport);
     this.raw = new LLMServiceClient(target, channelCredentials(target, options), {
       "grpc.service_config": SERVICE_CONFIG_JSON,
       ...options.channelOptions,
@@ -349,23 +356,23 @@ export class Client {
   }
 
   /**
-   * Adds to a failure to connect over the transport the rule chose what to try: a gateway that serves TLS drops a
-   * plaintext client with no word of TLS in the status, and a plaintext gateway fails a TLS client with OpenSSL's
-   * "wrong version number". A caller who chose needs no word of the rule, and neither does a call that reached the
-   * gateway (`reached`: its response headers or a message came), such as a stream cut by a gateway that went away
-   * midway.
+   * Adds to a failure to reach the gateway (UNAVAILABLE without the gateway's ErrorInfo) what to try. Where the
+   * gateway closed a TLS connection without a word (closedWithoutAWord), as one with mutual TLS does to a client it
+   * does not take, what to give it: a client certificate, or one its client CA issued. Else, over the transport the
+   * rule chose, what it chose and how to choose otherwise: a gateway that serves TLS drops a plaintext client with no
+   * word of TLS in the status, and a plaintext gateway fails a TLS client with OpenSSL's "wrong version number". A
+   * caller who chose needs no word of the rule, and neither does a call that reached the gateway (`reached`: its
+   * response headers or a message came), such as a stream cut by a gateway that went away midway.
    */
   private explain(err: unknown, reached: boolean): unknown {
-    if (
-      this.securityHint !== undefined &&
-      !reached &&
-      err instanceof LLMRelayError &&
-      err.code === status.UNAVAILABLE &&
-      err.errorInfo === undefined
-    ) {
-      return err.withHint(this.securityHint);
+    if (reached || !(err instanceof LLMRelayError) || err.code !== status.UNAVAILABLE || err.errorInfo !== undefined) {
+      return err;
     }
-    return err;
+    // The certificate's first: the more specific, and TLS with the system's roots was right if the gateway got as far
+    // as asking for a client certificate.
+    const hint =
+      this.certificateHint !== undefined && closedWithoutAWord(err.details) ? this.certificateHint : this.securityHint;
+    return hint === undefined ? err : err.withHint(hint);
   }
 }
 
@@ -388,6 +395,45 @@ function transportHint(
         " loopback); if the gateway serves plaintext, pass { insecure: true }, or { tls: { rootCerts } } for a" +
         " private CA";
 }
+
+/**
+ * What a gateway that asks for a client certificate (mutual TLS) wants of this client, as the Go and Python SDKs say
+ * it: a certificate where it gave none, else one of the gateway's client CA. Undefined where the transport is not TLS,
+ * or the caller's credentials decided (`chosen` is then undefined).
+ */
+function certificateHint(options: ClientOptions, chosen: Transport | undefined): string | undefined {
+  if (chosen !== "tls") {
+    return undefined;
+  }
+  // channelCredentials() takes privateKey and certChain only together: a certChain is a client certificate.
+  return options.tls?.certChain === undefined
+    ? "if the gateway asks for a client certificate (mutual TLS), this client gave none: pass" +
+        " { tls: { rootCerts, privateKey, certChain } } with one its server.tls.client_ca_file trusts"
+    : "if the gateway asks for a client certificate (mutual TLS), it did not take this client's: it must be issued" +
+        " by a CA in the gateway's server.tls.client_ca_file";
+}
+
+/**
+ * grpc-js's last error for a TLS connection its server closed without a word. The gateway (gRPC's core) sends no
+ * alert when it refuses a client certificate, none given or one its client CA did not issue: it closes the
+ * connection. Under TLS 1.3 (Node's default) the client's handshake is over before the gateway looks at its
+ * certificate, so the close comes before the gateway's HTTP/2 settings, and grpc-js says only "Failed to connect
+ * (TIME)"; under TLS 1.2 it comes within the handshake, before the client has checked the gateway's certificate
+ * either: "Error: Client network socket disconnected before secure TLS connection was established". Neither names
+ * the certificate (a plaintext client of a TLS gateway gets the first too), hence the hint only over TLS, and its
+ * "if". A failure the client can tell itself keeps its own words and gets no such hint: a server it does not trust
+ * ("unable to verify the first certificate"), a plaintext gateway ("wrong version number"), none at all ("connect
+ * ECONNREFUSED").
+ */
+function closedWithoutAWord(details: string): boolean {
+  return CLOSED_WITHOUT_A_WORD.some((words) => details.includes(words));
+}
+
+/** How grpc-js's status tells of a connection closed so: under TLS 1.3, then under TLS 1.2. */
+const CLOSED_WITHOUT_A_WORD = [
+  "Last error: Failed to connect (",
+  "Last error: Error: Client network socket disconnected before secure TLS connection was established",
+];
 
 /** What gRPC takes as a metadata key, in lower case (as it sends keys). */
 const METADATA_KEY = /^[0-9a-z_.-]+$/;

@@ -1,14 +1,16 @@
 /**
  * The channel, end to end: retries by the channel itself after the gateway's pushback (the contract's service
- * config), interceptors, calls without a deadline, and the transport rule against a plaintext and a TLS gateway
- * (tests/harness.py, with --tls for the latter).
+ * config), interceptors, calls without a deadline, the transport rule against a plaintext and a TLS gateway
+ * (tests/harness.py, with --tls for the latter), and a gateway with mutual TLS (--mutual-tls).
  */
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
+import tls from "node:tls";
 import { after, before, beforeEach, describe, test } from "node:test";
 
 import {
   AttemptOutcome,
+  ChannelCredentials,
   Client,
   InterceptingCall,
   LLMRelayError,
@@ -206,6 +208,121 @@ describe("the transport rule against a TLS gateway on loopback", { concurrency: 
     assert.equal(client.transport, "tls");
     const err = await mustFail(client.complete({ messages: [user("who are you?")] }), status.UNAVAILABLE);
     assert.doesNotMatch(err.message, /plaintext/);
+  });
+});
+
+describe("a gateway that asks for a client certificate (mutual TLS)", { concurrency: false }, () => {
+  let mutual: Gateway;
+  let ca: Buffer;
+
+  before(async () => {
+    mutual = await Gateway.start({ mutualTls: true });
+    ca = readFileSync(mutual.caFile);
+  });
+
+  after(async () => {
+    await mutual?.stop();
+  });
+
+  const noCertificate =
+    " (if the gateway asks for a client certificate (mutual TLS), this client gave none: pass" +
+    " { tls: { rootCerts, privateKey, certChain } } with one its server.tls.client_ca_file trusts)";
+  const notTaken =
+    " (if the gateway asks for a client certificate (mutual TLS), it did not take this client's: it must be issued" +
+    " by a CA in the gateway's server.tls.client_ca_file)";
+
+  /**
+   * How a unary call and a stream of a client of its own fail: its own subchannel, so that no other client's failed
+   * connection (grpc-js's global pool shares them between equal credentials) speaks for it.
+   */
+  async function failures(target: string, options: ClientOptions): Promise<LLMRelayError[]> {
+    const client = connect(target, {
+      timeoutMs: 10_000,
+      ...options,
+      channelOptions: { "grpc.use_local_subchannel_pool": 1 },
+    });
+    const unary = await mustFail(client.health(), status.UNAVAILABLE);
+    const stream = await mustFail(client.collect({ messages: [user("over mutual TLS")] }), status.UNAVAILABLE);
+    return [unary, stream];
+  }
+
+  /**
+   * The gateway (gRPC's core) closes the connection of a client it does not take without a word, and grpc-js says
+   * only "Failed to connect": the message then ends with what to give it. Failures the client can tell itself keep
+   * their own words, and no hint of client certificates; credentials of the caller's own get none either (what they
+   * present is not known).
+   */
+  test("no certificate, or one of another CA, is told of; other failures are not", async () => {
+    const stranger = mutual.otherClientCertificate;
+    const cases: [string, string, ClientOptions, string, string | undefined][] = [
+      ["no client certificate", mutual.addr, { tls: { rootCerts: ca } }, "Failed to connect (", noCertificate],
+      [
+        "one of another CA",
+        mutual.addr,
+        { tls: { rootCerts: ca, privateKey: stranger.key, certChain: stranger.cert } },
+        "Failed to connect (",
+        notTaken,
+      ],
+      [
+        "a server it does not trust",
+        mutual.addr,
+        { tls: { rootCerts: stranger.cert } }, // a certificate, not the server's CA
+        "unable to verify the first certificate",
+        undefined,
+      ],
+      ["a plaintext gateway", gateway.addr, { tls: { rootCerts: ca } }, "wrong version number", undefined],
+      [
+        "credentials of the caller's own",
+        mutual.addr,
+        { credentials: ChannelCredentials.createSsl(ca) },
+        "Failed to connect (",
+        undefined,
+      ],
+    ];
+    for (const [name, target, options, said, hint] of cases) {
+      for (const err of await failures(target, options)) {
+        assert.ok(err.details.includes(said), `${name}: ${err.message}`);
+        if (hint === undefined) {
+          assert.doesNotMatch(err.message, /client certificate/, name);
+        } else {
+          assert.ok(err.message.endsWith(hint), `${name}: ${err.message}`);
+        }
+      }
+    }
+  });
+
+  test("under TLS 1.2 the gateway closes within the handshake, and is told of too", async () => {
+    // Read when a client makes its credentials (grpc-js's secure context): TLS 1.2 for the two made here alone.
+    const stranger = mutual.otherClientCertificate;
+    const maxVersion = tls.DEFAULT_MAX_VERSION;
+    tls.DEFAULT_MAX_VERSION = "TLSv1.2";
+    let pending: Promise<LLMRelayError[]>[];
+    try {
+      pending = [
+        failures(mutual.addr, { tls: { rootCerts: ca } }),
+        failures(mutual.addr, { tls: { rootCerts: ca, privateKey: stranger.key, certChain: stranger.cert } }),
+      ];
+    } finally {
+      tls.DEFAULT_MAX_VERSION = maxVersion;
+    }
+    const [none, given] = await Promise.all(pending);
+    const said = "Client network socket disconnected before secure TLS connection was established";
+    for (const [errors, hint] of [
+      [none, noCertificate],
+      [given, notTaken],
+    ] as const) {
+      for (const err of errors) {
+        assert.ok(err.details.includes(said), err.message);
+        assert.ok(err.message.endsWith(hint), err.message);
+      }
+    }
+  });
+
+  test("a certificate of its client CA is taken", async () => {
+    const client = mutual.clientCertificate;
+    const mine = connect(mutual.addr, { tls: { rootCerts: ca, privateKey: client.key, certChain: client.cert } });
+    const answer = await mine.complete({ messages: [user("over mutual TLS")] });
+    assert.equal(answer.message?.content, "echo: over mutual TLS");
   });
 });
 

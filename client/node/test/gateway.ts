@@ -4,7 +4,7 @@
  * (`make setup`).
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
@@ -98,6 +98,11 @@ export interface GatewayOptions {
   fallback?: boolean;
   /** Serve TLS with a certificate for localhost and 127.0.0.1 from a CA made for the run (caFile). */
   tls?: boolean;
+  /**
+   * Serve TLS so, and ask every client for a certificate of a second CA made for the run: clientCertificate is one,
+   * otherClientCertificate one of a third CA, which the gateway refuses.
+   */
+  mutualTls?: boolean;
   /** The router's max_retries (default 0). */
   retries?: number;
   /**
@@ -114,7 +119,17 @@ interface Where {
   fallback_backend: string | null;
   embedding_model: string;
   ca_file: string | null;
+  client_cert_file: string | null;
+  client_key_file: string | null;
+  other_client_cert_file: string | null;
+  other_client_key_file: string | null;
   gateway_pid: number;
+}
+
+/** A client certificate and its private key, in PEM. */
+export interface Issued {
+  cert: Buffer;
+  key: Buffer;
 }
 
 /** A gateway with its own fake upstream, both started by tests/harness.py. */
@@ -130,7 +145,8 @@ export class Gateway {
   static async start(options: GatewayOptions = {}): Promise<Gateway> {
     const args = [join(repoRoot(), "tests", "harness.py")];
     if (options.fallback) args.push("--fallback");
-    if (options.tls) args.push("--tls");
+    if (options.mutualTls) args.push("--mutual-tls");
+    else if (options.tls) args.push("--tls");
     if (options.retries !== undefined) args.push("--retries", String(options.retries));
     // The harness reads the file before it starts anything, so it can go once start() returns.
     let scratch: string | undefined;
@@ -194,6 +210,16 @@ export class Gateway {
     return this.where.ca_file;
   }
 
+  /** A client certificate the gateway takes (with mutualTls). */
+  get clientCertificate(): Issued {
+    return issued(this.where.client_cert_file, this.where.client_key_file);
+  }
+
+  /** A client certificate of a CA the gateway does not trust (with mutualTls). */
+  get otherClientCertificate(): Issued {
+    return issued(this.where.other_client_cert_file, this.where.other_client_key_file);
+  }
+
   /** The gateway's process id: a test that kills the gateway makes its harness exit 1, and stop() reject. */
   get gatewayPid(): number {
     return this.where.gateway_pid;
@@ -218,4 +244,11 @@ export class Gateway {
   log(): string {
     return this.output.join("\n");
   }
+}
+
+function issued(certFile: string | null, keyFile: string | null): Issued {
+  if (certFile === null || keyFile === null) {
+    throw new Error("this gateway takes no client certificate: start it with { mutualTls: true } for one");
+  }
+  return { cert: readFileSync(certFile), key: readFileSync(keyFile) };
 }
