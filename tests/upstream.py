@@ -13,6 +13,7 @@ Faults are queued; each chat or embeddings request takes the next one. A fault i
     {"body": "<html>", "content_type": "text/html"}    a 200 with this raw body
     {"body": "data: ...\n\n", "content_type": "text/event-stream", "event_gap_s": 0.05}
                                                        ... its events sent one at a time, this far apart
+    {"body": "{...}", "byte_trickle_s": 0.1}           a 200 JSON body sent a byte per byte_trickle_s seconds
     {"stream_cut_after": 2}                            a stream that ends after N chunks, without [DONE]
     {"stream_garbage": true}                           a stream with a line that is not JSON
     {"trickle_s": 1.0}                                 a stream that sends one delta per trickle_s seconds (its
@@ -311,6 +312,8 @@ class FakeUpstream:
             writer.write(rest)
             await writer.drain()
             return True
+        if "body" in fault and "byte_trickle_s" in fault:
+            return await _trickle(writer, fault["body"].encode(), fault["byte_trickle_s"])
         if "body" in fault:
             return await _send(writer, 200, fault["body"].encode(), fault.get("content_type", "application/json"))
         return None

@@ -16,6 +16,7 @@ import pytest
 from anthropic_upstream import FakeAnthropic
 from llmrelay import StreamAssembler
 from llmrelay import v1 as pb
+from llmrelay_server.backends import anthropic as anthropic_backend
 from support import (
     ANTHROPIC_TEST_KEY,
     OPENAI_TEST_KEY,
@@ -718,6 +719,21 @@ async def test_count_tokens_is_estimated_when_the_api_counts_past_the_callers_de
     assert count.estimated and count.encoding != "backend:anthropic" and count.token_count > 0
     assert time.monotonic() - started < 1
     assert len(claude.count_requests) == 1
+
+
+async def test_count_tokens_is_estimated_when_the_api_answers_too_slowly_to_finish(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each read came within the backend's 5 s (here 0.5 s), the answer whole not: a count a byte every 0.1 s held the
+    caller to its own deadline, as the other backends' counts (bounded whole) do not."""
+    monkeypatch.setattr(anthropic_backend, "HEALTH_TIMEOUT_S", 0.5)
+    claude.count_faults.append({"body": '{"input_tokens": 12345}', "byte_trickle_s": 0.1})
+    started = time.monotonic()
+    count = await stub.CountTokens(
+        pb.CountTokensRequest(model="claude-test", messages=[user("hello there")]), timeout=10
+    )
+    assert count.estimated and count.encoding != "backend:anthropic" and count.token_count != 12345
+    assert time.monotonic() - started < 1.5
 
 
 async def test_openai_falls_back_to_anthropic_and_back(

@@ -11,6 +11,7 @@ next.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import re
@@ -190,16 +191,21 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
         when it cannot say."""
         try:
             body = anthropic_wire.prompt_body(model, messages, tools)
-            counted = wire.decode_json(await post_read(self._count, body, HEALTH_TIMEOUT_S))
+            # Whole within it, as the other backends' counts are, not each read: an answer that came a byte a second
+            # held the caller's count to its own deadline.
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                counted = wire.decode_json(await post_read(self._count, body, HEALTH_TIMEOUT_S))
         except anthropic_wire.UnmappableRequestError as exc:
             # The caller's chat, which the API cannot be sent (nor a completion of it): theirs to hear, not the log's.
             log.debug("backend %s cannot count this chat (%s); estimating instead", self._spec.name, exc)
             return None
-        except (anthropic.APIError, wire.MalformedAnswerError) as exc:
+        except (anthropic.APIError, wire.MalformedAnswerError, TimeoutError) as exc:
             if isinstance(exc, anthropic.APIError):
                 error = self._upstream_error(exc)
                 # Its words may quote the chat (a 400 that names what it refused): the caller's, not the log's.
                 reason = without_quotes(error.message, (error.quoted,))
+            elif isinstance(exc, TimeoutError):
+                reason = f"no whole answer in {HEALTH_TIMEOUT_S:g} s"
             else:
                 reason = str(exc)
             log.warning("backend %s could not count tokens (%s); estimating instead", self._spec.name, reason)
