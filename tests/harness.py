@@ -300,30 +300,40 @@ async def _until_stopped(gateway: GatewayProcess) -> bool:
     return not exited.done()
 
 
+def _tls_files(scratch: Path, *, mutual: bool) -> tuple[str, Path, grpc.ChannelCredentials, dict[str, Path]]:
+    """--tls's certificates, written in `scratch`: the server's tls section, the CA file its clients trust, and
+    credentials that reach it. With `mutual` (--mutual-tls), the gateway asks for a client certificate of a CA of
+    its own too; the files of one such, and of one of a CA it does not trust, by their CLIENT_FILES names."""
+    authority = Authority("llmrelay harness CA")
+    authority.server().write(scratch / "server.pem", scratch / "server.key")
+    ca_file = scratch / "ca.pem"
+    ca_file.write_bytes(authority.cert)
+    fields = f'cert_file: "{scratch / "server.pem"}", key_file: "{scratch / "server.key"}"'
+    if not mutual:
+        return f"{{{fields}}}", ca_file, grpc.ssl_channel_credentials(authority.cert), {}
+    client_ca = Authority("llmrelay harness client CA")
+    (scratch / "client_ca.pem").write_bytes(client_ca.cert)
+    ours, other = client_ca.client(), Authority("a CA the gateway does not trust").client()
+    clients: dict[str, Path] = {}
+    for prefix, issued in (("client", ours), ("other_client", other)):
+        issued.write(scratch / f"{prefix}.pem", scratch / f"{prefix}.key")
+        clients[f"{prefix}_cert_file"] = scratch / f"{prefix}.pem"
+        clients[f"{prefix}_key_file"] = scratch / f"{prefix}.key"
+    tls = f'{{{fields}, client_ca_file: "{scratch / "client_ca.pem"}"}}'
+    return tls, ca_file, grpc.ssl_channel_credentials(authority.cert, ours.key, ours.cert), clients
+
+
 async def run_command(args: argparse.Namespace) -> int:
     upstream = await FakeUpstream(models=("tiny",), ollama=True).start()
     try:
         with tempfile.TemporaryDirectory(prefix="llmrelay-harness-") as folder:
             scratch = Path(folder)
-            tls, ca_file, credentials = None, None, None
+            tls: str | None = None
+            ca_file: Path | None = None
+            credentials: grpc.ChannelCredentials | None = None
             clients: dict[str, Path] = {}
             if args.tls or args.mutual_tls:
-                authority = Authority("llmrelay harness CA")
-                authority.server().write(scratch / "server.pem", scratch / "server.key")
-                ca_file = scratch / "ca.pem"
-                ca_file.write_bytes(authority.cert)
-                tls = f'cert_file: "{scratch / "server.pem"}", key_file: "{scratch / "server.key"}"'
-                credentials = grpc.ssl_channel_credentials(authority.cert)
-            if args.mutual_tls:
-                client_ca = Authority("llmrelay harness client CA")
-                (scratch / "client_ca.pem").write_bytes(client_ca.cert)
-                tls += f', client_ca_file: "{scratch / "client_ca.pem"}"'
-                ours, other = client_ca.client(), Authority("a CA the gateway does not trust").client()
-                for prefix, issued in (("client", ours), ("other_client", other)):
-                    issued.write(scratch / f"{prefix}.pem", scratch / f"{prefix}.key")
-                    clients[f"{prefix}_cert_file"] = scratch / f"{prefix}.pem"
-                    clients[f"{prefix}_key_file"] = scratch / f"{prefix}.key"
-                credentials = grpc.ssl_channel_credentials(authority.cert, ours.key, ours.cert)
+                tls, ca_file, credentials, clients = _tls_files(scratch, mutual=args.mutual_tls)
             config = scratch / "llmrelay.yaml"
             upstream_url = upstream.base_url.removesuffix("/v1")
             config.write_text(
@@ -332,7 +342,7 @@ async def run_command(args: argparse.Namespace) -> int:
                     scratch,
                     fallback=args.fallback,
                     retries=args.retries,
-                    tls=f"{{{tls}}}" if tls else None,
+                    tls=tls,
                     extra=args.extra,
                 )
             )
