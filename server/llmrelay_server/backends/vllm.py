@@ -20,5 +20,7 @@ class VllmProvider(OpenAICompatibleProvider):
         answer = await self._post_json("/tokenize", body)
         count = answer["count"]
         if not wire.is_count(count):
-            raise ValueError(f"/tokenize answered a count of {count!r}")
+            # A number as it came; anything else by its type (the repr of JSON nested past Python's stack raises).
+            said = repr(count) if isinstance(count, int | float) else type(count).__name__
+            raise ValueError(f"/tokenize answered a count of {said}")
         return count
