@@ -61,9 +61,9 @@ EMBEDDING_MODEL = "embed-test"
 """The fake upstream's embedding model, which the command's "ollama" backend serves."""
 FALLBACK_BACKEND = "fallback"
 HARNESS_SECTIONS = frozenset({"server", "llm", "router"})
+"""The sections of the configuration the command writes, which --config-extra must not repeat."""
 CLIENT_FILES = ("client_cert_file", "client_key_file", "other_client_cert_file", "other_client_key_file")
 """The files of --mutual-tls's client certificates, as its line of JSON names them."""
-"""The sections of the configuration the command writes, which --config-extra must not repeat."""
 PROXY_VARIABLES = tuple(
     case(f"{name}_proxy") for case in (str.upper, str.lower) for name in ("http", "https", "all", "no")
 )

@@ -151,6 +151,18 @@ def use_log_format(log_format: str) -> None:
         handler.setFormatter(JsonFormatter(_worker))
 
 
+def _logged_from(record: logging.LogRecord) -> str:
+    """Where `record` was logged, as "file:line": configure() has logging find no caller for a record (it costs every
+    line), so on this rare path the stack tells, past logging's own frames and this module's."""
+    if record.lineno:
+        return f"{record.pathname}:{record.lineno}"
+    ours = {logging.addLevelName.__code__.co_filename, __file__}
+    frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_code.co_filename in ours:
+        frame = frame.f_back
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
 class BatchingHandler(logging.Handler):
     """Writes formatted lines to a file descriptor together, `FLUSH_DELAY_S` after the first unwritten one, by a thread
     of its own (the only one that writes to it)."""
@@ -194,20 +206,23 @@ class BatchingHandler(logging.Handler):
 
     def handleError(self, record: logging.LogRecord) -> None:
         """A record that cannot be formatted (its arguments do not fit its message, or the str() of one raises) is
-        written as one line that says where it was logged, without its arguments (which may be what failed) and
-        without a traceback on standard error. logging's own handleError re-raises a RecursionError (an argument
-        nested past Python's stack), which then failed whatever call logged the line."""
+        written as one line that says where it was logged, without its arguments (which may be what failed) but with
+        its traceback, and nothing on standard error. logging's own handleError re-raises a RecursionError (an
+        argument nested past Python's stack), which then failed whatever call logged the line."""
         failure = type(sys.exc_info()[1]).__name__
         message = record.msg if isinstance(record.msg, str) else type(record.msg).__name__
-        said = f"a log line from {record.pathname}:{record.lineno} could not be formatted ({failure}): {message}"
-        try:
-            line = self.format(
-                logging.LogRecord(record.name, record.levelno, record.pathname, record.lineno, said, None, None)
-            )
-        except Exception:
-            return  # the formatter itself fails: nothing more to say that could be written
-        with self._waiting:
-            self._add(line, at_once=True)
+        said = f"a log line from {_logged_from(record)} could not be formatted ({failure}): {message}"
+        told = logging.LogRecord(record.name, record.levelno, record.pathname, record.lineno, said, None, None)
+        told.created, told.msecs = record.created, record.msecs
+        for exc_info in (record.exc_info, None):  # its traceback too, unless that is what cannot be written
+            told.exc_info, told.exc_text = exc_info, None
+            try:
+                line = self.format(told)
+            except Exception:
+                continue
+            with self._waiting:
+                self._add(line, at_once=True)
+            return
 
     def write_call(self, logger: str, fields: dict[str, Any], text: object) -> None:
         """A call's line at INFO from `logger`, written as `emit` writes one: its `fields` in JSON, else `text` (its

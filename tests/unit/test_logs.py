@@ -128,24 +128,35 @@ class Unprintable:
 
 @pytest.mark.parametrize("argument", [[[[]]], Unprintable()], ids=["nested-past-the-stack", "str-raises"])
 def test_a_line_that_cannot_be_formatted_is_told_where_it_was_logged_and_raises_in_no_caller(
-    pipe: tuple[int, BatchingHandler], argument: object, capsys: pytest.CaptureFixture[str]
+    pipe: tuple[int, BatchingHandler],
+    argument: object,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """logging's own handleError printed a traceback to standard error, and re-raised a RecursionError (an upstream's
-    JSON nested past Python's stack, in a warning's %r), which failed the call that logged it."""
+    JSON nested past Python's stack, in a warning's %r), which failed the call that logged it. Logged as the server
+    logs (configure(): no caller looked up for a record), and with a traceback of its own, which is kept."""
     read_end, handler = pipe
+    monkeypatch.setattr(logging, "_srcfile", None)
+    logger = logging.getLogger("llmrelay_server.test_unformattable")
+    monkeypatch.setattr(logger, "propagate", False)
+    logger.addHandler(handler)
     if isinstance(argument, list):
         for _ in range(sys.getrecursionlimit()):
             argument = [argument]
-    made = logging.LogRecord("llmrelay_server", logging.INFO, __file__, 7, "counted %s tokens", (argument,), None)
-    handler.handle(made)
-    handler.handle(record(time.time(), message="next"))
+    try:
+        raise KeyError("missing")
+    except KeyError:
+        line = sys._getframe().f_lineno + 1
+        logger.exception("counted %s tokens", argument)
+    logger.warning("next")
     handler.close()
-    written = read_until(read_end, b"INFO next\n").decode()
+    logger.removeHandler(handler)
+    written = read_until(read_end, b"WARNING next\n").decode()
     failure = "RecursionError" if isinstance(argument, list) else "ValueError"
-    assert (
-        written
-        == f"INFO a log line from {__file__}:7 could not be formatted ({failure}): counted %s tokens\nINFO next\n"
-    )
+    said, _, traceback = written.partition("\nTraceback (most recent call last):\n")
+    assert said == f"ERROR a log line from {__file__}:{line} could not be formatted ({failure}): counted %s tokens"
+    assert traceback.endswith("KeyError: 'missing'\nWARNING next\n"), written
     assert capsys.readouterr().err == ""
 
 

@@ -37,7 +37,7 @@ import { onAbort } from "./abort";
 import { StreamAssembler, hasDelta, isRestart } from "./assemble";
 import { textTools, withJsonText } from "./content";
 import { LLMRelayError, toError } from "./errors";
-import { channelCredentials, chooseTransport, type TlsOptions, type Transport } from "./tls";
+import { channelCredentials, chooseTransport, closedWithoutAWord, type TlsOptions, type Transport } from "./tls";
 
 /** Where a gateway listens by default. */
 export const DEFAULT_TARGET = "127.0.0.1:50051";
@@ -412,28 +412,6 @@ function certificateHint(options: ClientOptions, chosen: Transport | undefined):
     : "if the gateway asks for a client certificate (mutual TLS), it did not take this client's: it must be issued" +
         " by a CA in the gateway's server.tls.client_ca_file";
 }
-
-/**
- * grpc-js's last error for a TLS connection its server closed without a word. The gateway (gRPC's core) sends no
- * alert when it refuses a client certificate, none given or one its client CA did not issue: it closes the
- * connection. Under TLS 1.3 (Node's default) the client's handshake is over before the gateway looks at its
- * certificate, so the close comes before the gateway's HTTP/2 settings, and grpc-js says only "Failed to connect
- * (TIME)"; under TLS 1.2 it comes within the handshake, before the client has checked the gateway's certificate
- * either: "Error: Client network socket disconnected before secure TLS connection was established". Neither names
- * the certificate (a plaintext client of a TLS gateway gets the first too), hence the hint only over TLS, and its
- * "if". A failure the client can tell itself keeps its own words and gets no such hint: a server it does not trust
- * ("unable to verify the first certificate"), a plaintext gateway ("wrong version number"), none at all ("connect
- * ECONNREFUSED").
- */
-function closedWithoutAWord(details: string): boolean {
-  return CLOSED_WITHOUT_A_WORD.some((words) => details.includes(words));
-}
-
-/** How grpc-js's status tells of a connection closed so: under TLS 1.3, then under TLS 1.2. */
-const CLOSED_WITHOUT_A_WORD = [
-  "Last error: Failed to connect (",
-  "Last error: Error: Client network socket disconnected before secure TLS connection was established",
-];
 
 /** What gRPC takes as a metadata key, in lower case (as it sends keys). */
 const METADATA_KEY = /^[0-9a-z_.-]+$/;

@@ -118,3 +118,30 @@ export function channelCredentials(target: string, options: TransportOptions = {
 function pem(value: Buffer | string | undefined): Buffer | null {
   return value === undefined ? null : Buffer.isBuffer(value) ? value : Buffer.from(value);
 }
+
+/**
+ * grpc-js's last error for a TLS connection its server closed without a word. The gateway (gRPC's core) sends no
+ * alert when it refuses a client certificate, none given or one its client CA did not issue: it closes the
+ * connection. Under TLS 1.3 (Node's default) the client's handshake is over before the gateway looks at its
+ * certificate, so the close comes before the gateway's HTTP/2 settings, and grpc-js says only "Failed to connect
+ * (TIME)"; under TLS 1.2 it comes within the handshake, before the client has checked the gateway's certificate
+ * either: "Error: Client network socket disconnected before secure TLS connection was established". Neither names
+ * the certificate (a plaintext client of a TLS gateway gets the first too), hence the hint only over TLS, and its
+ * "if". A failure the client can tell itself keeps its own words and gets no such hint: a server it does not trust
+ * ("unable to verify the first certificate"), a plaintext gateway ("wrong version number"), none at all ("connect
+ * ECONNREFUSED").
+ */
+export function closedWithoutAWord(details: string): boolean {
+  return CLOSED_WITHOUT_A_WORD.some((words) => details.includes(words));
+}
+
+/**
+ * How grpc-js's status tells of a connection closed so: under TLS 1.3, then under TLS 1.2; then a reset in place of
+ * the close, where it comes first, as the Go SDK reads it and gRPC's core (the Python SDK's) tells it alike.
+ */
+const CLOSED_WITHOUT_A_WORD = [
+  "Last error: Failed to connect (",
+  "Last error: Error: Client network socket disconnected before secure TLS connection was established",
+  "Last error: read ECONNRESET",
+  "Last error: write EPIPE",
+];

@@ -3,6 +3,7 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
 import { ChannelCredentials, Client, chooseTransport, isLoopbackTarget, type TransportOptions } from "../src";
+import { closedWithoutAWord } from "../src/tls";
 
 describe("isLoopbackTarget", () => {
   // The transport rule's table, the same rows as the Go SDK's (client/go/llmrelay/transport_test.go) and the Python
@@ -128,5 +129,29 @@ describe("Client's transport", () => {
       () => new Client("gateway.example.com:443", { tls: { privateKey: "KEY" } }),
       /needs both privateKey and certChain/,
     );
+  });
+});
+
+describe("closedWithoutAWord", () => {
+  // grpc-js's words for a TLS connection the gateway closed without an alert, as a gateway with mutual TLS closes a
+  // client it does not take (seen against the harness's --mutual-tls gateway, TLS 1.3 and 1.2), and the resets that
+  // can come in place of the close; then failures the client can tell itself, which are none. The Go SDK's table
+  // (client/go/llmrelay/hints_internal_test.go) has grpc-go's.
+  const closed = [
+    "No connection established. Last error: Failed to connect (2026-12-04T13:36:29.535Z). Resolution note: ",
+    "No connection established. Last error: Error: Client network socket disconnected before secure TLS connection" +
+      " was established. Resolution note: ",
+    "No connection established. Last error: read ECONNRESET. Resolution note: ",
+    "No connection established. Last error: write EPIPE. Resolution note: ",
+  ];
+  const other = [
+    "No connection established. Last error: Error: unable to verify the first certificate. Resolution note: ",
+    "No connection established. Last error: Error: 80DCE32C417F0000:error:0A00010B:SSL routines:ssl3_get_record:wrong" +
+      " version number:../deps/openssl/openssl/ssl/record/ssl3_record.c:350:\n. Resolution note: ",
+    "No connection established. Last error: connect ECONNREFUSED 127.0.0.1:1. Resolution note: ",
+  ];
+  test("reads the closes as such, and nothing else", () => {
+    for (const details of closed) assert.ok(closedWithoutAWord(details), details);
+    for (const details of other) assert.ok(!closedWithoutAWord(details), details);
   });
 });

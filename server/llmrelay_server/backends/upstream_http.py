@@ -56,9 +56,9 @@ from llmrelay_server.domain import (
 # max_keepalive_connections of them once a burst is over (each idle one holds a socket here and a slot upstream).
 POOL_LIMITS = httpx2.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=60.0)
 HEALTH_TIMEOUT_S = 5.0
-"""How long a side request (a probe's, a count of tokens) is given. Through the SDK's HTTP client (the probes, and
-llama.cpp's and vLLM's counts) it bounds the whole answer (`http1.Http1Transport`); Anthropic's count, posted as a
-completion is (`post_read`), it bounds each wait for a piece of the answer."""
+"""How long a side request (a probe's, a count of tokens) is given, its whole answer: through the SDK's HTTP client
+(the probes, and llama.cpp's and vLLM's counts) by `http1.Http1Transport`; Anthropic's count, posted as a completion
+is (`post_read`), by the backend itself."""
 # "context limit": Anthropic's 400 for a prompt that fits but not with max_tokens ("input length and `max_tokens`
 # exceed context limit: 199759 + 8192 > 200000"), which another backend with a larger window can serve.
 # "maximum number of tokens": Gemini's ("The input token count (134123) exceeds the maximum number of tokens allowed").
