@@ -133,20 +133,38 @@ async def test_an_ollama_model_whose_name_is_not_text_marks_the_backend_unreacha
     assert by_name["openai"].reachable and report.serving
 
 
+@pytest.mark.parametrize(
+    ("module", "bound", "seconds", "trickle_s", "said"),
+    [
+        (health, "PROBE_TIMEOUT_S", 1.0, 0.2, "the probe did not end within 1 s"),
+        (openai_compat, "HEALTH_TIMEOUT_S", 0.5, 0.05, "the upstream did not answer in time"),
+    ],
+    ids=["the-probe-whole", "each-request-whole"],
+)
 async def test_a_probe_whose_answer_trickles_ends_and_the_gateway_starts(
-    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+    module: object,
+    bound: str,
+    seconds: float,
+    trickle_s: float,
+    said: str,
 ) -> None:
-    """A byte of the models list every 0.2 s is within the wait for each piece of an answer: the probe went on as long
-    as the upstream trickled, and the gateway, whose start awaits the first probe, did not start."""
-    monkeypatch.setattr(health, "PROBE_TIMEOUT_S", 1.0)
-    primary.models_trickle_s = 0.2
+    """A models list a byte at a time, each within the wait for a piece of an answer: the probe went on as long as
+    the upstream trickled, and the gateway, whose start awaits the first probe, did not start. The probe is bounded
+    whole (PROBE_TIMEOUT_S), and so is each of its requests (HEALTH_TIMEOUT_S: it bounded each wait for a piece, and
+    a byte every 0.05 s held the probe until PROBE_TIMEOUT_S)."""
+    monkeypatch.setattr(module, bound, seconds)
+    primary.models_trickle_s = trickle_s
     started = asyncio.get_running_loop().time()
     gateway = await asyncio.wait_for(gateway_factory(two_backends(primary, local)), timeout=10)
     assert asyncio.get_running_loop().time() - started < 3
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
         report = await pb.LLMServiceStub(channel).Health(pb.HealthRequest(), timeout=5)
     by_name = {b.name: b for b in report.backends}
-    assert not by_name["openai"].reachable and by_name["openai"].last_error == "the probe did not end within 1 s"
+    assert not by_name["openai"].reachable and by_name["openai"].last_error == said
     assert by_name["ollama"].reachable and report.serving
 
 
@@ -164,23 +182,6 @@ async def test_a_models_list_past_the_answer_bound_marks_the_backend_unreachable
         report = await pb.LLMServiceStub(channel).Health(pb.HealthRequest(), timeout=5)
     for backend in report.backends:
         assert not backend.reachable and "the body is over 100000 bytes" in backend.last_error, backend.last_error
-
-
-async def test_each_request_of_a_probe_is_bounded_as_a_whole(
-    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """HEALTH_TIMEOUT_S bounded each wait for a piece of the answer: a models list at a byte every 0.05 s held the
-    probe, and the gateway's start, until PROBE_TIMEOUT_S. It bounds each request whole."""
-    monkeypatch.setattr(openai_compat, "HEALTH_TIMEOUT_S", 0.5)
-    primary.models_trickle_s = 0.05  # some 150 bytes: 7 s
-    started = asyncio.get_running_loop().time()
-    gateway = await gateway_factory(two_backends(primary, local))
-    assert asyncio.get_running_loop().time() - started < 3
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
-        report = await pb.LLMServiceStub(channel).Health(pb.HealthRequest(), timeout=5)
-    by_name = {b.name: b for b in report.backends}
-    assert not by_name["openai"].reachable and by_name["openai"].last_error == "the upstream did not answer in time"
-    assert by_name["ollama"].reachable and report.serving
 
 
 async def test_readiness_says_not_serving_while_the_first_probe_runs(
