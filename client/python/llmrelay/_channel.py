@@ -135,12 +135,11 @@ class ChannelSettings:
             "pass tls=True, or root_certificates= for a private CA; the llmrelay command takes --tls and --ca-file"
         )
 
-    def client_certificate_hint(self, target: str) -> str | None:
+    def client_certificate_hint(self) -> str | None:
         """What to do when a TLS gateway closed the connection in the handshake without a word ("Socket closed"), as
         one that asks for a client certificate (mutual TLS) does when it is given none, or one its client CA did not
-        issue; None over plaintext, or with credentials of the caller's own (what they present is not known)."""
-        given = any(c is not None for c in (self.root_certificates, self.private_key, self.certificate_chain))
-        if self.credentials is not None or not uses_tls(target, True if given else self.tls):
+        issue; None with credentials of the caller's own (what they present is not known). For a TLS channel."""
+        if self.credentials is not None:
             return None
         if self.certificate_chain is None:
             return (

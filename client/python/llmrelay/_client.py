@@ -257,7 +257,8 @@ class _Base:
         self._timeout = _seconds("timeout", timeout, "no deadline")
         self._metadata = _checked_metadata(tuple(metadata) + (((CALLER_HEADER, caller),) if caller else ()))
         self._security_hint = None if own_channel else settings.security_hint(target)
-        self._client_certificate_hint = None if own_channel else settings.client_certificate_hint(target)
+        # Over TLS alone, which the client made (a channel= given has no credentials here).
+        self._client_certificate_hint = settings.client_certificate_hint() if self.uses_tls else None
         self._closed = False
         """Set by close(): a call made after it, or one an AsyncClient's close() cut short, fails CANCELLED, saying
         so."""
