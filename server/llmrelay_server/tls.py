@@ -89,8 +89,9 @@ class ServedCertificate:
         own check starts a server, and logs lines of its own for a refusal, so it runs once for each content."""
         self._said: tuple[_Signature, str] | None = None
         """The files' signature when a reload of them last failed, and why: said once, tried again at each check."""
-        self._initial, self.not_after = self._load()
-        """`not_after`: when the certificate in force stops being valid, in Unix time (its notAfter)."""
+        self._initial, self.not_after, self._in_force = self._load()
+        """`not_after`: when the certificate in force stops being valid, in Unix time (its notAfter); `_in_force`: the
+        files' contents it was made of."""
         self._ready: grpc.ServerCertificateConfiguration | None = None
         """A configuration the background check has made of changed files, for gRPC to take at the next handshake."""
         self._handing = threading.Lock()
@@ -167,7 +168,7 @@ class ServedCertificate:
         if signature == self._seen:
             return
         try:
-            configuration, not_after = self._load()
+            configuration, not_after, contents = self._load()
         except ConfigError as exc:
             # Not taken as seen: files that become usable without changing (a certificate not valid yet, whose time
             # comes) are taken at a later check.
@@ -175,12 +176,18 @@ class ServedCertificate:
                 log.warning("TLS certificate not reloaded; new connections keep the previous one: %s", exc)
                 self._said = signature, str(exc)
             return
+        self._seen, failed, self._said = signature, self._said, None
+        if contents == self._in_force:
+            # Touched, or written again the same (a renewal job that found nothing to renew): nothing to hand over.
+            if failed is not None:
+                log.info("TLS certificate files hold the certificate in force again; new connections keep it")
+            return
         with self._handing:
             self._ready = configuration
-        self._seen, self.not_after = signature, not_after
+        self.not_after, self._in_force = not_after, contents
         log.info("TLS certificate reloaded from %s; new connections use it", self._tls.cert_file)
 
-    def _load(self) -> tuple[grpc.ServerCertificateConfiguration, float]:
+    def _load(self) -> tuple[grpc.ServerCertificateConfiguration, float, _Contents]:
         """Reads and checks the files, and tells when the certificate ends (its notAfter, in Unix time); gRPC itself
         would only find a bad one at the first handshake, failing them all. What does not depend on the date is
         checked once for each content of the files; the dates at each call. Messages name the field and the path,
@@ -204,7 +211,8 @@ class ServedCertificate:
         if problem is not None:
             raise ConfigError(problem)
         cert, key, client_ca = contents
-        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca), not_after
+        configuration = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
+        return configuration, not_after, contents
 
 
 def _signature(paths: tuple[Path, ...]) -> _Signature:

@@ -265,6 +265,36 @@ def test_checking_a_certificate_leaves_nothing_open(files: Files) -> None:
     assert len(os.listdir("/proc/self/fd")) <= before + 1
 
 
+def test_files_written_again_unchanged_are_no_reload(files: Files, caplog: pytest.LogCaptureFixture) -> None:
+    """A renewal job that finds nothing to renew and writes the same files again, or a `touch`: the log said the
+    certificate was reloaded, and gRPC was handed the same one, each time."""
+    ca = Authority("llmrelay test CA")
+    issued = ca.server()
+    issued.write(files.cert, files.key)
+    served = ServedCertificate(TLSConfig(cert_file=str(files.cert), key_file=str(files.key)))
+    caplog.set_level(logging.INFO, logger="llmrelay_server.tls")
+
+    def check() -> grpc.ServerCertificateConfiguration | None:
+        """One look at the files, as the gateway's watch makes each second, and what the next handshake takes."""
+        time.sleep(0.01)  # a later mtime than the last write's, on any file system's clock
+        served._check_files()
+        return served._fetch()
+
+    issued.write(files.cert, files.key)
+    os.utime(files.key)
+    assert check() is None and caplog.text == ""
+    renewed = ca.server()
+    renewed.write(files.cert, files.key)
+    assert check() is not None and said(caplog, "reloaded from") == 1
+    # Broken, then put back as it was: said to be right again, not reloaded.
+    files.cert.write_bytes(renewed.key)
+    assert check() is None and said(caplog, "not reloaded") == 1
+    renewed.write(files.cert, files.key)
+    assert check() is None and said(caplog, "in force again") == 1 and said(caplog, "reloaded from") == 1
+    issued.write(files.cert, files.key)  # the first one again: it is no longer the one in force
+    assert check() is not None and said(caplog, "reloaded from") == 2
+
+
 async def test_a_certificate_rotated_in_before_its_time_is_taken_when_it_comes(
     tls_gateway: TLSGatewayFactory, files: Files, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
