@@ -27,6 +27,7 @@ from certs import Authority
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import BIN, clean_env
 from llmrelay import v1 as pb
+from llmrelay.cli import FAILED_CODES
 from llmrelay_server.config import GatewayConfig, is_postgresql, load_config
 from llmrelay_server.domain import (
     AllBackendsFailedError,
@@ -120,6 +121,11 @@ def test_the_error_ratio_counts_the_gateways_and_upstreams_failures_not_the_call
     counted = matched(alert("LLMRelayErrorRatioHigh"), "grpc_code")
     assert {rpc_failure(error).code.name for error in ours} <= counted
     assert not {rpc_failure(error).code.name for error in callers} & counted
+
+
+def test_llmrelay_stats_counts_as_failed_what_the_error_ratio_counts() -> None:
+    """`llmrelay stats`' failed column and the alert on the error ratio say the same thing of the same calls."""
+    assert matched(alert("LLMRelayErrorRatioHigh"), "grpc_code") == FAILED_CODES
 
 
 def test_names_are_found_in_promql() -> None:

@@ -30,6 +30,7 @@ from support import (
     start_server,
     stream_chat,
     two_backends,
+    wait_until,
     worker_index,
 )
 from upstream import FakeUpstream
@@ -64,8 +65,8 @@ async def test_stats_shows_calls_latency_and_tokens(
     live = render_stats(after, before, seconds=2.0)
     assert "over the last 2.0 s" in live
     complete = row(live, "Complete")
-    assert complete[1:3] == ["1.5", "0.0"]  # 3 calls in 2 s, none failed
-    assert complete[3] != "-" and complete[5] != "-"  # p50, p99
+    assert complete[1:4] == ["1.5", "0.0", "0.0"]  # 3 calls in 2 s, none failed or refused
+    assert complete[4] != "-" and complete[5] != "-"  # p50, p99
     tokens = sum(a.usage.total_tokens for a in answers) + chunks[-1].usage.total_tokens
     assert row(live, "openai")[1] == f"{tokens / 2:.1f}"
     assert row(live, "StreamComplete")[1] == "0.5"
@@ -73,9 +74,44 @@ async def test_stats_shows_calls_latency_and_tokens(
     await asyncio.to_thread(main, ["stats", "--metrics", url, "--once"])
     totals = capsys.readouterr().out
     assert "since the gateway started" in totals
-    assert row(totals, "Complete")[1:3] == ["3", "0"]
+    assert row(totals, "Complete")[1:4] == ["3", "0", "0"]
     assert row(totals, "openai")[1] == str(tokens)
     assert re.search(r"^open streams: 0$", totals, re.MULTILINE)
+
+
+async def test_stats_tells_calls_that_failed_from_calls_refused_and_leaves_out_callers_that_left(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """An "errors" column added up every end but OK: a caller's bad request, a limit, or a caller that left (CANCELLED)
+    read as the gateway failing."""
+    gateway = await gateway_factory(two_backends(primary, local), server='metrics_listen: "127.0.0.1:0"')
+    assert gateway.metrics is not None
+    url = f"http://127.0.0.1:{gateway.metrics.port}/metrics"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+        await stub.Complete(chat(), timeout=5)
+        for _ in range(2):  # every backend down: UNAVAILABLE
+            primary.inject({"status": 503}, {"status": 503})
+            local.inject({"status": 503}, {"status": 503})
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await stub.Complete(chat(), timeout=5)
+            assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError) as refusal:
+                await stub.Complete(pb.CompleteRequest(), timeout=5)
+            assert refusal.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        primary.inject({"stall_s": 10})
+        asked = len(primary.chat_requests)
+        left = stub.Complete(chat(), timeout=10)
+        await wait_until(lambda: len(primary.chat_requests) > asked, timeout_s=5)
+        left.cancel()
+    async with asyncio.timeout(5):
+        while True:  # the cancelled call is counted once its handler has ended
+            complete = row(render_stats(await asyncio.to_thread(scrape, url)), "Complete")
+            if complete[1] == "7":
+                break
+            await asyncio.sleep(0.05)
+    assert complete[1:4] == ["7", "2", "3"]
 
 
 @pytest.mark.parametrize("once", [["--once"], []], ids=["once", "live"])
@@ -215,7 +251,7 @@ async def test_a_gateway_restarted_between_two_scrapes_counts_from_zero(tmp_path
     finally:
         await gateway.stop()
     live = render_stats(after, before, seconds=4.0)
-    assert row(live, "Complete")[1:3] == ["2.0", "0.8"], live  # 8 calls in 4 s, 3 refused: not (8 - 5) and (3 - 2)
+    assert row(live, "Complete")[1:4] == ["2.0", "0.0", "0.8"], live  # 8 calls in 4 s, 3 refused: not 3 and 1
 
 
 async def test_behind_workers_one_not_answering_is_said_and_its_restart_counts_from_zero(

@@ -713,6 +713,27 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+FAILED_CODES: Final = frozenset(
+    {"UNKNOWN", "INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED", "DATA_LOSS", "ABORTED", "FAILED_PRECONDITION"}
+)
+"""The ends of calls that are the gateway's or its upstreams' doing (stats' "failed"), as the gateway's alerting rule
+on them has it (LLMRelayErrorRatioHigh in deploy/prometheus/alerts.yaml). Every other end but OK and CANCELLED (the
+caller left) is a refusal: the caller's mistakes, keys and limits, and upstreams' rate limits."""
+_NO_FAULT: Final = frozenset({"OK", "CANCELLED"})
+
+
+def _ends(grown: Samples) -> tuple[dict[str, float], dict[str, float]]:
+    """Each method's calls failed and refused."""
+    failed: dict[str, float] = defaultdict(float)
+    refused: dict[str, float] = defaultdict(float)
+    for (name, labels), value in grown.items():
+        pairs = dict(labels)
+        code = pairs.get("grpc_code")
+        if name == "grpc_server_handled_total" and pairs.get("grpc_service") == _SERVICE and code not in _NO_FAULT:
+            (failed if code in FAILED_CODES else refused)[pairs.get("grpc_method", "")] += value
+    return failed, refused
+
+
 def render_stats(after: Samples, before: Samples | None = None, seconds: float = 0.0) -> str:
     """What happened between two scrapes, per second; with no `before`, the totals since the gateway started (since
     each worker last started, behind a supervisor that restarted one)."""
@@ -727,7 +748,7 @@ def render_stats(after: Samples, before: Samples | None = None, seconds: float =
         return f"{value / per:>{width}.{digits}f}"
 
     calls = change("grpc_server_handled_total", "grpc_method", grpc_service=_SERVICE)
-    ok = change("grpc_server_handled_total", "grpc_method", grpc_service=_SERVICE, grpc_code="OK")
+    failed, refused = _ends(grown)
     # A restarted worker's counters start again from zero: what it counted before is in no total.
     restarts = sum(value for (name, _), value in after.items() if name == "llmrelay_worker_restarts_total")
     silent = _not_answering(after)
@@ -737,13 +758,13 @@ def render_stats(after: Samples, before: Samples | None = None, seconds: float =
         title = f"since each worker last started ({restarts:.0f} restarted{'; ' + silent if silent else ''})"
     else:
         title = "since the gateway started" + (f" ({silent})" if silent else "")
-    lines = [f"llmrelay {title}", f"{'method':<16}{'calls' + unit:>10}{'errors' + unit:>10}{'p50':>10}{'p99':>10}"]
+    columns = (f"{name + unit:>10}" for name in ("calls", "failed", "refused"))
+    lines = [f"llmrelay {title}", f"{'method':<16}{''.join(columns)}{'p50':>10}{'p99':>10}"]
     for method in sorted(calls):
         buckets = _buckets(grown, method)
         p50, p99 = _duration(_quantile(0.5, buckets)), _duration(_quantile(0.99, buckets))
-        lines.append(
-            f"{method:<16}{number(calls[method])}{number(calls[method] - ok.get(method, 0.0))}{p50:>10}{p99:>10}"
-        )
+        counts = (number(of.get(method, 0.0)) for of in (calls, failed, refused))
+        lines.append(f"{method:<16}{''.join(counts)}{p50:>10}{p99:>10}")
     tokens = "llmrelay_tokens_total"
     prompt, completion = change(tokens, "backend", kind="prompt"), change(tokens, "backend", kind="completion")
     lines.append(f"{'backend':<16}{'tokens' + unit:>10}{'prompt':>10}{'completion':>12}")
