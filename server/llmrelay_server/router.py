@@ -55,6 +55,7 @@ from llmrelay_server.domain import (
     StreamInterruptedError,
     StreamRestart,
     TokenCount,
+    TokenizerUnavailableError,
     TokenUsage,
     Tool,
     UpstreamError,
@@ -233,7 +234,7 @@ class _Received:
     upstream reported it before the answer, if it did; and the model that answered, which a stream cut short is
     billed for, as a whole one is."""
 
-    __slots__ = ("beyond", "kept", "model", "prompt_usage", "texts")
+    __slots__ = ("beyond", "kept", "model", "prompt_count", "prompt_usage", "texts")
 
     def __init__(self, model: str) -> None:
         self.model = model
@@ -242,6 +243,12 @@ class _Received:
         self.beyond = 0
         """Characters past KEPT_TEXT_CHARS, not kept."""
         self.prompt_usage: TokenUsage | None = None
+        self.prompt_count: asyncio.Future[TokenUsage | None] | None = None
+        """The gateway's own count of the prompt, begun near the deadline (_rest_of_stream) for the bill."""
+
+    async def counted_prompt(self) -> TokenUsage | None:
+        """The prompt's usage as the gateway counted it, waited for; None when it did not (or could not) count it."""
+        return None if self.prompt_count is None else await self.prompt_count
 
     def add(self, chunk: CompletionChunk) -> None:
         if chunk.prompt_usage is not None:
@@ -540,24 +547,24 @@ class _Watchdog:
     whole stream, made again only when it fires while a wait is still within its limit. (asyncio.timeout per chunk
     would make and cancel a timer for every chunk.) Time the caller takes between waits does not count.
 
-    With a `reserve` (seconds, asked once, and only of a stream still going `reserve_at_most_s` before its deadline:
-    the asking may cost, and most streams end long before), the stream ends that much before its deadline, for the
-    work its end then takes (counting a long prompt to bill it) to be over by the deadline."""
+    `near_deadline`, when given, is called once, and only of a stream still going `near_s` before its deadline: what
+    a stream's end at its deadline will need is made ready then, while the stream goes on (most streams end long
+    before, and need none of it)."""
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         idle_s: float,
         deadline: float,
-        reserve: Callable[[], float] | None = None,
-        reserve_at_most_s: float = 0.0,
+        near_deadline: Callable[[], None] | None = None,
+        near_s: float = 0.0,
     ) -> None:
         self._loop = loop
         self._idle_s = idle_s
         self._deadline = deadline
-        self._reserve = reserve
-        self.end_by = deadline - reserve_at_most_s if reserve is not None else deadline
-        """When the stream must end: its deadline less its reserve; until the reserve is known, when to ask it."""
+        self._near_deadline = near_deadline
+        self._near_at = deadline - near_s if near_deadline is not None else deadline
+        """When to call `near_deadline`, while it is still to call; then the deadline."""
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[object] | None = None
         self._waiting_since: float | None = None
@@ -585,21 +592,20 @@ class _Watchdog:
             self._timer = None
 
     def _due(self, since: float) -> float:
-        return min(since + self._idle_s, self.end_by)
+        return min(since + self._idle_s, self._near_at)
 
     def _check(self) -> None:
         self._timer = None
         if self._waiting_since is None:
             return  # between waits: the next one sets the timer again
-        if self._reserve is not None and self._loop.time() >= self.end_by:
-            reserve, self._reserve = self._reserve, None
+        if self._near_deadline is not None and self._loop.time() >= self._near_at:
+            near_deadline, self._near_deadline, self._near_at = self._near_deadline, None, self._deadline
             try:
-                self.end_by = self._deadline - reserve()
-            except Exception:  # a bug of the gateway's: the stream still ends, at its deadline
-                log.exception("sizing a stream's reserve before its deadline failed")
-                self.end_by = self._deadline
+                near_deadline()
+            except Exception:  # a bug of the gateway's: the stream still ends at its deadline, its end unprepared
+                log.exception("preparing a stream's end at its deadline failed")
         due = self._due(self._waiting_since)
-        if self._loop.time() < due:  # set for an earlier wait, or to ask the reserve
+        if self._loop.time() < due:  # set for an earlier wait, or to call near_deadline
             self._timer = self._loop.call_at(due, self._check)
         elif self._task is not None:
             self._expired = True
@@ -787,7 +793,9 @@ class Router:
             received = _Received(first.model or route.model)
             billed = False
             try:
-                async with contextlib.aclosing(self._rest_of_stream(chain, route, request, first, upstream)) as chunks:
+                async with contextlib.aclosing(
+                    self._rest_of_stream(chain, route, request, first, upstream, received)
+                ) as chunks:
                     async for chunk in chunks:
                         if chunk.finish_reason is not None:  # the last chunk
                             usage = chunk.usage or await self._counted_usage(
@@ -845,6 +853,8 @@ class Router:
                         except asyncio.CancelledError:
                             await bill
                             raise
+                    if received.prompt_count is not None:
+                        received.prompt_count.cancel()  # billed: a count still going was not needed
         if broken is not None:
             # Text was sent and no restart finished it: the stream as a whole was interrupted.
             raise StreamInterruptedError(broken.cause, chain.attempts, after="; no restart could finish it")
@@ -876,12 +886,24 @@ class Router:
     ) -> TokenUsage:
         """The usage of a stream the gateway counts itself: the text kept counted, the rest at its rate; the prompt as
         the upstream reported it (on the last chunk, else before), when it did."""
-        prompt = prompt or received.prompt_usage
+        prompt = prompt or received.prompt_usage or await received.counted_prompt()
         usage = await self._counter.estimate_usage(route.model, request, received.texts, prompt)
         if received.beyond:
             rate = usage.completion_tokens / received.kept
             usage = replace(usage, completion_tokens=usage.completion_tokens + math.ceil(received.beyond * rate))
         return usage
+
+    async def _prompt_counted(self, model: str, request: CompletionRequest) -> TokenUsage | None:
+        """The prompt's tokens, counted offline: as estimate_usage counts them. None without its encoding, which the
+        bill's own count then says."""
+        options = request.options
+        try:
+            counted = await self._counter.count_chat_async(
+                model, request.messages, options.tools, response_format=options.response_format
+            )
+        except TokenizerUnavailableError:
+            return None
+        return TokenUsage(counted.tokens, 0, estimated=True)
 
     def _bill(self, backend: str, model: str, caller: str, usage: TokenUsage, *, interrupted: bool = False) -> None:
         """The one place usage is billed: the ledger, and the call's meter (which its limits settle with)."""
@@ -1027,23 +1049,25 @@ class Router:
         request: CompletionRequest,
         first: CompletionChunk,
         upstream: AsyncIterator[CompletionChunk],
+        received: _Received,
     ) -> AsyncGenerator[CompletionChunk, None]:
-        """The chunks after the first, each within the idle limit; a broken stream raises its UpstreamError."""
+        """The chunks after the first, each within the idle limit; a broken stream raises its UpstreamError. Near the
+        deadline, the prompt's count for `received`'s bill."""
         yield first
         idle_s = self._config.stream_idle_timeout_s
         loop = asyncio.get_running_loop()
-        # A stream the deadline cuts short is billed before its status goes out, and its bill counts the prompt: a
-        # long one takes a thread's while, which comes off the stream's time, so that the status still arrives in time.
-        # Asked only of a stream still going when that could matter: sizing a prompt walks its messages and tools.
-        watchdog = _Watchdog(
-            loop,
-            idle_s,
-            chain.deadline,
-            lambda: self._counter.count_chat_wait_s(
-                route.model, request.messages, request.options.tools, response_format=request.options.response_format
-            ),
-            self._most_counting_s,
-        )
+
+        def count_the_prompt() -> None:
+            """A stream the deadline cuts short is billed before its status goes out, and its bill counts the prompt:
+            a long one takes a thread's while. Begun as long before the deadline as the longest count may take, while
+            the stream goes on, the bill finds it made, and the stream runs to its deadline all the same."""
+            options = request.options
+            if self._counter.count_chat_wait_s(
+                route.model, request.messages, options.tools, response_format=options.response_format
+            ):
+                received.prompt_count = asyncio.ensure_future(self._prompt_counted(route.model, request))
+
+        watchdog = _Watchdog(loop, idle_s, chain.deadline, count_the_prompt, self._most_counting_s)
         try:
             while True:
                 try:
@@ -1052,7 +1076,7 @@ class Router:
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
-                    if loop.time() >= watchdog.end_by:
+                    if loop.time() >= chain.deadline:
                         chain.stream_ended(AttemptOutcome.TIMEOUT, "the deadline ran out mid-stream")
                         raise chain.deadline_exceeded() from None
                     stalled = UpstreamError(UpstreamErrorKind.TIMEOUT, route.backend.name, _stalled(idle_s))

@@ -1402,16 +1402,19 @@ async def test_a_stream_of_a_long_prompt_cut_by_the_deadline_ends_with_the_gatew
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
 ) -> None:
     """A stream the deadline cuts short is billed before its status goes out, and its bill counts the prompt: for
-    megabytes, a thread's while. The stream ends that much earlier, so that the gateway's status (with the attempts)
-    reaches the caller rather than its client library's bare DEADLINE_EXCEEDED; the call is billed as interrupted."""
-    primary.inject({"trickle_s": 0.5})  # "echo: " and the six words, a chunk every 0.5 s: longer than the deadline
+    megabytes, a thread's while. The count is made while the stream goes on, so that the stream runs to its deadline
+    and the gateway's status (with the attempts) still reaches the caller rather than its client library's bare
+    DEADLINE_EXCEEDED; the call is billed as interrupted."""
+    primary.inject({"trickle_s": 1})  # "echo: " and the six words, a chunk a second: longer than the deadline
     request = pb.StreamCompleteRequest(
         messages=[pb.Message(role=pb.ROLE_SYSTEM, content="lorem " * 350_000), user("one two three four five six")]
     )
     received = 0
+    started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for _ in stub.StreamComplete(request, timeout=5):
             received += 1
+    assert time.monotonic() - started >= 4.5  # not cut as long before the deadline as the count may take (2.15 s)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert details(caught.value)["ErrorInfo"].reason == "DEADLINE_EXCEEDED", caught.value.details()
     [attempt] = details(caught.value)["AttemptHistory"].attempts
@@ -1420,6 +1423,21 @@ async def test_a_stream_of_a_long_prompt_cut_by_the_deadline_ends_with_the_gatew
     [record] = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
     assert (record.requests, record.interrupted_requests) == (1, 1)
     assert record.prompt_tokens >= 350_000
+
+
+async def test_a_stream_of_a_long_prompt_that_ends_in_time_is_not_cut_for_its_count(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+) -> None:
+    """Megabytes of prompt may take longer to count than the whole deadline: such a stream was cut at its first chunk
+    with DEADLINE_EXCEEDED ("the deadline ran out mid-stream"), to leave its bill the time, though its answer came
+    soon and its upstream reported its usage."""
+    primary.inject({"trickle_s": 0.05})  # "echo: " and the three words, 0.2 s in all
+    request = pb.StreamCompleteRequest(
+        messages=[pb.Message(role=pb.ROLE_SYSTEM, content="lorem " * 580_000), user("one two three")]
+    )
+    chunks = [chunk async for chunk in stub.StreamComplete(request, timeout=3)]
+    assert "".join(chunk.delta.content for chunk in chunks) == "echo: one two three"
+    assert chunks[-1].usage.prompt_tokens > 0 and not chunks[-1].usage.estimated
 
 
 @pytest.mark.parametrize("timeout_s", [0.005, 0.01, 0.02, 0.05])
