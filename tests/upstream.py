@@ -143,6 +143,9 @@ class FakeUpstream:
     """What GET /v1/models answers instead of the models list, when set (any JSON; bytes: as they are)."""
     models_trickle_s: float = 0.0
     """When set, GET /v1/models answers one byte of its body per this many seconds (a stuck proxy's answer)."""
+    moved_to: str | None = None
+    """When set, the health probes and the tokenizers' endpoints answer 307 with this Location, as a server that moved
+    does (its chats and embeddings are answered as ever)."""
     tls: ssl.SSLContext | None = None
     """Serves HTTPS with this context (its certificate and key loaded) when set, as a hosted API does."""
     connections_opened: int = 0
@@ -185,6 +188,7 @@ class FakeUpstream:
         self.probe_delay_s = 0.0
         self.models_answer = None
         self.models_trickle_s = 0.0
+        self.moved_to = None
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -213,6 +217,8 @@ class FakeUpstream:
             self.probe_requests.append(route[1])
             if self.probe_delay_s:
                 await asyncio.sleep(self.probe_delay_s)
+        if self.moved_to is not None and (route in _PROBES or route[1] in ("/tokenize", "/apply-template")):
+            return await _send(writer, 307, b"", "text/plain", {"Location": self.moved_to})
         if route == ("POST", "/v1/chat/completions"):
             return await self._chat(request, reader, writer)
         if route == ("POST", "/v1/embeddings"):

@@ -69,6 +69,28 @@ async def test_concurrent_probes_send_each_upstream_one_probe(
     assert 1 <= local.probe_requests.count("/api/tags") <= 2, local.probe_requests
 
 
+async def test_a_probe_follows_no_redirect(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """As no chat does: a probe that followed one found the models of another server, and called a backend healthy
+    whose every chat failed for the redirect."""
+    elsewhere = await FakeUpstream(models=("other",), ollama=True).start()
+    try:
+        primary.moved_to = f"{elsewhere.base_url}/models?token=secret"
+        local.moved_to = f"{elsewhere.base_url.removesuffix('/v1')}/api/version"
+        await asyncio.sleep(FRESH_PROBE_S)  # the gateway's own probe at start is no longer fresh
+        report = await stub.Health(pb.HealthRequest(probe=True), timeout=10)
+    finally:
+        await elsewhere.stop()
+    by_name = {backend.name: backend for backend in report.backends}
+    for name, moved_to in (("openai", f"{elsewhere.base_url}/models"), ("ollama", local.moved_to)):
+        assert not by_name[name].reachable
+        said = by_name[name].last_error
+        assert f"HTTP 307: a redirect to {moved_to}, which the gateway does not follow" in said, said
+    assert "secret" not in by_name["openai"].last_error
+    assert elsewhere.probe_requests == []
+
+
 async def test_probes_one_after_the_other_send_an_upstream_one_probe_a_second(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
 ) -> None:

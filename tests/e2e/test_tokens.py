@@ -32,6 +32,30 @@ async def vllm_stub(stub_for: StubFactory, vllm: FakeUpstream) -> pb.LLMServiceA
     return await stub_for(f"llm:\n  backends: [{backend}]\n  order: [gpu]\n")
 
 
+async def test_no_side_request_follows_a_redirect(
+    stub_for: StubFactory, vllm: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The probes and /tokenize went through the SDK's HTTP client, which follows redirects: a vLLM server that
+    answered /tokenize with a redirect had the caller's chat posted wherever it pointed, and that server's count
+    returned as exact; a probe found the models of another server, and called a backend healthy whose every chat was
+    refused for the redirect (which no chat follows)."""
+    elsewhere = await FakeUpstream(models=("qwen", "other"), vllm=True).start()
+    try:
+        vllm.moved_to = f"{elsewhere.base_url.removesuffix('/v1')}/tokenize"
+        stub = await vllm_stub(stub_for, vllm)
+        count = await stub.CountTokens(pb.CountTokensRequest(model="gpu/qwen", messages=[user("my prompt")]), timeout=5)
+        assert count.estimated and count.encoding != "backend:gpu"
+        [warning] = [r.getMessage() for r in caplog.records if "could not count tokens" in r.getMessage()]
+        assert f"HTTP 307: a redirect to {vllm.moved_to}, which the gateway does not follow" in warning, warning
+        vllm.moved_to = f"{elsewhere.base_url}/models"
+        [backend] = (await stub.Health(pb.HealthRequest(), timeout=5)).backends
+        assert not backend.reachable
+        assert "HTTP 307" in backend.last_error and "does not follow" in backend.last_error, backend.last_error
+        assert elsewhere.tokenize_requests == [] and elsewhere.probe_requests == []
+    finally:
+        await elsewhere.stop()
+
+
 async def test_vllm_counts_with_its_own_tokenizer_and_the_count_is_its_prompt_tokens(
     stub_for: StubFactory, vllm: FakeUpstream
 ) -> None:

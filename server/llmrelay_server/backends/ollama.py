@@ -9,9 +9,10 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Final
 
 import httpx2
+import openai
 
 from llmrelay_server.backends import wire
-from llmrelay_server.backends.openai_compat import OpenAICompatibleProvider
+from llmrelay_server.backends.openai_compat import OpenAICompatibleProvider, checked
 from llmrelay_server.backends.upstream_http import HEALTH_TIMEOUT_S
 from llmrelay_server.domain import BackendHealth, CompletionRequest, ReasoningEffort, read_json
 
@@ -39,14 +40,12 @@ class OllamaProvider(OpenAICompatibleProvider):
         root = self._root_url
         started = time.monotonic()
         try:
-            version = await self._http.get(f"{root}/api/version", timeout=HEALTH_TIMEOUT_S)
-            version.raise_for_status()
-            tags = await self._http.get(f"{root}/api/tags", timeout=HEALTH_TIMEOUT_S)
-            tags.raise_for_status()
+            checked(await self._http.get(f"{root}/api/version", timeout=HEALTH_TIMEOUT_S))
+            tags = checked(await self._http.get(f"{root}/api/tags", timeout=HEALTH_TIMEOUT_S))
             models = tuple(m["name"] for m in wire.decode_json(tags.content).get("models", []))
             if not all(isinstance(name, str) for name in models):
                 raise wire.MalformedAnswerError("/api/tags lists a model whose name is not text")
-        except (httpx2.HTTPError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        except (openai.APIStatusError, httpx2.HTTPError, ValueError, KeyError, AttributeError, TypeError) as exc:
             return self._health(started, reachable=False, error=f"{root}: {self._describe(exc)}")
         return self._health(started, reachable=True, models=models)
 

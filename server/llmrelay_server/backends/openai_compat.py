@@ -31,6 +31,7 @@ from llmrelay_server.backends.upstream_http import (
     post_read,
     post_stream,
     prepared_headers,
+    redirect,
     relayed,
     retry_after_s,
 )
@@ -51,6 +52,7 @@ from llmrelay_server.domain import (
     Tool,
     UpstreamError,
     UpstreamErrorKind,
+    without_quotes,
 )
 from llmrelay_server.tokens import TokenCounter
 
@@ -269,8 +271,14 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             return None
         try:
             tokens = await self._server_token_count(model, messages, tools)
-        except (httpx2.HTTPError, ValueError, KeyError, TypeError, RecursionError) as exc:  # any answer, any JSON
-            log.warning("backend %s could not count tokens (%s); estimating instead", self._spec.name, exc)
+        except (openai.APIStatusError, httpx2.HTTPError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            if isinstance(exc, openai.APIStatusError):  # an error answer
+                error = self._upstream_error(exc)
+                # Its words may quote the chat (a 400 that names what it refused): the caller's, not the log's.
+                reason = without_quotes(error.message, (error.quoted,))
+            else:  # no answer, or any JSON
+                reason = str(exc)
+            log.warning("backend %s could not count tokens (%s); estimating instead", self._spec.name, reason)
             return None
         if tokens is None:
             return None
@@ -289,8 +297,8 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         response = await self._http.post(
             f"{self._root_url}{path}", content=wire.encode(body), headers=headers, timeout=HEALTH_TIMEOUT_S
         )
-        response.raise_for_status()
-        return wire.decode_json(response.content)  # orjson: JSON nested past its depth is malformed, no RecursionError
+        # orjson: JSON nested past its depth is malformed, no RecursionError.
+        return wire.decode_json(checked(response).content)
 
     async def health(self) -> BackendHealth:
         started = time.monotonic()
@@ -333,7 +341,9 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             return self._connection_error(exc, timed_out=isinstance(exc, openai.APITimeoutError))
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
-            said = self._redact(exc.message)
+            # A redirect in the gateway's words (the SDK's own are its status alone, for the probe's models list).
+            moved = redirect(exc.response)
+            said = self._redact(moved or exc.message)
             # A code that is a number (llama.cpp's is the status, which the SDK makes text): the type says more.
             _, code = wire.error_code(exc.code, exc.type)
             kind = kind_of_status(status, code, exc.message)
@@ -341,7 +351,12 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             asks_to_wait = kind is UpstreamErrorKind.RATE_LIMITED or status == 503
             retry_after = retry_after_s(exc.response.headers) if asks_to_wait else None
             return UpstreamError(
-                kind, self._spec.name, f"HTTP {status}: {said}", status=status, retry_after_s=retry_after, quoted=said
+                kind,
+                self._spec.name,
+                f"HTTP {status}: {said}",
+                status=status,
+                retry_after_s=retry_after,
+                quoted="" if moved else said,
             )
         return self._bad_answer(exc.message)
 
@@ -360,6 +375,14 @@ def _chat_completion(raw: bytes) -> tuple[Any, Mapping[str, Any], Message]:
     choice = wire.first_choice(data, "message")
     assert choice is not None  # first_choice finds a message or raises
     return data, choice, wire.message_from_choice(choice)
+
+
+def checked(response: httpx2.Response) -> httpx2.Response:
+    """A side request's answer (a count, a probe), or its error as a chat's would be (`_status_error`): a redirect
+    among them, never followed, said with where it points minus its query."""
+    if not response.is_success:
+        raise _status_error(response)
+    return response
 
 
 def _status_error(response: httpx2.Response) -> openai.APIStatusError:

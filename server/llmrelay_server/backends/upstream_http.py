@@ -126,9 +126,12 @@ def http_client(
     sdk_client: Callable[..., httpx2.AsyncClient], pool: Pool | httpx2.Limits = POOL_LIMITS
 ) -> httpx2.AsyncClient:
     """The SDK's HTTP client with its defaults (`openai.DefaultAsyncHttpxClient`,
-    `anthropic.DefaultAsyncHttpxClient`), sending through `pool`, shared, or a pool of its own with these limits."""
+    `anthropic.DefaultAsyncHttpxClient`), sending through `pool`, shared, or a pool of its own with these limits; and
+    following no redirect, as no chat does: the SDKs' default follows them, and a probe then called a backend whose
+    every chat fails healthy, and a count posted the caller's chat wherever the redirect pointed."""
     pool = pool if isinstance(pool, Pool) else Pool(pool)
-    return sdk_client(limits=pool.limits, transport=Http1Transport(pool.http1, MAX_ANSWER_BYTES))
+    transport = Http1Transport(pool.http1, MAX_ANSWER_BYTES)
+    return sdk_client(limits=pool.limits, transport=transport, follow_redirects=False)
 
 
 def unreachable(base_url: str, error: BaseException) -> str:
@@ -666,18 +669,25 @@ def error_body(response: httpx2.Response) -> tuple[Any, Any]:
 def error_message(response: httpx2.Response, body: Any, detail: Any) -> str:
     """What an HTTP error answer says: the upstream's own message (`detail`, where the dialect found one) when it is
     text, else a `message` text at the top of its JSON (as older vLLM answers, its error not wrapped in `error`),
-    else the start of its body as it came, else the status's reason phrase; of a redirect, where to."""
-    if 300 <= response.status_code <= 399:
-        # Its query left out: a redirect to a login page carries tokens there.
-        where = urlsplit(response.headers.get("location", ""))._replace(query="", fragment="").geturl()
-        to = f" to {where}" if where else ""
-        return f"a redirect{to}, which the gateway does not follow: set the backend's base_url to where it points"
+    else the start of its body as it came, else the status's reason phrase; of a redirect, where to (`redirect`)."""
+    if (moved := redirect(response)) is not None:
+        return moved
     if isinstance(detail, str) and detail:
         return detail
     if isinstance(body, dict) and isinstance(message := body.get("message"), str) and message:
         return message
     # As it came, never as a Python repr (JSON nested deeper than an encoder goes is still its text).
     return response.text[:QUOTED_CHARS] or response.reason_phrase
+
+
+def redirect(response: httpx2.Response) -> str | None:
+    """What a redirect says, in the gateway's words: where to, and what to do; None for any other answer."""
+    if not 300 <= response.status_code <= 399:
+        return None
+    # Its query left out: a redirect to a login page carries tokens there.
+    where = urlsplit(response.headers.get("location", ""))._replace(query="", fragment="").geturl()
+    to = f" to {where}" if where else ""
+    return f"a redirect{to}, which the gateway does not follow: set the backend's base_url to where it points"
 
 
 def retry_after_s(headers: httpx2.Headers) -> float | None:
