@@ -648,6 +648,26 @@ async def test_a_stream_whole_with_its_usage_ends_though_the_upstream_holds_it_o
     assert primary.client_disconnects, "the held connection was left open"
 
 
+@pytest.mark.parametrize(
+    "after", ["data: {bad\n\n", 'data: {"error": {"message": "the GPU fell over"}}\n\n'], ids=["no-json", "error"]
+)
+@pytest.mark.parametrize("usage", [True, False], ids=["with-usage", "without-usage"])
+async def test_what_follows_a_streams_finish_in_the_same_read_fails_nothing(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, after: str, usage: bool
+) -> None:
+    """After its finish reason (and its usage, when it sent any) an answer is whole whatever the upstream sends next:
+    a line that is no event, or an error event, that came in the same read as the finish failed the stream ABORTED
+    after all its text, where in a later read it failed nothing."""
+    finish = _event({}, "stop") | ({"usage": {"prompt_tokens": 3, "completion_tokens": 2}} if usage else {})
+    events = "".join(f"data: {json.dumps(event)}\n\n" for event in (_event({"content": "hi"}), finish))
+    primary.inject({"body": events + after, "content_type": "text/event-stream"})
+    chunks = await read_all(stub.StreamComplete(stream_chat("x y"), timeout=5))
+    assert "".join(c.delta.content for c in chunks) == "hi"
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP
+    assert chunks[-1].usage.estimated is not usage
+    assert [a.outcome for a in chunks[-1].attempts] == [Outcome.ATTEMPT_OUTCOME_SUCCEEDED]
+
+
 async def test_a_stream_whose_end_follows_its_usage_ends_at_once_and_keeps_its_connection(
     gateway: Gateway, stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
 ) -> None:

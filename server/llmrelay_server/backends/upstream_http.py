@@ -403,6 +403,11 @@ async def relayed(
             except (UpstreamError, MalformedAnswerError):
                 for chunk in _coalesced(arrived):
                     yield chunk
+                if (finished is not None and finished()) or (settled is not None and settled()):
+                    # Whole at its finish reason, whatever the upstream sends next (a line no event, an error event):
+                    # not failed when that came in the same read as the finish, as it is not in a later one. Not
+                    # `whole`: a connection that carried that is closed.
+                    return
                 raise
             for chunk in _coalesced(arrived):
                 yield chunk
