@@ -223,6 +223,28 @@ def test_the_key_is_redacted_where_it_stands_whole(key: str, said: str, passed_o
     assert redact(said, key) == passed_on
 
 
+GOOGLE_KEY = "AIzaSyD0123456789abcdefghijklmnopqrstuvw"  # no prefix the secret-like pattern knows
+
+
+@pytest.mark.parametrize(
+    ("said", "passed_on"),
+    [
+        (f"bad key {GOOGLE_KEY}_x", "bad key [redacted]_x"),
+        (f"{GOOGLE_KEY}{GOOGLE_KEY}", "[redacted][redacted]"),
+        (f"(it starts with '<html>xxx {GOOGLE_KEY[:19]}')", "(it starts with '<html>xxx [redacted]')"),
+        (f"a piece too short to say much: {GOOGLE_KEY[:7]}", f"a piece too short to say much: {GOOGLE_KEY[:7]}"),
+    ],
+    ids=["in-a-word", "twice", "cut-inside-it", "a-piece-under-8"],
+)
+def test_a_long_key_is_redacted_wherever_it_stands_and_so_is_its_start_where_a_quote_cut_it(
+    said: str, passed_on: str
+) -> None:
+    """An answer quoted to 80 characters (the start of a page that is no JSON) was cut inside the key, and what was
+    left of it is not the key: it went out to the caller and the log; and a key followed by a letter or a dash was
+    left whole."""
+    assert redact(said, GOOGLE_KEY) == passed_on
+
+
 def test_no_connection_free_in_the_gateways_pool_is_its_own_bound_not_the_upstreams_failure() -> None:
     """A burst past the pool's max_connections waited out its time: that is no upstream timing out, nor a failure to
     count against its circuit (a burst could open a healthy backend's)."""

@@ -621,14 +621,37 @@ def model_ids(models: Iterable[Any]) -> tuple[str, ...]:
     return ids
 
 
+KEY_PIECE_CHARS: Final = 8
+"""A backend's key this long or longer is taken out of an upstream's words wherever it stands, and so is any piece of
+it from its start on that is this long (a quote of the answer cut inside it); a shorter one only where it stands
+whole, a word of its own."""
+
+
 def redact(text: str, api_key: str | None) -> str:
     """An upstream's message without the backend's key or anything like a key, cut to 500 characters. Upstreams
     quote keys back in their errors ("Incorrect API key provided: sk-..."); never pass one on."""
-    if api_key:
-        # Where it stands whole, not inside a longer word: a placeholder key of a local server ("x", "EMPTY") made
-        # "maximum" "ma[redacted]imum" in every message that had it.
+    if api_key and len(api_key) < KEY_PIECE_CHARS:
+        # A placeholder key of a local server ("x", "EMPTY"): taken out of words, it made "maximum" "ma[redacted]imum"
+        # in every message that had it.
         text = re.sub(rf"(?<![\w-]){re.escape(api_key)}(?![\w-])", "[redacted]", text)
+    elif api_key:
+        text = _without_key(text, api_key)
     return _SECRET_LIKE.sub("[redacted]", text)[:500]
+
+
+def _without_key(text: str, key: str) -> str:
+    """`text` with every piece of `key` that begins it and is KEY_PIECE_CHARS long or longer taken out: the whole key
+    (in a word too: "KEY_x"), and what is left of it where the quote of an answer that held it was cut."""
+    head = key[:KEY_PIECE_CHARS]
+    kept: list[str] = []
+    start = 0
+    while (found := text.find(head, start)) != -1:
+        length = KEY_PIECE_CHARS
+        while length < len(key) and found + length < len(text) and text[found + length] == key[length]:
+            length += 1
+        kept += (text[start:found], "[redacted]")
+        start = found + length
+    return "".join(kept) + text[start:]
 
 
 def kind_of_status(status: int, code: str | None, message: str | None) -> UpstreamErrorKind:
