@@ -22,7 +22,7 @@ from llmrelay_server.auth import LIMITS_PER_WORKER, AuthInterceptor, KeyRing
 from llmrelay_server.backends import provider_factory
 from llmrelay_server.calllog import CallLogObserver
 from llmrelay_server.concurrency import ConcurrencyInterceptor
-from llmrelay_server.config import ConfigError, GatewayConfig, ServerConfig, shown_path
+from llmrelay_server.config import ConfigError, GatewayConfig, ServerConfig, shown_path, shown_value
 from llmrelay_server.decoding import GenericOnly, add_llm_service, receive_limit
 from llmrelay_server.domain import StoreHealth, UsageUnavailableError
 from llmrelay_server.health import SERVICE_NAME, HealthMonitor, HealthServicer
@@ -144,8 +144,9 @@ def _check_open_services(open_services: tuple[str, ...]) -> None:
     for entry in open_services:
         service, slash, method = entry.partition("/")
         if service not in served or (slash and method not in served[service]):
+            shown = shown_value(entry, "auth.open_services")
             raise ConfigError(
-                f"auth.open_services: {entry!r} is no service (package.Service) or method (package.Service/Method) "
+                f"auth.open_services: {shown} is no service (package.Service) or method (package.Service/Method) "
                 f"this gateway serves; its services: {', '.join(sorted(served))}"
             )
 

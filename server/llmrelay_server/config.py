@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import yaml
 
@@ -364,10 +364,11 @@ def _checked(document: Mapping[str, Any], text: str | None, env: Mapping[str, st
     if server.metrics_listen is not None:
         _check_listen(server.metrics_listen, "server.metrics_listen")
     if server.log_format not in ("text", "json"):
-        raise ConfigError(f"server.log_format: {_shown(server.log_format, 'server.log_format')} is not text or json")
+        shown = shown_value(server.log_format, "server.log_format")
+        raise ConfigError(f"server.log_format: {shown} is not text or json")
     if server.event_loop not in ("uvloop", "asyncio"):
         raise ConfigError(
-            f"server.event_loop: {_shown(server.event_loop, 'server.event_loop')} is not uvloop or asyncio"
+            f"server.event_loop: {shown_value(server.event_loop, 'server.event_loop')} is not uvloop or asyncio"
         )
     _check_positive(server, "server", allow_zero=("drain_s",))
     _check_positive(section.router, "router")
@@ -467,12 +468,22 @@ _CONNINFO = re.compile(r"\s*(host|hostaddr|port|dbname|user|password|passfile|se
 """The start of libpq's keyword/value connection string ("host=db dbname=ledger password=...")."""
 
 
+_MISTYPED_POSTGRESQL = re.compile(r"postgres(?:ql)?(?::(?!//)|//)", re.IGNORECASE)
+"""A URL of PostgreSQL's with a character of its '://' missing (postgresql:/, postgresql:, postgresql//)."""
+
+
 def _check_usage_db(usage_db: str, where: str) -> None:
     """`where`: the field, or the variable it was set by."""
     if _CONNINFO.match(usage_db):
         # Else a SQLite file named after it, its password in the name, shown wherever the ledger is (Health, the log).
         raise ConfigError(
             f"{where}: a libpq key=value connection string is not a ledger this gateway reads; give a"
+            " postgresql://user:password@host:5432/dbname URL, or a SQLite file path"
+        )
+    if _MISTYPED_POSTGRESQL.match(usage_db):
+        # Else a SQLite file named after it, its password in the name, shown wherever the ledger is (Health, the log).
+        raise ConfigError(
+            f"{where}: not a PostgreSQL URL, though it starts as one (a ':' or '/' missing after postgresql?): give a"
             " postgresql://user:password@host:5432/dbname URL, or a SQLite file path"
         )
     if "://" in usage_db and not is_postgresql(usage_db):
@@ -491,6 +502,24 @@ def _check_usage_db(usage_db: str, where: str) -> None:
 _SSLMODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
+def _check_redis_options(url: str, where: str) -> None:
+    """The URL read as the limiter's client will (its port, database and options), and its options made into a
+    connection's (none is opened): an option redis-py does not know, or a value it refuses, failed every call to Redis
+    for good while the gateway served on, its limits unenforced (or every call refused). Their words hold no URL."""
+    # Imported only where Redis is configured, as the limiter is.
+    from redis.asyncio import ConnectionPool
+    from redis.exceptions import RedisError
+
+    try:
+        ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
+    except TypeError as exc:  # an option a connection does not take, its name in the words
+        option = re.search(r"argument '(\w+)'", str(exc))
+        named = f"?{option.group(1)}=" if option else "an option in the URL"
+        raise ConfigError(f"{where}: {named} is no option of a Redis connection (redis-py's)") from None
+    except (ValueError, RedisError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 def _check_postgresql_options(url: str, where: str) -> None:
     """What libpq would refuse at every try to connect, while the gateway served on with its ledger unavailable for
     good: a port that is no number, an sslmode it does not know. (Neither message holds the URL.) The URL may name
@@ -505,6 +534,22 @@ def _check_postgresql_options(url: str, where: str) -> None:
     for key, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
         if key == "sslmode" and value not in _SSLMODES:
             raise ConfigError(f"{where}: sslmode={value!r} is none of {', '.join(_SSLMODES)}")
+    # The rest as libpq reads it: a parameter it does not know (?sslmod=), a space not written %20.
+    from psycopg import ProgrammingError  # imported only where PostgreSQL is configured, as the ledger's store is
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(url)
+    except ProgrammingError as exc:
+        password = urlsplit(url).password
+        secrets = (password, unquote(password)) if password else ()
+
+        def shown(quoted: re.Match[str]) -> str:
+            """libpq quotes the part it refuses, which may be the password, or hold it."""
+            return '"***"' if any(secret in quoted.group(1) for secret in secrets) else quoted.group(0)
+
+        said = re.sub(r'"([^"]*)"', shown, " ".join(str(exc).split()))
+        raise ConfigError(f"{where}: libpq refuses the URL: {said}") from None
 
 
 def _check_authority(url: str, where: str) -> None:
@@ -535,7 +580,7 @@ def _check_state(state: StateConfig, redis_where: str) -> None:
     """`redis_where`: the field that set the Redis URL, or the variable."""
     if state.on_unavailable not in ("allow", "deny"):
         raise ConfigError(
-            f"state.on_unavailable: {_shown(state.on_unavailable, 'state.on_unavailable')} is not allow or deny"
+            f"state.on_unavailable: {shown_value(state.on_unavailable, 'state.on_unavailable')} is not allow or deny"
         )
     _check_positive(state, "state")
     if state.redis_url is None:
@@ -556,13 +601,8 @@ def _check_state(state: StateConfig, redis_where: str) -> None:
                 " redis://:PASSWORD@HOST:6379/0)"
             ) from None
     scheme = parts.scheme
-    try:
-        if scheme in ("redis", "rediss", "unix"):
-            from redis.connection import parse_url  # imported only where Redis is configured, as the limiter is
-
-            parse_url(state.redis_url)  # type: ignore[no-untyped-call]  # as the client will: the port, the options
-    except ValueError as exc:
-        raise ConfigError(f"{redis_where}: {exc}") from None
+    if scheme in ("redis", "rediss", "unix"):
+        _check_redis_options(state.redis_url, redis_where)
     if scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(
             f"{redis_where}: scheme {_written_scheme(state.redis_url) or '(none)'} is not redis://, rediss:// or unix://"
@@ -634,7 +674,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 def check_key_name(name: str, where: str = "name") -> None:
     if not CALLER_NAME.fullmatch(name):
-        raise ConfigError(f"{where}: {_shown(name, 'name')} must be 1-128 of letters, digits and ._:@/-")
+        raise ConfigError(f"{where}: {shown_value(name, 'name')} must be 1-128 of letters, digits and ._:@/-")
 
 
 def _check_keys(keys: tuple[CallerKey, ...], where: str) -> None:
@@ -645,7 +685,7 @@ def _check_keys(keys: tuple[CallerKey, ...], where: str) -> None:
         check_key_name(key.name, f"{at}.name")
         if key.name in names:
             raise ConfigError(
-                f"{at}.name: {_shown(key.name, 'name')} is already the name of another key; names must be unique"
+                f"{at}.name: {shown_value(key.name, 'name')} is already the name of another key; names must be unique"
             )
         names.add(key.name)
         if not _SHA256.fullmatch(key.sha256):
@@ -699,9 +739,11 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
     for index, extra in enumerate(llm.backends):
         where = f"llm.backends[{index}]"
         if extra.kind not in BACKEND_KINDS:
-            raise ConfigError(f"{where}.kind: {_shown(extra.kind, where)} is not one of {', '.join(BACKEND_KINDS)}")
+            shown = shown_value(extra.kind, where)
+            raise ConfigError(f"{where}.kind: {shown} is not one of {', '.join(BACKEND_KINDS)}")
         if extra.name in specs or not re.fullmatch(r"[a-z][a-z0-9_-]*", extra.name):
-            raise ConfigError(f"{where}.name: {_shown(extra.name, where)} must be unique and match [a-z][a-z0-9_-]*")
+            shown = shown_value(extra.name, where)
+            raise ConfigError(f"{where}.name: {shown} must be unique and match [a-z][a-z0-9_-]*")
         url_where = f"{where}.base_url"
         specs[extra.name] = _spec(
             extra.name, extra.kind, extra.base_url, extra.model, extra.api_key, extra, where, url_where
@@ -710,11 +752,11 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
     for index, name in enumerate(order):
         if name not in specs:
             raise ConfigError(
-                f"llm.order[{index}]: {_shown(name, 'llm.order')} is not a configured backend ({', '.join(specs)})"
+                f"llm.order[{index}]: {shown_value(name, 'llm.order')} is not a configured backend ({', '.join(specs)})"
             )
         if name in order[:index]:
             raise ConfigError(
-                f"llm.order[{index}]: {_shown(name, 'llm.order')} is already in the order; name each backend once"
+                f"llm.order[{index}]: {shown_value(name, 'llm.order')} is already in the order; name each backend once"
             )
     return tuple(specs[name] for name in order)
 
@@ -733,7 +775,7 @@ def _check_alias(alias: str, target: str, aliases: Mapping[str, str], backends: 
         return
     if qualifier in BACKEND_KINDS:
         raise ConfigError(
-            f"llm.aliases.{alias}: points at backend {_shown(qualifier, 'llm.aliases')}, which is not configured"
+            f"llm.aliases.{alias}: points at backend {shown_value(qualifier, 'llm.aliases')}, which is not configured"
         )
     # A model's own name may hold a slash (meta-llama/Llama-3-8B): only a near miss of a backend's name is refused.
     if near := difflib.get_close_matches(qualifier, backends, n=1, cutoff=0.75):
@@ -771,6 +813,13 @@ def _spec(
     the section, `url_where` what set the URL (the field, or a variable), `key_where` the variable that set the key
     (None: the section's api_key)."""
     _check_api_key(api_key, key_where or f"{where}.api_key")
+    if not all(character.isprintable() and not character.isspace() for character in base_url):
+        # The HTTP client refuses it at start with a traceback (a control character), or every call fails (a space:
+        # a name not found, a path not found). Not shown: it may be a key given as the URL by mistake.
+        raise ConfigError(
+            f"{url_where}: holds a space or a control character (a line break at its end, read from a file?); give"
+            " the URL alone"
+        )
     # Read from the text, not the parse, which a password with a `#` or `[` in it breaks.
     if "@" in base_url.partition("://")[2].partition("/")[0]:
         # Never sent (the client authenticates with api_key), and the URL is shown to callers (an unreachable
@@ -969,7 +1018,7 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 
 
 class _UnreadPlaceholderError(ConfigError):
-    """A `${` that is none of the forms the gateway replaces."""
+    """A `${` that is none of the forms the gateway replaces, or where it replaces none (a mapping's key)."""
 
 
 def _interpolate(value: Any, env: Mapping[str, str], done: dict[int, Any] | None = None, where: str = "") -> Any:
@@ -997,6 +1046,13 @@ def _interpolate(value: Any, env: Mapping[str, str], done: dict[int, Any] | None
         return done[id(value)]
     done[id(value)] = None  # being interpolated
     if isinstance(value, Mapping):
+        for key in value:
+            if isinstance(key, str) and "${" in key:
+                # Left as it is, the name would be that text (an alias no caller asks for, a price for no model).
+                raise _UnreadPlaceholderError(
+                    f"{where or 'the file'}: the key {key!r} holds a ${{...}}, which the gateway replaces in values"
+                    " alone; write the name itself"
+                )
         result: Any = {k: _interpolate(v, env, done, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
     else:
         result = [_interpolate(v, env, done, f"{where}[{i}]") for i, v in enumerate(value)]
@@ -1066,25 +1122,25 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         return _build(hint, value, where)  # type: ignore[arg-type]
     if origin is tuple:
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {_shown(value, where)}")
+            raise ConfigError(f"{where}: expected a list, got {shown_value(value, where)}")
         return tuple(_convert(args[0], item, f"{where}[{i}]") for i, item in enumerate(value))
     if origin in (Mapping, dict) or hint is Mapping:
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {_shown(value, where)}")
+            raise ConfigError(f"{where}: expected a mapping, got {shown_value(value, where)}")
         return {str(k): _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if hint is bool:
         if isinstance(value, str):
             # A boolean written as ${VAR} arrives as text: read as YAML would have read it in place.
             value = _BOOLEANS.get(value.strip().lower(), value)
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {_shown(value, where)}")
+            raise ConfigError(f"{where}: expected true or false, got {shown_value(value, where)}")
         return value
     if hint in (int, float) and isinstance(value, str):
         # A number written as ${VAR} arrives as text.
         value = _number(value, hint)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected a whole number, got {_shown(value, where)}")
+            raise ConfigError(f"{where}: expected a whole number, got {shown_value(value, where)}")
         if abs(value) > _LARGEST_INT:
             # No count or size is near it; a typo's 400 digits stopped the start (or a keys file's reload) with a
             # traceback where the checks take it as a float.
@@ -1092,14 +1148,14 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: expected a number, got {_shown(value, where)}")
+            raise ConfigError(f"{where}: expected a number, got {shown_value(value, where)}")
         try:
             return float(value)
         except OverflowError:  # a whole number past a float's range (1e308): a typo, never a setting
             raise ConfigError(f"{where}: too large a number") from None
     if hint is str:
         if not isinstance(value, str | int | float) or isinstance(value, bool):
-            raise ConfigError(f"{where}: expected text, got {_shown(value, where)}")
+            raise ConfigError(f"{where}: expected text, got {shown_value(value, where)}")
         if isinstance(value, str) and "\0" in value:
             # No setting holds one, and a path with one stops the start with a traceback (a ValueError of os).
             raise ConfigError(f"{where}: holds a NUL character (\\0)")
@@ -1125,7 +1181,8 @@ _MAY_HOLD_A_SECRET: Final = ("key", "secret", "token", "password", "url", "usage
 """Words in a field's path whose value may hold a secret (an API key, a store URL with its password)."""
 
 
-def _shown(value: Any, where: str) -> str:
+def shown_value(value: Any, where: str) -> str:
+    """A value as an error about the field `where` shows it."""
     # A mistyped secret must not end up in a log line: a value of a field that may hold one, and a list or mapping
     # (a URL written as a list item, say), is shown by its type alone.
     if isinstance(value, list | Mapping) or any(word in where.lower() for word in _MAY_HOLD_A_SECRET):

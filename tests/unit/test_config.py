@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from llmrelay_server import config
+from llmrelay_server import app, config
 from llmrelay_server.backends import provider_factory
 from llmrelay_server.config import ConfigError, load_config
 from llmrelay_server.domain import BackendSpec
@@ -693,6 +694,17 @@ def test_a_mistyped_api_key_is_never_shown(tmp_path: Path, yaml_text: str, field
         ('state: {redis_url: "SUPERSECRET:x"}\n', "scheme (none)"),
         # redis-py would take the path for database 0.
         ('state: {redis_url: "redis://:SUPERSECRET@redis:6379/limits"}\n', "not a database number"),
+        # Options redis-py refuses when it connects, at every call, while the gateway served on, its limits unenforced.
+        ('state: {redis_url: "redis://:SUPERSECRET@redis:6379/0?socket_timout=1"}\n', "?socket_timout= is no option"),
+        ('state: {redis_url: "rediss://:SUPERSECRET@redis:6379/0?ssl_cert_reqs=maybe"}\n', "maybe"),
+        ('state: {redis_url: "redis://:SUPERSECRET@redis:6379/0?protocol=9"}\n', "protocol must be either 2 or 3"),
+        # Options libpq refuses at every try to connect, while the gateway served on, its ledger unavailable for good.
+        ('server: {usage_db: "postgresql://u:SUPERSECRET@db/ledger?sslmod=require"}\n', '"sslmod"'),
+        ('server: {usage_db: "postgresql://u:SUPER SECRET@db/ledger"}\n', 'unexpected spaces found in "***"'),
+        # A character of :// missing: a SQLite file named after it, its password in its name, served by Health.
+        ('server: {usage_db: "postgresql:/u:SUPERSECRET@db/ledger"}\n', "not a PostgreSQL URL"),
+        ('server: {usage_db: "postgresql:u:SUPERSECRET@db/ledger"}\n', "not a PostgreSQL URL"),
+        ('server: {usage_db: "postgres//u:SUPERSECRET@db/ledger"}\n', "not a PostgreSQL URL"),
     ],
     ids=[
         "redis port",
@@ -711,6 +723,14 @@ def test_a_mistyped_api_key_is_never_shown(tmp_path: Path, yaml_text: str, field
         "postgresql key=value",
         "redis no scheme",
         "redis database",
+        "redis unknown option",
+        "redis bad option",
+        "redis bad protocol",
+        "postgresql unknown option",
+        "postgresql space",
+        "postgresql one slash",
+        "postgresql no slash",
+        "postgresql no colon",
     ],
 )
 def test_a_malformed_store_url_is_named_without_its_password(tmp_path: Path, yaml_text: str, said: str) -> None:
@@ -1141,6 +1161,39 @@ def test_a_secret_in_the_wrong_fields_variable_is_named_not_shown(tmp_path: Path
     with pytest.raises(ConfigError) as caught:
         load(tmp_path, yaml_text, {"OPENAI_API_KEY": SECRET})
     assert SECRET not in str(caught.value) and "${OPENAI_API_KEY}" in str(caught.value)
+
+
+@pytest.mark.parametrize("usage_db", ["postgres.db", "postgresql-ledger.db", "postgresql/ledger.db"])
+def test_a_sqlite_file_named_after_postgresql_is_one(tmp_path: Path, usage_db: str) -> None:
+    assert load(tmp_path, None, {"LLMRELAY_USAGE_DB": usage_db}).server.usage_db == usage_db
+
+
+@pytest.mark.parametrize("written", ["http://127.0.0.1:11434/v1\n", "http://127.0.0.1:11434/v1 ", "http://my host/v1"])
+@pytest.mark.parametrize("by_variable", [True, False], ids=["OPENAI_BASE_URL", "base_url"])
+def test_a_base_url_with_a_space_or_a_control_character_stops_the_start(
+    tmp_path: Path, written: str, by_variable: bool
+) -> None:
+    """A line break at its end (a variable read from a file) stopped the start with the HTTP client's traceback; a
+    space failed every call (a host not found, a path not found)."""
+    env = {"OPENAI_API_KEY": "sk-set"} | ({"OPENAI_BASE_URL": written} if by_variable else {})
+    text = None if by_variable else f"llm:\n  openai: {{base_url: {json.dumps(written)}}}\n"
+    field = "OPENAI_BASE_URL" if by_variable else "llm.openai.base_url"
+    with pytest.raises(ConfigError, match=f"^{field}: holds a space or a control character"):
+        load(tmp_path, text, env)
+
+
+def test_an_open_service_set_by_a_variable_is_not_shown(tmp_path: Path) -> None:
+    """A ${VAR} of a key in the wrong field put the key in the error that stopped the start."""
+    loaded = load(tmp_path, 'auth: {open_services: ["${OPENAI_API_KEY}"]}\n', {"OPENAI_API_KEY": SECRET})
+    with pytest.raises(ConfigError) as caught:
+        app._check_open_services(loaded.auth.open_services)
+    assert SECRET not in str(caught.value) and "${OPENAI_API_KEY}" in str(caught.value)
+
+
+def test_a_placeholder_in_a_key_is_refused_naming_its_mapping(tmp_path: Path) -> None:
+    """Left as it was, an alias named "${ALIAS:-fast}" served no caller, and a price for the pattern "${MODEL}" none."""
+    with pytest.raises(ConfigError, match=r"llm\.aliases: the key '\$\{ALIAS:-fast\}' holds a \$\{\.\.\.\}"):
+        load(tmp_path, 'llm:\n  aliases: {"${ALIAS:-fast}": ollama/tiny}\n', {"ALIAS": "quick"})
 
 
 @pytest.mark.parametrize(
