@@ -219,6 +219,8 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
     except (RuntimeError, ListenError) as exc:
         await asyncio.gather(*(provider.aclose() for provider in providers))
         await ledger.aclose()
+        if isinstance(exc, ListenError):  # it says why
+            raise
         raise ListenError(in_use_message(config.server.listen)) from exc
     for warning in exposure_warnings(f"{config.server.listen.rpartition(':')[0]}:{port}", tls, config.auth):
         log.warning(warning)

@@ -116,10 +116,13 @@ def ignore_signals_after_stop(loop: asyncio.AbstractEventLoop) -> None:
         sys.setswitchinterval(interval)
 
 
+_CHOOSE_ANOTHER: Final = "choose another with --listen, LLMRELAY_LISTEN or server.listen"
+
+
 def in_use_message(listen: str) -> str:
     return (
         f"cannot listen on {listen}: the address is in use (another llmrelay-server?) or not an address of this"
-        " machine; choose another with --listen or LLMRELAY_LISTEN"
+        f" machine; {_CHOOSE_ANOTHER}"
     )
 
 
@@ -185,9 +188,9 @@ def check_port_free(listen: str) -> None:
     """ListenError when a process holds HOST:PORT at any of the addresses HOST names (localhost: 127.0.0.1 and ::1).
 
     gRPC binds each address it can and serves on those alone: a gateway started beside another process holding
-    127.0.0.1:PORT served on ::1 only, and callers of localhost:PORT reached the other process. Port 0 (any free
-    port) and names that do not resolve (gRPC's own error says why) are left to gRPC, as are addresses that cannot be
-    bound for another reason (no IPv6 here: gRPC serves on the others).
+    127.0.0.1:PORT served on ::1 only, and callers of localhost:PORT reached the other process. A host that does not
+    resolve, and a port that takes a privilege the process lacks, are said so too. Port 0 (any free port) is left to
+    gRPC, as are addresses that cannot be bound for another reason (no IPv6 here: gRPC serves on the others).
     """
     host, _, port = listen.rpartition(":")
     if not port.isdigit() or int(port) == 0:
@@ -200,8 +203,9 @@ def check_port_free(listen: str) -> None:
             for name in hosts
             for info in socket.getaddrinfo(name, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         ]
-    except socket.gaierror:
-        return
+    except socket.gaierror as exc:
+        why = f"its host does not resolve ({exc.strerror})"
+        raise ListenError(f"cannot listen on {listen}: {why}; {_CHOOSE_ANOTHER}") from exc
     for family, kind, proto, _, address in found:
         # Without SO_REUSEPORT this bind fails while any socket listens on the port (another gateway's workers too),
         # or holds it without SO_REUSEADDR (another supervisor's reservation, before its workers listen).
@@ -213,6 +217,11 @@ def check_port_free(listen: str) -> None:
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     raise ListenError(in_use_message(listen)) from exc
+                if exc.errno == errno.EACCES:
+                    raise ListenError(
+                        f"cannot listen on {listen}: permission denied (a port below 1024 takes a privilege,"
+                        f" CAP_NET_BIND_SERVICE); {_CHOOSE_ANOTHER}"
+                    ) from exc
 
 
 def reserve_port(listen: str) -> socket.socket:

@@ -216,12 +216,16 @@ async def test_ctrl_c_while_the_gateway_loads_ends_it_quietly(tmp_path: Path, lo
     assert "listening on" not in output  # stopped as it loaded, not after
 
 
-async def refused_start(listen: str, local: FakeUpstream, usage_db: Path) -> tuple[int | None, str]:
-    """A gateway started to listen on `listen`, expected to stop at once: its exit status and what it wrote."""
+async def refused_start(
+    listen: str, local: FakeUpstream, usage_db: Path, *, unprivileged: bool = False
+) -> tuple[int | None, str]:
+    """A gateway started to listen on `listen`, expected to stop at once: its exit status and what it wrote.
+    `unprivileged`: without the privilege of binding a port below 1024 (root's dropped, by capsh)."""
+    run: list[str | Path] = [BIN / "llmrelay-server", "--listen", listen]
+    if unprivileged and os.geteuid() == 0:
+        run = ["capsh", "--drop=cap_net_bind_service", "--", "-c", 'exec "$0" "$@"', *run]
     gateway = await asyncio.create_subprocess_exec(
-        BIN / "llmrelay-server",
-        "--listen",
-        listen,
+        *run,
         env=clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1"), LLMRELAY_USAGE_DB=str(usage_db)),
         stderr=asyncio.subprocess.PIPE,
     )
@@ -239,6 +243,14 @@ async def test_a_second_server_on_a_taken_port_fails_instead_of_sharing_it(
     async with AsyncClient(server.target) as client:
         answers = [await client.complete([{"role": "user", "content": f"still here {i}"}]) for i in range(5)]
     assert [a.message.content for a in answers] == [f"echo: still here {i}" for i in range(5)]
+
+
+async def test_a_port_that_takes_a_privilege_the_gateway_lacks_is_said_so(tmp_path: Path, local: FakeUpstream) -> None:
+    """It was said to be in use or not an address of this machine, after a line of gRPC's own."""
+    returncode, err = await refused_start("127.0.0.1:1", local, tmp_path / "u.db", unprivileged=True)
+    assert returncode == 1
+    assert "cannot listen on 127.0.0.1:1: permission denied (a port below 1024 takes a privilege" in err, err
+    assert "add_port" not in err
 
 
 @pytest.mark.parametrize("taken", ["127.0.0.1", "::1"])
