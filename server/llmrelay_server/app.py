@@ -247,7 +247,9 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
         except OSError as exc:
             await asyncio.gather(*(provider.aclose() for provider in providers))
             await ledger.aclose()
-            raise ListenError(f"cannot serve metrics on {listen}: {exc.strerror}") from exc
+            raise ListenError(
+                f"cannot serve metrics on {listen}: {exc.strerror}; choose another with server.metrics_listen"
+            ) from exc
         log.info("metrics on http://%s:%d/metrics", listen.rpartition(":")[0], metrics_port)
     if limiter is not None:
         await limiter.start()

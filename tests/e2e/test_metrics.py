@@ -19,6 +19,7 @@ from llmrelay_server import metrics
 from llmrelay_server.app import Gateway
 from llmrelay_server.domain import BackendSpec
 from llmrelay_server.metrics import LabelValues
+from llmrelay_server.workers import ListenError
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry
@@ -54,6 +55,19 @@ async def metered(
     gateway = await gateway_factory(two_backends(primary, local), server=server)
     assert gateway.metrics is not None and gateway.metrics.port is not None
     return gateway, gateway.metrics.port
+
+
+async def test_a_metrics_port_in_use_stops_the_start_naming_the_field(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        listen = f"127.0.0.1:{holder.getsockname()[1]}"
+        with pytest.raises(ListenError) as refused:
+            await gateway_factory(two_backends(primary, local), server=f'metrics_listen: "{listen}"')
+    said = str(refused.value)
+    assert said.startswith(f"cannot serve metrics on {listen}: ") and said.endswith("with server.metrics_listen"), said
 
 
 async def test_metrics_count_a_known_sequence_exactly(
