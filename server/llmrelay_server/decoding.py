@@ -228,6 +228,14 @@ def _handler(method: MethodDescriptor, behavior: Any, max_request_bytes: int) ->
     )
 
 
+_TOO_DEEP: Final = (
+    "its messages nest deeper than protobuf's decoder takes (32 levels): a JSON schema written as a Struct (a tool's"
+    " parameters, a response format's schema) takes two levels for each of its own; send it as text"
+    " (parameters_json, schema_json), which may nest 512 levels deep"
+)
+"""What upb's "Exceeded upb_DecodeOptions_MaxDepth" means to a caller."""
+
+
 def _decoder(message_type: type[Message], max_bytes: int) -> Callable[[bytes], Message | _Undecodable]:
     parse = message_type.FromString
 
@@ -237,7 +245,8 @@ def _decoder(message_type: type[Message], max_bytes: int) -> Callable[[bytes], M
         try:
             return parse(data)
         except DecodeError as error:
-            return _Undecodable(_UndecodableRequestError(f"the request cannot be decoded: {error}"))
+            said = _TOO_DEEP if "MaxDepth" in str(error) else str(error)
+            return _Undecodable(_UndecodableRequestError(f"the request cannot be decoded: {said}"))
 
     return decode
 
