@@ -90,6 +90,9 @@ _TIMEOUT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_T
 _ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 _HEADERS_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS")
 DEFAULT_EXPORT_TIMEOUT_S = 10.0
+MAX_EXPORT_TIMEOUT_S = 600.0
+"""The most OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT may say: a stop waits that long for a collector that does not answer,
+and a larger figure is likely the specification's milliseconds, where the SDK's exporters read seconds."""
 _ATTRIBUTE_LENGTH_VARIABLES = ("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT")
 DEFAULT_ATTRIBUTE_LENGTH = 8192
 """The longest attribute value a span keeps unless those variables say otherwise (the SDK's default is no limit): a
@@ -222,6 +225,11 @@ def export_timeout_s() -> float:
                 seconds = math.nan
             if not (math.isfinite(seconds) and seconds > 0):
                 raise ConfigError(f"{name}: {value!r} is not a number of seconds above 0 (10 by default)")
+            if seconds > MAX_EXPORT_TIMEOUT_S:
+                raise ConfigError(
+                    f"{name}: {value!r} is over {MAX_EXPORT_TIMEOUT_S:g} seconds, which a stop would wait for a"
+                    " collector that does not answer (the exporter reads seconds, not the specification's milliseconds)"
+                )
             return seconds
     return DEFAULT_EXPORT_TIMEOUT_S
 

@@ -673,6 +673,10 @@ async def test_a_sampler_as_the_readme_advises_is_taken(
         ({"OTEL_BSP_MAX_QUEUE_SIZE": "lots"}, "OTEL_BSP_MAX_QUEUE_SIZE: 'lots' is not a whole number"),
         ({"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: 'http/json' is not"),
         ({"OTEL_EXPORTER_OTLP_TIMEOUT": "soon"}, "OTEL_EXPORTER_OTLP_TIMEOUT: 'soon' is not a number of seconds"),
+        # Milliseconds, as the specification has them: a stop with the collector down waited 10,000 s (1e308: every
+        # export failed, its deadline past the platform's time).
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "10000"}, "OTEL_EXPORTER_OTLP_TIMEOUT: '10000' is over 600 seconds"),
+        ({"OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "1e308"}, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT: '1e308' is over 600"),
         # Every batch would fail, each logging the address, a password in it too.
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://u:SECRET@h:99999"}, "OTEL_EXPORTER_OTLP_ENDPOINT: not a URL (its"),
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://[::1"}, "OTEL_EXPORTER_OTLP_ENDPOINT: not a URL (its host or port"),
@@ -733,6 +737,7 @@ async def test_a_sampler_as_the_readme_advises_is_taken(
     ],
     ids=[
         "batch-over-queue", "negative-queue", "delay-with-unit", "queue-word", "traces-protocol", "timeout",
+        "timeout-in-milliseconds", "timeout-past-time",
         "endpoint-port", "endpoint-ipv6", "endpoint-no-url", "grpc-endpoint", "header-semicolon", "header-comma",
         "sampler", "sampler-space", "sampler-arg", "sampler-arg-over-1", "propagator", "attribute-length",
         "span-attribute-length", "span-attribute-count", "span-event-count", "grpc-compression", "http-compression",
