@@ -38,7 +38,6 @@ from llmrelay_server.backends.upstream_http import (
     post_read,
     post_stream,
     prepared_headers,
-    redirect,
     relayed,
     retry_after_s,
 )
@@ -281,17 +280,7 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
             # Retry-After means something on a rate limit and when the API is overloaded (503, 529).
             asks_to_wait = kind is UpstreamErrorKind.RATE_LIMITED or status in (503, 529)
             retry_after = retry_after_s(exc.response.headers) if asks_to_wait else None
-            # A redirect in the gateway's words (the SDK's own are its status alone, for the probe's models list).
-            moved = redirect(exc.response)
-            said = self._redact(moved or detail)
-            return UpstreamError(
-                kind,
-                self._spec.name,
-                f"HTTP {status}: {said}",
-                status=status,
-                retry_after_s=retry_after,
-                quoted="" if moved else said,
-            )
+            return self._status_failure(exc.response, kind, detail, retry_after)
         return self._bad_answer(exc.message)
 
     def _error_event(self, event: wire.ErrorEvent, said: str = "error event") -> UpstreamError:

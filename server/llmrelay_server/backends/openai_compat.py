@@ -31,7 +31,6 @@ from llmrelay_server.backends.upstream_http import (
     post_read,
     post_stream,
     prepared_headers,
-    redirect,
     relayed,
     retry_after_s,
 )
@@ -341,23 +340,13 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             return self._connection_error(exc, timed_out=isinstance(exc, openai.APITimeoutError))
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
-            # A redirect in the gateway's words (the SDK's own are its status alone, for the probe's models list).
-            moved = redirect(exc.response)
-            said = self._redact(moved or exc.message)
             # A code that is a number (llama.cpp's is the status, which the SDK makes text): the type says more.
             _, code = wire.error_code(exc.code, exc.type)
             kind = kind_of_status(status, code, exc.message)
             # Retry-After means something on a rate limit and on 503 (overloaded); elsewhere it is not a promise.
             asks_to_wait = kind is UpstreamErrorKind.RATE_LIMITED or status == 503
             retry_after = retry_after_s(exc.response.headers) if asks_to_wait else None
-            return UpstreamError(
-                kind,
-                self._spec.name,
-                f"HTTP {status}: {said}",
-                status=status,
-                retry_after_s=retry_after,
-                quoted="" if moved else said,
-            )
+            return self._status_failure(exc.response, kind, exc.message, retry_after)
         return self._bad_answer(exc.message)
 
     def _error_event(self, event: wire.ErrorEvent, said: str = "error event") -> UpstreamError:

@@ -559,6 +559,23 @@ class UpstreamProvider(ABC, Generic[SDKError]):
             UpstreamErrorKind.UNREACHABLE, name, self._redact(connection_failed(self._spec.base_url, exc))
         )
 
+    def _status_failure(
+        self, response: httpx2.Response, kind: UpstreamErrorKind, words: str, retry_after_s: float | None
+    ) -> UpstreamError:
+        """An HTTP error answer as a failed attempt: the upstream's `words`, redacted, which the log leaves out; a
+        redirect's in the gateway's words (`redirect`: the SDKs' are its status alone, for a probe's models list)."""
+        moved = redirect(response)
+        said = self._redact(moved or words)
+        status = response.status_code
+        return UpstreamError(
+            kind,
+            self._spec.name,
+            f"HTTP {status}: {said}",
+            status=status,
+            retry_after_s=retry_after_s,
+            quoted="" if moved else said,
+        )
+
     def _bad_answer(self, detail: str) -> UpstreamError:
         """An answer that is none; `detail` may quote it, so the key is taken out (a debugging page may echo it)."""
         return UpstreamError(
