@@ -30,6 +30,9 @@ from llmrelay import v1 as pb
 
 STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
 """The trailing metadata key that carries a google.rpc.Status, details included (grpcio-status's)."""
+DOMAIN: Final = "llmrelay.dev"
+"""The domain of the gateway's ErrorInfo: an ErrorInfo of another's (a proxy's, an interceptor's) names no reason of
+the contract's."""
 REQUEST_ID_KEY: Final = "x-request-id"
 """The trailing metadata key that carries the call's request id, as the gateway's log line has it."""
 _Detail = TypeVar("_Detail", bound=Message)
@@ -92,8 +95,10 @@ class ErrorDetails:
 
     @property
     def reason(self) -> str | None:
-        """ErrorInfo's reason (an llmrelay.v1.ErrorReason name without the prefix, e.g. "UPSTREAM_RATE_LIMITED")."""
-        return self.error_info.reason if self.error_info is not None else None
+        """ErrorInfo's reason (an llmrelay.v1.ErrorReason name without the prefix, e.g. "UPSTREAM_RATE_LIMITED"), when
+        the ErrorInfo is the gateway's (its domain DOMAIN), as the Go and TypeScript SDKs read it."""
+        info = self.error_info
+        return info.reason if info is not None and info.domain == DOMAIN else None
 
     @property
     def metadata(self) -> dict[str, str]:

@@ -363,7 +363,9 @@ def test_errors_carry_their_decoded_details(
         "Complete",
         grpc.StatusCode.UNAVAILABLE,
         "every backend is down",
-        error_details_pb2.ErrorInfo(reason="BACKENDS_UNAVAILABLE", metadata={"attempts": "openai:unavailable"}),
+        error_details_pb2.ErrorInfo(
+            reason="BACKENDS_UNAVAILABLE", domain="llmrelay.dev", metadata={"attempts": "openai:unavailable"}
+        ),
         error_details_pb2.RetryInfo(retry_delay=Duration(seconds=2, nanos=500_000_000)),
         history,
     )
@@ -384,6 +386,24 @@ def test_errors_carry_their_decoded_details(
     assert (copy.code, copy.message, copy.details, copy.request_id) == (
         error.code, error.message, error.details, error.request_id
     )  # fmt: skip
+
+
+def test_an_error_info_of_another_domain_names_no_reason_of_the_contracts(
+    client: Client,
+    gateway: FakeGateway,
+) -> None:
+    """A proxy's or an interceptor's ErrorInfo: its reason was read as the gateway's (as the Go and TypeScript SDKs
+    do not)."""
+    call = gateway.run(lambda: client.complete([message("user", "hi")]))
+    gateway.fail(
+        "Complete", grpc.StatusCode.UNAVAILABLE, "upstream connect error", error_details_pb2.ErrorInfo(
+            reason="BACKENDS_UNAVAILABLE", domain="proxy.example.com"
+        )
+    )  # fmt: skip
+    with pytest.raises(UnavailableError) as caught:
+        result(call)
+    assert caught.value.reason is None
+    assert caught.value.details.error_info is not None and caught.value.details.error_info.domain == "proxy.example.com"
 
 
 def test_the_agents_errors_survive_pickling() -> None:
