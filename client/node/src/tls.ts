@@ -2,6 +2,7 @@
  * The transport rule all three SDKs share: plaintext by default only to a loopback target (127.0.0.0/8, ::1,
  * localhost, unix sockets), TLS to anything else; explicit options override it. Pure, no I/O.
  */
+import { X509Certificate, createPrivateKey } from "node:crypto";
 import { BlockList, isIP } from "node:net";
 
 import { ChannelCredentials } from "@grpc/grpc-js";
@@ -112,11 +113,49 @@ export function channelCredentials(target: string, options: TransportOptions = {
   if ((privateKey === undefined) !== (certChain === undefined)) {
     throw new Error("ClientOptions.tls: mutual TLS needs both privateKey and certChain");
   }
-  return ChannelCredentials.createSsl(pem(rootCerts), pem(privateKey), pem(certChain));
+  const [roots, key, chain] = [pem(rootCerts), pem(privateKey), pem(certChain)];
+  checkCertificates(roots, key, chain);
+  return ChannelCredentials.createSsl(roots, key, chain);
 }
 
 function pem(value: Buffer | string | undefined): Buffer | null {
   return value === undefined ? null : Buffer.isBuffer(value) ? value : Buffer.from(value);
+}
+
+/**
+ * Certificates TLS cannot use, refused when the client is made, as the Python and Go SDKs refuse them: grpc-js took
+ * roots that hold no certificate, and every call then failed UNAVAILABLE as if the gateway's certificate were
+ * untrusted; a key and certificate swapped, or not a pair, threw OpenSSL's own words, naming no option.
+ */
+function checkCertificates(rootCerts: Buffer | null, privateKey: Buffer | null, certChain: Buffer | null): void {
+  if (rootCerts !== null && !parses(() => new X509Certificate(rootCerts))) {
+    throw new Error("ClientOptions.tls.rootCerts: no PEM certificate in it (the CA that signed the gateway's)");
+  }
+  if (privateKey === null || certChain === null) {
+    return;
+  }
+  let certificate: X509Certificate;
+  let key: ReturnType<typeof createPrivateKey>;
+  try {
+    certificate = new X509Certificate(certChain);
+    key = createPrivateKey(privateKey);
+  } catch {
+    throw new Error(
+      "ClientOptions.tls.privateKey and certChain: not a PEM private key and its certificate (are they swapped?)",
+    );
+  }
+  if (!certificate.checkPrivateKey(key)) {
+    throw new Error("ClientOptions.tls.privateKey: not the key of the certificate in certChain");
+  }
+}
+
+function parses(make: () => unknown): boolean {
+  try {
+    make();
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 /**

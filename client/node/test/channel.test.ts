@@ -252,6 +252,24 @@ describe("a gateway that asks for a client certificate (mutual TLS)", { concurre
    * their own words, and no hint of client certificates; credentials of the caller's own get none either (what they
    * present is not known).
    */
+  test("certificates TLS cannot use are refused when the client is made, naming the option", () => {
+    // As the Python and Go SDKs refuse them: roots without a certificate failed every call UNAVAILABLE as if the
+    // gateway's certificate were untrusted, and a key and certificate swapped threw OpenSSL's words alone.
+    const mine = mutual.clientCertificate;
+    const other = mutual.otherClientCertificate;
+    const cases: [ClientOptions["tls"], RegExp][] = [
+      [{ rootCerts: Buffer.from("garbage") }, /ClientOptions\.tls\.rootCerts: no PEM certificate in it/],
+      [{ rootCerts: mine.key }, /ClientOptions\.tls\.rootCerts: no PEM certificate in it/],
+      [{ rootCerts: ca, privateKey: mine.cert, certChain: mine.key }, /privateKey and certChain: .*are they swapped/],
+      [{ rootCerts: ca, privateKey: other.key, certChain: mine.cert }, /privateKey: not the key of the certificate/],
+    ];
+    for (const [tls, said] of cases) {
+      assert.throws(() => connect(mutual.addr, { tls }), said);
+    }
+    const good = connect(mutual.addr, { tls: { rootCerts: ca, privateKey: mine.key, certChain: mine.cert } });
+    assert.equal(good.transport, "tls");
+  });
+
   test("no certificate, or one of another CA, is told of; other failures are not", async () => {
     const stranger = mutual.otherClientCertificate;
     const cases: [string, string, ClientOptions, string, string | undefined][] = [
