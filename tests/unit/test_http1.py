@@ -276,6 +276,20 @@ async def test_gzip_and_deflate_answers_come_out_plain(pool: Http1Pool) -> None:
             await response.read()
 
 
+@pytest.mark.parametrize("coding", ["br", "zstd", "compress"])
+async def test_a_body_in_an_encoding_the_gateway_does_not_decode_is_no_answer(pool: Http1Pool, coding: str) -> None:
+    """Read as if plain, a stream's first bytes were lost as a line that was no event, and the rest relayed."""
+    said = f"the answer is encoded as '{coding}' (Content-Encoding), which the gateway did not ask for"
+    async with RawServer(answering(ok(b"data: {}\n\n", f"Content-Encoding: {coding}"))) as server:
+        with pytest.raises(MalformedAnswerError, match=re.escape(said)):
+            await (await pool.post(Http1Target(server.url()), b"{}", 5)).read()
+        with pytest.raises(MalformedAnswerError, match=re.escape(said)):  # read in pieces, as a stream is
+            async with await pool.post(Http1Target(server.url()), b"{}", 5) as response:
+                [piece async for piece in response]
+    async with RawServer(answering(ok(b"{}", "Content-Encoding: identity"))) as server:
+        assert await (await pool.post(Http1Target(server.url()), b"{}", 5)).read() == b"{}"
+
+
 async def test_a_gzip_body_of_several_members_is_read_to_its_end(pool: Http1Pool) -> None:
     """RFC 1952 allows several members, one after another: the body was cut after the first, silently (a unary answer
     "not JSON", a stream that ended without its finish). Bytes after the last that start no member (padding) are no

@@ -29,6 +29,7 @@ upstream_http's mapping to the SDK's errors applies unchanged:
       chunk, 101)
     a status line and headers over MAX_HEAD        wire.MalformedAnswerError
     a gzip or deflate body that does not inflate   wire.MalformedAnswerError
+    a body in another Content-Encoding (br, zstd)  wire.MalformedAnswerError
     a body over its reader's bound (once           wire.MalformedAnswerError
       decompressed)
     no whole answer within the read timeout        httpx2.ReadTimeout
@@ -921,7 +922,7 @@ class Http1Response:
     end, the connection goes back to the pool by itself. `close()` (or leaving `async with`) before the end closes the
     connection at once, so that the upstream sees the caller went away. A failure while reading closes it too."""
 
-    __slots__ = ("_conn", "_inflate", "_pool", "headers", "reason", "status")
+    __slots__ = ("_conn", "_inflate", "_pool", "_unreadable", "headers", "reason", "status")
 
     def __init__(self, pool: Http1Pool, conn: _Connection) -> None:
         self._pool = pool
@@ -930,6 +931,9 @@ class Http1Response:
         self.status = status
         self.reason = reason.decode("latin-1")
         self._inflate: _Inflate | None = None
+        self._unreadable: str | None = None
+        """A Content-Encoding the gateway does not decode (br, zstd): it asks for none, and the body is not read as
+        if it were plain (a stream's first bytes were lost as a line that was no event, the rest relayed)."""
         for name, value in headers:
             if len(name) == 16 and name.lower() == b"content-encoding":
                 coding = value.strip().lower()
@@ -937,6 +941,8 @@ class Http1Response:
                     self._inflate = _Inflate(coding)
                     # Said of the encoded body; httpx2.Response(headers=..., content=plain) would decode it again.
                     headers = [(n, v) for n, v in headers if n.lower() not in (b"content-encoding", b"content-length")]
+                elif coding and coding != b"identity":
+                    self._unreadable = coding.decode("latin-1")[:40]
                 break
         self.headers: RawHeaders = headers
         """(name, value) as they came (less Content-Encoding and Content-Length once decoded), for
@@ -970,6 +976,7 @@ class Http1Response:
         conn = self._conn
         if conn is None:
             raise httpx2.StreamClosed()
+        self._refuse_unreadable()
         try:
             body = await conn.whole(limit)
             data = body[0] if len(body) == 1 else b"".join(body)
@@ -988,6 +995,7 @@ class Http1Response:
         conn = self._conn
         if conn is None:
             raise StopAsyncIteration
+        self._refuse_unreadable()
         inflate = self._inflate
         try:
             while True:
@@ -1015,6 +1023,14 @@ class Http1Response:
         except BaseException:
             self.close()
             raise
+
+    def _refuse_unreadable(self) -> None:
+        if self._unreadable is not None:
+            self.close()
+            raise MalformedAnswerError(
+                f"the answer is encoded as {self._unreadable!r} (Content-Encoding), which the gateway did not ask for"
+                " and cannot decode (it decodes gzip and deflate)"
+            )
 
     def release_after(self, grace_s: float) -> None:
         """Done with an answer that came whole by its own content (a stream's last event), its end perhaps still on
