@@ -169,7 +169,8 @@ class ServerConfig:
     state.redis_url when any limit is set (each process would otherwise enforce the limits alone)."""
     worker_timeout_s: float = 30.0
     """With workers: a worker whose event loop has not run for this long (blocked, or the process stopped) is killed
-    and restarted, as the kernel keeps giving it new connections that would wait on it until their deadlines."""
+    and restarted, as the kernel keeps giving it new connections that would wait on it until their deadlines; and one
+    that has not started to serve within twice this long."""
     usage_db: str = "llmrelay-usage.db"
     """The usage ledger: a SQLite file (":memory:" keeps it in memory), or a PostgreSQL URL
     ("postgresql://user:password@host:5432/db"; libpq's PG* variables fill in what it leaves out)."""

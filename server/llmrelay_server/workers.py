@@ -283,6 +283,8 @@ class _Worker:
     """The supervisor's end of the worker's heartbeat pipe, while it is open."""
     heard_at: float | None = None
     """When the worker's event loop last said it runs (time.monotonic()); None until it first does."""
+    killed: bool = False
+    """Killed by the supervisor for its silence: its exit restarts it."""
 
 
 class Supervisor:
@@ -329,6 +331,8 @@ class Supervisor:
             loop.add_signal_handler(signal.SIGHUP, keys.reload)
             keys.start()
             metrics_server = self._serve_metrics(run_dir)
+            # From the first start on: a worker stuck in its start would hold up the supervisor's for good.
+            watching = asyncio.ensure_future(self._watch_heartbeats(workers))
             try:
                 for worker in workers:
                     if self._stop.is_set():  # SIGTERM while they start: those started are stopped below
@@ -345,6 +349,7 @@ class Supervisor:
                 await self._keep_running(workers, run_dir, f"{host}:{port}")
                 log.info("shutting down: stopping %d workers", len(workers))
             finally:
+                watching.cancel()
                 await keys.stop()
                 await self._stop_all(workers)
                 if metrics_server is not None:
@@ -416,7 +421,7 @@ class Supervisor:
             os.close(beating)  # the worker's end: once the worker exits, the supervisor reads the pipe's end
         worker.started_at = time.monotonic()
         self._started.labels(worker=str(worker.index)).set_to_current_time()
-        worker.heartbeats, worker.heard_at = heartbeats, None
+        worker.heartbeats, worker.heard_at, worker.killed = heartbeats, None, False
         os.set_blocking(heartbeats, False)
         asyncio.get_running_loop().add_reader(heartbeats, self._heard, worker)
         self._running.inc()
@@ -442,7 +447,10 @@ class Supervisor:
 
     async def _watch_heartbeats(self, workers: list[_Worker]) -> None:
         """Kills a worker whose event loop has not run for worker_timeout_s, for its exit to restart it: blocked (or
-        stopped), it would go on taking a share of the new connections and answer none of them."""
+        stopped), it would go on taking a share of the new connections and answer none of them. A worker beats once
+        it serves: one that has not within twice that (importing, loading its encodings, opening its stores take a
+        few seconds) is stuck in its start, or was stopped in it, and is killed too; else the supervisor's start (or
+        its restart of that worker) waited for it without end."""
         timeout_s = self._config.server.worker_timeout_s
         ticked_at = time.monotonic()
         while True:
@@ -454,21 +462,25 @@ class Supervisor:
                 for worker in workers:
                     if worker.heard_at is not None:
                         worker.heard_at = now
+                    else:
+                        worker.started_at = max(worker.started_at, now)
             ticked_at = now
             for worker in workers:
-                if worker.heard_at is None or worker.process is None or now - worker.heard_at <= timeout_s:
+                process = worker.process
+                if process is None or process.returncode is not None or worker.killed:
                     continue
-                silent_s, worker.heard_at = now - worker.heard_at, None  # once: its exit restarts it
+                if worker.heard_at is not None and now - worker.heard_at > timeout_s:
+                    why = f"has not run its event loop for {now - worker.heard_at:.0f} s (blocked, or stopped)"
+                elif worker.heard_at is None and now - worker.started_at > 2 * timeout_s:
+                    why = f"has not started to serve within {now - worker.started_at:.0f} s (stuck, or stopped)"
+                else:
+                    continue
+                worker.killed = True  # once: its exit restarts it
                 # Killed before it is logged: a worker stopped while it wrote its log holds the lock on the standard
                 # error they share (logs.BatchingHandler.shared), which the line would wait for until it dies.
                 with contextlib.suppress(ProcessLookupError):
-                    worker.process.kill()
-                log.error(
-                    "worker %d (pid %d) has not run its event loop for %.0f s (blocked, or stopped); killing it",
-                    worker.index,
-                    worker.process.pid,
-                    silent_s,
-                )
+                    process.kill()
+                log.error("worker %d (pid %d) %s; killing it", worker.index, process.pid, why)
 
     async def _until_all_serve(self, workers: list[_Worker], run_dir: Path) -> int | None:
         """Waits until every worker has announced itself; the exit status of the first that exits before, if any."""
@@ -489,7 +501,6 @@ class Supervisor:
     async def _keep_running(self, workers: list[_Worker], run_dir: Path, listen: str) -> None:
         stopping = asyncio.ensure_future(self._stop.wait())
         exited = asyncio.ensure_future(self._exits.get())
-        watching = asyncio.ensure_future(self._watch_heartbeats(workers))
         # Each restart waits out its back-off on its own: one worker that keeps dying must not hold up noticing and
         # restarting another.
         restarting: set[asyncio.Task[None]] = set()
@@ -518,7 +529,6 @@ class Supervisor:
         finally:
             stopping.cancel()
             exited.cancel()
-            watching.cancel()
             # Those in their back-off end there; one making its process kills it (asyncio's and uvloop's cancelled
             # subprocess_exec do), and _stop_all stops those already started.
             for restart in restarting:

@@ -312,6 +312,51 @@ async def test_a_worker_whose_event_loop_stopped_is_killed_and_restarted(tmp_pat
         assert await stop(gateway) == 0
 
 
+async def test_a_worker_stopped_as_it_starts_is_killed_and_stops_the_start(tmp_path: Path, local: FakeUpstream) -> None:
+    """A worker beats once it serves: one stuck in its start (SIGSTOP standing in) was never found silent, and the
+    supervisor waited for it to announce itself without end, saying nothing."""
+    gateway = await start_server(workers_config(tmp_path, ", worker_timeout_s: 3"), local, "--workers", "2")
+    stopped, _ = await made_workers(gateway)
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        async with asyncio.timeout(30):
+            assert await gateway.process.wait() == 128 + signal.SIGKILL
+    finally:
+        if alive(stopped):  # the supervisor did not kill it: nor would it hear of its supervisor's end
+            os.kill(stopped, signal.SIGKILL)
+        await gateway.stop()
+    output = await error_output(gateway)
+    assert f"(pid {stopped}) has not started to serve within" in output, output
+    assert "exited as it started (signal SIGKILL); stopping" in output
+
+
+async def test_a_restarted_worker_stopped_as_it_starts_is_killed_and_restarted(
+    tmp_path: Path, local: FakeUpstream
+) -> None:
+    """As at the first start: the supervisor waited for it without end, and counted it among the workers."""
+    gateway = await start_workers(tmp_path, local, server=", worker_timeout_s: 3")
+    try:
+        first, _ = children(gateway.process.pid)
+        os.kill(first, signal.SIGKILL)
+        await gateway.wait_for_line("restarting")
+        async with asyncio.timeout(20):
+            while True:  # its replacement, once made
+                replacement = [pid for pid in children(gateway.process.pid) if worker_index(pid) == 1]
+                if replacement:
+                    break
+                await asyncio.sleep(0.01)
+        os.kill(replacement[0], signal.SIGSTOP)
+        line = await gateway.wait_for_line("has not started to serve within")
+        assert f"(pid {replacement[0]})" in line
+        async with asyncio.timeout(30):
+            # Two workers, the supervisor, and the worker started a third time.
+            while sum("listening on" in line for line in gateway.log) < 4:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert len(await call_on_new_connections(gateway.target, 16)) == 16
+    finally:
+        assert await stop(gateway) == 0
+
+
 async def test_a_worker_in_its_restart_back_off_holds_up_no_other(tmp_path: Path, local: FakeUpstream) -> None:
     """A worker that keeps dying waits out its back-off alone: another that dies meanwhile is seen and restarted on
     its own schedule, not after the first one's restart."""
