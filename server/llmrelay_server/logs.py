@@ -181,7 +181,9 @@ class BatchingHandler(logging.Handler):
         self._lines: list[bytes] = []
         self._waiting_bytes = 0
         self._dropped = 0
-        """Lines not kept since the last write, as too many waited."""
+        """Lines not kept since the last write, as too many waited, or not written (_unwritten)."""
+        self._unwritten: str | None = None
+        """Why lines counted in _dropped were not written (a full disk), where a write failed; else not kept."""
         self._waking = False
         """Whether the writer was woken for the lines waiting (they are written within FLUSH_DELAY_S)."""
         self._closed = False
@@ -285,32 +287,44 @@ class BatchingHandler(logging.Handler):
             lines, self._lines = self._lines, []
             self._waiting_bytes = 0
             dropped, self._dropped = self._dropped, 0
+            unwritten, self._unwritten = self._unwritten, None
+        # What each line stands for, should its write fail: itself, and the line that says how many were dropped
+        # those it counts (dropped again, it is said again with them at the next write).
+        weights = [1] * len(lines)
         if dropped:  # after the lines kept before them, as they came
-            lines.append(f"{self._dropped_line(dropped)}\n".encode("utf-8", "backslashreplace"))
+            lines.append(f"{self._dropped_line(dropped, unwritten)}\n".encode("utf-8", "backslashreplace"))
+            weights.append(dropped)
         if not lines:
             return
         locked = self.shared and self._lock_file()
         try:
-            chunk = b""
-            for line in lines:
+            chunk, count = b"", 0
+            for line, weight in zip(lines, weights, strict=True):
                 if chunk and len(chunk) + len(line) > select.PIPE_BUF:
-                    self._write(chunk)
-                    chunk = b""
+                    self._write(chunk, count)
+                    chunk, count = b"", 0
                 chunk += line
+                count += weight
             if chunk:
-                self._write(chunk)
+                self._write(chunk, count)
         finally:
             if locked:
                 fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
-    def _dropped_line(self, dropped: int) -> str:
+    def _dropped_line(self, dropped: int, unwritten: str | None) -> str:
+        if unwritten is not None:
+            why = f"writing them to standard error failed ({unwritten})"
+        else:
+            why = (
+                f"standard error took nothing while {self._max_waiting_bytes} bytes of lines waited (is what reads"
+                " the gateway's log stalled?)"
+            )
         record = logging.makeLogRecord(
             {
                 "name": __name__,
                 "levelno": logging.WARNING,
                 "levelname": logging.getLevelName(logging.WARNING),
-                "msg": f"{dropped} log lines dropped: standard error took nothing while "
-                f"{self._max_waiting_bytes} bytes of lines waited (is what reads the gateway's log stalled?)",
+                "msg": f"{dropped} log lines dropped: {why}",
             }
         )
         try:
@@ -329,14 +343,20 @@ class BatchingHandler(logging.Handler):
             return False
         return True
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, lines: int) -> None:
+        """Writes `data`, `lines` lines; those it could not write whole are counted as dropped, and said once a write
+        goes through again (a disk that was full, then had room)."""
         while data:
             try:
                 data = data[os.write(self._fd, data) :]
             except BlockingIOError:  # a standard error made non-blocking (by a process sharing it): waited for alike
                 select.select([], [self._fd], [])
-            except OSError:
-                return  # standard error is gone: there is nowhere left to say so
+            except OSError as error:
+                # A line half written counts as one dropped; standard error gone (EPIPE, EBADF): counted for nothing.
+                with self._waiting:
+                    self._dropped += lines
+                    self._unwritten = error.strerror or type(error).__name__
+                return
 
 
 class _SecondCache:

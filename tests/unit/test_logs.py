@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from llmrelay_server import logs
@@ -202,6 +203,32 @@ def test_a_pipe_nobody_reads_blocks_no_caller_and_what_was_dropped_is_counted() 
     assert [int(line.split()[1]) for line in kept] == sorted(int(line.split()[1]) for line in kept)  # in order
     handler.close()
     os.close(read_end)
+
+
+def test_lines_a_full_disk_refused_are_counted_and_said_once_it_takes_lines_again(tmp_path: Path) -> None:
+    """A write that failed (ENOSPC: /dev/full) was taken for standard error gone: its lines were lost without a word,
+    and the call log is the gateway's record of its calls."""
+    full = os.open("/dev/full", os.O_WRONLY)
+    handler = BatchingHandler(full)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    try:
+        for n in range(400):
+            handler.handle(record(time.time(), message=f"call {n}"))
+        handler.flush()
+        log = tmp_path / "gateway.log"
+        room = os.open(log, os.O_WRONLY | os.O_CREAT)
+        os.dup2(room, full)  # the disk has room again
+        os.close(room)
+        for n in range(400, 402):
+            handler.handle(record(time.time(), message=f"call {n}"))
+        handler.flush()
+    finally:
+        handler.close()
+    assert log.read_text().splitlines() == [
+        "INFO call 400",
+        "INFO call 401",
+        "WARNING 400 log lines dropped: writing them to standard error failed (No space left on device)",
+    ]
 
 
 def test_closing_on_a_pipe_nobody_reads_gives_up_after_a_while(
