@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -12,6 +14,7 @@ import pytest
 from llmrelay import v1 as pb
 from llmrelay_server.domain import TokenUsage
 from llmrelay_server.tokens import TokenCounter
+from llmrelay_server.usage.sqlite import SQLiteStore
 from support import GatewayFactory, chat, details, stream_chat, two_backends
 from upstream import FakeUpstream
 
@@ -158,3 +161,34 @@ async def test_a_stream_its_caller_left_as_the_gateway_stops_is_billed_before_th
     async with grpc.aio.insecure_channel(f"127.0.0.1:{restarted.port}") as channel:
         records = (await pb.LLMServiceStub(channel).GetUsage(pb.GetUsageRequest(), timeout=5)).records
     assert [(r.requests, r.interrupted_requests, r.completion_tokens > 0) for r in records] == [(1, 1, True)]
+
+
+async def test_a_gateway_starts_on_a_ledger_another_process_holds_locked(
+    tmp_path: Path, gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """A lock held past SQLite's busy timeout (a backup, an operator's transaction) stopped the start as a mistake of
+    the configuration ("server.usage_db: ... database is locked"), and each restart of a worker: the gateway serves,
+    its records wait in the journal, and the ledger has them once the lock is let go."""
+    path = tmp_path / "usage.db"
+    await SQLiteStore(path).aclose()  # the file made and migrated, as an earlier run left it
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        gateway = await gateway_factory(two_backends(primary, local))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            stub = pb.LLMServiceStub(channel)
+            answer = await stub.Complete(chat(), timeout=5, metadata=(("x-llmrelay-caller", "held"),))
+            holder.rollback()
+            async with asyncio.timeout(20):
+                while True:
+                    try:
+                        billed = (await totals(stub)).get(("openai", "gpt-test", "held"))
+                    except grpc.aio.AioRpcError as error:  # the ledger still unavailable: it tries again
+                        assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                        billed = None
+                    if billed is not None:
+                        break
+                    await asyncio.sleep(0.2)
+    finally:
+        holder.close()
+    assert (billed.requests, billed.total_tokens) == (1, answer.usage.total_tokens)

@@ -201,6 +201,23 @@ async def test_failed_flush_keeps_the_records_for_the_next_one(tmp_path: Path, j
     await ledger.aclose()
 
 
+async def test_a_file_locked_when_the_ledger_is_made_is_opened_at_its_first_use(tmp_path: Path) -> None:
+    """Another process holding the file's lock past the busy timeout (a backup, a long transaction) stopped the
+    gateway's start, and a worker's restart, as a mistake of the configuration; a lock held while it ran did not."""
+    path = tmp_path / "usage.sqlite3"
+    await SQLiteStore(path).aclose()  # the file made and migrated
+    with write_locked(path):
+        ledger = UsageLedger(SQLiteStore(path, busy_timeout_s=0.05), journal_dir=tmp_path / "journal")
+        ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+        with pytest.raises(LedgerUnavailableError, match=f"SQLite {path}: database is locked"):
+            await ledger.flush()
+        assert ledger.health().pending_records == 1
+    await ledger.flush()
+    assert await ledger.query() == [UsageTotals("b", "m", "c", 1, 10, 5, 15, 0)]
+    assert (ledger.queue_depth(), ledger.health().available) == (0, True)
+    await ledger.aclose()
+
+
 def file_modes(*directories: Path) -> dict[str, str]:
     """The permissions of the files in these directories, by name."""
     files = [path for directory in directories for path in directory.iterdir() if path.is_file()]

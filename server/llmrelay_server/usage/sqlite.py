@@ -106,12 +106,21 @@ _DELETE_ROLLED_UP: Final = "DELETE FROM usage_buckets WHERE bucket_start > ? AND
 
 
 class SQLiteStore:
-    """A `LedgerStore` in a SQLite file, opened (made, migrated) at construction; ":memory:" keeps it in memory."""
+    """A `LedgerStore` in a SQLite file, opened (made, migrated) at construction; ":memory:" keeps it in memory.
+
+    A file another process holds locked past the busy timeout (a backup, an operator's long transaction) is opened at
+    the first use instead, the ledger unavailable until then (its records in the journal): it stopped the start, and
+    a worker's restart, as a mistake of the configuration."""
 
     def __init__(self, path: Path | str, *, busy_timeout_s: float = 5.0) -> None:
         self._path = str(path)
+        self._busy_timeout_s = busy_timeout_s
+        self._connection: sqlite3.Connection | None = None
         try:
             self._connection = _open(self._path, busy_timeout_s)
+        except sqlite3.OperationalError as exc:
+            if not _locked(exc):
+                raise LedgerUnavailableError(f"{self.description}: {exc}") from exc
         except sqlite3.Error as exc:
             raise LedgerUnavailableError(f"{self.description}: {exc}") from exc
         self._file = _file_at(self._path)
@@ -128,7 +137,7 @@ class SQLiteStore:
 
     async def check(self) -> None:
         await self._run(
-            lambda: self._connection.execute("SELECT 1 FROM applied_batches LIMIT 1").fetchall(), reads_only=True
+            lambda: self._opened().execute("SELECT 1 FROM applied_batches LIMIT 1").fetchall(), reads_only=True
         )
 
     async def apply(self, batch: BatchId, buckets: Buckets) -> bool:
@@ -142,7 +151,8 @@ class SQLiteStore:
 
     async def aclose(self) -> None:
         async with self._lock:
-            await asyncio.to_thread(self._connection.close)
+            if self._connection is not None:
+                await asyncio.to_thread(self._connection.close)
 
     async def _run(self, work: Callable[[], _T], *, reads_only: bool = False) -> _T:
         """`work` in a thread, on the store's one connection, which it holds until the work ends. Cancelled (a
@@ -154,7 +164,7 @@ class SQLiteStore:
             try:
                 return await asyncio.shield(running)
             except asyncio.CancelledError:
-                if reads_only:
+                if reads_only and self._connection is not None:
                     self._connection.interrupt()
                 await _until_done(running)
                 raise
@@ -174,8 +184,15 @@ class SQLiteStore:
             )
         return work()
 
+    def _opened(self) -> sqlite3.Connection:
+        """The store's connection (in the thread of a use, under the lock), made now where the file was locked when
+        the store was made."""
+        if self._connection is None:
+            self._connection = _open(self._path, self._busy_timeout_s)
+        return self._connection
+
     def _apply(self, batch: BatchId, buckets: Buckets) -> bool:
-        connection = self._connection
+        connection = self._opened()
         # IMMEDIATE: the write lock now, waiting busy_timeout for it, rather than a failure at the first write when
         # another process wrote since this transaction's snapshot.
         connection.execute("BEGIN IMMEDIATE")
@@ -191,7 +208,7 @@ class SQLiteStore:
         return True
 
     def _roll_up(self, before: int) -> int:
-        connection = self._connection
+        connection = self._opened()
         connection.execute("BEGIN IMMEDIATE")  # no write of another process between the sums and the deletion
         try:
             oldest = connection.execute(_OLDEST_FINER, (before,)).fetchone()
@@ -209,7 +226,7 @@ class SQLiteStore:
 
     def _read(self, selection: Selection, journals: Collection[str]) -> Snapshot:
         where, values = selection.sql_where("?")
-        connection = self._connection
+        connection = self._opened()
         connection.execute("BEGIN")  # one snapshot for both reads (WAL)
         try:
             rows = connection.execute(
@@ -268,6 +285,12 @@ def _open(path: str, busy_timeout_s: float) -> sqlite3.Connection:
     return connection
 
 
+def _locked(error: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused for a lock another connection holds ("database is locked", "database table is
+    locked"), rather than for the file itself."""
+    return "locked" in str(error)
+
+
 def _use_wal(connection: sqlite3.Connection, busy_timeout_s: float) -> None:
     """WAL mode, waiting for it as for any lock: SQLite answers "database is locked" at once, without its busy
     handler, when another process is switching a new file to WAL at the same moment (workers starting together)."""
@@ -277,7 +300,7 @@ def _use_wal(connection: sqlite3.Connection, busy_timeout_s: float) -> None:
             connection.execute("PRAGMA journal_mode=WAL")
             return
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
+            if not _locked(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
 
