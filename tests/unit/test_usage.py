@@ -218,6 +218,22 @@ async def test_a_file_locked_when_the_ledger_is_made_is_opened_at_its_first_use(
     await ledger.aclose()
 
 
+async def test_an_outage_while_the_journal_refuses_records_says_they_are_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It said they were kept in the journal, the line before having said that the journal could not take them."""
+    path = tmp_path / "usage.sqlite3"
+    ledger = UsageLedger(SQLiteStore(path, busy_timeout_s=0.05), journal_dir=tmp_path / "journal", journal_max_bytes=1)
+    ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)  # the database up: kept in memory
+    with write_locked(path), pytest.raises(LedgerUnavailableError):
+        await ledger.flush()
+    [outage] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("usage ledger unavailable")]
+    assert "records are dropped while the journal cannot take them either (the journal holds its limit" in outage
+    await ledger.flush()
+    assert [t.total_tokens for t in await ledger.query()] == [15]  # kept in memory through the outage, as it said
+    await ledger.aclose()
+
+
 def file_modes(*directories: Path) -> dict[str, str]:
     """The permissions of the files in these directories, by name."""
     files = [path for directory in directories for path in directory.iterdir() if path.is_file()]

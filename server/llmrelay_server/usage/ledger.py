@@ -575,7 +575,15 @@ class UsageLedger:
 
     def _became_unavailable(self, error: LedgerUnavailableError) -> None:
         if self._unavailable is None:
-            where = f"kept in the journal {self._journal.directory}" if self._journal is not None else "kept in memory"
+            if self._journal is None:
+                where = "kept in memory"
+            elif self._unjournaling:  # full, or its writes fail: with the database down too, records are dropped
+                where = (
+                    f"dropped while the journal cannot take them either ({self._unjournaled_why}), else kept in it"
+                    f" ({self._journal.directory})"
+                )
+            else:
+                where = f"kept in the journal {self._journal.directory}"
             _log.error("usage ledger unavailable: %s; records are %s until it is back", error, where)
         # Since the outage began (what Health shows, and the log when it ends), with the latest failure's words.
         since = time.time() if self._unavailable is None else self._unavailable[0]
