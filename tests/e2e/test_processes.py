@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import BIN, GatewayProcess, clean_env
 from llmrelay import AsyncClient, Client, InvalidArgumentError, UnauthenticatedError, UnavailableError
 from llmrelay import v1 as pb
+from llmrelay.cli import main as cli_main
 from support import OPENAI_TEST_KEY, chat, details, finished, interruptible, read_all, start_server, stream_chat
 from upstream import FakeUpstream
 
@@ -52,7 +53,9 @@ async def short_grace_server(tmp_path: Path, local: FakeUpstream) -> AsyncIterat
         yield server
 
 
-async def test_sigterm_drains_calls_in_flight_and_exits_zero(server: GatewayProcess, local: FakeUpstream) -> None:
+async def test_sigterm_drains_calls_in_flight_and_exits_zero(
+    server: GatewayProcess, local: FakeUpstream, capsys: pytest.CaptureFixture[str]
+) -> None:
     local.inject({"trickle_s": 0.3})
     async with grpc.aio.insecure_channel(server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -72,6 +75,15 @@ async def test_sigterm_drains_calls_in_flight_and_exits_zero(server: GatewayProc
         report = await pb.LLMServiceStub(channel).Health(pb.HealthRequest(), timeout=5)
         assert not report.serving
         assert [backend.reachable for backend in report.backends] == [True]
+        # `llmrelay health` said "serving: no" over backends all well, and nothing of its stores.
+        with pytest.raises(SystemExit) as exited:
+            await asyncio.to_thread(cli_main, ["--target", server.target, "health"])
+        assert exited.value.code == 1
+        said = capsys.readouterr().out.splitlines()
+        assert said[0] == "serving: no (shutting down)", said
+        assert [line.split()[:3] for line in said if line.startswith("usage ledger")] == [
+            ["usage", "ledger", "available"]
+        ], said
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await pb.LLMServiceStub(channel).Complete(chat(), timeout=5)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE

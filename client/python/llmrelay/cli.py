@@ -445,7 +445,7 @@ def _tokens(client: Client, args: argparse.Namespace) -> None:
 
 def _health(client: Client, args: argparse.Namespace) -> None:
     report = client.health(probe=args.probe)
-    print(f"serving: {'yes' if report.serving else 'no'}")
+    print(f"serving: {'yes' if report.serving else f'no ({_not_serving_because(report)})'}")
     for backend in report.backends:
         state = "reachable" if backend.reachable else "unreachable"
         circuit = pb.CircuitState.Name(backend.circuit_state).removeprefix("CIRCUIT_STATE_").lower()
@@ -455,8 +455,19 @@ def _health(client: Client, args: argparse.Namespace) -> None:
             _print(f"{'':<12} models: {', '.join(backend.models[:10])}")
         if backend.HasField("last_error"):
             _print(f"{'':<12} last error: {backend.last_error}")
+    for store in report.stores:
+        role = pb.StoreRole.Name(store.role).removeprefix("STORE_ROLE_").lower().replace("_", " ")
+        state = "available" if store.available else "unavailable"
+        _print(f"{role:<12} {state:<12} {store.kind}" + (f": {store.description}" if store.description else ""))
     if not report.serving:
         sys.exit(1)
+
+
+def _not_serving_because(report: pb.HealthResponse) -> str:
+    """Why a gateway does not take calls, as its report tells: every backend out of reach (or its circuit open), or,
+    with one usable, a gateway shutting down (which the report does not say otherwise)."""
+    usable = any(b.reachable and b.circuit_state != pb.CIRCUIT_STATE_OPEN for b in report.backends)
+    return "shutting down" if usable else "no backend is reachable with its circuit closed"
 
 
 def _usage(client: Client, args: argparse.Namespace) -> None:
