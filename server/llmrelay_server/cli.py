@@ -19,6 +19,7 @@ from llmrelay_server.workers import ListenError, Supervisor, WorkerRole
 
 
 def main(argv: list[str] | None = None) -> None:
+    _open_missing_standard_streams()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["keys"]:
         keys(argv[1:])
@@ -81,6 +82,19 @@ def main(argv: list[str] | None = None) -> None:
         _stop_at_start(config.server.log_format, str(exc))
     except ConfigError as exc:  # what is checked as it is read: a certificate, the keys file
         _stop_at_start(config.server.log_format, f"configuration error: {exc}")
+
+
+def _open_missing_standard_streams() -> None:
+    """A standard stream the gateway was started without (`2>&-`) is /dev/null, as a daemon's are: it exited 1
+    without a word (Python's sys.stderr is None then, and the log has nothing to write to), and the next file opened
+    would take its number, what is written there (gRPC's own lines) landing in that file."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest number free: this one, as the lower ones are open by now
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 (the process's, for its whole life)
 
 
 def _stop_at_start(log_format: str, why: str) -> NoReturn:

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import cast
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import BIN, GatewayProcess, clean_env
+from harness import BIN, GatewayProcess, clean_env, free_port
 from llmrelay import AsyncClient, Client, InvalidArgumentError, UnauthenticatedError, UnavailableError
 from llmrelay import v1 as pb
 from llmrelay.cli import main as cli_main
@@ -652,3 +653,28 @@ async def test_an_empty_config_flag_is_refused(tmp_path: Path) -> None:
     _, err = await asyncio.wait_for(process.communicate(), 20)
     assert process.returncode == 2
     assert "--config: empty" in err.decode()
+
+
+async def test_a_gateway_started_without_standard_error_serves(tmp_path: Path, local: FakeUpstream) -> None:
+    """Started with standard error closed (`2>&-`), it exited 1 at once without a word: its log had nothing to write
+    to (and the next file it opened would have taken standard error's number, gRPC's own lines landing in it)."""
+    port = free_port()
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(f'server: {{listen: "127.0.0.1:{port}", usage_db: "{tmp_path}/usage.db", drain_s: 0}}\n')
+    gateway = await asyncio.create_subprocess_exec(
+        "sh", "-c", 'exec "$0" --config "$1" 2>&-', str(BIN / "llmrelay-server"), str(config),
+        env=clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1"), LLMRELAY_OLLAMA_MODEL="tiny"),
+        stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(30), grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await channel.channel_ready()
+            answer = await pb.LLMServiceStub(channel).Complete(chat(), timeout=5)
+        assert answer.message.content == "echo: hello gateway"
+        gateway.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(gateway.wait(), 15) == 0
+    finally:
+        if gateway.returncode is None:
+            gateway.kill()
+            await gateway.wait()
+    assert sqlite3.connect(tmp_path / "usage.db").execute("PRAGMA integrity_check").fetchone() == ("ok",)
