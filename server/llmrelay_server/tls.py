@@ -380,7 +380,9 @@ def _check_key(tls: TLSConfig) -> None:
             " the file by its permissions instead)"
         ) from None
     except ssl.SSLError as exc:
-        if exc.reason == "KEY_VALUES_MISMATCH":
+        # A key of another algorithm than the certificate's (an EC key, an RSA certificate) finds no certificate of
+        # its own to go with: not the certificate's key either.
+        if exc.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
             problem = (
                 f"is not the key of the certificate in server.tls.cert_file ({shown_path(tls.cert_file)}; in a chain,"
                 " the gateway's own certificate comes first)"

@@ -18,7 +18,8 @@ import grpc
 import pytest
 from certs import KEY_ENCIPHERMENT_ONLY, Authority, Issued
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from e2e.test_metrics import scrape, value
 from harness import clean_env, spawn_gateway
 from llmrelay import v1 as pb
@@ -435,6 +436,12 @@ def _garbage_client_ca(files: Files, ca: Authority) -> None:
     files.client_ca.write_bytes(b"\x30\x82\x01\x0a binary, not PEM")
 
 
+def _rsa_key_of_an_ec_certificate(files: Files, ca: Authority) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    encoding, form = serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8
+    files.key.write_bytes(key.private_bytes(encoding, form, serialization.NoEncryption()))
+
+
 def _ec_without_digital_signature(files: Files, ca: Authority) -> None:
     ca.server(key_usage=KEY_ENCIPHERMENT_ONLY).write(files.cert, files.key)
 
@@ -451,6 +458,8 @@ def _secp256k1(files: Files, ca: Authority) -> None:
         (_key_as_cert, r"server\.tls\.cert_file: \S+server\.pem holds no PEM certificate"),
         (_garbage_key, r"server\.tls\.key_file: \S+server\.key holds no PEM private key"),
         (_another_certificates_key, r"server\.tls\.key_file: \S+ is not the key of the certificate in server\.tls"),
+        # OpenSSL's words were its reason's name alone: NO_CERTIFICATE_ASSIGNED.
+        (_rsa_key_of_an_ec_certificate, r"server\.tls\.key_file: \S+ is not the key of the certificate in server"),
         (_chain_upside_down, r"server\.tls\.key_file: .* in a chain, the gateway's own certificate comes first"),
         (_expired, r"server\.tls\.cert_file: \S+: clients would refuse its certificate: certificate has expired"),
         (_not_yet_valid, r"server\.tls\.cert_file: \S+: clients would refuse its certificate: certificate is not yet"),
