@@ -25,6 +25,8 @@ import grpc
 import grpc.aio
 import pytest
 from certs import Authority
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from harness import BIN, clean_env, free_port, spawn_gateway
 from llmrelay import (
     DEFAULT_TIMEOUT_S,
@@ -960,6 +962,9 @@ async def test_certificates_tls_cannot_use_are_a_value_error_naming_the_argument
     authority = Authority("llmrelay sdk test CA")
     gateway = await _serve_tls(gateway_factory, primary, tmp_path, authority, clients=authority)
     mine, another = authority.client(), authority.client("another")
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )  # of an RSA certificate: one the EC certificate cannot be
     address = f"localhost:{gateway.port}"
     pair = "private_key and certificate_chain: "
     unusable = [
@@ -967,6 +972,7 @@ async def test_certificates_tls_cannot_use_are_a_value_error_naming_the_argument
         ((b"junk", mine.key, mine.cert), "root_certificates: no PEM certificate in it"),
         ((mine.key, mine.key, mine.cert), "root_certificates: no PEM certificate in it"),
         ((authority.cert, another.key, mine.cert), pair + "the key is not the certificate's"),
+        ((authority.cert, rsa_key, mine.cert), pair + "the key is not the certificate's"),  # said "swapped?"
         ((authority.cert, mine.key, b"junk"), pair + "not a PEM certificate and its key"),
         ((authority.cert, mine.cert, mine.key), pair + "not a PEM certificate and its key (are they swapped?)"),
     ]

@@ -189,7 +189,8 @@ def _pair_problem(certfile: str, keyfile: str) -> str | None:
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(certfile, keyfile, password=lambda: "")
     except ssl.SSLError as exc:
-        if exc.reason == "KEY_VALUES_MISMATCH":
+        # Of another algorithm than the certificate's (an EC key, an RSA certificate), the key finds no certificate.
+        if exc.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
             return "the key is not the certificate's"
         return "not a PEM certificate and its key (are they swapped?)"
     return None
