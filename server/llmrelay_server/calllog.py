@@ -33,10 +33,10 @@ from llmrelay_server.domain import LLMRelayError
 from llmrelay_server.logs import call_lines_writer
 from llmrelay_server.metering import Meter, open_meter, own_time_s, served_by
 from llmrelay_server.observing import Context, Kind, Observer, Start
+from llmrelay_server.status import REQUEST_ID_KEY
 
 log = logging.getLogger("llmrelay_server.calls")
 
-REQUEST_ID = "x-request-id"
 _SANE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 _PLAIN = re.compile(r"[A-Za-z0-9._:@/+=-]*")
 MAX_FIELD_CHARS = 128
@@ -50,7 +50,7 @@ _ASKING_A_MODEL = (pb.CompleteRequest, pb.StreamCompleteRequest, pb.CountTokensR
 def request_id(metadata: Any) -> str:
     """The caller's x-request-id when it is sane, else a new one."""
     for name, value in metadata or ():
-        if name == REQUEST_ID:
+        if name == REQUEST_ID_KEY:
             if isinstance(value, str) and _SANE_ID.fullmatch(value):
                 return value
             break
@@ -102,7 +102,7 @@ class _LoggedCall:
         self._observer, self._rpc, self._request, self._context = observer, rpc, request, context
         self._rid = rid = request_id(invocation_metadata(context))
         self._meter = open_meter()
-        context.set_trailing_metadata(((REQUEST_ID, rid),))
+        context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
 
     def end(self, code: grpc.StatusCode, messages: int) -> None:
         self._observer._end(self._rid, self._rpc, code, self._started, self._meter, self._request, self._context)

@@ -74,6 +74,9 @@ from llmrelay_server.router import DEADLINE_MARGIN_S
 DOMAIN: Final = "llmrelay.dev"
 DEFAULT_RETRY_DELAY_S: Final = 1.0
 STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
+REQUEST_ID_KEY: Final = "x-request-id"
+"""The metadata key of a call's request id: the caller's (sane) one, else the gateway's own, sent back in the trailing
+metadata and written in the call's log lines (calllog)."""
 PUSHBACK_KEY: Final = "grpc-retry-pushback-ms"
 """gRFC A6: a client channel's retry policy waits this many milliseconds before its next attempt."""
 MAX_TRAILER_BYTES: Final = 6 * 1024
@@ -112,9 +115,13 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], rpc: str, error: LL
     failure = rpc_failure(error, context.time_remaining())
     quoted = () if _quotes_logged else _quotes(error)
     said = _cut(without_quotes(str(error), quoted), MAX_MESSAGE_BYTES) if quoted else failure.details
-    log.info("%s failed: %s: %s", rpc, failure.code.name, said)
-    # What the call had set to send back already (its request id) goes with the status's details.
+    # What the call had set to send back already (its request id) goes with the status's details, and the line
+    # names the request, for the call log's line of the same call.
     sent = tuple(context.trailing_metadata() or ())
+    request = next(
+        (f" (request {value})" for key, value in sent if key == REQUEST_ID_KEY and isinstance(value, str)), ""
+    )
+    log.info("%s failed%s: %s: %s", rpc, request, failure.code.name, said)
     await context.abort(failure.code, failure.details, (*sent, *failure.trailing_metadata))
     raise AssertionError("abort returns only by raising")
 

@@ -399,7 +399,9 @@ async def test_an_upstreams_words_reach_the_log_and_traces_only_with_content(
     ]
     assert len(failed_attempts) == 3, failed_attempts
     logged = caplog.text + "".join(JsonFormatter().format(r) for r in caplog.records)
-    assert "Complete failed: INVALID_ARGUMENT" in logged
+    # Named by its request id, as the call's own line is: the two lines of one failed call are found together.
+    [rid] = [str(value) for key, value in refused.value.trailing_metadata() or () if key == "x-request-id"]
+    assert f"Complete failed (request {rid}): INVALID_ARGUMENT" in logged
     for said in (logged, *failed_attempts):
         assert (SECRET_PROMPT in said) is log_content, said
     if not log_content:
