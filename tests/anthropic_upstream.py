@@ -393,7 +393,8 @@ def _broken_rule(body: dict[str, Any]) -> str | None:
     """The API's rules that its types do not say, in its words: text of whitespace alone, in a block or a stop
     sequence, is refused; a tool's input_schema must say "type": "object" (the types also take any dict); no two
     tools may share a name; a tool call's id, in its tool_use block and its tool_result, is letters, digits, "_"
-    and "-"; a chat that ends in the assistant's words (a prefill) must not end in whitespace; and with thinking on,
+    and "-", no two tool_use blocks of the request share one, and each tool_result answers a tool_use of the turn
+    before it; a chat that ends in the assistant's words (a prefill) must not end in whitespace; and with thinking on,
     a chat that ends in tool results must have begun their assistant turn (the one after the last user turn that is
     more than tool results) with a thinking block, as must a prefill."""
 
@@ -411,6 +412,23 @@ def _broken_rule(body: dict[str, Any]) -> str | None:
             tool_id = block.get("id" if block["type"] == "tool_use" else "tool_use_id")
             if not isinstance(tool_id, str) or not re.fullmatch(r"[a-zA-Z0-9_-]+", tool_id):
                 return f"messages: {block['type']} id {tool_id!r}: String should match pattern '^[a-zA-Z0-9_-]+$'"
+    used: set[Any] = set()
+    called: set[Any] = set()
+    """The ids of the tool_use blocks of the turn before the one looked at."""
+    for position, message in enumerate(body.get("messages", [])):
+        turn = [block for block in listed(message.get("content")) if isinstance(block, dict)]
+        for block in turn:
+            if block.get("type") == "tool_use":
+                if block.get("id") in used:
+                    return f"messages.{position}: `tool_use` ids must be unique"
+                used.add(block.get("id"))
+            elif block.get("type") == "tool_result" and block.get("tool_use_id") not in called:
+                return (
+                    f"messages.{position}: unexpected `tool_use_id` found in `tool_result` blocks:"
+                    f" {block.get('tool_use_id')}. Each `tool_result` block must have a corresponding `tool_use` block"
+                    " in the previous message."
+                )
+        called = {block.get("id") for block in turn if block.get("type") == "tool_use"}
     if any(not stop.strip() for stop in body.get("stop_sequences") or []):
         return "stop_sequences: each stop sequence must contain non-whitespace"
     final = body["messages"][-1] if body.get("messages") else {}

@@ -234,6 +234,31 @@ async def test_tool_call_ids_of_other_upstreams_reach_the_api_in_its_pattern(
         assert all(tool_id.startswith("functions_weather_0_") for tool_id in uses)
 
 
+async def test_a_tool_call_id_used_again_in_a_later_turn_reaches_the_api_once(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
+) -> None:
+    """The OpenAI format takes an id again in a later turn (a model's "call_0" in every turn); the API refuses a
+    request with any id twice (400, no fallback): the later call, and the result that answers it, get another."""
+    conversation = []
+    for city in ("Oslo", "Rome", "Lima"):
+        call = pb.ToolCall(id="call_0", function=pb.FunctionCall(name="weather", arguments=f'{{"city":"{city}"}}'))
+        conversation += [
+            user(f"weather in {city}?"),
+            pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call]),
+            pb.Message(role=pb.ROLE_TOOL, content="sunny", tool_call_id="call_0"),
+        ]
+    conversation.append(user("and tomorrow?"))
+    await stub.Complete(pb.CompleteRequest(messages=conversation), timeout=5)
+    await streamed(stub, pb.StreamCompleteRequest(messages=conversation))
+    await stub.CountTokens(pb.CountTokensRequest(model="claude-test", messages=conversation), timeout=5)
+
+    assert claude.invalid_requests == []
+    for sent in [*claude.chat_requests, *claude.count_requests]:
+        uses = [block["id"] for turn in sent["messages"] for block in turn["content"] if block["type"] == "tool_use"]
+        results = [b["tool_use_id"] for turn in sent["messages"] for b in turn["content"] if b["type"] == "tool_result"]
+        assert uses == results == ["call_0", "call_0_2", "call_0_3"]
+
+
 async def test_a_call_without_arguments_streams_an_empty_object(
     stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
 ) -> None:
@@ -410,6 +435,8 @@ def answered(*blocks: dict[str, Any], usage: dict[str, int] | None = None) -> tu
                 {"type": "thinking_delta", "thinking": block["thinking"]},
                 {"type": "signature_delta", "signature": block["signature"]},
             ]
+        elif block["type"] == "redacted_thinking":
+            opened, deltas = block, []  # whole at its start, as the API sends it
         else:
             opened, deltas = {"type": "text", "text": ""}, [{"type": "text_delta", "text": block["text"]}]
         events.append({"type": "content_block_start", "index": index, "content_block": opened})
@@ -428,15 +455,20 @@ def answered(*blocks: dict[str, Any], usage: dict[str, int] | None = None) -> tu
             {"type": "thinking", "thinking": "one ", "signature": "S1"},
             {"type": "thinking", "thinking": "two", "signature": ""},
         ],
+        [
+            {"type": "thinking", "thinking": "seen", "signature": "S1"},
+            {"type": "redacted_thinking", "data": "EncryptedBytes"},
+        ],
     ],
-    ids=["one-unsigned-block", "two-blocks-one-signed"],
+    ids=["one-unsigned-block", "two-blocks-one-signed", "signed-block-and-redacted-block"],
 )
 async def test_thinking_not_signed_as_one_block_has_no_signature_in_either_call(
     stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, thinking: list[dict[str, Any]]
 ) -> None:
     """A compatible server may leave a thinking block's signature empty: an answer has a signature only when it has
     one thinking block and that block is signed, in Complete and StreamComplete alike (the same answer must go back
-    the same way in the next turn, whichever call brought it)."""
+    the same way in the next turn, whichever call brought it). A redacted block, which the contract cannot carry, is
+    one unsigned: the API takes the latest turn's thinking back only whole."""
     whole, events = answered(*thinking, {"type": "text", "text": "ans"})
     claude.inject(whole, events)
     answer = (await stub.Complete(chat(), timeout=5)).message
@@ -444,7 +476,7 @@ async def test_thinking_not_signed_as_one_block_has_no_signature_in_either_call(
     for chunk in await streamed(stub, stream_chat()):
         assembler.add(chunk)
     assembled = assembler.result().message
-    reasoning = "".join(block["thinking"] for block in thinking)
+    reasoning = "".join(block.get("thinking", "") for block in thinking)
     assert (answer.reasoning, answer.content) == (assembled.reasoning, assembled.content) == (reasoning, "ans")
     assert not answer.HasField("reasoning_signature")
     assert not assembled.HasField("reasoning_signature")

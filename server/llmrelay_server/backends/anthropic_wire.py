@@ -176,6 +176,7 @@ def prompt_body(model: str, messages: Sequence[Message], tools: Sequence[Tool]) 
     caller's JSON texts in it are JsonTexts, for `wire.encode` to write as they came."""
     system: list[dict[str, Any]] = []
     turns: list[dict[str, Any]] = []
+    ids = _ToolUseIds()
     left_out = False
     for index, message in enumerate(messages):
         if message.role is Role.SYSTEM:
@@ -183,9 +184,9 @@ def prompt_body(model: str, messages: Sequence[Message], tools: Sequence[Tool]) 
             system += _content_blocks(message)
             continue
         if message.role is Role.ASSISTANT:
-            role, blocks = "assistant", _assistant_blocks(message, f"messages[{index}]")
+            role, blocks = "assistant", _assistant_blocks(message, f"messages[{index}]", ids)
         elif message.role is Role.TOOL:
-            role, blocks = "user", [_tool_result(message)]
+            role, blocks = "user", [_tool_result(message, ids)]
         else:
             role, blocks = "user", _content_blocks(message)
         if not blocks:
@@ -240,7 +241,7 @@ def _image(part: ImagePart) -> dict[str, Any]:
     return {"type": "image", "source": {"type": "base64", "media_type": part.media_type, "data": data}}
 
 
-def _assistant_blocks(message: Message, where: str) -> list[dict[str, Any]]:
+def _assistant_blocks(message: Message, where: str, ids: _ToolUseIds) -> list[dict[str, Any]]:
     blocks: list[dict[str, Any]] = []
     # A thinking block goes back first and unchanged, with its signature; reasoning without one (another upstream's)
     # cannot be sent back as thinking and is left out.
@@ -249,8 +250,36 @@ def _assistant_blocks(message: Message, where: str) -> list[dict[str, Any]]:
     blocks += _content_blocks(message)
     for position, call in enumerate(message.tool_calls):
         arguments = _arguments(call.arguments, f"{where}.tool_calls[{position}].function.arguments")
-        blocks.append({"type": "tool_use", "id": _tool_use_id(call.id), "name": call.name, "input": arguments})
+        blocks.append({"type": "tool_use", "id": ids.of_call(call.id), "name": call.name, "input": arguments})
     return blocks
+
+
+class _ToolUseIds:
+    """A request's tool_use ids. The API takes an id once in a request (400 "tool_use ids must be unique"), where the
+    OpenAI format takes one again in a later turn (Kimi's "functions.weather:0" in every turn that calls the tool, a
+    model's "call_0"): a later call with an id taken gets the id with "_2", "_3"... after it, and the tool results
+    that answer it (right after it, `convert`'s check) the same. The same chat always gets the same ids, so that a
+    conversation's earlier turns stay the prefix its cache knows."""
+
+    __slots__ = ("_answered_as", "_taken")
+
+    def __init__(self) -> None:
+        self._taken: set[str] = set()
+        self._answered_as: dict[str, str] = {}
+        """A call's id as the caller wrote it -> as its latest call is sent."""
+
+    def of_call(self, call_id: str) -> str:
+        sent = first = _tool_use_id(call_id)
+        repeat = 1
+        while sent in self._taken:
+            repeat += 1
+            sent = f"{first}_{repeat}"
+        self._taken.add(sent)
+        self._answered_as[call_id] = sent
+        return sent
+
+    def of_result(self, call_id: str) -> str:
+        return self._answered_as.get(call_id) or _tool_use_id(call_id)
 
 
 _TOOL_USE_ID: Final = re.compile(r"[A-Za-z0-9_-]+")
@@ -286,8 +315,8 @@ def _arguments(text: str, where: str) -> JsonText | dict[str, Any]:
     return JsonText(text)
 
 
-def _tool_result(message: Message) -> dict[str, Any]:
-    result: dict[str, Any] = {"type": "tool_result", "tool_use_id": _tool_use_id(message.tool_call_id or "")}
+def _tool_result(message: Message, ids: _ToolUseIds) -> dict[str, Any]:
+    result: dict[str, Any] = {"type": "tool_result", "tool_use_id": ids.of_result(message.tool_call_id or "")}
     if content := _content_blocks(message):
         result["content"] = content
     return result
@@ -375,7 +404,11 @@ def answer_from(data: Any) -> Answer:
             signatures.append(text_field(block.get("signature"), "signature"))
         elif kind == "tool_use":
             calls.append(_tool_call(block))
-        # Other blocks (redacted thinking, server tools' blocks) have no place in the contract and are left out.
+        elif kind == "redacted_thinking":
+            # Left out, as it has no place in the contract, and counted as a thinking block without a signature: the
+            # API takes the latest turn's thinking back only whole, so the others are not sent back either.
+            signatures.append("")
+        # Other blocks (server tools' blocks) have no place in the contract and are left out.
     message = Message(
         role=Role.ASSISTANT,
         content="".join(texts),
@@ -495,7 +528,8 @@ class StreamState:
     run, and is left out as the unary answer leaves their blocks out."""
     _signatures: dict[int, str] = field(default_factory=dict)
     """Content block index -> its thinking block's signature ("" while it has none): the start's, replaced by a
-    signature_delta, as the SDK reads them. Every thinking block is here, signed or not."""
+    signature_delta, as the SDK reads them. Every thinking block is here, signed or not, and every redacted_thinking
+    block as one without a signature."""
 
     @property
     def reasoning_signature(self) -> str | None:
@@ -571,6 +605,8 @@ class StreamState:
         if kind == "thinking":
             self._signatures[index] = text_field(block.get("signature"), "signature")
             return StreamDelta(reasoning=text_field(block.get("thinking"), "thinking") or None)
+        if kind == "redacted_thinking":
+            self._signatures[index] = ""  # as the unary answer counts it: a thinking block that cannot go back
         return None
 
     def _block_delta(self, index: int, delta: Mapping[str, Any]) -> StreamDelta | None:
