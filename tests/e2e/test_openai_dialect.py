@@ -158,6 +158,12 @@ ONE_ID_CLOCK_THEN_WEATHER = (
     whole({"tool_calls": [call("call_a", "clock", ""), call("call_a", "weather", '{"c":1}')]}, "tool_calls"),
     calls_stream([fragment(0, "call_a", "clock", "")], [fragment(0, "call_a", "weather", '{"c":1}')]),
 )
+WEATHER_TWICE = (  # the same shape, one function called twice in parallel
+    whole({"tool_calls": [call(None, "weather", '{"c":1}'), call(None, "weather", '{"c":2}')]}, "tool_calls"),
+    calls_stream(
+        [fragment(0, name="weather", arguments='{"c":1}')], [fragment(0, name="weather", arguments='{"c":2}')]
+    ),
+)
 REPEATING_PIECES = (  # "ha", "ha": "haha"
     whole({"tool_calls": [call("call_a", "haha", '{"c":1}')]}, "tool_calls"),
     calls_stream(
@@ -172,6 +178,7 @@ REPEATING_PIECES = (  # "ha", "ha": "haha"
         (CLOCK_THEN_DATE, [("clock", ""), ("date", "")]),
         (CLOCK_THEN_WEATHER, [("clock", ""), ("weather", '{"c":1}')]),
         (ONE_ID_CLOCK_THEN_WEATHER, [("clock", ""), ("weather", '{"c":1}')]),
+        (WEATHER_TWICE, [("weather", '{"c":1}'), ("weather", '{"c":2}')]),
         (REPEATING_PIECES, [("haha", '{"c":1}')]),
         (SPLIT_NAME, [("weather", '{"c": 1}')]),
         (NAME_SECOND, [("weather", '{"c": 1}')]),
@@ -183,6 +190,7 @@ REPEATING_PIECES = (  # "ha", "ha": "haha"
         "clock then date",
         "clock then weather",
         "one id",
+        "weather twice",
         "repeating pieces",
         "name in pieces",
         "name second",

@@ -875,6 +875,12 @@ def piece(index: int, call_id: str | None = None, name: str | None = None, argum
         # vLLM's: the id and the whole name with every piece; its own name again, without an id, with more arguments.
         ([[piece(0, "a", "f", p)] for p in ("", '{"x"', ": 1}", "")], [piece(0, "a", "f", '{"x": 1}')]),
         ([[piece(0, None, "f", p)] for p in ('{"x"', ": 1}", " ")], [piece(0, None, "f", '{"x": 1} ')]),
+        # Parallel calls of one function, each whole at index 0 without an id (an OpenRouter engine's): two calls,
+        # not one whose arguments are two objects.
+        (
+            [[piece(0, None, "f", '{"x":1}')], [piece(0, None, "f", '{"x":2}')]],
+            [piece(0, None, "f", '{"x":1}'), piece(0, None, "f", '{"x":2}')],
+        ),
     ],
 )
 def test_a_streams_calls_add_up_to_the_whole_answers(deltas: list[list[dict[str, Any]]], whole: list[Any]) -> None:

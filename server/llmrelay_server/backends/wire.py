@@ -752,7 +752,7 @@ class StreamToolCalls:
             if call_id:
                 another = self._given.get(named) != call_id or self._another(named, name, text)
             else:
-                another = self._another(named, name, text, renamed=True)
+                another = self._another(named, name, text)
             if not another:
                 return named
         if named is None and index not in self._begun:
@@ -762,12 +762,12 @@ class StreamToolCalls:
         self._at[numbered] = index
         return numbered
 
-    def _another(self, call: int, name: str | None, text: str | None, *, renamed: bool = False) -> bool:
+    def _another(self, call: int, name: str | None, text: str | None) -> bool:
         """Whether a fragment that names a function (`name`) begins another call than `call`, whose id it has, or
-        whose index without an id where `renamed`: when the call's arguments are whole JSON already (vLLM repeats a
-        call's id and name while its arguments come), and it names another function, or (not `renamed`) more of the
-        arguments come with it; its name and id again, with no more (a server that repeats them at the end), are of
-        the call."""
+        whose index without an id: when the call's arguments are whole JSON already (vLLM repeats a call's id and
+        name while its arguments come), and it names another function, or more arguments come with it (whole JSON
+        and more is no JSON: an OpenRouter engine's parallel calls of one function, each whole at index 0); its name
+        (and id) again, with no more (a server that repeats them at the end), are of the call."""
         if name and (held := self._held.get(call)) is not None:
             if self._piece(held[1], name) is not None:
                 return False
@@ -777,7 +777,7 @@ class StreamToolCalls:
         # and a parse of the whole text at each would cost a long call's arguments their length squared.
         if not name or not (pieces := self._arguments.get(call)):
             return False
-        if name == self._names.get(call) and (renamed or not text or text.isspace()):
+        if name == self._names.get(call) and (not text or text.isspace()):
             return False
         if not next((piece.rstrip() for piece in reversed(pieces) if not piece.isspace()), "").endswith(("}", "]")):
             return False
