@@ -302,7 +302,21 @@ def _by_digest(keys: Sequence[CallerKey]) -> dict[str, Caller]:
     """The callers by their keys' digests; ConfigError for one digest under two names (each source refuses that
     within itself, so here it is a key of auth.keys given again in the keys file for another caller)."""
     callers: dict[str, Caller] = {}
+    named: dict[str, CallerKey] = {}
     for key in keys:
+        same_name = named.setdefault(key.name, key)
+        if (same_name.models, same_name.limits, same_name.read_all_usage) != (
+            key.models,
+            key.limits,
+            key.read_all_usage,
+        ):
+            # One name is one caller: billed, limited (one counter) and reading usage as one. Two entries of it that
+            # say different things would let one key's holder take the other's rights; the same entry with another
+            # digest is a key being rotated.
+            raise ConfigError(
+                f"key {key.name!r} is in auth.keys and the keys file with other models, limits or read_all_usage;"
+                " one name is one caller: give both entries the same (a key being rotated), or another name"
+            )
         other = callers.get(key.sha256)
         if other is not None and other.name != key.name:
             # Which of the two would a call with that key be? Billed, limited and allowed models as one, silently.
@@ -358,7 +372,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         _keys_required.set(True)
         if method[1:].rpartition("/")[0] in self._open or method[1:] in self._open:
             return await continuation(handler_call_details)
-        caller = self._keys.find(_bearer(handler_call_details.invocation_metadata) or "")
+        key = _bearer(handler_call_details.invocation_metadata)
+        caller = self._keys.find(key) if key else None
         if caller is None:
             handler = await continuation(handler_call_details)
             if handler is None:

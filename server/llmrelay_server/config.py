@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import difflib
+import hashlib
 import ipaddress
 import math
 import os
@@ -671,6 +672,9 @@ def _keys_in(text: str, where: str) -> tuple[CallerKey, ...]:
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_NO_KEY_SHA256: Final = hashlib.sha256(b"").hexdigest()
+"""What `printf %s "$KEY" | sha256sum` prints when $KEY is unset: an entry of it would admit every call without a
+key (a call without one is refused before any lookup, but `Bearer ` with nothing after is a key of nothing)."""
 
 
 def check_key_name(name: str, where: str = "name") -> None:
@@ -693,6 +697,12 @@ def _check_keys(keys: tuple[CallerKey, ...], where: str) -> None:
             raise ConfigError(
                 f"{at}.sha256: must be the 64 lowercase hex digits of the key's SHA-256"
                 " (`llmrelay-server keys new NAME` prints one); never the key itself"
+            )
+        if key.sha256 == _NO_KEY_SHA256:
+            raise ConfigError(
+                f"{at}.sha256: is the SHA-256 of nothing (an empty key, as `sha256sum` prints it for an unset"
+                " variable), which would admit every caller that sends an empty key; give the digest of the key itself"
+                " (`llmrelay-server keys new NAME` prints one)"
             )
         if key.sha256 in digests:
             # One key would be one of the two callers, the other's entry (its models, its limits) silently unused:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -1112,6 +1113,18 @@ def test_two_keys_with_one_digest_are_refused(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text(f"keys: {entries}\n")
     with pytest.raises(ConfigError, match=r"keys\[1\]\.sha256: the same as that of key 'a'"):
+        config.load_keys_file(keys_file)
+
+
+def test_the_digest_of_an_empty_key_is_refused(tmp_path: Path) -> None:
+    """What `printf %s "$KEY" | sha256sum` prints with $KEY unset: `authorization: Bearer ` (nothing after it) was
+    that caller, and so was a call without a key at all, which was looked up as the empty key."""
+    entry = f'[{{name: ops, sha256: "{hashlib.sha256(b"").hexdigest()}", read_all_usage: true}}]'
+    with pytest.raises(ConfigError, match=r"auth\.keys\[0\]\.sha256: is the SHA-256 of nothing"):
+        load(tmp_path, f"auth: {{keys: {entry}}}\n")
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(f"keys: {entry}\n")
+    with pytest.raises(ConfigError, match=r"keys\[0\]\.sha256: is the SHA-256 of nothing"):
         config.load_keys_file(keys_file)
 
 

@@ -96,6 +96,35 @@ async def test_a_key_of_the_config_given_to_another_caller_in_the_file_is_refuse
     assert "keys file not reloaded, the keys in force stay" in caplog.text
 
 
+@pytest.mark.parametrize(
+    "other",
+    ['models: ["*"]', "read_all_usage: true", "limits: {requests_per_minute: 600}"],
+    ids=["models", "usage", "limits"],
+)
+async def test_a_caller_of_the_config_given_other_rights_in_the_file_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, other: str
+) -> None:
+    """One name is one caller (its bill, its limits' counter, the usage it reads): an entry of the file under a
+    configured key's name, with a key of its own and more rights, gave its holder the configured key's too."""
+    research = CallerKey("research", hashlib.sha256(b"llmr-research-key").hexdigest(), models=("ollama/*",))
+    rotated = hashlib.sha256(b"llmr-research-key-2").hexdigest()
+    path = tmp_path / "keys.yaml"
+    path.write_text(f'keys: [{{name: research, sha256: "{rotated}", {other}}}]\n')
+    config = AuthConfig(keys=(research,), keys_file=str(path))
+    with pytest.raises(ConfigError, match=r"'research' is in auth\.keys and the keys file with other models, limits"):
+        KeyRing(config)
+
+    path.write_text(f'keys: [{{name: research, sha256: "{rotated}", models: ["ollama/*"]}}]\n')  # a rotation
+    keys = KeyRing(config)
+    found = [keys.find(key) for key in ("llmr-research-key", "llmr-research-key-2")]
+    assert [caller and caller.name for caller in found] == ["research", "research"]
+    path.write_text(f'keys: [{{name: research, sha256: "{rotated}", {other}}}]\n')
+    keys.reload()
+    await asyncio.gather(*keys._reloads)
+    assert keys.find("llmr-research-key-2") is not None  # the entry in force stays, with its rights
+    assert "keys file not reloaded, the keys in force stay" in caplog.text
+
+
 async def test_thousands_of_keys_are_read_again_without_holding_up_the_event_loop(tmp_path: Path) -> None:
     """A reload reads the file in a thread: the calls in flight go on meanwhile. (Each key's digest was also checked
     against every other name's: 20,000 keys took 25 s.)"""
