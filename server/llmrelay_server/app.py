@@ -186,7 +186,7 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
         config=config.router,
         counter=counter,
         ledger=ledger,
-        prices=PriceTable(config.pricing, config.unknown_price),
+        prices=PriceTable(config.pricing, config.unknown_price, [spec.name for spec in config.backends]),
         aliases=config.aliases,
         max_request_bytes=config.server.max_message_bytes,
     )

@@ -9,10 +9,12 @@ A model on a backend is priced by the first of these that knows it:
    still costs something, and budgets must count it.
 
 Patterns are shell globs (`*`, `?`, `[...]`), matched case-sensitively against the model name and against
-"backend/model" (so "ollama/*" and "openai/gpt-4o" work). The most specific pattern wins: a plain name over any glob,
-then the glob with more literal characters, then the one written first; so "gpt-4o-mini-2024-07-18" is priced by
-"gpt-4o-mini-*" rather than "gpt-4o-*". In either table a plain name prices its dated snapshots too (a date after
-it: "gpt-4o-2024-08-06", "gpt-4-0613"), as OpenAI's answers name the snapshot that served.
+"backend/model" (so "ollama/*" and "openai/gpt-4o" work); not against a model's name that reads as another backend's
+"backend/model" (backend "paid" asked for a model named "ollama/tiny" is priced as paid's, never as ollama's). The
+most specific pattern wins: a plain name over any glob, then the glob with more literal characters, then the one
+written first; so "gpt-4o-mini-2024-07-18" is priced by "gpt-4o-mini-*" rather than "gpt-4o-*". In either table a
+plain name prices its dated snapshots too (a date after it: "gpt-4o-2024-08-06", "gpt-4-0613"), as OpenAI's answers
+name the snapshot that served.
 
 Prices are taken as the decimals they are written as (0.15 is 15/100, not the float nearest to it) and a cost is
 computed exactly in fractions of a micro-dollar, then rounded once, half up, to whole micro-dollars.
@@ -24,7 +26,7 @@ import fnmatch
 import functools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Final
@@ -179,13 +181,14 @@ class _Patterns:
         globs.sort(key=lambda item: -_literals(item[0]))  # a stable sort: the one written first wins a tie
         self._globs = tuple((re.compile(fnmatch.translate(pattern)), rate) for pattern, rate in globs)
 
-    def match(self, qualified: str, model: str) -> Rate | None:
+    def match(self, qualified: str, model: str | None) -> Rate | None:
+        """The rate of "backend/model" (`qualified`), or of the model's name alone where `model` is given."""
         # "backend/model" written out pins down more than the model alone.
         for name in (qualified, model):
-            if (rate := self._plain.get(name)) is not None:
+            if name is not None and (rate := self._plain.get(name)) is not None:
                 return rate
         for regex, rate in self._globs:
-            if regex.match(qualified) or regex.match(model):
+            if regex.match(qualified) or (model is not None and regex.match(model)):
                 return rate
         return None
 
@@ -196,12 +199,14 @@ _SHIPPED: Final = _Patterns(OPENAI_PRICES)
 class PriceTable:
     """The rate of any model on any backend: the operator's prices over the shipped ones (see the module doc)."""
 
-    def __init__(self, overrides: Mapping[str, Price], unknown: Price) -> None:
+    def __init__(self, overrides: Mapping[str, Price], unknown: Price, backends: Collection[str] = ()) -> None:
+        """`backends`: the names of the gateway's backends, whose "name/..." a model's name alone is not priced as."""
         # An operator's "gpt-4o" prices the snapshot that answers ("gpt-4o-2024-08-06") too, as the shipped table's
         # does: else every answer that names its snapshot would be billed at the list price (or as unknown), and
         # settle at another figure than its budget reserved at the request's model's price.
         self._overrides = _Patterns(_with_snapshots(overrides))
         self._unknown = Rate.of(unknown, unknown=True)
+        self._backends = frozenset(backends)
         # Every answer asks; the answer only changes with the configuration. Bounded, as callers may name any model
         # on a backend ("openai/anything").
         self._lookup = functools.lru_cache(maxsize=1024)(self._find)
@@ -211,10 +216,12 @@ class PriceTable:
 
     def _find(self, backend: str, kind: str, model: str) -> Rate:
         qualified = f"{backend}/{model}"
-        rate = self._overrides.match(qualified, model)
+        qualifier, slash, _ = model.partition("/")
+        alone = None if slash and qualifier in self._backends else model
+        rate = self._overrides.match(qualified, alone)
         if rate is not None:
             return rate
         if kind in LOCAL_KINDS:
             return FREE
-        rate = _SHIPPED.match(qualified, model)
+        rate = _SHIPPED.match(qualified, alone)
         return self._unknown if rate is None else rate

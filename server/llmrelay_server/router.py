@@ -285,22 +285,6 @@ _estimated_routes: contextvars.ContextVar[tuple[CompletionRequest, ModelFilter |
 )
 
 
-def _allowed(routes: list[Route], model: str | None, caller: str, may_use: ModelFilter | None) -> list[Route]:
-    """The routes that the caller may use ("backend/model" or the model name matches): a caller asking for a model it
-    may not use is refused, and one limited to some models is never served by another through a fallback (with no
-    model named, the default chain is the models it may use)."""
-    if may_use is None:
-        return routes
-    allowed = [r for r in routes if _may_take(r, may_use)]
-    if not allowed or (model is not None and allowed[0] is not routes[0]):
-        raise ModelNotAllowedError(caller, model or f"{routes[0].backend.name}/{routes[0].model}")
-    return allowed
-
-
-def _may_take(route: Route, may_use: ModelFilter) -> bool:
-    return may_use(f"{route.backend.name}/{route.model}") or may_use(route.model)
-
-
 async def _embed(route: Route, request: EmbeddingRequest, timeout_s: float) -> EmbeddingResponse:
     embedder = route.backend.embedder
     assert embedder is not None, "embedding routes lead to embedders only (checked at start)"
@@ -698,10 +682,30 @@ class Router:
             primary = Route(owner, model)
         return [primary] if exact else [primary, *self._fallbacks(exclude=primary.backend)]
 
+    def _allowed(self, routes: list[Route], model: str | None, caller: str, may_use: ModelFilter | None) -> list[Route]:
+        """The routes that the caller may use (`_may_take`): a caller asking for a model it may not use is refused,
+        and one limited to some models is never served by another through a fallback (with no model named, the
+        default chain is the models it may use)."""
+        if may_use is None:
+            return routes
+        allowed = [r for r in routes if self._may_take(r, may_use)]
+        if not allowed or (model is not None and allowed[0] is not routes[0]):
+            raise ModelNotAllowedError(caller, model or f"{routes[0].backend.name}/{routes[0].model}")
+        return allowed
+
+    def _may_take(self, route: Route, may_use: ModelFilter) -> bool:
+        """Whether the key may take the route: its "backend/model" matches, or its model's name alone ("gpt-4o*" on
+        any backend), unless that name reads as another backend's "backend/model": backend paid, which takes any
+        name, asked for "ollama/tiny" is no model of backend ollama, and a key's "ollama/*" does not take it there."""
+        if may_use(f"{route.backend.name}/{route.model}"):
+            return True
+        qualifier, slash, _ = route.model.partition("/")
+        return not (slash and qualifier in self._by_name) and may_use(route.model)
+
     def _routes(self, request: CompletionRequest, caller: str, may_use: ModelFilter | None) -> list[Route]:
         if (estimated := _estimated_routes.get()) is not None and estimated[0] is request and estimated[1] == may_use:
             return estimated[2]
-        return _allowed(self.resolve(request.model, exact=request.exact_model), request.model, caller, may_use)
+        return self._allowed(self.resolve(request.model, exact=request.exact_model), request.model, caller, may_use)
 
     def embedding_routes(self, model: str | None) -> list[Route]:
         """Where an embedding request for `model` may go, in order: a backend-qualified name's backend alone, else
@@ -865,7 +869,7 @@ class Router:
     ) -> EmbeddingResponse:
         chain = _Chain(deadline)
         metering.attempts(chain.attempts)
-        for route in _allowed(self.embedding_routes(request.model), request.model, caller, may_use):
+        for route in self._allowed(self.embedding_routes(request.model), request.model, caller, may_use):
             response = await self._try_route(chain, route, lambda r, t: _embed(r, request, t))
             if response is not None:
                 usage = self._priced(route, response.model, response.usage)
@@ -952,7 +956,7 @@ class Router:
         and that its key may use."""
 
         def routes() -> list[Route]:
-            return _allowed(self.embedding_routes(model), model, "", may_use)
+            return self._allowed(self.embedding_routes(model), model, "", may_use)
 
         return max((usd_micros for _, usd_micros in self._costs(routes, prompt_tokens, lambda _: 0)), default=0)
 
@@ -960,7 +964,7 @@ class Router:
         """Whether the request is refused for its model: one nothing serves, or one its key (`may_use`) may not use."""
         try:
             if isinstance(request, EmbeddingRequest):
-                _allowed(self.embedding_routes(request.model), request.model, "", may_use)
+                self._allowed(self.embedding_routes(request.model), request.model, "", may_use)
             else:
                 # Kept, as estimate keeps them: its estimate and its routing take them rather than resolving again.
                 _estimated_routes.set((request, may_use, self._routes(request, "", may_use)))
@@ -1010,7 +1014,7 @@ class Router:
             routes = []
         name = routes[0].model if routes else str(model)
         if may_use is not None:
-            routes = [route for route in routes if _may_take(route, may_use)]
+            routes = [route for route in routes if self._may_take(route, may_use)]
         route = routes[0] if routes else None
         if route is not None:
             name = route.model

@@ -225,6 +225,31 @@ async def test_a_key_limited_to_some_models_gets_no_other_even_by_fallback(
     assert primary.chat_requests == []
 
 
+async def test_a_key_limited_to_a_backend_gets_no_model_named_as_that_backends_on_another(
+    keyed: Any, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """A backend takes any model name it is asked for: "openai/ollama/tiny" is backend openai's model "ollama/tiny",
+    which a key's "ollama/*" matched, name alone, and so reached the paid backend with the operator's key."""
+    _, stub = keyed
+    request = chat(model="openai/ollama/tiny", exact_model=True)
+    for call in (
+        stub.Complete(request, metadata=bearer(LOCAL_KEY), timeout=5),
+        read_all(
+            stub.StreamComplete(
+                stream_chat(model="openai/ollama/tiny", exact_model=True), metadata=bearer(LOCAL_KEY), timeout=5
+            )
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert details(caught.value)["ErrorInfo"].reason == "MODEL_NOT_ALLOWED"
+    count = pb.CountTokensRequest(model="openai/ollama/tiny", messages=[pb.Message(role=pb.ROLE_USER, content="hi")])
+    assert (await stub.CountTokens(count, metadata=bearer(LOCAL_KEY), timeout=5)).estimated
+    assert primary.chat_requests == primary.tokenize_requests == []
+    assert (await stub.Complete(chat(model="ollama/tiny"), metadata=bearer(LOCAL_KEY), timeout=5)).backend == "ollama"
+
+
 async def test_the_keys_file_is_reread_when_it_changes(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, tmp_path: Path
 ) -> None:

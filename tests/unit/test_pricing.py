@@ -100,6 +100,18 @@ def test_backend_model_patterns() -> None:
     assert micros(PriceTable({"Qwen/*": Price(0.3, 0.3)}, UNKNOWN), backend("vllm"), "Qwen/Qwen2.5-7B") == 300_000
 
 
+def test_a_model_named_as_another_backends_is_not_priced_as_that_backends() -> None:
+    """Backend paid, which takes any name, asked for a model named "ollama/tiny": priced as ollama's tiny (free here),
+    it passed any budget."""
+    prices = {"ollama/tiny": Price(0.0, 0.0), "ollama/*": Price(0.0, 0.0), "gpt-4o": Price(2.5, 10.0)}
+    table = PriceTable(prices, UNKNOWN, backends=["ollama", "paid"])
+    paid = backend("openai_compatible", "paid")
+    assert table.rate(paid, "ollama/tiny").unknown and table.rate(paid, "ollama/other").unknown
+    assert micros(table, backend("openai_compatible", "ollama"), "tiny") == 0
+    assert micros(table, paid, "gpt-4o") == 2_500_000  # a model's name alone still prices it on any backend
+    assert micros(table, paid, "Qwen/x") == 5_000_000  # a name whose first part is no backend's: unknown, as before
+
+
 def test_yaml_overrides_beat_the_shipped_prices_and_add_models() -> None:
     table = PriceTable({"gpt-4o*": Price(prompt=1.0, completion=2.0), "my-model": Price(0.7, 0.7)}, UNKNOWN)
     # Even a glob of the operator's beats the shipped exact entry: the operator's figures are the ones they pay.
