@@ -273,6 +273,18 @@ def _let_go(error: UpstreamError) -> None:
     error.__cause__ = error.__context__ = None
 
 
+async def _to_its_end(bill: Awaitable[object]) -> None:
+    """Awaits a bill of a call that ended under it: shielded, as its count may take a thread's while, and awaited to
+    its end though the call is cancelled once more meanwhile (a shutdown interrupting it), for a stopping gateway
+    closes its ledger once its calls have ended."""
+    billing = asyncio.ensure_future(bill)
+    try:
+        await asyncio.shield(billing)
+    except asyncio.CancelledError:
+        await billing
+        raise
+
+
 def _untagged(model: str) -> str:
     return model.removesuffix(":latest")
 
@@ -330,6 +342,9 @@ class _Chain:
     """How the failed and skipped attempts failed (a skip: UNREACHABLE)."""
     failed: set[Backend] = field(default_factory=set)
     """The backends an attempt of this call failed on."""
+    left: Route | None = None
+    """The route of an attempt the call ended under (the caller left, its deadline) while its upstream had the
+    request: its prompt was read all the same (`Router._bill_left`)."""
 
     def may_fit(self, route: Route) -> bool:
         window = route.backend.provider.spec.context_window
@@ -760,9 +775,14 @@ class Router:
         chain = _Chain(deadline)
         metering.attempts(chain.attempts)
         for route in self._routes(request, caller, may_use):
-            response = await self._try_route(
-                chain, route, lambda r, t: r.backend.provider.complete(r.model, request, timeout_s=t)
-            )
+            try:
+                response = await self._try_route(
+                    chain, route, lambda r, t: r.backend.provider.complete(r.model, request, timeout_s=t)
+                )
+            except BaseException:
+                if chain.left is not None:
+                    await _to_its_end(self._bill_left(chain.left, request, caller))
+                raise
             if response is not None:
                 usage = self._priced(route, response.model, response.usage)
                 self._bill(response.backend, response.model, caller, usage)
@@ -789,6 +809,10 @@ class Router:
                 # A restart's route refused a request another backend had taken: its own limits, not the caller's
                 # mistake (the caller has text already, and a restart marker). The next route may finish it.
                 continue
+            except BaseException:
+                if chain.left is not None:
+                    await _to_its_end(self._bill_left(chain.left, request, caller))
+                raise
             if opened is None:
                 continue
             first, upstream = opened
@@ -848,15 +872,8 @@ class Router:
                     await upstream.aclose()  # first: the upstream stops generating at once, not after the count
                 finally:
                     if not billed:
-                        # What was generated was still consumed; shielded, as its count may take a thread's while,
-                        # and awaited to its end though the call is cancelled once more meanwhile (a shutdown
-                        # interrupting it): a stopping gateway closes its ledger once its calls have ended.
-                        bill = asyncio.ensure_future(self._bill_partial(route, request, caller, received))
-                        try:
-                            await asyncio.shield(bill)
-                        except asyncio.CancelledError:
-                            await bill
-                            raise
+                        # What was generated was still consumed.
+                        await _to_its_end(self._bill_partial(route, request, caller, received))
                     if received.prompt_count is not None:
                         received.prompt_count.cancel()  # billed: a count still going was not needed
         if broken is not None:
@@ -884,6 +901,16 @@ class Router:
         usage = self._priced(route, received.model, await self._counted_usage(route, request, received))
         self._bill(route.backend.name, received.model, caller, usage, interrupted=True)
         return usage
+
+    async def _bill_left(self, route: Route, request: CompletionRequest, caller: str) -> None:
+        """Bills an attempt the call ended under before its answer (`_Chain.left`) for its prompt, which the upstream
+        read all the same, as it bills a stream that broke: else a caller could have any number of prompts read past
+        its tokens a minute and its budget, for nothing, by leaving each call before its answer."""
+        prompt = await self._prompt_counted(route.model, request)
+        if prompt is not None:  # without the model's encoding there is nothing to count it by
+            self._bill(
+                route.backend.name, route.model, caller, self._priced(route, route.model, prompt), interrupted=True
+            )
 
     async def _counted_usage(
         self, route: Route, request: CompletionRequest, received: _Received, prompt: TokenUsage | None = None
@@ -1138,6 +1165,7 @@ class Router:
                     self._failed(chain, route, started, silent)
                     return None
                 self._deadline_passed(chain, route, started)
+                chain.left = route
                 raise chain.deadline_exceeded() from None
             except UpstreamError as exc:
                 self._failed(chain, route, started, exc)
@@ -1166,6 +1194,7 @@ class Router:
                 else:
                     chain.record(route, AttemptOutcome.CANCELLED, started, None)
                     circuit.release(chain)
+                chain.left = route
                 raise
             except BaseException:
                 circuit.release(chain)

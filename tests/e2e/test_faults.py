@@ -929,6 +929,38 @@ async def test_a_caller_that_stops_reading_then_leaves_is_billed_and_settled(
     assert "Traceback" not in caplog.text
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize("ends", ["cancelled", "deadline"])
+async def test_a_call_that_ends_before_its_answer_is_billed_for_its_prompt(
+    stub_for: StubFactory, local: FakeUpstream, streaming: bool, ends: str
+) -> None:
+    """The upstream read the prompt all the same. Billed nothing, a caller could have any number of prompts read past
+    its tokens a minute and its budget by leaving each call (or letting its deadline end it) before the answer."""
+    stub = await stub_for(
+        f'llm:\n  ollama: {{base_url: "{local.base_url}", model: tiny}}\n', server="limits: {tokens_per_minute: 5000}"
+    )
+    local.inject({"stall_s": 10})
+    timeout = 1 if ends == "deadline" else 20
+    call: Any = (
+        stub.StreamComplete(stream_chat(), timeout=timeout) if streaming else stub.Complete(chat(), timeout=timeout)
+    )
+    await wait_until(lambda: bool(local.chat_requests), within_s=5)
+    if ends == "cancelled":
+        call.cancel()
+    with pytest.raises((grpc.aio.AioRpcError, asyncio.CancelledError)):
+        await (read_all(call) if streaming else call)
+
+    async def records() -> list[pb.UsageRecord]:
+        return list((await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records)
+
+    async with asyncio.timeout(5):
+        while not (billed := await records()):  # noqa: ASYNC110 (the ledger, no event to wait on)
+            await asyncio.sleep(0.05)
+    prompt = await stub.CountTokens(pb.CountTokensRequest(model="tiny", messages=chat().messages), timeout=5)
+    assert [(r.backend, r.prompt_tokens, r.completion_tokens) for r in billed] == [("ollama", prompt.token_count, 0)]
+    assert (billed[0].interrupted_requests, billed[0].estimated_requests) == (1, 1)
+
+
 @pytest.mark.parametrize("reads_first", [True, False], ids=["after-a-message", "before-any"])
 async def test_request_timeout_ends_a_stream_whose_caller_stopped_reading(
     gateway_factory: GatewayFactory, local: FakeUpstream, caplog: pytest.LogCaptureFixture, reads_first: bool

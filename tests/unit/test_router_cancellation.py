@@ -20,11 +20,14 @@ from llmrelay_server.domain import (
     LLMProvider,
     Message,
     Role,
+    TokenUsage,
     UpstreamError,
     UpstreamErrorKind,
 )
 from llmrelay_server.pricing import PriceTable
 from llmrelay_server.router import CircuitState, Router
+from llmrelay_server.tokens import TokenCounter
+from llmrelay_server.usage import UsageLedger
 
 SPEC = BackendSpec(name="slow", kind="openai_compatible", base_url="http://slow/v1", default_model="m")
 REQUEST = CompletionRequest(messages=(Message(Role.USER, "hi"),))
@@ -43,16 +46,32 @@ class Holding:
         raise AssertionError("never answers")
 
 
-async def called(deadline_s: float) -> tuple[Router, Holding, metering.Meter, asyncio.Task[CompletionResponse]]:
-    """A call to a backend that holds it, once the backend has the request."""
-    provider = Holding()
-    router = Router(
+@dataclass
+class Bills:
+    """The ledger's part a call plays: what it records."""
+
+    records: list[tuple[str, str, str, TokenUsage, bool]] = field(default_factory=list)
+
+    def record(self, backend: str, model: str, caller: str, usage: TokenUsage, *, interrupted: bool = False) -> None:
+        self.records.append((backend, model, caller, usage, interrupted))
+
+
+def router_of(provider: object, bills: Bills | None = None) -> Router:
+    return Router(
         [cast(LLMProvider, provider)],
         config=RouterConfig(),
-        counter=None,  # type: ignore[arg-type]
-        ledger=None,  # type: ignore[arg-type]
+        counter=TokenCounter(),
+        ledger=cast(UsageLedger, bills or Bills()),
         prices=PriceTable({}, Price(prompt=5.0, completion=15.0)),
     )
+
+
+async def called(
+    deadline_s: float, bills: Bills | None = None
+) -> tuple[Router, Holding, metering.Meter, asyncio.Task[CompletionResponse]]:
+    """A call to a backend that holds it, once the backend has the request."""
+    provider = Holding()
+    router = router_of(provider, bills)
     meter = metering.Meter()
     metering.current_meter.set(meter)  # the task made below runs in a copy of this context: the same meter
     deadline = asyncio.get_running_loop().time() + deadline_s
@@ -61,13 +80,19 @@ async def called(deadline_s: float) -> tuple[Router, Holding, metering.Meter, as
     return router, provider, meter, task
 
 
-async def test_the_attempt_a_caller_leaves_is_recorded_as_cancelled() -> None:
-    router, _, meter, task = await called(deadline_s=10)
+async def test_the_attempt_a_caller_leaves_is_recorded_as_cancelled_and_billed_its_prompt() -> None:
+    bills = Bills()
+    router, _, meter, task = await called(deadline_s=10, bills=bills)
     task.cancel()
     await asyncio.wait([task])
     assert task.cancelled()
     assert [a.outcome for a in meter.attempts] == [AttemptOutcome.CANCELLED]
     assert router.backends[0].circuit.state is CircuitState.CLOSED and router.backends[0].circuit.failures == 0
+    prompt = TokenCounter().count_chat("m", REQUEST.messages).tokens
+    [(backend, model, caller, usage, interrupted)] = bills.records
+    assert (backend, model, caller, interrupted) == ("slow", "m", "someone", True)
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (prompt, 0, True)
+    assert meter.tokens == prompt, "the call's limits settle at what it was billed"
 
 
 async def test_a_cancellation_after_the_deadline_is_the_deadlines_timeout() -> None:
@@ -96,13 +121,7 @@ async def test_an_upstream_timer_at_the_deadline_is_the_deadlines_not_the_backen
     """Given the time left as its read timeout, the HTTP client's timer sometimes fired first: the caller got
     UNAVAILABLE instead of DEADLINE_EXCEEDED, the backend a failure, and short deadlines on a slow backend opened its
     circuit for everyone."""
-    router = Router(
-        [cast(LLMProvider, TimingOut())],
-        config=RouterConfig(),
-        counter=None,  # type: ignore[arg-type]
-        ledger=None,  # type: ignore[arg-type]
-        prices=PriceTable({}, Price(prompt=5.0, completion=15.0)),
-    )
+    router = router_of(TimingOut())
     for _ in range(router.backends[0].circuit.config.failure_threshold + 1):
         meter = metering.Meter()
         metering.current_meter.set(meter)

@@ -3279,7 +3279,9 @@ type UsageRecord struct {
 	TotalTokens int64 `protobuf:"varint,7,opt,name=total_tokens,json=totalTokens,proto3" json:"total_tokens,omitempty"`
 	// Of requests, those whose usage was estimated by the gateway.
 	EstimatedRequests int64 `protobuf:"varint,8,opt,name=estimated_requests,json=estimatedRequests,proto3" json:"estimated_requests,omitempty"`
-	// Of requests, streams that broke after they had started: what they consumed is billed (and estimated).
+	// Of requests, those that ended before their answer was whole: streams that broke after they had started, and
+	// calls that ended (the caller gone, its deadline past) while the upstream had the request. What they consumed is
+	// billed, estimated: of the latter, the prompt.
 	InterruptedRequests int64 `protobuf:"varint,9,opt,name=interrupted_requests,json=interruptedRequests,proto3" json:"interrupted_requests,omitempty"`
 	// What the requests cost.
 	Cost          *Cost `protobuf:"bytes,10,opt,name=cost,proto3" json:"cost,omitempty"`

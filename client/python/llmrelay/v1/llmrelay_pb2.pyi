@@ -2013,7 +2013,10 @@ class UsageRecord(_message.Message):
     estimated_requests: _builtins.int
     """Of requests, those whose usage was estimated by the gateway."""
     interrupted_requests: _builtins.int
-    """Of requests, streams that broke after they had started: what they consumed is billed (and estimated)."""
+    """Of requests, those that ended before their answer was whole: streams that broke after they had started, and
+    calls that ended (the caller gone, its deadline past) while the upstream had the request. What they consumed is
+    billed, estimated: of the latter, the prompt.
+    """
     @_builtins.property
     def cost(self) -> Global___Cost:
         """What the requests cost."""

@@ -1538,7 +1538,11 @@ export interface UsageRecord {
   totalTokens: number;
   /** Of requests, those whose usage was estimated by the gateway. */
   estimatedRequests: number;
-  /** Of requests, streams that broke after they had started: what they consumed is billed (and estimated). */
+  /**
+   * Of requests, those that ended before their answer was whole: streams that broke after they had started, and
+   * calls that ended (the caller gone, its deadline past) while the upstream had the request. What they consumed is
+   * billed, estimated: of the latter, the prompt.
+   */
   interruptedRequests: number;
   /** What the requests cost. */
   cost: Cost | undefined;
