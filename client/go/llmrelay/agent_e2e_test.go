@@ -208,12 +208,30 @@ func TestAgentRunsTwoToolsOverSeveralSteps(t *testing.T) {
 				Tools []struct {
 					Function struct{ Name string } `json:"function"`
 				} `json:"tools"`
+				Messages []struct {
+					Role string  `json:"role"`
+					Name *string `json:"name"`
+				} `json:"messages"`
 			}
 			if err := json.Unmarshal(after[len(after)-1], &last); err != nil {
 				t.Fatal(err)
 			}
 			if len(last.Tools) != 2 || last.Tools[0].Function.Name != "get_weather" || last.Tools[1].Function.Name != "add" {
 				t.Errorf("the last request offered %+v; want get_weather and add", last.Tools)
+			}
+			// Each tool result names its function, as the other SDKs' do, and the gateway sends it on.
+			var named []string
+			for _, message := range last.Messages {
+				if message.Role == "tool" {
+					name := "<none>"
+					if message.Name != nil {
+						name = *message.Name
+					}
+					named = append(named, name)
+				}
+			}
+			if got := strings.Join(named, " "); got != "get_weather add get_weather" {
+				t.Errorf("the last request's tool results name %q; want each its function", got)
 			}
 
 			if !streaming {
@@ -373,6 +391,53 @@ func TestConversationFitsItsTokenBudget(t *testing.T) {
 	var over *llmrelay.BudgetError
 	if !errors.As(err, &over) || over.Tokens != minimum || over.Budget != minimum-1 {
 		t.Errorf("error %v, want a *BudgetError of %d tokens over %d", err, minimum, minimum-1)
+	}
+}
+
+// An agent's run fits the conversation with the tokenizer of the model it asks: the conversation's, else the
+// agent's (counted for the default chain's, a chat could fit its budget where the model's tokenizer says it does not).
+func TestAgentCountsTheConversationForItsModel(t *testing.T) {
+	var mu sync.Mutex
+	var counted []string // the model of each CountTokens, "<none>" where unset
+	record := func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker,
+		opts ...grpc.CallOption) error {
+		if count, ok := req.(*llmrelayv1.CountTokensRequest); ok {
+			model := "<none>"
+			if count.Model != nil {
+				model = count.GetModel()
+			}
+			mu.Lock()
+			counted = append(counted, model)
+			mu.Unlock()
+		}
+		return invoker(ctx, method, req, reply, cc, opts...)
+	}
+	client := setup(t, llmrelay.WithUnaryInterceptors(record))
+	agent := &llmrelay.Agent{Client: client, Model: "ollama/tiny"}
+	for _, c := range []struct {
+		conversationModel, want string
+	}{{"", "ollama/tiny"}, {"gpt-4o", "gpt-4o"}} {
+		counted = nil
+		conversation := llmrelay.NewConversation(chat("count me")...)
+		conversation.TokenBudget, conversation.Model = 100000, c.conversationModel
+		result, err := agent.Run(testContext(t), conversation)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if result.Answer.GetMessage().GetContent() != "echo: count me" {
+			t.Errorf("answer %q", result.Answer.GetMessage().GetContent())
+		}
+		if !slices.Equal(counted, []string{c.want}) {
+			t.Errorf("conversation model %q: counted for %q; want %q", c.conversationModel, counted, c.want)
+		}
+	}
+	// Conversation.CountTokens, outside a run, counts for the conversation's model only.
+	counted = nil
+	if _, err := llmrelay.NewConversation(chat("count me")...).CountTokens(testContext(t), client); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(counted, []string{"<none>"}) {
+		t.Errorf("CountTokens counted for %q; want no model named", counted)
 	}
 }
 
@@ -620,13 +685,17 @@ func TestAgentEndsWithTheContextErrorDuringAModelCall(t *testing.T) {
 
 func TestAgentCancelledWhileToolsRunAnswersEveryCall(t *testing.T) {
 	client := setup(t)
-	started := make(chan struct{})
+	started, added := make(chan struct{}), make(chan struct{})
 	wait := mustTool(t)(llmrelay.NewTool("wait", "Waits for its context to end",
 		func(ctx context.Context, _ struct{}) (string, error) {
 			close(started)
 			<-ctx.Done()
 			return "", ctx.Err()
 		}))
+	add := mustTool(t)(llmrelay.NewTool("add", "Adds two integers", func(_ context.Context, args sumArgs) (sum, error) {
+		defer close(added)
+		return sum{args.A + args.B}, nil
+	}))
 	if err := env.Upstream.AddFaults(
 		gatewaytest.Fault{"tool_calls": []map[string]string{
 			{"name": "add", "arguments": `{"a": 2, "b": 3}`},
@@ -636,18 +705,23 @@ func TestAgentCancelledWhileToolsRunAnswersEveryCall(t *testing.T) {
 	); err != nil {
 		t.Fatal(err)
 	}
-	agent := &llmrelay.Agent{Client: client, Tools: append(agentTools(t), wait)}
+	agent := &llmrelay.Agent{Client: client, Tools: []llmrelay.Tool{add, wait}}
 	conversation := llmrelay.NewConversation(chat("add, then wait")...)
 	ctx, cancel := context.WithCancel(testContext(t))
 	go func() {
 		<-started
+		<-added
+		// add has returned; its result is the run's once its goroutine has seen ctx still live, a moment later.
+		time.Sleep(50 * time.Millisecond)
 		cancel()
 	}()
 	result, err := agent.Run(ctx, conversation)
 	if !errors.Is(err, context.Canceled) {
 		t.Fatalf("error %v, want context.Canceled", err)
 	}
-	want := []string{`{"sum":5}`, `error: tool "wait" failed: context canceled`}
+	// The call that finished first keeps its result; the one still running when the run was cancelled is answered
+	// so, not with its context's error, in the other SDKs' words.
+	want := []string{`{"sum":5}`, "error: the run was cancelled before the tool finished"}
 	if got := toolResults(conversation.Messages); !slices.Equal(got, want) {
 		t.Fatalf("the conversation's tool results %q; want every call answered: %q", got, want)
 	}

@@ -18,7 +18,8 @@ type Conversation struct {
 	// TokenBudget, when above 0, is how many prompt tokens the chat may take (the model's context window less the
 	// room the answer needs).
 	TokenBudget int
-	// Model is the model whose tokenizer counts: the model the requests name ("" for the gateway's default chain).
+	// Model is the model whose tokenizer counts: the model the requests name. "" for the model of the Agent that
+	// runs it (Agent.Model), else the gateway's default chain.
 	Model string
 }
 
@@ -35,9 +36,19 @@ func (c *Conversation) Add(messages ...*llmrelayv1.Message) {
 // CountTokens counts the chat's prompt tokens for c.Model through the gateway (CountTokens), with the definitions of
 // the tools the request will offer, which count too.
 func (c *Conversation) CountTokens(ctx context.Context, client *Client, tools ...*llmrelayv1.Tool) (int, error) {
-	req := &llmrelayv1.CountTokensRequest{Messages: c.Messages, Tools: tools}
+	return c.countTokens(ctx, client, "", tools)
+}
+
+// countTokens counts as CountTokens does, for c.Model or, when it names none, for model: the model the requests
+// name (an Agent's), whose tokenizer the budget is of.
+func (c *Conversation) countTokens(ctx context.Context, client *Client, model string, tools []*llmrelayv1.Tool) (int,
+	error) {
 	if c.Model != "" {
-		req.Model = &c.Model
+		model = c.Model
+	}
+	req := &llmrelayv1.CountTokensRequest{Messages: c.Messages, Tools: tools}
+	if model != "" {
+		req.Model = &model
 	}
 	resp, err := client.CountTokens(ctx, req)
 	if err != nil {
@@ -62,12 +73,17 @@ func (e *BudgetError) Error() string {
 // returns how many messages it dropped; a *BudgetError when even the system messages and the last turn take more.
 // Without a budget (TokenBudget 0) it does nothing.
 func (c *Conversation) Fit(ctx context.Context, client *Client, tools ...*llmrelayv1.Tool) (int, error) {
+	return c.fit(ctx, client, "", tools)
+}
+
+// fit fits as Fit does, counting for c.Model or, when it names none, for model (countTokens).
+func (c *Conversation) fit(ctx context.Context, client *Client, model string, tools []*llmrelayv1.Tool) (int, error) {
 	if c.TokenBudget <= 0 {
 		return 0, nil
 	}
 	dropped := 0
 	for {
-		tokens, err := c.CountTokens(ctx, client, tools...)
+		tokens, err := c.countTokens(ctx, client, model, tools)
 		if err != nil {
 			return dropped, err
 		}

@@ -23,11 +23,11 @@ func TestOldestTurn(t *testing.T) {
 	}{
 		{"empty", nil, nil},
 		{"one turn", []*llmrelayv1.Message{System("s"), User("u"), Assistant("a")}, nil},
-		{"one turn with tools", []*llmrelayv1.Message{User("u"), toolCall, ToolResult("call_1", "r"), Assistant("a")}, nil},
+		{"one turn with tools", []*llmrelayv1.Message{User("u"), toolCall, ToolResult(toolCall.GetToolCalls()[0], "r"), Assistant("a")}, nil},
 		{"two turns", []*llmrelayv1.Message{System("s"), User("u1"), Assistant("a1"), User("u2")}, []int{1, 2}},
 		{
 			"the tool calls go with their results",
-			[]*llmrelayv1.Message{System("s"), User("u1"), toolCall, ToolResult("call_1", "r"), Assistant("a1"),
+			[]*llmrelayv1.Message{System("s"), User("u1"), toolCall, ToolResult(toolCall.GetToolCalls()[0], "r"), Assistant("a1"),
 				User("u2"), Assistant("a2")},
 			[]int{1, 2, 3, 4},
 		},

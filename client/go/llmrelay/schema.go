@@ -1,8 +1,10 @@
 package llmrelay
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"reflect"
 	"slices"
 	"strings"
@@ -14,8 +16,11 @@ import (
 // tagged omitempty (or omitzero), and no other properties. Two more tags describe a field to the model:
 // `description:"..."`, and `enum:"a,b,c"` for the values it may take (each read as the field's type reads JSON, a
 // string as it is). Field types map as encoding/json encodes them: strings, booleans, integers, numbers, arrays
-// ([]byte: a base64 string), maps with string keys, nested and embedded structs, pointers as what they point to,
-// time.Time as a date-time string, and json.RawMessage or interfaces as any JSON value.
+// ([]byte: a base64 string; a fixed-size array with exactly its length of items), maps with string keys, nested and
+// embedded structs, pointers as what they point to, time.Time as a date-time string, and json.RawMessage or
+// interfaces as any JSON value. A boolean or number field with the ,string option is a string holding its JSON
+// ("12", "true"), as encoding/json then reads it; a string field with it is refused (a quoted JSON string in a
+// string, which no model writes).
 //
 //	type Weather struct {
 //		City string `json:"city" description:"The city, e.g. Paris"`
@@ -31,8 +36,9 @@ func SchemaOf[T any]() (json.RawMessage, error) {
 	return schema, nil
 }
 
-// structSchemaFor is the schema of the struct type t as JSON text, and the names of its required properties.
-func structSchemaFor(t reflect.Type) (json.RawMessage, []string, error) {
+// structSchemaFor is the schema of the struct type t as JSON text, and the shape that arguments must have to meet it
+// where encoding/json would not check.
+func structSchemaFor(t reflect.Type) (json.RawMessage, *shape, error) {
 	if t.Kind() != reflect.Struct {
 		return nil, nil, fmt.Errorf("a tool's arguments are a JSON object, so a struct, not a %s", t.Kind())
 	}
@@ -41,7 +47,7 @@ func structSchemaFor(t reflect.Type) (json.RawMessage, []string, error) {
 		return nil, nil, err
 	}
 	text, err := json.Marshal(schema)
-	return text, schema["required"].([]string), err
+	return text, shapeOf(t), err // shapeOf after structSchema, which refuses a recursive t
 }
 
 var (
@@ -82,6 +88,10 @@ func schemaOf(t reflect.Type, visiting map[reflect.Type]bool) (map[string]any, e
 		if err != nil {
 			return nil, err
 		}
+		if t.Kind() == reflect.Array {
+			// encoding/json fills an array from as many items as it has and drops the rest: exactly its length.
+			return map[string]any{"type": "array", "items": items, "minItems": t.Len(), "maxItems": t.Len()}, nil
+		}
 		return map[string]any{"type": "array", "items": items}, nil
 	case reflect.Map:
 		if t.Key().Kind() != reflect.String {
@@ -120,6 +130,58 @@ func structSchema(t reflect.Type, visiting map[reflect.Type]bool) (map[string]an
 
 // addFields adds t's fields to properties and the names of those without omitempty to required.
 func addFields(t reflect.Type, properties map[string]any, required *[]string, visiting map[reflect.Type]bool) error {
+	for _, f := range jsonFields(t) {
+		field := f.field
+		property, err := schemaOf(field.Type, visiting)
+		if err != nil {
+			return fmt.Errorf("field %s: %w", field.Name, err)
+		}
+		quoted := f.quoted()
+		if quoted != nil {
+			// encoding/json then takes only a JSON string holding the value's JSON ("12", "true"), so the schema
+			// says so: the type the value has would have the model write what never decodes.
+			if property, err = quotedSchema(quoted); err != nil {
+				return fmt.Errorf("field %s: %w", field.Name, err)
+			}
+		}
+		if description := field.Tag.Get("description"); description != "" {
+			property["description"] = description
+		}
+		if enum, ok := field.Tag.Lookup("enum"); ok {
+			values, err := enumValues(f.valueType(), enum, quoted != nil)
+			if err != nil {
+				return fmt.Errorf("field %s: %w", field.Name, err)
+			}
+			property["enum"] = values
+		}
+		properties[f.name] = property
+		if f.required() {
+			*required = append(*required, f.name)
+		}
+	}
+	return nil
+}
+
+// jsonField is a property of a struct's JSON object: a field under its json name.
+type jsonField struct {
+	name    string
+	field   reflect.StructField
+	options []string // the json tag's options after the name: omitempty, omitzero, string
+}
+
+// jsonFields are the properties of t's JSON object as encoding/json reads them: its exported fields not tagged
+// json:"-", and an embedded struct's fields among them (encoding/json lifts them into the outer object). The schema
+// and the check of the arguments (shapeOf) both read them here, so the two never disagree.
+func jsonFields(t reflect.Type) []jsonField {
+	return liftedFields(t, map[reflect.Type]bool{})
+}
+
+// liftedFields are jsonFields of t, lifting holding the embedded structs whose fields are being lifted: a struct that
+// embeds itself (through a pointer) gives its fields once, as encoding/json reads them.
+func liftedFields(t reflect.Type, lifting map[reflect.Type]bool) []jsonField {
+	lifting[t] = true
+	defer delete(lifting, t)
+	var fields []jsonField
 	for i := range t.NumField() {
 		field := t.Field(i)
 		tag := field.Tag.Get("json")
@@ -132,9 +194,8 @@ func addFields(t reflect.Type, properties map[string]any, required *[]string, vi
 			fieldType = fieldType.Elem()
 		}
 		if field.Anonymous && name == "" && fieldType.Kind() == reflect.Struct {
-			// encoding/json lifts an embedded struct's fields into the outer object.
-			if err := addFields(fieldType, properties, required, visiting); err != nil {
-				return err
+			if !lifting[fieldType] {
+				fields = append(fields, liftedFields(fieldType, lifting)...)
 			}
 			continue
 		}
@@ -144,31 +205,67 @@ func addFields(t reflect.Type, properties map[string]any, required *[]string, vi
 		if name == "" {
 			name = field.Name
 		}
-		property, err := schemaOf(field.Type, visiting)
-		if err != nil {
-			return fmt.Errorf("field %s: %w", field.Name, err)
-		}
-		if description := field.Tag.Get("description"); description != "" {
-			property["description"] = description
-		}
-		if enum, ok := field.Tag.Lookup("enum"); ok {
-			values, err := enumValues(fieldType, enum)
-			if err != nil {
-				return fmt.Errorf("field %s: %w", field.Name, err)
-			}
-			property["enum"] = values
-		}
-		properties[name] = property
-		options := strings.Split(flags, ",")
-		if !slices.Contains(options, "omitempty") && !slices.Contains(options, "omitzero") {
-			*required = append(*required, name)
-		}
+		fields = append(fields, jsonField{name: name, field: field, options: strings.Split(flags, ",")})
+	}
+	return fields
+}
+
+// required is whether the schema requires the property: unless it is tagged omitempty or omitzero.
+func (f jsonField) required() bool {
+	return !slices.Contains(f.options, "omitempty") && !slices.Contains(f.options, "omitzero")
+}
+
+// valueType is the field's type without its pointers: the type its JSON value is read as.
+func (f jsonField) valueType() reflect.Type {
+	t := f.field.Type
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	return t
+}
+
+// quoted is the type whose JSON the field's JSON string holds when the ,string option applies to it, else nil.
+// encoding/json applies it to a bool, a number or a string, or an unnamed pointer to one (one pointer only), and
+// ignores it on any other field.
+func (f jsonField) quoted() reflect.Type {
+	if !slices.Contains(f.options, "string") {
+		return nil
+	}
+	t := f.field.Type
+	if t.Kind() == reflect.Pointer && t.Name() == "" {
+		t = t.Elem()
+	}
+	switch t.Kind() {
+	case reflect.Bool, reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64,
+		reflect.Float32, reflect.Float64, reflect.String:
+		return t
 	}
 	return nil
 }
 
-// enumValues reads an enum tag's comma-separated values as the field's type reads JSON (strings as they are).
-func enumValues(t reflect.Type, tag string) ([]any, error) {
+// quotedSchema is the schema of a field whose value encoding/json reads from a JSON string (the ,string option):
+// a string holding the JSON of t, a bool or a number, in the form encoding/json writes it.
+func quotedSchema(t reflect.Type) (map[string]any, error) {
+	switch t.Kind() {
+	case reflect.Bool:
+		return map[string]any{"type": "string", "enum": []string{"true", "false"}}, nil
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
+		return map[string]any{"type": "string", "pattern": `^-?[0-9]+$`}, nil
+	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return map[string]any{"type": "string", "pattern": `^[0-9]+$`}, nil
+	case reflect.Float32, reflect.Float64:
+		return map[string]any{"type": "string", "pattern": `^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$`}, nil
+	}
+	// A string with ,string is a JSON string holding a quoted JSON string ("\"Paris\""): a model told it is a
+	// string writes "Paris", which encoding/json refuses every time.
+	return nil, fmt.Errorf("the ,string option makes %s a JSON string holding a quoted JSON string, which a model "+
+		"does not write: drop the option, or give the tool's schema explicitly (NewRawTool)", t)
+}
+
+// enumValues reads an enum tag's comma-separated values as the field's type reads JSON (strings as they are); for a
+// field with the ,string option, each is then the JSON text encoding/json writes of it, as a string ("7", "true").
+func enumValues(t reflect.Type, tag string, quoted bool) ([]any, error) {
 	var values []any
 	for _, text := range strings.Split(tag, ",") {
 		if t.Kind() == reflect.String {
@@ -179,7 +276,154 @@ func enumValues(t reflect.Type, tag string) ([]any, error) {
 		if err := json.Unmarshal([]byte(text), value.Interface()); err != nil {
 			return nil, fmt.Errorf("enum value %q is not a %s: %w", text, t, err)
 		}
-		values = append(values, value.Elem().Interface())
+		if !quoted {
+			values = append(values, value.Elem().Interface())
+			continue
+		}
+		written, err := json.Marshal(value.Elem().Interface())
+		if err != nil {
+			return nil, fmt.Errorf("enum value %q: %w", text, err)
+		}
+		values = append(values, string(written))
 	}
 	return values, nil
+}
+
+// shape is what the schema of a type asks of its JSON that encoding/json does not check as it decodes, which a tool's
+// arguments are checked for (check) before they reach its handler: every object's required properties, at any depth
+// (encoding/json leaves a missing one, or a null one, zero), a fixed-size array's length (it fills the array from
+// fewer items and drops the extra ones), and no null for an item or a map's value that cannot be null (it makes the
+// zero value of it, whose required properties are then missing unseen).
+type shape struct {
+	// kind is the JSON value's: reflect.Struct for an object with properties, Slice or Array for an array, Map for an
+	// object of values; any other kind has nothing to check inside.
+	kind reflect.Kind
+	// nullable is whether null is a value of the type: a pointer's, an interface's or json.RawMessage's; anything
+	// else holds nothing that null could mean.
+	nullable bool
+	// properties are a struct's (kind Struct).
+	properties []propertyShape
+	// items is the shape of an array's items or a map's values.
+	items *shape
+	// length is a fixed-size array's.
+	length int
+}
+
+// propertyShape is a property of an object's shape.
+type propertyShape struct {
+	name     string
+	required bool
+	// quoted is whether the value is a JSON string holding its JSON (the ,string option), where encoding/json reads
+	// "null" as null.
+	quoted bool
+	shape  *shape
+}
+
+// shapeOf is the shape of a type that structSchema described (so no recursive one).
+func shapeOf(t reflect.Type) *shape {
+	s := &shape{}
+	for t.Kind() == reflect.Pointer {
+		t, s.nullable = t.Elem(), true
+	}
+	switch {
+	case t == rawMessageType || t.Kind() == reflect.Interface:
+		s.nullable = true
+		return s
+	case t == timeType:
+		return s
+	}
+	switch t.Kind() {
+	case reflect.Struct:
+		s.kind = reflect.Struct
+		for _, f := range jsonFields(t) {
+			s.properties = append(s.properties, propertyShape{name: f.name, required: f.required(),
+				quoted: f.quoted() != nil, shape: shapeOf(f.field.Type)})
+		}
+	case reflect.Slice, reflect.Array:
+		if t.Kind() == reflect.Slice && t.Elem().Kind() == reflect.Uint8 {
+			return s // base64 text
+		}
+		s.kind, s.items = t.Kind(), shapeOf(t.Elem())
+		if t.Kind() == reflect.Array {
+			s.length = t.Len()
+		}
+	case reflect.Map:
+		s.kind, s.items = reflect.Map, shapeOf(t.Elem())
+	}
+	return s
+}
+
+// check says what in value, the JSON at path (a property's name, dotted within objects, with [i] for an array's
+// items; "" for the arguments), falls short of the shape. A value of another JSON type than the shape's passes: the
+// decoder then says what is wrong with it, in its own words.
+func (s *shape) check(value json.RawMessage, path string) error {
+	switch s.kind {
+	case reflect.Struct:
+		var object map[string]json.RawMessage
+		if json.Unmarshal(value, &object) != nil {
+			return nil
+		}
+		for _, property := range s.properties {
+			at := joinPath(path, property.name)
+			value, present := object[property.name]
+			null := present && (isNull(value) || property.quoted && string(bytes.TrimSpace(value)) == `"null"`)
+			switch {
+			case property.required && !present:
+				return fmt.Errorf("the required property %q is missing", at)
+			case property.required && null && !property.shape.nullable:
+				return fmt.Errorf("the required property %q is missing (it is null)", at)
+			case present && !null:
+				if err := property.shape.check(value, at); err != nil {
+					return err
+				}
+			}
+		}
+	case reflect.Slice, reflect.Array:
+		var items []json.RawMessage
+		if json.Unmarshal(value, &items) != nil {
+			return nil
+		}
+		if s.kind == reflect.Array && len(items) != s.length {
+			return fmt.Errorf("the property %q takes exactly %d items, not %d", path, s.length, len(items))
+		}
+		for i, item := range items {
+			if err := s.items.checkItem(item, fmt.Sprintf("%s[%d]", path, i)); err != nil {
+				return err
+			}
+		}
+	case reflect.Map:
+		var values map[string]json.RawMessage
+		if json.Unmarshal(value, &values) != nil {
+			return nil
+		}
+		for _, key := range slices.Sorted(maps.Keys(values)) {
+			if err := s.items.checkItem(values[key], joinPath(path, key)); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// checkItem checks an array's item or a map's value, which has no name to be required under: null is refused
+// where the shape cannot be null.
+func (s *shape) checkItem(value json.RawMessage, path string) error {
+	if isNull(value) {
+		if s.nullable {
+			return nil
+		}
+		return fmt.Errorf("%q is null, which the schema does not allow", path)
+	}
+	return s.check(value, path)
+}
+
+func joinPath(path, name string) string {
+	if path == "" {
+		return name
+	}
+	return path + "." + name
+}
+
+func isNull(value json.RawMessage) bool {
+	return string(bytes.TrimSpace(value)) == "null"
 }

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"sync"
 
+	"google.golang.org/protobuf/proto"
+
 	llmrelayv1 "github.com/llmrelay/llmrelay/client/go/llmrelay/v1"
 )
 
@@ -30,9 +32,10 @@ func (e argumentsError) Error() string { return e.err.Error() }
 
 // NewTool makes a tool of a typed handler: the model's arguments are decoded into Args, a struct whose JSON Schema
 // (SchemaOf) the model gets as the tool's parameters, and the handler's result becomes the tool message: a string as
-// it is, anything else encoded by encoding/json. Arguments that are not JSON, lack a required property or name an
-// unknown one never reach the handler: the model gets a tool result that says what was wrong, as it does for an
-// error the handler returns or a panic.
+// it is, anything else encoded by encoding/json. Arguments that are not JSON, lack a required property at any depth
+// (null for one counts as missing, unless its field is a pointer or an interface), name an unknown one, or give a
+// fixed-size array another number of items never reach the handler: the model gets a tool result that says what was
+// wrong, as it does for an error the handler returns or a panic.
 //
 //	type Weather struct {
 //		City string `json:"city" description:"The city, e.g. Paris"`
@@ -41,7 +44,7 @@ func (e argumentsError) Error() string { return e.err.Error() }
 //		func(ctx context.Context, args Weather) (string, error) { return "sunny in " + args.City, nil })
 func NewTool[Args, Result any](name, description string, handler func(context.Context, Args) (Result, error)) (Tool, error) {
 	t := reflect.TypeFor[Args]()
-	parameters, required, err := structSchemaFor(t)
+	parameters, shape, err := structSchemaFor(t)
 	if err != nil {
 		return Tool{}, fmt.Errorf("llmrelay: tool %q: the schema of %s: %w", name, t, err)
 	}
@@ -50,7 +53,7 @@ func NewTool[Args, Result any](name, description string, handler func(context.Co
 		return Tool{}, err
 	}
 	run := func(ctx context.Context, arguments json.RawMessage) (string, error) {
-		args, err := decodeArguments[Args](arguments, required)
+		args, err := decodeArguments[Args](arguments, shape)
 		if err != nil {
 			return "", argumentsError{err}
 		}
@@ -100,17 +103,25 @@ func (t Tool) Definition() *llmrelayv1.Tool {
 	return t.definition
 }
 
-// ToolResult is the tool message that answers the tool call callID with content.
-func ToolResult(callID, content string) *llmrelayv1.Message {
-	return &llmrelayv1.Message{Role: llmrelayv1.Role_ROLE_TOOL, Content: content, ToolCallId: &callID}
+// ToolResult is the tool message that answers the tool call with content. It names the call's id and, as the Python
+// and TypeScript SDKs' results do, the function's name, which the gateway sends on to a format that carries it.
+func ToolResult(call *llmrelayv1.ToolCall, content string) *llmrelayv1.Message {
+	return &llmrelayv1.Message{Role: llmrelayv1.Role_ROLE_TOOL, Content: content,
+		ToolCallId: proto.String(call.GetId()), Name: proto.String(call.GetFunction().GetName())}
 }
 
+// cancelledResult is the result of a call whose run was cancelled (ctx ended) before its tool returned, the other
+// SDKs' words.
+const cancelledResult = "error: the run was cancelled before the tool finished"
+
 // RunToolCalls runs the tool calls of an assistant message, all at once, each in its own goroutine with ctx, and
-// returns their tool messages in the order of the calls once all have returned. It never fails: a call of a tool
-// not in tools, arguments the tool cannot take, and a handler that returns an error, panics or ends its goroutine
-// (runtime.Goexit) each become a tool result that says so ("error: ..."), for the model to read and correct. In a
-// result that is not valid UTF-8 (a Latin-1 file's bytes, say), each run of invalid bytes becomes U+FFFD: gRPC sends
-// no other string, and a message it could not send would fail every later call of the conversation.
+// returns their tool messages in the order of the calls once all have returned. It never fails: a call of a tool not
+// in tools, arguments the tool cannot take, and a handler that returns an error, panics or ends its goroutine
+// (runtime.Goexit) each become a tool result that says so ("error: ..."), for the model to read and correct. A
+// handler that returns once ctx has ended, whatever it returns, is answered "error: the run was cancelled before the
+// tool finished". In a result that is not valid UTF-8 (a Latin-1 file's bytes, say), each run of invalid bytes
+// becomes U+FFFD: gRPC sends no other string, and a message it could not send would fail every later call of the
+// conversation.
 func RunToolCalls(ctx context.Context, tools []Tool, calls []*llmrelayv1.ToolCall) []*llmrelayv1.Message {
 	byName := make(map[string]Tool, len(tools))
 	for _, tool := range tools {
@@ -125,12 +136,12 @@ func RunToolCalls(ctx context.Context, tools []Tool, calls []*llmrelayv1.ToolCal
 			// would fail every later model call of the conversation.
 			defer func() {
 				if results[i] == nil { // %q writes valid UTF-8 whatever the name
-					results[i] = ToolResult(call.GetId(),
+					results[i] = ToolResult(call,
 						fmt.Sprintf("error: tool %q ended without a result", call.GetFunction().GetName()))
 				}
 			}()
 			content := strings.ToValidUTF8(runToolCall(ctx, byName, call.GetFunction()), "\uFFFD")
-			results[i] = ToolResult(call.GetId(), content)
+			results[i] = ToolResult(call, content)
 		})
 	}
 	running.Wait()
@@ -155,27 +166,31 @@ func runToolCall(ctx context.Context, tools map[string]Tool, call *llmrelayv1.Fu
 	switch {
 	case errors.As(err, &invalid):
 		return fmt.Sprintf("error: tool %q cannot take the arguments %s: %v", name, call.GetArguments(), invalid.err)
+	case ctx.Err() != nil:
+		// The run ended before the tool returned: what it returned then (ctx's error, from a tool that honours its
+		// context, or whatever it had so far) is not its answer, and the model that reads the conversation later is
+		// told why it has none.
+		return cancelledResult
 	case err != nil:
 		return fmt.Sprintf("error: tool %q failed: %v", name, err)
 	}
 	return result
 }
 
-// decodeArguments decodes a call's arguments into Args, refusing text that is not JSON, an unknown property, and an
-// object without a required one ("" counts as {}).
-func decodeArguments[Args any](arguments json.RawMessage, required []string) (Args, error) {
+// decodeArguments decodes a call's arguments into Args ("" counts as {}), refusing text that is not JSON, an unknown
+// property, and what falls short of Args' schema where encoding/json would decode it all the same (shape: a required
+// property missing or null at any depth, ...).
+func decodeArguments[Args any](arguments json.RawMessage, shape *shape) (Args, error) {
 	var args Args
 	if len(bytes.TrimSpace(arguments)) == 0 {
 		arguments = json.RawMessage("{}")
 	}
-	var present map[string]json.RawMessage
-	if err := json.Unmarshal(arguments, &present); err != nil {
+	var object map[string]json.RawMessage
+	if err := json.Unmarshal(arguments, &object); err != nil {
 		return args, fmt.Errorf("not a JSON object: %w", err)
 	}
-	for _, name := range required {
-		if _, ok := present[name]; !ok {
-			return args, fmt.Errorf("the required property %q is missing", name)
-		}
+	if err := shape.check(arguments, ""); err != nil {
+		return args, err
 	}
 	decoder := json.NewDecoder(bytes.NewReader(arguments))
 	decoder.DisallowUnknownFields()

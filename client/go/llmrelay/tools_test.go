@@ -8,7 +8,10 @@ import (
 	"encoding/json"
 	"errors"
 	"runtime"
+	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -76,15 +79,17 @@ func TestRunToolCallsAnswersEachCallInOrder(t *testing.T) {
 		call("call_2", "echo", ""),
 		call("call_3", "add", `{"a": 1, "b": -1}`),
 	})
-	want := []struct{ id, content string }{{"call_1", `{"sum":5}`}, {"call_2", "{}"}, {"call_3", `{"sum":0}`}}
+	want := []struct{ id, name, content string }{
+		{"call_1", "add", `{"sum":5}`}, {"call_2", "echo", "{}"}, {"call_3", "add", `{"sum":0}`}}
 	if len(results) != len(want) {
 		t.Fatalf("%d results for %d calls", len(results), len(want))
 	}
 	for i, result := range results {
+		// The name too, as the other SDKs' results have it.
 		if result.GetRole() != llmrelayv1.Role_ROLE_TOOL || result.GetToolCallId() != want[i].id ||
-			result.GetContent() != want[i].content {
-			t.Errorf("result %d: %s %q %q; want tool %q %q", i, result.GetRole(), result.GetToolCallId(),
-				result.GetContent(), want[i].id, want[i].content)
+			result.Name == nil || result.GetName() != want[i].name || result.GetContent() != want[i].content {
+			t.Errorf("result %d: %s %q %q %q; want tool %q %q %q", i, result.GetRole(), result.GetToolCallId(),
+				result.GetName(), result.GetContent(), want[i].id, want[i].name, want[i].content)
 		}
 	}
 }
@@ -146,7 +151,7 @@ func TestRunToolCallsAnswersAToolThatEndsItsGoroutine(t *testing.T) {
 		t.Fatalf("results %v; want one for each call", results)
 	}
 	if results[0].GetContent() != `error: tool "quits" ended without a result` || results[0].GetToolCallId() != "1" ||
-		results[0].GetRole() != llmrelayv1.Role_ROLE_TOOL {
+		results[0].GetName() != "quits" || results[0].GetRole() != llmrelayv1.Role_ROLE_TOOL {
 		t.Errorf("result of the call to quits: %v", results[0])
 	}
 	if results[1].GetContent() != `{"sum":3}` || results[1].GetToolCallId() != "2" {
@@ -205,19 +210,128 @@ func TestRunToolCallsRunsThemAtOnce(t *testing.T) {
 	}
 }
 
+type requestKey struct{}
+
 func TestRunToolCallsPassesTheContext(t *testing.T) {
-	ctx, cancel := context.WithCancel(context.Background())
-	waiting := mustTool(t)(llmrelay.NewTool("wait", "", func(ctx context.Context, _ struct{}) (string, error) {
-		cancel()
-		select {
-		case <-ctx.Done():
-			return "", ctx.Err()
-		case <-time.After(10 * time.Second):
-			return "not cancelled", nil
-		}
+	ctx := context.WithValue(context.Background(), requestKey{}, "request 7")
+	reading := mustTool(t)(llmrelay.NewTool("read", "", func(ctx context.Context, _ struct{}) (string, error) {
+		said, _ := ctx.Value(requestKey{}).(string)
+		return said, nil
 	}))
-	results := llmrelay.RunToolCalls(ctx, []llmrelay.Tool{waiting}, []*llmrelayv1.ToolCall{call("1", "wait", "{}")})
-	if got := results[0].GetContent(); got != `error: tool "wait" failed: context canceled` {
-		t.Errorf("result %q, want the cancellation", got)
+	results := llmrelay.RunToolCalls(ctx, []llmrelay.Tool{reading}, []*llmrelayv1.ToolCall{call("1", "read", "{}")})
+	if got := results[0].GetContent(); got != "request 7" {
+		t.Errorf("result %q, want the value of the caller's context", got)
+	}
+}
+
+// A tool still running when the run's context ends is answered as the other SDKs answer it, whatever it returns
+// then: its context's error (a tool that honours it), or what it had so far (one that does not). A call whose
+// arguments were refused says so still: its tool never ran.
+func TestRunToolCallsAnswersTheCallsOfACancelledRun(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var running sync.WaitGroup
+	running.Add(2)
+	go func() {
+		running.Wait()
+		cancel()
+	}()
+	honouring := mustTool(t)(llmrelay.NewTool("honours", "", func(ctx context.Context, _ struct{}) (string, error) {
+		running.Done()
+		<-ctx.Done()
+		return "", ctx.Err()
+	}))
+	ignoring := mustTool(t)(llmrelay.NewTool("ignores", "", func(ctx context.Context, _ struct{}) (string, error) {
+		running.Done()
+		<-ctx.Done()
+		return "half of it", nil
+	}))
+	results := llmrelay.RunToolCalls(ctx, []llmrelay.Tool{honouring, ignoring, addTool(t)}, []*llmrelayv1.ToolCall{
+		call("1", "honours", "{}"), call("2", "ignores", "{}"), call("3", "add", `{"a": 1}`)})
+	want := []string{
+		"error: the run was cancelled before the tool finished",
+		"error: the run was cancelled before the tool finished",
+		`error: tool "add" cannot take the arguments {"a": 1}: the required property "b" is missing`,
+	}
+	for i, result := range results {
+		if result.GetContent() != want[i] {
+			t.Errorf("result %d: %q, want %q", i, result.GetContent(), want[i])
+		}
+	}
+}
+
+type point struct {
+	X int `json:"x"`
+	Y int `json:"y,omitempty"`
+}
+
+type pathArgs struct {
+	Start  point            `json:"start"`
+	Via    []point          `json:"via,omitempty"`
+	Named  map[string]point `json:"named,omitempty"`
+	End    *point           `json:"end"` // required, and null is a value of it: no end
+	Size   [2]int           `json:"size,omitempty"`
+	Steps  int              `json:"steps"`
+	Weight int              `json:"weight,string"`
+	Notes  any              `json:"notes"` // any JSON value, null too
+}
+
+// The schema's required properties are required at every depth, and null is no value of a field that cannot hold it:
+// encoding/json alone would hand the handler zeros for them.
+func TestNewToolChecksTheArgumentsAtEveryDepth(t *testing.T) {
+	var ran atomic.Int32 // the calls run at once
+	tool := mustTool(t)(llmrelay.NewTool("path", "", func(_ context.Context, args pathArgs) (string, error) {
+		ran.Add(1)
+		return "ok", nil
+	}))
+	valid := `"start": {"x": 1}, "end": null, "steps": 3, "weight": "2", "notes": null`
+	cases := []struct {
+		arguments string
+		want      string // "ok": the handler ran
+	}{
+		{"{" + valid + "}", "ok"},
+		{`{"start": {"x": 1}, "end": {"x": 2}, "steps": 0, "weight": "-2", "notes": 1, "via": [{"x": 3}, {"x": 4, "y": 5}],
+			"named": {"a": {"x": 6}}, "size": [7, 8]}`, "ok"},
+		{`{"start": {}, "end": null, "steps": 3, "weight": "2", "notes": null}`,
+			`the required property "start.x" is missing`},
+		{`{"start": {"x": null}, "end": null, "steps": 3, "weight": "2", "notes": null}`,
+			`the required property "start.x" is missing (it is null)`},
+		{`{"start": null, "end": null, "steps": 3, "weight": "2", "notes": null}`,
+			`the required property "start" is missing (it is null)`},
+		{`{"start": {"x": 1}, "end": null, "steps": null, "weight": "2", "notes": null}`,
+			`the required property "steps" is missing (it is null)`},
+		{`{"start": {"x": 1}, "end": null, "steps": 3, "weight": "null", "notes": null}`,
+			`the required property "weight" is missing (it is null)`},
+		{`{"start": {"x": 1}, "steps": 3, "weight": "2", "notes": null}`, `the required property "end" is missing`},
+		{"{" + valid + `, "end": {"y": 1}}`, `the required property "end.x" is missing`},
+		{"{" + valid + `, "via": [{"x": 1}, {"y": 2}]}`, `the required property "via[1].x" is missing`},
+		{"{" + valid + `, "via": [{"x": 1}, null]}`, `"via[1]" is null, which the schema does not allow`},
+		{"{" + valid + `, "named": {"a": {"x": 1}, "b": {}}}`, `the required property "named.b.x" is missing`},
+		{"{" + valid + `, "size": [1, 2, 3]}`, `the property "size" takes exactly 2 items, not 3`},
+		{"{" + valid + `, "size": [1]}`, `the property "size" takes exactly 2 items, not 1`},
+		// Of another JSON type than the schema's: the decoder's words.
+		{`{"start": 5, "end": null, "steps": 3, "weight": "2", "notes": null}`, "cannot unmarshal number"},
+		{"{" + valid + `, "start": {"x": 1, "z": 2}}`, `unknown field "z"`},
+	}
+	var calls []*llmrelayv1.ToolCall
+	for i, c := range cases {
+		calls = append(calls, call(strconv.Itoa(i), "path", c.arguments))
+	}
+	results := llmrelay.RunToolCalls(context.Background(), []llmrelay.Tool{tool}, calls)
+	var handled int32
+	for i, c := range cases {
+		got := results[i].GetContent()
+		if c.want == "ok" {
+			handled++
+			if got != "ok" {
+				t.Errorf("arguments %s: %q, want the handler's result", c.arguments, got)
+			}
+			continue
+		}
+		if !strings.HasPrefix(got, `error: tool "path" cannot take the arguments`) || !strings.Contains(got, c.want) {
+			t.Errorf("arguments %s: %q, want it refused: %q", c.arguments, got, c.want)
+		}
+	}
+	if ran.Load() != handled {
+		t.Errorf("the handler ran %d times, want %d: only for the arguments that meet the schema", ran.Load(), handled)
 	}
 }

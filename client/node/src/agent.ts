@@ -32,7 +32,16 @@ export interface AgentTool<Args = unknown> {
   readonly description: string | undefined;
   /** The tool's definition in a request. */
   readonly definition: ToolInput;
-  /** Runs the function; the result goes to the model as text (a string as it is, anything else as JSON). */
+  /**
+   * What is wrong with the model's arguments (a JSON object, parsed), each problem with its path; none when they
+   * fit. A call whose arguments have a problem is answered with an error result that lists them, and run() is not
+   * called. Unset, any JSON object goes to run().
+   */
+  check?(args: Record<string, unknown>): string[];
+  /**
+   * Runs the function; the result goes to the model as text: a string as it is, undefined as null, anything else as
+   * JSON (or, where JSON cannot hold it, an error result that says so).
+   */
   run(args: Args, context: ToolContext): unknown;
 }
 
@@ -41,7 +50,11 @@ export interface ToolSpec<Args> {
   name: string;
   /** What it does and when to use it, for the model. */
   description?: string;
-  /** Its arguments: a schema from `s` (which types `run`'s arguments), or a JSON Schema as an object or text. */
+  /**
+   * Its arguments: a schema from `s`, which types `run`'s arguments and checks the model's before run gets them, or
+   * a JSON Schema as an object or text, which is the model's to follow: the arguments are only checked to be a JSON
+   * object (no general JSON Schema validator here), so `run` should check what it relies on.
+   */
   parameters: Schema<Args, boolean> | object | string;
   /** Whether the model must follow the schema exactly (where the upstream supports it). */
   strict?: boolean;
@@ -62,11 +75,13 @@ export interface ToolSpec<Args> {
  * ```
  */
 export function tool<Args = Record<string, unknown>>(spec: ToolSpec<Args>): AgentTool<Args> {
-  const parameters = isSchema(spec.parameters) ? spec.parameters.json : spec.parameters;
+  const built = isSchema(spec.parameters) ? spec.parameters : undefined;
+  const parameters = built?.json ?? spec.parameters;
   return {
     name: spec.name,
     description: spec.description,
     definition: functionTool(spec.name, parameters, { description: spec.description, strict: spec.strict }),
+    check: built === undefined ? undefined : (args) => built.check(args),
     run: spec.run,
   };
 }
@@ -175,8 +190,10 @@ export class Agent {
       let answer: CompleteResponse;
       try {
         if (conversation.options.budgetTokens !== undefined) {
-          // The tools' definitions go with the prompt, so they take their share of the budget.
-          await conversation.fit(this.client, { ...callOptions, tools: requestOptions.tools });
+          // The tools' definitions go with the prompt, so they take their share of the budget; counted by the
+          // tokenizer of the model the step calls, unless the conversation names its own.
+          const countOptions = { ...callOptions, tools: requestOptions.tools, model: this.options.model };
+          await conversation.fit(this.client, countOptions);
         }
         const request = { model: this.options.model, messages: conversation.messages, options: requestOptions };
         answer = onDelta
@@ -216,7 +233,13 @@ export class Agent {
     if (!signal?.aborted) {
       const running = Promise.all(
         calls.map(async (call, i) => {
-          results[i] = await this.runCall(call, signal);
+          const result = await this.runCall(call, signal);
+          // A tool that honours the signal settles once it aborts, with what it had or an error of its own, before or
+          // after this run stops waiting as listeners happen to be ordered: whatever it gave, it did not finish, and
+          // its call is answered so (CANCELLED_RESULT, below), as in the Python SDK.
+          if (!signal?.aborted) {
+            results[i] = result;
+          }
         }),
       );
       await untilAborted(running, signal);
@@ -224,7 +247,10 @@ export class Agent {
     return calls.map((call, i) => toolMessage(call, results[i] ?? CANCELLED_RESULT));
   }
 
-  /** One call's result as text for the model: the tool's, or what went wrong (unknown tool, bad JSON, a throw). */
+  /**
+   * One call's result as text for the model: the tool's, or what went wrong (unknown tool, bad JSON, arguments that
+   * are not an object or do not fit the tool's schema, a throw, a result JSON cannot hold).
+   */
   private async runCall(call: ToolCall, signal: AbortSignal | undefined): Promise<string> {
     const name = call.function?.name ?? "";
     const found = this.tools.get(name);
@@ -238,11 +264,26 @@ export class Agent {
     } catch (err) {
       return `error: the arguments of ${name} are not valid JSON (${errorText(err)}); call it again with a JSON object`;
     }
+    // Arguments are named, so only an object can be them: [1, 2] for add(a, b) would reach the tool as no a or b.
+    if (typeof args !== "object" || args === null || Array.isArray(args)) {
+      return `error: the arguments of ${JSON.stringify(name)} must be a JSON object, not ${jsonKind(args)}`;
+    }
+    let problems: string[];
     try {
-      return resultText(await (found as AgentTool<unknown>).run(args, { call, signal }));
+      problems = found.check?.(args as Record<string, unknown>) ?? [];
+    } catch (err) {
+      return `error: ${name} failed: checking its arguments: ${errorText(err)}`; // a hand-made AgentTool's check
+    }
+    if (problems.length > 0) {
+      return `error: invalid arguments for ${JSON.stringify(name)}: ${problems.join("; ")}`;
+    }
+    let value: unknown;
+    try {
+      value = await (found as AgentTool<unknown>).run(args, { call, signal });
     } catch (err) {
       return `error: ${name} failed: ${errorText(err)}`;
     }
+    return resultText(value);
   }
 }
 
@@ -265,19 +306,69 @@ async function untilAborted(work: Promise<unknown>, signal: AbortSignal | undefi
   }
 }
 
+/** What a parsed JSON value is, for an error text: "an array", "a string", "null", ... */
+function jsonKind(value: unknown): string {
+  if (value === null) return "null";
+  if (Array.isArray(value)) return "an array";
+  return typeof value === "object" ? "an object" : `a ${typeof value}`;
+}
+
+/**
+ * A tool's result as the text of its tool message: a string as it is; undefined (a function that returns nothing)
+ * "null", as Python's None and Go's nil are; anything else its JSON. Where JSON cannot hold the result, an error
+ * result that says why, as the Python and Go SDKs give, and never an empty text, which would read as a call never
+ * finished: a function or a Symbol, a BigInt or a cycle, and what JSON.stringify would write as something else
+ * without a word (NaN and ±Infinity as null, a Map or a Set as {}), anywhere in it.
+ */
 function resultText(value: unknown): string {
   if (typeof value === "string") {
     return value;
   }
   if (value === undefined) {
-    return "";
+    return "null";
   }
-  // undefined for a function or a Symbol (typed string all the same), which would read as a call never finished.
-  const text: string | undefined = JSON.stringify(value);
+  let text: string | undefined;
+  try {
+    text = JSON.stringify(value, refusingLossyValues());
+  } catch (err) {
+    return `error: the tool's result cannot be written as JSON (${errorText(err)})`;
+  }
   if (text === undefined) {
-    throw new TypeError(`its result (a ${typeof value}) cannot be written as JSON`);
+    return `error: the tool's result cannot be written as JSON (a ${typeof value} has no JSON form)`;
   }
   return text;
+}
+
+/**
+ * A replacer for JSON.stringify that throws, naming the path ("result.scores[1]"), at a value it would write as
+ * another: NaN and ±Infinity (as null), a Map or a Set (as {}). JSON.stringify calls a replacer with the holder as
+ * `this` before it descends into the value, so each object's path is known when its own members come.
+ */
+function refusingLossyValues(): (this: unknown, key: string, value: unknown) => unknown {
+  const paths = new WeakMap<object, string>();
+  return function (this: unknown, key: string, value: unknown): unknown {
+    const holder = typeof this === "object" && this !== null ? this : undefined;
+    const parent = holder === undefined ? undefined : paths.get(holder);
+    // The top-level value comes first, under the key "" of a holder made for it.
+    const path =
+      parent === undefined
+        ? "result"
+        : Array.isArray(holder) || ArrayBuffer.isView(holder)
+          ? `${parent}[${key}]`
+          : `${parent}.${key}`;
+    const number = value instanceof Number ? value.valueOf() : value;
+    if (typeof number === "number" && !Number.isFinite(number)) {
+      throw new TypeError(`${number} at ${path}: JSON has no NaN or Infinity`);
+    }
+    if (value instanceof Map || value instanceof Set) {
+      const kind = value instanceof Map ? "Map" : "Set";
+      throw new TypeError(`a ${kind} at ${path}, which JSON.stringify writes as {}: return an object or an array`);
+    }
+    if (typeof value === "object" && value !== null) {
+      paths.set(value, path);
+    }
+    return value;
+  };
 }
 
 /**

@@ -25,6 +25,11 @@ export interface CountOptions extends CallOptions {
    * an Agent passes the tools it sends.
    */
   tools?: ToolInput[];
+  /**
+   * The model whose tokenizer counts when the conversation's options name none: an Agent passes the model it calls,
+   * so that the budget is counted in that model's tokens (the conversation's own model, when set, still counts).
+   */
+  model?: string;
 }
 
 /** What fit() did. */
@@ -97,11 +102,12 @@ export class Conversation {
 
   /**
    * Counts the tokens of the messages and the tools (countOptions.tools, else the options' tools) for the options'
-   * model, through CountTokens.
+   * model (else countOptions.model, else the gateway's default), through CountTokens.
    */
   async countTokens(client: Client, countOptions: CountOptions = {}): Promise<number> {
-    const { tools = this.options.tools, ...callOptions } = countOptions;
-    const answer = await client.countTokens({ model: this.options.model, tools, messages: this.history }, callOptions);
+    const { tools = this.options.tools, model, ...callOptions } = countOptions;
+    const request = { model: this.options.model ?? model, tools, messages: this.history };
+    const answer = await client.countTokens(request, callOptions);
     return answer.tokenCount;
   }
 

@@ -1,6 +1,6 @@
 /**
- * Unit tests of the agent helpers' pure parts, without a server: the schema builder, tool definitions, usage sums,
- * and the turns a conversation trims. The loop itself runs end to end in e2e.test.ts.
+ * Unit tests of the agent helpers' pure parts, without a server: the schema builder and its check, tool definitions,
+ * tool results, usage sums, and the turns a conversation trims. The loop itself runs end to end in e2e.test.ts.
  */
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
@@ -61,6 +61,88 @@ describe("the schema builder", () => {
   });
 });
 
+describe("the schema builder's check", () => {
+  const order = s.object({
+    city: s.string(),
+    unit: s.enum(["celsius", "fahrenheit"]).optional(),
+    days: s.array(s.integer()).optional(),
+    detailed: s.boolean(),
+    ratio: s.number().describe("a ratio").optional(),
+    address: s.object({ street: s.string(), "zip code": s.integer().optional() }).optional(),
+  });
+
+  test("passes values that fit, optional properties left out or there", () => {
+    assert.deepEqual(order.check({ city: "Paris", detailed: false }), []);
+    const full = {
+      city: "Paris",
+      unit: "celsius",
+      days: [1, 2, -3],
+      detailed: true,
+      ratio: 0.5,
+      address: { street: "Rue de Rivoli", "zip code": 75001 },
+    };
+    assert.deepEqual(order.check(full), []);
+    assert.deepEqual(s.object({}).check({}), []);
+  });
+
+  test("names each part that does not fit, with its path", () => {
+    assert.deepEqual(
+      order.check({
+        city: 123,
+        unit: "kelvin",
+        days: [1, 1.5, "2"],
+        detailed: "yes",
+        ratio: null,
+        address: { "zip code": 7.5, floor: 2 },
+        extra: true,
+      }),
+      [
+        "city: expected a string, got a number",
+        'unit: expected one of "celsius", "fahrenheit", got "kelvin"',
+        "days[1]: expected an integer, got 1.5",
+        "days[2]: expected an integer, got a string",
+        "detailed: expected a boolean, got a string",
+        "ratio: expected a number, got null",
+        'address: the required property "street" is missing',
+        'address."zip code": expected an integer, got 7.5',
+        'address: there is no property "floor" (the properties are: street, zip code)',
+        'there is no property "extra" (the properties are: city, unit, days, detailed, ratio, address)',
+      ],
+    );
+  });
+
+  test("refuses what is not an object where one is, and says what it got", () => {
+    assert.deepEqual(order.check([1, 2]), ["expected an object, got an array"]);
+    assert.deepEqual(order.check(null), ["expected an object, got null"]);
+    assert.deepEqual(order.check({ city: "Oslo", detailed: true, address: "Main St" }), [
+      "address: expected an object, got a string",
+    ]);
+    assert.deepEqual(order.check({ city: "Oslo", detailed: true, days: { 0: 1 } }), [
+      "days: expected an array, got an object",
+    ]);
+    assert.deepEqual(s.object({}).check({ a: 1 }), ['there is no property "a" (it takes none)']);
+  });
+
+  test("lists every missing required property, and counts only own properties", () => {
+    assert.deepEqual(order.check({}), [
+      'the required property "city" is missing',
+      'the required property "detailed" is missing',
+    ]);
+    // JSON.parse makes "__proto__" an own property, and "toString" is no property of the arguments.
+    assert.deepEqual(s.object({ toString: s.string().optional() }).check(JSON.parse('{"__proto__":1}')), [
+      'there is no property "__proto__" (the properties are: toString)',
+    ]);
+  });
+
+  test("refuses a number JSON.parse read as Infinity", () => {
+    assert.deepEqual(s.number().check(JSON.parse("1e400"), "x"), ["x: expected a number, got Infinity"]);
+  });
+
+  test("describe and optional keep the check", () => {
+    assert.deepEqual(s.integer().describe("a count").optional().check(2.5, "n"), ["n: expected an integer, got 2.5"]);
+  });
+});
+
 describe("tool", () => {
   test("sends a builder's schema as JSON text, with the description", () => {
     const weather = tool({
@@ -97,21 +179,21 @@ describe("tool", () => {
   });
 });
 
-describe("a tool that throws what is not an Error", () => {
-  /** A client whose model asks for the calls once, then answers: the run is the Agent's alone, without a server. */
-  function scriptedClient(calls: { name: string }[]): Client {
-    const answers = [
-      CompleteResponse.fromPartial({
-        message: {
-          role: Role.ROLE_ASSISTANT,
-          toolCalls: calls.map(({ name }, i) => ({ id: `call_${i}`, function: { name, arguments: "{}" } })),
-        },
-      }),
-      CompleteResponse.fromPartial({ message: { role: Role.ROLE_ASSISTANT, content: "done" } }),
-    ];
-    return { complete: async () => answers.shift()! } as unknown as Client;
-  }
+/** A client whose model asks for the calls once, then answers: the run is the Agent's alone, without a server. */
+function scriptedClient(calls: { name: string }[]): Client {
+  const answers = [
+    CompleteResponse.fromPartial({
+      message: {
+        role: Role.ROLE_ASSISTANT,
+        toolCalls: calls.map(({ name }, i) => ({ id: `call_${i}`, function: { name, arguments: "{}" } })),
+      },
+    }),
+    CompleteResponse.fromPartial({ message: { role: Role.ROLE_ASSISTANT, content: "done" } }),
+  ];
+  return { complete: async () => answers.shift()! } as unknown as Client;
+}
 
+describe("a tool that throws what is not an Error", () => {
   test("is answered with an error result that says what it threw, and the step's other results are kept", async () => {
     const bare: Record<string, unknown> = Object.create(null); // String() of it throws: no toString
     bare.detail = "the disk is full";
@@ -142,6 +224,46 @@ describe("a tool that throws what is not an Error", () => {
         ["call_1", 'error: plain failed: {"code":7,"reason":"quota"}'],
         ["call_2", "error: cyclic failed: [object Object]"],
         ["call_3", "ok"],
+      ],
+    );
+  });
+});
+
+describe("a tool's result", () => {
+  test("goes as JSON, or as an error that says why JSON cannot hold it, wherever in it the trouble is", async () => {
+    const cyclic: Record<string, unknown> = { name: "loop" };
+    cyclic.self = cyclic;
+    const cycleError = (() => {
+      try {
+        JSON.stringify(cyclic);
+      } catch (err) {
+        return (err as Error).message;
+      }
+    })();
+    const results: [string, unknown][] = [
+      ["nothing", undefined],
+      ["nil", null],
+      ["date", { at: new Date(0) }],
+      ["cyclic", cyclic],
+      ["typed", { samples: new Float64Array([1, NaN]) }],
+      ["boxed", [new Number(Infinity)]],
+      ["to_json", { toJSON: () => ({ ratio: NaN }) }],
+      ["symbol", Symbol("s")],
+    ];
+    const tools = results.map(([name, value]) => tool({ name, parameters: s.object({}), run: () => value }));
+    const result = await new Agent(scriptedClient(results.map(([name]) => ({ name }))), { tools }).run([user("go")]);
+    const unwritable = "error: the tool's result cannot be written as JSON";
+    assert.deepEqual(
+      result.conversation.messages.filter((m) => m.role === Role.ROLE_TOOL).map((m) => [m.name, m.content]),
+      [
+        ["nothing", "null"],
+        ["nil", "null"],
+        ["date", '{"at":"1970-01-01T00:00:00.000Z"}'],
+        ["cyclic", `${unwritable} (${cycleError})`],
+        ["typed", `${unwritable} (NaN at result.samples[1]: JSON has no NaN or Infinity)`],
+        ["boxed", `${unwritable} (Infinity at result[0]: JSON has no NaN or Infinity)`],
+        ["to_json", `${unwritable} (NaN at result.ratio: JSON has no NaN or Infinity)`],
+        ["symbol", `${unwritable} (a symbol has no JSON form)`],
       ],
     );
   });

@@ -3,6 +3,7 @@
  * the upstream scripted to ask for tools and then to answer with their results.
  */
 import assert from "node:assert/strict";
+import { setTimeout as sleep } from "node:timers/promises";
 import { after, before, beforeEach, describe, test } from "node:test";
 
 import {
@@ -247,8 +248,88 @@ describe("the agent loop", { concurrency: false }, () => {
     const result = await new Agent(client, { tools: [handler, count] }).run([user("call them")]);
     assert.equal(
       result.answer.message?.content,
-      "tools: handler=error: handler failed: its result (a function) cannot be written as JSON; " +
-        `count=error: count failed: ${bigintError}`,
+      "tools: handler=error: the tool's result cannot be written as JSON (a function has no JSON form); " +
+        `count=error: the tool's result cannot be written as JSON (${bigintError})`,
+    );
+  });
+
+  test("arguments that do not fit the tool's schema are an error result, and the tool does not run", async () => {
+    await upstream.addFaults(
+      {
+        tool_calls: [
+          { name: "add", arguments: "[1,2]" },
+          { name: "add", arguments: '{"a":1}' },
+          { name: "add", arguments: '{"a":1,"b":2,"c":3}' },
+          { name: "add", arguments: '{"a":1,"b":"2"}' },
+          { name: "get_weather", arguments: '{"city":123}' },
+          { name: "search", arguments: '"Paris"' },
+          { name: "search", arguments: '{"q":"Paris","page":2}' },
+          { name: "add", arguments: '{"a":1,"b":2}' },
+        ],
+      },
+      { echo_tools: true },
+    );
+    const ran: unknown[] = [];
+    const add = tool({
+      name: "add",
+      parameters: s.object({ a: s.number(), b: s.number() }),
+      run: (args) => {
+        ran.push(args);
+        return args.a + args.b;
+      },
+    });
+    // A raw JSON Schema is the model's to follow: only "an object" is checked, so the unknown "page" goes through.
+    const search = tool<{ q: string }>({
+      name: "search",
+      parameters: { type: "object", properties: { q: { type: "string" } }, required: ["q"] },
+      run: (args) => {
+        ran.push(args);
+        return `found ${JSON.stringify(args)}`;
+      },
+    });
+    const [weather] = weatherAndClock(async () => {});
+    const result = await new Agent(client, { tools: [add, search, weather!] }).run([user("Add them")]);
+    assert.equal(
+      result.answer.message?.content,
+      [
+        'add=error: the arguments of "add" must be a JSON object, not an array',
+        'add=error: invalid arguments for "add": the required property "b" is missing',
+        'add=error: invalid arguments for "add": there is no property "c" (the properties are: a, b)',
+        'add=error: invalid arguments for "add": b: expected a number, got a string',
+        'get_weather=error: invalid arguments for "get_weather": city: expected a string, got a number',
+        'search=error: the arguments of "search" must be a JSON object, not a string',
+        'search=found {"q":"Paris","page":2}',
+        "add=3",
+      ]
+        .join("; ")
+        .replace(/^/, "tools: "),
+    );
+    assert.deepEqual(ran, [{ q: "Paris", page: 2 }, { a: 1, b: 2 }], "only the calls whose arguments fit ran");
+  });
+
+  test("a tool result JSON would write wrongly is an error result, and undefined is null", async () => {
+    const results: [string, unknown][] = [
+      ["nan", NaN],
+      ["deep", { scores: [1, -Infinity] }],
+      ["map", new Map([["a", 1]])],
+      ["set", { tags: new Set(["x"]) }],
+      ["nothing", undefined],
+      ["empty", ""],
+    ];
+    await upstream.addFaults(
+      { tool_calls: results.map(([name]) => ({ name, arguments: "{}" })) },
+      { echo_tools: true },
+    );
+    const tools = results.map(([name, value]) => tool({ name, parameters: s.object({}), run: () => value }));
+    const result = await new Agent(client, { tools }).run([user("call them")]);
+    const unwritable = "error: the tool's result cannot be written as JSON";
+    assert.equal(
+      result.answer.message?.content,
+      `tools: nan=${unwritable} (NaN at result: JSON has no NaN or Infinity); ` +
+        `deep=${unwritable} (-Infinity at result.scores[1]: JSON has no NaN or Infinity); ` +
+        `map=${unwritable} (a Map at result, which JSON.stringify writes as {}: return an object or an array); ` +
+        `set=${unwritable} (a Set at result.tags, which JSON.stringify writes as {}: return an object or an array); ` +
+        "nothing=null; empty=",
     );
   });
 
@@ -340,6 +421,56 @@ describe("the agent loop", { concurrency: false }, () => {
     assert.equal(await upstream.requestCount(), before + 1, "no step after the abort");
   });
 
+  test("a tool that gives up when the signal aborts is answered that the run was cancelled", async () => {
+    await upstream.addFaults({
+      tool_calls: [
+        { name: "slow", arguments: "{}" },
+        { name: "eager", arguments: "{}" },
+        { name: "polite", arguments: "{}" },
+        { name: "get_time", arguments: '{"city":"Oslo"}' },
+      ],
+    });
+    const controller = new AbortController();
+    const reason = new Error("the user gave up");
+    // Rejects with an AbortError ("This operation was aborted") once the signal aborts, as timers and fetch do.
+    const slow = tool({
+      name: "slow",
+      parameters: s.object({}),
+      run: async (_, { signal }) => {
+        setTimeout(() => controller.abort(reason), 100);
+        await sleep(30_000, undefined, { signal });
+        return "woke up";
+      },
+    });
+    // Rejects at once in its own listener, which runs before the agent's.
+    const eager = tool({
+      name: "eager",
+      parameters: s.object({}),
+      run: (_, { signal }) =>
+        new Promise((_, reject) =>
+          signal?.addEventListener("abort", () => reject(new Error("This operation was aborted"))),
+        ),
+    });
+    // Returns what it has once the signal aborts: still not a finished call.
+    const polite = tool({
+      name: "polite",
+      parameters: s.object({}),
+      run: (_, { signal }) => new Promise((resolve) => signal?.addEventListener("abort", () => resolve("partial"))),
+    });
+    const agent = new Agent(client, { tools: [slow, eager, polite, ...weatherAndClock(async () => {})] });
+    const conversation = new Conversation([user("Sleep")]);
+    await assert.rejects(agent.run(conversation, { signal: controller.signal }), (err) => err === reason);
+    assert.deepEqual(
+      conversation.messages.filter((m) => m.role === Role.ROLE_TOOL).map((m) => [m.name, m.content]),
+      [
+        ["slow", "error: the run was cancelled before the tool finished"],
+        ["eager", "error: the run was cancelled before the tool finished"],
+        ["polite", "error: the run was cancelled before the tool finished"],
+        ["get_time", "12:00 in Oslo"],
+      ],
+    );
+  });
+
   for (const streamed of [false, true]) {
     test(`an AbortSignal during a model call rejects the run with its reason${streamed ? " (onDelta)" : ""}`, async () => {
       // The call failed CANCELLED, and the run rejected with that rather than the reason its documentation promises.
@@ -420,6 +551,28 @@ describe("Conversation", { concurrency: false }, () => {
       [Role.ROLE_SYSTEM, Role.ROLE_USER, Role.ROLE_ASSISTANT, Role.ROLE_TOOL, Role.ROLE_ASSISTANT],
     );
     assert.equal(conversation.messages[1]?.content, "Time in Oslo?");
+  });
+
+  test("an agent counts with its own model when the conversation names none, else with the conversation's", async () => {
+    // The real client, its CountTokens requests noted on the way.
+    const counted: (string | undefined)[] = [];
+    const noting = new Proxy(client, {
+      get(target, key) {
+        if (key === "countTokens") {
+          return (request: { model?: string }, options?: object) => {
+            counted.push(request.model);
+            return target.countTokens(request, options);
+          };
+        }
+        const value: unknown = Reflect.get(target, key);
+        return typeof value === "function" ? value.bind(target) : value;
+      },
+    });
+    const agent = new Agent(noting, { tools: [], model: "ollama/tiny" });
+    const answered = await agent.run(new Conversation([user("Hello")], { budgetTokens: 10_000 }));
+    assert.equal(answered.answer.model, "tiny");
+    await agent.run(new Conversation([user("Hello")], { budgetTokens: 10_000, model: "tiny" }));
+    assert.deepEqual(counted, ["ollama/tiny", "tiny"]);
   });
 
   test("an agent counts the definitions of the tools it sends against the budget", async () => {
