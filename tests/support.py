@@ -8,6 +8,7 @@ import contextlib
 import gc
 import http.server
 import signal
+import socket
 import struct as binary
 import threading
 import tracemalloc
@@ -17,6 +18,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
 from google.protobuf import struct_pb2
 from harness import GatewayProcess, clean_env, spawn_gateway
 from llmrelay import error_details
@@ -264,3 +269,34 @@ def interruptible() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def call_with_raw_path(port: int, path: bytes) -> None:
+    """A gRPC call whose HTTP/2 `:path` is `path` as it is (bytes no client library sends: not UTF-8, say), on a
+    connection of its own, made with h2 (the HTTP/2 library of Python's ecosystem); returns when the gateway answers
+    or closes the connection, or after 5 s."""
+    connection = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False)
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        connection.initiate_connection()
+        stream = connection.get_next_available_stream_id()
+        connection.send_headers(
+            stream,
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"http"),
+                (b":path", path),
+                (b":authority", b"127.0.0.1"),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+            ],
+        )
+        connection.send_data(stream, b"\0\0\0\0\0", end_stream=True)  # an empty message
+        sock.sendall(connection.data_to_send())
+        ended = (h2.events.StreamEnded, h2.events.StreamReset, h2.events.ConnectionTerminated)
+        with contextlib.suppress(OSError, h2.exceptions.ProtocolError):  # the connection closed under it
+            while data := sock.recv(65536):
+                if any(isinstance(event, ended) for event in connection.receive_data(data)):
+                    return
+                sock.sendall(connection.data_to_send())

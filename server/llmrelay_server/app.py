@@ -469,8 +469,9 @@ def _hurry(hurry: asyncio.Event) -> None:
         hurry.set()
 
 
-async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> None:
-    """Runs until SIGTERM or SIGINT, then shuts down gracefully; as one of a supervisor's workers when `worker`."""
+async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> int:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully; as one of a supervisor's workers when `worker`. The
+    exit status: 0, or 1 when gRPC's server ended by itself (`_until_stopped`)."""
     use_log_format(config.server.log_format)
     if worker is not None and config.server.metrics_listen is not None:
         # The supervisor serves metrics_listen, gathering each worker's from a loopback port of its own.
@@ -504,7 +505,7 @@ async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> None
     if worker is not None:
         worker.announce(gateway.metrics.port if gateway.metrics is not None else None)
         worker.beat()
-    await stop.wait()
+    broken = await _until_stopped(gateway.server, stop)
     if watching is not None:
         watching.cancel()
     log.info(
@@ -518,3 +519,25 @@ async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> None
     await gateway.stop(hurry=hurry)
     ignore_signals_after_stop(loop)
     log.info("stopped")
+    return 1 if broken else 0
+
+
+async def _until_stopped(server: grpc.aio.Server, stop: asyncio.Event) -> bool:
+    """Waits for `stop`; True, with `stop` set, when gRPC's server ends by itself first. grpcio's loop that takes
+    calls ends on a request it cannot read (a method's name that is no UTF-8, from anyone who reaches the port, with
+    no key), and the port with it; the process, its metrics and its heartbeat to a supervisor would go on as if
+    serving. Stopped and exiting 1, it is restarted: by its supervisor, systemd, Kubernetes."""
+    stopped = asyncio.ensure_future(stop.wait())
+    ended = asyncio.ensure_future(server.wait_for_termination())
+    await asyncio.wait((stopped, ended), return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if stop.is_set():
+        # Not cancelled: gRPC's stop waits for the very future this waits on, and would be cancelled with it.
+        return False
+    why = ended.exception()
+    log.error(
+        "gRPC's server stopped taking calls by itself (%s); stopping, to be restarted",
+        f"{type(why).__name__}: {why}" if why is not None else "no reason given",
+    )
+    stop.set()
+    return True

@@ -73,11 +73,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.worker is not None:
             role = WorkerRole(args.worker, args.worker_dir, args.supervisor_pid, args.heartbeat_fd)
-            run(serve(config, role), config.server.event_loop)
+            sys.exit(run(serve(config, role), config.server.event_loop))
         elif config.server.workers > 1:
             sys.exit(run(Supervisor(config, argv).run(), config.server.event_loop))
         else:
-            run(serve(config), config.server.event_loop)
+            sys.exit(run(serve(config), config.server.event_loop))
     except ListenError as exc:
         _stop_at_start(config.server.log_format, str(exc))
     except ConfigError as exc:  # what is checked as it is read: a certificate, the keys file

@@ -21,7 +21,17 @@ from harness import BIN, GatewayProcess, clean_env, free_port
 from llmrelay import AsyncClient, Client, InvalidArgumentError, UnauthenticatedError, UnavailableError
 from llmrelay import v1 as pb
 from llmrelay.cli import main as cli_main
-from support import OPENAI_TEST_KEY, chat, details, finished, interruptible, read_all, start_server, stream_chat
+from support import (
+    OPENAI_TEST_KEY,
+    call_with_raw_path,
+    chat,
+    details,
+    finished,
+    interruptible,
+    read_all,
+    start_server,
+    stream_chat,
+)
 from upstream import FakeUpstream
 
 
@@ -52,6 +62,18 @@ async def short_grace_server(tmp_path: Path, local: FakeUpstream) -> AsyncIterat
     """Draining for 0.2 s, then a grace period of 1 s: calls in flight outlast it."""
     async with started(tmp_path, local, "drain_s: 0.2, grace_period_s: 1") as server:
         yield server
+
+
+async def test_a_gateway_whose_grpc_server_ends_by_itself_stops_and_exits_one(server: GatewayProcess) -> None:
+    """grpcio's loop that takes calls ends on a method's name that is no UTF-8, sent by anyone who reaches the port
+    (no key asked), and closes the port: the process went on, its metrics and a supervisor's heartbeat too, serving
+    nothing until someone restarted it by hand. It now stops, saying why, and exits 1 for its restart."""
+    await asyncio.to_thread(call_with_raw_path, server.port, b"/\xff")
+    async with asyncio.timeout(15):
+        assert await server.process.wait() == 1
+    output = await server.output()
+    assert "gRPC's server stopped taking calls by itself (UnicodeDecodeError" in output, output
+    assert "stopped" in output
 
 
 async def test_sigterm_drains_calls_in_flight_and_exits_zero(

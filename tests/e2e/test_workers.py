@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import (
     alive,
     call_on_new_connections,
+    call_with_raw_path,
     chat,
     children,
     details,
@@ -265,6 +266,21 @@ async def test_a_worker_that_dies_is_restarted(tmp_path: Path, local: FakeUpstre
                 await asyncio.sleep(0.1)
             assert second in workers
             # Two workers, the supervisor, and the new worker.
+            while sum("listening on" in line for line in gateway.log) < 4:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert len(await call_on_new_connections(gateway.target, 10)) == 10
+    finally:
+        assert await stop(gateway) == 0
+
+
+async def test_a_worker_whose_grpc_server_ends_by_itself_is_restarted(tmp_path: Path, local: FakeUpstream) -> None:
+    """Its port closed, it went on beating its heartbeat to the supervisor, taking no call ever again."""
+    gateway = await start_workers(tmp_path, local)
+    try:
+        await asyncio.to_thread(call_with_raw_path, gateway.port, b"/\xff")
+        line = await gateway.wait_for_line("restarting")
+        assert "exited with status 1" in line, line
+        async with asyncio.timeout(20):
             while sum("listening on" in line for line in gateway.log) < 4:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
         assert len(await call_on_new_connections(gateway.target, 10)) == 10
