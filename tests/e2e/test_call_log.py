@@ -336,8 +336,8 @@ async def test_the_attempt_a_caller_leaves_is_logged_as_cancelled(
     line = lines(caplog)["left"]
     assert line["code"] == "CANCELLED"
     assert line["attempts"] == ["openai:cancelled"]
-    # Part of a stream was served, and billed: the line names who served it.
-    assert line["backend"] == ("openai" if "trickle_s" in fault else None)
+    # Billed (part of a stream served, or the prompt the upstream read): the line names the backend billed.
+    assert line["backend"] == "openai" and line["prompt_tokens"] > 0, line
     assert line["duration_ms"] >= 500 and line["overhead_ms"] < 200, line
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     assert "Traceback" not in caplog.text
@@ -406,6 +406,51 @@ async def test_an_upstreams_words_reach_the_log_and_traces_only_with_content(
         assert (SECRET_PROMPT in said) is log_content, said
     if not log_content:
         assert "HTTP 422: [the upstream's words: " in logged
+
+
+@pytest.mark.parametrize("log_content", [False, True])
+async def test_what_came_in_place_of_an_answer_reaches_the_log_and_traces_only_with_content(
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    caplog: pytest.LogCaptureFixture,
+    exported: InMemorySpanExporter,
+    log_content: bool,
+) -> None:
+    """A page in place of JSON, or of events (a proxy's, echoing the request), is quoted in the attempt's error: as
+    an upstream's words, which the log and traces show only as server.log_content allows prompts."""
+    caplog.set_level(logging.INFO)
+    primary.inject(
+        {"body": f"proxy failed on: {SECRET_PROMPT}", "content_type": "application/json"},
+        {"body": f"<p>proxy failed on: {SECRET_PROMPT}</p>\n", "content_type": "text/event-stream"},
+    )
+    server = "tracing: true, log_calls: true" + (", log_content: true" if log_content else "")
+    gateway = await gateway_factory(two_backends(primary, local, "router: {retry: {max_retries: 0}}\n"), server=server)
+    failures = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await stub.Complete(chat(SECRET_PROMPT, model="gpt-test", exact_model=True), timeout=5)
+        failures.append(failed.value)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await read_all(
+                stub.StreamComplete(stream_chat(SECRET_PROMPT, model="gpt-test", exact_model=True), timeout=5)
+            )
+        failures.append(failed.value)
+    await gateway.stop(grace_period_s=0, drain_s=0)  # its spans ended and exported
+
+    assert [failure.code() for failure in failures] == [grpc.StatusCode.UNAVAILABLE] * 2
+    assert all(SECRET_PROMPT in str(failure.details()) for failure in failures), "the caller is told what came"
+    failed_attempts = [
+        span.status.description or ""
+        for span in exported.get_finished_spans()
+        if span.name.startswith("chat ") and span.status.description
+    ]
+    assert len(failed_attempts) == 2, failed_attempts
+    logged = caplog.text + "".join(JsonFormatter().format(r) for r in caplog.records)
+    assert "malformed answer: the answer is not JSON" in logged and "the answer is not an event stream" in logged
+    for said in (logged, *failed_attempts):
+        assert (SECRET_PROMPT in said) is log_content, said
 
 
 async def test_a_skipped_backend_does_not_tell_a_call_what_another_calls_upstream_said(

@@ -170,7 +170,7 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
         # A stop reason (message_delta's) or message_stop makes an answer whole: whatever came before, a stream
         # without either was cut.
         if state.finish_reason is None and not state.stopped:
-            raise self._bad_answer(wire.cut_short("a stop reason or message_stop", events, stray))
+            raise self._malformed(wire.cut_short("a stop reason or message_stop", events, stray))
         yield CompletionChunk(
             id=state.id,
             backend=self._spec.name,

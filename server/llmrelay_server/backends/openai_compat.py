@@ -220,7 +220,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         # Without [DONE] the answer is still whole when a finish reason came (some servers end there); without a
         # finish reason it is a cut stream, whatever else arrived.
         if finish is None:
-            raise self._bad_answer(wire.cut_short("a finish reason", events, stray))
+            raise self._malformed(wire.cut_short("a finish reason", events, stray))
         try:
             held = tool_calls.rest()
         except wire.MalformedAnswerError as exc:

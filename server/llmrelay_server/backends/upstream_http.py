@@ -576,17 +576,21 @@ class UpstreamProvider(ABC, Generic[SDKError]):
             quoted="" if moved else said,
         )
 
-    def _bad_answer(self, detail: str) -> UpstreamError:
-        """An answer that is none; `detail` may quote it, so the key is taken out (a debugging page may echo it)."""
+    def _bad_answer(self, detail: str, quoted: str = "") -> UpstreamError:
+        """An answer that is none; `detail` may quote it (`quoted`, the answer's words in it), so the key is taken out
+        (a debugging page may echo it)."""
         return UpstreamError(
-            UpstreamErrorKind.BAD_RESPONSE, self._spec.name, f"malformed answer: {self._redact(detail)}"
+            UpstreamErrorKind.BAD_RESPONSE,
+            self._spec.name,
+            f"malformed answer: {self._redact(detail)}",
+            quoted=self._redact(quoted),
         )
 
     def _malformed(self, exc: MalformedAnswerError) -> UpstreamError:
         """An answer that is not one: a bad answer, unless it is the upstream's error with a 200 (`ErrorAnswer`)."""
         if isinstance(exc, ErrorAnswer):
             return self._error_event(exc.event, "an error in a 200 answer")
-        return self._bad_answer(str(exc))
+        return self._bad_answer(str(exc), exc.quoted)
 
     def _health(
         self, started: float, *, reachable: bool, models: tuple[str, ...] = (), error: str | None = None

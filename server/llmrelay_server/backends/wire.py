@@ -61,7 +61,13 @@ before they are redacted (upstream_http.redact), which keeps far fewer: a key cu
 
 
 class MalformedAnswerError(ValueError):
-    """The upstream's answer is not a valid chat completion."""
+    """The upstream's answer is not a valid chat completion. `quoted`: the answer's own words in the message (a
+    preview of what came in place of JSON), which may repeat the prompt: the log and traces leave them out unless
+    they may show content (UpstreamError.quoted)."""
+
+    def __init__(self, message: str, *, quoted: str = "") -> None:
+        super().__init__(message)
+        self.quoted = quoted
 
 
 class ErrorAnswer(MalformedAnswerError):
@@ -239,9 +245,9 @@ def decode_json(raw: bytes | str) -> Any:
             except UnicodeDecodeError as bad:  # which orjson reports as JSON it cannot read at character 0
                 byte = raw[bad.start : bad.start + 1]
                 raise MalformedAnswerError(f"the answer is not UTF-8 text (byte {bad.start} is {byte!r})") from exc
-        preview = raw[:80] if isinstance(raw, str) else raw[:80].decode("utf-8", "replace")
+        preview = repr(raw[:80] if isinstance(raw, str) else raw[:80].decode("utf-8", "replace"))
         raise MalformedAnswerError(
-            f"the answer is not JSON: {exc.msg} at character {exc.pos} (it starts with {preview!r})"
+            f"the answer is not JSON: {exc.msg} at character {exc.pos} (it starts with {preview})", quoted=preview
         ) from exc
 
 
@@ -843,14 +849,19 @@ def sse_stray(line: str) -> bool:
     return not line.startswith((":", "event:", "id:", "retry:"))
 
 
-def cut_short(wanted: str, events: bool, stray: str | None) -> str:
+def cut_short(wanted: str, events: bool, stray: str | None) -> MalformedAnswerError:
     """Why a stream that ended before `wanted` is no answer, saying what came in place of events when none did: a
     200 with an HTML page or plain JSON lines would otherwise read as a stream cut short."""
     if events:
-        return f"the stream ended without {wanted}"
+        return MalformedAnswerError(f"the stream ended without {wanted}")
     if stray is not None:
-        return f"no event came: the answer is not an event stream (its first line that is none: {stray[:80]!r})"
-    return "no event came: the answer was empty, or held only comments (keep-alives) and other fields"
+        line = repr(stray[:80])
+        return MalformedAnswerError(
+            f"no event came: the answer is not an event stream (its first line that is none: {line})", quoted=line
+        )
+    return MalformedAnswerError(
+        "no event came: the answer was empty, or held only comments (keep-alives) and other fields"
+    )
 
 
 # --- embeddings -----------------------------------------------------------------------------------------------
