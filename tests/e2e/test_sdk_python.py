@@ -273,6 +273,19 @@ async def test_a_tool_that_raises_becomes_a_result_that_says_so(gateway: Gateway
     assert answer.steps == 2
 
 
+async def test_arguments_that_do_not_fit_the_function_become_a_result_that_says_so(
+    gateway: Gateway, primary: FakeUpstream
+) -> None:
+    # {"city": 123} ran the tool with the int 123: only the arguments' names were checked.
+    primary.inject({"tool_calls": [{"name": "weather", "arguments": '{"city": 123}'}]}, {"echo_tools": True})
+    async with AsyncClient(target(gateway)) as client:
+        answer = await client.run_tools(QUESTION, agent_tools())
+    assert (
+        answer.content == "tools: weather=error: invalid arguments for 'weather': city: expected a string, got a number"
+    )
+    assert answer.steps == 2
+
+
 @pytest.mark.parametrize("kind", ["async-tool", "thread-tool", "blocking-client", "blocking-client-async-tool"])
 async def test_a_tool_past_tool_timeout_is_answered_that_it_did_not_finish(
     gateway: Gateway, primary: FakeUpstream, kind: str

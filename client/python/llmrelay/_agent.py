@@ -9,12 +9,18 @@ import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
+import datetime
+import decimal
+import enum
 import functools
 import inspect
 import json
+import math
+import pathlib
 import re
 import threading
 import types
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import (
@@ -134,9 +140,10 @@ class RegisteredTool:
 
 class Tools:
     """The functions a model may call, by name. Each function's JSON Schema comes from its type hints (str, int,
-    float, bool, list[...], tuple[...], dict, Literal, Optional, a TypedDict or a dataclass; Annotated[T, "text"]
-    describes a parameter) and its docstring describes it; or give `parameters` (a JSON Schema) yourself. Functions
-    may be plain or async.
+    float, bool, list[...], tuple[...], dict, dict[str, ...], Literal, Optional, a TypedDict or a dataclass;
+    Annotated[T, "text"] describes a parameter) and its docstring describes it; or give `parameters` (a JSON Schema)
+    yourself. The model's arguments are checked against the hints (a call whose arguments do not fit is answered with
+    what is wrong, each problem at its path). Functions may be plain or async.
 
     >>> tools = Tools()
     >>> @tools.register
@@ -284,8 +291,10 @@ class Tools:
         if tool is None:
             return f"error: unknown tool {name!r}; the tools are: {', '.join(self._tools) or 'none'}"
         try:
-            arguments = json.loads(call.function.arguments or "{}")
-        except json.JSONDecodeError as exc:
+            # Whitespace alone is no arguments, as in the Go and TypeScript SDKs; NaN and Infinity, which Python's
+            # reader takes, are no JSON (json.JSONDecodeError is a ValueError, as _no_json's is).
+            arguments = json.loads(call.function.arguments.strip() or "{}", parse_constant=_no_json)
+        except ValueError as exc:
             return f"error: the arguments of {name!r} are not valid JSON ({exc})"
         except RecursionError:  # valid JSON nested deeper than Python's reader goes: the gateway passes such text on
             return f"error: the arguments of {name!r} are nested too deeply to read"
@@ -295,13 +304,18 @@ class Tools:
             inspect.signature(tool.function).bind(**arguments)
         except TypeError as exc:
             return f"error: invalid arguments for {name!r}: {exc}"
-        if tool.derived:  # every parameter is named and hinted
+        if tool.derived:  # every parameter is named and hinted: each value is checked against its hint
             hints = get_type_hints(tool.function, include_extras=True)
-            try:
-                return tool, {key: _from_json(hints[key], value) for key, value in arguments.items()}
-            except Exception as exc:  # an object that does not fit a dataclass (its fields, or its own checks)
-                return f"error: invalid arguments for {name!r}: {type(exc).__name__}: {exc}"
+            problems: list[str] = []
+            values = _checked(((hints[key], value, key) for key, value in arguments.items()), problems)
+            if problems:
+                return f"error: invalid arguments for {name!r}: {'; '.join(problems)}"
+            return tool, dict(zip(arguments, values, strict=True))
         return tool, arguments
+
+
+def _no_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
 
 
 def tool_result(call: pb.ToolCall, content: str) -> pb.Message:
@@ -476,9 +490,18 @@ def _result_text(result: Any) -> str:
 
 
 def _jsonable(value: Any) -> Any:
+    """What json.dumps writes for a value it does not know: a dataclass as an object, the types the Go and
+    TypeScript SDKs' encoders write as text as text, an Enum as its value. Anything else (a set, bytes, an object)
+    raises, for an error result: its str() ("<Foo object at 0x..>", "{1, 2}") tells the model nothing true."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
-    return str(value)
+    if isinstance(value, datetime.date | datetime.time):  # a datetime is a date
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, uuid.UUID | decimal.Decimal | pathlib.PurePath):
+        return str(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")  # json's own words
 
 
 # --- JSON Schemas from type hints ----------------------------------------------------------------------------------
@@ -512,19 +535,25 @@ _SCALARS: Final[Mapping[Any, str]] = {str: "string", bool: "boolean", int: "inte
 
 def json_schema_of(hint: Any) -> dict[str, Any]:
     """The JSON Schema of a type hint (see Tools for the types understood)."""
+    return _schema_of(hint, ())
+
+
+def _schema_of(hint: Any, within: tuple[type, ...]) -> dict[str, Any]:
+    """As json_schema_of; within: the TypedDicts and dataclasses whose schemas this one is part of (one that holds
+    itself has no schema without $ref, which the gateway's upstreams do not all take: Go's SDK refuses it too)."""
     origin, args = get_origin(hint), get_args(hint)
     if origin is Annotated:
-        schema = json_schema_of(args[0])
+        schema = _schema_of(args[0], within)
         texts = [a for a in args[1:] if isinstance(a, str)]
         return {**schema, "description": " ".join(texts)} if texts else schema
     if origin in (Required, NotRequired):  # a TypedDict's key marked so: __required_keys__ holds what they say
-        return json_schema_of(args[0])
+        return _schema_of(args[0], within)
     if hint in _SCALARS:
         return {"type": _SCALARS[hint]}
     if hint is type(None):
         return {"type": "null"}
     if origin in (Union, types.UnionType):
-        return {"anyOf": [json_schema_of(arg) for arg in args]}
+        return {"anyOf": [_schema_of(arg, within) for arg in args]}
     if origin is Literal:
         kinds = {_SCALARS.get(type(value)) for value in args}
         if len(kinds) == 1 and None not in kinds:
@@ -532,40 +561,50 @@ def json_schema_of(hint: Any) -> dict[str, Any]:
         return {"enum": list(args)}
     if origin is tuple and args and not _homogeneous(args):
         # tuple[str, int]: each place its own type, and just so many (a tool is given a tuple).
-        items = [json_schema_of(arg) for arg in args]
+        items = [_schema_of(arg, within) for arg in args]
         return {"type": "array", "prefixItems": items, "minItems": len(items), "maxItems": len(items)}
-    if hint in (list, tuple) or origin in (list, tuple, Sequence):
-        return {"type": "array", "items": json_schema_of(args[0])} if args else {"type": "array"}
-    if hint is dict or origin in (dict, Mapping):
+    if hint in (list, tuple, Sequence) or origin in (list, tuple, Sequence):
+        return {"type": "array", "items": _schema_of(args[0], within)} if args else {"type": "array"}
+    if hint in (dict, Mapping) or origin in (dict, Mapping):
+        if len(args) == 2 and args[1] is not Any:  # dict[str, Place]: each value a Place (JSON's keys are text)
+            return {"type": "object", "additionalProperties": _schema_of(args[1], within)}
         return {"type": "object"}
-    if is_typeddict(hint):
-        fields = get_type_hints(hint, include_extras=True)
-        # Python 3.11 leaves a key's Required or NotRequired out of __required_keys__ where the annotations are text
-        # (`from __future__ import annotations`): the marker, where there is one, decides.
-        required = [
-            name
-            for name, item in fields.items()
-            if get_origin(item) is Required or (name in hint.__required_keys__ and get_origin(item) is not NotRequired)
-        ]
-        return _object_schema(hint, fields, required)
-    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
-        fields = get_type_hints(hint, include_extras=True)
-        required = [
-            f.name
-            for f in dataclasses.fields(hint)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        ]
-        return _object_schema(hint, {f.name: fields[f.name] for f in dataclasses.fields(hint)}, required)
+    if (is_typeddict(hint) or dataclasses.is_dataclass(hint)) and hint in within:
+        raise TypeError(f"{hint.__qualname__} refers to itself: give the tool's parameters= yourself")
+    if is_typeddict(hint) or (dataclasses.is_dataclass(hint) and isinstance(hint, type)):
+        fields, required = _properties(hint)
+        return _object_schema(hint, fields, [name for name in fields if name in required], within)
     raise TypeError(
         f"no JSON Schema for {hint!r}: use str, int, float, bool, list[...], tuple[...], dict, Literal, Optional, a "
         "TypedDict or a dataclass, or give the tool's parameters= yourself"
     )
 
 
-def _object_schema(cls: type, fields: Mapping[str, Any], required: list[str]) -> dict[str, Any]:
+def _properties(cls: Any) -> tuple[dict[str, Any], set[str]]:
+    """A TypedDict's or a dataclass's properties (a dataclass's: its __init__'s fields), with their hints, and the
+    required ones."""
+    hints = get_type_hints(cls, include_extras=True)
+    if is_typeddict(cls):
+        # Python 3.11 leaves a key's Required or NotRequired out of __required_keys__ where the annotations are text
+        # (`from __future__ import annotations`): the marker, where there is one, decides.
+        required = {
+            name
+            for name, item in hints.items()
+            if get_origin(item) is Required or (name in cls.__required_keys__ and get_origin(item) is not NotRequired)
+        }
+        return hints, required
+    given = [f for f in dataclasses.fields(cls) if f.init]
+    return {f.name: hints[f.name] for f in given}, {
+        f.name for f in given if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+
+
+def _object_schema(
+    cls: type, fields: Mapping[str, Any], required: list[str], within: tuple[type, ...]
+) -> dict[str, Any]:
     schema: dict[str, Any] = {
         "type": "object",
-        "properties": {name: json_schema_of(hint) for name, hint in fields.items()},
+        "properties": {name: _schema_of(hint, (*within, cls)) for name, hint in fields.items()},
         "required": required,
         "additionalProperties": False,
     }
@@ -579,31 +618,173 @@ def _homogeneous(args: tuple[Any, ...]) -> bool:
     return len(args) == 2 and args[1] is Ellipsis
 
 
-def _from_json(hint: Any, value: Any) -> Any:
-    """A JSON value as the type hint asks: dataclasses built from objects (nested too), ints as floats for float."""
+class _Misfit(Exception):
+    """An argument that does not fit its parameter's type hint: the problem, after the value's path
+    ("items[1].name: expected a string, got a number"), for the model to correct."""
+
+
+def _from_json(hint: Any, value: Any, path: str) -> Any:
+    """A JSON value as the type hint asks, checked against it (the schema the model was given says as much, but a
+    model may not keep to it): dataclasses built from objects (nested too, their own checks kept), ints as floats for
+    float, an integral number (3.0) as an int for int, as JSON Schema's "integer" takes it, lists as tuples for tuple.
+    Raises _Misfit where it does not fit; Any, as is."""
     origin, args = get_origin(hint), get_args(hint)
-    if origin is Annotated:
-        return _from_json(args[0], value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if dataclasses.is_dataclass(hint) and isinstance(hint, type) and isinstance(value, dict):
-        fields = get_type_hints(hint, include_extras=True)
-        return hint(**{key: _from_json(fields[key], item) if key in fields else item for key, item in value.items()})
-    if origin in (list, Sequence) and args and isinstance(value, list):
-        return [_from_json(args[0], item) for item in value]
-    if (hint is tuple or origin is tuple) and isinstance(value, list):
+    if origin in (Annotated, Required, NotRequired):
+        return _from_json(args[0], value, path)
+    if hint is Any:
+        return value
+    if hint is str or hint is bool or hint is type(None):
+        if type(value) is hint:  # not a bool for a str, nor an int for a bool
+            return value
+        raise _misfit(path, {str: "a string", bool: "a boolean"}.get(hint, "null"), value)
+    if hint is int or hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _misfit(path, "an integer" if hint is int else "a number", value)
+        if not math.isfinite(value):  # 1e400, which Python's reader takes as inf
+            raise _Misfit(_at(path, f"expected a finite number, got {value}"))
+        if hint is float:
+            return float(value)
+        if isinstance(value, float) and not value.is_integer():
+            raise _Misfit(_at(path, f"expected an integer, got {value}"))
+        return int(value)
+    if origin is Literal:
+        # type and value alike: True is no 1, 1.0 no 1.
+        if any(type(value) is type(member) and value == member for member in args):
+            return value
+        got = json.dumps(value) if isinstance(value, str | int | float | bool) or value is None else _kind(value)
+        raise _Misfit(_at(path, f"expected one of {', '.join(json.dumps(member) for member in args)}, got {got}"))
+    if origin in (Union, types.UnionType):
+        # A member of the value's own type first (5 stays 5 for float | int, 3.0 a float for int | float), then the
+        # first member it fits.
+        members = sorted(args, key=lambda member: member is not type(value))
+        problems = []
+        for member in members:
+            try:
+                return _from_json(member, value, path)
+            except _Misfit as exc:
+                problems.append(str(exc))
+        raise _Misfit(_none_fits(problems, value, path))
+    if hint in (list, Sequence) or origin in (list, Sequence):
+        items = _array(value, path)
+        return _all_fit(((args[0], item, f"{path}[{i}]") for i, item in enumerate(items))) if args else items
+    if hint is tuple or origin is tuple:
+        items = _array(value, path)
         if not args:
-            return tuple(value)
+            return tuple(items)
         if _homogeneous(args):
-            return tuple(_from_json(args[0], item) for item in value)
-        return tuple(_from_json(arg, item) for arg, item in zip(args, value, strict=False)) + tuple(value[len(args) :])
-    if origin in (Union, types.UnionType) and value is not None and type(value) not in args:
-        # A value of a member's own type stays as it is (5 for int | float); else the first member it converts to
-        # something else than itself (a dataclass from an object, a float from an int), else as is.
-        for arg in args:
-            if arg is not type(None) and (converted := _from_json(arg, value)) is not value:
-                return converted
+            return tuple(_all_fit(((args[0], item, f"{path}[{i}]") for i, item in enumerate(items))))
+        if len(items) != len(args):
+            raise _Misfit(_at(path, f"expected an array of {len(args)} items, got {len(items)}"))
+        places = enumerate(zip(args, items, strict=True))
+        return tuple(_all_fit((arg, item, f"{path}[{i}]") for i, (arg, item) in places))
+    if hint in (dict, Mapping) or origin in (dict, Mapping):
+        properties = _object(value, path)
+        if len(args) == 2:
+            values = _all_fit((args[1], item, _property(path, key)) for key, item in properties.items())
+            return dict(zip(properties, values, strict=True))
+        return properties
+    if is_typeddict(hint):
+        return _fields(*_properties(hint), _object(value, path), path)
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        arguments = _fields(*_properties(hint), _object(value, path), path)
+        try:
+            return hint(**arguments)
+        except Exception as exc:  # the dataclass's own checks (__post_init__)
+            raise _Misfit(_at(path, f"{type(exc).__name__}: {exc}")) from exc
+    return value  # no other hint has a schema (json_schema_of): a tool given parameters= is not converted
+
+
+def _none_fits(problems: list[str], value: Any, path: str) -> str:
+    """What is wrong with a value that fits none of a Union's members: "expected a string or null, got a number"
+    where it is of none of their kinds, else the problem inside the one member that is not null (Optional[X]'s X),
+    else each member's problem."""
+    problems = list(dict.fromkeys(problems))
+    expected, got = _at(path, "expected "), f", got {_kind(value)}"
+    if all(problem.startswith(expected) and problem.endswith(got) for problem in problems):
+        return _at(path, f"expected {' or '.join(p[len(expected) : -len(got)] for p in problems)}{got}")
+    problems = [problem for problem in problems if problem != _at(path, f"expected null{got}")]
+    return problems[0] if len(problems) == 1 else _at(path, f"fits none of its types: {'; '.join(problems)}")
+
+
+def _fields(fields: Mapping[str, Any], required: set[str], value: dict[str, Any], path: str) -> dict[str, Any]:
+    """An object's properties, each checked against its field's hint: the required ones there, no others."""
+    problems = [
+        _at(path, f"the required property {json.dumps(name)} is missing")
+        for name in fields
+        if name in required and name not in value
+    ]
+    known = f"the properties are: {', '.join(fields)}" if fields else "it takes none"
+    problems += [_at(path, f"there is no property {json.dumps(key)} ({known})") for key in value if key not in fields]
+    values = _checked(
+        ((fields[key], item, _property(path, key)) for key, item in value.items() if key in fields), problems
+    )
+    if problems:
+        raise _Misfit("; ".join(problems))
+    return dict(zip((key for key in value if key in fields), values, strict=True))
+
+
+def _checked(values: Iterable[tuple[Any, Any, str]], problems: list[str]) -> list[Any]:
+    """Each (hint, value, path)'s value as _from_json makes it; the problems of those that do not fit added to
+    problems, every one (so that the model can correct them in one call, as the TypeScript SDK's checks say them)."""
+    converted = []
+    for hint, value, path in values:
+        try:
+            converted.append(_from_json(hint, value, path))
+        except _Misfit as exc:
+            problems.append(str(exc))
+    return converted
+
+
+def _all_fit(values: Iterable[tuple[Any, Any, str]]) -> list[Any]:
+    """As _checked, raising their problems, if any, at once."""
+    problems: list[str] = []
+    converted = _checked(values, problems)
+    if problems:
+        raise _Misfit("; ".join(problems))
+    return converted
+
+
+def _array(value: Any, path: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise _misfit(path, "an array", value)
     return value
+
+
+def _object(value: Any, path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _misfit(path, "an object", value)
+    return value
+
+
+def _misfit(path: str, expected: str, value: Any) -> _Misfit:
+    return _Misfit(_at(path, f"expected {expected}, got {_kind(value)}"))
+
+
+def _at(path: str, problem: str) -> str:
+    """A problem at a path, or the bare problem at the top (the TypeScript SDK's words)."""
+    return f"{path}: {problem}" if path else problem
+
+
+def _kind(value: Any) -> str:
+    """What a JSON value is, for a problem's "got ...", in JSON's words (the model knows no Python types)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+_PLAIN_NAME: Final = re.compile(r"[A-Za-z_$][\w$-]*")
+
+
+def _property(path: str, key: str) -> str:
+    """A property's path: its name as it is when it reads plainly, else as a JSON string."""
+    name = key if _PLAIN_NAME.fullmatch(key) else json.dumps(key)
+    return f"{path}.{name}" if path else name
 
 
 # --- the loop's bookkeeping ----------------------------------------------------------------------------------------

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import datetime
+import decimal
+import enum
 import json
+import pathlib
 import signal
 import threading
 import typing
+import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Optional, TypedDict
 
@@ -47,6 +52,17 @@ class Place:
     tags: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Node:
+    name: str
+    children: list[Node] = field(default_factory=list)
+
+
+class Tree(TypedDict):
+    name: str
+    forest: dict[str, Tree]
+
+
 @pytest.mark.parametrize(
     ("hint", "schema"),
     [
@@ -61,6 +77,8 @@ class Place:
             {"type": "array", "prefixItems": [{"type": "string"}, {"type": "integer"}], "minItems": 2, "maxItems": 2},
         ),
         (dict[str, Any], {"type": "object"}),
+        (dict, {"type": "object"}),
+        (dict[str, int], {"type": "object", "additionalProperties": {"type": "integer"}}),  # was any object
         (Literal["c", "f"], {"type": "string", "enum": ["c", "f"]}),
         (Literal[1, "x"], {"enum": [1, "x"]}),
         (Optional[int], {"anyOf": [{"type": "integer"}, {"type": "null"}]}),  # noqa: UP045  # the old spelling too
@@ -137,6 +155,19 @@ def test_a_hint_without_a_schema_says_what_to_do() -> None:
         parameters_schema(untyped)
 
 
+def test_a_type_that_refers_to_itself_is_refused_with_what_to_do() -> None:
+    # Its schema recursed until Python's RecursionError, at registration.
+    def plant(root: Node) -> str:
+        return root.name
+
+    with pytest.raises(TypeError, match=r"^Node refers to itself: give the tool's parameters= yourself$"):
+        Tools(plant)
+    with pytest.raises(TypeError, match=r"^Tree refers to itself"):
+        json_schema_of(list[Tree])
+    pair = json_schema_of(tuple[Place, Place])  # a type twice, side by side, is no recursion
+    assert pair["prefixItems"][0] == pair["prefixItems"][1] == json_schema_of(Place)
+
+
 def test_parameters_a_call_by_name_cannot_fill_are_refused() -> None:
     # A positional-only parameter was registered, and every call the model made failed ("passed as a keyword").
     def positional(city: str, /) -> str:
@@ -203,6 +234,108 @@ def test_a_union_keeps_a_value_of_one_of_its_types() -> None:
     assert Tools(scale).run(call("scale", '{"factor": 0.5}')).content == "(0.5, None)"
 
 
+class Item(TypedDict):
+    name: str
+    count: typing.NotRequired[int]
+
+
+@dataclass
+class Box:
+    size: int
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            raise ValueError("size must not be negative")
+
+
+def order(
+    city: str,
+    count: int = 1,
+    share: float = 1.0,
+    urgent: bool = False,
+    unit: Literal["c", "f"] = "c",
+    note: str | None = None,
+    items: tuple[Item, ...] = (),
+    leg: tuple[str, int] = ("", 0),
+    boxes: dict[str, Box] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    return repr((city, count, share, urgent, unit, note, items, leg, boxes, extra))
+
+
+def test_arguments_that_fit_their_hints_are_converted_to_them() -> None:
+    # An integral number is an integer, as JSON Schema's "integer" takes it; a dict's values are built as its hint
+    # says (they were passed on as they came).
+    arguments = {
+        "city": "Oslo",
+        "count": 3.0,
+        "share": 2,
+        "note": None,
+        "items": [{"name": "a", "count": 2}, {"name": "b"}],
+        "leg": ["x", 1],
+        "boxes": {"b": {"size": 2}},
+        "extra": {"k": [1.5, None]},
+    }
+    said = Tools(order).run(call("order", json.dumps(arguments))).content
+    assert said == repr(
+        (
+            "Oslo",
+            3,
+            2.0,
+            False,
+            "c",
+            None,
+            ({"name": "a", "count": 2}, {"name": "b"}),
+            ("x", 1),
+            {"b": Box(size=2)},
+            {"k": [1.5, None]},
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("arguments", "says"),
+    [
+        ({"city": 123}, "city: expected a string, got a number"),
+        ({"city": "Oslo", "count": True}, "count: expected an integer, got a boolean"),
+        ({"city": "Oslo", "count": 1.5}, "count: expected an integer, got 1.5"),
+        ({"city": "Oslo", "share": "1"}, "share: expected a number, got a string"),
+        ({"city": "Oslo", "share": False}, "share: expected a number, got a boolean"),
+        ({"city": "Oslo", "urgent": 1}, "urgent: expected a boolean, got a number"),
+        ({"city": "Oslo", "unit": "k"}, 'unit: expected one of "c", "f", got "k"'),
+        (
+            {"city": "Oslo", "note": 5},
+            "note: expected a string or null, got a number",
+        ),
+        ({"city": "Oslo", "items": {}}, "items: expected an array, got an object"),
+        ({"city": "Oslo", "items": [{"name": "a"}, {"name": 2}]}, "items[1].name: expected a string, got a number"),
+        ({"city": "Oslo", "items": [{}]}, 'items[0]: the required property "name" is missing'),
+        (
+            {"city": "Oslo", "items": [{"name": "a", "size": 1}]},
+            'items[0]: there is no property "size" (the properties are: name, count)',
+        ),
+        ({"city": "Oslo", "leg": ["a"]}, "leg: expected an array of 2 items, got 1"),
+        ({"city": "Oslo", "leg": ["a", "b"]}, "leg[1]: expected an integer, got a string"),
+        ({"city": "Oslo", "boxes": {"x": {"size": "big"}}}, "boxes.x.size: expected an integer, got a string"),
+        ({"city": "Oslo", "boxes": {"my box": {"size": -1}}}, 'boxes."my box": ValueError: size must not be negative'),
+        ({"city": "Oslo", "boxes": []}, "boxes: expected an object or null, got an array"),
+        ({"city": 1, "count": "2"}, "city: expected a string, got a number; count: expected an integer, got a string"),
+    ],
+)
+def test_arguments_that_do_not_fit_their_hints_are_refused_with_their_path(arguments: Any, says: str) -> None:
+    # {"city": 123} ran the tool with the int 123: only the arguments' names were checked.
+    tools = Tools(order)
+    answered = tools.run(call("order", json.dumps(arguments))).content
+    assert answered.startswith(f"error: invalid arguments for 'order': {says}")
+    assert asyncio.run(tools.arun(call("order", json.dumps(arguments)))).content == answered
+
+
+def test_a_number_too_large_for_a_float_is_refused() -> None:
+    # Python's reader takes 1e400 as inf, which no tool can use as a number.
+    said = Tools(order).run(call("order", '{"city": "Oslo", "share": 1e400}')).content
+    assert said == "error: invalid arguments for 'order': share: expected a finite number, got inf"
+
+
 def test_explicit_schemas_names_and_descriptions() -> None:
     tools = Tools()
     schema = {"type": "object", "properties": {"q": {"type": "string"}}}
@@ -232,10 +365,15 @@ def test_explicit_schemas_names_and_descriptions() -> None:
         (
             "weather",
             '{"place": {"town": "Oslo"}}',
-            "error: invalid arguments for 'weather': TypeError: Place.__init__() got an unexpected keyword argument",
+            "error: invalid arguments for 'weather': place: the required property \"city\" is missing; place: there is "
+            'no property "town" (the properties are: city, country, tags)',  # every problem at once
         ),
-        ("weather", '{"place": {}}', "error: invalid arguments for 'weather': TypeError: Place.__init__() missing"),
+        ("weather", '{"place": {}}', "error: invalid arguments for 'weather': place: the required property \"city\""),
         ("weather", '{"place": ', "error: the arguments of 'weather' are not valid JSON"),
+        # Python's reader takes NaN and Infinity, which are no JSON (the Go and TypeScript SDKs refuse them).
+        ("weather", '{"place": {"city": "Oslo"}, "days": NaN}', "error: the arguments of 'weather' are not valid JSON"),
+        ("weather", '{"days": -Infinity}', "error: the arguments of 'weather' are not valid JSON (-Infinity is not"),
+        ("fail", " \n\t", "error: ZeroDivisionError"),  # whitespace alone is no arguments, as an empty text
         ("forecast", "{}", "error: unknown tool 'forecast'; the tools are: weather, fail"),
         ("fail", "{}", "error: ZeroDivisionError: division by zero"),
     ],
@@ -287,15 +425,57 @@ def test_a_result_json_cannot_hold_becomes_a_result_that_says_so() -> None:
     def ratio() -> list[float]:  # json.dumps wrote NaN and Infinity, which are no JSON
         return [float("nan"), float("inf")]
 
-    tools = Tools(pairs, loop, ratio)
+    # Anything else json.dumps cannot write went as its str(): "<Foo object at 0x..>", "{1, 2}", "b'ab'".
+    def unique() -> set[int]:
+        return {1, 2}
+
+    def raw() -> bytes:
+        return b"ab"
+
+    def thing() -> object:
+        return object()
+
+    tools = Tools(pairs, loop, ratio, unique, raw, thing)
     for name, why in [
         ("pairs", "TypeError: keys must be str"),
         ("loop", "ValueError: Circular reference detected"),
         ("ratio", "ValueError: Out of range float values are not JSON compliant"),
+        ("unique", "TypeError: Object of type set is not JSON serializable)"),
+        ("raw", "TypeError: Object of type bytes is not JSON serializable)"),
+        ("thing", "TypeError: Object of type object is not JSON serializable)"),
     ]:
         says = f"error: the tool's result cannot be written as JSON ({why}"
         assert tools.run(call(name, "{}")).content.startswith(says)
         assert asyncio.run(tools.arun(call(name, "{}"))).content.startswith(says)
+
+
+class Colour(enum.Enum):
+    RED = "red"
+
+
+def test_results_of_common_types_are_written_as_the_other_sdks_write_them() -> None:
+    def facts() -> dict[str, Any]:
+        return {
+            "at": datetime.datetime(2024, 5, 1, 12, 30, tzinfo=datetime.UTC),
+            "day": datetime.date(2024, 5, 1),
+            "time": datetime.time(12, 30),
+            "colour": Colour.RED,
+            "id": uuid.UUID(int=1),
+            "price": decimal.Decimal("1.10"),
+            "file": pathlib.PurePosixPath("/tmp/x"),
+            "place": Place("Oslo"),
+        }
+
+    assert json.loads(Tools(facts).run(call("facts", "{}")).content) == {
+        "at": "2024-05-01T12:30:00+00:00",
+        "day": "2024-05-01",
+        "time": "12:30:00",
+        "colour": "red",
+        "id": "00000000-0000-0000-0000-000000000001",
+        "price": "1.10",
+        "file": "/tmp/x",
+        "place": {"city": "Oslo", "country": "NO", "tags": []},
+    }
 
 
 def test_turns_keep_tool_calls_with_their_results() -> None:
