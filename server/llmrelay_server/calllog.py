@@ -123,7 +123,7 @@ def call_fields(
         "caller": caller,
         "rpc": rpc,
         "model": _asked_model(request),
-        "served_model": served.model if served is not None else None,
+        "served_model": served.model[:MAX_FIELD_CHARS] if served is not None else None,
         "backend": served.backend if served is not None else None,
         "attempts": attempts,
         "code": code.name,

@@ -166,6 +166,9 @@ def exporting_provider() -> TracerProvider:
         resource = resource.merge(Resource({SERVICE_NAME: "llmrelay"}))
     limited = any(name in os.environ for name in _ATTRIBUTE_LENGTH_VARIABLES)
     limits = None if limited else SpanLimits(max_attribute_length=DEFAULT_ATTRIBUTE_LENGTH)
+    attributes_log = logging.getLogger("opentelemetry.attributes")
+    if _not_cut_values not in attributes_log.filters:
+        attributes_log.addFilter(_not_cut_values)
     provider = TracerProvider(resource=resource, span_limits=limits)
     provider.add_span_processor(_batch_processor(_otlp_exporter()))
     return provider
@@ -177,6 +180,12 @@ def _unset_empty_variables() -> None:
     environment, they are unset to every reader."""
     for name in [name for name, value in os.environ.items() if name.startswith("OTEL_") and not value]:
         del os.environ[name]
+
+
+def _not_cut_values(record: logging.LogRecord) -> bool:
+    """Whether the SDK's line is not its warning that it cut a value to the length limit: that is what the limit is
+    for, and it warned twice a call with a long prompt recorded (log_content) or a model's long name."""
+    return not record.msg.startswith("String attribute value exceeds max length")
 
 
 def _check_span_limits() -> None:

@@ -361,6 +361,20 @@ async def test_a_line_names_no_model_for_an_rpc_that_asks_none(
     assert " model=- " in text, "the line for people says no model, as for every field without a value"
 
 
+async def test_a_model_name_an_upstream_answers_with_is_cut_as_the_one_asked_for(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upstream may name its model with anything: a name of 100,000 characters made a line of 100 KB."""
+    caplog.set_level(logging.INFO, logger=CALLS)
+    primary.inject({"served_model": "m" * 100_000})
+    gateway = await gateway_factory(two_backends(primary, local))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+        await stub.Complete(chat(), timeout=5, metadata=[("x-request-id", "long")])
+    line = lines(caplog)["long"]
+    assert (line["backend"], line["served_model"]) == ("openai", "m" * 128)
+
+
 @pytest.mark.parametrize("log_content", [False, True])
 async def test_an_upstreams_words_reach_the_log_and_traces_only_with_content(
     gateway_factory: GatewayFactory,
