@@ -3,9 +3,12 @@ lines are relayed until the answer is whole."""
 
 from __future__ import annotations
 
+import html
+import json
 import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from typing import cast
+from urllib.parse import quote
 
 import httpx2
 import openai
@@ -230,7 +233,7 @@ GOOGLE_KEY = "AIzaSyD0123456789abcdefghijklmnopqrstuvw"  # no prefix the secret-
     ("said", "passed_on"),
     [
         (f"bad key {GOOGLE_KEY}_x", "bad key [redacted]_x"),
-        (f"{GOOGLE_KEY}{GOOGLE_KEY}", "[redacted][redacted]"),
+        (f"{GOOGLE_KEY}{GOOGLE_KEY}", "[redacted]"),
         (f"(it starts with '<html>xxx {GOOGLE_KEY[:19]}')", "(it starts with '<html>xxx [redacted]')"),
         (f"a piece too short to say much: {GOOGLE_KEY[:7]}", f"a piece too short to say much: {GOOGLE_KEY[:7]}"),
     ],
@@ -243,6 +246,28 @@ def test_a_long_key_is_redacted_wherever_it_stands_and_so_is_its_start_where_a_q
     left of it is not the key: it went out to the caller and the log; and a key followed by a letter or a dash was
     left whole."""
     assert redact(said, GOOGLE_KEY) == passed_on
+
+
+ODD_KEY = 'sk-abc&def=ghi/jkl+mno"pqr1234567890'  # characters HTML, URLs and JSON each write otherwise
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        ODD_KEY.lower(),
+        html.escape(ODD_KEY),
+        quote(ODD_KEY, safe=""),
+        json.dumps(ODD_KEY)[1:-1],
+        ODD_KEY[6:],  # a quote that begins inside it
+        html.escape(ODD_KEY)[11:],
+    ],
+    ids=["lowered", "html", "url", "json", "its-end", "html-its-end"],
+)
+def test_a_key_is_redacted_as_pages_urls_and_json_write_it_and_where_a_quote_begins_inside_it(written: str) -> None:
+    """An upstream echoing the key HTML-escaped (a debugging page), in a URL, in JSON within text, lowered, or from
+    a few characters in: 22 of a key's 33 characters reached the caller."""
+    passed_on = redact(f"bad credentials <{written}> given", ODD_KEY)
+    assert passed_on == "bad credentials <[redacted]> given", passed_on
 
 
 def test_no_connection_free_in_the_gateways_pool_is_its_own_bound_not_the_upstreams_failure() -> None:

@@ -18,6 +18,9 @@ import asyncio
 import codecs
 import datetime
 import email.utils
+import html
+import itertools
+import json
 import math
 import re
 import sys
@@ -26,7 +29,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, ClassVar, Final, Generic, NamedTuple, NoReturn, Protocol, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx2
 
@@ -651,6 +654,9 @@ whole, a word of its own."""
 def redact(text: str, api_key: str | None) -> str:
     """An upstream's message without the backend's key or anything like a key, cut to 500 characters. Upstreams
     quote keys back in their errors ("Incorrect API key provided: sk-..."); never pass one on."""
+    # Searched for the key's every piece in four forms: not through megabytes of an error page, of which 500
+    # characters are kept.
+    text = text[:65536]
     if api_key and len(api_key) < KEY_PIECE_CHARS:
         # A placeholder key of a local server ("x", "EMPTY"): taken out of words, it made "maximum" "ma[redacted]imum"
         # in every message that had it.
@@ -661,18 +667,33 @@ def redact(text: str, api_key: str | None) -> str:
 
 
 def _without_key(text: str, key: str) -> str:
-    """`text` with every piece of `key` that begins it and is KEY_PIECE_CHARS long or longer taken out: the whole key
-    (in a word too: "KEY_x"), and what is left of it where the quote of an answer that held it was cut."""
-    head = key[:KEY_PIECE_CHARS]
+    """`text` with every piece of `key` KEY_PIECE_CHARS long or longer taken out, wherever it stands: the whole key (in
+    a word too: "KEY_x"), what is left of it where the quote of an answer that held it was cut (its start, or its end),
+    in any case (an upstream may lower it), and as HTML, a URL and JSON write it (a debugging page, a URL echoed, a
+    JSON body quoted within text)."""
+    folded = text.lower()
+    if len(folded) != len(text):  # a letter that lowers to two: each position of `folded` must be the text's
+        folded = text
+    secret = bytearray(len(text))
+    """1 where a character of the text is a character of a piece of the key."""
+    forms = {key, html.escape(key), quote(key, safe=""), json.dumps(key)[1:-1]}
+    for form in (form.lower() if folded is not text else form for form in forms):
+        for start in range(len(form) - KEY_PIECE_CHARS + 1):
+            piece = form[start : start + KEY_PIECE_CHARS]
+            found = folded.find(piece)
+            while found != -1:
+                secret[found : found + KEY_PIECE_CHARS] = b"\1" * KEY_PIECE_CHARS
+                found = folded.find(piece, found + 1)
+    if not any(secret):
+        return text
+    # Each run of the key's characters becomes one "[redacted]", so the text reads as it did around it.
     kept: list[str] = []
-    start = 0
-    while (found := text.find(head, start)) != -1:
-        length = KEY_PIECE_CHARS
-        while length < len(key) and found + length < len(text) and text[found + length] == key[length]:
-            length += 1
-        kept += (text[start:found], "[redacted]")
-        start = found + length
-    return "".join(kept) + text[start:]
+    position = 0
+    for hidden, run in itertools.groupby(secret):
+        length = sum(1 for _ in run)
+        kept.append("[redacted]" if hidden else text[position : position + length])
+        position += length
+    return "".join(kept)
 
 
 def kind_of_status(status: int, code: str | None, message: str | None) -> UpstreamErrorKind:
