@@ -580,6 +580,22 @@ async def test_a_password_given_as_any_parameter_never_shows(tmp_path: Path, cap
     assert PASSWORD not in description and PASSWORD not in caplog.text
 
 
+async def test_a_short_password_is_left_out_only_where_it_stands_alone(tmp_path: Path) -> None:
+    """Taken out of every word, a password "p" made libpq's "port 5432 failed ... accepting" "***ort 5432 failed ...
+    acce***ting" in the log and Health."""
+    closed = free_port()
+    url = f"postgresql://u:p@127.0.0.1:{closed}/ledger?connect_timeout=1"
+    ledger = UsageLedger(url, journal_dir=tmp_path / "journal", flush_interval_s=0.05)
+    try:
+        await ledger.start()
+        ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+        await wait_until(lambda: not ledger.health().available)
+        description = ledger.health().description
+    finally:
+        await ledger.aclose()
+    assert f"port {closed} failed" in description and "***" not in description, description
+
+
 def with_options(url: str, *settings: str) -> str:
     """The URL with server settings for its sessions (libpq's `options`; the tests' role is a superuser)."""
     return f"{url}?options=" + "%20".join(f"-c%20{setting}" for setting in settings)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine
 from contextlib import asynccontextmanager
@@ -415,10 +416,19 @@ class PostgreSQLStore:
             raise LedgerUnavailableError(f"{self._description}: {self._shown(str(cause))}") from exc
 
     def _shown(self, message: str) -> str:
-        """The message as it may be logged: without the password, on one line (libpq's may take several)."""
+        """The message as it may be logged: without the password, on one line (libpq's may take several). A short
+        password is taken out where it stands alone: out of words too, a password "p" made "port" "***ort" and
+        "accepting" "acce***ting" in every message."""
         for password in self._passwords:
-            message = message.replace(password, "***")
+            if len(password) < _WHOLE_WORD_BELOW:
+                message = re.sub(rf"(?<![\w-]){re.escape(password)}(?![\w-])", "***", message)
+            else:
+                message = message.replace(password, "***")
         return " ".join(message.split())
+
+
+_WHOLE_WORD_BELOW: Final = 8
+"""The length under which a password is taken out of a message only where it stands as a word of its own."""
 
 
 def totals_query(selection: Selection) -> tuple[str, list[object]]:
