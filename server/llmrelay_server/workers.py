@@ -34,6 +34,7 @@ them.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import fcntl
@@ -700,13 +701,16 @@ class _WorkersMetrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         families: dict[str, Metric] = {}
-        for announced in sorted(self._run_dir.glob("worker-*.json")):
-            worker = announced.stem.removeprefix("worker-")
-            with contextlib.suppress(OSError, ValueError):  # a worker restarting or gone: absent from this scrape
-                port = json.loads(announced.read_text())["metrics_port"]
-                url = f"http://127.0.0.1:{port}/metrics"
-                with _DIRECT.open(url, timeout=SCRAPE_TIMEOUT_S) as answer:
-                    text = answer.read().decode()
+        announced = sorted(self._run_dir.glob("worker-*.json"))
+        # Read at once, each within its timeout: one after another, each worker that does not answer (stopped, stuck)
+        # added its timeout to the scrape, and five of them passed Prometheus's own, losing every worker's metrics.
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(announced)), "llmrelay-scrape") as readers:
+            texts = list(readers.map(_read_metrics, announced))
+        for worker_file, text in zip(announced, texts, strict=True):
+            if text is None:  # a worker restarting or gone: absent from this scrape
+                continue
+            worker = worker_file.stem.removeprefix("worker-")
+            with contextlib.suppress(ValueError):
                 for family in text_string_to_metric_families(text):
                     if family.type == "gauge" and family.name.endswith("_created"):
                         # A counter's creation time, a gauge of its own in this format: exposed again beside the
@@ -721,3 +725,13 @@ class _WorkersMetrics(Collector):
                             sample.name, {**sample.labels, "worker": worker}, sample.value, sample.timestamp
                         )
         yield from families.values()
+
+
+def _read_metrics(announced: Path) -> str | None:
+    """A worker's metrics, from the port its file announces; None when they cannot be read."""
+    try:
+        port = json.loads(announced.read_text())["metrics_port"]
+        with _DIRECT.open(f"http://127.0.0.1:{port}/metrics", timeout=SCRAPE_TIMEOUT_S) as answer:
+            return str(answer.read().decode())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -24,6 +24,7 @@ import grpc
 import pytest
 from harness import BIN, GatewayProcess, clean_env, free_port, spawn_gateway
 from llmrelay import v1 as pb
+from llmrelay_server.workers import SCRAPE_TIMEOUT_S
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 from support import (
@@ -223,6 +224,34 @@ async def test_the_workers_metrics_are_read_directly_whatever_proxy_the_environm
         )
         assert handled == 4
     finally:
+        assert await stop(gateway) == 0
+
+
+async def test_workers_that_do_not_answer_hold_the_scrape_up_once_not_each(tmp_path: Path, local: FakeUpstream) -> None:
+    """The supervisor read its workers' metrics one after another, each within its 2 s: five stopped workers passed
+    Prometheus's own 10 s timeout, and every worker's metrics were lost from the scrape."""
+    metrics_port = free_port()
+    gateway = await start_workers(tmp_path, local, server=f', metrics_listen: "127.0.0.1:{metrics_port}"', workers=4)
+    stopped = children(gateway.process.pid)[1:]
+    try:
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        began = time.monotonic()
+        text = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read().decode()
+        )
+        took_s = time.monotonic() - began
+        workers = {
+            sample.labels["worker"]
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "llmrelay_open_streams"  # a worker's own
+        }
+        assert len(workers) == 1, workers  # the one that answers; the others are left out of this scrape
+        assert took_s < 2 * SCRAPE_TIMEOUT_S, f"three stopped workers held the scrape up {took_s:.1f} s"
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
         assert await stop(gateway) == 0
 
 
