@@ -84,6 +84,8 @@ class CallLogObserver(Observer):
             return
         total_s = time.perf_counter() - started
         fields = call_fields(rid, rpc, code, total_s, meter, request, _caller(context))
+        if meter.trace_id is not None:
+            fields["trace_id"] = meter.trace_id
         if self._log_content and (prompt := _last_user_message(request)) is not None:
             fields["prompt"] = prompt[:MAX_CONTENT_CHARS]
         if self._writer is not None:
@@ -101,7 +103,8 @@ class _LoggedCall:
         self._started = time.perf_counter()
         self._observer, self._rpc, self._request, self._context = observer, rpc, request, context
         self._rid = rid = request_id(invocation_metadata(context))
-        self._meter = open_meter()
+        self._meter = meter = open_meter()
+        meter.request_id = rid
         context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
 
     def end(self, code: grpc.StatusCode, messages: int) -> None:

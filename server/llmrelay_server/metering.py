@@ -42,6 +42,10 @@ class Meter:
     """Who the call bills, once the servicer has read it from the call (`auth.caller_identity`)."""
     upstream_headers: dict[str, str] = field(default_factory=dict)
     """Headers every upstream request of the call carries (a trace context's traceparent)."""
+    request_id: str | None = None
+    """The call's request id, once the call log has given it one: its span carries it too."""
+    trace_id: str | None = None
+    """The call's trace (32 hex digits), once traced: its log line carries it too, so the two are found together."""
 
 
 current_meter: contextvars.ContextVar[Meter | None] = contextvars.ContextVar("llmrelay_meter", default=None)

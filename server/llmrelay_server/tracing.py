@@ -509,8 +509,12 @@ class _Call:
                 carrier.setdefault(key, []).append(value)
         self.started = time.time_ns()
         context = _callers_context(observer._propagator, carrier)
-        self.span = observer._tracer.start_span(name, context, SpanKind.SERVER, attributes, start_time=self.started)
         self.meter: Meter = open_meter()
+        if self.meter.request_id is not None:  # the call log's (which starts first), to find the call's log line by
+            attributes["llmrelay.request_id"] = self.meter.request_id
+        self.span = observer._tracer.start_span(name, context, SpanKind.SERVER, attributes, start_time=self.started)
+        if (traced := self.span.get_span_context()).is_valid:  # sampled out, still of the caller's trace, if any
+            self.meter.trace_id = format(traced.trace_id, "032x")
         # Upstream requests continue the trace from this span (and carry nothing else of the caller's context).
         observer._propagator.inject(self.meter.upstream_headers, trace.set_span_in_context(self.span))
         self.code = grpc.StatusCode.OK

@@ -66,7 +66,7 @@ async def test_a_call_is_a_server_span_with_a_client_span_per_attempt(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, exported: InMemorySpanExporter
 ) -> None:
     async for stub in connect(gateway_factory, two_backends(primary, local)):
-        answer = await stub.Complete(chat(), timeout=5)
+        answer = await stub.Complete(chat(), timeout=5, metadata=[("x-request-id", "first")])
     server, [attempt] = rpc_span(exported, COMPLETE)
 
     assert server.kind is SpanKind.SERVER and server.parent is None
@@ -84,6 +84,7 @@ async def test_a_call_is_a_server_span_with_a_client_span_per_attempt(
         "gen_ai.usage.output_tokens": answer.usage.completion_tokens,
         "llmrelay.backend": "openai",
         "llmrelay.attempts": 1,
+        "llmrelay.request_id": "first",
     }
     assert attempt.name == "chat gpt-test" and attempt.kind is SpanKind.CLIENT
     assert dict(attempt.attributes) == {
@@ -104,6 +105,28 @@ async def test_a_call_is_a_server_span_with_a_client_span_per_attempt(
     assert attempt.context.trace_id == server.context.trace_id
     # Content is recorded only when server.log_content allows it.
     assert not any("messages" in key for span in (server, attempt) for key in span.attributes or {})
+
+
+async def test_a_calls_span_and_its_log_line_name_each_other(
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    exported: InMemorySpanExporter,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found one from the other: the line by its trace id, the span by its request id. A call sampled out is of its
+    caller's trace all the same, which its line names."""
+    caplog.set_level(logging.INFO, logger="llmrelay_server.calls")
+    async for stub in connect(gateway_factory, two_backends(primary, local)):
+        await stub.Complete(chat(), timeout=5, metadata=[("x-request-id", "traced")])
+        unsampled = f"00-{TRACE_ID}-{PARENT_ID}-00"  # the caller's trace, not sampled: nor is this call
+        await stub.Complete(chat(), timeout=5, metadata=[("x-request-id", "untraced"), ("traceparent", unsampled)])
+    server, _ = rpc_span(exported, COMPLETE)
+    assert server.context is not None and server.attributes is not None
+    assert server.attributes["llmrelay.request_id"] == "traced"
+    calls = {record.call["request_id"]: record.call for record in caplog.records if hasattr(record, "call")}
+    assert calls["traced"]["trace_id"] == format(server.context.trace_id, "032x")
+    assert calls["untraced"]["trace_id"] == TRACE_ID
 
 
 async def test_retries_and_fallbacks_are_attempt_spans_and_events(
