@@ -86,10 +86,10 @@ class Gateway:
     async def stop(
         self, grace_period_s: float | None = None, drain_s: float | None = None, hurry: asyncio.Event | None = None
     ) -> None:
-        """Health to NOT_SERVING and new calls refused for the drain time, then calls in flight get the grace period
-        to finish, then those still running end with SHUTTING_DOWN, then everything closes. Once `hurry` is set (a
-        second SIGTERM or Ctrl-C), what is left of the drain and the grace period is skipped: the calls still running
-        end at once, with the same status, and their usage is recorded all the same."""
+        """Health to NOT_SERVING and new model calls refused for the drain time, then calls in flight get the grace
+        period to finish, then those still running end with SHUTTING_DOWN, then everything closes. Once `hurry` is
+        set (a second SIGTERM or Ctrl-C), what is left of the drain and the grace period is skipped: the calls still
+        running end at once, with the same status, and their usage is recorded all the same."""
         grace_s = self.grace_period_s if grace_period_s is None else grace_period_s
         hurry = hurry or asyncio.Event()
         hurried = asyncio.ensure_future(hurry.wait())

@@ -156,8 +156,9 @@ class ServerConfig:
     listen: str = DEFAULT_LISTEN
     """HOST:PORT to serve gRPC on."""
     drain_s: float = 1.0
-    """On SIGTERM, how long health shows NOT_SERVING (and new calls get UNAVAILABLE) before the port closes,
-    so that load balancers and probes see the shutdown and stop sending calls."""
+    """On SIGTERM, how long health shows NOT_SERVING (and new model calls get UNAVAILABLE; CountTokens, GetUsage and
+    Health are still answered) before the port closes, so that load balancers and probes see the shutdown and stop
+    sending calls."""
     grace_period_s: float = 10.0
     """Then, how long calls in flight may take to finish."""
     max_message_bytes: int = 4 * 1024 * 1024
@@ -191,8 +192,9 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     """Limits of the whole gateway, over every caller."""
     max_concurrent_rpcs: int | None = None
-    """The bound on calls of the gateway's service in progress at once (its health service is not bounded); more are
-    refused with RESOURCE_EXHAUSTED, reason CONCURRENT_CALLS_EXCEEDED. Per process: each worker has its own."""
+    """The bound on calls of the gateway's service in progress at once (its Health RPC and the health service are not
+    bounded); more are refused with RESOURCE_EXHAUSTED, reason CONCURRENT_CALLS_EXCEEDED. Per process: each worker
+    has its own."""
     keepalive_s: float = 30.0
     """How often the gateway pings a caller's connection (HTTP/2 PING) to learn whether the caller is still there."""
     keepalive_timeout_s: float = 20.0

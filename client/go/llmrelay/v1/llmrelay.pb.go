@@ -374,8 +374,8 @@ const (
 	AttemptOutcome_ATTEMPT_OUTCOME_TIMEOUT AttemptOutcome = 3
 	// The backend refused for its rate limit (HTTP 429).
 	AttemptOutcome_ATTEMPT_OUTCOME_RATE_LIMITED AttemptOutcome = 4
-	// The backend failed (HTTP 5xx, or a status no other outcome names) or answered with something that is not a
-	// valid completion.
+	// The backend failed (HTTP 5xx but 501, or a status no other outcome names) or answered with something that is not
+	// a valid completion.
 	AttemptOutcome_ATTEMPT_OUTCOME_SERVER_ERROR AttemptOutcome = 5
 	// The backend refused the gateway's own credentials (HTTP 401/403), or the gateway's account there cannot pay
 	// (HTTP 402, OpenAI's 429 insufficient_quota, Anthropic's billing and spend-limit errors).
@@ -383,8 +383,10 @@ const (
 	// The backend does not serve the model (HTTP 404).
 	AttemptOutcome_ATTEMPT_OUTCOME_MODEL_NOT_FOUND AttemptOutcome = 7
 	// The backend rejected the request itself (HTTP 400/413/422): the caller's fault, so no fallback followed. Or the
-	// gateway did not send it, as the backend's dialect has no place for something in it (its error says what): the
-	// next backend was tried.
+	// backend cannot serve it, which no retry mends (HTTP 501, an error typed not_supported_error, or one saying image
+	// or audio input is not supported), or the gateway did not send it, as the backend's dialect has no place for
+	// something in it (its error says what): not counted against the backend's circuit, and the next backend was tried
+	// at once.
 	AttemptOutcome_ATTEMPT_OUTCOME_REJECTED AttemptOutcome = 8
 	// The backend was skipped because its circuit breaker is open after repeated failures.
 	AttemptOutcome_ATTEMPT_OUTCOME_SKIPPED AttemptOutcome = 9
@@ -527,15 +529,17 @@ const (
 	ErrorReason_ERROR_REASON_UNSPECIFIED ErrorReason = 0
 	// INVALID_ARGUMENT: the request is invalid (or could not be decoded); no metadata; BadRequest names the fields.
 	ErrorReason_ERROR_REASON_INVALID_REQUEST ErrorReason = 1
-	// NOT_FOUND: no backend serves the requested model; metadata `model` (as asked) and `served` (each backend's
-	// "backend/default-model" and the configured aliases, comma-separated). Routed, when every backend tried
-	// answered HTTP 404 for it: metadata `backend`, `upstream_status`, `attempts`, and an AttemptHistory.
+	// NOT_FOUND: no backend serves the requested model; metadata `model` (as asked) and `served`, comma-separated: for
+	// Complete and StreamComplete, each backend's "backend/default-model" and the configured aliases; for Embed, each
+	// configured embedding model as "backend/model". Routed, when every backend tried answered HTTP 404 for it (Embed's
+	// backend-qualified model included, which the named backend is asked for even when not configured there): metadata
+	// `backend`, `upstream_status`, `attempts`, and an AttemptHistory.
 	ErrorReason_ERROR_REASON_MODEL_NOT_FOUND ErrorReason = 2
-	// UNAVAILABLE, routed: every backend that could answer failed (unreachable, timed out, HTTP 5xx, or skipped for
-	// an open circuit), or they failed in different ways (a backend skipped for an open circuit is one way: the
-	// routed reasons below are each for one cause alone); metadata `attempts`, and `backend` and `upstream_status`
-	// when one cause failed them all; RetryInfo (and pushback): the soonest a backend may serve again, each as late
-	// as its Retry-After and its circuit's cool-down say, else 1 s; AttemptHistory.
+	// UNAVAILABLE, routed: every backend that could answer failed (unreachable, timed out, HTTP 5xx but 501, or skipped
+	// for an open circuit), or they failed in different ways (a backend skipped for an open circuit is one way: the
+	// routed reasons below are each for one cause alone); metadata `attempts`, and `backend` and `upstream_status` when
+	// one cause failed them all; RetryInfo (and pushback): the soonest a backend may serve again, each as late as its
+	// Retry-After and its circuit's cool-down say, else 1 s; AttemptHistory.
 	ErrorReason_ERROR_REASON_BACKENDS_UNAVAILABLE ErrorReason = 3
 	// RESOURCE_EXHAUSTED, routed: every backend tried refused for its rate limit (HTTP 429); metadata `backend`,
 	// `upstream_status`, `attempts`; RetryInfo (and pushback): the soonest of the upstreams' Retry-After (or their
@@ -546,9 +550,10 @@ const (
 	// spend-limit errors); an operator must fix it; metadata `backend`, `upstream_status`, `attempts`; AttemptHistory.
 	ErrorReason_ERROR_REASON_UPSTREAM_AUTH_FAILED ErrorReason = 5
 	// INVALID_ARGUMENT, routed: the upstream rejected the request as invalid (HTTP 400/413/422), so no other backend
-	// was tried; or no backend tried could carry it in its dialect (the gateway sent it to none: no upstream_status,
-	// and the attempts' errors say what could not be sent); metadata `backend`, `upstream_status`, `attempts`;
-	// AttemptHistory.
+	// was tried; or every backend, each tried in turn, could not serve the request (HTTP 501, not_supported_error, an
+	// image or audio input its model cannot read) or carry it in its dialect (the gateway sent it to none: no
+	// upstream_status, and the attempts' errors say what could not be sent); metadata `backend`, `upstream_status`,
+	// `attempts`; AttemptHistory.
 	ErrorReason_ERROR_REASON_UPSTREAM_REJECTED ErrorReason = 6
 	// DEADLINE_EXCEEDED, routed: the caller's deadline ran out before an answer was complete (the gateway answers a
 	// little before it, so that this status, with the attempts, arrives); metadata `attempts`; AttemptHistory.
@@ -568,9 +573,11 @@ const (
 	// RESOURCE_EXHAUSTED: the answer is larger than the gateway's message size limit; StreamComplete delivers it in
 	// pieces, and GetUsage's filters and window make its answer smaller; metadata `size` and `limit` (bytes).
 	ErrorReason_ERROR_REASON_ANSWER_TOO_LARGE ErrorReason = 12
-	// UNAVAILABLE: the gateway is shutting down and takes no new calls, or its grace period ended before the call
+	// UNAVAILABLE: the gateway is shutting down and takes no new model calls (Complete, StreamComplete, Embed;
+	// CountTokens, GetUsage and Health are answered until the port closes), or its grace period ended before the call
 	// finished; no metadata; RetryInfo (and pushback), 1 s: retry, on another instance. A stream cut by the shutdown
-	// after it had sent a message ends with ABORTED and this reason.
+	// after it had sent a message ends with ABORTED and this reason. A call past server.max_concurrent_rpcs gets
+	// CONCURRENT_CALLS_EXCEEDED instead, as that bound is checked first.
 	ErrorReason_ERROR_REASON_SHUTTING_DOWN ErrorReason = 13
 	// UNAUTHENTICATED: the call carries no `authorization: Bearer KEY` metadata, or a key the gateway does not know;
 	// no metadata.
@@ -603,8 +610,9 @@ const (
 	// metadata `caller` (the key's name) and `requested_caller`.
 	ErrorReason_ERROR_REASON_USAGE_NOT_ALLOWED ErrorReason = 22
 	// RESOURCE_EXHAUSTED: the gateway has as many calls of this service in progress as it takes at once
-	// (server.max_concurrent_rpcs); metadata `subject` ("gateway"); QuotaFailure; RetryInfo (and pushback). The
-	// gateway's health service (grpc.health.v1) is not bounded, so that its probes are answered under load.
+	// (server.max_concurrent_rpcs); metadata `subject` ("gateway"); QuotaFailure; RetryInfo (and pushback). Its
+	// Health RPC is not bounded, nor is the gateway's health service (grpc.health.v1), so that probes are answered
+	// under load, and neither counts towards the bound.
 	ErrorReason_ERROR_REASON_CONCURRENT_CALLS_EXCEEDED ErrorReason = 23
 	// RESOURCE_EXHAUSTED: the request is larger than the gateway's message size limit (server.max_message_bytes);
 	// metadata `size` and `limit` (bytes). A request over twice the limit is refused by gRPC itself before the
@@ -3108,8 +3116,8 @@ func (x *StoreHealth) GetPendingRecords() int64 {
 type HealthResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// True when the gateway takes model calls: at least one backend is reachable and its circuit is not open, and the
-	// gateway is not shutting down (from the start of a graceful shutdown it refuses new calls, UNAVAILABLE /
-	// SHUTTING_DOWN, as grpc.health.v1 says NOT_SERVING).
+	// gateway is not shutting down (from the start of a graceful shutdown it refuses new model calls, UNAVAILABLE /
+	// SHUTTING_DOWN, as grpc.health.v1 says NOT_SERVING; this RPC, CountTokens and GetUsage are still answered).
 	Serving bool `protobuf:"varint,1,opt,name=serving,proto3" json:"serving,omitempty"`
 	// One entry per backend, in the routing order.
 	Backends []*BackendHealth `protobuf:"bytes,2,rep,name=backends,proto3" json:"backends,omitempty"`
@@ -3440,8 +3448,11 @@ type EmbedRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The texts to embed, at least one; each gets a vector, in the same order.
 	Inputs []string `protobuf:"bytes,1,rep,name=inputs,proto3" json:"inputs,omitempty"`
-	// The embedding model (a backend-qualified name like "ollama/nomic-embed-text" picks the backend); unset: the
-	// first backend's configured embedding model.
+	// The embedding model; unset: the first embedding model of the first backend, in routing order, that has one. A
+	// backend-qualified name like "ollama/nomic-embed-text" picks the backend, which is asked for the model even when
+	// it is not among those configured there (an unknown one then ends with the upstream's HTTP 404: NOT_FOUND,
+	// MODEL_NOT_FOUND, routed), as long as the backend has an embedding model; on one with none, the gateway refuses
+	// it (MODEL_NOT_FOUND).
 	Model *string `protobuf:"bytes,2,opt,name=model,proto3,oneof" json:"model,omitempty"`
 	// The number of dimensions wanted, for models that can shorten their vectors (OpenAI's text-embedding-3). A backend
 	// answering vectors of another length is passed over for the next of the model; with none left, INVALID_ARGUMENT

@@ -237,8 +237,8 @@ class _AttemptOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Attemp
     ATTEMPT_OUTCOME_RATE_LIMITED: _AttemptOutcome.ValueType  # 4
     """The backend refused for its rate limit (HTTP 429)."""
     ATTEMPT_OUTCOME_SERVER_ERROR: _AttemptOutcome.ValueType  # 5
-    """The backend failed (HTTP 5xx, or a status no other outcome names) or answered with something that is not a
-    valid completion.
+    """The backend failed (HTTP 5xx but 501, or a status no other outcome names) or answered with something that is not
+    a valid completion.
     """
     ATTEMPT_OUTCOME_AUTH_FAILED: _AttemptOutcome.ValueType  # 6
     """The backend refused the gateway's own credentials (HTTP 401/403), or the gateway's account there cannot pay
@@ -248,8 +248,10 @@ class _AttemptOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Attemp
     """The backend does not serve the model (HTTP 404)."""
     ATTEMPT_OUTCOME_REJECTED: _AttemptOutcome.ValueType  # 8
     """The backend rejected the request itself (HTTP 400/413/422): the caller's fault, so no fallback followed. Or the
-    gateway did not send it, as the backend's dialect has no place for something in it (its error says what): the
-    next backend was tried.
+    backend cannot serve it, which no retry mends (HTTP 501, an error typed not_supported_error, or one saying image
+    or audio input is not supported), or the gateway did not send it, as the backend's dialect has no place for
+    something in it (its error says what): not counted against the backend's circuit, and the next backend was tried
+    at once.
     """
     ATTEMPT_OUTCOME_SKIPPED: _AttemptOutcome.ValueType  # 9
     """The backend was skipped because its circuit breaker is open after repeated failures."""
@@ -284,8 +286,8 @@ gRPC's); or it answered HTTP 408.
 ATTEMPT_OUTCOME_RATE_LIMITED: AttemptOutcome.ValueType  # 4
 """The backend refused for its rate limit (HTTP 429)."""
 ATTEMPT_OUTCOME_SERVER_ERROR: AttemptOutcome.ValueType  # 5
-"""The backend failed (HTTP 5xx, or a status no other outcome names) or answered with something that is not a
-valid completion.
+"""The backend failed (HTTP 5xx but 501, or a status no other outcome names) or answered with something that is not
+a valid completion.
 """
 ATTEMPT_OUTCOME_AUTH_FAILED: AttemptOutcome.ValueType  # 6
 """The backend refused the gateway's own credentials (HTTP 401/403), or the gateway's account there cannot pay
@@ -295,8 +297,10 @@ ATTEMPT_OUTCOME_MODEL_NOT_FOUND: AttemptOutcome.ValueType  # 7
 """The backend does not serve the model (HTTP 404)."""
 ATTEMPT_OUTCOME_REJECTED: AttemptOutcome.ValueType  # 8
 """The backend rejected the request itself (HTTP 400/413/422): the caller's fault, so no fallback followed. Or the
-gateway did not send it, as the backend's dialect has no place for something in it (its error says what): the
-next backend was tried.
+backend cannot serve it, which no retry mends (HTTP 501, an error typed not_supported_error, or one saying image
+or audio input is not supported), or the gateway did not send it, as the backend's dialect has no place for
+something in it (its error says what): not counted against the backend's circuit, and the next backend was tried
+at once.
 """
 ATTEMPT_OUTCOME_SKIPPED: AttemptOutcome.ValueType  # 9
 """The backend was skipped because its circuit breaker is open after repeated failures."""
@@ -354,16 +358,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_INVALID_REQUEST: _ErrorReason.ValueType  # 1
     """INVALID_ARGUMENT: the request is invalid (or could not be decoded); no metadata; BadRequest names the fields."""
     ERROR_REASON_MODEL_NOT_FOUND: _ErrorReason.ValueType  # 2
-    """NOT_FOUND: no backend serves the requested model; metadata `model` (as asked) and `served` (each backend's
-    "backend/default-model" and the configured aliases, comma-separated). Routed, when every backend tried
-    answered HTTP 404 for it: metadata `backend`, `upstream_status`, `attempts`, and an AttemptHistory.
+    """NOT_FOUND: no backend serves the requested model; metadata `model` (as asked) and `served`, comma-separated: for
+    Complete and StreamComplete, each backend's "backend/default-model" and the configured aliases; for Embed, each
+    configured embedding model as "backend/model". Routed, when every backend tried answered HTTP 404 for it (Embed's
+    backend-qualified model included, which the named backend is asked for even when not configured there): metadata
+    `backend`, `upstream_status`, `attempts`, and an AttemptHistory.
     """
     ERROR_REASON_BACKENDS_UNAVAILABLE: _ErrorReason.ValueType  # 3
-    """UNAVAILABLE, routed: every backend that could answer failed (unreachable, timed out, HTTP 5xx, or skipped for
-    an open circuit), or they failed in different ways (a backend skipped for an open circuit is one way: the
-    routed reasons below are each for one cause alone); metadata `attempts`, and `backend` and `upstream_status`
-    when one cause failed them all; RetryInfo (and pushback): the soonest a backend may serve again, each as late
-    as its Retry-After and its circuit's cool-down say, else 1 s; AttemptHistory.
+    """UNAVAILABLE, routed: every backend that could answer failed (unreachable, timed out, HTTP 5xx but 501, or skipped
+    for an open circuit), or they failed in different ways (a backend skipped for an open circuit is one way: the
+    routed reasons below are each for one cause alone); metadata `attempts`, and `backend` and `upstream_status` when
+    one cause failed them all; RetryInfo (and pushback): the soonest a backend may serve again, each as late as its
+    Retry-After and its circuit's cool-down say, else 1 s; AttemptHistory.
     """
     ERROR_REASON_UPSTREAM_RATE_LIMITED: _ErrorReason.ValueType  # 4
     """RESOURCE_EXHAUSTED, routed: every backend tried refused for its rate limit (HTTP 429); metadata `backend`,
@@ -377,9 +383,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_UPSTREAM_REJECTED: _ErrorReason.ValueType  # 6
     """INVALID_ARGUMENT, routed: the upstream rejected the request as invalid (HTTP 400/413/422), so no other backend
-    was tried; or no backend tried could carry it in its dialect (the gateway sent it to none: no upstream_status,
-    and the attempts' errors say what could not be sent); metadata `backend`, `upstream_status`, `attempts`;
-    AttemptHistory.
+    was tried; or every backend, each tried in turn, could not serve the request (HTTP 501, not_supported_error, an
+    image or audio input its model cannot read) or carry it in its dialect (the gateway sent it to none: no
+    upstream_status, and the attempts' errors say what could not be sent); metadata `backend`, `upstream_status`,
+    `attempts`; AttemptHistory.
     """
     ERROR_REASON_DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 7
     """DEADLINE_EXCEEDED, routed: the caller's deadline ran out before an answer was complete (the gateway answers a
@@ -405,9 +412,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     pieces, and GetUsage's filters and window make its answer smaller; metadata `size` and `limit` (bytes).
     """
     ERROR_REASON_SHUTTING_DOWN: _ErrorReason.ValueType  # 13
-    """UNAVAILABLE: the gateway is shutting down and takes no new calls, or its grace period ended before the call
+    """UNAVAILABLE: the gateway is shutting down and takes no new model calls (Complete, StreamComplete, Embed;
+    CountTokens, GetUsage and Health are answered until the port closes), or its grace period ended before the call
     finished; no metadata; RetryInfo (and pushback), 1 s: retry, on another instance. A stream cut by the shutdown
-    after it had sent a message ends with ABORTED and this reason.
+    after it had sent a message ends with ABORTED and this reason. A call past server.max_concurrent_rpcs gets
+    CONCURRENT_CALLS_EXCEEDED instead, as that bound is checked first.
     """
     ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 14
     """UNAUTHENTICATED: the call carries no `authorization: Bearer KEY` metadata, or a key the gateway does not know;
@@ -450,8 +459,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_CONCURRENT_CALLS_EXCEEDED: _ErrorReason.ValueType  # 23
     """RESOURCE_EXHAUSTED: the gateway has as many calls of this service in progress as it takes at once
-    (server.max_concurrent_rpcs); metadata `subject` ("gateway"); QuotaFailure; RetryInfo (and pushback). The
-    gateway's health service (grpc.health.v1) is not bounded, so that its probes are answered under load.
+    (server.max_concurrent_rpcs); metadata `subject` ("gateway"); QuotaFailure; RetryInfo (and pushback). Its
+    Health RPC is not bounded, nor is the gateway's health service (grpc.health.v1), so that probes are answered
+    under load, and neither counts towards the bound.
     """
     ERROR_REASON_REQUEST_TOO_LARGE: _ErrorReason.ValueType  # 24
     """RESOURCE_EXHAUSTED: the request is larger than the gateway's message size limit (server.max_message_bytes);
@@ -472,16 +482,18 @@ ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
 ERROR_REASON_INVALID_REQUEST: ErrorReason.ValueType  # 1
 """INVALID_ARGUMENT: the request is invalid (or could not be decoded); no metadata; BadRequest names the fields."""
 ERROR_REASON_MODEL_NOT_FOUND: ErrorReason.ValueType  # 2
-"""NOT_FOUND: no backend serves the requested model; metadata `model` (as asked) and `served` (each backend's
-"backend/default-model" and the configured aliases, comma-separated). Routed, when every backend tried
-answered HTTP 404 for it: metadata `backend`, `upstream_status`, `attempts`, and an AttemptHistory.
+"""NOT_FOUND: no backend serves the requested model; metadata `model` (as asked) and `served`, comma-separated: for
+Complete and StreamComplete, each backend's "backend/default-model" and the configured aliases; for Embed, each
+configured embedding model as "backend/model". Routed, when every backend tried answered HTTP 404 for it (Embed's
+backend-qualified model included, which the named backend is asked for even when not configured there): metadata
+`backend`, `upstream_status`, `attempts`, and an AttemptHistory.
 """
 ERROR_REASON_BACKENDS_UNAVAILABLE: ErrorReason.ValueType  # 3
-"""UNAVAILABLE, routed: every backend that could answer failed (unreachable, timed out, HTTP 5xx, or skipped for
-an open circuit), or they failed in different ways (a backend skipped for an open circuit is one way: the
-routed reasons below are each for one cause alone); metadata `attempts`, and `backend` and `upstream_status`
-when one cause failed them all; RetryInfo (and pushback): the soonest a backend may serve again, each as late
-as its Retry-After and its circuit's cool-down say, else 1 s; AttemptHistory.
+"""UNAVAILABLE, routed: every backend that could answer failed (unreachable, timed out, HTTP 5xx but 501, or skipped
+for an open circuit), or they failed in different ways (a backend skipped for an open circuit is one way: the
+routed reasons below are each for one cause alone); metadata `attempts`, and `backend` and `upstream_status` when
+one cause failed them all; RetryInfo (and pushback): the soonest a backend may serve again, each as late as its
+Retry-After and its circuit's cool-down say, else 1 s; AttemptHistory.
 """
 ERROR_REASON_UPSTREAM_RATE_LIMITED: ErrorReason.ValueType  # 4
 """RESOURCE_EXHAUSTED, routed: every backend tried refused for its rate limit (HTTP 429); metadata `backend`,
@@ -495,9 +507,10 @@ spend-limit errors); an operator must fix it; metadata `backend`, `upstream_stat
 """
 ERROR_REASON_UPSTREAM_REJECTED: ErrorReason.ValueType  # 6
 """INVALID_ARGUMENT, routed: the upstream rejected the request as invalid (HTTP 400/413/422), so no other backend
-was tried; or no backend tried could carry it in its dialect (the gateway sent it to none: no upstream_status,
-and the attempts' errors say what could not be sent); metadata `backend`, `upstream_status`, `attempts`;
-AttemptHistory.
+was tried; or every backend, each tried in turn, could not serve the request (HTTP 501, not_supported_error, an
+image or audio input its model cannot read) or carry it in its dialect (the gateway sent it to none: no
+upstream_status, and the attempts' errors say what could not be sent); metadata `backend`, `upstream_status`,
+`attempts`; AttemptHistory.
 """
 ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 7
 """DEADLINE_EXCEEDED, routed: the caller's deadline ran out before an answer was complete (the gateway answers a
@@ -523,9 +536,11 @@ ERROR_REASON_ANSWER_TOO_LARGE: ErrorReason.ValueType  # 12
 pieces, and GetUsage's filters and window make its answer smaller; metadata `size` and `limit` (bytes).
 """
 ERROR_REASON_SHUTTING_DOWN: ErrorReason.ValueType  # 13
-"""UNAVAILABLE: the gateway is shutting down and takes no new calls, or its grace period ended before the call
+"""UNAVAILABLE: the gateway is shutting down and takes no new model calls (Complete, StreamComplete, Embed;
+CountTokens, GetUsage and Health are answered until the port closes), or its grace period ended before the call
 finished; no metadata; RetryInfo (and pushback), 1 s: retry, on another instance. A stream cut by the shutdown
-after it had sent a message ends with ABORTED and this reason.
+after it had sent a message ends with ABORTED and this reason. A call past server.max_concurrent_rpcs gets
+CONCURRENT_CALLS_EXCEEDED instead, as that bound is checked first.
 """
 ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 14
 """UNAUTHENTICATED: the call carries no `authorization: Bearer KEY` metadata, or a key the gateway does not know;
@@ -568,8 +583,9 @@ metadata `caller` (the key's name) and `requested_caller`.
 """
 ERROR_REASON_CONCURRENT_CALLS_EXCEEDED: ErrorReason.ValueType  # 23
 """RESOURCE_EXHAUSTED: the gateway has as many calls of this service in progress as it takes at once
-(server.max_concurrent_rpcs); metadata `subject` ("gateway"); QuotaFailure; RetryInfo (and pushback). The
-gateway's health service (grpc.health.v1) is not bounded, so that its probes are answered under load.
+(server.max_concurrent_rpcs); metadata `subject` ("gateway"); QuotaFailure; RetryInfo (and pushback). Its
+Health RPC is not bounded, nor is the gateway's health service (grpc.health.v1), so that probes are answered
+under load, and neither counts towards the bound.
 """
 ERROR_REASON_REQUEST_TOO_LARGE: ErrorReason.ValueType  # 24
 """RESOURCE_EXHAUSTED: the request is larger than the gateway's message size limit (server.max_message_bytes);
@@ -1888,8 +1904,8 @@ class HealthResponse(_message.Message):
     STORES_FIELD_NUMBER: _builtins.int
     serving: _builtins.bool
     """True when the gateway takes model calls: at least one backend is reachable and its circuit is not open, and the
-    gateway is not shutting down (from the start of a graceful shutdown it refuses new calls, UNAVAILABLE /
-    SHUTTING_DOWN, as grpc.health.v1 says NOT_SERVING).
+    gateway is not shutting down (from the start of a graceful shutdown it refuses new model calls, UNAVAILABLE /
+    SHUTTING_DOWN, as grpc.health.v1 says NOT_SERVING; this RPC, CountTokens and GetUsage are still answered).
     """
     @_builtins.property
     def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___BackendHealth]:
@@ -2077,8 +2093,11 @@ class EmbedRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     DIMENSIONS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """The embedding model (a backend-qualified name like "ollama/nomic-embed-text" picks the backend); unset: the
-    first backend's configured embedding model.
+    """The embedding model; unset: the first embedding model of the first backend, in routing order, that has one. A
+    backend-qualified name like "ollama/nomic-embed-text" picks the backend, which is asked for the model even when
+    it is not among those configured there (an unknown one then ends with the upstream's HTTP 404: NOT_FOUND,
+    MODEL_NOT_FOUND, routed), as long as the backend has an embedding model; on one with none, the gateway refuses
+    it (MODEL_NOT_FOUND).
     """
     dimensions: _builtins.int
     """The number of dimensions wanted, for models that can shorten their vectors (OpenAI's text-embedding-3). A backend

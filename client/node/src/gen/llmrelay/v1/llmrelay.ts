@@ -364,8 +364,8 @@ export enum AttemptOutcome {
   /** ATTEMPT_OUTCOME_RATE_LIMITED - The backend refused for its rate limit (HTTP 429). */
   ATTEMPT_OUTCOME_RATE_LIMITED = 4,
   /**
-   * ATTEMPT_OUTCOME_SERVER_ERROR - The backend failed (HTTP 5xx, or a status no other outcome names) or answered with something that is not a
-   * valid completion.
+   * ATTEMPT_OUTCOME_SERVER_ERROR - The backend failed (HTTP 5xx but 501, or a status no other outcome names) or answered with something that is not
+   * a valid completion.
    */
   ATTEMPT_OUTCOME_SERVER_ERROR = 5,
   /**
@@ -377,8 +377,10 @@ export enum AttemptOutcome {
   ATTEMPT_OUTCOME_MODEL_NOT_FOUND = 7,
   /**
    * ATTEMPT_OUTCOME_REJECTED - The backend rejected the request itself (HTTP 400/413/422): the caller's fault, so no fallback followed. Or the
-   * gateway did not send it, as the backend's dialect has no place for something in it (its error says what): the
-   * next backend was tried.
+   * backend cannot serve it, which no retry mends (HTTP 501, an error typed not_supported_error, or one saying image
+   * or audio input is not supported), or the gateway did not send it, as the backend's dialect has no place for
+   * something in it (its error says what): not counted against the backend's circuit, and the next backend was tried
+   * at once.
    */
   ATTEMPT_OUTCOME_REJECTED = 8,
   /** ATTEMPT_OUTCOME_SKIPPED - The backend was skipped because its circuit breaker is open after repeated failures. */
@@ -541,17 +543,19 @@ export enum ErrorReason {
   /** ERROR_REASON_INVALID_REQUEST - INVALID_ARGUMENT: the request is invalid (or could not be decoded); no metadata; BadRequest names the fields. */
   ERROR_REASON_INVALID_REQUEST = 1,
   /**
-   * ERROR_REASON_MODEL_NOT_FOUND - NOT_FOUND: no backend serves the requested model; metadata `model` (as asked) and `served` (each backend's
-   * "backend/default-model" and the configured aliases, comma-separated). Routed, when every backend tried
-   * answered HTTP 404 for it: metadata `backend`, `upstream_status`, `attempts`, and an AttemptHistory.
+   * ERROR_REASON_MODEL_NOT_FOUND - NOT_FOUND: no backend serves the requested model; metadata `model` (as asked) and `served`, comma-separated: for
+   * Complete and StreamComplete, each backend's "backend/default-model" and the configured aliases; for Embed, each
+   * configured embedding model as "backend/model". Routed, when every backend tried answered HTTP 404 for it (Embed's
+   * backend-qualified model included, which the named backend is asked for even when not configured there): metadata
+   * `backend`, `upstream_status`, `attempts`, and an AttemptHistory.
    */
   ERROR_REASON_MODEL_NOT_FOUND = 2,
   /**
-   * ERROR_REASON_BACKENDS_UNAVAILABLE - UNAVAILABLE, routed: every backend that could answer failed (unreachable, timed out, HTTP 5xx, or skipped for
-   * an open circuit), or they failed in different ways (a backend skipped for an open circuit is one way: the
-   * routed reasons below are each for one cause alone); metadata `attempts`, and `backend` and `upstream_status`
-   * when one cause failed them all; RetryInfo (and pushback): the soonest a backend may serve again, each as late
-   * as its Retry-After and its circuit's cool-down say, else 1 s; AttemptHistory.
+   * ERROR_REASON_BACKENDS_UNAVAILABLE - UNAVAILABLE, routed: every backend that could answer failed (unreachable, timed out, HTTP 5xx but 501, or skipped
+   * for an open circuit), or they failed in different ways (a backend skipped for an open circuit is one way: the
+   * routed reasons below are each for one cause alone); metadata `attempts`, and `backend` and `upstream_status` when
+   * one cause failed them all; RetryInfo (and pushback): the soonest a backend may serve again, each as late as its
+   * Retry-After and its circuit's cool-down say, else 1 s; AttemptHistory.
    */
   ERROR_REASON_BACKENDS_UNAVAILABLE = 3,
   /**
@@ -568,9 +572,10 @@ export enum ErrorReason {
   ERROR_REASON_UPSTREAM_AUTH_FAILED = 5,
   /**
    * ERROR_REASON_UPSTREAM_REJECTED - INVALID_ARGUMENT, routed: the upstream rejected the request as invalid (HTTP 400/413/422), so no other backend
-   * was tried; or no backend tried could carry it in its dialect (the gateway sent it to none: no upstream_status,
-   * and the attempts' errors say what could not be sent); metadata `backend`, `upstream_status`, `attempts`;
-   * AttemptHistory.
+   * was tried; or every backend, each tried in turn, could not serve the request (HTTP 501, not_supported_error, an
+   * image or audio input its model cannot read) or carry it in its dialect (the gateway sent it to none: no
+   * upstream_status, and the attempts' errors say what could not be sent); metadata `backend`, `upstream_status`,
+   * `attempts`; AttemptHistory.
    */
   ERROR_REASON_UPSTREAM_REJECTED = 6,
   /**
@@ -602,9 +607,11 @@ export enum ErrorReason {
    */
   ERROR_REASON_ANSWER_TOO_LARGE = 12,
   /**
-   * ERROR_REASON_SHUTTING_DOWN - UNAVAILABLE: the gateway is shutting down and takes no new calls, or its grace period ended before the call
+   * ERROR_REASON_SHUTTING_DOWN - UNAVAILABLE: the gateway is shutting down and takes no new model calls (Complete, StreamComplete, Embed;
+   * CountTokens, GetUsage and Health are answered until the port closes), or its grace period ended before the call
    * finished; no metadata; RetryInfo (and pushback), 1 s: retry, on another instance. A stream cut by the shutdown
-   * after it had sent a message ends with ABORTED and this reason.
+   * after it had sent a message ends with ABORTED and this reason. A call past server.max_concurrent_rpcs gets
+   * CONCURRENT_CALLS_EXCEEDED instead, as that bound is checked first.
    */
   ERROR_REASON_SHUTTING_DOWN = 13,
   /**
@@ -657,8 +664,9 @@ export enum ErrorReason {
   ERROR_REASON_USAGE_NOT_ALLOWED = 22,
   /**
    * ERROR_REASON_CONCURRENT_CALLS_EXCEEDED - RESOURCE_EXHAUSTED: the gateway has as many calls of this service in progress as it takes at once
-   * (server.max_concurrent_rpcs); metadata `subject` ("gateway"); QuotaFailure; RetryInfo (and pushback). The
-   * gateway's health service (grpc.health.v1) is not bounded, so that its probes are answered under load.
+   * (server.max_concurrent_rpcs); metadata `subject` ("gateway"); QuotaFailure; RetryInfo (and pushback). Its
+   * Health RPC is not bounded, nor is the gateway's health service (grpc.health.v1), so that probes are answered
+   * under load, and neither counts towards the bound.
    */
   ERROR_REASON_CONCURRENT_CALLS_EXCEEDED = 23,
   /**
@@ -1470,8 +1478,8 @@ export interface StoreHealth {
 export interface HealthResponse {
   /**
    * True when the gateway takes model calls: at least one backend is reachable and its circuit is not open, and the
-   * gateway is not shutting down (from the start of a graceful shutdown it refuses new calls, UNAVAILABLE /
-   * SHUTTING_DOWN, as grpc.health.v1 says NOT_SERVING).
+   * gateway is not shutting down (from the start of a graceful shutdown it refuses new model calls, UNAVAILABLE /
+   * SHUTTING_DOWN, as grpc.health.v1 says NOT_SERVING; this RPC, CountTokens and GetUsage are still answered).
    */
   serving: boolean;
   /** One entry per backend, in the routing order. */
@@ -1559,8 +1567,11 @@ export interface EmbedRequest {
   /** The texts to embed, at least one; each gets a vector, in the same order. */
   inputs: string[];
   /**
-   * The embedding model (a backend-qualified name like "ollama/nomic-embed-text" picks the backend); unset: the
-   * first backend's configured embedding model.
+   * The embedding model; unset: the first embedding model of the first backend, in routing order, that has one. A
+   * backend-qualified name like "ollama/nomic-embed-text" picks the backend, which is asked for the model even when
+   * it is not among those configured there (an unknown one then ends with the upstream's HTTP 404: NOT_FOUND,
+   * MODEL_NOT_FOUND, routed), as long as the backend has an embedding model; on one with none, the gateway refuses
+   * it (MODEL_NOT_FOUND).
    */
   model?:
     | string
