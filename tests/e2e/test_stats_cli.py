@@ -4,6 +4,7 @@ scrapes with calls in between; across a gateway's (or a worker's) restart, and a
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.server
 import os
 import re
@@ -132,6 +133,31 @@ def test_stats_never_shows_a_password_in_the_url(url: str) -> None:
         main(["stats", "--metrics", url, "--once"])
     said = str(ended.value.code)
     assert "admin:***@" in said and "S3CRET" not in said, said
+
+
+def test_stats_sends_the_urls_credentials_as_basic_authorization(capsys: pytest.CaptureFixture[str]) -> None:
+    """A /metrics behind a proxy that asks for a user and password, given in the URL as Prometheus takes them: urllib
+    took them for part of the host name, "Name or service not known" even for 127.0.0.1."""
+    metrics = b"llmrelay_open_streams 3.0\n"
+    asked: list[str | None] = []
+
+    def guarded(handler: http.server.BaseHTTPRequestHandler) -> None:
+        asked.append(handler.headers.get("Authorization"))
+        allowed = handler.headers.get("Authorization") == "Basic " + base64.b64encode(b"ops:p@ss:w/rd").decode()
+        handler.send_response(200 if allowed else 401)
+        handler.send_header("Content-Length", str(len(metrics) if allowed else 0))
+        handler.end_headers()
+        if allowed:
+            handler.wfile.write(metrics)
+
+    with http_served(guarded) as url:
+        authorized = url.replace("http://", "http://ops:p%40ss%3Aw%2Frd@")  # percent-encoded, as a URL writes them
+        main(["stats", "--metrics", authorized, "--once"])
+        with pytest.raises(SystemExit) as refused:
+            main(["stats", "--metrics", url.replace("http://", "http://ops:wrong@"), "--once"])
+    assert asked[0] is not None and "HTTP 401" in str(refused.value.code)
+    assert "ops:***@" in str(refused.value.code) and "wrong" not in str(refused.value.code)
+    assert "open streams: 3" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("url", ["", "http://[::1"], ids=["empty", "unclosed-ipv6"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import datetime
 import http.client
@@ -21,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final, TextIO
+from urllib.parse import unquote
 
 from llmrelay import v1 as pb
 from llmrelay._channel import DEFAULT_SERVICE_CONFIG, client_certificate_problem, root_certificates_problem
@@ -593,7 +595,7 @@ def scrape(url: str) -> Samples:
         raise ScrapeError(f"{named} is not an http:// or https:// URL; e.g. {DEFAULT_METRICS}")
     deadline = time.monotonic() + SCRAPE_DEADLINE_S
     try:
-        with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as response:
+        with urllib.request.urlopen(_scrape_request(url), timeout=SCRAPE_TIMEOUT_S) as response:
             body = _read_bounded(response, shown, deadline)
     except urllib.error.HTTPError as exc:  # a status other than 2xx, a redirect loop
         reason = _said(_one_line(f"HTTP {exc.code} {exc.reason}"), url, shown, secrets) or type(exc).__name__
@@ -615,6 +617,20 @@ def scrape(url: str) -> Samples:
     if not any(name.startswith(_GATEWAY_METRICS) for name, _ in samples):
         raise ScrapeError(f"{shown} did not answer in Prometheus's text format", _NOT_METRICS)
     return samples
+
+
+def _scrape_request(url: str) -> urllib.request.Request:
+    """The scrape's request. Credentials in the URL (a /metrics behind a proxy that asks for them) go as HTTP Basic
+    authorization, as Prometheus's basic_auth sends them: urllib took them for part of the host name ("Name or service
+    not known"). The userinfo ends at the last @ before any ? or #, as `_masked` reads it."""
+    scheme, _, rest = url.partition("://")
+    end = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    at = rest.rfind("@", 0, end)
+    if at < 0:
+        return urllib.request.Request(url)
+    user, _, password = rest[:at].partition(":")
+    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode("ascii")
+    return urllib.request.Request(f"{scheme}://{rest[at + 1 :]}", headers={"Authorization": f"Basic {token}"})
 
 
 def _read_bounded(response: http.client.HTTPResponse, shown: str, deadline: float) -> bytes:
