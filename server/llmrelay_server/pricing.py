@@ -212,12 +212,15 @@ class PriceTable:
         self._lookup = functools.lru_cache(maxsize=1024)(self._find)
 
     def rate(self, spec: BackendSpec, model: str) -> Rate:
-        return self._lookup(spec.name, spec.kind, model)
+        # A model the backend is configured with is its own whatever its name: vLLM's "openai/gpt-oss-20b" beside a
+        # backend named openai.
+        configured = model == spec.default_model or model in spec.models
+        return self._lookup(spec.name, spec.kind, model, configured)
 
-    def _find(self, backend: str, kind: str, model: str) -> Rate:
+    def _find(self, backend: str, kind: str, model: str, configured: bool) -> Rate:
         qualified = f"{backend}/{model}"
         qualifier, slash, _ = model.partition("/")
-        alone = None if slash and qualifier in self._backends else model
+        alone = None if slash and qualifier in self._backends and not configured else model
         rate = self._overrides.match(qualified, alone)
         if rate is not None:
             return rate

@@ -715,7 +715,9 @@ class Router:
         if may_use(f"{route.backend.name}/{route.model}"):
             return True
         qualifier, slash, _ = route.model.partition("/")
-        return not (slash and qualifier in self._by_name) and may_use(route.model)
+        # A model its backend serves is its own whatever its name ("openai/gpt-oss-20b" on vLLM beside backend openai).
+        foreign = slash and qualifier in self._by_name and not route.backend.serves(route.model)
+        return not foreign and may_use(route.model)
 
     def _routes(self, request: CompletionRequest, caller: str, may_use: ModelFilter | None) -> list[Route]:
         if (estimated := _estimated_routes.get()) is not None and estimated[0] is request and estimated[1] == may_use:

@@ -513,7 +513,12 @@ class _Call:
         if self.meter.request_id is not None:  # the call log's (which starts first), to find the call's log line by
             attributes["llmrelay.request_id"] = self.meter.request_id
         self.span = observer._tracer.start_span(name, context, SpanKind.SERVER, attributes, start_time=self.started)
-        if (traced := self.span.get_span_context()).is_valid:  # sampled out, still of the caller's trace, if any
+        # A trace to look for: one exported, or the caller's (sampled out here, still of its trace); not an id made
+        # for a span no one keeps.
+        traced = self.span.get_span_context()
+        if traced.is_valid and (
+            self.span.is_recording() or trace.get_current_span(context).get_span_context().is_valid
+        ):
             self.meter.trace_id = format(traced.trace_id, "032x")
         # Upstream requests continue the trace from this span (and carry nothing else of the caller's context).
         observer._propagator.inject(self.meter.upstream_headers, trace.set_span_in_context(self.span))

@@ -110,6 +110,10 @@ def test_a_model_named_as_another_backends_is_not_priced_as_that_backends() -> N
     assert micros(table, backend("openai_compatible", "ollama"), "tiny") == 0
     assert micros(table, paid, "gpt-4o") == 2_500_000  # a model's name alone still prices it on any backend
     assert micros(table, paid, "Qwen/x") == 5_000_000  # a name whose first part is no backend's: unknown, as before
+    # A model the backend is configured with is its own, whatever its name (vLLM's beside a backend named openai).
+    vllm = BackendSpec(name="gpu", kind="vllm", base_url="http://gpu/v1", default_model="openai/gpt-oss-20b")
+    priced = PriceTable({"openai/gpt-oss-20b": Price(0.1, 0.5)}, UNKNOWN, backends=["openai", "gpu"])
+    assert micros(priced, vllm, "openai/gpt-oss-20b") == 100_000
 
 
 def test_yaml_overrides_beat_the_shipped_prices_and_add_models() -> None:

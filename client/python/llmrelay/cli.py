@@ -630,7 +630,9 @@ def _scrape_request(url: str) -> urllib.request.Request:
         return urllib.request.Request(url)
     user, _, password = rest[:at].partition(":")
     token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode("ascii")
-    return urllib.request.Request(f"{scheme}://{rest[at + 1 :]}", headers={"Authorization": f"Basic {token}"})
+    request = urllib.request.Request(f"{scheme}://{rest[at + 1 :]}")
+    request.add_unredirected_header("Authorization", f"Basic {token}")  # for this host, not where it redirects
+    return request
 
 
 def _read_bounded(response: http.client.HTTPResponse, shown: str, deadline: float) -> bytes:
