@@ -42,6 +42,9 @@ class Meter:
     """Who the call bills, once the servicer has read it from the call (`auth.caller_identity`)."""
     upstream_headers: dict[str, str] = field(default_factory=dict)
     """Headers every upstream request of the call carries (a trace context's traceparent)."""
+    requests_sent: int = 0
+    """The model requests the call has written to an upstream: one the call ended under before its answer had its
+    prompt read only if it was written (a call cancelled while its connection was still being made was not)."""
     request_id: str | None = None
     """The call's request id, once the call log has given it one: its span carries it too."""
     trace_id: str | None = None
@@ -81,6 +84,20 @@ def upstream_headers() -> dict[str, str] | None:
     """The headers the call's upstream requests must carry, if any."""
     meter = current_meter.get()
     return meter.upstream_headers if meter is not None and meter.upstream_headers else None
+
+
+def request_sent() -> None:
+    """A model request of the call has been written to its upstream, which may read its prompt from now on."""
+    meter = current_meter.get()
+    if meter is not None:
+        meter.requests_sent += 1
+
+
+def requests_sent() -> int | None:
+    """How many model requests the call has written to an upstream so far; None when nobody meters it (and so nobody
+    knows)."""
+    meter = current_meter.get()
+    return None if meter is None else meter.requests_sent
 
 
 def waited(seconds: float) -> None:

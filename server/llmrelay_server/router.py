@@ -285,6 +285,14 @@ async def _to_its_end(bill: Awaitable[object]) -> None:
         raise
 
 
+def _if_sent(route: Route, sent_before: int | None) -> Route | None:
+    """The route of an attempt the call ended under, if its request was written (the call had sent `sent_before`
+    before it): one cancelled while it waited for a connection reached no upstream, and is not billed. A call nobody
+    meters cannot tell, and is billed as though it was written."""
+    sent = metering.requests_sent()
+    return route if sent is None or sent_before is None or sent > sent_before else None
+
+
 def _untagged(model: str) -> str:
     return model.removesuffix(":latest")
 
@@ -343,8 +351,8 @@ class _Chain:
     failed: set[Backend] = field(default_factory=set)
     """The backends an attempt of this call failed on."""
     left: Route | None = None
-    """The route of an attempt the call ended under (the caller left, its deadline) while its upstream had the
-    request: its prompt was read all the same (`Router._bill_left`)."""
+    """The route of an attempt the call ended under (the caller left, its deadline) after its request was written to
+    the upstream: its prompt was read all the same (`Router._bill_left`)."""
 
     def may_fit(self, route: Route) -> bool:
         window = route.backend.provider.spec.context_window
@@ -1154,6 +1162,7 @@ class Router:
             # iteration, and an attempt often takes less. Deadlines stay on the loop's clock, as its timers do.
             started = time.perf_counter()
             silent_after = loop.time() + first_chunk_s
+            sent_before = metering.requests_sent()
             try:
                 with self._deadlines.within(loop, min(chain.deadline, silent_after)):
                     # The upstream's own read timer a little past the call's: this one, at the deadline, ends the
@@ -1167,7 +1176,7 @@ class Router:
                     self._failed(chain, route, started, silent)
                     return None
                 self._deadline_passed(chain, route, started)
-                chain.left = route
+                chain.left = _if_sent(route, sent_before)
                 raise chain.deadline_exceeded() from None
             except UpstreamError as exc:
                 self._failed(chain, route, started, exc)
@@ -1196,7 +1205,7 @@ class Router:
                 else:
                     chain.record(route, AttemptOutcome.CANCELLED, started, None)
                     circuit.release(chain)
-                chain.left = route
+                chain.left = _if_sent(route, sent_before)
                 raise
             except BaseException:
                 circuit.release(chain)

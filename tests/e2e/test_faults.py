@@ -23,9 +23,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway
 from llmrelay_server.backends import upstream_http
+from raw_server import RawServer
 from support import (
     DIALECTS,
     FAST_ROUTER,
+    OPENAI_TEST_KEY,
     GatewayFactory,
     StubFactory,
     chat,
@@ -959,6 +961,53 @@ async def test_a_call_that_ends_before_its_answer_is_billed_for_its_prompt(
     prompt = await stub.CountTokens(pb.CountTokensRequest(model="tiny", messages=chat().messages), timeout=5)
     assert [(r.backend, r.prompt_tokens, r.completion_tokens) for r in billed] == [("ollama", prompt.token_count, 0)]
     assert (billed[0].interrupted_requests, billed[0].estimated_requests) == (1, 1)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize("ends", ["cancelled", "deadline"])
+async def test_a_call_that_ends_before_its_request_is_sent_is_billed_nothing(
+    stub_for: StubFactory, caplog: pytest.LogCaptureFixture, streaming: bool, ends: str
+) -> None:
+    """The gateway was still making its connection (a TLS handshake its upstream never answers) when the caller left
+    or its deadline came: no upstream read the prompt, and nothing is billed."""
+
+    caplog.set_level(logging.INFO, logger="llmrelay_server.calls")
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    async with RawServer(silent) as raw:
+        base_url = raw.url("https").removesuffix("/chat/completions")
+        stub = await stub_for(
+            f'llm:\n  openai: {{api_key: "{OPENAI_TEST_KEY}", base_url: "{base_url}", model: m}}\n'
+            "  order: [openai]\nrouter:\n  retry: {max_retries: 0}\n",
+            server="limits: {tokens_per_minute: 5000}",
+        )
+        probes = raw.accepted  # the health probe's connection
+        timeout = 1 if ends == "deadline" else 20
+        call: Any = (
+            stub.StreamComplete(stream_chat(), timeout=timeout) if streaming else stub.Complete(chat(), timeout=timeout)
+        )
+        await wait_until(lambda: raw.accepted > probes, within_s=5)
+        if ends == "cancelled":
+            call.cancel()
+        with pytest.raises((grpc.aio.AioRpcError, asyncio.CancelledError)) as ended:
+            await (read_all(call) if streaming else call)
+        if ends == "deadline":
+            assert isinstance(ended.value, grpc.aio.AioRpcError)
+            assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        def call_lines() -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.name == "llmrelay_server.calls" and "Complete" in r.getMessage()
+            ]
+
+        await wait_until(lambda: bool(call_lines()), within_s=5)  # written once the call is over, bill and all
+        outcome = "cancelled" if ends == "cancelled" else "timeout"
+        assert [f"attempts=openai:{outcome}" in line for line in call_lines()] == [True], call_lines()
+        assert not (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
 
 
 @pytest.mark.parametrize("reads_first", [True, False], ids=["after-a-message", "before-any"])

@@ -35,12 +35,16 @@ REQUEST = CompletionRequest(messages=(Message(Role.USER, "hi"),))
 
 @dataclass
 class Holding:
-    """A provider that takes the request and never answers."""
+    """A provider that takes the request and never answers; or, not `sent`, never gets it written (its connection
+    never made)."""
 
     spec: BackendSpec = SPEC
     asked: asyncio.Event = field(default_factory=asyncio.Event)
+    sent: bool = True
 
     async def complete(self, model: str, request: CompletionRequest, *, timeout_s: float) -> CompletionResponse:
+        if self.sent:
+            metering.request_sent()
         self.asked.set()
         await asyncio.Event().wait()
         raise AssertionError("never answers")
@@ -67,10 +71,10 @@ def router_of(provider: object, bills: Bills | None = None) -> Router:
 
 
 async def called(
-    deadline_s: float, bills: Bills | None = None
+    deadline_s: float, bills: Bills | None = None, *, sent: bool = True
 ) -> tuple[Router, Holding, metering.Meter, asyncio.Task[CompletionResponse]]:
     """A call to a backend that holds it, once the backend has the request."""
-    provider = Holding()
+    provider = Holding(sent=sent)
     router = router_of(provider, bills)
     meter = metering.Meter()
     metering.current_meter.set(meter)  # the task made below runs in a copy of this context: the same meter
@@ -93,6 +97,15 @@ async def test_the_attempt_a_caller_leaves_is_recorded_as_cancelled_and_billed_i
     assert (backend, model, caller, interrupted) == ("slow", "m", "someone", True)
     assert (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (prompt, 0, True)
     assert meter.tokens == prompt, "the call's limits settle at what it was billed"
+
+
+async def test_the_attempt_a_caller_leaves_before_its_request_is_written_is_billed_nothing() -> None:
+    bills = Bills()
+    _, _, meter, task = await called(deadline_s=10, bills=bills, sent=False)
+    task.cancel()
+    await asyncio.wait([task])
+    assert [a.outcome for a in meter.attempts] == [AttemptOutcome.CANCELLED]
+    assert (bills.records, meter.tokens) == ([], 0)
 
 
 async def test_a_cancellation_after_the_deadline_is_the_deadlines_timeout() -> None:

@@ -47,7 +47,7 @@ import ssl
 import urllib.parse
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Final, TypeVar, cast
 
 import httptools
@@ -230,12 +230,14 @@ class Http1Pool:
         content: bytes,
         timeout_s: float | None,
         extra_headers: Mapping[str, str] | None = None,
+        sent: Callable[[], None] | None = None,
     ) -> Http1Response:
         """Sends `content` to `target` and returns the answer with its status and headers read; its body is the
         caller's to read (`read`, or `async for piece in response`) or to `close`, which the caller must do
         (read to its end, the connection goes back to the pool by itself). `timeout_s` bounds the wait for each piece
         of the answer (None: no bound); connecting and waiting for a free connection take at most
-        min(CONNECT_TIMEOUT_S, timeout_s) each."""
+        min(CONNECT_TIMEOUT_S, timeout_s) each. `sent` is called once the request is written to a connection: before,
+        the server had none of it."""
         request = target.request(content, extra_headers)
         while True:
             conn = self._take_idle(target.origin)
@@ -248,6 +250,8 @@ class Http1Pool:
             self._release(conn, reuse=False)
         try:
             conn.send(request, timeout_s)
+            if sent is not None:
+                sent()
             await conn.head()
         except BaseException:
             self._release(conn, reuse=False)

@@ -246,11 +246,14 @@ async def post_stream(endpoint: Endpoint, body: Mapping[str, Any]) -> AsyncItera
 
 
 async def _send(endpoint: Endpoint, content: bytes, timeout_s: float | None) -> Http1Response:
-    """The answer, its status and headers read; the call's own headers (a trace context) added. `timeout_s` bounds
-    the wait for each piece of the answer, as the SDK's read timeout does; connecting takes at most
-    `http1.CONNECT_TIMEOUT_S`. An error answer comes out as the SDK's exception; a failure to connect or read as
-    httpx2's, for the caller to map (`_raise_sdk_error`) once for the whole request."""
-    response = await endpoint.pool.http1.post(endpoint.target, content, timeout_s, metering.upstream_headers())
+    """The answer, its status and headers read; the call's own headers (a trace context) added, and its meter told
+    once the request is written (`metering.request_sent`). `timeout_s` bounds the wait for each piece of the answer,
+    as the SDK's read timeout does; connecting takes at most `http1.CONNECT_TIMEOUT_S`. An error answer comes out as
+    the SDK's exception; a failure to connect or read as httpx2's, for the caller to map (`_raise_sdk_error`) once for
+    the whole request."""
+    response = await endpoint.pool.http1.post(
+        endpoint.target, content, timeout_s, metering.upstream_headers(), metering.request_sent
+    )
     # Any status but a success is the upstream's error, a redirect too (followed by no one: a request would go where
     # the backend's configuration did not say), with its status kept for the caller and the metrics.
     if not 200 <= response.status <= 299:
