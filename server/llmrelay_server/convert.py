@@ -194,9 +194,17 @@ def _model(request: Any, unset: str, errors: _Violations) -> str | None:
     return model
 
 
-def count_request(
-    request: pb.CountTokensRequest, *, max_image_bytes: int | None = None
-) -> tuple[str | None, tuple[Message, ...], tuple[Tool, ...], str | None]:
+class CountQuery(NamedTuple):
+    """What CountTokens counts, in the order Router.count_tokens takes it."""
+
+    model: str | None
+    messages: tuple[Message, ...]
+    tools: tuple[Tool, ...]
+    text: str | None
+    response_format: ResponseFormat | None
+
+
+def count_request(request: pb.CountTokensRequest, *, max_image_bytes: int | None = None) -> CountQuery:
     errors = _Violations()
     model = _chain_model(request, errors)
     text = request.text if request.HasField("text") else None
@@ -208,8 +216,13 @@ def count_request(
     # A chat counted as it stands, its last calls maybe not answered yet (an agent weighing its history).
     messages = _messages(request.messages, errors, "messages", max_image_bytes, goes_on=False) if text is None else ()
     tools = _tools(request.tools, errors, "tools")
+    response_format = None
+    if request.HasField("response_format"):
+        if text is not None:
+            errors.add("response_format", "an answer format is counted with messages (a chat), not with a plain text")
+        response_format = _response_format(request.response_format, "response_format", errors)
     errors.raise_if_any()
-    return model, messages, tools, text
+    return CountQuery(model, messages, tools, text, response_format)
 
 
 class UsageQuery(NamedTuple):
@@ -333,6 +346,8 @@ def _check_tool_answers(messages: Sequence[Message], errors: _Violations, where:
         if message.role is not Role.ASSISTANT:
             continue  # its calls are refused already
         for j, call in enumerate(message.tool_calls):
+            if not call.id:
+                continue  # refused for that already: no tool message can answer it
             if call.id in waiting:
                 errors.add(f"{where}[{i}].tool_calls[{j}].id", "must differ from the message's other calls' ids")
             waiting[call.id] = f"{where}[{i}].tool_calls[{j}].id"
@@ -488,7 +503,11 @@ def _options(options: pb.CompletionOptions, errors: _Violations) -> CompletionOp
         max_tokens=max_tokens,
         stop=tuple(stop),
         seed=options.seed if options.HasField("seed") else None,
-        response_format=_response_format(options, errors) if options.HasField("response_format") else None,
+        response_format=(
+            _response_format(options.response_format, "options.response_format", errors)
+            if options.HasField("response_format")
+            else None
+        ),
         tools=tools,
         tool_choice=_tool_choice(options, {t.name for t in tools}, errors),
         reasoning_effort=_enum(options.reasoning_effort, _EFFORTS, "options.reasoning_effort", errors),
@@ -567,20 +586,19 @@ def _tool_choice(
     return mode
 
 
-def _response_format(options: pb.CompletionOptions, errors: _Violations) -> ResponseFormat | None:
-    fmt = options.response_format
-    kind = _enum(fmt.type, _FORMATS, "options.response_format.type", errors)
+def _response_format(fmt: pb.ResponseFormat, where: str, errors: _Violations) -> ResponseFormat | None:
+    kind = _enum(fmt.type, _FORMATS, f"{where}.type", errors)
     if kind != "json_schema":
         # With any other type (JSON_OBJECT above all) a schema would be dropped and the answer not held to it: refused,
         # so that the caller knows.
         if fmt.HasField("json_schema"):
             errors.add(
-                "options.response_format.json_schema",
+                f"{where}.json_schema",
                 "a schema needs type RESPONSE_FORMAT_TYPE_JSON_SCHEMA: set that type, or leave json_schema unset",
             )
         return None if kind is None else ResponseFormat(type=kind)
     schema = fmt.json_schema
-    where = "options.response_format.json_schema"
+    where = f"{where}.json_schema"
     if not FUNCTION_NAME.fullmatch(schema.name):
         errors.add(f"{where}.name", "must be 1-64 letters, digits, '_' or '-'")
     value: Mapping[str, Any] | JsonText

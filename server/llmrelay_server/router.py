@@ -52,6 +52,7 @@ from llmrelay_server.domain import (
     ModelFilter,
     ModelNotAllowedError,
     ModelNotFoundError,
+    ResponseFormat,
     StreamInterruptedError,
     StreamRestart,
     TokenCount,
@@ -1036,6 +1037,7 @@ class Router:
         messages: Sequence[Message],
         tools: Sequence[Tool],
         text: str | None,
+        response_format: ResponseFormat | None = None,
         *,
         deadline: float,
         may_use: ModelFilter | None = None,
@@ -1043,7 +1045,9 @@ class Router:
         """A backend's own exact count where it has a tokenizer, and the caller's key may use its model; else tiktoken,
         for any model name (counting is offline and an agent may budget for a model this gateway does not route to;
         a key's model patterns keep its counts away from backends it may not use, a paid API's count among them).
-        A backend's count not in by `deadline` (the event loop's clock) gives way to tiktoken's, in time."""
+        A backend's count not in by `deadline` (the event loop's clock) gives way to tiktoken's, in time. A JSON
+        schema's answer format is counted by tiktoken alone, as a call's estimate counts it: the backends' tokenizers
+        count chats without one."""
         try:
             # Without a model, the default chain: for a key, the first of it that the key may use, as its calls.
             routes = self.resolve(model, exact=model is not None)
@@ -1061,12 +1065,15 @@ class Router:
         # The caller asked for an answer by its deadline: an estimate then, rather than none at all, so the backend's
         # count waits only as long as the deadline leaves beside the time the estimate may take (a stalled backend
         # must not use it all: a large chat's estimate then had no time left).
-        by = deadline - self._counter.count_chat_s(name, messages, tools) if route is not None else 0.0
-        if route is not None and by > asyncio.get_running_loop().time():  # else no time to ask: the estimate alone
+        schema = response_format is not None and response_format.json_schema is not None
+        by = deadline - self._counter.count_chat_s(name, messages, tools, response_format=response_format)
+        if route is not None and not schema and by > asyncio.get_running_loop().time():  # else the estimate alone
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(by):
                     exact = await route.backend.provider.count_tokens(name, messages, tools)
-        return exact or await self._counter.count_chat_async(name, messages, tools, by=deadline)
+        return exact or await self._counter.count_chat_async(
+            name, messages, tools, response_format=response_format, by=deadline
+        )
 
     async def _open_stream(
         self, route: Route, request: CompletionRequest

@@ -39,6 +39,7 @@ from llmrelay import (
     PermissionDeniedError,
     Tools,
     UnavailableError,
+    json_schema,
     message,
 )
 from llmrelay import v1 as pb
@@ -476,6 +477,26 @@ async def test_a_conversation_is_fitted_through_count_tokens(gateway: Gateway, p
     sent = [m["content"] for m in primary.chat_requests[0]["messages"]]
     assert "question 0 " not in " ".join(sent) and sent[-1] == "the last question"
     assert len(sent) < len(history), "the oldest turns were dropped before the call"
+
+
+async def test_a_conversation_is_fitted_with_its_answer_schema(gateway: Gateway, primary: FakeUpstream) -> None:
+    """run_tools counts the schema its calls ask for with the conversation: the prompt they are billed for."""
+    forecast = {"type": "object", "properties": {"summary": {"type": "string"}, "high_c": {"type": "number"}}}
+    answer_format = json_schema("forecast", forecast)
+    async with AsyncClient(target(gateway)) as client:
+        chat = [message("user", "weather in Oslo tomorrow?")]
+        alone = await client.count_tokens(chat, model="gpt-test")
+        with_schema = await client.count_tokens(chat, model="gpt-test", response_format=answer_format)
+        as_dict = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": forecast}}
+        assert (await client.count_tokens(chat, model="gpt-test", response_format=as_dict)) == with_schema
+        assert with_schema.token_count > alone.token_count + 15
+        tools = agent_tools()
+        needed = await client.count_tokens(
+            chat, model="gpt-test", tools=tools.definitions(), response_format=answer_format
+        )
+        conversation = Conversation(list(chat), model="gpt-test", budget_tokens=needed.token_count)
+        await client.run_tools(conversation, tools, response_format=answer_format)
+    assert conversation.tokens == needed.token_count
 
 
 # --- deadlines, interceptors, retries ------------------------------------------------------------------------------

@@ -123,6 +123,50 @@ async def test_a_chat_with_an_image_is_estimated_not_counted_by_the_server(
     assert len(vllm.tokenize_requests) == 1
 
 
+async def test_a_chat_with_an_answer_schema_is_counted_as_a_call_with_it_is_billed(
+    stub_for: StubFactory, vllm: FakeUpstream
+) -> None:
+    """The schema goes into the prompt, by a rendering the APIs do not publish: its tokens counted too, estimated as
+    the gateway bills a call with it whose upstream reported no usage; not by the server's tokenizer, which counts
+    the chat without it."""
+    stub = await vllm_stub(stub_for, vllm)
+    chat = [user("weather in Oslo tomorrow?")]
+    schema = pb.JsonSchema(
+        name="forecast",
+        schema_json='{"type": "object", "properties": {"summary": {"type": "string"}, "high_c": {"type": "number"}}}',
+    )
+    answer_format = pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=schema)
+
+    alone = await stub.CountTokens(pb.CountTokensRequest(model="gpu/qwen", messages=chat), timeout=5)
+    count = await stub.CountTokens(
+        pb.CountTokensRequest(model="gpu/qwen", messages=chat, response_format=answer_format), timeout=5
+    )
+    vllm.inject({"no_usage": True})
+    answer = await stub.Complete(
+        pb.CompleteRequest(
+            model="gpu/qwen", messages=chat, options=pb.CompletionOptions(response_format=answer_format)
+        ),
+        timeout=5,
+    )
+
+    assert (alone.encoding, alone.estimated) == ("backend:gpu", False)
+    assert (count.encoding, count.estimated) == ("o200k_base", True)
+    assert answer.usage.estimated and count.token_count == answer.usage.prompt_tokens
+    assert count.token_count > alone.token_count + 15, "the schema's tokens"
+    assert len(vllm.tokenize_requests) == 1
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.CountTokens(pb.CountTokensRequest(text="hello", response_format=answer_format), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in details(refused.value)["BadRequest"].field_violations] == ["response_format"]
+    unnamed = pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=pb.JsonSchema(schema_json="{}"))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.CountTokens(pb.CountTokensRequest(messages=chat, response_format=unnamed), timeout=5)
+    assert [v.field for v in details(refused.value)["BadRequest"].field_violations] == [
+        "response_format.json_schema.name"
+    ]
+
+
 async def test_a_key_counts_with_a_backend_only_if_it_may_use_its_model(
     stub_for: StubFactory, vllm: FakeUpstream
 ) -> None:

@@ -272,9 +272,9 @@ OPTS = pb.CompletionOptions
             [
                 "messages[1].tool_calls[1].function.name",
                 "messages[1].tool_calls[1].id",
-                # and neither call answered, the chat asking the model to go on
+                # and the other call not answered, the chat asking the model to go on (the one without an id is
+                # refused for that alone: nothing could answer it)
                 "messages[1].tool_calls[0].id",
-                "messages[1].tool_calls[1].id",
             ],
         ),
         (chat(options=OPTS(temperature=2.0001)), ["options.temperature"]),
@@ -434,8 +434,14 @@ def test_a_non_finite_number_in_a_schema_is_an_invalid_request(number: float, wh
 
 
 def test_count_a_text() -> None:
-    assert convert.count_request(pb.CountTokensRequest(model="gpt-4o", text="hello")) == ("gpt-4o", (), (), "hello")
-    assert convert.count_request(pb.CountTokensRequest(text="")) == (None, (), (), "")
+    assert convert.count_request(pb.CountTokensRequest(model="gpt-4o", text="hello")) == (
+        "gpt-4o",
+        (),
+        (),
+        "hello",
+        None,
+    )
+    assert convert.count_request(pb.CountTokensRequest(text="")) == (None, (), (), "", None)
 
 
 def test_count_a_chat_with_tools() -> None:
@@ -445,6 +451,16 @@ def test_count_a_chat_with_tools() -> None:
         (Message(Role.USER, "q"),),
         (Tool("f", parameters={"type": "object"}),),
         None,
+        None,
+    )
+
+
+def test_count_a_chat_with_its_answer_format() -> None:
+    schema = pb.JsonSchema(name="answer", schema_json='{"type": "object"}')
+    answer_format = pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=schema)
+    query = convert.count_request(pb.CountTokensRequest(messages=[user("q")], response_format=answer_format))
+    assert query.response_format == ResponseFormat(
+        type="json_schema", json_schema=JsonSchemaFormat(name="answer", schema=JsonText('{"type": "object"}'))
     )
 
 
@@ -458,6 +474,11 @@ def test_count_a_chat_with_tools() -> None:
          ["tools[0].function.name", "tools[1].function.parameters"]),
         (pb.CountTokensRequest(text="x", tools=[tool("f")]), ["tools"]),
         (pb.CountTokensRequest(text="x", tools=[tool("")]), ["tools", "tools[0].function.name"]),
+        (pb.CountTokensRequest(text="x", response_format=pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_TEXT)),
+         ["response_format"]),
+        (pb.CountTokensRequest(messages=[user()], response_format=pb.ResponseFormat(
+            type=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT, json_schema=pb.JsonSchema(name="a", schema_json="{}"))),
+         ["response_format.json_schema"]),
     ],
 )  # fmt: skip
 def test_invalid_count_requests(request_: pb.CountTokensRequest, fields: list[str]) -> None:

@@ -70,12 +70,13 @@ func (e *StepLimitError) Error() string {
 
 // Run runs the tool loop on the conversation, appending to it as it goes, and returns what it did. Each step first fits
 // the conversation to its token budget (Conversation.Fit, when it has one), counted for the conversation's Model or,
-// when it names none, the agent's. A model call that fails ends the run with its *Error (the conversation keeps the
-// steps before); a run that reaches the step limit returns a *StepLimitError. A cancelled ctx ends the run with its
-// error (errors.Is(err, context.Canceled), or context.DeadlineExceeded): during a model call, that call's *Error, which
-// wraps it; during the tools, ctx.Err() itself, once they have returned (their context is ctx, so they can stop early)
-// and their results are appended, so every tool call in the conversation has its result and the conversation can go on
-// (a tool that returned after ctx ended: "error: the run was cancelled before the tool finished").
+// when it names none, the agent's, with the answer format of the agent's Options. A model call that fails ends the run
+// with its *Error (the conversation keeps the steps before); a run that reaches the step limit returns a
+// *StepLimitError. A cancelled ctx ends the run with its error (errors.Is(err, context.Canceled), or
+// context.DeadlineExceeded): during a model call, that call's *Error, which wraps it; during the tools, ctx.Err()
+// itself, once they have returned (their context is ctx, so they can stop early) and their results are appended, so
+// every tool call in the conversation has its result and the conversation can go on (a tool that returned after ctx
+// ended: "error: the run was cancelled before the tool finished").
 func (a *Agent) Run(ctx context.Context, conversation *Conversation) (*RunResult, error) {
 	maxSteps := a.MaxSteps
 	if maxSteps <= 0 {
@@ -92,7 +93,7 @@ func (a *Agent) Run(ctx context.Context, conversation *Conversation) (*RunResult
 	for result.Steps < maxSteps {
 		// Counted for the model the run asks when the conversation names none: another's tokenizer (the default
 		// chain's) could count the chat under its budget where the model's would not.
-		if _, err := conversation.fit(ctx, a.Client, a.Model, options.GetTools()); err != nil {
+		if _, err := conversation.fit(ctx, a.Client, a.Model, options.GetTools(), options.GetResponseFormat()); err != nil {
 			return result, err
 		}
 		answer, err := a.ask(ctx, conversation.Messages, options)

@@ -441,6 +441,36 @@ func TestAgentCountsTheConversationForItsModel(t *testing.T) {
 	}
 }
 
+// The schema an agent's answers must follow goes into their prompts: its run counts it against the budget too.
+func TestAgentCountsItsAnswerFormatAgainstTheBudget(t *testing.T) {
+	client := setup(t)
+	format := &llmrelayv1.ResponseFormat{Type: llmrelayv1.ResponseFormatType_RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+		JsonSchema: &llmrelayv1.JsonSchema{Name: "forecast",
+			SchemaJson: proto.String(`{"type": "object", "properties": {"summary": {"type": "string"}}}`)}}
+	messages := chat("weather in Oslo?")
+	model := "gpt-4o"
+	withFormat, err := client.CountTokens(testContext(t),
+		&llmrelayv1.CountTokensRequest{Model: &model, Messages: messages, ResponseFormat: format})
+	if err != nil {
+		t.Fatal(err)
+	}
+	alone, err := client.CountTokens(testContext(t), &llmrelayv1.CountTokensRequest{Model: &model, Messages: messages})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if withFormat.GetTokenCount() <= alone.GetTokenCount() {
+		t.Fatalf("with the schema %d tokens, without %d", withFormat.GetTokenCount(), alone.GetTokenCount())
+	}
+	agent := &llmrelay.Agent{Client: client, Model: model, Options: &llmrelayv1.CompletionOptions{ResponseFormat: format}}
+	conversation := llmrelay.NewConversation(messages...)
+	conversation.TokenBudget = int(withFormat.GetTokenCount()) - 1 // the chat alone fits it; not with its schema
+	_, err = agent.Run(testContext(t), conversation)
+	var over *llmrelay.BudgetError
+	if !errors.As(err, &over) || over.Tokens != int(withFormat.GetTokenCount()) {
+		t.Fatalf("run: %v; want a BudgetError of %d tokens", err, withFormat.GetTokenCount())
+	}
+}
+
 func TestWithoutDeadlineOutlastsTheDefaultTimeout(t *testing.T) {
 	client := setup(t, llmrelay.WithTimeout(500*time.Millisecond))
 	if err := env.Upstream.AddFaults(gatewaytest.Fault{"stall_s": 1.5}); err != nil {

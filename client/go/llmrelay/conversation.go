@@ -36,17 +36,18 @@ func (c *Conversation) Add(messages ...*llmrelayv1.Message) {
 // CountTokens counts the chat's prompt tokens for c.Model through the gateway (CountTokens), with the definitions of
 // the tools the request will offer, which count too.
 func (c *Conversation) CountTokens(ctx context.Context, client *Client, tools ...*llmrelayv1.Tool) (int, error) {
-	return c.countTokens(ctx, client, "", tools)
+	return c.countTokens(ctx, client, "", tools, nil)
 }
 
 // countTokens counts as CountTokens does, for c.Model or, when it names none, for model: the model the requests
-// name (an Agent's), whose tokenizer the budget is of.
-func (c *Conversation) countTokens(ctx context.Context, client *Client, model string, tools []*llmrelayv1.Tool) (int,
-	error) {
+// name (an Agent's), whose tokenizer the budget is of; with the answer format the requests ask for, whose schema
+// counts too (nil: none).
+func (c *Conversation) countTokens(ctx context.Context, client *Client, model string, tools []*llmrelayv1.Tool,
+	format *llmrelayv1.ResponseFormat) (int, error) {
 	if c.Model != "" {
 		model = c.Model
 	}
-	req := &llmrelayv1.CountTokensRequest{Messages: c.Messages, Tools: tools}
+	req := &llmrelayv1.CountTokensRequest{Messages: c.Messages, Tools: tools, ResponseFormat: format}
 	if model != "" {
 		req.Model = &model
 	}
@@ -73,17 +74,18 @@ func (e *BudgetError) Error() string {
 // returns how many messages it dropped; a *BudgetError when even the system messages and the last turn take more.
 // Without a budget (TokenBudget 0) it does nothing.
 func (c *Conversation) Fit(ctx context.Context, client *Client, tools ...*llmrelayv1.Tool) (int, error) {
-	return c.fit(ctx, client, "", tools)
+	return c.fit(ctx, client, "", tools, nil)
 }
 
-// fit fits as Fit does, counting for c.Model or, when it names none, for model (countTokens).
-func (c *Conversation) fit(ctx context.Context, client *Client, model string, tools []*llmrelayv1.Tool) (int, error) {
+// fit fits as Fit does, counting for c.Model or, when it names none, for model, with the answer format (countTokens).
+func (c *Conversation) fit(ctx context.Context, client *Client, model string, tools []*llmrelayv1.Tool,
+	format *llmrelayv1.ResponseFormat) (int, error) {
 	if c.TokenBudget <= 0 {
 		return 0, nil
 	}
 	dropped := 0
 	for {
-		tokens, err := c.countTokens(ctx, client, model, tools)
+		tokens, err := c.countTokens(ctx, client, model, tools, format)
 		if err != nil {
 			return dropped, err
 		}

@@ -190,9 +190,14 @@ export class Agent {
       let answer: CompleteResponse;
       try {
         if (conversation.options.budgetTokens !== undefined) {
-          // The tools' definitions go with the prompt, so they take their share of the budget; counted by the
-          // tokenizer of the model the step calls, unless the conversation names its own.
-          const countOptions = { ...callOptions, tools: requestOptions.tools, model: this.options.model };
+          // The tools' definitions and the answer's schema go with the prompt, so they take their share of the
+          // budget; counted by the tokenizer of the model the step calls, unless the conversation names its own.
+          const countOptions = {
+            ...callOptions,
+            tools: requestOptions.tools,
+            model: this.options.model,
+            responseFormat: requestOptions.responseFormat,
+          };
           await conversation.fit(this.client, countOptions);
         }
         const request = { model: this.options.model, messages: conversation.messages, options: requestOptions };

@@ -35,7 +35,7 @@ import {
 import { SERVICE_CONFIG_JSON } from "./gen/llmrelay/v1/service_config";
 import { onAbort } from "./abort";
 import { StreamAssembler, hasDelta, isRestart } from "./assemble";
-import { textTools, withJsonText } from "./content";
+import { textFormat, textTools, withJsonText } from "./content";
 import { LLMRelayError, toError } from "./errors";
 import { channelCredentials, chooseTransport, closedWithoutAWord, type TlsOptions, type Transport } from "./tls";
 
@@ -269,9 +269,12 @@ export class Client {
     return assembler.result();
   }
 
-  /** Counts the tokens of a chat or a text for a model, offline. */
+  /**
+   * Counts the tokens of a chat (with the tools and the answer format its request will carry) or of a text, for a
+   * model.
+   */
   async countTokens(request: CountTokensInput, options?: CallOptions): Promise<CountTokensResponse> {
-    const input = { ...request, tools: textTools(request.tools) };
+    const input = { ...request, tools: textTools(request.tools), responseFormat: textFormat(request.responseFormat) };
     return this.unary(this.raw.countTokens, CountTokensRequest.fromPartial(input), options);
   }
 

@@ -96,7 +96,8 @@ export function textTools(tools: ToolInput[] | undefined): ToolInput[] | undefin
   });
 }
 
-function textFormat(format: ResponseFormatInput | undefined): ResponseFormatInput | undefined {
+/** The response format, its schema given as an object turned into JSON text. */
+export function textFormat(format: ResponseFormatInput | undefined): ResponseFormatInput | undefined {
   const schema = format?.jsonSchema;
   if (schema?.schema === undefined || schema.schemaJson !== undefined) {
     return format;

@@ -3,7 +3,7 @@
  * that it trims the oldest turns to fit.
  */
 import { Role, type CompleteResponse, type ToolCall } from "./gen/llmrelay/v1/llmrelay";
-import type { CallOptions, Client, MessageInput } from "./client";
+import type { CallOptions, Client, CountTokensInput, MessageInput } from "./client";
 import type { ToolInput } from "./content";
 
 export interface ConversationOptions {
@@ -30,6 +30,11 @@ export interface CountOptions extends CallOptions {
    * so that the budget is counted in that model's tokens (the conversation's own model, when set, still counts).
    */
   model?: string;
+  /**
+   * The answer format the request will ask for, whose JSON schema goes into the prompt and counts too: an Agent
+   * passes its options' responseFormat.
+   */
+  responseFormat?: CountTokensInput["responseFormat"];
 }
 
 /** What fit() did. */
@@ -101,12 +106,13 @@ export class Conversation {
   }
 
   /**
-   * Counts the tokens of the messages and the tools (countOptions.tools, else the options' tools) for the options'
-   * model (else countOptions.model, else the gateway's default), through CountTokens.
+   * Counts the tokens of the messages, the tools (countOptions.tools, else the options' tools) and the answer format
+   * (countOptions.responseFormat) for the options' model (else countOptions.model, else the gateway's default),
+   * through CountTokens.
    */
   async countTokens(client: Client, countOptions: CountOptions = {}): Promise<number> {
-    const { tools = this.options.tools, model, ...callOptions } = countOptions;
-    const request = { model: this.options.model ?? model, tools, messages: this.history };
+    const { tools = this.options.tools, model, responseFormat, ...callOptions } = countOptions;
+    const request = { model: this.options.model ?? model, tools, responseFormat, messages: this.history };
     const answer = await client.countTokens(request, callOptions);
     return answer.tokenCount;
   }

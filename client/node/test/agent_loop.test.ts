@@ -13,6 +13,7 @@ import {
   Client,
   Conversation,
   FinishReason,
+  jsonSchema,
   StepLimitError,
   Role,
   s,
@@ -573,6 +574,22 @@ describe("Conversation", { concurrency: false }, () => {
     assert.equal(answered.answer.model, "tiny");
     await agent.run(new Conversation([user("Hello")], { budgetTokens: 10_000, model: "tiny" }));
     assert.deepEqual(counted, ["ollama/tiny", "tiny"]);
+  });
+
+  test("an agent counts the schema its answers must follow against the budget", async () => {
+    const responseFormat = jsonSchema("forecast", { type: "object", properties: { summary: { type: "string" } } });
+    const messages = [user("Weather in Oslo?")];
+    const withSchema = await new Conversation(messages).countTokens(client, { model: "gpt-4o", responseFormat });
+    const alone = await new Conversation(messages).countTokens(client, { model: "gpt-4o" });
+    assert.ok(withSchema > alone, `${withSchema} tokens with the schema, ${alone} without`);
+    // The chat alone fits the budget; with its schema it does not.
+    const conversation = new Conversation(messages, { budgetTokens: withSchema - 1 });
+    const agent = new Agent(client, { tools: [], model: "gpt-4o", options: { responseFormat } });
+    await assert.rejects(agent.run(conversation), (err: unknown) => {
+      assert.ok(err instanceof ContextBudgetError);
+      assert.equal(err.tokenCount, withSchema);
+      return true;
+    });
   });
 
   test("an agent counts the definitions of the tools it sends against the budget", async () => {

@@ -20,7 +20,16 @@ from llmrelay._assemble import StreamAssembler
 from llmrelay._channel import DEFAULT_SERVICE_CONFIG, ChannelOptions, ChannelSettings, ServiceConfig
 from llmrelay._errors import LLMRelayError, error_from_rpc
 from llmrelay._messages import MessageLike, as_messages
-from llmrelay._options import CompletionOptions, RunToolsOptions, built, completion_options, json_text, named
+from llmrelay._options import (
+    CompletionOptions,
+    ResponseFormatLike,
+    RunToolsOptions,
+    built,
+    completion_options,
+    json_text,
+    named,
+    response_format_message,
+)
 from llmrelay._stream import AsyncStream, CallHandle, Stream
 
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
@@ -146,9 +155,19 @@ def _embed_request(inputs: str | Iterable[str], model: str | None, dimensions: i
 
 
 def _count_request(
-    messages: Iterable[MessageLike] | None, text: str | None, model: str | None, tools: Sequence[pb.Tool]
+    messages: Iterable[MessageLike] | None,
+    text: str | None,
+    model: str | None,
+    tools: Sequence[pb.Tool],
+    response_format: ResponseFormatLike | None,
 ) -> pb.CountTokensRequest:
-    fields = {"model": model, "messages": as_messages(messages or ()), "tools": list(tools), "text": text}
+    fields = {
+        "model": model,
+        "messages": as_messages(messages or ()),
+        "tools": list(tools),
+        "text": text,
+        "response_format": None if response_format is None else response_format_message(response_format),
+    }
     return built(pb.CountTokensRequest, fields)
 
 
@@ -508,7 +527,10 @@ class Client(_Base):
         definitions = tools.definitions()
         call_options: CompletionOptions = {**options, "tools": definitions}
         while True:
-            self.fit(conversation, model=model, tools=definitions, timeout=timeout, metadata=metadata)
+            self.fit(
+                conversation, model=model, tools=definitions, response_format=options.get("response_format"),
+                timeout=timeout, metadata=metadata,
+            )  # fmt: skip
             if on_delta is not None:
                 response = self.collect(
                     conversation.messages, on_delta=on_delta, model=model, exact_model=exact_model, timeout=timeout,
@@ -528,18 +550,20 @@ class Client(_Base):
         *,
         model: str | None = None,
         tools: Sequence[pb.Tool] = (),
+        response_format: ResponseFormatLike | None = None,
         timeout: Timeout = USE_CLIENT_DEFAULT,
         metadata: Metadata | None = None,
     ) -> int | None:
         """Drops the conversation's oldest turns until it fits its budget_tokens, counting with CountTokens (the
-        tools count too); returns the count, or None for a conversation without a budget (nothing is counted).
+        tools and the answer format's schema count too); returns the count, or None for a conversation without a
+        budget (nothing is counted).
         model: whose tokenizer counts, when the conversation names none."""
         if conversation.budget_tokens is None:
             return None
         while True:
             count = self.count_tokens(
-                conversation.messages, model=conversation.model or model, tools=tools, timeout=timeout,
-                metadata=metadata,
+                conversation.messages, model=conversation.model or model, tools=tools,
+                response_format=response_format, timeout=timeout, metadata=metadata,
             )  # fmt: skip
             if conversation.trim(count.token_count):
                 return count.token_count
@@ -551,10 +575,13 @@ class Client(_Base):
         text: str | None = None,
         model: str | None = None,
         tools: Sequence[pb.Tool] = (),
+        response_format: ResponseFormatLike | None = None,
         timeout: Timeout = USE_CLIENT_DEFAULT,
         metadata: Metadata | None = None,
     ) -> pb.CountTokensResponse:
-        request = _count_request(messages, text, model, tools)
+        """The prompt tokens of `messages` (with their `tools`, and the `response_format` the call will ask for, whose
+        schema counts too), or of a plain `text`, by the gateway's CountTokens."""
+        request = _count_request(messages, text, model, tools, response_format)
         with self._sdk_errors():
             return self._stub.CountTokens(request, **self._call_options(timeout, metadata))
 
@@ -771,7 +798,10 @@ class AsyncClient(_Base):
         definitions = tools.definitions()
         call_options: CompletionOptions = {**options, "tools": definitions}
         while True:
-            await self.fit(conversation, model=model, tools=definitions, timeout=timeout, metadata=metadata)
+            await self.fit(
+                conversation, model=model, tools=definitions, response_format=options.get("response_format"),
+                timeout=timeout, metadata=metadata,
+            )  # fmt: skip
             if on_delta is not None:
                 response = await self.collect(
                     conversation.messages, on_delta=on_delta, model=model, exact_model=exact_model, timeout=timeout,
@@ -793,6 +823,7 @@ class AsyncClient(_Base):
         *,
         model: str | None = None,
         tools: Sequence[pb.Tool] = (),
+        response_format: ResponseFormatLike | None = None,
         timeout: Timeout = USE_CLIENT_DEFAULT,
         metadata: Metadata | None = None,
     ) -> int | None:
@@ -801,8 +832,8 @@ class AsyncClient(_Base):
             return None
         while True:
             count = await self.count_tokens(
-                conversation.messages, model=conversation.model or model, tools=tools, timeout=timeout,
-                metadata=metadata,
+                conversation.messages, model=conversation.model or model, tools=tools,
+                response_format=response_format, timeout=timeout, metadata=metadata,
             )  # fmt: skip
             if conversation.trim(count.token_count):
                 return count.token_count
@@ -814,10 +845,12 @@ class AsyncClient(_Base):
         text: str | None = None,
         model: str | None = None,
         tools: Sequence[pb.Tool] = (),
+        response_format: ResponseFormatLike | None = None,
         timeout: Timeout = USE_CLIENT_DEFAULT,
         metadata: Metadata | None = None,
     ) -> pb.CountTokensResponse:
-        request = _count_request(messages, text, model, tools)
+        """As Client.count_tokens."""
+        request = _count_request(messages, text, model, tools, response_format)
         with self._sdk_errors():
             return await self._stub.CountTokens(request, **self._call_options(timeout, metadata))
 

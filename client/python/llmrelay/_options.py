@@ -134,8 +134,8 @@ def completion_options(options: CompletionOptions) -> pb.CompletionOptions | Non
         fields["stop"] = [fields["stop"]]
     if "tools" in fields:
         fields["tools"] = [_text_tool(t) if isinstance(t, Mapping) else t for t in fields["tools"]]
-    if isinstance(fields.get("response_format"), Mapping):
-        fields["response_format"] = _text_response_format(fields["response_format"])
+    if "response_format" in fields:
+        fields["response_format"] = response_format_message(fields["response_format"])
     if isinstance(choice := fields.get("tool_choice"), str):
         fields["tool_choice"] = _tool_choice(choice)
     if isinstance(effort := fields.get("reasoning_effort"), str):
@@ -159,6 +159,11 @@ def _text_tool(value: Mapping[str, Any]) -> pb.Tool:
     if isinstance(function.get("parameters"), Mapping):
         function["parameters_json"] = json_text(function.pop("parameters"))
     return pb.Tool(function=built(pb.FunctionDefinition, function))
+
+
+def response_format_message(value: ResponseFormatLike) -> pb.ResponseFormat:
+    """An answer format as the options take it: json_schema(...), a pb.ResponseFormat, or its fields as a dict."""
+    return _text_response_format(value) if isinstance(value, Mapping) else value
 
 
 def _text_response_format(value: Mapping[str, Any]) -> pb.ResponseFormat:

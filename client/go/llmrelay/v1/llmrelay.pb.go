@@ -2717,9 +2717,14 @@ type CountTokensRequest struct {
 	// A plain text to count, instead of messages: always counted by the gateway's own tokenizers (`estimated` unless
 	// the model's encoding is known), special tokens' text as text. Megabytes take a while: DEADLINE_EXCEEDED, with
 	// ErrorInfo, when the count does not end within the call's deadline.
-	Text          *string `protobuf:"bytes,4,opt,name=text,proto3,oneof" json:"text,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Text *string `protobuf:"bytes,4,opt,name=text,proto3,oneof" json:"text,omitempty"`
+	// The answer format the counted chat will ask for, as in CompletionOptions: a JSON schema goes into the prompt,
+	// and its tokens are counted with the chat's, as a call with it is billed. That count is `estimated` (the APIs do
+	// not publish how they render a schema), and made by the gateway's own tokenizers, not a backend's. With messages
+	// only.
+	ResponseFormat *ResponseFormat `protobuf:"bytes,5,opt,name=response_format,json=responseFormat,proto3" json:"response_format,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *CountTokensRequest) Reset() {
@@ -2778,6 +2783,13 @@ func (x *CountTokensRequest) GetText() string {
 		return *x.Text
 	}
 	return ""
+}
+
+func (x *CountTokensRequest) GetResponseFormat() *ResponseFormat {
+	if x != nil {
+		return x.ResponseFormat
+	}
+	return nil
 }
 
 // A token count and how it was made.
@@ -3886,12 +3898,13 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\rfinish_reason\x18\x05 \x01(\x0e2\x19.llmrelay.v1.FinishReasonR\ffinishReason\x12(\n" +
 	"\x05usage\x18\x06 \x01(\v2\x12.llmrelay.v1.UsageR\x05usage\x120\n" +
 	"\battempts\x18\a \x03(\v2\x14.llmrelay.v1.AttemptR\battempts\x124\n" +
-	"\arestart\x18\b \x01(\v2\x1a.llmrelay.v1.StreamRestartR\arestart\"\xb6\x01\n" +
+	"\arestart\x18\b \x01(\v2\x1a.llmrelay.v1.StreamRestartR\arestart\"\xfc\x01\n" +
 	"\x12CountTokensRequest\x12\x19\n" +
 	"\x05model\x18\x01 \x01(\tH\x00R\x05model\x88\x01\x01\x120\n" +
 	"\bmessages\x18\x02 \x03(\v2\x14.llmrelay.v1.MessageR\bmessages\x12'\n" +
 	"\x05tools\x18\x03 \x03(\v2\x11.llmrelay.v1.ToolR\x05tools\x12\x17\n" +
-	"\x04text\x18\x04 \x01(\tH\x01R\x04text\x88\x01\x01B\b\n" +
+	"\x04text\x18\x04 \x01(\tH\x01R\x04text\x88\x01\x01\x12D\n" +
+	"\x0fresponse_format\x18\x05 \x01(\v2\x1b.llmrelay.v1.ResponseFormatR\x0eresponseFormatB\b\n" +
 	"\x06_modelB\a\n" +
 	"\x05_text\"\x86\x01\n" +
 	"\x13CountTokensResponse\x12\x1f\n" +
@@ -4179,37 +4192,38 @@ var file_llmrelay_v1_llmrelay_proto_depIdxs = []int32{
 	29, // 36: llmrelay.v1.StreamCompleteResponse.restart:type_name -> llmrelay.v1.StreamRestart
 	13, // 37: llmrelay.v1.CountTokensRequest.messages:type_name -> llmrelay.v1.Message
 	17, // 38: llmrelay.v1.CountTokensRequest.tools:type_name -> llmrelay.v1.Tool
-	47, // 39: llmrelay.v1.BackendHealth.latency:type_name -> google.protobuf.Duration
-	48, // 40: llmrelay.v1.BackendHealth.checked_at:type_name -> google.protobuf.Timestamp
-	9,  // 41: llmrelay.v1.BackendHealth.circuit_state:type_name -> llmrelay.v1.CircuitState
-	10, // 42: llmrelay.v1.StoreHealth.role:type_name -> llmrelay.v1.StoreRole
-	36, // 43: llmrelay.v1.HealthResponse.backends:type_name -> llmrelay.v1.BackendHealth
-	37, // 44: llmrelay.v1.HealthResponse.stores:type_name -> llmrelay.v1.StoreHealth
-	48, // 45: llmrelay.v1.GetUsageRequest.start_time:type_name -> google.protobuf.Timestamp
-	48, // 46: llmrelay.v1.GetUsageRequest.end_time:type_name -> google.protobuf.Timestamp
-	23, // 47: llmrelay.v1.UsageRecord.cost:type_name -> llmrelay.v1.Cost
-	40, // 48: llmrelay.v1.GetUsageResponse.records:type_name -> llmrelay.v1.UsageRecord
-	23, // 49: llmrelay.v1.EmbedUsage.cost:type_name -> llmrelay.v1.Cost
-	43, // 50: llmrelay.v1.EmbedResponse.embeddings:type_name -> llmrelay.v1.Embedding
-	44, // 51: llmrelay.v1.EmbedResponse.usage:type_name -> llmrelay.v1.EmbedUsage
-	24, // 52: llmrelay.v1.EmbedResponse.attempts:type_name -> llmrelay.v1.Attempt
-	26, // 53: llmrelay.v1.LLMService.Complete:input_type -> llmrelay.v1.CompleteRequest
-	28, // 54: llmrelay.v1.LLMService.StreamComplete:input_type -> llmrelay.v1.StreamCompleteRequest
-	33, // 55: llmrelay.v1.LLMService.CountTokens:input_type -> llmrelay.v1.CountTokensRequest
-	35, // 56: llmrelay.v1.LLMService.Health:input_type -> llmrelay.v1.HealthRequest
-	39, // 57: llmrelay.v1.LLMService.GetUsage:input_type -> llmrelay.v1.GetUsageRequest
-	42, // 58: llmrelay.v1.LLMService.Embed:input_type -> llmrelay.v1.EmbedRequest
-	27, // 59: llmrelay.v1.LLMService.Complete:output_type -> llmrelay.v1.CompleteResponse
-	32, // 60: llmrelay.v1.LLMService.StreamComplete:output_type -> llmrelay.v1.StreamCompleteResponse
-	34, // 61: llmrelay.v1.LLMService.CountTokens:output_type -> llmrelay.v1.CountTokensResponse
-	38, // 62: llmrelay.v1.LLMService.Health:output_type -> llmrelay.v1.HealthResponse
-	41, // 63: llmrelay.v1.LLMService.GetUsage:output_type -> llmrelay.v1.GetUsageResponse
-	45, // 64: llmrelay.v1.LLMService.Embed:output_type -> llmrelay.v1.EmbedResponse
-	59, // [59:65] is the sub-list for method output_type
-	53, // [53:59] is the sub-list for method input_type
-	53, // [53:53] is the sub-list for extension type_name
-	53, // [53:53] is the sub-list for extension extendee
-	0,  // [0:53] is the sub-list for field type_name
+	20, // 39: llmrelay.v1.CountTokensRequest.response_format:type_name -> llmrelay.v1.ResponseFormat
+	47, // 40: llmrelay.v1.BackendHealth.latency:type_name -> google.protobuf.Duration
+	48, // 41: llmrelay.v1.BackendHealth.checked_at:type_name -> google.protobuf.Timestamp
+	9,  // 42: llmrelay.v1.BackendHealth.circuit_state:type_name -> llmrelay.v1.CircuitState
+	10, // 43: llmrelay.v1.StoreHealth.role:type_name -> llmrelay.v1.StoreRole
+	36, // 44: llmrelay.v1.HealthResponse.backends:type_name -> llmrelay.v1.BackendHealth
+	37, // 45: llmrelay.v1.HealthResponse.stores:type_name -> llmrelay.v1.StoreHealth
+	48, // 46: llmrelay.v1.GetUsageRequest.start_time:type_name -> google.protobuf.Timestamp
+	48, // 47: llmrelay.v1.GetUsageRequest.end_time:type_name -> google.protobuf.Timestamp
+	23, // 48: llmrelay.v1.UsageRecord.cost:type_name -> llmrelay.v1.Cost
+	40, // 49: llmrelay.v1.GetUsageResponse.records:type_name -> llmrelay.v1.UsageRecord
+	23, // 50: llmrelay.v1.EmbedUsage.cost:type_name -> llmrelay.v1.Cost
+	43, // 51: llmrelay.v1.EmbedResponse.embeddings:type_name -> llmrelay.v1.Embedding
+	44, // 52: llmrelay.v1.EmbedResponse.usage:type_name -> llmrelay.v1.EmbedUsage
+	24, // 53: llmrelay.v1.EmbedResponse.attempts:type_name -> llmrelay.v1.Attempt
+	26, // 54: llmrelay.v1.LLMService.Complete:input_type -> llmrelay.v1.CompleteRequest
+	28, // 55: llmrelay.v1.LLMService.StreamComplete:input_type -> llmrelay.v1.StreamCompleteRequest
+	33, // 56: llmrelay.v1.LLMService.CountTokens:input_type -> llmrelay.v1.CountTokensRequest
+	35, // 57: llmrelay.v1.LLMService.Health:input_type -> llmrelay.v1.HealthRequest
+	39, // 58: llmrelay.v1.LLMService.GetUsage:input_type -> llmrelay.v1.GetUsageRequest
+	42, // 59: llmrelay.v1.LLMService.Embed:input_type -> llmrelay.v1.EmbedRequest
+	27, // 60: llmrelay.v1.LLMService.Complete:output_type -> llmrelay.v1.CompleteResponse
+	32, // 61: llmrelay.v1.LLMService.StreamComplete:output_type -> llmrelay.v1.StreamCompleteResponse
+	34, // 62: llmrelay.v1.LLMService.CountTokens:output_type -> llmrelay.v1.CountTokensResponse
+	38, // 63: llmrelay.v1.LLMService.Health:output_type -> llmrelay.v1.HealthResponse
+	41, // 64: llmrelay.v1.LLMService.GetUsage:output_type -> llmrelay.v1.GetUsageResponse
+	45, // 65: llmrelay.v1.LLMService.Embed:output_type -> llmrelay.v1.EmbedResponse
+	60, // [60:66] is the sub-list for method output_type
+	54, // [54:60] is the sub-list for method input_type
+	54, // [54:54] is the sub-list for extension type_name
+	54, // [54:54] is the sub-list for extension extendee
+	0,  // [0:54] is the sub-list for field type_name
 }
 
 func init() { file_llmrelay_v1_llmrelay_proto_init() }

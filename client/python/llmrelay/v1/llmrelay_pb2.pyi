@@ -1689,6 +1689,7 @@ class CountTokensRequest(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
+    RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model whose tokenizer counts; unset for the default chain's first model."""
     text: _builtins.str
@@ -1704,6 +1705,14 @@ class CountTokensRequest(_message.Message):
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]:
         """Tools to count with the chat."""
 
+    @_builtins.property
+    def response_format(self) -> Global___ResponseFormat:
+        """The answer format the counted chat will ask for, as in CompletionOptions: a JSON schema goes into the prompt,
+        and its tokens are counted with the chat's, as a call with it is billed. That count is `estimated` (the APIs do
+        not publish how they render a schema), and made by the gateway's own tokenizers, not a backend's. With messages
+        only.
+        """
+
     def __init__(
         self,
         *,
@@ -1711,10 +1720,11 @@ class CountTokensRequest(_message.Message):
         messages: _abc.Iterable[Global___Message] | None = ...,
         tools: _abc.Iterable[Global___Tool] | None = ...,
         text: _builtins.str | None = ...,
+        response_format: Global___ResponseFormat | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_model", b"_model", "_text", b"_text", "model", b"model", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_model", b"_model", "_text", b"_text", "model", b"model", "response_format", b"response_format", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_model", b"_model", "_text", b"_text", "messages", b"messages", "model", b"model", "text", b"text", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_model", b"_model", "_text", b"_text", "messages", b"messages", "model", b"model", "response_format", b"response_format", "text", b"text", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__model: _TypeAlias = _typing.Literal["model"]  # noqa: Y015
     _WhichOneofArgType__model: _TypeAlias = _typing.Literal["_model", b"_model"]  # noqa: Y015

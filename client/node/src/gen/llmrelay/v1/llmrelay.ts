@@ -1401,7 +1401,16 @@ export interface CountTokensRequest {
    * the model's encoding is known), special tokens' text as text. Megabytes take a while: DEADLINE_EXCEEDED, with
    * ErrorInfo, when the count does not end within the call's deadline.
    */
-  text?: string | undefined;
+  text?:
+    | string
+    | undefined;
+  /**
+   * The answer format the counted chat will ask for, as in CompletionOptions: a JSON schema goes into the prompt,
+   * and its tokens are counted with the chat's, as a call with it is billed. That count is `estimated` (the APIs do
+   * not publish how they render a schema), and made by the gateway's own tokenizers, not a backend's. With messages
+   * only.
+   */
+  responseFormat: ResponseFormat | undefined;
 }
 
 /** A token count and how it was made. */
@@ -4568,7 +4577,7 @@ export const StreamCompleteResponse: MessageFns<StreamCompleteResponse> = {
 };
 
 function createBaseCountTokensRequest(): CountTokensRequest {
-  return { model: undefined, messages: [], tools: [], text: undefined };
+  return { model: undefined, messages: [], tools: [], text: undefined, responseFormat: undefined };
 }
 
 export const CountTokensRequest: MessageFns<CountTokensRequest> = {
@@ -4584,6 +4593,9 @@ export const CountTokensRequest: MessageFns<CountTokensRequest> = {
     }
     if (message.text !== undefined) {
       writer.uint32(34).string(message.text);
+    }
+    if (message.responseFormat !== undefined) {
+      ResponseFormat.encode(message.responseFormat, writer.uint32(42).fork()).join();
     }
     return writer;
   },
@@ -4633,6 +4645,14 @@ export const CountTokensRequest: MessageFns<CountTokensRequest> = {
             message.text = reader.string();
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.responseFormat = ResponseFormat.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4651,6 +4671,11 @@ export const CountTokensRequest: MessageFns<CountTokensRequest> = {
       messages: globalThis.Array.isArray(object?.messages) ? object.messages.map((e: any) => Message.fromJSON(e)) : [],
       tools: globalThis.Array.isArray(object?.tools) ? object.tools.map((e: any) => Tool.fromJSON(e)) : [],
       text: isSet(object.text) ? globalThis.String(object.text) : undefined,
+      responseFormat: isSet(object.responseFormat)
+        ? ResponseFormat.fromJSON(object.responseFormat)
+        : isSet(object.response_format)
+        ? ResponseFormat.fromJSON(object.response_format)
+        : undefined,
     };
   },
 
@@ -4668,6 +4693,9 @@ export const CountTokensRequest: MessageFns<CountTokensRequest> = {
     if (message.text !== undefined) {
       obj.text = message.text;
     }
+    if (message.responseFormat !== undefined) {
+      obj.responseFormat = ResponseFormat.toJSON(message.responseFormat);
+    }
     return obj;
   },
 
@@ -4680,6 +4708,9 @@ export const CountTokensRequest: MessageFns<CountTokensRequest> = {
     message.messages = object.messages?.map((e) => Message.fromPartial(e)) || [];
     message.tools = object.tools?.map((e) => Tool.fromPartial(e)) || [];
     message.text = object.text ?? undefined;
+    message.responseFormat = (object.responseFormat !== undefined && object.responseFormat !== null)
+      ? ResponseFormat.fromPartial(object.responseFormat)
+      : undefined;
     return message;
   },
 };
