@@ -471,6 +471,17 @@ async def test_bytes_that_are_not_utf8_on_the_command_line_are_one_line(
     assert err.splitlines()[-1].endswith(f": error: argument {argument}: {NOT_UTF8_SAID}"), err
 
 
+async def test_utf8_on_the_command_line_of_an_ascii_locale_is_read_as_utf8(
+    gateway: Gateway, primary: FakeUpstream
+) -> None:
+    """LC_ALL=C with Python's UTF-8 mode off: each byte past ASCII reached the command as a surrogate, and valid UTF-8
+    text was refused as "not valid UTF-8 text (the byte 0xe6 at character 1)"."""
+    env = {**{k: v for k, v in os.environ.items() if k != KEY_ENV}, "LC_ALL": "C", "PYTHONUTF8": "0"}
+    status, _, err = await llmrelay("--target", f"127.0.0.1:{gateway.port}", "complete", "模型".encode(), env=env)
+    assert status == 0, err
+    assert primary.chat_requests[-1]["messages"][-1]["content"] == "模型"
+
+
 @pytest.mark.parametrize(
     ("variable", "target"), [("", "127.0.0.1:50051"), ("  ", "127.0.0.1:50051"), ("gw.example:443", "gw.example:443")]
 )

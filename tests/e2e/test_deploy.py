@@ -17,6 +17,7 @@ import shlex
 import shutil
 import subprocess
 import urllib.request
+import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -550,3 +551,58 @@ def test_systemd_unit_matches_its_configuration(tmp_path: Path) -> None:
         verified = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
         # It exits 0 on unknown keys and bad values too, only saying so: any word from it is a failure.
         assert verified.returncode == 0 and not verified.stderr.strip(), verified.stderr
+
+
+def image_instructions() -> list[list[tuple[str, str]]]:
+    """deploy/Dockerfile's instructions (name, arguments), stage by stage; comments left out, continued lines joined."""
+    text = re.sub(r"\\\n", " ", (DEPLOY / "Dockerfile").read_text())
+    stages: list[list[tuple[str, str]]] = []
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, _, arguments = line.strip().partition(" ")
+        if name == "FROM":
+            stages.append([])
+        stages[-1].append((name, " ".join(arguments.split())))
+    return stages
+
+
+def test_the_image_runs_as_the_deployment_runs_it() -> None:
+    *_, final = image_instructions()
+    said = dict(final)
+    security = pod_spec()["securityContext"]
+    assert said["USER"] == f"{security['runAsUser']}:{security['runAsGroup']}"
+    assert json.loads(said["ENTRYPOINT"]) == container()["command"]
+    assert {int(port) for port in said["EXPOSE"].split()} == {port["containerPort"] for port in container()["ports"]}
+
+
+def test_the_image_builds_the_package_from_what_it_copies_and_nothing_else(tmp_path: Path) -> None:
+    """What the build stage copies (and .dockerignore lets into the build) makes the package with both commands: a
+    module beside them that the package came to need would fail only at `docker build`."""
+    root = DEPLOY.parent
+    build, *_ = image_instructions()
+    copied = [arguments.split() for name, arguments in build if name == "COPY"]
+    sources = [source for *paths, _ in copied for source in paths]
+    allowed = {line.strip("!/") for line in (root / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    assert set(sources) == allowed
+    tree = tmp_path / "context"
+    for source in sources:
+        if (root / source).is_dir():
+            shutil.copytree(root / source, tree / source, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            tree.mkdir(exist_ok=True)
+            shutil.copy(root / source, tree / source)
+    subprocess.run(
+        [BIN / "python", "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path, tree],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    [wheel] = tmp_path.glob("llmrelay-*.whl")
+    with zipfile.ZipFile(wheel) as made:
+        names = set(made.namelist())
+        [entry_points] = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
+        commands = made.read(entry_points).decode()
+    assert "llmrelay_server/__main__.py" in names and "llmrelay/v1/llmrelay_pb2.py" in names
+    assert "llmrelay-server = llmrelay_server.__main__:main" in commands
+    assert "llmrelay = llmrelay_command:main" in commands

@@ -189,10 +189,14 @@ STDIN: Final = "-"
 def _utf8(text: str) -> str:
     """Text that a message can carry (argparse's type for what is sent to the gateway: a prompt, a model, a caller).
     An argument's bytes that are not UTF-8 (a Latin-1 "café", its é the byte 0xe9) reach Python as lone surrogates
-    (surrogateescape), which UTF-8 on the wire cannot hold: the call would end in a traceback, naming no option."""
+    (surrogateescape), which UTF-8 on the wire cannot hold: the call would end in a traceback, naming no option. In a
+    locale whose encoding is not UTF-8 (LC_ALL=C with Python's UTF-8 mode off: ASCII) every byte past ASCII reaches it
+    so, the bytes of UTF-8 text too: those are read as UTF-8."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
+        with contextlib.suppress(UnicodeError):
+            return os.fsencode(text).decode("utf-8")  # the argument's bytes as given, if they are UTF-8
         code = ord(text[exc.start])
         found = f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"the lone surrogate \\u{code:04x}"
         raise argparse.ArgumentTypeError(f"not valid UTF-8 text ({found} at character {exc.start + 1})") from None
@@ -469,7 +473,7 @@ def _not_serving_because(report: pb.HealthResponse) -> str:
     """Why a gateway does not take calls, as its report tells: every backend out of reach (or its circuit open), or,
     with one usable, a gateway shutting down (which the report does not say otherwise)."""
     usable = any(b.reachable and b.circuit_state != pb.CIRCUIT_STATE_OPEN for b in report.backends)
-    return "shutting down" if usable else "no backend is reachable with its circuit closed"
+    return "shutting down" if usable else "no backend is reachable with its circuit not open"
 
 
 def _usage(client: Client, args: argparse.Namespace) -> None:
