@@ -82,8 +82,7 @@ class CallLogObserver(Observer):
     ) -> None:
         if not log.isEnabledFor(logging.INFO):
             return
-        total_s = time.perf_counter() - started
-        fields = call_fields(rid, rpc, code, total_s, meter, request, _caller(context))
+        fields = call_fields(rid, rpc, code, started, meter, request, _caller(context))
         if meter.trace_id is not None:
             fields["trace_id"] = meter.trace_id
         if self._log_content and (prompt := _last_user_message(request)) is not None:
@@ -112,9 +111,10 @@ class _LoggedCall:
 
 
 def call_fields(
-    rid: str, rpc: str, code: grpc.StatusCode, total_s: float, meter: Meter, request: Any, caller: str
+    rid: str, rpc: str, code: grpc.StatusCode, started: float, meter: Meter, request: Any, caller: str
 ) -> dict[str, Any]:
-    """The line's fields, in the order they are written."""
+    """The line's fields, in the order they are written, of a call that began at `started` (time.perf_counter())."""
+    total_s = time.perf_counter() - started
     attempts = [attempt.backend + ":" + attempt.outcome for attempt in meter.attempts]
     prompt_tokens = completion_tokens = 0
     for billed in meter.billed:
@@ -134,7 +134,9 @@ def call_fields(
         "completion_tokens": completion_tokens,
         "cost_usd": meter.usd_micros / 1_000_000,
         "duration_ms": round(total_s * 1000, 3),
-        "first_chunk_ms": round(meter.first_chunk_s * 1000, 3) if meter.first_chunk_s is not None else None,
+        "first_chunk_ms": (
+            round((meter.first_chunk_at - started) * 1000, 3) if meter.first_chunk_at is not None else None
+        ),
         "overhead_ms": round(own_time_s(meter, total_s) * 1000, 3),
     }
 

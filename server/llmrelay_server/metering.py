@@ -34,8 +34,9 @@ class Meter:
     waited_s: float = 0.0
     """The time the router waited between attempts (a retry's backoff, an upstream's Retry-After): no upstream's, and
     not the gateway's own either."""
-    first_chunk_s: float | None = None
-    """A stream's time from the call's start to its first chunk from an upstream."""
+    first_chunk_at: float | None = None
+    """When (time.perf_counter()) the stream's first chunk from an upstream came: its observers tell the time to it
+    from the call's start as each saw it, before the interceptors' own work (admission, the prompt's count)."""
     first_chunk_backend: str | None = None
     """The backend that sent that chunk: after a restart, not the one that finished the answer."""
     caller: str | None = None
@@ -107,12 +108,12 @@ def waited(seconds: float) -> None:
         meter.waited_s += seconds
 
 
-def first_chunk(seconds: float, backend: str) -> None:
-    """The first chunk the caller gets, `seconds` after the call began, from `backend`: later ones (a restart's) are
-    not its first."""
+def first_chunk(at: float, backend: str) -> None:
+    """The first chunk the caller gets came at `at` (time.perf_counter()) from `backend`: later ones (a restart's)
+    are not its first."""
     meter = current_meter.get()
-    if meter is not None and meter.first_chunk_s is None:
-        meter.first_chunk_s, meter.first_chunk_backend = seconds, backend
+    if meter is not None and meter.first_chunk_at is None:
+        meter.first_chunk_at, meter.first_chunk_backend = at, backend
 
 
 def own_time_s(meter: Meter, elapsed_s: float) -> float:

@@ -244,7 +244,7 @@ class Metrics:
         )
         self.first_chunk = kept.distributed(
             "llmrelay_upstream_time_to_first_chunk_seconds",
-            "Time from a stream's start to its first chunk from an upstream.",
+            "Time from a stream's start (the call's, as the gateway got it) to its first chunk from an upstream.",
             ["backend"],
             FIRST_TOKEN_BUCKETS,
         )
@@ -304,10 +304,16 @@ class Metrics:
             self._server.server_close()
 
     def observe_call(
-        self, overhead: _Distribution, meter: Meter, elapsed_s: float, request_model: str | None, operation: str
+        self,
+        overhead: _Distribution,
+        meter: Meter,
+        started: float,
+        elapsed_s: float,
+        request_model: str | None,
+        operation: str,
     ) -> None:
-        """What the router did for one call (a GenAI `operation`), from its meter; `overhead`, its method's series of
-        the gateway's own time."""
+        """What the router did for one call (a GenAI `operation`) that began at `started` (time.perf_counter()) and
+        took `elapsed_s`, from its meter; `overhead`, its method's series of the gateway's own time."""
         attempts = meter.attempts
         for attempt in attempts:
             backend = self._backends[attempt.backend]
@@ -318,10 +324,11 @@ class Metrics:
             self._moves(attempts)
         overhead.observe(own_time_s(meter, elapsed_s))
         requested = self.labels.model(request_model)
-        if meter.first_chunk_s is not None and meter.first_chunk_backend is not None:
+        if meter.first_chunk_at is not None and meter.first_chunk_backend is not None:
+            first_chunk_s = meter.first_chunk_at - started
             # Filed under the backend that sent the chunk, even when a restart on another one finished the answer.
-            self._backends[meter.first_chunk_backend].first_chunk().observe(meter.first_chunk_s)
-            self.gen_ai_first_token("chat", requested).observe(meter.first_chunk_s)
+            self._backends[meter.first_chunk_backend].first_chunk().observe(first_chunk_s)
+            self.gen_ai_first_token("chat", requested).observe(first_chunk_s)
         for billed in meter.billed:
             labels = (billed.backend, self.labels.model(billed.model), self.labels.caller(billed.caller))
             self._billed[labels, requested, operation].add(billed.usage)
@@ -532,7 +539,7 @@ class _CountedCall:
         method.handling.observe(elapsed)
         if self._meter.attempts:  # a model call that reached the router
             model = self._request.model if self._request.HasField("model") else None
-            method.metrics.observe_call(method.overhead(), self._meter, elapsed, model, method.operation)
+            method.metrics.observe_call(method.overhead(), self._meter, self._started, elapsed, model, method.operation)
 
 
 class _CountedRequests(_CountedCall):

@@ -807,7 +807,6 @@ class Router:
         when the request asks for it and time remains, starts over on the next route after a restart chunk."""
         chain = _Chain(deadline)
         metering.attempts(chain.attempts)
-        called_at = time.perf_counter()
         consumed: TokenUsage | None = None  # by broken attempts, billed and added to the final usage
         broken: StreamInterruptedError | None = None
         routes = self._routes(request, caller, may_use)
@@ -827,7 +826,7 @@ class Router:
             if opened is None:
                 continue
             first, upstream = opened
-            metering.first_chunk(chain.opened_at - called_at, route.backend.name)
+            metering.first_chunk(chain.opened_at, route.backend.name)
             # The text sent on: what the gateway counts when the upstream reports no usage, or the stream breaks.
             received = _Received(first.model or route.model)
             billed = False

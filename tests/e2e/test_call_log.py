@@ -484,3 +484,30 @@ async def test_a_skipped_backend_does_not_tell_a_call_what_another_calls_upstrea
     said = str(skipped.value.details())
     assert "circuit is open" in said and "last failure: HTTP 500: [the upstream's words: " in said, said
     assert SECRET_PROMPT not in said
+
+
+async def test_a_streams_first_chunk_is_timed_from_the_calls_start(
+    gateway_factory: GatewayFactory, local: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its admission included: a limit of tokens a minute counts the prompt before the router begins, a while for a
+    long one. Timed from the router's start, the first chunk came 15 ms into a call whose caller waited 120 ms for it:
+    a slow admission looked like a fast backend."""
+    caplog.set_level(logging.INFO, logger=CALLS)
+    gateway = await gateway_factory(
+        f'llm:\n  ollama: {{base_url: "{local.base_url}", model: tiny}}\n',
+        server="limits: {tokens_per_minute: 100000000}",
+    )
+    # Some 0.1-0.5 s to count, in a system message: the upstream's answer, an echo of the user's, stays short.
+    system = pb.Message(role=pb.ROLE_SYSTEM, content=" ".join(f"word{i}" for i in range(300_000)))
+    request = pb.StreamCompleteRequest(messages=[system, *stream_chat("hi").messages])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stream = pb.LLMServiceStub(channel).StreamComplete(
+            request, timeout=30, metadata=[("x-request-id", "long-prompt")]
+        )
+        started = time.perf_counter()
+        await stream.read()
+        first_chunk_ms = (time.perf_counter() - started) * 1000
+        await read_all(stream)
+    line = lines(caplog)["long-prompt"]
+    assert line["overhead_ms"] > 50, "the prompt's count, the gateway's own time"
+    assert first_chunk_ms >= line["first_chunk_ms"] > line["overhead_ms"] * 0.8, (first_chunk_ms, line)

@@ -69,6 +69,17 @@ def test_a_json_line_holds_any_text_and_any_field() -> None:
     assert line["where"].startswith("<object object")
 
 
+@pytest.mark.parametrize("bad_model", ["a\u2028b", "a\u2029b", "a\x85b", "a\x9b2Jb", "a\x7fb"])
+def test_a_json_line_stays_one_line_by_unicodes_rules_too(bad_model: str) -> None:
+    """orjson escapes C0 alone: a caller's model name with a Unicode line separator (or NEL, or a terminal's CSI)
+    went out raw, and a reader splitting lines as Python's splitlines does saw the line end in it."""
+    made = record(1_700_000_000.0, message="call")
+    made.call = {"model": bad_model, "attempts": ["a\u2028:succeeded"]}
+    for line in (JsonFormatter().format(made), JsonFormatter().format(record(1_700_000_000.0, message=bad_model))):
+        assert len(line.splitlines()) == 1 and line.isascii(), line
+    assert json.loads(JsonFormatter().format(made))["model"] == bad_model
+
+
 @pytest.mark.parametrize("worker", [None, 2])
 def test_a_call_line_written_straight_reads_as_one_logged(worker: int | None) -> None:
     # llmrelay-server writes its call lines past `logging` (BatchingHandler.write_call); they must not differ.
