@@ -112,7 +112,8 @@ export class Conversation {
    */
   async countTokens(client: Client, countOptions: CountOptions = {}): Promise<number> {
     const { tools = this.options.tools, model, responseFormat, ...callOptions } = countOptions;
-    const request = { model: this.options.model ?? model, tools, responseFormat, messages: this.history };
+    // An empty model names none, as the gateway reads it.
+    const request = { model: this.options.model || model, tools, responseFormat, messages: this.history };
     const answer = await client.countTokens(request, callOptions);
     return answer.tokenCount;
   }

@@ -573,7 +573,8 @@ describe("Conversation", { concurrency: false }, () => {
     const answered = await agent.run(new Conversation([user("Hello")], { budgetTokens: 10_000 }));
     assert.equal(answered.answer.model, "tiny");
     await agent.run(new Conversation([user("Hello")], { budgetTokens: 10_000, model: "tiny" }));
-    assert.deepEqual(counted, ["ollama/tiny", "tiny"]);
+    await agent.run(new Conversation([user("Hello")], { budgetTokens: 10_000, model: "" }));
+    assert.deepEqual(counted, ["ollama/tiny", "tiny", "ollama/tiny"]);
   });
 
   test("an agent counts the schema its answers must follow against the budget", async () => {
