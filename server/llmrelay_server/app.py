@@ -508,15 +508,17 @@ async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> int:
     broken = await _until_stopped(gateway.server, stop)
     if watching is not None:
         watching.cancel()
+    # A drain is for callers to move elsewhere while the port still takes calls: a broken server's port is closed.
+    drain_s = 0.0 if broken else gateway.drain_s
     log.info(
         "shutting down: NOT_SERVING for %g s, then up to %g s for calls in flight (signal again to stop now)",
-        gateway.drain_s,
+        drain_s,
         gateway.grace_period_s,
     )
     if worker is None:  # a worker's second signal is its supervisor's to send (STOP_NOW)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, _hurry, hurry)
-    await gateway.stop(hurry=hurry)
+    await gateway.stop(drain_s=drain_s, hurry=hurry)
     ignore_signals_after_stop(loop)
     log.info("stopped")
     return 1 if broken else 0

@@ -64,15 +64,20 @@ async def short_grace_server(tmp_path: Path, local: FakeUpstream) -> AsyncIterat
         yield server
 
 
-async def test_a_gateway_whose_grpc_server_ends_by_itself_stops_and_exits_one(server: GatewayProcess) -> None:
+async def test_a_gateway_whose_grpc_server_ends_by_itself_stops_and_exits_one(
+    tmp_path: Path, local: FakeUpstream
+) -> None:
     """grpcio's loop that takes calls ends on a method's name that is no UTF-8, sent by anyone who reaches the port
     (no key asked), and closes the port: the process went on, its metrics and a supervisor's heartbeat too, serving
-    nothing until someone restarted it by hand. It now stops, saying why, and exits 1 for its restart."""
-    await asyncio.to_thread(call_with_raw_path, server.port, b"/\xff")
-    async with asyncio.timeout(15):
-        assert await server.process.wait() == 1
-    output = await server.output()
+    nothing until someone restarted it by hand. It now stops, saying why, and exits 1 for its restart; at once, not
+    after its drain, which is for callers to move away from a port that still takes calls."""
+    async with started(tmp_path, local, "drain_s: 60") as server:
+        await asyncio.to_thread(call_with_raw_path, server.port, b"/\xff")
+        async with asyncio.timeout(15):
+            assert await server.process.wait() == 1
+        output = await server.output()
     assert "gRPC's server stopped taking calls by itself (UnicodeDecodeError" in output, output
+    assert "shutting down: NOT_SERVING for 0 s" in output, output
     assert any(line.endswith(" stopped") for line in output.splitlines()), output  # its stop ran to its end
 
 
