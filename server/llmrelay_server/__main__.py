@@ -25,10 +25,13 @@ def main() -> None:
     loading = signal.getsignal(signal.SIGINT) is signal.default_int_handler
     if loading:
         signal.signal(signal.SIGINT, _interrupted_while_loading)
-    # gRPC's core logs at INFO unless told: a line of its own format on stderr (no log pipeline parses it, and not
-    # JSON with log_format: json) for every connection that fails its TLS handshake, which anyone who reaches the port
-    # can add without end. Its errors still show; GRPC_VERBOSITY set by the operator wins. Before gRPC is loaded.
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    # gRPC's core logs at INFO unless told, on stderr, in a format of its own (no log pipeline parses it, and not JSON
+    # with log_format: json): a line for every connection that fails its TLS handshake; and at ERROR one for every
+    # TLS server name its certificate does not match, the name written as the client sent it (newlines and all: lines
+    # forged into the log by anyone who reaches the port, before any key or client certificate is asked for). Nothing
+    # it says of a server is the operator's to act on that the gateway does not say itself. GRPC_VERBOSITY set by the
+    # operator wins (ERROR, DEBUG: to look into gRPC itself). Before gRPC is loaded.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     try:
         from llmrelay_server.cli import main as command_line
     except ModuleNotFoundError as exc:

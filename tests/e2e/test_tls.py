@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -158,7 +159,9 @@ async def test_connections_that_fail_the_handshake_add_no_line_of_grpcs_own_to_t
     tmp_path: Path, files: Files, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
     """A plaintext client (or a port scan) on the TLS port: gRPC's core would write a line of its own format for each
-    such connection (at INFO, which it logs unless told), one anyone reaching the port can add without end."""
+    such connection (at INFO, which it logs unless told), one anyone reaching the port can add without end; and, at
+    ERROR, one for each TLS server name the certificate does not match, the name as the client sent it (a newline
+    in it forged a line of the gateway's own)."""
     Authority("llmrelay test CA").server().write(files.cert, files.key)
     config = tmp_path / "llmrelay.yaml"
     config.write_text(
@@ -175,10 +178,16 @@ async def test_connections_that_fail_the_handshake_add_no_line_of_grpcs_own_to_t
             writer.close()
         async with grpc.aio.insecure_channel(gateway.target) as plaintext:
             assert await refused(plaintext) == UNAVAILABLE
+        unverified = ssl.create_default_context()
+        unverified.check_hostname, unverified.verify_mode = False, ssl.CERT_NONE
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", gateway.port, ssl=unverified, server_hostname="forged.example"
+        )
+        writer.close()
     finally:
         assert await gateway.stop() == 0
     log = await gateway.output()
-    assert "stopped" in log and "Handshake failed" not in log, log
+    assert "stopped" in log and "Handshake failed" not in log and "forged.example" not in log, log
 
 
 async def test_mutual_tls_requires_a_certificate_from_the_client_ca(
