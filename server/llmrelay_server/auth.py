@@ -130,7 +130,10 @@ def _identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
         return tag
     authorization = metadata.get("authorization")
     if isinstance(authorization, str) and authorization:
-        return "key-" + hashlib.sha256(authorization.encode()).hexdigest()[:12]
+        # The token's, however its header is written (`bearer`, two spaces): one token is one caller, found by the
+        # start of the `sha256:` a key's entry has.
+        token = _bearer((("authorization", authorization),)) or authorization
+        return "key-" + hashlib.sha256(token.encode()).hexdigest()[:12]
     return "anonymous"
 
 
