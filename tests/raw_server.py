@@ -11,6 +11,12 @@ from typing import Self
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
+async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A handler that reads all that comes and never answers: a request waits for its answer, a TLS handshake (to a
+    plain TCP server) for the server's hello, until the client gives up."""
+    await reader.read()
+
+
 class RawServer:
     """A loopback server whose `handler` answers each connection with whatever bytes it likes."""
 

@@ -105,6 +105,9 @@ MIN_ATTEMPT_S = 0.01
 DEADLINE_MARGIN_S = 0.05
 # An attempt silent this long until the caller's deadline has told something about the backend.
 SILENCE_VERDICT_S = 1.0
+# How long the bill of a call whose caller left waits for its backend's own count of the prompt (a model server's
+# tokenizer, with the chat template the model sees), before the gateway's offline count: no caller waits for it.
+LEFT_COUNT_S = 1.0
 # What a call skipped while another one probes a half-open circuit is told to wait: the probe's verdict comes within
 # its attempt's time, which the circuit does not know; a second paces a client's retries meanwhile.
 PROBE_WAIT_S = 1.0
@@ -792,7 +795,7 @@ class Router:
                 )
             except BaseException:
                 if chain.left is not None:
-                    await _to_its_end(self._bill_left(chain.left, request, caller))
+                    await _to_its_end(self._bill_left(chain, request, caller))
                 raise
             if response is not None:
                 usage = self._priced(route, response.model, response.usage)
@@ -821,7 +824,7 @@ class Router:
                 continue
             except BaseException:
                 if chain.left is not None:
-                    await _to_its_end(self._bill_left(chain.left, request, caller))
+                    await _to_its_end(self._bill_left(chain, request, caller))
                 raise
             if opened is None:
                 continue
@@ -883,7 +886,8 @@ class Router:
                 finally:
                     if not billed:
                         # What was generated was still consumed.
-                        await _to_its_end(self._bill_partial(route, request, caller, received))
+                        prompt_by = self._left_count_by(chain)
+                        await _to_its_end(self._bill_partial(route, request, caller, received, prompt_by))
                     if received.prompt_count is not None:
                         received.prompt_count.cancel()  # billed: a count still going was not needed
         if broken is not None:
@@ -905,22 +909,37 @@ class Router:
         raise chain.exhausted()
 
     async def _bill_partial(
-        self, route: Route, request: CompletionRequest, caller: str, received: _Received
+        self, route: Route, request: CompletionRequest, caller: str, received: _Received, prompt_by: float = 0.0
     ) -> TokenUsage:
-        """What a stream that ended early consumed, counted by the gateway, recorded in the ledger as interrupted."""
-        usage = self._priced(route, received.model, await self._counted_usage(route, request, received))
+        """What a stream that ended early consumed, counted by the gateway, recorded in the ledger as interrupted; its
+        prompt, unless the upstream reported it, by the backend's own count where it has one by `prompt_by` (the
+        event loop's clock: `_left_count_by`)."""
+        prompt = None
+        if prompt_by and received.prompt_usage is None and received.prompt_count is None:
+            prompt = await self._prompt_counted(route, request, by=prompt_by)
+        usage = await self._counted_usage(route, request, received, prompt)
+        usage = self._priced(route, received.model, usage)
         self._bill(route.backend.name, received.model, caller, usage, interrupted=True)
         return usage
 
-    async def _bill_left(self, route: Route, request: CompletionRequest, caller: str) -> None:
+    async def _bill_left(self, chain: _Chain, request: CompletionRequest, caller: str) -> None:
         """Bills an attempt the call ended under before its answer (`_Chain.left`) for its prompt, which the upstream
         read all the same, as it bills a stream that broke: else a caller could have any number of prompts read past
         its tokens a minute and its budget, for nothing, by leaving each call before its answer."""
-        prompt = await self._prompt_counted(route.model, request)
+        route = chain.left
+        assert route is not None, "billed only for an attempt the call ended under"
+        prompt = await self._prompt_counted(route, request, by=self._left_count_by(chain))
         if prompt is not None:  # without the model's encoding there is nothing to count it by
             self._bill(
                 route.backend.name, route.model, caller, self._priced(route, route.model, prompt), interrupted=True
             )
+
+    @staticmethod
+    def _left_count_by(chain: _Chain) -> float:
+        """Until when the bill of a call that ended under an attempt may wait for the backend's own count of its
+        prompt: LEFT_COUNT_S when its caller left (or a shutdown ended it); not at all at its deadline, when the
+        caller waits for its status."""
+        return 0.0 if chain.remaining_s() <= 0 else asyncio.get_running_loop().time() + LEFT_COUNT_S
 
     async def _counted_usage(
         self, route: Route, request: CompletionRequest, received: _Received, prompt: TokenUsage | None = None
@@ -934,17 +953,35 @@ class Router:
             usage = replace(usage, completion_tokens=usage.completion_tokens + math.ceil(received.beyond * rate))
         return usage
 
-    async def _prompt_counted(self, model: str, request: CompletionRequest) -> TokenUsage | None:
-        """The prompt's tokens, counted offline: as estimate_usage counts them. None without its encoding, which the
-        bill's own count then says."""
+    async def _prompt_counted(self, route: Route, request: CompletionRequest, *, by: float = 0.0) -> TokenUsage | None:
+        """The prompt's tokens, estimated (no upstream reported them): by the backend's own count where it has one
+        and gives it by `by` (the event loop's clock; 0: not asked), as CountTokens counts; else offline, as
+        estimate_usage counts them. None without the model's encoding, which the bill's own count then says."""
         options = request.options
+        if options.response_format is None or options.response_format.json_schema is None:  # see count_tokens
+            exact = await self._backend_count(route, request.messages, options.tools, by)
+            if exact is not None:
+                return TokenUsage(exact.tokens, 0, estimated=True)
         try:
             counted = await self._counter.count_chat_async(
-                model, request.messages, options.tools, response_format=options.response_format
+                route.model, request.messages, options.tools, response_format=options.response_format
             )
         except TokenizerUnavailableError:
             return None
         return TokenUsage(counted.tokens, 0, estimated=True)
+
+    @staticmethod
+    async def _backend_count(
+        route: Route, messages: Sequence[Message], tools: Sequence[Tool], by: float
+    ) -> TokenCount | None:
+        """The backend's own count of a chat for the route's model, where it has a tokenizer and answers by `by` (the
+        event loop's clock); None otherwise."""
+        if by <= asyncio.get_running_loop().time():
+            return None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(by):
+                return await route.backend.provider.count_tokens(route.model, messages, tools)
+        return None
 
     def _bill(self, backend: str, model: str, caller: str, usage: TokenUsage, *, interrupted: bool = False) -> None:
         """The one place usage is billed: the ledger, and the call's meter (which its limits settle with)."""
@@ -1065,11 +1102,9 @@ class Router:
         # count waits only as long as the deadline leaves beside the time the estimate may take (a stalled backend
         # must not use it all: a large chat's estimate then had no time left).
         schema = response_format is not None and response_format.json_schema is not None
-        by = deadline - self._counter.count_chat_s(name, messages, tools, response_format=response_format)
-        if route is not None and not schema and by > asyncio.get_running_loop().time():  # else the estimate alone
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(by):
-                    exact = await route.backend.provider.count_tokens(name, messages, tools)
+        if route is not None and not schema:
+            by = deadline - self._counter.count_chat_s(name, messages, tools, response_format=response_format)
+            exact = await self._backend_count(route, messages, tools, by)
         return exact or await self._counter.count_chat_async(
             name, messages, tools, response_format=response_format, by=deadline
         )
@@ -1112,7 +1147,7 @@ class Router:
             if self._counter.count_chat_wait_s(
                 route.model, request.messages, options.tools, response_format=options.response_format
             ):
-                received.prompt_count = asyncio.ensure_future(self._prompt_counted(route.model, request))
+                received.prompt_count = asyncio.ensure_future(self._prompt_counted(route, request))
 
         watchdog = _Watchdog(loop, idle_s, chain.deadline, count_the_prompt, self._most_counting_s)
         try:

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway
 from llmrelay_server.backends import upstream_http
-from raw_server import RawServer
+from raw_server import RawServer, silent
 from support import (
     DIALECTS,
     FAST_ROUTER,
@@ -972,9 +972,6 @@ async def test_a_call_that_ends_before_its_request_is_sent_is_billed_nothing(
     or its deadline came: no upstream read the prompt, and nothing is billed."""
 
     caplog.set_level(logging.INFO, logger="llmrelay_server.calls")
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
 
     async with RawServer(silent) as raw:
         base_url = raw.url("https").removesuffix("/chat/completions")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -165,6 +166,35 @@ async def test_a_chat_with_an_answer_schema_is_counted_as_a_call_with_it_is_bill
     assert [v.field for v in details(refused.value)["BadRequest"].field_violations] == [
         "response_format.json_schema.name"
     ]
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+async def test_a_call_its_caller_leaves_is_billed_the_prompt_the_servers_tokenizer_counts(
+    stub_for: StubFactory, vllm: FakeUpstream, streaming: bool
+) -> None:
+    """With the model's own chat template, as its answer's usage would have counted it: the offline count is of
+    OpenAI's format, far off for a small model's template (11 tokens where llama.cpp counted 24)."""
+    stub = await vllm_stub(stub_for, vllm)
+    vllm.tokenize_count = 57
+    vllm.inject({"stall_s": 10})
+    request = pb.CompleteRequest(model="gpu/qwen", messages=[user("hello there")])
+    call: Any = (
+        stub.StreamComplete(pb.StreamCompleteRequest(model="gpu/qwen", messages=request.messages), timeout=20)
+        if streaming
+        else stub.Complete(request, timeout=20)
+    )
+    for _ in range(500):
+        if vllm.chat_requests:
+            break
+        await asyncio.sleep(0.01)
+    call.cancel()
+    records: list[pb.UsageRecord] = []
+    for _ in range(100):
+        if records := list((await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records):
+            break
+        await asyncio.sleep(0.05)
+    assert [(r.prompt_tokens, r.completion_tokens, r.interrupted_requests) for r in records] == [(57, 0, 1)]
+    assert records[0].estimated_requests == 1
 
 
 async def test_a_key_counts_with_a_backend_only_if_it_may_use_its_model(

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from certs import Authority
 from harness import BIN, clean_env
-from raw_server import RawServer
+from raw_server import RawServer, silent
 from support import OPENAI_TEST_KEY, StubFactory, chat, read_all, served_by_openai, stream_chat
 from upstream import FakeUpstream
 
@@ -186,9 +186,6 @@ async def test_an_error_answer_in_an_encoding_the_pool_leaves_falls_back_to_the_
 async def test_a_connection_that_is_never_made_is_said_to_be_one(stub_for: StubFactory, primary: FakeUpstream) -> None:
     # A TLS handshake that gets no answer (or a full backlog): "the upstream did not answer in time" sent the
     # operator to a slow model, not to the network.
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
-
     async with RawServer(silent) as raw:
         base_url = raw.url("https").removesuffix("/chat/completions")
         stub = await stub_for(

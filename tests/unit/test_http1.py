@@ -35,7 +35,7 @@ from llmrelay_server.backends.http1 import (
 from llmrelay_server.backends.proxies import Proxies, Proxy
 from llmrelay_server.backends.wire import MalformedAnswerError
 from proxy import ForwardProxy
-from raw_server import Handler, RawServer
+from raw_server import Handler, RawServer, silent
 from upstream import FakeUpstream
 
 LIMITS = httpx2.Limits(max_connections=16, max_keepalive_connections=8, keepalive_expiry=60.0)
@@ -447,9 +447,6 @@ async def test_requests_beyond_the_limit_wait_their_turn_in_order(fake: Counting
 async def test_a_wait_for_a_connection_ends_in_a_pool_timeout() -> None:
     pool = Http1Pool(httpx2.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=60))
 
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()  # never answers
-
     async with RawServer(silent) as server:
         first = asyncio.create_task(pool.post(Http1Target(server.url()), b"{}", 10))
         await until(lambda: pool.connections == 1)
@@ -657,9 +654,6 @@ async def test_nothing_listening_is_a_connect_error(pool: Http1Pool) -> None:
 
 
 async def test_a_handshake_that_never_ends_is_a_connect_timeout(pool: Http1Pool) -> None:
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
-
     async with RawServer(silent) as server:  # plain TCP: the TLS handshake gets no answer
         started = time.monotonic()
         with pytest.raises(httpx2.ConnectTimeout):

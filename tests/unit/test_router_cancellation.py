@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -20,7 +21,9 @@ from llmrelay_server.domain import (
     LLMProvider,
     Message,
     Role,
+    TokenCount,
     TokenUsage,
+    Tool,
     UpstreamError,
     UpstreamErrorKind,
 )
@@ -41,6 +44,8 @@ class Holding:
     spec: BackendSpec = SPEC
     asked: asyncio.Event = field(default_factory=asyncio.Event)
     sent: bool = True
+    tokenizer: int | None = None
+    """What its own tokenizer counts a chat (a model server's, with its chat template); None: it has none."""
 
     async def complete(self, model: str, request: CompletionRequest, *, timeout_s: float) -> CompletionResponse:
         if self.sent:
@@ -48,6 +53,11 @@ class Holding:
         self.asked.set()
         await asyncio.Event().wait()
         raise AssertionError("never answers")
+
+    async def count_tokens(self, model: str, messages: Sequence[Message], tools: Sequence[Tool]) -> TokenCount | None:
+        if self.tokenizer is None:
+            return None
+        return TokenCount(tokens=self.tokenizer, model=model, encoding=f"backend:{SPEC.name}", estimated=False)
 
 
 @dataclass
@@ -71,10 +81,10 @@ def router_of(provider: object, bills: Bills | None = None) -> Router:
 
 
 async def called(
-    deadline_s: float, bills: Bills | None = None, *, sent: bool = True
+    deadline_s: float, bills: Bills | None = None, *, sent: bool = True, tokenizer: int | None = None
 ) -> tuple[Router, Holding, metering.Meter, asyncio.Task[CompletionResponse]]:
     """A call to a backend that holds it, once the backend has the request."""
-    provider = Holding(sent=sent)
+    provider = Holding(sent=sent, tokenizer=tokenizer)
     router = router_of(provider, bills)
     meter = metering.Meter()
     metering.current_meter.set(meter)  # the task made below runs in a copy of this context: the same meter
@@ -106,6 +116,26 @@ async def test_the_attempt_a_caller_leaves_before_its_request_is_written_is_bill
     await asyncio.wait([task])
     assert [a.outcome for a in meter.attempts] == [AttemptOutcome.CANCELLED]
     assert (bills.records, meter.tokens) == ([], 0)
+
+
+async def test_a_left_calls_prompt_is_billed_as_its_backends_tokenizer_counts_it() -> None:
+    """A model server's count (its chat template's tokens too) where it has one: the offline count is OpenAI's."""
+    bills = Bills()
+    _, _, meter, task = await called(deadline_s=10, bills=bills, tokenizer=57)
+    task.cancel()
+    await asyncio.wait([task])
+    [(_, _, _, usage, interrupted)] = bills.records
+    assert (usage.prompt_tokens, usage.estimated, interrupted, meter.tokens) == (57, True, True, 57)
+
+
+async def test_a_prompt_cut_by_its_deadline_is_counted_offline_not_waited_for() -> None:
+    """Its caller waits for the status: no request to the backend first."""
+    bills = Bills()
+    *_, task = await called(deadline_s=0.2, bills=bills, tokenizer=57)
+    with pytest.raises(DeadlineExceededError):
+        await task
+    [(_, _, _, usage, _)] = bills.records
+    assert usage.prompt_tokens == TokenCounter().count_chat("m", REQUEST.messages).tokens != 57
 
 
 async def test_a_cancellation_after_the_deadline_is_the_deadlines_timeout() -> None:
