@@ -986,9 +986,38 @@ def _parse_yaml(text: str, env: Mapping[str, str], where: str, holds: str) -> Ma
     return interpolated
 
 
+class _WrittenInt(int):
+    """A whole number as YAML read it, with the text it was written as (`written`): a field of text takes that text,
+    not the number YAML 1.1 made of it (`010` is 8, `1:30` is 90, `0x10` is 16)."""
+
+    written: str
+
+
+class _WrittenFloat(float):
+    """A number with a fraction as YAML read it, with the text it was written as (`1.50`, `.inf`): see _WrittenInt."""
+
+    written: str
+
+
+def _as_text(value: str | int | float) -> str:
+    """A value a field of text takes: as written, for a number YAML read."""
+    return value.written if isinstance(value, _WrittenInt | _WrittenFloat) else str(value)
+
+
 class _Loader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping, which PyYAML would let the last one win
-    silently: a second `server:` section would drop every setting of the first."""
+    silently: a second `server:` section would drop every setting of the first. Its numbers keep the text they were
+    written as (_WrittenInt, _WrittenFloat)."""
+
+    def construct_written_int(self, node: yaml.ScalarNode) -> _WrittenInt:
+        number = _WrittenInt(self.construct_yaml_int(node))
+        number.written = node.value
+        return number
+
+    def construct_written_float(self, node: yaml.ScalarNode) -> _WrittenFloat:
+        number = _WrittenFloat(self.construct_yaml_float(node))
+        number.written = node.value
+        return number
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -996,6 +1025,8 @@ class _Loader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue  # `<<: *base`, whose keys the mapping's own may override: that is what merging is for
             key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, _WrittenInt | _WrittenFloat):
+                key = key.written  # a key is a name: `010` and `8` are two
             try:
                 duplicate = key in seen
             except TypeError:
@@ -1009,6 +1040,10 @@ class _Loader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_written_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_written_float)
 
 
 def _check_tls(tls: TLSConfig) -> None:
@@ -1140,7 +1175,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if origin in (Mapping, dict) or hint is Mapping:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {shown_value(value, where)}")
-        return {str(k): _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
+        return {_as_text(k): _convert(args[1], v, f"{where}.{_as_text(k)}") for k, v in value.items()}
     if hint is bool:
         if isinstance(value, str):
             # A boolean written as ${VAR} arrives as text: read as YAML would have read it in place.
@@ -1158,7 +1193,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
             # No count or size is near it; a typo's 400 digits stopped the start (or a keys file's reload) with a
             # traceback where the checks take it as a float.
             raise ConfigError(f"{where}: too large a number (at most {_LARGEST_INT})")
-        return value
+        return int(value)  # not the subclass YAML made of it (_WrittenInt)
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {shown_value(value, where)}")
@@ -1172,7 +1207,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         if isinstance(value, str) and "\0" in value:
             # No setting holds one, and a path with one stops the start with a traceback (a ValueError of os).
             raise ConfigError(f"{where}: holds a NUL character (\\0)")
-        return str(value)
+        return _as_text(value)
     raise TypeError(f"unsupported config type {hint!r} at {where}")
 
 

@@ -66,6 +66,16 @@ def test_the_entry_keys_new_prints_admits_its_key_under_the_name_given(
     assert (entry.name, entry.sha256) == (name, digest(key))
 
 
+def test_a_name_written_unquoted_is_kept_as_written(tmp_path: Path) -> None:
+    """YAML 1.1 reads these as numbers (8, 90, 16, 1000, 1.5, infinity), which the names became; and `010` beside
+    `8` was refused as the same name twice."""
+    names = ["010", "1:30", "0x10", "1_000", "1.50", ".inf", "8"]
+    path = tmp_path / "keys.yaml"
+    sha = hashlib.sha256
+    path.write_text("keys:\n" + "".join(f'  - {{name: {n}, sha256: "{sha(n.encode()).hexdigest()}"}}\n' for n in names))
+    assert [key.name for key in load_keys_file(path)] == names
+
+
 def test_a_missing_file_points_at_the_setting_that_names_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_keys_file(tmp_path / "absent.yaml")
