@@ -270,6 +270,13 @@ def test_a_key_is_redacted_as_pages_urls_and_json_write_it_and_where_a_quote_beg
     assert passed_on == "bad credentials <[redacted]> given", passed_on
 
 
+def test_a_key_upper_cased_beside_a_letter_that_lowers_to_two_is_redacted() -> None:
+    """A letter that lowers to two characters ("İ"): the lowered text's positions were not the text's, and the search
+    fell back to the key as written, missing it in another case."""
+    passed_on = redact(f"İstanbul region: bad credentials <{ODD_KEY.upper()}> given", ODD_KEY)
+    assert passed_on == "İstanbul region: bad credentials <[redacted]> given", passed_on
+
+
 def test_no_connection_free_in_the_gateways_pool_is_its_own_bound_not_the_upstreams_failure() -> None:
     """A burst past the pool's max_connections waited out its time: that is no upstream timing out, nor a failure to
     count against its circuit (a burst could open a healthy backend's)."""

@@ -675,12 +675,13 @@ def _without_key(text: str, key: str) -> str:
     in any case (an upstream may lower it), and as HTML, a URL and JSON write it (a debugging page, a URL echoed, a
     JSON body quoted within text)."""
     folded = text.lower()
-    if len(folded) != len(text):  # a letter that lowers to two: each position of `folded` must be the text's
-        folded = text
+    if len(folded) != len(text):
+        # A letter that lowers to two ("İ"): each position of `folded` must be the text's, so that one is kept.
+        folded = "".join(lowered if len(lowered := char.lower()) == 1 else char for char in text)
     secret = bytearray(len(text))
     """1 where a character of the text is a character of a piece of the key."""
     forms = {key, html.escape(key), quote(key, safe=""), json.dumps(key)[1:-1]}
-    for form in (form.lower() if folded is not text else form for form in forms):
+    for form in (form.lower() for form in forms):
         for start in range(len(form) - KEY_PIECE_CHARS + 1):
             piece = form[start : start + KEY_PIECE_CHARS]
             found = folded.find(piece)
