@@ -14,10 +14,14 @@ Patterns are shell globs (`*`, `?`, `[...]`), matched case-sensitively against t
 most specific pattern wins: a plain name over any glob, then the glob with more literal characters, then the one
 written first; so "gpt-4o-mini-2024-07-18" is priced by "gpt-4o-mini-*" rather than "gpt-4o-*". In either table a
 plain name prices its dated snapshots too (a date after it: "gpt-4o-2024-08-06", "gpt-4-0613"), as OpenAI's answers
-name the snapshot that served.
+name the snapshot that served. An answer that names a model other than the one asked for is priced as the model it
+names where a price is known for it, else as the one asked for, the operator's prices before the shipped ones
+(`PriceTable.answer_rate`).
 
 Prices are taken as the decimals they are written as (0.15 is 15/100, not the float nearest to it) and a cost is
-computed exactly in fractions of a micro-dollar, then rounded once, half up, to whole micro-dollars.
+computed exactly in fractions of a micro-dollar, then rounded once, up, to whole micro-dollars: never below the exact
+cost, so that no answer with a price is free (a 24-token embedding at 0.02 USD a million tokens, 0.48 micro-dollars,
+rounded half up to 0, passed a spent budget, as a free call does, and was billed nothing).
 """
 
 from __future__ import annotations
@@ -149,19 +153,18 @@ class Rate:
             + usage.completion_tokens * self._completion
         )
         return Cost(
-            usd_micros=self._round_half_up(micros),
+            usd_micros=self._round_up(micros),
             estimated=usage.estimated or self.unknown,
             price_unknown=self.unknown,
         )
 
     def estimate_usd_micros(self, prompt_tokens: int, completion_tokens: int) -> int:
         """What a request may cost before it runs (no cache assumed), e.g. to reserve against a budget."""
-        return self._round_half_up(prompt_tokens * self._prompt + completion_tokens * self._completion)
+        return self._round_up(prompt_tokens * self._prompt + completion_tokens * self._completion)
 
-    def _round_half_up(self, scaled_micros: int) -> int:
-        """micro-USD times _scale, rounded half up to whole micro-USD: floor(x / scale + 1/2), in integers (amounts
-        are never negative, so that is half up)."""
-        return (2 * scaled_micros + self._scale) // (2 * self._scale)
+    def _round_up(self, scaled_micros: int) -> int:
+        """micro-USD times _scale, rounded up to whole micro-USD: ceil(x / scale), in integers."""
+        return -(-scaled_micros // self._scale)
 
 
 FREE: Final = Rate(prompt=Fraction(0), completion=Fraction(0), cached_prompt=Fraction(0))
@@ -212,19 +215,37 @@ class PriceTable:
         self._lookup = functools.lru_cache(maxsize=1024)(self._find)
 
     def rate(self, spec: BackendSpec, model: str) -> Rate:
+        """The rate of `model` on the backend: what a request for it reserves."""
+        return self.answer_rate(spec, model, model)
+
+    def answer_rate(self, spec: BackendSpec, asked: str, answered: str) -> Rate:
+        """The rate of an answer to a request for `asked` that names `answered` (an upstream names the snapshot that
+        served, or a name of its own for a deployment): `answered`'s where a price is known for it, else `asked`'s,
+        the operator's prices before the shipped ones. An Azure deployment the operator priced as "prod-4o" that
+        answers as "gpt-4o-2024-08-06" costs the operator's price, not the shipped gpt-4o's; "gpt-test" answered as
+        "gpt-test-latest" costs gpt-test's, not the unknown price; a snapshot priced apart costs its own."""
+        configured = self._configured(spec, asked), self._configured(spec, answered)
+        return self._lookup(spec.name, spec.kind, asked, answered, configured)
+
+    @staticmethod
+    def _configured(spec: BackendSpec, model: str) -> bool:
         # A model the backend is configured with is its own whatever its name: vLLM's "openai/gpt-oss-20b" beside a
         # backend named openai.
-        configured = model == spec.default_model or model in spec.models
-        return self._lookup(spec.name, spec.kind, model, configured)
+        return model == spec.default_model or model in spec.models
 
-    def _find(self, backend: str, kind: str, model: str, configured: bool) -> Rate:
-        qualified = f"{backend}/{model}"
+    def _find(self, backend: str, kind: str, asked: str, answered: str, configured: tuple[bool, bool]) -> Rate:
+        asked_names = self._names(backend, asked, configured[0])
+        answered_names = self._names(backend, answered, configured[1])
+        for table in (self._overrides, _SHIPPED):
+            for qualified, alone in (answered_names, asked_names):
+                if (rate := table.match(qualified, alone)) is not None:
+                    return rate
+            if kind in LOCAL_KINDS:
+                return FREE
+        return self._unknown
+
+    def _names(self, backend: str, model: str, configured: bool) -> tuple[str, str | None]:
+        """The names a model is priced by: "backend/model", and its name alone unless that reads as another
+        backend's "backend/model"."""
         qualifier, slash, _ = model.partition("/")
-        alone = None if slash and qualifier in self._backends and not configured else model
-        rate = self._overrides.match(qualified, alone)
-        if rate is not None:
-            return rate
-        if kind in LOCAL_KINDS:
-            return FREE
-        rate = _SHIPPED.match(qualified, alone)
-        return self._unknown if rate is None else rate
+        return f"{backend}/{model}", None if slash and qualifier in self._backends and not configured else model

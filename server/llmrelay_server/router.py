@@ -1064,8 +1064,9 @@ class Router:
         ]
 
     def _priced(self, route: Route, model: str, usage: TokenUsage) -> TokenUsage:
-        """The usage with its cost, at the price of the model that answered (an upstream names its dated snapshot)."""
-        return usage.with_cost(self._prices.rate(route.backend.provider.spec, model).cost(usage))
+        """The usage with its cost, for an answer that names `model` to a request for the route's (an upstream names
+        its dated snapshot): at the price PriceTable.answer_rate finds."""
+        return usage.with_cost(self._prices.answer_rate(route.backend.provider.spec, route.model, model).cost(usage))
 
     async def count_tokens(
         self,

@@ -4,6 +4,7 @@ attempt of a restarted stream included, local backends free, unknown prices flag
 from __future__ import annotations
 
 import asyncio
+import math
 from fractions import Fraction
 
 import grpc
@@ -25,10 +26,8 @@ PROMPT = "what does this cost in the end"
 
 
 def expected_micros(usage: pb.Usage, prompt_price: Fraction, completion_price: Fraction) -> int:
-    """The cost of the usage the upstream reported (or the gateway counted), rounded once, half up."""
-    exact = usage.prompt_tokens * prompt_price + usage.completion_tokens * completion_price
-    whole = int(exact)
-    return whole + (1 if exact - whole >= Fraction(1, 2) else 0)
+    """The cost of the usage the upstream reported (or the gateway counted), rounded once, up."""
+    return math.ceil(usage.prompt_tokens * prompt_price + usage.completion_tokens * completion_price)
 
 
 async def priced(stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream) -> pb.LLMServiceAsyncStub:
@@ -117,6 +116,19 @@ async def test_an_answer_that_names_its_dated_snapshot_costs_the_configured_pric
     expected = expected_micros(answer.usage, PROMPT_PRICE, COMPLETION_PRICE)
     assert answer.usage.cost == pb.Cost(usd_micros=expected, estimated=False, price_unknown=False)
     assert (await ledger(stub))["openai"].cost == pb.Cost(usd_micros=expected)
+
+
+async def test_an_answer_naming_a_model_without_a_price_costs_the_price_of_the_model_asked(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """It cost the unknown price, flagged, three times what the request reserved at gpt-test's: a key's budget was
+    spent 2.7 times over by calls the upstream answered as "gpt-test-latest"."""
+    stub = await priced(stub_for, primary, local)
+    primary.inject({"served_model": "gpt-test-latest"})
+    answer = await stub.Complete(chat(PROMPT), timeout=5)
+    assert answer.model == "gpt-test-latest"
+    expected = expected_micros(answer.usage, PROMPT_PRICE, COMPLETION_PRICE)
+    assert answer.usage.cost == pb.Cost(usd_micros=expected, estimated=False, price_unknown=False)
 
 
 async def test_a_stream_cut_short_is_billed_for_the_model_that_answered(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from fractions import Fraction
 from pathlib import Path
@@ -173,6 +174,26 @@ def test_an_unknown_model_on_a_paid_backend_is_flagged_and_counted_at_the_defaul
     assert cost == Cost(usd_micros=6_500, estimated=True, price_unknown=True)
 
 
+def test_an_answer_naming_another_model_costs_its_price_where_known_else_the_askeds() -> None:
+    """An answer was priced by the name it gave alone: a deployment the operator priced ("prod-4o", answering as
+    "gpt-4o-2024-08-06") at the shipped gpt-4o price, and "gpt-test" answered as "gpt-test-latest" at the unknown
+    price, three times what its budget had reserved."""
+    table = PriceTable(
+        {"prod-4o": Price(100.0, 100.0), "gpt-test": Price(1.0, 1.0), "gpt-test-2024-05-13": Price(2.0, 2.0)}, UNKNOWN
+    )
+
+    def answered(asked: str, answer: str) -> int:
+        return table.answer_rate(OPENAI, asked, answer).cost(TokenUsage(1_000_000, 0)).usd_micros
+
+    assert answered("prod-4o", "gpt-4o-2024-08-06") == 100_000_000  # the operator's, not the shipped 2.5
+    assert answered("gpt-test", "gpt-test-latest") == 1_000_000  # the asked's, not the unknown 5
+    assert answered("gpt-test", "gpt-test-2024-05-13") == 2_000_000  # a snapshot priced apart: its own
+    assert answered("gpt-4o", "gpt-4o-2024-05-13") == 5_000_000  # the shipped snapshot's own
+    assert answered("mystery", "mystery-latest") == 5_000_000  # neither known
+    assert table.answer_rate(OPENAI, "mystery", "mystery-latest").unknown
+    assert SHIPPED.answer_rate(backend("ollama"), "tiny", "gpt-4o").cost(TokenUsage(1_000_000, 0)).usd_micros == 0
+
+
 def test_exact_micro_dollars_with_cached_prompt_tokens() -> None:
     rate = Rate.of(Price(prompt=2.5, completion=10.0, cached_prompt=1.25))
     usage = TokenUsage(prompt_tokens=1_234, completion_tokens=567, cached_prompt_tokens=1_000)
@@ -185,16 +206,17 @@ def test_cached_tokens_at_the_prompt_rate_when_no_cached_rate_is_set() -> None:
     assert rate.cost(TokenUsage(100, 0, cached_prompt_tokens=40)).usd_micros == 300
 
 
-def test_decimal_prices_are_exact_and_rounded_once_half_up() -> None:
+def test_decimal_prices_are_exact_and_rounded_once_up() -> None:
     # 0.15 and 0.075 are not exact as binary floats; summed as floats these would drift.
     rate = Rate.of(Price(prompt=0.15, completion=0.6, cached_prompt=0.075))
     assert rate.prompt == Fraction(3, 20)
     assert rate.cost(TokenUsage(prompt_tokens=10, completion_tokens=0)).usd_micros == 2  # 1.5 -> 2
-    assert rate.cost(TokenUsage(prompt_tokens=3, completion_tokens=0)).usd_micros == 0  # 0.45 -> 0
-    # 0.075 * 2 + 0.15 * 1 + 0.6 * 1 = 0.9, rounded once (per part it would be 0 + 0 + 1 = 1).
+    assert rate.cost(TokenUsage(prompt_tokens=20, completion_tokens=0)).usd_micros == 3  # exact
+    # Never free where there is a price: 0.45 would round half up to 0, and pass a spent budget as a free call does.
+    assert rate.cost(TokenUsage(prompt_tokens=3, completion_tokens=0)).usd_micros == 1
+    # 0.075 * 2 + 0.15 * 1 + 0.6 * 1 = 0.9, rounded once (per part it would be 1 + 1 + 1 = 3).
     assert rate.cost(TokenUsage(prompt_tokens=3, completion_tokens=1, cached_prompt_tokens=2)).usd_micros == 1
-    assert rate.cost(TokenUsage(prompt_tokens=1, completion_tokens=0, cached_prompt_tokens=1)).usd_micros == 0
-    assert rate.cost(TokenUsage(prompt_tokens=7, completion_tokens=0, cached_prompt_tokens=6)).usd_micros == 1
+    assert rate.cost(TokenUsage(prompt_tokens=0, completion_tokens=0)).usd_micros == 0
 
 
 def test_cached_tokens_never_exceed_the_prompt() -> None:
@@ -208,13 +230,13 @@ def test_cached_tokens_never_exceed_the_prompt() -> None:
     prompt_price=st.integers(0, 10**6),
     completion_price=st.integers(0, 10**6),
 )
-def test_cost_is_the_exact_product_rounded_half_up(
+def test_cost_is_the_exact_product_rounded_up(
     prompt: int, completion: int, prompt_price: int, completion_price: int
 ) -> None:
     # Prices in thousandths of a dollar per million tokens, written as decimals as in YAML.
     rate = Rate.of(Price(prompt=prompt_price / 1000, completion=completion_price / 1000))
     exact = Fraction(prompt * prompt_price + completion * completion_price, 1000)
-    expected = int(exact) + (1 if exact - int(exact) >= Fraction(1, 2) else 0)
+    expected = math.ceil(exact)
     assert rate.cost(TokenUsage(prompt, completion)).usd_micros == expected
     assert rate.estimate_usd_micros(prompt, completion) == expected
 
