@@ -65,6 +65,9 @@ HOLD_PROMPT = "hold"
 CONCURRENCIES = (1, 16)
 KINDS = ("unary", "stream")
 PATHS = ("direct", "floor", "gateway", "everything")
+JOINED_FLOOR = "floor, joined"
+"""The floor that sends a stream as the very messages the gateway sent (bench/floor.py --joined): streams only, as its
+unary answer is the floor's."""
 OPEN_STREAMS = 1000
 HOLD_TRICKLE_S = 2.0
 """How long the upstream waits between the chunks of each of the open streams: long enough for all to open."""
@@ -149,12 +152,18 @@ class Run:
 async def measure(
     call: Call, requests: int, concurrency: int, pids: Mapping[str, Sequence[int]], warm_up: bool = False
 ) -> Run:
-    """Times `requests` calls, `concurrency` at a time; each server's CPU is summed over its processes `pids`."""
-    for _ in range(50 if warm_up else 0):  # connections, caches, first-call imports
-        await call()
+    """Times `requests` calls, `concurrency` at a time; each server's CPU is summed over its processes `pids`. A
+    warm-up first makes as many calls, as many at a time (connections for each caller, caches, first-call imports)."""
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def untimed() -> None:
+        async with semaphore:
+            await call()
+
+    if warm_up:
+        await asyncio.gather(*(untimed() for _ in range(min(requests, 50) if requests > 1 else 1)))
     latencies: list[float] = []
     first_chunks: list[float] = []
-    semaphore = asyncio.Semaphore(concurrency)
 
     async def timed() -> None:
         async with semaphore:
@@ -180,16 +189,16 @@ def direct_calls(client: DirectClient) -> dict[str, Call]:
 
     async def unary() -> float:
         answer = await client.complete(unary_body)
-        assert b'"content"' in answer, answer
+        assert answer["choices"][0]["message"]["content"], answer
         return time.perf_counter()
 
     def stream_of(prompt: str) -> Call:
         body = client.body(prompt, stream=True)
-        words = len(prompt.split()) + 1
+        expected = f"echo: {prompt}"
 
         async def stream() -> float:
-            texts, first = await client.stream(body)
-            assert texts == words, (texts, words)
+            text, first = await client.stream(body)
+            assert text == expected, (text, expected)
             return first
 
         return stream
@@ -240,13 +249,14 @@ async def recorded_answers(stub: pb.LLMServiceAsyncStub, scratch: Path) -> Path:
         return [pb.Message(role=pb.ROLE_USER, content=prompt)]
 
     answer = await stub.Complete(pb.CompleteRequest(model=MODEL, messages=messages(UNARY_PROMPT)), timeout=10)
-    streams = {}
+    streams, joined = {}, {}
     for prompt in (STREAM_PROMPT, LONG_PROMPT):
         request = pb.StreamCompleteRequest(model=MODEL, messages=messages(prompt))
         recorded = [message async for message in stub.StreamComplete(request, timeout=30)]
         streams[prompt] = [encoded(message) for message in a_message_per_chunk(recorded)]
+        joined[prompt] = [encoded(message) for message in recorded]
     answers = scratch / "answers.json"
-    answers.write_text(json.dumps({"complete": {UNARY_PROMPT: encoded(answer)}, "stream": streams}))
+    answers.write_text(json.dumps({"complete": {UNARY_PROMPT: encoded(answer)}, "stream": streams, "joined": joined}))
     return answers
 
 
@@ -342,12 +352,13 @@ async def stage(*names: str) -> AsyncIterator[Stage]:
 
 
 def start_floor(
-    port: int, answers: Path, loop: str, under: Sequence[str] = (), within_s: float = 30
+    port: int, answers: Path, loop: str, under: Sequence[str] = (), within_s: float = 30, *, joined: bool = False
 ) -> subprocess.Popen[str]:
-    """The floor (bench/floor.py) answering `answers`; run by `under` when given (valgrind, taskset)."""
+    """The floor (bench/floor.py) answering `answers` (`joined`: a stream as the gateway's messages); run by `under`
+    when given (valgrind, taskset)."""
     listen = f"127.0.0.1:{port}"
     command = [sys.executable, "-m", "bench.floor", "--listen", listen, "--answers", str(answers), "--loop", loop]
-    return start([*under, *command], "floor listening on", within_s=within_s)
+    return start([*under, *command, *(["--joined"] if joined else [])], "floor listening on", within_s=within_s)
 
 
 BENCH_KEY = "llmr-bench-0123456789abcdefghijklmnopq"
@@ -387,12 +398,15 @@ _EVERY_KIND_OF_LIMIT = (
     "{requests_per_minute: 10000000, tokens_per_minute: 1000000000, concurrent_streams: 1000,"
     " budget_usd_per_day: 1000000}"
 )
+_PRICED = 'pricing:\n  "ollama/*": {prompt: 0.15, completion: 0.6}\n'
+"""A price for the bench's model, which a local backend serves for free: its budget reserves and settles each call, as
+a paid model's does (a free call passes a budget untouched)."""
 _GATEWAY_LIMITS = "limits: {requests_per_minute: 100000000}"
 _METRICS = 'metrics_listen: "127.0.0.1:0"'
 EVERYTHING = Feature(
     "auth + limits (a key with every kind of limit, and gateway limits) + metrics + a JSON log line per call",
     server=f"{_GATEWAY_LIMITS}, {_METRICS}, log_format: json",
-    extra=_key(_EVERY_KIND_OF_LIMIT),
+    extra=_key(_EVERY_KIND_OF_LIMIT) + _PRICED,
     metadata=_KEYED,
 )
 FEATURES = {
@@ -405,7 +419,7 @@ FEATURES = {
     "key-limits": Feature(
         "auth with a key that has every kind of limit (its prompt's tokens counted, its price estimated)",
         server="log_calls: false",
-        extra=_key(_EVERY_KIND_OF_LIMIT),
+        extra=_key(_EVERY_KIND_OF_LIMIT) + _PRICED,
         metadata=_KEYED,
     ),
 }
@@ -493,8 +507,9 @@ async def start_servers(
     gateways: Sequence[str] = ("gateway", "everything"),
 ) -> dict[str, grpc.aio.Channel]:
     """The servers compared, on their staged ports, run by `under` when given (taskset): the `gateways` named (of
-    GATEWAYS; and the same of `against`), then the floor answering with the plain gateway's own messages; a channel to
-    each, closed on leaving."""
+    GATEWAYS; and the same of `against`), then the floor answering with the plain gateway's own messages (and, where
+    a port is staged for JOINED_FLOOR, the floor sending a stream as the gateway's very messages); a channel to each,
+    closed on leaving."""
     scratch, ports, running, pids = staged
     channels = {}
     started = [(name, GATEWAYS[name]) for name in gateways]
@@ -506,13 +521,15 @@ async def start_servers(
         pids[name] = [gateway.process.pid]
         channels[name] = grpc.aio.insecure_channel(f"127.0.0.1:{ports[name]}")
         running.push_async_callback(channels[name].close)
-    floor = start_floor(
-        ports["floor"], await recorded_answers(pb.LLMServiceStub(channels["gateway"]), scratch), loop, under
-    )
-    running.callback(stop, floor)
-    pids["floor"] = [floor.pid]
-    channels["floor"] = grpc.aio.insecure_channel(f"127.0.0.1:{ports['floor']}")
-    running.push_async_callback(channels["floor"].close)
+    answers = await recorded_answers(pb.LLMServiceStub(channels["gateway"]), scratch)
+    for name in ("floor", JOINED_FLOOR):
+        if name not in ports:
+            continue
+        floor = start_floor(ports[name], answers, loop, under, joined=name == JOINED_FLOOR)
+        running.callback(stop, floor)
+        pids[name] = [floor.pid]
+        channels[name] = grpc.aio.insecure_channel(f"127.0.0.1:{ports[name]}")
+        running.push_async_callback(channels[name].close)
     return channels
 
 
@@ -686,6 +703,8 @@ class Row:
     load_generator_cpu_ms_per_call: float
     """The load generator's CPU a call on this path: its HTTP client's for the direct call, its gRPC client's else."""
     cpu_x_floor: float
+    cpu_x_joined_floor: float | None
+    """Of a stream: the server CPU per call over the floor's that sends the gateway's very messages (JOINED_FLOOR)."""
     first_chunk_p50_ms: float
     added_first_chunk_ms: float
 
@@ -707,7 +726,7 @@ class Results:
 
 
 async def compare(settings: Settings, results: Results) -> None:
-    async with stage("floor", "gateway", "everything") as staged:
+    async with stage("floor", JOINED_FLOOR, "gateway", "everything") as staged:
         channels = await start_servers(staged, settings.loop)
         # The load generator's CPU too (this process): what each path's client costs it.
         ports, pids = staged.ports, {**staged.pids, LOAD: [os.getpid()]}
@@ -717,9 +736,14 @@ async def compare(settings: Settings, results: Results) -> None:
             "floor": grpc_calls(pb.LLMServiceStub(channels["floor"])),
             "gateway": grpc_calls(pb.LLMServiceStub(channels["gateway"])),
             "everything": grpc_calls(pb.LLMServiceStub(channels["everything"]), EVERYTHING.metadata),
+            JOINED_FLOOR: {
+                kind: call
+                for kind, call in grpc_calls(pb.LLMServiceStub(channels[JOINED_FLOOR])).items()
+                if kind != "unary"
+            },
         }
         # Whose CPU each path costs: the direct call's is the upstream's alone.
-        server_of = {"direct": "upstream", "floor": "floor", "gateway": "gateway", "everything": "everything"}
+        server_of = {path: path for path in paths} | {"direct": "upstream"}
         await asyncio.sleep(0.5)
         rss_idle = {name: rss_mib(pids[name][0]) for name in GATEWAYS_MEASURED}
         print(
@@ -750,6 +774,7 @@ async def matrix(
         rounds = await interleaved(paths, kind, count, concurrency, settings.rounds, pids, warm_up=True)
         runs = {path: functools.reduce(operator.add, taken) for path, taken in rounds.items()}
         direct, floor_cpu = runs["direct"], runs["floor"].cpu_ms("floor")
+        joined_cpu = runs[JOINED_FLOOR].cpu_ms(JOINED_FLOOR) if JOINED_FLOOR in runs else None
         for path, run in runs.items():
             cpu = run.cpu_ms(server_of[path])
             results.rows.append(
@@ -765,6 +790,7 @@ async def matrix(
                     server_cpu_ms_per_call=cpu,
                     load_generator_cpu_ms_per_call=run.cpu_ms(LOAD),
                     cpu_x_floor=cpu / floor_cpu,
+                    cpu_x_joined_floor=cpu / joined_cpu if joined_cpu is not None else None,
                     first_chunk_p50_ms=run.first_chunk_p50_ms,
                     added_first_chunk_ms=run.first_chunk_p50_ms - direct.first_chunk_p50_ms,
                 )
@@ -782,12 +808,15 @@ async def interleaved(
     *,
     warm_up: bool,
 ) -> dict[str, list[Run]]:
-    """`count` calls of `kind` on every path in turn, `rounds` times (the machine's drift falls on all paths alike):
-    each path's rounds; with `warm_up`, a warm-up before the first round."""
-    taken: dict[str, list[Run]] = {path: [] for path in paths}
+    """`count` calls of `kind` on every path that makes such calls in turn, `rounds` times (the machine's drift falls on
+    all paths alike), each round starting with the next path (the work a server defers past its turn, a ledger's
+    flush, a batch of log lines, falls on another path's; on each path alike): each path's rounds; with `warm_up`, a
+    warm-up of each path before the first round."""
+    order = [path for path, calls in paths.items() if kind in calls]
+    taken: dict[str, list[Run]] = {path: [] for path in order}
     for round_ in range(rounds):
-        for path, calls in paths.items():
-            taken[path].append(await measure(calls[kind], count, concurrency, pids, warm_up and round_ == 0))
+        for path in order[round_ % len(order) :] + order[: round_ % len(order)]:
+            taken[path].append(await measure(paths[path][kind], count, concurrency, pids, warm_up and round_ == 0))
     return taken
 
 
@@ -808,19 +837,24 @@ async def long_streams(
     """Streams of 1,000 chunks, one at a time: chunks/s, and chunks per second of the server's CPU (per core)."""
     chunks = len(LONG_PROMPT.split()) + 1
     count = max(1, settings.long_streams // settings.rounds)
-    rounds = await interleaved(paths, "long", count, 1, settings.rounds, pids, warm_up=False)
+    rounds = await interleaved(paths, "long", count, 1, settings.rounds, pids, warm_up=True)
     runs = {path: functools.reduce(operator.add, taken) for path, taken in rounds.items()}
-    print(f"\n{'1,000-chunk stream':<22}{'chunks/s':>10}{'chunks per server CPU s':>26}{'x floor':>9}")
+    print(
+        f"\n{'1,000-chunk stream':<22}{'chunks/s':>10}{'chunks per server CPU s':>26}{'x floor':>9}"
+        f"{'x joined floor':>16}"
+    )
     for path, run in runs.items():
         total = chunks * len(run.latencies_s)
         per_cpu_s = total / max(run.cpu_s[server_of[path]], 1e-9)
         results.long_stream[path] = {"chunks_per_s": total / run.wall_s, "chunks_per_server_cpu_s": per_cpu_s}
     floor = results.long_stream["floor"]["chunks_per_server_cpu_s"]
+    joined = results.long_stream[JOINED_FLOOR]["chunks_per_server_cpu_s"]
     for path, figures in results.long_stream.items():
         figures["cpu_x_floor"] = figures["chunks_per_server_cpu_s"] / floor
+        figures["cpu_x_joined_floor"] = figures["chunks_per_server_cpu_s"] / joined
         print(
             f"{path:<22}{figures['chunks_per_s']:>10.0f}{figures['chunks_per_server_cpu_s']:>26.0f}"
-            f"{figures['cpu_x_floor']:>9.2f}"
+            f"{figures['cpu_x_floor']:>9.2f}{figures['cpu_x_joined_floor']:>16.2f}"
         )
 
 
@@ -871,12 +905,14 @@ async def open_streams(
         "rss_before_burst_mib": rss_before,
         "rss_open_mib": rss_open,
         "open_streams": open_at_reading,
-        "above_idle_mib": rss_open - rss_idle,
+        # Above what it held just before (after the matrix of calls), not above the idle gateway at the start.
+        "above_before_burst_mib": rss_open - rss_before,
     }
     results.upstream_pool[name] = {"streams": settings.open_streams, "idle_connections_after": idle}
     print(
-        f"\n{name} memory: {rss_idle:.0f} MiB idle, {rss_open:.0f} MiB with {open_at_reading} streams open"
-        f" (+{rss_open - rss_idle:.0f} MiB); {idle} idle upstream connections after the burst"
+        f"\n{name} memory: {rss_idle:.0f} MiB idle, {rss_before:.0f} MiB before the burst, {rss_open:.0f} MiB with"
+        f" {open_at_reading} streams open (+{rss_open - rss_before:.0f} MiB); {idle} idle upstream connections after"
+        " the burst"
         + (
             f" (NOT all {settings.open_streams} streams were open when the memory was read)"
             if open_at_reading < settings.open_streams
@@ -933,8 +969,8 @@ def markdown(results: Results) -> str:
     """The README's table: per path, kind and concurrency; then the long stream, memory and the pool."""
     lines = [
         "| path | call | callers | added p50 ms | added p99 ms | calls/s | server CPU/call | x floor"
-        " | added 1st chunk ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " | x joined floor | added 1st chunk ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results.rows:
         if row.path == "direct":
@@ -942,26 +978,31 @@ def markdown(results: Results) -> str:
         else:
             added = f"{row.added_p50_ms:+.2f} | {row.added_p99_ms:+.2f}"
         first = f"{row.added_first_chunk_ms:+.2f}" if row.kind == "stream" and row.path != "direct" else "-"
+        joined = f"{row.cpu_x_joined_floor:.2f}" if row.cpu_x_joined_floor is not None else "-"
         lines.append(
             f"| {row.path} | {row.kind} | {row.concurrency} | {added} | {row.calls_per_s:.0f} |"
-            f" {row.server_cpu_ms_per_call:.3f} ms | {row.cpu_x_floor:.2f} | {first} |"
-        )
-    lines += ["", "| 1,000-chunk stream | chunks/s | chunks per server CPU s | x floor |", "|---|---|---|---|"]
-    for path, figures in results.long_stream.items():
-        lines.append(
-            f"| {path} | {figures['chunks_per_s']:.0f} | {figures['chunks_per_server_cpu_s']:.0f} |"
-            f" {figures['cpu_x_floor']:.2f} |"
+            f" {row.server_cpu_ms_per_call:.3f} ms | {row.cpu_x_floor:.2f} | {joined} | {first} |"
         )
     lines += [
         "",
-        "| 1,000 streams open | memory above idle | memory idle | idle upstream connections after |",
+        "| 1,000-chunk stream | chunks/s | chunks per server CPU s | x floor | x joined floor |",
+        "|---|---|---|---|---|",
+    ]
+    for path, figures in results.long_stream.items():
+        lines.append(
+            f"| {path} | {figures['chunks_per_s']:.0f} | {figures['chunks_per_server_cpu_s']:.0f} |"
+            f" {figures['cpu_x_floor']:.2f} | {figures['cpu_x_joined_floor']:.2f} |"
+        )
+    lines += [
+        "",
+        "| 1,000 streams open | memory above before them | memory before | idle upstream connections after |",
         "|---|---|---|---|",
     ]
     for path, memory in results.memory.items():
         idle = results.upstream_pool[path]["idle_connections_after"]
         lines.append(
-            f"| {path} ({memory['open_streams']:.0f} open) | {memory['above_idle_mib']:+.0f} MiB |"
-            f" {memory['rss_idle_mib']:.0f} MiB | {idle} |"
+            f"| {path} ({memory['open_streams']:.0f} open) | {memory['above_before_burst_mib']:+.0f} MiB |"
+            f" {memory['rss_before_burst_mib']:.0f} MiB | {idle} |"
         )
     return "\n".join(lines)
 
@@ -998,16 +1039,16 @@ def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()}
 
 
-def save(results: Results) -> Path:
-    """bench/results/<time>.json and .png, copied to latest.json and latest.png (the ones committed)."""
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{stamp(results.started_at)}.json"
+def save(results: Results, out: Path = RESULTS) -> Path:
+    """<out>/<time>.json and .png, copied to latest.json and latest.png (in bench/results, the ones committed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stamp(results.started_at)}.json"
     path.write_text(json.dumps(asdict(results), indent=2) + "\n")
     from bench.chart import draw
 
     chart = draw(results.rows, path.with_suffix(".png"))
-    shutil.copyfile(path, RESULTS / "latest.json")
-    shutil.copyfile(chart, RESULTS / "latest.png")
+    shutil.copyfile(path, out / "latest.json")
+    shutil.copyfile(chart, out / "latest.png")
     return path
 
 
@@ -1018,6 +1059,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="turns the paths take (default 5; quick 3)")
     parser.add_argument(
         "--loop", choices=("asyncio", "uvloop"), help="the servers' event loop (default: the gateway's)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS,
+        help="where the results go (default bench/results, whose latest.json and latest.png are the committed ones)",
     )
     parser.add_argument("--workers", action="store_true", help="calls/s with 1 and 2 worker processes instead")
     parser.add_argument(
@@ -1068,7 +1115,7 @@ def main() -> None:
     )
     asyncio.run(compare(settings, results))
     print("\n" + markdown(results))
-    print(f"\nwritten: {save(results).relative_to(ROOT)} (and latest.json, latest.png)\n")
+    print(f"\nwritten: {save(results, args.out)} (and latest.json, latest.png beside it)\n")
     subprocess.run([sys.executable, str(ROOT / "bench" / "bench_tokens.py")], check=True)  # token counting's cost
 
 

@@ -14,7 +14,13 @@ import matplotlib.pyplot as plt
 if TYPE_CHECKING:
     from bench.__main__ import Row
 
-COLORS = {"direct": "#999999", "floor": "#4c72b0", "gateway": "#55a868", "everything": "#c44e52"}
+COLORS = {
+    "direct": "#999999",
+    "floor": "#4c72b0",
+    "floor, joined": "#8172b2",
+    "gateway": "#55a868",
+    "everything": "#c44e52",
+}
 
 
 def draw(rows: Sequence[Row], path: Path) -> Path:
@@ -24,14 +30,19 @@ def draw(rows: Sequence[Row], path: Path) -> Path:
     figure, (latency, cpu) = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / len(paths)
     for index, name in enumerate(paths):
-        positions = [group + (index - (len(paths) - 1) / 2) * width for group in range(len(groups))]
+        # A path's bars where it has figures (the joined floor: streams alone).
+        placed = [
+            (group + (index - (len(paths) - 1) / 2) * width, by[(name, kind, callers)])
+            for group, (kind, callers) in enumerate(groups)
+            if (name, kind, callers) in by
+        ]
+        positions = [position for position, _ in placed]
         color = COLORS[name]
         if name != "direct":
-            added = [by[(name, kind, callers)].added_p50_ms for kind, callers in groups]
-            latency.bar(positions, added, width, label=name, color=color)
+            latency.bar(positions, [row.added_p50_ms for _, row in placed], width, label=name, color=color)
         cpu.bar(
             positions,
-            [by[(name, kind, callers)].server_cpu_ms_per_call for kind, callers in groups],
+            [row.server_cpu_ms_per_call for _, row in placed],
             width,
             label=name if name != "direct" else "direct (the upstream's)",
             color=color,

@@ -3,13 +3,16 @@
 No interceptors, no router, no upstream: Complete and StreamComplete answer with messages parsed once at start,
 chosen by the request's last message. The answers are the gateway's own, recorded by the bench in the same run: a
 unary answer the same message; a stream the same text as a message per upstream chunk (`a_message_per_chunk`), as a
-relay that forwards each chunk on its own sends it, where the gateway joins the chunks that reach it together. It
+relay that forwards each chunk on its own sends it, where the gateway joins the chunks that reach it together; or,
+with --joined, the very messages the gateway sent (as many, as large): what the gateway's own work costs beside
+them, its joining of chunks not counted as its gain. It
 runs on the event loop the gateway runs on (`--loop`), so that the loop is not counted as the gateway's gain, and
 registers its service as the gateway does (a generic handler alone: `llmrelay_server.decoding.GenericOnly`), so that
 the gateway's cheaper registration is not counted as its gain either.
 
-Usage: python -m bench.floor --listen HOST:PORT --answers FILE [--loop asyncio|uvloop]
-(FILE: JSON {"complete": {prompt: base64 CompleteResponse}, "stream": {prompt: [base64 StreamCompleteResponse]}})
+Usage: python -m bench.floor --listen HOST:PORT --answers FILE [--loop asyncio|uvloop] [--joined]
+(FILE: JSON {"complete": {prompt: base64 CompleteResponse}, "stream": {prompt: [base64 StreamCompleteResponse]},
+"joined": {prompt: [base64 StreamCompleteResponse]}})
 """
 
 from __future__ import annotations
@@ -28,14 +31,14 @@ from llmrelay_server.decoding import GenericOnly
 
 
 class FloorServicer(pb.LLMServiceServicer):
-    def __init__(self, answers: dict[str, Any]) -> None:
+    def __init__(self, answers: dict[str, Any], *, joined: bool = False) -> None:
         self._complete = {
             prompt: pb.CompleteResponse.FromString(base64.b64decode(data))
             for prompt, data in answers["complete"].items()
         }
         self._stream = {
             prompt: [pb.StreamCompleteResponse.FromString(base64.b64decode(data)) for data in messages]
-            for prompt, messages in answers["stream"].items()
+            for prompt, messages in answers["joined" if joined else "stream"].items()
         }
 
     async def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
@@ -51,10 +54,11 @@ class FloorServicer(pb.LLMServiceServicer):
     CountTokens = Embed = GetUsage = Health = _unimplemented
 
 
-async def serve(listen: str, answers: dict[str, Any]) -> None:
+async def serve(listen: str, answers: dict[str, Any], joined: bool) -> None:
     server = grpc.aio.server()
     # The generated function's stub asks for a server, though it calls only these two methods of it.
-    pb.add_LLMServiceServicer_to_server(FloorServicer(answers), cast(grpc.aio.Server, GenericOnly(server)))
+    servicer = FloorServicer(answers, joined=joined)
+    pb.add_LLMServiceServicer_to_server(servicer, cast(grpc.aio.Server, GenericOnly(server)))
     server.add_insecure_port(listen)
     await server.start()
     print(f"floor listening on {listen}", flush=True)
@@ -66,14 +70,15 @@ def main() -> None:
     parser.add_argument("--listen", required=True)
     parser.add_argument("--answers", type=Path, required=True)
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--joined", action="store_true", help="a stream as the messages the gateway sent")
     args = parser.parse_args()
     answers = json.loads(args.answers.read_text())
     if args.loop == "uvloop":
         import uvloop
 
-        uvloop.run(serve(args.listen, answers))
+        uvloop.run(serve(args.listen, answers, args.joined))
     else:
-        asyncio.run(serve(args.listen, answers))
+        asyncio.run(serve(args.listen, answers, args.joined))
 
 
 if __name__ == "__main__":
