@@ -340,11 +340,11 @@ async def _resume_budgets(
     limiter: Limiter, ledger: UsageLedger, names: Collection[str], *, gateway: bool, within_s: float | None = None
 ) -> None:
     """Today's spend (UTC) by the ledger, for the keys named (those with a daily budget) and, when `gateway`, the
-    gateway: a limiter in this process starts empty, and each restart (a deploy, a crash) gave every daily budget back
-    whole; and no limiter counts a key's spend before it has a budget, so a reload that gave a key one gave it whole,
-    where a restart read what it had spent. The limiter counts at least that from then on, so a restart and a reload
-    agree, and several workers (or gateways sharing a Redis) giving the same spend count it once. Past `within_s` the
-    budgets count from zero, as with the ledger unavailable."""
+    gateway: a limiter in this process starts empty, and each restart (a deploy, a crash) gave every daily budget
+    back whole; and a limiter need not count a key's spend before it has a budget (Redis's does not), so a reload
+    that gave a key one gave it whole, where a restart read what it had spent. The limiter counts at least that from
+    then on, so a restart and a reload agree, and several workers (or gateways sharing a Redis) giving the same spend
+    count it once. Past `within_s` the budgets count from zero, as with the ledger unavailable."""
     if not names and not gateway:
         return
     midnight = time.time() // 86_400 * 86_400  # UTC, the budgets' day

@@ -72,7 +72,11 @@ class InProcessLimiter:
         day = _utc_day(self._clock())
         for subject, usd_micros in spent.items():
             window = self._window(subject)
-            window.spend[day] = max(window.spend.get(day, 0), usd_micros)
+            # The ledger's spend is of calls billed: set against what this counts of those, not of the calls still
+            # running, whose reservations it holds beside (taking the larger of it and all of this, a call in
+            # progress when a reload gave its key a budget lost the ledger's spend when it settled).
+            held = window.held.get(day, 0)
+            window.spend[day] = max(window.spend.get(day, 0) - held, usd_micros) + held
 
     async def reserve(self, asks: Sequence[Ask]) -> Reservation:
         refuse_oversized(asks)
