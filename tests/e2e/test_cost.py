@@ -105,30 +105,20 @@ async def test_a_restarted_stream_bills_the_broken_attempt_and_its_final_usage_i
     assert final.usage.cost == pb.Cost(usd_micros=partial + whole, estimated=True)
 
 
-async def test_an_answer_that_names_its_dated_snapshot_costs_the_configured_price_of_its_model(
-    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+@pytest.mark.parametrize("served", ["gpt-test-2024-08-06", "gpt-test-latest"], ids=["dated-snapshot", "no-price"])
+async def test_an_answer_naming_another_model_costs_the_configured_price_of_the_model_asked(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream, served: str
 ) -> None:
-    # As OpenAI's answers do: "gpt-test" asked, "gpt-test-2024-08-06" answered; priced as "gpt-test", not as unknown.
+    """As OpenAI's answers do: "gpt-test" asked, "gpt-test-2024-08-06" answered; priced as "gpt-test", not as unknown.
+    And a name with no price of its own ("gpt-test-latest") is priced as the model asked: it cost the unknown price,
+    three times what the request reserved, and a key's budget was spent 2.7 times over by such calls."""
     stub = await priced(stub_for, primary, local)
-    primary.inject({"served_model": "gpt-test-2024-08-06"})
+    primary.inject({"served_model": served})
     answer = await stub.Complete(chat(PROMPT), timeout=5)
-    assert answer.model == "gpt-test-2024-08-06"
+    assert answer.model == served
     expected = expected_micros(answer.usage, PROMPT_PRICE, COMPLETION_PRICE)
     assert answer.usage.cost == pb.Cost(usd_micros=expected, estimated=False, price_unknown=False)
     assert (await ledger(stub))["openai"].cost == pb.Cost(usd_micros=expected)
-
-
-async def test_an_answer_naming_a_model_without_a_price_costs_the_price_of_the_model_asked(
-    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
-) -> None:
-    """It cost the unknown price, flagged, three times what the request reserved at gpt-test's: a key's budget was
-    spent 2.7 times over by calls the upstream answered as "gpt-test-latest"."""
-    stub = await priced(stub_for, primary, local)
-    primary.inject({"served_model": "gpt-test-latest"})
-    answer = await stub.Complete(chat(PROMPT), timeout=5)
-    assert answer.model == "gpt-test-latest"
-    expected = expected_micros(answer.usage, PROMPT_PRICE, COMPLETION_PRICE)
-    assert answer.usage.cost == pb.Cost(usd_micros=expected, estimated=False, price_unknown=False)
 
 
 async def test_a_stream_cut_short_is_billed_for_the_model_that_answered(
