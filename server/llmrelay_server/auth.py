@@ -132,7 +132,7 @@ def _identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     if isinstance(authorization, str) and authorization:
         # The token's, however its header is written (`bearer`, two spaces): one token is one caller, found by the
         # start of the `sha256:` a key's entry has.
-        token = _bearer((("authorization", authorization),)) or authorization
+        token = _token_of(authorization) or authorization
         return "key-" + hashlib.sha256(token.encode()).hexdigest()[:12]
     return "anonymous"
 
@@ -396,9 +396,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
     for name, value in metadata or ():
         if name == "authorization" and isinstance(value, str):
-            scheme, _, token = value.partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else None
+            return _token_of(value)
     return None
+
+
+def _token_of(authorization: str) -> str | None:
+    """The token of an `authorization` value that is `Bearer TOKEN` (the scheme in any case, spaces around the token
+    not its own); None for any other."""
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
 
 
 def _why_not(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:

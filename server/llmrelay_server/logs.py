@@ -454,16 +454,8 @@ def _json(entry: dict[str, Any]) -> str:
     # Both escape C0 alone: DEL, C1 and Unicode's separators go out as they are, and readers that split lines by
     # Unicode's rules (Python's splitlines among them) would see a caller's model name end the line.
     if not line.isascii() or "\x7f" in line:
-        line = _UNESCAPED_IN_JSON.sub(_json_escaped, line)
+        line = _CONTROL.sub(_escaped, line)
     return line
-
-
-_UNESCAPED_IN_JSON = re.compile(r"[\x7f-\x9f\u2028\u2029]")
-"""What _CONTROL has that JSON writers leave as it is (they escape C0 only)."""
-
-
-def _json_escaped(match: re.Match[str]) -> str:
-    return f"\\u{ord(match.group()):04x}"
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")

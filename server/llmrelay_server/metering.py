@@ -37,6 +37,9 @@ class Meter:
     first_chunk_at: float | None = None
     """When (time.perf_counter()) the stream's first chunk from an upstream came: its observers tell the time to it
     from the call's start as each saw it, before the interceptors' own work (admission, the prompt's count)."""
+    first_chunk_routed_s: float | None = None
+    """The time to that chunk from the router's start: its upstreams' share (the attempts until then, their retries and
+    fallbacks), not the gateway's admission."""
     first_chunk_backend: str | None = None
     """The backend that sent that chunk: after a restart, not the one that finished the answer."""
     caller: str | None = None
@@ -44,8 +47,9 @@ class Meter:
     upstream_headers: dict[str, str] = field(default_factory=dict)
     """Headers every upstream request of the call carries (a trace context's traceparent)."""
     requests_sent: int = 0
-    """The model requests the call has written to an upstream: one the call ended under before its answer had its
-    prompt read only if it was written (a call cancelled while its connection was still being made was not)."""
+    """The requests the call has written to an upstream (its model requests, and a count's): an attempt the call ended
+    under before its answer had its prompt read only if one was written during it (a call cancelled while its
+    connection was still being made had not)."""
     request_id: str | None = None
     """The call's request id, once the call log has given it one: its span carries it too."""
     trace_id: str | None = None
@@ -88,14 +92,14 @@ def upstream_headers() -> dict[str, str] | None:
 
 
 def request_sent() -> None:
-    """A model request of the call has been written to its upstream, which may read its prompt from now on."""
+    """A request of the call has been written to its upstream, which may read its prompt from now on."""
     meter = current_meter.get()
     if meter is not None:
         meter.requests_sent += 1
 
 
 def requests_sent() -> int | None:
-    """How many model requests the call has written to an upstream so far; None when nobody meters it (and so nobody
+    """How many requests the call has written to an upstream so far; None when nobody meters it (and so nobody
     knows)."""
     meter = current_meter.get()
     return None if meter is None else meter.requests_sent
@@ -108,12 +112,12 @@ def waited(seconds: float) -> None:
         meter.waited_s += seconds
 
 
-def first_chunk(at: float, backend: str) -> None:
-    """The first chunk the caller gets came at `at` (time.perf_counter()) from `backend`: later ones (a restart's)
-    are not its first."""
+def first_chunk(at: float, routed_s: float, backend: str) -> None:
+    """The first chunk the caller gets came at `at` (time.perf_counter()), `routed_s` after the router began, from
+    `backend`: later ones (a restart's) are not its first."""
     meter = current_meter.get()
     if meter is not None and meter.first_chunk_at is None:
-        meter.first_chunk_at, meter.first_chunk_backend = at, backend
+        meter.first_chunk_at, meter.first_chunk_routed_s, meter.first_chunk_backend = at, routed_s, backend
 
 
 def own_time_s(meter: Meter, elapsed_s: float) -> float:

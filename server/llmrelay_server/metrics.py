@@ -244,7 +244,7 @@ class Metrics:
         )
         self.first_chunk = kept.distributed(
             "llmrelay_upstream_time_to_first_chunk_seconds",
-            "Time from a stream's start (the call's, as the gateway got it) to its first chunk from an upstream.",
+            "Time from a stream's routing (its attempts, retries and fallbacks) to its first chunk from an upstream.",
             ["backend"],
             FIRST_TOKEN_BUCKETS,
         )
@@ -325,10 +325,11 @@ class Metrics:
         overhead.observe(own_time_s(meter, elapsed_s))
         requested = self.labels.model(request_model)
         if meter.first_chunk_at is not None and meter.first_chunk_backend is not None:
-            first_chunk_s = meter.first_chunk_at - started
-            # Filed under the backend that sent the chunk, even when a restart on another one finished the answer.
-            self._backends[meter.first_chunk_backend].first_chunk().observe(first_chunk_s)
-            self.gen_ai_first_token("chat", requested).observe(first_chunk_s)
+            # Filed under the backend that sent the chunk, even when a restart on another one finished the answer; the
+            # upstreams' share of the wait, which a long prompt's admission does not make look slower.
+            assert meter.first_chunk_routed_s is not None, "set with first_chunk_at"
+            self._backends[meter.first_chunk_backend].first_chunk().observe(meter.first_chunk_routed_s)
+            self.gen_ai_first_token("chat", requested).observe(meter.first_chunk_at - started)
         for billed in meter.billed:
             labels = (billed.backend, self.labels.model(billed.model), self.labels.caller(billed.caller))
             self._billed[labels, requested, operation].add(billed.usage)

@@ -224,8 +224,9 @@ class PriceTable:
         the operator's prices before the shipped ones. An Azure deployment the operator priced as "prod-4o" that
         answers as "gpt-4o-2024-08-06" costs the operator's price, not the shipped gpt-4o's; "gpt-test" answered as
         "gpt-test-latest" costs gpt-test's, not the unknown price; a snapshot priced apart costs its own."""
-        configured = self._configured(spec, asked), self._configured(spec, answered)
-        return self._lookup(spec.name, spec.kind, asked, answered, configured)
+        asked_configured = self._configured(spec, asked)
+        answered_configured = asked_configured if answered == asked else self._configured(spec, answered)
+        return self._lookup(spec.name, spec.kind, asked, answered, (asked_configured, answered_configured))
 
     @staticmethod
     def _configured(spec: BackendSpec, model: str) -> bool:

@@ -810,6 +810,7 @@ class Router:
         when the request asks for it and time remains, starts over on the next route after a restart chunk."""
         chain = _Chain(deadline)
         metering.attempts(chain.attempts)
+        routed_at = time.perf_counter()
         consumed: TokenUsage | None = None  # by broken attempts, billed and added to the final usage
         broken: StreamInterruptedError | None = None
         routes = self._routes(request, caller, may_use)
@@ -829,7 +830,7 @@ class Router:
             if opened is None:
                 continue
             first, upstream = opened
-            metering.first_chunk(chain.opened_at, route.backend.name)
+            metering.first_chunk(chain.opened_at, chain.opened_at - routed_at, route.backend.name)
             # The text sent on: what the gateway counts when the upstream reports no usage, or the stream breaks.
             received = _Received(first.model or route.model)
             billed = False
@@ -886,7 +887,7 @@ class Router:
                 finally:
                     if not billed:
                         # What was generated was still consumed.
-                        prompt_by = self._left_count_by(chain)
+                        prompt_by = self._left_count_by(chain, route)
                         await _to_its_end(self._bill_partial(route, request, caller, received, prompt_by))
                     if received.prompt_count is not None:
                         received.prompt_count.cancel()  # billed: a count still going was not needed
@@ -928,18 +929,26 @@ class Router:
         its tokens a minute and its budget, for nothing, by leaving each call before its answer."""
         route = chain.left
         assert route is not None, "billed only for an attempt the call ended under"
-        prompt = await self._prompt_counted(route, request, by=self._left_count_by(chain))
+        prompt = await self._prompt_counted(route, request, by=self._left_count_by(chain, route))
         if prompt is not None:  # without the model's encoding there is nothing to count it by
             self._bill(
                 route.backend.name, route.model, caller, self._priced(route, route.model, prompt), interrupted=True
             )
 
     @staticmethod
-    def _left_count_by(chain: _Chain) -> float:
-        """Until when the bill of a call that ended under an attempt may wait for the backend's own count of its
-        prompt: LEFT_COUNT_S when its caller left (or a shutdown ended it); not at all at its deadline, when the
-        caller waits for its status."""
-        return 0.0 if chain.remaining_s() <= 0 else asyncio.get_running_loop().time() + LEFT_COUNT_S
+    def _left_count_by(chain: _Chain, route: Route) -> float:
+        """Until when the bill of a call that ended under an attempt on `route` may wait for the backend's own count
+        of its prompt: LEFT_COUNT_S when its caller left (or a shutdown ended it); not at all at its deadline, when
+        the caller waits for its status (told by the attempt's outcome, not the clock: the loop may run the deadline's
+        timer a little early), nor on a backend whose circuit is not closed (failing: asked nothing more)."""
+        last = chain.attempts[-1] if chain.attempts else None
+        if (
+            last is None
+            or last.outcome is AttemptOutcome.TIMEOUT
+            or route.backend.circuit.state is not CircuitState.CLOSED
+        ):
+            return 0.0
+        return asyncio.get_running_loop().time() + LEFT_COUNT_S
 
     async def _counted_usage(
         self, route: Route, request: CompletionRequest, received: _Received, prompt: TokenUsage | None = None
@@ -958,10 +967,9 @@ class Router:
         and gives it by `by` (the event loop's clock; 0: not asked), as CountTokens counts; else offline, as
         estimate_usage counts them. None without the model's encoding, which the bill's own count then says."""
         options = request.options
-        if options.response_format is None or options.response_format.json_schema is None:  # see count_tokens
-            exact = await self._backend_count(route, request.messages, options.tools, by)
-            if exact is not None:
-                return TokenUsage(exact.tokens, 0, estimated=True)
+        exact = await self._backend_count(route, request.messages, options.tools, options.response_format, by)
+        if exact is not None:
+            return TokenUsage(exact.tokens, 0, estimated=True)
         try:
             counted = await self._counter.count_chat_async(
                 route.model, request.messages, options.tools, response_format=options.response_format
@@ -972,11 +980,17 @@ class Router:
 
     @staticmethod
     async def _backend_count(
-        route: Route, messages: Sequence[Message], tools: Sequence[Tool], by: float
+        route: Route,
+        messages: Sequence[Message],
+        tools: Sequence[Tool],
+        response_format: ResponseFormat | None,
+        by: float,
     ) -> TokenCount | None:
         """The backend's own count of a chat for the route's model, where it has a tokenizer and answers by `by` (the
-        event loop's clock); None otherwise."""
-        if by <= asyncio.get_running_loop().time():
+        event loop's clock); None otherwise, and for a chat whose answer format is a JSON schema, which the backends'
+        tokenizers leave out (the gateway's count has it, as a call's estimate does)."""
+        schema = response_format is not None and response_format.json_schema is not None
+        if schema or by <= asyncio.get_running_loop().time():
             return None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(by):
@@ -1083,8 +1097,7 @@ class Router:
         for any model name (counting is offline and an agent may budget for a model this gateway does not route to;
         a key's model patterns keep its counts away from backends it may not use, a paid API's count among them).
         A backend's count not in by `deadline` (the event loop's clock) gives way to tiktoken's, in time. A JSON
-        schema's answer format is counted by tiktoken alone, as a call's estimate counts it: the backends' tokenizers
-        count chats without one."""
+        schema's answer format is counted by tiktoken alone (`_backend_count`)."""
         try:
             # Without a model, the default chain: for a key, the first of it that the key may use, as its calls.
             routes = self.resolve(model, exact=model is not None)
@@ -1102,10 +1115,9 @@ class Router:
         # The caller asked for an answer by its deadline: an estimate then, rather than none at all, so the backend's
         # count waits only as long as the deadline leaves beside the time the estimate may take (a stalled backend
         # must not use it all: a large chat's estimate then had no time left).
-        schema = response_format is not None and response_format.json_schema is not None
-        if route is not None and not schema:
+        if route is not None:
             by = deadline - self._counter.count_chat_s(name, messages, tools, response_format=response_format)
-            exact = await self._backend_count(route, messages, tools, by)
+            exact = await self._backend_count(route, messages, tools, response_format, by)
         return exact or await self._counter.count_chat_async(
             name, messages, tools, response_format=response_format, by=deadline
         )

@@ -168,21 +168,24 @@ async def test_a_chat_with_an_answer_schema_is_counted_as_a_call_with_it_is_bill
     ]
 
 
-@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize("leaves", ["unary", "stream", "mid-stream"])
 async def test_a_call_its_caller_leaves_is_billed_the_prompt_the_servers_tokenizer_counts(
-    stub_for: StubFactory, vllm: FakeUpstream, streaming: bool
+    stub_for: StubFactory, vllm: FakeUpstream, leaves: str
 ) -> None:
     """With the model's own chat template, as its answer's usage would have counted it: the offline count is of
-    OpenAI's format, far off for a small model's template (11 tokens where llama.cpp counted 24)."""
+    OpenAI's format, far off for a small model's template (11 tokens where llama.cpp counted 24). Before its answer,
+    or mid-stream (what it relayed counted too)."""
     stub = await vllm_stub(stub_for, vllm)
     vllm.tokenize_count = 57
-    vllm.inject({"stall_s": 10})
-    request = pb.CompleteRequest(model="gpu/qwen", messages=[user("hello there")])
+    vllm.inject({"trickle_s": 10} if leaves == "mid-stream" else {"stall_s": 10})
+    messages = [user("hello there")]
     call: Any = (
-        stub.StreamComplete(pb.StreamCompleteRequest(model="gpu/qwen", messages=request.messages), timeout=20)
-        if streaming
-        else stub.Complete(request, timeout=20)
+        stub.Complete(pb.CompleteRequest(model="gpu/qwen", messages=messages), timeout=20)
+        if leaves == "unary"
+        else stub.StreamComplete(pb.StreamCompleteRequest(model="gpu/qwen", messages=messages), timeout=20)
     )
+    if leaves == "mid-stream":
+        assert (await call.read()).delta.content
     for _ in range(500):
         if vllm.chat_requests:
             break
@@ -193,8 +196,8 @@ async def test_a_call_its_caller_leaves_is_billed_the_prompt_the_servers_tokeniz
         if records := list((await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records):
             break
         await asyncio.sleep(0.05)
-    assert [(r.prompt_tokens, r.completion_tokens, r.interrupted_requests) for r in records] == [(57, 0, 1)]
-    assert records[0].estimated_requests == 1
+    assert [(r.prompt_tokens, r.interrupted_requests, r.estimated_requests) for r in records] == [(57, 1, 1)]
+    assert (records[0].completion_tokens > 0) is (leaves == "mid-stream")
 
 
 async def test_a_key_counts_with_a_backend_only_if_it_may_use_its_model(

@@ -28,7 +28,7 @@ from llmrelay_server.domain import (
     UpstreamErrorKind,
 )
 from llmrelay_server.pricing import PriceTable
-from llmrelay_server.router import CircuitState, Router
+from llmrelay_server.router import CircuitState, Route, Router, _Chain
 from llmrelay_server.tokens import TokenCounter
 from llmrelay_server.usage import UsageLedger
 
@@ -174,3 +174,30 @@ async def test_an_upstream_timer_at_the_deadline_is_the_deadlines_not_the_backen
         assert [a.outcome for a in meter.attempts] == [AttemptOutcome.TIMEOUT]
     circuit = router.backends[0].circuit
     assert circuit.state is CircuitState.CLOSED and circuit.failures == 0
+
+
+@pytest.mark.parametrize(
+    ("outcome", "circuit_open", "waits"),
+    [
+        (AttemptOutcome.CANCELLED, False, True),
+        (AttemptOutcome.TIMEOUT, False, False),
+        (AttemptOutcome.CANCELLED, True, False),
+    ],
+    ids=["caller-left", "deadline", "circuit-open"],
+)
+async def test_a_left_calls_bill_waits_for_the_backends_count_only_when_its_caller_left_a_working_backend(
+    outcome: AttemptOutcome, circuit_open: bool, waits: bool
+) -> None:
+    """Told by the attempt's outcome, not the clock: uvloop may run the deadline's timer a little early, and a call its
+    deadline ended, with time left by the clock, waited on its backend's count while its caller waited for its
+    status. A failing backend is asked nothing more."""
+    router = router_of(Holding())
+    route = Route(router.backends[0], "m")
+    if circuit_open:
+        for _ in range(router.backends[0].circuit.config.failure_threshold):
+            router.backends[0].circuit.record_failure()
+    loop = asyncio.get_running_loop()
+    chain = _Chain(deadline=loop.time() + 10)  # time left, whichever way the attempt ended
+    chain.record(route, outcome, time.perf_counter(), None)
+    by = Router._left_count_by(chain, route)
+    assert (by > loop.time()) is waits
