@@ -461,11 +461,20 @@ func TestAgentCountsItsAnswerFormatAgainstTheBudget(t *testing.T) {
 	if withFormat.GetTokenCount() <= alone.GetTokenCount() {
 		t.Fatalf("with the schema %d tokens, without %d", withFormat.GetTokenCount(), alone.GetTokenCount())
 	}
-	agent := &llmrelay.Agent{Client: client, Model: model, Options: &llmrelayv1.CompletionOptions{ResponseFormat: format}}
+	options := &llmrelayv1.CompletionOptions{ResponseFormat: format}
+	agent := &llmrelay.Agent{Client: client, Model: model, Options: options}
 	conversation := llmrelay.NewConversation(messages...)
+	conversation.Model = model
+	if counted, err := conversation.CountTokensFor(testContext(t), client, options); err != nil ||
+		counted != int(withFormat.GetTokenCount()) {
+		t.Fatalf("CountTokensFor: %d, %v; want %d", counted, err, withFormat.GetTokenCount())
+	}
 	conversation.TokenBudget = int(withFormat.GetTokenCount()) - 1 // the chat alone fits it; not with its schema
-	_, err = agent.Run(testContext(t), conversation)
 	var over *llmrelay.BudgetError
+	if _, err := conversation.FitFor(testContext(t), client, options); !errors.As(err, &over) {
+		t.Fatalf("FitFor: %v; want a BudgetError", err)
+	}
+	_, err = agent.Run(testContext(t), conversation)
 	if !errors.As(err, &over) || over.Tokens != int(withFormat.GetTokenCount()) {
 		t.Fatalf("run: %v; want a BudgetError of %d tokens", err, withFormat.GetTokenCount())
 	}

@@ -39,6 +39,13 @@ func (c *Conversation) CountTokens(ctx context.Context, client *Client, tools ..
 	return c.countTokens(ctx, client, "", tools, nil)
 }
 
+// CountTokensFor counts as CountTokens does, for a request with these options: the definitions of its tools and the
+// schema of its answer format (a JSON schema goes into the prompt) count too.
+func (c *Conversation) CountTokensFor(ctx context.Context, client *Client, options *llmrelayv1.CompletionOptions) (int,
+	error) {
+	return c.countTokens(ctx, client, "", options.GetTools(), options.GetResponseFormat())
+}
+
 // countTokens counts as CountTokens does, for c.Model or, when it names none, for model: the model the requests
 // name (an Agent's), whose tokenizer the budget is of; with the answer format the requests ask for, whose schema
 // counts too (nil: none).
@@ -75,6 +82,12 @@ func (e *BudgetError) Error() string {
 // Without a budget (TokenBudget 0) it does nothing.
 func (c *Conversation) Fit(ctx context.Context, client *Client, tools ...*llmrelayv1.Tool) (int, error) {
 	return c.fit(ctx, client, "", tools, nil)
+}
+
+// FitFor fits as Fit does, for a request with these options: its tools' definitions and its answer format's schema
+// count too (CountTokensFor).
+func (c *Conversation) FitFor(ctx context.Context, client *Client, options *llmrelayv1.CompletionOptions) (int, error) {
+	return c.fit(ctx, client, "", options.GetTools(), options.GetResponseFormat())
 }
 
 // fit fits as Fit does, counting for c.Model or, when it names none, for model, with the answer format (countTokens).
