@@ -30,7 +30,7 @@ import traceback
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import groupby
-from typing import Final, TypeVar
+from typing import Any, Final, TypeAlias, TypeVar
 
 from llmrelay_server import metering
 from llmrelay_server.config import CircuitConfig, ConfigError, RetryConfig, RouterConfig
@@ -357,6 +357,16 @@ class _Chain:
     left: Route | None = None
     """The route of an attempt the call ended under (the caller left, its deadline) after its request was written to
     the upstream: its prompt was read all the same (`Router._bill_left`)."""
+    request: CompletionRequest | None = None
+    """A chat call's request: its prompt is what a bill at its deadline counts."""
+    prompt_count: tuple[str, asyncio.Future[TokenUsage | None]] | None = None
+    """The prompt's count for a model, begun near the deadline while an attempt still waited (`Router._count_ahead`)."""
+
+    def drop_prompt_count(self) -> None:
+        """The prompt's count begun ahead of the deadline is not needed (any more)."""
+        if self.prompt_count is not None:
+            self.prompt_count[1].cancel()
+            self.prompt_count = None
 
     def may_fit(self, route: Route) -> bool:
         window = route.backend.provider.spec.context_window
@@ -471,6 +481,10 @@ def _raise_if_timed_out(
         raise TimeoutError from error
 
 
+Ahead: TypeAlias = "tuple[float, Callable[..., None], tuple[Any, ...]]"
+"""What a wait makes ready ahead of its deadline: when (the loop's clock), the function, its arguments."""
+
+
 class Deadlines:
     """The deadlines of the attempts in progress on an event loop, kept by one timer for the soonest.
 
@@ -479,6 +493,9 @@ class Deadlines:
     may thus fire for an attempt long over; it then ends the waits past their deadlines, as asyncio.timeout_at ends
     them (the task cancelled, TimeoutError at the end of the wait), and is armed again for the soonest one left: the
     busier the gateway, the later in time that one, so it fires about once a deadline's length, not once a call.
+
+    A wait may have something to make ready `ahead` of its deadline, should it still be waiting then (a bill's count
+    of a long prompt): the same timer calls it.
     """
 
     def __init__(self) -> None:
@@ -487,18 +504,20 @@ class Deadlines:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = math.inf
 
-    def within(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Wait:
-        """A wait of the current task, in `loop`, ended with TimeoutError at `deadline` (the loop's clock)."""
-        return _Wait(self, loop, deadline)
+    def within(self, loop: asyncio.AbstractEventLoop, deadline: float, ahead: Ahead | None = None) -> _Wait:
+        """A wait of the current task, in `loop`, ended with TimeoutError at `deadline` (the loop's clock); `ahead`,
+        (when, what, its arguments): called at `when` if the wait is still going then."""
+        return _Wait(self, loop, deadline, ahead)
 
     def _watch(self, wait: _Wait) -> None:
         self._waits.add(wait)
         if wait.loop is not self._loop:  # a loop of its own (the tests run gateways one loop after another)
             self._loop, self._timer, self._timer_due = wait.loop, None, math.inf
-        if wait.deadline < self._timer_due:
+        due = wait.due()
+        if due < self._timer_due:
             if self._timer is not None:
                 self._timer.cancel()
-            self._arm(wait.deadline)
+            self._arm(due)
 
     def _arm(self, due: float) -> None:
         assert self._loop is not None
@@ -515,18 +534,31 @@ class Deadlines:
             if wait.deadline <= now:
                 self._waits.discard(wait)
                 wait.expire()
-            elif wait.deadline < soonest:
-                soonest = wait.deadline
+                continue
+            if wait.ahead is not None and wait.ahead[0] <= now:
+                _, prepare, args = wait.ahead
+                wait.ahead = None
+                try:
+                    prepare(*args)
+                except Exception:  # a bug of the gateway's: the wait still ends at its deadline, unprepared
+                    log.exception("preparing for a deadline failed")
+            soonest = min(soonest, wait.due())
         if soonest < math.inf:
             self._arm(soonest)
 
 
 class _Wait:
-    __slots__ = ("_cancelling", "_deadlines", "_expired", "_task", "deadline", "loop")
+    __slots__ = ("_cancelling", "_deadlines", "_expired", "_task", "ahead", "deadline", "loop")
 
-    def __init__(self, deadlines: Deadlines, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
-        self._deadlines, self.loop, self.deadline = deadlines, loop, deadline
+    def __init__(
+        self, deadlines: Deadlines, loop: asyncio.AbstractEventLoop, deadline: float, ahead: Ahead | None
+    ) -> None:
+        self._deadlines, self.loop, self.deadline, self.ahead = deadlines, loop, deadline, ahead
         self._expired = False
+
+    def due(self) -> float:
+        """When the timer must next look at this wait."""
+        return self.deadline if self.ahead is None else min(self.deadline, self.ahead[0])
 
     def __enter__(self) -> None:
         task = asyncio.current_task(self.loop)
@@ -786,29 +818,32 @@ class Router:
     async def complete(
         self, request: CompletionRequest, *, deadline: float, caller: str, may_use: ModelFilter | None = None
     ) -> CompletionResponse:
-        chain = _Chain(deadline)
+        chain = _Chain(deadline, request=request)
         metering.attempts(chain.attempts)
-        for route in self._routes(request, caller, may_use):
-            try:
-                response = await self._try_route(
-                    chain, route, lambda r, t: r.backend.provider.complete(r.model, request, timeout_s=t)
-                )
-            except BaseException:
-                if chain.left is not None:
-                    await _to_its_end(self._bill_left(chain, request, caller))
-                raise
-            if response is not None:
-                usage = self._priced(route, response.model, response.usage)
-                self._bill(response.backend, response.model, caller, usage)
-                return response.settled(usage, tuple(chain.attempts))
-        raise chain.exhausted()
+        try:
+            for route in self._routes(request, caller, may_use):
+                try:
+                    response = await self._try_route(
+                        chain, route, lambda r, t: r.backend.provider.complete(r.model, request, timeout_s=t)
+                    )
+                except BaseException:
+                    if chain.left is not None:
+                        await _to_its_end(self._bill_left(chain, request, caller))
+                    raise
+                if response is not None:
+                    usage = self._priced(route, response.model, response.usage)
+                    self._bill(response.backend, response.model, caller, usage)
+                    return response.settled(usage, tuple(chain.attempts))
+            raise chain.exhausted()
+        finally:
+            chain.drop_prompt_count()
 
     async def stream(
         self, request: CompletionRequest, *, deadline: float, caller: str, may_use: ModelFilter | None = None
     ) -> AsyncGenerator[CompletionChunk, None]:
         """The answer's chunks; after the first chunk a broken stream either ends with StreamInterruptedError or,
         when the request asks for it and time remains, starts over on the next route after a restart chunk."""
-        chain = _Chain(deadline)
+        chain = _Chain(deadline, request=request)
         metering.attempts(chain.attempts)
         routed_at = time.perf_counter()
         consumed: TokenUsage | None = None  # by broken attempts, billed and added to the final usage
@@ -826,9 +861,11 @@ class Router:
             except BaseException:
                 if chain.left is not None:
                     await _to_its_end(self._bill_left(chain, request, caller))
+                chain.drop_prompt_count()
                 raise
             if opened is None:
                 continue
+            chain.drop_prompt_count()  # a stream's end has its own (_rest_of_stream)
             first, upstream = opened
             metering.first_chunk(chain.opened_at, chain.opened_at - routed_at, route.backend.name)
             # The text sent on: what the gateway counts when the upstream reports no usage, or the stream breaks.
@@ -929,7 +966,12 @@ class Router:
         its tokens a minute and its budget, for nothing, by leaving each call before its answer."""
         route = chain.left
         assert route is not None, "billed only for an attempt the call ended under"
-        prompt = await self._prompt_counted(route, request, by=self._left_count_by(chain, route))
+        by = self._left_count_by(chain, route)
+        counted = chain.prompt_count
+        if not by and counted is not None and counted[0] == route.model:
+            prompt = await counted[1]  # begun ahead of the deadline (_count_ahead): made, or nearly
+        else:
+            prompt = await self._prompt_counted(route, request, by=by)
         if prompt is not None:  # without the model's encoding there is nothing to count it by
             self._bill(
                 route.backend.name, route.model, caller, self._priced(route, route.model, prompt), interrupted=True
@@ -1122,6 +1164,32 @@ class Router:
             name, messages, tools, response_format=response_format, by=deadline
         )
 
+    def _ahead(self, chain: _Chain, route: Route, loop: asyncio.AbstractEventLoop) -> Ahead | None:
+        """What an attempt on `route` makes ready ahead of the call's deadline (a chat's: `_count_ahead`), or, when
+        that time has come already (a short deadline), None, made ready now: the deadlines' timer would fire for every
+        such attempt at once, and go through every wait each time."""
+        if chain.request is None:
+            return None
+        at = chain.deadline - self._most_counting_s
+        if at > loop.time():
+            return at, self._count_ahead, (chain, route)
+        self._count_ahead(chain, route)
+        return None
+
+    def _count_ahead(self, chain: _Chain, route: Route) -> None:
+        """Called of an attempt still waiting as long before the deadline as the longest count may take: a bill at the
+        deadline counts the prompt before the call's status goes out, and a long one's count takes a thread's while
+        (a prompt of 2.9 MB, some 250 ms: its status came after its caller's deadline). Begun now, while the attempt
+        goes on, the bill finds it made; a usual prompt, counted at once, is left to the bill."""
+        request = chain.request
+        if request is None or chain.prompt_count is not None:
+            return
+        options = request.options
+        if self._counter.count_chat_wait_s(
+            route.model, request.messages, options.tools, response_format=options.response_format
+        ):
+            chain.prompt_count = route.model, asyncio.ensure_future(self._prompt_counted(route, request))
+
     async def _open_stream(
         self, route: Route, request: CompletionRequest
     ) -> tuple[CompletionChunk, AsyncGenerator[CompletionChunk, None]]:
@@ -1218,7 +1286,7 @@ class Router:
             silent_after = loop.time() + first_chunk_s
             sent_before = metering.requests_sent()
             try:
-                with self._deadlines.within(loop, min(chain.deadline, silent_after)):
+                with self._deadlines.within(loop, min(chain.deadline, silent_after), self._ahead(chain, route, loop)):
                     # The upstream's own read timer a little past the call's: this one, at the deadline, ends the
                     # attempt as the deadline's (a timer of the HTTP client's may fire a few ms early, and won).
                     result = await call(route, remaining + DEADLINE_MARGIN_S)

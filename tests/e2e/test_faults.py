@@ -964,6 +964,30 @@ async def test_a_call_that_ends_before_its_answer_is_billed_for_its_prompt(
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+async def test_a_long_prompt_cut_by_its_deadline_before_its_answer_gets_the_gateways_status_in_time(
+    stub_for: StubFactory, local: FakeUpstream, streaming: bool
+) -> None:
+    """Its bill counts the prompt before the status goes out, and a long one takes a while (2.9 MB, some 250 ms): the
+    status came after the caller's deadline, gRPC's bare DEADLINE_EXCEEDED in its place, no attempts told. The count
+    is begun ahead of the deadline, while the attempt waits."""
+    stub = await stub_for(f'llm:\n  ollama: {{base_url: "{local.base_url}", model: tiny}}\n')
+    local.inject({"stall_s": 10})
+    system = pb.Message(role=pb.ROLE_SYSTEM, content=" ".join(f"w{i}" for i in range(350_000)))
+    messages = [system, *chat().messages]
+    call: Any = (
+        stub.StreamComplete(pb.StreamCompleteRequest(messages=messages), timeout=1.5)
+        if streaming
+        else stub.Complete(pb.CompleteRequest(messages=messages), timeout=1.5)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await (read_all(call) if streaming else call)
+    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert details(ended.value)["ErrorInfo"].reason == "DEADLINE_EXCEEDED", "the gateway's status, not gRPC's own"
+    (billed,) = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
+    assert billed.prompt_tokens > 300_000 and billed.interrupted_requests == 1
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
 @pytest.mark.parametrize("ends", ["cancelled", "deadline"])
 async def test_a_call_that_ends_before_its_request_is_sent_is_billed_nothing(
     stub_for: StubFactory, caplog: pytest.LogCaptureFixture, streaming: bool, ends: str

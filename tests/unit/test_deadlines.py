@@ -6,6 +6,7 @@ milliseconds)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -103,5 +104,29 @@ def test_a_cancellation_from_outside_stays_a_cancellation(run: Callable[[Corouti
             await task
         # Its deadline passes with nothing left to end: the next wait is untouched.
         assert await _wait(deadlines, loop.time() + 0.2, 0.1) is None
+
+    run(body())
+
+
+def test_what_a_wait_makes_ready_ahead_is_made_once_and_only_while_it_waits(
+    run: Callable[[Coroutine[Any, Any, None]], None],
+) -> None:
+    """A wait still going at its `ahead` time has it called, once, and ends at its deadline all the same; a wait over
+    by then has nothing called."""
+
+    async def body() -> None:
+        loop, deadlines = asyncio.get_running_loop(), Deadlines()
+        called: list[tuple[str, float]] = []
+        now = loop.time()
+
+        async def waiting(name: str, ahead_s: float, deadline_s: float, sleep_s: float) -> None:
+            ahead = (now + ahead_s, lambda: called.append((name, loop.time())), ())
+            with contextlib.suppress(TimeoutError), deadlines.within(loop, now + deadline_s, ahead):
+                await asyncio.sleep(sleep_s)
+
+        await asyncio.gather(waiting("long", 0.05, 0.2, 1.0), waiting("over", 0.15, 0.3, 0.05))
+        assert [name for name, _ in called] == ["long"]
+        assert called[0][1] >= now + 0.05 - EARLY_S
+        assert loop.time() < now + 0.9, "the long wait still ended at its deadline"
 
     run(body())
