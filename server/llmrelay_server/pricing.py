@@ -30,7 +30,7 @@ import fnmatch
 import functools
 import math
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Final
@@ -184,6 +184,13 @@ class _Patterns:
         globs.sort(key=lambda item: -_literals(item[0]))  # a stable sort: the one written first wins a tie
         self._globs = tuple((re.compile(fnmatch.translate(pattern)), rate) for pattern, rate in globs)
 
+    def first_match(self, names: Iterable[tuple[str, str | None]]) -> Rate | None:
+        """The rate of the first of these models (`match`'s arguments each) that has one."""
+        for qualified, model in names:
+            if (rate := self.match(qualified, model)) is not None:
+                return rate
+        return None
+
     def match(self, qualified: str, model: str | None) -> Rate | None:
         """The rate of "backend/model" (`qualified`), or of the model's name alone where `model` is given."""
         # "backend/model" written out pins down more than the model alone.
@@ -237,13 +244,13 @@ class PriceTable:
     def _find(self, backend: str, kind: str, asked: str, answered: str, configured: tuple[bool, bool]) -> Rate:
         asked_names = self._names(backend, asked, configured[0])
         answered_names = self._names(backend, answered, configured[1])
-        for table in (self._overrides, _SHIPPED):
-            for qualified, alone in (answered_names, asked_names):
-                if (rate := table.match(qualified, alone)) is not None:
-                    return rate
-            if kind in LOCAL_KINDS:
-                return FREE
-        return self._unknown
+        names = (answered_names, asked_names)
+        if (rate := self._overrides.first_match(names)) is not None:
+            return rate
+        if kind in LOCAL_KINDS:
+            return FREE
+        rate = _SHIPPED.first_match(names)
+        return self._unknown if rate is None else rate
 
     def _names(self, backend: str, model: str, configured: bool) -> tuple[str, str | None]:
         """The names a model is priced by: "backend/model", and its name alone unless that reads as another

@@ -1177,18 +1177,23 @@ class Router:
         return None
 
     def _count_ahead(self, chain: _Chain, route: Route) -> None:
-        """Called of an attempt still waiting as long before the deadline as the longest count may take: a bill at the
-        deadline counts the prompt before the call's status goes out, and a long one's count takes a thread's while
-        (a prompt of 2.9 MB, some 250 ms: its status came after its caller's deadline). Begun now, while the attempt
-        goes on, the bill finds it made; a usual prompt, counted at once, is left to the bill."""
-        request = chain.request
-        if request is None or chain.prompt_count is not None:
-            return
+        """Called of an attempt still waiting as long before the deadline as the longest count may take (`_ahead`):
+        the prompt's count for a bill at the deadline (a prompt of 2.9 MB, counted after it, some 250 ms: its status
+        came after its caller's deadline)."""
+        assert chain.request is not None, "only a chat's attempts count ahead (_ahead)"
+        if chain.prompt_count is None and (counting := self._count_begun(route, chain.request)) is not None:
+            chain.prompt_count = route.model, counting
+
+    def _count_begun(self, route: Route, request: CompletionRequest) -> asyncio.Future[TokenUsage | None] | None:
+        """The prompt's count for a bill at the deadline, begun now, near it: a bill counts the prompt before the call's
+        status goes out, and a long one's count takes a thread's while; begun while the call goes on, the bill finds it
+        made. None for a usual prompt, counted at once, which is left to the bill."""
         options = request.options
-        if self._counter.count_chat_wait_s(
+        if not self._counter.count_chat_wait_s(
             route.model, request.messages, options.tools, response_format=options.response_format
         ):
-            chain.prompt_count = route.model, asyncio.ensure_future(self._prompt_counted(route, request))
+            return None
+        return asyncio.ensure_future(self._prompt_counted(route, request))
 
     async def _open_stream(
         self, route: Route, request: CompletionRequest
@@ -1221,14 +1226,9 @@ class Router:
         loop = asyncio.get_running_loop()
 
         def count_the_prompt() -> None:
-            """A stream the deadline cuts short is billed before its status goes out, and its bill counts the prompt:
-            a long one takes a thread's while. Begun as long before the deadline as the longest count may take, while
-            the stream goes on, the bill finds it made, and the stream runs to its deadline all the same."""
-            options = request.options
-            if self._counter.count_chat_wait_s(
-                route.model, request.messages, options.tools, response_format=options.response_format
-            ):
-                received.prompt_count = asyncio.ensure_future(self._prompt_counted(route, request))
+            """As long before the deadline as the longest count may take: the stream runs to its deadline all the
+            same, and its bill there finds the prompt counted (`_count_begun`)."""
+            received.prompt_count = self._count_begun(route, request)
 
         watchdog = _Watchdog(loop, idle_s, chain.deadline, count_the_prompt, self._most_counting_s)
         try:
