@@ -104,7 +104,7 @@ def caller_identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     caller's own tag (only when keys are off), else a fingerprint of its bearer token (never the token), else
     anonymous."""
     if (caller := current_caller.get()) is not None:
-        return caller.name
+        return caller.key.name  # Caller.name's, without its frame: asked twice a call (its billing, its log line)
     meter = current_meter.get()
     if meter is None:
         return _identity(context)

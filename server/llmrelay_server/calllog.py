@@ -16,6 +16,7 @@ How the lines are written (text or JSON, batched) is `logs`'s business.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -67,30 +68,8 @@ class CallLogObserver(Observer):
         self._writer = call_lines_writer()
 
     def observe(self, method: str, kind: Kind) -> Start:
-        rpc = method[1:]
-        return lambda request, context: _LoggedCall(self, rpc, request, context)
-
-    def _end(
-        self,
-        rid: str,
-        rpc: str,
-        code: grpc.StatusCode,
-        started: float,
-        meter: Meter,
-        request: Any,
-        context: grpc.aio.ServicerContext[Any, Any],
-    ) -> None:
-        if not log.isEnabledFor(logging.INFO):
-            return
-        fields = call_fields(rid, rpc, code, started, meter, request, _caller(context))
-        if meter.trace_id is not None:
-            fields["trace_id"] = meter.trace_id
-        if self._log_content and (prompt := _last_user_message(request)) is not None:
-            fields["prompt"] = prompt[:MAX_CONTENT_CHARS]
-        if self._writer is not None:
-            self._writer.write_call(log.name, fields, CallLine(fields))
-        else:
-            log.info("%s", CallLine(fields), extra={"call": fields})
+        # A partial rather than a lambda: a call starts its line with no frame of Python's before the constructor.
+        return functools.partial(_LoggedCall, self, method[1:])
 
 
 class _LoggedCall:
@@ -107,7 +86,19 @@ class _LoggedCall:
         context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
 
     def end(self, code: grpc.StatusCode, messages: int) -> None:
-        self._observer._end(self._rid, self._rpc, code, self._started, self._meter, self._request, self._context)
+        if not log.isEnabledFor(logging.INFO):
+            return
+        meter, request = self._meter, self._request
+        fields = call_fields(self._rid, self._rpc, code, self._started, meter, request, _caller(self._context))
+        if meter.trace_id is not None:
+            fields["trace_id"] = meter.trace_id
+        observer = self._observer  # its line, written here: a call of the observer's own would cost a frame a line
+        if observer._log_content and (prompt := _last_user_message(request)) is not None:
+            fields["prompt"] = prompt[:MAX_CONTENT_CHARS]
+        if observer._writer is not None:
+            observer._writer.write_call(log.name, fields, CallLine(fields))
+        else:
+            log.info("%s", CallLine(fields), extra={"call": fields})
 
 
 def call_fields(

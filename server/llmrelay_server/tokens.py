@@ -501,7 +501,9 @@ def _chat_sizes(
     JPEG's header, walked segment by segment, can cost about as much a byte as text does to encode)."""
     for message in messages:
         yield _message_size(message)
-        yield from (len(part.data) for part in message.parts if isinstance(part, ImagePart) and part.data is not None)
+        if message.parts:  # most messages are plain text: no generator made for them
+            images = (part.data for part in message.parts if isinstance(part, ImagePart))
+            yield from (len(data) for data in images if data is not None)
     for tool in tools:
         yield len(tool.name) + len(tool.description or "")
         yield from _schema_sizes(tool.parameters)
@@ -786,9 +788,9 @@ class TokenCounter:
         by: float | None = None,
     ) -> TokenCount:
         """count_chat, in a thread when the chat is long enough to hold up the event loop; by `by`, when given."""
-        count = functools.partial(self.count_chat, model, messages, tools, response_format=response_format)
         if self._loaded(model) and not _longer_than(self._inline_chars, _chat_sizes(messages, tools, response_format)):
-            return count()
+            return self.count_chat(model, messages, tools, response_format=response_format)
+        count = functools.partial(self.count_chat, model, messages, tools, response_format=response_format)
         return await self._in_thread(count, by)
 
     async def _in_thread(self, count: Callable[[], TokenCount], by: float | None) -> TokenCount:

@@ -85,7 +85,7 @@ class InProcessLimiter:
         windows = [self._window(ask.subject) for ask in asks]
         for ask, window in zip(asks, windows, strict=True):
             window.expire(now, day)
-            _check(ask, window, now, wall)
+            _check(ask, window, now, wall, day)
         reservation = Reservation(asks, wall)
         for ask, window in zip(asks, windows, strict=True):
             window.requests.append(now)
@@ -125,10 +125,9 @@ class InProcessLimiter:
         """Nothing to close: the state goes with this object."""
 
 
-def _check(ask: Ask, window: _Window, now: float, wall: float) -> None:
-    """`now` on the windows' (monotonic) clock, `wall` the time of day."""
+def _check(ask: Ask, window: _Window, now: float, wall: float, day: int) -> None:
+    """`now` on the windows' (monotonic) clock, `wall` the time of day, `day` its UTC day (`_utc_day(wall)`)."""
     limits = ask.limits
-    day = _utc_day(wall)
     if limits.requests_per_minute is not None and len(window.requests) + 1 > limits.requests_per_minute:
         wait = window.requests[0] + WINDOW_S - now if window.requests else WINDOW_S
         raise refusal(LimitKind.REQUESTS_PER_MINUTE, ask, wait)

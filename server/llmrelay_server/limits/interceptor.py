@@ -106,7 +106,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
     def _subjects(self) -> list[tuple[str, Limits]]:
         """Whose limits the call counts against: its key's, when the key has any, and the gateway's."""
         caller = current_caller.get()
-        subjects = [(key_subject(caller.name), caller.key.limits)] if _key_limited(caller) else []
+        subjects = [(key_subject(caller.key.name), caller.key.limits)] if _key_limited(caller) else []
         if self._gateway is not None:
             subjects.append((GATEWAY, self._gateway))
         return subjects
@@ -145,7 +145,8 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         *,
         stream: bool,
     ) -> Reservation:
-        if self._refused_anyway(request):
+        may_use = models_allowed()
+        if self._refused_anyway(request, may_use):
             # The handler refuses it itself (it did not decode, is invalid, or asks for a model nothing serves or its
             # key may not use): the caller's mistake to fix, which takes none of its limits (a client stuck on a bad
             # request would lock its key out for a minute) and is told the handler's refusal, which says more.
@@ -160,9 +161,9 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
                 # gateway's DEADLINE_EXCEEDED, with its ErrorInfo, not its client library's bare one.
                 by = self._router.deadline(context.time_remaining())
                 if isinstance(request, pb.EmbedRequest):
-                    tokens, usd_micros = await self._estimate_embedding(request, by)
+                    tokens, usd_micros = await self._estimate_embedding(request, by, may_use)
                 else:
-                    tokens, answer_tokens, usd_micros, answers = await self._estimate(request, by)
+                    tokens, answer_tokens, usd_micros, answers = await self._estimate(request, by, may_use)
             asks = [
                 Ask(subject, limits, tokens, usd_micros, stream, answer_tokens, answers) for subject, limits in subjects
             ]
@@ -172,9 +173,11 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
             # encoding missing): each has its own status, as the servicer would give it.
             await abort(context, rpc, error)
 
-    def _refused_anyway(self, request: pb.CompleteRequest | pb.StreamCompleteRequest | pb.EmbedRequest) -> bool:
+    def _refused_anyway(
+        self, request: pb.CompleteRequest | pb.StreamCompleteRequest | pb.EmbedRequest, may_use: ModelFilter | None
+    ) -> bool:
         """Whether the handler refuses the request itself: it does not decode, is invalid, or asks for a model nothing
-        serves or its key may not use, or its answer could not fit in a message."""
+        serves or its key may not use (`may_use`: `models_allowed()`), or its answer could not fit in a message."""
         if not decoded(request):
             return True
         try:
@@ -186,10 +189,10 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
             )
         except (InvalidRequestError, AnswerTooLargeError):
             return True
-        return self._router.refuses(parsed, models_allowed())
+        return self._router.refuses(parsed, may_use)
 
     async def _estimate(
-        self, request: pb.CompleteRequest | pb.StreamCompleteRequest, by: float
+        self, request: pb.CompleteRequest | pb.StreamCompleteRequest, by: float, may_use: ModelFilter | None
     ) -> tuple[int, int, int, int]:
         """The tokens to reserve (the prompt as counted offline, and the most the answer may take, for each answer
         the call may be billed for), those of them for the answers, their cost, and how many answers."""
@@ -202,15 +205,17 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         ).tokens
         # A request without max_tokens is as long as its route asks for, else server.reserve_completion_tokens.
         answers, answer_tokens, usd_micros = self._router.estimate(
-            parsed, prompt, self._reserve_completion_tokens, models_allowed()
+            parsed, prompt, self._reserve_completion_tokens, may_use
         )
         return answers * prompt + answer_tokens, answer_tokens, usd_micros, answers
 
-    async def _estimate_embedding(self, request: pb.EmbedRequest, by: float) -> tuple[int, int]:
+    async def _estimate_embedding(
+        self, request: pb.EmbedRequest, by: float, may_use: ModelFilter | None
+    ) -> tuple[int, int]:
         """The tokens and cost to reserve: the inputs as counted offline (an embedding answers with no tokens)."""
         parsed = convert.embedding_request(request)  # valid: _refused_anyway has parsed it
         tokens = (await self._counter.count_texts_async(parsed.model or "", parsed.inputs, by=by)).tokens
-        return tokens, self._router.estimate_embedding_usd_micros(parsed.model, tokens, models_allowed())
+        return tokens, self._router.estimate_embedding_usd_micros(parsed.model, tokens, may_use)
 
 
 def _key_limited(caller: Caller | None) -> TypeGuard[Caller]:
