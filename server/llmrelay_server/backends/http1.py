@@ -809,7 +809,11 @@ class _Connection(asyncio.Protocol):
                     return
                 data = data[room:]
         self._feed(data)
-        if self._buffered > HIGH_WATER and not self._paused and not self._whole:
+        if self._whole:
+            return
+        if self._body:  # woken once a read, not once for each piece of a chunked body (a stream's event each)
+            self._wake()
+        if self._buffered > HIGH_WATER and not self._paused:
             self._paused = True
             assert self.transport is not None
             self.transport.pause_reading()
@@ -897,9 +901,7 @@ class _Connection(asyncio.Protocol):
             return  # the rest of an answer its request is done with
         self._body.append(body)
         self._buffered += len(body)
-        if not self._whole:
-            self._wake()
-        elif self._whole_limit is not None and self._buffered > self._whole_limit:
+        if self._whole and self._whole_limit is not None and self._buffered > self._whole_limit:
             self._keep_alive = False
             self._fail(MalformedAnswerError(f"the body is over {self._whole_limit} bytes"))
 

@@ -475,8 +475,9 @@ def _coalesced(chunks: list[CompletionChunk]) -> list[CompletionChunk]:
 def _joined(run: list[CompletionChunk]) -> list[CompletionChunk]:
     if len(run) < 2:
         return run
-    content = "".join(chunk.content for chunk in run if chunk.content) or None
-    reasoning = "".join(chunk.reasoning for chunk in run if chunk.reasoning) or None
+    # Lists, not generators: a generator's frame is resumed once a chunk, and a run can be a thousand long.
+    content = "".join([chunk.content for chunk in run if chunk.content]) or None
+    reasoning = "".join([chunk.reasoning for chunk in run if chunk.reasoning]) or None
     # A relayed chunk carries text, names and the prompt's usage alone (the end of the answer is the provider's own
     # last chunk).
     last = run[-1]
