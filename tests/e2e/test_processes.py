@@ -238,20 +238,27 @@ async def test_bad_configuration_fails_at_start_naming_the_field(tmp_path: Path)
 
 
 async def test_ctrl_c_while_the_gateway_loads_ends_it_quietly(tmp_path: Path, local: FakeUpstream) -> None:
-    """Its modules take a second or more to import: Ctrl-C then is a stop, 130 as a shell reports Ctrl-C, without a
-    traceback of wherever the import had got to."""
+    """Its modules take half a second or more to import: Ctrl-C then is a stop, 130 as a shell reports Ctrl-C, without
+    a traceback of wherever the import had got to."""
     config = tmp_path / "llmrelay.yaml"
     config.write_text(f'server: {{usage_db: "{tmp_path / "usage.db"}"}}\n')
     with interruptible():
-        gateway = await start_server(config, local)
-    # Past the interpreter's own start (its SIGINT handler in place: before, SIGINT just kills it), well within the
-    # imports.
-    await asyncio.sleep(0.5)
+        # Python writes a line as each import ends (-X importtime), which tells when the gateway is loading: a fixed
+        # wait raced the imports, and on a quick machine they were done before it.
+        gateway = await start_server(config, local, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert gateway.process.stderr is not None
+    said: list[bytes] = []
+    async with asyncio.timeout(20):
+        # Past the gateway's __main__, whose main() puts its handler of Ctrl-C in place before it loads the rest: the
+        # next line is the first of those imports, and some hundreds of milliseconds of them are still to come.
+        while not said or not said[-1].rstrip().endswith(b" llmrelay_server.__main__"):
+            said.append(line := await gateway.process.stderr.readline())
+            assert line, b"".join(said).decode()
+        said.append(await gateway.process.stderr.readline())
     gateway.process.send_signal(signal.SIGINT)
     async with asyncio.timeout(20):
         assert await gateway.process.wait() == 128 + signal.SIGINT
-    assert gateway.process.stderr is not None
-    output = (await gateway.process.stderr.read()).decode()
+    output = (b"".join(said) + await gateway.process.stderr.read()).decode()
     assert "Traceback" not in output and "KeyboardInterrupt" not in output
     assert "listening on" not in output  # stopped as it loaded, not after
 
