@@ -154,7 +154,12 @@ def _bounded(handler: grpc.RpcMethodHandler[Any, Any], rpc: str, max_bytes: int)
     def bounded_decode(data: bytes) -> Any:
         if len(data) > max_bytes:
             return _Undecodable(RequestTooLargeError(len(data), max_bytes))
-        return decode(data) if decode is not None else data
+        if decode is None:
+            return data
+        try:
+            return decode(data)
+        except DecodeError as error:  # anyone may send the open services (health, reflection) bytes of no request
+            return _undecodable(error)
 
     encode = handler.response_serializer
     if handler.request_streaming:
@@ -245,10 +250,15 @@ def _decoder(message_type: type[Message], max_bytes: int) -> Callable[[bytes], M
         try:
             return parse(data)
         except DecodeError as error:
-            said = _TOO_DEEP if "MaxDepth" in str(error) else str(error)
-            return _Undecodable(_UndecodableRequestError(f"the request cannot be decoded: {said}"))
+            return _undecodable(error)
 
     return decode
+
+
+def _undecodable(error: DecodeError) -> _Undecodable:
+    """What the handler gets for a request protobuf could not decode: its refusal, in words a caller can act on."""
+    said = _TOO_DEEP if "MaxDepth" in str(error) else str(error)
+    return _Undecodable(_UndecodableRequestError(f"the request cannot be decoded: {said}"))
 
 
 def _guarded_unary(rpc: str, behavior: _UnaryBehavior) -> _UnaryBehavior:

@@ -13,6 +13,7 @@ from e2e.test_metrics import scrape
 from google.protobuf import struct_pb2
 from google.protobuf.descriptor import Descriptor
 from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import v1 as pb
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from support import DIALECTS, GatewayFactory, chat, details, read_all, stream_chat, tool, two_backends, user
@@ -605,7 +606,7 @@ async def test_a_request_over_the_message_limit_is_answered_counted_and_takes_no
     assert handled == [1.0]
 
 
-@pytest.mark.parametrize(
+_OPEN_SERVICES = pytest.mark.parametrize(
     ("path", "streams"),
     [
         ("/grpc.health.v1.Health/Check", False),
@@ -614,6 +615,27 @@ async def test_a_request_over_the_message_limit_is_answered_counted_and_takes_no
         ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", True),
     ],
 )
+"""The services beside LLMService, which anyone may call without a key."""
+
+
+async def refusal_of_open_service(
+    channel: grpc.aio.Channel, path: str, streams: bool, payload: bytes
+) -> grpc.aio.AioRpcError:
+    """Sends bytes as the request of a method of `_OPEN_SERVICES`: the error the call ends with."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        if "Reflection" in path:
+            bidi: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(path)
+            await bidi(iter([payload]), timeout=5).read()
+        elif streams:
+            stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(path)
+            await stream(payload, timeout=5).read()
+        else:
+            unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(path)
+            await unary(payload, timeout=5)
+    return caught.value
+
+
+@_OPEN_SERVICES
 async def test_the_other_services_refuse_a_request_over_the_message_limit_alike(
     gateway_factory: GatewayFactory,
     primary: FakeUpstream,
@@ -628,17 +650,24 @@ async def test_the_other_services_refuse_a_request_over_the_message_limit_alike(
     # A health service name or a reflection host of 70,000 bytes: field 1 of both requests is a string.
     over = length_delimited(1, b"x" * 70_000)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            if "Reflection" in path:
-                bidi: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(path)
-                await bidi(iter([over]), timeout=5).read()
-            elif streams:
-                stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(path)
-                await stream(over, timeout=5).read()
-            else:
-                unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(path)
-                await unary(over, timeout=5)
-        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
-        info = details(caught.value)["ErrorInfo"]
+        error = await refusal_of_open_service(channel, path, streams, over)
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+        info = details(error)["ErrorInfo"]
         assert (info.reason, dict(info.metadata)) == ("REQUEST_TOO_LARGE", {"size": str(len(over)), "limit": "65536"})
         assert_quiet(caplog)
+
+
+@_OPEN_SERVICES
+async def test_the_other_services_refuse_bytes_that_are_no_request_alike(
+    channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture, path: str, streams: bool
+) -> None:
+    """As LLMService's methods do: INVALID_ARGUMENT with its ErrorInfo, not UNKNOWN with the decoder's exception and
+    a traceback in the log for every such call (which anyone who reaches the port could send, without a key)."""
+    error = await refusal_of_open_service(channel, path, streams, GARBAGE)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert details(error)["ErrorInfo"].reason == "INVALID_REQUEST"
+    assert str(error.details()).startswith("the request cannot be decoded: ")
+    assert_quiet(caplog)
+    # And the service still answers a request that is one.
+    check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert (await check).status == health_pb2.HealthCheckResponse.SERVING
