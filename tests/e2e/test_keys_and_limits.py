@@ -896,6 +896,27 @@ async def test_without_keys_calls_stay_open_and_gateway_limits_still_hold(
     assert refusals(results, "REQUESTS_PER_MINUTE_EXCEEDED", "gateway") == 5
 
 
+async def test_without_keys_a_call_refused_for_the_caller_it_names_takes_none_of_the_gateway_limits(
+    stub_for: Any, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """A malformed x-llmrelay-caller is the caller's mistake, as an invalid request is: told what is wrong every time,
+    not that the minute is spent; and it spends none of the minute that every other caller shares."""
+    stub = await stub_for(two_backends(primary, local, FAST_ROUTER), server="limits: {requests_per_minute: 2}")
+    misnamed = (("x-llmrelay-caller", "not a valid name!"),)
+    reasons = []
+    for call in (lambda: stub.Complete(chat(), metadata=misnamed, timeout=5),) * 3 + (
+        lambda: read(stub.StreamComplete(stream_chat(), metadata=misnamed, timeout=5)),
+        lambda: stub.Embed(pb.EmbedRequest(inputs=["x"]), metadata=misnamed, timeout=5),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call()
+        reasons.append((caught.value.code().name, details(caught.value)["ErrorInfo"].reason))
+    assert reasons == [("INVALID_ARGUMENT", "INVALID_REQUEST")] * 5
+    results = await concurrently(3, lambda: stub.Complete(chat(), metadata=(("x-llmrelay-caller", "ok"),), timeout=5))
+    assert refusals(results, "REQUESTS_PER_MINUTE_EXCEEDED", "gateway") == 1
+    assert len(primary.chat_requests) == 2
+
+
 async def test_max_concurrent_rpcs_bounds_the_calls_in_progress_and_never_the_health_probes(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:

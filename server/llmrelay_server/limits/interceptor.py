@@ -14,7 +14,7 @@ import grpc
 from llmrelay import v1 as pb
 
 from llmrelay_server import convert
-from llmrelay_server.auth import Caller, Continuation, Handler, current_caller, models_allowed
+from llmrelay_server.auth import Caller, Continuation, Handler, caller_identity, current_caller, models_allowed
 from llmrelay_server.config import Limits
 from llmrelay_server.decoding import COMPLETE, EMBED, STREAM_COMPLETE, decoded
 from llmrelay_server.domain import (
@@ -113,8 +113,8 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
 
     def _limited_unary(self, behavior: Any, rpc: str) -> Any:
         async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            meter = open_meter()  # first: the caller it names is read once, for its refusal and then its bill
             reservation = await self._admit(request, self._subjects(), context, rpc, stream=False)
-            meter = open_meter()
             try:
                 return await behavior(request, context)
             finally:
@@ -124,8 +124,8 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
 
     def _limited_stream(self, behavior: Any) -> Any:
         async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            meter = open_meter()  # first: the caller it names is read once, for its refusal and then its bill
             reservation = await self._admit(request, self._subjects(), context, "StreamComplete", stream=True)
-            meter = open_meter()
             try:
                 # Closed, it closes the stream first, so that it settles with what the stream billed as it ended.
                 async with contextlib.aclosing(behavior(request, context)) as answers:
@@ -146,10 +146,11 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         stream: bool,
     ) -> Reservation:
         may_use = models_allowed()
-        if self._refused_anyway(request, may_use):
-            # The handler refuses it itself (it did not decode, is invalid, or asks for a model nothing serves or its
-            # key may not use): the caller's mistake to fix, which takes none of its limits (a client stuck on a bad
-            # request would lock its key out for a minute) and is told the handler's refusal, which says more.
+        if self._refused_anyway(request, context, may_use):
+            # The handler refuses it itself (it did not decode, is invalid, names its caller wrongly, or asks for a
+            # model nothing serves or its key may not use): the caller's mistake to fix, which takes none of its
+            # limits (a client stuck on a bad request would lock its key out for a minute) and is told the handler's
+            # refusal, which says more.
             return Reservation((), 0.0)  # nothing reserved, nothing to settle
         tokens = answer_tokens = usd_micros = 0
         answers = 1
@@ -174,13 +175,18 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
             await abort(context, rpc, error)
 
     def _refused_anyway(
-        self, request: pb.CompleteRequest | pb.StreamCompleteRequest | pb.EmbedRequest, may_use: ModelFilter | None
+        self,
+        request: pb.CompleteRequest | pb.StreamCompleteRequest | pb.EmbedRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        may_use: ModelFilter | None,
     ) -> bool:
-        """Whether the handler refuses the request itself: it does not decode, is invalid, or asks for a model nothing
-        serves or its key may not use (`may_use`: `models_allowed()`), or its answer could not fit in a message."""
+        """Whether the handler refuses the request itself: it does not decode, is invalid, names its caller wrongly
+        (a malformed x-llmrelay-caller), or asks for a model nothing serves or its key may not use (`may_use`:
+        `models_allowed()`), or its answer could not fit in a message."""
         if not decoded(request):
             return True
         try:
+            caller_identity(context)  # kept in the call's meter, for the handler's bill
             parsed = (
                 convert.embedding_request(request, max_answer_bytes=self._max_message_bytes)
                 if isinstance(request, pb.EmbedRequest)
