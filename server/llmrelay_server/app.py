@@ -260,6 +260,7 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
         # connections), and calls wait until the server starts.
         await _resume_budgets(limiter, ledger, keys.budgeted(), gateway=gateway_budget, within_s=RESUME_AT_START_S)
         keys.catch_up_budgets = functools.partial(_resume_budgets, limiter, ledger, gateway=False)
+        keys.calls_in_progress = servicer.calls_in_progress
     await monitor.announce()
     await server.start()
     await monitor.start()

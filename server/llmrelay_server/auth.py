@@ -23,7 +23,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -183,8 +183,12 @@ class KeyRing:
         """Brings the limits up to what the named keys spent today, before a re-read gives them a daily budget they
         had not (set by the gateway once it has its limiter and ledger): counted from the re-read on, a key would get
         its whole budget again, where a restart reads what it spent from the ledger."""
+        self.calls_in_progress: Callable[[], Collection[asyncio.Future[Any]]] = tuple
+        """The model calls in progress (the servicer's, set by the gateway). A key's calls begun before a re-read gave
+        it a budget reserved none of it, and are billed to the ledger alone: caught up with once they have ended."""
         self._watcher: asyncio.Task[None] | None = None
         self._reloads: set[asyncio.Future[None]] = set()
+        """The re-reads running or waiting, and the catching up with the spend of calls in progress at one."""
         self._waiting: asyncio.Future[None] | None = None
         """The re-read waiting for the running one to end, if any: every reload asked meanwhile is that one."""
         self._reloading = asyncio.Lock()
@@ -226,10 +230,31 @@ class KeyRing:
         """The next re-read: the one already waiting, if any, which reads the file as it is when it starts, so it
         takes this change too."""
         if self._waiting is None or self._waiting.done():
-            self._reloads.add(waiting := asyncio.ensure_future(self._reload()))
-            waiting.add_done_callback(self._reloads.discard)
-            self._waiting = waiting
+            self._waiting = self._track(self._reload())
         return self._waiting
+
+    def _track(self, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+        """Runs `work` as one of `_reloads`, which stop() ends."""
+        self._reloads.add(running := asyncio.ensure_future(work))
+        running.add_done_callback(self._reloads.discard)
+        return running
+
+    async def _catch_up_after(
+        self,
+        calls: Collection[asyncio.Future[Any]],
+        names: frozenset[str],
+        catch_up: Callable[[frozenset[str]], Awaitable[None]],
+    ) -> None:
+        """Once `calls` have ended, the limits caught up again with what the named keys spent today: what those of
+        them that were the keys' own were billed, which no reservation counted."""
+        await asyncio.wait(calls)
+        await catch_up(names)
+        log.info(
+            "keys file %s: the %d calls in progress when it gave %s a daily budget have ended; their spend counts",
+            self._file,
+            len(calls),
+            ", ".join(sorted(names)),
+        )
 
     async def _reload(self) -> None:
         async with self._reloading:  # one at a time: a later read is put in force after an earlier one
@@ -251,7 +276,10 @@ class KeyRing:
             return
         given = _budgeted((*self._configured, *keys)) - self.budgeted()
         if given and self.catch_up_budgets is not None:
+            uncounted = self.calls_in_progress()
             await self.catch_up_budgets(given)  # before the keys are in force: none of their calls passes unseen
+            if uncounted:
+                self._track(self._catch_up_after(uncounted, given, self.catch_up_budgets))
         self._by_digest, self._names = callers, frozenset(key.name for key in (*self._configured, *keys))
         if not self._by_digest:
             # Meant (`keys: []`) or not, every call that needs a key is refused from now on: an operator must hear.

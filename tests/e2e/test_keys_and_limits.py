@@ -731,6 +731,43 @@ async def test_a_budget_a_reload_gives_counts_what_the_key_spent_today(
     assert (info.reason, info.metadata["subject"]) == ("BUDGET_EXCEEDED", "key:research")
 
 
+async def test_a_budget_a_reload_gives_counts_what_the_keys_calls_in_progress_then_spend(
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    limits_state: str,
+) -> None:
+    """Streams begun before the key had a budget reserved none of it, and were billed to the ledger alone: counted
+    once they end, as a restart after them would, not left out (the key then spent its whole budget on top)."""
+    caplog.set_level(logging.INFO, logger="llmrelay_server.auth")
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(f"keys: [{key_entry('research', RESEARCH_KEY)}]\n")
+    config = f'auth: {{keys_file: "{keys_file}"}}\npricing: {{"gpt-test": {{prompt: 0, completion: 1000}}}}\n'
+    gateway, channel, stub = await start(gateway_factory, primary, local, config + limits_state)
+    exactly = {"model": "gpt-test", "exact_model": True, "options": pb.CompletionOptions(max_tokens=3)}  # 3,000
+    primary.inject(*[{"trickle_s": 0.2}] * 3)
+    async with channel:
+        streams = [
+            stub.StreamComplete(stream_chat("x y", **exactly), metadata=bearer(RESEARCH_KEY), timeout=10)
+            for _ in range(3)
+        ]
+        for stream in streams:
+            await stream.read()  # begun
+        budget = "limits: {budget_usd_per_day: 0.0135}"  # 4 calls: the 3 streams, and 1 more
+        keys_file.write_text(f"keys: [{key_entry('research', RESEARCH_KEY, budget)}]\n")
+        gateway.keys.reload()
+        await logged(caplog, "reloaded: 1 keys in force")
+        assert [(await read_all(stream))[-1].usage.cost.usd_micros for stream in streams] == [3_000] * 3
+        await logged(caplog, "the 3 calls in progress when it gave research a daily budget have ended")
+        await stub.Complete(chat("x y", **exactly), metadata=bearer(RESEARCH_KEY), timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Complete(chat("x y", **exactly), metadata=bearer(RESEARCH_KEY), timeout=5)
+    info = details(refused.value)["ErrorInfo"]
+    assert (info.reason, info.metadata["subject"]) == ("BUDGET_EXCEEDED", "key:research")
+
+
 async def test_a_budget_held_by_a_call_in_progress_is_retried_in_a_moment_not_at_midnight(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
