@@ -92,11 +92,19 @@ async def test_every_backend_rate_limited_says_the_soonest_one_may_serve_again(
 
 
 @pytest.mark.parametrize("rpc", ["Complete", "StreamComplete"])
+@pytest.mark.parametrize(
+    ("login", "pointed"),
+    [
+        ("https://login.example/sso?session=SUPERSECRET", "https://login.example/sso"),
+        # No URL that urllib can read (its IPv6 bracket unclosed): it failed the call as the gateway's own fault.
+        ("http://[login.example/sso?session=SUPERSECRET", "http://[login.example/sso"),
+    ],
+    ids=["url", "no-url"],
+)
 async def test_a_redirect_is_a_failure_with_its_status_and_where_it_pointed(
-    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream, rpc: str
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream, rpc: str, login: str, pointed: str
 ) -> None:
     # It was read as an answer: "an error in a 200 answer" (or "not JSON", given a body), its status lost.
-    login = "https://login.example/sso?session=SUPERSECRET"
     primary.inject(*[{"status": 302, "location": login}] * 2)
     local.inject(*[{"status": 307, "body": "<html>moved</html>"}] * 2)
     call = stub.Complete(chat(), timeout=10) if rpc == "Complete" else read_all(stub.StreamComplete(stream_chat()))
@@ -110,7 +118,7 @@ async def test_a_redirect_is_a_failure_with_its_status_and_where_it_pointed(
         ("openai", 302), ("openai", 302), ("ollama", 307), ("ollama", 307)
     ]  # fmt: skip
     said = history.attempts[0].error
-    assert "a redirect to https://login.example/sso, which the gateway does not follow" in said, said
+    assert f"a redirect to {pointed}, which the gateway does not follow" in said, said
     assert "SUPERSECRET" not in (error.details() or "") + str(history)
 
 

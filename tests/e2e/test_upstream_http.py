@@ -11,8 +11,18 @@ import grpc
 import pytest
 from certs import Authority
 from harness import BIN, clean_env
+from llmrelay import v1 as pb
 from raw_server import RawServer, silent
-from support import OPENAI_TEST_KEY, StubFactory, chat, read_all, served_by_openai, stream_chat
+from support import (
+    ANTHROPIC_TEST_KEY,
+    DIALECTS,
+    OPENAI_TEST_KEY,
+    StubFactory,
+    chat,
+    read_all,
+    served_by_openai,
+    stream_chat,
+)
 from upstream import FakeUpstream
 
 ROUNDS, CONCURRENT = 10, 20
@@ -196,3 +206,38 @@ async def test_a_connection_that_is_never_made_is_said_to_be_one(stub_for: StubF
             await stub.Complete(chat(), timeout=30)
         assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
         assert f"no connection to https://127.0.0.1:{raw.port} in 5 s" in (failed.value.details() or "")
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+async def test_an_answer_the_transport_cannot_read_is_said_to_be_one_not_an_upstream_out_of_reach(
+    stub_for: StubFactory, primary: FakeUpstream, caplog: pytest.LogCaptureFixture, dialect: str
+) -> None:
+    # The Anthropic SDK wraps whatever its transport raises as a connection error: its probe said "cannot reach" the
+    # upstream that had answered, and dropped what was wrong with the answer.
+    async def encoded_as_br(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.readuntil(b"\r\n\r\n"):  # until the gateway closes the connection (IncompleteReadError)
+            head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: br\r\nContent-Length: 3\r\n"
+            writer.write(head.encode() + b"\r\nabc")
+            await writer.drain()
+
+    said = "the answer is encoded as 'br' (Content-Encoding), which the gateway did not ask for and cannot decode"
+    async with RawServer(encoded_as_br) as raw:
+        key, base_url = (
+            (ANTHROPIC_TEST_KEY, f"http://127.0.0.1:{raw.port}")
+            if dialect == "anthropic"
+            else (OPENAI_TEST_KEY, raw.url().removesuffix("/chat/completions"))
+        )
+        stub = await stub_for(
+            f"""
+llm:
+  {dialect}: {{api_key: "{key}", base_url: "{base_url}", model: m}}
+  backends:
+    - {{name: good, kind: vllm, base_url: "{primary.base_url}", model: {primary.models[0]}}}
+{NO_RETRIES}"""
+        )
+        report = await stub.Health(pb.HealthRequest(probe=True), timeout=10)
+        [unreadable] = [backend for backend in report.backends if backend.name == dialect]
+        assert not unreadable.reachable and said in unreadable.last_error, unreadable.last_error
+        assert "cannot reach" not in unreadable.last_error
+        assert (await stub.Complete(chat(), timeout=10)).backend == "good"
+    assert not [r for r in caplog.records if r.exc_info], "no traceback for an upstream's bad answer"

@@ -554,10 +554,13 @@ class UpstreamProvider(ABC, Generic[SDKError]):
 
     def _connection_error(self, exc: SDKError, *, timed_out: bool) -> UpstreamError:
         """The SDK's connection error (its timeout error is one): the gateway's own bound on connections reached
-        (`pool_full`), no answer in time, or the upstream not reached or its answer broken off (`connection_failed`)."""
+        (`pool_full`), an answer the HTTP transport could not read (the Anthropic SDK's wraps its MalformedAnswerError
+        too), no answer in time, or the upstream not reached or its answer broken off (`connection_failed`)."""
         name = self._spec.name
         if (busy := pool_full(name, exc)) is not None:
             return busy
+        if isinstance(exc.__cause__, MalformedAnswerError):  # reached, and answered what the transport cannot read
+            return self._malformed(exc.__cause__)
         if isinstance(exc.__cause__, httpx2.ConnectTimeout):  # the network, or a backlog full, not a slow model
             return UpstreamError(UpstreamErrorKind.TIMEOUT, name, self._redact(str(exc.__cause__)))
         if timed_out:
@@ -759,8 +762,12 @@ def redirect(response: httpx2.Response) -> str | None:
     """What a redirect says, in the gateway's words: where to, and what to do; None for any other answer."""
     if not 300 <= response.status_code <= 399:
         return None
+    location = response.headers.get("location", "")
     # Its query left out: a redirect to a login page carries tokens there.
-    where = urlsplit(response.headers.get("location", ""))._replace(query="", fragment="").geturl()
+    try:
+        where = urlsplit(location)._replace(query="", fragment="").geturl()
+    except ValueError:  # no URL urllib can read ("http://[oops"): what it says, as far as a query would begin
+        where = re.split(r"[?#]", location, maxsplit=1)[0]
     to = f" to {where}" if where else ""
     return f"a redirect{to}, which the gateway does not follow: set the backend's base_url to where it points"
 
