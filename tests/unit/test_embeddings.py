@@ -81,6 +81,8 @@ def test_every_finite_float_is_a_valid_dimension() -> None:
         ({"data": [{"index": 0, "embedding": "AACAPw=="}, {"index": 2, "embedding": "AACAPw=="}]}, "`index`"),
         ({"data": [{"index": True, "embedding": "AACAPw=="}, {"index": 1, "embedding": "AACAPw=="}]}, "`index`"),
         ({"data": [{"index": 0, "embedding": "not base64!"}, {"index": 1, "embedding": "AACAPw=="}]}, "base64"),
+        # Text beyond ASCII, which the decoder refuses with a ValueError of its own (a failure of the gateway's, then).
+        ({"data": [{"index": 0, "embedding": "AACAPw\u00e9="}, {"index": 1, "embedding": "AACAPw=="}]}, "base64"),
         ({"data": [{"index": 0, "embedding": "AACA"}, {"index": 1, "embedding": "AACAPw=="}]}, "whole number"),
         ({"data": [{"index": 0, "embedding": ""}, {"index": 1, "embedding": ""}]}, "whole number"),
         ({"data": [{"index": 0, "embedding": [1.0, "x"]}, {"index": 1, "embedding": [1.0, 2.0]}]}, "32-bit floats"),

@@ -9,7 +9,6 @@ definite error, and it skips building objects it would throw away on the hot pat
 from __future__ import annotations
 
 import base64
-import binascii
 import dataclasses
 import itertools
 import json
@@ -901,7 +900,7 @@ def _vector(value: Any) -> bytes:
     if isinstance(value, str):
         try:
             raw = base64.b64decode(value, validate=True)
-        except binascii.Error as exc:
+        except ValueError as exc:  # binascii.Error, or a ValueError of its own for text beyond ASCII
             raise MalformedAnswerError("an embedding is not valid base64") from exc
     elif isinstance(value, list):
         try:
