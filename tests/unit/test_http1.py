@@ -362,9 +362,19 @@ async def test_a_compressed_answer_read_piece_by_piece_is_inflated_a_bounded_pie
             assert_drained(pool, idle=1)
 
 
-@pytest.mark.parametrize(("end_after_s", "reused"), [(0.2, True), (None, False)], ids=["ends", "never ends"])
+@pytest.mark.parametrize(
+    ("end", "reused"),
+    [
+        (b"6\r\n[DONE]\r\n0\r\n\r\n", True),
+        # In the same read as the end: they spoil the connection, which went back to the pool as the end was parsed,
+        # before them, and failed the next request given it.
+        (b"6\r\n[DONE]\r\n0\r\n\r\ndata: [DONE]\n\n", False),
+        (None, False),
+    ],
+    ids=["ends", "ends with bytes after", "never ends"],
+)
 async def test_an_answer_left_whole_frees_its_connection_once_its_end_has_come(
-    pool: Http1Pool, end_after_s: float | None, reused: bool
+    pool: Http1Pool, end: bytes | None, reused: bool
 ) -> None:
     """A stream whole by its own events, its body's end still on the way: the connection goes back to the pool when
     that end comes within the grace (the rest thrown away), else it is closed; its request waits for neither."""
@@ -374,11 +384,11 @@ async def test_an_answer_left_whole_frees_its_connection_once_its_end_has_come(
         while await read_request(reader) is not None:
             writer.write(head + b"5\r\nhello\r\n")
             await writer.drain()
-            if end_after_s is None:
+            if end is None:
                 await reader.read()  # until the client goes
                 return
-            await asyncio.sleep(end_after_s)
-            writer.write(b"6\r\n[DONE]\r\n0\r\n\r\n")
+            await asyncio.sleep(0.2)
+            writer.write(end)
             await writer.drain()
 
     async with RawServer(late_end) as server:

@@ -831,6 +831,10 @@ class _Connection(asyncio.Protocol):
                 error = MalformedAnswerError(f"not an HTTP answer: {said}")
                 error.__cause__ = exc
                 self._fail(error)
+        if self._complete and self._finishing is not None:
+            # Back to the pool once the whole read is parsed, not as its answer ends: bytes after it in the same read
+            # spoil the connection, which the next request would otherwise be given.
+            self._finished(True)
 
     def eof_received(self) -> None:
         """The server is done sending (its FIN, or TLS's close_notify, which can come well before the connection is
@@ -910,8 +914,6 @@ class _Connection(asyncio.Protocol):
             return
         self._complete = True
         self._wake()
-        if self._finishing is not None:
-            self._finished(True)
 
 
 class _AfterTheAnswer(Exception):
