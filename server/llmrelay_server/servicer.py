@@ -176,12 +176,16 @@ class LLMServicer(pb.LLMServiceServicer):
                             self._sending.pop(task, None)  # gone already if `_end` ended it
                         else:
                             for piece in _split(chunk, self._max_delta_chars):
-                                if _text_length(piece) > self._max_delta_chars:
-                                    # A field that goes back whole or not at all (_WHOLE_FIELD_TOO_LARGE).
-                                    size = convert.stream_response(piece).ByteSize()
+                                message = convert.stream_response(piece)
+                                # A field that goes back whole or not at all (_WHOLE_FIELD_TOO_LARGE) may leave a
+                                # piece over the characters that surely fit: sent if its bytes do.
+                                if (
+                                    _text_length(piece) > self._max_delta_chars
+                                    and (size := message.ByteSize()) > self._max_message_bytes
+                                ):
                                     raise AnswerTooLargeError(size, self._max_message_bytes, _WHOLE_FIELD_TOO_LARGE)
                                 self._sending[task] = context
-                                yield convert.stream_response(piece)
+                                yield message
                                 self._sending.pop(task, None)
             finally:
                 self._model_call_ended(task)

@@ -1309,6 +1309,18 @@ async def test_under_a_small_message_limit_a_long_delta_is_sent_in_pieces_of_tho
     assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP
 
 
+def inject_a_field_never_cut(primary: FakeUpstream, value: str) -> None:
+    """An answer whose id (OpenAI's API) or reasoning signature (Anthropic's) is `value`."""
+    if primary.dialect == "anthropic":
+        primary.inject({"reasoning": "thinking it over", "signature": value})
+        return
+    answer = {"id": value, "object": "chat.completion.chunk", "created": 0, "model": primary.models[0]}
+    deltas = [({"role": "assistant", "content": "hi"}, None), ({}, "stop")]
+    events = [answer | {"choices": [{"index": 0, "delta": d, "finish_reason": f}]} for d, f in deltas]
+    body = "".join(f"data: {json.dumps(event)}\n\n" for event in events) + "data: [DONE]\n\n"
+    primary.inject({"body": body, "content_type": "text/event-stream"})
+
+
 @pytest.mark.parametrize("primary", DIALECTS, indirect=True)
 async def test_a_field_never_cut_over_the_message_limit_ends_the_stream_with_the_gateways_status(
     stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
@@ -1318,20 +1330,27 @@ async def test_a_field_never_cut_over_the_message_limit_ends_the_stream_with_the
     CANCELLED."""
     limit = 32 * 1024
     stub = await stub_for(two_backends(primary, local), server=f"max_message_bytes: {limit}")
-    huge = "c" * limit
-    if primary.dialect == "anthropic":
-        primary.inject({"reasoning": "thinking it over", "signature": huge})
-    else:
-        answer = {"id": huge, "object": "chat.completion.chunk", "created": 0, "model": primary.models[0]}
-        deltas = [({"role": "assistant", "content": "hi"}, None), ({}, "stop")]
-        events = [answer | {"choices": [{"index": 0, "delta": d, "finish_reason": f}]} for d, f in deltas]
-        body = "".join(f"data: {json.dumps(event)}\n\n" for event in events) + "data: [DONE]\n\n"
-        primary.inject({"body": body, "content_type": "text/event-stream"})
+    inject_a_field_never_cut(primary, "c" * limit)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await read_all(stub.StreamComplete(stream_chat(model=primary.models[0], exact_model=True), timeout=10))
     assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert details(caught.value)["ErrorInfo"].reason == "ANSWER_TOO_LARGE"
     assert "server.max_message_bytes" in (caught.value.details() or "")
+
+
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
+async def test_a_field_never_cut_within_the_message_limit_is_sent_however_many_characters_it_has(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """A message is cut by the characters that surely fit (4 bytes each at most): a field never cut over them, whose
+    bytes fit, was refused as "8,3xx bytes, over the gateway's 32768-byte limit", which Complete answered whole."""
+    limit = 32 * 1024
+    stub = await stub_for(two_backends(primary, local), server=f"max_message_bytes: {limit}")
+    inject_a_field_never_cut(primary, "c" * (limit // 4))
+    chunks = await read_all(stub.StreamComplete(stream_chat(model=primary.models[0], exact_model=True), timeout=10))
+    never_cut = "".join(c.delta.reasoning_signature for c in chunks) if primary.dialect == "anthropic" else chunks[0].id
+    assert never_cut == "c" * (limit // 4)
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP and all(c.ByteSize() <= limit for c in chunks)
 
 
 async def test_what_the_gateway_reads_of_an_upstreams_answer_is_bounded(
