@@ -39,6 +39,7 @@ Faults are queued; each chat or embeddings request takes the next one. A fault i
     {"cut_before_done": true}                          likewise, but the connection closes mid-body (no last chunk)
     {"hold_open_s": 30}                                likewise, but the connection is held open that long, the
                                                        body unended (noticing a client that leaves)
+    {"hold_open_s": 30, "ping_s": 0.3}                 ... an SSE comment (": ping") sent every ping_s meanwhile
     {"done_after_s": 0.1}                              a stream's [DONE] and end of body this long after the rest
     {"no_finish": true}                                a stream with no finish reason (then [DONE])
     {"one_delta": true}                                the whole content in one stream delta
@@ -443,7 +444,12 @@ class FakeUpstream:
             return False
         if "hold_open_s" in fault:
             await writer.drain()
-            await self._stall(fault["hold_open_s"], reader)
+            held_until = time.monotonic() + fault["hold_open_s"]
+            while (left := held_until - time.monotonic()) > 0:
+                if not await self._stall(min(left, fault.get("ping_s", left)), reader):
+                    break
+                if "ping_s" in fault:
+                    await _send_chunk(writer, b": ping\n\n")
             return False
         if "done_after_s" in fault:
             await writer.drain()

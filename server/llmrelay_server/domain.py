@@ -31,7 +31,7 @@ import math
 import re
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, Protocol, TypeVar, dataclass_transform, runtime_checkable
+from typing import Any, Final, Literal, NamedTuple, Protocol, TypeVar, dataclass_transform, runtime_checkable
 
 _T = TypeVar("_T")
 
@@ -508,6 +508,20 @@ class BackendSpec:
         return (self.embedding_model, *self.embedding_models) if self.embedding_model else ()
 
 
+class StreamLimits(NamedTuple):
+    """The router's limits on a stream after its first chunk: a wait of a provider's own that may end an answer whole
+    (for its usage, after its finish reason) ends within them, or the router ends the stream as stalled first."""
+
+    idle_s: float = math.inf
+    """How long the router waits for each next chunk, from when the provider last gave one."""
+    deadline: float = math.inf
+    """The event loop's time by which the stream must have ended."""
+
+
+UNLIMITED_STREAM: Final = StreamLimits()
+"""No limit on a stream's waits: a provider's stream read by anything but the router (a test, a tool)."""
+
+
 class LLMProvider(Protocol):
     """One upstream. Implementations raise UpstreamError for every upstream failure, never foreign exceptions."""
 
@@ -518,8 +532,10 @@ class LLMProvider(Protocol):
         self, model: str, request: CompletionRequest, *, timeout_s: float | None
     ) -> CompletionResponse: ...
 
-    def stream(self, model: str, request: CompletionRequest) -> AsyncGenerator[CompletionChunk, None]:
-        """The answer as it comes; the router times its chunks (the first, then the gaps between them)."""
+    def stream(
+        self, model: str, request: CompletionRequest, limits: StreamLimits = UNLIMITED_STREAM
+    ) -> AsyncGenerator[CompletionChunk, None]:
+        """The answer as it comes; the router times its chunks (the first, then the gaps between them, `limits`)."""
         ...
 
     async def count_tokens(self, model: str, messages: Sequence[Message], tools: Sequence[Tool]) -> TokenCount | None:

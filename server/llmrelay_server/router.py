@@ -54,6 +54,7 @@ from llmrelay_server.domain import (
     ModelNotFoundError,
     ResponseFormat,
     StreamInterruptedError,
+    StreamLimits,
     StreamRestart,
     TokenCount,
     TokenizerUnavailableError,
@@ -851,7 +852,9 @@ class Router:
         routes = self._routes(request, caller, may_use)
         for index, route in enumerate(routes):
             try:
-                opened = await self._try_route(chain, route, lambda r, _: self._open_stream(r, request), stream=True)
+                opened = await self._try_route(
+                    chain, route, lambda r, _: self._open_stream(chain, r, request), stream=True
+                )
             except UpstreamError as exc:
                 if broken is None or exc.kind is not UpstreamErrorKind.REJECTED:
                     raise
@@ -1190,12 +1193,13 @@ class Router:
         return asyncio.ensure_future(self._prompt_counted(route, request))
 
     async def _open_stream(
-        self, route: Route, request: CompletionRequest
+        self, chain: _Chain, route: Route, request: CompletionRequest
     ) -> tuple[CompletionChunk, AsyncGenerator[CompletionChunk, None]]:
         """Starts a stream and waits for its first chunk: until then, a failure may still fall back."""
         # No read timeout of the upstream's own: the first chunk waits within the attempt's limit (_try_route), the
         # rest within the idle limit (_rest_of_stream), both inside the deadline.
-        upstream = route.backend.provider.stream(route.model, request)
+        limits = StreamLimits(self._config.stream_idle_timeout_s, chain.deadline)
+        upstream = route.backend.provider.stream(route.model, request, limits)
         try:
             return await anext(upstream), upstream
         except StopAsyncIteration as exc:

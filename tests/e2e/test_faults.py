@@ -606,12 +606,14 @@ async def test_an_account_out_of_credit_is_for_an_operator_to_fix_not_a_rate_lim
     assert not (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
 
 
+@pytest.mark.parametrize("pinging", [{}, {"ping_s": 0.3}], ids=["silent", "pinging"])
 async def test_a_stream_with_its_finish_reason_and_no_usage_ends_though_the_upstream_holds_it_open(
-    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, pinging: dict[str, float]
 ) -> None:
     """The finish reason in, no usage (a server that reports none), and the connection held open: the stream was cut
-    by the idle limit (2 s here), ABORTED and billed as interrupted, though its answer was whole."""
-    primary.inject({"no_usage": True, "hold_open_s": 30})
+    by the idle limit (2 s here), ABORTED and billed as interrupted, though its answer was whole. Keep-alive comments
+    meanwhile began the wait for the usage again each time, until the idle limit."""
+    primary.inject({"no_usage": True, "hold_open_s": 30, **pinging})
     started = time.monotonic()
     chunks = [c async for c in stub.StreamComplete(stream_chat("one two"), timeout=10)]
     assert time.monotonic() - started < upstream_http.FINISH_GRACE_S + 0.8
@@ -620,6 +622,28 @@ async def test_a_stream_with_its_finish_reason_and_no_usage_ends_though_the_upst
     assert last.finish_reason == pb.FINISH_REASON_STOP and last.usage.estimated
     assert [a.outcome for a in last.attempts] == [Outcome.ATTEMPT_OUTCOME_SUCCEEDED]
     await wait_until(lambda: bool(primary.client_disconnects), within_s=2)
+
+
+@pytest.mark.parametrize(
+    ("router", "timeout_s"),
+    [(FAST_ROUTER.replace("stream_idle_timeout_s: 2", "stream_idle_timeout_s: 0.5"), 10.0), (FAST_ROUTER, 0.8)],
+    ids=["idle limit", "deadline"],
+)
+async def test_a_stream_waiting_for_its_usage_ends_whole_before_the_routers_limits_cut_it(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream, router: str, timeout_s: float
+) -> None:
+    """The wait for the usage after the finish reason (a second) ends within the idle limit and the caller's deadline:
+    past them the router cut the stream, whose answer was whole, as stalled (ABORTED, or started again on the next
+    route) or with DEADLINE_EXCEEDED, billed as interrupted."""
+    stub = await stub_for(two_backends(primary, local, router))
+    primary.inject({"no_usage": True, "hold_open_s": 30})
+    chunks = await read_all(stub.StreamComplete(stream_chat("one two", exact_model=True), timeout=timeout_s))
+    last = chunks[-1]
+    assert "".join(c.delta.content for c in chunks) == "echo: one two"
+    assert last.finish_reason == pb.FINISH_REASON_STOP and last.usage.estimated
+    assert [a.outcome for a in last.attempts] == [Outcome.ATTEMPT_OUTCOME_SUCCEEDED]
+    [record] = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
+    assert (record.requests, record.estimated_requests, record.interrupted_requests) == (1, 1, 0)
 
 
 @pytest.mark.parametrize("primary", DIALECTS, indirect=True)

@@ -42,6 +42,7 @@ from llmrelay_server.backends.upstream_http import (
     retry_after_s,
 )
 from llmrelay_server.domain import (
+    UNLIMITED_STREAM,
     BackendHealth,
     BackendSpec,
     CompletionChunk,
@@ -49,6 +50,7 @@ from llmrelay_server.domain import (
     CompletionResponse,
     FinishReason,
     Message,
+    StreamLimits,
     TokenCount,
     Tool,
     UpstreamError,
@@ -119,7 +121,9 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
             usage=usage,
         )
 
-    async def stream(self, model: str, request: CompletionRequest) -> AsyncGenerator[CompletionChunk, None]:
+    async def stream(
+        self, model: str, request: CompletionRequest, limits: StreamLimits = UNLIMITED_STREAM
+    ) -> AsyncGenerator[CompletionChunk, None]:
         body = self._body(model, request)
         body["stream"] = True
         state = anthropic_wire.StreamState()
@@ -160,7 +164,12 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
                 # message_delta's stop reason comes with the answer's last usage: the answer is whole there, though
                 # message_stop is still to come (`relayed` waits a moment for it, not the idle limit).
                 async for chunk in relayed(
-                    answer, chunk_of, lambda: state.stopped, self._spec, lambda: state.finish_reason is not None
+                    answer,
+                    chunk_of,
+                    lambda: state.stopped,
+                    self._spec,
+                    settled=lambda: state.finish_reason is not None,
+                    limits=limits,
                 ):
                     yield chunk
         except anthropic.APIError as exc:

@@ -35,6 +35,7 @@ from llmrelay_server.backends.upstream_http import (
     retry_after_s,
 )
 from llmrelay_server.domain import (
+    UNLIMITED_STREAM,
     BackendHealth,
     BackendSpec,
     CompletionChunk,
@@ -46,6 +47,7 @@ from llmrelay_server.domain import (
     ImagePart,
     Message,
     ReasoningEffort,
+    StreamLimits,
     TokenCount,
     TokenUsage,
     Tool,
@@ -120,7 +122,9 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             usage=usage,
         )
 
-    async def stream(self, model: str, request: CompletionRequest) -> AsyncGenerator[CompletionChunk, None]:
+    async def stream(
+        self, model: str, request: CompletionRequest, limits: StreamLimits = UNLIMITED_STREAM
+    ) -> AsyncGenerator[CompletionChunk, None]:
         body = self._request_body(model, request)
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
@@ -206,7 +210,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
                         yield chunk
                     return
                 async for chunk in relayed(
-                    answer, chunk_of, lambda: done, self._spec, lambda: settled, lambda: finish is not None
+                    answer, chunk_of, lambda: done, self._spec, lambda: settled, lambda: finish is not None, limits
                 ):
                     yield chunk
         except openai.APIError as exc:

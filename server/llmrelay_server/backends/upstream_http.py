@@ -46,11 +46,13 @@ from llmrelay_server.backends.wire import (
     encode,
 )
 from llmrelay_server.domain import (
+    UNLIMITED_STREAM,
     BackendHealth,
     BackendSpec,
     CompletionChunk,
     CompletionRequest,
     Message,
+    StreamLimits,
     UpstreamError,
     UpstreamErrorKind,
 )
@@ -93,6 +95,9 @@ MAX_ERROR_BODY_BYTES = 64 * 2**10
 FINISH_GRACE_S = 1.0
 """How long, after a streamed answer's finish reason, its usage or end marker is awaited before it ends without them
 (`relayed`): an upstream sends them at once, or holds its connection open and never does."""
+_AHEAD_OF_LIMITS_S = 0.05
+"""How long before the router's limits a finished answer's wait for its usage ends (`relayed`): ended by its own
+timer, the answer is whole; by the router's, it is a stalled stream."""
 END_GRACE_S = 5.0
 """How long, after a streamed answer is whole by its own events, the rest of its body (an end marker, the body's end)
 is awaited in the background, for its connection to go back to the pool: the caller does not wait for it."""
@@ -333,6 +338,7 @@ async def relayed(
     spec: BackendSpec,
     settled: Callable[[], bool] | None = None,
     finished: Callable[[], bool] | None = None,
+    limits: StreamLimits = UNLIMITED_STREAM,
 ) -> AsyncIterator[CompletionChunk]:
     """The chunks of a streamed answer (`post_stream`'s batches of lines), as the dialect's `chunk_of` reads each line
     (None for a line without one), until `ended()` says the answer is whole, with the line that made it whole (a last
@@ -352,22 +358,34 @@ async def relayed(
     says so (`Lines.whole`), and what may follow is left to the connection (`post_stream`).
 
     `finished()` says the finish reason is in, its usage (which may follow it in an event of its own) not yet: the
-    rest is awaited `FINISH_GRACE_S` at most, and the answer ends whole without it (the router estimates the usage),
-    not cut by the idle limit when the upstream holds the connection open; the connection is closed then."""
+    rest is awaited `FINISH_GRACE_S` at most from then (lines that bring neither, keep-alive comments, do not make it
+    longer), and within the router's `limits` (its idle limit, from the last chunk given, and its deadline), and the
+    answer ends whole without it (the router estimates the usage), not cut by the idle limit or the deadline when the
+    upstream holds the connection open; the connection is closed then."""
     batches = lines.batches
     data: str | None = None
     """The `data:` line of the event being read, until its blank line."""
     more: list[str] = []
     """The event's data lines after its first (seldom any), and the memory they take."""
     more_bytes = 0
+    loop = asyncio.get_running_loop()
+    given_at = loop.time()
+    """When a chunk was last given: the router's idle limit runs from there."""
+    grace_ends: float | None = None
     try:
         while True:
             try:
                 if finished is None or not finished():
                     batch = await anext(batches)
                 else:
+                    if grace_ends is None:
+                        grace_ends = min(
+                            loop.time() + FINISH_GRACE_S,
+                            given_at + limits.idle_s - _AHEAD_OF_LIMITS_S,
+                            limits.deadline - _AHEAD_OF_LIMITS_S,
+                        )
                     try:
-                        async with asyncio.timeout(FINISH_GRACE_S):
+                        async with asyncio.timeout_at(grace_ends):
                             batch = await anext(batches)
                     except TimeoutError:
                         return  # not `whole`: the read it cut short leaves the connection to be closed
@@ -415,8 +433,10 @@ async def relayed(
                     # `whole`: a connection that carried that is closed.
                     return
                 raise
-            for chunk in _coalesced(arrived):
-                yield chunk
+            if arrived:
+                for chunk in _coalesced(arrived):
+                    yield chunk
+                given_at = loop.time()
             if ended() or (settled is not None and settled()):
                 lines.whole = True
                 return
