@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import shutil
 import sqlite3
 import sys
 import textwrap
@@ -221,6 +223,60 @@ async def test_records_the_journal_cannot_take_are_kept_in_memory_with_the_datab
     assert await ledger.query() == [UsageTotals("b", "m", "c", 100, 1000, 500, 1500, 0)]
     await ledger.aclose()
     assert requests_on_disk(path) == 100
+
+
+async def test_with_no_new_journal_file_to_be_made_records_still_reach_the_database_and_none_is_lost_at_shutdown(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A journal whose filesystem can make no new file (no inode left, or no block for the next file): the active batch,
+    sealed only once a new file was made for the next one, stayed active, was never written, and a shutdown dropped
+    what its counts alone held, without a word."""
+    path = tmp_path / "usage.sqlite3"
+    ledger = UsageLedger(path)
+    for _ in range(10):
+        ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+    assert ledger._journal is not None
+
+    def no_space(number: int) -> NoReturn:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ledger._journal, "create_batch", no_space)
+    await ledger.flush()
+    assert requests_on_disk(path) == 10
+    for _ in range(20):  # in no file: in memory
+        ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+    health = ledger.health()
+    assert (
+        "20 records in memory alone (no new journal file can be made (No space left on device))" in health.description
+    )
+    await ledger.flush()  # and again, with no file yet
+    ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+    await ledger.aclose()
+    assert requests_on_disk(path) == 31
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "no new journal file can be made" in errors[0], errors
+
+
+async def test_a_journal_directory_that_cannot_be_listed_holds_up_usage_answers_not_the_ledger(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its directory removed under it: GetUsage failed INTERNAL (a FileNotFoundError, with its traceback), and the
+    search for dead processes' journals logged the same traceback every few seconds."""
+    path = tmp_path / "usage.sqlite3"
+    ledger = UsageLedger(path, flush_interval_s=0.05)
+    await ledger.start()
+    try:
+        ledger.record("b", "m", "c", TokenUsage(prompt_tokens=1, completion_tokens=1))
+        assert ledger._journal is not None
+        shutil.rmtree(ledger._journal.directory)
+        with pytest.raises(UsageUnavailableError):
+            await ledger.query()
+        ledger.record("b", "m", "c", TokenUsage(prompt_tokens=1, completion_tokens=1))
+        await wait_until(lambda: requests_on_disk(path) == 2)
+    finally:
+        await ledger.aclose()
+    assert "cannot be listed (No such file or directory): GetUsage waits until it can" in caplog.text
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.exc_info]
 
 
 async def database_down(*_: object) -> NoReturn:

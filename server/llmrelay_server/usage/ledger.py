@@ -251,6 +251,10 @@ class UsageLedger:
         """Of them, those in memory alone (the journal could not take them)."""
         self._unjournaled_why = ""
         self._unjournaling = False
+        self._unfiled: str | None = None
+        """Why the active batch has no journal file, when the journal could make none for it (`_seal`)."""
+        self._unlisted = False
+        """Whether the journal's directory could not be read when last looked at for dead processes' journals."""
         """Since the journal last refused a record with the database up (logged once, until it takes one again)."""
         self._flushing = asyncio.Lock()
         self._stopping = asyncio.Event()
@@ -301,7 +305,8 @@ class UsageLedger:
             if self._closed:
                 raise RuntimeError("the usage ledger is closed")
             batch = self._active
-            if batch.fd is not None and (failure := self._append(batch, line)) is not None:
+            failure = self._append(batch, line) if batch.fd is not None else self._unfiled
+            if failure is not None:
                 if batch.buckets is None:  # the database down as well: nowhere to keep it
                     self._drop(failure)
                     return
@@ -436,8 +441,19 @@ class UsageLedger:
                 next_maintenance = loop.time() + _MAINTENANCE_INTERVAL_S
                 try:
                     await self._maintain()
+                except OSError as exc:  # the directory gone, or unreadable: said once, not every few seconds
+                    if not self._unlisted:
+                        self._unlisted = True
+                        _log.error(
+                            "usage ledger: the journal %s cannot be read (%s): the journals of dead processes are"
+                            " claimed once it can",
+                            self._journal.directory if self._journal is not None else "",
+                            exc.strerror,
+                        )
                 except Exception:
                     _log.exception("usage ledger: claiming the journals of dead processes failed; will retry")
+                else:
+                    self._unlisted = False
             try:
                 await self.flush()
             except LedgerUnavailableError:
@@ -513,15 +529,21 @@ class UsageLedger:
 
     def _seal(self) -> bool:
         """Under the lock: the active batch, if it has records, goes to the pending ones; the next record starts a new
-        one. False if there was nothing to seal, or no new file could be made (the batch stays active)."""
+        one. False if there was nothing to seal."""
         sealed = self._active
         if not sealed.records:
             return False
         try:
             self._active = self._new_batch()
+            self._unfiled = None
         except OSError as exc:
-            _log.error("usage ledger: cannot start a new journal file (%s); will retry", exc.strerror)
-            return False
+            # No file for the next batch (a full disk, the directory gone): its records are kept in its counts, as
+            # those the journal cannot take are, and the next seal tries again. Kept active for want of one, this batch
+            # never reached the database, and a shutdown lost what only its counts held.
+            self._unfiled = f"no new journal file can be made ({exc.strerror})"
+            buckets: Buckets | None = {} if self._unavailable is None else None
+            self._active = _Batch(BatchId(self._journal_id, self._next_number), None, None, buckets)
+            self._next_number += 1
         if sealed.fd is not None:
             os.close(sealed.fd)
             sealed.fd = None
@@ -667,7 +689,12 @@ def _shortened(model: str) -> str:
 def _read_journal(directory: Path, selection: Selection, known: set[BatchId]) -> dict[BatchId, Totals]:
     """The totals the selection takes from each batch file in the directory, but those of known batches."""
     found: dict[BatchId, Totals] = {}
-    for batch, path in batch_files(directory):
+    try:
+        files = batch_files(directory)
+    except OSError as exc:
+        _log.error("usage journal %s cannot be listed (%s): GetUsage waits until it can", directory, exc.strerror)
+        raise UsageUnavailableError(QUERY_RETRY_S) from None
+    for batch, path in files:
         if batch in known:
             continue
         try:
