@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -702,29 +702,49 @@ async def limits_state(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         yield f'state: {{redis_url: "{server.url}"}}\n'
 
 
-async def test_a_budget_a_reload_gives_counts_what_the_key_spent_today(
+class KeyedByAFile(NamedTuple):
+    """A gateway whose keys file has the key "research", without limits, and gpt-test's answers priced at 1,000
+    micro-USD a token."""
+
+    reload_budget: Callable[[float], Awaitable[None]]
+    """Gives the key a daily budget of so many USD, by a reload of the file."""
+    channel: grpc.aio.Channel
+    stub: pb.LLMServiceAsyncStub
+
+
+@pytest.fixture
+async def keyed_by_a_file(
     gateway_factory: GatewayFactory,
     primary: FakeUpstream,
     local: FakeUpstream,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
     limits_state: str,
-) -> None:
-    """As a restart with that keys file and ledger does (above): no limiter counted the key's spend while it had no
-    budget, so counted from the reload on, 15,000 micro-USD spent of a budget of 13,500 admitted 4 calls more."""
+) -> KeyedByAFile:
     caplog.set_level(logging.INFO, logger="llmrelay_server.auth")
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text(f"keys: [{key_entry('research', RESEARCH_KEY)}]\n")
     config = f'auth: {{keys_file: "{keys_file}"}}\npricing: {{"gpt-test": {{prompt: 0, completion: 1000}}}}\n'
     gateway, channel, stub = await start(gateway_factory, primary, local, config + limits_state)
+
+    async def reload_budget(usd: float) -> None:
+        budget = f"limits: {{budget_usd_per_day: {usd}}}"
+        keys_file.write_text(f"keys: [{key_entry('research', RESEARCH_KEY, budget)}]\n")
+        gateway.keys.reload()
+        await logged(caplog, "reloaded: 1 keys in force")
+
+    return KeyedByAFile(reload_budget, channel, stub)
+
+
+async def test_a_budget_a_reload_gives_counts_what_the_key_spent_today(keyed_by_a_file: KeyedByAFile) -> None:
+    """As a restart with that keys file and ledger does (above): no limiter counted the key's spend while it had no
+    budget, so counted from the reload on, 15,000 micro-USD spent of a budget of 13,500 admitted 4 calls more."""
+    reload_budget, channel, stub = keyed_by_a_file
     call = chat("x y", model="gpt-test", exact_model=True, options=pb.CompletionOptions(max_tokens=3))  # 3,000
     async with channel:
         for _ in range(5):
             await stub.Complete(call, metadata=bearer(RESEARCH_KEY), timeout=5)
-        budget = "limits: {budget_usd_per_day: 0.0135}"
-        keys_file.write_text(f"keys: [{key_entry('research', RESEARCH_KEY, budget)}]\n")
-        gateway.keys.reload()
-        await logged(caplog, "reloaded: 1 keys in force")
+        await reload_budget(0.0135)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.Complete(call, metadata=bearer(RESEARCH_KEY), timeout=5)
     info = details(refused.value)["ErrorInfo"]
@@ -732,20 +752,11 @@ async def test_a_budget_a_reload_gives_counts_what_the_key_spent_today(
 
 
 async def test_a_budget_a_reload_gives_counts_what_the_keys_calls_in_progress_then_spend(
-    gateway_factory: GatewayFactory,
-    primary: FakeUpstream,
-    local: FakeUpstream,
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
-    limits_state: str,
+    keyed_by_a_file: KeyedByAFile, primary: FakeUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Streams begun before the key had a budget reserved none of it, and were billed to the ledger alone: counted
     once they end, as a restart after them would, not left out (the key then spent its whole budget on top)."""
-    caplog.set_level(logging.INFO, logger="llmrelay_server.auth")
-    keys_file = tmp_path / "keys.yaml"
-    keys_file.write_text(f"keys: [{key_entry('research', RESEARCH_KEY)}]\n")
-    config = f'auth: {{keys_file: "{keys_file}"}}\npricing: {{"gpt-test": {{prompt: 0, completion: 1000}}}}\n'
-    gateway, channel, stub = await start(gateway_factory, primary, local, config + limits_state)
+    reload_budget, channel, stub = keyed_by_a_file
     exactly = {"model": "gpt-test", "exact_model": True, "options": pb.CompletionOptions(max_tokens=3)}  # 3,000
     primary.inject(*[{"trickle_s": 0.2}] * 3)
     async with channel:
@@ -755,10 +766,7 @@ async def test_a_budget_a_reload_gives_counts_what_the_keys_calls_in_progress_th
         ]
         for stream in streams:
             await stream.read()  # begun
-        budget = "limits: {budget_usd_per_day: 0.0135}"  # 4 calls: the 3 streams, and 1 more
-        keys_file.write_text(f"keys: [{key_entry('research', RESEARCH_KEY, budget)}]\n")
-        gateway.keys.reload()
-        await logged(caplog, "reloaded: 1 keys in force")
+        await reload_budget(0.0135)  # 4 calls: the 3 streams, and 1 more
         assert [(await read_all(stream))[-1].usage.cost.usd_micros for stream in streams] == [3_000] * 3
         await logged(caplog, "the 3 calls in progress when it gave research a daily budget have ended")
         await stub.Complete(chat("x y", **exactly), metadata=bearer(RESEARCH_KEY), timeout=5)
