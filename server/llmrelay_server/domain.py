@@ -29,6 +29,7 @@ import enum
 import json
 import math
 import re
+import sys
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple, Protocol, TypeVar, dataclass_transform, runtime_checkable
@@ -100,7 +101,7 @@ def read_json(text: str) -> Any:
     """The value of JSON text, as every JSON reader takes it: NaN and Infinity (not JSON, though Python's json reads
     them) and numbers beyond a double's range (1e400: JSON, but readers make it infinity or null, or refuse the whole
     request) raise NotFiniteError; other mistakes ValueError (json.JSONDecodeError), nesting too deep RecursionError."""
-    return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite, parse_int=_finite_integer)
 
 
 def _no_constant(name: str) -> Any:
@@ -112,6 +113,17 @@ def _finite(literal: str) -> float:
     if not math.isfinite(value):
         raise NotFiniteError(f"{literal} is beyond the range of a double")
     return value
+
+
+_DOUBLE_MAX_DIGITS: Final = len(str(int(sys.float_info.max)))
+"""The digits of the largest double written out: an integer with more is beyond a double's range."""
+
+
+def _finite_integer(literal: str) -> int:
+    # An integer written out in digits is beyond a double's range as 1e400 is, to the readers that make it one.
+    if len(literal.lstrip("-")) >= _DOUBLE_MAX_DIGITS and not math.isfinite(float(literal)):
+        raise NotFiniteError(f"{literal[:20]}... ({len(literal)} characters) is beyond the range of a double")
+    return int(literal)
 
 
 @immutable

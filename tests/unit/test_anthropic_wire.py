@@ -144,6 +144,8 @@ def test_arguments_are_sent_as_written() -> None:
         ('{"n": [-Infinity]}', "-Infinity is not a JSON number"),
         ('{"n": 1e400}', "1e400 is beyond the range of a double"),
         ('{"n": {"m": -2E+999}}', "-2E+999 is beyond the range of a double"),
+        # In digits: past the 1e400 guard, sent to readers that make it infinity or refuse it.
+        ('{"n": 1' + "0" * 309 + "}", "10000000000000000000... (310 characters) is beyond the range of a double"),
     ],
 )
 def test_arguments_with_numbers_no_reader_takes_cannot_be_sent(arguments: str, said: str) -> None:

@@ -548,6 +548,11 @@ def test_json_text_wins_over_the_struct() -> None:
         ('{"maximum": -Infinity}', "must be the JSON text of an object: -Infinity is not a JSON number"),
         ('{"maximum": 1e400}', "must be the JSON text of an object: 1e400 is beyond the range of a double"),
         ('{"a": [{"b": -1.5E+309}]}', "must be the JSON text of an object: -1.5E+309 is beyond the range of a double"),
+        (
+            '{"maximum": -1' + "0" * 309 + "}",
+            "must be the JSON text of an object: -1000000000000000000... (311 characters) is beyond the range"
+            " of a double",
+        ),
         ("[" * 100_000 + "]" * 100_000, "must be the JSON text of an object nested at most 512 levels deep"),
         ('{"a": ' + "[" * 512 + "]" * 512 + "}", "must be the JSON text of an object nested at most 512 levels deep"),
     ],
