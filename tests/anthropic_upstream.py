@@ -20,6 +20,7 @@ word. Faults (as FakeUpstream's, in this API's shape):
     {"huge_content": 5_000_000}, {"one_delta": true}
     {"reasoning": "thinking..."}                a thinking block first, signed with {"signature": ...} or "sig-1"
     {"tool_call": {"name": "f", "arguments": "{...}"}}  a tool_use block (arguments: a JSON object's text)
+    {"tool_call": {...}, "input_at_start": true}       ... streamed whole in its content_block_start, not as deltas
     {"error_event_after": 3, "error_type": "overloaded_error"}  an error event after N events (default type:
                                                 overloaded_error)
     {"no_finish": true}                         a stream without a stop reason: no message_delta nor message_stop
@@ -307,8 +308,11 @@ class _Answer:
         start = {**self.message(), "content": [], "stop_reason": None, "usage": {**self.usage, "output_tokens": 1}}
         events: list[dict[str, Any]] = [{"type": "message_start", "message": start}]
         for index, block in enumerate(self.blocks()):
-            events += [{"type": "content_block_start", "index": index, "content_block": _empty(block)}]
-            events += [{"type": "content_block_delta", "index": index, "delta": d} for d in _deltas(block, fault)]
+            if block["type"] == "tool_use" and fault.get("input_at_start"):  # as some compatible servers send it
+                events += [{"type": "content_block_start", "index": index, "content_block": block}]
+            else:
+                events += [{"type": "content_block_start", "index": index, "content_block": _empty(block)}]
+                events += [{"type": "content_block_delta", "index": index, "delta": d} for d in _deltas(block, fault)]
             events += [{"type": "content_block_stop", "index": index}]
         events.append({"type": "ping"})
         if fault.get("no_finish"):

@@ -153,8 +153,9 @@ async def test_tool_choice_modes(
     assert claude.chat_requests[0]["tool_choice"] == sent
 
 
+@pytest.mark.parametrize("streamed_as", [{}, {"input_at_start": True}], ids=["deltas", "whole at its start"])
 async def test_tool_call_arguments_keep_integers_beyond_64_bits(
-    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, streamed_as: dict[str, bool]
 ) -> None:
     # A tool_use block's input is an object, written back as text: read as floats, these would come back changed.
     arguments = {"account": 123456789012345678901234567890, "floor": -9223372036854775809, "city": "Oslo"}
@@ -162,7 +163,7 @@ async def test_tool_call_arguments_keep_integers_beyond_64_bits(
     claude.inject({"tool_call": call})
     answer = await stub.Complete(chat("weather?", options=pb.CompletionOptions(tools=[WEATHER])), timeout=5)
     assert json.loads(answer.message.tool_calls[0].function.arguments) == arguments
-    claude.inject({"tool_call": call})
+    claude.inject({"tool_call": call, **streamed_as})
     chunks = await streamed(stub, stream_chat("weather?", options=pb.CompletionOptions(tools=[WEATHER])))
     assert json.loads("".join(d.arguments for c in chunks for d in c.delta.tool_calls)) == arguments
 

@@ -29,10 +29,13 @@ WEATHER = tool("weather", {"type": "object", "properties": {"city": {"type": "st
 OPTIONS = pb.CompletionOptions(tools=[WEATHER])
 
 
-def answering(dialect: str, calls: list[dict[str, Any]], *, streamed: bool, numbered: bool = True) -> dict[str, Any]:
+def answering(
+    dialect: str, calls: list[dict[str, Any]], *, streamed: bool, numbered: bool = True, objects: bool = False
+) -> dict[str, Any]:
     """A fault that answers with these tool calls ({"id"?, "name", "arguments": an object}), whole or as a stream of
     one event per call, as the dialect writes them; a call's id is left out where it has none, and a streamed call's
-    `index` where not `numbered` (OpenAI's dialect)."""
+    `index` where not `numbered` (OpenAI's dialect). `objects`: the arguments as JSON objects where the dialect writes
+    text, as some servers send them (OpenAI's `arguments`; Anthropic's streamed `input`, whole in its block's start)."""
     if dialect == "anthropic":
         blocks = [{"type": "tool_use", "name": c["name"], "input": c["arguments"]} | _id(c) for c in calls]
         message: dict[str, Any] = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-test"}
@@ -42,18 +45,25 @@ def answering(dialect: str, calls: list[dict[str, Any]], *, streamed: bool, numb
             return {"body": json.dumps(body)}
         events: list[dict[str, Any]] = [{"type": "message_start", "message": message | {"content": [], "usage": usage}}]
         for index, block in enumerate(blocks):
-            events += [
-                {"type": "content_block_start", "index": index, "content_block": block | {"input": {}}},
-                {"type": "content_block_delta", "index": index, "delta": _partial(block["input"])},
-                {"type": "content_block_stop", "index": index},
-            ]
+            if objects:
+                events.append({"type": "content_block_start", "index": index, "content_block": block})
+            else:
+                events += [
+                    {"type": "content_block_start", "index": index, "content_block": block | {"input": {}}},
+                    {"type": "content_block_delta", "index": index, "delta": _partial(block["input"])},
+                ]
+            events.append({"type": "content_block_stop", "index": index})
         events += [
             {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": usage},
             {"type": "message_stop"},
         ]
         return _sse(f"event: {event['type']}\ndata: {json.dumps(event)}" for event in events)
     items = [
-        {"type": "function", "function": {"name": c["name"], "arguments": _text(c["arguments"])}} | _id(c)
+        {
+            "type": "function",
+            "function": {"name": c["name"], "arguments": c["arguments"] if objects else _text(c["arguments"])},
+        }
+        | _id(c)
         for c in calls
     ]
     answer: dict[str, Any] = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "gpt-test"}
@@ -125,6 +135,20 @@ async def test_calls_the_upstream_gave_no_id_or_one_id_get_their_own_their_resul
     assert again.backend == primary.dialect
     sent = json.dumps(primary.chat_requests[-1]["messages"])
     assert all(sent.count(f'"{call_id}"') == 2 for call_id in ids), "each call and its result, by the same id"
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
+async def test_arguments_given_as_an_object_keep_integers_beyond_64_bits(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, streamed: bool
+) -> None:
+    # Written back as text from what was read: read as floats (orjson's, past 64 bits), a stream's came back changed.
+    arguments = {"account": 123456789012345678901234567890, "floor": -9223372036854775809}
+    primary.inject(
+        answering(primary.dialect, [{"name": "weather", "arguments": arguments}], streamed=streamed, objects=True)
+    )
+    answer = await answer_of(stub, streamed)
+    assert [json.loads(call.function.arguments) for call in answer.message.tool_calls] == [arguments]
 
 
 @pytest.mark.parametrize("name", ["", "functions.weather", "wetter ☀", "w" * 65])

@@ -142,6 +142,8 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
             data = wire.decode_json(payload)
             if (event := anthropic_wire.error_event(data)) is not None:
                 raise self._error_event(event)
+            if isinstance(data, dict) and data.get("type") == "content_block_start":
+                data = wire.with_exact_integers(data, payload)
             delta = state.event(data)
             if delta is None:
                 return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import httpx2
 import openai
@@ -51,6 +51,7 @@ from llmrelay_server.domain import (
     TokenCount,
     TokenUsage,
     Tool,
+    ToolCallDelta,
     UpstreamError,
     UpstreamErrorKind,
     without_quotes,
@@ -185,7 +186,11 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             content = content or None
             if "refusal" in delta and (refusal := wire.refusal_text(delta)) is not None:  # seldom: one look first
                 refused, content = True, (content or "") + refusal
-            fragments = tool_calls.deltas(delta) if "tool_calls" in delta else ()
+            fragments: tuple[ToolCallDelta, ...] = ()
+            if "tool_calls" in delta:
+                if (exact := wire.with_exact_integers(data, payload)) is not data:  # read as a whole answer is
+                    delta = cast(Mapping[str, Any], wire.first_choice(exact, "delta"))["delta"]
+                fragments = tool_calls.deltas(delta)
             if content is None and reasoning is None and not fragments:
                 # The role's event, nothing to relay; or one of a call as the functions API, before tools, streamed
                 # it (`function_call`, of no event with text: looked for here, not in every event).

@@ -270,6 +270,16 @@ def decode_answer_json(raw: bytes) -> Any:
     return data
 
 
+_TEXT_INTEGER_BEYOND_64_BITS: Final = re.compile(r"[0-9]{19}")
+
+
+def with_exact_integers(data: Any, raw: str) -> Any:
+    """A stream event's JSON (`data`, read from `raw` by decode_json) with integers beyond 64 bits exact: for the rare
+    event that carries a tool call's arguments as an object (some servers'; an Anthropic content_block_start's input),
+    which the contract carries as text written back from what was read, as decode_answer_json does for an answer."""
+    return json.loads(raw) if _TEXT_INTEGER_BEYOND_64_BITS.search(raw) else data
+
+
 def finish_reason(value: Any) -> FinishReason:
     return _FINISH_REASONS.get(value, FinishReason.UNKNOWN) if isinstance(value, str) else FinishReason.UNKNOWN
 
