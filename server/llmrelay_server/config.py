@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
 import yaml
 
@@ -545,8 +545,7 @@ def _check_postgresql_options(url: str, where: str) -> None:
     try:
         conninfo_to_dict(url)
     except ProgrammingError as exc:
-        password = urlsplit(url).password
-        secrets = (password, unquote(password)) if password else ()
+        secrets = _postgresql_secrets(url)
 
         def shown(quoted: re.Match[str]) -> str:
             """libpq quotes the part it refuses, which may be the password, or hold it."""
@@ -554,6 +553,22 @@ def _check_postgresql_options(url: str, where: str) -> None:
 
         said = re.sub(r'"([^"]*)"', shown, " ".join(str(exc).split()))
         raise ConfigError(f"{where}: libpq refuses the URL: {said}") from None
+
+
+_SECRET_QUERY_PARAMETERS: Final = frozenset({"password", "sslpassword"})
+"""Of libpq's URL parameters, those that hold a secret (as the password before the host does)."""
+
+
+def _postgresql_secrets(url: str) -> set[str]:
+    """The secrets a PostgreSQL URL holds (its password, as `user:password@` or ?password=; ?sslpassword=), as written
+    and decoded: libpq's words may quote either."""
+    parts = urlsplit(url)
+    written = [parts.password] if parts.password else []
+    for pair in parts.query.split("&"):
+        key, _, value = pair.partition("=")
+        if unquote(key) in _SECRET_QUERY_PARAMETERS and value:
+            written.append(value)
+    return {form for secret in written for form in (secret, unquote(secret), unquote_plus(secret))}
 
 
 def _check_authority(url: str, where: str) -> None:

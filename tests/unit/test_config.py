@@ -702,6 +702,9 @@ def test_a_mistyped_api_key_is_never_shown(tmp_path: Path, yaml_text: str, field
         # Options libpq refuses at every try to connect, while the gateway served on, its ledger unavailable for good.
         ('server: {usage_db: "postgresql://u:SUPERSECRET@db/ledger?sslmod=require"}\n', '"sslmod"'),
         ('server: {usage_db: "postgresql://u:SUPER SECRET@db/ledger"}\n', 'unexpected spaces found in "***"'),
+        # libpq's other ways to give it: quoted as they were before the host.
+        ('server: {usage_db: "postgresql://u@db/ledger?password=SUPER SECRET"}\n', 'unexpected spaces found in "***"'),
+        ('server: {usage_db: "postgresql://u@db/ledger?sslpassword=SUPER SECRET"}\n', 'spaces found in "***"'),
         # A character of :// missing: a SQLite file named after it, its password in its name, served by Health.
         ('server: {usage_db: "postgresql:/u:SUPERSECRET@db/ledger"}\n', "not a PostgreSQL URL"),
         ('server: {usage_db: "postgresql:u:SUPERSECRET@db/ledger"}\n', "not a PostgreSQL URL"),
@@ -729,6 +732,8 @@ def test_a_mistyped_api_key_is_never_shown(tmp_path: Path, yaml_text: str, field
         "redis bad protocol",
         "postgresql unknown option",
         "postgresql space",
+        "postgresql space in ?password=",
+        "postgresql space in ?sslpassword=",
         "postgresql one slash",
         "postgresql no slash",
         "postgresql no colon",
