@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
 import yaml
 
-from llmrelay_server.domain import CALLER_NAME, BackendSpec
+from llmrelay_server.domain import CALLER_NAME, CONTROL_CHARACTERS, BackendSpec
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -409,10 +409,8 @@ def _checked(document: Mapping[str, Any], text: str | None, env: Mapping[str, st
             " would kill workers that are well)"
         )
     # An unset ${VAR} reads as empty. An empty keys file would drop every key (calls open to anyone, without a
-    # word); an empty ledger path, SQLite's temporary database (usage lost at exit); an empty journal directory,
-    # the working directory.
+    # word); an empty journal directory, the working directory (an empty ledger path: `_check_usage_db`).
     for name, value in (
-        ("server.usage_db", server.usage_db),
         ("server.usage_journal_dir", server.usage_journal_dir),
         ("auth.keys_file", section.auth.keys_file),
     ):
@@ -478,6 +476,8 @@ _MISTYPED_POSTGRESQL = re.compile(r"postgres(?:ql)?(?::(?!//)|//)", re.IGNORECAS
 
 def _check_usage_db(usage_db: str, where: str) -> None:
     """`where`: the field, or the variable it was set by."""
+    if not usage_db.strip():  # SQLite's temporary database: usage lost at exit
+        raise ConfigError(f"{where}: empty (an unset ${{VAR}}?): give one, or leave it out")
     if _CONNINFO.match(usage_db):
         # Else a SQLite file named after it, its password in the name, shown wherever the ledger is (Health, the log).
         raise ConfigError(
@@ -501,6 +501,8 @@ def _check_usage_db(usage_db: str, where: str) -> None:
     if is_postgresql(usage_db):
         _check_authority(usage_db, where)
         _check_postgresql_options(usage_db, where)
+    else:  # a SQLite file, and its journal beside it
+        _check_path(usage_db, where)
 
 
 _SSLMODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
@@ -741,6 +743,7 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
         base_url = env.get("OPENAI_BASE_URL") or openai.base_url or DEFAULT_OPENAI_BASE_URL
         url_where = "OPENAI_BASE_URL" if env.get("OPENAI_BASE_URL") else "llm.openai.base_url"
         model = env.get("LLMRELAY_OPENAI_MODEL") or openai.model or DEFAULT_OPENAI_MODEL
+        _check_model_name(model, "LLMRELAY_OPENAI_MODEL" if env.get("LLMRELAY_OPENAI_MODEL") else "llm.openai.model")
         key_where = "OPENAI_API_KEY" if env.get("OPENAI_API_KEY") else None
         specs["openai"] = _spec(
             "openai", "openai", base_url, model, api_key, openai, "llm.openai", url_where, key_where
@@ -752,6 +755,9 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
         base_url = env.get("ANTHROPIC_BASE_URL") or anthropic.base_url or DEFAULT_ANTHROPIC_BASE_URL
         url_where = "ANTHROPIC_BASE_URL" if env.get("ANTHROPIC_BASE_URL") else "llm.anthropic.base_url"
         model = env.get("LLMRELAY_ANTHROPIC_MODEL") or anthropic.model or DEFAULT_ANTHROPIC_MODEL
+        _check_model_name(
+            model, "LLMRELAY_ANTHROPIC_MODEL" if env.get("LLMRELAY_ANTHROPIC_MODEL") else "llm.anthropic.model"
+        )
         key_where = "ANTHROPIC_API_KEY" if env.get("ANTHROPIC_API_KEY") else None
         specs["anthropic"] = _spec(
             "anthropic", "anthropic", base_url, model, api_key, anthropic, "llm.anthropic", url_where, key_where
@@ -763,6 +769,7 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
         base_url = ollama.base_url or ollama_base_url(DEFAULT_OLLAMA_HOST)
     url_where = "OLLAMA_HOST" if env.get("OLLAMA_HOST") else "llm.ollama.base_url"
     model = env.get("LLMRELAY_OLLAMA_MODEL") or ollama.model or DEFAULT_OLLAMA_MODEL
+    _check_model_name(model, "LLMRELAY_OLLAMA_MODEL" if env.get("LLMRELAY_OLLAMA_MODEL") else "llm.ollama.model")
     specs["ollama"] = _spec("ollama", "ollama", base_url, model, ollama.api_key, ollama, "llm.ollama", url_where)
     for index, extra in enumerate(llm.backends):
         where = f"llm.backends[{index}]"
@@ -789,16 +796,38 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
     return tuple(specs[name] for name in order)
 
 
+def _check_model_name(model: str, where: str) -> None:
+    """A model's name as an upstream and a caller can write it: one with a line break (a YAML block's `|`, a value read
+    from a file) went upstream so, every call failing NOT_FOUND, and no caller could name it (callers' names with
+    control characters are refused)."""
+    if CONTROL_CHARACTERS.search(model):
+        raise ConfigError(
+            f"{where}: {shown_value(model, where)} holds a line break or another control character (a YAML block's"
+            " `|`, or a value read from a file with its newline?); write the name alone"
+        )
+
+
 def _check_alias(alias: str, target: str, aliases: Mapping[str, str], backends: set[str]) -> None:
     """An alias the router can follow: once, to a model a backend may serve (a caller asking for it would otherwise
     be told that no backend serves the model, in a message listing the alias as served)."""
+    if not alias or CONTROL_CHARACTERS.search(alias):
+        raise ConfigError(
+            f"llm.aliases: {shown_value(alias, 'llm.aliases')} is no name a caller can ask for (empty, or holding a"
+            " control character)"
+        )
+    _check_model_name(target, f"llm.aliases.{alias}")
     if target in aliases:
         followed = "itself" if target == alias else f"another alias (of {aliases[target]!r})"
         raise ConfigError(
             f"llm.aliases.{alias}: points at {followed}; an alias is followed once: point it at a model, as"
             " BACKEND/MODEL or a name a backend serves"
         )
-    qualifier, slash, _ = target.partition("/")
+    qualifier, slash, model = target.partition("/")
+    if slash and (not qualifier or not model):
+        raise ConfigError(
+            f"llm.aliases.{alias}: points at {shown_value(target, 'llm.aliases')}, which names no backend or no model;"
+            " point it at BACKEND/MODEL or a name a backend serves"
+        )
     if not slash or qualifier in backends:
         return
     if qualifier in BACKEND_KINDS:
@@ -879,6 +908,12 @@ def _spec(
         raise ConfigError(f"{where}.context_window: must be > 0 (tokens), or left out when unknown")
     if not model:
         raise ConfigError(f"{where}.model: empty; name the model this backend serves by default")
+    _check_model_name(model, f"{where}.model")
+    for field_name, names in (("models", section.models), ("embedding_models", section.embedding_models)):
+        for index, listed in enumerate(names):
+            _check_model_name(listed, f"{where}.{field_name}[{index}]")
+    if section.embedding_model:
+        _check_model_name(section.embedding_model, f"{where}.embedding_model")
     if section.max_tokens is not None and kind != "anthropic":
         raise ConfigError(f"{where}.max_tokens: only an anthropic backend takes a default max_tokens; leave it out")
     if section.max_tokens is not None and section.max_tokens <= 0:

@@ -574,6 +574,22 @@ ONE_EXTRA = "llm:\n  backends:\n    - {name: local, kind: llamacpp, base_url: 'h
         ("llm: {aliases: {a: b, b: ollama/qwen}}\n", {}, "llm.aliases.a"),  # not followed twice
         ("llm: {aliases: {same: same}}\n", {}, "llm.aliases.same"),
         ("llm: {aliases: {fast: olama/qwen}}\n", {}, "llm.aliases.fast"),  # a near miss of a backend's name
+        # Naming no backend or no model, or no name a caller can ask for: accepted, then listed as served, and every
+        # call for them NOT_FOUND.
+        ("llm: {aliases: {empty: ollama/}}\n", {}, "llm.aliases.empty"),
+        ("llm: {aliases: {slash: /tiny}}\n", {}, "llm.aliases.slash"),
+        ("llm: {aliases: {'': ollama/tiny}}\n", {}, "llm.aliases"),
+        # A model's name with a line break (a YAML block's `|`, a value read from a file) went upstream so, every call
+        # NOT_FOUND, and no caller could name it.
+        ("llm:\n  ollama:\n    model: |\n      tiny\n", {}, "llm.ollama.model"),
+        (None, {"LLMRELAY_OLLAMA_MODEL": "tiny\n"}, "LLMRELAY_OLLAMA_MODEL"),
+        (None, {"OPENAI_API_KEY": "sk-test", "LLMRELAY_OPENAI_MODEL": "gpt-4o\n"}, "LLMRELAY_OPENAI_MODEL"),
+        ('llm: {ollama: {models: [a, "b\\n"]}}\n', {}, "llm.ollama.models[1]"),
+        ('llm: {ollama: {embedding_model: "e\\t"}}\n', {}, "llm.ollama.embedding_model"),
+        ('llm: {aliases: {fast: "ollama/tiny\\n"}}\n', {}, "llm.aliases.fast"),
+        # The ledger's path by its variable: a SQLite file named with a line break; blank, blamed on the field.
+        (None, {"LLMRELAY_USAGE_DB": "/var/lib/llmrelay/usage.db\n"}, "LLMRELAY_USAGE_DB"),
+        (None, {"LLMRELAY_USAGE_DB": "   "}, "LLMRELAY_USAGE_DB"),
         # the file itself
         ("server: [\n", {}, "not valid YAML"),
         ("server:\n  listen: a\n listen: b\n", {}, "not valid YAML"),
