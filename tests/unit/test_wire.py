@@ -223,6 +223,15 @@ def test_a_calls_signature_goes_with_it_where_the_backend_takes_signatures(sent:
     assert "extra_content" not in unsigned and signed["function"] == {"name": "f", "arguments": "{}"}
 
 
+@pytest.mark.parametrize("arguments", ["", "  ", "\n"])
+def test_a_call_without_arguments_is_sent_with_an_empty_object(arguments: str) -> None:
+    """As an Anthropic backend sends it (`input: {}`), blanks too: Ollama refuses arguments that are no JSON."""
+    calls = (ToolCall("call_1", "now", arguments),)
+    request = CompletionRequest(messages=(*USER_HI, Message(Role.ASSISTANT, "", tool_calls=calls)))
+    [call] = wire.request_body("m", request, max_tokens_field="max_tokens")["messages"][1]["tool_calls"]
+    assert call["function"] == {"name": "now", "arguments": "{}"}
+
+
 def test_the_model_is_the_routes_model() -> None:
     request = CompletionRequest(messages=USER_HI, model="alias-the-caller-used")
     assert wire.request_body("real-model", request, max_tokens_field="max_tokens")["model"] == "real-model"

@@ -160,9 +160,11 @@ def _message_json(message: Message, call_signatures: bool) -> dict[str, Any]:
 
 
 def _tool_call_json(call: ToolCall, with_signature: bool) -> dict[str, Any]:
-    # Empty arguments (a call of a function without parameters, as some servers answer it) are "{}": Ollama refuses a
-    # call whose arguments are not JSON (400 "invalid tool call arguments"); it means the same.
-    item = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments or "{}"}}
+    # Empty arguments (a call of a function without parameters, as some servers answer it; blanks alone, which an
+    # Anthropic backend sends as {} too) are "{}": Ollama refuses a call whose arguments are not JSON (400 "invalid
+    # tool call arguments"); it means the same.
+    arguments = call.arguments if call.arguments.strip() else "{}"
+    item = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
     if with_signature and call.signature is not None:
         item["extra_content"] = {"google": {"thought_signature": call.signature}}
     return item
