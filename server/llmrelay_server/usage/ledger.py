@@ -251,11 +251,11 @@ class UsageLedger:
         """Of them, those in memory alone (the journal could not take them)."""
         self._unjournaled_why = ""
         self._unjournaling = False
+        """Since the journal last refused a record with the database up (logged once, until it takes one again)."""
         self._unfiled: str | None = None
         """Why the active batch has no journal file, when the journal could make none for it (`_seal`)."""
         self._unlisted = False
         """Whether the journal's directory could not be read when last looked at for dead processes' journals."""
-        """Since the journal last refused a record with the database up (logged once, until it takes one again)."""
         self._flushing = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
