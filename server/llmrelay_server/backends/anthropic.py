@@ -164,14 +164,10 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
                         yield chunk
                     return
                 # message_delta's stop reason comes with the answer's last usage: the answer is whole there, though
-                # message_stop is still to come (`relayed` waits a moment for it, not the idle limit).
+                # message_stop is still to come (`relayed` waits a moment for it, not the idle limit). No wait for the
+                # usage after the finish, then, which the router's `limits` would bound.
                 async for chunk in relayed(
-                    answer,
-                    chunk_of,
-                    lambda: state.stopped,
-                    self._spec,
-                    settled=lambda: state.finish_reason is not None,
-                    limits=limits,
+                    answer, chunk_of, lambda: state.stopped, self._spec, lambda: state.finish_reason is not None
                 ):
                     yield chunk
         except anthropic.APIError as exc:
