@@ -743,10 +743,10 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
         base_url = env.get("OPENAI_BASE_URL") or openai.base_url or DEFAULT_OPENAI_BASE_URL
         url_where = "OPENAI_BASE_URL" if env.get("OPENAI_BASE_URL") else "llm.openai.base_url"
         model = env.get("LLMRELAY_OPENAI_MODEL") or openai.model or DEFAULT_OPENAI_MODEL
-        _check_model_name(model, "LLMRELAY_OPENAI_MODEL" if env.get("LLMRELAY_OPENAI_MODEL") else "llm.openai.model")
         key_where = "OPENAI_API_KEY" if env.get("OPENAI_API_KEY") else None
+        model_where = "LLMRELAY_OPENAI_MODEL" if env.get("LLMRELAY_OPENAI_MODEL") else None
         specs["openai"] = _spec(
-            "openai", "openai", base_url, model, api_key, openai, "llm.openai", url_where, key_where
+            "openai", "openai", base_url, model, api_key, openai, "llm.openai", url_where, key_where, model_where
         )
     anthropic = llm.anthropic or _BackendSection()
     api_key = env.get("ANTHROPIC_API_KEY") or anthropic.api_key
@@ -755,12 +755,19 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
         base_url = env.get("ANTHROPIC_BASE_URL") or anthropic.base_url or DEFAULT_ANTHROPIC_BASE_URL
         url_where = "ANTHROPIC_BASE_URL" if env.get("ANTHROPIC_BASE_URL") else "llm.anthropic.base_url"
         model = env.get("LLMRELAY_ANTHROPIC_MODEL") or anthropic.model or DEFAULT_ANTHROPIC_MODEL
-        _check_model_name(
-            model, "LLMRELAY_ANTHROPIC_MODEL" if env.get("LLMRELAY_ANTHROPIC_MODEL") else "llm.anthropic.model"
-        )
         key_where = "ANTHROPIC_API_KEY" if env.get("ANTHROPIC_API_KEY") else None
+        model_where = "LLMRELAY_ANTHROPIC_MODEL" if env.get("LLMRELAY_ANTHROPIC_MODEL") else None
         specs["anthropic"] = _spec(
-            "anthropic", "anthropic", base_url, model, api_key, anthropic, "llm.anthropic", url_where, key_where
+            "anthropic",
+            "anthropic",
+            base_url,
+            model,
+            api_key,
+            anthropic,
+            "llm.anthropic",
+            url_where,
+            key_where,
+            model_where,
         )
     ollama = llm.ollama or _BackendSection()
     if env.get("OLLAMA_HOST"):
@@ -769,8 +776,10 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
         base_url = ollama.base_url or ollama_base_url(DEFAULT_OLLAMA_HOST)
     url_where = "OLLAMA_HOST" if env.get("OLLAMA_HOST") else "llm.ollama.base_url"
     model = env.get("LLMRELAY_OLLAMA_MODEL") or ollama.model or DEFAULT_OLLAMA_MODEL
-    _check_model_name(model, "LLMRELAY_OLLAMA_MODEL" if env.get("LLMRELAY_OLLAMA_MODEL") else "llm.ollama.model")
-    specs["ollama"] = _spec("ollama", "ollama", base_url, model, ollama.api_key, ollama, "llm.ollama", url_where)
+    model_where = "LLMRELAY_OLLAMA_MODEL" if env.get("LLMRELAY_OLLAMA_MODEL") else None
+    specs["ollama"] = _spec(
+        "ollama", "ollama", base_url, model, ollama.api_key, ollama, "llm.ollama", url_where, None, model_where
+    )
     for index, extra in enumerate(llm.backends):
         where = f"llm.backends[{index}]"
         if extra.kind not in BACKEND_KINDS:
@@ -865,10 +874,11 @@ def _spec(
     where: str,
     url_where: str,
     key_where: str | None = None,
+    model_where: str | None = None,
 ) -> BackendSpec:
     """A backend from its resolved name, kind, URL, model and key, and the section's routing fields; `where` names
     the section, `url_where` what set the URL (the field, or a variable), `key_where` the variable that set the key
-    (None: the section's api_key)."""
+    (None: the section's api_key), `model_where` the variable that set the model (None: the section's model)."""
     _check_api_key(api_key, key_where or f"{where}.api_key")
     if not all(character.isprintable() and not character.isspace() for character in base_url):
         # The HTTP client refuses it at start with a traceback (a control character), or every call fails (a space:
@@ -908,7 +918,7 @@ def _spec(
         raise ConfigError(f"{where}.context_window: must be > 0 (tokens), or left out when unknown")
     if not model:
         raise ConfigError(f"{where}.model: empty; name the model this backend serves by default")
-    _check_model_name(model, f"{where}.model")
+    _check_model_name(model, model_where or f"{where}.model")
     for field_name, names in (("models", section.models), ("embedding_models", section.embedding_models)):
         for index, listed in enumerate(names):
             _check_model_name(listed, f"{where}.{field_name}[{index}]")

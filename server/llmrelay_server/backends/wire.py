@@ -272,7 +272,7 @@ def decode_answer_json(raw: bytes) -> Any:
     return data
 
 
-_TEXT_INTEGER_BEYOND_64_BITS: Final = re.compile(r"[0-9]{19}")
+_TEXT_INTEGER_BEYOND_64_BITS: Final = re.compile(_INTEGER_BEYOND_64_BITS.pattern.decode())
 
 
 def with_exact_integers(data: Any, raw: str) -> Any:

@@ -533,31 +533,34 @@ class UsageLedger:
         sealed = self._active
         if not sealed.records:
             return False
-        try:
-            self._active = self._new_batch()
-            self._unfiled = None
-        except OSError as exc:
-            # No file for the next batch (a full disk, the directory gone): its records are kept in its counts, as
-            # those the journal cannot take are, and the next seal tries again. Kept active for want of one, this batch
-            # never reached the database, and a shutdown lost what only its counts held.
-            self._unfiled = f"no new journal file can be made ({exc.strerror})"
-            buckets: Buckets | None = {} if self._unavailable is None else None
-            self._active = _Batch(BatchId(self._journal_id, self._next_number), None, None, buckets)
-            self._next_number += 1
+        # Kept active for want of a file for the next one, this batch never reached the database, and a shutdown lost
+        # what only its counts held.
+        self._active = self._new_batch(unfiled_if_need_be=True)
         if sealed.fd is not None:
             os.close(sealed.fd)
             sealed.fd = None
         self._pending.append(sealed)
         return True
 
-    def _new_batch(self) -> _Batch:
+    def _new_batch(self, *, unfiled_if_need_be: bool = False) -> _Batch:
+        """The next batch, with its journal file; OSError when none can be made, unless `unfiled_if_need_be`: then
+        without one (a full disk, the directory gone), its records kept in its counts as those the journal cannot
+        take are (`_unfiled` says why), and the next batch tries for a file again."""
         number, self._next_number = self._next_number, self._next_number + 1
         batch_id = BatchId(self._journal_id, number)
         if self._journal is None:
             return _Batch(batch_id, None, None, {})
-        path, fd = self._journal.create_batch(number)
         # While the database is down, the counts are left to the file.
-        return _Batch(batch_id, path, fd, {} if self._unavailable is None else None)
+        buckets: Buckets | None = {} if self._unavailable is None else None
+        try:
+            path, fd = self._journal.create_batch(number)
+        except OSError as exc:
+            if not unfiled_if_need_be:
+                raise
+            self._unfiled = f"no new journal file can be made ({exc.strerror})"
+            return _Batch(batch_id, None, None, buckets)
+        self._unfiled = None
+        return _Batch(batch_id, path, fd, buckets)
 
     async def _write(self, batch: _Batch) -> None:
         buckets = batch.buckets
