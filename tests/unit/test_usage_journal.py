@@ -257,6 +257,45 @@ async def test_with_no_new_journal_file_to_be_made_records_still_reach_the_datab
     assert len(errors) == 1 and "no new journal file can be made" in errors[0], errors
 
 
+async def test_a_journal_left_without_a_file_while_the_database_was_down_takes_records_again_once_both_are_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database found down while idle, then no new journal file to be made: the batch left active, with neither
+    file nor counts, dropped its records, so was never sealed, and no batch after it tried for a file again: every
+    record was dropped until the process restarted, the database and the disk long back."""
+    path = tmp_path / "usage.sqlite3"
+    ledger = UsageLedger(path)
+    assert ledger._journal is not None
+    store_apply, store_check, create_batch = ledger._store.apply, ledger._store.check, ledger._journal.create_batch
+
+    def no_space(number: int) -> NoReturn:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ledger._store, "apply", database_down)
+    monkeypatch.setattr(ledger._store, "check", database_down)
+    await ledger._maintain()  # the idle ledger's check of the database
+    monkeypatch.setattr(ledger._journal, "create_batch", no_space)
+    ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+    with pytest.raises(LedgerUnavailableError):
+        await ledger.flush()  # sealed it: the next batch has no file and, the database down, no counts
+    ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+    assert ledger.dropped_records == 1
+
+    monkeypatch.setattr(ledger._store, "apply", store_apply)
+    monkeypatch.setattr(ledger._store, "check", store_check)
+    await ledger.flush()  # the database back, the disk still full: the next batch has counts, if no file
+    for _ in range(3):
+        ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+    monkeypatch.setattr(ledger._journal, "create_batch", create_batch)
+    await ledger.flush()  # room on the disk again: the next batch has its file
+    assert ledger._active.path is not None
+    for _ in range(5):
+        ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+    await ledger.aclose()
+    assert ledger.dropped_records == 1
+    assert requests_on_disk(path) == 9
+
+
 async def test_a_journal_directory_that_cannot_be_listed_holds_up_usage_answers_not_the_ledger(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

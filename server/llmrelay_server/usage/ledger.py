@@ -532,6 +532,9 @@ class UsageLedger:
         one. False if there was nothing to seal."""
         sealed = self._active
         if not sealed.records:
+            if sealed.path is None and self._journal is not None:
+                # Left without a file (and, the database down, dropping what it is given): the next one tries again.
+                self._active = self._new_batch(unfiled_if_need_be=True)
             return False
         # Kept active for want of a file for the next one, this batch never reached the database, and a shutdown lost
         # what only its counts held.
@@ -623,7 +626,10 @@ class UsageLedger:
         if self._unavailable is not None:
             since, _ = self._unavailable
             _log.warning("usage ledger available again after %.0f s: %s", time.time() - since, self._store.description)
-            self._unavailable = None
+            with self._lock:
+                self._unavailable = None
+                if self._active.path is None and self._active.buckets is None:
+                    self._active.buckets = {}  # without a file, its records are kept in its counts again
 
     def _append(self, batch: _Batch, line: bytes) -> str | None:
         """Under the lock: the line at the end of the active batch's file; None, or why the journal could not take it
