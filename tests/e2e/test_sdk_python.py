@@ -44,7 +44,7 @@ from llmrelay import (
 )
 from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway
-from support import OPENAI_TEST_KEY, GatewayFactory, finished, two_backends
+from support import OPENAI_TEST_KEY, GatewayFactory, finished, two_backends, wait_until
 from upstream import FakeUpstream
 
 QUESTION = [message("user", "What is the weather in Oslo, and the time there?")]
@@ -999,6 +999,10 @@ async def test_certificates_tls_cannot_use_are_a_value_error_naming_the_argument
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )  # of an RSA certificate: one the EC certificate cannot be
+    encrypted_key = serialization.load_pem_private_key(mine.key, None).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")
+    )  # said "swapped?"
+    damaged = b"-----BEGIN CERTIFICATE-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIB\n-----END CERTIFICATE-----\n"
     address = f"localhost:{gateway.port}"
     pair = "private_key and certificate_chain: "
     unusable = [
@@ -1009,14 +1013,21 @@ async def test_certificates_tls_cannot_use_are_a_value_error_naming_the_argument
         ((authority.cert, rsa_key, mine.cert), pair + "the key is not the certificate's"),  # said "swapped?"
         ((authority.cert, mine.key, b"junk"), pair + "not a PEM certificate and its key"),
         ((authority.cert, mine.cert, mine.key), pair + "not a PEM certificate and its key (are they swapped?)"),
+        ((authority.cert, encrypted_key, mine.cert), pair + "the key is encrypted, and gRPC takes no password"),
+        ((damaged, mine.key, mine.cert), "root_certificates: none of its 1 PEM certificates can be read"),
     ]
     for (roots, key, chain), said in unusable:
         for make in (Client, AsyncClient):
             with pytest.raises(ValueError) as caught:
                 make(address, root_certificates=roots, private_key=key, certificate_chain=chain)
             assert str(caught.value).startswith(said), (make, str(caught.value))
+    for name in ("root_certificates", "private_key", "certificate_chain"):
+        text: dict[str, Any] = {name: b"PEM".decode()}
+        with pytest.raises(TypeError, match=f"^{name}: PEM bytes"):  # said "no PEM certificate in it", or named none
+            Client(address, **text)
+    # A bundle with a damaged block after the CA's: trusted for the CA, as gRPC trusts it.
     async with AsyncClient(
-        address, root_certificates=authority.cert, private_key=mine.key, certificate_chain=mine.cert
+        address, root_certificates=authority.cert + damaged, private_key=mine.key, certificate_chain=mine.cert
     ) as client:
         assert (await client.health(timeout=10)).serving
 
@@ -1105,6 +1116,44 @@ async def test_a_stream_whose_gateway_dies_fails_without_the_tls_hint(
         await gateway.stop()
     for chunks, failure in results:
         assert isinstance(failure, UnavailableError) and chunks >= 1, (chunks, failure)
+        assert "tls" not in failure.message and "plaintext" not in failure.message, failure.message
+
+
+async def test_a_blocking_stream_whose_gateway_dies_before_a_chunk_fails_at_once_and_so_do_calls_after_it(
+    tmp_path: Path, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """grpcio's blocking stream, retried by the channel after its gateway died, waited for ever, past its deadline and
+    stream.close(); and the calls after it, refused a connection, were told to try TLS, from a client that had been
+    talking plaintext to that gateway all along."""
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text('server: {usage_db: ":memory:", drain_s: 0}\n' + two_backends(primary, local))
+    primary.inject({"stall_s": 60})  # no chunk comes
+    gateway = await spawn_gateway(config, env=clean_env())
+    outcome: list[BaseException | None] = []
+
+    def read(client: Client) -> None:
+        try:
+            list(client.stream(TEN_WORDS))
+            outcome.append(None)
+        except Exception as exc:
+            outcome.append(exc)
+
+    try:
+        await gateway.wait_serving()
+        with Client(gateway.target, timeout=20) as client:
+            assert client.health().serving
+            # A thread of its own, not the loop's executor: one stuck for ever would hold up the tests' exit.
+            reader = threading.Thread(target=read, args=(client,), daemon=True)
+            reader.start()
+            await wait_until(lambda: len(primary.chat_requests) == 1)
+            gateway.process.kill()
+            await asyncio.to_thread(reader.join, 10)
+            assert outcome and isinstance(outcome[0], UnavailableError), outcome
+            with pytest.raises(UnavailableError) as refused:
+                client.complete(TEN_WORDS)
+    finally:
+        await gateway.stop()
+    for failure in (outcome[0], refused.value):
         assert "tls" not in failure.message and "plaintext" not in failure.message, failure.message
 
 

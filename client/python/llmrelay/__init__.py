@@ -32,7 +32,7 @@ from llmrelay._agent import (
     tool_result,
 )
 from llmrelay._assemble import StreamAssembler
-from llmrelay._channel import DEFAULT_SERVICE_CONFIG, is_loopback_target, uses_tls
+from llmrelay._channel import BLOCKING_SERVICE_CONFIG, DEFAULT_SERVICE_CONFIG, is_loopback_target, uses_tls
 from llmrelay._client import (
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT_S,
@@ -69,6 +69,7 @@ from llmrelay._options import CompletionOptions, ReasoningEffort, RunToolsOption
 from llmrelay._stream import AsyncStream, Stream
 
 __all__ = [
+    "BLOCKING_SERVICE_CONFIG",
     "DEFAULT_MAX_STEPS",
     "DEFAULT_SERVICE_CONFIG",
     "DEFAULT_TARGET",

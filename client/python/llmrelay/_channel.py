@@ -11,6 +11,7 @@ import re
 import ssl
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final, TypeAlias
 
 import grpc
@@ -22,8 +23,21 @@ ServiceConfig: TypeAlias = str | Mapping[str, Any] | None
 """A gRPC service config as JSON text or a dict; None for none (no retries by the channel)."""
 SERVICE_CONFIG_OPTION: Final = "grpc.service_config"
 DEFAULT_SERVICE_CONFIG: Final = SERVICE_CONFIG_JSON
-"""The service config a client's channel gets unless told otherwise: the contract's retry policy (UNAVAILABLE only,
-three attempts at most, exponential backoff, the server's grpc-retry-pushback-ms honoured)."""
+"""The service config an AsyncClient's channel gets unless told otherwise: the contract's retry policy (UNAVAILABLE
+only, three attempts at most, exponential backoff, the server's grpc-retry-pushback-ms honoured)."""
+
+
+def _streams_not_retried(service_config: str) -> str:
+    config = json.loads(service_config)
+    # The most specific name wins: StreamComplete's own entry, with no retry policy, over its service's.
+    config["methodConfig"].append({"name": [{"service": "llmrelay.v1.LLMService", "method": "StreamComplete"}]})
+    return json.dumps(config, indent=2)
+
+
+BLOCKING_SERVICE_CONFIG: Final = _streams_not_retried(SERVICE_CONFIG_JSON)
+"""The service config a (blocking) Client's channel gets unless told otherwise: DEFAULT_SERVICE_CONFIG, but for
+StreamComplete, which its channel does not retry: grpcio's blocking API (1.85) leaves a stream whose retry began after
+its gateway died waiting for ever, past its deadline and its cancellation."""
 
 _LOCAL_SCHEMES: Final = frozenset({"unix", "unix-abstract"})
 
@@ -95,6 +109,11 @@ class ChannelSettings:
         """The channel credentials to reach `target` (None: plaintext). Certificates or credentials given imply
         TLS; without them the TLS rule decides, and TLS trusts the system's roots."""
         certificates = (self.root_certificates, self.private_key, self.certificate_chain)
+        for name, pem in zip(("root_certificates", "private_key", "certificate_chain"), certificates, strict=True):
+            if pem is not None and not isinstance(pem, bytes):
+                raise TypeError(
+                    f"{name}: PEM bytes (Path.read_bytes(), or the text's .encode()), not {type(pem).__name__}"
+                )
         given = any(c is not None for c in certificates)
         if (self.private_key is None) != (self.certificate_chain is None):
             raise ValueError("a client certificate needs both private_key and certificate_chain (PEM bytes)")
@@ -161,12 +180,15 @@ def root_certificates_problem(pem: bytes | None) -> str | None:
     none are given. Read in memory: the text around the certificates, which TLS skips, need not be ASCII."""
     if pem is None:
         return None
-    try:
-        certificates = "\n".join(block.decode("ascii") for block in _PEM_CERTIFICATE.findall(pem))
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=certificates or None)
-    except (ssl.SSLError, ValueError, TypeError):  # TypeError: no certificate at all (cadata None)
+    blocks = _PEM_CERTIFICATE.findall(pem)
+    if not blocks:
         return "no PEM certificate in it (-----BEGIN CERTIFICATE-----)"
-    return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for block in blocks:  # one by one: a bundle with a damaged block besides good ones is trusted for those
+        with contextlib.suppress(ssl.SSLError, ValueError):
+            context.load_verify_locations(cadata=block.decode("ascii"))
+            return None
+    return f"none of its {len(blocks)} PEM certificates can be read (damaged, or not base64)"
 
 
 def client_certificate_problem(private_key: bytes | None, certificate_chain: bytes | None) -> str | None:
@@ -192,6 +214,8 @@ def _pair_problem(certfile: str, keyfile: str) -> str | None:
         # Of another algorithm than the certificate's (an EC key, an RSA certificate), the key finds no certificate.
         if exc.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
             return "the key is not the certificate's"
+        if b"ENCRYPTED" in Path(keyfile).read_bytes():
+            return "the key is encrypted, and gRPC takes no password: decrypt it (openssl pkey -in KEY -out PLAIN)"
         return "not a PEM certificate and its key (are they swapped?)"
     return None
 

@@ -9,7 +9,7 @@ import inspect
 import re
 from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Final, Literal, TypeAlias, TypeVar, Unpack
+from typing import Any, ClassVar, Final, Literal, TypeAlias, TypeVar, Unpack
 
 import grpc
 import grpc.aio
@@ -17,7 +17,13 @@ import grpc.aio
 from llmrelay import v1 as pb
 from llmrelay._agent import DEFAULT_MAX_STEPS, Answer, Conversation, Tools, _Steps
 from llmrelay._assemble import StreamAssembler
-from llmrelay._channel import DEFAULT_SERVICE_CONFIG, ChannelOptions, ChannelSettings, ServiceConfig
+from llmrelay._channel import (
+    BLOCKING_SERVICE_CONFIG,
+    DEFAULT_SERVICE_CONFIG,
+    ChannelOptions,
+    ChannelSettings,
+    ServiceConfig,
+)
 from llmrelay._errors import LLMRelayError, error_from_rpc
 from llmrelay._messages import MessageLike, as_messages
 from llmrelay._options import (
@@ -230,9 +236,15 @@ def _conversation(messages: Iterable[MessageLike] | Conversation) -> Conversatio
 def _checked_metadata(metadata: Metadata) -> tuple[tuple[str, str | bytes], ...]:
     """The metadata with its keys in lower case, as gRPC sends them (and takes no other: "Authorization" failed the
     call with INTERNAL, "Invalid metadata", or grpc.aio's own error); ValueError for a key or a value gRPC refuses,
-    saying which key (never the value, which may be a key to the gateway)."""
+    saying which key (never the value, which may be a key to the gateway); TypeError for what is not pairs."""
+    if isinstance(metadata, (Mapping, str, bytes)):  # a dict's keys, or a string's letters, read as pairs
+        raise TypeError(f"metadata: a sequence of (key, value) pairs, not a {type(metadata).__name__}")
     checked = []
-    for key, value in metadata:
+    for item in metadata:
+        pair = isinstance(item, Sequence) and not isinstance(item, (str, bytes)) and len(item) == 2
+        if not (pair and isinstance(item[0], str)):
+            raise TypeError("metadata: a sequence of (key, value) pairs, each key a str (value not shown)")
+        key, value = item
         name = key.lower()
         if not _METADATA_KEY.fullmatch(name):
             raise ValueError(f"metadata key {key!r}: gRPC takes only letters, digits, '-', '_' and '.' in a key")
@@ -255,6 +267,9 @@ def _merged_metadata(client: Metadata, call: Metadata) -> tuple[tuple[str, str |
 
 
 class _Base:
+    _default_service_config: ClassVar[ServiceConfig]
+    """The service config of its channel unless it is told otherwise."""
+
     def __init__(
         self,
         target: str,
@@ -264,7 +279,7 @@ class _Base:
         metadata: Metadata,
         caller: str | None,
     ) -> None:
-        if own_channel and settings != ChannelSettings():
+        if own_channel and settings != ChannelSettings(service_config=self._default_service_config):
             raise ValueError(
                 "channel= is a channel made already: leave tls, certificates, credentials, service_config and "
                 "options unset with it (interceptors still apply)"
@@ -281,6 +296,9 @@ class _Base:
         self._closed = False
         """Set by close(): a call made after it, or one an AsyncClient's close() cut short, fails CANCELLED, saying
         so."""
+        self._reached = False
+        """Set once a call has heard from the gateway: the transport chosen is the gateway's, and a later UNAVAILABLE
+        (the gateway gone, or restarting) is not told to try another."""
 
     @property
     def uses_tls(self) -> bool:
@@ -302,6 +320,8 @@ class _Base:
         try:
             yield
         except grpc.RpcError as exc:
+            if not callable(getattr(exc, "code", None)):
+                raise  # an interceptor's own, no call's status: the caller's to read as it is
             raise self._error(exc, heard()) from exc
         except (ValueError, grpc.aio.UsageError):
             # What grpc raises for a call on a closed channel (the blocking one ValueError, grpc.aio UsageError),
@@ -319,6 +339,8 @@ class _Base:
                     grpc.StatusCode.CANCELLED, "the client was closed while the call was in flight"
                 ) from None
             raise
+        else:
+            self._reached = True
 
     def _error(self, rpc_error: grpc.RpcError, heard: bool = False) -> LLMRelayError:
         """The SDK's error for a failed call. When the gateway could not be reached (UNAVAILABLE without its
@@ -326,14 +348,11 @@ class _Base:
         try: where a TLS gateway closed the connection in the handshake without a word, as one does that asks for a
         client certificate it was not given, what to give it; where the TLS rule chose the transport, what it chose
         and how to choose otherwise (a TLS gateway drops a plaintext client with no word of TLS, and the other way
-        round). A gateway that went away mid-call was reached."""
+        round). A gateway that went away mid-call was reached, as was one that answered an earlier call."""
         error = error_from_rpc(rpc_error)
-        if (
-            error.code != grpc.StatusCode.UNAVAILABLE
-            or error.details.error_info is not None
-            or heard
-            or _headers_came(rpc_error)
-        ):
+        if heard or _headers_came(rpc_error):
+            self._reached = True
+        if error.code != grpc.StatusCode.UNAVAILABLE or error.details.error_info is not None or self._reached:
             return error
         hint = self._security_hint
         if self._client_certificate_hint is not None and error.message.endswith(_CLOSED_IN_THE_HANDSHAKE):
@@ -375,7 +394,7 @@ class Client(_Base):
     credentials: grpc.ChannelCredentials of your own (TLS), instead of the certificates.
     service_config: the channel's gRPC service config (JSON text or a dict); by default the contract's retry policy
         (UNAVAILABLE retried by the channel itself, at most three attempts, backoff, the gateway's pushback
-        honoured); None for none.
+        honoured), streams excepted in a blocking Client (BLOCKING_SERVICE_CONFIG says why); None for none.
     options: more channel options, e.g. [("grpc.max_receive_message_length", 64 << 20)]; they win over the above.
     interceptors: client interceptors, outermost first.
     channel: a channel made already (e.g. grpc_testing's), instead of one from the arguments above.
@@ -384,6 +403,8 @@ class Client(_Base):
         each key the call sets (and adds the rest).
     caller: who is calling, for usage records (the x-llmrelay-caller header).
     """
+
+    _default_service_config = BLOCKING_SERVICE_CONFIG
 
     def __init__(
         self,
@@ -394,7 +415,7 @@ class Client(_Base):
         private_key: bytes | None = None,
         certificate_chain: bytes | None = None,
         credentials: grpc.ChannelCredentials | None = None,
-        service_config: ServiceConfig = DEFAULT_SERVICE_CONFIG,
+        service_config: ServiceConfig = BLOCKING_SERVICE_CONFIG,
         options: ChannelOptions = (),
         interceptors: Sequence[SyncInterceptor] = (),
         channel: grpc.Channel | None = None,
@@ -641,6 +662,8 @@ class AsyncClient(_Base):
     in the event loop of that call, which is the only loop it then serves (grpc.aio's channels belong to one): make
     the client anywhere, at the top of a module too, and one in each event loop that calls (each asyncio.run).
     """
+
+    _default_service_config = DEFAULT_SERVICE_CONFIG
 
     def __init__(
         self,

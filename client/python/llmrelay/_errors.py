@@ -17,12 +17,13 @@ project's tests all read them through it): `error_details(rpc_error)` or `ErrorD
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, TypeVar, cast
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.rpc import status_pb2
 from google.rpc.error_details_pb2 import BadRequest, ErrorInfo, QuotaFailure, RetryInfo
 
@@ -68,14 +69,20 @@ class ErrorDetails:
     @classmethod
     def decode(cls, status: bytes) -> ErrorDetails:
         """The details of a serialized google.rpc.Status (the `grpc-status-details-bin` trailer); details of other
-        types are left out."""
+        types are left out, as are those that do not decode (a proxy's trailer, or another server's, is no concern of
+        the caller's, who is told the call's status all the same)."""
         unpacked: list[Message] = []
-        for packed in status_pb2.Status.FromString(status).details:
+        try:
+            details = status_pb2.Status.FromString(status).details
+        except DecodeError:
+            return cls()
+        for packed in details:
             known = next((t for t in _DETAIL_TYPES if packed.Is(t.DESCRIPTOR)), None)
             if known is not None:
                 message = known()
-                packed.Unpack(message)
-                unpacked.append(message)
+                with contextlib.suppress(DecodeError):
+                    packed.Unpack(message)
+                    unpacked.append(message)
 
         def first(message_type: type[_Detail]) -> _Detail | None:
             return next((m for m in unpacked if isinstance(m, message_type)), None)

@@ -25,7 +25,7 @@ from typing import Final, TextIO
 from urllib.parse import unquote
 
 from llmrelay import v1 as pb
-from llmrelay._channel import DEFAULT_SERVICE_CONFIG, client_certificate_problem, root_certificates_problem
+from llmrelay._channel import BLOCKING_SERVICE_CONFIG, client_certificate_problem, root_certificates_problem
 from llmrelay._client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, Client
 from llmrelay._errors import LLMRelayError
 from llmrelay._messages import message
@@ -108,7 +108,7 @@ def _client(args: argparse.Namespace) -> Client:
         sys.exit(f"llmrelay: {args.key_env or KEY_ENV} holds characters no key has (printable ASCII, no spaces)")
     # From a terminal, an answer now (with when to come back) beats the SDK's default of waiting out a pushback in
     # silence, which may be half a minute while a circuit is open.
-    retries = DEFAULT_SERVICE_CONFIG if args.retry else None
+    retries = BLOCKING_SERVICE_CONFIG if args.retry else None
     return Client(
         args.target,
         timeout=args.timeout,

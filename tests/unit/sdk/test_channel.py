@@ -8,7 +8,7 @@ import json
 import grpc
 import pytest
 from certs import Authority
-from llmrelay import DEFAULT_SERVICE_CONFIG, Client, is_loopback_target, uses_tls
+from llmrelay import BLOCKING_SERVICE_CONFIG, DEFAULT_SERVICE_CONFIG, AsyncClient, Client, is_loopback_target, uses_tls
 from llmrelay._channel import SERVICE_CONFIG_OPTION, ChannelSettings
 
 # The transport rule's table, the same rows as the Go SDK's (client/go/llmrelay/transport_test.go) and the TypeScript
@@ -112,15 +112,19 @@ def test_the_client_decides_by_the_rule() -> None:
         assert (local.uses_tls, remote.uses_tls, forced.uses_tls) == (False, True, False)
 
 
-def test_the_channel_gets_the_retry_policy_by_default() -> None:
+def test_the_channel_gets_the_retry_policy_by_default_but_a_blocking_one_for_its_streams() -> None:
     with Client("127.0.0.1:1") as client:
         options = dict(client.channel_options)
-    config = json.loads(options[SERVICE_CONFIG_OPTION])
-    assert options[SERVICE_CONFIG_OPTION] == DEFAULT_SERVICE_CONFIG
-    (method,) = config["methodConfig"]
+    async_options = dict(AsyncClient("127.0.0.1:1").channel_options)  # its channel made at its first call
+    assert async_options[SERVICE_CONFIG_OPTION] == DEFAULT_SERVICE_CONFIG
+    assert options[SERVICE_CONFIG_OPTION] == BLOCKING_SERVICE_CONFIG
+    (method,) = json.loads(DEFAULT_SERVICE_CONFIG)["methodConfig"]
     assert method["name"] == [{"service": "llmrelay.v1.LLMService"}]
     assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
     assert 1 < method["retryPolicy"]["maxAttempts"] <= 5
+    service, streams = json.loads(BLOCKING_SERVICE_CONFIG)["methodConfig"]
+    assert service == method
+    assert streams == {"name": [{"service": "llmrelay.v1.LLMService", "method": "StreamComplete"}]}
 
 
 def test_the_service_config_can_be_replaced_or_left_out_and_options_pass_through() -> None:

@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar, cast
 import grpc
 import grpc_testing  # type: ignore[import-untyped]  # no type information shipped
 import pytest
+from google.protobuf import any_pb2
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
@@ -25,6 +26,7 @@ from llmrelay import (
     Client,
     ContextBudgetError,
     Conversation,
+    ErrorDetails,
     InvalidArgumentError,
     ResourceExhaustedError,
     StepLimitError,
@@ -348,7 +350,53 @@ def test_a_calls_metadata_replaces_the_clients_key_by_key(testing_channel: Any, 
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "metadata",
+    [{"authorization": "Bearer K"}, {"ab": "v"}, "ab", [("authorization",)], [(b"authorization", "Bearer K")]],
+    ids=["dict", "dict-of-two-letter-keys", "str", "one-item", "bytes-key"],
+)
+def test_metadata_that_is_not_pairs_is_a_type_error(testing_channel: Any, metadata: Any) -> None:
+    """A dict failed "too many values to unpack" from deep inside, or was sent as a header of its key's letters
+    (`{"ab": "v"}` as `a: b`)."""
+    with pytest.raises(TypeError, match=r"^metadata: a sequence of \(key, value\) pairs") as caught:
+        Client(channel=testing_channel, metadata=metadata)
+    assert "Bearer K" not in str(caught.value)
+    with Client(channel=testing_channel) as client, pytest.raises(TypeError, match=r"^metadata: a sequence of"):
+        client.health(metadata=metadata)
+
+
+class _Refusal(grpc.RpcError):
+    """An interceptor's own error: no call's status (no code(), no details())."""
+
+
+class _Refusing(grpc.UnaryUnaryClientInterceptor):
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        raise _Refusal("refused before sending")
+
+
+def test_an_interceptors_own_rpc_error_comes_through_as_it_is(testing_channel: Any) -> None:
+    """It became an AttributeError ("'_Refusal' object has no attribute 'code'") that hid it."""
+    with Client(channel=testing_channel, interceptors=[_Refusing()]) as client, pytest.raises(_Refusal):
+        client.health()
+
+
 # --- errors --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "trailer",
+    [
+        b"\xff\xffnot a status",
+        status_pb2.Status(
+            code=14, details=[any_pb2.Any(type_url="type.googleapis.com/google.rpc.ErrorInfo", value=b"\xff\xff")]
+        ).SerializeToString(),
+    ],
+    ids=["not-a-status", "a-detail-that-does-not-decode"],
+)
+def test_status_details_that_do_not_decode_are_left_out_not_raised(trailer: bytes) -> None:
+    """A proxy's trailer, or another server's, raised protobuf's DecodeError from the SDK's reading of a failed call,
+    where every failure is the SDK's error."""
+    assert ErrorDetails.decode(trailer) == ErrorDetails()
 
 
 def test_errors_carry_their_decoded_details(

@@ -10,7 +10,8 @@ from llmrelay import v1 as pb
 def test_the_public_names() -> None:
     assert sorted(llmrelay.__all__) == sorted(
         [
-            "DEFAULT_MAX_STEPS", "DEFAULT_SERVICE_CONFIG", "DEFAULT_TARGET", "DEFAULT_TIMEOUT_S", "USE_CLIENT_DEFAULT",
+            "BLOCKING_SERVICE_CONFIG", "DEFAULT_MAX_STEPS", "DEFAULT_SERVICE_CONFIG", "DEFAULT_TARGET",
+            "DEFAULT_TIMEOUT_S", "USE_CLIENT_DEFAULT",
             "AbortedError", "Answer", "AsyncClient", "AsyncStream", "Client", "CompletionOptions", "ContextBudgetError",
             "Conversation", "DeadlineExceededError", "ErrorDetails", "FailedPreconditionError", "FieldViolation",
             "ImageDetail", "InvalidArgumentError", "LLMRelayError", "MessageLike", "NotFoundError", "OnInterrupt",
