@@ -107,6 +107,15 @@ def test_certificates_mean_tls_and_contradictions_are_refused() -> None:
         ChannelSettings(credentials=own, root_certificates=b"PEM").credentials_for("llm.example.com:443")
 
 
+@pytest.mark.parametrize("target", ["http://127.0.0.1:50051", "HTTPS://user:secret@llm.example.com"])
+def test_a_url_for_a_target_is_refused_unechoed(target: str) -> None:
+    """Resolved as a host name, it failed every call "Misformatted domain name", with a hint to try TLS or not."""
+    for make in (Client, AsyncClient):
+        with pytest.raises(ValueError, match=r"^target: a gRPC target is HOST:PORT") as caught:
+            make(target)
+        assert "secret" not in str(caught.value)
+
+
 def test_the_client_decides_by_the_rule() -> None:
     with Client("127.0.0.1:1") as local, Client("llm.example.com:443") as remote, Client("h:1", tls=False) as forced:
         assert (local.uses_tls, remote.uses_tls, forced.uses_tls) == (False, True, False)
