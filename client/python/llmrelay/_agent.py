@@ -566,6 +566,8 @@ def _schema_of(hint: Any, within: tuple[type, ...]) -> dict[str, Any]:
     if hint in (list, tuple, Sequence) or origin in (list, tuple, Sequence):
         return {"type": "array", "items": _schema_of(args[0], within)} if args else {"type": "array"}
     if hint in (dict, Mapping) or origin in (dict, Mapping):
+        if args and args[0] not in (str, Any):  # dict[int, str]'s keys would come as text: 1 as "1"
+            raise TypeError(f"no JSON Schema for {hint!r}: JSON's keys are text; use dict[str, ...]")
         if len(args) == 2 and args[1] is not Any:  # dict[str, Place]: each value a Place (JSON's keys are text)
             return {"type": "object", "additionalProperties": _schema_of(args[1], within)}
         return {"type": "object"}

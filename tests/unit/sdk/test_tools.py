@@ -147,6 +147,9 @@ def test_schemas_from_type_hints(hint: Any, schema: dict[str, Any]) -> None:
 def test_a_hint_without_a_schema_says_what_to_do() -> None:
     with pytest.raises(TypeError, match=r"no JSON Schema for .*set.*give the tool's parameters="):
         json_schema_of(set[int])
+    # Its keys came to the tool as text ({"1": "Ada"}), where it looked for 1.
+    with pytest.raises(TypeError, match=r"no JSON Schema for dict\[int, str\]: JSON's keys are text"):
+        json_schema_of(dict[int, str])
 
     def untyped(x):  # type: ignore[no-untyped-def]
         return x
