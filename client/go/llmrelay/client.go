@@ -134,11 +134,23 @@ func WithCaller(name string) Option {
 }
 
 // WithHeader sends a metadata entry with every call (for example "authorization", "Bearer KEY"), unless the call's
-// context carries outgoing metadata of that key: then the call's value goes in its place. The value is printable
-// ASCII (any bytes for a key ending -bin): Dial refuses another, naming the key but not the value, and a call refuses
-// one in its own outgoing metadata alike, with an InvalidArgument *Error.
+// context carries outgoing metadata of that key: then the call's value goes in its place. The key is taken in any case
+// and sent in lower case, as gRPC sends keys; a later WithHeader (or WithCaller) of the same key replaces the earlier
+// one's value, as a later option of Dial does. The value is printable ASCII (any bytes for a key ending -bin): Dial
+// refuses another, naming the key but not the value, and a call refuses one in its own outgoing metadata alike, with
+// an InvalidArgument *Error.
 func WithHeader(key, value string) Option {
-	return func(o *options) { o.headers = append(o.headers, key, value) }
+	return func(o *options) {
+		key := strings.ToLower(key)
+		// Sending both would leave the choice to the reader (the gateway takes the first, proxies may take the last).
+		for i := 0; i < len(o.headers); i += 2 {
+			if o.headers[i] == key {
+				o.headers[i+1] = value
+				return
+			}
+		}
+		o.headers = append(o.headers, key, value)
+	}
 }
 
 // WithServiceConfig replaces the channel's default service config, llmrelayv1.ServiceConfigJSON (retry UNAVAILABLE
@@ -182,15 +194,20 @@ func Dial(target string, opts ...Option) (*Client, error) {
 		return nil, fmt.Errorf("llmrelay: WithTimeout must be a duration > 0, or 0 (no deadline), not %s", o.timeout)
 	}
 	for i := 0; i < len(o.headers); i += 2 {
+		// WithHeader lower-cased the key, so that "GRPC-Timeout" is refused as "grpc-timeout" is: grpc-go would drop it,
+		// or send it in place of its own.
+		if strings.HasPrefix(o.headers[i], "grpc-") {
+			return nil, fmt.Errorf("llmrelay: WithHeader key %q: keys starting grpc- are gRPC's own", o.headers[i])
+		}
 		// Else every call fails Internal, "header key ... contains illegal characters", as though the gateway had.
-		if !validHeaderKey(o.headers[i]) {
+		if !sendableHeaderKey(o.headers[i]) {
 			return nil, fmt.Errorf("llmrelay: WithHeader key %q: gRPC takes only letters, digits, '-', '_' and '.' in a key", o.headers[i])
 		}
 		// Else every call fails Internal, "header key ... contains value with non-printable ASCII characters". The
 		// value is not shown: it may be a key to the gateway (read from a file, with its newline).
 		if !validHeaderValue(o.headers[i], o.headers[i+1]) {
 			return nil, fmt.Errorf("llmrelay: WithHeader %q: gRPC takes only printable ASCII text as a value (value not shown)",
-				strings.ToLower(o.headers[i]))
+				o.headers[i])
 		}
 	}
 	var securityHint string
@@ -273,12 +290,9 @@ func (c *Client) callContext(ctx context.Context, req proto.Message) (context.Co
 				{Field: field, Description: problem},
 			}})
 	}
-	headers, err := c.headersFor(ctx)
+	ctx, err := c.withHeaders(ctx)
 	if err != nil {
 		return nil, nil, err
-	}
-	if len(headers) > 0 {
-		ctx = metadata.AppendToOutgoingContext(ctx, headers...)
 	}
 	if _, ok := ctx.Deadline(); !ok && c.timeout > 0 && ctx.Value(noDeadlineKey{}) == nil {
 		ctx, cancel := context.WithTimeout(ctx, c.timeout)
@@ -288,16 +302,16 @@ func (c *Client) callContext(ctx context.Context, req proto.Message) (context.Co
 	return ctx, cancel, nil
 }
 
-// headersFor is the client's headers less those whose key ctx's outgoing metadata already has: the call's value
-// replaces the client's, as in the Python and TypeScript clients. Sending both would leave the choice to the reader
-// (the gateway takes the first, other servers and proxies may take the last). Metadata of the call's own that gRPC
-// cannot send is an InvalidArgument *Error naming the key, never showing the value (a key to the gateway, say, read
-// from a file with its newline), as Dial refuses such a WithHeader; a key of gRPC's own ("grpc-trace-bin") is the
-// call's to send.
-func (c *Client) headersFor(ctx context.Context) ([]string, error) {
+// withHeaders is ctx with the client's headers less those whose key ctx's outgoing metadata already has: the call's
+// value replaces the client's, as in the Python and TypeScript clients. Sending both would leave the choice to the
+// reader (the gateway takes the first, other servers and proxies may take the last). Metadata of the call's own that
+// gRPC cannot send is an InvalidArgument *Error naming the key, never showing the value (a key to the gateway, say,
+// read from a file with its newline), as Dial refuses such a WithHeader; a key of gRPC's own ("grpc-trace-bin") is
+// the call's to send.
+func (c *Client) withHeaders(ctx context.Context) (context.Context, error) {
 	callMetadata, ok := metadata.FromOutgoingContext(ctx)
 	if !ok {
-		return c.headers, nil
+		return metadata.AppendToOutgoingContext(ctx, c.headers...), nil
 	}
 	for key, values := range callMetadata {
 		if !sendableHeaderKey(key) {
@@ -317,7 +331,9 @@ func (c *Client) headersFor(ctx context.Context) ([]string, error) {
 			headers = append(headers, c.headers[i], c.headers[i+1])
 		}
 	}
-	return headers, nil
+	// In place of ctx's own: FromOutgoingContext lower-cased the keys, but grpc-go checks the metadata as the caller
+	// built it, and fails the call Internal for an upper-case key in a literal metadata.MD ({"X-Trace": ...}).
+	return metadata.AppendToOutgoingContext(metadata.NewOutgoingContext(ctx, callMetadata), headers...), nil
 }
 
 // refused is the InvalidArgument *Error of a call the client does not send, with details as the gateway's (status.Code
@@ -613,12 +629,9 @@ func validHeaderValue(key, value string) bool {
 	return true
 }
 
-// validHeaderKey: a metadata key WithHeader takes: one gRPC sends, and not one of gRPC's own (grpc-...).
-func validHeaderKey(key string) bool {
-	return !strings.HasPrefix(key, "grpc-") && sendableHeaderKey(key)
-}
-
-// sendableHeaderKey: a metadata key gRPC sends (it sends keys in lower case, so upper-case letters are taken too).
+// sendableHeaderKey: a metadata key gRPC sends once lower-cased. Upper-case letters are taken: grpc-go takes only
+// lower case, but WithHeader, metadata.Pairs and AppendToOutgoingContext lower-case the key, and withHeaders a
+// literal metadata.MD's.
 func sendableHeaderKey(key string) bool {
 	if key == "" {
 		return false

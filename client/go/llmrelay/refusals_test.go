@@ -5,10 +5,15 @@ package llmrelay_test
 // gRPC cannot send), and the options Dial cannot honour.
 
 import (
+	"context"
+	"net"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/types/known/structpb"
@@ -114,6 +119,80 @@ func TestACallsOwnHeaderGRPCCannotSendIsInvalidArgumentNamingTheKey(t *testing.T
 	ctx = metadata.AppendToOutgoingContext(testContext(t), "x-trace-bin", "\x00\xff\n", "grpc-trace-bin", "\x00")
 	if _, err := client.Complete(ctx, &llmrelayv1.CompleteRequest{Messages: chat("hi")}); err != nil {
 		t.Errorf("a call with binary metadata: %v", err)
+	}
+}
+
+// metadataRecorder is a gRPC server on loopback whose Complete records the metadata it received: what the client
+// sent, without a gateway.
+type metadataRecorder struct {
+	llmrelayv1.UnimplementedLLMServiceServer
+	mu       sync.Mutex
+	received metadata.MD
+}
+
+func (r *metadataRecorder) Complete(ctx context.Context, _ *llmrelayv1.CompleteRequest) (*llmrelayv1.CompleteResponse, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.received, _ = metadata.FromIncomingContext(ctx)
+	return &llmrelayv1.CompleteResponse{}, nil
+}
+
+// startMetadataRecorder serves a metadataRecorder on loopback until the test ends, and returns it with its target.
+func startMetadataRecorder(t *testing.T) (*metadataRecorder, string) {
+	t.Helper()
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := grpc.NewServer()
+	recorder := &metadataRecorder{}
+	llmrelayv1.RegisterLLMServiceServer(server, recorder)
+	go func() { _ = server.Serve(listener) }()
+	t.Cleanup(server.Stop)
+	return recorder, listener.Addr().String()
+}
+
+func TestALaterHeaderOfTheSameKeyReplacesTheEarlierInAnyCase(t *testing.T) {
+	recorder, target := startMetadataRecorder(t)
+	// Both were sent: the gateway took the first, other servers and proxies may take the last.
+	client := dial(t, target,
+		llmrelay.WithHeader("authorization", "Bearer shared-default"), llmrelay.WithHeader("Authorization", "Bearer mine"),
+		llmrelay.WithCaller("batch"), llmrelay.WithHeader("X-LLMRelay-Caller", "nightly-batch"))
+	if _, err := client.Complete(testContext(t), &llmrelayv1.CompleteRequest{Messages: chat("hi")}); err != nil {
+		t.Fatalf("Complete: %v", err)
+	}
+	got := recorder.received
+	if !slices.Equal(got.Get("authorization"), []string{"Bearer mine"}) ||
+		!slices.Equal(got.Get(llmrelay.CallerHeader), []string{"nightly-batch"}) {
+		t.Errorf("authorization %q, caller %q; want the later options' values alone",
+			got.Get("authorization"), got.Get(llmrelay.CallerHeader))
+	}
+}
+
+func TestACallsLiteralMetadataWithAnUpperCaseKeyIsSentLowerCased(t *testing.T) {
+	recorder, target := startMetadataRecorder(t)
+	client := dial(t, target, llmrelay.WithHeader("x-team", "search"))
+	// metadata.MD is a plain map: grpc-go checked the key as written and failed the call Internal, "header key
+	// "X-Trace" contains illegal characters", as though the gateway had.
+	ctx := metadata.NewOutgoingContext(testContext(t), metadata.MD{"X-Trace": {"abc"}, "X-Team": {"ranking"}})
+	ctx = metadata.AppendToOutgoingContext(ctx, "x-span", "s1")
+	if _, err := client.Complete(ctx, &llmrelayv1.CompleteRequest{Messages: chat("hi")}); err != nil {
+		t.Fatalf("Complete with metadata.MD{\"X-Trace\": ...}: %v", err)
+	}
+	got := recorder.received
+	if !slices.Equal(got.Get("x-trace"), []string{"abc"}) || !slices.Equal(got.Get("x-team"), []string{"ranking"}) ||
+		!slices.Equal(got.Get("x-span"), []string{"s1"}) {
+		t.Errorf("received %v; want x-trace abc, the call's x-team ranking in place of the client's, and x-span s1", got)
+	}
+}
+
+func TestDialRefusesAHeaderKeyOfGRPCsOwnInAnyCase(t *testing.T) {
+	for _, key := range []string{"grpc-timeout", "GRPC-Timeout", "Grpc-Encoding"} {
+		_, err := llmrelay.Dial("127.0.0.1:1", llmrelay.WithHeader(key, "1S"))
+		// The message blamed the key's characters, which gRPC takes; in upper case, Dial took the key.
+		if err == nil || !strings.Contains(err.Error(), "keys starting grpc- are gRPC's own") {
+			t.Errorf("Dial(WithHeader(%q)): %v; want it refused as a key of gRPC's own", key, err)
+		}
 	}
 }
 

@@ -7,6 +7,7 @@ import {
   type CallOptions as GrpcCallOptions,
   type ChannelCredentials,
   type ChannelOptions,
+  type ClientReadableStream,
   type ClientUnaryCall,
   type Interceptor,
   type ServiceError,
@@ -216,11 +217,18 @@ export class Client {
       throw closedError();
     }
     options?.signal?.throwIfAborted(); // as unary calls do: an aborted signal starts nothing
-    const call = this.raw.streamComplete(
-      StreamCompleteRequest.fromPartial({ ...request, options: withJsonText(request.options) }),
-      this.metadata(options),
-      this.callOptions(options),
-    );
+    let call: ClientReadableStream<StreamCompleteResponse>;
+    try {
+      call = this.raw.streamComplete(
+        StreamCompleteRequest.fromPartial({ ...request, options: withJsonText(request.options) }),
+        this.metadata(options),
+        this.callOptions(options),
+      );
+    } catch (err) {
+      // A client interceptor that fails the call in start() makes grpc-js emit the error inside streamComplete,
+      // before there is a listener: it throws the raw status.
+      throw this.explain(unencodable(toError(err)), false);
+    }
     this.active.add(call);
     // Whether anything came from the gateway, its response headers or a message: then it was reached.
     let reached = false;
@@ -318,20 +326,31 @@ export class Client {
         return;
       }
       let reached = false; // whether the gateway's response headers came
+      let settled = false;
+      // Lets go of what the call holds while in flight (its place in this.active, the signal's listener). The callback
+      // may run inside method.call, before the call holds anything: a client interceptor can fail it in start().
+      let release = (): void => {};
       const call = method.call(this.raw, request, this.metadata(options), this.callOptions(options), (err, res) => {
-        this.active.delete(call);
-        stopWaiting();
+        settled = true;
+        release();
         if (err) {
           reject(this.explain(unencodable(toError(err)), reached));
         } else {
           resolve(res);
         }
       });
+      if (settled) {
+        return;
+      }
       call.once("metadata", () => {
         reached = true;
       });
       this.active.add(call);
       const stopWaiting = onAbort(signal, () => call.cancel());
+      release = () => {
+        this.active.delete(call);
+        stopWaiting();
+      };
     });
   }
 

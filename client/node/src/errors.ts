@@ -167,8 +167,26 @@ export function parseError(err: unknown): LLMRelayError | undefined {
   const extra: ErrorExtra = { metadata: err.metadata, requestId: typeof requestId === "string" ? requestId : undefined };
   const raw = err.metadata.get(STATUS_DETAILS_KEY)[0];
   if (raw instanceof Buffer) {
-    for (const any of Status.decode(raw).details) {
-      const type = any.typeUrl.startsWith(TYPE_PREFIX) ? any.typeUrl.slice(TYPE_PREFIX.length) : any.typeUrl;
+    readDetails(raw, extra);
+  }
+  return new LLMRelayError(err.code, err.details, extra);
+}
+
+/**
+ * Adds to `extra` the details of a `grpc-status-details-bin` trailer. A trailer that is no google.rpc.Status (from a
+ * proxy, say, or another server), or a detail that does not decode, is skipped: the call's code and message still
+ * make its error. Thrown, the decode error escaped grpc-js's callback, and the call never settled.
+ */
+function readDetails(raw: Buffer, extra: ErrorExtra): void {
+  let details: Status["details"];
+  try {
+    details = Status.decode(raw).details;
+  } catch {
+    return;
+  }
+  for (const any of details) {
+    const type = any.typeUrl.startsWith(TYPE_PREFIX) ? any.typeUrl.slice(TYPE_PREFIX.length) : any.typeUrl;
+    try {
       if (type === "google.rpc.ErrorInfo") {
         extra.errorInfo = ErrorInfo.decode(any.value);
       } else if (type === "google.rpc.RetryInfo") {
@@ -180,9 +198,10 @@ export function parseError(err: unknown): LLMRelayError | undefined {
       } else if (type === "llmrelay.v1.AttemptHistory") {
         extra.attempts = AttemptHistory.decode(any.value).attempts;
       }
+    } catch {
+      // skipped: the details after it are still read
     }
   }
-  return new LLMRelayError(err.code, err.details, extra);
 }
 
 /** `parseError(err)`, or `err` itself when it is no gRPC error. */

@@ -8,12 +8,16 @@ import { readFileSync } from "node:fs";
 import tls from "node:tls";
 import { after, before, beforeEach, describe, test } from "node:test";
 
+import { Metadata, Server, ServerCredentials, type ServerErrorResponse } from "@grpc/grpc-js";
+
 import {
   AttemptOutcome,
   ChannelCredentials,
   Client,
+  DOMAIN,
   InterceptingCall,
   LLMRelayError,
+  LLMServiceService,
   MAX_TIMEOUT_MS,
   SERVICE_CONFIG_JSON,
   status,
@@ -21,6 +25,8 @@ import {
   type ClientOptions,
   type Interceptor,
 } from "../src";
+import { ErrorInfo } from "../src/gen/google/rpc/error_details";
+import { Status } from "../src/gen/google/rpc/status";
 import { Gateway, type Upstream } from "./gateway";
 
 let gateway: Gateway;
@@ -405,5 +411,96 @@ describe("a stream cut by a gateway that died", () => {
     assert.ok(err instanceof LLMRelayError, `not an LLMRelayError: ${String(err)}`);
     assert.equal(err.code, status.UNAVAILABLE, err.message);
     assert.doesNotMatch(err.message, /plaintext|loopback|gateway serves TLS/);
+  });
+});
+
+/** The error a stream of `client` ends with, having asked for "hi". */
+async function streamError(client: Client): Promise<unknown> {
+  return (async () => {
+    for await (const _ of client.stream({ messages: [user("hi")] })) {
+      // Nothing comes before the error.
+    }
+  })().then(
+    () => assert.fail("the stream ended without an error"),
+    (caught: unknown) => caught,
+  );
+}
+
+describe("a call that fails before any gateway answers", () => {
+  test("an interceptor that fails the call in start() fails it with an LLMRelayError of its status", async () => {
+    // An interceptor with no token to add, say: grpc-js calls back inside the call's start. complete() rejected with
+    // a ReferenceError, and stream() threw grpc-js's own Error.
+    const refuses: Interceptor = (options, nextCall) =>
+      new InterceptingCall(nextCall(options), {
+        start: (_metadata, listener) => {
+          listener.onReceiveStatus({ code: status.UNAUTHENTICATED, details: "no token", metadata: new Metadata() });
+        },
+        sendMessage: () => {},
+        halfClose: () => {},
+      });
+    const client = connect("127.0.0.1:1", { interceptors: [refuses] }); // never dialled: the interceptor answers
+    const err = await mustFail(client.complete({ messages: [user("hi")] }), status.UNAUTHENTICATED);
+    assert.equal(err.details, "no token");
+    const streamed = await streamError(client);
+    assert.ok(streamed instanceof LLMRelayError, `not an LLMRelayError: ${String(streamed)}`);
+    assert.equal(streamed.code, status.UNAUTHENTICATED, streamed.message);
+  });
+});
+
+describe("a server whose grpc-status-details-bin is not what the gateway sends", () => {
+  let server: Server;
+  let addr: string;
+  let trailer: Buffer;
+
+  before(async () => {
+    server = new Server();
+    const fail = (): ServerErrorResponse => {
+      const metadata = new Metadata();
+      metadata.set("grpc-status-details-bin", trailer);
+      return { name: "Error", message: "overloaded", code: status.UNAVAILABLE, details: "overloaded", metadata };
+    };
+    server.addService(LLMServiceService, {
+      complete: (_call: unknown, callback: (err: ServerErrorResponse) => void) => callback(fail()),
+      streamComplete: (call: { emit(event: "error", err: ServerErrorResponse): void }) => call.emit("error", fail()),
+    });
+    const port = await new Promise<number>((resolve, reject) =>
+      server.bindAsync("127.0.0.1:0", ServerCredentials.createInsecure(), (err, bound) =>
+        err ? reject(err) : resolve(bound),
+      ),
+    );
+    addr = `127.0.0.1:${port}`;
+  });
+
+  after(() => {
+    server?.forceShutdown();
+  });
+
+  test("a trailer that is no google.rpc.Status leaves the call's code and message", async () => {
+    // From a proxy, say. The decode error escaped grpc-js's callback: complete() never settled, stream() threw it.
+    trailer = Buffer.from([0xff, 0xff, 0xff, 0xff, 0x0f]);
+    const client = connect(addr, { channelOptions: { "grpc.enable_retries": 0 } });
+    const err = await mustFail(client.complete({ messages: [user("hi")] }), status.UNAVAILABLE);
+    assert.equal(err.details, "overloaded");
+    const streamed = await streamError(client);
+    assert.ok(streamed instanceof LLMRelayError, `not an LLMRelayError: ${String(streamed)}`);
+    assert.equal(streamed.code, status.UNAVAILABLE, streamed.message);
+  });
+
+  test("a detail that does not decode is skipped, and the others are read", async () => {
+    const errorInfo = Buffer.from(ErrorInfo.encode({ reason: "OVERLOADED", domain: DOMAIN, metadata: {} }).finish());
+    trailer = Buffer.from(
+      Status.encode({
+        code: status.UNAVAILABLE,
+        message: "overloaded",
+        details: [
+          { typeUrl: "type.googleapis.com/google.rpc.RetryInfo", value: Buffer.from([0xff, 0xff, 0xff, 0xff, 0x0f]) },
+          { typeUrl: "type.googleapis.com/google.rpc.ErrorInfo", value: errorInfo },
+        ],
+      }).finish(),
+    );
+    const client = connect(addr, { channelOptions: { "grpc.enable_retries": 0 } });
+    const err = await mustFail(client.complete({ messages: [user("hi")] }), status.UNAVAILABLE);
+    assert.equal(err.reason, "OVERLOADED");
+    assert.equal(err.retryInfo, undefined);
   });
 });
