@@ -44,6 +44,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -80,6 +81,9 @@ type Client struct {
 	// "" over plaintext or the caller's own credentials (what they present is not known). It completes the message
 	// of a call whose TLS connection the gateway closed without a word (see closedWithoutAWord).
 	certificateHint string
+	// reached is set once a call has heard from the gateway (its response headers or a message): the transport
+	// security is the gateway's, and a later call that cannot reach it (the gateway gone, or restarting) gets no hint.
+	reached atomic.Bool
 }
 
 type options struct {
@@ -449,8 +453,12 @@ const requestIDTrailer = "x-request-id"
 // (closedWithoutAWord), as one with mutual TLS does to a client it does not take, what to give it: a client
 // certificate, or one its client CA issued. Else, where Dial chose the transport security by itself, what Dial chose
 // and how to choose otherwise: the usual cause is a gateway that speaks the other one. A gateway that went away
-// mid-call (killed after some chunks of a stream) was reached, whatever its transport security.
+// mid-call (killed after some chunks of a stream), or that answered an earlier call, was reached, whatever its
+// transport security.
 func (c *Client) wrapError(ctx context.Context, err error, trailer metadata.MD, reached bool) error {
+	if reached {
+		c.reached.Store(true)
+	}
 	e := ParseError(err)
 	if e == nil {
 		return err
@@ -467,7 +475,7 @@ func (c *Client) wrapError(ctx context.Context, err error, trailer metadata.MD, 
 	case e.Code == codes.DeadlineExceeded && hasDeadline:
 		e.ctxErr = context.DeadlineExceeded
 	}
-	if e.Code == codes.Unavailable && e.ErrorInfo == nil && !reached {
+	if e.Code == codes.Unavailable && e.ErrorInfo == nil && !c.reached.Load() {
 		// The certificate's first: the more specific, and TLS with the system's roots was right if the gateway got
 		// as far as asking for a client certificate.
 		hint := c.securityHint

@@ -98,10 +98,17 @@ func TestWhichHint(t *testing.T) {
 					t.Errorf("%s, %q: hint %q; want %q alone", c.name, failure.message, hint, failure.want)
 				}
 			}
-			// Reached: the gateway answered, so neither its transport security nor its certificates were wrong.
-			e = client.wrapError(context.Background(), status.Error(codes.Unavailable, failure.message), nil, true)
-			if got := e.(*Error).Message; got != failure.message {
+		}
+		// Reached: the gateway answered, so neither its transport security nor its certificates were wrong; nor are
+		// they for the calls after it (a gateway gone, or restarting, refuses their connections).
+		for _, message := range []string{closedMessages[0], otherMessages[0]} {
+			e := client.wrapError(context.Background(), status.Error(codes.Unavailable, message), nil, true)
+			if got := e.(*Error).Message; got != message {
 				t.Errorf("%s: a call that reached the gateway says %q", c.name, got)
+			}
+			e = client.wrapError(context.Background(), status.Error(codes.Unavailable, message), nil, false)
+			if got := e.(*Error).Message; got != message {
+				t.Errorf("%s: a call after one that reached the gateway says %q", c.name, got)
 			}
 		}
 		_ = client.Close()

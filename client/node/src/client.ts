@@ -178,6 +178,11 @@ export class Client {
   private readonly active = new Set<{ cancel(): void }>();
   /** Set by close(): a call after it fails as in the Python SDK, not with grpc-js's plain Error. */
   private closed = false;
+  /**
+   * Set once a call has heard from the gateway (its response headers or a message): the transport is the gateway's,
+   * and a later call that cannot reach it (the gateway gone, or restarting) is given no hint to change it.
+   */
+  private reached = false;
 
   constructor(
     readonly target: string = DEFAULT_TARGET,
@@ -233,12 +238,12 @@ export class Client {
     // Whether anything came from the gateway, its response headers or a message: then it was reached.
     let reached = false;
     call.once("metadata", () => {
-      reached = true;
+      reached = this.reached = true;
     });
     const stopWaiting = onAbort(options?.signal, () => call.cancel());
     try {
       for await (const chunk of call) {
-        reached = true;
+        reached = this.reached = true;
         yield chunk as StreamCompleteResponse;
       }
     } catch (err) {
@@ -343,7 +348,7 @@ export class Client {
         return;
       }
       call.once("metadata", () => {
-        reached = true;
+        reached = this.reached = true;
       });
       this.active.add(call);
       const stopWaiting = onAbort(signal, () => call.cancel());
@@ -384,10 +389,10 @@ export class Client {
    * rule chose, what it chose and how to choose otherwise: a gateway that serves TLS drops a plaintext client with no
    * word of TLS in the status, and a plaintext gateway fails a TLS client with OpenSSL's "wrong version number". A
    * caller who chose needs no word of the rule, and neither does a call that reached the gateway (`reached`: its
-   * response headers or a message came), such as a stream cut by a gateway that went away midway.
+   * response headers or a message came), such as a stream cut by a gateway that went away midway, nor one after it.
    */
   private explain(err: unknown, reached: boolean): unknown {
-    if (reached || !(err instanceof LLMRelayError) || err.code !== status.UNAVAILABLE || err.errorInfo !== undefined) {
+    if (reached || this.reached || !(err instanceof LLMRelayError) || err.code !== status.UNAVAILABLE || err.errorInfo !== undefined) {
       return err;
     }
     // The certificate's first: the more specific, and TLS with the system's roots was right if the gateway got as far

@@ -411,6 +411,15 @@ describe("a stream cut by a gateway that died", () => {
     assert.ok(err instanceof LLMRelayError, `not an LLMRelayError: ${String(err)}`);
     assert.equal(err.code, status.UNAVAILABLE, err.message);
     assert.doesNotMatch(err.message, /plaintext|loopback|gateway serves TLS/);
+    // Nor the calls after it, refused a connection: they were told to try TLS, by a client that had been talking
+    // plaintext to that gateway all along.
+    const refused = await client.complete({ messages: [user("hi")] }).then(
+      () => assert.fail("a call to a dead gateway succeeded"),
+      (caught: unknown) => caught,
+    );
+    assert.ok(refused instanceof LLMRelayError, `not an LLMRelayError: ${String(refused)}`);
+    assert.equal(refused.code, status.UNAVAILABLE, refused.message);
+    assert.doesNotMatch(refused.message, /plaintext|loopback|gateway serves TLS/);
   });
 });
 
