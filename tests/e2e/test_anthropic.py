@@ -587,6 +587,8 @@ async def test_images_reach_the_messages_api_as_image_blocks(
         ("model_context_window_exceeded", pb.FINISH_REASON_LENGTH),
         ("refusal", pb.FINISH_REASON_CONTENT_FILTER),
         ("pause_turn", pb.FINISH_REASON_UNSPECIFIED),
+        # Said with no tool_use block: the contract's TOOL_CALLS is an answer that calls a tool, which an agent runs.
+        ("tool_use", pb.FINISH_REASON_STOP),
     ],
 )
 async def test_stop_reasons_become_finish_reasons(

@@ -234,6 +234,21 @@ async def test_a_legacy_function_call_is_a_tool_call(stub: pb.LLMServiceAsyncStu
     assert first_fragments_alone_name_their_calls(chunks)
 
 
+@pytest.mark.parametrize("said", ["tool_calls", "function_call"])
+async def test_an_answer_said_to_call_tools_that_calls_none_is_stop(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, said: str
+) -> None:
+    """A server whose parse of the model's calls found none still said "tool_calls": the caller was told TOOL_CALLS,
+    which the contract keeps for an answer that calls tools, and an agent ran no tool and asked again."""
+    stream = streamed(event({"role": "assistant", "content": "no call"}), event({}, said), event() | {"usage": USAGE})
+
+    answer, assembled, _ = await both(stub, primary, whole({"content": "no call"}, said), stream)
+
+    assert answer.message.content == assembled.message.content == "no call"
+    assert not answer.message.tool_calls and not assembled.message.tool_calls
+    assert answer.finish_reason == assembled.finish_reason == pb.FINISH_REASON_STOP
+
+
 async def test_reasoning_in_a_field_and_in_thinking_parts_is_both(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream
 ) -> None:

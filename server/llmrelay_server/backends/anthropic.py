@@ -183,7 +183,7 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
             backend=self._spec.name,
             model=state.model or model,
             tool_calls=state.unstopped_tool_calls(),
-            finish_reason=state.finish_reason or FinishReason.UNKNOWN,
+            finish_reason=wire.as_called(state.finish_reason or FinishReason.UNKNOWN, state.called),
             usage=state.usage,
             reasoning_signature=state.reasoning_signature,
             prompt_usage=state.prompt_usage,

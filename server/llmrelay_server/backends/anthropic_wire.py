@@ -19,6 +19,7 @@ from llmrelay_server.backends.wire import (
     ErrorEvent,
     MalformedAnswerError,
     arguments_json,
+    as_called,
     calls_apart,
     count_field,
     is_count,
@@ -420,7 +421,7 @@ def answer_from(data: Any) -> Answer:
         id=text_field(data.get("id"), "id"),
         model=text_field(data.get("model"), "model"),
         message=message,
-        finish_reason=finish_reason(data.get("stop_reason")),
+        finish_reason=as_called(finish_reason(data.get("stop_reason")), bool(calls)),
         usage=usage_from(data.get("usage")),
         prompt_usage=prompt_usage_from(data.get("usage")),
     )
@@ -539,6 +540,11 @@ class StreamState:
     @property
     def usage(self) -> TokenUsage | None:
         return usage_from(self._usage)
+
+    @property
+    def called(self) -> bool:
+        """Whether the answer so far calls a tool."""
+        return bool(self._tools)
 
     def unstopped_tool_calls(self) -> tuple[ToolCallDelta, ...]:
         """For the last chunk: the arguments of the tool_use blocks the stream ended before their own stop (and

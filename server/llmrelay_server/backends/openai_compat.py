@@ -236,10 +236,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             raise self._malformed(exc) from exc
         if held:  # calls whose arguments never began, relayed now their names are whole
             yield CompletionChunk(id=completion_id, backend=self._spec.name, model=served_model, tool_calls=held)
-        if refused:
-            finish = FinishReason.CONTENT_FILTER
-        elif tool_calls.begun:
-            finish = wire.with_calls(finish)
+        finish = FinishReason.CONTENT_FILTER if refused else wire.as_called(finish, tool_calls.begun)
         # Usage stays unset when the upstream sent none: the router, which has the text, estimates it.
         yield CompletionChunk(
             id=completion_id, backend=self._spec.name, model=served_model, finish_reason=finish, usage=usage

@@ -287,20 +287,24 @@ def finish_reason(value: Any) -> FinishReason:
 
 
 def answer_finish_reason(choice: Mapping[str, Any]) -> FinishReason:
-    """A whole answer's finish reason: a refusal is CONTENT_FILTER, whatever the upstream says beside it ("stop"); an
-    answer with tool calls is TOOL_CALLS where its server said "stop" (`with_calls`)."""
+    """A whole answer's finish reason: a refusal is CONTENT_FILTER, whatever the upstream says beside it ("stop");
+    else as `as_called` makes it of whether the answer calls tools."""
     message = choice.get("message")
     if isinstance(message, dict) and refusal_text(message) is not None:
         return FinishReason.CONTENT_FILTER
     reason = finish_reason(choice.get("finish_reason"))
-    calls = isinstance(message, dict) and (message.get("tool_calls") or legacy_call(message))
-    return with_calls(reason) if calls else reason
+    return as_called(reason, isinstance(message, dict) and bool(message.get("tool_calls") or legacy_call(message)))
 
 
-def with_calls(reason: FinishReason) -> FinishReason:
-    """The finish reason of an answer that calls tools: TOOL_CALLS where its server said "stop", as OpenAI's gpt-4o,
-    Gemini and Ollama's /v1 have for streamed calls; the caller's loop runs its tools on TOOL_CALLS."""
-    return FinishReason.TOOL_CALLS if reason is FinishReason.STOP else reason
+def as_called(reason: FinishReason, called: bool) -> FinishReason:
+    """The finish reason of an answer, told whether it calls tools (`called`); the caller's loop runs its tools on
+    TOOL_CALLS, which the contract keeps for an answer that calls one or more. An answer that calls tools is
+    TOOL_CALLS where its server said "stop", as OpenAI's gpt-4o, Gemini and Ollama's /v1 have for streamed calls; one
+    that calls none is STOP where its server said it called some (a server whose parse of the model's calls found
+    none), as an agent told TOOL_CALLS would run no tool and ask again for the same answer."""
+    if called:
+        return FinishReason.TOOL_CALLS if reason is FinishReason.STOP else reason
+    return FinishReason.STOP if reason is FinishReason.TOOL_CALLS else reason
 
 
 def refusal_text(message: Mapping[str, Any]) -> str | None:
