@@ -330,3 +330,51 @@ async def test_an_error_in_a_200_whose_code_is_a_status_as_text_is_that_status(
     assert (failed.value.code(), details(failed.value)["ErrorInfo"].reason) == (status, reason)
     assert f"(HTTP {code})" in (failed.value.details() or "")
     assert len(primary.chat_requests) == calls
+
+
+@pytest.mark.parametrize("streamed_", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize(
+    ("error", "status", "reason", "calls"),
+    [
+        (
+            {"type": "invalid_request_error", "code": "invalid_value"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "UPSTREAM_REJECTED",
+            1,
+        ),
+        (
+            {"type": "requests", "code": "rate_limit_exceeded"},
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "UPSTREAM_RATE_LIMITED",
+            2,
+        ),
+        ({"type": "rate_limit_error"}, grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED", 2),
+    ],
+    ids=["invalid request", "rate limit code", "rate limit type"],
+)
+async def test_an_error_in_a_200_without_a_status_is_what_its_name_says(
+    stub_for: StubFactory,
+    primary: FakeUpstream,
+    streamed_: bool,
+    error: dict[str, str],
+    status: grpc.StatusCode,
+    reason: str,
+    calls: int,
+) -> None:
+    """OpenAI's own errors name themselves (a code, a type) and proxies write Anthropic's types: without a status,
+    each was the server's failure (a 500), retried, counted against the backend's circuit, and the call failed
+    UNAVAILABLE: a rate limit as if the server were down, and a request the upstream refused as if it could pass."""
+    stub = await stub_for(one_backend(primary))
+    body = {"error": {"message": "said by name", **error}}
+    fault = streamed(event({"role": "assistant", "content": ""}), body) if streamed_ else {"body": json.dumps(body)}
+    primary.inject(fault, fault)
+
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        if streamed_:
+            await read_all(stub.StreamComplete(stream_chat(), timeout=5))
+        else:
+            await stub.Complete(chat(), timeout=5)
+
+    assert (failed.value.code(), details(failed.value)["ErrorInfo"].reason) == (status, reason)
+    assert "said by name" in (failed.value.details() or "") and "HTTP" not in (failed.value.details() or "")
+    assert len(primary.chat_requests) == calls

@@ -557,7 +557,16 @@ def test_only_choice_zero_is_read() -> None:
         ({"error": {"message": "boom", "code": 500}}, wire.ErrorEvent("boom", 500, None)),
         (
             {"error": {"message": "slow down", "code": "rate_limit_exceeded"}},
-            wire.ErrorEvent("slow down", None, "rate_limit_exceeded"),
+            wire.ErrorEvent("slow down", None, "rate_limit_exceeded", 429),
+        ),
+        # Without a status: the one its code's name comes with, else its type's; a status given is the one.
+        (
+            {"error": {"message": "no", "code": "invalid_value", "type": "invalid_request_error"}},
+            wire.ErrorEvent("no", None, "invalid_value", 400),
+        ),
+        (
+            {"error": {"message": "no", "code": 400, "type": "rate_limit_error"}},
+            wire.ErrorEvent("no", 400, "rate_limit_error"),
         ),
         ({"error": {"code": 99}}, wire.ErrorEvent("the upstream sent an error event", None, None)),
         # A status as text (LiteLLM proxy's): the status, as a number is, and the type says more; it was a code.

@@ -23,6 +23,7 @@ from llmrelay_server.backends.wire import (
     calls_apart,
     count_field,
     is_count,
+    named_status,
     own_call_id,
     plausible_usage,
     text_field,
@@ -73,20 +74,6 @@ _FINISH_REASONS: Final[Mapping[str, FinishReason]] = {
     "refusal": FinishReason.CONTENT_FILTER,
     # pause_turn (a server tool's long turn, which the gateway never asks for) and any reason added later: UNKNOWN.
 }
-
-ERROR_STATUSES: Final[Mapping[str, int]] = {
-    "invalid_request_error": 400,
-    "authentication_error": 401,
-    "billing_error": 402,
-    "permission_error": 403,
-    "not_found_error": 404,
-    "request_too_large": 413,
-    "rate_limit_error": 429,
-    "api_error": 500,
-    "timeout_error": 504,
-    "overloaded_error": 529,
-}
-"""Anthropic's error types with the HTTP status each comes with: an error event inside a stream has only its type."""
 
 
 class UnmappableRequestError(ValueError):
@@ -490,7 +477,7 @@ def error_event(data: Any) -> ErrorEvent | None:
     message = error.get("message") if isinstance(error, dict) else None
     return ErrorEvent(
         message if isinstance(message, str) and message else "the upstream sent an error event",
-        ERROR_STATUSES.get(kind) if isinstance(kind, str) else None,
+        named_status(kind),  # an error event inside a stream has only its type
         kind if isinstance(kind, str) else None,
     )
 

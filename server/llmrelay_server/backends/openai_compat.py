@@ -359,8 +359,9 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         status = event.status
         words = self._redact(event.message)
         message = f"{said}{f' (HTTP {status})' if status else ''}: {words}"
-        # Without a status, the server's failure (a 500), unless its code says more (insufficient_quota: the account).
-        kind = kind_of_status(status or 500, event.code, event.message)
+        # Without a status, the one its name comes with (rate_limit_exceeded: a 429, not the server's failure that would
+        # count against its circuit), else the server's failure (a 500), unless its code says more (insufficient_quota).
+        kind = kind_of_status(status or event.named_status or 500, event.code, event.message)
         return UpstreamError(kind, self._spec.name, message, status=status, quoted=words)
 
 

@@ -347,6 +347,28 @@ def first_choice(data: Any, key: str) -> Mapping[str, Any] | None:
     return choice
 
 
+ERROR_NAME_STATUSES: Final[Mapping[str, int]] = {
+    # OpenAI's error codes.
+    "invalid_api_key": 401,
+    "model_not_found": 404,
+    "rate_limit_exceeded": 429,
+    # OpenAI's error types, and Anthropic's, which proxies in front of other servers write too.
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "server_error": 500,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
+"""Error codes and types with the HTTP status each comes with: an error inside a stream, or inside a 200 answer, may
+have only its name."""
+
+
 class ErrorEvent(NamedTuple):
     """An error the upstream reported inside a stream."""
 
@@ -354,6 +376,9 @@ class ErrorEvent(NamedTuple):
     status: int | None
     """An HTTP status, where the event gives one as its code (vLLM does)."""
     code: str | None
+    named_status: int | None = None
+    """Where it gives no status, the one its code, else its type, comes with (ERROR_NAME_STATUSES): what it means,
+    not what was sent."""
 
 
 def error_event(data: Mapping[str, Any]) -> ErrorEvent | None:
@@ -368,8 +393,16 @@ def error_event(data: Mapping[str, Any]) -> ErrorEvent | None:
         return ErrorEvent(said[:QUOTED_CHARS], None, None)
     message = error.get("message")
     status, code = error_code(error.get("code"), error.get("type"))
+    named = None if status is not None else named_status(error.get("code"), error.get("type"))
     return ErrorEvent(
-        message if isinstance(message, str) and message else "the upstream sent an error event", status, code
+        message if isinstance(message, str) and message else "the upstream sent an error event", status, code, named
+    )
+
+
+def named_status(*names: Any) -> int | None:
+    """The HTTP status the first of an error's names (its code, its type) that ERROR_NAME_STATUSES knows comes with."""
+    return next(
+        (ERROR_NAME_STATUSES[name] for name in names if isinstance(name, str) and name in ERROR_NAME_STATUSES), None
     )
 
 
