@@ -51,6 +51,12 @@ class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpcio
         request: health_pb2.HealthCheckRequest,
         context: grpc.aio.ServicerContext[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse],
     ) -> None:
+        if self._watches.ended:
+            # Come in after end_watches, before the server's stop closed the door: told its status (NOT_SERVING), and
+            # ended OK as the watches end_watches ended, not left to hold the stop for its whole grace period.
+            status = self._server_status.get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            await context.write(health_pb2.HealthCheckResponse(status=status))
+            return
         with self._watches.held():  # ended by end_watches: the stream ends OK, its last status NOT_SERVING
             await super().Watch(request, context)
 

@@ -149,6 +149,22 @@ async def test_a_watch_does_not_hold_a_graceful_shutdown(
         assert await watch.code() == grpc.StatusCode.OK
 
 
+async def test_a_watch_come_in_after_the_watches_ended_is_told_and_ended(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """A watch whose call came in between the end of the watches and the server's stop (as a stop runs them) was
+    held for the stop's whole grace period, as a reflection stream in that moment is not."""
+    gateway: Gateway = await gateway_factory(two_backends(primary, local))
+    await gateway.monitor.stop()  # the shutdown's first steps, as Gateway.stop takes them
+    gateway.monitor.end_watches()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service, told in (("", NOT_SERVING), ("nothing.Such", health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)):
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            statuses = [answer.status async for answer in watch]
+            assert (statuses, await watch.code()) == ([told], grpc.StatusCode.OK)
+
+
 async def test_an_open_reflection_stream_does_not_hold_a_graceful_shutdown(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
