@@ -295,77 +295,39 @@ llm:
 {FAST_ROUTER}"""
 
 
+REJECTED = (grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED", 1)
+RATE_LIMITED = (grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED", 2)
+
+
 @pytest.mark.parametrize("streamed_", [False, True], ids=["whole", "streamed"])
 @pytest.mark.parametrize(
-    ("code", "status", "reason", "calls"),
+    ("error", "said", "failed_as"),
     [
-        ("400", grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED", 1),
-        (400, grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED", 1),
-        ("429", grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED", 2),
-        (429, grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED", 2),
+        ({"type": "invalid_request_error", "code": "400"}, "(HTTP 400)", REJECTED),
+        ({"type": "invalid_request_error", "code": 400}, "(HTTP 400)", REJECTED),
+        ({"type": "invalid_request_error", "code": "429"}, "(HTTP 429)", RATE_LIMITED),
+        ({"type": "invalid_request_error", "code": 429}, "(HTTP 429)", RATE_LIMITED),
+        ({"type": "invalid_request_error", "code": "invalid_value"}, None, REJECTED),
+        ({"type": "requests", "code": "rate_limit_exceeded"}, None, RATE_LIMITED),
+        ({"type": "rate_limit_error"}, None, RATE_LIMITED),
     ],
+    ids=["400 as text", "400", "429 as text", "429", "invalid request", "rate limit code", "rate limit type"],
 )
-async def test_an_error_in_a_200_whose_code_is_a_status_as_text_is_that_status(
+async def test_an_error_in_a_200_is_the_status_its_code_gives_else_its_name_says(
     stub_for: StubFactory,
     primary: FakeUpstream,
     streamed_: bool,
-    code: str | int,
-    status: grpc.StatusCode,
-    reason: str,
-    calls: int,
+    error: dict[str, Any],
+    said: str | None,
+    failed_as: tuple[grpc.StatusCode, str, int],
 ) -> None:
     """LiteLLM's proxy writes the status as text ("code": "400"): it was read as a code that names the error, the
-    error as the server's own (a 500), retried, and the call failed UNAVAILABLE, as no 400 is."""
+    error as the server's own (a 500), retried, and the call failed UNAVAILABLE, as no 400 is. OpenAI's own errors
+    name themselves (a code, a type), and proxies write Anthropic's types: without a status, each was the server's
+    failure too, counted against the backend's circuit: a rate limit as if the server were down, and a request the
+    upstream refused as if it could pass."""
     stub = await stub_for(one_backend(primary))
-    error = {"error": {"message": "Invalid value", "type": "invalid_request_error", "param": None, "code": code}}
-    fault = streamed(event({"role": "assistant", "content": ""}), error) if streamed_ else {"body": json.dumps(error)}
-    primary.inject(fault, fault)
-
-    with pytest.raises(grpc.aio.AioRpcError) as failed:
-        if streamed_:
-            await read_all(stub.StreamComplete(stream_chat(), timeout=5))
-        else:
-            await stub.Complete(chat(), timeout=5)
-
-    assert (failed.value.code(), details(failed.value)["ErrorInfo"].reason) == (status, reason)
-    assert f"(HTTP {code})" in (failed.value.details() or "")
-    assert len(primary.chat_requests) == calls
-
-
-@pytest.mark.parametrize("streamed_", [False, True], ids=["whole", "streamed"])
-@pytest.mark.parametrize(
-    ("error", "status", "reason", "calls"),
-    [
-        (
-            {"type": "invalid_request_error", "code": "invalid_value"},
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "UPSTREAM_REJECTED",
-            1,
-        ),
-        (
-            {"type": "requests", "code": "rate_limit_exceeded"},
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            "UPSTREAM_RATE_LIMITED",
-            2,
-        ),
-        ({"type": "rate_limit_error"}, grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED", 2),
-    ],
-    ids=["invalid request", "rate limit code", "rate limit type"],
-)
-async def test_an_error_in_a_200_without_a_status_is_what_its_name_says(
-    stub_for: StubFactory,
-    primary: FakeUpstream,
-    streamed_: bool,
-    error: dict[str, str],
-    status: grpc.StatusCode,
-    reason: str,
-    calls: int,
-) -> None:
-    """OpenAI's own errors name themselves (a code, a type) and proxies write Anthropic's types: without a status,
-    each was the server's failure (a 500), retried, counted against the backend's circuit, and the call failed
-    UNAVAILABLE: a rate limit as if the server were down, and a request the upstream refused as if it could pass."""
-    stub = await stub_for(one_backend(primary))
-    body = {"error": {"message": "said by name", **error}}
+    body = {"error": {"message": "Invalid value", "param": None, **error}}
     fault = streamed(event({"role": "assistant", "content": ""}), body) if streamed_ else {"body": json.dumps(body)}
     primary.inject(fault, fault)
 
@@ -375,6 +337,8 @@ async def test_an_error_in_a_200_without_a_status_is_what_its_name_says(
         else:
             await stub.Complete(chat(), timeout=5)
 
+    status, reason, calls = failed_as
     assert (failed.value.code(), details(failed.value)["ErrorInfo"].reason) == (status, reason)
-    assert "said by name" in (failed.value.details() or "") and "HTTP" not in (failed.value.details() or "")
+    told = failed.value.details() or ""
+    assert "Invalid value" in told and (said in told if said else "HTTP" not in told)
     assert len(primary.chat_requests) == calls
