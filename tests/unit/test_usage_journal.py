@@ -296,6 +296,34 @@ async def test_a_journal_left_without_a_file_while_the_database_was_down_takes_r
     assert requests_on_disk(path) == 9
 
 
+async def test_a_batch_file_removed_by_hand_is_said_lost_once_however_long_the_database_is_down(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its loss was logged as an error at every try to write it, every flush interval of the outage: the outage let go
+    of its empty counts, and the next try looked for its file again."""
+    path = tmp_path / "usage.sqlite3"
+    ledger = UsageLedger(path)
+    monkeypatch.setattr(ledger._store, "apply", database_down)
+    for _ in range(3):
+        ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+    with pytest.raises(LedgerUnavailableError):
+        await ledger.flush()  # sealed, its file kept for the database's return
+    (removed,) = [batch for batch in batch_files(path) if batch.stat().st_size]  # not the new active one
+    removed.unlink()
+    for _ in range(3):
+        with pytest.raises(LedgerUnavailableError):
+            await ledger.flush()
+
+    monkeypatch.undo()
+    await ledger.flush()
+    ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+    await ledger.aclose()
+
+    gone = [r.getMessage() for r in caplog.records if "is gone" in r.getMessage()]
+    assert gone == [f"usage ledger: the journal file {removed} is gone; its 3 records are lost"]
+    assert requests_on_disk(path) == 1
+
+
 async def test_a_journal_directory_that_cannot_be_listed_holds_up_usage_answers_not_the_ledger(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

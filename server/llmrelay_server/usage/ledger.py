@@ -184,6 +184,9 @@ class _Batch:
     """The dead process's journal this batch was claimed from."""
     unjournaled: int = 0
     """Of its records, those the journal could not take: in its counts alone, which it keeps through an outage."""
+    lost: bool = False
+    """Its file was found gone (removed by hand): its counts are empty for good, not to be read again, nor its loss
+    said again at every try while the database is down."""
 
 
 class UsageLedger:
@@ -576,7 +579,8 @@ class UsageLedger:
                 _log.error(
                     "usage ledger: the journal file %s is gone; its %d records are lost", batch.path, batch.records
                 )
-                buckets = {}
+                buckets = batch.buckets = {}
+                batch.lost = True
         try:
             if not await self._store.apply(batch.id, buckets):
                 _log.info("usage ledger: batch %d of %s was written before; skipped", batch.id.number, batch.id.journal)
@@ -619,7 +623,7 @@ class UsageLedger:
         if self._journal is not None:
             with self._lock:  # let go of what the files hold (all of it, or the counts are the batch's alone)
                 for batch in (*self._pending, self._active):
-                    if not batch.unjournaled:
+                    if not (batch.unjournaled or batch.lost):
                         batch.buckets = None
 
     def _became_available(self) -> None:
