@@ -16,7 +16,7 @@ Exceptions::
     ├── ModelNotAllowedError         the caller's key may not use the model
     ├── LimitExceededError           a caller's or the gateway's limit is reached (names which)
     ├── LimitsUnavailableError       the limits' shared store is unreachable and calls are refused meanwhile
-    ├── UsageUnavailableError        the usage ledger's database cannot be read now
+    ├── UsageUnavailableError        the usage ledger's database (or journal) cannot be read now
     ├── UpstreamError                one backend failed one attempt (kind says how)
     ├── AllBackendsFailedError       the chain is exhausted (carries the attempts)
     ├── DeadlineExceededError        the caller's deadline ran out (carries the attempts)
@@ -747,13 +747,17 @@ class LimitsUnavailableError(LLMRelayError):
 
 
 class UsageUnavailableError(LLMRelayError):
-    """The usage ledger's database cannot be read now (usage goes on being recorded, in the journal on disk)."""
+    """The usage ledger's database cannot be read now (usage goes on being recorded, in the journal on disk), or its
+    journal cannot (`journal`): the totals would be short of what it holds."""
 
-    def __init__(self, retry_after_s: float) -> None:
+    def __init__(self, retry_after_s: float, *, journal: bool = False) -> None:
         self.retry_after_s = retry_after_s
         super().__init__(
-            "the usage ledger's database cannot be read now; usage is still recorded and will be there once it is"
-            f" back; retry in {retry_after_s:.0f} s"
+            f"the usage ledger's journal on disk cannot be read now (its server's log says why); retry in"
+            f" {retry_after_s:.0f} s"
+            if journal
+            else "the usage ledger's database cannot be read now; usage is still recorded and will be there once it"
+            f" is back; retry in {retry_after_s:.0f} s"
         )
 
 

@@ -706,7 +706,7 @@ def _read_journal(directory: Path, selection: Selection, known: set[BatchId]) ->
         files = batch_files(directory)
     except OSError as exc:
         _log.error("usage journal %s cannot be listed (%s): GetUsage waits until it can", directory, exc.strerror)
-        raise UsageUnavailableError(QUERY_RETRY_S) from None
+        raise UsageUnavailableError(QUERY_RETRY_S, journal=True) from None
     for batch, path in files:
         if batch in known:
             continue
@@ -717,6 +717,6 @@ def _read_journal(directory: Path, selection: Selection, known: set[BatchId]) ->
         except OSError as exc:
             # Its records cannot be counted: the totals would be short of them, so none are given.
             _log.error("usage journal %s cannot be read (%s): GetUsage waits until it can", path, exc.strerror)
-            raise UsageUnavailableError(QUERY_RETRY_S) from None
+            raise UsageUnavailableError(QUERY_RETRY_S, journal=True) from None
         selection.add_matching(found.setdefault(batch, {}), buckets.items())
     return found
