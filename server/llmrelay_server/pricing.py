@@ -16,7 +16,8 @@ written first; so "gpt-4o-mini-2024-07-18" is priced by "gpt-4o-mini-*" rather t
 plain name prices its dated snapshots too (a date after it: "gpt-4o-2024-08-06", "gpt-4-0613"), as OpenAI's answers
 name the snapshot that served. An answer that names a model other than the one asked for is priced as the model it
 names where a price is known for it, else as the one asked for, the operator's prices before the shipped ones
-(`PriceTable.answer_rate`).
+(`PriceTable.answer_rate`); so a request reserves at the dearest of its model's price and those of its dated snapshots
+priced apart (`PriceTable.rate`).
 
 Prices are taken as the decimals they are written as (0.15 is 15/100, not the float nearest to it) and a cost is
 computed exactly in fractions of a micro-dollar, then rounded once, up, to whole micro-dollars: never below the exact
@@ -170,6 +171,18 @@ class Rate:
 FREE: Final = Rate(prompt=Fraction(0), completion=Fraction(0), cached_prompt=Fraction(0))
 
 
+@functools.lru_cache(maxsize=256)
+def _dearest(rates: tuple[Rate, ...]) -> Rate:
+    """A rate at least as dear as each of `rates`, price by price (the first's `unknown`): a bound on any one's cost."""
+    first = rates[0]
+    return Rate(
+        prompt=max(rate.prompt for rate in rates),
+        completion=max(rate.completion for rate in rates),
+        cached_prompt=max(rate.cached_prompt for rate in rates),
+        unknown=first.unknown,
+    )
+
+
 def _literals(pattern: str) -> int:
     """How many characters of a name a pattern pins down: all but its wildcards and character sets."""
     return len(re.sub(r"\[[^]]*\]|[*?]", "", pattern))
@@ -217,13 +230,28 @@ class PriceTable:
         self._overrides = _Patterns(_with_snapshots(overrides))
         self._unknown = Rate.of(unknown, unknown=True)
         self._backends = frozenset(backends)
+        self._snapshots: dict[str, list[str]] = {}
+        """A model -> its dated snapshots that a price of their own is written for (the shipped gpt-4o-2024-05-13),
+        which an answer to a request for it may name (`rate`)."""
+        for name in (*OPENAI_PRICES, *overrides):
+            qualifier, slash, rest = name.partition("/")
+            snapshot = rest if slash and qualifier in self._backends else name
+            if not _is_glob(snapshot) and (model := undated(snapshot)) != snapshot:
+                self._snapshots.setdefault(model, []).append(snapshot)
         # Every answer asks; the answer only changes with the configuration. Bounded, as callers may name any model
         # on a backend ("openai/anything").
         self._lookup = functools.lru_cache(maxsize=1024)(self._find)
 
     def rate(self, spec: BackendSpec, model: str) -> Rate:
-        """The rate of `model` on the backend: what a request for it reserves."""
-        return self.answer_rate(spec, model, model)
+        """What a request for `model` on the backend reserves at: its rate, or, where a dated snapshot of it has a
+        price of its own, each price the dearest of its and the snapshots' as `answer_rate` prices an answer that names
+        them. An answer names the snapshot that served and is billed at its price ("gpt-4o-2024-05-13" costs twice
+        what "gpt-4o" does): reserved at the model's own, callers sharing a budget spent past it between them."""
+        own = self.answer_rate(spec, model, model)
+        snapshots = self._snapshots.get(model)
+        if snapshots is None:  # most models: one look
+            return own
+        return _dearest((own, *(self.answer_rate(spec, model, snapshot) for snapshot in snapshots)))
 
     def answer_rate(self, spec: BackendSpec, asked: str, answered: str) -> Rate:
         """The rate of an answer to a request for `asked` that names `answered` (an upstream names the snapshot that

@@ -1,6 +1,7 @@
-"""A daily budget is reserved at the highest price among the routes a call may take, through a real gRPC channel: many
-concurrent callers whose cheap first route fails and whose dearer fallback answers spend no more than the budget
-between them, and exactly as many are admitted as it pays for at the dearer price."""
+"""A daily budget is reserved at the highest price among the routes a call may take, and the snapshots of their models
+priced apart, through a real gRPC channel: many concurrent callers whose cheap first route fails and whose dearer
+fallback answers (or whose answers name a dearer snapshot) spend no more than the budget between them, and exactly as
+many are admitted as it pays for at the dearer price."""
 
 from __future__ import annotations
 
@@ -32,8 +33,10 @@ async def dear() -> AsyncIterator[FakeUpstream]:
     await upstream.stop()
 
 
-def config(primary: FakeUpstream, dear: FakeUpstream, local: FakeUpstream) -> str:
-    """openai (cheap, first), then the dear fallback, then Ollama; both paid backends embed with embed-test."""
+def config(primary: FakeUpstream, dear: FakeUpstream, local: FakeUpstream, *, dear_snapshot: bool = False) -> str:
+    """openai (cheap, first), then the dear fallback, then Ollama; both paid backends embed with embed-test. With
+    `dear_snapshot`, gpt-test's snapshot gpt-test-2025-01-01 has a price of its own, the dear one."""
+    snapshot = f'  "gpt-test-2025-01-01": {{prompt: 0, completion: {DEAR}}}\n' if dear_snapshot else ""
     return f"""
 llm:
   openai: {{api_key: "{OPENAI_TEST_KEY}", base_url: "{primary.base_url}", model: gpt-test, embedding_model: embed-test}}
@@ -48,7 +51,7 @@ pricing:
   "gpt-dear": {{prompt: 0, completion: {DEAR}}}
   "openai/embed-test": {{prompt: {CHEAP}, completion: 0}}
   "dear/embed-test": {{prompt: {DEAR}, completion: 0}}
-"""
+{snapshot}"""
 
 
 async def at_once(
@@ -99,6 +102,23 @@ async def test_concurrent_chats_that_fall_back_to_a_dearer_route_spend_no_more_t
     assert len(dear.chat_requests) == CALLS_PAID_FOR, "refused calls reach no upstream"
     assert await spent(stub) == {"dear": CALLS_PAID_FOR * per_call}
     assert CALLS_PAID_FOR * per_call <= budget
+
+
+async def test_concurrent_chats_answered_by_a_dearer_snapshot_of_their_model_spend_no_more_than_the_budget(
+    stub_for: StubFactory, primary: FakeUpstream, dear: FakeUpstream, local: FakeUpstream
+) -> None:
+    """An answer names the snapshot that served (OpenAI's gpt-4o answered as gpt-4o-2024-05-13, priced twice as dear)
+    and is billed at its price: reserved at the model's own, the callers spent past the budget between them."""
+    per_call = 3 * DEAR
+    budget = CALLS_PAID_FOR * per_call + per_call // 2
+    limits = f"limits: {{budget_usd_per_day: {budget / 1e6}}}"
+    stub = await stub_for(config(primary, dear, local, dear_snapshot=True), server=limits)
+    primary.inject(*[{"served_model": "gpt-test-2025-01-01"}] * CALLS)
+    request = chat("x y", model="gpt-test", exact_model=True, options=pb.CompletionOptions(max_tokens=3))
+    answers, refused = await at_once(lambda: stub.Complete(request, timeout=10))
+    assert [(a.model, a.usage.cost.usd_micros) for a in answers] == [("gpt-test-2025-01-01", per_call)] * CALLS_PAID_FOR
+    assert len(refused) == CALLS - CALLS_PAID_FOR
+    assert await spent(stub) == {"openai": CALLS_PAID_FOR * per_call}
 
 
 async def test_concurrent_embeddings_that_fall_back_to_a_dearer_backend_spend_no_more_than_the_budget(

@@ -26,8 +26,13 @@ OPENAI = backend("openai")
 SHIPPED = PriceTable({}, UNKNOWN)
 
 
+def priced(table: PriceTable, spec: BackendSpec, model: str) -> Rate:
+    """The rate of an answer that names the model asked for."""
+    return table.answer_rate(spec, model, model)
+
+
 def micros(table: PriceTable, spec: BackendSpec, model: str, prompt: int = 1_000_000, completion: int = 0) -> int:
-    return table.rate(spec, model).cost(TokenUsage(prompt, completion)).usd_micros
+    return priced(table, spec, model).cost(TokenUsage(prompt, completion)).usd_micros
 
 
 @pytest.mark.parametrize(
@@ -45,8 +50,8 @@ def micros(table: PriceTable, spec: BackendSpec, model: str, prompt: int = 1_000
     ],
 )
 def test_a_dated_snapshot_is_priced_as_its_model(model: str, as_: str) -> None:
-    assert SHIPPED.rate(OPENAI, model) == SHIPPED.rate(OPENAI, as_)
-    assert not SHIPPED.rate(OPENAI, model).unknown
+    assert priced(SHIPPED, OPENAI, model) == priced(SHIPPED, OPENAI, as_)
+    assert not priced(SHIPPED, OPENAI, model).unknown
 
 
 def test_shipped_list_prices() -> None:
@@ -64,7 +69,7 @@ def test_a_named_snapshot_beats_the_date_pattern() -> None:
 
 def test_variants_with_other_prices_are_not_taken_for_their_base_model() -> None:
     for model in ("gpt-4o-realtime-preview", "o3-deep-research", "gpt-4o-mini-search-preview"):
-        assert SHIPPED.rate(OPENAI, model).unknown, model
+        assert priced(SHIPPED, OPENAI, model).unknown, model
 
 
 def test_the_most_specific_pattern_wins_whatever_the_order() -> None:
@@ -107,14 +112,14 @@ def test_a_model_named_as_another_backends_is_not_priced_as_that_backends() -> N
     prices = {"ollama/tiny": Price(0.0, 0.0), "ollama/*": Price(0.0, 0.0), "gpt-4o": Price(2.5, 10.0)}
     table = PriceTable(prices, UNKNOWN, backends=["ollama", "paid"])
     paid = backend("openai_compatible", "paid")
-    assert table.rate(paid, "ollama/tiny").unknown and table.rate(paid, "ollama/other").unknown
+    assert priced(table, paid, "ollama/tiny").unknown and priced(table, paid, "ollama/other").unknown
     assert micros(table, backend("openai_compatible", "ollama"), "tiny") == 0
     assert micros(table, paid, "gpt-4o") == 2_500_000  # a model's name alone still prices it on any backend
     assert micros(table, paid, "Qwen/x") == 5_000_000  # a name whose first part is no backend's: unknown, as before
     # A model the backend is configured with is its own, whatever its name (vLLM's beside a backend named openai).
     vllm = BackendSpec(name="gpu", kind="vllm", base_url="http://gpu/v1", default_model="openai/gpt-oss-20b")
-    priced = PriceTable({"openai/gpt-oss-20b": Price(0.1, 0.5)}, UNKNOWN, backends=["openai", "gpu"])
-    assert micros(priced, vllm, "openai/gpt-oss-20b") == 100_000
+    gpu_priced = PriceTable({"openai/gpt-oss-20b": Price(0.1, 0.5)}, UNKNOWN, backends=["openai", "gpu"])
+    assert micros(gpu_priced, vllm, "openai/gpt-oss-20b") == 100_000
 
 
 def test_yaml_overrides_beat_the_shipped_prices_and_add_models() -> None:
@@ -135,26 +140,26 @@ def test_an_override_of_a_model_prices_its_dated_snapshots_too() -> None:
     assert micros(table, OPENAI, "gpt-4o-2024-08-06") == micros(table, OPENAI, "gpt-4o") == 1_000_000
     assert micros(table, OPENAI, "gpt-4o-2024-05-13") == 1_000_000, "over the shipped snapshot's own price too"
     assert micros(table, OPENAI, "my-model-0613") == 700_000
-    assert not table.rate(OPENAI, "my-model-2025-01-01").unknown
+    assert not priced(table, OPENAI, "my-model-2025-01-01").unknown
     # A price written for the snapshot itself wins over its model's; variants that are no snapshot are not priced so.
     assert micros(table, OPENAI, "gpt-4.1-2025-04-14") == 3_000_000
     assert micros(table, OPENAI, "gpt-4o-mini-2024-07-18") == 150_000
-    assert table.rate(OPENAI, "my-model-preview").unknown
+    assert priced(table, OPENAI, "my-model-preview").unknown
 
 
 def test_a_price_of_a_claude_model_prices_its_snapshots_dated_without_dashes() -> None:
     # Anthropic writes a snapshot's date as YYYYMMDD: a price given for the plain name billed its answers as unknown.
     claude = backend("anthropic")
     table = PriceTable({"claude-test": Price(3.0, 15.0)}, UNKNOWN)
-    assert table.rate(claude, "claude-test-20250929") == table.rate(claude, "claude-test")
-    assert not table.rate(claude, "claude-test-20250929").unknown
-    assert table.rate(claude, "claude-test-2025092").unknown, "seven digits are no date"
+    assert priced(table, claude, "claude-test-20250929") == priced(table, claude, "claude-test")
+    assert not priced(table, claude, "claude-test-20250929").unknown
+    assert priced(table, claude, "claude-test-2025092").unknown, "seven digits are no date"
 
 
 @pytest.mark.parametrize("kind", ["ollama", "llamacpp", "vllm"])
 def test_local_backends_are_free_whatever_the_model(kind: str) -> None:
     for model in ("gpt-oss:20b", "gpt-4o", "anything"):
-        rate = SHIPPED.rate(backend(kind), model)
+        rate = priced(SHIPPED, backend(kind), model)
         assert not rate.unknown
         assert rate.cost(TokenUsage(10_000, 10_000)) == Cost(0)
 
@@ -167,7 +172,7 @@ def test_a_price_in_yaml_makes_a_local_backend_paid() -> None:
 
 @pytest.mark.parametrize("kind", ["openai", "openai_compatible"])
 def test_an_unknown_model_on_a_paid_backend_is_flagged_and_counted_at_the_default_rate(kind: str) -> None:
-    rate = SHIPPED.rate(backend(kind), "mystery-model")
+    rate = priced(SHIPPED, backend(kind), "mystery-model")
     assert rate.unknown
     cost = rate.cost(TokenUsage(prompt_tokens=1_000, completion_tokens=100))
     # 1000 * 5.0 + 100 * 15.0 micro-USD: budgets count it, though no upstream bills this figure.
@@ -192,6 +197,24 @@ def test_an_answer_naming_another_model_costs_its_price_where_known_else_the_ask
     assert answered("mystery", "mystery-latest") == 5_000_000  # neither known
     assert table.answer_rate(OPENAI, "mystery", "mystery-latest").unknown
     assert SHIPPED.answer_rate(backend("ollama"), "tiny", "gpt-4o").cost(TokenUsage(1_000_000, 0)).usd_micros == 0
+
+
+def test_a_request_reserves_at_the_dearest_of_its_models_snapshots_priced_apart() -> None:
+    """An answer to "gpt-4o" that names "gpt-4o-2024-05-13" (its launch price, twice gpt-4o's) is billed at its price:
+    reserved at gpt-4o's, callers sharing a budget spent past it between them."""
+    table = PriceTable(
+        {"openai/gpt-test-2025-01-01": Price(3.0, 1.0), "gpt-test": Price(1.0, 2.0)}, UNKNOWN, ["openai"]
+    )
+
+    assert SHIPPED.rate(OPENAI, "gpt-4o") == priced(SHIPPED, OPENAI, "gpt-4o-2024-05-13")
+    assert SHIPPED.rate(OPENAI, "gpt-4o-2024-08-06") == priced(SHIPPED, OPENAI, "gpt-4o")  # a snapshot has none
+    assert SHIPPED.rate(OPENAI, "gpt-4o-mini") == priced(SHIPPED, OPENAI, "gpt-4o-mini")
+    dearest = table.rate(OPENAI, "gpt-test")  # price by price: the snapshot's prompt, the model's completion
+    assert (dearest.prompt, dearest.completion, dearest.unknown) == (Fraction(3), Fraction(2), False)
+    assert table.rate(OPENAI, "gpt-4o") == priced(table, OPENAI, "gpt-4o-2024-05-13")
+    overridden = PriceTable({"gpt-4o": Price(1.0, 1.0)}, UNKNOWN)  # its snapshots too: none dearer
+    assert overridden.rate(OPENAI, "gpt-4o") == priced(overridden, OPENAI, "gpt-4o")
+    assert SHIPPED.rate(backend("ollama"), "gpt-4o").estimate_usd_micros(1_000, 1_000) == 0
 
 
 def test_exact_micro_dollars_with_cached_prompt_tokens() -> None:
@@ -242,15 +265,15 @@ def test_cost_is_the_exact_product_rounded_up(
 
 
 def test_estimated_tokens_give_an_estimated_cost() -> None:
-    rate = SHIPPED.rate(OPENAI, "gpt-4o")
+    rate = priced(SHIPPED, OPENAI, "gpt-4o")
     assert rate.cost(TokenUsage(10, 10, estimated=True)) == Cost(usd_micros=125, estimated=True)
     assert rate.cost(TokenUsage(10, 10)) == Cost(usd_micros=125)
 
 
 def test_estimate_for_admission() -> None:
-    assert SHIPPED.rate(OPENAI, "gpt-4.1").estimate_usd_micros(1_000, 500) == 6_000  # 1000 * 2 + 500 * 8
-    assert SHIPPED.rate(backend("ollama"), "gpt-oss:20b").estimate_usd_micros(1_000, 500) == 0
-    assert SHIPPED.rate(OPENAI, "mystery").estimate_usd_micros(1_000, 500) == 12_500  # the default rate
+    assert priced(SHIPPED, OPENAI, "gpt-4.1").estimate_usd_micros(1_000, 500) == 6_000  # 1000 * 2 + 500 * 8
+    assert priced(SHIPPED, backend("ollama"), "gpt-oss:20b").estimate_usd_micros(1_000, 500) == 0
+    assert priced(SHIPPED, OPENAI, "mystery").estimate_usd_micros(1_000, 500) == 12_500  # the default rate
 
 
 def test_adding_costs() -> None:
