@@ -597,9 +597,14 @@ def _load_ranks(ranks_file: _RanksFile, search_dirs: Sequence[Path]) -> dict[byt
     problems: list[str] = []
     for directory in search_dirs:
         for path in (directory / name for name in ranks_file.candidate_names()):
-            if not path.is_file():
-                continue
-            verified = _read_verified(path, ranks_file)
+            verified: bytes | str
+            try:
+                if not path.is_file():
+                    continue
+            except OSError as error:  # a folder it may not look into (EACCES): is_file() says False for ENOENT alone
+                verified = f"{path}: cannot be looked at ({error.strerror})"
+            else:
+                verified = _read_verified(path, ranks_file)
             if isinstance(verified, bytes):
                 return _parse_ranks(verified)
             _log.warning("skipping %s for tokenizer encoding %s", verified, ranks_file.name)

@@ -482,6 +482,19 @@ def test_corrupt_file_is_skipped_for_a_verified_copy(tmp_path: Path, bundled_dir
     assert count.tokens == 6
 
 
+def test_a_folder_that_cannot_be_looked_into_is_skipped_and_said(tmp_path: Path, bundled_dir: Path) -> None:
+    """A folder the gateway may not look into (EACCES for a service user; a name too long, which root gets too) ended
+    its start with a traceback: Path.is_file() says False for a missing file, and raises for anything else."""
+    unreachable = tmp_path / ("a" * 300)
+
+    count = TokenCounter(search_dirs=[unreachable, bundled_dir]).count_text("gpt-4", "tiktoken is great!")
+    with pytest.raises(TokenizerUnavailableError) as caught:
+        TokenCounter(search_dirs=[unreachable]).count_text("gpt-4", "hello")
+
+    assert count.tokens == 6
+    assert f"{unreachable / 'cl100k_base.tiktoken'}: cannot be looked at (File name too long)" in str(caught.value)
+
+
 def test_only_corrupt_files_raise_with_what_was_tried(tmp_path: Path, bundled_dir: Path) -> None:
     (tmp_path / "cl100k_base.tiktoken").write_bytes(uncompressed(bundled_dir, "cl100k_base")[:-100])
     (tmp_path / "cl100k_base.tiktoken.gz").write_bytes(b"\x1f\x8bnot really gzip")
