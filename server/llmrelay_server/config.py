@@ -956,7 +956,8 @@ def ollama_base_url(host: str) -> str:
     """OLLAMA_HOST as Ollama reads it -> the /v1 base URL.
 
     Like Ollama: spaces and quotes are trimmed; no scheme means http and port 11434; a scheme without a port means
-    that scheme's port (80, 443); a bare IPv6 address is allowed; an empty host means localhost.
+    that scheme's port (80, 443); a bare IPv6 address is allowed; an empty host means localhost; a path is kept (an
+    Ollama behind a reverse proxy's prefix: https://proxy/ollama).
     """
     host = host.strip().strip("\"'").strip()
     scheme, separator, rest = host.partition("://")
@@ -965,6 +966,8 @@ def ollama_base_url(host: str) -> str:
         default_port = 11434
     else:
         default_port = 443 if scheme == "https" else 80
+    rest, _, path = rest.partition("/")
+    path = path.rstrip("/")
     if rest.count(":") > 1 and not rest.startswith("["):
         rest = f"[{rest}]"  # a bare IPv6 address, with no port
     try:
@@ -981,7 +984,7 @@ def ollama_base_url(host: str) -> str:
         port = url.port or default_port
     except ValueError:  # the value is not quoted: a user part may be a token (http://TOKEN@host)
         raise ConfigError("OLLAMA_HOST: the port is not a number from 0 to 65535; write e.g. 127.0.0.1:11434") from None
-    return f"{scheme}://{hostname}:{port}/v1"
+    return f"{scheme}://{hostname}:{port}{'/' + path if path else ''}/v1"
 
 
 # A default holds no "$": a nested ${...} in it is none of the two forms, and is refused, not kept as text.

@@ -353,6 +353,11 @@ def test_interpolation_works_in_numbers_and_keys_alike(tmp_path: Path) -> None:
         ("http://h", "http://h:80/v1"),
         ("::1", "http://[::1]:11434/v1"),
         (" box ", "http://box:11434/v1"),
+        # a path kept, as Ollama keeps it (an Ollama behind a reverse proxy's prefix)
+        ("https://proxy.example/ollama/", "https://proxy.example:443/ollama/v1"),
+        ("box:8080/a/b", "http://box:8080/a/b/v1"),
+        ("[::1]:1/p", "http://[::1]:1/p/v1"),
+        ("::1/p", "http://[::1]:11434/p/v1"),
     ],
 )
 def test_ollama_base_url(host: str, expected: str) -> None:
