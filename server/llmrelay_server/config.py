@@ -736,39 +736,13 @@ def _check_keys(keys: tuple[CallerKey, ...], where: str) -> None:
 
 def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ...]:
     specs: dict[str, BackendSpec] = {}
-    openai = llm.openai or _BackendSection()
-    api_key = env.get("OPENAI_API_KEY") or openai.api_key
-    # No key, no OpenAI: the default chain is then Ollama alone, as a local-first setup expects.
-    if api_key:
-        base_url = env.get("OPENAI_BASE_URL") or openai.base_url or DEFAULT_OPENAI_BASE_URL
-        url_where = "OPENAI_BASE_URL" if env.get("OPENAI_BASE_URL") else "llm.openai.base_url"
-        model = env.get("LLMRELAY_OPENAI_MODEL") or openai.model or DEFAULT_OPENAI_MODEL
-        key_where = "OPENAI_API_KEY" if env.get("OPENAI_API_KEY") else None
-        model_where = "LLMRELAY_OPENAI_MODEL" if env.get("LLMRELAY_OPENAI_MODEL") else None
-        specs["openai"] = _spec(
-            "openai", "openai", base_url, model, api_key, openai, "llm.openai", url_where, key_where, model_where
-        )
-    anthropic = llm.anthropic or _BackendSection()
-    api_key = env.get("ANTHROPIC_API_KEY") or anthropic.api_key
-    # Likewise: Anthropic joins the chain, after OpenAI, only with a key.
-    if api_key:
-        base_url = env.get("ANTHROPIC_BASE_URL") or anthropic.base_url or DEFAULT_ANTHROPIC_BASE_URL
-        url_where = "ANTHROPIC_BASE_URL" if env.get("ANTHROPIC_BASE_URL") else "llm.anthropic.base_url"
-        model = env.get("LLMRELAY_ANTHROPIC_MODEL") or anthropic.model or DEFAULT_ANTHROPIC_MODEL
-        key_where = "ANTHROPIC_API_KEY" if env.get("ANTHROPIC_API_KEY") else None
-        model_where = "LLMRELAY_ANTHROPIC_MODEL" if env.get("LLMRELAY_ANTHROPIC_MODEL") else None
-        specs["anthropic"] = _spec(
-            "anthropic",
-            "anthropic",
-            base_url,
-            model,
-            api_key,
-            anthropic,
-            "llm.anthropic",
-            url_where,
-            key_where,
-            model_where,
-        )
+    # No key, no OpenAI: the default chain is then Ollama alone, as a local-first setup expects; and Anthropic joins
+    # the chain, after OpenAI, only with a key too.
+    openai = _hosted("openai", llm.openai, env, _OPENAI_VARIABLES, (DEFAULT_OPENAI_BASE_URL, DEFAULT_OPENAI_MODEL))
+    anthropic = _hosted(
+        "anthropic", llm.anthropic, env, _ANTHROPIC_VARIABLES, (DEFAULT_ANTHROPIC_BASE_URL, DEFAULT_ANTHROPIC_MODEL)
+    )
+    specs.update((spec.name, spec) for spec in (openai, anthropic) if spec is not None)
     ollama = llm.ollama or _BackendSection()
     if env.get("OLLAMA_HOST"):
         base_url = ollama_base_url(env["OLLAMA_HOST"])
@@ -849,6 +823,42 @@ def _check_alias(alias: str, target: str, aliases: Mapping[str, str], backends: 
             f"llm.aliases.{alias}: points at {target!r}, and no backend is named {qualifier!r} (did you mean"
             f" {near[0]!r}?); a model whose own name starts so is written BACKEND/{target}"
         )
+
+
+_OPENAI_VARIABLES: Final = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "LLMRELAY_OPENAI_MODEL")
+_ANTHROPIC_VARIABLES: Final = ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "LLMRELAY_ANTHROPIC_MODEL")
+
+
+def _hosted(
+    name: str,
+    section: _BackendSection | None,
+    env: Mapping[str, str],
+    variables: tuple[str, str, str],
+    defaults: tuple[str, str],
+) -> BackendSpec | None:
+    """OpenAI's or Anthropic's backend (`name`, its kind too), from its section and its variables (`variables`: its
+    key's, URL's and model's; `defaults`: its URL and model): there with a key, else None. Without one its section is
+    checked all the same (a mistake in it stopped the gateway only where the key was set: in production, past
+    staging), and its other variables, which other tools share, are not read."""
+    section = section or _BackendSection()
+    key_variable, url_variable, model_variable = variables
+    api_key = env.get(key_variable) or section.api_key
+    if not api_key:
+        env = {}
+    base_url = env.get(url_variable) or section.base_url or defaults[0]
+    spec = _spec(
+        name,
+        name,
+        base_url,
+        env.get(model_variable) or section.model or defaults[1],
+        api_key,
+        section,
+        f"llm.{name}",
+        url_variable if env.get(url_variable) else f"llm.{name}.base_url",
+        key_variable if env.get(key_variable) else None,
+        model_variable if env.get(model_variable) else None,
+    )
+    return spec if api_key else None
 
 
 def _check_api_key(api_key: str | None, where: str) -> None:

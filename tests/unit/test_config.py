@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,6 +93,28 @@ def test_an_anthropic_backend_among_the_extras(tmp_path: Path) -> None:
 
 def test_an_empty_key_counts_as_no_key(tmp_path: Path) -> None:
     assert [b.name for b in load(tmp_path, None, {"OPENAI_API_KEY": ""}).backends] == ["ollama"]
+
+
+@pytest.mark.parametrize(
+    ("section", "where"),
+    [
+        ("openai: {api_key: '${OPENAI_API_KEY:-}', base_url: 'not a url'}", "llm.openai.base_url"),
+        ("openai: {context_window: -1}", "llm.openai.context_window"),
+        ("anthropic: {base_url: 'ftp://x'}", "llm.anthropic.base_url"),
+        ('anthropic: {models: ["a\\nb"]}', "llm.anthropic.models[0]"),
+    ],
+)
+def test_a_section_without_its_key_is_checked_all_the_same(tmp_path: Path, section: str, where: str) -> None:
+    """Checked only with its key: the file started wherever the key was unset (staging) and stopped the gateway
+    wherever it was set (production)."""
+    with pytest.raises(ConfigError, match=re.escape(where)):
+        load(tmp_path, f"llm:\n  {section}\n")
+
+
+def test_the_variables_of_a_backend_without_its_key_are_not_read(tmp_path: Path) -> None:
+    """Other tools share them: OPENAI_BASE_URL set for one of them stops no gateway that has no OpenAI backend."""
+    env = {"OPENAI_BASE_URL": "not a url", "ANTHROPIC_BASE_URL": "", "LLMRELAY_ANTHROPIC_MODEL": "a\nb"}
+    assert [b.name for b in load(tmp_path, None, env).backends] == ["ollama"]
 
 
 def test_a_key_in_the_file_enables_openai(tmp_path: Path) -> None:
