@@ -33,7 +33,7 @@ from llmrelay_server.observing import Observer, ObservingInterceptor
 from llmrelay_server.pricing import PriceTable
 from llmrelay_server.reflection import V1_SERVICE_NAME, ReflectionServicer, enable_reflection
 from llmrelay_server.router import Router
-from llmrelay_server.servicer import LLMServicer
+from llmrelay_server.servicer import Drain, LLMServicer
 from llmrelay_server.status import log_upstreams_words
 from llmrelay_server.tls import ServedCertificate, exposure_warnings, protection
 from llmrelay_server.tokens import TokenCounter
@@ -191,9 +191,10 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
         max_request_bytes=config.server.max_message_bytes,
     )
     limiter = _limiter(config)
+    drain = Drain()
     metrics = _metrics(config, keys, router, ledger, limiter, certificate) if config.server.metrics_listen else None
     server = grpc.aio.server(
-        interceptors=_interceptors(config, keys, counter, router, metrics, tracing, limiter),
+        interceptors=_interceptors(config, keys, counter, router, drain, metrics, tracing, limiter),
         options=[
             # Requests a little over the limit are read, and refused by the gateway itself (`receive_limit`).
             ("grpc.max_receive_message_length", receive_limit(limit)),
@@ -235,6 +236,7 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
         limit,
         stores=lambda: _stores(ledger, limiter),
         max_image_bytes=config.server.max_image_bytes,
+        drain=drain,
     )
     add_llm_service(servicer, server, limit)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, GenericOnly(server, limit))
@@ -419,6 +421,7 @@ def _interceptors(
     keys: KeyRing,
     counter: TokenCounter,
     router: Router,
+    drain: Drain,
     metrics: Metrics | None,
     tracing: Tracing | None = None,
     limiter: Limiter | None = None,
@@ -446,6 +449,7 @@ def _interceptors(
                 config.server.reserve_completion_tokens,
                 config.server.max_image_bytes,
                 config.server.max_message_bytes,
+                drain,
             )
         )
     return interceptors

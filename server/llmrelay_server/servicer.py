@@ -40,6 +40,17 @@ _Stream = tuple[AsyncGenerator[CompletionChunk, None], contextvars.Context]
 """A stream's chunks from the router, and the context of its call."""
 
 
+class Drain:
+    """Whether the gateway's shutdown has begun its drain: from then on a new model call is refused SHUTTING_DOWN (go
+    to another instance), by the servicer, and by the limits before they reserve anything for it (a caller told to
+    wait a minute for a limit would wait for an instance that is going away)."""
+
+    __slots__ = ("begun",)
+
+    def __init__(self) -> None:
+        self.begun = False
+
+
 class LLMServicer(pb.LLMServiceServicer):
     def __init__(
         self,
@@ -50,8 +61,10 @@ class LLMServicer(pb.LLMServiceServicer):
         stores: Callable[[], list[StoreHealth]] = list,
         *,
         max_image_bytes: int,
+        drain: Drain | None = None,
     ) -> None:
         self._stores = stores
+        self._drain = drain or Drain()
         self._max_message_bytes = max_message_bytes
         self._max_image_bytes = max_image_bytes
         # A delta with more characters than this may be over the message limit (4 bytes a character at most, and
@@ -59,7 +72,6 @@ class LLMServicer(pb.LLMServiceServicer):
         # stream of one character a message would send a short answer as thousands.
         headroom = min(MESSAGE_HEADROOM_BYTES, max_message_bytes // 2)
         self._max_delta_chars = max(1, (max_message_bytes - headroom) // 4)
-        self._draining = False
         self._interrupting = False
         self._calls: dict[asyncio.Task[Any], _Stream | None] = {}
         """The model calls in progress, by task; a stream's with its chunks from the router and the call's context
@@ -81,7 +93,7 @@ class LLMServicer(pb.LLMServiceServicer):
 
     def start_draining(self) -> None:
         """From now on, new model calls get UNAVAILABLE; calls in flight go on."""
-        self._draining = True
+        self._drain.begun = True
 
     async def interrupt_calls(self, wait_s: float) -> None:
         """The grace period is over: model calls still running end now with the gateway's own status (SHUTTING_DOWN:
@@ -117,7 +129,7 @@ class LLMServicer(pb.LLMServiceServicer):
     def _model_call(self) -> asyncio.Task[Any]:
         """Admits a model call (not while draining) and keeps its task where a shutdown can interrupt it, until
         `_model_call_ended`."""
-        if self._draining:
+        if self._drain.begun:
             raise ShuttingDownError()
         task = asyncio.current_task()
         assert task is not None
@@ -308,7 +320,7 @@ class LLMServicer(pb.LLMServiceServicer):
             report = self._monitor.report()
         return pb.HealthResponse(
             # A draining gateway refuses model calls, so it is not serving them, whatever its backends' state.
-            serving=self._monitor.serving and not self._draining,
+            serving=self._monitor.serving and not self._drain.begun,
             backends=[convert.backend_health_pb(health, state.value) for health, state in report],
             stores=[convert.store_health_pb(store) for store in self._stores()],
         )

@@ -514,6 +514,31 @@ async def test_a_call_its_handler_refuses_gets_that_refusal_not_the_limits(
     assert primary.chat_requests == []
 
 
+async def test_a_call_while_the_gateway_drains_is_told_to_go_elsewhere_not_to_wait_for_a_limit(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """Over a limit, a call that came in during the shutdown's drain was told to wait the limit out (a minute), for an
+    instance that was going away, rather than SHUTTING_DOWN's retry on another at once; and it reserved first."""
+    auth = keys_yaml(
+        key_entry("research", RESEARCH_KEY, "limits: {requests_per_minute: 1}"), key_entry("other", OTHER_KEY)
+    )
+    gateway, channel, stub = await start(
+        gateway_factory, primary, local, auth, server="limits: {requests_per_minute: 1}"
+    )
+    async with channel:
+        await stub.Complete(chat(), metadata=bearer(RESEARCH_KEY), timeout=5)
+        gateway.servicer.start_draining()  # as the stop begins its drain
+        refusals = []
+        for metadata in (
+            bearer(RESEARCH_KEY),
+            bearer(OTHER_KEY),
+        ):  # over its key's limit and the gateway's; the gateway's
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Complete(chat(), metadata=metadata, timeout=5)
+            refusals.append((refused.value.code(), details(refused.value)["ErrorInfo"].reason))
+    assert refusals == [(grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN")] * 2
+
+
 async def test_a_call_its_handler_refuses_takes_none_of_the_limits(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:

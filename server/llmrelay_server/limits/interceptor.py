@@ -28,6 +28,7 @@ from llmrelay_server.domain import (
 )
 from llmrelay_server.limits.interface import GATEWAY, Ask, Limiter, Reservation, key_subject
 from llmrelay_server.metering import open_meter
+from llmrelay_server.servicer import Drain
 from llmrelay_server.status import abort
 from llmrelay_server.tokens import TokenCounter
 
@@ -66,7 +67,9 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         reserve_completion_tokens: int,
         max_image_bytes: int | None = None,
         max_message_bytes: int | None = None,
+        drain: Drain | None = None,
     ) -> None:
+        self._drain = drain or Drain()
         self._max_image_bytes = max_image_bytes
         self._max_message_bytes = max_message_bytes
         self._router = router
@@ -147,10 +150,10 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
     ) -> Reservation:
         may_use = models_allowed()
         if self._refused_anyway(request, context, may_use):
-            # The handler refuses it itself (it did not decode, is invalid, names its caller wrongly, or asks for a
-            # model nothing serves or its key may not use): the caller's mistake to fix, which takes none of its
-            # limits (a client stuck on a bad request would lock its key out for a minute) and is told the handler's
-            # refusal, which says more.
+            # The handler refuses it itself (the gateway is shutting down, or the request did not decode, is invalid,
+            # names its caller wrongly, or asks for a model nothing serves or its key may not use): a refusal that
+            # takes none of its limits (a client stuck on a bad request would lock its key out for a minute) and is
+            # the handler's, which says more.
             return Reservation((), 0.0)  # nothing reserved, nothing to settle
         tokens = answer_tokens = usd_micros = 0
         answers = 1
@@ -180,10 +183,10 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         context: grpc.aio.ServicerContext[Any, Any],
         may_use: ModelFilter | None,
     ) -> bool:
-        """Whether the handler refuses the request itself: it does not decode, is invalid, names its caller wrongly
-        (a malformed x-llmrelay-caller), or asks for a model nothing serves or its key may not use (`may_use`:
-        `models_allowed()`), or its answer could not fit in a message."""
-        if not decoded(request):
+        """Whether the handler refuses the request itself: the gateway is shutting down (`Drain`), or the request does
+        not decode, is invalid, names its caller wrongly (a malformed x-llmrelay-caller), or asks for a model nothing
+        serves or its key may not use (`may_use`: `models_allowed()`), or its answer could not fit in a message."""
+        if self._drain.begun or not decoded(request):
             return True
         try:
             caller_identity(context)  # kept in the call's meter, for the handler's bill

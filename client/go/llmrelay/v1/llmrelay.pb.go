@@ -576,7 +576,8 @@ const (
 	// UNAVAILABLE: the gateway is shutting down and takes no new model calls (Complete, StreamComplete, Embed;
 	// CountTokens, GetUsage and Health are answered until the port closes), or its grace period ended before the call
 	// finished; no metadata; RetryInfo (and pushback), 1 s: retry, on another instance. A stream cut by the shutdown
-	// after it had sent a message ends with ABORTED and this reason. A call past server.max_concurrent_rpcs gets
+	// after it had sent a message ends with ABORTED and this reason, and a call over a caller's or the gateway's limits
+	// gets it too (the limits reserve nothing then). A call past server.max_concurrent_rpcs gets
 	// CONCURRENT_CALLS_EXCEEDED instead, as that bound is checked first.
 	ErrorReason_ERROR_REASON_SHUTTING_DOWN ErrorReason = 13
 	// UNAUTHENTICATED: the call carries no `authorization: Bearer KEY` metadata, or a key the gateway does not know;
@@ -2929,7 +2930,7 @@ type BackendHealth struct {
 	Models []string `protobuf:"bytes,5,rep,name=models,proto3" json:"models,omitempty"`
 	// How long the last probe took.
 	Latency *durationpb.Duration `protobuf:"bytes,6,opt,name=latency,proto3" json:"latency,omitempty"`
-	// The last probe's or call's error, if any.
+	// The last probe's error, if any (a call's own failures are in its status and AttemptHistory, and open the circuit).
 	LastError *string `protobuf:"bytes,7,opt,name=last_error,json=lastError,proto3,oneof" json:"last_error,omitempty"`
 	// When the last probe ran.
 	CheckedAt *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=checked_at,json=checkedAt,proto3" json:"checked_at,omitempty"`

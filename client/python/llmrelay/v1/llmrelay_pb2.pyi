@@ -415,7 +415,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """UNAVAILABLE: the gateway is shutting down and takes no new model calls (Complete, StreamComplete, Embed;
     CountTokens, GetUsage and Health are answered until the port closes), or its grace period ended before the call
     finished; no metadata; RetryInfo (and pushback), 1 s: retry, on another instance. A stream cut by the shutdown
-    after it had sent a message ends with ABORTED and this reason. A call past server.max_concurrent_rpcs gets
+    after it had sent a message ends with ABORTED and this reason, and a call over a caller's or the gateway's limits
+    gets it too (the limits reserve nothing then). A call past server.max_concurrent_rpcs gets
     CONCURRENT_CALLS_EXCEEDED instead, as that bound is checked first.
     """
     ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 14
@@ -539,7 +540,8 @@ ERROR_REASON_SHUTTING_DOWN: ErrorReason.ValueType  # 13
 """UNAVAILABLE: the gateway is shutting down and takes no new model calls (Complete, StreamComplete, Embed;
 CountTokens, GetUsage and Health are answered until the port closes), or its grace period ended before the call
 finished; no metadata; RetryInfo (and pushback), 1 s: retry, on another instance. A stream cut by the shutdown
-after it had sent a message ends with ABORTED and this reason. A call past server.max_concurrent_rpcs gets
+after it had sent a message ends with ABORTED and this reason, and a call over a caller's or the gateway's limits
+gets it too (the limits reserve nothing then). A call past server.max_concurrent_rpcs gets
 CONCURRENT_CALLS_EXCEEDED instead, as that bound is checked first.
 """
 ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 14
@@ -1822,7 +1824,7 @@ class BackendHealth(_message.Message):
     reachable: _builtins.bool
     """Whether the last probe reached the upstream."""
     last_error: _builtins.str
-    """The last probe's or call's error, if any."""
+    """The last probe's error, if any (a call's own failures are in its status and AttemptHistory, and open the circuit)."""
     circuit_state: Global___CircuitState.ValueType
     """The circuit breaker's state."""
     default_model: _builtins.str

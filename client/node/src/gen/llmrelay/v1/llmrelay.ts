@@ -610,7 +610,8 @@ export enum ErrorReason {
    * ERROR_REASON_SHUTTING_DOWN - UNAVAILABLE: the gateway is shutting down and takes no new model calls (Complete, StreamComplete, Embed;
    * CountTokens, GetUsage and Health are answered until the port closes), or its grace period ended before the call
    * finished; no metadata; RetryInfo (and pushback), 1 s: retry, on another instance. A stream cut by the shutdown
-   * after it had sent a message ends with ABORTED and this reason. A call past server.max_concurrent_rpcs gets
+   * after it had sent a message ends with ABORTED and this reason, and a call over a caller's or the gateway's limits
+   * gets it too (the limits reserve nothing then). A call past server.max_concurrent_rpcs gets
    * CONCURRENT_CALLS_EXCEEDED instead, as that bound is checked first.
    */
   ERROR_REASON_SHUTTING_DOWN = 13,
@@ -1452,7 +1453,7 @@ export interface BackendHealth {
   latency:
     | Duration
     | undefined;
-  /** The last probe's or call's error, if any. */
+  /** The last probe's error, if any (a call's own failures are in its status and AttemptHistory, and open the circuit). */
   lastError?:
     | string
     | undefined;
