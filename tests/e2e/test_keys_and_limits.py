@@ -4,6 +4,8 @@ whatever the interleaving of many concurrent callers, and refusals before any up
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -985,6 +987,29 @@ async def test_without_keys_a_call_refused_for_the_caller_it_names_takes_none_of
     results = await concurrently(3, lambda: stub.Complete(chat(), metadata=(("x-llmrelay-caller", "ok"),), timeout=5))
     assert refusals(results, "REQUESTS_PER_MINUTE_EXCEEDED", "gateway") == 1
     assert len(primary.chat_requests) == 2
+
+
+async def test_callers_with_and_without_limits_by_turns_make_no_new_handlers(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """The bound on calls in progress kept one wrapping a method: a call of a key with limits, then one without (or a
+    refused key), each made another, and the call log's observer kept each new one until its bound of 256, past
+    which it wrapped every call anew."""
+    auth = keys_yaml(
+        key_entry("research", RESEARCH_KEY, "limits: {requests_per_minute: 1000}"), key_entry("other", OTHER_KEY)
+    )
+    _, channel, stub = await start(gateway_factory, primary, local, auth, server="max_concurrent_rpcs: 8")
+
+    async def by_turns(rounds: int) -> int:
+        for _ in range(rounds):
+            for key in (RESEARCH_KEY, OTHER_KEY, "llmr-unknown-0123456789abcdefghijkl"):
+                with contextlib.suppress(grpc.aio.AioRpcError):  # the unknown key's refusal
+                    await stub.Complete(chat(), metadata=bearer(key), timeout=5)
+        return sum(isinstance(thing, grpc.RpcMethodHandler) for thing in gc.get_objects())
+
+    async with channel:
+        handlers = [await by_turns(3), await by_turns(30)]
+    assert handlers[1] == handlers[0], handlers
 
 
 async def test_max_concurrent_rpcs_bounds_the_calls_in_progress_and_never_the_health_probes(
