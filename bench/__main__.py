@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -34,6 +35,7 @@ import operator
 import os
 import platform
 import queue
+import random
 import shutil
 import statistics
 import subprocess
@@ -206,8 +208,22 @@ def direct_calls(client: DirectClient) -> dict[str, Call]:
     return {"unary": unary, "stream": stream_of(STREAM_PROMPT), "long": stream_of(LONG_PROMPT)}
 
 
-def grpc_calls(stub: pb.LLMServiceAsyncStub, metadata: Sequence[tuple[str, str]] = ()) -> dict[str, Call]:
-    """The same chats through llmrelay's gRPC contract (the gateway's, or the floor's)."""
+MESSAGES_MATCHED = 64
+"""The plain gateway's latest streams of each kind whose messages the joined floor's streams match, one by one."""
+
+
+def grpc_calls(
+    stub: pb.LLMServiceAsyncStub,
+    metadata: Sequence[tuple[str, str]] = (),
+    *,
+    sent: Mapping[str, collections.deque[int]] | None = None,
+    matching: Mapping[str, collections.deque[int]] | None = None,
+) -> dict[str, Call]:
+    """The same chats through llmrelay's gRPC contract (the gateway's, or the floor's). Streams of each kind add how
+    many messages they had to `sent`'s (the plain gateway's), or, the joined floor's, ask for as many as the next of
+    `matching`'s had (a floor has no tokens to limit: max_tokens tells it, `bench.floor`). The gateway joins the
+    chunks that reach it together, more of them the busier it is: one stream recorded before the run, the floor sent
+    a third or half more messages than the gateway did at 16 callers, or fewer at one."""
 
     def messages(prompt: str) -> list[pb.Message]:
         return [pb.Message(role=pb.ROLE_USER, content=prompt)]
@@ -219,23 +235,36 @@ def grpc_calls(stub: pb.LLMServiceAsyncStub, metadata: Sequence[tuple[str, str]]
         assert answer.message.content, answer
         return time.perf_counter()
 
-    def stream_of(prompt: str) -> Call:
-        stream_request = pb.StreamCompleteRequest(model=MODEL, messages=messages(prompt))
+    def stream_of(kind: str, prompt: str) -> Call:
+        requests: dict[int, pb.StreamCompleteRequest] = {}  # by the messages asked for (0: as recorded)
         answer = f"echo: {prompt}"
+        counts = sent[kind] if sent is not None else None
+        matched, turn = (matching[kind] if matching is not None else None), itertools.count()
 
         async def stream() -> float:
+            wanted = matched[next(turn) % len(matched)] if matched else 0
+            if (stream_request := requests.get(wanted)) is None:
+                options = pb.CompletionOptions(max_tokens=wanted) if wanted else None
+                stream_request = requests[wanted] = pb.StreamCompleteRequest(
+                    model=MODEL, messages=messages(prompt), options=options
+                )
             first = 0.0
             texts = []
+            received = 0
             async for message in stub.StreamComplete(stream_request, timeout=30, metadata=metadata):
+                received += 1
                 if message.delta.content:
                     texts.append(message.delta.content)
                     first = first or time.perf_counter()
             assert "".join(texts) == answer, texts
+            assert received == wanted or not wanted, (received, wanted)
+            if counts is not None:
+                counts.append(received)
             return first
 
         return stream
 
-    return {"unary": unary, "stream": stream_of(STREAM_PROMPT), "long": stream_of(LONG_PROMPT)}
+    return {"unary": unary, "stream": stream_of("stream", STREAM_PROMPT), "long": stream_of("long", LONG_PROMPT)}
 
 
 async def recorded_answers(stub: pb.LLMServiceAsyncStub, scratch: Path) -> Path:
@@ -552,7 +581,7 @@ def print_row(name: str, run: Run, gateway: str | None) -> None:
     )
 
 
-async def scale(requests: int, concurrency: int, rounds: int) -> None:
+async def scale(requests: int, concurrency: int, rounds: int, out: Path = RESULTS) -> None:
     """`--workers`: calls/s of one gateway with 1 and then 2 worker processes, on as many connections as workers
     times four (the kernel spreads connections, not calls), against the same upstream, taking turns in rounds."""
     names = {workers: f"{workers} worker{'s' if workers > 1 else ''}" for workers in WORKER_COUNTS}
@@ -574,8 +603,8 @@ async def scale(requests: int, concurrency: int, rounds: int) -> None:
             own = [grpc.aio.insecure_channel(f"127.0.0.1:{ports[name]}", options=options) for _ in range(4 * workers)]
             channels += own
             calls[name] = _round_robin([grpc_calls(pb.LLMServiceStub(channel))["unary"] for channel in own])
-        for round_ in range(rounds):
-            for name in names.values():
+        for round_, turn in enumerate(turns(list(names.values()), rounds)):
+            for name in turn:
                 runs[name].append(await measure(calls[name], requests // rounds, concurrency, pids, round_ == 0))
         totals = {name: functools.reduce(operator.add, runs[name]) for name in names.values()}
         for name, run in totals.items():
@@ -593,7 +622,7 @@ async def scale(requests: int, concurrency: int, rounds: int) -> None:
         for workers, name in names.items()
     ]
     settings = {"requests": requests, "rounds": rounds, "concurrency": concurrency}
-    print(f"written: {save_figures('workers', settings, rows).relative_to(ROOT)}")
+    print(f"written: {save_figures('workers', settings, rows, out)}")
 
 
 def _round_robin(calls: Sequence[Call]) -> Call:
@@ -607,7 +636,9 @@ ONE_CORE_CALLERS = 16
 LOAD = "load generator"
 
 
-async def one_core(requests: int, rounds: int, loop: str, against: str | None = None, features: bool = False) -> None:
+async def one_core(
+    requests: int, rounds: int, loop: str, against: str | None = None, features: bool = False, out: Path = RESULTS
+) -> None:
     """`--one-core`: unary calls/s from 16 callers to the floor, the plain gateway and everything on, each server held
     to one CPU (taskset) while this load generator and the upstream run on the others: issue 17's calls/s on one
     core, measured rather than derived from CPU per call. A server not near 100% busy was waiting for the load
@@ -642,8 +673,8 @@ async def one_core(requests: int, rounds: int, loop: str, against: str | None = 
             runs: dict[str, list[Run]] = {name: [] for name in names}
             # The load side's CPU too: this process and the upstream, on the CPUs the servers are kept off.
             pids = {**staged.pids, LOAD: [os.getpid()]}
-            for round_ in range(rounds):
-                for name in names:
+            for round_, turn in enumerate(turns(names, rounds)):
+                for name in turn:
                     run = await measure(calls[name]["unary"], requests // rounds, ONE_CORE_CALLERS, pids, round_ == 0)
                     runs[name].append(run)
     width = max(map(len, names)) + 2
@@ -669,8 +700,7 @@ async def one_core(requests: int, rounds: int, loop: str, against: str | None = 
     for name, ours in theirs.items():
         print(f"{ours}: CPU per call {cpu_ms[ours] / cpu_ms[name] - 1:+.1%} against {against}")
     settings = {"requests": requests, "rounds": rounds, "callers": ONE_CORE_CALLERS, "loop": loop, "against": against}
-    written = save_figures("one-core", settings, rows)
-    print(f"\nwritten: {written.relative_to(ROOT)}")
+    print(f"\nwritten: {save_figures('one-core', settings, rows, out)}")
 
 
 # --- the paths compared ---------------------------------------------------------------------------------------
@@ -731,14 +761,17 @@ async def compare(settings: Settings, results: Results) -> None:
         # The load generator's CPU too (this process): what each path's client costs it.
         ports, pids = staged.ports, {**staged.pids, LOAD: [os.getpid()]}
         direct = DirectClient("127.0.0.1", ports["upstream"], MODEL)
+        # The messages of the plain gateway's latest streams of each kind, which the joined floor's match: taken at
+        # the same concurrency (the gateway's turn comes first in a round's first turns, its warm-up's too).
+        sent = {kind: collections.deque[int](maxlen=MESSAGES_MATCHED) for kind in ("stream", "long")}
         paths = {
             "direct": direct_calls(direct),
             "floor": grpc_calls(pb.LLMServiceStub(channels["floor"])),
-            "gateway": grpc_calls(pb.LLMServiceStub(channels["gateway"])),
+            "gateway": grpc_calls(pb.LLMServiceStub(channels["gateway"]), sent=sent),
             "everything": grpc_calls(pb.LLMServiceStub(channels["everything"]), EVERYTHING.metadata),
             JOINED_FLOOR: {
                 kind: call
-                for kind, call in grpc_calls(pb.LLMServiceStub(channels[JOINED_FLOOR])).items()
+                for kind, call in grpc_calls(pb.LLMServiceStub(channels[JOINED_FLOOR]), matching=sent).items()
                 if kind != "unary"
             },
         }
@@ -809,15 +842,26 @@ async def interleaved(
     warm_up: bool,
 ) -> dict[str, list[Run]]:
     """`count` calls of `kind` on every path that makes such calls in turn, `rounds` times (the machine's drift falls on
-    all paths alike), each round starting with the next path (the work a server defers past its turn, a ledger's
-    flush, a batch of log lines, falls on another path's; on each path alike): each path's rounds; with `warm_up`, a
-    warm-up of each path before the first round."""
+    all paths alike), in the order `turns` gives: each path's rounds; with `warm_up`, a warm-up of each path before
+    the first round."""
     order = [path for path, calls in paths.items() if kind in calls]
     taken: dict[str, list[Run]] = {path: [] for path in order}
-    for round_ in range(rounds):
-        for path in order[round_ % len(order) :] + order[: round_ % len(order)]:
+    for round_, turn in enumerate(turns(order, rounds)):
+        for path in turn:
             taken[path].append(await measure(paths[path][kind], count, concurrency, pids, warm_up and round_ == 0))
     return taken
+
+
+def turns(order: Sequence[str], rounds: int) -> Iterator[list[str]]:
+    """The order the paths (or servers) take their turns in, round by round: the first round in `order` (the
+    warm-ups run in it: the joined floor's after the plain gateway's, whose streams it matches), then a shuffle of it
+    each round, of a fixed seed (runs compare). Rotating one order, each path's turn came after the same other's
+    nearly every round, and the work a server defers past its turn (a ledger's flush, a batch of log lines) fell on
+    that one's."""
+    shuffled = random.Random(17)
+    yield list(order)
+    for _ in range(rounds - 1):
+        yield shuffled.sample(list(order), len(order))
 
 
 def added_p99_ms(rounds: Sequence[Run], direct: Sequence[Run]) -> float:
@@ -1007,10 +1051,10 @@ def markdown(results: Results) -> str:
     return "\n".join(lines)
 
 
-def save_figures(mode: str, settings: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
-    """A mode's figures (`--one-core`, `--workers`), to bench/results/<mode>-<time>.json: with the command, the
-    machine and the commit measured, as make bench's own results have them."""
-    RESULTS.mkdir(exist_ok=True)
+def save_figures(mode: str, settings: dict[str, Any], rows: list[dict[str, Any]], out: Path = RESULTS) -> Path:
+    """A mode's figures (`--one-core`, `--workers`), to <out>/<mode>-<time>.json: with the command, the machine and
+    the commit measured, as make bench's own results have them."""
+    out.mkdir(parents=True, exist_ok=True)
     started_at = now()
     figures = {
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
@@ -1020,7 +1064,7 @@ def save_figures(mode: str, settings: dict[str, Any], rows: list[dict[str, Any]]
         "settings": settings,
         "rows": rows,
     }
-    path = RESULTS / f"{mode}-{stamp(started_at)}.json"
+    path = out / f"{mode}-{stamp(started_at)}.json"
     path.write_text(json.dumps(figures, indent=2) + "\n")
     return path
 
@@ -1092,12 +1136,12 @@ def main() -> None:
             " --features or --loop"
         )
     if args.workers:
-        asyncio.run(scale(requests, 64, rounds))
+        asyncio.run(scale(requests, 64, rounds, args.out))
         return
     if (args.against or args.features) and not args.one_core:
         parser.error("--against and --features compare CPU per call on one core: use them with --one-core")
     if args.one_core:
-        asyncio.run(one_core(requests, rounds, args.loop or default_loop(), args.against, args.features))
+        asyncio.run(one_core(requests, rounds, args.loop or default_loop(), args.against, args.features, args.out))
         return
     settings = Settings(
         requests=requests,
@@ -1120,11 +1164,13 @@ def main() -> None:
 
 
 def revision() -> str:
-    """The commit of the tree measured, marked when the tree differs from it; "unknown" outside a git checkout."""
+    """The commit of the tree measured, marked when a file git tracks differs from it (the bench's own results
+    aside): the gateway's, and the bench's, the upstream's and the harness's (tests), the stubs' and the load
+    generator's (client), the dependencies' (pyproject.toml); "unknown" outside a git checkout."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         changed = subprocess.run(
-            ["git", "status", "--porcelain", "--", "server", "bench"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
             cwd=ROOT,
             capture_output=True,
             text=True,
