@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.__main__ import now
 from bench.instructions import CALLERS, chosen_servers, floor_staged, servers_parser, serving, take_turns, write_results
 
 PROFILED = Path(__file__).resolve().parent / "profiled.py"
@@ -92,7 +93,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25, help="functions shown per server (default 25)")
     args = parser.parse_args()
     kinds, paths = chosen_servers(parser, args)
-    write_results("calls", args.calls, paths, asyncio.run(run(args.calls, kinds, paths, args.top)))
+    started_at = now()
+    write_results("calls", args.calls, paths, asyncio.run(run(args.calls, kinds, paths, args.top)), started_at)
 
 
 if __name__ == "__main__":

@@ -162,12 +162,12 @@ def chosen_servers(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return kinds, [path for path in PATHS if path in chosen]
 
 
-def write_results(tool: str, calls: int, paths: list[str], rows: list[dict[str, Any]]) -> None:
+def write_results(tool: str, calls: int, paths: list[str], rows: list[dict[str, Any]], started_at: str) -> None:
     """The rows of `python -m bench.TOOL`, counted over `calls` calls: the default servers' to
     bench/results/TOOL.json, another choice of servers' to a file of its own."""
     results = {
         "command": f"python -m bench.{tool}",
-        "started_at": now(),
+        "started_at": started_at,
         "revision": revision(),
         "calls": calls,
         "callers": CALLERS,
@@ -185,7 +185,8 @@ def main() -> None:
     kinds, paths = chosen_servers(parser, args)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("bench.instructions: valgrind is not installed (apt-get install valgrind)")
-    write_results("instructions", args.calls, paths, asyncio.run(run(args.calls, kinds, paths)))
+    started_at = now()
+    write_results("instructions", args.calls, paths, asyncio.run(run(args.calls, kinds, paths)), started_at)
 
 
 if __name__ == "__main__":
