@@ -8,6 +8,8 @@ against a TLS gateway, and the hint when it fails."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import dataclasses
 import hashlib
 import logging
 import os
@@ -439,6 +441,91 @@ async def test_a_tools_own_cancellation_and_text_utf_8_cannot_hold_become_result
         "tools: fetch=error: CancelledError: the request was cancelled; listing=caf\ufffd.txt; "
         "lookup=error: FileNotFoundError: no caf\ufffd.txt"
     )
+
+
+CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("CALLER", default="unset")
+
+
+@dataclasses.dataclass
+class Report:
+    city: str
+    summary: str = dataclasses.field(init=False)  # never set: reading it raises AttributeError
+
+
+@pytest.mark.parametrize("blocking", [False, True], ids=["async", "blocking"])
+async def test_a_result_that_fails_as_it_is_written_is_answered_and_tools_see_the_callers_context(
+    gateway: Gateway, primary: FakeUpstream, blocking: bool
+) -> None:
+    """A result whose writing raised other than TypeError or ValueError (a dataclass's field never set) ended the
+    run: the blocking loop's calls all answered "cancelled", the async one's none (a conversation no model takes).
+    And the blocking client's tools ran without the caller's context variables (a trace, a user), the async one's
+    with them."""
+    primary.inject({"tool_calls": [{"name": n, "arguments": "{}"} for n in ("report", "who")]}, {"echo_tools": True})
+    tools = Tools()
+
+    @tools.register
+    def report() -> Report:
+        """A report."""
+        return Report("Oslo")
+
+    @tools.register
+    async def who() -> str:
+        """Who asks."""
+        return CALLER.get()
+
+    CALLER.set("alice")
+    if blocking:
+        with Client(target(gateway)) as blocking_client:
+            answer = await asyncio.to_thread(blocking_client.run_tools, QUESTION, tools)
+    else:
+        async with AsyncClient(target(gateway)) as client:
+            answer = await client.run_tools(QUESTION, tools)
+    assert answer.content == (
+        "tools: report=error: the tool's result cannot be written as JSON (AttributeError: 'Report' object has no"
+        " attribute 'summary'); who=alice"
+    )
+
+
+async def test_an_async_run_a_tools_keyboard_interrupt_ends_answers_every_call(
+    gateway: Gateway, primary: FakeUpstream
+) -> None:
+    """Ctrl-C landing in an async tool's code ended the run with the answer's calls unanswered (gather passes on the
+    exception and leaves the other calls running): the conversation could not go on, as the blocking loop's can."""
+    primary.inject(
+        {"tool_calls": [{"name": "quick", "arguments": "{}"}, {"name": "interrupted", "arguments": "{}"}]},
+        {"echo_tools": True},
+    )
+    tools = Tools()
+
+    @tools.register
+    async def quick() -> str:
+        """Answers at once."""
+        return "done"
+
+    @tools.register
+    async def interrupted() -> str:
+        """Ctrl-C lands in it."""
+        raise KeyboardInterrupt
+
+    conversation = Conversation(QUESTION)
+
+    def run_interrupted() -> None:  # its own loop: a KeyboardInterrupt ends the loop it reaches
+        async def run() -> None:
+            async with AsyncClient(target(gateway)) as client:
+                await client.run_tools(conversation, tools)
+
+        with pytest.raises(KeyboardInterrupt):
+            asyncio.run(run())
+
+    await asyncio.to_thread(run_interrupted)
+    asked, results = conversation.messages[1], conversation.messages[2:]
+    assert [(m.tool_call_id, m.content) for m in results] == [
+        (asked.tool_calls[0].id, "done"),
+        (asked.tool_calls[1].id, "error: the run was cancelled before the tool finished"),
+    ]
+    async with AsyncClient(target(gateway)) as client:
+        answer = await client.run_tools(conversation, Tools())
+    assert answer.content == "tools: quick=done; interrupted=error: the run was cancelled before the tool finished"
 
 
 @pytest.mark.parametrize("tool_timeout", [0, -1, float("nan"), True, "1"])

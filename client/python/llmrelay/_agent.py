@@ -260,11 +260,11 @@ class Tools:
             raise
 
     def _start(self, call: pb.ToolCall, future: concurrent.futures.Future[pb.Message], timeout: float | None) -> None:
-        """Runs a call in a daemon thread of its own, its answer set on future; cancelling future (_give_up) cancels
-        an async function still running."""
-        _in_a_thread_of_its_own(
-            functools.partial(_settle, future, functools.partial(self._run_within, call, timeout, future))
-        )
+        """Runs a call in a daemon thread of its own, with the caller's context variables (a copy each: a context runs
+        in one thread at a time), as AsyncClient's tools have them; its answer set on future; cancelling future
+        (_give_up) cancels an async function still running."""
+        answer = functools.partial(self._run_within, call, timeout, future)
+        _in_a_thread_of_its_own(functools.partial(contextvars.copy_context().run, _settle, future, answer))
 
     async def arun_all(self, calls: Sequence[pb.ToolCall], timeout: float | None = None) -> list[pb.Message]:
         """As run_all, from an event loop (arun's way); a call past timeout is cancelled (a plain function's thread
@@ -300,17 +300,15 @@ class Tools:
             return f"error: the arguments of {name!r} are nested too deeply to read"
         if not isinstance(arguments, dict):
             return f"error: the arguments of {name!r} must be a JSON object, not {type(arguments).__name__}"
+        if tool.derived:  # every parameter is named and hinted: checked as an object of those properties is
+            try:  # every problem said at once, in the TypeScript SDK's words, as an object's nested in them are
+                return tool, _fields(*_keyword_fields(tool.function), arguments, "")
+            except _Misfit as exc:
+                return f"error: invalid arguments for {name!r}: {exc}"
         try:
             inspect.signature(tool.function).bind(**arguments)
         except TypeError as exc:
             return f"error: invalid arguments for {name!r}: {exc}"
-        if tool.derived:  # every parameter is named and hinted: each value is checked against its hint
-            hints = get_type_hints(tool.function, include_extras=True)
-            problems: list[str] = []
-            values = _checked(((hints[key], value, key) for key, value in arguments.items()), problems)
-            if problems:
-                return f"error: invalid arguments for {name!r}: {'; '.join(problems)}"
-            return tool, dict(zip(arguments, values, strict=True))
         return tool, arguments
 
 
@@ -485,8 +483,10 @@ def _result_text(result: Any) -> str:
         return result
     try:
         return json.dumps(result, default=_jsonable, allow_nan=False)  # NaN and Infinity are no JSON
-    except (TypeError, ValueError, RecursionError) as exc:  # keys not text or numbers, a value holding itself, depth
-        return f"error: the tool's result cannot be written as JSON ({type(exc).__name__}: {exc})"
+    # Keys not text or numbers, a value holding itself, depth; or what a value raised as it was read (a dataclass's
+    # field never set, a property that fails): the call answered that, not the loop ended with its results lost.
+    except Exception as exc:
+        return f"error: the tool's result cannot be written as JSON ({_failure(exc).removeprefix('error: ')})"
 
 
 def _jsonable(value: Any) -> Any:
@@ -505,6 +505,16 @@ def _jsonable(value: Any) -> Any:
 
 
 # --- JSON Schemas from type hints ----------------------------------------------------------------------------------
+
+
+def _keyword_fields(function: Callable[..., Any]) -> tuple[dict[str, Any], set[str]]:
+    """A derived tool's parameters as an object's fields (`_fields`): each one's hint, and those without a default."""
+    hints = get_type_hints(function, include_extras=True)
+    parameters = inspect.signature(function).parameters
+    return (
+        {name: hints[name] for name in parameters},
+        {name for name, parameter in parameters.items() if parameter.default is inspect.Parameter.empty},
+    )
 
 
 def parameters_schema(function: Callable[..., Any]) -> dict[str, Any]:
@@ -846,7 +856,9 @@ class _Steps:
         running = [asyncio.ensure_future(_within(call, tools.arun(call), timeout)) for call in calls]
         try:
             results = await asyncio.gather(*running)
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled, or a tool's KeyboardInterrupt or SystemExit, which gather leaves the rest to
+            for task in running:
+                task.cancel()
             self.messages.extend(_answered_so_far(running, calls))
             raise
         self.add_results(results)

@@ -323,6 +323,12 @@ def test_arguments_that_fit_their_hints_are_converted_to_them() -> None:
         ({"city": "Oslo", "boxes": {"my box": {"size": -1}}}, 'boxes."my box": ValueError: size must not be negative'),
         ({"city": "Oslo", "boxes": []}, "boxes: expected an object or null, got an array"),
         ({"city": 1, "count": "2"}, "city: expected a string, got a number; count: expected an integer, got a string"),
+        # Every problem at the top too, in the same words (Python's bind said the first alone: a missing "city").
+        (
+            {"count": "2", "when": "now"},
+            'the required property "city" is missing; there is no property "when" (the properties are: city, count,',
+        ),
+        ({"count": "2"}, 'the required property "city" is missing; count: expected an integer, got a string'),
     ],
 )
 def test_arguments_that_do_not_fit_their_hints_are_refused_with_their_path(arguments: Any, says: str) -> None:
