@@ -338,6 +338,16 @@ async def test_control_characters_reach_a_terminal_escaped(gateway: Gateway, pri
     # To a pipe, the answer is as the model wrote it.
     status, out, err = await llmrelay("--target", target, "stream", prompt)
     assert (status, out) == (0, f"echo: {prompt}\n"), err
+    # A model's name an upstream wrote with C1 control characters, which the ledger keeps: usage's table wrote it as
+    # it was, and lined up by its escaped width.
+    primary.inject({"served_model": "tiny\x9b2J\x9d0;owned\x9c"})
+    await at_a_terminal("--target", target, "complete", "hi")
+    status, shown = await at_a_terminal("--target", target, "usage")
+    rows = shown.splitlines()
+    assert status == 0 and any(" tiny\\x9b2J\\x9d0;owned\\x9c " in row for row in rows), shown
+    assert "\x9b" not in shown
+    header, row = rows[0], next(row for row in rows if "owned" in row)
+    assert row.index("owned") + len("owned\\x9c  ") <= header.index("caller"), "the columns line up as shown"
 
 
 async def test_a_closed_stdout_is_said_before_the_call(gateway: Gateway, primary: FakeUpstream) -> None:

@@ -492,7 +492,9 @@ def _usage(client: Client, args: argparse.Namespace) -> None:
         (r.backend, r.model, r.caller, r.requests, r.prompt_tokens, r.completion_tokens, r.total_tokens, _usd(r.cost))
         for r in records
     ]
-    cells = [[str(cell) for cell in row] for row in [header, *rows]]
+    # Names an upstream wrote (a model's: the ledger keeps C1 control characters) as the terminal is shown them, and
+    # measured so: the table lines up with what it shows.
+    cells = [[_shown(str(cell), sys.stdout) for cell in row] for row in [header, *rows]]
     widths = [max(_columns(row[i]) for row in cells) for i in range(len(header))]
     for row in cells:
         padded = (cell + " " * (width - _columns(cell)) for cell, width in zip(row, widths, strict=True))
