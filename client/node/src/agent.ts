@@ -332,21 +332,18 @@ function resultText(value: unknown): string {
   if (value === undefined) {
     return "null";
   }
-  let text: string | undefined;
   try {
-    text = JSON.stringify(value, refusingLossyValues());
+    // A string always: what JSON.stringify gives as undefined (a function, a Symbol) the replacer refuses.
+    return JSON.stringify(value, refusingLossyValues()) as string;
   } catch (err) {
     return `error: the tool's result cannot be written as JSON (${errorText(err)})`;
   }
-  if (text === undefined) {
-    return `error: the tool's result cannot be written as JSON (a ${typeof value} has no JSON form)`;
-  }
-  return text;
 }
 
 /**
  * A replacer for JSON.stringify that throws, naming the path ("result.scores[1]"), at a value it would write as
- * another: NaN and ±Infinity (as null), a Map or a Set (as {}). JSON.stringify calls a replacer with the holder as
+ * another, or leave out: NaN and ±Infinity (as null), a Map or a Set (as {}), a function or a Symbol (left out of
+ * an object, null in an array). JSON.stringify calls a replacer with the holder as
  * `this` before it descends into the value, so each object's path is known when its own members come.
  */
 function refusingLossyValues(): (this: unknown, key: string, value: unknown) => unknown {
@@ -368,6 +365,10 @@ function refusingLossyValues(): (this: unknown, key: string, value: unknown) => 
     if (value instanceof Map || value instanceof Set) {
       const kind = value instanceof Map ? "Map" : "Set";
       throw new TypeError(`a ${kind} at ${path}, which JSON.stringify writes as {}: return an object or an array`);
+    }
+    if (typeof value === "function" || typeof value === "symbol") {
+      // Left out of an object, null in an array, by JSON.stringify: the model would read a result with less in it.
+      throw new TypeError(`a ${typeof value} at ${path}, which JSON has no form for`);
     }
     if (typeof value === "object" && value !== null) {
       paths.set(value, path);

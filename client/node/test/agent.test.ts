@@ -249,6 +249,9 @@ describe("a tool's result", () => {
       ["boxed", [new Number(Infinity)]],
       ["to_json", { toJSON: () => ({ ratio: NaN }) }],
       ["symbol", Symbol("s")],
+      // Left out of an object and null in an array by JSON.stringify: the model read a result with less in it.
+      ["nested", { total: 3, format: () => "3" }],
+      ["listed", [1, Symbol("s")]],
     ];
     const tools = results.map(([name, value]) => tool({ name, parameters: s.object({}), run: () => value }));
     const result = await new Agent(scriptedClient(results.map(([name]) => ({ name }))), { tools }).run([user("go")]);
@@ -263,7 +266,9 @@ describe("a tool's result", () => {
         ["typed", `${unwritable} (NaN at result.samples[1]: JSON has no NaN or Infinity)`],
         ["boxed", `${unwritable} (Infinity at result[0]: JSON has no NaN or Infinity)`],
         ["to_json", `${unwritable} (NaN at result.ratio: JSON has no NaN or Infinity)`],
-        ["symbol", `${unwritable} (a symbol has no JSON form)`],
+        ["symbol", `${unwritable} (a symbol at result, which JSON has no form for)`],
+        ["nested", `${unwritable} (a function at result.format, which JSON has no form for)`],
+        ["listed", `${unwritable} (a symbol at result[1], which JSON has no form for)`],
       ],
     );
   });

@@ -249,7 +249,7 @@ describe("the agent loop", { concurrency: false }, () => {
     const result = await new Agent(client, { tools: [handler, count] }).run([user("call them")]);
     assert.equal(
       result.answer.message?.content,
-      "tools: handler=error: the tool's result cannot be written as JSON (a function has no JSON form); " +
+      "tools: handler=error: the tool's result cannot be written as JSON (a function at result, which JSON has no form for); " +
         `count=error: the tool's result cannot be written as JSON (${bigintError})`,
     );
   });
