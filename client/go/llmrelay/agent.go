@@ -35,8 +35,8 @@ type Agent struct {
 	// OnChunk, when set, makes each step a stream read by Collect, and sees every message of it as it comes (to
 	// print the answer as it is written); without it each step is one Complete.
 	OnChunk func(*llmrelayv1.StreamCompleteResponse)
-	// OnToolResult, when set, sees each tool call with its result once the step's calls have all returned, in the
-	// order of the calls (to show what the agent does).
+	// OnToolResult, when set, sees each tool call with its result once the step's calls have all returned and their
+	// results are in the conversation, in the order of the calls (to show what the agent does).
 	OnToolResult func(call *llmrelayv1.ToolCall, result *llmrelayv1.Message)
 }
 
@@ -111,15 +111,16 @@ func (a *Agent) Run(ctx context.Context, conversation *Conversation) (*RunResult
 			return result, nil
 		}
 		toolResults := RunToolCalls(ctx, a.Tools, calls)
+		// Appended even when ctx ended the run meanwhile, and before OnToolResult hears them (should it panic, the
+		// caller that recovers keeps a conversation that goes on): an answer whose calls had no results would leave a
+		// conversation that no model call takes.
+		conversation.Add(toolResults...)
+		result.Messages = append(result.Messages, toolResults...)
 		for i, call := range calls {
 			if a.OnToolResult != nil {
 				a.OnToolResult(call, toolResults[i])
 			}
 		}
-		// Appended even when ctx ended the run meanwhile: an answer whose calls had no results would leave a
-		// conversation that no model call takes.
-		conversation.Add(toolResults...)
-		result.Messages = append(result.Messages, toolResults...)
 		if err := ctx.Err(); err != nil {
 			return result, err
 		}

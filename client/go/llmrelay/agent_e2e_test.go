@@ -778,6 +778,36 @@ func TestAgentCancelledWhileToolsRunAnswersEveryCall(t *testing.T) {
 	}
 }
 
+// OnToolResult heard the results before they were added: one that panicked (a caller that recovers, as an HTTP
+// server does per request) left the answer's calls unanswered, and the next run failed INVALID_ARGUMENT.
+func TestAgentWhoseOnToolResultPanicsKeepsEveryCallAnswered(t *testing.T) {
+	client := setup(t)
+	if err := env.Upstream.AddFaults(
+		gatewaytest.Fault{"tool_calls": []map[string]string{{"name": "add", "arguments": `{"a": 2, "b": 3}`}}},
+		gatewaytest.Fault{"echo_tools": true},
+	); err != nil {
+		t.Fatal(err)
+	}
+	agent := &llmrelay.Agent{Client: client, Tools: agentTools(t),
+		OnToolResult: func(*llmrelayv1.ToolCall, *llmrelayv1.Message) { panic("the display failed") }}
+	conversation := llmrelay.NewConversation(chat("add")...)
+	func() {
+		defer func() {
+			if recover() == nil {
+				t.Fatal("OnToolResult's panic did not come through")
+			}
+		}()
+		_, _ = agent.Run(testContext(t), conversation)
+	}()
+	if got, want := toolResults(conversation.Messages), []string{`{"sum":5}`}; !slices.Equal(got, want) {
+		t.Fatalf("the conversation's tool results %q; want every call answered: %q", got, want)
+	}
+	agent.OnToolResult = nil
+	if _, err := agent.Run(testContext(t), conversation); err != nil {
+		t.Fatalf("the conversation does not go on: %v", err)
+	}
+}
+
 // toolResults are the contents of the tool messages that answer the calls of the conversation's last assistant
 // message with calls, in the calls' order ("<unanswered>" for a call without one).
 func toolResults(messages []*llmrelayv1.Message) []string {

@@ -86,8 +86,8 @@ func NewRawTool(name, description string, parameters json.RawMessage,
 		if len(bytes.TrimSpace(arguments)) == 0 {
 			arguments = json.RawMessage("{}")
 		}
-		if !json.Valid(arguments) {
-			return "", argumentsError{fmt.Errorf("not JSON: %s", arguments)}
+		if err := checkObject(arguments); err != nil {
+			return "", argumentsError{err}
 		}
 		return handler(ctx, arguments)
 	}}, nil
@@ -119,7 +119,7 @@ const cancelledResult = "error: the run was cancelled before the tool finished"
 // in tools, arguments the tool cannot take, and a handler that returns an error, panics or ends its goroutine
 // (runtime.Goexit) each become a tool result that says so ("error: ..."), for the model to read and correct. A
 // handler that returns once ctx has ended, whatever it returns, is answered "error: the run was cancelled before the
-// tool finished". In a result that is not valid UTF-8 (a Latin-1 file's bytes, say), each run of invalid bytes
+// tool finished", and so is a call whose ctx had ended before its tool started, which then does not start. In a result that is not valid UTF-8 (a Latin-1 file's bytes, say), each run of invalid bytes
 // becomes U+FFFD: gRPC sends no other string, and a message it could not send would fail every later call of the
 // conversation.
 func RunToolCalls(ctx context.Context, tools []Tool, calls []*llmrelayv1.ToolCall) []*llmrelayv1.Message {
@@ -156,6 +156,11 @@ func runToolCall(ctx context.Context, tools map[string]Tool, call *llmrelayv1.Fu
 		return fmt.Sprintf("error: there is no tool %q; the tools are: %s", name,
 			strings.Join(slices.Sorted(maps.Keys(tools)), ", "))
 	}
+	if ctx.Err() != nil {
+		// The run ended before the tool started: it does not start, as in the TypeScript SDK (one that does not
+		// read its context, sending an email, would act all the same, and its answer be dropped for cancelledResult).
+		return cancelledResult
+	}
 	defer func() {
 		if recovered := recover(); recovered != nil {
 			content = fmt.Sprintf("error: tool %q failed: it panicked: %v", name, recovered)
@@ -185,9 +190,8 @@ func decodeArguments[Args any](arguments json.RawMessage, shape *shape) (Args, e
 	if len(bytes.TrimSpace(arguments)) == 0 {
 		arguments = json.RawMessage("{}")
 	}
-	var object map[string]json.RawMessage
-	if err := json.Unmarshal(arguments, &object); err != nil {
-		return args, fmt.Errorf("not a JSON object: %w", err)
+	if err := checkObject(arguments); err != nil {
+		return args, err
 	}
 	if err := shape.check(arguments, ""); err != nil {
 		return args, err
@@ -198,6 +202,19 @@ func decodeArguments[Args any](arguments json.RawMessage, shape *shape) (Args, e
 		return args, err
 	}
 	return args, nil
+}
+
+// checkObject refuses arguments that are not a JSON object: not JSON, or another JSON value (null too, which
+// json.Unmarshal takes into a map as a nil one), as the Python and TypeScript SDKs do for every tool.
+func checkObject(arguments json.RawMessage) error {
+	var object map[string]json.RawMessage
+	if err := json.Unmarshal(arguments, &object); err != nil {
+		return fmt.Errorf("not a JSON object: %w", err)
+	}
+	if object == nil {
+		return fmt.Errorf("not a JSON object: null")
+	}
+	return nil
 }
 
 // resultText is a handler's result as the tool message's content: a string as it is, anything else as JSON.
