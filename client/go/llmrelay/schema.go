@@ -3,6 +3,7 @@ package llmrelay
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"maps"
 	"reflect"
@@ -289,15 +290,19 @@ func enumValues(t reflect.Type, tag string, quoted bool) ([]any, error) {
 	return values, nil
 }
 
-// shape is what the schema of a type asks of its JSON that encoding/json does not check as it decodes, which a tool's
-// arguments are checked for (check) before they reach its handler: every object's required properties, at any depth
-// (encoding/json leaves a missing one, or a null one, zero), a fixed-size array's length (it fills the array from
-// fewer items and drops the extra ones), and no null for an item or a map's value that cannot be null (it makes the
-// zero value of it, whose required properties are then missing unseen).
+// shape is what the schema of a type asks of its JSON, which a tool's arguments are checked for (check) before they
+// reach its handler, every problem at once, with its path, as the Python and TypeScript SDKs say them: each value's
+// JSON type, every object's required properties at any depth and no others (encoding/json leaves a missing one, or a
+// null one, zero, and stops at the first problem it meets), a fixed-size array's length (it fills the array from fewer
+// items and drops the extra ones), and no null for an item or a map's value that cannot be null (it makes the zero
+// value of it, whose required properties are then missing unseen).
 type shape struct {
 	// kind is the JSON value's: reflect.Struct for an object with properties, Slice or Array for an array, Map for an
 	// object of values; any other kind has nothing to check inside.
 	kind reflect.Kind
+	// json is the JSON type the value must be, as a problem names it ("an integer"); "" for any (an interface's,
+	// json.RawMessage's).
+	json string
 	// nullable is whether null is a value of the type: a pointer's, an interface's or json.RawMessage's; anything
 	// else holds nothing that null could mean.
 	nullable bool
@@ -319,7 +324,7 @@ type propertyShape struct {
 	shape  *shape
 }
 
-// shapeOf is the shape of a type that structSchema described (so no recursive one).
+// shapeOf is the shape of a type that structSchema described (so no recursive one, and none that encodes itself).
 func shapeOf(t reflect.Type) *shape {
 	s := &shape{}
 	for t.Kind() == reflect.Pointer {
@@ -330,91 +335,158 @@ func shapeOf(t reflect.Type) *shape {
 		s.nullable = true
 		return s
 	case t == timeType:
+		s.json = "a string"
 		return s
 	}
 	switch t.Kind() {
+	case reflect.String:
+		s.json = "a string"
+	case reflect.Bool:
+		s.json = "a boolean"
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		s.json = "an integer"
+	case reflect.Float32, reflect.Float64:
+		s.json = "a number"
 	case reflect.Struct:
-		s.kind = reflect.Struct
+		s.kind, s.json = reflect.Struct, "an object"
 		for _, f := range jsonFields(t) {
 			s.properties = append(s.properties, propertyShape{name: f.name, required: f.required(),
 				quoted: f.quoted() != nil, shape: shapeOf(f.field.Type)})
 		}
 	case reflect.Slice, reflect.Array:
 		if t.Kind() == reflect.Slice && t.Elem().Kind() == reflect.Uint8 {
-			return s // base64 text
+			s.json = "a string" // base64 text
+			return s
 		}
-		s.kind, s.items = t.Kind(), shapeOf(t.Elem())
+		s.kind, s.json, s.items = t.Kind(), "an array", shapeOf(t.Elem())
 		if t.Kind() == reflect.Array {
 			s.length = t.Len()
 		}
 	case reflect.Map:
-		s.kind, s.items = reflect.Map, shapeOf(t.Elem())
+		s.kind, s.json, s.items = reflect.Map, "an object", shapeOf(t.Elem())
 	}
 	return s
 }
 
-// check says what in value, the JSON at path (a property's name, dotted within objects, with [i] for an array's
-// items; "" for the arguments), falls short of the shape. A value of another JSON type than the shape's passes: the
-// decoder then says what is wrong with it, in its own words.
+// check says everything in value, the JSON at path (a property's name, dotted within objects, with [i] for an
+// array's items; "" for the arguments), that falls short of the shape: nil, or an error of every problem.
 func (s *shape) check(value json.RawMessage, path string) error {
+	var problems []string
+	s.problems(value, path, &problems)
+	if len(problems) > 0 {
+		return errors.New(strings.Join(problems, "; "))
+	}
+	return nil
+}
+
+// problems adds what in value, the JSON at path, falls short of the shape to problems.
+func (s *shape) problems(value json.RawMessage, path string, problems *[]string) {
+	if s.json != "" {
+		got := jsonType(value)
+		if s.json == "an integer" && got == "a number" && bytes.ContainsAny(value, ".eE") {
+			got = string(bytes.TrimSpace(value)) // 1.5, or 3.0, which encoding/json decodes into no int either
+		} else if s.json == "an integer" && got == "a number" {
+			got = s.json
+		}
+		if got != s.json {
+			*problems = append(*problems, at(path, fmt.Sprintf("expected %s, got %s", s.json, got)))
+			return
+		}
+	}
 	switch s.kind {
 	case reflect.Struct:
 		var object map[string]json.RawMessage
 		if json.Unmarshal(value, &object) != nil {
-			return nil
+			return
 		}
-		for _, property := range s.properties {
-			at := joinPath(path, property.name)
+		names := make([]string, len(s.properties))
+		for i, property := range s.properties {
+			names[i] = property.name
+			named := joinPath(path, property.name)
 			value, present := object[property.name]
 			null := present && (isNull(value) || property.quoted && string(bytes.TrimSpace(value)) == `"null"`)
 			switch {
 			case property.required && !present:
-				return fmt.Errorf("the required property %q is missing", at)
+				*problems = append(*problems, fmt.Sprintf("the required property %q is missing", named))
 			case property.required && null && !property.shape.nullable:
-				return fmt.Errorf("the required property %q is missing (it is null)", at)
-			case present && !null:
-				if err := property.shape.check(value, at); err != nil {
-					return err
-				}
+				*problems = append(*problems, fmt.Sprintf("the required property %q is missing (it is null)", named))
+			case present && !null && !property.quoted: // a quoted value is JSON in a string: the decoder reads it
+				property.shape.problems(value, named, problems)
+			}
+		}
+		known := "it takes none"
+		if len(names) > 0 {
+			known = "the properties are: " + strings.Join(names, ", ")
+		}
+		for _, key := range slices.Sorted(maps.Keys(object)) {
+			if !slices.Contains(names, key) {
+				*problems = append(*problems, at(path, fmt.Sprintf("there is no property %q (%s)", key, known)))
 			}
 		}
 	case reflect.Slice, reflect.Array:
 		var items []json.RawMessage
 		if json.Unmarshal(value, &items) != nil {
-			return nil
+			return
 		}
 		if s.kind == reflect.Array && len(items) != s.length {
-			return fmt.Errorf("the property %q takes exactly %d items, not %d", path, s.length, len(items))
+			*problems = append(*problems, fmt.Sprintf("the property %q takes exactly %d items, not %d", path, s.length,
+				len(items)))
+			return
 		}
 		for i, item := range items {
-			if err := s.items.checkItem(item, fmt.Sprintf("%s[%d]", path, i)); err != nil {
-				return err
-			}
+			s.items.itemProblems(item, fmt.Sprintf("%s[%d]", path, i), problems)
 		}
 	case reflect.Map:
 		var values map[string]json.RawMessage
 		if json.Unmarshal(value, &values) != nil {
-			return nil
+			return
 		}
 		for _, key := range slices.Sorted(maps.Keys(values)) {
-			if err := s.items.checkItem(values[key], joinPath(path, key)); err != nil {
-				return err
-			}
+			s.items.itemProblems(values[key], joinPath(path, key), problems)
 		}
 	}
-	return nil
 }
 
-// checkItem checks an array's item or a map's value, which has no name to be required under: null is refused
+// itemProblems checks an array's item or a map's value, which has no name to be required under: null is refused
 // where the shape cannot be null.
-func (s *shape) checkItem(value json.RawMessage, path string) error {
+func (s *shape) itemProblems(value json.RawMessage, path string, problems *[]string) {
 	if isNull(value) {
-		if s.nullable {
-			return nil
+		if !s.nullable {
+			*problems = append(*problems, fmt.Sprintf("%q is null, which the schema does not allow", path))
 		}
-		return fmt.Errorf("%q is null, which the schema does not allow", path)
+		return
 	}
-	return s.check(value, path)
+	s.problems(value, path, problems)
+}
+
+// jsonType is the JSON type of a value, as a problem names it.
+func jsonType(value json.RawMessage) string {
+	text := bytes.TrimSpace(value)
+	if len(text) == 0 {
+		return "nothing"
+	}
+	switch text[0] {
+	case '{':
+		return "an object"
+	case '[':
+		return "an array"
+	case '"':
+		return "a string"
+	case 't', 'f':
+		return "a boolean"
+	case 'n':
+		return "null"
+	}
+	return "a number"
+}
+
+// at is a problem at a path, or the bare problem at the top (the other SDKs' words).
+func at(path, problem string) string {
+	if path == "" {
+		return problem
+	}
+	return path + ": " + problem
 }
 
 func joinPath(path, name string) string {

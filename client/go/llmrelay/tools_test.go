@@ -118,7 +118,7 @@ func TestRunToolCallsTurnsFailuresIntoResults(t *testing.T) {
 		{call("4", "subtract", "{}"), []string{`error: there is no tool "subtract"`, "add, echo, fail, nan, panic"}},
 		{call("5", "add", `{"a": 1, "b":`), []string{`error: tool "add" cannot take the arguments`, "not a JSON object"}},
 		{call("6", "add", `{"a": 1}`), []string{`the required property "b" is missing`}},
-		{call("7", "add", `{"a": 1, "b": 2, "c": 3}`), []string{`unknown field "c"`}},
+		{call("7", "add", `{"a": 1, "b": 2, "c": 3}`), []string{`there is no property "c" (the properties are: a, b)`}},
 		{call("8", "add", `{"a": "one", "b": 2}`), []string{`cannot take the arguments {"a": "one", "b": 2}`}},
 		{call("9", "add", `[1, 2]`), []string{"not a JSON object"}},
 		// null is no object: json.Unmarshal took it into a nil map, and a tool whose fields are all optional ran.
@@ -332,9 +332,17 @@ func TestNewToolChecksTheArgumentsAtEveryDepth(t *testing.T) {
 		{"{" + valid + `, "named": {"a": {"x": 1}, "b": {}}}`, `the required property "named.b.x" is missing`},
 		{"{" + valid + `, "size": [1, 2, 3]}`, `the property "size" takes exactly 2 items, not 3`},
 		{"{" + valid + `, "size": [1]}`, `the property "size" takes exactly 2 items, not 1`},
-		// Of another JSON type than the schema's: the decoder's words.
-		{`{"start": 5, "end": null, "steps": 3, "weight": "2", "notes": null}`, "cannot unmarshal number"},
-		{"{" + valid + `, "start": {"x": 1, "z": 2}}`, `unknown field "z"`},
+		// Of another JSON type than the schema's, or a property it does not have: in the other SDKs' words, with its
+		// path (the decoder's said "cannot unmarshal number", and `unknown field "z"` with no path).
+		{`{"start": 5, "end": null, "steps": 3, "weight": "2", "notes": null}`, "start: expected an object, got a number"},
+		{"{" + valid + `, "steps": 1.5}`, "steps: expected an integer, got 1.5"},
+		{"{" + valid + `, "via": [{"x": "1"}]}`, `via[0].x: expected an integer, got a string`},
+		{"{" + valid + `, "start": {"x": 1, "z": 2}}`, `start: there is no property "z" (the properties are: x, y)`},
+		// Every problem at once (the decoder, and these checks, stopped at the first).
+		{`{"start": {"z": 1}, "end": null, "steps": "3", "weight": "2", "notes": null, "extra": true}`,
+			`the required property "start.x" is missing; start: there is no property "z" (the properties are: x, y); ` +
+				`steps: expected an integer, got a string; there is no property "extra" (the properties are: start, via, ` +
+				`named, end, size, steps, weight, notes)`},
 	}
 	var calls []*llmrelayv1.ToolCall
 	for i, c := range cases {
