@@ -64,6 +64,15 @@ def target(gateway: Gateway) -> str:
     return f"127.0.0.1:{gateway.port}"
 
 
+async def run_tools(gateway: Gateway, tools: Tools, *, blocking: bool) -> Answer:
+    """QUESTION's tool loop on the blocking Client (in a thread, with this task's context variables) or AsyncClient."""
+    if blocking:
+        with Client(target(gateway)) as blocking_client:
+            return await asyncio.to_thread(blocking_client.run_tools, QUESTION, tools)
+    async with AsyncClient(target(gateway)) as client:
+        return await client.run_tools(QUESTION, tools)
+
+
 def agent_tools() -> Tools:
     tools = Tools()
 
@@ -431,12 +440,7 @@ async def test_a_tools_own_cancellation_and_text_utf_8_cannot_hold_become_result
         """A file's text."""
         raise FileNotFoundError(os.fsdecode(b"no caf\xe9.txt"))
 
-    if blocking:
-        with Client(target(gateway)) as blocking_client:
-            answer = await asyncio.to_thread(blocking_client.run_tools, QUESTION, tools)
-    else:
-        async with AsyncClient(target(gateway)) as client:
-            answer = await client.run_tools(QUESTION, tools)
+    answer = await run_tools(gateway, tools, blocking=blocking)
     assert answer.content == (
         "tools: fetch=error: CancelledError: the request was cancelled; listing=caf\ufffd.txt; "
         "lookup=error: FileNotFoundError: no caf\ufffd.txt"
@@ -474,12 +478,7 @@ async def test_a_result_that_fails_as_it_is_written_is_answered_and_tools_see_th
         return CALLER.get()
 
     CALLER.set("alice")
-    if blocking:
-        with Client(target(gateway)) as blocking_client:
-            answer = await asyncio.to_thread(blocking_client.run_tools, QUESTION, tools)
-    else:
-        async with AsyncClient(target(gateway)) as client:
-            answer = await client.run_tools(QUESTION, tools)
+    answer = await run_tools(gateway, tools, blocking=blocking)
     assert answer.content == (
         "tools: report=error: the tool's result cannot be written as JSON (AttributeError: 'Report' object has no"
         " attribute 'summary'); who=alice"
