@@ -78,6 +78,12 @@ export class Conversation {
     messages: MessageInput[] = [],
     readonly options: ConversationOptions = {},
   ) {
+    const budget = options.budgetTokens;
+    if (budget !== undefined && !(budget >= 0)) {
+      // A context window less an answer's maxTokens gone below 0: fit() would drop every turn but the last, then
+      // fail, the history gone; as the Python SDK refuses it.
+      throw new RangeError(`budgetTokens must be 0 or more, not ${budget}`);
+    }
     this.history = [...messages];
   }
 

@@ -18,7 +18,7 @@ import {
   type MessageInput,
   type Usage,
 } from "../src";
-import { turnsOf } from "../src/conversation";
+import { Conversation, turnsOf } from "../src/conversation";
 
 /** Fails to compile unless A and B are the same type. */
 type Same<A, B> = [A] extends [B] ? ([B] extends [A] ? true : false) : false;
@@ -271,6 +271,19 @@ describe("a tool's result", () => {
         ["listed", `${unwritable} (a symbol at result[1], which JSON has no form for)`],
       ],
     );
+  });
+});
+
+describe("a Conversation's budget", () => {
+  test("below 0 (or no number) is refused, as the Python SDK refuses it", () => {
+    // A context window less maxTokens gone below 0: fit() dropped every turn but the last, then failed.
+    for (const budgetTokens of [-1, -5000, NaN]) {
+      assert.throws(() => new Conversation([user("hi")], { budgetTokens }), {
+        name: "RangeError",
+        message: `budgetTokens must be 0 or more, not ${budgetTokens}`,
+      });
+    }
+    assert.equal(new Conversation([user("hi")], { budgetTokens: 0 }).options.budgetTokens, 0);
   });
 });
 

@@ -916,6 +916,10 @@ class Conversation:
         budget_tokens: int | None = None,
         model: str | None = None,
     ) -> None:
+        if budget_tokens is not None and budget_tokens < 0:
+            # A context window less an answer's max_tokens gone below 0: fit() would drop every turn but the last,
+            # then fail, the history gone; as the TypeScript SDK refuses it.
+            raise ValueError(f"budget_tokens must be 0 or more, not {budget_tokens}")
         self.messages: list[pb.Message] = as_messages(messages)
         self.budget_tokens = budget_tokens
         self.model = model

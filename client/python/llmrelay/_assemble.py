@@ -38,7 +38,12 @@ class StreamAssembler:
         self._reasoning: list[str] = []
         self._signature: str | None = None
         self._tool_calls: dict[int, _ToolCall] = {}
-        self._last: pb.StreamCompleteResponse | None = None
+        # The answer's fields, each as the latest message that set it had it (as the Go and TypeScript SDKs keep them):
+        # the gateway sends id, backend and model in every message, the rest in the last.
+        self._id = self._backend = self._model = ""
+        self._finish_reason: pb.FinishReason.ValueType = pb.FINISH_REASON_UNSPECIFIED
+        self._usage: pb.Usage | None = None
+        self._attempts: list[pb.Attempt] = []
 
     def add(self, chunk: pb.StreamCompleteResponse) -> None:
         if chunk.HasField("restart"):
@@ -59,7 +64,14 @@ class StreamAssembler:
             call.arguments.append(fragment.arguments)
             if call.signature is None and fragment.HasField("signature"):
                 call.signature = fragment.signature
-        self._last = chunk
+        self._id = chunk.id or self._id
+        self._backend = chunk.backend or self._backend
+        self._model = chunk.model or self._model
+        self._finish_reason = chunk.finish_reason or self._finish_reason
+        if chunk.HasField("usage"):
+            self._usage = chunk.usage
+        if chunk.attempts:
+            self._attempts = list(chunk.attempts)
 
     def result(self) -> pb.CompleteResponse:
         """The answer so far; complete once the stream has ended without an error."""
@@ -79,15 +91,12 @@ class StreamAssembler:
             message.reasoning = "".join(self._reasoning)
         if self._signature is not None:
             message.reasoning_signature = self._signature
-        last = self._last
-        if last is None:
-            return pb.CompleteResponse(message=message)
         return pb.CompleteResponse(
-            id=last.id,
-            backend=last.backend,
-            model=last.model,
+            id=self._id,
+            backend=self._backend,
+            model=self._model,
             message=message,
-            finish_reason=last.finish_reason,
-            usage=last.usage if last.HasField("usage") else None,
-            attempts=last.attempts,
+            finish_reason=self._finish_reason,
+            usage=self._usage,
+            attempts=self._attempts,
         )

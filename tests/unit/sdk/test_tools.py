@@ -487,6 +487,13 @@ def test_results_of_common_types_are_written_as_the_other_sdks_write_them() -> N
     }
 
 
+@pytest.mark.parametrize("budget", [-1, -5000])
+def test_a_budget_below_0_is_refused(budget: int) -> None:
+    # A context window less max_tokens gone below 0: fit() dropped every turn but the last, then failed.
+    with pytest.raises(ValueError, match=f"budget_tokens must be 0 or more, not {budget}"):
+        Conversation([message("user", "hi")], budget_tokens=budget)
+
+
 def test_turns_keep_tool_calls_with_their_results() -> None:
     assistant_calls = pb.Message(
         role=pb.ROLE_ASSISTANT, tool_calls=[pb.ToolCall(id="a", function=pb.FunctionCall(name="f"))]
