@@ -20,7 +20,7 @@ import grpc
 from llmrelay_server.auth import Continuation, Handler
 from llmrelay_server.domain import LimitExceededError, LimitKind
 from llmrelay_server.health import SERVICE_NAME
-from llmrelay_server.observing import MAX_WRAPPED_HANDLERS
+from llmrelay_server.observing import Wrappings
 from llmrelay_server.status import abort
 
 RETRY_AFTER_S: Final = 1.0
@@ -37,26 +37,17 @@ class ConcurrencyInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, most: int) -> None:
         self._most = most
         self._in_progress = 0
-        self._bounded: dict[tuple[str, int], tuple[Handler, Handler]] = {}
-        """By method and id of the handler it was given: that handler (kept, so that its id is not another's), and it
-        within the bound (made once, not per call). A method's calls bring a few handlers by turns (its caller's
-        limits', its own where the caller has none, auth's refusal): kept one a method, each turn made another, and the
-        observing interceptor's wrappings of them filled its bound, past which it wraps every call anew."""
+        self._bounded = Wrappings(self._bound)
 
     async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
         handler = await continuation(details)
         method = details.method
         if handler is None or not method.startswith(_BOUNDED_PREFIX) or method == _HEALTH:
             return handler
-        kept = self._bounded.get((method, id(handler)))
-        if kept is not None and kept[0] is handler:
-            return kept[1]
-        bounded = self._bound(handler, method.rpartition("/")[2])
-        if len(self._bounded) < MAX_WRAPPED_HANDLERS:  # as the observing interceptor's: a few a method, in fact
-            self._bounded[method, id(handler)] = (handler, bounded)
-        return bounded
+        return self._bounded.of(handler, method)
 
-    def _bound(self, handler: Handler, rpc: str) -> Handler:
+    def _bound(self, handler: Handler, method: str) -> Handler:
+        rpc = method.rpartition("/")[2]
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._bounded_stream(handler.unary_stream, rpc),

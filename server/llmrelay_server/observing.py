@@ -92,6 +92,30 @@ MAX_WRAPPED_HANDLERS: Final = 256
 wrapped for its call alone."""
 
 
+class Wrappings:
+    """An interceptor's wrappings of the handlers that reach it, made once and kept by method and handler: those are
+    the same few objects call after call (a service's own, and the inner interceptors' wrappings of them, each made
+    once; a method's calls may bring several by turns, its caller's limits' and its own), so a call pays a lookup
+    rather than a new handler and its closures. Each kept with its handler, so that the handler's id is no other's."""
+
+    __slots__ = ("_kept", "_wrap")
+
+    def __init__(self, wrap: Callable[[Handler, str], Handler]) -> None:
+        self._wrap = wrap
+        """A handler and its method ("/package.Service/Method") -> its wrapping."""
+        self._kept: dict[tuple[str, int], tuple[Handler, Handler]] = {}
+
+    def of(self, handler: Handler, method: str) -> Handler:
+        """The wrapping of `handler`, a handler of `method`."""
+        kept = self._kept.get((method, id(handler)))
+        if kept is not None and kept[0] is handler:
+            return kept[1]
+        wrapped = self._wrap(handler, method)
+        if len(self._kept) < MAX_WRAPPED_HANDLERS:
+            self._kept[method, id(handler)] = (handler, wrapped)
+        return wrapped
+
+
 class Observer(abc.ABC):
     @abc.abstractmethod
     def observe(self, method: str, kind: Kind) -> Start | None:
@@ -104,21 +128,11 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, observers: Sequence[Observer]) -> None:
         self._observers = tuple(observers)
-        self._wrapped: dict[int, tuple[Handler, str, Handler]] = {}
-        """id of a handler -> that handler (kept, so that its id is not another's), its method, its wrapping."""
+        self._wrapped = Wrappings(self._wrap)
 
     async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
         handler = await continuation(details)
-        if handler is None:
-            return None
-        method = details.method
-        kept = self._wrapped.get(id(handler))
-        if kept is not None and kept[0] is handler and kept[1] == method:
-            return kept[2]
-        wrapped = self._wrap(handler, method)
-        if len(self._wrapped) < MAX_WRAPPED_HANDLERS:
-            self._wrapped[id(handler)] = (handler, method, wrapped)
-        return wrapped
+        return None if handler is None else self._wrapped.of(handler, details.method)
 
     def _wrap(self, handler: Handler, method: str) -> Handler:
         kind = kind_of(handler)  # first: the observers are told it

@@ -28,6 +28,7 @@ from llmrelay_server.domain import (
 )
 from llmrelay_server.limits.interface import GATEWAY, Ask, Limiter, Reservation, key_subject
 from llmrelay_server.metering import open_meter
+from llmrelay_server.observing import Wrappings
 from llmrelay_server.servicer import Drain
 from llmrelay_server.status import abort
 from llmrelay_server.tokens import TokenCounter
@@ -77,8 +78,8 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         self._gateway = gateway if gateway.any_set() else None
         self._counter = counter
         self._reserve_completion_tokens = reserve_completion_tokens
-        self._limited: dict[str, tuple[Handler, Handler]] = {}
-        """By method: the handler it was given, and that handler within limits."""
+        self._limited = Wrappings(self._limit)
+        """Each handler within limits (the observing interceptor keeps its own wrapping of this one)."""
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -89,11 +90,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if self._gateway is None and not _key_limited(current_caller.get()):
             return handler
-        # Wrapped once per method, not per call (the observing interceptor keeps its own wrapping of this one).
-        kept = self._limited.get(method)
-        if kept is None or kept[0] is not handler:
-            kept = self._limited[method] = (handler, self._limit(handler, method))
-        return kept[1]
+        return self._limited.of(handler, method)
 
     def _limit(self, handler: Handler, method: str) -> Handler:
         if method == STREAM_COMPLETE:
