@@ -507,6 +507,7 @@ def _jsonable(value: Any) -> Any:
 # --- JSON Schemas from type hints ----------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=256)  # read once a tool, not at each of its calls
 def _keyword_fields(function: Callable[..., Any]) -> tuple[dict[str, Any], set[str]]:
     """A derived tool's parameters as an object's fields (`_fields`): each one's hint, and those without a default."""
     hints = get_type_hints(function, include_extras=True)
