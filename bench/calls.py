@@ -94,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     kinds, paths = chosen_servers(parser, args)
     started_at = now()
-    write_results("calls", args.calls, paths, asyncio.run(run(args.calls, kinds, paths, args.top)), started_at)
+    write_results("calls", args.calls, kinds, paths, asyncio.run(run(args.calls, kinds, paths, args.top)), started_at)
 
 
 if __name__ == "__main__":

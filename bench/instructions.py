@@ -162,11 +162,13 @@ def chosen_servers(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return kinds, [path for path in PATHS if path in chosen]
 
 
-def write_results(tool: str, calls: int, paths: list[str], rows: list[dict[str, Any]], started_at: str) -> None:
-    """The rows of `python -m bench.TOOL`, counted over `calls` calls: the default servers' to
-    bench/results/TOOL.json, another choice of servers' to a file of its own."""
+def write_results(
+    tool: str, calls: int, kinds: list[str], paths: list[str], rows: list[dict[str, Any]], started_at: str
+) -> None:
+    """The rows of `python -m bench.TOOL`, counted over `calls` calls: the default servers' of both kinds to
+    bench/results/TOOL.json (the committed one), another choice of servers or kinds to a file of its own."""
     results = {
-        "command": f"python -m bench.{tool}",
+        "command": " ".join([f"python -m bench.{tool}", *sys.argv[1:]]),
         "started_at": started_at,
         "revision": revision(),
         "calls": calls,
@@ -174,7 +176,8 @@ def write_results(tool: str, calls: int, paths: list[str], rows: list[dict[str, 
         "rows": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    written = RESULTS / f"{tool if paths == list(DEFAULT_PATHS) else '-'.join((tool, *paths))}.json"
+    chosen = [*(kinds if kinds != list(KINDS) else ()), *(paths if paths != list(DEFAULT_PATHS) else ())]
+    written = RESULTS / f"{'-'.join((tool, *chosen))}.json"
     written.write_text(json.dumps(results, indent=2) + "\n")
     print(f"written: {written}")
 
@@ -186,7 +189,7 @@ def main() -> None:
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("bench.instructions: valgrind is not installed (apt-get install valgrind)")
     started_at = now()
-    write_results("instructions", args.calls, paths, asyncio.run(run(args.calls, kinds, paths)), started_at)
+    write_results("instructions", args.calls, kinds, paths, asyncio.run(run(args.calls, kinds, paths)), started_at)
 
 
 if __name__ == "__main__":
