@@ -68,7 +68,8 @@ func (e *StepLimitError) Error() string {
 		"run the conversation again to go on, or raise the limit", e.MaxSteps)
 }
 
-// Run runs the tool loop on the conversation, appending to it as it goes, and returns what it did. Each step first fits
+// Run runs the tool loop on the conversation, appending to it as it goes, and returns what it did; it refuses, before
+// any call, Tools of which two share a name. Each step first fits
 // the conversation to its token budget (Conversation.Fit, when it has one), counted for the conversation's Model or,
 // when it names none, the agent's, with the answer format of the agent's Options. A model call that fails ends the run
 // with its *Error (the conversation keeps the steps before); a run that reaches the step limit returns a
@@ -86,7 +87,14 @@ func (a *Agent) Run(ctx context.Context, conversation *Conversation) (*RunResult
 	if a.Options != nil {
 		options = proto.CloneOf(a.Options)
 	}
+	named := make(map[string]bool, len(a.Tools))
 	for _, tool := range a.Tools {
+		// Said before any call: the gateway refuses such a request (INVALID_ARGUMENT), and a tool call could not
+		// tell the two apart.
+		if named[tool.Name()] {
+			return &RunResult{}, fmt.Errorf("llmrelay: two of Agent.Tools are named %q; each tool needs a name of its own", tool.Name())
+		}
+		named[tool.Name()] = true
 		options.Tools = append(options.Tools, tool.Definition())
 	}
 	result := &RunResult{}

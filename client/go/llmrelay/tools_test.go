@@ -1,7 +1,7 @@
 package llmrelay_test
 
-// Unit tests of tools: NewTool's definition and argument checks, and RunToolCalls (parallel, errors and panics as
-// results, the context passed on). No server.
+// Unit tests of tools: NewTool's definition and argument checks, RunToolCalls (parallel, errors and panics as
+// results, the context passed on), and an Agent's refusal of two tools of one name. No server.
 
 import (
 	"context"
@@ -365,5 +365,21 @@ func TestNewToolChecksTheArgumentsAtEveryDepth(t *testing.T) {
 	}
 	if ran.Load() != handled {
 		t.Errorf("the handler ran %d times, want %d: only for the arguments that meet the schema", ran.Load(), handled)
+	}
+}
+
+func TestAgentRefusesToolsOfOneName(t *testing.T) {
+	other := mustTool(t)(llmrelay.NewTool("add", "Adds otherwise", func(_ context.Context, args addArgs) (sum, error) {
+		return sum{args.A - args.B}, nil
+	}))
+	// No client: the run must end before any model call.
+	agent := &llmrelay.Agent{Tools: []llmrelay.Tool{addTool(t), other}}
+	conversation := llmrelay.NewConversation(llmrelay.User("Add 1 and 2"))
+	result, err := agent.Run(context.Background(), conversation)
+	if err == nil || !strings.Contains(err.Error(), `two of Agent.Tools are named "add"`) {
+		t.Fatalf("err = %v, want the duplicate name refused", err)
+	}
+	if result == nil || result.Steps != 0 || len(conversation.Messages) != 1 {
+		t.Fatalf("result = %+v, conversation %d messages: want nothing done", result, len(conversation.Messages))
 	}
 }
