@@ -184,13 +184,36 @@ async def test_retry_delays_say_when_a_call_fits_again(limiter_for: LimiterFacto
     await limiter.reserve([ask(streams, stream=True)])
     assert (await refused(limiter.reserve([ask(streams, stream=True)]))).retry_after_s == 1.0
     spent = Limits(budget_usd_per_day=0.001)
-    await limiter.reserve([ask(spent, usd=600)])
+    await limiter.settle(await limiter.reserve([ask(spent, usd=600)]), tokens=0, usd_micros=600)
     budget = await refused(limiter.reserve([ask(spent, usd=401)]))
     client = redis.asyncio.from_url(redis_server.url)
     seconds, micros = await client.time()
     await client.aclose()
     now = seconds + micros / 1e6
     assert budget.retry_after_s == pytest.approx((now // 86_400 + 1) * 86_400 - now, abs=1.0), "until UTC midnight"
+
+
+async def test_budget_that_calls_in_progress_hold_is_retried_in_a_moment_as_in_process(
+    limiter_for: LimiterFactory,
+) -> None:
+    limiters = [await limiter_for(), await limiter_for()]  # two gateways: what one holds, the other is told of
+    limits = Limits(budget_usd_per_day=0.01)  # 10,000 micro-USD
+    await limiters[0].settle(await limiters[0].reserve([ask(limits, usd=3_000)]), tokens=0, usd_micros=3_000)
+    running = await limiters[0].reserve([ask(limits, usd=6_000)])
+    other = await limiters[1].reserve([ask(limits, usd=500, subject="key:other")])  # another key's holds nothing of it
+    # 3,000 spent and 6,000 held: 2,000 fits once the call in progress settles for less, which may be any moment.
+    error = await refused(limiters[1].reserve([ask(limits, usd=2_000)]))
+    assert error.kind is LimitKind.BUDGET_PER_DAY and error.retry_after_s == pytest.approx(1.0)
+    # More than the spent leaves is only ever admitted tomorrow (UTC), whatever the call in progress settles for.
+    error = await refused(limiters[1].reserve([ask(limits, usd=7_001)]))
+    assert error.retry_after_s is not None and error.retry_after_s > 1.0
+    until_midnight = (await refused(limiters[0].reserve([ask(limits, usd=7_001)]))).retry_after_s
+    assert error.retry_after_s == pytest.approx(until_midnight, abs=1.0), "the same for either gateway"
+    await limiters[1].settle(other, tokens=0, usd_micros=500)
+    await limiters[0].settle(running, tokens=0, usd_micros=1_000)
+    await limiters[1].reserve([ask(limits, usd=6_000)])
+    error = await refused(limiters[0].reserve([ask(limits, usd=1)]))  # 10,000 spent or held, 6,000 of it held
+    assert error.retry_after_s == pytest.approx(1.0)
 
 
 async def test_a_request_larger_than_a_limit_is_refused_as_in_process_and_counted_nowhere(

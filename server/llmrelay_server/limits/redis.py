@@ -184,11 +184,12 @@ _RESERVE: Final = (
     _RESERVATION
     + """
 -- Returns {0, seconds, microseconds} of Redis's clock, and the epoch, when the call is counted in every subject;
--- else, counting it
--- nowhere, {1, subject, limit, ms until it may fit} for the first limit it would pass (limit: 1 requests, 2 tokens,
--- 3 streams, 4 budget); or {2} when the reservation has a record already: undone before it ran (its caller no longer
--- waits for this answer), it counts nothing. Sent again once it ran (its connection broke before its answer came),
--- it counts nothing more, and answers as it did: the second (microseconds 0) and the epoch it was counted in.
+-- else, counting it nowhere, {1, subject, limit, ms until it may fit, held} for the first limit it would pass (limit:
+-- 1 requests, 2 tokens, 3 streams, 4 budget; held: 1 when the budget would have room but for what calls in progress
+-- reserved of it, which one may give back as it settles); or {2} when the reservation has a record already: undone
+-- before it ran (its caller no longer waits for this answer), it counts nothing. Sent again once it ran (its
+-- connection broke before its answer came), it counts nothing more, and answers as it did: the second (microseconds
+-- 0) and the epoch it was counted in.
 local state = redis.call('GET', record)
 if state then
   if string.match(state, '^%d+$') then return {0, state, '0', redis.call('GET', epoch_key) or ''} end
@@ -241,26 +242,41 @@ local function free_in(buckets, sum, wanted, most)
   return math.max(0, math.ceil((at + 61 - now) * 1000))
 end
 
+-- The spend of `day` that reservations still running hold in the spend key: theirs until they settle.
+local function held_in(spend_key, day)
+  local amount = 0
+  for _, entry in ipairs(redis.call('HVALS', held)) do
+    local spent = cjson.decode(entry)
+    if spent[2] == day then
+      for i = 3, #spent, 2 do
+        if spent[i] == spend_key then amount = amount + spent[i + 1] end
+      end
+    end
+  end
+  return amount
+end
+
 for s = 1, subjects do
   local keys = (s - 1) * 4
   local requests, tokens, streams, budget = limit(s, 1), limit(s, 2), limit(s, 3), limit(s, 4)
   if requests then
     local buckets, used = window(KEYS[keys + 1])
-    if used + 1 > requests then return {1, s, 1, free_in(buckets, used, 1, requests)} end
+    if used + 1 > requests then return {1, s, 1, free_in(buckets, used, 1, requests), 0} end
   end
   if tokens then
     local wanted = tonumber(arg(s, 5))
     local buckets, used = window(KEYS[keys + 2])
-    if used + wanted > tokens then return {1, s, 2, free_in(buckets, used, wanted, tokens)} end
+    if used + wanted > tokens then return {1, s, 2, free_in(buckets, used, wanted, tokens), 0} end
   end
   if streams and arg(s, 7) == '1' then
     redis.call('ZREMRANGEBYSCORE', KEYS[keys + 3], '-inf', now_ms)
-    if redis.call('ZCARD', KEYS[keys + 3]) + 1 > streams then return {1, s, 3, 0} end
+    if redis.call('ZCARD', KEYS[keys + 3]) + 1 > streams then return {1, s, 3, 0, 0} end
   end
   if budget then
     local spent, asked = tonumber(redis.call('HGET', KEYS[keys + 4], day) or '0'), tonumber(arg(s, 6))
     if asked > 0 and spent + asked > budget then -- a free call is admitted past the budget too (in_process._check)
-      return {1, s, 4, math.ceil(((day + 1) * 86400 - now) * 1000)}
+      local held_only = spent - held_in(KEYS[keys + 4], day) + asked <= budget and 1 or 0
+      return {1, s, 4, math.ceil(((day + 1) * 86400 - now) * 1000), held_only}
     end
   end
 end
@@ -548,9 +564,14 @@ class RedisLimiter:
             self._send_later(reservation_id, self._undo_script, keys, args)
             raise
         if answer[0] == 1:
-            _, subject, code, retry_ms = answer
+            _, subject, code, retry_ms, held_only = answer
             kind = _KINDS[code - 1]
-            retry_after_s = STREAM_RETRY_S if kind is LimitKind.CONCURRENT_STREAMS else retry_ms / 1000
+            if kind is LimitKind.CONCURRENT_STREAMS:
+                retry_after_s = STREAM_RETRY_S
+            elif held_only:  # it may fit as soon as a call in progress settles below what it reserved, as in process
+                retry_after_s = min(STREAM_RETRY_S, retry_ms / 1000)
+            else:
+                retry_after_s = retry_ms / 1000
             raise refusal(kind, asks[subject - 1], retry_after_s)
         second, micros, epoch = int(answer[1]), int(answer[2]), _text(answer[3])
         if stream_keys:
