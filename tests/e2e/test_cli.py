@@ -196,6 +196,42 @@ def test_an_empty_target_is_a_mistake_in_the_options(capsys: pytest.CaptureFixtu
     )
 
 
+@pytest.mark.parametrize("given", ["flag", "variable"])
+def test_a_url_for_a_target_is_a_mistake_in_the_options(
+    given: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The Client refuses it; the command let it through, and its ValueError ended it with a traceback."""
+    url = "https://admin:S3CR3T@gw.example:443"
+    monkeypatch.setenv("LLMRELAY_TARGET", url if given == "variable" else "")
+    with pytest.raises(SystemExit) as caught:
+        main([*(["--target", url] if given == "flag" else []), "health"])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "llmrelay: error: argument --target: a gRPC target is HOST:PORT (or dns:, unix:, ...), not an http:// or"
+        " https:// URL"
+    )
+    assert "S3CR3T" not in err
+
+
+async def test_ctrl_c_while_reading_standard_input_ends_quietly() -> None:
+    """`llmrelay complete -` with no pipe waits on the terminal; Ctrl-C there printed a KeyboardInterrupt's
+    traceback (the text is read as the options are, before the call's own handling of Ctrl-C)."""
+    process = await asyncio.create_subprocess_exec(
+        BIN / "llmrelay", "--target", "127.0.0.1:9", "complete", "-", stdin=PIPE, stdout=PIPE, stderr=PIPE
+    )
+    wchan = Path(f"/proc/{process.pid}/wchan")
+    for _ in range(300):  # until it waits in the read (the kernel's pipe_read, or anon_pipe_read), not in its imports
+        if "pipe_read" in (waiting := wchan.read_text()):  # noqa: ASYNC240 (a file of the kernel's memory)
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError(f"llmrelay never read standard input: waiting in {waiting!r}")
+    process.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert (process.returncode, out, err) == (130, b"", b"")
+
+
 @pytest.mark.parametrize("interval", ["-1", "0", "0.05", "nan", "inf", "soon", "86401", "1e300"])
 def test_stats_takes_an_interval_from_a_tenth_of_a_second_to_a_day(
     interval: str, capsys: pytest.CaptureFixture[str]

@@ -175,6 +175,15 @@ class ChannelSettings:
 _PEM_CERTIFICATE: Final = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
+def target_problem(target: str) -> str | None:
+    """What keeps `target` from being a gRPC target (Client's target, the llmrelay command's --target); None when
+    nothing does. Never the target itself: a URL may hold a password."""
+    if target.lower().startswith(("http://", "https://")):
+        # gRPC would resolve it as a host name, fail every call "Misformatted domain name", and be told TLS.
+        return "a gRPC target is HOST:PORT (or dns:, unix:, ...), not an http:// or https:// URL"
+    return None
+
+
 def root_certificates_problem(pem: bytes | None) -> str | None:
     """What keeps TLS from trusting `pem` as its roots (the llmrelay command's --ca-file); None when nothing does, or
     none are given. Read in memory: the text around the certificates, which TLS skips, need not be ASCII."""

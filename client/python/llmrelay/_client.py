@@ -23,6 +23,7 @@ from llmrelay._channel import (
     ChannelOptions,
     ChannelSettings,
     ServiceConfig,
+    target_problem,
 )
 from llmrelay._errors import LLMRelayError, error_from_rpc
 from llmrelay._messages import MessageLike, as_messages
@@ -279,10 +280,8 @@ class _Base:
         metadata: Metadata,
         caller: str | None,
     ) -> None:
-        if target.lower().startswith(("http://", "https://")):
-            # gRPC would resolve it as a host name, fail every call "Misformatted domain name", and be told TLS.
-            # Not echoed: a URL may hold a password.
-            raise ValueError("target: a gRPC target is HOST:PORT (or dns:, unix:, ...), not an http:// or https:// URL")
+        if problem := target_problem(target):
+            raise ValueError(f"target: {problem}")
         if own_channel and settings != ChannelSettings(service_config=self._default_service_config):
             raise ValueError(
                 "channel= is a channel made already: leave tls, certificates, credentials, service_config and "

@@ -25,7 +25,12 @@ from typing import Final, TextIO
 from urllib.parse import unquote
 
 from llmrelay import v1 as pb
-from llmrelay._channel import BLOCKING_SERVICE_CONFIG, client_certificate_problem, root_certificates_problem
+from llmrelay._channel import (
+    BLOCKING_SERVICE_CONFIG,
+    client_certificate_problem,
+    root_certificates_problem,
+    target_problem,
+)
 from llmrelay._client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, Client
 from llmrelay._errors import LLMRelayError
 from llmrelay._messages import message
@@ -39,6 +44,15 @@ show in `ps` and in the shell's history."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C, during a call or before one (reading `-` from a terminal, say): quietly, with the status a shell
+        # gives a command that SIGINT ended.
+        sys.exit(128 + signal.SIGINT)
+
+
+def _main(argv: Sequence[str] | None) -> None:
     args = _parser().parse_args(argv)
     if sys.stdout is None:
         # Started with its stdout closed (`llmrelay complete hi >&-`): Python leaves sys.stdout None, and print() writes
@@ -86,8 +100,6 @@ def _run(args: argparse.Namespace) -> None:
         if exc.request_id is not None:
             details += f"\n  request id {exc.request_id} (in the gateway's log)"
         sys.exit(_shown(f"llmrelay: {exc}{details}", sys.stderr))
-    except KeyboardInterrupt:
-        sys.exit(130)
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -223,9 +235,12 @@ def _text(text: str) -> str:
 
 
 def _target(text: str) -> str:
-    """The gateway's target (argparse's type for --target): an empty one would have gRPC print its own error lines."""
+    """The gateway's target (argparse's type for --target, and for LLMRELAY_TARGET, its default): an empty one would
+    have gRPC print its own error lines."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty target: give HOST:PORT, or leave --target out for the default")
+    if problem := target_problem(text):
+        raise argparse.ArgumentTypeError(problem)
     return _utf8(text)
 
 
