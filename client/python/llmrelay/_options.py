@@ -99,7 +99,7 @@ def built(message_type: type[_M], fields: Mapping[str, Any]) -> _M:
     anything)."""
     try:
         return message_type(**fields)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, AttributeError) as error:
         for name, value in fields.items():
             try:
                 message_type(**{name: value})
@@ -108,6 +108,8 @@ def built(message_type: type[_M], fields: Mapping[str, Any]) -> _M:
                 raise ValueError(f"{name}: not valid UTF-8 text ({_not_utf8(refused)})") from None
             except (TypeError, ValueError) as refused:
                 raise type(refused)(f"{name}={_shown.repr(value)}: {refused}") from None
+            except AttributeError:  # protobuf reads a Struct field's value (a schema) as a dict, calling its items()
+                raise TypeError(f"{name}={_shown.repr(value)}: a schema must be a dict, or JSON text") from None
         raise error
 
 
@@ -156,7 +158,7 @@ def json_text(schema: Mapping[str, Any] | str) -> str:
 
 def _text_tool(value: Mapping[str, Any]) -> pb.Tool:
     function = dict(value.get("function") or {})
-    if isinstance(function.get("parameters"), Mapping):
+    if isinstance(function.get("parameters"), Mapping | str):  # as tool() takes them: a dict, or JSON text
         function["parameters_json"] = json_text(function.pop("parameters"))
     return pb.Tool(function=built(pb.FunctionDefinition, function))
 
@@ -172,7 +174,7 @@ def _text_response_format(value: Mapping[str, Any]) -> pb.ResponseFormat:
     if isinstance(kind := fields.get("type"), str) and kind not in pb.ResponseFormatType.DESCRIPTOR.values_by_name:
         fields["type"] = named("response_format type", _RESPONSE_FORMAT_TYPES, kind)
     schema = dict(fields.get("json_schema") or {})
-    if isinstance(schema.get("schema"), Mapping):
+    if isinstance(schema.get("schema"), Mapping | str):  # as json_schema() takes it: a dict, or JSON text
         schema["schema_json"] = json_text(schema.pop("schema"))
         fields["json_schema"] = schema
     return built(pb.ResponseFormat, fields)

@@ -170,6 +170,27 @@ def test_typed_options_build_the_request(
     assert not options.HasField("top_p"), "an option not given is not sent"
 
 
+def test_schemas_in_option_dicts_may_be_json_text(client: Client, gateway: FakeGateway) -> None:
+    # As tool() and json_schema() take them, and TypeScript's plain objects: a string raised a bare AttributeError.
+    text = '{"type": "object", "maxProperties": 3}'
+    call = gateway.run(
+        lambda: client.complete(
+            [message("user", "hi")],
+            tools=[{"function": {"name": "weather", "parameters": text}}],
+            response_format={"type": "json_schema", "json_schema": {"name": "out", "schema": text}},
+        )
+    )
+    options = gateway.answer("Complete", answer("ok")).options
+    assert result(call).message.content == "ok"
+    assert options.tools[0].function.parameters_json == text, "sent as written"
+    assert options.response_format.json_schema.schema_json == text
+    # Anything else is refused naming its field, before any call.
+    with pytest.raises(TypeError, match=r"^parameters=5: a schema must be a dict, or JSON text$"):
+        client.complete([message("user", "hi")], tools=[{"function": {"name": "weather", "parameters": 5}}])
+    with pytest.raises(TypeError, match=r"^json_schema=.*: a schema must be a dict, or JSON text$"):
+        client.complete([message("user", "hi")], response_format={"json_schema": {"name": "out", "schema": [1]}})
+
+
 def test_messages_as_dicts_may_leave_content_out(client: Client, gateway: FakeGateway) -> None:
     # Such a dict, as the message itself may leave content out, failed with "message() missing 1 required positional
     # argument: 'content'".
