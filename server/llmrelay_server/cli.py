@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--heartbeat-fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if (args.worker, args.worker_dir, args.supervisor_pid).count(None) not in (0, 3) or (
+        args.worker is None and args.heartbeat_fd is not None
+    ):
+        # One of them alone is a typo (`--worker 2`): it made a worker with no supervisor, which bound the port beside
+        # another gateway's (SO_REUSEPORT) and then failed with a traceback.
+        parser.error("unrecognized arguments: the --worker flags are the supervisor's; did you mean --workers N?")
     logs.configure(args.log_level, worker=args.worker)
     # The HTTP client logs every request at INFO; that is noise on every agent step.
     logging.getLogger("httpx2").setLevel(logging.WARNING)

@@ -689,6 +689,26 @@ async def test_an_empty_config_flag_is_refused(tmp_path: Path) -> None:
     assert "--config: empty" in err.decode()
 
 
+@pytest.mark.parametrize("flags", [("--worker", "2"), ("--supervisor-pid", "1"), ("--heartbeat-fd", "0")])
+async def test_a_flag_of_the_supervisors_alone_is_refused(tmp_path: Path, flags: tuple[str, ...]) -> None:
+    """`--worker 2`, a typo of `--workers 2`, started a worker without a supervisor: it shared a port in use, logged
+    a line it could not format, then failed with a traceback."""
+    process = await asyncio.create_subprocess_exec(
+        BIN / "llmrelay-server", *flags, env=clean_env(), cwd=tmp_path, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        _, err = await asyncio.wait_for(process.communicate(), 20)
+    finally:
+        if process.returncode is None:  # it started serving
+            process.kill()
+            await process.wait()
+    assert process.returncode == 2
+    assert err.decode().splitlines()[-1] == (
+        "llmrelay-server: error: unrecognized arguments: the --worker flags are the supervisor's; did you mean"
+        " --workers N?"
+    )
+
+
 async def test_a_gateway_started_without_standard_error_serves(tmp_path: Path, local: FakeUpstream) -> None:
     """Started with standard error closed (`2>&-`), it exited 1 at once without a word: its log had nothing to write
     to (and the next file it opened would have taken standard error's number, gRPC's own lines landing in it)."""
