@@ -178,7 +178,9 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
         raise ConfigError(f"{config.usage_db_named}: {exc}") from exc
     except OSError as exc:  # its journal's directory (a file in the way, no permission)
         where = f"{config.usage_db_named} or server.usage_journal_dir"
-        raise ConfigError(f"{where}: {exc.strerror}: {shown_path(exc.filename)}") from exc
+        # A file where the directory goes fails its mkdir with "File exists", which reads as if all were well.
+        why = "Not a directory" if isinstance(exc, FileExistsError) else exc.strerror
+        raise ConfigError(f"{where}: {why}: {shown_path(exc.filename)}") from exc
     factory = provider_factory(counter)
     providers = [factory.create(spec) for spec in config.backends]
     router = Router(

@@ -578,9 +578,11 @@ async def test_sighup_without_a_keys_file_says_that_it_reloads_nothing(server: G
         ("server: {workers: !!int abc}\n", "not valid YAML"),  # PyYAML's ValueError escaped, with a traceback
         (f"server: {{max_concurrent_rpcs: {2**31}}}\n", "server.max_concurrent_rpcs"),  # past a C int
         ('server: {usage_journal_dir: "j\\0"}\n', "server.usage_journal_dir"),  # os's ValueError
+        # A file in the way: its mkdir's "File exists".
+        ('server: {usage_journal_dir: "/proc/version"}\n', "usage_journal_dir: Not a directory: /proc/version"),
         (f"server: {{max_concurrent_rpcs: 1{'0' * 400}}}\n", "server.max_concurrent_rpcs: too large"),  # OverflowError
     ],
-    ids=["tag", "max_concurrent_rpcs", "NUL", "400 digits"],
+    ids=["tag", "max_concurrent_rpcs", "NUL", "a file", "400 digits"],
 )
 async def test_a_configuration_that_used_to_end_in_a_traceback_is_one_line(
     tmp_path: Path, config_text: str, said: str
