@@ -79,7 +79,9 @@ export interface ClientOptions {
   caller?: string;
   /**
    * Metadata sent with every call (for example `{ authorization: "Bearer KEY" }`): printable ASCII text, or a Buffer
-   * for a key ending -bin. The constructor throws a TypeError for a key or a value gRPC cannot send.
+   * for a key ending -bin. The constructor throws a TypeError for a key or a value gRPC cannot send, the
+   * connection-specific headers of HTTP/1 among them (connection, keep-alive, proxy-connection, transfer-encoding,
+   * upgrade, http2-settings).
    */
   metadata?: Record<string, string | Buffer>;
   /**
@@ -444,6 +446,19 @@ function certificateHint(options: ClientOptions, chosen: Transport | undefined):
 const METADATA_KEY = /^[0-9a-z_.-]+$/;
 /** What gRPC takes as the value of a key not ending -bin: printable ASCII, spaces too. */
 const METADATA_TEXT = /^[ -~]*$/;
+/**
+ * The connection-specific headers of HTTP/1 that Node's http2 refuses to send (RFC 9113, 8.2.2): grpc-js then dropped
+ * the connection, failing every call on it, and tried the call again at once, a core busy until its deadline. A "te"
+ * of the caller's is no harm: grpc-js sends its own, "trailers".
+ */
+const CONNECTION_HEADERS = new Set([
+  "connection",
+  "keep-alive",
+  "proxy-connection",
+  "transfer-encoding",
+  "upgrade",
+  "http2-settings",
+]);
 
 /**
  * The metadata with its keys in lower case, as gRPC sends them; a TypeError for a key or a value gRPC refuses, saying
@@ -457,6 +472,12 @@ function checkedMetadata(metadata: Record<string, unknown> | undefined): Record<
     if (!METADATA_KEY.test(name)) {
       throw new TypeError(
         `metadata key ${JSON.stringify(key)}: gRPC takes only letters, digits, '-', '_' and '.' in a key`,
+      );
+    }
+    if (CONNECTION_HEADERS.has(name)) {
+      throw new TypeError(
+        `metadata key ${JSON.stringify(key)}: HTTP/2, which gRPC runs on, cannot send a connection-specific header` +
+          ` (${[...CONNECTION_HEADERS].join(", ")})`,
       );
     }
     // A key ending -bin carries bytes; any other, printable ASCII.

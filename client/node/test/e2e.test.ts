@@ -382,6 +382,31 @@ describe("llmrelay gateway, from TypeScript", { concurrency: false }, () => {
     await bytes.complete({ messages: chat("sent") }, { metadata: { "x-note": " a ~ b " } });
   });
 
+  test("a connection-specific header of HTTP/1 as metadata is a TypeError naming the key", async () => {
+    // Node's http2 refuses to send it: grpc-js dropped the client's connection, failing its other calls, and tried
+    // the call again at once, a core busy until the deadline (for ever without one).
+    const keys = ["connection", "Keep-Alive", "proxy-connection", "transfer-encoding", "upgrade", "http2-settings"];
+    const refused = (key: string) => (err: unknown) => {
+      assert.ok(err instanceof TypeError, String(err));
+      assert.ok(err.message.startsWith(`metadata key "${key}": HTTP/2`), err.message);
+      assert.match(err.message, /cannot send a connection-specific header/);
+      return true;
+    };
+    for (const key of keys) {
+      assert.throws(() => new Client(gateway.addr, { metadata: { [key]: "close" } }), refused(key));
+    }
+    const client = connect();
+    const before = await upstream.requestCount();
+    for (const key of keys) {
+      const options = { metadata: { [key]: "close" }, timeoutMs: 1000 };
+      await assert.rejects(client.complete({ messages: chat("never sent") }, options), refused(key));
+      await assert.rejects(client.stream({ messages: chat("never sent") }, options).next(), refused(key));
+    }
+    assert.equal(await upstream.requestCount(), before);
+    // A "te" goes through: grpc-js sends its own, "trailers", in its place.
+    await client.complete({ messages: chat("sent") }, { metadata: { te: "gzip" } });
+  });
+
   test("one stop sequence may be given as a string, as OpenAI takes it", async () => {
     // From plain JavaScript, as the Python SDK takes it: it threw inside fromPartial ("stop?.map is not a function").
     await connect().complete({ messages: chat("stop here"), options: { stop: "END" } } as unknown as StreamInput);
