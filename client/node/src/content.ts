@@ -12,6 +12,7 @@ import {
   type Tool,
 } from "./gen/llmrelay/v1/llmrelay";
 import type { MessageInput } from "./client";
+import { isSchema, type Schema } from "./schema";
 
 export type ToolInput = DeepPartial<Tool>;
 export type ResponseFormatInput = DeepPartial<ResponseFormat>;
@@ -31,17 +32,20 @@ export interface ImageOptions {
   detail?: ImageDetail;
 }
 
+/** A JSON Schema: a schema from `s` (its JSON Schema is sent), an object, or JSON text. */
+export type SchemaInput = Schema<unknown, boolean> | object | string;
+
 /**
- * A function the model may call; `parameters` is its JSON Schema, as an object or as JSON text. It is sent as JSON
- * text (`parametersJson`), which the upstream gets as written.
+ * A function the model may call; `parameters` is its JSON Schema: a schema from `s`, an object, or JSON text. It is
+ * sent as JSON text (`parametersJson`), which the upstream gets as written.
  */
-export function functionTool(name: string, parameters?: object | string, options: SchemaOptions = {}): ToolInput {
+export function functionTool(name: string, parameters?: SchemaInput, options: SchemaOptions = {}): ToolInput {
   const schema = parameters === undefined ? {} : { parametersJson: jsonText(parameters) };
   return { function: { name, ...options, ...schema } };
 }
 
-/** The response format of an answer that is JSON following `schema` (an object, or JSON text). */
-export function jsonSchema(name: string, schema: object | string, options: SchemaOptions = {}): ResponseFormatInput {
+/** The response format of an answer that is JSON following `schema` (a schema from `s`, an object, or JSON text). */
+export function jsonSchema(name: string, schema: SchemaInput, options: SchemaOptions = {}): ResponseFormatInput {
   return {
     type: ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
     jsonSchema: { name, ...options, schemaJson: jsonText(schema) },
@@ -106,6 +110,7 @@ export function textFormat(format: ResponseFormatInput | undefined): ResponseFor
   return { ...format, jsonSchema: { ...rest, schemaJson: jsonText(value) } };
 }
 
-function jsonText(schema: object | string): string {
-  return typeof schema === "string" ? schema : JSON.stringify(schema);
+/** The JSON text of a schema: text as it is; a schema from `s` its JSON Schema (not the builder's own fields). */
+function jsonText(schema: SchemaInput): string {
+  return typeof schema === "string" ? schema : JSON.stringify(isSchema(schema) ? schema.json : schema);
 }

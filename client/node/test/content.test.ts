@@ -17,6 +17,7 @@ import {
   functionTool,
   image,
   jsonSchema,
+  s,
   user,
   userMessage,
 } from "../src";
@@ -127,6 +128,30 @@ describe("schemas and images, from TypeScript", { concurrency: false }, () => {
     const tools = [{ function: { name: "tag", parameters: SCHEMA } }];
     const count = await client.countTokens({ messages: [user("tag this")], tools });
     assert.ok(count.tokenCount > 0);
+  });
+
+  test("a schema from s is sent as its JSON Schema, not as the builder", async () => {
+    // The builder's own fields went as the schema: {"json":{...},"isOptional":false}.
+    const weather = s.object({ city: s.string(), days: s.integer().optional() });
+    const answer = s.object({ ok: s.boolean() });
+    const tool = functionTool("get_weather", weather);
+    const format = jsonSchema("answer", answer);
+    assert.equal(tool.function?.parametersJson, JSON.stringify(weather.json));
+    assert.equal(format.jsonSchema?.schemaJson, JSON.stringify(answer.json));
+    // In plain objects too, which TypeScript takes.
+    await client.complete({
+      messages: [user("weather")],
+      options: {
+        tools: [{ function: { name: "get_weather", parameters: weather } }],
+        responseFormat: {
+          type: ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+          jsonSchema: { name: "answer", schema: answer },
+        },
+      },
+    });
+    const { body } = await lastRequest();
+    assert.deepEqual(body.tools[0].function.parameters, weather.json);
+    assert.deepEqual(body.response_format.json_schema.schema, answer.json);
   });
 
   test("userMessage sends images from bytes and URLs as image_url parts", async () => {
