@@ -2,6 +2,8 @@ package llmrelay
 
 import (
 	"bytes"
+	"cmp"
+	"encoding"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -10,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"time"
+	"unicode"
 )
 
 // SchemaOf is the JSON Schema of the JSON that encoding/json decodes into a value of type T, a struct: an object with
@@ -18,10 +21,15 @@ import (
 // `description:"..."`, and `enum:"a,b,c"` for the values it may take (each read as the field's type reads JSON, a
 // string as it is). Field types map as encoding/json encodes them: strings, booleans, integers, numbers, arrays
 // ([]byte: a base64 string; a fixed-size array with exactly its length of items), maps with string keys, nested and
-// embedded structs, pointers as what they point to, time.Time as a date-time string, and json.RawMessage or
-// interfaces as any JSON value. A boolean or number field with the ,string option is a string holding its JSON
-// ("12", "true"), as encoding/json then reads it; a string field with it is refused (a quoted JSON string in a
-// string, which no model writes).
+// embedded structs, pointers as what they point to, time.Time as a date-time string, a type that reads itself from
+// text (an encoding.TextUnmarshaler, not a json.Unmarshaler: netip.Addr, an enum of names) as a string, and
+// json.RawMessage or interfaces as any JSON value. A boolean or number field with the ,string option is a string
+// holding its JSON ("12", "true"), as encoding/json then reads it; a string field with it is refused (a quoted JSON
+// string in a string, which no model writes), and so is a text one. Of fields of one json name (an embedded struct's
+// and another's), the property is the one encoding/json reads: the least deeply embedded, then a tagged one before
+// an untagged one; where two are alike, neither is a property, nor is a field of an embedded pointer to an unexported
+// struct (encoding/json cannot set it). A type that encodes itself (json.Marshaler) or refers to itself (type Tree
+// map[string]Tree) is an error: give such a tool's schema explicitly (NewRawTool).
 //
 //	type Weather struct {
 //		City string `json:"city" description:"The city, e.g. Paris"`
@@ -43,7 +51,7 @@ func structSchemaFor(t reflect.Type) (json.RawMessage, *shape, error) {
 	if t.Kind() != reflect.Struct {
 		return nil, nil, fmt.Errorf("a tool's arguments are a JSON object, so a struct, not a %s", t.Kind())
 	}
-	schema, err := structSchema(t, map[reflect.Type]bool{})
+	schema, err := structSchema(t, map[reflect.Type]bool{t: true})
 	if err != nil {
 		return nil, nil, err
 	}
@@ -52,17 +60,28 @@ func structSchemaFor(t reflect.Type) (json.RawMessage, *shape, error) {
 }
 
 var (
-	timeType       = reflect.TypeFor[time.Time]()
-	rawMessageType = reflect.TypeFor[json.RawMessage]()
-	marshalerType  = reflect.TypeFor[json.Marshaler]()
+	timeType            = reflect.TypeFor[time.Time]()
+	rawMessageType      = reflect.TypeFor[json.RawMessage]()
+	marshalerType       = reflect.TypeFor[json.Marshaler]()
+	unmarshalerType     = reflect.TypeFor[json.Unmarshaler]()
+	textUnmarshalerType = reflect.TypeFor[encoding.TextUnmarshaler]()
 )
 
-// schemaOf is the schema of t; visiting holds the structs being described, to refuse a recursive type.
+// schemaOf is the schema of t; visiting holds the named types being described (t's parents), to refuse one that
+// refers to itself, which would be described forever: a struct through a field, and a map, a slice, an array or a
+// pointer through what it holds (type Tree map[string]Tree, type P *P). A type can only refer to itself by name, so
+// the named ones are enough.
 func schemaOf(t reflect.Type, visiting map[reflect.Type]bool) (map[string]any, error) {
-	for t.Kind() == reflect.Pointer {
-		t = t.Elem()
+	if t.Name() != "" {
+		if visiting[t] {
+			return nil, fmt.Errorf("%s refers to itself: give the tool's schema explicitly (NewRawTool)", t)
+		}
+		visiting[t] = true
+		defer delete(visiting, t)
 	}
 	switch {
+	case t.Kind() == reflect.Pointer:
+		return schemaOf(t.Elem(), visiting) // as what it points to
 	case t == timeType:
 		return map[string]any{"type": "string", "format": "date-time"}, nil
 	case t == rawMessageType || t.Kind() == reflect.Interface:
@@ -70,6 +89,8 @@ func schemaOf(t reflect.Type, visiting map[reflect.Type]bool) (map[string]any, e
 	case t.Implements(marshalerType) || reflect.PointerTo(t).Implements(marshalerType):
 		return nil, fmt.Errorf("%s encodes itself (json.Marshaler), so its schema cannot be read from its type: "+
 			"give the tool's schema explicitly (NewRawTool)", t)
+	case isText(t):
+		return map[string]any{"type": "string"}, nil
 	}
 	switch t.Kind() {
 	case reflect.String:
@@ -109,13 +130,19 @@ func schemaOf(t reflect.Type, visiting map[reflect.Type]bool) (map[string]any, e
 	return nil, fmt.Errorf("%s (a %s) has no JSON form", t, t.Kind())
 }
 
-// structSchema is the schema of a struct: its fields as properties, embedded structs' fields among them.
-func structSchema(t reflect.Type, visiting map[reflect.Type]bool) (map[string]any, error) {
-	if visiting[t] {
-		return nil, fmt.Errorf("%s refers to itself: give the tool's schema explicitly (NewRawTool)", t)
+// isText is whether encoding/json reads a value of t from a JSON string, through its UnmarshalText (netip.Addr, an
+// enum that reads its names): t or *t is an encoding.TextUnmarshaler, and not a json.Unmarshaler, which encoding/json
+// asks first.
+func isText(t reflect.Type) bool {
+	implements := func(iface reflect.Type) bool {
+		return t.Implements(iface) || reflect.PointerTo(t).Implements(iface)
 	}
-	visiting[t] = true
-	defer delete(visiting, t)
+	return implements(textUnmarshalerType) && !implements(unmarshalerType)
+}
+
+// structSchema is the schema of a struct, which visiting holds: its fields as properties, embedded structs' fields
+// among them.
+func structSchema(t reflect.Type, visiting map[reflect.Type]bool) (map[string]any, error) {
 	properties := map[string]any{}
 	required := []string{}
 	if err := addFields(t, properties, &required, visiting); err != nil {
@@ -171,44 +198,145 @@ type jsonField struct {
 }
 
 // jsonFields are the properties of t's JSON object as encoding/json reads them: its exported fields not tagged
-// json:"-", and an embedded struct's fields among them (encoding/json lifts them into the outer object). The schema
-// and the check of the arguments (shapeOf) both read them here, so the two never disagree.
+// json:"-", and an embedded struct's fields among them (encoding/json lifts them into the outer object), in the order
+// of the fields. The schema and the check of the arguments (shapeOf) both read them here, so the two never disagree,
+// nor with the decoder: of fields of one name, encoding/json reads the one that a shallower embedding lifts, a tagged
+// one before an untagged one at the same depth, and none where two are alike (its typeFields and dominantField);
+// so a property is listed once, as the field it goes into, or not at all.
 func jsonFields(t reflect.Type) []jsonField {
-	return liftedFields(t, map[reflect.Type]bool{})
+	var candidates []liftedField
+	level := []embedded{{t: t, settable: true}}
+	// The structs already lifted: one embedded again deeper (or in itself) has only fields that lose to its own.
+	seen := map[reflect.Type]bool{}
+	for depth := 0; len(level) > 0; depth++ {
+		times := map[reflect.Type]int{}
+		for _, e := range level {
+			times[e.t]++
+		}
+		var next []embedded
+		for _, e := range level {
+			if seen[e.t] {
+				continue
+			}
+			seen[e.t] = true
+			for i := range e.t.NumField() {
+				field, settable := e.t.Field(i), e.settable
+				tag := field.Tag.Get("json")
+				if tag == "-" || !jsonVisible(field) {
+					continue
+				}
+				name, flags, _ := strings.Cut(tag, ",")
+				if !validName(name) {
+					name = "" // encoding/json reads the field as untagged
+				}
+				index := append(slices.Clone(e.index), i)
+				// encoding/json cannot allocate an embedded pointer to an unexported struct (it says "cannot set
+				// embedded pointer to unexported struct", or panics for a tagged one): what it holds is never read.
+				if field.Anonymous && !field.IsExported() && field.Type.Kind() == reflect.Pointer {
+					settable = false
+				}
+				held := field.Type // what the field holds, through a pointer
+				if held.Kind() == reflect.Pointer && held.Name() == "" {
+					held = held.Elem()
+				}
+				if field.Anonymous && name == "" && held.Kind() == reflect.Struct {
+					next = append(next, embedded{t: held, index: index, settable: settable})
+					continue
+				}
+				candidate := liftedField{jsonField: jsonField{name: name, field: field,
+					options: strings.Split(flags, ",")}, depth: depth, tagged: name != "", index: index,
+					settable: settable}
+				if name == "" {
+					candidate.name = field.Name
+				}
+				candidates = append(candidates, candidate)
+				if times[e.t] > 1 {
+					// The struct is embedded twice at this depth: each of its fields is there twice, alike, and
+					// encoding/json reads neither.
+					candidates = append(candidates, candidate)
+				}
+			}
+		}
+		level = next
+	}
+	byName := map[string][]liftedField{}
+	for _, c := range candidates {
+		byName[c.name] = append(byName[c.name], c)
+	}
+	var fields []liftedField
+	for _, named := range byName {
+		if field, ok := dominant(named); ok && field.settable {
+			fields = append(fields, field)
+		}
+	}
+	slices.SortFunc(fields, func(a, b liftedField) int { return slices.Compare(a.index, b.index) })
+	properties := make([]jsonField, len(fields))
+	for i, f := range fields {
+		properties[i] = f.jsonField
+	}
+	return properties
 }
 
-// liftedFields are jsonFields of t, lifting holding the embedded structs whose fields are being lifted: a struct that
-// embeds itself (through a pointer) gives its fields once, as encoding/json reads them.
-func liftedFields(t reflect.Type, lifting map[reflect.Type]bool) []jsonField {
-	lifting[t] = true
-	defer delete(lifting, t)
-	var fields []jsonField
-	for i := range t.NumField() {
-		field := t.Field(i)
-		tag := field.Tag.Get("json")
-		if tag == "-" {
-			continue
+// embedded is a struct whose fields jsonFields lifts: index is the path of fields to it (reflect's FieldByIndex),
+// settable whether encoding/json can reach it to set its fields.
+type embedded struct {
+	t        reflect.Type
+	index    []int
+	settable bool
+}
+
+// liftedField is a field that may be a property, before encoding/json's choice between the fields of one name.
+type liftedField struct {
+	jsonField
+	depth    int   // how many embedded structs it is lifted out of
+	tagged   bool  // whether its name is its json tag's
+	index    []int // its path from the outer struct, which orders the properties as the fields
+	settable bool
+}
+
+// dominant is the field that encoding/json reads a property into, of the fields of its name: the shallowest, or the
+// one of the shallowest that is tagged; none (false) where two of those are alike.
+func dominant(fields []liftedField) (liftedField, bool) {
+	slices.SortStableFunc(fields, func(a, b liftedField) int {
+		if c := cmp.Compare(a.depth, b.depth); c != 0 || a.tagged == b.tagged {
+			return c
 		}
-		name, flags, _ := strings.Cut(tag, ",")
-		fieldType := field.Type
-		for fieldType.Kind() == reflect.Pointer {
-			fieldType = fieldType.Elem()
+		if a.tagged {
+			return -1
 		}
-		if field.Anonymous && name == "" && fieldType.Kind() == reflect.Struct {
-			if !lifting[fieldType] {
-				fields = append(fields, liftedFields(fieldType, lifting)...)
-			}
-			continue
-		}
-		if !field.IsExported() {
-			continue
-		}
-		if name == "" {
-			name = field.Name
-		}
-		fields = append(fields, jsonField{name: name, field: field, options: strings.Split(flags, ",")})
+		return 1
+	})
+	if len(fields) > 1 && fields[0].depth == fields[1].depth && fields[0].tagged == fields[1].tagged {
+		return liftedField{}, false
 	}
-	return fields
+	return fields[0], true
+}
+
+// jsonVisible is whether encoding/json reads a field at all: an exported one, or an embedded struct (through a
+// pointer or not), whose exported fields it lifts even when the struct's type is unexported.
+func jsonVisible(field reflect.StructField) bool {
+	if field.IsExported() {
+		return true
+	}
+	t := field.Type
+	if t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	return field.Anonymous && t.Kind() == reflect.Struct
+}
+
+// validName is whether encoding/json takes a json tag's name as the property's (its isValidTag): letters, digits,
+// spaces and punctuation but for a quote and a backslash; for any other, it names the property as the field.
+func validName(name string) bool {
+	if name == "" {
+		return false
+	}
+	for _, c := range name {
+		if !strings.ContainsRune("!#$%&()*+-./:;<=>?@[]^_{|}~ ", c) && !unicode.IsLetter(c) && !unicode.IsDigit(c) {
+			return false
+		}
+	}
+	return true
 }
 
 // required is whether the schema requires the property: unless it is tagged omitempty or omitzero.
@@ -248,6 +376,10 @@ func (f jsonField) quoted() reflect.Type {
 // quotedSchema is the schema of a field whose value encoding/json reads from a JSON string (the ,string option):
 // a string holding the JSON of t, a bool or a number, in the form encoding/json writes it.
 func quotedSchema(t reflect.Type) (map[string]any, error) {
+	if isText(t) {
+		// Its value is a JSON string (read through UnmarshalText) whatever its kind: as a string's, below.
+		return nil, quotedStringError(t)
+	}
 	switch t.Kind() {
 	case reflect.Bool:
 		return map[string]any{"type": "string", "enum": []string{"true", "false"}}, nil
@@ -258,24 +390,37 @@ func quotedSchema(t reflect.Type) (map[string]any, error) {
 	case reflect.Float32, reflect.Float64:
 		return map[string]any{"type": "string", "pattern": `^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$`}, nil
 	}
-	// A string with ,string is a JSON string holding a quoted JSON string ("\"Paris\""): a model told it is a
-	// string writes "Paris", which encoding/json refuses every time.
-	return nil, fmt.Errorf("the ,string option makes %s a JSON string holding a quoted JSON string, which a model "+
+	return nil, quotedStringError(t)
+}
+
+// quotedStringError refuses the ,string option on a field whose value is a JSON string: it is then a JSON string
+// holding a quoted JSON string ("\"Paris\""), and a model told it is a string writes "Paris", which encoding/json
+// refuses every time.
+func quotedStringError(t reflect.Type) error {
+	return fmt.Errorf("the ,string option makes %s a JSON string holding a quoted JSON string, which a model "+
 		"does not write: drop the option, or give the tool's schema explicitly (NewRawTool)", t)
 }
 
-// enumValues reads an enum tag's comma-separated values as the field's type reads JSON (strings as they are); for a
-// field with the ,string option, each is then the JSON text encoding/json writes of it, as a string ("7", "true").
+// enumValues reads an enum tag's comma-separated values as the field's type reads JSON (strings as they are, and
+// those of a type read from a JSON string through UnmarshalText, which must take them); for a field with the ,string
+// option, each is then the JSON text encoding/json writes of it, as a string ("7", "true").
 func enumValues(t reflect.Type, tag string, quoted bool) ([]any, error) {
 	var values []any
 	for _, text := range strings.Split(tag, ",") {
-		if t.Kind() == reflect.String {
+		if t.Kind() == reflect.String && !isText(t) {
 			values = append(values, text)
 			continue
 		}
-		value := reflect.New(t)
-		if err := json.Unmarshal([]byte(text), value.Interface()); err != nil {
+		value, read := reflect.New(t), []byte(text)
+		if isText(t) {
+			read, _ = json.Marshal(text) // a JSON string, which encoding/json hands to UnmarshalText
+		}
+		if err := json.Unmarshal(read, value.Interface()); err != nil {
 			return nil, fmt.Errorf("enum value %q is not a %s: %w", text, t, err)
+		}
+		if isText(t) {
+			values = append(values, text)
+			continue
 		}
 		if !quoted {
 			values = append(values, value.Elem().Interface())
@@ -324,7 +469,8 @@ type propertyShape struct {
 	shape  *shape
 }
 
-// shapeOf is the shape of a type that structSchema described (so no recursive one, and none that encodes itself).
+// shapeOf is the shape of a type that structSchema described: no recursive one (schemaOf refuses it before shapeOf
+// could follow it forever), and none that encodes itself; a type is of the same case as in schemaOf.
 func shapeOf(t reflect.Type) *shape {
 	s := &shape{}
 	for t.Kind() == reflect.Pointer {
@@ -334,7 +480,7 @@ func shapeOf(t reflect.Type) *shape {
 	case t == rawMessageType || t.Kind() == reflect.Interface:
 		s.nullable = true
 		return s
-	case t == timeType:
+	case t == timeType || isText(t):
 		s.json = "a string"
 		return s
 	}
@@ -407,10 +553,14 @@ func (s *shape) problems(value json.RawMessage, path string, problems *[]string)
 			value, present := object[property.name]
 			null := present && (isNull(value) || property.quoted && string(bytes.TrimSpace(value)) == `"null"`)
 			switch {
+			// Said of the object, at its path, as the Python and TypeScript SDKs say it (inner: the required
+			// property "x" is missing).
 			case property.required && !present:
-				*problems = append(*problems, fmt.Sprintf("the required property %q is missing", named))
+				*problems = append(*problems, at(path, fmt.Sprintf("the required property %q is missing",
+					property.name)))
 			case property.required && null && !property.shape.nullable:
-				*problems = append(*problems, fmt.Sprintf("the required property %q is missing (it is null)", named))
+				*problems = append(*problems, at(path, fmt.Sprintf("the required property %q is missing (it is null)",
+					property.name)))
 			case present && !null && !property.quoted: // a quoted value is JSON in a string: the decoder reads it
 				property.shape.problems(value, named, problems)
 			}

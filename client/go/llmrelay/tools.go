@@ -35,7 +35,8 @@ func (e argumentsError) Error() string { return e.err.Error() }
 // it is, anything else encoded by encoding/json. Arguments that are not JSON, lack a required property at any depth
 // (null for one counts as missing, unless its field is a pointer or an interface), name an unknown one, or give a
 // fixed-size array another number of items never reach the handler: the model gets a tool result that says what was
-// wrong, as it does for an error the handler returns or a panic.
+// wrong, as it does for an error the handler returns or a panic. NewTool fails where SchemaOf does (Args refers to
+// itself, or a field's type encodes itself): give the schema explicitly with NewRawTool.
 //
 //	type Weather struct {
 //		City string `json:"city" description:"The city, e.g. Paris"`

@@ -7,6 +7,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"runtime"
 	"strconv"
 	"strings"
@@ -315,10 +316,12 @@ func TestNewToolChecksTheArgumentsAtEveryDepth(t *testing.T) {
 		{"{" + valid + "}", "ok"},
 		{`{"start": {"x": 1}, "end": {"x": 2}, "steps": 0, "weight": "-2", "notes": 1, "via": [{"x": 3}, {"x": 4, "y": 5}],
 			"named": {"a": {"x": 6}}, "size": [7, 8]}`, "ok"},
+		// A missing property is said of its object, at the object's path, in the Python and TypeScript SDKs' words
+		// (Go's said `the required property "start.x" is missing`).
 		{`{"start": {}, "end": null, "steps": 3, "weight": "2", "notes": null}`,
-			`the required property "start.x" is missing`},
+			`start: the required property "x" is missing`},
 		{`{"start": {"x": null}, "end": null, "steps": 3, "weight": "2", "notes": null}`,
-			`the required property "start.x" is missing (it is null)`},
+			`start: the required property "x" is missing (it is null)`},
 		{`{"start": null, "end": null, "steps": 3, "weight": "2", "notes": null}`,
 			`the required property "start" is missing (it is null)`},
 		{`{"start": {"x": 1}, "end": null, "steps": null, "weight": "2", "notes": null}`,
@@ -326,10 +329,10 @@ func TestNewToolChecksTheArgumentsAtEveryDepth(t *testing.T) {
 		{`{"start": {"x": 1}, "end": null, "steps": 3, "weight": "null", "notes": null}`,
 			`the required property "weight" is missing (it is null)`},
 		{`{"start": {"x": 1}, "steps": 3, "weight": "2", "notes": null}`, `the required property "end" is missing`},
-		{"{" + valid + `, "end": {"y": 1}}`, `the required property "end.x" is missing`},
-		{"{" + valid + `, "via": [{"x": 1}, {"y": 2}]}`, `the required property "via[1].x" is missing`},
+		{"{" + valid + `, "end": {"y": 1}}`, `end: the required property "x" is missing`},
+		{"{" + valid + `, "via": [{"x": 1}, {"y": 2}]}`, `via[1]: the required property "x" is missing`},
 		{"{" + valid + `, "via": [{"x": 1}, null]}`, `"via[1]" is null, which the schema does not allow`},
-		{"{" + valid + `, "named": {"a": {"x": 1}, "b": {}}}`, `the required property "named.b.x" is missing`},
+		{"{" + valid + `, "named": {"a": {"x": 1}, "b": {}}}`, `named.b: the required property "x" is missing`},
 		{"{" + valid + `, "size": [1, 2, 3]}`, `the property "size" takes exactly 2 items, not 3`},
 		{"{" + valid + `, "size": [1]}`, `the property "size" takes exactly 2 items, not 1`},
 		// Of another JSON type than the schema's, or a property it does not have: in the other SDKs' words, with its
@@ -340,7 +343,7 @@ func TestNewToolChecksTheArgumentsAtEveryDepth(t *testing.T) {
 		{"{" + valid + `, "start": {"x": 1, "z": 2}}`, `start: there is no property "z" (the properties are: x, y)`},
 		// Every problem at once (the decoder, and these checks, stopped at the first).
 		{`{"start": {"z": 1}, "end": null, "steps": "3", "weight": "2", "notes": null, "extra": true}`,
-			`the required property "start.x" is missing; start: there is no property "z" (the properties are: x, y); ` +
+			`start: the required property "x" is missing; start: there is no property "z" (the properties are: x, y); ` +
 				`steps: expected an integer, got a string; there is no property "extra" (the properties are: start, via, ` +
 				`named, end, size, steps, weight, notes)`},
 	}
@@ -365,6 +368,61 @@ func TestNewToolChecksTheArgumentsAtEveryDepth(t *testing.T) {
 	}
 	if ran.Load() != handled {
 		t.Errorf("the handler ran %d times, want %d: only for the arguments that meet the schema", ran.Load(), handled)
+	}
+}
+
+// A tool whose arguments have fields of one JSON name runs: its schema and its check hold the one field that
+// encoding/json reads (they held each, listed the name twice in "required", and refused every value of it).
+func TestNewToolTakesWhatEncodingJSONReadsOfFieldsOfOneName(t *testing.T) {
+	tool := mustTool(t)(llmrelay.NewTool("shadow", "", func(_ context.Context, args shadowArgs) (string, error) {
+		return fmt.Sprintf("%d %s %s %d %d", args.ID, args.Label, args.Title, args.Count, args.X), nil
+	}))
+	results := llmrelay.RunToolCalls(context.Background(), []llmrelay.Tool{tool}, []*llmrelayv1.ToolCall{
+		call("1", "shadow", `{"id": 5, "label": "l", "Name": "n", "count": 2, "in": {"X": 1}}`),
+		call("2", "shadow", `{"id": "5", "label": "l", "Name": "n", "count": 2, "in": {"X": 1}, "Both": "b"}`),
+	})
+	want := []string{"5 l n 2 1", `error: tool "shadow" cannot take the arguments {"id": "5", "label": "l", "Name": "n", ` +
+		`"count": 2, "in": {"X": 1}, "Both": "b"}: id: expected an integer, got a string; there is no property "Both" ` +
+		`(the properties are: id, label, Name, count, in)`}
+	for i, result := range results {
+		if result.GetContent() != want[i] {
+			t.Errorf("result %d: %q, want %q", i, result.GetContent(), want[i])
+		}
+	}
+}
+
+// A tool whose arguments have fields that encoding/json reads from a JSON string (UnmarshalText: netip.Addr, an enum
+// of names) runs with them: its schema and its check took them for what their Go types are (an object, an integer).
+func TestNewToolTakesTextTypesAsStrings(t *testing.T) {
+	tool := mustTool(t)(llmrelay.NewTool("ping", "", func(_ context.Context, args textArgs) (string, error) {
+		return fmt.Sprintf("%s %d %s", args.Addr, args.Level, args.Via), nil
+	}))
+	results := llmrelay.RunToolCalls(context.Background(), []llmrelay.Tool{tool}, []*llmrelayv1.ToolCall{
+		call("1", "ping", `{"addr": "10.0.0.1", "level": "high", "via": "10.0.0.0/8"}`),
+		call("2", "ping", `{"addr": {}, "level": 1, "levels": [0], "named": {"a": null}}`),
+	})
+	want := []string{"10.0.0.1 1 10.0.0.0/8", `error: tool "ping" cannot take the arguments {"addr": {}, "level": 1, ` +
+		`"levels": [0], "named": {"a": null}}: addr: expected a string, got an object; level: expected a string, got a ` +
+		`number; levels[0]: expected a string, got a number; "named.a" is null, which the schema does not allow`}
+	for i, result := range results {
+		if result.GetContent() != want[i] {
+			t.Errorf("result %d: %q, want %q", i, result.GetContent(), want[i])
+		}
+	}
+}
+
+// A type that refers to itself through a map, a slice, an array or a pointer is an error of NewTool's, as through a
+// struct (it overflowed the stack, which ends the process, or, for a pointer to itself, ran forever).
+func TestNewToolRefusesATypeThatRefersToItself(t *testing.T) {
+	handler := func(context.Context, struct{ T *tree }) (string, error) { return "", nil }
+	if _, err := llmrelay.NewTool("walk", "", handler); err == nil ||
+		!strings.Contains(err.Error(), "llmrelay_test.tree refers to itself") {
+		t.Errorf("NewTool: %v, want the recursive type refused", err)
+	}
+	pointer := func(context.Context, struct{ P loop }) (string, error) { return "", nil }
+	if _, err := llmrelay.NewTool("loop", "", pointer); err == nil ||
+		!strings.Contains(err.Error(), "llmrelay_test.loop refers to itself") {
+		t.Errorf("NewTool: %v, want the recursive type refused", err)
 	}
 }
 
