@@ -216,6 +216,28 @@ async def test_budget_that_calls_in_progress_hold_is_retried_in_a_moment_as_in_p
     assert error.retry_after_s == pytest.approx(1.0)
 
 
+async def test_spend_given_at_least_is_set_against_what_was_billed_not_what_calls_in_progress_hold(
+    limiter_for: LimiterFactory,
+) -> None:
+    """A gateway started (a replica, a restart) while calls were in progress, after calls Redis never counted (out of
+    reach, state.on_unavailable: allow): the ledger's 15,000 replaced the 19,000 the calls held, and as they settled
+    for less they took back what was no longer counted, the day counting 6,000 spent where 21,000 was."""
+    limiters = [await limiter_for(), await limiter_for()]
+    budget = Limits(budget_usd_per_day=0.1)  # 100,000 micro-USD
+    running = await limiters[0].reserve([ask(budget, usd=19_000)])
+    await limiters[1].spend_at_least({SUBJECT: 15_000})
+    await limiters[0].settle(running, tokens=0, usd_micros=6_000)
+    filling = await limiters[1].reserve([ask(budget, usd=100_000 - 21_000)])  # exactly what is left
+    error = await refused(limiters[0].reserve([ask(budget, usd=1)]))
+    assert error.kind is LimitKind.BUDGET_PER_DAY
+    await limiters[1].settle(filling, tokens=0, usd_micros=100_000 - 21_000)
+    # Given again (another worker, a reload), the same spend counts once.
+    await limiters[0].spend_at_least({SUBJECT: 21_000})
+    await limiters[0].spend_at_least({SUBJECT: 15_000})
+    later = await refused(limiters[1].reserve([ask(budget, usd=1)]))
+    assert later.retry_after_s is not None and later.retry_after_s > 1.0, "spent, not held: until midnight (UTC)"
+
+
 async def test_a_request_larger_than_a_limit_is_refused_as_in_process_and_counted_nowhere(
     limiter_for: LimiterFactory, redis_server: RedisServer
 ) -> None:

@@ -68,10 +68,8 @@ class Limiter(Protocol):
         """Counts today's spend (UTC) of each subject as at least so many micro-USD: the ledger's, for spend the
         limiter did not count (made before the process started, or while a key had no budget). Never less than it
         counts already, so the same spend given twice (each of several workers, each of their reloads) counts once.
-        The ledger's is of calls billed: the in-process limiter sets it against what it counts of those, beside the
-        reservations of calls in progress; Redis's spend of a key counts only from its budget on, and holds none of
-        them then, but for a day's spend Redis lost (a restart without persistence) while calls ran, which it reads
-        back low by what those calls reserved."""
+        The ledger's is of calls billed: it is set against what the limiter counts of those, beside the reservations
+        of calls in progress, which stay theirs until they settle."""
         ...
 
     def health(self) -> StoreHealth: ...

@@ -131,8 +131,24 @@ _KINDS: Final = (
     LimitKind.BUDGET_PER_DAY,
 )
 
+# The spend held by reservations still running, of the `held` hash (HELD_KEY), which the script names `held`.
+_HELD_ON: Final = """
+-- Spend key -> the micro-USD of `day` that reservations still running hold in it: theirs until they settle.
+local function held_on(day)
+  local amounts = {}
+  for _, entry in ipairs(redis.call('HVALS', held)) do
+    local spent = cjson.decode(entry)
+    if spent[2] == day then
+      for i = 3, #spent, 2 do amounts[spent[i]] = (amounts[spent[i]] or 0) + spent[i + 1] end
+    end
+  end
+  return amounts
+end
+"""
+
 # What the reserve and undo scripts both read: they are given the same keys and arguments.
-_RESERVATION: Final = """
+_RESERVATION: Final = (
+    """
 -- KEYS: 4 per subject: requests, tokens, streams, spend; then the epoch, the held spends' leases and the held spends;
 -- last, the reservation's record.
 -- ARGV[1]: the reservation's id, also its leases', ARGV[2]: a lease's length in ms; then 7 per subject: its
@@ -179,6 +195,8 @@ local function give_back_held(id)
   return spent
 end
 """
+    + _HELD_ON
+)
 
 _RESERVE: Final = (
     _RESERVATION
@@ -242,20 +260,6 @@ local function free_in(buckets, sum, wanted, most)
   return math.max(0, math.ceil((at + 61 - now) * 1000))
 end
 
--- The spend of `day` that reservations still running hold in the spend key: theirs until they settle.
-local function held_in(spend_key, day)
-  local amount = 0
-  for _, entry in ipairs(redis.call('HVALS', held)) do
-    local spent = cjson.decode(entry)
-    if spent[2] == day then
-      for i = 3, #spent, 2 do
-        if spent[i] == spend_key then amount = amount + spent[i + 1] end
-      end
-    end
-  end
-  return amount
-end
-
 for s = 1, subjects do
   local keys = (s - 1) * 4
   local requests, tokens, streams, budget = limit(s, 1), limit(s, 2), limit(s, 3), limit(s, 4)
@@ -275,7 +279,7 @@ for s = 1, subjects do
   if budget then
     local spent, asked = tonumber(redis.call('HGET', KEYS[keys + 4], day) or '0'), tonumber(arg(s, 6))
     if asked > 0 and spent + asked > budget then -- a free call is admitted past the budget too (in_process._check)
-      local held_only = spent - held_in(KEYS[keys + 4], day) + asked <= budget and 1 or 0
+      local held_only = spent - (held_on(day)[KEYS[keys + 4]] or 0) + asked <= budget and 1 or 0
       return {1, s, 4, math.ceil(((day + 1) * 86400 - now) * 1000), held_only}
     end
   end
@@ -391,18 +395,29 @@ end
 return 0
 """
 
-_AT_LEAST: Final = """
--- KEYS: spend hashes; ARGV: the micro-USD each is to count today (Redis's UTC day) at least. Raised, never lowered:
--- the same spend given by several gateways (or sent twice) counts once.
+_AT_LEAST: Final = (
+    """
+-- KEYS: spend hashes, then the held spends; ARGV: the micro-USD of calls billed each is to count today (Redis's UTC
+-- day) at least. Set against what it counts of calls billed, beside what calls in progress hold (which their settles
+-- will correct), as in process: raised, never lowered, so the same spend given by several gateways (or sent twice)
+-- counts once.
+local held = KEYS[#KEYS]
+"""
+    + _HELD_ON
+    + """
 local day = math.floor(tonumber(redis.call('TIME')[1]) / 86400)
-for i, key in ipairs(KEYS) do
-  if tonumber(redis.call('HGET', key, day) or '0') < tonumber(ARGV[i]) then
-    redis.call('HSET', key, day, ARGV[i])
+local holding = held_on(day)
+for i = 1, #KEYS - 1 do
+  local key, billed = KEYS[i], tonumber(ARGV[i])
+  local held_here = holding[key] or 0
+  if tonumber(redis.call('HGET', key, day) or '0') - held_here < billed then
+    redis.call('HSET', key, day, billed + held_here)
     redis.call('EXPIRE', key, 2 * 86400)
   end
 end
 return 0
 """
+)
 
 _PROBE: Final = """
 -- KEYS[1]: the probe's key. A write, as every script here makes: a Redis that answers but refuses writes (out of
@@ -627,7 +642,7 @@ class RedisLimiter:
     async def spend_at_least(self, spent: Mapping[str, int]) -> None:
         if not spent or not self._available:
             return  # out of reach: calls are not counted either (state.on_unavailable), and Redis keeps what it had
-        keys = [_keys(subject)[3] for subject in spent]
+        keys = [*(_keys(subject)[3] for subject in spent), HELD_KEY]
         args: list[str | int] = [*spent.values()]
         try:
             await self._run(self._at_least_script, keys, args)
