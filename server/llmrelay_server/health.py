@@ -180,16 +180,29 @@ class HealthMonitor:
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
         next_probe = loop.time() + self._interval_s
-        while True:
-            await asyncio.sleep(STATE_CHECK_S)
-            try:
-                if loop.time() >= next_probe:
-                    next_probe = loop.time() + self._interval_s
-                    await self.probe()
-                elif self.serving != self._published:
-                    await self._publish()
-            except Exception:
-                log.exception("health check failed")
+        round_of_probes: asyncio.Task[None] | None = None
+        try:
+            while True:
+                await asyncio.sleep(STATE_CHECK_S)
+                try:
+                    if loop.time() >= next_probe and (round_of_probes is None or round_of_probes.done()):
+                        next_probe = loop.time() + self._interval_s
+                        # A task of its own: a slow upstream's probe (up to PROBE_TIMEOUT_S) held up the state checks,
+                        # and a circuit that opened meanwhile was published seconds late.
+                        round_of_probes = asyncio.create_task(self._probe_round(), name="llmrelay-health-probes")
+                    elif self.serving != self._published:
+                        await self._publish()
+                except Exception:
+                    log.exception("health check failed")
+        finally:
+            if round_of_probes is not None:
+                round_of_probes.cancel()
+
+    async def _probe_round(self) -> None:
+        try:
+            await self.probe()
+        except Exception:
+            log.exception("health check failed")
 
 
 def _usable(backend: Backend) -> bool:

@@ -17,7 +17,7 @@ from llmrelay_server.app import start_gateway
 from llmrelay_server.backends import openai_compat, upstream_http
 from llmrelay_server.config import load_config
 from llmrelay_server.health import FRESH_PROBE_S, SERVICE_NAME
-from support import DIALECTS, GatewayFactory, two_backends
+from support import DIALECTS, GatewayFactory, two_backends, wait_until
 from upstream import FakeUpstream
 
 CALLERS = 100
@@ -247,3 +247,33 @@ async def test_readiness_says_not_serving_while_the_first_probe_runs(
     finally:
         if not starting.done():
             starting.cancel()
+
+
+async def test_readiness_follows_a_circuit_while_a_slow_probe_is_out(
+    gateway_factory: GatewayFactory, primary: FakeUpstream
+) -> None:
+    """The background probes ran in the loop that reads the circuits every quarter second: while a slow upstream's
+    probe was out (up to PROBE_TIMEOUT_S), a circuit that opened was published seconds late."""
+    config = f"""
+llm:
+  openai: {{api_key: "sk-test", base_url: "{primary.base_url}", model: {primary.models[0]}}}
+  order: [openai]
+router: {{retry: {{max_retries: 0}}, circuit: {{failure_threshold: 1, cooldown_s: 30}}}}
+"""
+    gateway = await gateway_factory(config, server="health_interval_s: 1")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        readiness = health_pb2_grpc.HealthStub(channel)
+        ready = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        assert (await readiness.Check(ready, timeout=5)).status == health_pb2.HealthCheckResponse.SERVING
+        primary.probe_delay_s = 4.0
+        sent = len(primary.probe_requests)
+        await wait_until(lambda: len(primary.probe_requests) > sent, timeout_s=5)  # the next background probe is out
+        primary.inject({"status": 503})
+        with pytest.raises(grpc.aio.AioRpcError):
+            await pb.LLMServiceStub(channel).Complete(
+                pb.CompleteRequest(messages=[pb.Message(role=pb.ROLE_USER, content="hi")]), timeout=5
+            )
+        await asyncio.sleep(4 * health.STATE_CHECK_S)
+        status = (await readiness.Check(ready, timeout=5)).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING, "the circuit is open, its only backend unusable"
+        assert len(primary.probe_requests) == sent + 1, "the probe is still out"
