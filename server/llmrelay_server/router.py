@@ -1244,7 +1244,10 @@ class Router:
                     route.backend.count_failure(stalled)
                     raise stalled from None
                 except UpstreamError as exc:
-                    route.backend.count_failure(exc)
+                    # As before the first chunk (_failed): a request the upstream blames (too long, rejected) mid-way
+                    # says nothing of the backend, and one caller's would shut it for every other.
+                    if exc.kind not in NOT_THE_BACKENDS_FAULT:
+                        route.backend.count_failure(exc)
                     raise
                 yield chunk
         finally:

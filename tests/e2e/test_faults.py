@@ -1165,6 +1165,22 @@ async def test_streams_that_break_part_way_open_the_circuit_as_failures_at_once_
     assert chunks[-1].attempts[0].outcome == Outcome.ATTEMPT_OUTCOME_SKIPPED and chunks[-1].backend == "ollama"
 
 
+@pytest.mark.parametrize("code", ["context_length_exceeded", "invalid_request_error"])
+async def test_a_stream_the_upstream_blames_part_way_does_not_open_the_circuit(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream, code: str
+) -> None:
+    """As before the first chunk: one caller's request, refused mid-stream, opened the circuit for every other."""
+    router = FAST_ROUTER.replace("failure_threshold: 50, cooldown_s: 30", "failure_threshold: 1, cooldown_s: 30")
+    stub = await stub_for(two_backends(primary, local, router))
+    primary.inject({"error_event_after": 2, "error_code": code})
+    with pytest.raises(grpc.aio.AioRpcError) as broken:
+        await read_all(stub.StreamComplete(stream_chat("a b c d"), timeout=5))
+    assert broken.value.code() == grpc.StatusCode.ABORTED
+    health = await stub.Health(pb.HealthRequest(), timeout=5)
+    assert health.backends[0].circuit_state == pb.CIRCUIT_STATE_CLOSED
+    assert (await stub.Complete(chat(), timeout=5)).backend == "openai"
+
+
 async def test_a_retry_wait_is_not_spent_on_a_circuit_its_failure_opened(
     stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
