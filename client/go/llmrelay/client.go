@@ -554,7 +554,9 @@ func (c *Client) Stream(ctx context.Context, req *llmrelayv1.StreamCompleteReque
 	return s, nil
 }
 
-// CountTokens counts the tokens of a chat or a text for a model, offline.
+// CountTokens counts the tokens of a chat or a text for a model: offline, by the gateway's own tokenizers, or by the
+// backend's where it counts them itself (llama.cpp, vLLM, Anthropic's count endpoint); the answer's Encoding says
+// which.
 func (c *Client) CountTokens(ctx context.Context, req *llmrelayv1.CountTokensRequest, opts ...grpc.CallOption) (*llmrelayv1.CountTokensResponse, error) {
 	return unary(ctx, c, c.rpc.CountTokens, req, opts)
 }

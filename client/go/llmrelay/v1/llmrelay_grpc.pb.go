@@ -67,7 +67,9 @@ type LLMServiceClient interface {
 	Complete(ctx context.Context, in *CompleteRequest, opts ...grpc.CallOption) (*CompleteResponse, error)
 	// StreamComplete answers a chat as a stream of deltas; the last message carries the finish reason and usage.
 	StreamComplete(ctx context.Context, in *StreamCompleteRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[StreamCompleteResponse], error)
-	// CountTokens counts the tokens of a chat or a text for a model, offline.
+	// CountTokens counts the tokens of a chat or a text for a model: offline, by the gateway's own tokenizers, or by
+	// the backend's where it counts them itself (llama.cpp, vLLM, Anthropic's count endpoint); the answer's encoding
+	// says which.
 	CountTokens(ctx context.Context, in *CountTokensRequest, opts ...grpc.CallOption) (*CountTokensResponse, error)
 	// Health reports the state of every backend.
 	Health(ctx context.Context, in *HealthRequest, opts ...grpc.CallOption) (*HealthResponse, error)
@@ -166,7 +168,9 @@ type LLMServiceServer interface {
 	Complete(context.Context, *CompleteRequest) (*CompleteResponse, error)
 	// StreamComplete answers a chat as a stream of deltas; the last message carries the finish reason and usage.
 	StreamComplete(*StreamCompleteRequest, grpc.ServerStreamingServer[StreamCompleteResponse]) error
-	// CountTokens counts the tokens of a chat or a text for a model, offline.
+	// CountTokens counts the tokens of a chat or a text for a model: offline, by the gateway's own tokenizers, or by
+	// the backend's where it counts them itself (llama.cpp, vLLM, Anthropic's count endpoint); the answer's encoding
+	// says which.
 	CountTokens(context.Context, *CountTokensRequest) (*CountTokensResponse, error)
 	// Health reports the state of every backend.
 	Health(context.Context, *HealthRequest) (*HealthResponse, error)

@@ -86,7 +86,9 @@ class LLMServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CountTokens(self, request, context):
-        """CountTokens counts the tokens of a chat or a text for a model, offline.
+        """CountTokens counts the tokens of a chat or a text for a model: offline, by the gateway's own tokenizers, or by
+        the backend's where it counts them itself (llama.cpp, vLLM, Anthropic's count endpoint); the answer's encoding
+        says which.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -67,7 +67,10 @@ class LLMServiceStub:
     StreamComplete: _grpc.UnaryStreamMultiCallable[_llmrelay_pb2.StreamCompleteRequest, _llmrelay_pb2.StreamCompleteResponse]
     """StreamComplete answers a chat as a stream of deltas; the last message carries the finish reason and usage."""
     CountTokens: _grpc.UnaryUnaryMultiCallable[_llmrelay_pb2.CountTokensRequest, _llmrelay_pb2.CountTokensResponse]
-    """CountTokens counts the tokens of a chat or a text for a model, offline."""
+    """CountTokens counts the tokens of a chat or a text for a model: offline, by the gateway's own tokenizers, or by
+    the backend's where it counts them itself (llama.cpp, vLLM, Anthropic's count endpoint); the answer's encoding
+    says which.
+    """
     Health: _grpc.UnaryUnaryMultiCallable[_llmrelay_pb2.HealthRequest, _llmrelay_pb2.HealthResponse]
     """Health reports the state of every backend."""
     GetUsage: _grpc.UnaryUnaryMultiCallable[_llmrelay_pb2.GetUsageRequest, _llmrelay_pb2.GetUsageResponse]
@@ -89,7 +92,10 @@ class LLMServiceAsyncStub(LLMServiceStub):
     StreamComplete: _aio.UnaryStreamMultiCallable[_llmrelay_pb2.StreamCompleteRequest, _llmrelay_pb2.StreamCompleteResponse]  # type: ignore[assignment]
     """StreamComplete answers a chat as a stream of deltas; the last message carries the finish reason and usage."""
     CountTokens: _aio.UnaryUnaryMultiCallable[_llmrelay_pb2.CountTokensRequest, _llmrelay_pb2.CountTokensResponse]  # type: ignore[assignment]
-    """CountTokens counts the tokens of a chat or a text for a model, offline."""
+    """CountTokens counts the tokens of a chat or a text for a model: offline, by the gateway's own tokenizers, or by
+    the backend's where it counts them itself (llama.cpp, vLLM, Anthropic's count endpoint); the answer's encoding
+    says which.
+    """
     Health: _aio.UnaryUnaryMultiCallable[_llmrelay_pb2.HealthRequest, _llmrelay_pb2.HealthResponse]  # type: ignore[assignment]
     """Health reports the state of every backend."""
     GetUsage: _aio.UnaryUnaryMultiCallable[_llmrelay_pb2.GetUsageRequest, _llmrelay_pb2.GetUsageResponse]  # type: ignore[assignment]
@@ -126,7 +132,10 @@ class LLMServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _llmrelay_pb2.CountTokensRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_llmrelay_pb2.CountTokensResponse, _abc.Awaitable[_llmrelay_pb2.CountTokensResponse]]:
-        """CountTokens counts the tokens of a chat or a text for a model, offline."""
+        """CountTokens counts the tokens of a chat or a text for a model: offline, by the gateway's own tokenizers, or by
+        the backend's where it counts them itself (llama.cpp, vLLM, Anthropic's count endpoint); the answer's encoding
+        says which.
+        """
 
     @_abc_1.abstractmethod
     def Health(

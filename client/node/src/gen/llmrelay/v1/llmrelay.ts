@@ -6295,7 +6295,11 @@ export const LLMServiceService = {
       Buffer.from(StreamCompleteResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): StreamCompleteResponse => StreamCompleteResponse.decode(value),
   },
-  /** CountTokens counts the tokens of a chat or a text for a model, offline. */
+  /**
+   * CountTokens counts the tokens of a chat or a text for a model: offline, by the gateway's own tokenizers, or by
+   * the backend's where it counts them itself (llama.cpp, vLLM, Anthropic's count endpoint); the answer's encoding
+   * says which.
+   */
   countTokens: {
     path: "/llmrelay.v1.LLMService/CountTokens" as const,
     requestStream: false as const,
@@ -6348,7 +6352,11 @@ export interface LLMServiceServer extends UntypedServiceImplementation {
   complete: handleUnaryCall<CompleteRequest, CompleteResponse>;
   /** StreamComplete answers a chat as a stream of deltas; the last message carries the finish reason and usage. */
   streamComplete: handleServerStreamingCall<StreamCompleteRequest, StreamCompleteResponse>;
-  /** CountTokens counts the tokens of a chat or a text for a model, offline. */
+  /**
+   * CountTokens counts the tokens of a chat or a text for a model: offline, by the gateway's own tokenizers, or by
+   * the backend's where it counts them itself (llama.cpp, vLLM, Anthropic's count endpoint); the answer's encoding
+   * says which.
+   */
   countTokens: handleUnaryCall<CountTokensRequest, CountTokensResponse>;
   /** Health reports the state of every backend. */
   health: handleUnaryCall<HealthRequest, HealthResponse>;
@@ -6391,7 +6399,11 @@ export interface LLMServiceClient extends Client {
     metadata?: Metadata,
     options?: Partial<CallOptions>,
   ): ClientReadableStream<StreamCompleteResponse>;
-  /** CountTokens counts the tokens of a chat or a text for a model, offline. */
+  /**
+   * CountTokens counts the tokens of a chat or a text for a model: offline, by the gateway's own tokenizers, or by
+   * the backend's where it counts them itself (llama.cpp, vLLM, Anthropic's count endpoint); the answer's encoding
+   * says which.
+   */
   countTokens(
     request: CountTokensRequest,
     callback: (error: ServiceError | null, response: CountTokensResponse) => void,
