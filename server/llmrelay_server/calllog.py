@@ -151,7 +151,9 @@ def _text(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:g}"
+        # Whole, to the micro-dollar of a cost and the microsecond of a time (`:g` kept six digits: 12.3457 USD), and
+        # never in an exponent (1e-06).
+        return f"{value:.6f}".rstrip("0").rstrip(".")
     if isinstance(value, list):
         return ",".join(map(_text, value)) or "-"
     return str(value)

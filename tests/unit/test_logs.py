@@ -80,6 +80,14 @@ def test_a_json_line_stays_one_line_by_unicodes_rules_too(bad_model: str) -> Non
     assert json.loads(JsonFormatter().format(made))["model"] == bad_model
 
 
+def test_a_call_lines_numbers_are_whole_to_the_micro_dollar() -> None:
+    # `:g` wrote six digits: a cost of 12.345678 USD as 12.3457, a micro-dollar as 1e-06.
+    fields = {"cost_usd": 12.345678, "small": 0.000001, "nothing": 0.0, "duration_ms": 1.5, "first_chunk_ms": 120.25}
+    assert str(CallLine(fields)) == (
+        "call cost_usd=12.345678 small=0.000001 nothing=0 duration_ms=1.5 first_chunk_ms=120.25"
+    )
+
+
 @pytest.mark.parametrize("worker", [None, 2])
 def test_a_call_line_written_straight_reads_as_one_logged(worker: int | None) -> None:
     # llmrelay-server writes its call lines past `logging` (BatchingHandler.write_call); they must not differ.
