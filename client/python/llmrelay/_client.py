@@ -292,7 +292,10 @@ class _Base:
         """The options the client made its channel with (the service config first)."""
         self._credentials = None if own_channel else settings.credentials_for(target)
         self._timeout = _seconds("timeout", timeout, "no deadline")
-        self._metadata = _checked_metadata(tuple(metadata) + (((CALLER_HEADER, caller),) if caller else ()))
+        # caller= names the caller once, over an x-llmrelay-caller in metadata, as in the Go and TypeScript SDKs.
+        self._metadata = _merged_metadata(
+            _checked_metadata(metadata), _checked_metadata(((CALLER_HEADER, caller),) if caller else ())
+        )
         self._security_hint = None if own_channel else settings.security_hint(target)
         # Over TLS alone, which the client made (a channel= given has no credentials here).
         self._client_certificate_hint = settings.client_certificate_hint() if self.uses_tls else None

@@ -371,6 +371,18 @@ def test_a_calls_metadata_replaces_the_clients_key_by_key(testing_channel: Any, 
     ]  # fmt: skip
 
 
+def test_caller_names_the_caller_once_over_the_metadatas(testing_channel: Any, gateway: FakeGateway) -> None:
+    """Both were sent, the metadata's first, so the gateway recorded the metadata's and caller= was lost; the Go and
+    TypeScript SDKs send caller's alone."""
+    own = [("X-LLMRelay-Caller", "from-metadata"), ("x-team", "a")]
+    with Client(channel=testing_channel, caller="from-caller", metadata=own) as client:
+        call = gateway.run(client.health)
+        gateway.answer("Health", pb.HealthResponse(serving=True))
+        result(call)
+    sent = [(key, value) for key, value in gateway.metadata if key in ("x-team", "x-llmrelay-caller")]
+    assert sorted(sent) == [("x-llmrelay-caller", "from-caller"), ("x-team", "a")]
+
+
 @pytest.mark.parametrize(
     "metadata",
     [{"authorization": "Bearer K"}, {"ab": "v"}, "ab", [("authorization",)], [(b"authorization", "Bearer K")]],
