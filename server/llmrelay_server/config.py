@@ -1072,6 +1072,13 @@ class _WrittenFloat(float):
     written: str
 
 
+def _type_name(value: Any) -> str:
+    """A value's type as an error names it: int or float for a number YAML read, not the subclass it made."""
+    if isinstance(value, _WrittenInt | _WrittenFloat):
+        return type(value).__mro__[1].__name__
+    return type(value).__name__
+
+
 def _as_text(value: str | int | float) -> str:
     """A value a field of text takes: as written, for a number YAML read."""
     return value.written if isinstance(value, _WrittenInt | _WrittenFloat) else str(value)
@@ -1189,7 +1196,7 @@ def _build(cls: type[T], value: Any, where: str) -> T:
     if value is None:
         value = {}
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(value).__name__}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {shown_value(value, where)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
@@ -1307,7 +1314,8 @@ def shown_value(value: Any, where: str) -> str:
     # A mistyped secret must not end up in a log line: a value of a field that may hold one, and a list or mapping
     # (a URL written as a list item, say), is shown by its type alone.
     if isinstance(value, list | Mapping) or any(word in where.lower() for word in _MAY_HOLD_A_SECRET):
-        return f"a {type(value).__name__}"
+        name = _type_name(value)
+        return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
     if isinstance(value, str):
         for used, name in _FROM_THE_ENVIRONMENT.get():
             # Within a value too (a URL built of ${HOST} and ${PASSWORD}), if long enough to be no word of its own.

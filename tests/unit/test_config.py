@@ -1302,3 +1302,19 @@ def test_the_servers_waits_are_at_most_a_day(tmp_path: Path, field: str) -> None
     # A drain of 1e300 s (a figure meant in ms, say) held every stop up for ever.
     with pytest.raises(ConfigError, match=f"server.{field}: at most 86400 s"):
         load(tmp_path, f"server: {{{field}: 1e300}}\n")
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "says"),
+    [
+        ("server: 5\n", "server: expected a mapping, got 5"),
+        ("server:\n  tls: 5.0\n", "server.tls: expected a mapping, got 5.0"),
+        ("auth:\n  keys: 5\n", "auth.keys: expected a list, got an int"),
+        ("auth:\n  keys_file: [a]\n", "auth.keys_file: expected text, got a list"),
+    ],
+)
+def test_a_number_in_the_wrong_place_is_named_as_a_number(tmp_path: Path, yaml_text: str, says: str) -> None:
+    """The error named the class YAML's reading made of it: "got _WrittenInt", "got a _WrittenInt"."""
+    with pytest.raises(ConfigError) as raised:
+        load(tmp_path, yaml_text)
+    assert str(raised.value) == says
