@@ -43,7 +43,8 @@ test: test-python test-go test-go-module test-node test-node-package test-probes
 test-python: proto-check ollama services
 	$(BIN)/pytest -q
 
-# Debian's redis-server and postgresql, whose binaries the tests start on free loopback ports (installed when missing).
+# Debian's redis-server and postgresql, whose binaries the tests start on free loopback ports, capsh and promtool
+# (installed when missing).
 services:
 	bash scripts/install_services.sh
 

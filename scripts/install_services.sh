@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the servers the tests start (the one way to do it: `make services`): Debian's redis-server and postgresql;
-# and libcap2-bin's capsh, with which a test started as root drops the privilege of binding a port below 1024.
+# libcap2-bin's capsh, with which a test started as root drops the privilege of binding a port below 1024; and
+# prometheus' promtool, which evaluates deploy/'s alerts and dashboard queries on made-up series (`promtool test rules`).
 #
 # The tests start their own Redis and PostgreSQL on ephemeral loopback ports in temporary directories, from these
 # packages' binaries; nothing here starts a server. Installed only when missing, with apt-get (as root, or with
@@ -12,6 +13,7 @@ missing=()
 command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || missing+=(redis-server)
 compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgresql)
 command -v capsh >/dev/null || [ -x /sbin/capsh ] || missing+=(libcap2-bin)
+command -v promtool >/dev/null || missing+=(prometheus)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -eq 0 ]; then

@@ -44,7 +44,7 @@ from llmrelay_server.domain import (
     UpstreamErrorKind,
 )
 from llmrelay_server.health import SERVICE_NAME
-from llmrelay_server.router import NOT_THE_BACKENDS_FAULT
+from llmrelay_server.router import NOT_THE_BACKENDS_FAULT, CircuitState
 from llmrelay_server.status import rpc_failure
 from prometheus_client.parser import text_string_to_metric_families
 from support import GatewayFactory, chat, stream_chat, two_backends
@@ -87,11 +87,16 @@ def alert_exprs() -> list[str]:
     return [str(rule["expr"]) for rule in rules]
 
 
+def alert_rule(name: str) -> dict[str, Any]:
+    """The rule of the alert of this name."""
+    groups = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())["groups"]
+    [rule] = [rule for group in groups for rule in group["rules"] if rule["alert"] == name]
+    return dict(rule)
+
+
 def alert(name: str) -> str:
     """The expression of the alert of this name."""
-    groups = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())["groups"]
-    [expr] = [str(rule["expr"]) for group in groups for rule in group["rules"] if rule["alert"] == name]
-    return expr
+    return str(alert_rule(name)["expr"])
 
 
 def matched(expr: str, label: str) -> set[str]:
@@ -171,6 +176,95 @@ async def test_dashboard_and_alerts_use_only_exported_metrics(
         used = set().union(*(metric_names(expr) for expr in exprs))
         assert len(used) >= 5, (source, used)
         assert used <= exported, f"{source} uses metrics the gateway does not export: {sorted(used - exported)}"
+
+
+def promtool_test(tmp_path: Path, tests: list[dict[str, Any]]) -> None:
+    """Runs `promtool test rules` (Prometheus' own evaluation of the rules and expressions, on made-up series
+    scraped every 15 s) over alerts.yaml with these tests; fails with promtool's account of what differed."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is not installed (Debian's prometheus package): run `make services`")
+    suite = tmp_path / "alerts_test.yaml"
+    rules = str(DEPLOY / "prometheus" / "alerts.yaml")
+    suite.write_text(yaml.safe_dump({"rule_files": [rules], "evaluation_interval": "15s", "tests": tests}))
+    done = subprocess.run([promtool, "test", "rules", str(suite)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def circuit_series(backend: str, process: str, states: list[str]) -> list[dict[str, str]]:
+    """llmrelay_circuit_state as one process exports it, one scrape for each state in `states`."""
+    return [
+        {
+            "series": f'llmrelay_circuit_state{{backend="{backend}",instance="{process}",state="{state}"}}',
+            "values": " ".join("1" if seen == state else "0" for seen in states),
+        }
+        for state in CircuitState
+    ]
+
+
+def test_the_circuit_alert_fires_for_a_backend_whose_probes_keep_failing(tmp_path: Path) -> None:
+    """It asked for the circuit open for 2 minutes on end, which a circuit never is with a cool-down shorter than that
+    (30 s by default): each cool-down ends half open, and a probe that fails opens it again, so the alert never
+    fired. A circuit left half open by a blip, with no call since to probe it, does not fire it."""
+    failing = ["open", "open", "half_open"] * 8  # a 30 s cool-down, a probe seen at a scrape, failing again
+    blip = ["open", "open"] + ["half_open"] * 22  # open once, then no traffic
+    recovered = ["open", "open", "half_open"] + ["closed"] * 21
+    rule = alert_rule("LLMRelayCircuitOpen")
+    annotations = {name: text.replace("{{ $labels.backend }}", "openai") for name, text in rule["annotations"].items()}
+    promtool_test(
+        tmp_path,
+        [
+            {
+                "interval": "15s",
+                "input_series": circuit_series("openai", "a", failing)
+                + circuit_series("local", "a", blip)
+                + circuit_series("vllm", "a", recovered),
+                "alert_rule_test": [
+                    {"eval_time": "1m", "alertname": rule["alert"], "exp_alerts": []},
+                    {
+                        "eval_time": "5m",
+                        "alertname": rule["alert"],
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"backend": "openai", "severity": "warning"},
+                                "exp_annotations": annotations,
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    )
+
+
+def test_the_circuit_panel_shows_the_worst_state_among_the_processes(tmp_path: Path) -> None:
+    """It added the processes' worst open and worst half open: 3, shown as no state, while one process had the
+    circuit open and another half open."""
+
+    def sample(backend: str, value: int) -> dict[str, Any]:
+        return {"labels": f'{{backend="{backend}"}}', "value": value}
+
+    [expr] = [
+        target["expr"]
+        for panel in json.loads((DEPLOY / "grafana" / "llmrelay.json").read_text())["panels"]
+        if panel["title"] == "Circuit state"
+        for target in panel["targets"]
+    ]
+    promtool_test(
+        tmp_path,
+        [
+            {
+                "interval": "15s",
+                "input_series": circuit_series("openai", "a", ["open", "half_open", "closed"])
+                + circuit_series("openai", "b", ["half_open", "half_open", "closed"])
+                + circuit_series("local", "a", ["closed", "closed", "closed"]),
+                "promql_expr_test": [
+                    {"expr": expr, "eval_time": time, "exp_samples": [sample("openai", openai), sample("local", 0)]}
+                    for time, openai in (("0s", 2), ("15s", 1), ("30s", 0))
+                ],
+            }
+        ],
+    )
 
 
 # --- Kubernetes, Envoy and systemd ----------------------------------------------------------------------------------
