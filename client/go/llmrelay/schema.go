@@ -438,7 +438,7 @@ func enumValues(t reflect.Type, tag string, quoted bool) ([]any, error) {
 // shape is what the schema of a type asks of its JSON, which a tool's arguments are checked for (check) before they
 // reach its handler, every problem at once, with its path, as the Python and TypeScript SDKs say them: each value's
 // JSON type, every object's required properties at any depth and no others (encoding/json leaves a missing one, or a
-// null one, zero, and stops at the first problem it meets), a fixed-size array's length (it fills the array from fewer
+// null one, zero, and stops at the first problem it meets), a value its enum tag lists, a fixed-size array's length (it fills the array from fewer
 // items and drops the extra ones), and no null for an item or a map's value that cannot be null (it makes the zero
 // value of it, whose required properties are then missing unseen).
 type shape struct {
@@ -467,6 +467,16 @@ type propertyShape struct {
 	// "null" as null.
 	quoted bool
 	shape  *shape
+	// enum is what the enum tag allows (nil without the tag).
+	enum *enumShape
+}
+
+// enumShape is the values a property's enum tag allows.
+type enumShape struct {
+	// allowed is each one's JSON in canonicalJSON's form (for a quoted property, of the JSON its string holds).
+	allowed []string
+	// listed is them as the schema lists them, for a problem to name.
+	listed string
 }
 
 // shapeOf is the shape of a type that structSchema described: no recursive one (schemaOf refuses it before shapeOf
@@ -498,7 +508,7 @@ func shapeOf(t reflect.Type) *shape {
 		s.kind, s.json = reflect.Struct, "an object"
 		for _, f := range jsonFields(t) {
 			s.properties = append(s.properties, propertyShape{name: f.name, required: f.required(),
-				quoted: f.quoted() != nil, shape: shapeOf(f.field.Type)})
+				quoted: f.quoted() != nil, shape: shapeOf(f.field.Type), enum: enumOf(f)})
 		}
 	case reflect.Slice, reflect.Array:
 		if t.Kind() == reflect.Slice && t.Elem().Kind() == reflect.Uint8 {
@@ -561,8 +571,14 @@ func (s *shape) problems(value json.RawMessage, path string, problems *[]string)
 			case property.required && null && !property.shape.nullable:
 				*problems = append(*problems, at(path, fmt.Sprintf("the required property %q is missing (it is null)",
 					property.name)))
-			case present && !null && !property.quoted: // a quoted value is JSON in a string: the decoder reads it
-				property.shape.problems(value, named, problems)
+			case present && !null:
+				found := len(*problems)
+				if !property.quoted { // a quoted value is JSON in a string: the decoder reads it
+					property.shape.problems(value, named, problems)
+				}
+				if property.enum != nil && len(*problems) == found {
+					property.enum.problems(value, property.quoted, named, problems)
+				}
 			}
 		}
 		known := "it takes none"
@@ -595,6 +611,68 @@ func (s *shape) problems(value json.RawMessage, path string, problems *[]string)
 		for _, key := range slices.Sorted(maps.Keys(values)) {
 			s.items.itemProblems(values[key], joinPath(path, key), problems)
 		}
+	}
+}
+
+// enumOf is what a field's enum tag allows; nil without the tag. addFields has read the tag already, refusing a value
+// the field's type does not take.
+func enumOf(f jsonField) *enumShape {
+	tag, ok := f.field.Tag.Lookup("enum")
+	if !ok {
+		return nil
+	}
+	quoted := f.quoted() != nil
+	values, err := enumValues(f.valueType(), tag, quoted)
+	if err != nil {
+		return nil
+	}
+	e := &enumShape{}
+	listed := make([]string, len(values))
+	for i, value := range values {
+		written, _ := json.Marshal(value)
+		listed[i] = string(written)
+		if quoted {
+			written = []byte(value.(string)) // the JSON text the string holds
+		}
+		e.allowed = append(e.allowed, canonicalJSON(written))
+	}
+	e.listed = strings.Join(listed, ", ")
+	return e
+}
+
+// problems adds a problem where value, of the property at path, is none of the values allowed: as encoding/json
+// reads it, so 1.50 is 1.5 (and for a quoted property, "1.50" is "1.5").
+func (e *enumShape) problems(value json.RawMessage, quoted bool, path string, problems *[]string) {
+	read := value
+	if quoted {
+		var text string
+		if json.Unmarshal(value, &text) == nil {
+			read = []byte(text)
+		}
+	}
+	if !slices.Contains(e.allowed, canonicalJSON(read)) {
+		*problems = append(*problems, at(path, fmt.Sprintf("expected one of %s, got %s", e.listed, shownValue(value))))
+	}
+}
+
+// canonicalJSON is a JSON value as json.Marshal writes what json.Unmarshal reads of it: one text for every way of
+// writing the same value (1.50 and 1.5, "\u0041" and "A").
+func canonicalJSON(value json.RawMessage) string {
+	var read any
+	if json.Unmarshal(value, &read) != nil {
+		return string(value)
+	}
+	written, _ := json.Marshal(read)
+	return string(written)
+}
+
+// shownValue is a value as a problem shows it: a string, a number or a boolean itself, anything else by its JSON type.
+func shownValue(value json.RawMessage) string {
+	switch kind := jsonType(value); kind {
+	case "a string", "a number", "a boolean":
+		return canonicalJSON(value)
+	default:
+		return kind
 	}
 }
 

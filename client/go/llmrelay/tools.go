@@ -33,8 +33,8 @@ func (e argumentsError) Error() string { return e.err.Error() }
 // NewTool makes a tool of a typed handler: the model's arguments are decoded into Args, a struct whose JSON Schema
 // (SchemaOf) the model gets as the tool's parameters, and the handler's result becomes the tool message: a string as
 // it is, anything else encoded by encoding/json. Arguments that are not JSON, lack a required property at any depth
-// (null for one counts as missing, unless its field is a pointer or an interface), name an unknown one, or give a
-// fixed-size array another number of items never reach the handler: the model gets a tool result that says what was
+// (null for one counts as missing, unless its field is a pointer or an interface), name an unknown one, give a value
+// its enum tag does not list, or give a fixed-size array another number of items never reach the handler: the model gets a tool result that says what was
 // wrong, as it does for an error the handler returns or a panic. NewTool fails where SchemaOf does (Args refers to
 // itself, or a field's type encodes itself): give the schema explicitly with NewRawTool.
 //

@@ -371,6 +371,51 @@ func TestNewToolChecksTheArgumentsAtEveryDepth(t *testing.T) {
 	}
 }
 
+// enumArgs have fields that take only the values of their enum tags: a string, an integer, a number behind a pointer,
+// a number read from a JSON string (the ,string option) and a type read through UnmarshalText.
+type enumArgs struct {
+	Unit  string   `json:"unit" enum:"celsius,fahrenheit"`
+	Days  int      `json:"days,omitempty" enum:"1,3,7"`
+	Scale *float64 `json:"scale,omitempty" enum:"1.5,2"`
+	Ratio float64  `json:"ratio,omitempty,string" enum:"0.5,1.50"`
+	Level level    `json:"level,omitempty" enum:"low,high"`
+}
+
+// A value the schema's enum does not list is refused, as the Python and TypeScript SDKs refuse it: the handler got
+// "kelvin" for a unit of celsius or fahrenheit. A value is read as encoding/json reads it (1.50 is 1.5).
+func TestNewToolHoldsTheArgumentsToTheirEnums(t *testing.T) {
+	tool := mustTool(t)(llmrelay.NewTool("weather", "", func(_ context.Context, args enumArgs) (string, error) {
+		scale := 0.0
+		if args.Scale != nil {
+			scale = *args.Scale
+		}
+		return fmt.Sprintf("%s %d %g %g %d", args.Unit, args.Days, scale, args.Ratio, args.Level), nil
+	}))
+	cases := []struct{ arguments, want string }{
+		{`{"unit": "celsius", "days": 3, "scale": 1.50, "ratio": "1.50", "level": "high"}`, "celsius 3 1.5 1.5 1"},
+		{`{"unit": "fahrenheit", "scale": null, "ratio": "5e-1"}`, "fahrenheit 0 0 0.5 0"},
+		{`{"unit": "kelvin"}`, `unit: expected one of "celsius", "fahrenheit", got "kelvin"`},
+		{`{"unit": "celsius", "days": 2, "scale": 1e0, "ratio": "2", "level": "middling"}`,
+			`days: expected one of 1, 3, 7, got 2; scale: expected one of 1.5, 2, got 1; ` +
+				`ratio: expected one of "0.5", "1.5", got "2"; level: expected one of "low", "high", got "middling"`},
+		// Of another type, the type alone is said.
+		{`{"unit": 5, "days": 2.5}`, "unit: expected a string, got a number; days: expected an integer, got 2.5"},
+	}
+	var calls []*llmrelayv1.ToolCall
+	for i, c := range cases {
+		calls = append(calls, call(strconv.Itoa(i), "weather", c.arguments))
+	}
+	for i, result := range llmrelay.RunToolCalls(context.Background(), []llmrelay.Tool{tool}, calls) {
+		want := cases[i].want
+		if strings.Contains(want, ": expected") {
+			want = `error: tool "weather" cannot take the arguments ` + cases[i].arguments + ": " + want
+		}
+		if result.GetContent() != want {
+			t.Errorf("arguments %s: %q, want %q", cases[i].arguments, result.GetContent(), want)
+		}
+	}
+}
+
 // A tool whose arguments have fields of one JSON name runs: its schema and its check hold the one field that
 // encoding/json reads (they held each, listed the name twice in "required", and refused every value of it).
 func TestNewToolTakesWhatEncodingJSONReadsOfFieldsOfOneName(t *testing.T) {
