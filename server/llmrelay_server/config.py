@@ -13,6 +13,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 import types
 import typing
 from collections.abc import Mapping
@@ -513,17 +514,40 @@ def _check_redis_options(url: str, where: str) -> None:
     connection's (none is opened): an option redis-py does not know, or a value it refuses, failed every call to Redis
     for good while the gateway served on, its limits unenforced (or every call refused). Their words hold no URL."""
     # Imported only where Redis is configured, as the limiter is.
-    from redis.asyncio import ConnectionPool
+    from redis.asyncio import ConnectionPool, SSLConnection
     from redis.exceptions import RedisError
 
     try:
-        ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
+        connection = ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
     except TypeError as exc:  # an option a connection does not take, its name in the words
         option = re.search(r"argument '(\w+)'", str(exc))
         named = f"?{option.group(1)}=" if option else "an option in the URL"
         raise ConfigError(f"{where}: {named} is no option of a Redis connection (redis-py's)") from None
     except (ValueError, RedisError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    if isinstance(connection, SSLConnection):
+        _check_redis_tls_files(connection, url, where)
+
+
+def _check_redis_tls_files(connection: Any, url: str, where: str) -> None:
+    """The TLS files a rediss:// URL names, read as redis-py reads them at its first connection: one missing, or not
+    PEM, failed every call to Redis while the gateway served on, its limits unenforced (or every call refused)."""
+    named = [f"?{name}=" for name, _ in parse_qsl(urlsplit(url).query) if name in _REDIS_TLS_FILES]
+    files = f"the TLS files it names ({', '.join(named)})"
+    try:
+        connection.ssl_context.get()
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: {files}: a file does not exist") from None
+    except ssl.SSLError:  # before OSError, which it is
+        raise ConfigError(
+            f"{where}: {files} cannot be used: each must be PEM, the key the certificate's own, and ?ssl_password="
+            " its passphrase where it has one"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: {files} cannot be read: {exc.strerror or exc}") from None
+
+
+_REDIS_TLS_FILES: Final = ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile")
 
 
 def _check_postgresql_options(url: str, where: str) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from certs import Authority
 from llmrelay_server import app, config
 from llmrelay_server.backends import provider_factory
 from llmrelay_server.config import ConfigError, load_config
@@ -789,6 +790,39 @@ def test_a_malformed_store_url_is_named_without_its_password(tmp_path: Path, yam
     message = str(caught.value)
     assert message.startswith(("state.redis_url:", "server.usage_db:")) and said in message, message
     assert "SUPERSECRET" not in message
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        ("ssl_ca_certs={tmp}/missing.pem", "(?ssl_ca_certs=): a file does not exist"),
+        ("ssl_ca_certs={tmp}/not.pem", "(?ssl_ca_certs=) cannot be used: each must be PEM"),
+        ("ssl_certfile={tmp}/not.pem&ssl_keyfile={tmp}/not.pem", "(?ssl_certfile=, ?ssl_keyfile=) cannot be used"),
+        ("ssl_ca_certs={tmp}", "(?ssl_ca_certs=) cannot be read: Is a directory"),
+    ],
+    ids=["missing", "not PEM", "client certificate not PEM", "a directory"],
+)
+def test_the_tls_files_of_a_rediss_url_are_read_at_start(tmp_path: Path, options: str, said: str) -> None:
+    """redis-py reads them at its first connection: the gateway started, and every call to Redis failed, its limits
+    unenforced (or every call refused), the reason in Health alone."""
+    (tmp_path / "not.pem").write_text("not a certificate\n")
+    url = f"rediss://:SUPERSECRET@127.0.0.1:6379/0?{options.format(tmp=tmp_path)}"
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, f'state: {{redis_url: "{url}"}}\n')
+    message = str(caught.value)
+    assert message.startswith("state.redis_url: the TLS files it names ") and said in message, message
+    assert "SUPERSECRET" not in message and str(tmp_path) not in message
+
+
+def test_a_rediss_url_with_readable_tls_files_loads(tmp_path: Path) -> None:
+    ca = Authority("redis test CA")
+    ca.server().write(tmp_path / "client.pem", tmp_path / "client.key")
+    (tmp_path / "ca.pem").write_bytes(ca.cert)
+    url = (
+        f"rediss://:SUPERSECRET@127.0.0.1:6379/0?ssl_ca_certs={tmp_path}/ca.pem"
+        f"&ssl_certfile={tmp_path}/client.pem&ssl_keyfile={tmp_path}/client.key"
+    )
+    assert load(tmp_path, f'state: {{redis_url: "{url}"}}\n').state.redis_url == url
 
 
 @pytest.mark.parametrize(
