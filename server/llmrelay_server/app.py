@@ -28,7 +28,7 @@ from llmrelay_server.domain import StoreHealth, UsageUnavailableError
 from llmrelay_server.health import SERVICE_NAME, HealthMonitor, HealthServicer
 from llmrelay_server.limits import GATEWAY, InProcessLimiter, Limiter, LimitsInterceptor, key_subject
 from llmrelay_server.logs import quiet_grpc_caller_errors, use_log_format
-from llmrelay_server.metrics import LabelValues, Metrics, MetricsObserver, StateReading
+from llmrelay_server.metrics import LabelValues, Metrics, MetricsObserver, StateReading, cannot_serve
 from llmrelay_server.observing import Observer, ObservingInterceptor
 from llmrelay_server.pricing import PriceTable
 from llmrelay_server.reflection import V1_SERVICE_NAME, ReflectionServicer, enable_reflection
@@ -251,9 +251,7 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
         except OSError as exc:
             await asyncio.gather(*(provider.aclose() for provider in providers))
             await ledger.aclose()
-            raise ListenError(
-                f"cannot serve metrics on {listen}: {exc.strerror}; choose another with server.metrics_listen"
-            ) from exc
+            raise ListenError(cannot_serve(listen, exc)) from exc
         log.info("metrics on http://%s:%d/metrics", listen.rpartition(":")[0], metrics_port)
     if limiter is not None:
         await limiter.start()

@@ -673,6 +673,11 @@ class _MetricsServer(ThreadingMixIn, WSGIServer):
         super().shutdown_request(request)
 
 
+def cannot_serve(listen: str, exc: OSError) -> str:
+    """What a person is told when /metrics cannot be served on `listen` (serve_metrics' OSError), with the fix."""
+    return f"cannot serve metrics on {listen}: {exc.strerror}; choose another with server.metrics_listen"
+
+
 def serve_metrics(listen: str, registry: CollectorRegistry) -> WSGIServer:
     """prometheus-client's /metrics (its WSGI app, as start_http_server serves it) on HOST:PORT, in a thread of its
     own, each connection in its own thread for at most METRICS_READ_TIMEOUT_S of waiting; OSError when it cannot

@@ -64,7 +64,7 @@ from prometheus_client.registry import Collector
 from llmrelay_server.auth import LIMITS_PER_WORKER, KeyRing
 from llmrelay_server.config import ConfigError, GatewayConfig
 from llmrelay_server.logs import share_stderr, use_log_format
-from llmrelay_server.metrics import serve_metrics
+from llmrelay_server.metrics import cannot_serve, serve_metrics
 
 log = logging.getLogger("llmrelay_server.workers")
 
@@ -369,7 +369,7 @@ class Supervisor:
         try:
             server = serve_metrics(listen, self._registry)
         except OSError as exc:
-            raise ListenError(f"cannot serve metrics on {listen}: {exc.strerror}") from exc
+            raise ListenError(cannot_serve(listen, exc)) from exc
         log.info("metrics of all workers on http://%s:%d/metrics", host, server.server_port)
         return server
 

@@ -476,6 +476,22 @@ async def test_a_taken_port_still_stops_a_second_gateway(tmp_path: Path, local: 
         assert await stop(gateway) == 0
 
 
+async def test_a_metrics_port_in_use_stops_the_workers_naming_the_field(tmp_path: Path, local: FakeUpstream) -> None:
+    """As a single process says it: the supervisor's words left out which setting to change."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        listen = f"127.0.0.1:{holder.getsockname()[1]}"
+        config = tmp_path / "metrics.yaml"
+        config.write_text(f'server: {{usage_db: "{tmp_path / "usage.db"}", metrics_listen: "{listen}"}}\n')
+        gateway = await start_server(config, local, "--workers", "2")
+        async with asyncio.timeout(20):
+            assert await gateway.process.wait() != 0
+    assert gateway.process.stderr is not None
+    said = (await gateway.process.stderr.read()).decode()
+    assert f"cannot serve metrics on {listen}: Address already in use; choose another with server." in said, said
+
+
 @pytest.mark.parametrize("flags", [("--workers", "2"), ()], ids=["with-workers", "single"])
 async def test_a_second_gateway_is_refused_while_the_first_ones_workers_start(
     tmp_path: Path, local: FakeUpstream, flags: tuple[str, ...]
