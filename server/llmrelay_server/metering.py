@@ -34,6 +34,9 @@ class Meter:
     waited_s: float = 0.0
     """The time the router waited between attempts (a retry's backoff, an upstream's Retry-After): no upstream's, and
     not the gateway's own either."""
+    counted_s: float = 0.0
+    """The time backends took to count the call's tokens by their own tokenizers (llama.cpp's and vLLM's /tokenize,
+    Anthropic's count endpoint): an upstream's, as an attempt's is."""
     first_chunk_at: float | None = None
     """When (time.perf_counter()) the stream's first chunk from an upstream came: its observers tell the time to it
     from the call's start as each saw it, before the interceptors' own work (admission, the prompt's count)."""
@@ -112,6 +115,13 @@ def waited(seconds: float) -> None:
         meter.waited_s += seconds
 
 
+def counted(seconds: float) -> None:
+    """A backend took `seconds` to count tokens for the call."""
+    meter = current_meter.get()
+    if meter is not None:
+        meter.counted_s += seconds
+
+
 def first_chunk(at: float, routed_s: float, backend: str) -> None:
     """The first chunk the caller gets came at `at` (time.perf_counter()), `routed_s` after the router began, from
     `backend`: later ones (a restart's) are not its first."""
@@ -121,13 +131,13 @@ def first_chunk(at: float, routed_s: float, backend: str) -> None:
 
 
 def own_time_s(meter: Meter, elapsed_s: float) -> float:
-    """The gateway's own share of a call that took `elapsed_s`: less its attempts' time (the upstreams') and the
-    router's waits between them."""
+    """The gateway's own share of a call that took `elapsed_s`: less its attempts' time and its backends' counts (the
+    upstreams') and the router's waits between attempts."""
     upstream_s = 0.0
     for attempt in meter.attempts:  # a loop, not sum() over a generator: every call with metrics or a log line runs it
         if attempt.outcome is not AttemptOutcome.SKIPPED:
             upstream_s += attempt.duration_s
-    return max(0.0, elapsed_s - upstream_s - meter.waited_s)
+    return max(0.0, elapsed_s - upstream_s - meter.counted_s - meter.waited_s)
 
 
 def served_by(meter: Meter) -> Attempt | Billed | None:

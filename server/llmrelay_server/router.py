@@ -1035,12 +1035,16 @@ class Router:
         event loop's clock); None otherwise, and for a chat whose answer format is a JSON schema, which the backends'
         tokenizers leave out (the gateway's count has it, as a call's estimate does)."""
         schema = response_format is not None and response_format.json_schema is not None
-        if schema or by <= asyncio.get_running_loop().time():
+        loop = asyncio.get_running_loop()
+        if schema or by <= (started := loop.time()):
             return None
-        with contextlib.suppress(TimeoutError):
+        try:
             async with asyncio.timeout_at(by):
                 return await route.backend.provider.count_tokens(route.model, messages, tools)
-        return None
+        except TimeoutError:
+            return None
+        finally:
+            metering.counted(loop.time() - started)  # the upstream's time, not the gateway's own
 
     def _bill(self, backend: str, model: str, caller: str, usage: TokenUsage, *, interrupted: bool = False) -> None:
         """The one place usage is billed: the ledger, and the call's meter (which its limits settle with)."""

@@ -293,6 +293,29 @@ async def test_a_streams_time_waiting_for_its_upstream_is_not_the_gateways_own(
     assert line["overhead_ms"] < 200, line
 
 
+async def test_a_backends_count_of_tokens_is_its_time_not_the_gateways_own(
+    gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CountTokens counted by a vLLM server's /tokenize: the wait for it was logged as the gateway's overhead."""
+    caplog.set_level(logging.INFO, logger=CALLS)
+    vllm = await FakeUpstream(models=("qwen",), vllm=True).start()
+    try:
+        vllm.tokenize_stall_s = 0.6
+        gateway = await gateway_factory(
+            f"llm:\n  backends: [{{name: gpu, kind: vllm, base_url: '{vllm.base_url}', model: qwen}}]\n"
+        )
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            request = pb.CountTokensRequest(model="qwen", messages=[pb.Message(role=pb.ROLE_USER, content="hi")])
+            count = await pb.LLMServiceStub(channel).CountTokens(
+                request, timeout=10, metadata=[("x-request-id", "counted")]
+            )
+    finally:
+        await vllm.stop()
+    assert count.encoding == "backend:gpu"
+    line = lines(caplog)["counted"]
+    assert line["duration_ms"] >= 600 and line["overhead_ms"] < 200, line
+
+
 LEAVES = {
     "unary": ({"stall_s": 10}, False),
     "stream before its first chunk": ({"stall_s": 10}, True),
