@@ -942,7 +942,12 @@ class Router:
         chain = _Chain(deadline)
         metering.attempts(chain.attempts)
         for route in self._allowed(self.embedding_routes(request.model), request.model, caller, may_use):
-            response = await self._try_route(chain, route, lambda r, t: _embed(r, request, t))
+            try:
+                response = await self._try_route(chain, route, lambda r, t: _embed(r, request, t))
+            except BaseException:
+                if chain.left is not None:
+                    await _to_its_end(self._bill_inputs_left(chain.left, request, caller))
+                raise
             if response is not None:
                 usage = self._priced(route, response.model, response.usage)
                 self._bill(response.backend, response.model, caller, usage)
@@ -979,6 +984,16 @@ class Router:
             self._bill(
                 route.backend.name, route.model, caller, self._priced(route, route.model, prompt), interrupted=True
             )
+
+    async def _bill_inputs_left(self, route: Route, request: EmbeddingRequest, caller: str) -> None:
+        """Bills an embedding the call ended under before its answer for its inputs, counted offline (no backend
+        counts an embedding's), which the upstream read all the same: as `_bill_left` bills a chat's prompt."""
+        try:
+            counted = await self._counter.count_texts_async(route.model, request.inputs)
+        except TokenizerUnavailableError:
+            return  # without the model's encoding there is nothing to count them by
+        usage = self._priced(route, route.model, TokenUsage(counted.tokens, 0, estimated=True))
+        self._bill(route.backend.name, route.model, caller, usage, interrupted=True)
 
     @staticmethod
     def _left_count_by(chain: _Chain, route: Route) -> float:

@@ -19,7 +19,7 @@ from harness import BIN
 from llmrelay import AsyncClient, Client, InvalidArgumentError, NotFoundError
 from llmrelay import v1 as pb
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from support import FAST_ROUTER, OPENAI_TEST_KEY, GatewayFactory, StubFactory, details
+from support import FAST_ROUTER, OPENAI_TEST_KEY, GatewayFactory, StubFactory, details, wait_until
 from upstream import EMBEDDING_DIMENSIONS, FakeUpstream, embedding_vector
 
 DEFAULT = "embedding_model: embed-test"
@@ -349,6 +349,46 @@ async def test_embed_counts_against_requests_tokens_and_budget(
         await stub.Embed(request, timeout=10)
     assert (caught.value.code(), reason(caught.value)) == (grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
     assert len(priced.embedding_requests) == 2
+
+
+@pytest.mark.parametrize("ends", ["cancelled", "deadline"])
+async def test_an_embedding_that_ends_before_its_answer_is_billed_for_its_inputs(
+    stub_for: StubFactory, priced: FakeUpstream, local: FakeUpstream, ends: str
+) -> None:
+    """The upstream read them all the same, as a chat's prompt (which is billed): billed nothing, a caller could have
+    any number of batches read past its tokens a minute and its budget by leaving each call before its answer."""
+    yaml = embedding_backends(priced, local, openai="embedding_model: text-embedding-3-small")
+    stub = await stub_for(yaml, server="limits: {tokens_per_minute: 2500}")
+    request = pb.EmbedRequest(inputs=["water " * 500, "people " * 500])  # 1,000 tokens, 20 micro-USD
+    priced.inject({"stall_s": 10}, {"stall_s": 10})
+    for _ in range(2):
+        call = stub.Embed(request, timeout=1 if ends == "deadline" else 20)
+        await wait_until(lambda: bool(priced.embedding_requests), timeout_s=5)
+        if ends == "cancelled":
+            call.cancel()
+        with pytest.raises((grpc.aio.AioRpcError, asyncio.CancelledError)):
+            await call
+        priced.embedding_requests.clear()
+
+    async def billed() -> list[pb.UsageRecord]:
+        return list((await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records)
+
+    async with asyncio.timeout(5):  # a cancelled call is billed as it ends, after its caller has left
+        while sum(record.requests for record in await billed()) < 2:  # noqa: ASYNC110 (the ledger, no event)
+            await asyncio.sleep(0.05)
+    inputs = [
+        await stub.CountTokens(pb.CountTokensRequest(model="text-embedding-3-small", text=text), timeout=5)
+        for text in request.inputs
+    ]
+    (record,) = await billed()
+    assert (record.model, record.requests, record.interrupted_requests) == ("text-embedding-3-small", 2, 2)
+    assert (record.prompt_tokens, record.completion_tokens, record.estimated_requests) == (
+        2 * sum(count.token_count for count in inputs), 0, 2
+    )  # fmt: skip
+    # The two batches count against the key's tokens a minute: a third is past it.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Embed(request, timeout=10)
+    assert reason(caught.value) == "TOKENS_PER_MINUTE_EXCEEDED"
 
 
 async def test_the_call_log_and_metrics_see_embed(
