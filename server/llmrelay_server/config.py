@@ -1430,8 +1430,10 @@ def _check_price(price: Price, where: str) -> None:
     for f in dataclasses.fields(price):
         value = getattr(price, f.name)
         if value is not None and value > _MAX_USD_PER_MILLION_TOKENS:
+            # Whole, or to its last digit: in six digits (1e+06) a price just over the bound read as the bound.
+            shown = f"{value:,.0f}" if float(value).is_integer() else repr(float(value))
             raise ConfigError(
-                f"{where}.{f.name}: {value:g} USD per million tokens is over {_MAX_USD_PER_MILLION_TOKENS:g}"
+                f"{where}.{f.name}: {shown} USD per million tokens is over {_MAX_USD_PER_MILLION_TOKENS:,.0f}"
                 " (a dollar a token); prices are USD per million tokens"
             )
 

@@ -1226,8 +1226,18 @@ def test_the_digest_of_an_empty_key_is_refused(tmp_path: Path) -> None:
 def test_a_price_no_cost_could_be_kept_at_is_refused(tmp_path: Path, yaml_text: str, field: str) -> None:
     # At such a price one long answer costs more micro-USD than 64 bits hold: its cost could not be sent, nor its
     # record stored in the ledger.
-    with pytest.raises(ConfigError, match=rf"^{field}: .* USD per million tokens is over 1e\+06"):
+    with pytest.raises(ConfigError, match=rf"^{field}: .* USD per million tokens is over 1,000,000 "):
         load(tmp_path, yaml_text)
+
+
+@pytest.mark.parametrize(
+    ("price", "shown"), [("1000001", "1,000,001"), ("1000000.5", "1000000.5"), ("1.5e10", "15,000,000,000")]
+)
+def test_a_price_just_over_the_bound_is_shown_apart_from_it(tmp_path: Path, price: str, shown: str) -> None:
+    """Both were written in six digits: "1e+06 USD per million tokens is over 1e+06"."""
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, f'pricing: {{"m": {{prompt: {price}, completion: 1}}}}\n')
+    assert str(caught.value).startswith(f"pricing.m.prompt: {shown} USD per million tokens is over 1,000,000 (")
 
 
 def test_the_dearest_price_taken_is_a_dollar_a_token(tmp_path: Path) -> None:
