@@ -705,7 +705,8 @@ class Router:
             spec = backend.provider.spec
             if spec.embedding_model and backend.embedder is None:
                 raise ConfigError(
-                    f"backend {spec.name!r}: a {spec.kind} backend cannot serve embeddings; remove its embedding_model"
+                    f"backend {spec.name!r}: a backend of kind {spec.kind} cannot serve embeddings; remove its"
+                    " embedding_model"
                 )
         self.lag = LoopLag()
         self._deadlines = Deadlines()

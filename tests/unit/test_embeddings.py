@@ -271,7 +271,7 @@ def test_without_embedding_models_there_is_no_default() -> None:
 
 def test_a_backend_that_cannot_embed_may_not_be_given_an_embedding_model() -> None:
     providers = [cast(LLMProvider, ChatOnly(spec("other", "e")))]
-    with pytest.raises(ConfigError, match=r"'other'.*cannot serve embeddings"):
+    with pytest.raises(ConfigError, match=r"^backend 'other': a backend of kind \w+ cannot serve embeddings; "):
         Router(providers, config=RouterConfig(), counter=None, ledger=None, prices=None)  # type: ignore[arg-type]
 
 
