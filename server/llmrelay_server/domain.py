@@ -357,7 +357,8 @@ class Attempt:
     upstream_status: int | None = None
     error: str = ""
     started_at: float | None = None
-    """When it began, in Unix time (for traces); None where it never reached a backend (a skipped route)."""
+    """When it began, in Unix time (for traces); None where its backend was never asked (a route passed over: its
+    circuit open, or its context window too small)."""
     quoted: str = ""
     """The upstream's own words in `error` (UpstreamError.quoted)."""
 

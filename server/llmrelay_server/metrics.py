@@ -321,7 +321,7 @@ class Metrics:
         for attempt in attempts:
             backend = self._backends[attempt.backend]
             backend.attempts[attempt.outcome].value += 1
-            if attempt.outcome is not AttemptOutcome.SKIPPED:
+            if attempt.started_at is not None:  # not a route passed over, whose upstream was never asked
                 backend.seconds.observe(attempt.duration_s)
         if len(attempts) > 1:
             self._moves(attempts)

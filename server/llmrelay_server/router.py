@@ -376,8 +376,9 @@ class _Chain:
     def remaining_s(self) -> float:
         return self.deadline - asyncio.get_running_loop().time()
 
-    def record(self, route: Route, outcome: AttemptOutcome, started: float, error: UpstreamError | None) -> None:
-        """An attempt that began at `started` (time.perf_counter()) ended now."""
+    def record(self, route: Route, outcome: AttemptOutcome, started: float | None, error: UpstreamError | None) -> None:
+        """An attempt that began at `started` (time.perf_counter()) ended now; None: a route not tried, whose backend
+        was never asked (its circuit open, its context window too small)."""
         self._listed(route, outcome, started, error)
         if error is not None:
             self.last_error = error
@@ -389,8 +390,10 @@ class _Chain:
             else:
                 self.said_waits[route.backend] = error.retry_after_s
 
-    def _listed(self, route: Route, outcome: AttemptOutcome, started: float, error: UpstreamError | None) -> None:
-        duration_s = max(0.0, time.perf_counter() - started)
+    def _listed(
+        self, route: Route, outcome: AttemptOutcome, started: float | None, error: UpstreamError | None
+    ) -> None:
+        duration_s = 0.0 if started is None else max(0.0, time.perf_counter() - started)
         self.attempts.append(
             Attempt(
                 backend=route.backend.name,
@@ -399,7 +402,7 @@ class _Chain:
                 duration_s=duration_s,
                 upstream_status=error.status if error else None,
                 error=error.message if error else "",
-                started_at=time.time() - duration_s,
+                started_at=None if started is None else time.time() - duration_s,
                 quoted=error.quoted if error else "",
             )
         )
@@ -425,11 +428,11 @@ class _Chain:
         if route.backend in self.failed:
             # This call's own failure opened it: listed, so that the attempts say why it was not retried, but no
             # cause of its own (the failure is), and its wait stays the failure's (`_soonest_s` adds the circuit's).
-            self._listed(route, AttemptOutcome.SKIPPED, time.perf_counter(), skipped)
+            self._listed(route, AttemptOutcome.SKIPPED, None, skipped)
             return
         # A real failure before it names the problem better than the skip does.
         last_error = self.last_error
-        self.record(route, AttemptOutcome.SKIPPED, time.perf_counter(), skipped)
+        self.record(route, AttemptOutcome.SKIPPED, None, skipped)
         self.last_error = last_error or skipped
 
     def stream_ended(self, outcome: AttemptOutcome, error: str = "", failure: UpstreamError | None = None) -> None:
@@ -1290,7 +1293,7 @@ class Router:
                 route.backend.name,
                 f"not tried: its context window is no larger than {chain.too_long_for} tokens, which was too small",
             )
-            chain.record(route, AttemptOutcome.CONTEXT_LENGTH_EXCEEDED, time.perf_counter(), too_long)
+            chain.record(route, AttemptOutcome.CONTEXT_LENGTH_EXCEEDED, None, too_long)
             return None
         first_chunk_s = self._config.first_chunk_timeout_s
         for retry in range(self._config.retry.max_retries + 1):

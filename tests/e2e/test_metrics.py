@@ -4,6 +4,7 @@ matches the sequence exactly, in the names existing dashboards use."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import struct
@@ -24,7 +25,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from support import GatewayFactory, chat, stream_chat, two_backends, wait_until
+from support import OPENAI_TEST_KEY, GatewayFactory, chat, stream_chat, two_backends, wait_until
 from upstream import FakeUpstream
 
 COMPLETE = {"grpc_type": "unary", "grpc_service": "llmrelay.v1.LLMService", "grpc_method": "Complete"}
@@ -267,6 +268,36 @@ async def test_a_retry_its_circuit_skipped_is_no_retry_but_the_fallback_after_it
     samples = await scrape(gateway.metrics.port)
     assert value(samples, "llmrelay_fallbacks_total", backend="openai", reason="server_error") == 1
     assert value(samples, "llmrelay_retries_total", backend="openai", reason="server_error") == 0
+
+
+async def test_a_route_not_tried_is_counted_but_not_timed_as_an_attempt(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """A fallback whose context window is no larger than one the prompt was too long for is passed over, as a route
+    whose circuit is open is: its outcome is counted, but llmrelay_upstream_attempt_seconds (the time an attempt at
+    the upstream took) had a 0 s attempt at an upstream that was never asked."""
+    gateway = await gateway_factory(
+        f"""
+llm:
+  openai: {{api_key: "{OPENAI_TEST_KEY}", base_url: "{primary.base_url}", model: gpt-test, context_window: 8000}}
+  ollama: {{base_url: "{local.base_url}", model: tiny, context_window: 4000}}
+router: {{retry: {{max_retries: 0}}}}
+""",
+        server='metrics_listen: "127.0.0.1:0"',
+    )
+    assert gateway.metrics is not None and gateway.metrics.port is not None
+    too_long = {"error": {"message": "too long", "code": "context_length_exceeded"}}
+    primary.inject({"status": 400, "body": json.dumps(too_long)})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await pb.LLMServiceStub(channel).Complete(chat(), timeout=5)
+    assert "ollama/tiny: not tried" in (refused.value.details() or "")
+    assert not local.chat_requests
+    samples = await scrape(gateway.metrics.port)
+    outcome = "context_length_exceeded"
+    assert value(samples, "llmrelay_upstream_attempts_total", backend="ollama", outcome=outcome) == 1
+    assert value(samples, "llmrelay_upstream_attempt_seconds_count", backend="ollama") == 0
+    assert value(samples, "llmrelay_upstream_attempt_seconds_count", backend="openai") == 1
 
 
 async def test_a_restart_is_not_also_a_fallback(
