@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 
 from llmrelay_server.config import AuthConfig, ConfigError, TLSConfig, shown_path
+from llmrelay_server.health import SERVICE_NAME
 
 log = logging.getLogger("llmrelay_server.tls")
 
@@ -54,11 +55,26 @@ def exposure_warnings(address: str, tls: TLSConfig | None, auth: AuthConfig) -> 
             " plaintext; set server.tls (cert_file, key_file) or listen on 127.0.0.1"
         )
     # Under mutual TLS only holders of a client certificate get in, so no keys is not an open door.
-    if not auth.keys and not auth.keys_file and (tls is None or not tls.client_ca_file):
+    if tls is not None and tls.client_ca_file:
+        return warnings
+    if not auth.keys and not auth.keys_file:
         warnings.append(
             f"NOT SECURE: serving on {address} with no caller keys: anyone who can reach the port can call the models"
             " on this gateway's upstream credentials; set auth.keys or auth.keys_file, or listen on 127.0.0.1"
         )
+        return warnings
+    for entry in auth.open_services:
+        service, _, method = entry.partition("/")
+        if service == SERVICE_NAME and method != "Health":  # its Health is open by default, for probes
+            exposed = (
+                "read every caller's usage"
+                if method == "GetUsage"
+                else "call the models on this gateway's upstream credentials"
+            )
+            warnings.append(
+                f"NOT SECURE: serving on {address} with auth.open_services opening {entry} to callers without a key:"
+                f" anyone who can reach the port can {exposed}; take it out of auth.open_services"
+            )
     return warnings
 
 

@@ -26,7 +26,7 @@ from harness import clean_env, spawn_gateway
 from llmrelay import v1 as pb
 from llmrelay_server import tls as tls_module
 from llmrelay_server.app import Gateway, start_gateway
-from llmrelay_server.config import AuthConfig, ConfigError, TLSConfig, load_config
+from llmrelay_server.config import DEFAULT_OPEN_SERVICES, AuthConfig, ConfigError, TLSConfig, load_config
 from llmrelay_server.tls import EXPIRY_WARNING_S, ServedCertificate, exposure_warnings
 from llmrelay_server.workers import ListenError
 from support import GatewayFactory, chat, two_backends, wait_until
@@ -523,6 +523,7 @@ async def test_a_loopback_listener_does_not_warn(
 TLS = TLSConfig(cert_file="server.pem", key_file="server.key")
 MUTUAL = TLSConfig(cert_file="server.pem", key_file="server.key", client_ca_file="clients.pem")
 OPEN = AuthConfig()
+OPENED = (*DEFAULT_OPEN_SERVICES, "llmrelay.v1.LLMService/GetUsage", "llmrelay.v1.LLMService")
 
 
 @pytest.mark.parametrize(
@@ -540,8 +541,24 @@ OPEN = AuthConfig()
         ("10.0.0.5:50051", None, AuthConfig(keys_file="keys.yaml"), ["without TLS"]),
         # Client certificates keep out whoever has none.
         ("10.0.0.5:50051", MUTUAL, OPEN, []),
+        # Keys, but the model calls or the ledger open to callers without one.
+        ("10.0.0.5:50051", TLS, AuthConfig(keys_file="keys.yaml", open_services=OPENED), ["opening", "opening"]),
+        ("127.0.0.1:50051", None, AuthConfig(keys_file="keys.yaml", open_services=OPENED), []),
+        ("10.0.0.5:50051", MUTUAL, AuthConfig(keys_file="keys.yaml", open_services=OPENED), []),
     ],
 )
 def test_what_a_listener_exposes(address: str, tls: TLSConfig | None, auth: AuthConfig, exposed: list[str]) -> None:
     warnings = exposure_warnings(address, tls, auth)
-    assert [phrase for w in warnings for phrase in ("without TLS", "no caller keys") if phrase in w] == exposed
+    phrases = ("without TLS", "no caller keys", "opening")
+    assert [phrase for w in warnings for phrase in phrases if phrase in w] == exposed
+
+
+def test_opening_what_keys_guard_says_what_anyone_may_then_do() -> None:
+    """Opened by mistake, GetUsage showed every caller's usage to anyone, and the models served anyone, keys or not,
+    with no word at start."""
+    auth = AuthConfig(keys_file="keys.yaml", open_services=OPENED)
+    usage, models = exposure_warnings("10.0.0.5:50051", TLS, auth)
+    assert "opening llmrelay.v1.LLMService/GetUsage to callers without a key" in usage
+    assert "can read every caller's usage; take it out of auth.open_services" in usage
+    assert "opening llmrelay.v1.LLMService to callers without a key" in models
+    assert "can call the models on this gateway's upstream credentials" in models
