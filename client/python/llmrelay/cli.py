@@ -492,6 +492,9 @@ def _not_serving_because(report: pb.HealthResponse) -> str:
 
 
 def _usage(client: Client, args: argparse.Namespace) -> None:
+    if args.since is not None and args.until is not None and args.until < args.since:
+        # Said in the options' words: the gateway's would name the request's fields (end_time, start_time).
+        sys.exit("llmrelay usage: --until is before --since: give the earlier time to --since")
     request = pb.GetUsageRequest(backend=args.backend, model=args.model, caller=args.caller)
     if args.since is not None:
         request.start_time.FromDatetime(args.since)
