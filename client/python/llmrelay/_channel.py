@@ -181,7 +181,35 @@ def target_problem(target: str) -> str | None:
     if target.lower().startswith(("http://", "https://")):
         # gRPC would resolve it as a host name, fail every call "Misformatted domain name", and be told TLS.
         return "a gRPC target is HOST:PORT (or dns:, unix:, ...), not an http:// or https:// URL"
+    if any(int(port) > 65535 for port in _target_ports(target)):
+        # gRPC's core takes the port modulo 65536: 102775 connected to 37239, another server, sent the caller's key.
+        return "its port is not a number from 0 to 65535"
     return None
+
+
+def _target_ports(target: str) -> list[str]:
+    """The ports, as written in decimal, of the addresses a HOST:PORT, [V6]:PORT, dns: or ipv4:/ipv6: target names
+    (none for a Unix socket, or an address without one)."""
+    scheme, colon, rest = target.partition(":")
+    if colon and scheme.lower() == "dns":
+        addresses = [rest.removeprefix("//").partition("/")[2] if rest.startswith("//") else rest]
+    elif colon and scheme.lower() in ("ipv4", "ipv6"):
+        addresses = rest.split(",")
+    elif colon and scheme.lower() in _LOCAL_SCHEMES:
+        addresses = []
+    else:
+        addresses = [target]
+    ports = []
+    for address in addresses:
+        if address.startswith("["):
+            port = address.partition("]")[2].removeprefix(":")
+        elif address.count(":") == 1:
+            port = address.partition(":")[2]
+        else:
+            continue  # no port, or an IPv6 address bare
+        if port.isascii() and port.isdigit():
+            ports.append(port)
+    return ports
 
 
 def root_certificates_problem(pem: bytes | None) -> str | None:

@@ -116,6 +116,27 @@ def test_a_url_for_a_target_is_refused_unechoed(target: str) -> None:
         assert "secret" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "target",
+    ["127.0.0.1:102775", "[::1]:70000", "dns:///gw.example:65536", "dns://8.8.8.8/gw.example:99999",
+     "ipv4:127.0.0.1:50051,127.0.0.1:70000"],
+)  # fmt: skip
+def test_a_port_past_65535_is_refused(target: str) -> None:
+    """gRPC's core takes it modulo 65536: 127.0.0.1:102775 connected to port 37239, a server of another's, and the
+    caller's key went with each call."""
+    for make in (Client, AsyncClient):
+        with pytest.raises(ValueError, match=r"^target: its port is not a number from 0 to 65535$"):
+            make(target)
+
+
+@pytest.mark.parametrize(
+    "target", ["127.0.0.1:65535", "[::1]:50051", "dns:///gw.example:443", "unix:/run/llmrelay:70000", "::1", "gw"]
+)
+def test_a_target_whose_ports_are_in_range_or_has_none_is_taken(target: str) -> None:
+    with Client(target, tls=False) as client:
+        assert client.target == target
+
+
 def test_the_client_decides_by_the_rule() -> None:
     with Client("127.0.0.1:1") as local, Client("llm.example.com:443") as remote, Client("h:1", tls=False) as forced:
         assert (local.uses_tls, remote.uses_tls, forced.uses_tls) == (False, True, False)
