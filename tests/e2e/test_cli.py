@@ -9,6 +9,8 @@ import hashlib
 import os
 import re
 import signal
+import subprocess
+import sys
 from asyncio.subprocess import PIPE
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -213,6 +215,28 @@ def test_a_url_for_a_target_is_a_mistake_in_the_options(
         " https:// URL"
     )
     assert "S3CR3T" not in err
+
+
+_INTERRUPTED_AS_THE_CLI_LOADS = """
+import importlib.abc, sys
+
+class Interrupted(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "llmrelay.cli":
+            raise KeyboardInterrupt  # Ctrl-C while it loads, the SDK and grpc with it (most of a short command's time)
+
+sys.meta_path.insert(0, Interrupted())
+from llmrelay_command import main
+main()
+"""
+
+
+def test_ctrl_c_as_the_command_loads_ends_quietly() -> None:
+    """It printed a KeyboardInterrupt's traceback: the command's own handling of Ctrl-C was not loaded yet."""
+    done = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_AS_THE_CLI_LOADS], capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stderr) == (130, "")
 
 
 async def test_ctrl_c_while_reading_standard_input_ends_quietly() -> None:

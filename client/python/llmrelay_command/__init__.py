@@ -2,6 +2,8 @@
 GRPC_VERBOSITY as it loads, so no code in the package runs early enough to set it."""
 
 import os
+import signal
+import sys
 
 
 def main() -> None:
@@ -9,6 +11,10 @@ def main() -> None:
     # the command's own error, for a gateway without TLS or a wrong CA. Its errors still show; a GRPC_VERBOSITY the
     # user set wins.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    from llmrelay.cli import main as command
-
+    try:
+        from llmrelay.cli import main as command
+    except KeyboardInterrupt:
+        # Ctrl-C while the SDK and grpc load (most of a short command's time): quietly, with the status a shell gives
+        # a command that SIGINT ended, as the command says it once loaded; not a traceback of wherever the import was.
+        sys.exit(128 + signal.SIGINT)
     command()
