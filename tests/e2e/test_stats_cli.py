@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import http.server
+import io
 import os
 import re
 import signal
@@ -125,6 +126,40 @@ def test_stats_says_when_there_is_no_endpoint(once: list[str]) -> None:
     )
     with pytest.raises(SystemExit, match=hint):
         main(["stats", "--metrics", "http://127.0.0.1:9/metrics", *once])
+
+
+def test_ctrl_c_ends_the_live_view_cleanly_but_a_snapshot_as_interrupted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`stats --once` cut short printed nothing and exited 0: a script took the nothing for a snapshot."""
+
+    def interrupted(url: str) -> cli.Samples:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "scrape", interrupted)
+    with pytest.raises(SystemExit) as ended:
+        main(["stats", "--metrics", "http://127.0.0.1:9/metrics", "--once"])
+    assert ended.value.code == 128 + signal.SIGINT
+    main(["stats", "--metrics", "http://127.0.0.1:9/metrics"])  # the live view's end, as top's: no error
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_first_scrapes_error_reaches_a_terminal_with_its_control_characters_escaped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An HTTP reason phrase's escape sequence (one that retitles the terminal) was written raw, where the live
+    view's refreshes escaped the same error."""
+
+    def failed(url: str) -> cli.Samples:
+        raise cli.ScrapeError("cannot read http://127.0.0.1:9/metrics: HTTP 500 Bad\x1b]0;pwned\x07 thing")
+
+    monkeypatch.setattr(cli, "scrape", failed)
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    with pytest.raises(SystemExit) as ended:
+        main(["stats", "--metrics", "http://127.0.0.1:9/metrics", "--once"])
+    assert ended.value.code == "llmrelay: cannot read http://127.0.0.1:9/metrics: HTTP 500 Bad\\x1b]0;pwned\\x07 thing"
 
 
 @pytest.mark.parametrize("url", ["http://admin:S3CRET@127.0.0.1:9/metrics", "http://admin:S3CRET@[::1/metrics"])

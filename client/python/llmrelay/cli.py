@@ -82,8 +82,12 @@ def _main(argv: Sequence[str] | None) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     if args.run is _stats:  # reads the metrics endpoint, not the gRPC service
-        with contextlib.suppress(KeyboardInterrupt):
+        try:
             _stats(args)
+        except KeyboardInterrupt:
+            if args.once:  # not done: a script must not take it for a snapshot
+                raise
+            # Ctrl-C is how the live view ends: a clean end.
         return
     client = _client(args)
     try:
@@ -835,7 +839,7 @@ def _stats(args: argparse.Namespace) -> None:
     try:
         before, at = scrape(args.metrics), time.monotonic()
     except ScrapeError as exc:  # the first scrape: the URL is likely wrong, and a live view would show nothing
-        sys.exit(f"llmrelay: {exc}")
+        sys.exit(_shown(f"llmrelay: {exc}", sys.stderr))
     if args.once:
         print(render_stats(before))
         return
