@@ -19,11 +19,11 @@ from llmrelay_server.workers import ListenError, Supervisor, WorkerRole
 
 
 def main(argv: list[str] | None = None) -> None:
-    _open_missing_standard_streams()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["keys"]:
-        keys(argv[1:])
+        keys(argv[1:])  # with the streams it was given: a key shown to a closed stdout is shown to no one
         return
+    _open_missing_standard_streams()
     parser = argparse.ArgumentParser(
         prog="llmrelay-server",
         description="The llmrelay gRPC gateway. `llmrelay-server keys new NAME` makes a caller key.",
@@ -137,15 +137,26 @@ def keys(argv: list[str]) -> None:
         check_key_name(args.name)
     except ConfigError as exc:
         sys.exit(f"llmrelay-server keys: {exc}")
+    if sys.stdout is None:  # started with it closed (`>&-`)
+        sys.exit("llmrelay-server keys: standard output is closed: the key would be shown to no one")
     key, sha256 = new_key()
+    try:
+        _show_key(args.name, key, sha256)
+        sys.stdout.flush()
+    except OSError as exc:  # a reader gone (BrokenPipeError), a full disk: the key not shown whole, and kept nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python would flush again as it exits
+        sys.exit(f"llmrelay-server keys: the key could not be written out ({exc.strerror}): make another")
+
+
+def _show_key(name: str, key: str, sha256: str) -> None:
     # The name quoted: plain, YAML reads some names as something else (0123 as 83, 12:30 as 750, 1_000 as 1000), the
     # caller then billed under that, and cannot read others at all (@ops).
-    print(f"""# The key for {args.name}, shown this once: give it to the caller (as `authorization: Bearer KEY`).
+    print(f"""# The key for {name}, shown this once: give it to the caller (as `authorization: Bearer KEY`).
 # The gateway keeps only its SHA-256; a lost key is replaced, not recovered.
 {key}
 
 # Add this entry to auth.keys in the configuration, or to the keys file (LLMRELAY_KEYS_FILE):
-  - name: "{args.name}"
+  - name: "{name}"
     sha256: "{sha256}"
     # models: ["ollama/*"]           # optional: the model patterns it may use
     # limits: {{requests_per_minute: 600, tokens_per_minute: 200000, budget_usd_per_day: 50}}""")

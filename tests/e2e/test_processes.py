@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sqlite3
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -561,6 +562,28 @@ async def test_a_key_made_by_keys_new_admits_its_caller_and_sighup_rereads_the_k
         await server.process.wait()
     log = await server.output()
     assert key not in log and "Traceback" not in log
+
+
+@pytest.mark.parametrize("stdout", ["closed", "a reader gone", "a full disk"])
+def test_keys_new_says_when_its_key_cannot_be_shown(stdout: str) -> None:
+    """Closed, it exited 0 having shown the key to no one (/dev/null in its place); a reader gone or a full disk ended
+    it with a traceback. The key is kept nowhere: one not shown whole must be made again."""
+    command = [str(BIN / "llmrelay-server"), "keys", "new", "team-a"]
+    if stdout == "closed":
+        done = subprocess.run(command, stdout=None, stderr=subprocess.PIPE, text=True, env=clean_env(),
+                              pass_fds=(), preexec_fn=lambda: os.close(1), timeout=60)  # fmt: skip
+        said = "standard output is closed: the key would be shown to no one"
+    elif stdout == "a reader gone":
+        read, write = os.pipe()
+        os.close(read)
+        with os.fdopen(write, "w") as pipe:
+            done = subprocess.run(command, stdout=pipe, stderr=subprocess.PIPE, text=True, env=clean_env(), timeout=60)
+        said = "the key could not be written out (Broken pipe): make another"
+    else:
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, env=clean_env(), timeout=60)
+        said = "the key could not be written out (No space left on device): make another"
+    assert (done.returncode, done.stderr) == (1, f"llmrelay-server keys: {said}\n")
 
 
 async def test_sighup_without_a_keys_file_says_that_it_reloads_nothing(server: GatewayProcess) -> None:
