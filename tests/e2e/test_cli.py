@@ -463,6 +463,23 @@ async def test_a_reader_gone_ends_the_command_quietly(gateway: Gateway, command:
     assert (process.returncode, err.decode()) == (128 + signal.SIGPIPE, "")
 
 
+@pytest.mark.parametrize("command", [["complete", "hi"], ["stream", "one two three"], ["health"]])
+async def test_output_that_cannot_be_written_ends_the_command_in_one_line(gateway: Gateway, command: list[str]) -> None:
+    """`> /dev/full` (a full disk): it ended with an OSError's traceback."""
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            BIN / "llmrelay", "--target", f"127.0.0.1:{gateway.port}", *command, stdout=full, stderr=PIPE
+        )
+    finally:
+        os.close(full)
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert (process.returncode, err.decode().splitlines()[-1:]) == (
+        1, ["llmrelay: cannot write its output: No space left on device"]
+    )  # fmt: skip
+    assert "Traceback" not in err.decode()
+
+
 async def test_an_answer_a_terminal_cannot_encode_is_written_escaped(gateway: Gateway) -> None:
     """In an ASCII locale (or PYTHONIOENCODING=ascii) a CJK answer ended the command with a UnicodeEncodeError's
     traceback, the rest of the answer lost."""

@@ -6,6 +6,7 @@ import argparse
 import base64
 import contextlib
 import datetime
+import errno
 import http.client
 import io
 import json
@@ -78,6 +79,16 @@ def _main(argv: Sequence[str] | None) -> None:
         # SIGPIPE ended, as command-line tools do. Python would flush stdout again as it exits, and fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(128 + signal.SIGPIPE)
+    except OSError as exc:
+        if exc.errno not in _WRITE_FAILURES:
+            raise
+        # Its output could not be written (`> /dev/full`, a full disk, a failing device): one line, not a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(f"llmrelay: cannot write its output: {exc.strerror}")
+
+
+_WRITE_FAILURES: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+"""What a write to a file or a device fails with, beside a reader gone (EPIPE)."""
 
 
 def _run(args: argparse.Namespace) -> None:
