@@ -8,8 +8,10 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math/big"
 	"reflect"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 	"unicode"
@@ -540,10 +542,11 @@ func (s *shape) check(value json.RawMessage, path string) error {
 func (s *shape) problems(value json.RawMessage, path string, problems *[]string) {
 	if s.json != "" {
 		got := jsonType(value)
-		if s.json == "an integer" && got == "a number" && bytes.ContainsAny(value, ".eE") {
-			got = string(bytes.TrimSpace(value)) // 1.5, or 3.0, which encoding/json decodes into no int either
-		} else if s.json == "an integer" && got == "a number" {
+		if s.json == "an integer" && got == "a number" {
 			got = s.json
+			if _, whole := wholeNumber(value); !whole {
+				got = string(bytes.TrimSpace(value)) // 1.5
+			}
 		}
 		if got != s.json {
 			*problems = append(*problems, at(path, fmt.Sprintf("expected %s, got %s", s.json, got)))
@@ -674,6 +677,91 @@ func shownValue(value json.RawMessage) string {
 	default:
 		return kind
 	}
+}
+
+// wholeNumber is whether value, a JSON number, is a whole one (3, 3.0, 1e2, as the Python and TypeScript SDKs take
+// an integer, and JSON Schema's "integer"), and, where it is written with a fraction or an exponent that
+// encoding/json refuses for an integer's field, the same number as an integer's text (nil where it needs no
+// rewriting, or is past 64 bits, which the decoder then refuses).
+func wholeNumber(value json.RawMessage) (json.RawMessage, bool) {
+	text := string(bytes.TrimSpace(value))
+	if !strings.ContainsAny(text, ".eE") {
+		return nil, true
+	}
+	// At 256 bits, a fraction within some 70 digits of the number shows (3.000...01 is no whole number); the exponent
+	// is applied at that precision, not written out (1e999999999 takes no gigabyte).
+	number, _, err := big.ParseFloat(text, 10, 256, big.ToNearestEven)
+	if err != nil || !number.IsInt() {
+		return nil, false
+	}
+	if whole, accuracy := number.Int64(); accuracy == big.Exact {
+		return json.RawMessage(strconv.FormatInt(whole, 10)), true
+	}
+	if whole, accuracy := number.Uint64(); accuracy == big.Exact {
+		return json.RawMessage(strconv.FormatUint(whole, 10)), true
+	}
+	return nil, true
+}
+
+// wholeNumbers is value, which check has passed, with every whole number at an integer's place written as an
+// integer (wholeNumber), for encoding/json to decode; nil where nothing needs rewriting.
+func (s *shape) wholeNumbers(value json.RawMessage) json.RawMessage {
+	if s.json == "an integer" {
+		rewritten, _ := wholeNumber(value)
+		return rewritten
+	}
+	switch s.kind {
+	case reflect.Struct, reflect.Map:
+		var object map[string]json.RawMessage
+		if json.Unmarshal(value, &object) != nil {
+			return nil
+		}
+		changed := false
+		for key, item := range object {
+			itemShape := s.items
+			if s.kind == reflect.Struct {
+				itemShape = nil
+				for _, property := range s.properties {
+					if property.name == key && !property.quoted { // a quoted value is JSON in a string
+						itemShape = property.shape
+					}
+				}
+			}
+			if itemShape != nil && !isNull(item) {
+				if rewritten := itemShape.wholeNumbers(item); rewritten != nil {
+					object[key], changed = rewritten, true
+				}
+			}
+		}
+		if changed {
+			return marshalled(object)
+		}
+	case reflect.Slice, reflect.Array:
+		var items []json.RawMessage
+		if json.Unmarshal(value, &items) != nil {
+			return nil
+		}
+		changed := false
+		for i, item := range items {
+			if !isNull(item) {
+				if rewritten := s.items.wholeNumbers(item); rewritten != nil {
+					items[i], changed = rewritten, true
+				}
+			}
+		}
+		if changed {
+			return marshalled(items)
+		}
+	}
+	return nil
+}
+
+func marshalled(value any) json.RawMessage {
+	text, err := json.Marshal(value)
+	if err != nil {
+		return nil
+	}
+	return text
 }
 
 // itemProblems checks an array's item or a map's value, which has no name to be required under: null is refused

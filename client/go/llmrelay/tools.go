@@ -197,6 +197,9 @@ func decodeArguments[Args any](arguments json.RawMessage, shape *shape) (Args, e
 	if err := shape.check(arguments, ""); err != nil {
 		return args, err
 	}
+	if rewritten := shape.wholeNumbers(arguments); rewritten != nil {
+		arguments = rewritten // 3.0 for an int, which encoding/json refuses: 3
+	}
 	decoder := json.NewDecoder(bytes.NewReader(arguments))
 	decoder.DisallowUnknownFields()
 	if err := decoder.Decode(&args); err != nil {

@@ -394,6 +394,7 @@ func TestNewToolHoldsTheArgumentsToTheirEnums(t *testing.T) {
 	cases := []struct{ arguments, want string }{
 		{`{"unit": "celsius", "days": 3, "scale": 1.50, "ratio": "1.50", "level": "high"}`, "celsius 3 1.5 1.5 1"},
 		{`{"unit": "fahrenheit", "scale": null, "ratio": "5e-1"}`, "fahrenheit 0 0 0.5 0"},
+		{`{"unit": "celsius", "days": 7.0}`, "celsius 7 0 0 0"}, // a whole number, as encoding/json does not read it
 		{`{"unit": "kelvin"}`, `unit: expected one of "celsius", "fahrenheit", got "kelvin"`},
 		{`{"unit": "celsius", "days": 2, "scale": 1e0, "ratio": "2", "level": "middling"}`,
 			`days: expected one of 1, 3, 7, got 2; scale: expected one of 1.5, 2, got 1; ` +
@@ -412,6 +413,31 @@ func TestNewToolHoldsTheArgumentsToTheirEnums(t *testing.T) {
 		}
 		if result.GetContent() != want {
 			t.Errorf("arguments %s: %q, want %q", cases[i].arguments, result.GetContent(), want)
+		}
+	}
+}
+
+// A whole number written with a fraction or an exponent (3.0, 1e2) is an integer, as the Python and TypeScript SDKs
+// take it and JSON Schema's "integer" says, at any depth: it was refused ("expected an integer, got 3.0"), as
+// encoding/json refuses it for an int.
+func TestNewToolTakesWholeNumbersWrittenAsDecimalsForIntegers(t *testing.T) {
+	tool := mustTool(t)(llmrelay.NewTool("path", "", func(_ context.Context, args pathArgs) (string, error) {
+		named := args.Named["a"]
+		return fmt.Sprintf("%d %d %d %v %d %d", args.Start.X, args.Steps, args.Via[0].X, args.Size, named.X,
+			args.Weight), nil
+	}))
+	results := llmrelay.RunToolCalls(context.Background(), []llmrelay.Tool{tool}, []*llmrelayv1.ToolCall{
+		call("1", "path", `{"start": {"x": 3.0}, "end": null, "steps": 1e2, "weight": "2", "notes": 2.5, `+
+			`"via": [{"x": -4.00}], "size": [5E0, 0.6e1], "named": {"a": {"x": 70e-1}}}`),
+		call("2", "path", `{"start": {"x": 3.000000000000000000001}, "end": null, "steps": 1.5e0, "weight": "2", `+
+			`"notes": null}`),
+	})
+	want := []string{"3 100 -4 [5 6] 7 2", `error: tool "path" cannot take the arguments {"start": {"x": ` +
+		`3.000000000000000000001}, "end": null, "steps": 1.5e0, "weight": "2", "notes": null}: start.x: expected an ` +
+		`integer, got 3.000000000000000000001; steps: expected an integer, got 1.5e0`}
+	for i, result := range results {
+		if result.GetContent() != want[i] {
+			t.Errorf("result %d: %q, want %q", i, result.GetContent(), want[i])
 		}
 	}
 }
