@@ -672,6 +672,23 @@ async def test_a_handshake_that_never_ends_is_a_connect_timeout(pool: Http1Pool)
     assert_drained(pool)
 
 
+async def _reset_as_tls_begins(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read(10)  # a piece of the ClientHello, then the connection closes under it
+    writer.transport.abort()
+
+
+async def test_a_connection_reset_as_tls_begins_says_so(pool: Http1Pool) -> None:
+    """The reset has no words of its own (ConnectionResetError()): the caller read "cannot connect to https://...: "."""
+    async with RawServer(_reset_as_tls_begins) as server:
+        with pytest.raises(httpx2.ConnectError) as refused:
+            await pool.post(Http1Target(server.url("https")), b"{}", 5)
+        assert str(refused.value) == (
+            f"cannot connect to https://127.0.0.1:{server.port}: the connection closed as it was being made (its TLS"
+            " handshake)"
+        )
+    assert_drained(pool)
+
+
 async def test_an_upstream_that_does_not_answer_in_time_is_a_read_timeout(fake: CountingUpstream) -> None:
     pool = Http1Pool(LIMITS)
     fake.inject({"stall_s": 3}, {"trickle_s": 3})

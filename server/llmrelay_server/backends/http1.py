@@ -340,7 +340,12 @@ class Http1Pool:
             raise httpx2.ConnectTimeout(f"no connection to {_where(target)}{via} in {connect_s:g} s") from exc
         except OSError as exc:  # refused, unreachable, a name not found, a certificate refused (ssl.SSLError)
             self._free_slot()
-            raise httpx2.ConnectError(f"cannot connect to {_where(target)}: {exc}") from exc
+            via = f" through the proxy {target.proxy}" if target.proxy is not None else ""
+            # A connection reset as TLS began (by the upstream, or the proxy's tunnel to it) has no words of its own.
+            why = str(exc) or (
+                "the connection closed as it was being made" + (" (its TLS handshake)" if target.ssl else "")
+            )
+            raise httpx2.ConnectError(f"cannot connect to {_where(target)}{via}: {why}") from exc
         except BaseException:
             self._free_slot()
             raise
