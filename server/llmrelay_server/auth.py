@@ -189,6 +189,8 @@ class KeyRing:
         self._watcher: asyncio.Task[None] | None = None
         self._reloads: set[asyncio.Future[None]] = set()
         """The re-reads running or waiting, and the catching up with the spend of calls in progress at one."""
+        self._stopped = False
+        """Set by stop(): a SIGHUP as the gateway stops reads nothing, to put in force over a ledger being closed."""
         self._waiting: asyncio.Future[None] | None = None
         """The re-read waiting for the running one to end, if any: every reload asked meanwhile is that one."""
         self._reloading = asyncio.Lock()
@@ -217,6 +219,8 @@ class KeyRing:
         in flight must not wait out), then puts it in force. A broken file (an empty one too: see load_keys_file)
         keeps the keys in force and says why, once per change of the file. Reloads asked while one runs are merged
         into one that follows it: a burst of SIGHUPs reads the file twice at most, not once each."""
+        if self._stopped:
+            return
         if self._file is None:
             # Only SIGHUP asks then, sent by an operator who may expect an edited configuration to be in force.
             log.warning(
@@ -245,16 +249,18 @@ class KeyRing:
         names: frozenset[str],
         catch_up: Callable[[frozenset[str]], Awaitable[None]],
     ) -> None:
-        """Once `calls` have ended, the limits caught up again with what the named keys spent today: what those of
-        them that were the keys' own were billed, which no reservation counted."""
-        await asyncio.wait(calls)
+        """The limits caught up again with what the named keys spent today, which no reservation counted: at once,
+        for the calls of theirs that ended while the reload read it; and once `calls` have ended, for theirs."""
         await catch_up(names)
-        log.info(
-            "keys file %s: the %d calls in progress when it gave %s a daily budget have ended; their spend counts",
-            self._file,
-            len(calls),
-            ", ".join(sorted(names)),
-        )
+        if calls:
+            await asyncio.wait(calls)
+            await catch_up(names)
+            log.info(
+                "keys file %s: the %d calls in progress when it gave %s a daily budget have ended; their spend counts",
+                self._file,
+                len(calls),
+                ", ".join(sorted(names)),
+            )
 
     async def _reload(self) -> None:
         async with self._reloading:  # one at a time: a later read is put in force after an earlier one
@@ -275,12 +281,17 @@ class KeyRing:
             log.warning("keys file not reloaded, the keys in force stay: %s", error)
             return
         given = _budgeted((*self._configured, *keys)) - self.budgeted()
-        if given and self.catch_up_budgets is not None:
-            uncounted = self.calls_in_progress()
-            await self.catch_up_budgets(given)  # before the keys are in force: none of their calls passes unseen
-            if uncounted:
-                self._track(self._catch_up_after(uncounted, given, self.catch_up_budgets))
+        catch_up = self.catch_up_budgets if given else None
+        if catch_up is not None:
+            before = self.calls_in_progress()
+            await catch_up(given)  # before the keys are in force: none of their calls passes unseen
+            # Calls that began while it read (a ledger of millions of rows takes seconds) began under the keys still
+            # in force, reserving nothing: those ended already are counted by a read again at once, those still going
+            # as those before it, once they end. No await from here to the keys' swap.
+            uncounted = {*before, *self.calls_in_progress()}
         self._by_digest, self._names = callers, frozenset(key.name for key in (*self._configured, *keys))
+        if catch_up is not None:
+            self._track(self._catch_up_after(uncounted, given, catch_up))
         if not self._by_digest:
             # Meant (`keys: []`) or not, every call that needs a key is refused from now on: an operator must hear.
             log.warning("keys file %s reloaded: no keys in force, every call that needs a key is refused", self._file)
@@ -296,6 +307,7 @@ class KeyRing:
         self._watcher = asyncio.create_task(self._watch(), name="llmrelay-keys-file")
 
     async def stop(self) -> None:
+        self._stopped = True
         tasks = [*self._reloads, *([self._watcher] if self._watcher is not None else [])]
         for task in tasks:
             task.cancel()

@@ -737,6 +737,7 @@ class KeyedByAFile(NamedTuple):
     """Gives the key a daily budget of so many USD, by a reload of the file."""
     channel: grpc.aio.Channel
     stub: pb.LLMServiceAsyncStub
+    gateway: Gateway
 
 
 @pytest.fixture
@@ -760,13 +761,13 @@ async def keyed_by_a_file(
         gateway.keys.reload()
         await logged(caplog, "reloaded: 1 keys in force")
 
-    return KeyedByAFile(reload_budget, channel, stub)
+    return KeyedByAFile(reload_budget, channel, stub, gateway)
 
 
 async def test_a_budget_a_reload_gives_counts_what_the_key_spent_today(keyed_by_a_file: KeyedByAFile) -> None:
     """As a restart with that keys file and ledger does (above): no limiter counted the key's spend while it had no
     budget, so counted from the reload on, 15,000 micro-USD spent of a budget of 13,500 admitted 4 calls more."""
-    reload_budget, channel, stub = keyed_by_a_file
+    reload_budget, channel, stub, _ = keyed_by_a_file
     call = chat("x y", model="gpt-test", exact_model=True, options=pb.CompletionOptions(max_tokens=3))  # 3,000
     async with channel:
         for _ in range(5):
@@ -783,7 +784,7 @@ async def test_a_budget_a_reload_gives_counts_what_the_keys_calls_in_progress_th
 ) -> None:
     """Streams begun before the key had a budget reserved none of it, and were billed to the ledger alone: counted
     once they end, as a restart after them would, not left out (the key then spent its whole budget on top)."""
-    reload_budget, channel, stub = keyed_by_a_file
+    reload_budget, channel, stub, _ = keyed_by_a_file
     exactly = {"model": "gpt-test", "exact_model": True, "options": pb.CompletionOptions(max_tokens=3)}  # 3,000
     primary.inject(*[{"trickle_s": 0.2}] * 3)
     async with channel:
@@ -801,6 +802,39 @@ async def test_a_budget_a_reload_gives_counts_what_the_keys_calls_in_progress_th
             await stub.Complete(chat("x y", **exactly), metadata=bearer(RESEARCH_KEY), timeout=5)
     info = details(refused.value)["ErrorInfo"]
     assert (info.reason, info.metadata["subject"]) == ("BUDGET_EXCEEDED", "key:research")
+
+
+async def test_a_budget_a_reload_gives_counts_the_calls_begun_while_it_read_the_spend(
+    keyed_by_a_file: KeyedByAFile,
+) -> None:
+    """A call begun while the reload read today's spend (seconds, in a ledger of millions of rows) began under the
+    keys still in force, reserving nothing, and was in no list of the calls in progress: its spend never counted."""
+    reload_budget, channel, stub, gateway = keyed_by_a_file
+    read = gateway.keys.catch_up_budgets
+    assert read is not None
+    reading, go_on, reads = asyncio.Event(), asyncio.Event(), []
+
+    async def slow_first_read(names: frozenset[str]) -> None:
+        await read(names)
+        if not reading.is_set():
+            reading.set()
+            await go_on.wait()  # the reload's read, before the keys are in force: a call begins meanwhile
+        reads.append(names)
+
+    gateway.keys.catch_up_budgets = slow_first_read
+    exactly = {"model": "gpt-test", "exact_model": True, "options": pb.CompletionOptions(max_tokens=3)}  # 3,000
+    async with channel:
+        reloading = asyncio.ensure_future(reload_budget(0.005))  # one call's 3,000 micro-USD, not two
+        await reading.wait()
+        await stub.Complete(chat("x y", **exactly), metadata=bearer(RESEARCH_KEY), timeout=5)
+        go_on.set()
+        await reloading
+        async with asyncio.timeout(5):
+            while len(reads) < 2:  # noqa: ASYNC110 (the catching up after the keys' swap, no event of its own)
+                await asyncio.sleep(0.01)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Complete(chat("x y", **exactly), metadata=bearer(RESEARCH_KEY), timeout=5)
+    assert details(refused.value)["ErrorInfo"].reason == "BUDGET_EXCEEDED"
 
 
 async def test_a_budget_held_by_a_call_in_progress_is_retried_in_a_moment_not_at_midnight(

@@ -181,6 +181,24 @@ async def test_reloads_asked_while_one_runs_are_merged_into_one_after_it(
     assert caplog.text.count("reloaded: 3000 keys in force") == 2
 
 
+async def test_a_reload_asked_once_the_keys_have_stopped_reads_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SIGHUP as the gateway stopped read the file after "stopped", and one that gave a key a budget read today's
+    spend from the ledger being closed: an ERROR and a traceback ("Cannot operate on a closed database")."""
+    caplog.set_level(logging.INFO, logger="llmrelay_server.auth")
+    path = tmp_path / "keys.yaml"
+    path.write_text(f'keys: [{{name: a, sha256: "{hashlib.sha256(b"a").hexdigest()}"}}]\n')
+    keys = KeyRing(AuthConfig(keys_file=str(path)))
+    keys.start()
+    await keys.stop()
+    path.write_text("keys: []\n")
+    keys.reload()
+    await asyncio.sleep(0.2)  # a read would be done: a file of one key
+    assert not keys._reloads and keys.names() == {"a"}
+    assert "reloaded" not in caplog.text
+
+
 def test_a_reload_under_way_holds_up_no_exit(tmp_path: Path) -> None:
     """Read in asyncio's executor, the read went on after the gateway had stopped, and the process exited only once
     it was done (asyncio.run waits for the executor's threads): seconds, for thousands of keys."""
