@@ -539,6 +539,29 @@ async def test_connections_that_cannot_be_reused_are_closed(pool: Http1Pool, ans
         await until(lambda: server.closed == 2)
 
 
+async def test_a_connection_answered_before_its_request_was_written_whole_is_not_reused(pool: Http1Pool) -> None:
+    """An upstream that answers a large body early (a 413) and stops reading leaves the rest unsent: taken back, the
+    connection put the next request behind megabytes of it, to wait out its read timeout."""
+    answered_early = asyncio.Event()
+
+    async def early_then_reading(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not answered_early.is_set():
+            answered_early.set()
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 2\r\n\r\n{}")
+            await asyncio.sleep(30)  # kept open, its body never read
+            return
+        await answering(ok(b"{}"))(reader, writer)
+
+    async with RawServer(early_then_reading) as server:
+        first = await pool.post(Http1Target(server.url()), b"x" * 8_000_000, 5)
+        assert (first.status, await first.read()) == (413, b"{}")
+        second = await pool.post(Http1Target(server.url()), b"{}", 2)
+        assert (second.status, await second.read()) == (200, b"{}")
+        assert server.accepted == 2
+        assert_drained(pool, idle=1)
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
 async def test_a_server_that_closes_right_after_answering_costs_no_request(
     pool: Http1Pool, tmp_path: Path, tls: bool

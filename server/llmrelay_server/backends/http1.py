@@ -704,7 +704,15 @@ class _Connection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return self._complete and self._keep_alive and not self.lost
+        # Its request written whole, too: an upstream that answered early (a 413 to a large body) and stopped reading
+        # leaves the rest unsent, ahead of the next request, which would wait out its read timeout behind it.
+        return (
+            self._complete
+            and self._keep_alive
+            and not self.lost
+            and self.transport is not None
+            and not self.transport.get_write_buffer_size()
+        )
 
     def finish(self, grace_s: float) -> None:
         """Its request is done with an answer that may not have ended: back to the pool now if it has, else once it
