@@ -141,6 +141,30 @@ async def test_a_models_list_nested_past_pythons_stack_marks_the_backend_unreach
     assert by_name["ollama"].reachable and report.serving
 
 
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (b"", "the models list is not JSON (Expecting value"),
+        (b'{"data": [{"id": "\xff"}]}', "the models list is not JSON ('utf-8' codec can't decode byte 0xff"),
+        (b"[5]", "the models list is not a JSON object whose `data` is a list of models"),
+    ],
+    ids=["empty", "not utf-8", "not a list of models"],
+)
+async def test_a_models_list_that_is_no_json_is_said_in_the_gateways_words(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, answer: bytes, said: str
+) -> None:
+    """As a call's own bad answer is: Health's last error read as Python's ("JSONDecodeError: Expecting value: ...",
+    "UnicodeDecodeError: ...", "MalformedAnswerError: ...")."""
+    primary.models_answer = answer
+    gateway = await gateway_factory(two_backends(primary, local))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        report = await pb.LLMServiceStub(channel).Health(pb.HealthRequest(probe=True), timeout=10)
+    backend = {b.name: b for b in report.backends}[primary.dialect]
+    assert not backend.reachable
+    assert backend.last_error.startswith(f"malformed answer: {said}"), backend.last_error
+
+
 async def test_an_ollama_model_whose_name_is_not_text_marks_the_backend_unreachable(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -643,6 +643,8 @@ class UpstreamProvider(ABC, Generic[SDKError]):
         """A probe's failure, for Health: what went wrong, never a secret."""
         if isinstance(exc, self._sdk_error):
             return self._upstream_error(exc).message
+        if isinstance(exc, MalformedAnswerError):  # in the words a call's own bad answer has
+            return self._malformed(exc).message
         return f"{type(exc).__name__}: {self._redact(str(exc))}"
 
     def _redact(self, text: str) -> str:
@@ -656,12 +658,16 @@ _NOT_A_MODELS_LIST = "the models list is not a JSON object whose `data` is a lis
 def models_list() -> Iterator[None]:
     """Around an SDK's models list and what is read of it: the SDKs build their pages from whatever JSON came,
     unchecked (a `{}`, a list of numbers), then fail on it with TypeError or AttributeError, and read it with
-    json.loads, whose RecursionError is JSON nested past Python's stack; a MalformedAnswerError instead, which a health
-    probe reports."""
+    json.loads, whose RecursionError is JSON nested past Python's stack, and whose ValueError is no JSON (or no UTF-8);
+    a MalformedAnswerError instead, which a health probe reports."""
     try:
         yield
+    except MalformedAnswerError:
+        raise
     except (TypeError, AttributeError, RecursionError) as exc:
         raise MalformedAnswerError(_NOT_A_MODELS_LIST) from exc
+    except ValueError as exc:  # not JSON (json.JSONDecodeError), or not UTF-8 (UnicodeDecodeError)
+        raise MalformedAnswerError(f"the models list is not JSON ({exc})") from exc
 
 
 def model_ids(models: Iterable[Any]) -> tuple[str, ...]:
