@@ -16,7 +16,8 @@ type Conversation struct {
 	// Messages is the chat so far, oldest first.
 	Messages []*llmrelayv1.Message
 	// TokenBudget, when above 0, is how many prompt tokens the chat may take (the model's context window less the
-	// room the answer needs).
+	// room the answer needs). 0 is no budget: nothing is dropped (where the Python and TypeScript SDKs' 0 is a budget
+	// of 0 tokens, and no budget is None or undefined). Below 0 is refused: Fit, FitFor and Run return an error.
 	TokenBudget int
 	// Model is the model whose tokenizer counts: the model the requests name. "" for the model of the Agent that
 	// runs it (Agent.Model), else the gateway's default chain.
@@ -79,7 +80,7 @@ func (e *BudgetError) Error() string {
 
 // Fit drops the oldest turns until the chat (with the tools' definitions) takes at most TokenBudget tokens, and
 // returns how many messages it dropped; a *BudgetError when even the system messages and the last turn take more.
-// Without a budget (TokenBudget 0) it does nothing.
+// Without a budget (TokenBudget 0) it does nothing; a TokenBudget below 0 is an error.
 func (c *Conversation) Fit(ctx context.Context, client *Client, tools ...*llmrelayv1.Tool) (int, error) {
 	return c.fit(ctx, client, "", tools, nil)
 }
@@ -93,7 +94,12 @@ func (c *Conversation) FitFor(ctx context.Context, client *Client, options *llmr
 // fit fits as Fit does, counting for c.Model or, when it names none, for model, with the answer format (countTokens).
 func (c *Conversation) fit(ctx context.Context, client *Client, model string, tools []*llmrelayv1.Tool,
 	format *llmrelayv1.ResponseFormat) (int, error) {
-	if c.TokenBudget <= 0 {
+	if c.TokenBudget < 0 {
+		// A context window less an answer's room gone below 0: taken as no budget, it would let the chat outgrow the
+		// window unnoticed; refused, as the Python and TypeScript SDKs refuse it.
+		return 0, fmt.Errorf("llmrelay: Conversation.TokenBudget must be 0 or more, not %d", c.TokenBudget)
+	}
+	if c.TokenBudget == 0 {
 		return 0, nil
 	}
 	dropped := 0

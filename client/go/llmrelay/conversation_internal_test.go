@@ -1,9 +1,10 @@
 package llmrelay
 
-// Unit tests of the pure pieces of the agent helpers: which messages make the oldest turn, and usage summed over
-// steps. No server.
+// Unit tests of the pure pieces of the agent helpers: which messages make the oldest turn, a budget below 0 refused,
+// and usage summed over steps. No server.
 
 import (
+	"context"
 	"maps"
 	"slices"
 	"testing"
@@ -44,6 +45,37 @@ func TestOldestTurn(t *testing.T) {
 		if (turn == nil) != (c.want == nil) || !slices.Equal(got, c.want) {
 			t.Errorf("%s: oldest turn %v, want %v", c.name, got, c.want)
 		}
+	}
+}
+
+func TestConversationRefusesABudgetBelowZero(t *testing.T) {
+	// A context window less the answer's room gone below 0 was taken as no budget: nothing dropped, no error.
+	// No client: each must fail before it counts.
+	const want = "llmrelay: Conversation.TokenBudget must be 0 or more, not -1000"
+	fits := []struct {
+		name string
+		fit  func(*Conversation) error
+	}{
+		{"Fit", func(c *Conversation) error { _, err := c.Fit(context.Background(), nil); return err }},
+		{"FitFor", func(c *Conversation) error {
+			_, err := c.FitFor(context.Background(), nil, &llmrelayv1.CompletionOptions{})
+			return err
+		}},
+		{"Run", func(c *Conversation) error { _, err := (&Agent{}).Run(context.Background(), c); return err }},
+	}
+	for _, f := range fits {
+		conversation := NewConversation(User("old"), Assistant("answer"), User("new"))
+		conversation.TokenBudget = 4000 - 5000
+		if err := f.fit(conversation); err == nil || err.Error() != want {
+			t.Fatalf("%s: err = %v, want %q", f.name, err, want)
+		}
+		if len(conversation.Messages) != 3 {
+			t.Errorf("%s: %d messages left, want the 3 kept", f.name, len(conversation.Messages))
+		}
+	}
+	// 0 is no budget, as the field says: nothing to count, so no client needed.
+	if dropped, err := NewConversation(User("hi")).Fit(context.Background(), nil); dropped != 0 || err != nil {
+		t.Errorf("Fit without a budget: dropped %d, err %v; want nothing done", dropped, err)
 	}
 }
 

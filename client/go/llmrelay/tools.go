@@ -154,8 +154,11 @@ func runToolCall(ctx context.Context, tools map[string]Tool, call *llmrelayv1.Fu
 	name := call.GetName()
 	tool, ok := tools[name]
 	if !ok {
-		return fmt.Sprintf("error: there is no tool %q; the tools are: %s", name,
-			strings.Join(slices.Sorted(maps.Keys(tools)), ", "))
+		names := strings.Join(slices.Sorted(maps.Keys(tools)), ", ")
+		if names == "" {
+			names = "none" // as the Python and TypeScript SDKs say it, where an empty list would read as cut off
+		}
+		return fmt.Sprintf("error: there is no tool %q; the tools are: %s", name, names)
 	}
 	if ctx.Err() != nil {
 		// The run ended before the tool started: it does not start, as in the TypeScript SDK (one that does not
@@ -209,16 +212,35 @@ func decodeArguments[Args any](arguments json.RawMessage, shape *shape) (Args, e
 }
 
 // checkObject refuses arguments that are not a JSON object: not JSON, or another JSON value (null too, which
-// json.Unmarshal takes into a map as a nil one), as the Python and TypeScript SDKs do for every tool.
+// json.Unmarshal takes into a map as a nil one), as the Python and TypeScript SDKs do for every tool. Another value
+// is named by its JSON kind, in their words ("they must be a JSON object, not an array"), not by the Go type
+// encoding/json could not fill, which the model does not know.
 func checkObject(arguments json.RawMessage) error {
-	var object map[string]json.RawMessage
-	if err := json.Unmarshal(arguments, &object); err != nil {
+	var value any
+	if err := json.Unmarshal(arguments, &value); err != nil {
 		return fmt.Errorf("not a JSON object: %w", err)
 	}
-	if object == nil {
-		return fmt.Errorf("not a JSON object: null")
+	if _, ok := value.(map[string]any); !ok {
+		return fmt.Errorf("they must be a JSON object, not %s", jsonKind(value))
 	}
 	return nil
+}
+
+// jsonKind is what a decoded JSON value other than an object is, for an error text: "null", "an array", ...
+func jsonKind(value any) string {
+	switch value.(type) {
+	case nil:
+		return "null"
+	case bool:
+		return "a boolean"
+	case float64:
+		return "a number"
+	case string:
+		return "a string"
+	case []any:
+		return "an array"
+	}
+	return "an object"
 }
 
 // resultText is a handler's result as the tool message's content: a string as it is, anything else as JSON.

@@ -121,11 +121,14 @@ func TestRunToolCallsTurnsFailuresIntoResults(t *testing.T) {
 		{call("6", "add", `{"a": 1}`), []string{`the required property "b" is missing`}},
 		{call("7", "add", `{"a": 1, "b": 2, "c": 3}`), []string{`there is no property "c" (the properties are: a, b)`}},
 		{call("8", "add", `{"a": "one", "b": 2}`), []string{`cannot take the arguments {"a": "one", "b": 2}`}},
-		{call("9", "add", `[1, 2]`), []string{"not a JSON object"}},
+		// Named by their JSON kind, as the other SDKs name them: encoding/json's error named a Go map type.
+		{call("9", "add", `[1, 2]`), []string{`cannot take the arguments [1, 2]: they must be a JSON object, not an array`}},
 		// null is no object: json.Unmarshal took it into a nil map, and a tool whose fields are all optional ran.
-		{call("10", "add", `null`), []string{"not a JSON object: null"}},
-		{call("11", "echo", `null`), []string{`error: tool "echo" cannot take the arguments null: not a JSON object`}},
-		{call("12", "echo", `5`), []string{`error: tool "echo" cannot take the arguments 5: not a JSON object`}},
+		{call("10", "add", `null`), []string{"they must be a JSON object, not null"}},
+		{call("11", "echo", `null`), []string{`error: tool "echo" cannot take the arguments null: they must be a JSON object, not null`}},
+		{call("12", "echo", `5`), []string{`error: tool "echo" cannot take the arguments 5: they must be a JSON object, not a number`}},
+		{call("13", "add", `"1 and 2"`), []string{"they must be a JSON object, not a string"}},
+		{call("14", "echo", `true`), []string{"they must be a JSON object, not a boolean"}},
 	}
 	var calls []*llmrelayv1.ToolCall
 	for _, c := range cases {
@@ -142,6 +145,14 @@ func TestRunToolCallsTurnsFailuresIntoResults(t *testing.T) {
 		if results[i].GetToolCallId() != c.call.GetId() {
 			t.Errorf("result %d answers %q, want %q", i, results[i].GetToolCallId(), c.call.GetId())
 		}
+	}
+}
+
+func TestRunToolCallsWithoutToolsSaysThereAreNone(t *testing.T) {
+	// An empty list read as cut off: "the tools are: ", where the other SDKs say "none".
+	results := llmrelay.RunToolCalls(context.Background(), nil, []*llmrelayv1.ToolCall{call("1", "f", "{}")})
+	if got, want := results[0].GetContent(), `error: there is no tool "f"; the tools are: none`; got != want {
+		t.Errorf("result %q, want %q", got, want)
 	}
 }
 

@@ -260,7 +260,9 @@ export class Agent {
     const name = call.function?.name ?? "";
     const found = this.tools.get(name);
     if (found === undefined) {
-      return `error: there is no tool named "${name}"; the tools are: ${[...this.tools.keys()].join(", ")}`;
+      // "none" where an empty list would read as cut off, as the Python and Go SDKs say it.
+      const names = [...this.tools.keys()].join(", ") || "none";
+      return `error: there is no tool named "${name}"; the tools are: ${names}`;
     }
     let args: unknown;
     try {
@@ -323,7 +325,8 @@ function jsonKind(value: unknown): string {
  * "null", as Python's None and Go's nil are; anything else its JSON. Where JSON cannot hold the result, an error
  * result that says why, as the Python and Go SDKs give, and never an empty text, which would read as a call never
  * finished: a function or a Symbol, a BigInt or a cycle, and what JSON.stringify would write as something else
- * without a word (NaN and ±Infinity as null, a Map or a Set as {}), anywhere in it.
+ * without a word (NaN and ±Infinity as null, a Map, a Set, an Error or a RegExp as {}, a typed array as an object of
+ * its indexes), anywhere in it.
  */
 function resultText(value: unknown): string {
   if (typeof value === "string") {
@@ -343,8 +346,10 @@ function resultText(value: unknown): string {
 /**
  * A replacer for JSON.stringify that throws, naming the path ("result.scores[1]"), at a value it would write as
  * another, or leave out: NaN and ±Infinity (as null), a Map or a Set (as {}), a function or a Symbol (left out of
- * an object, null in an array). JSON.stringify calls a replacer with the holder as
- * `this` before it descends into the value, so each object's path is known when its own members come.
+ * an object, null in an array), an Error (without its message), a typed array (as an object of its indexes), and
+ * any other object of a class that holds no field of its own (a RegExp, an ArrayBuffer, as {}). JSON.stringify
+ * calls toJSON first (a Date's gives its ISO text), then the replacer, with the holder as `this`, before it descends
+ * into the value, so each object's path is known when its own members come.
  */
 function refusingLossyValues(): (this: unknown, key: string, value: unknown) => unknown {
   const paths = new WeakMap<object, string>();
@@ -352,12 +357,7 @@ function refusingLossyValues(): (this: unknown, key: string, value: unknown) => 
     const holder = typeof this === "object" && this !== null ? this : undefined;
     const parent = holder === undefined ? undefined : paths.get(holder);
     // The top-level value comes first, under the key "" of a holder made for it.
-    const path =
-      parent === undefined
-        ? "result"
-        : Array.isArray(holder) || ArrayBuffer.isView(holder)
-          ? `${parent}[${key}]`
-          : `${parent}.${key}`;
+    const path = parent === undefined ? "result" : Array.isArray(holder) ? `${parent}[${key}]` : `${parent}.${key}`;
     const number = value instanceof Number ? value.valueOf() : value;
     if (typeof number === "number" && !Number.isFinite(number)) {
       throw new TypeError(`${number} at ${path}: JSON has no NaN or Infinity`);
@@ -371,10 +371,58 @@ function refusingLossyValues(): (this: unknown, key: string, value: unknown) => 
       throw new TypeError(`a ${typeof value} at ${path}, which JSON has no form for`);
     }
     if (typeof value === "object" && value !== null) {
+      refuseUnlikeJSON(value, path);
       paths.set(value, path);
     }
     return value;
   };
+}
+
+/**
+ * Throws at an object JSON.stringify writes as other than it is. Of any but a plain object (or one without a
+ * prototype), an array or a boxed primitive (which it writes as the primitive), it writes the own enumerable fields
+ * alone: an Error's message, a RegExp's pattern and an ArrayBuffer's bytes are none of them, and a typed array's
+ * items come as an object of indexes. A class's instance with fields of its own is written as they are. A value with
+ * toJSON never comes here, only what its toJSON returned.
+ */
+function refuseUnlikeJSON(value: object, path: string): void {
+  const prototype: object | null = Object.getPrototypeOf(value);
+  if (
+    prototype === Object.prototype ||
+    prototype === null ||
+    Array.isArray(value) ||
+    value instanceof Number ||
+    value instanceof String ||
+    value instanceof Boolean
+  ) {
+    return;
+  }
+  const name = className(prototype);
+  const a = /^[AEIO]/i.test(name) ? "an" : "a";
+  if (value instanceof Error) {
+    throw new TypeError(
+      `${a} ${name} at ${path}, which JSON.stringify writes without its message: throw it, or return its message`,
+    );
+  }
+  if (ArrayBuffer.isView(value) && !(value instanceof DataView)) {
+    throw new TypeError(
+      `${a} ${name} at ${path}, which JSON.stringify writes as an object of its indexes: return an array (Array.from)`,
+    );
+  }
+  if (Object.keys(value).length > 0) {
+    return; // a class's instance with fields of its own: written as they are, as a plain object's would be
+  }
+  throw new TypeError(
+    `${a} ${name} at ${path}, which JSON.stringify writes as {}, what it holds being no field of its own: return ` +
+      "an object or an array",
+  );
+}
+
+/** The name of the class whose prototype this is ("RegExp"), or "object of a class" when it names none. */
+function className(prototype: object): string {
+  const constructor: unknown = (prototype as { constructor?: unknown }).constructor;
+  const name = typeof constructor === "function" ? constructor.name : "";
+  return name === "" ? "object of a class" : name;
 }
 
 /**

@@ -177,6 +177,15 @@ describe("tool", () => {
     assert.throws(() => new Agent(client, { tools: [echo], maxSteps: 0 }), /maxSteps is 0/);
     client.close();
   });
+
+  test("a call of a tool an Agent without tools lacks is answered that there are none", async () => {
+    // An empty list read as cut off ("the tools are: "), where the Python and Go SDKs say "none".
+    const result = await new Agent(scriptedClient([{ name: "f" }]), { tools: [] }).run([user("go")]);
+    assert.deepEqual(
+      result.conversation.messages.filter((m) => m.role === Role.ROLE_TOOL).map((m) => m.content),
+      ['error: there is no tool named "f"; the tools are: none'],
+    );
+  });
 });
 
 /** A client whose model asks for the calls once, then answers: the run is the Agent's alone, without a server. */
@@ -263,12 +272,78 @@ describe("a tool's result", () => {
         ["nil", "null"],
         ["date", '{"at":"1970-01-01T00:00:00.000Z"}'],
         ["cyclic", `${unwritable} (${cycleError})`],
-        ["typed", `${unwritable} (NaN at result.samples[1]: JSON has no NaN or Infinity)`],
+        [
+          "typed",
+          `${unwritable} (a Float64Array at result.samples, which JSON.stringify writes as an object of its indexes: ` +
+            "return an array (Array.from))",
+        ],
         ["boxed", `${unwritable} (Infinity at result[0]: JSON has no NaN or Infinity)`],
         ["to_json", `${unwritable} (NaN at result.ratio: JSON has no NaN or Infinity)`],
         ["symbol", `${unwritable} (a symbol at result, which JSON has no form for)`],
         ["nested", `${unwritable} (a function at result.format, which JSON has no form for)`],
         ["listed", `${unwritable} (a symbol at result[1], which JSON has no form for)`],
+      ],
+    );
+  });
+
+  test("is refused where JSON.stringify would write an object of a class as {} or as indexes (toJSON aside)", async () => {
+    class Point {
+      constructor(
+        readonly x: number,
+        readonly y: number,
+      ) {}
+      get norm(): number {
+        return Math.hypot(this.x, this.y);
+      }
+    }
+    const bare: Record<string, unknown> = Object.create(null);
+    bare.ok = true;
+    class Row extends Array<number> {}
+    const results: [string, unknown][] = [
+      // Written as {}, or as an object of indexes, by JSON.stringify: the model read a result unlike the tool's.
+      ["error", { failure: new Error("the disk is full") }],
+      ["regexp", /a+/],
+      ["bytes", new Uint8Array([104, 105])],
+      ["view", new DataView(new ArrayBuffer(2))],
+      ["buffer", [new ArrayBuffer(2)]],
+      ["empty", { at: new (class Hidden {})() }],
+      // What JSON.stringify writes as it is: toJSON's result, an object without a prototype, an array of a subclass,
+      // boxed primitives, a class's instance by its own fields (its getter left out, as ever).
+      ["point", { at: new Point(3, 4) }],
+      ["date", new Date(0)],
+      ["dated", { toJSON: () => ({ at: new Date(0) }) }],
+      ["bare", bare],
+      ["row", Row.from([1, 2])],
+      ["boxed", [new String("s"), new Boolean(true), new Number(2)]],
+    ];
+    const tools = results.map(([name, value]) => tool({ name, parameters: s.object({}), run: () => value }));
+    const result = await new Agent(scriptedClient(results.map(([name]) => ({ name }))), { tools }).run([user("go")]);
+    const unwritable = "error: the tool's result cannot be written as JSON";
+    const fields =
+      "which JSON.stringify writes as {}, what it holds being no field of its own: return an object or an array";
+    assert.deepEqual(
+      result.conversation.messages.filter((m) => m.role === Role.ROLE_TOOL).map((m) => [m.name, m.content]),
+      [
+        [
+          "error",
+          `${unwritable} (an Error at result.failure, which JSON.stringify writes without its message: throw it, ` +
+            "or return its message)",
+        ],
+        ["regexp", `${unwritable} (a RegExp at result, ${fields})`],
+        [
+          "bytes",
+          `${unwritable} (a Uint8Array at result, which JSON.stringify writes as an object of its indexes: return an ` +
+            "array (Array.from))",
+        ],
+        ["view", `${unwritable} (a DataView at result, ${fields})`],
+        ["buffer", `${unwritable} (an ArrayBuffer at result[0], ${fields})`],
+        ["empty", `${unwritable} (a Hidden at result.at, ${fields})`],
+        ["point", '{"at":{"x":3,"y":4}}'],
+        ["date", '"1970-01-01T00:00:00.000Z"'],
+        ["dated", '{"at":"1970-01-01T00:00:00.000Z"}'],
+        ["bare", '{"ok":true}'],
+        ["row", "[1,2]"],
+        ["boxed", '["s",true,2]'],
       ],
     );
   });

@@ -298,8 +298,8 @@ class Tools:
             return f"error: the arguments of {name!r} are not valid JSON ({exc})"
         except RecursionError:  # valid JSON nested deeper than Python's reader goes: the gateway passes such text on
             return f"error: the arguments of {name!r} are nested too deeply to read"
-        if not isinstance(arguments, dict):
-            return f"error: the arguments of {name!r} must be a JSON object, not {type(arguments).__name__}"
+        if not isinstance(arguments, dict):  # said in JSON's words, as the Go and TypeScript SDKs say it
+            return f"error: the arguments of {name!r} must be a JSON object, not {_kind(arguments)}"
         if tool.derived:  # every parameter is named and hinted: checked as an object of those properties is
             try:  # every problem said at once, in the TypeScript SDK's words, as an object's nested in them are
                 return tool, _fields(*_keyword_fields(tool.function), arguments, "")
@@ -779,7 +779,8 @@ def _at(path: str, problem: str) -> str:
 
 
 def _kind(value: Any) -> str:
-    """What a JSON value is, for a problem's "got ...", in JSON's words (the model knows no Python types)."""
+    """What a JSON value is, for a problem's "got ..." (or arguments' "not ..."), in JSON's words (the model knows no
+    Python types)."""
     if value is None:
         return "null"
     if isinstance(value, bool):

@@ -370,7 +370,12 @@ def test_explicit_schemas_names_and_descriptions() -> None:
     ("name", "arguments", "says"),
     [
         ("weather", '{"place": {"city": "Oslo"}, "unit": "k", "extra": 1}', "error: invalid arguments for 'weather'"),
-        ("weather", "[1, 2]", "error: the arguments of 'weather' must be a JSON object, not list"),
+        # In JSON's words, as the Go and TypeScript SDKs say it: the model knows no Python types (list, NoneType).
+        ("weather", "[1, 2]", "error: the arguments of 'weather' must be a JSON object, not an array"),
+        ("weather", "null", "error: the arguments of 'weather' must be a JSON object, not null"),
+        ("weather", "5", "error: the arguments of 'weather' must be a JSON object, not a number"),
+        ("weather", '"Oslo"', "error: the arguments of 'weather' must be a JSON object, not a string"),
+        ("weather", "true", "error: the arguments of 'weather' must be a JSON object, not a boolean"),
         (
             "weather",
             '{"place": {"town": "Oslo"}}',
