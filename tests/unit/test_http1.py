@@ -1023,15 +1023,21 @@ async def through_a_tunnel(tmp_path: Path) -> None:
             await pool.aclose()
 
 
-async def test_a_proxy_that_wants_credentials_says_so_and_the_password_is_never_shown(fake: CountingUpstream) -> None:
+@pytest.mark.parametrize("scheme", ["https", "http"])
+async def test_a_proxy_that_wants_credentials_says_so_and_the_password_is_never_shown(
+    fake: CountingUpstream, scheme: str
+) -> None:
+    """Of an http upstream, the proxy's 407 passed for the upstream's own answer, counted against the backend, and
+    said nothing of the proxy."""
+    refusal = "refused a tunnel to" if scheme == "https" else "refused the request to"
     async with ForwardProxy(credentials="me:right") as proxy:
         for credentials in (None, "me:wrong-password"):
-            pool = Http1Pool(LIMITS, proxies=through(proxy, "https", credentials=credentials))
+            pool = Http1Pool(LIMITS, proxies=through(proxy, scheme, credentials=credentials))
             try:
                 with pytest.raises(httpx2.ProxyError) as refused:
-                    await pool.post(pool.target(f"https://{UPSTREAM_NAME}:{fake.port}/v1/models"), b"", 5)
+                    await pool.post(pool.target(f"{scheme}://{UPSTREAM_NAME}:{fake.port}/v1/models"), b"", 5)
                 said = str(refused.value)
-                assert f"the proxy http://127.0.0.1:{proxy.port} (HTTPS_PROXY) refused a tunnel" in said
+                assert f"the proxy http://127.0.0.1:{proxy.port} ({scheme.upper()}_PROXY) {refusal}" in said
                 assert "407" in said and "http://user:password@host:port" in said
                 assert "wrong-password" not in said and "Basic" not in said
                 assert_drained(pool)

@@ -256,7 +256,16 @@ class Http1Pool:
         except BaseException:
             self._release(conn, reuse=False)
             raise
-        return Http1Response(self, conn)
+        response = Http1Response(self, conn)
+        if response.status == 407 and target.proxy is not None and not target.ssl:
+            # The forward proxy's answer, not the upstream's: said as a tunnel's 407 is (_through), not counted
+            # against the backend as its own error.
+            response.close()
+            raise httpx2.ProxyError(
+                f"the proxy {target.proxy} refused the request to {_where(target)}: 407 {response.reason}"
+                + _PROXY_WANTS_CREDENTIALS
+            )
+        return response
 
     async def aclose(self) -> None:
         """Closes every connection, idle or in use (their readers get httpx2.ReadError), and fails the requests
@@ -376,10 +385,9 @@ class Http1Pool:
             transport.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{credentials}\r\n".encode())
             status, reason = await tunnel.answer
             if not 200 <= status < 300:
-                wanted = " (it asks for credentials: give them in its URL, http://user:password@host:port)"
                 raise httpx2.ProxyError(
                     f"the proxy {proxy} refused a tunnel to {authority}: {status} {reason}"
-                    + (wanted if status == 407 else "")
+                    + (_PROXY_WANTS_CREDENTIALS if status == 407 else "")
                 )
             conn = _Connection(self, loop, target.origin)
             assert self._ssl is not None  # _connect made it for an https target
@@ -522,6 +530,9 @@ class _Waiter:
 def _expire(future: asyncio.Future[_Connection | None], seconds: float, limit: int | None) -> None:
     if not future.done():
         future.set_exception(httpx2.PoolTimeout(f"no connection free in {seconds:g} s ({limit} open)"))
+
+
+_PROXY_WANTS_CREDENTIALS: Final = " (it asks for credentials: give them in its URL, http://user:password@host:port)"
 
 
 def _where(target: Http1Target) -> str:
