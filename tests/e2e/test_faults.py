@@ -50,6 +50,10 @@ LLAMACPP_TOO_LONG = {
     "message": "the request exceeds the available context size, try increasing it",
     "type": "exceed_context_size_error",
 }
+VLLM_TOO_LONG = (
+    "The decoder prompt (length 9000) is longer than the maximum model length of 8192. Make sure that `max_model_len`"
+    " is no smaller than the number of text tokens plus multimodal tokens."
+)
 GEMINI_TOO_LONG = {
     "code": 400,
     "message": "The input token count (134123) exceeds the maximum number of tokens allowed (131072).",
@@ -154,6 +158,28 @@ ROWS = [
     moves_on(
         "Gemini's error as a list: its context error read, next backend",
         {"status": 400, "body": json.dumps([{"error": GEMINI_TOO_LONG}])},
+        Outcome.ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED,
+    ).of("openai"),
+    moves_on(
+        "vLLM's context error: next backend",
+        {"status": 400, "body": json.dumps({"error": {"message": VLLM_TOO_LONG, "type": "BadRequestError"}})},
+        Outcome.ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED,
+    ).of("openai"),
+    moves_on(
+        "llama.cpp's input over its batch with a 500: next backend, no retry",
+        {
+            "status": 500,
+            "body": json.dumps(
+                {
+                    "error": {
+                        "code": 500,
+                        "message": "input (801 tokens) is too large to process. increase the physical batch size"
+                        " (current batch size: 512)",
+                        "type": "server_error",
+                    }
+                }
+            ),
+        },
         Outcome.ATTEMPT_OUTCOME_CONTEXT_LENGTH_EXCEEDED,
     ).of("openai"),
     moves_on(

@@ -38,6 +38,26 @@ SPEC = BackendSpec(name="b", kind="openai", base_url="http://h/v1", default_mode
         (400, "context_length_exceeded", "", UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED),
         (400, None, "This model's maximum context length is 8192 tokens", UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED),
         (400, None, "bad request", UpstreamErrorKind.REJECTED),
+        # vLLM's and xAI's words; llama.cpp's for an input longer than its batch, with a 500.
+        (
+            400,
+            None,
+            "The decoder prompt (length 9000) is longer than the maximum model length of 8192",
+            UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED,
+        ),
+        (
+            400,
+            None,
+            "Prompt length of 9000 is longer than the maximum model length of 8192",
+            UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED,
+        ),
+        (400, None, "This model's maximum prompt length is 131072", UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED),
+        (
+            500,
+            "server_error",
+            "input (801 tokens) is too large to process. increase the physical batch size",
+            UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED,
+        ),
         (503, None, "", UpstreamErrorKind.SERVER_ERROR),
         # What the server cannot do, which another may: llama-server's embeddings without --embeddings, and an image
         # to a model without vision (with a 500).

@@ -67,9 +67,16 @@ is (`post_read`), by the backend itself."""
 # "context limit": Anthropic's 400 for a prompt that fits but not with max_tokens ("input length and `max_tokens`
 # exceed context limit: 199759 + 8192 > 200000"), which another backend with a larger window can serve.
 # "maximum number of tokens": Gemini's ("The input token count (134123) exceeds the maximum number of tokens allowed").
+# "maximum model length": vLLM's ("The decoder prompt (length 9000) is longer than the maximum model length of 8192"),
+# "maximum prompt length": xAI's.
 _CONTEXT_LENGTH = re.compile(
-    r"context[ _](length|window|size|limit)|maximum context|too many tokens|maximum number of tokens", re.IGNORECASE
+    r"context[ _](length|window|size|limit)|maximum context|too many tokens|maximum number of tokens"
+    r"|maximum (model|prompt) length",
+    re.IGNORECASE,
 )
+_INPUT_TOO_LARGE = re.compile(r"is too large to process\. increase the physical batch size", re.IGNORECASE)
+"""llama.cpp's words for an input longer than its batch (an embedding's: "input (801 tokens) is too large to process.
+increase the physical batch size"), which it sends with a 500: the request's length, not the server's health."""
 _CONTEXT_CODES: Final = frozenset({"context_length_exceeded", "exceed_context_size_error"})
 """Error codes (or types) that say the prompt is too long, whatever the status: OpenAI's code; llama.cpp's type, which
 it has sent with a 500 too."""
@@ -736,7 +743,7 @@ def kind_of_status(status: int, code: str | None, message: str | None) -> Upstre
     # wait cures it, only an operator: another backend may serve at once, and the caller is told of no "later".
     if status == 402 or code == "insufficient_quota":
         return UpstreamErrorKind.AUTH_FAILED
-    if code in _CONTEXT_CODES:
+    if code in _CONTEXT_CODES or _INPUT_TOO_LARGE.search(message or ""):
         return UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED
     # The server cannot do what this request asks, which another may (and no retry mends): 501 (llama-server asked to
     # embed without --embeddings: not_supported_error), or an image to a model without vision. Its health is whole:
