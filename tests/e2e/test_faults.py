@@ -595,6 +595,24 @@ async def test_usage_no_answer_reaches_is_counted_by_the_gateway(
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+async def test_a_usage_of_no_prompt_tokens_is_counted_by_the_gateway(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, streaming: bool
+) -> None:
+    """Ollama's /v1 has reported all zeros for an answer that ended without its metrics: billed as exact, 0 tokens,
+    such calls passed every limit on tokens and money. No prompt is 0 tokens."""
+    primary.inject({"usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}})
+    if streaming:
+        usage = [c async for c in stub.StreamComplete(stream_chat("count me"), timeout=5)][-1].usage
+    else:
+        usage = (await stub.Complete(chat("count me"), timeout=5)).usage
+    assert usage.estimated and 0 < usage.prompt_tokens < 100 and 0 < usage.completion_tokens < 100
+    [record] = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
+    assert (record.prompt_tokens, record.completion_tokens, record.estimated_requests) == (
+        usage.prompt_tokens, usage.completion_tokens, 1
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
 async def test_a_part_of_the_usage_larger_than_its_whole_is_cut_to_it(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, streaming: bool
 ) -> None:

@@ -618,7 +618,14 @@ def test_usage_with_details() -> None:
 
 
 def test_usage_without_details() -> None:
-    assert wire.usage_from({"usage": {"prompt_tokens": 0, "completion_tokens": 0}}) == TokenUsage(0, 0)
+    assert wire.usage_from({"usage": {"prompt_tokens": 7, "completion_tokens": 0}}) == TokenUsage(7, 0)
+
+
+def test_a_usage_of_no_prompt_tokens_is_none() -> None:
+    """No prompt is 0 tokens: Ollama's /v1 reports all zeros for an answer that ended without its metrics."""
+    assert wire.usage_from({"usage": {"prompt_tokens": 0, "completion_tokens": 0}}) is None
+    assert wire.usage_from({"usage": {"prompt_tokens": 0, "completion_tokens": 5}}) is None
+    assert wire.embedding_usage_from({"usage": {"prompt_tokens": 0, "total_tokens": 0}}) is None
 
 
 @pytest.mark.parametrize(

@@ -594,10 +594,12 @@ def usage_from(data: Mapping[str, Any]) -> TokenUsage | None:
 
 def plausible_usage(usage: TokenUsage) -> TokenUsage | None:
     """The usage an upstream reported, each of its counts a `is_count`, or None when their total cannot be one: no
-    answer reaches 2**31 tokens, and the contract's int32 `total_tokens` cannot carry it. Such figures are nothing to
-    bill by; the gateway counts the tokens itself, as for usage not reported. A part larger than its whole (cached
-    past the prompt, reasoning past the completion) is cut to it: the contract has each as part of the other."""
-    if not is_count(usage.total_tokens):
+    answer reaches 2**31 tokens, and the contract's int32 `total_tokens` cannot carry it; and no prompt is 0 tokens
+    (Ollama's /v1 has reported all zeros for an answer that ended without its metrics, which billed as exact would pass
+    every limit on tokens and money). Such figures are nothing to bill by; the gateway counts the tokens itself, as for
+    usage not reported. A part larger than its whole (cached past the prompt, reasoning past the completion) is cut
+    to it: the contract has each as part of the other."""
+    if not is_count(usage.total_tokens) or usage.prompt_tokens == 0:
         return None
     cached, reasoning = usage.cached_prompt_tokens, usage.reasoning_tokens
     if (cached or 0) > usage.prompt_tokens or (reasoning or 0) > usage.completion_tokens:
@@ -988,4 +990,5 @@ def _finite(raw: bytes) -> bool:
 def embedding_usage_from(data: Mapping[str, Any]) -> TokenUsage | None:
     usage = data.get("usage")
     prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-    return TokenUsage(prompt_tokens=prompt, completion_tokens=0) if is_count(prompt) else None
+    # No input is 0 tokens (see plausible_usage): such a count is no count.
+    return TokenUsage(prompt_tokens=prompt, completion_tokens=0) if is_count(prompt) and prompt else None
