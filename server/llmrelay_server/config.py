@@ -971,10 +971,15 @@ def _spec(
         raise ConfigError(f"{where}.embedding_model: empty; name the model, or leave the field out")
     if "" in section.embedding_models:
         raise ConfigError(f"{where}.embedding_models[{section.embedding_models.index('')}]: empty; name a model")
+    base_url = base_url.rstrip("/")
+    if kind == "ollama" and not url.path.strip("/"):
+        # Ollama's root, as OLLAMA_HOST and Ollama's own docs write it: its OpenAI API is under /v1 (OLLAMA_HOST is
+        # read so too). Taken as it is, its health probes (/api/...) passed and every call was a 404, MODEL_NOT_FOUND.
+        base_url += "/v1"
     return BackendSpec(
         name=name,
         kind=kind,
-        base_url=base_url.rstrip("/"),
+        base_url=base_url,
         default_model=model,
         api_key=api_key or None,
         models=section.models,

@@ -292,6 +292,30 @@ def test_base_urls_lose_their_trailing_slash(tmp_path: Path) -> None:
     assert _ollama(cfg).base_url == "http://box:11434/v1"
 
 
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("llm:\n  ollama:\n    base_url: http://box:11434\n", "http://box:11434/v1"),
+        ("llm:\n  ollama:\n    base_url: http://box:11434/\n", "http://box:11434/v1"),
+        ("llm:\n  ollama:\n    base_url: https://proxy/ollama/v1\n", "https://proxy/ollama/v1"),
+        (
+            "llm:\n  backends: [{name: box, kind: ollama, base_url: 'http://box:11434', model: m}]\n",
+            "http://box:11434/v1",
+        ),
+        (
+            "llm:\n  backends: [{name: box, kind: llamacpp, base_url: 'http://box:8080', model: m}]\n",
+            "http://box:8080",
+        ),
+    ],
+    ids=["ollama root", "ollama root slash", "ollama path kept", "ollama extra", "other kinds as written"],
+)
+def test_an_ollama_base_url_of_its_root_is_its_openai_api(tmp_path: Path, yaml_text: str, expected: str) -> None:
+    """Ollama's address as OLLAMA_HOST and Ollama's docs write it: its probes (/api/...) passed and every call was a
+    404, MODEL_NOT_FOUND for the very model Health listed."""
+    name = "box" if "backends:" in yaml_text else "ollama"
+    assert [spec.base_url for spec in load(tmp_path, yaml_text).backends if spec.name == name] == [expected]
+
+
 # --- interpolation --------------------------------------------------------------------------------------------------
 
 
