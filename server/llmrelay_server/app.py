@@ -151,8 +151,12 @@ def _check_open_services(open_services: tuple[str, ...]) -> None:
             )
 
 
-async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> Gateway:
-    """Starts a gateway; `reuse_port` when it is one of several workers sharing the port (`workers`)."""
+async def start_gateway(
+    config: GatewayConfig, *, reuse_port: bool = False, stop: asyncio.Event | None = None
+) -> Gateway:
+    """Starts a gateway; `reuse_port` when it is one of several workers sharing the port (`workers`). Once `stop` is
+    set (SIGTERM as it starts), the start no longer waits for the first probe of the backends: it returns the gateway
+    at once, for its stop to begin."""
     limit = config.server.max_message_bytes
     tls = config.server.tls
     quiet_grpc_caller_errors()
@@ -265,7 +269,7 @@ async def start_gateway(config: GatewayConfig, *, reuse_port: bool = False) -> G
         keys.calls_in_progress = servicer.calls_in_progress
     await monitor.announce()
     await server.start()
-    await monitor.start()
+    await monitor.start(stop or asyncio.Event())
     router.lag.start()
     keys.start()
     if certificate is not None:
@@ -474,6 +478,15 @@ def _hurry(hurry: asyncio.Event) -> None:
         hurry.set()
 
 
+def _stop_or_hurry(stop: asyncio.Event, hurry: asyncio.Event) -> None:
+    """SIGTERM or SIGINT: the graceful stop, or stop now once a stop is asked, from the start on: a stop asked while
+    the gateway starts is one all the same, and the second signal must not be lost to it."""
+    if stop.is_set():
+        _hurry(hurry)
+    else:
+        stop.set()
+
+
 async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> int:
     """Runs until SIGTERM or SIGINT, then shuts down gracefully; as one of a supervisor's workers when `worker`. The
     exit status: 0, or 1 when gRPC's server ended by itself (`_until_stopped`)."""
@@ -485,12 +498,16 @@ async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> int:
     stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        if worker is None:
+            loop.add_signal_handler(signum, _stop_or_hurry, stop, hurry)
+        else:  # its stop now is its supervisor's to send (STOP_NOW): it gets the process group's SIGTERM beside its
+            # supervisor's, two signals for one stop
+            loop.add_signal_handler(signum, stop.set)
     if worker is not None:
         loop.add_signal_handler(STOP_NOW, _hurry, hurry)  # its supervisor's second stop, whenever it comes
     # Watched from the start too: a supervisor killed while its workers start must not leave them serving.
     watching = asyncio.create_task(worker.watch_supervisor(stop)) if worker is not None else None
-    gateway = await start_gateway(config, reuse_port=worker is not None)
+    gateway = await start_gateway(config, reuse_port=worker is not None, stop=stop)
     loop.add_signal_handler(signal.SIGHUP, gateway.keys.reload)
     host = config.server.listen.rpartition(":")[0]
     log.info("listening on %s:%d (%s)", host, gateway.port, protection(config.server.tls))
@@ -502,7 +519,7 @@ async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> int:
             backend.provider.spec.kind,
             backend.provider.spec.default_model,
         )
-    if not gateway.monitor.serving:
+    if not gateway.monitor.serving and not stop.is_set():  # stopped as it started, its backends were not all probed
         log.warning(NO_BACKEND_HINT)
     # What start made (modules, encodings, configuration) lives as long as the process: frozen, it is no longer
     # walked by every full garbage collection, which calls' garbage sets off (about 50 us a call on `make bench`).
@@ -520,9 +537,6 @@ async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> int:
         drain_s,
         gateway.grace_period_s,
     )
-    if worker is None:  # a worker's second signal is its supervisor's to send (STOP_NOW)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, _hurry, hurry)
     await gateway.stop(drain_s=drain_s, hurry=hurry)
     ignore_signals_after_stop(loop)
     log.info("stopped")

@@ -95,8 +95,20 @@ class HealthMonitor:
         await self._servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    async def start(self) -> None:
-        await self.probe()
+    async def start(self, stop: asyncio.Event) -> None:
+        """The first probe of every backend, then the background probes. The gateway's start waits for that probe
+        (up to PROBE_TIMEOUT_S) with its port open, but not past `stop` (SIGTERM as it starts): the gateway's stop is
+        to begin at once, and HealthMonitor.stop ends the probes still out."""
+        first_probe = asyncio.ensure_future(self.probe())
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait((first_probe, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            first_probe.cancel()  # the wait for it, when the stop came first: its probes go on until HealthMonitor.stop
+        if stop.is_set():
+            return
+        first_probe.result()
         self._task = asyncio.create_task(self._watch(), name="llmrelay-health")
 
     def end_watches(self) -> None:
@@ -104,11 +116,17 @@ class HealthMonitor:
         self._servicer.end_watches()
 
     async def stop(self) -> None:
-        """Everything NOT_SERVING, so that probes see the shutdown before the port closes."""
+        """Everything NOT_SERVING, so that probes see the shutdown before the port closes. The probes still out end
+        here: the backends' clients close next, and a probe cut by that would find its backend unreachable, and say
+        so in the log of a clean stop."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        probes = list(self._probes.values())
+        for probe in probes:
+            probe.cancel()
+        await asyncio.gather(*probes, return_exceptions=True)
         await self._servicer.enter_graceful_shutdown()
 
     async def probe(self, deadline: float | None = None) -> list[tuple[BackendHealth, CircuitState]]:
@@ -197,6 +215,7 @@ class HealthMonitor:
         finally:
             if round_of_probes is not None:
                 round_of_probes.cancel()
+                await asyncio.gather(round_of_probes, return_exceptions=True)
 
     async def _probe_round(self) -> None:
         try:

@@ -335,30 +335,38 @@ class Supervisor:
             # From the first start on: a worker stuck in its start would hold up the supervisor's for good.
             watching = asyncio.ensure_future(self._watch_heartbeats(workers))
             try:
-                for worker in workers:
-                    if self._stop.is_set():  # SIGTERM while they start: those started are stopped below
-                        return 0
-                    try:
-                        await self._start(worker, run_dir, f"{host}:{port}")
-                    except OSError as exc:
-                        log.error("worker %d could not be started (%s); stopping", worker.index, exc)
-                        return 1
-                failed = await self._until_all_serve(workers, run_dir)
-                if failed is not None:
-                    return failed
-                log.info("listening on %s:%d (%d workers)", host, port, len(workers))
-                await self._keep_running(workers, run_dir, f"{host}:{port}")
-                log.info("shutting down: stopping %d workers", len(workers))
+                failed = await self._serve(workers, run_dir, host, port)
             finally:
                 watching.cancel()
                 await keys.stop()
-                await self._stop_all(workers)
+                stopped = await self._stop_all(workers)
                 if metrics_server is not None:
                     metrics_server.shutdown()
                     metrics_server.server_close()
                 ignore_signals_after_stop(loop)
+        if failed is not None:
+            return failed
         log.info("stopped")
-        return 0
+        return stopped
+
+    async def _serve(self, workers: list[_Worker], run_dir: Path, host: str, port: int) -> int | None:
+        """Starts the workers and keeps them running until SIGTERM or SIGINT; the exit status when they could not all
+        start, None once told to stop (`run` stops them then, and in any case)."""
+        for worker in workers:
+            if self._stop.is_set():  # SIGTERM while they start: those started are stopped all the same
+                return None
+            try:
+                await self._start(worker, run_dir, f"{host}:{port}")
+            except OSError as exc:
+                log.error("worker %d could not be started (%s); stopping", worker.index, exc)
+                return 1
+        failed = await self._until_all_serve(workers, run_dir)
+        if failed is not None or self._stop.is_set():
+            return failed
+        log.info("listening on %s:%d (%d workers)", host, port, len(workers))
+        await self._keep_running(workers, run_dir, f"{host}:{port}")
+        log.info("shutting down: stopping %d workers", len(workers))
+        return None
 
     def _serve_metrics(self, run_dir: Path) -> WSGIServer | None:
         listen = self._config.server.metrics_listen
@@ -484,12 +492,13 @@ class Supervisor:
                 log.error("worker %d (pid %d) %s; killing it", worker.index, process.pid, why)
 
     async def _until_all_serve(self, workers: list[_Worker], run_dir: Path) -> int | None:
-        """Waits until every worker has announced itself; the exit status of the first that exits before, if any."""
+        """Waits until every worker has announced itself, or a stop comes; the exit status of the first that exits
+        before, if any."""
         while not all(announcement(run_dir, worker.index).exists() for worker in workers):
             # The stop first: SIGTERM to the whole process group (systemd's stop, Ctrl-C in a terminal) also ends the
             # workers not yet handling it, and their deaths then are the stop's, not a failure to start.
             if self._stop.is_set():
-                return 0
+                return None
             if not self._exits.empty():
                 worker = self._exits.get_nowait()
                 assert worker.process is not None
@@ -567,11 +576,16 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.send_signal(signum)
 
-    async def _stop_all(self, workers: list[_Worker]) -> None:
-        """SIGTERM to every worker; each drains and finishes its calls; one that outlasts all that is killed.
+    async def _stop_all(self, workers: list[_Worker]) -> int:
+        """SIGTERM to every worker; each drains and finishes its calls; one that outlasts all that is killed. The
+        supervisor's exit status: 0, or for the first (by number) of the workers that did not stop cleanly (killed, by
+        the supervisor or anything else, or exited with another status), `_exit_status`: one that dies in its stop
+        cuts the calls it had in flight, as one that dies while serving does, and is logged as that one is.
 
         They drain together, so they are waited for together: one deadline for all, not one after another's. A
         second SIGTERM or SIGINT meanwhile has each of them stop at once (STOP_NOW; see Gateway.stop)."""
+        # Those already dead (waiting out a restart's back-off) have had their exit logged.
+        running = [(w.index, w.process) for w in workers if w.process is not None and w.process.returncode is None]
         self._signal_all(workers, signal.SIGTERM)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -585,16 +599,25 @@ class Supervisor:
                 from llmrelay_server.tracing import export_timeout_s
 
                 within_s += export_timeout_s()
-        started = [(worker.index, worker.process) for worker in workers if worker.process is not None]
-        exits = {asyncio.ensure_future(process.wait()): (index, process) for index, process in started}
+        exits = {asyncio.ensure_future(process.wait()): (index, process) for index, process in running}
         if not exits:
-            return
+            return 0
         _, late = await asyncio.wait(exits, timeout=within_s)
         for exit_ in late:
             index, process = exits[exit_]
             process.kill()  # before the line, as in _watch_heartbeats: a worker stopped may hold the log's lock
             log.error("worker %d did not stop within %g s: killing it", index, within_s)
         await asyncio.gather(*late)
+        status = 0
+        for exit_, (index, process) in exits.items():
+            if process.returncode == 0 or process.returncode in _ENDED_BY_THE_STOP:
+                continue
+            if exit_ not in late:  # the kill said so
+                log.error(
+                    "worker %d (pid %d) exited with %s as it stopped", index, process.pid, _status(process.returncode)
+                )
+            status = status or _exit_status(process.returncode)
+        return status
 
 
 def _longer(restart_delay_s: float) -> float:
@@ -669,6 +692,12 @@ def _remove_if_stale(run_dir: Path) -> bool:
         return True
     finally:
         os.close(lock)
+
+
+_ENDED_BY_THE_STOP: Final = (-signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGINT)
+"""A worker's statuses when the stop's own signal ended it before its handlers were in place (as it loaded: Ctrl-C
+then exits 128 + SIGINT, as __main__ has it): the process group's SIGTERM or Ctrl-C, or the supervisor's SIGTERM to a
+worker just restarted. Once in place, they stop it cleanly."""
 
 
 def _exit_status(returncode: int | None) -> int:

@@ -32,6 +32,7 @@ from support import (
     read_all,
     start_server,
     stream_chat,
+    wait_until,
 )
 from upstream import FakeUpstream
 
@@ -376,6 +377,52 @@ async def test_a_signal_as_the_stop_ends_leaves_it_a_clean_stop(server: GatewayP
             await asyncio.sleep(0.002)
     assert await server.process.wait() == 0
     assert "Traceback" not in await server.output()
+
+
+async def test_sigterm_while_the_first_probe_runs_stops_at_once_and_a_second_one_stops_now(
+    tmp_path: Path, local: FakeUpstream
+) -> None:
+    """The port opens before the first probe of the backends ends (up to PROBE_TIMEOUT_S): SIGTERM then waited for
+    the probe, liveness SERVING and new calls taken meanwhile, and a second one was lost, the whole drain run."""
+    local.probe_delay_s = 3.0  # each of Ollama's two probe requests
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(f'server: {{drain_s: 30, grace_period_s: 30, usage_db: "{tmp_path}/usage.db"}}\n')
+    server = await start_server(config, local)
+    try:
+        await server.wait_serving()  # alive from the moment the port opens
+        assert "listening on" not in server.text(), "the first probe had ended"
+        server.process.send_signal(signal.SIGTERM)
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            status = health_pb2.HealthCheckResponse.SERVING
+            async with asyncio.timeout(2):  # not when the probe ends
+                while status == health_pb2.HealthCheckResponse.SERVING:
+                    status = (await health.Check(health_pb2.HealthCheckRequest(), timeout=1)).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await pb.LLMServiceStub(channel).Complete(chat(), timeout=5)
+        assert details(refused.value)["ErrorInfo"].reason == "SHUTTING_DOWN"
+        server.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(server.process.wait(), 10) == 0, "not the drain's 30 s"
+    finally:
+        if server.process.returncode is None:
+            server.process.kill()
+            await server.process.wait()
+    log = await server.output()
+    assert "stopping now" in log and "Traceback" not in log, log
+    assert "no backend is reachable" not in log, "said of backends whose probe the stop cut short"
+
+
+async def test_a_background_probe_out_at_the_stop_ends_quietly(tmp_path: Path, local: FakeUpstream) -> None:
+    """The stop closed the backends' clients under a probe still out, which then found its backend unreachable, and
+    said so in the log of a clean stop."""
+    async with started(tmp_path, local, "drain_s: 0, health_interval_s: 1") as server:
+        local.probe_delay_s = 5.0
+        sent = len(local.probe_requests)
+        await wait_until(lambda: len(local.probe_requests) > sent, timeout_s=5)  # the next background probe is out
+        assert await server.stop() == 0
+    log = await server.output()
+    assert "unreachable" not in log and "Traceback" not in log, log
 
 
 @pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM], ids=lambda signum: signum.name)

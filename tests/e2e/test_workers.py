@@ -38,6 +38,7 @@ from support import (
     read_all,
     start_server,
     stream_chat,
+    wait_until,
     worker_index,
 )
 from upstream import FakeUpstream
@@ -627,10 +628,46 @@ async def test_workers_that_do_not_stop_are_killed_after_one_deadline_for_all(
     for pid in children(gateway.process.pid):
         os.kill(pid, signal.SIGSTOP)  # as a worker whose loop is blocked: SIGTERM does not stop it
     began = time.monotonic()
-    assert await stop(gateway) == 0
+    assert await stop(gateway) == 128 + signal.SIGKILL  # not a clean stop: their calls in flight were cut
     took_s = time.monotonic() - began
     assert 10.5 <= took_s < 15
     assert (await gateway.output()).count("did not stop within 10.5 s: killing it") == 2
+
+
+def stopped(pid: int) -> bool:
+    """Whether the process has stopped (SIGSTOP): signals sent to it from then on wait, pending. Not as soon as it is
+    sent: one that comes first (of a lower number) is taken first."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def pending_signals(pid: int) -> set[int]:
+    """The signals sent to the process that it has not taken yet (all, while it is stopped)."""
+    [mask] = [
+        line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("ShdPnd:")
+    ]
+    return {signum for signum in range(1, 65) if int(mask, 16) >> (signum - 1) & 1}
+
+
+async def test_a_worker_that_dies_in_its_stop_is_logged_and_fails_the_supervisors_exit(
+    tmp_path: Path, local: FakeUpstream
+) -> None:
+    """Killed as it stops (the OOM killer, a segfault), its calls in flight cut: the supervisor said nothing of it,
+    logged "stopped" and exited 0, where a worker that dies while serving is logged, and one that dies as it starts
+    gives the supervisor its status (128 + N)."""
+    gateway = await start_workers(tmp_path, local)
+    held, _ = children(gateway.process.pid)
+    index = worker_index(held)
+    os.kill(held, signal.SIGSTOP)  # the supervisor's SIGTERM waits for it to go on: it is killed first
+    await wait_until(lambda: stopped(held), timeout_s=10)
+    gateway.process.send_signal(signal.SIGTERM)
+    await wait_until(lambda: signal.SIGTERM in pending_signals(held), timeout_s=10)  # the stop has begun
+    os.kill(held, signal.SIGKILL)
+    async with asyncio.timeout(30):
+        assert await gateway.process.wait() == 128 + signal.SIGKILL
+    said = [json.loads(line) for line in (await gateway.output()).splitlines() if line.startswith("{")]
+    assert [entry["msg"] for entry in said if entry["level"] == "ERROR"] == [
+        f"worker {index} (pid {held}) exited with signal SIGKILL as it stopped"
+    ], said
 
 
 @pytest.mark.parametrize(
