@@ -448,36 +448,32 @@ async def test_a_closed_stderr_keeps_the_summary_off_stdout(gateway: Gateway, co
     assert (process.returncode, out.decode()) == (0, "echo: hi\n")
 
 
+async def writing_to(stdout: int, gateway: Gateway, command: list[str]) -> tuple[int | None, str]:
+    """The command's exit status and standard error, its standard output `stdout` (a descriptor, closed here)."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            BIN / "llmrelay", "--target", f"127.0.0.1:{gateway.port}", *command, stdout=stdout, stderr=PIPE
+        )
+    finally:
+        os.close(stdout)
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    return process.returncode, err.decode()
+
+
 @pytest.mark.parametrize("command", [["stream", "one two three"], ["health"]], ids=["stream", "health"])
 async def test_a_reader_gone_ends_the_command_quietly(gateway: Gateway, command: list[str]) -> None:
     # `llmrelay ... | head -c 10` once head has exited: a pipe with no reader, so that every write fails.
     reader, writer = os.pipe()
     os.close(reader)
-    try:
-        process = await asyncio.create_subprocess_exec(
-            BIN / "llmrelay", "--target", f"127.0.0.1:{gateway.port}", *command, stdout=writer, stderr=PIPE
-        )
-    finally:
-        os.close(writer)
-    _, err = await asyncio.wait_for(process.communicate(), 30)
-    assert (process.returncode, err.decode()) == (128 + signal.SIGPIPE, "")
+    assert await writing_to(writer, gateway, command) == (128 + signal.SIGPIPE, "")
 
 
 @pytest.mark.parametrize("command", [["complete", "hi"], ["stream", "one two three"], ["health"]])
 async def test_output_that_cannot_be_written_ends_the_command_in_one_line(gateway: Gateway, command: list[str]) -> None:
     """`> /dev/full` (a full disk): it ended with an OSError's traceback."""
-    full = os.open("/dev/full", os.O_WRONLY)
-    try:
-        process = await asyncio.create_subprocess_exec(
-            BIN / "llmrelay", "--target", f"127.0.0.1:{gateway.port}", *command, stdout=full, stderr=PIPE
-        )
-    finally:
-        os.close(full)
-    _, err = await asyncio.wait_for(process.communicate(), 30)
-    assert (process.returncode, err.decode().splitlines()[-1:]) == (
-        1, ["llmrelay: cannot write its output: No space left on device"]
-    )  # fmt: skip
-    assert "Traceback" not in err.decode()
+    status, err = await writing_to(os.open("/dev/full", os.O_WRONLY), gateway, command)
+    assert (status, err.splitlines()[-1:]) == (1, ["llmrelay: cannot write its output: No space left on device"])
+    assert "Traceback" not in err
 
 
 async def test_an_answer_a_terminal_cannot_encode_is_written_escaped(gateway: Gateway) -> None:
