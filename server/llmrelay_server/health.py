@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpcio-health-checking is untyped
     """grpcio-health-checking's servicer, with List: its stubs route Health/List (and reflection lists it), but its
-    servicer leaves it UNIMPLEMENTED; and with Watch streams that a shutdown can end (`end_watches`)."""
+    servicer leaves it UNIMPLEMENTED; and with Watch streams that a shutdown can end (`end_watches`), each writing
+    outside the lock that every change of status takes (`_watch`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -58,7 +59,36 @@ class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpcio
             await context.write(health_pb2.HealthCheckResponse(status=status))
             return
         with self._watches.held():  # ended by end_watches: the stream ends OK, its last status NOT_SERVING
-            await super().Watch(request, context)
+            await self._watch(request.service, context)
+
+    async def _watch(
+        self,
+        service: str,
+        context: grpc.aio.ServicerContext[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse],
+    ) -> None:
+        """The base class's Watch, but for where it writes: it wrote each status holding the service's condition,
+        which every set() of that service takes, and a write waits for its peer's flow control: a caller that read
+        nothing more on its connection (a stream of an answer it left unread) held every change of readiness, the
+        probes that publish them, and the stop, for good. Here a write holds up its own stream alone; the status is
+        looked at again under the lock before each wait, so no change is missed."""
+        condition = self._server_watchers[service]
+        self._watcher_count_by_service[service] += 1
+        unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        sent = None
+        try:
+            while True:
+                status = self._server_status.get(service, unknown)
+                if status != sent:
+                    await context.write(health_pb2.HealthCheckResponse(status=status))
+                    sent = status
+                async with condition:
+                    if self._server_status.get(service, unknown) == sent:
+                        await condition.wait()
+        finally:
+            self._watcher_count_by_service[service] -= 1
+            if self._watcher_count_by_service[service] == 0:
+                del self._server_watchers[service]
+                del self._watcher_count_by_service[service]
 
     def end_watches(self) -> None:
         """Ends every Watch stream (each has sent NOT_SERVING by now): a watch lasts until its caller leaves, and the

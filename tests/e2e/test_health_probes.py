@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import v1 as pb
@@ -271,6 +274,74 @@ async def test_readiness_says_not_serving_while_the_first_probe_runs(
     finally:
         if not starting.done():
             starting.cancel()
+
+
+async def watch_on_a_stalled_connection(port: int) -> asyncio.StreamWriter:
+    """A connection whose window a StreamComplete answer has used up, its client reading none of it, with a Watch of
+    the gateway's readiness opened on it after: the Watch's first write waits for a window that never opens. Made
+    with h2, which opens no window but where asked to; the writer closes it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    connection.initiate_connection()
+
+    def call(path: str, message: Any) -> None:
+        stream = connection.get_next_available_stream_id()
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "127.0.0.1"),
+                   ("content-type", "application/grpc"), ("te", "trailers")]  # fmt: skip
+        connection.send_headers(stream, headers)
+        body = message.SerializeToString()
+        connection.send_data(stream, b"\0" + len(body).to_bytes(4, "big") + body, end_stream=True)
+        writer.write(connection.data_to_send())
+
+    call(
+        "/llmrelay.v1.LLMService/StreamComplete",
+        pb.StreamCompleteRequest(messages=[pb.Message(role=pb.ROLE_USER, content="x")]),
+    )
+    received = 0
+    while received < 65535:  # the connection's window: all the gateway may send before its client opens more
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        assert data, "the gateway closed the connection"
+        for event in connection.receive_data(data):
+            if isinstance(event, h2.events.DataReceived):
+                received += event.flow_controlled_length
+        writer.write(connection.data_to_send())  # settings' and pings' acknowledgements, never a window
+    call("/grpc.health.v1.Health/Watch", health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+    return writer
+
+
+async def test_a_watcher_that_reads_nothing_holds_up_no_change_of_readiness(
+    gateway_factory: GatewayFactory, primary: FakeUpstream
+) -> None:
+    """grpcio-health-checking writes a Watch's status holding the lock every change of status takes: one caller (no
+    key needed) whose connection's window was used up held readiness SERVING with its only backend's circuit open,
+    and the gateway's stop for good."""
+    config = f"""
+llm:
+  openai: {{api_key: "sk-test", base_url: "{primary.base_url}", model: {primary.models[0]}}}
+  order: [openai]
+router: {{retry: {{max_retries: 0}}, circuit: {{failure_threshold: 1, cooldown_s: 30}}}}
+"""
+    gateway = await gateway_factory(config)
+    primary.inject({"huge_content": 2_000_000})
+    stalled = await watch_on_a_stalled_connection(gateway.port)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            readiness = health_pb2_grpc.HealthStub(channel)
+            ready = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+            assert (await readiness.Check(ready, timeout=5)).status == health_pb2.HealthCheckResponse.SERVING
+            primary.inject({"status": 503})
+            with pytest.raises(grpc.aio.AioRpcError):
+                await pb.LLMServiceStub(channel).Complete(
+                    pb.CompleteRequest(messages=[pb.Message(role=pb.ROLE_USER, content="hi")]), timeout=5
+                )
+            not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+            async with asyncio.timeout(3):  # published within a state check or two
+                while (await readiness.Check(ready, timeout=5)).status != not_serving:  # noqa: ASYNC110 (no event)
+                    await asyncio.sleep(health.STATE_CHECK_S)
+        async with asyncio.timeout(10):
+            await gateway.stop(grace_period_s=0, drain_s=0)
+    finally:
+        stalled.close()
 
 
 async def test_readiness_follows_a_circuit_while_a_slow_probe_is_out(
