@@ -395,7 +395,7 @@ def _limiter(config: GatewayConfig) -> Limiter | None:
 def _connection_options(server: ServerConfig) -> list[tuple[str, int]]:
     """gRPC's keepalive arguments (doc/keepalive.md in grpc/grpc): the gateway pings each connection, calls in flight
     or not, and expects an answer in time; a caller's own pings are welcome as often as min_caller_ping_interval_s.
-    Then the age at which a connection is asked to move on, if any."""
+    Then the streams a connection may have open, and the age at which it is asked to move on, if any."""
     options = [
         ("grpc.keepalive_time_ms", _milliseconds(server.keepalive_s)),
         ("grpc.keepalive_timeout_ms", _milliseconds(server.keepalive_timeout_s)),
@@ -409,6 +409,8 @@ def _connection_options(server: ServerConfig) -> list[tuple[str, int]]:
         # that stopped reading leaves no room): unlimited, or such a caller would never be found out.
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", _milliseconds(server.min_caller_ping_interval_s)),
+        # gRPC's own default is no bound, and a stream whose request has not ended is no call in progress yet.
+        ("grpc.max_concurrent_streams", server.max_streams_per_connection),
     ]
     if server.max_connection_age_s is not None:
         # Its calls in flight finish on it, however long: each has its deadline, or the router's request_timeout_s.

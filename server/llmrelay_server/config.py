@@ -196,6 +196,10 @@ class ServerConfig:
     """The bound on calls of the gateway's service in progress at once (its Health RPC and the health service are not
     bounded); more are refused with RESOURCE_EXHAUSTED, reason CONCURRENT_CALLS_EXCEEDED. Per process: each worker
     has its own."""
+    max_streams_per_connection: int = 1000
+    """The calls one connection may have open at once (HTTP/2's MAX_CONCURRENT_STREAMS): a client queues those past
+    it. Unbounded, one connection (no key needed) could open streams whose request never ends, which no call bound
+    counts, some 20 KiB of the process's memory each."""
     keepalive_s: float = 30.0
     """How often the gateway pings a caller's connection (HTTP/2 PING) to learn whether the caller is still there."""
     keepalive_timeout_s: float = 20.0
@@ -396,6 +400,8 @@ def _checked(document: Mapping[str, Any], text: str | None, env: Mapping[str, st
     if server.max_concurrent_rpcs is not None and server.max_concurrent_rpcs > MAX_CONCURRENT_RPCS:
         # More than any process could hold: a number that large is a mistake (a value meant for something else).
         raise ConfigError(f"server.max_concurrent_rpcs: at most {MAX_CONCURRENT_RPCS}, or left out for no bound")
+    if server.max_streams_per_connection > MAX_CONCURRENT_RPCS:  # (0 and below: _check_positive)
+        raise ConfigError(f"server.max_streams_per_connection: at most {MAX_CONCURRENT_RPCS} (calls on one connection)")
     for name in ("keepalive_s", "keepalive_timeout_s", "min_caller_ping_interval_s", "max_connection_age_s"):
         if (value := getattr(server, name)) is not None and value > MAX_CONNECTION_TIMER_S:
             raise ConfigError(f"server.{name}: at most {MAX_CONNECTION_TIMER_S:g} s (a day)")

@@ -1386,3 +1386,13 @@ def test_a_number_in_the_wrong_place_is_named_as_a_number(tmp_path: Path, yaml_t
     with pytest.raises(ConfigError) as raised:
         load(tmp_path, yaml_text)
     assert str(raised.value) == says
+
+
+@pytest.mark.parametrize(
+    ("value", "said"), [("0", "must be a finite number > 0"), ("-1", "must be a finite number > 0"),
+                        (str(2**31), "at most 2147483647 (calls on one connection)")],
+)  # fmt: skip
+def test_the_streams_a_connection_may_have_open_are_bounded_sensibly(tmp_path: Path, value: str, said: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load(tmp_path, f"server: {{max_streams_per_connection: {value}}}\n")
+    assert str(refused.value) == f"server.max_streams_per_connection: {said}"
