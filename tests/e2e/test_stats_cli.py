@@ -62,7 +62,7 @@ async def test_stats_shows_calls_latency_and_tokens(
         answers = [await stub.Complete(chat(), timeout=5) for _ in range(3)]
         assert answers[0].usage.cached_prompt_tokens == 4 and answers[0].usage.reasoning_tokens == 2
         chunks = [chunk async for chunk in stub.StreamComplete(stream_chat(), timeout=5)]
-    after = await asyncio.to_thread(scrape, url)
+    after = await scrape_once_counted(url, 1, "StreamComplete")  # the last call: the others are counted by then
 
     live = render_stats(after, before, seconds=2.0)
     assert "over the last 2.0 s" in live
@@ -278,6 +278,16 @@ async def calls(target: str, ok: int, refused: int = 0) -> None:
             assert refusal.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def scrape_once_counted(url: str, count: int, rpc: str = "Complete") -> cli.Samples:
+    """A scrape once it counts `count` calls of `rpc` since the gateway started: a call is counted as its handler
+    ends, a moment after its caller has its status (a scrape at once missed the last one, on a busy machine)."""
+    async with asyncio.timeout(5):
+        # Another process's counters: no event to wait on.
+        while row(render_stats(samples := await asyncio.to_thread(scrape, url)), rpc)[1] != str(count):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    return samples
+
+
 def metrics_config(tmp_path: Path) -> tuple[Path, str]:
     port = free_port()
     config = tmp_path / "llmrelay.yaml"
@@ -305,10 +315,10 @@ async def test_a_gateway_restarted_between_two_scrapes_counts_from_zero(tmp_path
         await gateway.wait_listening()
         await gateway.wait_serving()
         await calls(gateway.target, ok=3, refused=2)
-        before = await asyncio.to_thread(scrape, url)
+        before = await scrape_once_counted(url, 5)
         gateway = await restarted(gateway, config, local)
         await calls(gateway.target, ok=5, refused=3)
-        after = await asyncio.to_thread(scrape, url)
+        after = await scrape_once_counted(url, 8)
     finally:
         await gateway.stop()
     live = render_stats(after, before, seconds=4.0)
