@@ -440,9 +440,9 @@ func enumValues(t reflect.Type, tag string, quoted bool) ([]any, error) {
 // shape is what the schema of a type asks of its JSON, which a tool's arguments are checked for (check) before they
 // reach its handler, every problem at once, with its path, as the Python and TypeScript SDKs say them: each value's
 // JSON type, every object's required properties at any depth and no others (encoding/json leaves a missing one, or a
-// null one, zero, and stops at the first problem it meets), a value its enum tag lists, a fixed-size array's length (it fills the array from fewer
-// items and drops the extra ones), and no null for an item or a map's value that cannot be null (it makes the zero
-// value of it, whose required properties are then missing unseen).
+// null one, zero, and stops at the first problem it meets), a value its enum tag lists, a fixed-size array's length
+// (it fills the array from fewer items and drops the extra ones), and no null for an item or a map's value that
+// cannot be null (it makes the zero value of it, whose required properties are then missing unseen).
 type shape struct {
 	// kind is the JSON value's: reflect.Struct for an object with properties, Slice or Array for an array, Map for an
 	// object of values; any other kind has nothing to check inside.
@@ -720,11 +720,9 @@ func (s *shape) wholeNumbers(value json.RawMessage) json.RawMessage {
 		for key, item := range object {
 			itemShape := s.items
 			if s.kind == reflect.Struct {
-				itemShape = nil
-				for _, property := range s.properties {
-					if property.name == key && !property.quoted { // a quoted value is JSON in a string
-						itemShape = property.shape
-					}
+				i := slices.IndexFunc(s.properties, func(p propertyShape) bool { return p.name == key })
+				if itemShape = nil; i >= 0 && !s.properties[i].quoted { // a quoted value is JSON in a string
+					itemShape = s.properties[i].shape
 				}
 			}
 			if itemShape != nil && !isNull(item) {

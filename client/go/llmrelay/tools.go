@@ -216,31 +216,14 @@ func decodeArguments[Args any](arguments json.RawMessage, shape *shape) (Args, e
 // is named by its JSON kind, in their words ("they must be a JSON object, not an array"), not by the Go type
 // encoding/json could not fill, which the model does not know.
 func checkObject(arguments json.RawMessage) error {
-	var value any
-	if err := json.Unmarshal(arguments, &value); err != nil {
-		return fmt.Errorf("not a JSON object: %w", err)
+	if !json.Valid(arguments) {
+		var value any
+		return fmt.Errorf("not a JSON object: %w", json.Unmarshal(arguments, &value)) // the decoder's words of where
 	}
-	if _, ok := value.(map[string]any); !ok {
-		return fmt.Errorf("they must be a JSON object, not %s", jsonKind(value))
+	if kind := jsonType(arguments); kind != "an object" {
+		return fmt.Errorf("they must be a JSON object, not %s", kind)
 	}
 	return nil
-}
-
-// jsonKind is what a decoded JSON value other than an object is, for an error text: "null", "an array", ...
-func jsonKind(value any) string {
-	switch value.(type) {
-	case nil:
-		return "null"
-	case bool:
-		return "a boolean"
-	case float64:
-		return "a number"
-	case string:
-		return "a string"
-	case []any:
-		return "an array"
-	}
-	return "an object"
 }
 
 // resultText is a handler's result as the tool message's content: a string as it is, anything else as JSON.
