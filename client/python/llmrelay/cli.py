@@ -74,21 +74,21 @@ def _main(argv: Sequence[str] | None) -> None:
             _run(args)
         finally:
             sys.stdout.flush()  # here, where a reader gone is caught, rather than as Python exits
-    except BrokenPipeError:
-        # The reader has gone (`llmrelay stream ... | head`): end quietly, with the status a shell gives a command that
-        # SIGPIPE ended, as command-line tools do. Python would flush stdout again as it exits, and fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(128 + signal.SIGPIPE)
     except OSError as exc:
-        if exc.errno not in _WRITE_FAILURES:
+        if not isinstance(exc, BrokenPipeError) and exc.errno not in _WRITE_FAILURES:
             raise
-        # Its output could not be written (`> /dev/full`, a full disk, a failing device): one line, not a traceback.
+        # Python would flush stdout again as it exits, and fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if isinstance(exc, BrokenPipeError):
+            # The reader has gone (`llmrelay stream ... | head`): end quietly, with the status a shell gives a command
+            # that SIGPIPE ended, as command-line tools do.
+            sys.exit(128 + signal.SIGPIPE)
+        # Its output could not be written (`> /dev/full`, a full disk, a failing device): one line, not a traceback.
         sys.exit(f"llmrelay: cannot write its output: {exc.strerror}")
 
 
 _WRITE_FAILURES: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
-"""What a write to a file or a device fails with, beside a reader gone (EPIPE)."""
+"""What a write to a file or a device fails with, beside a reader gone (BrokenPipeError)."""
 
 
 def _run(args: argparse.Namespace) -> None:
