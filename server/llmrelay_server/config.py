@@ -150,6 +150,9 @@ class Price:
     completion: float
     cached_prompt: float | None = None
     """Prompt tokens served from the upstream's cache; unset: the prompt rate."""
+    cache_write_prompt: float | None = None
+    """Prompt tokens written to the upstream's cache (Anthropic bills them above its input rate); unset: the prompt
+    rate."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1437,7 +1440,7 @@ an answer whose cost cannot be sent and a record the ledger cannot store."""
 
 
 def _check_price(price: Price, where: str) -> None:
-    _check_positive(price, where, allow_zero=("prompt", "completion", "cached_prompt"))
+    _check_positive(price, where, allow_zero=("prompt", "completion", "cached_prompt", "cache_write_prompt"))
     for f in dataclasses.fields(price):
         value = getattr(price, f.name)
         if value is not None and value > _MAX_USD_PER_MILLION_TOKENS:

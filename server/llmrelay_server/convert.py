@@ -682,6 +682,8 @@ def _fill_usage(message: pb.Usage, usage: TokenUsage) -> None:
         message.reasoning_tokens = usage.reasoning_tokens
     if usage.cached_prompt_tokens is not None:
         message.cached_prompt_tokens = usage.cached_prompt_tokens
+    if usage.cache_write_prompt_tokens is not None:
+        message.cache_write_prompt_tokens = usage.cache_write_prompt_tokens
     if usage.cost is not None:
         _fill_cost(message.cost, usage.cost)
 

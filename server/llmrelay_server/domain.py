@@ -262,6 +262,9 @@ class TokenUsage:
     estimated: bool = False
     reasoning_tokens: int | None = None
     cached_prompt_tokens: int | None = None
+    cache_write_prompt_tokens: int | None = None
+    """Of the prompt, the tokens written to the upstream's cache (Anthropic's cache writes), which cost more than the
+    rest of it; none of them among cached_prompt_tokens."""
     cost: Cost | None = None
     """Set by the router, which knows the prices; a provider leaves it unset."""
 
@@ -278,6 +281,7 @@ class TokenUsage:
             self.estimated,
             self.reasoning_tokens,
             self.cached_prompt_tokens,
+            self.cache_write_prompt_tokens,
             cost,
         )
 
@@ -289,12 +293,14 @@ class TokenUsage:
         completion = self.completion_tokens + other.completion_tokens
         reasoning = _sum_known(self.reasoning_tokens, other.reasoning_tokens)
         cached = _sum_known(self.cached_prompt_tokens, other.cached_prompt_tokens)
+        written = _sum_known(self.cache_write_prompt_tokens, other.cache_write_prompt_tokens)
         estimated = self.estimated or other.estimated
         if prompt + completion > MAX_TOKEN_COUNT:
             prompt = min(prompt, MAX_TOKEN_COUNT)
             completion = min(completion, MAX_TOKEN_COUNT - prompt)
             reasoning = None if reasoning is None else min(reasoning, completion)
             cached = None if cached is None else min(cached, prompt)
+            written = None if written is None else min(written, prompt - (cached or 0))
             estimated = True
         return TokenUsage(
             prompt_tokens=prompt,
@@ -302,6 +308,7 @@ class TokenUsage:
             estimated=estimated,
             reasoning_tokens=reasoning,
             cached_prompt_tokens=cached,
+            cache_write_prompt_tokens=written,
             cost=other.cost if self.cost is None else self.cost if other.cost is None else self.cost + other.cost,
         )
 

@@ -389,6 +389,7 @@ class _Billed:
             ("prompt", usage.prompt_tokens),
             ("completion", usage.completion_tokens),
             ("cached", usage.cached_prompt_tokens),
+            ("cache_write", usage.cache_write_prompt_tokens),
             ("reasoning", usage.reasoning_tokens),
         ):
             if count:

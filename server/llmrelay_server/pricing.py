@@ -122,35 +122,49 @@ class Rate:
     prompt: Fraction
     completion: Fraction
     cached_prompt: Fraction
+    cache_write_prompt: Fraction
     unknown: bool = False
     """No price is known for the model on a paid backend: these are the configured default rate's."""
-    # The three prices as integers over one denominator, so that an answer's cost is exact in integer arithmetic
-    # (Fraction arithmetic took 8 us of every call).
+    # The prices as integers over one denominator, so that an answer's cost is exact in integer arithmetic (Fraction
+    # arithmetic took 8 us of every call).
     _scale: int = field(init=False, repr=False, compare=False)
     _prompt: int = field(init=False, repr=False, compare=False)
     _completion: int = field(init=False, repr=False, compare=False)
     _cached_prompt: int = field(init=False, repr=False, compare=False)
+    _cache_write_prompt: int = field(init=False, repr=False, compare=False)
+    _most_prompt: int = field(init=False, repr=False, compare=False)
+    """The dearer of the prompt's rates, for an estimate: a prompt may be written to the cache whole."""
 
     def __post_init__(self) -> None:
-        scale = math.lcm(self.prompt.denominator, self.completion.denominator, self.cached_prompt.denominator)
+        prices = ("prompt", "completion", "cached_prompt", "cache_write_prompt")
+        scale = math.lcm(*(getattr(self, name).denominator for name in prices))
         object.__setattr__(self, "_scale", scale)
-        for name in ("prompt", "completion", "cached_prompt"):
+        for name in prices:
             object.__setattr__(self, f"_{name}", int(getattr(self, name) * scale))
+        object.__setattr__(self, "_most_prompt", max(self._prompt, self._cache_write_prompt))
 
     @classmethod
     def of(cls, price: Price, *, unknown: bool = False) -> Rate:
         prompt = _exact(price.prompt)
-        cached = prompt if price.cached_prompt is None else _exact(price.cached_prompt)
-        return cls(prompt=prompt, completion=_exact(price.completion), cached_prompt=cached, unknown=unknown)
+        return cls(
+            prompt=prompt,
+            completion=_exact(price.completion),
+            cached_prompt=prompt if price.cached_prompt is None else _exact(price.cached_prompt),
+            cache_write_prompt=prompt if price.cache_write_prompt is None else _exact(price.cache_write_prompt),
+            unknown=unknown,
+        )
 
     def cost(self, usage: TokenUsage) -> Cost:
-        """One answer's (or one attempt's) cost: cached prompt tokens at the cached rate, the rest of the prompt at the
-        prompt rate; estimated when the tokens were, or the price is unknown."""
+        """One answer's (or one attempt's) cost: cached prompt tokens at the cached rate, those written to the cache at
+        the cache-write rate, the rest of the prompt at the prompt rate; estimated when the tokens were, or the price is
+        unknown."""
         # An upstream reporting more cached tokens than prompt tokens is wrong; bill no prompt token twice or below 0.
         cached = min(usage.cached_prompt_tokens or 0, usage.prompt_tokens)
+        written = min(usage.cache_write_prompt_tokens or 0, usage.prompt_tokens - cached)
         micros = (
             cached * self._cached_prompt
-            + (usage.prompt_tokens - cached) * self._prompt
+            + written * self._cache_write_prompt
+            + (usage.prompt_tokens - cached - written) * self._prompt
             + usage.completion_tokens * self._completion
         )
         return Cost(
@@ -160,15 +174,18 @@ class Rate:
         )
 
     def estimate_usd_micros(self, prompt_tokens: int, completion_tokens: int) -> int:
-        """What a request may cost before it runs (no cache assumed), e.g. to reserve against a budget."""
-        return self._round_up(prompt_tokens * self._prompt + completion_tokens * self._completion)
+        """The most a request may cost before it runs (no cache read assumed, and every prompt token at the dearer of
+        the prompt and cache-write rates), e.g. to reserve against a budget."""
+        return self._round_up(prompt_tokens * self._most_prompt + completion_tokens * self._completion)
 
     def _round_up(self, scaled_micros: int) -> int:
         """micro-USD times _scale, rounded up to whole micro-USD: ceil(x / scale), in integers."""
         return -(-scaled_micros // self._scale)
 
 
-FREE: Final = Rate(prompt=Fraction(0), completion=Fraction(0), cached_prompt=Fraction(0))
+FREE: Final = Rate(
+    prompt=Fraction(0), completion=Fraction(0), cached_prompt=Fraction(0), cache_write_prompt=Fraction(0)
+)
 
 
 @functools.lru_cache(maxsize=256)
@@ -179,6 +196,7 @@ def _dearest(rates: tuple[Rate, ...]) -> Rate:
         prompt=max(rate.prompt for rate in rates),
         completion=max(rate.completion for rate in rates),
         cached_prompt=max(rate.cached_prompt for rate in rates),
+        cache_write_prompt=max(rate.cache_write_prompt for rate in rates),
         unknown=first.unknown,
     )
 

@@ -756,6 +756,7 @@ class TokenCounter:
                 completion_tokens=completion.tokens,
                 estimated=True,
                 cached_prompt_tokens=prompt.cached_prompt_tokens,
+                cache_write_prompt_tokens=prompt.cache_write_prompt_tokens,
             )
         options = request.options
         counted = await self.count_chat_async(

@@ -8,7 +8,9 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import time
+from fractions import Fraction
 from typing import Any
 
 import grpc
@@ -614,6 +616,23 @@ async def test_cache_writes_and_reads_count_as_prompt_tokens(
         7,
         cached.completion_tokens,
     )
+
+
+async def test_cache_writes_are_billed_at_their_own_rate(
+    stub_for: StubFactory, claude: FakeAnthropic, local: FakeUpstream
+) -> None:
+    """Anthropic bills the tokens written to its cache above its input rate, and those read from it below: each part
+    of the prompt at its own price, and the writes reported apart."""
+    price = "{prompt: 3, completion: 15, cached_prompt: 0.3, cache_write_prompt: 3.75}"
+    stub = await stub_for(anthropic_first(claude, local) + f'pricing: {{"claude-test": {price}}}\n')
+    claude.inject({"cache": {"creation": 5, "read": 7}}, {"cache": {"creation": 5, "read": 7}})
+    answered = (await stub.Complete(chat("same prompt"), timeout=5)).usage
+    final = (await streamed(stub, stream_chat("same prompt")))[-1].usage
+    for usage in (answered, final):
+        assert (usage.cached_prompt_tokens, usage.cache_write_prompt_tokens) == (7, 5)
+        fresh = usage.prompt_tokens - 5 - 7
+        micros = fresh * Fraction(3) + 5 * Fraction("3.75") + 7 * Fraction("0.3") + usage.completion_tokens * 15
+        assert usage.cost.usd_micros == math.ceil(micros) and not usage.cost.estimated
 
 
 async def test_an_answer_with_its_input_tokens_alone_bills_them_and_counts_its_output(

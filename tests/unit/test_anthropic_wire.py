@@ -437,7 +437,7 @@ def test_malformed_answers(data: Any) -> None:
         ({"input_tokens": 3, "output_tokens": 4}, TokenUsage(3, 4)),
         (
             {"input_tokens": 3, "output_tokens": 4, "cache_creation_input_tokens": 5, "cache_read_input_tokens": 7},
-            TokenUsage(3 + 5 + 7, 4, cached_prompt_tokens=7),
+            TokenUsage(3 + 5 + 7, 4, cached_prompt_tokens=7, cache_write_prompt_tokens=5),
         ),
         (
             {"input_tokens": 3, "output_tokens": 4, "cache_read_input_tokens": 0},
@@ -753,32 +753,32 @@ def test_a_streams_prompt_usage_is_message_starts_before_the_answer_ends() -> No
     usage = {"input_tokens": 10, "output_tokens": 1, "cache_creation_input_tokens": 5, "cache_read_input_tokens": 7}
     state.event({"type": "message_start", "message": {"usage": usage}})
     assert state.usage is None
-    assert state.prompt_usage == TokenUsage(prompt_tokens=22, completion_tokens=0, cached_prompt_tokens=7)
+    assert state.prompt_usage == TokenUsage(22, 0, cached_prompt_tokens=7, cache_write_prompt_tokens=5)
     state.event({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 4}})
-    assert state.usage == TokenUsage(prompt_tokens=22, completion_tokens=4, cached_prompt_tokens=7)
+    assert state.usage == TokenUsage(22, 4, cached_prompt_tokens=7, cache_write_prompt_tokens=5)
 
 
 @pytest.mark.parametrize(
-    ("later", "prompt", "cached"),
+    ("later", "prompt", "cached", "written"),
     [
         # A compatible server (SGLang) writes 0 for the prompt's counts in message_delta: message_start's stand.
-        ({"input_tokens": 0}, 22, 7),
-        ({"input_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}, 22, 7),
+        ({"input_tokens": 0}, 22, 7, 5),
+        ({"input_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}, 22, 7, 5),
         # The counts are cumulative: a larger one (the API's own, after a server tool's turn) is the answer's.
-        ({"input_tokens": 100, "cache_read_input_tokens": 9}, 114, 9),
-        ({}, 22, 7),
+        ({"input_tokens": 100, "cache_read_input_tokens": 9}, 114, 9, 5),
+        ({}, 22, 7, 5),
     ],
 )
 def test_message_deltas_prompt_counts_never_lower_message_starts(
-    later: dict[str, int], prompt: int, cached: int
+    later: dict[str, int], prompt: int, cached: int, written: int
 ) -> None:
     state = aw.StreamState()
     usage = {"input_tokens": 10, "output_tokens": 1, "cache_creation_input_tokens": 5, "cache_read_input_tokens": 7}
     state.event({"type": "message_start", "message": {"usage": usage}})
     end = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {**later, "output_tokens": 12}}
     state.event(end)
-    assert state.prompt_usage == TokenUsage(prompt_tokens=prompt, completion_tokens=0, cached_prompt_tokens=cached)
-    assert state.usage == TokenUsage(prompt_tokens=prompt, completion_tokens=12, cached_prompt_tokens=cached)
+    assert state.prompt_usage == TokenUsage(prompt, 0, cached_prompt_tokens=cached, cache_write_prompt_tokens=written)
+    assert state.usage == TokenUsage(prompt, 12, cached_prompt_tokens=cached, cache_write_prompt_tokens=written)
 
 
 @pytest.mark.parametrize(

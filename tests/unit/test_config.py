@@ -1244,6 +1244,10 @@ def test_the_digest_of_an_empty_key_is_refused(tmp_path: Path) -> None:
             'pricing: {"gpt-4o": {prompt: 2.5, completion: 10, cached_prompt: 1.25e9}}\n',
             r"pricing\.gpt-4o\.cached_prompt",
         ),
+        (
+            'pricing: {"claude": {prompt: 3, completion: 15, cache_write_prompt: 2e6}}\n',
+            r"pricing\.claude\.cache_write_prompt",
+        ),
         ("unknown_price: {prompt: 5, completion: 1.5e10}\n", r"unknown_price\.completion"),
     ],
 )
@@ -1262,6 +1266,13 @@ def test_a_price_just_over_the_bound_is_shown_apart_from_it(tmp_path: Path, pric
     with pytest.raises(ConfigError) as caught:
         load(tmp_path, f'pricing: {{"m": {{prompt: {price}, completion: 1}}}}\n')
     assert str(caught.value).startswith(f"pricing.m.prompt: {shown} USD per million tokens is over 1,000,000 (")
+
+
+def test_a_cache_write_price_is_read_and_none_below_zero(tmp_path: Path) -> None:
+    loaded = load(tmp_path, 'pricing: {"claude-*": {prompt: 3, completion: 15, cache_write_prompt: 3.75}}\n')
+    assert loaded.pricing["claude-*"] == config.Price(prompt=3, completion=15, cache_write_prompt=3.75)
+    with pytest.raises(ConfigError, match=r"pricing\.claude-\*\.cache_write_prompt"):
+        load(tmp_path, 'pricing: {"claude-*": {prompt: 3, completion: 15, cache_write_prompt: -1}}\n')
 
 
 def test_the_dearest_price_taken_is_a_dollar_a_token(tmp_path: Path) -> None:

@@ -1080,6 +1080,21 @@ def test_a_restarted_streams_usage_past_what_the_contract_carries_stops_there_es
     assert TokenUsage(9, 3) + TokenUsage(10, 5, estimated=False) == TokenUsage(19, 8), "below it, exact"
 
 
+def test_cache_writes_add_up_and_reach_the_contract() -> None:
+    usage = TokenUsage(9, 3, cache_write_prompt_tokens=4) + TokenUsage(10, 5, cached_prompt_tokens=2)
+    assert (usage.cache_write_prompt_tokens, usage.cached_prompt_tokens) == (4, 2)
+    assert (TokenUsage(9, 3) + TokenUsage(10, 5)).cache_write_prompt_tokens is None
+    # Past what the contract carries, the writes stop at what the reads leave of the prompt.
+    over = TokenUsage(MAX_TOKEN_COUNT - 5, 1, cached_prompt_tokens=10, cache_write_prompt_tokens=MAX_TOKEN_COUNT - 10)
+    over += TokenUsage(9, 3, cache_write_prompt_tokens=9)
+    assert over.cache_write_prompt_tokens == over.prompt_tokens - 10
+    chunk = CompletionChunk(id="c", backend="b", model="m", finish_reason=FinishReason.STOP, usage=usage)
+    out = roundtrip(convert.stream_response(chunk)).usage
+    assert (out.cache_write_prompt_tokens, out.cached_prompt_tokens) == (4, 2)
+    plain = roundtrip(convert.stream_response(replace(chunk, usage=TokenUsage(9, 3)))).usage
+    assert not plain.HasField("cache_write_prompt_tokens")
+
+
 def test_a_finish_without_usage_has_no_usage() -> None:
     out = convert.stream_response(CompletionChunk(id="c", backend="b", model="m", finish_reason=FinishReason.LENGTH))
     assert out.finish_reason == pb.FINISH_REASON_LENGTH

@@ -54,7 +54,8 @@ def _every_field_set(value_type: type[Any]) -> Any:
     """A value of `value_type` whose every field differs from its default (a field added later included)."""
     samples: dict[str, Any] = {
         "prompt_tokens": 1, "completion_tokens": 2, "estimated": True, "reasoning_tokens": 3,
-        "cached_prompt_tokens": 4, "cost": Cost(usd_micros=5), "id": "id-1", "backend": "b", "model": "m",
+        "cached_prompt_tokens": 4, "cache_write_prompt_tokens": 9, "cost": Cost(usd_micros=5), "id": "id-1",
+        "backend": "b", "model": "m",
         "message": Message(role=Role.ASSISTANT, content="hi"), "finish_reason": FinishReason.LENGTH,
         "usage": TokenUsage(prompt_tokens=6, completion_tokens=7),
         "attempts": (Attempt(backend="b", model="m", outcome=AttemptOutcome.SUCCEEDED, duration_s=0.5),),

@@ -224,6 +224,37 @@ def test_exact_micro_dollars_with_cached_prompt_tokens() -> None:
     assert rate.cost(usage) == Cost(usd_micros=7_505)
 
 
+def test_cache_writes_at_their_own_rate_and_no_prompt_token_billed_twice() -> None:
+    rate = Rate.of(Price(prompt=3.0, completion=15.0, cached_prompt=0.3, cache_write_prompt=3.75))
+    usage = TokenUsage(1_000, 10, cached_prompt_tokens=200, cache_write_prompt_tokens=500)
+    # 300 fresh * 3 + 500 written * 3.75 + 200 read * 0.3 + 10 * 15 = 900 + 1875 + 60 + 150
+    assert rate.cost(usage).usd_micros == 2_985
+    # Reads and writes past the prompt (no upstream's figures): the reads first, the writes what they leave.
+    assert rate.cost(TokenUsage(100, 0, cached_prompt_tokens=80, cache_write_prompt_tokens=80)).usd_micros == 99
+    # Unset, the writes cost the prompt rate.
+    assert Rate.of(Price(prompt=3.0, completion=0.0)).cost(TokenUsage(100, 0, cache_write_prompt_tokens=40)) == Cost(
+        usd_micros=300
+    )
+
+
+def test_an_estimate_bounds_a_prompt_written_to_the_cache_whole() -> None:
+    # A budget reserves the most a call may cost: every prompt token may be a cache write, dearer than the prompt.
+    dearer_writes = Rate.of(Price(prompt=3.0, completion=15.0, cache_write_prompt=3.75))
+    assert dearer_writes.estimate_usd_micros(1_000, 10) == 3_750 + 150
+    assert (
+        dearer_writes.estimate_usd_micros(1_000, 10)
+        >= dearer_writes.cost(TokenUsage(1_000, 10, cache_write_prompt_tokens=1_000)).usd_micros
+    )
+    cheaper_writes = Rate.of(Price(prompt=3.0, completion=15.0, cache_write_prompt=1.0))
+    assert cheaper_writes.estimate_usd_micros(1_000, 10) == 3_000 + 150
+    # A model reserves at the dearest of its own and its snapshots' prices, price by price.
+    snapshot = Price(3.0, 15.0, cache_write_prompt=5.5)
+    table = PriceTable({"claude-x-20250929": snapshot, "claude-x": Price(4.0, 1.0)}, UNKNOWN)
+    dearest = table.rate(backend("anthropic"), "claude-x")
+    assert (dearest.prompt, dearest.cache_write_prompt) == (Fraction(4), Fraction("5.5"))
+    assert dearest.estimate_usd_micros(1_000, 0) == 5_500
+
+
 def test_cached_tokens_at_the_prompt_rate_when_no_cached_rate_is_set() -> None:
     rate = Rate.of(Price(prompt=3.0, completion=0.0))
     assert rate.cost(TokenUsage(100, 0, cached_prompt_tokens=40)).usd_micros == 300

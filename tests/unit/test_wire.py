@@ -628,6 +628,15 @@ def test_a_usage_of_no_prompt_tokens_is_none() -> None:
     assert wire.embedding_usage_from({"usage": {"prompt_tokens": 0, "total_tokens": 0}}) is None
 
 
+def test_a_usages_parts_past_its_prompt_are_cut_to_it() -> None:
+    usage = wire.plausible_usage(TokenUsage(10, 2, cached_prompt_tokens=12, cache_write_prompt_tokens=3))
+    assert usage == TokenUsage(10, 2, cached_prompt_tokens=10, cache_write_prompt_tokens=0)
+    usage = wire.plausible_usage(TokenUsage(10, 2, cached_prompt_tokens=4, cache_write_prompt_tokens=9))
+    assert usage == TokenUsage(10, 2, cached_prompt_tokens=4, cache_write_prompt_tokens=6)
+    within = TokenUsage(10, 2, cached_prompt_tokens=4, cache_write_prompt_tokens=6)
+    assert wire.plausible_usage(within) is within
+
+
 @pytest.mark.parametrize(
     "details",
     [

@@ -158,12 +158,13 @@ func sumUsage(total, usage *llmrelayv1.Usage) *llmrelayv1.Usage {
 		return proto.CloneOf(usage)
 	}
 	sum := &llmrelayv1.Usage{
-		PromptTokens:       total.GetPromptTokens() + usage.GetPromptTokens(),
-		CompletionTokens:   total.GetCompletionTokens() + usage.GetCompletionTokens(),
-		TotalTokens:        total.GetTotalTokens() + usage.GetTotalTokens(),
-		Estimated:          total.GetEstimated() || usage.GetEstimated(),
-		ReasoningTokens:    sumOptional(total.ReasoningTokens, usage.ReasoningTokens),
-		CachedPromptTokens: sumOptional(total.CachedPromptTokens, usage.CachedPromptTokens),
+		PromptTokens:           total.GetPromptTokens() + usage.GetPromptTokens(),
+		CompletionTokens:       total.GetCompletionTokens() + usage.GetCompletionTokens(),
+		TotalTokens:            total.GetTotalTokens() + usage.GetTotalTokens(),
+		Estimated:              total.GetEstimated() || usage.GetEstimated(),
+		ReasoningTokens:        sumOptional(total.ReasoningTokens, usage.ReasoningTokens),
+		CachedPromptTokens:     sumOptional(total.CachedPromptTokens, usage.CachedPromptTokens),
+		CacheWritePromptTokens: sumOptional(total.CacheWritePromptTokens, usage.CacheWritePromptTokens),
 	}
 	if total.GetCost() != nil || usage.GetCost() != nil {
 		sum.Cost = &llmrelayv1.Cost{

@@ -82,10 +82,11 @@ func TestConversationRefusesABudgetBelowZero(t *testing.T) {
 func TestSumUsage(t *testing.T) {
 	first := &llmrelayv1.Usage{PromptTokens: 10, CompletionTokens: 5, TotalTokens: 15, ReasoningTokens: proto.Int32(2)}
 	second := &llmrelayv1.Usage{PromptTokens: 20, CompletionTokens: 1, TotalTokens: 21, Estimated: true,
-		Cost: &llmrelayv1.Cost{UsdMicros: 7, Estimated: true}}
+		CacheWritePromptTokens: proto.Int32(4), Cost: &llmrelayv1.Cost{UsdMicros: 7, Estimated: true}}
 	total := sumUsage(sumUsage(nil, first), second)
 	want := &llmrelayv1.Usage{PromptTokens: 30, CompletionTokens: 6, TotalTokens: 36, Estimated: true,
-		ReasoningTokens: proto.Int32(2), Cost: &llmrelayv1.Cost{UsdMicros: 7, Estimated: true}}
+		ReasoningTokens: proto.Int32(2), CacheWritePromptTokens: proto.Int32(4),
+		Cost: &llmrelayv1.Cost{UsdMicros: 7, Estimated: true}}
 	if !proto.Equal(total, want) {
 		t.Errorf("sum %v, want %v", total, want)
 	}

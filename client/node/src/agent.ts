@@ -486,6 +486,7 @@ export function addUsage(a: Usage, b: Usage | undefined): Usage {
     estimated: a.estimated || b.estimated,
     reasoningTokens: optional(a.reasoningTokens, b.reasoningTokens),
     cachedPromptTokens: optional(a.cachedPromptTokens, b.cachedPromptTokens),
+    cacheWritePromptTokens: optional(a.cacheWritePromptTokens, b.cacheWritePromptTokens),
     cost,
   };
 }

@@ -373,7 +373,10 @@ describe("addUsage", () => {
   });
 
   test("adds the counts, and is estimated when either part is", () => {
-    const sum = addUsage(usage(10, 2), usage(20, 3, { estimated: true, reasoningTokens: 4 }));
+    const sum = addUsage(
+      usage(10, 2, { cacheWritePromptTokens: 6 }),
+      usage(20, 3, { estimated: true, reasoningTokens: 4, cacheWritePromptTokens: 5 }),
+    );
     assert.deepEqual(sum, {
       promptTokens: 30,
       completionTokens: 5,
@@ -381,6 +384,7 @@ describe("addUsage", () => {
       estimated: true,
       reasoningTokens: 4,
       cachedPromptTokens: undefined,
+      cacheWritePromptTokens: 11,
       cost: undefined,
     });
   });

@@ -891,6 +891,8 @@ def add_usage(total: pb.Usage, usage: pb.Usage) -> None:
         total.reasoning_tokens = total.reasoning_tokens + usage.reasoning_tokens
     if usage.HasField("cached_prompt_tokens"):
         total.cached_prompt_tokens = total.cached_prompt_tokens + usage.cached_prompt_tokens
+    if usage.HasField("cache_write_prompt_tokens"):
+        total.cache_write_prompt_tokens = total.cache_write_prompt_tokens + usage.cache_write_prompt_tokens
     total.cost.usd_micros += usage.cost.usd_micros
     total.cost.estimated = total.cost.estimated or usage.cost.estimated
     total.cost.price_unknown = total.cost.price_unknown or usage.cost.price_unknown

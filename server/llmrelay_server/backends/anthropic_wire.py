@@ -440,8 +440,9 @@ def finish_reason(value: Any) -> FinishReason:
 
 def usage_from(usage: Any) -> TokenUsage | None:
     """The contract's usage: the prompt is the input tokens after the last cache breakpoint plus those written to and
-    read from the cache (Anthropic counts the three apart); the cached part is the tokens read from the cache. None when
-    the upstream reported none, or none plausible (`plausible_usage`)."""
+    read from the cache (Anthropic counts the three apart); the cached part is the tokens read from the cache, the
+    cache's writes those written to it (billed above the input rate). None when the upstream reported none, or none
+    plausible (`plausible_usage`)."""
     prompt = prompt_usage_from(usage)
     output = usage.get("output_tokens") if prompt is not None else None
     if prompt is None or not is_count(output):
@@ -452,6 +453,7 @@ def usage_from(usage: Any) -> TokenUsage | None:
             completion_tokens=output,
             reasoning_tokens=count_field(usage.get("output_tokens_details"), "thinking_tokens"),
             cached_prompt_tokens=prompt.cached_prompt_tokens,
+            cache_write_prompt_tokens=prompt.cache_write_prompt_tokens,
         )
     )
 
@@ -464,7 +466,12 @@ def prompt_usage_from(usage: Any) -> TokenUsage | None:
     written = count_field(usage, "cache_creation_input_tokens")
     read = count_field(usage, "cache_read_input_tokens")
     return plausible_usage(
-        TokenUsage(prompt_tokens=fresh + (written or 0) + (read or 0), completion_tokens=0, cached_prompt_tokens=read)
+        TokenUsage(
+            prompt_tokens=fresh + (written or 0) + (read or 0),
+            completion_tokens=0,
+            cached_prompt_tokens=read,
+            cache_write_prompt_tokens=written,
+        )
     )
 
 

@@ -598,14 +598,16 @@ def plausible_usage(usage: TokenUsage) -> TokenUsage | None:
     (Ollama's /v1 has reported all zeros for an answer that ended without its metrics, which billed as exact would pass
     every limit on tokens and money). Such figures are nothing to bill by; the gateway counts the tokens itself, as for
     usage not reported. A part larger than its whole (cached past the prompt, reasoning past the completion) is cut
-    to it: the contract has each as part of the other."""
+    to it (the cache's writes to what its reads leave of the prompt): the contract has each as part of the other."""
     if not is_count(usage.total_tokens) or usage.prompt_tokens == 0:
         return None
-    cached, reasoning = usage.cached_prompt_tokens, usage.reasoning_tokens
-    if (cached or 0) > usage.prompt_tokens or (reasoning or 0) > usage.completion_tokens:
+    cached, written, reasoning = usage.cached_prompt_tokens, usage.cache_write_prompt_tokens, usage.reasoning_tokens
+    if (cached or 0) + (written or 0) > usage.prompt_tokens or (reasoning or 0) > usage.completion_tokens:
+        cached = None if cached is None else min(cached, usage.prompt_tokens)
         return dataclasses.replace(
             usage,
-            cached_prompt_tokens=None if cached is None else min(cached, usage.prompt_tokens),
+            cached_prompt_tokens=cached,
+            cache_write_prompt_tokens=None if written is None else min(written, usage.prompt_tokens - (cached or 0)),
             reasoning_tokens=None if reasoning is None else min(reasoning, usage.completion_tokens),
         )
     return usage

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal, Optional, TypedDict
 import pytest
 from llmrelay import Conversation, Tools, json_schema_of, message, parameters_schema
 from llmrelay import v1 as pb
-from llmrelay._agent import CANCELLED_RESULT, _Steps
+from llmrelay._agent import CANCELLED_RESULT, _Steps, add_usage
 
 
 class Filters(TypedDict, total=False):
@@ -577,3 +577,12 @@ def test_run_all_interrupted_cancels_the_async_tools_still_running() -> None:
     with pytest.raises(KeyboardInterrupt):
         tools.run_all(calls)
     assert cancelled.wait(10)
+
+
+def test_usage_adds_up_over_steps_the_optional_counts_where_any_step_had_them() -> None:
+    total = pb.Usage()
+    add_usage(total, pb.Usage(prompt_tokens=10, completion_tokens=2, total_tokens=12, cache_write_prompt_tokens=4))
+    add_usage(total, pb.Usage(prompt_tokens=5, completion_tokens=1, total_tokens=6, cached_prompt_tokens=3))
+    assert (total.prompt_tokens, total.completion_tokens, total.total_tokens) == (15, 3, 18)
+    assert (total.cache_write_prompt_tokens, total.cached_prompt_tokens) == (4, 3)
+    assert not total.HasField("reasoning_tokens")

@@ -1816,9 +1816,12 @@ type Usage struct {
 	// Of prompt_tokens, those served from the upstream's prompt cache, where the upstream reports them.
 	CachedPromptTokens *int32 `protobuf:"varint,6,opt,name=cached_prompt_tokens,json=cachedPromptTokens,proto3,oneof" json:"cached_prompt_tokens,omitempty"`
 	// What these tokens cost.
-	Cost          *Cost `protobuf:"bytes,7,opt,name=cost,proto3" json:"cost,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Cost *Cost `protobuf:"bytes,7,opt,name=cost,proto3" json:"cost,omitempty"`
+	// Of prompt_tokens, those written to the upstream's prompt cache, where the upstream reports them (Anthropic's
+	// cache writes, which it bills above its input rate); none of them among cached_prompt_tokens.
+	CacheWritePromptTokens *int32 `protobuf:"varint,8,opt,name=cache_write_prompt_tokens,json=cacheWritePromptTokens,proto3,oneof" json:"cache_write_prompt_tokens,omitempty"`
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
 }
 
 func (x *Usage) Reset() {
@@ -1898,6 +1901,13 @@ func (x *Usage) GetCost() *Cost {
 		return x.Cost
 	}
 	return nil
+}
+
+func (x *Usage) GetCacheWritePromptTokens() int32 {
+	if x != nil && x.CacheWritePromptTokens != nil {
+		return *x.CacheWritePromptTokens
+	}
+	return 0
 }
 
 // An amount of money spent on tokens, in US dollars.
@@ -3814,7 +3824,7 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\x05_seedB\x13\n" +
 	"\x11_presence_penaltyB\x14\n" +
 	"\x12_frequency_penaltyB\x16\n" +
-	"\x14_parallel_tool_calls\"\xd6\x02\n" +
+	"\x14_parallel_tool_calls\"\xb4\x03\n" +
 	"\x05Usage\x12#\n" +
 	"\rprompt_tokens\x18\x01 \x01(\x05R\fpromptTokens\x12+\n" +
 	"\x11completion_tokens\x18\x02 \x01(\x05R\x10completionTokens\x12!\n" +
@@ -3822,9 +3832,11 @@ const file_llmrelay_v1_llmrelay_proto_rawDesc = "" +
 	"\testimated\x18\x04 \x01(\bR\testimated\x12.\n" +
 	"\x10reasoning_tokens\x18\x05 \x01(\x05H\x00R\x0freasoningTokens\x88\x01\x01\x125\n" +
 	"\x14cached_prompt_tokens\x18\x06 \x01(\x05H\x01R\x12cachedPromptTokens\x88\x01\x01\x12%\n" +
-	"\x04cost\x18\a \x01(\v2\x11.llmrelay.v1.CostR\x04costB\x13\n" +
+	"\x04cost\x18\a \x01(\v2\x11.llmrelay.v1.CostR\x04cost\x12>\n" +
+	"\x19cache_write_prompt_tokens\x18\b \x01(\x05H\x02R\x16cacheWritePromptTokens\x88\x01\x01B\x13\n" +
 	"\x11_reasoning_tokensB\x17\n" +
-	"\x15_cached_prompt_tokens\"h\n" +
+	"\x15_cached_prompt_tokensB\x1c\n" +
+	"\x1a_cache_write_prompt_tokens\"h\n" +
 	"\x04Cost\x12\x1d\n" +
 	"\n" +
 	"usd_micros\x18\x01 \x01(\x03R\tusdMicros\x12\x1c\n" +

@@ -1185,6 +1185,7 @@ class Usage(_message.Message):
     REASONING_TOKENS_FIELD_NUMBER: _builtins.int
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
     """Tokens in the prompt."""
     completion_tokens: _builtins.int
@@ -1197,6 +1198,10 @@ class Usage(_message.Message):
     """Of completion_tokens, those spent on reasoning, where the upstream reports them."""
     cached_prompt_tokens: _builtins.int
     """Of prompt_tokens, those served from the upstream's prompt cache, where the upstream reports them."""
+    cache_write_prompt_tokens: _builtins.int
+    """Of prompt_tokens, those written to the upstream's prompt cache, where the upstream reports them (Anthropic's
+    cache writes, which it bills above its input rate); none of them among cached_prompt_tokens.
+    """
     @_builtins.property
     def cost(self) -> Global___Cost:
         """What these tokens cost."""
@@ -1211,15 +1216,20 @@ class Usage(_message.Message):
         reasoning_tokens: _builtins.int | None = ...,
         cached_prompt_tokens: _builtins.int | None = ...,
         cost: Global___Cost | None = ...,
+        cache_write_prompt_tokens: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_cached_prompt_tokens", b"_cached_prompt_tokens", "_reasoning_tokens", b"_reasoning_tokens", "cached_prompt_tokens", b"cached_prompt_tokens", "cost", b"cost", "reasoning_tokens", b"reasoning_tokens"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cache_write_prompt_tokens", b"_cache_write_prompt_tokens", "_cached_prompt_tokens", b"_cached_prompt_tokens", "_reasoning_tokens", b"_reasoning_tokens", "cache_write_prompt_tokens", b"cache_write_prompt_tokens", "cached_prompt_tokens", b"cached_prompt_tokens", "cost", b"cost", "reasoning_tokens", b"reasoning_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cached_prompt_tokens", b"_cached_prompt_tokens", "_reasoning_tokens", b"_reasoning_tokens", "cached_prompt_tokens", b"cached_prompt_tokens", "completion_tokens", b"completion_tokens", "cost", b"cost", "estimated", b"estimated", "prompt_tokens", b"prompt_tokens", "reasoning_tokens", b"reasoning_tokens", "total_tokens", b"total_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_write_prompt_tokens", b"_cache_write_prompt_tokens", "_cached_prompt_tokens", b"_cached_prompt_tokens", "_reasoning_tokens", b"_reasoning_tokens", "cache_write_prompt_tokens", b"cache_write_prompt_tokens", "cached_prompt_tokens", b"cached_prompt_tokens", "completion_tokens", b"completion_tokens", "cost", b"cost", "estimated", b"estimated", "prompt_tokens", b"prompt_tokens", "reasoning_tokens", b"reasoning_tokens", "total_tokens", b"total_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cache_write_prompt_tokens: _TypeAlias = _typing.Literal["cache_write_prompt_tokens"]  # noqa: Y015
+    _WhichOneofArgType__cache_write_prompt_tokens: _TypeAlias = _typing.Literal["_cache_write_prompt_tokens", b"_cache_write_prompt_tokens"]  # noqa: Y015
     _WhichOneofReturnType__cached_prompt_tokens: _TypeAlias = _typing.Literal["cached_prompt_tokens"]  # noqa: Y015
     _WhichOneofArgType__cached_prompt_tokens: _TypeAlias = _typing.Literal["_cached_prompt_tokens", b"_cached_prompt_tokens"]  # noqa: Y015
     _WhichOneofReturnType__reasoning_tokens: _TypeAlias = _typing.Literal["reasoning_tokens"]  # noqa: Y015
     _WhichOneofArgType__reasoning_tokens: _TypeAlias = _typing.Literal["_reasoning_tokens", b"_reasoning_tokens"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cache_write_prompt_tokens) -> _WhichOneofReturnType__cache_write_prompt_tokens | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__cached_prompt_tokens) -> _WhichOneofReturnType__cached_prompt_tokens | None: ...
     @_typing.overload

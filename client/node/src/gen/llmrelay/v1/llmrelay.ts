@@ -1189,7 +1189,14 @@ export interface Usage {
     | number
     | undefined;
   /** What these tokens cost. */
-  cost: Cost | undefined;
+  cost:
+    | Cost
+    | undefined;
+  /**
+   * Of prompt_tokens, those written to the upstream's prompt cache, where the upstream reports them (Anthropic's
+   * cache writes, which it bills above its input rate); none of them among cached_prompt_tokens.
+   */
+  cacheWritePromptTokens?: number | undefined;
 }
 
 /** An amount of money spent on tokens, in US dollars. */
@@ -3050,6 +3057,7 @@ function createBaseUsage(): Usage {
     reasoningTokens: undefined,
     cachedPromptTokens: undefined,
     cost: undefined,
+    cacheWritePromptTokens: undefined,
   };
 }
 
@@ -3075,6 +3083,9 @@ export const Usage: MessageFns<Usage> = {
     }
     if (message.cost !== undefined) {
       Cost.encode(message.cost, writer.uint32(58).fork()).join();
+    }
+    if (message.cacheWritePromptTokens !== undefined) {
+      writer.uint32(64).int32(message.cacheWritePromptTokens);
     }
     return writer;
   },
@@ -3148,6 +3159,14 @@ export const Usage: MessageFns<Usage> = {
             message.cost = Cost.decode(reader, reader.uint32());
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.cacheWritePromptTokens = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3189,6 +3208,11 @@ export const Usage: MessageFns<Usage> = {
         ? globalThis.Number(object.cached_prompt_tokens)
         : undefined,
       cost: isSet(object.cost) ? Cost.fromJSON(object.cost) : undefined,
+      cacheWritePromptTokens: isSet(object.cacheWritePromptTokens)
+        ? globalThis.Number(object.cacheWritePromptTokens)
+        : isSet(object.cache_write_prompt_tokens)
+        ? globalThis.Number(object.cache_write_prompt_tokens)
+        : undefined,
     };
   },
 
@@ -3215,6 +3239,9 @@ export const Usage: MessageFns<Usage> = {
     if (message.cost !== undefined) {
       obj.cost = Cost.toJSON(message.cost);
     }
+    if (message.cacheWritePromptTokens !== undefined) {
+      obj.cacheWritePromptTokens = Math.round(message.cacheWritePromptTokens);
+    }
     return obj;
   },
 
@@ -3230,6 +3257,7 @@ export const Usage: MessageFns<Usage> = {
     message.reasoningTokens = object.reasoningTokens ?? undefined;
     message.cachedPromptTokens = object.cachedPromptTokens ?? undefined;
     message.cost = (object.cost !== undefined && object.cost !== null) ? Cost.fromPartial(object.cost) : undefined;
+    message.cacheWritePromptTokens = object.cacheWritePromptTokens ?? undefined;
     return message;
   },
 };
