@@ -91,6 +91,11 @@ NOT_THE_BACKENDS_FAULT = frozenset(
         UpstreamErrorKind.BUSY,
     }
 )
+# Attempts that failed for the request itself, wherever it goes: a later route's rejection of a request that only
+# such failures kept from the routes before is the caller's to mend, not that route's own limit.
+THE_REQUESTS_OWN = frozenset(
+    {AttemptOutcome.REJECTED, AttemptOutcome.CONTEXT_LENGTH_EXCEEDED, AttemptOutcome.MODEL_NOT_FOUND}
+)
 # Failures that no wait mends for the same request: a backend that failed so gives no time to try again at.
 NO_WAIT_MENDS = frozenset(
     {
@@ -859,12 +864,6 @@ class Router:
                 opened = await self._try_route(
                     chain, route, lambda r, _: self._open_stream(chain, r, request), stream=True
                 )
-            except UpstreamError as exc:
-                if broken is None or exc.kind is not UpstreamErrorKind.REJECTED:
-                    raise
-                # A restart's route refused a request another backend had taken: its own limits, not the caller's
-                # mistake (the caller has text already, and a restart marker). The next route may finish it.
-                continue
             except BaseException:
                 if chain.left is not None:
                     await _to_its_end(self._bill_left(chain, request, caller))
@@ -1284,9 +1283,19 @@ class Router:
 
         Each attempt waits for its answer (a stream: its first chunk) at most `first_chunk_timeout_s`: a backend that
         took the request and stays silent is failing, and retrying it would only multiply the wait.
+
+        A request the route rejects as invalid ends the call, unless a route before it failed for a reason of its own
+        (down, busy, silent, its circuit open, a stream broken): then the rejection is this route's own limits (a
+        fallback's model without tools or images, a restart's backend refusing what another had taken), not the
+        caller's mistake, and the call moves on, to end UNAVAILABLE if nothing serves it: the route it was meant for
+        may serve it later.
         """
         circuit = route.backend.circuit
         loop = asyncio.get_running_loop()
+        # The routes before this one (a route's own retries do not count: its rejection after them is its verdict).
+        kept_from_the_routes_before = bool(chain.attempts) and any(
+            attempt.outcome not in THE_REQUESTS_OWN for attempt in chain.attempts
+        )
         if not chain.may_fit(route):
             too_long = UpstreamError(
                 UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED,
@@ -1327,6 +1336,8 @@ class Router:
             except UpstreamError as exc:
                 self._failed(chain, route, started, exc)
                 if exc.kind is UpstreamErrorKind.REJECTED:
+                    if kept_from_the_routes_before:
+                        return None
                     exc.attempts = tuple(chain.attempts)  # it ends the call: the caller's status lists what was tried
                     raise
                 if exc.kind not in RETRYABLE or retry == self._config.retry.max_retries:
