@@ -157,9 +157,9 @@ class LLMServicer(pb.LLMServiceServicer):
         context: grpc.aio.ServicerContext[pb.StreamCompleteRequest, pb.StreamCompleteResponse],
     ) -> AsyncIterator[pb.StreamCompleteResponse]:
         started = False
+        remaining = context.time_remaining()
         try:
             task = self._model_call()
-            remaining = context.time_remaining()
             deadline = self._router.deadline(remaining)
             if remaining is None:
                 self._bound(task, deadline)
@@ -204,7 +204,7 @@ class LLMServicer(pb.LLMServiceServicer):
                 if remaining is None:
                     self._unbounded.pop(task, None)
         except LLMRelayError as error:
-            await abort(context, "StreamComplete", error)
+            await abort(context, "StreamComplete", self._as_bounded(error, remaining))
         except asyncio.CancelledError:
             if not self._interrupting or context.done():  # its status sent already (`_end`)
                 raise
@@ -355,6 +355,19 @@ class LLMServicer(pb.LLMServiceServicer):
             remedy=convert.FEWER_VECTORS,
         )
 
+    def _as_bounded(self, error: LLMRelayError, remaining: float | None) -> LLMRelayError:
+        """The error a model call ended with, a deadline's in the words of the bound when the caller set none (the
+        router's own words say that "the deadline" ran out, which such a caller cannot act on)."""
+        if remaining is not None or not isinstance(error, DeadlineExceededError):
+            return error
+        bounded = DeadlineExceededError(
+            f"the call ran past router.request_timeout_s ({self._router.request_timeout_s:g} s), the bound of a call"
+            f" whose caller sets no deadline; set a deadline to allow longer ({error})",
+            error.attempts,
+        )
+        bounded.__cause__ = error.__cause__
+        return bounded
+
     async def _answer(
         self,
         context: grpc.aio.ServicerContext[Any, Any],
@@ -366,12 +379,13 @@ class LLMServicer(pb.LLMServiceServicer):
     ) -> _Answer:
         """One model call answered at once (Complete, Embed): the request parsed, routed within the caller's deadline
         as the caller may, and converted back; every failure the gateway's own status."""
+        remaining = context.time_remaining()
         try:
             task = self._model_call()
             try:
                 response = await route(
                     parse(),
-                    deadline=self._router.deadline(context.time_remaining()),
+                    deadline=self._router.deadline(remaining),
                     caller=caller_identity(context),
                     may_use=models_allowed(),
                 )
@@ -386,7 +400,7 @@ class LLMServicer(pb.LLMServiceServicer):
                 del response, answer
                 raise AnswerTooLargeError(size, self._max_message_bytes, *((remedy,) if remedy else ()))
         except LLMRelayError as error:
-            await abort(context, rpc, error)
+            await abort(context, rpc, self._as_bounded(error, remaining))
         except asyncio.CancelledError:
             if not self._interrupting:
                 raise

@@ -943,7 +943,7 @@ async def test_request_timeout_bounds_only_the_calls_that_set_no_deadline(
 ) -> None:
     router = "router: {request_timeout_s: 0.5, first_chunk_timeout_s: 5, retry: {max_retries: 0}}\n"
     stub = await stub_for(two_backends(primary, local, router))
-    primary.inject({"stall_s": 1}, {"stall_s": 1}, {"stall_s": 1})
+    primary.inject({"stall_s": 1}, {"stall_s": 1}, {"stall_s": 1}, {"stall_s": 1})
     # A caller that allows longer than the bound gets its answer, as a long generation would.
     assert (await stub.Complete(chat(model=primary.models[0], exact_model=True), timeout=5)).backend == "openai"
     chunks = [c async for c in stub.StreamComplete(stream_chat(model=primary.models[0], exact_model=True), timeout=5)]
@@ -953,6 +953,13 @@ async def test_request_timeout_bounds_only_the_calls_that_set_no_deadline(
         await stub.Complete(chat(model=primary.models[0], exact_model=True))  # no deadline: the bound's
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 0.9
+    # Told in the words of the bound, which a caller that set no deadline can act on, with what was tried.
+    assert (caught.value.details() or "").startswith("the call ran past router.request_timeout_s (0.5 s)")
+    assert details(caught.value)["ErrorInfo"].metadata["attempts"] == "openai:timeout"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stub.StreamComplete(stream_chat(model=primary.models[0], exact_model=True)):
+            pass
+    assert "router.request_timeout_s (0.5 s)" in (caught.value.details() or "")
 
 
 @pytest.mark.parametrize("primary", DIALECTS, indirect=True)
