@@ -58,6 +58,20 @@ from llmrelay_server.domain import (
 from llmrelay_server.usage import UsageTotals
 
 MAX_MESSAGES: Final = 10_000
+# Counts of a request's repeated entries, each checked (len() of a repeated field costs nothing) before any entry is:
+# validating an entry costs microseconds of Python on the event loop, and a request of millions of tiny ones fits
+# server.max_message_bytes (250,000 tools or 600,000 text parts in 4 MiB held every other call, Health's too, for
+# 1.3-2 s). Measured on the 2-core development machine: 1,000 tools take 9-15 ms, 10,000 image parts in one message
+# 35-46 ms, 10,000 tool calls 30 ms; the largest request all the bounds allow, 10,000 messages of a part and a call
+# each, 130-180 ms, about twice what MAX_MESSAGES's 10,000 plain messages take alone (60-90 ms).
+MAX_TOOLS: Final = 1_000
+"""The tools of a request. OpenAI's API takes 128; the rest is room for other upstreams."""
+MAX_PARTS: Final = 10_000
+"""The content parts of a request, over all its messages together (a bound per message would let MAX_MESSAGES
+messages hold that many each): as many as MAX_MESSAGES messages of one part each."""
+MAX_TOOL_CALLS: Final = 10_000
+"""The tool calls of a request, over all its messages together (as MAX_PARTS). A chat that goes on has answered
+every call with a tool message of its own, so that it holds fewer calls than MAX_MESSAGES anyway."""
 MAX_MODEL_NAME: Final = 256
 MAX_TOKENS_LIMIT: Final = 10_000_000
 MAX_STOP_SEQUENCES: Final = 4
@@ -215,7 +229,7 @@ def count_request(request: pb.CountTokensRequest, *, max_image_bytes: int | None
         errors.add("tools", "tools are counted with messages (a chat), not with a plain text")
     # A chat counted as it stands, its last calls maybe not answered yet (an agent weighing its history).
     messages = _messages(request.messages, errors, "messages", max_image_bytes, goes_on=False) if text is None else ()
-    tools = _tools(request.tools, errors, "tools")
+    tools = _tools(request.tools, errors, "tools") or ()
     response_format = None
     if request.HasField("response_format"):
         if text is not None:
@@ -317,11 +331,39 @@ def _messages(
         return ()
     # Over a copy (a slice is a list): upb's repeated fields have no iterator of their own, and the sequence protocol
     # ends iterating one with an IndexError, made, formatted and dropped.
-    messages = tuple(_message(m, errors, f"{where}[{i}]", max_image_bytes) for i, m in enumerate(items[:]))
+    items = items[:]
+    if not _within_totals(items, errors, where):
+        return ()
+    messages = tuple(_message(m, errors, f"{where}[{i}]", max_image_bytes) for i, m in enumerate(items))
     # A question alone (most calls) neither makes nor answers a call: the check is for the rest.
     if len(messages) > 1 or messages[0].role is Role.TOOL or messages[0].tool_calls:
         _check_tool_answers(messages, errors, where, goes_on)
     return messages
+
+
+def _within_totals(items: Sequence[pb.Message], errors: _Violations, where: str) -> bool:
+    """Whether the messages' parts and tool calls are within MAX_PARTS and MAX_TOOL_CALLS, counted before any is
+    validated; each total over its bound is a violation named at the message that passes it."""
+    parts = calls = 0
+    parts_over = calls_over = None
+    for i, message in enumerate(items):
+        parts += len(message.parts)
+        calls += len(message.tool_calls)
+        if parts_over is None and parts > MAX_PARTS:
+            parts_over = i
+        if calls_over is None and calls > MAX_TOOL_CALLS:
+            calls_over = i
+    if parts_over is not None:
+        errors.add(
+            f"{where}[{parts_over}].parts",
+            f"at most {MAX_PARTS} parts are accepted, over all messages together; the request holds {parts}",
+        )
+    if calls_over is not None:
+        errors.add(
+            f"{where}[{calls_over}].tool_calls",
+            f"at most {MAX_TOOL_CALLS} tool calls are accepted, over all messages together; the request holds {calls}",
+        )
+    return parts_over is None and calls_over is None
 
 
 def _check_tool_answers(messages: Sequence[Message], errors: _Violations, where: str, goes_on: bool) -> None:
@@ -496,7 +538,7 @@ def _options(options: pb.CompletionOptions, errors: _Violations) -> CompletionOp
     stop = options.stop[:]  # a list: see _messages
     if len(stop) > MAX_STOP_SEQUENCES or any(not s for s in stop):
         errors.add("options.stop", f"at most {MAX_STOP_SEQUENCES} sequences, none empty")
-    tools = _tools(options.tools[:], errors, "options.tools")
+    tools = _tools(options.tools, errors, "options.tools")
     return CompletionOptions(
         temperature=number("temperature", 0.0, 2.0),
         top_p=number("top_p", 0.0, 1.0),
@@ -508,8 +550,8 @@ def _options(options: pb.CompletionOptions, errors: _Violations) -> CompletionOp
             if options.HasField("response_format")
             else None
         ),
-        tools=tools,
-        tool_choice=_tool_choice(options, {t.name for t in tools}, errors),
+        tools=tools or (),
+        tool_choice=_tool_choice(options, None if tools is None else {t.name for t in tools}, errors),
         reasoning_effort=_enum(options.reasoning_effort, _EFFORTS, "options.reasoning_effort", errors),
         presence_penalty=number("presence_penalty", -2.0, 2.0),
         frequency_penalty=number("frequency_penalty", -2.0, 2.0),
@@ -526,8 +568,13 @@ def _enum(value: int, known: Mapping[int, Any], where: str, errors: _Violations)
     return known.get(value)
 
 
-def _tools(items: Sequence[pb.Tool], errors: _Violations, where: str) -> tuple[Tool, ...]:
-    tools = tuple(_tool(tool, errors, f"{where}[{i}]") for i, tool in enumerate(items))
+def _tools(items: Sequence[pb.Tool], errors: _Violations, where: str) -> tuple[Tool, ...] | None:
+    """The tools, None when there are too many to validate (a violation)."""
+    if len(items) > MAX_TOOLS:
+        errors.add(where, f"at most {MAX_TOOLS} tools are accepted")
+        return None
+    # Over a copy: as in _messages.
+    tools = tuple(_tool(tool, errors, f"{where}[{i}]") for i, tool in enumerate(items[:]))
     # Which of two tools of one name a tool call or a tool_choice means cannot be told, and Anthropic refuses them
     # (400 "Tool names must be unique"): refused here, in the caller's terms, whichever API the backend speaks.
     first: dict[str, int] = {}
@@ -563,21 +610,24 @@ def _tool(tool: pb.Tool, errors: _Violations, where: str) -> Tool:
 
 
 def _tool_choice(
-    options: pb.CompletionOptions, declared: set[str], errors: _Violations
+    options: pb.CompletionOptions, declared: set[str] | None, errors: _Violations
 ) -> ToolChoiceMode | NamedToolChoice | None:
+    """`declared`: the names of the tools; None when there were too many to read them (refused for that already), and
+    the choice is not held to them."""
     if not options.HasField("tool_choice"):
         return None
     choice = options.tool_choice
     # A tool choice without tools is refused here, in the caller's terms and whichever dialect the backend speaks:
     # upstreams refuse it with a 400 that names no field of the contract.
     if choice.WhichOneof("choice") == "function_name":
-        if not declared:
-            errors.add("options.tool_choice.function_name", "names a tool, but options.tools declares none")
-        elif choice.function_name not in declared:
-            errors.add("options.tool_choice.function_name", "must name one of options.tools")
+        if declared is not None and choice.function_name not in declared:
+            errors.add(
+                "options.tool_choice.function_name",
+                "must name one of options.tools" if declared else "names a tool, but options.tools declares none",
+            )
         return NamedToolChoice(choice.function_name)
     mode: ToolChoiceMode | None = _enum(choice.mode, _TOOL_CHOICES, "options.tool_choice.mode", errors)
-    if mode is not None and not declared:
+    if mode is not None and declared is not None and not declared:
         name = pb.ToolChoiceMode.Name(choice.mode)
         errors.add(
             "options.tool_choice.mode",

@@ -15,8 +15,20 @@ from google.protobuf.descriptor import Descriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import v1 as pb
+from llmrelay_server import convert
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from support import DIALECTS, GatewayFactory, chat, details, read_all, stream_chat, tool, two_backends, user
+from support import (
+    DIALECTS,
+    GatewayFactory,
+    StubFactory,
+    chat,
+    details,
+    read_all,
+    stream_chat,
+    tool,
+    two_backends,
+    user,
+)
 from upstream import FakeUpstream
 
 SERVICE = pb.DESCRIPTOR.services_by_name["LLMService"]
@@ -413,6 +425,48 @@ async def test_a_tool_choice_naming_an_undeclared_tool_names_the_field(
     violations = await refused_everywhere(stub, primary, caplog, options)
 
     assert violations == [("options.tool_choice.function_name", "must name one of options.tools")]
+
+
+@pytest.mark.parametrize("server", ["", "limits: {tokens_per_minute: 100000000}"], ids=["plain", "limits"])
+async def test_requests_over_the_count_bounds_are_refused_naming_the_fields(
+    stub_for: StubFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    caplog: pytest.LogCaptureFixture,
+    server: str,
+) -> None:
+    """Counted before any entry is validated (a request of 250,000 tools fits 4 MiB, and validating each held every
+    other call for seconds): every count over its bound in one answer, through the limits' early parse too."""
+    stub = await stub_for(two_backends(primary, local), server=server)
+    tools = [tool(f"f{i}") for i in range(convert.MAX_TOOLS + 1)]
+    messages = [
+        pb.Message(role=pb.ROLE_USER, parts=[pb.ContentPart(text="x")] * (convert.MAX_PARTS + 1)),
+        pb.Message(
+            role=pb.ROLE_ASSISTANT,
+            tool_calls=[
+                pb.ToolCall(id=f"c{i}", function=pb.FunctionCall(name="f")) for i in range(convert.MAX_TOOL_CALLS + 1)
+            ],
+        ),
+    ]
+    options = pb.CompletionOptions(tools=tools)
+    calls: list[tuple[str, Any]] = [
+        ("options.tools", stub.Complete(pb.CompleteRequest(messages=messages, options=options), timeout=5)),
+        (
+            "options.tools",
+            read_all(stub.StreamComplete(pb.StreamCompleteRequest(messages=messages, options=options), timeout=5)),
+        ),
+        ("tools", stub.CountTokens(pb.CountTokensRequest(messages=messages, tools=tools), timeout=5)),
+    ]
+    for tools_field, call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert_invalid_request(caught.value)
+        violations = details(caught.value)["BadRequest"].field_violations
+        assert sorted(v.field for v in violations) == ["messages[0].parts", "messages[1].tool_calls", tools_field]
+        assert f"at most {convert.MAX_TOOLS} tools are accepted" in str(caught.value.details())
+    assert primary.chat_requests == []
+    assert (await stub.Complete(chat(), timeout=5)).message.content == "echo: hello gateway"
+    assert_quiet(caplog)
 
 
 @pytest.mark.parametrize("primary", DIALECTS, indirect=True)

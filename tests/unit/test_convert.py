@@ -413,6 +413,112 @@ def test_too_many_messages() -> None:
     assert fields_of(request) == ["messages"]
 
 
+# The counts of a request's repeated entries are bounded, each checked before any entry is validated: a request of
+# millions of tiny entries fits the message size, and validating them held the event loop for seconds.
+
+
+def many_tools(count: int) -> list[pb.Tool]:
+    return [tool(f"f{i}") for i in range(count)]
+
+
+def calls(count: int) -> list[pb.ToolCall]:
+    return [pb.ToolCall(id=f"c{i}", function=pb.FunctionCall(name="f", arguments="{}")) for i in range(count)]
+
+
+def violations_of(
+    request: pb.CompleteRequest | pb.StreamCompleteRequest | pb.CountTokensRequest,
+) -> list[tuple[str, str]]:
+    with pytest.raises(InvalidRequestError) as caught:
+        if isinstance(request, pb.CountTokensRequest):
+            convert.count_request(request)
+        else:
+            convert.completion_request(request)
+    return [(v.field, v.description) for v in caught.value.violations]
+
+
+def test_tools_up_to_the_bound_are_accepted_and_one_more_refused_naming_the_field() -> None:
+    options = pb.CompletionOptions(tools=many_tools(convert.MAX_TOOLS), tool_choice=pb.ToolChoice(function_name="f7"))
+    assert len(convert.completion_request(chat(options=options)).options.tools) == convert.MAX_TOOLS
+    counted = convert.count_request(pb.CountTokensRequest(messages=[user()], tools=many_tools(convert.MAX_TOOLS)))
+    assert len(counted.tools) == convert.MAX_TOOLS
+
+    # The tool choice is not held to tools that were never read: the one violation is their count.
+    options = pb.CompletionOptions(
+        tools=many_tools(convert.MAX_TOOLS + 1), tool_choice=pb.ToolChoice(function_name="f7")
+    )
+    refusal = [("options.tools", f"at most {convert.MAX_TOOLS} tools are accepted")]
+    assert violations_of(chat(options=options)) == refusal
+    mode = pb.CompletionOptions(
+        tools=many_tools(convert.MAX_TOOLS + 1), tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED)
+    )
+    assert violations_of(chat(options=mode)) == refusal
+    over = pb.CountTokensRequest(messages=[user()], tools=many_tools(convert.MAX_TOOLS + 1))
+    assert violations_of(over) == [("tools", f"at most {convert.MAX_TOOLS} tools are accepted")]
+
+
+def test_parts_up_to_the_bound_over_all_messages_are_accepted_and_one_more_refused_naming_the_message() -> None:
+    """Counted over the whole request, not a message alone: MAX_MESSAGES messages of as many parts each would hold the
+    loop as long as one message of all of them."""
+    half = convert.MAX_PARTS // 2
+    messages = [
+        pb.Message(role=pb.ROLE_USER, parts=[pb.ContentPart(text="x")] * half),
+        pb.Message(role=pb.ROLE_ASSISTANT, content="ok"),
+        pb.Message(role=pb.ROLE_USER, parts=[pb.ContentPart(text="y")] * (convert.MAX_PARTS - half)),
+    ]
+    request = convert.completion_request(pb.CompleteRequest(messages=messages))
+    assert sum(len(m.parts) for m in request.messages) == convert.MAX_PARTS
+
+    messages = [
+        pb.Message(role=pb.ROLE_USER, parts=[pb.ContentPart(text="x")] * half),
+        pb.Message(role=pb.ROLE_ASSISTANT, content="ok"),
+        pb.Message(role=pb.ROLE_USER, parts=[pb.ContentPart(text="y")] * (convert.MAX_PARTS - half + 1)),
+        pb.Message(role=pb.ROLE_ASSISTANT, content="ok", parts=[pb.ContentPart(text="z")]),  # not validated
+    ]
+    description = f"at most {convert.MAX_PARTS} parts are accepted, over all messages together; the request holds"
+    assert violations_of(pb.CompleteRequest(messages=messages)) == [
+        ("messages[2].parts", f"{description} {convert.MAX_PARTS + 2}")
+    ]
+    alone = pb.CountTokensRequest(messages=[pb.Message(role=pb.ROLE_USER, parts=[pb.ContentPart(text="x")] * 600_000)])
+    assert violations_of(alone) == [("messages[0].parts", f"{description} 600000")]
+
+
+def test_tool_calls_up_to_the_bound_are_accepted_and_one_more_refused_naming_the_message() -> None:
+    # A chat counted as it stands may end with calls not answered yet.
+    assistant = pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=calls(convert.MAX_TOOL_CALLS))
+    counted = convert.count_request(pb.CountTokensRequest(messages=[user(), assistant]))
+    assert len(counted.messages[1].tool_calls) == convert.MAX_TOOL_CALLS
+
+    one_more = pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=calls(1))
+    description = f"at most {convert.MAX_TOOL_CALLS} tool calls are accepted, over all messages together"
+    assert violations_of(pb.CountTokensRequest(messages=[user(), assistant, one_more])) == [
+        ("messages[2].tool_calls", f"{description}; the request holds {convert.MAX_TOOL_CALLS + 1}")
+    ]
+
+
+def test_every_count_over_its_bound_is_reported_in_one_answer() -> None:
+    messages = [
+        pb.Message(role=pb.ROLE_USER, parts=[pb.ContentPart(text="x")] * (convert.MAX_PARTS + 1)),
+        pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=calls(convert.MAX_TOOL_CALLS + 1)),
+    ]
+    options = pb.CompletionOptions(tools=many_tools(convert.MAX_TOOLS + 1), temperature=3)
+    for request in (
+        pb.CompleteRequest(messages=messages, options=options),
+        pb.StreamCompleteRequest(messages=messages, options=options),
+    ):
+        assert sorted(field for field, _ in violations_of(request)) == [
+            "messages[0].parts",
+            "messages[1].tool_calls",
+            "options.temperature",
+            "options.tools",
+        ]
+    counted = pb.CountTokensRequest(messages=messages, tools=many_tools(convert.MAX_TOOLS + 1))
+    assert sorted(field for field, _ in violations_of(counted)) == [
+        "messages[0].parts",
+        "messages[1].tool_calls",
+        "tools",
+    ]
+
+
 @pytest.mark.parametrize("number", [math.inf, -math.inf, math.nan])
 @pytest.mark.parametrize("where", ["tool", "schema"])
 def test_a_non_finite_number_in_a_schema_is_an_invalid_request(number: float, where: str) -> None:

@@ -1005,7 +1005,8 @@ type Message struct {
 	Content string `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
 	// An optional name for the author, to tell participants of the same role apart: 1-64 letters, digits, '_' or '-'.
 	Name *string `protobuf:"bytes,3,opt,name=name,proto3,oneof" json:"name,omitempty"`
-	// The tools the assistant called (assistant messages only).
+	// The tools the assistant called (assistant messages only). At most 10,000 over all of a request's messages
+	// together; else INVALID_ARGUMENT naming the message that passes it (`messages[3].tool_calls`).
 	ToolCalls []*ToolCall `protobuf:"bytes,4,rep,name=tool_calls,json=toolCalls,proto3" json:"tool_calls,omitempty"`
 	// The id of the tool call this message answers (tool messages only): a call of the assistant message before it
 	// (the other tool messages between them aside), each answered once, and every one of them before the conversation
@@ -1014,6 +1015,8 @@ type Message struct {
 	// The model's reasoning text, where the model gives one (assistant messages in answers).
 	Reasoning *string `protobuf:"bytes,6,opt,name=reasoning,proto3,oneof" json:"reasoning,omitempty"`
 	// The content as parts: text and images (user messages; text parts elsewhere). Instead of `content`, not with it.
+	// At most 10,000 over all of a request's messages together; else INVALID_ARGUMENT naming the message that passes
+	// it (`messages[3].parts`).
 	Parts []*ContentPart `protobuf:"bytes,7,rep,name=parts,proto3" json:"parts,omitempty"`
 	// The upstream's opaque signature of the reasoning (Anthropic's thinking blocks), to send back unchanged with the
 	// assistant message in the next turn of a conversation, as the upstream requires.
@@ -1670,7 +1673,8 @@ type CompletionOptions struct {
 	Seed *int64 `protobuf:"varint,5,opt,name=seed,proto3,oneof" json:"seed,omitempty"`
 	// The shape of the answer.
 	ResponseFormat *ResponseFormat `protobuf:"bytes,6,opt,name=response_format,json=responseFormat,proto3" json:"response_format,omitempty"`
-	// The tools the model may call.
+	// The tools the model may call: at most 1,000 (OpenAI's API takes 128), else INVALID_ARGUMENT naming
+	// `options.tools`.
 	Tools []*Tool `protobuf:"bytes,7,rep,name=tools,proto3" json:"tools,omitempty"`
 	// Which tool the model may or must call.
 	ToolChoice *ToolChoice `protobuf:"bytes,8,opt,name=tool_choice,json=toolChoice,proto3" json:"tool_choice,omitempty"`
@@ -2122,7 +2126,7 @@ type CompleteRequest struct {
 	// The model: a model a backend serves ("gpt-oss:20b"), a backend-qualified one ("ollama/gpt-oss:20b"), a
 	// configured alias, or unset for the default chain.
 	Model *string `protobuf:"bytes,1,opt,name=model,proto3,oneof" json:"model,omitempty"`
-	// The chat so far; at least one message.
+	// The chat so far; at least one message, at most 10,000.
 	Messages []*Message `protobuf:"bytes,2,rep,name=messages,proto3" json:"messages,omitempty"`
 	// Sampling and output options.
 	Options *CompletionOptions `protobuf:"bytes,3,opt,name=options,proto3" json:"options,omitempty"`
@@ -2295,7 +2299,7 @@ type StreamCompleteRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The model, as in CompleteRequest.model.
 	Model *string `protobuf:"bytes,1,opt,name=model,proto3,oneof" json:"model,omitempty"`
-	// The chat so far; at least one message.
+	// The chat so far; at least one message, at most 10,000.
 	Messages []*Message `protobuf:"bytes,2,rep,name=messages,proto3" json:"messages,omitempty"`
 	// Sampling and output options.
 	Options *CompletionOptions `protobuf:"bytes,3,opt,name=options,proto3" json:"options,omitempty"`
@@ -2723,7 +2727,7 @@ type CountTokensRequest struct {
 	Model *string `protobuf:"bytes,1,opt,name=model,proto3,oneof" json:"model,omitempty"`
 	// The chat to count, with the chat format's overhead.
 	Messages []*Message `protobuf:"bytes,2,rep,name=messages,proto3" json:"messages,omitempty"`
-	// Tools to count with the chat.
+	// Tools to count with the chat: at most 1,000, as in CompletionOptions.tools.
 	Tools []*Tool `protobuf:"bytes,3,rep,name=tools,proto3" json:"tools,omitempty"`
 	// A plain text to count, instead of messages: always counted by the gateway's own tokenizers (`estimated` unless
 	// the model's encoding is known), special tokens' text as text. Megabytes take a while: DEADLINE_EXCEEDED, with

@@ -776,11 +776,16 @@ class Message(_message.Message):
     """
     @_builtins.property
     def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
-        """The tools the assistant called (assistant messages only)."""
+        """The tools the assistant called (assistant messages only). At most 10,000 over all of a request's messages
+        together; else INVALID_ARGUMENT naming the message that passes it (`messages[3].tool_calls`).
+        """
 
     @_builtins.property
     def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContentPart]:
-        """The content as parts: text and images (user messages; text parts elsewhere). Instead of `content`, not with it."""
+        """The content as parts: text and images (user messages; text parts elsewhere). Instead of `content`, not with it.
+        At most 10,000 over all of a request's messages together; else INVALID_ARGUMENT naming the message that passes
+        it (`messages[3].parts`).
+        """
 
     def __init__(
         self,
@@ -1115,7 +1120,9 @@ class CompletionOptions(_message.Message):
 
     @_builtins.property
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]:
-        """The tools the model may call."""
+        """The tools the model may call: at most 1,000 (OpenAI's API takes 128), else INVALID_ARGUMENT naming
+        `options.tools`.
+        """
 
     @_builtins.property
     def tool_choice(self) -> Global___ToolChoice:
@@ -1363,7 +1370,7 @@ class CompleteRequest(_message.Message):
     """When true, only the named model may answer: no fallback to another backend's model."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
-        """The chat so far; at least one message."""
+        """The chat so far; at least one message, at most 10,000."""
 
     @_builtins.property
     def options(self) -> Global___CompletionOptions:
@@ -1458,7 +1465,7 @@ class StreamCompleteRequest(_message.Message):
     """What to do when the stream breaks after it has started; unset means INTERRUPT_POLICY_ABORT."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
-        """The chat so far; at least one message."""
+        """The chat so far; at least one message, at most 10,000."""
 
     @_builtins.property
     def options(self) -> Global___CompletionOptions:
@@ -1715,7 +1722,7 @@ class CountTokensRequest(_message.Message):
 
     @_builtins.property
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]:
-        """Tools to count with the chat."""
+        """Tools to count with the chat: at most 1,000, as in CompletionOptions.tools."""
 
     @_builtins.property
     def response_format(self) -> Global___ResponseFormat:

@@ -1004,7 +1004,10 @@ export interface Message {
   name?:
     | string
     | undefined;
-  /** The tools the assistant called (assistant messages only). */
+  /**
+   * The tools the assistant called (assistant messages only). At most 10,000 over all of a request's messages
+   * together; else INVALID_ARGUMENT naming the message that passes it (`messages[3].tool_calls`).
+   */
   toolCalls: ToolCall[];
   /**
    * The id of the tool call this message answers (tool messages only): a call of the assistant message before it
@@ -1018,7 +1021,11 @@ export interface Message {
   reasoning?:
     | string
     | undefined;
-  /** The content as parts: text and images (user messages; text parts elsewhere). Instead of `content`, not with it. */
+  /**
+   * The content as parts: text and images (user messages; text parts elsewhere). Instead of `content`, not with it.
+   * At most 10,000 over all of a request's messages together; else INVALID_ARGUMENT naming the message that passes
+   * it (`messages[3].parts`).
+   */
   parts: ContentPart[];
   /**
    * The upstream's opaque signature of the reasoning (Anthropic's thinking blocks), to send back unchanged with the
@@ -1150,7 +1157,10 @@ export interface CompletionOptions {
   responseFormat:
     | ResponseFormat
     | undefined;
-  /** The tools the model may call. */
+  /**
+   * The tools the model may call: at most 1,000 (OpenAI's API takes 128), else INVALID_ARGUMENT naming
+   * `options.tools`.
+   */
   tools: Tool[];
   /** Which tool the model may or must call. */
   toolChoice:
@@ -1255,7 +1265,7 @@ export interface CompleteRequest {
   model?:
     | string
     | undefined;
-  /** The chat so far; at least one message. */
+  /** The chat so far; at least one message, at most 10,000. */
   messages: Message[];
   /** Sampling and output options. */
   options:
@@ -1293,7 +1303,7 @@ export interface StreamCompleteRequest {
   model?:
     | string
     | undefined;
-  /** The chat so far; at least one message. */
+  /** The chat so far; at least one message, at most 10,000. */
   messages: Message[];
   /** Sampling and output options. */
   options:
@@ -1402,7 +1412,7 @@ export interface CountTokensRequest {
     | undefined;
   /** The chat to count, with the chat format's overhead. */
   messages: Message[];
-  /** Tools to count with the chat. */
+  /** Tools to count with the chat: at most 1,000, as in CompletionOptions.tools. */
   tools: Tool[];
   /**
    * A plain text to count, instead of messages: always counted by the gateway's own tokenizers (`estimated` unless
