@@ -73,6 +73,9 @@ class RouterConfig:
     first_chunk_timeout_s: float = 15.0
     """How long a backend that took a request may stay silent before its first chunk (a stream) or its answer
     (Complete): past it the attempt counts as a failure of the backend and the next route is tried at once."""
+    embed_timeout_s: float = 120.0
+    """As first_chunk_timeout_s, for an Embed's answer: a batch of many inputs on a model server without a GPU takes
+    far longer than a chat's first chunk, and has no stream to show it is going on."""
     stream_idle_timeout_s: float = 60.0
     """A stream that sends nothing for this long after it started has broken (ABORTED, or restarted)."""
 

@@ -585,8 +585,8 @@ class _Wait:
         self._task.cancel()
 
 
-def _silent(first_chunk_s: float) -> str:
-    return f"no answer within {first_chunk_s:g} s (router.first_chunk_timeout_s)"
+def _silent(silent_s: float, setting: str) -> str:
+    return f"no answer within {silent_s:g} s (router.{setting})"
 
 
 def _stalled(idle_s: float) -> str:
@@ -946,7 +946,9 @@ class Router:
         metering.attempts(chain.attempts)
         for route in self._allowed(self.embedding_routes(request.model), request.model, caller, may_use):
             try:
-                response = await self._try_route(chain, route, lambda r, t: _embed(r, request, t))
+                response = await self._try_route(
+                    chain, route, lambda r, t: _embed(r, request, t), silent_setting="embed_timeout_s"
+                )
             except BaseException:
                 if chain.left is not None:
                     await _to_its_end(self._bill_inputs_left(chain.left, request, caller))
@@ -1276,13 +1278,20 @@ class Router:
             watchdog.stop()
 
     async def _try_route(
-        self, chain: _Chain, route: Route, call: Callable[[Route, float], Awaitable[T]], *, stream: bool = False
+        self,
+        chain: _Chain,
+        route: Route,
+        call: Callable[[Route, float], Awaitable[T]],
+        *,
+        stream: bool = False,
+        silent_setting: str = "first_chunk_timeout_s",
     ) -> T | None:
         """Runs `call` on one route with retries; its result, or None to move on to the next route. Of a `stream`,
         the result is its first chunk, which tells the circuit only that the backend answers (`record_answered`).
 
-        Each attempt waits for its answer (a stream: its first chunk) at most `first_chunk_timeout_s`: a backend that
-        took the request and stays silent is failing, and retrying it would only multiply the wait.
+        Each attempt waits for its answer (a stream: its first chunk) at most as long as the router's setting
+        `silent_setting` says (`first_chunk_timeout_s`; an Embed's, `embed_timeout_s`): a backend that took the
+        request and stays silent is failing, and retrying it would only multiply the wait.
 
         A request the route rejects as invalid ends the call, unless a route before it failed for a reason of its own
         (down, busy, silent, its circuit open, a stream broken): then the rejection is this route's own limits (a
@@ -1304,7 +1313,7 @@ class Router:
             )
             chain.record(route, AttemptOutcome.CONTEXT_LENGTH_EXCEEDED, None, too_long)
             return None
-        first_chunk_s = self._config.first_chunk_timeout_s
+        silent_s: float = getattr(self._config, silent_setting)
         for retry in range(self._config.retry.max_retries + 1):
             if not circuit.allow(chain):
                 chain.skip(route)
@@ -1316,7 +1325,7 @@ class Router:
             # Times measured by perf_counter: the loop's clock (uvloop's) moves in whole milliseconds, once an
             # iteration, and an attempt often takes less. Deadlines stay on the loop's clock, as its timers do.
             started = time.perf_counter()
-            silent_after = loop.time() + first_chunk_s
+            silent_after = loop.time() + silent_s
             sent_before = metering.requests_sent()
             try:
                 with self._deadlines.within(loop, min(chain.deadline, silent_after), self._ahead(chain, route, loop)):
@@ -1327,7 +1336,9 @@ class Router:
                 # Which of the two ends came first, by their times: the loop may fire a timer a little early, and a
                 # call that reached its deadline is not a silent backend.
                 if silent_after < chain.deadline:
-                    silent = UpstreamError(UpstreamErrorKind.SILENT, route.backend.name, _silent(first_chunk_s))
+                    silent = UpstreamError(
+                        UpstreamErrorKind.SILENT, route.backend.name, _silent(silent_s, silent_setting)
+                    )
                     self._failed(chain, route, started, silent)
                     return None
                 self._deadline_passed(chain, route, started)

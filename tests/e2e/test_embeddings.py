@@ -142,6 +142,22 @@ async def test_a_failing_backend_is_retried_then_another_backend_of_the_same_mod
     assert [r["model"] for r in local.embedding_requests] == ["embed-test"]
 
 
+async def test_an_embedding_waits_for_its_answer_as_long_as_embed_timeout_s_not_first_chunk_timeout_s(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """A batch on a model server without a GPU takes far longer than a chat's first chunk: FAST_ROUTER's 1 s for that
+    does not cut it, nor count it against the backend's circuit; the Embed's own limit does."""
+    config = embedding_backends(primary, local, openai=DEFAULT, ollama=DEFAULT) + "  embed_timeout_s: 2.5\n"
+    stub = await stub_for(config)
+    primary.inject({"stall_s": 1.5})
+    answer = await stub.Embed(pb.EmbedRequest(inputs=["hello"], model="embed-test"), timeout=10)
+    assert outcomes(answer) == [("openai", pb.ATTEMPT_OUTCOME_SUCCEEDED)]
+    primary.inject({"stall_s": 10})
+    answer = await stub.Embed(pb.EmbedRequest(inputs=["hello"], model="embed-test"), timeout=10)
+    assert outcomes(answer) == [("openai", pb.ATTEMPT_OUTCOME_TIMEOUT), ("ollama", pb.ATTEMPT_OUTCOME_SUCCEEDED)]
+    assert answer.attempts[0].error == "no answer within 2.5 s (router.embed_timeout_s)"
+
+
 async def test_a_retry_on_the_same_backend_can_cure_a_failure(
     stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:

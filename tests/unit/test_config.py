@@ -531,6 +531,7 @@ ONE_EXTRA = "llm:\n  backends:\n    - {name: local, kind: llamacpp, base_url: 'h
         ("router: {request_timeout_s: 0}\n", {}, "router.request_timeout_s"),
         ("router: {stream_idle_timeout_s: -3}\n", {}, "router.stream_idle_timeout_s"),
         ("router: {first_chunk_timeout_s: 0}\n", {}, "router.first_chunk_timeout_s"),
+        ("router: {embed_timeout_s: -1}\n", {}, "router.embed_timeout_s"),
         ("router: {retry: {max_retries: -1}}\n", {}, "router.retry.max_retries"),
         ("router: {retry: {initial_backoff_s: 0}}\n", {}, "router.retry.initial_backoff_s"),
         ("router: {retry: {max_backoff_s: -2}}\n", {}, "router.retry.max_backoff_s"),
