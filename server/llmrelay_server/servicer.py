@@ -19,6 +19,7 @@ from llmrelay_server.domain import (
     AnswerTooLargeError,
     CompletionChunk,
     DeadlineExceededError,
+    InvalidRequestError,
     LLMRelayError,
     ShuttingDownError,
     StoreHealth,
@@ -164,10 +165,13 @@ class LLMServicer(pb.LLMServiceServicer):
             if remaining is None:
                 self._bound(task, deadline)
             try:
+                parsed, caller = _with_caller(
+                    lambda: convert.completion_request(request, max_image_bytes=self._max_image_bytes), context
+                )
                 chunks = self._router.stream(
-                    convert.completion_request(request, max_image_bytes=self._max_image_bytes),
+                    parsed,
                     deadline=deadline,
-                    caller=caller_identity(context),
+                    caller=caller,
                     may_use=models_allowed(),
                 )
                 self._calls[task] = (chunks, contextvars.copy_context())
@@ -383,10 +387,11 @@ class LLMServicer(pb.LLMServiceServicer):
         try:
             task = self._model_call()
             try:
+                parsed, caller = _with_caller(parse, context)
                 response = await route(
-                    parse(),
+                    parsed,
                     deadline=self._router.deadline(remaining),
-                    caller=caller_identity(context),
+                    caller=caller,
                     may_use=models_allowed(),
                 )
             finally:
@@ -406,6 +411,20 @@ class LLMServicer(pb.LLMServiceServicer):
                 raise
             await abort(context, rpc, ShuttingDownError(in_flight=True))
         return answer
+
+
+def _with_caller(parse: Callable[[], _Request], context: grpc.aio.ServicerContext[Any, Any]) -> tuple[_Request, str]:
+    """The request parsed, and who calls (`caller_identity`): a malformed x-llmrelay-caller reported with the
+    request's own wrong fields, if any, so that the caller mends them all in one round trip."""
+    try:
+        parsed = parse()
+    except InvalidRequestError as invalid:
+        try:
+            caller_identity(context)
+        except InvalidRequestError as named_wrongly:
+            raise InvalidRequestError([*invalid.violations, *named_wrongly.violations]) from None
+        raise
+    return parsed, caller_identity(context)
 
 
 async def _abort_behind(context: grpc.aio.ServicerContext[Any, Any], error: LLMRelayError) -> None:

@@ -15,7 +15,7 @@ from llmrelay import v1 as pb
 from llmrelay_server.domain import TokenUsage
 from llmrelay_server.tokens import TokenCounter
 from llmrelay_server.usage.sqlite import SQLiteStore
-from support import GatewayFactory, chat, details, stream_chat, two_backends
+from support import GatewayFactory, chat, details, read_all, stream_chat, two_backends
 from upstream import FakeUpstream
 
 
@@ -95,6 +95,24 @@ async def test_malformed_caller_metadata_is_invalid_argument(stub: pb.LLMService
         await stub.Complete(chat(), timeout=5, metadata=(("x-llmrelay-caller", "no spaces allowed"),))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert details(caught.value)["BadRequest"].field_violations[0].field == "metadata.x-llmrelay-caller"
+
+
+async def test_malformed_caller_metadata_is_reported_with_the_requests_own_wrong_fields(
+    stub: pb.LLMServiceAsyncStub,
+) -> None:
+    """Every wrong field in one answer, the metadata's too: the caller mends them in one round trip."""
+    tagged = (("x-llmrelay-caller", "no spaces allowed"),)
+    calls = [
+        stub.Complete(pb.CompleteRequest(), timeout=5, metadata=tagged),
+        read_all(stub.StreamComplete(pb.StreamCompleteRequest(), timeout=5, metadata=tagged)),
+        stub.Embed(pb.EmbedRequest(), timeout=5, metadata=tagged),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        fields = [v.field for v in details(caught.value)["BadRequest"].field_violations]
+        assert fields[-1] == "metadata.x-llmrelay-caller" and len(fields) >= 2, fields
 
 
 async def test_a_model_an_upstream_names_with_control_characters_is_kept_as_get_usage_can_ask_for_it(
