@@ -946,9 +946,7 @@ class Router:
         metering.attempts(chain.attempts)
         for route in self._allowed(self.embedding_routes(request.model), request.model, caller, may_use):
             try:
-                response = await self._try_route(
-                    chain, route, lambda r, t: _embed(r, request, t), silent_setting="embed_timeout_s"
-                )
+                response = await self._try_route(chain, route, lambda r, t: _embed(r, request, t), embedding=True)
             except BaseException:
                 if chain.left is not None:
                     await _to_its_end(self._bill_inputs_left(chain.left, request, caller))
@@ -1284,14 +1282,14 @@ class Router:
         call: Callable[[Route, float], Awaitable[T]],
         *,
         stream: bool = False,
-        silent_setting: str = "first_chunk_timeout_s",
+        embedding: bool = False,
     ) -> T | None:
         """Runs `call` on one route with retries; its result, or None to move on to the next route. Of a `stream`,
         the result is its first chunk, which tells the circuit only that the backend answers (`record_answered`).
 
-        Each attempt waits for its answer (a stream: its first chunk) at most as long as the router's setting
-        `silent_setting` says (`first_chunk_timeout_s`; an Embed's, `embed_timeout_s`): a backend that took the
-        request and stays silent is failing, and retrying it would only multiply the wait.
+        Each attempt waits for its answer (a stream: its first chunk) at most `first_chunk_timeout_s` (an
+        `embedding`'s, `embed_timeout_s`): a backend that took the request and stays silent is failing, and retrying
+        it would only multiply the wait.
 
         A request the route rejects as invalid ends the call, unless a route before it failed for a reason of its own
         (down, busy, silent, its circuit open, a stream broken): then the rejection is this route's own limits (a
@@ -1302,8 +1300,8 @@ class Router:
         circuit = route.backend.circuit
         loop = asyncio.get_running_loop()
         # The routes before this one (a route's own retries do not count: its rejection after them is its verdict).
-        kept_from_the_routes_before = bool(chain.attempts) and any(
-            attempt.outcome not in THE_REQUESTS_OWN for attempt in chain.attempts
+        kept_from_the_routes_before = (
+            any(attempt.outcome not in THE_REQUESTS_OWN for attempt in chain.attempts) if chain.attempts else False
         )
         if not chain.may_fit(route):
             too_long = UpstreamError(
@@ -1313,7 +1311,7 @@ class Router:
             )
             chain.record(route, AttemptOutcome.CONTEXT_LENGTH_EXCEEDED, None, too_long)
             return None
-        silent_s: float = getattr(self._config, silent_setting)
+        silent_s = self._config.embed_timeout_s if embedding else self._config.first_chunk_timeout_s
         for retry in range(self._config.retry.max_retries + 1):
             if not circuit.allow(chain):
                 chain.skip(route)
@@ -1337,7 +1335,9 @@ class Router:
                 # call that reached its deadline is not a silent backend.
                 if silent_after < chain.deadline:
                     silent = UpstreamError(
-                        UpstreamErrorKind.SILENT, route.backend.name, _silent(silent_s, silent_setting)
+                        UpstreamErrorKind.SILENT,
+                        route.backend.name,
+                        _silent(silent_s, "embed_timeout_s" if embedding else "first_chunk_timeout_s"),
                     )
                     self._failed(chain, route, started, silent)
                     return None

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import sqlite3
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,7 @@ async def test_malformed_caller_metadata_is_reported_with_the_requests_own_wrong
 ) -> None:
     """Every wrong field in one answer, the metadata's too: the caller mends them in one round trip."""
     tagged = (("x-llmrelay-caller", "no spaces allowed"),)
-    calls = [
+    calls: list[Awaitable[Any]] = [
         stub.Complete(pb.CompleteRequest(), timeout=5, metadata=tagged),
         read_all(stub.StreamComplete(pb.StreamCompleteRequest(), timeout=5, metadata=tagged)),
         stub.Embed(pb.EmbedRequest(), timeout=5, metadata=tagged),
