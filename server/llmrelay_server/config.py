@@ -332,7 +332,8 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     _FROM_THE_ENVIRONMENT.set(())  # this load's files alone
     # Set but blank (`LLMRELAY_KEYS_FILE=$KEYS`, KEYS unset), these were taken for unset without a word: a start on
     # the defaults, a gateway open to anyone, each process keeping its own limits. The --config flag refuses it too.
-    for name in ("LLMRELAY_CONFIG", "LLMRELAY_KEYS_FILE", "LLMRELAY_REDIS_URL"):
+    # LLMRELAY_USAGE_DB's, a ledger of its own in the working directory, in place of the one replicas share.
+    for name in ("LLMRELAY_CONFIG", "LLMRELAY_KEYS_FILE", "LLMRELAY_REDIS_URL", "LLMRELAY_USAGE_DB"):
         if name in env and not env[name].strip() and not (name == "LLMRELAY_CONFIG" and path):
             raise ConfigError(f"{name}: empty (an unset variable?): give one, or leave the variable unset")
     # An error names where its value came from: a variable set long ago is easy to forget.
@@ -779,7 +780,7 @@ def _backends(llm: _LLMSection, env: Mapping[str, str]) -> tuple[BackendSpec, ..
         "anthropic", llm.anthropic, env, _ANTHROPIC_VARIABLES, (DEFAULT_ANTHROPIC_BASE_URL, DEFAULT_ANTHROPIC_MODEL)
     )
     specs.update((spec.name, spec) for spec in (openai, anthropic) if spec is not None)
-    ollama = llm.ollama or _BackendSection()
+    ollama = _set_or_left_out(llm.ollama or _BackendSection(), "llm.ollama")
     if env.get("OLLAMA_HOST"):
         base_url = ollama_base_url(env["OLLAMA_HOST"])
     else:
@@ -876,7 +877,7 @@ def _hosted(
     key's, URL's and model's; `defaults`: its URL and model): there with a key, else None. Without one its section is
     checked all the same (a mistake in it stopped the gateway only where the key was set: in production, past
     staging), and its other variables, which other tools share, are not read."""
-    section = section or _BackendSection()
+    section = _set_or_left_out(section or _BackendSection(), f"llm.{name}")
     key_variable, url_variable, model_variable = variables
     api_key = env.get(key_variable) or section.api_key
     if not api_key:
@@ -895,6 +896,16 @@ def _hosted(
         model_variable if env.get(model_variable) else None,
     )
     return spec if api_key else None
+
+
+def _set_or_left_out(section: _BackendSection, where: str) -> _BackendSection:
+    """The section of a backend with a default URL, whose URL is given or left out: set but blank (an unset ${VAR}),
+    it was taken for left out, the default in its place, and the section's key and the callers' prompts went to the
+    public API (OpenAI's, Anthropic's) rather than the server meant. (A blank model is the default model, of the
+    server meant.)"""
+    if section.base_url is not None and not section.base_url.strip():
+        raise ConfigError(f"{where}.base_url: empty (an unset ${{VAR}}?): give one, or leave the field out")
+    return section
 
 
 def _check_api_key(api_key: str | None, where: str) -> None:
@@ -1177,13 +1188,23 @@ def _check_tls(tls: TLSConfig) -> None:
         _check_path(value, f"server.tls.{name}")
 
 
+_YAML_NAME: Final = re.compile(r"(alias|anchor|tag) '[^']*'")
+"""A name PyYAML quotes in its problem: an unquoted value that begins with *, & or ! is read as one (a key that
+begins with one of them, written unquoted)."""
+
+
 def _yaml_problem(error: yaml.YAMLError) -> str:
-    """What is wrong, and where, without the text of the line (PyYAML quotes it), which may hold a secret."""
+    """What is wrong, and where, without the text of the line (PyYAML quotes it), which may hold a secret; nor a name
+    of an alias, anchor or tag, which may be one too (`api_key: *x9...`)."""
     if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
         return "a syntax error"
     mark = error.problem_mark
-    context = f" ({error.context})" if error.context else ""
-    return f"{error.problem or 'a syntax error'}{context} at line {mark.line + 1}, column {mark.column + 1}"
+    problem, context = (
+        _YAML_NAME.sub(r"\1 (not shown: quote a value that begins with *, & or !)", text) if text else text
+        for text in (error.problem, error.context)
+    )
+    context = f" ({context})" if context else ""
+    return f"{problem or 'a syntax error'}{context} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 class _UnreadPlaceholderError(ConfigError):
@@ -1237,7 +1258,7 @@ def _build(cls: type[T], value: Any, where: str) -> T:
     if value is None:
         value = {}
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {shown_value(value, where)}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {_shown_not_text(value, where)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
@@ -1295,7 +1316,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         return tuple(_convert(args[0], item, f"{where}[{i}]") for i, item in enumerate(value))
     if origin in (Mapping, dict) or hint is Mapping:
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {shown_value(value, where)}")
+            raise ConfigError(f"{where}: expected a mapping, got {_shown_not_text(value, where)}")
         return {_as_text(k): _convert(args[1], v, f"{where}.{_as_text(k)}") for k, v in value.items()}
     if hint is bool:
         if isinstance(value, str):
@@ -1348,6 +1369,12 @@ def _number(text: str, hint: type[int] | type[float]) -> int | float | str:
 
 _MAY_HOLD_A_SECRET: Final = ("key", "secret", "token", "password", "url", "usage_db")
 """Words in a field's path whose value may hold a secret (an API key, a store URL with its password)."""
+
+
+def _shown_not_text(value: Any, where: str) -> str:
+    """A value given where a section (a mapping) was expected: text by its type alone, whatever the field, as the
+    section's own secret may be what was written there (`llm: {openai: sk-...}`, `state: redis://:password@...`)."""
+    return "text" if isinstance(value, str) else shown_value(value, where)
 
 
 def shown_value(value: Any, where: str) -> str:

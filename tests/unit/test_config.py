@@ -731,6 +731,13 @@ SECRET = "sk-live-SUPERSECRET-0123456789"
         (f'state: {{redis_url: ["redis://:{SECRET}@redis:6379/0"]}}\n', "state.redis_url"),
         (f"server: {{log_format: {{{SECRET}: 1}}}}\n", "server.log_format"),
         (f'llm:\n  openai: {{api_key: "{SECRET}" oops}}\n', "config file"),
+        # A section written as its secret alone; a secret that YAML reads as an alias's, an anchor's or a tag's name.
+        (f"llm: {{openai: {SECRET}}}\n", "llm.openai"),
+        (f"state: redis://:{SECRET}@redis:6379/0\n", "state"),
+        (f"server: postgresql://relay:{SECRET}@db/llmrelay\n", "server"),
+        (f"llm: {{openai: {{api_key: *{SECRET}}}}}\n", "config file"),
+        (f"llm: {{openai: {{api_key: !{SECRET} x}}}}\n", "config file"),
+        (f"a: &{SECRET} x\nb: &{SECRET} y\n", "config file"),
     ],
 )
 def test_a_mistyped_api_key_is_never_shown(tmp_path: Path, yaml_text: str, field: str) -> None:
@@ -961,11 +968,20 @@ def test_a_whole_number_too_large_is_named(tmp_path: Path, written: str) -> None
         load(tmp_path, f"server: {{max_concurrent_rpcs: {written}}}\n", {"HUGE": f"1{'0' * 400}"})
 
 
-@pytest.mark.parametrize("name", ["LLMRELAY_CONFIG", "LLMRELAY_KEYS_FILE", "LLMRELAY_REDIS_URL"])
+@pytest.mark.parametrize("name", ["LLMRELAY_CONFIG", "LLMRELAY_KEYS_FILE", "LLMRELAY_REDIS_URL", "LLMRELAY_USAGE_DB"])
 def test_a_variable_set_but_empty_is_refused_not_taken_for_unset(tmp_path: Path, name: str) -> None:
     # An empty LLMRELAY_KEYS_FILE left the gateway open to anyone, without a word.
     with pytest.raises(ConfigError, match=rf"^{name}: empty \(an unset variable\?\)"):
         load(tmp_path, None, {name: " "})
+
+
+@pytest.mark.parametrize("section", ["openai", "anthropic", "ollama"])
+def test_a_blank_base_url_is_refused_not_taken_for_the_default_server(tmp_path: Path, section: str) -> None:
+    """An unset ${VAR} reads as empty: taken for left out, the public API's URL took its place, and the section's
+    key and every prompt went there rather than to the server meant."""
+    text = f'llm:\n  {section}: {{api_key: "sk-for-the-proxy-0123456789", base_url: "${{CORP_URL}}"}}\n'
+    with pytest.raises(ConfigError, match=rf"^llm\.{section}\.base_url: empty \(an unset \$\{{VAR\}}\?\)"):
+        load(tmp_path, text)
 
 
 def test_an_empty_config_variable_under_the_config_flag_is_not_read(tmp_path: Path) -> None:
