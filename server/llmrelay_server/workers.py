@@ -193,21 +193,10 @@ def check_port_free(listen: str) -> None:
     resolve, and a port that takes a privilege the process lacks, are said so too. Port 0 (any free port) is left to
     gRPC, as are addresses that cannot be bound for another reason (no IPv6 here: gRPC serves on the others).
     """
-    host, _, port = listen.rpartition(":")
+    port = listen.rpartition(":")[2]
     if not port.isdigit() or int(port) == 0:
         return
-    # gRPC takes localhost for both loopbacks, whatever /etc/hosts says.
-    hosts = _LOOPBACKS if host.lower() == "localhost" else (host.strip("[]"),)
-    try:
-        found = [
-            info
-            for name in hosts
-            for info in socket.getaddrinfo(name, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        ]
-    except socket.gaierror as exc:
-        why = f"its host does not resolve ({exc.strerror})"
-        raise ListenError(f"cannot listen on {listen}: {why}; {_CHOOSE_ANOTHER}") from exc
-    for family, kind, proto, _, address in found:
+    for family, kind, proto, _, address in _addresses(listen):
         # Without SO_REUSEPORT this bind fails while any socket listens on the port (another gateway's workers too),
         # or holds it without SO_REUSEADDR (another supervisor's reservation, before its workers listen).
         # SO_REUSEADDR, as gRPC sets it, lets it pass connections of an earlier server still in TIME_WAIT.
@@ -225,31 +214,90 @@ def check_port_free(listen: str) -> None:
                     ) from exc
 
 
-def reserve_port(listen: str) -> socket.socket:
-    """Checks that no process holds HOST:PORT, then holds it (bound, never listening, SO_REUSEPORT) for the workers.
+def _addresses(listen: str, port: int | None = None) -> list[tuple[Any, ...]]:
+    """Every address gRPC binds for HOST:PORT (`port`, when given, in place of its own), as getaddrinfo gives them."""
+    host, _, written_port = listen.rpartition(":")
+    # gRPC takes localhost for both loopbacks, whatever /etc/hosts says.
+    hosts = _LOOPBACKS if host.lower() == "localhost" else (host.strip("[]"),)
+    try:
+        return [
+            info
+            for name in hosts
+            for info in socket.getaddrinfo(
+                name, int(written_port) if port is None else port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+        ]
+    except socket.gaierror as exc:
+        why = f"its host does not resolve ({exc.strerror})"
+        raise ListenError(f"cannot listen on {listen}: {why}; {_CHOOSE_ANOTHER}") from exc
 
-    Port 0 reserves a free port: the returned socket's port is the one the workers are given.
+
+class PortReservation:
+    """HOST:PORT held for the workers at every address HOST names (localhost: 127.0.0.1 and ::1), each by a socket
+    bound, never listening, with SO_REUSEPORT: held at one address alone, another process could take the others while
+    the workers start, and they would serve on what was left, callers of the rest reaching that process."""
+
+    def __init__(self, sockets: list[socket.socket]) -> None:
+        self._sockets = sockets
+        self.port = int(sockets[0].getsockname()[1])
+        """The port held (the one asked for, or a free one for port 0)."""
+
+    def close(self) -> None:
+        for held in self._sockets:
+            held.close()
+
+    def __enter__(self) -> PortReservation:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def reserve_port(listen: str) -> PortReservation:
+    """Checks that no process holds HOST:PORT, then holds it at each of its addresses for the workers.
+
+    Port 0 reserves a free port at the first address, and the same port at the others: its port is the one the
+    workers are given. An address this machine cannot bind (::1 without IPv6) is left out, as gRPC leaves it.
     """
     check_port_free(listen)
-    host, _, port = listen.rpartition(":")
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except socket.gaierror as exc:
-        raise ListenError(in_use_message(listen)) from exc
-    try:
+    any_port = int(listen.rpartition(":")[2]) == 0
+    for _ in range(_FREE_PORT_TRIES if any_port else 1):
+        held: list[socket.socket] = []
         try:
-            return _bind_reservation(family, kind, proto, address, reuse_address=False)
+            for family, kind, proto, _, address in _addresses(listen):
+                if held:  # the port the first address got (the one written, or a free one)
+                    address = (address[0], held[0].getsockname()[1], *address[2:])
+                try:
+                    held.append(_reserved(family, kind, proto, address))
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE or not held:
+                        raise
         except OSError as exc:
-            if exc.errno != errno.EADDRINUSE or int(port) == 0:
-                raise
-            # The probe passed, so nothing listens and no supervisor holds the port: what holds it is a connection in
-            # TIME_WAIT of a server without SO_REUSEPORT (a single-process gateway stopped a moment ago), which only
-            # SO_REUSEADDR passes. The workers bind beside such a reservation, but so would a second supervisor's.
-            return _bind_reservation(family, kind, proto, address, reuse_address=True)
+            for taken in held:
+                taken.close()
+            if any_port and exc.errno == errno.EADDRINUSE:
+                continue  # the free port of the first address is taken at another: another free port
+            raise ListenError(in_use_message(listen)) from exc
+        return PortReservation(held)
+    raise ListenError(f"cannot listen on {listen}: no port was free at every address of its host; {_CHOOSE_ANOTHER}")
+
+
+_FREE_PORT_TRIES: Final = 10
+
+
+def _reserved(
+    family: socket.AddressFamily, kind: socket.SocketKind, proto: int, address: tuple[Any, ...]
+) -> socket.socket:
+    """A socket holding `address` for the workers (`_bind_reservation`)."""
+    try:
+        return _bind_reservation(family, kind, proto, address, reuse_address=False)
     except OSError as exc:
-        raise ListenError(in_use_message(listen)) from exc
+        if exc.errno != errno.EADDRINUSE or address[1] == 0:
+            raise
+        # The probe passed, so nothing listens and no supervisor holds the port: what holds it is a connection in
+        # TIME_WAIT of a server without SO_REUSEPORT (a single-process gateway stopped a moment ago), which only
+        # SO_REUSEADDR passes. The workers bind beside such a reservation, but so would a second supervisor's.
+        return _bind_reservation(family, kind, proto, address, reuse_address=True)
 
 
 def _bind_reservation(
@@ -320,7 +368,7 @@ class Supervisor:
         use_log_format(server.log_format)
         share_stderr()
         reservation = reserve_port(server.listen)
-        host, port = server.listen.rpartition(":")[0], reservation.getsockname()[1]
+        host, port = server.listen.rpartition(":")[0], reservation.port
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
