@@ -1109,6 +1109,19 @@ class Router:
 
         return max((usd_micros for _, usd_micros in self._costs(routes, prompt_tokens, lambda _: 0)), default=0)
 
+    def model_counted(self, request: CompletionRequest | EmbeddingRequest, may_use: ModelFilter | None) -> str:
+        """The model a request's prompt (inputs) is counted for before it runs: its first route's, as CountTokens
+        counts it and as its bill counts what the upstream does not report (an alias or no model is no tokenizer's
+        name); the name asked for where nothing may serve it."""
+        try:
+            if isinstance(request, EmbeddingRequest):
+                routes = self._allowed(self.embedding_routes(request.model), request.model, "", may_use)
+            else:
+                routes = self._routes(request, "", may_use)
+        except (ModelNotFoundError, ModelNotAllowedError):
+            routes = []
+        return routes[0].model if routes else request.model or ""
+
     def refuses(self, request: CompletionRequest | EmbeddingRequest, may_use: ModelFilter | None) -> bool:
         """Whether the request is refused for its model: one nothing serves, or one its key (`may_use`) may not use."""
         try:

@@ -30,6 +30,7 @@ from redis_server import RedisServer
 from support import (
     FAST_ROUTER,
     GatewayFactory,
+    StubFactory,
     chat,
     children,
     details,
@@ -38,6 +39,7 @@ from support import (
     start_server,
     stream_chat,
     two_backends,
+    user,
     wait_until,
 )
 from upstream import FakeUpstream
@@ -919,6 +921,40 @@ async def test_a_request_larger_than_a_limit_is_told_what_to_change_not_when_to_
         fitting = chat(model="gpt-test", options=pb.CompletionOptions(max_tokens=3))
         assert (await stub.Complete(fitting, metadata=bearer(OTHER_KEY), timeout=5)).backend == "openai"
     assert len(primary.chat_requests) == 2, "refused before any upstream is asked"
+
+
+async def test_a_prompt_is_reserved_as_counted_for_the_model_it_goes_to_as_count_tokens_counts_it(
+    stub_for: StubFactory,
+) -> None:
+    """An alias, or no model, is no tokenizer's name: counted under it, a prompt was an unknown model's estimate
+    (o200k_base), where CountTokens and the bill count for the routed model (gpt-4: cl100k_base), so that following a
+    refusal's advice of max_tokens, sized by CountTokens, passed the limit; and an Embed with no model was admitted
+    whose inputs alone are over it."""
+    text = "日本語のテキストはトークナイザーによって数が大きく変わります。" * 20
+    upstream = await FakeUpstream(models=("gpt-4",), embedding_models=("text-embedding-3-small",)).start()
+    try:
+        backend = (
+            f"{{name: up, kind: openai_compatible, base_url: '{upstream.base_url}', model: gpt-4,"
+            " embedding_model: text-embedding-3-small}"
+        )
+        llm = f"llm:\n  backends: [{backend}]\n  aliases: {{fast: up/gpt-4}}\n  order: [up]\n"
+        stub = await stub_for(llm, server="limits: {tokens_per_minute: 1000}")
+        messages = [user(text)]
+        named_so: list[dict[str, Any]] = [{"model": "fast"}, {}]  # an alias, and no model: the default chain
+        for named in named_so:
+            counted = await stub.CountTokens(pb.CountTokensRequest(messages=messages, **named), timeout=10)
+            assert counted.encoding == "cl100k_base" and not counted.estimated
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                request = pb.CompleteRequest(messages=messages, options=pb.CompletionOptions(max_tokens=999), **named)
+                await stub.Complete(request, timeout=10)
+            assert f"({counted.token_count} of prompt + 999 for the answer" in (caught.value.details() or "")
+        inputs = await stub.CountTokens(pb.CountTokensRequest(model="text-embedding-3-small", text=text), timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Embed(pb.EmbedRequest(inputs=[text, text]), timeout=10)
+        assert f"reserves {2 * inputs.token_count} tokens (its inputs)" in (caught.value.details() or "")
+        assert upstream.chat_requests == [] and upstream.embedding_requests == []
+    finally:
+        await upstream.stop()
 
 
 async def test_the_json_schema_an_answer_must_follow_is_reserved_as_prompt(

@@ -55,6 +55,10 @@ class Routing(Protocol):
         """Whether the request is refused for its model (one nothing serves, or one its key may not use)."""
         ...
 
+    def model_counted(self, request: CompletionRequest | EmbeddingRequest, may_use: ModelFilter | None) -> str:
+        """The model whose tokenizer counts the request's prompt (its first route's)."""
+        ...
+
 
 class LimitsInterceptor(grpc.aio.ServerInterceptor):
     """Admits each model call within the caller's limits and the gateway's, settles it at its end."""
@@ -204,9 +208,10 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         the call may be billed for), those of them for the answers, their cost, and how many answers."""
         parsed = convert.completion_request(request, max_image_bytes=self._max_image_bytes)  # _refused_anyway's
         options = parsed.options
+        model = self._router.model_counted(parsed, may_use)
         prompt = (
             await self._counter.count_chat_async(
-                parsed.model or "", parsed.messages, options.tools, response_format=options.response_format, by=by
+                model, parsed.messages, options.tools, response_format=options.response_format, by=by
             )
         ).tokens
         # A request without max_tokens is as long as its route asks for, else server.reserve_completion_tokens.
@@ -220,7 +225,8 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
     ) -> tuple[int, int]:
         """The tokens and cost to reserve: the inputs as counted offline (an embedding answers with no tokens)."""
         parsed = convert.embedding_request(request)  # valid: _refused_anyway has parsed it
-        tokens = (await self._counter.count_texts_async(parsed.model or "", parsed.inputs, by=by)).tokens
+        model = self._router.model_counted(parsed, may_use)
+        tokens = (await self._counter.count_texts_async(model, parsed.inputs, by=by)).tokens
         return tokens, self._router.estimate_embedding_usd_micros(parsed.model, tokens, may_use)
 
 
