@@ -73,7 +73,10 @@ type Client struct {
 	conn    *grpc.ClientConn
 	rpc     llmrelayv1.LLMServiceClient
 	timeout time.Duration
-	headers []string // alternating keys and values, sent with every call
+	// headers holds the metadata sent with every call, alternating keys and values, behind a pointer: fmt prints a
+	// pointer within a struct as its address, so a Client printed whole (%v of *client, which Format does not cover)
+	// shows no value, such as the caller's key in WithHeader("authorization", "Bearer KEY").
+	headers *[]string
 	// securityHint says which transport security Dial chose by itself and how to choose another; "" when the caller
 	// chose. It completes the message of a call that could not reach the gateway.
 	securityHint string
@@ -185,8 +188,13 @@ func WithDialOptions(opts ...grpc.DialOption) Option {
 // Dial creates a client for the gateway at target ("host:port", or any gRPC target such as "dns:///host:port").
 // Without WithInsecure, WithTLS or WithTransportCredentials, it connects in plaintext to a loopback target
 // (IsLoopbackTarget) and over TLS with the system's roots to any other. Like grpc.NewClient, it does not wait for
-// the connection: the first call connects.
+// the connection: the first call connects. It refuses, as the Python and TypeScript SDKs do, an http:// or https://
+// URL and a port past 65535, which no call could reach, with an error that names the problem, not the target.
 func Dial(target string, opts ...Option) (*Client, error) {
+	// Not showing the target, which may hold a password (a URL's).
+	if problem := targetProblem(target); problem != "" {
+		return nil, errors.New("llmrelay: target: " + problem)
+	}
 	o := options{timeout: DefaultTimeout, serviceConfig: llmrelayv1.ServiceConfigJSON}
 	for _, opt := range opts {
 		if opt != nil { // as a nil grpc.DialOption is none
@@ -249,11 +257,12 @@ func Dial(target string, opts ...Option) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
+	headers := o.headers
 	return &Client{
 		conn:            conn,
 		rpc:             llmrelayv1.NewLLMServiceClient(conn),
 		timeout:         o.timeout,
-		headers:         o.headers,
+		headers:         &headers,
 		securityHint:    securityHint,
 		certificateHint: certificateHint,
 	}, nil
@@ -272,6 +281,26 @@ func WithoutDeadline(ctx context.Context) context.Context {
 // Close closes the channel; calls in flight fail with CANCELED.
 func (c *Client) Close() error {
 	return c.conn.Close()
+}
+
+// Format prints the client for every verb of fmt (%v, %+v, %#v, %s, ...) as its target, default timeout and the keys
+// of its headers, never their values: WithHeader("authorization", "Bearer KEY") carries the caller's key to the
+// gateway, and fmt's own printing of the struct showed it in clear, in a log line or a panic's message.
+func (c *Client) Format(f fmt.State, verb rune) {
+	if c == nil {
+		if verb == 'v' && f.Flag('#') {
+			fmt.Fprint(f, "(*llmrelay.Client)(nil)")
+		} else {
+			fmt.Fprint(f, "<nil>")
+		}
+		return
+	}
+	keys := make([]string, 0, len(*c.headers)/2)
+	for i := 0; i < len(*c.headers); i += 2 {
+		keys = append(keys, (*c.headers)[i])
+	}
+	fmt.Fprintf(f, "&llmrelay.Client{target: %q, timeout: %s, headers: %q (values not shown)}",
+		c.conn.Target(), c.timeout, keys)
 }
 
 // Conn is the underlying channel, for other services on the same gateway (grpc.health.v1, say).
@@ -315,7 +344,7 @@ func (c *Client) callContext(ctx context.Context, req proto.Message) (context.Co
 func (c *Client) withHeaders(ctx context.Context) (context.Context, error) {
 	callMetadata, ok := metadata.FromOutgoingContext(ctx)
 	if !ok {
-		return metadata.AppendToOutgoingContext(ctx, c.headers...), nil
+		return metadata.AppendToOutgoingContext(ctx, *c.headers...), nil
 	}
 	for key, values := range callMetadata {
 		if !sendableHeaderKey(key) {
@@ -329,10 +358,11 @@ func (c *Client) withHeaders(ctx context.Context) (context.Context, error) {
 			}
 		}
 	}
-	headers := make([]string, 0, len(c.headers))
-	for i := 0; i < len(c.headers); i += 2 {
-		if len(callMetadata.Get(c.headers[i])) == 0 {
-			headers = append(headers, c.headers[i], c.headers[i+1])
+	own := *c.headers
+	headers := make([]string, 0, len(own))
+	for i := 0; i < len(own); i += 2 {
+		if len(callMetadata.Get(own[i])) == 0 {
+			headers = append(headers, own[i], own[i+1])
 		}
 	}
 	// In place of ctx's own: FromOutgoingContext lower-cased the keys, but grpc-go checks the metadata as the caller

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strconv"
 	"strings"
 )
 
@@ -60,6 +61,62 @@ func isLoopbackHost(host string) bool {
 	}
 	addr, err := netip.ParseAddr(host)
 	return err == nil && addr.Unmap().IsLoopback()
+}
+
+// targetProblem says what keeps target from being a gRPC target, in the Python SDK's words (its target_problem); ""
+// when nothing does. Never the target itself: a URL may hold a password. Dial refuses such a target: grpc-go took it,
+// and every call then failed Unavailable with a hint to switch TLS on or off, which was not the matter.
+func targetProblem(target string) string {
+	lower := strings.ToLower(target)
+	if strings.HasPrefix(lower, "http://") || strings.HasPrefix(lower, "https://") {
+		// grpc-go took it as a name to resolve, and every call failed Unavailable with a word of TLS.
+		return "a gRPC target is HOST:PORT (or dns:, unix:, ...), not an http:// or https:// URL"
+	}
+	for _, port := range targetPorts(target) {
+		// No call reaches it (gRPC's core, the Python SDK's, took it modulo 65536: another server got the caller's key).
+		if n, err := strconv.ParseUint(port, 10, 64); err != nil || n > 65535 {
+			return "its port is not a number from 0 to 65535"
+		}
+	}
+	return ""
+}
+
+// targetPorts is the ports, as written in decimal, of the addresses a HOST:PORT, [V6]:PORT, dns: or ipv4:/ipv6:
+// target names (none for a Unix socket, or an address without one): the Python SDK's _target_ports.
+func targetPorts(target string) []string {
+	scheme, rest, hasScheme := strings.Cut(target, ":")
+	var addresses []string
+	switch {
+	case hasScheme && strings.EqualFold(scheme, "dns"):
+		if after, ok := strings.CutPrefix(rest, "//"); ok {
+			// dns://AUTHORITY/HOST:PORT: the authority's port is the DNS server's, not the gateway's.
+			_, endpoint, _ := strings.Cut(after, "/")
+			addresses = []string{endpoint}
+		} else {
+			addresses = []string{rest}
+		}
+	case hasScheme && (strings.EqualFold(scheme, "ipv4") || strings.EqualFold(scheme, "ipv6")):
+		addresses = strings.Split(rest, ",")
+	case hasScheme && (strings.EqualFold(scheme, "unix") || strings.EqualFold(scheme, "unix-abstract")):
+	default:
+		addresses = []string{target}
+	}
+	var ports []string
+	for _, address := range addresses {
+		var port string
+		if strings.HasPrefix(address, "[") {
+			_, after, _ := strings.Cut(address, "]")
+			port = strings.TrimPrefix(after, ":")
+		} else if strings.Count(address, ":") == 1 {
+			_, port, _ = strings.Cut(address, ":")
+		} else {
+			continue // no port, or an IPv6 address bare
+		}
+		if port != "" && strings.Trim(port, "0123456789") == "" {
+			ports = append(ports, port)
+		}
+	}
+	return ports
 }
 
 // TLSConfig is a TLS configuration for WithTLS from PEM files: caFile, the roots that verify the gateway's

@@ -38,7 +38,14 @@ import { onAbort } from "./abort";
 import { StreamAssembler, hasDelta, isRestart } from "./assemble";
 import { textFormat, textTools, withJsonText } from "./content";
 import { LLMRelayError, toError } from "./errors";
-import { channelCredentials, chooseTransport, closedWithoutAWord, type TlsOptions, type Transport } from "./tls";
+import {
+  channelCredentials,
+  chooseTransport,
+  closedWithoutAWord,
+  targetProblem,
+  type TlsOptions,
+  type Transport,
+} from "./tls";
 
 /** Where a gateway listens by default. */
 export const DEFAULT_TARGET = "127.0.0.1:50051";
@@ -175,9 +182,17 @@ export class Client {
    */
   private readonly certificateHint: string | undefined;
   private readonly timeoutMs: number | null;
-  private readonly headers: Record<string, string | Buffer>;
-  /** The calls in flight, unary and streams: close() cancels them, as grpc-js's close() lets them run on. */
-  private readonly active = new Set<{ cancel(): void }>();
+  /**
+   * The metadata sent with every call. A true private field, as util.inspect and console.log show none: it may hold
+   * the caller's key to the gateway ({ authorization: "Bearer KEY" }), which they printed in clear, the client's and
+   * whatever held it (an Agent).
+   */
+  readonly #headers: Record<string, string | Buffer>;
+  /**
+   * The calls in flight, unary and streams: close() cancels them, as grpc-js's close() lets them run on. Private as
+   * #headers is: a call holds its metadata, which util.inspect of the client with depth showed.
+   */
+  readonly #active = new Set<{ cancel(): void }>();
   /** Set by close(): a call after it fails as in the Python SDK, not with grpc-js's plain Error. */
   private closed = false;
   /**
@@ -190,8 +205,13 @@ export class Client {
     readonly target: string = DEFAULT_TARGET,
     options: ClientOptions = {},
   ) {
+    // Not showing the target, which may hold a password (a URL's).
+    const problem = targetProblem(target);
+    if (problem !== undefined) {
+      throw new Error(`target: ${problem}`);
+    }
     this.transport = options.credentials ? undefined : chooseTransport(target, options);
-    this.securityHint = transportHint(target, options, this.transport);
+    this.securityHint = transportHint(options, this.transport);
     this.certificateHint = certificateHint(options, this.transport);
     this.raw = new LLMServiceClient(target, channelCredentials(target, options), {
       "grpc.service_config": SERVICE_CONFIG_JSON,
@@ -199,7 +219,7 @@ export class Client {
       interceptors: options.interceptors,
     });
     this.timeoutMs = options.timeoutMs === undefined ? DEFAULT_TIMEOUT_MS : checkedTimeout(options.timeoutMs);
-    this.headers = checkedMetadata({
+    this.#headers = checkedMetadata({
       ...options.metadata,
       ...(options.caller ? { [CALLER_HEADER]: options.caller } : {}),
     });
@@ -236,7 +256,7 @@ export class Client {
       // before there is a listener: it throws the raw status.
       throw this.explain(unencodable(toError(err)), false);
     }
-    this.active.add(call);
+    this.#active.add(call);
     // Whether anything came from the gateway, its response headers or a message: then it was reached.
     let reached = false;
     call.once("metadata", () => {
@@ -254,7 +274,7 @@ export class Client {
       stopWaiting();
       call.on("error", () => {}); // the CANCELLED of an early exit is nobody's error
       call.cancel();
-      this.active.delete(call);
+      this.#active.delete(call);
     }
   }
 
@@ -315,7 +335,7 @@ export class Client {
   /** Closes the channel; calls in flight fail with CANCELLED, and the gateway stops answering them. */
   close(): void {
     this.closed = true;
-    for (const call of this.active) {
+    for (const call of this.#active) {
       call.cancel();
     }
     this.raw.close();
@@ -334,8 +354,9 @@ export class Client {
       }
       let reached = false; // whether the gateway's response headers came
       let settled = false;
-      // Lets go of what the call holds while in flight (its place in this.active, the signal's listener). The callback
-      // may run inside method.call, before the call holds anything: a client interceptor can fail it in start().
+      // Lets go of what the call holds while in flight (its place in this.#active, the signal's listener). The
+      // callback may run inside method.call, before the call holds anything: a client interceptor can fail it in
+      // start().
       let release = (): void => {};
       const call = method.call(this.raw, request, this.metadata(options), this.callOptions(options), (err, res) => {
         settled = true;
@@ -352,10 +373,10 @@ export class Client {
       call.once("metadata", () => {
         reached = this.reached = true;
       });
-      this.active.add(call);
+      this.#active.add(call);
       const stopWaiting = onAbort(signal, () => call.cancel());
       release = () => {
-        this.active.delete(call);
+        this.#active.delete(call);
         stopWaiting();
       };
     });
@@ -363,7 +384,7 @@ export class Client {
 
   private metadata(options?: CallOptions): Metadata {
     const metadata = new Metadata();
-    for (const [key, value] of Object.entries({ ...this.headers, ...checkedMetadata(options?.metadata) })) {
+    for (const [key, value] of Object.entries({ ...this.#headers, ...checkedMetadata(options?.metadata) })) {
       metadata.set(key, value);
     }
     return metadata;
@@ -406,23 +427,18 @@ export class Client {
 }
 
 /**
- * What the transport rule chose (`chosen`) for `target` and how to choose otherwise, as the Go and Python SDKs say
- * it; undefined when the options chose.
+ * What the transport rule chose (`chosen`) and how to choose otherwise, as the Go and Python SDKs say it; undefined
+ * when the options chose. Not naming the target, which may hold a password.
  */
-function transportHint(
-  target: string,
-  options: ClientOptions,
-  chosen: Transport | undefined,
-): string | undefined {
+function transportHint(options: ClientOptions, chosen: Transport | undefined): string | undefined {
   if (options.credentials !== undefined || options.insecure !== undefined || options.tls !== undefined) {
     return undefined;
   }
   return chosen === "plaintext"
-    ? `this client connects to ${target} in plaintext (the default for loopback targets); if the gateway serves` +
-        " TLS, pass { tls: { rootCerts } } or { insecure: false }"
-    : `this client connects to ${target} over TLS with the system's roots (the default for targets that are not` +
-        " loopback); if the gateway serves plaintext, pass { insecure: true }, or { tls: { rootCerts } } for a" +
-        " private CA";
+    ? "this client connects in plaintext (the default for loopback targets); if the gateway serves TLS, pass" +
+        " { tls: { rootCerts } } or { insecure: false }"
+    : "this client connects over TLS with the system's roots (the default for targets that are not loopback); if" +
+        " the gateway serves plaintext, pass { insecure: true }, or { tls: { rootCerts } } for a private CA";
 }
 
 /**

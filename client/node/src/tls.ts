@@ -61,6 +61,64 @@ export function isLoopbackTarget(target: string): boolean {
   return isLoopbackHost(hostOf(target));
 }
 
+/**
+ * What keeps `target` from being a gRPC target, in the Python SDK's words (its target_problem); undefined when nothing
+ * does. Never the target itself: a URL may hold a password. The Client refuses such a target when it is made: grpc-js
+ * took it, and every call then failed UNAVAILABLE with a hint to switch TLS on or off, which was not the matter.
+ */
+export function targetProblem(target: string): string | undefined {
+  if (/^https?:\/\//i.test(target)) {
+    return "a gRPC target is HOST:PORT (or dns:, unix:, ...), not an http:// or https:// URL";
+  }
+  // No call reaches it (gRPC's core, the Python SDK's, took it modulo 65536: another server got the caller's key).
+  if (targetPorts(target).some((port) => Number(port) > 65535)) {
+    return "its port is not a number from 0 to 65535";
+  }
+  return undefined;
+}
+
+/**
+ * The ports, as written in decimal, of the addresses a HOST:PORT, [V6]:PORT, dns: or ipv4:/ipv6: target names (none
+ * for a Unix socket, or an address without one): the Python SDK's _target_ports.
+ */
+function targetPorts(target: string): string[] {
+  const colon = target.indexOf(":");
+  const scheme = colon < 0 ? undefined : target.slice(0, colon).toLowerCase();
+  const rest = target.slice(colon + 1);
+  let addresses: string[];
+  if (scheme === "dns") {
+    // dns://AUTHORITY/HOST:PORT: the authority's port is the DNS server's, not the gateway's.
+    if (rest.startsWith("//")) {
+      const slash = rest.indexOf("/", 2);
+      addresses = [slash < 0 ? "" : rest.slice(slash + 1)];
+    } else {
+      addresses = [rest];
+    }
+  } else if (scheme === "ipv4" || scheme === "ipv6") {
+    addresses = rest.split(",");
+  } else if (scheme === "unix" || scheme === "unix-abstract") {
+    addresses = [];
+  } else {
+    addresses = [target];
+  }
+  const ports: string[] = [];
+  for (const address of addresses) {
+    let port: string;
+    if (address.startsWith("[")) {
+      const end = address.indexOf("]");
+      port = end < 0 ? "" : address.slice(end + 1).replace(/^:/, "");
+    } else if (address.split(":").length === 2) {
+      port = address.slice(address.indexOf(":") + 1);
+    } else {
+      continue; // no port, or an IPv6 address bare
+    }
+    if (/^[0-9]+$/.test(port)) {
+      ports.push(port);
+    }
+  }
+  return ports;
+}
+
 /** The host of "host", "host:port", "[v6]" or "[v6]:port"; a bare IPv6 address ("::1") stays whole. */
 function hostOf(address: string): string {
   if (address.startsWith("[")) {
