@@ -627,7 +627,9 @@ def _check_authority(url: str, where: str) -> None:
     # Whether or not the authority holds an '@' of its own: a password "p@ss/word" ends it at "p@ss", and the rest of
     # the password, "word@host", would be the path. Looked for as written: a query's value may hold one encoded (%40).
     query = [parameter for parameter in parts.query.split("&") if not parameter.startswith("user=")]
-    if "@" in parts.path + parts.fragment or any("@" in parameter for parameter in query):
+    # Two in the authority ("user:p@ss@host"): Python's URL parsing takes the last for the host's, libpq the first,
+    # and its error quotes the rest as the host, "ss@host", part of the password.
+    if parts.netloc.count("@") > 1 or "@" in parts.path + parts.fragment or any("@" in p for p in query):
         raise ConfigError(
             f"{where}: the user or password in the URL holds a '/', '?', '#' or '@' as is (an '@' follows the host);"
             " percent-encode it (%2F, %3F, %23, %40)"

@@ -768,6 +768,9 @@ def test_a_mistyped_api_key_is_never_shown(tmp_path: Path, yaml_text: str, field
         ('server: {usage_db: "postgresql://u:p@ss/SUPERSECRET@db:5432/llmrelay"}\n', "%40"),
         ('state: {redis_url: "redis://:p@ss?SUPERSECRET@redis:6379/0"}\n', "%40"),
         ('state: {redis_url: "redis://:p@ss#SUPERSECRET@redis:6379/0"}\n', "%40"),
+        # Two in the authority: libpq ended the user part at the first, and quoted the rest as the host.
+        ('server: {usage_db: "postgresql://u:p@SUPERSECRET@db:5432/llmrelay"}\n', "%40"),
+        ('state: {redis_url: "redis://:p@SUPERSECRET@redis:6379/0"}\n', "%40"),
         ('server: {usage_db: "host=db port=5432 user=app password=SUPERSECRET dbname=llmrelay"}\n', "postgresql://"),
         ('state: {redis_url: "SUPERSECRET:x"}\n', "scheme (none)"),
         # redis-py would take the path for database 0.
@@ -801,6 +804,8 @@ def test_a_mistyped_api_key_is_never_shown(tmp_path: Path, yaml_text: str, field
         "postgresql at and slash",
         "redis at and question mark",
         "redis at and hash",
+        "postgresql two ats",
+        "redis two ats",
         "postgresql key=value",
         "redis no scheme",
         "redis database",

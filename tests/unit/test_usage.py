@@ -448,6 +448,9 @@ def test_the_default_journal_of_a_postgresql_ledger_is_its_databases_own() -> No
         "postgres://db/ledger_a?user=app",
     ):
         assert default_journal_dir(same) == a, same
+    # A Unix socket's directory, in the host percent-encoded or as the host parameter.
+    on_a_socket = default_journal_dir("postgresql://app@%2Frun%2Fpostgresql:5432/ledger_a")
+    assert on_a_socket == default_journal_dir("postgresql://app@/ledger_a?host=/run/postgresql") != a
     assert a.parent == Path(".") and a.name.startswith("llmrelay-usage-") and a.suffix == ".journal"
     assert default_journal_dir("usage.sqlite3") == Path("usage.sqlite3.journal")
     assert default_journal_dir(":memory:") is None

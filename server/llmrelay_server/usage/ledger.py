@@ -142,7 +142,9 @@ def _database_of(url: str) -> str:
     except ValueError:  # not a number: the store says so when it connects
         port = parts.netloc.rpartition(":")[2]
     user = query.get("user", unquote(parts.username or ""))
-    host = query.get("host", (parts.hostname or "").lower())
+    # Decoded as libpq decodes it: a Unix socket's directory written in the host (%2Frun%2Fpostgresql) is the
+    # `?host=/run/postgresql` of another spelling.
+    host = query.get("host", unquote(parts.hostname or "").lower())
     return f"{user}@{host}:{query.get('port', port)}/{query.get('dbname', unquote(parts.path.lstrip('/')))}"
 
 
