@@ -311,20 +311,26 @@ def _message_tokens(encode: _Encode, message: Message) -> tuple[int, bool]:
 
 
 # OpenAI's vision guide, "Calculating costs" (https://platform.openai.com/docs/guides/images-vision): at low detail
-# an image costs 85 tokens; at high detail it is scaled to fit in 2048x2048, then down until its shorter side is
-# 768px, and costs 85 plus 170 for each 512px tile it takes to cover it. Those are the figures of gpt-4o, gpt-4.1,
-# gpt-4.5 and gpt-4-turbo; other models (gpt-4o-mini, the o-series, those priced by 32px patches, local ones) are
-# counted by them too, as an estimate.
+# an image costs a base of tokens; at high detail it is scaled to fit in 2048x2048, then down until its shorter side
+# is 768px, and costs the base plus a tile's tokens for each 512px tile it takes to cover it. gpt-4o, gpt-4.1,
+# gpt-4.5 and gpt-4-turbo: 85 and 170; gpt-4o-mini, whose tokens cost a sixteenth of gpt-4o's, 2833 and 5667 (an
+# image costs it about what it costs gpt-4o). Other models (the o-series, those priced by 32px patches, local ones)
+# are counted by gpt-4o's figures, as an estimate.
 _IMAGE_BASE_TOKENS: Final = 85
 _IMAGE_TILE_TOKENS: Final = 170
+_IMAGE_RATES: Final = (
+    (re.compile(r"gpt-4o-mini(-\d{4}-\d{2}-\d{2})?"), (2833, 5667)),
+    (
+        re.compile(r"(chatgpt-4o|gpt-4o|gpt-4\.1|gpt-4\.5|gpt-4-turbo)(-preview|-latest)?(-\d{4}-\d{2}-\d{2})?"),
+        (_IMAGE_BASE_TOKENS, _IMAGE_TILE_TOKENS),
+    ),
+)
+"""The models that price an image by its tiles, as the formula counts it: (base, tile) tokens."""
 _IMAGE_TILE_PX: Final = 512
 _IMAGE_FIT_PX: Final = 2048
 _IMAGE_SHORT_SIDE_PX: Final = 768
 # The most tiles a scaled image can take (2048x768: 4 by 2), for an image whose size is not known.
 _IMAGE_MAX_TILES: Final = 8
-_TILE_PRICED_MODELS: Final = re.compile(
-    r"(chatgpt-4o|gpt-4o|gpt-4\.1|gpt-4\.5|gpt-4-turbo)(-preview|-latest)?(-\d{4}-\d{2}-\d{2})?"
-)
 
 
 def _bounded_count(tokens: int, model: str, encoding: str, exact: bool) -> TokenCount:
@@ -332,34 +338,39 @@ def _bounded_count(tokens: int, model: str, encoding: str, exact: bool) -> Token
     return TokenCount(min(tokens, MAX_TOKEN_COUNT), model, encoding, estimated=not exact or tokens > MAX_TOKEN_COUNT)
 
 
-def _high_detail_tokens(width: int, height: int) -> int:
+def _high_detail_tiles(width: int, height: int) -> int:
     # Scaled in whole pixels, and never up: a small image costs the tiles of its own size.
     if (longest := max(width, height)) > _IMAGE_FIT_PX:
         width, height = max(1, width * _IMAGE_FIT_PX // longest), max(1, height * _IMAGE_FIT_PX // longest)
     if (shortest := min(width, height)) > _IMAGE_SHORT_SIDE_PX:
         width, height = width * _IMAGE_SHORT_SIDE_PX // shortest, height * _IMAGE_SHORT_SIDE_PX // shortest
-    tiles = -(-width // _IMAGE_TILE_PX) * -(-height // _IMAGE_TILE_PX)
-    return _IMAGE_BASE_TOKENS + _IMAGE_TILE_TOKENS * tiles
+    return -(-width // _IMAGE_TILE_PX) * -(-height // _IMAGE_TILE_PX)
 
 
-def _priced_by_tiles(model: str) -> bool:
-    """Whether the model prices an image by its tiles, as the formula counts it (asked only of a chat with images)."""
-    return _TILE_PRICED_MODELS.fullmatch(_base_model_name(model)) is not None
+def _image_rates(model: str) -> tuple[int, int, bool]:
+    """The base and tile tokens of an image to the model, and whether the model prices an image so (asked only of a
+    chat with images); else gpt-4o's, as an estimate."""
+    name = _base_model_name(model)
+    for pattern, (base, tile) in _IMAGE_RATES:
+        if pattern.fullmatch(name):
+            return base, tile, True
+    return _IMAGE_BASE_TOKENS, _IMAGE_TILE_TOKENS, False
 
 
-def _image_tokens(image: ImagePart, priced_by_tiles: bool) -> tuple[int, bool]:
-    """An image's tokens, and whether they are what the model is billed.
+def _image_tokens(image: ImagePart, rates: tuple[int, int, bool]) -> tuple[int, bool]:
+    """An image's tokens at the model's `rates` (`_image_rates`), and whether they are what the model is billed.
 
     Unset or AUTO, the detail is the upstream's choice: counted as high, the most it can cost. An image whose size
     is not known (a URL, or bytes whose header cannot be read) is counted at high detail as the largest image costs,
     so that a reservation against a token limit is never short.
     """
+    base, tile, priced_by_tiles = rates
     if image.detail is ImageDetail.LOW:
-        return _IMAGE_BASE_TOKENS, priced_by_tiles
+        return base, priced_by_tiles
     size = images.dimensions(image.data) if image.data is not None else None
     if size is None:
-        return _IMAGE_BASE_TOKENS + _IMAGE_TILE_TOKENS * _IMAGE_MAX_TILES, False
-    return _high_detail_tokens(*size), priced_by_tiles and image.detail is ImageDetail.HIGH
+        return base + tile * _IMAGE_MAX_TILES, False
+    return base + tile * _high_detail_tiles(*size), priced_by_tiles and image.detail is ImageDetail.HIGH
 
 
 def _as_counted(message: Message) -> Message:
@@ -729,7 +740,7 @@ class TokenCounter:
             tokens, formula_covers_all = tokens + message_tokens, formula_covers_all and covered
             for part in message.parts:
                 if isinstance(part, ImagePart):
-                    part_tokens, covered = _image_tokens(part, _priced_by_tiles(model))
+                    part_tokens, covered = _image_tokens(part, _image_rates(model))
                     tokens, formula_covers_all = tokens + part_tokens, formula_covers_all and covered
         costs = _CL100K_TOOL_COSTS if encoding_name == CL100K_BASE else _O200K_TOOL_COSTS
         tool_tokens, covered = _tools_tokens(encode, tools, costs)

@@ -378,7 +378,7 @@ def test_an_image_of_known_size_counts_as_openai_documents(
         ("gpt-4o", ImagePart(url="https://example.com/cat.png", detail=ImageDetail.HIGH)),  # size unknown
         ("gpt-4o", ImagePart(data=b"\x89PNG\r\n\x1a\n", media_type="image/png")),  # a header cut short
         ("gpt-4o", ImagePart(data=png(64, 64), media_type="image/png")),  # AUTO: the upstream picks the detail
-        ("gpt-4o-mini", ImagePart(data=png(64, 64), media_type="image/png", detail=ImageDetail.HIGH)),
+        ("gpt-4.1-mini", ImagePart(data=png(64, 64), media_type="image/png", detail=ImageDetail.HIGH)),  # patches
         ("o3", ImagePart(url="https://example.com/cat.png", detail=ImageDetail.LOW)),
     ],
 )
@@ -389,6 +389,25 @@ def test_an_image_the_formula_cannot_price_exactly_is_estimated(
 
     assert count.estimated
     assert count.tokens > counter.count_chat(model, [QUESTION]).tokens
+
+
+@pytest.mark.parametrize(
+    ("detail", "expected_tokens"),
+    [(ImageDetail.LOW, 2833), (ImageDetail.HIGH, 2833 + 5667 * 4), (ImageDetail.AUTO, 2833 + 5667 * 4)],
+)
+def test_an_image_to_gpt_4o_mini_counts_at_its_own_rates(
+    counter: TokenCounter, detail: ImageDetail, expected_tokens: int
+) -> None:
+    """Its tokens cost a sixteenth of gpt-4o's, and an image as many more of them: counted at gpt-4o's 85 and 170, a
+    reservation against a token limit was a thirtieth of what the upstream bills."""
+    question = counter.count_chat("gpt-4o-mini", [QUESTION]).tokens
+    for model in ("gpt-4o-mini", "gpt-4o-mini-2024-07-18", "openai/gpt-4o-mini"):
+        image = ImagePart(data=png(1024, 1024), media_type="image/png", detail=detail)
+        count = counter.count_chat(model, [with_image(image)])
+        assert count.tokens == question + expected_tokens, model
+        assert count.estimated is (detail is ImageDetail.AUTO), model
+    unknown = counter.count_chat("gpt-4o-mini", [with_image(ImagePart(url="https://example.com/cat.png"))])
+    assert unknown.tokens == question + 2833 + 5667 * 8 and unknown.estimated
 
 
 def test_an_image_of_unknown_size_counts_as_the_largest_image_would(counter: TokenCounter) -> None:
