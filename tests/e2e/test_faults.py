@@ -218,6 +218,7 @@ ROWS = [
         calls=(1, 0),
     ),
     Row("422 likewise", [{"status": 422}], code=grpc.StatusCode.INVALID_ARGUMENT, reason="UPSTREAM_REJECTED"),
+    Row("413 likewise", [{"status": 413}], code=grpc.StatusCode.INVALID_ARGUMENT, reason="UPSTREAM_REJECTED"),
     Row(
         "400 after a 503 of the same backend: its verdict",
         [{"status": 503}, {"status": 400}],
@@ -242,7 +243,6 @@ ROWS = [
         calls=(1, 1),
         only="openai",
     ),
-    Row("413 likewise", [{"status": 413}], code=grpc.StatusCode.INVALID_ARGUMENT, reason="UPSTREAM_REJECTED"),
     moves_on("200 with HTML", HTML, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
     moves_on("not HTTP: a bad status line", {"raw": "HTTP/1.1 abc OK\r\n\r\n"}, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
     moves_on("not HTTP: a bad header", {"raw": BAD_HEADER}, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
