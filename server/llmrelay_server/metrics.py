@@ -682,11 +682,25 @@ def cannot_serve(listen: str, exc: OSError) -> str:
 def serve_metrics(listen: str, registry: CollectorRegistry) -> WSGIServer:
     """prometheus-client's /metrics (its WSGI app, as start_http_server serves it) on HOST:PORT, in a thread of its
     own, each connection in its own thread for at most METRICS_READ_TIMEOUT_S of waiting; OSError when it cannot
-    bind."""
+    bind.
+
+    0.0.0.0 is every address, IPv6's too, as gRPC takes it for the gateway's own port: on a cluster that reaches pods
+    by IPv6 (single-stack, or dual-stack IPv6 first), an IPv4 socket alone refused every scrape while the probes on
+    the gRPC port passed. Both stacks where the system has IPv6, else IPv4 alone."""
     host, _, port = listen.rpartition(":")
+    if host == "0.0.0.0" and socket.has_ipv6:
+        try:
+            return _serve_metrics("[::]", int(port), registry)
+        except OSError as exc:
+            if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise
+    return _serve_metrics(host, int(port), registry)
+
+
+def _serve_metrics(host: str, port: int, registry: CollectorRegistry) -> WSGIServer:
     try:
         family, _, _, _, address = socket.getaddrinfo(
-            host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
     except UnicodeError as exc:  # a name IDNA cannot encode ("a..b", a label over 63 characters)
         raise OSError(errno.EINVAL, "not a host name") from exc
@@ -694,6 +708,12 @@ def serve_metrics(listen: str, registry: CollectorRegistry) -> WSGIServer:
     class Server(_MetricsServer):
         address_family = family  # IPv6 where HOST is one (socketserver's default is IPv4)
 
-    server = make_server(str(address[0]), int(port), make_wsgi_app(registry), Server, _MetricsRequestHandler)
+        def server_bind(self) -> None:
+            if family == socket.AF_INET6 and address[0] == "::":
+                # Both stacks, whatever the system's default for a new socket (net.ipv6.bindv6only).
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            super().server_bind()
+
+    server = make_server(str(address[0]), port, make_wsgi_app(registry), Server, _MetricsRequestHandler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server

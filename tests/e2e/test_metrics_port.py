@@ -147,3 +147,20 @@ def test_when_every_connection_is_being_answered_one_more_is_refused_without_a_t
             for thread in scrapes:
                 thread.join(15)
     assert len(answers) == limit and all("released 1.0" in answer for answer in answers)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "[::]"])
+def test_every_address_is_served_on_ipv6_too_as_grpc_serves_it(host: str) -> None:
+    """Bound to IPv4 alone, 0.0.0.0 refused every scrape of a cluster that reaches its pods by IPv6, while the
+    gateway's gRPC port, on the same 0.0.0.0, answered its probes there."""
+    server = metrics.serve_metrics(f"{host}:0", counted())
+    try:
+        port = int(server.server_port)
+        for address in ("127.0.0.1", "[::1]"):
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                f"http://{address}:{port}/metrics", timeout=10
+            ) as scraped:
+                assert "scraped_total 1.0" in scraped.read().decode(), address
+    finally:
+        server.shutdown()
+        server.server_close()
