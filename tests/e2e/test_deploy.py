@@ -516,6 +516,14 @@ def test_deployment_survives_disruption_and_drains_before_it_is_killed(k8s_confi
     security = container()["securityContext"]
     assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
     assert {"memory"} <= set(container()["resources"]["limits"]) and container()["resources"]["requests"]["cpu"]
+    # The calls the gateway admits fit the memory the pod may use: some 160 MiB at rest, and about 3 MiB a call whose
+    # prompt fills a 128k context (six times its size, while it waits on its upstream). 1,000 calls in a 1Gi pod
+    # had it killed for its memory, every stream on it cut, before the gateway refused one.
+    limit = container()["resources"]["limits"]["memory"]
+    assert limit.endswith(("Mi", "Gi"))
+    limit_mib = int(limit[:-2]) * (1024 if limit.endswith("Gi") else 1)
+    assert k8s_config.server.max_concurrent_rpcs is not None
+    assert 160 + 3 * k8s_config.server.max_concurrent_rpcs <= limit_mib
 
 
 def test_probes_use_grpc_health_with_the_gateways_services() -> None:
