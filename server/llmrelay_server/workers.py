@@ -214,18 +214,16 @@ def check_port_free(listen: str) -> None:
                     ) from exc
 
 
-def _addresses(listen: str, port: int | None = None) -> list[tuple[Any, ...]]:
-    """Every address gRPC binds for HOST:PORT (`port`, when given, in place of its own), as getaddrinfo gives them."""
-    host, _, written_port = listen.rpartition(":")
+def _addresses(listen: str) -> list[tuple[Any, ...]]:
+    """Every address gRPC binds for HOST:PORT, as getaddrinfo gives them."""
+    host, _, port = listen.rpartition(":")
     # gRPC takes localhost for both loopbacks, whatever /etc/hosts says.
     hosts = _LOOPBACKS if host.lower() == "localhost" else (host.strip("[]"),)
     try:
         return [
             info
             for name in hosts
-            for info in socket.getaddrinfo(
-                name, int(written_port) if port is None else port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )
+            for info in socket.getaddrinfo(name, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         ]
     except socket.gaierror as exc:
         why = f"its host does not resolve ({exc.strerror})"
