@@ -45,6 +45,7 @@ from llmrelay_server.workers import (
     check_port_free,
     ignore_signals_after_stop,
     in_use_message,
+    on_signal,
 )
 
 if TYPE_CHECKING:
@@ -498,19 +499,18 @@ async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> int:
         config = dataclasses.replace(config, server=dataclasses.replace(config.server, metrics_listen="127.0.0.1:0"))
     # Handlers first: a signal that comes the moment the port opens must still mean a graceful stop.
     stop, hurry = asyncio.Event(), asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         if worker is None:
-            loop.add_signal_handler(signum, _stop_or_hurry, stop, hurry)
+            on_signal(signum, _stop_or_hurry, stop, hurry)
         else:  # its stop now is its supervisor's to send (STOP_NOW): it gets the process group's SIGTERM beside its
             # supervisor's, two signals for one stop
-            loop.add_signal_handler(signum, stop.set)
+            on_signal(signum, stop.set)
     if worker is not None:
-        loop.add_signal_handler(STOP_NOW, _hurry, hurry)  # its supervisor's second stop, whenever it comes
+        on_signal(STOP_NOW, _hurry, hurry)  # its supervisor's second stop, whenever it comes
     # Watched from the start too: a supervisor killed while its workers start must not leave them serving.
     watching = asyncio.create_task(worker.watch_supervisor(stop)) if worker is not None else None
     gateway = await start_gateway(config, reuse_port=worker is not None, stop=stop)
-    loop.add_signal_handler(signal.SIGHUP, gateway.keys.reload)
+    on_signal(signal.SIGHUP, gateway.keys.reload)
     host = config.server.listen.rpartition(":")[0]
     log.info("listening on %s:%d (%s)", host, gateway.port, protection(config.server.tls))
     for backend in gateway.router.backends:
@@ -540,7 +540,7 @@ async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> int:
         gateway.grace_period_s,
     )
     await gateway.stop(drain_s=drain_s, hurry=hurry)
-    ignore_signals_after_stop(loop)
+    ignore_signals_after_stop()
     log.info("stopped")
     return 1 if broken else 0
 

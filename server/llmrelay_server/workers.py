@@ -50,9 +50,10 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any, Final
 from wsgiref.simple_server import WSGIServer
 
@@ -94,27 +95,29 @@ class ListenError(RuntimeError):
     """The gateway cannot serve on its address (in use by another process, or not an address of this machine)."""
 
 
-_HOLD_INTERPRETER_S: Final = 1.0
-"""Far longer than the few calls ignore_signals_after_stop makes while it holds the interpreter."""
+def on_signal(signum: int, callback: Callable[..., object], *args: object) -> None:
+    """Has the running loop call `callback(*args)` on signal `signum`, until `ignore_signals_after_stop`.
+
+    The process's own handler, not the loop's (`add_signal_handler`): a loop gives the signals it handled back their
+    default actions as it removes them or closes, and one arriving then, before the process exits (a second Ctrl-C,
+    `systemctl reload` as the stop ends, a supervisor's SIGHUP passed on), killed a process that had stopped cleanly:
+    status 129, 130 or 143 instead of 0, however short the moment (seen in full test runs, under a signal every 2 ms).
+    From this handler straight to SIG_IGN, no default action comes between. The loop still wakes for it: uvloop's
+    reads the signals' wakeup fd whatever their handlers; asyncio's is interrupted in its wait, which runs them."""
+    loop = asyncio.get_running_loop()
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if not loop.is_closed():  # a start that failed: the process is on its way out, as asked
+            loop.call_soon_threadsafe(callback, *args)
+
+    signal.signal(signum, handle)
+    signal.siginterrupt(signum, False)  # as the loop's own: a system call in another thread goes on, not EINTR
 
 
-def ignore_signals_after_stop(loop: asyncio.AbstractEventLoop) -> None:
-    """The stop is done: SIGTERM, SIGINT, SIGHUP and STOP_NOW are ignored for the rest of the process's life.
-
-    Their handlers are the loop's, and closing, the loop gives them back their default actions: one arriving then,
-    before the process exits (a second Ctrl-C, `systemctl reload` as the stop ends, a supervisor's SIGHUP passed
-    on), would kill a process that had stopped cleanly, its status 129, 130 or 143 instead of 0."""
-    # Between a removal and the next line the signal's default action is back. Another thread that wants the
-    # interpreter (gRPC's, as its server stops; the log's writer) could take it there for a switch interval (5 ms), in
-    # which a signal would kill the process (seen in full test runs, under a signal every 2 ms): held, it cannot.
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(_HOLD_INTERPRETER_S)
-    try:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, STOP_NOW):
-            loop.remove_signal_handler(signum)  # the default action again, until the next line
-            signal.signal(signum, signal.SIG_IGN)
-    finally:
-        sys.setswitchinterval(interval)
+def ignore_signals_after_stop() -> None:
+    """The stop is done: SIGTERM, SIGINT, SIGHUP and STOP_NOW are ignored for the rest of the process's life."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, STOP_NOW):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 _CHOOSE_ANOTHER: Final = "choose another with --listen, LLMRELAY_LISTEN or server.listen"
@@ -367,15 +370,14 @@ class Supervisor:
         share_stderr()
         reservation = reserve_port(server.listen)
         host, port = server.listen.rpartition(":")[0], reservation.port
-        loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._stop.set)
+            on_signal(signum, self._stop.set)
         with reservation, _run_directory() as (run_dir, lock):
             self._inherited = (lock,)
             self._keep_config(run_dir)
             workers = [_Worker(index) for index in range(1, server.workers + 1)]
             keys = self._keep_keys(workers, run_dir)
-            loop.add_signal_handler(signal.SIGHUP, keys.reload)
+            on_signal(signal.SIGHUP, keys.reload)
             keys.start()
             metrics_server = self._serve_metrics(run_dir)
             # From the first start on: a worker stuck in its start would hold up the supervisor's for good.
@@ -389,7 +391,7 @@ class Supervisor:
                 if metrics_server is not None:
                     metrics_server.shutdown()
                     metrics_server.server_close()
-                ignore_signals_after_stop(loop)
+                ignore_signals_after_stop()
         if failed is not None:
             return failed
         log.info("stopped")
@@ -633,9 +635,8 @@ class Supervisor:
         # Those already dead (waiting out a restart's back-off) have had their exit logged.
         running = [(w.index, w.process) for w in workers if w.process is not None and w.process.returncode is None]
         self._signal_all(workers, signal.SIGTERM)
-        loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._signal_all, workers, STOP_NOW)
+            on_signal(signum, self._signal_all, workers, STOP_NOW)
         server = self._config.server
         within_s = server.drain_s + server.grace_period_s + EXIT_MARGIN_S
         if server.tracing:

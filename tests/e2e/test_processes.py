@@ -379,6 +379,23 @@ async def test_a_signal_as_the_stop_ends_leaves_it_a_clean_stop(server: GatewayP
     assert "Traceback" not in await server.output()
 
 
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+async def test_each_event_loop_takes_the_stop_and_the_stop_now(
+    tmp_path: Path, local: FakeUpstream, event_loop: str
+) -> None:
+    """The signals' handlers are the process's own, not the loop's: uvloop runs them as it reads their wakeup fd,
+    asyncio's loop as a signal interrupts its wait. Each must still take the stop (SIGTERM, into a 60 s drain) and
+    the second signal's stop now, on an idle gateway where nothing else wakes the loop."""
+    async with started(tmp_path, local, f"event_loop: {event_loop}, drain_s: 60") as server:
+        server.process.send_signal(signal.SIGTERM)
+        await server.wait_for_line("shutting down", within_s=5)
+        await asyncio.sleep(0.5)  # idle, in its drain
+        server.process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(server.process.wait(), 5) == 0
+        output = await server.output()
+    assert "stopping now" in output and output.rstrip().endswith("stopped"), output
+
+
 async def test_sigterm_while_the_first_probe_runs_stops_at_once_and_a_second_one_stops_now(
     tmp_path: Path, local: FakeUpstream
 ) -> None:
