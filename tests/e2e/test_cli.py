@@ -349,6 +349,22 @@ async def test_a_timeout_no_call_could_meet_is_a_mistake_in_the_options(gateway:
     assert status == 0 and out.startswith("serving: yes"), err
 
 
+async def test_the_connection_options_may_come_after_the_command(gateway: Gateway, primary: FakeUpstream) -> None:
+    """`llmrelay complete hi --target HOST:PORT`, as people type it, was "unrecognized arguments: --target". After
+    the command an option wins over the same one before it; one left out there keeps the one before."""
+    target = f"127.0.0.1:{gateway.port}"
+    status, out, err = await llmrelay("complete", "hi", "--target", target, "--timeout", "30")
+    assert (status, out) == (0, "echo: hi\n"), err
+    status, out, err = await llmrelay("--target", "127.0.0.1:9", "tokens", "two words", "--target", target)
+    assert status == 0 and out.split()[0].isdigit(), err
+    status, out, err = await llmrelay("--target", target, "--timeout", "0", "health", "--probe")
+    assert status == 2 and "argument --timeout: '0'" in err, err
+    status, out, err = await llmrelay("--target", target, "health", "--timeout", "soon")
+    assert status == 2 and "argument --timeout: 'soon'" in err, err
+    status, out, err = await llmrelay("--target", target, "health", "--no-tls")
+    assert status == 0 and out.startswith("serving: yes"), err
+
+
 async def test_stats_pointed_at_the_grpc_port_says_so(gateway: Gateway) -> None:
     url = f"http://127.0.0.1:{gateway.port}/metrics"
     with pytest.raises(SystemExit) as caught:

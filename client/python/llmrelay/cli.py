@@ -297,48 +297,14 @@ def _parser() -> argparse.ArgumentParser:
         epilog=f"A gateway with caller keys (auth.keys) wants one: put it in {KEY_ENV} (or the variable --key-env"
         " names), never on the command line.",
     )
-    # An empty LLMRELAY_TARGET (`LLMRELAY_TARGET= llmrelay ...`) is unset, as for other tools' variables: gRPC would
-    # fail to make a channel to '' and print its own error lines.
-    parser.add_argument(
-        "--target",
-        type=_target,
-        default=os.environ.get("LLMRELAY_TARGET", "").strip() or DEFAULT_TARGET,
-        help=f"HOST:PORT (env LLMRELAY_TARGET; default {DEFAULT_TARGET})",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=_timeout,
-        default=DEFAULT_TIMEOUT_S,
-        help=f"deadline of the call in seconds (default {DEFAULT_TIMEOUT_S:g})",
-    )
-    parser.add_argument(
-        "--tls",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="TLS or plaintext (default: plaintext only to a loopback target, TLS otherwise)",
-    )
-    parser.add_argument("--ca-file", type=Path, help="PEM roots to trust instead of the system's (implies TLS)")
-    parser.add_argument(
-        "--cert", type=Path, metavar="FILE", help="a PEM client certificate (chain) for mutual TLS (implies TLS)"
-    )
-    parser.add_argument("--cert-key", type=Path, metavar="FILE", help="the PEM private key of --cert")
-    parser.add_argument(
-        "--key-env",
-        metavar="NAME",
-        help=f"the environment variable that holds the caller key, sent as `authorization: Bearer KEY` (default"
-        f" {KEY_ENV})",
-    )
-    parser.add_argument(
-        "--retry",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="let the channel retry UNAVAILABLE after the gateway's pushback, waiting silently (default: fail at once"
-        " and say when to retry)",
-    )
+    _connection_options(parser, given_only=False)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    calling: list[argparse.ArgumentParser] = []
+    """The commands that call the gateway (not stats, which reads its metrics)."""
 
     for name, run, text in (("complete", _complete, "one answer"), ("stream", _stream, "stream tokens as they come")):
         command = commands.add_parser(name, help=text)
+        calling.append(command)
         command.add_argument("prompt", type=_text, help="the user message (-: standard input)")
         command.add_argument("--model", type=_utf8, help="a model, backend/model or alias (default: the default chain)")
         command.add_argument("--system", type=_utf8, help="a system message to put first")
@@ -354,18 +320,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     embed.add_argument("--dimensions", type=_count, help="shorter vectors, where the model can make them")
     embed.set_defaults(run=_embed)
+    calling.append(embed)
 
     tokens = commands.add_parser("tokens", help="count the tokens of a text or a one-message chat")
     tokens.add_argument("text", type=_text, help="the text to count (-: standard input)")
     tokens.add_argument("--model", type=_utf8)
     tokens.add_argument("--chat", action="store_true", help="count as a user message, with chat overhead")
     tokens.set_defaults(run=_tokens)
+    calling.append(tokens)
 
     health = commands.add_parser(
         "health", help="the backends' state", epilog="Exits 1 when the gateway is not serving."
     )
     health.add_argument("--probe", action="store_true", help="probe the backends now")
     health.set_defaults(run=_health)
+    calling.append(health)
 
     usage = commands.add_parser("usage", help="token usage per backend, model and caller")
     usage.add_argument("--backend", type=_utf8)
@@ -378,6 +347,7 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--since", type=_moment, help=f"only usage from then on: {window}")
     usage.add_argument("--until", type=_moment, help="only usage before then: the same forms")
     usage.set_defaults(run=_usage)
+    calling.append(usage)
 
     stats = commands.add_parser("stats", help="a live view of the gateway from its metrics endpoint")
     stats.add_argument(
@@ -393,7 +363,66 @@ def _parser() -> argparse.ArgumentParser:
     )
     stats.add_argument("--once", action="store_true", help="print the totals since the gateway started, and exit")
     stats.set_defaults(run=_stats)
+    for command in calling:
+        _connection_options(command, given_only=True)
     return parser
+
+
+def _connection_options(parser: argparse.ArgumentParser, *, given_only: bool) -> None:
+    """How to reach the gateway: options of `llmrelay` before the command, and of each command that calls it after
+    (`llmrelay complete hi --target HOST:PORT`, as people type them). After it (`given_only`), only those given are
+    set, over any given before; argparse.SUPPRESS keeps the rest from overwriting those with their defaults."""
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if given_only else value
+
+    # An empty LLMRELAY_TARGET (`LLMRELAY_TARGET= llmrelay ...`) is unset, as for other tools' variables: gRPC would
+    # fail to make a channel to '' and print its own error lines.
+    parser.add_argument(
+        "--target",
+        type=_target,
+        default=default(os.environ.get("LLMRELAY_TARGET", "").strip() or DEFAULT_TARGET),
+        help=f"HOST:PORT (env LLMRELAY_TARGET; default {DEFAULT_TARGET})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=default(DEFAULT_TIMEOUT_S),
+        help=f"deadline of the call in seconds (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
+        "--tls",
+        action=argparse.BooleanOptionalAction,
+        default=default(None),
+        help="TLS or plaintext (default: plaintext only to a loopback target, TLS otherwise)",
+    )
+    parser.add_argument(
+        "--ca-file", type=Path, default=default(None), help="PEM roots to trust instead of the system's (implies TLS)"
+    )
+    parser.add_argument(
+        "--cert",
+        type=Path,
+        metavar="FILE",
+        default=default(None),
+        help="a PEM client certificate (chain) for mutual TLS (implies TLS)",
+    )
+    parser.add_argument(
+        "--cert-key", type=Path, metavar="FILE", default=default(None), help="the PEM private key of --cert"
+    )
+    parser.add_argument(
+        "--key-env",
+        metavar="NAME",
+        default=default(None),
+        help=f"the environment variable that holds the caller key, sent as `authorization: Bearer KEY` (default"
+        f" {KEY_ENV})",
+    )
+    parser.add_argument(
+        "--retry",
+        action=argparse.BooleanOptionalAction,
+        default=default(False),
+        help="let the channel retry UNAVAILABLE after the gateway's pushback, waiting silently (default: fail at once"
+        " and say when to retry)",
+    )
 
 
 def _chat(args: argparse.Namespace) -> list[pb.Message]:
