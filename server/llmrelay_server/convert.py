@@ -327,7 +327,7 @@ def _messages(
         errors.add(where, "at least one message is required")
         return ()
     if len(items) > MAX_MESSAGES:
-        errors.add(where, f"at most {MAX_MESSAGES} messages are accepted")
+        errors.add(where, f"at most {MAX_MESSAGES} messages are accepted; the request holds {len(items)}")
         return ()
     # Over a copy (a slice is a list): upb's repeated fields have no iterator of their own, and the sequence protocol
     # ends iterating one with an IndexError, made, formatted and dropped.
@@ -571,7 +571,7 @@ def _enum(value: int, known: Mapping[int, Any], where: str, errors: _Violations)
 def _tools(items: Sequence[pb.Tool], errors: _Violations, where: str) -> tuple[Tool, ...] | None:
     """The tools, None when there are too many to validate (a violation)."""
     if len(items) > MAX_TOOLS:
-        errors.add(where, f"at most {MAX_TOOLS} tools are accepted")
+        errors.add(where, f"at most {MAX_TOOLS} tools are accepted; the request holds {len(items)}")
         return None
     # Over a copy: as in _messages.
     tools = tuple(_tool(tool, errors, f"{where}[{i}]") for i, tool in enumerate(items[:]))

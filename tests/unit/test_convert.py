@@ -408,9 +408,14 @@ def test_invalid_requests_name_every_field(request_: pb.CompleteRequest, fields:
     assert sorted(v.field for v in caught.value.violations) == sorted(fields)
 
 
-def test_too_many_messages() -> None:
+def test_too_many_messages_are_refused_saying_how_many() -> None:
     request = pb.CompleteRequest(messages=[user()] * (convert.MAX_MESSAGES + 1))
-    assert fields_of(request) == ["messages"]
+    assert violations_of(request) == [
+        (
+            "messages",
+            f"at most {convert.MAX_MESSAGES} messages are accepted; the request holds {convert.MAX_MESSAGES + 1}",
+        )
+    ]
 
 
 # The counts of a request's repeated entries are bounded, each checked before any entry is validated: a request of
@@ -446,14 +451,15 @@ def test_tools_up_to_the_bound_are_accepted_and_one_more_refused_naming_the_fiel
     options = pb.CompletionOptions(
         tools=many_tools(convert.MAX_TOOLS + 1), tool_choice=pb.ToolChoice(function_name="f7")
     )
-    refusal = [("options.tools", f"at most {convert.MAX_TOOLS} tools are accepted")]
+    too_many = f"at most {convert.MAX_TOOLS} tools are accepted; the request holds {convert.MAX_TOOLS + 1}"
+    refusal = [("options.tools", too_many)]
     assert violations_of(chat(options=options)) == refusal
     mode = pb.CompletionOptions(
         tools=many_tools(convert.MAX_TOOLS + 1), tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED)
     )
     assert violations_of(chat(options=mode)) == refusal
     over = pb.CountTokensRequest(messages=[user()], tools=many_tools(convert.MAX_TOOLS + 1))
-    assert violations_of(over) == [("tools", f"at most {convert.MAX_TOOLS} tools are accepted")]
+    assert violations_of(over) == [("tools", too_many)]
 
 
 def test_parts_up_to_the_bound_over_all_messages_are_accepted_and_one_more_refused_naming_the_message() -> None:
