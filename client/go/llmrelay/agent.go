@@ -3,6 +3,7 @@ package llmrelay
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -28,6 +29,10 @@ type Agent struct {
 	Tools []Tool
 	// Model is the model each request names ("" for the gateway's default chain).
 	Model string
+	// ExactModel sets each request's ExactModel: only Model (the default chain's first model, when it is "") may
+	// answer, the gateway falling back to no other backend's model, for a run whose tools or prompts are written for
+	// that model alone.
+	ExactModel bool
 	// Options are each request's options (temperature, max tokens, tool choice, ...); not modified.
 	Options *llmrelayv1.CompletionOptions
 	// MaxSteps bounds the model calls of a run (0 or less: DefaultMaxSteps).
@@ -35,8 +40,15 @@ type Agent struct {
 	// OnChunk, when set, makes each step a stream read by Collect, and sees every message of it as it comes (to
 	// print the answer as it is written); without it each step is one Complete.
 	OnChunk func(*llmrelayv1.StreamCompleteResponse)
-	// OnToolResult, when set, sees each tool call with its result once the step's calls have all returned and their
-	// results are in the conversation, in the order of the calls (to show what the agent does).
+	// ToolTimeout, when above 0, bounds each step's tools, so that one that hangs does not hold the run: each tool's
+	// context ends that long after the step's tools started (a tool that honours it stops), and a call still running
+	// then is answered "error: the tool did not finish within 0.5 s" (the seconds as Python's %g writes them), as in
+	// the other SDKs, for the model to read, and the run goes on. Go cannot stop a goroutine: a tool that ignores its
+	// context runs on by itself, and what it returns is dropped. 0 is no bound; Run refuses one below 0.
+	ToolTimeout time.Duration
+	// OnToolResult, when set, sees each tool call with its result once the step's calls have all returned (or were
+	// answered at ToolTimeout) and their results are in the conversation, in the order of the calls (to show what
+	// the agent does).
 	OnToolResult func(call *llmrelayv1.ToolCall, result *llmrelayv1.Message)
 }
 
@@ -69,15 +81,16 @@ func (e *StepLimitError) Error() string {
 }
 
 // Run runs the tool loop on the conversation, appending to it as it goes, and returns what it did; it refuses, before
-// any call, Tools of which two share a name. Each step first fits
+// any call, Tools of which two share a name and a ToolTimeout below 0. Each step first fits
 // the conversation to its token budget (Conversation.Fit, when it has one), counted for the conversation's Model or,
 // when it names none, the agent's, with the answer format of the agent's Options. A model call that fails ends the run
 // with its *Error (the conversation keeps the steps before); a run that reaches the step limit returns a
 // *StepLimitError. A cancelled ctx ends the run with its error (errors.Is(err, context.Canceled), or
 // context.DeadlineExceeded): during a model call, that call's *Error, which wraps it; during the tools, ctx.Err()
-// itself, once they have returned (their context is ctx, so they can stop early) and their results are appended, so
-// every tool call in the conversation has its result and the conversation can go on (a tool that returned after ctx
-// ended: "error: the run was cancelled before the tool finished").
+// itself, once they have returned (their context ends with ctx, so they can stop early) and their results are
+// appended, so every tool call in the conversation has its result and the conversation can go on (a tool that
+// returned after ctx ended: "error: the run was cancelled before the tool finished"; with a ToolTimeout, a tool that
+// ignores ctx is waited for until the timeout at most, and then answered so too).
 func (a *Agent) Run(ctx context.Context, conversation *Conversation) (*RunResult, error) {
 	maxSteps := a.MaxSteps
 	if maxSteps <= 0 {
@@ -86,6 +99,11 @@ func (a *Agent) Run(ctx context.Context, conversation *Conversation) (*RunResult
 	options := &llmrelayv1.CompletionOptions{}
 	if a.Options != nil {
 		options = proto.CloneOf(a.Options)
+	}
+	if a.ToolTimeout < 0 {
+		// Said before any call: a step's tools could not run, each answered at once that it did not finish.
+		return &RunResult{}, fmt.Errorf("llmrelay: Agent.ToolTimeout is %v; it must be above 0, or 0 for no bound",
+			a.ToolTimeout)
 	}
 	named := make(map[string]bool, len(a.Tools))
 	for _, tool := range a.Tools {
@@ -118,7 +136,7 @@ func (a *Agent) Run(ctx context.Context, conversation *Conversation) (*RunResult
 		if len(calls) == 0 {
 			return result, nil
 		}
-		toolResults := RunToolCalls(ctx, a.Tools, calls)
+		toolResults := runToolCalls(ctx, a.Tools, calls, a.ToolTimeout)
 		// Appended even when ctx ended the run meanwhile, and before OnToolResult hears them (should it panic, the
 		// caller that recovers keeps a conversation that goes on): an answer whose calls had no results would leave a
 		// conversation that no model call takes.
@@ -143,10 +161,11 @@ func (a *Agent) ask(ctx context.Context, messages []*llmrelayv1.Message, options
 		model = &a.Model
 	}
 	if a.OnChunk == nil {
-		return a.Client.Complete(ctx, &llmrelayv1.CompleteRequest{Model: model, Messages: messages, Options: options})
+		return a.Client.Complete(ctx, &llmrelayv1.CompleteRequest{Model: model, Messages: messages, Options: options,
+			ExactModel: a.ExactModel})
 	}
-	return a.Client.Collect(ctx, &llmrelayv1.StreamCompleteRequest{Model: model, Messages: messages, Options: options},
-		a.OnChunk)
+	return a.Client.Collect(ctx, &llmrelayv1.StreamCompleteRequest{Model: model, Messages: messages, Options: options,
+		ExactModel: a.ExactModel}, a.OnChunk)
 }
 
 // sumUsage is total with usage added: every count summed, estimated when either was, the cost summed too.

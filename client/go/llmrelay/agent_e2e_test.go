@@ -778,6 +778,57 @@ func TestAgentCancelledWhileToolsRunAnswersEveryCall(t *testing.T) {
 	}
 }
 
+// A run cancelled while its tools run waits for them as without a ToolTimeout, but no longer than it: a tool that
+// ignores its context is answered at the timeout, as one that honours it is, that the run was cancelled.
+func TestAgentCancelledWhileToolsRunWaitsNoLongerThanItsToolTimeout(t *testing.T) {
+	client := setup(t)
+	release := make(chan struct{})
+	defer close(release)
+	started := make(chan struct{})
+	hang := mustTool(t)(llmrelay.NewTool("hang", "Ignores its context", func(context.Context, struct{}) (string, error) {
+		close(started)
+		select {
+		case <-release:
+		case <-time.After(10 * time.Second):
+		}
+		return "too late", nil
+	}))
+	wait := mustTool(t)(llmrelay.NewTool("wait", "Waits for its context to end",
+		func(ctx context.Context, _ struct{}) (string, error) {
+			<-ctx.Done()
+			return "", ctx.Err()
+		}))
+	if err := env.Upstream.AddFaults(
+		gatewaytest.Fault{"tool_calls": []map[string]string{
+			{"name": "hang", "arguments": "{}"},
+			{"name": "wait", "arguments": "{}"},
+		}},
+		gatewaytest.Fault{"echo_tools": true},
+	); err != nil {
+		t.Fatal(err)
+	}
+	agent := &llmrelay.Agent{Client: client, Tools: []llmrelay.Tool{hang, wait}, ToolTimeout: 1500 * time.Millisecond}
+	conversation := llmrelay.NewConversation(chat("hang and wait")...)
+	ctx, cancel := context.WithCancel(testContext(t))
+	go func() {
+		<-started
+		cancel()
+	}()
+	began := time.Now()
+	_, err := agent.Run(ctx, conversation)
+	took := time.Since(began)
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("error %v, want context.Canceled", err)
+	}
+	cancelled := "error: the run was cancelled before the tool finished"
+	if got, want := toolResults(conversation.Messages), []string{cancelled, cancelled}; !slices.Equal(got, want) {
+		t.Errorf("the conversation's tool results %q; want %q", got, want)
+	}
+	if took < time.Second || took > 5*time.Second {
+		t.Errorf("the run took %s; want the hanging tool waited for until its timeout, 1.5s", took)
+	}
+}
+
 // OnToolResult heard the results before they were added: one that panicked (a caller that recovers, as an HTTP
 // server does per request) left the answer's calls unanswered, and the next run failed INVALID_ARGUMENT.
 func TestAgentWhoseOnToolResultPanicsKeepsEveryCallAnswered(t *testing.T) {
@@ -805,6 +856,146 @@ func TestAgentWhoseOnToolResultPanicsKeepsEveryCallAnswered(t *testing.T) {
 	agent.OnToolResult = nil
 	if _, err := agent.Run(testContext(t), conversation); err != nil {
 		t.Fatalf("the conversation does not go on: %v", err)
+	}
+}
+
+// An agent with ExactModel asks for its model alone: a failure of its backend ends the run, where without it the
+// gateway falls back to the next backend. Seen through the gateway with two backends, both at one upstream.
+func TestAgentWithExactModelHasNoFallback(t *testing.T) {
+	for _, streaming := range []bool{false, true} {
+		t.Run(fmt.Sprintf("streaming=%t", streaming), func(t *testing.T) {
+			client, gateway := setupFallback(t, llmrelay.WithServiceConfig("")) // no channel retries
+			agent := &llmrelay.Agent{Client: client, Tools: agentTools(t), Model: "tiny"}
+			if streaming {
+				agent.OnChunk = func(*llmrelayv1.StreamCompleteResponse) {}
+			}
+			unavailable := gatewaytest.Fault{"status": 503}
+
+			// Without it the fallback answers: the failure below is ExactModel's doing.
+			if err := gateway.Upstream.AddFaults(unavailable); err != nil {
+				t.Fatal(err)
+			}
+			result, err := agent.Run(testContext(t), llmrelay.NewConversation(chat("anyone?")...))
+			if err != nil {
+				t.Fatalf("%v\ngateway log:\n%s", err, gateway.Log())
+			}
+			if result.Answer.GetBackend() != gateway.FallbackBackend {
+				t.Fatalf("answered by %q; want the fallback, %q", result.Answer.GetBackend(), gateway.FallbackBackend)
+			}
+
+			agent.ExactModel = true
+			if err := gateway.Upstream.AddFaults(unavailable, unavailable); err != nil {
+				t.Fatal(err)
+			}
+			before, err := gateway.Upstream.Requests()
+			if err != nil {
+				t.Fatal(err)
+			}
+			conversation := llmrelay.NewConversation(chat("anyone?")...)
+			result, err = agent.Run(testContext(t), conversation)
+			e := mustFail(t, err, codes.Unavailable)
+			after, err := gateway.Upstream.Requests()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(after)-len(before) != 1 {
+				t.Errorf("the upstream got %d requests; want the one to the model's backend, no fallback",
+					len(after)-len(before))
+			}
+			for _, attempt := range e.Attempts {
+				if attempt.GetBackend() != "ollama" {
+					t.Errorf("attempts %v; want ollama's alone", e.Attempts)
+				}
+			}
+			if result.Steps != 0 || len(conversation.Messages) != 2 {
+				t.Errorf("%d steps, %d messages; want the run ended at its first call", result.Steps,
+					len(conversation.Messages))
+			}
+			if err := gateway.Upstream.ClearFaults(); err != nil { // the second fault, untaken
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// A step's tools are bounded by ToolTimeout: a call still running then is answered that it did not finish, in the
+// Python SDK's words, and the run goes on; a tool that honours its context stops, one that ignores it runs on, and
+// what it returns later is dropped.
+func TestAgentToolTimeoutAnswersAToolStillRunning(t *testing.T) {
+	client := setup(t)
+	release, returned := make(chan struct{}), make(chan struct{})
+	hang := mustTool(t)(llmrelay.NewTool("hang", "Ignores its context", func(context.Context, struct{}) (string, error) {
+		defer close(returned)
+		select {
+		case <-release:
+		case <-time.After(10 * time.Second): // without the bound the run gets this result, and fails, not hangs
+		}
+		return "too late", nil
+	}))
+	var waitErr, waitCause error
+	stopped := make(chan struct{})
+	wait := mustTool(t)(llmrelay.NewTool("wait", "Waits for its context to end",
+		func(ctx context.Context, _ struct{}) (string, error) {
+			defer close(stopped)
+			select {
+			case <-ctx.Done():
+			case <-time.After(10 * time.Second): // as hang's
+			}
+			waitErr, waitCause = ctx.Err(), context.Cause(ctx)
+			return "", ctx.Err()
+		}))
+	add := mustTool(t)(llmrelay.NewTool("add", "Adds two integers", func(_ context.Context, args sumArgs) (sum, error) {
+		return sum{args.A + args.B}, nil
+	}))
+	if err := env.Upstream.AddFaults(
+		gatewaytest.Fault{"tool_calls": []map[string]string{
+			{"name": "add", "arguments": `{"a": 2, "b": 3}`},
+			{"name": "hang", "arguments": "{}"},
+			{"name": "wait", "arguments": "{}"},
+		}},
+		gatewaytest.Fault{"echo_tools": true},
+	); err != nil {
+		t.Fatal(err)
+	}
+	agent := &llmrelay.Agent{Client: client, Tools: []llmrelay.Tool{add, hang, wait},
+		ToolTimeout: 500 * time.Millisecond}
+	conversation := llmrelay.NewConversation(chat("add, hang and wait")...)
+	began := time.Now()
+	result, err := agent.Run(testContext(t), conversation)
+	took := time.Since(began)
+	defer close(release)
+	if err != nil {
+		t.Fatalf("%v\ngateway log:\n%s", err, env.Log())
+	}
+	unfinished := "error: the tool did not finish within 0.5 s"
+	want := []string{`{"sum":5}`, unfinished, unfinished}
+	if got := toolResults(conversation.Messages); !slices.Equal(got, want) {
+		t.Fatalf("the conversation's tool results %q; want %q", got, want)
+	}
+	if result.Steps != 2 || !strings.Contains(result.Answer.GetMessage().GetContent(), "hang="+unfinished) {
+		t.Errorf("%d steps, final answer %q; want the run gone on to read the results", result.Steps,
+			result.Answer.GetMessage().GetContent())
+	}
+	if took > 5*time.Second {
+		t.Errorf("the run took %s; want the hanging tool given up after 0.5s", took)
+	}
+	select {
+	case <-stopped:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the tool that honours its context did not see it end")
+	}
+	if !errors.Is(waitErr, context.DeadlineExceeded) ||
+		!strings.Contains(fmt.Sprint(waitCause), "did not finish within 0.5 s") {
+		t.Errorf("the tool's context ended with %v (cause %v); want its deadline, the tool timeout", waitErr, waitCause)
+	}
+
+	// The hanging tool returns now: its result goes nowhere.
+	messages := slices.Clone(conversation.Messages)
+	release <- struct{}{}
+	<-returned
+	time.Sleep(50 * time.Millisecond)
+	if !slices.Equal(conversation.Messages, messages) || !slices.Equal(toolResults(conversation.Messages), want) {
+		t.Errorf("the conversation changed after the late tool returned: %v", conversation.Messages)
 	}
 }
 

@@ -10,7 +10,7 @@ import (
 	"reflect"
 	"slices"
 	"strings"
-	"sync"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -124,28 +124,111 @@ const cancelledResult = "error: the run was cancelled before the tool finished"
 // becomes U+FFFD: gRPC sends no other string, and a message it could not send would fail every later call of the
 // conversation.
 func RunToolCalls(ctx context.Context, tools []Tool, calls []*llmrelayv1.ToolCall) []*llmrelayv1.Message {
+	return runToolCalls(ctx, tools, calls, 0)
+}
+
+// toolTimeoutError is the cause of the context of a call whose tool did not finish within its timeout (an Agent's
+// ToolTimeout): the tool that honours its context stops, and its call is answered so rather than as cancelled.
+type toolTimeoutError struct{ timeout time.Duration }
+
+func (e *toolTimeoutError) Error() string {
+	return fmt.Sprintf("llmrelay: the tool did not finish within %.6g s (Agent.ToolTimeout)", e.timeout.Seconds())
+}
+
+// unfinishedResult is the result of a call whose tool did not finish within timeout, in the other SDKs' words (the
+// seconds as Python's "{:g}" writes them: six significant digits, "0.5").
+func unfinishedResult(timeout time.Duration) string {
+	return fmt.Sprintf("error: the tool did not finish within %.6g s", timeout.Seconds())
+}
+
+// endedResult is the result of a call whose context ended before its tool returned: that it did not finish within its
+// timeout, where that ended it, else that the run was cancelled.
+func endedResult(ctx context.Context) string {
+	var late *toolTimeoutError
+	if errors.As(context.Cause(ctx), &late) {
+		return unfinishedResult(late.timeout)
+	}
+	return cancelledResult
+}
+
+// answered is the tool message of the call at index i of a step.
+type answered struct {
+	i      int
+	result *llmrelayv1.Message
+}
+
+// runToolCalls is RunToolCalls, each tool's context ending timeout after the start (0: no bound). Once timeout has
+// passed, the calls still running are answered that they did not finish (or, where ctx ended first, that the run was
+// cancelled) and their goroutines are left to return by themselves: their results, sent on a channel with room for
+// every call, are read by nobody, so the results returned are never written after.
+func runToolCalls(ctx context.Context, tools []Tool, calls []*llmrelayv1.ToolCall,
+	timeout time.Duration) []*llmrelayv1.Message {
 	byName := make(map[string]Tool, len(tools))
 	for _, tool := range tools {
 		byName[tool.Name()] = tool
 	}
-	results := make([]*llmrelayv1.Message, len(calls))
-	var running sync.WaitGroup
+	toolCtx := ctx
+	var ended <-chan struct{} // toolCtx's end, watched with a timeout only: nil, never ready, without one
+	var deadline time.Time
+	if timeout > 0 {
+		deadline = time.Now().Add(timeout)
+		var cancel context.CancelFunc
+		toolCtx, cancel = context.WithDeadlineCause(ctx, deadline, &toolTimeoutError{timeout})
+		defer cancel()
+		ended = toolCtx.Done()
+	}
+	done := make(chan answered, len(calls))
 	for i, call := range calls {
-		running.Go(func() {
+		go func() {
+			var result *llmrelayv1.Message
 			// A handler that ends its goroutine without returning or panicking (runtime.Goexit, t.FailNow inside a
 			// tool) skips the assignment below: its call gets a result all the same, since a call left unanswered
 			// would fail every later model call of the conversation.
 			defer func() {
-				if results[i] == nil { // %q writes valid UTF-8 whatever the name
-					results[i] = ToolResult(call,
+				if result == nil { // %q writes valid UTF-8 whatever the name
+					result = ToolResult(call,
 						fmt.Sprintf("error: tool %q ended without a result", call.GetFunction().GetName()))
 				}
+				done <- answered{i, result}
 			}()
-			content := strings.ToValidUTF8(runToolCall(ctx, byName, call.GetFunction()), "\uFFFD")
-			results[i] = ToolResult(call, content)
-		})
+			content := strings.ToValidUTF8(runToolCall(toolCtx, byName, call.GetFunction()), "\uFFFD")
+			result = ToolResult(call, content)
+		}()
 	}
-	running.Wait()
+	results := make([]*llmrelayv1.Message, len(calls))
+	var late <-chan time.Time // the timeout, once ctx ended before it
+	for waiting := len(calls); waiting > 0; {
+		select {
+		case answer := <-done:
+			results[answer.i] = answer.result
+			waiting--
+		case <-ended:
+			var timedOut *toolTimeoutError
+			if errors.As(context.Cause(toolCtx), &timedOut) {
+				return answerUnfinished(toolCtx, calls, results)
+			}
+			// ctx ended first: the calls are waited for still, as without a timeout (those that honour it are
+			// answered with what they did), but no longer than the timeout.
+			ended = nil
+			timer := time.NewTimer(time.Until(deadline))
+			defer timer.Stop()
+			late = timer.C
+		case <-late:
+			return answerUnfinished(toolCtx, calls, results)
+		}
+	}
+	return results
+}
+
+// answerUnfinished answers each call still running (its result nil) once the step gave up on it, toolCtx having
+// ended: that it did not finish within its timeout, or that the run was cancelled. Its goroutine returns by itself.
+func answerUnfinished(toolCtx context.Context, calls []*llmrelayv1.ToolCall,
+	results []*llmrelayv1.Message) []*llmrelayv1.Message {
+	for i, call := range calls {
+		if results[i] == nil {
+			results[i] = ToolResult(call, endedResult(toolCtx))
+		}
+	}
 	return results
 }
 
@@ -163,7 +246,7 @@ func runToolCall(ctx context.Context, tools map[string]Tool, call *llmrelayv1.Fu
 	if ctx.Err() != nil {
 		// The run ended before the tool started: it does not start, as in the TypeScript SDK (one that does not
 		// read its context, sending an email, would act all the same, and its answer be dropped for cancelledResult).
-		return cancelledResult
+		return endedResult(ctx)
 	}
 	defer func() {
 		if recovered := recover(); recovered != nil {
@@ -178,8 +261,8 @@ func runToolCall(ctx context.Context, tools map[string]Tool, call *llmrelayv1.Fu
 	case ctx.Err() != nil:
 		// The run ended before the tool returned: what it returned then (ctx's error, from a tool that honours its
 		// context, or whatever it had so far) is not its answer, and the model that reads the conversation later is
-		// told why it has none.
-		return cancelledResult
+		// told why it has none (a tool past its timeout: that it did not finish in time).
+		return endedResult(ctx)
 	case err != nil:
 		return fmt.Sprintf("error: tool %q failed: %v", name, err)
 	}

@@ -1,7 +1,7 @@
 package llmrelay_test
 
 // Unit tests of tools: NewTool's definition and argument checks, RunToolCalls (parallel, errors and panics as
-// results, the context passed on), and an Agent's refusal of two tools of one name. No server.
+// results, the context passed on), and an Agent's refusals (two tools of one name, a negative ToolTimeout). No server.
 
 import (
 	"context"
@@ -505,6 +505,19 @@ func TestNewToolRefusesATypeThatRefersToItself(t *testing.T) {
 	if _, err := llmrelay.NewTool("loop", "", pointer); err == nil ||
 		!strings.Contains(err.Error(), "llmrelay_test.loop refers to itself") {
 		t.Errorf("NewTool: %v, want the recursive type refused", err)
+	}
+}
+
+func TestAgentRefusesANegativeToolTimeout(t *testing.T) {
+	// No client: the run must end before any model call.
+	agent := &llmrelay.Agent{Tools: []llmrelay.Tool{addTool(t)}, ToolTimeout: -time.Second}
+	conversation := llmrelay.NewConversation(llmrelay.User("Add 1 and 2"))
+	result, err := agent.Run(context.Background(), conversation)
+	if err == nil || !strings.Contains(err.Error(), "Agent.ToolTimeout is -1s; it must be above 0, or 0 for no bound") {
+		t.Fatalf("err = %v, want the negative timeout refused", err)
+	}
+	if result == nil || result.Steps != 0 || len(conversation.Messages) != 1 {
+		t.Fatalf("result = %+v, conversation %d messages: want nothing done", result, len(conversation.Messages))
 	}
 }
 
