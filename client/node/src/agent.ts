@@ -21,7 +21,11 @@ import { isSchema, type Schema } from "./schema";
 export interface ToolContext {
   /** The call the model made (its id, name and arguments as JSON text). */
   call: ToolCall;
-  /** Aborted when the run is: a tool that waits on I/O should pass it on. */
+  /**
+   * Aborted when the run is, or when the agent's toolTimeoutMs passes (its reason then a DOMException named
+   * "TimeoutError"): a tool that waits on I/O should pass it on. Undefined for a run given no signal by an agent
+   * without toolTimeoutMs.
+   */
   signal: AbortSignal | undefined;
 }
 
@@ -111,6 +115,19 @@ export interface AgentOptions {
   maxSteps?: number;
   /** The model ("backend/model" or a model name); unset, the gateway's default. */
   model?: string;
+  /**
+   * Only the model asked for (`model`, or the gateway's default) may answer: every model call of the run sets the
+   * request's exactModel, so the gateway never falls back to another backend's model. Default: false.
+   */
+  exactModel?: boolean;
+  /**
+   * How long each step's tools may run, in milliseconds from the step's start (> 0 and at most
+   * MAX_TOOL_TIMEOUT_MS); unset, no bound. Then the signal each tool gets aborts, so that one which honours it
+   * stops, and a call still running is answered `error: the tool did not finish within 0.5 s` (its seconds as
+   * Python's %g writes them, as the Python SDK's tool_timeout words it); what it gives later is discarded, and the
+   * run goes on with the next model call.
+   */
+  toolTimeoutMs?: number;
   /** Options of every request (temperature, maxTokens, toolChoice, ...); the tools are added to them. */
   options?: DeepPartial<CompletionOptions>;
 }
@@ -141,6 +158,9 @@ export interface AgentResult {
 /** The step limit of a run when AgentOptions sets none. */
 export const DEFAULT_MAX_STEPS = 10;
 
+/** The largest toolTimeoutMs: setTimeout's largest delay (some 24.8 days); Node fires a timer set past it at once. */
+export const MAX_TOOL_TIMEOUT_MS = 2_147_483_647;
+
 /**
  * A model with tools.
  *
@@ -153,6 +173,7 @@ export const DEFAULT_MAX_STEPS = 10;
 export class Agent {
   private readonly tools: Map<string, AgentTool<never>>;
   private readonly maxSteps: number;
+  private readonly toolTimeoutMs: number | undefined;
 
   constructor(
     readonly client: Client,
@@ -168,6 +189,14 @@ export class Agent {
     this.maxSteps = options.maxSteps ?? DEFAULT_MAX_STEPS;
     if (!Number.isInteger(this.maxSteps) || this.maxSteps < 1) {
       throw new RangeError(`maxSteps is ${options.maxSteps}: give a whole number of at least 1`);
+    }
+    this.toolTimeoutMs = options.toolTimeoutMs;
+    const ms: unknown = options.toolTimeoutMs;
+    if (ms !== undefined && !(typeof ms === "number" && ms > 0 && ms <= MAX_TOOL_TIMEOUT_MS)) {
+      throw new RangeError(
+        `toolTimeoutMs is ${String(ms)}: give a number of milliseconds > 0 and at most ${MAX_TOOL_TIMEOUT_MS}, or ` +
+          "leave it unset for no bound",
+      );
     }
   }
 
@@ -200,7 +229,12 @@ export class Agent {
           };
           await conversation.fit(this.client, countOptions);
         }
-        const request = { model: this.options.model, messages: conversation.messages, options: requestOptions };
+        const request = {
+          model: this.options.model,
+          messages: conversation.messages,
+          options: requestOptions,
+          exactModel: this.options.exactModel ?? false,
+        };
         answer = onDelta
           ? await this.client.collect(request, { ...callOptions, onDelta, onRestart })
           : await this.client.complete(request, callOptions);
@@ -231,25 +265,37 @@ export class Agent {
 
   /**
    * Runs the calls at once; resolves to their tool messages in the calls' order once all have returned, or as soon
-   * as signal aborts, a call still running then answered that it did not finish (none start when it has aborted).
+   * as signal aborts, a call still running then answered that it did not finish (none start when it has aborted),
+   * or once toolTimeoutMs has passed, a call still running then answered that it did not finish in time.
    */
   private async runCalls(calls: ToolCall[], signal: AbortSignal | undefined): Promise<MessageInput[]> {
     const results: (string | undefined)[] = calls.map(() => undefined);
     if (!signal?.aborted) {
-      const running = Promise.all(
-        calls.map(async (call, i) => {
-          const result = await this.runCall(call, signal);
-          // A tool that honours the signal settles once it aborts, with what it had or an error of its own, before or
-          // after this run stops waiting as listeners happen to be ordered: whatever it gave, it did not finish, and
-          // its call is answered so (CANCELLED_RESULT, below), as in the Python SDK.
-          if (!signal?.aborted) {
-            results[i] = result;
-          }
-        }),
-      );
-      await untilAborted(running, signal);
+      const bounded = this.toolTimeoutMs === undefined ? undefined : boundedSignal(signal, this.toolTimeoutMs);
+      // The tools' signal: the run's, or one that aborts with it and at the timeout.
+      const toolSignal = bounded?.signal ?? signal;
+      try {
+        const running = Promise.all(
+          calls.map(async (call, i) => {
+            const result = await this.runCall(call, toolSignal);
+            // A tool that honours the signal settles once it aborts, with what it had or an error of its own, before
+            // or after this run stops waiting as listeners happen to be ordered: whatever it gave, it did not finish,
+            // and its call is answered so (below), as in the Python SDK.
+            if (!toolSignal?.aborted) {
+              results[i] = result;
+            }
+          }),
+        );
+        await untilAborted(running, toolSignal);
+      } finally {
+        bounded?.stop();
+      }
     }
-    return calls.map((call, i) => toolMessage(call, results[i] ?? CANCELLED_RESULT));
+    // Past the timeout, the run's own abort aside: the run goes on, each call still running answered that it did
+    // not finish in time.
+    const timeoutMs = this.toolTimeoutMs;
+    const unfinished = signal?.aborted || timeoutMs === undefined ? CANCELLED_RESULT : late(timeoutMs);
+    return calls.map((call, i) => toolMessage(call, results[i] ?? unfinished));
   }
 
   /**
@@ -296,6 +342,49 @@ export class Agent {
 
 /** The result of a tool call that the run's abort left unfinished. */
 const CANCELLED_RESULT = "error: the run was cancelled before the tool finished";
+
+/** The result of a tool call still running when the agent's toolTimeoutMs passed, as the Python SDK words it. */
+function late(timeoutMs: number): string {
+  return `error: the tool did not finish within ${formatG(timeoutMs / 1000)} s`;
+}
+
+/**
+ * A number as Python's "%g" writes it (six significant digits, trailing zeros dropped, an exponent of at least two
+ * digits below 1e-4 and from 1e6): 0.5 "0.5", 2 "2", 1e-5 "1e-05", 1234567 "1.23457e+06". For a finite number.
+ */
+export function formatG(value: number): string {
+  const precision = 6;
+  const exponential = value.toExponential(precision - 1); // rounded to the six digits, as %g rounds first
+  const exponent = Number(exponential.slice(exponential.indexOf("e") + 1));
+  const trimmed = (digits: string) => (digits.includes(".") ? digits.replace(/\.?0+$/, "") : digits);
+  if (exponent >= -4 && exponent < precision) {
+    return trimmed(value.toFixed(precision - 1 - exponent));
+  }
+  const mantissa = trimmed(exponential.slice(0, exponential.indexOf("e")));
+  const sign = exponent < 0 ? "-" : "+";
+  return `${mantissa}e${sign}${String(Math.abs(exponent)).padStart(2, "0")}`;
+}
+
+/**
+ * A signal for a step's tools that aborts when `signal` does (with its reason) or once `timeoutMs` has passed (with
+ * a DOMException named "TimeoutError", as AbortSignal.timeout's): AbortSignal.any and AbortSignal.timeout by hand,
+ * since Node 20 before 20.3 (which the package's engines take) has no AbortSignal.any. stop() clears the timer and
+ * the listener on `signal`, once the step's tools are answered.
+ */
+function boundedSignal(signal: AbortSignal | undefined, timeoutMs: number): { signal: AbortSignal; stop: () => void } {
+  const controller = new AbortController();
+  const stopWaiting = onAbort(signal, () => controller.abort(signal?.reason));
+  const timer = setTimeout(() => {
+    controller.abort(new DOMException(`the tools did not finish within ${timeoutMs} ms`, "TimeoutError"));
+  }, timeoutMs);
+  return {
+    signal: controller.signal,
+    stop: () => {
+      clearTimeout(timer);
+      stopWaiting();
+    },
+  };
+}
 
 /** Resolves when `work` settles, or sooner when `signal` aborts (at once when it has). */
 async function untilAborted(work: Promise<unknown>, signal: AbortSignal | undefined): Promise<void> {

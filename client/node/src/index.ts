@@ -33,6 +33,7 @@ export {
 export {
   Agent,
   DEFAULT_MAX_STEPS,
+  MAX_TOOL_TIMEOUT_MS,
   StepLimitError,
   addUsage,
   tool,

@@ -18,6 +18,8 @@ import {
   type MessageInput,
   type Usage,
 } from "../src";
+import { MAX_TOOL_TIMEOUT_MS } from "../src";
+import { formatG } from "../src/agent";
 import { Conversation, turnsOf } from "../src/conversation";
 
 /** Fails to compile unless A and B are the same type. */
@@ -178,6 +180,64 @@ describe("tool", () => {
     client.close();
   });
 
+  test("an Agent refuses a toolTimeoutMs that is not a number of milliseconds above 0 (and within setTimeout's)", () => {
+    const client = new Client("127.0.0.1:1");
+    const echo = tool({ name: "echo", parameters: s.object({}), run: () => "" });
+    const refused = [0, -1, NaN, Infinity, -Infinity, MAX_TOOL_TIMEOUT_MS + 1, "500" as unknown as number];
+    for (const toolTimeoutMs of refused) {
+      assert.throws(
+        () => new Agent(client, { tools: [echo], toolTimeoutMs }),
+        (err: unknown) => {
+          assert.ok(err instanceof RangeError, String(err));
+          assert.equal(
+            err.message,
+            `toolTimeoutMs is ${String(toolTimeoutMs)}: give a number of milliseconds > 0 and at most ` +
+              `${MAX_TOOL_TIMEOUT_MS}, or leave it unset for no bound`,
+          );
+          return true;
+        },
+      );
+    }
+    for (const toolTimeoutMs of [undefined, 0.5, 1, 500, MAX_TOOL_TIMEOUT_MS]) {
+      new Agent(client, { tools: [echo], toolTimeoutMs });
+    }
+    client.close();
+  });
+
+  test("a tool still running at toolTimeoutMs is answered so, in the Python SDK's words, and the run goes on", async () => {
+    // No server: the model asks for the calls once, then answers; the run is given no signal of its own.
+    let sawAborted: unknown;
+    const tools = [
+      tool({ name: "deaf", parameters: s.object({}), run: () => new Promise(() => {}) }),
+      tool({
+        name: "polite",
+        parameters: s.object({}),
+        run: (_, { signal }) =>
+          new Promise((resolve) =>
+            signal?.addEventListener("abort", () => {
+              sawAborted = signal.reason;
+              resolve("what I had"); // late: discarded
+            }),
+          ),
+      }),
+      tool({ name: "quick", parameters: s.object({}), run: () => "ok" }),
+    ];
+    const agent = new Agent(scriptedClient(tools), { tools, toolTimeoutMs: 50 });
+    const result = await agent.run([user("go")]);
+    assert.equal(result.steps, 2);
+    assert.equal(result.answer.message?.content, "done");
+    assert.deepEqual(
+      result.conversation.messages.filter((m) => m.role === Role.ROLE_TOOL).map((m) => [m.toolCallId, m.content]),
+      [
+        ["call_0", "error: the tool did not finish within 0.05 s"],
+        ["call_1", "error: the tool did not finish within 0.05 s"],
+        ["call_2", "ok"],
+      ],
+    );
+    assert.ok(sawAborted instanceof DOMException, String(sawAborted));
+    assert.equal(sawAborted.name, "TimeoutError");
+  });
+
   test("a call of a tool an Agent without tools lacks is answered that there are none", async () => {
     // An empty list read as cut off ("the tools are: "), where the Python and Go SDKs say "none".
     const result = await new Agent(scriptedClient([{ name: "f" }]), { tools: [] }).run([user("go")]);
@@ -201,6 +261,32 @@ function scriptedClient(calls: { name: string }[]): Client {
   ];
   return { complete: async () => answers.shift()! } as unknown as Client;
 }
+
+describe("formatG", () => {
+  test("writes seconds as Python's %g does", () => {
+    // Each as Python writes "%g" % value.
+    const cases: [number, string][] = [
+      [0.5, "0.5"],
+      [2, "2"],
+      [1.5, "1.5"],
+      [0.001, "0.001"],
+      [0.0001, "0.0001"],
+      [0.00001, "1e-05"],
+      [0.0005, "0.0005"],
+      [1e-7, "1e-07"],
+      [100, "100"],
+      [123456, "123456"],
+      [1234567, "1.23457e+06"],
+      [0.3333333333, "0.333333"],
+      [2147483.647, "2.14748e+06"],
+      [1e21, "1e+21"],
+    ];
+    assert.deepEqual(
+      cases.map(([value]) => [value, formatG(value)]),
+      cases,
+    );
+  });
+});
 
 describe("a tool that throws what is not an Error", () => {
   test("is answered with an error result that says what it threw, and the step's other results are kept", async () => {

@@ -14,6 +14,7 @@ import {
   Conversation,
   FinishReason,
   jsonSchema,
+  LLMRelayError,
   StepLimitError,
   Role,
   s,
@@ -482,6 +483,188 @@ describe("the agent loop", { concurrency: false }, () => {
       setTimeout(() => controller.abort(reason), 300);
       const options = streamed ? { signal: controller.signal, onDelta: () => {} } : { signal: controller.signal };
       await assert.rejects(agent.run([user("slow")], options), (err) => err === reason);
+    });
+  }
+});
+
+describe("the agent loop's toolTimeoutMs", { concurrency: false }, () => {
+  beforeEach(async () => {
+    await upstream.clearFaults();
+  });
+
+  test("bounds each step's tools: one still running is answered that it did not finish, and the run goes on", async () => {
+    const step = (...names: string[]) => ({ tool_calls: names.map((name) => ({ name, arguments: "{}" })) });
+    await upstream.addFaults(step("nap"), step("deaf", "polite", "nap"), { echo_tools: true });
+    const before = await upstream.requestCount();
+    // Within the bound in each step, not in both together: the bound is each step's, from its start.
+    const nap = tool({
+      name: "nap",
+      parameters: s.object({}),
+      run: async (_, { signal }) => {
+        await sleep(800, undefined, { signal });
+        return "rested";
+      },
+    });
+    // Deaf to the signal: it returns only long after the bound, and what it returns then is dropped.
+    let deafReturned = false;
+    let deafDone: Promise<void> | undefined;
+    const deaf = tool({
+      name: "deaf",
+      parameters: s.object({}),
+      run: async () => {
+        deafDone = sleep(3_000).then(() => {
+          deafReturned = true;
+        });
+        await deafDone;
+        return "too late";
+      },
+    });
+    // Honours the signal: it stops once the bound passes, rejecting with the signal's reason.
+    let politeSaw: unknown;
+    const polite = tool({
+      name: "polite",
+      parameters: s.object({}),
+      run: async (_, { signal }) => {
+        try {
+          await sleep(30_000, undefined, { signal });
+        } catch (err) {
+          politeSaw = signal?.aborted ? signal.reason : `not aborted: ${String(err)}`;
+          throw err;
+        }
+        return "woke up";
+      },
+    });
+    const agent = new Agent(client, { tools: [nap, deaf, polite], toolTimeoutMs: 1_500 });
+    const started = Date.now();
+    const result = await agent.run([user("Nap, then everything")]); // no signal of its own: the bound gives one
+    const took = Date.now() - started;
+
+    const unfinished = "error: the tool did not finish within 1.5 s";
+    assert.equal(result.steps, 3);
+    assert.equal(await upstream.requestCount(), before + 3, "the run went on to the final answer");
+    assert.equal(result.answer.finishReason, FinishReason.FINISH_REASON_STOP);
+    assert.equal(
+      result.answer.message?.content,
+      `tools: nap=rested; deaf=${unfinished}; polite=${unfinished}; nap=rested`,
+    );
+    assert.ok(!deafReturned, `the run waited ${took} ms, past the bound, for the deaf tool`);
+    assert.ok(politeSaw instanceof DOMException, String(politeSaw));
+    assert.equal(politeSaw.name, "TimeoutError");
+    // The deaf tool's late result changes nothing.
+    await deafDone;
+    assert.deepEqual(
+      result.conversation.messages.filter((m) => m.role === Role.ROLE_TOOL).map((m) => [m.name, m.content]),
+      [
+        ["nap", "rested"],
+        ["deaf", unfinished],
+        ["polite", unfinished],
+        ["nap", "rested"],
+      ],
+    );
+  });
+
+  test("the run's AbortSignal still cancels the run and reaches the tools, with its reason", async () => {
+    await upstream.addFaults({ tool_calls: [{ name: "wait", arguments: "{}" }, { name: "hang", arguments: "{}" }] });
+    const before = await upstream.requestCount();
+    const controller = new AbortController();
+    const reason = new Error("the user gave up");
+    let waitSaw: unknown;
+    const wait = tool({
+      name: "wait",
+      parameters: s.object({}),
+      run: (_, { signal }) =>
+        new Promise((resolve) => {
+          signal?.addEventListener("abort", () => {
+            waitSaw = signal.reason;
+            resolve("aborted");
+          });
+          setTimeout(() => controller.abort(reason), 100);
+        }),
+    });
+    const hang = tool({ name: "hang", parameters: s.object({}), run: () => new Promise(() => {}) });
+    const agent = new Agent(client, { tools: [wait, hang], toolTimeoutMs: 20_000 });
+    const conversation = new Conversation([user("Wait")]);
+    await assert.rejects(agent.run(conversation, { signal: controller.signal }), (err) => err === reason);
+    assert.equal(waitSaw, reason);
+    assert.equal(await upstream.requestCount(), before + 1, "no step after the abort");
+    assert.deepEqual(
+      conversation.messages.filter((m) => m.role === Role.ROLE_TOOL).map((m) => [m.name, m.content]),
+      [
+        ["wait", "error: the run was cancelled before the tool finished"],
+        ["hang", "error: the run was cancelled before the tool finished"],
+      ],
+    );
+  });
+});
+
+/** exactModel: a gateway whose "ollama" backend falls back to "fallback", both on its own fake upstream. */
+describe("the agent loop's exactModel, with a fallback backend", { concurrency: false }, () => {
+  let twoBackends: Gateway;
+  let itsUpstream: Upstream;
+  let itsClient: Client;
+
+  before(async () => {
+    twoBackends = await Gateway.start({ fallback: true });
+    itsUpstream = twoBackends.upstream;
+    itsClient = new Client(twoBackends.addr, { timeoutMs: 30_000 });
+  });
+
+  after(async () => {
+    itsClient?.close();
+    await twoBackends?.stop();
+  });
+
+  beforeEach(async () => {
+    await itsUpstream.clearFaults();
+  });
+
+  // The first step is answered by "ollama"; the second is rate limited there (429, which the client does not retry,
+  // as it does UNAVAILABLE): "fallback" may answer it, or nobody.
+  const failingSecondStep = () =>
+    itsUpstream.addFaults(
+      { tool_calls: [{ name: "get_time", arguments: '{"city":"Oslo"}' }] },
+      { status: 429 },
+      { echo_tools: true },
+    );
+
+  for (const streamed of [false, true]) {
+    const how = streamed ? " (onDelta)" : "";
+    test(`without it, a step that fails on its backend falls back to another${how}`, async () => {
+      await failingSecondStep();
+      const agent = new Agent(itsClient, { tools: weatherAndClock(async () => {}) });
+      const result = await agent.run([user("Time in Oslo?")], streamed ? { onDelta: () => {} } : {});
+      assert.equal(result.answer.message?.content, "tools: get_time=12:00 in Oslo");
+      assert.equal(result.answer.backend, "fallback");
+      assert.deepEqual(
+        result.attempts.map((a) => a.backend),
+        ["ollama", "ollama", "fallback"],
+      );
+    });
+
+    test(`with it, every model call of the run asks for its model alone: no fallback${how}`, async () => {
+      await failingSecondStep();
+      const before = await itsUpstream.requestCount();
+      const agent = new Agent(itsClient, { tools: weatherAndClock(async () => {}), exactModel: true });
+      const conversation = new Conversation([user("Time in Oslo?")]);
+      await assert.rejects(agent.run(conversation, streamed ? { onDelta: () => {} } : {}), (err: unknown) => {
+        assert.ok(err instanceof LLMRelayError, String(err));
+        assert.equal(err.codeName, "RESOURCE_EXHAUSTED", err.message);
+        assert.deepEqual(
+          err.attempts.map((a) => a.backend),
+          ["ollama"],
+          "the failed step tried its backend alone",
+        );
+        return true;
+      });
+      assert.equal(await itsUpstream.requestCount(), before + 2, "the first step, and the second's one attempt");
+      assert.deepEqual(
+        conversation.messages.map((m) => [m.role, m.content]),
+        [
+          [Role.ROLE_USER, "Time in Oslo?"],
+          [Role.ROLE_ASSISTANT, "echo: Time in Oslo?"],
+          [Role.ROLE_TOOL, "12:00 in Oslo"],
+        ],
+      );
     });
   }
 });
