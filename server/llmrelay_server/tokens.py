@@ -32,6 +32,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -310,27 +311,51 @@ def _message_tokens(encode: _Encode, message: Message) -> tuple[int, bool]:
     return tokens, message.tool_call_id is None and not message.tool_calls
 
 
-# OpenAI's vision guide, "Calculating costs" (https://platform.openai.com/docs/guides/images-vision): at low detail
-# an image costs a base of tokens; at high detail it is scaled to fit in 2048x2048, then down until its shorter side
-# is 768px, and costs the base plus a tile's tokens for each 512px tile it takes to cover it. gpt-4o, gpt-4.1,
-# gpt-4.5 and gpt-4-turbo: 85 and 170; gpt-4o-mini, whose tokens cost a sixteenth of gpt-4o's, 2833 and 5667 (an
-# image costs it about what it costs gpt-4o). Other models (the o-series, those priced by 32px patches, local ones)
-# are counted by gpt-4o's figures, as an estimate.
+# OpenAI's vision guide, "Calculating costs" (https://platform.openai.com/docs/guides/images-vision), two ways.
+# By tiles: at low detail an image costs a base of tokens; at high detail it is scaled to fit in 2048x2048, then down
+# until its shorter side is 768px, and costs the base plus a tile's tokens for each 512px tile it takes to cover it.
+# gpt-4o, gpt-4.1, gpt-4.5 and gpt-4-turbo: 85 and 170; gpt-4o-mini, whose tokens cost a sixteenth of gpt-4o's, 2833
+# and 5667 (an image costs it about what it costs gpt-4o); o3: 75 and 150.
+# By patches (gpt-4.1-mini, gpt-4.1-nano, o4-mini): the 32px patches that cover the image, scaled down to cover it
+# with at most 1536, times the model's multiplier, whatever the detail. Users' measured bills follow these figures.
+# Other models (o1, whose measured bills follow neither formula; the gpt-5 family, whose measured multipliers are not
+# the guide's; local ones) are counted by gpt-4o's figures, as an estimate.
 _IMAGE_BASE_TOKENS: Final = 85
 _IMAGE_TILE_TOKENS: Final = 170
+_DATED: Final = r"(-\d{4}-\d{2}-\d{2})?"
 _IMAGE_RATES: Final = (
-    (re.compile(r"gpt-4o-mini(-\d{4}-\d{2}-\d{2})?"), (2833, 5667)),
+    (re.compile(rf"gpt-4o-mini{_DATED}"), (2833, 5667)),
     (
-        re.compile(r"(chatgpt-4o|gpt-4o|gpt-4\.1|gpt-4\.5|gpt-4-turbo)(-preview|-latest)?(-\d{4}-\d{2}-\d{2})?"),
+        re.compile(rf"(chatgpt-4o|gpt-4o|gpt-4\.1|gpt-4\.5|gpt-4-turbo)(-preview|-latest)?{_DATED}"),
         (_IMAGE_BASE_TOKENS, _IMAGE_TILE_TOKENS),
     ),
+    (re.compile(rf"o3{_DATED}"), (75, 150)),
 )
 """The models that price an image by its tiles, as the formula counts it: (base, tile) tokens."""
+_IMAGE_PATCH_MULTIPLIERS: Final = (
+    (re.compile(rf"gpt-4\.1-mini{_DATED}"), 1.62),
+    (re.compile(rf"gpt-4\.1-nano{_DATED}"), 2.46),
+    (re.compile(rf"o4-mini{_DATED}"), 1.72),
+)
+"""The models that price an image by its 32px patches: the tokens of a patch."""
 _IMAGE_TILE_PX: Final = 512
 _IMAGE_FIT_PX: Final = 2048
 _IMAGE_SHORT_SIDE_PX: Final = 768
 # The most tiles a scaled image can take (2048x768: 4 by 2), for an image whose size is not known.
 _IMAGE_MAX_TILES: Final = 8
+_IMAGE_PATCH_PX: Final = 32
+_IMAGE_MAX_PATCHES: Final = 1536
+
+
+@dataclass(frozen=True, slots=True)
+class _ImageRates:
+    """How a model prices an image (`_image_rates`): by tiles (`base` and `tile` tokens) or, with `per_patch`, by
+    32px patches; `billed`: whether these are the model's own figures, not gpt-4o's in their place."""
+
+    base: int
+    tile: int
+    billed: bool
+    per_patch: float | None = None
 
 
 def _bounded_count(tokens: int, model: str, encoding: str, exact: bool) -> TokenCount:
@@ -347,30 +372,49 @@ def _high_detail_tiles(width: int, height: int) -> int:
     return -(-width // _IMAGE_TILE_PX) * -(-height // _IMAGE_TILE_PX)
 
 
-def _image_rates(model: str) -> tuple[int, int, bool]:
-    """The base and tile tokens of an image to the model, and whether the model prices an image so (asked only of a
-    chat with images); else gpt-4o's, as an estimate."""
+def _patches(width: int, height: int) -> int:
+    """The 32px patches that cover an image once it is scaled down to be covered by at most _IMAGE_MAX_PATCHES."""
+    patches = -(-width // _IMAGE_PATCH_PX) * -(-height // _IMAGE_PATCH_PX)
+    if patches <= _IMAGE_MAX_PATCHES:
+        return patches
+    # Scaled by the area, then a little more, so that one side comes out a whole number of patches (not a side
+    # thinner than a patch by then, which would scale the image to nothing: counted at the most instead, below).
+    shrink = math.sqrt(_IMAGE_PATCH_PX**2 * _IMAGE_MAX_PATCHES / (width * height))
+    sides = (width * shrink / _IMAGE_PATCH_PX, height * shrink / _IMAGE_PATCH_PX)
+    shrink *= min((math.floor(side) / side for side in sides if side >= 1), default=1.0)
+    width, height = max(1, int(width * shrink)), max(1, int(height * shrink))
+    return min(_IMAGE_MAX_PATCHES, -(-width // _IMAGE_PATCH_PX) * -(-height // _IMAGE_PATCH_PX))
+
+
+def _image_rates(model: str) -> _ImageRates:
+    """How the model prices an image (asked only of a chat with images); else gpt-4o's figures, as an estimate."""
     name = _base_model_name(model)
+    for pattern, per_patch in _IMAGE_PATCH_MULTIPLIERS:
+        if pattern.fullmatch(name):
+            return _ImageRates(0, 0, True, per_patch)
     for pattern, (base, tile) in _IMAGE_RATES:
         if pattern.fullmatch(name):
-            return base, tile, True
-    return _IMAGE_BASE_TOKENS, _IMAGE_TILE_TOKENS, False
+            return _ImageRates(base, tile, True)
+    return _ImageRates(_IMAGE_BASE_TOKENS, _IMAGE_TILE_TOKENS, False)
 
 
-def _image_tokens(image: ImagePart, rates: tuple[int, int, bool]) -> tuple[int, bool]:
+def _image_tokens(image: ImagePart, rates: _ImageRates) -> tuple[int, bool]:
     """An image's tokens at the model's `rates` (`_image_rates`), and whether they are what the model is billed.
 
     Unset or AUTO, the detail is the upstream's choice: counted as high, the most it can cost. An image whose size
-    is not known (a URL, or bytes whose header cannot be read) is counted at high detail as the largest image costs,
-    so that a reservation against a token limit is never short.
+    is not known (a URL, or bytes whose header cannot be read) is counted as the largest image costs, so that a
+    reservation against a token limit is never short. A patch's tokens are a fraction, rounded by a rule OpenAI does
+    not publish: counted up, and estimated.
     """
-    base, tile, priced_by_tiles = rates
-    if image.detail is ImageDetail.LOW:
-        return base, priced_by_tiles
     size = images.dimensions(image.data) if image.data is not None else None
+    if rates.per_patch is not None:
+        patches = _patches(*size) if size is not None else _IMAGE_MAX_PATCHES
+        return math.ceil(patches * rates.per_patch), False
+    if image.detail is ImageDetail.LOW:
+        return rates.base, rates.billed
     if size is None:
-        return base + tile * _IMAGE_MAX_TILES, False
-    return base + tile * _high_detail_tiles(*size), priced_by_tiles and image.detail is ImageDetail.HIGH
+        return rates.base + rates.tile * _IMAGE_MAX_TILES, False
+    return rates.base + rates.tile * _high_detail_tiles(*size), rates.billed and image.detail is ImageDetail.HIGH
 
 
 def _as_counted(message: Message) -> Message:

@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import hashlib
 import json
+import math
 import socket
 import sys
 import threading
@@ -379,7 +380,7 @@ def test_an_image_of_known_size_counts_as_openai_documents(
         ("gpt-4o", ImagePart(data=b"\x89PNG\r\n\x1a\n", media_type="image/png")),  # a header cut short
         ("gpt-4o", ImagePart(data=png(64, 64), media_type="image/png")),  # AUTO: the upstream picks the detail
         ("gpt-4.1-mini", ImagePart(data=png(64, 64), media_type="image/png", detail=ImageDetail.HIGH)),  # patches
-        ("o3", ImagePart(url="https://example.com/cat.png", detail=ImageDetail.LOW)),
+        ("o1", ImagePart(url="https://example.com/cat.png", detail=ImageDetail.LOW)),
     ],
 )
 def test_an_image_the_formula_cannot_price_exactly_is_estimated(
@@ -408,6 +409,42 @@ def test_an_image_to_gpt_4o_mini_counts_at_its_own_rates(
         assert count.estimated is (detail is ImageDetail.AUTO), model
     unknown = counter.count_chat("gpt-4o-mini", [with_image(ImagePart(url="https://example.com/cat.png"))])
     assert unknown.tokens == question + 2833 + 5667 * 8 and unknown.estimated
+
+
+def test_an_image_to_o3_counts_at_its_own_tile_rates(counter: TokenCounter) -> None:
+    question = counter.count_chat("o3", [QUESTION]).tokens
+    for detail, expected_tokens in ((ImageDetail.LOW, 75), (ImageDetail.HIGH, 75 + 150 * 4)):
+        for model in ("o3", "o3-2025-04-16"):
+            count = counter.count_chat(model, [with_image(ImagePart(data=png(1024, 1024), detail=detail))])
+            assert (count.tokens, count.estimated) == (question + expected_tokens, False), (model, detail)
+
+
+@pytest.mark.parametrize(
+    ("model", "width", "height", "expected_tokens"),
+    [
+        # The guide's worked examples: 1024x1024 takes 32 by 32 patches; 1800x2400 (75 by 57) is scaled to 1056x1408,
+        # 33 by 44 = 1452 patches; past 1536, the most an image takes.
+        ("gpt-4.1-mini", 1024, 1024, math.ceil(1024 * 1.62)),
+        ("gpt-4.1-mini-2025-04-14", 1800, 2400, math.ceil(1452 * 1.62)),
+        ("openai/gpt-4.1-nano", 1024, 1024, math.ceil(1024 * 2.46)),
+        ("o4-mini", 128, 64, math.ceil(8 * 1.72)),  # 4 by 2 patches: small images are not scaled up
+        ("o4-mini", 40_000, 40_000, math.ceil(39 * 39 * 1.72)),
+        ("gpt-4.1-nano", 10, 100_000, math.ceil(1536 * 2.46)),  # thinner than a patch once scaled: the most
+    ],
+)
+def test_an_image_to_a_model_priced_by_patches_counts_its_patches(
+    counter: TokenCounter, model: str, width: int, height: int, expected_tokens: int
+) -> None:
+    """Counted at gpt-4o's tiles, a large image to gpt-4.1-mini was reserved at 765 tokens where it is billed about
+    2,500: the detail does not change it, and the count is estimated (the rounding of a fraction is not published)."""
+    question = counter.count_chat(model, [QUESTION]).tokens
+    for detail in (ImageDetail.LOW, ImageDetail.HIGH, None):
+        count = counter.count_chat(model, [with_image(ImagePart(data=png(width, height), detail=detail))])
+        assert count.tokens == question + expected_tokens, detail
+        assert count.estimated
+    unknown = counter.count_chat(model, [with_image(ImagePart(url="https://example.com/cat.png"))])
+    per_patch = {"gpt-4.1-mini": 1.62, "gpt-4.1-nano": 2.46, "o4-mini": 1.72}
+    assert unknown.tokens == question + math.ceil(1536 * next(v for k, v in per_patch.items() if k in model))
 
 
 def test_an_image_of_unknown_size_counts_as_the_largest_image_would(counter: TokenCounter) -> None:
