@@ -1073,10 +1073,14 @@ async def test_a_long_prompt_cut_by_its_deadline_before_its_answer_gets_the_gate
     local.inject({"stall_s": 10})
     system = pb.Message(role=pb.ROLE_SYSTEM, content=" ".join(f"w{i}" for i in range(350_000)))
     messages = [system, *chat().messages]
+    # The count takes some 250 ms here, but up to 1.4 s on a busy 2-core CI machine (tokens._COUNTED_CHARS_PER_S
+    # allows 2.7 s for it): the deadline leaves it that, as it still begins at once (_ahead: the longest count
+    # may take far longer than the deadline).
+    timeout_s = 4
     call: Any = (
-        stub.StreamComplete(pb.StreamCompleteRequest(messages=messages), timeout=1.5)
+        stub.StreamComplete(pb.StreamCompleteRequest(messages=messages), timeout=timeout_s)
         if streaming
-        else stub.Complete(pb.CompleteRequest(messages=messages), timeout=1.5)
+        else stub.Complete(pb.CompleteRequest(messages=messages), timeout=timeout_s)
     )
     with pytest.raises(grpc.aio.AioRpcError) as ended:
         await (read_all(call) if streaming else call)

@@ -1225,9 +1225,13 @@ async def test_a_blocking_stream_whose_gateway_dies_before_a_chunk_fails_at_once
             outcome.append(exc)
 
     try:
-        await gateway.wait_serving()
+        await gateway.wait_serving()  # alive: its first probe of the backends may still be out
         with Client(gateway.target, timeout=20) as client:
-            assert client.health().serving
+            # Ready once that probe has found a backend, which the loop answers: asked from a thread meanwhile, not
+            # from the loop (a blocking call there held the probe up, and Health said serving=false).
+            async with asyncio.timeout(20):
+                while not (await asyncio.to_thread(client.health)).serving:  # noqa: ASYNC110 (a call: no event)
+                    await asyncio.sleep(0.05)
             # A thread of its own, not the loop's executor: one stuck for ever would hold up the tests' exit.
             reader = threading.Thread(target=read, args=(client,), daemon=True)
             reader.start()

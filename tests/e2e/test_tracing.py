@@ -171,6 +171,7 @@ async def test_retries_and_fallbacks_are_attempt_spans_and_events(
     async for stub in connect(gateway_factory, two_backends(primary, local)):
         with pytest.raises(grpc.aio.AioRpcError):
             await stub.Complete(chat(), timeout=5)
+        await wait_until(lambda: bool(rpc_spans(exported, COMPLETE)), timeout_s=5)  # it ends as the status goes out
     server, attempts = rpc_span(exported, COMPLETE)
     assert len(attempts) == 4 and server.status.status_code is StatusCode.ERROR
     assert dict(server.attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
@@ -208,6 +209,7 @@ async def test_a_stream_cut_short_names_the_backend_that_served_part_of_it(
         primary.inject({"stream_cut_after": 3})
         with pytest.raises(grpc.aio.AioRpcError):
             await read_all(stub.StreamComplete(stream_chat(), timeout=5))
+        await wait_until(lambda: bool(rpc_spans(exported, STREAM)), timeout_s=5)  # it ends as the status goes out
     server, attempts = rpc_span(exported, STREAM)
     assert [dict(a.attributes or {})["llmrelay.outcome"] for a in attempts] == ["interrupted"]
     assert dict(server.attributes or {})["llmrelay.backend"] == "openai"

@@ -46,6 +46,11 @@ from upstream import FakeUpstream
 COMPLETE = "llmrelay.v1.LLMService/Complete"
 
 
+# Short, so that a silent worker is found soon; yet a worker is also killed when it has not started to serve within
+# twice this (workers.py), and on a busy 2-core CI machine two workers starting at once took more than 6 s.
+WORKER_TIMEOUT_S = 6
+
+
 def workers_config(tmp_path: Path, server: str = "", grace_period_s: float = 5) -> Path:
     config = tmp_path / "llmrelay.yaml"
     config.write_text(
@@ -259,7 +264,7 @@ async def test_workers_that_do_not_answer_hold_the_scrape_up_once_not_each(tmp_p
 async def test_a_gateway_stopped_whole_and_continued_keeps_its_workers(tmp_path: Path, local: FakeUpstream) -> None:
     """Ctrl-Z, `docker pause` or a frozen cgroup stop the supervisor with its workers: continued, the supervisor judged
     the workers' silence before they could beat, killed them all, and cut their calls."""
-    gateway = await start_workers(tmp_path, local, server=", worker_timeout_s: 3")
+    gateway = await start_workers(tmp_path, local, server=f", worker_timeout_s: {WORKER_TIMEOUT_S}")
     try:
         workers = children(gateway.process.pid)
         local.inject({"trickle_s": 0.3})
@@ -268,7 +273,7 @@ async def test_a_gateway_stopped_whole_and_continued_keeps_its_workers(tmp_path:
             assert await stream.read() is not grpc.aio.EOF
             for pid in [*workers, gateway.process.pid]:
                 os.kill(pid, signal.SIGSTOP)
-            await asyncio.sleep(5)  # longer than worker_timeout_s
+            await asyncio.sleep(WORKER_TIMEOUT_S + 2)  # longer than worker_timeout_s
             os.kill(gateway.process.pid, signal.SIGCONT)  # the supervisor first: its next tick is overdue
             await asyncio.sleep(0.3)
             for pid in workers:
@@ -342,7 +347,7 @@ async def test_a_worker_restarted_after_an_edit_of_the_configuration_serves_as_t
 async def test_a_worker_whose_event_loop_stopped_is_killed_and_restarted(tmp_path: Path, local: FakeUpstream) -> None:
     """Stopped (SIGSTOP standing in for a blocked event loop), a worker keeps its share of the new connections and
     answers none: past worker_timeout_s without its heartbeat, the supervisor kills it, and its restart serves."""
-    gateway = await start_workers(tmp_path, local, server=", worker_timeout_s: 3")
+    gateway = await start_workers(tmp_path, local, server=f", worker_timeout_s: {WORKER_TIMEOUT_S}")
     try:
         stopped, _ = children(gateway.process.pid)
         os.kill(stopped, signal.SIGSTOP)
@@ -380,7 +385,7 @@ async def test_a_restarted_worker_stopped_as_it_starts_is_killed_and_restarted(
     tmp_path: Path, local: FakeUpstream
 ) -> None:
     """As at the first start: the supervisor waited for it without end, and counted it among the workers."""
-    gateway = await start_workers(tmp_path, local, server=", worker_timeout_s: 3")
+    gateway = await start_workers(tmp_path, local, server=f", worker_timeout_s: {WORKER_TIMEOUT_S}")
     try:
         first, _ = children(gateway.process.pid)
         os.kill(first, signal.SIGKILL)
@@ -392,7 +397,7 @@ async def test_a_restarted_worker_stopped_as_it_starts_is_killed_and_restarted(
                     break
                 await asyncio.sleep(0.01)
         os.kill(replacement[0], signal.SIGSTOP)
-        line = await gateway.wait_for_line("has not started to serve within")
+        line = await gateway.wait_for_line("has not started to serve within", within_s=4 * WORKER_TIMEOUT_S)
         assert f"(pid {replacement[0]})" in line
         async with asyncio.timeout(30):
             # Two workers, the supervisor, and the worker started a third time.
