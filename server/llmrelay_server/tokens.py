@@ -406,12 +406,12 @@ def _image_tokens(image: ImagePart, rates: _ImageRates) -> tuple[int, bool]:
     reservation against a token limit is never short. A patch's tokens are a fraction, rounded by a rule OpenAI does
     not publish: counted up, and estimated.
     """
+    if rates.per_patch is None and image.detail is ImageDetail.LOW:
+        return rates.base, rates.billed  # whatever its size: its header is not read
     size = images.dimensions(image.data) if image.data is not None else None
     if rates.per_patch is not None:
         patches = _patches(*size) if size is not None else _IMAGE_MAX_PATCHES
         return math.ceil(patches * rates.per_patch), False
-    if image.detail is ImageDetail.LOW:
-        return rates.base, rates.billed
     if size is None:
         return rates.base + rates.tile * _IMAGE_MAX_TILES, False
     return rates.base + rates.tile * _high_detail_tiles(*size), rates.billed and image.detail is ImageDetail.HIGH
