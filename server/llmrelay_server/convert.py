@@ -410,6 +410,11 @@ def _message(message: pb.Message, errors: _Violations, where: str, max_image_byt
         errors.add(f"{where}.tool_call_id", "only a tool message answers a tool call; leave it unset here")
     if message.tool_calls and role is not Role.ASSISTANT:
         errors.add(f"{where}.tool_calls", "only assistant messages carry tool calls")
+    if role is not Role.ASSISTANT and (message.HasField("reasoning") or message.HasField("reasoning_signature")):
+        # No upstream takes reasoning on another turn: sent on, it would be dropped without a word.
+        for field in ("reasoning", "reasoning_signature"):
+            if message.HasField(field):
+                errors.add(f"{where}.{field}", "only an assistant message carries reasoning; leave it unset here")
     if message.HasField("name") and not FUNCTION_NAME.fullmatch(message.name):
         # OpenAI's API refuses any other (its own words, UPSTREAM_REJECTED); others take it, or leave it out.
         errors.add(f"{where}.name", "must be 1-64 letters, digits, '_' or '-'")

@@ -809,6 +809,28 @@ def test_the_reasoning_signature_goes_both_ways() -> None:
     ).message.HasField("reasoning_signature")
 
 
+REASONING_REFUSED = "only an assistant message carries reasoning; leave it unset here"
+
+
+@pytest.mark.parametrize("field", ["reasoning", "reasoning_signature"])
+@pytest.mark.parametrize("role", [pb.ROLE_SYSTEM, pb.ROLE_USER, pb.ROLE_TOOL])
+def test_reasoning_on_a_turn_other_than_the_assistants_is_refused_naming_it(
+    role: pb.Role.ValueType, field: str
+) -> None:
+    turn = pb.Message(role=role, content="x", tool_call_id="c0" if role == pb.ROLE_TOOL else None)
+    setattr(turn, field, "")  # present, though empty: it is still not this turn's to carry
+    asked = pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=calls(1))
+    request = pb.CompleteRequest(messages=[user(), asked, turn] if role == pb.ROLE_TOOL else [turn, user()])
+    where = 2 if role == pb.ROLE_TOOL else 0
+    assert violations_of(request) == [(f"messages[{where}].{field}", REASONING_REFUSED)]
+
+
+def test_reasoning_on_the_assistants_turn_is_taken() -> None:
+    turn = pb.Message(role=pb.ROLE_ASSISTANT, content="4", reasoning="2+2", reasoning_signature="s")
+    taken = convert.completion_request(pb.CompleteRequest(messages=[user(), turn, user()])).messages[1]
+    assert (taken.reasoning, taken.reasoning_signature) == ("2+2", "s")
+
+
 # --- property: valid within bounds, or InvalidRequestError, nothing else --------------------------------------------
 
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")

@@ -1012,14 +1012,16 @@ type Message struct {
 	// (the other tool messages between them aside), each answered once, and every one of them before the conversation
 	// goes on; else INVALID_ARGUMENT naming the message, before any upstream is asked.
 	ToolCallId *string `protobuf:"bytes,5,opt,name=tool_call_id,json=toolCallId,proto3,oneof" json:"tool_call_id,omitempty"`
-	// The model's reasoning text, where the model gives one (assistant messages in answers).
+	// The model's reasoning text, where the model gives one (assistant messages in answers). Assistant messages only;
+	// else INVALID_ARGUMENT naming the message (`messages[0].reasoning`).
 	Reasoning *string `protobuf:"bytes,6,opt,name=reasoning,proto3,oneof" json:"reasoning,omitempty"`
 	// The content as parts: text and images (user messages; text parts elsewhere). Instead of `content`, not with it.
 	// At most 10,000 over all of a request's messages together; else INVALID_ARGUMENT naming the message that passes
 	// it (`messages[3].parts`).
 	Parts []*ContentPart `protobuf:"bytes,7,rep,name=parts,proto3" json:"parts,omitempty"`
 	// The upstream's opaque signature of the reasoning (Anthropic's thinking blocks), to send back unchanged with the
-	// assistant message in the next turn of a conversation, as the upstream requires.
+	// assistant message in the next turn of a conversation, as the upstream requires. Assistant messages only, as
+	// `reasoning`.
 	ReasoningSignature *string `protobuf:"bytes,8,opt,name=reasoning_signature,json=reasoningSignature,proto3,oneof" json:"reasoning_signature,omitempty"`
 	unknownFields      protoimpl.UnknownFields
 	sizeCache          protoimpl.SizeCache

@@ -769,10 +769,13 @@ class Message(_message.Message):
     goes on; else INVALID_ARGUMENT naming the message, before any upstream is asked.
     """
     reasoning: _builtins.str
-    """The model's reasoning text, where the model gives one (assistant messages in answers)."""
+    """The model's reasoning text, where the model gives one (assistant messages in answers). Assistant messages only;
+    else INVALID_ARGUMENT naming the message (`messages[0].reasoning`).
+    """
     reasoning_signature: _builtins.str
     """The upstream's opaque signature of the reasoning (Anthropic's thinking blocks), to send back unchanged with the
-    assistant message in the next turn of a conversation, as the upstream requires.
+    assistant message in the next turn of a conversation, as the upstream requires. Assistant messages only, as
+    `reasoning`.
     """
     @_builtins.property
     def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:

@@ -1017,7 +1017,10 @@ export interface Message {
   toolCallId?:
     | string
     | undefined;
-  /** The model's reasoning text, where the model gives one (assistant messages in answers). */
+  /**
+   * The model's reasoning text, where the model gives one (assistant messages in answers). Assistant messages only;
+   * else INVALID_ARGUMENT naming the message (`messages[0].reasoning`).
+   */
   reasoning?:
     | string
     | undefined;
@@ -1029,7 +1032,8 @@ export interface Message {
   parts: ContentPart[];
   /**
    * The upstream's opaque signature of the reasoning (Anthropic's thinking blocks), to send back unchanged with the
-   * assistant message in the next turn of a conversation, as the upstream requires.
+   * assistant message in the next turn of a conversation, as the upstream requires. Assistant messages only, as
+   * `reasoning`.
    */
   reasoningSignature?: string | undefined;
 }
