@@ -1,6 +1,7 @@
 package llmrelay
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"time"
@@ -65,20 +66,24 @@ func ParseError(err error) *Error {
 	}
 	st := carrier.GRPCStatus()
 	e = &Error{Code: st.Code(), Message: st.Message(), status: st}
+	// The first detail of each type, as the Python and TypeScript SDKs read them, where a status carries two (one
+	// added by a proxy, say).
+	var history *llmrelayv1.AttemptHistory
 	for _, detail := range st.Details() {
 		switch d := detail.(type) {
 		case *errdetails.ErrorInfo:
-			e.ErrorInfo = d
+			e.ErrorInfo = cmp.Or(e.ErrorInfo, d)
 		case *errdetails.RetryInfo:
-			e.RetryInfo = d
+			e.RetryInfo = cmp.Or(e.RetryInfo, d)
 		case *errdetails.BadRequest:
-			e.BadRequest = d
+			e.BadRequest = cmp.Or(e.BadRequest, d)
 		case *errdetails.QuotaFailure:
-			e.QuotaFailure = d
+			e.QuotaFailure = cmp.Or(e.QuotaFailure, d)
 		case *llmrelayv1.AttemptHistory:
-			e.Attempts = d.GetAttempts()
+			history = cmp.Or(history, d)
 		}
 	}
+	e.Attempts = history.GetAttempts()
 	return e
 }
 

@@ -184,19 +184,21 @@ function readDetails(raw: Buffer, extra: ErrorExtra): void {
   } catch {
     return;
   }
+  // The first detail of each type, as the Python and Go SDKs read them, where a status carries two (one added by a
+  // proxy, say).
   for (const any of details) {
     const type = any.typeUrl.startsWith(TYPE_PREFIX) ? any.typeUrl.slice(TYPE_PREFIX.length) : any.typeUrl;
     try {
       if (type === "google.rpc.ErrorInfo") {
-        extra.errorInfo = ErrorInfo.decode(any.value);
+        extra.errorInfo ??= ErrorInfo.decode(any.value);
       } else if (type === "google.rpc.RetryInfo") {
-        extra.retryInfo = RetryInfo.decode(any.value);
+        extra.retryInfo ??= RetryInfo.decode(any.value);
       } else if (type === "google.rpc.BadRequest") {
-        extra.badRequest = BadRequest.decode(any.value);
+        extra.badRequest ??= BadRequest.decode(any.value);
       } else if (type === "google.rpc.QuotaFailure") {
-        extra.quotaFailure = QuotaFailure.decode(any.value);
+        extra.quotaFailure ??= QuotaFailure.decode(any.value);
       } else if (type === "llmrelay.v1.AttemptHistory") {
-        extra.attempts = AttemptHistory.decode(any.value).attempts;
+        extra.attempts ??= AttemptHistory.decode(any.value).attempts;
       }
     } catch {
       // skipped: the details after it are still read

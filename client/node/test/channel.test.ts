@@ -25,7 +25,7 @@ import {
   type ClientOptions,
   type Interceptor,
 } from "../src";
-import { ErrorInfo } from "../src/gen/google/rpc/error_details";
+import { ErrorInfo, RetryInfo } from "../src/gen/google/rpc/error_details";
 import { Status } from "../src/gen/google/rpc/status";
 import { Gateway, type Upstream } from "./gateway";
 
@@ -511,5 +511,27 @@ describe("a server whose grpc-status-details-bin is not what the gateway sends",
     const err = await mustFail(client.complete({ messages: [user("hi")] }), status.UNAVAILABLE);
     assert.equal(err.reason, "OVERLOADED");
     assert.equal(err.retryInfo, undefined);
+  });
+
+  test("the first of two details of a type is read (a proxy may add one), as in the other SDKs", async () => {
+    const detail = (type: string, value: Uint8Array) => ({
+      typeUrl: `type.googleapis.com/${type}`,
+      value: Buffer.from(value),
+    });
+    const info = (reason: string) =>
+      detail("google.rpc.ErrorInfo", ErrorInfo.encode({ reason, domain: DOMAIN, metadata: {} }).finish());
+    const retry = (seconds: number) =>
+      detail("google.rpc.RetryInfo", RetryInfo.encode({ retryDelay: { seconds, nanos: 0 } }).finish());
+    trailer = Buffer.from(
+      Status.encode({
+        code: status.UNAVAILABLE,
+        message: "overloaded",
+        details: [info("UPSTREAM_UNAVAILABLE"), retry(2), info("OVERLOADED"), retry(9)],
+      }).finish(),
+    );
+    const client = connect(addr, { channelOptions: { "grpc.enable_retries": 0 } });
+    const err = await mustFail(client.complete({ messages: [user("hi")] }), status.UNAVAILABLE);
+    assert.equal(err.reason, "UPSTREAM_UNAVAILABLE");
+    assert.equal(err.retryInfo?.retryDelay?.seconds, 2);
   });
 });
