@@ -163,10 +163,13 @@ class LLMRelayError(Exception):
     def __init__(
         self, code: grpc.StatusCode, message: str, details: ErrorDetails | None = None, request_id: str | None = None
     ) -> None:
-        super().__init__(f"{code.name}: {message}")
+        self.details = details or ErrorDetails()
+        # "CODE (REASON): message", as the Go and TypeScript SDKs write it: the reason is what says what to do (one
+        # RESOURCE_EXHAUSTED is an upstream's rate limit, another the key's daily budget).
+        reason = self.details.reason
+        super().__init__(f"{code.name} ({reason}): {message}" if reason else f"{code.name}: {message}")
         self.code = code
         self.message = message
-        self.details = details or ErrorDetails()
         self.request_id = request_id
 
     def __reduce__(

@@ -105,7 +105,7 @@ def _run(args: argparse.Namespace) -> None:
         with client:
             args.run(client, args)
     except LLMRelayError as exc:
-        details = f" (reason {exc.reason})" if exc.reason else ""
+        details = ""  # the reason is in the error's own text: "CODE (REASON): message"
         for violation in exc.field_violations:
             details += f"\n  {violation.field}: {violation.description}"
         if exc.retry_delay_s is not None:

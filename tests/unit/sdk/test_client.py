@@ -455,6 +455,8 @@ def test_errors_carry_their_decoded_details(
     error = caught.value
     assert (error.code, error.message) == (grpc.StatusCode.UNAVAILABLE, "every backend is down")
     assert error.reason == "BACKENDS_UNAVAILABLE"
+    # Its text names the reason, as the Go and TypeScript SDKs' do: a logged error says which RESOURCE_EXHAUSTED.
+    assert str(error) == "UNAVAILABLE (BACKENDS_UNAVAILABLE): every backend is down"
     assert error.metadata == {"attempts": "openai:unavailable"}
     assert error.retry_delay_s == 2.5
     assert [(a.backend, a.upstream_status) for a in error.attempts] == [("openai", 503)]
@@ -485,6 +487,7 @@ def test_an_error_info_of_another_domain_names_no_reason_of_the_contracts(
         result(call)
     assert caught.value.reason is None
     assert caught.value.details.error_info is not None and caught.value.details.error_info.domain == "proxy.example.com"
+    assert str(caught.value) == "UNAVAILABLE: upstream connect error", "no reason of the gateway's to name"
 
 
 def test_the_agents_errors_survive_pickling() -> None:
