@@ -18,8 +18,6 @@ export const STATUS_DETAILS_KEY = "grpc-status-details-bin";
 /** The trailer of a call's request id in the gateway's log (the caller's own, when it sent a sane one). */
 const REQUEST_ID_KEY = "x-request-id";
 
-const TYPE_PREFIX = "type.googleapis.com/";
-
 /** The name of a status code, such as "RESOURCE_EXHAUSTED". */
 function codeName(code: status): string {
   return status[code] ?? String(code);
@@ -187,7 +185,9 @@ function readDetails(raw: Buffer, extra: ErrorExtra): void {
   // The first detail of each type, as the Python and Go SDKs read them, where a status carries two (one added by a
   // proxy, say).
   for (const any of details) {
-    const type = any.typeUrl.startsWith(TYPE_PREFIX) ? any.typeUrl.slice(TYPE_PREFIX.length) : any.typeUrl;
+    // The message's name is what follows the URL's last "/", whatever its host (protobuf's Any rule, as the Python
+    // and Go SDKs read it): a proxy may pack its details under a host of its own.
+    const type = any.typeUrl.slice(any.typeUrl.lastIndexOf("/") + 1);
     try {
       if (type === "google.rpc.ErrorInfo") {
         extra.errorInfo ??= ErrorInfo.decode(any.value);

@@ -534,4 +534,23 @@ describe("a server whose grpc-status-details-bin is not what the gateway sends",
     assert.equal(err.reason, "UPSTREAM_UNAVAILABLE");
     assert.equal(err.retryInfo?.retryDelay?.seconds, 2);
   });
+
+  test("a detail packed under another host than type.googleapis.com is read by its name", async () => {
+    const errorInfo = ErrorInfo.encode({ reason: "UPSTREAM_RATE_LIMITED", domain: DOMAIN, metadata: {} }).finish();
+    const retryInfo = RetryInfo.encode({ retryDelay: { seconds: 3, nanos: 0 } }).finish();
+    trailer = Buffer.from(
+      Status.encode({
+        code: status.UNAVAILABLE,
+        message: "overloaded",
+        details: [
+          { typeUrl: "type.example.com/google.rpc.ErrorInfo", value: Buffer.from(errorInfo) },
+          { typeUrl: "google.rpc.RetryInfo", value: Buffer.from(retryInfo) },
+        ],
+      }).finish(),
+    );
+    const client = connect(addr, { channelOptions: { "grpc.enable_retries": 0 } });
+    const err = await mustFail(client.complete({ messages: [user("hi")] }), status.UNAVAILABLE);
+    assert.equal(err.reason, "UPSTREAM_RATE_LIMITED");
+    assert.equal(err.retryInfo?.retryDelay?.seconds, 3);
+  });
 });
