@@ -108,19 +108,19 @@ def tool(
     strict: bool | None = None,
 ) -> pb.Tool:
     """A function the model may call; parameters is its JSON Schema, as a dict or as JSON text."""
-    function = pb.FunctionDefinition(name=name, description=description, strict=strict)
+    fields = {"name": name, "description": description, "strict": strict}
     if parameters is not None:
-        function.parameters_json = json_text(parameters)
-    return pb.Tool(function=function)
+        fields["parameters_json"] = json_text(parameters)
+    return pb.Tool(function=built(pb.FunctionDefinition, fields, "function."))
 
 
 def json_schema(
     name: str, schema: Mapping[str, Any] | str, *, description: str | None = None, strict: bool | None = None
 ) -> pb.ResponseFormat:
     """The response format of an answer that is JSON following the schema (a dict, or JSON text)."""
+    fields = {"name": name, "schema_json": json_text(schema), "description": description, "strict": strict}
     return pb.ResponseFormat(
-        type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
-        json_schema=pb.JsonSchema(name=name, schema_json=json_text(schema), description=description, strict=strict),
+        type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=built(pb.JsonSchema, fields, "json_schema.")
     )
 
 

@@ -19,16 +19,21 @@ MessageLike: TypeAlias = "pb.Message | Mapping[str, Any]"
 
 def message(role: str, content: str, **fields: Any) -> pb.Message:
     """A chat message from plain values: message("user", "Hello")."""
-    return built(pb.Message, {"role": named("role", _ROLES, role), "content": content, **fields})
+    return _message("", role, content, **fields)
+
+
+def _message(where: str, /, role: str, content: str, **fields: Any) -> pb.Message:
+    """`message`, a field it refuses named after `where`, the message's path in the request ("messages[2].")."""
+    return built(pb.Message, {"role": named("role", _ROLES, role), "content": content, **fields}, where)
 
 
 def as_messages(messages: Iterable[MessageLike]) -> list[pb.Message]:
     if isinstance(messages, str | bytes):  # else each of its characters would be taken for a message
         raise TypeError(f"messages: a list of messages, not {type(messages).__name__}: [message('user', text)]")
-    return [_as_message(m) for m in messages]
+    return [_as_message(m, f"messages[{i}].") for i, m in enumerate(messages)]
 
 
-def _as_message(value: MessageLike) -> pb.Message:
+def _as_message(value: MessageLike, where: str) -> pb.Message:
     if isinstance(value, pb.Message):
         return value
     if not isinstance(value, Mapping):
@@ -37,4 +42,4 @@ def _as_message(value: MessageLike) -> pb.Message:
             f" {type(value).__name__}"
         )
     # A dict may leave content out, as the message may: an assistant's tool calls alone, a user's parts.
-    return message(**{"content": "", **value})
+    return _message(where, **{"content": "", **value})

@@ -92,11 +92,12 @@ def named(what: str, choices: Mapping[_K, _T], name: object) -> _T:
         raise ValueError(f"unknown {what} {name!r}; use one of {', '.join(map(str, choices))}") from None
 
 
-def built(message_type: type[_M], fields: Mapping[str, Any]) -> _M:
+def built(message_type: type[_M], fields: Mapping[str, Any], where: str = "") -> _M:
     """message_type(**fields), with a field protobuf refuses named in the error (its words alone, such as "bad argument
-    type for built-in operation" or "Value out of range: 99999999999", do not say which of the fields it was). Text
-    that is not UTF-8 is a ValueError that names its field and shows none of the text (a prompt, which may hold
-    anything)."""
+    type for built-in operation" or "Value out of range: 99999999999", do not say which of the fields it was), after
+    `where` (the message's own path in the request, such as "messages[2]."). Text that is not UTF-8 is a ValueError
+    that names its field (and which of a list's texts: "inputs[2]", as the gateway and the Go SDK name it) and shows
+    none of the text (a prompt, which may hold anything)."""
     try:
         return message_type(**fields)
     except (TypeError, ValueError, AttributeError) as error:
@@ -105,12 +106,30 @@ def built(message_type: type[_M], fields: Mapping[str, Any]) -> _M:
                 message_type(**{name: value})
             except UnicodeError as refused:
                 # Not type(refused)(...): a UnicodeEncodeError takes five arguments, and that TypeError named no field.
-                raise ValueError(f"{name}: not valid UTF-8 text ({_not_utf8(refused)})") from None
+                field = f"{where}{name}{_which_text(value)}"
+                raise ValueError(f"{field}: not valid UTF-8 text ({_not_utf8(refused)})") from None
             except (TypeError, ValueError) as refused:
-                raise type(refused)(f"{name}={_shown.repr(value)}: {refused}") from None
+                raise type(refused)(f"{where}{name}={_shown.repr(value)}: {refused}") from None
             except AttributeError:  # protobuf reads a Struct field's value (a schema) as a dict, calling its items()
-                raise TypeError(f"{name}={_shown.repr(value)}: a schema must be a dict, or JSON text") from None
+                raise TypeError(f"{where}{name}={_shown.repr(value)}: a schema must be a dict, or JSON text") from None
         raise error
+
+
+def _which_text(value: object) -> str:
+    """ "[i]" for the first text of a list that UTF-8 cannot hold; "" for a value that is no list of texts."""
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            if isinstance(item, str) and not _is_utf8(item):
+                return f"[{i}]"
+    return ""
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _not_utf8(error: UnicodeError) -> str:

@@ -35,6 +35,7 @@ from llmrelay import (
     image,
     json_schema,
     message,
+    tool,
 )
 from llmrelay import v1 as pb
 from llmrelay.v1 import llmrelay_pb2
@@ -263,7 +264,7 @@ async def _heard_async(chunk: pb.StreamCompleteResponse) -> None:
         (lambda c: c.complete(_HI, max_tokens=2**40), ValueError, "max_tokens=1099511627776: Value out of range"),
         (lambda c: c.complete(_HI, temperature="hot"), TypeError, "temperature='hot': "),
         (lambda c: c.complete(_HI, model=5), TypeError, "model=5: "),
-        (lambda c: c.complete([{"role": "user", "content": 5}]), TypeError, "content=5: "),
+        (lambda c: c.complete([{"role": "user", "content": 5}]), TypeError, "messages[0].content=5: "),
         (lambda c: c.complete([{"role": "bot", "content": "hi"}]), ValueError, "unknown role 'bot'; use one of"),
         (lambda c: c.complete("hi"), TypeError, "messages: a list of messages, not str"),
         (lambda c: c.complete(["hi"]), TypeError, "a message is a pb.Message or a dict of its fields"),
@@ -328,15 +329,21 @@ _SECRET = "secret caf\udce9"
 @pytest.mark.parametrize(
     ("call", "says"),
     [
-        (lambda c: c.complete([{"role": "user", "content": _SECRET}]), f"content: {_LONE}"),
+        # Which of the messages and texts, by the gateway's path for it (as the Go SDK names it).
+        (lambda c: c.complete([*_HI, {"role": "user", "content": _SECRET}]), f"messages[1].content: {_LONE}"),
         (lambda c: c.complete(_HI, model=_SECRET), f"model: {_LONE}"),
-        (lambda c: c.stream(_HI, stop=_SECRET), f"stop: {_LONE}"),
-        (lambda c: c.embed(["hi", _SECRET]), f"inputs: {_LONE}"),
+        (lambda c: c.stream(_HI, stop=["ok", _SECRET]), f"stop[1]: {_LONE}"),
+        (lambda c: c.embed(["hi", "there", _SECRET]), f"inputs[2]: {_LONE}"),
         (lambda c: c.count_tokens(text=_SECRET), f"text: {_LONE}"),
         (lambda c: c.get_usage({"caller": _SECRET}), f"caller: {_LONE}"),
         (lambda c: message("user", cast(Any, b"secret caf\xe9")), "content: not valid UTF-8 text (bytes that are no"),
+        # A tool's and an answer format's: made apart from any request, named within their message.
+        (lambda c: tool("f", description=_SECRET), f"function.description: {_LONE}"),
+        (lambda c: json_schema("s", {}, description=_SECRET), f"json_schema.description: {_LONE}"),
     ],
-    ids=["content", "model", "stop", "embed-input", "count-text", "usage-caller", "content-bytes"],
+    ids=[
+        "content", "model", "stop", "embed-input", "count-text", "usage-caller", "content-bytes", "tool", "json-schema"
+    ],
 )  # fmt: skip
 def test_text_that_is_not_utf8_is_refused_by_name_before_any_call(
     client: Client, call: Callable[[Client], object], says: str
