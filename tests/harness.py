@@ -280,17 +280,28 @@ def config_extra(path: Path) -> str:
     return text
 
 
-async def _until_stopped(gateway: GatewayProcess) -> bool:
-    """Until stdin ends, SIGTERM or SIGINT comes (True), or the gateway exits by itself (False)."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+def _stop_on_signals() -> asyncio.Event:
+    """An event that SIGTERM and SIGINT set from now on: taken before the harness says where the gateway is, so that
+    a signal sent as soon as that line is read stops it as the first line's reader expects (SIGINT's default raised
+    KeyboardInterrupt in the harness)."""
+    loop, stop = asyncio.get_running_loop(), asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
+async def _until_stopped(gateway: GatewayProcess, stop: asyncio.Event) -> bool:
+    """Until stdin ends, `stop` is set (_stop_on_signals) (True), or the gateway exits by itself (False)."""
+    loop = asyncio.get_running_loop()
 
     # A daemon thread reads stdin: it works whatever stdin is (a pipe, a file, /dev/null), and it does not hold up
-    # the exit when a signal stops the harness first.
+    # the exit when a signal stops the harness first. By os.read, not sys.stdin's buffered reader: the thread would
+    # hold the reader's lock, and the exit after a signal then aborts taking it ("Fatal Python error:
+    # _enter_buffered_busy", status 134 for a Ctrl-C).
     def read_stdin() -> None:
-        sys.stdin.buffer.read()
+        with contextlib.suppress(OSError):  # no stdin at all (a closed descriptor): nothing to wait for
+            while os.read(0, 65536):
+                pass
         loop.call_soon_threadsafe(stop.set)
 
     threading.Thread(target=read_stdin, name="stdin", daemon=True).start()
@@ -359,8 +370,9 @@ async def run_command(args: argparse.Namespace) -> int:
                     **{name: str(clients[name]) if name in clients else None for name in CLIENT_FILES},
                     "gateway_pid": gateway.process.pid,
                 }
+                stop = _stop_on_signals()
                 print(json.dumps(where), flush=True)
-                if not await _until_stopped(gateway):
+                if not await _until_stopped(gateway, stop):
                     print(
                         f"harness: the gateway exited by itself (status {gateway.process.returncode})", file=sys.stderr
                     )

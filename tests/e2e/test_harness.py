@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from harness import CLIENT_FILES, FALLBACK_BACKEND, free_port
 from llmrelay import v1 as pb
 from support import chat
@@ -58,6 +60,27 @@ async def test_the_command_serves_a_gateway_until_its_stdin_ends() -> None:
             raise AssertionError("the gateway still answers after the harness stopped")
         except grpc.aio.AioRpcError as error:
             assert error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_stops_the_command_cleanly_while_its_stdin_is_open(signum: signal.Signals) -> None:
+    """As Ctrl-C stops it in a terminal: it aborted at its exit ("Fatal Python error: _enter_buffered_busy", status
+    -6), its thread reading stdin holding the reader's lock."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(HARNESS),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    async with asyncio.timeout(60):
+        assert await process.stdout.readline(), "the harness exited without saying where the gateway is"
+    process.send_signal(signum)
+    async with asyncio.timeout(30):
+        said = await process.stderr.read()
+        status = await process.wait()
+    assert status == 0 and b"Fatal Python error" not in said, said.decode(errors="replace")[-2000:]
 
 
 async def test_the_command_serves_tls_with_its_ca() -> None:
