@@ -423,12 +423,9 @@ class _Chain:
             why = "another call is probing it after repeated failures"
         else:
             why = f"its circuit is open for {wait_s:.1f} s more after repeated failures"
+        # No upstream status: none answered this call (the last failure's, in its words, is an earlier call's).
         skipped = UpstreamError(
-            UpstreamErrorKind.UNREACHABLE,
-            route.backend.name,
-            f"skipped: {why}{cause}",
-            status=last.status if last is not None else None,
-            retry_after_s=wait_s,
+            UpstreamErrorKind.UNREACHABLE, route.backend.name, f"skipped: {why}{cause}", retry_after_s=wait_s
         )
         if route.backend in self.failed:
             # This call's own failure opened it: listed, so that the attempts say why it was not retried, but no

@@ -1595,11 +1595,11 @@ async def test_an_open_circuit_says_when_to_come_back(stub_for: StubFactory, loc
         await stub.Complete(chat(), timeout=5)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     found = details(caught.value)
-    assert dict(found["ErrorInfo"].metadata) == {
-        "attempts": "ollama:skipped",
-        "backend": "ollama",
-        "upstream_status": "503",
-    }
+    # No upstream_status: no upstream answered this call (an earlier call's 503 read as this one's, a dashboard
+    # counted an upstream failure that never happened). The earlier failure is in the words.
+    assert dict(found["ErrorInfo"].metadata) == {"attempts": "ollama:skipped", "backend": "ollama"}
+    assert [a.HasField("upstream_status") for a in found["AttemptHistory"].attempts] == [False]
+    assert "last failure: " in str(caught.value.details()) and "503" in str(caught.value.details())
     assert 29 <= found["RetryInfo"].retry_delay.seconds <= 30, "the cool-down left, not a guess"
     assert len(local.chat_requests) == 1
 
