@@ -676,6 +676,24 @@ async def test_a_whole_answer_to_a_stream_bills_the_prompt_the_api_reported_as_c
     assert (record.requests, record.prompt_tokens) == (2, 2 * 25000)
 
 
+async def test_an_error_event_mid_stream_reports_no_upstream_status_as_none_was_sent(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
+) -> None:
+    """The stream's answer was a 200: an error event names only its type. It was reported as the status its type
+    comes with (429 for rate_limit_error), which no upstream sent, where the OpenAI-compatible path reports none."""
+    claude.inject({"error_event_after": 3, "error_type": "rate_limit_error"})
+    with pytest.raises(grpc.aio.AioRpcError) as cut:
+        await streamed(stub, stream_chat("one two three four five six"))
+    assert cut.value.code() == grpc.StatusCode.ABORTED
+    found = details(cut.value)
+    assert (found["ErrorInfo"].reason, dict(found["ErrorInfo"].metadata)) == (
+        "STREAM_INTERRUPTED",
+        {"backend": "anthropic", "attempts": "anthropic:interrupted"},
+    )
+    [attempt] = found["AttemptHistory"].attempts
+    assert not attempt.HasField("upstream_status") and "rate_limit_error" in attempt.error
+
+
 async def test_a_cut_stream_bills_the_prompt_the_api_reported_with_its_cache(
     stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic
 ) -> None:

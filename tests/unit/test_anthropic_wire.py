@@ -491,7 +491,7 @@ def test_finish_reasons(reason: str | None, finish: FinishReason) -> None:
     [
         (
             {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
-            ErrorEvent("Overloaded", 529, "overloaded_error"),
+            ErrorEvent("Overloaded", None, "overloaded_error", 529),
         ),
         (
             {"type": "error", "error": {"type": "new_error"}},

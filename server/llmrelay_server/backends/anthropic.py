@@ -292,11 +292,11 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
 
     def _error_event(self, event: wire.ErrorEvent, said: str = "error event") -> UpstreamError:
         """An error event fails the stream (an overloaded_error is a 529 that came late); it is never an end."""
-        status = event.status
+        means = event.named_status  # the status its type comes with: what it means, not what was sent
         words = self._redact(event.message)
         message = f"{said} ({event.code or 'untyped'}): {words}"
-        kind = UpstreamErrorKind.SERVER_ERROR if status is None else _kind(status, event.code, None, event.message)
-        return UpstreamError(kind, self._spec.name, message, status=status, quoted=words)
+        kind = UpstreamErrorKind.SERVER_ERROR if means is None else _kind(means, event.code, None, event.message)
+        return UpstreamError(kind, self._spec.name, message, status=event.status, quoted=words)
 
 
 def _kind(status: int, error_type: str | None, error_code: str | None, message: str | None) -> UpstreamErrorKind:

@@ -484,8 +484,9 @@ def error_event(data: Any) -> ErrorEvent | None:
     message = error.get("message") if isinstance(error, dict) else None
     return ErrorEvent(
         message if isinstance(message, str) and message else "the upstream sent an error event",
-        named_status(kind),  # an error event inside a stream has only its type
+        None,  # the stream's answer was a 200: no status was sent, as the OpenAI-compatible path has it
         kind if isinstance(kind, str) else None,
+        named_status(kind),  # an error event inside a stream has only its type, which means one
     )
 
 
