@@ -1190,7 +1190,9 @@ async def test_a_prompt_counted_past_the_deadline_for_a_limit_ends_with_the_gate
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert details(caught.value)["ErrorInfo"].reason == "DEADLINE_EXCEEDED"
+        found = details(caught.value)
+        assert found["ErrorInfo"].reason == "DEADLINE_EXCEEDED"
+        assert "attempts" not in found["ErrorInfo"].metadata and "AttemptHistory" not in found, "no backend asked"
         assert "longer deadline" in (caught.value.details() or "")
         assert not primary.chat_requests and not local.chat_requests, "refused before any upstream is asked"
         assert (await stub.Complete(chat("and the next"), timeout=5)).message.content  # it goes on serving

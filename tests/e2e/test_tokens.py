@@ -320,7 +320,10 @@ async def test_a_count_longer_than_the_deadline_ends_with_the_gateways_status(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.CountTokens(pb.CountTokensRequest(model="gpt-4o", text=text), timeout=1)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert details(caught.value)["ErrorInfo"].reason == "DEADLINE_EXCEEDED"
+    found = details(caught.value)
+    assert found["ErrorInfo"].reason == "DEADLINE_EXCEEDED"
+    # No backend was asked: no attempts (an empty list of them, and an empty AttemptHistory, said a call was routed).
+    assert "attempts" not in found["ErrorInfo"].metadata and "AttemptHistory" not in found
     assert "longer deadline" in (caught.value.details() or "")
     count = await stub.CountTokens(pb.CountTokensRequest(model="gpt-4o", text="tiktoken is great!"), timeout=5)
     assert count.token_count == 6

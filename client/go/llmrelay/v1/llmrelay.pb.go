@@ -13,7 +13,8 @@
 //   DEADLINE_EXCEEDED. The policy the SDKs install
 //   (llmrelay_grpc_service_config.json) retries UNAVAILABLE only; a failed call, and a stream that failed before
 //   its first message, end with no response headers (trailers only), so the channel may replay them. A stream that
-//   has delivered a message is never replayed (and fails with ABORTED).
+//   has delivered a message is never replayed (and fails with ABORTED, or DEADLINE_EXCEEDED when the caller's
+//   deadline ended it).
 // - BadRequest for an invalid request (INVALID_REQUEST): one field violation per wrong field, the first 20 at most
 //   (fewer where their text is long: the trailer stays a few KiB); the status message says how many more there are.
 // - QuotaFailure for a caller's or the gateway's limit (the <LIMIT>_EXCEEDED reasons): whose limit, and which.
@@ -472,7 +473,8 @@ const (
 	InterruptPolicy_INTERRUPT_POLICY_ABORT InterruptPolicy = 1
 	// When time remains, run the request again on the next route (the same retry and fallback policy, within the
 	// same deadline), after one message whose `restart` is set: every delta after it replaces every delta before it.
-	// When no route is left or no time, the stream ends with ABORTED as under INTERRUPT_POLICY_ABORT.
+	// When no route is left, the stream ends with ABORTED as under INTERRUPT_POLICY_ABORT; when the caller's deadline
+	// ends it, under either policy, with DEADLINE_EXCEEDED.
 	InterruptPolicy_INTERRUPT_POLICY_RESTART InterruptPolicy = 2
 )
 
@@ -556,7 +558,8 @@ const (
 	// `attempts`; AttemptHistory.
 	ErrorReason_ERROR_REASON_UPSTREAM_REJECTED ErrorReason = 6
 	// DEADLINE_EXCEEDED, routed: the caller's deadline ran out before an answer was complete (the gateway answers a
-	// little before it, so that this status, with the attempts, arrives); metadata `attempts`; AttemptHistory.
+	// little before it, so that this status, with the attempts, arrives); metadata `attempts`; AttemptHistory. When
+	// it ran out before any backend was asked (counting a prompt of megabytes, for CountTokens or a limit), neither.
 	ErrorReason_ERROR_REASON_DEADLINE_EXCEEDED ErrorReason = 7
 	// UNAVAILABLE, routed: every backend tried answered with something that is not a valid completion; metadata
 	// `backend`, `upstream_status` (when it had one), `attempts`; AttemptHistory. No RetryInfo: the same request is
@@ -2621,7 +2624,8 @@ type StreamCompleteResponse struct {
 	Backend string `protobuf:"bytes,2,opt,name=backend,proto3" json:"backend,omitempty"`
 	// The upstream model that answers, the same in every message of the stream (since the last restart).
 	Model string `protobuf:"bytes,3,opt,name=model,proto3" json:"model,omitempty"`
-	// A piece of the message; empty in the last message.
+	// A piece of the message; in the last message, only the reasoning signature, when the upstream signs the reasoning
+	// (else empty).
 	Delta *MessageDelta `protobuf:"bytes,4,opt,name=delta,proto3" json:"delta,omitempty"`
 	// Why the model stopped; set only in the last message.
 	FinishReason FinishReason `protobuf:"varint,5,opt,name=finish_reason,json=finishReason,proto3,enum=llmrelay.v1.FinishReason" json:"finish_reason,omitempty"`

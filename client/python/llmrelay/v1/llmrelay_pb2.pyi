@@ -16,7 +16,8 @@ google.rpc.Status (AIP-193, in the `grpc-status-details-bin` trailer; grpcio-sta
   DEADLINE_EXCEEDED. The policy the SDKs install
   (llmrelay_grpc_service_config.json) retries UNAVAILABLE only; a failed call, and a stream that failed before
   its first message, end with no response headers (trailers only), so the channel may replay them. A stream that
-  has delivered a message is never replayed (and fails with ABORTED).
+  has delivered a message is never replayed (and fails with ABORTED, or DEADLINE_EXCEEDED when the caller's
+  deadline ended it).
 - BadRequest for an invalid request (INVALID_REQUEST): one field violation per wrong field, the first 20 at most
   (fewer where their text is long: the trailer stays a few KiB); the status message says how many more there are.
 - QuotaFailure for a caller's or the gateway's limit (the <LIMIT>_EXCEEDED reasons): whose limit, and which.
@@ -330,7 +331,8 @@ class _InterruptPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Inter
     INTERRUPT_POLICY_RESTART: _InterruptPolicy.ValueType  # 2
     """When time remains, run the request again on the next route (the same retry and fallback policy, within the
     same deadline), after one message whose `restart` is set: every delta after it replaces every delta before it.
-    When no route is left or no time, the stream ends with ABORTED as under INTERRUPT_POLICY_ABORT.
+    When no route is left, the stream ends with ABORTED as under INTERRUPT_POLICY_ABORT; when the caller's deadline
+    ends it, under either policy, with DEADLINE_EXCEEDED.
     """
 
 class InterruptPolicy(_InterruptPolicy, metaclass=_InterruptPolicyEnumTypeWrapper):
@@ -343,7 +345,8 @@ INTERRUPT_POLICY_ABORT: InterruptPolicy.ValueType  # 1
 INTERRUPT_POLICY_RESTART: InterruptPolicy.ValueType  # 2
 """When time remains, run the request again on the next route (the same retry and fallback policy, within the
 same deadline), after one message whose `restart` is set: every delta after it replaces every delta before it.
-When no route is left or no time, the stream ends with ABORTED as under INTERRUPT_POLICY_ABORT.
+When no route is left, the stream ends with ABORTED as under INTERRUPT_POLICY_ABORT; when the caller's deadline
+ends it, under either policy, with DEADLINE_EXCEEDED.
 """
 Global___InterruptPolicy: _TypeAlias = InterruptPolicy  # noqa: Y015
 
@@ -390,7 +393,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 7
     """DEADLINE_EXCEEDED, routed: the caller's deadline ran out before an answer was complete (the gateway answers a
-    little before it, so that this status, with the attempts, arrives); metadata `attempts`; AttemptHistory.
+    little before it, so that this status, with the attempts, arrives); metadata `attempts`; AttemptHistory. When
+    it ran out before any backend was asked (counting a prompt of megabytes, for CountTokens or a limit), neither.
     """
     ERROR_REASON_UPSTREAM_BAD_RESPONSE: _ErrorReason.ValueType  # 8
     """UNAVAILABLE, routed: every backend tried answered with something that is not a valid completion; metadata
@@ -515,7 +519,8 @@ upstream_status, and the attempts' errors say what could not be sent); metadata 
 """
 ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 7
 """DEADLINE_EXCEEDED, routed: the caller's deadline ran out before an answer was complete (the gateway answers a
-little before it, so that this status, with the attempts, arrives); metadata `attempts`; AttemptHistory.
+little before it, so that this status, with the attempts, arrives); metadata `attempts`; AttemptHistory. When
+it ran out before any backend was asked (counting a prompt of megabytes, for CountTokens or a limit), neither.
 """
 ERROR_REASON_UPSTREAM_BAD_RESPONSE: ErrorReason.ValueType  # 8
 """UNAVAILABLE, routed: every backend tried answered with something that is not a valid completion; metadata
@@ -1665,7 +1670,9 @@ class StreamCompleteResponse(_message.Message):
     """Why the model stopped; set only in the last message."""
     @_builtins.property
     def delta(self) -> Global___MessageDelta:
-        """A piece of the message; empty in the last message."""
+        """A piece of the message; in the last message, only the reasoning signature, when the upstream signs the reasoning
+        (else empty).
+        """
 
     @_builtins.property
     def usage(self) -> Global___Usage:

@@ -16,7 +16,8 @@ google.rpc.Status (AIP-193, in the `grpc-status-details-bin` trailer; grpcio-sta
   DEADLINE_EXCEEDED. The policy the SDKs install
   (llmrelay_grpc_service_config.json) retries UNAVAILABLE only; a failed call, and a stream that failed before
   its first message, end with no response headers (trailers only), so the channel may replay them. A stream that
-  has delivered a message is never replayed (and fails with ABORTED).
+  has delivered a message is never replayed (and fails with ABORTED, or DEADLINE_EXCEEDED when the caller's
+  deadline ended it).
 - BadRequest for an invalid request (INVALID_REQUEST): one field violation per wrong field, the first 20 at most
   (fewer where their text is long: the trailer stays a few KiB); the status message says how many more there are.
 - QuotaFailure for a caller's or the gateway's limit (the <LIMIT>_EXCEEDED reasons): whose limit, and which.

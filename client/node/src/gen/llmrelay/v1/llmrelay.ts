@@ -44,7 +44,8 @@ export const protobufFileName = "llmrelay/v1/llmrelay.proto";
  *   DEADLINE_EXCEEDED. The policy the SDKs install
  *   (llmrelay_grpc_service_config.json) retries UNAVAILABLE only; a failed call, and a stream that failed before
  *   its first message, end with no response headers (trailers only), so the channel may replay them. A stream that
- *   has delivered a message is never replayed (and fails with ABORTED).
+ *   has delivered a message is never replayed (and fails with ABORTED, or DEADLINE_EXCEEDED when the caller's
+ *   deadline ended it).
  * - BadRequest for an invalid request (INVALID_REQUEST): one field violation per wrong field, the first 20 at most
  *   (fewer where their text is long: the trailer stays a few KiB); the status message says how many more there are.
  * - QuotaFailure for a caller's or the gateway's limit (the <LIMIT>_EXCEEDED reasons): whose limit, and which.
@@ -492,7 +493,8 @@ export enum InterruptPolicy {
   /**
    * INTERRUPT_POLICY_RESTART - When time remains, run the request again on the next route (the same retry and fallback policy, within the
    * same deadline), after one message whose `restart` is set: every delta after it replaces every delta before it.
-   * When no route is left or no time, the stream ends with ABORTED as under INTERRUPT_POLICY_ABORT.
+   * When no route is left, the stream ends with ABORTED as under INTERRUPT_POLICY_ABORT; when the caller's deadline
+   * ends it, under either policy, with DEADLINE_EXCEEDED.
    */
   INTERRUPT_POLICY_RESTART = 2,
   UNRECOGNIZED = -1,
@@ -580,7 +582,8 @@ export enum ErrorReason {
   ERROR_REASON_UPSTREAM_REJECTED = 6,
   /**
    * ERROR_REASON_DEADLINE_EXCEEDED - DEADLINE_EXCEEDED, routed: the caller's deadline ran out before an answer was complete (the gateway answers a
-   * little before it, so that this status, with the attempts, arrives); metadata `attempts`; AttemptHistory.
+   * little before it, so that this status, with the attempts, arrives); metadata `attempts`; AttemptHistory. When
+   * it ran out before any backend was asked (counting a prompt of megabytes, for CountTokens or a limit), neither.
    */
   ERROR_REASON_DEADLINE_EXCEEDED = 7,
   /**
@@ -1389,7 +1392,10 @@ export interface StreamCompleteResponse {
   backend: string;
   /** The upstream model that answers, the same in every message of the stream (since the last restart). */
   model: string;
-  /** A piece of the message; empty in the last message. */
+  /**
+   * A piece of the message; in the last message, only the reasoning signature, when the upstream signs the reasoning
+   * (else empty).
+   */
   delta:
     | MessageDelta
     | undefined;
