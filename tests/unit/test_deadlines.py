@@ -46,12 +46,11 @@ def test_each_wait_ends_at_its_own_deadline_in_any_order(run: Callable[[Coroutin
     async def body() -> None:
         loop, deadlines, rng = asyncio.get_running_loop(), Deadlines(), random.Random(7)
         now = loop.time()
-        # 60 waits at once, their deadlines 100-500 ms away in shuffled order: half sleep past theirs, half end in
-        # half their time (50 ms or more to spare: a busy machine runs the loop late).
-        waits = [(now + rng.uniform(0.1, 0.5), i % 2 == 0) for i in range(60)]
-        ended = await asyncio.gather(
-            *(_wait(deadlines, deadline, 10 if late else (deadline - now) / 2) for deadline, late in waits)
-        )
+        # 60 waits at once, their deadlines 0.5-1.5 s away in shuffled order: half sleep past theirs, half end at
+        # once (half a second or more to spare: a busy machine runs the loop late, and a wait whose sleep ended just
+        # before its deadline may not have run again when the timer fires).
+        waits = [(now + rng.uniform(0.5, 1.5), i % 2 == 0) for i in range(60)]
+        ended = await asyncio.gather(*(_wait(deadlines, deadline, 10 if late else 0.01) for deadline, late in waits))
         for (deadline, late), timed_out_at in zip(waits, ended, strict=True):
             if late:
                 assert timed_out_at is not None and deadline - EARLY_S <= timed_out_at < deadline + 1
@@ -70,7 +69,7 @@ def test_waits_that_ended_in_time_leave_the_next_ones_their_whole_time(
         loop, deadlines = asyncio.get_running_loop(), Deadlines()
         for _ in range(100):
             assert await _wait(deadlines, loop.time() + 0.05, 0) is None
-        assert await _wait(deadlines, loop.time() + 0.3, 0.15) is None  # past the first timer's time, within its own
+        assert await _wait(deadlines, loop.time() + 2, 0.15) is None  # past the first timer's time, within its own
         started = loop.time()
         timed_out_at = await _wait(deadlines, started + 0.1, 10)
         assert timed_out_at is not None and 0.1 - EARLY_S <= timed_out_at - started < 1
@@ -103,7 +102,7 @@ def test_a_cancellation_from_outside_stays_a_cancellation(run: Callable[[Corouti
         with pytest.raises(asyncio.CancelledError):
             await task
         # Its deadline passes with nothing left to end: the next wait is untouched.
-        assert await _wait(deadlines, loop.time() + 0.2, 0.1) is None
+        assert await _wait(deadlines, loop.time() + 2, 0.1) is None
 
     run(body())
 
@@ -124,9 +123,10 @@ def test_what_a_wait_makes_ready_ahead_is_made_once_and_only_while_it_waits(
             with contextlib.suppress(TimeoutError), deadlines.within(loop, now + deadline_s, ahead):
                 await asyncio.sleep(sleep_s)
 
-        await asyncio.gather(waiting("long", 0.05, 0.2, 1.0), waiting("over", 0.15, 0.3, 0.05))
+        # The "over" wait ends 0.45 s before its ahead time: room for a busy machine to run the loop late.
+        await asyncio.gather(waiting("long", 0.05, 0.2, 3.0), waiting("over", 0.5, 0.8, 0.05))
         assert [name for name, _ in called] == ["long"]
         assert called[0][1] >= now + 0.05 - EARLY_S
-        assert loop.time() < now + 0.9, "the long wait still ended at its deadline"
+        assert loop.time() < now + 2.5, "the long wait still ended at its deadline, not its sleep's end"
 
     run(body())

@@ -239,7 +239,8 @@ describe("llmrelay gateway, from TypeScript", { concurrency: false }, () => {
     let closedAt = Date.now();
     streaming.close();
     await mustFail(chunks.next(), status.CANCELLED);
-    assert.ok(Date.now() - closedAt < 500, `the stream ran on ${Date.now() - closedAt} ms after close()`);
+    // Under 2 s of the 8 the stream would take: room for a busy machine, and still "at once".
+    assert.ok(Date.now() - closedAt < 2_000, `the stream ran on ${Date.now() - closedAt} ms after close()`);
 
     const calling = connect();
     const requestsBefore = await upstream.requestCount();
@@ -250,7 +251,7 @@ describe("llmrelay gateway, from TypeScript", { concurrency: false }, () => {
     closedAt = Date.now();
     calling.close();
     await mustFail(answer, status.CANCELLED);
-    assert.ok(Date.now() - closedAt < 500, `the call ran on ${Date.now() - closedAt} ms after close()`);
+    assert.ok(Date.now() - closedAt < 2_000, `the call ran on ${Date.now() - closedAt} ms after close()`);
   });
 
   test("a call after close() fails CANCELLED, saying so, as in the Python SDK", async () => {
