@@ -19,14 +19,16 @@ from support import chat
 HARNESS = Path(__file__).resolve().parent.parent / "harness.py"
 
 
-async def start(*flags: str) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
+async def start(
+    *flags: str, stderr: int = asyncio.subprocess.DEVNULL
+) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         str(HARNESS),
         *flags,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=stderr,
     )
     assert process.stdout is not None
     async with asyncio.timeout(60):
@@ -66,16 +68,8 @@ async def test_the_command_serves_a_gateway_until_its_stdin_ends() -> None:
 async def test_a_signal_stops_the_command_cleanly_while_its_stdin_is_open(signum: signal.Signals) -> None:
     """As Ctrl-C stops it in a terminal: it aborted at its exit ("Fatal Python error: _enter_buffered_busy", status
     -6), its thread reading stdin holding the reader's lock."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(HARNESS),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stdout is not None and process.stderr is not None
-    async with asyncio.timeout(60):
-        assert await process.stdout.readline(), "the harness exited without saying where the gateway is"
+    process, _ = await start(stderr=asyncio.subprocess.PIPE)
+    assert process.stderr is not None
     process.send_signal(signum)
     async with asyncio.timeout(30):
         said = await process.stderr.read()
