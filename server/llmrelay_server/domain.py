@@ -875,6 +875,12 @@ class AllBackendsFailedError(_AttemptsError):
 class DeadlineExceededError(_AttemptsError):
     """The caller's deadline ran out before an answer was complete."""
 
+    def __init__(self, message: str, attempts: Sequence[Attempt], *, routed: bool = True) -> None:
+        super().__init__(message, attempts)
+        self.routed = routed
+        """False where it ran out before the call could be routed (counting a prompt of megabytes): its status then
+        tells no attempts, as no backend was asked."""
+
 
 class StreamInterruptedError(_AttemptsError):
     """A stream broke after its first chunk reached the caller, and no restart could finish it."""

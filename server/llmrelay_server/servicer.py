@@ -368,6 +368,7 @@ class LLMServicer(pb.LLMServiceServicer):
             f"the call ran past router.request_timeout_s ({self._router.request_timeout_s:g} s), the bound of a call"
             f" whose caller sets no deadline; set a deadline to allow longer ({error})",
             error.attempts,
+            routed=error.routed,
         )
         bounded.__cause__ = error.__cause__
         return bounded

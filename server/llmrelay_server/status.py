@@ -258,7 +258,7 @@ def _fit_history(history: pb.AttemptHistory, room_bytes: int) -> bool:
 
 def _routed_attempts(error: LLMRelayError) -> Sequence[Attempt] | None:
     """The attempts of a call that reached the router and ended with this error; None for any other error."""
-    if isinstance(error, DeadlineExceededError) and not error.attempts:
+    if isinstance(error, DeadlineExceededError) and not error.routed:
         return None  # it ran out before any backend was asked (counting a prompt of megabytes): it reached none
     routed = AllBackendsFailedError | DeadlineExceededError | StreamInterruptedError | UpstreamError
     return error.attempts if isinstance(error, routed) else None

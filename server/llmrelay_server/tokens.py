@@ -865,7 +865,8 @@ class TokenCounter:
                 return await self._counted_in_thread(count)
         except TimeoutError:
             remedy = "a text of megabytes takes a while to count: give the call a longer deadline"
-            raise DeadlineExceededError(f"the deadline ran out before the tokens were counted; {remedy}", ()) from None
+            said = f"the deadline ran out before the tokens were counted; {remedy}"
+            raise DeadlineExceededError(said, (), routed=False) from None
 
     async def _counted_in_thread(self, count: Callable[[], TokenCount]) -> TokenCount:
         await self._slots.acquire()

@@ -208,8 +208,9 @@ def attempt(backend: str, outcome: AttemptOutcome, status_code: int | None = Non
             {"attempts": "openai:timeout,ollama:skipped"},
             None,
         ),
+        (DeadlineExceededError("late", []), C.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", {"attempts": ""}, None),
         # before any backend was asked (a count of megabytes): no attempts to tell
-        (DeadlineExceededError("late", []), C.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", {}, None),
+        (DeadlineExceededError("late", [], routed=False), C.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", {}, None),
         # every backend down or broken, for different reasons
         (
             exhausted(
