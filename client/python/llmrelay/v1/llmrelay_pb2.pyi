@@ -331,8 +331,8 @@ class _InterruptPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Inter
     INTERRUPT_POLICY_RESTART: _InterruptPolicy.ValueType  # 2
     """When time remains, run the request again on the next route (the same retry and fallback policy, within the
     same deadline), after one message whose `restart` is set: every delta after it replaces every delta before it.
-    When no route is left, the stream ends with ABORTED as under INTERRUPT_POLICY_ABORT; when the caller's deadline
-    ends it, under either policy, with DEADLINE_EXCEEDED.
+    When no route is left, or less time than the broken attempt took, the stream ends with ABORTED as under
+    INTERRUPT_POLICY_ABORT; when the caller's deadline ends it, under either policy, with DEADLINE_EXCEEDED.
     """
 
 class InterruptPolicy(_InterruptPolicy, metaclass=_InterruptPolicyEnumTypeWrapper):
@@ -345,8 +345,8 @@ INTERRUPT_POLICY_ABORT: InterruptPolicy.ValueType  # 1
 INTERRUPT_POLICY_RESTART: InterruptPolicy.ValueType  # 2
 """When time remains, run the request again on the next route (the same retry and fallback policy, within the
 same deadline), after one message whose `restart` is set: every delta after it replaces every delta before it.
-When no route is left, the stream ends with ABORTED as under INTERRUPT_POLICY_ABORT; when the caller's deadline
-ends it, under either policy, with DEADLINE_EXCEEDED.
+When no route is left, or less time than the broken attempt took, the stream ends with ABORTED as under
+INTERRUPT_POLICY_ABORT; when the caller's deadline ends it, under either policy, with DEADLINE_EXCEEDED.
 """
 Global___InterruptPolicy: _TypeAlias = InterruptPolicy  # noqa: Y015
 

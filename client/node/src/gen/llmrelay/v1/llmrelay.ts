@@ -493,8 +493,8 @@ export enum InterruptPolicy {
   /**
    * INTERRUPT_POLICY_RESTART - When time remains, run the request again on the next route (the same retry and fallback policy, within the
    * same deadline), after one message whose `restart` is set: every delta after it replaces every delta before it.
-   * When no route is left, the stream ends with ABORTED as under INTERRUPT_POLICY_ABORT; when the caller's deadline
-   * ends it, under either policy, with DEADLINE_EXCEEDED.
+   * When no route is left, or less time than the broken attempt took, the stream ends with ABORTED as under
+   * INTERRUPT_POLICY_ABORT; when the caller's deadline ends it, under either policy, with DEADLINE_EXCEEDED.
    */
   INTERRUPT_POLICY_RESTART = 2,
   UNRECOGNIZED = -1,
