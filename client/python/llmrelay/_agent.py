@@ -932,7 +932,7 @@ class Conversation:
 
     def add(self, *messages: MessageLike) -> None:
         """Appends messages: pb.Message, or dicts of their fields ({"role": "user", "content": "Hi"})."""
-        self.messages.extend(as_messages(messages))
+        self.messages.extend(as_messages(messages, len(self.messages)))
 
     def add_answer(self, response: pb.CompleteResponse) -> None:
         """Appends the assistant message of an answer (Complete's or collect's)."""

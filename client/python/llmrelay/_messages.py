@@ -27,10 +27,12 @@ def _message(where: str, /, role: str, content: str, **fields: Any) -> pb.Messag
     return built(pb.Message, {"role": named("role", _ROLES, role), "content": content, **fields}, where)
 
 
-def as_messages(messages: Iterable[MessageLike]) -> list[pb.Message]:
+def as_messages(messages: Iterable[MessageLike], start: int = 0) -> list[pb.Message]:
+    """The messages as pb.Message; a field refused is named by its message's place, counted from `start` (where they
+    go after others: Conversation.add)."""
     if isinstance(messages, str | bytes):  # else each of its characters would be taken for a message
         raise TypeError(f"messages: a list of messages, not {type(messages).__name__}: [message('user', text)]")
-    return [_as_message(m, f"messages[{i}].") for i, m in enumerate(messages)]
+    return [_as_message(m, f"messages[{i}].") for i, m in enumerate(messages, start)]
 
 
 def _as_message(value: MessageLike, where: str) -> pb.Message:

@@ -119,15 +119,15 @@ def _which_text(value: object) -> str:
     """ "[i]" for the first text of a list that UTF-8 cannot hold; "" for a value that is no list of texts."""
     if isinstance(value, list | tuple):
         for i, item in enumerate(value):
-            if isinstance(item, str) and not _is_utf8(item):
+            if isinstance(item, str | bytes) and not _is_utf8(item):
                 return f"[{i}]"
     return ""
 
 
-def _is_utf8(text: str) -> bool:
+def _is_utf8(text: str | bytes) -> bool:
     try:
-        text.encode()
-    except UnicodeEncodeError:
+        text.encode() if isinstance(text, str) else text.decode()
+    except UnicodeError:
         return False
     return True
 
@@ -154,7 +154,7 @@ def completion_options(options: CompletionOptions) -> pb.CompletionOptions | Non
     if isinstance(fields.get("stop"), str):  # one sequence, not one per character
         fields["stop"] = [fields["stop"]]
     if "tools" in fields:
-        fields["tools"] = [_text_tool(t) if isinstance(t, Mapping) else t for t in fields["tools"]]
+        fields["tools"] = [_text_tool(t, i) if isinstance(t, Mapping) else t for i, t in enumerate(fields["tools"])]
     if "response_format" in fields:
         fields["response_format"] = response_format_message(fields["response_format"])
     if isinstance(choice := fields.get("tool_choice"), str):
@@ -175,11 +175,11 @@ def json_text(schema: Mapping[str, Any] | str) -> str:
     return schema if isinstance(schema, str) else json.dumps(schema)
 
 
-def _text_tool(value: Mapping[str, Any]) -> pb.Tool:
+def _text_tool(value: Mapping[str, Any], index: int) -> pb.Tool:
     function = dict(value.get("function") or {})
     if isinstance(function.get("parameters"), Mapping | str):  # as tool() takes them: a dict, or JSON text
         function["parameters_json"] = json_text(function.pop("parameters"))
-    return pb.Tool(function=built(pb.FunctionDefinition, function))
+    return pb.Tool(function=built(pb.FunctionDefinition, function, f"tools[{index}].function."))
 
 
 def response_format_message(value: ResponseFormatLike) -> pb.ResponseFormat:
@@ -196,4 +196,4 @@ def _text_response_format(value: Mapping[str, Any]) -> pb.ResponseFormat:
     if isinstance(schema.get("schema"), Mapping | str):  # as json_schema() takes it: a dict, or JSON text
         schema["schema_json"] = json_text(schema.pop("schema"))
         fields["json_schema"] = schema
-    return built(pb.ResponseFormat, fields)
+    return built(pb.ResponseFormat, fields, "response_format.")

@@ -186,9 +186,9 @@ def test_schemas_in_option_dicts_may_be_json_text(client: Client, gateway: FakeG
     assert options.tools[0].function.parameters_json == text, "sent as written"
     assert options.response_format.json_schema.schema_json == text
     # Anything else is refused naming its field, before any call.
-    with pytest.raises(TypeError, match=r"^parameters=5: a schema must be a dict, or JSON text$"):
-        client.complete([message("user", "hi")], tools=[{"function": {"name": "weather", "parameters": 5}}])
-    with pytest.raises(TypeError, match=r"^json_schema=.*: a schema must be a dict, or JSON text$"):
+    with pytest.raises(TypeError, match=r"^tools\[1\].function.parameters=5: a schema must be a dict, or JSON text$"):
+        client.complete([message("user", "hi")], tools=[tool("f"), {"function": {"name": "weather", "parameters": 5}}])
+    with pytest.raises(TypeError, match=r"^response_format.json_schema=.*: a schema must be a dict, or JSON text$"):
         client.complete([message("user", "hi")], response_format={"json_schema": {"name": "out", "schema": [1]}})
 
 
@@ -337,12 +337,19 @@ _SECRET = "secret caf\udce9"
         (lambda c: c.count_tokens(text=_SECRET), f"text: {_LONE}"),
         (lambda c: c.get_usage({"caller": _SECRET}), f"caller: {_LONE}"),
         (lambda c: message("user", cast(Any, b"secret caf\xe9")), "content: not valid UTF-8 text (bytes that are no"),
-        # A tool's and an answer format's: made apart from any request, named within their message.
+        (lambda c: c.embed([b"hi", _SECRET.encode(errors="surrogateescape")]), "inputs[1]: not valid UTF-8 text"),
+        # A tool's and an answer format's: made apart from any request, named within their message; or given as
+        # dicts in the options, named by their place there.
         (lambda c: tool("f", description=_SECRET), f"function.description: {_LONE}"),
+        (
+            lambda c: c.complete(_HI, tools=[tool("f"), {"function": {"name": "g", "description": _SECRET}}]),
+            f"tools[1].function.description: {_LONE}",
+        ),
         (lambda c: json_schema("s", {}, description=_SECRET), f"json_schema.description: {_LONE}"),
     ],
     ids=[
-        "content", "model", "stop", "embed-input", "count-text", "usage-caller", "content-bytes", "tool", "json-schema"
+        "content", "model", "stop", "embed-input", "count-text", "usage-caller", "content-bytes", "embed-input-bytes",
+        "tool", "tool-in-options", "json-schema",
     ],
 )  # fmt: skip
 def test_text_that_is_not_utf8_is_refused_by_name_before_any_call(

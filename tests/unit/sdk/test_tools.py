@@ -499,6 +499,13 @@ def test_a_budget_below_0_is_refused(budget: int) -> None:
         Conversation([message("user", "hi")], budget_tokens=budget)
 
 
+def test_a_message_added_that_is_refused_is_named_by_its_place_in_the_conversation() -> None:
+    conversation = Conversation([message("system", "s"), message("user", "hi")])
+    with pytest.raises(TypeError, match=r"^messages\[3\]\.content=5: "):
+        conversation.add({"role": "assistant", "content": "ok"}, {"role": "user", "content": 5})
+    assert len(conversation.messages) == 2, "none of them added"
+
+
 def test_turns_keep_tool_calls_with_their_results() -> None:
     assistant_calls = pb.Message(
         role=pb.ROLE_ASSISTANT, tool_calls=[pb.ToolCall(id="a", function=pb.FunctionCall(name="f"))]
