@@ -186,7 +186,8 @@ class ServerConfig:
     usage_journal_dir: str | None = None
     """Where each process journals its usage records on disk until the ledger has them (a process killed, a database
     down); unset: beside a SQLite file (FILE.journal), or ./llmrelay-usage-HASH.journal for PostgreSQL (HASH: of the
-    URL without its password, one directory for each database)."""
+    database the URL reaches, user@host:port/dbname, libpq's PG* variables filling in what it leaves out: one
+    directory for each database)."""
     usage_journal_max_bytes: int = 256 * 1024 * 1024
     """The most one process's journal holds while the database is down; past it, records are dropped and counted."""
     usage_by_minute_days: int | None = 31

@@ -456,6 +456,28 @@ def test_the_default_journal_of_a_postgresql_ledger_is_its_databases_own() -> No
     assert default_journal_dir(":memory:") is None
 
 
+def test_the_default_journal_of_a_postgresql_ledger_follows_the_database_the_environment_picks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """libpq's PG* variables fill in what a URL leaves out: two gateways started in one directory with one URL and two
+    PGDATABASEs write to two databases, and shared one journal (the URL's alone), each claiming the other's
+    records."""
+    for name in ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGSERVICE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PGDATABASE", "ledger_a")
+    a = default_journal_dir("postgresql://app@db")
+    assert a == default_journal_dir("postgresql://app@db:5432/ledger_a"), "the URL's own, where it names them"
+    monkeypatch.setenv("PGDATABASE", "ledger_b")
+    assert default_journal_dir("postgresql://app@db") == default_journal_dir("postgresql://app@db/ledger_b") != a
+    monkeypatch.setenv("PGHOST", "other-db")
+    monkeypatch.setenv("PGPORT", "6543")
+    monkeypatch.setenv("PGUSER", "ops")
+    assert default_journal_dir("postgresql:///ledger_b") == default_journal_dir(
+        "postgresql://ops@other-db:6543/ledger_b"
+    )
+    assert default_journal_dir("postgresql://app@db/ledger_b") != default_journal_dir("postgresql:///ledger_b")
+
+
 async def test_a_query_while_the_database_is_down_is_refused_without_reading_the_journal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -56,7 +56,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 from llmrelay_server.config import ServerConfig, is_postgresql
 from llmrelay_server.domain import (
@@ -133,19 +132,30 @@ def default_journal_dir(usage_db: str) -> Path | None:
 
 
 def _database_of(url: str) -> str:
-    """Which database a PostgreSQL URL names, however it is spelled (its options, the default port, a password, the
-    case of the host): user@host:port/dbname, from the URL's parts or its query's parameters, which win."""
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
+    """Which database a PostgreSQL URL reaches, however it is spelled (its options, the default port, a password, the
+    case of the host): user@host:port/dbname as libpq resolves them, from the URL's parts or its query's parameters,
+    else the PG* variables (PGHOST, PGPORT, PGUSER, PGDATABASE, PGSERVICE), else libpq's defaults. The URL alone
+    would name one directory for gateways that the environment sends to two databases."""
+    import psycopg  # only where PostgreSQL is configured
+    from psycopg.conninfo import conninfo_to_dict
+
     try:
-        port = str(parts.port or 5432)
-    except ValueError:  # not a number: the store says so when it connects
-        port = parts.netloc.rpartition(":")[2]
-    user = query.get("user", unquote(parts.username or ""))
-    # Decoded as libpq decodes it: a Unix socket's directory written in the host (%2Frun%2Fpostgresql) is the
-    # `?host=/run/postgresql` of another spelling.
-    host = query.get("host", unquote(parts.hostname or "").lower())
-    return f"{user}@{host}:{query.get('port', port)}/{query.get('dbname', unquote(parts.path.lstrip('/')))}"
+        given = conninfo_to_dict(url)
+    except psycopg.Error:  # a URL libpq cannot read (the configuration's checks refuse them): its own text, then
+        return url
+    defaults = {option.keyword.decode(): option.val for option in psycopg.pq.Conninfo.get_defaults()}
+
+    def resolved(key: str) -> str:
+        value = given.get(key)
+        if value is None and (default := defaults.get(key)) is not None:
+            value = default.decode()
+        return str(value or "")
+
+    user, host, port, service = resolved("user"), resolved("host"), resolved("port") or "5432", resolved("service")
+    # A host name in any case is one host; a Unix socket's directory (/run/postgresql) is a path.
+    host = host if host.startswith("/") else host.lower()
+    dbname = resolved("dbname") or user  # libpq's default database is the user's name
+    return f"{user}@{host}:{port}/{dbname}" + (f"?service={service}" if service else "")
 
 
 def _warn_of_a_legacy_journal(directory: Path | None) -> None:
