@@ -338,7 +338,9 @@ class Backoff:
         """The wait before retry number `retry` (0-based); None when the upstream asks for longer than we honour."""
         if retry_after_s is not None:
             return retry_after_s if retry_after_s <= self.config.max_retry_after_s else None
-        cap = min(self.config.max_backoff_s, self.config.initial_backoff_s * 2**retry)
+        # The doubling stops at 2**1000, long past any max_backoff_s (a day at most): 2**1024 is past a float, and a
+        # max_retries meant as "until the deadline" failed its 1025th retry INTERNAL.
+        cap = min(self.config.max_backoff_s, self.config.initial_backoff_s * 2 ** min(retry, 1000))
         return float(self.rng() * cap)
 
 

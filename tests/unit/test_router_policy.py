@@ -83,6 +83,13 @@ def test_backoff_jitter_stays_below_the_cap() -> None:
     assert 0.0 <= delay < 0.2
 
 
+@pytest.mark.parametrize("retry", [1023, 1024, 5000, 10**9])
+def test_backoff_of_a_retry_past_a_floats_doubling_is_the_cap(retry: int) -> None:
+    """A max_retries meant as "until the deadline": the 1025th retry's wait (2**1024, past a float) raised
+    OverflowError, and the call failed INTERNAL."""
+    assert Backoff(RETRY, lambda: 1.0).delay_s(retry, None) == RETRY.max_backoff_s
+
+
 def test_backoff_uses_the_configured_numbers() -> None:
     config = RetryConfig(initial_backoff_s=1.0, max_backoff_s=5.0, max_retry_after_s=2.0)
     backoff = Backoff(config, lambda: 1.0)
