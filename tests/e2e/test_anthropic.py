@@ -318,12 +318,16 @@ async def test_a_streamed_call_has_its_start_input_once_however_often_its_block_
         )
     )
     assembler = StreamAssembler()
-    for chunk in await streamed(stub, stream_chat("weather?", options=pb.CompletionOptions(tools=[WEATHER]))):
+    chunks = await streamed(stub, stream_chat("weather?", options=pb.CompletionOptions(tools=[WEATHER])))
+    for chunk in chunks:
         assembler.add(chunk)
     answer = assembler.result()
     assert [(c.id, c.function.name, c.function.arguments) for c in answer.message.tool_calls] == [
         ("toolu_1", "weather", '{"city": "Oslo"}')
     ]
+    # The last message is the end alone, as the contract has it: a call's arguments came before it, where its block
+    # stopped or not (they came with it when the stream ended before the block's stop).
+    assert not chunks[-1].delta.tool_calls and chunks[-1].finish_reason == pb.FINISH_REASON_TOOL_CALLS
     assert (answer.backend, answer.usage.completion_tokens) == ("anthropic", 9) and local.chat_requests == []
 
 

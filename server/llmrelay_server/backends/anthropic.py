@@ -178,11 +178,17 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
         # without either was cut.
         if state.finish_reason is None and not state.stopped:
             raise self._malformed(wire.cut_short("a stop reason or message_stop", events, stray))
+        if unstopped := state.unstopped_tool_calls():
+            # The arguments of calls whose blocks the stream ended before their stop, in a chunk of their own, as the
+            # OpenAI-compatible path sends its calls: the last message holds the end alone (and the reasoning's
+            # signature), as the contract says, and the router counts their text as relayed.
+            yield CompletionChunk(
+                id=state.id, backend=self._spec.name, model=state.model or model, tool_calls=unstopped
+            )
         yield CompletionChunk(
             id=state.id,
             backend=self._spec.name,
             model=state.model or model,
-            tool_calls=state.unstopped_tool_calls(),
             finish_reason=wire.as_called(state.finish_reason or FinishReason.UNKNOWN, state.called),
             usage=state.usage,
             reasoning_signature=state.reasoning_signature,
