@@ -303,12 +303,15 @@ func (c *Client) Format(f fmt.State, verb rune) {
 		c.conn.Target(), c.timeout, keys)
 }
 
-// Conn is the underlying channel, for other services on the same gateway (grpc.health.v1, say).
+// Conn is the underlying channel, for other services on the same gateway (grpc.health.v1, say). Its calls, as
+// Stub's, carry neither the client's headers (WithHeader, WithCaller) nor its default timeout.
 func (c *Client) Conn() *grpc.ClientConn {
 	return c.conn
 }
 
-// Stub is the generated client, for anything this package does not wrap.
+// Stub is the generated client, for anything this package does not wrap. Its calls go over the client's channel
+// (its TLS and retry policy) but carry neither the client's headers (WithHeader, WithCaller: a key among them) nor
+// its default timeout, and fail with grpc-go's errors (ParseError reads them): give ctx its metadata and deadline.
 func (c *Client) Stub() llmrelayv1.LLMServiceClient {
 	return c.rpc
 }

@@ -166,7 +166,11 @@ type UnaryMethod<Req, Res> = (
  * ```
  */
 export class Client {
-  /** The generated @grpc/grpc-js client, for anything this class does not wrap. */
+  /**
+   * The generated @grpc/grpc-js client, for anything this class does not wrap. Its calls go over the client's channel
+   * (its TLS, retry policy and interceptors) but carry neither ClientOptions.metadata (a key among it) nor the
+   * default timeout, and fail with grpc-js's errors (parseError reads them): give each call its metadata and deadline.
+   */
   readonly raw: LLMServiceClient;
   /** How the channel reaches the gateway; undefined when ClientOptions.credentials decided. */
   readonly transport: Transport | undefined;
