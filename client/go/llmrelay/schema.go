@@ -763,11 +763,11 @@ func marshalled(value any) json.RawMessage {
 }
 
 // itemProblems checks an array's item or a map's value, which has no name to be required under: null is refused
-// where the shape cannot be null.
+// where the shape cannot be null, in the other SDKs' words ("via[1]: expected an object, got null").
 func (s *shape) itemProblems(value json.RawMessage, path string, problems *[]string) {
 	if isNull(value) {
 		if !s.nullable {
-			*problems = append(*problems, fmt.Sprintf("%q is null, which the schema does not allow", path))
+			*problems = append(*problems, at(path, fmt.Sprintf("expected %s, got null", cmp.Or(s.json, "a value"))))
 		}
 		return
 	}

@@ -342,7 +342,7 @@ func TestNewToolChecksTheArgumentsAtEveryDepth(t *testing.T) {
 		{`{"start": {"x": 1}, "steps": 3, "weight": "2", "notes": null}`, `the required property "end" is missing`},
 		{"{" + valid + `, "end": {"y": 1}}`, `end: the required property "x" is missing`},
 		{"{" + valid + `, "via": [{"x": 1}, {"y": 2}]}`, `via[1]: the required property "x" is missing`},
-		{"{" + valid + `, "via": [{"x": 1}, null]}`, `"via[1]" is null, which the schema does not allow`},
+		{"{" + valid + `, "via": [{"x": 1}, null]}`, `via[1]: expected an object, got null`},
 		{"{" + valid + `, "named": {"a": {"x": 1}, "b": {}}}`, `named.b: the required property "x" is missing`},
 		{"{" + valid + `, "size": [1, 2, 3]}`, `the property "size" takes exactly 2 items, not 3`},
 		{"{" + valid + `, "size": [1]}`, `the property "size" takes exactly 2 items, not 1`},
@@ -485,7 +485,7 @@ func TestNewToolTakesTextTypesAsStrings(t *testing.T) {
 	})
 	want := []string{"10.0.0.1 1 10.0.0.0/8", `error: tool "ping" cannot take the arguments {"addr": {}, "level": 1, ` +
 		`"levels": [0], "named": {"a": null}}: addr: expected a string, got an object; level: expected a string, got a ` +
-		`number; levels[0]: expected a string, got a number; "named.a" is null, which the schema does not allow`}
+		`number; levels[0]: expected a string, got a number; named.a: expected a string, got null`}
 	for i, result := range results {
 		if result.GetContent() != want[i] {
 			t.Errorf("result %d: %q, want %q", i, result.GetContent(), want[i])
