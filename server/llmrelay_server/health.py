@@ -238,7 +238,8 @@ class HealthMonitor:
                         # A task of its own: a slow upstream's probe (up to PROBE_TIMEOUT_S) held up the state checks,
                         # and a circuit that opened meanwhile was published seconds late.
                         round_of_probes = asyncio.create_task(self._probe_round(), name="llmrelay-health-probes")
-                    elif self.serving != self._published:
+                    # On a round's tick too: a circuit that opened meanwhile waited for the next tick (half a second).
+                    if self.serving != self._published:
                         await self._publish()
                 except Exception:
                     log.exception("health check failed")
