@@ -15,7 +15,15 @@ import openai
 import pytest
 from llmrelay_server.backends import upstream_http
 from llmrelay_server.backends.http1 import Http1Response
-from llmrelay_server.backends.upstream_http import Lines, _line_batches, kind_of_status, pool_full, redact, relayed
+from llmrelay_server.backends.upstream_http import (
+    MAX_WORDS_CHARS,
+    Lines,
+    _line_batches,
+    kind_of_status,
+    pool_full,
+    redact,
+    relayed,
+)
 from llmrelay_server.backends.wire import MalformedAnswerError
 from llmrelay_server.domain import BackendSpec, CompletionChunk, UpstreamError, UpstreamErrorKind
 from llmrelay_server.router import NOT_THE_BACKENDS_FAULT, RETRYABLE
@@ -295,6 +303,12 @@ def test_a_key_upper_cased_beside_a_letter_that_lowers_to_two_is_redacted() -> N
     fell back to the key as written, missing it in another case."""
     passed_on = redact(f"İstanbul region: bad credentials <{ODD_KEY.upper()}> given", ODD_KEY)
     assert passed_on == "İstanbul region: bad credentials <[redacted]> given", passed_on
+
+
+def test_words_past_the_bound_are_cut_and_say_so() -> None:
+    """A page of HTML or a long validation error passed on ending mid-word read as all the upstream had said."""
+    assert redact("x" * MAX_WORDS_CHARS, "sk-abc") == "x" * MAX_WORDS_CHARS
+    assert redact("y" * (MAX_WORDS_CHARS + 1), "sk-abc") == f"{'y' * MAX_WORDS_CHARS} [cut at 500 characters]"
 
 
 def test_no_connection_free_in_the_gateways_pool_is_its_own_bound_not_the_upstreams_failure() -> None:

@@ -98,7 +98,8 @@ upstream's answer can take. A stream's line is measured by the memory its text t
 of each read's: up to 4 bytes a character, and an object's for each read, however short), not by its characters;
 joined, a line whose characters differ in width takes up to 4 times that."""
 MAX_ERROR_BODY_BYTES = 64 * 2**10
-"""Of an error answer's body, whose first 500 characters are all that is passed on: a longer one is left unread."""
+"""Of an error answer's body, whose first MAX_WORDS_CHARS characters are all that is passed on: a longer one is left
+unread."""
 FINISH_GRACE_S = 1.0
 """How long, after a streamed answer's finish reason, its usage or end marker is awaited before it ends without them
 (`relayed`): an upstream sends them at once, or holds its connection open and never does."""
@@ -685,6 +686,9 @@ def model_ids(models: Iterable[Any]) -> tuple[str, ...]:
     return ids
 
 
+MAX_WORDS_CHARS: Final = 500
+"""Of an upstream's own words (its error's message), the most passed on: enough for any message upstreams write, and a
+bound on what a page of HTML adds to a status and a log line."""
 KEY_PIECE_CHARS: Final = 8
 """A backend's key this long or longer is taken out of an upstream's words wherever it stands, and so is any piece of
 it from its start on that is this long (a quote of the answer cut inside it); a shorter one only where it stands
@@ -692,8 +696,8 @@ whole, a word of its own."""
 
 
 def redact(text: str, api_key: str | None) -> str:
-    """An upstream's message without the backend's key or anything like a key, cut to 500 characters. Upstreams
-    quote keys back in their errors ("Incorrect API key provided: sk-..."); never pass one on."""
+    """An upstream's message without the backend's key or anything like a key, cut to MAX_WORDS_CHARS characters and
+    saying so. Upstreams quote keys back in their errors ("Incorrect API key provided: sk-..."); never pass one on."""
     # Searched for the key's every piece in four forms: not through megabytes of an error page, of which 500
     # characters are kept.
     text = text[:65536]
@@ -703,7 +707,9 @@ def redact(text: str, api_key: str | None) -> str:
         text = re.sub(rf"(?<![\w-]){re.escape(api_key)}(?![\w-])", "[redacted]", text)
     elif api_key:
         text = _without_key(text, api_key)
-    return _SECRET_LIKE.sub("[redacted]", text)[:500]
+    text = _SECRET_LIKE.sub("[redacted]", text)
+    # Said, so that a reader of a message ending mid-word does not take it for all the upstream wrote.
+    return text if len(text) <= MAX_WORDS_CHARS else f"{text[:MAX_WORDS_CHARS]} [cut at {MAX_WORDS_CHARS} characters]"
 
 
 def _without_key(text: str, key: str) -> str:
