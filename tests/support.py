@@ -13,7 +13,7 @@ import struct as binary
 import threading
 import tracemalloc
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +23,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 from google.protobuf import struct_pb2
+from google.protobuf.message import Message
 from harness import GatewayProcess, clean_env, spawn_gateway
 from llmrelay import error_details
 from llmrelay import v1 as pb
@@ -300,3 +301,40 @@ def call_with_raw_path(port: int, path: bytes) -> None:
                 if any(isinstance(event, ended) for event in connection.receive_data(data)):
                     return
                 sock.sendall(connection.data_to_send())
+
+
+class RequestHeldBack:
+    """A unary gRPC call on an HTTP/2 connection of its own (h2), whose headers go at once and whose request goes only
+    when `send` is called: a slow upload as the gateway sees it, its interceptors run on the headers alone. Blocking
+    socket calls: for a thread (`asyncio.to_thread`) while the gateway serves."""
+
+    def __init__(self, port: int, method: str, metadata: Sequence[tuple[str, str]]) -> None:
+        self._connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self._socket = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self._connection.initiate_connection()
+        self._stream = self._connection.get_next_available_stream_id()
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", method), (":authority", "127.0.0.1")]
+        headers += [("content-type", "application/grpc"), ("te", "trailers"), *metadata]
+        self._connection.send_headers(self._stream, headers)
+        self._socket.sendall(self._connection.data_to_send())
+
+    def send(self, request: Message) -> None:
+        body = request.SerializeToString()
+        self._connection.send_data(self._stream, b"\0" + binary.pack(">I", len(body)) + body, end_stream=True)
+        self._socket.sendall(self._connection.data_to_send())
+
+    def answer(self) -> tuple[int, str, bytes]:
+        """The call's status code, its message, and the answer's bytes (none for a failure); closes the connection."""
+        answer, trailers = b"", dict[str, str]()
+        with self._socket:
+            while data := self._socket.recv(65536):
+                for event in self._connection.receive_data(data):
+                    if isinstance(event, h2.events.DataReceived):
+                        answer += event.data
+                        self._connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    elif isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                        trailers.update((bytes(name).decode(), bytes(value).decode()) for name, value in event.headers)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        return int(trailers["grpc-status"]), trailers.get("grpc-message", ""), answer[5:]
+                self._socket.sendall(self._connection.data_to_send())
+        raise AssertionError("the connection closed before the call ended")

@@ -267,7 +267,6 @@ async def start_gateway(
         # connections), and calls wait until the server starts.
         await _resume_budgets(limiter, ledger, keys.budgeted(), gateway=gateway_budget, within_s=RESUME_AT_START_S)
         keys.catch_up_budgets = functools.partial(_resume_budgets, limiter, ledger, gateway=False)
-        keys.calls_in_progress = servicer.calls_in_progress
     await monitor.announce()
     await server.start()
     await monitor.start(stop or asyncio.Event())
@@ -301,7 +300,7 @@ def _metrics(
     limiter: Limiter | None,
     certificate: ServedCertificate | None,
 ) -> Metrics:
-    labels = LabelValues(config.backends, config.aliases, keys.names)
+    labels = LabelValues(config.backends, config.aliases, keys.named)
 
     def state() -> StateReading:
         return StateReading(
@@ -457,6 +456,7 @@ def _interceptors(
                 config.server.max_image_bytes,
                 config.server.max_message_bytes,
                 drain,
+                key_limits_change=keys.reloads,
             )
         )
     return interceptors

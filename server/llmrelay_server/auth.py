@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import fnmatch
 import functools
@@ -23,9 +24,9 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any
 
 import grpc
 
@@ -40,6 +41,7 @@ from llmrelay_server.domain import (
     UsageNotAllowedError,
     immutable,
 )
+from llmrelay_server.handlers import Continuation, Handler, Wrappings
 from llmrelay_server.metering import current_meter
 from llmrelay_server.status import abort
 from llmrelay_server.threads import in_daemon_thread
@@ -179,13 +181,17 @@ class KeyRing:
         else:
             keys, self._by_digest = (), _by_digest(self._configured)
         self._names = frozenset(key.name for key in (*self._configured, *keys))
+        self._named = self._names
+        """The names of every key in force since the gateway started: a call may be billed after a re-read took its
+        key away."""
         self.catch_up_budgets: Callable[[frozenset[str]], Awaitable[None]] | None = None
         """Brings the limits up to what the named keys spent today, before a re-read gives them a daily budget they
         had not (set by the gateway once it has its limiter and ledger): counted from the re-read on, a key would get
         its whole budget again, where a restart reads what it spent from the ledger."""
-        self.calls_in_progress: Callable[[], Collection[asyncio.Future[Any]]] = tuple
-        """The model calls in progress (the servicer's, set by the gateway). A key's calls begun before a re-read gave
-        it a budget reserved none of it, and are billed to the ledger alone: caught up with once they have ended."""
+        self.calls_in_progress: dict[asyncio.Task[Any], None] = {}
+        """The calls of keys in progress, from their handler's start (kept by the auth interceptor while a keys file
+        may change the keys). A key's calls begun before a re-read gave it a budget reserved none of it, and are
+        billed to the ledger alone: caught up with once they have ended."""
         self._watcher: asyncio.Task[None] | None = None
         self._reloads: set[asyncio.Future[None]] = set()
         """The re-reads running or waiting, and the catching up with the spend of calls in progress at one."""
@@ -200,9 +206,18 @@ class KeyRing:
         """Whether calls need a key: some key is configured, or a keys file is (even one emptied for now)."""
         return bool(self._configured) or self._file is not None
 
+    @property
+    def reloads(self) -> bool:
+        """Whether the keys in force may change while the gateway serves: a keys file is re-read."""
+        return self._file is not None
+
     def names(self) -> frozenset[str]:
         """The names of the keys in force."""
         return self._names
+
+    def named(self) -> frozenset[str]:
+        """The names of every key in force since the gateway started."""
+        return self._named
 
     def budgeted(self) -> frozenset[str]:
         """The names of the keys in force that have a daily budget."""
@@ -213,6 +228,11 @@ class KeyRing:
         wanted = digest(key)
         found = self._by_digest.get(wanted)
         return found if found is not None and hmac.compare_digest(found.key.sha256, wanted) else None
+
+    def in_force(self, caller: Caller) -> Caller | None:
+        """The caller of `caller`'s key as the keys in force have it: `caller` itself unless a re-read came since it
+        was found (its limits or models may be others), None once the key is revoked."""
+        return self._by_digest.get(caller.key.sha256)
 
     def reload(self) -> None:
         """SIGHUP: reads the keys file again, in a thread (thousands of keys take seconds to read, which the calls
@@ -283,13 +303,14 @@ class KeyRing:
         given = _budgeted((*self._configured, *keys)) - self.budgeted()
         catch_up = self.catch_up_budgets if given else None
         if catch_up is not None:
-            before = self.calls_in_progress()
+            before = list(self.calls_in_progress)
             await catch_up(given)  # before the keys are in force: none of their calls passes unseen
             # Calls that began while it read (a ledger of millions of rows takes seconds) began under the keys still
             # in force, reserving nothing: those ended already are counted by a read again at once, those still going
             # as those before it, once they end. No await from here to the keys' swap.
-            uncounted = {*before, *self.calls_in_progress()}
+            uncounted = {*before, *self.calls_in_progress}
         self._by_digest, self._names = callers, frozenset(key.name for key in (*self._configured, *keys))
+        self._named |= self._names
         if catch_up is not None:
             self._track(self._catch_up_after(uncounted, given, catch_up))
         if not self._by_digest:
@@ -392,19 +413,23 @@ def _read_keys(
     return keys, callers
 
 
-# The stubs make these generic; at run time they are not, so the aliases are strings.
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
+_NOT_VALID = "the key is not valid here (unknown, revoked, or not `Bearer KEY`)"
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Admits calls with a known key (or to an open service) and names their caller; refuses the rest."""
+    """Admits calls with a known key (or to an open service) and names their caller; refuses the rest.
+
+    gRPC asks for a call's handler when its headers come, and runs it when its request has come, which may be any time
+    later: while a keys file may change the keys, the handler looks at the key again as it starts, so that a key
+    revoked meanwhile is refused and one whose limits changed is held to its new ones (`key_limits_change` of the
+    limits interceptor)."""
 
     def __init__(self, keys: KeyRing, open_services: Sequence[str]) -> None:
         self._keys = keys
         self._open = frozenset(open_services)
         self._refusing: dict[tuple[str, str], tuple[Handler, Handler]] = {}
         """By method and reason: the handler refused, and its refusal."""
+        self._rechecked = Wrappings(self._recheck)
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -430,7 +455,53 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return kept[1]
         # Before the interceptors after this one run: they (limits) and the servicer read who is calling.
         current_caller.set(caller)
-        return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        # A handler of streamed requests starts at once, with the keys that found its caller.
+        if handler is None or not self._keys.reloads or handler.request_streaming:
+            return handler
+        return self._rechecked.of(handler, method)
+
+    def _recheck(self, handler: Handler, method: str) -> Handler:
+        """`handler`, run for its caller as the keys in force when it starts have it (the limits interceptor after this
+        one decides then too), and kept among the calls in progress from then on (`KeyRing.calls_in_progress`)."""
+        keys, running = self._keys, self._keys.calls_in_progress
+        decode, encode = handler.request_deserializer, handler.response_serializer
+        if handler.response_streaming:
+            answers_of: Any = handler.unary_stream  # the stubs' type is of grpc's sync server
+
+            async def rechecked_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                running[task := _current_task()] = None
+                try:
+                    await _as_in_force(keys, context)
+                    async with contextlib.aclosing(answers_of(request, context)) as answers:
+                        async for answer in answers:
+                            yield answer
+                finally:
+                    running.pop(task, None)
+
+            return grpc.unary_stream_rpc_method_handler(rechecked_stream, decode, encode)
+        answer_of: Any = handler.unary_unary
+
+        async def rechecked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            running[task := _current_task()] = None
+            try:
+                await _as_in_force(keys, context)
+                return await answer_of(request, context)
+            finally:
+                running.pop(task, None)
+
+        return grpc.unary_unary_rpc_method_handler(rechecked, decode, encode)
+
+
+async def _as_in_force(keys: KeyRing, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """The call's caller as the keys in force have it now, a re-read having perhaps come since the call's headers
+    were: its key's limits and models as they are now; UNAUTHENTICATED if the key was revoked."""
+    caller = current_caller.get()
+    assert caller is not None, "set as its handler was found"
+    if (now := keys.in_force(caller)) is not caller:
+        if now is None:
+            await abort(context, f"call from {context.peer()}", UnauthenticatedError(_NOT_VALID))
+        current_caller.set(now)
 
 
 def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
@@ -450,7 +521,7 @@ def _token_of(authorization: str) -> str | None:
 def _why_not(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
     if not any(name == "authorization" for name, _ in metadata or ()):
         return "no key: send the metadata `authorization: Bearer KEY`"
-    return "the key is not valid here (unknown, revoked, or not `Bearer KEY`)"
+    return _NOT_VALID
 
 
 def _refusing(handler: Handler, why: str) -> Handler:
@@ -473,3 +544,9 @@ def _refusing(handler: Handler, why: str) -> Handler:
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(refuse_stream, decode, encode)
     return grpc.unary_unary_rpc_method_handler(refuse, decode, encode)
+
+
+def _current_task() -> asyncio.Task[Any]:
+    task = asyncio.current_task()
+    assert task is not None, "a handler runs in its call's task"
+    return task

@@ -17,10 +17,9 @@ from typing import Any, Final
 
 import grpc
 
-from llmrelay_server.auth import Continuation, Handler
 from llmrelay_server.domain import LimitExceededError, LimitKind
+from llmrelay_server.handlers import Continuation, Handler, Wrappings
 from llmrelay_server.health import SERVICE_NAME
-from llmrelay_server.observing import Wrappings
 from llmrelay_server.status import abort
 
 RETRY_AFTER_S: Final = 1.0

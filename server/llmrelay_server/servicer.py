@@ -122,10 +122,6 @@ class LLMServicer(pb.LLMServiceServicer):
         if self._closing:
             await asyncio.wait(list(self._closing), timeout=wait_s)
 
-    def calls_in_progress(self) -> list[asyncio.Task[Any]]:
-        """The model calls in progress now."""
-        return list(self._calls)
-
     # A pair rather than a context manager: contextlib's costs a microsecond a call.
     def _model_call(self) -> asyncio.Task[Any]:
         """Admits a model call (not while draining) and keeps its task where a shutdown can interrupt it, until

@@ -22,7 +22,7 @@ from harness import GatewayProcess
 from llmrelay import v1 as pb
 from llmrelay_server import convert, tokens
 from llmrelay_server.app import Gateway
-from llmrelay_server.auth import KEYS_FILE_CHECK_S
+from llmrelay_server.auth import _NOT_VALID, KEYS_FILE_CHECK_S, Caller
 from llmrelay_server.config import ConfigError
 from llmrelay_server.domain import Message, Role
 from llmrelay_server.tokens import TokenCounter
@@ -30,6 +30,7 @@ from redis_server import RedisServer
 from support import (
     FAST_ROUTER,
     GatewayFactory,
+    RequestHeldBack,
     StubFactory,
     chat,
     children,
@@ -274,6 +275,47 @@ async def test_the_keys_file_is_reread_when_it_changes(
         assert revoked.value.code() == grpc.StatusCode.UNAUTHENTICATED
         keys_file.write_text("keys: [{name: broken}]\n")  # a broken file keeps the keys in force
         await asyncio.sleep(1.5)
+        assert (await stub.Complete(chat(), metadata=bearer(OTHER_KEY), timeout=5)).backend == "openai"
+
+
+def headers_seen(gateway: Gateway) -> asyncio.Event:
+    """Set once the gateway has looked a call's key up: the auth interceptor has run on the call's headers."""
+    seen, find = asyncio.Event(), gateway.keys.find
+
+    def finding(key: str) -> Caller | None:
+        seen.set()
+        return find(key)
+
+    gateway.keys.find = finding  # type: ignore[method-assign]
+    return seen
+
+
+async def test_a_key_revoked_between_a_calls_headers_and_its_request_is_refused(
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The key was looked at on the call's headers alone: a call that held its request back was answered, and billed
+    to the key, however long after the key's revocation (a leaked key's holder could open calls ahead of it)."""
+    caplog.set_level(logging.INFO, logger="llmrelay_server.auth")
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(f"keys: [{key_entry('research', RESEARCH_KEY)}]\n")
+    gateway, channel, stub = await start(gateway_factory, primary, local, f'auth: {{keys_file: "{keys_file}"}}\n')
+    seen = headers_seen(gateway)
+    held = await asyncio.to_thread(
+        RequestHeldBack, gateway.port, "/llmrelay.v1.LLMService/Complete", bearer(RESEARCH_KEY)
+    )
+    await asyncio.wait_for(seen.wait(), 5)
+    keys_file.write_text(f"keys: [{key_entry('other', OTHER_KEY)}]\n")  # research's key revoked
+    gateway.keys.reload()
+    await logged(caplog, "reloaded: 1 keys in force")
+    await asyncio.to_thread(held.send, chat())
+    code, message, _ = await asyncio.to_thread(held.answer)
+    assert (code, message) == (grpc.StatusCode.UNAUTHENTICATED.value[0], _NOT_VALID)
+    assert primary.chat_requests == []
+    async with channel:  # the key that a reload changed meanwhile, as it is now
         assert (await stub.Complete(chat(), metadata=bearer(OTHER_KEY), timeout=5)).backend == "openai"
 
 
@@ -834,6 +876,28 @@ async def test_a_budget_a_reload_gives_counts_the_calls_begun_while_it_read_the_
         async with asyncio.timeout(5):
             while len(reads) < 2:  # noqa: ASYNC110 (the catching up after the keys' swap, no event of its own)
                 await asyncio.sleep(0.01)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Complete(chat("x y", **exactly), metadata=bearer(RESEARCH_KEY), timeout=5)
+    assert details(refused.value)["ErrorInfo"].reason == "BUDGET_EXCEEDED"
+
+
+async def test_a_budget_a_reload_gives_holds_a_call_whose_request_came_after_it(
+    keyed_by_a_file: KeyedByAFile,
+) -> None:
+    """A call whose headers came before the reload and its request after it was let through as the key was, without
+    limits, reserving nothing and in no list of the calls in progress: the key then spent past its new budget."""
+    reload_budget, channel, stub, gateway = keyed_by_a_file
+    exactly = {"model": "gpt-test", "exact_model": True, "options": pb.CompletionOptions(max_tokens=3)}  # 3,000
+    seen = headers_seen(gateway)
+    held = await asyncio.to_thread(
+        RequestHeldBack, gateway.port, "/llmrelay.v1.LLMService/Complete", bearer(RESEARCH_KEY)
+    )
+    await asyncio.wait_for(seen.wait(), 5)
+    await reload_budget(0.004)  # one call's 3,000 micro-USD, not two
+    await asyncio.to_thread(held.send, chat("x y", **exactly))
+    code, _, answer = await asyncio.to_thread(held.answer)
+    assert (code, pb.CompleteResponse.FromString(answer).usage.cost.usd_micros) == (0, 3_000)
+    async with channel:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.Complete(chat("x y", **exactly), metadata=bearer(RESEARCH_KEY), timeout=5)
     assert details(refused.value)["ErrorInfo"].reason == "BUDGET_EXCEEDED"

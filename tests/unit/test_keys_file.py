@@ -12,6 +12,7 @@ import pytest
 from llmrelay_server import cli
 from llmrelay_server.auth import KEY_PREFIX, KeyRing, digest
 from llmrelay_server.config import AuthConfig, CallerKey, ConfigError, load_keys_file
+from llmrelay_server.metrics import LabelValues
 
 ENTRY = f'{{name: research, sha256: "{hashlib.sha256(b"llmr-research-key").hexdigest()}"}}'
 
@@ -104,6 +105,23 @@ async def test_a_key_of_the_config_given_to_another_caller_in_the_file_is_refuse
     found = keys.find("llmr-research-key")
     assert found is not None and found.name == "research" and keys.names() == {"research"}
     assert "keys file not reloaded, the keys in force stay" in caplog.text
+
+
+async def test_a_revoked_keys_name_stays_a_metrics_caller_for_the_calls_it_began(tmp_path: Path) -> None:
+    """A stream in flight as its key was revoked is billed to the key in the ledger; its tokens and cost went to the
+    metrics as caller "other", which per-caller dashboards then lost."""
+    path = tmp_path / "keys.yaml"
+    research = hashlib.sha256(b"llmr-research-key").hexdigest()
+    path.write_text(f'keys: [{{name: research, sha256: "{research}"}}]\n')
+    keys = KeyRing(AuthConfig(keys_file=str(path)))
+    labels = LabelValues((), (), keys.named)
+    caller = keys.find("llmr-research-key")
+    assert caller is not None and keys.in_force(caller) is caller
+    path.write_text(f'keys: [{{name: team, sha256: "{hashlib.sha256(b"llmr-team-key").hexdigest()}"}}]\n')
+    keys.reload()
+    await asyncio.gather(*keys._reloads)
+    assert keys.in_force(caller) is None and keys.names() == {"team"}
+    assert [labels.caller(name) for name in ("research", "team", "stranger")] == ["research", "team", "other"]
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import grpc
 from llmrelay import v1 as pb
 
 from llmrelay_server import convert
-from llmrelay_server.auth import Caller, Continuation, Handler, caller_identity, current_caller, models_allowed
+from llmrelay_server.auth import Caller, caller_identity, current_caller, models_allowed
 from llmrelay_server.config import Limits
 from llmrelay_server.decoding import COMPLETE, EMBED, STREAM_COMPLETE, decoded
 from llmrelay_server.domain import (
@@ -26,9 +26,9 @@ from llmrelay_server.domain import (
     LLMRelayError,
     ModelFilter,
 )
+from llmrelay_server.handlers import Continuation, Handler, Wrappings
 from llmrelay_server.limits.interface import GATEWAY, Ask, Limiter, Reservation, key_subject
 from llmrelay_server.metering import open_meter
-from llmrelay_server.observing import Wrappings
 from llmrelay_server.servicer import Drain
 from llmrelay_server.status import abort
 from llmrelay_server.tokens import TokenCounter
@@ -73,7 +73,10 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         max_image_bytes: int | None = None,
         max_message_bytes: int | None = None,
         drain: Drain | None = None,
+        key_limits_change: bool = False,
     ) -> None:
+        """`key_limits_change`: whether a key's limits may change between a call's headers and its start (a keys file
+        is re-read; see auth.AuthInterceptor), so that whether the call is limited is known only as it starts."""
         self._drain = drain or Drain()
         self._max_image_bytes = max_image_bytes
         self._max_message_bytes = max_message_bytes
@@ -82,6 +85,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         self._gateway = gateway if gateway.any_set() else None
         self._counter = counter
         self._reserve_completion_tokens = reserve_completion_tokens
+        self._key_limits_change = key_limits_change
         self._limited = Wrappings(self._limit)
         """Each handler within limits (the observing interceptor keeps its own wrapping of this one)."""
 
@@ -92,7 +96,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method not in (COMPLETE, STREAM_COMPLETE, EMBED):
             return handler
-        if self._gateway is None and not _key_limited(current_caller.get()):
+        if self._gateway is None and not self._key_limits_change and not _key_limited(current_caller.get()):
             return handler
         return self._limited.of(handler, method)
 
@@ -117,8 +121,10 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
 
     def _limited_unary(self, behavior: Any, rpc: str) -> Any:
         async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if not (subjects := self._subjects()):  # a key that has no limits as it starts (key_limits_change)
+                return await behavior(request, context)
             meter = open_meter()  # first: the caller it names is read once, for its refusal and then its bill
-            reservation = await self._admit(request, self._subjects(), context, rpc, stream=False)
+            reservation = await self._admit(request, subjects, context, rpc, stream=False)
             try:
                 return await behavior(request, context)
             finally:
@@ -128,8 +134,13 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
 
     def _limited_stream(self, behavior: Any) -> Any:
         async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            if not (subjects := self._subjects()):  # a key that has no limits as it starts (key_limits_change)
+                async with contextlib.aclosing(behavior(request, context)) as answers:
+                    async for answer in answers:
+                        yield answer
+                return
             meter = open_meter()  # first: the caller it names is read once, for its refusal and then its bill
-            reservation = await self._admit(request, self._subjects(), context, "StreamComplete", stream=True)
+            reservation = await self._admit(request, subjects, context, "StreamComplete", stream=True)
             try:
                 # Closed, it closes the stream first, so that it settles with what the stream billed as it ended.
                 async with contextlib.aclosing(behavior(request, context)) as answers:
