@@ -98,8 +98,11 @@ async def test_every_backend_rate_limited_says_the_soonest_one_may_serve_again(
         ("https://login.example/sso?session=SUPERSECRET", "https://login.example/sso"),
         # No URL that urllib can read (its IPv6 bracket unclosed): it failed the call as the gateway's own fault.
         ("http://[login.example/sso?session=SUPERSECRET", "http://[login.example/sso"),
+        # A user and password are credentials as a query's token is: they reached the caller, the log and Health.
+        ("https://svc:SUPERSECRET@login.example:8443/sso?x=1", "https://login.example:8443/sso"),
+        ("http://svc:SUPERSECRET@[login.example/sso", "http://[login.example/sso"),
     ],
-    ids=["url", "no-url"],
+    ids=["url", "no-url", "userinfo", "userinfo-no-url"],
 )
 async def test_a_redirect_is_a_failure_with_its_status_and_where_it_pointed(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, local: FakeUpstream, rpc: str, login: str, pointed: str

@@ -797,16 +797,21 @@ def error_message(response: httpx2.Response, body: Any, detail: Any) -> str:
     return response.text[:QUOTED_CHARS] or response.reason_phrase
 
 
+_USERINFO = re.compile(r"^([^/]*//)[^/]*@")
+"""A URL's `user:password@`, after its scheme."""
+
+
 def redirect(response: httpx2.Response) -> str | None:
     """What a redirect says, in the gateway's words: where to, and what to do; None for any other answer."""
     if not 300 <= response.status_code <= 399:
         return None
     location = response.headers.get("location", "")
-    # Its query left out: a redirect to a login page carries tokens there.
+    # Its user and password, query and fragment left out: a redirect to a login page carries credentials there.
     try:
-        where = urlsplit(location)._replace(query="", fragment="").geturl()
+        parts = urlsplit(location)
+        where = parts._replace(netloc=parts.netloc.rpartition("@")[2], query="", fragment="").geturl()
     except ValueError:  # no URL urllib can read ("http://[oops"): what it says, as far as a query would begin
-        where = re.split(r"[?#]", location, maxsplit=1)[0]
+        where = _USERINFO.sub(r"\1", re.split(r"[?#]", location, maxsplit=1)[0])
     to = f" to {where}" if where else ""
     return f"a redirect{to}, which the gateway does not follow: set the backend's base_url to where it points"
 
