@@ -591,11 +591,15 @@ async def test_the_password_never_shows(
         unix = await limiter_for(f"unix://{tmp_path}/none.sock?db=0&password={password}", timeout_s=0.3)
         # redis-py takes the client key's passphrase as a parameter too.
         tls_key = await limiter_for(f"rediss://127.0.0.1:{server.port}/0?ssl_password={password}", timeout_s=0.3)
+        # The password written without its colon, redis-py's user: Redis refuses it, and it showed in full.
+        as_user = await limiter_for(server.url.replace(f":{password}@", f"{password}@"), probe_interval_s=0.1)
+        assert not as_user.available
     shown = [
         caplog.text,
         str(caught.value),
-        *(limiter.health().description for limiter in (right, wrong, unix, tls_key)),
+        *(limiter.health().description for limiter in (right, wrong, unix, tls_key, as_user)),
     ]
+    assert f"redis://***@127.0.0.1:{server.port}/0" in as_user.health().description
     assert f"redis://:***@127.0.0.1:{server.port}/0" in right.health().description
     assert "password=***" in unix.health().description
     assert "ssl_password=***" in tls_key.health().description

@@ -857,11 +857,14 @@ def _unlimited_if_none(limit: int | None) -> str | int:
 
 
 def _redacted(url: str) -> str:
-    """The URL with its passwords (in the authority, or a parameter such as unix://'s `password=`) replaced by ***."""
+    """The URL with its passwords (in the authority, or a parameter such as unix://'s `password=`) replaced by ***; a
+    user without a password too, as that is how a password written without its colon (redis://PASSWORD@HOST) reads."""
     parts = urlsplit(url)
     netloc = parts.netloc
     if parts.password is not None:
         netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    elif parts.username:
+        netloc = f"***@{netloc.rpartition('@')[2]}"
     query = "&".join(
         f"{name}=***" if _a_password(name := pair.partition("=")[0]) else pair
         for pair in parts.query.split("&")
@@ -879,7 +882,7 @@ def _a_password(parameter: str) -> bool:
 def _secrets(url: str) -> tuple[str, ...]:
     """The URL's passwords, as written and decoded, to scrub from any text that might quote them."""
     parts = urlsplit(url)
-    written = [parts.password or ""]
+    written = [parts.password if parts.password is not None else parts.username or ""]  # see _redacted
     written += [
         value for name, _, value in (pair.partition("=") for pair in parts.query.split("&")) if _a_password(name)
     ]
