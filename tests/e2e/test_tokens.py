@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -308,6 +309,31 @@ async def test_a_count_nested_past_pythons_stack_is_estimated_instead(
     assert (count.encoding, count.estimated) == ("o200k_base", True) and 0 < count.token_count < 100
     assert "could not count tokens (/tokenize answered a count of list)" in caplog.text, caplog.text
     assert "Traceback" not in caplog.text
+
+
+async def test_a_count_that_keeps_failing_is_a_warning_once_until_one_succeeds(
+    stub_for: StubFactory, vllm: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A /tokenize that is missing, or answers no count, fails every count alike: an agent counting before each of
+    its calls put a WARNING in the log for each."""
+    caplog.set_level(logging.DEBUG, logger="llmrelay_server.backends")
+    stub = await vllm_stub(stub_for, vllm)
+    request = pb.CountTokensRequest(model="gpu/qwen", messages=[user("hello there")])
+
+    def said() -> list[tuple[str, str]]:
+        return [(r.levelname, r.getMessage()) for r in caplog.records if "count" in r.getMessage()]
+
+    failed = ("WARNING", "backend gpu could not count tokens (/tokenize answered a count of str); estimating instead")
+    vllm.tokenize_count = "many"
+    for _ in range(3):
+        assert (await stub.CountTokens(request, timeout=5)).estimated
+    assert said() == [failed, *[("DEBUG", failed[1])] * 2]
+    vllm.tokenize_count = None
+    for _ in range(2):
+        assert not (await stub.CountTokens(request, timeout=5)).estimated
+    vllm.tokenize_count = "many"
+    assert (await stub.CountTokens(request, timeout=5)).estimated
+    assert said()[3:] == [("INFO", "backend gpu counts tokens again"), failed]
 
 
 async def test_a_count_longer_than_the_deadline_ends_with_the_gateways_status(

@@ -221,14 +221,15 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
                 reason = f"no whole answer in {HEALTH_TIMEOUT_S:g} s"
             else:
                 reason = str(exc)
-            log.warning("backend %s could not count tokens (%s); estimating instead", self._spec.name, reason)
+            self._count_failed(f"could not count tokens ({reason})")
             return None
         tokens = counted.get("input_tokens") if isinstance(counted, dict) else None
         if not wire.is_count(tokens):
             # Its type, not its repr: an upstream's JSON nested past Python's stack has none.
             counted_as = type(tokens).__name__
-            log.warning("backend %s counted tokens as %s; estimating instead", self._spec.name, counted_as)
+            self._count_failed(f"counted tokens as {counted_as}")
             return None
+        self._counted()
         return TokenCount(tokens=tokens, model=model, encoding=f"backend:{self._spec.name}", estimated=False)
 
     async def health(self) -> BackendHealth:

@@ -283,10 +283,11 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
                 reason = without_quotes(error.message, (error.quoted,))
             else:  # no answer, or any JSON
                 reason = str(exc)
-            log.warning("backend %s could not count tokens (%s); estimating instead", self._spec.name, reason)
+            self._count_failed(f"could not count tokens ({reason})")
             return None
         if tokens is None:
             return None
+        self._counted()
         return TokenCount(tokens=tokens, model=model, encoding=f"backend:{self._spec.name}", estimated=False)
 
     async def _server_token_count(self, model: str, messages: Sequence[Message], tools: Sequence[Tool]) -> int | None:

@@ -21,6 +21,7 @@ import email.utils
 import html
 import itertools
 import json
+import logging
 import math
 import re
 import sys
@@ -59,6 +60,8 @@ from llmrelay_server.domain import (
 
 # Sized for hundreds of concurrent streams per backend; connections are kept for reuse between agent steps, at most
 # max_keepalive_connections of them once a burst is over (each idle one holds a socket here and a slot upstream).
+log = logging.getLogger(__name__)
+
 POOL_LIMITS = httpx2.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=60.0)
 HEALTH_TIMEOUT_S = 5.0
 """How long a side request (a probe's, a count of tokens) is given, its whole answer: through the SDK's HTTP client
@@ -557,10 +560,26 @@ class UpstreamProvider(ABC, Generic[SDKError]):
         self._spec = spec
         self._pool = Pool()
         self._http = http_client(sdk_http_client, self._pool)
+        self._counts_failing = False
+        """Whether the backend's last count of tokens failed: said once, until one succeeds again."""
 
     @property
     def spec(self) -> BackendSpec:
         return self._spec
+
+    def _count_failed(self, why: str) -> None:
+        """A count of tokens failed for `why` ("could not count tokens (HTTP 404: ...)"), and the gateway estimates
+        instead: a WARNING the first time, DEBUG until a count succeeds again. A /tokenize that is missing fails every
+        count alike, and an agent may count before each of its calls."""
+        level = logging.DEBUG if self._counts_failing else logging.WARNING
+        self._counts_failing = True
+        log.log(level, "backend %s %s; estimating instead", self._spec.name, why)
+
+    def _counted(self) -> None:
+        """A count of tokens succeeded."""
+        if self._counts_failing:
+            self._counts_failing = False
+            log.info("backend %s counts tokens again", self._spec.name)
 
     def answer_tokens_asked(self, request: CompletionRequest) -> int | None:
         """The most tokens the upstream is asked to answer with: the request's max_tokens, as sent (a dialect that
