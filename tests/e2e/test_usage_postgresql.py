@@ -224,6 +224,33 @@ def models_written(database_url: str) -> list[tuple[object, ...]]:
     return []
 
 
+async def test_usage_queries_while_the_database_is_down_warn_once_until_one_is_answered(
+    postgres_template: PostgresTemplate, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dashboard polling GetUsage (and its channel's retries of each UNAVAILABLE) put a WARNING in the log at every
+    query for as long as the database was down."""
+    caplog.set_level(logging.DEBUG, logger="llmrelay_server.usage.ledger")
+    server = PostgresServer(postgres_template)  # its own: this test stops it
+    server.start()
+    ledger = UsageLedger(server.url("ledger", PASSWORD), journal_dir=tmp_path / "journal", flush_interval_s=0.05)
+    try:
+        server.create_database("ledger")
+        await ledger.start()
+        server.stop()
+        for _ in range(3):
+            with pytest.raises(UsageUnavailableError):
+                await ledger.query()
+        server.start()
+        await wait_until(lambda: ledger.health().available)
+        assert await ledger.query() == []
+    finally:
+        await ledger.aclose()
+        server.remove()
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "usage quer" in r.getMessage()]
+    assert [level for level, _ in said] == ["WARNING", "DEBUG", "DEBUG", "INFO"], said
+    assert said[-1][1] == "usage ledger: answers usage queries again"
+
+
 async def test_postgresql_stopped_mid_load_loses_nothing_and_memory_stays_bounded(
     postgres_template: PostgresTemplate, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

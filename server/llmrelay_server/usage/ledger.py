@@ -271,6 +271,8 @@ class UsageLedger:
         """Why the active batch has no journal file, when the journal could make none for it (`_seal`)."""
         self._unlisted = False
         """Whether the journal's directory could not be read when last looked at for dead processes' journals."""
+        self._unanswered = False
+        """Whether the last usage query found the database out of reach (logged once, until one is answered again)."""
         self._flushing = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -443,10 +445,21 @@ class UsageLedger:
 
     async def _read_store(self, selection: Selection, journals: set[str]) -> Snapshot:
         try:
-            return await self._store.read(selection, journals)
+            snapshot = await self._store.read(selection, journals)
         except LedgerUnavailableError as error:
-            _log.warning("usage ledger: cannot answer a usage query: %s", error)
+            # Once, then at DEBUG: a dashboard polling GetUsage, and each of its channel's retries, would repeat it for
+            # as long as the database is down (each caller's status says why too).
+            _log.log(
+                logging.DEBUG if self._unanswered else logging.WARNING,
+                "usage ledger: cannot answer a usage query: %s",
+                error,
+            )
+            self._unanswered = True
             raise UsageUnavailableError(QUERY_RETRY_S) from error
+        if self._unanswered:
+            self._unanswered = False
+            _log.info("usage ledger: answers usage queries again")
+        return snapshot
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
