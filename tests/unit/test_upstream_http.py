@@ -3,6 +3,7 @@ lines are relayed until the answer is whole."""
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import tracemalloc
@@ -303,6 +304,17 @@ def test_a_key_upper_cased_beside_a_letter_that_lowers_to_two_is_redacted() -> N
     fell back to the key as written, missing it in another case."""
     passed_on = redact(f"İstanbul region: bad credentials <{ODD_KEY.upper()}> given", ODD_KEY)
     assert passed_on == "İstanbul region: bad credentials <[redacted]> given", passed_on
+
+
+@pytest.mark.parametrize("encoded", ["", "Bearer ", "svc:", "Bearer  "])
+def test_a_key_is_redacted_in_base64_as_an_authorization_header_is_quoted(encoded: str) -> None:
+    """A proxy's "malformed Authorization header (base64: ...)" passed the backend's key on to the caller, encoded."""
+    said = base64.b64encode(f"{encoded}{GOOGLE_KEY}".encode()).decode()
+    passed_on = redact(f"malformed header (base64: {said})", GOOGLE_KEY)
+    assert "[redacted]" in passed_on, passed_on
+    # Left: the characters that the bytes before the key decide, and the last few, which it shares with the end.
+    before, after = passed_on.removeprefix("malformed header (base64: ").removesuffix(")").split("[redacted]")
+    assert len(before) <= (len(encoded) * 4 + 2) // 3 and len(after) <= 4, passed_on
 
 
 def test_words_past_the_bound_are_cut_and_say_so() -> None:

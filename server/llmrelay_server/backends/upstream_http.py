@@ -15,6 +15,7 @@ instructions a unary call).
 from __future__ import annotations
 
 import asyncio
+import base64
 import codecs
 import datetime
 import email.utils
@@ -734,15 +735,15 @@ def redact(text: str, api_key: str | None) -> str:
 def _without_key(text: str, key: str) -> str:
     """`text` with every piece of `key` KEY_PIECE_CHARS long or longer taken out, wherever it stands: the whole key (in
     a word too: "KEY_x"), what is left of it where the quote of an answer that held it was cut (its start, or its end),
-    in any case (an upstream may lower it), and as HTML, a URL and JSON write it (a debugging page, a URL echoed, a
-    JSON body quoted within text)."""
+    in any case (an upstream may lower it), and as HTML, a URL, JSON and base64 write it (a debugging page, a URL
+    echoed, a JSON body quoted within text, an Authorization header quoted as a proxy encodes it)."""
     folded = text.lower()
     if len(folded) != len(text):
         # A letter that lowers to two ("İ"): each position of `folded` must be the text's, so that one is kept.
         folded = "".join(lowered if len(lowered := char.lower()) == 1 else char for char in text)
     secret = bytearray(len(text))
     """1 where a character of the text is a character of a piece of the key."""
-    forms = {key, html.escape(key), quote(key, safe=""), json.dumps(key)[1:-1]}
+    forms = {key, html.escape(key), quote(key, safe=""), json.dumps(key)[1:-1], *_in_base64(key)}
     for form in (form.lower() for form in forms):
         for start in range(len(form) - KEY_PIECE_CHARS + 1):
             piece = form[start : start + KEY_PIECE_CHARS]
@@ -760,6 +761,14 @@ def _without_key(text: str, key: str) -> str:
         kept.append("[redacted]" if hidden else text[position : position + length])
         position += length
     return "".join(kept)
+
+
+def _in_base64(key: str) -> tuple[str, ...]:
+    """The base64 characters that `key` alone decides, at each of the three offsets at which it may begin in what was
+    encoded ("Bearer KEY", "user:KEY"): those the bytes around it share are left out."""
+    return tuple(
+        base64.b64encode(b"\0" * offset + key.encode())[(offset * 4 + 2) // 3 : -4].decode() for offset in range(3)
+    )
 
 
 def kind_of_status(status: int, code: str | None, message: str | None) -> UpstreamErrorKind:
