@@ -180,6 +180,23 @@ def _assert_three_steps(answer: Answer, primary: FakeUpstream) -> None:
     assert sent_tools == {"weather", "clock", "barometer"}
 
 
+@pytest.mark.parametrize("blocking", [False, True], ids=["async", "blocking"])
+async def test_a_run_that_a_model_call_ends_keeps_what_it_did_on_the_error(
+    gateway: Gateway, primary: FakeUpstream, blocking: bool
+) -> None:
+    """The error alone came out: the tools that ran, their results and the usage of the calls before were lost, and
+    the run could only start again, running the tools (an email sent) once more. The Go SDK returns them."""
+    primary.inject({"tool_calls": [{"name": "weather", "arguments": '{"city": "Oslo"}'}]}, {"status": 400})
+    with pytest.raises(LLMRelayError) as failed:
+        await run_tools(gateway, agent_tools(), blocking=blocking)
+    answer = failed.value.answer
+    assert failed.value.code == grpc.StatusCode.INVALID_ARGUMENT and answer is not None
+    assert answer.steps == 1 and answer.usage.total_tokens > 0 and len(answer.attempts) == 1
+    assert [(m.role, m.content) for m in answer.messages[2:]] == [(pb.ROLE_TOOL, "Oslo 18c")]
+    assert list(answer.messages[:2]) == [*QUESTION, answer.response.message]
+    assert answer.response.message.tool_calls[0].function.name == "weather"
+
+
 async def test_a_run_cancelled_while_its_tools_run_answers_every_call(gateway: Gateway, primary: FakeUpstream) -> None:
     # The answer was left in the conversation with calls no result answered: a conversation no model takes.
     primary.inject({"tool_calls": [{"name": "quick", "arguments": "{}"}, {"name": "stuck", "arguments": "{}"}]})

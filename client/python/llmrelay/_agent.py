@@ -21,7 +21,7 @@ import re
 import threading
 import types
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import (
     Annotated,
@@ -40,6 +40,7 @@ from typing import (
 )
 
 from llmrelay import v1 as pb
+from llmrelay._errors import LLMRelayError
 from llmrelay._messages import MessageLike, as_messages
 
 DEFAULT_MAX_STEPS: Final = 10
@@ -75,6 +76,8 @@ class ContextBudgetError(Exception):
         )
         self.tokens = tokens
         self.budget_tokens = budget_tokens
+        self.answer: Answer | None = None
+        """Set when the error ended a run_tools: the run so far, as LLMRelayError's."""
 
     def __reduce__(self) -> tuple[type[ContextBudgetError], tuple[int, int]]:
         return type(self), (self.tokens, self.budget_tokens)
@@ -309,7 +312,14 @@ class Tools:
             inspect.signature(tool.function).bind(**arguments)
         except TypeError as exc:
             return f"error: invalid arguments for {name!r}: {exc}"
+        except ValueError:  # no signature to check them against (a builtin's, as `max`): the call itself will say
+            pass
         return tool, arguments
+
+
+def _digits(value: int) -> str:
+    """How long an integer is, in digits, without writing it (Python refuses to write one of over 4,300)."""
+    return f"about {round(abs(value).bit_length() * math.log10(2))} digits"
 
 
 def _no_json(constant: str) -> Any:
@@ -653,11 +663,20 @@ def _from_json(hint: Any, value: Any, path: str) -> Any:
     if hint is int or hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _misfit(path, "an integer" if hint is int else "a number", value)
+        if isinstance(value, int):  # as many digits as the model wrote: Python's ints have no bound, floats have
+            if hint is int:
+                return value
+            try:
+                return float(value)
+            except OverflowError:
+                raise _Misfit(
+                    _at(path, f"expected a number a float holds, got an integer of {_digits(value)}")
+                ) from None
         if not math.isfinite(value):  # 1e400, which Python's reader takes as inf
             raise _Misfit(_at(path, f"expected a finite number, got {value}"))
         if hint is float:
-            return float(value)
-        if isinstance(value, float) and not value.is_integer():
+            return value
+        if not value.is_integer():
             raise _Misfit(_at(path, f"expected an integer, got {value}"))
         return int(value)
     if origin is Literal:
@@ -870,6 +889,16 @@ class _Steps:
         self.messages.extend(results)
         if self._steps >= self.max_steps:
             raise StepLimitError(self.answer(), self.max_steps)
+
+    @contextlib.contextmanager
+    def kept_on_error(self) -> Iterator[None]:
+        """A model call, or the fitting of the conversation before it, whose error carries the run so far as its
+        `answer`: the tools that ran had their effects, and a run started again would run them again."""
+        try:
+            yield
+        except (LLMRelayError, ContextBudgetError) as error:
+            error.answer = self.answer()
+            raise
 
     def answer(self) -> Answer:
         return Answer(

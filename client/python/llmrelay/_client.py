@@ -544,9 +544,11 @@ class Client(_Base):
 
         A Conversation given is appended to, and fitted to its budget before each call; a list is left as it was.
         When the model still asks for tools after max_steps calls, their results are appended and StepLimitError
-        is raised, its `answer` holding everything so far. Interrupted while its tools run (Ctrl-C), it first
-        answers every call (one still running: that the run was cancelled), so the conversation can go on, and
-        cancels the async tools still running (a plain function's thread is left to end by itself)."""
+        is raised, its `answer` holding everything so far; a model call that fails (LLMRelayError), or a conversation
+        that no longer fits its budget (ContextBudgetError), raises with the run so far as its `answer` too.
+        Interrupted while its tools run (Ctrl-C), it first answers every call (one still running: that the run was
+        cancelled), so the conversation can go on, and cancels the async tools still running (a plain function's
+        thread is left to end by itself)."""
         _seconds("tool_timeout", tool_timeout, "no bound")
         _refuse_async(on_delta)
         conversation = _conversation(messages)
@@ -554,20 +556,21 @@ class Client(_Base):
         definitions = tools.definitions()
         call_options: CompletionOptions = {**options, "tools": definitions}
         while True:
-            self.fit(
-                conversation, model=model, tools=definitions, response_format=options.get("response_format"),
-                timeout=timeout, metadata=metadata,
-            )  # fmt: skip
-            if on_delta is not None:
-                response = self.collect(
-                    conversation.messages, on_delta=on_delta, model=model, exact_model=exact_model, timeout=timeout,
-                    metadata=metadata, **call_options,
+            with steps.kept_on_error():
+                self.fit(
+                    conversation, model=model, tools=definitions, response_format=options.get("response_format"),
+                    timeout=timeout, metadata=metadata,
                 )  # fmt: skip
-            else:
-                response = self.complete(
-                    conversation.messages, model=model, exact_model=exact_model, timeout=timeout, metadata=metadata,
-                    **call_options,
-                )  # fmt: skip
+                if on_delta is not None:
+                    response = self.collect(
+                        conversation.messages, on_delta=on_delta, model=model, exact_model=exact_model,
+                        timeout=timeout, metadata=metadata, **call_options,
+                    )  # fmt: skip
+                else:
+                    response = self.complete(
+                        conversation.messages, model=model, exact_model=exact_model, timeout=timeout,
+                        metadata=metadata, **call_options,
+                    )  # fmt: skip
             if not steps.take(response, tools, tool_timeout):
                 return steps.answer()
 
@@ -827,20 +830,21 @@ class AsyncClient(_Base):
         definitions = tools.definitions()
         call_options: CompletionOptions = {**options, "tools": definitions}
         while True:
-            await self.fit(
-                conversation, model=model, tools=definitions, response_format=options.get("response_format"),
-                timeout=timeout, metadata=metadata,
-            )  # fmt: skip
-            if on_delta is not None:
-                response = await self.collect(
-                    conversation.messages, on_delta=on_delta, model=model, exact_model=exact_model, timeout=timeout,
-                    metadata=metadata, **call_options,
+            with steps.kept_on_error():
+                await self.fit(
+                    conversation, model=model, tools=definitions, response_format=options.get("response_format"),
+                    timeout=timeout, metadata=metadata,
                 )  # fmt: skip
-            else:
-                response = await self.complete(
-                    conversation.messages, model=model, exact_model=exact_model, timeout=timeout, metadata=metadata,
-                    **call_options,
-                )  # fmt: skip
+                if on_delta is not None:
+                    response = await self.collect(
+                        conversation.messages, on_delta=on_delta, model=model, exact_model=exact_model,
+                        timeout=timeout, metadata=metadata, **call_options,
+                    )  # fmt: skip
+                else:
+                    response = await self.complete(
+                        conversation.messages, model=model, exact_model=exact_model, timeout=timeout,
+                        metadata=metadata, **call_options,
+                    )  # fmt: skip
             calls = steps.record(response)
             if not calls:
                 return steps.answer()

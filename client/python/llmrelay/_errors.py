@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final, TypeVar, cast
+from typing import TYPE_CHECKING, Final, TypeVar, cast
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -28,6 +28,9 @@ from google.rpc import status_pb2
 from google.rpc.error_details_pb2 import BadRequest, ErrorInfo, QuotaFailure, RetryInfo
 
 from llmrelay import v1 as pb
+
+if TYPE_CHECKING:
+    from llmrelay._agent import Answer
 
 STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
 """The trailing metadata key that carries a google.rpc.Status, details included (grpcio-status's)."""
@@ -171,6 +174,9 @@ class LLMRelayError(Exception):
         self.code = code
         self.message = message
         self.request_id = request_id
+        self.answer: Answer | None = None
+        """Set when the error ended a run_tools: the run so far (the tools that ran and their results, the usage and
+        attempts of the calls before), as StepLimitError's, so that it can go on without running them again."""
 
     def __reduce__(
         self,

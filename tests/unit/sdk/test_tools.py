@@ -345,6 +345,28 @@ def test_a_number_too_large_for_a_float_is_refused() -> None:
     assert said == "error: invalid arguments for 'order': share: expected a finite number, got inf"
 
 
+def test_an_integer_of_any_length_is_an_int_and_one_too_large_for_a_float_is_refused() -> None:
+    """A model's 400-digit integer (a number to factor) ended the whole run with an OverflowError, as an int was
+    checked as a float is."""
+    big = 10**400
+    tools = Tools(order)
+    said = tools.run(call("order", f'{{"city": "Oslo", "count": {big}}}')).content
+    assert said == repr(("Oslo", big, 1.0, False, "c", None, (), ("", 0), None, None))
+    said = tools.run(call("order", f'{{"city": "Oslo", "share": {big}}}')).content
+    assert said == (
+        "error: invalid arguments for 'order': share: expected a number a float holds, got an integer of about 400"
+        " digits"
+    )
+    assert asyncio.run(tools.arun(call("order", f'{{"city": "Oslo", "share": {big}}}'))).content == said
+
+
+def test_a_tool_without_a_signature_to_check_is_called_with_its_arguments() -> None:
+    """A builtin given a schema of its own has no signature for `inspect` to read: its ValueError ended the run."""
+    tools = Tools()
+    tools.register(max, parameters={"type": "object", "properties": {"default": {}}})
+    assert tools.run(call("max", '{"default": 3}')).content.startswith("error: TypeError:")
+
+
 def test_explicit_schemas_names_and_descriptions() -> None:
     tools = Tools()
     schema = {"type": "object", "properties": {"q": {"type": "string"}}}
