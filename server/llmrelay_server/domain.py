@@ -808,6 +808,7 @@ class UpstreamError(LLMRelayError):
         status: int | None = None,
         retry_after_s: float | None = None,
         quoted: str = "",
+        consumed: TokenUsage | None = None,
     ) -> None:
         self.kind = kind
         self.backend = backend
@@ -818,6 +819,9 @@ class UpstreamError(LLMRelayError):
         """The upstream's own words in `message` (its error's message or body, an error event's; redacted), which
         may repeat the request (a 422 quoting its input, a content filter's): they go back to the call's caller and
         nowhere else (`without_quotes`), unless server.log_content lets the log and traces have them too."""
+        self.consumed = consumed
+        """What the upstream used on an answer the gateway could not pass on (vectors not of the dimensions asked):
+        billed all the same, as the upstream read the request whatever became of its answer."""
         self.attempts: tuple[Attempt, ...] | None = None
         """The call's attempts when this error ends the call (a rejected request goes back to the caller at once);
         None while it is one attempt's failure."""

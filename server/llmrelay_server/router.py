@@ -315,12 +315,6 @@ _estimated_routes: contextvars.ContextVar[tuple[CompletionRequest, ModelFilter |
 )
 
 
-async def _embed(route: Route, request: EmbeddingRequest, timeout_s: float) -> EmbeddingResponse:
-    embedder = route.backend.embedder
-    assert embedder is not None, "embedding routes lead to embedders only (checked at start)"
-    return await embedder.embed(route.model, request, timeout_s=timeout_s)
-
-
 @immutable
 class Route:
     backend: Backend
@@ -943,9 +937,21 @@ class Router:
     ) -> EmbeddingResponse:
         chain = _Chain(deadline)
         metering.attempts(chain.attempts)
+
+        async def attempt(route: Route, timeout_s: float) -> EmbeddingResponse:
+            embedder = route.backend.embedder
+            assert embedder is not None, "embedding routes lead to embedders only (checked at start)"
+            try:
+                return await embedder.embed(route.model, request, timeout_s=timeout_s)
+            except UpstreamError as exc:
+                if exc.consumed is not None:  # an answer it could not pass on, to inputs the upstream read all the same
+                    usage = self._priced(route, route.model, exc.consumed)
+                    self._bill(route.backend.name, route.model, caller, usage, interrupted=True)
+                raise
+
         for route in self._allowed(self.embedding_routes(request.model), request.model, caller, may_use):
             try:
-                response = await self._try_route(chain, route, lambda r, t: _embed(r, request, t), embedding=True)
+                response = await self._try_route(chain, route, attempt, embedding=True)
             except BaseException:
                 if chain.left is not None:
                     await _to_its_end(self._bill_inputs_left(chain.left, request, caller))

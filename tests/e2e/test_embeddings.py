@@ -88,7 +88,7 @@ async def test_vectors_come_back_in_input_order_whatever_order_the_upstream_list
     assert primary.embedding_requests[0]["dimensions"] == 8
 
 
-async def test_vectors_not_of_the_dimensions_asked_are_refused_and_another_backend_of_the_model_serves(
+async def test_vectors_not_of_the_dimensions_asked_are_refused_billed_and_another_backend_of_the_model_serves(
     stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
     stub = await stub_for(embedding_backends(primary, local, openai=DEFAULT, ollama=DEFAULT))
@@ -104,8 +104,10 @@ async def test_vectors_not_of_the_dimensions_asked_are_refused_and_another_backe
         await stub.Embed(pb.EmbedRequest(inputs=["a"], dimensions=8), timeout=10)
     assert (caught.value.code(), reason(caught.value)) == (grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED")
     assert "leave dimensions unset" in str(caught.value.details())
-    (record,) = (await stub.GetUsage(pb.GetUsageRequest(), timeout=10)).records
-    assert (record.backend, record.requests) == ("ollama", 1)
+    # The vectors refused were made all the same, of inputs the upstream read: each is billed, as interrupted.
+    records = (await stub.GetUsage(pb.GetUsageRequest(), timeout=10)).records
+    billed = {(r.backend, r.requests, r.interrupted_requests, r.prompt_tokens, r.estimated_requests) for r in records}
+    assert billed == {("openai", 2, 2, 3, 0), ("ollama", 2, 1, 3, 0)}
 
 
 async def test_no_model_means_the_first_backend_that_has_an_embedding_model(

@@ -251,6 +251,10 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             raise self._upstream_error(exc) from exc
         except wire.MalformedAnswerError as exc:
             raise self._malformed(exc) from exc
+        usage = wire.embedding_usage_from(data)
+        if usage is None:
+            counted = await self._counter.count_texts_async(model, request.inputs)
+            usage = TokenUsage(prompt_tokens=counted.tokens, completion_tokens=0, estimated=True)
         if request.dimensions is not None and (answered := len(vectors[0]) // 4) != request.dimensions:
             # A server that cannot shorten vectors (llama.cpp's, a model not trained to) ignores `dimensions`: its
             # vectors would not compare with those the caller asked for. Another backend of the model may shorten them.
@@ -259,11 +263,8 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
                 self._spec.name,
                 f"answered {answered} dimensions, not the {request.dimensions} asked: the model or its server cannot"
                 " shorten its vectors; leave dimensions unset",
+                consumed=usage,
             )
-        usage = wire.embedding_usage_from(data)
-        if usage is None:
-            counted = await self._counter.count_texts_async(model, request.inputs)
-            usage = TokenUsage(prompt_tokens=counted.tokens, completion_tokens=0, estimated=True)
         return EmbeddingResponse(
             backend=self._spec.name, model=self._served_model(data, model), vectors=vectors, usage=usage
         )
