@@ -343,6 +343,8 @@ class _Chain:
     """The bookkeeping of one call as it walks the routes."""
 
     deadline: float
+    request: CompletionRequest | EmbeddingRequest
+    """The call's request: its prompt (an embedding's inputs) is what a bill at its deadline counts."""
     attempts: list[Attempt] = field(default_factory=list)
     last_error: UpstreamError | None = None
     too_long_for: int = 0
@@ -359,13 +361,12 @@ class _Chain:
     left: Route | None = None
     """The route of an attempt the call ended under (the caller left, its deadline) after its request was written to
     the upstream: its prompt was read all the same (`Router._bill_left`)."""
-    request: CompletionRequest | None = None
-    """A chat call's request: its prompt is what a bill at its deadline counts."""
     prompt_count: tuple[str, asyncio.Future[TokenUsage | None]] | None = None
-    """The prompt's count for a model, begun near the deadline while an attempt still waited (`Router._count_ahead`)."""
+    """The prompt's (inputs') count for a model, begun near the deadline while an attempt still waited
+    (`Router._count_ahead`)."""
 
     def drop_prompt_count(self) -> None:
-        """The prompt's count begun ahead of the deadline is not needed (any more)."""
+        """The count begun ahead of the deadline is not needed (any more)."""
         if self.prompt_count is not None:
             self.prompt_count[1].cancel()
             self.prompt_count = None
@@ -935,7 +936,7 @@ class Router:
     async def embed(
         self, request: EmbeddingRequest, *, deadline: float, caller: str, may_use: ModelFilter | None = None
     ) -> EmbeddingResponse:
-        chain = _Chain(deadline)
+        chain = _Chain(deadline, request=request)
         metering.attempts(chain.attempts)
 
         async def attempt(route: Route, timeout_s: float) -> EmbeddingResponse:
@@ -949,18 +950,21 @@ class Router:
                     self._bill(route.backend.name, route.model, caller, usage, interrupted=True)
                 raise
 
-        for route in self._allowed(self.embedding_routes(request.model), request.model, caller, may_use):
-            try:
-                response = await self._try_route(chain, route, attempt, embedding=True)
-            except BaseException:
-                if chain.left is not None:
-                    await _to_its_end(self._bill_inputs_left(chain.left, request, caller))
-                raise
-            if response is not None:
-                usage = self._priced(route, response.model, response.usage)
-                self._bill(response.backend, response.model, caller, usage)
-                return replace(response, usage=usage, attempts=tuple(chain.attempts))
-        raise chain.exhausted()
+        try:
+            for route in self._allowed(self.embedding_routes(request.model), request.model, caller, may_use):
+                try:
+                    response = await self._try_route(chain, route, attempt, embedding=True)
+                except BaseException:
+                    if chain.left is not None:
+                        await _to_its_end(self._bill_inputs_left(chain, request, caller))
+                    raise
+                if response is not None:
+                    usage = self._priced(route, response.model, response.usage)
+                    self._bill(response.backend, response.model, caller, usage)
+                    return replace(response, usage=usage, attempts=tuple(chain.attempts))
+            raise chain.exhausted()
+        finally:
+            chain.drop_prompt_count()
 
     async def _bill_partial(
         self, route: Route, request: CompletionRequest, caller: str, received: _Received, prompt_by: float = 0.0
@@ -993,15 +997,28 @@ class Router:
                 route.backend.name, route.model, caller, self._priced(route, route.model, prompt), interrupted=True
             )
 
-    async def _bill_inputs_left(self, route: Route, request: EmbeddingRequest, caller: str) -> None:
-        """Bills an embedding the call ended under before its answer for its inputs, counted offline (no backend
-        counts an embedding's), which the upstream read all the same: as `_bill_left` bills a chat's prompt."""
+    async def _bill_inputs_left(self, chain: _Chain, request: EmbeddingRequest, caller: str) -> None:
+        """Bills an embedding the call ended under before its answer (`_Chain.left`) for its inputs, counted offline
+        (no backend counts an embedding's), which the upstream read all the same: as `_bill_left` bills a chat's
+        prompt, with the count begun ahead of the deadline where there is one."""
+        route = chain.left
+        assert route is not None, "billed only for an attempt the call ended under"
+        counted = chain.prompt_count
+        if counted is not None and counted[0] == route.model:
+            inputs = await counted[1]
+        else:
+            inputs = await self._inputs_counted(route, request)
+        if inputs is not None:  # without the model's encoding there is nothing to count them by
+            usage = self._priced(route, route.model, inputs)
+            self._bill(route.backend.name, route.model, caller, usage, interrupted=True)
+
+    async def _inputs_counted(self, route: Route, request: EmbeddingRequest) -> TokenUsage | None:
+        """An embedding's inputs, counted offline; None without the model's encoding."""
         try:
             counted = await self._counter.count_texts_async(route.model, request.inputs)
         except TokenizerUnavailableError:
-            return  # without the model's encoding there is nothing to count them by
-        usage = self._priced(route, route.model, TokenUsage(counted.tokens, 0, estimated=True))
-        self._bill(route.backend.name, route.model, caller, usage, interrupted=True)
+            return None
+        return TokenUsage(counted.tokens, 0, estimated=True)
 
     @staticmethod
     def _left_count_by(chain: _Chain, route: Route) -> float:
@@ -1202,11 +1219,9 @@ class Router:
         )
 
     def _ahead(self, chain: _Chain, route: Route, loop: asyncio.AbstractEventLoop) -> Ahead | None:
-        """What an attempt on `route` makes ready ahead of the call's deadline (a chat's: `_count_ahead`), or, when
+        """What an attempt on `route` makes ready ahead of the call's deadline (`_count_ahead`), or, when
         that time has come already (a short deadline), None, made ready now: the deadlines' timer would fire for every
         such attempt at once, and go through every wait each time."""
-        if chain.request is None:
-            return None
         at = chain.deadline - self._most_counting_s
         if at > loop.time():
             return at, self._count_ahead, (chain, route)
@@ -1215,16 +1230,21 @@ class Router:
 
     def _count_ahead(self, chain: _Chain, route: Route) -> None:
         """Called of an attempt still waiting as long before the deadline as the longest count may take (`_ahead`):
-        the prompt's count for a bill at the deadline (a prompt of 2.9 MB, counted after it, some 250 ms: its status
-        came after its caller's deadline)."""
-        assert chain.request is not None, "only a chat's attempts count ahead (_ahead)"
+        the prompt's (inputs') count for a bill at the deadline (a prompt of 2.9 MB, counted after it, some 250 ms: its
+        status came after its caller's deadline)."""
         if chain.prompt_count is None and (counting := self._count_begun(route, chain.request)) is not None:
             chain.prompt_count = route.model, counting
 
-    def _count_begun(self, route: Route, request: CompletionRequest) -> asyncio.Future[TokenUsage | None] | None:
-        """The prompt's count for a bill at the deadline, begun now, near it: a bill counts the prompt before the call's
-        status goes out, and a long one's count takes a thread's while; begun while the call goes on, the bill finds it
-        made. None for a usual prompt, counted at once, which is left to the bill."""
+    def _count_begun(
+        self, route: Route, request: CompletionRequest | EmbeddingRequest
+    ) -> asyncio.Future[TokenUsage | None] | None:
+        """The prompt's (an embedding's inputs') count for a bill at the deadline, begun now, near it: a bill counts
+        the prompt before the call's status goes out, and a long one's count takes a thread's while; begun while the
+        call goes on, the bill finds it made. None for a usual prompt, counted at once, which is left to the bill."""
+        if isinstance(request, EmbeddingRequest):
+            if not self._counter.count_texts_wait_s(route.model, request.inputs):
+                return None
+            return asyncio.ensure_future(self._inputs_counted(route, request))
         options = request.options
         if not self._counter.count_chat_wait_s(
             route.model, request.messages, options.tools, response_format=options.response_format

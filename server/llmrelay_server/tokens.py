@@ -906,6 +906,12 @@ class TokenCounter:
             return 0.0
         return self.count_chat_s(model, messages, tools, response_format=response_format)
 
+    def count_texts_wait_s(self, model: str, texts: Sequence[str]) -> float:
+        """About the most count_texts_async may keep its caller waiting, as count_chat_wait_s of count_chat_async."""
+        if self._loaded(model) and not _longer_than(self._inline_chars, map(len, texts)):
+            return 0.0
+        return _count_s(sum(map(len, texts)), loaded=self._loaded(model))
+
     def _loaded(self, model: str) -> bool:
         return encoding_for_model(model)[0] in self._encodings
 

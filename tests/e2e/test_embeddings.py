@@ -409,6 +409,23 @@ async def test_an_embedding_that_ends_before_its_answer_is_billed_for_its_inputs
     assert reason(caught.value) == "TOKENS_PER_MINUTE_EXCEEDED"
 
 
+async def test_long_inputs_cut_by_their_deadline_before_their_answer_get_the_gateways_status_in_time(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """Their bill counts them before the status goes out, and 2.9 MB take a while (some 250 ms): the status came after
+    the caller's deadline, gRPC's bare DEADLINE_EXCEEDED in its place, no attempts told. The count is begun ahead of
+    the deadline, while the attempt waits, as a chat's prompt's is."""
+    stub = await stub_for(embedding_backends(primary, local, ollama=DEFAULT))
+    local.inject({"stall_s": 10})
+    inputs = [" ".join(f"w{i}" for i in range(start, start + 35_000)) for start in range(0, 350_000, 35_000)]
+    with pytest.raises(grpc.aio.AioRpcError) as ended:  # 4 s: as the chat's test, for a busy 2-core CI machine
+        await stub.Embed(pb.EmbedRequest(inputs=inputs), timeout=4)
+    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert reason(ended.value) == "DEADLINE_EXCEEDED", "the gateway's status, not gRPC's own"
+    (billed,) = (await stub.GetUsage(pb.GetUsageRequest(), timeout=5)).records
+    assert billed.prompt_tokens > 300_000 and billed.interrupted_requests == 1
+
+
 async def test_the_call_log_and_metrics_see_embed(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -197,7 +197,7 @@ async def test_a_left_calls_bill_waits_for_the_backends_count_only_when_its_call
         for _ in range(router.backends[0].circuit.config.failure_threshold):
             router.backends[0].circuit.record_failure()
     loop = asyncio.get_running_loop()
-    chain = _Chain(deadline=loop.time() + 10)  # time left, whichever way the attempt ended
+    chain = _Chain(deadline=loop.time() + 10, request=REQUEST)  # time left, whichever way the attempt ended
     chain.record(route, outcome, time.perf_counter(), None)
     by = Router._left_count_by(chain, route)
     assert (by > loop.time()) is waits

@@ -15,6 +15,7 @@ from llmrelay_server.domain import (
     BackendHealth,
     BackendSpec,
     CompletionChunk,
+    EmbeddingRequest,
     LLMProvider,
     ModelNotFoundError,
     UpstreamError,
@@ -38,6 +39,7 @@ from llmrelay_server.router import (
 
 RETRY = RetryConfig(max_retries=9, initial_backoff_s=0.2, max_backoff_s=2.0, max_retry_after_s=10.0)
 ALMOST_ONE = 1.0 - 2**-53
+EMBEDDING = EmbeddingRequest(inputs=("a text",))  # a chain's request, which its bookkeeping never reads
 
 
 @pytest.mark.parametrize(
@@ -432,7 +434,7 @@ def test_an_exhausted_chain_tells_each_cause_once_with_its_number_of_attempts() 
     refused = Attempt("ollama", "gpt-oss:20b", AttemptOutcome.UNREACHABLE, 0.01, error="cannot reach http://h/v1")
     busy = Attempt("openai", "gpt-4o", AttemptOutcome.SERVER_ERROR, 0.02, upstream_status=503, error="HTTP 503: busy")
     skipped = Attempt("local", "tiny", AttemptOutcome.SKIPPED, 0.0)
-    chain = _Chain(deadline=0.0, attempts=[refused, refused, refused, busy, skipped, refused])
+    chain = _Chain(deadline=0.0, request=EMBEDDING, attempts=[refused, refused, refused, busy, skipped, refused])
     error = chain.exhausted()
     assert str(error) == (
         "every backend failed: ollama/gpt-oss:20b: cannot reach http://h/v1 (3 attempts); openai/gpt-4o: HTTP 503:"
@@ -456,7 +458,7 @@ def fail(chain: _Chain, backend: Backend, kind: UpstreamErrorKind, retry_after_s
 
 def test_an_exhausted_chain_says_the_soonest_a_backend_may_serve_by_its_word_and_its_circuit() -> None:
     (a, b), clock = failing_backends("a", "b")
-    chain = _Chain(deadline=0.0)
+    chain = _Chain(deadline=0.0, request=EMBEDDING)
     for _ in range(CIRCUIT.failure_threshold):  # its circuit opens on the last: 30 s, longer than its Retry-After
         fail(chain, a, UpstreamErrorKind.SERVER_ERROR, retry_after_s=2.0)
     fail(chain, b, UpstreamErrorKind.RATE_LIMITED, retry_after_s=9.0)
@@ -471,7 +473,7 @@ def test_an_exhausted_chain_says_the_soonest_a_backend_may_serve_by_its_word_and
 
 def test_an_exhausted_chain_knows_no_wait_when_a_backend_may_serve_at_once() -> None:
     (a, b), _ = failing_backends("a", "b")
-    chain = _Chain(deadline=0.0)
+    chain = _Chain(deadline=0.0, request=EMBEDDING)
     fail(chain, a, UpstreamErrorKind.RATE_LIMITED, retry_after_s=9.0)
     fail(chain, b, UpstreamErrorKind.RATE_LIMITED)  # no Retry-After, its circuit closed
 
@@ -483,7 +485,7 @@ def test_a_skipped_backend_is_a_cause_of_its_own() -> None:
     (a, b), _ = failing_backends("a", "b")
     for _ in range(CIRCUIT.failure_threshold):
         a.circuit.record_failure()
-    chain = _Chain(deadline=0.0)
+    chain = _Chain(deadline=0.0, request=EMBEDDING)
     chain.skip(Route(a, "m"))
     fail(chain, b, UpstreamErrorKind.MODEL_NOT_FOUND)
 
@@ -498,7 +500,7 @@ def test_a_skip_after_the_calls_own_failure_opened_the_circuit_is_no_cause_of_it
     # cause (the upstream's 429), and its wait is the later of that Retry-After and the cool-down. As a cause of its
     # own, it made the status BACKENDS_UNAVAILABLE with the cool-down alone.
     (a,), _ = failing_backends("a")
-    chain = _Chain(deadline=0.0)
+    chain = _Chain(deadline=0.0, request=EMBEDDING)
     for _ in range(CIRCUIT.failure_threshold):
         fail(chain, a, UpstreamErrorKind.RATE_LIMITED, retry_after_s=45.0)
     chain.skip(Route(a, "m"))
