@@ -375,8 +375,21 @@ func TestConversationFitsItsTokenBudget(t *testing.T) {
 		t.Fatalf("the last turn alone counts %d tokens, the whole chat %d", minimum, all)
 	}
 
-	conversation.TokenBudget = minimum
+	// Even the system message and the last question are over the budget: nothing is dropped, and a larger budget
+	// still has the whole history to keep.
+	whole := &llmrelayv1.CompleteRequest{Messages: slices.Clone(conversation.Messages)}
+	conversation.TokenBudget = minimum - 1
 	dropped, err := conversation.Fit(ctx, client)
+	var over *llmrelay.BudgetError
+	if !errors.As(err, &over) || over.Tokens != minimum || over.Budget != minimum-1 || dropped != 0 {
+		t.Errorf("error %v, %d dropped; want a *BudgetError of %d tokens over %d", err, dropped, minimum, minimum-1)
+	}
+	if !proto.Equal(&llmrelayv1.CompleteRequest{Messages: conversation.Messages}, whole) {
+		t.Errorf("left %v after the BudgetError; want the messages as they were", conversation.Messages)
+	}
+
+	conversation.TokenBudget = minimum
+	dropped, err = conversation.Fit(ctx, client)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -384,13 +397,6 @@ func TestConversationFitsItsTokenBudget(t *testing.T) {
 		&llmrelayv1.CompleteRequest{Messages: last.Messages}) {
 		t.Errorf("dropped %d messages, left %v; want the two old turns gone, the system message and last question kept",
 			dropped, conversation.Messages)
-	}
-
-	conversation.TokenBudget = minimum - 1
-	_, err = conversation.Fit(ctx, client)
-	var over *llmrelay.BudgetError
-	if !errors.As(err, &over) || over.Tokens != minimum || over.Budget != minimum-1 {
-		t.Errorf("error %v, want a *BudgetError of %d tokens over %d", err, minimum, minimum-1)
 	}
 }
 

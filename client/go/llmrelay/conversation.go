@@ -37,25 +37,25 @@ func (c *Conversation) Add(messages ...*llmrelayv1.Message) {
 // CountTokens counts the chat's prompt tokens for c.Model through the gateway (CountTokens), with the definitions of
 // the tools the request will offer, which count too.
 func (c *Conversation) CountTokens(ctx context.Context, client *Client, tools ...*llmrelayv1.Tool) (int, error) {
-	return c.countTokens(ctx, client, "", tools, nil)
+	return c.countTokens(ctx, client, c.Messages, "", tools, nil)
 }
 
 // CountTokensFor counts as CountTokens does, for a request with these options: the definitions of its tools and the
 // schema of its answer format (a JSON schema goes into the prompt) count too.
 func (c *Conversation) CountTokensFor(ctx context.Context, client *Client, options *llmrelayv1.CompletionOptions) (int,
 	error) {
-	return c.countTokens(ctx, client, "", options.GetTools(), options.GetResponseFormat())
+	return c.countTokens(ctx, client, c.Messages, "", options.GetTools(), options.GetResponseFormat())
 }
 
-// countTokens counts as CountTokens does, for c.Model or, when it names none, for model: the model the requests
-// name (an Agent's), whose tokenizer the budget is of; with the answer format the requests ask for, whose schema
-// counts too (nil: none).
-func (c *Conversation) countTokens(ctx context.Context, client *Client, model string, tools []*llmrelayv1.Tool,
-	format *llmrelayv1.ResponseFormat) (int, error) {
+// countTokens counts messages (c.Messages, or what fit would leave of them) as CountTokens does, for c.Model or, when
+// it names none, for model: the model the requests name (an Agent's), whose tokenizer the budget is of; with the
+// answer format the requests ask for, whose schema counts too (nil: none).
+func (c *Conversation) countTokens(ctx context.Context, client *Client, messages []*llmrelayv1.Message, model string,
+	tools []*llmrelayv1.Tool, format *llmrelayv1.ResponseFormat) (int, error) {
 	if c.Model != "" {
 		model = c.Model
 	}
-	req := &llmrelayv1.CountTokensRequest{Messages: c.Messages, Tools: tools, ResponseFormat: format}
+	req := &llmrelayv1.CountTokensRequest{Messages: messages, Tools: tools, ResponseFormat: format}
 	if model != "" {
 		req.Model = &model
 	}
@@ -80,6 +80,7 @@ func (e *BudgetError) Error() string {
 
 // Fit drops the oldest turns until the chat (with the tools' definitions) takes at most TokenBudget tokens, and
 // returns how many messages it dropped; a *BudgetError when even the system messages and the last turn take more.
+// On an error the messages are left as they were.
 // Without a budget (TokenBudget 0) it does nothing; a TokenBudget below 0 is an error.
 func (c *Conversation) Fit(ctx context.Context, client *Client, tools ...*llmrelayv1.Tool) (int, error) {
 	return c.fit(ctx, client, "", tools, nil)
@@ -102,27 +103,30 @@ func (c *Conversation) fit(ctx context.Context, client *Client, model string, to
 	if c.TokenBudget == 0 {
 		return 0, nil
 	}
-	dropped := 0
+	// Fitted on a copy, kept only when it fits: the turns dropped before an error (a BudgetError, a failed count)
+	// would be lost to a caller who then raises the budget or shortens the last turn.
+	messages := c.Messages
 	for {
-		tokens, err := c.countTokens(ctx, client, model, tools, format)
+		tokens, err := c.countTokens(ctx, client, messages, model, tools, format)
 		if err != nil {
-			return dropped, err
+			return 0, err
 		}
 		if tokens <= c.TokenBudget {
+			dropped := len(c.Messages) - len(messages)
+			c.Messages = messages
 			return dropped, nil
 		}
-		oldest := oldestTurn(c.Messages)
+		oldest := oldestTurn(messages)
 		if oldest == nil {
-			return dropped, &BudgetError{Tokens: tokens, Budget: c.TokenBudget}
+			return 0, &BudgetError{Tokens: tokens, Budget: c.TokenBudget}
 		}
-		kept := make([]*llmrelayv1.Message, 0, len(c.Messages))
-		for i, message := range c.Messages {
+		kept := make([]*llmrelayv1.Message, 0, len(messages))
+		for i, message := range messages {
 			if !oldest[i] {
 				kept = append(kept, message)
 			}
 		}
-		dropped += len(c.Messages) - len(kept)
-		c.Messages = kept
+		messages = kept
 	}
 }
 

@@ -127,23 +127,31 @@ export class Conversation {
   /**
    * Drops the oldest turns until the messages count at most budgetTokens; system messages and the last turn stay.
    * The tools count as countTokens() counts them. Rejects with ContextBudgetError when the last turn alone is over the
-   * budget. One CountTokens call, and one more per dropped turn.
+   * budget. One CountTokens call, and one more per dropped turn. When it rejects (over the budget, a count failed),
+   * the messages are as they were: the turns it had dropped would be lost to a caller who then raises the budget or
+   * shortens the last turn.
    */
   async fit(client: Client, countOptions?: CountOptions): Promise<FitResult> {
     const budget = this.options.budgetTokens;
+    const before = [...this.history];
     const dropped: MessageInput[] = [];
-    for (;;) {
-      const tokenCount = await this.countTokens(client, countOptions);
-      if (budget === undefined || tokenCount <= budget) {
-        return { tokenCount, dropped };
+    try {
+      for (;;) {
+        const tokenCount = await this.countTokens(client, countOptions);
+        if (budget === undefined || tokenCount <= budget) {
+          return { tokenCount, dropped };
+        }
+        const oldest = turnsOf(this.history)[0];
+        if (oldest === undefined || oldest.end === this.history.length) {
+          throw new ContextBudgetError(tokenCount, budget);
+        }
+        const turn = this.history.slice(oldest.start, oldest.end);
+        this.history.splice(oldest.start, turn.length, ...turn.filter(isSystem));
+        dropped.push(...turn.filter((message) => !isSystem(message)));
       }
-      const oldest = turnsOf(this.history)[0];
-      if (oldest === undefined || oldest.end === this.history.length) {
-        throw new ContextBudgetError(tokenCount, budget);
-      }
-      const turn = this.history.slice(oldest.start, oldest.end);
-      this.history.splice(oldest.start, turn.length, ...turn.filter(isSystem));
-      dropped.push(...turn.filter((message) => !isSystem(message)));
+    } catch (err) {
+      this.history.splice(0, this.history.length, ...before);
+      throw err;
     }
   }
 }

@@ -984,10 +984,22 @@ class Conversation:
             turns[-1].append(index)
         return turns
 
+    @contextlib.contextmanager
+    def _fitting(self) -> Iterator[None]:
+        """A fit that fails (its last turn alone over the budget, a count refused) leaves the messages as they were:
+        the turns it had dropped would be lost to a caller who then raises the budget or shortens the last turn."""
+        messages, tokens = list(self.messages), self.tokens
+        try:
+            yield
+        except BaseException:
+            self.messages[:] = messages
+            self.tokens = tokens
+            raise
+
     def trim(self, tokens: int) -> bool:
         """Given the conversation's token count: True when it fits the budget; otherwise drops the oldest turn and
         returns False (count again), or raises ContextBudgetError when only the system messages and the last turn
-        are left. client.fit(conversation) runs it until it fits."""
+        are left. client.fit(conversation) runs it until it fits, and puts back what it dropped when it does not."""
         self.tokens = tokens
         if self.budget_tokens is None or tokens <= self.budget_tokens:
             return True

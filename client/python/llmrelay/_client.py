@@ -586,17 +586,19 @@ class Client(_Base):
     ) -> int | None:
         """Drops the conversation's oldest turns until it fits its budget_tokens, counting with CountTokens (the
         tools and the answer format's schema count too); returns the count, or None for a conversation without a
-        budget (nothing is counted).
+        budget (nothing is counted). When it cannot fit (ContextBudgetError) or a count fails, the conversation is
+        left as it was.
         model: whose tokenizer counts, when the conversation names none."""
         if conversation.budget_tokens is None:
             return None
-        while True:
-            count = self.count_tokens(
-                conversation.messages, model=conversation.model or model, tools=tools,
-                response_format=response_format, timeout=timeout, metadata=metadata,
-            )  # fmt: skip
-            if conversation.trim(count.token_count):
-                return count.token_count
+        with conversation._fitting():
+            while True:
+                count = self.count_tokens(
+                    conversation.messages, model=conversation.model or model, tools=tools,
+                    response_format=response_format, timeout=timeout, metadata=metadata,
+                )  # fmt: skip
+                if conversation.trim(count.token_count):
+                    return count.token_count
 
     def count_tokens(
         self,
@@ -863,13 +865,14 @@ class AsyncClient(_Base):
         """As Client.fit."""
         if conversation.budget_tokens is None:
             return None
-        while True:
-            count = await self.count_tokens(
-                conversation.messages, model=conversation.model or model, tools=tools,
-                response_format=response_format, timeout=timeout, metadata=metadata,
-            )  # fmt: skip
-            if conversation.trim(count.token_count):
-                return count.token_count
+        with conversation._fitting():
+            while True:
+                count = await self.count_tokens(
+                    conversation.messages, model=conversation.model or model, tools=tools,
+                    response_format=response_format, timeout=timeout, metadata=metadata,
+                )  # fmt: skip
+                if conversation.trim(count.token_count):
+                    return count.token_count
 
     async def count_tokens(
         self,

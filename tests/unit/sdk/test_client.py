@@ -675,6 +675,26 @@ def test_fit_drops_the_oldest_turns_keeping_tool_calls_with_their_results(
     with pytest.raises(ContextBudgetError, match=r"needs 120 tokens .* budget of 100"):
         result(over)
     assert [m.content for m in conversation.messages] == ["be brief", "three"], "the last turn stays"
+    assert conversation.tokens == 90, "the count of the last fit that fitted"
+
+
+@pytest.mark.parametrize("ends", ["over the budget", "a count refused"])
+def test_a_fit_that_fails_leaves_the_conversation_as_it_was(client: Client, gateway: FakeGateway, ends: str) -> None:
+    """The turns dropped before the failure would be lost to a caller who then raises the budget or tries again."""
+    conversation = Conversation([message("system", "be brief")], budget_tokens=100)
+    conversation.add(message("user", "one"), message("assistant", "1"), message("user", "two"))
+    fitting = gateway.run(lambda: client.fit(conversation))
+    gateway.answer("CountTokens", pb.CountTokensResponse(token_count=250))
+    if ends == "over the budget":
+        gateway.answer("CountTokens", pb.CountTokensResponse(token_count=120))
+        with pytest.raises(ContextBudgetError):
+            result(fitting)
+    else:
+        gateway.fail("CountTokens", grpc.StatusCode.UNAVAILABLE, "the gateway is going away")
+        with pytest.raises(UnavailableError):
+            result(fitting)
+    assert [m.content for m in conversation.messages] == ["be brief", "one", "1", "two"]
+    assert conversation.tokens is None
 
 
 def test_run_tools_appends_to_a_conversation_and_fits_it_first(
