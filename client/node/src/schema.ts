@@ -116,9 +116,18 @@ export const s = {
   integer: (): Schema<number> =>
     schema(
       { type: "integer" },
-      kind("an integer", isNumber, (value, path) =>
-        Number.isInteger(value) ? [] : [at(path, `expected an integer, got ${String(value)}`)],
-      ),
+      kind("an integer", isNumber, (value, path) => {
+        if (!Number.isInteger(value)) {
+          return [at(path, `expected an integer, got ${String(value)}`)];
+        }
+        // Past 2^53 JSON.parse has rounded it already (9007199254740993 read as ...992): a tool would act on another
+        // integer than the model's (an id), so it is refused rather than passed on.
+        if (Number.isSafeInteger(value)) {
+          return [];
+        }
+        const about = (value as number).toPrecision(4);
+        return [at(path, `expected an integer a number holds exactly (at most 2^53 - 1 in size), got about ${about}`)];
+      }),
     ),
   boolean: (): Schema<boolean> => schema({ type: "boolean" }, kind("a boolean", (v) => typeof v === "boolean")),
   /** One of these strings. */

@@ -140,6 +140,18 @@ describe("the schema builder's check", () => {
     assert.deepEqual(s.number().check(JSON.parse("1e400"), "x"), ["x: expected a number, got Infinity"]);
   });
 
+  test("refuses an integer past 2^53, which JSON.parse has already rounded, and takes the largest it holds", () => {
+    // A 64-bit id: the tool would have acted on 9007199254740992.
+    assert.deepEqual(s.object({ orderId: s.integer() }).check(JSON.parse('{"orderId": 9007199254740993}')), [
+      "orderId: expected an integer a number holds exactly (at most 2^53 - 1 in size), got about 9.007e+15",
+    ]);
+    assert.deepEqual(s.integer().check(-(2 ** 60), "n"), [
+      "n: expected an integer a number holds exactly (at most 2^53 - 1 in size), got about -1.153e+18",
+    ]);
+    assert.deepEqual(s.integer().check(Number.MAX_SAFE_INTEGER), []);
+    assert.deepEqual(s.integer().check(Number.MIN_SAFE_INTEGER), []);
+  });
+
   test("describe and optional keep the check", () => {
     assert.deepEqual(s.integer().describe("a count").optional().check(2.5, "n"), ["n: expected an integer, got 2.5"]);
   });
