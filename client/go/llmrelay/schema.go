@@ -101,7 +101,18 @@ func schemaOf(t reflect.Type, visiting map[reflect.Type]bool) (map[string]any, e
 		return map[string]any{"type": "boolean"}, nil
 	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
 		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
-		return map[string]any{"type": "integer"}, nil
+		schema := map[string]any{"type": "integer"}
+		// The range of a type of 32 bits or fewer, which a model may well reach (an int8's 127); a 64-bit one's
+		// bounds are past what JSON numbers hold exactly, and past what a model writes. Its arguments are checked
+		// against the type's range all the same (shape).
+		lowest, highest := integerRange(t)
+		if lowest.Sign() == 0 || t.Bits() <= 32 {
+			schema["minimum"] = lowest.Int64()
+		}
+		if t.Bits() <= 32 {
+			schema["maximum"] = highest.Int64()
+		}
+		return schema, nil
 	case reflect.Float32, reflect.Float64:
 		return map[string]any{"type": "number"}, nil
 	case reflect.Slice, reflect.Array:
@@ -440,7 +451,8 @@ func enumValues(t reflect.Type, tag string, quoted bool) ([]any, error) {
 // shape is what the schema of a type asks of its JSON, which a tool's arguments are checked for (check) before they
 // reach its handler, every problem at once, with its path, as the Python and TypeScript SDKs say them: each value's
 // JSON type, every object's required properties at any depth and no others (encoding/json leaves a missing one, or a
-// null one, zero, and stops at the first problem it meets), a value its enum tag lists, a fixed-size array's length
+// null one, zero, and stops at the first problem it meets), a value its enum tag lists, an integer within its type's
+// range (encoding/json names the Go type, which the model does not know), a fixed-size array's length
 // (it fills the array from fewer items and drops the extra ones), and no null for an item or a map's value that
 // cannot be null (it makes the zero value of it, whose required properties are then missing unseen).
 type shape struct {
@@ -459,6 +471,9 @@ type shape struct {
 	items *shape
 	// length is a fixed-size array's.
 	length int
+	// lowest and highest are the range of an integer's type (its json "an integer"), which encoding/json refuses
+	// a number past in its own words, naming the Go type.
+	lowest, highest *big.Float
 }
 
 // propertyShape is a property of an object's shape.
@@ -503,7 +518,8 @@ func shapeOf(t reflect.Type) *shape {
 		s.json = "a boolean"
 	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
 		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
-		s.json = "an integer"
+		lowest, highest := integerRange(t)
+		s.json, s.lowest, s.highest = "an integer", new(big.Float).SetInt(lowest), new(big.Float).SetInt(highest)
 	case reflect.Float32, reflect.Float64:
 		s.json = "a number"
 	case reflect.Struct:
@@ -550,6 +566,11 @@ func (s *shape) problems(value json.RawMessage, path string, problems *[]string)
 		}
 		if got != s.json {
 			*problems = append(*problems, at(path, fmt.Sprintf("expected %s, got %s", s.json, got)))
+			return
+		}
+		if s.lowest != nil && !s.holds(value) {
+			*problems = append(*problems, at(path, fmt.Sprintf("expected an integer from %s to %s, got %s",
+				s.lowest.Text('f', 0), s.highest.Text('f', 0), bytes.TrimSpace(value))))
 			return
 		}
 	}
@@ -676,6 +697,26 @@ func shownValue(value json.RawMessage) string {
 		return canonicalJSON(value)
 	default:
 		return kind
+	}
+}
+
+// holds is whether value, a whole JSON number, is within the integer's range; compared as floats of 256 bits, as
+// wholeNumber reads them (1e999999999 is not written out).
+func (s *shape) holds(value json.RawMessage) bool {
+	number, _, err := big.ParseFloat(string(bytes.TrimSpace(value)), 10, 256, big.ToNearestEven)
+	return err == nil && number.Cmp(s.lowest) >= 0 && number.Cmp(s.highest) <= 0
+}
+
+// integerRange is the lowest and highest value of an integer type.
+func integerRange(t reflect.Type) (*big.Int, *big.Int) {
+	bits := uint(t.Bits())
+	one := big.NewInt(1)
+	switch t.Kind() {
+	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64, reflect.Uintptr:
+		return new(big.Int), new(big.Int).Sub(new(big.Int).Lsh(one, bits), one)
+	default:
+		highest := new(big.Int).Sub(new(big.Int).Lsh(one, bits-1), one)
+		return new(big.Int).Neg(new(big.Int).Add(highest, one)), highest
 	}
 }
 

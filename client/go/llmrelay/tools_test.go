@@ -536,3 +536,54 @@ func TestAgentRefusesToolsOfOneName(t *testing.T) {
 		t.Fatalf("result = %+v, conversation %d messages: want nothing done", result, len(conversation.Messages))
 	}
 }
+
+type sizedArgs struct {
+	Level int8    `json:"level"`
+	Port  uint16  `json:"port"`
+	Count uint    `json:"count"`
+	ID    int64   `json:"id"`
+	Ports []int32 `json:"ports,omitempty"`
+}
+
+// An integer past its field's type is refused in the SDKs' words, naming the range, as every other problem is, not in
+// encoding/json's (which names a Go type the model does not know); the schema says the range of a type of 32 bits or
+// fewer, and that an unsigned one takes no number below 0.
+func TestNewToolTellsTheRangeOfSizedIntegers(t *testing.T) {
+	schema, err := llmrelay.SchemaOf[sizedArgs]()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `{"additionalProperties":false,"properties":{` +
+		`"count":{"minimum":0,"type":"integer"},` +
+		`"id":{"type":"integer"},` +
+		`"level":{"maximum":127,"minimum":-128,"type":"integer"},` +
+		`"port":{"maximum":65535,"minimum":0,"type":"integer"},` +
+		`"ports":{"items":{"maximum":2147483647,"minimum":-2147483648,"type":"integer"},"type":"array"}` +
+		`},"required":["level","port","count","id"],"type":"object"}`
+	if string(schema) != want {
+		t.Errorf("schema\n%s\nwant\n%s", schema, want)
+	}
+	tool := mustTool(t)(llmrelay.NewTool("sized", "", func(_ context.Context, args sizedArgs) (string, error) {
+		return fmt.Sprintf("%d %d %d %d %v", args.Level, args.Port, args.Count, args.ID, args.Ports), nil
+	}))
+	cases := []struct{ arguments, want string }{
+		{`{"level": -128, "port": 65535, "count": 0, "id": -9223372036854775808, "ports": [2147483647]}`,
+			"-128 65535 0 -9223372036854775808 [2147483647]"},
+		{`{"level": 1.27e2, "port": 0, "count": 18446744073709551615, "id": 9223372036854775807}`,
+			"127 0 18446744073709551615 9223372036854775807 []"},
+		{`{"level": 128, "port": 65536, "count": -1, "id": 9223372036854775808, "ports": [1, -2147483649]}`,
+			"level: expected an integer from -128 to 127, got 128; port: expected an integer from 0 to 65535, got " +
+				"65536; count: expected an integer from 0 to 18446744073709551615, got -1; id: expected an integer " +
+				"from -9223372036854775808 to 9223372036854775807, got 9223372036854775808; ports[1]: expected an " +
+				"integer from -2147483648 to 2147483647, got -2147483649"},
+		{`{"level": 1e20, "port": 1, "count": 1, "id": 1}`,
+			"level: expected an integer from -128 to 127, got 1e20"},
+	}
+	for _, c := range cases {
+		result := llmrelay.RunToolCalls(context.Background(), []llmrelay.Tool{tool},
+			[]*llmrelayv1.ToolCall{call("1", "sized", c.arguments)})[0].GetContent()
+		if result != c.want && !strings.HasSuffix(result, "}: "+c.want) {
+			t.Errorf("arguments %s: %q, want %q", c.arguments, result, c.want)
+		}
+	}
+}
