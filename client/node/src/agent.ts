@@ -14,7 +14,8 @@ import {
 import { onAbort } from "./abort";
 import type { CallOptions, Client, CollectOptions, MessageInput } from "./client";
 import { functionTool, type ToolInput } from "./content";
-import { Conversation, toolMessage } from "./conversation";
+import { ContextBudgetError, Conversation, toolMessage } from "./conversation";
+import { LLMRelayError } from "./errors";
 import { isSchema, type Schema } from "./schema";
 
 /** What a tool's function gets beside its arguments. */
@@ -203,7 +204,8 @@ export class Agent {
   /**
    * Runs the loop on a conversation (appended to as it goes; trimmed to its budget before each step when it has
    * one) or on messages (copied). Resolves when the model answers without tool calls; rejects with StepLimitError
-   * at the step limit, with an LLMRelayError when a call fails, and with the signal's reason when it aborts. A run
+   * at the step limit, with an LLMRelayError when a call fails (a ContextBudgetError when the conversation no longer
+   * fits; after a step, either holds the run so far as its `result`), and with the signal's reason when it aborts. A run
    * that stops leaves every tool call in the conversation answered, so that it can go on: aborted while tools run, it
    * appends their results, a call still running answered that the run was cancelled before it finished.
    */
@@ -215,6 +217,7 @@ export class Agent {
     const requestOptions = { ...this.options.options, tools: [...(this.options.options?.tools ?? []), ...definitions] };
     let usage = emptyUsage();
     const attempts: Attempt[] = [];
+    let soFar: AgentResult | undefined;
     for (let step = 1; ; step++) {
       let answer: CompleteResponse;
       try {
@@ -242,12 +245,16 @@ export class Agent {
         // Aborted during a model call, which then fails CANCELLED: the run rejects with the signal's reason, as it
         // does when the signal aborts while the tools run.
         callOptions.signal?.throwIfAborted();
+        if (soFar !== undefined && (err instanceof LLMRelayError || err instanceof ContextBudgetError)) {
+          err.result = soFar;
+        }
         throw err;
       }
       usage = addUsage(usage, answer.usage);
       attempts.push(...answer.attempts);
       const calls = answer.message?.toolCalls ?? [];
       const result = { answer, steps: step, usage, attempts, conversation };
+      soFar = result;
       const toolMessages = await this.runCalls(calls, callOptions.signal);
       // The answer only with its calls' results: a conversation with a call unanswered is one no model call takes.
       conversation.addAnswer(answer);

@@ -5,6 +5,7 @@
 import { Role, type CompleteResponse, type ToolCall } from "./gen/llmrelay/v1/llmrelay";
 import type { CallOptions, Client, CountTokensInput, MessageInput } from "./client";
 import type { ToolInput } from "./content";
+import type { AgentResult } from "./agent";
 
 export interface ConversationOptions {
   /**
@@ -48,6 +49,8 @@ export interface FitResult {
 /** The last turn alone counts more tokens than the budget: trimming cannot make the conversation fit. */
 export class ContextBudgetError extends Error {
   override readonly name = "ContextBudgetError";
+  /** Of a fit before an Agent's step after the first: the run so far, as LLMRelayError's `result`. */
+  result: AgentResult | undefined;
 
   constructor(
     readonly tokenCount: number,

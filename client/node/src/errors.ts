@@ -8,6 +8,7 @@ import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
 import { BadRequest, ErrorInfo, QuotaFailure, RetryInfo } from "./gen/google/rpc/error_details";
 import { Status } from "./gen/google/rpc/status";
 import { AttemptHistory, ErrorReason, errorReasonFromJSON, type Attempt } from "./gen/llmrelay/v1/llmrelay";
+import type { AgentResult } from "./agent";
 
 /** The ErrorInfo domain of the gateway's own errors. */
 export const DOMAIN = "llmrelay.dev";
@@ -80,6 +81,12 @@ export class LLMRelayError extends Error {
    * when no gateway answered, or the client refused the call itself.
    */
   readonly requestId: string | undefined;
+  /**
+   * Of an error that ended an Agent's run after at least one step: the run so far (its steps, usage and attempts, the
+   * last answer), so that it can go on without running its tools again; as the Python SDK's `answer` and Go's
+   * RunResult. Undefined otherwise.
+   */
+  result: AgentResult | undefined;
 
   constructor(
     code: status,

@@ -365,6 +365,39 @@ describe("the agent loop", { concurrency: false }, () => {
     assert.equal(result.answer.message?.content, "tools: get_time=12:00 in Lima; get_time=12:00 in Quito");
   });
 
+  test("a model call that fails after a step ends the run with its error, which holds the run so far", async () => {
+    await upstream.addFaults(
+      { tool_call: { name: "get_time", arguments: JSON.stringify({ city: "Lima" }) } },
+      { status: 400, body: JSON.stringify({ error: { message: "no more of this", type: "invalid_request_error" } }) },
+    );
+    let ran = 0;
+    const counted = tool({ name: "get_time", parameters: s.object({ city: s.string() }), run: () => `${++ran}` });
+    const agent = new Agent(client, { tools: [counted] });
+    const conversation = new Conversation([user("What time is it in Lima?")]);
+    await assert.rejects(agent.run(conversation), (err: unknown) => {
+      assert.ok(err instanceof LLMRelayError, String(err));
+      assert.match(err.message, /no more of this/);
+      assert.equal(err.result?.steps, 1);
+      assert.equal(err.result?.answer.message?.toolCalls[0]?.function?.name, "get_time");
+      assert.ok((err.result?.usage.totalTokens ?? 0) > 0, "the first step's usage");
+      const called = err.result?.answer.message?.toolCalls[0];
+      assert.deepEqual(err.result?.conversation.messages.at(-1), {
+        role: Role.ROLE_TOOL,
+        toolCallId: called?.id,
+        name: "get_time",
+        content: "1",
+      });
+      return true;
+    });
+    assert.equal(ran, 1, "the tool ran once; the run so far goes on without running it again");
+    // A first step that fails has no run to hold.
+    await upstream.addFaults({ status: 400 });
+    await assert.rejects(agent.run([user("again")]), (err: unknown) => {
+      assert.ok(err instanceof LLMRelayError && err.result === undefined, String(err));
+      return true;
+    });
+  });
+
   test("an AbortSignal while tools run leaves every call answered, so the conversation goes on", async () => {
     const calls = [
       { name: "get_time", arguments: '{"city":"Oslo"}' },
