@@ -69,9 +69,19 @@ SPEC = BackendSpec(name="b", kind="openai", base_url="http://h/v1", default_mode
         ),
         (503, None, "", UpstreamErrorKind.SERVER_ERROR),
         # What the server cannot do, which another may: llama-server's embeddings without --embeddings, and an image
-        # to a model without vision (with a 500).
+        # to a model without vision: llama.cpp's words, Ollama's and vLLM's (one image over a limit of two is the
+        # caller's mistake).
         (501, "not_supported_error", "This server does not support embeddings", UpstreamErrorKind.UNSUPPORTED),
         (500, "server_error", "image input is not supported - hint: ...", UpstreamErrorKind.UNSUPPORTED),
+        (
+            500,
+            "api_error",
+            "Failed to create new sequence: failed to process inputs: this model is missing data required for image"
+            " input",
+            UpstreamErrorKind.UNSUPPORTED,
+        ),
+        (400, "BadRequestError", "At most 0 image(s) may be provided in one prompt.", UpstreamErrorKind.UNSUPPORTED),
+        (400, "BadRequestError", "At most 2 image(s) may be provided in one prompt.", UpstreamErrorKind.REJECTED),
     ],
 )
 def test_error_kinds(status: int, code: str | None, message: str, kind: UpstreamErrorKind) -> None:

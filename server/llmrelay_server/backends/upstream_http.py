@@ -84,8 +84,16 @@ increase the physical batch size"), which it sends with a 500: the request's len
 _CONTEXT_CODES: Final = frozenset({"context_length_exceeded", "exceed_context_size_error"})
 """Error codes (or types) that say the prompt is too long, whatever the status: OpenAI's code; llama.cpp's type, which
 it has sent with a 500 too."""
-_UNSUPPORTED_INPUT = re.compile(r"\b(image|audio) input is not supported", re.IGNORECASE)
-"""llama.cpp's words for a request that holds an image (or audio) its model cannot read, which it sends with a 500."""
+_UNSUPPORTED_INPUT = re.compile(
+    r"\b(image|audio) input is not supported"
+    r"|missing data required for (image|audio) input"
+    r"|\bat most 0 (image|audio)\(s\) may be provided",
+    re.IGNORECASE,
+)
+"""The words of a server whose model cannot read an image (or audio) the request holds: llama.cpp's, which it sends
+with a 500; Ollama's ("this model is missing data required for image input"), with a 500; vLLM's ("At most 0 image(s)
+may be provided in one prompt"), with a 400. Another backend of the model may read it, and the server is well: not a
+failure of its own (a SERVER_ERROR's retries then opened its circuit for every caller), nor the caller's mistake."""
 _SECRET_LIKE = re.compile(r"\b(sk|key|token)-[A-Za-z0-9_\-]{6,}")
 _LINE_END = re.compile(r"\r\n|\r|\n")
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
