@@ -116,6 +116,8 @@ class FakeAnthropic(FakeUpstream):
         return await _send_error(writer, 404, f"no route {request.path}")
 
     async def _models(self, writer: asyncio.StreamWriter) -> bool:
+        if self.models_status != 200:
+            return await _send_error(writer, self.models_status, "this key may not list models")
         if isinstance(self.models_answer, bytes):
             return await _send(writer, 200, self.models_answer, "application/json")
         data = [_checked(ModelInfo, self._model_info(m)) for m in self.models]

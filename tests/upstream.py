@@ -91,6 +91,8 @@ Fault = dict[str, Any]
 EMBEDDING_DIMENSIONS = 1536
 """The fake's vectors when a request asks for no `dimensions` (as many as text-embedding-3-small's)."""
 _PROBES = {("GET", "/v1/models"), ("GET", "/api/version"), ("GET", "/api/tags")}
+_MODELS_REFUSED = "You have insufficient permissions for this operation. Missing scopes: api.model.read."
+"""What OpenAI answers a restricted key without the models scope (with a 403)."""
 
 
 @dataclass
@@ -142,6 +144,8 @@ class FakeUpstream:
     """How long each probe waits before it is answered, as a slow upstream's would."""
     models_answer: Any = None
     """What GET /v1/models answers instead of the models list, when set (any JSON; bytes: as they are)."""
+    models_status: int = 200
+    """When not 200, GET /v1/models answers an error of this status (403: a key that may not list models)."""
     models_trickle_s: float = 0.0
     """When set, GET /v1/models answers one byte of its body per this many seconds (a stuck proxy's answer)."""
     moved_to: str | None = None
@@ -225,6 +229,9 @@ class FakeUpstream:
         if route == ("POST", "/v1/embeddings"):
             return await self._embeddings(request, reader, writer)
         if route == ("GET", "/v1/models"):
+            if self.models_status != 200:
+                refused = {"message": _MODELS_REFUSED, "type": "invalid_request_error", "code": None}
+                return await _send_json(writer, self.models_status, {"error": refused})
             if isinstance(self.models_answer, bytes):
                 return await _send(writer, 200, self.models_answer, "application/json")
             if self.models_answer is not None:

@@ -127,6 +127,34 @@ async def test_a_models_list_that_is_not_one_marks_the_backend_unreachable(
 
 
 @pytest.mark.parametrize("primary", DIALECTS, indirect=True)
+@pytest.mark.parametrize(("status", "reachable"), [(403, True), (401, False), (404, False), (500, False)])
+async def test_a_key_that_may_not_list_models_leaves_its_backend_reachable(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, status: int, reachable: bool
+) -> None:
+    """OpenAI's restricted keys lack the models scope (a 403), and chat all the same: taken for unreachable, the
+    backend kept readiness NOT_SERVING, and a load balancer the gateway out of rotation, while every call succeeded.
+    A key refused (401), no list where one should be (404: a base_url without /v1) or a failing server is unreachable
+    still."""
+    primary.models_status = status
+    await local.stop()  # readiness hangs on the primary alone
+    gateway = await gateway_factory(two_backends(primary, local))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+        report = await stub.Health(pb.HealthRequest(probe=True), timeout=10)
+        backend = {b.name: b for b in report.backends}[primary.dialect]
+        assert (backend.reachable, report.serving) == (reachable, reachable)
+        assert backend.last_error.startswith(f"HTTP {status}: ")
+        ready = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5
+        )
+        assert (ready.status == health_pb2.HealthCheckResponse.SERVING) is reachable
+        if reachable:
+            assert "calls are sent all the same" in backend.last_error
+            answer = await stub.Complete(pb.CompleteRequest(messages=[pb.Message(role=pb.ROLE_USER, content="hi")]))
+            assert answer.backend == primary.dialect
+
+
+@pytest.mark.parametrize("primary", DIALECTS, indirect=True)
 async def test_a_models_list_nested_past_pythons_stack_marks_the_backend_unreachable(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:

@@ -239,7 +239,7 @@ class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
                 models = await self._list_models()
                 ids = model_ids(models)
         except (anthropic.APIError, ValueError) as exc:
-            return self._health(started, reachable=False, error=self._describe(exc))
+            return self._unlisted(started, exc)
         self._adaptive_thinking = frozenset(m.id for m in models if _takes_no_budget(m))
         return self._health(started, reachable=True, models=ids)
 

@@ -312,7 +312,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         try:
             models = await self._list_models()
         except (openai.APIError, httpx2.HTTPError, ValueError) as exc:
-            return self._health(started, reachable=False, error=self._describe(exc))
+            return self._unlisted(started, exc)
         return self._health(started, reachable=True, models=models)
 
     async def _list_models(self) -> tuple[str, ...]:

@@ -675,6 +675,16 @@ class UpstreamProvider(ABC, Generic[SDKError]):
             checked_at=time.time(),
         )
 
+    def _unlisted(self, started: float, exc: Exception) -> BackendHealth:
+        """A probe whose list of models failed: the upstream unreachable, unless it answered that this key may not
+        list models (403: OpenAI's restricted keys without the models scope), which says nothing of its chats; taken
+        for unreachable, such a backend kept readiness NOT_SERVING, a load balancer the gateway out of rotation, while
+        every call succeeded. Its calls tell the rest: a key refused there too opens its circuit."""
+        if isinstance(exc, self._sdk_error) and (error := self._upstream_error(exc)).status == 403:
+            said = f"{error.message} (it lists no models to this key; calls are sent all the same)"
+            return self._health(started, reachable=True, error=said)
+        return self._health(started, reachable=False, error=self._describe(exc))
+
     def _describe(self, exc: Exception) -> str:
         """A probe's failure, for Health: what went wrong, never a secret."""
         if isinstance(exc, self._sdk_error):
