@@ -192,6 +192,7 @@ class FakeUpstream:
         self.probe_requests.clear()
         self.probe_delay_s = 0.0
         self.models_answer = None
+        self.models_status = 200
         self.models_trickle_s = 0.0
         self.moved_to = None
 

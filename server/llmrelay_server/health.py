@@ -208,7 +208,17 @@ class HealthMonitor:
         self._probed_at[backend.name] = asyncio.get_running_loop().time()
         if backend.health is None or backend.health.reachable != result.reachable:
             log.info("backend %s is %s", backend.name, "reachable" if result.reachable else "unreachable")
+        unlisted_before = backend.default_unlisted
         backend.health = result
+        if backend.default_unlisted and not unlisted_before:  # said once, until it is listed again
+            log.warning(
+                "backend %s does not list its default model %s among the %d models it serves: calls for it will fail"
+                " (an Ollama model not pulled: `ollama pull %s`; or set its `model`)",
+                backend.name,
+                backend.provider.spec.default_model,
+                len(result.models),
+                backend.provider.spec.default_model,
+            )
 
     def report(self) -> list[tuple[BackendHealth, CircuitState]]:
         return [(b.health or _never_probed(b), b.circuit.state) for b in self._backends]

@@ -223,6 +223,15 @@ class Backend:
     def serves(self, model: str) -> bool:
         return _untagged(model) in self._served
 
+    @property
+    def default_unlisted(self) -> bool:
+        """Whether its last probe listed models, its default not among them, on a kind whose list is what it serves
+        (LISTS_WHAT_IT_SERVES): its default model's calls fail (an Ollama model not pulled)."""
+        health = self._health
+        if health is None or not health.models or self.provider.spec.kind not in LISTS_WHAT_IT_SERVES:
+            return False
+        return _untagged(self.provider.spec.default_model) not in {_untagged(name) for name in health.models}
+
     def embeds(self, model: str) -> bool:
         return any(_untagged(model) == _untagged(name) for name in self.provider.spec.all_embedding_models)
 
@@ -301,6 +310,11 @@ def _if_sent(route: Route, sent_before: int | None) -> Route | None:
     meters cannot tell, and is billed as though it was written."""
     sent = metering.requests_sent()
     return route if sent is None or sent_before is None or sent > sent_before else None
+
+
+LISTS_WHAT_IT_SERVES: Final = frozenset({"openai", "ollama", "vllm"})
+"""The kinds of backend whose list of models is every model they serve. Not llama.cpp's server (it answers any name),
+nor Anthropic's API (it lists dated ids, not the aliases it serves), nor another OpenAI-compatible server, unknown."""
 
 
 def _untagged(model: str) -> str:

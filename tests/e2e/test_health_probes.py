@@ -4,6 +4,7 @@ most), and every caller the whole answer, within its deadline."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from llmrelay_server.app import start_gateway
 from llmrelay_server.backends import openai_compat, upstream_http
 from llmrelay_server.config import load_config
 from llmrelay_server.health import FRESH_PROBE_S, SERVICE_NAME
-from support import DIALECTS, GatewayFactory, two_backends, wait_until
+from support import ANTHROPIC_TEST_KEY, DIALECTS, OPENAI_TEST_KEY, GatewayFactory, two_backends, wait_until
 from upstream import FakeUpstream
 
 CALLERS = 100
@@ -129,15 +130,22 @@ async def test_a_models_list_that_is_not_one_marks_the_backend_unreachable(
 @pytest.mark.parametrize("primary", DIALECTS, indirect=True)
 @pytest.mark.parametrize(("status", "reachable"), [(403, True), (401, False), (404, False), (500, False)])
 async def test_a_key_that_may_not_list_models_leaves_its_backend_reachable(
-    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, status: int, reachable: bool
+    gateway_factory: GatewayFactory, primary: FakeUpstream, status: int, reachable: bool
 ) -> None:
     """OpenAI's restricted keys lack the models scope (a 403), and chat all the same: taken for unreachable, the
     backend kept readiness NOT_SERVING, and a load balancer the gateway out of rotation, while every call succeeded.
     A key refused (401), no list where one should be (404: a base_url without /v1) or a failing server is unreachable
     still."""
     primary.models_status = status
-    await local.stop()  # readiness hangs on the primary alone
-    gateway = await gateway_factory(two_backends(primary, local))
+    with socket.socket() as closed:  # an Ollama nothing answers at: readiness hangs on the primary alone
+        closed.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    key = ANTHROPIC_TEST_KEY if primary.dialect == "anthropic" else OPENAI_TEST_KEY
+    gateway = await gateway_factory(f"""
+llm:
+  {primary.dialect}: {{api_key: "{key}", base_url: "{primary.base_url}", model: {primary.models[0]}}}
+  ollama: {{base_url: "{down}", model: tiny}}
+""")  # fmt: skip
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
         stub = pb.LLMServiceStub(channel)
         report = await stub.Health(pb.HealthRequest(probe=True), timeout=10)
@@ -152,6 +160,45 @@ async def test_a_key_that_may_not_list_models_leaves_its_backend_reachable(
             assert "calls are sent all the same" in backend.last_error
             answer = await stub.Complete(pb.CompleteRequest(messages=[pb.Message(role=pb.ROLE_USER, content="hi")]))
             assert answer.backend == primary.dialect
+
+
+async def test_a_default_model_its_backend_does_not_list_is_a_warning_once(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An Ollama model not pulled: every call for it fails NOT_FOUND, and the gateway, which has the list, said
+    nothing. Once, not at every probe; again once it was listed and is no more. A model listed without its tag
+    (NAME and NAME:latest are one to Ollama) is listed."""
+    caplog.set_level(logging.WARNING, logger="llmrelay_server.health")
+    gateway = await gateway_factory(f"""
+llm:
+  openai: {{api_key: "{OPENAI_TEST_KEY}", base_url: "{primary.base_url}", model: gpt-absent}}
+  ollama: {{base_url: "{local.base_url}", model: "{local.models[0]}:latest"}}
+""")  # fmt: skip
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "does not list its default model" in r.getMessage()]
+
+    assert said() == [
+        "backend openai does not list its default model gpt-absent among the 2 models it serves: calls for it will fail"
+        " (an Ollama model not pulled: `ollama pull gpt-absent`; or set its `model`)"
+    ]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+
+        async def probed() -> None:
+            await asyncio.sleep(FRESH_PROBE_S)
+            await stub.Health(pb.HealthRequest(probe=True), timeout=10)
+
+        await probed()
+        assert len(said()) == 1, "said once"
+        listed = primary.models
+        try:
+            primary.models = (*listed, "gpt-absent")
+            await probed()
+        finally:
+            primary.models = listed
+        await probed()
+        assert len(said()) == 2, "said again once it was no more listed"
 
 
 @pytest.mark.parametrize("primary", DIALECTS, indirect=True)
