@@ -99,6 +99,13 @@ def png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
+def jpeg(width: int, height: int, *, frame: int = 0xC0) -> bytes:
+    """A JPEG's start: SOI, a JFIF APP0 segment, a fill byte, then the frame header with the size."""
+    app0 = b"\xff\xe0" + binary.pack(">H", 16) + b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    sof = b"\xff" + bytes([frame]) + binary.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
+    return b"\xff\xd8" + app0 + b"\xff" + sof
+
+
 def details(error: grpc.aio.AioRpcError) -> dict[str, Any]:
     """The google.rpc details of a failed call, by type name (ErrorInfo, RetryInfo, BadRequest, QuotaFailure,
     AttemptHistory), as the SDK's decoder reads them."""

@@ -500,14 +500,15 @@ def _image(image: pb.ImagePart, errors: _Violations, where: str, max_image_bytes
             " smaller image, or its URL",
         )
     found = images.media_type(data)
-    if image.media_type and image.media_type not in images.MEDIA_TYPES:
+    said = images.canonical_media_type(image.media_type)
+    if said and said not in images.MEDIA_TYPES:
         errors.add(f"{where}.media_type", f"must be one of {', '.join(images.MEDIA_TYPES)}, or unset")
     elif found is None:
         errors.add(f"{where}.data", "is not a PNG, JPEG, GIF or WebP image (by its first bytes)")
-    elif image.media_type and found != image.media_type:
+    elif said and found != said:
         errors.add(f"{where}.data", f"is {found} data, but media_type says {image.media_type}")
     # Unset, the media type is the one the bytes' signature says.
-    return ImagePart(data=data, media_type=image.media_type or found, detail=detail)
+    return ImagePart(data=data, media_type=said or found, detail=detail)
 
 
 _NOT_IN_A_URL: Final = re.compile(r"[\s\x00-\x1f\x7f]")

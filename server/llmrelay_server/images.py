@@ -17,6 +17,16 @@ JPEG: Final = "image/jpeg"
 GIF: Final = "image/gif"
 WEBP: Final = "image/webp"
 MEDIA_TYPES: Final = (PNG, JPEG, GIF, WEBP)
+_JPG: Final = "image/jpg"
+"""JPEG's name by its files' extension: no registered type, but what many clients send."""
+
+
+def canonical_media_type(media_type: str) -> str:
+    """A media type as MEDIA_TYPES names it: lower-case (a type and subtype are case-insensitive, RFC 2045: IMAGE/PNG
+    is image/png), image/jpg as image/jpeg; "" for none. The upstreams take only the canonical names."""
+    lowered = media_type.lower()
+    return JPEG if lowered == _JPG else lowered
+
 
 # JPEG's start-of-frame markers, which carry the size: C0-CF except C4 (Huffman tables), C8 (reserved) and CC
 # (arithmetic coding conditioning).

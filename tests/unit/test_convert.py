@@ -39,9 +39,10 @@ from llmrelay_server.domain import (
     ToolCallDelta,
 )
 from llmrelay_server.images import MEDIA_TYPES
-from support import chat, png, struct, tool, user
+from support import chat, jpeg, png, struct, tool, user
 
 PNG_1X1 = png(1, 1)
+JPEG_1X1 = jpeg(1, 1)
 
 
 def fields_of(request: pb.CompleteRequest) -> list[str]:
@@ -714,6 +715,8 @@ def test_parts_map_to_the_domain() -> None:
         image(url="https://example.com/cat.png", detail=pb.IMAGE_DETAIL_LOW),
         image(data=PNG_1X1, media_type="image/png", detail=pb.IMAGE_DETAIL_HIGH),
         image(data=PNG_1X1),  # the media type is read from the bytes
+        image(data=PNG_1X1, media_type="Image/PNG"),  # a type is case-insensitive: as the upstreams name it
+        image(data=JPEG_1X1, media_type="image/jpg"),  # JPEG by its files' extension
     )
     (message,) = convert.completion_request(request, max_image_bytes=len(PNG_1X1)).messages
     assert message == Message(
@@ -723,6 +726,8 @@ def test_parts_map_to_the_domain() -> None:
             ImagePart(url="https://example.com/cat.png", detail=ImageDetail.LOW),
             ImagePart(data=PNG_1X1, media_type="image/png", detail=ImageDetail.HIGH),
             ImagePart(data=PNG_1X1, media_type="image/png"),
+            ImagePart(data=PNG_1X1, media_type="image/png"),
+            ImagePart(data=JPEG_1X1, media_type="image/jpeg"),
         ),
     )
 

@@ -8,14 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from llmrelay_server import images
-from support import png
-
-
-def jpeg(width: int, height: int, *, frame: int = 0xC0) -> bytes:
-    """A JPEG's start: SOI, a JFIF APP0 segment, a fill byte, then the frame header with the size."""
-    app0 = b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
-    sof = b"\xff" + bytes([frame]) + struct.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
-    return b"\xff\xd8" + app0 + b"\xff" + sof
+from support import jpeg, png
 
 
 def webp(chunk: bytes, body: bytes) -> bytes:
