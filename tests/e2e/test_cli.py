@@ -15,12 +15,13 @@ from asyncio.subprocess import PIPE
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, cast
 
 import pytest
 from certs import Authority
 from harness import BIN
 from llmrelay import cli
+from llmrelay import v1 as pb
 from llmrelay.cli import KEY_ENV, main
 from llmrelay_server.app import Gateway
 from support import GatewayFactory, page_served, two_backends
@@ -203,18 +204,48 @@ def test_an_empty_target_is_a_mistake_in_the_options(capsys: pytest.CaptureFixtu
 def test_a_url_for_a_target_is_a_mistake_in_the_options(
     given: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The Client refuses it; the command let it through, and its ValueError ended it with a traceback."""
+    """The Client refuses it; the command let it through, and its ValueError ended it with a traceback. The
+    variable's mistake is the variable's, not --target's, which nobody typed."""
     url = "https://admin:S3CR3T@gw.example:443"
     monkeypatch.setenv("LLMRELAY_TARGET", url if given == "variable" else "")
     with pytest.raises(SystemExit) as caught:
         main([*(["--target", url] if given == "flag" else []), "health"])
-    assert caught.value.code == 2
-    err = capsys.readouterr().err
-    assert err.splitlines()[-1] == (
-        "llmrelay: error: argument --target: a gRPC target is HOST:PORT (or dns:, unix:, ...), not an http:// or"
-        " https:// URL"
-    )
+    problem = "a gRPC target is HOST:PORT (or dns:, unix:, ...), not an http:// or https:// URL"
+    if given == "flag":
+        assert caught.value.code == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1] == f"llmrelay: error: argument --target: {problem}"
+    else:
+        err = str(caught.value)
+        assert err == f"llmrelay: LLMRELAY_TARGET: {problem}"
+        # stats calls no gateway: the variable is no concern of its.
+        assert cli._parser().parse_args(["stats", "--once"]).once
     assert "S3CR3T" not in err
+
+
+def test_an_empty_key_variable_name_is_a_mistake_in_the_options(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--key-env "$BOT_KEY_VAR"` with the variable unset took the key in LLMRELAY_API_KEY, a person's own perhaps,
+    and billed the call to it without a word."""
+    monkeypatch.setenv(KEY_ENV, KEY)
+    with pytest.raises(SystemExit) as caught:
+        main(["--target", "127.0.0.1:9", "--key-env", "", "health"])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "llmrelay: error: argument --key-env: an empty name (an unset variable?): name the variable, or leave"
+        f" --key-env out for {KEY_ENV}"
+    )
+
+
+def test_an_enum_value_of_a_newer_gateway_is_shown_as_its_number() -> None:
+    """Protobuf keeps a value this version does not know, and the contract may add some: the summary after an answer
+    failed with a KeyError, `health` with a ValueError, after printing what they had."""
+    usage = pb.Usage(prompt_tokens=3, completion_tokens=2)
+    assert cli._summary("openai", "gpt-test", pb.FINISH_REASON_TOOL_CALLS, usage) == (
+        "[openai/gpt-test, tool_calls, 3+2 tokens]"
+    )
+    assert cli._summary("openai", "gpt-test", cast(Any, 99), usage) == "[openai/gpt-test, unknown (99), 3+2 tokens]"
 
 
 _INTERRUPTED_AS_THE_CLI_LOADS = """
@@ -590,6 +621,6 @@ def test_an_empty_target_variable_is_the_default_target(
 ) -> None:
     """`LLMRELAY_TARGET= llmrelay ...` made a channel to '', and gRPC printed its own error lines."""
     monkeypatch.setenv("LLMRELAY_TARGET", variable)
-    assert cli._parser().parse_args(["health"]).target == target
+    assert cli._target_of(cli._parser().parse_args(["health"])) == target
     monkeypatch.setenv("LLMRELAY_METRICS", "")  # likewise
     assert cli._parser().parse_args(["stats"]).metrics == cli.DEFAULT_METRICS

@@ -20,9 +20,9 @@ import unicodedata
 import urllib.error
 import urllib.request
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final, TextIO
+from typing import Final, TextIO, TypeVar
 from urllib.parse import unquote
 
 from llmrelay import v1 as pb
@@ -37,7 +37,6 @@ from llmrelay._errors import LLMRelayError
 from llmrelay._messages import message
 from llmrelay._options import CompletionOptions
 
-_FINISH = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in pb.FinishReason.items()}
 DEFAULT_METRICS = "http://127.0.0.1:9464/metrics"
 KEY_ENV = "LLMRELAY_API_KEY"
 """The environment variable the caller key is read from, unless --key-env names another. Never an argument: it would
@@ -127,17 +126,18 @@ def _client(args: argparse.Namespace) -> Client:
         sys.exit("llmrelay: a client certificate needs both --cert and --cert-key")
     pem = {option: _read(option, path) for option, path in certificates.items()}
     _check_certificates(args, pem)
-    key = os.environ.get(args.key_env or KEY_ENV)
-    if args.key_env and not key:
+    variable = KEY_ENV if args.key_env is None else args.key_env
+    key = os.environ.get(variable)
+    if args.key_env is not None and not key:
         sys.exit(f"llmrelay: --key-env {args.key_env}: the variable is not set")
     # Checked here: gRPC would fail the call INTERNAL with "Invalid metadata", which says nothing of the variable.
     if key and not (key.isascii() and key.isprintable() and " " not in key):
-        sys.exit(f"llmrelay: {args.key_env or KEY_ENV} holds characters no key has (printable ASCII, no spaces)")
+        sys.exit(f"llmrelay: {variable} holds characters no key has (printable ASCII, no spaces)")
     # From a terminal, an answer now (with when to come back) beats the SDK's default of waiting out a pushback in
     # silence, which may be half a minute while a circuit is open.
     retries = BLOCKING_SERVICE_CONFIG if args.retry else None
     return Client(
-        args.target,
+        _target_of(args),
         timeout=args.timeout,
         tls=args.tls,
         root_certificates=pem["--ca-file"],
@@ -250,13 +250,39 @@ def _text(text: str) -> str:
 
 
 def _target(text: str) -> str:
-    """The gateway's target (argparse's type for --target, and for LLMRELAY_TARGET, its default): an empty one would
-    have gRPC print its own error lines."""
+    """The gateway's target (argparse's type for --target): an empty one would have gRPC print its own error lines."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty target: give HOST:PORT, or leave --target out for the default")
     if problem := target_problem(text):
         raise argparse.ArgumentTypeError(problem)
     return _utf8(text)
+
+
+def _target_of(args: argparse.Namespace) -> str:
+    """--target, else LLMRELAY_TARGET, else the default; read here, by the commands that call the gateway, not as
+    --target's default: argparse checks a default of every command's (stats, which calls none, too), and blamed its
+    mistake on --target, which nobody had typed. An empty LLMRELAY_TARGET (`LLMRELAY_TARGET= llmrelay ...`) is unset,
+    as for other tools' variables."""
+    if args.target is not None:
+        return str(args.target)
+    target = os.environ.get("LLMRELAY_TARGET", "").strip()
+    if not target:
+        return DEFAULT_TARGET
+    try:
+        return _target(target)
+    except argparse.ArgumentTypeError as exc:
+        sys.exit(f"llmrelay: LLMRELAY_TARGET: {exc}")
+
+
+def _variable_name(text: str) -> str:
+    """An environment variable's name (argparse's type for --key-env): an empty one, a variable of the script's left
+    unset (`--key-env "$BOT_KEY_VAR"`), took the key in LLMRELAY_API_KEY, often a person's own and broader, and billed
+    the call to it without a word."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"an empty name (an unset variable?): name the variable, or leave --key-env out for {KEY_ENV}"
+        )
+    return text
 
 
 def _timeout(text: str) -> float:
@@ -376,12 +402,10 @@ def _connection_options(parser: argparse.ArgumentParser, *, given_only: bool) ->
     def default(value: object) -> object:
         return argparse.SUPPRESS if given_only else value
 
-    # An empty LLMRELAY_TARGET (`LLMRELAY_TARGET= llmrelay ...`) is unset, as for other tools' variables: gRPC would
-    # fail to make a channel to '' and print its own error lines.
     parser.add_argument(
         "--target",
         type=_target,
-        default=default(os.environ.get("LLMRELAY_TARGET", "").strip() or DEFAULT_TARGET),
+        default=default(None),  # LLMRELAY_TARGET or the default, read by the commands that call the gateway
         help=f"HOST:PORT (env LLMRELAY_TARGET; default {DEFAULT_TARGET})",
     )
     parser.add_argument(
@@ -412,6 +436,7 @@ def _connection_options(parser: argparse.ArgumentParser, *, given_only: bool) ->
     parser.add_argument(
         "--key-env",
         metavar="NAME",
+        type=_variable_name,
         default=default(None),
         help=f"the environment variable that holds the caller key, sent as `authorization: Bearer KEY` (default"
         f" {KEY_ENV})",
@@ -486,7 +511,21 @@ def _stream(client: Client, args: argparse.Namespace) -> None:
 def _summary(backend: str, model: str, finish_reason: pb.FinishReason.ValueType, usage: pb.Usage) -> str:
     estimated = " (estimated)" if usage.estimated else ""
     tokens = f"{usage.prompt_tokens}+{usage.completion_tokens} tokens{estimated}"
-    return f"[{backend}/{model}, {_FINISH[finish_reason]}, {tokens}]"
+    return f"[{backend}/{model}, {_named(pb.FinishReason.Name, finish_reason, 'FINISH_REASON_')}, {tokens}]"
+
+
+_Number = TypeVar("_Number", bound=int)  # an enum's value type (FinishReason.ValueType)
+
+
+def _named(name_of: Callable[[_Number], str], value: _Number, prefix: str) -> str:
+    """An enum's value as the command shows it (FINISH_REASON_TOOL_CALLS: tool_calls); a value of a newer gateway,
+    which this version does not know (protobuf keeps its number, and the contract may add values), as its number:
+    the answer was printed, and a KeyError after it made a failure of the call."""
+    try:
+        name = name_of(value)
+    except ValueError:
+        return f"unknown ({value})"
+    return name.removeprefix(prefix).lower()
 
 
 def _embed(client: Client, args: argparse.Namespace) -> None:
@@ -513,7 +552,7 @@ def _health(client: Client, args: argparse.Namespace) -> None:
     print(f"serving: {'yes' if report.serving else f'no ({_not_serving_because(report)})'}")
     for backend in report.backends:
         state = "reachable" if backend.reachable else "unreachable"
-        circuit = pb.CircuitState.Name(backend.circuit_state).removeprefix("CIRCUIT_STATE_").lower()
+        circuit = _named(pb.CircuitState.Name, backend.circuit_state, "CIRCUIT_STATE_")
         latency = f"{backend.latency.ToNanoseconds() / 1e6:.1f} ms" if backend.HasField("latency") else "-"
         _print(f"{backend.name:<12} {state:<12} circuit {circuit:<9} {latency:>9}  {backend.base_url}")
         if backend.models:
@@ -521,7 +560,7 @@ def _health(client: Client, args: argparse.Namespace) -> None:
         if backend.HasField("last_error"):
             _print(f"{'':<12} last error: {backend.last_error}")
     for store in report.stores:
-        role = pb.StoreRole.Name(store.role).removeprefix("STORE_ROLE_").lower().replace("_", " ")
+        role = _named(pb.StoreRole.Name, store.role, "STORE_ROLE_").replace("_", " ")
         state = "available" if store.available else "unavailable"
         _print(f"{role:<12} {state:<12} {store.kind}" + (f": {store.description}" if store.description else ""))
     if not report.serving:
