@@ -9,6 +9,7 @@ import logging
 import struct
 from collections.abc import AsyncIterator, Sequence
 from hashlib import sha256
+from pathlib import Path
 
 import grpc
 import pytest
@@ -18,6 +19,9 @@ from e2e.test_tracing import connect, rpc_span
 from harness import BIN
 from llmrelay import AsyncClient, Client, InvalidArgumentError, NotFoundError
 from llmrelay import v1 as pb
+from llmrelay_server.backends.openai_compat import OpenAICompatibleProvider
+from llmrelay_server.domain import BackendSpec, EmbeddingRequest, UpstreamError, UpstreamErrorKind
+from llmrelay_server.tokens import TokenCounter
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from support import FAST_ROUTER, OPENAI_TEST_KEY, GatewayFactory, StubFactory, details, wait_until
 from upstream import EMBEDDING_DIMENSIONS, FakeUpstream, embedding_vector
@@ -108,6 +112,22 @@ async def test_vectors_not_of_the_dimensions_asked_are_refused_billed_and_anothe
     records = (await stub.GetUsage(pb.GetUsageRequest(), timeout=10)).records
     billed = {(r.backend, r.requests, r.interrupted_requests, r.prompt_tokens, r.estimated_requests) for r in records}
     assert billed == {("openai", 2, 2, 3, 0), ("ollama", 2, 1, 3, 0)}
+
+
+async def test_vectors_not_of_the_dimensions_asked_move_on_when_their_inputs_cannot_be_counted(
+    primary: FakeUpstream, tmp_path: Path
+) -> None:
+    """Without the model's encoding (none installed) and no usage reported, the count for their bill failed, and its
+    TokenizerUnavailableError ended the call rather than letting the model's next backend serve it."""
+    spec = BackendSpec(name="openai", kind="openai_compatible", base_url=primary.base_url, default_model="gpt-test")
+    provider = OpenAICompatibleProvider(spec, counter=TokenCounter(search_dirs=[tmp_path]))
+    primary.inject({"ignore_dimensions": True, "no_usage": True})
+    try:
+        with pytest.raises(UpstreamError) as caught:
+            await provider.embed("embed-test", EmbeddingRequest(inputs=("a",), dimensions=8), timeout_s=10)
+    finally:
+        await provider.aclose()
+    assert (caught.value.kind, caught.value.consumed) == (UpstreamErrorKind.UNSUPPORTED, None)
 
 
 async def test_no_model_means_the_first_backend_that_has_an_embedding_model(

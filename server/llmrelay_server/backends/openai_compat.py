@@ -7,6 +7,7 @@ module as an UpstreamError whose kind tells the router what to do next.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -49,6 +50,7 @@ from llmrelay_server.domain import (
     ReasoningEffort,
     StreamLimits,
     TokenCount,
+    TokenizerUnavailableError,
     TokenUsage,
     Tool,
     ToolCallDelta,
@@ -252,12 +254,14 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         except wire.MalformedAnswerError as exc:
             raise self._malformed(exc) from exc
         usage = wire.embedding_usage_from(data)
-        if usage is None:
-            counted = await self._counter.count_texts_async(model, request.inputs)
-            usage = TokenUsage(prompt_tokens=counted.tokens, completion_tokens=0, estimated=True)
         if request.dimensions is not None and (answered := len(vectors[0]) // 4) != request.dimensions:
             # A server that cannot shorten vectors (llama.cpp's, a model not trained to) ignores `dimensions`: its
             # vectors would not compare with those the caller asked for. Another backend of the model may shorten them.
+            if usage is None:
+                # Without the model's encoding there is nothing to count them by: billed nothing, as the router bills
+                # an embedding left before its answer, and the next backend is tried all the same.
+                with contextlib.suppress(TokenizerUnavailableError):
+                    usage = await self._inputs_counted(model, request)
             raise UpstreamError(
                 UpstreamErrorKind.UNSUPPORTED,
                 self._spec.name,
@@ -265,9 +269,16 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
                 " shorten its vectors; leave dimensions unset",
                 consumed=usage,
             )
+        if usage is None:
+            usage = await self._inputs_counted(model, request)
         return EmbeddingResponse(
             backend=self._spec.name, model=self._served_model(data, model), vectors=vectors, usage=usage
         )
+
+    async def _inputs_counted(self, model: str, request: EmbeddingRequest) -> TokenUsage:
+        """An embedding's inputs counted offline, for an upstream that reported no usage."""
+        counted = await self._counter.count_texts_async(model, request.inputs)
+        return TokenUsage(prompt_tokens=counted.tokens, completion_tokens=0, estimated=True)
 
     async def count_tokens(self, model: str, messages: Sequence[Message], tools: Sequence[Tool]) -> TokenCount | None:
         """The prompt's length as the server itself counts it; None, so the gateway estimates, when it cannot say. A
