@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -23,7 +24,7 @@ from grpc_health.v1 import health, health_pb2
 
 from llmrelay_server.domain import BackendHealth
 from llmrelay_server.lasting import LastingCalls
-from llmrelay_server.router import Backend, CircuitState, Router
+from llmrelay_server.router import REMEDY_OF_AN_UNLISTED_DEFAULT, Backend, CircuitState, Router
 
 SERVICE_NAME = "llmrelay.v1.LLMService"
 # Circuits open and cool down between probes; their state is read this often (no network) and published on change.
@@ -117,6 +118,8 @@ class HealthMonitor:
         # The probe in flight per backend (by name): whoever asks while it runs waits for it instead of sending another.
         self._probes: dict[str, asyncio.Task[None]] = {}
         self._probed_at: dict[str, float] = {}
+        self._said_unlisted: set[str] = set()
+        """The backends whose default model a WARNING said they do not list (_say_if_its_default_is_unlisted)."""
         """When each backend's last probe ended (the loop's clock)."""
 
     async def announce(self) -> None:
@@ -208,17 +211,30 @@ class HealthMonitor:
         self._probed_at[backend.name] = asyncio.get_running_loop().time()
         if backend.health is None or backend.health.reachable != result.reachable:
             log.info("backend %s is %s", backend.name, "reachable" if result.reachable else "unreachable")
-        unlisted_before = backend.default_unlisted
         backend.health = result
-        if backend.default_unlisted and not unlisted_before:  # said once, until it is listed again
-            log.warning(
-                "backend %s does not list its default model %s among the %d models it serves: calls for it will fail"
-                " (an Ollama model not pulled: `ollama pull %s`; or set its `model`)",
-                backend.name,
-                backend.provider.spec.default_model,
-                len(result.models),
-                backend.provider.spec.default_model,
-            )
+        self._say_if_its_default_is_unlisted(backend, result.models)
+
+    def _say_if_its_default_is_unlisted(self, backend: Backend, models: Sequence[str]) -> None:
+        """A WARNING when a probe lists models without the backend's default (an Ollama model not pulled): every call
+        for it fails, and the gateway has what tells. Once, until a list holds it again: not at every probe, nor again
+        after a probe that listed nothing (the backend unreachable a while)."""
+        listed = backend.lists_its_default(models)
+        if listed is None:
+            return
+        if listed:
+            self._said_unlisted.discard(backend.name)
+            return
+        if backend.name in self._said_unlisted:
+            return
+        self._said_unlisted.add(backend.name)
+        spec = backend.provider.spec
+        log.warning(
+            "backend %s does not list its default model %s among the %d models it serves: calls for it will fail; %s",
+            backend.name,
+            spec.default_model,
+            len(models),
+            REMEDY_OF_AN_UNLISTED_DEFAULT[spec.kind].replace("NAME", spec.default_model),
+        )
 
     def report(self) -> list[tuple[BackendHealth, CircuitState]]:
         return [(b.health or _never_probed(b), b.circuit.state) for b in self._backends]

@@ -31,9 +31,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field, replace
 from itertools import groupby
 from typing import Any, Final, TypeAlias, TypeVar
+from urllib.parse import urlsplit
 
 from llmrelay_server import metering
-from llmrelay_server.config import CircuitConfig, ConfigError, RetryConfig, RouterConfig
+from llmrelay_server.config import DEFAULT_OPENAI_BASE_URL, CircuitConfig, ConfigError, RetryConfig, RouterConfig
 from llmrelay_server.domain import (
     AllBackendsFailedError,
     Attempt,
@@ -223,14 +224,16 @@ class Backend:
     def serves(self, model: str) -> bool:
         return _untagged(model) in self._served
 
-    @property
-    def default_unlisted(self) -> bool:
-        """Whether its last probe listed models, its default not among them, on a kind whose list is what it serves
-        (LISTS_WHAT_IT_SERVES): its default model's calls fail (an Ollama model not pulled)."""
-        health = self._health
-        if health is None or not health.models or self.provider.spec.kind not in LISTS_WHAT_IT_SERVES:
-            return False
-        return _untagged(self.provider.spec.default_model) not in {_untagged(name) for name in health.models}
+    def lists_its_default(self, models: Sequence[str]) -> bool | None:
+        """Whether `models`, a probe's list, hold its default model; None where a list says nothing of what it serves
+        (REMEDY_OF_AN_UNLISTED_DEFAULT): llama.cpp's server answers any name, Anthropic lists dated ids and serves
+        their aliases, another OpenAI-compatible server (an `openai` backend at another base URL too) is unknown."""
+        spec = self.provider.spec
+        if not models or spec.kind not in REMEDY_OF_AN_UNLISTED_DEFAULT:
+            return None
+        if spec.kind == "openai" and urlsplit(spec.base_url).hostname != _OPENAI_HOST:
+            return None  # OPENAI_BASE_URL pointed at another OpenAI-compatible server
+        return _untagged(spec.default_model) in {_untagged(name) for name in models}
 
     def embeds(self, model: str) -> bool:
         return any(_untagged(model) == _untagged(name) for name in self.provider.spec.all_embedding_models)
@@ -312,9 +315,13 @@ def _if_sent(route: Route, sent_before: int | None) -> Route | None:
     return route if sent is None or sent_before is None or sent > sent_before else None
 
 
-LISTS_WHAT_IT_SERVES: Final = frozenset({"openai", "ollama", "vllm"})
-"""The kinds of backend whose list of models is every model they serve. Not llama.cpp's server (it answers any name),
-nor Anthropic's API (it lists dated ids, not the aliases it serves), nor another OpenAI-compatible server, unknown."""
+REMEDY_OF_AN_UNLISTED_DEFAULT: Final = {
+    "openai": "check its name, and that the key's project may use it; or set the backend's `model`",
+    "ollama": "pull it (`ollama pull NAME`), or set the backend's `model`",
+    "vllm": "serve it under that name (vLLM's --served-model-name), or set the backend's `model`",
+}
+"""What to do of a default model its backend does not list, by the kinds whose list is every model they serve."""
+_OPENAI_HOST: Final = urlsplit(DEFAULT_OPENAI_BASE_URL).hostname
 
 
 def _untagged(model: str) -> str:

@@ -166,37 +166,42 @@ async def test_a_default_model_its_backend_does_not_list_is_a_warning_once(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An Ollama model not pulled: every call for it fails NOT_FOUND, and the gateway, which has the list, said
-    nothing. Once, not at every probe; again once it was listed and is no more. A model listed without its tag
-    (NAME and NAME:latest are one to Ollama) is listed."""
+    nothing. Once, not at every probe, nor after the backend was unreachable a while; again once it was listed and is
+    no more. A model listed with its tag (NAME and NAME:latest are one to Ollama) is listed; an `openai` backend at
+    another server than OpenAI's (which may serve names it does not list) is not told of."""
     caplog.set_level(logging.WARNING, logger="llmrelay_server.health")
     gateway = await gateway_factory(f"""
 llm:
-  openai: {{api_key: "{OPENAI_TEST_KEY}", base_url: "{primary.base_url}", model: gpt-absent}}
-  ollama: {{base_url: "{local.base_url}", model: "{local.models[0]}:latest"}}
+  openai: {{api_key: "{OPENAI_TEST_KEY}", base_url: "{primary.base_url}", model: gpt-unlisted}}
+  ollama: {{base_url: "{local.base_url}", model: absent}}
 """)  # fmt: skip
 
     def said() -> list[str]:
         return [r.getMessage() for r in caplog.records if "does not list its default model" in r.getMessage()]
 
     assert said() == [
-        "backend openai does not list its default model gpt-absent among the 2 models it serves: calls for it will fail"
-        " (an Ollama model not pulled: `ollama pull gpt-absent`; or set its `model`)"
+        "backend ollama does not list its default model absent among the 1 models it serves: calls for it will fail;"
+        " pull it (`ollama pull absent`), or set the backend's `model`"
     ]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
         stub = pb.LLMServiceStub(channel)
 
-        async def probed() -> None:
+        async def probed() -> pb.HealthResponse:
             await asyncio.sleep(FRESH_PROBE_S)
-            await stub.Health(pb.HealthRequest(probe=True), timeout=10)
+            return await stub.Health(pb.HealthRequest(probe=True), timeout=10)
 
         await probed()
+        local.moved_to = "http://127.0.0.1:9/elsewhere"  # unreachable a while: its probe lists nothing
+        assert not {b.name: b for b in (await probed()).backends}["ollama"].reachable
+        local.moved_to = None
+        await probed()
         assert len(said()) == 1, "said once"
-        listed = primary.models
+        listed = local.models
         try:
-            primary.models = (*listed, "gpt-absent")
+            local.models = (*listed, "absent:latest")
             await probed()
         finally:
-            primary.models = listed
+            local.models = listed
         await probed()
         assert len(said()) == 2, "said again once it was no more listed"
 
