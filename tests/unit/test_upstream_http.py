@@ -69,8 +69,8 @@ SPEC = BackendSpec(name="b", kind="openai", base_url="http://h/v1", default_mode
         ),
         (503, None, "", UpstreamErrorKind.SERVER_ERROR),
         # What the server cannot do, which another may: llama-server's embeddings without --embeddings, and an image
-        # to a model without vision: llama.cpp's words, Ollama's and vLLM's (one image over a limit of two is the
-        # caller's mistake).
+        # to a model without vision: llama.cpp's words, Ollama's and vLLM's (and vLLM's of more images than it takes:
+        # another backend may take them).
         (501, "not_supported_error", "This server does not support embeddings", UpstreamErrorKind.UNSUPPORTED),
         (500, "server_error", "image input is not supported - hint: ...", UpstreamErrorKind.UNSUPPORTED),
         (
@@ -81,7 +81,8 @@ SPEC = BackendSpec(name="b", kind="openai", base_url="http://h/v1", default_mode
             UpstreamErrorKind.UNSUPPORTED,
         ),
         (400, "BadRequestError", "At most 0 image(s) may be provided in one prompt.", UpstreamErrorKind.UNSUPPORTED),
-        (400, "BadRequestError", "At most 2 image(s) may be provided in one prompt.", UpstreamErrorKind.REJECTED),
+        (400, "BadRequestError", "At most 2 image(s) may be provided in one prompt.", UpstreamErrorKind.UNSUPPORTED),
+        (400, "BadRequestError", "At most 2 images may be sent", UpstreamErrorKind.REJECTED),
     ],
 )
 def test_error_kinds(status: int, code: str | None, message: str, kind: UpstreamErrorKind) -> None:

@@ -957,7 +957,7 @@ class Conversation:
         self.budget_tokens = budget_tokens
         self.model = model
         self.tokens: int | None = None
-        """The count of the last fit, or None before any."""
+        """The count of the last fit that fitted (a failed fit leaves it as it was), or None before any."""
 
     def add(self, *messages: MessageLike) -> None:
         """Appends messages: pb.Message, or dicts of their fields ({"role": "user", "content": "Hi"})."""
