@@ -113,6 +113,7 @@ const isNumber = (value: unknown): value is number => typeof value === "number" 
 export const s = {
   string: (): Schema<string> => schema({ type: "string" }, kind("a string", (v) => typeof v === "string")),
   number: (): Schema<number> => schema({ type: "number" }, kind("a number", isNumber)),
+  /** A whole number a JavaScript number holds exactly (up to 2^53 - 1 in size): take a 64-bit id as s.string(). */
   integer: (): Schema<number> =>
     schema(
       { type: "integer" },
