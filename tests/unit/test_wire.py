@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import json
 import secrets
 from collections.abc import Sequence
@@ -1245,3 +1246,59 @@ def test_sse_data_never_raises(line: str) -> None:
 @given(spaces=st.integers(0, 3), payload=st.text().filter(lambda s: not s.startswith(" ")))
 def test_sse_data_returns_the_payload(spaces: int, payload: str) -> None:
     assert wire.sse_data("data:" + " " * spaces + payload) == payload
+
+
+def whole_by_a_parse(text: str) -> bool:
+    """What `_JsonSoFar.whole` says, the slow way: the text is JSON, opening with a bracket."""
+    try:
+        orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return False
+    return text.lstrip()[:1] in ("{", "[")
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(alphabet='{}[]"\\ab \n:,'),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(alphabet='{}[]"\\a'), inner, max_size=3),
+    ),
+    st.text(alphabet=' \n{}[]"\\x1', max_size=4),
+    st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=30),
+)
+@example({"a": '"\\}'}, "", [1])
+@example([{"a": 1}], " x", [3])
+def test_arguments_are_told_whole_as_a_parse_of_all_of_them_says_after_every_fragment(
+    value: Any, after: str, cuts: list[int]
+) -> None:
+    """Their nesting followed as they come, escapes and brackets within strings split across fragments anywhere."""
+    text = json.dumps(value) + after
+    so_far = wire._JsonSoFar()
+    at = 0
+    for cut in itertools.cycle(cuts):
+        if at >= len(text):
+            break
+        so_far.add(text[at : at + cut])
+        at += cut
+        assert so_far.whole == whole_by_a_parse(text[:at]), text[:at]
+
+
+def test_a_long_calls_name_with_every_fragment_costs_its_arguments_length_not_its_square() -> None:
+    """vLLM repeats a call's name with every fragment, and a list of small objects ends as an object does at almost
+    every one: each was a parse of everything so far (16,000 items: 15 s)."""
+    calls = wire.StreamToolCalls()
+    items = [f'{{"row": {i}}}' for i in range(16_000)]
+    fragments = ["[", items[0], *(f",{item}" for item in items[1:]), "]"]  # each but the first and last ends in }
+    parses = 0
+    real_loads = orjson.loads
+
+    def counted(text: str | bytes) -> Any:
+        nonlocal parses
+        parses += 1
+        return real_loads(text)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(orjson, "loads", counted)
+        for fragment in fragments:
+            call = {"index": 0, "id": "call_a", "function": {"name": "rows", "arguments": fragment}}
+            calls.deltas({"tool_calls": [call]})
+    assert parses <= 1

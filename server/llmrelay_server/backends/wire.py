@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import io
 import itertools
 import json
 import re
@@ -661,8 +662,8 @@ class StreamToolCalls:
         """The indexes of the calls -> the ids the upstream gave them, where the gateway gave another."""
         self._signed: set[int] = set()
         """The indexes of the calls whose signature has been relayed: once a call, as the contract has it."""
-        self._arguments: dict[int, list[str]] = {}
-        """The indexes of the calls -> their arguments' text so far."""
+        self._arguments: dict[int, _JsonSoFar] = {}
+        """The indexes of the calls -> their arguments so far, told whole or not."""
         self._held: dict[int, list[Any]] = {}
         """The indexes of the calls begun whose arguments have not -> [id, name so far, signature]: a call's first
         fragment waits for its arguments (or the stream's end), as a server may send the name in pieces until then
@@ -735,7 +736,9 @@ class StreamToolCalls:
                     )
                 call_id = name = None  # the contract has them in a call's first fragment (vLLM repeats them)
             if text:
-                self._arguments.setdefault(index, []).append(text)
+                if (so_far := self._arguments.get(index)) is None:
+                    so_far = self._arguments[index] = _JsonSoFar()
+                so_far.add(text)
             if signature is not None:
                 if index in self._signed:
                     signature = None
@@ -831,19 +834,80 @@ class StreamToolCalls:
                 return False
             self._ended.append(call)
             return True
-        # Parsed only when the text so far ends as an object or array does: vLLM sends the name with every fragment,
-        # and a parse of the whole text at each would cost a long call's arguments their length squared.
-        if not name or not (pieces := self._arguments.get(call)):
+        if not name or (so_far := self._arguments.get(call)) is None:
             return False
         if name == self._names.get(call) and (not text or text.isspace()):
             return False
-        if not next((piece.rstrip() for piece in reversed(pieces) if not piece.isspace()), "").endswith(("}", "]")):
+        return so_far.whole
+
+
+_STRUCTURE: Final = re.compile(r'[\\"{}\[\]]')
+"""The characters that shape a JSON text's nesting: brackets, and the quotes and backslashes of its strings."""
+
+
+class _JsonSoFar:
+    """A tool call's arguments as they come, and whether they are whole JSON so far, told in time linear in their
+    length: vLLM sends a call's name with every fragment, and `_another` asks at each; a parse of the whole text at
+    each cost a long call's arguments their length squared (a list of 30,000 small objects, which ends as an object
+    does at almost every fragment: two minutes of the event loop). Their nesting is followed as they come; the text is
+    parsed once, when the value that opened it closes: after that, anything but whitespace makes it no JSON for good."""
+
+    __slots__ = ("_closed", "_depth", "_escaped", "_in_string", "_more", "_parsed", "_text")
+
+    def __init__(self) -> None:
+        self._text = io.StringIO()  # not a list of the fragments: some 60 bytes each, for 4 characters
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False  # the last fragment ended on a backslash within a string
+        self._closed = False  # the value that opened the text has closed
+        self._more = False  # something but whitespace came after it
+        self._parsed: bool | None = None  # the text, once closed, is JSON (parsed when first asked)
+
+    def add(self, text: str) -> None:
+        self._text.write(text)
+        if self._closed:
+            self._more = self._more or not text.isspace()
+            return
+        skip = 0 if self._escaped else -1  # the position of a character a backslash escapes
+        self._escaped = False
+        for match in _STRUCTURE.finditer(text):
+            at, character = match.start(), match.group()
+            if at == skip:
+                continue
+            if self._in_string:
+                if character == "\\":
+                    skip = at + 1
+                    self._escaped = skip == len(text)
+                elif character == '"':
+                    self._in_string = False
+            elif self._closed:
+                self._more = True
+                return
+            elif character == '"':
+                self._in_string = True
+            elif character in "{[":
+                self._depth += 1
+            elif character in "}]":
+                self._depth -= 1
+                self._closed = self._depth <= 0
+        if self._closed and not self._more:
+            # Past the closing bracket in this same fragment: whitespace, or more.
+            last = max(text.rfind("}"), text.rfind("]"))
+            self._more = not text[last + 1 :].isspace() and last + 1 < len(text)
+
+    @property
+    def whole(self) -> bool:
+        """Whether the text so far is one whole JSON value that opened with a bracket (and whitespace)."""
+        if not self._closed or self._more:
             return False
-        try:
-            orjson.loads("".join(pieces))
-        except orjson.JSONDecodeError:
-            return False
-        return True
+        if self._parsed is None:
+            try:
+                orjson.loads(self._text.getvalue())
+            except orjson.JSONDecodeError:
+                self._parsed = False
+            else:
+                self._parsed = True
+        return self._parsed
 
 
 def _numbered(index: int) -> int:
