@@ -19,6 +19,7 @@ import math
 import pathlib
 import re
 import threading
+import time
 import types
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -441,11 +442,23 @@ def _give_up(futures: Sequence[concurrent.futures.Future[pb.Message]]) -> None:
         future.cancel()
 
 
+_SIGNALS_HEARD_S: Final = 0.1
+"""How often a wait for tools' threads wakes, so that the main thread runs a signal's handler (Ctrl-C's)."""
+
+
 def _settled(
     futures: Sequence[concurrent.futures.Future[pb.Message]], calls: Sequence[pb.ToolCall], timeout: float | None
 ) -> list[pb.Message]:
-    """The answers of calls started in threads, once done or after timeout seconds."""
-    concurrent.futures.wait(futures, timeout=timeout)
+    """The answers of calls started in threads, once done or after timeout seconds. Waited for a tenth of a second at
+    a time, as gRPC's blocking calls wait: a process's signal may be delivered to any of its threads, and Python runs
+    its handler in the main thread alone, at its next instruction; one blocked on a lock without a timeout runs none.
+    Ctrl-C delivered to a tool's thread (about 1 run in 350) left the run waiting on a tool that never ends."""
+    until = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = _SIGNALS_HEARD_S if until is None else min(_SIGNALS_HEARD_S, until - time.monotonic())
+        _, running = concurrent.futures.wait(futures, timeout=max(left, 0.0))
+        if not running or (until is not None and time.monotonic() >= until):
+            break
     return [
         future.result() if future.done() else tool_result(call, _unfinished(timeout))
         for future, call in zip(futures, calls, strict=True)

@@ -12,6 +12,7 @@ import json
 import pathlib
 import signal
 import threading
+import time
 import typing
 import uuid
 from dataclasses import dataclass, field
@@ -606,6 +607,32 @@ def test_run_all_interrupted_cancels_the_async_tools_still_running() -> None:
     with pytest.raises(KeyboardInterrupt):
         tools.run_all(calls)
     assert cancelled.wait(10)
+
+
+def test_ctrl_c_delivered_to_a_tools_thread_interrupts_the_wait_all_the_same() -> None:
+    """A process's signal may be delivered to any of its threads, and Python runs its handler in the main thread
+    alone, at its next instruction: blocked on a lock without a timeout, the wait for the tools ran none, and the run
+    waited for ever on a tool that never ends (1 run in 350 of Ctrl-C)."""
+    tools, released = Tools(), threading.Event()
+
+    @tools.register
+    def stuck() -> str:
+        time.sleep(0.3)  # the main thread waits for the tools by now
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # Ctrl-C, delivered to this thread
+        released.wait()
+        return "released"
+
+    # Should the wait not hear it, Ctrl-C again, to the main thread, so that the test ends (failed), not hangs.
+    again = threading.Timer(5, signal.pthread_kill, (threading.main_thread().ident or 0, signal.SIGINT))
+    again.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tools.run_all([pb.ToolCall(id="a", function=pb.FunctionCall(name="stuck"))])
+        assert time.monotonic() - started < 2, "heard only when Ctrl-C came again, to the main thread"
+    finally:
+        again.cancel()
+        released.set()
 
 
 def test_usage_adds_up_over_steps_the_optional_counts_where_any_step_had_them() -> None:
