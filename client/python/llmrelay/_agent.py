@@ -450,9 +450,10 @@ def _settled(
     futures: Sequence[concurrent.futures.Future[pb.Message]], calls: Sequence[pb.ToolCall], timeout: float | None
 ) -> list[pb.Message]:
     """The answers of calls started in threads, once done or after timeout seconds. Waited for a tenth of a second at
-    a time, as gRPC's blocking calls wait: a process's signal may be delivered to any of its threads, and Python runs
-    its handler in the main thread alone, at its next instruction; one blocked on a lock without a timeout runs none.
-    Ctrl-C delivered to a tool's thread (about 1 run in 350) left the run waiting on a tool that never ends."""
+    a time, as gRPC's blocking calls wait: Python runs a signal's handler in the main thread alone, at its next
+    instruction, and one blocked on a lock without a timeout runs none until the lock is released. Ctrl-C that came
+    just as the wait began, or was delivered to a tool's thread (any thread may take a process's signal), left the run
+    waiting for ever on a tool that never ends (about 1 run in 400 under load)."""
     until = None if timeout is None else time.monotonic() + timeout
     while True:
         left = _SIGNALS_HEARD_S if until is None else min(_SIGNALS_HEARD_S, until - time.monotonic())
