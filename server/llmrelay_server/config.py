@@ -333,9 +333,8 @@ def load_config(env: Mapping[str, str] | None = None, path: str | Path | None = 
     _FROM_THE_ENVIRONMENT.set(())  # this load's files alone
     # Set but blank (`LLMRELAY_KEYS_FILE=$KEYS`, KEYS unset), these were taken for unset without a word: a start on
     # the defaults, a gateway open to anyone, each process keeping its own limits. The --config flag refuses it too.
-    # LLMRELAY_USAGE_DB's, a ledger of its own in the working directory, in place of the one replicas share;
-    # LLMRELAY_LISTEN's, the loopback default, which nothing outside the machine reaches.
-    for name in ("LLMRELAY_CONFIG", "LLMRELAY_KEYS_FILE", "LLMRELAY_REDIS_URL", "LLMRELAY_USAGE_DB", "LLMRELAY_LISTEN"):
+    # LLMRELAY_USAGE_DB's, a ledger of its own in the working directory, in place of the one replicas share.
+    for name in ("LLMRELAY_CONFIG", "LLMRELAY_KEYS_FILE", "LLMRELAY_REDIS_URL", "LLMRELAY_USAGE_DB"):
         if name in env and not env[name].strip() and not (name == "LLMRELAY_CONFIG" and path):
             raise ConfigError(f"{name}: empty (an unset variable?): give one, or leave the variable unset")
     # An error names where its value came from: a variable set long ago is easy to forget.
