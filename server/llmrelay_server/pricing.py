@@ -14,10 +14,11 @@ Patterns are shell globs (`*`, `?`, `[...]`), matched case-sensitively against t
 most specific pattern wins: a plain name over any glob, then the glob with more literal characters, then the one
 written first; so "gpt-4o-mini-2024-07-18" is priced by "gpt-4o-mini-*" rather than "gpt-4o-*". In either table a
 plain name prices its dated snapshots too (a date after it: "gpt-4o-2024-08-06", "gpt-4-0613"), as OpenAI's answers
-name the snapshot that served. An answer that names a model other than the one asked for is priced as the model it
-names where a price is known for it, else as the one asked for, the operator's prices before the shipped ones
-(`PriceTable.answer_rate`); so a request reserves at the dearest of its model's price and those of its dated snapshots
-priced apart (`PriceTable.rate`).
+name the snapshot that served, and as a plain name: over any glob ("o3" prices "o3-2025-04-16" where "openai/*" is
+written too), below the snapshot's own name. An answer that names a model other than the one asked for is priced as
+the model it names where a price is known for it, else as the one asked for, the operator's prices before the shipped
+ones (`PriceTable.answer_rate`); so a request reserves at the dearest of its model's price and those of its dated
+snapshots priced apart (`PriceTable.rate`).
 
 Prices are taken as the decimals they are written as (0.15 is 15/100, not the float nearest to it) and a cost is
 computed exactly in fractions of a micro-dollar, then rounded once, up, to whole micro-dollars: never below the exact
@@ -78,9 +79,8 @@ _OPENAI_LIST: Final[Mapping[str, Price]] = {
 # form ("gpt-4-0613"); Anthropic's write the date without dashes ("claude-sonnet-4-5-20250929"). Only a date is
 # matched after the name, so that variants with other prices ("gpt-4o-realtime-preview", "o3-deep-research") are not
 # priced as their base model but as unknown.
-_DATED: Final = ("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]", "[0-9]" * 8, "[0-9][0-9][0-9][0-9]")
 _DATE_SUFFIX: Final = re.compile(r"-(?:[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{8}|[0-9]{4})\Z")
-"""The same dates, as what ends a snapshot's name."""
+"""The dates that end a snapshot's name."""
 
 
 def undated(model: str) -> str:
@@ -92,19 +92,8 @@ def _is_glob(pattern: str) -> bool:
     return any(c in pattern for c in "*?[")
 
 
-def _with_snapshots(prices: Mapping[str, Price]) -> dict[str, Price]:
-    """The prices, each plain name's also for its dated snapshots (globs of their own, so that a price written for
-    the snapshot's own name wins)."""
-    expanded = dict(prices)
-    for name, price in prices.items():
-        if not _is_glob(name):
-            for date in _DATED:
-                expanded.setdefault(f"{name}-{date}", price)
-    return expanded
-
-
 OPENAI_PRICES: Final[Mapping[str, Price]] = {
-    **_with_snapshots(_OPENAI_LIST),
+    **_OPENAI_LIST,
     # The first gpt-4o snapshot kept its launch price.
     "gpt-4o-2024-05-13": Price(prompt=5.0, completion=15.0),
 }
@@ -228,6 +217,12 @@ class _Patterns:
         for name in (qualified, model):
             if name is not None and (rate := self._plain.get(name)) is not None:
                 return rate
+        # A plain name prices its dated snapshots as a plain name, over any glob: ranked as a glob of the date, a
+        # snapshot of "o3" lost to a backend's catch-all "openai/*" (more literal characters), and an answer naming
+        # "o3-2025-04-16" was billed at the catch-all's price where its request reserved at o3's.
+        for name in (qualified, model):
+            if name is not None and (base := undated(name)) != name and (rate := self._plain.get(base)) is not None:
+                return rate
         for regex, rate in self._globs:
             if regex.match(qualified) or (model is not None and regex.match(model)):
                 return rate
@@ -245,7 +240,7 @@ class PriceTable:
         # An operator's "gpt-4o" prices the snapshot that answers ("gpt-4o-2024-08-06") too, as the shipped table's
         # does: else every answer that names its snapshot would be billed at the list price (or as unknown), and
         # settle at another figure than its budget reserved at the request's model's price.
-        self._overrides = _Patterns(_with_snapshots(overrides))
+        self._overrides = _Patterns(overrides)
         self._unknown = Rate.of(unknown, unknown=True)
         self._backends = frozenset(backends)
         self._snapshots: dict[str, list[str]] = {}

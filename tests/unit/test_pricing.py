@@ -147,6 +147,29 @@ def test_an_override_of_a_model_prices_its_dated_snapshots_too() -> None:
     assert priced(table, OPENAI, "my-model-preview").unknown
 
 
+def test_a_plain_names_snapshots_beat_a_catch_all_glob_as_the_plain_name_does() -> None:
+    # Ranked as globs of their date, "o3"'s snapshots lost to "openai/*" (more literal characters): an answer naming
+    # "o3-2025-04-16" was billed at the catch-all's price where its request reserved at o3's.
+    claude = backend("anthropic")
+    table = PriceTable(
+        {
+            "openai/*": Price(5.0, 15.0),
+            "anthropic/claude-*": Price(3.0, 15.0),
+            "o3": Price(2.0, 8.0),
+            "gpt-4": Price(30.0, 60.0),
+            "claude-opus-4-1": Price(15.0, 75.0),
+            "openai/gpt-4-0613": Price(40.0, 80.0),
+        },
+        UNKNOWN,
+    )
+    assert micros(table, OPENAI, "o3-2025-04-16") == micros(table, OPENAI, "o3") == 2_000_000
+    assert micros(table, claude, "claude-opus-4-1-20250805") == micros(table, claude, "claude-opus-4-1") == 15_000_000
+    assert micros(table, OPENAI, "gpt-4-0314") == 30_000_000
+    assert micros(table, OPENAI, "gpt-4-0613") == 40_000_000, "the snapshot's own price wins over its model's"
+    assert table.rate(OPENAI, "o3").cost(TokenUsage(1_000_000, 0)).usd_micros == 2_000_000, "reserved as billed"
+    assert micros(table, OPENAI, "o3-preview") == 5_000_000, "no snapshot: the catch-all's"
+
+
 def test_a_price_of_a_claude_model_prices_its_snapshots_dated_without_dashes() -> None:
     # Anthropic writes a snapshot's date as YYYYMMDD: a price given for the plain name billed its answers as unknown.
     claude = backend("anthropic")
