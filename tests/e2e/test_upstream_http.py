@@ -113,35 +113,61 @@ def _missing(folder: Path) -> Path:
     return folder / "missing.pem"
 
 
-@pytest.mark.parametrize(
-    ("roots", "problem"), [(_not_a_certificate, "no PEM certificate in it"), (_missing, "No such")]
+def _unhashed(folder: Path) -> Path:
+    """A directory with the CA's certificate under a name of its own: OpenSSL looks one up by its subject's hash."""
+    (folder / "roots").mkdir()
+    (folder / "roots" / "upstream-ca.pem").write_bytes((folder / "ca.pem").read_bytes())
+    return folder / "roots"
+
+
+UNUSABLE_ROOTS = pytest.mark.parametrize(
+    ("variable", "roots", "problem"),
+    [
+        ("SSL_CERT_FILE", _not_a_certificate, "no PEM certificate in it"),
+        ("SSL_CERT_FILE", _missing, "No such file or directory"),
+        ("SSL_CERT_DIR", _missing, "No such file or directory"),
+        ("SSL_CERT_DIR", _unhashed, "no certificate in it under its subject's hash (such as 1a2b3c4d.0)"),
+    ],
+    ids=["file-not-pem", "file-missing", "dir-missing", "dir-not-hashed"],
 )
-async def test_ssl_cert_file_that_names_no_certificates_is_said_in_the_attempts_error(
+
+
+@UNUSABLE_ROOTS
+async def test_trusted_roots_that_name_no_certificates_are_said_in_the_attempts_error(
     stub_for: StubFactory,
     hosted: tuple[FakeUpstream, Path],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    variable: str,
     roots: Callable[[Path], Path],
     problem: str,
 ) -> None:
-    """Read at the first connection to an https upstream (the command checks it at start): the call fails UNAVAILABLE
-    naming the variable, rather than UNKNOWN with a traceback, and the health probe at start says unreachable."""
+    """Read at the first connection to an https upstream (the command checks them at start): the call fails
+    UNAVAILABLE naming the variable, rather than UNKNOWN with a traceback (or, for a directory, the handshake's
+    "unable to get local issuer certificate", naming nothing), and the health probe at start says unreachable."""
     upstream, ca_file = hosted
     path = roots(ca_file.parent)
-    monkeypatch.setenv("SSL_CERT_FILE", str(path))
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.setenv(variable, str(path))
     stub = await stub_for(only(upstream))
     for _ in range(2):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Complete(chat(), timeout=5)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        said = f"cannot connect to https://localhost:{upstream.port}: SSL_CERT_FILE: {path}: {problem}"
+        said = f"cannot connect to https://localhost:{upstream.port}: {variable}: {path}: {problem}"
         assert said in (caught.value.details() or ""), caught.value.details()
+    assert upstream.chat_requests == []
     assert "Traceback" not in caplog.text
 
 
-async def test_ssl_cert_file_that_names_no_certificates_stops_the_command_at_start(tmp_path: Path) -> None:
-    path = _not_a_certificate(tmp_path)
-    env = clean_env(SSL_CERT_FILE=str(path), OPENAI_API_KEY=OPENAI_TEST_KEY, OPENAI_BASE_URL="https://llm.test/v1")
+@UNUSABLE_ROOTS
+async def test_trusted_roots_that_name_no_certificates_stop_the_command_at_start(
+    tmp_path: Path, variable: str, roots: Callable[[Path], Path], problem: str
+) -> None:
+    (tmp_path / "ca.pem").write_bytes(Authority("upstream test CA").cert)
+    path = roots(tmp_path)
+    env = clean_env(OPENAI_API_KEY=OPENAI_TEST_KEY, OPENAI_BASE_URL="https://llm.test/v1")
+    env = {name: value for name, value in env.items() if not name.startswith("SSL_CERT_")} | {variable: str(path)}
     process = await asyncio.create_subprocess_exec(
         BIN / "llmrelay-server", "--listen", "127.0.0.1:0",
         env=env, cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -153,7 +179,7 @@ async def test_ssl_cert_file_that_names_no_certificates_stops_the_command_at_sta
             process.kill()
             await process.wait()
     assert process.returncode == 1
-    assert f"llmrelay-server: configuration error: SSL_CERT_FILE: {path}: no PEM certificate in it" in err.decode()
+    assert f"llmrelay-server: configuration error: {variable}: {path}: {problem}" in err.decode()
     assert "Traceback" not in err.decode()
 
 

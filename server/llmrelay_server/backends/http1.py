@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import select
 import ssl
 import urllib.parse
@@ -88,18 +89,41 @@ class TrustConfigError(ValueError):
     """SSL_CERT_FILE or SSL_CERT_DIR names certificates that cannot be read: no https upstream could be checked."""
 
 
+_TRUST_VARIABLE_SAYS: Final = (
+    "it names the CA certificates https upstreams are checked against (unset it for the system's)"
+)
+_HASHED_NAME: Final = re.compile(r"[0-9a-f]{8}\.[0-9]+", re.IGNORECASE)
+"""How OpenSSL finds a certificate in a directory: by its subject's hash (`openssl rehash` makes the names)."""
+
+
 def upstream_tls_context() -> ssl.SSLContext:
     """What https upstreams' certificates are checked against: the certificates the SDKs trust (SSL_CERT_FILE or
     SSL_CERT_DIR when set, the system's otherwise); TrustConfigError naming the variable when they cannot be read."""
+    if not os.environ.get("SSL_CERT_FILE") and (directory := os.environ.get("SSL_CERT_DIR")):
+        _check_certificate_directory(directory)
     try:
         return httpx2.create_ssl_context()
     except OSError as exc:  # ssl.SSLError too: a file with no PEM certificate in it
         variable = "SSL_CERT_FILE" if os.environ.get("SSL_CERT_FILE") else "SSL_CERT_DIR"
         problem = exc.strerror if not isinstance(exc, ssl.SSLError) else "no PEM certificate in it"
         raise TrustConfigError(
-            f"{variable}: {os.environ.get(variable, '')}: {problem}; it names the CA certificates https upstreams are"
-            " checked against (unset it for the system's)"
+            f"{variable}: {os.environ.get(variable, '')}: {problem}; {_TRUST_VARIABLE_SAYS}"
         ) from None
+
+
+def _check_certificate_directory(directory: str) -> None:
+    """OpenSSL reads a directory's certificates only as a handshake looks for an issuer, by the hash of its name: a
+    directory missing, or holding none under such names (`openssl rehash` never run), was taken without a word, and
+    every https upstream's handshake failed "unable to get local issuer certificate", naming no variable."""
+    try:
+        names = os.listdir(directory)
+    except OSError as exc:
+        raise TrustConfigError(f"SSL_CERT_DIR: {directory}: {exc.strerror}; {_TRUST_VARIABLE_SAYS}") from None
+    if not any(_HASHED_NAME.fullmatch(name) for name in names):
+        raise TrustConfigError(
+            f"SSL_CERT_DIR: {directory}: no certificate in it under its subject's hash (such as 1a2b3c4d.0), the only"
+            f" names OpenSSL looks for: run `openssl rehash {directory}`; {_TRUST_VARIABLE_SAYS}"
+        )
 
 
 Origin = tuple[str, str, int]
