@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import ipaddress
 import logging
+import re
 import ssl
 import threading
 import time
@@ -34,6 +35,7 @@ _WARNING_REPEAT_S = 86_400.0
 _Signature = tuple[tuple[int, int, int, int, int] | None, ...]
 _Contents = tuple[bytes, bytes, bytes | None]
 """What cert_file, key_file and client_ca_file (None: no mutual TLS) hold."""
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
 def protection(tls: TLSConfig | None) -> str:
@@ -357,11 +359,17 @@ def _read(path: str, where: str) -> bytes:
 
 
 def _check_certificates(pem: bytes, path: str, where: str) -> ssl.SSLContext:
-    """A context that trusts the certificates, which are PEM."""
+    """A context that trusts the certificates, which are PEM. The text around them, which TLS skips, need not be
+    ASCII: `openssl pkcs12` writes "Bag Attributes" with a friendlyName in Latin-1 above each, and CA bundles have
+    comments in UTF-8 (the whole file read as ASCII refused them as holding no certificate)."""
     store = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        store.load_verify_locations(cadata=pem.decode("ascii"))
-    except (ValueError, ssl.SSLError):  # not ASCII (DER, say), no certificate, or a broken one
+        blocks = _PEM_CERTIFICATE.findall(pem)
+        if not blocks:
+            raise ValueError("no PEM certificate")
+        for block in blocks:
+            store.load_verify_locations(cadata=block.decode("ascii"))
+    except (ValueError, ssl.SSLError):  # DER, say, no certificate, or a broken one (not base64: not ASCII either)
         raise ConfigError(
             f"{where}: {shown_path(path)} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
         ) from None

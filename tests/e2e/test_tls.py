@@ -206,6 +206,21 @@ async def test_mutual_tls_requires_a_certificate_from_the_client_ca(
         assert await refused(stranger) == UNAVAILABLE
 
 
+async def test_text_around_the_certificates_need_not_be_ascii(tls_gateway: TLSGatewayFactory, files: Files) -> None:
+    """`openssl pkcs12 -nokeys` writes "Bag Attributes" above each certificate, its friendlyName in Latin-1, and CA
+    bundles carry comments in UTF-8: TLS skips them, and the start refused both files as holding no certificate."""
+    servers, clients = Authority("server CA"), Authority("client CA")
+    servers.server().write(files.cert, files.key)
+    files.cert.write_bytes(b"Bag Attributes\n    friendlyName: Zertifikat M\xfcnchen\n" + files.cert.read_bytes())
+    files.client_ca.write_bytes("# Issuer: CN=Autorit\u00e9 de test \u2014 clients\n".encode() + clients.cert)
+    gateway = await tls_gateway(files.section(mutual=True))
+    async with secure(gateway.port, servers.cert, clients.client()) as channel:
+        answer = await pb.LLMServiceStub(channel).Complete(chat("annotated"), timeout=5)
+        assert answer.message.content == "echo: annotated"
+    async with secure(gateway.port, servers.cert, Authority("rogue CA").client()) as stranger:
+        assert await refused(stranger) == UNAVAILABLE
+
+
 async def test_a_rotated_certificate_serves_new_connections_without_a_restart(
     tls_gateway: TLSGatewayFactory, files: Files
 ) -> None:
