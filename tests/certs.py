@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 # P-256: a key in a millisecond, where RSA takes tens.
@@ -76,11 +76,11 @@ class Authority:
         *more_names: str,
         valid_from: datetime.timedelta = -_SKEW,
         valid_for: datetime.timedelta = _DAY,
-        curve: ec.EllipticCurve = _CURVE,
+        curve: ec.EllipticCurve | None = _CURVE,
         key_usage: x509.KeyUsage | None = None,
     ) -> Issued:
         """For localhost, 127.0.0.1 and `more_names` (host names); valid from `valid_from` from now (negative: ago),
-        for `valid_for`; its key on `curve`, with `key_usage` when given."""
+        for `valid_for`; its key on `curve` (None: an Ed25519 key), with `key_usage` when given."""
         names: list[x509.GeneralName] = [x509.DNSName(name) for name in ("localhost", *more_names)]
         names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
         return self._issue(
@@ -105,10 +105,10 @@ class Authority:
         names: list[x509.GeneralName],
         valid_from: datetime.timedelta = -_SKEW,
         valid_for: datetime.timedelta = _DAY,
-        curve: ec.EllipticCurve = _CURVE,
+        curve: ec.EllipticCurve | None = _CURVE,
         key_usage: x509.KeyUsage | None = None,
     ) -> Issued:
-        key = ec.generate_private_key(curve)
+        key = ed25519.Ed25519PrivateKey.generate() if curve is None else ec.generate_private_key(curve)
         cert = _builder(_name(name), self._name, key.public_key(), valid_from, valid_for)
         cert = cert.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         cert = cert.add_extension(x509.SubjectAlternativeName(names), critical=False)
@@ -129,7 +129,7 @@ def _name(common_name: str) -> x509.Name:
 def _builder(
     subject: x509.Name,
     issuer: x509.Name,
-    public_key: ec.EllipticCurvePublicKey,
+    public_key: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey,
     valid_from: datetime.timedelta = -_SKEW,
     valid_for: datetime.timedelta = _DAY,
 ) -> x509.CertificateBuilder:

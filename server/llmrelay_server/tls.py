@@ -18,6 +18,8 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
 
 from llmrelay_server.config import AuthConfig, ConfigError, TLSConfig, shown_path
 from llmrelay_server.health import SERVICE_NAME
@@ -120,6 +122,7 @@ class ServedCertificate:
     def start(self) -> None:
         """Looks at the files once a second, in the background, and says now, and then once a day, when the
         certificate in force ends within EXPIRY_WARNING_S."""
+        self._warn_of_grpc_clients()
         self.warn_of_expiry()
         self._watching = asyncio.create_task(self._watch(), name="llmrelay-tls-watch")
 
@@ -204,6 +207,23 @@ class ServedCertificate:
             self._ready = configuration
         self.not_after, self._in_force = not_after, contents
         log.info("TLS certificate reloaded from %s; new connections use it", self._tls.cert_file)
+        self._warn_of_grpc_clients()
+
+    def _warn_of_grpc_clients(self) -> None:
+        """An EdDSA certificate (Ed25519, Ed448) is served, but clients built on gRPC's C core refuse every handshake
+        with it (their BoringSSL offers no EdDSA signature): Python's grpcio among them, so this gateway's own Python
+        SDK and llmrelay command, which could not say why ("Socket closed"). Not refused: Go's and Node.js's take it."""
+        block = _PEM_CERTIFICATE.search(self._in_force[0])
+        if block is None:  # checked at load: not reached
+            return
+        key = x509.load_pem_x509_certificate(block.group()).public_key()
+        if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+            log.warning(
+                "server.tls.cert_file: %s: an EdDSA certificate: clients built on gRPC's C core (Python's grpcio,"
+                " so llmrelay's Python SDK and command; C++, Ruby, PHP) refuse every handshake with it (Go's and"
+                " Node.js's do not); serve an EC (P-256, P-384) or RSA certificate for them",
+                self._tls.cert_file,
+            )
 
     def _load(self) -> tuple[grpc.ServerCertificateConfiguration, float, _Contents]:
         """Reads and checks the files, and tells when the certificate ends (its notAfter, in Unix time); gRPC itself

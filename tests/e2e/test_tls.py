@@ -378,6 +378,26 @@ async def test_a_certificate_near_its_end_is_warned_of_and_its_end_is_a_metric(
     await until_served(gateway.port, ca.cert)
 
 
+async def test_an_eddsa_certificate_is_warned_of_as_grpc_clients_refuse_it(
+    tls_gateway: TLSGatewayFactory, files: Files, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An Ed25519 certificate passes every check and serves, but no grpcio client (this project's Python SDK and
+    command among them) completes a handshake with it: "Socket closed", naming nothing, unless the start says why."""
+    ca = Authority("llmrelay test CA")
+    ca.server(curve=None).write(files.cert, files.key)
+    gateway = await tls_gateway(files.section())
+    (warning,) = [r.getMessage() for r in caplog.records if "EdDSA" in r.getMessage()]
+    assert f"server.tls.cert_file: {files.cert}" in warning and "serve an EC (P-256, P-384) or RSA" in warning
+    async with secure(gateway.port, ca.cert) as channel:
+        assert await refused(channel) == UNAVAILABLE
+    # A renewal with an EC key serves them, and is not warned of.
+    caplog.set_level(logging.INFO, logger="llmrelay_server.tls")
+    ca.server().write(files.cert, files.key)
+    await wait_until(lambda: "reloaded from" in caplog.text, timeout_s=5)
+    await until_served(gateway.port, ca.cert)
+    assert len([r for r in caplog.records if "EdDSA" in r.getMessage()]) == 1
+
+
 async def test_without_tls_there_is_no_certificate_metric(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
