@@ -832,6 +832,56 @@ async def test_the_head_limit_counts_the_head_alone(pool: Http1Pool) -> None:
         assert pool.waiting == pool.connections - pool.idle_connections == 0
 
 
+def endless_trailers(line: bytes) -> Handler:
+    """A chunked answer whose body ends, then trailers that never do: `line` again and again until the connection is
+    closed (each read keeps an answer's timer from firing)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(chunked(b'{"ok": true}', headers="Content-Type: application/json\r\n")[: -len(b"\r\n")])
+        with contextlib.suppress(ConnectionError):
+            while not writer.is_closing():
+                writer.write(line * 64)
+                await writer.drain()
+                await asyncio.sleep(0.001)
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    "line", [b"X-Trailer: " + b"t" * 53 + b"\r\n", b"a" * 1024], ids=["trailer lines", "one trailer line"]
+)
+async def test_trailers_without_end_are_bounded_as_a_head_is(pool: Http1Pool, line: bytes) -> None:
+    """Held in the answer's headers (each line), or by the parser (one line not yet ended), for as long as they came:
+    a gigabyte in seconds. Past MAX_HEAD they make the answer malformed, as a head's do, long before its timeout."""
+    async with RawServer(endless_trailers(line)) as server:
+        for read in ("whole", "in pieces"):
+            with pytest.raises(MalformedAnswerError, match="not an HTTP answer: over 64 KiB after its body's end"):
+                async with asyncio.timeout(4):  # else read for ever, a read at a time within its timeout
+                    response = await pool.post(Http1Target(server.url()), b"{}", 5)
+                    if read == "whole":
+                        await response.read()
+                    else:
+                        async with response:
+                            async for _ in response:
+                                pass
+            assert_drained(pool)
+
+
+async def test_trailers_are_read_past_and_a_body_of_tiny_chunks_is_no_trailer(pool: Http1Pool) -> None:
+    """Trailers within the bound end the answer as usual (and are no header of it); a chunk's framing is counted from
+    the body's last piece, so a body of a hundred thousand 1-byte chunks (framing five times its size) is whole."""
+    with_trailers = chunked(b"{}")[: -len(b"\r\n")] + b"X-Checksum: abc\r\nX-Pad: " + b"p" * 60_000 + b"\r\n\r\n"
+    tiny = bytes(range(256)) * 400
+    async with RawServer(answering(with_trailers, chunked(*(tiny[i : i + 1] for i in range(len(tiny)))))) as server:
+        response = await pool.post(Http1Target(server.url()), b"{}", 5)
+        assert await response.read() == b"{}"
+        assert response.header("X-Checksum") is None
+        assert await (await pool.post(Http1Target(server.url()), b"{}", 5)).read() == tiny
+        assert server.accepted == 1
+        assert_drained(pool, idle=1)
+
+
 async def test_a_slow_reader_stops_the_socket_reads(pool: Http1Pool) -> None:
     size = 64 * 1024 * 1024
     sent = 0

@@ -28,6 +28,8 @@ upstream_http's mapping to the SDK's errors applies unchanged:
     not HTTP (status line or one < 100, header,    wire.MalformedAnswerError("not an HTTP answer: ...")
       chunk, 101)
     a status line and headers over MAX_HEAD        wire.MalformedAnswerError
+    trailers (or what follows a body's last piece  wire.MalformedAnswerError
+      before its end) over MAX_HEAD
     a gzip or deflate body that does not inflate   wire.MalformedAnswerError
     a body in another Content-Encoding (br, zstd)  wire.MalformedAnswerError
     a body over its reader's bound (once           wire.MalformedAnswerError
@@ -638,6 +640,7 @@ class _Connection(asyncio.Protocol):
         "_timeout",
         "_timer",
         "_timer_due",
+        "_unbodied",
         "_waiter",
         "_whole",
         "_whole_limit",
@@ -678,6 +681,8 @@ class _Connection(asyncio.Protocol):
         self._started = self._head_done = self._complete = self._keep_alive = self._interim = self._whole = False
         self._whole_limit: int | None = None
         self._head_bytes = 0
+        self._unbodied = 0
+        """Bytes read since the body's last piece, once the head is done: a chunk's framing, or the trailers."""
         self._error: BaseException | None = None
 
     # --- the request's side --------------------------------------------------------------------------------------
@@ -856,7 +861,16 @@ class _Connection(asyncio.Protocol):
                     self.close()
                     return
                 data = data[room:]
+        else:
+            self._unbodied += len(data)
         self._feed(data)
+        if self._unbodied > MAX_HEAD and not self._complete:
+            # Trailers without end, or one trailer line without end, which the parser holds in memory until it ends:
+            # read for as long as they came (each read keeps the answer's timer from firing), they took gigabytes.
+            self._keep_alive = False
+            self._fail(MalformedAnswerError(f"not an HTTP answer: over {MAX_HEAD // 1024} KiB after its body's end"))
+            self.close()
+            return
         if self._whole:
             return
         if self._body:  # woken once a read, not once for each piece of a chunked body (a stream's event each)
@@ -931,7 +945,8 @@ class _Connection(asyncio.Protocol):
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        if not self._head_done:  # else a trailer of a chunked body: nobody reads them (data_received bounds them)
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -949,6 +964,7 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        self._unbodied = 0
         if self._finishing is not None:
             return  # the rest of an answer its request is done with
         self._body.append(body)
