@@ -5,8 +5,8 @@ at the same request count and concurrency, unary and streaming:
     direct     the openai SDK straight to the upstream
     litellm    the openai SDK to LiteLLM's proxy (OpenAI-compatible HTTP), which calls the upstream
     llmrelay   gRPC to llmrelay-server, which calls the upstream
-Every server runs in its own process; a gateway's CPU per request is read from /proc (utime + stime), for LiteLLM
-summed over its whole process tree.
+Every server runs in its own process; a gateway's CPU per request is read from its process CPU clock (`measure`), for
+LiteLLM summed over its whole process tree.
 
 LiteLLM is installed by this script, pinned, into its own venv outside the repo (keyed by version under
 $LLMRELAY_CACHE, else $XDG_CACHE_HOME/llmrelay, else ~/.cache/llmrelay), so the project's dependencies are untouched.
@@ -44,6 +44,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from bench.__main__ import (
     KINDS,
     STOP_S,
+    STREAM_PROMPT,
     UNARY_PROMPT,
     Call,
     Run,
@@ -57,23 +58,30 @@ from bench.__main__ import (
     stop,
 )
 
-MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": UNARY_PROMPT}]
+
+def _asking(prompt: str) -> list[ChatCompletionMessageParam]:
+    return [{"role": "user", "content": prompt}]
 
 
 def sdk_calls(client: openai.AsyncOpenAI) -> dict[str, Call]:
-    """A unary and a streaming chat completion through the openai SDK (what LiteLLM's callers use), each checking
-    that an answer came."""
+    """A unary and a streaming chat completion through the openai SDK (what LiteLLM's callers use), the same chats
+    as `grpc_calls` (a stream of STREAM_PROMPT's 8 chunks, not the unary prompt's 5), each checking its answer."""
+    unary_messages, stream_messages = _asking(UNARY_PROMPT), _asking(STREAM_PROMPT)
+    streamed = f"echo: {STREAM_PROMPT}"
 
     async def unary() -> float:
-        answer = await client.chat.completions.create(model="tiny", messages=MESSAGES)
+        answer = await client.chat.completions.create(model="tiny", messages=unary_messages)
         assert answer.choices[0].message.content, answer
         return time.perf_counter()
 
     async def stream() -> float:
         first = 0.0
-        async for _ in await client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True):
-            first = first or time.perf_counter()
-        assert first, "no chunk came"
+        texts = []
+        async for chunk in await client.chat.completions.create(model="tiny", messages=stream_messages, stream=True):
+            if chunk.choices and (text := chunk.choices[0].delta.content):
+                texts.append(text)
+                first = first or time.perf_counter()
+        assert "".join(texts) == streamed, texts
         return first
 
     return {"unary": unary, "stream": stream}
