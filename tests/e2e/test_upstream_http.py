@@ -12,6 +12,7 @@ import pytest
 from certs import Authority
 from harness import BIN, clean_env
 from llmrelay import v1 as pb
+from llmrelay_server.backends import upstream_http
 from raw_server import RawServer, silent
 from support import (
     ANTHROPIC_TEST_KEY,
@@ -217,6 +218,36 @@ async def test_an_error_answer_in_an_encoding_the_pool_leaves_falls_back_to_the_
             assert (await stub.Complete(chat(), timeout=10)).backend == "good"
     assert asked.count(b"/v1/chat/completions") == 1 and len(primary.chat_requests) == 1
     assert not [r for r in caplog.records if r.exc_info], "no traceback for an upstream's bad answer"
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+async def test_an_error_status_whose_body_does_not_come_is_reported_as_that_status(
+    stub_for: StubFactory, monkeypatch: pytest.MonkeyPatch, streaming: bool
+) -> None:
+    """A 500 whose body stalls after its head, or never ends: a stream's request has no read timeout, so the call
+    waited for its first chunk's timeout and reported that, not the upstream's 500 (a unary call, its read timeout)."""
+    monkeypatch.setattr(upstream_http, "ERROR_BODY_WAIT_S", 0.5)
+
+    async def stalled_error(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.readuntil(b"\r\n\r\n"):  # until the gateway closes the connection
+            writer.write(b'HTTP/1.1 500 Internal Server Error\r\nContent-Length: 100\r\n\r\n{"error": ')
+            await writer.drain()
+
+    async with RawServer(stalled_error) as raw:
+        base_url = raw.url().removesuffix("/chat/completions")
+        stub = await stub_for(
+            f'llm:\n  openai: {{api_key: "{OPENAI_TEST_KEY}", base_url: "{base_url}", model: m}}\n  order: [openai]\n'
+            + NO_RETRIES
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            async with asyncio.timeout(5):  # first_chunk_timeout_s is 15 s
+                if streaming:
+                    await read_all(stub.StreamComplete(stream_chat(), timeout=30))
+                else:
+                    await stub.Complete(chat(), timeout=30)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "HTTP 500" in (failed.value.details() or ""), failed.value.details()
+        assert raw.accepted >= 1
 
 
 async def test_a_connection_that_is_never_made_is_said_to_be_one(stub_for: StubFactory, primary: FakeUpstream) -> None:

@@ -113,6 +113,8 @@ joined, a line whose characters differ in width takes up to 4 times that."""
 MAX_ERROR_BODY_BYTES = 64 * 2**10
 """Of an error answer's body, whose first MAX_WORDS_CHARS characters are all that is passed on: a longer one is left
 unread."""
+ERROR_BODY_WAIT_S = 2.0
+"""How long an error answer's body is awaited once its status has come, at most: without it, its status alone."""
 FINISH_GRACE_S = 1.0
 """How long, after a streamed answer's finish reason, its usage or end marker is awaited before it ends without them
 (`relayed`): an upstream sends them at once, or holds its connection open and never does."""
@@ -284,9 +286,13 @@ async def _send(endpoint: Endpoint, content: bytes, timeout_s: float | None) -> 
     # the backend's configuration did not say), with its status kept for the caller and the metrics.
     if not 200 <= response.status <= 299:
         try:
-            body = await response.read(MAX_ERROR_BODY_BYTES)
-        except MalformedAnswerError:
-            body = b""  # the status says what failed; the upstream's words are too long to be worth reading
+            async with asyncio.timeout(ERROR_BODY_WAIT_S):
+                body = await response.read(MAX_ERROR_BODY_BYTES)
+        except (MalformedAnswerError, httpx2.TransportError, TimeoutError):
+            # The status says what failed: the upstream's words, too long, cut short or slow to come (a stream's have
+            # no read timeout: the call ended at its first chunk's, a timeout in place of the upstream's 500), are not
+            # worth more than the status. (A read that fails closes the connection.)
+            body = b""
         raise endpoint.errors.status(
             httpx2.Response(
                 response.status,
