@@ -110,6 +110,10 @@ NO_WAIT_MENDS = frozenset(
 # Below this much time left, an attempt cannot get an answer; starting one only wastes the upstream's work.
 MIN_ATTEMPT_S = 0.01
 DEADLINE_MARGIN_S = 0.05
+TIMEOUT_ROUNDED_UP = 0.01
+"""How much more than the time left gRPC's C-core clients (Python's grpcio, C++, Ruby) may send as it: their
+grpc-timeout header rounds it up to a unit of up to a hundredth of it ("10100m" for 10 s, "121S" for 120 s), while
+their own timer fires at the deadline they keep."""
 # An attempt silent this long until the caller's deadline has told something about the backend.
 SILENCE_VERDICT_S = 1.0
 # How long the bill of a call whose caller left waits for its backend's own count of the prompt (a model server's
@@ -834,8 +838,10 @@ class Router:
         if timeout_s is None:
             return now + self._config.request_timeout_s
         # Finish a little before the caller's own deadline, so that our status (with the attempts) reaches it
-        # rather than its client library's bare DEADLINE_EXCEEDED; the busier the loop, the earlier.
-        margin = min(DEADLINE_MARGIN_S + 2 * self.lag.lag_s, timeout_s / 10)
+        # rather than its client library's bare DEADLINE_EXCEEDED; the busier the loop, the earlier; and before the
+        # deadline the caller's library may keep, up to a hundredth earlier than the one it sent (a flat margin lost
+        # to it every call of 10 s or more).
+        margin = min(DEADLINE_MARGIN_S + 2 * self.lag.lag_s + timeout_s * TIMEOUT_ROUNDED_UP, timeout_s / 10)
         return now + timeout_s - margin
 
     # --- calls ------------------------------------------------------------------------------------------------
