@@ -770,14 +770,17 @@ class Router:
             primary = Route(owner, model)
         return [primary] if exact else [primary, *self._fallbacks(exclude=primary.backend)]
 
-    def _allowed(self, routes: list[Route], model: str | None, caller: str, may_use: ModelFilter | None) -> list[Route]:
+    def _allowed(
+        self, routes: list[Route], model: str | None, caller: str, may_use: ModelFilter | None, *, peers: bool = False
+    ) -> list[Route]:
         """The routes that the caller may use (`_may_take`): a caller asking for a model it may not use is refused,
         and one limited to some models is never served by another through a fallback (with no model named, the
-        default chain is the models it may use)."""
+        default chain is the models it may use). `peers`: the routes are of one model (an embedding model's
+        backends), any of which serves the call as well as the first: the caller takes those it may use."""
         if may_use is None:
             return routes
         allowed = [r for r in routes if self._may_take(r, may_use)]
-        if not allowed or (model is not None and allowed[0] is not routes[0]):
+        if not allowed or (not peers and model is not None and allowed[0] is not routes[0]):
             raise ModelNotAllowedError(caller, model or f"{routes[0].backend.name}/{routes[0].model}")
         return allowed
 
@@ -817,6 +820,11 @@ class Router:
             served = [f"{b.name}/{name}" for b in embedders for name in b.provider.spec.all_embedding_models]
             raise ModelNotFoundError(model, served)
         return routes
+
+    def _embedding_routes_allowed(self, model: str | None, caller: str, may_use: ModelFilter | None) -> list[Route]:
+        """The backends that embed with `model` and that the caller may use: a key limited to "ollama/*" asking for
+        a model that openai embeds too, first, is served by ollama (it was refused)."""
+        return self._allowed(self.embedding_routes(model), model, caller, may_use, peers=True)
 
     def _fallbacks(self, *, exclude: Backend) -> list[Route]:
         return [
@@ -978,7 +986,7 @@ class Router:
                 raise
 
         try:
-            for route in self._allowed(self.embedding_routes(request.model), request.model, caller, may_use):
+            for route in self._embedding_routes_allowed(request.model, caller, may_use):
                 try:
                     response = await self._try_route(chain, route, attempt, embedding=True)
                 except BaseException:
@@ -1154,7 +1162,7 @@ class Router:
         and that its key may use."""
 
         def routes() -> list[Route]:
-            return self._allowed(self.embedding_routes(model), model, "", may_use)
+            return self._embedding_routes_allowed(model, "", may_use)
 
         return max((usd_micros for _, usd_micros in self._costs(routes, prompt_tokens, lambda _: 0)), default=0)
 
@@ -1164,7 +1172,7 @@ class Router:
         name); the name asked for where nothing may serve it."""
         try:
             if isinstance(request, EmbeddingRequest):
-                routes = self._allowed(self.embedding_routes(request.model), request.model, "", may_use)
+                routes = self._embedding_routes_allowed(request.model, "", may_use)
             else:
                 routes = self._routes(request, "", may_use)
         except (ModelNotFoundError, ModelNotAllowedError):
@@ -1175,7 +1183,7 @@ class Router:
         """Whether the request is refused for its model: one nothing serves, or one its key (`may_use`) may not use."""
         try:
             if isinstance(request, EmbeddingRequest):
-                self._allowed(self.embedding_routes(request.model), request.model, "", may_use)
+                self._embedding_routes_allowed(request.model, "", may_use)
             else:
                 # Kept, as estimate keeps them: its estimate and its routing take them rather than resolving again.
                 _estimated_routes.set((request, may_use, self._routes(request, "", may_use)))

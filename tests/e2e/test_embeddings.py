@@ -336,17 +336,27 @@ async def test_an_answer_that_cannot_fit_is_refused_before_any_backend_is_asked(
 async def test_a_key_limited_to_some_models_embeds_only_with_those(
     stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
-    key = "llmr-embedder-0123456789abcdefghijklmn"
-    digest = sha256(key.encode()).hexdigest()
-    auth = f'auth:\n  keys:\n    - {{name: local-only, sha256: "{digest}", models: ["ollama/*"]}}\n'
+    keys = {
+        "local-only": "llmr-embedder-0123456789abcdefghijklmn",
+        "local-limited": "llmr-embedder-limited-0123456789ab",
+    }
+    # The second has limits: its model is judged by the limits too, before the call (it counts the inputs).
+    limits = {"local-only": "", "local-limited": ", limits: {tokens_per_minute: 100000}"}
+    auth = "auth:\n  keys:\n" + "".join(
+        f'    - {{name: {name}, sha256: "{sha256(key.encode()).hexdigest()}", models: ["ollama/*"]{limits[name]}}}\n'
+        for name, key in keys.items()
+    )
     stub = await stub_for(embedding_backends(primary, local, openai=DEFAULT, ollama=DEFAULT) + auth)
-    bearer = [("authorization", f"Bearer {key}")]
-    # No model: the default embedding model, on the backends this key may use.
-    answer = await stub.Embed(pb.EmbedRequest(inputs=["a"]), timeout=10, metadata=bearer)
-    assert (answer.backend, outcomes(answer)) == ("ollama", [("ollama", pb.ATTEMPT_OUTCOME_SUCCEEDED)])
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.Embed(pb.EmbedRequest(inputs=["a"], model="openai/embed-test"), timeout=10, metadata=bearer)
-    assert (caught.value.code(), reason(caught.value)) == (grpc.StatusCode.PERMISSION_DENIED, "MODEL_NOT_ALLOWED")
+    for key in keys.values():
+        bearer = [("authorization", f"Bearer {key}")]
+        # No model, or the model by its name alone, which openai embeds with too, first: on the backends this key may
+        # use (the name alone was refused as openai's).
+        for model in (None, "embed-test"):
+            answer = await stub.Embed(pb.EmbedRequest(inputs=["a"], model=model), timeout=10, metadata=bearer)
+            assert (answer.backend, outcomes(answer)) == ("ollama", [("ollama", pb.ATTEMPT_OUTCOME_SUCCEEDED)])
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Embed(pb.EmbedRequest(inputs=["a"], model="openai/embed-test"), timeout=10, metadata=bearer)
+        assert (caught.value.code(), reason(caught.value)) == (grpc.StatusCode.PERMISSION_DENIED, "MODEL_NOT_ALLOWED")
     assert primary.embedding_requests == []
 
 
