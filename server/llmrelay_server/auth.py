@@ -178,6 +178,10 @@ class KeyRing:
         self._file_stamp = _stamp(self._file) if self._file else None
         if self._file is not None:
             keys, self._by_digest = _read_keys(self._configured, self._file, limits_refused, keep)
+            if not self._by_digest:  # as at a re-read: a file to be filled later, a placeholder secret
+                log.warning(
+                    "keys file %s holds no keys, nor auth.keys: every call that needs a key is refused", self._file
+                )
         else:
             keys, self._by_digest = (), _by_digest(self._configured)
         self._names = frozenset(key.name for key in (*self._configured, *keys))

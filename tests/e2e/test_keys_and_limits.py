@@ -486,6 +486,27 @@ async def test_a_keys_file_that_admits_nobody_revokes_every_key_and_says_so(
     assert [r.levelno for r in caplog.records if "no keys in force" in r.getMessage()] == [logging.WARNING]
 
 
+async def test_a_keys_file_that_admits_nobody_at_start_says_so(
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As a re-read that leaves no key in force says so: the gateway started refusing every call without a word."""
+    keys_file = tmp_path / "keys.yaml"
+    await asyncio.to_thread(keys_file.write_text, "keys: []\n")
+    _, channel, stub = await start(gateway_factory, primary, local, f'auth: {{keys_file: "{keys_file}"}}\n')
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Complete(chat(), metadata=bearer(RESEARCH_KEY), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    said = [r for r in caplog.records if "holds no keys" in r.getMessage()]
+    assert [(r.levelno, r.getMessage()) for r in said] == [
+        (logging.WARNING, f"keys file {keys_file} holds no keys, nor auth.keys: every call that needs a key is refused")
+    ]
+
+
 async def test_a_keys_file_saved_once_not_in_utf8_keeps_the_keys_and_the_watch(
     keyed_by_file: KeyedByFile, caplog: pytest.LogCaptureFixture
 ) -> None:
