@@ -12,7 +12,7 @@ import llmrelay
 import pytest
 from llmrelay import AsyncClient
 from llmrelay import v1 as pb
-from support import DIALECTS, GatewayFactory, StubFactory, chat, details, png, struct, two_backends, user
+from support import DIALECTS, FAST_ROUTER, GatewayFactory, StubFactory, chat, details, png, struct, two_backends, user
 from upstream import FakeUpstream
 
 # Integers a Struct would turn into doubles (3.0), one no double holds (2**60 + 1), nested arrays, and spacing of
@@ -100,6 +100,38 @@ async def test_images_reach_the_upstream_as_image_url_parts(
             ],
         }
     ]
+
+
+GIF = b"GIF89a\x01\x00\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+"""A 1x1 GIF."""
+
+
+@pytest.mark.parametrize(
+    ("image", "said"),
+    [
+        (pb.ImagePart(url=CAT_URL), "Ollama takes an image's bytes, not its URL"),
+        (pb.ImagePart(data=GIF), "Ollama takes PNG, JPEG or WebP, not image/gif"),
+    ],
+    ids=["url", "gif"],
+)
+async def test_images_ollama_refuses_go_to_a_backend_that_takes_them(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream, image: pb.ImagePart, said: str
+) -> None:
+    """Ollama's /v1 refuses an image by URL and a GIF (a 400 each): the call ended INVALID_ARGUMENT, as the caller's
+    mistake, and no backend that takes them was tried. Its PNG, JPEG and WebP bytes go to it."""
+    stub = await stub_for(two_backends(primary, local, "  order: [ollama, openai]\n" + FAST_ROUTER))
+    message = pb.Message(role=pb.ROLE_USER, parts=[pb.ContentPart(text="look"), pb.ContentPart(image=image)])
+    answer = await stub.Complete(pb.CompleteRequest(messages=[message], model="ollama/tiny"), timeout=5)
+    assert answer.backend == "openai" and len(primary.chat_requests) == 1
+    assert f"not sent to Ollama: messages[0].parts[1].image: {said}" in answer.attempts[0].error
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(pb.CompleteRequest(messages=[message], model="ollama/tiny", exact_model=True), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert said in str(caught.value.details())
+    assert local.chat_requests == []
+    png_message = pb.Message(role=pb.ROLE_USER, parts=[pb.ContentPart(image=pb.ImagePart(data=png(2, 2)))])
+    answer = await stub.Complete(pb.CompleteRequest(messages=[png_message], model="ollama/tiny"), timeout=5)
+    assert answer.backend == "ollama" and len(local.chat_requests) == 1
 
 
 def image_message(*images: pb.ImagePart, role: pb.Role.ValueType = pb.ROLE_USER, content: str = "") -> pb.Message:

@@ -1,5 +1,6 @@
-"""What Ollama adds to the OpenAI-compatible backend: its native version and model-list endpoints for health, and a
-chat's tool calls whose arguments are not a JSON object sent in a form its /v1 takes."""
+"""What Ollama adds to the OpenAI-compatible backend: its native version and model-list endpoints for health, a
+chat's tool calls whose arguments are not a JSON object sent in a form its /v1 takes, and images it cannot take not
+sent to it."""
 
 from __future__ import annotations
 
@@ -14,10 +15,21 @@ import openai
 from llmrelay_server.backends import wire
 from llmrelay_server.backends.openai_compat import OpenAICompatibleProvider, checked
 from llmrelay_server.backends.upstream_http import HEALTH_TIMEOUT_S
-from llmrelay_server.domain import BackendHealth, CompletionRequest, ReasoningEffort, read_json
+from llmrelay_server.domain import (
+    BackendHealth,
+    CompletionRequest,
+    ImagePart,
+    ReasoningEffort,
+    UpstreamError,
+    UpstreamErrorKind,
+    read_json,
+)
 
 UNPARSED_ARGUMENTS: Final = "unparsed_arguments"
 """The one field of the object a tool call's arguments that are not a JSON object are sent to Ollama as."""
+IMAGE_TYPES: Final = frozenset({"image/png", "image/jpeg", "image/webp"})
+"""The images Ollama's /v1 reads: their bytes (a data: URL) in these types; a URL it refuses ("image URLs are not
+currently supported"), a GIF too ("invalid image input"), each a 400."""
 
 
 class OllamaProvider(OpenAICompatibleProvider):
@@ -27,6 +39,9 @@ class OllamaProvider(OpenAICompatibleProvider):
     reasoning_efforts: ClassVar[Mapping[ReasoningEffort, str]] = {"minimal": "low"}
 
     def _request_body(self, model: str, request: CompletionRequest) -> dict[str, Any]:
+        if (problem := _image_refused(request)) is not None:
+            # Its 400 ended the call as the caller's mistake, and no backend that takes the image was tried.
+            raise UpstreamError(UpstreamErrorKind.UNSUPPORTED, self._spec.name, f"not sent to Ollama: {problem}")
         body = super()._request_body(model, request)
         for message in body["messages"]:
             for call in message.get("tool_calls", ()):
@@ -48,6 +63,19 @@ class OllamaProvider(OpenAICompatibleProvider):
         except (openai.APIStatusError, httpx2.HTTPError, ValueError, KeyError, AttributeError, TypeError) as exc:
             return self._health(started, reachable=False, error=f"{root}: {self._describe(exc)}")
         return self._health(started, reachable=True, models=models)
+
+
+def _image_refused(request: CompletionRequest) -> str | None:
+    """Why Ollama's /v1 would refuse an image of the request, naming it; None when it takes them all."""
+    for i, message in enumerate(request.messages):
+        for j, part in enumerate(message.parts):
+            if not isinstance(part, ImagePart):
+                continue
+            if part.data is None:
+                return f"messages[{i}].parts[{j}].image: Ollama takes an image's bytes, not its URL"
+            if part.media_type not in IMAGE_TYPES:
+                return f"messages[{i}].parts[{j}].image: Ollama takes PNG, JPEG or WebP, not {part.media_type}"
+    return None
 
 
 def _as_object(arguments: str) -> str:
