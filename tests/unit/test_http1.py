@@ -31,6 +31,8 @@ from llmrelay_server.backends.http1 import (
     Http1Response,
     Http1Target,
     Http1Transport,
+    TrustConfigError,
+    upstream_tls_context,
 )
 from llmrelay_server.backends.proxies import Proxies, Proxy
 from llmrelay_server.backends.wire import MalformedAnswerError
@@ -934,6 +936,26 @@ async def test_tls(pool: Http1Pool, tmp_path: Path) -> None:
             assert_drained(pool)
     finally:
         await trusting.aclose()
+
+
+def test_ssl_cert_dir_is_a_list_of_folders_one_of_which_will_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As OpenSSL reads it: `/etc/ssl/certs:/opt/corp/certs` was refused at start, as one folder that did not exist."""
+    hashed, unhashed = tmp_path / "hashed", tmp_path / "unhashed"
+    for folder in (hashed, unhashed):
+        folder.mkdir()
+    (hashed / "1a2b3c4d.0").write_bytes(Authority("corp CA").cert)  # a name as `openssl rehash` makes them
+    (unhashed / "corp-ca.pem").write_bytes(Authority("corp CA").cert)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.setenv("SSL_CERT_DIR", f"{tmp_path / 'missing'}:{hashed}")
+    assert isinstance(upstream_tls_context(), ssl.SSLContext)
+    monkeypatch.setenv("SSL_CERT_DIR", f"{tmp_path / 'missing'}:{unhashed}:")
+    with pytest.raises(TrustConfigError) as refused:
+        upstream_tls_context()
+    said = str(refused.value)
+    assert said.startswith(f"SSL_CERT_DIR: {tmp_path / 'missing'}:{unhashed}:: {tmp_path / 'missing'}: No such file")
+    assert f"; {unhashed}: no certificate in it under its subject's hash" in said
 
 
 async def test_aclose_fails_readers_and_waiters(fake: CountingUpstream) -> None:

@@ -113,19 +113,26 @@ def upstream_tls_context() -> ssl.SSLContext:
         ) from None
 
 
-def _check_certificate_directory(directory: str) -> None:
+def _check_certificate_directory(directories: str) -> None:
     """OpenSSL reads a directory's certificates only as a handshake looks for an issuer, by the hash of its name: a
     directory missing, or holding none under such names (`openssl rehash` never run), was taken without a word, and
-    every https upstream's handshake failed "unable to get local issuer certificate", naming no variable."""
-    try:
-        names = os.listdir(directory)
-    except OSError as exc:
-        raise TrustConfigError(f"SSL_CERT_DIR: {directory}: {exc.strerror}; {_TRUST_VARIABLE_SAYS}") from None
-    if not any(_HASHED_NAME.fullmatch(name) for name in names):
-        raise TrustConfigError(
-            f"SSL_CERT_DIR: {directory}: no certificate in it under its subject's hash (such as 1a2b3c4d.0), the only"
-            f" names OpenSSL looks for: run `openssl rehash {directory}`; {_TRUST_VARIABLE_SAYS}"
+    every https upstream's handshake failed "unable to get local issuer certificate", naming no variable. The variable
+    is a list, as OpenSSL reads it (`/etc/ssl/certs:/opt/corp/certs`): one of its folders holding some will do."""
+    problems = []
+    for directory in filter(None, directories.split(os.pathsep)):
+        try:
+            names = os.listdir(directory)
+        except OSError as exc:
+            problems.append(f"{directory}: {exc.strerror}")
+            continue
+        if any(_HASHED_NAME.fullmatch(name) for name in names):
+            return
+        problems.append(
+            f"{directory}: no certificate in it under its subject's hash (such as 1a2b3c4d.0), the only names OpenSSL"
+            f" looks for: run `openssl rehash {directory}`"
         )
+    said = "; ".join(problems) if len(problems) != 1 else problems[0].partition(": ")[2]
+    raise TrustConfigError(f"SSL_CERT_DIR: {directories}: {said or 'no folder in it'}; {_TRUST_VARIABLE_SAYS}")
 
 
 Origin = tuple[str, str, int]
