@@ -110,10 +110,6 @@ NO_WAIT_MENDS = frozenset(
 # Below this much time left, an attempt cannot get an answer; starting one only wastes the upstream's work.
 MIN_ATTEMPT_S = 0.01
 DEADLINE_MARGIN_S = 0.05
-TIMEOUT_ROUNDED_UP = 0.01
-"""How much more than the time left gRPC's C-core clients (Python's grpcio, C++, Ruby) may send as it: their
-grpc-timeout header rounds it up to a unit of up to a hundredth of it ("10100m" for 10 s, "121S" for 120 s), while
-their own timer fires at the deadline they keep."""
 # An attempt silent this long until the caller's deadline has told something about the backend.
 SILENCE_VERDICT_S = 1.0
 # How long the bill of a call whose caller left waits for its backend's own count of the prompt (a model server's
@@ -122,6 +118,15 @@ LEFT_COUNT_S = 1.0
 # What a call skipped while another one probes a half-open circuit is told to wait: the probe's verdict comes within
 # its attempt's time, which the circuit does not know; a second paces a client's retries meanwhile.
 PROBE_WAIT_S = 1.0
+
+
+def timeout_rounding(remaining_s: float) -> float:
+    """How much more than the caller's time left the time left as gRPC read it may be: gRPC's C-core clients (Python's
+    grpcio, C++, Ruby) send it rounded up to a unit of their grpc-timeout encoding (a millisecond under 1 s, 10 ms
+    under 10 s, 100 ms under 100 s, a second under 1,000 s, ...: 10.21 s goes as "10300m"), while their own timer
+    fires at the deadline they keep. With a flat margin of 50 ms, a call of 10 s or more that fell on no whole second
+    got the client library's bare DEADLINE_EXCEEDED."""
+    return 0.001 if remaining_s < 1 else 10.0 ** (math.floor(math.log10(remaining_s)) - 2)
 
 
 class CircuitState(enum.StrEnum):
@@ -847,9 +852,8 @@ class Router:
             return now + self._config.request_timeout_s
         # Finish a little before the caller's own deadline, so that our status (with the attempts) reaches it
         # rather than its client library's bare DEADLINE_EXCEEDED; the busier the loop, the earlier; and before the
-        # deadline the caller's library may keep, up to a hundredth earlier than the one it sent (a flat margin lost
-        # to it every call of 10 s or more).
-        margin = min(DEADLINE_MARGIN_S + 2 * self.lag.lag_s + timeout_s * TIMEOUT_ROUNDED_UP, timeout_s / 10)
+        # deadline the caller's library may keep, earlier than the one it sent (`timeout_rounding`).
+        margin = min(DEADLINE_MARGIN_S + 2 * self.lag.lag_s + timeout_rounding(timeout_s), timeout_s / 10)
         return now + timeout_s - margin
 
     # --- calls ------------------------------------------------------------------------------------------------

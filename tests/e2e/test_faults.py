@@ -1703,9 +1703,9 @@ async def test_a_stream_of_a_long_prompt_that_ends_in_time_is_not_cut_for_its_co
 async def test_a_deadline_that_grpcio_sends_rounded_up_gets_the_gateways_own_status(
     stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
-    """grpcio sends a timeout of 10.21 s as "10300m", the next tenth of a second up (gRPC core's encoding: a unit of up
-    to a hundredth of it), and ends the call itself at 10.21 s: a gateway ending it 50 ms before the 10.3 s it read
-    came too late, and the caller got the client library's bare DEADLINE_EXCEEDED (every call of 10 s or more)."""
+    """grpcio sends a timeout of 10.21 s as "10300m", the next tenth of a second up (gRPC core's encoding: 100 ms units
+    from 10 s to 100 s), and ends the call itself at 10.21 s: a gateway ending it 50 ms before the 10.3 s it read came
+    too late, and the caller got the client library's bare DEADLINE_EXCEEDED."""
     stub = await stub_for(two_backends(primary, local, FAST_ROUTER.replace("first_chunk_timeout_s: 1", "")))
     primary.inject({"stall_s": 12})
     with pytest.raises(grpc.aio.AioRpcError) as caught:

@@ -33,7 +33,30 @@ from llmrelay_server.router import (
     Router,
     _Chain,
     _Received,
+    timeout_rounding,
 )
+
+# --- Deadlines ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sent", "asked"),
+    [  # what grpcio sent for a timeout (its grpc-timeout header), and the timeout asked for
+        (0.501, 0.5),
+        (5.01, 5.001),
+        (10.3, 10.21),
+        (10.1, 10.001),
+        (121.0, 120.001),
+        (3610.0, 3600.001),
+    ],
+)
+def test_the_deadline_margin_covers_what_grpc_core_clients_round_their_timeout_up_by(sent: float, asked: float) -> None:
+    """Read by the gateway a few milliseconds after it was sent (`sent` less them), and never more than a hundredth of
+    it: a 60 s call (sent as "1M", exact) ends 0.1 s early, not 0.6 s."""
+    read = sent - 0.003
+    assert sent - asked <= timeout_rounding(read) + 1e-9 and timeout_rounding(read) <= read / 100
+    assert timeout_rounding(60.0) == pytest.approx(0.1)
+
 
 # --- Backoff --------------------------------------------------------------------------------------------------------
 
