@@ -169,7 +169,7 @@ async def start_gateway(
     # each worker would enforce them alone (the configuration refuses them at start for that reason). A worker's keys
     # file is its supervisor's copy of the file as last taken (workers.Supervisor), which the supervisor checks so.
     alone = reuse_port and config.state.redis_url is None
-    keys = KeyRing(config.auth, limits_refused=LIMITS_PER_WORKER if alone else None)
+    keys = KeyRing(config.auth, limits_refused=LIMITS_PER_WORKER if alone else None, quiet=reuse_port)
     tracing = _tracing(config)  # and tracing without its extra
     counter = TokenCounter()
     try:

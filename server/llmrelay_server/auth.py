@@ -165,20 +165,23 @@ class KeyRing:
         limits_refused: str | None = None,
         keep: Path | None = None,
         on_taken: Callable[[], None] | None = None,
+        quiet: bool = False,
     ) -> None:
         """`limits_refused`: why a keys file that gives a key limits cannot be taken, when it cannot (the configuration
         refuses such keys at start for the same reason). `keep`: where to keep a copy of the keys file as last taken,
         and `on_taken`, what to do each time a re-read is taken (a supervisor's: its workers serve that copy, see
-        workers.Supervisor)."""
+        workers.Supervisor). `quiet`: a worker's, which says nothing of the keys its file holds: its supervisor says it
+        once, of the operator's file, where each worker would repeat it of a copy in a folder of its own."""
         self._configured = config.keys
         self._limits_refused = limits_refused
         self._keep = keep
         self._on_taken = on_taken
         self._file = Path(config.keys_file) if config.keys_file else None
         self._file_stamp = _stamp(self._file) if self._file else None
+        self._quiet = quiet
         if self._file is not None:
             keys, self._by_digest = _read_keys(self._configured, self._file, limits_refused, keep)
-            if not self._by_digest:  # as at a re-read: a file to be filled later, a placeholder secret
+            if not self._by_digest and not quiet:  # as at a re-read: a file to be filled later, a placeholder secret
                 log.warning(
                     "keys file %s holds no keys, nor auth.keys: every call that needs a key is refused", self._file
                 )
@@ -317,11 +320,14 @@ class KeyRing:
         self._named |= self._names
         if catch_up is not None:
             self._track(self._catch_up_after(uncounted, given, catch_up))
-        if not self._by_digest:
-            # Meant (`keys: []`) or not, every call that needs a key is refused from now on: an operator must hear.
-            log.warning("keys file %s reloaded: no keys in force, every call that needs a key is refused", self._file)
-        else:
-            log.info("keys file %s reloaded: %d keys in force", self._file, len(self._by_digest))
+        if not self._quiet:
+            if not self._by_digest:
+                # Meant (`keys: []`) or not, every call that needs a key is refused from now on: an operator must hear.
+                log.warning(
+                    "keys file %s reloaded: no keys in force, every call that needs a key is refused", self._file
+                )
+            else:
+                log.info("keys file %s reloaded: %d keys in force", self._file, len(self._by_digest))
         if self._on_taken is not None:
             self._on_taken()
 

@@ -261,6 +261,27 @@ async def test_workers_that_do_not_answer_hold_the_scrape_up_once_not_each(tmp_p
         assert await stop(gateway) == 0
 
 
+async def test_the_keys_file_is_spoken_of_by_the_supervisor_alone(tmp_path: Path, local: FakeUpstream) -> None:
+    """Each worker reads its supervisor's copy of the keys file, in a folder of its own: a warning that it holds no
+    keys, and a line for each re-read, came from the supervisor, naming the operator's file, and again from each
+    worker, naming a copy the operator never configured and that is gone after the run."""
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text("keys: []\n")
+    config = workers_config(tmp_path)
+    config.write_text(config.read_text() + f'auth: {{keys_file: "{keys_file}"}}\n')
+    gateway = await start_server(config, local, "--workers", "2")
+    await gateway.wait_listening()
+    await gateway.wait_for_line("(2 workers)")
+    keys_file.write_text(f'keys: [{{name: agents, sha256: "{"ab" * 32}"}}]\n')
+    await gateway.wait_for_line("reloaded: 1 keys in force")
+    await asyncio.sleep(2)  # the workers' re-reads of their copy
+    assert await stop(gateway) == 0
+    output = await gateway.output()
+    for said in ("holds no keys", "reloaded: 1 keys in force"):
+        lines = [line for line in output.splitlines() if said in line]
+        assert len(lines) == 1 and str(keys_file) in lines[0], lines
+
+
 async def test_a_gateway_stopped_whole_and_continued_keeps_its_workers(tmp_path: Path, local: FakeUpstream) -> None:
     """Ctrl-Z, `docker pause` or a frozen cgroup stop the supervisor with its workers: continued, the supervisor judged
     the workers' silence before they could beat, killed them all, and cut their calls."""
