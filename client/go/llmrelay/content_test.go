@@ -13,6 +13,7 @@ import (
 
 	"google.golang.org/grpc/codes"
 
+	"github.com/llmrelay/llmrelay/client/go/internal/gatewaytest"
 	"github.com/llmrelay/llmrelay/client/go/llmrelay"
 	llmrelayv1 "github.com/llmrelay/llmrelay/client/go/llmrelay/v1"
 )
@@ -22,7 +23,13 @@ const catURL = "https://example.com/cat.png"
 // lastRequest is the last chat request body the upstream received, its numbers as json.Number.
 func lastRequest(t *testing.T) any {
 	t.Helper()
-	requests, err := env.Upstream.Requests()
+	return lastRequestTo(t, env.Upstream)
+}
+
+// lastRequestTo is the last chat request that upstream received, decoded with its numbers as written.
+func lastRequestTo(t *testing.T, upstream *gatewaytest.Upstream) any {
+	t.Helper()
+	requests, err := upstream.Requests()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -183,7 +190,8 @@ func TestSchemasReachTheUpstreamWithTheirIntegers(t *testing.T) {
 }
 
 func TestUserImageSendsImagePartsFromBytesAndURLs(t *testing.T) {
-	client := setup(t)
+	// Ollama's /v1 takes no image by URL, so the gateway sends this one to the next backend, an OpenAI-compatible one.
+	client, gateway := setupFallback(t)
 	var encoded bytes.Buffer
 	if err := png.Encode(&encoded, image.NewGray(image.Rect(0, 0, 4, 3))); err != nil {
 		t.Fatal(err)
@@ -199,7 +207,10 @@ func TestUserImageSendsImagePartsFromBytesAndURLs(t *testing.T) {
 	if got := resp.GetMessage().GetContent(); got != "echo: compare" {
 		t.Errorf("content %q, want the echo of the text part", got)
 	}
-	content := at(t, lastRequest(t), "messages", 0, "content")
+	if got := resp.GetBackend(); got != gateway.FallbackBackend {
+		t.Errorf("served by %q, want %q", got, gateway.FallbackBackend)
+	}
+	content := at(t, lastRequestTo(t, gateway.Upstream), "messages", 0, "content")
 	want := []struct {
 		path  []any
 		value any

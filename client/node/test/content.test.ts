@@ -37,7 +37,8 @@ let gateway: Gateway;
 let client: Client;
 
 before(async () => {
-  gateway = await Gateway.start();
+  // With a second backend: Ollama's /v1 takes no image by URL, so the gateway sends such a chat on to it.
+  gateway = await Gateway.start({ fallback: true });
   upstream = gateway.upstream;
   client = new Client(gateway.addr, { timeoutMs: 30_000 });
 });
@@ -160,6 +161,7 @@ describe("schemas and images, from TypeScript", { concurrency: false }, () => {
       messages: [userMessage("compare", image(bytes, { detail: ImageDetail.IMAGE_DETAIL_LOW }), image(CAT_URL))],
     });
     assert.equal(answer.message?.content, "echo: compare");
+    assert.equal(answer.backend, "fallback"); // the harness's second backend, an OpenAI-compatible one
     const { body } = await lastRequest();
     assert.deepEqual(body.messages[0].content, [
       { type: "text", text: "compare" },
