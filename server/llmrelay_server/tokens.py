@@ -318,6 +318,10 @@ def _message_tokens(encode: _Encode, message: Message) -> tuple[int, bool]:
 # and 5667 (an image costs it about what it costs gpt-4o); o3: 75 and 150.
 # By patches (gpt-4.1-mini, gpt-4.1-nano, o4-mini): the 32px patches that cover the image, scaled down to cover it
 # with at most 1536, times the model's multiplier, whatever the detail. Users' measured bills follow these figures.
+# Claude (Anthropic's vision guide, https://platform.claude.com/docs/en/build-with-claude/vision) by patches too, of
+# 28px, each a token, after scaling to the model's native resolution: 2576px on the long side and 4784 patches; the
+# models before Opus 4.7 (Claude 3, 4 to 4.6), 1568px and about 1600 tokens, by width x height / 750 (counted here as
+# the 28px patches' area over 750, never less). Whatever the detail.
 # Other models (o1, whose measured bills follow neither formula; the gpt-5 family, whose measured multipliers are not
 # the guide's; local ones) are counted by gpt-4o's figures, as an estimate.
 _IMAGE_BASE_TOKENS: Final = 85
@@ -332,30 +336,49 @@ _IMAGE_RATES: Final = (
     (re.compile(rf"o3{_DATED}"), (75, 150)),
 )
 """The models that price an image by its tiles, as the formula counts it: (base, tile) tokens."""
-_IMAGE_PATCH_MULTIPLIERS: Final = (
-    (re.compile(rf"gpt-4\.1-mini{_DATED}"), 1.62),
-    (re.compile(rf"gpt-4\.1-nano{_DATED}"), 2.46),
-    (re.compile(rf"o4-mini{_DATED}"), 1.72),
+
+
+@dataclass(frozen=True, slots=True)
+class _Patches:
+    """How a model prices an image by its square patches of `px`: scaled down (never up) to `longest_px` on its long
+    side where the model has such a bound, then to be covered by at most `most` patches, each `tokens` tokens."""
+
+    px: int
+    most: int
+    tokens: float = 1.0
+    longest_px: int | None = None
+
+
+# Claude's separators and dates as Anthropic ("claude-sonnet-4-5-20250929") and OpenRouter ("claude-3.5-sonnet") write.
+_CLAUDE_DATED: Final = r"(-\d{8}|-latest)?"
+_IMAGE_PATCHES: Final = (
+    (re.compile(rf"gpt-4\.1-mini{_DATED}"), _Patches(32, 1536, 1.62)),
+    (re.compile(rf"gpt-4\.1-nano{_DATED}"), _Patches(32, 1536, 2.46)),
+    (re.compile(rf"o4-mini{_DATED}"), _Patches(32, 1536, 1.72)),
+    (
+        re.compile(rf"claude-(3([-.][57])?-(opus|sonnet|haiku)|(opus|sonnet|haiku)-4([-.][0-6])?){_CLAUDE_DATED}"),
+        _Patches(28, 1600 * 750 // 28**2, 28**2 / 750, longest_px=1568),
+    ),
+    (re.compile(r"claude-.*"), _Patches(28, 4784, longest_px=2576)),
 )
-"""The models that price an image by its 32px patches: the tokens of a patch."""
+"""The models that price an image by its patches, the first that matches: a Claude not named before the last is
+counted as the newer models price an image, the most they can."""
 _IMAGE_TILE_PX: Final = 512
 _IMAGE_FIT_PX: Final = 2048
 _IMAGE_SHORT_SIDE_PX: Final = 768
 # The most tiles a scaled image can take (2048x768: 4 by 2), for an image whose size is not known.
 _IMAGE_MAX_TILES: Final = 8
-_IMAGE_PATCH_PX: Final = 32
-_IMAGE_MAX_PATCHES: Final = 1536
 
 
 @dataclass(frozen=True, slots=True)
 class _ImageRates:
-    """How a model prices an image (`_image_rates`): by tiles (`base` and `tile` tokens) or, with `per_patch`, by
-    32px patches; `billed`: whether these are the model's own figures, not gpt-4o's in their place."""
+    """How a model prices an image (`_image_rates`): by tiles (`base` and `tile` tokens) or, with `patches`, by its
+    patches; `billed`: whether these are the model's own figures, not gpt-4o's in their place."""
 
     base: int
     tile: int
     billed: bool
-    per_patch: float | None = None
+    patches: _Patches | None = None
 
 
 def _bounded_count(tokens: int, model: str, encoding: str, exact: bool) -> TokenCount:
@@ -372,26 +395,30 @@ def _high_detail_tiles(width: int, height: int) -> int:
     return -(-width // _IMAGE_TILE_PX) * -(-height // _IMAGE_TILE_PX)
 
 
-def _patches(width: int, height: int) -> int:
-    """The 32px patches that cover an image once it is scaled down to be covered by at most _IMAGE_MAX_PATCHES."""
-    patches = -(-width // _IMAGE_PATCH_PX) * -(-height // _IMAGE_PATCH_PX)
-    if patches <= _IMAGE_MAX_PATCHES:
+def _patches(width: int, height: int, grid: _Patches) -> int:
+    """The patches that cover an image once it is scaled down to the grid's long side, then to be covered by at most
+    its `most` patches."""
+    if grid.longest_px is not None and (longest := max(width, height)) > grid.longest_px:
+        width, height = max(1, width * grid.longest_px // longest), max(1, height * grid.longest_px // longest)
+    px = grid.px
+    patches = -(-width // px) * -(-height // px)
+    if patches <= grid.most:
         return patches
     # Scaled by the area, then a little more, so that one side comes out a whole number of patches (not a side
     # thinner than a patch by then, which would scale the image to nothing: counted at the most instead, below).
-    shrink = math.sqrt(_IMAGE_PATCH_PX**2 * _IMAGE_MAX_PATCHES / (width * height))
-    sides = (width * shrink / _IMAGE_PATCH_PX, height * shrink / _IMAGE_PATCH_PX)
+    shrink = math.sqrt(px**2 * grid.most / (width * height))
+    sides = (width * shrink / px, height * shrink / px)
     shrink *= min((math.floor(side) / side for side in sides if side >= 1), default=1.0)
     width, height = max(1, int(width * shrink)), max(1, int(height * shrink))
-    return min(_IMAGE_MAX_PATCHES, -(-width // _IMAGE_PATCH_PX) * -(-height // _IMAGE_PATCH_PX))
+    return min(grid.most, -(-width // px) * -(-height // px))
 
 
 def _image_rates(model: str) -> _ImageRates:
     """How the model prices an image (asked only of a chat with images); else gpt-4o's figures, as an estimate."""
     name = _base_model_name(model)
-    for pattern, per_patch in _IMAGE_PATCH_MULTIPLIERS:
+    for pattern, patches in _IMAGE_PATCHES:
         if pattern.fullmatch(name):
-            return _ImageRates(0, 0, True, per_patch)
+            return _ImageRates(0, 0, True, patches)
     for pattern, (base, tile) in _IMAGE_RATES:
         if pattern.fullmatch(name):
             return _ImageRates(base, tile, True)
@@ -403,15 +430,17 @@ def _image_tokens(image: ImagePart, rates: _ImageRates) -> tuple[int, bool]:
 
     Unset or AUTO, the detail is the upstream's choice: counted as high, the most it can cost. An image whose size
     is not known (a URL, or bytes whose header cannot be read) is counted as the largest image costs, so that a
-    reservation against a token limit is never short. A patch's tokens are a fraction, rounded by a rule OpenAI does
-    not publish: counted up, and estimated.
+    reservation against a token limit is never short. A count by patches is an estimate: OpenAI's patch is a fraction
+    of tokens, rounded by a rule it does not publish (counted up); Claude's resizing is its own, and its older models'
+    figure approximate.
     """
-    if rates.per_patch is None and image.detail is ImageDetail.LOW:
+    grid = rates.patches
+    if grid is None and image.detail is ImageDetail.LOW:
         return rates.base, rates.billed  # whatever its size: its header is not read
     size = images.dimensions(image.data) if image.data is not None else None
-    if rates.per_patch is not None:
-        patches = _patches(*size) if size is not None else _IMAGE_MAX_PATCHES
-        return math.ceil(patches * rates.per_patch), False
+    if grid is not None:
+        patches = _patches(*size, grid) if size is not None else grid.most
+        return math.ceil(patches * grid.tokens), False
     if size is None:
         return rates.base + rates.tile * _IMAGE_MAX_TILES, False
     return rates.base + rates.tile * _high_detail_tiles(*size), rates.billed and image.detail is ImageDetail.HIGH

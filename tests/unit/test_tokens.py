@@ -447,6 +447,40 @@ def test_an_image_to_a_model_priced_by_patches_counts_its_patches(
     assert unknown.tokens == question + math.ceil(1536 * next(v for k, v in per_patch.items() if k in model))
 
 
+@pytest.mark.parametrize(
+    ("model", "width", "height", "expected_tokens"),
+    [
+        # Anthropic's guide: 1000x1000 takes 36 by 36 patches of 28px, each a token.
+        ("claude-sonnet-5", 1000, 1000, 36 * 36),
+        # Past 2576px on the long side, scaled to it: 2576x1000, 92 by 36 patches.
+        ("anthropic/claude-opus-4-7", 5152, 2000, 92 * 36),
+        # The older models: the guide's table has 1092x1092 at about 1590 tokens (its area over 750).
+        ("claude-sonnet-4-5-20250929", 1092, 1092, math.ceil(39 * 39 * 28**2 / 750)),
+        ("claude-3.5-sonnet", 1092, 1092, math.ceil(39 * 39 * 28**2 / 750)),
+        # Scaled to 1568px, then to about 1600 tokens: 1092x1092 again.
+        ("claude-haiku-4-5", 4000, 4000, math.ceil(39 * 39 * 28**2 / 750)),
+    ],
+)
+def test_an_image_to_claude_counts_its_28px_patches(
+    counter: TokenCounter, model: str, width: int, height: int, expected_tokens: int
+) -> None:
+    """Counted at gpt-4o's tiles, a 1092x1092 image to Claude was reserved at 765 tokens where it is billed about
+    1,590: a key's token limits and budget were overrun by what its concurrent calls' images cost."""
+    question = counter.count_chat(model, [QUESTION]).tokens
+    for detail in (ImageDetail.LOW, ImageDetail.HIGH, None):
+        count = counter.count_chat(model, [with_image(ImagePart(data=png(width, height), detail=detail))])
+        assert count.tokens == question + expected_tokens, detail
+        assert count.estimated
+
+
+@pytest.mark.parametrize(("model", "most"), [("claude-sonnet-5", 4784), ("claude-3-haiku-20240307", 1600)])
+def test_an_image_of_unknown_size_to_claude_counts_at_its_models_most(
+    counter: TokenCounter, model: str, most: int
+) -> None:
+    unknown = counter.count_chat(model, [with_image(ImagePart(url="https://example.com/cat.png"))])
+    assert unknown.tokens == counter.count_chat(model, [QUESTION]).tokens + most
+
+
 def test_an_image_of_unknown_size_counts_as_the_largest_image_would(counter: TokenCounter) -> None:
     url = counter.count_chat("gpt-4o", [with_image(ImagePart(url="https://example.com/cat.png"))])
     largest = counter.count_chat("gpt-4o", [with_image(ImagePart(data=png(2048, 768), detail=ImageDetail.HIGH))])
