@@ -20,6 +20,7 @@ import pytest
 from llmrelay_server.config import ConfigError
 from llmrelay_server.domain import TokenUsage, UsageUnavailableError
 from llmrelay_server.usage import LedgerUnavailableError, UsageLedger, UsageTotals
+from llmrelay_server.usage.journal import Journal
 from support import wait_until
 
 T0 = 1_700_000_040.0  # the start of a minute bucket
@@ -294,6 +295,92 @@ async def test_a_journal_left_without_a_file_while_the_database_was_down_takes_r
     await ledger.aclose()
     assert ledger.dropped_records == 1
     assert requests_on_disk(path) == 9
+
+
+async def test_a_written_batch_whose_file_cannot_be_deleted_holds_no_later_record_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A journal directory made read-only (a filesystem remounted so after an error): the batch committed, its file's
+    deletion failed, and the batch was kept waiting, skipped as written and failing again at every flush, with a
+    traceback each 0.5 s: no record after it reached the database, and a shutdown lost them and exited 1."""
+    path = tmp_path / "usage.sqlite3"
+    ledger = UsageLedger(path)
+    for _ in range(3):
+        ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+    await ledger.flush()
+    unlink = Path.unlink
+
+    def read_only(self: Path, missing_ok: bool = False) -> None:
+        if self.parent == Path(f"{path}.journal"):
+            raise PermissionError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    for batch_records in (2, 5, 4):
+        for _ in range(batch_records):
+            ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+        await ledger.flush()
+    assert requests_on_disk(path) == 14
+    assert ledger.health().pending_records == 0
+    await ledger.aclose()
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(errors) == 2, errors  # the batches' files, once; the lock file at the end
+    assert "written to the database, cannot be deleted (Read-only file system); left behind" in errors[0]
+    # Left behind, they are counted once: the database says their batches are written.
+    monkeypatch.undo()
+    assert [batch.stat().st_size > 0 for batch in batch_files(path)] == [True, True, True, False]  # the last: active
+    assert await query_once(path) == [UsageTotals("b", "m", "c", 14, 140, 70, 210, 0)]
+
+
+async def test_records_the_journal_cannot_take_after_an_idle_outage_are_kept_once_the_database_is_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database found down while idle let go of the active batch's counts (its file holds them), and its return
+    gave them back only to a batch without a file: the next batch, made while the ledger still had it down, had none
+    either, and every record the journal could not take then (a full disk) was dropped, with the database up."""
+    path = tmp_path / "usage.sqlite3"
+    ledger = UsageLedger(path)
+    store_apply, store_check = ledger._store.apply, ledger._store.check
+    monkeypatch.setattr(ledger._store, "apply", database_down)
+    monkeypatch.setattr(ledger._store, "check", database_down)
+    await ledger._maintain()  # the idle ledger's check of the database
+    for _ in range(2):
+        ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+    monkeypatch.setattr(ledger._store, "apply", store_apply)
+    monkeypatch.setattr(ledger._store, "check", store_check)
+    await ledger.flush()  # the database back
+    full = os.open("/dev/full", os.O_WRONLY)
+    assert ledger._active.fd is not None
+    os.dup2(full, ledger._active.fd)
+    os.close(full)
+
+    for _ in range(5):
+        ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
+
+    assert ledger.dropped_records == 0
+    await ledger.aclose()
+    assert requests_on_disk(path) == 7
+
+
+def test_a_journal_whose_directory_was_made_again_is_not_claimed_from_its_live_process(tmp_path: Path) -> None:
+    """The directory deleted, then made again by a gateway starting on it: the live process made its next batch files
+    there with no lock file of its own beside them, and the other claimed them as a dead process's, writing a batch
+    while its records were still being appended (and the live process's whole write of it skipped: records lost)."""
+    directory = tmp_path / "journal"
+    live = Journal(directory)
+    shutil.rmtree(directory)
+    starting = Journal(directory)  # makes the directory again
+
+    path, fd = live.create_batch(1)
+    os.write(fd, b"a line\n")
+
+    try:
+        assert starting.claim_orphans(()) == []
+        assert path.exists()
+    finally:
+        os.close(fd)
+        live.close(drained=False)
+        starting.close(drained=True)
 
 
 async def test_a_batch_file_removed_by_hand_is_said_lost_once_however_long_the_database_is_down(

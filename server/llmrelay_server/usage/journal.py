@@ -7,8 +7,9 @@ exclusive) under a temporary name and only then given its own, before any of its
 the process dies, however it dies. Whoever then takes that lock owns the journal's files, and holds the lock until
 it has written them all to the database and deleted them (then the lock file too); a process that gives up before
 (the database down) just releases it, for the next one. One lock per process rather than one per file: an outage
-does not cost a descriptor per batch. (A lock file removed by hand from under a live process would let another
-claim its files: don't.)
+does not cost a descriptor per batch. A process whose lock file is gone (its directory deleted and made again by
+another process) locks a new one before its next batch file; a lock file removed by hand from under a live process
+would still let another claim the batch it is writing: don't.
 
 Batch files are never renamed: a batch's number is in its name from its first line, so a reader listing the
 directory sees each file once, under one name, and can tell from the database which batches it already counts.
@@ -19,7 +20,6 @@ without its newline (a process killed in the middle of a write, or a reader that
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import functools
 import json
@@ -150,6 +150,15 @@ def _stamp(directory: Path, ledger: str) -> None:
         )
 
 
+def _delete_lock_file(path: Path) -> None:
+    """The lock file of a drained journal, deleted where it can be: one left behind (a directory made read-only) is
+    claimed by the next process that looks, found without batches, and deleted then."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        _log.warning("usage journal: cannot delete %s (%s); left behind", path, exc.strerror)
+
+
 @dataclass(eq=False)
 class Orphan:
     """The journal of a process that died, claimed: its lock is held here until its batches are in the database."""
@@ -163,8 +172,7 @@ class Orphan:
     def release(self, *, drained: bool) -> None:
         """Lets go of the journal; drained, its batches are all written and deleted, so its lock file goes too."""
         if drained:
-            with contextlib.suppress(FileNotFoundError):
-                self.lock_path.unlink()
+            _delete_lock_file(self.lock_path)
         os.close(self.lock_fd)
 
 
@@ -179,15 +187,41 @@ class Journal:
         if ledger is not None:
             _stamp(directory, ledger)
         self.id = f"{os.getpid()}-{secrets.token_hex(4)}"
-        # Locked under a name no other process looks at, then given its own: a process that finds this journal's
-        # lock file (or a batch file, made after it) finds it locked.
-        making = directory / f"{self.id}.locking"
-        self._lock_fd = os.open(making, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE_MODE)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        os.rename(making, self._lock_path(self.id))
+        self._lock_fd = self._locked()
+
+    def _locked(self) -> int:
+        """This journal's lock file, made and locked: under a name no other process looks at, then given its own, so
+        that a process that finds this journal's lock file (or a batch file, made after it) finds it locked."""
+        making = self.directory / f"{self.id}.locking"
+        lock_fd = os.open(making, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            os.rename(making, self._lock_path(self.id))
+        except OSError:
+            os.close(lock_fd)
+            raise
+        return lock_fd
+
+    def _hold_lock_file(self) -> None:
+        """Locks the journal's lock file again when the one it holds is no longer in the directory under its name
+        (the directory deleted, and made again by another process): another process would take its batch files
+        for a dead one's, and write them to the database while this one still appends to them."""
+        held = os.fstat(self._lock_fd)
+        try:
+            named = self._lock_path(self.id).stat()
+        except FileNotFoundError:
+            pass
+        else:
+            if (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+                return
+        lock_fd = self._locked()
+        os.close(self._lock_fd)
+        self._lock_fd = lock_fd
+        _log.warning("usage journal %s: this process's lock file was gone; it is locked again", self.directory)
 
     def create_batch(self, number: int) -> tuple[Path, int]:
         """A new, empty batch file of this journal and a descriptor that appends to it."""
+        self._hold_lock_file()
         path = self.directory / f"{self.id}.{number}{_BATCH_SUFFIX}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
         return path, os.open(path, flags, PRIVATE_FILE_MODE)
@@ -207,8 +241,7 @@ class Journal:
     def close(self, *, drained: bool) -> None:
         """Releases this journal; drained (no batch file left), its lock file goes too."""
         if drained:
-            with contextlib.suppress(FileNotFoundError):
-                self._lock_path(self.id).unlink()
+            _delete_lock_file(self._lock_path(self.id))
         os.close(self._lock_fd)
 
     def _claim(self, journal: str) -> Orphan | None:

@@ -271,6 +271,10 @@ class UsageLedger:
         """Why the active batch has no journal file, when the journal could make none for it (`_seal`)."""
         self._unlisted = False
         """Whether the journal's directory could not be read when last looked at for dead processes' journals."""
+        self._unreadable = False
+        """Whether the last flush found a journal file it could not read (logged once, until a flush gets through)."""
+        self._undeletable = False
+        """Whether a written batch's journal file could not be deleted (logged once, until one can be again)."""
         self._unanswered = False
         """Whether the last usage query found the database out of reach (logged once, until one is answered again)."""
         self._flushing = asyncio.Lock()
@@ -394,7 +398,7 @@ class UsageLedger:
                     # The last write failed (each is bounded in time): another would only hold the shutdown up.
                     raise LedgerUnavailableError(self._unavailable[1])
                 await self.flush()
-            except LedgerUnavailableError as error:
+            except (LedgerUnavailableError, OSError) as error:
                 where = f"in the journal {self._journal.directory}" if self._journal is not None else "lost"
                 if self._unjournaled and self._journal is not None:
                     where += f", but for {self._unjournaled} that it could not take, lost"
@@ -486,8 +490,19 @@ class UsageLedger:
                 await self.flush()
             except LedgerUnavailableError:
                 pass  # logged when the outage began; retried at the next flush
+            except OSError as exc:  # a journal file that cannot be read (EACCES, EIO): said once, not every flush
+                if not self._unreadable:
+                    self._unreadable = True
+                    _log.error(
+                        "usage ledger: the journal file %s cannot be read (%s); it and the records after it wait"
+                        " until it can",
+                        exc.filename,
+                        exc.strerror,
+                    )
             except Exception:
                 _log.exception("usage ledger: writing failed; will retry")
+            else:
+                self._unreadable = False
             # After a flush that reached the database: a roll-up that fails then is refused for itself (said so),
             # not a database down (which the writes report, once an outage).
             due = loop.time() >= self._next_roll_up and not self._stopping.is_set()
@@ -614,7 +629,7 @@ class UsageLedger:
             self._became_unavailable(error)
             raise
         if batch.path is not None:
-            batch.path.unlink(missing_ok=True)
+            self._delete_written(batch.path)
         with self._lock:
             self._pending.popleft()
             if batch.orphan is None:
@@ -629,6 +644,24 @@ class UsageLedger:
             batch.orphan.release(drained=True)
             self._orphans.remove(batch.orphan)
         self._became_available()
+
+    def _delete_written(self, path: Path) -> None:
+        """Deletes the file of a batch the database has. One that cannot be (a directory made read-only) is left
+        behind, and the batches after it go on: its batch is known written, skipped by whoever reads it again
+        (GetUsage, the process that claims this journal), where keeping it waiting held every later record up."""
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            if not self._undeletable:
+                self._undeletable = True
+                _log.error(
+                    "usage ledger: the journal file %s, written to the database, cannot be deleted (%s); left"
+                    " behind, as every written batch's file is until one can be",
+                    path,
+                    exc.strerror,
+                )
+        else:
+            self._undeletable = False
 
     def _became_unavailable(self, error: LedgerUnavailableError) -> None:
         if self._unavailable is None:
@@ -657,8 +690,11 @@ class UsageLedger:
             _log.warning("usage ledger available again after %.0f s: %s", time.time() - since, self._store.description)
             with self._lock:
                 self._unavailable = None
-                if self._active.path is None and self._active.buckets is None:
-                    self._active.buckets = {}  # without a file, its records are kept in its counts again
+                # Its counts let go of to its file: the batch is sealed (or, without records, counts from none), so
+                # that the next records are counted in memory again and one the journal cannot take is kept there,
+                # not dropped as while the database was down.
+                if self._active.buckets is None and not self._seal():
+                    self._active.buckets = {}
 
     def _append(self, batch: _Batch, line: bytes) -> str | None:
         """Under the lock: the line at the end of the active batch's file; None, or why the journal could not take it
@@ -710,7 +746,9 @@ class UsageLedger:
                 os.close(active.fd)
                 active.fd = None
                 if not active.records and active.path is not None:
-                    active.path.unlink(missing_ok=True)
+                    # Empty: one left behind (a read-only directory) is deleted by whoever claims this journal.
+                    with contextlib.suppress(OSError):
+                        active.path.unlink(missing_ok=True)
             drained = not self._pending and not active.records
         for orphan in self._orphans:
             orphan.release(drained=False)
