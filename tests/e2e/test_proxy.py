@@ -5,6 +5,7 @@ upstream's name and port, and nothing of the calls; its credentials are never sh
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from certs import Authority
 from harness import BIN, clean_env
 from proxy import ForwardProxy
+from raw_server import RawServer
 from support import OPENAI_TEST_KEY, StubFactory, chat, served_by_openai
 from upstream import FakeUpstream
 
@@ -94,7 +96,11 @@ async def test_a_proxy_out_of_reach_or_refusing_says_so_to_the_caller(
     with pytest.raises(grpc.aio.AioRpcError) as unreachable:
         await stub.Complete(chat(), timeout=5)  # the proxy is gone now
     for caught, says in (
-        (refused, f"the proxy http://127.0.0.1:{port} (HTTPS_PROXY) refused a tunnel to {NAME}:{hosted.port}: 407"),
+        (
+            refused,
+            f"the proxy http://127.0.0.1:{port} (HTTPS_PROXY) refused a tunnel to {NAME}:{hosted.port}: 407 Proxy"
+            " Authentication Required (it refused the credentials in HTTPS_PROXY's URL: check them",
+        ),
         (unreachable, f"cannot connect to the proxy http://127.0.0.1:{port} (HTTPS_PROXY)"),
     ):
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -102,6 +108,32 @@ async def test_a_proxy_out_of_reach_or_refusing_says_so_to_the_caller(
         assert PASSWORD not in (caught.value.details() or "")
     assert hosted.chat_requests == []
     assert PASSWORD not in caplog.text and "Traceback" not in caplog.text
+
+
+async def test_a_proxys_error_page_that_quotes_its_credentials_passes_them_on_to_no_one(
+    stub_for: StubFactory, primary: FakeUpstream, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A proxy refusing a request with a page that quotes its headers (as debugging and error pages do): the caller's
+    status passed on the Basic credentials, where the backend's own key in the same page was redacted."""
+    token = base64.b64encode(f"gateway:{PASSWORD}".encode()).decode()
+
+    async def quoting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        quoted = [line for line in head.split("\r\n") if line.lower().startswith(("proxy-authorization", "authoriz"))]
+        body = ("Denied by policy: " + "; ".join(quoted)).encode("latin-1")
+        writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+
+    async with RawServer(quoting) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", f"http://gateway:{PASSWORD}@127.0.0.1:{proxy.port}")
+        stub = await stub_for(hosted_by_name(primary, "http"))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Complete(chat(), timeout=5)
+    details = refused.value.details() or ""
+    assert "Denied by policy: " in details and "Proxy-Authorization: Basic [redacted]" in details, details
+    assert "authorization: Bearer [redacted]" in details  # the backend's key, as before
+    assert token not in details and PASSWORD not in details
+    assert token not in caplog.text and PASSWORD not in caplog.text
 
 
 @pytest.mark.parametrize("value", ["socks5://gateway:pr0xy-s3cret@proxy.corp:1080", "https://proxy.corp"])

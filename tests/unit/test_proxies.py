@@ -28,7 +28,8 @@ def test_https_and_http_upstreams_each_take_their_own(monkeypatch: pytest.Monkey
     monkeypatch.setenv("http_proxy", "plain.corp:8080")  # no scheme: http://, as curl reads it
     proxies = Proxies.from_environment()
     secure = proxies.for_url("https://api.openai.com/v1")
-    assert secure == Proxy("proxy.corp", 3128, "HTTPS_PROXY", "Basic " + base64.b64encode(b"me:p@ss").decode())
+    token = base64.b64encode(b"me:p@ss").decode()
+    assert secure == Proxy("proxy.corp", 3128, "HTTPS_PROXY", f"Basic {token}", ("me", "p@ss", token))
     assert "p@ss" not in repr(secure) and "Basic" not in repr(secure) and "me:" not in str(secure)
     assert str(secure) == "http://proxy.corp:3128 (HTTPS_PROXY)"
     assert proxies.for_url("http://vllm.internal:8000/v1") == Proxy("plain.corp", 8080, "HTTP_PROXY")
@@ -92,6 +93,11 @@ def test_no_proxy(monkeypatch: pytest.MonkeyPatch, no_proxy: str, url: str, dire
         ("http://me:secret\u2100x@proxy.corp:3128", "not a proxy URL"),
         ("http://me:secret@[zz]:3128", "not a proxy URL"),
         ("http://me:secret\udcffx@proxy.corp:3128", "user or password is not UTF-8"),
+        # A "/", "?" or "#" of the password's own ends the URL's host part: the password's start was taken for the
+        # proxy's host and port (shown in every status), or its port refused as not a number.
+        ("http://me:2024/secret@proxy.corp:3128", "percent-encode it (/ as %2F"),
+        ("http://me:se#cret@proxy.corp:3128", "percent-encode it"),
+        ("me:se?cret@proxy.corp:3128", "percent-encode it"),
     ],
 )
 def test_a_proxy_the_gateway_cannot_use_is_refused_at_start(

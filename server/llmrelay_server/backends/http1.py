@@ -296,7 +296,7 @@ class Http1Pool:
             response.close()
             raise httpx2.ProxyError(
                 f"the proxy {target.proxy} refused the request to {_where(target)}: 407 {response.reason}"
-                + _PROXY_WANTS_CREDENTIALS
+                + _credentials_refused(target.proxy)
             )
         return response
 
@@ -420,7 +420,7 @@ class Http1Pool:
             if not 200 <= status < 300:
                 raise httpx2.ProxyError(
                     f"the proxy {proxy} refused a tunnel to {authority}: {status} {reason}"
-                    + (_PROXY_WANTS_CREDENTIALS if status == 407 else "")
+                    + (_credentials_refused(proxy) if status == 407 else "")
                 )
             conn = _Connection(self, loop, target.origin)
             assert self._ssl is not None  # _connect made it for an https target
@@ -565,7 +565,14 @@ def _expire(future: asyncio.Future[_Connection | None], seconds: float, limit: i
         future.set_exception(httpx2.PoolTimeout(f"no connection free in {seconds:g} s ({limit} open)"))
 
 
-_PROXY_WANTS_CREDENTIALS: Final = " (it asks for credentials: give them in its URL, http://user:password@host:port)"
+def _credentials_refused(proxy: Proxy) -> str:
+    """What a proxy's 407 asks of the operator: credentials in its URL, or, given there, others."""
+    if proxy.authorization is None:
+        return " (it asks for credentials: give them in its URL, http://user:password@host:port)"
+    return (
+        f" (it refused the credentials in {proxy.variable}'s URL: check them, each of their characters /, ?, #, @,"
+        " : and % percent-encoded)"
+    )
 
 
 def _where(target: Http1Target) -> str:

@@ -6,8 +6,9 @@ upstream (localhost, 127.0.0.0/8, ::1: a local Ollama or llama.cpp) is never pro
 An https upstream is reached through a tunnel (CONNECT), so the proxy sees its name and nothing else; an http one
 through the proxy's own request (absolute-form). Only http:// proxies: a proxy's URL with any other scheme
 (https://, socks5://) stops the gateway at start rather than letting calls go around it. A proxy's user and password
-(`http://user:password@proxy:3128`) go to it as Basic credentials and are never shown: messages name the proxy by
-its host and port alone."""
+(`http://user:password@proxy:3128`, percent-encoded) go to it as Basic credentials and are never shown: messages name
+the proxy by its host and port alone, and an upstream's words that quote them (an error page listing the request's
+headers) are redacted (`Proxy.secrets`)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ class Proxy:
     """The environment variable that named it, for messages."""
     authorization: str | None = field(default=None, repr=False)
     """The Proxy-Authorization header's value, from the URL's user and password: a secret, so not in the repr."""
+    secrets: tuple[str, ...] = field(default=(), repr=False)
+    """The user, the password and their Basic credentials: taken out of the upstreams' words (`redact`)."""
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -48,6 +51,11 @@ class Proxies:
     """By scheme ("http", "https"): the proxy that upstreams of that scheme are reached through."""
     no_proxy: str = ""
     """NO_PROXY's value: hosts (and their subdomains), host:port, or "*" for all, reached directly."""
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every proxy's user, password and Basic credentials."""
+        return tuple(secret for proxy in self.by_scheme.values() for secret in proxy.secrets)
 
     @classmethod
     def from_environment(cls) -> Proxies:
@@ -77,12 +85,20 @@ NO_PROXIES = Proxies({})
 
 def _proxy(url: str, variable: str) -> Proxy:
     # "proxy:3128" without a scheme means http://, as curl reads it.
+    url = url if "://" in url else f"http://{url}"
     try:
-        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        parts = urllib.parse.urlsplit(url)
         parts.hostname  # noqa: B018 - read for its ValueError: an address in brackets that is none
     except ValueError:
         # Not the value, nor urllib's words, which quote it: its credentials with it.
         raise ProxyConfigError(f"{variable}: not a proxy URL (its host or port cannot be read)") from None
+    if "@" in url.partition("://")[2] and "@" not in parts.netloc:
+        # A user or password with a "/", "?" or "#" of its own ends the URL's authority there, as every client reads
+        # it: the rest of the password would be taken for the proxy's host and port, and shown in every message.
+        raise ProxyConfigError(
+            f"{variable}: the proxy's user or password holds a character that ends a URL's host part: percent-encode"
+            " it (/ as %2F, ? as %3F, # as %23, @ as %40, : as %3A, % as %25)"
+        )
     if parts.scheme != "http" or not parts.hostname:
         shown = f"{parts.scheme}://{parts.hostname or ''}"
         raise ProxyConfigError(
@@ -101,8 +117,10 @@ def _proxy(url: str, variable: str) -> Proxy:
             credentials = f"{user}:{password}".encode()
         except UnicodeEncodeError:  # bytes of the environment that are no UTF-8 (Python's surrogate escapes)
             raise ProxyConfigError(f"{variable}: the proxy's user or password is not UTF-8 text") from None
-        authorization = "Basic " + base64.b64encode(credentials).decode("ascii")
-    return Proxy(parts.hostname, port, variable, authorization)
+        token = base64.b64encode(credentials).decode("ascii")
+        authorization = f"Basic {token}"
+        return Proxy(parts.hostname, port, variable, authorization, tuple(filter(None, (user, password, token))))
+    return Proxy(parts.hostname, port, variable)
 
 
 def _bypassed(no_proxy: str, host: str, port: int) -> bool:

@@ -146,7 +146,10 @@ class Pool:
 
     def __init__(self, limits: httpx2.Limits = POOL_LIMITS) -> None:
         self.limits = limits
-        self.http1 = Http1Pool(limits, proxies=Proxies.from_environment())
+        proxies = Proxies.from_environment()
+        self.http1 = Http1Pool(limits, proxies=proxies)
+        self.secrets = proxies.secrets
+        """The proxies' credentials, which an upstream's words must not pass on (`redact`)."""
 
     async def aclose(self) -> None:
         """Closes the pool (the SDK's client closes it too when it is closed; twice is harmless)."""
@@ -701,7 +704,7 @@ class UpstreamProvider(ABC, Generic[SDKError]):
         return f"{type(exc).__name__}: {self._redact(str(exc))}"
 
     def _redact(self, text: str) -> str:
-        return redact(text, self._spec.api_key)
+        return redact(text, self._spec.api_key, *self._pool.secrets)
 
 
 _NOT_A_MODELS_LIST = "the models list is not a JSON object whose `data` is a list of models with ids"
@@ -740,18 +743,20 @@ it from its start on that is this long (a quote of the answer cut inside it); a 
 whole, a word of its own."""
 
 
-def redact(text: str, api_key: str | None) -> str:
-    """An upstream's message without the backend's key or anything like a key, cut to MAX_WORDS_CHARS characters and
-    saying so. Upstreams quote keys back in their errors ("Incorrect API key provided: sk-..."); never pass one on."""
+def redact(text: str, api_key: str | None, *secrets: str) -> str:
+    """An upstream's message without the backend's key, the other `secrets` (a proxy's credentials) or anything like a
+    key, cut to MAX_WORDS_CHARS characters and saying so. Upstreams quote keys back in their errors ("Incorrect API
+    key provided: sk-..."), and a proxy's error page the request's headers: never pass one on."""
     # Searched for the key's every piece in four forms: not through megabytes of an error page, of which 500
     # characters are kept.
     text = text[:65536]
-    if api_key and len(api_key) < KEY_PIECE_CHARS:
-        # A placeholder key of a local server ("x", "EMPTY"): taken out of words, it made "maximum" "ma[redacted]imum"
-        # in every message that had it.
-        text = re.sub(rf"(?<![\w-]){re.escape(api_key)}(?![\w-])", "[redacted]", text)
-    elif api_key:
-        text = _without_key(text, api_key)
+    for secret in (api_key, *secrets):
+        if secret and len(secret) < KEY_PIECE_CHARS:
+            # A placeholder key of a local server ("x", "EMPTY"), a short user name: taken out of words, it made
+            # "maximum" "ma[redacted]imum" in every message that had it.
+            text = re.sub(rf"(?<![\w-]){re.escape(secret)}(?![\w-])", "[redacted]", text)
+        elif secret:
+            text = _without_key(text, secret)
     text = _SECRET_LIKE.sub("[redacted]", text)
     # Said, so that a reader of a message ending mid-word does not take it for all the upstream wrote.
     return text if len(text) <= MAX_WORDS_CHARS else f"{text[:MAX_WORDS_CHARS]} [cut at {MAX_WORDS_CHARS} characters]"
