@@ -194,6 +194,34 @@ async def test_ollama_gets_the_least_reasoning_it_has_for_minimal(
     assert [sent["reasoning_effort"] for sent in local.chat_requests] == ["low", "low"]
 
 
+async def test_ollama_is_offered_no_tool_it_may_not_call_nor_sent_a_call_it_must_make(
+    stub: pb.LLMServiceAsyncStub, local: FakeUpstream, primary: FakeUpstream
+) -> None:
+    """Ollama's /v1 reads no tool_choice and no parallel_tool_calls: sent them, it offered the model every tool where
+    the caller chose none, and an answer with no call where the caller required one came back as if it kept it."""
+    tool = pb.Tool(function=pb.FunctionDefinition(name="weather"))
+    none = pb.CompletionOptions(
+        tools=[tool], tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_NONE), parallel_tool_calls=False
+    )
+    answer = await stub.Complete(chat("hm", model="ollama/tiny", options=none), timeout=5)
+    assert answer.backend == "ollama"
+    assert not {"tools", "tool_choice", "parallel_tool_calls"} & set(local.chat_requests[-1])
+    for choice, named in (
+        (pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED), "required"),
+        (pb.ToolChoice(function_name="weather"), "weather"),
+    ):
+        options = pb.CompletionOptions(tools=[tool], tool_choice=choice)
+        answer = await stub.Complete(chat("hm", model="ollama/tiny", options=options), timeout=5)
+        refused, served = answer.attempts
+        assert (refused.backend, refused.outcome) == ("ollama", pb.ATTEMPT_OUTCOME_REJECTED)
+        assert (
+            refused.error == f"not sent to Ollama: options.tool_choice: Ollama cannot be made to call a tool ({named})"
+        )
+        assert (served.backend, answer.backend) == ("openai", "openai")
+        assert primary.chat_requests[-1]["tool_choice"]
+    assert len(local.chat_requests) == 1
+
+
 @pytest.mark.parametrize(
     ("arguments", "sent"),
     [

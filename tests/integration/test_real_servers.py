@@ -184,3 +184,23 @@ async def test_what_llama_cpp_cannot_do_is_the_callers_answer_and_shuts_no_backe
     assert answer.backend == name
     (backend,) = (await stub.Health(pb.HealthRequest(), timeout=10)).backends
     assert backend.circuit_state == pb.CIRCUIT_STATE_CLOSED
+
+
+async def test_what_ollamas_model_cannot_do_goes_to_the_next_backend(
+    stub_for: StubFactory, llama: ServerHandle, ollama: OllamaHandle
+) -> None:
+    """Ollama refuses a chat with tools, or with a reasoning effort, to a model without the capability, with a 400
+    ('"tiny" does not support tools'): that ended the call as the caller's mistake, and llama.cpp, next in the chain
+    with the same model and taking both, was never tried."""
+    stub = await stub_for(backends_yaml(ollama_backend(ollama), llama_backend(llama)))
+    tool = pb.Tool(function=pb.FunctionDefinition(name="get", parameters_json='{"type": "object", "properties": {}}'))
+    for options, capability in (
+        (pb.CompletionOptions(max_tokens=3, tools=[tool]), "tools"),
+        (pb.CompletionOptions(max_tokens=3, reasoning_effort=pb.REASONING_EFFORT_LOW), "thinking"),
+    ):
+        answer = await stub.Complete(pb.CompleteRequest(messages=[user("hi")], options=options), timeout=60)
+        assert answer.backend == "local", capability
+        refused, served = answer.attempts
+        assert (refused.backend, refused.outcome) == ("ollama_real", pb.ATTEMPT_OUTCOME_REJECTED)
+        assert f"does not support {capability}" in refused.error
+        assert served.outcome == pb.ATTEMPT_OUTCOME_SUCCEEDED

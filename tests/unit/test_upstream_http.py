@@ -83,6 +83,10 @@ SPEC = BackendSpec(name="b", kind="openai", base_url="http://h/v1", default_mode
         (400, "BadRequestError", "At most 0 image(s) may be provided in one prompt.", UpstreamErrorKind.UNSUPPORTED),
         (400, "BadRequestError", "At most 2 image(s) may be provided in one prompt.", UpstreamErrorKind.UNSUPPORTED),
         (400, "BadRequestError", "At most 2 images may be sent", UpstreamErrorKind.REJECTED),
+        # Ollama's for a model without the capability the request needs: another backend's model may have it.
+        (400, None, '"gemma3:1b" does not support tools', UpstreamErrorKind.UNSUPPORTED),
+        (400, None, '"tiny" does not support thinking', UpstreamErrorKind.UNSUPPORTED),
+        (400, None, '"nomic-embed-text" does not support chat', UpstreamErrorKind.UNSUPPORTED),
     ],
 )
 def test_error_kinds(status: int, code: str | None, message: str, kind: UpstreamErrorKind) -> None:

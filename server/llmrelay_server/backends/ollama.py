@@ -1,6 +1,6 @@
 """What Ollama adds to the OpenAI-compatible backend: its native version and model-list endpoints for health, a
-chat's tool calls whose arguments are not a JSON object sent in a form its /v1 takes, and images it cannot take not
-sent to it."""
+chat's tool calls whose arguments are not a JSON object sent in a form its /v1 takes, and images and tool choices it
+cannot take not sent to it."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from llmrelay_server.domain import (
     BackendHealth,
     CompletionRequest,
     ImagePart,
+    NamedToolChoice,
     ReasoningEffort,
     UpstreamError,
     UpstreamErrorKind,
@@ -39,10 +40,16 @@ class OllamaProvider(OpenAICompatibleProvider):
     reasoning_efforts: ClassVar[Mapping[ReasoningEffort, str]] = {"minimal": "low"}
 
     def _request_body(self, model: str, request: CompletionRequest) -> dict[str, Any]:
-        if (problem := _image_refused(request)) is not None:
-            # Its 400 ended the call as the caller's mistake, and no backend that takes the image was tried.
+        if (problem := _image_refused(request) or _tool_choice_refused(request)) is not None:
+            # Sent, an image it refuses was a 400 that ended the call as the caller's mistake, and a tool it must call
+            # went uncalled: another backend may take either.
             raise UpstreamError(UpstreamErrorKind.UNSUPPORTED, self._spec.name, f"not sent to Ollama: {problem}")
         body = super()._request_body(model, request)
+        # Its /v1 reads neither (it offers the model every tool, each call left to it): a choice of none is kept by
+        # offering none; required or a named one (refused above) is another backend's to keep.
+        body.pop("parallel_tool_calls", None)
+        if body.pop("tool_choice", None) == "none":
+            body.pop("tools", None)
         for message in body["messages"]:
             for call in message.get("tool_calls", ()):
                 function = call["function"]
@@ -63,6 +70,16 @@ class OllamaProvider(OpenAICompatibleProvider):
         except (openai.APIStatusError, httpx2.HTTPError, ValueError, KeyError, AttributeError, TypeError) as exc:
             return self._health(started, reachable=False, error=f"{root}: {self._describe(exc)}")
         return self._health(started, reachable=True, models=models)
+
+
+def _tool_choice_refused(request: CompletionRequest) -> str | None:
+    """Why Ollama's /v1, which has no tool_choice, cannot keep the request's: a tool the model must call."""
+    choice = request.options.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        return f"options.tool_choice: Ollama cannot be made to call a tool ({choice.name})"
+    if choice == "required":
+        return "options.tool_choice: Ollama cannot be made to call a tool (required)"
+    return None
 
 
 def _image_refused(request: CompletionRequest) -> str | None:
