@@ -204,3 +204,29 @@ async def test_what_ollamas_model_cannot_do_goes_to_the_next_backend(
         assert (refused.backend, refused.outcome) == ("ollama_real", pb.ATTEMPT_OUTCOME_REJECTED)
         assert f"does not support {capability}" in refused.error
         assert served.outcome == pb.ATTEMPT_OUTCOME_SUCCEEDED
+
+
+async def test_a_generation_ollama_stops_itself_ends_its_stream_as_it_ends_its_answer(
+    stub_for: StubFactory, ollama: OllamaHandle
+) -> None:
+    """The tiny model, greedy and unbounded, repeats one token until Ollama stops it ("token repeat limit reached"):
+    its /v1 ends the answer with a null finish reason, and the stream after the text with none and no [DONE]. The
+    stream failed ABORTED (STREAM_INTERRUPTED) where the answer succeeded, and each counted against the backend's
+    circuit: one caller's looping prompts shut it for every caller."""
+    stub = await stub_for(backends_yaml(ollama_backend(ollama)), server="health_interval_s: 3600")
+    model, messages = f"ollama_real/{ollama.model}", [user("the people had water")]
+    options = pb.CompletionOptions(temperature=0.0, seed=1)
+    answer = await stub.Complete(pb.CompleteRequest(model=model, messages=messages, options=options), timeout=60)
+    assert answer.finish_reason == pb.FINISH_REASON_UNSPECIFIED and answer.message.content
+    for _ in range(5):  # the circuit's failure threshold
+        chunks = [
+            c
+            async for c in stub.StreamComplete(
+                pb.StreamCompleteRequest(model=model, messages=messages, options=options), timeout=60
+            )
+        ]
+        assert "".join(c.delta.content for c in chunks) == answer.message.content
+        assert chunks[-1].finish_reason == pb.FINISH_REASON_UNSPECIFIED
+        assert chunks[-1].usage.completion_tokens > 0
+    (backend,) = (await stub.Health(pb.HealthRequest(), timeout=10)).backends
+    assert backend.circuit_state == pb.CIRCUIT_STATE_CLOSED

@@ -38,6 +38,9 @@ class OllamaProvider(OpenAICompatibleProvider):
     # Its /v1 takes "high", "medium", "low" and "none", and refuses any other (400 "invalid reasoning value"): the
     # least reasoning it has is "low", as Anthropic's adaptive thinking has none below it either.
     reasoning_efforts: ClassVar[Mapping[ReasoningEffort, str]] = {"minimal": "low"}
+    # A generation it stops itself (a model repeating one token past its limit, "token repeat limit reached") ends
+    # its /v1 stream after the text with no finish reason and no [DONE], and its unstreamed answer with a null one.
+    ends_streams_unfinished: ClassVar[bool] = True
 
     def _request_body(self, model: str, request: CompletionRequest) -> dict[str, Any]:
         if (problem := _image_refused(request) or _tool_choice_refused(request)) is not None:

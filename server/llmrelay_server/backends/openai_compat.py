@@ -77,6 +77,10 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
     # Whether tool calls go with their signatures (Gemini's thought signatures: Gemini 3 refuses its own calls without
     # them). Servers that have no use for one ignore the field, as JSON APIs do with fields they do not know.
     call_signatures: ClassVar[bool] = True
+    # Whether a stream whose answer ends after its events without a finish reason or [DONE] is whole all the same (as
+    # the answer of the same call unstreamed is, its finish_reason null): the server's way of ending a generation it
+    # stopped, not a cut stream (a connection broken mid-answer fails the read).
+    ends_streams_unfinished: ClassVar[bool] = False
 
     def __init__(self, spec: BackendSpec, *, counter: TokenCounter) -> None:
         super().__init__(spec, openai.DefaultAsyncHttpxClient)
@@ -229,9 +233,11 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             if finish is None or exc.kind not in _CONNECTION_FAILURES:
                 raise
         # Without [DONE] the answer is still whole when a finish reason came (some servers end there); without a
-        # finish reason it is a cut stream, whatever else arrived.
+        # finish reason it is a cut stream, whatever else arrived, but from a server that ends streams so.
         if finish is None:
-            raise self._malformed(wire.cut_short("a finish reason", events, stray))
+            if not (self.ends_streams_unfinished and events and not done):
+                raise self._malformed(wire.cut_short("a finish reason", events, stray))
+            finish = FinishReason.UNKNOWN
         try:
             held = tool_calls.rest()
         except wire.MalformedAnswerError as exc:
