@@ -9,9 +9,9 @@ import gc
 import logging
 import signal
 import time
-from collections.abc import Collection, Coroutine
+from collections.abc import Collection, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,7 +32,7 @@ from llmrelay_server.metrics import LabelValues, Metrics, MetricsObserver, State
 from llmrelay_server.observing import Observer, ObservingInterceptor
 from llmrelay_server.pricing import PriceTable
 from llmrelay_server.reflection import V1_SERVICE_NAME, ReflectionServicer, enable_reflection
-from llmrelay_server.router import Router
+from llmrelay_server.router import Backend, Router
 from llmrelay_server.servicer import Drain, LLMServicer
 from llmrelay_server.status import log_upstreams_words
 from llmrelay_server.tls import ServedCertificate, exposure_warnings, protection
@@ -53,10 +53,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmrelay_server")
 T = TypeVar("T")
-NO_BACKEND_HINT = (
-    "no backend is reachable: set OPENAI_API_KEY, or start Ollama (`ollama serve`, then `ollama pull gpt-oss:20b`), "
-    "or run `make demo` for a tiny local model"
+FIRST_RUN_HINT = (
+    "set OPENAI_API_KEY, or start Ollama (`ollama serve`, then `ollama pull gpt-oss:20b`), or run `make demo` for a"
+    " tiny local model"
 )
+BUILT_IN_BACKENDS: Final = frozenset({"openai", "anthropic", "ollama"})
 
 
 # After the grace period, how long calls still running have to send the gateway's status before gRPC cuts them.
@@ -319,6 +320,17 @@ def _metrics(
     )
 
 
+def _no_backend_reachable(backends: Sequence[Backend]) -> str:
+    """What the log says when the first probes found no backend usable: why of each, and, where the backends are the
+    built-in ones alone (a first run), how to get one."""
+    why = "; ".join(
+        f"{backend.name}: {backend.health.last_error if backend.health and backend.health.last_error else 'not probed'}"
+        for backend in backends
+    )
+    said = f"no backend is reachable ({why})"
+    return f"{said}: {FIRST_RUN_HINT}" if all(backend.name in BUILT_IN_BACKENDS for backend in backends) else said
+
+
 def _stores(ledger: UsageLedger, limiter: Limiter | None) -> list[StoreHealth]:
     """The stores this process keeps state in, for the Health RPC and the metrics."""
     return [ledger.health(), *([limiter.health()] if limiter is not None else [])]
@@ -522,7 +534,7 @@ async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> int:
             backend.provider.spec.default_model,
         )
     if not gateway.monitor.serving and not stop.is_set():  # stopped as it started, its backends were not all probed
-        log.warning(NO_BACKEND_HINT)
+        log.warning(_no_backend_reachable(gateway.router.backends))
     # What start made (modules, encodings, configuration) lives as long as the process: frozen, it is no longer
     # walked by every full garbage collection, which calls' garbage sets off (about 50 us a call on `make bench`).
     gc.freeze()

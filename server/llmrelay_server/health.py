@@ -118,9 +118,11 @@ class HealthMonitor:
         # The probe in flight per backend (by name): whoever asks while it runs waits for it instead of sending another.
         self._probes: dict[str, asyncio.Task[None]] = {}
         self._probed_at: dict[str, float] = {}
+        """When each backend's last probe ended (the loop's clock)."""
         self._said_unlisted: set[str] = set()
         """The backends whose default model a WARNING said they do not list (_say_if_its_default_is_unlisted)."""
-        """When each backend's last probe ended (the loop's clock)."""
+        self._stopped = False
+        """From the stop on, no backend is probed: a Health(probe) in the drain is answered from what is known."""
 
     async def announce(self) -> None:
         """Before the server starts: alive, and not ready until the first probe finds a usable backend. Set only by
@@ -152,6 +154,7 @@ class HealthMonitor:
         """Everything NOT_SERVING, so that probes see the shutdown before the port closes. The probes still out end
         here: the backends' clients close next, and a probe cut by that would find its backend unreachable, and say
         so in the log of a clean stop."""
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -166,7 +169,11 @@ class HealthMonitor:
         """Probes every backend now, but one probed within FRESH_PROBE_S. A backend's probe already in flight is
         joined, not repeated: a hundred callers asking at once, and the background probes among them, send each
         upstream one probe. At `deadline` (the loop's clock) the report is made of what is known by then: a backend
-        whose probe is still out is reported as its last probe found it."""
+        whose probe is still out is reported as its last probe found it. From the stop on, the report is what is
+        known: a probe sent in the drain reached upstreams of a gateway going away, and, cut by the backends' clients
+        closing, said in the log of a clean stop that they were unreachable."""
+        if self._stopped:
+            return self.report()
         loop = asyncio.get_running_loop()
         probes = [
             self._probe_once(b)
@@ -210,7 +217,10 @@ class HealthMonitor:
             )
         self._probed_at[backend.name] = asyncio.get_running_loop().time()
         if backend.health is None or backend.health.reachable != result.reachable:
-            log.info("backend %s is %s", backend.name, "reachable" if result.reachable else "unreachable")
+            if result.reachable:
+                log.info("backend %s is reachable", backend.name)
+            else:  # why, in the words the Health RPC has (the upstream's redacted): the log is where operators look
+                log.info("backend %s is unreachable: %s", backend.name, result.last_error)
         backend.health = result
         self._say_if_its_default_is_unlisted(backend, result.models)
 

@@ -18,7 +18,7 @@ from typing import cast
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import BIN, GatewayProcess, clean_env, free_port
+from harness import BIN, GatewayProcess, clean_env, free_port, spawn_gateway
 from llmrelay import AsyncClient, Client, InvalidArgumentError, UnauthenticatedError, UnavailableError
 from llmrelay import v1 as pb
 from llmrelay.cli import main as cli_main
@@ -440,6 +440,59 @@ async def test_a_background_probe_out_at_the_stop_ends_quietly(tmp_path: Path, l
         assert await server.stop() == 0
     log = await server.output()
     assert "unreachable" not in log and "Traceback" not in log, log
+
+
+async def test_a_health_probe_asked_in_the_drain_probes_no_upstream(tmp_path: Path, local: FakeUpstream) -> None:
+    """Health(probe=true) in the drain (`llmrelay health --probe`) sent every upstream a probe from a gateway going
+    away, which the backends' clients, closed under it, cut: "backend ollama is unreachable" in a clean stop's log."""
+    async with started(tmp_path, local, "drain_s: 1, health_interval_s: 3600") as server:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = pb.LLMServiceStub(channel)
+            await stub.Health(pb.HealthRequest(probe=True), timeout=5)
+            sent = len(local.probe_requests)
+            local.probe_delay_s = 3.0
+            server.process.send_signal(signal.SIGTERM)
+            await wait_until(lambda: "shutting down" in server.text(), timeout_s=5)
+            report = await stub.Health(pb.HealthRequest(probe=True), timeout=5)
+        assert [backend.reachable for backend in report.backends] == [True]  # as known
+        assert len(local.probe_requests) == sent
+        assert await asyncio.wait_for(server.process.wait(), 10) == 0
+    log = await server.output()
+    assert "unreachable" not in log and "Traceback" not in log, log
+
+
+async def test_no_backend_reachable_at_start_says_why_of_each(tmp_path: Path, local: FakeUpstream) -> None:
+    """The log said "backend vllm_box is unreachable" without why (the Health RPC alone had it), then told the
+    operator of configured backends to set OPENAI_API_KEY or start Ollama, advice for a first run."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    local.models_status = 401
+    configured = (
+        f'llm:\n  ollama: {{base_url: "{down}", model: tiny}}\n'
+        f'  backends:\n    - {{name: vllm_box, kind: vllm, base_url: "{local.base_url}", model: tiny}}\n'
+    )
+
+    async def start_log(rest: str) -> str:
+        config = tmp_path / "llmrelay.yaml"
+        config.write_text(f'server: {{usage_db: "{tmp_path}/usage.db"}}\n{rest}')
+        server = await spawn_gateway(config, env=clean_env())
+        try:
+            await server.wait_listening()
+            await wait_until(lambda: "no backend is reachable" in server.text(), timeout_s=5)
+        finally:
+            assert await server.stop() == 0
+        return server.text()
+
+    for rest, first_run in ((configured, False), (f'llm:\n  ollama: {{base_url: "{down}", model: tiny}}\n', True)):
+        log = await start_log(rest)
+        assert f"backend ollama is unreachable: {down}: ConnectError: cannot connect to {down}" in log, log
+        assert f"no backend is reachable (ollama: {down}: ConnectError" in log
+        if first_run:
+            assert "): set OPENAI_API_KEY, or start Ollama" in log
+        else:
+            assert "backend vllm_box is unreachable: HTTP 401: " in log
+            assert "; vllm_box: HTTP 401: " in log and "OPENAI_API_KEY" not in log
 
 
 @pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM], ids=lambda signum: signum.name)
