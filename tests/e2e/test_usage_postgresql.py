@@ -24,7 +24,7 @@ import pytest
 from harness import GatewayProcess, free_port
 from llmrelay import v1 as pb
 from llmrelay_server.domain import Cost, StoreHealth, StoreRole, TokenUsage, UsageUnavailableError
-from llmrelay_server.usage import LedgerUnavailableError, UsageLedger, UsageTotals
+from llmrelay_server.usage import LedgerUnavailableError, UsageLedger, UsageTotals, postgresql
 from llmrelay_server.usage.postgresql import _QUERY_CONNECTIONS, ANSWER_S, ENDING_S, PostgreSQLStore, totals_query
 from llmrelay_server.usage.store import BatchId, Selection
 from postgres_server import PostgresServer, PostgresTemplate
@@ -657,6 +657,39 @@ async def test_replicas_writing_the_same_rows_at_once_never_deadlock(
         database_url, "SELECT COUNT(*), MIN(requests), MAX(requests), SUM(cost_usd_micros) FROM usage_buckets"
     ) == [(100, 2 * rounds, 2 * rounds, 100 * 2 * rounds * 3)]
     assert not [r.getMessage() for r in caplog.records if "run again" in r.getMessage()]
+
+
+async def test_a_write_cut_off_mid_transaction_releases_its_rows_in_bounded_time(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway cut off mid-write (a network partition, a frozen process) left its session idle in transaction,
+    holding its rows' locks until the server's TCP keepalive noticed (two hours): every other gateway writing one of
+    those rows waited on it, counting the database as down, its records held up behind the batch."""
+    monkeypatch.setattr(postgresql, "IDLE_IN_WRITE_S", 1.0)
+    store = PostgreSQLStore(database_url)
+    row = ("b", "m", "c", int(T0))
+    try:
+        assert await store.apply(BatchId("j", 1), {row: [1] * 8})
+
+        async def cut_off(connection: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+            await connection.execute("UPDATE usage_buckets SET requests = requests + 100")  # its rows locked
+            await asyncio.sleep(5)  # the gateway gone quiet, its transaction open
+            await connection.execute("SELECT 1")
+
+        writing = asyncio.ensure_future(store._written(cut_off))
+        await asyncio.sleep(0.3)
+        other = PostgreSQLStore(database_url)
+        try:
+            async with asyncio.timeout(4):  # not the 5 s of the silence, nor hours
+                assert await other.apply(BatchId("k", 1), {row: [1] * 8})
+        finally:
+            await other.aclose()
+        with pytest.raises(LedgerUnavailableError, match="idle-in-transaction timeout"):
+            await writing
+        assert await store.apply(BatchId("j", 2), {row: [1] * 8})  # its session made anew
+    finally:
+        await store.aclose()
+    assert sql(database_url, "SELECT requests FROM usage_buckets") == [(3,)]
 
 
 async def test_a_write_postgresql_ends_for_a_serialization_failure_is_run_again(

@@ -84,6 +84,11 @@ ENDING_S: Final = 1.0
 """How long work cancelled at ANSWER_S is given to end before it is cancelled again, and then once more. psycopg
 answers a cancellation by asking the server to cancel the query and waiting to see it end, up to 5 s each, which a
 frozen server never answers; cancelled a second time, it closes the connection."""
+IDLE_IN_WRITE_S: Final = 30.0
+"""How long a write's transaction may wait on the gateway before PostgreSQL ends its session: a gateway cut off
+mid-write (a network partition, a process frozen) left its session "idle in transaction", holding its rows' locks
+for as long as the server's TCP keepalive took to notice (two hours by default), and every other gateway whose batch
+held one of those rows waited on it, counting the database as down."""
 _RECONNECT_S: Final = 10.0
 """How long the pool retries a lost connection in the background (with backoff) before leaving it to the next
 write; short, so that the backoff never grows far past the moment the database returns."""
@@ -346,6 +351,11 @@ class PostgreSQLStore:
             for attempt in range(1, _ATTEMPTS + 1):
                 try:
                     async with connection.transaction():
+                        # In the transaction alone (SET LOCAL), as a pooler sharing sessions (PgBouncer) needs.
+                        await connection.execute(
+                            "SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
+                            (f"{round(IDLE_IN_WRITE_S * 1000)}ms",),
+                        )
                         return await write(connection)
                 except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure) as exc:
                     if attempt == _ATTEMPTS:
