@@ -238,6 +238,27 @@ async def test_spend_given_at_least_is_set_against_what_was_billed_not_what_call
     assert later.retry_after_s is not None and later.retry_after_s > 1.0, "spent, not held: until midnight (UTC)"
 
 
+async def test_the_days_spend_given_while_redis_is_out_of_reach_counts_once_it_is_back(
+    limiter_for: LimiterFactory, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway started, or its keys file reloaded, while Redis was out of reach a moment (started beside it, a
+    network blip): the day's spend the ledger gave was dropped, and once Redis was back the daily budget counted from
+    nothing, its key spending it again."""
+    limiter = await limiter_for(timeout_s=0.5, probe_interval_s=0.1)
+    budget = Limits(budget_usd_per_day=0.01)  # 10,000 micro-USD
+    redis_server.pause()
+    try:
+        await limiter.spend_at_least({SUBJECT: 6_000})
+        await limiter.spend_at_least({SUBJECT: 9_000, "key:other": 1})  # a reload while still out: the most counts
+        assert not limiter.available
+    finally:
+        redis_server.resume()
+    await wait_until(lambda: limiter.available)
+    assert (await refused(limiter.reserve([ask(budget, usd=1_001)]))).kind is LimitKind.BUDGET_PER_DAY
+    await limiter.reserve([ask(budget, usd=1_000)])  # what the day's spend leaves
+    assert "today's spend of 2 daily budgets, from the ledger, is counted once it is back" in caplog.text
+
+
 async def test_a_request_larger_than_a_limit_is_refused_as_in_process_and_counted_nowhere(
     limiter_for: LimiterFactory, redis_server: RedisServer
 ) -> None:

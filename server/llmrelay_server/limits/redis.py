@@ -519,6 +519,10 @@ class RedisLimiter:
         self._sending: asyncio.Task[None] | None = None
         self._dropped = 0
         """Undos and settles not kept, as many being kept already, since the kept ones were last all sent."""
+        self._spent_kept: dict[str, int] = {}
+        """The day's spend by the ledger that Redis could not be given (`spend_at_least`), by subject: given when it
+        is back, that same UTC day (`_spent_day`)."""
+        self._spent_day = 0
         self._available = True
         self._unreachable_because = ""
         self._calls_while_unavailable = 0
@@ -640,14 +644,38 @@ class RedisLimiter:
             self._held.discard(hold.lease)
 
     async def spend_at_least(self, spent: Mapping[str, int]) -> None:
-        if not spent or not self._available:
-            return  # out of reach: calls are not counted either (state.on_unavailable), and Redis keeps what it had
+        if not spent:
+            return
+        if self._available:
+            try:
+                await self._run_at_least(spent)
+                return
+            except _UNREACHABLE as error:
+                self._went_unreachable(error)
+        # Kept for when Redis is back: out of reach for a moment as the gateway starts or reloads its keys (started
+        # with Redis, or a network blip), the day's budgets counted from nothing once it was back, the spend gone.
+        day = int(time.time() // 86_400)
+        if day != self._spent_day:
+            self._spent_kept, self._spent_day = {}, day
+        for subject, micros in spent.items():
+            self._spent_kept[subject] = max(micros, self._spent_kept.get(subject, 0))
+        log.warning(
+            "limits: Redis at %s cannot be reached: today's spend of %d daily budgets, from the ledger, is counted"
+            " once it is back",
+            self._where,
+            len(spent),
+        )
+
+    async def _run_at_least(self, spent: Mapping[str, int]) -> None:
         keys = [*(_keys(subject)[3] for subject in spent), HELD_KEY]
-        args: list[str | int] = [*spent.values()]
-        try:
-            await self._run(self._at_least_script, keys, args)
-        except _UNREACHABLE as error:
-            self._went_unreachable(error)
+        await self._run(self._at_least_script, keys, [*spent.values()])
+
+    async def _send_spent_kept(self) -> None:
+        """The day's spend kept while Redis was out of reach (`spend_at_least`), given now; dropped on another day,
+        whose budgets it is not of."""
+        if self._spent_kept and self._spent_day == int(time.time() // 86_400):
+            await self._run_at_least(self._spent_kept)
+        self._spent_kept = {}
 
     def health(self) -> StoreHealth:
         if self._available:
@@ -792,6 +820,7 @@ class RedisLimiter:
             # settled, before new calls are counted against it.
             try:
                 await self._send_kept()
+                await self._send_spent_kept()
             except _UNREACHABLE as error:
                 self._unreachable_because = self._reason(error)
                 continue
