@@ -266,8 +266,10 @@ async def start_gateway(
         gateway_budget = config.server.limits.budget_usd_per_day is not None
         # Bounded: the port is bound already (workers share it, and the kernel hands this one its share of new
         # connections), and calls wait until the server starts.
-        await _resume_budgets(limiter, ledger, keys.budgeted(), gateway=gateway_budget, within_s=RESUME_AT_START_S)
-        keys.catch_up_budgets = functools.partial(_resume_budgets, limiter, ledger, gateway=False)
+        await _resume_budgets(limiter, ledger, keys.budgeted(), gateway=gateway_budget, within_s=RESUME_BUDGETS_S)
+        keys.catch_up_budgets = functools.partial(
+            _resume_budgets, limiter, ledger, gateway=False, within_s=RESUME_BUDGETS_S
+        )
     await monitor.announce()
     await server.start()
     await monitor.start(stop or asyncio.Event())
@@ -350,9 +352,10 @@ def _tracing(config: GatewayConfig) -> Tracing | None:
     return Tracing(config)
 
 
-RESUME_AT_START_S = 2.0
-"""How long a start waits for today's spend from the ledger (a database that does not answer would hold it up for
-as long as the ledger's own bound, ANSWER_S)."""
+RESUME_BUDGETS_S = 2.0
+"""How long a start, or a keys file reload that gives a key a daily budget, waits for today's spend from the ledger: a
+database that does not answer would hold it up for as long as the ledger's own bound (ANSWER_S), and a reload's every
+change with it, a key it revokes served meanwhile."""
 
 
 async def _resume_budgets(

@@ -13,7 +13,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import grpc
 import pytest
@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import GatewayProcess
 from llmrelay import v1 as pb
 from llmrelay_server import convert, tokens
-from llmrelay_server.app import Gateway
+from llmrelay_server.app import RESUME_BUDGETS_S, Gateway
 from llmrelay_server.auth import _NOT_VALID, KEYS_FILE_CHECK_S, Caller
 from llmrelay_server.config import ConfigError
 from llmrelay_server.domain import Message, Role
@@ -900,6 +900,23 @@ async def test_a_budget_a_reload_gives_counts_the_calls_begun_while_it_read_the_
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.Complete(chat("x y", **exactly), metadata=bearer(RESEARCH_KEY), timeout=5)
     assert details(refused.value)["ErrorInfo"].reason == "BUDGET_EXCEEDED"
+
+
+async def test_a_reload_that_gives_a_budget_is_in_force_in_bounded_time_with_the_ledger_frozen(
+    keyed_by_a_file: KeyedByAFile, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A keys file edit that gave a key a budget waited for the day's spend from the ledger before any of its changes
+    was in force: with the database frozen, the ledger's own bound (12 s), every revocation in the edit waiting too."""
+    reload_budget, _, _, gateway = keyed_by_a_file
+
+    async def frozen(**_: object) -> NoReturn:
+        await asyncio.sleep(3600)
+        raise AssertionError("a frozen database never answers")
+
+    monkeypatch.setattr(gateway.ledger, "query", frozen)
+    async with asyncio.timeout(RESUME_BUDGETS_S + 2):
+        await reload_budget(0.01)
+    assert f"today's spend not read from the ledger within {RESUME_BUDGETS_S:g} s" in caplog.text
 
 
 async def test_a_budget_a_reload_gives_holds_a_call_whose_request_came_after_it(
