@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -366,3 +367,42 @@ async def test_a_backend_that_stalls_its_count_leaves_the_estimate_time_for_a_la
     count = await stub.CountTokens(pb.CountTokensRequest(model="qwen", messages=chat), timeout=3)
     assert (count.encoding, count.estimated) == ("o200k_base", True) and count.token_count > 200_000
     assert len(vllm.tokenize_requests) == 1, "the backend was asked first"
+
+
+async def test_a_prefill_is_continued_on_vllm_and_counted_as_it_is_sent(
+    stub_for: StubFactory, vllm: FakeUpstream
+) -> None:
+    """vLLM's chat template closes a chat's last assistant message and begins a new turn unless told
+    `continue_final_message` (its defaults: add_generation_prompt true, continue_final_message false): a prefill was
+    answered as a new turn, not continued from its words, and counted with a generation prompt it was not sent with."""
+    stub = await vllm_stub(stub_for, vllm)
+    prefilled = [user("name a colour"), pb.Message(role=pb.ROLE_ASSISTANT, content="The colour is")]
+    await stub.Complete(pb.CompleteRequest(model="gpu/qwen", messages=prefilled), timeout=5)
+    await stub.CountTokens(pb.CountTokensRequest(model="gpu/qwen", messages=prefilled), timeout=5)
+    continued = {"continue_final_message": True, "add_generation_prompt": False}
+    assert continued.items() <= vllm.chat_requests[-1].items()
+    assert continued.items() <= vllm.tokenize_requests[-1].items()
+    await stub.Complete(pb.CompleteRequest(model="gpu/qwen", messages=[user("name a colour")]), timeout=5)
+    assert not {"continue_final_message", "add_generation_prompt"} & set(vllm.chat_requests[-1])
+
+
+async def test_what_a_vllm_server_is_not_set_up_for_goes_to_the_next_backend(
+    stub_for: StubFactory, vllm: FakeUpstream, primary: FakeUpstream
+) -> None:
+    """vLLM started without a tool parser refuses every chat with tools (400 '"auto" tool choice requires
+    --enable-auto-tool-choice and --tool-call-parser to be set'): a limit of that server, as Ollama's model without
+    tools is, which ended every agent's call INVALID_ARGUMENT with another backend able to serve it. And it takes no
+    reasoning effort of "minimal" (a 400): the least it has, "low", is sent."""
+    gpu = f"{{name: gpu, kind: vllm, base_url: '{vllm.base_url}', model: qwen}}"
+    cloud = f"{{name: cloud, kind: openai_compatible, base_url: '{primary.base_url}', model: {primary.models[0]}}}"
+    stub = await stub_for(f"llm:\n  backends: [{gpu}, {cloud}]\n  order: [gpu, cloud]\n")
+    said = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
+    vllm.inject({"status": 400, "body": json.dumps({"object": "error", "message": said, "type": "BadRequestError"})})
+    options = pb.CompletionOptions(tools=[WEATHER_TOOL])
+    answer = await stub.Complete(pb.CompleteRequest(messages=[user("weather?")], options=options), timeout=5)
+    refused, served = answer.attempts
+    assert (refused.backend, refused.outcome, served.backend) == ("gpu", pb.ATTEMPT_OUTCOME_REJECTED, "cloud")
+    assert said in refused.error
+    minimal = pb.CompletionOptions(reasoning_effort=pb.REASONING_EFFORT_MINIMAL)
+    assert (await stub.Complete(pb.CompleteRequest(messages=[user("hm")], options=minimal), timeout=5)).backend == "gpu"
+    assert vllm.chat_requests[-1]["reasoning_effort"] == "low"

@@ -88,7 +88,8 @@ _UNSUPPORTED_INPUT = re.compile(
     r"\b(image|audio) input is not supported"
     r"|missing data required for (image|audio) input"
     r"|\bat most \d+ (image|audio)\(s\) may be provided"
-    r"|\bdoes not support (tools|thinking|chat|embeddings)\b",
+    r"|\bdoes not support (tools|thinking|chat|embeddings)\b"
+    r"|requires --(enable-auto-tool-choice|tool-call-parser)\b",
     re.IGNORECASE,
 )
 """The words of a server whose model cannot read an image (or audio) the request holds, or do what it asks: llama.cpp's,
@@ -97,7 +98,9 @@ for a model without the capability a request needs ('"gemma3" does not support t
 tools or a reasoning effort; '... chat': an embedding model); vLLM's ("At most 0 image(s) may be provided in one
 prompt", or N: more than its --limit-mm-per-prompt), with a 400. Another backend of the model may take them, and the
 server is well: not a failure of its own (a SERVER_ERROR's retries then opened its circuit for every caller); the
-caller's mistake only when no backend takes them (INVALID_ARGUMENT all the same)."""
+caller's mistake only when no backend takes them (INVALID_ARGUMENT all the same). vLLM's for a chat with tools, which
+a server started without a tool parser refuses ('"auto" tool choice requires --enable-auto-tool-choice and
+--tool-call-parser to be set'), with a 400 too."""
 _SECRET_LIKE = re.compile(r"\b(sk|key|token)-[A-Za-z0-9_\-]{6,}")
 _LINE_END = re.compile(r"\r\n|\r|\n")
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
