@@ -11,6 +11,7 @@ import signal
 import time
 from collections.abc import Collection, Coroutine, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import grpc
@@ -39,6 +40,7 @@ from llmrelay_server.tls import ServedCertificate, exposure_warnings, protection
 from llmrelay_server.tokens import TokenCounter
 from llmrelay_server.usage import LedgerUnavailableError, UsageLedger
 from llmrelay_server.workers import (
+    CERTIFICATE_KEPT,
     STOP_NOW,
     ListenError,
     WorkerRole,
@@ -154,9 +156,14 @@ def _check_open_services(open_services: tuple[str, ...]) -> None:
 
 
 async def start_gateway(
-    config: GatewayConfig, *, reuse_port: bool = False, stop: asyncio.Event | None = None
+    config: GatewayConfig,
+    *,
+    reuse_port: bool = False,
+    stop: asyncio.Event | None = None,
+    certificate_kept: Path | None = None,
 ) -> Gateway:
-    """Starts a gateway; `reuse_port` when it is one of several workers sharing the port (`workers`). Once `stop` is
+    """Starts a gateway; `reuse_port` when it is one of several workers sharing the port (`workers`), with
+    `certificate_kept`, where the workers keep the TLS certificate last taken (`ServedCertificate`). Once `stop` is
     set (SIGTERM as it starts), the start no longer waits for the first probe of the backends: it returns the gateway
     at once, for its stop to begin."""
     limit = config.server.max_message_bytes
@@ -165,7 +172,7 @@ async def start_gateway(
     log_upstreams_words(config.server.log_content)
     _check_open_services(config.auth.open_services)
     # Before the port opens: a certificate that cannot be used stops the start (ConfigError naming the field).
-    certificate = ServedCertificate(tls) if tls is not None else None
+    certificate = ServedCertificate(tls, kept=certificate_kept) if tls is not None else None
     # Likewise a keys file that cannot be read. One that gives a key limits cannot be taken by a worker without Redis:
     # each worker would enforce them alone (the configuration refuses them at start for that reason). A worker's keys
     # file is its supervisor's copy of the file as last taken (workers.Supervisor), which the supervisor checks so.
@@ -524,7 +531,12 @@ async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> int:
         on_signal(STOP_NOW, _hurry, hurry)  # its supervisor's second stop, whenever it comes
     # Watched from the start too: a supervisor killed while its workers start must not leave them serving.
     watching = asyncio.create_task(worker.watch_supervisor(stop)) if worker is not None else None
-    gateway = await start_gateway(config, reuse_port=worker is not None, stop=stop)
+    gateway = await start_gateway(
+        config,
+        reuse_port=worker is not None,
+        stop=stop,
+        certificate_kept=worker.run_dir / CERTIFICATE_KEPT if worker is not None else None,
+    )
     on_signal(signal.SIGHUP, gateway.keys.reload)
     host = config.server.listen.rpartition(":")[0]
     log.info("listening on %s:%d (%s)", host, gateway.port, protection(config.server.tls))

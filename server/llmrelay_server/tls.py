@@ -7,15 +7,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import hashlib
 import ipaddress
 import logging
+import os
 import re
+import shutil
 import ssl
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
+from typing import Final
 
 import grpc
 from cryptography import x509
@@ -96,11 +101,16 @@ class ServedCertificate:
     """The certificate the listener serves: the configuration gRPC takes (`credentials`), a new one handed to it when
     the files change, and how long the one in force has left (`not_after`, warned of as its end draws near).
 
-    Made before the port opens: ConfigError naming the field when a file cannot be read or used."""
+    Made before the port opens: ConfigError naming the field when a file cannot be read or used. With `kept` (a
+    worker's: a directory of its supervisor's run directory), each certificate taken is kept there as well, and a
+    worker started while the files cannot be used (a rotation half done, and a worker restarted after a crash) serves
+    the one last kept, as the workers already running go on serving theirs, and takes the files once they are whole:
+    it stopped at its start, restarted again and again, its share of the port lost."""
 
-    def __init__(self, tls: TLSConfig, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, tls: TLSConfig, clock: Callable[[], float] = time.time, kept: Path | None = None) -> None:
         self._tls = tls
         self._clock = clock
+        self._kept = kept
         self._paths = tuple(Path(p) for p in (tls.cert_file, tls.key_file, tls.client_ca_file) if p)
         # Looked at before reading: a change made while reading shows up as a new signature at the next check.
         self._seen = _signature(self._paths)
@@ -109,7 +119,14 @@ class ServedCertificate:
         own check starts a server, and logs lines of its own for a refusal, so it runs once for each content."""
         self._said: tuple[_Signature, str] | None = None
         """The files' signature when a reload of them last failed, and why: said once, tried again at each check."""
-        self._initial, self.not_after, self._in_force = self._load()
+        try:
+            self._initial, self.not_after, self._in_force = self._load()
+        except ConfigError as exc:
+            if (restored := self._last_kept(exc)) is None:
+                raise
+            self._initial, self.not_after, self._in_force = restored
+        else:
+            self._keep()
         """`not_after`: when the certificate in force stops being valid, in Unix time (its notAfter); `_in_force`: the
         files' contents it was made of."""
         self._ready: grpc.ServerCertificateConfiguration | None = None
@@ -206,6 +223,7 @@ class ServedCertificate:
         with self._handing:
             self._ready = configuration
         self.not_after, self._in_force = not_after, contents
+        self._keep()
         log.info("TLS certificate reloaded from %s; new connections use it", self._tls.cert_file)
         self._warn_of_grpc_clients()
 
@@ -225,25 +243,84 @@ class ServedCertificate:
                 self._tls.cert_file,
             )
 
-    def _load(self) -> tuple[grpc.ServerCertificateConfiguration, float, _Contents]:
-        """Reads and checks the files, and tells when the certificate ends (its notAfter, in Unix time); gRPC itself
-        would only find a bad one at the first handshake, failing them all. What does not depend on the date is
-        checked once for each content of the files; the dates at each call. Messages name the field and the path,
-        never the files' contents."""
-        contents = _read_files(self._tls)
+    def _keep(self) -> None:
+        """The certificate in force, kept whole in `kept` for a worker started while the files cannot be used: its
+        files in a directory named by their digest, which `kept/current` points to (a link replaced in one step, so a
+        reader finds one certificate's files, never one's key beside another's certificate). A worker that cannot
+        keep it says so and serves all the same."""
+        if self._kept is None:
+            return
+        cert, key, client_ca = self._in_force
+        digest = hashlib.sha256(b"\0".join((cert, key, client_ca or b""))).hexdigest()[:16]
+        made = self._kept / digest
+        try:
+            self._kept.mkdir(mode=0o700, exist_ok=True)
+            if not made.exists():
+                making = Path(tempfile.mkdtemp(dir=self._kept))  # 0700
+                for name, content in zip(_KEPT_NAMES, (cert, key, client_ca), strict=True):
+                    if content is not None:
+                        descriptor = os.open(making / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                        with open(descriptor, "wb") as file:
+                            file.write(content)
+                try:
+                    making.rename(made)
+                except OSError:  # another worker kept the same files first
+                    shutil.rmtree(making, ignore_errors=True)
+            link = self._kept / f".current-{os.getpid()}"
+            link.unlink(missing_ok=True)
+            link.symlink_to(digest)
+            link.replace(self._kept / _KEPT_CURRENT)
+        except OSError as exc:
+            log.warning(
+                "server.tls: the certificate in force could not be kept for workers restarted while its files cannot"
+                " be used (%s: %s)",
+                self._kept,
+                exc.strerror,
+            )
+
+    def _last_kept(self, refused: ConfigError) -> tuple[grpc.ServerCertificateConfiguration, float, _Contents] | None:
+        """The certificate the workers last kept (`_keep`), when the files cannot be used (`refused` says why) and it
+        still can; None otherwise."""
+        if self._kept is None:
+            return None
+        try:
+            current = (self._kept / _KEPT_CURRENT).resolve(strict=True)
+        except OSError:
+            return None
+        cert, key, client_ca = (str(current / name) for name in _KEPT_NAMES)
+        kept = TLSConfig(cert, key, client_ca if self._tls.client_ca_file else None)
+        try:
+            loaded = self._load(kept)
+        except ConfigError:
+            return None
+        log.warning(
+            "TLS certificate files cannot be used, so this worker serves the certificate the workers last took,"
+            " until they can: %s",
+            refused,
+        )
+        self._said = self._seen, str(refused)
+        return loaded
+
+    def _load(self, tls: TLSConfig | None = None) -> tuple[grpc.ServerCertificateConfiguration, float, _Contents]:
+        """Reads and checks the files (`tls`'s, else the configured ones), and tells when the certificate ends (its
+        notAfter, in Unix time); gRPC itself would only find a bad one at the first handshake, failing them all.
+        What does not depend on the date is checked once for each content of the files; the dates at each call.
+        Messages name the field and the path, never the files' contents."""
+        tls = tls or self._tls
+        contents = _read_files(tls)
         if self._judged is not None and self._judged[0] == contents:
             judged = self._judged
         else:
-            judged = contents, _problem_whatever_the_date(self._tls, contents)
+            judged = contents, _problem_whatever_the_date(tls, contents)
         problem, not_after = judged[1], 0.0
         if problem is None:
             try:
-                not_after = _check_validity(self._tls)
+                not_after = _check_validity(tls)
             except ConfigError as exc:
                 problem = str(exc)
         # The checks read the files again: both reads must agree, or what was checked is not what gRPC would get (a
         # rotation half done: the new certificate written, the old key still there).
-        if _read_files(self._tls) != contents:
+        if _read_files(tls) != contents:
             raise ConfigError(_CHANGED)
         self._judged = judged
         if problem is not None:
@@ -266,6 +343,8 @@ def _signature(paths: tuple[Path, ...]) -> _Signature:
 
 
 _CHANGED = "server.tls: cert_file or key_file changed while being read; they are read again later"
+_KEPT_NAMES: Final = ("cert.pem", "key.pem", "client-ca.pem")
+_KEPT_CURRENT: Final = "current"
 
 
 def _duration(seconds: float) -> str:

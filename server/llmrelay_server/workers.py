@@ -89,6 +89,9 @@ CONFIG_COPY = "config.yaml"
 """In the run directory: the configuration file as the gateway started with it, which every worker reads."""
 KEYS_COPY = "keys.yaml"
 """In the run directory: the keys file as the supervisor last took it, which every worker serves."""
+CERTIFICATE_KEPT = "tls"
+"""In the run directory: the TLS certificate the workers last took, which a worker started while server.tls's files
+cannot be used serves (`tls.ServedCertificate`)."""
 
 
 class ListenError(RuntimeError):

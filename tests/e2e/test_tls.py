@@ -278,6 +278,33 @@ async def test_a_broken_rotation_keeps_the_old_certificate(
     await until_served(gateway.port, new.cert)
 
 
+def test_a_worker_started_while_the_files_cannot_be_used_serves_the_certificate_the_workers_last_took(
+    files: Files, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With workers, a rotation half done (the new certificate in place, its key not yet) is what the running ones
+    ride out, keeping the certificate in force; a worker restarted meanwhile (a crash, its heartbeat) read the files
+    at its start, stopped, and was restarted again and again, its share of the port lost until they were whole."""
+    kept = tmp_path / "run" / "tls"
+    kept.parent.mkdir(mode=0o700)
+    issued = Authority("llmrelay test CA").server()
+    issued.write(files.cert, files.key)
+    tls = TLSConfig(cert_file=str(files.cert), key_file=str(files.key))
+    ServedCertificate(tls, kept=kept)  # the first worker
+    files.key.write_bytes(Authority("another CA").server().key)  # the new key, for another certificate
+    with pytest.raises(ConfigError, match="is not the key of the certificate"):
+        ServedCertificate(tls)
+    restarted = ServedCertificate(tls, kept=kept)
+    assert restarted._in_force == (issued.cert, issued.key, None)
+    assert "this worker serves the certificate the workers last took, until they can" in caplog.text
+    assert {oct(path.stat().st_mode & 0o777) for path in kept.rglob("*.pem")} == {"0o600"}
+    # Whole again (the rotation's certificate and key both in place), the files are taken and kept in turn.
+    renewed = Authority("llmrelay test CA").server()
+    renewed.write(files.cert, files.key)
+    restarted._check_files()
+    assert restarted._fetch() is not None and restarted._in_force == (renewed.cert, renewed.key, None)
+    assert (kept / "current" / "key.pem").read_bytes() == renewed.key
+
+
 def test_checking_a_certificate_leaves_nothing_open(files: Files) -> None:
     """Each check of new files has gRPC load them on a port of its own: left open, each check added a socket (a
     rotation gRPC refused was once checked again every second), until the process had no file descriptor left."""
