@@ -67,6 +67,24 @@ async def test_a_streamed_answer_costs_the_same_and_the_ledger_sums_exactly(
     assert record.cost == pb.Cost(usd_micros=sum(a.usage.cost.usd_micros for a in unary) + final.cost.usd_micros)
 
 
+async def test_thoughts_an_upstream_reports_beside_the_completion_are_billed_everywhere(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """Gemini's OpenAI endpoint reports a thinking model's thoughts in total_tokens alone (xAI in reasoning_tokens
+    beside completion_tokens): they were never billed, in the answer, the ledger or the key's limits, though they are
+    most of the output and priced as it."""
+    stub = await priced(stub_for, primary, local)
+    gemini = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 1105}
+    primary.inject({"usage": gemini}, {"usage": gemini})
+    answer = await stub.Complete(chat(PROMPT), timeout=5)
+    streamed = [c async for c in stub.StreamComplete(stream_chat(PROMPT), timeout=5)]
+    for usage in (answer.usage, streamed[-1].usage):
+        assert (usage.prompt_tokens, usage.completion_tokens, usage.reasoning_tokens) == (9, 1096, 1093)
+        assert usage.cost.usd_micros == math.ceil(9 * PROMPT_PRICE + 1096 * COMPLETION_PRICE)
+    record = (await ledger(stub))["openai"]
+    assert (record.completion_tokens, record.cost.usd_micros) == (2 * 1096, 2 * answer.usage.cost.usd_micros)
+
+
 async def test_a_restarted_stream_bills_the_broken_attempt_and_its_final_usage_includes_it(
     stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:

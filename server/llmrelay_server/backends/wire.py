@@ -581,14 +581,23 @@ def usage_from(data: Mapping[str, Any]) -> TokenUsage | None:
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     if not is_count(prompt) or not is_count(completion):
         return None
-    details = usage.get("completion_tokens_details")
-    prompt_details = usage.get("prompt_tokens_details")
+    reasoning = count_field(usage.get("completion_tokens_details"), "reasoning_tokens")
+    # A thinking model's thoughts, billed as output, reported beside completion_tokens rather than in them: Gemini's
+    # OpenAI endpoint has them in total_tokens alone, xAI in reasoning_tokens and total_tokens. Counted in the
+    # completion, as OpenAI counts them, or the answer, the ledger, the limits and the budgets left them out (most of
+    # a thinking model's output).
+    total = usage.get("total_tokens")
+    if is_count(total) and total > prompt + completion:
+        beside = total - prompt - completion
+        completion, reasoning = completion + beside, max(reasoning or 0, beside)
+    elif reasoning is not None and reasoning > completion and total is None:
+        completion += reasoning
     return plausible_usage(
         TokenUsage(
             prompt_tokens=prompt,
             completion_tokens=completion,
-            reasoning_tokens=count_field(details, "reasoning_tokens"),
-            cached_prompt_tokens=count_field(prompt_details, "cached_tokens"),
+            reasoning_tokens=reasoning,
+            cached_prompt_tokens=count_field(usage.get("prompt_tokens_details"), "cached_tokens"),
         )
     )
 
