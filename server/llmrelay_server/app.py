@@ -376,7 +376,8 @@ async def _resume_budgets(
     count it once. Past `within_s` the budgets count from zero, as with the ledger unavailable."""
     if not names and not gateway:
         return
-    midnight = time.time() // 86_400 * 86_400  # UTC, the budgets' day
+    day = int(time.time() // 86_400)  # UTC, the budgets' day: once, as the limiter is told which day it is of
+    midnight = day * 86_400
     try:
         async with asyncio.timeout(within_s):
             totals = await ledger.query(start=midnight)
@@ -395,7 +396,7 @@ async def _resume_budgets(
         for subject in (key_subject(total.caller), GATEWAY):
             if subject in spent:
                 spent[subject] += total.cost_usd_micros
-    await limiter.spend_at_least(spent)
+    await limiter.spend_at_least(spent, day)
 
 
 def _limiter(config: GatewayConfig) -> Limiter | None:

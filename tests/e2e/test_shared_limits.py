@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,11 @@ def ask(
     limits: Limits, *, subject: str = SUBJECT, tokens: int = 0, usd: int = 0, stream: bool = False, answer: int = 0
 ) -> Ask:
     return Ask(subject, limits, tokens, usd, stream, answer)
+
+
+def today() -> int:
+    """The UTC day, in days since the epoch, by the test's clock (Redis's, on this machine)."""
+    return int(time.time() // 86_400)
 
 
 async def at_once(
@@ -225,17 +231,25 @@ async def test_spend_given_at_least_is_set_against_what_was_billed_not_what_call
     limiters = [await limiter_for(), await limiter_for()]
     budget = Limits(budget_usd_per_day=0.1)  # 100,000 micro-USD
     running = await limiters[0].reserve([ask(budget, usd=19_000)])
-    await limiters[1].spend_at_least({SUBJECT: 15_000})
+    await limiters[1].spend_at_least({SUBJECT: 15_000}, today())
     await limiters[0].settle(running, tokens=0, usd_micros=6_000)
     filling = await limiters[1].reserve([ask(budget, usd=100_000 - 21_000)])  # exactly what is left
     error = await refused(limiters[0].reserve([ask(budget, usd=1)]))
     assert error.kind is LimitKind.BUDGET_PER_DAY
     await limiters[1].settle(filling, tokens=0, usd_micros=100_000 - 21_000)
     # Given again (another worker, a reload), the same spend counts once.
-    await limiters[0].spend_at_least({SUBJECT: 21_000})
-    await limiters[0].spend_at_least({SUBJECT: 15_000})
+    await limiters[0].spend_at_least({SUBJECT: 21_000}, today())
+    await limiters[0].spend_at_least({SUBJECT: 15_000}, today())
     later = await refused(limiters[1].reserve([ask(budget, usd=1)]))
     assert later.retry_after_s is not None and later.retry_after_s > 1.0, "spent, not held: until midnight (UTC)"
+
+
+async def test_spend_of_a_day_redis_has_left_counts_for_nothing(limiter_for: LimiterFactory) -> None:
+    """A start (or a keys reload) a moment before midnight by its clock, Redis's a moment after: the day's spend the
+    gateway read was counted on Redis's new day, whose budget was then refused until its end."""
+    limiter = await limiter_for()
+    await limiter.spend_at_least({SUBJECT: 90_000}, today() - 1)
+    await limiter.reserve([ask(Limits(budget_usd_per_day=0.1), usd=100_000)])
 
 
 async def test_the_days_spend_given_while_redis_is_out_of_reach_counts_once_it_is_back(
@@ -248,8 +262,10 @@ async def test_the_days_spend_given_while_redis_is_out_of_reach_counts_once_it_i
     budget = Limits(budget_usd_per_day=0.01)  # 10,000 micro-USD
     redis_server.pause()
     try:
-        await limiter.spend_at_least({SUBJECT: 6_000})
-        await limiter.spend_at_least({SUBJECT: 9_000, "key:other": 1})  # a reload while still out: the most counts
+        await limiter.spend_at_least({SUBJECT: 6_000}, today())
+        await limiter.spend_at_least(
+            {SUBJECT: 9_000, "key:other": 1}, today()
+        )  # a reload while still out: the most counts
         assert not limiter.available
     finally:
         redis_server.resume()

@@ -199,14 +199,26 @@ async def test_a_wall_clock_stepped_back_moves_no_window() -> None:
     assert error.kind is LimitKind.TOKENS_PER_MINUTE and error.retry_after_s == pytest.approx(60.0)
 
 
+async def test_spend_of_a_day_over_by_the_time_it_is_given_counts_for_nothing() -> None:
+    """A start (or a keys reload) a moment before midnight read the day's spend, and the limiter counted it when the
+    next day had begun: yesterday's whole spend, the new day's budget refused until its end."""
+    clock = Clock(11 * DAY - 0.3)
+    limiter = on(clock)
+    read_on = int(clock() // DAY)
+    clock.now += 1.0  # the ledger's answer came after midnight
+    await limiter.spend_at_least({"key:a": 90_000}, read_on)
+    await limiter.reserve([ask(Limits(budget_usd_per_day=0.1), usd=100_000)])
+
+
 async def test_spend_given_at_least_is_set_against_what_was_billed_not_what_calls_in_progress_hold() -> None:
     """A reload gave a budget to a key with a call in progress (reserved 50,000 micro-USD, its limits then of tokens
     alone) after it had spent 15,000: the larger of 15,000 and the 50,000 held was taken, and once the call settled at
     3,000 the day counted 3,000 spent where 18,000 was."""
-    limiter = on(Clock())
+    clock = Clock()
+    limiter = on(clock)
     tokens_only = Limits(tokens_per_minute=1_000_000)
     running = await limiter.reserve([ask(tokens_only, usd=50_000)])
-    await limiter.spend_at_least({"key:a": 15_000})
+    await limiter.spend_at_least({"key:a": 15_000}, int(clock() // DAY))
     await limiter.settle(running, 0, 3_000)
     budget = Limits(budget_usd_per_day=0.1)  # 100,000 micro-USD
     await limiter.reserve([ask(budget, usd=100_000 - 18_000)])

@@ -68,8 +68,9 @@ class InProcessLimiter:
     async def start(self) -> None:
         """Nothing to open: the state is this object's."""
 
-    async def spend_at_least(self, spent: Mapping[str, int]) -> None:
-        day = _utc_day(self._clock())
+    async def spend_at_least(self, spent: Mapping[str, int], day: int) -> None:
+        if day != _utc_day(self._clock()):
+            return
         for subject, usd_micros in spent.items():
             window = self._window(subject)
             # The ledger's spend is of calls billed: set against what this counts of those, not of the calls still

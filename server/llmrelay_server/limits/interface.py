@@ -64,12 +64,13 @@ class Limiter(Protocol):
         """The call ended having been billed this much: the reservation becomes that, and its stream slot frees."""
         ...
 
-    async def spend_at_least(self, spent: Mapping[str, int]) -> None:
-        """Counts today's spend (UTC) of each subject as at least so many micro-USD: the ledger's, for spend the
-        limiter did not count (made before the process started, or while a key had no budget). Never less than it
-        counts already, so the same spend given twice (each of several workers, each of their reloads) counts once.
-        The ledger's is of calls billed: it is set against what the limiter counts of those, beside the reservations
-        of calls in progress, which stay theirs until they settle."""
+    async def spend_at_least(self, spent: Mapping[str, int], day: int) -> None:
+        """Counts the spend of each subject on `day` (UTC, in days since the epoch) as at least so many micro-USD: the
+        ledger's, for spend the limiter did not count (made before the process started, or while a key had no
+        budget). Never less than it counts already, so the same spend given twice (each of several workers, each of
+        their reloads) counts once. The ledger's is of calls billed: it is set against what the limiter counts of
+        those, beside the reservations of calls in progress, which stay theirs until they settle. Spend of a day
+        that is over by the limiter's clock counts for nothing: read just before midnight, it was the next day's."""
         ...
 
     def health(self) -> StoreHealth: ...

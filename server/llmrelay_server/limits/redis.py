@@ -397,15 +397,19 @@ return 0
 
 _AT_LEAST: Final = (
     """
--- KEYS: spend hashes, then the held spends; ARGV: the micro-USD of calls billed each is to count today (Redis's UTC
--- day) at least. Set against what it counts of calls billed, beside what calls in progress hold (which their settles
--- will correct), as in process: raised, never lowered, so the same spend given by several gateways (or sent twice)
--- counts once.
+-- KEYS: spend hashes, then the held spends; ARGV: the micro-USD of calls billed each is to count on the day that
+-- follows them (UTC, in days since the epoch) at least, nothing when that is not Redis's day (a gateway's clock a
+-- moment behind Redis's at midnight: yesterday's spend, not today's). Set against what it counts of calls billed,
+-- beside what calls in progress hold (which their settles will correct), as in process: raised, never lowered, so
+-- the same spend given by several gateways (or sent twice) counts once.
 local held = KEYS[#KEYS]
 """
     + _HELD_ON
     + """
 local day = math.floor(tonumber(redis.call('TIME')[1]) / 86400)
+if tonumber(ARGV[#KEYS]) ~= day then
+  return 0
+end
 local holding = held_on(day)
 for i = 1, #KEYS - 1 do
   local key, billed = KEYS[i], tonumber(ARGV[i])
@@ -643,18 +647,17 @@ class RedisLimiter:
         else:
             self._held.discard(hold.lease)
 
-    async def spend_at_least(self, spent: Mapping[str, int]) -> None:
+    async def spend_at_least(self, spent: Mapping[str, int], day: int) -> None:
         if not spent:
             return
         if self._available:
             try:
-                await self._run_at_least(spent)
+                await self._run_at_least(spent, day)
                 return
             except _UNREACHABLE as error:
                 self._went_unreachable(error)
         # Kept for when Redis is back: out of reach for a moment as the gateway starts or reloads its keys (started
         # with Redis, or a network blip), the day's budgets counted from nothing once it was back, the spend gone.
-        day = int(time.time() // 86_400)
         if day != self._spent_day:
             self._spent_kept, self._spent_day = {}, day
         for subject, micros in spent.items():
@@ -666,15 +669,15 @@ class RedisLimiter:
             len(spent),
         )
 
-    async def _run_at_least(self, spent: Mapping[str, int]) -> None:
+    async def _run_at_least(self, spent: Mapping[str, int], day: int) -> None:
         keys = [*(_keys(subject)[3] for subject in spent), HELD_KEY]
-        await self._run(self._at_least_script, keys, [*spent.values()])
+        await self._run(self._at_least_script, keys, [*spent.values(), day])
 
     async def _send_spent_kept(self) -> None:
-        """The day's spend kept while Redis was out of reach (`spend_at_least`), given now; dropped on another day,
-        whose budgets it is not of."""
-        if self._spent_kept and self._spent_day == int(time.time() // 86_400):
-            await self._run_at_least(self._spent_kept)
+        """The day's spend kept while Redis was out of reach (`spend_at_least`), given now: for nothing on another
+        day (the script's check), whose budgets it is not of."""
+        if self._spent_kept:
+            await self._run_at_least(self._spent_kept, self._spent_day)
         self._spent_kept = {}
 
     def health(self) -> StoreHealth:
