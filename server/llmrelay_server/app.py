@@ -218,6 +218,10 @@ async def start_gateway(
             # (16 KiB): the same call answered now OK, now RESOURCE_EXHAUSTED. One limit: the same answer every time.
             ("grpc.max_metadata_size", MAX_METADATA_BYTES),
             ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+            # Requests uncompressed alone (identity: bit 0), refused UNIMPLEMENTED otherwise: gRPC decompresses a
+            # request whole before any interceptor sees it, so a caller with no key had 8 KiB of gzip cost the gateway
+            # 8 MiB of work (about 60 ms of CPU), and a few hundred of them held every caller's calls up for seconds.
+            ("grpc.compression_enabled_algorithms_bitset", 1),
             # gRPC shares a port between servers by default: a second gateway started by mistake would silently
             # take half of the first one's calls. Bound first, so a taken port stops us before anything starts.
             # Workers do share it: their supervisor has checked that no other process holds it.
