@@ -238,14 +238,22 @@ async def spawn_gateway(
 
 
 def gateway_config(
-    upstream_url: str, scratch: Path, *, fallback: bool, retries: int, tls: str | None, extra: str = ""
+    upstream_url: str,
+    scratch: Path,
+    *,
+    fallback: bool,
+    retries: int,
+    tls: str | None,
+    extra: str = "",
+    max_message_bytes: int | None = None,
 ) -> str:
     """The command's gateway: "ollama" at the fake upstream (and "fallback" after it), its ledger in `scratch`, then
     `extra` (YAML sections other than HARNESS_SECTIONS: see config_extra)."""
     tls_field = f", tls: {tls}" if tls else ""
+    size_field = f", max_message_bytes: {max_message_bytes}" if max_message_bytes is not None else ""
     ledger = f'usage_db: "{scratch / "usage.db"}", usage_journal_dir: "{scratch / "journal"}"'
     lines = [
-        f"server: {{{ledger}, drain_s: 0{tls_field}}}",
+        f"server: {{{ledger}, drain_s: 0{tls_field}{size_field}}}",
         "llm:",
         f'  ollama: {{base_url: "{upstream_url}/v1", model: tiny, embedding_model: {EMBEDDING_MODEL}}}',
     ]
@@ -355,6 +363,7 @@ async def run_command(args: argparse.Namespace) -> int:
                     retries=args.retries,
                     tls=tls,
                     extra=args.extra,
+                    max_message_bytes=args.max_message_bytes,
                 )
             )
             gateway = await spawn_gateway(config, cwd=scratch, echo=sys.stderr)
@@ -395,6 +404,9 @@ def main() -> None:
         help="serve TLS and ask clients for a certificate of a second CA made for the run (client_cert_file)",
     )
     parser.add_argument("--retries", type=int, default=0, help="the router's max_retries (default 0)")
+    parser.add_argument(
+        "--max-message-bytes", type=int, help="the gateway's server.max_message_bytes (default: the gateway's own)"
+    )
     parser.add_argument(
         "--config-extra",
         type=Path,

@@ -32,6 +32,8 @@ from llmrelay_server.usage import UsageLedger
 
 # Room in a stream message for everything but its text (ids, names, usage, attempts).
 MESSAGE_HEADROOM_BYTES: Final = 64 * 1024
+GRPC_DEFAULT_MESSAGE_BYTES: Final = 4 * 1024 * 1024
+"""gRPC's default bound on a message a client receives, which most clients keep."""
 OVERDUE_RECHECK_S: Final = 0.5
 """How often a stream past its bound but not waiting on gRPC's write then is looked at again (`_end_if_writing`)."""
 _Request = TypeVar("_Request")
@@ -70,9 +72,12 @@ class LLMServicer(pb.LLMServiceServicer):
         self._max_image_bytes = max_image_bytes
         # A delta with more characters than this may be over the message limit (4 bytes a character at most, and
         # room for the rest of the message): it is sent in pieces. Under a small limit, half of it is the room: a
-        # stream of one character a message would send a short answer as thousands.
-        headroom = min(MESSAGE_HEADROOM_BYTES, max_message_bytes // 2)
-        self._max_delta_chars = max(1, (max_message_bytes - headroom) // 4)
+        # stream of one character a message would send a short answer as thousands. Over gRPC's default receive
+        # limit (4 MiB), raised for large images, no message is: splitting a stream costs nothing, and a client
+        # that kept the default failed the stream before its first text, billed all the same.
+        piece_bytes = min(max_message_bytes, GRPC_DEFAULT_MESSAGE_BYTES)
+        headroom = min(MESSAGE_HEADROOM_BYTES, piece_bytes // 2)
+        self._max_delta_chars = max(1, (piece_bytes - headroom) // 4)
         self._interrupting = False
         self._calls: dict[asyncio.Task[Any], _Stream | None] = {}
         """The model calls in progress, by task; a stream's with its chunks from the router and the call's context

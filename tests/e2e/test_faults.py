@@ -1413,6 +1413,19 @@ async def test_one_delta_over_the_message_limit_is_sent_in_pieces(
     assert "Traceback" not in caplog.text
 
 
+async def test_under_a_raised_message_limit_a_stream_is_sent_in_pieces_any_client_reads(
+    stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """server.max_message_bytes raised for large images raised the stream's pieces with it: a delta of 5 MB went as
+    one message, which a client keeping gRPC's default receive limit (4 MiB) refused before any text, the call
+    billed all the same."""
+    stub = await stub_for(two_backends(primary, local), server="max_message_bytes: 20971520")
+    primary.inject({"huge_content": 5_000_000, "one_delta": True})
+    chunks = [c async for c in stub.StreamComplete(stream_chat(), timeout=10)]  # a client with gRPC's defaults
+    assert sum(len(c.delta.content) for c in chunks) == 5_000_000
+    assert all(c.ByteSize() <= 4 * 1024 * 1024 for c in chunks)
+
+
 async def test_under_a_small_message_limit_a_long_delta_is_sent_in_pieces_of_thousands_of_characters(
     stub_for: StubFactory, primary: FakeUpstream, local: FakeUpstream
 ) -> None:

@@ -716,6 +716,24 @@ async def test_a_calls_key_replaces_the_clients(
     assert [(r.caller, r.requests) for r in usage.records] == [("beta", 1)], "authorised and billed as beta"
 
 
+async def test_an_answer_over_grpcs_default_receive_limit_reaches_the_client(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """server.max_message_bytes raised (for large images) raises the answers the gateway sends: the client kept gRPC's
+    default receive limit (4 MiB), and an answer of 5 MB, billed, failed RESOURCE_EXHAUSTED in the client."""
+    gateway = await gateway_factory(two_backends(primary, local), server="max_message_bytes: 20971520")
+    primary.inject({"huge_content": 5_000_000}, {"huge_content": 5_000_000})
+    async with AsyncClient(target(gateway)) as client:
+        answer = await client.complete(QUESTION)
+    assert len(answer.message.content) == 5_000_000
+
+    def blocking() -> pb.CompleteResponse:
+        with Client(target(gateway)) as client:
+            return client.complete(QUESTION)
+
+    assert len((await asyncio.to_thread(blocking)).message.content) == 5_000_000
+
+
 def _blocking_usage(address: str, metadata: list[tuple[str, str]]) -> pb.GetUsageResponse:
     with Client(address, metadata=metadata) as client:
         return client.get_usage()

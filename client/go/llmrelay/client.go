@@ -41,6 +41,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"strconv"
 	"strings"
@@ -246,6 +247,9 @@ func Dial(target string, opts ...Option) (*Client, error) {
 		}
 	}
 	dialOptions := []grpc.DialOption{
+		// Answers of any size: the gateway bounds them by its server.max_message_bytes, which an operator raises for
+		// large images, and with it its answers (gRPC's default of 4 MiB failed a large Embed after it was billed).
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32)),
 		grpc.WithTransportCredentials(o.creds),
 		grpc.WithChainUnaryInterceptor(o.unaryInterceptors...),
 		grpc.WithChainStreamInterceptor(o.streamInterceptors...),

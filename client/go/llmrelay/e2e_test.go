@@ -770,3 +770,24 @@ func TestACallItsContextEndedUnwrapsToTheContextError(t *testing.T) {
 		t.Errorf("closed: errors.Is(%v, context.Canceled) holds; the call's context was never cancelled", err)
 	}
 }
+
+// A gateway whose server.max_message_bytes is raised (for large images) sends answers as large: the client kept
+// gRPC's default receive limit (4 MiB), and an answer of 5 MB, billed, failed ResourceExhausted in it.
+func TestAnAnswerOverGRPCsDefaultReceiveLimitReachesTheClient(t *testing.T) {
+	needGateway(t)
+	gateway, err := gatewaytest.Start(gatewaytest.Options{MaxMessageBytes: 20 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = gateway.Close() })
+	if err := gateway.Upstream.AddFaults(gatewaytest.Fault{"huge_content": 5_000_000}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := dial(t, gateway.Target).Complete(testContext(t), &llmrelayv1.CompleteRequest{Messages: chat("hi")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := len(resp.GetMessage().GetContent()); got != 5_000_000 {
+		t.Errorf("answer of %d characters; want 5,000,000", got)
+	}
+}

@@ -218,6 +218,9 @@ export class Client {
     this.securityHint = transportHint(options, this.transport);
     this.certificateHint = certificateHint(options, this.transport);
     this.raw = new LLMServiceClient(target, channelCredentials(target, options), {
+      // Answers of any size: the gateway bounds them by its server.max_message_bytes, which an operator raises for
+      // large images, and with it its answers (gRPC's default of 4 MiB failed a large Embed after it was billed).
+      "grpc.max_receive_message_length": -1,
       "grpc.service_config": SERVICE_CONFIG_JSON,
       ...options.channelOptions,
       interceptors: options.interceptors,

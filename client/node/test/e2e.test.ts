@@ -625,3 +625,23 @@ describe("a key's limits", { concurrency: false }, () => {
     assert.equal(err.retryDelayMs, undefined, "a request that never fits has no RetryInfo");
   });
 });
+
+describe("a gateway whose message limit is raised", { concurrency: false }, () => {
+  let large: Gateway;
+
+  before(async () => {
+    large = await Gateway.start({ maxMessageBytes: 20 * 1024 * 1024 });
+  });
+
+  after(async () => {
+    await large?.stop();
+  });
+
+  test("an answer over gRPC's default receive limit reaches the client", async () => {
+    // server.max_message_bytes raised (for large images) raises the answers sent: the client kept gRPC's default
+    // receive limit (4 MiB), and an answer of 5 MB, billed, failed RESOURCE_EXHAUSTED in it.
+    await large.upstream.addFaults({ huge_content: 5_000_000 });
+    const answer = await connect(large.addr).complete({ messages: chat("hi") });
+    assert.equal(answer.message?.content.length, 5_000_000);
+  });
+});

@@ -105,6 +105,8 @@ export interface GatewayOptions {
   mutualTls?: boolean;
   /** The router's max_retries (default 0). */
   retries?: number;
+  /** The gateway's server.max_message_bytes (default: the gateway's own). */
+  maxMessageBytes?: number;
   /**
    * YAML appended to the gateway's configuration (the harness's --config-extra): sections the harness does not write,
    * such as auth with caller keys and their limits; never its own server, llm or router.
@@ -148,6 +150,7 @@ export class Gateway {
     if (options.mutualTls) args.push("--mutual-tls");
     else if (options.tls) args.push("--tls");
     if (options.retries !== undefined) args.push("--retries", String(options.retries));
+    if (options.maxMessageBytes !== undefined) args.push("--max-message-bytes", String(options.maxMessageBytes));
     // The harness reads the file before it starts anything, so it can go once start() returns.
     let scratch: string | undefined;
     try {

@@ -269,9 +269,11 @@ def _in_memory(content: bytes) -> Iterator[str]:
 
 
 def channel_options(service_config: ServiceConfig, options: ChannelOptions) -> list[tuple[str, Any]]:
-    """The channel's options: the service config (JSON text or a dict; None for none), then the caller's options,
-    which win where they set the same key."""
-    merged: dict[str, Any] = {}
+    """The channel's options: answers of any size (the gateway bounds them by its server.max_message_bytes, which an
+    operator raises for large images, and with it its answers: gRPC's default of 4 MiB failed a large Embed after it
+    was billed), the service config (JSON text or a dict; None for none), then the caller's options, which win where
+    they set the same key."""
+    merged: dict[str, Any] = {"grpc.max_receive_message_length": -1}
     if service_config is not None:
         text = service_config if isinstance(service_config, str) else json.dumps(service_config)
         merged[SERVICE_CONFIG_OPTION] = text

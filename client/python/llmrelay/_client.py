@@ -401,7 +401,8 @@ class Client(_Base):
     service_config: the channel's gRPC service config (JSON text or a dict); by default the contract's retry policy
         (UNAVAILABLE retried by the channel itself, at most three attempts, backoff, the gateway's pushback
         honoured), streams excepted in a blocking Client (BLOCKING_SERVICE_CONFIG says why); None for none.
-    options: more channel options, e.g. [("grpc.max_receive_message_length", 64 << 20)]; they win over the above.
+    options: more channel options, e.g. [("grpc.keepalive_time_ms", 30_000)]; they win over the above (answers of
+        any size are taken: the gateway bounds them).
     interceptors: client interceptors, outermost first.
     channel: a channel made already (e.g. grpc_testing's), instead of one from the arguments above.
     timeout: each call's deadline in seconds, unless the call says otherwise; None for no deadline.

@@ -164,10 +164,14 @@ def test_the_service_config_can_be_replaced_or_left_out_and_options_pass_through
             SERVICE_CONFIG_OPTION: json.dumps(mine),
             "grpc.max_receive_message_length": 1,
         }
+    # Answers of any size unless the caller says otherwise: the gateway bounds them.
     with Client("127.0.0.1:1", service_config=None) as client:
-        assert client.channel_options == []
+        assert client.channel_options == [("grpc.max_receive_message_length", -1)]
     with Client("127.0.0.1:1", options=[(SERVICE_CONFIG_OPTION, "{}")]) as client:
-        assert dict(client.channel_options) == {SERVICE_CONFIG_OPTION: "{}"}, "the caller's options win"
+        assert dict(client.channel_options) == {
+            "grpc.max_receive_message_length": -1,
+            SERVICE_CONFIG_OPTION: "{}",
+        }, "the caller's options win"
 
 
 def test_a_channel_of_ones_own_takes_no_channel_arguments() -> None:

@@ -59,6 +59,8 @@ type Options struct {
 	MutualTLS bool
 	// Retries is the router's max_retries (0: none).
 	Retries int
+	// MaxMessageBytes is the gateway's server.max_message_bytes (0: the gateway's own default).
+	MaxMessageBytes int
 	// ConfigExtra is YAML appended to the gateway's configuration (the harness's --config-extra): sections the
 	// harness does not write, such as auth with caller keys and their limits; never its own server, llm or router.
 	ConfigExtra string
@@ -124,6 +126,9 @@ func Start(opts Options) (*Gateway, error) {
 		args = append(args, "--mutual-tls")
 	} else if opts.TLS {
 		args = append(args, "--tls")
+	}
+	if opts.MaxMessageBytes != 0 {
+		args = append(args, "--max-message-bytes", strconv.Itoa(opts.MaxMessageBytes))
 	}
 	if opts.ConfigExtra != "" {
 		// The harness reads the file before it starts anything, so it can go once Start returns.
