@@ -5,6 +5,7 @@ away under load leaves the gateways serving per state.on_unavailable, and they u
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import sys
@@ -242,6 +243,27 @@ async def test_spend_given_at_least_is_set_against_what_was_billed_not_what_call
     await limiters[0].spend_at_least({SUBJECT: 15_000}, today())
     later = await refused(limiters[1].reserve([ask(budget, usd=1)]))
     assert later.retry_after_s is not None and later.retry_after_s > 1.0, "spent, not held: until midnight (UTC)"
+
+
+async def test_a_call_running_past_midnight_is_the_new_days_spend_as_the_ledger_bills_it(
+    limiter_for: LimiterFactory, redis_server: RedisServer
+) -> None:
+    """Settled on the day it was reserved, a call running at midnight counted on the old day, while the ledger billed
+    it on the new one. (Redis's clock cannot be moved: the reservation is made the day before by moving what it
+    counted to yesterday, as a reservation made then would have it.)"""
+    limiter = await limiter_for()
+    running = await limiter.reserve([ask(Limits(budget_usd_per_day=0.01), usd=5_000)])
+    (hold,) = running.holds
+    spend_key = f"{KEY_PREFIX}{SUBJECT}:spend"
+    client = redis.asyncio.from_url(redis_server.url)
+    try:
+        await client.hincrby(spend_key, str(today()), -5_000)
+        await client.hincrby(spend_key, str(today() - 1), 5_000)
+        running.holds[0] = dataclasses.replace(hold, day=today() - 1)
+        await limiter.settle(running, tokens=0, usd_micros=4_000)
+        assert [int(v or 0) for v in await client.hmget(spend_key, [str(today() - 1), str(today())])] == [0, 4_000]
+    finally:
+        await client.aclose()
 
 
 async def test_spend_of_a_day_redis_has_left_counts_for_nothing(limiter_for: LimiterFactory) -> None:

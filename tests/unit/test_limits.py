@@ -210,6 +210,20 @@ async def test_spend_of_a_day_over_by_the_time_it_is_given_counts_for_nothing() 
     await limiter.reserve([ask(Limits(budget_usd_per_day=0.1), usd=100_000)])
 
 
+async def test_a_call_running_past_midnight_is_the_new_days_spend_as_the_ledger_bills_it() -> None:
+    """Settled on the day it was reserved, a call running at midnight counted on the old day, while the ledger (which
+    a restart or a reload reads) billed it on the new one: without a restart, the new day's budget was there whole
+    beside what those calls had cost it."""
+    clock = Clock(11 * DAY - 0.5)
+    limiter = on(clock)
+    budget = Limits(budget_usd_per_day=0.01)  # 10,000 micro-USD
+    running = await limiter.reserve([ask(budget, usd=5_000)])
+    clock.now += 1.0  # midnight passes
+    await limiter.settle(running, 0, 4_000)
+    assert (await refused(limiter, ask(budget, usd=6_001))).kind is LimitKind.BUDGET_PER_DAY
+    await limiter.reserve([ask(budget, usd=6_000)])
+
+
 async def test_spend_given_at_least_is_set_against_what_was_billed_not_what_calls_in_progress_hold() -> None:
     """A reload gave a budget to a key with a call in progress (reserved 50,000 micro-USD, its limits then of tokens
     alone) after it had spent 15,000: the larger of 15,000 and the 50,000 held was taken, and once the call settled at

@@ -106,14 +106,17 @@ class InProcessLimiter:
         return window
 
     async def settle(self, reservation: Reservation, tokens: int, usd_micros: int) -> None:
-        day = _utc_day(reservation.at)
+        # Its reservation taken back from the day it was made, what it was billed counted on the day it is billed, as
+        # the ledger records it: a call running past midnight is the new day's spend (a restart reads it so).
+        day, billed_on = _utc_day(reservation.at), _utc_day(self._clock())
         for ask, entry in zip(reservation.asks, reservation.holds, strict=True):
             window = self._windows[ask.subject]
             if entry[2]:  # still counted this minute
                 window.token_sum += tokens - entry[1]
                 entry[1] = tokens
             window.streams -= ask.stream
-            window.spend[day] = window.spend.get(day, 0) + usd_micros - ask.usd_micros
+            window.spend[day] = window.spend.get(day, 0) - ask.usd_micros
+            window.spend[billed_on] = window.spend.get(billed_on, 0) + usd_micros
             if held := window.held.get(day, 0) - ask.usd_micros:
                 window.held[day] = held
             else:

@@ -364,7 +364,9 @@ _SETTLE: Final = """
 -- A correction whose bucket or day is no longer kept has nothing left to correct; one that would take a count below
 -- zero leaves zero. A reservation from another epoch (Redis lost it, in a restart or a flush) is not counted: what
 -- its correction would take back belongs to the calls counted since, so it corrects nothing. One whose spend lapsed
--- (its gateway lost Redis for longer than a lease) adds what was billed, its reservation taken back already.
+-- (its gateway lost Redis for longer than a lease) adds what was billed, its reservation taken back already. What
+-- was billed counts on Redis's day when it settles, as the ledger records it: a call reserved before midnight and
+-- settled after has its reservation taken back from the day before, and its bill counted on the new one.
 local record = KEYS[#KEYS]
 local state = redis.call('GET', record)
 if state == 'settled' then return 0 end
@@ -387,7 +389,16 @@ for i = 1, #KEYS - 4 do
   if action == 'tokens' then
     if not lost and tonumber(counted) >= second - 60 then correct(key, counted, amount) end
   elseif action == 'spend' then
-    if not lost then correct(key, day, lapsed and amount + reserved or amount) end
+    local today = tostring(math.floor(second / 86400))
+    if lost then
+      -- its counts are another epoch's: nothing of this call is in them
+    elseif today == day then
+      correct(key, day, lapsed and amount + reserved or amount)
+    else
+      if not lapsed then correct(key, day, -reserved) end
+      redis.call('HINCRBY', key, today, amount + reserved)
+      redis.call('EXPIRE', key, 2 * 86400)
+    end
   else
     redis.call('ZREM', key, lease)
   end
