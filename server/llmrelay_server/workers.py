@@ -39,6 +39,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import http.client
 import json
 import logging
 import os
@@ -812,5 +813,7 @@ def _read_metrics(announced: Path) -> str | None:
         port = json.loads(announced.read_text())["metrics_port"]
         with _DIRECT.open(f"http://127.0.0.1:{port}/metrics", timeout=SCRAPE_TIMEOUT_S) as answer:
             return str(answer.read().decode())
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException):
+        # HTTPException: an answer cut short (IncompleteRead: a worker killed as it wrote it) or not HTTP at all,
+        # which failed the whole scrape, every worker's metrics lost with it, and printed a traceback.
         return None

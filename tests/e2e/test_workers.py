@@ -18,15 +18,17 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
 import pytest
 from harness import BIN, GatewayProcess, clean_env, free_port, spawn_gateway
 from llmrelay import v1 as pb
-from llmrelay_server.workers import SCRAPE_TIMEOUT_S
+from llmrelay_server.workers import SCRAPE_TIMEOUT_S, _WorkersMetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
+from raw_server import RawServer
 from support import (
     alive,
     call_on_new_connections,
@@ -259,6 +261,29 @@ async def test_workers_that_do_not_answer_hold_the_scrape_up_once_not_each(tmp_p
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
         assert await stop(gateway) == 0
+
+
+async def test_a_worker_whose_answer_is_cut_short_is_left_out_of_the_scrape_not_the_others(tmp_path: Path) -> None:
+    """A worker killed as it wrote its metrics (an answer short of its Content-Length: http.client's IncompleteRead,
+    no OSError) failed the supervisor's whole scrape, 500 and a traceback, every worker's metrics lost with it."""
+    whole = b"# TYPE llmrelay_open_streams gauge\nllmrelay_open_streams 3.0\n"
+
+    def answering(body: bytes, sent: int) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body[:sent]))
+            await writer.drain()
+            writer.close()
+
+        return answer
+
+    async with RawServer(answering(whole, len(whole))) as alive, RawServer(answering(whole, 10)) as killed:
+        for index, server in ((1, alive), (2, killed)):
+            (tmp_path / f"worker-{index}.json").write_text(json.dumps({"pid": 1, "metrics_port": server.port}))
+        families = await asyncio.to_thread(lambda: list(_WorkersMetrics(tmp_path).collect()))
+    assert [(sample.labels, sample.value) for family in families for sample in family.samples] == [
+        ({"worker": "1"}, 3.0)
+    ]
 
 
 async def test_the_keys_file_is_spoken_of_by_the_supervisor_alone(tmp_path: Path, local: FakeUpstream) -> None:
