@@ -270,6 +270,10 @@ class ServedCertificate:
             link.unlink(missing_ok=True)
             link.symlink_to(digest)
             link.replace(self._kept / _KEPT_CURRENT)
+            # The certificates kept before, each with its private key: gone, now that no worker is to take them.
+            for old in self._kept.iterdir():
+                if _KEPT_DIGEST.fullmatch(old.name) and old.name != digest and not old.is_symlink():
+                    shutil.rmtree(old, ignore_errors=True)
         except OSError as exc:
             log.warning(
                 "server.tls: the certificate in force could not be kept for workers restarted while its files cannot"
@@ -298,7 +302,10 @@ class ServedCertificate:
             " until they can: %s",
             refused,
         )
-        self._said = self._seen, str(refused)
+        # Said once for the files as they are; and not taken as seen, so that files that become usable without
+        # changing (a certificate not valid yet, whose time comes) are taken at a later check, as the running
+        # workers take them.
+        self._said, self._seen = (self._seen, str(refused)), ()
         return loaded
 
     def _load(self, tls: TLSConfig | None = None) -> tuple[grpc.ServerCertificateConfiguration, float, _Contents]:
@@ -345,6 +352,7 @@ def _signature(paths: tuple[Path, ...]) -> _Signature:
 _CHANGED = "server.tls: cert_file or key_file changed while being read; they are read again later"
 _KEPT_NAMES: Final = ("cert.pem", "key.pem", "client-ca.pem")
 _KEPT_CURRENT: Final = "current"
+_KEPT_DIGEST: Final = re.compile(r"[0-9a-f]{16}")
 
 
 def _duration(seconds: float) -> str:

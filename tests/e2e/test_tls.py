@@ -297,12 +297,22 @@ def test_a_worker_started_while_the_files_cannot_be_used_serves_the_certificate_
     assert restarted._in_force == (issued.cert, issued.key, None)
     assert "this worker serves the certificate the workers last took, until they can" in caplog.text
     assert {oct(path.stat().st_mode & 0o777) for path in kept.rglob("*.pem")} == {"0o600"}
-    # Whole again (the rotation's certificate and key both in place), the files are taken and kept in turn.
+    # Whole again (the rotation's certificate and key both in place), the files are taken and kept in turn, the
+    # certificate kept before gone with its key.
     renewed = Authority("llmrelay test CA").server()
     renewed.write(files.cert, files.key)
     restarted._check_files()
     assert restarted._fetch() is not None and restarted._in_force == (renewed.cert, renewed.key, None)
-    assert (kept / "current" / "key.pem").read_bytes() == renewed.key
+    assert [path.read_bytes() for path in kept.rglob("key.pem")] == [renewed.key]
+    # A certificate not valid yet: served by the running workers when its time comes, the files unchanged; by a
+    # worker started meanwhile on the kept one too.
+    ahead = Authority("llmrelay test CA").server(valid_from=timedelta(seconds=2))
+    ahead.write(files.cert, files.key)
+    started = ServedCertificate(tls, kept=kept)
+    assert started._in_force == (renewed.cert, renewed.key, None)
+    time.sleep(3)
+    started._check_files()
+    assert started._in_force == (ahead.cert, ahead.key, None)
 
 
 def test_checking_a_certificate_leaves_nothing_open(files: Files) -> None:

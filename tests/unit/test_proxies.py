@@ -29,7 +29,7 @@ def test_https_and_http_upstreams_each_take_their_own(monkeypatch: pytest.Monkey
     proxies = Proxies.from_environment()
     secure = proxies.for_url("https://api.openai.com/v1")
     token = base64.b64encode(b"me:p@ss").decode()
-    assert secure == Proxy("proxy.corp", 3128, "HTTPS_PROXY", f"Basic {token}", ("me", "p@ss", token))
+    assert secure == Proxy("proxy.corp", 3128, "HTTPS_PROXY", f"Basic {token}", ("p@ss", token))
     assert "p@ss" not in repr(secure) and "Basic" not in repr(secure) and "me:" not in str(secure)
     assert str(secure) == "http://proxy.corp:3128 (HTTPS_PROXY)"
     assert proxies.for_url("http://vllm.internal:8000/v1") == Proxy("plain.corp", 8080, "HTTP_PROXY")

@@ -32,7 +32,8 @@ class Proxy:
     authorization: str | None = field(default=None, repr=False)
     """The Proxy-Authorization header's value, from the URL's user and password: a secret, so not in the repr."""
     secrets: tuple[str, ...] = field(default=(), repr=False)
-    """The user, the password and their Basic credentials: taken out of the upstreams' words (`redact`)."""
+    """The password and the Basic credentials: taken out of the upstreams' words (`redact`). Not the user, a name
+    that messages ("user", "admin") have as words of their own."""
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -54,7 +55,7 @@ class Proxies:
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        """Every proxy's user, password and Basic credentials."""
+        """Every proxy's password and Basic credentials."""
         return tuple(secret for proxy in self.by_scheme.values() for secret in proxy.secrets)
 
     @classmethod
@@ -119,7 +120,7 @@ def _proxy(url: str, variable: str) -> Proxy:
             raise ProxyConfigError(f"{variable}: the proxy's user or password is not UTF-8 text") from None
         token = base64.b64encode(credentials).decode("ascii")
         authorization = f"Basic {token}"
-        return Proxy(parts.hostname, port, variable, authorization, tuple(filter(None, (user, password, token))))
+        return Proxy(parts.hostname, port, variable, authorization, tuple(filter(None, (password, token))))
     return Proxy(parts.hostname, port, variable)
 
 
