@@ -101,6 +101,14 @@ def expected(records: int) -> list[UsageTotals]:
     return sorted(totals, key=lambda t: (-t.total_tokens, t.caller))
 
 
+def journal_file_full(ledger: UsageLedger) -> None:
+    """/dev/full in place of the active batch's journal file: every write to it fails with ENOSPC."""
+    full = os.open("/dev/full", os.O_WRONLY)
+    assert ledger._active.fd is not None
+    os.dup2(full, ledger._active.fd)
+    os.close(full)
+
+
 def requests_on_disk(path: Path) -> int:
     with contextlib.closing(sqlite3.connect(path)) as connection:
         (requests,) = connection.execute("SELECT COALESCE(SUM(requests), 0) FROM usage_buckets").fetchone()
@@ -201,10 +209,7 @@ async def test_records_the_journal_cannot_take_are_kept_in_memory_with_the_datab
     ledger = UsageLedger(path)
     for _ in range(10):
         ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
-    full = os.open("/dev/full", os.O_WRONLY)
-    assert ledger._active.fd is not None
-    os.dup2(full, ledger._active.fd)
-    os.close(full)
+    journal_file_full(ledger)
 
     for _ in range(90):
         ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)
@@ -349,10 +354,7 @@ async def test_records_the_journal_cannot_take_after_an_idle_outage_are_kept_onc
     monkeypatch.setattr(ledger._store, "apply", store_apply)
     monkeypatch.setattr(ledger._store, "check", store_check)
     await ledger.flush()  # the database back
-    full = os.open("/dev/full", os.O_WRONLY)
-    assert ledger._active.fd is not None
-    os.dup2(full, ledger._active.fd)
-    os.close(full)
+    journal_file_full(ledger)
 
     for _ in range(5):
         ledger.record("b", "m", "c", TokenUsage(10, 5), at=T0)

@@ -618,39 +618,26 @@ def test_usage_with_details() -> None:
     assert wire.usage_from(data) == TokenUsage(120, 30, estimated=False, reasoning_tokens=12, cached_prompt_tokens=64)
 
 
+def counts(prompt: int, completion: int, total: int | None = None, reasoning: int | None = None) -> dict[str, Any]:
+    """An OpenAI-format usage object with these counts (those None left out)."""
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion}
+    if total is not None:
+        usage["total_tokens"] = total
+    if reasoning is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return usage
+
+
 @pytest.mark.parametrize(
     ("usage", "expected"),
     [
         # Gemini's OpenAI endpoint: a thinking model's thoughts in total_tokens alone.
-        (
-            {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 1105},
-            TokenUsage(9, 1096, reasoning_tokens=1093),
-        ),
-        # xAI: in reasoning_tokens, beside completion_tokens, and in total_tokens.
-        (
-            {
-                "prompt_tokens": 10,
-                "completion_tokens": 5,
-                "total_tokens": 1015,
-                "completion_tokens_details": {"reasoning_tokens": 1000},
-            },
-            TokenUsage(10, 1005, reasoning_tokens=1000),
-        ),
-        # ... and without a total.
-        (
-            {"prompt_tokens": 10, "completion_tokens": 5, "completion_tokens_details": {"reasoning_tokens": 1000}},
-            TokenUsage(10, 1005, reasoning_tokens=1000),
-        ),
+        (counts(9, 3, total=1105), TokenUsage(9, 1096, reasoning_tokens=1093)),
+        # xAI: in reasoning_tokens, beside completion_tokens, and in total_tokens; and without a total.
+        (counts(10, 5, total=1015, reasoning=1000), TokenUsage(10, 1005, reasoning_tokens=1000)),
+        (counts(10, 5, reasoning=1000), TokenUsage(10, 1005, reasoning_tokens=1000)),
         # OpenAI's: within the completion, as the total says.
-        (
-            {
-                "prompt_tokens": 10,
-                "completion_tokens": 500,
-                "total_tokens": 510,
-                "completion_tokens_details": {"reasoning_tokens": 400},
-            },
-            TokenUsage(10, 500, reasoning_tokens=400),
-        ),
+        (counts(10, 500, total=510, reasoning=400), TokenUsage(10, 500, reasoning_tokens=400)),
     ],
 )
 def test_thoughts_reported_beside_the_completion_are_billed_in_it(usage: dict[str, Any], expected: TokenUsage) -> None:
