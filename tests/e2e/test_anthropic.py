@@ -394,7 +394,7 @@ async def test_reasoning_and_its_signature_round_trip(stub: pb.LLMServiceAsyncSt
     claude.inject({"reasoning": "let me think", "signature": "sig-abc"})
     answer = await stub.Complete(chat("why?", options=options), timeout=5)
     sent = claude.chat_requests[0]
-    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 4096}
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 4096, "display": "summarized"}
     assert sent["max_tokens"] == 4096 + 4096, "the answer keeps its default room beside the budget"
     assert (answer.message.reasoning, answer.message.reasoning_signature) == ("let me think", "sig-abc")
     assert answer.message.content == "echo: why?" and answer.usage.reasoning_tokens == 3
@@ -526,7 +526,7 @@ async def test_a_prefill_with_trailing_whitespace_and_reasoning_is_answered(
 @pytest.mark.parametrize(
     ("max_tokens", "effort", "thinking"),
     [
-        (2000, pb.REASONING_EFFORT_HIGH, {"type": "enabled", "budget_tokens": 1999}),
+        (2000, pb.REASONING_EFFORT_HIGH, {"type": "enabled", "budget_tokens": 1999, "display": "summarized"}),
         (1024, pb.REASONING_EFFORT_MINIMAL, None),
         (None, pb.REASONING_EFFORT_NONE, {"type": "disabled"}),
     ],
@@ -555,11 +555,11 @@ async def test_a_model_that_takes_no_budget_gets_adaptive_thinking(
     await stub.Complete(chat(model="claude-test", options=options), timeout=5)
     adaptive, budget = claude.chat_requests
     assert (adaptive["thinking"], adaptive["output_config"], adaptive["max_tokens"]) == (
-        {"type": "adaptive"},
+        {"type": "adaptive", "display": "summarized"},
         {"effort": "medium"},
         4096 + 8192,  # the answer's default room, and as much for the thinking as a budget would have had
     )
-    assert budget["thinking"] == {"type": "enabled", "budget_tokens": 8192}
+    assert budget["thinking"] == {"type": "enabled", "budget_tokens": 8192, "display": "summarized"}
 
 
 async def test_images_reach_the_messages_api_as_image_blocks(
@@ -1141,4 +1141,40 @@ async def test_system_messages_alone_are_not_sent_to_the_messages_api(
     assert answer.backend == "ollama" and local.chat_requests[0]["messages"] == [
         {"role": "system", "content": "be brief"}
     ]
+    assert claude.chat_requests == []
+
+
+async def test_an_account_out_of_credits_goes_to_the_next_backend(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, local: FakeUpstream
+) -> None:
+    """The API says so with a 400 invalid_request_error, not a 402: every call ended INVALID_ARGUMENT, the caller told
+    to fix a request that was fine, and the next backend, able to serve it, untried until someone bought credits."""
+    said = "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade."
+    claude.inject({"status": 400, "message": said}, {"status": 400, "message": said})
+    answer = await stub.Complete(chat(), timeout=5)
+    assert answer.backend == "ollama"
+    assert answer.attempts[0].outcome == pb.ATTEMPT_OUTCOME_AUTH_FAILED
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(chat(model="claude-test", exact_model=True), timeout=5)
+    assert details(caught.value)["ErrorInfo"].reason == "UPSTREAM_AUTH_FAILED"
+    assert len(local.chat_requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("count", "width", "height"),
+    [(1, 8001, 10), (1, 10, 8001), (21, 2001, 10)],
+    ids=["wide", "tall", "one-of-many"],
+)
+async def test_an_image_anthropic_refuses_by_its_size_goes_to_the_next_backend(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, local: FakeUpstream, count: int, width: int, height: int
+) -> None:
+    """A full-page screenshot (1440x8600, a few KB), or one of many images past 2000px: the API refuses it with a 400,
+    which ended the call INVALID_ARGUMENT with an OpenAI-format backend next in the chain that takes it."""
+    image = pb.ContentPart(image=pb.ImagePart(data=png(width, height), media_type="image/png"))
+    request = pb.CompleteRequest(messages=[pb.Message(role=pb.ROLE_USER, parts=[image] * count)])
+    answer = await stub.Complete(request, timeout=10)
+    refused = answer.attempts[0]
+    assert (refused.backend, refused.outcome, answer.backend) == ("anthropic", pb.ATTEMPT_OUTCOME_REJECTED, "ollama")
+    assert f"Anthropic takes an image of at most {8000 if count == 1 else 2000}px a side" in refused.error
+    assert f"(this one: {width}x{height})" in refused.error
     assert claude.chat_requests == []

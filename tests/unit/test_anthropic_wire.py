@@ -276,13 +276,13 @@ def test_tool_choice(
 @pytest.mark.parametrize(
     ("effort", "max_tokens", "thinking", "sent_max_tokens"),
     [
-        ("minimal", None, {"type": "enabled", "budget_tokens": 1024}, 1000 + 1024),
-        ("low", None, {"type": "enabled", "budget_tokens": 4096}, 1000 + 4096),
-        ("medium", None, {"type": "enabled", "budget_tokens": 8192}, 1000 + 8192),
-        ("high", None, {"type": "enabled", "budget_tokens": 16384}, 1000 + 16384),
-        ("high", 20000, {"type": "enabled", "budget_tokens": 16384}, 20000),
-        ("high", 5000, {"type": "enabled", "budget_tokens": 4999}, 5000),
-        ("low", 1025, {"type": "enabled", "budget_tokens": 1024}, 1025),
+        ("minimal", None, {"type": "enabled", "budget_tokens": 1024, "display": "summarized"}, 1000 + 1024),
+        ("low", None, {"type": "enabled", "budget_tokens": 4096, "display": "summarized"}, 1000 + 4096),
+        ("medium", None, {"type": "enabled", "budget_tokens": 8192, "display": "summarized"}, 1000 + 8192),
+        ("high", None, {"type": "enabled", "budget_tokens": 16384, "display": "summarized"}, 1000 + 16384),
+        ("high", 20000, {"type": "enabled", "budget_tokens": 16384, "display": "summarized"}, 20000),
+        ("high", 5000, {"type": "enabled", "budget_tokens": 4999, "display": "summarized"}, 5000),
+        ("low", 1025, {"type": "enabled", "budget_tokens": 1024, "display": "summarized"}, 1025),
         ("low", 1024, None, 1024),
         # No reasoning said outright: a model that thinks by default would otherwise think.
         ("none", None, {"type": "disabled"}, 1000),
@@ -311,7 +311,7 @@ def test_reasoning_effort_as_adaptive_thinking(
 ) -> None:
     result = body(CompletionOptions(reasoning_effort=effort, max_tokens=max_tokens), thinking=ADAPTIVE)
     assert (result["thinking"], result["output_config"], result["max_tokens"]) == (
-        {"type": "adaptive"},
+        {"type": "adaptive", "display": "summarized"},
         {"effort": sent},
         sent_max_tokens,
     )
@@ -902,3 +902,18 @@ YES, NO = {"supported": True}, {"supported": False}
 def test_the_models_that_take_no_budget(capabilities: dict[str, Any] | None, adaptive: bool) -> None:
     # As the SDK builds a page of /v1/models: without validation, so with whatever the server listed.
     assert _takes_no_budget(ModelInfo.construct(id="m", capabilities=capabilities)) is adaptive
+
+
+def test_an_image_over_five_mb_in_base64_is_not_sent() -> None:
+    """The API refuses it (400 "image exceeds 5 MB maximum"): the caller's mistake, where another backend takes it.
+    The bound is of the base64 the request carries: 3.75 MiB of bytes and no more."""
+    within = b"\x89PNG\r\n\x1a\n" + b"\0" * (3 * 1024 * 1024 * 5 // 4 - 8)
+    over = within + b"\0"
+    for data, refused in ((within, False), (over, True)):
+        image = ImagePart(data=data, media_type="image/png")
+        messages = (Message(Role.USER, parts=(TextPart("look"), image)),)
+        if refused:
+            with pytest.raises(aw.UnmappableRequestError, match=r"messages\[0\]\.parts\[1\]\.image: .* at most 5 MB"):
+                body(messages=messages)
+        else:
+            assert body(messages=messages)["messages"][0]["content"][1]["type"] == "image"

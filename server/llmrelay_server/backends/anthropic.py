@@ -67,6 +67,8 @@ MAX_MODEL_PAGES = 10
 """The most pages of the models list a probe reads (of 1000 models each: the API lists a few dozen)."""
 # "prompt is too long: 208656 tokens > 200000 maximum", an invalid_request_error.
 _PROMPT_TOO_LONG = re.compile(r"prompt is too long", re.IGNORECASE)
+_NO_CREDITS = re.compile(r"credit balance is too low", re.IGNORECASE)
+"""The API's words for an account out of credits, which it sends as a 400 invalid_request_error, not a 402."""
 
 
 class AnthropicProvider(UpstreamProvider[anthropic.APIError]):
@@ -310,7 +312,11 @@ def _kind(status: int, error_type: str | None, error_code: str | None, message: 
     """The kind of an Anthropic error, from its HTTP status (or the one its type comes with), type and code."""
     # Our account cannot pay (billing, a spend limit reached), as a 402 is (`kind_of_status`): another backend may
     # serve, retrying cannot help.
-    if error_type == "billing_error" or (error_code or "").endswith("spend_limit_reached"):
+    if (
+        error_type == "billing_error"
+        or (error_code or "").endswith("spend_limit_reached")
+        or _NO_CREDITS.search(message or "")
+    ):
         return UpstreamErrorKind.AUTH_FAILED
     if status in (400, 413) and _PROMPT_TOO_LONG.search(message or ""):
         return UpstreamErrorKind.CONTEXT_LENGTH_EXCEEDED

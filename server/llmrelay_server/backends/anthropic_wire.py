@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
+from llmrelay_server import images
 from llmrelay_server.backends.wire import (
     MAX_TOOL_CALLS,
     ErrorAnswer,
@@ -98,6 +99,7 @@ def request_body(
     """The JSON body for /v1/messages. `adaptive_thinking`: the model takes reasoning_effort as adaptive thinking's
     effort rather than as a budget. Options the API has no parameter for are left out (docs/openai-anthropic.md)."""
     options = request.options
+    _check_images(request.messages)
     body = prompt_body(model, request.messages, options.tools)
     body["max_tokens"] = default_max_tokens if options.max_tokens is None else options.max_tokens
     output: dict[str, Any] = {}
@@ -122,15 +124,18 @@ def request_body(
             # The answer keeps its default room; the thinking gets its budget on top (adaptive thinking too, which
             # thinks within max_tokens: else a high effort's thinking left the answer little of the default).
             body["max_tokens"] = default_max_tokens + budget
+        # Summarized, said outright: newer models (Opus 4.7 on) omit the thinking's text unless asked, so a caller
+        # that asked for reasoning got none, and a stream sent nothing while the model thought, which the gateway's
+        # first-chunk and idle timeouts took for a silent backend.
         if adaptive_thinking:
-            body["thinking"] = {"type": "adaptive"}
+            body["thinking"] = {"type": "adaptive", "display": "summarized"}
             output["effort"] = ADAPTIVE_EFFORTS[effort]
         else:
             if options.max_tokens is not None:
                 # The caller's max_tokens bounds thinking and answer together, as OpenAI's does for reasoning models.
                 budget = min(budget, options.max_tokens - 1)
             if budget >= MIN_THINKING_BUDGET:
-                body["thinking"] = {"type": "enabled", "budget_tokens": budget}
+                body["thinking"] = {"type": "enabled", "budget_tokens": budget, "display": "summarized"}
     if options.stop:
         if not all(stop.strip() for stop in options.stop):
             # The API refuses one (400 "each stop sequence must contain non-whitespace"); the OpenAI format takes it.
@@ -219,6 +224,40 @@ def _content_blocks(message: Message) -> list[dict[str, Any]]:
         else:
             blocks.append(_image(part))
     return blocks
+
+
+# What the API takes of an image (400s otherwise): 5 MB of base64 ("image exceeds 5 MB maximum"), and 8000px a side
+# ("At least one of the image dimensions exceed max allowed size"), or 2000px in a request of more than 20 images.
+MAX_IMAGE_BASE64_BYTES: Final = 5 * 1024 * 1024
+MAX_IMAGE_SIDE_PX: Final = 8000
+MANY_IMAGES: Final = 20
+MAX_IMAGE_SIDE_OF_MANY_PX: Final = 2000
+
+
+def _check_images(messages: Sequence[Message]) -> None:
+    """UnmappableRequestError for an image the API refuses by its size (a 400 that ended the call as the caller's
+    mistake, where an OpenAI-format backend next in the chain would take it): over 5 MB in base64, or a side over
+    8000px (2000px in a request of more than 20 images)."""
+    found = [
+        (f"messages[{i}].parts[{j}].image", part)
+        for i, message in enumerate(messages)
+        for j, part in enumerate(message.parts)
+        if isinstance(part, ImagePart) and part.data is not None
+    ]
+    most_px = MAX_IMAGE_SIDE_OF_MANY_PX if len(found) > MANY_IMAGES else MAX_IMAGE_SIDE_PX
+    for where, part in found:
+        assert part.data is not None  # as found
+        if (encoded := -(-len(part.data) // 3) * 4) > MAX_IMAGE_BASE64_BYTES:
+            raise UnmappableRequestError(
+                f"{where}: Anthropic takes an image of at most 5 MB in base64 (this one: {encoded} bytes)"
+            )
+        size = images.dimensions(part.data)
+        if size is not None and max(size) > most_px:
+            raise UnmappableRequestError(
+                f"{where}: Anthropic takes an image of at most {most_px}px a side"
+                + (f" in a request of more than {MANY_IMAGES} images" if most_px == MAX_IMAGE_SIDE_OF_MANY_PX else "")
+                + f" (this one: {size[0]}x{size[1]})"
+            )
 
 
 def _image(part: ImagePart) -> dict[str, Any]:
