@@ -1178,3 +1178,17 @@ async def test_an_image_anthropic_refuses_by_its_size_goes_to_the_next_backend(
     assert f"Anthropic takes an image of at most {8000 if count == 1 else 2000}px a side" in refused.error
     assert f"(this one: {width}x{height})" in refused.error
     assert claude.chat_requests == []
+
+
+async def test_a_chat_with_an_image_anthropic_refuses_by_its_size_is_counted_offline(
+    stub: pb.LLMServiceAsyncStub, claude: FakeAnthropic, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The count endpoint refuses it as the Messages API does (a 400), which was logged as the backend's counts
+    failing: the caller's image, not the server's trouble."""
+    image = pb.ContentPart(image=pb.ImagePart(data=png(8001, 10), media_type="image/png"))
+    count = await stub.CountTokens(
+        pb.CountTokensRequest(model="claude-test", messages=[pb.Message(role=pb.ROLE_USER, parts=[image])]), timeout=5
+    )
+    assert count.estimated and count.encoding != "backend:anthropic"
+    assert claude.count_requests == []
+    assert "could not count tokens" not in caplog.text

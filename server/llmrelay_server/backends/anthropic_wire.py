@@ -99,7 +99,6 @@ def request_body(
     """The JSON body for /v1/messages. `adaptive_thinking`: the model takes reasoning_effort as adaptive thinking's
     effort rather than as a budget. Options the API has no parameter for are left out (docs/openai-anthropic.md)."""
     options = request.options
-    _check_images(request.messages)
     body = prompt_body(model, request.messages, options.tools)
     body["max_tokens"] = default_max_tokens if options.max_tokens is None else options.max_tokens
     output: dict[str, Any] = {}
@@ -167,6 +166,7 @@ def _in_unthought_tool_cycle(turns: Sequence[Mapping[str, Any]]) -> bool:
 def prompt_body(model: str, messages: Sequence[Message], tools: Sequence[Tool]) -> dict[str, Any]:
     """What makes the prompt: model, system, messages and tools; also the body of /v1/messages/count_tokens. The
     caller's JSON texts in it are JsonTexts, for `wire.encode` to write as they came."""
+    _check_images(messages)
     system: list[dict[str, Any]] = []
     turns: list[dict[str, Any]] = []
     ids = _ToolUseIds()
