@@ -239,19 +239,18 @@ def _check_images(messages: Sequence[Message]) -> None:
     mistake, where an OpenAI-format backend next in the chain would take it): over 5 MB in base64, or a side over
     8000px (2000px in a request of more than 20 images)."""
     found = [
-        (f"messages[{i}].parts[{j}].image", part)
+        (f"messages[{i}].parts[{j}].image", part.data)
         for i, message in enumerate(messages)
         for j, part in enumerate(message.parts)
         if isinstance(part, ImagePart) and part.data is not None
     ]
     most_px = MAX_IMAGE_SIDE_OF_MANY_PX if len(found) > MANY_IMAGES else MAX_IMAGE_SIDE_PX
-    for where, part in found:
-        assert part.data is not None  # as found
-        if (encoded := -(-len(part.data) // 3) * 4) > MAX_IMAGE_BASE64_BYTES:
+    for where, data in found:
+        if (encoded := -(-len(data) // 3) * 4) > MAX_IMAGE_BASE64_BYTES:
             raise UnmappableRequestError(
                 f"{where}: Anthropic takes an image of at most 5 MB in base64 (this one: {encoded} bytes)"
             )
-        size = images.dimensions(part.data)
+        size = images.dimensions(data)
         if size is not None and max(size) > most_px:
             raise UnmappableRequestError(
                 f"{where}: Anthropic takes an image of at most {most_px}px a side"

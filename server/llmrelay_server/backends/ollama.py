@@ -79,10 +79,12 @@ def _tool_choice_refused(request: CompletionRequest) -> str | None:
     """Why Ollama's /v1, which has no tool_choice, cannot keep the request's: a tool the model must call."""
     choice = request.options.tool_choice
     if isinstance(choice, NamedToolChoice):
-        return f"options.tool_choice: Ollama cannot be made to call a tool ({choice.name})"
-    if choice == "required":
-        return "options.tool_choice: Ollama cannot be made to call a tool (required)"
-    return None
+        forced = choice.name
+    elif choice == "required":
+        forced = "required"
+    else:
+        return None
+    return f"options.tool_choice: Ollama cannot be made to call a tool ({forced})"
 
 
 def _image_refused(request: CompletionRequest) -> str | None:
