@@ -590,6 +590,30 @@ async def test_a_table_dropped_by_hand_is_made_anew_and_the_records_since_reach_
     assert any(entry["level"] == "WARNING" and "lost its table usage_buckets" in entry["msg"] for entry in said), said
 
 
+async def test_a_table_of_the_ledgers_name_and_another_shape_is_refused_and_left_as_it_was(
+    database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another application's, in a database shared with it: CREATE TABLE IF NOT EXISTS took it, the schema was
+    recorded as made and the ledger healthy, and every write failed for ever on PostgreSQL's words about a column."""
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        connection.execute("CREATE TABLE usage_buckets (backend TEXT, model TEXT, caller TEXT, bucket_start BIGINT)")
+    ledger = UsageLedger(database_url, journal_dir=tmp_path / "journal", flush_interval_s=0.05)
+    try:
+        await ledger.start()
+        ledger.record("b", "m", "c", TokenUsage(1, 1), at=T0)
+        with pytest.raises(UsageUnavailableError):
+            await ledger.query()
+        await wait_until(lambda: not ledger.health().available)  # its write failed too
+    finally:
+        await ledger.aclose()
+    said = "its table usage_buckets is not the usage ledger's (it lacks the ledger's columns completion_tokens,"
+    assert said in caplog.text and "give the ledger a database (or schema) of its own" in caplog.text, caplog.text
+    assert sql(database_url, "SELECT to_regclass('schema_version'), to_regclass('usage_buckets_by_start')") == [
+        (None, None)
+    ]
+    assert journaled_lines(tmp_path / "journal") == 1  # kept for the ledger's own database
+
+
 async def test_a_password_given_as_any_parameter_never_shows(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """libpq's `sslpassword` (its client key's passphrase) is a password as much as `password` is: the ledger's
     health (which Health answers without a key) and its log leave both out."""

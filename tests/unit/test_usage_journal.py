@@ -543,6 +543,68 @@ async def test_a_database_from_before_migrations_is_migrated_with_its_rows(
         assert connection.execute("SELECT COUNT(*) FROM schema_version").fetchone() == (4,)
 
 
+@pytest.mark.parametrize(("table", "requests_after"), [("usage_buckets", 1), ("applied_batches", 2)])
+async def test_a_table_dropped_by_hand_is_made_anew_and_the_records_since_reach_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, table: str, requests_after: int
+) -> None:
+    """schema_version still said the schema was made: every write failed for ever, restarts included, as an outage
+    that would pass, the journal filling up to its bound. The table is made anew, empty, and says so."""
+    path = tmp_path / "usage.db"
+    ledger = UsageLedger(path, flush_interval_s=0.01)
+    await ledger.start()
+    try:
+        ledger.record("b", "m", "c", TokenUsage(1, 1))
+        await wait_until(lambda: requests_on_disk(path) == 1)
+        with contextlib.closing(sqlite3.connect(path)) as connection:
+            connection.execute(f"DROP TABLE {table}")
+        ledger.record("b", "m", "c", TokenUsage(2, 2))
+        await wait_until(lambda: f"had lost its table {table} (dropped?): made anew" in caplog.text)
+        await wait_until(lambda: requests_on_disk(path) == requests_after)
+        assert [t.requests for t in await ledger.query()] == [requests_after]
+    finally:
+        await ledger.aclose()
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute(f"DROP TABLE {table}")  # dropped while no gateway runs: made anew at the next start
+    assert [t.requests for t in await query_once(path)] == ([] if table == "usage_buckets" else [requests_after])
+
+
+async def test_tables_of_todays_shape_without_their_schema_version_are_taken_as_they_are(tmp_path: Path) -> None:
+    """Copied out of another file (`.dump usage_buckets applied_batches`): migration 2 dropped a column the table no
+    longer had, and the start was refused with SQLite's "no such column: total_tokens"."""
+    original, copy = tmp_path / "original.db", tmp_path / "copy.db"
+    ledger = UsageLedger(original)
+    ledger.record("b", "m", "c", TokenUsage(3, 4), at=T0)
+    await ledger.aclose()
+    with contextlib.closing(sqlite3.connect(original)) as source, contextlib.closing(sqlite3.connect(copy)) as target:
+        for (statement,) in source.execute("SELECT sql FROM sqlite_master WHERE name != 'schema_version'"):
+            target.execute(statement)
+        target.executemany(
+            "INSERT INTO usage_buckets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            source.execute("SELECT * FROM usage_buckets"),
+        )
+        target.commit()
+    assert await query_once(copy) == [UsageTotals("b", "m", "c", 1, 3, 4, 7, 0)]
+
+
+async def test_a_table_of_the_ledgers_name_and_another_shape_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    """Another application's, in a file given as the ledger's: its columns were added to it, the schema recorded
+    as made, and every write failed on SQLite's words about one column."""
+    path = tmp_path / "theirs.db"
+    made = "CREATE TABLE usage_buckets (backend TEXT, model TEXT, caller TEXT, bucket_start INTEGER, tokens INTEGER)"
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute(made)
+    with pytest.raises(LedgerUnavailableError) as refused:
+        UsageLedger(path)
+    assert str(refused.value) == (
+        f"SQLite {path}: its table usage_buckets is not the usage ledger's (it lacks the ledger's columns"
+        " completion_tokens, cost_estimated_requests, cost_usd_micros, estimated_requests, interrupted_requests,"
+        " price_unknown_requests, prompt_tokens, requests; it has columns the ledger's has not: tokens): give the"
+        " ledger a database (or schema) of its own"
+    )
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        assert connection.execute("SELECT name, sql FROM sqlite_master").fetchall() == [("usage_buckets", made)]
+
+
 def _after_estimated(totals: UsageTotals) -> tuple[int, ...]:
     return (
         totals.estimated_requests,

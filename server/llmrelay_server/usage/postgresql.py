@@ -56,12 +56,14 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from llmrelay_server.usage.store import (
     COUNT_COLUMNS,
     DAY_S,
+    TABLE_COLUMNS,
     BatchId,
     Buckets,
     LedgerUnavailableError,
     Selection,
     Snapshot,
     mark_applied_statement,
+    not_the_ledgers,
     oldest_finer_statement,
     roll_up_statement,
     upsert_statement,
@@ -110,7 +112,7 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
 )
 """Migration n runs _MIGRATIONS[n - 1]'s statements; append, never change one that has shipped. Each must be
 idempotent (IF NOT EXISTS): all run again when a table of `_TABLES` is missing."""
-_TABLES: Final = ("usage_buckets", "applied_batches")
+_TABLES: Final = tuple(TABLE_COLUMNS)
 """The tables of the latest schema. One dropped by hand while schema_version stays would fail every write for ever,
 restarts included, and no message would say what to do: the migrations are run again and make it anew, empty."""
 
@@ -494,6 +496,14 @@ async def _migrate(connection: _Connection, description: str) -> None:
                 await connection.execute(statement)
             if version > current:
                 await connection.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+        for table in _TABLES:  # made now, or found made: by these migrations, or by another application?
+            found = await connection.execute(
+                "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
+                (table,),
+            )
+            if (columns := {row[0] for row in await found.fetchall()}) != TABLE_COLUMNS[table]:
+                # The transaction undone: no version recorded, nothing left made in the other's table.
+                raise not_the_ledgers(table, columns, description)
         if missing:
             _log.warning(
                 "usage ledger: %s had lost its table %s (dropped?): made anew, empty; the usage it held is gone from"

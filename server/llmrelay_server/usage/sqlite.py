@@ -7,7 +7,9 @@ for the next try.
 
 The schema is made by numbered migrations, each recorded in ``schema_version``, under the write lock, so that
 processes starting together on a new file do not race. A file made before ``schema_version`` existed starts at
-migration 1, which brings its table to the form the first versions left it in.
+migration 1, which brings its table to the form the first versions left it in. Each migration is idempotent: all run
+again when a table of the latest schema is missing (dropped by hand), and a file of today's shape without
+``schema_version`` (its tables copied out of another file) takes them as a new file does.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -26,12 +29,14 @@ from llmrelay_server.usage.store import (
     COUNT_COLUMNS,
     DAY_S,
     PRIVATE_FILE_MODE,
+    TABLE_COLUMNS,
     BatchId,
     Buckets,
     LedgerUnavailableError,
     Selection,
     Snapshot,
     mark_applied_statement,
+    not_the_ledgers,
     oldest_finer_statement,
     roll_up_statement,
     upsert_statement,
@@ -40,6 +45,7 @@ from llmrelay_server.usage.store import (
 MEMORY: Final = ":memory:"
 
 _T = TypeVar("_T")
+_log = logging.getLogger(__name__)
 
 # As the first versions made it; the four columns after estimated_requests came later, with zeros for old rows.
 _FIRST_TABLE: Final = """
@@ -62,7 +68,7 @@ _LATER_COLUMNS: Final = ("interrupted_requests", "cost_usd_micros", "cost_estima
 def _first_table(connection: sqlite3.Connection) -> None:
     """The table as the versions before migrations left it: made if missing, its later columns added if missing."""
     connection.execute(_FIRST_TABLE)
-    present = {row[1] for row in connection.execute("PRAGMA table_info(usage_buckets)")}
+    present = _columns(connection, "usage_buckets")
     for column in _LATER_COLUMNS:
         if column not in present:
             connection.execute(f"ALTER TABLE usage_buckets ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
@@ -70,6 +76,8 @@ def _first_table(connection: sqlite3.Connection) -> None:
 
 def _drop_total_tokens(connection: sqlite3.Connection) -> None:
     """Total tokens are prompt + completion: a stored copy can only disagree."""
+    if "total_tokens" not in _columns(connection, "usage_buckets"):
+        return
     if sqlite3.sqlite_version_info < (3, 35):
         raise LedgerUnavailableError(
             f"the usage ledger needs SQLite 3.35 or later (DROP COLUMN); this Python has {sqlite3.sqlite_version}"
@@ -79,13 +87,14 @@ def _drop_total_tokens(connection: sqlite3.Connection) -> None:
 
 def _applied_batches(connection: sqlite3.Connection) -> None:
     connection.execute(
-        "CREATE TABLE applied_batches (journal TEXT PRIMARY KEY, last_batch INTEGER NOT NULL) WITHOUT ROWID"
+        "CREATE TABLE IF NOT EXISTS applied_batches"
+        " (journal TEXT PRIMARY KEY, last_batch INTEGER NOT NULL) WITHOUT ROWID"
     )
 
 
 def _index_by_start(connection: sqlite3.Connection) -> None:
     """For a window's rows, and the oldest rows to roll up into their day, without reading the whole table."""
-    connection.execute("CREATE INDEX usage_buckets_by_start ON usage_buckets (bucket_start)")
+    connection.execute("CREATE INDEX IF NOT EXISTS usage_buckets_by_start ON usage_buckets (bucket_start)")
 
 
 _MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
@@ -94,7 +103,8 @@ _MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
     _applied_batches,
     _index_by_start,
 )
-"""Migration n is _MIGRATIONS[n - 1]; append, never change one that has shipped."""
+"""Migration n is _MIGRATIONS[n - 1]; append, never change what one makes of the file it was written for. Each must be
+idempotent: all run again when a table of the latest schema is missing."""
 
 _UPSERT: Final = upsert_statement("?")
 _MARK_APPLIED: Final = mark_applied_statement("?")
@@ -116,6 +126,7 @@ class SQLiteStore:
         self._path = str(path)
         self._busy_timeout_s = busy_timeout_s
         self._connection: sqlite3.Connection | None = None
+        self._migrated = True
         try:
             self._connection = _open(self._path, busy_timeout_s)
         except sqlite3.OperationalError as exc:
@@ -133,7 +144,7 @@ class SQLiteStore:
 
     @property
     def description(self) -> str:
-        return "SQLite in memory" if self._path == MEMORY else f"SQLite {self._path}"
+        return _described(self._path)
 
     async def check(self) -> None:
         await self._run(
@@ -169,6 +180,8 @@ class SQLiteStore:
                 await _until_done(running)
                 raise
             except sqlite3.Error as exc:
+                if "no such table" in str(exc):
+                    self._migrated = False  # a table dropped by hand: the next use makes it anew
                 raise LedgerUnavailableError(f"{self.description}: {exc}") from exc
 
     def _on_the_file(self, work: Callable[[], _T]) -> _T:
@@ -186,9 +199,12 @@ class SQLiteStore:
 
     def _opened(self) -> sqlite3.Connection:
         """The store's connection (in the thread of a use, under the lock), made now where the file was locked when
-        the store was made."""
+        the store was made; migrated again after a use found a table missing."""
         if self._connection is None:
             self._connection = _open(self._path, self._busy_timeout_s)
+        elif not self._migrated:
+            _migrate(self._connection, self.description)
+        self._migrated = True
         return self._connection
 
     def _apply(self, batch: BatchId, buckets: Buckets) -> bool:
@@ -278,11 +294,15 @@ def _open(path: str, busy_timeout_s: float) -> sqlite3.Connection:
         # In WAL mode NORMAL survives a process crash (committed transactions are in the WAL); only power loss can
         # undo the newest ones, which is not worth an fsync per flush.
         connection.execute("PRAGMA synchronous=NORMAL")
-        _migrate(connection)
+        _migrate(connection, _described(path))
     except BaseException:
         connection.close()
         raise
     return connection
+
+
+def _described(path: str) -> str:
+    return "SQLite in memory" if path == MEMORY else f"SQLite {path}"
 
 
 def _locked(error: sqlite3.OperationalError) -> bool:
@@ -305,7 +325,7 @@ def _use_wal(connection: sqlite3.Connection, busy_timeout_s: float) -> None:
             time.sleep(0.01)
 
 
-def _migrate(connection: sqlite3.Connection) -> None:
+def _migrate(connection: sqlite3.Connection, where: str) -> None:
     connection.execute("BEGIN IMMEDIATE")  # the write lock: one process migrates, the others then find it done
     try:
         connection.execute(
@@ -318,10 +338,31 @@ def _migrate(connection: sqlite3.Connection) -> None:
                 f"the usage ledger's schema is version {current}, newer than this gateway knows"
                 f" ({len(_MIGRATIONS)}): run the newer llmrelay-server, or give this one a ledger of its own"
             )
-        for version in range(current + 1, len(_MIGRATIONS) + 1):
+        # One dropped by hand while schema_version stays failed every write for ever, restarts included, as an outage
+        # that would pass: made anew, empty.
+        found = {table: _columns(connection, table) for table in TABLE_COLUMNS}
+        missing = [table for table, columns in found.items() if current > 0 and not columns]
+        for version in range(1 if missing else current + 1, len(_MIGRATIONS) + 1):
             _MIGRATIONS[version - 1](connection)
-            connection.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+            if version > current:
+                connection.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+        for table, columns in found.items():
+            if _columns(connection, table) != TABLE_COLUMNS[table]:
+                # The transaction undone: no version recorded, no column left added to the other's table.
+                raise not_the_ledgers(table, columns, where)
         connection.commit()
     except BaseException:
         connection.rollback()
         raise
+    if missing:
+        _log.warning(
+            "usage ledger: %s had lost its table %s (dropped?): made anew, empty; the usage it held is gone from the"
+            " file, the records not yet written are written to it",
+            where,
+            " and ".join(missing),
+        )
+
+
+def _columns(connection: sqlite3.Connection, table: str) -> set[str]:
+    """The table's columns; none where there is no such table."""
+    return {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}

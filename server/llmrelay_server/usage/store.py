@@ -28,6 +28,11 @@ COUNT_COLUMNS: Final = (
     "price_unknown_requests",
 )
 """What a bucket counts, in this order wherever counts are a list; total tokens are prompt + completion."""
+TABLE_COLUMNS: Final = {
+    "usage_buckets": frozenset(("backend", "model", "caller", "bucket_start", *COUNT_COLUMNS)),
+    "applied_batches": frozenset(("journal", "last_batch")),
+}
+"""The tables of the latest schema, and their columns."""
 DAY_S: Final = 86_400
 PRIVATE_FILE_MODE: Final = 0o600
 """Of the files that hold usage (the journal, a SQLite database): who called what, and what it cost."""
@@ -85,6 +90,20 @@ Totals = dict[TotalsKey, list[int]]
 
 class LedgerUnavailableError(RuntimeError):
     """The ledger's database cannot be read or written now; the message names it (never with its password)."""
+
+
+def not_the_ledgers(table: str, columns: Collection[str], where: str) -> LedgerUnavailableError:
+    """The error for a table of the ledger's name that its migrations did not make, found with these columns
+    (another application's, in a database shared with it; a copy of another shape): every write failed on it for
+    ever, with only the database's own words about one column to go by."""
+    expected = TABLE_COLUMNS[table]
+    lacking, more = sorted(expected.difference(columns)), sorted(set(columns).difference(expected))
+    differences = [f"lacks the ledger's columns {', '.join(lacking)}"] if lacking else []
+    differences += [f"has columns the ledger's has not: {', '.join(more)}"] if more else []
+    return LedgerUnavailableError(
+        f"{where}: its table {table} is not the usage ledger's (it {'; it '.join(differences)}): give the ledger"
+        " a database (or schema) of its own"
+    )
 
 
 @dataclass(frozen=True, slots=True)
