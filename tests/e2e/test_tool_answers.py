@@ -203,6 +203,38 @@ async def test_a_call_whose_arguments_are_null_has_none_alike_whole_or_streamed(
     assert [(c.id, c.function.name, c.function.arguments) for c in answer.message.tool_calls] == [("a", "weather", "")]
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_call_of_no_function_in_the_finishing_event_fails_the_attempt_alike_whole_or_streamed(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, streamed: bool
+) -> None:
+    """A call sent whole with the finish reason, in one event (as Gemini's OpenAI-compatible API sends them), named as
+    no function can be: the stream counted as whole at its finish, and ended TOOL_CALLS without the call, the event's
+    text and the upstream's usage lost, where Complete's same answer went to the next backend."""
+    call = {"index": 0, "id": "a", "type": "function", "function": {"name": "default_api:weather", "arguments": "{}"}}
+    reply = {"role": "assistant", "content": "Looking it up.", "tool_calls": [call]}
+    head = {"id": "chatcmpl-1", "created": 0, "model": "gpt-test"}
+    if streamed:
+        finishing = head | {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": reply}]}
+        finishing["choices"][0]["finish_reason"] = "tool_calls"
+        usage = head | {"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+        primary.inject(_sse([f"data: {json.dumps(finishing)}", f"data: {json.dumps(usage)}", "data: [DONE]"]))
+    else:
+        whole = {
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": reply, "finish_reason": "tool_calls"}],
+        }
+        primary.inject({"body": json.dumps(head | whole)})
+
+    answer = await answer_of(stub, streamed)
+
+    assert (answer.backend, answer.finish_reason, len(answer.message.tool_calls)) == (
+        "ollama",
+        pb.FINISH_REASON_STOP,
+        0,
+    )
+    assert "'default_api:weather' is no function's" in answer.attempts[0].error, answer.attempts[0].error
+
+
 @pytest.fixture
 async def gemini() -> AsyncIterator[FakeUpstream]:
     """An upstream that signs its tool calls and wants the signatures back, as Gemini 3's OpenAI-compatible API."""

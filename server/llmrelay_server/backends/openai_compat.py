@@ -143,7 +143,7 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
         tool_calls = wire.StreamToolCalls(tool.name for tool in request.options.tools)
 
         def chunk_of(line: str) -> CompletionChunk | None:
-            nonlocal completion_id, served_model, named, finish, usage, done, settled, refused, events, stray
+            nonlocal completion_id, served_model, named, finish, usage, done, settled, events, stray
             payload = wire.sse_data(line)
             if payload is None:
                 if (error := wire.sse_error_field(line)) is not None:
@@ -168,20 +168,27 @@ class OpenAICompatibleProvider(UpstreamProvider[openai.APIError]):
             # OpenAI sends "usage": null in every event before the last when asked to include usage.
             reported = wire.usage_from(data) if data.get("usage") is not None else None
             usage = reported or usage
-            # Truthy, not just present: Ollama's /v1 and sglang have sent "" in every event before the last, which
-            # taken for a finish made a cut stream whole, and a running usage count the end of the answer.
-            if choice is not None and choice.get("finish_reason"):
-                self._check_finished(choice["finish_reason"])
-                finish = wire.finish_reason(choice["finish_reason"])
+            chunk = None
+            if choice is not None:
+                # Its delta read before its finish reason is taken: a malformed one (a call with a name no function
+                # has) fails the attempt, where after the finish the stream counted as whole, ended TOOL_CALLS without
+                # the call, and the event's text and the usage after it were lost.
+                if choice.get("delta"):
+                    chunk = delta_chunk(choice, data, payload)
+                # Truthy, not just present: Ollama's /v1 and sglang have sent "" in every event before the last, which
+                # taken for a finish made a cut stream whole, and a running usage count the end of the answer.
+                if choice.get("finish_reason"):
+                    self._check_finished(choice["finish_reason"])
+                    finish = wire.finish_reason(choice["finish_reason"])
             # Usage that comes with the finish reason or after it is the last an answer has (include_usage): it is
             # whole there, [DONE] or not (`relayed` waits a moment for the end, not the idle limit). Usage before the
             # finish reason may be a running count, as vLLM's continuous_usage_stats sends: not the end.
             settled = settled or (finish is not None and reported is not None)
-            if choice is None:
-                return None
-            delta = choice.get("delta")
-            if not delta:  # the finish reason's event, usually
-                return None
+            return chunk
+
+        def delta_chunk(choice: Mapping[str, Any], data: Any, payload: str) -> CompletionChunk | None:
+            nonlocal refused
+            delta = choice["delta"]
             content = delta.get("content")
             reasoning = None
             if "reasoning" in delta or "reasoning_content" in delta:
