@@ -204,6 +204,23 @@ async def test_a_call_whose_arguments_are_null_has_none_alike_whole_or_streamed(
 
 
 @pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("primary", ["anthropic"], indirect=True)
+async def test_a_tool_use_whose_input_is_null_has_no_arguments_alike_whole_or_streamed(
+    stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, streamed: bool
+) -> None:
+    # Streamed, the call had "{}"; whole, the answer was malformed and went to the next backend.
+    called = [{"id": "a", "name": "weather", "arguments": None}]
+    primary.inject(answering("anthropic", called, streamed=streamed, objects=True))
+
+    answer = await answer_of(stub, streamed)
+
+    assert answer.backend == "anthropic", [a.error for a in answer.attempts]
+    assert [(c.id, c.function.name, c.function.arguments) for c in answer.message.tool_calls] == [
+        ("a", "weather", "{}")
+    ]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
 async def test_a_call_of_no_function_in_the_finishing_event_fails_the_attempt_alike_whole_or_streamed(
     stub: pb.LLMServiceAsyncStub, primary: FakeUpstream, streamed: bool
 ) -> None:

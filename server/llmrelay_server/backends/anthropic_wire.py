@@ -462,14 +462,22 @@ def reasoning_signature(signatures: Sequence[str]) -> str | None:
 
 
 def _tool_call(block: Mapping[str, Any]) -> ToolCall:
-    arguments = block.get("input", {})
-    if not isinstance(arguments, dict):
-        raise MalformedAnswerError("a tool_use block's `input` is not an object")
+    arguments = _tool_input(block)
     return ToolCall(
         id=tool_call_id(block.get("id"), "tool_use.id"),
         name=tool_name(block.get("name"), "tool_use.name"),
         arguments=arguments_json(arguments),
     )
+
+
+def _tool_input(block: Mapping[str, Any]) -> dict[str, Any]:
+    """A tool_use block's input, the same whole or streamed: none (absent or null) is no arguments."""
+    arguments = block.get("input")
+    if arguments is None:
+        return {}
+    if not isinstance(arguments, dict):
+        raise MalformedAnswerError("a tool_use block's `input` is not an object")
+    return arguments
 
 
 def finish_reason(value: Any) -> FinishReason:
@@ -631,10 +639,8 @@ class StreamState:
             position = self._tools[index] = len(self._tools)
             call_id = own_call_id(tool_call_id(block.get("id"), "tool_use.id"), self._call_ids)
             name = tool_name(block.get("name"), "tool_use.name")
-            start_input = block.get("input")
-            self._unargued[index] = (
-                arguments_json(start_input) if isinstance(start_input, dict) and start_input else "{}"
-            )
+            start_input = _tool_input(block)
+            self._unargued[index] = arguments_json(start_input) if start_input else "{}"
             return StreamDelta(tool_calls=(ToolCallDelta(position, id=call_id, name=name, arguments=""),))
         if kind in ("server_tool_use", "mcp_tool_use"):
             self._server_tools.add(index)
