@@ -6,7 +6,8 @@ are deterministic: the content is "echo: " + the last user message, streamed as 
 `encoding_format` asks.
 
 Faults are queued; each chat or embeddings request takes the next one. A fault is a dict:
-    {"status": 503, "retry_after": 2, "body": "..."}  an HTTP error (JSON error body unless "body" is given)
+    {"status": 503, "retry_after": 2, "body": "..."}  an HTTP error (JSON error body unless "body" is given; its
+                                                       "content_type" application/json unless given)
     {"status": 302, "location": "https://..."}         ... with a Location header (a redirect)
     {"stall_s": 5}                                     wait before answering (notices a client that leaves)
     {"drop": true}                                     close the connection without answering
@@ -313,7 +314,8 @@ class FakeUpstream:
                 headers["Location"] = fault["location"]
             error = {"error": {"message": f"fake upstream fault {fault['status']}", "type": "fault", "code": None}}
             if "body" in fault:
-                return await _send(writer, fault["status"], fault["body"].encode(), "application/json", headers)
+                content_type = fault.get("content_type", "application/json")
+                return await _send(writer, fault["status"], fault["body"].encode(), content_type, headers)
             return await _send_json(writer, fault["status"], error, headers)
         if "body" in fault and "event_gap_s" in fault:  # the body's events one at a time, as a stream sends them
             body = fault["body"].encode()

@@ -119,6 +119,11 @@ ROWS = [
     retried("503 retried then ok", {"status": 503}, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
     falls_back("503 twice falls back", [{"status": 503}] * 2, Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
     falls_back("500/502/504 fall back", [{"status": 500}, {"status": 504}], Outcome.ATTEMPT_OUTCOME_SERVER_ERROR),
+    falls_back(
+        "an error page in a charset that cannot read it falls back",  # httpx's `text` raised: INTERNAL, no fallback
+        [{"status": 502, "body": "<html>bad gateway</html>", "content_type": "text/html; charset=utf-16"}] * 2,
+        Outcome.ATTEMPT_OUTCOME_SERVER_ERROR,
+    ),
     retried("408 is a timeout, retried", {"status": 408}, Outcome.ATTEMPT_OUTCOME_TIMEOUT),
     retried(
         "429 with a short Retry-After is retried",

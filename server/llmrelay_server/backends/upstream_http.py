@@ -841,7 +841,7 @@ def error_body(response: httpx2.Response) -> tuple[Any, Any]:
     try:
         body: Any = decode_json(response.content)  # not json.loads: JSON nested past Python's stack is a RecursionError
     except ValueError:
-        body = response.text
+        body = _body_text(response)
     if isinstance(body, list) and len(body) == 1 and isinstance(body[0], dict):
         body = body[0]  # Gemini's: [{"error": {...}}]
     return body, body.get("error") if isinstance(body, dict) else None
@@ -858,7 +858,19 @@ def error_message(response: httpx2.Response, body: Any, detail: Any) -> str:
     if isinstance(body, dict) and isinstance(message := body.get("message"), str) and message:
         return message
     # As it came, never as a Python repr (JSON nested deeper than an encoder goes is still its text).
-    return response.text[:QUOTED_CHARS] or response.reason_phrase
+    return _body_text(response)[:QUOTED_CHARS] or response.reason_phrase
+
+
+def _body_text(response: httpx2.Response) -> str:
+    """An answer's body as text, in the charset it names where that decodes it, else as UTF-8 (what it cannot read
+    replaced). httpx's `text` decodes in the named charset even where no text can come of it: a codec that is no text
+    encoding (hex, rot13, idna) raises whatever it raises, utf-16 without its byte order mark a UnicodeError, and an
+    error page so named was an unexpected failure of the gateway (INTERNAL, with a traceback), no backend after it
+    tried."""
+    try:
+        return response.text
+    except Exception:  # any codec's failure: see above
+        return response.content.decode("utf-8", "replace")
 
 
 _USERINFO = re.compile(r"^([^/]*//)[^/]*@")
