@@ -325,6 +325,12 @@ def test_decode_json() -> None:
     assert wire.decode_json('{"é": "ü"}'.encode()) == {"é": "ü"}
 
 
+def test_decode_json_reads_past_a_byte_order_mark() -> None:
+    # Which .NET's UTF-8 writer puts first and RFC 8259 lets a reader ignore: every such answer was malformed.
+    assert wire.decode_json(b'\xef\xbb\xbf{"a": 1}') == {"a": 1}
+    assert wire.decode_json('\ufeff{"a": 1}') == {"a": 1}
+
+
 def test_whole_answers_keep_integers_beyond_64_bits_in_tool_calls() -> None:
     arguments = {"id": 2**70, "below": -(2**63) - 1, "ratio": 1.5, "n": 7}
     call = {"id": "c1", "function": {"name": "f", "arguments": arguments}}
@@ -343,6 +349,7 @@ def test_whole_answers_keep_integers_beyond_64_bits_in_tool_calls() -> None:
         # Python's own parser takes these; none is JSON, and a lone surrogate could not go out in a gRPC string.
         b'{"content": NaN}',
         b'{"content": "\\ud800"}',
+        b"\xef\xbb\xbf",
     ],
 )
 def test_decode_json_rejects_what_is_not_json(raw: bytes) -> None:

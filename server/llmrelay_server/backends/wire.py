@@ -9,6 +9,7 @@ definite error, and it skips building objects it would throw away on the hot pat
 from __future__ import annotations
 
 import base64
+import codecs
 import dataclasses
 import io
 import itertools
@@ -241,6 +242,12 @@ def decode_json(raw: bytes | str) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        # A byte order mark first (.NET's UTF-8 writer puts one), which JSON's readers may ignore (RFC 8259) and orjson
+        # refuses: looked for only here, after a failure, not in every event.
+        if isinstance(raw, bytes) and raw.startswith(codecs.BOM_UTF8):
+            return decode_json(raw[len(codecs.BOM_UTF8) :])
+        if isinstance(raw, str) and raw.startswith("\ufeff"):
+            return decode_json(raw[1:])
         if isinstance(raw, bytes):
             try:
                 raw.decode()
