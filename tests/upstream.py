@@ -144,7 +144,8 @@ class FakeUpstream:
     probe_delay_s: float = 0.0
     """How long each probe waits before it is answered, as a slow upstream's would."""
     models_answer: Any = None
-    """What GET /v1/models answers instead of the models list, when set (any JSON; bytes: as they are)."""
+    """What GET /v1/models answers instead of the models list, when set (any JSON; bytes: as they are); with
+    `models_status`, the JSON of its error."""
     models_status: int = 200
     """When not 200, GET /v1/models answers an error of this status (403: a key that may not list models)."""
     models_trickle_s: float = 0.0
@@ -233,7 +234,8 @@ class FakeUpstream:
         if route == ("GET", "/v1/models"):
             if self.models_status != 200:
                 refused = {"message": _MODELS_REFUSED, "type": "invalid_request_error", "code": None}
-                return await _send_json(writer, self.models_status, {"error": refused})
+                error = {"error": refused} if self.models_answer is None else self.models_answer
+                return await _send_json(writer, self.models_status, error)
             if isinstance(self.models_answer, bytes):
                 return await _send(writer, 200, self.models_answer, "application/json")
             if self.models_answer is not None:

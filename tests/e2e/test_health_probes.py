@@ -231,8 +231,10 @@ async def test_a_models_list_nested_past_pythons_stack_marks_the_backend_unreach
         (b"", "the models list is not JSON (Expecting value"),
         (b'{"data": [{"id": "\xff"}]}', "the models list is not JSON ('utf-8' codec can't decode byte 0xff"),
         (b"[5]", "the models list is not a JSON object whose `data` is a list of models"),
+        # json.loads reads a lone surrogate, which no gRPC string can carry: every Health call failed INTERNAL.
+        (b'{"data": [{"id": "m"}, {"id": "m\\ud800"}]}', "the models list has a model id that is no UTF-8 text"),
     ],
-    ids=["empty", "not utf-8", "not a list of models"],
+    ids=["empty", "not utf-8", "not a list of models", "lone surrogate"],
 )
 async def test_a_models_list_that_is_no_json_is_said_in_the_gateways_words(
     gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream, answer: bytes, said: str
@@ -246,6 +248,20 @@ async def test_a_models_list_that_is_no_json_is_said_in_the_gateways_words(
     backend = {b.name: b for b in report.backends}[primary.dialect]
     assert not backend.reachable
     assert backend.last_error.startswith(f"malformed answer: {said}"), backend.last_error
+
+
+async def test_an_error_of_the_models_list_that_is_not_text_is_said_as_far_as_it_is(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """Read by the SDK's json.loads, its message held a lone surrogate, and every Health call failed INTERNAL while
+    the upstream answered so."""
+    primary.models_status, primary.models_answer = 500, {"error": {"message": "down \ud800 for now"}}
+    gateway = await gateway_factory(two_backends(primary, local))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        report = await pb.LLMServiceStub(channel).Health(pb.HealthRequest(probe=True), timeout=10)
+    by_name = {b.name: b for b in report.backends}
+    assert not by_name["openai"].reachable and "down ? for now" in by_name["openai"].last_error
+    assert by_name["ollama"].reachable and report.serving
 
 
 async def test_an_ollama_model_whose_name_is_not_text_marks_the_backend_unreachable(

@@ -687,7 +687,9 @@ class UpstreamProvider(ABC, Generic[SDKError]):
             reachable=reachable,
             models=models,
             latency_s=time.monotonic() - started,
-            last_error=error,
+            # The SDKs read an error answer with json.loads, which makes a lone surrogate of "\ud800": no gRPC string
+            # can carry one, and every Health call failed (INTERNAL) while the upstream said so.
+            last_error=None if error is None else error.encode("utf-8", "replace").decode(),
             checked_at=time.time(),
         )
 
@@ -737,6 +739,12 @@ def model_ids(models: Iterable[Any]) -> tuple[str, ...]:
     ids = tuple(model.id for model in models)
     if not all(isinstance(id_, str) and id_ for id_ in ids):
         raise MalformedAnswerError(_NOT_A_MODELS_LIST)
+    try:
+        # Read by json.loads, an id may hold a lone surrogate ("\ud800"), which no gRPC string can carry: every Health
+        # call failed (INTERNAL) while the upstream listed it.
+        "".join(ids).encode()
+    except UnicodeEncodeError as exc:
+        raise MalformedAnswerError(f"the models list has a model id that is no UTF-8 text ({exc.reason})") from exc
     return ids
 
 
