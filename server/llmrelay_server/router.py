@@ -476,7 +476,10 @@ class _Chain:
             self.attempts[-1] = opened.ended(outcome, duration_s, failure.status, failure.message, failure.quoted)
 
     def deadline_exceeded(self) -> DeadlineExceededError:
-        tried = ", ".join(f"{a.backend} ({a.outcome.value})" for a in self.attempts) or "nothing"
+        if not self.attempts:
+            # Its status then tells no attempts, as the contract has it: empty ones said a backend was asked.
+            return DeadlineExceededError("the deadline ran out before any backend was asked", (), routed=False)
+        tried = ", ".join(f"{a.backend} ({a.outcome.value})" for a in self.attempts)
         return DeadlineExceededError(f"the deadline ran out; tried: {tried}", self.attempts)
 
     def exhausted(self) -> AllBackendsFailedError:

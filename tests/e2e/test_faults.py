@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrelay import v1 as pb
 from llmrelay_server.app import Gateway
 from llmrelay_server.backends import upstream_http
+from llmrelay_server.router import MIN_ATTEMPT_S
 from raw_server import RawServer, silent
 from support import (
     DIALECTS,
@@ -1754,6 +1755,10 @@ async def test_tiny_deadlines_get_the_gateways_own_status(
             break
     assert own is not None, "every try ended by the client library's own deadline, none by the gateway's status"
     assert own["ErrorInfo"].reason == "DEADLINE_EXCEEDED"
+    # Under MIN_ATTEMPT_S left, no backend is asked, and the status tells no attempts (they were there, empty).
+    asked = "attempts" in own["ErrorInfo"].metadata
+    assert asked == ("AttemptHistory" in own), own
+    assert not asked or timeout_s > MIN_ATTEMPT_S, own
     primary.reset()
     assert (await stub.Complete(chat(), timeout=5)).backend == "openai"  # and it goes on serving
 
