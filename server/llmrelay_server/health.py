@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Final
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -37,6 +37,10 @@ FRESH_PROBE_S = 1.0
 open to callers without a key (by default), who could otherwise turn each of their calls into a request to every
 upstream, on the gateway's own keys."""
 log = logging.getLogger(__name__)
+
+
+_SHOWN_NAME_CHARS: Final = 200
+"""Of a service name Check has no status for, the most said back."""
 
 
 class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpcio-health-checking is untyped
@@ -95,6 +99,23 @@ class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpcio
         """Ends every Watch stream (each has sent NOT_SERVING by now): a watch lasts until its caller leaves, and the
         server's stop would otherwise wait for it the whole grace period, as for a model call."""
         self._watches.end()
+
+    async def Check(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.aio.ServicerContext[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse],
+    ) -> health_pb2.HealthCheckResponse:
+        """The base class's, but for the status of a service it has none for: NOT_FOUND alike (the protocol's), with
+        words that name the services it has, where the base class's said nothing (a probe's misspelt service name
+        showed as "Code: NotFound Message:")."""
+        statuses: dict[str, Any] = self._server_status
+        if (status := statuses.get(request.service)) is None:
+            known = " and ".join(repr(name) for name in sorted(statuses)) or "none yet"
+            asked = repr(request.service[:_SHOWN_NAME_CHARS])  # not megabytes of it back, past what trailers carry
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"no health status for the service {asked}; this gateway has {known}"
+            )
+        return health_pb2.HealthCheckResponse(status=status)
 
     async def List(
         self,

@@ -408,6 +408,14 @@ async def test_standard_health_and_reflection(channel: grpc.aio.Channel) -> None
     for service in ("", "llmrelay.v1.LLMService"):
         response = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         assert response.status == health_pb2.HealthCheckResponse.SERVING
+    # A misspelt service is NOT_FOUND, as the protocol has it, in words that name the services there are.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await health.Check(health_pb2.HealthCheckRequest(service="llmrelay.v1.LLMServce" + "e" * 10_000), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert caught.value.details() == (
+        f"no health status for the service {'llmrelay.v1.LLMServce' + 'e' * 179!r}; this gateway has '' and"
+        " 'llmrelay.v1.LLMService'"
+    )
 
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
     request = reflection_pb2.ServerReflectionRequest(list_services="")
