@@ -448,11 +448,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if not self._keys.enabled:
             return await continuation(handler_call_details)
         _keys_required.set(True)
-        if method[1:].rpartition("/")[0] in self._open or method[1:] in self._open:
-            return await continuation(handler_call_details)
         key = _bearer(handler_call_details.invocation_metadata)
         caller = self._keys.find(key) if key else None
         if caller is None:
+            # An open method is open to a caller without a (known) key; one with a key is that key's caller there too:
+            # billed, limited and shown its usage as its key's, not under a fingerprint of its token.
+            if method[1:].rpartition("/")[0] in self._open or method[1:] in self._open:
+                return await continuation(handler_call_details)
             handler = await continuation(handler_call_details)
             if handler is None:
                 return None

@@ -144,6 +144,25 @@ async def test_probes_reach_the_open_services_without_a_key(keyed: Any) -> None:
     assert status.status == health_pb2.HealthCheckResponse.SERVING
 
 
+async def test_a_keyed_call_to_an_open_method_is_its_keys_call(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """With Complete opened, a call with a key was passed on as anyone's: billed under a fingerprint of its token, so
+    that its key's own GetUsage never showed it, nor did its key's limits or models hold it."""
+    opened = '  open_services: ["grpc.health.v1.Health", "llmrelay.v1.LLMService/Complete"]\n'
+    auth = keys_yaml(key_entry("research", RESEARCH_KEY), key_entry("local-only", LOCAL_KEY, 'models: ["ollama/*"]'))
+    _, channel, stub = await start(gateway_factory, primary, local, auth + opened)
+    async with channel:
+        await stub.Complete(chat(), metadata=bearer(RESEARCH_KEY), timeout=5)
+        await stub.Complete(chat(), timeout=5)  # open to a caller without a key
+        await stub.Complete(chat(), metadata=bearer(OTHER_KEY), timeout=5)  # or with one the gateway does not know
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Complete(chat(model="openai/gpt-test"), metadata=bearer(LOCAL_KEY), timeout=5)
+        assert details(caught.value)["ErrorInfo"].reason == "MODEL_NOT_ALLOWED"
+        usage = await stub.GetUsage(pb.GetUsageRequest(), metadata=bearer(RESEARCH_KEY), timeout=5)
+    assert [(r.caller, r.requests) for r in usage.records] == [("research", 1)]
+
+
 @pytest.mark.parametrize(
     "entry", ["grpc.health.v1.health", "llmrelay.v1.LLMService.Health", "llmrelay.v1.LLMService/Healthz", "nonsense"]
 )
