@@ -750,7 +750,11 @@ def _fill_cost(message: pb.Cost, cost: Cost) -> None:
     message.price_unknown = cost.price_unknown
 
 
-def usage_record_pb(totals: UsageTotals) -> pb.UsageRecord:
+def usage_answer(totals: Sequence[UsageTotals]) -> pb.GetUsageResponse:
+    return pb.GetUsageResponse(records=[_usage_record_pb(t) for t in totals])
+
+
+def _usage_record_pb(totals: UsageTotals) -> pb.UsageRecord:
     record = pb.UsageRecord(
         backend=totals.backend,
         model=totals.model,

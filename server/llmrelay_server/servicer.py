@@ -28,7 +28,7 @@ from llmrelay_server.domain import (
 from llmrelay_server.health import HealthMonitor
 from llmrelay_server.router import Router
 from llmrelay_server.status import abort
-from llmrelay_server.usage import UsageLedger
+from llmrelay_server.usage import MANY_ROWS, UsageLedger
 
 # Room in a stream message for everything but its text (ids, names, usage, attempts).
 MESSAGE_HEADROOM_BYTES: Final = 64 * 1024
@@ -338,7 +338,10 @@ class LLMServicer(pb.LLMServiceServicer):
             if (caller := current_caller.get()) is not None:
                 query = query._replace(caller=caller.usage_of(query.caller))
             totals = await self._ledger.query(*query)
-            answer = pb.GetUsageResponse(records=[convert.usage_record_pb(t) for t in totals])
+            if len(totals) > MANY_ROWS:  # made in a thread, as the ledger's rows are: it would hold every call up
+                answer = await asyncio.to_thread(convert.usage_answer, totals)
+            else:
+                answer = convert.usage_answer(totals)
             # A record per backend, model and caller: a ledger of many callers outgrows the limit, and gRPC would
             # refuse to send it with a bare status that says nothing of the filters that make it smaller.
             if (size := answer.ByteSize()) > self._max_message_bytes:

@@ -6,15 +6,19 @@ import asyncio
 import hashlib
 import logging
 import sqlite3
-from collections.abc import Awaitable
+import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from llmrelay import v1 as pb
+from llmrelay_server import convert
 from llmrelay_server.domain import TokenUsage
 from llmrelay_server.tokens import TokenCounter
+from llmrelay_server.usage import MANY_ROWS, UsageLedger
+from llmrelay_server.usage import ledger as ledger_module
 from llmrelay_server.usage.sqlite import SQLiteStore
 from support import GatewayFactory, chat, details, read_all, stream_chat, two_backends
 from upstream import FakeUpstream
@@ -149,6 +153,40 @@ async def test_usage_over_the_message_limit_is_answer_too_large_saying_how_to_na
         assert "caller" in str(caught.value.details()) and "time window" in str(caught.value.details())
         (record,) = (await stub.GetUsage(pb.GetUsageRequest(caller=callers[7]), timeout=5)).records
         assert record.requests == 1
+
+
+async def test_a_long_usage_answer_is_made_off_the_event_loop_and_whole(
+    tmp_path: Path,
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Some 15 us a row on the event loop every call runs on: a dashboard's GetUsage of 50,000 callers' rows held every
+    other call up for half a second. Past MANY_ROWS the rows and the answer are made in a thread."""
+    rows = MANY_ROWS + 1
+    ledger = UsageLedger(tmp_path / "usage.db")
+    for n in range(rows):
+        ledger.record("openai", "gpt-test", f"caller-{n:05d}", TokenUsage(1 + n % 7, 1))
+    await ledger.aclose()
+    made_in: list[str] = []
+
+    def spied(made: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def making(totals: Any) -> Any:
+            made_in.append(threading.current_thread().name)
+            return made(totals)
+
+        return making
+
+    monkeypatch.setattr(ledger_module, "_sorted_records", spied(ledger_module._sorted_records))
+    monkeypatch.setattr(convert, "usage_answer", spied(convert.usage_answer))
+    gateway = await gateway_factory(two_backends(primary, local))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        answer = await pb.LLMServiceStub(channel).GetUsage(pb.GetUsageRequest(), timeout=30)
+    assert len(made_in) == 2 and threading.main_thread().name not in made_in, made_in
+    assert len(answer.records) == rows and sum(r.requests for r in answer.records) == rows
+    tokens = [r.total_tokens for r in answer.records]
+    assert tokens == sorted(tokens, reverse=True)
 
 
 @pytest.mark.parametrize("grace_period_s", [5.0, 0.0], ids=["within the grace period", "interrupted"])

@@ -4,7 +4,7 @@
 records on disk until the database has them, `store` is what a database must do, `sqlite` and `postgresql` do it.
 """
 
-from llmrelay_server.usage.ledger import UsageLedger, UsageTotals
+from llmrelay_server.usage.ledger import MANY_ROWS, UsageLedger, UsageTotals
 from llmrelay_server.usage.store import LedgerStore, LedgerUnavailableError
 
-__all__ = ["LedgerStore", "LedgerUnavailableError", "UsageLedger", "UsageTotals"]
+__all__ = ["MANY_ROWS", "LedgerStore", "LedgerUnavailableError", "UsageLedger", "UsageTotals"]

@@ -89,6 +89,9 @@ MAX_MODEL_CHARS: Final = 256
 name an upstream gives is cut, and ends in a digest of the whole so that two such names stay apart. PostgreSQL indexes
 at most 2704 bytes of a row's key: the batch holding a longer name would be retried for ever, every record after it
 held up, where SQLite takes it."""
+MANY_ROWS: Final = 1000
+"""Of a usage query's answer, the rows past which it is made in a thread (`query`), not on the event loop that every
+call runs on."""
 _MAINTENANCE_INTERVAL_S: Final = 5.0
 """How often the ledger claims the journals of dead processes, and checks an idle database."""
 _ROLL_UP_INTERVAL_S: Final = 3600.0
@@ -438,12 +441,11 @@ class UsageLedger:
             if not snapshot.has(batch_id):
                 for key, counts in batch_totals.items():
                     add_into(totals, key, counts)
-        records = [
-            UsageTotals(row_backend, row_model, row_caller, requests, prompt, completion, prompt + completion, *rest)
-            for (row_backend, row_model, row_caller), (requests, prompt, completion, *rest) in totals.items()
-        ]
-        records.sort(key=lambda r: (-r.total_tokens, r.backend, r.model, r.caller))
-        return records
+        if len(totals) > MANY_ROWS:
+            # Some 15 us a row, which would hold every other call up (half a second for 50,000 rows): in a thread,
+            # which lets the event loop have the interpreter at its switch interval.
+            return await asyncio.to_thread(_sorted_records, totals)
+        return _sorted_records(totals)
 
     # --- the background work --------------------------------------------------------------------------------------
 
@@ -783,3 +785,13 @@ def _read_journal(directory: Path, selection: Selection, known: set[BatchId]) ->
             raise UsageUnavailableError(QUERY_RETRY_S, journal=True) from None
         selection.add_matching(found.setdefault(batch, {}), buckets.items())
     return found
+
+
+def _sorted_records(totals: Totals) -> list[UsageTotals]:
+    """A query's totals as its answer has them, largest total first."""
+    records = [
+        UsageTotals(row_backend, row_model, row_caller, requests, prompt, completion, prompt + completion, *rest)
+        for (row_backend, row_model, row_caller), (requests, prompt, completion, *rest) in totals.items()
+    ]
+    records.sort(key=lambda r: (-r.total_tokens, r.backend, r.model, r.caller))
+    return records
