@@ -229,10 +229,10 @@ async def test_a_call_of_no_function_in_the_finishing_event_fails_the_attempt_al
     text and the upstream's usage lost, where Complete's same answer went to the next backend."""
     call = {"index": 0, "id": "a", "type": "function", "function": {"name": "default_api:weather", "arguments": "{}"}}
     reply = {"role": "assistant", "content": "Looking it up.", "tool_calls": [call]}
-    head = {"id": "chatcmpl-1", "created": 0, "model": "gpt-test"}
+    head: dict[str, Any] = {"id": "chatcmpl-1", "created": 0, "model": "gpt-test"}
     if streamed:
-        finishing = head | {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": reply}]}
-        finishing["choices"][0]["finish_reason"] = "tool_calls"
+        choice = {"index": 0, "delta": reply, "finish_reason": "tool_calls"}
+        finishing = head | {"object": "chat.completion.chunk", "choices": [choice]}
         usage = head | {"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
         primary.inject(_sse([f"data: {json.dumps(finishing)}", f"data: {json.dumps(usage)}", "data: [DONE]"]))
     else:
