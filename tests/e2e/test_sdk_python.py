@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import pickle
 import signal
 import sys
 import tempfile
@@ -37,6 +38,7 @@ from llmrelay import (
     AsyncStream,
     Client,
     Conversation,
+    InvalidArgumentError,
     LLMRelayError,
     PermissionDeniedError,
     Tools,
@@ -195,6 +197,8 @@ async def test_a_run_that_a_model_call_ends_keeps_what_it_did_on_the_error(
     assert [(m.role, m.content) for m in answer.messages[2:]] == [(pb.ROLE_TOOL, "Oslo 18c")]
     assert list(answer.messages[:2]) == [*QUESTION, answer.response.message]
     assert answer.response.message.tool_calls[0].function.name == "weather"
+    # And so it comes back from a process pool: pickled, the error lost it, and the run would run its tools again.
+    assert pickle.loads(pickle.dumps(failed.value)).answer == answer
 
 
 async def test_a_run_cancelled_while_its_tools_run_answers_every_call(gateway: Gateway, primary: FakeUpstream) -> None:
@@ -759,6 +763,34 @@ async def test_metadata_keys_are_sent_in_lower_case_and_bad_values_refused_unsho
         Client(target(gateway), metadata=[("x team", "a")])
 
 
+@pytest.mark.parametrize("key", ["grpc-status", "GRPC-Timeout"])
+async def test_a_metadata_key_grpc_reserves_is_refused_before_any_call(
+    gateway: Gateway, primary: FakeUpstream, key: str
+) -> None:
+    """A key starting grpc- is gRPC's own: sent as a caller's, grpcio's core took it for the call's (grpc-status), and
+    Complete returned None and a stream ended with no message and no error, while the gateway ran and billed the
+    call."""
+    reserved = [(key, "0")]
+    refused = rf"metadata key '{key}': keys starting grpc- are gRPC's own \(reserved\)"
+    async with AsyncClient(target(gateway)) as client:
+        with pytest.raises(ValueError, match=refused):
+            await client.complete(TEN_WORDS, metadata=reserved)
+        with pytest.raises(ValueError, match=refused):
+            client.stream(TEN_WORDS, metadata=reserved)
+
+    def call_blocking() -> None:
+        with Client(target(gateway)) as blocking_client:
+            with pytest.raises(ValueError, match=refused):
+                blocking_client.complete(TEN_WORDS, metadata=reserved)
+            with pytest.raises(ValueError, match=refused):
+                blocking_client.stream(TEN_WORDS, metadata=reserved)
+        with pytest.raises(ValueError, match=refused):
+            Client(target(gateway), metadata=reserved)
+
+    await asyncio.to_thread(call_blocking)  # a thread: the gateway runs in this loop
+    assert primary.chat_requests == [], "no call reached the upstream"
+
+
 # --- streams kept in a variable ------------------------------------------------------------------------------------
 
 CALLS = "llmrelay_server.calls"
@@ -1279,6 +1311,60 @@ async def test_a_blocking_stream_whose_gateway_dies_before_a_chunk_fails_at_once
     finally:
         await gateway.stop()
     for failure in (outcome[0], refused.value):
+        assert "tls" not in failure.message and "plaintext" not in failure.message, failure.message
+
+
+async def test_a_gateway_that_answered_an_error_or_a_stream_left_early_was_reached(
+    tmp_path: Path, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """A client counted its gateway reached only once a call succeeded or the gateway's headers came: one whose call
+    the gateway answered with an error (in trailers alone, its ErrorInfo and request id), or whose caller left a
+    stream after its first chunk, was told to pass tls=True once that gateway had gone, over the plaintext channel that
+    had just talked to it."""
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text('server: {usage_db: ":memory:", drain_s: 0}\n' + two_backends(primary, local))
+    primary.inject({"trickle_s": 0.2}, {"trickle_s": 0.2})  # both streams still going when their callers leave
+    gateway = await spawn_gateway(config, env=clean_env())
+    errored, left = Client(gateway.target, timeout=5), Client(gateway.target, timeout=5)
+    async_errored, async_left = AsyncClient(gateway.target, timeout=5), AsyncClient(gateway.target, timeout=5)
+
+    def call_blocking() -> None:
+        with pytest.raises(InvalidArgumentError) as answered:
+            errored.complete([])
+        assert answered.value.reason is not None and answered.value.request_id, "the gateway's own error"
+        for _ in left.stream(TEN_WORDS):
+            break
+
+    def refused_blocking() -> list[UnavailableError]:
+        failures = []
+        for client in (errored, left):
+            with pytest.raises(UnavailableError) as refused:
+                client.complete(TEN_WORDS)
+            failures.append(refused.value)
+        return failures
+
+    try:
+        await gateway.wait_serving()
+        await asyncio.to_thread(call_blocking)
+        with pytest.raises(InvalidArgumentError):
+            await async_errored.complete([])
+        async with async_left.stream(TEN_WORDS) as stream:
+            async for _ in stream:
+                break
+        gateway.process.kill()
+        await gateway.process.wait()
+        failures = await asyncio.to_thread(refused_blocking)
+        for async_client in (async_errored, async_left):
+            with pytest.raises(UnavailableError) as refused:
+                await async_client.complete(TEN_WORDS)
+            failures.append(refused.value)
+    finally:
+        errored.close()
+        left.close()
+        await async_errored.close()
+        await async_left.close()
+        await gateway.stop()
+    for failure in failures:
         assert "tls" not in failure.message and "plaintext" not in failure.message, failure.message
 
 

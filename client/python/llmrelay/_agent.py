@@ -80,8 +80,8 @@ class ContextBudgetError(Exception):
         self.answer: Answer | None = None
         """Set when the error ended a run_tools: the run so far, as LLMRelayError's."""
 
-    def __reduce__(self) -> tuple[type[ContextBudgetError], tuple[int, int]]:
-        return type(self), (self.tokens, self.budget_tokens)
+    def __reduce__(self) -> tuple[type[ContextBudgetError], tuple[int, int], dict[str, Answer | None]]:
+        return type(self), (self.tokens, self.budget_tokens), {"answer": self.answer}  # as LLMRelayError's
 
 
 @dataclass

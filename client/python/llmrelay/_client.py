@@ -46,6 +46,7 @@ MAX_TIMEOUT_S: Final = 1e9
 of 1e10 s overflows into the past, failing the call at once."""
 CALLER_HEADER: Final = "x-llmrelay-caller"
 _METADATA_KEY: Final = re.compile(r"[0-9a-z_.-]+")
+_RESERVED_KEY_PREFIX: Final = "grpc-"
 
 
 class _ClientDefault(enum.Enum):
@@ -237,7 +238,8 @@ def _conversation(messages: Iterable[MessageLike] | Conversation) -> Conversatio
 def _checked_metadata(metadata: Metadata) -> tuple[tuple[str, str | bytes], ...]:
     """The metadata with its keys in lower case, as gRPC sends them (and takes no other: "Authorization" failed the
     call with INTERNAL, "Invalid metadata", or grpc.aio's own error); ValueError for a key or a value gRPC refuses,
-    saying which key (never the value, which may be a key to the gateway); TypeError for what is not pairs."""
+    or a key gRPC reserves for itself (grpc-...), saying which key (never the value, which may be a key to the
+    gateway); TypeError for what is not pairs."""
     if isinstance(metadata, (Mapping, str, bytes)):  # a dict's keys, or a string's letters, read as pairs
         raise TypeError(f"metadata: a sequence of (key, value) pairs, not a {type(metadata).__name__}")
     checked = []
@@ -249,6 +251,10 @@ def _checked_metadata(metadata: Metadata) -> tuple[tuple[str, str | bytes], ...]
         name = key.lower()
         if not _METADATA_KEY.fullmatch(name):
             raise ValueError(f"metadata key {key!r}: gRPC takes only letters, digits, '-', '_' and '.' in a key")
+        if name.startswith(_RESERVED_KEY_PREFIX):
+            # grpcio's core takes such a key sent for its own (grpc-status, grpc-timeout): the gateway ran and billed
+            # the call, and the client got no answer and no error (complete returned None, a stream no message).
+            raise ValueError(f"metadata key {key!r}: keys starting grpc- are gRPC's own (reserved), not a caller's")
         # A key ending -bin carries bytes; any other, printable ASCII.
         if name.endswith("-bin"):
             if not isinstance(value, bytes):
@@ -345,6 +351,12 @@ class _Base:
                     grpc.StatusCode.CANCELLED, "the client was closed while the call was in flight"
                 ) from None
             raise
+        except GeneratorExit:
+            # A stream its caller stopped reading (a loop left early, close(), the end of a with block): a chunk that
+            # came had come from the gateway.
+            if heard():
+                self._reached = True
+            raise
         else:
             self._reached = True
 
@@ -354,9 +366,12 @@ class _Base:
         try: where a TLS gateway closed the connection in the handshake without a word, as one does that asks for a
         client certificate it was not given, what to give it; where the TLS rule chose the transport, what it chose
         and how to choose otherwise (a TLS gateway drops a plaintext client with no word of TLS, and the other way
-        round). A gateway that went away mid-call was reached, as was one that answered an earlier call."""
+        round). A gateway that went away mid-call was reached, as was one that answered an earlier call, an error
+        included."""
         error = error_from_rpc(rpc_error)
-        if heard or _headers_came(rpc_error):
+        # An error the gateway answered with comes in trailers alone, no headers: its ErrorInfo or its request id
+        # says the gateway sent it.
+        if heard or _headers_came(rpc_error) or error.reason is not None or error.request_id is not None:
             self._reached = True
         if error.code != grpc.StatusCode.UNAVAILABLE or error.details.error_info is not None or self._reached:
             return error

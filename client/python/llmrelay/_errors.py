@@ -180,10 +180,11 @@ class LLMRelayError(Exception):
 
     def __reduce__(
         self,
-    ) -> tuple[type[LLMRelayError], tuple[grpc.StatusCode, str, ErrorDetails, str | None]]:
+    ) -> tuple[type[LLMRelayError], tuple[grpc.StatusCode, str, ErrorDetails, str | None], dict[str, Answer | None]]:
         # Exception's own would call the class with the formatted text alone, which it does not take: an error could
-        # not come back from a process pool or any other pickling.
-        return type(self), (self.code, self.message, self.details, self.request_id)
+        # not come back from a process pool or any other pickling. The answer, which __init__ does not take, comes
+        # back as state: without it, a run_tools in a process pool would have to run its tools again.
+        return type(self), (self.code, self.message, self.details, self.request_id), {"answer": self.answer}
 
     @property
     def reason(self) -> str | None:

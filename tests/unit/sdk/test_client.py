@@ -510,6 +510,20 @@ def test_the_agents_errors_survive_pickling() -> None:
     assert (limit.answer, limit.max_steps, str(limit)) == (answer, 2, str(StepLimitError(answer, 2)))
     budget = pickle.loads(pickle.dumps(ContextBudgetError(120, 100)))
     assert (budget.tokens, budget.budget_tokens, str(budget)) == (120, 100, str(ContextBudgetError(120, 100)))
+    assert budget.answer is None
+
+
+def test_the_run_so_far_survives_pickling_on_every_error_that_ends_a_run() -> None:
+    """run_tools sets `answer` on the LLMRelayError or ContextBudgetError that ended it, as on StepLimitError; pickled
+    (a run in a process pool) they came back without it, as if no tool had run, and it would run them again."""
+    answer = Answer(response=pb.CompleteResponse(backend="fake"), messages=[message("user", "hi")], steps=2)
+    model_failed = InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, "context too long", request_id="req-7")
+    budget = ContextBudgetError(120, 100)
+    for error in (model_failed, budget):
+        error.answer = answer
+        copy = pickle.loads(pickle.dumps(error))
+        assert (type(copy), str(copy), copy.answer) == (type(error), str(error), answer)
+    assert pickle.loads(pickle.dumps(model_failed)).request_id == "req-7"
 
 
 def test_bad_request_and_quota_failure(
