@@ -217,23 +217,32 @@ async def spawn_gateway(
     cwd: Path | None = None,
     echo: TextIO | None = None,
     under: Sequence[str] = (),
+    interruptible: bool = True,
 ) -> GatewayProcess:
     """`llmrelay-server` on 127.0.0.1 at a free port (or `port`), configured by `config` and `flags`, in `env` (by
     default clean_env(): nothing but the file configures it); run by `under` when given (valgrind, taskset). It has
-    not necessarily started to listen yet: see GatewayProcess.wait_listening."""
+    not necessarily started to listen yet: see GatewayProcess.wait_listening. `interruptible`: it takes SIGINT as a
+    command in a terminal's foreground does, whatever this process does (a run in the background, `&`, as a CI script
+    starts one, ignores SIGINT, which a child inherits, and a gateway started so keeps it ignored); else it is started
+    with SIGINT ignored, as a shell starts a background job."""
     port = free_port() if port is None else port
-    process = await asyncio.create_subprocess_exec(
-        *under,
-        BIN / "llmrelay-server",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--config",
-        str(config),
-        *flags,
-        env=dict(env) if env is not None else clean_env(),
-        cwd=cwd,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    # The disposition a child inherits is its parent's at the moment it starts (a handler's as SIGINT's default).
+    before = signal.signal(signal.SIGINT, signal.default_int_handler if interruptible else signal.SIG_IGN)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *under,
+            BIN / "llmrelay-server",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--config",
+            str(config),
+            *flags,
+            env=dict(env) if env is not None else clean_env(),
+            cwd=cwd,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    finally:
+        signal.signal(signal.SIGINT, before)
     return GatewayProcess(process, port, echo)
 
 

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import gc
 import http.server
-import signal
 import socket
 import struct as binary
 import threading
@@ -260,23 +259,17 @@ async def read_all(stream: Any) -> list[pb.StreamCompleteResponse]:
 
 
 async def start_server(
-    config: Path, local: FakeUpstream, *flags: str, port: int | None = None, env: dict[str, str] | None = None
+    config: Path,
+    local: FakeUpstream,
+    *flags: str,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    interruptible: bool = True,
 ) -> GatewayProcess:
     """`llmrelay-server` on a free port (or `port`), configured by `config`, more `flags`, and the environment of a
-    loopback Ollama alone, more `env` (TMPDIR, say)."""
+    loopback Ollama alone, more `env` (TMPDIR, say); `interruptible` as spawn_gateway's."""
     local_env = clean_env(OLLAMA_HOST=local.base_url.removesuffix("/v1"), LLMRELAY_OLLAMA_MODEL="tiny", **(env or {}))
-    return await spawn_gateway(config, *flags, port=port, env=local_env)
-
-
-@contextlib.contextmanager
-def interruptible() -> Iterator[None]:
-    """Children started meanwhile take SIGINT as Python's default (KeyboardInterrupt): they inherit an ignored SIGINT
-    otherwise, as a test run started in the background (`&`) has it."""
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, before)
+    return await spawn_gateway(config, *flags, port=port, env=local_env, interruptible=interruptible)
 
 
 def call_with_raw_path(port: int, path: bytes) -> None:

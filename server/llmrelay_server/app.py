@@ -48,6 +48,7 @@ from llmrelay_server.workers import (
     ignore_signals_after_stop,
     in_use_message,
     on_signal,
+    stop_signals,
 )
 
 if TYPE_CHECKING:
@@ -115,8 +116,11 @@ class Gateway:
                 if not stopping.done():
                     await self.server.stop(None)
             await stopping
-            # A call whose caller left is over for gRPC, not yet for the gateway: its bill first, then the ledger.
-            await self.servicer.calls_ended(wait_s=max(grace_s, INTERRUPT_S))
+            # A call whose caller left is over for gRPC, not yet for the gateway: its bill first, then the ledger. A
+            # bill may count a long prompt offline (a stream cut off, its upstream's usage never come), which a stop
+            # not told to stop now waits for.
+            billing_s = INTERRUPT_S if hurry.is_set() else max(INTERRUPT_S, self.router.most_counting_s)
+            await self.servicer.calls_ended(wait_s=max(grace_s, billing_s))
         finally:
             hurried.cancel()
             self.router.lag.stop()
@@ -128,7 +132,7 @@ class Gateway:
             if self.metrics is not None:
                 self.metrics.stop()
             await asyncio.gather(*(backend.provider.aclose() for backend in self.router.backends))
-            await self.ledger.aclose()
+            await self.ledger.aclose(hurry)  # told to stop now, records in the journal are not waited for
             if self.tracing is not None:
                 await self.tracing.stop(hurry)  # the last spans exported, unless told to stop now
 
@@ -526,7 +530,7 @@ async def serve(config: GatewayConfig, worker: WorkerRole | None = None) -> int:
         config = dataclasses.replace(config, server=dataclasses.replace(config.server, metrics_listen="127.0.0.1:0"))
     # Handlers first: a signal that comes the moment the port opens must still mean a graceful stop.
     stop, hurry = asyncio.Event(), asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in stop_signals():
         if worker is None:
             on_signal(signum, _stop_or_hurry, stop, hurry)
         else:  # its stop now is its supervisor's to send (STOP_NOW): it gets the process group's SIGTERM beside its

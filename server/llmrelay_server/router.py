@@ -846,6 +846,12 @@ class Router:
         """The bound on a call whose caller set no deadline (router.request_timeout_s)."""
         return self._config.request_timeout_s
 
+    @property
+    def most_counting_s(self) -> float:
+        """The most a count of the largest request may take: a bill made by one (a stream cut off, its upstream's
+        usage never come) is that long at most."""
+        return self._most_counting_s
+
     def deadline(self, timeout_s: float | None) -> float:
         """The absolute (event-loop clock) deadline for a call with `timeout_s` left, or, when its caller set no
         deadline, the configured bound. A caller's own deadline is its to choose, longer than the bound too (a long
@@ -1130,6 +1136,8 @@ class Router:
 
     def _bill(self, backend: str, model: str, caller: str, usage: TokenUsage, *, interrupted: bool = False) -> None:
         """The one place usage is billed: the ledger, and the call's meter (which its limits settle with)."""
+        if self._ledger.closed:
+            return  # a bill the stop could not wait for (told to stop now): the stop says how many were lost
         self._ledger.record(backend, model, caller, usage, interrupted=interrupted)
         metering.charge(backend, model, caller, usage)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any, Final, TypeVar
@@ -36,6 +37,7 @@ GRPC_DEFAULT_MESSAGE_BYTES: Final = 4 * 1024 * 1024
 """gRPC's default bound on a message a client receives, which most clients keep."""
 OVERDUE_RECHECK_S: Final = 0.5
 """How often a stream past its bound but not waiting on gRPC's write then is looked at again (`_end_if_writing`)."""
+_log = logging.getLogger(__name__)
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
 _Answer = TypeVar("_Answer", bound=ProtoMessage)
@@ -126,6 +128,15 @@ class LLMServicer(pb.LLMServiceServicer):
             self._close_later(task)
         if self._closing:
             await asyncio.wait(list(self._closing), timeout=wait_s)
+        if unbilled := sum(not task.done() for task in (*self._calls, *self._closing)):
+            # Their bills (a long prompt counted offline, where the upstream gave no usage) are dropped with the loop:
+            # said, not lost without a word.
+            _log.error(
+                "%d calls were still being billed as the gateway stopped, %g s after their end: their usage is not in"
+                " the ledger (a longer server.grace_period_s gives their counts the time)",
+                unbilled,
+                wait_s,
+            )
 
     # A pair rather than a context manager: contextlib's costs a microsecond a call.
     def _model_call(self) -> asyncio.Task[Any]:

@@ -118,6 +118,15 @@ def on_signal(signum: int, callback: Callable[..., object], *args: object) -> No
     signal.siginterrupt(signum, False)  # as the loop's own: a system call in another thread goes on, not EINTR
 
 
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop the gateway: SIGTERM, and SIGINT unless it was started with SIGINT ignored, as a shell
+    starts a script's background jobs so that Ctrl-C stops only the command in the foreground (it stopped the
+    gateway all the same once it served)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return (signal.SIGTERM,)
+    return (signal.SIGTERM, signal.SIGINT)
+
+
 def ignore_signals_after_stop() -> None:
     """The stop is done: SIGTERM, SIGINT, SIGHUP and STOP_NOW are ignored for the rest of the process's life."""
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, STOP_NOW):
@@ -374,7 +383,7 @@ class Supervisor:
         share_stderr()
         reservation = reserve_port(server.listen)
         host, port = server.listen.rpartition(":")[0], reservation.port
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in stop_signals():
             on_signal(signum, self._stop.set)
         with reservation, _run_directory() as (run_dir, lock):
             self._inherited = (lock,)
@@ -639,7 +648,7 @@ class Supervisor:
         # Those already dead (waiting out a restart's back-off) have had their exit logged.
         running = [(w.index, w.process) for w in workers if w.process is not None and w.process.returncode is None]
         self._signal_all(workers, signal.SIGTERM)
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in stop_signals():
             on_signal(signum, self._signal_all, workers, STOP_NOW)
         server = self._config.server
         within_s = server.drain_s + server.grace_period_s + EXIT_MARGIN_S

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import sqlite3
@@ -28,7 +29,6 @@ from support import (
     chat,
     details,
     finished,
-    interruptible,
     read_all,
     start_server,
     stream_chat,
@@ -244,10 +244,9 @@ async def test_ctrl_c_while_the_gateway_loads_ends_it_quietly(tmp_path: Path, lo
     a traceback of wherever the import had got to."""
     config = tmp_path / "llmrelay.yaml"
     config.write_text(f'server: {{usage_db: "{tmp_path / "usage.db"}"}}\n')
-    with interruptible():
-        # Python writes a line as each import ends (-X importtime), which tells when the gateway is loading: a fixed
-        # wait raced the imports, and on a quick machine they were done before it.
-        gateway = await start_server(config, local, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    # Python writes a line as each import ends (-X importtime), which tells when the gateway is loading: a fixed wait
+    # raced the imports, and on a quick machine they were done before it.
+    gateway = await start_server(config, local, env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert gateway.process.stderr is not None
     said: list[bytes] = []
     async with asyncio.timeout(20):
@@ -377,6 +376,56 @@ async def test_a_signal_as_the_stop_ends_leaves_it_a_clean_stop(server: GatewayP
             await asyncio.sleep(0.002)
     assert await server.process.wait() == 0
     assert "Traceback" not in await server.output()
+
+
+async def test_a_stream_cut_off_at_the_stop_is_billed_though_its_prompt_takes_a_while_to_count(
+    tmp_path: Path, local: FakeUpstream
+) -> None:
+    """Their upstream gave no usage: each bill counts its prompt offline (megabytes: a second or more), which the stop
+    waited for only as long as the grace period (here 0.2 s), then closed the ledger under them: the calls were never
+    billed, and the bills' refusals by the closed ledger were logged as tracebacks."""
+    async with started(tmp_path, local, "drain_s: 0, grace_period_s: 0.2") as server:
+        letters = random.Random(7)
+        words = ["".join(letters.choices("abcdefghijklmnopqrstuvwxyz", k=letters.randint(2, 9))) for _ in range(5000)]
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            calls = []
+            for _ in range(3):  # 3 MB each, counted one beside the other: some seconds of counting in all
+                local.inject({"trickle_s": 1.0, "no_usage": True})
+                prompt = " ".join(letters.choice(words) for _ in range(500_000))
+                calls.append(call := pb.LLMServiceStub(channel).StreamComplete(stream_chat(prompt), timeout=60))
+                await call.read()  # the stream has begun
+            server.process.send_signal(signal.SIGTERM)
+            for call in calls:
+                with pytest.raises(grpc.aio.AioRpcError):
+                    while await call.read() != grpc.aio.EOF:
+                        pass
+        assert await asyncio.wait_for(server.process.wait(), 60) == 0
+        output = await server.output()
+    assert "Traceback" not in output and "still being billed" not in output, output
+    with contextlib.closing(sqlite3.connect(tmp_path / "usage.db")) as ledger:
+        billed = ledger.execute("SELECT requests, interrupted_requests, prompt_tokens FROM usage_buckets").fetchall()
+    assert len(billed) == 1 and billed[0][:2] == (3, 3) and billed[0][2] > 300_000, billed
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_gateway_started_with_sigint_ignored_keeps_it_ignored(
+    tmp_path: Path, local: FakeUpstream, workers: str
+) -> None:
+    """As a shell starts a script's background jobs (`llmrelay-server &`), so that Ctrl-C at the terminal stops only
+    the command in the foreground: the gateway put its own handler in place once it served, and Ctrl-C stopped it."""
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(f'server: {{drain_s: 0, usage_db: "{tmp_path}/usage.db"}}\n')
+    gateway = await start_server(config, local, "--workers", workers, interruptible=False)
+    try:
+        await gateway.wait_listening()
+        gateway.process.send_signal(signal.SIGINT)
+        with pytest.raises(TimeoutError):
+            await gateway.wait_for_line("shutting down", within_s=1)
+        async with grpc.aio.insecure_channel(gateway.target) as channel:
+            assert (await pb.LLMServiceStub(channel).Complete(chat(), timeout=10)).message.content
+        assert await gateway.stop() == 0  # SIGTERM stops it, as ever
+    finally:
+        await gateway.stop()
 
 
 @pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])

@@ -25,6 +25,7 @@ from harness import GatewayProcess, free_port
 from llmrelay import v1 as pb
 from llmrelay_server.domain import Cost, StoreHealth, StoreRole, TokenUsage, UsageUnavailableError
 from llmrelay_server.usage import LedgerUnavailableError, UsageLedger, UsageTotals, postgresql
+from llmrelay_server.usage.ledger import HURRIED_WRITE_S
 from llmrelay_server.usage.postgresql import _QUERY_CONNECTIONS, ANSWER_S, ENDING_S, PostgreSQLStore, totals_query
 from llmrelay_server.usage.store import BatchId, Selection
 from postgres_server import PostgresServer, PostgresTemplate
@@ -483,6 +484,35 @@ async def test_a_database_that_stops_answering_is_unavailable_in_bounded_time(
     await wait_until(lambda: sql(database_url, "SELECT SUM(requests) FROM usage_buckets") == [(2,)])
     await replay.aclose()
     assert sql(database_url, "SELECT SUM(requests), SUM(prompt_tokens) FROM usage_buckets") == [(2, 101)]
+
+
+async def test_a_ledger_closing_as_the_gateway_stops_now_leaves_a_silent_databases_records_in_the_journal(
+    database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second SIGTERM (stop now) waited out the last write's bound (ANSWER_S, 10 s) on a database that stopped
+    answering, for a record already safe in the journal: the write gets HURRIED_WRITE_S, and the next ledger on the
+    directory writes the record once."""
+    journal = tmp_path / "journal"
+    async with _FreezingProxy(database_url) as proxy:
+        ledger = UsageLedger(proxy.url, journal_dir=journal)
+        ledger.record("openai", "gpt-4o", "alice", TokenUsage(100, 20), at=T0)
+        await ledger.flush()
+        proxy.freeze()
+        ledger.record("openai", "gpt-4o", "alice", TokenUsage(1, 1), at=T0)
+        hurry = asyncio.Event()
+        async with in_background(ledger.aclose(hurry)) as closing:
+            await asyncio.sleep(0.2)  # its last write under way, and waiting on the database
+            assert not closing.done()
+            hurry.set()
+            async with asyncio.timeout(ANSWER_S / 2):  # not the write's own bound
+                await closing
+        assert journaled_lines(journal) == 1, "the record not written waits in the journal"
+        assert f"not written within {HURRIED_WRITE_S:g} s of the stop now" in caplog.text
+        proxy.thaw()
+    replay = UsageLedger(database_url, journal_dir=journal)
+    await replay.start()
+    await wait_until(lambda: sql(database_url, "SELECT SUM(requests) FROM usage_buckets") == [(2,)])
+    await replay.aclose()
 
 
 async def test_a_wrong_password_is_said_once_and_the_gateway_serves(

@@ -36,7 +36,6 @@ from support import (
     chat,
     children,
     details,
-    interruptible,
     read_all,
     start_server,
     stream_chat,
@@ -732,9 +731,8 @@ async def test_a_signal_to_the_process_group_as_workers_start_is_a_clean_stop(
     """SIGTERM or SIGINT to the supervisor and its workers at once (systemd's stop; Ctrl-C in a terminal) while they
     start: a stop, not a worker that failed to start; and no traceback from the workers still importing the gateway
     (Ctrl-C a moment in: each takes a second or more to import)."""
-    with interruptible():
-        gateway = await start_server(workers_config(tmp_path), local, "--workers", "2")
-        workers = await made_workers(gateway)
+    gateway = await start_server(workers_config(tmp_path), local, "--workers", "2")
+    workers = await made_workers(gateway)
     await asyncio.sleep(after_s)
     for pid in (gateway.process.pid, *workers):
         os.kill(pid, signum)

@@ -55,7 +55,7 @@ from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from llmrelay_server.config import ServerConfig, is_postgresql
 from llmrelay_server.domain import (
@@ -92,6 +92,9 @@ held up, where SQLite takes it."""
 MANY_ROWS: Final = 1000
 """Of a usage query's answer, the rows past which it is made in a thread (`query`), not on the event loop that every
 call runs on."""
+HURRIED_WRITE_S: Final = 1.0
+"""How long the last writes of a ledger closing as the gateway stops now may take (a healthy database's take
+milliseconds): what they have not written by then waits in the journal for the next start."""
 _MAINTENANCE_INTERVAL_S: Final = 5.0
 """How often the ledger claims the journals of dead processes, and checks an idle database."""
 _ROLL_UP_INTERVAL_S: Final = 3600.0
@@ -371,6 +374,11 @@ class UsageLedger:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="usage-ledger")
 
+    @property
+    def closed(self) -> bool:
+        """Closed (`aclose`): a record now is refused."""
+        return self._closed
+
     async def flush(self) -> None:
         """Write every batch waiting, oldest first, then the records of the active one; each batch in one transaction.
         On failure (LedgerUnavailableError) what is not written stays in the journal (in memory without one)."""
@@ -385,9 +393,12 @@ class UsageLedger:
                     batch = self._pending[0]
                 await self._write(batch)
 
-    async def aclose(self) -> None:
+    async def aclose(self, hurry: asyncio.Event | None = None) -> None:
         """Stop the background work, write everything recorded, and close the journal and the database. What cannot
-        be written (the database down) stays in the journal, for the next ledger on this directory."""
+        be written (the database down) stays in the journal, for the next ledger on this directory. Once `hurry` is
+        set (the gateway told to stop now), the writes left get HURRIED_WRITE_S, and what they have not written by
+        then stays in the journal, where it is safe: a database that stopped answering held a stop now for the bound
+        of each write."""
         with self._lock:
             if self._closed:
                 return
@@ -395,12 +406,15 @@ class UsageLedger:
         self._stopping.set()
         try:
             if self._task is not None:
-                await self._task
+                await self._until_done_or(self._task, hurry)
             try:
                 if self._unwritten and self._unavailable is not None and self._journal is not None:
                     # The last write failed (each is bounded in time): another would only hold the shutdown up.
                     raise LedgerUnavailableError(self._unavailable[1])
-                await self.flush()
+                flushing = asyncio.ensure_future(self.flush())
+                await self._until_done_or(flushing, hurry)
+                if flushing.cancelled():
+                    raise LedgerUnavailableError(f"not written within {HURRIED_WRITE_S:g} s of the stop now")
             except (LedgerUnavailableError, OSError) as error:
                 where = f"in the journal {self._journal.directory}" if self._journal is not None else "lost"
                 if self._unjournaled and self._journal is not None:
@@ -409,6 +423,29 @@ class UsageLedger:
         finally:
             self._close_journal()
             await self._store.aclose()
+
+    def _all_journaled(self) -> bool:
+        return self._journal is not None and not self._unjournaled
+
+    async def _until_done_or(self, task: asyncio.Future[None], hurry: asyncio.Event | None) -> None:
+        """Waits for `task` (the background work, which ends at its next turn, or the last flush); once `hurry` is
+        set, for HURRIED_WRITE_S more, then cancels it where all it has to write is in the journal."""
+        if hurry is None:
+            await task
+            return
+        hurried = asyncio.ensure_future(hurry.wait())
+        either: set[asyncio.Future[Any]] = {task, hurried}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurried.cancel()
+        if not task.done():
+            await asyncio.wait({task}, timeout=HURRIED_WRITE_S)
+        if not task.done() and self._all_journaled():
+            task.cancel()
+        await asyncio.wait({task})
+        if not task.cancelled():
+            task.result()
 
     async def query(
         self,
