@@ -10,6 +10,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"slices"
 	"strings"
@@ -632,6 +634,92 @@ func TestStreamCutByAGatewayThatDiedHasNoSecurityHint(t *testing.T) {
 			t.Errorf("error %q says %q: the gateway answered, so its transport security was right", e.Error(), hint)
 		}
 	}
+}
+
+// forward relays TCP connections from a loopback address of its own to target until stop, which closes them all: a
+// gateway that goes away (a restart), with no process to kill.
+func forward(t *testing.T, target string) (address string, stop func()) {
+	t.Helper()
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var (
+		mu    sync.Mutex
+		conns []net.Conn
+	)
+	go func() {
+		for {
+			client, err := listener.Accept()
+			if err != nil {
+				return
+			}
+			upstream, err := net.Dial("tcp", target)
+			if err != nil {
+				_ = client.Close()
+				continue
+			}
+			mu.Lock()
+			conns = append(conns, client, upstream)
+			mu.Unlock()
+			go func() { _, _ = io.Copy(upstream, client) }()
+			go func() { _, _ = io.Copy(client, upstream) }()
+		}
+	}()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			_ = listener.Close()
+			mu.Lock()
+			defer mu.Unlock()
+			for _, conn := range conns {
+				_ = conn.Close()
+			}
+		})
+	}
+	t.Cleanup(stop)
+	return listener.Addr().String(), stop
+}
+
+// A gateway that refused a call (INVALID_ARGUMENT) answered it: its error comes trailers-only, without response
+// headers, but the transport security was right all the same. When the gateway then goes away, the next call's
+// UNAVAILABLE does not tell the client to dial with TLS; a client that never reached it still is.
+func TestAGatewayThatRefusedACallWasReached(t *testing.T) {
+	needGateway(t)
+	mustHaveHint := func(t *testing.T, err error, want bool) {
+		t.Helper()
+		e := mustFail(t, err, codes.Unavailable)
+		for _, hint := range []string{"plaintext", "WithTLS", "loopback"} {
+			if strings.Contains(e.Error(), hint) != want {
+				t.Errorf("error %q: saying %q is %t; want %t", e.Error(), hint, !want, want)
+			}
+		}
+	}
+	for _, call := range []string{"Complete", "Stream"} {
+		t.Run(call, func(t *testing.T) {
+			address, stop := forward(t, env.Target)
+			client := dial(t, address, llmrelay.WithServiceConfig("")) // no retries: the same message, sooner
+			ctx := testContext(t)
+			var err error
+			if call == "Complete" {
+				_, err = client.Complete(ctx, &llmrelayv1.CompleteRequest{})
+			} else {
+				err = streamError(t, client, &llmrelayv1.StreamCompleteRequest{})
+			}
+			e := mustFail(t, err, codes.InvalidArgument)
+			t.Logf("the refused call: %v (request id %q)", e, e.RequestID)
+			stop()
+			_, err = client.Complete(ctx, &llmrelayv1.CompleteRequest{Messages: chat("hi")})
+			t.Logf("the call after the gateway went away: %v", err)
+			mustHaveHint(t, err, false)
+		})
+	}
+	// The same gateway gone before any call: the hint is this test's to see.
+	address, stop := forward(t, env.Target)
+	stop()
+	_, err := dial(t, address, llmrelay.WithServiceConfig("")).Complete(testContext(t),
+		&llmrelayv1.CompleteRequest{Messages: chat("hi")})
+	mustHaveHint(t, err, true)
 }
 
 // A gateway with mutual TLS closes the connection of a client it does not take without a word (gRPC's core sends no

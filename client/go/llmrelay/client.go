@@ -85,8 +85,9 @@ type Client struct {
 	// "" over plaintext or the caller's own credentials (what they present is not known). It completes the message
 	// of a call whose TLS connection the gateway closed without a word (see closedWithoutAWord).
 	certificateHint string
-	// reached is set once a call has heard from the gateway (its response headers or a message): the transport
-	// security is the gateway's, and a later call that cannot reach it (the gateway gone, or restarting) gets no hint.
+	// reached is set once a call has heard from the gateway (its response headers, a message, or an error status of
+	// its own, which comes trailers-only): the transport security is the gateway's, and a later call that cannot
+	// reach it (the gateway gone, or restarting) gets no hint.
 	reached atomic.Bool
 }
 
@@ -146,7 +147,10 @@ func WithCaller(name string) Option {
 // and sent in lower case, as gRPC sends keys; a later WithHeader (or WithCaller) of the same key replaces the earlier
 // one's value, as a later option of Dial does. The value is printable ASCII (any bytes for a key ending -bin): Dial
 // refuses another, naming the key but not the value, and a call refuses one in its own outgoing metadata alike, with
-// an InvalidArgument *Error.
+// an InvalidArgument *Error. Both refuse likewise a key gRPC does not send as given: an HTTP/1 connection-specific one
+// (connection, keep-alive, proxy-connection, transfer-encoding, upgrade, http2-settings), which HTTP/2 forbids, and
+// te, content-type and user-agent, which grpc-go replaces with its own (grpc.WithUserAgent, through WithDialOptions,
+// sets the user agent); Dial also refuses a key starting grpc-.
 func WithHeader(key, value string) Option {
 	return func(o *options) {
 		key := strings.ToLower(key)
@@ -212,9 +216,8 @@ func Dial(target string, opts ...Option) (*Client, error) {
 		if strings.HasPrefix(o.headers[i], "grpc-") {
 			return nil, fmt.Errorf("llmrelay: WithHeader key %q: keys starting grpc- are gRPC's own", o.headers[i])
 		}
-		// Else every call fails Internal, "header key ... contains illegal characters", as though the gateway had.
-		if !sendableHeaderKey(o.headers[i]) {
-			return nil, fmt.Errorf("llmrelay: WithHeader key %q: gRPC takes only letters, digits, '-', '_' and '.' in a key", o.headers[i])
+		if problem := headerKeyProblem(o.headers[i]); problem != "" {
+			return nil, fmt.Errorf("llmrelay: WithHeader key %q: %s", o.headers[i], problem)
 		}
 		// Else every call fails Internal, "header key ... contains value with non-printable ASCII characters". The
 		// value is not shown: it may be a key to the gateway (read from a file, with its newline).
@@ -346,7 +349,7 @@ func (c *Client) callContext(ctx context.Context, req proto.Message) (context.Co
 // value replaces the client's, as in the Python and TypeScript clients. Sending both would leave the choice to the
 // reader (the gateway takes the first, other servers and proxies may take the last). Metadata of the call's own that
 // gRPC cannot send is an InvalidArgument *Error naming the key, never showing the value (a key to the gateway, say,
-// read from a file with its newline), as Dial refuses such a WithHeader; a key of gRPC's own ("grpc-trace-bin") is
+// read from a file with its newline), as Dial refuses such a WithHeader; a key starting grpc- ("grpc-trace-bin") is
 // the call's to send.
 func (c *Client) withHeaders(ctx context.Context) (context.Context, error) {
 	callMetadata, ok := metadata.FromOutgoingContext(ctx)
@@ -354,9 +357,8 @@ func (c *Client) withHeaders(ctx context.Context) (context.Context, error) {
 		return metadata.AppendToOutgoingContext(ctx, *c.headers...), nil
 	}
 	for key, values := range callMetadata {
-		if !sendableHeaderKey(key) {
-			return nil, refused(fmt.Sprintf(
-				"the call's metadata key %q: gRPC takes only letters, digits, '-', '_' and '.' in a key", key))
+		if problem := headerKeyProblem(key); problem != "" {
+			return nil, refused(fmt.Sprintf("the call's metadata key %q: %s", key, problem))
 		}
 		for _, value := range values {
 			if !validHeaderValue(key, value) {
@@ -491,7 +493,8 @@ const requestIDTrailer = "x-request-id"
 // certificate, or one its client CA issued. Else, where Dial chose the transport security by itself, what Dial chose
 // and how to choose otherwise: the usual cause is a gateway that speaks the other one. A gateway that went away
 // mid-call (killed after some chunks of a stream), or that answered an earlier call, was reached, whatever its
-// transport security.
+// transport security: an answer that was an error too, whose status came from the gateway (its ErrorInfo, or its
+// x-request-id trailer).
 func (c *Client) wrapError(ctx context.Context, err error, trailer metadata.MD, reached bool) error {
 	if reached {
 		c.reached.Store(true)
@@ -500,8 +503,16 @@ func (c *Client) wrapError(ctx context.Context, err error, trailer metadata.MD, 
 	if e == nil {
 		return err
 	}
-	if ids := trailer.Get(requestIDTrailer); len(ids) > 0 {
+	ids := trailer.Get(requestIDTrailer)
+	if len(ids) > 0 {
 		e.RequestID = ids[0]
+	}
+	// The gateway sends an error that comes before any message (INVALID_ARGUMENT, UNAUTHENTICATED, a limit's
+	// RESOURCE_EXHAUSTED) trailers-only, with no response headers, so reached is false for it; yet it answered. Else,
+	// once the gateway went away (a restart), the next call's UNAVAILABLE blamed the transport security it had
+	// answered over.
+	if e.ErrorInfo.GetDomain() == Domain || len(ids) > 0 {
+		c.reached.Store(true)
 	}
 	_, hasDeadline := ctx.Deadline()
 	switch {
@@ -674,6 +685,35 @@ func validHeaderValue(key, value string) bool {
 		}
 	}
 	return true
+}
+
+// connectionHeaders are the HTTP/1 connection-specific keys, which HTTP/2, and so gRPC, does not carry (RFC 9113
+// 8.2.2; HTTP2-Settings belongs to HTTP/1's upgrade to HTTP/2), as the TypeScript SDK lists them. grpc-go sends them
+// all the same, and a conforming HTTP/2 hop (Go's net/http, Envoy) refused every call with one of RFC 9113's, which
+// the caller saw fail Internal as though the gateway had (a grpc-go server resets the stream).
+var connectionHeaders = []string{"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
+	"http2-settings"}
+
+// headerKeyProblem says why gRPC cannot send the metadata key (in any case) as the caller means it, in words that fit
+// after the key; "" when it can. Keys starting grpc- are not its business: a call's own may send one (a trace's
+// context, grpc-trace-bin), Dial refuses them itself.
+func headerKeyProblem(key string) string {
+	key = strings.ToLower(key)
+	switch {
+	// Else every call fails Internal, "header key ... contains illegal characters", as though the gateway had.
+	case !sendableHeaderKey(key):
+		return "gRPC takes only letters, digits, '-', '_' and '.' in a key"
+	case slices.Contains(connectionHeaders, key):
+		return "HTTP/2, which gRPC runs on, cannot send a connection-specific header (" +
+			strings.Join(connectionHeaders, ", ") + ")"
+	// grpc-go drops these for its own, without a word: the caller's never arrives.
+	case key == "user-agent":
+		return "keys te, content-type and user-agent are gRPC's own; " +
+			"set the user agent with llmrelay.WithDialOptions(grpc.WithUserAgent(...))"
+	case key == "te" || key == "content-type":
+		return "keys te, content-type and user-agent are gRPC's own"
+	}
+	return ""
 }
 
 // sendableHeaderKey: a metadata key gRPC sends once lower-cased. Upper-case letters are taken: grpc-go takes only

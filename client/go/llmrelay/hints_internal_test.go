@@ -9,8 +9,10 @@ import (
 	"strings"
 	"testing"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
 
@@ -110,6 +112,48 @@ func TestWhichHint(t *testing.T) {
 			if got := e.(*Error).Message; got != message {
 				t.Errorf("%s: a call after one that reached the gateway says %q", c.name, got)
 			}
+		}
+		_ = client.Close()
+	}
+}
+
+// An error status that came from the gateway, trailers-only with no response headers (reached false), tells that it
+// was reached: its ErrorInfo's domain is the gateway's, or its trailer carries the call's x-request-id. One from
+// elsewhere (a proxy's, grpc-go's own) does not.
+func TestAnErrorFromTheGatewayCountsAsReached(t *testing.T) {
+	const hint = "its default for a loopback target"
+	unavailable := status.Error(codes.Unavailable, otherMessages[2])
+	refusedStatus, err := status.New(codes.InvalidArgument, "messages: at least one message is required").WithDetails(
+		&errdetails.ErrorInfo{Reason: "INVALID_REQUEST", Domain: Domain})
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxyStatus, err := status.New(codes.PermissionDenied, "denied").WithDetails(
+		&errdetails.ErrorInfo{Reason: "DENIED", Domain: "proxy.example"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		name    string
+		err     error
+		trailer metadata.MD
+		reached bool
+	}{
+		{"the gateway's ErrorInfo", refusedStatus.Err(), nil, true},
+		{"the gateway's x-request-id", status.Error(codes.Unauthenticated, "no key"),
+			metadata.Pairs(requestIDTrailer, "0123abcd"), true},
+		{"another domain's ErrorInfo", proxyStatus.Err(), nil, false},
+		{"a bare status", status.Error(codes.Unauthenticated, "no key"), nil, false},
+	}
+	for _, c := range cases {
+		client, err := Dial("127.0.0.1:1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = client.wrapError(context.Background(), c.err, c.trailer, false)
+		message := client.wrapError(context.Background(), unavailable, nil, false).(*Error).Message
+		if strings.Contains(message, hint) == c.reached {
+			t.Errorf("after %s: the next UNAVAILABLE says %q; want the hint: %t", c.name, message, !c.reached)
 		}
 		_ = client.Close()
 	}

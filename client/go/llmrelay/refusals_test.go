@@ -208,3 +208,58 @@ func TestDialRefusesANegativeTimeout(t *testing.T) {
 	}
 	client.Close()
 }
+
+// The keys gRPC does not send as given: HTTP/1's connection-specific ones, which a conforming HTTP/2 hop (Go's
+// net/http, Envoy) refused, failing every call Internal (a grpc-go server reset the stream), and those grpc-go drops
+// for its own without a word, with what each refusal says of them.
+var unsendableKeys = []struct{ key, says string }{
+	{"connection", "cannot send a connection-specific header"},
+	{"keep-alive", "cannot send a connection-specific header"},
+	{"proxy-connection", "cannot send a connection-specific header"},
+	{"transfer-encoding", "cannot send a connection-specific header"},
+	{"upgrade", "cannot send a connection-specific header"},
+	{"http2-settings", "cannot send a connection-specific header"},
+	{"te", "are gRPC's own"},
+	{"content-type", "are gRPC's own"},
+	{"user-agent", "grpc.WithUserAgent"},
+}
+
+func TestDialRefusesAHeaderKeyGRPCDoesNotSendAsGiven(t *testing.T) {
+	for _, c := range unsendableKeys {
+		for _, key := range []string{c.key, strings.ToUpper(c.key)} {
+			_, err := llmrelay.Dial("127.0.0.1:1", llmrelay.WithHeader(key, "v"))
+			if err == nil || !strings.Contains(err.Error(), `"`+c.key+`"`) || !strings.Contains(err.Error(), c.says) {
+				t.Errorf("Dial(WithHeader(%q)): %v; want it refused, naming the key and saying %q", key, err, c.says)
+			}
+		}
+	}
+}
+
+func TestACallsOwnKeyGRPCDoesNotSendAsGivenIsInvalidArgumentNamingTheKey(t *testing.T) {
+	recorder, target := startMetadataRecorder(t)
+	client := dial(t, target)
+	for _, c := range unsendableKeys {
+		for _, ctx := range []context.Context{
+			metadata.AppendToOutgoingContext(testContext(t), c.key, "v"),
+			metadata.NewOutgoingContext(testContext(t), metadata.MD{strings.ToUpper(c.key): {"v"}}),
+		} {
+			_, err := client.Complete(ctx, &llmrelayv1.CompleteRequest{Messages: chat("hi")})
+			if e := mustFail(t, err, codes.InvalidArgument); !strings.Contains(e.Message, `"`+c.key+`"`) ||
+				!strings.Contains(e.Message, c.says) {
+				t.Errorf("a call with metadata %q: %v; want it to name the key and say %q", c.key, err, c.says)
+			}
+			stream, err := client.Stream(ctx, &llmrelayv1.StreamCompleteRequest{Messages: chat("hi")})
+			if err == nil {
+				stream.Close()
+			}
+			if e := mustFail(t, err, codes.InvalidArgument); !strings.Contains(e.Message, `"`+c.key+`"`) {
+				t.Errorf("a stream with metadata %q: %v; want it to name the key", c.key, err)
+			}
+		}
+	}
+	recorder.mu.Lock()
+	defer recorder.mu.Unlock()
+	if recorder.received != nil {
+		t.Errorf("the server received a call, with metadata %v; want none sent", recorder.received)
+	}
+}
