@@ -33,6 +33,24 @@ export function onAbort(signal: AbortSignal | undefined, callback: () => void): 
   };
 }
 
+/**
+ * `signal` if it is an AbortSignal (or undefined), else a TypeError naming the option: from plain JavaScript, the
+ * AbortController itself is easily passed for its signal, and onAbort threw only once the call had started. Read by
+ * what this package uses of it, not by its class, so that one of another realm or a polyfill's serves too.
+ */
+export function checkedSignal(signal: unknown): AbortSignal | undefined {
+  if (signal === undefined) {
+    return undefined;
+  }
+  const like = signal as Partial<AbortSignal> | null;
+  if (typeof like?.aborted === "boolean" && typeof like.addEventListener === "function") {
+    return signal as AbortSignal;
+  }
+  const given =
+    signal instanceof AbortController ? "an AbortController" : signal === null ? "null" : `a ${typeof signal}`;
+  throw new TypeError(`signal is ${given}, not an AbortSignal: give an AbortController's .signal`);
+}
+
 /** Puts the one listener on the signal. */
 function listen(signal: AbortSignal): Waiting {
   const callbacks = new Set<() => void>();

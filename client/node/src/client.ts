@@ -34,7 +34,7 @@ import {
   type StreamRestart,
 } from "./gen/llmrelay/v1/llmrelay";
 import { SERVICE_CONFIG_JSON } from "./gen/llmrelay/v1/service_config";
-import { onAbort } from "./abort";
+import { checkedSignal, onAbort } from "./abort";
 import { StreamAssembler, hasDelta, isRestart } from "./assemble";
 import { textFormat, textTools, withJsonText } from "./content";
 import { LLMRelayError, toError } from "./errors";
@@ -79,7 +79,8 @@ export interface ClientOptions {
   credentials?: ChannelCredentials;
   /**
    * Deadline of calls that set none, in milliseconds; null for no deadline (a call may then wait forever).
-   * Default: DEFAULT_TIMEOUT_MS.
+   * Default: DEFAULT_TIMEOUT_MS. The constructor throws a RangeError for a number out of range, a TypeError for what
+   * is no number (a string such as "30000").
    */
   timeoutMs?: number | null;
   /** Names the caller in the gateway's usage ledger (the x-llmrelay-caller metadata). */
@@ -88,7 +89,8 @@ export interface ClientOptions {
    * Metadata sent with every call (for example `{ authorization: "Bearer KEY" }`): printable ASCII text, or a Buffer
    * for a key ending -bin. The constructor throws a TypeError for a key or a value gRPC cannot send, the
    * connection-specific headers of HTTP/1 among them (connection, keep-alive, proxy-connection, transfer-encoding,
-   * upgrade, http2-settings).
+   * upgrade, http2-settings), for a key starting grpc- (gRPC's own, reserved), and for metadata that is no object of
+   * keys (a string).
    */
   metadata?: Record<string, string | Buffer>;
   /**
@@ -108,7 +110,8 @@ export interface CallOptions {
   deadline?: Date;
   /**
    * Cancels the call: it then fails with CANCELLED. A signal aborted already starts no call: it rejects with the
-   * signal's reason, as fetch() does.
+   * signal's reason, as fetch() does. Anything but an AbortSignal (the AbortController itself) rejects with a
+   * TypeError, and starts no call either.
    */
   signal?: AbortSignal;
   /**
@@ -167,11 +170,11 @@ type UnaryMethod<Req, Res> = (
  */
 export class Client {
   /**
-   * The generated @grpc/grpc-js client, for anything this class does not wrap. Its calls go over the client's channel
-   * (its TLS, retry policy and interceptors) but carry neither ClientOptions.metadata (a key among it) nor the
-   * default timeout, and fail with grpc-js's errors (parseError reads them): give each call its metadata and deadline.
+   * The generated @grpc/grpc-js client, behind the `raw` getter. A true private field, as #headers is: through it
+   * util.inspect of the client with depth reached the channel and the calls waiting there for a connection, each
+   * holding its metadata, the caller's key among it.
    */
-  readonly raw: LLMServiceClient;
+  readonly #raw: LLMServiceClient;
   /** How the channel reaches the gateway; undefined when ClientOptions.credentials decided. */
   readonly transport: Transport | undefined;
   /**
@@ -217,7 +220,7 @@ export class Client {
     this.transport = options.credentials ? undefined : chooseTransport(target, options);
     this.securityHint = transportHint(options, this.transport);
     this.certificateHint = certificateHint(options, this.transport);
-    this.raw = new LLMServiceClient(target, channelCredentials(target, options), {
+    this.#raw = new LLMServiceClient(target, channelCredentials(target, options), {
       // Answers of any size: the gateway bounds them by its server.max_message_bytes, which an operator raises for
       // large images, and with it its answers (gRPC's default of 4 MiB failed a large Embed after it was billed).
       "grpc.max_receive_message_length": -1,
@@ -226,16 +229,26 @@ export class Client {
       interceptors: options.interceptors,
     });
     this.timeoutMs = options.timeoutMs === undefined ? DEFAULT_TIMEOUT_MS : checkedTimeout(options.timeoutMs);
-    this.#headers = checkedMetadata({
-      ...options.metadata,
-      ...(options.caller ? { [CALLER_HEADER]: options.caller } : {}),
-    });
+    // Each checked on its own: spread, a string of metadata would give keys "0", "1", ... that pass.
+    this.#headers = {
+      ...checkedMetadata(options.metadata),
+      ...checkedMetadata(options.caller ? { [CALLER_HEADER]: options.caller } : undefined),
+    };
+  }
+
+  /**
+   * The generated @grpc/grpc-js client, for anything this class does not wrap. Its calls go over the client's channel
+   * (its TLS, retry policy and interceptors) but carry neither ClientOptions.metadata (a key among it) nor the
+   * default timeout, and fail with grpc-js's errors (parseError reads them): give each call its metadata and deadline.
+   */
+  get raw(): LLMServiceClient {
+    return this.#raw;
   }
 
   /** Answers a chat with one assistant message. */
   async complete(request: CompleteInput, options?: CallOptions): Promise<CompleteResponse> {
     const input = { ...request, options: withJsonText(request.options) };
-    return this.unary(this.raw.complete, CompleteRequest.fromPartial(input), options);
+    return this.unary(this.#raw.complete, CompleteRequest.fromPartial(input), options);
   }
 
   /**
@@ -250,10 +263,14 @@ export class Client {
     if (this.closed) {
       throw closedError();
     }
-    options?.signal?.throwIfAborted(); // as unary calls do: an aborted signal starts nothing
+    // As unary calls do: a signal that is none, or one aborted already, starts nothing.
+    const signal = checkedSignal(options?.signal);
+    if (signal?.aborted) {
+      throw signal.reason;
+    }
     let call: ClientReadableStream<StreamCompleteResponse>;
     try {
-      call = this.raw.streamComplete(
+      call = this.#raw.streamComplete(
         StreamCompleteRequest.fromPartial({ ...request, options: withJsonText(request.options) }),
         this.metadata(options),
         this.callOptions(options),
@@ -269,7 +286,7 @@ export class Client {
     call.once("metadata", () => {
       reached = this.reached = true;
     });
-    const stopWaiting = onAbort(options?.signal, () => call.cancel());
+    const stopWaiting = onAbort(signal, () => call.cancel());
     try {
       for await (const chunk of call) {
         reached = this.reached = true;
@@ -317,7 +334,7 @@ export class Client {
    */
   async countTokens(request: CountTokensInput, options?: CallOptions): Promise<CountTokensResponse> {
     const input = { ...request, tools: textTools(request.tools), responseFormat: textFormat(request.responseFormat) };
-    return this.unary(this.raw.countTokens, CountTokensRequest.fromPartial(input), options);
+    return this.unary(this.#raw.countTokens, CountTokensRequest.fromPartial(input), options);
   }
 
   /**
@@ -326,17 +343,17 @@ export class Client {
    * or ask another backend serving the same model, but never another model.
    */
   async embed(request: EmbedInput, options?: CallOptions): Promise<EmbedResponse> {
-    return this.unary(this.raw.embed, EmbedRequest.fromPartial(request), options);
+    return this.unary(this.#raw.embed, EmbedRequest.fromPartial(request), options);
   }
 
   /** Reports the state of every backend; with probe, checks them now instead of reporting the last probe. */
   async health(probe = false, options?: CallOptions): Promise<HealthResponse> {
-    return this.unary(this.raw.health, HealthRequest.fromPartial({ probe }), options);
+    return this.unary(this.#raw.health, HealthRequest.fromPartial({ probe }), options);
   }
 
   /** Reads the usage ledger: token totals per backend, model and caller. */
   async getUsage(request: GetUsageInput = {}, options?: CallOptions): Promise<GetUsageResponse> {
-    return this.unary(this.raw.getUsage, GetUsageRequest.fromPartial(request), options);
+    return this.unary(this.#raw.getUsage, GetUsageRequest.fromPartial(request), options);
   }
 
   /** Closes the channel; calls in flight fail with CANCELLED, and the gateway stops answering them. */
@@ -345,7 +362,7 @@ export class Client {
     for (const call of this.#active) {
       call.cancel();
     }
-    this.raw.close();
+    this.#raw.close();
   }
 
   private unary<Req, Res>(method: UnaryMethod<Req, Res>, request: Req, options?: CallOptions): Promise<Res> {
@@ -354,7 +371,9 @@ export class Client {
         reject(closedError());
         return;
       }
-      const signal = options?.signal;
+      // Before the call starts: given no AbortSignal (the AbortController itself, from plain JavaScript), onAbort
+      // threw after it, and the gateway ran and billed a call whose promise had rejected.
+      const signal = checkedSignal(options?.signal);
       if (signal?.aborted) {
         reject(signal.reason);
         return;
@@ -365,7 +384,7 @@ export class Client {
       // callback may run inside method.call, before the call holds anything: a client interceptor can fail it in
       // start().
       let release = (): void => {};
-      const call = method.call(this.raw, request, this.metadata(options), this.callOptions(options), (err, res) => {
+      const call = method.call(this.#raw, request, this.metadata(options), this.callOptions(options), (err, res) => {
         settled = true;
         release();
         if (err) {
@@ -377,15 +396,23 @@ export class Client {
       if (settled) {
         return;
       }
-      call.once("metadata", () => {
-        reached = this.reached = true;
-      });
-      this.#active.add(call);
-      const stopWaiting = onAbort(signal, () => call.cancel());
-      release = () => {
+      try {
+        call.once("metadata", () => {
+          reached = this.reached = true;
+        });
+        this.#active.add(call);
+        const stopWaiting = onAbort(signal, () => call.cancel());
+        release = () => {
+          this.#active.delete(call);
+          stopWaiting();
+        };
+      } catch (err) {
+        // Nothing started stays behind: neither the call, which the gateway would run and bill for nobody, nor its
+        // place in this.#active, which held it (and its metadata) until close().
         this.#active.delete(call);
-        stopWaiting();
-      };
+        reject(err);
+        call.cancel();
+      }
     });
   }
 
@@ -483,18 +510,39 @@ const CONNECTION_HEADERS = new Set([
   "http2-settings",
 ]);
 
+/** What starts a key gRPC keeps for itself (grpc-status, grpc-timeout, ...), in lower case. */
+const RESERVED_KEY_PREFIX = "grpc-";
+
 /**
- * The metadata with its keys in lower case, as gRPC sends them; a TypeError for a key or a value gRPC refuses, saying
- * which key and never the value, which may be a key to the gateway (read from a file with its newline, say): grpc-js
- * threw its own Error, the value in its message, on every call.
+ * The metadata with its keys in lower case, as gRPC sends them; a TypeError for a key or a value gRPC refuses, or a
+ * key gRPC reserves for itself (grpc-...), saying which key and never the value, which may be a key to the gateway
+ * (read from a file with its newline, say): grpc-js threw its own Error, the value in its message, on every call. A
+ * TypeError too for metadata that is no object of keys (a string, whose letters Object.entries reads as keys "0",
+ * "1", ...), as the Python SDK refuses a string.
  */
 function checkedMetadata(metadata: Record<string, unknown> | undefined): Record<string, string | Buffer> {
+  if (
+    metadata !== undefined &&
+    metadata !== null &&
+    (typeof metadata !== "object" || Array.isArray(metadata) || metadata instanceof Map)
+  ) {
+    // Its type, not its value: a string may be the caller's key.
+    const kind = Array.isArray(metadata) ? "an array" : metadata instanceof Map ? "a Map" : `a ${typeof metadata}`;
+    throw new TypeError(`metadata: an object of keys and values ({ authorization: "Bearer KEY" }), not ${kind}`);
+  }
   const checked: Record<string, string | Buffer> = {};
   for (const [key, value] of Object.entries(metadata ?? {})) {
     const name = key.toLowerCase();
     if (!METADATA_KEY.test(name)) {
       throw new TypeError(
         `metadata key ${JSON.stringify(key)}: gRPC takes only letters, digits, '-', '_' and '.' in a key`,
+      );
+    }
+    if (name.startsWith(RESERVED_KEY_PREFIX)) {
+      // grpc-js sends it, where it has a meaning of gRPC's: a grpc-status failed the call INTERNAL, as though the
+      // gateway had, and a client's grpc-timeout gave every call its deadline, after the upstream was asked.
+      throw new TypeError(
+        `metadata key ${JSON.stringify(key)}: keys starting grpc- are gRPC's own (reserved), not a caller's`,
       );
     }
     if (CONNECTION_HEADERS.has(name)) {
@@ -539,13 +587,19 @@ function unencodable(err: unknown): unknown {
 
 const SERIALIZATION_FAILURE = "Request message serialization failure";
 
-/** `timeoutMs` if it is a deadline grpc-js can keep, else a RangeError that says what to give. */
+/**
+ * `timeoutMs` if it is a deadline grpc-js can keep, else a RangeError that says what to give, or a TypeError for what
+ * is no number: a string ("30000", from an environment variable) or true passed the comparisons, and every call then
+ * failed with grpc-js's own error, or had a deadline of 1 ms.
+ */
 function checkedTimeout(timeoutMs: number | null): number | null {
+  const what = `give a number of milliseconds > 0 and at most ${MAX_TIMEOUT_MS}, or null for no deadline`;
+  if (timeoutMs !== null && typeof timeoutMs !== "number") {
+    const type = typeof timeoutMs === "object" ? "an object" : `a ${typeof timeoutMs}`;
+    throw new TypeError(`timeoutMs is ${type}: ${what}`);
+  }
   if (timeoutMs !== null && !(timeoutMs > 0 && timeoutMs <= MAX_TIMEOUT_MS)) {
-    throw new RangeError(
-      `timeoutMs is ${timeoutMs}: give a number of milliseconds > 0 and at most ${MAX_TIMEOUT_MS}, or null for no` +
-        " deadline",
-    );
+    throw new RangeError(`timeoutMs is ${timeoutMs}: ${what}`);
   }
   return timeoutMs;
 }

@@ -166,6 +166,23 @@ describe("call options", { concurrency: false }, () => {
     );
     assert.throws(() => connect(gateway.addr, { timeoutMs: 4e14 }), said);
     await assert.rejects(client.collect({ messages: [user("x")] }, { timeoutMs: 4e14 }), said);
+    // What is no number, from plain JavaScript: "30000" (an environment variable's) and true passed the comparisons,
+    // and every call then failed with grpc-js's own error, or had a deadline of 1 ms.
+    for (const [timeoutMs, type] of [
+      ["30000", "a string"],
+      [true, "a boolean"],
+    ]) {
+      const notANumber = { timeoutMs } as unknown as ClientOptions;
+      const refused = (err: unknown) => {
+        assert.ok(err instanceof TypeError, String(err));
+        assert.ok(err.message.startsWith(`timeoutMs is ${type}: `), err.message);
+        assert.match(err.message, said);
+        return true;
+      };
+      assert.throws(() => connect(gateway.addr, notANumber), refused);
+      await assert.rejects(client.complete({ messages: [user("x")] }, notANumber), refused);
+      await assert.rejects(client.stream({ messages: [user("x")] }, notANumber).next(), refused);
+    }
     const answer = await client.complete({ messages: [user("x")] }, { timeoutMs: MAX_TIMEOUT_MS });
     assert.equal(answer.message?.content, "echo: x");
   });

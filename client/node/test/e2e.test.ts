@@ -408,6 +408,76 @@ describe("llmrelay gateway, from TypeScript", { concurrency: false }, () => {
     await client.complete({ messages: chat("sent") }, { metadata: { te: "gzip" } });
   });
 
+  test("a metadata key starting grpc- is a TypeError naming the key: gRPC's own, as the Python SDK says", async () => {
+    // grpc-js sent it: a call's grpc-status failed it INTERNAL, as though the gateway had, and a client's grpc-timeout
+    // gave every call a deadline of 100 ms, met after the upstream was asked.
+    const refused = (key: string) => (err: unknown) => {
+      assert.ok(err instanceof TypeError, String(err));
+      assert.equal(err.message, `metadata key "${key}": keys starting grpc- are gRPC's own (reserved), not a caller's`);
+      return true;
+    };
+    const keys: [string, string | Buffer][] = [
+      ["grpc-timeout", "100m"],
+      ["GRPC-Status", "x"],
+      ["grpc-trace-bin", Buffer.from([0])],
+    ];
+    for (const [key, value] of keys) {
+      assert.throws(() => new Client(gateway.addr, { timeoutMs: null, metadata: { [key]: value } }), refused(key));
+    }
+    const client = connect();
+    const before = await upstream.requestCount();
+    for (const [key, value] of keys) {
+      const options = { metadata: { [key]: value } };
+      await assert.rejects(client.complete({ messages: chat("never sent") }, options), refused(key));
+      await assert.rejects(client.stream({ messages: chat("never sent") }, options).next(), refused(key));
+    }
+    assert.equal(await upstream.requestCount(), before);
+  });
+
+  test("metadata that is no object of keys (a string) is a TypeError, never showing it", async () => {
+    // Object.entries read a string's letters as keys "0", "1", ..., each a printable value: the client took it.
+    const secret = "authorization: Bearer sk-live-SECRET";
+    const refused = (kind: string) => (err: unknown) => {
+      assert.ok(err instanceof TypeError, String(err));
+      assert.equal(
+        err.message,
+        `metadata: an object of keys and values ({ authorization: "Bearer KEY" }), not ${kind}`,
+      );
+      return true;
+    };
+    for (const [metadata, kind] of [
+      [secret, "a string"],
+      [["authorization", "Bearer sk-live-SECRET"], "an array"],
+    ] as const) {
+      const options = { metadata } as unknown as ClientOptions;
+      assert.throws(() => new Client(gateway.addr, options), refused(kind));
+      const client = connect();
+      const before = await upstream.requestCount();
+      await assert.rejects(client.complete({ messages: chat("never sent") }, options), refused(kind));
+      await assert.rejects(client.stream({ messages: chat("never sent") }, options).next(), refused(kind));
+      assert.equal(await upstream.requestCount(), before);
+    }
+  });
+
+  test("a signal that is no AbortSignal (the AbortController) is a TypeError, and no call starts", async () => {
+    // From plain JavaScript: the unary call started before the signal was read, so it rejected while the gateway ran
+    // it to the end and billed it.
+    const client = connect();
+    const controller = new AbortController();
+    const options = { signal: controller as unknown as AbortSignal };
+    const refused = {
+      name: "TypeError",
+      message: "signal is an AbortController, not an AbortSignal: give an AbortController's .signal",
+    };
+    const before = await upstream.requestCount();
+    await assert.rejects(client.complete({ messages: chat("never sent") }, options), refused);
+    await assert.rejects(client.stream({ messages: chat("never sent") }, options).next(), refused);
+    // A call after them, on the same connection, and time for one started before it to reach the upstream too.
+    await client.complete({ messages: chat("sent") });
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    assert.equal(await upstream.requestCount(), before + 1);
+  });
+
   test("one stop sequence may be given as a string, as OpenAI takes it", async () => {
     // From plain JavaScript, as the Python SDK takes it: it threw inside fromPartial ("stop?.map is not a function").
     await connect().complete({ messages: chat("stop here"), options: { stop: "END" } } as unknown as StreamInput);

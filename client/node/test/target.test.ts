@@ -5,6 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
+import net from "node:net";
 import util from "node:util";
 
 import { Server, ServerCredentials } from "@grpc/grpc-js";
@@ -116,6 +117,38 @@ describe("util.inspect", () => {
     } finally {
       client.close();
       server.forceShutdown();
+    }
+  });
+  test("shows none of it while a call waits for its connection, which holds the call's metadata", async () => {
+    // A server that takes the connection and never speaks HTTP/2: the calls wait in the channel's queue, as they do
+    // while any gateway is connected to. grpc-js's client, the public `raw`, reached them and their metadata.
+    const secret = "sk-SECRET-789";
+    const sockets = new Set<net.Socket>();
+    let connected!: () => void;
+    const connection = new Promise<void>((resolve) => (connected = resolve));
+    const server = net.createServer((socket) => {
+      sockets.add(socket.on("error", () => {}));
+      connected();
+    });
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+    const { port } = server.address() as net.AddressInfo;
+    const client = new Client(`127.0.0.1:${port}`, { metadata: { authorization: `Bearer ${secret}` } });
+    try {
+      const unary = client.complete({ messages: [user("hi")] }).catch(() => undefined);
+      const stream = client.stream({ messages: [user("hi")] }).next().catch(() => undefined);
+      await connection;
+      for (const value of [client, new Agent(client, { tools: [] })]) {
+        const text = util.inspect(value, { depth: Infinity, showHidden: true });
+        assert.ok(!text.includes(secret), "util.inspect shows the key of a call waiting for its connection");
+      }
+      // `raw` is still there, for what the client does not wrap.
+      assert.equal(typeof client.raw.complete, "function");
+      client.close();
+      await Promise.all([unary, stream]);
+    } finally {
+      client.close();
+      sockets.forEach((socket) => socket.destroy());
+      server.close();
     }
   });
 });
