@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import codecs
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -226,23 +227,21 @@ async def spawn_gateway(
     starts one, ignores SIGINT, which a child inherits, and a gateway started so keeps it ignored); else it is started
     with SIGINT ignored, as a shell starts a background job."""
     port = free_port() if port is None else port
-    # The disposition a child inherits is its parent's at the moment it starts (a handler's as SIGINT's default).
-    before = signal.signal(signal.SIGINT, signal.default_int_handler if interruptible else signal.SIG_IGN)
-    try:
-        process = await asyncio.create_subprocess_exec(
-            *under,
-            BIN / "llmrelay-server",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--config",
-            str(config),
-            *flags,
-            env=dict(env) if env is not None else clean_env(),
-            cwd=cwd,
-            stderr=asyncio.subprocess.PIPE,
-        )
-    finally:
-        signal.signal(signal.SIGINT, before)
+    process = await asyncio.create_subprocess_exec(
+        *under,
+        BIN / "llmrelay-server",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--config",
+        str(config),
+        *flags,
+        env=dict(env) if env is not None else clean_env(),
+        cwd=cwd,
+        stderr=asyncio.subprocess.PIPE,
+        # Set in the child, between its fork and its exec (what it runs inherits an ignored SIGINT): set here around
+        # the start, two starts at once put back each other's.
+        preexec_fn=functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL if interruptible else signal.SIG_IGN),
+    )
     return GatewayProcess(process, port, echo)
 
 

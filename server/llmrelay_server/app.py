@@ -118,9 +118,14 @@ class Gateway:
             await stopping
             # A call whose caller left is over for gRPC, not yet for the gateway: its bill first, then the ledger. A
             # bill may count a long prompt offline (a stream cut off, its upstream's usage never come), which a stop
-            # not told to stop now waits for.
-            billing_s = INTERRUPT_S if hurry.is_set() else max(INTERRUPT_S, self.router.most_counting_s)
-            await self.servicer.calls_ended(wait_s=max(grace_s, billing_s))
+            # waits for, unless told to stop now (then, or meanwhile).
+            billing_s = INTERRUPT_S if hurry.is_set() else max(grace_s, INTERRUPT_S, self.router.most_counting_s)
+            billing = asyncio.ensure_future(self.servicer.calls_ended(wait_s=billing_s))
+            await asyncio.wait({billing, hurried}, return_when=asyncio.FIRST_COMPLETED)
+            if not billing.done():
+                await asyncio.wait({billing}, timeout=INTERRUPT_S)
+                billing.cancel()
+            self.servicer.say_unbilled()
         finally:
             hurried.cancel()
             self.router.lag.stop()

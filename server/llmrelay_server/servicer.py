@@ -122,20 +122,24 @@ class LLMServicer(pb.LLMServiceServicer):
         """Until the model calls still running have ended, `wait_s` at most. gRPC counts a call its caller left as
         over at once, while the gateway is still billing what its stream consumed (a count that may take a thread's
         while): what is closed after this (the ledger) must wait for that."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + wait_s
         if self._calls:
             await asyncio.wait(list(self._calls), timeout=wait_s)
         for task in [task for task in self._calls if task.done()]:  # ended in gRPC's write: its caller gone
             self._close_later(task)
-        if self._closing:
-            await asyncio.wait(list(self._closing), timeout=wait_s)
+        if self._closing and (left_s := until - loop.time()) > 0:
+            await asyncio.wait(list(self._closing), timeout=left_s)
+
+    def say_unbilled(self) -> None:
+        """At the end of the stop: an ERROR for the calls still being billed, whose bills (a long prompt counted
+        offline, where the upstream gave no usage) are dropped with the event loop: said, not lost without a word."""
         if unbilled := sum(not task.done() for task in (*self._calls, *self._closing)):
-            # Their bills (a long prompt counted offline, where the upstream gave no usage) are dropped with the loop:
-            # said, not lost without a word.
             _log.error(
-                "%d calls were still being billed as the gateway stopped, %g s after their end: their usage is not in"
-                " the ledger (a longer server.grace_period_s gives their counts the time)",
+                "%d calls were still being billed as the gateway stopped: their usage is not in the ledger (the"
+                " stop waits for such bills as long as a count of the largest request may take, unless told to stop"
+                " now)",
                 unbilled,
-                wait_s,
             )
 
     # A pair rather than a context manager: contextlib's costs a microsecond a call.

@@ -67,6 +67,7 @@ from llmrelay_server.auth import LIMITS_PER_WORKER, KeyRing
 from llmrelay_server.config import ConfigError, GatewayConfig
 from llmrelay_server.logs import share_stderr, use_log_format
 from llmrelay_server.metrics import cannot_serve, serve_metrics
+from llmrelay_server.tokens import TokenCounter
 
 log = logging.getLogger("llmrelay_server.workers")
 
@@ -651,7 +652,10 @@ class Supervisor:
         for signum in stop_signals():
             on_signal(signum, self._signal_all, workers, STOP_NOW)
         server = self._config.server
-        within_s = server.drain_s + server.grace_period_s + EXIT_MARGIN_S
+        # And the bills of calls cut off at the end of the grace period, which may count a prompt offline
+        # (Gateway.stop): killed meanwhile, the worker lost them.
+        billing_s = TokenCounter.count_s_at_most(server.max_message_bytes)
+        within_s = server.drain_s + server.grace_period_s + billing_s + EXIT_MARGIN_S
         if server.tracing:
             # Then each exports the spans still queued, for up to the export timeout. Unless the workers refused the
             # OTEL_* settings (or OpenTelemetry is not installed) as they started: then none runs to wait for.

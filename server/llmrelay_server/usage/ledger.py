@@ -411,9 +411,10 @@ class UsageLedger:
                 if self._unwritten and self._unavailable is not None and self._journal is not None:
                     # The last write failed (each is bounded in time): another would only hold the shutdown up.
                     raise LedgerUnavailableError(self._unavailable[1])
-                flushing = asyncio.ensure_future(self.flush())
-                await self._until_done_or(flushing, hurry)
-                if flushing.cancelled():
+                if self._task is None or not self._task.cancelled():  # else its write was given its time already
+                    flushing = asyncio.ensure_future(self.flush())
+                    await self._until_done_or(flushing, hurry)
+                if self._unwritten and hurry is not None and hurry.is_set() and self._all_journaled():
                     raise LedgerUnavailableError(f"not written within {HURRIED_WRITE_S:g} s of the stop now")
             except (LedgerUnavailableError, OSError) as error:
                 where = f"in the journal {self._journal.directory}" if self._journal is not None else "lost"
