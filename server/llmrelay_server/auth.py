@@ -450,11 +450,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         _keys_required.set(True)
         key = _bearer(handler_call_details.invocation_metadata)
         caller = self._keys.find(key) if key else None
+        if method[1:].rpartition("/")[0] in self._open or method[1:] in self._open:
+            # Open to a caller without a (known) key; one with a key is that key's caller there too: billed, limited
+            # and shown its usage as its key's, not under a fingerprint of its token. Not looked at again as the
+            # handler starts: a key revoked meanwhile would refuse what is open (and a Watch, which lasts, would be
+            # among the calls in progress that a reload waits for).
+            current_caller.set(caller)
+            return await continuation(handler_call_details)
         if caller is None:
-            # An open method is open to a caller without a (known) key; one with a key is that key's caller there too:
-            # billed, limited and shown its usage as its key's, not under a fingerprint of its token.
-            if method[1:].rpartition("/")[0] in self._open or method[1:] in self._open:
-                return await continuation(handler_call_details)
             handler = await continuation(handler_call_details)
             if handler is None:
                 return None
