@@ -490,20 +490,20 @@ async def _migrate(connection: _Connection, description: str) -> None:
                 f"the usage ledger's schema is version {current}, newer than this gateway knows"
                 f" ({len(_MIGRATIONS)}): run the newer llmrelay-server"
             )
+        for table in _TABLES:  # found made: by these migrations, or by another application?
+            found = await connection.execute(
+                "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
+                (table,),
+            )
+            columns = [row[0] for row in await found.fetchall()]
+            if columns and (error := not_the_ledgers(table, columns, description)) is not None:
+                raise error  # before any migration: nothing made in the other's table, no version recorded
         missing = [table for table in _TABLES if current > 0 and not await _exists(connection, table)]
         for version in range(1 if missing else current + 1, len(_MIGRATIONS) + 1):
             for statement in _MIGRATIONS[version - 1]:
                 await connection.execute(statement)
             if version > current:
                 await connection.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
-        for table in _TABLES:  # made now, or found made: by these migrations, or by another application?
-            found = await connection.execute(
-                "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
-                (table,),
-            )
-            if (columns := {row[0] for row in await found.fetchall()}) != TABLE_COLUMNS[table]:
-                # The transaction undone: no version recorded, nothing left made in the other's table.
-                raise not_the_ledgers(table, columns, description)
         if missing:
             _log.warning(
                 "usage ledger: %s had lost its table %s (dropped?): made anew, empty; the usage it held is gone from"

@@ -65,6 +65,10 @@ CREATE TABLE IF NOT EXISTS usage_buckets (
 _LATER_COLUMNS: Final = ("interrupted_requests", "cost_usd_micros", "cost_estimated_requests", "price_unknown_requests")
 
 
+_LATER_FOUND: Final = {"usage_buckets": frozenset(_LATER_COLUMNS), "applied_batches": frozenset()}
+"""Of each table, the columns a file of an earlier version may lack (its migrations add them)."""
+
+
 def _first_table(connection: sqlite3.Connection) -> None:
     """The table as the versions before migrations left it: made if missing, its later columns added if missing."""
     connection.execute(_FIRST_TABLE)
@@ -338,18 +342,18 @@ def _migrate(connection: sqlite3.Connection, where: str) -> None:
                 f"the usage ledger's schema is version {current}, newer than this gateway knows"
                 f" ({len(_MIGRATIONS)}): run the newer llmrelay-server, or give this one a ledger of its own"
             )
+        found = {table: _columns(connection, table) for table in TABLE_COLUMNS}
+        for table, columns in found.items():
+            # Before any migration, as far as every shape it ever had tells: nothing added to the other's table.
+            if columns and (error := not_the_ledgers(table, columns | _LATER_FOUND[table], where)) is not None:
+                raise error
         # One dropped by hand while schema_version stays failed every write for ever, restarts included, as an outage
         # that would pass: made anew, empty.
-        found = {table: _columns(connection, table) for table in TABLE_COLUMNS}
         missing = [table for table, columns in found.items() if current > 0 and not columns]
         for version in range(1 if missing else current + 1, len(_MIGRATIONS) + 1):
             _MIGRATIONS[version - 1](connection)
             if version > current:
                 connection.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-        for table, columns in found.items():
-            if _columns(connection, table) != TABLE_COLUMNS[table]:
-                # The transaction undone: no version recorded, no column left added to the other's table.
-                raise not_the_ledgers(table, columns, where)
         connection.commit()
     except BaseException:
         connection.rollback()

@@ -92,17 +92,16 @@ class LedgerUnavailableError(RuntimeError):
     """The ledger's database cannot be read or written now; the message names it (never with its password)."""
 
 
-def not_the_ledgers(table: str, columns: Collection[str], where: str) -> LedgerUnavailableError:
-    """The error for a table of the ledger's name that its migrations did not make, found with these columns
-    (another application's, in a database shared with it; a copy of another shape): every write failed on it for
-    ever, with only the database's own words about one column to go by."""
-    expected = TABLE_COLUMNS[table]
-    lacking, more = sorted(expected.difference(columns)), sorted(set(columns).difference(expected))
-    differences = [f"lacks the ledger's columns {', '.join(lacking)}"] if lacking else []
-    differences += [f"has columns the ledger's has not: {', '.join(more)}"] if more else []
+def not_the_ledgers(table: str, columns: Collection[str], where: str) -> LedgerUnavailableError | None:
+    """The error for a table of the ledger's name, found with these columns, that lacks some of those `TABLE_COLUMNS`
+    gives it (another application's, in a database shared with it; a copy of another shape): every write failed on
+    it for ever, with only the database's own words about one column to go by. None when it has them all (a column
+    an operator added besides is theirs)."""
+    if not (lacking := sorted(TABLE_COLUMNS[table].difference(columns))):
+        return None
     return LedgerUnavailableError(
-        f"{where}: its table {table} is not the usage ledger's (it {'; it '.join(differences)}): give the ledger"
-        " a database (or schema) of its own"
+        f"{where}: its table {table} is not the usage ledger's (it lacks the ledger's columns {', '.join(lacking)}):"
+        " give the ledger a database (or schema) of its own"
     )
 
 
