@@ -37,7 +37,7 @@ import { SERVICE_CONFIG_JSON } from "./gen/llmrelay/v1/service_config";
 import { checkedSignal, onAbort } from "./abort";
 import { StreamAssembler, hasDelta, isRestart } from "./assemble";
 import { textFormat, textTools, withJsonText } from "./content";
-import { LLMRelayError, toError } from "./errors";
+import { DOMAIN, LLMRelayError, toError } from "./errors";
 import {
   channelCredentials,
   chooseTransport,
@@ -446,9 +446,15 @@ export class Client {
    * rule chose, what it chose and how to choose otherwise: a gateway that serves TLS drops a plaintext client with no
    * word of TLS in the status, and a plaintext gateway fails a TLS client with OpenSSL's "wrong version number". A
    * caller who chose needs no word of the rule, and neither does a call that reached the gateway (`reached`: its
-   * response headers or a message came), such as a stream cut by a gateway that went away midway, nor one after it.
+   * response headers, a message or an error of its own came), such as a stream cut by a gateway that went away
+   * midway, nor one after it.
    */
   private explain(err: unknown, reached: boolean): unknown {
+    if (err instanceof LLMRelayError && (err.errorInfo?.domain === DOMAIN || err.requestId !== undefined)) {
+      // An error the gateway answered with comes trailers-only, no headers: its ErrorInfo, or its request id, says
+      // it came from the gateway all the same.
+      this.reached = true;
+    }
     if (reached || this.reached || !(err instanceof LLMRelayError) || err.code !== status.UNAVAILABLE || err.errorInfo !== undefined) {
       return err;
     }

@@ -442,6 +442,28 @@ describe("a stream cut by a gateway that died", () => {
   });
 });
 
+describe("a gateway that answered an error and then died", () => {
+  let dying: Gateway;
+
+  before(async () => {
+    dying = await Gateway.start(); // its own: the test kills it
+  });
+
+  after(async () => {
+    await dying?.stop().catch(() => {}); // the harness exits 1 as its gateway died: by the test's hand
+  });
+
+  test("was reached: the calls after it fail without the transport rule's hint", async () => {
+    // An error comes trailers-only, no headers: the client counted the gateway as never reached, and once it was
+    // gone told its caller to try TLS, though it had been answered in plaintext.
+    const client = connect(dying.addr);
+    await mustFail(client.complete({ messages: [user("hi")], model: "no-such/model" }), status.NOT_FOUND);
+    process.kill(dying.gatewayPid, "SIGKILL");
+    const refused = await mustFail(client.complete({ messages: [user("hi")] }), status.UNAVAILABLE);
+    assert.doesNotMatch(refused.message, /plaintext|loopback|gateway serves TLS/);
+  });
+});
+
 /** The error a stream of `client` ends with, having asked for "hi". */
 async function streamError(client: Client): Promise<unknown> {
   return (async () => {
