@@ -1303,14 +1303,19 @@ async def test_a_prompt_counted_past_the_deadline_for_a_limit_ends_with_the_gate
     text = "a" * 4_000_000  # one word: seconds of encoding
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
         stub = pb.LLMServiceStub(channel)
-        call = (
-            stub.Complete(chat(text), timeout=1)
-            if rpc == "Complete"
-            else stub.Embed(pb.EmbedRequest(model="embed-test", inputs=[text]), timeout=1)
-        )
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await call
-        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The gateway answers a little before the deadline; on a machine busy enough that its answer takes longer than
+        # that to arrive, the client library ends the call itself (no details): one try of three must be the gateway's.
+        for _ in range(3):
+            call = (
+                stub.Complete(chat(text), timeout=1)
+                if rpc == "Complete"
+                else stub.Embed(pb.EmbedRequest(model="embed-test", inputs=[text]), timeout=1)
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            if any(key == "grpc-status-details-bin" for key, _ in caught.value.trailing_metadata() or ()):
+                break
         found = details(caught.value)
         assert found["ErrorInfo"].reason == "DEADLINE_EXCEEDED"
         assert "attempts" not in found["ErrorInfo"].metadata and "AttemptHistory" not in found, "no backend asked"
