@@ -454,6 +454,19 @@ class _FreezingProxy:
             self._tasks.add(asyncio.create_task(task))
 
 
+@contextlib.asynccontextmanager
+async def one_record_unwritten(database_url: str, journal: Path) -> AsyncIterator[tuple[_FreezingProxy, UsageLedger]]:
+    """A ledger in front of a database that has stopped answering (`_FreezingProxy`), one record written before it
+    did and one since, waiting in the journal."""
+    async with _FreezingProxy(database_url) as proxy:
+        ledger = UsageLedger(proxy.url, journal_dir=journal)
+        ledger.record("openai", "gpt-4o", "alice", TokenUsage(100, 20), at=T0)
+        await ledger.flush()
+        proxy.freeze()
+        ledger.record("openai", "gpt-4o", "alice", TokenUsage(1, 1), at=T0)
+        yield proxy, ledger
+
+
 async def test_a_database_that_stops_answering_is_unavailable_in_bounded_time(
     database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -461,12 +474,7 @@ async def test_a_database_that_stops_answering_is_unavailable_in_bounded_time(
     and are written, once, when it answers again."""
     monkeypatch.setattr("llmrelay_server.usage.postgresql.ANSWER_S", 1.0)
     journal = tmp_path / "journal"
-    async with _FreezingProxy(database_url) as proxy:
-        ledger = UsageLedger(proxy.url, journal_dir=journal)
-        ledger.record("openai", "gpt-4o", "alice", TokenUsage(100, 20), at=T0)
-        await ledger.flush()
-        proxy.freeze()
-        ledger.record("openai", "gpt-4o", "alice", TokenUsage(1, 1), at=T0)
+    async with one_record_unwritten(database_url, journal) as (proxy, ledger):
         loop = asyncio.get_running_loop()
         asked = loop.time()
         with pytest.raises(UsageUnavailableError):
@@ -493,12 +501,7 @@ async def test_a_ledger_closing_as_the_gateway_stops_now_leaves_a_silent_databas
     answering, for a record already safe in the journal: the write gets HURRIED_WRITE_S, and the next ledger on the
     directory writes the record once."""
     journal = tmp_path / "journal"
-    async with _FreezingProxy(database_url) as proxy:
-        ledger = UsageLedger(proxy.url, journal_dir=journal)
-        ledger.record("openai", "gpt-4o", "alice", TokenUsage(100, 20), at=T0)
-        await ledger.flush()
-        proxy.freeze()
-        ledger.record("openai", "gpt-4o", "alice", TokenUsage(1, 1), at=T0)
+    async with one_record_unwritten(database_url, journal) as (proxy, ledger):
         hurry = asyncio.Event()
         async with in_background(ledger.aclose(hurry)) as closing:
             await asyncio.sleep(0.2)  # its last write under way, and waiting on the database

@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import tls from "node:tls";
-import { after, before, beforeEach, describe, test } from "node:test";
+import { after, afterEach, before, beforeEach, describe, test } from "node:test";
 
 import { Metadata, Server, ServerCredentials, type ServerErrorResponse } from "@grpc/grpc-js";
 
@@ -398,18 +398,18 @@ describe("the transport rule against a plaintext gateway by a name that is not l
   });
 });
 
-describe("a stream cut by a gateway that died", () => {
+describe("a gateway that died", () => {
   let dying: Gateway;
 
-  before(async () => {
-    dying = await Gateway.start(); // its own: the test kills it
+  beforeEach(async () => {
+    dying = await Gateway.start(); // each test's own: it kills it
   });
 
-  after(async () => {
+  afterEach(async () => {
     await dying?.stop().catch(() => {}); // the harness exits 1 as its gateway died: by the test's hand
   });
 
-  test("fails without the transport rule's hint: the gateway was reached, in plaintext", async () => {
+  test("cut a stream: it fails without the transport rule's hint, the gateway reached in plaintext", async () => {
     // A delta every 2 s: the gateway still streams when killed, however late a busy machine runs the test after its
     // second chunk (the kill comes then: the wait costs nothing).
     await dying.upstream.addFaults({ trickle_s: 2 });
@@ -440,20 +440,8 @@ describe("a stream cut by a gateway that died", () => {
     assert.equal(refused.code, status.UNAVAILABLE, refused.message);
     assert.doesNotMatch(refused.message, /plaintext|loopback|gateway serves TLS/);
   });
-});
 
-describe("a gateway that answered an error and then died", () => {
-  let dying: Gateway;
-
-  before(async () => {
-    dying = await Gateway.start(); // its own: the test kills it
-  });
-
-  after(async () => {
-    await dying?.stop().catch(() => {}); // the harness exits 1 as its gateway died: by the test's hand
-  });
-
-  test("was reached: the calls after it fail without the transport rule's hint", async () => {
+  test("after answering an error was reached: the calls after it fail without the rule's hint", async () => {
     // An error comes trailers-only, no headers: the client counted the gateway as never reached, and once it was
     // gone told its caller to try TLS, though it had been answered in plaintext.
     const client = connect(dying.addr);
