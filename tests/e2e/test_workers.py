@@ -25,7 +25,9 @@ import grpc
 import pytest
 from harness import BIN, GatewayProcess, clean_env, free_port, spawn_gateway
 from llmrelay import v1 as pb
-from llmrelay_server.workers import SCRAPE_TIMEOUT_S, _WorkersMetrics
+from llmrelay_server.config import ServerConfig
+from llmrelay_server.tokens import TokenCounter
+from llmrelay_server.workers import EXIT_MARGIN_S, SCRAPE_TIMEOUT_S, _WorkersMetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 from raw_server import RawServer
@@ -672,16 +674,17 @@ async def test_sighup_as_the_stop_ends_leaves_it_a_clean_stop(tmp_path: Path, lo
 async def test_workers_that_do_not_stop_are_killed_after_one_deadline_for_all(
     tmp_path: Path, local: FakeUpstream
 ) -> None:
-    """Workers that ignore SIGTERM are killed once drain_s + grace_period_s + 10 s have passed: once for all of them,
-    not for each in turn (twice that with two)."""
+    """Workers that ignore SIGTERM are killed once drain_s + grace_period_s, the time a bill's count of the largest
+    request may take, and 10 s have passed: once for all of them, not for each in turn (twice that with two)."""
     gateway = await start_workers(tmp_path, local, grace_period_s=0.5)
     for pid in children(gateway.process.pid):
         os.kill(pid, signal.SIGSTOP)  # as a worker whose loop is blocked: SIGTERM does not stop it
+    within_s = 0.5 + TokenCounter.count_s_at_most(ServerConfig().max_message_bytes) + EXIT_MARGIN_S
     began = time.monotonic()
     assert await stop(gateway) == 128 + signal.SIGKILL  # not a clean stop: their calls in flight were cut
     took_s = time.monotonic() - began
-    assert 10.5 <= took_s < 15
-    assert (await gateway.output()).count("did not stop within 10.5 s: killing it") == 2
+    assert within_s <= took_s < within_s + 4.5
+    assert (await gateway.output()).count(f"did not stop within {within_s:g} s: killing it") == 2
 
 
 def stopped(pid: int) -> bool:

@@ -62,9 +62,10 @@ class Holding:
 
 @dataclass
 class Bills:
-    """The ledger's part a call plays: what it records."""
+    """The ledger's part a call plays: what it records (open: a shutdown closes it)."""
 
     records: list[tuple[str, str, str, TokenUsage, bool]] = field(default_factory=list)
+    closed: bool = False
 
     def record(self, backend: str, model: str, caller: str, usage: TokenUsage, *, interrupted: bool = False) -> None:
         self.records.append((backend, model, caller, usage, interrupted))
