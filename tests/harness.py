@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import codecs
 import contextlib
-import functools
 import itertools
 import json
 import os
@@ -228,6 +227,11 @@ async def spawn_gateway(
     with SIGINT ignored, as a shell starts a background job."""
     port = free_port() if port is None else port
     process = await asyncio.create_subprocess_exec(
+        # By coreutils' env, which execs the rest: a preexec_fn would run Python in the child of a process using gRPC,
+        # whose fork handlers then crash it, and changing this process's own SIGINT around the start, two starts at
+        # once put back each other's.
+        "/usr/bin/env",
+        "--default-signal=INT" if interruptible else "--ignore-signal=INT",
         *under,
         BIN / "llmrelay-server",
         "--listen",
@@ -238,9 +242,6 @@ async def spawn_gateway(
         env=dict(env) if env is not None else clean_env(),
         cwd=cwd,
         stderr=asyncio.subprocess.PIPE,
-        # Set in the child, between its fork and its exec (what it runs inherits an ignored SIGINT): set here around
-        # the start, two starts at once put back each other's.
-        preexec_fn=functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL if interruptible else signal.SIG_IGN),
     )
     return GatewayProcess(process, port, echo)
 
