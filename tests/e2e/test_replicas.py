@@ -81,7 +81,12 @@ async def pg(postgres_template: PostgresTemplate) -> AsyncIterator[PostgresServe
 
 async def start_replicas(configs: Sequence[Path], local: FakeUpstream) -> Replicas:
     processes = list(await asyncio.gather(*(start_server(path, local) for path in configs)))
-    await asyncio.gather(*(process.wait_listening() for process in processes))
+    try:
+        await asyncio.gather(*(process.wait_listening() for process in processes))
+    except BaseException:
+        # One that exited as it started fails the test: the others are not left serving after it.
+        await asyncio.gather(*(process.stop() for process in processes))
+        raise
     return Replicas(processes, [grpc.aio.insecure_channel(process.target) for process in processes])
 
 
