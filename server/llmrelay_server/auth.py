@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 
 from llmrelay_server.config import AuthConfig, CallerKey, ConfigError, read_keys_file
-from llmrelay_server.decoding import invocation_metadata
+from llmrelay_server.decoding import COMPLETE, EMBED, STREAM_COMPLETE, invocation_metadata
 from llmrelay_server.domain import (
     CALLER_NAME,
     FieldViolation,
@@ -423,6 +423,9 @@ def _read_keys(
     return keys, callers
 
 
+_MODEL_METHODS = frozenset({COMPLETE, STREAM_COMPLETE, EMBED})
+"""The methods whose calls a budget counts."""
+
 _NOT_VALID = "the key is not valid here (unknown, revoked, or not `Bearer KEY`)"
 
 
@@ -439,7 +442,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._open = frozenset(open_services)
         self._refusing: dict[tuple[str, str], tuple[Handler, Handler]] = {}
         """By method and reason: the handler refused, and its refusal."""
-        self._rechecked = Wrappings(self._recheck)
+        self._rechecked = Wrappings(functools.partial(self._in_progress, recheck=True))
+        self._counted = Wrappings(functools.partial(self._in_progress, recheck=False))
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -453,10 +457,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if method[1:].rpartition("/")[0] in self._open or method[1:] in self._open:
             # Open to a caller without a (known) key; one with a key is that key's caller there too: billed, limited
             # and shown its usage as its key's, not under a fingerprint of its token. Not looked at again as the
-            # handler starts: a key revoked meanwhile would refuse what is open (and a Watch, which lasts, would be
-            # among the calls in progress that a reload waits for).
+            # handler starts: a key revoked meanwhile would refuse what is open. Its model calls are among the calls
+            # in progress, as the key's others, which a reload giving the key a budget waits for (not a Watch, which
+            # lasts).
             current_caller.set(caller)
-            return await continuation(handler_call_details)
+            handler = await continuation(handler_call_details)
+            if caller is None or handler is None or not self._keys.reloads or method not in _MODEL_METHODS:
+                return handler
+            return self._counted.of(handler, method)
         if caller is None:
             handler = await continuation(handler_call_details)
             if handler is None:
@@ -476,36 +484,39 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         return self._rechecked.of(handler, method)
 
-    def _recheck(self, handler: Handler, method: str) -> Handler:
-        """`handler`, run for its caller as the keys in force when it starts have it (the limits interceptor after this
-        one decides then too), and kept among the calls in progress from then on (`KeyRing.calls_in_progress`)."""
+    def _in_progress(self, handler: Handler, method: str, *, recheck: bool) -> Handler:
+        """`handler`, kept among the calls in progress while it runs (`KeyRing.calls_in_progress`); with `recheck`, run
+        for its caller as the keys in force when it starts have it (the limits interceptor after this one decides then
+        too)."""
         keys, running = self._keys, self._keys.calls_in_progress
         decode, encode = handler.request_deserializer, handler.response_serializer
         if handler.response_streaming:
             answers_of: Any = handler.unary_stream  # the stubs' type is of grpc's sync server
 
-            async def rechecked_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            async def kept_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
                 running[task := _current_task()] = None
                 try:
-                    await _as_in_force(keys, context)
+                    if recheck:
+                        await _as_in_force(keys, context)
                     async with contextlib.aclosing(answers_of(request, context)) as answers:
                         async for answer in answers:
                             yield answer
                 finally:
                     running.pop(task, None)
 
-            return grpc.unary_stream_rpc_method_handler(rechecked_stream, decode, encode)
+            return grpc.unary_stream_rpc_method_handler(kept_stream, decode, encode)
         answer_of: Any = handler.unary_unary
 
-        async def rechecked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def kept(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             running[task := _current_task()] = None
             try:
-                await _as_in_force(keys, context)
+                if recheck:
+                    await _as_in_force(keys, context)
                 return await answer_of(request, context)
             finally:
                 running.pop(task, None)
 
-        return grpc.unary_unary_rpc_method_handler(rechecked, decode, encode)
+        return grpc.unary_unary_rpc_method_handler(kept, decode, encode)
 
 
 async def _as_in_force(keys: KeyRing, context: grpc.aio.ServicerContext[Any, Any]) -> None:

@@ -787,10 +787,25 @@ class Router:
         backends), any of which serves the call as well as the first: the caller takes those it may use."""
         if may_use is None:
             return routes
-        allowed = [r for r in routes if self._may_take(r, may_use)]
+        allowed = self._taken(routes, model, may_use, peers=peers)
         if not allowed or (not peers and model is not None and allowed[0] is not routes[0]):
             raise ModelNotAllowedError(caller, model or f"{routes[0].backend.name}/{routes[0].model}")
         return allowed
+
+    def _taken(self, routes: list[Route], model: str | None, may_use: ModelFilter, *, peers: bool) -> list[Route]:
+        """The routes of `routes` (those of `model`, as asked) that the key may take (`_may_take`); with an alias its
+        patterns name, the alias's own route too (its peers' with `peers`), whatever the route's name: a key given
+        "fast" alone takes it, though never a fallback its patterns do not name. Not an alias named as another
+        backend's "backend/model", which a key's "ollama/*" would otherwise take wherever it points."""
+        own = len(routes) if peers else 1
+        if model is not None and model in self._aliases and not self._reads_as_backends(model) and may_use(model):
+            return [r for i, r in enumerate(routes) if i < own or self._may_take(r, may_use)]
+        return [r for r in routes if self._may_take(r, may_use)]
+
+    def _reads_as_backends(self, name: str) -> bool:
+        """Whether `name` reads as a configured backend's "backend/model"."""
+        qualifier, slash, _ = name.partition("/")
+        return bool(slash) and qualifier in self._by_name
 
     def _may_take(self, route: Route, may_use: ModelFilter) -> bool:
         """Whether the key may take the route: its "backend/model" matches, or its model's name alone ("gpt-4o*" on
@@ -1251,7 +1266,7 @@ class Router:
             routes = []
         name = routes[0].model if routes else str(model)
         if may_use is not None:
-            routes = [route for route in routes if self._may_take(route, may_use)]
+            routes = self._taken(routes, model, may_use, peers=False)
         route = routes[0] if routes else None
         if route is not None:
             name = route.model

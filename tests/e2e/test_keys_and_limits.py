@@ -249,6 +249,31 @@ async def test_a_key_limited_to_some_models_gets_no_other_even_by_fallback(
     assert primary.chat_requests == []
 
 
+async def test_a_key_given_an_alias_takes_it_but_no_fallback_it_is_not_given(
+    gateway_factory: GatewayFactory, primary: FakeUpstream, local: FakeUpstream
+) -> None:
+    """A key's patterns were matched against the route an alias resolves to alone: a key given "fast" was refused
+    "fast". An alias named as another backend's model ("ollama/big", pointing at openai) is no grant of "ollama/*"."""
+    aliases = '  aliases: {fast: "ollama/tiny", "ollama/big": "openai/gpt-test"}\n'
+    alias_only = key_entry("alias-only", RESEARCH_KEY, 'models: ["fast"]')
+    auth = keys_yaml(alias_only, key_entry("local-only", LOCAL_KEY, 'models: ["ollama/*"]'))
+    gateway = await gateway_factory(two_backends(primary, local, aliases + FAST_ROUTER) + auth)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = pb.LLMServiceStub(channel)
+        assert (await stub.Complete(chat(model="fast"), metadata=bearer(RESEARCH_KEY), timeout=5)).backend == "ollama"
+        stream = stub.StreamComplete(stream_chat(model="fast"), metadata=bearer(RESEARCH_KEY), timeout=5)
+        assert (await read_all(stream))[-1].backend == "ollama"
+        for refused, key in (("ollama/tiny", RESEARCH_KEY), ("ollama/big", LOCAL_KEY)):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Complete(chat(model=refused), metadata=bearer(key), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, refused
+        local.inject({"status": 503}, {"status": 503})
+        with pytest.raises(grpc.aio.AioRpcError) as down:
+            await stub.Complete(chat(model="fast"), metadata=bearer(RESEARCH_KEY), timeout=5)
+        assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert primary.chat_requests == [], "no fallback the key was not given, nor an alias named as ollama's"
+
+
 async def test_a_key_limited_to_a_backend_gets_no_model_named_as_that_backends_on_another(
     keyed: Any, primary: FakeUpstream, local: FakeUpstream
 ) -> None:
@@ -825,6 +850,12 @@ class KeyedByAFile(NamedTuple):
 
 
 @pytest.fixture
+def open_services() -> str:
+    """auth.open_services of `keyed_by_a_file`, as YAML."""
+    return "[]"
+
+
+@pytest.fixture
 async def keyed_by_a_file(
     gateway_factory: GatewayFactory,
     primary: FakeUpstream,
@@ -832,11 +863,15 @@ async def keyed_by_a_file(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
     limits_state: str,
+    open_services: str,
 ) -> KeyedByAFile:
     caplog.set_level(logging.INFO, logger="llmrelay_server.auth")
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text(f"keys: [{key_entry('research', RESEARCH_KEY)}]\n")
-    config = f'auth: {{keys_file: "{keys_file}"}}\npricing: {{"gpt-test": {{prompt: 0, completion: 1000}}}}\n'
+    config = (
+        f'auth: {{keys_file: "{keys_file}", open_services: {open_services}}}\n'
+        'pricing: {"gpt-test": {prompt: 0, completion: 1000}}\n'
+    )
     gateway, channel, stub = await start(gateway_factory, primary, local, config + limits_state)
 
     async def reload_budget(usd: float) -> None:
@@ -863,11 +898,13 @@ async def test_a_budget_a_reload_gives_counts_what_the_key_spent_today(keyed_by_
     assert (info.reason, info.metadata["subject"]) == ("BUDGET_EXCEEDED", "key:research")
 
 
+@pytest.mark.parametrize("open_services", ["[]", '["llmrelay.v1.LLMService/StreamComplete"]'], ids=["keyed", "open"])
 async def test_a_budget_a_reload_gives_counts_what_the_keys_calls_in_progress_then_spend(
     keyed_by_a_file: KeyedByAFile, primary: FakeUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Streams begun before the key had a budget reserved none of it, and were billed to the ledger alone: counted
-    once they end, as a restart after them would, not left out (the key then spent its whole budget on top)."""
+    once they end, as a restart after them would, not left out (the key then spent its whole budget on top). A
+    keyed stream of an open method is the key's too: it was in no list of the calls in progress."""
     reload_budget, channel, stub, _ = keyed_by_a_file
     exactly = {"model": "gpt-test", "exact_model": True, "options": pb.CompletionOptions(max_tokens=3)}  # 3,000
     primary.inject(*[{"trickle_s": 0.2}] * 3)
