@@ -316,6 +316,16 @@ class KeyRing:
             # in force, reserving nothing: those ended already are counted by a read again at once, those still going
             # as those before it, once they end. No await from here to the keys' swap.
             uncounted = {*before, *self.calls_in_progress}
+        for digest, caller in callers.items():
+            if (was := self._by_digest.get(digest)) is not None and was.name != caller.name:
+                # Limits, budgets and the ledger know a caller by its key's name: an operator tidying names must hear.
+                log.warning(
+                    "keys file %s: key %r is now named %r: its limits and today's budget start anew under that name,"
+                    " and its usage is billed to it from now on",
+                    self._file,
+                    was.name,
+                    caller.name,
+                )
         self._by_digest, self._names = callers, frozenset(key.name for key in (*self._configured, *keys))
         self._named |= self._names
         if catch_up is not None:

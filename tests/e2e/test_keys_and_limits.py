@@ -322,6 +322,21 @@ async def test_the_keys_file_is_reread_when_it_changes(
         assert (await stub.Complete(chat(), metadata=bearer(OTHER_KEY), timeout=5)).backend == "openai"
 
 
+async def test_a_key_renamed_in_the_keys_file_is_told_of(
+    keyed_by_a_file: KeyedByAFile, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """Limits, budgets and the ledger know a caller by its key's name: a key renamed starts anew, which an operator
+    tidying names would not expect unless told."""
+    _, channel, stub, gateway = keyed_by_a_file
+    (tmp_path / "keys.yaml").write_text(f"keys: [{key_entry('research-team', RESEARCH_KEY)}]\n")
+    gateway.keys.reload()
+    await logged(caplog, "key 'research' is now named 'research-team': its limits and today's budget start anew")
+    async with channel:
+        await stub.Complete(chat(), metadata=bearer(RESEARCH_KEY), timeout=5)
+        usage = await stub.GetUsage(pb.GetUsageRequest(), metadata=bearer(RESEARCH_KEY), timeout=5)
+    assert {record.caller for record in usage.records} == {"research-team"}
+
+
 def headers_seen(gateway: Gateway) -> asyncio.Event:
     """Set once the gateway has looked a call's key up: the auth interceptor has run on the call's headers."""
     seen, find = asyncio.Event(), gateway.keys.find
