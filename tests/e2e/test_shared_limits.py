@@ -760,6 +760,28 @@ async def test_gateways_sharing_redis_admit_exactly_the_limit_between_them(
     assert len(primary.chat_requests) == 7, "refused calls never reach an upstream"
 
 
+async def test_a_key_of_another_kind_under_the_limits_prefix_is_remade_not_taken_for_redis_gone(
+    start_gateways: Any,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A script meeting one subject's key of another kind (written by hand, or by another application) failed with
+    WRONGTYPE, taken for Redis unreachable: every caller's calls were admitted uncounted (on_unavailable: allow)."""
+    _, stubs = await start_gateways(2, config(primary, local, redis_server, "requests_per_minute: 3"))
+    broken = f"{KEY_PREFIX}{SUBJECT}:requests"
+    admin = redis.asyncio.from_url(redis_server.url)
+    await admin.set(broken, "not a hash")
+    results = await spread(stubs, 10, lambda stub: stub.Complete(chat(), metadata=AUTHORIZED, timeout=5))
+    assert refusals_of(results, "REQUESTS_PER_MINUTE_EXCEEDED") == 7, "counted anew, exactly"
+    assert await admin.type(broken) == b"hash"
+    await admin.aclose()
+    warnings = records(caplog, logging.WARNING)
+    assert [line for line in warnings if broken in line and "deleted" in line]
+    assert not any("cannot be reached" in line for line in warnings)
+
+
 async def test_stream_slots_are_shared_by_the_gateways(
     start_gateways: Any, primary: FakeUpstream, local: FakeUpstream, redis_server: RedisServer
 ) -> None:

@@ -26,7 +26,10 @@ then on, and a daily budget from the day's spend in the ledger: `spend_at_least`
   record says so (":lapsed", for two days), so that the settle of a call whose gateway was only cut off from Redis
   adds what the call was billed, and an undo takes no spend back a second time.
 
-Every key expires when it is left alone (two minutes; two lease lengths; two days), so nothing grows forever.
+Every key expires when it is left alone (two minutes; two lease lengths; two days), so nothing grows forever. A key
+under the prefix of another kind than the scripts keep there (written by hand, by a tool, by another application) is
+deleted when a script meets it, and the script sent again, with a WARNING naming it: its subject's counts start anew,
+where it would otherwise fail every call of every subject as Redis unreachable.
 
 A reservation whose answer never reached the gateway (slower than state.timeout_s, a connection lost after the
 script was sent, a call cancelled while it waited) may still be counted by Redis later, when the script reaches it:
@@ -79,7 +82,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import AuthenticationError, AuthorizationError, OutOfMemoryError, RedisError
+from redis.exceptions import AuthenticationError, AuthorizationError, OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from llmrelay_server.domain import LimitKind, LimitsUnavailableError, StoreHealth, StoreRole, immutable
@@ -462,6 +465,21 @@ end
 return 0
 """
 
+_REMAKE: Final = """
+-- KEYS: the keys of a script call that Redis refused with WRONGTYPE; ARGV: the kind each must be (TYPE's words).
+-- Deletes each of another kind (written by hand, by a tool, or by another application sharing the Redis), at once,
+-- so that no gateway's key of the right kind, made meanwhile, is taken; answers the keys deleted.
+local deleted = {}
+for i, key in ipairs(KEYS) do
+  local kind = redis.call('TYPE', key).ok
+  if kind ~= 'none' and kind ~= ARGV[i] then
+    redis.call('DEL', key)
+    deleted[#deleted + 1] = key
+  end
+end
+return deleted
+"""
+
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
@@ -520,6 +538,7 @@ class RedisLimiter:
         self._undo_script = self._client.register_script(_UNDO)
         self._probe_script = self._client.register_script(_PROBE)
         self._at_least_script = self._client.register_script(_AT_LEAST)
+        self._remake_script = self._client.register_script(_REMAKE)
         # Reservations (and so leases) are named by limiter (one per gateway process) and call, so no two gateways
         # ever name one alike.
         owner = uuid.uuid4().hex
@@ -742,6 +761,23 @@ class RedisLimiter:
         return Reservation(asks, time.time())
 
     async def _run(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
+        """The script's answer. A key of another kind than the script keeps there is deleted, and the script sent once
+        more: one subject's broken key would otherwise fail every call of every caller as Redis unreachable."""
+        try:
+            return await self._within_timeout(lambda: script(keys, args))
+        except ResponseError as error:
+            if not str(error).startswith("WRONGTYPE"):
+                raise
+            # Sent again whether this call deleted one or a call beside it did (several meet it at once).
+            deleted = await self._within_timeout(lambda: self._remake_script(keys, [_kind_of(key) for key in keys]))
+            if deleted:
+                log.warning(
+                    "limits: Redis at %s held %s, of another kind than the limits keep there: deleted, what it counted"
+                    " starts anew (the keys under %s are the gateway's own; give other data other names)",
+                    self._where,
+                    ", ".join(_text(key) for key in deleted),
+                    KEY_PREFIX,
+                )
         return await self._within_timeout(lambda: script(keys, args))
 
     async def _within_timeout(self, command: Callable[[], Awaitable[_T]]) -> _T:
@@ -882,6 +918,15 @@ class RedisLimiter:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
+
+
+def _kind_of(key: str) -> str:
+    """The kind of Redis value the scripts keep at `key` (as TYPE names it)."""
+    if key in (EPOCH_KEY, PROBE_KEY) or key.startswith(RECORD_PREFIX):
+        return "string"
+    if key == HELD_LEASES_KEY or key.endswith(":streams"):
+        return "zset"
+    return "hash"  # HELD_KEY, and a subject's requests, tokens and spend
 
 
 def _keys(subject: str) -> tuple[str, str, str, str]:
