@@ -520,6 +520,36 @@ async def test_the_slot_of_a_stream_that_ended_while_redis_was_frozen_frees_when
     assert chunks, "admitted: the slot is free"
 
 
+@pytest.mark.parametrize("redis_back", [True, False], ids=["back within the timeout", "not back"])
+async def test_a_stop_waits_for_the_settles_waiting_on_redis(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture, redis_back: bool
+) -> None:
+    """A gateway stops once its calls have ended, their settles perhaps still waiting on Redis: the limiter's close
+    took the client from under them, and they were lost, with no WARNING. It waits for them, within state.timeout_s,
+    and says how many it could not send."""
+    caplog.set_level(logging.WARNING, logger=LIMITS_LOG)
+    limiter = RedisLimiter(redis_server.url, timeout_s=1.0, probe_interval_s=0.1)
+    await limiter.start()
+    call = await limiter.reserve([ask(10, 100, stream=True)])
+    redis_server.pause()
+    try:
+        settling = asyncio.ensure_future(limiter.settle(call, tokens=4, usd_micros=40))
+        await asyncio.sleep(0.1)  # sent, waiting on Redis
+        closing = asyncio.ensure_future(limiter.aclose())
+        await asyncio.sleep(0.3)
+        if redis_back:
+            redis_server.resume()
+        await asyncio.gather(settling, closing)
+    finally:
+        redis_server.resume()
+    warnings = [r.getMessage() for r in caplog.records if r.name == LIMITS_LOG and "not settled" in r.getMessage()]
+    if redis_back:
+        assert await counted(redis_server) == Counts(requests=1, tokens=4, spend=40, streams=0)
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and "1 calls that ended or gave up waiting are not settled" in warnings[0]
+
+
 async def test_settles_past_the_most_kept_stay_as_reserved_and_say_so(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:

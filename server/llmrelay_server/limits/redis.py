@@ -551,6 +551,10 @@ class RedisLimiter:
         """What Redis is still to be sent, by reservation id, in order: the undo of a reservation given up on before
         its answer came, or the settle of one, whose script, keys and arguments are sent as they are."""
         self._sending: asyncio.Task[None] | None = None
+        self._settles_sent = 0
+        """Settles sent and not answered yet: a stop waits for them (`aclose`), whose calls it no longer waits for."""
+        self._settles_answered: asyncio.Event | None = None
+        """Made by a stop that waits for them, set once none is left."""
         self._dropped = 0
         """Undos and settles not kept, as many being kept already, since the kept ones were last all sent."""
         self._spent_kept: dict[str, int] = {}
@@ -665,6 +669,7 @@ class RedisLimiter:
             # Sent when Redis is back, before calls are counted again; the caller's answer does not wait for it.
             self._send_later(hold.lease, self._settle_script, keys, args)
             return
+        self._settles_sent += 1
         try:
             await self._run(self._settle_script, keys, args)
         except _UNREACHABLE as error:
@@ -676,6 +681,10 @@ class RedisLimiter:
             raise
         else:
             self._held.discard(hold.lease)
+        finally:
+            self._settles_sent -= 1
+            if not self._settles_sent and self._settles_answered is not None:
+                self._settles_answered.set()
 
     async def spend_at_least(self, spent: Mapping[str, int], day: int) -> None:
         if not spent:
@@ -717,9 +726,15 @@ class RedisLimiter:
         return StoreHealth(StoreRole.LIMITS, "redis", available=False, description=description)
 
     async def aclose(self) -> None:
-        """Stops renewing and probing, makes a last try at the undos and settles not sent yet, and closes the
-        connections. The leases of streams still open lapse by themselves; a gateway closes its limiter only after its
-        calls have ended."""
+        """Waits for the settles sent (each within its bound), stops renewing and probing, makes a last
+        try at the undos and settles not sent yet, and closes the connections. The leases of streams still open lapse
+        by themselves; a gateway closes its limiter only after its calls have ended, their settles perhaps not."""
+        if self._settles_sent:
+            self._settles_answered = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                # A settle's own bound (`_run`: a key remade and the script sent again included).
+                async with asyncio.timeout(3 * self._timeout_s):
+                    await self._settles_answered.wait()
         for task in (self._renewing, self._probing, self._sending):
             if task is not None:
                 task.cancel()
