@@ -222,6 +222,26 @@ async def test_ollama_is_offered_no_tool_it_may_not_call_nor_sent_a_call_it_must
     assert len(local.chat_requests) == 1
 
 
+async def test_llamacpp_is_made_to_call_the_function_a_tool_choice_names(stub_for: StubFactory) -> None:
+    """llama.cpp's server reads tool_choice as "auto", "none" or "required" alone: OpenAI's object naming a function
+    was taken for "auto" (a type error in its log), and the call came back OK with the function uncalled."""
+    llama = await FakeUpstream(models=("qwen",), llamacpp=True).start()
+    try:
+        stub = await stub_for(
+            f"llm:\n  backends: [{{name: gpu, kind: llamacpp, base_url: '{llama.base_url}', model: qwen}}]\n"
+        )
+        tools = [tool("weather", {"type": "object"}), tool("clock", {"type": "object"})]
+        named = pb.CompletionOptions(tools=tools, tool_choice=pb.ToolChoice(function_name="clock"))
+        await stub.Complete(chat("x", options=named), timeout=5)
+        [_ async for _ in stub.StreamComplete(stream_chat("x", options=named), timeout=5)]
+        required = pb.CompletionOptions(tools=tools, tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED))
+        await stub.Complete(chat("x", options=required), timeout=5)
+    finally:
+        await llama.stop()
+    sent = [(body["tool_choice"], [t["function"]["name"] for t in body["tools"]]) for body in llama.chat_requests]
+    assert sent == [("required", ["clock"]), ("required", ["clock"]), ("required", ["weather", "clock"])]
+
+
 @pytest.mark.parametrize(
     ("arguments", "sent"),
     [
