@@ -616,6 +616,13 @@ def _silent(silent_s: float, setting: str) -> str:
     return f"no answer within {silent_s:g} s (router.{setting})"
 
 
+def _no_connection(silent_s: float, setting: str) -> str:
+    return (
+        f"no connection to it free within {silent_s:g} s (router.{setting}): every one the gateway may open is in use;"
+        " more gateways (or workers) serve more"
+    )
+
+
 def _stalled(idle_s: float) -> str:
     # Keep-alive comments and events with nothing in them are not an answer going on: the limit is on silence in it.
     return f"nothing to relay for {idle_s:g} s (router.stream_idle_timeout_s)"
@@ -1434,18 +1441,21 @@ class Router:
                     # attempt as the deadline's (a timer of the HTTP client's may fire a few ms early, and won).
                     result = await call(route, remaining + DEADLINE_MARGIN_S)
             except TimeoutError:
+                left = _if_sent(route, sent_before)  # None: it still waited for a connection, and nothing was sent
                 # Which of the two ends came first, by their times: the loop may fire a timer a little early, and a
                 # call that reached its deadline is not a silent backend.
                 if silent_after < chain.deadline:
-                    silent = UpstreamError(
-                        UpstreamErrorKind.SILENT,
-                        route.backend.name,
-                        _silent(silent_s, "embed_timeout_s" if embedding else "first_chunk_timeout_s"),
-                    )
+                    limit = "embed_timeout_s" if embedding else "first_chunk_timeout_s"
+                    if left is None:
+                        silent = UpstreamError(
+                            UpstreamErrorKind.BUSY, route.backend.name, _no_connection(silent_s, limit)
+                        )
+                    else:
+                        silent = UpstreamError(UpstreamErrorKind.SILENT, route.backend.name, _silent(silent_s, limit))
                     self._failed(chain, route, started, silent)
                     return None
-                self._deadline_passed(chain, route, started)
-                chain.left = _if_sent(route, sent_before)
+                self._deadline_passed(chain, route, started, sent=left is not None)
+                chain.left = left
                 raise chain.deadline_exceeded() from None
             except UpstreamError as exc:
                 self._failed(chain, route, started, exc)
@@ -1471,12 +1481,12 @@ class Router:
                 # The call ended under the attempt. Past the deadline, gRPC's own timer beat the gateway's (a busy
                 # loop): the deadline's outcome as above. Else the caller left or the gateway is shutting down:
                 # recorded all the same, so that the call log, metrics and traces show what the call was waiting for.
+                chain.left = _if_sent(route, sent_before)
                 if chain.remaining_s() <= 0:
-                    self._deadline_passed(chain, route, started)
+                    self._deadline_passed(chain, route, started, sent=chain.left is not None)
                 else:
                     chain.record(route, AttemptOutcome.CANCELLED, started, None)
                     circuit.release(chain)
-                chain.left = _if_sent(route, sent_before)
                 raise
             except BaseException:
                 circuit.release(chain)
@@ -1491,13 +1501,16 @@ class Router:
         return None
 
     @staticmethod
-    def _deadline_passed(chain: _Chain, route: Route, started: float) -> None:
-        """Records an attempt the caller's deadline ended before its answer (or first chunk)."""
-        timeout = UpstreamError(UpstreamErrorKind.TIMEOUT, route.backend.name, "the deadline ran out")
+    def _deadline_passed(chain: _Chain, route: Route, started: float, *, sent: bool) -> None:
+        """Records an attempt the caller's deadline ended before its answer (or first chunk); `sent`: its request was
+        written (else it waited for a connection of the gateway's own, every one in use)."""
+        said = "the deadline ran out" if sent else "the deadline ran out while it waited for a free connection to it"
+        timeout = UpstreamError(UpstreamErrorKind.TIMEOUT, route.backend.name, said)
         chain.record(route, AttemptOutcome.TIMEOUT, started, timeout)
         # Silence until the caller's deadline counts against the backend (else a backend that takes calls and never
-        # answers would hold every call forever); a deadline too short to tell says nothing.
-        if time.perf_counter() - started >= SILENCE_VERDICT_S:
+        # answers would hold every call forever); a deadline too short to tell says nothing, nor one that ended the
+        # wait for a connection: the upstream was asked nothing.
+        if sent and time.perf_counter() - started >= SILENCE_VERDICT_S:
             route.backend.count_failure(timeout)
         else:
             route.backend.circuit.release(chain)

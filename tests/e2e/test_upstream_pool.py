@@ -7,11 +7,14 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import httpx2
 import openai
 import pytest
+from llmrelay import v1 as pb
+from llmrelay_server.backends import upstream_http
 from llmrelay_server.backends.upstream_http import http_client
-from support import in_background
+from support import StubFactory, chat, details, in_background, read_all, stream_chat
 from upstream import FakeUpstream
 
 BURST = 24
@@ -79,3 +82,48 @@ async def test_idle_connections_are_capped_after_a_burst_of_streams(upstream: Fa
         assert connections_to(upstream.port) == MAX_IDLE
     finally:
         await client.aclose()
+
+
+class TwoConnections(upstream_http.Pool):
+    """A backend's pool with room for two connections, so that two streams fill it."""
+
+    def __init__(self) -> None:
+        super().__init__(httpx2.Limits(max_connections=2, max_keepalive_connections=2))
+
+
+@pytest.mark.parametrize(
+    ("first_chunk_timeout_s", "ended"),
+    [(30, grpc.StatusCode.DEADLINE_EXCEEDED), (1, grpc.StatusCode.UNAVAILABLE)],
+    ids=["by the deadline", "by first_chunk_timeout_s"],
+)
+async def test_calls_waiting_for_a_connection_never_open_the_backends_circuit(
+    stub_for: StubFactory,
+    upstream: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+    first_chunk_timeout_s: float,
+    ended: grpc.StatusCode,
+) -> None:
+    """Calls that waited in the gateway's own queue for a connection (every one it may open in use) until their deadline
+    or the first-chunk limit were counted as the upstream's silence: a burst opened a healthy backend's circuit, which
+    then refused every caller, though the upstream was never asked."""
+    monkeypatch.setattr(upstream_http, "Pool", TwoConnections)
+    stub = await stub_for(
+        f"llm:\n  ollama: {{base_url: '{upstream.base_url}', model: tiny}}\n"
+        f"router: {{retry: {{max_retries: 0}}, circuit: {{failure_threshold: 2}}, first_chunk_timeout_s: "
+        f"{first_chunk_timeout_s}}}\n"
+    )
+    upstream.inject(*[{"trickle_s": 1.0}] * 2)
+    holding = [stub.StreamComplete(stream_chat("a b c d e"), timeout=30) for _ in range(2)]
+    for stream in holding:
+        assert await stream.read() is not grpc.aio.EOF  # each holds one of the two connections
+    waiting = [stub.Complete(chat(), timeout=1.5 if first_chunk_timeout_s > 1 else 3.5) for _ in range(3)]
+    for refused in await asyncio.gather(*waiting, return_exceptions=True):
+        assert isinstance(refused, grpc.aio.AioRpcError) and refused.code() == ended, refused
+        [attempt] = details(refused)["AttemptHistory"].attempts
+        assert "free" in attempt.error, attempt.error
+    assert len(upstream.chat_requests) == 2, "the upstream was asked nothing more"
+    for stream in holding:
+        await read_all(stream)
+    health = await stub.Health(pb.HealthRequest(), timeout=5)
+    assert health.backends[0].circuit_state == pb.CIRCUIT_STATE_CLOSED
+    assert (await stub.Complete(chat(), timeout=5)).backend == "ollama"
