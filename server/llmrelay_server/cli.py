@@ -15,6 +15,7 @@ from llmrelay_server.auth import new_key
 from llmrelay_server.backends.http1 import TrustConfigError, upstream_tls_context
 from llmrelay_server.backends.proxies import Proxies, ProxyConfigError
 from llmrelay_server.config import DEFAULT_LISTEN, ConfigError, check_key_name, load_config
+from llmrelay_server.open_files import raise_open_files_limit
 from llmrelay_server.workers import ListenError, Supervisor, WorkerRole
 
 
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
             upstream_tls_context()
     except (ProxyConfigError, TrustConfigError) as exc:
         _stop_at_start(config.server.log_format, f"configuration error: {exc}")
+    # Said once, not by each worker (which inherits the limit the supervisor raised).
+    raise_open_files_limit(len(config.backends), say=args.worker is None)
     try:
         if args.worker is not None:
             role = WorkerRole(args.worker, args.worker_dir, args.supervisor_pid, args.heartbeat_fd)

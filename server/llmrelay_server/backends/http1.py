@@ -22,6 +22,7 @@ upstream_http's mapping to the SDK's errors applies unchanged:
     the proxy unreachable, or refusing a tunnel   httpx2.ProxyError
     connecting took longer than the connect timeout  httpx2.ConnectTimeout
     no connection free within the connect timeout  httpx2.PoolTimeout
+    no file left to open one (EMFILE, ENFILE)      OutOfFiles, a PoolTimeout: the gateway's bound, not the upstream's
     no byte of the answer within the read timeout  httpx2.ReadTimeout
     closed before any byte of the answer           httpx2.RemoteProtocolError (the SDK's connection error)
     closed or reset in the middle of the answer    httpx2.ReadError
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import select
@@ -85,6 +87,11 @@ _OURS: Final = frozenset(
     }
 )
 """Headers the client writes itself, or leaves out: a target's headers that name them are dropped."""
+
+
+class OutOfFiles(httpx2.PoolTimeout):
+    """The process may open no more files (its `ulimit -n`, or the system's): no connection could be made, through no
+    fault of the upstream's."""
 
 
 class TrustConfigError(ValueError):
@@ -382,6 +389,8 @@ class Http1Pool:
             raise httpx2.ConnectTimeout(f"no connection to {_where(target)}{via} in {connect_s:g} s") from exc
         except OSError as exc:  # refused, unreachable, a name not found, a certificate refused (ssl.SSLError)
             self._free_slot()
+            if exc.errno in (errno.EMFILE, errno.ENFILE):  # the gateway's own limit, not the upstream's failure
+                raise OutOfFiles(f"{exc.strerror}: raise the gateway's open files limit (ulimit -n)") from exc
             via = f" through the proxy {target.proxy}" if target.proxy is not None else ""
             # A connection reset as TLS began (by the upstream, or the proxy's tunnel to it) has no words of its own.
             why = str(exc) or (

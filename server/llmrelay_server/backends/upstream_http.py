@@ -36,7 +36,7 @@ from urllib.parse import quote, urlsplit
 import httpx2
 
 from llmrelay_server import metering
-from llmrelay_server.backends.http1 import Http1Pool, Http1Response, Http1Transport
+from llmrelay_server.backends.http1 import Http1Pool, Http1Response, Http1Transport, OutOfFiles
 from llmrelay_server.backends.proxies import Proxies
 from llmrelay_server.backends.wire import (
     DONE,
@@ -188,6 +188,8 @@ def pool_full(backend: str, error: BaseException) -> UpstreamError | None:
     """The gateway's own bound on connections to the upstream reached (none came free in time): the upstream did not
     fail, and is not counted as failing; None for any other failure."""
     cause = error.__cause__
+    if isinstance(cause, OutOfFiles):
+        return UpstreamError(UpstreamErrorKind.BUSY, backend, f"the gateway cannot open a connection to it: {cause}")
     if not isinstance(cause, httpx2.PoolTimeout):
         return None
     message = f"every connection the gateway may open to it is in use: {cause}; more gateways (or workers) serve more"

@@ -1,0 +1,76 @@
+"""The gateway's limit on open files: raised at start as far as the system lets it, and reached, said to be the
+gateway's own bound rather than the upstream's failure."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import grpc
+from harness import GatewayProcess, clean_env, spawn_gateway
+from llmrelay import v1 as pb
+from support import chat, read_all, stream_chat
+from upstream import FakeUpstream
+
+
+def open_files_limit(process: GatewayProcess) -> tuple[int, int]:
+    """The process's soft and hard limits on open files, as /proc says."""
+    limits = Path(f"/proc/{process.process.pid}/limits").read_text()
+    found = re.search(r"^Max open files\s+(\d+)\s+(\d+)", limits, re.MULTILINE)
+    assert found is not None, limits
+    return int(found[1]), int(found[2])
+
+
+async def started(tmp_path: Path, local: FakeUpstream, nofile: str, server: str = "") -> GatewayProcess:
+    config = tmp_path / "llmrelay.yaml"
+    config.write_text(
+        f'server: {{usage_db: "{tmp_path}/usage.db"{server}}}\n'
+        f"llm:\n  ollama: {{base_url: '{local.base_url}', model: tiny}}\n"
+        "router: {retry: {max_retries: 0}, circuit: {failure_threshold: 2}}\n"
+    )
+    process = await spawn_gateway(config, env=clean_env(), under=["prlimit", f"--nofile={nofile}", "--"])
+    await process.wait_listening()
+    return process
+
+
+async def test_the_soft_limit_is_raised_to_the_hard_one(tmp_path: Path, local: FakeUpstream) -> None:
+    """A soft limit of 1,024 (a login shell's, `make run`'s, many containers') is under what one backend's pool may
+    open alone."""
+    process = await started(tmp_path, local, "256:8192")
+    try:
+        assert open_files_limit(process) == (8192, 8192)
+        assert "open files" not in process.text()
+    finally:
+        await process.stop()
+
+
+async def test_a_limit_below_what_the_pools_may_take_is_warned_of_and_reaching_it_is_no_upstreams_failure(
+    tmp_path: Path, local: FakeUpstream
+) -> None:
+    """Past the limit, each new upstream connection failed `Too many open files`, counted as the upstream's failure:
+    the circuit opened, and the backend was refused to every caller for its cooldown."""
+    process = await started(tmp_path, local, "96:96")
+    try:
+        assert open_files_limit(process) == (96, 96)
+        warning = await process.wait_for_line("fewer than the 2048 that 1 backends' connection pools")
+        assert "ulimit -n" in warning and "LimitNOFILE" in warning
+        local.inject(*[{"trickle_s": 1.0}] * 200)
+        async with grpc.aio.insecure_channel(process.target) as channel:
+            stub = pb.LLMServiceStub(channel)
+            ended = await asyncio.gather(
+                *(read_all(stub.StreamComplete(stream_chat("a b c"), timeout=20)) for _ in range(200)),
+                return_exceptions=True,
+            )
+            refused = [error for error in ended if isinstance(error, grpc.aio.AioRpcError)]
+            assert refused and len(refused) < len(ended), "the limit was reached, with streams served below it"
+            for error in refused:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+                said = error.details() or ""
+                assert "Too many open files: raise the gateway's open files limit (ulimit -n)" in said, said
+            health = await stub.Health(pb.HealthRequest(), timeout=5)
+            assert health.backends[0].circuit_state == pb.CIRCUIT_STATE_CLOSED
+            assert (await stub.Complete(chat(), timeout=5)).backend == "ollama"
+    finally:
+        await process.stop()
+    assert "Traceback" not in process.text()
