@@ -570,6 +570,12 @@ class LLMProvider(Protocol):
 
     async def health(self) -> BackendHealth: ...
 
+    @property
+    def connections_all_in_use(self) -> bool:
+        """Whether every connection the gateway may open to the upstream is serving a call: a probe would wait behind
+        them, and be taken for the upstream's silence."""
+        ...
+
     async def aclose(self) -> None: ...
 
 

@@ -218,6 +218,12 @@ class HealthMonitor:
         return probe
 
     async def _probe(self, backend: Backend) -> None:
+        if backend.health is not None and backend.provider.connections_all_in_use:
+            # Every connection serving a call: the upstream takes calls. A probe would wait its turn behind them, and
+            # failing to get one in time, turn a busy backend unreachable (readiness NOT_SERVING at its busiest).
+            backend.health = replace(backend.health, checked_at=time.time())
+            self._probed_at[backend.name] = asyncio.get_running_loop().time()
+            return
         try:
             async with asyncio.timeout(PROBE_TIMEOUT_S):
                 result = await backend.provider.health()

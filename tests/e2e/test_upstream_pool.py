@@ -127,3 +127,26 @@ async def test_calls_waiting_for_a_connection_never_open_the_backends_circuit(
     health = await stub.Health(pb.HealthRequest(), timeout=5)
     assert health.backends[0].circuit_state == pb.CIRCUIT_STATE_CLOSED
     assert (await stub.Complete(chat(), timeout=5)).backend == "ollama"
+
+
+async def test_a_backend_whose_connections_all_serve_calls_stays_reachable(
+    stub_for: StubFactory, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A probe waited its turn for a connection behind the calls, gave up, and took the busy backend for unreachable:
+    readiness went NOT_SERVING, and a load balancer took the gateway out of rotation at its busiest."""
+    monkeypatch.setattr(upstream_http, "Pool", TwoConnections)
+    backend = f"{{name: up, kind: openai_compatible, base_url: '{upstream.base_url}', model: tiny}}"
+    stub = await stub_for(f"llm:\n  backends: [{backend}]\n")
+    await stub.Health(pb.HealthRequest(probe=True), timeout=5)
+    upstream.inject(*[{"trickle_s": 2.0}] * 2)
+    holding = [stub.StreamComplete(stream_chat("a b c d e f g", model="up/tiny"), timeout=30) for _ in range(2)]
+    for stream in holding:
+        assert await stream.read() is not grpc.aio.EOF  # each holds one of the two connections
+    probes = len(upstream.probe_requests)
+    await asyncio.sleep(1.1)  # past the last probe's second, within which a probe answers with its result
+    health = await stub.Health(pb.HealthRequest(probe=True), timeout=15)
+    [up] = [backend for backend in health.backends if backend.name == "up"]
+    assert up.reachable, up
+    assert len(upstream.probe_requests) == probes, "no probe waited behind the calls"
+    for stream in holding:
+        stream.cancel()

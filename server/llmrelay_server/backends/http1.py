@@ -264,6 +264,11 @@ class Http1Pool:
         """Requests waiting for a connection."""
         return len(self._waiters)
 
+    @property
+    def all_in_use(self) -> bool:
+        """Whether every connection the pool may open is open and serving a request: one more waits for a turn."""
+        return self._max_open is not None and self._open >= self._max_open and not self._idle_count
+
     async def post(
         self,
         target: Http1Target,

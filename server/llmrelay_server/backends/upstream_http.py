@@ -594,6 +594,10 @@ class UpstreamProvider(ABC, Generic[SDKError]):
     def spec(self) -> BackendSpec:
         return self._spec
 
+    @property
+    def connections_all_in_use(self) -> bool:
+        return self._pool.http1.all_in_use
+
     def _count_failed(self, why: str) -> None:
         """A count of tokens failed for `why` ("could not count tokens (HTTP 404: ...)"), and the gateway estimates
         instead: a WARNING the first time, DEBUG until a count succeeds again. A /tokenize that is missing fails every
