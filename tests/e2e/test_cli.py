@@ -14,14 +14,18 @@ import sys
 from asyncio.subprocess import PIPE
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Final, cast
 
+import grpc
 import pytest
 from certs import Authority
+from google.rpc.error_details_pb2 import BadRequest
 from harness import BIN
-from llmrelay import cli
+from llmrelay import Client, LLMRelayError, cli
 from llmrelay import v1 as pb
+from llmrelay._errors import ErrorDetails
 from llmrelay.cli import KEY_ENV, main
 from llmrelay_server.app import Gateway
 from support import GatewayFactory, page_served, two_backends
@@ -78,6 +82,10 @@ async def test_the_caller_key_comes_from_the_environment(keyed: Gateway) -> None
     assert status == 1 and "UNAUTHENTICATED" in err and "TEAM_KEY" in err and elsewhere["TEAM_KEY"] not in err
     status, _, err = await llmrelay("--target", target, "--key-env", "NO_SUCH_KEY", "health")
     assert (status, err) == (1, "llmrelay: --key-env NO_SUCH_KEY: the variable is not set\n")
+    # Set, to nothing: said so, not "not set", which sent whoever read it looking for a missing export.
+    empty = {**elsewhere, "TEAM_KEY": ""}
+    status, _, err = await llmrelay("--target", target, "--key-env", "TEAM_KEY", "health", env=empty)
+    assert (status, err) == (1, "llmrelay: --key-env TEAM_KEY: the variable is empty\n")
 
 
 async def test_usage_takes_a_time_window_and_lines_up_wide_names(keyed: Gateway, primary: FakeUpstream) -> None:
@@ -270,6 +278,35 @@ def test_ctrl_c_as_the_command_loads_ends_quietly() -> None:
     assert (done.returncode, done.stderr) == (130, "")
 
 
+_CTRL_C_AS_MODULE_LOADS = """
+import os, sys
+
+class Interrupted:
+    def find_spec(self, name, path, target=None):
+        if name == {module!r} and {within!r} in sys.modules:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), 2)  # SIGINT, a real Ctrl-C, as `within` loads `module`
+        return None
+
+sys.meta_path.insert(0, Interrupted())
+sys.argv = ["llmrelay", "--target", "127.0.0.1:9", "tokens", "hi"]
+from llmrelay_command import main
+main()
+"""
+
+
+@pytest.mark.parametrize(
+    ("module", "within"), [("zlib", "grpc._cython"), ("signal", "llmrelay_command")], ids=["in-grpc", "first-import"]
+)
+def test_a_real_ctrl_c_as_the_command_loads_ends_quietly(module: str, within: str) -> None:
+    """grpc's compiled core made an ImportError ("Failed to import 'zlib.decompress'") of the KeyboardInterrupt of a
+    Ctrl-C as it loaded, and the command's `import signal` ran before anything handled Ctrl-C: each a traceback, status
+    1. Run as the console script runs it."""
+    script = _CTRL_C_AS_MODULE_LOADS.format(module=module, within=within)
+    done = subprocess.run([BIN / "python", "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (130, "")
+
+
 async def test_ctrl_c_while_reading_standard_input_ends_quietly() -> None:
     """`llmrelay complete -` with no pipe waits on the terminal; Ctrl-C there printed a KeyboardInterrupt's
     traceback (the text is read as the options are, before the call's own handling of Ctrl-C)."""
@@ -396,6 +433,50 @@ async def test_the_connection_options_may_come_after_the_command(gateway: Gatewa
     assert status == 0 and out.startswith("serving: yes"), err
 
 
+@pytest.mark.parametrize("where", ["before", "after"])
+async def test_spaces_around_the_target_are_not_part_of_it(gateway: Gateway, where: str) -> None:
+    """As in LLMRELAY_TARGET: `--target " HOST:PORT"` (a copy-paste, a quoted variable) took " 127.0.0.1" for a host
+    name, not loopback, so TLS, and failed UNAVAILABLE, "Misformatted domain name", its hint blaming TLS."""
+    target = ["--target", f" 127.0.0.1:{gateway.port} "]
+    command = [*target, "health"] if where == "before" else ["health", *target]
+    status, out, err = await llmrelay(*command)
+    assert status == 0 and out.startswith("serving: yes"), err
+
+
+async def test_each_field_violation_is_said_once(gateway: Gateway, primary: FakeUpstream) -> None:
+    """The gateway's text of an invalid request is its violations joined by "; ", and the command said each again
+    on a line of its own: every one twice."""
+    args = ("--target", f"127.0.0.1:{gateway.port}", "complete", "hi", "--temperature", "5", "--model", "")
+    status, out, err = await llmrelay(*args)
+    assert (status, out) == (1, ""), err
+    first, *rest = err.splitlines()
+    assert first.startswith("llmrelay: INVALID_ARGUMENT (INVALID_REQUEST): model: must be 1 to 256 characters"), err
+    assert "; options.temperature: must be between 0 and 2" in first, err
+    assert len(rest) == 1 and rest[0].startswith("  request id "), err
+    assert primary.chat_requests == []
+
+
+def test_field_violations_the_text_does_not_hold_are_said_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another gateway's text (or one cut short) may not hold them all: those it does not, each on a line of its own."""
+    said = [("model", "unknown"), ("options.temperature", "must be between 0 and 2")]
+    bad_request = BadRequest(field_violations=[BadRequest.FieldViolation(field=f, description=d) for f, d in said])
+    error = LLMRelayError(grpc.StatusCode.INVALID_ARGUMENT, "model: unknown", ErrorDetails(bad_request=bad_request))
+
+    def refused(client: Client, args: object) -> None:
+        raise error
+
+    monkeypatch.setattr(cli, "_complete", refused)
+    with pytest.raises(SystemExit) as caught:
+        main(["--target", "127.0.0.1:9", "complete", "hi"])
+    unheld = "\n  options.temperature: must be between 0 and 2"  # the text holds the model's
+    assert str(caught.value) == f"llmrelay: INVALID_ARGUMENT: model: unknown{unheld}"
+
+
+async def test_version_is_the_installed_packages() -> None:
+    """It said "the following arguments are required: COMMAND", status 2."""
+    assert await llmrelay("--version") == (0, f"llmrelay {metadata.version('llmrelay')}\n", "")
+
+
 async def test_stats_pointed_at_the_grpc_port_says_so(gateway: Gateway) -> None:
     url = f"http://127.0.0.1:{gateway.port}/metrics"
     with pytest.raises(SystemExit) as caught:
@@ -467,6 +548,13 @@ async def test_a_closed_stdout_is_said_before_the_call(gateway: Gateway, primary
     assert primary.chat_requests == []
 
 
+async def test_a_read_only_stdout_is_said_before_the_call(gateway: Gateway, primary: FakeUpstream) -> None:
+    """`llmrelay complete hi 1</dev/null`: the call was made, tokens spent, then a traceback (OSError EBADF)."""
+    status, err = await writing_to(os.open(os.devnull, os.O_RDONLY), gateway, ["complete", "hi"])
+    assert (status, err) == (1, "llmrelay: standard output is open for reading only: nowhere to write to\n")
+    assert primary.chat_requests == []
+
+
 async def test_a_stream_broken_midway_ends_the_line_it_printed(gateway: Gateway, primary: FakeUpstream) -> None:
     primary.inject({"stream_cut_after": 3})  # the role, "echo:", " one", then the connection closes
     status, out, err = await llmrelay("--target", f"127.0.0.1:{gateway.port}", "stream", "one two three")
@@ -486,10 +574,12 @@ async def test_a_stream_broken_midway_ends_the_line_it_printed(gateway: Gateway,
     assert (process.returncode, (first + rest).decode(), errors) == (130, "echo:\n", b"")
 
 
+@pytest.mark.parametrize("stderr", ["2>&-", "2</dev/null"], ids=["closed", "read-only"])
 @pytest.mark.parametrize("command", [["complete", "hi"], ["stream", "hi"]])
-async def test_a_closed_stderr_keeps_the_summary_off_stdout(gateway: Gateway, command: list[str]) -> None:
-    # `llmrelay complete hi 2>&-`: the summary line ("[openai/gpt-test, stop, ...]") once took stdout's place.
-    shell = ['exec "$0" "$@" 2>&-', str(BIN / "llmrelay"), "--target", f"127.0.0.1:{gateway.port}", *command]
+async def test_a_closed_stderr_keeps_the_summary_off_stdout(gateway: Gateway, command: list[str], stderr: str) -> None:
+    # `llmrelay complete hi 2>&-`: the summary line ("[openai/gpt-test, stop, ...]") once took stdout's place. With
+    # `2</dev/null` (open for reading only), writing it failed after the answer, and the command with it, status 1.
+    shell = [f'exec "$0" "$@" {stderr}', str(BIN / "llmrelay"), "--target", f"127.0.0.1:{gateway.port}", *command]
     process = await asyncio.create_subprocess_exec("/bin/sh", "-c", *shell, stdout=PIPE)
     out, _ = await asyncio.wait_for(process.communicate(), 30)
     assert (process.returncode, out.decode()) == (0, "echo: hi\n")

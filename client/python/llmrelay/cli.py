@@ -54,14 +54,19 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _main(argv: Sequence[str] | None) -> None:
     args = _parser().parse_args(argv)
+    if sys.stderr is None or _read_only(sys.stderr):
+        # Started with its stderr closed (`2>&-`): print(file=None) writes to stdout, which would put the summary line
+        # into the answer a script reads. Or open for reading only (`2</dev/null`): the summary line failed after the
+        # answer, EBADF, and the command with it, status 1. The notes go nowhere instead.
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     if sys.stdout is None:
         # Started with its stdout closed (`llmrelay complete hi >&-`): Python leaves sys.stdout None, and print() writes
         # nothing. Said before the call, which would cost tokens for an answer with nowhere to go.
         sys.exit("llmrelay: standard output is closed: nowhere to write to")
-    if sys.stderr is None:
-        # Started with its stderr closed (`2>&-`): print(file=None) writes to stdout, which would put the summary line
-        # into the answer a script reads. The notes go nowhere instead.
-        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    if _read_only(sys.stdout):
+        # Open for reading only (`1</dev/null`): the answer, paid for, failed to be written, EBADF. Said as for a closed
+        # one, before the call.
+        sys.exit("llmrelay: standard output is open for reading only: nowhere to write to")
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             # A terminal or a pipe whose encoding cannot hold every character of an answer (an ASCII or Latin-1
@@ -86,8 +91,23 @@ def _main(argv: Sequence[str] | None) -> None:
         sys.exit(f"llmrelay: cannot write its output: {exc.strerror}")
 
 
-_WRITE_FAILURES: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
-"""What a write to a file or a device fails with, beside a reader gone (BrokenPipeError)."""
+_WRITE_FAILURES: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EBADF})
+"""What a write to a file or a device fails with, beside a reader gone (BrokenPipeError); EBADF: a descriptor not open
+for writing (which _read_only tells at the start, where the system says)."""
+
+
+def _read_only(stream: TextIO) -> bool:
+    """Whether `stream` is a file descriptor open for reading only (`1</dev/null`): Python opens sys.stdout on it all
+    the same, and only a write finds out. False where that cannot be told (no descriptor: a test's capture)."""
+    if sys.platform == "win32":
+        return False
+    import fcntl  # POSIX's
+
+    try:
+        flags = fcntl.fcntl(stream.fileno(), fcntl.F_GETFL)
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
+        return False
+    return flags & os.O_ACCMODE == os.O_RDONLY
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -106,7 +126,9 @@ def _run(args: argparse.Namespace) -> None:
     except LLMRelayError as exc:
         details = ""  # the reason is in the error's own text: "CODE (REASON): message"
         for violation in exc.field_violations:
-            details += f"\n  {violation.field}: {violation.description}"
+            # The gateway's text of an invalid request is its violations, joined by "; ": each again was each twice.
+            if (said := f"{violation.field}: {violation.description}") not in exc.message:
+                details += f"\n  {said}"
         if exc.retry_delay_s is not None:
             details += f"\n  retry after {exc.retry_delay_s:g} s"
         if exc.reason == "UNAUTHENTICATED":
@@ -129,7 +151,7 @@ def _client(args: argparse.Namespace) -> Client:
     variable = KEY_ENV if args.key_env is None else args.key_env
     key = os.environ.get(variable)
     if args.key_env is not None and not key:
-        sys.exit(f"llmrelay: --key-env {args.key_env}: the variable is not set")
+        sys.exit(f"llmrelay: --key-env {args.key_env}: the variable is {'not set' if key is None else 'empty'}")
     # Checked here: gRPC would fail the call INTERNAL with "Invalid metadata", which says nothing of the variable.
     if key and not (key.isascii() and key.isprintable() and " " not in key):
         sys.exit(f"llmrelay: {variable} holds characters no key has (printable ASCII, no spaces)")
@@ -250,8 +272,11 @@ def _text(text: str) -> str:
 
 
 def _target(text: str) -> str:
-    """The gateway's target (argparse's type for --target): an empty one would have gRPC print its own error lines."""
-    if not text.strip():
+    """The gateway's target (argparse's type for --target): an empty one would have gRPC print its own error lines.
+    Spaces around it (a copy-paste, a quoted variable) are not part of it, as in LLMRELAY_TARGET: gRPC took " HOST" for
+    a host name, not loopback, and failed its TLS ("Misformatted domain name")."""
+    text = text.strip()
+    if not text:
         raise argparse.ArgumentTypeError("an empty target: give HOST:PORT, or leave --target out for the default")
     if problem := target_problem(text):
         raise argparse.ArgumentTypeError(problem)
@@ -323,6 +348,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=f"A gateway with caller keys (auth.keys) wants one: put it in {KEY_ENV} (or the variable --key-env"
         " names), never on the command line.",
     )
+    parser.add_argument("--version", action=_Version, help="print the installed llmrelay's version and exit")
     _connection_options(parser, given_only=False)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     calling: list[argparse.ArgumentParser] = []
@@ -392,6 +418,30 @@ def _parser() -> argparse.ArgumentParser:
     for command in calling:
         _connection_options(command, given_only=True)
     return parser
+
+
+class _Version(argparse.Action):
+    """--version: the installed package's version, read when asked (importlib.metadata takes a while to load), then
+    exit 0, as argparse's own action does. It was "the following arguments are required: COMMAND"."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[object] | None,
+        option_string: str | None = None,
+    ) -> None:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("llmrelay")
+        except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+            version = "(version unknown: not installed)"
+        print(f"{parser.prog} {version}")
+        parser.exit()
 
 
 def _connection_options(parser: argparse.ArgumentParser, *, given_only: bool) -> None:
