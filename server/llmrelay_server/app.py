@@ -44,9 +44,9 @@ from llmrelay_server.workers import (
     STOP_NOW,
     ListenError,
     WorkerRole,
+    cannot_bind_message,
     check_port_free,
     ignore_signals_after_stop,
-    in_use_message,
     on_signal,
     stop_signals,
 )
@@ -250,7 +250,11 @@ async def start_gateway(
         await ledger.aclose()
         if isinstance(exc, ListenError):  # it says why
             raise
-        raise ListenError(in_use_message(config.server.listen)) from exc
+        # gRPC says no more than that it could not bind: the check again, for what changed since (another process
+        # took the port), or else the causes it may have been.
+        if not reuse_port:
+            check_port_free(config.server.listen)
+        raise ListenError(cannot_bind_message(config.server.listen)) from exc
     for warning in exposure_warnings(f"{config.server.listen.rpartition(':')[0]}:{port}", tls, config.auth):
         log.warning(warning)
     await counter.warm_up(spec.default_model for spec in config.backends)

@@ -1447,6 +1447,9 @@ def _is_listen_host(host: str) -> bool:
 
 
 def _check_listen(listen: str, where: str) -> None:
+    if listen.lower().startswith(("unix:", "unix-abstract:")):
+        # gRPC's own addresses for a Unix socket: told before, from their path, that their port was no number.
+        raise ConfigError(f"{where}: unix sockets are not served; listen on HOST:PORT (e.g. 127.0.0.1:50051)")
     host, sep, port = listen.rpartition(":")
     if not sep:
         why = "it has no :PORT"

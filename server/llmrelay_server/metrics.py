@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
@@ -631,6 +631,9 @@ class _MetricsServer(ThreadingMixIn, WSGIServer):
     connections = METRICS_CONNECTIONS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._beside: list[_MetricsServer] = []
+        """The servers of the same port at its other addresses (`serve_beside`); before the bind, which closes this
+        one when it fails."""
         super().__init__(*args, **kwargs)
         self._lock = threading.Lock()
         self._served: set[socket.socket] = set()
@@ -659,6 +662,22 @@ class _MetricsServer(ThreadingMixIn, WSGIServer):
             request.send(_BUSY)
         self.shutdown_request(request)
 
+    def serve_beside(self, other: _MetricsServer) -> None:
+        """Serves with `other`, on the same port at another address: within its bound on connections (one for the
+        port, whatever its addresses), and stopped and closed with it."""
+        self._lock, self._served, self._reading = other._lock, other._served, other._reading
+        other._beside.append(self)
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        for other in self._beside:
+            other.shutdown()
+
+    def server_close(self) -> None:
+        super().server_close()
+        for other in self._beside:
+            other.server_close()
+
     def read(self, request: socket.socket) -> bool:
         """Marks `request` as read; False where it was let go meanwhile, to make way for another."""
         with self._lock:
@@ -686,18 +705,53 @@ def serve_metrics(listen: str, registry: CollectorRegistry) -> WSGIServer:
 
     0.0.0.0 is every address, IPv6's too, as gRPC takes it for the gateway's own port: on a cluster that reaches pods
     by IPv6 (single-stack, or dual-stack IPv6 first), an IPv4 socket alone refused every scrape while the probes on
-    the gRPC port passed. Both stacks where the system has IPv6, else IPv4 alone."""
+    the gRPC port passed. Both stacks where the system has IPv6, else IPv4 alone. localhost is both loopbacks, as
+    gRPC takes it too, on one port (`_serve_loopbacks`)."""
     host, _, port = listen.rpartition(":")
-    if host == "0.0.0.0" and socket.has_ipv6:
+    if host.lower() == "localhost":
+        servers = _serve_loopbacks(int(port), registry)
+    elif host == "0.0.0.0" and socket.has_ipv6:
         try:
-            return _serve_metrics("[::]", int(port), registry)
+            servers = [_bound("[::]", int(port), registry)]
         except OSError as exc:
-            if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+            if exc.errno not in _NO_SUCH_ADDRESS:
                 raise
-    return _serve_metrics(host, int(port), registry)
+            servers = [_bound(host, int(port), registry)]
+    else:
+        servers = [_bound(host, int(port), registry)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return servers[0]
 
 
-def _serve_metrics(host: str, port: int, registry: CollectorRegistry) -> WSGIServer:
+_NO_SUCH_ADDRESS: Final = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
+"""What a bind fails with at an address that is not this machine's (IPv6's, where the system has no IPv6)."""
+_FREE_PORT_TRIES: Final = 10
+
+
+def _serve_loopbacks(port: int, registry: CollectorRegistry) -> list[_MetricsServer]:
+    """Servers on 127.0.0.1:PORT and [::1]:PORT (none there where the system has no IPv6), the second stopped with the
+    first; OSError when either address is taken. At the first address alone, as getaddrinfo gave it (::1 where
+    /etc/hosts names it localhost too, as Debian's and Docker's do), a Prometheus scraping the other was refused, and
+    another process could hold the port there unseen. Port 0: a port free at both."""
+    for _ in range(_FREE_PORT_TRIES if port == 0 else 1):
+        first = _bound("127.0.0.1", port, registry)
+        try:
+            second = _bound("[::1]", first.server_port, registry)
+        except OSError as exc:
+            if isinstance(exc, socket.gaierror) or exc.errno in _NO_SUCH_ADDRESS:
+                return [first]  # no IPv6 here: 127.0.0.1 alone, as gRPC serves localhost then
+            first.server_close()
+            if port == 0 and exc.errno == errno.EADDRINUSE:
+                continue  # the free port of 127.0.0.1 is taken at ::1: another free port
+            raise
+        second.serve_beside(first)
+        return [first, second]
+    raise OSError(errno.EADDRINUSE, "no port was free at both 127.0.0.1 and ::1")
+
+
+def _bound(host: str, port: int, registry: CollectorRegistry) -> _MetricsServer:
+    """A server bound to HOST:PORT, not serving yet."""
     try:
         family, _, _, _, address = socket.getaddrinfo(
             host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -714,6 +768,4 @@ def _serve_metrics(host: str, port: int, registry: CollectorRegistry) -> WSGISer
                 self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             super().server_bind()
 
-    server = make_server(str(address[0]), port, make_wsgi_app(registry), Server, _MetricsRequestHandler)
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    return server
+    return make_server(str(address[0]), port, make_wsgi_app(registry), Server, _MetricsRequestHandler)

@@ -89,12 +89,15 @@ def exposure_warnings(address: str, tls: TLSConfig | None, auth: AuthConfig) -> 
 
 def _is_loopback(host: str) -> bool:
     host = host.strip("[]")
-    if host == "localhost":
+    if host.lower() == "localhost":  # gRPC takes it for 127.0.0.1 and ::1, whatever its case
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False  # a host name: it may resolve to any interface
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is IPv4's loopback (Python says so from 3.13 alone)
+    return address.is_loopback
 
 
 class ServedCertificate:

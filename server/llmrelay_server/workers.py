@@ -40,6 +40,7 @@ import errno
 import fcntl
 import functools
 import http.client
+import ipaddress
 import json
 import logging
 import os
@@ -138,9 +139,16 @@ _CHOOSE_ANOTHER: Final = "choose another with --listen, LLMRELAY_LISTEN or serve
 
 
 def in_use_message(listen: str) -> str:
+    """What a person is told when another process holds HOST:PORT (`check_port_free` found it)."""
+    return f"cannot listen on {listen}: the address is in use (another llmrelay-server?); {_CHOOSE_ANOTHER}"
+
+
+def cannot_bind_message(listen: str) -> str:
+    """What a person is told when gRPC could not bind HOST:PORT after `check_port_free` passed it (another process
+    took it since, say): gRPC says no more than that."""
     return (
-        f"cannot listen on {listen}: the address is in use (another llmrelay-server?) or not an address of this"
-        f" machine; {_CHOOSE_ANOTHER}"
+        f"cannot listen on {listen}: gRPC could not bind it (the address is in use, by another llmrelay-server?, or"
+        f" not an address of this machine); {_CHOOSE_ANOTHER}"
     )
 
 
@@ -200,44 +208,59 @@ class WorkerRole:
 
 
 _LOOPBACKS: Final = ("127.0.0.1", "::1")
+_NOT_HERE: Final = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
+"""What a bind fails with at an address that is not this machine's (::1 where it has no IPv6 among them)."""
 
 
 def check_port_free(listen: str) -> None:
-    """ListenError when a process holds HOST:PORT at any of the addresses HOST names (localhost: 127.0.0.1 and ::1).
+    """ListenError when HOST:PORT cannot be served at the addresses gRPC binds for it: a process holds the port at any
+    of them (localhost: 127.0.0.1 and ::1; 0.0.0.0 and [::]: both stacks, as gRPC listens there), HOST does not
+    resolve or is no address of this machine, or the port takes a privilege the process lacks.
 
     gRPC binds each address it can and serves on those alone: a gateway started beside another process holding
-    127.0.0.1:PORT served on ::1 only, and callers of localhost:PORT reached the other process. A host that does not
-    resolve, and a port that takes a privilege the process lacks, are said so too. Port 0 (any free port) is left to
-    gRPC, as are addresses that cannot be bound for another reason (no IPv6 here: gRPC serves on the others).
+    127.0.0.1:PORT served on ::1 only, and one on 0.0.0.0:PORT beside another holding [::1]:PORT on IPv4 only; callers
+    of the rest reached the other process. Port 0 (any free port) is probed too, for its host: gRPC's own failure says
+    no more than that it could not bind. An address that cannot be bound while another of the host's can (::1 without
+    IPv6) is left out, as gRPC leaves it, and faults of another kind are left to gRPC.
     """
     port = listen.rpartition(":")[2]
-    if not port.isdigit() or int(port) == 0:
+    if not port.isdigit():
         return
-    for family, kind, proto, _, address in _addresses(listen):
+    addresses = _addresses(listen)
+    not_here = 0
+    for family, kind, proto, _, address in addresses:
         # Without SO_REUSEPORT this bind fails while any socket listens on the port (another gateway's workers too),
         # or holds it without SO_REUSEADDR (another supervisor's reservation, before its workers listen).
         # SO_REUSEADDR, as gRPC sets it, lets it pass connections of an earlier server still in TIME_WAIT.
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(address)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise ListenError(in_use_message(listen)) from exc
-                if exc.errno == errno.EACCES:
-                    raise ListenError(
-                        f"cannot listen on {listen}: permission denied (a port below 1024 takes a privilege,"
-                        f" CAP_NET_BIND_SERVICE); {_CHOOSE_ANOTHER}"
-                    ) from exc
+        try:
+            _bound(family, kind, proto, address, reuse_address=True, reuse_port=False).close()
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ListenError(in_use_message(listen)) from exc
+            if exc.errno == errno.EACCES:
+                raise ListenError(
+                    f"cannot listen on {listen}: permission denied (a port below 1024 takes a privilege,"
+                    f" CAP_NET_BIND_SERVICE); {_CHOOSE_ANOTHER}"
+                ) from exc
+            if exc.errno in _NOT_HERE:
+                not_here += 1
+    if not_here == len(addresses):
+        raise ListenError(_not_here_message(listen))
+
+
+def _not_here_message(listen: str) -> str:
+    host = listen.rpartition(":")[0]
+    return f"cannot listen on {listen}: {host} is not an address of this machine; {_CHOOSE_ANOTHER}"
 
 
 def _addresses(listen: str) -> list[tuple[Any, ...]]:
-    """Every address gRPC binds for HOST:PORT, as getaddrinfo gives them."""
+    """Every address gRPC binds for HOST:PORT, as getaddrinfo gives them; every address of the machine (0.0.0.0, [::])
+    as [::], which `_bound` binds on both stacks, as gRPC does."""
     host, _, port = listen.rpartition(":")
     # gRPC takes localhost for both loopbacks, whatever /etc/hosts says.
     hosts = _LOOPBACKS if host.lower() == "localhost" else (host.strip("[]"),)
     try:
-        return [
+        found = [
             info
             for name in hosts
             for info in socket.getaddrinfo(name, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -245,12 +268,68 @@ def _addresses(listen: str) -> list[tuple[Any, ...]]:
     except socket.gaierror as exc:
         why = f"its host does not resolve ({exc.strerror})"
         raise ListenError(f"cannot listen on {listen}: {why}; {_CHOOSE_ANOTHER}") from exc
+    every = (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("::", int(port), 0, 0))
+    return [every if _is_unspecified(str(info[4][0])) else info for info in found]
+
+
+def _is_unspecified(host: str) -> bool:
+    """0.0.0.0, ::, ::ffff:0.0.0.0: gRPC listens on [::] for each, on both stacks."""
+    address = ipaddress.ip_address(host.partition("%")[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_unspecified
+
+
+def _bound(
+    family: socket.AddressFamily,
+    kind: socket.SocketKind,
+    proto: int,
+    address: tuple[Any, ...],
+    *,
+    reuse_address: bool,
+    reuse_port: bool,
+) -> socket.socket:
+    """A socket bound to `address`, with SO_REUSEADDR and SO_REUSEPORT as asked. [::] is bound as gRPC binds it, on
+    both stacks (IPV6_V6ONLY off, whatever net.ipv6.bindv6only says), so that a process holding the port on either
+    is found; where the system has no IPv6 (no such family, or no such address), 0.0.0.0, as gRPC falls back to."""
+    every_address = family == socket.AF_INET6 and address[0] == "::"
+    try:
+        return _bind(family, kind, proto, address, every_address, reuse_address, reuse_port)
+    except OSError as exc:
+        if not every_address or exc.errno not in _NOT_HERE:
+            raise
+    return _bind(socket.AF_INET, kind, proto, ("0.0.0.0", address[1]), False, reuse_address, reuse_port)
+
+
+def _bind(
+    family: socket.AddressFamily,
+    kind: socket.SocketKind,
+    proto: int,
+    address: tuple[Any, ...],
+    both_stacks: bool,
+    reuse_address: bool,
+    reuse_port: bool,
+) -> socket.socket:
+    bound = socket.socket(family, kind, proto)
+    try:
+        if both_stacks:
+            bound.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if reuse_address:
+            bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        bound.bind(address)
+    except OSError:
+        bound.close()
+        raise
+    return bound
 
 
 class PortReservation:
-    """HOST:PORT held for the workers at every address HOST names (localhost: 127.0.0.1 and ::1), each by a socket
-    bound, never listening, with SO_REUSEPORT: held at one address alone, another process could take the others while
-    the workers start, and they would serve on what was left, callers of the rest reaching that process."""
+    """HOST:PORT held for the workers at every address HOST names (localhost: 127.0.0.1 and ::1; 0.0.0.0 and [::]:
+    both stacks), each by a socket bound, never listening, with SO_REUSEPORT: held at one address alone, another
+    process could take the others while the workers start, and they would serve on what was left, callers of the rest
+    reaching that process."""
 
     def __init__(self, sockets: list[socket.socket]) -> None:
         self._sockets = sockets
@@ -285,14 +364,18 @@ def reserve_port(listen: str) -> PortReservation:
                 try:
                     held.append(_reserved(family, kind, proto, address))
                 except OSError as exc:
-                    if exc.errno == errno.EADDRINUSE or not held:
+                    if exc.errno == errno.EADDRINUSE or (not held and exc.errno not in _NOT_HERE):
                         raise
         except OSError as exc:
             for taken in held:
                 taken.close()
             if any_port and exc.errno == errno.EADDRINUSE:
                 continue  # the free port of the first address is taken at another: another free port
-            raise ListenError(in_use_message(listen)) from exc
+            if exc.errno == errno.EADDRINUSE:
+                raise ListenError(in_use_message(listen)) from exc
+            raise ListenError(f"cannot listen on {listen}: {exc.strerror}; {_CHOOSE_ANOTHER}") from exc
+        if not held:
+            raise ListenError(_not_here_message(listen))
         return PortReservation(held)
     raise ListenError(f"cannot listen on {listen}: no port was free at every address of its host; {_CHOOSE_ANOTHER}")
 
@@ -303,36 +386,21 @@ _FREE_PORT_TRIES: Final = 10
 def _reserved(
     family: socket.AddressFamily, kind: socket.SocketKind, proto: int, address: tuple[Any, ...]
 ) -> socket.socket:
-    """A socket holding `address` for the workers (`_bind_reservation`)."""
+    """A socket holding `address` for the workers: bound with SO_REUSEPORT, which the workers (SO_REUSEPORT, the same
+    user) bind beside.
+
+    SO_REUSEADDR only where the port is held by what only it passes: Linux lets two sockets that both have it bind
+    one address when neither listens, so a second supervisor's probe (SO_REUSEADDR alone) would pass a reservation
+    with it, and the two supervisors' workers would share the port."""
     try:
-        return _bind_reservation(family, kind, proto, address, reuse_address=False)
+        return _bound(family, kind, proto, address, reuse_address=False, reuse_port=True)
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE or address[1] == 0:
             raise
         # The probe passed, so nothing listens and no supervisor holds the port: what holds it is a connection in
         # TIME_WAIT of a server without SO_REUSEPORT (a single-process gateway stopped a moment ago), which only
         # SO_REUSEADDR passes. The workers bind beside such a reservation, but so would a second supervisor's.
-        return _bind_reservation(family, kind, proto, address, reuse_address=True)
-
-
-def _bind_reservation(
-    family: socket.AddressFamily, kind: socket.SocketKind, proto: int, address: tuple[Any, ...], *, reuse_address: bool
-) -> socket.socket:
-    """A socket bound to `address` with SO_REUSEPORT, which the workers (SO_REUSEPORT, the same user) bind beside.
-
-    SO_REUSEADDR only when `reuse_address`: Linux lets two sockets that both have it bind one address when neither
-    listens, so a second supervisor's probe (SO_REUSEADDR alone) would pass a reservation with it, and the two
-    supervisors' workers would share the port."""
-    reservation = socket.socket(family, kind, proto)
-    try:
-        if reuse_address:
-            reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        reservation.bind(address)
-    except OSError:
-        reservation.close()
-        raise
-    return reservation
+        return _bound(family, kind, proto, address, reuse_address=True, reuse_port=True)
 
 
 @dataclass

@@ -4,6 +4,7 @@ them than the server serves at once."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import threading
 import time
@@ -164,3 +165,34 @@ def test_every_address_is_served_on_ipv6_too_as_grpc_serves_it(host: str) -> Non
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_localhost_is_served_at_both_loopbacks_on_one_port_and_stopped_at_both() -> None:
+    """gRPC takes localhost for 127.0.0.1 and ::1: /metrics took the first address getaddrinfo gave alone (::1 where
+    /etc/hosts names it localhost too, as Debian's and Docker's do), and a Prometheus scraping the other was refused."""
+    server = metrics.serve_metrics("localhost:0", counted())
+    port = int(server.server_port)
+    try:
+        for address in ("127.0.0.1", "[::1]"):
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                f"http://{address}:{port}/metrics", timeout=10
+            ) as scraped:
+                assert "scraped_total 1.0" in scraped.read().decode(), address
+    finally:
+        server.shutdown()
+        server.server_close()
+    for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with socket.socket(family) as after, pytest.raises(ConnectionRefusedError):
+            after.connect((address, port))
+
+
+@pytest.mark.parametrize(("family", "taken"), [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_localhost_with_either_loopback_taken_is_refused(family: socket.AddressFamily, taken: str) -> None:
+    """Served at the other alone, a scrape of the taken one reached another process."""
+    with socket.socket(family) as holder:
+        holder.bind((taken, 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(OSError) as refused:
+            metrics.serve_metrics(f"localhost:{port}", counted()).server_close()
+    assert refused.value.errno == errno.EADDRINUSE

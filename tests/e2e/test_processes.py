@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import subprocess
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
@@ -265,11 +266,11 @@ async def test_ctrl_c_while_the_gateway_loads_ends_it_quietly(tmp_path: Path, lo
 
 
 async def refused_start(
-    listen: str, local: FakeUpstream, usage_db: Path, *, unprivileged: bool = False
+    listen: str, local: FakeUpstream, usage_db: Path, *flags: str, unprivileged: bool = False
 ) -> tuple[int | None, str]:
-    """A gateway started to listen on `listen`, expected to stop at once: its exit status and what it wrote.
-    `unprivileged`: without the privilege of binding a port below 1024 (root's dropped, by capsh)."""
-    run: list[str | Path] = [BIN / "llmrelay-server", "--listen", listen]
+    """A gateway started to listen on `listen` (with `flags`), expected to stop at once: its exit status and what it
+    wrote. `unprivileged`: without the privilege of binding a port below 1024 (root's dropped, by capsh)."""
+    run: list[str | Path] = [BIN / "llmrelay-server", "--listen", listen, *flags]
     if unprivileged and os.geteuid() == 0:
         run = ["capsh", "--drop=cap_net_bind_service", "--", "-c", 'exec "$0" "$@"', *run]
     gateway = await asyncio.create_subprocess_exec(
@@ -315,6 +316,96 @@ async def test_localhost_with_either_loopback_taken_fails_instead_of_serving_the
         returncode, err = await refused_start(listen, local, tmp_path / "u.db")
     assert returncode == 1
     assert f"cannot listen on {listen}: the address is in use" in err
+
+
+WORKERS = [(), ("--workers", "2")]
+WORKERS_IDS = ["single", "with-workers"]
+
+
+@pytest.mark.parametrize("flags", WORKERS, ids=WORKERS_IDS)
+@pytest.mark.parametrize("holder", ["[::1]", "[::] (IPv6 alone)"])
+@pytest.mark.parametrize("host", ["0.0.0.0", "[::]"])
+async def test_every_address_with_the_port_taken_on_ipv6_fails_instead_of_serving_ipv4_alone(
+    tmp_path: Path, local: FakeUpstream, host: str, holder: str, flags: tuple[str, ...]
+) -> None:
+    """gRPC listens on [::] for 0.0.0.0 and [::], both stacks on one socket, and where that bind fails it listens on
+    0.0.0.0 alone without a word: a gateway whose port another process held on IPv6 started, said it listened, and
+    callers of the port over IPv6 (localhost on many systems, IPv6 pods) reached the other process. Only 0.0.0.0 was
+    checked (by the supervisor's reservation too)."""
+    port = free_port()  # free on IPv4
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as other:
+        other.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        other.bind(("::1" if holder == "[::1]" else "::", port))
+        other.listen()
+        listen = f"{host}:{port}"
+        returncode, err = await refused_start(listen, local, tmp_path / "u.db", *flags)
+    assert returncode == 1, err
+    assert f"cannot listen on {listen}: the address is in use (another llmrelay-server?); choose another" in err, err
+
+
+@pytest.mark.parametrize("flags", WORKERS, ids=WORKERS_IDS)
+@pytest.mark.parametrize(
+    ("listen", "said"),
+    [
+        ("nosuch.invalid:0", "its host does not resolve"),
+        ("203.0.113.9:0", "203.0.113.9 is not an address of this machine"),
+        ("203.0.113.9:port", "203.0.113.9 is not an address of this machine"),
+        ("[2001:db8::9]:0", "[2001:db8::9] is not an address of this machine"),
+    ],
+)
+async def test_an_address_that_cannot_be_served_for_another_reason_than_a_taken_port_is_said_so(
+    tmp_path: Path, local: FakeUpstream, listen: str, said: str, flags: tuple[str, ...]
+) -> None:
+    """Each was said to be "in use (another llmrelay-server?)" by a gateway of one process (gRPC says no more than
+    that its bind failed), and port 0 and an address not this machine's by a supervisor of workers too."""
+    listen = listen.replace("port", str(free_port()))
+    returncode, err = await refused_start(listen, local, tmp_path / "u.db", *flags)
+    assert returncode == 1, err
+    assert f"cannot listen on {listen}: {said}" in err, err
+    assert "in use" not in err, err
+
+
+@pytest.mark.parametrize("listen", ["unix:/tmp/llmrelay.sock", "unix:///tmp/llmrelay.sock", "unix-abstract:llmrelay"])
+async def test_a_unix_socket_to_listen_on_is_refused_as_one(tmp_path: Path, local: FakeUpstream, listen: str) -> None:
+    """It was refused as "not HOST:PORT (its port is not a number from 0 to 65535)", its path read as the port."""
+    returncode, err = await refused_start(listen, local, tmp_path / "u.db")
+    assert returncode == 1, err
+    said = "--listen (LLMRELAY_LISTEN): unix sockets are not served; listen on HOST:PORT (e.g. 127.0.0.1:50051)"
+    assert said in err, err
+
+
+@pytest.mark.parametrize("taken", ["127.0.0.1", "::1"])
+async def test_metrics_on_localhost_with_either_loopback_taken_fails_instead_of_serving_the_other(
+    tmp_path: Path, local: FakeUpstream, taken: str
+) -> None:
+    """/metrics on localhost was served at the first address getaddrinfo gave it alone (::1 where /etc/hosts names it
+    localhost too): a Prometheus scraping the other loopback was refused, or reached another process holding it."""
+    port = free_port()
+    family = socket.AF_INET6 if ":" in taken else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as holder:
+        holder.bind((taken, port))
+        holder.listen()
+        config = tmp_path / "llmrelay.yaml"
+        config.write_text(f'server: {{usage_db: "{tmp_path}/u.db", metrics_listen: "localhost:{port}"}}\n')
+        gateway = await start_server(config, local)
+        _, err = await finished(gateway.process)
+    assert gateway.process.returncode == 1, err
+    said = f"cannot serve metrics on localhost:{port}: Address already in use; choose another with server."
+    assert said in err.decode(), err
+
+
+async def test_metrics_on_localhost_are_served_at_both_loopbacks(tmp_path: Path, local: FakeUpstream) -> None:
+    async with started(tmp_path, local, 'metrics_listen: "localhost:0"') as gateway:
+        line = await gateway.wait_for_line("metrics on http://localhost:")
+        port = int(line.partition("metrics on http://localhost:")[2].partition("/")[0])
+        for address in ("127.0.0.1", "[::1]"):
+            body = await asyncio.to_thread(read_page, f"http://{address}:{port}/metrics")
+            assert "grpc_server_started_total" in body, address
+
+
+def read_page(url: str) -> str:
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=10) as page:
+        return str(page.read().decode())
 
 
 async def test_a_start_that_fails_says_why_in_json_when_the_log_is_json(

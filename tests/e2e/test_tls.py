@@ -22,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from e2e.test_metrics import scrape, value
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import clean_env, spawn_gateway
 from llmrelay import v1 as pb
 from llmrelay_server import tls as tls_module
@@ -592,6 +593,24 @@ async def test_a_loopback_listener_does_not_warn(
     assert _insecure(caplog) == []
 
 
+@pytest.mark.parametrize("listen", ["LOCALHOST:0", "Localhost:0", "[::ffff:127.0.0.1]:0"])
+async def test_a_loopback_listener_written_otherwise_does_not_warn(
+    gateway_factory: GatewayFactory,
+    primary: FakeUpstream,
+    local: FakeUpstream,
+    caplog: pytest.LogCaptureFixture,
+    listen: str,
+) -> None:
+    """A host name's case does not matter (gRPC serves LOCALHOST at 127.0.0.1 and ::1 alone), and ::ffff:127.0.0.1 is
+    IPv4's loopback, which Python's ipaddress calls loopback only from 3.13: each logged two NOT SECURE warnings, "no
+    TLS" and "no caller keys", for a gateway no other machine could reach."""
+    gateway = await gateway_factory(two_backends(primary, local), {"LLMRELAY_LISTEN": listen})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    assert _insecure(caplog) == []
+
+
 TLS = TLSConfig(cert_file="server.pem", key_file="server.key")
 MUTUAL = TLSConfig(cert_file="server.pem", key_file="server.key", client_ca_file="clients.pem")
 OPEN = AuthConfig()
@@ -605,6 +624,10 @@ OPENED = (*DEFAULT_OPEN_SERVICES, "llmrelay.v1.LLMService/GetUsage", "llmrelay.v
         ("127.0.0.2:50051", None, OPEN, []),
         ("[::1]:50051", None, OPEN, []),
         ("localhost:50051", None, OPEN, []),
+        ("LocalHost:50051", None, OPEN, []),
+        ("[::ffff:127.0.0.1]:50051", None, OPEN, []),
+        ("[::ffff:10.0.0.5]:50051", None, OPEN, ["without TLS", "no caller keys"]),
+        ("localhost.evil.example:50051", None, OPEN, ["without TLS", "no caller keys"]),
         ("0.0.0.0:50051", None, OPEN, ["without TLS", "no caller keys"]),
         ("[::]:50051", None, OPEN, ["without TLS", "no caller keys"]),
         ("gateway.internal:50051", None, OPEN, ["without TLS", "no caller keys"]),

@@ -529,6 +529,22 @@ async def test_a_taken_port_still_stops_a_second_gateway(tmp_path: Path, local: 
         assert await stop(gateway) == 0
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "[::]"])
+async def test_workers_on_every_address_serve_both_stacks(tmp_path: Path, local: FakeUpstream, host: str) -> None:
+    """The supervisor holds the port on [::] for both stacks, as gRPC listens there: the workers bind beside its
+    reservation, and serve IPv4 and IPv6 callers alike."""
+    port = free_port()
+    listen = ("--listen", f"{host}:{port}")
+    gateway = await start_server(workers_config(tmp_path), local, "--workers", "2", *listen, port=port)
+    try:
+        await gateway.wait_listening()
+        await gateway.wait_for_line("(2 workers)")
+        for target in (f"127.0.0.1:{port}", f"ipv6:[::1]:{port}"):
+            assert len(await call_on_new_connections(target, 4)) == 4, target
+    finally:
+        assert await stop(gateway) == 0
+
+
 async def test_a_metrics_port_in_use_stops_the_workers_naming_the_field(tmp_path: Path, local: FakeUpstream) -> None:
     """As a single process says it: the supervisor's words left out which setting to change."""
     with socket.socket() as holder:

@@ -899,6 +899,20 @@ def test_an_address_or_a_host_name_is_taken_to_listen_on(tmp_path: Path, listen:
     assert load(tmp_path, None, {"LLMRELAY_LISTEN": listen}).server.listen == listen
 
 
+@pytest.mark.parametrize("listen", ["unix:/run/llmrelay.sock", "unix:///run/llmrelay.sock", "unix-abstract:llmrelay"])
+@pytest.mark.parametrize("where", ["--listen (LLMRELAY_LISTEN)", "server.metrics_listen"])
+def test_a_unix_socket_to_listen_on_is_refused_as_one(tmp_path: Path, listen: str, where: str) -> None:
+    """gRPC's addresses of a Unix socket (the SDKs take them as loopback targets) were refused as HOST:PORT whose "port
+    is not a number from 0 to 65535", its path read as the port."""
+    env = {"LLMRELAY_LISTEN": listen} if where.startswith("--listen") else {}
+    text = f'server: {{metrics_listen: "{listen}"}}\n' if where == "server.metrics_listen" else None
+    said = f"{where}: unix sockets are not served; listen on HOST:PORT (e.g. 127.0.0.1:50051)"
+    with pytest.raises(ConfigError) as refused:
+        load(tmp_path, text, env)
+    assert str(refused.value) == said
+    assert "port" not in str(refused.value).replace("HOST:PORT", "")
+
+
 def test_an_ipv6_address_to_listen_on_takes_brackets(tmp_path: Path) -> None:
     # Unbracketed, gRPC read ::1:0 as 0.1.0.0 port 443 and the server said the address was in use.
     with pytest.raises(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import socket
 
 import pytest
@@ -49,3 +50,26 @@ def test_a_port_taken_at_the_second_loopback_is_refused() -> None:
         squatter.listen()
         with pytest.raises(ListenError, match="in use"):
             reserve_port(f"localhost:{port}")
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "[::]"])
+def test_every_address_is_held_on_both_stacks(host: str) -> None:
+    """gRPC listens on [::] for 0.0.0.0 and [::], both stacks on one socket: held on IPv4 alone, another process
+    could take the port on IPv6 while the workers started, and they served IPv4 alone, without a word."""
+    port = free_port()
+    with reserve_port(f"{host}:{port}") as reservation:
+        assert reservation.port == port
+        assert [bind_error(family, address, port) for family, address in LOOPBACKS] == [errno.EADDRINUSE] * 2
+    assert [bind_error(family, address, port) for family, address in LOOPBACKS] == [None, None]
+
+
+@pytest.mark.parametrize("held_at", ["::1", "::"])
+@pytest.mark.parametrize("host", ["0.0.0.0", "[::]"])
+def test_every_address_with_the_port_taken_on_ipv6_is_refused(host: str, held_at: str) -> None:
+    port = free_port()
+    with socket.socket(socket.AF_INET6) as squatter:
+        squatter.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        squatter.bind((held_at, port))
+        squatter.listen()
+        with pytest.raises(ListenError, match=re.escape(f"cannot listen on {host}:{port}: the address is in use")):
+            reserve_port(f"{host}:{port}")
