@@ -53,6 +53,9 @@ class Meter:
     """The requests the call has written to an upstream (its model requests, and a count's): an attempt the call ended
     under before its answer had its prompt read only if one was written during it (a call cancelled while its
     connection was still being made had not)."""
+    requests_begun: int = 0
+    """The requests of the call that left their pool's line for a connection (connecting to the upstream, or sent): an
+    attempt that ended with none begun waited behind the gateway's own bound on connections, the upstream not asked."""
     request_id: str | None = None
     """The call's request id, once the call log has given it one: its span carries it too."""
     trace_id: str | None = None
@@ -99,6 +102,19 @@ def request_sent() -> None:
     meter = current_meter.get()
     if meter is not None:
         meter.requests_sent += 1
+
+
+def request_begun() -> None:
+    """A request of the call has a connection to its upstream, or is making one: it waits in no line of the pool's."""
+    meter = current_meter.get()
+    if meter is not None:
+        meter.requests_begun += 1
+
+
+def requests_begun() -> int | None:
+    """How many requests of the call have left their pool's line; None when nobody meters it."""
+    meter = current_meter.get()
+    return None if meter is None else meter.requests_begun
 
 
 def requests_sent() -> int | None:

@@ -316,6 +316,15 @@ async def _to_its_end(bill: Awaitable[object]) -> None:
         raise
 
 
+def _still_in_line(begun_before: int | None) -> bool:
+    """Whether the attempt (of a call that had begun `begun_before` requests before it) ended while its request still
+    waited in line for a connection, the pool at its bound: the upstream was not even connected to, and its silence
+    says nothing of it. One connecting or sent has left the line: a connection that hangs is the upstream's. A call
+    nobody meters cannot tell: not in line."""
+    begun = metering.requests_begun()
+    return begun is not None and begun_before is not None and begun == begun_before
+
+
 def _if_sent(route: Route, sent_before: int | None) -> Route | None:
     """The route of an attempt the call ended under, if its request was written (the call had sent `sent_before`
     before it): one cancelled while it waited for a connection reached no upstream, and is not billed. A call nobody
@@ -1434,19 +1443,19 @@ class Router:
             # iteration, and an attempt often takes less. Deadlines stay on the loop's clock, as its timers do.
             started = time.perf_counter()
             silent_after = loop.time() + silent_s
-            sent_before = metering.requests_sent()
+            sent_before, begun_before = metering.requests_sent(), metering.requests_begun()
             try:
                 with self._deadlines.within(loop, min(chain.deadline, silent_after), self._ahead(chain, route, loop)):
                     # The upstream's own read timer a little past the call's: this one, at the deadline, ends the
                     # attempt as the deadline's (a timer of the HTTP client's may fire a few ms early, and won).
                     result = await call(route, remaining + DEADLINE_MARGIN_S)
             except TimeoutError:
-                left = _if_sent(route, sent_before)  # None: it still waited for a connection, and nothing was sent
+                in_line = _still_in_line(begun_before)
                 # Which of the two ends came first, by their times: the loop may fire a timer a little early, and a
                 # call that reached its deadline is not a silent backend.
                 if silent_after < chain.deadline:
                     limit = "embed_timeout_s" if embedding else "first_chunk_timeout_s"
-                    if left is None:
+                    if in_line:
                         silent = UpstreamError(
                             UpstreamErrorKind.BUSY, route.backend.name, _no_connection(silent_s, limit)
                         )
@@ -1454,8 +1463,8 @@ class Router:
                         silent = UpstreamError(UpstreamErrorKind.SILENT, route.backend.name, _silent(silent_s, limit))
                     self._failed(chain, route, started, silent)
                     return None
-                self._deadline_passed(chain, route, started, sent=left is not None)
-                chain.left = left
+                self._deadline_passed(chain, route, started, in_line=in_line)
+                chain.left = _if_sent(route, sent_before)
                 raise chain.deadline_exceeded() from None
             except UpstreamError as exc:
                 self._failed(chain, route, started, exc)
@@ -1483,7 +1492,7 @@ class Router:
                 # recorded all the same, so that the call log, metrics and traces show what the call was waiting for.
                 chain.left = _if_sent(route, sent_before)
                 if chain.remaining_s() <= 0:
-                    self._deadline_passed(chain, route, started, sent=chain.left is not None)
+                    self._deadline_passed(chain, route, started, in_line=_still_in_line(begun_before))
                 else:
                     chain.record(route, AttemptOutcome.CANCELLED, started, None)
                     circuit.release(chain)
@@ -1501,16 +1510,16 @@ class Router:
         return None
 
     @staticmethod
-    def _deadline_passed(chain: _Chain, route: Route, started: float, *, sent: bool) -> None:
-        """Records an attempt the caller's deadline ended before its answer (or first chunk); `sent`: its request was
-        written (else it waited for a connection of the gateway's own, every one in use)."""
-        said = "the deadline ran out" if sent else "the deadline ran out while it waited for a free connection to it"
+    def _deadline_passed(chain: _Chain, route: Route, started: float, *, in_line: bool) -> None:
+        """Records an attempt the caller's deadline ended before its answer (or first chunk); `in_line`: it still
+        waited for a connection of the gateway's own, every one in use (`_still_in_line`)."""
+        said = "the deadline ran out while it waited for a free connection to it" if in_line else "the deadline ran out"
         timeout = UpstreamError(UpstreamErrorKind.TIMEOUT, route.backend.name, said)
         chain.record(route, AttemptOutcome.TIMEOUT, started, timeout)
         # Silence until the caller's deadline counts against the backend (else a backend that takes calls and never
         # answers would hold every call forever); a deadline too short to tell says nothing, nor one that ended the
         # wait for a connection: the upstream was asked nothing.
-        if sent and time.perf_counter() - started >= SILENCE_VERDICT_S:
+        if not in_line and time.perf_counter() - started >= SILENCE_VERDICT_S:
             route.backend.count_failure(timeout)
         else:
             route.backend.circuit.release(chain)

@@ -150,3 +150,32 @@ async def test_a_backend_whose_connections_all_serve_calls_stays_reachable(
     assert len(upstream.probe_requests) == probes, "no probe waited behind the calls"
     for stream in holding:
         stream.cancel()
+
+
+async def test_an_upstream_that_hangs_as_it_is_connected_to_still_opens_its_circuit(stub_for: StubFactory) -> None:
+    """An attempt that ended while connecting (a TLS handshake the upstream never answers) had written nothing, and was
+    taken for one waiting in line for a connection: a dead backend's circuit never opened, and every call spent its
+    whole deadline on it."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepts, and answers nothing: the TLS handshake never ends
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        stub = await stub_for(
+            f"llm:\n  ollama: {{base_url: 'https://127.0.0.1:{port}', model: tiny}}\n"
+            "router: {retry: {max_retries: 0}, circuit: {failure_threshold: 2}}\n"
+        )
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Complete(chat(), timeout=2)
+            [attempt] = details(caught.value)["AttemptHistory"].attempts
+            assert attempt.error == "the deadline ran out", attempt.error
+        health = await stub.Health(pb.HealthRequest(), timeout=5)
+        assert health.backends[0].circuit_state == pb.CIRCUIT_STATE_OPEN
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()

@@ -276,18 +276,22 @@ class Http1Pool:
         timeout_s: float | None,
         extra_headers: Mapping[str, str] | None = None,
         sent: Callable[[], None] | None = None,
+        begun: Callable[[], None] | None = None,
     ) -> Http1Response:
         """Sends `content` to `target` and returns the answer with its status and headers read; its body is the
         caller's to read (`read`, or `async for piece in response`) or to `close`, which the caller must do
         (read to its end, the connection goes back to the pool by itself). `timeout_s` bounds the wait for each piece
         of the answer (None: no bound); connecting and waiting for a free connection take at most
-        min(CONNECT_TIMEOUT_S, timeout_s) each. `sent` is called once the request is written to a connection: before,
-        the server had none of it."""
+        min(CONNECT_TIMEOUT_S, timeout_s) each. `begun` is called once the request has a connection or a slot to open
+        one: before, it waited in line behind the pool's bound, the upstream not even connected to. `sent` is called
+        once the request is written to a connection: before, the server had none of it."""
         request = target.request(content, extra_headers)
         while True:
             conn = self._take_idle(target.origin)
             if conn is None:
-                conn = await self._connect(target, timeout_s)
+                conn = await self._connect(target, timeout_s, begun)
+            elif begun is not None:
+                begun()
             if not conn.lost and not (conn.served and conn.stale()):
                 break
             # Closed by its server (or sent bytes nobody asked for) before it could be used: one that answered and
@@ -355,9 +359,11 @@ class Http1Pool:
             return conn
         return None
 
-    async def _connect(self, target: Http1Target, timeout_s: float | None) -> _Connection:
+    async def _connect(
+        self, target: Http1Target, timeout_s: float | None, begun: Callable[[], None] | None
+    ) -> _Connection:
         """A connection to `target`'s origin: one handed over by a request that finished while this one waited, or
-        a new one on a slot of the pool's."""
+        a new one on a slot of the pool's; `begun` called once it has either."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
@@ -369,7 +375,11 @@ class Http1Pool:
         elif not self._evict_idle():
             handed = await self._wait_turn(target.origin, connect_s, loop)
             if handed is not None:
+                if begun is not None:
+                    begun()
                 return handed
+        if begun is not None:
+            begun()
         # This request holds a slot (counted in _open) until it has a connection, or gives the slot back.
         try:
             if target.ssl and self._ssl is None:

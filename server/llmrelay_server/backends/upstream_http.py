@@ -291,7 +291,7 @@ async def _send(endpoint: Endpoint, content: bytes, timeout_s: float | None) -> 
     the SDK's exception; a failure to connect or read as httpx2's, for the caller to map (`_raise_sdk_error`) once for
     the whole request."""
     response = await endpoint.pool.http1.post(
-        endpoint.target, content, timeout_s, metering.upstream_headers(), metering.request_sent
+        endpoint.target, content, timeout_s, metering.upstream_headers(), metering.request_sent, metering.request_begun
     )
     # Any status but a success is the upstream's error, a redirect too (followed by no one: a request would go where
     # the backend's configuration did not say), with its status kept for the caller and the metrics.

@@ -367,11 +367,14 @@ const (
 	// The backend answered.
 	AttemptOutcome_ATTEMPT_OUTCOME_SUCCEEDED AttemptOutcome = 1
 	// The backend could not be reached, or dropped the connection; or every connection the gateway may open to it
-	// was in use (its error says so; not counted against the backend's circuit).
+	// was in use until its wait's limit (5 s, or the first-chunk limit when shorter), or the gateway could open no
+	// more files (`ulimit -n`) (its error says which; those two are not counted against the backend's circuit).
 	AttemptOutcome_ATTEMPT_OUTCOME_UNREACHABLE AttemptOutcome = 2
 	// The backend did not answer in time: not within the first-chunk limit, or not (a stream: not to its end) before
 	// the caller's deadline, whichever timer ended the attempt there (the gateway's own, set a little before it, or
-	// gRPC's); or it answered HTTP 408.
+	// gRPC's); or it answered HTTP 408. Or the caller's deadline ran out while the attempt still waited for a free
+	// connection of the gateway's own (its error says so; the backend was asked nothing, and it is not counted against
+	// its circuit).
 	AttemptOutcome_ATTEMPT_OUTCOME_TIMEOUT AttemptOutcome = 3
 	// The backend refused for its rate limit (HTTP 429).
 	AttemptOutcome_ATTEMPT_OUTCOME_RATE_LIMITED AttemptOutcome = 4

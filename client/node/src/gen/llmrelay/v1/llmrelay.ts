@@ -353,13 +353,16 @@ export enum AttemptOutcome {
   ATTEMPT_OUTCOME_SUCCEEDED = 1,
   /**
    * ATTEMPT_OUTCOME_UNREACHABLE - The backend could not be reached, or dropped the connection; or every connection the gateway may open to it
-   * was in use (its error says so; not counted against the backend's circuit).
+   * was in use until its wait's limit (5 s, or the first-chunk limit when shorter), or the gateway could open no
+   * more files (`ulimit -n`) (its error says which; those two are not counted against the backend's circuit).
    */
   ATTEMPT_OUTCOME_UNREACHABLE = 2,
   /**
    * ATTEMPT_OUTCOME_TIMEOUT - The backend did not answer in time: not within the first-chunk limit, or not (a stream: not to its end) before
    * the caller's deadline, whichever timer ended the attempt there (the gateway's own, set a little before it, or
-   * gRPC's); or it answered HTTP 408.
+   * gRPC's); or it answered HTTP 408. Or the caller's deadline ran out while the attempt still waited for a free
+   * connection of the gateway's own (its error says so; the backend was asked nothing, and it is not counted against
+   * its circuit).
    */
   ATTEMPT_OUTCOME_TIMEOUT = 3,
   /** ATTEMPT_OUTCOME_RATE_LIMITED - The backend refused for its rate limit (HTTP 429). */
