@@ -175,6 +175,7 @@ class Embedder:
     """Enough of an EmbeddingProvider for routing, which reads the spec and asks whether it can embed."""
 
     spec: BackendSpec
+    connections_all_in_use: bool = False
 
     async def complete(self, *args: Any, **kwargs: Any) -> Any: ...
     def stream(self, *args: Any, **kwargs: Any) -> Any: ...

@@ -48,6 +48,7 @@ class Holding:
     """What its own tokenizer counts a chat (a model server's, with its chat template); None: it has none."""
 
     async def complete(self, model: str, request: CompletionRequest, *, timeout_s: float) -> CompletionResponse:
+        metering.request_begun()  # a connection being made, or made: in no line of the pool's
         if self.sent:
             metering.request_sent()
         self.asked.set()
