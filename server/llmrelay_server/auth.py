@@ -316,16 +316,8 @@ class KeyRing:
             # in force, reserving nothing: those ended already are counted by a read again at once, those still going
             # as those before it, once they end. No await from here to the keys' swap.
             uncounted = {*before, *self.calls_in_progress}
-        for digest, caller in callers.items():
-            if (was := self._by_digest.get(digest)) is not None and was.name != caller.name:
-                # Limits, budgets and the ledger know a caller by its key's name: an operator tidying names must hear.
-                log.warning(
-                    "keys file %s: key %r is now named %r: its limits and today's budget start anew under that name,"
-                    " and its usage is billed to it from now on",
-                    self._file,
-                    was.name,
-                    caller.name,
-                )
+        if not self._quiet:  # a worker's copy: the supervisor says it, of the operator's file
+            self._say_renamed(callers)
         self._by_digest, self._names = callers, frozenset(key.name for key in (*self._configured, *keys))
         self._named |= self._names
         if catch_up is not None:
@@ -340,6 +332,19 @@ class KeyRing:
                 log.info("keys file %s reloaded: %d keys in force", self._file, len(self._by_digest))
         if self._on_taken is not None:
             self._on_taken()
+
+    def _say_renamed(self, callers: dict[str, Caller]) -> None:
+        """A WARNING for each key in force that `callers` names otherwise: limits, budgets and the ledger know a caller
+        by its key's name, and an operator tidying names must hear that it starts anew."""
+        for digest, caller in callers.items():
+            if (was := self._by_digest.get(digest)) is not None and was.name != caller.name:
+                log.warning(
+                    "keys file %s: key %r is now named %r: its limits and today's budget start anew under that name,"
+                    " and its usage is billed to it from now on",
+                    self._file,
+                    was.name,
+                    caller.name,
+                )
 
     def start(self) -> None:
         """Watches the keys file for changes (and SIGHUP, where the process has a main loop to take it)."""

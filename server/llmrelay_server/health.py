@@ -219,9 +219,9 @@ class HealthMonitor:
 
     async def _probe(self, backend: Backend) -> None:
         if backend.health is not None and backend.provider.connections_all_in_use:
-            # Every connection serving a call: the upstream takes calls. A probe would wait its turn behind them, and
-            # failing to get one in time, turn a busy backend unreachable (readiness NOT_SERVING at its busiest).
-            backend.health = replace(backend.health, checked_at=time.time())
+            # Every connection made and serving a call: the upstream takes calls. A probe would wait its turn behind
+            # them, and failing to get one in time, turn a busy backend unreachable (readiness NOT_SERVING at its
+            # busiest). Its last probe's result stands, `checked_at` saying when that ran.
             self._probed_at[backend.name] = asyncio.get_running_loop().time()
             return
         try:

@@ -724,6 +724,8 @@ class Supervisor:
         # (Gateway.stop): killed meanwhile, the worker lost them.
         billing_s = TokenCounter.count_s_at_most(server.max_message_bytes)
         within_s = server.drain_s + server.grace_period_s + billing_s + EXIT_MARGIN_S
+        if self._config.state.redis_url:
+            within_s += 3 * self._config.state.timeout_s  # then the settles the last calls sent (RedisLimiter.aclose)
         if server.tracing:
             # Then each exports the spans still queued, for up to the export timeout. Unless the workers refused the
             # OTEL_* settings (or OpenTelemetry is not installed) as they started: then none runs to wait for.

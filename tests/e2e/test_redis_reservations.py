@@ -520,6 +520,28 @@ async def test_the_slot_of_a_stream_that_ended_while_redis_was_frozen_frees_when
     assert chunks, "admitted: the slot is free"
 
 
+@pytest.mark.parametrize("broken", ["held", f"{SUBJECT}:tokens"])
+async def test_a_settle_that_meets_a_key_of_another_kind_corrects_once_it_is_remade(
+    redis_server: RedisServer, broken: str
+) -> None:
+    """The settle marked its record as run, then failed on the key (WRONGTYPE), what it wrote until then kept: sent
+    again once the key was deleted, it found its record marked and corrected nothing, its call counted as reserved."""
+    limiter = RedisLimiter(redis_server.url, timeout_s=2.0)
+    await limiter.start()
+    try:
+        call = await limiter.reserve([ask(100, 500, stream=True)])
+        admin = redis.asyncio.from_url(redis_server.url)
+        await admin.delete(f"{KEY_PREFIX}{broken}")
+        await admin.set(f"{KEY_PREFIX}{broken}", "written by another application")
+        await admin.aclose()
+        await limiter.settle(call, tokens=10, usd_micros=5)
+        expected = Counts(requests=1, tokens=0 if "tokens" in broken else 10, spend=5, streams=0)
+        assert await counted(redis_server) == expected, "settled, the broken key counted anew"
+        assert limiter.available
+    finally:
+        await limiter.aclose()
+
+
 @pytest.mark.parametrize("redis_back", [True, False], ids=["back within the timeout", "not back"])
 async def test_a_stop_waits_for_the_settles_waiting_on_redis(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture, redis_back: bool

@@ -137,7 +137,8 @@ async def test_a_backend_whose_connections_all_serve_calls_stays_reachable(
     monkeypatch.setattr(upstream_http, "Pool", TwoConnections)
     backend = f"{{name: up, kind: openai_compatible, base_url: '{upstream.base_url}', model: tiny}}"
     stub = await stub_for(f"llm:\n  backends: [{backend}]\n")
-    await stub.Health(pb.HealthRequest(probe=True), timeout=5)
+    probed = await stub.Health(pb.HealthRequest(probe=True), timeout=5)
+    [before] = [backend for backend in probed.backends if backend.name == "up"]
     upstream.inject(*[{"trickle_s": 2.0}] * 2)
     holding = [stub.StreamComplete(stream_chat("a b c d e f g", model="up/tiny"), timeout=30) for _ in range(2)]
     for stream in holding:
@@ -146,7 +147,7 @@ async def test_a_backend_whose_connections_all_serve_calls_stays_reachable(
     await asyncio.sleep(1.1)  # past the last probe's second, within which a probe answers with its result
     health = await stub.Health(pb.HealthRequest(probe=True), timeout=15)
     [up] = [backend for backend in health.backends if backend.name == "up"]
-    assert up.reachable, up
+    assert up.reachable and up.checked_at == before.checked_at, "as its last probe found it, which says when it ran"
     assert len(upstream.probe_requests) == probes, "no probe waited behind the calls"
     for stream in holding:
         stream.cancel()

@@ -124,6 +124,24 @@ async def test_a_revoked_keys_name_stays_a_metrics_caller_for_the_calls_it_began
     assert [labels.caller(name) for name in ("research", "team", "stranger")] == ["research", "team", "other"]
 
 
+@pytest.mark.parametrize("quiet", [False, True], ids=["supervisor or one process", "worker"])
+async def test_a_renamed_key_is_said_once_of_the_operators_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, quiet: bool
+) -> None:
+    """Each worker said it too, of its own copy of the file, in a folder the operator never wrote."""
+    caplog.set_level(logging.WARNING, logger="llmrelay_server.auth")
+    path = tmp_path / "keys.yaml"
+    research = hashlib.sha256(b"llmr-research-key").hexdigest()
+    path.write_text(f'keys: [{{name: research, sha256: "{research}"}}]\n')
+    keys = KeyRing(AuthConfig(keys_file=str(path)), quiet=quiet)
+    path.write_text(f'keys: [{{name: research-team, sha256: "{research}"}}]\n')
+    keys.reload()
+    await asyncio.gather(*keys._reloads)
+    assert keys.names() == {"research-team"}
+    said = [r.getMessage() for r in caplog.records if "is now named 'research-team'" in r.getMessage()]
+    assert len(said) == (0 if quiet else 1), said
+
+
 @pytest.mark.parametrize(
     "other",
     ['models: ["*"]', "read_all_usage: true", "limits: {requests_per_minute: 600}"],

@@ -266,8 +266,9 @@ class Http1Pool:
 
     @property
     def all_in_use(self) -> bool:
-        """Whether every connection the pool may open is open and serving a request: one more waits for a turn."""
-        return self._max_open is not None and self._open >= self._max_open and not self._idle_count
+        """Whether every connection the pool may open is made and serving a request: one more waits for a turn.
+        Not while some are still being made (an upstream that takes no connection holds their slots too)."""
+        return self._max_open is not None and len(self._conns) - self._idle_count >= self._max_open
 
     async def post(
         self,

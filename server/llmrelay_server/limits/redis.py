@@ -134,6 +134,37 @@ _KINDS: Final = (
     LimitKind.BUDGET_PER_DAY,
 )
 
+# The kind of value each key holds, as TYPE names it: the epoch, the probe's key and the records strings, the held
+# spends' leases and each subject's streams sorted sets, the rest hashes (the held spends, each subject's requests,
+# tokens and spend).
+_KIND_OF: Final = f"""
+local function kind_of(key)
+  if key == '{EPOCH_KEY}' or key == '{PROBE_KEY}' or string.sub(key, 1, {len(RECORD_PREFIX)}) == '{RECORD_PREFIX}' then
+    return 'string'
+  end
+  if key == '{HELD_LEASES_KEY}' or string.sub(key, -8) == ':streams' then return 'zset' end
+  return 'hash'
+end
+"""
+
+# First in every script that writes: a key of another kind (written by hand, by a tool, by another application)
+# failed the script part-way, Redis keeping what it had written until then (a record marked as run among it), so that
+# sent again once the key was mended it did nothing. Refused before anything is written, the gateway deletes the key
+# and sends it again (`RedisLimiter._run`).
+_KINDS_CHECKED: Final = (
+    _KIND_OF
+    + """
+do
+  local wrong = {}
+  for _, key in ipairs(KEYS) do
+    local kind = redis.call('TYPE', key).ok
+    if kind ~= 'none' and kind ~= kind_of(key) then wrong[#wrong + 1] = key end
+  end
+  if #wrong > 0 then return redis.error_reply('WRONGTYPE ' .. table.concat(wrong, ' ')) end
+end
+"""
+)
+
 # The spend held by reservations still running, of the `held` hash (HELD_KEY), which the script names `held`.
 _HELD_ON: Final = """
 -- Spend key -> the micro-USD of `day` that reservations still running hold in it: theirs until they settle.
@@ -202,7 +233,8 @@ end
 )
 
 _RESERVE: Final = (
-    _RESERVATION
+    _KINDS_CHECKED
+    + _RESERVATION
     + """
 -- Returns {0, seconds, microseconds} of Redis's clock, and the epoch, when the call is counted in every subject;
 -- else, counting it nowhere, {1, subject, limit, ms until it may fit, held} for the first limit it would pass (limit:
@@ -334,7 +366,8 @@ return {0, clock[1], clock[2], epoch}
 )
 
 _UNDO: Final = (
-    _RESERVATION
+    _KINDS_CHECKED
+    + _RESERVATION
     + """
 -- Takes back what the reservation counted, if it was counted, and leaves a tombstone so that it never counts (if it
 -- has not run yet) nor is taken back twice (an undo sent again). A spend its lease's lapse took back already is not
@@ -358,7 +391,9 @@ return 1
 """
 )
 
-_SETTLE: Final = """
+_SETTLE: Final = (
+    _KINDS_CHECKED
+    + """
 -- KEYS: those to correct, then the epoch, the held spends' leases and the held spends, then the reservation's
 -- record. ARGV[1]: the second the call was counted in, ARGV[2]: its UTC day, ARGV[3]: its lease, ARGV[4]: the epoch
 -- it was counted in; then 3 per key to correct: what to do ('tokens' or 'spend', the correction to what was
@@ -408,9 +443,11 @@ for i = 1, #KEYS - 4 do
 end
 return 0
 """
+)
 
 _AT_LEAST: Final = (
-    """
+    _KINDS_CHECKED
+    + """
 -- KEYS: spend hashes, then the held spends; ARGV: the micro-USD of calls billed each is to count on the day that
 -- follows them (UTC, in days since the epoch) at least, nothing when that is not Redis's day (a gateway's clock a
 -- moment behind Redis's at midnight: yesterday's spend, not today's). Set against what it counts of calls billed,
@@ -444,7 +481,9 @@ redis.call('SET', KEYS[1], 1, 'PX', 1000)
 return 0
 """
 
-_RENEW: Final = """
+_RENEW: Final = (
+    _KINDS_CHECKED
+    + """
 -- KEYS[1]: the held spends' leases; then 2 per stream lease: a streams set and the reservation's record.
 -- ARGV[1]: a lease's length in ms, ARGV[2]: how many held spends' leases follow; then they, then the stream leases.
 -- A stream lease that is not in its set any more (it lapsed while Redis was out of reach for longer than a lease,
@@ -464,21 +503,24 @@ for i = 1, (#KEYS - 1) / 2 do
 end
 return 0
 """
+)
 
-_REMAKE: Final = """
--- KEYS: the keys of a script call that Redis refused with WRONGTYPE; ARGV: the kind each must be (TYPE's words).
--- Deletes each of another kind (written by hand, by a tool, or by another application sharing the Redis), at once,
--- so that no gateway's key of the right kind, made meanwhile, is taken; answers the keys deleted.
+_REMAKE: Final = (
+    _KIND_OF
+    + """
+-- KEYS: the keys of a script call that Redis refused with WRONGTYPE. Deletes each of another kind than kept there, at
+-- once, so that no gateway's key of the right kind, made meanwhile, is taken; answers the keys deleted.
 local deleted = {}
-for i, key in ipairs(KEYS) do
+for _, key in ipairs(KEYS) do
   local kind = redis.call('TYPE', key).ok
-  if kind ~= 'none' and kind ~= ARGV[i] then
+  if kind ~= 'none' and kind ~= kind_of(key) then
     redis.call('DEL', key)
     deleted[#deleted + 1] = key
   end
 end
 return deleted
 """
+)
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -781,10 +823,10 @@ class RedisLimiter:
         try:
             return await self._within_timeout(lambda: script(keys, args))
         except ResponseError as error:
-            if not str(error).startswith("WRONGTYPE"):
+            if "WRONGTYPE" not in str(error):  # `_KINDS_CHECKED`'s refusal, before the script wrote anything
                 raise
             # Sent again whether this call deleted one or a call beside it did (several meet it at once).
-            deleted = await self._within_timeout(lambda: self._remake_script(keys, [_kind_of(key) for key in keys]))
+            deleted = await self._within_timeout(lambda: self._remake_script(keys, []))
             if deleted:
                 log.warning(
                     "limits: Redis at %s held %s, of another kind than the limits keep there: deleted, what it counted"
@@ -933,15 +975,6 @@ class RedisLimiter:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
-
-
-def _kind_of(key: str) -> str:
-    """The kind of Redis value the scripts keep at `key` (as TYPE names it)."""
-    if key in (EPOCH_KEY, PROBE_KEY) or key.startswith(RECORD_PREFIX):
-        return "string"
-    if key == HELD_LEASES_KEY or key.endswith(":streams"):
-        return "zset"
-    return "hash"  # HELD_KEY, and a subject's requests, tokens and spend
 
 
 def _keys(subject: str) -> tuple[str, str, str, str]:

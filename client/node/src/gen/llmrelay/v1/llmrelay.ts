@@ -1462,7 +1462,8 @@ export interface HealthRequest {
    * When true, probe every backend now instead of returning the last probe's results (a backend probed within the
    * last second answers with that probe's result). The answer comes within the call's deadline: a backend whose
    * probe is still out then is reported as its last probe found it (its `checked_at` says when). A probe that has
-   * not ended within 10 s reports its backend unreachable.
+   * not ended within 10 s reports its backend unreachable. A backend whose every connection the gateway may open is
+   * serving calls is not probed (the probe would wait behind them): it is reported as its last probe found it.
    */
   probe: boolean;
 }
