@@ -513,6 +513,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     if recheck:
                         await _as_in_force(keys, context)
+                    else:
+                        _in_force_if_kept(keys)
                     async with contextlib.aclosing(answers_of(request, context)) as answers:
                         async for answer in answers:
                             yield answer
@@ -527,6 +529,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if recheck:
                     await _as_in_force(keys, context)
+                else:
+                    _in_force_if_kept(keys)
                 return await answer_of(request, context)
             finally:
                 running.pop(task, None)
@@ -542,6 +546,15 @@ async def _as_in_force(keys: KeyRing, context: grpc.aio.ServicerContext[Any, Any
     if (now := keys.in_force(caller)) is not caller:
         if now is None:
             await abort(context, f"call from {context.peer()}", UnauthenticatedError(_NOT_VALID))
+        current_caller.set(now)
+
+
+def _in_force_if_kept(keys: KeyRing) -> None:
+    """The call's caller (of an open method) as the keys in force have it now, if they still have it: a re-read since
+    its headers may have given it a budget, which it must reserve of; one that revoked it leaves it as it came, the
+    method open to anyone."""
+    caller = current_caller.get()
+    if caller is not None and (now := keys.in_force(caller)) is not None and now is not caller:
         current_caller.set(now)
 
 

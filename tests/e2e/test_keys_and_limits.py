@@ -940,6 +940,29 @@ async def test_a_budget_a_reload_gives_counts_what_the_keys_calls_in_progress_th
     assert (info.reason, info.metadata["subject"]) == ("BUDGET_EXCEEDED", "key:research")
 
 
+@pytest.mark.parametrize("open_services", ['["llmrelay.v1.LLMService/Complete"]'], ids=["open"])
+async def test_a_keyed_call_to_an_open_method_begun_after_its_headers_is_held_to_the_budget_a_reload_gave(
+    keyed_by_a_file: KeyedByAFile,
+) -> None:
+    """Its caller was the key as its headers found it: a reload between them and its request giving the key a budget,
+    it ran with none, reserving nothing, and began after the reload took the calls in progress: never counted."""
+    reload_budget, channel, stub, gateway = keyed_by_a_file
+    exactly = {"model": "gpt-test", "exact_model": True, "options": pb.CompletionOptions(max_tokens=3)}  # 3,000
+    seen = headers_seen(gateway)
+    held = await asyncio.to_thread(
+        RequestHeldBack, gateway.port, "/llmrelay.v1.LLMService/Complete", bearer(RESEARCH_KEY)
+    )
+    await asyncio.wait_for(seen.wait(), 5)
+    await reload_budget(0.005)  # one call's 3,000 micro-USD, not two
+    await asyncio.to_thread(held.send, chat("x y", **exactly))
+    code, _, _ = await asyncio.to_thread(held.answer)
+    assert code == grpc.StatusCode.OK.value[0]
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Complete(chat("x y", **exactly), metadata=bearer(RESEARCH_KEY), timeout=5)
+    assert details(refused.value)["ErrorInfo"].reason == "BUDGET_EXCEEDED"
+
+
 async def test_a_budget_a_reload_gives_counts_the_calls_begun_while_it_read_the_spend(
     keyed_by_a_file: KeyedByAFile,
 ) -> None:
