@@ -940,29 +940,6 @@ async def test_a_budget_a_reload_gives_counts_what_the_keys_calls_in_progress_th
     assert (info.reason, info.metadata["subject"]) == ("BUDGET_EXCEEDED", "key:research")
 
 
-@pytest.mark.parametrize("open_services", ['["llmrelay.v1.LLMService/Complete"]'], ids=["open"])
-async def test_a_keyed_call_to_an_open_method_begun_after_its_headers_is_held_to_the_budget_a_reload_gave(
-    keyed_by_a_file: KeyedByAFile,
-) -> None:
-    """Its caller was the key as its headers found it: a reload between them and its request giving the key a budget,
-    it ran with none, reserving nothing, and began after the reload took the calls in progress: never counted."""
-    reload_budget, channel, stub, gateway = keyed_by_a_file
-    exactly = {"model": "gpt-test", "exact_model": True, "options": pb.CompletionOptions(max_tokens=3)}  # 3,000
-    seen = headers_seen(gateway)
-    held = await asyncio.to_thread(
-        RequestHeldBack, gateway.port, "/llmrelay.v1.LLMService/Complete", bearer(RESEARCH_KEY)
-    )
-    await asyncio.wait_for(seen.wait(), 5)
-    await reload_budget(0.005)  # one call's 3,000 micro-USD, not two
-    await asyncio.to_thread(held.send, chat("x y", **exactly))
-    code, _, _ = await asyncio.to_thread(held.answer)
-    assert code == grpc.StatusCode.OK.value[0]
-    async with channel:
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await stub.Complete(chat("x y", **exactly), metadata=bearer(RESEARCH_KEY), timeout=5)
-    assert details(refused.value)["ErrorInfo"].reason == "BUDGET_EXCEEDED"
-
-
 async def test_a_budget_a_reload_gives_counts_the_calls_begun_while_it_read_the_spend(
     keyed_by_a_file: KeyedByAFile,
 ) -> None:
@@ -1013,11 +990,13 @@ async def test_a_reload_that_gives_a_budget_is_in_force_in_bounded_time_with_the
     assert f"today's spend not read from the ledger within {RESUME_BUDGETS_S:g} s" in caplog.text
 
 
+@pytest.mark.parametrize("open_services", ["[]", '["llmrelay.v1.LLMService/Complete"]'], ids=["keyed", "open"])
 async def test_a_budget_a_reload_gives_holds_a_call_whose_request_came_after_it(
     keyed_by_a_file: KeyedByAFile,
 ) -> None:
     """A call whose headers came before the reload and its request after it was let through as the key was, without
-    limits, reserving nothing and in no list of the calls in progress: the key then spent past its new budget."""
+    limits, reserving nothing and in no list of the calls in progress: the key then spent past its new budget. A keyed
+    call of an open method too, which is its key's call all the same."""
     reload_budget, channel, stub, gateway = keyed_by_a_file
     exactly = {"model": "gpt-test", "exact_model": True, "options": pb.CompletionOptions(max_tokens=3)}  # 3,000
     seen = headers_seen(gateway)

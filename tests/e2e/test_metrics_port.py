@@ -34,9 +34,9 @@ def counted() -> CollectorRegistry:
     return registry
 
 
-def scrape(port: int) -> str:
+def scrape(port: int, address: str = "127.0.0.1") -> str:
     with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-        f"http://127.0.0.1:{port}/metrics", timeout=10
+        f"http://{address}:{port}/metrics", timeout=10
     ) as answer:
         return str(answer.read().decode())
 
@@ -158,10 +158,7 @@ def test_every_address_is_served_on_ipv6_too_as_grpc_serves_it(host: str) -> Non
     try:
         port = int(server.server_port)
         for address in ("127.0.0.1", "[::1]"):
-            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-                f"http://{address}:{port}/metrics", timeout=10
-            ) as scraped:
-                assert "scraped_total 1.0" in scraped.read().decode(), address
+            assert "scraped_total 1.0" in scrape(port, address), address
     finally:
         server.shutdown()
         server.server_close()
@@ -174,10 +171,7 @@ def test_localhost_is_served_at_both_loopbacks_on_one_port_and_stopped_at_both()
     port = int(server.server_port)
     try:
         for address in ("127.0.0.1", "[::1]"):
-            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-                f"http://{address}:{port}/metrics", timeout=10
-            ) as scraped:
-                assert "scraped_total 1.0" in scraped.read().decode(), address
+            assert "scraped_total 1.0" in scrape(port, address), address
     finally:
         server.shutdown()
         server.server_close()
