@@ -714,7 +714,7 @@ def serve_metrics(listen: str, registry: CollectorRegistry) -> WSGIServer:
         try:
             servers = [_bound("[::]", int(port), registry)]
         except OSError as exc:
-            if exc.errno not in _NO_SUCH_ADDRESS:
+            if exc.errno not in NOT_THIS_MACHINES:
                 raise
             servers = [_bound(host, int(port), registry)]
     else:
@@ -724,9 +724,10 @@ def serve_metrics(listen: str, registry: CollectorRegistry) -> WSGIServer:
     return servers[0]
 
 
-_NO_SUCH_ADDRESS: Final = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
+NOT_THIS_MACHINES: Final = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
 """What a bind fails with at an address that is not this machine's (IPv6's, where the system has no IPv6)."""
-_FREE_PORT_TRIES: Final = 10
+FREE_PORT_TRIES: Final = 10
+"""How many free ports are tried for one free at each of several addresses (port 0 asked for)."""
 
 
 def _serve_loopbacks(port: int, registry: CollectorRegistry) -> list[_MetricsServer]:
@@ -734,12 +735,12 @@ def _serve_loopbacks(port: int, registry: CollectorRegistry) -> list[_MetricsSer
     first; OSError when either address is taken. At the first address alone, as getaddrinfo gave it (::1 where
     /etc/hosts names it localhost too, as Debian's and Docker's do), a Prometheus scraping the other was refused, and
     another process could hold the port there unseen. Port 0: a port free at both."""
-    for _ in range(_FREE_PORT_TRIES if port == 0 else 1):
+    for _ in range(FREE_PORT_TRIES if port == 0 else 1):
         first = _bound("127.0.0.1", port, registry)
         try:
             second = _bound("[::1]", first.server_port, registry)
         except OSError as exc:
-            if isinstance(exc, socket.gaierror) or exc.errno in _NO_SUCH_ADDRESS:
+            if isinstance(exc, socket.gaierror) or exc.errno in NOT_THIS_MACHINES:
                 return [first]  # no IPv6 here: 127.0.0.1 alone, as gRPC serves localhost then
             first.server_close()
             if port == 0 and exc.errno == errno.EADDRINUSE:

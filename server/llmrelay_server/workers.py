@@ -67,7 +67,7 @@ from prometheus_client.registry import Collector
 from llmrelay_server.auth import LIMITS_PER_WORKER, KeyRing
 from llmrelay_server.config import ConfigError, GatewayConfig
 from llmrelay_server.logs import share_stderr, use_log_format
-from llmrelay_server.metrics import cannot_serve, serve_metrics
+from llmrelay_server.metrics import FREE_PORT_TRIES, NOT_THIS_MACHINES, cannot_serve, serve_metrics
 from llmrelay_server.tokens import TokenCounter
 
 log = logging.getLogger("llmrelay_server.workers")
@@ -208,8 +208,6 @@ class WorkerRole:
 
 
 _LOOPBACKS: Final = ("127.0.0.1", "::1")
-_NOT_HERE: Final = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
-"""What a bind fails with at an address that is not this machine's (::1 where it has no IPv6 among them)."""
 
 
 def check_port_free(listen: str) -> None:
@@ -242,7 +240,7 @@ def check_port_free(listen: str) -> None:
                     f"cannot listen on {listen}: permission denied (a port below 1024 takes a privilege,"
                     f" CAP_NET_BIND_SERVICE); {_CHOOSE_ANOTHER}"
                 ) from exc
-            if exc.errno in _NOT_HERE:
+            if exc.errno in NOT_THIS_MACHINES:
                 not_here += 1
     if not_here == len(addresses):
         raise ListenError(_not_here_message(listen))
@@ -296,7 +294,7 @@ def _bound(
     try:
         return _bind(family, kind, proto, address, every_address, reuse_address, reuse_port)
     except OSError as exc:
-        if not every_address or exc.errno not in _NOT_HERE:
+        if not every_address or exc.errno not in NOT_THIS_MACHINES:
             raise
     return _bind(socket.AF_INET, kind, proto, ("0.0.0.0", address[1]), False, reuse_address, reuse_port)
 
@@ -355,7 +353,7 @@ def reserve_port(listen: str) -> PortReservation:
     """
     check_port_free(listen)
     any_port = int(listen.rpartition(":")[2]) == 0
-    for _ in range(_FREE_PORT_TRIES if any_port else 1):
+    for _ in range(FREE_PORT_TRIES if any_port else 1):
         held: list[socket.socket] = []
         try:
             for family, kind, proto, _, address in _addresses(listen):
@@ -364,7 +362,7 @@ def reserve_port(listen: str) -> PortReservation:
                 try:
                     held.append(_reserved(family, kind, proto, address))
                 except OSError as exc:
-                    if exc.errno == errno.EADDRINUSE or (not held and exc.errno not in _NOT_HERE):
+                    if exc.errno == errno.EADDRINUSE or (not held and exc.errno not in NOT_THIS_MACHINES):
                         raise
         except OSError as exc:
             for taken in held:
@@ -378,9 +376,6 @@ def reserve_port(listen: str) -> PortReservation:
             raise ListenError(_not_here_message(listen))
         return PortReservation(held)
     raise ListenError(f"cannot listen on {listen}: no port was free at every address of its host; {_CHOOSE_ANOTHER}")
-
-
-_FREE_PORT_TRIES: Final = 10
 
 
 def _reserved(
