@@ -550,8 +550,9 @@ async def test_a_closed_stdout_is_said_before_the_call(gateway: Gateway, primary
 
 async def test_a_read_only_stdout_is_said_before_the_call(gateway: Gateway, primary: FakeUpstream) -> None:
     """`llmrelay complete hi 1</dev/null`: the call was made, tokens spent, then a traceback (OSError EBADF)."""
-    status, err = await writing_to(os.open(os.devnull, os.O_RDONLY), gateway, ["complete", "hi"])
-    assert (status, err) == (1, "llmrelay: standard output is open for reading only: nowhere to write to\n")
+    for command in (["complete", "hi"], ["--version"], ["--help"]):  # these two printed before the check: EBADF
+        status, err = await writing_to(os.open(os.devnull, os.O_RDONLY), gateway, command)
+        assert (status, err) == (1, "llmrelay: standard output is open for reading only: nowhere to write to\n")
     assert primary.chat_requests == []
 
 

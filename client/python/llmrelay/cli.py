@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _main(argv: Sequence[str] | None) -> None:
-    args = _parser().parse_args(argv)
+    # The streams first: --help and --version print to stdout, and a mistaken argument is said on stderr.
     if sys.stderr is None or _read_only(sys.stderr):
         # Started with its stderr closed (`2>&-`): print(file=None) writes to stdout, which would put the summary line
         # into the answer a script reads. Or open for reading only (`2</dev/null`): the summary line failed after the
@@ -73,6 +73,7 @@ def _main(argv: Sequence[str] | None) -> None:
             # locale, PYTHONIOENCODING=ascii) would end the command with a UnicodeEncodeError's traceback, the rest
             # of the answer lost: such characters are written as escapes (\u6a21) instead.
             stream.reconfigure(errors="backslashreplace")
+    args = _parser().parse_args(argv)
     try:
         try:
             _run(args)
