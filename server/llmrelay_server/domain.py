@@ -568,7 +568,10 @@ class LLMProvider(Protocol):
         applies."""
         ...
 
-    async def health(self) -> BackendHealth: ...
+    async def health(self) -> BackendHealth:
+        """The upstream as a probe finds it; ProbeNotMade when the gateway could not make the probe for a bound of its
+        own, which says nothing of the upstream."""
+        ...
 
     @property
     def connections_all_in_use(self) -> bool:
@@ -609,6 +612,11 @@ class ProviderFactory:
 
 
 # --- errors ---------------------------------------------------------------------------------------------------
+
+
+class ProbeNotMade(Exception):
+    """A probe the gateway could not make for a bound of its own (no file left for a connection: `ulimit -n`): the
+    upstream's last probe's result stands."""
 
 
 class LLMRelayError(Exception):

@@ -22,7 +22,7 @@ from typing import Any, Final
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from llmrelay_server.domain import BackendHealth
+from llmrelay_server.domain import BackendHealth, ProbeNotMade
 from llmrelay_server.lasting import LastingCalls
 from llmrelay_server.router import REMEDY_OF_AN_UNLISTED_DEFAULT, Backend, CircuitState, Router
 
@@ -227,6 +227,13 @@ class HealthMonitor:
         try:
             async with asyncio.timeout(PROBE_TIMEOUT_S):
                 result = await backend.provider.health()
+        except ProbeNotMade as exc:
+            if (
+                backend.health is not None
+            ):  # its last probe's result stands, as for a backend whose connections all serve
+                self._probed_at[backend.name] = asyncio.get_running_loop().time()
+                return
+            result = replace(_never_probed(backend), last_error=f"not probed: {exc}", checked_at=time.time())
         except TimeoutError:
             result = replace(
                 _never_probed(backend),

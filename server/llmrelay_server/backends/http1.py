@@ -94,6 +94,14 @@ class OutOfFiles(httpx2.PoolTimeout):
     fault of the upstream's."""
 
 
+def _out_of_files(error: OSError) -> OutOfFiles | None:
+    """`error` as the gateway's own limit on open files reached, not the upstream's (or a proxy's) failure; None for
+    any other."""
+    if error.errno not in (errno.EMFILE, errno.ENFILE):
+        return None
+    return OutOfFiles(f"{error.strerror}: raise the gateway's open files limit (ulimit -n)")
+
+
 class TrustConfigError(ValueError):
     """SSL_CERT_FILE or SSL_CERT_DIR names certificates that cannot be read: no https upstream could be checked."""
 
@@ -405,8 +413,8 @@ class Http1Pool:
             raise httpx2.ConnectTimeout(f"no connection to {_where(target)}{via} in {connect_s:g} s") from exc
         except OSError as exc:  # refused, unreachable, a name not found, a certificate refused (ssl.SSLError)
             self._free_slot()
-            if exc.errno in (errno.EMFILE, errno.ENFILE):  # the gateway's own limit, not the upstream's failure
-                raise OutOfFiles(f"{exc.strerror}: raise the gateway's open files limit (ulimit -n)") from exc
+            if (out := _out_of_files(exc)) is not None:
+                raise out from exc
             via = f" through the proxy {target.proxy}" if target.proxy is not None else ""
             # A connection reset as TLS began (by the upstream, or the proxy's tunnel to it) has no words of its own.
             why = str(exc) or (
@@ -435,6 +443,8 @@ class Http1Pool:
                 return conn
             transport, tunnel = await loop.create_connection(lambda: _Tunnel(loop), proxy.host, proxy.port)
         except OSError as exc:
+            if (out := _out_of_files(exc)) is not None:
+                raise out from exc
             raise httpx2.ProxyError(f"cannot connect to the proxy {proxy} for {_where(target)}: {exc}") from exc
         try:
             host, port = target.origin[1], target.origin[2]

@@ -14,7 +14,7 @@ import openai
 
 from llmrelay_server.backends import wire
 from llmrelay_server.backends.openai_compat import OpenAICompatibleProvider, checked
-from llmrelay_server.backends.upstream_http import HEALTH_TIMEOUT_S
+from llmrelay_server.backends.upstream_http import HEALTH_TIMEOUT_S, raise_if_out_of_files
 from llmrelay_server.domain import (
     BackendHealth,
     CompletionRequest,
@@ -71,6 +71,7 @@ class OllamaProvider(OpenAICompatibleProvider):
             if not all(isinstance(name, str) for name in models):
                 raise wire.MalformedAnswerError("/api/tags lists a model whose name is not text")
         except (openai.APIStatusError, httpx2.HTTPError, ValueError, KeyError, AttributeError, TypeError) as exc:
+            raise_if_out_of_files(exc)
             return self._health(started, reachable=False, error=f"{root}: {self._describe(exc)}")
         return self._health(started, reachable=True, models=models)
 

@@ -54,6 +54,7 @@ from llmrelay_server.domain import (
     CompletionChunk,
     CompletionRequest,
     Message,
+    ProbeNotMade,
     StreamLimits,
     UpstreamError,
     UpstreamErrorKind,
@@ -182,6 +183,15 @@ def unreachable(base_url: str, error: BaseException) -> str:
     return f"cannot reach {base_url}" + (
         f": {cause}" if isinstance(cause, httpx2.TransportError) and str(cause) else ""
     )
+
+
+def raise_if_out_of_files(error: BaseException) -> None:
+    """ProbeNotMade when a probe failed for want of a file for its connection (`OutOfFiles`, the SDK's error's cause,
+    or the HTTP client's own): a serving backend was made unreachable, and readiness NOT_SERVING, at the gateway's
+    busiest."""
+    out = error if isinstance(error, OutOfFiles) else error.__cause__
+    if isinstance(out, OutOfFiles):
+        raise ProbeNotMade(str(out)) from error
 
 
 def pool_full(backend: str, error: BaseException) -> UpstreamError | None:
@@ -700,6 +710,7 @@ class UpstreamProvider(ABC, Generic[SDKError]):
         )
 
     def _unlisted(self, started: float, exc: Exception) -> BackendHealth:
+        raise_if_out_of_files(exc)
         """A probe whose list of models failed: the upstream unreachable, unless it answered that this key may not
         list models (403: OpenAI's restricted keys without the models scope), which says nothing of its chats; taken
         for unreachable, such a backend kept readiness NOT_SERVING, a load balancer the gateway out of rotation, while
