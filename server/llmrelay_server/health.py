@@ -218,19 +218,17 @@ class HealthMonitor:
         return probe
 
     async def _probe(self, backend: Backend) -> None:
-        if backend.health is not None and backend.provider.connections_all_in_use:
-            # Every connection made and serving a call: the upstream takes calls. A probe would wait its turn behind
-            # them, and failing to get one in time, turn a busy backend unreachable (readiness NOT_SERVING at its
-            # busiest). Its last probe's result stands, `checked_at` saying when that ran.
-            self._probed_at[backend.name] = asyncio.get_running_loop().time()
-            return
         try:
+            if backend.provider.connections_all_in_use:
+                # Every connection made and serving a call: the upstream takes calls. A probe would wait its turn
+                # behind them, and failing to get one in time, turn a busy backend unreachable.
+                raise ProbeNotMade("every connection the gateway may open to it is serving calls")
             async with asyncio.timeout(PROBE_TIMEOUT_S):
                 result = await backend.provider.health()
         except ProbeNotMade as exc:
-            if (
-                backend.health is not None
-            ):  # its last probe's result stands, as for a backend whose connections all serve
+            # The gateway's own bound, which says nothing of the upstream (readiness NOT_SERVING at its busiest, else):
+            # its last probe's result stands, `checked_at` saying when that ran.
+            if backend.health is not None:
                 self._probed_at[backend.name] = asyncio.get_running_loop().time()
                 return
             result = replace(_never_probed(backend), last_error=f"not probed: {exc}", checked_at=time.time())

@@ -379,16 +379,15 @@ class Http1Pool:
         if self._closed:
             raise httpx2.ConnectError("the connection pool is closed")
         connect_s = CONNECT_TIMEOUT_S if timeout_s is None else min(CONNECT_TIMEOUT_S, timeout_s)
+        handed: _Connection | None = None
         if self._max_open is None or self._open < self._max_open:
             self._open += 1
         elif not self._evict_idle():
             handed = await self._wait_turn(target.origin, connect_s, loop)
-            if handed is not None:
-                if begun is not None:
-                    begun()
-                return handed
         if begun is not None:
             begun()
+        if handed is not None:
+            return handed
         # This request holds a slot (counted in _open) until it has a connection, or gives the slot back.
         try:
             if target.ssl and self._ssl is None:
